@@ -1,0 +1,39 @@
+# `make run` and `make test` work on a fresh machine: each sets up .venv
+# from setup.cfg first (and reinstalls when the sources change).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
+
+.PHONY: run test trial bench clean
+
+run: $(STAMP)
+	$(BIN)/twistd -n openclaw $(ARGS)
+
+# The whole suite under pytest (with pytest-twisted), then under trial: the
+# integration tests are trial TestCases and must pass under both runners.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m twisted.trial tests
+
+trial: $(STAMP)
+	$(BIN)/python -m twisted.trial tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/control_plane.py
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "openclaw needs Python 3.11 or newer"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# A real (not editable) install: the twistd plugin is found the way an
+# operator's install finds it.
+$(STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install --quiet '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp

@@ -1,0 +1,277 @@
+"""
+The control plane's commands and the path every message takes through them:
+parse, authenticate, validate, run, answer.
+
+Nothing here touches a socket: L{ControlPlane.handle} takes the bytes of one
+message and gives back (through a Deferred) the answer to send, so all of it
+is tested without a reactor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import orjson
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority, SessionToken, TokenRejected, isoformat
+
+Result = dict[str, Any]
+#: What a handler returns: the result at once, or a Deferred of it for
+#: commands that wait on something (the maybeDeferred idiom).  The read-only
+#: commands answer at once, with no Deferred on the hot path.
+Answer = Result | Deferred[Result]
+
+#: Commands that change something: each is written to the audit log.
+#: The others (ping, status) are read-only and high-rate: debug level only.
+AUDITED = frozenset({"switch_provider", "health_check", "rotate_token"})
+
+
+class CommandError(Exception):
+    """
+    A command was refused; the message tells the client why.
+    """
+
+
+class Provider(Protocol):
+    """
+    What the commands need to know of a provider adapter.
+    """
+
+    id: str
+    display_name: str
+    default_model: str
+
+    def missing_key_warning(self) -> str | None: ...
+
+
+class Providers(Protocol):
+    """
+    What the commands need of the provider registry.
+    """
+
+    ids: tuple[str, ...]
+
+    def get(self, provider_id: str) -> Provider: ...
+
+    def health_check(self, active_id: str, active_model: str) -> Deferred[Result]: ...
+
+
+def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
+    """
+    Check a command's C{data}: absent or an object with no fields other than
+    C{allowed}.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CommandError("data must be a JSON object")
+    unknown = data.keys() - allowed
+    if unknown:
+        raise CommandError(
+            "unknown field(s) in data: "
+            + ", ".join(sorted(unknown))
+            + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "; this command takes none")
+        )
+    return data
+
+
+_NONE: frozenset[str] = frozenset()
+_SWITCH_FIELDS = frozenset({"provider", "model"})
+
+
+@attrs.define
+class ControlCommands:
+    """
+    The handlers of the five commands.  Each takes the message's C{data} and
+    returns the C{result} object, or a Deferred firing with it, or raises
+    (or fails with) L{CommandError}.
+    """
+
+    route: ActiveRoute
+    providers: Providers
+    sessions: SessionAuthority
+    rotate: Callable[[], SessionToken]
+    connections: Callable[[], int]
+    started_at: float
+    clock: Callable[[], float] = time.time
+
+    def table(self) -> dict[str, Callable[[object], Answer]]:
+        return {
+            "ping": self.ping,
+            "status": self.status,
+            "switch_provider": self.switch_provider,
+            "health_check": self.health_check,
+            "rotate_token": self.rotate_token,
+        }
+
+    def ping(self, data: object) -> Result:
+        _fields(data, _NONE)
+        return {"pong": True, "ts": int(self.clock() * 1000)}
+
+    def status(self, data: object) -> Result:
+        _fields(data, _NONE)
+        route = self.route.current
+        now = self.clock()
+        return {
+            "provider": self.providers.get(route.provider_id).display_name,
+            "provider_id": route.provider_id,
+            "model": route.model,
+            "uptime": round(now - self.started_at, 3),
+            "started_at": isoformat(self.started_at),
+            "token_expires": self.sessions.current.expires,
+            "connections": self.connections(),
+        }
+
+    def switch_provider(self, data: object) -> Result:
+        fields = _fields(data, _SWITCH_FIELDS)
+        provider_id = fields.get("provider")
+        if provider_id is None:
+            raise CommandError(
+                "switch_provider needs data.provider: one of " + ", ".join(self.providers.ids)
+            )
+        if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
+            raise CommandError(
+                f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids)
+            )
+        provider = self.providers.get(provider_id)
+        model = fields.get("model", provider.default_model)
+        if not isinstance(model, str) or not model.strip():
+            raise CommandError("data.model must be a non-empty string when given")
+        previous = self.route.switch(Route(provider_id, model.strip()))
+        result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
+        warning = provider.missing_key_warning()
+        if warning:
+            result["warning"] = warning
+        return result
+
+    def health_check(self, data: object) -> Deferred[Result]:
+        _fields(data, _NONE)
+        route = self.route.current
+        return self.providers.health_check(route.provider_id, route.model)
+
+    def rotate_token(self, data: object) -> Result:
+        _fields(data, _NONE)
+        issued = self.rotate()
+        return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
+
+
+# orjson rather than the standard library's json: parsing and encoding are
+# most of the gateway's own cost per message (2.0 µs against 0.26 µs to parse
+# a ping), and the control plane's speed is measured against bare Autobahn.
+# It is also stricter: invalid UTF-8, NaN and Infinity are refused.
+_encode = orjson.dumps
+
+
+def _error(cmd: object, message: str) -> bytes:
+    return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
+
+
+class ControlPlane:
+    """
+    The path of one control message: parse, authenticate, dispatch, answer,
+    and account for it in the audit log.
+
+    @param log: the logger for the audit trail.  C{ping} and C{status} are
+        logged at debug level only, and only when that level is enabled:
+        on the hot path even a filtered log event costs as much as parsing
+        the message.
+    """
+
+    def __init__(
+        self,
+        sessions: SessionAuthority,
+        commands: ControlCommands,
+        log: Logger,
+        clock: Callable[[], float] = time.monotonic,
+        debug: bool = False,
+    ) -> None:
+        self._sessions = sessions
+        self._table = commands.table()
+        self._names = ", ".join(self._table)
+        self._log = log
+        self._clock = clock
+        self._debug = debug
+
+    def handle(self, payload: bytes, peer: str) -> bytes | Deferred[bytes]:
+        """
+        Answer one text message.
+
+        @return: the encoded answer, or (for a command that waits on
+            something) a Deferred firing with it; it never fails.
+        """
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return _error(None, "message is not valid JSON")
+        if type(message) is not dict:
+            return _error(None, 'message must be a JSON object: {"token", "cmd", "data"}')
+        cmd = message.get("cmd")
+        try:
+            jti = self._sessions.verify(message.get("token"))
+        except TokenRejected as rejected:
+            self._log.warn(
+                "auth failure from {peer}: {reason} (cmd {cmd})",
+                peer=peer,
+                reason=rejected.reason,
+                cmd=cmd if isinstance(cmd, str) else None,
+                outcome="auth_failed",
+            )
+            return _error(cmd, rejected.reason)
+        if type(cmd) is not str:
+            return _error(None, f"cmd must be a string: one of {self._names}")
+        handler = self._table.get(cmd)
+        if handler is None:
+            return _error(cmd, f"unknown command {cmd!r}; use one of {self._names}")
+
+        started = self._clock()
+        try:
+            result = handler(message.get("data"))
+        except Exception:
+            answer = self._failed(Failure(), cmd)
+        else:
+            if isinstance(result, Deferred):
+                return result.addCallbacks(
+                    self._succeeded, self._failed, callbackArgs=(cmd,), errbackArgs=(cmd,)
+                ).addCallback(self._audit, cmd, peer, jti, started)
+            answer = self._succeeded(result, cmd)
+        return self._audit(answer, cmd, peer, jti, started)
+
+    @staticmethod
+    def _succeeded(result: Result, cmd: str) -> tuple[bytes, str]:
+        return _encode({"ok": True, "cmd": cmd, "result": result}), "ok"
+
+    def _failed(self, failure: Failure, cmd: str) -> tuple[bytes, str]:
+        if failure.check(CommandError):
+            return _error(cmd, str(failure.value)), "error"
+        self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
+        return _error(cmd, "internal error; the gateway log has the details"), "error"
+
+    def _audit(
+        self, answer: tuple[bytes, str], cmd: str, peer: str, jti: str, started: float
+    ) -> bytes:
+        encoded, outcome = answer
+        if cmd in AUDITED:
+            self._log.info(
+                "{cmd} from {peer} (token {jti}): {outcome} in {duration_ms:.1f} ms",
+                cmd=cmd,
+                peer=peer,
+                jti=jti,
+                outcome=outcome,
+                duration_ms=(self._clock() - started) * 1000,
+            )
+        elif self._debug:
+            self._log.debug(
+                "{cmd} from {peer} (token {jti}): {outcome}",
+                cmd=cmd,
+                peer=peer,
+                jti=jti,
+                outcome=outcome,
+            )
+        return encoded

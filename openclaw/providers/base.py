@@ -1,0 +1,247 @@
+"""
+The one interface every provider adapter offers, and the probe logic they
+share.
+
+A provider module only says how to authenticate and how to read its models
+listing (L{ProviderAdapter.auth_headers}, L{ProviderAdapter.fetch_model_ids});
+everything about time limits, error wording and key hygiene lives here once.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import attrs
+from hyperlink import URL
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from openclaw.providers.errors import (
+    MissingKey,
+    ProbeTimedOut,
+    ProviderError,
+    UpstreamHTTPError,
+    clip,
+    describe_failure,
+    http_hint,
+    scrub,
+)
+from openclaw.providers.fetch import Exchange, get_json, upstream_message
+from openclaw.settings import Settings
+
+
+@attrs.frozen
+class ProbeResult:
+    """
+    The outcome of one health probe, before it is compared with a model.
+    """
+
+    ok: bool
+    latency_ms: float | None = None
+    status: int | None = None
+    #: Model ids listed, or None when no listing could be had.
+    models: tuple[str, ...] | None = None
+    #: Why the probe failed; None when it succeeded.
+    error: str | None = None
+
+    def report(self, active_model_available: bool | None) -> dict[str, Any]:
+        """
+        The JSON-able per-provider entry of a health check.
+        """
+        entry: dict[str, Any] = {
+            "ok": self.ok,
+            "latency_ms": self.latency_ms,
+            "status": self.status,
+            "models": None if self.models is None else len(self.models),
+            "active_model_available": active_model_available,
+        }
+        if not self.ok:
+            entry["error"] = self.error
+        return entry
+
+
+@attrs.define(kw_only=True)
+class ProviderAdapter(abc.ABC):
+    """
+    One model provider, reached over the shared HTTP client.
+
+    The API key is kept out of C{repr()} (and so out of any log event that
+    carries the adapter as its source) and is scrubbed from every reason.
+    """
+
+    #: Stable id used in settings, commands and reports ("kimi").
+    id: ClassVar[str]
+    #: Human name ("Kimi (Moonshot AI)").
+    display_name: ClassVar[str]
+    #: The environment variable an operator sets the key with.
+    key_variable: ClassVar[str]
+    #: The environment variable an operator sets the base URL with.
+    base_url_variable: ClassVar[str]
+
+    http: HTTPClient = attrs.field(repr=False)
+    reactor: Any = attrs.field(repr=False)
+    base_url: str = attrs.field(converter=lambda url: url.rstrip("/"))
+    api_key: str | None = attrs.field(default=None, repr=False)
+    #: The model served when an operator switches here without naming one.
+    default_model: str
+    #: Seconds one listing may take, connect to last body byte (all pages).
+    timeout: float
+
+    _log: ClassVar[Logger] = Logger()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any) -> ProviderAdapter:
+        """
+        Build the adapter this provider's settings describe.
+        """
+
+    @abc.abstractmethod
+    def auth_headers(self, key: str) -> dict[str, str]:
+        """
+        The headers that authenticate a request with C{key}.
+        """
+
+    @abc.abstractmethod
+    async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
+        """
+        List the provider's models (every page), unbounded in time: the
+        caller bounds it.
+        """
+
+    def normalize_model(self, model: str) -> str:
+        """
+        A model name as it appears in L{list_models}.
+        """
+        return model
+
+    def has_model(self, models: tuple[str, ...] | None, model: str) -> bool | None:
+        """
+        Whether C{model} is among C{models}; None when there is no listing.
+        """
+        if models is None:
+            return None
+        return self.normalize_model(model) in models
+
+    def missing_key_warning(self) -> str | None:
+        """
+        "KIMI_API_KEY is not set" when no key is configured, else None.
+        """
+        return None if self.api_key else f"{self.key_variable} is not set"
+
+    def list_models(self) -> Deferred[list[str]]:
+        """
+        The model ids the provider offers, within L{timeout}.
+
+        Fails with L{MissingKey} (no request made) or a
+        L{ProviderError} whose message is an operator-facing reason.
+        """
+        warning = self.missing_key_warning()
+        if warning is not None:
+            return fail(MissingKey(warning))
+        exchange = Exchange(started=self.reactor.seconds())
+        return self._bounded_listing(exchange).addErrback(self._as_provider_error)
+
+    def probe(self) -> Deferred[ProbeResult]:
+        """
+        Health-probe the provider by listing its models (never a paid call).
+        Never fails: every problem becomes a L{ProbeResult} with a reason.
+        """
+        warning = self.missing_key_warning()
+        if warning is not None:
+            self._log.debug("{provider} not probed: {error}", provider=self.id, error=warning)
+            return succeed(ProbeResult(ok=False, error=warning))
+        exchange = Exchange(started=self.reactor.seconds())
+        d = self._bounded_listing(exchange)
+        return d.addCallbacks(
+            self._probe_succeeded,
+            self._probe_failed,
+            callbackArgs=(exchange,),
+            errbackArgs=(exchange,),
+        )
+
+    async def get_json(
+        self,
+        path: str,
+        exchange: Exchange,
+        params: dict[str, str] | None = None,
+        what: str = "models listing",
+    ) -> Any:
+        """
+        GET C{base_url/path} with this provider's auth; the parsed 2xx body.
+
+        @raise UpstreamHTTPError: for any other status, with the provider's
+            own message.
+        """
+        assert self.api_key is not None
+        status, document = await get_json(
+            self.http,
+            f"{self.base_url}/{path}",
+            headers={"Accept": "application/json", **self.auth_headers(self.api_key)},
+            params=params,
+            exchange=exchange,
+            what=what,
+        )
+        if not 200 <= status < 300:
+            message = clip(scrub(upstream_message(document), self.api_key))
+            hint = http_hint(status, message, self.key_variable, self.base_url_variable)
+            raise UpstreamHTTPError(status, message, hint)
+        return document
+
+    def _bounded_listing(self, exchange: Exchange) -> Deferred[list[str]]:
+        # addTimeout cancels the whole chain: the coroutine passes the
+        # cancellation to whatever it awaits (connect, headers or body), and
+        # each of those closes the connection.
+        d = Deferred.fromCoroutine(self.fetch_model_ids(exchange))
+        return d.addTimeout(
+            self.timeout, self.reactor, onTimeoutCancel=lambda _, timeout: self._timed_out(exchange, timeout)
+        )
+
+    def _timed_out(self, exchange: Exchange, timeout: float) -> Failure:
+        host, port = self._address()
+        return Failure(
+            ProbeTimedOut(
+                f"timed out after {timeout:g} s waiting for {exchange.waiting_for} from {host}:{port}"
+            )
+        )
+
+    def _probe_succeeded(self, models: list[str], exchange: Exchange) -> ProbeResult:
+        latency_ms = self._elapsed_ms(exchange)
+        self._log.debug(
+            "{provider} healthy: {count} models in {latency_ms} ms",
+            provider=self.id,
+            count=len(models),
+            latency_ms=latency_ms,
+        )
+        return ProbeResult(ok=True, latency_ms=latency_ms, status=exchange.status, models=tuple(models))
+
+    def _probe_failed(self, reason: Failure, exchange: Exchange) -> ProbeResult:
+        error = self._reason(reason)
+        self._log.warn(
+            "{provider} health probe failed: {error}",
+            provider=self.id,
+            error=error,
+            status=exchange.status,
+        )
+        latency_ms = None if exchange.status is None else self._elapsed_ms(exchange)
+        return ProbeResult(ok=False, latency_ms=latency_ms, status=exchange.status, error=error)
+
+    def _as_provider_error(self, reason: Failure) -> Failure:
+        if reason.check(ProviderError):
+            return reason
+        return Failure(ProviderError(self._reason(reason)))
+
+    def _reason(self, reason: Failure) -> str:
+        host, port = self._address()
+        text = describe_failure(reason, host, port, self.base_url_variable)
+        return scrub(text, self.api_key)
+
+    def _address(self) -> tuple[str, int]:
+        url = URL.from_text(self.base_url)
+        return url.host, url.port or (443 if url.scheme == "https" else 80)
+
+    def _elapsed_ms(self, exchange: Exchange) -> float:
+        return round((self.reactor.seconds() - exchange.started) * 1000, 1)

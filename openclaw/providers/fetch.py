@@ -1,0 +1,161 @@
+"""
+One JSON GET against a provider, cancellable end to end.
+
+Cancelling what L{get_json} returns (which is what C{Deferred.addTimeout}
+does) closes the connection whether the request is still waiting for its
+headers or already reading the body.  treq's C{timeout=} stops at the
+headers, and neither C{treq.content} nor Twisted's C{readBody} can abort a
+body coming through an C{Agent} (the body transport has no
+C{abortConnection}), so the body is read here with the transport's
+C{IPushProducer.stopProducing} as the canceller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from openclaw.providers.errors import MalformedResponse, ProviderError
+
+#: A models listing is tens of kilobytes; anything near this is not one.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@attrs.define
+class Exchange:
+    """
+    What an exchange got to before it ended, so that a timeout can say
+    whether the provider never answered or stalled mid-body.
+    """
+
+    started: float
+    #: Status of the latest response whose headers arrived.
+    status: int | None = None
+    #: What the exchange is waiting for now, for timeout messages.
+    waiting_for: str = "the response"
+
+
+class BodyTooLarge(ProviderError):
+    """
+    The response body exceeded L{MAX_BODY_BYTES}.
+    """
+
+
+class _BodyReader(Protocol):
+    """
+    Collects a response body into C{finished}.
+    """
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self._finished = finished
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self.stop()
+            self._finished.errback(BodyTooLarge(f"response body larger than {self._limit} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(reason)
+
+    def stop(self) -> None:
+        """
+        Drop the connection: no more of this body is wanted.
+        """
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[bytes]:
+    """
+    The whole body of C{response}; cancelling closes the connection.
+    """
+    finished: Deferred[bytes] = Deferred(lambda _: reader.stop())
+    reader = _BodyReader(finished, limit)
+    response.deliverBody(reader)
+    return finished
+
+
+async def get_json(
+    http: HTTPClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    params: Mapping[str, str] | None,
+    exchange: Exchange,
+    what: str,
+) -> tuple[int, Any]:
+    """
+    GET C{url} and parse its body.
+
+    @param what: What the body is ("models listing"), for error messages.
+    @return: C{(status, document)} for a 2xx answer, or C{(status, body
+        bytes)} for any other status so the caller can word the error.
+    @raise MalformedResponse: a 2xx body that is not JSON.
+    """
+    # Redirects are not followed: a listing endpoint has no reason to
+    # redirect, and following one could carry a key header to another host.
+    response = await http.get(
+        url,
+        headers=Headers({name: [value] for name, value in headers.items()}),
+        params=params,
+        allow_redirects=False,
+        unbuffered=True,
+    )
+    exchange.status = response.code
+    exchange.waiting_for = f"the {what} body"
+    body = await read_body(response)
+    exchange.waiting_for = "the response"
+    if not 200 <= response.code < 300:
+        return response.code, body
+    try:
+        return response.code, json.loads(body)
+    except ValueError:  # covers JSONDecodeError and UnicodeDecodeError
+        raise MalformedResponse(f"malformed JSON in {what} (HTTP {response.code})") from None
+
+
+def upstream_message(body: bytes) -> str:
+    """
+    The provider's own explanation in an error body: OpenAI/Moonshot's
+    C{{"error": {"message", "type"}}}, Google's C{{"error": {"code",
+    "message", "status"}}}, else the raw text.
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            kind = error.get("status") or error.get("type")
+            message: str = error["message"]
+            return f"{message} [{kind}]" if isinstance(kind, str) and kind else message
+        if isinstance(error, str):
+            return error
+        if isinstance(document.get("message"), str):
+            return str(document["message"])
+    text = body.decode("utf-8", "replace").strip()
+    return text or "(empty body)"

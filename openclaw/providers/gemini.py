@@ -1,0 +1,75 @@
+"""
+Google Gemini (the Generative Language API), authenticated with the
+C{x-goog-api-key} header so the key never appears in a URL or access log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+from treq.client import HTTPClient
+
+from openclaw.providers.base import ProviderAdapter
+from openclaw.providers.errors import MalformedResponse
+from openclaw.providers.fetch import Exchange
+from openclaw.settings import Settings
+
+#: The largest page the API serves.
+PAGE_SIZE = 1000
+#: A listing longer than this many pages is a misbehaving server, not a catalogue.
+MAX_PAGES = 50
+MODEL_PREFIX = "models/"
+
+
+@attrs.define(kw_only=True)
+class GeminiAdapter(ProviderAdapter):
+    """
+    C{GET {base}/models?pageSize=1000} answers C{{"models": [{"name":
+    "models/<id>"}], "nextPageToken": ...}}; pages are followed with
+    C{pageToken}.
+    """
+
+    id: ClassVar[str] = "gemini"
+    display_name: ClassVar[str] = "Google Gemini"
+    key_variable: ClassVar[str] = "GEMINI_API_KEY"
+    base_url_variable: ClassVar[str] = "GEMINI_BASE_URL"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any) -> GeminiAdapter:
+        return cls(
+            http=http,
+            reactor=reactor,
+            base_url=settings.gemini_base_url,
+            api_key=settings.gemini_api_key,
+            default_model=settings.gemini_model,
+            timeout=settings.health_check_timeout,
+        )
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"x-goog-api-key": key}
+
+    def normalize_model(self, model: str) -> str:
+        return model.removeprefix(MODEL_PREFIX)
+
+    async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
+        ids: list[str] = []
+        params = {"pageSize": str(PAGE_SIZE)}
+        for _ in range(MAX_PAGES):
+            document = await self.get_json("models", exchange, params)
+            models = document.get("models", []) if isinstance(document, dict) else None
+            if not isinstance(models, list):
+                raise MalformedResponse(
+                    f'models listing has no "models" list; does {self.base_url_variable} '
+                    "point at the Generative Language API (ending in /v1beta)?"
+                )
+            ids.extend(
+                self.normalize_model(m["name"])
+                for m in models
+                if isinstance(m, dict) and isinstance(m.get("name"), str)
+            )
+            token = document.get("nextPageToken")
+            if not token or not isinstance(token, str):
+                return ids
+            params = {"pageSize": str(PAGE_SIZE), "pageToken": token}
+        raise MalformedResponse(f"models listing did not end after {MAX_PAGES} pages")

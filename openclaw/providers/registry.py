@@ -1,0 +1,158 @@
+"""
+The configured providers, the HTTP client they share, and the health check
+across all of them.
+
+Probes for one provider are coalesced: callers that ask while a probe is in
+flight wait for that probe instead of starting their own, so a burst of
+health checks costs one upstream request per provider.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from openclaw.providers.base import ProbeResult, ProviderAdapter
+from openclaw.providers.errors import UnknownProvider
+from openclaw.providers.gemini import GeminiAdapter
+from openclaw.providers.kimi import KimiAdapter
+from openclaw.settings import Settings
+
+#: Every adapter the gateway knows, in the order reports list them.
+ADAPTER_TYPES: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
+
+
+@attrs.define
+class ProviderRegistry:
+    """
+    The providers by id.  Build it with L{from_settings} when the service
+    starts and L{close} it when the service stops.
+    """
+
+    _adapters: tuple[ProviderAdapter, ...]
+    reactor: Any = attrs.field(repr=False)
+    #: The HTTP client every adapter uses (and chat completions will).
+    http: HTTPClient | None = attrs.field(default=None, repr=False)
+    pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
+    #: Share a probe in flight between callers; off only for benchmarks.
+    coalesce: bool = True
+    #: Per provider id, the callers waiting on the probe in flight.
+    _waiting: dict[str, list[Deferred[ProbeResult]]] = attrs.field(factory=dict, init=False, repr=False)
+    #: Probes under way, cancelled by L{close} so none outlives the service.
+    _running: set[Deferred[ProbeResult]] = attrs.field(factory=set, init=False, repr=False)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, reactor: Any, *, coalesce: bool = True
+    ) -> ProviderRegistry:
+        """
+        Every provider, sharing one persistent connection pool.
+        """
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        http = HTTPClient(Agent(reactor, pool=pool))
+        adapters = tuple(kind.from_settings(settings, http, reactor) for kind in ADAPTER_TYPES)
+        return cls(adapters, reactor, http=http, pool=pool, coalesce=coalesce)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(adapter.id for adapter in self._adapters)
+
+    def __iter__(self) -> Iterator[ProviderAdapter]:
+        return iter(self._adapters)
+
+    def get(self, provider_id: str) -> ProviderAdapter:
+        """
+        @raise UnknownProvider: no provider has this id.
+        """
+        for adapter in self._adapters:
+            if adapter.id == provider_id:
+                return adapter
+        raise UnknownProvider(
+            f"unknown provider {provider_id!r}; use one of: {', '.join(self.ids)}"
+        )
+
+    def probe(self, provider_id: str) -> Deferred[ProbeResult]:
+        """
+        Probe one provider, joining the probe in flight if there is one.
+        Each caller gets its own L{Deferred}, so one caller's callbacks (or
+        cancellation) cannot touch what the others receive.
+        """
+        adapter = self.get(provider_id)
+        if not self.coalesce:
+            return self._start(adapter)
+        mine: Deferred[ProbeResult] = Deferred()
+        waiting = self._waiting.get(provider_id)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        # Registered before probing: a probe may fire at once (no key).
+        self._waiting[provider_id] = [mine]
+        self._start(adapter).addBoth(self._settle, provider_id)
+        return mine
+
+    def _start(self, adapter: ProviderAdapter) -> Deferred[ProbeResult]:
+        probe = adapter.probe()
+        if not probe.called:
+            self._running.add(probe)
+            probe.addBoth(self._finished, probe)
+        return probe
+
+    def _finished(self, result: Any, probe: Deferred[ProbeResult]) -> Any:
+        self._running.discard(probe)
+        return result
+
+    def _settle(self, result: ProbeResult | Failure, provider_id: str) -> None:
+        for waiter in self._waiting.pop(provider_id):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def health_check(self, active_id: str, active_model: str) -> Deferred[dict[str, Any]]:
+        """
+        Probe every provider at once (wall time is the slowest probe, each
+        bounded by its timeout) and report::
+
+            {"active": "kimi", "checked_at": "2026-11-25T02:39:29Z",
+             "providers": {"kimi": {"ok": ..., "latency_ms": ..., "status": ...,
+                                    "models": ..., "active_model_available": ...,
+                                    "error": ...}, "gemini": {...}}}
+
+        C{active_model_available} is about C{active_model} for the active
+        provider and about each other provider's default model.
+        """
+        self.get(active_id)
+        probes = [self.probe(provider_id) for provider_id in self.ids]
+        d = gatherResults(probes, consumeErrors=True)
+        return d.addCallback(self._report, active_id, active_model)
+
+    def _report(
+        self, results: Iterable[ProbeResult], active_id: str, active_model: str
+    ) -> dict[str, Any]:
+        providers = {}
+        for adapter, result in zip(self._adapters, results):
+            model = active_model if adapter.id == active_id else adapter.default_model
+            providers[adapter.id] = result.report(adapter.has_model(result.models, model))
+        return {
+            "active": active_id,
+            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.reactor.seconds())),
+            "providers": providers,
+        }
+
+    def close(self) -> Deferred[None]:
+        """
+        Cancel the probes under way (their callers get a failed report) and
+        close the pooled connections; fires once they are closed.
+        """
+        for probe in list(self._running):
+            probe.cancel()
+        if self.pool is None:
+            return succeed(None)
+        return self.pool.closeCachedConnections()

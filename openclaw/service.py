@@ -1,0 +1,134 @@
+"""
+The gateway as a Twisted service: what starts when C{twistd openclaw} starts
+and stops, in order, when it stops.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import IO, Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+
+from openclaw.allowlist import PeerAllowlist
+from openclaw.commands import ControlCommands, ControlPlane
+from openclaw.controlplane import GOING_AWAY, ControlFactory
+from openclaw.providers import ProviderRegistry
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority, SessionToken
+from openclaw.settings import Settings
+
+
+def level_filtered_logger(namespace: str, level: str) -> Logger:
+    """
+    A logger whose events below C{level} are dropped before any observer
+    formats them: the control plane logs C{ping} and C{status} at debug
+    level on its hot path, and formatting those costs more than answering.
+    """
+    observer = FilteringLogObserver(
+        globalLogPublisher,
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))],
+    )
+    return Logger(namespace=namespace, observer=observer)
+
+
+class GatewayService(MultiService):
+    """
+    The whole gateway: session token, control plane listener, providers.
+
+    @param control_endpoint: where the control plane listens.
+    @param stdout: where the token banner is printed: the process's real
+        standard output, taken before twistd redirects C{sys.stdout} into the
+        log.
+    """
+
+    _log = Logger(namespace="openclaw")
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: IReactorTime,
+        control_endpoint: IStreamServerEndpoint,
+        stdout: IO[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self._stdout = stdout
+        self.sessions = SessionAuthority(
+            settings.jwt_secret,
+            settings.session_ttl_hours * 3600,
+            clock=reactor.seconds,
+            token_file=settings.token_file,
+        )
+        provider = settings.default_provider
+        self.route = ActiveRoute(Route(provider, settings.default_model(provider)))
+        self.providers = ProviderRegistry.from_settings(settings, reactor)
+        self.started_at = time.time()
+        commands = ControlCommands(
+            route=self.route,
+            providers=self.providers,
+            sessions=self.sessions,
+            rotate=self.rotate_token,
+            connections=lambda: len(self.factory.connections),
+            started_at=self.started_at,
+            clock=reactor.seconds,
+        )
+        controlplane = ControlPlane(
+            self.sessions,
+            commands,
+            level_filtered_logger("openclaw.controlplane", settings.log_level),
+            debug=settings.log_level == "debug",
+        )
+        self.factory = ControlFactory(controlplane, PeerAllowlist(settings.trusted_clients))
+        listener = StreamServerEndpointService(control_endpoint, self.factory)
+        # Fail start-up loudly when the port cannot be had, rather than run
+        # on with no control plane.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        if self.settings.jwt_secret_is_ephemeral:
+            self._log.warn(
+                "JWT_SECRET is not set: tokens are signed with a random secret made "
+                "for this process only. Set JWT_SECRET (32 bytes or more) in production."
+            )
+        self._announce(self.sessions.issue())
+        super().startService()
+
+    def rotate_token(self) -> SessionToken:
+        """
+        Replace the session token: every earlier token stops working at once,
+        for every connection.
+        """
+        issued = self.sessions.issue()
+        self._announce(issued)
+        self._log.info("session token rotated; new token id {jti}", jti=issued.jti)
+        return issued
+
+    def _announce(self, issued: SessionToken) -> None:
+        if self._stdout is not None:
+            self._stdout.write(issued.banner())
+            self._stdout.flush()
+        self._log.info(
+            "session token {jti} issued, expires {expires}",
+            jti=issued.jti,
+            expires=issued.expires,
+        )
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        # Stop accepting first, then say goodbye (1001) to everyone connected.
+        yield super().stopService()
+        yield self.factory.close_all(GOING_AWAY)
+        yield self.providers.close()
+        self.sessions.discard_token_file()

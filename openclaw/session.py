@@ -1,0 +1,207 @@
+"""
+Session tokens: the one HS256 JWT that unlocks the control plane.
+
+The gateway holds exactly one valid token at a time.  It is issued at
+start-up and replaced by C{rotate_token}; a restart or a rotation makes every
+earlier token worthless, because its C{jti} is no longer the current one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import attrs
+import jwt
+
+ISSUER = "openclaw-gateway"
+ALGORITHM = "HS256"
+
+_RULE = "━" * 58
+
+
+def isoformat(timestamp: float) -> str:
+    """
+    Render a POSIX timestamp as ISO 8601 UTC to the second
+    (C{2026-11-25T02:39:29Z}), the one format the gateway shows times in.
+    """
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class TokenRejected(Exception):
+    """
+    A presented token does not open the control plane.  The message is what
+    the client is told: C{missing token}, C{invalid token}, C{token expired}
+    or C{token revoked}; it never says more than that.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+MISSING = TokenRejected("missing token")
+INVALID = TokenRejected("invalid token")
+EXPIRED = TokenRejected("token expired")
+REVOKED = TokenRejected("token revoked")
+
+
+@attrs.frozen
+class SessionToken:
+    """
+    One issued token and the claims the gateway needs to know about it.
+    """
+
+    token: str = attrs.field(repr=False)
+    jti: str
+    issued_at: int
+    expires_at: int
+
+    @property
+    def expires(self) -> str:
+        return isoformat(self.expires_at)
+
+    def banner(self) -> str:
+        """
+        The block printed on stdout so an operator can copy the token.
+        """
+        return (
+            f"{_RULE}\n"
+            "🔑  OPENCLAW GATEWAY — SESSION TOKEN\n"
+            f"{_RULE}\n"
+            f"   Token ID : {self.jti}\n"
+            f"   Expires  : {self.expires}\n"
+            f"   Token    : {self.token}\n"
+            f"{_RULE}\n"
+        )
+
+
+class SessionAuthority:
+    """
+    Issues the current session token and judges the tokens clients present.
+
+    Checking is on every control-plane message, so it has a fast path: the
+    only token that can pass is the current one, so a constant-time
+    comparison with it (plus the expiry) decides the common case exactly.
+    Any other string gets the full PyJWT verification, which tells the client
+    precisely why it failed.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.time,
+        token_file: Path | None = None,
+    ) -> None:
+        self._secret = secret
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._token_file = token_file
+        self._current: SessionToken | None = None
+        self._current_bytes = b""
+
+    @property
+    def current(self) -> SessionToken:
+        if self._current is None:
+            raise RuntimeError("no session token has been issued yet")
+        return self._current
+
+    def issue(self) -> SessionToken:
+        """
+        Issue a new token, making every earlier one invalid at once, and
+        write it to the token file when there is one.
+        """
+        now = int(self._clock())
+        jti = str(uuid.uuid4())
+        expires_at = now + max(1, round(self._ttl))
+        claims = {"iss": ISSUER, "jti": jti, "iat": now, "exp": expires_at}
+        token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
+        issued = SessionToken(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+        self._current = issued
+        self._current_bytes = token.encode("ascii")
+        if self._token_file is not None:
+            write_token_file(self._token_file, token)
+        return issued
+
+    def verify(self, presented: object) -> str:
+        """
+        Check a presented token.
+
+        @return: the C{jti} of the token, for the audit log.
+        @raise TokenRejected: it does not open the control plane.
+        """
+        current = self._current
+        if presented is None or presented == "":
+            raise MISSING
+        if not isinstance(presented, str) or current is None:
+            raise INVALID
+        if presented.isascii() and hmac.compare_digest(
+            presented.encode("ascii"), self._current_bytes
+        ):
+            if self._clock() >= current.expires_at:
+                raise EXPIRED
+            return current.jti
+        return self._verify_slowly(presented, current)
+
+    def _verify_slowly(self, presented: str, current: SessionToken) -> str:
+        # PyJWT checks the signature (HS256 only: "none", HS512 and the rest
+        # are refused), the issuer and that exp, iss and jti are there; the
+        # expiry is judged here with the gateway's own clock, the one that
+        # also judges the fast path.
+        try:
+            claims = jwt.decode(
+                presented,
+                self._secret,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                options={"require": ["exp", "iss", "jti"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.InvalidTokenError:
+            raise INVALID from None
+        expires_at, jti = claims["exp"], claims["jti"]
+        if type(expires_at) not in (int, float) or type(jti) is not str:
+            raise INVALID
+        if self._clock() >= expires_at:
+            raise EXPIRED
+        if not hmac.compare_digest(jti.encode(), current.jti.encode()):
+            raise REVOKED
+        # Same jti and a good signature but not the same string: a token
+        # re-encoded with other claims by someone holding the secret.
+        raise INVALID
+
+    def discard_token_file(self) -> None:
+        """
+        Remove the token file on a clean shutdown, so no stale token lies
+        around.
+        """
+        if self._token_file is not None:
+            try:
+                self._token_file.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """
+    Replace C{path} atomically with the token and a newline.  The temporary
+    file is created with mode 0600 (L{tempfile.mkstemp}), so the token is
+    never readable by others, not even for an instant.
+    """
+    directory = path.parent
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,261 @@
+"""
+Configuration, read once into one immutable L{Settings} object.
+
+Every value is looked up in this order: the plugin's command-line option, the
+process environment, the env file (C{--env-file PATH}, else C{.env} in the
+working directory when there is one), the default.  Nothing else in the
+package reads the environment: the settings object is passed down.
+
+A bad value stops start-up with one L{ConfigError} line that names the
+variable, the value and what to do about it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import socket
+
+import attrs
+from decouple import Config, RepositoryEmpty, RepositoryEnv
+
+PROVIDER_IDS = ("kimi", "gemini")
+
+#: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
+MIN_SECRET_BYTES = 32
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is unusable; the message is meant for the operator
+    and says which variable, which value, and what would be accepted.
+    """
+
+
+def _secret_field() -> Any:
+    # Secrets stay out of repr() so that a logged Settings never leaks them.
+    return attrs.field(repr=False, default=None)
+
+
+@attrs.frozen
+class Settings:
+    """
+    Everything the gateway was configured with.
+
+    Tests build one directly (C{Settings(port=0, ...)}); the daemon builds one
+    with L{load_settings}.
+    """
+
+    port: int = 18789
+    interface: str = "::"
+    session_ttl_hours: float = 24.0
+    jwt_secret: bytes = attrs.field(repr=False, factory=lambda: secrets.token_bytes(32))
+    jwt_secret_is_ephemeral: bool = True
+    trusted_clients: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    default_provider: str = "gemini"
+    kimi_model: str = "moonshot-v1-8k"
+    gemini_model: str = "gemini-flash-latest"
+    token_file: Path | None = None
+
+    kimi_base_url: str = "https://api.moonshot.ai/v1"
+    kimi_api_key: str | None = _secret_field()
+    gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta"
+    gemini_api_key: str | None = _secret_field()
+    health_check_timeout: float = 5.0
+    log_level: str = "info"
+
+    def default_model(self, provider_id: str) -> str:
+        """
+        The model a provider serves when an operator switches to it without
+        naming one.
+        """
+        return {"kimi": self.kimi_model, "gemini": self.gemini_model}[provider_id]
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError
+    return port
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    return tuple(parse_network(entry) for entry in text.split(",") if entry.strip())
+
+
+def parse_network(entry: str) -> IPNetwork:
+    """
+    Parse one allowlist entry: an address or a CIDR network.  An
+    IPv4-mapped IPv6 address (C{::ffff:10.0.0.1}) means its IPv4 address, as
+    it does for peers.
+    """
+    network = ipaddress.ip_network(entry.strip(), strict=True)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen == 128:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(mapped)
+    return network
+
+
+def _provider(text: str) -> str:
+    if text not in PROVIDER_IDS:
+        raise ValueError
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError
+    return text.strip()
+
+
+def _log_level(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("debug", "info", "warn", "error", "critical"):
+        raise ValueError
+    return text
+
+
+def _url(text: str) -> str:
+    text = text.strip()
+    if not text.startswith(("http://", "https://")):
+        raise ValueError
+    return text.rstrip("/")
+
+
+def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
+    """
+    The env file to read: the one named, else C{.env} in the working
+    directory if present.  (decouple's C{AutoConfig} would search from this
+    module's directory, which is site-packages once installed.)
+    """
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError(f"--env-file {env_file!r} does not exist or is not a file")
+    else:
+        path = cwd / ".env"
+        if not path.is_file():
+            return RepositoryEmpty()
+    try:
+        return RepositoryEnv(str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
+
+
+def load_settings(
+    options: Mapping[str, Any] | None = None,
+    env_file: str | None = None,
+    cwd: Path | None = None,
+    make_secret: Callable[[], bytes] = lambda: secrets.token_bytes(32),
+) -> Settings:
+    """
+    Build the L{Settings} from options, environment, env file and defaults.
+
+    @param options: plugin options already given on the command line, keyed by
+        variable name (C{{"WS_CONTROL_PORT": "9000"}}); L{None} values are
+        treated as not given.
+    @raise ConfigError: a value is invalid; the message names it.
+    """
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    config = Config(_open_repository(env_file, cwd or Path.cwd()))
+    defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
+
+    def read(name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
+        raw = given.get(name)
+        if raw is None:
+            raw = config.get(name, default=None)
+        if raw is None:
+            return default
+        try:
+            return cast(str(raw))
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is invalid: {hint}") from None
+
+    secret_text = read("JWT_SECRET", str, "", "")
+    secret = secret_text.encode("utf-8")
+    if secret and len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"JWT_SECRET is {len(secret)} bytes long; it must be at least "
+            f"{MIN_SECRET_BYTES} bytes (RFC 7518 section 3.2). Generate one with: "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+
+    kimi_key = read("KIMI_API_KEY", str, "", "") or read("MOONSHOT_API_KEY", str, "", "")
+    token_file = read("TOKEN_FILE", str, "", "")
+
+    return Settings(
+        port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
+        interface=read("INTERFACE", _non_empty, "", "use an IP address such as :: or 127.0.0.1")
+        or default_interface(),
+        session_ttl_hours=read(
+            "SESSION_TTL_HOURS",
+            _positive_float,
+            defaults.session_ttl_hours,
+            "use a number of hours greater than 0, such as 24 or 0.5",
+        ),
+        jwt_secret=secret or make_secret(),
+        jwt_secret_is_ephemeral=not secret,
+        trusted_clients=read(
+            "TRUSTED_CLIENT_IPS",
+            _networks,
+            defaults.trusted_clients,
+            "use comma-separated IPv4/IPv6 addresses or CIDR networks, "
+            "such as 127.0.0.1,::1,10.0.0.0/8",
+        ),
+        default_provider=read(
+            "DEFAULT_PROVIDER", _provider, defaults.default_provider, "use kimi or gemini"
+        ),
+        kimi_model=read("KIMI_MODEL", _non_empty, defaults.kimi_model, "name a model"),
+        gemini_model=read("GEMINI_MODEL", _non_empty, defaults.gemini_model, "name a model"),
+        token_file=Path(token_file) if token_file else None,
+        kimi_base_url=read(
+            "KIMI_BASE_URL", _url, defaults.kimi_base_url, "use an http:// or https:// URL"
+        ),
+        kimi_api_key=kimi_key or None,
+        gemini_base_url=read(
+            "GEMINI_BASE_URL", _url, defaults.gemini_base_url, "use an http:// or https:// URL"
+        ),
+        gemini_api_key=read("GEMINI_API_KEY", str, "", "") or None,
+        health_check_timeout=read(
+            "HEALTH_CHECK_TIMEOUT",
+            _positive_float,
+            defaults.health_check_timeout,
+            "use a number of seconds greater than 0, such as 5",
+        ),
+        log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
+    )
+
+
+def default_interface() -> str:
+    """
+    C{::} (dual-stack: IPv4 clients arrive as C{::ffff:a.b.c.d}) where the
+    host has IPv6, else C{0.0.0.0}.
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return "0.0.0.0"
+    return "::"
+
+
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_network", "PROVIDER_IDS"]

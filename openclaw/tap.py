@@ -1,0 +1,68 @@
+"""
+C{twistd openclaw}: command-line options and the service they make.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO, Any
+
+from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.python import usage
+
+from openclaw.service import GatewayService
+from openclaw.settings import ConfigError, Settings, load_settings
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd openclaw}.  Each one overrides the environment
+    variable named in its help, which overrides the env file.
+    """
+
+    optParameters = [
+        ["port", "p", None, "Control plane TCP port (WS_CONTROL_PORT) [default: 18789]"],
+        [
+            "interface",
+            "i",
+            None,
+            "Address to listen on (INTERFACE) [default: :: (IPv4 and IPv6), "
+            "or 0.0.0.0 where the host has no IPv6]",
+        ],
+        ["token-file", None, None, "Also write the session token to this file, mode 0600 (TOKEN_FILE)"],
+        ["env-file", None, None, "Read settings from this file [default: ./.env if it exists]"],
+    ]
+
+    def settings_overrides(self) -> dict[str, Any]:
+        return {
+            "WS_CONTROL_PORT": self["port"],
+            "INTERFACE": self["interface"],
+            "TOKEN_FILE": self["token-file"],
+        }
+
+
+def control_endpoint_description(settings: Settings) -> str:
+    """
+    The control plane's listener as a Twisted endpoint string.
+    """
+    return f"tcp:{settings.port}:interface={quoteStringArgument(settings.interface)}"
+
+
+def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = None) -> GatewayService:
+    """
+    Read the configuration once and build the gateway service.  A bad value
+    ends the process here, before anything starts, with one line that names
+    it.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        settings = load_settings(options.settings_overrides(), env_file=options["env-file"])
+    except ConfigError as e:
+        sys.stderr.write(f"openclaw: configuration error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2) from None
+    endpoint = serverFromString(reactor, control_endpoint_description(settings))
+    return GatewayService(settings, reactor, endpoint, stdout=stdout or sys.stdout)

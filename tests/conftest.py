@@ -1,0 +1,12 @@
+"""
+pytest runs the same trial TestCases that C{trial tests} runs; like trial,
+run each test in a scratch working directory so C{mktemp()} and stray files
+land there, not in the checkout.
+"""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _scratch_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,241 @@
+"""
+Test support: a real WebSocket client and a real gateway on a free port.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from openclaw.service import GatewayService
+from openclaw.settings import Settings
+
+SECRET = b"s" * 32
+
+
+class Client(WebSocketClientProtocol):
+    """
+    A control-plane client that queues what it receives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: DeferredQueue[Any] = DeferredQueue()
+        self.opened: Deferred[Client] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))
+        self.closed.callback((code, reason))
+
+    def send(self, message: Any) -> None:
+        payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+        self.sendMessage(payload)
+
+    def command(self, token: str | None, cmd: Any, data: Any = None, **extra: Any) -> Deferred[Any]:
+        """
+        Send one command and fire with the next answer.
+        """
+        message: dict[str, Any] = {"token": token, "cmd": cmd, **extra}
+        if data is not None:
+            message["data"] = data
+        self.send(message)
+        return self.received.get()
+
+
+class ClientFactory(WebSocketClientFactory):
+    """
+    Builds one L{Client}; C{done} fires with it once its handshake is over,
+    or fails when the connection cannot be made or is refused.
+    """
+
+    protocol = Client
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.done: Deferred[Client] = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Client:
+        protocol = super().buildProtocol(addr)
+        protocol.opened.addBoth(self._settle)
+        return protocol
+
+    def _settle(self, result: Any) -> Any:
+        if not self.done.called:
+            if isinstance(result, Client):
+                self.done.callback(result)
+            else:
+                self.done.errback(result)
+        return None
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
+
+
+def connect(
+    port: int, host: str = "127.0.0.1", bind: str | None = None, headers: dict[str, str] | None = None
+) -> Deferred[Client]:
+    """
+    Open a control connection; fire with the client once the handshake is
+    done.  C{bind} picks the client's source address (any of 127.0.0.0/8
+    works on loopback), to test the allowlist.
+    """
+    url_host = f"[{host}]" if ":" in host else host
+    factory = ClientFactory(f"ws://{url_host}:{port}", headers=headers)
+    reactor.connectTCP(host, port, factory, bindAddress=(bind, 0) if bind else None)
+    return factory.done
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.define
+class RecordingEndpoint:
+    """
+    An endpoint that remembers the port it listened on, so a test can learn
+    which free port the gateway got.
+    """
+
+    wrapped: IStreamServerEndpoint
+    port: IListeningPort | None = None
+
+    def listen(self, factory: Factory) -> Deferred[IListeningPort]:
+        def record(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            return port
+
+        return self.wrapped.listen(factory).addCallback(record)
+
+
+@attrs.define
+class RunningGateway:
+    service: GatewayService
+    port: int
+    stdout: io.StringIO
+
+    @property
+    def token(self) -> str:
+        return self.service.sessions.current.token
+
+
+def start_gateway(testcase: Any, interface: str = "127.0.0.1", **settings: Any) -> RunningGateway:
+    """
+    Start a gateway on a free port of C{interface}; it is stopped when the
+    test ends.
+    """
+    settings.setdefault("jwt_secret", SECRET)
+    settings.setdefault("jwt_secret_is_ephemeral", False)
+    config = Settings(**settings)
+    endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
+    endpoint = RecordingEndpoint(endpoint_type(reactor, 0, interface=interface))
+    stdout = io.StringIO()
+    service = GatewayService(config, reactor, endpoint, stdout=stdout)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    assert endpoint.port is not None
+    return RunningGateway(service, endpoint.port.getHost().port, stdout)
+
+
+@inlineCallbacks
+def open_client(testcase: Any, port: int, **kwargs: Any) -> Any:
+    """
+    L{connect}, and close the client when the test ends.
+    """
+    client = yield connect(port, **kwargs)
+    testcase.addCleanup(close_client, client)
+    return client
+
+
+def close_client(client: Client) -> Deferred[Any]:
+    if client.state == client.STATE_OPEN:
+        client.sendClose()
+    elif client.transport is not None and not client.closed.called:
+        client.transport.loseConnection()
+    return client.closed
+
+
+TOKEN_LINE = re.compile(rb"   Token    : (\S+)\r?\n")
+
+
+class GatewayProcess(ProcessProtocol):
+    """
+    A gateway started as an operator would (C{twistd -n openclaw}): C{token}
+    fires with the token read from the banner on its stdout, C{ended} with
+    the exit status (a negative signal number for a signal).
+    """
+
+    def __init__(self) -> None:
+        self.stdout = b""
+        self.stderr = b""
+        self.token: Deferred[str] = Deferred()
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.stdout += data
+        found = TOKEN_LINE.search(self.stdout)
+        if found and not self.token.called:
+            self.token.callback(found.group(1).decode())
+
+    def errReceived(self, data: bytes) -> None:
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:
+        value = reason.value
+        status = -value.signal if getattr(value, "signal", None) else value.exitCode
+        if not self.token.called:
+            self.token.errback(RuntimeError(f"gateway exited ({status}) before its banner: {self.stderr!r}"))
+        self.ended.callback(status)
+
+    def stop(self) -> Deferred[int]:
+        if not self.ended.called:
+            self.transport.signalProcess("TERM")
+        return self.ended
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistd_path() -> str:
+    """
+    The twistd of the environment the tests run in: the one the package
+    (and so its plugin) is installed into.
+    """
+    return str(Path(sys.executable).parent / "twistd")
+
+
+def spawn_gateway(
+    testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None
+) -> GatewayProcess:
+    twistd = twistd or twistd_path()
+    process = GatewayProcess()
+    cwd = Path(testcase.mktemp())
+    cwd.mkdir(parents=True)
+    reactor.spawnProcess(
+        process, twistd, [twistd, "-n", "--pidfile=", "openclaw", *args], env=env, path=str(cwd)
+    )
+    testcase.addCleanup(process.stop)
+    return process

@@ -1,0 +1,223 @@
+"""
+The message path without sockets: parsing, authentication, validation and
+each command's answer, through L{ControlPlane.handle}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger, LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.commands import ControlCommands, ControlPlane
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority
+
+SECRET = b"c" * 32
+
+
+@attrs.define
+class FakeProvider:
+    id: str
+    display_name: str
+    default_model: str
+    key_missing: bool = False
+
+    def missing_key_warning(self) -> str | None:
+        return f"{self.id.upper()}_API_KEY is not set" if self.key_missing else None
+
+
+@attrs.define
+class FakeProviders:
+    ids: tuple[str, ...] = ("kimi", "gemini")
+    checks: list[tuple[str, str]] = attrs.Factory(list)
+    kimi_key_missing: bool = False
+
+    def get(self, provider_id: str) -> FakeProvider:
+        if provider_id == "kimi":
+            return FakeProvider("kimi", "Kimi (Moonshot AI)", "moonshot-v1-8k", self.kimi_key_missing)
+        return FakeProvider("gemini", "Google Gemini", "gemini-flash-latest")
+
+    def health_check(self, active_id: str, active_model: str) -> Deferred[dict[str, Any]]:
+        self.checks.append((active_id, active_model))
+        return succeed({"active": active_id})
+
+
+class ControlPlaneTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.now = 1_800_000_000.0
+        self.events: list[dict[str, Any]] = []
+        self.sessions = SessionAuthority(SECRET, 3600, clock=lambda: self.now)
+        self.token = self.sessions.issue().token
+        self.route = ActiveRoute(Route("gemini", "gemini-flash-latest"))
+        self.providers = FakeProviders()
+        self.commands = ControlCommands(
+            route=self.route,
+            providers=self.providers,
+            sessions=self.sessions,
+            rotate=self.sessions.issue,
+            connections=lambda: 3,
+            started_at=self.now - 12.5,
+            clock=lambda: self.now,
+        )
+        self.plane = ControlPlane(
+            self.sessions, self.commands, Logger(observer=self.events.append), debug=True
+        )
+
+    def send(self, message: Any) -> dict[str, Any]:
+        payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+        answer = self.plane.handle(payload, "127.0.0.1:5000")
+        if isinstance(answer, Deferred):
+            answer = self.successResultOf(answer)
+        return json.loads(answer)
+
+    def command(self, cmd: Any, data: Any = None, token: Any = "") -> dict[str, Any]:
+        message = {"token": self.token if token == "" else token, "cmd": cmd}
+        if data is not None:
+            message["data"] = data
+        return self.send(message)
+
+    def test_ping(self) -> None:
+        self.assertEqual(
+            self.command("ping"), {"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1_800_000_000_000}}
+        )
+
+    def test_status(self) -> None:
+        self.assertEqual(
+            self.command("status")["result"],
+            {
+                "provider": "Google Gemini",
+                "provider_id": "gemini",
+                "model": "gemini-flash-latest",
+                "uptime": 12.5,
+                "started_at": "2027-01-15T07:59:47Z",
+                "token_expires": "2027-01-15T09:00:00Z",
+                "connections": 3,
+            },
+        )
+
+    def test_switch_provider(self) -> None:
+        answer = self.command("switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "cmd": "switch_provider",
+                "result": {"previous": "gemini", "active": "kimi", "model": "moonshot-v1-32k"},
+            },
+        )
+        self.assertEqual(self.route.current, Route("kimi", "moonshot-v1-32k"))
+        status = self.command("status")["result"]
+        self.assertEqual((status["provider"], status["model"]), ("Kimi (Moonshot AI)", "moonshot-v1-32k"))
+
+    def test_switch_default_model(self) -> None:
+        result = self.command("switch_provider", {"provider": "kimi"})["result"]
+        self.assertEqual(result["model"], "moonshot-v1-8k")
+
+    def test_switch_warns_when_key_missing(self) -> None:
+        self.providers.kimi_key_missing = True
+        result = self.command("switch_provider", {"provider": "kimi"})["result"]
+        self.assertEqual(result["warning"], "KIMI_API_KEY is not set")
+        self.assertEqual(self.route.current.provider_id, "kimi")
+
+    def test_switch_refusals_change_nothing(self) -> None:
+        for data, expected in [
+            (None, "needs data.provider"),
+            ({}, "needs data.provider"),
+            ({"provider": "openai"}, "unknown provider 'openai'"),
+            ({"provider": 7}, "unknown provider 7"),
+            ({"provider": "kimi", "model": ""}, "non-empty string"),
+            ({"provider": "kimi", "model": "  "}, "non-empty string"),
+            ({"provider": "kimi", "model": 8}, "non-empty string"),
+            ({"provider": "kimi", "extra": 1}, "unknown field(s) in data: extra"),
+            ("kimi", "data must be a JSON object"),
+            ([1], "data must be a JSON object"),
+        ]:
+            message = {"token": self.token, "cmd": "switch_provider", "data": data}
+            answer = self.send(message)
+            self.assertEqual(answer["ok"], False, data)
+            self.assertEqual(answer["cmd"], "switch_provider")
+            self.assertIn(expected, answer["error"])
+        self.assertEqual(self.route.current, Route("gemini", "gemini-flash-latest"))
+
+    def test_health_check_asks_providers_with_active_route(self) -> None:
+        self.assertEqual(self.command("health_check")["result"], {"active": "gemini"})
+        self.assertEqual(self.providers.checks, [("gemini", "gemini-flash-latest")])
+
+    def test_rotate_token(self) -> None:
+        old = self.token
+        result = self.command("rotate_token")["result"]
+        self.assertEqual(set(result), {"token", "jti", "expires"})
+        self.assertEqual(result["jti"], self.sessions.current.jti)
+        self.assertEqual(self.command("ping", token=old)["error"], "token revoked")
+        self.assertTrue(self.command("ping", token=result["token"])["ok"])
+
+    def test_bad_json(self) -> None:
+        self.assertEqual(self.send(b"{not json"), {"ok": False, "cmd": None, "error": "message is not valid JSON"})
+
+    def test_not_an_object(self) -> None:
+        for payload in [b"[]", b"1", b'"ping"', b"null"]:
+            answer = self.send(payload)
+            self.assertEqual((answer["ok"], answer["cmd"]), (False, None))
+            self.assertIn("must be a JSON object", answer["error"])
+
+    def test_token_errors_echo_cmd(self) -> None:
+        self.assertEqual(self.send({"cmd": "ping"}), {"ok": False, "cmd": "ping", "error": "missing token"})
+        self.assertEqual(self.command("ping", token=5), {"ok": False, "cmd": "ping", "error": "invalid token"})
+        self.assertEqual(self.command(["ping"], token="x")["cmd"], None)
+
+    def test_cmd_must_be_string(self) -> None:
+        for cmd in [None, 3, ["ping"], {"a": 1}]:
+            answer = self.command(cmd)
+            self.assertEqual((answer["ok"], answer["cmd"]), (False, None))
+            self.assertIn("cmd must be a string", answer["error"])
+
+    def test_unknown_command(self) -> None:
+        answer = self.command("reboot")
+        self.assertEqual((answer["ok"], answer["cmd"]), (False, "reboot"))
+        self.assertIn("unknown command 'reboot'", answer["error"])
+        self.assertIn("switch_provider", answer["error"])
+
+    def test_unknown_fields_refused(self) -> None:
+        answer = self.command("ping", {"verbose": True})
+        self.assertEqual(answer["ok"], False)
+        self.assertIn("verbose", answer["error"])
+
+    def test_internal_error_is_answered(self) -> None:
+        def broken(data: object) -> Deferred[Any]:
+            raise RuntimeError("boom")
+
+        self.plane._table["ping"] = broken
+        answer = self.command("ping")
+        self.assertEqual(answer["ok"], False)
+        self.assertIn("internal error", answer["error"])
+        self.assertNotIn("boom", answer["error"])
+        failures = [e["log_failure"] for e in self.events if "log_failure" in e]
+        self.assertEqual([f.type for f in failures], [RuntimeError])
+
+    def test_audit_log(self) -> None:
+        """
+        State-changing commands and auth failures are logged at info/warn
+        with peer, jti, outcome and duration; ping/status at debug only.
+        """
+        self.command("ping")
+        self.command("switch_provider", {"provider": "kimi"})
+        self.command("status", token="forged")
+        by_level = [(e["log_level"], e.get("cmd"), e.get("outcome")) for e in self.events]
+        self.assertEqual(
+            by_level,
+            [
+                (LogLevel.debug, "ping", "ok"),
+                (LogLevel.info, "switch_provider", "ok"),
+                (LogLevel.warn, "status", "auth_failed"),
+            ],
+        )
+        audited = self.events[1]
+        self.assertEqual(audited["peer"], "127.0.0.1:5000")
+        self.assertEqual(audited["jti"], self.sessions.current.jti)
+        self.assertIn("duration_ms", audited)
+        self.assertNotIn(self.token, json.dumps([repr(e) for e in self.events]))

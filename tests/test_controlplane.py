@@ -1,0 +1,222 @@
+"""
+The control plane over real sockets with a real Autobahn client: answers,
+the peer allowlist, dual-stack listening, rotation across connections, bad
+input, and the goodbye on shutdown.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest_twisted
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.support import connect, open_client, start_gateway
+
+LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+class CommandTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.gateway = start_gateway(self)
+
+    @inlineCallbacks
+    def test_banner_on_stdout(self):
+        """
+        Starting prints the banner with the full token on the real stdout.
+        """
+        banner = self.gateway.stdout.getvalue()
+        self.assertIn("🔑  OPENCLAW GATEWAY — SESSION TOKEN", banner)
+        self.assertIn(f"   Token    : {self.gateway.token}\n", banner)
+        yield None
+
+    @inlineCallbacks
+    def test_ping(self):
+        client = yield open_client(self, self.gateway.port)
+        answer = yield client.command(self.gateway.token, "ping")
+        self.assertEqual(answer["ok"], True)
+        self.assertEqual(answer["cmd"], "ping")
+        self.assertEqual(answer["result"]["pong"], True)
+        self.assertIsInstance(answer["result"]["ts"], int)
+
+    @inlineCallbacks
+    def test_status_counts_connections(self):
+        first = yield open_client(self, self.gateway.port)
+        yield open_client(self, self.gateway.port)
+        answer = yield first.command(self.gateway.token, "status")
+        result = answer["result"]
+        self.assertEqual(result["connections"], 2)
+        self.assertEqual(result["provider_id"], "gemini")
+        self.assertEqual(result["provider"], "Google Gemini")
+        self.assertEqual(result["model"], "gemini-flash-latest")
+        self.assertEqual(result["token_expires"], self.gateway.service.sessions.current.expires)
+        self.assertGreaterEqual(result["uptime"], 0)
+
+    @inlineCallbacks
+    def test_switch_provider_seen_by_other_connections(self):
+        first = yield open_client(self, self.gateway.port)
+        second = yield open_client(self, self.gateway.port)
+        answer = yield first.command(
+            self.gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8k"}
+        )
+        self.assertEqual(
+            answer,
+            {
+                "ok": True,
+                "cmd": "switch_provider",
+                "result": {"previous": "gemini", "active": "kimi", "model": "moonshot-v1-8k", "warning": "KIMI_API_KEY is not set"},
+            },
+        )
+        status = yield second.command(self.gateway.token, "status")
+        self.assertEqual(status["result"]["provider"], "Kimi (Moonshot AI)")
+
+    @inlineCallbacks
+    def test_rotation_revokes_on_every_connection(self):
+        """
+        After rotate_token on one connection, the old token is refused on
+        another connection that was already open, and the new one works
+        there.
+        """
+        first = yield open_client(self, self.gateway.port)
+        second = yield open_client(self, self.gateway.port)
+        old = self.gateway.token
+        answer = yield first.command(old, "rotate_token")
+        new = answer["result"]["token"]
+        self.assertNotEqual(new, old)
+        refused = yield second.command(old, "ping")
+        self.assertEqual(refused, {"ok": False, "cmd": "ping", "error": "token revoked"})
+        accepted = yield second.command(new, "ping")
+        self.assertTrue(accepted["ok"])
+        self.assertEqual(self.gateway.stdout.getvalue().count("SESSION TOKEN"), 2)
+
+    @inlineCallbacks
+    def test_bad_input_leaves_connection_usable(self):
+        """
+        Bad JSON, wrong types, unknown commands, forged tokens and binary
+        frames each get an error, and the same connection still answers a
+        ping afterwards; so does another client.
+        """
+        client = yield open_client(self, self.gateway.port)
+        bystander = yield open_client(self, self.gateway.port)
+        for payload in [b"{", b"[]", b'{"token": 1, "cmd": "ping"}', b'{"cmd": 5}']:
+            client.sendMessage(payload)
+            answer = yield client.received.get()
+            self.assertEqual(answer["ok"], False)
+        answer = yield client.command(self.gateway.token, "fly")
+        self.assertIn("unknown command", answer["error"])
+        answer = yield client.command("eyJhbGciOiJub25lIn0.e30.", "ping")
+        self.assertEqual(answer["error"], "invalid token")
+        client.sendMessage(b"\x00\x01", isBinary=True)
+        answer = yield client.received.get()
+        self.assertIn("binary", answer["error"])
+        answer = yield client.command(self.gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        answer = yield bystander.command(self.gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_shutdown_says_going_away(self):
+        """
+        Stopping the service closes every control connection with 1001.
+        """
+        client = yield open_client(self, self.gateway.port)
+        yield self.gateway.service.stopService()
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+
+
+class AllowlistTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_untrusted_peer_gets_1008_and_nothing_processed(self):
+        """
+        A peer outside TRUSTED_CLIENT_IPS (here 127.0.0.2) is closed with
+        1008 and what it sends is never answered or acted on.
+        """
+        gateway = start_gateway(self, trusted_clients=LOOPBACK_ONLY)
+        client = yield connect(gateway.port, bind="127.0.0.2")
+        client.sendMessage(
+            json.dumps({"token": gateway.token, "cmd": "switch_provider", "data": {"provider": "kimi"}}).encode()
+        )
+        code, reason = yield client.closed
+        self.assertEqual(code, 1008)
+        self.assertIn("TRUSTED_CLIENT_IPS", reason)
+        self.assertEqual(client.received.pending, [])
+        self.assertEqual(gateway.service.route.current.provider_id, "gemini")
+        self.assertEqual(gateway.service.factory.connections, set())
+
+    @inlineCallbacks
+    def test_trusted_second_address(self):
+        gateway = start_gateway(self, trusted_clients=(ipaddress.ip_network("127.0.0.2/32"),))
+        client = yield open_client(self, gateway.port, bind="127.0.0.2")
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        refused = yield connect(gateway.port, bind="127.0.0.1")
+        code, _ = yield refused.closed
+        self.assertEqual(code, 1008)
+
+    @inlineCallbacks
+    def test_dual_stack(self):
+        """
+        On a dual-stack (::) listener an IPv4 client arrives as
+        ::ffff:127.0.0.1 and is matched by the plain IPv4 entry; an IPv6
+        client on ::1 is matched too.
+        """
+        gateway = start_gateway(self, interface="::", trusted_clients=LOOPBACK_ONLY)
+        v4 = yield open_client(self, gateway.port, host="127.0.0.1")
+        v6 = yield open_client(self, gateway.port, host="::1")
+        for client in (v4, v6):
+            answer = yield client.command(gateway.token, "ping")
+            self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_dual_stack_mapped_untrusted(self):
+        gateway = start_gateway(self, interface="::", trusted_clients=(ipaddress.ip_network("::1/128"),))
+        client = yield connect(gateway.port, host="127.0.0.1")
+        code, _ = yield client.closed
+        self.assertEqual(code, 1008)
+
+
+class _Cleanups:
+    """
+    addCleanup for a plain pytest function.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def addCleanup(self, f, *args):
+        self.calls.append((f, args))
+
+    def mktemp(self) -> str:
+        import tempfile
+
+        return tempfile.mkdtemp()
+
+    @inlineCallbacks
+    def run(self):
+        for f, args in reversed(self.calls):
+            yield f(*args)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ping_from_pytest_twisted():
+    """
+    The same gateway, driven from a plain pytest function on the reactor
+    pytest-twisted runs (trial does not collect this one).
+    """
+    cleanups = _Cleanups()
+    try:
+        gateway = start_gateway(cleanups)
+        client = yield open_client(cleanups, gateway.port)
+        answer = yield client.command(gateway.token, "ping")
+        assert answer["ok"] is True
+        assert answer["result"]["pong"] is True
+    finally:
+        yield cleanups.run()

@@ -1,0 +1,464 @@
+"""
+Provider adapters and registry against the stand-in upstream, over real
+sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import error as neterror
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseNeverReceived
+
+from openclaw.providers import (
+    MissingKey,
+    ProbeTimedOut,
+    ProviderRegistry,
+    UnknownProvider,
+)
+from openclaw.providers.errors import REDACTED, describe_failure, scrub
+from openclaw.providers.fetch import upstream_message
+from openclaw.settings import Settings
+from openclaw.testing.upstream import StandInUpstream
+
+KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
+GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
+
+#: Generous next to the stand-in's answers (milliseconds), short enough
+#: that a broken time limit fails the test quickly.
+TIMEOUT = 2.0
+
+
+class ProviderTestCase(TestCase):
+    """
+    A stand-in upstream on a free port, and helpers to point a registry at it.
+    """
+
+    def setUp(self) -> None:
+        self.upstream = StandInUpstream(reactor)
+        self.upstream.kimi.key = KIMI_KEY
+        self.upstream.gemini.key = GEMINI_KEY
+        self.upstream.listen(0, "127.0.0.1")
+        self.addCleanup(self.upstream.stop)
+
+    def registry(self, coalesce: bool = True, **overrides: Any) -> ProviderRegistry:
+        fields: dict[str, Any] = {**self.upstream.settings_fields(), "health_check_timeout": TIMEOUT}
+        fields.update(overrides)
+        registry = ProviderRegistry.from_settings(Settings(**fields), reactor, coalesce=coalesce)
+        self.addCleanup(registry.close)
+        return registry
+
+    def assertFailedEntry(self, entry: dict[str, Any], *fragments: str) -> None:
+        self.assertIs(entry["ok"], False)
+        self.assertIsNone(entry["models"])
+        self.assertIsNone(entry["active_model_available"])
+        for fragment in fragments:
+            self.assertIn(fragment, entry["error"])
+
+
+def free_port() -> int:
+    """
+    A port nothing listens on (bound, then released).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HealthyTests(ProviderTestCase):
+    @inlineCallbacks
+    def test_both_healthy(self) -> Any:
+        """
+        One listing request per provider; every field of the report filled.
+        """
+        result = yield self.registry().health_check("gemini", "gemini-2.5-flash")
+        self.assertEqual(result["active"], "gemini")
+        self.assertRegex(result["checked_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(set(result["providers"]), {"kimi", "gemini"})
+        for entry in result["providers"].values():
+            self.assertEqual(
+                set(entry), {"ok", "latency_ms", "status", "models", "active_model_available"}
+            )
+            self.assertIs(entry["ok"], True)
+            self.assertIsInstance(entry["latency_ms"], float)
+            self.assertEqual(entry["status"], 200)
+            self.assertEqual(entry["models"], 4)
+            self.assertIs(entry["active_model_available"], True)
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 1))
+        json.dumps(result)
+
+    @inlineCallbacks
+    def test_active_model_available(self) -> Any:
+        """
+        The active provider is checked for the active model, the other one
+        for its own default model; Gemini's "models/" prefix is ignored.
+        """
+        registry = self.registry(gemini_model="gemini-9-ultra")
+        result = yield registry.health_check("kimi", "no-such-model")
+        self.assertIs(result["providers"]["kimi"]["active_model_available"], False)
+        self.assertIs(result["providers"]["gemini"]["active_model_available"], False)
+
+        result = yield registry.health_check("gemini", "models/gemini-2.5-pro")
+        self.assertIs(result["providers"]["gemini"]["active_model_available"], True)
+        self.assertIs(result["providers"]["kimi"]["active_model_available"], True)
+
+    @inlineCallbacks
+    def test_gemini_pagination(self) -> Any:
+        """
+        Pages are followed through nextPageToken until the last one.
+        """
+        self.upstream.gemini.models = [f"gemini-model-{i}" for i in range(5)]
+        self.upstream.gemini.page_size_limit = 2
+        registry = self.registry()
+        result = yield registry.health_check("gemini", "gemini-model-4")
+        gemini = result["providers"]["gemini"]
+        self.assertEqual((gemini["ok"], gemini["models"]), (True, 5))
+        self.assertIs(gemini["active_model_available"], True)
+        self.assertEqual(self.upstream.gemini.requests, 3)
+        self.assertNotIn("pageToken", self.upstream.gemini.uris[0])
+        self.assertIn("pageToken=", self.upstream.gemini.uris[1])
+        self.assertIn("pageSize=1000", self.upstream.gemini.uris[0])
+
+        ids = yield registry.get("gemini").list_models()
+        self.assertEqual(ids, self.upstream.gemini.models)
+
+    @inlineCallbacks
+    def test_list_models(self) -> Any:
+        """
+        Model ids as a client would name them: no "models/" prefix.
+        """
+        registry = self.registry()
+        kimi, gemini = yield gatherResults(
+            [registry.get("kimi").list_models(), registry.get("gemini").list_models()]
+        )
+        self.assertEqual(kimi, self.upstream.kimi.models)
+        self.assertEqual(gemini, self.upstream.gemini.models)
+
+
+class FailureTests(ProviderTestCase):
+    @inlineCallbacks
+    def test_unauthorized(self) -> Any:
+        """
+        A rejected key: the status, the provider's own message and what to
+        check.
+        """
+        registry = self.registry(kimi_api_key="sk-wrong", gemini_api_key="AIza-wrong")
+        result = yield registry.health_check("kimi", "moonshot-v1-8k")
+        kimi, gemini = result["providers"]["kimi"], result["providers"]["gemini"]
+        self.assertFailedEntry(kimi, "HTTP 401", "Invalid Authentication", "KIMI_API_KEY")
+        self.assertEqual(kimi["status"], 401)
+        self.assertIsInstance(kimi["latency_ms"], float)
+        self.assertFailedEntry(gemini, "HTTP 401", "API key not valid", "GEMINI_API_KEY")
+
+    @inlineCallbacks
+    def test_forbidden(self) -> Any:
+        """
+        403 carries the message; Gemini's quotes the key, which is scrubbed.
+        """
+        self.upstream.kimi.mode = "forbidden"
+        self.upstream.gemini.mode = "forbidden"
+        result = yield self.registry().health_check("kimi", "moonshot-v1-8k")
+        kimi, gemini = result["providers"]["kimi"], result["providers"]["gemini"]
+        self.assertFailedEntry(kimi, "HTTP 403", "suspended", "KIMI_API_KEY")
+        self.assertFailedEntry(gemini, "HTTP 403", "PERMISSION_DENIED", REDACTED)
+        self.assertEqual(gemini["status"], 403)
+        self.assertNotIn(GEMINI_KEY, gemini["error"])
+
+    @inlineCallbacks
+    def test_server_error(self) -> Any:
+        """
+        5xx: the status and message, long messages cut short.
+        """
+        self.upstream.kimi.mode = "error"
+        self.upstream.kimi.error_status = 503
+        self.upstream.gemini.mode = "error"
+        self.upstream.gemini.error_message = "x" * 5000
+        result = yield self.registry().health_check("kimi", "moonshot-v1-8k")
+        kimi, gemini = result["providers"]["kimi"], result["providers"]["gemini"]
+        self.assertFailedEntry(kimi, "HTTP 503", "overloaded", "try again later")
+        self.assertEqual(kimi["status"], 503)
+        self.assertFailedEntry(gemini, "HTTP 500", "…")
+        self.assertLess(len(gemini["error"]), 300)
+
+    @inlineCallbacks
+    def test_malformed_body(self) -> Any:
+        """
+        A 2xx body that is not JSON.
+        """
+        self.upstream.kimi.mode = "malformed"
+        self.upstream.gemini.mode = "malformed"
+        result = yield self.registry().health_check("kimi", "moonshot-v1-8k")
+        for entry in result["providers"].values():
+            self.assertFailedEntry(entry, "malformed JSON in models listing")
+            self.assertEqual(entry["status"], 200)
+
+    @inlineCallbacks
+    def test_missing_key(self) -> Any:
+        """
+        No key: said so, and no request made.
+        """
+        registry = self.registry(kimi_api_key=None)
+        self.assertEqual(registry.get("kimi").missing_key_warning(), "KIMI_API_KEY is not set")
+        self.assertIsNone(registry.get("gemini").missing_key_warning())
+        result = yield registry.health_check("gemini", "gemini-2.5-flash")
+        self.assertEqual(
+            result["providers"]["kimi"],
+            {
+                "ok": False,
+                "latency_ms": None,
+                "status": None,
+                "models": None,
+                "active_model_available": None,
+                "error": "KIMI_API_KEY is not set",
+            },
+        )
+        self.assertIs(result["providers"]["gemini"]["ok"], True)
+        self.assertEqual(self.upstream.kimi.requests, 0)
+
+        failure = yield self.assertFailure(registry.get("kimi").list_models(), MissingKey)
+        self.assertEqual(str(failure), "KIMI_API_KEY is not set")
+        self.assertEqual(self.upstream.kimi.requests, 0)
+
+        registry = self.registry(gemini_api_key=None)
+        self.upstream.gemini.reset()
+        result = yield registry.health_check("kimi", "moonshot-v1-8k")
+        self.assertEqual(result["providers"]["gemini"]["error"], "GEMINI_API_KEY is not set")
+        self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_connection_refused(self) -> Any:
+        port = free_port()
+        registry = self.registry(
+            kimi_base_url=f"http://127.0.0.1:{port}/v1",
+            gemini_base_url=f"http://127.0.0.1:{port}/v1beta",
+        )
+        result = yield registry.health_check("kimi", "moonshot-v1-8k")
+        for entry in result["providers"].values():
+            self.assertFailedEntry(entry, f"connection refused by 127.0.0.1:{port}")
+            self.assertIsNone(entry["status"])
+            self.assertIsNone(entry["latency_ms"])
+        self.assertIn("KIMI_BASE_URL", result["providers"]["kimi"]["error"])
+
+    def test_reasons(self) -> None:
+        """
+        DNS and TLS failures (not reproducible offline) are worded too.
+        """
+        dns = describe_failure(
+            Failure(neterror.DNSLookupError("no results")), "api.example", 443, "KIMI_BASE_URL"
+        )
+        self.assertEqual(
+            dns, "DNS lookup failed for api.example; check KIMI_BASE_URL and this host's resolver"
+        )
+        tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
+        text = describe_failure(
+            Failure(ResponseNeverReceived([tls])), "api.example", 443, "GEMINI_BASE_URL"
+        )
+        self.assertEqual(
+            text, "TLS handshake with api.example:443 failed (certificate verify failed)"
+        )
+
+    def test_scrub(self) -> None:
+        """
+        Real keys go wherever they appear; a toy key only as a whole token,
+        so that "k" does not eat every k in a message.
+        """
+        self.assertEqual(scrub(f"key={KIMI_KEY}&x", KIMI_KEY), f"key={REDACTED}&x")
+        self.assertEqual(scrub(f"x{KIMI_KEY}y", KIMI_KEY), f"x{REDACTED}y")
+        self.assertEqual(
+            scrub("Consumer 'api_key:k' suspended; check KIMI_API_KEY", "k"),
+            f"Consumer 'api_key:{REDACTED}' suspended; check KIMI_API_KEY",
+        )
+        self.assertEqual(scrub("text", None), "text")
+
+    def test_upstream_message(self) -> None:
+        """
+        Both providers' error shapes, then raw text.
+        """
+        self.assertEqual(
+            upstream_message(b'{"error": {"message": "Invalid Authentication", "type": "x"}}'),
+            "Invalid Authentication [x]",
+        )
+        self.assertEqual(
+            upstream_message(
+                b'{"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT"}}'
+            ),
+            "API key not valid. [INVALID_ARGUMENT]",
+        )
+        self.assertEqual(upstream_message(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>")
+        self.assertEqual(upstream_message(b""), "(empty body)")
+
+    def test_registry_lookup(self) -> None:
+        registry = self.registry()
+        self.assertEqual(registry.ids, ("kimi", "gemini"))
+        self.assertEqual(registry.get("kimi").display_name, "Kimi (Moonshot AI)")
+        self.assertEqual(registry.get("gemini").display_name, "Google Gemini")
+        self.assertEqual(registry.get("gemini").default_model, "gemini-flash-latest")
+        self.assertRaises(UnknownProvider, registry.get, "openai")
+        self.assertRaises(UnknownProvider, registry.health_check, "openai", "gpt")
+
+
+class TimeLimitTests(ProviderTestCase):
+    @inlineCallbacks
+    def check_bounded(self, mode: str, waiting_for: str) -> Any:
+        self.upstream.kimi.mode = mode
+        registry = self.registry(health_check_timeout=0.5)
+        started = time.monotonic()
+        result = yield registry.health_check("kimi", "moonshot-v1-8k")
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 1.5)
+        self.assertFailedEntry(result["providers"]["kimi"], "timed out after 0.5 s", waiting_for)
+        self.assertIs(result["providers"]["gemini"]["ok"], True)
+        return result
+
+    @inlineCallbacks
+    def test_hang_before_headers(self) -> Any:
+        result = yield self.check_bounded("hang", "waiting for the response")
+        self.assertIsNone(result["providers"]["kimi"]["status"])
+
+    @inlineCallbacks
+    def test_stall_mid_body(self) -> Any:
+        """
+        The time limit covers the body too, not just the headers.
+        """
+        result = yield self.check_bounded("stall", "models listing body")
+        self.assertEqual(result["providers"]["kimi"]["status"], 200)
+
+    @inlineCallbacks
+    def test_list_models_bounded(self) -> Any:
+        self.upstream.gemini.mode = "stall"
+        registry = self.registry(health_check_timeout=0.5)
+        yield self.assertFailure(registry.get("gemini").list_models(), ProbeTimedOut)
+
+    @inlineCallbacks
+    def test_concurrent(self) -> Any:
+        """
+        Providers are probed at once: two hung probes take one timeout.
+        """
+        self.upstream.kimi.mode = "hang"
+        self.upstream.gemini.mode = "hang"
+        registry = self.registry(health_check_timeout=1.5)
+        started = time.monotonic()
+        result = yield registry.health_check("kimi", "moonshot-v1-8k")
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 1.45)
+        self.assertLess(elapsed, 2.5)
+        for entry in result["providers"].values():
+            self.assertFailedEntry(entry, "timed out after 1.5 s")
+
+    @inlineCallbacks
+    def test_close_cancels_probes(self) -> Any:
+        """
+        Closing the registry (service stopping) ends probes under way at
+        once instead of leaving them to their time limit.
+        """
+        self.upstream.kimi.mode = "hang"
+        registry = self.registry()
+        started = time.monotonic()
+        checking = registry.health_check("kimi", "moonshot-v1-8k")
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.upstream.kimi.requests, 1)
+        yield registry.close()
+        result = yield checking
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertFailedEntry(result["providers"]["kimi"], "cancelled")
+
+    @inlineCallbacks
+    def test_delay_within_limit(self) -> Any:
+        self.upstream.kimi.delay = 0.05
+        self.upstream.gemini.delay = 0.05
+        result = yield self.registry().health_check("kimi", "moonshot-v1-8k")
+        for entry in result["providers"].values():
+            self.assertIs(entry["ok"], True)
+            self.assertGreaterEqual(entry["latency_ms"], 45)
+
+
+class CoalescingTests(ProviderTestCase):
+    def burst(self, registry: ProviderRegistry, count: int = 100) -> Any:
+        self.upstream.kimi.delay = 0.05
+        self.upstream.gemini.delay = 0.05
+        return gatherResults(
+            [registry.health_check("kimi", "moonshot-v1-8k") for _ in range(count)]
+        )
+
+    @inlineCallbacks
+    def test_coalesced(self) -> Any:
+        """
+        100 simultaneous checks: one upstream request per provider, and every
+        caller gets the full report.
+        """
+        registry = self.registry()
+        results = yield self.burst(registry)
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 1))
+        self.assertEqual(len(results), 100)
+        self.assertEqual(len({json.dumps(r["providers"], sort_keys=True) for r in results}), 1)
+        self.assertIs(results[-1]["providers"]["gemini"]["ok"], True)
+
+        # Once settled, the next check probes afresh.
+        yield registry.health_check("gemini", "gemini-2.5-flash")
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (2, 2))
+
+    @inlineCallbacks
+    def test_not_coalesced(self) -> Any:
+        results = yield self.burst(self.registry(coalesce=False))
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (100, 100))
+        self.assertTrue(all(r["providers"]["kimi"]["ok"] for r in results))
+
+    @inlineCallbacks
+    def test_cancelled_caller(self) -> Any:
+        """
+        One caller giving up does not cancel the probe the others share.
+        """
+        self.upstream.kimi.delay = 0.05
+        registry = self.registry()
+        first = registry.probe("kimi")
+        second = registry.probe("kimi")
+        first.cancel()
+        self.failureResultOf(first)
+        result = yield second
+        self.assertIs(result.ok, True)
+        self.assertEqual(self.upstream.kimi.requests, 1)
+
+
+class KeyHygieneTests(ProviderTestCase):
+    @inlineCallbacks
+    def test_keys_never_leak(self) -> Any:
+        """
+        Keys travel only in headers: never in URLs, results or log events,
+        whatever the outcome.
+        """
+        secrets = (KIMI_KEY, GEMINI_KEY)
+        with capturedLogs() as events:
+            results = []
+            for kimi_mode, gemini_mode in [
+                ("ok", "ok"),
+                ("unauthorized", "forbidden"),
+                ("error", "malformed"),
+                ("stall", "hang"),
+            ]:
+                self.upstream.kimi.mode = kimi_mode
+                self.upstream.gemini.mode = gemini_mode
+                registry = self.registry(health_check_timeout=0.3)
+                results.append((yield registry.health_check("gemini", "gemini-2.5-flash")))
+                results.append(repr(registry.get("kimi")))
+                results.append(repr(registry.get("gemini")))
+        self.assertTrue(events)
+        dumped = json.dumps(results) + "".join(
+            repr(event) + (formatEvent(event) or "") for event in events
+        )
+        uris = "".join(self.upstream.kimi.uris + self.upstream.gemini.uris)
+        for secret in secrets:
+            self.assertNotIn(secret, dumped)
+            self.assertNotIn(secret, uris)
+        self.assertTrue(re.search(r"HTTP 403", dumped))

@@ -1,0 +1,163 @@
+"""
+Configuration: where each value comes from, and the one clear line a bad
+value gets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.allowlist import PeerAllowlist, normalise
+from openclaw.settings import ConfigError, Settings, load_settings
+
+GOOD_SECRET = "x" * 32
+
+
+class LoadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.environ: dict[str, str] = {}
+        self.patch(os, "environ", self.environ)
+        self.cwd = Path(self.mktemp())
+        self.cwd.mkdir(parents=True)
+
+    def load(self, options: dict[str, str] | None = None, env_file: str | None = None) -> Settings:
+        return load_settings(options, env_file=env_file, cwd=self.cwd)
+
+    def assertConfigError(self, *expected: str, **options: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(options)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for part in expected:
+            self.assertIn(part, message)
+
+    def test_defaults(self) -> None:
+        settings = self.load()
+        self.assertEqual(settings.port, 18789)
+        self.assertEqual(settings.session_ttl_hours, 24.0)
+        self.assertEqual(settings.default_provider, "gemini")
+        self.assertEqual(settings.kimi_model, "moonshot-v1-8k")
+        self.assertEqual(settings.gemini_model, "gemini-flash-latest")
+        self.assertEqual(
+            settings.trusted_clients,
+            (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
+        )
+        self.assertIn(settings.interface, ("::", "0.0.0.0"))
+
+    def test_ephemeral_secret(self) -> None:
+        """
+        With JWT_SECRET unset or empty, every load makes a new random 32-byte
+        secret and says it is ephemeral.
+        """
+        first, second = self.load(), self.load()
+        self.assertTrue(first.jwt_secret_is_ephemeral)
+        self.assertEqual(len(first.jwt_secret), 32)
+        self.assertNotEqual(first.jwt_secret, second.jwt_secret)
+        self.environ["JWT_SECRET"] = ""
+        self.assertTrue(self.load().jwt_secret_is_ephemeral)
+
+    def test_secret_kept_out_of_repr(self) -> None:
+        self.environ["JWT_SECRET"] = GOOD_SECRET
+        self.environ["GEMINI_API_KEY"] = "AIza-secret-key"
+        settings = self.load()
+        self.assertEqual(settings.jwt_secret, GOOD_SECRET.encode())
+        self.assertFalse(settings.jwt_secret_is_ephemeral)
+        self.assertNotIn(GOOD_SECRET, repr(settings))
+        self.assertNotIn("AIza-secret-key", repr(settings))
+
+    def test_priority(self) -> None:
+        """
+        Option beats environment beats env file beats default.
+        """
+        env_file = self.cwd / "custom.env"
+        env_file.write_text("WS_CONTROL_PORT=1111\nSESSION_TTL_HOURS=2\nKIMI_MODEL='from-file'\n")
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual((settings.port, settings.session_ttl_hours, settings.kimi_model), (1111, 2.0, "from-file"))
+        self.environ["WS_CONTROL_PORT"] = "2222"
+        self.assertEqual(self.load(env_file=str(env_file)).port, 2222)
+        self.assertEqual(self.load({"WS_CONTROL_PORT": "3333"}, env_file=str(env_file)).port, 3333)
+
+    def test_dotenv_in_working_directory(self) -> None:
+        (self.cwd / ".env").write_text("# comment\nDEFAULT_PROVIDER=kimi\n")
+        self.assertEqual(self.load().default_provider, "kimi")
+
+    def test_missing_env_file(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(env_file=str(self.cwd / "nope.env"))
+        self.assertIn("nope.env", str(caught.exception))
+
+    def test_invalid_port(self) -> None:
+        self.assertConfigError("WS_CONTROL_PORT", "'abc'", "1 to 65535", WS_CONTROL_PORT="abc")
+        self.assertConfigError("WS_CONTROL_PORT", "'0'", WS_CONTROL_PORT="0")
+        self.assertConfigError("WS_CONTROL_PORT", "'65536'", WS_CONTROL_PORT="65536")
+
+    def test_invalid_ttl(self) -> None:
+        self.assertConfigError("SESSION_TTL_HOURS", "'-1'", SESSION_TTL_HOURS="-1")
+        self.assertConfigError("SESSION_TTL_HOURS", "'0'", SESSION_TTL_HOURS="0")
+        self.assertConfigError("SESSION_TTL_HOURS", "'nan'", SESSION_TTL_HOURS="nan")
+        self.assertEqual(self.load({"SESSION_TTL_HOURS": "0.25"}).session_ttl_hours, 0.25)
+
+    def test_invalid_ip(self) -> None:
+        self.assertConfigError("TRUSTED_CLIENT_IPS", "300.1.1.1", TRUSTED_CLIENT_IPS="300.1.1.1")
+        self.assertConfigError("TRUSTED_CLIENT_IPS", TRUSTED_CLIENT_IPS="10.0.0.1/8")
+
+    def test_invalid_provider(self) -> None:
+        self.assertConfigError("DEFAULT_PROVIDER", "'openai'", "kimi or gemini", DEFAULT_PROVIDER="openai")
+
+    def test_short_secret(self) -> None:
+        self.assertConfigError("JWT_SECRET", "32 bytes", JWT_SECRET="short")
+
+    def test_networks(self) -> None:
+        settings = self.load({"TRUSTED_CLIENT_IPS": "203.0.113.42, 10.0.0.0/8,::1,::ffff:192.0.2.7"})
+        self.assertEqual(
+            settings.trusted_clients,
+            (
+                ipaddress.ip_network("203.0.113.42/32"),
+                ipaddress.ip_network("10.0.0.0/8"),
+                ipaddress.ip_network("::1/128"),
+                ipaddress.ip_network("192.0.2.7/32"),
+            ),
+        )
+
+    def test_moonshot_alias(self) -> None:
+        self.environ["MOONSHOT_API_KEY"] = "sk-alias"
+        self.assertEqual(self.load().kimi_api_key, "sk-alias")
+        self.environ["KIMI_API_KEY"] = "sk-main"
+        self.assertEqual(self.load().kimi_api_key, "sk-main")
+
+
+class AllowlistTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.allowlist = PeerAllowlist(
+            [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"), ipaddress.ip_network("10.0.0.0/8")]
+        )
+
+    def test_exact_and_cidr(self) -> None:
+        self.assertTrue(self.allowlist.allows("127.0.0.1"))
+        self.assertTrue(self.allowlist.allows("::1"))
+        self.assertTrue(self.allowlist.allows("10.200.3.4"))
+        self.assertFalse(self.allowlist.allows("127.0.0.2"))
+        self.assertFalse(self.allowlist.allows("11.0.0.1"))
+
+    def test_ipv4_mapped(self) -> None:
+        """
+        A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; that is
+        the IPv4 address.
+        """
+        self.assertEqual(normalise("::ffff:127.0.0.1"), ipaddress.ip_address("127.0.0.1"))
+        self.assertTrue(self.allowlist.allows("::ffff:127.0.0.1"))
+        self.assertTrue(self.allowlist.allows("::ffff:10.1.2.3"))
+        self.assertFalse(self.allowlist.allows("::ffff:127.0.0.2"))
+
+    def test_not_an_address(self) -> None:
+        self.assertFalse(self.allowlist.allows(""))
+        self.assertFalse(self.allowlist.allows("localhost"))
+        self.assertFalse(self.allowlist.allows("/run/openclaw.sock"))
+
+    def test_scoped_ipv6(self) -> None:
+        allowlist = PeerAllowlist([ipaddress.ip_network("fe80::/10")])
+        self.assertTrue(allowlist.allows("fe80::1%lo"))

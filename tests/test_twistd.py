@@ -1,0 +1,144 @@
+"""
+The gateway as an operator runs it: C{twistd -n openclaw} from the installed
+package, in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.support import connect, free_port, spawn_gateway, twistd_path
+
+SECRET = "a-production-secret-of-at-least-32-bytes!"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    env.update(extra)
+    return env
+
+
+class TwistdTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_run_ping_and_restart(self):
+        """
+        twistd -n openclaw prints the banner; its token answers a ping; a
+        restarted gateway (same JWT_SECRET) refuses the old token as revoked.
+        """
+        port = free_port()
+        args = ["--port", str(port), "--interface", "127.0.0.1"]
+        first = spawn_gateway(self, args, base_env(JWT_SECRET=SECRET))
+        token = yield first.token
+        client = yield connect(port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"])
+        client.sendClose()
+        yield client.closed
+        status = yield first.stop()
+        self.assertIn(status, (0, -15))
+
+        second = spawn_gateway(self, args, base_env(JWT_SECRET=SECRET))
+        new_token = yield second.token
+        self.assertNotEqual(new_token, token)
+        client = yield connect(port)
+        answer = yield client.command(token, "ping")
+        self.assertEqual(answer, {"ok": False, "cmd": "ping", "error": "token revoked"})
+        answer = yield client.command(new_token, "ping")
+        self.assertTrue(answer["ok"])
+        client.sendClose()
+        yield client.closed
+
+    @inlineCallbacks
+    def test_ephemeral_secret_warns(self):
+        """
+        Without JWT_SECRET the gateway still starts, and says loudly that
+        its tokens die with the process.
+        """
+        process = spawn_gateway(self, ["--port", str(free_port()), "--interface", "127.0.0.1"], base_env())
+        yield process.token
+        yield process.stop()
+        self.assertIn(b"JWT_SECRET is not set", process.stdout)
+
+    @inlineCallbacks
+    def test_invalid_configuration(self):
+        """
+        Each invalid value stops start-up with one line naming it, a
+        non-zero exit, and no traceback.
+        """
+        cases = [
+            (["--port", "abc"], {}, "WS_CONTROL_PORT='abc'"),
+            ([], {"SESSION_TTL_HOURS": "-1"}, "SESSION_TTL_HOURS='-1'"),
+            ([], {"TRUSTED_CLIENT_IPS": "300.1.1.1"}, "TRUSTED_CLIENT_IPS='300.1.1.1'"),
+            ([], {"DEFAULT_PROVIDER": "openai"}, "DEFAULT_PROVIDER='openai'"),
+            ([], {"JWT_SECRET": "short"}, "JWT_SECRET is 5 bytes long"),
+        ]
+        for args, env, expected in cases:
+            out, err, code = yield getProcessOutputAndValue(
+                twistd_path(), ["-n", "--pidfile=", "openclaw", *args], env=base_env(**env), path=self.mktemp_dir()
+            )
+            self.assertNotEqual(code, 0, expected)
+            lines = err.decode().strip().splitlines()
+            self.assertEqual(len(lines), 1, err)
+            self.assertIn(expected, lines[0])
+            self.assertNotIn(b"Traceback", out + err)
+
+    def mktemp_dir(self) -> str:
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return str(path)
+
+
+class CleanInstallTests(TestCase):
+    """
+    pip install . into a brand-new venv installs the twistd plugin.
+    """
+
+    timeout = 600
+
+    @inlineCallbacks
+    def test_pip_install_into_fresh_venv(self):
+        venv = Path(self.mktemp()).resolve() / "venv"
+        yield deferToThread(self._install, venv)
+        out, err, code = yield getProcessOutputAndValue(str(venv / "bin" / "twistd"), ["--help"], env=base_env())
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"openclaw", out)
+        process = spawn_gateway(
+            self,
+            ["--port", str(free_port()), "--interface", "127.0.0.1"],
+            base_env(JWT_SECRET=SECRET),
+            twistd=str(venv / "bin" / "twistd"),
+        )
+        token = yield process.token
+        self.assertTrue(token.startswith("eyJ"))
+        yield process.stop()
+
+    @staticmethod
+    def _install(venv: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # Build from a copy of the files git would commit (tracked, or new and
+        # not ignored), as from a clean clone: no .venv, build/ or egg-info.
+        source = venv.parent / "source"
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout.split()
+        for name in files:
+            target = source / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((ROOT / name).read_bytes())
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)],
+            check=True,
+            capture_output=True,
+        )
+
