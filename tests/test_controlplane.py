@@ -9,8 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 
-import pytest_twisted
-
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
@@ -182,41 +180,3 @@ class AllowlistTests(TestCase):
         code, _ = yield client.closed
         self.assertEqual(code, 1008)
 
-
-class _Cleanups:
-    """
-    addCleanup for a plain pytest function.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list = []
-
-    def addCleanup(self, f, *args):
-        self.calls.append((f, args))
-
-    def mktemp(self) -> str:
-        import tempfile
-
-        return tempfile.mkdtemp()
-
-    @inlineCallbacks
-    def run(self):
-        for f, args in reversed(self.calls):
-            yield f(*args)
-
-
-@pytest_twisted.inlineCallbacks
-def test_ping_from_pytest_twisted():
-    """
-    The same gateway, driven from a plain pytest function on the reactor
-    pytest-twisted runs (trial does not collect this one).
-    """
-    cleanups = _Cleanups()
-    try:
-        gateway = start_gateway(cleanups)
-        client = yield open_client(cleanups, gateway.port)
-        answer = yield client.command(gateway.token, "ping")
-        assert answer["ok"] is True
-        assert answer["result"]["pong"] is True
-    finally:
-        yield cleanups.run()
