@@ -40,7 +40,7 @@ def cpu_seconds(pid: int) -> float:
 def start_gateway(port: int) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info")
     process = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "openclaw", "--port", str(port), "--interface", "127.0.0.1"],
+        [str(BIN / "twistd"), "-n", "--pidfile=", "openclaw", "--port", str(port), "--api-port", str(free_port()), "--interface", "127.0.0.1"],
         env=env,
         stdout=subprocess.PIPE,
         cwd="/tmp",

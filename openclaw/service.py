@@ -23,6 +23,7 @@ from twisted.logger import (
 from openclaw.allowlist import PeerAllowlist
 from openclaw.commands import ControlCommands, ControlPlane
 from openclaw.controlplane import GOING_AWAY, ControlFactory
+from openclaw.dataplane import build_site
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
@@ -47,6 +48,8 @@ class GatewayService(MultiService):
     The whole gateway: session token, control plane listener, providers.
 
     @param control_endpoint: where the control plane listens.
+    @param api_endpoint: where the OpenAI-compatible API listens; L{None}
+        for no API listener.
     @param stdout: where the token banner is printed: the process's real
         standard output, taken before twistd redirects C{sys.stdout} into the
         log.
@@ -60,6 +63,7 @@ class GatewayService(MultiService):
         reactor: IReactorTime,
         control_endpoint: IStreamServerEndpoint,
         stdout: IO[str] | None = None,
+        api_endpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -90,9 +94,15 @@ class GatewayService(MultiService):
             debug=settings.log_level == "debug",
         )
         self.factory = ControlFactory(controlplane, PeerAllowlist(settings.trusted_clients))
-        listener = StreamServerEndpointService(control_endpoint, self.factory)
+        self._listen(control_endpoint, self.factory)
+        if api_endpoint is not None:
+            self.api_site = build_site(self.route, self.providers, settings, reactor)
+            self._listen(api_endpoint, self.api_site)
+
+    def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
+        listener = StreamServerEndpointService(endpoint, factory)
         # Fail start-up loudly when the port cannot be had, rather than run
-        # on with no control plane.
+        # on without it.
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
 

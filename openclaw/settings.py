@@ -75,6 +75,30 @@ class Settings:
     health_check_timeout: float = 5.0
     log_level: str = "info"
 
+    # The data plane (OpenAI-compatible API).
+    api_port: int = 18790
+    gateway_api_keys: tuple[str, ...] = attrs.field(repr=False, default=())
+    upstream_timeout: float = 60.0
+
+    # Running as a daemon.
+    #: Twisted endpoint strings; when set they replace port/interface.
+    control_listen: str | None = None
+    api_listen: str | None = None
+    metrics_listen: str | None = None
+    state_dir: Path = attrs.field(factory=Path.cwd)
+    log_format: str = "text"
+    shutdown_grace_seconds: float = 10.0
+
+    # Limits of the control plane.
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_message_bytes: int = 65536
+    max_connections: int = 4096
+    handshake_timeout_seconds: float = 5.0
+    ping_interval_seconds: float = 30.0
+    ping_timeout_seconds: float = 10.0
+    max_auth_failures: int = 5
+
     def default_model(self, provider_id: str) -> str:
         """
         The model a provider serves when an operator switches to it without
@@ -125,6 +149,44 @@ def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError
     return text.strip()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError
+    return value
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = []
+    for entry in text.split(","):
+        entry = entry.strip().rstrip("/")
+        if not entry:
+            continue
+        scheme, sep, rest = entry.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+            raise ValueError
+        origins.append(entry.lower())
+    return tuple(origins)
+
+
+def _log_format(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("text", "json"):
+        raise ValueError
+    return text
 
 
 def _log_level(text: str) -> str:
@@ -201,6 +263,7 @@ def load_settings(
 
     kimi_key = read("KIMI_API_KEY", str, "", "") or read("MOONSHOT_API_KEY", str, "", "")
     token_file = read("TOKEN_FILE", str, "", "")
+    state_dir = read("STATE_DIR", str, "", "")
 
     return Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
@@ -242,6 +305,46 @@ def load_settings(
             "use a number of seconds greater than 0, such as 5",
         ),
         log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
+        api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
+        gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
+        upstream_timeout=read(
+            "UPSTREAM_TIMEOUT", _positive_float, defaults.upstream_timeout, "use a number of seconds greater than 0"
+        ),
+        control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
+        api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
+        metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),
+        state_dir=Path(state_dir) if state_dir else (cwd or Path.cwd()),
+        log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
+        shutdown_grace_seconds=read(
+            "SHUTDOWN_GRACE_SECONDS",
+            _non_negative_float,
+            defaults.shutdown_grace_seconds,
+            "use a number of seconds, 0 or more",
+        ),
+        allowed_origins=read(
+            "ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"
+        ),
+        trusted_proxies=read(
+            "TRUSTED_PROXIES", _networks, (), "use comma-separated IPv4/IPv6 addresses or CIDR networks"
+        ),
+        max_message_bytes=read(
+            "MAX_MESSAGE_BYTES", _positive_int, defaults.max_message_bytes, "use a whole number of bytes > 0"
+        ),
+        max_connections=read(
+            "MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"
+        ),
+        handshake_timeout_seconds=read(
+            "HANDSHAKE_TIMEOUT_SECONDS", _positive_float, defaults.handshake_timeout_seconds, "use seconds > 0"
+        ),
+        ping_interval_seconds=read(
+            "PING_INTERVAL_SECONDS", _positive_float, defaults.ping_interval_seconds, "use seconds > 0"
+        ),
+        ping_timeout_seconds=read(
+            "PING_TIMEOUT_SECONDS", _positive_float, defaults.ping_timeout_seconds, "use seconds > 0"
+        ),
+        max_auth_failures=read(
+            "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
+        ),
     )
 
 

@@ -22,6 +22,7 @@ class Options(usage.Options):
 
     optParameters = [
         ["port", "p", None, "Control plane TCP port (WS_CONTROL_PORT) [default: 18789]"],
+        ["api-port", None, None, "OpenAI-compatible API TCP port (API_PORT) [default: 18790]"],
         [
             "interface",
             "i",
@@ -36,16 +37,18 @@ class Options(usage.Options):
     def settings_overrides(self) -> dict[str, Any]:
         return {
             "WS_CONTROL_PORT": self["port"],
+            "API_PORT": self["api-port"],
             "INTERFACE": self["interface"],
             "TOKEN_FILE": self["token-file"],
         }
 
 
-def control_endpoint_description(settings: Settings) -> str:
+def tcp_endpoint_description(port: int, settings: Settings) -> str:
     """
-    The control plane's listener as a Twisted endpoint string.
+    A listener on C{port} of the configured interface, as a Twisted endpoint
+    string.
     """
-    return f"tcp:{settings.port}:interface={quoteStringArgument(settings.interface)}"
+    return f"tcp:{port}:interface={quoteStringArgument(settings.interface)}"
 
 
 def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = None) -> GatewayService:
@@ -64,5 +67,10 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         sys.stderr.write(f"openclaw: configuration error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
-    endpoint = serverFromString(reactor, control_endpoint_description(settings))
-    return GatewayService(settings, reactor, endpoint, stdout=stdout or sys.stdout)
+    return GatewayService(
+        settings,
+        reactor,
+        serverFromString(reactor, tcp_endpoint_description(settings.port, settings)),
+        stdout=stdout or sys.stdout,
+        api_endpoint=serverFromString(reactor, tcp_endpoint_description(settings.api_port, settings)),
+    )

@@ -133,28 +133,34 @@ class RunningGateway:
     service: GatewayService
     port: int
     stdout: io.StringIO
+    #: The OpenAI-compatible API's port, when started with C{api=True}.
+    api_port: int | None = None
 
     @property
     def token(self) -> str:
         return self.service.sessions.current.token
 
 
-def start_gateway(testcase: Any, interface: str = "127.0.0.1", **settings: Any) -> RunningGateway:
+def start_gateway(
+    testcase: Any, interface: str = "127.0.0.1", api: bool = False, **settings: Any
+) -> RunningGateway:
     """
-    Start a gateway on a free port of C{interface}; it is stopped when the
-    test ends.
+    Start a gateway on a free port of C{interface} (and its API on another
+    when C{api} is true); it is stopped when the test ends.
     """
     settings.setdefault("jwt_secret", SECRET)
     settings.setdefault("jwt_secret_is_ephemeral", False)
     config = Settings(**settings)
     endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint
     endpoint = RecordingEndpoint(endpoint_type(reactor, 0, interface=interface))
+    api_endpoint = RecordingEndpoint(endpoint_type(reactor, 0, interface=interface)) if api else None
     stdout = io.StringIO()
-    service = GatewayService(config, reactor, endpoint, stdout=stdout)
+    service = GatewayService(config, reactor, endpoint, stdout=stdout, api_endpoint=api_endpoint)
     service.startService()
     testcase.addCleanup(service.stopService)
     assert endpoint.port is not None
-    return RunningGateway(service, endpoint.port.getHost().port, stdout)
+    api_port = api_endpoint.port.getHost().port if api_endpoint and api_endpoint.port else None
+    return RunningGateway(service, endpoint.port.getHost().port, stdout, api_port)
 
 
 @inlineCallbacks
@@ -231,6 +237,8 @@ def spawn_gateway(
     testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None
 ) -> GatewayProcess:
     twistd = twistd or twistd_path()
+    if "--api-port" not in args:
+        args = [*args, "--api-port", str(free_port())]
     process = GatewayProcess()
     cwd = Path(testcase.mktemp())
     cwd.mkdir(parents=True)
