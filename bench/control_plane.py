@@ -37,8 +37,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_gateway(port: int) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info")
+def start_gateway(port: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info", **(extra_env or {}))
     process = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "openclaw", "--port", str(port), "--api-port", str(free_port()), "--interface", "127.0.0.1"],
         env=env,

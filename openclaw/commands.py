@@ -33,6 +33,18 @@ Answer = Result | Deferred[Result]
 AUDITED = frozenset({"switch_provider", "health_check", "rotate_token"})
 
 
+@attrs.define
+class Connection:
+    """
+    What the control plane remembers about one open connection.
+    """
+
+    #: The client's address as logged ("203.0.113.9:51234").
+    peer: str
+    #: Failed authentications in a row; reset by a good token.
+    failed_auths: int = 0
+
+
 class CommandError(Exception):
     """
     A command was refused; the message tells the client why.
@@ -191,7 +203,9 @@ class ControlPlane:
         log: Logger,
         clock: Callable[[], float] = time.monotonic,
         debug: bool = False,
+        max_auth_failures: int = 5,
     ) -> None:
+        self.max_auth_failures = max_auth_failures
         self._sessions = sessions
         self._table = commands.table()
         self._names = ", ".join(self._table)
@@ -199,13 +213,14 @@ class ControlPlane:
         self._clock = clock
         self._debug = debug
 
-    def handle(self, payload: bytes, peer: str) -> bytes | Deferred[bytes]:
+    def handle(self, payload: bytes, connection: Connection) -> bytes | Deferred[bytes]:
         """
         Answer one text message.
 
         @return: the encoded answer, or (for a command that waits on
             something) a Deferred firing with it; it never fails.
         """
+        peer = connection.peer
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -216,14 +231,18 @@ class ControlPlane:
         try:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
+            connection.failed_auths += 1
             self._log.warn(
-                "auth failure from {peer}: {reason} (cmd {cmd})",
+                "auth failure from {peer}: {reason} (cmd {cmd}, {failed_auths} in a row)",
                 peer=peer,
                 reason=rejected.reason,
                 cmd=cmd if isinstance(cmd, str) else None,
                 outcome="auth_failed",
+                failed_auths=connection.failed_auths,
             )
             return _error(cmd, rejected.reason)
+        if connection.failed_auths:
+            connection.failed_auths = 0
         if type(cmd) is not str:
             return _error(None, f"cmd must be a string: one of {self._names}")
         handler = self._table.get(cmd)
@@ -242,6 +261,13 @@ class ControlPlane:
                 ).addCallback(self._audit, cmd, peer, jti, started)
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started)
+
+    def too_many_failures(self, connection: Connection) -> bool:
+        """
+        Whether a connection has failed to authenticate too often in a row
+        and must be closed: guessing tokens is not free.
+        """
+        return connection.failed_auths >= self.max_auth_failures
 
     @staticmethod
     def _succeeded(result: Result, cmd: str) -> tuple[bytes, str]:

@@ -1,9 +1,9 @@
 """
 The WebSocket face of the control plane.
 
-The protocol is thin on purpose: it checks the peer when the connection
-opens, hands each text message to L{openclaw.commands.ControlPlane}, and
-sends back what it answers.  Everything else lives in plain objects.
+The protocol is thin on purpose: it decides whether a connection may open,
+hands each text message to L{openclaw.commands.ControlPlane}, and sends back
+what it answers.  Everything else lives in plain objects.
 """
 
 from __future__ import annotations
@@ -11,25 +11,25 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from openclaw.allowlist import PeerAllowlist
-from openclaw.commands import ControlPlane
+from openclaw.allowlist import ClientAddressResolver, PeerAllowlist
+from openclaw.commands import ControlPlane, Connection
+from openclaw.settings import Settings
 
 #: RFC 6455 close codes that Autobahn's public C{sendClose} refuses to send.
 GOING_AWAY = 1001
+UNSUPPORTED_DATA = 1003
 POLICY_VIOLATION = 1008
-
-_BINARY_REFUSED = b'{"ok":false,"cmd":null,"error":"binary messages are not accepted; send JSON text"}'
 
 
 def _describe(address: Any) -> tuple[str | None, str]:
     """
-    The IP of a transport address (L{None} when it has none) and a short
-    label for logs.
+    The IP of a transport address (L{None} when it has none, as for a UNIX
+    socket) and a short label for logs.
     """
     if isinstance(address, (IPv4Address, IPv6Address)):
         label = f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
@@ -43,39 +43,62 @@ class ControlProtocol(WebSocketServerProtocol):
     """
 
     factory: ControlFactory
-    _trusted = False
-    _peer = "?"
+    connection: Connection | None = None
+
+    def connectionMade(self) -> None:
+        self.factory.protocols.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.protocols.discard(self)
+        self.factory.connections.discard(self)
+        # Autobahn cancels its other timers here but not this one, which
+        # would otherwise outlive the connection by up to a second.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+        super().connectionLost(reason)
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        host, self._peer = _describe(self.transport.getPeer())
-        self._trusted = host is not None and self.factory.allowlist.allows(host)
-        if not self._trusted:
-            self.factory._log.warn(
-                "refused control connection from {peer}: not in TRUSTED_CLIENT_IPS",
-                peer=self._peer,
-                reason="untrusted_peer",
-                outcome="refused",
-            )
+        factory = self.factory
+        host, peer = _describe(self.transport.getPeer())
+        refusal = factory.refusal(host, peer, request.headers)
+        if isinstance(refusal, ConnectionDeny):
+            raise refusal
+        if refusal is None:
+            self.connection = Connection(peer)
+            factory.connections.add(self)
 
     def onOpen(self) -> None:
-        if not self._trusted:
-            # 1008 must reach the client, so the handshake completes first;
-            # nothing the peer sends is processed (onMessage checks).
+        if self.connection is None:
+            # An untrusted peer: 1008 must reach it, so the handshake is
+            # completed first; nothing it sends is processed (onMessage).
             self.close_with(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
-            return
-        self.factory.connections.add(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if not self._trusted:
+        connection = self.connection
+        if connection is None or self.state != self.STATE_OPEN:
+            # Untrusted, or closing: frames that arrived after our close
+            # frame (in the same read) are not answered.
             return
         if isBinary:
-            self.sendMessage(_BINARY_REFUSED)
+            self.close_with(UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
             return
-        answer = self.factory.controlplane.handle(payload, self._peer)
+        controlplane = self.factory.controlplane
+        answer = controlplane.handle(payload, connection)
         if type(answer) is bytes:
             self.sendMessage(answer)
         else:
             answer.addCallback(self._answer)
+        if connection.failed_auths and controlplane.too_many_failures(connection):
+            self.factory._log.warn(
+                "closing control connection from {peer}: {failed_auths} failed authentications in a row",
+                peer=connection.peer,
+                failed_auths=connection.failed_auths,
+                outcome="closed",
+                reason="auth_failures",
+            )
+            self.close_with(POLICY_VIOLATION, "too many failed authentications")
 
     def _answer(self, encoded: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -87,7 +110,7 @@ class ControlProtocol(WebSocketServerProtocol):
     def close_with(self, code: int, reason: str) -> None:
         """
         Start the closing handshake with any RFC 6455 code, including the
-        ones the public C{sendClose} refuses (1001, 1008).
+        ones the public C{sendClose} refuses (1001, 1003, 1008).
         """
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
@@ -95,25 +118,85 @@ class ControlProtocol(WebSocketServerProtocol):
 
 class ControlFactory(WebSocketServerFactory):
     """
-    Builds L{ControlProtocol}s and knows the connections that are open.
+    Builds L{ControlProtocol}s, decides who may connect, and knows the
+    connections that are open.
     """
 
     protocol = ControlProtocol
     _log = Logger(namespace="openclaw.controlplane")
 
-    def __init__(self, controlplane: ControlPlane, allowlist: PeerAllowlist, **kwargs: Any) -> None:
+    def __init__(self, controlplane: ControlPlane, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.controlplane = controlplane
-        self.allowlist = allowlist
+        self.allowlist = PeerAllowlist(settings.trusted_clients)
+        self.resolver = ClientAddressResolver(PeerAllowlist(settings.trusted_proxies))
+        self.allowed_origins = frozenset(settings.allowed_origins)
+        self.max_connections = settings.max_connections
+        #: Accepted control connections (the ones status counts).
         self.connections: set[ControlProtocol] = set()
+        #: Every live TCP connection, handshakes and refusals included.
+        self.protocols: set[ControlProtocol] = set()
+        self.setProtocolOptions(
+            maxMessagePayloadSize=settings.max_message_bytes,
+            maxFramePayloadSize=settings.max_message_bytes,
+            openHandshakeTimeout=settings.handshake_timeout_seconds,
+            autoPingInterval=settings.ping_interval_seconds,
+            autoPingTimeout=settings.ping_timeout_seconds,
+            # Send the close code (1009 too big, 1007 bad UTF-8, 1002
+            # protocol error) instead of dropping the TCP connection, so
+            # clients learn what they did wrong.
+            failByDrop=False,
+            # Let "Origin: null" (sandboxed pages, file://) reach refusal()
+            # so it gets the same 403 as any other foreign origin.  Set in
+            # this same call: every setProtocolOptions call resets it.
+            allowNullOrigin=True,
+        )
+
+    def refusal(self, host: str | None, peer: str, headers: dict[str, str]) -> ConnectionDeny | str | None:
+        """
+        Whether a connection asking to open must be refused.
+
+        @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
+            handshake with an HTTP status; or the reason for accepting the
+            handshake only to close it at once with 1008 (an untrusted peer).
+        """
+        if len(self.connections) >= self.max_connections:
+            return self._refuse(peer, "too_many_connections", ConnectionDeny(
+                ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"
+            ))
+        origin = headers.get("origin")
+        if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
+            return self._refuse(peer, "origin_not_allowed", ConnectionDeny(
+                ConnectionDeny.FORBIDDEN,
+                "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
+            ), origin=origin)
+        client = self.resolver.resolve(host, headers) if host is not None else None
+        if client is None or not self.allowlist.allows(client):
+            return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
+        return None
+
+    def _refuse(self, peer: str, reason: str, refusal: Any, **fields: Any) -> Any:
+        self._log.warn(
+            "refused control connection from {peer}: {reason}",
+            peer=peer,
+            reason=reason,
+            outcome="refused",
+            **fields,
+        )
+        return refusal
 
     def close_all(self, code: int = GOING_AWAY, reason: str = "gateway shutting down") -> Deferred[Any]:
         """
-        Close every open connection with C{code} and fire when they are all
-        gone (or the closing handshake timed out and Autobahn dropped them).
+        Close every open connection with C{code}, abort the ones still in
+        their opening handshake, and fire when they are all gone (or the
+        closing handshake timed out and Autobahn dropped them).
         """
         waiting = []
-        for protocol in list(self.connections):
+        for protocol in list(self.protocols):
             waiting.append(protocol.is_closed)
-            protocol.close_with(code, reason)
+            if protocol.state == protocol.STATE_OPEN:
+                protocol.close_with(code, reason)
+            else:
+                # Still in its opening handshake: nobody to say goodbye to.
+                protocol.transport.abortConnection()
         return DeferredList(waiting, consumeErrors=True)

@@ -1,9 +1,674 @@
 """
 C{openclawctl}: the gateway's command-line client.
+
+One invocation is one control-plane command: connect, send
+C{{"token", "cmd", "data"}}, wait for the one answer, close, and turn the
+answer into output and an exit status.  Everything but the exchange itself
+is a plain function (parsing arguments, choosing the token, formatting,
+mapping outcomes to exit codes), so it is tested without a reactor; the
+protocol only sends the message and hands back what came back.
+
+Exit status: 0 when the gateway answered C{ok: true}, 1 when it answered
+C{ok: false} (its error goes to stderr), 2 when there was no answer to judge
+(bad usage, no token, no connection, refused peer, timeout).
 """
 
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import react
+from twisted.python.failure import Failure
+
+from openclaw.session import write_token_file
+
+PROG = "openclawctl"
+DEFAULT_URL = "ws://127.0.0.1:18789"
+DEFAULT_TIMEOUT = 10.0
+#: health_check waits for every provider's probe (HEALTH_CHECK_TIMEOUT each,
+#: 5 s by default, plus queueing behind a probe already in flight).
+HEALTH_CHECK_TIMEOUT = 30.0
+TOKEN_VARIABLE = "OPENCLAW_TOKEN"
+
+OK, FAILED, NO_ANSWER = 0, 1, 2
+
+POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
+
+#: What to do about each token error the gateway can give.
+_TOKEN_HINTS = {
+    "missing token": "give a token with --token, --token-file or OPENCLAW_TOKEN",
+    "invalid token": "this is not a token of this gateway; use the one its banner or TOKEN_FILE shows",
+    "token expired": "tokens live SESSION_TTL_HOURS; restart the gateway for a new one",
+    "token revoked": (
+        "the token was replaced (rotate_token or a gateway restart); "
+        "use the current one from the gateway's banner or TOKEN_FILE"
+    ),
+}
 
 
-def main() -> None:
-    sys.exit("openclawctl: not implemented yet")
+class UsageError(Exception):
+    """
+    The command line cannot be acted on; the message says what to change.
+    """
+
+
+class ConnectionClosed(Exception):
+    """
+    The connection ended before the gateway answered.
+
+    @ivar code: the WebSocket close code (1006 when there was no closing
+        handshake, e.g. a failed TLS or WebSocket handshake).
+    @ivar cause: why the transport was lost, when it says more than the code
+        (a TLS verification error, for instance).
+    """
+
+    def __init__(self, code: int | None, reason: str | None, cause: BaseException | None = None) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+        self.cause = cause
+
+
+@attrs.frozen
+class Request:
+    """
+    One fully resolved invocation: what to send where, and how to report it.
+    """
+
+    url: str
+    cmd: str
+    data: dict[str, Any] | None
+    token: str = attrs.field(repr=False)
+    token_file: Path | None
+    as_json: bool
+    timeout: float
+    cafile: Path | None
+
+    def message(self) -> bytes:
+        message: dict[str, Any] = {"token": self.token, "cmd": self.cmd}
+        if self.data is not None:
+            message["data"] = self.data
+        return json.dumps(message).encode("utf-8")
+
+
+@attrs.frozen
+class Reply:
+    """
+    The gateway's answer as received, and how long it took to come.
+    """
+
+    payload: bytes
+    round_trip: float
+
+
+@attrs.frozen
+class Report:
+    """
+    What to print and which status to exit with.
+    """
+
+    stdout: str
+    stderr: str
+    code: int
+
+
+# -- arguments -----------------------------------------------------------
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds greater than 0")
+    return seconds
+
+
+def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """
+    The options every subcommand shares.  They are declared on the main
+    parser (with defaults) and again on each subcommand with no defaults,
+    so they may come before or after the subcommand: C{rotate-token
+    --token-file F} and C{--token-file F rotate-token} both work.
+    Without C{SUPPRESS}, a subparser's defaults would overwrite what was
+    given before the subcommand.
+    """
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection options")
+    group.add_argument(
+        "--url", default=default(DEFAULT_URL), help=f"the control plane's ws:// or wss:// URL (default {DEFAULT_URL})"
+    )
+    group.add_argument("--token", default=default(None), help="the session token (beats --token-file and OPENCLAW_TOKEN)")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="read the token from FILE (the gateway's TOKEN_FILE); rotate-token writes the new token back to it",
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=default(None),
+        metavar="SECONDS",
+        help=f"give up after this long (default {DEFAULT_TIMEOUT:g}, health-check {HEALTH_CHECK_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--cafile",
+        type=Path,
+        default=default(None),
+        metavar="PATH",
+        help="trust the CA certificate(s) in this PEM file for wss:// (default: the system's trust store)",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the gateway's JSON answer as is, for scripts",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Drive an OpenClaw gateway's control plane.",
+        epilog=(
+            "The token is taken from --token, else --token-file, else the OPENCLAW_TOKEN "
+            "environment variable.  Exit status: 0 ok, 1 the gateway refused the command, "
+            "2 usage or connection error."
+        ),
+    )
+    _connection_options(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _connection_options(sub, defaults=False)
+        return sub
+
+    command("ping", "check the gateway answers, and how fast")
+    command("status", "show the active provider and model, uptime and connections")
+    switch = command("switch-provider", "route requests to another provider")
+    switch.add_argument("provider", help="the provider id, e.g. kimi or gemini")
+    switch.add_argument("--model", help="the model to use (default: the provider's configured default)")
+    command("health-check", "probe every provider's models listing")
+    command("rotate-token", "replace the session token; every earlier token stops working")
+    return parser
+
+
+def choose_token(token: str | None, token_file: Path | None, environ: Mapping[str, str]) -> str:
+    """
+    The token to present: C{--token}, else the content of C{--token-file},
+    else C{OPENCLAW_TOKEN}.  A token file that was named but cannot be read
+    is an error rather than a reason to fall back to the environment: the
+    operator asked for that file.
+    """
+    if token:
+        return token.strip()
+    if token_file is not None:
+        try:
+            content = token_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}; "
+                "the gateway writes it when started with TOKEN_FILE / --token-file"
+            ) from None
+        if not content:
+            raise UsageError(f"the token file {token_file} is empty")
+        return content
+    from_environment = environ.get(TOKEN_VARIABLE, "").strip()
+    if from_environment:
+        return from_environment
+    raise UsageError(
+        "no token: pass --token TOKEN or --token-file FILE, or set OPENCLAW_TOKEN; "
+        "the gateway prints its token at start-up (and writes it to TOKEN_FILE when set)"
+    )
+
+
+def _check_url(url: str) -> None:
+    try:
+        parse_url(url)
+    except ValueError as e:
+        raise UsageError(f"--url {url!r}: {e}; use e.g. {DEFAULT_URL} or wss://host:port") from None
+
+
+def _check_writable(token_file: Path) -> None:
+    """
+    Refuse to rotate when the new token could not be saved: after a
+    rotation the old token is dead, so a failed write would lock the
+    operator out of a gateway whose banner they cannot see.
+    """
+    directory = token_file.parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write the new token to {token_file}: {directory} is not a writable directory; "
+            "nothing was rotated"
+        )
+
+
+def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
+    """
+    Turn the command line into a L{Request}.
+
+    @raise SystemExit: (status 2) from argparse, for a malformed command
+        line, after it printed the usage; (status 0) for C{--help}.
+    @raise UsageError: the command line parses but cannot be acted on.
+    """
+    args = build_parser().parse_args(argv)
+    _check_url(args.url)
+    if args.cafile is not None and not args.url.startswith("wss:"):
+        raise UsageError("--cafile is only for wss:// URLs")
+    token = choose_token(args.token, args.token_file, environ)
+    cmd = args.command.replace("-", "_")
+    data = None
+    if cmd == "switch_provider":
+        data = {"provider": args.provider}
+        if args.model is not None:
+            data["model"] = args.model
+    if cmd == "rotate_token" and args.token_file is not None:
+        _check_writable(args.token_file)
+    timeout = args.timeout or (HEALTH_CHECK_TIMEOUT if cmd == "health_check" else DEFAULT_TIMEOUT)
+    return Request(
+        url=args.url,
+        cmd=cmd,
+        data=data,
+        token=token,
+        token_file=args.token_file,
+        as_json=args.json,
+        timeout=timeout,
+        cafile=args.cafile,
+    )
+
+
+# -- answers -------------------------------------------------------------
+
+
+def format_milliseconds(ms: float) -> str:
+    return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
+
+
+def format_duration(seconds: float) -> str:
+    """
+    C{3723.4} as C{1h 2m 3s}: uptimes are read by people.
+    """
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    while parts[0][0] == 0:
+        parts.pop(0)
+    return " ".join(f"{value}{unit}" for value, unit in parts)
+
+
+def format_ping(result: Mapping[str, Any], round_trip: float) -> str:
+    return f"pong ({format_milliseconds(round_trip * 1000)} round trip)"
+
+
+def format_status(result: Mapping[str, Any]) -> str:
+    """
+    Every field the gateway sent, as aligned C{key: value} lines, in its
+    order (new fields show up without a client change).
+    """
+    if not result:
+        return ""
+    width = max(len(key) for key in result) + 1
+    lines = []
+    for key, value in result.items():
+        shown = format_duration(value) if key == "uptime" and isinstance(value, (int, float)) else value
+        lines.append(f"{key + ':':<{width}} {'-' if shown is None else shown}")
+    return "\n".join(lines)
+
+
+def format_switch(result: Mapping[str, Any]) -> str:
+    return f"{result.get('previous')} -> {result.get('active')} ({result.get('model')})"
+
+
+def format_health(result: Mapping[str, Any]) -> str:
+    """
+    One line per provider, columns aligned: name (active marked), ok or
+    FAILED, latency, model count, then whether the model in use exists
+    upstream or, for a failure, the error.
+    """
+    active = result.get("active")
+    rows = []
+    for provider_id, entry in (result.get("providers") or {}).items():
+        name = f"{provider_id} (active)" if provider_id == active else provider_id
+        latency = entry.get("latency_ms")
+        models = entry.get("models")
+        if entry.get("ok"):
+            available = entry.get("active_model_available")
+            which = "active model" if provider_id == active else "default model"
+            detail = {True: f"{which} available", False: f"{which} NOT LISTED", None: ""}.get(available, "")
+        else:
+            detail = entry.get("error") or "failed"
+        rows.append(
+            [
+                name,
+                "ok" if entry.get("ok") else "FAILED",
+                "-" if latency is None else format_milliseconds(latency),
+                "-" if models is None else f"{models} models",
+                detail,
+            ]
+        )
+    if not rows:
+        return "no providers"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip() for row in rows
+    )
+
+
+def format_rotation(result: Mapping[str, Any], saved_to: Path | None) -> str:
+    head = f"token rotated (id {result.get('jti')}, expires {result.get('expires')}); the old token no longer works"
+    if saved_to is not None:
+        return f"{head}\nnew token written to {saved_to}"
+    return f"{head}\nnew token: {result.get('token')}"
+
+
+def decode_answer(payload: bytes) -> dict[str, Any]:
+    """
+    The answer as an object with a boolean C{ok}.
+
+    @raise ValueError: it is not one: whatever answered is not an OpenClaw
+        gateway (or not this version of one).
+    """
+    try:
+        answer = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"the answer is not JSON: {payload[:200]!r}") from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+        raise ValueError(f'the answer has no "ok": {payload[:200]!r}')
+    if answer["ok"] and not isinstance(answer.get("result"), dict):
+        raise ValueError(f'the answer has no "result" object: {payload[:200]!r}')
+    return answer
+
+
+def exit_code(answer: Mapping[str, Any]) -> int:
+    return OK if answer.get("ok") is True else FAILED
+
+
+def describe_error(cmd: str, error: object) -> str:
+    """
+    The gateway's error, and what to do about it when it is about the token.
+    """
+    hint = _TOKEN_HINTS.get(error) if isinstance(error, str) else None
+    return f"{PROG}: {cmd} failed: {error}" + (f" ({hint})" if hint else "")
+
+
+def render(
+    request: Request, reply: Reply, answer: Mapping[str, Any], saved_to: Path | None = None, save_error: str | None = None
+) -> Report:
+    """
+    The output of one answered command.  stdout carries the answer (as is
+    with C{--json}, formatted otherwise); stderr carries the gateway's error,
+    warnings and notes, the same in both modes.
+    """
+    code = exit_code(answer)
+    errors: list[str] = []
+    if code != OK:
+        errors.append(describe_error(request.cmd, answer.get("error")))
+    result = answer.get("result") or {}
+    if code == OK and result.get("warning"):
+        errors.append(f"{PROG}: warning: {result['warning']}")
+    if save_error:
+        errors.append(save_error)
+        code = FAILED
+    if request.as_json:
+        out = reply.payload.decode("utf-8")
+    elif code == OK or save_error:
+        out = {
+            "ping": lambda: format_ping(result, reply.round_trip),
+            "status": lambda: format_status(result),
+            "switch_provider": lambda: format_switch(result),
+            "health_check": lambda: format_health(result),
+            "rotate_token": lambda: format_rotation(result, saved_to),
+        }[request.cmd]()
+    else:
+        out = ""
+    return Report(
+        stdout=out + "\n" if out else "",
+        stderr="".join(line + "\n" for line in errors),
+        code=code,
+    )
+
+
+def explain_failure(error: BaseException, request: Request) -> str:
+    """
+    Why no answer came, and what to check: the operator's next step.
+    """
+    url = request.url
+    if isinstance(error, ConnectionRefusedError):
+        return (
+            f"cannot connect to {url}: connection refused; is the gateway running, "
+            "and listening on that port (WS_CONTROL_PORT, default 18789)?"
+        )
+    if isinstance(error, DNSLookupError):
+        return f"cannot connect to {url}: the host name does not resolve"
+    if isinstance(error, (TimeoutError, CancelledError)):
+        return (
+            f"no answer from {url} within {request.timeout:g} s; "
+            "check the gateway is running and reachable, or raise --timeout"
+        )
+    if isinstance(error, ConnectionClosed):
+        if error.code == POLICY_VIOLATION:
+            return (
+                f"the gateway at {url} refused this connection (close code 1008): "
+                "this address is not in TRUSTED_CLIENT_IPS; add it to the gateway's "
+                "TRUSTED_CLIENT_IPS, or connect from an address that is"
+            )
+        if error.code == GOING_AWAY:
+            return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
+        if _is_tls_error(error.cause):
+            return (
+                f"TLS handshake with {url} failed: {_tls_reason(error.cause)}; if the gateway's "
+                "certificate is signed by your own CA, pass --cafile CA.pem"
+            )
+        return f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
+    if isinstance(error, ConnectError):
+        return f"cannot connect to {url}: {error}"
+    if isinstance(error, ValueError):
+        return f"{url} did not answer like an OpenClaw gateway: {error}"
+    return f"talking to {url} failed: {error!r}"
+
+
+def _is_tls_error(error: BaseException | None) -> bool:
+    if error is None:
+        return False
+    try:
+        from OpenSSL.SSL import Error as SSLError
+        from service_identity import VerificationError
+    except ImportError:
+        return False
+    return isinstance(error, (SSLError, VerificationError))
+
+
+def _tls_reason(error: BaseException | None) -> str:
+    # pyOpenSSL's Error carries [(library, function, reason), ...].
+    details = error.args[0] if error is not None and error.args else None
+    if isinstance(details, list) and details and isinstance(details[0], tuple):
+        return "; ".join(str(entry[-1]) for entry in details)
+    return str(error)
+
+
+# -- the exchange ----------------------------------------------------------
+
+
+class OneCommand(WebSocketClientProtocol):
+    """
+    Sends the factory's message once the handshake is done, settles the
+    factory's C{answer} with the first reply (or the reason the connection
+    ended first), and closes.
+    """
+
+    factory: OneCommandFactory
+    _sent_at = 0.0
+    _lost: BaseException | None = None
+
+    def onOpen(self) -> None:
+        self._sent_at = time.perf_counter()
+        self.sendMessage(self.factory.payload)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self.factory.answer.called:
+            self.factory.answer.callback(Reply(payload, time.perf_counter() - self._sent_at))
+        self.sendClose()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Autobahn's onClose gets only a code and a text; keep the cause so a
+        # TLS verification failure can be named as such.
+        self._lost = reason.value
+        super().connectionLost(reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.answer.called:
+            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost))
+
+
+class OneCommandFactory(WebSocketClientFactory):
+    protocol = OneCommand
+
+    def __init__(self, url: str, payload: bytes) -> None:
+        super().__init__(url)
+        # The whole exchange is bounded by --timeout; Autobahn's own 5 s
+        # handshake limit would only cut a longer --timeout short.
+        self.setProtocolOptions(openHandshakeTimeout=0)
+        self.payload = payload
+        self.answer: Deferred[Reply] = Deferred(self._abort)
+        self.connected: OneCommand | None = None
+
+    def buildProtocol(self, addr: Any) -> OneCommand:
+        self.connected = super().buildProtocol(addr)
+        return self.connected
+
+    def _abort(self, answer: Deferred[Reply]) -> None:
+        if self.connected is not None and self.connected.transport is not None:
+            self.connected.transport.abortConnection()
+
+
+def _trust_root(cafile: Path) -> Any:
+    """
+    The certificates of a PEM file (one CA or a bundle) as a Twisted trust
+    root.
+    """
+    from cryptography.x509 import load_pem_x509_certificates
+    from OpenSSL.crypto import X509
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    try:
+        certificates = load_pem_x509_certificates(cafile.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}; give a PEM file of CA certificates") from None
+    return trustRootFromCertificates([Certificate(X509.from_cryptography(c)) for c in certificates])
+
+
+def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
+    """
+    TCP to the URL's host (any of its addresses, IPv4 or IPv6), wrapped in
+    TLS for C{wss://}: the host name is verified against the system's trust
+    store, or against C{--cafile} when given.
+    """
+    secure, host, port = parse_url(request.url)[:3]
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=request.timeout)
+    if not secure:
+        return endpoint
+    try:
+        from twisted.internet.endpoints import wrapClientTLS
+        from twisted.internet.ssl import optionsForClientTLS
+    except ImportError:
+        raise UsageError("wss:// needs TLS support: pip install 'twisted[tls]'") from None
+    trust = _trust_root(request.cafile) if request.cafile is not None else None
+    return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+
+
+async def exchange(reactor: Any, request: Request) -> Reply:
+    """
+    Send the request and wait for its answer, within C{request.timeout};
+    then close the connection properly (bounded by Autobahn's closing
+    handshake timeout) so the gateway sees a clean goodbye.
+
+    @raise ConnectionClosed: the connection ended before an answer.
+    @raise TimeoutError: no answer in time.
+    """
+    factory = OneCommandFactory(request.url, request.message())
+    endpoint = client_endpoint(reactor, request)
+
+    async def answered() -> Reply:
+        await endpoint.connect(factory)
+        return await factory.answer
+
+    reply = await Deferred.fromCoroutine(answered()).addTimeout(request.timeout, reactor)
+    if factory.connected is not None:
+        await factory.connected.is_closed
+    return reply
+
+
+def conclude(request: Request, reply: Reply) -> Report:
+    """
+    Judge the answer; for a rotation with a token file, save the new token
+    there first (and say so loudly if that fails: the old token is dead).
+    """
+    answer = decode_answer(reply.payload)
+    saved_to = None
+    save_error = None
+    if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:
+        try:
+            write_token_file(request.token_file, answer["result"]["token"])
+            saved_to = request.token_file
+        except OSError as e:
+            save_error = (
+                f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed: "
+                f"{e.strerror or e}; the new token is on stdout: keep it"
+            )
+    return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
+
+
+async def _run(reactor: Any, request: Request) -> None:
+    try:
+        reply = await exchange(reactor, request)
+        report = conclude(request, reply)
+    except UsageError as e:
+        _exit(Report("", f"{PROG}: error: {e}\n", NO_ANSWER))
+    except Exception as e:
+        _exit(Report("", f"{PROG}: error: {explain_failure(e, request)}\n", NO_ANSWER))
+    _exit(report)
+
+
+def _exit(report: Report) -> NoReturn:
+    sys.stdout.write(report.stdout)
+    sys.stderr.write(report.stderr)
+    sys.stdout.flush()
+    raise SystemExit(report.code)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """
+    The console script.  The command line is judged before the reactor
+    starts; L{react} runs the one exchange and exits with its status.
+    """
+    try:
+        request = parse_request(sys.argv[1:] if argv is None else argv, os.environ)
+    except UsageError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        raise SystemExit(NO_ANSWER) from None
+    react(_run, (request,))

@@ -20,7 +20,6 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-from openclaw.allowlist import PeerAllowlist
 from openclaw.commands import ControlCommands, ControlPlane
 from openclaw.controlplane import GOING_AWAY, ControlFactory
 from openclaw.dataplane import build_site
@@ -92,8 +91,9 @@ class GatewayService(MultiService):
             commands,
             level_filtered_logger("openclaw.controlplane", settings.log_level),
             debug=settings.log_level == "debug",
+            max_auth_failures=settings.max_auth_failures,
         )
-        self.factory = ControlFactory(controlplane, PeerAllowlist(settings.trusted_clients))
+        self.factory = ControlFactory(controlplane, settings)
         self._listen(control_endpoint, self.factory)
         if api_endpoint is not None:
             self.api_site = build_site(self.route, self.providers, settings, reactor)

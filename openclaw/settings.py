@@ -158,6 +158,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _timer_seconds(text: str) -> float:
+    # Autobahn's connection timers are batched into whole seconds: a shorter
+    # delay can fire at once and drop healthy connections.
+    value = float(text)
+    if not 1 <= value < float("inf"):
+        raise ValueError
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):
@@ -201,6 +210,20 @@ def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise ValueError
     return text.rstrip("/")
+
+
+def _read_secret_file(path: str) -> bytes:
+    """
+    The secret in a file (systemd credentials, Docker and Kubernetes
+    secrets), without the trailing newline editors and C{echo} add.
+    """
+    try:
+        secret = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(f"JWT_SECRET_FILE={path!r} cannot be read: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(f"JWT_SECRET_FILE={path!r} is empty; put a secret of 32 bytes or more in it")
+    return secret
 
 
 def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
@@ -252,8 +275,12 @@ def load_settings(
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is invalid: {hint}") from None
 
-    secret_text = read("JWT_SECRET", str, "", "")
-    secret = secret_text.encode("utf-8")
+    secret = read("JWT_SECRET", str, "", "").encode("utf-8")
+    secret_file = read("JWT_SECRET_FILE", str, "", "")
+    if secret_file:
+        if secret:
+            raise ConfigError("JWT_SECRET and JWT_SECRET_FILE are both set; keep only one")
+        secret = _read_secret_file(secret_file)
     if secret and len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"JWT_SECRET is {len(secret)} bytes long; it must be at least "
@@ -334,13 +361,22 @@ def load_settings(
             "MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"
         ),
         handshake_timeout_seconds=read(
-            "HANDSHAKE_TIMEOUT_SECONDS", _positive_float, defaults.handshake_timeout_seconds, "use seconds > 0"
+            "HANDSHAKE_TIMEOUT_SECONDS",
+            _timer_seconds,
+            defaults.handshake_timeout_seconds,
+            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
         ),
         ping_interval_seconds=read(
-            "PING_INTERVAL_SECONDS", _positive_float, defaults.ping_interval_seconds, "use seconds > 0"
+            "PING_INTERVAL_SECONDS",
+            _timer_seconds,
+            defaults.ping_interval_seconds,
+            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
         ),
         ping_timeout_seconds=read(
-            "PING_TIMEOUT_SECONDS", _positive_float, defaults.ping_timeout_seconds, "use seconds > 0"
+            "PING_TIMEOUT_SECONDS",
+            _timer_seconds,
+            defaults.ping_timeout_seconds,
+            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
         ),
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"

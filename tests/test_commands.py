@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.commands import ControlCommands, ControlPlane
+from openclaw.commands import Connection, ControlCommands, ControlPlane
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 
@@ -67,10 +67,11 @@ class ControlPlaneTests(SynchronousTestCase):
         self.plane = ControlPlane(
             self.sessions, self.commands, Logger(observer=self.events.append), debug=True
         )
+        self.connection = Connection("127.0.0.1:5000")
 
     def send(self, message: Any) -> dict[str, Any]:
         payload = message if isinstance(message, bytes) else json.dumps(message).encode()
-        answer = self.plane.handle(payload, "127.0.0.1:5000")
+        answer = self.plane.handle(payload, self.connection)
         if isinstance(answer, Deferred):
             answer = self.successResultOf(answer)
         return json.loads(answer)
@@ -221,3 +222,18 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertEqual(audited["jti"], self.sessions.current.jti)
         self.assertIn("duration_ms", audited)
         self.assertNotIn(self.token, json.dumps([repr(e) for e in self.events]))
+
+    def test_failed_auths_counted_in_a_row(self) -> None:
+        """
+        Failed authentications count up per connection; a good token resets
+        the count; the plane says when the limit is reached.
+        """
+        for expected in range(1, 5):
+            self.command("ping", token="forged")
+            self.assertEqual(self.connection.failed_auths, expected)
+            self.assertFalse(self.plane.too_many_failures(self.connection))
+        self.command("ping")
+        self.assertEqual(self.connection.failed_auths, 0)
+        for _ in range(5):
+            self.command("ping", token=None)
+        self.assertTrue(self.plane.too_many_failures(self.connection))

@@ -123,6 +123,30 @@ class LoadTests(SynchronousTestCase):
             ),
         )
 
+    def test_secret_from_file(self) -> None:
+        path = self.cwd / "secret"
+        path.write_bytes(b"f" * 40 + b"\n")
+        self.environ["JWT_SECRET_FILE"] = str(path)
+        settings = self.load()
+        self.assertEqual(settings.jwt_secret, b"f" * 40)
+        self.assertFalse(settings.jwt_secret_is_ephemeral)
+        path.write_bytes(b"short\n")
+        self.assertConfigError("JWT_SECRET is 5 bytes long")
+        self.environ["JWT_SECRET_FILE"] = str(self.cwd / "missing")
+        self.assertConfigError("JWT_SECRET_FILE", "cannot be read")
+        self.environ["JWT_SECRET"] = GOOD_SECRET
+        self.assertConfigError("both set")
+
+    def test_limits(self) -> None:
+        settings = self.load({"MAX_MESSAGE_BYTES": "1024", "ALLOWED_ORIGINS": "https://Ops.example:8443/, http://a.b"})
+        self.assertEqual(settings.max_message_bytes, 1024)
+        self.assertEqual(settings.allowed_origins, ("https://ops.example:8443", "http://a.b"))
+        self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="ops.example")
+        self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="null")
+        self.assertConfigError("MAX_CONNECTIONS", MAX_CONNECTIONS="0")
+        self.assertConfigError("PING_TIMEOUT_SECONDS", "whole number of seconds", PING_TIMEOUT_SECONDS="0.5")
+        self.assertConfigError("TRUSTED_PROXIES", TRUSTED_PROXIES="nginx")
+
     def test_moonshot_alias(self) -> None:
         self.environ["MOONSHOT_API_KEY"] = "sk-alias"
         self.assertEqual(self.load().kimi_api_key, "sk-alias")

@@ -1,0 +1,556 @@
+"""
+openclawctl: the pure parts (arguments, token choice, formatting, exit
+codes) directly, and the installed console script as a subprocess against a
+real gateway on loopback, while this reactor keeps serving it.
+
+The subprocess runs the I{installed} C{openclawctl}; after changing
+C{openclaw/ctl.py}, reinstall (C{pip install .}) before running these.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import ipaddress
+import json
+import os
+import re
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL.SSL import Error as SSLError
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, TimeoutError, inlineCallbacks
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from openclaw import ctl
+from openclaw.session import write_token_file
+from tests.support import free_port, start_gateway
+
+CTL = str(Path(sys.executable).parent / "openclawctl")
+
+#: Only what the script needs: in particular no OPENCLAW_TOKEN from the
+#: environment the tests happen to run in.
+BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+def run_ctl(*args: str, env: dict[str, str] | None = None) -> Any:
+    """
+    Run the installed console script; fire with C{(stdout, stderr, status)}
+    as text.
+    """
+    d = getProcessOutputAndValue(CTL, args, env={**BASE_ENV, **(env or {})})
+    return d.addCallback(lambda r: (r[0].decode(), r[1].decode(), r[2]))
+
+
+def request(**fields: Any) -> ctl.Request:
+    defaults: dict[str, Any] = dict(
+        url=ctl.DEFAULT_URL, cmd="ping", data=None, token="t", token_file=None, as_json=False, timeout=10.0, cafile=None
+    )
+    return ctl.Request(**{**defaults, **fields})
+
+
+def reply(answer: dict[str, Any], round_trip: float = 0.0123) -> ctl.Reply:
+    return ctl.Reply(json.dumps(answer).encode(), round_trip)
+
+
+# -- the pure functions ------------------------------------------------------
+
+
+class ParseRequestTests(TestCase):
+    def parse(self, *argv: str, environ: dict[str, str] | None = None) -> ctl.Request:
+        return ctl.parse_request(list(argv), environ or {})
+
+    def test_defaults(self):
+        parsed = self.parse("--token", "T", "ping")
+        self.assertEqual(parsed.url, "ws://127.0.0.1:18789")
+        self.assertEqual((parsed.cmd, parsed.data, parsed.token), ("ping", None, "T"))
+        self.assertEqual(parsed.timeout, 10.0)
+        self.assertFalse(parsed.as_json)
+
+    def test_health_check_waits_longer(self):
+        self.assertEqual(self.parse("--token", "T", "health-check").timeout, 30.0)
+        self.assertEqual(self.parse("--token", "T", "--timeout", "2.5", "health-check").timeout, 2.5)
+
+    def test_switch_provider_data(self):
+        self.assertEqual(self.parse("--token", "T", "switch-provider", "kimi").data, {"provider": "kimi"})
+        parsed = self.parse("--token", "T", "switch-provider", "kimi", "--model", "moonshot-v1-32k")
+        self.assertEqual(parsed.cmd, "switch_provider")
+        self.assertEqual(parsed.data, {"provider": "kimi", "model": "moonshot-v1-32k"})
+
+    def test_options_after_the_command(self):
+        """
+        Connection options work after the subcommand too, and do not undo
+        those given before it.
+        """
+        parsed = self.parse("--url", "ws://[::1]:9000", "status", "--token", "T", "--json")
+        self.assertEqual((parsed.url, parsed.token, parsed.as_json), ("ws://[::1]:9000", "T", True))
+
+    def test_token_precedence(self):
+        token_file = Path(self.mktemp())
+        token_file.write_text("from-file\n")
+        environ = {"OPENCLAW_TOKEN": "from-env"}
+        self.assertEqual(ctl.choose_token("flag", token_file, environ), "flag")
+        self.assertEqual(ctl.choose_token(None, token_file, environ), "from-file")
+        self.assertEqual(ctl.choose_token(None, None, environ), "from-env")
+
+    def test_no_token(self):
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, None, {"OPENCLAW_TOKEN": " "})
+        for way in ("--token", "--token-file", "OPENCLAW_TOKEN"):
+            self.assertIn(way, str(error))
+
+    def test_unreadable_or_empty_token_file(self):
+        """
+        A named token file that cannot be used is an error, not a reason to
+        fall back to the environment.
+        """
+        missing = Path(self.mktemp())
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, missing, {"OPENCLAW_TOKEN": "x"})
+        self.assertIn(str(missing), str(error))
+        self.assertIn("No such file", str(error))
+        empty = Path(self.mktemp())
+        empty.write_text("\n")
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, empty, {})
+        self.assertIn("empty", str(error))
+
+    def test_rotation_refused_when_the_token_cannot_be_saved(self):
+        nowhere = Path(self.mktemp()) / "missing-directory" / "token"
+        error = self.assertRaises(
+            ctl.UsageError, self.parse, "--token", "T", "rotate-token", "--token-file", str(nowhere)
+        )
+        self.assertIn("nothing was rotated", str(error))
+
+    def test_bad_url_and_cafile(self):
+        error = self.assertRaises(ctl.UsageError, self.parse, "--token", "T", "--url", "http://host", "ping")
+        self.assertIn("ws://", str(error))
+        error = self.assertRaises(ctl.UsageError, self.parse, "--token", "T", "--cafile", "ca.pem", "ping")
+        self.assertIn("wss://", str(error))
+
+    def test_malformed_command_lines_exit_2(self):
+        self.patch(sys, "stderr", io.StringIO())
+        for argv in (
+            [],
+            ["fly"],
+            ["switch-provider"],
+            ["--timeout", "0", "ping"],
+            ["--timeout", "soon", "ping"],
+            ["ping", "extra"],
+        ):
+            error = self.assertRaises(SystemExit, self.parse, "--token", "T", *argv)
+            self.assertEqual(error.code, 2, argv)
+
+    def test_message(self):
+        self.assertEqual(json.loads(request(token="T").message()), {"token": "T", "cmd": "ping"})
+        switch = request(cmd="switch_provider", data={"provider": "kimi"})
+        self.assertEqual(json.loads(switch.message())["data"], {"provider": "kimi"})
+
+    def test_token_kept_out_of_repr(self):
+        self.assertNotIn("secret-token", repr(request(token="secret-token")))
+
+
+HEALTH = {
+    "active": "gemini",
+    "checked_at": "2026-11-25T03:00:00Z",
+    "providers": {
+        "kimi": {
+            "ok": False,
+            "latency_ms": None,
+            "status": None,
+            "models": None,
+            "active_model_available": None,
+            "error": "KIMI_API_KEY is not set",
+        },
+        "gemini": {"ok": True, "latency_ms": 84.2, "status": 200, "models": 51, "active_model_available": True},
+    },
+}
+
+
+class FormattingTests(TestCase):
+    def test_ping(self):
+        self.assertEqual(ctl.format_ping({"pong": True}, 0.0123), "pong (12 ms round trip)")
+        self.assertEqual(ctl.format_ping({"pong": True}, 0.0008), "pong (0.8 ms round trip)")
+
+    def test_duration(self):
+        self.assertEqual(ctl.format_duration(12.34), "12.3s")
+        self.assertEqual(ctl.format_duration(3723.4), "1h 2m 3s")
+        self.assertEqual(ctl.format_duration(90061), "1d 1h 1m 1s")
+
+    def test_status_aligned(self):
+        text = ctl.format_status(
+            {"provider": "Google Gemini", "provider_id": "gemini", "uptime": 3723.4, "connections": 1, "x": None}
+        )
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "provider:    Google Gemini",
+                "provider_id: gemini",
+                "uptime:      1h 2m 3s",
+                "connections: 1",
+                "x:           -",
+            ],
+        )
+
+    def test_switch(self):
+        self.assertEqual(
+            ctl.format_switch({"previous": "gemini", "active": "kimi", "model": "moonshot-v1-8k"}),
+            "gemini -> kimi (moonshot-v1-8k)",
+        )
+
+    def test_health(self):
+        self.assertEqual(
+            ctl.format_health(HEALTH).splitlines(),
+            [
+                "kimi             FAILED  -      -          KIMI_API_KEY is not set",
+                "gemini (active)  ok      84 ms  51 models  active model available",
+            ],
+        )
+
+    def test_health_model_gone(self):
+        entry = {**HEALTH["providers"]["gemini"], "active_model_available": False}
+        text = ctl.format_health({"active": "kimi", "providers": {"gemini": entry}})
+        self.assertIn("default model NOT LISTED", text)
+
+    def test_rotation(self):
+        result = {"token": "NEW", "jti": "J", "expires": "E"}
+        self.assertIn("new token: NEW", ctl.format_rotation(result, None))
+        saved = ctl.format_rotation(result, Path("/run/tok"))
+        self.assertIn("written to /run/tok", saved)
+        self.assertNotIn("NEW", saved)
+
+
+class RenderTests(TestCase):
+    def test_ok_is_0(self):
+        answer = {"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1}}
+        report = ctl.render(request(), reply(answer), answer)
+        self.assertEqual(report, ctl.Report("pong (12 ms round trip)\n", "", 0))
+
+    def test_refused_is_1_with_a_hint(self):
+        answer = {"ok": False, "cmd": "ping", "error": "token revoked"}
+        report = ctl.render(request(), reply(answer), answer)
+        self.assertEqual((report.code, report.stdout), (1, ""))
+        self.assertTrue(report.stderr.startswith("openclawctl: ping failed: token revoked ("), report.stderr)
+        self.assertIn("current one", report.stderr)
+
+    def test_json_passes_the_answer_through(self):
+        answer = {"ok": False, "cmd": "status", "error": "invalid token"}
+        raw = reply(answer)
+        report = ctl.render(request(cmd="status", as_json=True), raw, answer)
+        self.assertEqual(report.stdout, raw.payload.decode() + "\n")
+        self.assertIn("invalid token", report.stderr)
+        self.assertEqual(report.code, 1)
+
+    def test_warning_goes_to_stderr(self):
+        result = {"previous": "gemini", "active": "kimi", "model": "m", "warning": "KIMI_API_KEY is not set"}
+        answer = {"ok": True, "cmd": "switch_provider", "result": result}
+        report = ctl.render(request(cmd="switch_provider"), reply(answer), answer)
+        self.assertEqual(report, ctl.Report("gemini -> kimi (m)\n", "openclawctl: warning: KIMI_API_KEY is not set\n", 0))
+
+    def test_failed_save_shows_the_token(self):
+        """
+        The rotation happened but the file could not be written: the new
+        token is still shown, and the status is 1.
+        """
+        answer = {"ok": True, "cmd": "rotate_token", "result": {"token": "NEW", "jti": "J", "expires": "E"}}
+        report = ctl.render(request(cmd="rotate_token"), reply(answer), answer, save_error="could not write")
+        self.assertIn("new token: NEW", report.stdout)
+        self.assertEqual((report.stderr, report.code), ("could not write\n", 1))
+
+    def test_decode_answer(self):
+        self.assertEqual(ctl.decode_answer(b'{"ok":true,"cmd":"ping","result":{}}')["ok"], True)
+        for payload in (b"<html>", b"[]", b'{"ok":"yes"}', b'{"ok":true}'):
+            self.assertRaises(ValueError, ctl.decode_answer, payload)
+
+
+class ExplainFailureTests(TestCase):
+    def explain(self, error: BaseException, **fields: Any) -> str:
+        return ctl.explain_failure(error, request(**fields))
+
+    def test_refused(self):
+        text = self.explain(ConnectionRefusedError(), url="ws://127.0.0.1:1")
+        self.assertIn("ws://127.0.0.1:1", text)
+        self.assertIn("WS_CONTROL_PORT", text)
+
+    def test_policy_violation(self):
+        text = self.explain(ctl.ConnectionClosed(1008, "peer address is not in TRUSTED_CLIENT_IPS"))
+        self.assertIn("this address is not in TRUSTED_CLIENT_IPS", text)
+
+    def test_going_away(self):
+        self.assertIn("shutting down", self.explain(ctl.ConnectionClosed(1001, "gateway shutting down")))
+
+    def test_timeout(self):
+        for error in (TimeoutError(), CancelledError()):
+            self.assertIn("within 2.5 s", self.explain(error, timeout=2.5))
+
+    def test_tls(self):
+        cause = SSLError([("SSL routines", "", "certificate verify failed")])
+        text = self.explain(ctl.ConnectionClosed(1006, "unclean", cause), url="wss://h:1")
+        self.assertIn("certificate verify failed", text)
+        self.assertIn("--cafile", text)
+
+
+# -- the console script against a real gateway ---------------------------------
+
+
+class SilentFactory(Factory):
+    """
+    Accepts TCP connections and never says anything: a gateway that hangs.
+    """
+
+    protocol = Protocol
+
+    def __init__(self) -> None:
+        self.protocols: list[Protocol] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = super().buildProtocol(addr)
+        self.protocols.append(protocol)
+        return protocol
+
+
+def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
+    """
+    A throw-away CA (written to C{directory/ca.pem}) and the TLS server
+    options of a certificate it signed for 127.0.0.1 and localhost.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
+
+    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(validity[0])
+            .not_valid_after(validity[1])
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("openclaw test CA", ca_key, "openclaw test CA", ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server = certificate("127.0.0.1", server_key, "openclaw test CA", ca_key, ca=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    cafile = directory / "ca.pem"
+    cafile.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    # cryptography objects rather than pyOpenSSL's (deprecated there);
+    # CertificateOptions hands them to pyOpenSSL as they are.
+    return cafile, CertificateOptions(privateKey=server_key, certificate=server)
+
+
+class ConsoleScriptTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.gateway = start_gateway(self)
+        self.url = f"ws://127.0.0.1:{self.gateway.port}"
+
+    def ctl(self, *args: str, env: dict[str, str] | None = None, token: str | None = None) -> Any:
+        """
+        Run C{openclawctl --url <this gateway> [--token T] ARGS}.
+        """
+        token_args = ("--token", token) if token else ()
+        return run_ctl("--url", self.url, *token_args, *args, env=env)
+
+    @inlineCallbacks
+    def test_ping(self):
+        out, err, code = yield self.ctl("ping", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        self.assertRegex(out, r"^pong \(\d+(\.\d)? ms round trip\)\n$")
+
+    @inlineCallbacks
+    def test_ping_json(self):
+        out, err, code = yield self.ctl("--json", "ping", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        answer = json.loads(out)
+        self.assertEqual((answer["ok"], answer["cmd"], answer["result"]["pong"]), (True, "ping", True))
+
+    @inlineCallbacks
+    def test_status(self):
+        out, err, code = yield self.ctl("status", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        lines = out.splitlines()
+        fields = dict(re.fullmatch(r"(\w+): +(.*)", line).groups() for line in lines)
+        self.assertEqual(fields["provider"], "Google Gemini")
+        self.assertEqual(fields["provider_id"], "gemini")
+        self.assertEqual(fields["model"], "gemini-flash-latest")
+        self.assertEqual(fields["connections"], "1")
+        self.assertEqual(fields["token_expires"], self.gateway.service.sessions.current.expires)
+        self.assertEqual(len({line.index(value) for line, value in zip(lines, fields.values())}), 1, out)
+
+    @inlineCallbacks
+    def test_switch_provider_with_model(self):
+        out, err, code = yield self.ctl(
+            "switch-provider", "kimi", "--model", "moonshot-v1-32k", token=self.gateway.token
+        )
+        self.assertEqual(code, 0)
+        self.assertEqual(out, "gemini -> kimi (moonshot-v1-32k)\n")
+        self.assertEqual(err, "openclawctl: warning: KIMI_API_KEY is not set\n")
+        route = self.gateway.service.route.current
+        self.assertEqual((route.provider_id, route.model), ("kimi", "moonshot-v1-32k"))
+
+    @inlineCallbacks
+    def test_switch_provider_default_model_and_refusal(self):
+        """
+        Without --model the provider's default is used; an unknown provider
+        is refused by the gateway: status 1, its error on stderr.
+        """
+        out, err, code = yield self.ctl("switch-provider", "kimi", token=self.gateway.token)
+        self.assertEqual((out, code), ("gemini -> kimi (moonshot-v1-8k)\n", 0))
+        out, err, code = yield self.ctl("switch-provider", "openai", token=self.gateway.token)
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("switch_provider failed: unknown provider 'openai'", err)
+        self.assertEqual(self.gateway.service.route.current.provider_id, "kimi")
+
+    @inlineCallbacks
+    def test_health_check(self):
+        """
+        With no provider keys every provider fails its check, but the
+        command itself succeeded: status 0.
+        """
+        out, err, code = yield self.ctl("health-check", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 2, out)
+        self.assertRegex(out, r"(?m)^kimi +FAILED +- +- +KIMI_API_KEY is not set$")
+        self.assertRegex(out, r"(?m)^gemini \(active\) +FAILED +- +- +GEMINI_API_KEY is not set$")
+        out, err, code = yield self.ctl("--json", "health-check", token=self.gateway.token)
+        providers = json.loads(out)["result"]["providers"]
+        self.assertEqual({entry["ok"] for entry in providers.values()}, {False})
+
+    @inlineCallbacks
+    def test_rotate_token_writes_back(self):
+        """
+        With --token-file as the token source, the new token replaces the
+        old one in that file (mode 0600); the old one is then refused.
+        """
+        old = self.gateway.token
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        write_token_file(token_file, old)
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file))
+        self.assertEqual((err, code), ("", 0))
+        new = self.gateway.token
+        self.assertNotEqual(new, old)
+        self.assertEqual(token_file.read_text(), new + "\n")
+        self.assertEqual(stat.S_IMODE(token_file.stat().st_mode), 0o600)
+        self.assertIn(f"written to {token_file}", out)
+        self.assertNotIn(new, out)
+
+        out, err, code = yield self.ctl("ping", token=old)
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("ping failed: token revoked", err)
+        out, err, code = yield self.ctl("--token-file", str(token_file), "ping")
+        self.assertEqual(code, 0, err)
+
+    @inlineCallbacks
+    def test_rotate_token_to_a_new_file(self):
+        """
+        --token gives the token, --token-file (a file not there yet) only
+        receives the new one.
+        """
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file), token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        self.assertEqual(token_file.read_text(), self.gateway.token + "\n")
+
+    @inlineCallbacks
+    def test_rotate_token_prints_it_without_a_file(self):
+        out, err, code = yield self.ctl("rotate-token", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        self.assertIn(f"new token: {self.gateway.token}\n", out)
+
+    @inlineCallbacks
+    def test_bad_token(self):
+        out, err, code = yield self.ctl("status", token="not-a-token")
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("status failed: invalid token", err)
+
+    @inlineCallbacks
+    def test_token_from_environment(self):
+        env = {"OPENCLAW_TOKEN": self.gateway.token}
+        out, err, code = yield self.ctl("ping", env=env)
+        self.assertEqual((err, code), ("", 0))
+        # --token comes first.
+        out, err, code = yield self.ctl("ping", env=env, token="not-a-token")
+        self.assertEqual(code, 1)
+        self.assertIn("invalid token", err)
+
+    @inlineCallbacks
+    def test_missing_token(self):
+        out, err, code = yield self.ctl("ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("no token: pass --token TOKEN or --token-file FILE, or set OPENCLAW_TOKEN", err)
+
+    @inlineCallbacks
+    def test_usage_error(self):
+        out, err, code = yield self.ctl("switch-provider", token=self.gateway.token)
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("usage: openclawctl", err)
+        self.assertIn("the following arguments are required: provider", err)
+
+    @inlineCallbacks
+    def test_connection_refused(self):
+        url = f"ws://127.0.0.1:{free_port()}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn(f"cannot connect to {url}: connection refused", err)
+        self.assertIn("WS_CONTROL_PORT", err)
+
+    @inlineCallbacks
+    def test_untrusted_peer(self):
+        """
+        The gateway trusts only ::1; this client comes from 127.0.0.1 and is
+        closed with 1008 before any answer.
+        """
+        gateway = start_gateway(self, interface="::", trusted_clients=(ipaddress.ip_network("::1/128"),))
+        out, err, code = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("this address is not in TRUSTED_CLIENT_IPS", err)
+
+    @inlineCallbacks
+    def test_timeout(self):
+        silent = SilentFactory()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(silent)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in silent.protocols if p.connected])
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "0.5", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn(f"no answer from {url} within 0.5 s", err)
+
+    @inlineCallbacks
+    def test_wss(self):
+        """
+        Over TLS: with --cafile the test CA is trusted; without it the
+        system trust store does not know it, and the message says so.
+        """
+        cafile, options = make_certificates(Path(self.mktemp()))
+        endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+        port = yield endpoint.listen(self.gateway.service.factory)
+        self.addCleanup(port.stopListening)
+        url = f"wss://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "--cafile", str(cafile), "ping")
+        self.assertEqual((err, code), ("", 0))
+        self.assertTrue(out.startswith("pong ("), out)
+        out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn(f"TLS handshake with {url} failed", err)
+        self.assertIn("--cafile", err)

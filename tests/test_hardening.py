@@ -1,0 +1,232 @@
+"""
+The control plane against hostile input, hostile browsers and floods: every
+limit, over real sockets with real clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from tests.support import connect, open_client, start_gateway
+
+LOCALHOST = (ipaddress.ip_network("127.0.0.1/32"),)
+
+
+def raw_handshake(port: int, headers: dict[str, str] | None = None, bind: str | None = None) -> tuple[str, socket.socket]:
+    """
+    A WebSocket opening handshake by hand (blocking: run it in a thread),
+    to see the HTTP status the gateway answers with.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(bind, 0) if bind else None)
+    lines = [
+        "GET / HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        response += chunk
+    return response.split(b"\r\n", 1)[0].decode(), sock
+
+
+def status_of(port: int, headers: dict[str, str] | None = None) -> str:
+    status, sock = raw_handshake(port, headers)
+    sock.close()
+    return status
+
+
+def wait_closed(sock: socket.socket, limit: float) -> float:
+    """
+    Read (and ignore) whatever comes until the server closes; the time it
+    took.
+    """
+    started = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(4096):
+            pass
+    except (TimeoutError, socket.timeout):
+        return float("inf")
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return time.monotonic() - started
+
+
+class OriginTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_foreign_origin_refused_with_403(self):
+        """
+        A page in a browser (which always sends Origin) cannot open the
+        control plane, even from a trusted address.
+        """
+        gateway = start_gateway(self)
+        status = yield deferToThread(status_of, gateway.port, {"Origin": "https://evil.example"})
+        self.assertIn(" 403 ", status)
+        status = yield deferToThread(status_of, gateway.port, {"Origin": "null"})
+        self.assertIn(" 403 ", status)
+        status = yield deferToThread(status_of, gateway.port)
+        self.assertIn(" 101 ", status)
+
+    @inlineCallbacks
+    def test_listed_origin_allowed(self):
+        gateway = start_gateway(self, allowed_origins=("https://ops.example",))
+        client = yield open_client(self, gateway.port, headers={"Origin": "https://ops.example"})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        status = yield deferToThread(status_of, gateway.port, {"Origin": "https://ops.example:8443"})
+        self.assertIn(" 403 ", status)
+
+
+class LimitTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_oversize_message_closed_1009(self):
+        gateway = start_gateway(self, max_message_bytes=1024)
+        big = yield open_client(self, gateway.port)
+        bystander = yield open_client(self, gateway.port)
+        big.send({"token": gateway.token, "cmd": "ping", "pad": "x" * 2000})
+        code, _ = yield big.closed
+        self.assertEqual(code, 1009)
+        answer = yield bystander.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_binary_closed_1003(self):
+        gateway = start_gateway(self)
+        client = yield open_client(self, gateway.port)
+        bystander = yield open_client(self, gateway.port)
+        client.sendMessage(b"\x00\x01", isBinary=True)
+        code, _ = yield client.closed
+        self.assertEqual(code, 1003)
+        answer = yield bystander.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_slow_handshake_dropped(self):
+        """
+        A peer that never finishes its opening handshake (slowloris) is
+        dropped after the handshake timeout.
+        """
+        gateway = start_gateway(self, handshake_timeout_seconds=1)
+
+        def dribble() -> float:
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            return wait_closed(sock, 5)
+
+        took = yield deferToThread(dribble)
+        self.assertLess(took, 2.5)
+
+    @inlineCallbacks
+    def test_silent_peer_dropped_by_keepalive(self):
+        """
+        A peer that stops answering pings is dropped; a live client (Autobahn
+        answers pings) stays.
+        """
+        # Autobahn's timers count whole seconds: the silent peer is pinged
+        # after 0-1 s and dropped 1-2 s later.
+        gateway = start_gateway(self, ping_interval_seconds=1, ping_timeout_seconds=2)
+        live = yield open_client(self, gateway.port)
+
+        def silent() -> float:
+            status, sock = raw_handshake(gateway.port)
+            assert " 101 " in status, status
+            return wait_closed(sock, 5)
+
+        took = yield deferToThread(silent)
+        self.assertLess(took, 4.5)
+        answer = yield live.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_max_connections(self):
+        gateway = start_gateway(self, max_connections=2)
+        first = yield open_client(self, gateway.port)
+        yield open_client(self, gateway.port)
+        status = yield deferToThread(status_of, gateway.port)
+        self.assertIn(" 503 ", status)
+        answer = yield first.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_repeated_auth_failures_closed_1008(self):
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        gateway = start_gateway(self)
+        client = yield open_client(self, gateway.port)
+        for _ in range(4):
+            answer = yield client.command("forged", "ping")
+            self.assertEqual(answer["error"], "invalid token")
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        for _ in range(5):
+            client.send({"token": "forged", "cmd": "ping"})
+        code, reason = yield client.closed
+        self.assertEqual(code, 1008)
+        self.assertIn("failed authentications", reason)
+        closing = [e for e in events if e.get("reason") == "auth_failures"]
+        self.assertEqual(len(closing), 1)
+        self.assertTrue(closing[0]["peer"].startswith("127.0.0.1:"))
+
+
+class ProxyTests(TestCase):
+    """
+    X-Forwarded-For and Forwarded count only from a trusted proxy.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_spoofed_header_from_untrusted_peer_changes_nothing(self):
+        gateway = start_gateway(self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),))
+        for header in ("X-Forwarded-For", "Forwarded"):
+            value = "127.0.0.1" if header == "X-Forwarded-For" else "for=127.0.0.1"
+            client = yield connect(gateway.port, bind="127.0.0.2", headers={header: value})
+            code, _ = yield client.closed
+            self.assertEqual(code, 1008)
+
+    @inlineCallbacks
+    def test_trusted_proxy(self):
+        gateway = start_gateway(self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),))
+        client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"X-Forwarded-For": "127.0.0.1"})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"Forwarded": 'for="127.0.0.1:5555"'})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        for headers in (
+            {"X-Forwarded-For": "127.0.0.9"},
+            # A client forged the left entry; the proxy appended the truth.
+            {"X-Forwarded-For": "127.0.0.1, 127.0.0.9"},
+            # The proxy manages one header; a forged other one disagrees.
+            {"X-Forwarded-For": "127.0.0.9", "Forwarded": "for=127.0.0.1"},
+            {"Forwarded": "for=unknown"},
+        ):
+            refused = yield connect(gateway.port, bind="127.0.0.3", headers=headers)
+            code, _ = yield refused.closed
+            self.assertEqual(code, 1008, headers)
