@@ -46,10 +46,13 @@ class TokenRejected(Exception):
         self.reason = reason
 
 
-MISSING = TokenRejected("missing token")
-INVALID = TokenRejected("invalid token")
-EXPIRED = TokenRejected("token expired")
-REVOKED = TokenRejected("token revoked")
+# The four reasons.  A fresh exception is raised each time: re-raising one
+# shared instance would extend its __traceback__ with every failure's frames
+# (and the connections they reference), a leak the fuzz run found.
+MISSING = "missing token"
+INVALID = "invalid token"
+EXPIRED = "token expired"
+REVOKED = "token revoked"
 
 
 @attrs.frozen
@@ -139,14 +142,14 @@ class SessionAuthority:
         """
         current = self._current
         if presented is None or presented == "":
-            raise MISSING
+            raise TokenRejected(MISSING)
         if not isinstance(presented, str) or current is None:
-            raise INVALID
+            raise TokenRejected(INVALID)
         if presented.isascii() and hmac.compare_digest(
             presented.encode("ascii"), self._current_bytes
         ):
             if self._clock() >= current.expires_at:
-                raise EXPIRED
+                raise TokenRejected(EXPIRED)
             return current.jti
         return self._verify_slowly(presented, current)
 
@@ -164,17 +167,17 @@ class SessionAuthority:
                 options={"require": ["exp", "iss", "jti"], "verify_exp": False, "verify_iat": False},
             )
         except jwt.InvalidTokenError:
-            raise INVALID from None
+            raise TokenRejected(INVALID) from None
         expires_at, jti = claims["exp"], claims["jti"]
         if type(expires_at) not in (int, float) or type(jti) is not str:
-            raise INVALID
+            raise TokenRejected(INVALID)
         if self._clock() >= expires_at:
-            raise EXPIRED
+            raise TokenRejected(EXPIRED)
         if not hmac.compare_digest(jti.encode(), current.jti.encode()):
-            raise REVOKED
+            raise TokenRejected(REVOKED)
         # Same jti and a good signature but not the same string: a token
         # re-encoded with other claims by someone holding the secret.
-        raise INVALID
+        raise TokenRejected(INVALID)
 
     def discard_token_file(self) -> None:
         """

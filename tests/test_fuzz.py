@@ -6,6 +6,7 @@ close code, and then still serve a ping, with no connection left behind.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -13,6 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from openclaw.controlplane import ControlProtocol
 from openclaw.testing.wsfuzz import fuzz
 from tests.support import open_client, start_gateway
 
@@ -39,5 +41,10 @@ class FuzzTests(TestCase):
         client = yield open_client(self, gateway.port)
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
-        self.assertEqual(len(gateway.service.factory.protocols), 1)
+        factory = gateway.service.factory
+        self.assertEqual(len(factory.protocols), 1)
+        # Nothing keeps the fuzzed connections alive once they are gone.
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, ControlProtocol) and o.factory is factory]
+        self.assertEqual(len(alive), 1)
         self.assertEqual(gateway.service.route.current.provider_id, "gemini")

@@ -179,6 +179,23 @@ class VerifyTests(SynchronousTestCase):
         forged = b64(json.dumps(self.claims(exp=int(NOW) + 10**6)).encode())
         self.assertRejected(f"{header}.{forged}.{signature}", "invalid token")
 
+    def test_refusals_do_not_accumulate(self) -> None:
+        """
+        Each refusal is a fresh exception: re-raising a shared one would grow
+        its traceback (and everything its frames hold) with every failure.
+        """
+        caught = []
+        for token in ["garbage"] * 50 + [None] * 50:
+            try:
+                self.authority.verify(token)
+            except TokenRejected as e:
+                caught.append(e)
+        self.assertEqual(len({id(e) for e in caught}), len(caught))
+        depth, tb = 0, caught[-1].__traceback__
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        self.assertLess(depth, 5)
+
     def test_rotation_revokes(self) -> None:
         old = self.issued
         new = self.authority.issue()
