@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -113,6 +113,8 @@ class ControlCommands:
     connections: Callable[[], int]
     started_at: float
     clock: Callable[[], float] = time.time
+    #: Called with the new route after every switch, to keep it.
+    persist: Callable[[Route], None] = lambda route: None
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -156,7 +158,9 @@ class ControlCommands:
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str) or not model.strip():
             raise CommandError("data.model must be a non-empty string when given")
-        previous = self.route.switch(Route(provider_id, model.strip()))
+        route = Route(provider_id, model.strip())
+        previous = self.route.switch(route)
+        self.persist(route)
         result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
         warning = provider.missing_key_warning()
         if warning:
@@ -206,6 +210,8 @@ class ControlPlane:
         max_auth_failures: int = 5,
     ) -> None:
         self.max_auth_failures = max_auth_failures
+        self._in_flight: set[Deferred[bytes]] = set()
+        self._draining = False
         self._sessions = sessions
         self._table = commands.table()
         self._names = ", ".join(self._table)
@@ -248,6 +254,8 @@ class ControlPlane:
         handler = self._table.get(cmd)
         if handler is None:
             return _error(cmd, f"unknown command {cmd!r}; use one of {self._names}")
+        if self._draining:
+            return _error(cmd, "the gateway is shutting down; reconnect when it is back")
 
         started = self._clock()
         try:
@@ -256,11 +264,31 @@ class ControlPlane:
             answer = self._failed(Failure(), cmd)
         else:
             if isinstance(result, Deferred):
-                return result.addCallbacks(
+                pending = result.addCallbacks(
                     self._succeeded, self._failed, callbackArgs=(cmd,), errbackArgs=(cmd,)
                 ).addCallback(self._audit, cmd, peer, jti, started)
+                return self._track(pending)
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started)
+
+    def _track(self, pending: Deferred[bytes]) -> Deferred[bytes]:
+        if pending.called:
+            return pending
+        self._in_flight.add(pending)
+
+        def done(encoded: bytes) -> bytes:
+            self._in_flight.discard(pending)
+            return encoded
+
+        return pending.addBoth(done)
+
+    def drain(self) -> Deferred[Any]:
+        """
+        Refuse new commands from now on; fire once the ones in flight have
+        been answered.
+        """
+        self._draining = True
+        return DeferredList(list(self._in_flight), consumeErrors=True)
 
     def too_many_failures(self, connection: Connection) -> bool:
         """

@@ -14,6 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
@@ -27,6 +28,7 @@ from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
+from openclaw.state import RouteStore
 
 
 def level_filtered_logger(namespace: str, level: str) -> Logger:
@@ -51,7 +53,10 @@ class GatewayService(MultiService):
         for no API listener.
     @param stdout: where the token banner is printed: the process's real
         standard output, taken before twistd redirects C{sys.stdout} into the
-        log.
+        log.  L{None} for a daemon: the banner then goes to the log, without
+        the token (which is in the token file).
+    @param log_observer: the observer twistd should log to, installed on the
+        application this service joins.
     """
 
     _log = Logger(namespace="openclaw")
@@ -63,19 +68,23 @@ class GatewayService(MultiService):
         control_endpoint: IStreamServerEndpoint,
         stdout: IO[str] | None = None,
         api_endpoint: IStreamServerEndpoint | None = None,
+        log_observer: ILogObserver | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
         self._stdout = stdout
+        self._reactor = reactor
+        self._log_observer = log_observer
         self.sessions = SessionAuthority(
             settings.jwt_secret,
             settings.session_ttl_hours * 3600,
             clock=reactor.seconds,
             token_file=settings.token_file,
         )
-        provider = settings.default_provider
-        self.route = ActiveRoute(Route(provider, settings.default_model(provider)))
         self.providers = ProviderRegistry.from_settings(settings, reactor)
+        self.store = RouteStore(settings.state_dir, self.providers.ids)
+        provider = settings.default_provider
+        self.route = ActiveRoute(self.store.load() or Route(provider, settings.default_model(provider)))
         self.started_at = time.time()
         commands = ControlCommands(
             route=self.route,
@@ -85,8 +94,9 @@ class GatewayService(MultiService):
             connections=lambda: len(self.factory.connections),
             started_at=self.started_at,
             clock=reactor.seconds,
+            persist=self.store.save,
         )
-        controlplane = ControlPlane(
+        self.controlplane = controlplane = ControlPlane(
             self.sessions,
             commands,
             level_filtered_logger("openclaw.controlplane", settings.log_level),
@@ -105,6 +115,11 @@ class GatewayService(MultiService):
         # on without it.
         listener._raiseSynchronously = True
         listener.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self._log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         if self.settings.jwt_secret_is_ephemeral:
@@ -129,16 +144,33 @@ class GatewayService(MultiService):
         if self._stdout is not None:
             self._stdout.write(issued.banner())
             self._stdout.flush()
-        self._log.info(
-            "session token {jti} issued, expires {expires}",
-            jti=issued.jti,
-            expires=issued.expires,
-        )
+            self._log.info("session token {jti} issued, expires {expires}", jti=issued.jti, expires=issued.expires)
+        else:
+            self._log.info(
+                "{banner}",
+                banner=issued.banner(token=f"in {self.settings.token_file} (never logged)").rstrip("\n"),
+                jti=issued.jti,
+                expires=issued.expires,
+            )
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        # Stop accepting first, then say goodbye (1001) to everyone connected.
+        """
+        Stop accepting, let the commands in flight finish (for up to
+        C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
+        client, then let go of the providers and the token file.
+        """
+        if not self.running:
+            return
         yield super().stopService()
+        drained = self.controlplane.drain()
+        try:
+            yield drained.addTimeout(self.settings.shutdown_grace_seconds, self._reactor)
+        except TimeoutError:
+            self._log.warn(
+                "shutdown grace of {seconds} s is over; closing with commands still in flight",
+                seconds=self.settings.shutdown_grace_seconds,
+            )
         yield self.factory.close_all(GOING_AWAY)
         yield self.providers.close()
         self.sessions.discard_token_file()

@@ -70,9 +70,10 @@ class SessionToken:
     def expires(self) -> str:
         return isoformat(self.expires_at)
 
-    def banner(self) -> str:
+    def banner(self, token: str | None = None) -> str:
         """
-        The block printed on stdout so an operator can copy the token.
+        The block printed on stdout so an operator can copy the token;
+        C{token} replaces the token (for the log, which never holds it).
         """
         return (
             f"{_RULE}\n"
@@ -80,7 +81,7 @@ class SessionToken:
             f"{_RULE}\n"
             f"   Token ID : {self.jti}\n"
             f"   Expires  : {self.expires}\n"
-            f"   Token    : {self.token}\n"
+            f"   Token    : {self.token if token is None else token}\n"
             f"{_RULE}\n"
         )
 

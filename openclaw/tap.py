@@ -5,11 +5,12 @@ C{twistd openclaw}: command-line options and the service they make.
 from __future__ import annotations
 
 import sys
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.python import usage
 
+from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.service import GatewayService
 from openclaw.settings import ConfigError, Settings, load_settings
 
@@ -32,6 +33,8 @@ class Options(usage.Options):
         ],
         ["token-file", None, None, "Also write the session token to this file, mode 0600 (TOKEN_FILE)"],
         ["env-file", None, None, "Read settings from this file [default: ./.env if it exists]"],
+        ["log-format", None, None, "Log as text or json, one object per line (LOG_FORMAT) [default: text]"],
+        ["state-dir", None, None, "Keep the active provider here (STATE_DIR) [default: working directory]"],
     ]
 
     def settings_overrides(self) -> dict[str, Any]:
@@ -40,6 +43,8 @@ class Options(usage.Options):
             "API_PORT": self["api-port"],
             "INTERFACE": self["interface"],
             "TOKEN_FILE": self["token-file"],
+            "LOG_FORMAT": self["log-format"],
+            "STATE_DIR": self["state-dir"],
         }
 
 
@@ -61,16 +66,32 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # Taken now, before twistd redirects sys.stdout into the log.
+    stdout = stdout or sys.stdout
+    twistd_options = getattr(options, "parent", None) or {}
     try:
         settings = load_settings(options.settings_overrides(), env_file=options["env-file"])
+        if not foreground(twistd_options) and settings.token_file is None:
+            raise ConfigError(
+                "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "
+                "the session token is never written to the log"
+            )
     except ConfigError as e:
-        sys.stderr.write(f"openclaw: configuration error: {e}\n")
-        sys.stderr.flush()
-        raise SystemExit(2) from None
+        _fail(str(e))
+    destination = log_destination(twistd_options, stdout)
     return GatewayService(
         settings,
         reactor,
         serverFromString(reactor, tcp_endpoint_description(settings.port, settings)),
-        stdout=stdout or sys.stdout,
+        stdout=stdout if foreground(twistd_options) else None,
         api_endpoint=serverFromString(reactor, tcp_endpoint_description(settings.api_port, settings)),
+        log_observer=None
+        if destination is None
+        else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"openclaw: configuration error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)

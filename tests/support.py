@@ -149,6 +149,9 @@ def start_gateway(
     when C{api} is true); it is stopped when the test ends.
     """
     settings.setdefault("jwt_secret", SECRET)
+    if "state_dir" not in settings:
+        settings["state_dir"] = Path(testcase.mktemp())
+        settings["state_dir"].mkdir(parents=True)
     settings.setdefault("jwt_secret_is_ephemeral", False)
     config = Settings(**settings)
     endpoint_type = TCP6ServerEndpoint if ":" in interface else TCP4ServerEndpoint

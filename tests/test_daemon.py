@@ -1,0 +1,189 @@
+"""
+The gateway as a classic Unix daemon, in real subprocesses: daemonizing with
+a pidfile, a log file and a token file; a graceful stop on SIGTERM; JSON
+logs; and no secret in any log line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from openclaw.testing.upstream import StandInUpstream
+from tests.support import connect, free_port, spawn_gateway, twistd_path
+
+SECRET = "daemon-secret-daemon-secret-daemon-secret-42"
+KIMI_KEY = "sk-kimi-daemon-test-key-0123456789"
+GEMINI_KEY = "AIza-gemini-daemon-test-key-0123456789"
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **extra}
+
+
+@inlineCallbacks
+def wait_for(predicate, limit: float = 15.0):
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+
+class DaemonTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def test_daemonize_and_stop_via_pidfile(self):
+        """
+        twistd without -n daemonizes: the token is in the token file (0600),
+        the banner in the log without the token; SIGTERM to the pid in the
+        pidfile stops it and removes the pidfile and the token file.
+        """
+        pidfile, logfile, tokenfile = self.dir / "gw.pid", self.dir / "gw.log", self.dir / "token"
+        port = free_port()
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw",
+                "--token-file", str(tokenfile), "--port", str(port), "--api-port", str(free_port()),
+                "--interface", "127.0.0.1", "--state-dir", str(self.dir),
+            ],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 0, err)
+        self.addCleanup(self._kill, pidfile)
+        yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        token = tokenfile.read_text().strip()
+        self.assertEqual(stat.S_IMODE(tokenfile.stat().st_mode), 0o600)
+        client = yield connect(port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"])
+        log = logfile.read_text()
+        self.assertIn("OPENCLAW GATEWAY — SESSION TOKEN", log)
+        self.assertIn(f"in {tokenfile} (never logged)", log)
+        self.assertNotIn(token, log)
+
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        yield wait_for(lambda: not pidfile.exists())
+        self.assertFalse(tokenfile.exists())
+
+    @inlineCallbacks
+    def test_daemon_needs_token_file(self):
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["--pidfile", str(self.dir / "p"), "--logfile", str(self.dir / "l"), "openclaw", "--port", str(free_port())],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"--token-file", err)
+        self.assertNotIn(b"Traceback", err)
+
+    @staticmethod
+    def _kill(pidfile: Path) -> None:
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+
+
+class ShutdownAndLogTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.upstream = StandInUpstream(reactor)
+        self.upstream.kimi.key = KIMI_KEY
+        self.upstream.gemini.key = GEMINI_KEY
+        self.upstream.listen(0, "127.0.0.1")
+        self.addCleanup(self.upstream.stop)
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    def gateway_env(self, **extra: str) -> dict[str, str]:
+        return env(
+            JWT_SECRET=SECRET,
+            KIMI_API_KEY=KIMI_KEY,
+            GEMINI_API_KEY=GEMINI_KEY,
+            KIMI_BASE_URL=self.upstream.base_url("kimi"),
+            GEMINI_BASE_URL=self.upstream.base_url("gemini"),
+            GATEWAY_API_KEYS="gw-key-daemon-test-0123456789",
+            STATE_DIR=str(self.dir),
+            **extra,
+        )
+
+    @inlineCallbacks
+    def test_sigterm_lets_health_check_finish(self):
+        """
+        SIGTERM while a slow health_check is in flight: the command still
+        gets its answer, then the client is told 1001, and the process ends
+        cleanly.
+        """
+        self.upstream.kimi.delay = self.upstream.gemini.delay = 1.5
+        port = free_port()
+        process = spawn_gateway(
+            self, ["--port", str(port), "--interface", "127.0.0.1"], self.gateway_env(HEALTH_CHECK_TIMEOUT="5")
+        )
+        token = yield process.token
+        client = yield connect(port)
+        pending = client.command(token, "health_check")
+        yield wait_for(lambda: self.upstream.kimi.requests == 1)
+        process.transport.signalProcess("TERM")
+        answer = yield pending
+        self.assertTrue(answer["ok"])
+        self.assertTrue(answer["result"]["providers"]["kimi"]["ok"])
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        status = yield process.ended
+        self.assertIn(status, (0, -15))
+
+    @inlineCallbacks
+    def test_json_log_without_secrets(self):
+        """
+        With --log-format json every log line is a JSON object; after a full
+        session (commands, a failed login, a rotation) no line holds a
+        token, the JWT secret or an API key.
+        """
+        logfile = self.dir / "gw.log"
+        port = free_port()
+        process = spawn_gateway(
+            self,
+            ["--port", str(port), "--interface", "127.0.0.1", "--log-format", "json"],
+            self.gateway_env(),
+        )
+        token = yield process.token
+        client = yield connect(port)
+        yield client.command(token, "status")
+        yield client.command(token, "switch_provider", {"provider": "kimi"})
+        yield client.command(token, "health_check")
+        yield client.command(token + "x", "ping")
+        rotated = yield client.command(token, "rotate_token")
+        new_token = rotated["result"]["token"]
+        yield client.command(new_token, "ping")
+        client.sendClose()
+        yield client.closed
+        yield process.stop()
+        log_lines = [line for line in process.stdout.decode().splitlines() if line.startswith("{")]
+        events = [json.loads(line) for line in log_lines]
+        self.assertTrue(any(e.get("cmd") == "switch_provider" and e.get("outcome") == "ok" for e in events))
+        self.assertTrue(any(e.get("outcome") == "auth_failed" for e in events))
+        everything = "\n".join(log_lines)
+        for secret in (token, new_token, SECRET, KIMI_KEY, GEMINI_KEY, "gw-key-daemon-test-0123456789"):
+            self.assertNotIn(secret, everything)
+        del logfile

@@ -1,0 +1,72 @@
+"""
+The active route survives a restart; a damaged state file never stops the
+gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from openclaw.routing import Route
+from openclaw.state import STATE_FILE, RouteStore
+from tests.support import open_client, start_gateway
+
+
+class RouteStoreTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir(parents=True)
+        self.store = RouteStore(self.directory, ("kimi", "gemini"))
+
+    def test_missing_means_defaults(self) -> None:
+        self.assertIsNone(self.store.load())
+
+    def test_round_trip(self) -> None:
+        self.store.save(Route("kimi", "moonshot-v1-32k"))
+        self.assertEqual(self.store.load(), Route("kimi", "moonshot-v1-32k"))
+        self.assertEqual(
+            json.loads((self.directory / STATE_FILE).read_text()), {"provider": "kimi", "model": "moonshot-v1-32k"}
+        )
+        self.assertEqual(sorted(p.name for p in self.directory.iterdir()), [STATE_FILE])
+
+    def test_corrupt_ignored(self) -> None:
+        for content in [b"{not json", b"[]", b'{"provider": "openai", "model": "x"}', b'{"provider": "kimi"}', b"\xff"]:
+            (self.directory / STATE_FILE).write_bytes(content)
+            self.assertIsNone(self.store.load(), content)
+
+    def test_unwritable_is_logged_not_raised(self) -> None:
+        store = RouteStore(self.directory / "missing-dir", ("kimi",))
+        store.save(Route("kimi", "m"))
+        self.assertIsNone(store.load())
+
+
+class RestartTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_route_survives_restart(self):
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        gateway = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, gateway.port)
+        yield client.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
+        yield gateway.service.stopService()
+        restarted = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, restarted.port)
+        status = yield client.command(restarted.token, "status")
+        self.assertEqual((status["result"]["provider_id"], status["result"]["model"]), ("kimi", "moonshot-v1-32k"))
+        self.assertNotIn(restarted.token, (state_dir / STATE_FILE).read_text())
+
+    @inlineCallbacks
+    def test_corrupt_state_survived(self):
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        (state_dir / STATE_FILE).write_text("garbage")
+        gateway = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, gateway.port)
+        status = yield client.command(gateway.token, "status")
+        self.assertEqual(status["result"]["provider_id"], "gemini")
