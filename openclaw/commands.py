@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken, TokenRejected, isoformat
 
@@ -27,6 +28,9 @@ Result = dict[str, Any]
 #: commands that wait on something (the maybeDeferred idiom).  The read-only
 #: commands answer at once, with no Deferred on the hot path.
 Answer = Result | Deferred[Result]
+
+#: Every command, in the order errors list them.
+COMMANDS = ("ping", "status", "switch_provider", "health_check", "rotate_token")
 
 #: Commands that change something: each is written to the audit log.
 #: The others (ping, status) are read-only and high-rate: debug level only.
@@ -115,6 +119,8 @@ class ControlCommands:
     clock: Callable[[], float] = time.time
     #: Called with the new route after every switch, to keep it.
     persist: Callable[[Route], None] = lambda route: None
+    #: Sees every health report (the provider-up gauges).
+    on_health: Callable[[Result], Result] = lambda report: report
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -170,7 +176,7 @@ class ControlCommands:
     def health_check(self, data: object) -> Deferred[Result]:
         _fields(data, _NONE)
         route = self.route.current
-        return self.providers.health_check(route.provider_id, route.model)
+        return self.providers.health_check(route.provider_id, route.model).addCallback(self.on_health)
 
     def rotate_token(self, data: object) -> Result:
         _fields(data, _NONE)
@@ -208,6 +214,7 @@ class ControlPlane:
         clock: Callable[[], float] = time.monotonic,
         debug: bool = False,
         max_auth_failures: int = 5,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.max_auth_failures = max_auth_failures
         self._in_flight: set[Deferred[bytes]] = set()
@@ -215,6 +222,7 @@ class ControlPlane:
         self._sessions = sessions
         self._table = commands.table()
         self._names = ", ".join(self._table)
+        self._metrics = metrics or GatewayMetrics(self._table, ())
         self._log = log
         self._clock = clock
         self._debug = debug
@@ -230,9 +238,9 @@ class ControlPlane:
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return _error(None, "message is not valid JSON")
+            return self._refuse(None, "message is not valid JSON")
         if type(message) is not dict:
-            return _error(None, 'message must be a JSON object: {"token", "cmd", "data"}')
+            return self._refuse(None, 'message must be a JSON object: {"token", "cmd", "data"}')
         cmd = message.get("cmd")
         try:
             jti = self._sessions.verify(message.get("token"))
@@ -246,16 +254,17 @@ class ControlPlane:
                 outcome="auth_failed",
                 failed_auths=connection.failed_auths,
             )
-            return _error(cmd, rejected.reason)
+            self._metrics.auth_failed(rejected.reason)
+            return self._refuse(cmd, rejected.reason)
         if connection.failed_auths:
             connection.failed_auths = 0
         if type(cmd) is not str:
-            return _error(None, f"cmd must be a string: one of {self._names}")
+            return self._refuse(None, f"cmd must be a string: one of {self._names}")
         handler = self._table.get(cmd)
         if handler is None:
-            return _error(cmd, f"unknown command {cmd!r}; use one of {self._names}")
+            return self._refuse(cmd, f"unknown command {cmd!r}; use one of {self._names}")
         if self._draining:
-            return _error(cmd, "the gateway is shutting down; reconnect when it is back")
+            return self._refuse(cmd, "the gateway is shutting down; reconnect when it is back")
 
         started = self._clock()
         try:
@@ -270,6 +279,10 @@ class ControlPlane:
                 return self._track(pending)
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started)
+
+    def _refuse(self, cmd: object, message: str) -> bytes:
+        self._metrics.command(cmd if type(cmd) is str and cmd in self._table else INVALID, "error")
+        return _error(cmd, message)
 
     def _track(self, pending: Deferred[bytes]) -> Deferred[bytes]:
         if pending.called:
@@ -311,14 +324,17 @@ class ControlPlane:
         self, answer: tuple[bytes, str], cmd: str, peer: str, jti: str, started: float
     ) -> bytes:
         encoded, outcome = answer
+        self._metrics.command(cmd, outcome)
         if cmd in AUDITED:
+            took = self._clock() - started
+            self._metrics.command_took(cmd, took)
             self._log.info(
                 "{cmd} from {peer} (token {jti}): {outcome} in {duration_ms:.1f} ms",
                 cmd=cmd,
                 peer=peer,
                 jti=jti,
                 outcome=outcome,
-                duration_ms=(self._clock() - started) * 1000,
+                duration_ms=took * 1000,
             )
         elif self._debug:
             self._log.debug(

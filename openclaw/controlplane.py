@@ -12,12 +12,13 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from openclaw.allowlist import ClientAddressResolver, PeerAllowlist
-from openclaw.commands import ControlPlane, Connection
+from openclaw.commands import Connection, ControlPlane
+from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
 
 #: RFC 6455 close codes that Autobahn's public C{sendClose} refuses to send.
@@ -34,6 +35,8 @@ def _describe(address: Any) -> tuple[str | None, str]:
     if isinstance(address, (IPv4Address, IPv6Address)):
         label = f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
         return address.host, label
+    if isinstance(address, UNIXAddress):
+        return None, "unix"
     return None, str(address)
 
 
@@ -61,8 +64,9 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
-        host, peer = _describe(self.transport.getPeer())
-        refusal = factory.refusal(host, peer, request.headers)
+        address = self.transport.getPeer()
+        host, peer = _describe(address)
+        refusal = factory.refusal(host, peer, request.headers, local=isinstance(address, UNIXAddress))
         if isinstance(refusal, ConnectionDeny):
             raise refusal
         if refusal is None:
@@ -125,9 +129,12 @@ class ControlFactory(WebSocketServerFactory):
     protocol = ControlProtocol
     _log = Logger(namespace="openclaw.controlplane")
 
-    def __init__(self, controlplane: ControlPlane, settings: Settings, **kwargs: Any) -> None:
+    def __init__(
+        self, controlplane: ControlPlane, settings: Settings, metrics: GatewayMetrics | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.controlplane = controlplane
+        self.metrics = metrics
         self.allowlist = PeerAllowlist(settings.trusted_clients)
         self.resolver = ClientAddressResolver(PeerAllowlist(settings.trusted_proxies))
         self.allowed_origins = frozenset(settings.allowed_origins)
@@ -152,9 +159,16 @@ class ControlFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
 
-    def refusal(self, host: str | None, peer: str, headers: dict[str, str]) -> ConnectionDeny | str | None:
+    def refusal(
+        self, host: str | None, peer: str, headers: dict[str, str], local: bool = False
+    ) -> ConnectionDeny | str | None:
         """
         Whether a connection asking to open must be refused.
+
+        A peer on a UNIX socket (C{local}) has no address to check: the
+        socket file's permissions (C{unix:PATH:mode=600}) decide who can
+        connect, so C{TRUSTED_CLIENT_IPS} does not apply to it (forwarding
+        headers are ignored there too).  The token is required all the same.
 
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
             handshake with an HTTP status; or the reason for accepting the
@@ -170,12 +184,16 @@ class ControlFactory(WebSocketServerFactory):
                 ConnectionDeny.FORBIDDEN,
                 "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
             ), origin=origin)
+        if local:
+            return None
         client = self.resolver.resolve(host, headers) if host is not None else None
         if client is None or not self.allowlist.allows(client):
             return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
         return None
 
     def _refuse(self, peer: str, reason: str, refusal: Any, **fields: Any) -> Any:
+        if self.metrics is not None:
+            self.metrics.refused.labels(reason).inc()
         self._log.warn(
             "refused control connection from {peer}: {reason}",
             peer=peer,

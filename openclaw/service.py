@@ -12,6 +12,8 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -21,9 +23,11 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-from openclaw.commands import ControlCommands, ControlPlane
+from openclaw.allowlist import PeerAllowlist
+from openclaw.commands import COMMANDS, ControlCommands, ControlPlane
 from openclaw.controlplane import GOING_AWAY, ControlFactory
 from openclaw.dataplane import build_site
+from openclaw.metrics import GatewayMetrics, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
@@ -57,6 +61,8 @@ class GatewayService(MultiService):
         the token (which is in the token file).
     @param log_observer: the observer twistd should log to, installed on the
         application this service joins.
+    @param metrics_endpoint: where C{/metrics} is served on its own; by
+        default it is served on the API listener.
     """
 
     _log = Logger(namespace="openclaw")
@@ -69,6 +75,7 @@ class GatewayService(MultiService):
         stdout: IO[str] | None = None,
         api_endpoint: IStreamServerEndpoint | None = None,
         log_observer: ILogObserver | None = None,
+        metrics_endpoint: IStreamServerEndpoint | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -86,6 +93,7 @@ class GatewayService(MultiService):
         provider = settings.default_provider
         self.route = ActiveRoute(self.store.load() or Route(provider, settings.default_model(provider)))
         self.started_at = time.time()
+        self.metrics = GatewayMetrics(COMMANDS, self.providers.ids)
         commands = ControlCommands(
             route=self.route,
             providers=self.providers,
@@ -95,6 +103,7 @@ class GatewayService(MultiService):
             started_at=self.started_at,
             clock=reactor.seconds,
             persist=self.store.save,
+            on_health=self.metrics.health,
         )
         self.controlplane = controlplane = ControlPlane(
             self.sessions,
@@ -102,12 +111,21 @@ class GatewayService(MultiService):
             level_filtered_logger("openclaw.controlplane", settings.log_level),
             debug=settings.log_level == "debug",
             max_auth_failures=settings.max_auth_failures,
+            metrics=self.metrics,
         )
-        self.factory = ControlFactory(controlplane, settings)
+        self.factory = ControlFactory(controlplane, settings, self.metrics)
+        self.metrics.count_connections(lambda: len(self.factory.connections))
+        metrics_resource = MetricsResource(self.metrics, PeerAllowlist(settings.trusted_clients))
         self._listen(control_endpoint, self.factory)
         if api_endpoint is not None:
             self.api_site = build_site(self.route, self.providers, settings, reactor)
+            if metrics_endpoint is None:
+                self.api_site.resource.putChild(b"metrics", metrics_resource)
             self._listen(api_endpoint, self.api_site)
+        if metrics_endpoint is not None:
+            root = Resource()
+            root.putChild(b"metrics", metrics_resource)
+            self._listen(metrics_endpoint, Site(root))
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         listener = StreamServerEndpointService(endpoint, factory)

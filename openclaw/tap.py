@@ -33,6 +33,21 @@ class Options(usage.Options):
         ],
         ["token-file", None, None, "Also write the session token to this file, mode 0600 (TOKEN_FILE)"],
         ["env-file", None, None, "Read settings from this file [default: ./.env if it exists]"],
+        [
+            "listen",
+            None,
+            None,
+            "Control plane listener as a Twisted endpoint, overriding --port/--interface "
+            "(CONTROL_LISTEN), e.g. ssl:18789:privateKey=key.pem:certKey=cert.pem or "
+            "unix:/run/openclaw/control.sock:mode=600",
+        ],
+        ["api-listen", None, None, "API listener as a Twisted endpoint, overriding --api-port (API_LISTEN)"],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Serve /metrics on this endpoint (METRICS_LISTEN) [default: on the API listener]",
+        ],
         ["log-format", None, None, "Log as text or json, one object per line (LOG_FORMAT) [default: text]"],
         ["state-dir", None, None, "Keep the active provider here (STATE_DIR) [default: working directory]"],
     ]
@@ -44,6 +59,9 @@ class Options(usage.Options):
             "INTERFACE": self["interface"],
             "TOKEN_FILE": self["token-file"],
             "LOG_FORMAT": self["log-format"],
+            "CONTROL_LISTEN": self["listen"],
+            "API_LISTEN": self["api-listen"],
+            "METRICS_LISTEN": self["metrics-listen"],
             "STATE_DIR": self["state-dir"],
         }
 
@@ -76,19 +94,39 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
                 "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "
                 "the session token is never written to the log"
             )
+        control = _endpoint(reactor, "CONTROL_LISTEN (--listen)", settings.control_listen, settings.port, settings)
+        api = _endpoint(reactor, "API_LISTEN (--api-listen)", settings.api_listen, settings.api_port, settings)
+        metrics = (
+            _endpoint(reactor, "METRICS_LISTEN (--metrics-listen)", settings.metrics_listen, 0, settings)
+            if settings.metrics_listen
+            else None
+        )
     except ConfigError as e:
         _fail(str(e))
     destination = log_destination(twistd_options, stdout)
     return GatewayService(
         settings,
         reactor,
-        serverFromString(reactor, tcp_endpoint_description(settings.port, settings)),
+        control,
         stdout=stdout if foreground(twistd_options) else None,
-        api_endpoint=serverFromString(reactor, tcp_endpoint_description(settings.api_port, settings)),
+        api_endpoint=api,
+        metrics_endpoint=metrics,
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _endpoint(reactor: Any, name: str, description: str | None, port: int, settings: Settings) -> Any:
+    """
+    The endpoint an operator described, else TCP on C{port} of the
+    configured interface.
+    """
+    description = description or tcp_endpoint_description(port, settings)
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        raise ConfigError(f"{name}={description!r} is not a usable Twisted endpoint: {e}") from None
 
 
 def _fail(message: str) -> NoReturn:

@@ -96,16 +96,28 @@ class ClientFactory(WebSocketClientFactory):
 
 
 def connect(
-    port: int, host: str = "127.0.0.1", bind: str | None = None, headers: dict[str, str] | None = None
+    port: int,
+    host: str = "127.0.0.1",
+    bind: str | None = None,
+    headers: dict[str, str] | None = None,
+    tls: Any = None,
+    unix: str | None = None,
 ) -> Deferred[Client]:
     """
     Open a control connection; fire with the client once the handshake is
     done.  C{bind} picks the client's source address (any of 127.0.0.0/8
-    works on loopback), to test the allowlist.
+    works on loopback), to test the allowlist; C{tls} (client TLS options)
+    makes it C{wss://}; C{unix} connects to a UNIX socket instead.
     """
     url_host = f"[{host}]" if ":" in host else host
-    factory = ClientFactory(f"ws://{url_host}:{port}", headers=headers)
-    reactor.connectTCP(host, port, factory, bindAddress=(bind, 0) if bind else None)
+    url = "ws://localhost" if unix else f"{'wss' if tls else 'ws'}://{url_host}:{port}"
+    factory = ClientFactory(url, headers=headers)
+    if unix is not None:
+        reactor.connectUNIX(unix, factory)
+    elif tls is not None:
+        reactor.connectSSL(host, port, factory, tls, bindAddress=(bind, 0) if bind else None)
+    else:
+        reactor.connectTCP(host, port, factory, bindAddress=(bind, 0) if bind else None)
     return factory.done
 
 

@@ -1,0 +1,183 @@
+"""
+Listening the Twisted way (endpoint strings: TLS, UNIX sockets), and the
+metrics endpoint.  The gateway is built by C{makeService} from command-line
+options, as twistd builds it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import io
+import ipaddress
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.tap import Options, makeService
+from tests.support import connect, free_port, open_client
+
+SECRET = "listen-secret-listen-secret-listen-secret-1"
+
+
+def write_certificates(directory: Path) -> tuple[bytes, Path, Path]:
+    """
+    A throw-away CA and a server certificate it signed for 127.0.0.1: the
+    CA's PEM, and the server's key and certificate files.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def sign(subject: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "openclaw test CA")]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = sign("openclaw test CA", ca_key, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = sign("127.0.0.1", key, ca_key, ca=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    keyfile, certfile = directory / "key.pem", directory / "cert.pem"
+    keyfile.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return ca.public_bytes(serialization.Encoding.PEM), keyfile, certfile
+
+
+def http_get(port: int, path: str, bind: str = "127.0.0.1") -> tuple[int, str]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(bind, 0))
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+class ListenTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.patch(os, "environ", {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir)})
+
+    def start(self, *argv: str) -> Any:
+        options = Options()
+        options.parseOptions(["--api-listen", f"tcp:{free_port()}:interface=127.0.0.1", *argv])
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    @inlineCallbacks
+    def test_tls(self):
+        """
+        --listen ssl:...: a wss:// client that trusts the CA pings it.
+        """
+        ca, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        service = self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        tls = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(ca))
+        client = yield connect(port, tls=tls)
+        answer = yield client.command(service.sessions.current.token, "ping")
+        self.assertTrue(answer["ok"])
+        client.sendClose()
+        yield client.closed
+
+    @inlineCallbacks
+    def test_unix_socket(self):
+        """
+        --listen unix:PATH:mode=600: no IP to check, so the allowlist does not
+        apply (the socket's permissions do); the token still does.
+        """
+        short = Path(tempfile.mkdtemp(prefix="oc"))  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
+        path = short / "control.sock"
+        os.environ["TRUSTED_CLIENT_IPS"] = "203.0.113.1"
+        service = self.start("--listen", f"unix:{path}:mode=600")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        client = yield connect(0, unix=str(path))
+        answer = yield client.command(service.sessions.current.token, "ping")
+        self.assertTrue(answer["ok"])
+        answer = yield client.command("forged", "ping")
+        self.assertEqual(answer["error"], "invalid token")
+        client.sendClose()
+        yield client.closed
+
+    def test_bad_endpoint_is_one_line(self):
+        options = Options()
+        options.parseOptions(["--listen", "carrier-pigeon:42"])
+        with self.assertRaises(SystemExit):
+            makeService(options, reactor, stdout=io.StringIO())
+
+
+class MetricsTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.patch(os, "environ", {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "TRUSTED_CLIENT_IPS": "127.0.0.1"})
+
+    @inlineCallbacks
+    def test_metrics_move_and_are_allowlisted(self):
+        control, metrics = free_port(), free_port()
+        options = Options()
+        options.parseOptions(
+            [
+                "--listen", f"tcp:{control}:interface=127.0.0.1",
+                "--api-listen", f"tcp:{free_port()}:interface=127.0.0.1",
+                "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1",
+            ]
+        )
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+        token = service.sessions.current.token
+        client = yield open_client(self, control)
+        for _ in range(3):
+            yield client.command(token, "ping")
+        yield client.command("forged", "ping")
+        yield client.command(token, "health_check")
+        refused = yield connect(control, bind="127.0.0.2")
+        yield refused.closed
+
+        status, text = yield deferToThread(http_get, metrics, "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn('openclaw_control_commands_total{cmd="ping",outcome="ok"} 3.0', text)
+        self.assertIn('openclaw_control_auth_failures_total{reason="invalid token"} 1.0', text)
+        self.assertIn('openclaw_control_refused_connections_total{reason="untrusted_peer"} 1.0', text)
+        self.assertIn("openclaw_control_connections 1.0", text)
+        self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', text)
+        self.assertIn('openclaw_control_command_seconds_count{cmd="health_check"} 1.0', text)
+        self.assertNotIn(token, text)
+
+        status, _ = yield deferToThread(http_get, metrics, "/metrics", "127.0.0.2")
+        self.assertEqual(status, 403)
