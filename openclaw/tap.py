@@ -108,13 +108,24 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         settings,
         reactor,
         control,
-        stdout=stdout if foreground(twistd_options) else None,
+        stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
         metrics_endpoint=metrics,
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _show_token(twistd_options: Any, settings: Settings, stdout: IO[str]) -> bool:
+    """
+    Whether the banner on stdout may carry the token.  A daemon has no
+    stdout; and with a token file, a stdout that is not a terminal is most
+    likely a log (systemd's journal), which must never hold the token.
+    """
+    if not foreground(twistd_options):
+        return False
+    return settings.token_file is None or stdout.isatty()
 
 
 def _endpoint(reactor: Any, name: str, description: str | None, port: int, settings: Settings) -> Any:

@@ -226,6 +226,7 @@ class GatewayProcess(ProcessProtocol):
         status = -value.signal if getattr(value, "signal", None) else value.exitCode
         if not self.token.called:
             self.token.errback(RuntimeError(f"gateway exited ({status}) before its banner: {self.stderr!r}"))
+            self.token.addErrback(lambda failure: None)
         self.ended.callback(status)
 
     def stop(self) -> Deferred[int]:

@@ -85,6 +85,29 @@ class DaemonTests(TestCase):
         self.assertFalse(tokenfile.exists())
 
     @inlineCallbacks
+    def test_journal_never_sees_the_token(self):
+        """
+        In the foreground with a token file and a stdout that is not a
+        terminal (systemd's journal), the banner is logged without the token.
+        """
+        tokenfile = self.dir / "token"
+        port = free_port()
+        process = spawn_gateway(
+            self, ["--port", str(port), "--interface", "127.0.0.1", "--token-file", str(tokenfile)], env(JWT_SECRET=SECRET)
+        )
+        yield wait_for(lambda: tokenfile.exists() and b"SESSION TOKEN" in process.stdout)
+        token = tokenfile.read_text().strip()
+        client = yield connect(port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"])
+        client.sendClose()
+        yield client.closed
+        yield process.stop()
+        self.assertIn(f"in {tokenfile} (never logged)".encode(), process.stdout)
+        self.assertNotIn(token.encode(), process.stdout)
+        self.assertFalse(tokenfile.exists())
+
+    @inlineCallbacks
     def test_daemon_needs_token_file(self):
         out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
