@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test trial bench clean
+.PHONY: run test trial bench bench-data clean
 
 run: $(STAMP)
 	$(BIN)/twistd -n openclaw $(ARGS)
@@ -23,6 +23,9 @@ trial: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py
+
+bench-data: $(STAMP)
+	$(BIN)/python bench/data_plane.py
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "openclaw needs Python 3.11 or newer"'

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
+from zope.interface import implementer
 from twisted.web.server import Request
 
 from openclaw.allowlist import PeerAllowlist
@@ -116,3 +118,42 @@ class MetricsResource(Resource):
             return b"metrics are only served to TRUSTED_CLIENT_IPS\n"
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self._metrics.registry)
+
+
+@implementer(IAgent)
+class MeasuredAgent:
+    """
+    An agent that counts every provider request by provider and status and
+    times it to the response headers: wrapped around the one agent all
+    adapters share, it sees health probes and model calls alike without
+    either knowing.
+
+    @param providers: C{(base URL, provider id)} pairs; a request is the
+        first provider's whose base URL it starts with.
+    """
+
+    def __init__(
+        self,
+        agent: IAgent,
+        metrics: GatewayMetrics,
+        providers: Iterable[tuple[str, str]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._agent = agent
+        self._metrics = metrics
+        self._prefixes = [(base.rstrip("/").encode(), provider) for base, provider in providers]
+        self._clock = clock
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+        provider = next((p for prefix, p in self._prefixes if uri.startswith(prefix)), "other")
+        started = self._clock()
+
+        def answered(response: Any) -> Any:
+            self._metrics.upstream(provider, response.code, self._clock() - started)
+            return response
+
+        def failed(failure: Any) -> Any:
+            self._metrics.upstream(provider, "error", self._clock() - started)
+            return failure
+
+        return self._agent.request(method, uri, headers, bodyProducer).addCallbacks(answered, failed)

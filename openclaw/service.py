@@ -10,7 +10,8 @@ from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import FirstError, gatherResults, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,12 +27,12 @@ from twisted.logger import (
 from openclaw.allowlist import PeerAllowlist
 from openclaw.commands import COMMANDS, ControlCommands, ControlPlane
 from openclaw.controlplane import GOING_AWAY, ControlFactory
-from openclaw.dataplane import build_site
-from openclaw.metrics import GatewayMetrics, MetricsResource
+from openclaw.dataplane import APISite, build_site
+from openclaw.metrics import GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
-from openclaw.settings import Settings
+from openclaw.settings import PROVIDER_IDS, Settings
 from openclaw.state import RouteStore
 
 
@@ -88,12 +89,17 @@ class GatewayService(MultiService):
             clock=reactor.seconds,
             token_file=settings.token_file,
         )
-        self.providers = ProviderRegistry.from_settings(settings, reactor)
+        self.metrics = GatewayMetrics(COMMANDS, PROVIDER_IDS)
+        base_urls = [(settings.kimi_base_url, "kimi"), (settings.gemini_base_url, "gemini")]
+        self.providers = ProviderRegistry.from_settings(
+            settings,
+            reactor,
+            wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics, base_urls, reactor.seconds),
+        )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
         self.route = ActiveRoute(self.store.load() or Route(provider, settings.default_model(provider)))
         self.started_at = time.time()
-        self.metrics = GatewayMetrics(COMMANDS, self.providers.ids)
         commands = ControlCommands(
             route=self.route,
             providers=self.providers,
@@ -117,6 +123,7 @@ class GatewayService(MultiService):
         self.metrics.count_connections(lambda: len(self.factory.connections))
         metrics_resource = MetricsResource(self.metrics, PeerAllowlist(settings.trusted_clients))
         self._listen(control_endpoint, self.factory)
+        self.api_site: APISite | None = None
         if api_endpoint is not None:
             self.api_site = build_site(self.route, self.providers, settings, reactor)
             if metrics_endpoint is None:
@@ -174,21 +181,29 @@ class GatewayService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         """
-        Stop accepting, let the commands in flight finish (for up to
-        C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
-        client, then let go of the providers and the token file.
+        Stop accepting, let the commands and API calls in flight finish (for
+        up to C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
+        client, close the API's connections, then let go of the providers
+        and the token file.
         """
         if not self.running:
             return
         yield super().stopService()
-        drained = self.controlplane.drain()
+        drains = [self.controlplane.drain()]
+        if self.api_site is not None:
+            drains.append(self.api_site.drain())
+        drained = gatherResults(drains, consumeErrors=True)
         try:
             yield drained.addTimeout(self.settings.shutdown_grace_seconds, self._reactor)
-        except TimeoutError:
+        except (DeferredTimeoutError, FirstError):
+            # Twisted's TimeoutError is not the builtin one; and a gathered
+            # wait cancelled at the deadline fails with FirstError.
             self._log.warn(
-                "shutdown grace of {seconds} s is over; closing with commands still in flight",
+                "shutdown grace of {seconds} s is over; closing with commands or API calls still in flight",
                 seconds=self.settings.shutdown_grace_seconds,
             )
         yield self.factory.close_all(GOING_AWAY)
+        if self.api_site is not None:
+            yield self.api_site.close_connections()
         yield self.providers.close()
         self.sessions.discard_token_file()

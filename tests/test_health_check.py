@@ -9,9 +9,11 @@ import json
 import time
 from typing import Any
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.logger import globalLogPublisher
+from twisted.web.client import HTTPConnectionPool
 from twisted.trial.unittest import TestCase
 
 from openclaw.testing.upstream import StandInUpstream
@@ -21,7 +23,11 @@ KIMI_KEY = "sk-kimi-secret-0123456789"
 GEMINI_KEY = "AIza-gemini-secret-0123456789"
 
 
-class HealthCheckTests(TestCase):
+class UpstreamTestCase(TestCase):
+    """
+    A stand-in upstream with both keys, and a gateway pointed at it.
+    """
+
     timeout = 30
 
     def setUp(self) -> None:
@@ -37,6 +43,8 @@ class HealthCheckTests(TestCase):
     def gateway(self, **settings: Any) -> Any:
         return start_gateway(self, **{**self.upstream.settings_fields(), **settings})
 
+
+class HealthCheckTests(UpstreamTestCase):
     @inlineCallbacks
     def test_healthy(self):
         gateway = self.gateway()
@@ -115,3 +123,58 @@ class HealthCheckTests(TestCase):
         self.assertEqual(len(answers), 100)
         self.assertTrue(all(a["ok"] and a["result"]["providers"]["kimi"]["ok"] for a in answers))
         self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 1))
+
+
+class ShutdownGraceTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_grace_runs_out(self):
+        """
+        A command still in flight when SHUTDOWN_GRACE_SECONDS runs out does
+        not hold up the stop: every client is told 1001 and the stop
+        completes.
+        """
+        upstream = StandInUpstream(reactor)
+        upstream.kimi.key, upstream.gemini.key = KIMI_KEY, GEMINI_KEY
+        upstream.kimi.mode = upstream.gemini.mode = "hang"
+        upstream.listen(0, "127.0.0.1")
+        self.addCleanup(upstream.stop)
+        gateway = start_gateway(
+            self, **upstream.settings_fields(), health_check_timeout=30, shutdown_grace_seconds=0.5
+        )
+        client = yield open_client(self, gateway.port)
+        client.send({"token": gateway.token, "cmd": "health_check"})
+        started = time.monotonic()
+        yield gateway.service.stopService()
+        self.assertLess(time.monotonic() - started, 3)
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+
+
+class UpstreamMetricsTests(UpstreamTestCase):
+    """
+    /metrics on the API listener counts provider requests by status.
+    """
+
+    @inlineCallbacks
+    def test_upstream_requests_counted(self):
+        self.upstream.gemini.mode = "unauthorized"
+        gateway = self.gateway(api=True)
+        client = yield open_client(self, gateway.port)
+        yield client.command(gateway.token, "health_check")
+        text = yield treq_text(f"http://127.0.0.1:{gateway.api_port}/metrics")
+        self.assertIn('openclaw_upstream_requests_total{provider="kimi",status="200"} 1.0', text)
+        self.assertIn('openclaw_upstream_requests_total{provider="gemini",status="401"} 1.0', text)
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', text)
+        self.assertIn('openclaw_provider_up{provider="gemini"} 0.0', text)
+        self.assertIn('openclaw_upstream_request_seconds_count{provider="kimi"} 1.0', text)
+
+
+@inlineCallbacks
+def treq_text(url: str) -> Any:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = yield treq.get(url, pool=pool)
+    text = yield response.text()
+    yield pool.closeCachedConnections()
+    return text

@@ -2,9 +2,12 @@
 The one interface every provider adapter offers, and the probe logic they
 share.
 
-A provider module only says how to authenticate and how to read its models
-listing (L{ProviderAdapter.auth_headers}, L{ProviderAdapter.fetch_model_ids});
+A provider module only says how to authenticate, how to read its models
+listing and where its chat endpoint is (L{ProviderAdapter.auth_headers},
+L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url});
 everything about time limits, error wording and key hygiene lives here once.
+What a chat body looks like on the wire (L{ProviderAdapter.wire_format}) is
+the data plane's business, not the adapter's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
 
 from openclaw.providers.errors import (
     MissingKey,
@@ -29,7 +34,7 @@ from openclaw.providers.errors import (
     http_hint,
     scrub,
 )
-from openclaw.providers.fetch import Exchange, get_json, upstream_message
+from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
 from openclaw.settings import Settings
 
 
@@ -80,6 +85,9 @@ class ProviderAdapter(abc.ABC):
     key_variable: ClassVar[str]
     #: The environment variable an operator sets the base URL with.
     base_url_variable: ClassVar[str]
+    #: The shape of its chat API: "openai" (chat completions, passed
+    #: through) or "gemini" (generateContent, translated).
+    wire_format: ClassVar[str]
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: Any = attrs.field(repr=False)
@@ -89,14 +97,28 @@ class ProviderAdapter(abc.ABC):
     default_model: str
     #: Seconds one listing may take, connect to last body byte (all pages).
     timeout: float
+    #: The agent chat calls go through (the one under C{http}, sharing its
+    #: connection pool); None means "the agent of C{http}".
+    agent: IAgent | None = attrs.field(default=None, repr=False)
+    #: The chat request headers, built once: they hold the key.
+    _chat_headers: Headers | None = attrs.field(default=None, init=False, repr=False)
 
     _log: ClassVar[Logger] = Logger()
 
     @classmethod
     @abc.abstractmethod
-    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any) -> ProviderAdapter:
+    def from_settings(
+        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent | None = None
+    ) -> ProviderAdapter:
         """
         Build the adapter this provider's settings describe.
+        """
+
+    @abc.abstractmethod
+    def chat_url(self, model: str, stream: bool) -> bytes:
+        """
+        Where a chat call for C{model} goes (absolute URL, never carrying
+        the key).
         """
 
     @abc.abstractmethod
@@ -131,6 +153,40 @@ class ProviderAdapter(abc.ABC):
         "KIMI_API_KEY is not set" when no key is configured, else None.
         """
         return None if self.api_key else f"{self.key_variable} is not set"
+
+    def post_chat(self, model: str, body: bytes, stream: bool) -> Deferred[IResponse]:
+        """
+        Send one chat call; fires with the response once its headers are in,
+        whatever its status.  Cancelling it closes the connection.  The
+        caller checks L{missing_key_warning} first.
+        """
+        headers = self._chat_headers
+        if headers is None:
+            assert self.api_key is not None, "post_chat without a key"
+            headers = self._chat_headers = Headers(
+                {
+                    "Content-Type": ["application/json"],
+                    **{name: [value] for name, value in self.auth_headers(self.api_key).items()},
+                }
+            )
+        agent = self.agent if self.agent is not None else self.http._agent
+        return post(agent, self.chat_url(model, stream), headers, body)
+
+    def upstream_error(self, status: int, body: bytes) -> UpstreamHTTPError:
+        """
+        The error for a non-2xx answer: the provider's own message, clipped,
+        without the key, and what to check.
+        """
+        message = clip(scrub(upstream_message(body), self.api_key))
+        hint = http_hint(status, message, self.key_variable, self.base_url_variable)
+        return UpstreamHTTPError(status, message, hint)
+
+    def describe(self, reason: Failure) -> str:
+        """
+        Why an exchange with this provider failed, in one line without the
+        key ("connection refused by host:port; is KIMI_BASE_URL right ...").
+        """
+        return self._reason(reason)
 
     def list_models(self) -> Deferred[list[str]]:
         """
@@ -186,9 +242,7 @@ class ProviderAdapter(abc.ABC):
             what=what,
         )
         if not 200 <= status < 300:
-            message = clip(scrub(upstream_message(document), self.api_key))
-            hint = http_hint(status, message, self.key_variable, self.base_url_variable)
-            raise UpstreamHTTPError(status, message, hint)
+            raise self.upstream_error(status, document)
         return document
 
     def _bounded_listing(self, exchange: Exchange) -> Deferred[list[str]]:

@@ -6,9 +6,11 @@ C{x-goog-api-key} header so the key never appears in a URL or access log.
 from __future__ import annotations
 
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import attrs
 from treq.client import HTTPClient
+from twisted.web.iweb import IAgent
 
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.errors import MalformedResponse
@@ -27,18 +29,23 @@ class GeminiAdapter(ProviderAdapter):
     """
     C{GET {base}/models?pageSize=1000} answers C{{"models": [{"name":
     "models/<id>"}], "nextPageToken": ...}}; pages are followed with
-    C{pageToken}.
+    C{pageToken}.  Chat is C{POST {base}/models/<model>:generateContent}, or
+    C{:streamGenerateContent?alt=sse} for server-sent events.
     """
 
     id: ClassVar[str] = "gemini"
     display_name: ClassVar[str] = "Google Gemini"
     key_variable: ClassVar[str] = "GEMINI_API_KEY"
     base_url_variable: ClassVar[str] = "GEMINI_BASE_URL"
+    wire_format: ClassVar[str] = "gemini"
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any) -> GeminiAdapter:
+    def from_settings(
+        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent | None = None
+    ) -> GeminiAdapter:
         return cls(
             http=http,
+            agent=agent,
             reactor=reactor,
             base_url=settings.gemini_base_url,
             api_key=settings.gemini_api_key,
@@ -51,6 +58,12 @@ class GeminiAdapter(ProviderAdapter):
 
     def normalize_model(self, model: str) -> str:
         return model.removeprefix(MODEL_PREFIX)
+
+    def chat_url(self, model: str, stream: bool) -> bytes:
+        # Quoted whole: a model name is one path segment, whatever it holds.
+        name = quote(self.normalize_model(model), safe="")
+        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        return f"{self.base_url}/models/{name}:{method}".encode()
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
         ids: list[str] = []

@@ -10,7 +10,7 @@ health checks costs one upstream request per provider.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -18,8 +18,10 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 
 from openclaw.providers.base import ProbeResult, ProviderAdapter
+from openclaw.providers.endpoints import CachedEndpoints
 from openclaw.providers.errors import UnknownProvider
 from openclaw.providers.gemini import GeminiAdapter
 from openclaw.providers.kimi import KimiAdapter
@@ -27,6 +29,16 @@ from openclaw.settings import Settings
 
 #: Every adapter the gateway knows, in the order reports list them.
 ADAPTER_TYPES: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
+
+#: Idle connections kept open per upstream host.  Twisted's default of 2
+#: makes every concurrent model call beyond the second open (and then close)
+#: a connection of its own: a TCP (and TLS) handshake on the data plane's
+#: hot path.  Idle ones are closed after the pool's cachedConnectionTimeout.
+MAX_PERSISTENT_PER_HOST = 128
+#: Seconds an idle pooled connection is kept.  Below the 60 s idle cut-off
+#: common in load balancers: a POST sent on a connection the far end has
+#: silently dropped is not retried (it is not idempotent), it fails.
+CACHED_CONNECTION_SECONDS = 50
 
 
 @attrs.define
@@ -38,9 +50,12 @@ class ProviderRegistry:
 
     _adapters: tuple[ProviderAdapter, ...]
     reactor: Any = attrs.field(repr=False)
-    #: The HTTP client every adapter uses (and chat completions will).
+    #: The HTTP client every adapter's models listing uses.
     http: HTTPClient | None = attrs.field(default=None, repr=False)
     pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
+    #: The agent under C{http}: chat calls use it directly (see
+    #: L{openclaw.providers.fetch.post}).
+    agent: IAgent | None = attrs.field(default=None, repr=False)
     #: Share a probe in flight between callers; off only for benchmarks.
     coalesce: bool = True
     #: Per provider id, the callers waiting on the probe in flight.
@@ -50,15 +65,28 @@ class ProviderRegistry:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, reactor: Any, *, coalesce: bool = True
+        cls,
+        settings: Settings,
+        reactor: Any,
+        *,
+        coalesce: bool = True,
+        wrap_agent: Callable[[IAgent], IAgent] | None = None,
     ) -> ProviderRegistry:
         """
         Every provider, sharing one persistent connection pool.
+
+        @param wrap_agent: wraps the one agent every provider request goes
+            through (models listings and chat calls alike), to measure them.
         """
         pool = HTTPConnectionPool(reactor, persistent=True)
-        http = HTTPClient(Agent(reactor, pool=pool))
-        adapters = tuple(kind.from_settings(settings, http, reactor) for kind in ADAPTER_TYPES)
-        return cls(adapters, reactor, http=http, pool=pool, coalesce=coalesce)
+        pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        pool.cachedConnectionTimeout = CACHED_CONNECTION_SECONDS
+        agent: IAgent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
+        if wrap_agent is not None:
+            agent = wrap_agent(agent)
+        http = HTTPClient(agent)
+        adapters = tuple(kind.from_settings(settings, http, reactor, agent) for kind in ADAPTER_TYPES)
+        return cls(adapters, reactor, http=http, pool=pool, agent=agent, coalesce=coalesce)
 
     @property
     def ids(self) -> tuple[str, ...]:

@@ -4,8 +4,12 @@ A stand-in for the Kimi (Moonshot AI) and Google Gemini HTTP APIs.
 One small C{twisted.web} server speaks both providers' shapes, each under its
 own path prefix, so one listening port serves both adapters::
 
-    Kimi:   http://127.0.0.1:PORT/kimi/v1       (GET /models, Bearer auth)
-    Gemini: http://127.0.0.1:PORT/gemini/v1beta (GET /models, x-goog-api-key)
+    Kimi:   http://127.0.0.1:PORT/kimi/v1       (GET /models, POST /chat/completions;
+                                                 Bearer auth)
+    Gemini: http://127.0.0.1:PORT/gemini/v1beta (GET /models, POST
+                                                 /models/M:generateContent and
+                                                 :streamGenerateContent?alt=sse;
+                                                 x-goog-api-key)
 
 Each provider's answers are steered by a plain L{ProviderBehaviour} object
 that a test mutates between requests (C{upstream.kimi.mode = "hang"}); the
@@ -15,9 +19,11 @@ exactly one) was made.
 Requests that are left hanging or stalled are tracked, and L{StandInUpstream.stop}
 aborts every connection still open, so trial finds a clean reactor.
 
-Adding an endpoint later (chat completions) means writing one handler that
-turns a request into C{(status, document)} and mounting it with
-L{_Endpoint}; the modes (delay, errors, hang, stall) then apply to it too.
+Each endpoint is one handler that turns a request into C{(status,
+document)} (or C{(200, EventStream)} for server-sent events), mounted with
+L{_Endpoint}; the modes (delay, errors, hang, stall, cut) apply to all of
+them.  Chat answers are the behaviour's C{reply}, split into words; a
+stream sends one event per word, C{chunk_interval} seconds apart.
 
 Run it by hand::
 
@@ -30,6 +36,7 @@ import argparse
 import base64
 import binascii
 import json
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
@@ -40,7 +47,9 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python.failure import Failure
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -72,8 +81,12 @@ class Mode(StrEnum):
     MALFORMED = "malformed"
     #: Never answer, not even the status line.
     HANG = "hang"
-    #: Send the headers and part of the body, then nothing more.
+    #: Send the headers and part of the body, then nothing more (a stream:
+    #: C{cut_after} events, then nothing more).
     STALL = "stall"
+    #: Send the headers and part of the body, then close the connection
+    #: mid-body (a stream: C{cut_after} events, then close it).
+    CUT = "cut"
 
 
 @attrs.define
@@ -101,6 +114,17 @@ class ProviderBehaviour:
     #: The request target (path and query) of each request, in order, so a
     #: test can check that no key ever travels in a URL.
     uris: list[str] = attrs.field(factory=list)
+    #: What a chat call answers; a stream sends it word by word.
+    reply: str = "Hello from the stand-in."
+    #: Seconds between the events of a streamed answer.
+    chunk_interval: float = 0.0
+    #: Events a stream sends before L{Mode.STALL} or L{Mode.CUT} strike.
+    cut_after: int = 2
+    #: The parsed JSON body of the latest chat call.
+    last_body: Any = None
+    #: Streamed answers whose client went away before the end.
+    streams_lost: int = 0
+    _lost_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list, repr=False)
 
     def reset(self) -> None:
         """
@@ -108,6 +132,35 @@ class ProviderBehaviour:
         """
         self.requests = 0
         self.uris.clear()
+        self.last_body = None
+        self.streams_lost = 0
+
+    def reply_pieces(self) -> list[str]:
+        """
+        The reply cut into words (each keeping its leading space), one per
+        stream event.
+        """
+        return re.findall(r"\s*\S+", self.reply) or [self.reply]
+
+    def stream_lost(self) -> None:
+        """
+        Count a stream whose client went away; wake who waits for it.
+        """
+        self.streams_lost += 1
+        due = [d for count, d in self._lost_waiters if count <= self.streams_lost]
+        self._lost_waiters = [(c, d) for c, d in self._lost_waiters if c > self.streams_lost]
+        for d in due:
+            d.callback(None)
+
+    def when_streams_lost(self, count: int = 1) -> Deferred[None]:
+        """
+        Fire once C{count} streamed answers in all have lost their client.
+        """
+        if self.streams_lost >= count:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append((count, d))
+        return d
 
 
 def default_kimi(key: str = "kimi-test-key") -> ProviderBehaviour:
@@ -263,6 +316,102 @@ def gemini_models(request: Request, behaviour: ProviderBehaviour) -> tuple[int, 
     return 200, document
 
 
+@attrs.frozen
+class EventStream:
+    """
+    A streamed answer: these server-sent event payloads, in order, each
+    written as C{data: <payload>} and the given separator.
+    """
+
+    events: tuple[bytes, ...]
+    #: Gemini separates events with CRLF pairs, OpenAI-style APIs with LFs.
+    separator: bytes = b"\n\n"
+
+
+def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(request.content.read())
+    except ValueError:
+        raise Reject(400, "request body is not valid JSON") from None
+
+
+def kimi_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
+    """
+    C{POST /v1/chat/completions}: the reply as one completion, or with
+    C{"stream": true} as C{chat.completion.chunk} events ending C{[DONE]}.
+    """
+    body = behaviour.last_body = _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise Reject(400, "Invalid request: messages must be a non-empty list")
+    model = body.get("model")
+    if model not in behaviour.models:
+        raise Reject(404, f"Not found the model {model} or Permission denied")
+    base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
+    usage = {"prompt_tokens": 10, "completion_tokens": len(behaviour.reply_pieces()), "total_tokens": 0}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if not body.get("stream"):
+        return 200, {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": behaviour.reply},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    chunk = {**base, "object": "chat.completion.chunk"}
+    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    events += [
+        {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+        for piece in behaviour.reply_pieces()
+    ]
+    events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append({**chunk, "choices": [], "usage": usage})
+    return 200, EventStream(tuple(json.dumps(e).encode() for e in events) + (b"[DONE]",))
+
+
+def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
+    """
+    C{POST /v1beta/models/<model>:generateContent}, and
+    C{:streamGenerateContent?alt=sse} as one C{GenerateContentResponse} per
+    event (no end marker: the stream just ends).
+    """
+    target = b"/".join(request.postpath).decode("utf-8", "replace")
+    model, _, method = target.rpartition(":")
+    if method not in ("generateContent", "streamGenerateContent") or not model:
+        raise Reject(404, f"Method {target!r} not found.")
+    body = behaviour.last_body = _json_body(request)
+    if not isinstance(body, dict) or not body.get("contents"):
+        raise Reject(400, "* GenerateContentRequest.contents: contents is not specified")
+    if model not in behaviour.models:
+        raise Reject(404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent.")
+    count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
+    pieces = behaviour.reply_pieces()
+    usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces), "totalTokenCount": 10 + len(pieces)}
+
+    def response(text: str, finish: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+        if finish:
+            candidate["finishReason"] = "STOP"
+        return {
+            "candidates": [{**candidate, "index": i} for i in range(count)],
+            "usageMetadata": usage,
+            "modelVersion": model,
+            "responseId": "standin-response",
+        }
+
+    if method == "generateContent":
+        return 200, response(behaviour.reply, True)
+    if _arg(request, "alt") != "sse":
+        raise Reject(400, "the stand-in streams only with alt=sse")
+    events = [response(piece, i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+    return 200, EventStream(tuple(json.dumps(e).encode() for e in events), separator=b"\r\n\r\n")
+
+
 def _arg(request: Request, name: str) -> str | None:
     values = (request.args or {}).get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
@@ -320,16 +469,30 @@ class _Endpoint(Resource):
     isLeaf = True
 
     def __init__(
-        self, upstream: StandInUpstream, provider_id: str, dialect: Dialect, handler: Handler
+        self,
+        upstream: StandInUpstream,
+        provider_id: str,
+        dialect: Dialect,
+        handler: Handler | None = None,
+        post: Handler | None = None,
     ) -> None:
         super().__init__()
         self._upstream = upstream
         self._provider_id = provider_id
         self._dialect = dialect
-        self._handler = handler
+        self._handlers = {b"GET": handler, b"POST": post}
+        self.allowedMethods = tuple(m for m, h in self._handlers.items() if h is not None)
 
     def render_GET(self, request: Request) -> int:
         return self._accept(request)
+
+    def render_POST(self, request: Request) -> int:
+        return self._accept(request)
+
+    def render(self, request: Request) -> Any:
+        if self._handlers.get(request.method) is None:
+            raise UnsupportedMethod(self.allowedMethods)
+        return super().render(request)
 
     def _accept(self, request: Request) -> int:
         behaviour = self._upstream.behaviour(self._provider_id)
@@ -360,13 +523,17 @@ class _Endpoint(Resource):
             return self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
         if mode is Mode.MALFORMED:
             return _send(request, 200, b'{"object": "list", "data": [{"id": "moonsh')
+        handler = self._handlers[request.method]
+        assert handler is not None
         try:
-            status, document = self._handler(request, behaviour)
+            status, document = handler(request, behaviour)
         except Reject as e:
             return self._error(request, behaviour, e.status, e.message)
+        if isinstance(document, EventStream):
+            return _Streamer(self._upstream, request, behaviour, document, mode).start()
         body = json.dumps(document).encode()
-        if mode is Mode.STALL:
-            return _send(request, status, body, stall=True)
+        if mode in (Mode.STALL, Mode.CUT):
+            return _send(request, status, body, stall=True, cut=mode is Mode.CUT)
         return _send(request, status, body)
 
     def _error(
@@ -376,19 +543,71 @@ class _Endpoint(Resource):
         _send(request, status, json.dumps(document).encode())
 
 
-def _send(request: Request, status: int, body: bytes, stall: bool = False) -> None:
+def _send(request: Request, status: int, body: bytes, stall: bool = False, cut: bool = False) -> None:
     """
     Answer with a JSON body; when stalling, announce the whole length but
-    write only half of it and never finish.
+    write only half of it and never finish (when cutting, then drop the
+    connection).
     """
     request.setResponseCode(status)
     request.setHeader("content-type", "application/json; charset=UTF-8")
     request.setHeader("content-length", str(len(body)))
     if stall:
         request.write(body[: len(body) // 2])
+        if cut:
+            request.channel.transport.loseConnection()
         return
     request.write(body)
     request.finish()
+
+
+@attrs.define
+class _Streamer:
+    """
+    Writes one L{EventStream}, an event every C{chunk_interval} seconds
+    (all at once when 0), and notes a client that leaves before the end.
+    """
+
+    upstream: StandInUpstream
+    request: Request
+    behaviour: ProviderBehaviour
+    stream: EventStream
+    mode: Mode
+    _sent: int = 0
+    _over: bool = False
+
+    def start(self) -> int:
+        self.request.setResponseCode(200)
+        self.request.setHeader("content-type", "text/event-stream")
+        self.request.setHeader("cache-control", "no-cache")
+        self.request.notifyFinish().addErrback(self._lost)
+        self._next()
+        return NOT_DONE_YET
+
+    def _next(self) -> None:
+        self.upstream.open_requests.timers.pop(self.request, None)
+        interval = self.behaviour.chunk_interval
+        while self._sent < len(self.stream.events):
+            if self.mode in (Mode.STALL, Mode.CUT) and self._sent >= self.behaviour.cut_after:
+                if self.mode is Mode.CUT:
+                    # loseConnection, not abort: the events written so far
+                    # are still in the send buffer and must go out first.
+                    self._over = True
+                    self.request.channel.transport.loseConnection()
+                return
+            self.request.write(b"data: " + self.stream.events[self._sent] + self.stream.separator)
+            self._sent += 1
+            if interval > 0 and self._sent < len(self.stream.events):
+                self.upstream.open_requests.timers[self.request] = self.upstream.reactor.callLater(
+                    interval, self._next
+                )
+                return
+        self._over = True
+        self.request.finish()
+
+    def _lost(self, reason: Failure) -> None:
+        if not self._over:
+            self.behaviour.stream_lost()
 
 
 class _TrackedConnections(WrappingFactory):
@@ -446,15 +665,26 @@ class StandInUpstream:
         root = Resource()
         kimi_v1 = _mount(root, b"kimi", b"v1")
         kimi_v1.putChild(b"models", _Endpoint(self, "kimi", KimiDialect(), kimi_models))
+        _mount(kimi_v1, b"chat").putChild(
+            b"completions", _Endpoint(self, "kimi", KimiDialect(), post=kimi_chat)
+        )
         gemini_v1beta = _mount(root, b"gemini", b"v1beta")
-        gemini_v1beta.putChild(b"models", _Endpoint(self, "gemini", GeminiDialect(), gemini_models))
+        gemini_v1beta.putChild(
+            b"models", _Endpoint(self, "gemini", GeminiDialect(), gemini_models, post=gemini_generate)
+        )
         return root
 
-    def listen(self, port: int = 0, interface: str = "127.0.0.1") -> IListeningPort:
+    def listen(self, port: int = 0, interface: str = "127.0.0.1", access_log: bool = True) -> IListeningPort:
         """
         Start serving; port 0 picks a free one (see L{port}).
+
+        @param access_log: log a line per request (off for benchmarks: the
+            line costs more than the answer).
         """
-        self._connections = _TrackedConnections(Site(self.resource(), reactor=self.reactor))
+        site = Site(self.resource(), reactor=self.reactor)
+        if not access_log:
+            site.log = lambda request: None
+        self._connections = _TrackedConnections(site)
         self._port = self.reactor.listenTCP(
             port, self._connections, backlog=BACKLOG, interface=interface
         )
@@ -529,6 +759,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--kimi-mode", choices=modes, default="ok")
     parser.add_argument("--gemini-mode", choices=modes, default="ok")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument(
+        "--chunk-interval", type=float, default=0.0, help="seconds between the events of a streamed answer"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no access log (for benchmarks)")
     return parser.parse_args(argv)
 
 
@@ -539,10 +773,20 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
     args = _parse_args(argv)
     upstream = StandInUpstream(
         reactor,
-        kimi=attrs.evolve(default_kimi(args.kimi_key), mode=args.kimi_mode, delay=args.delay),
-        gemini=attrs.evolve(default_gemini(args.gemini_key), mode=args.gemini_mode, delay=args.delay),
+        kimi=attrs.evolve(
+            default_kimi(args.kimi_key),
+            mode=args.kimi_mode,
+            delay=args.delay,
+            chunk_interval=args.chunk_interval,
+        ),
+        gemini=attrs.evolve(
+            default_gemini(args.gemini_key),
+            mode=args.gemini_mode,
+            delay=args.delay,
+            chunk_interval=args.chunk_interval,
+        ),
     )
-    upstream.listen(args.port, args.interface)
+    upstream.listen(args.port, args.interface, access_log=not args.quiet)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     print("Stand-in upstream listening. Point the gateway at it with:")
     for name, value in upstream.settings_fields().items():

@@ -1,0 +1,105 @@
+"""
+What every API resource needs: the route in force, the providers, the
+keys, the time limit, and the one log line per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from openclaw.dataplane.auth import GatewayKeys
+from openclaw.providers import ProviderRegistry
+from openclaw.routing import ActiveRoute, Route
+from openclaw.settings import Settings
+
+_QUIET_LEVELS = frozenset({"warn", "error", "critical"})
+
+
+@attrs.define(eq=False)
+class APIContext:
+    """
+    Shared, read-mostly state of the API: built once by
+    L{openclaw.dataplane.build_site}.
+    """
+
+    route: ActiveRoute
+    providers: ProviderRegistry
+    keys: GatewayKeys
+    #: UPSTREAM_TIMEOUT, seconds.
+    timeout: float
+    reactor: Any
+    log: Logger = attrs.field(factory=lambda: Logger(namespace="openclaw.dataplane"))
+    #: Log each completed request at info level (off when LOG_LEVEL is
+    #: warn or above: then not even the event is built).
+    log_requests: bool = True
+    #: Calls waiting on a provider right now.
+    in_flight: int = 0
+    _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
+
+    def call_started(self) -> None:
+        self.in_flight += 1
+
+    def call_ended(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def idle(self) -> Deferred[None]:
+        """
+        Fires once no call is waiting on a provider.
+        """
+        if not self.in_flight:
+            return succeed(None)
+        # Cancellable (a stop bounds the wait with addTimeout): a cancelled
+        # waiter leaves the list, so it is never fired twice.
+        d: Deferred[None] = Deferred(self._idle_waiters.remove)
+        self._idle_waiters.append(d)
+        return d
+
+    @classmethod
+    def from_settings(
+        cls, route: ActiveRoute, providers: ProviderRegistry, settings: Settings, reactor: Any
+    ) -> APIContext:
+        return cls(
+            route=route,
+            providers=providers,
+            keys=GatewayKeys.of(settings.gateway_api_keys),
+            timeout=settings.upstream_timeout,
+            reactor=reactor,
+            log_requests=settings.log_level not in _QUIET_LEVELS,
+        )
+
+    def completed(
+        self,
+        request: Request,
+        started: float,
+        status: int,
+        route: Route | None = None,
+        stream: bool = False,
+        outcome: str | None = None,
+    ) -> None:
+        """
+        Log one finished API request: structured fields, no body, no key.
+        C{outcome} is the error code when there was one.
+        """
+        if not self.log_requests:
+            return
+        self.log.info(
+            "{method} {path} {status} via {route} in {duration_ms} ms",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status=status,
+            route=f"{route.provider_id}/{route.model}" if route else "-",
+            provider=route.provider_id if route else None,
+            model=route.model if route else None,
+            stream=stream,
+            outcome=outcome,
+            duration_ms=round((self.reactor.seconds() - started) * 1000, 2),
+        )

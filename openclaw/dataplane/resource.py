@@ -1,0 +1,259 @@
+"""
+The API's C{twisted.web} resources: C{GET /healthz}, C{GET /v1/models},
+C{POST /v1/chat/completions}; anything else is a 404, a known path with
+the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from twisted.python.failure import Failure
+from twisted.web.error import UnsupportedMethod
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from openclaw.dataplane.call import ChatCall
+from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.errors import (
+    PROVIDER_HEADER,
+    APIError,
+    internal_error,
+    method_not_allowed,
+    not_found,
+    provider_not_configured,
+    upstream_failed,
+    upstream_http_error,
+    upstream_timeout,
+)
+from openclaw.dataplane.request import choose_route, parse_chat_request
+from openclaw.dataplane.wire import WIRES
+from openclaw.providers import (
+    MissingKey,
+    ProbeTimedOut,
+    ProviderAdapter,
+    ProviderError,
+    UpstreamHTTPError,
+)
+from openclaw.routing import Route
+
+_JSON = b"application/json"
+
+
+def _passing(effect: Any) -> Any:
+    """
+    A callback that runs C{effect()} and passes the result on untouched.
+    """
+
+    def callback(result: Any) -> Any:
+        effect()
+        return result
+
+    return callback
+
+
+def error_response(request: Request, error: APIError) -> bytes:
+    """
+    Set C{request} up to answer with C{error}; the body to return.
+    """
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", _JSON)
+    for name, value in error.headers:
+        request.setHeader(name, value)
+    return error.body()
+
+
+def json_response(request: Request, document: Any) -> bytes:
+    request.setHeader(b"Content-Type", _JSON)
+    return orjson.dumps(document)
+
+
+class APIResource(Resource):
+    """
+    Dispatches on the method like C{Resource}, but answers a wrong method
+    and any exception in OpenAI's error shape rather than an HTML page.
+    """
+
+    def __init__(self, context: APIContext) -> None:
+        super().__init__()
+        self.context = context
+        self.allowedMethods = tuple(
+            method for method in (b"GET", b"POST") if hasattr(self, f"render_{method.decode()}")
+        )
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound(self.context)
+
+    def render(self, request: Request) -> Any:
+        if not self.allowedMethods:
+            # A branch of the tree (/, /v1): nothing to serve here.
+            return error_response(request, not_found(request.path.decode("utf-8", "replace")))
+        method = request.method
+        handler = getattr(self, "render_" + method.decode("ascii", "replace"), None)
+        if handler is None:
+            if method == b"HEAD" and b"GET" in self.allowedMethods:
+                # Twisted answers HEAD from render_GET when told so.
+                raise UnsupportedMethod(self.allowedMethods)
+            return error_response(
+                request, method_not_allowed(method.decode("ascii", "replace"), self.allowedMethods)
+            )
+        try:
+            return handler(request)
+        except APIError as error:
+            return error_response(request, error)
+        except Exception:
+            self.context.log.failure("API request failed unexpectedly")
+            return error_response(request, internal_error())
+
+
+class NotFound(APIResource):
+    """
+    Every path the API does not serve, whatever the method.
+    """
+
+
+class Healthz(APIResource):
+    """
+    For load balancers: no key, no upstream call; says which route is
+    active.
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        route = self.context.route.current
+        return json_response(request, {"status": "ok", "provider": route.provider_id, "model": route.model})
+
+
+class _Authenticated(APIResource):
+    def authenticate(self, request: Request, started: float) -> None:
+        """
+        @raise APIError: 401 unless the request carries a gateway key.
+        """
+        error = self.context.keys.check(request.getHeader(b"authorization"))
+        if error is not None:
+            self.context.completed(request, started, error.status, outcome=error.code)
+            raise error
+
+    def usable(self, request: Request, provider_id: str, started: float) -> ProviderAdapter:
+        """
+        @raise APIError: 503 when the provider has no key configured.
+        """
+        adapter = self.context.providers.get(provider_id)
+        if not adapter.api_key:
+            error = provider_not_configured(provider_id, adapter.key_variable)
+            request.setHeader(PROVIDER_HEADER, provider_id.encode())
+            self.context.completed(request, started, error.status, outcome=error.code)
+            raise error
+        return adapter
+
+
+class Models(_Authenticated):
+    """
+    C{GET /v1/models}: the active provider's models listing (the one the
+    health check reads, so bounded by HEALTH_CHECK_TIMEOUT), in OpenAI's
+    list shape.
+    """
+
+    def render_GET(self, request: Request) -> Any:
+        context = self.context
+        started = context.reactor.seconds()
+        self.authenticate(request, started)
+        route = context.route.current
+        adapter = self.usable(request, route.provider_id, started)
+        request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
+        listing = adapter.list_models()
+        context.call_started()
+        gone: list[bool] = []
+
+        def client_gone(reason: Failure) -> None:
+            gone.append(True)
+            listing.cancel()
+
+        def answer(result: list[str] | Failure) -> None:
+            if gone:
+                return None
+            if isinstance(result, Failure):
+                return self._failed(result, request, route, started)
+            return self._listed(result, request, route, started)
+
+        request.notifyFinish().addErrback(client_gone)
+        listing.addBoth(answer)
+        listing.addErrback(lambda reason: context.log.failure("models listing failed unexpectedly", reason))
+        # Counted out once the answer is written: see APISite.drain.
+        listing.addBoth(_passing(context.call_ended))
+        return NOT_DONE_YET
+
+    def _listed(self, ids: list[str], request: Request, route: Route, started: float) -> None:
+        owner = route.provider_id
+        body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model in ids],
+            }
+        )
+        request.setHeader(b"Content-Type", _JSON)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+        self.context.completed(request, started, 200, route)
+
+    def _failed(self, reason: Failure, request: Request, route: Route, started: float) -> None:
+        provider_id = route.provider_id
+        value = reason.value
+        error: APIError
+        if isinstance(value, MissingKey):
+            adapter = self.context.providers.get(provider_id)
+            error = provider_not_configured(provider_id, adapter.key_variable)
+        elif isinstance(value, UpstreamHTTPError):
+            error = upstream_http_error(provider_id, value.status, str(value))
+        elif isinstance(value, ProbeTimedOut):
+            timeout = self.context.providers.get(provider_id).timeout
+            error = upstream_timeout(provider_id, timeout, "the models listing", "HEALTH_CHECK_TIMEOUT")
+        elif isinstance(value, ProviderError):
+            error = upstream_failed(provider_id, str(value))
+        else:
+            self.context.log.failure("models listing failed unexpectedly", reason)
+            error = internal_error()
+        body = error_response(request, error)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+        self.context.completed(request, started, error.status, route, outcome=error.code)
+
+
+class ChatCompletions(_Authenticated):
+    """
+    C{POST /v1/chat/completions}, to the active provider or the one the
+    request's C{"<provider>/<model>"} names.
+    """
+
+    def render_POST(self, request: Request) -> Any:
+        context = self.context
+        started = context.reactor.seconds()
+        self.authenticate(request, started)
+        try:
+            chat = parse_chat_request(request.content.read())
+            route = choose_route(chat.model, context.route.current, context.providers.ids)
+        except APIError as error:
+            context.completed(request, started, error.status, outcome=error.code)
+            raise
+        adapter = self.usable(request, route.provider_id, started)
+        wire = WIRES[adapter.wire_format]
+        call = ChatCall(context, request, adapter, route, wire, chat, started)
+        call.start(wire.request_body(chat, route.model))
+        return NOT_DONE_YET
+
+
+def build_resource(context: APIContext) -> Resource:
+    """
+    The tree: C{/healthz}, C{/v1/models}, C{/v1/chat/completions}.
+    """
+    root = APIResource(context)
+    root.putChild(b"healthz", Healthz(context))
+    v1 = APIResource(context)
+    root.putChild(b"v1", v1)
+    v1.putChild(b"models", Models(context))
+    chat = APIResource(context)
+    v1.putChild(b"chat", chat)
+    chat.putChild(b"completions", ChatCompletions(context))
+    return root

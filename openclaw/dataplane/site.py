@@ -1,0 +1,92 @@
+"""
+The API's L{Site}: no access log of its own (the data plane logs one
+structured event per call instead), and what a stop needs: wait for the
+calls in flight (L{APISite.drain}), then close every connection and know
+when they are gone (L{APISite.close_connections}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ITCPTransport
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request, Site
+
+from openclaw.dataplane.context import APIContext
+
+
+class _Channel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that tells its site when it opens and closes.
+    """
+
+    site: APISite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+        # Stream events are small writes in quick succession: without this,
+        # Nagle's algorithm holds each one back until the client ACKs the
+        # previous one, and a delayed ACK makes that up to 40 ms.
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.site.channel_closed(self)
+
+
+class APISite(Site):
+    """
+    A L{Site} for the API.
+    """
+
+    protocol = _Channel
+
+    def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.context = context
+        self.channels: set[_Channel] = set()
+        self._waiting: list[Deferred[None]] = []
+
+    def drain(self) -> Deferred[None]:
+        """
+        Fires once no API call is waiting on a provider (at once if none
+        is).  For a stop: after the listener is closed, bounded by the
+        caller's grace period, before L{close_connections}.
+        """
+        return self.context.idle()
+
+    def log(self, request: Request) -> None:
+        """
+        No access log line: formatting one costs more than the data plane's
+        own work on a request, which logs a structured event instead.
+        """
+
+    def channel_closed(self, channel: _Channel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def close_connections(self) -> Deferred[None]:
+        """
+        Close every client connection: idle keep-alive ones politely, any
+        with a call still under way at once (its upstream request is then
+        cancelled, and a stream ends without C{[DONE]}); fires once all are
+        closed.  For a stop, after the listener is closed.
+        """
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        for channel in list(self.channels):
+            if channel.requests:
+                channel.transport.abortConnection()
+            else:
+                channel.transport.loseConnection()
+        return d

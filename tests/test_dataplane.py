@@ -1,0 +1,696 @@
+"""
+The data plane as an application sees it: the official openai SDK (and raw
+HTTP where the exact bytes matter) against a gateway in this process, in
+front of the stand-in upstream, all on 127.0.0.1.
+
+The SDK is synchronous, so each call runs in a thread
+(C{deferToThread}) while the reactor keeps serving the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import openai
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+
+from openclaw.routing import Route
+from openclaw.testing import upstream as standin
+from openclaw.testing.upstream import StandInUpstream
+from tests.support import RunningGateway, free_port, open_client, start_gateway
+
+GATEWAY_KEY = "gw-key-0123456789abcdef"
+OTHER_GATEWAY_KEY = "gw-key-second-0123456789"
+KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
+GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+class DataPlaneTestCase(TestCase):
+    """
+    A stand-in upstream, and helpers for a gateway in front of it with
+    clients that are closed when the test ends.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        self.upstream = StandInUpstream(reactor)
+        self.upstream.kimi.key = KIMI_KEY
+        self.upstream.gemini.key = GEMINI_KEY
+        self.upstream.listen(0, "127.0.0.1")
+        self.addCleanup(self.upstream.stop)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def gateway(self, **settings: Any) -> RunningGateway:
+        fields = {
+            **self.upstream.settings_fields(),
+            "gateway_api_keys": (GATEWAY_KEY, OTHER_GATEWAY_KEY),
+            **settings,
+        }
+        gateway = start_gateway(self, api=True, **fields)
+        # Runs before the service stops (cleanups run last-added first):
+        # keep-alive connections of the clients would leave the reactor dirty.
+        self.addCleanup(gateway.service.api_site.close_connections)
+        return gateway
+
+    def sdk(self, gateway: RunningGateway, key: str = GATEWAY_KEY) -> openai.OpenAI:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=key, max_retries=0, timeout=10
+        )
+        self.addCleanup(deferToThread, client.close)
+        return client
+
+    def http(self) -> HTTPClient:
+        """
+        A raw HTTP client, for asserting on status lines, headers and bytes.
+        """
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        return HTTPClient(Agent(reactor, pool=pool))
+
+    @inlineCallbacks
+    def post(
+        self, gateway: RunningGateway, body: Any, key: str | None = GATEWAY_KEY, path: str = "/v1/chat/completions"
+    ) -> Any:
+        """
+        POST C{body} (JSON unless bytes); fire with C{(response, text)}.
+        """
+        headers = {"Content-Type": ["application/json"]}
+        if key is not None:
+            headers["Authorization"] = [f"Bearer {key}"]
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = yield self.http().post(
+            f"http://127.0.0.1:{gateway.api_port}{path}", data=data, headers=headers
+        )
+        text = yield response.text("utf-8")
+        return response, text
+
+    def assertOpenAIError(self, text: str, code: str | None = None) -> dict[str, Any]:
+        document = json.loads(text)
+        self.assertEqual(set(document), {"error"})
+        error = document["error"]
+        self.assertEqual(set(error) - {"param"}, {"message", "type", "code"})
+        self.assertIsInstance(error["message"], str)
+        self.assertTrue(error["message"])
+        if code is not None:
+            self.assertEqual(error["code"], code)
+        return error
+
+
+class ChatTests(DataPlaneTestCase):
+    """
+    Answers from both providers through the SDK, whole and streamed.
+    """
+
+    @inlineCallbacks
+    def test_gemini_completion(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        raw = yield deferToThread(
+            client.chat.completions.with_raw_response.create,
+            model="gpt-4o",
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": "No emoji."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": [{"type": "text", "text": "Again"}]},
+            ],
+            temperature=0.5,
+            top_p=0.9,
+            max_tokens=64,
+            stop=["END"],
+        )
+        self.assertEqual(raw.headers["x-openclaw-provider"], "gemini")
+        completion = raw.parse()
+        self.assertEqual(completion.object, "chat.completion")
+        self.assertEqual(completion.model, "gemini-flash-latest")
+        self.assertEqual(completion.choices[0].message.content, "Hello from the stand-in.")
+        self.assertEqual(completion.choices[0].message.role, "assistant")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        self.assertEqual(completion.usage.prompt_tokens, 10)
+        self.assertEqual(completion.usage.completion_tokens, 4)
+        self.assertEqual(completion.usage.total_tokens, 14)
+        self.assertEqual(
+            self.upstream.gemini.last_body,
+            {
+                "contents": [
+                    {"role": "user", "parts": [{"text": "Hi"}]},
+                    {"role": "model", "parts": [{"text": "Hello!"}]},
+                    {"role": "user", "parts": [{"text": "Again"}]},
+                ],
+                "systemInstruction": {"parts": [{"text": "Be brief."}, {"text": "No emoji."}]},
+                "generationConfig": {
+                    "temperature": 0.5,
+                    "topP": 0.9,
+                    "maxOutputTokens": 64,
+                    "stopSequences": ["END"],
+                },
+            },
+        )
+        # The key travels in x-goog-api-key, never in the URL.
+        self.assertEqual(self.upstream.gemini.uris, ["/gemini/v1beta/models/gemini-flash-latest:generateContent"])
+
+    @inlineCallbacks
+    def test_kimi_completion(self):
+        gateway = self.gateway(default_provider="kimi")
+        client = self.sdk(gateway)
+        raw = yield deferToThread(
+            client.chat.completions.with_raw_response.create,
+            model="gpt-4o",
+            messages=[{"role": "developer", "content": "Be brief."}, *HELLO],
+            temperature=0.2,
+        )
+        self.assertEqual(raw.headers["x-openclaw-provider"], "kimi")
+        completion = raw.parse()
+        self.assertEqual(completion.model, "moonshot-v1-8k")
+        self.assertEqual(completion.choices[0].message.content, "Hello from the stand-in.")
+        # Passed through with the model substituted, developer as system.
+        self.assertEqual(
+            self.upstream.kimi.last_body,
+            {
+                "model": "moonshot-v1-8k",
+                "messages": [{"role": "system", "content": "Be brief."}, *HELLO],
+                "temperature": 0.2,
+            },
+        )
+
+    @inlineCallbacks
+    def test_streams(self):
+        """
+        Both providers stream chunk by chunk, ending with [DONE] (which the
+        SDK consumes), usage last when asked for.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+
+        def consume(model: str) -> list[Any]:
+            stream = client.chat.completions.create(
+                model=model, messages=HELLO, stream=True, stream_options={"include_usage": True}
+            )
+            return list(stream)
+
+        for model, served in (("gemini/gemini-2.5-pro", "gemini-2.5-pro"), ("kimi/moonshot-v1-32k", "moonshot-v1-32k")):
+            chunks = yield deferToThread(consume, model)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            self.assertEqual(text, "Hello from the stand-in.", model)
+            self.assertEqual({c.model for c in chunks}, {served})
+            self.assertEqual({c.object for c in chunks}, {"chat.completion.chunk"})
+            self.assertEqual(len({c.id for c in chunks}), 1)
+            self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+            finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            self.assertEqual(finishes, ["stop"])
+            self.assertEqual(chunks[-1].choices, [])
+            self.assertEqual(chunks[-1].usage.total_tokens, 14)
+        self.assertEqual(
+            self.upstream.gemini.uris, ["/gemini/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"]
+        )
+        self.assertIs(self.upstream.kimi.last_body["stream"], True)
+
+    @inlineCallbacks
+    def test_raw_stream(self):
+        """
+        The exact wire format: text/event-stream, one data line per event,
+        [DONE] last.
+        """
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/event-stream"])
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["gemini"])
+        events = text.split("\n\n")
+        self.assertEqual(events[-2:], ["data: [DONE]", ""])
+        for event in events[:-2]:
+            self.assertTrue(event.startswith("data: {"), event)
+            self.assertEqual(json.loads(event[len("data: "):])["object"], "chat.completion.chunk")
+
+    @inlineCallbacks
+    def test_chunks_arrive_as_sent(self):
+        """
+        With the upstream spacing its chunks 100 ms apart, the client gets
+        each one when it is sent, not all at the end.
+        """
+        self.upstream.gemini.chunk_interval = 0.1
+        self.upstream.kimi.chunk_interval = 0.1
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+
+        def arrivals(model: str) -> list[float]:
+            times = []
+            for chunk in client.chat.completions.create(model=model, messages=HELLO, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    times.append(time.monotonic())
+            return times
+
+        for model in ("gemini/gemini-flash-latest", "kimi/moonshot-v1-8k"):
+            times = yield deferToThread(arrivals, model)
+            self.assertEqual(len(times), 4, model)
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            for gap in gaps:
+                self.assertGreater(gap, 0.05, (model, gaps))
+
+    @inlineCallbacks
+    def test_concurrent_calls(self):
+        # Fewer calls than the reactor has threads: the gateway resolves the
+        # upstream's host name in that same thread pool.
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        calls = [
+            deferToThread(client.chat.completions.create, model=model, messages=HELLO)
+            for model in ["kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"] * 3
+        ]
+        completions = yield gatherResults(calls)
+        self.assertEqual(
+            sorted(c.model for c in completions), ["gemini-2.5-flash"] * 3 + ["moonshot-v1-8k"] * 3
+        )
+
+
+class RoutingTests(DataPlaneTestCase):
+    """
+    The operator's switch decides who answers; "provider/model" overrides
+    it for one call.
+    """
+
+    @inlineCallbacks
+    def test_switch_between_calls(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        control = yield open_client(self, gateway.port)
+
+        first = yield deferToThread(client.chat.completions.with_raw_response.create, model="gpt-4o", messages=HELLO)
+        self.assertEqual(first.headers["x-openclaw-provider"], "gemini")
+        self.assertEqual(first.parse().model, "gemini-flash-latest")
+
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
+        self.assertTrue(answer["ok"], answer)
+
+        second = yield deferToThread(client.chat.completions.with_raw_response.create, model="gpt-4o", messages=HELLO)
+        self.assertEqual(second.headers["x-openclaw-provider"], "kimi")
+        self.assertEqual(second.parse().model, "moonshot-v1-32k")
+        self.assertEqual((self.upstream.gemini.requests, self.upstream.kimi.requests), (1, 1))
+
+        health = yield deferToThread(lambda: client.with_raw_response.models.list())
+        self.assertEqual(health.headers["x-openclaw-provider"], "kimi")
+
+    @inlineCallbacks
+    def test_provider_prefix(self):
+        gateway = self.gateway()  # gemini is active
+        client = self.sdk(gateway)
+        raw = yield deferToThread(
+            client.chat.completions.with_raw_response.create, model="kimi/moonshot-v1-128k", messages=HELLO
+        )
+        self.assertEqual(raw.headers["x-openclaw-provider"], "kimi")
+        self.assertEqual(raw.parse().model, "moonshot-v1-128k")
+        self.assertEqual(self.upstream.kimi.last_body["model"], "moonshot-v1-128k")
+        # For that call only.
+        self.assertEqual(gateway.service.route.current.provider_id, "gemini")
+        raw = yield deferToThread(
+            client.chat.completions.with_raw_response.create, model="gemini/gemini-2.5-pro", messages=HELLO
+        )
+        self.assertEqual(raw.parse().model, "gemini-2.5-pro")
+        self.assertEqual(self.upstream.gemini.uris[-1], "/gemini/v1beta/models/gemini-2.5-pro:generateContent")
+        # Any other model name means the active one.
+        for model in ("moonshot-v1-8k", "openai/gpt-4o", "gpt-4o-mini"):
+            raw = yield deferToThread(client.chat.completions.with_raw_response.create, model=model, messages=HELLO)
+            self.assertEqual(raw.headers["x-openclaw-provider"], "gemini")
+            self.assertEqual(raw.parse().model, "gemini-flash-latest")
+
+    @inlineCallbacks
+    def test_models_and_healthz(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        models = yield deferToThread(lambda: [m.id for m in client.models.list()])
+        self.assertEqual(models, self.upstream.gemini.models)
+        gateway.service.route.switch(Route("kimi", "moonshot-v1-8k"))
+        page = yield deferToThread(client.models.list)
+        self.assertEqual([m.id for m in page], self.upstream.kimi.models)
+        self.assertEqual({m.owned_by for m in page}, {"kimi"})
+        self.assertEqual({m.object for m in page}, {"model"})
+
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/healthz")
+        self.assertEqual(response.code, 200)
+        document = yield response.json()
+        self.assertEqual(document, {"status": "ok", "provider": "kimi", "model": "moonshot-v1-8k"})
+        response = yield self.http().head(f"http://127.0.0.1:{gateway.api_port}/healthz")
+        self.assertEqual(response.code, 200)
+
+
+class StreamFailureTests(DataPlaneTestCase):
+    """
+    A stream that cannot finish never looks finished; a client that leaves
+    releases the upstream.
+    """
+
+    @inlineCallbacks
+    def test_cut_mid_answer(self):
+        for behaviour in (self.upstream.kimi, self.upstream.gemini):
+            behaviour.mode = "cut"
+            behaviour.cut_after = 2
+        gateway = self.gateway()
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+            response, text = yield self.post(gateway, {"model": model, "messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 200)
+            self.assertNotIn("[DONE]", text)
+            events = [e for e in text.split("\n\n") if e]
+            self.assertEqual(len(events), 3, text)  # two chunks, then the error
+            error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_stream_broken")
+            self.assertIn("mid-answer", error["message"])
+
+        # The SDK raises rather than returning a cut answer as whole.
+        client = self.sdk(gateway)
+
+        def consume() -> list[Any]:
+            return list(client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HELLO, stream=True))
+
+        failure = yield self.assertFailure(deferToThread(consume), openai.APIError)
+        self.assertIn("mid-answer", failure.message)
+
+    @inlineCallbacks
+    def test_stall_mid_answer(self):
+        """
+        The gap between chunks is bounded by UPSTREAM_TIMEOUT.
+        """
+        self.upstream.kimi.mode = "stall"
+        gateway = self.gateway(upstream_timeout=0.3)
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        events = [e for e in text.split("\n\n") if e]
+        error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_timeout")
+        self.assertIn("UPSTREAM_TIMEOUT", error["message"])
+
+    @inlineCallbacks
+    def test_client_disconnect_cancels_upstream(self):
+        self.upstream.kimi.chunk_interval = 0.2
+        self.upstream.kimi.reply = "one two three four five six seven eight"
+        gateway = self.gateway(default_provider="kimi")
+        client = self.sdk(gateway)
+
+        def read_one_and_leave() -> str:
+            stream = client.chat.completions.create(model="x", messages=HELLO, stream=True)
+            first = next(iter(stream))
+            stream.close()
+            return first.choices[0].delta.role
+
+        role = yield deferToThread(read_one_and_leave)
+        self.assertEqual(role, "assistant")
+        yield self.upstream.kimi.when_streams_lost(1)
+        gone = [e for e in self.events if e.get("outcome") == "client gone"]
+        self.assertEqual(len(gone), 1)
+        self.assertEqual(gone[0]["status"], 499)
+
+    @inlineCallbacks
+    def test_client_disconnect_cancels_whole_call(self):
+        """
+        A client that gives up on an answer in one piece releases the
+        upstream request too.
+        """
+        self.upstream.gemini.mode = "hang"
+        gateway = self.gateway()
+        call = self.http().post(
+            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
+            data=json.dumps({"messages": HELLO}).encode(),
+            headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+        )
+        while not self.upstream.open_requests.requests:
+            yield deferLater(reactor, 0.01)
+        call.cancel()
+        yield self.assertFailure(call, ResponseNeverReceived)
+        for _ in range(200):
+            if not self.upstream.open_requests.requests:
+                break
+            yield deferLater(reactor, 0.01)
+        self.assertEqual(self.upstream.open_requests.requests, set())
+        self.assertEqual([e["status"] for e in self.events if e.get("outcome") == "client gone"], [499])
+
+    @inlineCallbacks
+    def test_upstream_error_event(self):
+        """
+        An error the upstream reports inside its stream ends the client's
+        stream the same way.
+        """
+
+        kimi_chat = standin.kimi_chat
+
+        def failing_chat(request: Any, behaviour: Any) -> Any:
+            status, stream = kimi_chat(request, behaviour)
+            error = b'{"error": {"message": "overloaded", "type": "engine_overloaded_error"}}'
+            return status, standin.EventStream(stream.events[:1] + (error,))
+
+        # The stand-in's resource tree is built when it listens: patch, and
+        # listen again.
+        self.patch(standin, "kimi_chat", failing_chat)
+        yield self.upstream.stop()
+        self.upstream.listen(0, "127.0.0.1")
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        events = [e for e in text.split("\n\n") if e]
+        self.assertEqual(len(events), 2, text)
+        error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_stream_error")
+        self.assertIn("overloaded", error["message"])
+
+
+class ErrorTests(DataPlaneTestCase):
+    """
+    Every error status, OpenAI-shaped.
+    """
+
+    @inlineCallbacks
+    def test_unauthorized(self):
+        gateway = self.gateway()
+        for key in (None, "wrong-key", GATEWAY_KEY + "x", ""):
+            response, text = yield self.post(gateway, {"messages": HELLO}, key=key)
+            self.assertEqual(response.code, 401, key)
+            self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ["Bearer"])
+            self.assertOpenAIError(text, "invalid_api_key")
+            if key:
+                self.assertNotIn(key, text)
+        # Either configured key works.
+        for key in (GATEWAY_KEY, OTHER_GATEWAY_KEY):
+            response, _ = yield self.post(gateway, {"messages": HELLO}, key=key)
+            self.assertEqual(response.code, 200)
+        # The models listing needs a key too; /healthz does not.
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/v1/models")
+        self.assertEqual(response.code, 401)
+        yield response.text()
+        client = self.sdk(gateway, key="wrong-key")
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=HELLO), openai.AuthenticationError
+        )
+        self.assertEqual(failure.status_code, 401)
+        self.assertEqual(self.upstream.gemini.requests, 2)
+
+    @inlineCallbacks
+    def test_no_keys_configured(self):
+        gateway = self.gateway(gateway_api_keys=())
+        for key in (None, "anything"):
+            response, text = yield self.post(gateway, {"messages": HELLO}, key=key)
+            self.assertEqual(response.code, 401)
+            error = self.assertOpenAIError(text, "gateway_api_keys_not_set")
+            self.assertIn("GATEWAY_API_KEYS is not set", error["message"])
+        self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_bad_bodies(self):
+        gateway = self.gateway()
+        cases = [
+            (b"{not json", "not valid JSON"),
+            (b"[1, 2]", "JSON object"),
+            ({}, "messages is required"),
+            ({"messages": []}, "non-empty list"),
+            ({"messages": "hi"}, "non-empty list"),
+            ({"messages": ["hi"]}, "messages[0] must be an object"),
+            ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of"),
+            ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "tool messages are not supported"),
+            ({"messages": [{"role": "user"}]}, "messages[0].content is required"),
+            ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content must be"),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+                "only text content",
+            ),
+            ({"messages": HELLO, "temperature": "hot"}, "temperature must be a number"),
+            ({"messages": HELLO, "max_tokens": 0}, "max_tokens must be a whole number"),
+            ({"messages": HELLO, "n": True}, "n must be a whole number"),
+            ({"messages": HELLO, "stream": "yes"}, "stream must be true or false"),
+            ({"messages": HELLO, "stop": [1]}, "stop must be"),
+            ({"messages": HELLO, "model": 4}, "model must be a string"),
+            ({"messages": HELLO, "model": "kimi/"}, "names no model"),
+            ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools is not supported"),
+        ]
+        for body, expected in cases:
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (body, text))
+            error = self.assertOpenAIError(text)
+            self.assertIn(expected, error["message"], body)
+            self.assertEqual(error["type"], "invalid_request_error")
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        client = self.sdk(gateway)
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=[]), openai.BadRequestError
+        )
+        self.assertIn("non-empty list", failure.message)
+
+    @inlineCallbacks
+    def test_not_found_and_method(self):
+        gateway = self.gateway()
+        http = self.http()
+        base = f"http://127.0.0.1:{gateway.api_port}"
+        for path in ("/", "/v1", "/v1/completions", "/v1/chat/completions/x", "/v2/models", "/healthz/x"):
+            response = yield http.get(base + path)
+            self.assertEqual(response.code, 404, path)
+            self.assertOpenAIError((yield response.text()), "unknown_url")
+        for method, path, allowed in (
+            ("GET", "/v1/chat/completions", "POST"),
+            ("PUT", "/v1/chat/completions", "POST"),
+            ("POST", "/v1/models", "GET"),
+            ("DELETE", "/healthz", "GET"),
+        ):
+            response = yield http.request(method, base + path)
+            self.assertEqual(response.code, 405, (method, path))
+            self.assertEqual(response.headers.getRawHeaders("allow"), [allowed])
+            self.assertOpenAIError((yield response.text()), "method_not_allowed")
+
+    @inlineCallbacks
+    def test_upstream_error(self):
+        self.upstream.kimi.mode = "error"
+        self.upstream.kimi.error_status = 503
+        self.upstream.gemini.mode = "forbidden"
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
+        error = self.assertOpenAIError(text, "upstream_http_error")
+        self.assertIn("HTTP 503", error["message"])
+        self.assertIn("The engine is currently overloaded", error["message"])
+        # Gemini's 403 quotes the key; the gateway does not pass it on.
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 502)
+        error = self.assertOpenAIError(text, "upstream_http_error")
+        self.assertIn("HTTP 403", error["message"])
+        self.assertIn("check GEMINI_API_KEY", error["message"])
+        self.assertNotIn(GEMINI_KEY, text)
+        # An unknown model is the upstream's 404, carried as a 502.
+        self.upstream.kimi.mode = "ok"
+        response, text = yield self.post(gateway, {"model": "kimi/no-such-model", "messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertIn("Not found the model no-such-model", self.assertOpenAIError(text)["message"])
+        client = self.sdk(gateway)
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=HELLO), openai.InternalServerError
+        )
+        self.assertEqual(failure.status_code, 502)
+
+    @inlineCallbacks
+    def test_upstream_refused(self):
+        port = free_port()
+        gateway = self.gateway(kimi_base_url=f"http://127.0.0.1:{port}/v1", default_provider="kimi")
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 502)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertIn(f"connection refused by 127.0.0.1:{port}", error["message"])
+        self.assertIn("KIMI_BASE_URL", error["message"])
+
+    @inlineCallbacks
+    def test_upstream_timeout(self):
+        self.upstream.gemini.mode = "hang"
+        self.upstream.kimi.mode = "stall"  # headers and half a body
+        gateway = self.gateway(upstream_timeout=0.3)
+        for body in (
+            {"messages": HELLO},
+            {"messages": HELLO, "stream": True},
+            {"model": "kimi/moonshot-v1-8k", "messages": HELLO},
+        ):
+            started = time.monotonic()
+            response, text = yield self.post(gateway, body)
+            elapsed = time.monotonic() - started
+            self.assertEqual(response.code, 504, body)
+            error = self.assertOpenAIError(text, "upstream_timeout")
+            self.assertIn("UPSTREAM_TIMEOUT", error["message"])
+            self.assertLess(elapsed, 2.0)
+        # The hung requests were let go, not left open upstream.
+        self.assertEqual(self.upstream.open_requests.requests, set())
+
+    @inlineCallbacks
+    def test_provider_key_missing(self):
+        gateway = self.gateway(kimi_api_key=None)
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 503)
+        error = self.assertOpenAIError(text, "provider_key_not_set")
+        self.assertIn("KIMI_API_KEY is not set", error["message"])
+        self.assertEqual(self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_keys_never_leak(self):
+        self.upstream.gemini.mode = "forbidden"  # its message quotes the key
+        gateway = self.gateway()
+        seen = []
+        for key in (GATEWAY_KEY, "wrong-" + GATEWAY_KEY):
+            for body in ({"messages": HELLO}, {"messages": HELLO, "stream": True}, {"messages": []}):
+                _, text = yield self.post(gateway, body, key=key)
+                seen.append(text)
+        everything = "".join(seen) + repr(self.events) + repr(gateway.service.api_site) + repr(gateway.service.providers)
+        for secret in (GATEWAY_KEY, OTHER_GATEWAY_KEY, KIMI_KEY, GEMINI_KEY):
+            self.assertNotIn(secret, everything)
+        logged = [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane"]
+        self.assertEqual(len(logged), 6)
+        self.assertEqual({e["status"] for e in logged}, {401, 400, 502})
+
+
+class ShutdownTests(DataPlaneTestCase):
+    """
+    What a stop uses: wait for the calls in flight, then close every
+    connection.
+    """
+
+    def start_stream(self, gateway: RunningGateway) -> Any:
+        return self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+
+    @inlineCallbacks
+    def wait_for_upstream_request(self) -> Any:
+        while not self.upstream.kimi.requests:
+            yield deferLater(reactor, 0.01)
+
+    @inlineCallbacks
+    def test_drain_waits_for_calls(self):
+        self.upstream.kimi.chunk_interval = 0.05
+        gateway = self.gateway()
+        site = gateway.service.api_site
+        self.assertTrue(site.drain().called)
+        call = self.start_stream(gateway)
+        yield self.wait_for_upstream_request()
+        drained = site.drain()
+        self.assertFalse(drained.called)
+        # A stop bounds the wait with a timeout, which cancels.
+        abandoned = site.drain()
+        abandoned.cancel()
+        self.failureResultOf(abandoned, CancelledError)
+        response, text = yield call
+        self.assertTrue(text.endswith("data: [DONE]\n\n"))
+        self.assertTrue(drained.called)
+
+    @inlineCallbacks
+    def test_close_mid_stream(self):
+        self.upstream.kimi.chunk_interval = 0.2
+        gateway = self.gateway()
+        call = self.start_stream(gateway)
+        yield self.wait_for_upstream_request()
+        yield gateway.service.api_site.close_connections()
+        yield self.upstream.kimi.when_streams_lost(1)
+        yield self.assertFailure(call, ResponseFailed)
+        self.assertEqual(gateway.service.api_site.context.in_flight, 0)

@@ -1,0 +1,360 @@
+"""
+The data plane's plain functions, no reactor: the Gemini translation both
+ways, the SSE decoder, request checking, routing and key checking.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.dataplane import gemini
+from openclaw.dataplane.auth import GatewayKeys
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import choose_route, parse_chat_request
+from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
+from openclaw.dataplane.wire import GeminiWire, MalformedAnswer, OpenAIWire, StreamBroken
+from openclaw.routing import Route
+
+
+def chat(**body: Any) -> dict[str, Any]:
+    body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    return parse_chat_request(orjson.dumps(body)).body
+
+
+class ToGeminiTests(SynchronousTestCase):
+    def test_roles(self) -> None:
+        request = gemini.to_gemini(
+            chat(
+                messages=[
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "developer", "content": "No emoji."},
+                    {"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+                    {"role": "user", "content": "C"},
+                ]
+            )
+        )
+        self.assertEqual(
+            request,
+            {
+                "contents": [
+                    {"role": "user", "parts": [{"text": "Hi"}]},
+                    {"role": "model", "parts": [{"text": "Hello."}]},
+                    # Consecutive user messages merged into one turn.
+                    {"role": "user", "parts": [{"text": "A"}, {"text": "B"}, {"text": "C"}]},
+                ],
+                "systemInstruction": {"parts": [{"text": "Be brief."}, {"text": "No emoji."}]},
+            },
+        )
+
+    def test_no_system_no_config(self) -> None:
+        self.assertEqual(gemini.to_gemini(chat()), {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]})
+
+    def test_generation_config(self) -> None:
+        request = gemini.to_gemini(
+            chat(temperature=0.7, top_p=0.5, max_tokens=100, stop="END", n=2, model="ignored", stream=True)
+        )
+        self.assertEqual(
+            request["generationConfig"],
+            {"temperature": 0.7, "topP": 0.5, "maxOutputTokens": 100, "stopSequences": ["END"], "candidateCount": 2},
+        )
+        config = gemini.generation_config(
+            chat(max_completion_tokens=5, max_tokens=9, stop=["a", "b"], response_format={"type": "json_object"}, seed=3)
+        )
+        self.assertEqual(
+            config,
+            {"maxOutputTokens": 5, "stopSequences": ["a", "b"], "responseMimeType": "application/json", "seed": 3},
+        )
+        self.assertEqual(gemini.generation_config(chat(temperature=0)), {"temperature": 0})
+
+
+class FromGeminiTests(SynchronousTestCase):
+    def test_completion(self) -> None:
+        document = {
+            "candidates": [
+                {
+                    "content": {
+                        "role": "model",
+                        "parts": [{"text": "thinking...", "thought": True}, {"text": "Hello"}, {"text": " there"}],
+                    },
+                    "finishReason": "STOP",
+                    "index": 0,
+                },
+                {"content": {"role": "model", "parts": [{"text": "Cut"}]}, "finishReason": "MAX_TOKENS", "index": 1},
+            ],
+            "usageMetadata": {
+                "promptTokenCount": 7,
+                "candidatesTokenCount": 3,
+                "totalTokenCount": 15,
+                "thoughtsTokenCount": 5,
+            },
+            "modelVersion": "gemini-2.5-flash-001",
+        }
+        self.assertEqual(
+            gemini.from_gemini(document, "gemini-flash-latest", "chatcmpl-1", 1700000000),
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 1700000000,
+                "model": "gemini-2.5-flash-001",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Hello there"},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    },
+                    {
+                        "index": 1,
+                        "message": {"role": "assistant", "content": "Cut"},
+                        "finish_reason": "length",
+                        "logprobs": None,
+                    },
+                ],
+                "usage": {
+                    "prompt_tokens": 7,
+                    "completion_tokens": 3,
+                    "total_tokens": 15,
+                    "completion_tokens_details": {"reasoning_tokens": 5},
+                },
+            },
+        )
+
+    def test_model_without_version(self) -> None:
+        completion = gemini.from_gemini({"candidates": []}, "gemini-2.5-pro", "id", 0)
+        self.assertEqual(completion["model"], "gemini-2.5-pro")
+        self.assertEqual(completion["choices"], [])
+        self.assertNotIn("usage", completion)
+
+    def test_finish_reasons(self) -> None:
+        expected = {
+            "STOP": "stop",
+            "MAX_TOKENS": "length",
+            "SAFETY": "content_filter",
+            "RECITATION": "content_filter",
+            "PROHIBITED_CONTENT": "content_filter",
+            "BLOCKLIST": "content_filter",
+            "SPII": "content_filter",
+            "OTHER": "other",
+            None: None,
+        }
+        for reason, mapped in expected.items():
+            self.assertEqual(gemini.finish_reason(reason), mapped, reason)
+
+    def test_prompt_blocked(self) -> None:
+        completion = gemini.from_gemini({"promptFeedback": {"blockReason": "SAFETY"}}, "m", "id", 0)
+        self.assertEqual(completion["choices"][0]["finish_reason"], "content_filter")
+        self.assertEqual(completion["choices"][0]["message"]["content"], "")
+
+    def test_usage(self) -> None:
+        self.assertIsNone(gemini.usage(None))
+        self.assertEqual(
+            gemini.usage({"promptTokenCount": 2}), {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}
+        )
+
+
+class GeminiStreamTests(SynchronousTestCase):
+    def event(self, text: str, finish: str | None = None, index: int = 0, **extra: Any) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": index}
+        if finish:
+            candidate["finishReason"] = finish
+        return {"candidates": [candidate], **extra}
+
+    def test_chunks(self) -> None:
+        stream = gemini.GeminiStream("gemini-flash-latest", "chatcmpl-9", 5, include_usage=True)
+        first = stream.chunk(self.event("Hel", modelVersion="gemini-2.5-flash"))
+        self.assertEqual(
+            first,
+            {
+                "id": "chatcmpl-9",
+                "object": "chat.completion.chunk",
+                "created": 5,
+                "model": "gemini-2.5-flash",
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None, "logprobs": None}
+                ],
+            },
+        )
+        self.assertFalse(stream.complete)
+        last = stream.chunk(
+            self.event("lo", "STOP", usageMetadata={"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3})
+        )
+        assert last is not None
+        self.assertEqual(last["choices"][0]["delta"], {"content": "lo"})
+        self.assertEqual(last["choices"][0]["finish_reason"], "stop")
+        self.assertTrue(stream.complete)
+        closing = stream.closing()
+        assert closing is not None
+        self.assertEqual(closing["choices"], [])
+        self.assertEqual(closing["usage"], {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+
+    def test_complete_needs_every_choice(self) -> None:
+        stream = gemini.GeminiStream("m", "id", 0)
+        stream.chunk(self.event("a", index=0))
+        stream.chunk(self.event("b", index=1))
+        stream.chunk(self.event("", "STOP", index=0))
+        self.assertFalse(stream.complete)
+        stream.chunk(self.event("", "SAFETY", index=1))
+        self.assertTrue(stream.complete)
+        self.assertIsNone(stream.closing())  # usage not asked for
+
+    def test_empty_event(self) -> None:
+        stream = gemini.GeminiStream("m", "id", 0)
+        self.assertIsNone(stream.chunk({"usageMetadata": {"promptTokenCount": 1}}))
+
+    def test_error_event(self) -> None:
+        stream = gemini.GeminiStream("m", "id", 0)
+        with self.assertRaises(gemini.GeminiStreamError) as caught:
+            stream.chunk({"error": {"code": 500, "message": "Internal error", "status": "INTERNAL"}})
+        self.assertEqual(str(caught.exception), "Internal error")
+        with self.assertRaises(gemini.GeminiStreamError):
+            stream.chunk([1])
+
+    def test_blocked_prompt(self) -> None:
+        stream = gemini.GeminiStream("m", "id", 0)
+        chunk = stream.chunk({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
+        assert chunk is not None
+        self.assertEqual(chunk["choices"][0]["finish_reason"], "content_filter")
+        self.assertTrue(stream.complete)
+
+
+class WireTests(SynchronousTestCase):
+    def test_openai_passthrough(self) -> None:
+        request = parse_chat_request(
+            orjson.dumps({"model": "kimi/x", "messages": [{"role": "developer", "content": "s"}], "seed": 1})
+        )
+        body = orjson.loads(OpenAIWire().request_body(request, "moonshot-v1-8k"))
+        self.assertEqual(body, {"model": "moonshot-v1-8k", "messages": [{"role": "system", "content": "s"}], "seed": 1})
+        answer = b'{"choices": [], "model": "moonshot-v1-8k"}'
+        self.assertIs(OpenAIWire().completion(answer, "m", 0), answer)
+        for bad in (b"nope", b"[]", b"{}"):
+            self.assertRaises(MalformedAnswer, OpenAIWire().completion, bad, "m", 0)
+
+    def test_openai_stream(self) -> None:
+        stream = OpenAIWire().stream(parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}]}'), "m", 0)
+        self.assertEqual(stream.payloads(Event(b"", b'{"choices": []}')), [b'{"choices": []}'])
+        self.assertEqual(stream.payloads(Event(b"", b'{"choices":\n[]}')), [b'{"choices":[]}'])
+        self.assertFalse(stream.complete)
+        self.assertEqual(stream.payloads(Event(b"", b"[DONE]")), [])
+        self.assertTrue(stream.complete and stream.ended)
+        self.assertRaises(StreamBroken, stream.payloads, Event(b"", b'{"error": {"message": "boom"}}'))
+        self.assertRaises(StreamBroken, stream.payloads, Event(b"", b"garbage"))
+
+    def test_gemini_wire(self) -> None:
+        request = parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}]}')
+        self.assertEqual(
+            orjson.loads(GeminiWire().request_body(request, "m")),
+            {"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
+        )
+        completion = orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0))
+        self.assertTrue(completion["id"].startswith("chatcmpl-"))
+        self.assertRaises(MalformedAnswer, GeminiWire().completion, b"[]", "m", 0)
+
+
+class SSEDecoderTests(SynchronousTestCase):
+    def test_fields(self) -> None:
+        decoder = SSEDecoder()
+        events = decoder.feed(
+            b": keep-alive\n\nevent: delta\ndata: one\ndata:two\nid: 3\nretry: 10\n\ndata: [DONE]\n\n"
+        )
+        self.assertEqual(events, [Event(b"delta", b"one\ntwo"), Event(b"", b"[DONE]")])
+
+    def test_line_endings(self) -> None:
+        for separator in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+            decoder = SSEDecoder()
+            stream = b"data: a" + separator + b"data: b" + separator
+            self.assertEqual([e.data for e in decoder.feed(stream)], [b"a", b"b"], separator)
+
+    def test_partial(self) -> None:
+        decoder = SSEDecoder()
+        self.assertEqual(decoder.feed(b"data: {\"a\""), [])
+        self.assertEqual(decoder.feed(b": 1}\r"), [])
+        # CR ends the blank line at once; the LF after it is part of it.
+        self.assertEqual(decoder.feed(b"\n\r"), [Event(b"", b'{"a": 1}')])
+        self.assertEqual(decoder.feed(b"\n"), [])
+        self.assertEqual(decoder.feed(b"data: b\r\n\r\n"), [Event(b"", b"b")])
+
+    def test_too_long(self) -> None:
+        decoder = SSEDecoder()
+        with self.assertRaises(SSEError):
+            decoder.feed(b"data: " + b"x" * (MAX_EVENT_BYTES + 1))
+
+    def test_encode(self) -> None:
+        self.assertEqual(encode(b'{"a":1}'), b'data: {"a":1}\n\n')
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        payloads=st.lists(
+            st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), min_size=1),
+            max_size=6,
+        ),
+        separator=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+        cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=10),
+    )
+    def test_split_anywhere(self, payloads: list[str], separator: bytes, cuts: list[int]) -> None:
+        """
+        However the bytes are cut into chunks, the same events come out.
+        """
+        stream = b"".join(b"data: " + p.encode() + separator + separator for p in payloads)
+        positions = sorted({min(c, len(stream)) for c in cuts})
+        decoder = SSEDecoder()
+        events: list[Event] = []
+        start = 0
+        for position in [*positions, len(stream)]:
+            events.extend(decoder.feed(stream[start:position]))
+            start = position
+        self.assertEqual([e.data for e in events], [p.encode() for p in payloads])
+
+
+class RequestTests(SynchronousTestCase):
+    def test_valid(self) -> None:
+        request = parse_chat_request(
+            b'{"model": "m", "stream": true, "stream_options": {"include_usage": true},'
+            b' "messages": [{"role": "user", "content": "x"}]}'
+        )
+        self.assertTrue(request.stream)
+        self.assertTrue(request.include_usage)
+        self.assertEqual(request.model, "m")
+
+    def test_invalid(self) -> None:
+        for raw, param in (
+            (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "stream_options"),
+            (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 2}', "top_p"),
+            (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}', "tool_choice"),
+            (b'{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}', "messages[1].role"),
+        ):
+            with self.assertRaises(APIError) as caught:
+                parse_chat_request(raw)
+            self.assertEqual(caught.exception.status, 400)
+            self.assertEqual(caught.exception.param, param)
+
+    def test_routes(self) -> None:
+        active = Route("gemini", "gemini-flash-latest")
+        ids = ("kimi", "gemini")
+        self.assertEqual(choose_route("kimi/moonshot-v1-8k", active, ids), Route("kimi", "moonshot-v1-8k"))
+        self.assertEqual(choose_route("gemini/models/gemini-2.5-pro", active, ids), Route("gemini", "models/gemini-2.5-pro"))
+        for other in (None, "gpt-4o", "openai/gpt-4o", "moonshot-v1-8k", "Kimi/x"):
+            self.assertEqual(choose_route(other, active, ids), active)
+        self.assertRaises(APIError, choose_route, "kimi/ ", active, ids)
+
+
+class KeyTests(SynchronousTestCase):
+    def test_check(self) -> None:
+        keys = GatewayKeys.of(["alpha-key", "beta-key"])
+        self.assertIsNone(keys.check(b"Bearer alpha-key"))
+        self.assertIsNone(keys.check(b"bearer beta-key"))
+        for header in (None, b"alpha-key", b"Basic alpha-key", b"Bearer alpha", b"Bearer ", b"Bearer alpha-keyx"):
+            error = keys.check(header)
+            assert error is not None
+            self.assertEqual(error.status, 401)
+            self.assertEqual(error.code, "invalid_api_key")
+        error = GatewayKeys.of([]).check(b"Bearer alpha-key")
+        assert error is not None
+        self.assertEqual(error.code, "gateway_api_keys_not_set")
+        self.assertNotIn("alpha", repr(keys))
