@@ -10,7 +10,7 @@ SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2
 .PHONY: run test trial bench bench-data clean
 
 run: $(STAMP)
-	$(BIN)/twistd -n openclaw $(ARGS)
+	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
