@@ -45,7 +45,8 @@ class Connection:
 
     #: The client's address as logged ("203.0.113.9:51234").
     peer: str
-    #: Failed authentications in a row; reset by a good token.
+    #: Messages in a row that did not authenticate (bad token, or no
+    #: well-formed message to carry one); reset by a good token.
     failed_auths: int = 0
 
 
@@ -238,8 +239,10 @@ class ControlPlane:
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            connection.failed_auths += 1
             return self._refuse(None, "message is not valid JSON")
         if type(message) is not dict:
+            connection.failed_auths += 1
             return self._refuse(None, 'message must be a JSON object: {"token", "cmd", "data"}')
         cmd = message.get("cmd")
         try:
@@ -250,7 +253,9 @@ class ControlPlane:
                 "auth failure from {peer}: {reason} (cmd {cmd}, {failed_auths} in a row)",
                 peer=peer,
                 reason=rejected.reason,
-                cmd=cmd if isinstance(cmd, str) else None,
+                # Whatever an unauthenticated peer sent, quoted and cut, so
+                # it cannot forge log lines.
+                cmd=cmd[:80] if isinstance(cmd, str) and cmd.isprintable() else repr(cmd)[:80],
                 outcome="auth_failed",
                 failed_auths=connection.failed_auths,
             )

@@ -26,6 +26,13 @@ GOING_AWAY = 1001
 UNSUPPORTED_DATA = 1003
 POLICY_VIOLATION = 1008
 
+#: The opening handshake is a few hundred bytes; Autobahn buffers it with no
+#: limit (and rescans the buffer on every read), so cap it.
+MAX_HANDSHAKE_BYTES = 16384
+#: TCP connections allowed beyond MAX_CONNECTIONS, for handshakes under way
+#: (each bounded by HANDSHAKE_TIMEOUT_SECONDS) and refusals being answered.
+HANDSHAKE_HEADROOM = 256
+
 
 def _describe(address: Any) -> tuple[str | None, str]:
     """
@@ -49,10 +56,24 @@ class ControlProtocol(WebSocketServerProtocol):
     connection: Connection | None = None
 
     def connectionMade(self) -> None:
-        self.factory.protocols.add(self)
+        factory = self.factory
+        if len(factory.protocols) >= factory.max_connections + HANDSHAKE_HEADROOM:
+            factory._refuse(_describe(self.transport.getPeer())[1], "too_many_handshakes", None)
+            self.transport.abortConnection()
+            return
+        factory.protocols.add(self)
         super().connectionMade()
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_BYTES:
+            self.factory._refuse(_describe(self.transport.getPeer())[1], "handshake_too_large", None)
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self not in self.factory.protocols:
+            return  # turned away in connectionMade; Autobahn never set up
         self.factory.protocols.discard(self)
         self.factory.connections.discard(self)
         # Autobahn cancels its other timers here but not this one, which

@@ -36,13 +36,15 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str]) -> IO[st
     logfile = twistd_options.get("logfile")
     if logfile == "-" or (twistd_options.get("nodaemon") and not logfile):
         return stdout
-    log_file = LogFile.fromFullPath(logfile or "twistd.log")
+    # No rotation of our own (logrotate's job); SIGUSR1 reopens the file
+    # logrotate has moved away.
+    log_file = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
     if not signal.getsignal(signal.SIGUSR1):
 
         def rotate(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(log_file.rotate)
+            reactor.callFromThread(log_file.reopen)
 
         signal.signal(signal.SIGUSR1, rotate)
     return log_file  # type: ignore[return-value]

@@ -128,10 +128,12 @@ class SessionAuthority:
         claims = {"iss": ISSUER, "jti": jti, "iat": now, "exp": expires_at}
         token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
         issued = SessionToken(token=token, jti=jti, issued_at=now, expires_at=expires_at)
-        self._current = issued
-        self._current_bytes = token.encode("ascii")
+        # The file first: if it cannot be written, the old token stays valid
+        # rather than everyone being locked out by a token nobody has.
         if self._token_file is not None:
             write_token_file(self._token_file, token)
+        self._current = issued
+        self._current_bytes = token.encode("ascii")
         return issued
 
     def verify(self, presented: object) -> str:

@@ -13,6 +13,7 @@ variable, the value and what to do about it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -79,6 +80,7 @@ class Settings:
     api_port: int = 18790
     gateway_api_keys: tuple[str, ...] = attrs.field(repr=False, default=())
     upstream_timeout: float = 60.0
+    max_request_bytes: int = 8 * 1024 * 1024
 
     # Running as a daemon.
     #: Twisted endpoint strings; when set they replace port/interface.
@@ -117,6 +119,13 @@ def _port(text: str) -> int:
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _hours(text: str) -> float:
+    value = _positive_float(text)
+    if value > 87600:
         raise ValueError
     return value
 
@@ -212,6 +221,20 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _writable_file(path: str) -> Path:
+    """
+    A file the gateway will write: its directory must exist and be
+    writable now, not at the first rotation.
+    """
+    directory = Path(path).resolve().parent
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist or is not writable; "
+            "create it (mode 0700) for the gateway's user"
+        )
+    return Path(path)
+
+
 def _read_secret_file(path: str) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
@@ -298,9 +321,9 @@ def load_settings(
         or default_interface(),
         session_ttl_hours=read(
             "SESSION_TTL_HOURS",
-            _positive_float,
+            _hours,
             defaults.session_ttl_hours,
-            "use a number of hours greater than 0, such as 24 or 0.5",
+            "use a number of hours greater than 0 and at most 87600 (10 years), such as 24 or 0.5",
         ),
         jwt_secret=secret or make_secret(),
         jwt_secret_is_ephemeral=not secret,
@@ -316,7 +339,7 @@ def load_settings(
         ),
         kimi_model=read("KIMI_MODEL", _non_empty, defaults.kimi_model, "name a model"),
         gemini_model=read("GEMINI_MODEL", _non_empty, defaults.gemini_model, "name a model"),
-        token_file=Path(token_file) if token_file else None,
+        token_file=_writable_file(token_file) if token_file else None,
         kimi_base_url=read(
             "KIMI_BASE_URL", _url, defaults.kimi_base_url, "use an http:// or https:// URL"
         ),
@@ -336,6 +359,9 @@ def load_settings(
         gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
         upstream_timeout=read(
             "UPSTREAM_TIMEOUT", _positive_float, defaults.upstream_timeout, "use a number of seconds greater than 0"
+        ),
+        max_request_bytes=read(
+            "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
         ),
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
         api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),

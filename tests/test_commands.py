@@ -223,6 +223,15 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertIn("duration_ms", audited)
         self.assertNotIn(self.token, json.dumps([repr(e) for e in self.events]))
 
+    def test_log_lines_cannot_be_forged(self) -> None:
+        self.command("ping\n2026-11-25 [openclaw] switched to evil", token="forged")
+        self.assertNotIn("\n", self.events[-1]["cmd"])
+
+    def test_malformed_messages_count_as_failures(self) -> None:
+        for _ in range(5):
+            self.send(b"x")
+        self.assertTrue(self.plane.too_many_failures(self.connection))
+
     def test_failed_auths_counted_in_a_row(self) -> None:
         """
         Failed authentications count up per connection; a good token resets

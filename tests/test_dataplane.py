@@ -671,7 +671,7 @@ class ShutdownTests(DataPlaneTestCase):
         self.upstream.kimi.chunk_interval = 0.05
         gateway = self.gateway()
         site = gateway.service.api_site
-        self.assertTrue(site.drain().called)
+        self.assertTrue(site.context.idle().called)
         call = self.start_stream(gateway)
         yield self.wait_for_upstream_request()
         drained = site.drain()

@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any
 
+from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -230,3 +231,50 @@ class ProxyTests(TestCase):
             refused = yield connect(gateway.port, bind="127.0.0.3", headers=headers)
             code, _ = yield refused.closed
             self.assertEqual(code, 1008, headers)
+
+
+class HandshakeFloodTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_oversized_handshake_dropped(self):
+        """
+        Headers that never end are cut off at 16 KiB, long before they could
+        cost the reactor anything; the gateway keeps serving.
+        """
+        gateway = start_gateway(self)
+
+        def flood() -> float:
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+            try:
+                for _ in range(200):
+                    sock.sendall(b"X-Pad: " + b"a" * 1000 + b"\r\n")
+            except OSError:
+                pass
+            return wait_closed(sock, 5)
+
+        took = yield deferToThread(flood)
+        self.assertLess(took, 5)
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_half_open_handshakes_capped(self):
+        """
+        Past MAX_CONNECTIONS plus a fixed headroom, new TCP connections are
+        dropped at once instead of waiting in their handshake.
+        """
+        from openclaw.controlplane import HANDSHAKE_HEADROOM
+
+        gateway = start_gateway(self, max_connections=1)
+        # Connected from a thread: the reactor must keep accepting meanwhile.
+        socks = yield deferToThread(
+            lambda: [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(HANDSHAKE_HEADROOM + 1)]
+        )
+        self.addCleanup(lambda: [s.close() for s in socks])
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(len(gateway.service.factory.protocols), HANDSHAKE_HEADROOM + 1)
+        took = yield deferToThread(lambda: wait_closed(socket.create_connection(("127.0.0.1", gateway.port)), 3))
+        self.assertLess(took, 2)

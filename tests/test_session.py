@@ -232,6 +232,24 @@ class TokenFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual([p.name for p in self.path.parent.iterdir()], [self.path.name])
 
+    def test_failed_write_keeps_the_old_token(self) -> None:
+        """
+        If the token file cannot be written, the rotation does not happen:
+        the old token keeps working instead of nobody holding a valid one.
+        """
+        directory = self.path.parent / "run"
+        directory.mkdir()
+        authority = SessionAuthority(SECRET, 3600, token_file=directory / "token")
+        old = authority.issue()
+        # Even root cannot write into a directory that is now a file.
+        (directory / "token").unlink()
+        directory.rmdir()
+        directory.write_text("not a directory")
+        self.authority = authority
+        with self.assertRaises(OSError):
+            self.authority.issue()
+        self.assertEqual(self.authority.verify(old.token), old.jti)
+
     def test_discarded(self) -> None:
         self.authority.issue()
         self.authority.discard_token_file()

@@ -105,6 +105,13 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("TRUSTED_CLIENT_IPS", "300.1.1.1", TRUSTED_CLIENT_IPS="300.1.1.1")
         self.assertConfigError("TRUSTED_CLIENT_IPS", TRUSTED_CLIENT_IPS="10.0.0.1/8")
 
+    def test_ttl_upper_bound(self) -> None:
+        self.assertConfigError("SESSION_TTL_HOURS", "87600", SESSION_TTL_HOURS="1e8")
+
+    def test_token_file_directory_checked(self) -> None:
+        self.assertConfigError("TOKEN_FILE", "does not exist", TOKEN_FILE=str(self.cwd / "missing" / "token"))
+        self.assertEqual(self.load({"TOKEN_FILE": str(self.cwd / "token")}).token_file, self.cwd / "token")
+
     def test_invalid_provider(self) -> None:
         self.assertConfigError("DEFAULT_PROVIDER", "'openai'", "kimi or gemini", DEFAULT_PROVIDER="openai")
 

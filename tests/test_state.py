@@ -34,7 +34,15 @@ class RouteStoreTests(SynchronousTestCase):
         self.assertEqual(sorted(p.name for p in self.directory.iterdir()), [STATE_FILE])
 
     def test_corrupt_ignored(self) -> None:
-        for content in [b"{not json", b"[]", b'{"provider": "openai", "model": "x"}', b'{"provider": "kimi"}', b"\xff"]:
+        for content in [
+            b"{not json",
+            b"[]",
+            b'{"provider": "openai", "model": "x"}',
+            b'{"provider": "kimi"}',
+            b"\xff",
+            b'{"provider": [], "model": "x"}',
+            b"[" * 100000 + b"]" * 100000,
+        ]:
             (self.directory / STATE_FILE).write_bytes(content)
             self.assertIsNone(self.store.load(), content)
 

@@ -36,7 +36,9 @@ def build_site(route: ActiveRoute, providers: ProviderRegistry, settings: Settin
     context = APIContext.from_settings(route, providers, settings, reactor)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
-    return APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
+    site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
+    site.max_request_bytes = settings.max_request_bytes
+    return site
 
 
 __all__ = ["APISite", "build_site"]

@@ -39,6 +39,8 @@ class APIContext:
     log_requests: bool = True
     #: Calls waiting on a provider right now.
     in_flight: int = 0
+    #: Set when the gateway stops: new calls are refused with 503.
+    draining: bool = False
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
 
     def call_started(self) -> None:

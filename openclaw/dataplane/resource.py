@@ -98,6 +98,12 @@ class APIResource(Resource):
             return error_response(
                 request, method_not_allowed(method.decode("ascii", "replace"), self.allowedMethods)
             )
+        if self.context.draining:
+            request.setHeader(b"connection", b"close")
+            return error_response(
+                request,
+                APIError(503, "the gateway is shutting down; retry shortly", "server_error", "shutting_down"),
+            )
         try:
             return handler(request)
         except APIError as error:

@@ -16,6 +16,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.errors import APIError
 
 
 class _Channel(HTTPChannel):
@@ -39,12 +40,65 @@ class _Channel(HTTPChannel):
         self.site.channel_closed(self)
 
 
+class _LimitedRequest(Request):
+    """
+    A request whose body may not exceed the site's C{max_request_bytes}.
+
+    twisted.web reads the whole body (to memory, or a temporary file past
+    100 KB) before any resource sees it, with no limit of its own: without
+    this a client, authenticated or not, could fill memory or the disk.  A
+    declared length over the limit gets a 413 at once; a chunked body that
+    runs past it is cut off.
+    """
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.channel.site.max_request_bytes:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_request_bytes:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        limit = self.channel.site.max_request_bytes
+        body = APIError(
+            413,
+            f"the request body is larger than MAX_REQUEST_BYTES ({limit} bytes)",
+            "invalid_request_error",
+            "request_too_large",
+        ).body()
+        transport = self.channel.transport
+        transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+
+
 class APISite(Site):
     """
     A L{Site} for the API.
     """
 
     protocol = _Channel
+    requestFactory = _LimitedRequest
+    #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
+    max_request_bytes = 8 * 1024 * 1024
 
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -58,6 +112,7 @@ class APISite(Site):
         is).  For a stop: after the listener is closed, bounded by the
         caller's grace period, before L{close_connections}.
         """
+        self.context.draining = True
         return self.context.idle()
 
     def log(self, request: Request) -> None:
