@@ -10,7 +10,6 @@ grown without bound.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from control_plane import free_port, start_gateway  # noqa: E402
+from wsload import run as load  # noqa: E402
 
 from openclaw.testing.wsfuzz import FuzzReport, fuzz  # noqa: E402
-from wsload import run as load  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:

@@ -12,11 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
-from zope.interface import implementer
 from twisted.web.server import Request
+from zope.interface import implementer
 
 from openclaw.allowlist import PeerAllowlist
 

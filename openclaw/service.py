@@ -13,8 +13,6 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import FirstError, gatherResults, inlineCallbacks
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -23,6 +21,8 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     globalLogPublisher,
 )
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openclaw.allowlist import PeerAllowlist
 from openclaw.commands import COMMANDS, ControlCommands, ControlPlane

@@ -15,11 +15,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-
-import socket
 
 import attrs
 from decouple import Config, RepositoryEmpty, RepositoryEnv

@@ -263,3 +263,30 @@ def spawn_gateway(
     )
     testcase.addCleanup(process.stop)
     return process
+
+
+def start_upstream(testcase: Any, kimi_key: str, gemini_key: str) -> Any:
+    """
+    A stand-in upstream for both providers on a free loopback port,
+    expecting these keys; stopped when the test ends.
+    """
+    from openclaw.testing.upstream import StandInUpstream
+
+    upstream = StandInUpstream(reactor)
+    upstream.kimi.key = kimi_key
+    upstream.gemini.key = gemini_key
+    upstream.listen(0, "127.0.0.1")
+    testcase.addCleanup(upstream.stop)
+    return upstream
+
+
+def capture_log_events(testcase: Any) -> list[dict[str, Any]]:
+    """
+    Every log event emitted until the test ends.
+    """
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events

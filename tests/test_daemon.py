@@ -18,8 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from openclaw.testing.upstream import StandInUpstream
-from tests.support import connect, free_port, spawn_gateway, twistd_path
+from tests.support import connect, free_port, spawn_gateway, start_upstream, twistd_path
 
 SECRET = "daemon-secret-daemon-secret-daemon-secret-42"
 KIMI_KEY = "sk-kimi-daemon-test-key-0123456789"
@@ -131,11 +130,7 @@ class ShutdownAndLogTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.upstream = StandInUpstream(reactor)
-        self.upstream.kimi.key = KIMI_KEY
-        self.upstream.gemini.key = GEMINI_KEY
-        self.upstream.listen(0, "127.0.0.1")
-        self.addCleanup(self.upstream.stop)
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir(parents=True)
 

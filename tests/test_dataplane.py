@@ -19,14 +19,24 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
 
 from openclaw.routing import Route
 from openclaw.testing import upstream as standin
-from openclaw.testing.upstream import StandInUpstream
-from tests.support import RunningGateway, free_port, open_client, start_gateway
+from tests.support import (
+    RunningGateway,
+    capture_log_events,
+    free_port,
+    open_client,
+    start_gateway,
+    start_upstream,
+)
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 OTHER_GATEWAY_KEY = "gw-key-second-0123456789"
@@ -45,14 +55,8 @@ class DataPlaneTestCase(TestCase):
     timeout = 20
 
     def setUp(self) -> None:
-        self.upstream = StandInUpstream(reactor)
-        self.upstream.kimi.key = KIMI_KEY
-        self.upstream.gemini.key = GEMINI_KEY
-        self.upstream.listen(0, "127.0.0.1")
-        self.addCleanup(self.upstream.stop)
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        self.events = capture_log_events(self)
 
     def gateway(self, **settings: Any) -> RunningGateway:
         fields = {

@@ -17,7 +17,12 @@ from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import choose_route, parse_chat_request
 from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
-from openclaw.dataplane.wire import GeminiWire, MalformedAnswer, OpenAIWire, StreamBroken
+from openclaw.dataplane.wire import (
+    GeminiWire,
+    MalformedAnswer,
+    OpenAIWire,
+    StreamBroken,
+)
 from openclaw.routing import Route
 
 

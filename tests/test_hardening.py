@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import json
 import os
 import socket
 import time

@@ -12,12 +12,10 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.logger import globalLogPublisher
-from twisted.web.client import HTTPConnectionPool
 from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
 
-from openclaw.testing.upstream import StandInUpstream
-from tests.support import open_client, start_gateway
+from tests.support import capture_log_events, open_client, start_gateway, start_upstream
 
 KIMI_KEY = "sk-kimi-secret-0123456789"
 GEMINI_KEY = "AIza-gemini-secret-0123456789"
@@ -31,14 +29,8 @@ class UpstreamTestCase(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.upstream = StandInUpstream(reactor)
-        self.upstream.kimi.key = KIMI_KEY
-        self.upstream.gemini.key = GEMINI_KEY
-        self.upstream.listen(0, "127.0.0.1")
-        self.addCleanup(self.upstream.stop)
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        self.events = capture_log_events(self)
 
     def gateway(self, **settings: Any) -> Any:
         return start_gateway(self, **{**self.upstream.settings_fields(), **settings})
@@ -135,11 +127,8 @@ class ShutdownGraceTests(TestCase):
         not hold up the stop: every client is told 1001 and the stop
         completes.
         """
-        upstream = StandInUpstream(reactor)
-        upstream.kimi.key, upstream.gemini.key = KIMI_KEY, GEMINI_KEY
+        upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
         upstream.kimi.mode = upstream.gemini.mode = "hang"
-        upstream.listen(0, "127.0.0.1")
-        self.addCleanup(upstream.stop)
         gateway = start_gateway(
             self, **upstream.settings_fields(), health_check_timeout=30, shutdown_grace_seconds=0.5
         )

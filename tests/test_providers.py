@@ -30,7 +30,7 @@ from openclaw.providers import (
 from openclaw.providers.errors import REDACTED, describe_failure, scrub
 from openclaw.providers.fetch import upstream_message
 from openclaw.settings import Settings
-from openclaw.testing.upstream import StandInUpstream
+from tests.support import start_upstream
 
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
 GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
@@ -46,11 +46,7 @@ class ProviderTestCase(TestCase):
     """
 
     def setUp(self) -> None:
-        self.upstream = StandInUpstream(reactor)
-        self.upstream.kimi.key = KIMI_KEY
-        self.upstream.gemini.key = GEMINI_KEY
-        self.upstream.listen(0, "127.0.0.1")
-        self.addCleanup(self.upstream.stop)
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
 
     def registry(self, coalesce: bool = True, **overrides: Any) -> ProviderRegistry:
         fields: dict[str, Any] = {**self.upstream.settings_fields(), "health_check_timeout": TIMEOUT}

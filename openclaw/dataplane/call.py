@@ -38,7 +38,12 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
-from openclaw.dataplane.wire import MalformedAnswer, StreamBroken, StreamTranslation, Wire
+from openclaw.dataplane.wire import (
+    MalformedAnswer,
+    StreamBroken,
+    StreamTranslation,
+    Wire,
+)
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.fetch import read_body
 from openclaw.routing import Route

@@ -18,6 +18,9 @@ from twisted.web.server import Request, Site
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 
+#: How long idle API connections get to close politely on a stop.
+CLOSE_DEADLINE_SECONDS = 2.0
+
 
 class _Channel(HTTPChannel):
     """
@@ -144,4 +147,17 @@ class APISite(Site):
                 channel.transport.abortConnection()
             else:
                 channel.transport.loseConnection()
-        return d
+        # A client that stopped reading would hold a polite close open until
+        # its send buffer drains: give up on it after a moment.
+        straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
+
+        def closed(result: None) -> None:
+            if straggle.active():
+                straggle.cancel()
+            return result
+
+        return d.addBoth(closed)
+
+    def _abort_all(self) -> None:
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
