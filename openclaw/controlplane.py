@@ -64,12 +64,15 @@ class ControlProtocol(WebSocketServerProtocol):
         factory.protocols.add(self)
         super().connectionMade()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_BYTES:
+    def processHandshake(self) -> None:
+        # Autobahn calls this on every read until the handshake is done (and
+        # never after, so the open connection's hot path pays nothing).
+        if len(self.data) > MAX_HANDSHAKE_BYTES:
             self.factory._refuse(_describe(self.transport.getPeer())[1], "handshake_too_large", None)
+            self.data = b""
             self.transport.abortConnection()
             return
-        super().dataReceived(data)
+        super().processHandshake()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
