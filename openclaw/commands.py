@@ -202,9 +202,9 @@ class ControlPlane:
     and account for it in the audit log.
 
     @param log: the logger for the audit trail.  C{ping} and C{status} are
-        logged at debug level only, and only when that level is enabled:
-        on the hot path even a filtered log event costs as much as parsing
-        the message.
+        logged at debug level only, and only when C{debug} is set: on the
+        hot path even an event the log observer then drops costs as much as
+        parsing the message.
     """
 
     def __init__(

@@ -13,14 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import FirstError, gatherResults, inlineCallbacks
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogPublisher,
-)
+from twisted.logger import ILogObserver, Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -34,19 +27,6 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import PROVIDER_IDS, Settings
 from openclaw.state import RouteStore
-
-
-def level_filtered_logger(namespace: str, level: str) -> Logger:
-    """
-    A logger whose events below C{level} are dropped before any observer
-    formats them: the control plane logs C{ping} and C{status} at debug
-    level on its hot path, and formatting those costs more than answering.
-    """
-    observer = FilteringLogObserver(
-        globalLogPublisher,
-        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))],
-    )
-    return Logger(namespace=namespace, observer=observer)
 
 
 class GatewayService(MultiService):
@@ -114,7 +94,7 @@ class GatewayService(MultiService):
         self.controlplane = controlplane = ControlPlane(
             self.sessions,
             commands,
-            level_filtered_logger("openclaw.controlplane", settings.log_level),
+            Logger(namespace="openclaw.controlplane"),
             debug=settings.log_level == "debug",
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
