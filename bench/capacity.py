@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from control_plane import free_port, start_gateway  # noqa: E402
 from fuzz_control_plane import rss_kib  # noqa: E402
-from wsload import frames_in, handshake, masked_text_frame, run  # noqa: E402
+from wsload import connect, run  # noqa: E402
+
+from openclaw.testing.wsfuzz import frame, server_frames  # noqa: E402
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -36,27 +38,24 @@ def raise_file_limit(wanted: int) -> int:
     return target
 
 
-def ping_all(sockets: list[socket.socket], frame: bytes) -> tuple[int, float]:
+def ping_all(sockets: list[socket.socket], text: bytes) -> tuple[int, float]:
     """
     Send one ping on every connection and wait for every answer.
     """
     selector = selectors.DefaultSelector()
-    buffers: dict[int, bytearray] = {}
+    buffers: dict[int, bytes] = {}
     for s in sockets:
-        buffers[s.fileno()] = bytearray()
+        buffers[s.fileno()] = b""
         selector.register(s, selectors.EVENT_READ)
     started = time.perf_counter()
     for s in sockets:
-        s.send(frame)
+        s.send(text)
     waiting, ok = len(sockets), 0
     deadline = started + 120
     while waiting and time.perf_counter() < deadline:
         for key, _ in selector.select(timeout=1):
-            buffer = buffers[key.fd]
-            buffer += key.fileobj.recv(65536)
-            used, messages = frames_in(buffer)
-            del buffer[:used]
-            for message in messages:
+            messages, buffers[key.fd] = server_frames(buffers[key.fd] + key.fileobj.recv(65536))
+            for _, message in messages:
                 waiting -= 1
                 ok += b'"ok":true' in message
     for s in sockets:
@@ -74,14 +73,14 @@ def main() -> None:
         port, extra_env={"MAX_CONNECTIONS": str(args.connections + 1000)}
     )
     ping = json.dumps({"token": token, "cmd": "ping"}).encode()
-    frame = masked_text_frame(ping)
+    text = frame(0x1, ping)
     try:
         time.sleep(0.5)
         baseline = rss_kib(gateway.pid)
         started = time.perf_counter()
-        sockets = [handshake(port) for _ in range(args.connections)]
+        sockets = [connect(port) for _ in range(args.connections)]
         opened = time.perf_counter() - started
-        ok, pinged = ping_all(sockets, frame)
+        ok, pinged = ping_all(sockets, text)
         time.sleep(1)
         held = rss_kib(gateway.pid)
         latency = run(port, ping, 50, 3.0, b'"ok":true')

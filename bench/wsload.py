@@ -14,86 +14,30 @@ and the generator's CPU seconds.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import resource
 import selectors
 import socket
-import struct
 import time
 
+from openclaw.testing.wsfuzz import frame, handshake, server_frames
 
-def masked_text_frame(payload: bytes) -> bytes:
+
+def connect(port: int) -> socket.socket:
     """
-    A client text frame.  Clients must mask; one random key for every copy
-    of the frame is still a valid mask.
+    An open WebSocket connection, ready for the selector loop.
     """
-    key = os.urandom(4)
-    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
-    return header + key + masked
-
-
-def handshake(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock, _ = handshake("127.0.0.1", port, timeout=None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionError("closed during handshake")
-        response += chunk
-    if not response.startswith(b"HTTP/1.1 101"):
-        raise ConnectionError(response.split(b"\r\n", 1)[0].decode())
     sock.setblocking(False)
     return sock
 
 
-def frames_in(buffer: bytearray) -> tuple[int, list[bytes]]:
-    """
-    Take the complete unmasked server frames off the front of C{buffer}.
-    """
-    messages = []
-    offset = 0
-    while len(buffer) - offset >= 2:
-        length = buffer[offset + 1] & 0x7F
-        start = offset + 2
-        if length == 126:
-            if len(buffer) - offset < 4:
-                break
-            (length,) = struct.unpack_from("!H", buffer, offset + 2)
-            start = offset + 4
-        elif length == 127:
-            if len(buffer) - offset < 10:
-                break
-            (length,) = struct.unpack_from("!Q", buffer, offset + 2)
-            start = offset + 10
-        if len(buffer) < start + length:
-            break
-        messages.append(bytes(buffer[start : start + length]))
-        offset = start + length
-    return offset, messages
-
-
 def run(port: int, message: bytes, connections: int, seconds: float, check: bytes) -> dict[str, object]:
-    frame = masked_text_frame(message)
+    text = frame(0x1, message)
     selector = selectors.DefaultSelector()
-    sockets = [handshake(port) for _ in range(connections)]
-    buffers = {s.fileno(): bytearray() for s in sockets}
+    sockets = [connect(port) for _ in range(connections)]
+    buffers = {s.fileno(): b"" for s in sockets}
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -102,7 +46,7 @@ def run(port: int, message: bytes, connections: int, seconds: float, check: byte
     for s in sockets:
         selector.register(s, selectors.EVENT_READ)
         sent_at[s.fileno()] = time.perf_counter()
-        s.send(frame)
+        s.send(text)
     unexpected = 0
     while True:
         now = time.perf_counter()
@@ -114,10 +58,8 @@ def run(port: int, message: bytes, connections: int, seconds: float, check: byte
             data = s.recv(65536)
             if not data:
                 raise ConnectionError("server closed a connection")
-            buffer = buffers[fd]
-            buffer += data
-            used, messages = frames_in(buffer)
-            del buffer[:used]
+            frames, buffers[fd] = server_frames(buffers[fd] + data)
+            messages = [payload for _, payload in frames]
             if messages:
                 received = time.perf_counter()
                 for answer in messages:
@@ -126,7 +68,7 @@ def run(port: int, message: bytes, connections: int, seconds: float, check: byte
                 latencies.append(received - sent_at[fd])
                 if received < deadline:
                     sent_at[fd] = time.perf_counter()
-                    s.send(frame)
+                    s.send(text)
     elapsed = time.perf_counter() - start
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     for s in sockets:

@@ -262,13 +262,7 @@ class GeminiStream:
             ]
         if not choices:
             return None
-        return {
-            "id": self.completion_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self._served_by or self.model,
-            "choices": choices,
-        }
+        return self._chunk(choices)
 
     def closing(self) -> dict[str, Any] | None:
         """
@@ -277,11 +271,16 @@ class GeminiStream:
         """
         if not self.include_usage or self._usage is None:
             return None
+        return {**self._chunk([]), "usage": self._usage}
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        """
+        One C{chat.completion.chunk} of this answer.
+        """
         return {
             "id": self.completion_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self._served_by or self.model,
-            "choices": [],
-            "usage": self._usage,
+            "choices": choices,
         }

@@ -103,7 +103,11 @@ def _random_frames(rng: random.Random, token: str) -> list[bytes]:
     return burst
 
 
-def _handshake(host: str, port: int, timeout: float) -> tuple[socket.socket, bytes]:
+def handshake(host: str, port: int, timeout: float | None) -> tuple[socket.socket, bytes]:
+    """
+    A client's opening handshake on a new socket; the socket, and whatever
+    the server sent after its 101 answer.
+    """
     sock = socket.create_connection((host, port), timeout=timeout)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
@@ -123,7 +127,11 @@ def _handshake(host: str, port: int, timeout: float) -> tuple[socket.socket, byt
     return sock, response.split(b"\r\n\r\n", 1)[1]
 
 
-def _server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """
+    The complete (unmasked) server frames at the front of C{data}, as
+    C{(opcode, payload)}, and the bytes left over.
+    """
     frames = []
     while len(data) >= 2:
         opcode, n = data[0] & 0x0F, data[1] & 0x7F
@@ -184,7 +192,7 @@ def fuzz(
         report.rounds += 1
         burst = _random_frames(rng, token)
         report.frames_sent += len(burst)
-        sock, leftover = _handshake(host, port, timeout)
+        sock, leftover = handshake(host, port, timeout)
         try:
             try:
                 sock.sendall(b"".join(burst) + frame(0x8, struct.pack("!H", 1000)))
@@ -209,7 +217,7 @@ def _read_outcome(sock: socket.socket, data: bytes, report: FuzzReport, timeout:
             chunk = b""
         if not chunk:
             break
-        frames, data = _server_frames(data + chunk)
+        frames, data = server_frames(data + chunk)
         for opcode, payload in frames:
             if opcode == 0x1:
                 report.answers += 1
