@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openclaw.providers.endpoints import CachedEndpoints
-from openclaw.providers.fetch import BytesProducer
+from openclaw.providers.agent import BytesProducer
 
 
 class Relay(Resource):

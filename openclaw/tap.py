@@ -113,7 +113,7 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         metrics_endpoint=metrics,
         log_observer=None
         if destination is None
-        else make_observer(destination, settings.log_format, settings.log_level),
+        else make_observer(destination, settings.log_format, settings.log_level, reactor),
     )
 
 

@@ -18,16 +18,15 @@ from typing import Any
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IResponse
 
+from openclaw.providers.agent import BytesProducer
 from openclaw.providers.errors import MalformedResponse, ProviderError
 
 #: A models listing is tens of kilobytes; anything near this is not one.
@@ -137,38 +136,6 @@ async def get_json(
         return response.code, json.loads(body)
     except ValueError:  # covers JSONDecodeError and UnicodeDecodeError
         raise MalformedResponse(f"malformed JSON in {what} (HTTP {response.code})") from None
-
-
-@implementer(IBodyProducer)
-@attrs.frozen
-class BytesProducer:
-    """
-    A request body already in memory, written in one go.
-
-    Twisted's C{FileBodyProducer} (which treq uses for C{data=bytes}) hands
-    the body over through a cooperator, one reactor turn later; on the data
-    plane's hot path that turn is measurable, and a body of a few kilobytes
-    needs no pacing.
-    """
-
-    body: bytes
-
-    @property
-    def length(self) -> int:
-        return len(self.body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 def post(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> Deferred[IResponse]:

@@ -17,9 +17,9 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
+from openclaw.providers.agent import UpstreamAgent
 from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints
 from openclaw.providers.errors import UnknownProvider
@@ -33,7 +33,7 @@ ADAPTER_TYPES: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
 #: Idle connections kept open per upstream host.  Twisted's default of 2
 #: makes every concurrent model call beyond the second open (and then close)
 #: a connection of its own: a TCP (and TLS) handshake on the data plane's
-#: hot path.  Idle ones are closed after the pool's cachedConnectionTimeout.
+#: hot path.  Idle ones are closed after CACHED_CONNECTION_SECONDS.
 MAX_PERSISTENT_PER_HOST = 128
 #: Seconds an idle pooled connection is kept.  Below the 60 s idle cut-off
 #: common in load balancers: a POST sent on a connection the far end has
@@ -52,10 +52,11 @@ class ProviderRegistry:
     reactor: Any = attrs.field(repr=False)
     #: The HTTP client every adapter's models listing uses.
     http: HTTPClient | None = attrs.field(default=None, repr=False)
-    pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
-    #: The agent under C{http}: chat calls use it directly (see
-    #: L{openclaw.providers.fetch.post}).
+    #: The agent under C{http} (perhaps wrapped): chat calls use it directly
+    #: (see L{openclaw.providers.fetch.post}).
     agent: IAgent | None = attrs.field(default=None, repr=False)
+    #: The connections of C{agent}, closed by L{close}.
+    connections: UpstreamAgent | None = attrs.field(default=None, repr=False)
     #: Share a probe in flight between callers; off only for benchmarks.
     coalesce: bool = True
     #: Per provider id, the callers waiting on the probe in flight.
@@ -73,20 +74,21 @@ class ProviderRegistry:
         wrap_agent: Callable[[IAgent], IAgent] | None = None,
     ) -> ProviderRegistry:
         """
-        Every provider, sharing one persistent connection pool.
+        Every provider, sharing one pool of persistent connections.
 
         @param wrap_agent: wraps the one agent every provider request goes
             through (models listings and chat calls alike), to measure them.
         """
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-        pool.cachedConnectionTimeout = CACHED_CONNECTION_SECONDS
-        agent: IAgent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
-        if wrap_agent is not None:
-            agent = wrap_agent(agent)
+        connections = UpstreamAgent(
+            reactor,
+            CachedEndpoints(reactor),
+            max_idle=MAX_PERSISTENT_PER_HOST,
+            idle_seconds=CACHED_CONNECTION_SECONDS,
+        )
+        agent: IAgent = connections if wrap_agent is None else wrap_agent(connections)
         http = HTTPClient(agent)
         adapters = tuple(kind.from_settings(settings, http, reactor, agent) for kind in ADAPTER_TYPES)
-        return cls(adapters, reactor, http=http, pool=pool, agent=agent, coalesce=coalesce)
+        return cls(adapters, reactor, http=http, agent=agent, connections=connections, coalesce=coalesce)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -177,10 +179,10 @@ class ProviderRegistry:
     def close(self) -> Deferred[None]:
         """
         Cancel the probes under way (their callers get a failed report) and
-        close the pooled connections; fires once they are closed.
+        close the upstream connections; fires once they are closed.
         """
         for probe in list(self._running):
             probe.cancel()
-        if self.pool is None:
+        if self.connections is None:
             return succeed(None)
-        return self.pool.closeCachedConnections()
+        return self.connections.close()

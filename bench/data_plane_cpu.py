@@ -1,0 +1,170 @@
+"""
+The gateway's CPU per model call, without sockets: what bench/data_plane.py
+measures end to end, taken apart.
+
+The real API site and upstream agent of a L{GatewayService}, with in-memory
+transports on both sides: each round feeds a chat request into an API
+connection, takes the upstream request the agent writes, feeds back a canned
+upstream answer (the bytes the stand-in sends) and reads the client's
+answer.  Logging goes through the gateway's own observer (to /dev/null) at
+the chosen level, as under twistd.  Prints microseconds of CPU per call;
+with --profile, the top functions by own time.
+
+    .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--profile]
+
+No syscalls are counted here: bench/data_plane.py shows what the sockets
+add.  Use this one to see where the gateway's own time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+from tempfile import mkdtemp
+from typing import Any
+
+import orjson
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogBeginner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from openclaw.logs import make_observer
+from openclaw.service import GatewayService
+from openclaw.settings import Settings
+
+GATEWAY_KEY = "bench-gateway-key-0123456789"
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
+    {"role": "user", "content": "What is the capital of France? One word, please."},
+]
+KIMI_ANSWER = {
+    "id": "chatcmpl-standin-1",
+    "object": "chat.completion",
+    "created": 1764000000,
+    "model": "moonshot-v1-8k",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32},
+}
+GEMINI_ANSWER = {
+    "candidates": [{"content": {"role": "model", "parts": [{"text": "Paris."}]}, "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 2, "totalTokenCount": 32},
+    "modelVersion": "gemini-flash-latest",
+}
+
+
+def http_response(document: Any) -> bytes:
+    body = json.dumps(document).encode()
+    return (
+        b"HTTP/1.1 200 OK\r\nServer: TwistedWeb/26.10.0\r\nDate: Tue, 25 Nov 2026 04:00:00 GMT\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+class Upstream:
+    """
+    An endpoint factory whose connections are in-memory transports.
+    """
+
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return self
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        return succeed(protocol)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    devnull = open(os.devnull, "w")
+    globalLogBeginner.beginLoggingTo([make_observer(devnull, "text", args.log_level, reactor)], redirectStandardIO=False)
+    settings = Settings(
+        jwt_secret=b"bench-secret-bench-secret-bench-secret-0123",
+        jwt_secret_is_ephemeral=False,
+        gateway_api_keys=(GATEWAY_KEY,),
+        kimi_api_key="bench-kimi-key-0123456789",
+        gemini_api_key="bench-gemini-key-0123456789",
+        kimi_base_url="http://127.0.0.1:9/kimi/v1",
+        gemini_base_url="http://127.0.0.1:9/gemini/v1beta",
+        default_provider=args.provider,
+        log_level=args.log_level,
+        state_dir=Path(mkdtemp()),
+    )
+    unused = Upstream()  # never listened on: the service is not started
+    service = GatewayService(settings, reactor, unused, stdout=devnull, api_endpoint=unused)  # type: ignore[arg-type]
+    upstream = Upstream()
+    assert service.providers.connections is not None
+    service.providers.connections._endpoints = upstream
+    site = service.api_site
+    assert site is not None, "the service built no API site"
+
+    body = orjson.dumps({"model": "gpt-4o", "messages": MESSAGES})
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:18790\r\nUser-Agent: bench\r\n"
+        b"Accept: */*\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (GATEWAY_KEY.encode(), len(body), body)
+    )
+    answer = http_response(KIMI_ANSWER if args.provider == "kimi" else GEMINI_ANSWER)
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(client)
+
+    def call() -> None:
+        channel.dataReceived(request)
+        upstream.transports[-1].clear()
+        connection.dataReceived(answer)
+
+    # Warm up: the upstream connection is opened by the first call, then pooled.
+    channel.dataReceived(request)
+    (connection,) = service.providers.connections._connections
+    connection.dataReceived(answer)
+    call()
+    out = client.value()
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    client.clear()
+
+    profiler = cProfile.Profile() if args.profile else None
+    started = time.process_time()
+    if profiler:
+        profiler.enable()
+    for n in range(args.calls):
+        call()
+        client.clear()
+        if n % 64 == 0:
+            # What a running reactor does between reads: run what is due,
+            # drop the timers cancelled meanwhile.
+            reactor.runUntilCurrent()
+    if profiler:
+        profiler.disable()
+    elapsed = time.process_time() - started
+    print(
+        f"{args.provider}, LOG_LEVEL={args.log_level}: {elapsed / args.calls * 1e6:.1f} µs CPU per call "
+        f"({args.calls} calls{', under cProfile' if profiler else ''})"
+    )
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
