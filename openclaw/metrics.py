@@ -33,6 +33,11 @@ OUTCOMES = ("ok", "error")
 AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoked")
 
 
+#: Statuses are a small set in practice; this only bounds the cache of
+#: counter children should an upstream invent many.
+_MAX_STATUS_CHILDREN = 256
+
+
 class GatewayMetrics:
     """
     Every metric the gateway exports.
@@ -76,6 +81,8 @@ class GatewayMetrics:
         self._commands = {(cmd, outcome): commands_total.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
+        self._upstream_requests: dict[tuple[str, int | str], Any] = {}
+        self._upstream_seconds: dict[str, Any] = {}
         for provider in providers:
             self.provider_up.labels(provider)
 
@@ -97,8 +104,19 @@ class GatewayMetrics:
         return report
 
     def upstream(self, provider: str, status: int | str, seconds: float) -> None:
-        self.upstream_requests.labels(provider, str(status)).inc()
-        self.upstream_seconds.labels(provider).observe(seconds)
+        # Once per model call: the children are looked up in a dict of our
+        # own rather than through labels() (which validates and locks).
+        key = (provider, status)
+        counter = self._upstream_requests.get(key)
+        if counter is None:
+            counter = self.upstream_requests.labels(provider, str(status))
+            if len(self._upstream_requests) < _MAX_STATUS_CHILDREN:
+                self._upstream_requests[key] = counter
+        counter.inc()
+        histogram = self._upstream_seconds.get(provider)
+        if histogram is None:
+            histogram = self._upstream_seconds[provider] = self.upstream_seconds.labels(provider)
+        histogram.observe(seconds)
 
     def count_connections(self, count: Callable[[], int]) -> None:
         self.connections.set_function(count)

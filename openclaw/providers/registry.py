@@ -63,6 +63,11 @@ class ProviderRegistry:
     _waiting: dict[str, list[Deferred[ProbeResult]]] = attrs.field(factory=dict, init=False, repr=False)
     #: Probes under way, cancelled by L{close} so none outlives the service.
     _running: set[Deferred[ProbeResult]] = attrs.field(factory=set, init=False, repr=False)
+    #: The adapters' ids, read on every model call.
+    _ids: tuple[str, ...] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._ids = tuple(adapter.id for adapter in self._adapters)
 
     @classmethod
     def from_settings(
@@ -92,7 +97,7 @@ class ProviderRegistry:
 
     @property
     def ids(self) -> tuple[str, ...]:
-        return tuple(adapter.id for adapter in self._adapters)
+        return self._ids
 
     def __iter__(self) -> Iterator[ProviderAdapter]:
         return iter(self._adapters)
