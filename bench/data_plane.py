@@ -12,8 +12,8 @@ straight, per percentile), the throughput ratio, the CPU each process used;
 and for streams, the time to the first event.
 
 For scale, whole Kimi answers also go through the floor (bench/proxy_floor.py):
-a bare twisted.web + Agent relay with none of the gateway's work, the best
-any gateway built on these two can do on this machine.
+a bare relay on twisted.web and the gateway's upstream agent with none of
+the gateway's work, the best any gateway built on these can do here.
 
     .venv/bin/python bench/data_plane.py [--seconds 3] [--rounds 3] [--profile gateway.prof]
 

@@ -1,8 +1,9 @@
 """
 The floor for the data plane: the least a Twisted gateway can do per call.
 A bare twisted.web site whose one resource POSTs each request body, as is,
-to a fixed upstream URL through the same Agent set-up as the gateway (pool,
-cached endpoints, in-memory body) and writes the upstream body back.  No
+to a fixed upstream URL through the same upstream agent as the gateway
+(L{openclaw.providers.agent.UpstreamAgent}: pooled connections, httptools)
+and writes the upstream body back.  No
 keys, no checks, no routing, no translation, no logging.
 
     python bench/proxy_floor.py UPSTREAM_URL KEY_HEADER PORT
@@ -14,25 +15,25 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from openclaw.providers.agent import BytesProducer, UpstreamAgent
 from openclaw.providers.endpoints import CachedEndpoints
-from openclaw.providers.agent import BytesProducer
+from openclaw.providers.fetch import read_body
 
 
 class Relay(Resource):
     isLeaf = True
 
-    def __init__(self, agent: Agent, url: bytes, headers: Headers) -> None:
+    def __init__(self, agent: UpstreamAgent, url: bytes, headers: Headers) -> None:
         super().__init__()
         self._agent, self._url, self._headers = agent, url, headers
 
     def render_POST(self, request: Request) -> Any:
         d = self._agent.request(b"POST", self._url, self._headers, BytesProducer(request.content.read()))
-        d.addCallback(readBody)
+        d.addCallback(read_body)
         d.addCallback(self._answer, request)
         return NOT_DONE_YET
 
@@ -46,9 +47,7 @@ class Relay(Resource):
 def main() -> None:
     url, key_header, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     name, _, value = key_header.partition(":")
-    pool = HTTPConnectionPool(reactor)
-    pool.maxPersistentPerHost = 128
-    agent = Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor), pool=pool)
+    agent = UpstreamAgent(reactor, CachedEndpoints(reactor), max_idle=128, idle_seconds=50)
     headers = Headers({name.strip(): [value.strip()], "Content-Type": ["application/json"]})
     site = Site(Relay(agent, url.encode(), headers), parsePOSTFormSubmission=False)
     site.log = lambda request: None
