@@ -252,6 +252,23 @@ class PoolTests(AgentTestCase):
         yield self.assertFailure(self.post(agent), RuntimeError)
 
 
+    @inlineCallbacks
+    def test_closed_while_connecting(self):
+        """
+        A connection that completes after L{UpstreamAgent.close} is dropped
+        and its request fails: nothing outlives the agent.
+        """
+        server = yield self.serve(ok(b"a"))
+        agent = self.agent()
+        d = self.post(agent)
+        yield agent.close()
+        yield self.assertFailure(d, RuntimeError)
+        for connection in server.connections:
+            yield connection.closed
+        self.assertEqual(server.requests, [])
+        self.assertEqual(agent.connection_count, 0)
+
+
 class AnswerTests(AgentTestCase):
     @inlineCallbacks
     def test_chunked_body_streamed(self):

@@ -226,14 +226,25 @@ class UpstreamAgent:
         if self._closing:
             return fail(RuntimeError("the upstream agent is closed"))
         idle = self._idle.get(target.key)
-        if idle:
-            return idle.pop().send(raw)
+        while idle:
+            connection = idle.pop()
+            # One being dropped (it sent bytes while idle) waits here only
+            # until its connectionLost, a turn away.
+            if not connection.closing:
+                return connection.send(raw)
         endpoint = self._endpoints.endpointForURI(target.uri)
         connecting = endpoint.connect(_ConnectionFactory(self, target.key))
         # Cancelling the result while connecting cancels the connection
         # attempt; once connected, the request (chained Deferreds pass a
         # cancel on to the one they wait for).
-        return connecting.addCallback(lambda connection: connection.send(raw))
+        return connecting.addCallback(self._send_on_new, raw)
+
+    def _send_on_new(self, connection: UpstreamConnection, raw: bytes) -> Deferred[IResponse]:
+        if self._closing:
+            # Closed while this one was connecting.
+            connection.close(abort=True)
+            raise RuntimeError("the upstream agent is closed")
+        return connection.send(raw)
 
     # -- the pool, for UpstreamConnection -------------------------------------
 
@@ -347,6 +358,10 @@ class UpstreamConnection(Protocol):
         #: Why the connection is being dropped, if not by the far end.
         self._failure: Failure | None = None
         self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @property
     def busy(self) -> bool:
