@@ -324,6 +324,9 @@ class UpstreamAgent:
 
 
 class _ConnectionFactory(Factory):
+    #: One per new upstream connection: no "Starting factory" line for each.
+    noisy = False
+
     def __init__(self, agent: UpstreamAgent, key: tuple[bytes, bytes, int]) -> None:
         self._agent = agent
         self._key = key
