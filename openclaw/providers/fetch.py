@@ -5,8 +5,8 @@ Cancelling what L{get_json} returns (which is what C{Deferred.addTimeout}
 does) closes the connection whether the request is still waiting for its
 headers or already reading the body.  treq's C{timeout=} stops at the
 headers, and neither C{treq.content} nor Twisted's C{readBody} can abort a
-body coming through an C{Agent} (the body transport has no
-C{abortConnection}), so the body is read here with the transport's
+body coming through any L{IAgent} (an agent's body transport need only be an
+C{IPushProducer}), so the body is read here with the transport's
 C{IPushProducer.stopProducing} as the canceller.
 """
 
@@ -142,7 +142,7 @@ def post(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> Deferred[I
     """
     POST C{body} to C{url}; fires with the response once its headers are in.
 
-    Straight through the C{Agent} rather than treq: a model call wants no
+    Straight through the agent rather than treq: a model call wants no
     cookie jar (treq keeps one per client and would replay one caller's
     upstream cookies for the next), no redirects (a redirect could carry the
     key header to another host) and no per-call URL re-parsing.  Cancelling
