@@ -163,7 +163,7 @@ def main() -> None:
         f"({args.calls} calls{', under cProfile' if profiler else ''})"
     )
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats(os.environ.get("SORT","tottime")).print_stats(int(os.environ.get("TOP","30")))
 
 
 if __name__ == "__main__":

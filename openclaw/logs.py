@@ -81,8 +81,10 @@ class LineObserver:
     formatted by C{str.format_map} (anything else, and any event that fails
     that way, by Twisted's own formatting, so the output is the same); the
     timestamp is formatted once a second; and while the reactor runs, lines
-    below warn are flushed once per turn of it (any other line flushes them
-    all at once, as does the end of the turn).
+    below warn are gathered and written in one go once per turn of it (any
+    other line writes them all at once, as does the end of the turn): one
+    write per turn even where the stream is unbuffered (C{PYTHONUNBUFFERED},
+    common in service units and containers), not one per line.
     """
 
     def __init__(
@@ -98,6 +100,9 @@ class LineObserver:
         self._levels = frozenset(each for each in LogLevel.iterconstants() if _priority(each) >= minimum)
         self._reactor = reactor
         self._flush_pending = False
+        #: Lines waiting for the end of this reactor turn, written then in
+        #: one go (the stream may be unbuffered: C{PYTHONUNBUFFERED}).
+        self._lines: list[str] = []
         #: Per format string, whether str.format_map formats it as Twisted would.
         self._plain: dict[str, bool] = {}
         self._second: int | None = None
@@ -114,16 +119,25 @@ class LineObserver:
             line = self._text(event, level)
             if line is None:
                 return
-        self._stream.write(line)
         reactor = self._reactor
         if reactor is None or level in _FLUSH_AT_ONCE or not reactor.running:
-            self._stream.flush()
-        elif not self._flush_pending:
+            if self._lines:
+                self._lines.append(line)
+                self._flush()
+            else:
+                self._stream.write(line)
+                self._stream.flush()
+            return
+        self._lines.append(line)
+        if not self._flush_pending:
             self._flush_pending = True
             reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
+        lines, self._lines = self._lines, []
+        if lines:
+            self._stream.write("".join(lines))
         self._stream.flush()
 
     def _text(self, event: LogEvent, level: LogLevel) -> str | None:

@@ -32,6 +32,7 @@ from openclaw.providers.agent import (
     request_bytes,
 )
 from openclaw.providers.endpoints import CachedEndpoints
+from openclaw.providers.errors import BodyTooLarge
 from openclaw.providers.fetch import read_body
 from tests.support import free_port
 
@@ -430,6 +431,89 @@ class FailureTests(AgentTestCase):
         agent = self.agent()
         d = agent.request(b"GET", b"http://127.0.0.1:%d/" % free_port(), None, None)
         return self.assertFailure(d, ConnectionRefusedError)
+
+
+class BodyReadingTests(AgentTestCase):
+    """
+    A body read whole (L{read_body}, which the agent's responses serve
+    without a body protocol) and one delivered to a protocol (Twisted's
+    C{readBody}, through C{deliverBody}) give the same results.
+    """
+
+    readers = {"read_body": read_body, "deliverBody": readBody}
+
+    @inlineCallbacks
+    def test_body_before_and_after_the_reader(self):
+        for name, reader in self.readers.items():
+            for later in (False, True):
+                yield self.serve(ok(b"the body " + name.encode()))
+                response = yield self.post(self.agent())
+                if later:
+                    # Headers and body are both in before anyone reads.
+                    yield deferLater(reactor, 0.05, lambda: None)
+                self.assertEqual((yield reader(response)), b"the body " + name.encode(), (name, later))
+
+    @inlineCallbacks
+    def test_body_in_pieces(self):
+        def answer(server: ScriptedServer) -> None:
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+            reactor.callLater(0.02, server.transport.write, b"56789")
+
+        for name, reader in self.readers.items():
+            yield self.serve(answer)
+            response = yield self.post(self.agent())
+            self.assertEqual((yield reader(response)), b"0123456789", name)
+
+    @inlineCallbacks
+    def test_cut_mid_body(self):
+        def answer(server: ScriptedServer) -> None:
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+            server.transport.loseConnection()
+
+        for name, reader in self.readers.items():
+            yield self.serve(answer)
+            response = yield self.post(self.agent())
+            failure = yield self.assertFailure(reader(response), ResponseFailed)
+            self.assertTrue(failure.reasons[0].check(ConnectionDone), name)
+
+    @inlineCallbacks
+    def test_cancel_drops_the_connection(self):
+        for name, reader in self.readers.items():
+            server = yield self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+            response = yield self.post(self.agent())
+            reading = reader(response)
+            reading.cancel()
+            yield self.assertFailure(reading, CancelledError)
+            yield server.connections[0].closed
+
+    @inlineCallbacks
+    def test_body_over_the_limit(self):
+        """
+        A body past the reader's limit fails with L{BodyTooLarge} and its
+        connection is dropped, whether the excess was in before the read or
+        arrives during it.
+        """
+        for later in (False, True):
+            server = yield self.serve(ok(b"x" * 100))
+            agent = self.agent()
+            response = yield self.post(agent)
+            if later:
+                yield deferLater(reactor, 0.05, lambda: None)
+                # Read to its end already: the connection went back to the
+                # pool, and the reader refuses the body all the same.
+                yield self.assertFailure(read_body(response, limit=10), BodyTooLarge)
+                self.assertEqual(agent.connection_count, 1)
+            else:
+                yield self.assertFailure(read_body(response, limit=10), BodyTooLarge)
+                yield server.connections[0].closed
+
+    @inlineCallbacks
+    def test_body_delivered_once(self):
+        yield self.serve(ok(b"once"))
+        response = yield self.post(self.agent())
+        self.assertEqual((yield read_body(response)), b"once")
+        self.assertRaises(RuntimeError, read_body, response)
+        self.assertRaises(RuntimeError, response.deliverBody, Protocol())
 
 
 async def _first_of(one: Deferred[Any], other: Deferred[Any], answered: list[Any]) -> Any:

@@ -112,6 +112,11 @@ class SameAsTwistedTests(SynchronousTestCase):
 class FlushTests(SynchronousTestCase):
     class Stream(io.StringIO):
         flushes = 0
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
 
         def flush(self) -> None:
             self.flushes += 1
@@ -126,23 +131,31 @@ class FlushTests(SynchronousTestCase):
 
     def test_once_per_turn(self):
         """
-        While the reactor runs, info lines are flushed once, at the end of
-        the turn.
+        While the reactor runs, info lines are written in one go and
+        flushed once, at the end of the turn: one write, even to an
+        unbuffered stream.
         """
         for i in range(100):
             self.observer({**self.base, "log_level": LogLevel.info, "i": i})
-        self.assertEqual(self.out.flushes, 0)
-        self.assertEqual(len(self.out.getvalue().splitlines()), 100)
+        self.assertEqual((self.out.writes, self.out.flushes), (0, 0))
         self.clock.advance(0)
-        self.assertEqual(self.out.flushes, 1)
+        self.assertEqual((self.out.writes, self.out.flushes), (1, 1))
+        self.assertEqual(self.out.getvalue().splitlines()[99][-7:], "line 99")
+        self.assertEqual(len(self.out.getvalue().splitlines()), 100)
         self.observer({**self.base, "log_level": LogLevel.info, "i": 100})
         self.clock.advance(0)
-        self.assertEqual(self.out.flushes, 2)
+        self.assertEqual((self.out.writes, self.out.flushes), (2, 2))
 
     def test_warnings_at_once(self):
+        """
+        A warning is written at once, after the lines before it.
+        """
         self.observer({**self.base, "log_level": LogLevel.info, "i": 1})
         self.observer({**self.base, "log_level": LogLevel.warn, "i": 2})
         self.assertEqual(self.out.flushes, 1)
+        self.assertEqual([line[-6:] for line in self.out.getvalue().splitlines()], ["line 1", "line 2"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.out.getvalue().splitlines()), 2)
 
     def test_reactor_not_running(self):
         """

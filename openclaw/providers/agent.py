@@ -63,6 +63,8 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from openclaw.providers.errors import BodyTooLarge
+
 #: An answer's status line and headers larger than this are not a
 #: provider's: the connection is dropped.
 MAX_HEAD_BYTES = 64 * 1024
@@ -424,7 +426,7 @@ class UpstreamConnection(Protocol):
                 self._agent.release(self)
             else:
                 self.close()
-            complete.body_ended(Failure(ResponseDone("Response body fully received")))
+            complete.body_ended(None)
 
     # -- httptools callbacks ----------------------------------------------------
 
@@ -563,9 +565,16 @@ class UpstreamResponse:
                 self.close_delimited = False
         self.length = length
         self._protocol: Protocol | None = None
+        #: Set by L{read_all}: the body is gathered here instead.
+        self._gathered: Deferred[bytes] | None = None
+        self._limit = 0
+        self._size = 0
         self._buffered: list[bytes] = []
-        self._ended: Failure | None = None
+        #: How the body ended: L{None} while it is arriving, L{_COMPLETE}
+        #: once read to its end, else why not.
+        self._ended: Failure | object | None = None
         self._stopped = False
+        self._claimed = False
 
     @property
     def headers(self) -> Headers:
@@ -580,8 +589,7 @@ class UpstreamResponse:
         self.previousResponse = response  # type: ignore[assignment]
 
     def deliverBody(self, protocol: Protocol) -> None:
-        if self._protocol is not None:
-            raise RuntimeError("the body of this response has already been delivered")
+        self._claim()
         self._protocol = protocol
         protocol.makeConnection(_BodyTransport(self))  # type: ignore[arg-type]
         buffered, self._buffered = self._buffered, []
@@ -590,22 +598,79 @@ class UpstreamResponse:
                 return
             protocol.dataReceived(data)
         if self._ended is not None and not self._stopped:
-            protocol.connectionLost(self._ended)
+            protocol.connectionLost(_reason(self._ended))
+
+    def read_all(self, limit: int) -> Deferred[bytes]:
+        """
+        The whole body, once it has ended: what C{deliverBody} with a
+        collecting protocol gives (Twisted's C{readBody}), without the
+        protocol, its transport and a L{Failure} per body on the way, as
+        every answer in one piece on the data plane is read.
+
+        Cancelling the result drops the connection.
+
+        @param limit: A body larger than this fails with L{BodyTooLarge},
+            and its connection is dropped.
+        """
+        self._claim()
+        d = self._gathered = Deferred(lambda _: self.stop())
+        self._limit = limit
+        buffered, self._buffered = self._buffered, []
+        for data in buffered:
+            self._gather(data)
+        if self._ended is not None and not self._stopped:
+            self._gathering_ended(self._ended)
+        return d
+
+    def _claim(self) -> None:
+        if self._claimed:
+            raise RuntimeError("the body of this response has already been delivered")
+        self._claimed = True
+
+    def _gather(self, data: bytes) -> None:
+        d = self._gathered
+        if d is None:
+            # Refused as too large already.
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._gathered = None
+            self.stop()
+            d.errback(BodyTooLarge(f"response body larger than {self._limit} bytes"))
+            return
+        self._buffered.append(data)
+
+    def _gathering_ended(self, how: Failure | object) -> None:
+        d, self._gathered = self._gathered, None
+        if d is None:
+            return
+        if how is _COMPLETE or (isinstance(how, Failure) and how.check(PotentialDataLoss)):
+            body, self._buffered = b"".join(self._buffered), []
+            d.callback(body)
+        else:
+            d.errback(how)
 
     def body_data(self, data: bytes) -> None:
         if self._stopped:
             return
-        if self._protocol is None:
-            self._buffered.append(data)
-        else:
+        if self._protocol is not None:
             self._protocol.dataReceived(data)
+        elif self._gathered is not None:
+            self._gather(data)
+        else:
+            self._buffered.append(data)
 
-    def body_ended(self, reason: Failure) -> None:
+    def body_ended(self, reason: Failure | None) -> None:
+        """
+        The body is over: read to its end (C{reason} L{None}), or not.
+        """
         if self._stopped or self._ended is not None:
             return
-        self._ended = reason
+        how = self._ended = _COMPLETE if reason is None else reason
         if self._protocol is not None:
-            self._protocol.connectionLost(reason)
+            self._protocol.connectionLost(_reason(how))
+        elif self._gathered is not None:
+            self._gathering_ended(how)
 
     def stop(self) -> None:
         """
@@ -616,6 +681,20 @@ class UpstreamResponse:
             return
         self._stopped = True
         self.connection.close(abort=True)
+
+
+#: A body read to its end, before anyone needs it as a L{Failure}.
+_COMPLETE = object()
+
+
+def _reason(how: Failure | object) -> Failure:
+    """
+    How a body ended, as a body protocol's C{connectionLost} takes it.
+    """
+    if how is _COMPLETE:
+        return Failure(ResponseDone("Response body fully received"))
+    assert isinstance(how, Failure)
+    return how
 
 
 __all__ = ["MAX_HEAD_BYTES", "BytesProducer", "UpstreamAgent", "UpstreamResponse", "parse_target", "request_bytes"]

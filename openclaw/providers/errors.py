@@ -55,6 +55,12 @@ class MalformedResponse(ProviderError):
     """
 
 
+class BodyTooLarge(ProviderError):
+    """
+    A response body exceeded the reader's limit.
+    """
+
+
 class ProbeTimedOut(ProviderError):
     """
     The whole exchange (connect, headers and body) overran its time limit.
