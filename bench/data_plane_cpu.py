@@ -10,7 +10,7 @@ answer.  Logging goes through the gateway's own observer (to /dev/null) at
 the chosen level, as under twistd.  Prints microseconds of CPU per call;
 with --profile, the top functions by own time.
 
-    .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--profile]
+    .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--profile [--sort cumulative] [--top 60]]
 
 No syscalls are counted here: bench/data_plane.py shows what the sockets
 add.  Use this one to see where the gateway's own time goes.
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
+    parser.add_argument("--top", type=int, default=30, help="profile entries shown")
     args = parser.parse_args()
 
     devnull = open(os.devnull, "w")
@@ -163,7 +165,7 @@ def main() -> None:
         f"({args.calls} calls{', under cProfile' if profiler else ''})"
     )
     if profiler:
-        pstats.Stats(profiler).sort_stats(os.environ.get("SORT","tottime")).print_stats(int(os.environ.get("TOP","30")))
+        pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":
