@@ -370,17 +370,6 @@ class FailureTests(AgentTestCase):
         yield self.assertFailure(self.post(self.agent()), ResponseFailed)
 
     @inlineCallbacks
-    def test_cut_mid_body(self):
-        def answer(server: ScriptedServer) -> None:
-            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
-            server.transport.loseConnection()
-
-        yield self.serve(answer)
-        response = yield self.post(self.agent())
-        failure = yield self.assertFailure(read_body(response), ResponseFailed)
-        self.assertTrue(failure.reasons[0].check(ConnectionDone))
-
-    @inlineCallbacks
     def test_not_http(self):
         yield self.serve(b"SSH-2.0-OpenSSH_9.6\r\n")
         failure = yield self.assertFailure(self.post(self.agent()), ResponseNeverReceived, ResponseFailed)
@@ -413,18 +402,6 @@ class FailureTests(AgentTestCase):
             yield deferLater(reactor, 0.01, lambda: None)
         d.cancel()
         yield self.assertFailure(d, CancelledError)
-        yield server.connections[0].closed
-
-    @inlineCallbacks
-    def test_stop_reading_body(self):
-        """
-        A body protocol's C{transport.stopProducing()} drops the connection.
-        """
-        server = yield self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
-        response = yield self.post(self.agent())
-        reading = read_body(response)
-        reading.cancel()
-        yield self.assertFailure(reading, CancelledError)
         yield server.connections[0].closed
 
     def test_refused(self):
@@ -478,6 +455,11 @@ class BodyReadingTests(AgentTestCase):
 
     @inlineCallbacks
     def test_cancel_drops_the_connection(self):
+        """
+        Cancelling a read (for a body protocol, its transport's
+        C{stopProducing}, which Twisted's C{readBody} calls through
+        C{abortConnection}) drops the connection.
+        """
         for name, reader in self.readers.items():
             server = yield self.serve(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
             response = yield self.post(self.agent())

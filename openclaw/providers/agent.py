@@ -650,7 +650,7 @@ class UpstreamResponse:
         d, self._gathered = self._gathered, None
         if d is None:
             return
-        if how is _COMPLETE or (isinstance(how, Failure) and how.check(PotentialDataLoss)):
+        if how is _COMPLETE or (isinstance(how, Failure) and how.check(ResponseDone, PotentialDataLoss)):
             body, self._buffered = b"".join(self._buffered), []
             d.callback(body)
         else:
