@@ -110,7 +110,7 @@ def start_gateway(api_port: int, upstream_port: int, profile: str | None, log_le
         ],
         env=env,
         cwd="/tmp",
-        stdout=subprocess.DEVNULL,  # one info line per call goes here, as in production
+        stdout=subprocess.DEVNULL,  # the log goes here, as in production
         stderr=subprocess.DEVNULL,
     )
     wait_for_port(api_port, process, "the gateway")
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--providers", default="kimi,gemini")
     parser.add_argument("--profile", help="write the gateway's cProfile stats here and print the top entries")
     parser.add_argument(
-        "--log-level", default="info", help="the gateway's LOG_LEVEL (info: one line per call, as deployed)"
+        "--log-level", default="info", help="the gateway's LOG_LEVEL (info, as deployed; debug logs every call)"
     )
     args = parser.parse_args()
 

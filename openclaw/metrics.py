@@ -4,12 +4,16 @@ state), served at C{GET /metrics} to allowlisted peers.
 
 The control plane counts every message; C{Counter.labels()} costs more than
 the rest of a C{ping}, so each labelled child is resolved once, here, and
-the hot path only calls C{.inc()}.
+the hot path only calls C{.inc()}.  Model calls, the gateway's busiest
+path, are counted in plain integers instead (L{RequestTally}), turned into
+metric families only when C{/metrics} is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from itertools import accumulate
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -20,6 +24,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -33,9 +39,81 @@ OUTCOMES = ("ok", "error")
 AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoked")
 
 
-#: Statuses are a small set in practice; this only bounds the cache of
-#: counter children should an upstream invent many.
-_MAX_STATUS_CHILDREN = 256
+#: Statuses are a small set in practice; this only bounds the series kept
+#: should an upstream invent many (the rest are counted under "other").
+_MAX_STATUS_SERIES = 256
+
+
+class RequestTally:
+    """
+    Requests counted by provider and status and timed by provider, for a
+    path taken thousands of times a second: recording one is two dict
+    lookups and a bisect on plain numbers (a C{prometheus_client} counter
+    and histogram take a lock per value and walk the buckets in Python),
+    and the metric families are built when C{/metrics} is read.
+
+    Registered in a L{CollectorRegistry} as a custom collector.  Not
+    thread-safe, and need not be: it is recorded and read on the reactor
+    thread only.
+
+    @param counter: the counter's name and help text.
+    @param histogram: the histogram's name and help text.
+    """
+
+    def __init__(
+        self,
+        counter: tuple[str, str],
+        histogram: tuple[str, str],
+        providers: Iterable[str] = (),
+        buckets: tuple[float, ...] = Histogram.DEFAULT_BUCKETS,
+    ) -> None:
+        self._counter = counter
+        self._histogram = histogram
+        self._bounds = tuple(bound for bound in buckets if bound != float("inf"))
+        self._labels = [*(floatToGoString(bound) for bound in self._bounds), "+Inf"]
+        self._counts: dict[tuple[str, int | str], int] = {}
+        #: Per provider: a count per bucket, the last one past every bound.
+        self._buckets: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        for provider in providers:
+            self._start_timing(provider)
+
+    def record(self, provider: str, status: int | str, seconds: float) -> None:
+        counts = self._counts
+        key = (provider, status)
+        count = counts.get(key)
+        if count is None:
+            if len(counts) >= _MAX_STATUS_SERIES:
+                key = (provider, "other")
+            count = counts.get(key, 0)
+        counts[key] = count + 1
+        buckets = self._buckets.get(provider)
+        if buckets is None:
+            buckets = self._start_timing(provider)
+        buckets[bisect_left(self._bounds, seconds)] += 1
+        self._sums[provider] += seconds
+
+    def _start_timing(self, provider: str) -> list[int]:
+        buckets = self._buckets[provider] = [0] * (len(self._bounds) + 1)
+        self._sums[provider] = 0.0
+        return buckets
+
+    def count(self, provider: str, status: int | str) -> int:
+        """
+        How many requests to C{provider} ended with C{status} so far.
+        """
+        return self._counts.get((provider, status), 0)
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(*self._counter, labels=["provider", "status"])
+        for (provider, status), count in list(self._counts.items()):
+            counter.add_metric([provider, str(status)], count)
+        yield counter
+        histogram = HistogramMetricFamily(*self._histogram, labels=["provider"])
+        for provider, buckets in list(self._buckets.items()):
+            cumulative = list(zip(self._labels, accumulate(buckets)))
+            histogram.add_metric([provider], cumulative, sum_value=self._sums[provider])
+        yield histogram
 
 
 class GatewayMetrics:
@@ -65,14 +143,19 @@ class GatewayMetrics:
             "openclaw_provider_up", "1 if the provider's last health probe succeeded, else 0",
             ["provider"], registry=registry,
         )
-        self.upstream_requests = Counter(
-            "openclaw_upstream_requests", "HTTP requests to providers, by provider and status",
-            ["provider", "status"], registry=registry,
+        providers = tuple(providers)
+        self.upstream_requests = RequestTally(
+            ("openclaw_upstream_requests", "HTTP requests to providers, by provider and status"),
+            ("openclaw_upstream_request_seconds", "Time to the response headers of provider requests"),
+            providers,
         )
-        self.upstream_seconds = Histogram(
-            "openclaw_upstream_request_seconds", "Time to the response headers of provider requests",
-            ["provider"], registry=registry,
+        registry.register(self.upstream_requests)
+        #: Model API calls, counted here rather than logged one by one.
+        self.api_requests = RequestTally(
+            ("openclaw_api_requests", "Data-plane API requests answered, by provider and status"),
+            ("openclaw_api_request_seconds", "Time to answer data-plane API requests, by provider"),
         )
+        registry.register(self.api_requests)
         command_seconds = Histogram(
             "openclaw_control_command_seconds", "Time to answer state-changing control commands",
             ["cmd"], registry=registry,
@@ -81,8 +164,6 @@ class GatewayMetrics:
         self._commands = {(cmd, outcome): commands_total.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
-        self._upstream_requests: dict[tuple[str, int | str], Any] = {}
-        self._upstream_seconds: dict[str, Any] = {}
         for provider in providers:
             self.provider_up.labels(provider)
 
@@ -102,21 +183,6 @@ class GatewayMetrics:
         for provider, entry in report.get("providers", {}).items():
             self.provider_up.labels(provider).set(1 if entry.get("ok") else 0)
         return report
-
-    def upstream(self, provider: str, status: int | str, seconds: float) -> None:
-        # Once per model call: the children are looked up in a dict of our
-        # own rather than through labels() (which validates and locks).
-        key = (provider, status)
-        counter = self._upstream_requests.get(key)
-        if counter is None:
-            counter = self.upstream_requests.labels(provider, str(status))
-            if len(self._upstream_requests) < _MAX_STATUS_CHILDREN:
-                self._upstream_requests[key] = counter
-        counter.inc()
-        histogram = self._upstream_seconds.get(provider)
-        if histogram is None:
-            histogram = self._upstream_seconds[provider] = self.upstream_seconds.labels(provider)
-        histogram.observe(seconds)
 
     def count_connections(self, count: Callable[[], int]) -> None:
         self.connections.set_function(count)
@@ -160,25 +226,29 @@ class MeasuredAgent:
     def __init__(
         self,
         agent: IAgent,
-        metrics: GatewayMetrics,
+        tally: RequestTally,
         providers: Iterable[tuple[str, str]],
         clock: Callable[[], float],
     ) -> None:
         self._agent = agent
-        self._metrics = metrics
+        self._tally = tally
         self._prefixes = [(base.rstrip("/").encode(), provider) for base, provider in providers]
         self._clock = clock
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        provider = next((p for prefix, p in self._prefixes if uri.startswith(prefix)), "other")
-        started = self._clock()
+        for prefix, provider in self._prefixes:
+            if uri.startswith(prefix):
+                break
+        else:
+            provider = "other"
+        measure = (provider, self._clock())
+        d = self._agent.request(method, uri, headers, bodyProducer)
+        return d.addCallbacks(self._answered, self._failed, measure, None, measure)
 
-        def answered(response: Any) -> Any:
-            self._metrics.upstream(provider, response.code, self._clock() - started)
-            return response
+    def _answered(self, response: Any, provider: str, started: float) -> Any:
+        self._tally.record(provider, response.code, self._clock() - started)
+        return response
 
-        def failed(failure: Any) -> Any:
-            self._metrics.upstream(provider, "error", self._clock() - started)
-            return failure
-
-        return self._agent.request(method, uri, headers, bodyProducer).addCallbacks(answered, failed)
+    def _failed(self, reason: Any, provider: str, started: float) -> Any:
+        self._tally.record(provider, "error", self._clock() - started)
+        return reason

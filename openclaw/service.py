@@ -74,7 +74,7 @@ class GatewayService(MultiService):
         self.providers = ProviderRegistry.from_settings(
             settings,
             reactor,
-            wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics, base_urls, reactor.seconds),
+            wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics.upstream_requests, base_urls, reactor.seconds),
         )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
@@ -105,7 +105,7 @@ class GatewayService(MultiService):
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:
-            self.api_site = build_site(self.route, self.providers, settings, reactor)
+            self.api_site = build_site(self.route, self.providers, settings, reactor, self.metrics.api_requests)
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             self._listen(api_endpoint, self.api_site)

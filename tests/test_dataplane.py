@@ -666,6 +666,65 @@ class ErrorTests(DataPlaneTestCase):
         self.assertEqual({e["status"] for e in logged}, {401, 400, 502})
 
 
+class AccountingTests(DataPlaneTestCase):
+    """
+    Every finished request is counted in C{/metrics}; refusals and failures
+    are logged at info, successes (the high-rate case) only at debug.
+    """
+
+    @inlineCallbacks
+    def metrics(self, gateway: RunningGateway) -> Any:
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/metrics")
+        text = yield response.text("utf-8")
+        return text
+
+    def request_events(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane"]
+
+    @inlineCallbacks
+    def test_counted_and_failures_logged(self):
+        gateway = self.gateway()
+        for _ in range(2):
+            response, _ = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+            self.assertEqual(response.code, 200)
+        response, _ = yield self.post(gateway, {"messages": HELLO}, key=None)
+        self.assertEqual(response.code, 401)
+        self.upstream.gemini.mode = "unauthorized"
+        response, _ = yield self.post(gateway, {"model": "gemini/gemini-flash-latest", "messages": HELLO})
+        self.assertEqual(response.code, 502)
+        text = yield self.metrics(gateway)
+        self.assertIn('openclaw_api_requests_total{provider="kimi",status="200"} 2.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="401"} 1.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="gemini",status="502"} 1.0', text)
+        self.assertIn('openclaw_api_request_seconds_count{provider="kimi"} 2.0', text)
+        self.assertIn('openclaw_api_request_seconds_bucket{le="+Inf",provider="kimi"} 2.0', text)
+        # The successes built no event at all at LOG_LEVEL=info.
+        logged = [(e["log_level"].name, e["status"], e["outcome"]) for e in self.request_events()]
+        self.assertEqual(logged, [("info", 401, "invalid_api_key"), ("info", 502, "upstream_http_error")])
+
+    @inlineCallbacks
+    def test_successes_logged_at_debug(self):
+        gateway = self.gateway(log_level="debug")
+        response, _ = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 200)
+        (event,) = self.request_events()
+        self.assertEqual(event["log_level"].name, "debug")
+        self.assertEqual(
+            (event["method"], event["path"], event["status"], event["route"], event["stream"]),
+            ("POST", "/v1/chat/completions", 200, "kimi/moonshot-v1-8k", False),
+        )
+        self.assertGreaterEqual(event["duration_ms"], 0)
+
+    @inlineCallbacks
+    def test_nothing_logged_at_warn(self):
+        gateway = self.gateway(log_level="warn")
+        response, _ = yield self.post(gateway, {"messages": HELLO}, key=None)
+        self.assertEqual(response.code, 401)
+        self.assertEqual(self.request_events(), [])
+        text = yield self.metrics(gateway)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="401"} 1.0', text)
+
+
 class ShutdownTests(DataPlaneTestCase):
     """
     What a stop uses: wait for the calls in flight, then close every

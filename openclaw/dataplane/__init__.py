@@ -24,16 +24,26 @@ from typing import Any
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.resource import build_resource
 from openclaw.dataplane.site import APISite
+from openclaw.metrics import RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute
 from openclaw.settings import Settings
 
 
-def build_site(route: ActiveRoute, providers: ProviderRegistry, settings: Settings, reactor: Any) -> APISite:
+def build_site(
+    route: ActiveRoute,
+    providers: ProviderRegistry,
+    settings: Settings,
+    reactor: Any,
+    tally: RequestTally,
+) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}).
+
+    @param tally: where each finished request is counted (the service's
+        C{openclaw_api_requests} metrics).
     """
-    context = APIContext.from_settings(route, providers, settings, reactor)
+    context = APIContext.from_settings(route, providers, settings, reactor, tally)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)

@@ -1,6 +1,6 @@
 """
 What every API resource needs: the route in force, the providers, the
-keys, the time limit, and the one log line per request.
+keys, the time limit, and the accounting of each finished request.
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
 from openclaw.dataplane.auth import GatewayKeys
+from openclaw.metrics import RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.settings import Settings
@@ -33,10 +34,17 @@ class APIContext:
     #: UPSTREAM_TIMEOUT, seconds.
     timeout: float
     reactor: Any
+    #: Every finished request is counted here (C{openclaw_api_requests}).
+    tally: RequestTally
     log: Logger = attrs.field(factory=lambda: Logger(namespace="openclaw.dataplane"))
-    #: Log each completed request at info level (off when LOG_LEVEL is
-    #: warn or above: then not even the event is built).
-    log_requests: bool = True
+    #: Log each successful request, at debug level: model calls come
+    #: thousands a second, as C{ping} does on the control plane, and are
+    #: counted in L{tally} instead.  Only when LOG_LEVEL is debug: else
+    #: not even the event is built.
+    log_successes: bool = False
+    #: Log each refused or failed request, at info level (off when
+    #: LOG_LEVEL is warn or above).
+    log_failures: bool = True
     #: Calls waiting on a provider right now.
     in_flight: int = 0
     #: Set when the gateway stops: new calls are refused with 503.
@@ -67,7 +75,12 @@ class APIContext:
 
     @classmethod
     def from_settings(
-        cls, route: ActiveRoute, providers: ProviderRegistry, settings: Settings, reactor: Any
+        cls,
+        route: ActiveRoute,
+        providers: ProviderRegistry,
+        settings: Settings,
+        reactor: Any,
+        tally: RequestTally,
     ) -> APIContext:
         return cls(
             route=route,
@@ -75,7 +88,9 @@ class APIContext:
             keys=GatewayKeys.of(settings.gateway_api_keys),
             timeout=settings.upstream_timeout,
             reactor=reactor,
-            log_requests=settings.log_level not in _QUIET_LEVELS,
+            tally=tally,
+            log_successes=settings.log_level == "debug",
+            log_failures=settings.log_level not in _QUIET_LEVELS,
         )
 
     def completed(
@@ -88,12 +103,22 @@ class APIContext:
         outcome: str | None = None,
     ) -> None:
         """
-        Log one finished API request: structured fields, no body, no key.
-        C{outcome} is the error code when there was one.
+        Count one finished API request, and log it (structured fields, no
+        body, no key) when its level is on.  C{outcome} is the error code
+        when there was one.
         """
-        if not self.log_requests:
+        seconds = self.reactor.seconds() - started
+        self.tally.record(route.provider_id if route else "-", status, seconds)
+        if status < 400:
+            if not self.log_successes:
+                return
+            level = LogLevel.debug
+        elif self.log_failures:
+            level = LogLevel.info
+        else:
             return
-        self.log.info(
+        self.log.emit(
+            level,
             "{method} {path} {status} via {route} in {duration_ms} ms",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),
@@ -103,5 +128,5 @@ class APIContext:
             model=route.model if route else None,
             stream=stream,
             outcome=outcome,
-            duration_ms=round((self.reactor.seconds() - started) * 1000, 2),
+            duration_ms=round(seconds * 1000, 2),
         )
