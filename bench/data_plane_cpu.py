@@ -47,6 +47,13 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "What is the capital of France? One word, please."},
 ]
+#: What the openai Python SDK sends besides the six above.
+SDK_HEADERS = (
+    b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nX-Stainless-Lang: python\r\n"
+    b"X-Stainless-Package-Version: 1.99.9\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\n"
+    b"X-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nX-Stainless-Async: false\r\n"
+    b"X-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\n"
+)
 KIMI_ANSWER = {
     "id": "chatcmpl-standin-1",
     "object": "chat.completion",
@@ -94,6 +101,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--sdk-headers", action="store_true", help="send the 17 headers the openai Python SDK sends, not 6"
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
     parser.add_argument("--top", type=int, default=30, help="profile entries shown")
@@ -124,8 +134,8 @@ def main() -> None:
     body = orjson.dumps({"model": "gpt-4o", "messages": MESSAGES})
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:18790\r\nUser-Agent: bench\r\n"
-        b"Accept: */*\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (GATEWAY_KEY.encode(), len(body), body)
+        b"Accept: */*\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (GATEWAY_KEY.encode(), SDK_HEADERS if args.sdk_headers else b"", len(body), body)
     )
     answer = http_response(KIMI_ANSWER if args.provider == "kimi" else GEMINI_ANSWER)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))

@@ -1,7 +1,8 @@
 """
-The API's L{Site}: no access log of its own (the data plane counts every
-call and logs a structured event for each failure instead), a local
-address asked for once per connection, and what a stop needs: wait for the
+The API's L{Site}: connections that read request heads in one pass
+(L{APIChannel}), no access log of its own (the data plane counts every
+call and logs a structured event for each failure instead), and what a
+stop needs: wait for the
 calls in flight (L{APISite.drain}), then close every connection and know
 when they are gone (L{APISite.close_connections}).
 """
@@ -11,46 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import ITCPTransport
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from openclaw.dataplane.channel import APIChannel
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 
 #: How long idle API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
-
-
-class _Channel(HTTPChannel):
-    """
-    An HTTP/1.1 connection that tells its site when it opens and closes.
-    """
-
-    site: APISite
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.site.channels.add(self)
-        # Stream events are small writes in quick succession: without this,
-        # Nagle's algorithm holds each one back until the client ACKs the
-        # previous one, and a delayed ACK makes that up to 40 ms.
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        self.site.channel_closed(self)
-
-    def getHost(self) -> Any:
-        # Every Request asks, and a TCP transport answers with a
-        # getsockname(2) each time: the local address of a connection
-        # never changes, so ask once.
-        host = self.__dict__.get("_host")
-        if host is None:
-            host = self._host = super().getHost()
-        return host
 
 
 class _LimitedRequest(Request):
@@ -108,7 +78,7 @@ class APISite(Site):
     A L{Site} for the API.
     """
 
-    protocol = _Channel
+    protocol = APIChannel
     requestFactory = _LimitedRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
     max_request_bytes = 8 * 1024 * 1024
@@ -116,7 +86,7 @@ class APISite(Site):
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.context = context
-        self.channels: set[_Channel] = set()
+        self.channels: set[APIChannel] = set()
         self._waiting: list[Deferred[None]] = []
 
     def drain(self) -> Deferred[None]:
@@ -135,7 +105,7 @@ class APISite(Site):
         structured event for it (failures at info, successes at debug).
         """
 
-    def channel_closed(self, channel: _Channel) -> None:
+    def channel_closed(self, channel: APIChannel) -> None:
         self.channels.discard(channel)
         if not self.channels:
             waiting, self._waiting = self._waiting, []

@@ -1,0 +1,132 @@
+"""
+The API's HTTP/1.1 connection: twisted.web's L{HTTPChannel}, reading a
+request head in one pass.
+
+twisted.web splits a head into lines one at a time and handles each header
+through several method calls; for a model call that came to about a fifth
+of the gateway's own CPU, the largest single item.  When a whole head has
+arrived and every line of it is plain (a token name, a colon, a value with
+no control line breaks: what every HTTP client sends), L{APIChannel} checks
+it with one regular expression per line and stores the headers directly.
+Anything else (a head in pieces, an obsolete folded line, an invalid name
+or value, over the size or count limits, pipelined data) takes
+twisted.web's own path, which answers the bad ones with 400; the request
+line and the end of the head always do, so the request is created, parsed
+and checked (C{Content-Length} against C{Transfer-Encoding} included) by
+twisted.web itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+
+#: One plain header line: a token, a colon, optional blanks, then a value of
+#: any bytes but NUL, CR and LF (as twisted.web accepts), whose trailing
+#: blanks are stripped after the match.  No lazy or nested repetition: the
+#: match is linear in the line, whatever a client sends.
+_HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)")
+#: Headers that decide how the body is framed, as twisted.web names them.
+_FRAMING = {b"content-length": b"Content-Length", b"transfer-encoding": b"Transfer-Encoding"}
+#: The parts of HTTPChannel the one-pass read relies on beyond its public
+#: API; should a Twisted release change them, every head takes
+#: twisted.web's own path (slower, never wrong).
+_ONE_PASS = all(
+    hasattr(HTTPChannel, name)
+    for name in ("_HTTPChannel__first_line", "_HTTPChannel__header", "_maybeChooseTransferDecoder")
+)
+
+
+class APIChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection that reads plain request heads in one pass, and
+    tells its site when it opens and closes.
+    """
+
+    site: Any
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.site.channel_closed(self)
+
+    def getHost(self) -> Any:
+        # Every Request asks, and a TCP transport answers with a
+        # getsockname(2) each time: the local address of a connection
+        # never changes, so ask once.
+        host = self.__dict__.get("_host")
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def dataReceived(self, data: bytes) -> None:
+        if not (_ONE_PASS and self._at_request_start()):
+            return super().dataReceived(data)
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self.totalHeadersSize:
+            return super().dataReceived(data)
+        request_line, *lines = data[:end].split(b"\r\n")
+        if not request_line or len(lines) > self.maxHeaders:
+            return super().dataReceived(data)
+        headers = []
+        for line in lines:
+            match = _HEADER_LINE.fullmatch(line)
+            if match is None:
+                return super().dataReceived(data)
+            name, value = match.groups()
+            headers.append((name, value.rstrip(b" \t")))
+        self.resetTimeout()
+        self._busyReceiving = True
+        try:
+            if not self._head_received(request_line, headers):
+                return None
+        finally:
+            self._busyReceiving = False
+        # The body and whatever follows, in whatever mode the head left the
+        # connection (and anything buffered meanwhile, after it).
+        self._buffer = data[end + 4 :] + self._buffer
+        if self._buffer:
+            LineReceiver.dataReceived(self, b"")
+        return None
+
+    def _at_request_start(self) -> bool:
+        """
+        Whether the next bytes begin a request: in line mode, with nothing
+        buffered, not inside another read, and the request line still to
+        come.
+        """
+        return bool(
+            self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and not self.paused
+            and self.persistent
+            and getattr(self, "_HTTPChannel__first_line", None) == 1
+            and not getattr(self, "_HTTPChannel__header", b"")
+        )
+
+    def _head_received(self, request_line: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """
+        Hand a checked head to twisted.web: the request line and the end of
+        the head through its own L{lineReceived}, the headers straight into
+        the new request.  False if the request was refused on the way.
+        """
+        count = len(self.requests)
+        self.lineReceived(request_line)
+        if self.transport.disconnecting or len(self.requests) != count + 1:
+            return False
+        raw = self.requests[-1].requestHeaders
+        for name, value in headers:
+            framing = _FRAMING.get(name.lower())
+            if framing is not None and not self._maybeChooseTransferDecoder(framing, value):
+                return False
+            raw.addRawHeader(name, value)
+        self.lineReceived(b"")
+        return not self.transport.disconnecting

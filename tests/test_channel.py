@@ -1,0 +1,180 @@
+"""
+L{APIChannel} reads a plain request head in one pass; whatever the bytes,
+it must see exactly what twisted.web's own L{HTTPChannel} sees: the same
+requests (method, target, version, headers, body) and the same refusals.
+Two parsers that disagree are how requests get smuggled, so every case,
+and a few hundred generated ones, runs through both and is compared.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel, Request
+
+from openclaw.dataplane.channel import APIChannel
+
+
+class _Site:
+    """
+    What an L{APIChannel} tells about its connections.
+    """
+
+    def __init__(self) -> None:
+        self.channels: set[Any] = set()
+
+    def channel_closed(self, channel: Any) -> None:
+        self.channels.discard(channel)
+
+
+def _recording_request(seen: list[tuple[Any, ...]]) -> type[Request]:
+    class Recording(Request):
+        def process(self) -> None:
+            headers = sorted((name, tuple(values)) for name, values in self.requestHeaders.getAllRawHeaders())
+            seen.append((self.method, self.uri, self.clientproto, headers, self.content.read()))
+            self.setHeader(b"Content-Length", b"2")
+            self.write(b"ok")
+            self.finish()
+
+    return Recording
+
+
+def _feed(channel_type: type[HTTPChannel], segments: list[bytes]) -> tuple[Any, ...]:
+    """
+    Feed C{segments} to a new channel of C{channel_type}: what it parsed,
+    what it wrote, and whether it hung up.
+    """
+    seen: list[tuple[Any, ...]] = []
+    channel = channel_type()
+    channel.requestFactory = _recording_request(seen)
+    channel.timeOut = None
+    channel.site = _Site()  # type: ignore[attr-defined]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    for segment in segments:
+        if transport.disconnecting:
+            break
+        channel.dataReceived(segment)
+    written = transport.value()
+    # Status lines only: the Date header differs from one second to the next.
+    status_lines = re.findall(rb"HTTP/1\.[01] \d{3} [^\r]*", written)
+    return seen, status_lines, transport.disconnecting
+
+
+def _one_pass_reads(segment: bytes) -> bool:
+    """
+    Whether L{APIChannel} read this head itself (twisted.web's per-header
+    method never ran).
+    """
+    calls: list[bytes] = []
+
+    class Watched(APIChannel):
+        def headerReceived(self, line: bytes) -> bool:
+            calls.append(line)
+            return super().headerReceived(line)
+
+    seen, _, _ = _feed(Watched, [segment])
+    return bool(seen) and not calls
+
+
+HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer k\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 7\r\n\r\n"
+)
+
+CASES: dict[str, list[bytes]] = {
+    "post, head and body together": [HEAD + b'{"a":1}'],
+    "post, body later": [HEAD, b'{"a":1}'],
+    "post, body in pieces": [HEAD + b'{"a', b'":1}'],
+    "head in pieces": [HEAD[:20], HEAD[20:] + b'{"a":1}'],
+    "get": [b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n"],
+    "no headers": [b"GET / HTTP/1.1\r\n\r\n"],
+    "two requests in one segment": [b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\nGET /b HTTP/1.1\r\nHost: gw\r\n\r\n"],
+    "pipelined post then get": [HEAD + b'{"a":1}GET /b HTTP/1.1\r\n\r\n'],
+    "blanks around values": [b"GET / HTTP/1.1\r\nX-A:   spaced \t \r\nX-B:\tv\r\nX-C:\r\nX-D: \r\n\r\n"],
+    "repeated header": [b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\nX-A: 3\r\n\r\n"],
+    "odd case and symbols in names": [b"GET / HTTP/1.1\r\ncontent-TYPE: a\r\nX-!#$%&'*+.^_`|~: b\r\n\r\n"],
+    "high bytes and controls in a value": [b"GET / HTTP/1.1\r\nX-A: caf\xc3\xa9 \x01\x7f\r\n\r\n"],
+    "folded header": [b"GET / HTTP/1.1\r\nX-A: one\r\n  two\r\nX-B: b\r\n\r\n"],
+    "blank before the colon": [b"GET / HTTP/1.1\r\nHost : gw\r\n\r\n"],
+    "no colon": [b"GET / HTTP/1.1\r\nHost gw\r\n\r\n"],
+    "empty name": [b"GET / HTTP/1.1\r\n: v\r\n\r\n"],
+    "nul in a value": [b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n"],
+    "bare cr in a value": [b"GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n"],
+    "bare lf in a value": [b"GET / HTTP/1.1\r\nX-A: a\nb\r\n\r\n"],
+    "length and chunked": [
+        b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    ],
+    "two lengths": [b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"],
+    "length not digits": [b"POST / HTTP/1.1\r\nContent-Length: 3x\r\n\r\nabc"],
+    "length with sign": [b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc"],
+    "chunked": [b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+    "unknown transfer coding": [b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"],
+    "identity transfer coding": [b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\nContent-Length: 1\r\n\r\na"],
+    "http/1.0": [b"GET / HTTP/1.0\r\nHost: gw\r\n\r\nGET /after HTTP/1.0\r\n\r\n"],
+    "connection close": [b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET /after HTTP/1.1\r\n\r\n"],
+    "expect continue": [b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", b"a"],
+    "leading empty line": [b"\r\nGET / HTTP/1.1\r\nHost: gw\r\n\r\n"],
+    "bad request line": [b"GET /\r\nHost: gw\r\n\r\n"],
+    "bad version": [b"GET / HTTP/2.0\r\nHost: gw\r\n\r\n"],
+    "bad target": [b"GET /a\x7fb HTTP/1.1\r\n\r\n"],
+    "too many headers": [b"GET / HTTP/1.1\r\n" + b"X-A: a\r\n" * 501 + b"\r\n"],
+    "head just too large": [b"GET / HTTP/1.1\r\nX-A: " + b"a" * 16370 + b"\r\n\r\n"],
+    "long value of blanks": [b"GET / HTTP/1.1\r\nX-A: a" + b" " * 8000 + b"b\r\n\r\n"],
+}
+
+
+class OnePassHeadTests(SynchronousTestCase):
+    def test_same_as_twisted(self) -> None:
+        for name, segments in CASES.items():
+            twisted_web = _feed(HTTPChannel, segments)
+            one_pass = _feed(APIChannel, segments)
+            self.assertEqual(one_pass, twisted_web, name)
+
+    def test_cases_cover_both_paths(self) -> None:
+        """
+        The cases above would prove nothing if the one-pass read never ran,
+        or ran where it must not.
+        """
+        self.assertTrue(_one_pass_reads(HEAD + b'{"a":1}'))
+        self.assertTrue(_one_pass_reads(CASES["odd case and symbols in names"][0]))
+        self.assertTrue(_one_pass_reads(CASES["get"][0]))
+        self.assertFalse(_one_pass_reads(CASES["folded header"][0]))
+        self.assertFalse(_one_pass_reads(CASES["leading empty line"][0]))
+        seen, status_lines, _ = _feed(APIChannel, CASES["length and chunked"])
+        self.assertEqual((seen, status_lines), ([], [b"HTTP/1.1 400 Bad Request"]))
+
+    def test_body_follows_head(self) -> None:
+        seen, status_lines, disconnecting = _feed(APIChannel, CASES["pipelined post then get"])
+        self.assertEqual([(method, uri, body) for method, uri, _, _, body in seen], [
+            (b"POST", b"/v1/chat/completions", b'{"a":1}'),
+            (b"GET", b"/b", b""),
+        ])
+        self.assertEqual(status_lines, [b"HTTP/1.1 200 OK"] * 2)
+        self.assertFalse(disconnecting)
+
+
+_NAMES = st.sampled_from([b"Host", b"content-length", b"Transfer-Encoding", b"X-A", b"x-a", b"Expect", b"Connection"])
+_VALUES = st.sampled_from([b"", b"1", b"3", b"chunked", b"close", b"100-continue", b" v ", b"a\tb"]) | st.binary(max_size=12)
+_LINES = st.one_of(
+    st.tuples(_NAMES, st.sampled_from([b":", b": ", b" :", b":\t"]), _VALUES).map(b"".join),
+    st.binary(max_size=16),
+)
+_HEADS = st.tuples(
+    st.sampled_from([b"GET / HTTP/1.1", b"POST /v1 HTTP/1.1", b"GET / HTTP/1.0", b"GET  / HTTP/1.1", b""]),
+    st.lists(_LINES, max_size=6),
+    st.binary(max_size=24),
+).map(lambda parts: b"\r\n".join([parts[0], *parts[1], b""]) + b"\r\n" + parts[2])
+
+
+class OnePassHeadProperties(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None)
+    @given(_HEADS, st.integers(min_value=0, max_value=80))
+    def test_same_as_twisted(self, raw: bytes, cut: int) -> None:
+        for segments in ([raw], [raw[:cut], raw[cut:]]):
+            self.assertEqual(_feed(APIChannel, segments), _feed(HTTPChannel, segments), segments)
