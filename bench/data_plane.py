@@ -8,14 +8,19 @@ lean load generator (bench/httpload.py, a third process): the same chat
 call straight to the stand-in and through the gateway, alternating, in
 rounds.  Prints, per provider and concurrency, requests per second and
 p50/p99 latency each way, the latency the gateway adds (gateway minus
-straight, per percentile), the throughput ratio, the CPU each process used;
-and for streams, the time to the first event.
+straight, per percentile), the throughput ratio (the median of the rounds'
+ratios, each round's two runs back to back, and their range), the CPU each
+process used; and for streams, the time to the first event.
 
 For scale, whole Kimi answers also go through the floor (bench/proxy_floor.py):
 a bare relay on twisted.web and the gateway's upstream agent with none of
 the gateway's work, the best any gateway built on these can do here.
 
-    .venv/bin/python bench/data_plane.py [--seconds 3] [--rounds 3] [--profile gateway.prof]
+    .venv/bin/python bench/data_plane.py [--seconds 3] [--rounds 5] [--sdk-headers] [--profile gateway.prof]
+
+The client sends four headers (Host, Content-Type, Content-Length and the
+key), the least any client sends; --sdk-headers adds the thirteen more the
+openai Python SDK sends, to both the stand-in and the gateway.
 
 Targets: added p50 < 1 ms and p99 < 3 ms at concurrency 1; throughput
 through the gateway >= 0.8 x straight at concurrency 32.
@@ -169,7 +174,9 @@ def targets(
     return {"straight": straight, "gateway": gateway}
 
 
-def load(target: dict[str, Any], connections: int, seconds: float, pids: dict[str, int]) -> dict[str, Any]:
+def load(
+    target: dict[str, Any], connections: int, seconds: float, pids: dict[str, int], sdk_headers: bool = False
+) -> dict[str, Any]:
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     out = subprocess.run(
         [
@@ -177,6 +184,7 @@ def load(target: dict[str, Any], connections: int, seconds: float, pids: dict[st
             "--port", str(target["port"]), "--path", target["path"],
             "--header", target["header"], "--body", json.dumps(target["body"]),
             "--connections", str(connections), "--seconds", str(seconds),
+            *(["--sdk-headers"] if sdk_headers else []),
         ],
         check=True,
         capture_output=True,
@@ -195,12 +203,25 @@ def middle(runs: list[dict[str, Any]], key: str) -> float:
     return median(run[key] for run in runs)
 
 
+def ratios(through: list[dict[str, Any]], straight: list[dict[str, Any]]) -> list[float]:
+    """
+    Throughput through the gateway over straight, round by round: each
+    pair ran back to back, so a slow spell of the machine weighs on both.
+    """
+    return sorted(t["per_second"] / s["per_second"] for t, s in zip(through, straight))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     parser.add_argument("--providers", default="kimi,gemini")
     parser.add_argument("--profile", help="write the gateway's cProfile stats here and print the top entries")
+    parser.add_argument(
+        "--sdk-headers",
+        action="store_true",
+        help="the client also sends the 13 headers the openai Python SDK sends (both ways)",
+    )
     parser.add_argument(
         "--log-level", default="info", help="the gateway's LOG_LEVEL (info, as deployed; debug logs every call)"
     )
@@ -218,11 +239,11 @@ def main() -> None:
                 pair = targets(upstream_port, api_port, floor_port, provider, stream)
                 for connections in (1, 32):
                     for target in pair.values():  # warm up: connections, pools, caches
-                        load(target, connections, 0.5, pids)
+                        load(target, connections, 0.5, pids, args.sdk_headers)
                     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pair}
                     for _ in range(args.rounds):
                         for name, target in pair.items():
-                            runs[name].append(load(target, connections, args.seconds, pids))
+                            runs[name].append(load(target, connections, args.seconds, pids, args.sdk_headers))
                     rows.append((provider, stream, connections, runs))
     finally:
         for process in (gateway, upstream, floor):
@@ -231,7 +252,8 @@ def main() -> None:
 
     print(
         f"data plane: stand-in upstream answering at once; {args.rounds} alternating rounds x "
-        f"{args.seconds:g} s per figure, medians; {os.cpu_count()} CPUs; gateway LOG_LEVEL={args.log_level}"
+        f"{args.seconds:g} s per figure, medians; {os.cpu_count()} CPUs; gateway LOG_LEVEL={args.log_level}; "
+        f"client headers: {'the openai SDK' + chr(39) + 's' if args.sdk_headers else 'minimal'}"
     )
     print(
         f"{'provider':<8} {'mode':<7} {'conc':>4} {'path':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
@@ -251,13 +273,17 @@ def main() -> None:
         straight, through = runs["straight"], runs["gateway"]
         added_p50 = middle(through, "p50_ms") - middle(straight, "p50_ms")
         added_p99 = middle(through, "p99_ms") - middle(straight, "p99_ms")
-        ratio = middle(through, "per_second") / middle(straight, "per_second")
-        line = f"  -> added p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms, throughput ratio {ratio:.2f}"
+        by_round = ratios(through, straight)
+        ratio = median(by_round)
+        line = (
+            f"  -> added p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms, throughput ratio {ratio:.2f} "
+            f"(rounds {by_round[0]:.2f}-{by_round[-1]:.2f})"
+        )
         if stream:
             added_first = middle(through, "first_event_p50_ms") - middle(straight, "first_event_p50_ms")
             line += f", time to first event added (p50) {added_first:.3f} ms"
         if "floor" in runs:
-            floor_ratio = middle(runs["floor"], "per_second") / middle(straight, "per_second")
+            floor_ratio = median(ratios(runs["floor"], straight))
             floor_p50 = middle(runs["floor"], "p50_ms") - middle(straight, "p50_ms")
             line += f"; floor: added p50 {floor_p50:.3f} ms, ratio {floor_ratio:.2f}"
         print(line)

@@ -38,6 +38,8 @@ from twisted.logger import globalLogBeginner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from httpload import OPENAI_SDK_HEADERS  # noqa: E402  (this directory)
+
 from openclaw.logs import make_observer
 from openclaw.service import GatewayService
 from openclaw.settings import Settings
@@ -47,13 +49,6 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "What is the capital of France? One word, please."},
 ]
-#: What the openai Python SDK sends besides the six above.
-SDK_HEADERS = (
-    b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\nX-Stainless-Lang: python\r\n"
-    b"X-Stainless-Package-Version: 1.99.9\r\nX-Stainless-OS: Linux\r\nX-Stainless-Arch: x64\r\n"
-    b"X-Stainless-Runtime: CPython\r\nX-Stainless-Runtime-Version: 3.11.7\r\nX-Stainless-Async: false\r\n"
-    b"X-Stainless-Retry-Count: 0\r\nX-Stainless-Read-Timeout: 600\r\n"
-)
 KIMI_ANSWER = {
     "id": "chatcmpl-standin-1",
     "object": "chat.completion",
@@ -102,7 +97,7 @@ def main() -> None:
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
-        "--sdk-headers", action="store_true", help="send the 17 headers the openai Python SDK sends, not 6"
+        "--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends"
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
@@ -132,10 +127,12 @@ def main() -> None:
     assert site is not None, "the service built no API site"
 
     body = orjson.dumps({"model": "gpt-4o", "messages": MESSAGES})
+    sdk_headers = "".join(f"{line}\r\n" for line in OPENAI_SDK_HEADERS).encode()
+    client_headers = sdk_headers if args.sdk_headers else b"User-Agent: bench\r\nAccept: */*\r\n"
     request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:18790\r\nUser-Agent: bench\r\n"
-        b"Accept: */*\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\n%s"
-        b"Content-Length: %d\r\n\r\n%s" % (GATEWAY_KEY.encode(), SDK_HEADERS if args.sdk_headers else b"", len(body), body)
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:18790\r\n%sAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (client_headers, GATEWAY_KEY.encode(), len(body), body)
     )
     answer = http_response(KIMI_ANSWER if args.provider == "kimi" else GEMINI_ANSWER)
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))

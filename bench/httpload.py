@@ -103,6 +103,25 @@ class Exchange:
             self.buffer = self.buffer[line_end + 2 + size + 2 :]
 
 
+#: What the official openai Python SDK sends besides Host, Content-Type,
+#: Content-Length and Authorization (--sdk-headers).
+OPENAI_SDK_HEADERS = (
+    "Accept: application/json",
+    "Accept-Encoding: gzip, deflate",
+    "Connection: keep-alive",
+    "User-Agent: OpenAI/Python 1.99.9",
+    "X-Stainless-Lang: python",
+    "X-Stainless-Package-Version: 1.99.9",
+    "X-Stainless-OS: Linux",
+    "X-Stainless-Arch: x64",
+    "X-Stainless-Runtime: CPython",
+    "X-Stainless-Runtime-Version: 3.11.7",
+    "X-Stainless-Async: false",
+    "X-Stainless-Retry-Count: 0",
+    "X-Stainless-Read-Timeout: 600",
+)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -112,6 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     body = args.body.encode()
     head = [f"POST {args.path} HTTP/1.1", f"Host: {args.host}:{args.port}", "Content-Type: application/json"]
     head += args.header
+    if args.sdk_headers:
+        head += OPENAI_SDK_HEADERS
     head.append(f"Content-Length: {len(body)}")
     request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
@@ -181,6 +202,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--header", action="append", default=[])
+    parser.add_argument(
+        "--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends"
+    )
     parser.add_argument("--body", required=True)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)

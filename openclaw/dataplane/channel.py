@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from twisted.web import http_headers
 from twisted.web.http import HTTPChannel
 
 #: One plain header line: a token, a colon, optional blanks, then a value of
@@ -32,13 +33,15 @@ from twisted.web.http import HTTPChannel
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)")
 #: Headers that decide how the body is framed, as twisted.web names them.
 _FRAMING = {b"content-length": b"Content-Length", b"transfer-encoding": b"Transfer-Encoding"}
-#: The parts of HTTPChannel the one-pass read relies on beyond its public
-#: API; should a Twisted release change them, every head takes
-#: twisted.web's own path (slower, never wrong).
+#: The parts of twisted.web the one-pass read relies on beyond its public
+#: API: HTTPChannel's request state and framing check, the header name
+#: canonicalizer and the table L{Headers} keeps (documented as its ivar).
+#: Should a Twisted release change them, every head takes twisted.web's
+#: own path (slower, never wrong).
 _ONE_PASS = all(
     hasattr(HTTPChannel, name)
     for name in ("_HTTPChannel__first_line", "_HTTPChannel__header", "_maybeChooseTransferDecoder")
-)
+) and hasattr(http_headers, "_nameEncoder") and "_rawHeaders" in getattr(http_headers.Headers, "__slots__", ())
 
 
 class APIChannel(HTTPChannel):
@@ -122,11 +125,20 @@ class APIChannel(HTTPChannel):
         self.lineReceived(request_line)
         if self.transport.disconnecting or len(self.requests) != count + 1:
             return False
-        raw = self.requests[-1].requestHeaders
+        # As Headers.addRawHeader stores them, without its per-call checks:
+        # the name is a token and the value holds no line break, both
+        # matched already.
+        table = self.requests[-1].requestHeaders._rawHeaders
+        canonical = http_headers._nameEncoder.encode
         for name, value in headers:
             framing = _FRAMING.get(name.lower())
             if framing is not None and not self._maybeChooseTransferDecoder(framing, value):
                 return False
-            raw.addRawHeader(name, value)
+            key = canonical(name)
+            values = table.get(key)
+            if values is None:
+                table[key] = [value]
+            else:
+                values.append(value)
         self.lineReceived(b"")
         return not self.transport.disconnecting
