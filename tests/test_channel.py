@@ -159,8 +159,12 @@ class OnePassHeadTests(SynchronousTestCase):
         self.assertFalse(disconnecting)
 
 
-_NAMES = st.sampled_from([b"Host", b"content-length", b"Transfer-Encoding", b"X-A", b"x-a", b"Expect", b"Connection"])
-_VALUES = st.sampled_from([b"", b"1", b"3", b"chunked", b"close", b"100-continue", b" v ", b"a\tb"]) | st.binary(max_size=12)
+_NAMES = st.sampled_from(
+    [b"Host", b"content-length", b"Transfer-Encoding", b"X-A", b"x-a", b"Expect", b"Connection"]
+)
+_VALUES = st.sampled_from(
+    [b"", b"1", b"3", b"chunked", b"close", b"100-continue", b" v ", b"a\tb"]
+) | st.binary(max_size=12)
 _LINES = st.one_of(
     st.tuples(_NAMES, st.sampled_from([b":", b": ", b" :", b":\t"]), _VALUES).map(b"".join),
     st.binary(max_size=16),

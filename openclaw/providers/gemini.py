@@ -22,6 +22,9 @@ PAGE_SIZE = 1000
 #: A listing longer than this many pages is a misbehaving server, not a catalogue.
 MAX_PAGES = 50
 MODEL_PREFIX = "models/"
+#: Chat URLs remembered per adapter (a request may name any model, so the
+#: memo is bounded; past it, URLs are built each time).
+MAX_CACHED_URLS = 64
 
 
 @attrs.define(kw_only=True)
@@ -38,6 +41,9 @@ class GeminiAdapter(ProviderAdapter):
     key_variable: ClassVar[str] = "GEMINI_API_KEY"
     base_url_variable: ClassVar[str] = "GEMINI_BASE_URL"
     wire_format: ClassVar[str] = "gemini"
+    #: (model, stream) -> chat URL: quoting the model costs more than the
+    #: rest of building a call's request.
+    _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
 
     @classmethod
     def from_settings(
@@ -60,10 +66,15 @@ class GeminiAdapter(ProviderAdapter):
         return model.removeprefix(MODEL_PREFIX)
 
     def chat_url(self, model: str, stream: bool) -> bytes:
-        # Quoted whole: a model name is one path segment, whatever it holds.
-        name = quote(self.normalize_model(model), safe="")
-        method = "streamGenerateContent?alt=sse" if stream else "generateContent"
-        return f"{self.base_url}/models/{name}:{method}".encode()
+        url = self._chat_urls.get((model, stream))
+        if url is None:
+            # Quoted whole: a model name is one path segment, whatever it holds.
+            name = quote(self.normalize_model(model), safe="")
+            method = "streamGenerateContent?alt=sse" if stream else "generateContent"
+            url = f"{self.base_url}/models/{name}:{method}".encode()
+            if len(self._chat_urls) < MAX_CACHED_URLS:
+                self._chat_urls[(model, stream)] = url
+        return url
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
         ids: list[str] = []
