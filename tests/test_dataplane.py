@@ -252,6 +252,9 @@ class ChatTests(DataPlaneTestCase):
         for event in events[:-2]:
             self.assertTrue(event.startswith("data: {"), event)
             self.assertEqual(json.loads(event[len("data: "):])["object"], "chat.completion.chunk")
+        # Small event writes go out at once: no Nagle on API connections.
+        (channel,) = gateway.service.api_site.channels
+        self.assertTrue(channel.transport.getTcpNoDelay())
 
     @inlineCallbacks
     def test_chunks_arrive_as_sent(self):

@@ -55,6 +55,10 @@ class APIChannel(HTTPChannel):
     site: Any
 
     def connectionMade(self) -> None:
+        # HTTPChannel turns Nagle's algorithm off, which streams rely on:
+        # their events are small writes in quick succession, and Nagle
+        # would hold each back until the client ACKs the previous one (up
+        # to 40 ms with a delayed ACK).  A test checks it stays off.
         super().connectionMade()
         self.site.channels.add(self)
 

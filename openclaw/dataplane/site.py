@@ -2,9 +2,9 @@
 The API's L{Site}: connections that read request heads in one pass
 (L{APIChannel}), no access log of its own (the data plane counts every
 call and logs a structured event for each failure instead), and what a
-stop needs: wait for the
-calls in flight (L{APISite.drain}), then close every connection and know
-when they are gone (L{APISite.close_connections}).
+stop needs: wait for the calls in flight (L{APISite.drain}), then close
+every connection and know when they are gone
+(L{APISite.close_connections}).
 """
 
 from __future__ import annotations
