@@ -250,10 +250,11 @@ def main() -> None:
             process.terminate()
             process.wait()
 
+    client_headers = "the openai SDK's" if args.sdk_headers else "minimal"
     print(
         f"data plane: stand-in upstream answering at once; {args.rounds} alternating rounds x "
         f"{args.seconds:g} s per figure, medians; {os.cpu_count()} CPUs; gateway LOG_LEVEL={args.log_level}; "
-        f"client headers: {'the openai SDK' + chr(39) + 's' if args.sdk_headers else 'minimal'}"
+        f"client headers: {client_headers}"
     )
     print(
         f"{'provider':<8} {'mode':<7} {'conc':>4} {'path':<9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "

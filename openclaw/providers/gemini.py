@@ -41,8 +41,8 @@ class GeminiAdapter(ProviderAdapter):
     key_variable: ClassVar[str] = "GEMINI_API_KEY"
     base_url_variable: ClassVar[str] = "GEMINI_BASE_URL"
     wire_format: ClassVar[str] = "gemini"
-    #: (model, stream) -> chat URL: quoting the model costs more than the
-    #: rest of building a call's request.
+    #: (model, stream) -> chat URL, so that a call does not quote its model
+    #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
 
     @classmethod
