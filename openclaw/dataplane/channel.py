@@ -53,6 +53,8 @@ class APIChannel(HTTPChannel):
     """
 
     site: Any
+    #: The local address, asked for once (see L{getHost}).
+    _host: Any = None
 
     def connectionMade(self) -> None:
         # HTTPChannel turns Nagle's algorithm off, which streams rely on:
@@ -70,10 +72,9 @@ class APIChannel(HTTPChannel):
         # Every Request asks, and a TCP transport answers with a
         # getsockname(2) each time: the local address of a connection
         # never changes, so ask once.
-        host = self.__dict__.get("_host")
-        if host is None:
-            host = self._host = super().getHost()
-        return host
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         if not (_ONE_PASS and self._at_request_start()):
@@ -109,7 +110,7 @@ class APIChannel(HTTPChannel):
         """
         Whether the next bytes begin a request: in line mode, with nothing
         buffered, not inside another read, and the request line still to
-        come.
+        come.  (Only asked when L{_ONE_PASS} found the state it reads.)
         """
         return bool(
             self.line_mode
@@ -117,8 +118,8 @@ class APIChannel(HTTPChannel):
             and not self._busyReceiving
             and not self.paused
             and self.persistent
-            and getattr(self, "_HTTPChannel__first_line", None) == 1
-            and not getattr(self, "_HTTPChannel__header", b"")
+            and self._HTTPChannel__first_line == 1
+            and not self._HTTPChannel__header
         )
 
     def _head_received(self, request_line: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
