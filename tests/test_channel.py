@@ -9,15 +9,22 @@ and a few hundred generated ones, runs through both and is compared.
 from __future__ import annotations
 
 import re
+import socket
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from openclaw.dataplane.channel import APIChannel
+from openclaw.dataplane.channel import APIChannel, writes_held
+from openclaw.dataplane.site import APIRequest
 
 
 class _Site:
@@ -182,3 +189,155 @@ class OnePassHeadProperties(SynchronousTestCase):
     def test_same_as_twisted(self, raw: bytes, cut: int) -> None:
         for segments in ([raw], [raw[:cut], raw[cut:]]):
             self.assertEqual(_feed(APIChannel, segments), _feed(HTTPChannel, segments), segments)
+
+
+class _Writes(StringTransport):
+    """
+    A transport that keeps each write apart.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.write(b"".join(seq))
+
+
+class _WebSite(Site, _Site):
+    """
+    A twisted.web site (what L{APIRequest} reads), telling as L{_Site}.
+    """
+
+    max_request_bytes = 1 << 20
+
+    def __init__(self) -> None:
+        Site.__init__(self, Resource())
+        _Site.__init__(self)
+
+
+def _answering(answer: Any) -> tuple[APIChannel, _Writes, list[APIRequest]]:
+    """
+    An L{APIChannel} whose requests are answered by C{answer(request)}.
+    """
+    started: list[APIRequest] = []
+
+    class Answered(APIRequest):
+        def process(self) -> None:
+            started.append(self)
+            answer(self)
+
+    channel = APIChannel()
+    channel.requestFactory = Answered
+    channel.timeOut = None
+    channel.site = _WebSite()  # type: ignore[attr-defined]
+    transport = _Writes()
+    channel.makeConnection(transport)
+    return channel, transport, started
+
+
+class ResponseWriteTests(SynchronousTestCase):
+    """
+    On an L{APIChannel} each write goes out at once (see
+    L{openclaw.writethrough}), so the parts twisted.web writes apart are
+    held and sent together where they belong together.
+    """
+
+    def test_answer_in_one_write(self) -> None:
+        """
+        Status line, headers and body: one write, one segment.
+        """
+
+        def answer(request: APIRequest) -> None:
+            request.setHeader(b"Content-Length", b"5")
+            request.write(b"hello")
+            request.finish()
+
+        channel, transport, _ = _answering(answer)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        (written,) = transport.writes
+        self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written)
+        self.assertTrue(written.endswith(b"\r\n\r\nhello"), written)
+
+    def test_stream_end_in_one_write(self) -> None:
+        """
+        A stream's first event comes with the headers; its last one, held
+        with the finish, comes with the chunked body's end.
+        """
+
+        def answer(request: APIRequest) -> None:
+            request.write(b"first")
+            with writes_held(request):
+                request.write(b"last")
+                request.finish()
+
+        channel, transport, _ = _answering(answer)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        head, end = transport.writes
+        self.assertTrue(head.endswith(b"\r\n\r\n5\r\nfirst\r\n"), head)
+        self.assertEqual(end, b"4\r\nlast\r\n0\r\n\r\n")
+
+    def test_held_answer_before_next(self) -> None:
+        """
+        A held answer goes out as its request is done, before the channel
+        reads the request pipelined behind it: twisted.web answers a bad one
+        straight to the transport, and it must not overtake.
+        """
+        channel, transport, started = _answering(lambda request: None)
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /2 HTTP/1.1\r\nNo colon here\r\n\r\n"
+        )
+        (first,) = started
+        with writes_held(first):
+            first.write(b"one")
+            first.finish()
+        written = transport.value()
+        self.assertEqual(
+            re.findall(rb"HTTP/1\.1 \d{3}", written), [b"HTTP/1.1 200", b"HTTP/1.1 400"]
+        )
+        self.assertIn(b"3\r\none\r\n0\r\n\r\n", written)
+        self.assertTrue(transport.disconnecting)
+
+
+class ResponseSentAtOnceTests(TestCase):
+    @inlineCallbacks
+    def test_answer_sent_at_once(self) -> Any:
+        """
+        Over a real connection, an answer is on its way when C{finish}
+        returns, not on the reactor's next turn.
+        """
+        started: list[APIRequest] = []
+
+        class Waiting(APIRequest):
+            def process(self) -> None:
+                started.append(self)
+
+        site = _WebSite()
+        site.protocol = APIChannel
+        site.requestFactory = Waiting
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        for _ in range(500):
+            if started:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        (request,) = started
+        request.setHeader(b"Content-Length", b"2")
+        request.write(b"ok")
+        request.finish()
+        answer = client.recv(4096, socket.MSG_DONTWAIT)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
+        client.close()
+        for _ in range(500):
+            if not site.channels:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)

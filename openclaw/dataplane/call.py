@@ -27,6 +27,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
+from openclaw.dataplane.channel import writes_held
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
@@ -191,8 +192,9 @@ class ChatCall:
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=True)
         try:
-            self.request.write(closing + _DONE_EVENT)
-            self.request.finish()
+            with writes_held(self.request):
+                self.request.write(closing + _DONE_EVENT)
+                self.request.finish()
         finally:
             self._ended(200)
 
@@ -217,7 +219,10 @@ class ChatCall:
         request = self.request
         try:
             if request.startedWriting:
-                request.write(encode(error.body()))
+                # The error event and the stream's end, as one write.
+                with writes_held(request):
+                    request.write(encode(error.body()))
+                    request.finish()
             else:
                 body = error.body()
                 request.setResponseCode(error.status)
@@ -227,7 +232,7 @@ class ChatCall:
                     request.setHeader(name, value)
                 self._route_headers()
                 request.write(body)
-            request.finish()
+                request.finish()
         finally:
             self._ended(error.status, error.code)
 

@@ -16,17 +16,28 @@ another) takes twisted.web's own path, which answers the bad ones with 400;
 the request line and the end of the head always do, so the request is
 created, parsed and checked (C{Content-Length} against C{Transfer-Encoding}
 included) by twisted.web itself.
+
+Its answers go out through L{write_through}: sent before the write returns
+rather than on the reactor's next turn.  The first write of a response
+(status line, headers and, for an answer in one piece, the body) and a
+stream's last event with its end are held and sent as one segment (see
+L{held_writes}).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http_headers
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.http_headers import Headers
+
+from openclaw.writethrough import write_through
 
 #: One plain header line: a token, a colon, optional blanks, then a value of
 #: any bytes but NUL, CR and LF (as twisted.web accepts), whose trailing
@@ -55,6 +66,9 @@ class APIChannel(HTTPChannel):
     site: Any
     #: The local address, asked for once (see L{getHost}).
     _host: Any = None
+    #: Writes held back to be sent as one (see L{hold_writes}), or L{None}.
+    _held: list[bytes] | None = None
+    _holding = 0
 
     def connectionMade(self) -> None:
         # HTTPChannel turns Nagle's algorithm off, which streams rely on:
@@ -67,6 +81,59 @@ class APIChannel(HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self.site.channel_closed(self)
+
+    # -- writing ---------------------------------------------------------------
+
+    def hold_writes(self) -> None:
+        """
+        Hold back what is written until the matching L{send_held_writes},
+        then send it in one write.  Nests.
+        """
+        self._holding += 1
+        if self._holding == 1:
+            self._held = []
+
+    def send_held_writes(self) -> None:
+        self._holding -= 1
+        if self._holding == 0:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            write_through(self.transport, b"".join(held))
+
+    def requestDone(self, request: Request) -> None:
+        # What the finished response holds back goes out before the
+        # connection moves on: a request pipelined behind it is read now,
+        # and twisted.web answers a bad one straight to the transport.
+        # The rest of the hold, if any, writes through.
+        self._send_held()
+        super().requestDone(request)
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):
+            # The form no part of Twisted uses any more: its own path.
+            super().writeHeaders(version, code, reason, headers)
+            return
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self.writeSequence(head)
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            write_through(self.transport, data)
+
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
+        if self._held is not None:
+            self._held.extend(iovec)
+        else:
+            write_through(self.transport, b"".join(iovec))
 
     def getHost(self) -> Any:
         # Every Request asks, and a TCP transport answers with a
@@ -149,3 +216,21 @@ class APIChannel(HTTPChannel):
                 values.append(value)
         self.lineReceived(b"")
         return not self.transport.disconnecting
+
+
+@contextmanager
+def writes_held(request: Request) -> Iterator[None]:
+    """
+    What C{request} writes inside (a stream's last event and its end, say)
+    goes out as one write on an L{APIChannel}; on any other channel, as
+    written.
+    """
+    channel = request.channel
+    if not isinstance(channel, APIChannel):
+        yield
+        return
+    channel.hold_writes()
+    try:
+        yield
+    finally:
+        channel.send_held_writes()

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
 from openclaw.dataplane.channel import APIChannel
@@ -23,15 +22,20 @@ from openclaw.dataplane.errors import APIError
 CLOSE_DEADLINE_SECONDS = 2.0
 
 
-class _LimitedRequest(Request):
+class APIRequest(Request):
     """
-    A request whose body may not exceed the site's C{max_request_bytes}.
+    A request whose body may not exceed the site's C{max_request_bytes}, and
+    whose answer starts with one write.
 
     twisted.web reads the whole body (to memory, or a temporary file past
     100 KB) before any resource sees it, with no limit of its own: without
     this a client, authenticated or not, could fill memory or the disk.  A
     declared length over the limit gets a 413 at once; a chunked body that
     runs past it is cut off.
+
+    The first write of an answer carries the status line and headers as
+    well: twisted.web writes them apart, which on an L{APIChannel} (writes
+    sent at once) would be two segments where one does.
     """
 
     _received = 0
@@ -56,6 +60,17 @@ class _LimitedRequest(Request):
         if not self._refused:
             super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        if self.startedWriting:
+            super().write(data)
+            return
+        channel = self.channel
+        channel.hold_writes()
+        try:
+            super().write(data)
+        finally:
+            channel.send_held_writes()
+
     def _refuse(self) -> None:
         self._refused = True
         limit = self.channel.site.max_request_bytes
@@ -79,7 +94,7 @@ class APISite(Site):
     """
 
     protocol = APIChannel
-    requestFactory = _LimitedRequest
+    requestFactory = APIRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
     max_request_bytes = 8 * 1024 * 1024
 

@@ -70,6 +70,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from openclaw.providers.errors import BodyTooLarge
+from openclaw.writethrough import write_through
 
 #: An answer's status line and headers larger than this are not a
 #: provider's: the connection is dropped.
@@ -396,7 +397,9 @@ class UpstreamConnection(Protocol):
         self._raw_headers = []
         self._answer_started = False
         d = self._waiting = Deferred(self._cancel)
-        self.transport.write(raw)
+        # Sent now, not on the reactor's next turn: the upstream starts on
+        # it while this turn goes on (see openclaw.writethrough).
+        write_through(self.transport, raw)
         return d
 
     def _cancel(self, d: Deferred[IResponse]) -> None:
