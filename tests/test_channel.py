@@ -16,14 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from openclaw.dataplane.channel import APIChannel, writes_held
+from openclaw.dataplane.channel import APIChannel, hold_writes_this_turn, writes_held
 from openclaw.dataplane.site import APIRequest
 
 
@@ -280,6 +280,26 @@ class ResponseWriteTests(SynchronousTestCase):
         head, end = transport.writes
         self.assertTrue(head.endswith(b"\r\n\r\n5\r\nfirst\r\n"), head)
         self.assertEqual(end, b"4\r\nlast\r\n0\r\n\r\n")
+
+    def test_stream_head_with_first_events(self) -> None:
+        """
+        A stream's headers wait for the end of the reactor's turn, and go
+        out with the events written in it, as one write.
+        """
+        clock = Clock()
+        channel, transport, started = _answering(lambda request: None)
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        (request,) = started
+        hold_writes_this_turn(request, clock)
+        request.write(b"")
+        request.write(b"event")
+        self.assertEqual(transport.writes, [])
+        clock.advance(0)
+        (written,) = transport.writes
+        self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written)
+        self.assertTrue(written.endswith(b"\r\n\r\n5\r\nevent\r\n"), written)
+        request.write(b"later")
+        self.assertEqual(transport.writes[1:], [b"5\r\nlater\r\n"])
 
     def test_held_answer_before_next(self) -> None:
         """

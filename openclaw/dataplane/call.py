@@ -27,7 +27,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from openclaw.dataplane.channel import writes_held
+from openclaw.dataplane.channel import hold_writes_this_turn, writes_held
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
@@ -145,7 +145,10 @@ class ChatCall:
         # Tell buffering reverse proxies (nginx) to pass events on at once.
         request.setHeader(b"X-Accel-Buffering", b"no")
         self._route_headers()
-        request.write(b"")  # the headers, now: the client may show progress
+        # The headers before any event (the client may show progress), as
+        # soon as this turn is over: with the events of the same read.
+        hold_writes_this_turn(request, self.context.reactor)
+        request.write(b"")
         self._waiting_for = "the next chunk"
         created = int(self.context.reactor.seconds())
         self._relay = _StreamRelay(self, self.wire.stream(self.chat, self.route.model, created))

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http_headers
@@ -234,3 +235,16 @@ def writes_held(request: Request) -> Iterator[None]:
         yield
     finally:
         channel.send_held_writes()
+
+
+def hold_writes_this_turn(request: Request, reactor: IReactorTime) -> None:
+    """
+    Hold what C{request} writes until the reactor's current turn is over,
+    then send it as one write, on an L{APIChannel} (elsewhere, as written):
+    a stream's headers go out with the events that came in the same read
+    from upstream, if any, rather than a segment ahead of them.
+    """
+    channel = request.channel
+    if isinstance(channel, APIChannel):
+        channel.hold_writes()
+        reactor.callLater(0, channel.send_held_writes)
