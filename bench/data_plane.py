@@ -299,7 +299,7 @@ def main() -> None:
             print(f"  {provider} c=1: added p50 {added_p50:.3f} ms (< 1), p99 {added_p99:.3f} ms (< 3): {verdict}")
         else:
             verdict = "met" if ratio >= 0.8 else "MISSED"
-            print(f"  {provider} c=32: throughput ratio {ratio:.2f} (>= 0.8): {verdict}")
+            print(f"  {provider} c=32: throughput ratio {ratio:.3f} (>= 0.8): {verdict}")
 
     if args.profile:
         time.sleep(0.5)
