@@ -6,10 +6,10 @@ asks epoll to report the socket writable (an C{epoll_ctl}), sends on the
 reactor's next turn, then tells epoll to stop (another C{epoll_ctl}).  For
 a relay that is two system calls and an extra dispatch per message, and,
 worse, every answer of a busy turn waits for the turn to end: the process
-at the other end sits idle, then gets them all at once.  Measured with
-C{bench/data_plane.py} at concurrency 32, sending at once raised the
-gateway's throughput from about 0.72 to about 0.80 of straight to the
-stand-in.
+at the other end sits idle, then gets them all at once.  Side by side in
+C{bench/data_plane.py} at concurrency 32 (Kimi, whole answers), sending at
+once raised the gateway's throughput from 0.72 to 0.81 of straight to the
+stand-in, and from 0.66 to 0.74 in a slower spell of the same machine.
 
 L{write_through} sends at once only when that cannot reorder or lose
 anything: a plain TCP connection, open for writing, nothing queued.  Any

@@ -4,6 +4,9 @@ it must see exactly what twisted.web's own L{HTTPChannel} sees: the same
 requests (method, target, version, headers, body) and the same refusals.
 Two parsers that disagree are how requests get smuggled, so every case,
 and a few hundred generated ones, runs through both and is compared.
+
+Its answers are sent at once, in as few writes as belong together, and
+never out of order.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ created, parsed and checked (C{Content-Length} against C{Transfer-Encoding}
 included) by twisted.web itself.
 
 Its answers go out through L{write_through}: sent before the write returns
-rather than on the reactor's next turn.  The first write of a response
-(status line, headers and, for an answer in one piece, the body) and a
-stream's last event with its end are held and sent as one segment (see
-L{held_writes}).
+rather than on the reactor's next turn.  What belongs together is held and
+sent as one segment: the status line and headers with the first write of
+the body (L{openclaw.dataplane.site.APIRequest}), a stream's headers with
+the events of the same upstream read (L{hold_writes_this_turn}), a stream's
+last event with its end (L{writes_held}).
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class APIChannel(HTTPChannel):
             self._held = []
 
     def send_held_writes(self) -> None:
+        """
+        End a L{hold_writes}: the outermost one sends what was held.
+        """
         self._holding -= 1
         if self._holding == 0:
             self._send_held()
