@@ -5,7 +5,7 @@ requests (method, target, version, headers, body) and the same refusals.
 Two parsers that disagree are how requests get smuggled, so every case,
 and a few hundred generated ones, runs through both and is compared.
 
-Its answers are sent at once, in as few writes as belong together, and
+What it writes in a turn is sent at the turn's end, as one write, and
 never out of order.
 """
 
@@ -19,27 +19,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from openclaw.dataplane.channel import APIChannel, hold_writes_this_turn, writes_held
-from openclaw.dataplane.site import APIRequest
+from openclaw.dataplane.channel import APIChannel
+from openclaw.dataplane.site import APIRequest, APISite
 
 
 class _Site:
     """
-    What an L{APIChannel} tells about its connections.
+    What an L{APIChannel} tells its site: its connections, and the ones with
+    answers to send at the end of the turn (here, when L{end_turn} says).
     """
 
     def __init__(self) -> None:
         self.channels: set[Any] = set()
+        self.unsent: list[Any] = []
 
     def channel_closed(self, channel: Any) -> None:
         self.channels.discard(channel)
+
+    def send_at_end_of_turn(self, channel: Any) -> None:
+        self.unsent.append(channel)
+
+    def end_turn(self) -> None:
+        channels, self.unsent = self.unsent, []
+        for channel in channels:
+            channel.send_unsent()
 
 
 def _recording_request(seen: list[tuple[Any, ...]]) -> type[Request]:
@@ -70,6 +80,8 @@ def _feed(channel_type: type[HTTPChannel], segments: list[bytes]) -> tuple[Any, 
         if transport.disconnecting:
             break
         channel.dataReceived(segment)
+        if isinstance(channel, APIChannel):
+            channel.site.end_turn()
     written = transport.value()
     # Status lines only: the Date header differs from one second to the next.
     status_lines = re.findall(rb"HTTP/1\.[01] \d{3} [^\r]*", written)
@@ -245,70 +257,71 @@ def _answering(answer: Any) -> tuple[APIChannel, _Writes, list[APIRequest]]:
 
 class ResponseWriteTests(SynchronousTestCase):
     """
-    On an L{APIChannel} each write goes out at once (see
-    L{openclaw.writethrough}), so the parts twisted.web writes apart are
-    held and sent together where they belong together.
+    What an L{APIChannel} writes in a turn of the reactor goes out at its
+    end, as one write (see L{openclaw.writethrough}), and never out of
+    order.
     """
 
     def test_answer_in_one_write(self) -> None:
         """
-        Status line, headers and body: one write, one segment.
+        Status line, headers and body: one write, one segment, at the end
+        of the turn.
         """
-
-        def answer(request: APIRequest) -> None:
-            request.setHeader(b"Content-Length", b"5")
-            request.write(b"hello")
-            request.finish()
-
-        channel, transport, _ = _answering(answer)
+        channel, transport, started = _answering(lambda request: None)
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        (request,) = started
+        request.setHeader(b"Content-Length", b"5")
+        request.write(b"hello")
+        request.finish()
+        self.assertEqual(transport.writes, [])
+        channel.site.end_turn()
         (written,) = transport.writes
         self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written)
         self.assertTrue(written.endswith(b"\r\n\r\nhello"), written)
 
-    def test_stream_end_in_one_write(self) -> None:
+    def test_answered_while_reading(self) -> None:
         """
-        A stream's first event comes with the headers; its last one, held
-        with the finish, comes with the chunked body's end.
+        An answer given while its request is being read (a refusal, say)
+        goes out as the request is done, in one write: the rest of the read
+        comes after it.
         """
 
         def answer(request: APIRequest) -> None:
-            request.write(b"first")
-            with writes_held(request):
-                request.write(b"last")
-                request.finish()
+            request.setHeader(b"Content-Length", b"2")
+            request.write(b"no")
+            request.finish()
 
-        channel, transport, _ = _answering(answer)
-        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        head, end = transport.writes
-        self.assertTrue(head.endswith(b"\r\n\r\n5\r\nfirst\r\n"), head)
-        self.assertEqual(end, b"4\r\nlast\r\n0\r\n\r\n")
+        channel, transport, started = _answering(answer)
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(started), 2)
+        first, second = transport.writes
+        self.assertTrue(first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\nno"), first)
+        self.assertTrue(second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"\r\n\r\nno"), second)
 
-    def test_stream_head_with_first_events(self) -> None:
+    def test_one_write_per_turn(self) -> None:
         """
-        A stream's headers wait for the end of the reactor's turn, and go
-        out with the events written in it, as one write.
+        A stream: what it writes in one turn goes as one write; what it
+        writes in the next, as another.
         """
-        clock = Clock()
         channel, transport, started = _answering(lambda request: None)
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         (request,) = started
-        hold_writes_this_turn(request, clock)
         request.write(b"")
-        request.write(b"event")
-        self.assertEqual(transport.writes, [])
-        clock.advance(0)
-        (written,) = transport.writes
-        self.assertTrue(written.startswith(b"HTTP/1.1 200 OK\r\n"), written)
-        self.assertTrue(written.endswith(b"\r\n\r\n5\r\nevent\r\n"), written)
-        request.write(b"later")
-        self.assertEqual(transport.writes[1:], [b"5\r\nlater\r\n"])
+        request.write(b"first")
+        channel.site.end_turn()
+        request.write(b"last")
+        request.finish()
+        channel.site.end_turn()
+        head, end = transport.writes
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"), head)
+        self.assertTrue(head.endswith(b"\r\n\r\n5\r\nfirst\r\n"), head)
+        self.assertEqual(end, b"4\r\nlast\r\n0\r\n\r\n")
 
-    def test_held_answer_before_next(self) -> None:
+    def test_answer_before_next_request(self) -> None:
         """
-        A held answer goes out as its request is done, before the channel
-        reads the request pipelined behind it: twisted.web answers a bad one
-        straight to the transport, and it must not overtake.
+        An answer goes out before the channel reads on: the request
+        pipelined behind it is read as it finishes, and twisted.web answers
+        a bad one straight to the transport, which must not overtake it.
         """
         channel, transport, started = _answering(lambda request: None)
         channel.dataReceived(
@@ -316,23 +329,39 @@ class ResponseWriteTests(SynchronousTestCase):
             b"GET /2 HTTP/1.1\r\nNo colon here\r\n\r\n"
         )
         (first,) = started
-        with writes_held(first):
-            first.write(b"one")
-            first.finish()
+        first.write(b"one")
+        first.finish()
+        channel.site.end_turn()
         written = transport.value()
-        self.assertEqual(
-            re.findall(rb"HTTP/1\.1 \d{3}", written), [b"HTTP/1.1 200", b"HTTP/1.1 400"]
-        )
+        self.assertEqual(re.findall(rb"HTTP/1\.1 \d{3}", written), [b"HTTP/1.1 200", b"HTTP/1.1 400"])
         self.assertIn(b"3\r\none\r\n0\r\n\r\n", written)
         self.assertTrue(transport.disconnecting)
 
 
-class ResponseSentAtOnceTests(TestCase):
-    @inlineCallbacks
-    def test_answer_sent_at_once(self) -> Any:
+    def test_answer_before_next_read(self) -> None:
         """
-        Over a real connection, an answer is on its way when C{finish}
-        returns, not on the reactor's next turn.
+        An answer still unsent when the next request arrives, later in the
+        same turn, goes out before that request is read.
+        """
+        channel, transport, started = _answering(lambda request: None)
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        (first,) = started
+        first.write(b"one")
+        first.finish()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\nNo colon here\r\n\r\n")
+        channel.site.end_turn()
+        written = transport.value()
+        self.assertEqual(re.findall(rb"HTTP/1\.1 \d{3}", written), [b"HTTP/1.1 200", b"HTTP/1.1 400"])
+
+
+class EndOfTurnTests(TestCase):
+    @inlineCallbacks
+    def test_sent_at_end_of_turn(self) -> Any:
+        """
+        Over a real connection through an L{APISite}: an answer is in the
+        client's socket as soon as the turn it was written in is over, not
+        after the reactor's next poll (a timed call due now, scheduled
+        after the answer, already finds it there).
         """
         started: list[APIRequest] = []
 
@@ -340,8 +369,7 @@ class ResponseSentAtOnceTests(TestCase):
             def process(self) -> None:
                 started.append(self)
 
-        site = _WebSite()
-        site.protocol = APIChannel
+        site = APISite(Resource(), context=None)
         site.requestFactory = Waiting
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -356,6 +384,9 @@ class ResponseSentAtOnceTests(TestCase):
         request.setHeader(b"Content-Length", b"2")
         request.write(b"ok")
         request.finish()
+        with self.assertRaises(BlockingIOError):
+            client.recv(4096, socket.MSG_DONTWAIT)
+        yield deferLater(reactor, 0, lambda: None)
         answer = client.recv(4096, socket.MSG_DONTWAIT)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
         self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)

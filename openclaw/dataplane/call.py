@@ -27,7 +27,6 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from openclaw.dataplane.channel import hold_writes_this_turn, writes_held
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
@@ -145,10 +144,7 @@ class ChatCall:
         # Tell buffering reverse proxies (nginx) to pass events on at once.
         request.setHeader(b"X-Accel-Buffering", b"no")
         self._route_headers()
-        # The headers before any event (the client may show progress), as
-        # soon as this turn is over: with the events of the same read.
-        hold_writes_this_turn(request, self.context.reactor)
-        request.write(b"")
+        request.write(b"")  # the headers, now: the client may show progress
         self._waiting_for = "the next chunk"
         created = int(self.context.reactor.seconds())
         self._relay = _StreamRelay(self, self.wire.stream(self.chat, self.route.model, created))
@@ -195,9 +191,8 @@ class ChatCall:
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=True)
         try:
-            with writes_held(self.request):
-                self.request.write(closing + _DONE_EVENT)
-                self.request.finish()
+            self.request.write(closing + _DONE_EVENT)
+            self.request.finish()
         finally:
             self._ended(200)
 
@@ -222,10 +217,7 @@ class ChatCall:
         request = self.request
         try:
             if request.startedWriting:
-                # The error event and the stream's end, as one write.
-                with writes_held(request):
-                    request.write(encode(error.body()))
-                    request.finish()
+                request.write(encode(error.body()))
             else:
                 body = error.body()
                 request.setResponseCode(error.status)
@@ -235,7 +227,7 @@ class ChatCall:
                     request.setHeader(name, value)
                 self._route_headers()
                 request.write(body)
-                request.finish()
+            request.finish()
         finally:
             self._ended(error.status, error.code)
 

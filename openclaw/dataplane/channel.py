@@ -17,26 +17,22 @@ the request line and the end of the head always do, so the request is
 created, parsed and checked (C{Content-Length} against C{Transfer-Encoding}
 included) by twisted.web itself.
 
-Its answers go out through L{write_through}: sent before the write returns
-rather than on the reactor's next turn.  What belongs together is held and
-sent as one segment: the status line and headers with the first write of
-the body (L{openclaw.dataplane.site.APIRequest}), a stream's headers with
-the events of the same upstream read (L{hold_writes_this_turn}), a stream's
-last event with its end (L{writes_held}).
+What it writes in a turn of the reactor is sent at the turn's end, as one
+write per connection, without the transport's round trip through epoll
+(see L{openclaw.writethrough}): status line, headers and body in one
+segment, the answers of a busy turn in one burst.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web import http_headers
-from twisted.web.http import HTTPChannel, Request
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
 from openclaw.writethrough import write_through
@@ -68,9 +64,8 @@ class APIChannel(HTTPChannel):
     site: Any
     #: The local address, asked for once (see L{getHost}).
     _host: Any = None
-    #: Writes held back to be sent as one (see L{hold_writes}), or L{None}.
-    _held: list[bytes] | None = None
-    _holding = 0
+    #: Written this turn and not sent yet (see L{send_unsent}), or L{None}.
+    _unsent: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         # HTTPChannel turns Nagle's algorithm off, which streams rely on:
@@ -86,36 +81,6 @@ class APIChannel(HTTPChannel):
 
     # -- writing ---------------------------------------------------------------
 
-    def hold_writes(self) -> None:
-        """
-        Hold back what is written until the matching L{send_held_writes},
-        then send it in one write.  Nests.
-        """
-        self._holding += 1
-        if self._holding == 1:
-            self._held = []
-
-    def send_held_writes(self) -> None:
-        """
-        End a L{hold_writes}: the outermost one sends what was held.
-        """
-        self._holding -= 1
-        if self._holding == 0:
-            self._send_held()
-
-    def _send_held(self) -> None:
-        held, self._held = self._held, None
-        if held:
-            write_through(self.transport, b"".join(held))
-
-    def requestDone(self, request: Request) -> None:
-        # What the finished response holds back goes out before the
-        # connection moves on: a request pipelined behind it is read now,
-        # and twisted.web answers a bad one straight to the transport.
-        # The rest of the hold, if any, writes through.
-        self._send_held()
-        super().requestDone(request)
-
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):
             # The form no part of Twisted uses any more: its own path.
@@ -129,16 +94,34 @@ class APIChannel(HTTPChannel):
         self.writeSequence(head)
 
     def write(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held.append(data)
+        if self._unsent is None:
+            self._unsent = [data]
+            self.site.send_at_end_of_turn(self)
         else:
-            write_through(self.transport, data)
+            self._unsent.append(data)
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
-        if self._held is not None:
-            self._held.extend(iovec)
+        if self._unsent is None:
+            self._unsent = list(iovec)
+            self.site.send_at_end_of_turn(self)
         else:
-            write_through(self.transport, b"".join(iovec))
+            self._unsent.extend(iovec)
+
+    def requestDone(self, request: Any) -> None:
+        if self._unsent and getattr(self, "_busyReceiving", True):
+            # Answered in the middle of a read, which goes on as soon as
+            # this returns: the answer goes first.  (Bytes that came in
+            # meanwhile are read through dataReceived, which sends first.)
+            self.send_unsent()
+        super().requestDone(request)
+
+    def send_unsent(self) -> None:
+        """
+        Send what was written since the last time, as one write, at once.
+        """
+        unsent, self._unsent = self._unsent, None
+        if unsent:
+            write_through(self.transport, b"".join(unsent))
 
     def getHost(self) -> Any:
         # Every Request asks, and a TCP transport answers with a
@@ -149,6 +132,11 @@ class APIChannel(HTTPChannel):
         return self._host
 
     def dataReceived(self, data: bytes) -> None:
+        if self._unsent:
+            # Answers go out before anything more is read: a request
+            # pipelined behind one is read now, and twisted.web writes some
+            # answers (100 Continue, 400) straight to the transport.
+            self.send_unsent()
         if not (_ONE_PASS and self._at_request_start()):
             return super().dataReceived(data)
         end = data.find(b"\r\n\r\n")
@@ -222,33 +210,3 @@ class APIChannel(HTTPChannel):
         self.lineReceived(b"")
         return not self.transport.disconnecting
 
-
-@contextmanager
-def writes_held(request: Request) -> Iterator[None]:
-    """
-    What C{request} writes inside (a stream's last event and its end, say)
-    goes out as one write on an L{APIChannel}; on any other channel, as
-    written.
-    """
-    channel = request.channel
-    if not isinstance(channel, APIChannel):
-        yield
-        return
-    channel.hold_writes()
-    try:
-        yield
-    finally:
-        channel.send_held_writes()
-
-
-def hold_writes_this_turn(request: Request, reactor: IReactorTime) -> None:
-    """
-    Hold what C{request} writes until the reactor's current turn is over,
-    then send it as one write, on an L{APIChannel} (elsewhere, as written):
-    a stream's headers go out with the events that came in the same read
-    from upstream, if any, rather than a segment ahead of them.
-    """
-    channel = request.channel
-    if isinstance(channel, APIChannel):
-        channel.hold_writes()
-        reactor.callLater(0, channel.send_held_writes)
