@@ -14,7 +14,7 @@ process used; and for streams, the time to the first event.
 
 For scale, whole Kimi answers also go through the floor (bench/proxy_floor.py):
 a bare relay on twisted.web and the gateway's upstream agent with none of
-the gateway's work, the best any gateway built on these can do here.
+the gateway's work (answering through twisted.web's own channel).
 
     .venv/bin/python bench/data_plane.py [--seconds 3] [--rounds 5] [--sdk-headers] [--profile gateway.prof]
 

@@ -1,10 +1,12 @@
 """
-The floor for the data plane: the least a Twisted gateway can do per call.
+The floor for the data plane: a Twisted relay that does nothing but relay.
 A bare twisted.web site whose one resource POSTs each request body, as is,
 to a fixed upstream URL through the same upstream agent as the gateway
-(L{openclaw.providers.agent.UpstreamAgent}: pooled connections, httptools)
-and writes the upstream body back.  No
-keys, no checks, no routing, no translation, no logging.
+(L{openclaw.providers.agent.UpstreamAgent}: pooled connections, httptools,
+requests written through) and writes the upstream body back with
+twisted.web's own channel (the gateway's sends its answers at the end of
+each turn instead).  No keys, no checks, no routing, no translation, no
+logging.
 
     python bench/proxy_floor.py UPSTREAM_URL KEY_HEADER PORT
 """
