@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import HTTPChannel, Request
@@ -355,13 +356,37 @@ class ResponseWriteTests(SynchronousTestCase):
 
 
 class EndOfTurnTests(TestCase):
-    @inlineCallbacks
-    def test_sent_at_end_of_turn(self) -> Any:
+    def test_site_sends_at_end_of_turn(self) -> None:
         """
-        Over a real connection through an L{APISite}: an answer is in the
-        client's socket as soon as the turn it was written in is over, not
-        after the reactor's next poll (a timed call due now, scheduled
-        after the answer, already finds it there).
+        An L{APISite} sends what its connections wrote in a turn once the
+        turn is over, all of them from one timed call.
+        """
+        clock = Clock()
+        site = APISite(Resource(), context=None, reactor=clock)
+        sent: list[str] = []
+
+        class Channel:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def send_unsent(self) -> None:
+                sent.append(self.name)
+
+        a, b = Channel("a"), Channel("b")
+        site.send_at_end_of_turn(a)  # type: ignore[arg-type]
+        site.send_at_end_of_turn(b)  # type: ignore[arg-type]
+        self.assertEqual((sent, len(clock.getDelayedCalls())), ([], 1))
+        clock.advance(0)
+        self.assertEqual((sent, clock.getDelayedCalls()), (["a", "b"], []))
+        site.send_at_end_of_turn(a)  # type: ignore[arg-type]
+        clock.advance(0)
+        self.assertEqual(sent, ["a", "b", "a"])
+
+    @inlineCallbacks
+    def test_answer_over_a_real_connection(self) -> Any:
+        """
+        Over a real connection through an L{APISite}: nothing is sent while
+        the turn goes on, then the whole answer at once.
         """
         started: list[APIRequest] = []
 
@@ -386,8 +411,8 @@ class EndOfTurnTests(TestCase):
         request.finish()
         with self.assertRaises(BlockingIOError):
             client.recv(4096, socket.MSG_DONTWAIT)
-        yield deferLater(reactor, 0, lambda: None)
-        answer = client.recv(4096, socket.MSG_DONTWAIT)
+        client.settimeout(5)
+        answer = yield deferToThread(client.recv, 4096)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
         self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
         client.close()
