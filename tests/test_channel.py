@@ -383,10 +383,13 @@ class EndOfTurnTests(TestCase):
         self.assertEqual(sent, ["a", "b", "a"])
 
     @inlineCallbacks
-    def test_answer_over_a_real_connection(self) -> Any:
+    def answer_over_a_real_connection(self, request_bytes: bytes, then: Any = None) -> Any:
         """
-        Over a real connection through an L{APISite}: nothing is sent while
-        the turn goes on, then the whole answer at once.
+        Send C{request_bytes} over a real connection to an L{APISite}, answer
+        it from outside the read as a call does (then call C{then(site)} if
+        given), and return what the client
+        got by the time the gateway closed the connection or 5 seconds
+        passed; and what of it had arrived before the turn was over.
         """
         started: list[APIRequest] = []
 
@@ -400,7 +403,7 @@ class EndOfTurnTests(TestCase):
         self.addCleanup(port.stopListening)
         client = socket.create_connection(("127.0.0.1", port.getHost().port))
         self.addCleanup(client.close)
-        client.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        client.sendall(request_bytes)
         for _ in range(500):
             if started:
                 break
@@ -409,14 +412,65 @@ class EndOfTurnTests(TestCase):
         request.setHeader(b"Content-Length", b"2")
         request.write(b"ok")
         request.finish()
-        with self.assertRaises(BlockingIOError):
-            client.recv(4096, socket.MSG_DONTWAIT)
-        client.settimeout(5)
-        answer = yield deferToThread(client.recv, 4096)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
-        self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
+        if then is not None:
+            then(site)
+        try:
+            early = client.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            early = b""
+
+        def receive() -> bytes:
+            client.settimeout(5)
+            got = early
+            try:
+                while not got.endswith(b"\r\n\r\nok"):
+                    data = client.recv(4096)
+                    if not data:
+                        break
+                    got += data
+            except TimeoutError:
+                pass
+            return got
+
+        answer = yield deferToThread(receive)
         client.close()
         for _ in range(500):
             if not site.channels:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
+        return early, answer
+
+    @inlineCallbacks
+    def test_answer_over_a_real_connection(self) -> Any:
+        """
+        Over a real connection: nothing is sent while the turn goes on,
+        then the whole answer at once.
+        """
+        early, answer = yield self.answer_over_a_real_connection(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(early, b"")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
+
+    @inlineCallbacks
+    def test_answer_then_close(self) -> Any:
+        """
+        On a connection that closes after its answer (HTTP/1.0, or
+        C{Connection: close}), the answer still goes out whole before it
+        does.
+        """
+        for head in (b"GET / HTTP/1.0\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"):
+            _, answer = yield self.answer_over_a_real_connection(head)
+            self.assertTrue(answer.startswith(b"HTTP/1."), answer)
+            self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)
+
+    @inlineCallbacks
+    def test_answer_then_stop(self) -> Any:
+        """
+        A stop closing the idle connections right after an answer was
+        written still lets the answer out first.
+        """
+        _, answer = yield self.answer_over_a_real_connection(
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", then=lambda site: site.close_connections()
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nok"), answer)

@@ -115,6 +115,12 @@ class APIChannel(HTTPChannel):
             self.send_unsent()
         super().requestDone(request)
 
+    def loseConnection(self) -> None:
+        # The transport closes once its own buffer is empty: what is still
+        # unsent here goes into it first.
+        self.send_unsent()
+        super().loseConnection()
+
     def send_unsent(self) -> None:
         """
         Send what was written since the last time, as one write, at once.
@@ -209,4 +215,3 @@ class APIChannel(HTTPChannel):
                 values.append(value)
         self.lineReceived(b"")
         return not self.transport.disconnecting
-

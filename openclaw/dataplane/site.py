@@ -3,8 +3,8 @@ The API's L{Site}: connections that read request heads in one pass
 (L{APIChannel}), answers sent at the end of each turn of the reactor
 (L{APISite.send_at_end_of_turn}), no access log of its own (the data plane
 counts every call and logs a structured event for each failure instead),
-and what a stop needs: wait for the calls in flight (L{APISite.drain}), then close
-every connection and know when they are gone
+and what a stop needs: wait for the calls in flight (L{APISite.drain}),
+then close every connection and know when they are gone
 (L{APISite.close_connections}).
 """
 
@@ -153,7 +153,7 @@ class APISite(Site):
             if channel.requests:
                 channel.transport.abortConnection()
             else:
-                channel.transport.loseConnection()
+                channel.loseConnection()
         # A client that stopped reading would hold a polite close open until
         # its send buffer drains: give up on it after a moment.
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
