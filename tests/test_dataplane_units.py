@@ -258,7 +258,9 @@ class WireTests(SynchronousTestCase):
             {"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
         )
         completion = orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0))
-        self.assertTrue(completion["id"].startswith("chatcmpl-"))
+        self.assertRegex(completion["id"], r"^chatcmpl-[0-9a-f]{24}$")
+        ids = {orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0))["id"] for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
         self.assertRaises(MalformedAnswer, GeminiWire().completion, b"[]", "m", 0)
 
 
