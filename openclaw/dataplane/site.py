@@ -101,9 +101,11 @@ class APISite(Site):
         The answers of a busy turn then leave together, one write per
         connection and no round trip through epoll (see
         L{openclaw.writethrough}), so the clients read them in a few wakeups
-        rather than one each.  A timed call due now runs before the
-        reactor polls again: no answer waits longer than it would on
-        Twisted's own write path.
+        rather than one each.  An answer written while the reactor handles
+        network events goes out before it polls again (Twisted's own path
+        sends it after that poll); one written from a timed call goes out
+        right after the next poll, which does not wait.  A connection
+        about to close sends what it holds first (L{APIChannel}).
         """
         self._unsent.append(channel)
         if self._sending is None:
