@@ -94,11 +94,7 @@ class APIChannel(HTTPChannel):
         self.writeSequence(head)
 
     def write(self, data: bytes) -> None:
-        if self._unsent is None:
-            self._unsent = [data]
-            self.site.send_at_end_of_turn(self)
-        else:
-            self._unsent.append(data)
+        self.writeSequence((data,))
 
     def writeSequence(self, iovec: Iterable[bytes]) -> None:
         if self._unsent is None:
