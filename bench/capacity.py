@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from control_plane import free_port, start_gateway  # noqa: E402
 from fuzz_control_plane import rss_kib  # noqa: E402
 from wsload import connect, run  # noqa: E402
 
-from openclaw.testing.wsfuzz import frame, server_frames  # noqa: E402
+from tests.wsfuzz import frame, server_frames  # noqa: E402
 
 
 def raise_file_limit(wanted: int) -> int:

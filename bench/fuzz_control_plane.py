@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from control_plane import free_port, start_gateway  # noqa: E402
 from wsload import run as load  # noqa: E402
 
-from openclaw.testing.wsfuzz import FuzzReport, fuzz  # noqa: E402
+from tests.wsfuzz import FuzzReport, fuzz  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:

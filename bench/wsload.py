@@ -18,9 +18,13 @@ import json
 import resource
 import selectors
 import socket
+import sys
 import time
+from pathlib import Path
 
-from openclaw.testing.wsfuzz import frame, handshake, server_frames
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.wsfuzz import frame, handshake, server_frames  # noqa: E402
 
 
 def connect(port: int) -> socket.socket:

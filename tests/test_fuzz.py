@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.controlplane import ControlProtocol
-from openclaw.testing.wsfuzz import fuzz
+from tests.wsfuzz import fuzz
 from tests.support import open_client, start_gateway
 
 

@@ -12,7 +12,7 @@ gateway documents.
 Blocking code: run it in a thread or a separate process, never on the
 reactor thread of the gateway it attacks.
 
-    python -m openclaw.testing.wsfuzz --port 18789 --token T --rounds 1000
+    python -m tests.wsfuzz --port 18789 --token T --rounds 1000
 """
 
 from __future__ import annotations
