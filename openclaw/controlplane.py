@@ -17,14 +17,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from openclaw.allowlist import ClientAddressResolver, PeerAllowlist
+from openclaw.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
 from openclaw.commands import Connection, ControlPlane
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
 
-#: RFC 6455 close codes that Autobahn's public C{sendClose} refuses to send.
-GOING_AWAY = 1001
-UNSUPPORTED_DATA = 1003
-POLICY_VIOLATION = 1008
 
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.

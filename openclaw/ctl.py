@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
+from openclaw.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.session import write_token_file
 
 PROG = "openclawctl"
@@ -45,9 +46,6 @@ HEALTH_CHECK_TIMEOUT = 30.0
 TOKEN_VARIABLE = "OPENCLAW_TOKEN"
 
 OK, FAILED, NO_ANSWER = 0, 1, 2
-
-POLICY_VIOLATION = 1008
-GOING_AWAY = 1001
 
 #: What to do about each token error the gateway can give.
 _TOKEN_HINTS = {

@@ -19,7 +19,8 @@ from twisted.web.server import Site
 
 from openclaw.allowlist import PeerAllowlist
 from openclaw.commands import COMMANDS, ControlCommands, ControlPlane
-from openclaw.controlplane import GOING_AWAY, ControlFactory
+from openclaw.closecodes import GOING_AWAY
+from openclaw.controlplane import ControlFactory
 from openclaw.dataplane import APISite, build_site
 from openclaw.metrics import GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry

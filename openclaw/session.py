@@ -9,8 +9,6 @@ earlier token worthless, because its C{jti} is no longer the current one.
 from __future__ import annotations
 
 import hmac
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import attrs
 import jwt
+
+from openclaw.files import write_atomically
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
@@ -196,18 +196,7 @@ class SessionAuthority:
 
 def write_token_file(path: Path, token: str) -> None:
     """
-    Replace C{path} atomically with the token and a newline.  The temporary
-    file is created with mode 0600 (L{tempfile.mkstemp}), so the token is
-    never readable by others, not even for an instant.
+    Replace C{path} atomically with the token and a newline, mode 0600
+    (L{write_atomically}).
     """
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomically(path, token + "\n")

@@ -9,13 +9,12 @@ never fatal, because an operator must always be able to start the gateway.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from openclaw.files import write_atomically
 from openclaw.routing import Route
 
 STATE_FILE = "openclaw-state.json"
@@ -57,16 +56,7 @@ class RouteStore:
         A failure is logged: the switch itself has happened.
         """
         try:
-            fd, temporary = tempfile.mkstemp(prefix=f".{STATE_FILE}.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"provider": route.provider_id, "model": route.model}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            write_atomically(self.path, json.dumps({"provider": route.provider_id, "model": route.model}))
         except OSError as e:
             self._log.error(
                 "could not save the active provider to {path}: {error}; it will not survive a restart",
