@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import orjson
 from twisted.internet.interfaces import IReactorThreads
@@ -73,7 +73,7 @@ def foreground(twistd_options: Mapping[str, Any]) -> bool:
     return bool(twistd_options.get("nodaemon", True))
 
 
-def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[str] | None:
+def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
     """
     The stream twistd would log to, given twistd's own options: C{stdout}
     in the foreground without C{--logfile} or with C{--logfile -}; else the
@@ -96,14 +96,16 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
         return stdout
     if not logfile and foreground(twistd_options):
         return stdout
-    log_file = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
+    log_file: LogFile = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
             reactor.callFromThread(log_file.reopen)
 
         signal.signal(signal.SIGUSR1, reopen)
-    return log_file  # type: ignore[return-value]
+    # Not an IO subclass, but file-like where FileLogObserver needs it:
+    # write (text or UTF-8 bytes), flush, close.
+    return cast("IO[Any]", log_file)
 
 
 def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:

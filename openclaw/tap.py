@@ -113,7 +113,9 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
         metrics_endpoint=metrics,
-        log_observer=None if destination is None else make_observer(destination, settings.log_format, settings.log_level),
+        log_observer=None
+        if destination is None
+        else make_observer(destination, settings.log_format, settings.log_level),
     )
 
 

@@ -5,7 +5,7 @@ C{Z}.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 
@@ -17,7 +17,7 @@ def isoformat(timestamp: float, timespec: Literal["seconds", "milliseconds"] = "
     expiry, C{status}'s C{started_at} and the C{time} of a JSON log line are
     all written this way.
     """
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    moment = datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec=timespec).removesuffix("+00:00") + "Z"
 
 

@@ -92,7 +92,7 @@ class DaemonTests(TestCase):
         """
         pidfile, logfile, tokenfile = self.dir / "gw.pid", self.dir / "gw.log", self.dir / "token"
         port = free_port()
-        out, err, code = yield getProcessOutputAndValue(
+        _out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
             [
                 "--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw",

@@ -163,7 +163,9 @@ class JSONTests(SynchronousTestCase):
         A field named like one of the four keys does not replace it.
         """
         record = self.line(log_format="{message}", message="hello", level="fake", time=0)
-        self.assertEqual((record["message"], record["level"], record["time"]), ("hello", "info", "2025-11-25T04:00:00.250Z"))
+        self.assertEqual(
+            (record["message"], record["level"], record["time"]), ("hello", "info", "2025-11-25T04:00:00.250Z")
+        )
 
     def test_newlines_stay_in_one_line(self):
         """
@@ -248,9 +250,7 @@ class DestinationTests(SynchronousTestCase):
         log.info("after")
         moved = path.with_name("moved").read_text()
         self.assertTrue(moved.startswith("earlier\n"))
-        self.assertEqual(
-            [json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"]
-        )
+        self.assertEqual([json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"])
         self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["after"])
 
     def test_daemon_default_logfile(self):
