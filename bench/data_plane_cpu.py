@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
 
     devnull = open(os.devnull, "w")
-    globalLogBeginner.beginLoggingTo([make_observer(devnull, "text", args.log_level, reactor)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([make_observer(devnull, "text", args.log_level)], redirectStandardIO=False)
     settings = Settings(
         jwt_secret=b"bench-secret-bench-secret-bench-secret-0123",
         jwt_secret_is_ephemeral=False,

@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.routing import ActiveRoute, Route
-from openclaw.session import SessionAuthority, SessionToken, TokenRejected, isoformat
+from openclaw.session import SessionAuthority, SessionToken, TokenRejected
+from openclaw.timefmt import isoformat
 
 Result = dict[str, Any]
 #: What a handler returns: the result at once, or a Deferred of it for

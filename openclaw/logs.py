@@ -1,199 +1,68 @@
 """
-The gateway's log observer: text or one JSON object per line, with events
+The gateway's log observer: C{twisted.logger}'s own observers, with events
 below C{LOG_LEVEL} dropped before anything formats them.
 
-twistd uses an application's L{ILogObserver} component when no C{--logger}
-is given, so the service installs this one there and it receives every
-event of the process, twistd's own included.  It writes where twistd would
-have: standard output in the foreground, else C{--logfile} (default
-C{twistd.log}), reopened on SIGUSR1 for logrotate.
+What is Twisted's and what is ours:
+
+  - Level filtering is L{FilteringLogObserver} with a
+    L{LogLevelFilterPredicate}: a debug event costs one predicate call when
+    the level is info, and is never formatted.
+  - Text lines are L{textFileLogObserver}'s, exactly as twistd writes them.
+  - JSON lines are a L{FileLogObserver} with a formatter of ours,
+    L{json_line}: one flat object per line (no record separator, no
+    Twisted-specific keys), so a log shipper needs to know nothing about
+    Twisted; the message is Twisted's L{formatEvent}.
+
+How it reaches twistd, and why the log file is opened here: twistd's
+L{AppLogger.start} logs to, in this order, the C{--logger} factory, else the
+application's L{ILogObserver} component, else an observer of its own built
+from C{--logfile}/C{--syslog} (plain text, every level: no filter and no
+JSON).  Twisted has no public way to wrap that last observer, and neither a
+component nor a C{--logger} factory (called with no arguments) is handed
+twistd's log file: so filtering and JSON can only be had by giving twistd
+an observer, and that observer must write where twistd would have.  The
+service installs ours as the L{ILogObserver} component (the documented
+hook, which an operator's C{--logger} still overrides), and
+L{log_destination} follows twistd's documented rules for the stream:
+standard output in the foreground (C{-n}) or with C{--logfile -} (a daemon
+cannot log to standard output: a configuration error, as in twistd), else
+C{--logfile} (default C{twistd.log}) as Twisted's L{LogFile}.  C{--syslog}
+leaves twistd's own syslog observer in place.
+
+One deliberate difference from twistd's own log file: twistd rotates it
+itself (at 1 MB, and on SIGUSR1 by renaming it to C{.1}), which fights an
+external rotator, and its SIGUSR1 does nothing once logrotate has moved the
+file away.  Here rotation is logrotate's job: the file never rotates by
+itself, and SIGUSR1 reopens it (L{LogFile.reopen}, meant for exactly
+this), so after C{mv} and C{kill -USR1} new lines go to a new file.
 """
 
 from __future__ import annotations
 
-import re
 import signal
 from collections.abc import Mapping
-from string import Formatter
-from typing import IO, Any
+from typing import IO, Any, cast
 
+import orjson
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
-    eventAsJSON,
-    formatEventAsClassicLogText,
-    formatTime,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
-from zope.interface import implementer
 
+from openclaw.settings import ConfigError
+from openclaw.timefmt import isoformat
 
-def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str]) -> IO[str] | None:
-    """
-    The stream twistd would log to, or L{None} where twistd's own choice
-    must stand (syslog).
-    """
-    if twistd_options.get("syslog"):
-        return None
-    logfile = twistd_options.get("logfile")
-    if logfile == "-" or (twistd_options.get("nodaemon") and not logfile):
-        return stdout
-    # No rotation of our own (logrotate's job); SIGUSR1 reopens the file
-    # logrotate has moved away.
-    log_file = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
-    if not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(signum: int, frame: Any) -> None:
-            from twisted.internet import reactor
-
-            reactor.callFromThread(log_file.reopen)
-
-        signal.signal(signal.SIGUSR1, rotate)
-    return log_file  # type: ignore[return-value]
-
-
-def make_observer(stream: IO[str], log_format: str, level: str, reactor: Any = None) -> ILogObserver:
-    """
-    An observer writing C{stream} in C{log_format} (C{text} or C{json}),
-    dropping events below C{level}.
-
-    @param reactor: Given, lines below warn are flushed once per turn of
-        this reactor while it runs, instead of one by one.
-    """
-    return LineObserver(stream, log_format == "json", LogLevel.levelWithName(level), reactor)
-
-
-@implementer(ILogObserver)
-class LineObserver:
-    """
-    Writes each event at or above a level as a line: text as twistd's own
-    observer writes it (C{textFileLogObserver}), or Twisted's JSON
-    (C{jsonFileLogObserver}).
-
-    Why not Twisted's observers themselves (a C{FilteringLogObserver}
-    around a C{FileLogObserver}): the data plane can log a line per API call
-    (every failure; every success too at debug), and in the gateway process
-    they took about 55 µs per line, a third of a call's CPU.  The level predicate walks the namespace on every event,
-    C{string.Formatter} re-parses the format string, the timestamp goes
-    through C{strftime} and the file is flushed, each time.  Here the level
-    is one comparison; a format string whose fields are plain names is
-    formatted by C{str.format_map} (anything else, and any event that fails
-    that way, by Twisted's own formatting, so the output is the same); the
-    timestamp is formatted once a second; and while the reactor runs, lines
-    below warn are gathered and written in one go once per turn of it (any
-    other line writes them all at once, as does the end of the turn): one
-    write per turn even where the stream is unbuffered (C{PYTHONUNBUFFERED},
-    common in service units and containers), not one per line.
-    """
-
-    def __init__(
-        self,
-        stream: IO[str],
-        as_json: bool,
-        level: LogLevel,
-        reactor: Any = None,
-    ) -> None:
-        self._stream = stream
-        self._as_json = as_json
-        minimum = _priority(level)
-        self._levels = frozenset(each for each in LogLevel.iterconstants() if _priority(each) >= minimum)
-        self._reactor = reactor
-        self._flush_pending = False
-        #: Lines waiting for the end of this reactor turn, written then in
-        #: one go (the stream may be unbuffered: C{PYTHONUNBUFFERED}).
-        self._lines: list[str] = []
-        #: Per format string, whether str.format_map formats it as Twisted would.
-        self._plain: dict[str, bool] = {}
-        self._second: int | None = None
-        self._stamp = ""
-
-    def __call__(self, event: LogEvent) -> None:
-        level = event.get("log_level")
-        # As LogLevelFilterPredicate: no level or no namespace, no line.
-        if level not in self._levels or not event.get("log_namespace"):
-            return
-        if self._as_json:
-            line = "\x1e" + eventAsJSON(event) + "\n"
-        else:
-            line = self._text(event, level)
-            if line is None:
-                return
-        reactor = self._reactor
-        if reactor is None or level in _FLUSH_AT_ONCE or not reactor.running:
-            if self._lines:
-                self._lines.append(line)
-                self._flush()
-            else:
-                self._stream.write(line)
-                self._stream.flush()
-            return
-        self._lines.append(line)
-        if not self._flush_pending:
-            self._flush_pending = True
-            reactor.callLater(0, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_pending = False
-        lines, self._lines = self._lines, []
-        if lines:
-            self._stream.write("".join(lines))
-        self._stream.flush()
-
-    def _text(self, event: LogEvent, level: LogLevel) -> str | None:
-        format_string = event.get("log_format")
-        if "log_failure" in event or not isinstance(format_string, str) or "log_system" in event:
-            return formatEventAsClassicLogText(event)
-        plain = self._plain.get(format_string)
-        if plain is None:
-            plain = _is_plain(format_string)
-            if len(self._plain) < _MAX_FORMATS:
-                self._plain[format_string] = plain
-        if not plain:
-            return formatEventAsClassicLogText(event)
-        try:
-            text = format_string.format_map(event)
-        except Exception:
-            return formatEventAsClassicLogText(event)
-        if not text:
-            return None
-        when = event.get("log_time")
-        if when is None:
-            stamp = "-"
-        elif int(when) == self._second:
-            stamp = self._stamp
-        else:
-            stamp = self._stamp = formatTime(when)
-            self._second = int(when)
-        if "\n" in text:
-            text = text.replace("\n", "\n\t")
-        return f"{stamp} [{event['log_namespace']}#{level.name}] {text}\n"
-
-
-#: Written through at once, whatever the load: nothing an operator needs
-#: to see is left sitting in a buffer.
-_FLUSH_AT_ONCE = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
-#: A bound on the cache of format strings (they are literals in code; this
-#: only guards against one built at run time).
-_MAX_FORMATS = 1024
-_FIELD_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def _priority(level: LogLevel) -> int:
-    return list(LogLevel.iterconstants()).index(level)
-
-
-def _is_plain(format_string: str) -> bool:
-    """
-    Whether every field of C{format_string} is a plain name (C{{status}},
-    C{{duration_ms:.1f}}, C{{cmd!r}}), which C{str.format_map} formats
-    exactly as Twisted does; not C{{x()}}, C{{a.b}} or C{{a[0]}}.
-    """
-    try:
-        fields = [name for _, name, _, _ in Formatter().parse(format_string) if name is not None]
-    except ValueError:
-        return False
-    return all(_FIELD_NAME.match(name) for name in fields)
+#: The value types a JSON line carries from an event's own fields; other
+#: values are left out (the message already shows them as text).
+_JSON_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
 
 
 def foreground(twistd_options: Mapping[str, Any]) -> bool:
@@ -204,4 +73,103 @@ def foreground(twistd_options: Mapping[str, Any]) -> bool:
     return bool(twistd_options.get("nodaemon", True))
 
 
-__all__ = ["LineObserver", "foreground", "log_destination", "make_observer"]
+def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
+    """
+    The stream twistd would log to, given twistd's own options: C{stdout}
+    in the foreground without C{--logfile} or with C{--logfile -}; else the
+    C{--logfile} (default C{twistd.log}), opened for appending, never
+    rotated by the gateway, and reopened on SIGUSR1 (unless something
+    already handles that signal).  L{None} with C{--syslog}: twistd's own
+    syslog observer must stand.
+
+    @param reactor: the reactor the reopen is handed to (from the signal
+        handler, as twistd does).
+    @raise ConfigError: for C{--logfile -} without C{-n}: a daemon has no
+        standard output.
+    """
+    if twistd_options.get("syslog"):
+        return None
+    logfile = twistd_options.get("logfile")
+    if logfile == "-":
+        if not foreground(twistd_options):
+            raise ConfigError("a daemon cannot log to standard output (--logfile -): add -n, or name a file")
+        return stdout
+    if not logfile and foreground(twistd_options):
+        return stdout
+    log_file: LogFile = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def reopen(signum: int, frame: Any) -> None:
+            reactor.callFromThread(log_file.reopen)
+
+        signal.signal(signal.SIGUSR1, reopen)
+    # Not an IO subclass, but file-like where FileLogObserver needs it:
+    # write (text or UTF-8 bytes), flush, close.
+    return cast("IO[Any]", log_file)
+
+
+def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
+    """
+    An observer writing each event at or above C{level} (a L{LogLevel}
+    name: C{debug}, C{info}, C{warn}, C{error}, C{critical}) to C{stream},
+    one line per event: twistd's text lines for C{log_format="text"}, flat
+    JSON objects (L{json_line}) for C{"json"}.  Events below the level, and
+    events with no level or namespace, are dropped before any formatting.
+    """
+    if log_format == "json":
+        inner: ILogObserver = FileLogObserver(stream, json_line)
+    else:
+        inner = textFileLogObserver(stream)
+    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))])
+
+
+def json_line(event: LogEvent) -> str | None:
+    """
+    One event as one line of JSON, for log shippers:
+
+        C{{"time": "2026-11-25T02:39:29.250Z", "level": "info",
+        "namespace": "openclaw.controlplane", "message": "...", ...}}
+
+    C{time} is ISO 8601 UTC to the millisecond (L{None} if the event has
+    none), C{level} a L{LogLevel} name, C{message} the text Twisted's
+    L{formatEvent} makes of it (never raises: an unformattable event says
+    so).  Then the event's own fields whose values are JSON types (C{cmd},
+    C{peer}, C{jti}, C{outcome}, C{duration_ms}, ...), not Twisted's
+    C{log_*} keys and not overriding the four above; a value JSON cannot
+    hold inside a list or dict becomes C{null}.  With a failure, its
+    traceback as C{traceback}.  An event with neither a message nor a
+    failure makes no line (L{None}), as in the text format.
+    """
+    message = formatEvent(event)
+    failure = event.get("log_failure")
+    if not message and failure is None:
+        return None
+    when = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": None if when is None else isoformat(when, "milliseconds"),
+        "level": getattr(event.get("log_level"), "name", None),
+        "namespace": event.get("log_namespace"),
+        "message": message,
+    }
+    for key, value in event.items():
+        if not key.startswith("log_") and key not in record and isinstance(value, _JSON_TYPES):
+            record[key] = value
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = "(the traceback could not be formatted)"
+    try:
+        encoded = orjson.dumps(record, default=_null)
+    except TypeError:
+        # A field JSON cannot hold even so (an integer beyond 64 bits):
+        # the line keeps the message rather than being lost.
+        encoded = orjson.dumps({key: record[key] for key in ("time", "level", "namespace", "message")})
+    return encoded.decode("utf-8") + "\n"
+
+
+def _null(value: Any) -> None:
+    return None
+
+
+__all__ = ["foreground", "json_line", "log_destination", "make_observer"]

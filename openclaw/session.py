@@ -12,26 +12,18 @@ import hmac
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import attrs
 import jwt
 
 from openclaw.files import write_atomically
+from openclaw.timefmt import isoformat
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
 
 _RULE = "━" * 58
-
-
-def isoformat(timestamp: float) -> str:
-    """
-    Render a POSIX timestamp as ISO 8601 UTC to the second
-    (C{2026-11-25T02:39:29Z}), the one format the gateway shows times in.
-    """
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class TokenRejected(Exception):

@@ -102,9 +102,9 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
             if settings.metrics_listen
             else None
         )
+        destination = log_destination(twistd_options, stdout, reactor)
     except ConfigError as e:
         _fail(str(e))
-    destination = log_destination(twistd_options, stdout)
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
@@ -115,7 +115,7 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
         metrics_endpoint=metrics,
         log_observer=None
         if destination is None
-        else make_observer(destination, settings.log_format, settings.log_level, reactor),
+        else make_observer(destination, settings.log_format, settings.log_level),
     )
 
 

@@ -84,6 +84,47 @@ class DaemonTests(TestCase):
         self.assertFalse(tokenfile.exists())
 
     @inlineCallbacks
+    def test_sigusr1_reopens_the_log(self):
+        """
+        logrotate's way: the log file is moved away, SIGUSR1 is sent, and
+        the lines after it go to a new file of the same name (JSON here,
+        one object per line).
+        """
+        pidfile, logfile, tokenfile = self.dir / "gw.pid", self.dir / "gw.log", self.dir / "token"
+        port = free_port()
+        _out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw",
+                "--token-file", str(tokenfile), "--port", str(port), "--api-port", str(free_port()),
+                "--interface", "127.0.0.1", "--state-dir", str(self.dir), "--log-format", "json",
+            ],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 0, err)
+        self.addCleanup(self._kill, pidfile)
+        yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        token = tokenfile.read_text().strip()
+        client = yield connect(port)
+        yield client.command(token, "health_check")
+        yield wait_for(lambda: "health_check" in logfile.read_text())
+        rotated = self.dir / "gw.log.1"
+        logfile.rename(rotated)
+        os.kill(int(pidfile.read_text()), signal.SIGUSR1)
+        yield wait_for(logfile.exists)
+        answer = yield client.command(token, "rotate_token")
+        self.assertTrue(answer["ok"])
+        yield wait_for(lambda: "rotate_token" in logfile.read_text())
+        before = [json.loads(line) for line in rotated.read_text().splitlines()]
+        after = [json.loads(line) for line in logfile.read_text().splitlines()]
+        self.assertTrue(any(e.get("cmd") == "health_check" for e in before))
+        self.assertFalse(any(e.get("cmd") == "rotate_token" for e in before))
+        self.assertTrue(any(e.get("cmd") == "rotate_token" and e["level"] == "info" for e in after))
+        client.sendClose()
+        yield client.closed
+
+    @inlineCallbacks
     def test_journal_never_sees_the_token(self):
         """
         In the foreground with a token file and a stdout that is not a

@@ -1,27 +1,25 @@
 """
-The gateway's log observer writes what Twisted's own observers would, line
-for line, only faster; and it keeps lines in the buffer no longer than a
-reactor turn.
+The gateway's log observer: events below the level never formatted; text
+lines as twistd's own; JSON lines flat objects a shipper reads without
+knowing Twisted; the stream chosen as twistd would, reopened on SIGUSR1.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import signal
+from pathlib import Path
 from typing import Any
 
-from twisted.internet.task import Clock
-from twisted.logger import (
-    FilteringLogObserver,
-    Logger,
-    LogLevel,
-    LogLevelFilterPredicate,
-    jsonFileLogObserver,
-    textFileLogObserver,
-)
+from twisted.logger import Logger, LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.logs import LineObserver, make_observer
+from openclaw.logs import json_line, log_destination, make_observer
+from openclaw.settings import ConfigError
 
 WHEN = 1764043200.25
 
@@ -30,139 +28,242 @@ class Thing:
     def __str__(self) -> str:
         return "a thing"
 
-    def __repr__(self) -> str:
-        return "<Thing>"
 
-    def name(self) -> str:
-        return "called"
-
-
-def events() -> list[dict[str, Any]]:
+class Counted:
     """
-    One of every kind of event the observer must format as Twisted does.
+    A field that counts how often it is formatted.
     """
-    try:
-        _ = 1 / 0
-    except ZeroDivisionError:
-        failure = Failure()
-    base = {"log_namespace": "openclaw.dataplane", "log_level": LogLevel.info, "log_time": WHEN}
-    return [
-        {**base, "log_format": "{method} {path} {status} in {ms} ms", "method": "POST", "path": "/v1/x",
-         "status": 200, "ms": 1.25},
-        {**base, "log_format": "{n:>5} {x:.2f} {cmd!r} {obj} {obj!r}", "n": 7, "x": 3.14159, "cmd": "pi\nng",
-         "obj": Thing()},
-        {**base, "log_format": "two\nlines {a}", "a": "and\nthree"},
-        {**base, "log_format": "attribute {obj.name} call {obj.name()} index {seq[1]}", "obj": Thing(),
-         "seq": [1, 2]},
-        {**base, "log_format": "missing {nothing}"},
-        {**base, "log_format": "broken {"},
-        {**base, "log_format": "{{literal}} braces {a}", "a": 1},
-        {**base, "log_format": "failed: {why}", "why": "x", "log_failure": failure, "log_level": LogLevel.critical},
-        {**base, "log_format": "legacy", "log_system": "HTTPChannel,0,127.0.0.1"},
-        {**base, "log_format": None, "other": 1},
-        {**base, "log_format": ""},
-        {**base, "log_format": "no time"} | {"log_time": None},
-        {**base, "log_format": "debug {a}", "a": 1, "log_level": LogLevel.debug},
-        {**base, "log_format": "warned {a}", "a": 1, "log_level": LogLevel.warn},
-        {"log_format": "no level", "log_namespace": "x", "log_time": WHEN},
-        {"log_format": "no namespace", "log_level": LogLevel.error, "log_time": WHEN},
-        {**base, "log_format": "next second", "log_time": WHEN + 1},
-    ]
+
+    formatted = 0
+
+    def __format__(self, spec: str) -> str:
+        Counted.formatted += 1
+        return "counted"
 
 
-class SameAsTwistedTests(SynchronousTestCase):
-    def twisted_observer(self, out: io.StringIO, as_json: bool, level: LogLevel) -> Any:
-        inner = jsonFileLogObserver(out) if as_json else textFileLogObserver(out)
-        return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=level)])
+def event(**fields: Any) -> dict[str, Any]:
+    return {"log_namespace": "openclaw.dataplane", "log_level": LogLevel.info, "log_time": WHEN, **fields}
 
-    def check(self, as_json: bool, level: LogLevel) -> None:
+
+class LevelTests(SynchronousTestCase):
+    def lines(self, level: str, log_format: str = "text") -> tuple[io.StringIO, Logger]:
+        out = io.StringIO()
+        return out, Logger(namespace="openclaw.test", observer=make_observer(out, log_format, level))
+
+    def test_below_level_dropped_unformatted(self):
+        """
+        At info, a debug event writes nothing and is never formatted; an
+        info one is.
+        """
+        for log_format in ("text", "json"):
+            out, log = self.lines("info", log_format)
+            Counted.formatted = 0
+            log.debug("debug {x}", x=Counted())
+            self.assertEqual((out.getvalue(), Counted.formatted), ("", 0))
+            log.info("info {x}", x=Counted())
+            self.assertEqual(Counted.formatted, 1)
+            self.assertEqual(len(out.getvalue().splitlines()), 1)
+
+    def test_levels(self):
+        out, log = self.lines("warn")
+        log.info("no")
+        log.warn("yes {a}", a=1)
+        log.error("and yes")
+        log.critical("and this")
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in out.getvalue().splitlines()],
+            ["[openclaw.test#warn] yes 1", "[openclaw.test#error] and yes", "[openclaw.test#critical] and this"],
+        )
+        out, log = self.lines("debug")
+        log.debug("seen")
+        self.assertIn("[openclaw.test#debug] seen", out.getvalue())
+
+    def test_no_level_or_namespace(self):
+        """
+        As twistd's level filter: an event without a level or a namespace
+        is dropped.
+        """
+        out = io.StringIO()
+        observer = make_observer(out, "text", "debug")
+        observer({"log_format": "no level", "log_namespace": "x", "log_time": WHEN})
+        observer({"log_format": "no namespace", "log_level": LogLevel.error, "log_time": WHEN})
+        self.assertEqual(out.getvalue(), "")
+
+
+class TextTests(SynchronousTestCase):
+    def test_same_as_twistd(self):
+        """
+        Text lines are the ones twistd's own observer writes.
+        """
+        try:
+            _ = 1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        events = [
+            event(log_format="{method} {path} {status}", method="POST", path="/v1/x", status=502),
+            event(log_format="two\nlines {a}", a="and\nthree"),
+            event(log_format="failed: {why}", why="x", log_failure=failure, log_level=LogLevel.critical),
+            event(log_format="legacy", log_system="HTTPChannel,0,127.0.0.1"),
+        ]
         ours, theirs = io.StringIO(), io.StringIO()
-        observer = LineObserver(ours, as_json, level)
-        reference = self.twisted_observer(theirs, as_json, level)
-        for event in events():
-            try:
-                reference(dict(event))
-            except Exception:
-                # Twisted's JSON observer raises on an unformattable event
-                # (the publisher then reports the observer's error): so
-                # does ours.
-                self.assertRaises(Exception, observer, dict(event))
-                continue
-            observer(dict(event))
-        self.assertEqual(ours.getvalue().splitlines(), theirs.getvalue().splitlines())
-        self.assertTrue(ours.getvalue())
+        observer, reference = make_observer(ours, "text", "info"), textFileLogObserver(theirs)
+        for each in events:
+            observer(dict(each))
+            reference(dict(each))
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+        self.assertIn("ZeroDivisionError", ours.getvalue())
+        self.assertIn("\n\tthree", ours.getvalue())
 
-    def test_text(self):
-        for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.critical):
-            self.check(False, level)
 
-    def test_json(self):
-        for level in (LogLevel.debug, LogLevel.info, LogLevel.error):
-            self.check(True, level)
+class JSONTests(SynchronousTestCase):
+    def line(self, **fields: Any) -> dict[str, Any]:
+        text = json_line(event(**fields))
+        assert text is not None
+        self.assertTrue(text.endswith("\n"))
+        self.assertEqual(text.count("\n"), 1)
+        self.assertTrue(text.startswith("{"), repr(text))
+        return json.loads(text)
+
+    def test_shape(self):
+        """
+        One flat object per line: time (ISO 8601 UTC, milliseconds), level,
+        namespace, message, then the event's own JSON fields; no C{log_*}
+        keys, nothing JSON cannot hold.
+        """
+        record = self.line(
+            log_format="{cmd} from {peer}: {outcome} in {duration_ms:.1f} ms",
+            cmd="switch_provider",
+            peer="127.0.0.1",
+            outcome="ok",
+            duration_ms=1.25,
+            stream=False,
+            model=None,
+            tags=["a", 1],
+            thing=Thing(),
+        )
+        self.assertEqual(
+            record,
+            {
+                "time": "2025-11-25T04:00:00.250Z",
+                "level": "info",
+                "namespace": "openclaw.dataplane",
+                "message": "switch_provider from 127.0.0.1: ok in 1.2 ms",
+                "cmd": "switch_provider",
+                "peer": "127.0.0.1",
+                "outcome": "ok",
+                "duration_ms": 1.25,
+                "stream": False,
+                "model": None,
+                "tags": ["a", 1],
+            },
+        )
+
+    def test_own_keys_win(self):
+        """
+        A field named like one of the four keys does not replace it.
+        """
+        record = self.line(log_format="{message}", message="hello", level="fake", time=0)
+        self.assertEqual(
+            (record["message"], record["level"], record["time"]), ("hello", "info", "2025-11-25T04:00:00.250Z")
+        )
+
+    def test_newlines_stay_in_one_line(self):
+        """
+        A message with newlines (a peer's text, a traceback) is still one
+        line: JSON escapes them, so no one can forge a log line.
+        """
+        record = self.line(log_format="cmd {cmd}", cmd='x"\n{"level": "critical"}')
+        self.assertEqual(record["message"], 'cmd x"\n{"level": "critical"}')
+
+    def test_failure(self):
+        try:
+            _ = 1 / 0
+        except ZeroDivisionError:
+            failure = Failure()
+        record = self.line(log_format="call failed", log_failure=failure, log_level=LogLevel.critical)
+        self.assertEqual((record["level"], record["message"]), ("critical", "call failed"))
+        self.assertIn("ZeroDivisionError", record["traceback"])
+
+    def test_unformattable(self):
+        """
+        An event whose format fails still makes a line, saying so.
+        """
+        record = self.line(log_format="broken {")
+        self.assertIn("Unable to format event", record["message"])
+        record = self.line(log_format="missing {nothing}")
+        self.assertIn("Unable to format event", record["message"])
+
+    def test_unencodable_values(self):
+        record = self.line(log_format="x", nested={"a": Thing()}, huge=2**70)
+        self.assertEqual(record["message"], "x")
+        self.assertNotIn("huge", record)
+
+    def test_no_message_no_line(self):
+        self.assertIsNone(json_line(event(log_format="")))
+        self.assertIsNone(json_line(event(other=1)))
 
     def test_through_a_logger(self):
         out = io.StringIO()
-        log = Logger(namespace="openclaw.test", observer=make_observer(out, "text", "info"))
+        log = Logger(namespace="openclaw.test", observer=make_observer(out, "json", "info"))
         log.info("{a} and {b!r}", a=1, b="two")
-        log.debug("dropped {a}", a=1)
         (line,) = out.getvalue().splitlines()
-        self.assertTrue(line.endswith(" [openclaw.test#info] 1 and 'two'"), line)
+        record = json.loads(line)
+        self.assertEqual((record["namespace"], record["message"], record["a"]), ("openclaw.test", "1 and 'two'", 1))
+        self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
-class FlushTests(SynchronousTestCase):
-    class Stream(io.StringIO):
-        flushes = 0
-        writes = 0
+class DestinationTests(SynchronousTestCase):
+    class Reactor:
+        def callFromThread(self, f: Any, *args: Any) -> None:
+            f(*args)
 
-        def write(self, text: str) -> int:
-            self.writes += 1
-            return super().write(text)
+    def test_foreground_stdout(self):
+        stdout = io.StringIO()
+        self.assertIs(log_destination({"nodaemon": True, "logfile": None}, stdout, self.Reactor()), stdout)
+        self.assertIs(log_destination({"nodaemon": True, "logfile": "-"}, stdout, self.Reactor()), stdout)
+        self.assertIs(log_destination({}, stdout, self.Reactor()), stdout)
 
-        def flush(self) -> None:
-            self.flushes += 1
-            super().flush()
+    def test_daemon_not_to_stdout(self):
+        with self.assertRaises(ConfigError):
+            log_destination({"nodaemon": False, "logfile": "-"}, io.StringIO(), self.Reactor())
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.running = True  # type: ignore[attr-defined]
-        self.out = self.Stream()
-        self.observer = LineObserver(self.out, False, LogLevel.info, self.clock)
-        self.base = {"log_namespace": "n", "log_time": WHEN, "log_format": "line {i}"}
+    def test_syslog_left_to_twistd(self):
+        self.assertIsNone(log_destination({"syslog": True, "nodaemon": False}, io.StringIO(), self.Reactor()))
 
-    def test_once_per_turn(self):
+    def test_logfile_reopened_on_sigusr1(self):
         """
-        While the reactor runs, info lines are written in one go and
-        flushed once, at the end of the turn: one write, even to an
-        unbuffered stream.
+        The log file is appended to, never rotated by the gateway; after
+        logrotate moves it away, SIGUSR1 makes a new one.
         """
-        for i in range(100):
-            self.observer({**self.base, "log_level": LogLevel.info, "i": i})
-        self.assertEqual((self.out.writes, self.out.flushes), (0, 0))
-        self.clock.advance(0)
-        self.assertEqual((self.out.writes, self.out.flushes), (1, 1))
-        self.assertEqual(self.out.getvalue().splitlines()[99][-7:], "line 99")
-        self.assertEqual(len(self.out.getvalue().splitlines()), 100)
-        self.observer({**self.base, "log_level": LogLevel.info, "i": 100})
-        self.clock.advance(0)
-        self.assertEqual((self.out.writes, self.out.flushes), (2, 2))
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("earlier\n")
+        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        log = Logger(namespace="openclaw.test", observer=make_observer(stream, "json", "info"))
+        log.info("before")
+        path.rename(path.with_name("moved"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("after")
+        moved = path.with_name("moved").read_text()
+        self.assertTrue(moved.startswith("earlier\n"))
+        self.assertEqual([json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"])
+        self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["after"])
 
-    def test_warnings_at_once(self):
+    def test_daemon_default_logfile(self):
         """
-        A warning is written at once, after the lines before it.
+        A daemon without --logfile logs to twistd.log, as twistd does.
         """
-        self.observer({**self.base, "log_level": LogLevel.info, "i": 1})
-        self.observer({**self.base, "log_level": LogLevel.warn, "i": 2})
-        self.assertEqual(self.out.flushes, 1)
-        self.assertEqual([line[-6:] for line in self.out.getvalue().splitlines()], ["line 1", "line 2"])
-        self.clock.advance(0)
-        self.assertEqual(len(self.out.getvalue().splitlines()), 2)
-
-    def test_reactor_not_running(self):
-        """
-        Before the reactor starts and after it stops, every line is flushed
-        at once: no turn will come to flush it.
-        """
-        self.clock.running = False  # type: ignore[attr-defined]
-        self.observer({**self.base, "log_level": LogLevel.info, "i": 1})
-        self.assertEqual(self.out.flushes, 1)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir()
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(cwd)
+        stream = log_destination({"nodaemon": False, "logfile": None}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        make_observer(stream, "text", "info")(event(log_format="hello"))
+        self.assertTrue(re.search(r"\[openclaw.dataplane#info\] hello\n$", (cwd / "twistd.log").read_text()))
