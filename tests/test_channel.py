@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -19,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+import openclaw
 from openclaw.connections import OpenConnections
 from openclaw.dataplane.site import APIConnection, APIRequest, APISite
 
@@ -93,6 +95,20 @@ class SiteProtocolTests(SynchronousTestCase):
         connection = APISite(Resource(), context=None).buildProtocol(None)
         self.assertIsInstance(connection, APIConnection)
         self.assertIs(type(connection.protocol), type(Site(Resource()).buildProtocol(None)))
+
+    def test_public_api_only(self) -> None:
+        """
+        No module of the package reaches into Twisted's private state.
+        """
+        forbidden = re.compile(r"_HTTPChannel__|_tempDataBuffer|dataBuffer|_writeDisconnected|_raiseSynchronously")
+        package = Path(openclaw.__file__).parent
+        found = [
+            f"{path.relative_to(package)}:{number}"
+            for path in sorted(package.rglob("*.py"))
+            for number, line in enumerate(path.read_text().splitlines(), 1)
+            if forbidden.search(line)
+        ]
+        self.assertEqual(found, [])
 
 
 class OpenConnectionsTests(SynchronousTestCase):

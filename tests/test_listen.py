@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
@@ -133,6 +134,24 @@ class ListenTests(TestCase):
         self.assertEqual(answer["error"], "invalid token")
         client.sendClose()
         yield client.closed
+
+    def test_port_in_use_fails_start(self):
+        """
+        A port that cannot be bound stops start-up with the error, rather
+        than leaving a gateway running without that listener.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            options = Options()
+            options.parseOptions(
+                ["--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--api-listen", f"tcp:{port}:interface=127.0.0.1"]
+            )
+            service = makeService(options, reactor, stdout=io.StringIO())
+            self.addCleanup(service.stopService)
+            with self.assertRaises(CannotListenError):
+                service.startService()
 
     def test_bad_endpoint_is_one_line(self):
         options = Options()
