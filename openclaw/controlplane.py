@@ -13,12 +13,13 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from openclaw.allowlist import ClientAddressResolver, PeerAllowlist
 from openclaw.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
 from openclaw.commands import Connection, ControlPlane
+from openclaw.connections import OpenConnections
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
 
@@ -74,14 +75,17 @@ class ControlProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
             return  # turned away in connectionMade; Autobahn never set up
-        self.factory.protocols.discard(self)
         self.factory.connections.discard(self)
         # Autobahn cancels its other timers here but not this one, which
         # would otherwise outlive the connection by up to a second.
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
-        super().connectionLost(reason)
+        try:
+            super().connectionLost(reason)
+        finally:
+            # Last: a stop waiting on close_all goes on once Autobahn is done.
+            self.factory.protocols.discard(self)
 
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
@@ -163,7 +167,7 @@ class ControlFactory(WebSocketServerFactory):
         #: Accepted control connections (the ones status counts).
         self.connections: set[ControlProtocol] = set()
         #: Every live TCP connection, handshakes and refusals included.
-        self.protocols: set[ControlProtocol] = set()
+        self.protocols: OpenConnections[ControlProtocol] = OpenConnections()
         self.setProtocolOptions(
             maxMessagePayloadSize=settings.max_message_bytes,
             maxFramePayloadSize=settings.max_message_bytes,
@@ -224,18 +228,16 @@ class ControlFactory(WebSocketServerFactory):
         )
         return refusal
 
-    def close_all(self, code: int = GOING_AWAY, reason: str = "gateway shutting down") -> Deferred[Any]:
+    def close_all(self, code: int = GOING_AWAY, reason: str = "gateway shutting down") -> Deferred[None]:
         """
         Close every open connection with C{code}, abort the ones still in
-        their opening handshake, and fire when they are all gone (or the
-        closing handshake timed out and Autobahn dropped them).
+        their opening handshake, and fire with L{None} when they are all
+        gone (or the closing handshake timed out and Autobahn dropped them).
         """
-        waiting = []
-        for protocol in list(self.protocols):
-            waiting.append(protocol.is_closed)
+        for protocol in self.protocols:
             if protocol.state == protocol.STATE_OPEN:
                 protocol.close_with(code, reason)
             else:
                 # Still in its opening handshake: nobody to say goodbye to.
                 protocol.transport.abortConnection()
-        return DeferredList(waiting, consumeErrors=True)
+        return self.protocols.all_closed()

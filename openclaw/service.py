@@ -8,12 +8,21 @@ from __future__ import annotations
 import time
 from typing import IO, Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import FirstError, gatherResults, inlineCallbacks
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    gatherResults,
+    inlineCallbacks,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
-from twisted.logger import ILogObserver, Logger
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -28,6 +37,78 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import PROVIDER_IDS, Settings
 from openclaw.state import RouteStore
+
+
+class ListeningService(Service):
+    """
+    Listens on an endpoint while running, and fails start-up when it cannot.
+
+    Twisted's C{StreamServerEndpointService} only logs a listening failure
+    (unless told otherwise through private state): the gateway would run on
+    without the port.  Here a C{listen} that fails before
+    L{privilegedStartService} (or L{startService}) returns raises that
+    failure's exception from it, so C{twistd} exits with it; a failure that
+    comes later (an endpoint that binds asynchronously) is logged as
+    critical.
+
+    @ivar port: the listening port, once listening; L{None} before and
+        after.
+    """
+
+    _log = Logger(namespace="openclaw")
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        failures: list[Failure] = []
+        starting = True
+
+        def failed(failure: Failure) -> None:
+            if starting:
+                failures.append(failure)
+            elif not failure.check(CancelledError):
+                self._log.failure(
+                    "could not listen on {endpoint}", failure, log_level=LogLevel.critical, endpoint=self.endpoint
+                )
+
+        listening = self.endpoint.listen(self.factory)
+        listening.addCallbacks(self._listened, failed)
+        starting = False
+        if failures:
+            failures[0].raiseException()
+        self._listening = listening
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening; fires once the port is closed (at once if it never
+        opened; a listen still under way is cancelled).
+        """
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        if listening is not None and not listening.called:
+            listening.cancel()
+        return succeed(None)
 
 
 class GatewayService(MultiService):
@@ -116,11 +197,7 @@ class GatewayService(MultiService):
             self._listen(metrics_endpoint, Site(root))
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
-        listener = StreamServerEndpointService(endpoint, factory)
-        # Fail start-up loudly when the port cannot be had, rather than run
-        # on without it.
-        listener._raiseSynchronously = True
-        listener.setServiceParent(self)
+        ListeningService(endpoint, factory).setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         if self._log_observer is not None and hasattr(parent, "setComponent"):

@@ -7,7 +7,6 @@ L{IAgent}/L{IResponse} behaviour callers rely on.
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from twisted.internet import reactor
@@ -174,24 +173,6 @@ class PoolTests(AgentTestCase):
             b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
             b"Content-Length: 8\r\n\r\n{\"q\": 1}" % server.connections[0].transport.getHost().port,
         )
-
-    @inlineCallbacks
-    def test_request_sent_at_once(self):
-        """
-        A request on a pooled connection is on its way when C{request}
-        returns, not on the reactor's next turn (see
-        L{openclaw.writethrough}).
-        """
-        server = yield self.serve(ok(b"one"), ok(b"two"))
-        agent = self.agent()
-        response = yield self.post(agent)
-        yield read_body(response)
-        d = self.post(agent, b'{"q": 2}')
-        # Still unread by the server, but already in its socket.
-        arrived = server.connections[0].transport.socket.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        self.assertTrue(arrived.endswith(b'\r\n\r\n{"q": 2}'), arrived)
-        response = yield d
-        self.assertEqual((yield read_body(response)), b"two")
 
     @inlineCallbacks
     def test_concurrent_requests_use_their_own_connections(self):

@@ -253,8 +253,8 @@ class ChatTests(DataPlaneTestCase):
             self.assertTrue(event.startswith("data: {"), event)
             self.assertEqual(json.loads(event[len("data: "):])["object"], "chat.completion.chunk")
         # Small event writes go out at once: no Nagle on API connections.
-        (channel,) = gateway.service.api_site.channels
-        self.assertTrue(channel.transport.getTcpNoDelay())
+        (connection,) = gateway.service.api_site.connections
+        self.assertTrue(connection.transport.getTcpNoDelay())
 
     @inlineCallbacks
     def test_chunks_arrive_as_sent(self):

@@ -12,6 +12,8 @@ import io
 import ipaddress
 import os
 import shutil
+import socket
+import ssl
 import stat
 import tempfile
 from pathlib import Path
@@ -23,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web.http import H2_ENABLED
 
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
@@ -131,6 +135,24 @@ class ListenTests(TestCase):
         client.sendClose()
         yield client.closed
 
+    def test_port_in_use_fails_start(self):
+        """
+        A port that cannot be bound stops start-up with the error, rather
+        than leaving a gateway running without that listener.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            options = Options()
+            options.parseOptions(
+                ["--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--api-listen", f"tcp:{port}:interface=127.0.0.1"]
+            )
+            service = makeService(options, reactor, stdout=io.StringIO())
+            self.addCleanup(service.stopService)
+            with self.assertRaises(CannotListenError):
+                service.startService()
+
     def test_bad_endpoint_is_one_line(self):
         options = Options()
         options.parseOptions(["--listen", "carrier-pigeon:42"])
@@ -181,3 +203,84 @@ class MetricsTests(TestCase):
 
         status, _ = yield deferToThread(http_get, metrics, "/metrics", "127.0.0.2")
         self.assertEqual(status, 403)
+
+
+def h2_request(port: int, ca: bytes, method: str, path: str, body: bytes = b"") -> tuple[str, int, bytes]:
+    """
+    One request over HTTP/2 on TLS, as a client that offers only C{h2}:
+    the protocol agreed, the status and the body.
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            agreed = sock.selected_alpn_protocol() or ""
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "127.0.0.1")]
+            if body:
+                headers.append(("content-length", str(len(body))))
+            connection.send_headers(1, headers, end_stream=not body)
+            if body:
+                connection.send_data(1, body, end_stream=True)
+            sock.sendall(connection.data_to_send())
+            status, received = 0, b""
+            while chunk := sock.recv(65536):
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        received += event.data
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        return agreed, status, received
+                sock.sendall(connection.data_to_send())
+            return agreed, status, received
+
+
+class Http2Tests(TestCase):
+    """
+    On a TLS API listener, a client that offers HTTP/2 gets it (when C{h2}
+    is installed: twisted.web's own negotiation).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        if not H2_ENABLED:
+            raise SkipTest("h2 is not installed")
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.patch(os, "environ", {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "MAX_REQUEST_BYTES": "1024"})
+        self.ca, keyfile, certfile = write_certificates(self.dir)
+        self.port = free_port()
+        options = Options()
+        options.parseOptions(
+            [
+                "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
+                "--api-listen", f"ssl:{self.port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}",
+            ]
+        )
+        self.service = makeService(options, reactor, stdout=io.StringIO())
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    @inlineCallbacks
+    def test_http2_request(self):
+        agreed, status, body = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
+        self.assertEqual((agreed, status), ("h2", 200))
+        self.assertTrue(body, body)
+
+    @inlineCallbacks
+    def test_http2_body_too_large(self):
+        """
+        A stream whose body is past the limit gets a 413, not a crash.
+        """
+        agreed, status, body = yield deferToThread(
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"x" * 2048
+        )
+        self.assertEqual((agreed, status), ("h2", 413))
+        self.assertIn(b"MAX_REQUEST_BYTES", body)

@@ -1,26 +1,28 @@
 """
-The API's L{Site}: connections that read request heads in one pass
-(L{APIChannel}), answers sent at the end of each turn of the reactor
-(L{APISite.send_at_end_of_turn}), no access log of its own (the data plane
-counts every call and logs a structured event for each failure instead),
-and what a stop needs: wait for the calls in flight (L{APISite.drain}),
-then close every connection and know when they are gone
-(L{APISite.close_connections}).
+The API's L{Site}: twisted.web's own connections (HTTP/1.1, and HTTP/2 on a
+TLS listener when C{h2} is installed), a limit on request bodies
+(L{APIRequest}), no access log of its own (the data plane counts every call
+and logs a structured event for each failure instead), and what a stop
+needs: wait for the calls in flight (L{APISite.drain}), then close every
+connection and know when they are gone (L{APISite.close_connections}).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IProtocol, ITransport
+from twisted.python.components import proxyForInterface
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from openclaw.dataplane.channel import APIChannel
+from openclaw.connections import OpenConnections
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 
-#: How long idle API connections get to close politely on a stop.
+#: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
 
 
@@ -30,22 +32,26 @@ class APIRequest(Request):
 
     twisted.web reads the whole body (to memory, or a temporary file past
     100 KB) before any resource sees it, with no limit of its own: without
-    this a client, authenticated or not, could fill memory or the disk.  A
-    declared length over the limit gets a 413 at once; a chunked body that
-    runs past it is cut off.
+    this a client, authenticated or not, could fill memory or the disk.
+    Nothing past the limit is kept.  Over HTTP/1.1 a declared length over
+    the limit gets a 413 at once and the connection is closed (the client
+    may still be sending), and a chunked body that runs past it is cut off
+    the same way.  Over HTTP/2 only the stream is refused: the rest of its
+    body is read and dropped, and the 413 goes out when the stream ends.
     """
 
     _received = 0
-    _refused = False
+    _too_large = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.channel.site.max_request_bytes:
+            super().gotLength(0)
             self._refuse()
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
+        if self._too_large:
             return
         self._received += len(data)
         if self._received > self.channel.site.max_request_bytes:
@@ -53,19 +59,24 @@ class APIRequest(Request):
             return
         super().handleContentChunk(data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused:
-            super().requestReceived(command, path, version)
+    def process(self) -> None:
+        if not self._too_large:
+            super().process()
+        elif not isinstance(self.channel, HTTPChannel):
+            # An HTTP/2 stream, now whole: answer it the usual way.
+            body = self._refusal().body()
+            self.setResponseCode(413)
+            self.setHeader(b"Content-Type", b"application/json")
+            self.setHeader(b"Content-Length", b"%d" % len(body))
+            self.write(body)
+            self.finish()
+        # Over HTTP/1.1 the 413 went out already and the connection is closing.
 
     def _refuse(self) -> None:
-        self._refused = True
-        limit = self.channel.site.max_request_bytes
-        body = APIError(
-            413,
-            f"the request body is larger than MAX_REQUEST_BYTES ({limit} bytes)",
-            "invalid_request_error",
-            "request_too_large",
-        ).body()
+        self._too_large = True
+        if not isinstance(self.channel, HTTPChannel):
+            return  # answered in process(), once the stream is whole
+        body = self._refusal().body()
         transport = self.channel.transport
         transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
@@ -73,13 +84,54 @@ class APIRequest(Request):
         )
         transport.loseConnection()
 
+    def _refusal(self) -> APIError:
+        limit = self.channel.site.max_request_bytes
+        return APIError(
+            413,
+            f"the request body is larger than MAX_REQUEST_BYTES ({limit} bytes)",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+
+class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
+    """
+    One client connection of an L{APISite}: the protocol twisted.web built
+    for it (whatever HTTP version it turns out to speak), which it passes
+    every event to, registered in the site's L{OpenConnections} from the
+    moment it is made until the protocol has handled its loss.
+
+    The protocol gets the real transport: nothing is added on the write path.
+
+    @ivar protocol: the protocol twisted.web built.
+    @ivar transport: the connection's transport, once made.
+    """
+
+    transport: ITransport | None = None
+
+    def __init__(self, protocol: IProtocol, connections: OpenConnections[APIConnection]) -> None:
+        super().__init__(protocol)
+        self._connections = connections
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.transport = transport
+        self._connections.add(self)
+        self.protocol.makeConnection(transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            self.protocol.connectionLost(reason)
+        finally:
+            self._connections.discard(self)
+
 
 class APISite(Site):
     """
     A L{Site} for the API.
+
+    @ivar connections: the open client connections (L{APIConnection}s).
     """
 
-    protocol = APIChannel
     requestFactory = APIRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
     max_request_bytes = 8 * 1024 * 1024
@@ -87,35 +139,10 @@ class APISite(Site):
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.context = context
-        self.channels: set[APIChannel] = set()
-        self._waiting: list[Deferred[None]] = []
-        #: Connections with answers written this turn, to send at its end.
-        self._unsent: list[APIChannel] = []
-        self._sending: IDelayedCall | None = None
+        self.connections: OpenConnections[APIConnection] = OpenConnections()
 
-    def send_at_end_of_turn(self, channel: APIChannel) -> None:
-        """
-        Send what C{channel} writes in this turn of the reactor once the
-        turn is over, along with every other connection's.
-
-        The answers of a busy turn then leave together, one write per
-        connection and no round trip through epoll (see
-        L{openclaw.writethrough}), so the clients read them in a few wakeups
-        rather than one each.  An answer written while the reactor handles
-        network events goes out before it polls again (Twisted's own path
-        sends it after that poll); one written from a timed call goes out
-        right after the next poll, which does not wait.  A connection
-        about to close sends what it holds first (L{APIChannel}).
-        """
-        self._unsent.append(channel)
-        if self._sending is None:
-            self._sending = self.reactor.callLater(0, self._send_all)
-
-    def _send_all(self) -> None:
-        self._sending = None
-        channels, self._unsent = self._unsent, []
-        for channel in channels:
-            channel.send_unsent()
+    def buildProtocol(self, addr: IAddress) -> APIConnection:
+        return APIConnection(super().buildProtocol(addr), self.connections)
 
     def drain(self) -> Deferred[None]:
         """
@@ -128,45 +155,38 @@ class APISite(Site):
 
     def log(self, request: Request) -> None:
         """
-        No access log line: formatting one costs more than the data plane's
-        own work on a request, which counts it in the metrics and logs a
-        structured event for it (failures at info, successes at debug).
+        No access log line: the data plane counts every request in the
+        metrics and logs a structured event for it (failures at info,
+        successes at debug), so a second, unstructured line would only
+        duplicate it.
         """
-
-    def channel_closed(self, channel: APIChannel) -> None:
-        self.channels.discard(channel)
-        if not self.channels:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
 
     def close_connections(self) -> Deferred[None]:
         """
-        Close every client connection: idle keep-alive ones politely, any
-        with a call still under way at once (its upstream request is then
-        cancelled, and a stream ends without C{[DONE]}); fires once all are
-        closed.  For a stop, after the listener is closed.
+        Close every client connection and fire once all are closed.  For a
+        stop, after the listener is closed and the calls drained.
+
+        Each is closed politely: what was written to it still goes out
+        first.  A call still under way then loses its client, so its
+        upstream request is cancelled (a stream ends without C{[DONE]}).
+        A client that stopped reading would hold a polite close open until
+        its send buffer drains: connections still open after
+        L{CLOSE_DEADLINE_SECONDS} are aborted.
         """
-        if not self.channels:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        for channel in list(self.channels):
-            if channel.requests:
-                channel.transport.abortConnection()
-            else:
-                channel.loseConnection()
-        # A client that stopped reading would hold a polite close open until
-        # its send buffer drains: give up on it after a moment.
+        closed = self.connections.all_closed()
+        if closed.called:
+            return closed
+        for connection in self.connections:
+            connection.transport.loseConnection()
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
 
-        def closed(result: None) -> None:
+        def cancel_straggle(result: None) -> None:
             if straggle.active():
                 straggle.cancel()
             return result
 
-        return d.addBoth(closed)
+        return closed.addBoth(cancel_straggle)
 
     def _abort_all(self) -> None:
-        for channel in list(self.channels):
-            channel.transport.abortConnection()
+        for connection in self.connections:
+            connection.transport.abortConnection()

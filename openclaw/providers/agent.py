@@ -70,7 +70,6 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from openclaw.providers.errors import BodyTooLarge
-from openclaw.writethrough import write_through
 
 #: An answer's status line and headers larger than this are not a
 #: provider's: the connection is dropped.
@@ -397,9 +396,7 @@ class UpstreamConnection(Protocol):
         self._raw_headers = []
         self._answer_started = False
         d = self._waiting = Deferred(self._cancel)
-        # Sent now, not on the reactor's next turn: the upstream starts on
-        # it while this turn goes on (see openclaw.writethrough).
-        write_through(self.transport, raw)
+        self.transport.write(raw)
         return d
 
     def _cancel(self, d: Deferred[IResponse]) -> None:
