@@ -2,11 +2,11 @@
 Prometheus metrics, in a registry of the service's own (no process-wide
 state), served at C{GET /metrics} to allowlisted peers.
 
-The control plane counts every message; C{Counter.labels()} costs more than
-the rest of a C{ping}, so each labelled child is resolved once, here, and
-the hot path only calls C{.inc()}.  Model calls, the gateway's busiest
-path, are counted in plain integers instead (L{RequestTally}), turned into
-metric families only when C{/metrics} is read.
+The control plane counts every message, and model calls are the gateway's
+busiest path: both are counted in plain integers (L{CommandTally},
+L{RequestTally}), turned into metric families only when C{/metrics} is
+read.  A C{prometheus_client} counter takes a lock per increment, which on
+the control plane's hot path costs as much as parsing the message.
 """
 
 from __future__ import annotations
@@ -116,6 +116,29 @@ class RequestTally:
         yield histogram
 
 
+class CommandTally:
+    """
+    Control-plane messages counted by command and outcome: one dict update
+    per message, and a counter family built when C{/metrics} is read.
+
+    Registered in a L{CollectorRegistry} as a custom collector; recorded and
+    read on the reactor thread only, like L{RequestTally}.
+
+    @param names: every command label, each exported (at 0) from the start.
+    """
+
+    def __init__(self, name: str, documentation: str, names: Iterable[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self.counts = {(cmd, outcome): 0 for cmd in names for outcome in OUTCOMES}
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(self._name, self._documentation, labels=["cmd", "outcome"])
+        for labels, count in list(self.counts.items()):
+            counter.add_metric(labels, count)
+        yield counter
+
+
 class GatewayMetrics:
     """
     Every metric the gateway exports.
@@ -126,10 +149,6 @@ class GatewayMetrics:
         registry = self.registry
         self.connections = Gauge(
             "openclaw_control_connections", "Open control-plane connections", registry=registry
-        )
-        commands_total = Counter(
-            "openclaw_control_commands", "Control-plane messages answered, by command and outcome",
-            ["cmd", "outcome"], registry=registry,
         )
         auth_failures = Counter(
             "openclaw_control_auth_failures", "Control-plane messages with a token refused, by reason",
@@ -161,14 +180,18 @@ class GatewayMetrics:
             ["cmd"], registry=registry,
         )
         names = [*commands, INVALID]
-        self._commands = {(cmd, outcome): commands_total.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
+        self.commands = CommandTally(
+            "openclaw_control_commands", "Control-plane messages answered, by command and outcome", names
+        )
+        registry.register(self.commands)
+        self._commands = self.commands.counts
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
         for provider in providers:
             self.provider_up.labels(provider)
 
     def command(self, cmd: str, outcome: str) -> None:
-        self._commands[(cmd, outcome)].inc()
+        self._commands[(cmd, outcome)] += 1
 
     def command_took(self, cmd: str, seconds: float) -> None:
         self._command_seconds[cmd].observe(seconds)

@@ -101,7 +101,6 @@ class SessionAuthority:
         self._clock = clock
         self._token_file = token_file
         self._current: SessionToken | None = None
-        self._current_bytes = b""
 
     @property
     def current(self) -> SessionToken:
@@ -125,7 +124,6 @@ class SessionAuthority:
         if self._token_file is not None:
             write_token_file(self._token_file, token)
         self._current = issued
-        self._current_bytes = token.encode("ascii")
         return issued
 
     def verify(self, presented: object) -> str:
@@ -140,9 +138,7 @@ class SessionAuthority:
             raise TokenRejected(MISSING)
         if not isinstance(presented, str) or current is None:
             raise TokenRejected(INVALID)
-        if presented.isascii() and hmac.compare_digest(
-            presented.encode("ascii"), self._current_bytes
-        ):
+        if presented.isascii() and hmac.compare_digest(presented, current.token):
             if self._clock() >= current.expires_at:
                 raise TokenRejected(EXPIRED)
             return current.jti
