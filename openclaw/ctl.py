@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from openclaw.closecodes import GOING_AWAY, POLICY_VIOLATION
+from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.session import write_token_file
 
 PROG = "openclawctl"

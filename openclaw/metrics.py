@@ -31,7 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from openclaw.allowlist import PeerAllowlist
+from openclaw.control.admission import PeerAllowlist
 
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"

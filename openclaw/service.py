@@ -26,10 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from openclaw.allowlist import PeerAllowlist
-from openclaw.commands import COMMANDS, ControlCommands, ControlPlane
-from openclaw.closecodes import GOING_AWAY
-from openclaw.controlplane import ControlFactory
+from openclaw.control.admission import PeerAllowlist
+from openclaw.control.closecodes import GOING_AWAY
+from openclaw.control.commands import COMMANDS, ControlCommands
+from openclaw.control.plane import ControlPlane
+from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane import APISite, build_site
 from openclaw.metrics import GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry

@@ -13,7 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.commands import Connection, ControlCommands, ControlPlane
+from openclaw.control.commands import ControlCommands
+from openclaw.control.plane import Connection, ControlPlane
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 

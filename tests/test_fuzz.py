@@ -14,9 +14,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from openclaw.controlplane import ControlProtocol
-from tests.wsfuzz import fuzz
+from openclaw.control.protocol import ControlProtocol
 from tests.support import open_client, start_gateway
+from tests.wsfuzz import fuzz
 
 
 class FuzzTests(TestCase):

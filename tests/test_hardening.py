@@ -265,7 +265,7 @@ class HandshakeFloodTests(TestCase):
         Past MAX_CONNECTIONS plus a fixed headroom, new TCP connections are
         dropped at once instead of waiting in their handshake.
         """
-        from openclaw.controlplane import HANDSHAKE_HEADROOM
+        from openclaw.control.protocol import HANDSHAKE_HEADROOM
 
         gateway = start_gateway(self, max_connections=1)
         # Connected from a thread: the reactor must keep accepting meanwhile.

@@ -14,7 +14,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.commands import Connection, ControlCommands, ControlPlane
+from openclaw.control.commands import ControlCommands
+from openclaw.control.plane import Connection, ControlPlane
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 from tests.test_commands import FakeProviders

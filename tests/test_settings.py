@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.allowlist import PeerAllowlist, normalise
+from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.settings import ConfigError, Settings, load_settings
 
 GOOD_SECRET = "x" * 32

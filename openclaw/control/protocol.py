@@ -16,13 +16,12 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from openclaw.allowlist import ClientAddressResolver, PeerAllowlist
-from openclaw.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
-from openclaw.commands import Connection, ControlPlane
 from openclaw.connections import OpenConnections
+from openclaw.control.admission import ClientAddressResolver, PeerAllowlist
+from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
+from openclaw.control.plane import Connection, ControlPlane
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
-
 
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.

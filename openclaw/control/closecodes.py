@@ -2,7 +2,7 @@
 The WebSocket close codes the gateway sends and C{openclawctl} explains
 (RFC 6455 section 7.4.1).  Autobahn's public C{sendClose} takes only 1000
 and 3000-4999, so these are sent as close frames of their own
-(L{openclaw.controlplane.ControlProtocol.close_with}).
+(L{openclaw.control.protocol.ControlProtocol.close_with}).
 """
 
 #: The gateway is shutting down (or restarting).

@@ -1,0 +1,167 @@
+"""
+The control plane's commands: what each one checks and does, and the
+result it answers with.  Messages reach them through
+L{openclaw.control.plane.ControlPlane}, which parses, authenticates and
+audits; nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority, SessionToken
+from openclaw.timefmt import isoformat
+
+Result = dict[str, Any]
+#: What a handler returns: the result at once, or a Deferred of it for
+#: commands that wait on something (the maybeDeferred idiom).  The read-only
+#: commands answer at once, with no Deferred on the hot path.
+Answer = Result | Deferred[Result]
+
+#: Every command, in the order errors list them.
+COMMANDS = ("ping", "status", "switch_provider", "health_check", "rotate_token")
+
+#: Commands that change something: each is written to the audit log.
+#: The others (ping, status) are read-only and high-rate: debug level only.
+AUDITED = frozenset({"switch_provider", "health_check", "rotate_token"})
+
+
+class CommandError(Exception):
+    """
+    A command was refused; the message tells the client why.
+    """
+
+
+class Provider(Protocol):
+    """
+    What the commands need to know of a provider adapter.
+    """
+
+    id: str
+    display_name: str
+    default_model: str
+
+    def missing_key_warning(self) -> str | None: ...
+
+
+class Providers(Protocol):
+    """
+    What the commands need of the provider registry.
+    """
+
+    ids: tuple[str, ...]
+
+    def get(self, provider_id: str) -> Provider: ...
+
+    def health_check(self, active_id: str, active_model: str) -> Deferred[Result]: ...
+
+
+def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
+    """
+    Check a command's C{data}: absent or an object with no fields other than
+    C{allowed}.
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CommandError("data must be a JSON object")
+    unknown = data.keys() - allowed
+    if unknown:
+        raise CommandError(
+            "unknown field(s) in data: "
+            + ", ".join(sorted(unknown))
+            + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "; this command takes none")
+        )
+    return data
+
+
+_NONE: frozenset[str] = frozenset()
+_SWITCH_FIELDS = frozenset({"provider", "model"})
+
+
+@attrs.define
+class ControlCommands:
+    """
+    The handlers of the five commands.  Each takes the message's C{data} and
+    returns the C{result} object, or a Deferred firing with it, or raises
+    (or fails with) L{CommandError}.
+    """
+
+    route: ActiveRoute
+    providers: Providers
+    sessions: SessionAuthority
+    rotate: Callable[[], SessionToken]
+    connections: Callable[[], int]
+    started_at: float
+    clock: Callable[[], float] = time.time
+    #: Called with the new route after every switch, to keep it.
+    persist: Callable[[Route], None] = lambda route: None
+    #: Sees every health report (the provider-up gauges).
+    on_health: Callable[[Result], Result] = lambda report: report
+
+    def table(self) -> dict[str, Callable[[object], Answer]]:
+        return {
+            "ping": self.ping,
+            "status": self.status,
+            "switch_provider": self.switch_provider,
+            "health_check": self.health_check,
+            "rotate_token": self.rotate_token,
+        }
+
+    def ping(self, data: object) -> Result:
+        _fields(data, _NONE)
+        return {"pong": True, "ts": int(self.clock() * 1000)}
+
+    def status(self, data: object) -> Result:
+        _fields(data, _NONE)
+        route = self.route.current
+        now = self.clock()
+        return {
+            "provider": self.providers.get(route.provider_id).display_name,
+            "provider_id": route.provider_id,
+            "model": route.model,
+            "uptime": round(now - self.started_at, 3),
+            "started_at": isoformat(self.started_at),
+            "token_expires": self.sessions.current.expires,
+            "connections": self.connections(),
+        }
+
+    def switch_provider(self, data: object) -> Result:
+        fields = _fields(data, _SWITCH_FIELDS)
+        provider_id = fields.get("provider")
+        if provider_id is None:
+            raise CommandError(
+                "switch_provider needs data.provider: one of " + ", ".join(self.providers.ids)
+            )
+        if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
+            raise CommandError(
+                f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids)
+            )
+        provider = self.providers.get(provider_id)
+        model = fields.get("model", provider.default_model)
+        if not isinstance(model, str) or not model.strip():
+            raise CommandError("data.model must be a non-empty string when given")
+        route = Route(provider_id, model.strip())
+        previous = self.route.switch(route)
+        self.persist(route)
+        result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
+        warning = provider.missing_key_warning()
+        if warning:
+            result["warning"] = warning
+        return result
+
+    def health_check(self, data: object) -> Deferred[Result]:
+        _fields(data, _NONE)
+        route = self.route.current
+        return self.providers.health_check(route.provider_id, route.model).addCallback(self.on_health)
+
+    def rotate_token(self, data: object) -> Result:
+        _fields(data, _NONE)
+        issued = self.rotate()
+        return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
