@@ -13,8 +13,8 @@ ratios, each round's two runs back to back, and their range), the CPU each
 process used; and for streams, the time to the first event.
 
 For scale, whole Kimi answers also go through the floor (bench/proxy_floor.py):
-a bare relay on twisted.web and the gateway's upstream agent with none of
-the gateway's work (answering through twisted.web's own channel).
+a bare relay on twisted.web and Twisted's Agent, pooled as the gateway's
+is, with none of the gateway's work.
 
     .venv/bin/python bench/data_plane.py [--seconds 3] [--rounds 5] [--sdk-headers] [--profile gateway.prof]
 

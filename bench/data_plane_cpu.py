@@ -2,8 +2,8 @@
 The gateway's CPU per model call, without sockets: what bench/data_plane.py
 measures end to end, taken apart.
 
-The real API site and upstream agent of a L{GatewayService}, with in-memory
-transports on both sides: each round feeds a chat request into an API
+The real API site and upstream agent (Twisted's C{Agent} and its pool) of a
+L{GatewayService}, with in-memory transports on both sides: each round feeds a chat request into an API
 connection, takes the upstream request the agent writes, feeds back a canned
 upstream answer (the bytes the stand-in sends) and reads the client's
 answer.  Logging goes through the gateway's own observer (to /dev/null) at
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from tempfile import mkdtemp
 from typing import Any
+from unittest import mock
 
 import orjson
 from twisted.internet import reactor
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from httpload import OPENAI_SDK_HEADERS  # noqa: E402  (this directory)
 
 from openclaw.logs import make_observer
+from openclaw.providers import ProviderRegistry
 from openclaw.service import GatewayService
 from openclaw.settings import Settings
 
@@ -79,6 +81,7 @@ class Upstream:
 
     def __init__(self) -> None:
         self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
 
     def endpointForURI(self, uri: Any) -> Any:
         return self
@@ -88,6 +91,7 @@ class Upstream:
         transport = StringTransport()
         protocol.makeConnection(transport)
         self.transports.append(transport)
+        self.protocols.append(protocol)
         return succeed(protocol)
 
 
@@ -119,10 +123,15 @@ def main() -> None:
         state_dir=Path(mkdtemp()),
     )
     unused = Upstream()  # never listened on: the service is not started
-    service = GatewayService(settings, reactor, unused, stdout=devnull, api_endpoint=unused)  # type: ignore[arg-type]
     upstream = Upstream()
-    assert service.providers.connections is not None
-    service.providers.connections._endpoints = upstream
+    # The service builds its providers' agent on the in-memory endpoints.
+    build_registry = ProviderRegistry.from_settings
+    with mock.patch.object(
+        ProviderRegistry,
+        "from_settings",
+        lambda *args, **kwargs: build_registry(*args, endpoints=upstream, **kwargs),
+    ):
+        service = GatewayService(settings, reactor, unused, stdout=devnull, api_endpoint=unused)  # type: ignore[arg-type]
     site = service.api_site
     assert site is not None, "the service built no API site"
 
@@ -146,7 +155,7 @@ def main() -> None:
 
     # Warm up: the upstream connection is opened by the first call, then pooled.
     channel.dataReceived(request)
-    (connection,) = service.providers.connections._connections
+    (connection,) = upstream.protocols
     connection.dataReceived(answer)
     call()
     out = client.value()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 PROVIDER_IDS = ("kimi", "gemini")
@@ -80,6 +81,17 @@ class Settings:
     gateway_api_keys: tuple[str, ...] = attrs.field(repr=False, default=())
     upstream_timeout: float = 60.0
     max_request_bytes: int = 8 * 1024 * 1024
+    #: Idle persistent connections kept per provider host (scheme, host,
+    #: port).  Twisted's default of 2 would make every concurrent call
+    #: beyond the second open, then close, a connection of its own.
+    upstream_pool_size: int = 128
+    #: Seconds an idle provider connection is kept: below the 60 s idle
+    #: cut-off common in load balancers, since a POST sent on a connection
+    #: the far end dropped silently is not retried (it is not idempotent).
+    upstream_idle_seconds: float = 50.0
+    #: PEM file of the CA certificates trusted for https provider URLs, in
+    #: place of the system's; None: the system's trust store.
+    upstream_ca_file: Path | None = None
 
     # Running as a daemon.
     #: Twisted endpoint strings; when set they replace port/interface.
@@ -234,6 +246,25 @@ def _writable_file(path: str) -> Path:
     return Path(path)
 
 
+def _ca_file(path: str) -> Path:
+    """
+    A PEM file of one or more CA certificates, checked now rather than at
+    the first provider call.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"UPSTREAM_CA_FILE={path!r} cannot be read: {e.strerror}") from None
+    try:
+        load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            f"UPSTREAM_CA_FILE={path!r} holds no readable PEM certificate; "
+            "give a file of -----BEGIN CERTIFICATE----- blocks"
+        ) from None
+    return Path(path)
+
+
 def _read_secret_file(path: str) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
@@ -312,6 +343,7 @@ def load_settings(
 
     kimi_key = read("KIMI_API_KEY", str, "", "") or read("MOONSHOT_API_KEY", str, "", "")
     token_file = read("TOKEN_FILE", str, "", "")
+    ca_file = read("UPSTREAM_CA_FILE", str, "", "")
     state_dir = read("STATE_DIR", str, "", "")
 
     return Settings(
@@ -362,6 +394,16 @@ def load_settings(
         max_request_bytes=read(
             "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
         ),
+        upstream_pool_size=read(
+            "UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, "use a whole number > 0"
+        ),
+        upstream_idle_seconds=read(
+            "UPSTREAM_IDLE_SECONDS",
+            _positive_float,
+            defaults.upstream_idle_seconds,
+            "use a number of seconds greater than 0, such as 50",
+        ),
+        upstream_ca_file=_ca_file(ca_file) if ca_file else None,
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
         api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
         metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),

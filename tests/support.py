@@ -1,10 +1,13 @@
 """
-Test support: a real WebSocket client and a real gateway on a free port.
+Test support: a real WebSocket client and a real gateway on a free port;
+a throw-away certificate authority for TLS stand-ins.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
+import ipaddress
 import json
 import re
 import socket
@@ -14,11 +17,16 @@ from typing import Any
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromCertificates
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -290,3 +298,71 @@ def capture_log_events(testcase: Any) -> list[dict[str, Any]]:
     globalLogPublisher.addObserver(events.append)
     testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
     return events
+
+
+@attrs.frozen
+class ThrowawayCA:
+    """
+    A certificate authority made for one test.
+    """
+
+    key: Any
+    certificate: x509.Certificate
+
+    @property
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def trust_root(self) -> Any:
+        return trustRootFromCertificates([Certificate.loadPEM(self.pem)])
+
+    def server_options(self, *names: str) -> CertificateOptions:
+        """
+        TLS server options with a certificate this CA signed for C{names}
+        (host names or IP addresses).
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        alternative_names: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alternative_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alternative_names.append(x509.DNSName(name))
+        certificate = _sign(
+            names[0], key.public_key(), self.certificate.subject, self.key, ca=False
+        ).add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        return CertificateOptions(privateKey=key, certificate=certificate.sign(self.key, hashes.SHA256()))
+
+
+def _sign(subject: str, public_key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+
+
+def make_ca() -> ThrowawayCA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "openclaw test CA")])
+    builder = _sign("openclaw test CA", key.public_key(), name, key, ca=True).add_extension(
+        x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        ),
+        critical=True,
+    )
+    return ThrowawayCA(key, builder.sign(key, hashes.SHA256()))

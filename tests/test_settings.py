@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.settings import ConfigError, Settings, load_settings
+from tests.support import make_ca
 
 GOOD_SECRET = "x" * 32
 
@@ -153,6 +154,33 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("MAX_CONNECTIONS", MAX_CONNECTIONS="0")
         self.assertConfigError("PING_TIMEOUT_SECONDS", "whole number of seconds", PING_TIMEOUT_SECONDS="0.5")
         self.assertConfigError("TRUSTED_PROXIES", TRUSTED_PROXIES="nginx")
+
+    def test_upstream_pool(self) -> None:
+        """
+        The provider connection pool: its size and idle timeout, defaults
+        and bad values.
+        """
+        settings = self.load()
+        self.assertEqual((settings.upstream_pool_size, settings.upstream_idle_seconds), (128, 50.0))
+        self.assertIsNone(settings.upstream_ca_file)
+        settings = self.load({"UPSTREAM_POOL_SIZE": "8", "UPSTREAM_IDLE_SECONDS": "2.5"})
+        self.assertEqual((settings.upstream_pool_size, settings.upstream_idle_seconds), (8, 2.5))
+        self.assertConfigError("UPSTREAM_POOL_SIZE", "whole number", UPSTREAM_POOL_SIZE="0")
+        self.assertConfigError("UPSTREAM_IDLE_SECONDS", "greater than 0", UPSTREAM_IDLE_SECONDS="0")
+        self.assertConfigError("UPSTREAM_IDLE_SECONDS", UPSTREAM_IDLE_SECONDS="soon")
+
+    def test_upstream_ca_file(self) -> None:
+        """
+        UPSTREAM_CA_FILE is read at start-up: a file of PEM certificates is
+        taken, a missing or unreadable one is one clear line.
+        """
+        ca = make_ca()
+        path = self.cwd / "ca.pem"
+        path.write_bytes(ca.pem)
+        self.assertEqual(self.load({"UPSTREAM_CA_FILE": str(path)}).upstream_ca_file, path)
+        self.assertConfigError("UPSTREAM_CA_FILE", "cannot be read", UPSTREAM_CA_FILE=str(self.cwd / "missing.pem"))
+        path.write_bytes(b"not a certificate\n")
+        self.assertConfigError("UPSTREAM_CA_FILE", "no readable PEM certificate", UPSTREAM_CA_FILE=str(path))
 
     def test_moonshot_alias(self) -> None:
         self.environ["MOONSHOT_API_KEY"] = "sk-alias"

@@ -97,9 +97,9 @@ class ProviderAdapter(abc.ABC):
     default_model: str
     #: Seconds one listing may take, connect to last body byte (all pages).
     timeout: float
-    #: The agent chat calls go through (the one under C{http}, sharing its
-    #: connection pool); None means "the agent of C{http}".
-    agent: IAgent | None = attrs.field(default=None, repr=False)
+    #: The agent chat calls go through: the one under C{http}, sharing its
+    #: connection pool (see L{openclaw.providers.fetch.post}).
+    agent: IAgent = attrs.field(repr=False)
     #: The chat request headers, built once: they hold the key.
     _chat_headers: Headers | None = attrs.field(default=None, init=False, repr=False)
 
@@ -108,7 +108,7 @@ class ProviderAdapter(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent | None = None
+        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
     ) -> ProviderAdapter:
         """
         Build the adapter this provider's settings describe.
@@ -169,8 +169,7 @@ class ProviderAdapter(abc.ABC):
                     **{name: [value] for name, value in self.auth_headers(self.api_key).items()},
                 }
             )
-        agent = self.agent if self.agent is not None else self.http._agent
-        return post(agent, self.chat_url(model, stream), headers, body)
+        return post(self.agent, self.chat_url(model, stream), headers, body)
 
     def upstream_error(self, status: int, body: bytes) -> UpstreamHTTPError:
         """

@@ -1,28 +1,59 @@
 """
 Where the providers' HTTP connections go: one endpoint per upstream,
-built once.
+built once, and the certificate checks for https ones.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import load_pem_x509_certificates
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+
+def trust_root_from_file(path: Path) -> Any:
+    """
+    Every CA certificate in the PEM file C{path}, as a trust root (what
+    C{trustRootFromCertificates} returns) for L{BrowserLikePolicyForHTTPS}.
+
+    @raise OSError: the file cannot be read.
+    @raise ValueError: it holds no PEM certificate.
+    """
+    certificates = load_pem_x509_certificates(path.read_bytes())
+    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+
+
+def https_policy(ca_file: Path | None = None) -> IPolicyForHTTPS:
+    """
+    Browser-like certificate checks (chain and host name) for https
+    provider URLs: against the CAs in C{ca_file} if given (an operator's
+    private CA, or a TLS-inspecting proxy's), else the system's trust store.
+    """
+    if ca_file is None:
+        return BrowserLikePolicyForHTTPS()
+    return BrowserLikePolicyForHTTPS(trustRoot=trust_root_from_file(ca_file))
 
 
 @implementer(IAgentEndpointFactory)
 class CachedEndpoints:
     """
     The endpoints C{Agent} would make (a C{HostnameEndpoint}, wrapped in TLS
-    with browser-like certificate checks for https), made once per scheme,
-    host and port.  C{Agent}'s own factory builds a fresh endpoint (host name
-    IDNA-encoded and all) for every request, even one that then reuses a
-    pooled connection: a cost on every model call for nothing.  The hosts
-    come from the settings, so the cache stays as small as they are.
+    for https with the certificate checks of C{tls_policy}), made once per
+    scheme, host and port.  C{Agent}'s own factory builds a fresh endpoint
+    (host name IDNA-encoded and all) for every request, even one that then
+    reuses a pooled connection.  The hosts come from the settings, so the
+    cache stays as small as they are.
+
+    @param tls_policy: How https connections are checked; by default
+        browser-like checks against the system's trust store (see
+        L{https_policy}).
     """
 
     def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS | None = None) -> None:

@@ -1,13 +1,17 @@
 """
-One JSON GET against a provider, cancellable end to end.
+Provider requests: one JSON GET, cancellable end to end; one chat POST; a
+whole body read with a size limit.
 
 Cancelling what L{get_json} returns (which is what C{Deferred.addTimeout}
 does) closes the connection whether the request is still waiting for its
 headers or already reading the body.  treq's C{timeout=} stops at the
-headers, and neither C{treq.content} nor Twisted's C{readBody} can abort a
-body coming through any L{IAgent} (an agent's body transport need only be an
-C{IPushProducer}), so the body is read here with the transport's
-C{IPushProducer.stopProducing} as the canceller.
+headers, and neither C{treq.content} nor Twisted's C{readBody} has a size
+limit, nor can they abort a body coming through just any L{IAgent} (a
+body's transport need only be an C{IPushProducer}; C{readBody} looks for
+C{abortConnection}, which Twisted's own body transport does not have), so
+the body is read here with the transport's C{IPushProducer.stopProducing}
+as the canceller: on Twisted's C{Agent} that closes the connection, which
+then never goes back to the pool.
 """
 
 from __future__ import annotations
@@ -18,19 +22,50 @@ from typing import Any
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from zope.interface import implementer
 
-from openclaw.providers.agent import BytesProducer, UpstreamResponse
 from openclaw.providers.errors import BodyTooLarge, MalformedResponse
 
 #: A models listing is tens of kilobytes; anything near this is not one.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@implementer(IBodyProducer)
+@attrs.frozen
+class BytesProducer:
+    """
+    A request body already in memory, written to the connection in one go
+    when the agent asks for it.  (Twisted's C{FileBodyProducer}, which treq
+    wraps around bytes, hands a body over through a cooperator instead, a
+    reactor turn after the request's head.)
+    """
+
+    body: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 @attrs.define
@@ -86,15 +121,15 @@ class _BodyReader(Protocol):
 
 def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[bytes]:
     """
-    The whole body of C{response}; cancelling closes the connection.
+    The whole body of C{response}, once it has ended (a body delimited only
+    by the connection closing included).  Cancelling the result closes the
+    connection.
 
     @raise BodyTooLarge: (in the Deferred) the body ran past C{limit}
         bytes; its connection is dropped.
+    @raise ResponseFailed: (in the Deferred) the connection was lost before
+        the body's end.
     """
-    if isinstance(response, UpstreamResponse):
-        # The gateway's own agent gathers a body itself, with no body
-        # protocol in between: the same result, for less on every call.
-        return response.read_all(limit)
     finished: Deferred[bytes] = Deferred(lambda _: reader.stop())
     reader = _BodyReader(finished, limit)
     response.deliverBody(reader)
@@ -146,10 +181,17 @@ def post(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> Deferred[I
     Straight through the agent rather than treq: a model call wants no
     cookie jar (treq keeps one per client and would replay one caller's
     upstream cookies for the next), no redirects (a redirect could carry the
-    key header to another host) and no per-call URL re-parsing.  Cancelling
-    the result before the headers arrive closes the connection.
+    key header to another host).  Cancelling the result before the headers
+    arrive closes the connection (or stops connecting).
+
+    @raise ValueError: (in the Deferred) C{url} holds what a request line
+        cannot carry (Twisted's C{Agent} raises it at once; a caller waiting
+        on the Deferred gets it there like any other failure).
     """
-    return agent.request(b"POST", url, headers, BytesProducer(body))
+    try:
+        return agent.request(b"POST", url, headers, BytesProducer(body))
+    except ValueError:
+        return fail()
 
 
 def upstream_message(body: bytes) -> str:

@@ -47,7 +47,7 @@ class GeminiAdapter(ProviderAdapter):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent | None = None
+        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
     ) -> GeminiAdapter:
         return cls(
             http=http,

@@ -31,7 +31,7 @@ class KimiAdapter(ProviderAdapter):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent | None = None
+        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
     ) -> KimiAdapter:
         return cls(
             http=http,

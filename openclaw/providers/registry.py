@@ -1,5 +1,6 @@
 """
-The configured providers, the HTTP client they share, and the health check
+The configured providers, the HTTP client they share (treq on Twisted's
+C{Agent}, over one pool of persistent connections), and the health check
 across all of them.
 
 Probes for one provider are coalesced: callers that ask while a probe is in
@@ -17,11 +18,11 @@ import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory
 
-from openclaw.providers.agent import UpstreamAgent
 from openclaw.providers.base import ProbeResult, ProviderAdapter
-from openclaw.providers.endpoints import CachedEndpoints
+from openclaw.providers.endpoints import CachedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
 from openclaw.providers.gemini import GeminiAdapter
 from openclaw.providers.kimi import KimiAdapter
@@ -29,17 +30,6 @@ from openclaw.settings import Settings
 
 #: Every adapter the gateway knows, in the order reports list them.
 ADAPTER_TYPES: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
-
-#: Idle connections kept open per upstream host.  Twisted's default of 2
-#: makes every concurrent model call beyond the second open (and then close)
-#: a connection of its own: a TCP (and TLS) handshake on the data plane's
-#: hot path.  Idle ones are closed after CACHED_CONNECTION_SECONDS.
-MAX_PERSISTENT_PER_HOST = 128
-#: Seconds an idle pooled connection is kept.  Below the 60 s idle cut-off
-#: common in load balancers: a POST sent on a connection the far end has
-#: silently dropped is not retried (it is not idempotent), it fails.
-CACHED_CONNECTION_SECONDS = 50
-
 
 @attrs.define
 class ProviderRegistry:
@@ -55,8 +45,8 @@ class ProviderRegistry:
     #: The agent under C{http} (perhaps wrapped): chat calls use it directly
     #: (see L{openclaw.providers.fetch.post}).
     agent: IAgent | None = attrs.field(default=None, repr=False)
-    #: The connections of C{agent}, closed by L{close}.
-    connections: UpstreamAgent | None = attrs.field(default=None, repr=False)
+    #: The persistent connections under C{agent}, closed by L{close}.
+    pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
     #: Share a probe in flight between callers; off only for benchmarks.
     coalesce: bool = True
     #: Per provider id, the callers waiting on the probe in flight.
@@ -77,23 +67,30 @@ class ProviderRegistry:
         *,
         coalesce: bool = True,
         wrap_agent: Callable[[IAgent], IAgent] | None = None,
+        endpoints: IAgentEndpointFactory | None = None,
     ) -> ProviderRegistry:
         """
-        Every provider, sharing one pool of persistent connections.
+        Every provider, sharing one pool of persistent connections
+        (C{UPSTREAM_POOL_SIZE} idle ones kept per host, each for at most
+        C{UPSTREAM_IDLE_SECONDS}).
 
         @param wrap_agent: wraps the one agent every provider request goes
             through (models listings and chat calls alike), to measure them.
+        @param endpoints: where connections go; by default L{CachedEndpoints}
+            checking https certificates against C{UPSTREAM_CA_FILE}, else
+            the system's trust store.
         """
-        connections = UpstreamAgent(
-            reactor,
-            CachedEndpoints(reactor),
-            max_idle=MAX_PERSISTENT_PER_HOST,
-            idle_seconds=CACHED_CONNECTION_SECONDS,
-        )
-        agent: IAgent = connections if wrap_agent is None else wrap_agent(connections)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = settings.upstream_pool_size
+        pool.cachedConnectionTimeout = settings.upstream_idle_seconds
+        if endpoints is None:
+            endpoints = CachedEndpoints(reactor, https_policy(settings.upstream_ca_file))
+        agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        if wrap_agent is not None:
+            agent = wrap_agent(agent)
         http = HTTPClient(agent)
         adapters = tuple(kind.from_settings(settings, http, reactor, agent) for kind in ADAPTER_TYPES)
-        return cls(adapters, reactor, http=http, agent=agent, connections=connections, coalesce=coalesce)
+        return cls(adapters, reactor, http=http, agent=agent, pool=pool, coalesce=coalesce)
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -183,11 +180,14 @@ class ProviderRegistry:
 
     def close(self) -> Deferred[None]:
         """
-        Cancel the probes under way (their callers get a failed report) and
-        close the upstream connections; fires once they are closed.
+        Cancel the probes under way (their callers get a failed report; their
+        connections are dropped) and close the pool's idle connections;
+        fires once those are closed.  Chat calls in flight are the data
+        plane's to end first (a stop drains them, then closes their clients'
+        connections, which cancels them).
         """
         for probe in list(self._running):
             probe.cancel()
-        if self.connections is None:
+        if self.pool is None:
             return succeed(None)
-        return self.connections.close()
+        return self.pool.closeCachedConnections()
