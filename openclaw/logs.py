@@ -60,6 +60,12 @@ from twisted.python.logfile import LogFile
 from openclaw.settings import ConfigError
 from openclaw.timefmt import isoformat
 
+#: Twisted log namespaces whose info lines say nothing an operator needs,
+#: shown only at LOG_LEVEL=debug: the upstream connection pool's factory logs
+#: "Starting factory" and "Stopping factory" for every provider connection it
+#: opens and closes.
+QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+
 #: The value types a JSON line carries from an event's own fields; other
 #: values are left out (the message already shows them as text).
 _JSON_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
@@ -120,7 +126,12 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
         inner: ILogObserver = FileLogObserver(stream, json_line)
     else:
         inner = textFileLogObserver(stream)
-    return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level))])
+    threshold = LogLevel.levelWithName(level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
+    if threshold != LogLevel.debug:
+        for namespace in QUIET_NAMESPACES:
+            predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
+    return FilteringLogObserver(inner, [predicate])
 
 
 def json_line(event: LogEvent) -> str | None:

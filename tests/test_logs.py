@@ -14,9 +14,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import Logger, LogLevel, textFileLogObserver
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.logs import json_line, log_destination, make_observer
 from openclaw.settings import ConfigError
@@ -77,6 +78,26 @@ class LevelTests(SynchronousTestCase):
         out, log = self.lines("debug")
         log.debug("seen")
         self.assertIn("[openclaw.test#debug] seen", out.getvalue())
+
+    def test_upstream_pool_quiet_unless_debug(self):
+        """
+        The upstream connection pool's "Starting factory" / "Stopping
+        factory" lines (one pair per provider connection) are dropped at
+        info, shown at debug; its warnings are kept.
+        """
+        from twisted.web.client import HTTPConnectionPool
+
+        from openclaw.logs import QUIET_NAMESPACES
+
+        for level, shown in (("info", 0), ("debug", 1)):
+            out = io.StringIO()
+            observer = make_observer(out, "text", level)
+            for namespace in QUIET_NAMESPACES:
+                self.assertTrue(namespace.startswith(HTTPConnectionPool.__module__ + "."))
+                observer(event(log_namespace=namespace, log_format="Starting factory"))
+                observer(event(log_namespace=namespace, log_level=LogLevel.warn, log_format="trouble"))
+            self.assertEqual(out.getvalue().count("Starting factory"), shown)
+            self.assertEqual(out.getvalue().count("trouble"), 1)
 
     def test_no_level_or_namespace(self):
         """
@@ -267,3 +288,41 @@ class DestinationTests(SynchronousTestCase):
         self.addCleanup(stream.close)
         make_observer(stream, "text", "info")(event(log_format="hello"))
         self.assertTrue(re.search(r"\[openclaw.dataplane#info\] hello\n$", (cwd / "twistd.log").read_text()))
+
+
+class UpstreamPoolNamespaceTests(TestCase):
+    @inlineCallbacks
+    def test_pool_logs_under_the_quiet_namespace(self):
+        """
+        The namespace made quiet is the one Twisted's connection pool really
+        logs its per-connection factory lines under (a Twisted release that
+        renames it fails here, not silently in production logs).
+        """
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        class Hello(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b"hi"
+
+        from openclaw.logs import QUIET_NAMESPACES
+
+        namespaces: list[str] = []
+
+        def observer(e: dict[str, Any]) -> None:
+            if "factory" in str(e.get("log_format")):
+                namespaces.append(e.get("log_namespace", ""))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        port = reactor.listenTCP(0, Site(Hello()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor)
+        response = yield Agent(reactor, pool=pool).request(b"GET", b"http://127.0.0.1:%d/" % port.getHost().port)
+        yield readBody(response)
+        yield pool.closeCachedConnections()
+        self.assertIn(QUIET_NAMESPACES[0], namespaces)
