@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -30,7 +30,8 @@ from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
@@ -523,6 +524,10 @@ class OneCommand(WebSocketClientProtocol):
     _sent_at = 0.0
     _lost: BaseException | None = None
 
+    def connectionMade(self) -> None:
+        self.factory.connected = self
+        super().connectionMade()
+
     def onOpen(self) -> None:
         self._sent_at = time.perf_counter()
         self.sendMessage(self.factory.payload)
@@ -532,7 +537,7 @@ class OneCommand(WebSocketClientProtocol):
             self.factory.answer.callback(Reply(payload, time.perf_counter() - self._sent_at))
         self.sendClose()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Autobahn's onClose gets only a code and a text; keep the cause so a
         # TLS verification failure can be named as such.
         self._lost = reason.value
@@ -544,7 +549,7 @@ class OneCommand(WebSocketClientProtocol):
 
 
 class OneCommandFactory(WebSocketClientFactory):
-    protocol = OneCommand
+    protocol = OneCommand  # type: ignore[assignment]
 
     def __init__(self, url: str, payload: bytes) -> None:
         super().__init__(url)
@@ -555,13 +560,9 @@ class OneCommandFactory(WebSocketClientFactory):
         self.answer: Deferred[Reply] = Deferred(self._abort)
         self.connected: OneCommand | None = None
 
-    def buildProtocol(self, addr: Any) -> OneCommand:
-        self.connected = super().buildProtocol(addr)
-        return self.connected
-
     def _abort(self, answer: Deferred[Reply]) -> None:
         if self.connected is not None and self.connected.transport is not None:
-            self.connected.transport.abortConnection()
+            cast(ITCPTransport, self.connected.transport).abortConnection()
 
 
 def _trust_root(cafile: Path) -> Any:

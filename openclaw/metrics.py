@@ -266,7 +266,7 @@ class MeasuredAgent:
             provider = "other"
         measure = (provider, self._clock())
         d = self._agent.request(method, uri, headers, bodyProducer)
-        return d.addCallbacks(self._answered, self._failed, measure, None, measure)
+        return d.addCallbacks(self._answered, self._failed, callbackArgs=measure, errbackArgs=measure)
 
     def _answered(self, response: Any, provider: str, started: float) -> Any:
         self._tally.record(provider, response.code, self._clock() - started)

@@ -15,7 +15,6 @@ from twisted.internet.defer import (
     FirstError,
     gatherResults,
     inlineCallbacks,
-    maybeDeferred,
     succeed,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -106,7 +105,8 @@ class ListeningService(Service):
         listening, self._listening = self._listening, None
         port, self.port = self.port, None
         if port is not None:
-            return maybeDeferred(port.stopListening)
+            stopped = port.stopListening()
+            return stopped if stopped is not None else succeed(None)
         if listening is not None and not listening.called:
             listening.cancel()
         return succeed(None)
@@ -266,3 +266,4 @@ class GatewayService(MultiService):
             yield self.api_site.close_connections()
         yield self.providers.close()
         self.sessions.discard_token_file()
+

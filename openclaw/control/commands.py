@@ -43,9 +43,14 @@ class Provider(Protocol):
     What the commands need to know of a provider adapter.
     """
 
-    id: str
-    display_name: str
-    default_model: str
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def display_name(self) -> str: ...
+
+    @property
+    def default_model(self) -> str: ...
 
     def missing_key_warning(self) -> str | None: ...
 
@@ -55,7 +60,8 @@ class Providers(Protocol):
     What the commands need of the provider registry.
     """
 
-    ids: tuple[str, ...]
+    @property
+    def ids(self) -> tuple[str, ...]: ...
 
     def get(self, provider_id: str) -> Provider: ...
 

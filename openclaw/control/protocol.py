@@ -8,12 +8,13 @@ what it answers.  Everything else lives in plain objects.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 
 from openclaw.connections import OpenConnections
@@ -29,6 +30,8 @@ MAX_HANDSHAKE_BYTES = 16384
 #: TCP connections allowed beyond MAX_CONNECTIONS, for handshakes under way
 #: (each bounded by HANDSHAKE_TIMEOUT_SECONDS) and refusals being answered.
 HANDSHAKE_HEADROOM = 256
+
+_Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
 
 
 def _describe(address: Any) -> tuple[str | None, str]:
@@ -52,11 +55,21 @@ class ControlProtocol(WebSocketServerProtocol):
     factory: ControlFactory
     connection: Connection | None = None
 
+    @property
+    def tcp(self) -> ITCPTransport:
+        """
+        The connection's transport (TCP, TLS over TCP or a UNIX socket: each
+        can be aborted), once connected.
+        """
+        transport = self.transport
+        assert transport is not None, "not connected"
+        return cast(ITCPTransport, transport)
+
     def connectionMade(self) -> None:
         factory = self.factory
         if len(factory.protocols) >= factory.max_connections + HANDSHAKE_HEADROOM:
-            factory._refuse(_describe(self.transport.getPeer())[1], "too_many_handshakes", None)
-            self.transport.abortConnection()
+            factory._refuse(_describe(self.tcp.getPeer())[1], "too_many_handshakes", None)
+            self.tcp.abortConnection()
             return
         factory.protocols.add(self)
         super().connectionMade()
@@ -65,9 +78,9 @@ class ControlProtocol(WebSocketServerProtocol):
         # Autobahn calls this on every read until the handshake is done (and
         # never after, so the open connection's hot path pays nothing).
         if len(self.data) > MAX_HANDSHAKE_BYTES:
-            self.factory._refuse(_describe(self.transport.getPeer())[1], "handshake_too_large", None)
+            self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
             self.data = b""
-            self.transport.abortConnection()
+            self.tcp.abortConnection()
             return
         super().processHandshake()
 
@@ -88,7 +101,7 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:
         factory = self.factory
-        address = self.transport.getPeer()
+        address = self.tcp.getPeer()
         host, peer = _describe(address)
         refusal = factory.refusal(host, peer, request.headers, local=isinstance(address, UNIXAddress))
         if isinstance(refusal, ConnectionDeny):
@@ -114,7 +127,7 @@ class ControlProtocol(WebSocketServerProtocol):
             return
         controlplane = self.factory.controlplane
         answer = controlplane.handle(payload, connection)
-        if type(answer) is bytes:
+        if isinstance(answer, bytes):
             self.sendMessage(answer)
         else:
             answer.addCallback(self._answer)
@@ -150,7 +163,7 @@ class ControlFactory(WebSocketServerFactory):
     connections that are open.
     """
 
-    protocol = ControlProtocol
+    protocol = ControlProtocol  # type: ignore[assignment]
     _log = Logger(namespace="openclaw.controlplane")
 
     def __init__(
@@ -215,7 +228,7 @@ class ControlFactory(WebSocketServerFactory):
             return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
         return None
 
-    def _refuse(self, peer: str, reason: str, refusal: Any, **fields: Any) -> Any:
+    def _refuse(self, peer: str, reason: str, refusal: _Refusal, **fields: Any) -> _Refusal:
         if self.metrics is not None:
             self.metrics.refused.labels(reason).inc()
         self._log.warn(
@@ -238,5 +251,5 @@ class ControlFactory(WebSocketServerFactory):
                 protocol.close_with(code, reason)
             else:
                 # Still in its opening handshake: nobody to say goodbye to.
-                protocol.transport.abortConnection()
+                protocol.tcp.abortConnection()
         return self.protocols.all_closed()

@@ -9,12 +9,13 @@ connection and know when they are gone (L{APISite.close_connections}).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, ITransport
+from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport, ITransport
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
@@ -43,8 +44,16 @@ class APIRequest(Request):
     _received = 0
     _too_large = False
 
+    @property
+    def max_request_bytes(self) -> int:
+        """
+        The site's limit (the site every twisted.web channel is given).
+        """
+        site: APISite = self.channel.site  # type: ignore[attr-defined]
+        return site.max_request_bytes
+
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.channel.site.max_request_bytes:
+        if length is not None and length > self.max_request_bytes:
             super().gotLength(0)
             self._refuse()
             return
@@ -54,7 +63,7 @@ class APIRequest(Request):
         if self._too_large:
             return
         self._received += len(data)
-        if self._received > self.channel.site.max_request_bytes:
+        if self._received > self.max_request_bytes:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -78,6 +87,7 @@ class APIRequest(Request):
             return  # answered in process(), once the stream is whole
         body = self._refusal().body()
         transport = self.channel.transport
+        assert transport is not None
         transport.write(
             b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -85,7 +95,7 @@ class APIRequest(Request):
         transport.loseConnection()
 
     def _refusal(self) -> APIError:
-        limit = self.channel.site.max_request_bytes
+        limit = self.max_request_bytes
         return APIError(
             413,
             f"the request body is larger than MAX_REQUEST_BYTES ({limit} bytes)",
@@ -108,6 +118,15 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     """
 
     transport: ITransport | None = None
+
+    @property
+    def tcp(self) -> ITCPTransport:
+        """
+        The connection's transport (TCP, or TLS or a UNIX socket: each can
+        be closed and aborted), once made.
+        """
+        assert self.transport is not None, "not connected"
+        return cast(ITCPTransport, self.transport)
 
     def __init__(self, protocol: IProtocol, connections: OpenConnections[APIConnection]) -> None:
         super().__init__(protocol)
@@ -141,7 +160,7 @@ class APISite(Site):
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
 
-    def buildProtocol(self, addr: IAddress) -> APIConnection:
+    def buildProtocol(self, addr: IAddress | None) -> APIConnection:
         return APIConnection(super().buildProtocol(addr), self.connections)
 
     def drain(self) -> Deferred[None]:
@@ -153,7 +172,7 @@ class APISite(Site):
         self.context.draining = True
         return self.context.idle()
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """
         No access log line: the data plane counts every request in the
         metrics and logs a structured event for it (failures at info,
@@ -177,7 +196,7 @@ class APISite(Site):
         if closed.called:
             return closed
         for connection in self.connections:
-            connection.transport.loseConnection()
+            connection.tcp.loseConnection()
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
 
         def cancel_straggle(result: None) -> None:
@@ -189,4 +208,4 @@ class APISite(Site):
 
     def _abort_all(self) -> None:
         for connection in self.connections:
-            connection.transport.abortConnection()
+            connection.tcp.abortConnection()
