@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.session import write_token_file
+from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
 DEFAULT_URL = "ws://127.0.0.1:18789"
@@ -478,9 +479,9 @@ def explain_failure(error: BaseException, request: Request) -> str:
             )
         if error.code == GOING_AWAY:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
-        if _is_tls_error(error.cause):
+        if is_tls_error(error.cause):
             return (
-                f"TLS handshake with {url} failed: {_tls_reason(error.cause)}; if the gateway's "
+                f"TLS handshake with {url} failed: {describe_tls_error(error.cause)}; if the gateway's "
                 "certificate is signed by your own CA, pass --cafile CA.pem"
             )
         return f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
@@ -489,25 +490,6 @@ def explain_failure(error: BaseException, request: Request) -> str:
     if isinstance(error, ValueError):
         return f"{url} did not answer like an OpenClaw gateway: {error}"
     return f"talking to {url} failed: {error!r}"
-
-
-def _is_tls_error(error: BaseException | None) -> bool:
-    if error is None:
-        return False
-    try:
-        from OpenSSL.SSL import Error as SSLError
-        from service_identity import VerificationError
-    except ImportError:
-        return False
-    return isinstance(error, (SSLError, VerificationError))
-
-
-def _tls_reason(error: BaseException | None) -> str:
-    # pyOpenSSL's Error carries [(library, function, reason), ...].
-    details = error.args[0] if error is not None and error.args else None
-    if isinstance(details, list) and details and isinstance(details[0], tuple):
-        return "; ".join(str(entry[-1]) for entry in details)
-    return str(error)
 
 
 # -- the exchange ----------------------------------------------------------
@@ -567,18 +549,12 @@ class OneCommandFactory(WebSocketClientFactory):
 
 def _trust_root(cafile: Path) -> Any:
     """
-    The certificates of a PEM file (one CA or a bundle) as a Twisted trust
-    root.
+    The CA certificates of C{--cafile} as a Twisted trust root.
     """
-    from cryptography.x509 import load_pem_x509_certificates
-    from OpenSSL.crypto import X509
-    from twisted.internet.ssl import Certificate, trustRootFromCertificates
-
     try:
-        certificates = load_pem_x509_certificates(cafile.read_bytes())
+        return trust_root_from_file(cafile)
     except (OSError, ValueError) as e:
         raise UsageError(f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}; give a PEM file of CA certificates") from None
-    return trustRootFromCertificates([Certificate(X509.from_cryptography(c)) for c in certificates])
 
 
 def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:

@@ -8,26 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509 import load_pem_x509_certificates
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-
-def trust_root_from_file(path: Path) -> Any:
-    """
-    Every CA certificate in the PEM file C{path}, as a trust root (what
-    C{trustRootFromCertificates} returns) for L{BrowserLikePolicyForHTTPS}.
-
-    @raise OSError: the file cannot be read.
-    @raise ValueError: it holds no PEM certificate.
-    """
-    certificates = load_pem_x509_certificates(path.read_bytes())
-    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+from openclaw.tls import trust_root_from_file
 
 
 def https_policy(ca_file: Path | None = None) -> IPolicyForHTTPS:

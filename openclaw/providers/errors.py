@@ -16,10 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import RESPONSES
 
-try:
-    from OpenSSL.SSL import Error as TLSError
-except ImportError:  # pragma: no cover - pyOpenSSL ships with twisted[tls]
-    TLSError = None  # type: ignore[assignment,misc]
+from openclaw.tls import describe_tls_error, is_tls_error
 
 #: Longest upstream message quoted in a reason; error bodies can be pages of HTML.
 MAX_MESSAGE_CHARS = 200
@@ -151,18 +148,10 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
         return f"connecting to {where} timed out"
     if isinstance(value, neterror.NoRouteError):
         return f"no route to {where}; check the network"
-    if TLSError is not None and isinstance(value, TLSError):
-        return f"TLS handshake with {where} failed ({clip(_tls_detail(value), 120)})"
+    if is_tls_error(value):
+        return f"TLS handshake with {where} failed ({clip(describe_tls_error(value), 120)})"
     if isinstance(value, neterror.ConnectError):
         return f"could not connect to {where}: {clip(str(value), 120)}"
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
-
-
-def _tls_detail(value: BaseException) -> str:
-    # pyOpenSSL errors carry a list of (library, function, reason) tuples.
-    details = value.args[0] if value.args else None
-    if isinstance(details, list) and details and isinstance(details[-1], tuple):
-        return str(details[-1][-1])
-    return str(value) or type(value).__name__

@@ -1,0 +1,52 @@
+"""
+TLS helpers shared by the gateway's provider client and C{openclawctl}:
+trusting a CA file, and saying why a TLS handshake failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import load_pem_x509_certificates
+from OpenSSL.SSL import Error as OpenSSLError
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+try:
+    from service_identity import VerificationError
+except ImportError:  # pragma: no cover - service_identity ships with twisted[tls]
+    VerificationError = OpenSSLError  # type: ignore[assignment,misc]
+
+
+def trust_root_from_file(path: Path) -> Any:
+    """
+    Every CA certificate in the PEM file C{path} (one CA or a bundle), as a
+    trust root (what C{trustRootFromCertificates} returns) for
+    C{optionsForClientTLS} or C{BrowserLikePolicyForHTTPS}.
+
+    @raise OSError: the file cannot be read.
+    @raise ValueError: it holds no PEM certificate.
+    """
+    certificates = load_pem_x509_certificates(path.read_bytes())
+    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+
+
+def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:
+    """
+    Whether C{error} is a failed TLS handshake: pyOpenSSL's error (bad
+    chain, protocol) or service_identity's (wrong host name).
+    """
+    return isinstance(error, (OpenSSLError, VerificationError))
+
+
+def describe_tls_error(error: BaseException) -> str:
+    """
+    The reason of a TLS failure in words ("certificate verify failed"):
+    pyOpenSSL's errors carry a list of C{(library, function, reason)}
+    tuples, of which the last reason is the one that says most.
+    """
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return "; ".join(str(entry[-1]) for entry in details if isinstance(entry, tuple))
+    return str(error) or type(error).__name__
