@@ -14,12 +14,12 @@ start::
     Gemini: http://127.0.0.1:PORT/gemini/v1beta (Gemini's dialect)
 
 and L{StandInUpstream.mount} adds another provider under a prefix of its
-own (C{upstream.mount("deepseek", "deepseek/v1", OpenAIDialect(),
+own (C{upstream.mount("acme", "acme/v1", OpenAIDialect(),
 behaviour)}).
 
 Each provider's answers are steered by a plain L{ProviderBehaviour} object
 that a test mutates between requests (C{upstream.kimi.mode = "hang"}, or
-C{upstream.behaviour("deepseek")}); the same object counts the requests it
+C{upstream.behaviour("acme")}); the same object counts the requests it
 saw, so a test can assert that none (or exactly one) was made.
 
 Requests that are left hanging or stalled are tracked, and L{StandInUpstream.stop}
