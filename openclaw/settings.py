@@ -432,9 +432,7 @@ def load_settings(
                 break
         return ProviderSettings(
             adapter=adapter,
-            base_url=read(
-                adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"
-            ),
+            base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
             model=read(adapter.model_variable, _non_empty, adapter.default_model_id, "name a model"),
             api_key=key or None,
         )

@@ -138,8 +138,7 @@ class ProviderAdapter(abc.ABC):
         configured = settings.providers.get(cls.id)
         if configured is None:
             raise LookupError(
-                f"the settings hold nothing for provider {cls.id!r}: "
-                "give its adapter to load_settings (providers=...)"
+                f"the settings hold nothing for provider {cls.id!r}: give its adapter to load_settings (providers=...)"
             )
         return cls(
             http=http,
