@@ -110,17 +110,17 @@ def main() -> None:
 
     devnull = open(os.devnull, "w")
     globalLogBeginner.beginLoggingTo([make_observer(devnull, "text", args.log_level)], redirectStandardIO=False)
-    settings = Settings(
-        jwt_secret=b"bench-secret-bench-secret-bench-secret-0123",
-        jwt_secret_is_ephemeral=False,
-        gateway_api_keys=(GATEWAY_KEY,),
-        kimi_api_key="bench-kimi-key-0123456789",
-        gemini_api_key="bench-gemini-key-0123456789",
-        kimi_base_url="http://127.0.0.1:9/kimi/v1",
-        gemini_base_url="http://127.0.0.1:9/gemini/v1beta",
-        default_provider=args.provider,
-        log_level=args.log_level,
-        state_dir=Path(mkdtemp()),
+    settings = (
+        Settings(
+            jwt_secret=b"bench-secret-bench-secret-bench-secret-0123",
+            jwt_secret_is_ephemeral=False,
+            gateway_api_keys=(GATEWAY_KEY,),
+            default_provider=args.provider,
+            log_level=args.log_level,
+            state_dir=Path(mkdtemp()),
+        )
+        .with_provider("kimi", api_key="bench-kimi-key-0123456789", base_url="http://127.0.0.1:9/kimi/v1")
+        .with_provider("gemini", api_key="bench-gemini-key-0123456789", base_url="http://127.0.0.1:9/gemini/v1beta")
     )
     unused = Upstream()  # never listened on: the service is not started
     upstream = Upstream()

@@ -54,7 +54,7 @@ def burst(commands: int, delay: float, coalesce: bool) -> Any:
     upstream.kimi.delay = upstream.gemini.delay = delay
     upstream.listen(0, "127.0.0.1")
     port = free_port()
-    settings = Settings(**upstream.settings_fields(), jwt_secret=b"b" * 32)
+    settings = Settings(providers=upstream.provider_settings(), jwt_secret=b"b" * 32)
     endpoint = serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1")
     service = GatewayService(settings, reactor, endpoint, stdout=io.StringIO())
     service.providers.coalesce = coalesce

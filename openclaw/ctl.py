@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("ping", "check the gateway answers, and how fast")
     command("status", "show the active provider and model, uptime and connections")
     switch = command("switch-provider", "route requests to another provider")
-    switch.add_argument("provider", help="the provider id, e.g. kimi or gemini")
+    switch.add_argument("provider", help="the provider id, as health-check lists it")
     switch.add_argument("--model", help="the model to use (default: the provider's configured default)")
     command("health-check", "probe every provider's models listing")
     command("rotate-token", "replace the session token; every earlier token stops working")

@@ -30,12 +30,12 @@ from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
-from openclaw.dataplane import APISite, build_site
+from openclaw.dataplane.site import APISite, build_site
 from openclaw.metrics import GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
-from openclaw.settings import PROVIDER_IDS, Settings
+from openclaw.settings import Settings
 from openclaw.state import RouteStore
 
 
@@ -152,8 +152,8 @@ class GatewayService(MultiService):
             clock=reactor.seconds,
             token_file=settings.token_file,
         )
-        self.metrics = GatewayMetrics(COMMANDS, PROVIDER_IDS)
-        base_urls = [(settings.kimi_base_url, "kimi"), (settings.gemini_base_url, "gemini")]
+        self.metrics = GatewayMetrics(COMMANDS, settings.provider_ids)
+        base_urls = [(configured.base_url, provider_id) for provider_id, configured in settings.providers.items()]
         self.providers = ProviderRegistry.from_settings(
             settings,
             reactor,

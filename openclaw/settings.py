@@ -6,6 +6,12 @@ process environment, the env file (C{--env-file PATH}, else C{.env} in the
 working directory when there is one), the default.  Nothing else in the
 package reads the environment: the settings object is passed down.
 
+Each provider's settings (its key, base URL and default model) are read
+from the variables its adapter declares (L{openclaw.providers.base}); the
+providers read are the declarations L{load_settings} is given, the
+built-in ones (L{openclaw.providers.BUILTIN_PROVIDERS}) unless told
+otherwise.
+
 A bad value stops start-up with one L{ConfigError} line that names the
 variable, the value and what to do about it.
 """
@@ -16,15 +22,17 @@ import ipaddress
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
-PROVIDER_IDS = ("kimi", "gemini")
+if TYPE_CHECKING:
+    from openclaw.providers.base import ProviderAdapter
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
 MIN_SECRET_BYTES = 32
@@ -41,9 +49,63 @@ class ConfigError(ValueError):
     """
 
 
-def _secret_field() -> Any:
-    # Secrets stay out of repr() so that a logged Settings never leaks them.
-    return attrs.field(repr=False, default=None)
+def builtin_providers() -> tuple[type[ProviderAdapter], ...]:
+    """
+    The providers the gateway ships with (L{openclaw.providers.BUILTIN_PROVIDERS}),
+    the default wherever no declarations are given.  Imported when called:
+    the provider modules import this one.
+    """
+    from openclaw.providers import BUILTIN_PROVIDERS
+
+    return BUILTIN_PROVIDERS
+
+
+@attrs.frozen(kw_only=True)
+class ProviderSettings:
+    """
+    How one provider is reached: read from the variables its adapter
+    declares.
+    """
+
+    #: The provider's adapter class (its declaration); its C{id} is this
+    #: entry's key in L{Settings.providers}.
+    adapter: type[ProviderAdapter]
+    #: The API's base URL, without a trailing slash.
+    base_url: str
+    #: The model served when an operator switches to this provider without
+    #: naming one.
+    model: str
+    api_key: str | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def defaults(cls, adapter: type[ProviderAdapter]) -> ProviderSettings:
+        """
+        The provider as its adapter declares it when no variable is set: its
+        default base URL and model, no key.
+        """
+        return cls(adapter=adapter, base_url=adapter.default_base_url, model=adapter.default_model_id)
+
+
+def provider_table(
+    entries: Mapping[str, ProviderSettings] | Iterable[ProviderSettings],
+) -> Mapping[str, ProviderSettings]:
+    """
+    A read-only mapping of provider id to L{ProviderSettings}, in the order
+    given (the order reports list the providers in).
+
+    @raise ValueError: an id is given twice, or keyed under another id.
+    """
+    pairs = list(entries.items()) if isinstance(entries, Mapping) else [(e.adapter.id, e) for e in entries]
+    table: dict[str, ProviderSettings] = {}
+    for key, entry in pairs:
+        if key != entry.adapter.id or key in table:
+            raise ValueError(f"provider settings for {entry.adapter.id!r} given as {key!r} or twice")
+        table[key] = entry
+    return MappingProxyType(table)
+
+
+def _builtin_provider_table() -> Mapping[str, ProviderSettings]:
+    return provider_table(ProviderSettings.defaults(adapter) for adapter in builtin_providers())
 
 
 @attrs.frozen
@@ -65,14 +127,14 @@ class Settings:
         ipaddress.ip_network("::1/128"),
     )
     default_provider: str = "gemini"
-    kimi_model: str = "moonshot-v1-8k"
-    gemini_model: str = "gemini-flash-latest"
     token_file: Path | None = None
 
-    kimi_base_url: str = "https://api.moonshot.ai/v1"
-    kimi_api_key: str | None = _secret_field()
-    gemini_base_url: str = "https://generativelanguage.googleapis.com/v1beta"
-    gemini_api_key: str | None = _secret_field()
+    #: Every provider by id, in the order reports list them: by default the
+    #: built-in ones, unconfigured.  Read-only; given as a mapping or as
+    #: L{ProviderSettings} in order.
+    providers: Mapping[str, ProviderSettings] = attrs.field(
+        factory=_builtin_provider_table, converter=provider_table, hash=False
+    )
     health_check_timeout: float = 5.0
     log_level: str = "info"
 
@@ -112,12 +174,35 @@ class Settings:
     ping_timeout_seconds: float = 10.0
     max_auth_failures: int = 5
 
+    def __attrs_post_init__(self) -> None:
+        if self.default_provider not in self.providers:
+            raise ValueError(
+                f"default_provider {self.default_provider!r} is not among the providers: {', '.join(self.providers)}"
+            )
+
+    @property
+    def provider_ids(self) -> tuple[str, ...]:
+        """
+        The providers' ids, in order.
+        """
+        return tuple(self.providers)
+
     def default_model(self, provider_id: str) -> str:
         """
         The model a provider serves when an operator switches to it without
         naming one.
+
+        @raise KeyError: no provider has this id.
         """
-        return {"kimi": self.kimi_model, "gemini": self.gemini_model}[provider_id]
+        return self.providers[provider_id].model
+
+    def with_provider(self, provider_id: str, **changes: Any) -> Settings:
+        """
+        These settings with one provider's entry changed
+        (C{settings.with_provider("kimi", api_key=None)}).
+        """
+        entry = attrs.evolve(self.providers[provider_id], **changes)
+        return attrs.evolve(self, providers={**self.providers, provider_id: entry})
 
 
 def _port(text: str) -> int:
@@ -157,12 +242,6 @@ def parse_network(entry: str) -> IPNetwork:
         if mapped is not None:
             return ipaddress.ip_network(mapped)
     return network
-
-
-def _provider(text: str) -> str:
-    if text not in PROVIDER_IDS:
-        raise ValueError
-    return text
 
 
 def _non_empty(text: str) -> str:
@@ -304,6 +383,7 @@ def load_settings(
     env_file: str | None = None,
     cwd: Path | None = None,
     make_secret: Callable[[], bytes] = lambda: secrets.token_bytes(32),
+    providers: Iterable[type[ProviderAdapter]] | None = None,
 ) -> Settings:
     """
     Build the L{Settings} from options, environment, env file and defaults.
@@ -311,11 +391,14 @@ def load_settings(
     @param options: plugin options already given on the command line, keyed by
         variable name (C{{"WS_CONTROL_PORT": "9000"}}); L{None} values are
         treated as not given.
+    @param providers: the provider declarations (adapter classes) whose
+        variables are read, in order; by default L{builtin_providers}.
     @raise ConfigError: a value is invalid; the message names it.
     """
     given = {k: v for k, v in (options or {}).items() if v is not None}
     config = Config(_open_repository(env_file, cwd or Path.cwd()))
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
+    declared = tuple(builtin_providers() if providers is None else providers)
 
     def read(name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
         raw = given.get(name)
@@ -341,7 +424,33 @@ def load_settings(
             "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
 
-    kimi_key = read("KIMI_API_KEY", str, "", "") or read("MOONSHOT_API_KEY", str, "", "")
+    def read_provider(adapter: type[ProviderAdapter]) -> ProviderSettings:
+        key = ""
+        for variable in adapter.key_variables:
+            key = read(variable, str, "", "")
+            if key:
+                break
+        return ProviderSettings(
+            adapter=adapter,
+            base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
+            model=read(adapter.model_variable, _non_empty, adapter.default_model_id, "name a model"),
+            api_key=key or None,
+        )
+
+    ids = [adapter.id for adapter in declared]
+    if not ids:
+        raise ConfigError("no provider is declared")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"a provider id is declared twice: {', '.join(ids)}")
+    # The built-in default when declared, else the first declared.
+    default_provider = defaults.default_provider if defaults.default_provider in ids else ids[0]
+    id_list = " or ".join(", ".join(ids).rsplit(", ", 1))
+
+    def provider_id(text: str) -> str:
+        if text not in ids:
+            raise ValueError
+        return text
+
     token_file = read("TOKEN_FILE", str, "", "")
     ca_file = read("UPSTREAM_CA_FILE", str, "", "")
     state_dir = read("STATE_DIR", str, "", "")
@@ -365,20 +474,9 @@ def load_settings(
             "use comma-separated IPv4/IPv6 addresses or CIDR networks, "
             "such as 127.0.0.1,::1,10.0.0.0/8",
         ),
-        default_provider=read(
-            "DEFAULT_PROVIDER", _provider, defaults.default_provider, "use kimi or gemini"
-        ),
-        kimi_model=read("KIMI_MODEL", _non_empty, defaults.kimi_model, "name a model"),
-        gemini_model=read("GEMINI_MODEL", _non_empty, defaults.gemini_model, "name a model"),
+        default_provider=read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
+        providers=[read_provider(adapter) for adapter in declared],
         token_file=_writable_file(token_file) if token_file else None,
-        kimi_base_url=read(
-            "KIMI_BASE_URL", _url, defaults.kimi_base_url, "use an http:// or https:// URL"
-        ),
-        kimi_api_key=kimi_key or None,
-        gemini_base_url=read(
-            "GEMINI_BASE_URL", _url, defaults.gemini_base_url, "use an http:// or https:// URL"
-        ),
-        gemini_api_key=read("GEMINI_API_KEY", str, "", "") or None,
         health_check_timeout=read(
             "HEALTH_CHECK_TIMEOUT",
             _positive_float,
@@ -464,4 +562,12 @@ def default_interface() -> str:
     return "::"
 
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_network", "PROVIDER_IDS"]
+__all__ = [
+    "ConfigError",
+    "ProviderSettings",
+    "Settings",
+    "builtin_providers",
+    "load_settings",
+    "parse_network",
+    "provider_table",
+]

@@ -12,6 +12,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.python import usage
 
 from openclaw.logs import foreground, log_destination, make_observer
+from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
 from openclaw.settings import ConfigError, Settings, load_settings
 
@@ -89,7 +90,9 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
     stdout = stdout or sys.stdout
     twistd_options = getattr(options, "parent", None) or {}
     try:
-        settings = load_settings(options.settings_overrides(), env_file=options["env-file"])
+        settings = load_settings(
+            options.settings_overrides(), env_file=options["env-file"], providers=BUILTIN_PROVIDERS
+        )
         if not foreground(twistd_options) and settings.token_file is None:
             raise ConfigError(
                 "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "

@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.service import GatewayService
-from openclaw.settings import Settings
+from openclaw.settings import ProviderSettings, Settings, provider_table
 
 SECRET = b"s" * 32
+
+
+def changed_providers(
+    providers: Mapping[str, ProviderSettings], **changes: Mapping[str, Any]
+) -> Mapping[str, ProviderSettings]:
+    """
+    C{providers} with some entries changed, by provider id:
+    C{changed_providers(upstream.provider_settings(), kimi={"api_key": None})}.
+    """
+    return provider_table(
+        {provider_id: attrs.evolve(entry, **changes.get(provider_id, {})) for provider_id, entry in providers.items()}
+    )
 
 
 class Client(WebSocketClientProtocol):

@@ -315,8 +315,9 @@ class GatewayStopTests(AgentTestCase):
             self,
             api=True,
             default_provider="kimi",
-            kimi_base_url=self.url.decode().removesuffix("/chat"),
-            kimi_api_key="sk-kimi-test",
+            providers=Settings().with_provider(
+                "kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test"
+            ).providers,
             gateway_api_keys=("gateway-key-0123456789",),
         )
         client_pool = HTTPConnectionPool(reactor, persistent=False)

@@ -32,6 +32,7 @@ from openclaw.testing import upstream as standin
 from tests.support import (
     RunningGateway,
     capture_log_events,
+    changed_providers,
     free_port,
     open_client,
     start_gateway,
@@ -72,7 +73,7 @@ class DataPlaneTestCase(TestCase):
 
     def gateway(self, **settings: Any) -> RunningGateway:
         fields = {
-            **self.upstream.settings_fields(),
+            "providers": self.upstream.provider_settings(),
             "gateway_api_keys": (GATEWAY_KEY, OTHER_GATEWAY_KEY),
             **settings,
         }
@@ -459,16 +460,16 @@ class StreamFailureTests(DataPlaneTestCase):
         stream the same way.
         """
 
-        kimi_chat = standin.kimi_chat
+        openai_chat = standin.openai_chat
 
         def failing_chat(request: Any, behaviour: Any) -> Any:
-            status, stream = kimi_chat(request, behaviour)
+            status, stream = openai_chat(request, behaviour)
             error = b'{"error": {"message": "overloaded", "type": "engine_overloaded_error"}}'
             return status, standin.EventStream(stream.events[:1] + (error,))
 
         # The stand-in's resource tree is built when it listens: patch, and
         # listen again.
-        self.patch(standin, "kimi_chat", failing_chat)
+        self.patch(standin, "openai_chat", failing_chat)
         yield self.upstream.stop()
         self.upstream.listen(0, "127.0.0.1")
         gateway = self.gateway()
@@ -615,7 +616,12 @@ class ErrorTests(DataPlaneTestCase):
     @inlineCallbacks
     def test_upstream_refused(self):
         port = free_port()
-        gateway = self.gateway(kimi_base_url=f"http://127.0.0.1:{port}/v1", default_provider="kimi")
+        gateway = self.gateway(
+            providers=changed_providers(
+                self.upstream.provider_settings(), kimi={"base_url": f"http://127.0.0.1:{port}/v1"}
+            ),
+            default_provider="kimi",
+        )
         response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
         self.assertEqual(response.code, 502)
         error = self.assertOpenAIError(text, "upstream_unreachable")
@@ -645,7 +651,7 @@ class ErrorTests(DataPlaneTestCase):
 
     @inlineCallbacks
     def test_provider_key_missing(self):
-        gateway = self.gateway(kimi_api_key=None)
+        gateway = self.gateway(providers=changed_providers(self.upstream.provider_settings(), kimi={"api_key": None}))
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
         self.assertEqual(response.code, 503)
         error = self.assertOpenAIError(text, "provider_key_not_set")

@@ -12,17 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.dataplane import gemini
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import choose_route, parse_chat_request
 from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
-from openclaw.dataplane.wire import (
-    GeminiWire,
-    MalformedAnswer,
-    OpenAIWire,
-    StreamBroken,
-)
+from openclaw.providers.gemini import translate as gemini
+from openclaw.providers.gemini.translate import GeminiWire
+from openclaw.providers.openai_compatible import OpenAIWire
+from openclaw.providers.wire import MalformedAnswer, StreamBroken
 from openclaw.routing import Route
 
 

@@ -15,7 +15,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.support import capture_log_events, open_client, start_gateway, start_upstream
+from tests.support import capture_log_events, changed_providers, open_client, start_gateway, start_upstream
 
 KIMI_KEY = "sk-kimi-secret-0123456789"
 GEMINI_KEY = "AIza-gemini-secret-0123456789"
@@ -33,7 +33,7 @@ class UpstreamTestCase(TestCase):
         self.events = capture_log_events(self)
 
     def gateway(self, **settings: Any) -> Any:
-        return start_gateway(self, **{**self.upstream.settings_fields(), **settings})
+        return start_gateway(self, **{"providers": self.upstream.provider_settings(), **settings})
 
 
 class HealthCheckTests(UpstreamTestCase):
@@ -61,7 +61,7 @@ class HealthCheckTests(UpstreamTestCase):
 
     @inlineCallbacks
     def test_missing_key_makes_no_request(self):
-        gateway = self.gateway(kimi_api_key=None)
+        gateway = self.gateway(providers=changed_providers(self.upstream.provider_settings(), kimi={"api_key": None}))
         client = yield open_client(self, gateway.port)
         answer = yield client.command(gateway.token, "health_check")
         kimi = answer["result"]["providers"]["kimi"]
@@ -130,7 +130,7 @@ class ShutdownGraceTests(TestCase):
         upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
         upstream.kimi.mode = upstream.gemini.mode = "hang"
         gateway = start_gateway(
-            self, **upstream.settings_fields(), health_check_timeout=30, shutdown_grace_seconds=0.5
+            self, providers=upstream.provider_settings(), health_check_timeout=30, shutdown_grace_seconds=0.5
         )
         client = yield open_client(self, gateway.port)
         client.send({"token": gateway.token, "cmd": "health_check"})

@@ -29,9 +29,9 @@ from openclaw.providers import (
 )
 from openclaw.providers.errors import REDACTED, describe_failure, scrub
 from openclaw.providers.fetch import upstream_message
-from openclaw.providers.gemini import MAX_CACHED_URLS
+from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
 from openclaw.settings import Settings
-from tests.support import start_upstream
+from tests.support import changed_providers, start_upstream
 
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
 GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
@@ -50,8 +50,18 @@ class ProviderTestCase(TestCase):
         self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
 
     def registry(self, coalesce: bool = True, **overrides: Any) -> ProviderRegistry:
-        fields: dict[str, Any] = {**self.upstream.settings_fields(), "health_check_timeout": TIMEOUT}
-        fields.update(overrides)
+        """
+        A registry of the built-in providers pointed at the stand-in;
+        C{overrides} are settings, or changes to a provider's settings under
+        its id (C{kimi={"api_key": None}}).
+        """
+        settings = self.upstream.provider_settings()
+        changes = {key: overrides.pop(key) for key in list(overrides) if key in settings}
+        fields: dict[str, Any] = {
+            "providers": changed_providers(settings, **changes),
+            "health_check_timeout": TIMEOUT,
+            **overrides,
+        }
         registry = ProviderRegistry.from_settings(Settings(**fields), reactor, coalesce=coalesce)
         self.addCleanup(registry.close)
         return registry
@@ -101,7 +111,7 @@ class HealthyTests(ProviderTestCase):
         The active provider is checked for the active model, the other one
         for its own default model; Gemini's "models/" prefix is ignored.
         """
-        registry = self.registry(gemini_model="gemini-9-ultra")
+        registry = self.registry(gemini={"model": "gemini-9-ultra"})
         result = yield registry.health_check("kimi", "no-such-model")
         self.assertIs(result["providers"]["kimi"]["active_model_available"], False)
         self.assertIs(result["providers"]["gemini"]["active_model_available"], False)
@@ -150,7 +160,7 @@ class FailureTests(ProviderTestCase):
         A rejected key: the status, the provider's own message and what to
         check.
         """
-        registry = self.registry(kimi_api_key="sk-wrong", gemini_api_key="AIza-wrong")
+        registry = self.registry(kimi={"api_key": "sk-wrong"}, gemini={"api_key": "AIza-wrong"})
         result = yield registry.health_check("kimi", "moonshot-v1-8k")
         kimi, gemini = result["providers"]["kimi"], result["providers"]["gemini"]
         self.assertFailedEntry(kimi, "HTTP 401", "Invalid Authentication", "KIMI_API_KEY")
@@ -205,7 +215,7 @@ class FailureTests(ProviderTestCase):
         """
         No key: said so, and no request made.
         """
-        registry = self.registry(kimi_api_key=None)
+        registry = self.registry(kimi={"api_key": None})
         self.assertEqual(registry.get("kimi").missing_key_warning(), "KIMI_API_KEY is not set")
         self.assertIsNone(registry.get("gemini").missing_key_warning())
         result = yield registry.health_check("gemini", "gemini-2.5-flash")
@@ -227,7 +237,7 @@ class FailureTests(ProviderTestCase):
         self.assertEqual(str(failure), "KIMI_API_KEY is not set")
         self.assertEqual(self.upstream.kimi.requests, 0)
 
-        registry = self.registry(gemini_api_key=None)
+        registry = self.registry(gemini={"api_key": None})
         self.upstream.gemini.reset()
         result = yield registry.health_check("kimi", "moonshot-v1-8k")
         self.assertEqual(result["providers"]["gemini"]["error"], "GEMINI_API_KEY is not set")
@@ -237,8 +247,8 @@ class FailureTests(ProviderTestCase):
     def test_connection_refused(self) -> Any:
         port = free_port()
         registry = self.registry(
-            kimi_base_url=f"http://127.0.0.1:{port}/v1",
-            gemini_base_url=f"http://127.0.0.1:{port}/v1beta",
+            kimi={"base_url": f"http://127.0.0.1:{port}/v1"},
+            gemini={"base_url": f"http://127.0.0.1:{port}/v1beta"},
         )
         result = yield registry.health_check("kimi", "moonshot-v1-8k")
         for entry in result["providers"].values():

@@ -41,8 +41,11 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(settings.port, 18789)
         self.assertEqual(settings.session_ttl_hours, 24.0)
         self.assertEqual(settings.default_provider, "gemini")
-        self.assertEqual(settings.kimi_model, "moonshot-v1-8k")
-        self.assertEqual(settings.gemini_model, "gemini-flash-latest")
+        self.assertEqual(settings.provider_ids, ("kimi", "gemini"))
+        self.assertEqual(settings.default_model("kimi"), "moonshot-v1-8k")
+        self.assertEqual(settings.default_model("gemini"), "gemini-flash-latest")
+        self.assertEqual(settings.providers["kimi"].base_url, "https://api.moonshot.ai/v1")
+        self.assertEqual(settings.providers["gemini"].base_url, "https://generativelanguage.googleapis.com/v1beta")
         self.assertEqual(
             settings.trusted_clients,
             (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")),
@@ -77,7 +80,7 @@ class LoadTests(SynchronousTestCase):
         env_file = self.cwd / "custom.env"
         env_file.write_text("WS_CONTROL_PORT=1111\nSESSION_TTL_HOURS=2\nKIMI_MODEL='from-file'\n")
         settings = self.load(env_file=str(env_file))
-        self.assertEqual((settings.port, settings.session_ttl_hours, settings.kimi_model), (1111, 2.0, "from-file"))
+        self.assertEqual((settings.port, settings.session_ttl_hours, settings.default_model("kimi")), (1111, 2.0, "from-file"))
         self.environ["WS_CONTROL_PORT"] = "2222"
         self.assertEqual(self.load(env_file=str(env_file)).port, 2222)
         self.assertEqual(self.load({"WS_CONTROL_PORT": "3333"}, env_file=str(env_file)).port, 3333)
@@ -184,9 +187,9 @@ class LoadTests(SynchronousTestCase):
 
     def test_moonshot_alias(self) -> None:
         self.environ["MOONSHOT_API_KEY"] = "sk-alias"
-        self.assertEqual(self.load().kimi_api_key, "sk-alias")
+        self.assertEqual(self.load().providers["kimi"].api_key, "sk-alias")
         self.environ["KIMI_API_KEY"] = "sk-main"
-        self.assertEqual(self.load().kimi_api_key, "sk-main")
+        self.assertEqual(self.load().providers["kimi"].api_key, "sk-main")
 
 
 class AllowlistTests(SynchronousTestCase):

@@ -38,14 +38,14 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
-from openclaw.dataplane.wire import (
+from openclaw.providers import ProviderAdapter
+from openclaw.providers.fetch import read_body
+from openclaw.providers.wire import (
     MalformedAnswer,
     StreamBroken,
     StreamTranslation,
     Wire,
 )
-from openclaw.providers import ProviderAdapter
-from openclaw.providers.fetch import read_body
 from openclaw.routing import Route
 
 _JSON = b"application/json"

@@ -25,7 +25,7 @@ _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 class APIContext:
     """
     Shared, read-mostly state of the API: built once by
-    L{openclaw.dataplane.build_site}.
+    L{openclaw.dataplane.site.build_site}.
     """
 
     route: ActiveRoute

@@ -28,7 +28,6 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import choose_route, parse_chat_request
-from openclaw.dataplane.wire import WIRES
 from openclaw.providers import (
     MissingKey,
     ProbeTimedOut,
@@ -244,7 +243,7 @@ class ChatCompletions(_Authenticated):
             context.completed(request, started, error.status, outcome=error.code)
             raise
         adapter = self.usable(request, route.provider_id, started)
-        wire = WIRES[adapter.wire_format]
+        wire = adapter.wire
         call = ChatCall(context, request, adapter, route, wire, chat, started)
         call.start(wire.request_body(chat, route.model))
         return NOT_DONE_YET

@@ -22,6 +22,11 @@ from twisted.web.server import Request, Site
 from openclaw.connections import OpenConnections
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.resource import build_resource
+from openclaw.metrics import RequestTally
+from openclaw.providers import ProviderRegistry
+from openclaw.routing import ActiveRoute
+from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
@@ -209,3 +214,24 @@ class APISite(Site):
     def _abort_all(self) -> None:
         for connection in self.connections:
             connection.tcp.abortConnection()
+
+
+def build_site(
+    route: ActiveRoute,
+    providers: ProviderRegistry,
+    settings: Settings,
+    reactor: Any,
+    tally: RequestTally,
+) -> APISite:
+    """
+    The API's C{twisted.web} site (a L{twisted.web.server.Site}).
+
+    @param tally: where each finished request is counted (the service's
+        C{openclaw_api_requests} metrics).
+    """
+    context = APIContext.from_settings(route, providers, settings, reactor, tally)
+    # The API takes JSON only: twisted.web's form decoding (which parses the
+    # Content-Type of every POST with the email package) would be waste.
+    site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
+    site.max_request_bytes = settings.max_request_bytes
+    return site

@@ -1,7 +1,12 @@
 """
-Model providers: one adapter per provider behind one small interface
-(L{ProviderAdapter}), and the L{ProviderRegistry} that owns the shared HTTP
-client and runs health checks across them.
+Model providers: one module per provider, each defining a subclass of
+L{ProviderAdapter} (the plug-in point: see L{openclaw.providers.base}), and
+the L{ProviderRegistry} that owns the shared HTTP client and runs health
+checks across them.
+
+The built-in providers are registered here, in L{BUILTIN_PROVIDERS}, and
+nowhere else: settings, the registry, metrics and the stand-in upstream
+all read the declarations they are given.
 """
 
 from openclaw.providers.base import ProbeResult, ProviderAdapter
@@ -15,13 +20,19 @@ from openclaw.providers.errors import (
 )
 from openclaw.providers.gemini import GeminiAdapter
 from openclaw.providers.kimi import KimiAdapter
+from openclaw.providers.openai_compatible import OpenAICompatibleAdapter
 from openclaw.providers.registry import ProviderRegistry
 
+#: The providers the gateway ships with, in the order reports list them.
+BUILTIN_PROVIDERS: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
+
 __all__ = [
+    "BUILTIN_PROVIDERS",
     "GeminiAdapter",
     "KimiAdapter",
     "MalformedResponse",
     "MissingKey",
+    "OpenAICompatibleAdapter",
     "ProbeResult",
     "ProbeTimedOut",
     "ProviderAdapter",

@@ -1,19 +1,26 @@
 """
-The one interface every provider adapter offers, and the probe logic they
-share.
+The provider plug-in point: L{ProviderAdapter}, the one class a provider
+module subclasses, and the probe logic every provider shares.
 
-A provider module only says how to authenticate, how to read its models
-listing and where its chat endpoint is (L{ProviderAdapter.auth_headers},
-L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url});
-everything about time limits, error wording and key hygiene lives here once.
-What a chat body looks like on the wire (L{ProviderAdapter.wire_format}) is
-the data plane's business, not the adapter's.
+A provider module declares, as class attributes, who it is (C{id},
+C{display_name}), the settings it reads (C{key_variables},
+C{base_url_variable} and C{default_base_url}, C{model_variable} and
+C{default_model_id}) and its chat format (C{wire}); and, as methods, how
+to authenticate, how to read its models listing and where its chat
+endpoint is (L{ProviderAdapter.auth_headers},
+L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).
+Reading its settings (L{openclaw.settings.load_settings}), building it
+(L{ProviderAdapter.from_settings}), time limits, error wording and key
+hygiene live here and in the registry, once for all providers.
+
+The built-in providers are registered in one place,
+L{openclaw.providers.BUILTIN_PROVIDERS}.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import attrs
 from hyperlink import URL
@@ -35,7 +42,12 @@ from openclaw.providers.errors import (
     scrub,
 )
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
+from openclaw.providers.wire import Wire
 from openclaw.settings import Settings
+
+
+def _without_trailing_slash(url: str) -> str:
+    return url.rstrip("/")
 
 
 @attrs.frozen
@@ -77,21 +89,30 @@ class ProviderAdapter(abc.ABC):
     carries the adapter as its source) and is scrubbed from every reason.
     """
 
-    #: Stable id used in settings, commands and reports ("kimi").
+    #: Stable id used in settings, commands, reports, metrics labels and
+    #: the data plane's C{"<id>/<model>"} model names ("kimi").
     id: ClassVar[str]
     #: Human name ("Kimi (Moonshot AI)").
     display_name: ClassVar[str]
-    #: The environment variable an operator sets the key with.
-    key_variable: ClassVar[str]
-    #: The environment variable an operator sets the base URL with.
+    #: The environment variables an operator may set the key with, in order
+    #: of precedence; the first is the one messages name
+    #: (C{("KIMI_API_KEY", "MOONSHOT_API_KEY")}).
+    key_variables: ClassVar[tuple[str, ...]]
+    #: The environment variable for the API's base URL, and its value when
+    #: unset (an http:// or https:// URL, without a trailing slash).
     base_url_variable: ClassVar[str]
-    #: The shape of its chat API: "openai" (chat completions, passed
-    #: through) or "gemini" (generateContent, translated).
-    wire_format: ClassVar[str]
+    default_base_url: ClassVar[str]
+    #: The environment variable for the model served when an operator
+    #: switches here without naming one, and its value when unset.
+    model_variable: ClassVar[str]
+    default_model_id: ClassVar[str]
+    #: Its chat format: what a request becomes upstream, and what the
+    #: answer becomes on the way back (L{openclaw.providers.wire.Wire}).
+    wire: ClassVar[Wire]
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: Any = attrs.field(repr=False)
-    base_url: str = attrs.field(converter=lambda url: url.rstrip("/"))
+    base_url: str = attrs.field(converter=_without_trailing_slash)
     api_key: str | None = attrs.field(default=None, repr=False)
     #: The model served when an operator switches here without naming one.
     default_model: str
@@ -106,13 +127,28 @@ class ProviderAdapter(abc.ABC):
     _log: ClassVar[Logger] = Logger()
 
     @classmethod
-    @abc.abstractmethod
-    def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
-    ) -> ProviderAdapter:
+    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent) -> Self:
         """
-        Build the adapter this provider's settings describe.
+        Build the adapter its entry in C{settings.providers} describes.
+
+        @raise LookupError: C{settings} holds no entry for this provider (it
+            was not among the declarations L{load_settings
+            <openclaw.settings.load_settings>} was given).
         """
+        configured = settings.providers.get(cls.id)
+        if configured is None:
+            raise LookupError(
+                f"the settings hold nothing for provider {cls.id!r}: give its adapter to load_settings (providers=...)"
+            )
+        return cls(
+            http=http,
+            agent=agent,
+            reactor=reactor,
+            base_url=configured.base_url,
+            api_key=configured.api_key,
+            default_model=configured.model,
+            timeout=settings.health_check_timeout,
+        )
 
     @abc.abstractmethod
     def chat_url(self, model: str, stream: bool) -> bytes:
@@ -147,6 +183,14 @@ class ProviderAdapter(abc.ABC):
         if models is None:
             return None
         return self.normalize_model(model) in models
+
+    @property
+    def key_variable(self) -> str:
+        """
+        The key's variable that messages name: the first of
+        C{key_variables}.
+        """
+        return self.key_variables[0]
 
     def missing_key_warning(self) -> str | None:
         """

@@ -1,61 +1,31 @@
 """
-Kimi, by Moonshot AI: an OpenAI-compatible API with Bearer auth.
+Kimi, by Moonshot AI: an OpenAI-compatible API
+(U{https://platform.moonshot.ai/docs}).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
-from treq.client import HTTPClient
-from twisted.web.iweb import IAgent
 
-from openclaw.providers.base import ProviderAdapter
-from openclaw.providers.errors import MalformedResponse
-from openclaw.providers.fetch import Exchange
-from openclaw.settings import Settings
+from openclaw.providers.openai_compatible import OpenAICompatibleAdapter
 
 
 @attrs.define(kw_only=True)
-class KimiAdapter(ProviderAdapter):
+class KimiAdapter(OpenAICompatibleAdapter):
     """
-    C{GET {base}/models} answers C{{"object": "list", "data": [{"id": ...}]}};
-    chat is OpenAI's C{POST {base}/chat/completions}, streamed or not.
+    Moonshot's API; C{MOONSHOT_API_KEY}, the name Moonshot's own tools use,
+    is read when C{KIMI_API_KEY} is not set.
     """
 
     id: ClassVar[str] = "kimi"
     display_name: ClassVar[str] = "Kimi (Moonshot AI)"
-    key_variable: ClassVar[str] = "KIMI_API_KEY"
+    key_variables: ClassVar[tuple[str, ...]] = ("KIMI_API_KEY", "MOONSHOT_API_KEY")
     base_url_variable: ClassVar[str] = "KIMI_BASE_URL"
-    wire_format: ClassVar[str] = "openai"
+    default_base_url: ClassVar[str] = "https://api.moonshot.ai/v1"
+    model_variable: ClassVar[str] = "KIMI_MODEL"
+    default_model_id: ClassVar[str] = "moonshot-v1-8k"
 
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
-    ) -> KimiAdapter:
-        return cls(
-            http=http,
-            agent=agent,
-            reactor=reactor,
-            base_url=settings.kimi_base_url,
-            api_key=settings.kimi_api_key,
-            default_model=settings.kimi_model,
-            timeout=settings.health_check_timeout,
-        )
 
-    def auth_headers(self, key: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key}"}
-
-    def chat_url(self, model: str, stream: bool) -> bytes:
-        # The model (and whether to stream) travels in the body.
-        return f"{self.base_url}/chat/completions".encode()
-
-    async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
-        document = await self.get_json("models", exchange)
-        data = document.get("data") if isinstance(document, dict) else None
-        if not isinstance(data, list):
-            raise MalformedResponse(
-                f'models listing has no "data" list; does {self.base_url_variable} '
-                "point at an OpenAI-compatible API (ending in /v1)?"
-            )
-        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+__all__ = ["KimiAdapter"]

@@ -10,7 +10,6 @@ health checks costs one upstream request per provider.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,12 +23,9 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
-from openclaw.providers.gemini import GeminiAdapter
-from openclaw.providers.kimi import KimiAdapter
 from openclaw.settings import Settings
+from openclaw.timefmt import isoformat
 
-#: Every adapter the gateway knows, in the order reports list them.
-ADAPTER_TYPES: tuple[type[ProviderAdapter], ...] = (KimiAdapter, GeminiAdapter)
 
 @attrs.define
 class ProviderRegistry:
@@ -70,7 +66,8 @@ class ProviderRegistry:
         endpoints: IAgentEndpointFactory | None = None,
     ) -> ProviderRegistry:
         """
-        Every provider, sharing one pool of persistent connections
+        Every provider C{settings.providers} holds (in its order), sharing
+        one pool of persistent connections
         (C{UPSTREAM_POOL_SIZE} idle ones kept per host, each for at most
         C{UPSTREAM_IDLE_SECONDS}).
 
@@ -89,7 +86,10 @@ class ProviderRegistry:
         if wrap_agent is not None:
             agent = wrap_agent(agent)
         http = HTTPClient(agent)
-        adapters = tuple(kind.from_settings(settings, http, reactor, agent) for kind in ADAPTER_TYPES)
+        adapters = tuple(
+            configured.adapter.from_settings(settings, http, reactor, agent)
+            for configured in settings.providers.values()
+        )
         return cls(adapters, reactor, http=http, agent=agent, pool=pool, coalesce=coalesce)
 
     @property
@@ -169,12 +169,12 @@ class ProviderRegistry:
         self, results: Iterable[ProbeResult], active_id: str, active_model: str
     ) -> dict[str, Any]:
         providers = {}
-        for adapter, result in zip(self._adapters, results):
+        for adapter, result in zip(self._adapters, results, strict=True):
             model = active_model if adapter.id == active_id else adapter.default_model
             providers[adapter.id] = result.report(adapter.has_model(result.models, model))
         return {
             "active": active_id,
-            "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.reactor.seconds())),
+            "checked_at": isoformat(self.reactor.seconds()),
             "providers": providers,
         }
 

@@ -1,20 +1,26 @@
 """
-A stand-in for the Kimi (Moonshot AI) and Google Gemini HTTP APIs.
+A stand-in for model providers' HTTP APIs: Kimi (Moonshot AI), Google
+Gemini, and any other OpenAI-compatible provider a test mounts.
 
-One small C{twisted.web} server speaks both providers' shapes, each under its
-own path prefix, so one listening port serves both adapters::
+One small C{twisted.web} server speaks the providers' shapes, each under its
+own path prefix, so one listening port serves every adapter.  Two dialects
+are spoken: OpenAI's (L{OpenAIDialect}: C{GET /models}, C{POST
+/chat/completions}, Bearer auth) and Gemini's (L{GeminiDialect}: C{GET
+/models}, C{POST /models/M:generateContent} and
+C{:streamGenerateContent?alt=sse}, C{x-goog-api-key}).  Mounted from the
+start::
 
-    Kimi:   http://127.0.0.1:PORT/kimi/v1       (GET /models, POST /chat/completions;
-                                                 Bearer auth)
-    Gemini: http://127.0.0.1:PORT/gemini/v1beta (GET /models, POST
-                                                 /models/M:generateContent and
-                                                 :streamGenerateContent?alt=sse;
-                                                 x-goog-api-key)
+    Kimi:   http://127.0.0.1:PORT/kimi/v1       (OpenAI's dialect)
+    Gemini: http://127.0.0.1:PORT/gemini/v1beta (Gemini's dialect)
+
+and L{StandInUpstream.mount} adds another provider under a prefix of its
+own (C{upstream.mount("acme", "acme/v1", OpenAIDialect(),
+behaviour)}).
 
 Each provider's answers are steered by a plain L{ProviderBehaviour} object
-that a test mutates between requests (C{upstream.kimi.mode = "hang"}); the
-same object counts the requests it saw, so a test can assert that none (or
-exactly one) was made.
+that a test mutates between requests (C{upstream.kimi.mode = "hang"}, or
+C{upstream.behaviour("acme")}); the same object counts the requests it
+saw, so a test can assert that none (or exactly one) was made.
 
 Requests that are left hanging or stalled are tracked, and L{StandInUpstream.stop}
 aborts every connection still open, so trial finds a clean reactor.
@@ -38,10 +44,10 @@ import binascii
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -52,6 +58,11 @@ from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from openclaw.settings import ProviderSettings, builtin_providers, provider_table
+
+if TYPE_CHECKING:
+    from openclaw.providers.base import ProviderAdapter
 
 #: Listen backlog: a benchmark opens 100+ connections in one reactor turn, and
 #: the default of 50 would make the kernel drop SYNs (a one second retry).
@@ -107,6 +118,8 @@ class ProviderBehaviour:
     error_status: int = 500
     #: Replaces the provider's stock message in error answers.
     error_message: str | None = None
+    #: The C{owned_by} of the models an OpenAI-compatible listing names.
+    owned_by: str = "stand-in"
     #: The most models one Gemini page holds; lower it to force pagination.
     page_size_limit: int = GEMINI_MAX_PAGE_SIZE
     #: Requests received (whatever their outcome).
@@ -170,6 +183,7 @@ def default_kimi(key: str = "kimi-test-key") -> ProviderBehaviour:
     return ProviderBehaviour(
         key=key,
         models=["moonshot-v1-8k", "moonshot-v1-32k", "moonshot-v1-128k", "kimi-k2-0905-preview"],
+        owned_by="moonshot",
     )
 
 
@@ -197,9 +211,15 @@ class Reject(Exception):
 
 class Dialect(Protocol):
     """
-    What differs between the providers' APIs apart from their endpoints:
-    how a caller proves who it is and how an error looks.
+    One API shape: its endpoints, how a caller proves who it is and how an
+    error looks.
     """
+
+    def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
+        """
+        Put the API's endpoints under C{node} (the provider's base URL),
+        answering as C{provider_id}'s behaviour says.
+        """
 
     def authorized(self, request: Request, key: str) -> bool: ...
 
@@ -207,10 +227,11 @@ class Dialect(Protocol):
 
 
 @attrs.frozen
-class KimiDialect:
+class OpenAIDialect:
     """
-    Moonshot's OpenAI-compatible API: C{Authorization: Bearer <key>} and
-    C{{"error": {"message": ..., "type": ...}}}.
+    An OpenAI-compatible API (Moonshot's wording in its stock errors):
+    C{GET /models}, C{POST /chat/completions}, C{Authorization: Bearer
+    <key>} and C{{"error": {"message": ..., "type": ...}}}.
     """
 
     _stock: ClassVar[Mapping[int, tuple[str, str]]] = MappingProxyType({
@@ -223,6 +244,10 @@ class KimiDialect:
         500: ("Internal server error", "server_error"),
         503: ("The engine is currently overloaded, please try again later", "engine_overloaded_error"),
     })
+
+    def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
+        node.putChild(b"models", _Endpoint(upstream, provider_id, self, openai_models))
+        _mount(node, b"chat").putChild(b"completions", _Endpoint(upstream, provider_id, self, post=openai_chat))
 
     def authorized(self, request: Request, key: str) -> bool:
         return request.getHeader("authorization") == f"Bearer {key}"
@@ -253,6 +278,9 @@ class GeminiDialect:
         503: ("The model is overloaded. Please try again later.", "UNAVAILABLE"),
     })
 
+    def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
+        node.putChild(b"models", _Endpoint(upstream, provider_id, self, gemini_models, post=gemini_generate))
+
     def authorized(self, request: Request, key: str) -> bool:
         return request.getHeader("x-goog-api-key") == key
 
@@ -271,14 +299,14 @@ class GeminiDialect:
 Handler = Callable[[Request, ProviderBehaviour], tuple[int, Any]]
 
 
-def kimi_models(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
+def openai_models(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
     """
     C{GET /v1/models}, OpenAI's list shape.
     """
     return 200, {
         "object": "list",
         "data": [
-            {"id": model, "object": "model", "created": 1700000000, "owned_by": "moonshot"}
+            {"id": model, "object": "model", "created": 1700000000, "owned_by": behaviour.owned_by}
             for model in behaviour.models
         ],
     }
@@ -335,7 +363,7 @@ def _json_body(request: Request) -> Any:
         raise Reject(400, "request body is not valid JSON") from None
 
 
-def kimi_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
+def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
     """
     C{POST /v1/chat/completions}: the reply as one completion, or with
     C{"stream": true} as C{chat.completion.chunk} events ending C{[DONE]}.
@@ -640,39 +668,76 @@ class _TrackedConnections(WrappingFactory):
         return d
 
 
+@attrs.frozen
+class MountedProvider:
+    """
+    One provider the stand-in serves: under C{/<path>}, in C{dialect}, as
+    C{behaviour} says.
+    """
+
+    provider_id: str
+    #: The base URL's path, without slashes at either end ("kimi/v1").
+    path: str
+    dialect: Dialect
+    behaviour: ProviderBehaviour
+
+
 @attrs.define
 class StandInUpstream:
     """
-    Both providers behind one port.  Build it, C{listen()}, point the
-    gateway at L{base_url}, and C{stop()} when done.
+    The providers behind one port: Kimi and Gemini from the start, others
+    once L{mount}ed.  Build it, C{listen()}, point the gateway at
+    L{base_url} (or give it L{provider_settings}), and C{stop()} when done.
     """
 
     reactor: Any = attrs.field(repr=False)
+    #: The behaviour of the Kimi mounted at C{/kimi/v1}.
     kimi: ProviderBehaviour = attrs.field(factory=default_kimi)
+    #: The behaviour of the Gemini mounted at C{/gemini/v1beta}.
     gemini: ProviderBehaviour = attrs.field(factory=default_gemini)
     open_requests: _OpenRequests = attrs.field(factory=_OpenRequests, init=False, repr=False)
+    #: The providers served, by id.
+    mounted: dict[str, MountedProvider] = attrs.field(factory=dict, init=False)
     _port: IListeningPort | None = attrs.field(default=None, init=False)
+    _root: Resource | None = attrs.field(default=None, init=False, repr=False)
     _connections: _TrackedConnections | None = attrs.field(default=None, init=False, repr=False)
     _log = Logger()
 
+    def __attrs_post_init__(self) -> None:
+        self.mount("kimi", "kimi/v1", OpenAIDialect(), self.kimi)
+        self.mount("gemini", "gemini/v1beta", GeminiDialect(), self.gemini)
+
+    def mount(self, provider_id: str, path: str, dialect: Dialect, behaviour: ProviderBehaviour) -> ProviderBehaviour:
+        """
+        Serve one more provider under C{/<path>} (listening or not yet);
+        returns its behaviour.
+
+        @raise ValueError: the id or the path is taken.
+        """
+        path = path.strip("/")
+        if provider_id in self.mounted or any(m.path == path for m in self.mounted.values()):
+            raise ValueError(f"{provider_id!r} or /{path} is mounted already")
+        mounted = self.mounted[provider_id] = MountedProvider(provider_id, path, dialect, behaviour)
+        if self._root is not None:
+            self._put(self._root, mounted)
+        return behaviour
+
     def behaviour(self, provider_id: str) -> ProviderBehaviour:
-        return {"kimi": self.kimi, "gemini": self.gemini}[provider_id]
+        return self.mounted[provider_id].behaviour
 
     def resource(self) -> Resource:
         """
-        The resource tree: C{/kimi/v1/...} and C{/gemini/v1beta/...}.
+        The resource tree: each mounted provider's endpoints under its path
+        (C{/kimi/v1/...}, C{/gemini/v1beta/...}, ...).
         """
         root = Resource()
-        kimi_v1 = _mount(root, b"kimi", b"v1")
-        kimi_v1.putChild(b"models", _Endpoint(self, "kimi", KimiDialect(), kimi_models))
-        _mount(kimi_v1, b"chat").putChild(
-            b"completions", _Endpoint(self, "kimi", KimiDialect(), post=kimi_chat)
-        )
-        gemini_v1beta = _mount(root, b"gemini", b"v1beta")
-        gemini_v1beta.putChild(
-            b"models", _Endpoint(self, "gemini", GeminiDialect(), gemini_models, post=gemini_generate)
-        )
+        for mounted in self.mounted.values():
+            self._put(root, mounted)
         return root
+
+    def _put(self, root: Resource, mounted: MountedProvider) -> None:
+        node = _mount(root, *(segment.encode() for segment in mounted.path.split("/")))
+        mounted.dialect.mount(node, self, mounted.provider_id)
 
     def listen(self, port: int = 0, interface: str = "127.0.0.1", access_log: bool = True) -> IListeningPort:
         """
@@ -681,7 +746,8 @@ class StandInUpstream:
         @param access_log: log a line per request (off for benchmarks: the
             line costs more than the answer).
         """
-        site = Site(self.resource(), reactor=self.reactor)
+        self._root = self.resource()
+        site = Site(self._root, reactor=self.reactor)
         if not access_log:
             site.log = lambda request: None
         self._connections = _TrackedConnections(site)
@@ -706,19 +772,41 @@ class StandInUpstream:
             host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        prefix = {"kimi": "kimi/v1", "gemini": "gemini/v1beta"}[provider_id]
-        return f"http://{host}:{self.port}/{prefix}"
+        return f"http://{host}:{self.port}/{self.mounted[provider_id].path}"
 
-    def settings_fields(self) -> dict[str, str]:
+    def provider_settings(
+        self, adapters: Iterable[type[ProviderAdapter]] | None = None
+    ) -> Mapping[str, ProviderSettings]:
         """
-        C{Settings} keyword arguments that point both providers here, with
-        the keys this server accepts.
+        C{Settings.providers} that point each provider declared (by default
+        the built-in ones) here, with the key this server accepts and the
+        provider's default model.
+
+        @raise KeyError: a provider declared is not mounted.
+        """
+        return provider_table(
+            ProviderSettings(
+                adapter=adapter,
+                base_url=self.base_url(adapter.id),
+                model=adapter.default_model_id,
+                api_key=self.behaviour(adapter.id).key,
+            )
+            for adapter in (builtin_providers() if adapters is None else adapters)
+        )
+
+    def environment(self, adapters: Iterable[type[ProviderAdapter]] | None = None) -> dict[str, str]:
+        """
+        The variables that point each provider declared (by default the
+        built-in ones) here: its base URL and key variables
+        (C{{"KIMI_BASE_URL": ..., "KIMI_API_KEY": ...}}).
         """
         return {
-            "kimi_base_url": self.base_url("kimi"),
-            "kimi_api_key": self.kimi.key,
-            "gemini_base_url": self.base_url("gemini"),
-            "gemini_api_key": self.gemini.key,
+            name: value
+            for configured in self.provider_settings(adapters).values()
+            for name, value in (
+                (configured.adapter.base_url_variable, configured.base_url),
+                (configured.adapter.key_variables[0], configured.api_key or ""),
+            )
         }
 
     def stop(self) -> Deferred[None]:
@@ -734,14 +822,20 @@ class StandInUpstream:
             stopped = self._port.stopListening()
             waits.append(succeed(None) if stopped is None else stopped)
             self._port = None
+        self._root = None
         return gatherResults(waits).addCallback(lambda _: None)
 
 
 def _mount(root: Resource, *path: bytes) -> Resource:
+    """
+    The node at C{path} under C{root}, made (or reused) segment by segment.
+    """
     node = root
     for segment in path:
-        child = Resource()
-        node.putChild(segment, child)
+        child = node.getStaticEntity(segment)
+        if child is None:
+            child = Resource()
+            node.putChild(segment, child)
         node = child
     return node
 
@@ -789,8 +883,8 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
     upstream.listen(args.port, args.interface, access_log=not args.quiet)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     print("Stand-in upstream listening. Point the gateway at it with:")
-    for name, value in upstream.settings_fields().items():
-        print(f"  {name.upper()}={value}")
+    for name, value in upstream.environment().items():
+        print(f"  {name}={value}")
     sys.stdout.flush()
     reactor.addSystemEventTrigger("before", "shutdown", upstream.stop)
     return Deferred()

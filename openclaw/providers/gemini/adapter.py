@@ -1,21 +1,21 @@
 """
 Google Gemini (the Generative Language API), authenticated with the
-C{x-goog-api-key} header so the key never appears in a URL or access log.
+C{x-goog-api-key} header so the key never appears in a URL or access log;
+its chat format is translated (L{openclaw.providers.gemini.translate}).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import quote
 
 import attrs
-from treq.client import HTTPClient
-from twisted.web.iweb import IAgent
 
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.errors import MalformedResponse
 from openclaw.providers.fetch import Exchange
-from openclaw.settings import Settings
+from openclaw.providers.gemini.translate import GeminiWire
+from openclaw.providers.wire import Wire
 
 #: The largest page the API serves.
 PAGE_SIZE = 1000
@@ -38,26 +38,15 @@ class GeminiAdapter(ProviderAdapter):
 
     id: ClassVar[str] = "gemini"
     display_name: ClassVar[str] = "Google Gemini"
-    key_variable: ClassVar[str] = "GEMINI_API_KEY"
+    key_variables: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY",)
     base_url_variable: ClassVar[str] = "GEMINI_BASE_URL"
-    wire_format: ClassVar[str] = "gemini"
+    default_base_url: ClassVar[str] = "https://generativelanguage.googleapis.com/v1beta"
+    model_variable: ClassVar[str] = "GEMINI_MODEL"
+    default_model_id: ClassVar[str] = "gemini-flash-latest"
+    wire: ClassVar[Wire] = GeminiWire()
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent
-    ) -> GeminiAdapter:
-        return cls(
-            http=http,
-            agent=agent,
-            reactor=reactor,
-            base_url=settings.gemini_base_url,
-            api_key=settings.gemini_api_key,
-            default_model=settings.gemini_model,
-            timeout=settings.health_check_timeout,
-        )
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-goog-api-key": key}

@@ -1,6 +1,7 @@
 """
 OpenAI chat completions to Gemini's C{generateContent} and back: plain
-functions over JSON-shaped values, no I/O, so each rule is testable alone.
+functions over JSON-shaped values, no I/O, so each rule is testable alone,
+and L{GeminiWire}, the Gemini provider's chat format built on them.
 
 Requests: system (and developer) messages become C{systemInstruction};
 user and assistant messages become C{contents} with roles C{user} and
@@ -18,6 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import orjson
+
+from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.sse import Event
+from openclaw.providers.wire import StreamBroken, completion_id, json_object
 
 #: Gemini finish reasons that mean "cut short by a filter".
 _FILTERED = frozenset(
@@ -284,3 +290,51 @@ class GeminiStream:
             "model": self._served_by or self.model,
             "choices": choices,
         }
+
+
+@attrs.frozen
+class GeminiWire:
+    """
+    Google's Generative Language API: requests translated by L{to_gemini},
+    answers by L{from_gemini}, streams by L{GeminiStream}.
+    """
+
+    def request_body(self, chat: ChatRequest, model: str) -> bytes:
+        return orjson.dumps(to_gemini(chat.body))
+
+    def completion(self, body: bytes, model: str, created: int) -> bytes:
+        return orjson.dumps(from_gemini(json_object(body), model, completion_id(), created))
+
+    def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
+        return GeminiStreamTranslation(GeminiStream(model, completion_id(), created, chat.include_usage))
+
+
+@attrs.define
+class GeminiStreamTranslation:
+    """
+    Gemini events to chunks.  Gemini has no end marker: the stream is over
+    when the connection's body ends, and whole if every choice has
+    finished by then.
+    """
+
+    translation: GeminiStream
+    ended: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.translation.complete
+
+    def payloads(self, event: Event) -> list[bytes]:
+        try:
+            document = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            raise StreamBroken("an event of the stream is not JSON") from None
+        try:
+            chunk = self.translation.chunk(document)
+        except GeminiStreamError as e:
+            raise StreamBroken(str(e)) from None
+        return [] if chunk is None else [orjson.dumps(chunk)]
+
+    def closing(self) -> list[bytes]:
+        chunk = self.translation.closing()
+        return [] if chunk is None else [orjson.dumps(chunk)]

@@ -1,0 +1,111 @@
+"""
+Providers whose API is OpenAI's own shape (Kimi, and most others): Bearer
+auth, C{GET {base}/models}, C{POST {base}/chat/completions}, and a chat
+format passed through untranslated.
+
+A provider of this kind is a declaration on top of
+L{OpenAICompatibleAdapter}: its id, display name, variables and defaults
+(see L{openclaw.providers.kimi}).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+import orjson
+
+from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.sse import DONE, Event
+from openclaw.providers.base import ProviderAdapter
+from openclaw.providers.errors import MalformedResponse
+from openclaw.providers.fetch import Exchange
+from openclaw.providers.wire import MalformedAnswer, StreamBroken, Wire, error_message, json_object
+
+
+@attrs.frozen
+class OpenAIWire:
+    """
+    An OpenAI-compatible chat API: the caller's body with the model
+    substituted, and the answer passed back byte for byte.
+    """
+
+    def request_body(self, chat: ChatRequest, model: str) -> bytes:
+        return orjson.dumps({**chat.body, "model": model})
+
+    def completion(self, body: bytes, model: str, created: int) -> bytes:
+        document = json_object(body)
+        if not isinstance(document.get("choices"), list):
+            raise MalformedAnswer('the answer has no "choices" list')
+        return body
+
+    def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
+        return OpenAIStream()
+
+
+@attrs.define
+class OpenAIStream:
+    """
+    Events passed on as they are; complete only once C{[DONE]} has come.
+    """
+
+    ended: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.ended
+
+    def payloads(self, event: Event) -> list[bytes]:
+        data = event.data
+        if data == DONE:
+            self.ended = True
+            return []
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise StreamBroken("an event of the stream is not JSON") from None
+        if not isinstance(document, dict):
+            raise StreamBroken("an event of the stream is not a JSON object")
+        message = error_message(document)
+        if message is not None:
+            raise StreamBroken(message)
+        # A multi-line event re-encoded on one line; the usual one as it came.
+        return [orjson.dumps(document) if b"\n" in data else data]
+
+    def closing(self) -> list[bytes]:
+        return []
+
+
+@attrs.define(kw_only=True)
+class OpenAICompatibleAdapter(ProviderAdapter):
+    """
+    C{GET {base}/models} answers C{{"object": "list", "data": [{"id": ...}]}};
+    chat is OpenAI's C{POST {base}/chat/completions}, streamed or not; the
+    key travels as C{Authorization: Bearer <key>}.
+
+    Abstract: a subclass declares C{id}, C{display_name}, C{key_variables},
+    C{base_url_variable}, C{default_base_url}, C{model_variable} and
+    C{default_model_id}.
+    """
+
+    wire: ClassVar[Wire] = OpenAIWire()
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def chat_url(self, model: str, stream: bool) -> bytes:
+        # The model (and whether to stream) travels in the body.
+        return f"{self.base_url}/chat/completions".encode()
+
+    async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
+        document = await self.get_json("models", exchange)
+        data = document.get("data") if isinstance(document, dict) else None
+        if not isinstance(data, list):
+            raise MalformedResponse(
+                f'models listing has no "data" list; does {self.base_url_variable} '
+                "point at an OpenAI-compatible API (ending in /v1)?"
+            )
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+__all__ = ["OpenAICompatibleAdapter", "OpenAIStream", "OpenAIWire"]

@@ -1,0 +1,138 @@
+"""
+What a chat call looks like on a provider's wire: the interface every
+provider's chat format offers (L{Wire}, L{StreamTranslation}), the errors it
+raises, and the helpers the formats share.
+
+A provider declares its wire as L{ProviderAdapter.wire
+<openclaw.providers.base.ProviderAdapter.wire>}: it turns a validated
+request into the upstream body, the upstream answer into an OpenAI
+C{chat.completion}, and upstream stream events into
+C{chat.completion.chunk} payloads.  The OpenAI-compatible wire (passed
+through) is in L{openclaw.providers.openai_compatible}, Gemini's
+(translated) in L{openclaw.providers.gemini.translate}.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol
+
+import orjson
+
+from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.sse import Event
+
+
+class MalformedAnswer(ValueError):
+    """
+    A 2xx upstream answer that is not what the provider's API returns.
+    """
+
+
+class StreamBroken(Exception):
+    """
+    The upstream stream reported an error, or sent something unreadable,
+    mid-answer.  C{str()} says what.
+    """
+
+
+class StreamTranslation(Protocol):
+    """
+    One streamed answer on its way through.
+    """
+
+    #: The upstream said the stream is over (OpenAI's C{[DONE]}).
+    ended: bool
+
+    @property
+    def complete(self) -> bool:
+        """
+        The answer is whole: a stream that stops now has not been cut.
+        """
+
+    def payloads(self, event: Event) -> list[bytes]:
+        """
+        The C{chat.completion.chunk} JSON payloads for one upstream event.
+
+        @raise StreamBroken: the event is an error or unreadable.
+        """
+
+    def closing(self) -> list[bytes]:
+        """
+        Payloads to send after the last event, before C{[DONE]}.
+        """
+
+
+class Wire(Protocol):
+    """
+    One provider's chat format.
+    """
+
+    def request_body(self, chat: ChatRequest, model: str) -> bytes:
+        """
+        The upstream request body for C{chat}, asking for C{model}.
+        """
+
+    def completion(self, body: bytes, model: str, created: int) -> bytes:
+        """
+        The C{chat.completion} JSON for a 2xx upstream body.
+
+        @param created: the POSIX time (whole seconds) to report when the
+            answer carries none of its own.
+        @raise MalformedAnswer: the body is not a JSON object.
+        """
+
+    def stream(self, chat: ChatRequest, model: str, created: int) -> StreamTranslation:
+        """
+        A translation for one streamed answer to C{chat}.
+        """
+
+
+def completion_id() -> str:
+    """
+    A fresh C{chatcmpl-} id for an answer that needs one made up.
+    """
+    # 96 random bits: unique enough for an id, which is no secret (it goes
+    # to the caller, and names nothing anyone could act on).  Python's own
+    # generator (reseeded in a forked child) makes no system call per id,
+    # as secrets would.
+    return f"chatcmpl-{random.getrandbits(96):024x}"
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """
+    A 2xx answer body parsed as the JSON object it must be.
+
+    @raise MalformedAnswer: it is not JSON, or not an object.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise MalformedAnswer("the answer is not JSON") from None
+    if not isinstance(document, dict):
+        raise MalformedAnswer("the answer is not a JSON object")
+    return document
+
+
+def error_message(document: dict[str, Any]) -> str | None:
+    """
+    The message of an C{{"error": ...}} document (OpenAI's shape, or a bare
+    value), None when it holds no error.
+    """
+    error = document.get("error")
+    if error is None:
+        return None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return str(error)
+
+
+__all__ = [
+    "MalformedAnswer",
+    "StreamBroken",
+    "StreamTranslation",
+    "Wire",
+    "completion_id",
+    "error_message",
+    "json_object",
+]
