@@ -7,16 +7,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test trial bench bench-data clean
+.PHONY: run test lint trial bench bench-data clean
 
 run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
+
+# Format, lint and strict types (configured in pyproject.toml), before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff format --check openclaw tests bench twisted
+	$(BIN)/ruff check openclaw tests bench twisted
+	$(BIN)/mypy
 
 trial: $(STAMP)
 	$(BIN)/python -m twisted.trial tests

@@ -25,11 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from control_plane import free_port, start_gateway  # noqa: E402
-from fuzz_control_plane import rss_kib  # noqa: E402
-from wsload import connect, run  # noqa: E402
+from control_plane import free_port, start_gateway
+from fuzz_control_plane import rss_kib
+from wsload import connect, run
 
-from tests.wsfuzz import frame, server_frames  # noqa: E402
+from tests.wsfuzz import frame, server_frames
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -70,9 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     limit = raise_file_limit(args.connections + 1000)
     port = free_port()
-    gateway, token = start_gateway(
-        port, extra_env={"MAX_CONNECTIONS": str(args.connections + 1000)}
-    )
+    gateway, token = start_gateway(port, extra_env={"MAX_CONNECTIONS": str(args.connections + 1000)})
     ping = json.dumps({"token": token, "cmd": "ping"}).encode()
     text = frame(0x1, ping)
     try:
@@ -94,7 +92,9 @@ def main() -> None:
     per_connection = (held - baseline) * 1024 / args.connections
     print(f"capacity: {args.connections:,} connections (file limit raised to {limit:,})")
     print(f"  opened in {opened:.1f} s; one ping on each: {ok:,} answered ok in {pinged:.2f} s")
-    print(f"  gateway RSS: {baseline:,} KiB idle, {held:,} KiB holding them: {per_connection / 1024:.1f} KiB per connection (target < 30 KB)")
+    print(
+        f"  gateway RSS: {baseline:,} KiB idle, {held:,} KiB holding them: {per_connection / 1024:.1f} KiB per connection (target < 30 KB)"
+    )
     print(
         f"  ping while held (50 connections, ping and wait, 3 s): {latency['per_second']:,.0f}/s, "
         f"p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms"

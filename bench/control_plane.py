@@ -54,7 +54,18 @@ def cpu_seconds(pid: int) -> float:
 def start_gateway(port: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info", **(extra_env or {}))
     process = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "openclaw", "--port", str(port), "--api-port", str(free_port()), "--interface", "127.0.0.1"],
+        [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "openclaw",
+            "--port",
+            str(port),
+            "--api-port",
+            str(free_port()),
+            "--interface",
+            "127.0.0.1",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         cwd="/tmp",
@@ -92,10 +103,14 @@ def load(client: list[str], port: int, pid: int, message: str, connections: int,
     out = subprocess.run(
         [
             *client,
-            "--port", str(port),
-            "--message", message,
-            "--connections", str(connections),
-            "--seconds", str(seconds),
+            "--port",
+            str(port),
+            "--message",
+            message,
+            "--connections",
+            str(connections),
+            "--seconds",
+            str(seconds),
         ],
         check=True,
         capture_output=True,
@@ -137,9 +152,7 @@ def main() -> None:
             load(client, port, pid, ping, args.connections, 1.0)  # warm up
         for index in range(args.rounds):
             order = ("gateway", "floor") if index % 2 == 0 else ("floor", "gateway")
-            rounds.append(
-                {name: load(client, *servers[name], ping, args.connections, args.seconds) for name in order}
-            )
+            rounds.append({name: load(client, *servers[name], ping, args.connections, args.seconds) for name in order})
     finally:
         gateway.terminate()
         floor.terminate()
@@ -165,8 +178,7 @@ def main() -> None:
             print(
                 f"{index:<6} {name:<8} {run['per_second']:>14,.0f} {run['p50_ms']:>8.3f} {run['p99_ms']:>8.3f} "
                 f"{run['server_cpu_s'] / run['seconds']:>10.0%} {run['server_cpu_s'] / run['round_trips'] * 1e6:>8.1f} "
-                f"{run['generator_cpu_s'] / run['seconds']:>13.0%}"
-                + (f" {ratio:>6.3f}" if name == "gateway" else "")
+                f"{run['generator_cpu_s'] / run['seconds']:>13.0%}" + (f" {ratio:>6.3f}" if name == "gateway" else "")
             )
     medians = {name: statistics.median(r[name]["per_second"] for r in rounds) for name in ("gateway", "floor")}
     cpu = {

@@ -81,9 +81,16 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> Non
 def start_upstream(port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "openclaw.testing.upstream",
-            "--port", str(port), "--quiet",
-            "--kimi-key", KIMI_KEY, "--gemini-key", GEMINI_KEY,
+            sys.executable,
+            "-m",
+            "openclaw.testing.upstream",
+            "--port",
+            str(port),
+            "--quiet",
+            "--kimi-key",
+            KIMI_KEY,
+            "--gemini-key",
+            GEMINI_KEY,
         ],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -110,8 +117,17 @@ def start_gateway(api_port: int, upstream_port: int, profile: str | None, log_le
     profiling = ["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []
     process = subprocess.Popen(
         [
-            str(BIN / "twistd"), "-n", "--pidfile=", *profiling, "openclaw",
-            "--port", str(free_port()), "--api-port", str(api_port), "--interface", "127.0.0.1",
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            *profiling,
+            "openclaw",
+            "--port",
+            str(free_port()),
+            "--api-port",
+            str(api_port),
+            "--interface",
+            "127.0.0.1",
         ],
         env=env,
         cwd="/tmp",
@@ -125,9 +141,11 @@ def start_gateway(api_port: int, upstream_port: int, profile: str | None, log_le
 def start_floor(port: int, upstream_port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [
-            sys.executable, str(HERE / "proxy_floor.py"),
+            sys.executable,
+            str(HERE / "proxy_floor.py"),
             f"http://127.0.0.1:{upstream_port}/kimi/v1/chat/completions",
-            f"Authorization: Bearer {KIMI_KEY}", str(port),
+            f"Authorization: Bearer {KIMI_KEY}",
+            str(port),
         ],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL,
@@ -165,8 +183,11 @@ def targets(
         "port": api_port,
         "path": "/v1/chat/completions",
         "header": f"Authorization: Bearer {GATEWAY_KEY}",
-        "body": {"model": f"{provider}/{'moonshot-v1-8k' if provider == 'kimi' else 'gemini-flash-latest'}",
-                 "messages": MESSAGES, "stream": stream},
+        "body": {
+            "model": f"{provider}/{'moonshot-v1-8k' if provider == 'kimi' else 'gemini-flash-latest'}",
+            "messages": MESSAGES,
+            "stream": stream,
+        },
     }
     if provider == "kimi" and not stream:
         floor = {**straight, "port": floor_port, "header": "X-Bench: floor"}
@@ -180,10 +201,20 @@ def load(
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     out = subprocess.run(
         [
-            sys.executable, str(HERE / "httpload.py"),
-            "--port", str(target["port"]), "--path", target["path"],
-            "--header", target["header"], "--body", json.dumps(target["body"]),
-            "--connections", str(connections), "--seconds", str(seconds),
+            sys.executable,
+            str(HERE / "httpload.py"),
+            "--port",
+            str(target["port"]),
+            "--path",
+            target["path"],
+            "--header",
+            target["header"],
+            "--body",
+            json.dumps(target["body"]),
+            "--connections",
+            str(connections),
+            "--seconds",
+            str(seconds),
             *(["--sdk-headers"] if sdk_headers else []),
         ],
         check=True,

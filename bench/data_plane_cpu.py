@@ -39,7 +39,7 @@ from twisted.logger import globalLogBeginner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from httpload import OPENAI_SDK_HEADERS  # noqa: E402  (this directory)
+from httpload import OPENAI_SDK_HEADERS
 
 from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
@@ -100,9 +100,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--log-level", default="info")
-    parser.add_argument(
-        "--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends"
-    )
+    parser.add_argument("--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
     parser.add_argument("--top", type=int, default=30, help="profile entries shown")

@@ -19,10 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from control_plane import free_port, start_gateway  # noqa: E402
-from wsload import run as load  # noqa: E402
+from control_plane import free_port, start_gateway
+from wsload import run as load
 
-from tests.wsfuzz import FuzzReport, fuzz  # noqa: E402
+from tests.wsfuzz import FuzzReport, fuzz
 
 
 def rss_kib(pid: int) -> int:
@@ -68,7 +68,9 @@ def main() -> None:
     print(f"fuzz: {total.summary()} in {took:.0f} s")
     for failure in total.failures[:10]:
         print("  failure:", failure)
-    print(f"gateway RSS: {before} KiB before, after each batch: {', '.join(map(str, rss))} KiB ({after - before:+} KiB)")
+    print(
+        f"gateway RSS: {before} KiB before, after each batch: {', '.join(map(str, rss))} KiB ({after - before:+} KiB)"
+    )
     print(f"ping afterwards: {check['round_trips']} round trips, {check['unexpected_answers']} not ok")
 
 

@@ -37,7 +37,7 @@ class Exchange:
     One keep-alive connection and the answer it is reading.
     """
 
-    __slots__ = ("sock", "request", "sent_at", "first_event_at", "buffer", "status", "remaining", "chunked")
+    __slots__ = ("buffer", "chunked", "first_event_at", "remaining", "request", "sent_at", "sock", "status")
 
     def __init__(self, sock: socket.socket, request: bytes) -> None:
         self.sock = sock
@@ -202,9 +202,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--header", action="append", default=[])
-    parser.add_argument(
-        "--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends"
-    )
+    parser.add_argument("--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends")
     parser.add_argument("--body", required=True)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.wsfuzz import frame, handshake, server_frames  # noqa: E402
+from tests.wsfuzz import frame, handshake, server_frames
 
 
 def connect(port: int) -> socket.socket:

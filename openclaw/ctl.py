@@ -30,7 +30,7 @@ from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import react
 from twisted.python.failure import Failure
@@ -157,7 +157,9 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     group.add_argument(
         "--url", default=default(DEFAULT_URL), help=f"the control plane's ws:// or wss:// URL (default {DEFAULT_URL})"
     )
-    group.add_argument("--token", default=default(None), help="the session token (beats --token-file and OPENCLAW_TOKEN)")
+    group.add_argument(
+        "--token", default=default(None), help="the session token (beats --token-file and OPENCLAW_TOKEN)"
+    )
     group.add_argument(
         "--token-file",
         type=Path,
@@ -260,8 +262,7 @@ def _check_writable(token_file: Path) -> None:
     directory = token_file.parent
     if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
         raise UsageError(
-            f"cannot write the new token to {token_file}: {directory} is not a writable directory; "
-            "nothing was rotated"
+            f"cannot write the new token to {token_file}: {directory} is not a writable directory; nothing was rotated"
         )
 
 
@@ -375,7 +376,8 @@ def format_health(result: Mapping[str, Any]) -> str:
         return "no providers"
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
-        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip() for row in rows
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]).rstrip()
+        for row in rows
     )
 
 
@@ -417,7 +419,11 @@ def describe_error(cmd: str, error: object) -> str:
 
 
 def render(
-    request: Request, reply: Reply, answer: Mapping[str, Any], saved_to: Path | None = None, save_error: str | None = None
+    request: Request,
+    reply: Reply,
+    answer: Mapping[str, Any],
+    saved_to: Path | None = None,
+    save_error: str | None = None,
 ) -> Report:
     """
     The output of one answered command.  stdout carries the answer (as is
@@ -554,10 +560,12 @@ def _trust_root(cafile: Path) -> Any:
     try:
         return trust_root_from_file(cafile)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}; give a PEM file of CA certificates") from None
+        raise UsageError(
+            f"--cafile {cafile}: {getattr(e, 'strerror', None) or e}; give a PEM file of CA certificates"
+        ) from None
 
 
-def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
+def client_endpoint(reactor: IReactorTCP, request: Request) -> IStreamClientEndpoint:
     """
     TCP to the URL's host (any of its addresses, IPv4 or IPv6), wrapped in
     TLS for C{wss://}: the host name is verified against the system's trust
@@ -576,7 +584,7 @@ def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
     return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
 
 
-async def exchange(reactor: Any, request: Request) -> Reply:
+async def exchange(reactor: IReactorTime, request: Request) -> Reply:
     """
     Send the request and wait for its answer, within C{request.timeout};
     then close the connection properly (bounded by Autobahn's closing
@@ -586,7 +594,7 @@ async def exchange(reactor: Any, request: Request) -> Reply:
     @raise TimeoutError: no answer in time.
     """
     factory = OneCommandFactory(request.url, request.message())
-    endpoint = client_endpoint(reactor, request)
+    endpoint = client_endpoint(IReactorTCP(reactor), request)
 
     async def answered() -> Reply:
         await endpoint.connect(factory)
@@ -618,7 +626,7 @@ def conclude(request: Request, reply: Reply) -> Report:
     return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
 
 
-async def _run(reactor: Any, request: Request) -> None:
+async def _run(reactor: IReactorTime, request: Request) -> None:
     try:
         reply = await exchange(reactor, request)
         report = conclude(request, reply)

@@ -111,7 +111,7 @@ class RequestTally:
         yield counter
         histogram = HistogramMetricFamily(*self._histogram, labels=["provider"])
         for provider, buckets in list(self._buckets.items()):
-            cumulative = list(zip(self._labels, accumulate(buckets)))
+            cumulative = list(zip(self._labels, accumulate(buckets), strict=True))
             histogram.add_metric([provider], cumulative, sum_value=self._sums[provider])
         yield histogram
 
@@ -147,20 +147,24 @@ class GatewayMetrics:
     def __init__(self, commands: Iterable[str], providers: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.connections = Gauge(
-            "openclaw_control_connections", "Open control-plane connections", registry=registry
-        )
+        self.connections = Gauge("openclaw_control_connections", "Open control-plane connections", registry=registry)
         auth_failures = Counter(
-            "openclaw_control_auth_failures", "Control-plane messages with a token refused, by reason",
-            ["reason"], registry=registry,
+            "openclaw_control_auth_failures",
+            "Control-plane messages with a token refused, by reason",
+            ["reason"],
+            registry=registry,
         )
         self.refused = Counter(
-            "openclaw_control_refused_connections", "Control connections refused, by reason",
-            ["reason"], registry=registry,
+            "openclaw_control_refused_connections",
+            "Control connections refused, by reason",
+            ["reason"],
+            registry=registry,
         )
         self.provider_up = Gauge(
-            "openclaw_provider_up", "1 if the provider's last health probe succeeded, else 0",
-            ["provider"], registry=registry,
+            "openclaw_provider_up",
+            "1 if the provider's last health probe succeeded, else 0",
+            ["provider"],
+            registry=registry,
         )
         providers = tuple(providers)
         self.upstream_requests = RequestTally(
@@ -176,8 +180,10 @@ class GatewayMetrics:
         )
         registry.register(self.api_requests)
         command_seconds = Histogram(
-            "openclaw_control_command_seconds", "Time to answer state-changing control commands",
-            ["cmd"], registry=registry,
+            "openclaw_control_command_seconds",
+            "Time to answer state-changing control commands",
+            ["cmd"],
+            registry=registry,
         )
         names = [*commands, INVALID]
         self.commands = CommandTally(
@@ -259,11 +265,7 @@ class MeasuredAgent:
         self._clock = clock
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        for prefix, provider in self._prefixes:
-            if uri.startswith(prefix):
-                break
-        else:
-            provider = "other"
+        provider = next((provider for prefix, provider in self._prefixes if uri.startswith(prefix)), "other")
         measure = (provider, self._clock())
         d = self._agent.request(method, uri, headers, bodyProducer)
         return d.addCallbacks(self._answered, self._failed, callbackArgs=measure, errbackArgs=measure)

@@ -266,4 +266,3 @@ class GatewayService(MultiService):
             yield self.api_site.close_connections()
         yield self.providers.close()
         self.sessions.discard_token_file()
-

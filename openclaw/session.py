@@ -176,10 +176,7 @@ class SessionAuthority:
         around.
         """
         if self._token_file is not None:
-            try:
-                self._token_file.unlink()
-            except FileNotFoundError:
-                pass
+            self._token_file.unlink(missing_ok=True)
 
 
 def write_token_file(path: Path, token: str) -> None:

@@ -457,8 +457,7 @@ def load_settings(
 
     return Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
-        interface=read("INTERFACE", _non_empty, "", "use an IP address such as :: or 127.0.0.1")
-        or default_interface(),
+        interface=read("INTERFACE", _non_empty, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
         session_ttl_hours=read(
             "SESSION_TTL_HOURS",
             _hours,
@@ -471,8 +470,7 @@ def load_settings(
             "TRUSTED_CLIENT_IPS",
             _networks,
             defaults.trusted_clients,
-            "use comma-separated IPv4/IPv6 addresses or CIDR networks, "
-            "such as 127.0.0.1,::1,10.0.0.0/8",
+            "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1,10.0.0.0/8",
         ),
         default_provider=read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
         providers=[read_provider(adapter) for adapter in declared],
@@ -513,18 +511,14 @@ def load_settings(
             defaults.shutdown_grace_seconds,
             "use a number of seconds, 0 or more",
         ),
-        allowed_origins=read(
-            "ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"
-        ),
+        allowed_origins=read("ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"),
         trusted_proxies=read(
             "TRUSTED_PROXIES", _networks, (), "use comma-separated IPv4/IPv6 addresses or CIDR networks"
         ),
         max_message_bytes=read(
             "MAX_MESSAGE_BYTES", _positive_int, defaults.max_message_bytes, "use a whole number of bytes > 0"
         ),
-        max_connections=read(
-            "MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"
-        ),
+        max_connections=read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"),
         handshake_timeout_seconds=read(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,

@@ -43,9 +43,18 @@ class RouteStore:
         except (OSError, ValueError, RecursionError) as e:
             self._log.warn("ignoring unreadable state file {path}: {error}", path=str(self.path), error=str(e))
             return None
-        provider, model = (document.get("provider"), document.get("model")) if isinstance(document, dict) else (None, None)
-        if not isinstance(provider, str) or provider not in self._provider_ids or not isinstance(model, str) or not model.strip():
-            self._log.warn("ignoring state file {path}: it does not name a known provider and a model", path=str(self.path))
+        provider, model = (
+            (document.get("provider"), document.get("model")) if isinstance(document, dict) else (None, None)
+        )
+        if (
+            not isinstance(provider, str)
+            or provider not in self._provider_ids
+            or not isinstance(model, str)
+            or not model.strip()
+        ):
+            self._log.warn(
+                "ignoring state file {path}: it does not name a known provider and a model", path=str(self.path)
+            )
             return None
         return Route(provider, model)
 

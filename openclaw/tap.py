@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import IO, Any, NoReturn
+from typing import IO, Any, ClassVar, NoReturn
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime, IStreamServerEndpoint
 from twisted.python import usage
 
 from openclaw.logs import foreground, log_destination, make_observer
@@ -23,15 +24,14 @@ class Options(usage.Options):
     variable named in its help, which overrides the env file.
     """
 
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["port", "p", None, "Control plane TCP port (WS_CONTROL_PORT) [default: 18789]"],
         ["api-port", None, None, "OpenAI-compatible API TCP port (API_PORT) [default: 18790]"],
         [
             "interface",
             "i",
             None,
-            "Address to listen on (INTERFACE) [default: :: (IPv4 and IPv6), "
-            "or 0.0.0.0 where the host has no IPv6]",
+            "Address to listen on (INTERFACE) [default: :: (IPv4 and IPv6), or 0.0.0.0 where the host has no IPv6]",
         ],
         ["token-file", None, None, "Also write the session token to this file, mode 0600 (TOKEN_FILE)"],
         ["env-file", None, None, "Read settings from this file [default: ./.env if it exists]"],
@@ -76,7 +76,7 @@ def tcp_endpoint_description(port: int, settings: Settings) -> str:
     return f"tcp:{port}:interface={quoteStringArgument(settings.interface)}"
 
 
-def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = None) -> GatewayService:
+def makeService(options: Options, reactor: IReactorCore | None = None, stdout: IO[str] | None = None) -> GatewayService:
     """
     Read the configuration once and build the gateway service.  A bad value
     ends the process here, before anything starts, with one line that names
@@ -105,13 +105,13 @@ def makeService(options: Options, reactor: Any = None, stdout: IO[str] | None = 
             if settings.metrics_listen
             else None
         )
-        destination = log_destination(twistd_options, stdout, reactor)
+        destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
     except ConfigError as e:
         _fail(str(e))
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
-        reactor,
+        IReactorTime(reactor),
         control,
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
@@ -146,14 +146,17 @@ def _show_token(twistd_options: Any, settings: Settings, stdout: IO[str]) -> boo
     return settings.token_file is None or stdout.isatty()
 
 
-def _endpoint(reactor: Any, name: str, description: str | None, port: int, settings: Settings) -> Any:
+def _endpoint(
+    reactor: IReactorCore, name: str, description: str | None, port: int, settings: Settings
+) -> IStreamServerEndpoint:
     """
     The endpoint an operator described, else TCP on C{port} of the
     configured interface.
     """
     description = description or tcp_endpoint_description(port, settings)
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
     except Exception as e:
         raise ConfigError(f"{name}={description!r} is not a usable Twisted endpoint: {e}") from None
 

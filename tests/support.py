@@ -174,9 +174,7 @@ class RunningGateway:
         return self.service.sessions.current.token
 
 
-def start_gateway(
-    testcase: Any, interface: str = "127.0.0.1", api: bool = False, **settings: Any
-) -> RunningGateway:
+def start_gateway(testcase: Any, interface: str = "127.0.0.1", api: bool = False, **settings: Any) -> RunningGateway:
     """
     Start a gateway on a free port of C{interface} (and its API on another
     when C{api} is true); it is stopped when the test ends.
@@ -270,18 +268,14 @@ def twistd_path() -> str:
     return str(Path(sys.executable).parent / "twistd")
 
 
-def spawn_gateway(
-    testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None
-) -> GatewayProcess:
+def spawn_gateway(testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None) -> GatewayProcess:
     twistd = twistd or twistd_path()
     if "--api-port" not in args:
         args = [*args, "--api-port", str(free_port())]
     process = GatewayProcess()
     cwd = Path(testcase.mktemp())
     cwd.mkdir(parents=True)
-    reactor.spawnProcess(
-        process, twistd, [twistd, "-n", "--pidfile=", "openclaw", *args], env=env, path=str(cwd)
-    )
+    reactor.spawnProcess(process, twistd, [twistd, "-n", "--pidfile=", "openclaw", *args], env=env, path=str(cwd))
     testcase.addCleanup(process.stop)
     return process
 
@@ -341,14 +335,14 @@ class ThrowawayCA:
                 alternative_names.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 alternative_names.append(x509.DNSName(name))
-        certificate = _sign(
-            names[0], key.public_key(), self.certificate.subject, self.key, ca=False
-        ).add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        certificate = _sign(names[0], key.public_key(), self.certificate.subject, self.key, ca=False).add_extension(
+            x509.SubjectAlternativeName(alternative_names), critical=False
+        )
         return CertificateOptions(privateKey=key, certificate=certificate.sign(self.key, hashes.SHA256()))
 
 
 def _sign(subject: str, public_key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

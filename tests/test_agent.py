@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
@@ -26,7 +27,6 @@ from twisted.internet.ssl import VerificationError
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from treq.client import HTTPClient
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -315,9 +315,9 @@ class GatewayStopTests(AgentTestCase):
             self,
             api=True,
             default_provider="kimi",
-            providers=Settings().with_provider(
-                "kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test"
-            ).providers,
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
             gateway_api_keys=("gateway-key-0123456789",),
         )
         client_pool = HTTPConnectionPool(reactor, persistent=False)

@@ -143,7 +143,7 @@ class KeepAliveTests(_Served):
         """
         answer = yield self.send(
             b"GET /a HTTP/1.1\r\nHost: gw\r\n\r\n"
-            b"POST /b HTTP/1.1\r\nHost: gw\r\nContent-Length: 7\r\n\r\n{\"a\":1}"
+            b'POST /b HTTP/1.1\r\nHost: gw\r\nContent-Length: 7\r\n\r\n{"a":1}'
             b"GET /c HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
         )
         self.assertEqual([uri for _, uri, _ in self.seen], [b"/a", b"/b", b"/c"])

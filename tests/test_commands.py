@@ -65,9 +65,7 @@ class ControlPlaneTests(SynchronousTestCase):
             started_at=self.now - 12.5,
             clock=lambda: self.now,
         )
-        self.plane = ControlPlane(
-            self.sessions, self.commands, Logger(observer=self.events.append), debug=True
-        )
+        self.plane = ControlPlane(self.sessions, self.commands, Logger(observer=self.events.append), debug=True)
         self.connection = Connection("127.0.0.1:5000")
 
     def send(self, message: Any) -> dict[str, Any]:

@@ -67,7 +67,12 @@ class CommandTests(TestCase):
             {
                 "ok": True,
                 "cmd": "switch_provider",
-                "result": {"previous": "gemini", "active": "kimi", "model": "moonshot-v1-8k", "warning": "KIMI_API_KEY is not set"},
+                "result": {
+                    "previous": "gemini",
+                    "active": "kimi",
+                    "model": "moonshot-v1-8k",
+                    "warning": "KIMI_API_KEY is not set",
+                },
             },
         )
         status = yield second.command(self.gateway.token, "status")
@@ -176,4 +181,3 @@ class AllowlistTests(TestCase):
         client = yield connect(gateway.port, host="127.0.0.1")
         code, _ = yield client.closed
         self.assertEqual(code, 1008)
-

@@ -254,7 +254,9 @@ class RenderTests(TestCase):
         result = {"previous": "gemini", "active": "kimi", "model": "m", "warning": "KIMI_API_KEY is not set"}
         answer = {"ok": True, "cmd": "switch_provider", "result": result}
         report = ctl.render(request(cmd="switch_provider"), reply(answer), answer)
-        self.assertEqual(report, ctl.Report("gemini -> kimi (m)\n", "openclawctl: warning: KIMI_API_KEY is not set\n", 0))
+        self.assertEqual(
+            report, ctl.Report("gemini -> kimi (m)\n", "openclawctl: warning: KIMI_API_KEY is not set\n", 0)
+        )
 
     def test_failed_save_shows_the_token(self):
         """
@@ -323,7 +325,7 @@ def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
     A throw-away CA (written to C{directory/ca.pem}) and the TLS server
     options of a certificate it signed for 127.0.0.1 and localhost.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
 
     def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:

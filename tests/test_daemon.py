@@ -57,9 +57,21 @@ class DaemonTests(TestCase):
         out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
             [
-                "--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw",
-                "--token-file", str(tokenfile), "--port", str(port), "--api-port", str(free_port()),
-                "--interface", "127.0.0.1", "--state-dir", str(self.dir),
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(logfile),
+                "openclaw",
+                "--token-file",
+                str(tokenfile),
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.dir),
             ],
             env=env(JWT_SECRET=SECRET),
             path=str(self.dir),
@@ -95,9 +107,23 @@ class DaemonTests(TestCase):
         _out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
             [
-                "--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw",
-                "--token-file", str(tokenfile), "--port", str(port), "--api-port", str(free_port()),
-                "--interface", "127.0.0.1", "--state-dir", str(self.dir), "--log-format", "json",
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(logfile),
+                "openclaw",
+                "--token-file",
+                str(tokenfile),
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.dir),
+                "--log-format",
+                "json",
             ],
             env=env(JWT_SECRET=SECRET),
             path=str(self.dir),
@@ -133,7 +159,9 @@ class DaemonTests(TestCase):
         tokenfile = self.dir / "token"
         port = free_port()
         process = spawn_gateway(
-            self, ["--port", str(port), "--interface", "127.0.0.1", "--token-file", str(tokenfile)], env(JWT_SECRET=SECRET)
+            self,
+            ["--port", str(port), "--interface", "127.0.0.1", "--token-file", str(tokenfile)],
+            env(JWT_SECRET=SECRET),
         )
         yield wait_for(lambda: tokenfile.exists() and b"SESSION TOKEN" in process.stdout)
         token = tokenfile.read_text().strip()
@@ -151,7 +179,15 @@ class DaemonTests(TestCase):
     def test_daemon_needs_token_file(self):
         out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
-            ["--pidfile", str(self.dir / "p"), "--logfile", str(self.dir / "l"), "openclaw", "--port", str(free_port())],
+            [
+                "--pidfile",
+                str(self.dir / "p"),
+                "--logfile",
+                str(self.dir / "l"),
+                "openclaw",
+                "--port",
+                str(free_port()),
+            ],
             env=env(JWT_SECRET=SECRET),
             path=str(self.dir),
         )

@@ -109,9 +109,7 @@ class DataPlaneTestCase(TestCase):
         if key is not None:
             headers["Authorization"] = [f"Bearer {key}"]
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        response = yield self.http().post(
-            f"http://127.0.0.1:{gateway.api_port}{path}", data=data, headers=headers
-        )
+        response = yield self.http().post(f"http://127.0.0.1:{gateway.api_port}{path}", data=data, headers=headers)
         text = yield response.text("utf-8")
         return response, text
 
@@ -252,7 +250,7 @@ class ChatTests(DataPlaneTestCase):
         self.assertEqual(events[-2:], ["data: [DONE]", ""])
         for event in events[:-2]:
             self.assertTrue(event.startswith("data: {"), event)
-            self.assertEqual(json.loads(event[len("data: "):])["object"], "chat.completion.chunk")
+            self.assertEqual(json.loads(event[len("data: ") :])["object"], "chat.completion.chunk")
         # Small event writes go out at once: no Nagle on API connections.
         (connection,) = gateway.service.api_site.connections
         self.assertTrue(connection.transport.getTcpNoDelay())
@@ -293,9 +291,7 @@ class ChatTests(DataPlaneTestCase):
             for model in ["kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"] * 3
         ]
         completions = yield gatherResults(calls)
-        self.assertEqual(
-            sorted(c.model for c in completions), ["gemini-2.5-flash"] * 3 + ["moonshot-v1-8k"] * 3
-        )
+        self.assertEqual(sorted(c.model for c in completions), ["gemini-2.5-flash"] * 3 + ["moonshot-v1-8k"] * 3)
 
 
 class RoutingTests(DataPlaneTestCase):
@@ -314,7 +310,9 @@ class RoutingTests(DataPlaneTestCase):
         self.assertEqual(first.headers["x-openclaw-provider"], "gemini")
         self.assertEqual(first.parse().model, "gemini-flash-latest")
 
-        answer = yield control.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
+        answer = yield control.command(
+            gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"}
+        )
         self.assertTrue(answer["ok"], answer)
 
         second = yield deferToThread(client.chat.completions.with_raw_response.create, model="gpt-4o", messages=HELLO)
@@ -386,7 +384,7 @@ class StreamFailureTests(DataPlaneTestCase):
             self.assertNotIn("[DONE]", text)
             events = [e for e in text.split("\n\n") if e]
             self.assertEqual(len(events), 3, text)  # two chunks, then the error
-            error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_stream_broken")
+            error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_broken")
             self.assertIn("mid-answer", error["message"])
 
         # The SDK raises rather than returning a cut answer as whole.
@@ -409,7 +407,7 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertEqual(response.code, 200)
         self.assertNotIn("[DONE]", text)
         events = [e for e in text.split("\n\n") if e]
-        error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_timeout")
+        error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_timeout")
         self.assertIn("UPSTREAM_TIMEOUT", error["message"])
 
     @inlineCallbacks
@@ -478,7 +476,7 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertNotIn("[DONE]", text)
         events = [e for e in text.split("\n\n") if e]
         self.assertEqual(len(events), 2, text)
-        error = self.assertOpenAIError(events[-1][len("data: "):], "upstream_stream_error")
+        error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_error")
         self.assertIn("overloaded", error["message"])
 
 
@@ -667,7 +665,9 @@ class ErrorTests(DataPlaneTestCase):
             for body in ({"messages": HELLO}, {"messages": HELLO, "stream": True}, {"messages": []}):
                 _, text = yield self.post(gateway, body, key=key)
                 seen.append(text)
-        everything = "".join(seen) + repr(self.events) + repr(gateway.service.api_site) + repr(gateway.service.providers)
+        everything = (
+            "".join(seen) + repr(self.events) + repr(gateway.service.api_site) + repr(gateway.service.providers)
+        )
         for secret in (GATEWAY_KEY, OTHER_GATEWAY_KEY, KIMI_KEY, GEMINI_KEY):
             self.assertNotIn(secret, everything)
         logged = [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane"]

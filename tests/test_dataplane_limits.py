@@ -70,7 +70,9 @@ class BodyLimitTests(TestCase):
             [chunk] * 64,
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
-        healthy = yield deferToThread(exchange, gateway.api_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        healthy = yield deferToThread(
+            exchange, gateway.api_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         self.assertTrue(healthy.startswith(b"HTTP/1.1 200 "), healthy[:100])
 
     @inlineCallbacks

@@ -67,7 +67,9 @@ class ToGeminiTests(SynchronousTestCase):
             {"temperature": 0.7, "topP": 0.5, "maxOutputTokens": 100, "stopSequences": ["END"], "candidateCount": 2},
         )
         config = gemini.generation_config(
-            chat(max_completion_tokens=5, max_tokens=9, stop=["a", "b"], response_format={"type": "json_object"}, seed=3)
+            chat(
+                max_completion_tokens=5, max_tokens=9, stop=["a", "b"], response_format={"type": "json_object"}, seed=3
+            )
         )
         self.assertEqual(
             config,
@@ -179,13 +181,20 @@ class GeminiStreamTests(SynchronousTestCase):
                 "created": 5,
                 "model": "gemini-2.5-flash",
                 "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None, "logprobs": None}
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": "Hel"},
+                        "finish_reason": None,
+                        "logprobs": None,
+                    }
                 ],
             },
         )
         self.assertFalse(stream.complete)
         last = stream.chunk(
-            self.event("lo", "STOP", usageMetadata={"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3})
+            self.event(
+                "lo", "STOP", usageMetadata={"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}
+            )
         )
         assert last is not None
         self.assertEqual(last["choices"][0]["delta"], {"content": "lo"})
@@ -277,7 +286,7 @@ class SSEDecoderTests(SynchronousTestCase):
 
     def test_partial(self) -> None:
         decoder = SSEDecoder()
-        self.assertEqual(decoder.feed(b"data: {\"a\""), [])
+        self.assertEqual(decoder.feed(b'data: {"a"'), [])
         self.assertEqual(decoder.feed(b": 1}\r"), [])
         # CR ends the blank line at once; the LF after it is part of it.
         self.assertEqual(decoder.feed(b"\n\r"), [Event(b"", b'{"a": 1}')])
@@ -342,7 +351,9 @@ class RequestTests(SynchronousTestCase):
         active = Route("gemini", "gemini-flash-latest")
         ids = ("kimi", "gemini")
         self.assertEqual(choose_route("kimi/moonshot-v1-8k", active, ids), Route("kimi", "moonshot-v1-8k"))
-        self.assertEqual(choose_route("gemini/models/gemini-2.5-pro", active, ids), Route("gemini", "models/gemini-2.5-pro"))
+        self.assertEqual(
+            choose_route("gemini/models/gemini-2.5-pro", active, ids), Route("gemini", "models/gemini-2.5-pro")
+        )
         for other in (None, "gpt-4o", "openai/gpt-4o", "moonshot-v1-8k", "Kimi/x"):
             self.assertEqual(choose_route(other, active, ids), active)
         self.assertRaises(APIError, choose_route, "kimi/ ", active, ids)

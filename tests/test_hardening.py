@@ -23,7 +23,9 @@ from tests.support import connect, open_client, start_gateway
 LOCALHOST = (ipaddress.ip_network("127.0.0.1/32"),)
 
 
-def raw_handshake(port: int, headers: dict[str, str] | None = None, bind: str | None = None) -> tuple[str, socket.socket]:
+def raw_handshake(
+    port: int, headers: dict[str, str] | None = None, bind: str | None = None
+) -> tuple[str, socket.socket]:
     """
     A WebSocket opening handshake by hand (blocking: run it in a thread),
     to see the HTTP status the gateway answers with.
@@ -64,7 +66,7 @@ def wait_closed(sock: socket.socket, limit: float) -> float:
     try:
         while sock.recv(4096):
             pass
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return float("inf")
     except ConnectionResetError:
         pass
@@ -203,7 +205,9 @@ class ProxyTests(TestCase):
 
     @inlineCallbacks
     def test_spoofed_header_from_untrusted_peer_changes_nothing(self):
-        gateway = start_gateway(self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),))
+        gateway = start_gateway(
+            self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),)
+        )
         for header in ("X-Forwarded-For", "Forwarded"):
             value = "127.0.0.1" if header == "X-Forwarded-For" else "for=127.0.0.1"
             client = yield connect(gateway.port, bind="127.0.0.2", headers={header: value})
@@ -212,7 +216,9 @@ class ProxyTests(TestCase):
 
     @inlineCallbacks
     def test_trusted_proxy(self):
-        gateway = start_gateway(self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),))
+        gateway = start_gateway(
+            self, trusted_clients=LOCALHOST, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),)
+        )
         client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"X-Forwarded-For": "127.0.0.1"})
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])

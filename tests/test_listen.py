@@ -42,7 +42,7 @@ def write_certificates(directory: Path) -> tuple[bytes, Path, Path]:
     A throw-away CA and a server certificate it signed for 127.0.0.1: the
     CA's PEM, and the server's key and certificate files.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def sign(subject: str, key: Any, signer: Any, ca: bool) -> x509.Certificate:
         builder = (
@@ -146,7 +146,12 @@ class ListenTests(TestCase):
             port = taken.getsockname()[1]
             options = Options()
             options.parseOptions(
-                ["--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--api-listen", f"tcp:{port}:interface=127.0.0.1"]
+                [
+                    "--listen",
+                    f"tcp:{free_port()}:interface=127.0.0.1",
+                    "--api-listen",
+                    f"tcp:{port}:interface=127.0.0.1",
+                ]
             )
             service = makeService(options, reactor, stdout=io.StringIO())
             self.addCleanup(service.stopService)
@@ -174,9 +179,12 @@ class MetricsTests(TestCase):
         options = Options()
         options.parseOptions(
             [
-                "--listen", f"tcp:{control}:interface=127.0.0.1",
-                "--api-listen", f"tcp:{free_port()}:interface=127.0.0.1",
-                "--metrics-listen", f"tcp:{metrics}:interface=127.0.0.1",
+                "--listen",
+                f"tcp:{control}:interface=127.0.0.1",
+                "--api-listen",
+                f"tcp:{free_port()}:interface=127.0.0.1",
+                "--metrics-listen",
+                f"tcp:{metrics}:interface=127.0.0.1",
             ]
         )
         service = makeService(options, reactor, stdout=io.StringIO())
@@ -260,8 +268,10 @@ class Http2Tests(TestCase):
         options = Options()
         options.parseOptions(
             [
-                "--listen", f"tcp:{free_port()}:interface=127.0.0.1",
-                "--api-listen", f"ssl:{self.port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}",
+                "--listen",
+                f"tcp:{free_port()}:interface=127.0.0.1",
+                "--api-listen",
+                f"ssl:{self.port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}",
             ]
         )
         self.service = makeService(options, reactor, stdout=io.StringIO())

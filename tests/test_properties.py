@@ -29,8 +29,12 @@ json_values = st.recursive(
     max_leaves=12,
 )
 commands = st.sampled_from(COMMANDS) | json_values
-datas = st.none() | json_values | st.fixed_dictionaries(
-    {}, optional={"provider": st.sampled_from(["kimi", "gemini", "openai"]) | json_values, "model": json_values}
+datas = (
+    st.none()
+    | json_values
+    | st.fixed_dictionaries(
+        {}, optional={"provider": st.sampled_from(["kimi", "gemini", "openai"]) | json_values, "model": json_values}
+    )
 )
 
 

@@ -94,9 +94,7 @@ class HealthyTests(ProviderTestCase):
         self.assertRegex(result["checked_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         self.assertEqual(set(result["providers"]), {"kimi", "gemini"})
         for entry in result["providers"].values():
-            self.assertEqual(
-                set(entry), {"ok", "latency_ms", "status", "models", "active_model_available"}
-            )
+            self.assertEqual(set(entry), {"ok", "latency_ms", "status", "models", "active_model_available"})
             self.assertIs(entry["ok"], True)
             self.assertIsInstance(entry["latency_ms"], float)
             self.assertEqual(entry["status"], 200)
@@ -146,9 +144,7 @@ class HealthyTests(ProviderTestCase):
         Model ids as a client would name them: no "models/" prefix.
         """
         registry = self.registry()
-        kimi, gemini = yield gatherResults(
-            [registry.get("kimi").list_models(), registry.get("gemini").list_models()]
-        )
+        kimi, gemini = yield gatherResults([registry.get("kimi").list_models(), registry.get("gemini").list_models()])
         self.assertEqual(kimi, self.upstream.kimi.models)
         self.assertEqual(gemini, self.upstream.gemini.models)
 
@@ -261,19 +257,11 @@ class FailureTests(ProviderTestCase):
         """
         DNS and TLS failures (not reproducible offline) are worded too.
         """
-        dns = describe_failure(
-            Failure(neterror.DNSLookupError("no results")), "api.example", 443, "KIMI_BASE_URL"
-        )
-        self.assertEqual(
-            dns, "DNS lookup failed for api.example; check KIMI_BASE_URL and this host's resolver"
-        )
+        dns = describe_failure(Failure(neterror.DNSLookupError("no results")), "api.example", 443, "KIMI_BASE_URL")
+        self.assertEqual(dns, "DNS lookup failed for api.example; check KIMI_BASE_URL and this host's resolver")
         tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
-        text = describe_failure(
-            Failure(ResponseNeverReceived([tls])), "api.example", 443, "GEMINI_BASE_URL"
-        )
-        self.assertEqual(
-            text, "TLS handshake with api.example:443 failed (certificate verify failed)"
-        )
+        text = describe_failure(Failure(ResponseNeverReceived([tls])), "api.example", 443, "GEMINI_BASE_URL")
+        self.assertEqual(text, "TLS handshake with api.example:443 failed (certificate verify failed)")
 
     def test_scrub(self) -> None:
         """
@@ -412,9 +400,7 @@ class CoalescingTests(ProviderTestCase):
     def burst(self, registry: ProviderRegistry, count: int = 100) -> Any:
         self.upstream.kimi.delay = 0.05
         self.upstream.gemini.delay = 0.05
-        return gatherResults(
-            [registry.health_check("kimi", "moonshot-v1-8k") for _ in range(count)]
-        )
+        return gatherResults([registry.health_check("kimi", "moonshot-v1-8k") for _ in range(count)])
 
     @inlineCallbacks
     def test_coalesced(self) -> Any:
@@ -478,9 +464,7 @@ class KeyHygieneTests(ProviderTestCase):
                 results.append(repr(registry.get("kimi")))
                 results.append(repr(registry.get("gemini")))
         self.assertTrue(events)
-        dumped = json.dumps(results) + "".join(
-            repr(event) + (formatEvent(event) or "") for event in events
-        )
+        dumped = json.dumps(results) + "".join(repr(event) + (formatEvent(event) or "") for event in events)
         uris = "".join(self.upstream.kimi.uris + self.upstream.gemini.uris)
         for secret in secrets:
             self.assertNotIn(secret, dumped)

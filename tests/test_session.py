@@ -156,16 +156,12 @@ class VerifyTests(SynchronousTestCase):
         A token signed right but past its exp is refused as expired, and so
         is the current token once its time is up.
         """
-        self.assertRejected(
-            jwt.encode(self.claims(exp=int(NOW) - 1), SECRET, algorithm="HS256"), "token expired"
-        )
+        self.assertRejected(jwt.encode(self.claims(exp=int(NOW) - 1), SECRET, algorithm="HS256"), "token expired")
         self.clock.now = NOW + 3600
         self.assertRejected(self.issued.token, "token expired")
 
     def test_other_jti(self) -> None:
-        self.assertRejected(
-            jwt.encode(self.claims(jti=str(uuid.uuid4())), SECRET, algorithm="HS256"), "token revoked"
-        )
+        self.assertRejected(jwt.encode(self.claims(jti=str(uuid.uuid4())), SECRET, algorithm="HS256"), "token revoked")
 
     def test_alg_none(self) -> None:
         token = b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(json.dumps(self.claims()).encode()) + "."

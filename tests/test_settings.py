@@ -80,7 +80,9 @@ class LoadTests(SynchronousTestCase):
         env_file = self.cwd / "custom.env"
         env_file.write_text("WS_CONTROL_PORT=1111\nSESSION_TTL_HOURS=2\nKIMI_MODEL='from-file'\n")
         settings = self.load(env_file=str(env_file))
-        self.assertEqual((settings.port, settings.session_ttl_hours, settings.default_model("kimi")), (1111, 2.0, "from-file"))
+        self.assertEqual(
+            (settings.port, settings.session_ttl_hours, settings.default_model("kimi")), (1111, 2.0, "from-file")
+        )
         self.environ["WS_CONTROL_PORT"] = "2222"
         self.assertEqual(self.load(env_file=str(env_file)).port, 2222)
         self.assertEqual(self.load({"WS_CONTROL_PORT": "3333"}, env_file=str(env_file)).port, 3333)

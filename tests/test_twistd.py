@@ -141,4 +141,3 @@ class CleanInstallTests(TestCase):
             check=True,
             capture_output=True,
         )
-

@@ -218,7 +218,7 @@ def _read_outcome(sock: socket.socket, data: bytes, report: FuzzReport, timeout:
     while True:
         try:
             chunk = sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             if not nudged:
                 # Random bytes can make a well-formed frame header claiming
                 # more payload than was sent (the close frame included):

@@ -142,13 +142,9 @@ class ControlCommands:
         fields = _fields(data, _SWITCH_FIELDS)
         provider_id = fields.get("provider")
         if provider_id is None:
-            raise CommandError(
-                "switch_provider needs data.provider: one of " + ", ".join(self.providers.ids)
-            )
+            raise CommandError("switch_provider needs data.provider: one of " + ", ".join(self.providers.ids))
         if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
-            raise CommandError(
-                f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids)
-            )
+            raise CommandError(f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids))
         provider = self.providers.get(provider_id)
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str) or not model.strip():

@@ -183,9 +183,7 @@ class ControlPlane:
         self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
         return _error(cmd, "internal error; the gateway log has the details"), "error"
 
-    def _audit(
-        self, answer: tuple[bytes, str], cmd: str, peer: str, jti: str, started: float
-    ) -> bytes:
+    def _audit(self, answer: tuple[bytes, str], cmd: str, peer: str, jti: str, started: float) -> bytes:
         encoded, outcome = answer
         self._metrics.command(cmd, outcome)
         if cmd in AUDITED:

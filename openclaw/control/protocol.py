@@ -212,15 +212,22 @@ class ControlFactory(WebSocketServerFactory):
             handshake only to close it at once with 1008 (an untrusted peer).
         """
         if len(self.connections) >= self.max_connections:
-            return self._refuse(peer, "too_many_connections", ConnectionDeny(
-                ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"
-            ))
+            return self._refuse(
+                peer,
+                "too_many_connections",
+                ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"),
+            )
         origin = headers.get("origin")
         if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
-            return self._refuse(peer, "origin_not_allowed", ConnectionDeny(
-                ConnectionDeny.FORBIDDEN,
-                "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
-            ), origin=origin)
+            return self._refuse(
+                peer,
+                "origin_not_allowed",
+                ConnectionDeny(
+                    ConnectionDeny.FORBIDDEN,
+                    "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
+                ),
+                origin=origin,
+            )
         if local:
             return None
         client = self.resolver.resolve(host, headers) if host is not None else None

@@ -15,11 +15,11 @@ the upstream request, an upstream that breaks ends the client's stream.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -315,6 +315,15 @@ class _StreamRelay(Protocol):
             self._stopped = True
             self._call.stream_ended(reason, self._translation)
 
+    @property
+    def producer(self) -> IPushProducer:
+        """
+        The upstream body's transport: an L{IPushProducer}
+        (L{IResponse.deliverBody}); stopping it drops the connection.
+        """
+        assert self.transport is not None, "no body delivered yet"
+        return cast(IPushProducer, self.transport)
+
     def stop(self) -> None:
         """
         No more of this body is wanted: drop the upstream connection (a
@@ -323,9 +332,9 @@ class _StreamRelay(Protocol):
         self._release()
         if not self._stopped:
             self._stopped = True
-            self.transport.stopProducing()
+            self.producer.stopProducing()
 
-    def drain(self, reactor: Any, timeout: float) -> None:
+    def drain(self, reactor: IReactorTime, timeout: float) -> None:
         """
         Nothing more of this body is wanted, but let it end by itself, and
         drop it only if it has not within C{timeout} seconds.
@@ -333,7 +342,7 @@ class _StreamRelay(Protocol):
         self._release()
         if not self._stopped:
             self._stopped = True
-            self._drain_timer = reactor.callLater(timeout, self.transport.stopProducing)
+            self._drain_timer = reactor.callLater(timeout, self.producer.stopProducing)
 
     def _release(self) -> None:
         request = self._call.request

@@ -5,10 +5,9 @@ keys, the time limit, and the accounting of each finished request.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
@@ -33,7 +32,7 @@ class APIContext:
     keys: GatewayKeys
     #: UPSTREAM_TIMEOUT, seconds.
     timeout: float
-    reactor: Any
+    reactor: IReactorTime
     #: Every finished request is counted here (C{openclaw_api_requests}).
     tally: RequestTally
     log: Logger = attrs.field(factory=lambda: Logger(namespace="openclaw.dataplane"))
@@ -79,7 +78,7 @@ class APIContext:
         route: ActiveRoute,
         providers: ProviderRegistry,
         settings: Settings,
-        reactor: Any,
+        reactor: IReactorTime,
         tally: RequestTally,
     ) -> APIContext:
         return cls(

@@ -54,8 +54,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def not_found(path: str) -> APIError:
     return APIError(
         404,
-        f"no such endpoint: {path}; this gateway serves GET /v1/models, "
-        "POST /v1/chat/completions and GET /healthz",
+        f"no such endpoint: {path}; this gateway serves GET /v1/models, POST /v1/chat/completions and GET /healthz",
         "invalid_request_error",
         "unknown_url",
     )
@@ -73,9 +72,7 @@ def method_not_allowed(method: str, allowed: tuple[bytes, ...]) -> APIError:
 
 
 def unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
-    return APIError(
-        401, message, "invalid_request_error", code, headers=((b"WWW-Authenticate", b"Bearer"),)
-    )
+    return APIError(401, message, "invalid_request_error", code, headers=((b"WWW-Authenticate", b"Bearer"),))
 
 
 def provider_not_configured(provider_id: str, key_variable: str) -> APIError:

@@ -109,9 +109,7 @@ def _check_messages(messages: Any) -> None:
         developer = developer or role == "developer"
         _check_content(message.get("content", ...), f"{where}.content")
     if developer:
-        messages[:] = [
-            {**m, "role": "system"} if m["role"] == "developer" else m for m in messages
-        ]
+        messages[:] = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
 
 def _check_content(content: Any, where: str) -> None:
@@ -124,7 +122,7 @@ def _check_content(content: Any, where: str) -> None:
     for j, part in enumerate(content):
         if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
             raise bad_request(
-                f"{where}[{j}] must be {{\"type\": \"text\", \"text\": \"...\"}}: "
+                f'{where}[{j}] must be {{"type": "text", "text": "..."}}: '
                 "only text content is supported by this gateway",
                 param=f"{where}[{j}]",
             )
@@ -166,8 +164,6 @@ def choose_route(model: Any, active: Route, provider_ids: tuple[str, ...]) -> Ro
         provider_id, slash, name = model.partition("/")
         if slash and provider_id in provider_ids:
             if not name.strip():
-                raise bad_request(
-                    f"model {model!r} names no model; use {provider_id}/<model>", param="model"
-                )
+                raise bad_request(f"model {model!r} names no model; use {provider_id}/<model>", param="model")
             return Route(provider_id, name.strip())
     return active

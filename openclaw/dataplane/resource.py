@@ -95,7 +95,7 @@ class APIResource(Resource):
                 # Twisted answers HEAD from render_GET when told so.
                 raise UnsupportedMethod(self.allowedMethods)
             return error_response(
-                request, method_not_allowed(method.decode("ascii", "replace"), self.allowedMethods)
+                request, method_not_allowed(method.decode("ascii", "replace"), tuple(self.allowedMethods))
             )
         if self.context.draining:
             request.setHeader(b"connection", b"close")
@@ -237,7 +237,7 @@ class ChatCompletions(_Authenticated):
         started = context.reactor.seconds()
         self.authenticate(request, started)
         try:
-            chat = parse_chat_request(request.content.read())
+            chat = parse_chat_request(request.content.read() if request.content is not None else b"")
             route = choose_route(chat.model, context.route.current, context.providers.ids)
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code)

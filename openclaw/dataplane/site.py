@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, ITCPTransport, ITransport
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, ITCPTransport, ITransport
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -220,7 +220,7 @@ def build_site(
     route: ActiveRoute,
     providers: ProviderRegistry,
     settings: Settings,
-    reactor: Any,
+    reactor: IReactorTime,
     tally: RequestTally,
 ) -> APISite:
     """

@@ -26,6 +26,7 @@ import attrs
 from hyperlink import URL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -111,7 +112,7 @@ class ProviderAdapter(abc.ABC):
     wire: ClassVar[Wire]
 
     http: HTTPClient = attrs.field(repr=False)
-    reactor: Any = attrs.field(repr=False)
+    reactor: IReactorTime = attrs.field(repr=False)
     base_url: str = attrs.field(converter=_without_trailing_slash)
     api_key: str | None = attrs.field(default=None, repr=False)
     #: The model served when an operator switches here without naming one.
@@ -127,7 +128,7 @@ class ProviderAdapter(abc.ABC):
     _log: ClassVar[Logger] = Logger()
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: Any, agent: IAgent) -> Self:
+    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: IReactorTime, agent: IAgent) -> Self:
         """
         Build the adapter its entry in C{settings.providers} describes.
 
@@ -300,9 +301,7 @@ class ProviderAdapter(abc.ABC):
     def _timed_out(self, exchange: Exchange, timeout: float) -> Failure:
         host, port = self._address()
         return Failure(
-            ProbeTimedOut(
-                f"timed out after {timeout:g} s waiting for {exchange.waiting_for} from {host}:{port}"
-            )
+            ProbeTimedOut(f"timed out after {timeout:g} s waiting for {exchange.waiting_for} from {host}:{port}")
         )
 
     def _probe_succeeded(self, models: list[str], exchange: Exchange) -> ProbeResult:
@@ -341,4 +340,5 @@ class ProviderAdapter(abc.ABC):
         return url.host, url.port or (443 if url.scheme == "https" else 80)
 
     def _elapsed_ms(self, exchange: Exchange) -> float:
-        return round((self.reactor.seconds() - exchange.started) * 1000, 1)
+        elapsed: float = self.reactor.seconds() - exchange.started
+        return round(elapsed * 1000, 1)

@@ -6,10 +6,9 @@ built once, and the certificate checks for https ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -43,7 +42,7 @@ class CachedEndpoints:
         L{https_policy}).
     """
 
-    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS | None = None) -> None:
+    def __init__(self, reactor: IReactorTCP, tls_policy: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}

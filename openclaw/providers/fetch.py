@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -116,7 +116,8 @@ class _BodyReader(Protocol):
         Drop the connection: no more of this body is wanted.
         """
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is an IPushProducer (IResponse.deliverBody).
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[bytes]:

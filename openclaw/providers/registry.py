@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
@@ -35,7 +36,7 @@ class ProviderRegistry:
     """
 
     _adapters: tuple[ProviderAdapter, ...]
-    reactor: Any = attrs.field(repr=False)
+    reactor: IReactorTime = attrs.field(repr=False)
     #: The HTTP client every adapter's models listing uses.
     http: HTTPClient | None = attrs.field(default=None, repr=False)
     #: The agent under C{http} (perhaps wrapped): chat calls use it directly
@@ -59,7 +60,7 @@ class ProviderRegistry:
     def from_settings(
         cls,
         settings: Settings,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         coalesce: bool = True,
         wrap_agent: Callable[[IAgent], IAgent] | None = None,
@@ -79,9 +80,10 @@ class ProviderRegistry:
         """
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.upstream_pool_size
-        pool.cachedConnectionTimeout = settings.upstream_idle_seconds
+        # Twisted annotates it as int; it is a callLater delay, any float.
+        pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
-            endpoints = CachedEndpoints(reactor, https_policy(settings.upstream_ca_file))
+            endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_file))
         agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         if wrap_agent is not None:
             agent = wrap_agent(agent)
@@ -106,9 +108,7 @@ class ProviderRegistry:
         for adapter in self._adapters:
             if adapter.id == provider_id:
                 return adapter
-        raise UnknownProvider(
-            f"unknown provider {provider_id!r}; use one of: {', '.join(self.ids)}"
-        )
+        raise UnknownProvider(f"unknown provider {provider_id!r}; use one of: {', '.join(self.ids)}")
 
     def probe(self, provider_id: str) -> Deferred[ProbeResult]:
         """
@@ -165,9 +165,7 @@ class ProviderRegistry:
         d = gatherResults(probes, consumeErrors=True)
         return d.addCallback(self._report, active_id, active_model)
 
-    def _report(
-        self, results: Iterable[ProbeResult], active_id: str, active_model: str
-    ) -> dict[str, Any]:
+    def _report(self, results: Iterable[ProbeResult], active_id: str, active_model: str) -> dict[str, Any]:
         providers = {}
         for adapter, result in zip(self._adapters, results, strict=True):
             model = active_model if adapter.id == active_id else adapter.default_model
@@ -190,4 +188,5 @@ class ProviderRegistry:
             probe.cancel()
         if self.pool is None:
             return succeed(None)
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed

@@ -50,8 +50,9 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITransport
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -234,16 +235,18 @@ class OpenAIDialect:
     <key>} and C{{"error": {"message": ..., "type": ...}}}.
     """
 
-    _stock: ClassVar[Mapping[int, tuple[str, str]]] = MappingProxyType({
-        401: ("Invalid Authentication", "invalid_authentication_error"),
-        403: (
-            "Your account is suspended, please check your plan and billing details",
-            "permission_denied_error",
-        ),
-        429: ("Your account reached max request rate, please try again later", "rate_limit_reached_error"),
-        500: ("Internal server error", "server_error"),
-        503: ("The engine is currently overloaded, please try again later", "engine_overloaded_error"),
-    })
+    _stock: ClassVar[Mapping[int, tuple[str, str]]] = MappingProxyType(
+        {
+            401: ("Invalid Authentication", "invalid_authentication_error"),
+            403: (
+                "Your account is suspended, please check your plan and billing details",
+                "permission_denied_error",
+            ),
+            429: ("Your account reached max request rate, please try again later", "rate_limit_reached_error"),
+            500: ("Internal server error", "server_error"),
+            503: ("The engine is currently overloaded, please try again later", "engine_overloaded_error"),
+        }
+    )
 
     def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
         node.putChild(b"models", _Endpoint(upstream, provider_id, self, openai_models))
@@ -264,19 +267,21 @@ class GeminiDialect:
     C{{"error": {"code": ..., "message": ..., "status": ...}}}.
     """
 
-    _stock: ClassVar[Mapping[int, tuple[str, str]]] = MappingProxyType({
-        400: ("Request contains an invalid argument.", "INVALID_ARGUMENT"),
-        401: ("API key not valid. Please pass a valid API key.", "UNAUTHENTICATED"),
-        # The real message quotes the key; the gateway must scrub it.
-        403: ("Permission denied: Consumer 'api_key:{key}' has been suspended.", "PERMISSION_DENIED"),
-        429: ("Resource has been exhausted (e.g. check quota).", "RESOURCE_EXHAUSTED"),
-        500: (
-            "An internal error has occurred. Please retry or report in "
-            "https://developers.generativeai.google/guide/troubleshooting",
-            "INTERNAL",
-        ),
-        503: ("The model is overloaded. Please try again later.", "UNAVAILABLE"),
-    })
+    _stock: ClassVar[Mapping[int, tuple[str, str]]] = MappingProxyType(
+        {
+            400: ("Request contains an invalid argument.", "INVALID_ARGUMENT"),
+            401: ("API key not valid. Please pass a valid API key.", "UNAUTHENTICATED"),
+            # The real message quotes the key; the gateway must scrub it.
+            403: ("Permission denied: Consumer 'api_key:{key}' has been suspended.", "PERMISSION_DENIED"),
+            429: ("Resource has been exhausted (e.g. check quota).", "RESOURCE_EXHAUSTED"),
+            500: (
+                "An internal error has occurred. Please retry or report in "
+                "https://developers.generativeai.google/guide/troubleshooting",
+                "INTERNAL",
+            ),
+            503: ("The model is overloaded. Please try again later.", "UNAVAILABLE"),
+        }
+    )
 
     def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
         node.putChild(b"models", _Endpoint(upstream, provider_id, self, gemini_models, post=gemini_generate))
@@ -357,6 +362,7 @@ class EventStream:
 
 
 def _json_body(request: Request) -> Any:
+    assert request.content is not None
     try:
         return json.loads(request.content.read())
     except ValueError:
@@ -391,7 +397,9 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
             "usage": usage,
         }
     chunk = {**base, "object": "chat.completion.chunk"}
-    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    ]
     events += [
         {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
         for piece in behaviour.reply_pieces()
@@ -399,7 +407,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if (body.get("stream_options") or {}).get("include_usage"):
         events.append({**chunk, "choices": [], "usage": usage})
-    return 200, EventStream(tuple(json.dumps(e).encode() for e in events) + (b"[DONE]",))
+    return 200, EventStream((*(json.dumps(e).encode() for e in events), b"[DONE]"))
 
 
 def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
@@ -408,7 +416,7 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     C{:streamGenerateContent?alt=sse} as one C{GenerateContentResponse} per
     event (no end marker: the stream just ends).
     """
-    target = b"/".join(request.postpath).decode("utf-8", "replace")
+    target = b"/".join(request.postpath or ()).decode("utf-8", "replace")
     model, _, method = target.rpartition(":")
     if method not in ("generateContent", "streamGenerateContent") or not model:
         raise Reject(404, f"Method {target!r} not found.")
@@ -416,7 +424,9 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     if not isinstance(body, dict) or not body.get("contents"):
         raise Reject(400, "* GenerateContentRequest.contents: contents is not specified")
     if model not in behaviour.models:
-        raise Reject(404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent.")
+        raise Reject(
+            404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
+        )
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
     pieces = behaviour.reply_pieces()
     usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces), "totalTokenCount": 10 + len(pieces)}
@@ -542,33 +552,46 @@ class _Endpoint(Resource):
     def _answer(self, request: Request, behaviour: ProviderBehaviour, mode: Mode) -> None:
         self._upstream.open_requests.timers.pop(request, None)
         if not self._dialect.authorized(request, behaviour.key):
-            return self._error(request, behaviour, 401, None)
+            self._error(request, behaviour, 401, None)
+            return
         if mode is Mode.UNAUTHORIZED:
-            return self._error(request, behaviour, 401, behaviour.error_message)
+            self._error(request, behaviour, 401, behaviour.error_message)
+            return
         if mode is Mode.FORBIDDEN:
-            return self._error(request, behaviour, 403, behaviour.error_message)
+            self._error(request, behaviour, 403, behaviour.error_message)
+            return
         if mode is Mode.ERROR:
-            return self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
+            self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
+            return
         if mode is Mode.MALFORMED:
-            return _send(request, 200, b'{"object": "list", "data": [{"id": "moonsh')
+            _send(request, 200, b'{"object": "list", "data": [{"id": "moonsh')
+            return
         handler = self._handlers[request.method]
         assert handler is not None
         try:
             status, document = handler(request, behaviour)
         except Reject as e:
-            return self._error(request, behaviour, e.status, e.message)
+            self._error(request, behaviour, e.status, e.message)
+            return
         if isinstance(document, EventStream):
-            return _Streamer(self._upstream, request, behaviour, document, mode).start()
+            _Streamer(self._upstream, request, behaviour, document, mode).start()
+            return
         body = json.dumps(document).encode()
         if mode in (Mode.STALL, Mode.CUT):
-            return _send(request, status, body, stall=True, cut=mode is Mode.CUT)
-        return _send(request, status, body)
+            _send(request, status, body, stall=True, cut=mode is Mode.CUT)
+            return
+        _send(request, status, body)
+        return
 
-    def _error(
-        self, request: Request, behaviour: ProviderBehaviour, status: int, message: str | None
-    ) -> None:
+    def _error(self, request: Request, behaviour: ProviderBehaviour, status: int, message: str | None) -> None:
         document = self._dialect.error_document(status, message, behaviour.key)
         _send(request, status, json.dumps(document).encode())
+
+
+def _transport(request: Request) -> ITransport:
+    transport = request.channel.transport
+    assert transport is not None
+    return transport
 
 
 def _send(request: Request, status: int, body: bytes, stall: bool = False, cut: bool = False) -> None:
@@ -583,7 +606,7 @@ def _send(request: Request, status: int, body: bytes, stall: bool = False, cut: 
     if stall:
         request.write(body[: len(body) // 2])
         if cut:
-            request.channel.transport.loseConnection()
+            _transport(request).loseConnection()
         return
     request.write(body)
     request.finish()
@@ -621,14 +644,12 @@ class _Streamer:
                     # loseConnection, not abort: the events written so far
                     # are still in the send buffer and must go out first.
                     self._over = True
-                    self.request.channel.transport.loseConnection()
+                    _transport(self.request).loseConnection()
                 return
             self.request.write(b"data: " + self.stream.events[self._sent] + self.stream.separator)
             self._sent += 1
             if interval > 0 and self._sent < len(self.stream.events):
-                self.upstream.open_requests.timers[self.request] = self.upstream.reactor.callLater(
-                    interval, self._next
-                )
+                self.upstream.open_requests.timers[self.request] = self.upstream.reactor.callLater(interval, self._next)
                 return
         self._over = True
         self.request.finish()
@@ -680,6 +701,16 @@ class MountedProvider:
     path: str
     dialect: Dialect
     behaviour: ProviderBehaviour
+
+
+class _QuietSite(Site):
+    """
+    A site without an access log (for benchmarks: the line costs more than
+    the answer).
+    """
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 @attrs.define
@@ -747,27 +778,29 @@ class StandInUpstream:
             line costs more than the answer).
         """
         self._root = self.resource()
-        site = Site(self._root, reactor=self.reactor)
-        if not access_log:
-            site.log = lambda request: None
+        site = Site(self._root, reactor=self.reactor) if access_log else _QuietSite(self._root, reactor=self.reactor)
         self._connections = _TrackedConnections(site)
-        self._port = self.reactor.listenTCP(
-            port, self._connections, backlog=BACKLOG, interface=interface
-        )
+        self._port = self.reactor.listenTCP(port, self._connections, backlog=BACKLOG, interface=interface)
         return self._port
+
+    def _address(self) -> IPv4Address | IPv6Address:
+        assert self._port is not None, "call listen() first"
+        address = self._port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
+        return address
 
     @property
     def port(self) -> int:
         if self._port is None:
             raise RuntimeError("the stand-in upstream is not listening; call listen() first")
-        return int(self._port.getHost().port)
+        return int(self._address().port)
 
     def base_url(self, provider_id: str) -> str:
         """
         The base URL an adapter should be configured with.
         """
         assert self._port is not None, "call listen() first"
-        host = self._port.getHost().host
+        host = self._address().host
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
         if ":" in host:

@@ -26,9 +26,7 @@ from openclaw.dataplane.sse import Event
 from openclaw.providers.wire import StreamBroken, completion_id, json_object
 
 #: Gemini finish reasons that mean "cut short by a filter".
-_FILTERED = frozenset(
-    {"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"}
-)
+_FILTERED = frozenset({"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
 _FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
 
 #: OpenAI request field -> generationConfig field, copied as they are.
