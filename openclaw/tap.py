@@ -12,6 +12,7 @@ from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime, IStreamServerEndpoint
 from twisted.python import usage
 
+from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
 from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
@@ -98,16 +99,35 @@ def makeService(options: Options, reactor: IReactorCore | None = None, stdout: I
                 "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "
                 "the session token is never written to the log"
             )
-        control = _endpoint(reactor, "CONTROL_LISTEN (--listen)", settings.control_listen, settings.port, settings)
-        api = _endpoint(reactor, "API_LISTEN (--api-listen)", settings.api_listen, settings.api_port, settings)
+        control = _endpoint(
+            reactor,
+            ("CONTROL_LISTEN", "--listen"),
+            ("WS_CONTROL_PORT", "--port"),
+            settings.control_listen,
+            settings.port,
+            settings,
+        )
+        api = _endpoint(
+            reactor,
+            ("API_LISTEN", "--api-listen"),
+            ("API_PORT", "--api-port"),
+            settings.api_listen,
+            settings.api_port,
+            settings,
+        )
         metrics = (
-            _endpoint(reactor, "METRICS_LISTEN (--metrics-listen)", settings.metrics_listen, 0, settings)
+            _endpoint(reactor, ("METRICS_LISTEN", "--metrics-listen"), None, settings.metrics_listen, 0, settings)
             if settings.metrics_listen
             else None
         )
         destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
     except ConfigError as e:
         _fail(str(e))
+    except CannotListen as e:
+        # Here, before twistd daemonizes: the line reaches the terminal.
+        sys.stderr.write(e.line + "\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
@@ -147,18 +167,35 @@ def _show_token(twistd_options: Any, settings: Settings, stdout: IO[str]) -> boo
 
 
 def _endpoint(
-    reactor: IReactorCore, name: str, description: str | None, port: int, settings: Settings
+    reactor: IReactorCore,
+    endpoint_setting: tuple[str, str],
+    port_setting: tuple[str, str] | None,
+    description: str | None,
+    port: int,
+    settings: Settings,
 ) -> IStreamServerEndpoint:
     """
-    The endpoint an operator described, else TCP on C{port} of the
-    configured interface.
+    The endpoint an operator described (C{endpoint_setting}: the setting
+    and option that take an endpoint string), else TCP on C{port} of the
+    configured interface (C{port_setting}), which must be free now.
+
+    @raise ConfigError: the endpoint string is not usable.
+    @raise CannotListen: the port is taken (or not ours to take).
     """
-    description = description or tcp_endpoint_description(port, settings)
+    if description is None:
+        assert port_setting is not None
+        listener = Listener(host_port(settings.interface, port), *port_setting)
+        check_free(listener, settings.interface, port)
+        description = tcp_endpoint_description(port, settings)
+    else:
+        listener = Listener(description, *endpoint_setting)
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
-        return endpoint
     except Exception as e:
-        raise ConfigError(f"{name}={description!r} is not a usable Twisted endpoint: {e}") from None
+        raise ConfigError(
+            f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} is not a usable Twisted endpoint: {e}"
+        ) from None
+    return NamedEndpoint(endpoint, listener)
 
 
 def _fail(message: str) -> NoReturn:

@@ -25,12 +25,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.error import CannotListenError
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
+from openclaw.listeners import CannotListen
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
 
@@ -155,8 +155,13 @@ class ListenTests(TestCase):
             )
             service = makeService(options, reactor, stdout=io.StringIO())
             self.addCleanup(service.stopService)
-            with self.assertRaises(CannotListenError):
+            with self.assertRaises(CannotListen) as raised:
                 service.startService()
+            self.assertEqual(
+                str(raised.exception),
+                f"openclaw: cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN): address already in use; "
+                "is another gateway running? choose another endpoint with --api-listen",
+            )
 
     def test_bad_endpoint_is_one_line(self):
         options = Options()

@@ -6,6 +6,7 @@ package, in a subprocess.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,52 @@ class TwistdTests(TestCase):
             self.assertEqual(len(lines), 1, err)
             self.assertIn(expected, lines[0])
             self.assertNotIn(b"Traceback", out + err)
+
+    @inlineCallbacks
+    def test_port_in_use_is_one_line(self):
+        """
+        A port already taken ends start-up with one line naming the setting
+        and the way out, exit status 1 and no traceback: in the foreground,
+        and as a daemon (on the terminal that ran twistd, before it
+        detaches).
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            run = str(Path(self.mktemp_dir()).resolve())
+            cases = [
+                (
+                    ["-n", "--pidfile=", "openclaw", "--interface", "127.0.0.1", "--api-port", str(port)],
+                    f"openclaw: cannot listen on 127.0.0.1:{port} (API_PORT): address already in use; "
+                    "is another gateway running? choose another port with --api-port",
+                ),
+                (
+                    [
+                        "--pidfile",
+                        f"{run}/p",
+                        "--logfile",
+                        f"{run}/l",
+                        "openclaw",
+                        "--interface",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--token-file",
+                        f"{run}/token",
+                    ],
+                    f"openclaw: cannot listen on 127.0.0.1:{port} (WS_CONTROL_PORT): address already in use; "
+                    "is another gateway running? choose another port with --port",
+                ),
+            ]
+            for args, expected in cases:
+                out, err, code = yield getProcessOutputAndValue(
+                    twistd_path(), args, env=base_env(JWT_SECRET=SECRET), path=run
+                )
+                self.assertEqual(code, 1, err)
+                self.assertEqual(err.decode().splitlines(), [expected])
+                self.assertNotIn(b"Traceback", out + err)
+                self.assertFalse(Path(run, "p").exists())
 
     def mktemp_dir(self) -> str:
         path = Path(self.mktemp())

@@ -1,0 +1,118 @@
+"""
+The gateway's listeners as an operator names them, and the one-line error
+when one cannot be had.
+
+A port already in use is the most common start-up failure.  It must be told
+in one line, on the terminal that ran C{twistd}, naming the setting and the
+way out, whether the gateway runs in the foreground or as a daemon (which
+detaches before any service starts): so the ports given as C{--port} /
+C{--api-port} are tried here, before twistd forks (L{check_free}), and a
+listener that still fails when the service starts (an endpoint string, or a
+port taken in between) fails with the same wording (L{NamedEndpoint}).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class CannotListen(SystemExit):
+    """
+    A listener cannot be had: the process ends with status 1 and this one
+    line (C{str()}), no traceback.
+    """
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+@attrs.frozen
+class Listener:
+    """
+    One listener as an operator configures it.
+
+    @ivar where: what it listens on, as shown (C{"[::]:18790"}, or an
+        endpoint string).
+    @ivar setting: the setting that chose it (C{"API_PORT"}).
+    @ivar option: the command-line option that overrides it (C{"--api-port"}).
+    """
+
+    where: str
+    setting: str
+    option: str
+
+    def failure_line(self, error: BaseException) -> str:
+        """
+        C{openclaw: cannot listen on [::]:18790 (API_PORT): address already
+        in use; is another gateway running? choose another port with
+        --api-port}.
+        """
+        code = getattr(getattr(error, "socketError", error), "errno", None)
+        if code == errno.EADDRINUSE:
+            reason = "address already in use; is another gateway running?"
+        elif code == errno.EACCES:
+            reason = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE);"
+        elif code == errno.EADDRNOTAVAIL:
+            reason = "this host has no such address;"
+        else:
+            cause = getattr(error, "socketError", None) or error
+            reason = f"{getattr(cause, 'strerror', None) or cause};"
+        target = "port" if self.option in ("--port", "--api-port") else "endpoint"
+        return f"openclaw: cannot listen on {self.where} ({self.setting}): {reason} choose another {target} with {self.option}"
+
+
+def host_port(interface: str, port: int) -> str:
+    """
+    An address as shown in messages: C{[::]:18790}, C{127.0.0.1:18790}.
+    """
+    return f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+
+
+def check_free(listener: Listener, interface: str, port: int) -> None:
+    """
+    Try to bind C{interface}:C{port} as the gateway's TCP listener will
+    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once.
+
+    @raise CannotListen: it cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, port))
+    except OSError as e:
+        raise CannotListen(listener.failure_line(e)) from None
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class NamedEndpoint:
+    """
+    An endpoint that fails to listen with L{CannotListen}, in the
+    listener's words, instead of a bare L{CannotListenError}.
+    """
+
+    endpoint: IStreamServerEndpoint
+    listener: Listener
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        listening: Deferred[IListeningPort] = self.endpoint.listen(protocolFactory)
+        return listening.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        error = failure.value
+        if isinstance(error, CannotListenError):
+            return Failure(CannotListen(self.listener.failure_line(error)))
+        return failure
