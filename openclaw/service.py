@@ -161,7 +161,12 @@ class GatewayService(MultiService):
         )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
-        self.route = ActiveRoute(self.store.load() or Route(provider, settings.default_model(provider)))
+        configured = Route(provider, settings.default_model(provider))
+        #: The route the state file held, when it replaced the configured one.
+        self.restored_route = self.store.load()
+        self.route = ActiveRoute(self.restored_route or configured)
+        if self.restored_route == configured:
+            self.restored_route = None
         self.started_at = time.time()
         commands = ControlCommands(
             route=self.route,
@@ -211,8 +216,38 @@ class GatewayService(MultiService):
                 "JWT_SECRET is not set: tokens are signed with a random secret made "
                 "for this process only. Set JWT_SECRET (32 bytes or more) in production."
             )
+        self._warn_about_setup()
         self._announce(self.sessions.issue())
         super().startService()
+
+    def _warn_about_setup(self) -> None:
+        """
+        One warning line for each thing an operator would otherwise find
+        out the hard way: a provider without a key, an API every client of
+        which is refused, an active provider that is not DEFAULT_PROVIDER.
+        """
+        if self.api_site is not None:
+            for adapter in self.providers:
+                warning = adapter.missing_key_warning()
+                if warning is not None:
+                    self._log.warn(
+                        "{warning}: calls to {provider} are refused with 503 until it is set",
+                        warning=warning,
+                        provider=adapter.id,
+                    )
+            if not self.settings.gateway_api_keys:
+                self._log.warn(
+                    "GATEWAY_API_KEYS is not set: every /v1 call will be refused with 401; "
+                    "set it to a comma-separated list of the keys clients may use"
+                )
+        if self.restored_route is not None:
+            self._log.warn(
+                "the active provider is {route}, restored from {path} (the last switch_provider) "
+                "rather than DEFAULT_PROVIDER={default}; switch_provider changes it",
+                route=f"{self.restored_route.provider_id}/{self.restored_route.model}",
+                path=str(self.store.path),
+                default=self.settings.default_provider,
+            )
 
     def rotate_token(self) -> SessionToken:
         """
