@@ -19,6 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
     Agent,
@@ -562,6 +563,9 @@ class ErrorTests(DataPlaneTestCase):
 
     @inlineCallbacks
     def test_not_found_and_method(self):
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         gateway = self.gateway()
         http = self.http()
         base = f"http://127.0.0.1:{gateway.api_port}"
@@ -579,6 +583,14 @@ class ErrorTests(DataPlaneTestCase):
             self.assertEqual(response.code, 405, (method, path))
             self.assertEqual(response.headers.getRawHeaders("allow"), [allowed])
             self.assertOpenAIError((yield response.text()), "method_not_allowed")
+        # Each is counted, and logged (at info, as every refused request).
+        response = yield http.get(base + "/metrics")
+        text = yield response.text()
+        self.assertIn('openclaw_api_requests_total{provider="-",status="404"} 6.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="405"} 4.0', text)
+        refused = [e for e in events if e.get("status") in (404, 405)]
+        self.assertEqual(len(refused), 10)
+        self.assertEqual(refused[0]["outcome"], "unknown_url")
 
     @inlineCallbacks
     def test_upstream_error(self):

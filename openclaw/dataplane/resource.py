@@ -87,14 +87,14 @@ class APIResource(Resource):
     def render(self, request: Request) -> Any:
         if not self.allowedMethods:
             # A branch of the tree (/, /v1): nothing to serve here.
-            return error_response(request, not_found(request.path.decode("utf-8", "replace")))
+            return self.refuse(request, not_found(request.path.decode("utf-8", "replace")))
         method = request.method
         handler = getattr(self, "render_" + method.decode("ascii", "replace"), None)
         if handler is None:
             if method == b"HEAD" and b"GET" in self.allowedMethods:
                 # Twisted answers HEAD from render_GET when told so.
                 raise UnsupportedMethod(self.allowedMethods)
-            return error_response(
+            return self.refuse(
                 request, method_not_allowed(method.decode("ascii", "replace"), tuple(self.allowedMethods))
             )
         if self.context.draining:
@@ -110,6 +110,14 @@ class APIResource(Resource):
         except Exception:
             self.context.log.failure("API request failed unexpectedly")
             return error_response(request, internal_error())
+
+    def refuse(self, request: Request, error: APIError) -> bytes:
+        """
+        Answer with C{error} at once, counted and logged like every other
+        answered request.
+        """
+        self.context.completed(request, self.context.reactor.seconds(), error.status, outcome=error.code)
+        return error_response(request, error)
 
 
 class NotFound(APIResource):
