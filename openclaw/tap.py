@@ -147,8 +147,7 @@ def _freeze_startup_objects() -> None:
     Move everything built at start-up (modules, services, settings: some
     hundreds of thousands of objects) out of the garbage collector's sight.
     They live as long as the process, yet every full collection would walk
-    them all again: tens of milliseconds each, a few times a minute under
-    load, on the reactor's one thread.  (C{gc.freeze}, as CPython's
+    them all again, on the reactor's one thread.  (C{gc.freeze}, as CPython's
     documentation suggests for long-running servers.)
     """
     gc.collect()
