@@ -228,11 +228,13 @@ class GatewayService(MultiService):
         """
         if self.api_site is not None:
             for adapter in self.providers:
-                warning = adapter.missing_key_warning()
-                if warning is not None:
+                missing = adapter.missing_key_warning()
+                if missing is not None:
+                    # Not "warning=": trial's reporter takes an event with
+                    # that field for a Python warning.
                     self._log.warn(
-                        "{warning}: calls to {provider} are refused with 503 until it is set",
-                        warning=warning,
+                        "{missing}: calls to {provider} are refused with 503 until it is set",
+                        missing=missing,
                         provider=adapter.id,
                     )
             if not self.settings.gateway_api_keys:
