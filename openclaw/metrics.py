@@ -139,6 +139,122 @@ class CommandTally:
         yield counter
 
 
+#: Distinct models counted per provider in C{openclaw_api_tokens_total};
+#: any further one is counted as L{OTHER_MODEL}.
+MAX_MODEL_SERIES = 32
+OTHER_MODEL = "other"
+#: The gateway's own time per call is small: from 0.1 ms up.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, float("inf"))
+#: A model may think for a while before its first token.
+FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
+
+
+def _token_count(value: Any) -> int:
+    # A count as providers send it: a whole number of at least 0; anything
+    # else (absent, null, a string) counts nothing rather than failing.
+    return value if type(value) is int and value > 0 else 0
+
+
+class CallCosts:
+    """
+    What model calls cost: tokens by provider, model and kind, the time to
+    a stream's first chunk by provider, and the gateway's own time per call.
+
+    Labelled children are resolved once per C{(provider, model)} and kept
+    in a dict: a call costs a few dict lookups and C{inc}/C{observe} calls.
+    The C{model} label is the route's model as the client or operator
+    named it; only the first L{MAX_MODEL_SERIES} distinct ones per provider
+    get their own series, later ones are counted under C{"other"}, so
+    random model names cannot grow the series without bound (and tokens
+    are only counted from answers, which a provider gives only for a model
+    it serves).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._tokens = Counter(
+            "openclaw_api_tokens",
+            "Tokens of model calls from the answers' usage, by provider, model and kind "
+            "(prompt, completion, reasoning; reasoning is part of completion)",
+            ["provider", "model", "kind"],
+            registry=registry,
+        )
+        self._first_token = Histogram(
+            "openclaw_api_time_to_first_token_seconds",
+            "Time from a streamed call's arrival to its first chunk sent to the client, by provider",
+            ["provider"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self._overhead_histogram = Histogram(
+            "openclaw_api_overhead_seconds",
+            "The gateway's own time per model call: its whole time minus the time spent waiting on the provider",
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        #: (provider, model) -> the children for prompt, completion, reasoning.
+        self._token_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._models: dict[str, set[str]] = {}
+        self._first_token_children: dict[str, Any] = {}
+
+    def tokens(self, provider: str, model: str, usage: Any) -> None:
+        """
+        Count one answer's C{usage} (OpenAI's shape: C{prompt_tokens},
+        C{completion_tokens}, C{completion_tokens_details.reasoning_tokens});
+        fields missing or not counts are skipped.
+        """
+        if not isinstance(usage, dict):
+            return
+        children = self._token_children.get((provider, model))
+        if children is None:
+            children = self._children(provider, model)
+        prompt, completion, reasoning = children
+        count = _token_count(usage.get("prompt_tokens"))
+        if count:
+            prompt.inc(count)
+        count = _token_count(usage.get("completion_tokens"))
+        if count:
+            completion.inc(count)
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, dict):
+            count = _token_count(details.get("reasoning_tokens"))
+            if count:
+                reasoning.inc(count)
+
+    def _children(self, provider: str, model: str) -> tuple[Any, Any, Any]:
+        models = self._models.setdefault(provider, set())
+        if len(models) < MAX_MODEL_SERIES:
+            models.add(model)
+            label = model
+        else:
+            label = OTHER_MODEL
+        children = self._token_children.get((provider, label))
+        if children is None:
+            counter = self._tokens
+            children = self._token_children[(provider, label)] = (
+                counter.labels(provider, label, "prompt"),
+                counter.labels(provider, label, "completion"),
+                counter.labels(provider, label, "reasoning"),
+            )
+        # A model past the bound is not made a key: the dict stays bounded
+        # too, and such a model's calls take this path each time.
+        return children
+
+    def first_token(self, provider: str, seconds: float) -> None:
+        """
+        A stream's first chunk went out C{seconds} after the call arrived.
+        """
+        child = self._first_token_children.get(provider)
+        if child is None:
+            child = self._first_token_children[provider] = self._first_token.labels(provider)
+        child.observe(seconds)
+
+    def overhead(self, seconds: float) -> None:
+        """
+        A call took C{seconds} of the gateway's own time.
+        """
+        self._overhead_histogram.observe(max(seconds, 0.0))
+
+
 class GatewayMetrics:
     """
     Every metric the gateway exports.
@@ -195,6 +311,8 @@ class GatewayMetrics:
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
         for provider in providers:
             self.provider_up.labels(provider)
+        #: Tokens, time to first token and overhead of model calls.
+        self.call_costs = CallCosts(registry)
 
     def command(self, cmd: str, outcome: str) -> None:
         self._commands[(cmd, outcome)] += 1

@@ -193,7 +193,9 @@ class GatewayService(MultiService):
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:
-            self.api_site = build_site(self.route, self.providers, settings, reactor, self.metrics.api_requests)
+            self.api_site = build_site(
+                self.route, self.providers, settings, reactor, self.metrics.api_requests, self.metrics.call_costs
+            )
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             self._listen(api_endpoint, self.api_site)

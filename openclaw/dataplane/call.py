@@ -28,6 +28,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.cost import ProviderWait, answer_usage
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
     APIError,
@@ -74,12 +75,21 @@ class ChatCall:
     _relay: _StreamRelay | None = None
     #: The client has its answer, or has gone: nothing more is written.
     _over: bool = False
+    #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
+    provider_wait: ProviderWait = attrs.field(
+        default=attrs.Factory(lambda self: ProviderWait(self.context.reactor.seconds), takes_self=True)
+    )
+    #: A stream's translation, once the stream has started.
+    _translation: StreamTranslation | None = None
+    #: A stream's first chunk has gone to the client.
+    _first_chunk_sent: bool = False
 
     def start(self, body: bytes) -> None:
         context = self.context
         context.call_started()
         self._timer = context.reactor.callLater(context.timeout, self._timed_out)
         self.request.notifyFinish().addErrback(self._client_gone)
+        self.provider_wait.begin()
         d = self._pending = self.adapter.post_chat(self.route.model, body, self.chat.stream)
         d.addCallbacks(self._got_response, self._exchange_failed)
         d.addErrback(self._bug)
@@ -88,6 +98,7 @@ class ChatCall:
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
+        self.provider_wait.end()
         if self._over:
             return
         if not 200 <= response.code < 300:
@@ -99,18 +110,21 @@ class ChatCall:
 
     def _read(self, response: IResponse, what: str, then: Any, *args: Any) -> None:
         self._waiting_for = what
+        self.provider_wait.begin()
         d = self._pending = read_body(response)
         d.addCallbacks(then, self._exchange_failed, callbackArgs=args)
         d.addErrback(self._bug)
 
     def _got_body(self, body: bytes) -> None:
         self._pending = None
+        self.provider_wait.end()
         if self._over:
             return
         try:
             answer = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", "upstream_malformed"))
+        self.context.costs.tokens(self.route.provider_id, self.route.model, answer_usage(answer))
         self._finish_call()
         request = self.request
         try:
@@ -147,7 +161,9 @@ class ChatCall:
         request.write(b"")  # the headers, now: the client may show progress
         self._waiting_for = "the next chunk"
         created = int(self.context.reactor.seconds())
-        self._relay = _StreamRelay(self, self.wire.stream(self.chat, self.route.model, created))
+        translation = self._translation = self.wire.stream(self.chat, self.route.model, created)
+        self._relay = _StreamRelay(self, translation)
+        self.provider_wait.begin()
         response.deliverBody(self._relay)
 
     def stream_data(self, events: bytes, translation: StreamTranslation) -> None:
@@ -160,6 +176,9 @@ class ChatCall:
         assert self._timer is not None
         self._timer.reset(self.context.timeout)
         if events:
+            if not self._first_chunk_sent:
+                self._first_chunk_sent = True
+                self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
             self.request.write(events)
         if translation.ended:
             self._close_stream(translation)
@@ -258,8 +277,22 @@ class ChatCall:
         stop waiting on it closes the connection only after the answer) and
         log it.
         """
+        self._count_costs()
         self.context.call_ended()
         self.context.completed(self.request, self.started, status, self.route, self.chat.stream, outcome)
+
+    def _count_costs(self) -> None:
+        """
+        Count a stream's usage (whole answers count theirs as they are
+        read) and the gateway's own time: all of it but the waits on the
+        provider.
+        """
+        costs = self.context.costs
+        if self._translation is not None:
+            costs.tokens(self.route.provider_id, self.route.model, self._translation.usage)
+        wait = self.provider_wait
+        wait.end()
+        costs.overhead(self.context.reactor.seconds() - self.started - wait.waited)
 
     def _route_headers(self) -> None:
         self.request.setHeader(PROVIDER_HEADER, self.route.provider_id.encode())
@@ -293,6 +326,16 @@ class _StreamRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
             return
+        # The wait on the provider ends here, and starts again once these
+        # events are sent on.
+        wait = self._call.provider_wait
+        wait.end()
+        try:
+            self._translate(data)
+        finally:
+            wait.begin()
+
+    def _translate(self, data: bytes) -> None:
         translation = self._translation
         out: list[bytes] = []
         try:
@@ -308,6 +351,7 @@ class _StreamRelay(Protocol):
         self._call.stream_data(b"".join(out), translation)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._call.provider_wait.end()
         self._release()
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()

@@ -12,7 +12,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
 from openclaw.dataplane.auth import GatewayKeys
-from openclaw.metrics import RequestTally
+from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.settings import Settings
@@ -36,6 +36,9 @@ class APIContext:
     #: Every finished request is counted here (C{openclaw_api_requests}).
     tally: RequestTally
     log: Logger = attrs.field(factory=lambda: Logger(namespace="openclaw.dataplane"))
+    #: Tokens, time to first token and overhead of chat calls
+    #: (C{openclaw_api_tokens}, ...); unregistered unless given.
+    costs: CallCosts = attrs.field(factory=CallCosts)
     #: Log each successful request, at debug level: model calls come
     #: thousands a second, as C{ping} does on the control plane, and are
     #: counted in L{tally} instead.  Only when LOG_LEVEL is debug: else
@@ -80,6 +83,7 @@ class APIContext:
         settings: Settings,
         reactor: IReactorTime,
         tally: RequestTally,
+        costs: CallCosts | None = None,
     ) -> APIContext:
         return cls(
             route=route,
@@ -90,6 +94,7 @@ class APIContext:
             tally=tally,
             log_successes=settings.log_level == "debug",
             log_failures=settings.log_level not in _QUIET_LEVELS,
+            costs=CallCosts() if costs is None else costs,
         )
 
     def completed(

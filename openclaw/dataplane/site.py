@@ -23,7 +23,7 @@ from openclaw.connections import OpenConnections
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
-from openclaw.metrics import RequestTally
+from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute
 from openclaw.settings import Settings
@@ -222,14 +222,17 @@ def build_site(
     settings: Settings,
     reactor: IReactorTime,
     tally: RequestTally,
+    costs: CallCosts | None = None,
 ) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}).
 
     @param tally: where each finished request is counted (the service's
         C{openclaw_api_requests} metrics).
+    @param costs: where each chat call's tokens and times are counted (the
+        service's C{openclaw_api_tokens} and kin).
     """
-    context = APIContext.from_settings(route, providers, settings, reactor, tally)
+    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)

@@ -10,7 +10,7 @@ L{OpenAICompatibleAdapter}: its id, display name, variables and defaults
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import orjson
@@ -31,7 +31,13 @@ class OpenAIWire:
     """
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
-        return orjson.dumps({**chat.body, "model": model})
+        body = {**chat.body, "model": model}
+        if chat.stream and not chat.include_usage:
+            # Every stream's usage is counted: ask for it even when the
+            # client did not (OpenAI's stream_options.include_usage); the
+            # usage chunk is taken out on the way back (OpenAIStream).
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return orjson.dumps(body)
 
     def completion(self, body: bytes, model: str, created: int) -> bytes:
         document = json_object(body)
@@ -40,16 +46,31 @@ class OpenAIWire:
         return body
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
-        return OpenAIStream()
+        return OpenAIStream(include_usage=chat.include_usage)
 
 
 @attrs.define
 class OpenAIStream:
     """
     Events passed on as they are; complete only once C{[DONE]} has come.
+
+    The usage is always asked for upstream (see L{OpenAIWire.request_body})
+    and kept in L{usage}: the usage-only chunk (C{"choices": []}) reaches
+    the client only when it asked for it (C{include_usage}).  Moonshot may
+    put the usage inside the last chunk's C{choices[0].usage} instead
+    (higress PR #1568): it is taken from there, and sent to a client that
+    asked as OpenAI's usage chunk, last.
     """
 
+    #: The client asked for the usage (C{stream_options.include_usage}).
+    include_usage: bool = False
     ended: bool = False
+    usage: dict[str, Any] | None = None
+    #: The usage chunk has gone to the client.
+    _usage_sent: bool = False
+    #: C{id}, C{created}, C{model} of the chunk that carried the usage in
+    #: its choice, for the usage chunk made from it.
+    _head: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -69,11 +90,29 @@ class OpenAIStream:
         message = error_message(document)
         if message is not None:
             raise StreamBroken(message)
+        choices = document.get("choices")
+        usage = document.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if not choices:
+                if not self.include_usage:
+                    return []
+                self._usage_sent = True
+        elif isinstance(choices, list) and choices and isinstance(choices[0], dict) and "usage" in choices[0]:
+            first = dict(choices[0])
+            usage = first.pop("usage")
+            if isinstance(usage, dict):
+                self.usage = usage
+                self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
+            return [orjson.dumps({**document, "choices": [first, *choices[1:]]})]
         # A multi-line event re-encoded on one line; the usual one as it came.
         return [orjson.dumps(document) if b"\n" in data else data]
 
     def closing(self) -> list[bytes]:
-        return []
+        if not self.include_usage or self._usage_sent or self.usage is None:
+            return []
+        self._usage_sent = True
+        return [orjson.dumps({**self._head, "object": "chat.completion.chunk", "choices": [], "usage": self.usage})]
 
 
 @attrs.define(kw_only=True)

@@ -50,6 +50,15 @@ class StreamTranslation(Protocol):
         The answer is whole: a stream that stops now has not been cut.
         """
 
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """
+        The last usage the upstream reported, in OpenAI's C{usage} shape
+        (C{prompt_tokens}, C{completion_tokens},
+        C{completion_tokens_details.reasoning_tokens}); None until one has
+        come.  Counted whether or not the client asked to see it.
+        """
+
     def payloads(self, event: Event) -> list[bytes]:
         """
         The C{chat.completion.chunk} JSON payloads for one upstream event.

@@ -134,6 +134,14 @@ class ProviderBehaviour:
     chunk_interval: float = 0.0
     #: Events a stream sends before L{Mode.STALL} or L{Mode.CUT} strike.
     cut_after: int = 2
+    #: Tokens spent thinking that an answer's usage reports (OpenAI's
+    #: C{completion_tokens_details.reasoning_tokens}, counted in
+    #: C{completion_tokens}; Gemini's C{thoughtsTokenCount}, not counted in
+    #: C{candidatesTokenCount}).
+    reasoning_tokens: int = 0
+    #: A stream reports its usage as Moonshot may: inside the last chunk's
+    #: C{choices[0].usage}, asked for or not, and no usage chunk.
+    usage_in_choice: bool = False
     #: The parsed JSON body of the latest chat call.
     last_body: Any = None
     #: Streamed answers whose client went away before the end.
@@ -381,8 +389,10 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if model not in behaviour.models:
         raise Reject(404, f"Not found the model {model} or Permission denied")
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
-    usage = {"prompt_tokens": 10, "completion_tokens": len(behaviour.reply_pieces()), "total_tokens": 0}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    completion = len(behaviour.reply_pieces()) + behaviour.reasoning_tokens
+    usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}
+    if behaviour.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": behaviour.reasoning_tokens}
     if not body.get("stream"):
         return 200, {
             **base,
@@ -404,8 +414,11 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
         for piece in behaviour.reply_pieces()
     ]
-    events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    if (body.get("stream_options") or {}).get("include_usage"):
+    last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    if behaviour.usage_in_choice:
+        last["usage"] = usage
+    events.append({**chunk, "choices": [last]})
+    if (body.get("stream_options") or {}).get("include_usage") and not behaviour.usage_in_choice:
         events.append({**chunk, "choices": [], "usage": usage})
     return 200, EventStream((*(json.dumps(e).encode() for e in events), b"[DONE]"))
 
@@ -429,7 +442,10 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         )
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
     pieces = behaviour.reply_pieces()
-    usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces), "totalTokenCount": 10 + len(pieces)}
+    usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces)}
+    if behaviour.reasoning_tokens:
+        usage["thoughtsTokenCount"] = behaviour.reasoning_tokens
+    usage["totalTokenCount"] = 10 + len(pieces) + behaviour.reasoning_tokens
 
     def response(text: str, finish: bool) -> dict[str, Any]:
         candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}

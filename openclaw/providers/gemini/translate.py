@@ -225,6 +225,14 @@ class GeminiStream:
     def complete(self) -> bool:
         return bool(self._finished) and self._finished >= self._started
 
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """
+        The usage of the latest event that carried C{usageMetadata}, as
+        OpenAI's C{usage}; None until one has.
+        """
+        return self._usage
+
     def chunk(self, document: Any) -> dict[str, Any] | None:
         """
         The chunk for one event, or None when it carries nothing to send.
@@ -321,6 +329,10 @@ class GeminiStreamTranslation:
     @property
     def complete(self) -> bool:
         return self.translation.complete
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.translation.usage
 
     def payloads(self, event: Event) -> list[bytes]:
         try:

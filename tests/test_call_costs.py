@@ -1,0 +1,316 @@
+"""
+What a call costs, in C{/metrics}: tokens by provider, model and kind from
+every answer's usage (streams included, whether or not the client asked to
+see it), the time to a stream's first chunk, and the gateway's own time.
+
+The end-to-end tests drive the official openai SDK against a gateway in
+this process, in front of the stand-in upstream, all on 127.0.0.1, and
+read C{/metrics} over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.dataplane.cost import ProviderWait, answer_usage
+from openclaw.dataplane.request import parse_chat_request
+from openclaw.dataplane.sse import Event
+from openclaw.metrics import MAX_MODEL_SERIES, CallCosts
+from openclaw.providers.openai_compatible import OpenAIStream, OpenAIWire
+from tests.support import RunningGateway
+from tests.test_dataplane import HELLO, DataPlaneTestCase
+
+#: The stand-in's reply, "Hello from the stand-in.", is four stream events.
+PIECES = 4
+REASONING = 3
+KIMI_MODEL = "moonshot-v1-8k"
+GEMINI_MODEL = "gemini-2.5-pro"
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """
+    Every sample of a Prometheus exposition, by name and labels.
+    """
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+class CostMetricsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def metrics(self, gateway: RunningGateway) -> Any:
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/metrics")
+        self.assertEqual(response.code, 200)
+        text = yield response.text("utf-8")
+        return samples(text)
+
+    def tokens(self, found: Any, provider: str, model: str, kind: str) -> float | None:
+        return sample(found, "openclaw_api_tokens_total", provider=provider, model=model, kind=kind)
+
+    @inlineCallbacks
+    def test_tokens_whole_and_streamed(self):
+        """
+        Both providers: a whole answer, a stream without
+        C{stream_options.include_usage} (no usage chunk reaches the client,
+        yet it is counted) and one with it (exactly one usage chunk, last),
+        reasoning tokens included.
+        """
+        self.upstream.kimi.reasoning_tokens = REASONING
+        self.upstream.gemini.reasoning_tokens = REASONING
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+
+        def stream(model: str, **options: Any) -> list[Any]:
+            return list(client.chat.completions.create(model=model, messages=HELLO, stream=True, **options))
+
+        completions: dict[str, int] = {}
+        for provider, model in (("kimi", KIMI_MODEL), ("gemini", GEMINI_MODEL)):
+            whole = yield deferToThread(client.chat.completions.create, model=f"{provider}/{model}", messages=HELLO)
+            self.assertEqual(whole.usage.prompt_tokens, 10, provider)
+            self.assertEqual(whole.usage.completion_tokens_details.reasoning_tokens, REASONING, provider)
+            completions[provider] = whole.usage.completion_tokens
+
+            plain = yield deferToThread(stream, f"{provider}/{model}")
+            text = "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+            self.assertEqual(text, "Hello from the stand-in.", provider)
+            self.assertEqual([c for c in plain if c.usage is not None or not c.choices], [], provider)
+
+            counted = yield deferToThread(stream, f"{provider}/{model}", stream_options={"include_usage": True})
+            with_usage = [c for c in counted if c.usage is not None]
+            self.assertEqual(len(with_usage), 1, provider)
+            self.assertIs(with_usage[0], counted[-1])
+            self.assertEqual(counted[-1].choices, [])
+            self.assertEqual(counted[-1].usage.model_dump(exclude_none=True), whole.usage.model_dump(exclude_none=True))
+        # Kimi was asked for the usage even when the client did not ask.
+        self.assertEqual(completions["kimi"], PIECES + REASONING)
+
+        found = yield self.metrics(gateway)
+        for provider, model in (("kimi", KIMI_MODEL), ("gemini", GEMINI_MODEL)):
+            self.assertEqual(self.tokens(found, provider, model, "prompt"), 3 * 10, provider)
+            self.assertEqual(self.tokens(found, provider, model, "completion"), 3 * completions[provider], provider)
+            self.assertEqual(self.tokens(found, provider, model, "reasoning"), 3 * REASONING, provider)
+
+    @inlineCallbacks
+    def test_upstream_asked_for_usage(self):
+        """
+        An OpenAI-compatible provider is asked for the stream's usage
+        whatever the client asked; the client's other stream options are
+        kept.
+        """
+        gateway = self.gateway()
+        response, text = yield self.post(
+            gateway,
+            {"model": f"kimi/{KIMI_MODEL}", "messages": HELLO, "stream": True, "stream_options": {"x": 1}},
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.upstream.kimi.last_body["stream_options"], {"x": 1, "include_usage": True})
+        self.assertNotIn('"usage"', text)
+        found = yield self.metrics(gateway)
+        self.assertEqual(self.tokens(found, "kimi", KIMI_MODEL, "completion"), PIECES)
+
+    @inlineCallbacks
+    def test_moonshot_usage_in_choice(self):
+        """
+        Moonshot may report a stream's usage inside the last chunk's
+        C{choices[0].usage}: counted from there, and given to a client that
+        asked as OpenAI's usage chunk.
+        """
+        self.upstream.kimi.usage_in_choice = True
+        self.upstream.kimi.reasoning_tokens = REASONING
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"model": f"kimi/{KIMI_MODEL}", "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn('"usage"', text)
+
+        def stream() -> list[Any]:
+            client = self.sdk(gateway)
+            return list(
+                client.chat.completions.create(
+                    model=f"kimi/{KIMI_MODEL}", messages=HELLO, stream=True, stream_options={"include_usage": True}
+                )
+            )
+
+        chunks = yield deferToThread(stream)
+        with_usage = [c for c in chunks if c.usage is not None]
+        self.assertEqual(len(with_usage), 1)
+        self.assertIs(with_usage[0], chunks[-1])
+        self.assertEqual(chunks[-1].choices, [])
+        self.assertEqual(chunks[-1].usage.completion_tokens, PIECES + REASONING)
+        self.assertEqual({c.id for c in chunks}, {"chatcmpl-standin"})
+        found = yield self.metrics(gateway)
+        self.assertEqual(self.tokens(found, "kimi", KIMI_MODEL, "prompt"), 2 * 10)
+        self.assertEqual(self.tokens(found, "kimi", KIMI_MODEL, "completion"), 2 * (PIECES + REASONING))
+        self.assertEqual(self.tokens(found, "kimi", KIMI_MODEL, "reasoning"), 2 * REASONING)
+
+    @inlineCallbacks
+    def test_first_token_and_overhead(self):
+        """
+        Each stream's time to its first chunk is counted by provider, and
+        every call's own time (without the provider's: here a delay before
+        the headers and gaps between a stream's events) in the overhead.
+        """
+        delay = 0.3
+        for behaviour in (self.upstream.kimi, self.upstream.gemini):
+            behaviour.delay = delay
+            behaviour.chunk_interval = 0.05
+        gateway = self.gateway()
+        for provider, model in (("kimi", KIMI_MODEL), ("gemini", GEMINI_MODEL)):
+            response, _ = yield self.post(gateway, {"model": f"{provider}/{model}", "messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 200)
+        response, _ = yield self.post(gateway, {"model": f"kimi/{KIMI_MODEL}", "messages": HELLO})
+        self.assertEqual(response.code, 200)
+
+        found = yield self.metrics(gateway)
+        for provider in ("kimi", "gemini"):
+            name = "openclaw_api_time_to_first_token_seconds"
+            self.assertEqual(sample(found, f"{name}_count", provider=provider), 1, provider)
+            self.assertEqual(sample(found, f"{name}_bucket", provider=provider, le="0.25"), 0, provider)
+            self.assertGreaterEqual(sample(found, f"{name}_sum", provider=provider), delay, provider)
+        self.assertEqual(sample(found, "openclaw_api_overhead_seconds_count"), 3)
+        total = sum(sample(found, "openclaw_api_request_seconds_sum", provider=p) or 0 for p in ("kimi", "gemini"))
+        self.assertGreater(total, 3 * delay)
+        # Without the waits taken out this would be over 0.9 s.
+        self.assertLess(sample(found, "openclaw_api_overhead_seconds_sum"), delay)
+
+
+class CallCostsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.registry = CollectorRegistry()
+        self.costs = CallCosts(self.registry)
+
+    def found(self) -> Any:
+        return samples(generate_latest(self.registry).decode())
+
+    def test_tokens(self) -> None:
+        usage = {"prompt_tokens": 5, "completion_tokens": 7, "completion_tokens_details": {"reasoning_tokens": 2}}
+        self.costs.tokens("kimi", "m", usage)
+        self.costs.tokens("kimi", "m", {"prompt_tokens": 1})
+        found = self.found()
+        for kind, count in (("prompt", 6), ("completion", 7), ("reasoning", 2)):
+            self.assertEqual(sample(found, "openclaw_api_tokens_total", provider="kimi", model="m", kind=kind), count)
+
+    def test_junk_usage_ignored(self) -> None:
+        for usage in (None, "12", [], {"prompt_tokens": "9", "completion_tokens": -1}, {"prompt_tokens": True}):
+            self.costs.tokens("kimi", "m", usage)
+        self.costs.tokens("kimi", "m", {"completion_tokens_details": {"reasoning_tokens": 1.5}})
+        found = self.found()
+        values = [v for (name, _), v in found.items() if name == "openclaw_api_tokens_total"]
+        self.assertEqual(set(values), {0.0})
+
+    def test_models_bounded(self) -> None:
+        """
+        Past L{MAX_MODEL_SERIES} distinct models a provider's calls are
+        counted under "other": random model names cannot grow the series.
+        """
+        for i in range(MAX_MODEL_SERIES + 50):
+            self.costs.tokens("kimi", f"model-{i}", {"prompt_tokens": 1})
+        self.costs.tokens("kimi", "model-0", {"prompt_tokens": 1})
+        self.costs.tokens("gemini", "model-999", {"prompt_tokens": 1})
+        found = self.found()
+        models = {
+            dict(labels)["model"]
+            for (name, labels), _ in found.items()
+            if name == "openclaw_api_tokens_total" and dict(labels)["provider"] == "kimi"
+        }
+        self.assertEqual(len(models), MAX_MODEL_SERIES + 1)
+        self.assertIn("other", models)
+        prompt = "openclaw_api_tokens_total"
+        self.assertEqual(sample(found, prompt, provider="kimi", model="other", kind="prompt"), 50)
+        self.assertEqual(sample(found, prompt, provider="kimi", model="model-0", kind="prompt"), 2)
+        self.assertEqual(sample(found, prompt, provider="gemini", model="model-999", kind="prompt"), 1)
+
+    def test_first_token_and_overhead(self) -> None:
+        self.costs.first_token("gemini", 0.4)
+        self.costs.overhead(0.002)
+        self.costs.overhead(-0.000001)  # a clock step back counts as no time
+        found = self.found()
+        self.assertEqual(sample(found, "openclaw_api_time_to_first_token_seconds_count", provider="gemini"), 1)
+        self.assertEqual(sample(found, "openclaw_api_overhead_seconds_count"), 2)
+        self.assertEqual(sample(found, "openclaw_api_overhead_seconds_sum"), 0.002)
+
+
+class ProviderWaitTests(SynchronousTestCase):
+    def test_waits_add_up(self) -> None:
+        clock = Clock()
+        wait = ProviderWait(clock.seconds)
+        wait.end()  # not waiting: nothing
+        wait.begin()
+        clock.advance(2)
+        wait.begin()  # already waiting: the first start counts
+        clock.advance(1)
+        wait.end()
+        clock.advance(5)  # the gateway's own time
+        wait.begin()
+        clock.advance(0.5)
+        wait.end()
+        wait.end()
+        self.assertEqual(wait.waited, 3.5)
+
+
+class UsageTests(SynchronousTestCase):
+    def test_answer_usage(self) -> None:
+        self.assertEqual(answer_usage(b'{"choices": [], "usage": {"prompt_tokens": 1}}'), {"prompt_tokens": 1})
+        self.assertIsNone(answer_usage(b'{"choices": []}'))
+        self.assertIsNone(answer_usage(b'["usage"]'))
+        self.assertIsNone(answer_usage(b'{"usage": '))
+
+    def chat(self, **fields: Any) -> Any:
+        return parse_chat_request(orjson.dumps({"messages": HELLO, **fields}))
+
+    def test_request_asks_for_usage(self) -> None:
+        wire = OpenAIWire()
+        body = json.loads(wire.request_body(self.chat(stream=True), "m"))
+        self.assertEqual(body["stream_options"], {"include_usage": True})
+        # Not for a whole answer: OpenAI refuses stream_options there.
+        self.assertNotIn("stream_options", json.loads(wire.request_body(self.chat(), "m")))
+
+    def events(self, stream: OpenAIStream, *documents: Any) -> list[Any]:
+        out = []
+        for document in documents:
+            out += [json.loads(p) for p in stream.payloads(Event(b"", orjson.dumps(document)))]
+        stream.payloads(Event(b"", b"[DONE]"))
+        return out + [json.loads(p) for p in stream.closing()]
+
+    def test_usage_chunk_stripped_unless_asked(self) -> None:
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        chunks = [
+            {"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+            {"id": "c", "choices": [], "usage": usage},
+        ]
+        stream = OpenAIStream(include_usage=False)
+        self.assertEqual(self.events(stream, *chunks), chunks[:1])
+        self.assertEqual(stream.usage, usage)
+        stream = OpenAIStream(include_usage=True)
+        self.assertEqual(self.events(stream, *chunks), chunks)
+        self.assertEqual(stream.usage, usage)
+
+    def test_usage_in_choice(self) -> None:
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        last = {
+            "id": "c",
+            "created": 7,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "usage": usage}],
+        }
+        without = {**last, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        stream = OpenAIStream(include_usage=False)
+        self.assertEqual(self.events(stream, last), [without])
+        self.assertEqual(stream.usage, usage)
+        stream = OpenAIStream(include_usage=True)
+        usage_chunk = {"id": "c", "created": 7, "model": "m", "object": "chat.completion.chunk", "choices": []}
+        self.assertEqual(self.events(stream, last), [without, {**usage_chunk, "usage": usage}])
