@@ -9,6 +9,7 @@ connection and know when they are gone (L{APISite.close_connections}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -222,14 +223,16 @@ def build_site(
     settings: Settings,
     reactor: IReactorTime,
     tally: RequestTally,
+    count_fallback: Callable[[str, str, str], None] | None = None,
 ) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}).
 
     @param tally: where each finished request is counted (the service's
         C{openclaw_api_requests} metrics).
+    @param count_fallback: counts each failover, C{(from, to, reason)}.
     """
-    context = APIContext.from_settings(route, providers, settings, reactor, tally)
+    context = APIContext.from_settings(route, providers, settings, reactor, tally, count_fallback)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
