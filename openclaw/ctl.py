@@ -336,9 +336,30 @@ def format_status(result: Mapping[str, Any]) -> str:
     width = max(len(key) for key in result) + 1
     lines = []
     for key, value in result.items():
-        shown = format_duration(value) if key == "uptime" and isinstance(value, (int, float)) else value
+        if key == "providers" and isinstance(value, Mapping):
+            shown: Any = format_provider_states(value)
+        else:
+            shown = format_duration(value) if key == "uptime" and isinstance(value, (int, float)) else value
         lines.append(f"{key + ':':<{width}} {'-' if shown is None else shown}")
     return "\n".join(lines)
+
+
+def format_provider_states(providers: Mapping[str, Any]) -> str:
+    """
+    C{"kimi breaker closed, keys 2/2; gemini breaker open, keys 0/1"}:
+    each provider's circuit breaker and how many of its keys are usable.
+    """
+    parts = []
+    for provider_id, state in providers.items():
+        if not isinstance(state, Mapping):
+            parts.append(f"{provider_id} {state}")
+            continue
+        keys = state.get("keys")
+        text = f"{provider_id} breaker {state.get('breaker', '?')}"
+        if isinstance(keys, Mapping):
+            text += f", keys {sum(1 for v in keys.values() if v == 'ok')}/{len(keys)}"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def format_switch(result: Mapping[str, Any]) -> str:

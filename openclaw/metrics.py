@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from itertools import accumulate
 from typing import Any
 
@@ -32,6 +33,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from openclaw.control.admission import PeerAllowlist
+from openclaw.providers.breaker import CircuitBreaker
 
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"
@@ -333,6 +335,42 @@ class GatewayMetrics:
 
     def count_connections(self, count: Callable[[], int]) -> None:
         self.connections.set_function(count)
+
+    def watch_failover(self, breakers: Iterable[tuple[str, CircuitBreaker]]) -> Callable[[str, str, str], None]:
+        """
+        Export C{openclaw_provider_breaker_open{provider}} (1 while the
+        provider's circuit breaker is open, read when scraped) for each
+        C{(provider id, breaker)} pair, and C{openclaw_api_fallbacks_total
+        {from,to,reason}}; returns the function that counts one failover.
+        """
+        gauge = Gauge(
+            "openclaw_provider_breaker_open",
+            "1 while the provider's circuit breaker is open (calls kept away), else 0",
+            ["provider"],
+            registry=self.registry,
+        )
+        for provider, breaker in breakers:
+            gauge.labels(provider).set_function(partial(_breaker_open, breaker))
+        fallbacks = Counter(
+            "openclaw_api_fallbacks",
+            "Calls failed over to another provider, by the provider that failed, the one that took the call "
+            "and why (http_5xx, timeout, connect, rate_limited, auth, no_key, breaker_open)",
+            ["from", "to", "reason"],
+            registry=self.registry,
+        )
+        children: dict[tuple[str, str, str], Any] = {}
+
+        def count(origin: str, target: str, reason: str) -> None:
+            child = children.get((origin, target, reason))
+            if child is None:
+                child = children[(origin, target, reason)] = fallbacks.labels(origin, target, reason)
+            child.inc()
+
+        return count
+
+
+def _breaker_open(breaker: CircuitBreaker) -> float:
+    return 1.0 if breaker.state == "open" else 0.0
 
 
 class MetricsResource(Resource):

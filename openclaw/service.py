@@ -178,6 +178,7 @@ class GatewayService(MultiService):
             clock=reactor.seconds,
             persist=self.store.save,
             on_health=self.metrics.health,
+            provider_states=self.providers.states,
         )
         self.controlplane = controlplane = ControlPlane(
             self.sessions,
@@ -193,8 +194,15 @@ class GatewayService(MultiService):
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:
+            count_fallback = self.metrics.watch_failover((adapter.id, adapter.breaker) for adapter in self.providers)
             self.api_site = build_site(
-                self.route, self.providers, settings, reactor, self.metrics.api_requests, self.metrics.call_costs
+                self.route,
+                self.providers,
+                settings,
+                reactor,
+                self.metrics.api_requests,
+                self.metrics.call_costs,
+                count_fallback,
             )
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)

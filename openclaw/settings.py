@@ -76,6 +76,21 @@ class ProviderSettings:
     #: naming one.
     model: str
     api_key: str | None = attrs.field(default=None, repr=False)
+    #: More keys (C{<ID>_API_KEYS}, comma-separated): with C{api_key}, the
+    #: provider's key pool (see L{keys}).
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    #: The model a call failed over to this provider asks for
+    #: (C{FALLBACK_MODEL_<ID>}); None: L{model}.
+    fallback_model: str | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """
+        Every key of the pool: C{api_key} then C{api_keys}, each once.
+        """
+        from openclaw.providers.keys import merge_keys
+
+        return merge_keys((self.api_key,) if self.api_key else (), self.api_keys)
 
     @classmethod
     def defaults(cls, adapter: type[ProviderAdapter]) -> ProviderSettings:
@@ -173,6 +188,15 @@ class Settings:
     ping_interval_seconds: float = 30.0
     ping_timeout_seconds: float = 10.0
     max_auth_failures: int = 5
+
+    # When a provider fails (failover, circuit breaker).
+    #: C{"auto"}: a call to the active provider that fails before its answer
+    #: started is sent once to the next provider; C{"off"}: never.
+    fallback: str = "auto"
+    #: Consecutive 5xx/timeout/connection failures that open a provider's breaker.
+    breaker_failures: int = 5
+    #: Seconds an open breaker keeps calls away from its provider.
+    breaker_cooldown_seconds: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
@@ -304,6 +328,13 @@ def _log_level(text: str) -> str:
     return text
 
 
+def _fallback(text: str) -> str:
+    text = text.strip().lower()
+    if text not in ("auto", "off"):
+        raise ValueError
+    return text
+
+
 def _url(text: str) -> str:
     text = text.strip()
     if not text.startswith(("http://", "https://")):
@@ -430,11 +461,16 @@ def load_settings(
             key = read(variable, str, "", "")
             if key:
                 break
+        no_keys: tuple[str, ...] = ()
+        more = read(adapter.key_list_variable(), _keys, no_keys, "use comma-separated keys")
+        pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
         return ProviderSettings(
             adapter=adapter,
             base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
             model=read(adapter.model_variable, _non_empty, adapter.default_model_id, "name a model"),
-            api_key=key or None,
+            api_key=pool[0] if pool else None,
+            api_keys=pool[1:],
+            fallback_model=read(adapter.fallback_model_variable(), _non_empty, None, "name a model"),
         )
 
     ids = [adapter.id for adapter in declared]
@@ -539,6 +575,16 @@ def load_settings(
         ),
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
+        ),
+        fallback=read("FALLBACK", _fallback, defaults.fallback, "use auto (fail over to the next provider) or off"),
+        breaker_failures=read(
+            "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, "use a whole number > 0, such as 5"
+        ),
+        breaker_cooldown_seconds=read(
+            "BREAKER_COOLDOWN_SECONDS",
+            _positive_float,
+            defaults.breaker_cooldown_seconds,
+            "use a number of seconds greater than 0, such as 30",
         ),
     )
 

@@ -597,7 +597,7 @@ class ErrorTests(DataPlaneTestCase):
         self.upstream.kimi.mode = "error"
         self.upstream.kimi.error_status = 503
         self.upstream.gemini.mode = "forbidden"
-        gateway = self.gateway()
+        gateway = self.gateway(fallback="off")
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
         self.assertEqual(response.code, 502)
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
@@ -608,15 +608,19 @@ class ErrorTests(DataPlaneTestCase):
         # Gemini's 403 quotes the key; the gateway does not pass it on.
         response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
         self.assertEqual(response.code, 502)
-        error = self.assertOpenAIError(text, "upstream_http_error")
+        error = self.assertOpenAIError(text, "upstream_auth_failed")
         self.assertIn("HTTP 403", error["message"])
-        self.assertIn("check GEMINI_API_KEY", error["message"])
+        self.assertIn("GEMINI_API_KEY / GEMINI_API_KEYS", error["message"])
         self.assertNotIn(GEMINI_KEY, text)
-        # An unknown model is the upstream's 404, carried as a 502.
+        # An unknown model is the upstream's 404, passed on as a 404, with
+        # no hint about the base URL (the host answered).
         self.upstream.kimi.mode = "ok"
         response, text = yield self.post(gateway, {"model": "kimi/no-such-model", "messages": HELLO})
-        self.assertEqual(response.code, 502)
-        self.assertIn("Not found the model no-such-model", self.assertOpenAIError(text)["message"])
+        self.assertEqual(response.code, 404)
+        error = self.assertOpenAIError(text, "upstream_not_found")
+        self.assertEqual(error["type"], "not_found_error")
+        self.assertIn("Not found the model no-such-model", error["message"])
+        self.assertNotIn("BASE_URL", error["message"])
         client = self.sdk(gateway)
         failure = yield self.assertFailure(
             deferToThread(client.chat.completions.create, model="x", messages=HELLO), openai.InternalServerError
@@ -631,6 +635,7 @@ class ErrorTests(DataPlaneTestCase):
                 self.upstream.provider_settings(), kimi={"base_url": f"http://127.0.0.1:{port}/v1"}
             ),
             default_provider="kimi",
+            fallback="off",
         )
         response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
         self.assertEqual(response.code, 502)
@@ -642,7 +647,7 @@ class ErrorTests(DataPlaneTestCase):
     def test_upstream_timeout(self):
         self.upstream.gemini.mode = "hang"
         self.upstream.kimi.mode = "stall"  # headers and half a body
-        gateway = self.gateway(upstream_timeout=0.3)
+        gateway = self.gateway(upstream_timeout=0.3, fallback="off")
         for body in (
             {"messages": HELLO},
             {"messages": HELLO, "stream": True},
@@ -671,7 +676,7 @@ class ErrorTests(DataPlaneTestCase):
     @inlineCallbacks
     def test_keys_never_leak(self):
         self.upstream.gemini.mode = "forbidden"  # its message quotes the key
-        gateway = self.gateway()
+        gateway = self.gateway(fallback="off")
         seen = []
         for key in (GATEWAY_KEY, "wrong-" + GATEWAY_KEY):
             for body in ({"messages": HELLO}, {"messages": HELLO, "stream": True}, {"messages": []}):
@@ -721,7 +726,7 @@ class AccountingTests(DataPlaneTestCase):
         self.assertIn('openclaw_api_request_seconds_bucket{le="+Inf",provider="kimi"} 2.0', text)
         # The successes built no event at all at LOG_LEVEL=info.
         logged = [(e["log_level"].name, e["status"], e["outcome"]) for e in self.request_events()]
-        self.assertEqual(logged, [("info", 401, "invalid_api_key"), ("info", 502, "upstream_http_error")])
+        self.assertEqual(logged, [("info", 401, "invalid_api_key"), ("info", 502, "upstream_auth_failed")])
 
     @inlineCallbacks
     def test_successes_logged_at_debug(self):

@@ -225,7 +225,10 @@ class GatewayTests(TestCase):
         self.assertEqual(result["active"], "deepseek")
         entry = result["providers"]["deepseek"]
         self.assertIsInstance(entry.pop("latency_ms"), float)
-        self.assertEqual(entry, {"ok": True, "status": 200, "models": 2, "active_model_available": True})
+        self.assertEqual(len(entry.pop("keys")), 1)
+        self.assertEqual(
+            entry, {"ok": True, "status": 200, "models": 2, "active_model_available": True, "breaker": "closed"}
+        )
         self.assertNotIn(DEEPSEEK_KEY, json.dumps(answer))
 
         page = yield deferToThread(self.sdk(gateway).models.list)

@@ -94,7 +94,10 @@ class HealthyTests(ProviderTestCase):
         self.assertRegex(result["checked_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         self.assertEqual(set(result["providers"]), {"kimi", "gemini"})
         for entry in result["providers"].values():
-            self.assertEqual(set(entry), {"ok", "latency_ms", "status", "models", "active_model_available"})
+            self.assertEqual(
+                set(entry), {"ok", "latency_ms", "status", "models", "active_model_available", "breaker", "keys"}
+            )
+            self.assertEqual(entry["breaker"], "closed")
             self.assertIs(entry["ok"], True)
             self.assertIsInstance(entry["latency_ms"], float)
             self.assertEqual(entry["status"], 200)
@@ -224,6 +227,8 @@ class FailureTests(ProviderTestCase):
                 "models": None,
                 "active_model_available": None,
                 "error": "KIMI_API_KEY is not set",
+                "breaker": "closed",
+                "keys": {},
             },
         )
         self.assertIs(result["providers"]["gemini"]["ok"], True)

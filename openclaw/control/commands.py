@@ -110,6 +110,9 @@ class ControlCommands:
     persist: Callable[[Route], None] = lambda route: None
     #: Sees every health report (the provider-up gauges).
     on_health: Callable[[Result], Result] = lambda report: report
+    #: Per provider id, its circuit breaker and keys now
+    #: (L{openclaw.providers.ProviderRegistry.states}); shown by C{status}.
+    provider_states: Callable[[], dict[str, Any]] | None = None
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -136,6 +139,7 @@ class ControlCommands:
             "started_at": isoformat(self.started_at),
             "token_expires": self.sessions.current.expires,
             "connections": self.connections(),
+            **({} if self.provider_states is None else {"providers": self.provider_states()}),
         }
 
     def switch_provider(self, data: object) -> Result:

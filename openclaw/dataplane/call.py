@@ -30,16 +30,21 @@ from twisted.web.server import Request
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait, answer_usage
 from openclaw.dataplane.errors import (
+    FALLBACK_HEADER,
     PROVIDER_HEADER,
     APIError,
+    breaker_open,
     internal_error,
+    no_usable_key,
+    provider_not_configured,
     upstream_failed,
-    upstream_http_error,
+    upstream_refused,
     upstream_timeout,
 )
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
+from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
 from openclaw.providers.wire import (
     MalformedAnswer,
@@ -52,12 +57,21 @@ from openclaw.routing import Route
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
+_HEADERS = "the response headers"
 
 
 @attrs.define(eq=False)
 class ChatCall:
     """
     Drives one call; L{start} it and forget it.
+
+    A call refused with 429 or an auth failure is tried once more on the
+    next usable key of the same provider.  A call to the active provider
+    (not C{pinned}) that fails before the client's response has started --
+    connection refused or reset, no headers in time, 5xx, 429, auth, no
+    usable key, breaker open -- is sent once to the next provider
+    (L{ProviderRegistry.fallback_for}) when C{FALLBACK=auto}: re-encoded for
+    that provider's wire, its answer carrying C{X-OpenClaw-Fallback}.
     """
 
     context: APIContext
@@ -67,14 +81,26 @@ class ChatCall:
     wire: Wire
     chat: ChatRequest
     started: float
+    #: The caller named the provider (C{"kimi/..."}): never failed over.
+    pinned: bool = False
     #: What the call waits for now, for the timeout message.
-    _waiting_for: str = "the response headers"
+    _waiting_for: str = _HEADERS
     #: The upstream step in flight (headers or a whole body), cancellable.
     _pending: Deferred[Any] | None = None
     _timer: IDelayedCall | None = None
     _relay: _StreamRelay | None = None
     #: The client has its answer, or has gone: nothing more is written.
     _over: bool = False
+    #: The upstream body of the attempt under way (for a retry on another key).
+    _body: bytes = b""
+    #: The key of the attempt under way.
+    _key: str | None = None
+    #: Keys of this provider tried already.
+    _tried: list[str] = attrs.field(factory=list)
+    #: C{(from, to, reason)} once failed over.
+    _fallback: tuple[str, str, str] | None = None
+    #: Bumped by each attempt and timeout: answers to an older one are ignored.
+    _generation: int = 0
     #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
     provider_wait: ProviderWait = attrs.field(
         default=attrs.Factory(lambda self: ProviderWait(self.context.reactor.seconds), takes_self=True)
@@ -87,23 +113,68 @@ class ChatCall:
     def start(self, body: bytes) -> None:
         context = self.context
         context.call_started()
-        self._timer = context.reactor.callLater(context.timeout, self._timed_out)
         self.request.notifyFinish().addErrback(self._client_gone)
+        self._attempt(body)
+
+    def _attempt(self, body: bytes) -> None:
+        """
+        Send C{body} to L{adapter} with its next usable key, if its breaker
+        lets a call through.
+        """
+        adapter = self.adapter
+        provider_id = self.route.provider_id
+        keys = adapter.keys
+        if not keys.keys:
+            return self._upstream_failed("no_key", provider_not_configured(provider_id, adapter.key_variable))
+        key = keys.pick(avoid=self._tried)
+        if key is None:
+            return self._upstream_failed("no_key", no_usable_key(provider_id, adapter.keys_setting, keys.back_in()))
+        if not adapter.breaker.allow():
+            return self._upstream_failed("breaker_open", breaker_open(provider_id, adapter.breaker.remaining()))
+        self._body, self._key = body, key
+        self._tried.append(key)
+        self._generation += 1
+        self._waiting_for = _HEADERS
+        self._cancel_timer()
+        self._timer = self.context.reactor.callLater(self.context.timeout, self._timed_out)
         self.provider_wait.begin()
-        d = self._pending = self.adapter.post_chat(self.route.model, body, self.chat.stream)
-        d.addCallbacks(self._got_response, self._exchange_failed)
+        d = self._pending = adapter.post_chat(self.route.model, body, self.chat.stream, key)
+        d.addCallbacks(
+            self._got_response,
+            self._exchange_failed,
+            callbackArgs=(self._generation,),
+            errbackArgs=(self._generation,),
+        )
         d.addErrback(self._bug)
+        return None
+
+    def _current(self, generation: int) -> bool:
+        """
+        The answer belongs to the attempt under way and the call is not over.
+        """
+        if generation != self._generation or self._over:
+            return False
+        self._pending = None
+        return True
 
     # -- the upstream's answer ---------------------------------------------
 
-    def _got_response(self, response: IResponse) -> None:
-        self._pending = None
+    def _got_response(self, response: IResponse, generation: int) -> None:
         self.provider_wait.end()
-        if self._over:
+        if not self._current(generation):
             return
         if not 200 <= response.code < 300:
-            self._read(response, "the error body", self._got_error_body, response.code)
-        elif self.chat.stream:
+            retry_after = response.headers.getRawHeaders(b"retry-after", [None])[0]
+            self._read(
+                response,
+                "the error body",
+                self._got_error_body,
+                response.code,
+                None if retry_after is None else retry_after.decode("latin-1"),
+            )
+            return
+        self.adapter.breaker.succeeded()
+        if self.chat.stream:
             self._start_stream(response)
         else:
             self._read(response, "the response body", self._got_body)
@@ -112,13 +183,14 @@ class ChatCall:
         self._waiting_for = what
         self.provider_wait.begin()
         d = self._pending = read_body(response)
-        d.addCallbacks(then, self._exchange_failed, callbackArgs=args)
+        d.addCallbacks(
+            then, self._exchange_failed, callbackArgs=(*args, self._generation), errbackArgs=(self._generation,)
+        )
         d.addErrback(self._bug)
 
-    def _got_body(self, body: bytes) -> None:
-        self._pending = None
+    def _got_body(self, body: bytes, generation: int) -> None:
         self.provider_wait.end()
-        if self._over:
+        if not self._current(generation):
             return
         try:
             answer = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
@@ -137,16 +209,74 @@ class ChatCall:
         finally:
             self._ended(200)
 
-    def _got_error_body(self, body: bytes, status: int) -> None:
-        self._pending = None
-        if not self._over:
-            reason = str(self.adapter.upstream_error(status, body))
-            self._fail(upstream_http_error(self.route.provider_id, status, reason))
+    def _got_error_body(self, body: bytes, status: int, retry_after: str | None, generation: int) -> None:
+        self.provider_wait.end()
+        if not self._current(generation):
+            return
+        adapter, key = self.adapter, self._key
+        assert key is not None
+        refusal = adapter.refusal(status, body, retry_after)
+        error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting)
+        if refusal.kind is RefusalKind.SERVER:
+            adapter.breaker.failed()
+            return self._upstream_failed("http_5xx", error)
+        # Any other answer: the provider is up.
+        adapter.breaker.succeeded()
+        if refusal.kind is RefusalKind.RATE_LIMITED:
+            adapter.keys.rest(key, refusal.retry_after)
+            return self._another_key("rate_limited", error)
+        if refusal.kind is RefusalKind.AUTH:
+            adapter.keys.set_aside(key)
+            return self._another_key("auth", error)
+        # The request is at fault (or the answer means nothing we can act
+        # on): no other key or provider would do better.
+        return self._fail(error)
 
-    def _exchange_failed(self, reason: Failure) -> None:
-        self._pending = None
-        if not self._over:
-            self._fail(upstream_failed(self.route.provider_id, self.adapter.describe(reason)))
+    def _another_key(self, reason: str, error: APIError) -> None:
+        """
+        Try once more on the next usable key of this provider, else fail over
+        (or answer C{error}).
+        """
+        keys = self.adapter.keys
+        if len(self._tried) == 1 and any(keys.usable(k) for k in keys.keys if k not in self._tried):
+            return self._attempt(self._body)
+        return self._upstream_failed(reason, error)
+
+    def _exchange_failed(self, reason: Failure, generation: int) -> None:
+        if not self._current(generation):
+            return
+        error = upstream_failed(self.route.provider_id, self.adapter.describe(reason))
+        if self._waiting_for == _HEADERS:
+            # Refused, reset, unreachable: the provider's failure.
+            self.adapter.breaker.failed()
+            return self._upstream_failed("connect", error)
+        return self._fail(error)
+
+    # -- failover -------------------------------------------------------------
+
+    def _upstream_failed(self, reason: str, error: APIError) -> None:
+        """
+        This provider could not answer (C{reason}, a label of
+        C{openclaw_api_fallbacks_total}): fail over if allowed, else answer
+        C{error}.
+        """
+        context = self.context
+        if self.pinned or context.fallback != "auto" or self._fallback is not None or self.request.startedWriting:
+            return self._fail(error)
+        target = context.providers.fallback_for(self.route.provider_id)
+        if target is None:
+            return self._fail(error)
+        origin = self.route.provider_id
+        model = target.fallback_model or target.default_model
+        self._fallback = (origin, target.id, reason)
+        context.failed_over(origin, target.id, reason, error.code)
+        self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
+        self._tried = []
+        try:
+            body = self.wire.request_body(self.chat, model)
+        except APIError as refused:
+            return self._fail(refused)
+        return self._attempt(body)
 
     # -- streaming ----------------------------------------------------------
 
@@ -219,11 +349,23 @@ class ChatCall:
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._fail(upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for))
+        error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
+        if self._waiting_for != _HEADERS:
+            return self._fail(error)
+        # No headers in time: the provider's failure; let this attempt go.
+        self._generation += 1
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self.adapter.breaker.failed()
+        return self._upstream_failed("timeout", error)
 
     def _client_gone(self, reason: Failure) -> None:
         if self._over:
             return
+        if self._pending is not None and self._waiting_for == _HEADERS:
+            # No verdict on the provider: a half-open trial is free again.
+            self.adapter.breaker.abandoned()
         self._finish_call()
         self._ended(499, "client gone")
 
@@ -259,9 +401,7 @@ class ChatCall:
             time limit) instead of dropping its connection.
         """
         self._over = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancel_timer()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
@@ -270,6 +410,11 @@ class ChatCall:
                 self._relay.drain(self.context.reactor, self.context.timeout)
             else:
                 self._relay.stop()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _ended(self, status: int, outcome: str | None = None) -> None:
         """
@@ -297,6 +442,9 @@ class ChatCall:
     def _route_headers(self) -> None:
         self.request.setHeader(PROVIDER_HEADER, self.route.provider_id.encode())
         self.request.setHeader(b"X-OpenClaw-Model", self.route.model.encode())
+        if self._fallback is not None:
+            origin, target, reason = self._fallback
+            self.request.setHeader(FALLBACK_HEADER, f"{origin}->{target}; reason={reason}".encode())
 
     def _bug(self, reason: Failure) -> None:
         self.context.log.failure("chat call failed unexpectedly", reason)

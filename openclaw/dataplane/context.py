@@ -5,6 +5,8 @@ keys, the time limit, and the accounting of each finished request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -51,6 +53,10 @@ class APIContext:
     in_flight: int = 0
     #: Set when the gateway stops: new calls are refused with 503.
     draining: bool = False
+    #: FALLBACK: C{"auto"} fails calls over to the next provider, C{"off"} never.
+    fallback: str = "auto"
+    #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
+    count_fallback: Callable[[str, str, str], None] = lambda origin, target, reason: None
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
 
     def call_started(self) -> None:
@@ -84,8 +90,9 @@ class APIContext:
         reactor: IReactorTime,
         tally: RequestTally,
         costs: CallCosts | None = None,
+        count_fallback: Callable[[str, str, str], None] | None = None,
     ) -> APIContext:
-        return cls(
+        context = cls(
             route=route,
             providers=providers,
             keys=GatewayKeys.of(settings.gateway_api_keys),
@@ -95,6 +102,24 @@ class APIContext:
             log_successes=settings.log_level == "debug",
             log_failures=settings.log_level not in _QUIET_LEVELS,
             costs=CallCosts() if costs is None else costs,
+            fallback=settings.fallback,
+        )
+        if count_fallback is not None:
+            context.count_fallback = count_fallback
+        return context
+
+    def failed_over(self, origin: str, target: str, reason: str, error: str | None) -> None:
+        """
+        A call to C{origin} went to C{target} instead: count it, log it at
+        info.
+        """
+        self.count_fallback(origin, target, reason)
+        self.log.info(
+            "call failed over {origin} -> {target} ({reason})",
+            origin=origin,
+            target=target,
+            reason=reason,
+            error=error,
         )
 
     def completed(

@@ -10,13 +10,23 @@ the operator can do something about it, what.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import attrs
 import orjson
+from twisted.web.http import RESPONSES
+
+if TYPE_CHECKING:
+    # Not at run time: the providers import this package.
+    from openclaw.providers.errors import Refusal
 
 #: The header that names the provider that answered (or was to answer).
 PROVIDER_HEADER = b"X-OpenClaw-Provider"
 #: The header that carries an upstream's own status on a 502.
 UPSTREAM_STATUS_HEADER = b"X-OpenClaw-Upstream-Status"
+#: The header that says a call was failed over: C{kimi->gemini; reason=http_5xx}.
+FALLBACK_HEADER = b"X-OpenClaw-Fallback"
 
 
 @attrs.frozen(auto_exc=True)
@@ -132,4 +142,103 @@ def internal_error() -> APIError:
         "the gateway failed to handle this request; the details are in its log",
         "server_error",
         "internal_error",
+    )
+
+
+def _retry_after(seconds: float) -> tuple[bytes, bytes]:
+    # RFC 9110 section 10.2.3: a whole number of seconds, rounded up.
+    return (b"Retry-After", b"%d" % max(1, math.ceil(seconds)))
+
+
+def _status_line(status: int) -> str:
+    phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
+    return f"HTTP {status}{' ' + phrase if phrase else ''}"
+
+
+def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> APIError:
+    """
+    The client's answer when a provider refused a chat call; the status
+    follows what the provider said (the table in the README's "When a
+    provider fails"), the provider's message (already scrubbed) kept, its
+    status in C{X-OpenClaw-Upstream-Status}:
+
+      - the request at fault (400, 404, 409, 413, 422): the same status,
+        C{invalid_request_error} (404: C{not_found_error});
+      - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
+        provider said how long;
+      - the gateway's own key refused (401, 403, Google's
+        C{API_KEY_INVALID}): 502 C{upstream_auth_failed} naming
+        C{key_setting};
+      - anything else (5xx): 502 C{upstream_http_error}.
+    """
+    said = f"{_status_line(refusal.status)}: {refusal.message}"
+    upstream = ((UPSTREAM_STATUS_HEADER, b"%d" % refusal.status),)
+    kind = refusal.kind
+    if kind == "request":
+        not_found = refusal.status == 404
+        return APIError(
+            refusal.status,
+            f"{provider_id} refused the request: {said}",
+            "not_found_error" if not_found else "invalid_request_error",
+            "upstream_not_found" if not_found else "upstream_invalid_request",
+            headers=upstream,
+        )
+    if kind == "rate_limited":
+        headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
+        return APIError(
+            429,
+            f"{provider_id} is rate limiting the gateway: {said}; retry later",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            headers=headers,
+        )
+    if kind == "auth":
+        return APIError(
+            502,
+            f"the gateway's own key for {provider_id} was refused ({said}); this is not about your "
+            f"API key: the operator must fix {key_setting}",
+            "upstream_error",
+            "upstream_auth_failed",
+            headers=upstream,
+        )
+    hint = "; the provider is failing, try again later" if refusal.status >= 500 else ""
+    return APIError(
+        502, f"{provider_id} answered {said}{hint}", "upstream_error", "upstream_http_error", headers=upstream
+    )
+
+
+def no_usable_key(provider_id: str, key_setting: str, back_in: float | None) -> APIError:
+    """
+    Every key of the provider's pool rests (429: C{back_in} seconds until
+    the first is back) or was refused (502).
+    """
+    if back_in is not None:
+        return APIError(
+            429,
+            f"every key the gateway holds for {provider_id} is rate limited; retry in {math.ceil(back_in)} s",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            headers=(_retry_after(back_in),),
+        )
+    return APIError(
+        502,
+        f"every key the gateway holds for {provider_id} was refused by the provider; this is not about "
+        f"your API key: the operator must fix {key_setting} (a health_check puts keys that work back in use)",
+        "upstream_error",
+        "upstream_auth_failed",
+    )
+
+
+def breaker_open(provider_id: str, remaining: float) -> APIError:
+    """
+    503: the provider's circuit breaker is open, so no call was sent; the
+    client may come back when the cooldown is over.
+    """
+    return APIError(
+        503,
+        f"{provider_id} has been failing, so the gateway sends it no calls for {math.ceil(remaining)} s more "
+        "(BREAKER_COOLDOWN_SECONDS); retry after that, or ask the operator to switch_provider",
+        "server_error",
+        "provider_unavailable",
+        headers=(_retry_after(remaining),),
     )

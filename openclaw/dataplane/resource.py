@@ -1,6 +1,6 @@
 """
 The API's C{twisted.web} resources: C{GET /healthz}, C{GET /v1/models},
-C{POST /v1/chat/completions}; anything else is a 404, a known path with
+C{POST /v1/chat/completions}, C{GET /readyz}; anything else is a 404, a known path with
 the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 """
 
@@ -137,6 +137,50 @@ class Healthz(APIResource):
         return json_response(request, {"status": "ok", "provider": route.provider_id, "model": route.model})
 
 
+class Readyz(APIResource):
+    """
+    For orchestrators' readiness probes: no key, no upstream call.  200
+    when the active provider has a usable key and its breaker is closed,
+    or when failover has somewhere to go; else 503 with the reason::
+
+        {"ready": true, "provider": "kimi", "breaker": "closed",
+         "usable_keys": 2, "fallback": null}
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        context = self.context
+        provider_id = context.route.current.provider_id
+        adapter = context.providers.get(provider_id)
+        breaker = adapter.breaker.state
+        usable = adapter.keys.available
+        document: dict[str, Any] = {
+            "ready": True,
+            "provider": provider_id,
+            "breaker": str(breaker),
+            "usable_keys": usable,
+            "fallback": None,
+        }
+        if usable and breaker == "closed":
+            return json_response(request, document)
+        if not adapter.keys.keys:
+            why = f"{adapter.key_variable} is not set"
+        elif not usable:
+            why = f"every key in {adapter.keys_setting} is rate limited or refused"
+        else:
+            why = f"the circuit breaker is {breaker}"
+        target = context.providers.fallback_for(provider_id) if context.fallback == "auto" else None
+        if target is not None:
+            document["fallback"] = target.id
+            document["reason"] = f"{provider_id}: {why}; calls fail over to {target.id}"
+            return json_response(request, document)
+        document["ready"] = False
+        document["reason"] = f"{provider_id}: {why}" + (
+            "; FALLBACK is off" if context.fallback != "auto" else "; no other provider can take its calls"
+        )
+        request.setResponseCode(503)
+        return json_response(request, document)
+
+
 class _Authenticated(APIResource):
     def authenticate(self, request: Request, started: float) -> None:
         """
@@ -244,25 +288,30 @@ class ChatCompletions(_Authenticated):
         context = self.context
         started = context.reactor.seconds()
         self.authenticate(request, started)
+        active = context.route.current
         try:
             chat = parse_chat_request(request.content.read() if request.content is not None else b"")
-            route = choose_route(chat.model, context.route.current, context.providers.ids)
+            route = choose_route(chat.model, active, context.providers.ids)
+            adapter = context.providers.get(route.provider_id)
+            wire = adapter.wire
+            body = wire.request_body(chat, route.model)
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code)
             raise
-        adapter = self.usable(request, route.provider_id, started)
-        wire = adapter.wire
-        call = ChatCall(context, request, adapter, route, wire, chat, started)
-        call.start(wire.request_body(chat, route.model))
+        # choose_route gives the active route itself unless the model named
+        # a provider: a call pinned that way is never failed over.
+        call = ChatCall(context, request, adapter, route, wire, chat, started, pinned=route is not active)
+        call.start(body)
         return NOT_DONE_YET
 
 
 def build_resource(context: APIContext) -> Resource:
     """
-    The tree: C{/healthz}, C{/v1/models}, C{/v1/chat/completions}.
+    The tree: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions}.
     """
     root = APIResource(context)
     root.putChild(b"healthz", Healthz(context))
+    root.putChild(b"readyz", Readyz(context))
     v1 = APIResource(context)
     root.putChild(b"v1", v1)
     v1.putChild(b"models", Models(context))

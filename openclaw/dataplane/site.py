@@ -9,6 +9,7 @@ connection and know when they are gone (L{APISite.close_connections}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -223,6 +224,7 @@ def build_site(
     reactor: IReactorTime,
     tally: RequestTally,
     costs: CallCosts | None = None,
+    count_fallback: Callable[[str, str, str], None] | None = None,
 ) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}).
@@ -231,8 +233,9 @@ def build_site(
         C{openclaw_api_requests} metrics).
     @param costs: where each chat call's tokens and times are counted (the
         service's C{openclaw_api_tokens} and kin).
+    @param count_fallback: counts each failover, C{(from, to, reason)}.
     """
-    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs)
+    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs, count_fallback)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)

@@ -20,29 +20,34 @@ L{openclaw.providers.BUILTIN_PROVIDERS}.
 from __future__ import annotations
 
 import abc
+import re
 from typing import Any, ClassVar, Self
 
 import attrs
 from hyperlink import URL
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import (
     MissingKey,
     ProbeTimedOut,
     ProviderError,
+    Refusal,
     UpstreamHTTPError,
+    classify,
     clip,
     describe_failure,
     http_hint,
-    scrub,
+    scrub_all,
 )
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
+from openclaw.providers.keys import KeyPool, fingerprint
 from openclaw.providers.wire import Wire
 from openclaw.settings import Settings
 
@@ -122,8 +127,22 @@ class ProviderAdapter(abc.ABC):
     #: The agent chat calls go through: the one under C{http}, sharing its
     #: connection pool (see L{openclaw.providers.fetch.post}).
     agent: IAgent = attrs.field(repr=False)
-    #: The chat request headers, built once: they hold the key.
-    _chat_headers: Headers | None = attrs.field(default=None, init=False, repr=False)
+    #: The keys chat calls spread over (C{api_key} and C{<ID>_API_KEYS}).
+    keys: KeyPool = attrs.field(
+        default=attrs.Factory(
+            lambda self: KeyPool((self.api_key,) if self.api_key else (), self.reactor.seconds, self.id),
+            takes_self=True,
+        ),
+        repr=False,
+    )
+    #: Keeps calls away from this provider while it fails.
+    breaker: CircuitBreaker = attrs.field(
+        default=attrs.Factory(lambda self: CircuitBreaker(self.reactor.seconds), takes_self=True), repr=False
+    )
+    #: The model a call failed over to this provider asks for; None: C{default_model}.
+    fallback_model: str | None = None
+    #: The chat request headers per key, built once each: they hold the key.
+    _chat_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
 
     _log: ClassVar[Logger] = Logger()
 
@@ -141,15 +160,64 @@ class ProviderAdapter(abc.ABC):
             raise LookupError(
                 f"the settings hold nothing for provider {cls.id!r}: give its adapter to load_settings (providers=...)"
             )
-        return cls(
+        breaker = CircuitBreaker(
+            reactor.seconds, threshold=settings.breaker_failures, cooldown=settings.breaker_cooldown_seconds
+        )
+        adapter = cls(
             http=http,
             agent=agent,
             reactor=reactor,
             base_url=configured.base_url,
             api_key=configured.api_key,
+            keys=KeyPool(configured.keys, reactor.seconds, cls.id),
+            breaker=breaker,
             default_model=configured.model,
+            fallback_model=configured.fallback_model,
             timeout=settings.health_check_timeout,
         )
+        return adapter
+
+    def __attrs_post_init__(self) -> None:
+        self.breaker.on_change = self._breaker_changed
+
+    @classmethod
+    def key_list_variable(cls) -> str:
+        """
+        The variable holding more keys, comma-separated: C{<ID>_API_KEYS}
+        (C{KIMI_API_KEYS}).
+        """
+        return f"{cls._variable_id()}_API_KEYS"
+
+    @classmethod
+    def fallback_model_variable(cls) -> str:
+        """
+        The variable naming the model a failed-over call asks this provider
+        for: C{FALLBACK_MODEL_<ID>} (C{FALLBACK_MODEL_GEMINI}).
+        """
+        return f"FALLBACK_MODEL_{cls._variable_id()}"
+
+    @classmethod
+    def _variable_id(cls) -> str:
+        return re.sub(r"[^A-Za-z0-9]", "_", cls.id).upper()
+
+    @property
+    def keys_setting(self) -> str:
+        """
+        How messages name this provider's key settings
+        (C{"KIMI_API_KEY / KIMI_API_KEYS"}).
+        """
+        return f"{self.key_variable} / {self.key_list_variable()}"
+
+    def _breaker_changed(self, previous: BreakerState, state: BreakerState) -> None:
+        if state is BreakerState.OPEN:
+            self._log.warn(
+                "{provider} circuit breaker open: calls go elsewhere for {cooldown:g} s",
+                provider=self.id,
+                breaker=str(state),
+                cooldown=self.breaker.cooldown,
+            )
+        elif state is BreakerState.CLOSED:
+            self._log.info("{provider} circuit breaker closed: calls flow again", provider=self.id, breaker=str(state))
 
     @abc.abstractmethod
     def chat_url(self, model: str, stream: bool) -> bytes:
@@ -199,29 +267,45 @@ class ProviderAdapter(abc.ABC):
         """
         return None if self.api_key else f"{self.key_variable} is not set"
 
-    def post_chat(self, model: str, body: bytes, stream: bool) -> Deferred[IResponse]:
+    def post_chat(self, model: str, body: bytes, stream: bool, key: str | None = None) -> Deferred[IResponse]:
         """
-        Send one chat call; fires with the response once its headers are in,
-        whatever its status.  Cancelling it closes the connection.  The
-        caller checks L{missing_key_warning} first.
+        Send one chat call with C{key} (by default C{api_key}); fires with
+        the response once its headers are in, whatever its status.
+        Cancelling it closes the connection.  The caller picks a key from
+        L{keys} first.
         """
-        headers = self._chat_headers
+        key = key or self.api_key
+        assert key is not None, "post_chat without a key"
+        headers = self._chat_headers.get(key)
         if headers is None:
-            assert self.api_key is not None, "post_chat without a key"
-            headers = self._chat_headers = Headers(
+            headers = self._chat_headers[key] = Headers(
                 {
                     "Content-Type": ["application/json"],
-                    **{name: [value] for name, value in self.auth_headers(self.api_key).items()},
+                    **{name: [value] for name, value in self.auth_headers(key).items()},
                 }
             )
         return post(self.agent, self.chat_url(model, stream), headers, body)
+
+    def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
+        """
+        A non-2xx answer to a chat call, read (L{classify}), its message
+        scrubbed of every key of the pool.
+        """
+        refusal = classify(status, body, retry_after, self.reactor.seconds())
+        return attrs.evolve(refusal, message=self.scrub(refusal.message))
+
+    def scrub(self, text: str) -> str:
+        """
+        C{text} without any key of this provider.
+        """
+        return scrub_all(text, self.keys.keys + ((self.api_key,) if self.api_key else ()))
 
     def upstream_error(self, status: int, body: bytes) -> UpstreamHTTPError:
         """
         The error for a non-2xx answer: the provider's own message, clipped,
         without the key, and what to check.
         """
-        message = clip(scrub(upstream_message(body), self.api_key))
+        message = clip(self.scrub(upstream_message(body)))
         hint = http_hint(status, message, self.key_variable, self.base_url_variable)
         return UpstreamHTTPError(status, message, hint)
 
@@ -247,14 +331,24 @@ class ProviderAdapter(abc.ABC):
 
     def probe(self) -> Deferred[ProbeResult]:
         """
-        Health-probe the provider by listing its models (never a paid call).
-        Never fails: every problem becomes a L{ProbeResult} with a reason.
+        Health-probe the provider by listing its models (never a paid call)
+        with each key of its pool: a key refused as invalid is set aside
+        (L{KeyPool.set_aside}), a key that lists is restored.  The result
+        is the first key's that listed, else the first key's.  Never fails:
+        every problem becomes a L{ProbeResult} with a reason.
         """
         warning = self.missing_key_warning()
         if warning is not None:
             self._log.debug("{provider} not probed: {error}", provider=self.id, error=warning)
             return succeed(ProbeResult(ok=False, error=warning))
-        exchange = Exchange(started=self.reactor.seconds())
+        keys = self.keys.keys or ((self.api_key,) if self.api_key else ())
+        probes = [self._probe_key(key) for key in keys]
+        if len(probes) == 1:
+            return probes[0]
+        return gatherResults(probes).addCallback(lambda results: next((r for r in results if r.ok), results[0]))
+
+    def _probe_key(self, key: str) -> Deferred[ProbeResult]:
+        exchange = Exchange(started=self.reactor.seconds(), key=key)
         d = self._bounded_listing(exchange)
         return d.addCallbacks(
             self._probe_succeeded,
@@ -276,11 +370,12 @@ class ProviderAdapter(abc.ABC):
         @raise UpstreamHTTPError: for any other status, with the provider's
             own message.
         """
-        assert self.api_key is not None
+        key = exchange.key or self.api_key
+        assert key is not None
         status, document = await get_json(
             self.http,
             f"{self.base_url}/{path}",
-            headers={"Accept": "application/json", **self.auth_headers(self.api_key)},
+            headers={"Accept": "application/json", **self.auth_headers(key)},
             params=params,
             exchange=exchange,
             what=what,
@@ -305,6 +400,8 @@ class ProviderAdapter(abc.ABC):
         )
 
     def _probe_succeeded(self, models: list[str], exchange: Exchange) -> ProbeResult:
+        if exchange.key is not None:
+            self.keys.restore(exchange.key)
         latency_ms = self._elapsed_ms(exchange)
         self._log.debug(
             "{provider} healthy: {count} models in {latency_ms} ms",
@@ -316,11 +413,19 @@ class ProviderAdapter(abc.ABC):
 
     def _probe_failed(self, reason: Failure, exchange: Exchange) -> ProbeResult:
         error = self._reason(reason)
+        value = reason.value
+        if (
+            exchange.key is not None
+            and isinstance(value, UpstreamHTTPError)
+            and (value.status in (401, 403) or (value.status == 400 and "api key" in value.message.lower()))
+        ):
+            self.keys.set_aside(exchange.key)
         self._log.warn(
             "{provider} health probe failed: {error}",
             provider=self.id,
             error=error,
             status=exchange.status,
+            key=None if exchange.key is None else fingerprint(exchange.key),
         )
         latency_ms = None if exchange.status is None else self._elapsed_ms(exchange)
         return ProbeResult(ok=False, latency_ms=latency_ms, status=exchange.status, error=error)
@@ -333,7 +438,7 @@ class ProviderAdapter(abc.ABC):
     def _reason(self, reason: Failure) -> str:
         host, port = self._address()
         text = describe_failure(reason, host, port, self.base_url_variable)
-        return scrub(text, self.api_key)
+        return self.scrub(text)
 
     def _address(self) -> tuple[str, int]:
         url = URL.from_text(self.base_url)

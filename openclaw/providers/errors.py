@@ -8,13 +8,18 @@ to do) what to check; none ever contains an API key.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Any
 
+import attrs
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http import RESPONSES
+from twisted.web.http import RESPONSES, stringToDatetime
 
 from openclaw.tls import describe_tls_error, is_tls_error
 
@@ -155,3 +160,135 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
+
+
+def scrub_all(text: str, secrets: Iterable[str]) -> str:
+    """
+    L{scrub} every one of C{secrets} (each key of a provider's pool) from
+    C{text}, longest first so that no key is left half-replaced.
+    """
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = scrub(text, secret)
+    return text
+
+
+class RefusalKind(StrEnum):
+    """
+    What a provider's non-2xx answer to a chat call means, and so who must
+    act (see L{classify}).
+    """
+
+    #: The request is at fault (400, 404, 409, 413, 422): passed on as is.
+    REQUEST = "request"
+    #: 429 (Moonshot's rate limit, Gemini's C{RESOURCE_EXHAUSTED}): the key rests.
+    RATE_LIMITED = "rate_limited"
+    #: 401, 403, or Gemini's 400 with reason C{API_KEY_INVALID}: the
+    #: gateway's own key is wrong or lacks access; the key is set aside.
+    AUTH = "auth"
+    #: 5xx: the provider is failing.
+    SERVER = "server"
+    #: Anything else (a redirect, an unusual 4xx).
+    OTHER = "other"
+
+
+#: Statuses that mean the request itself is at fault.
+REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
+#: Google's reason (C{google.rpc.ErrorInfo.reason}) for a key the API refuses.
+GOOGLE_KEY_INVALID = "API_KEY_INVALID"
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
+
+
+@attrs.frozen
+class Refusal:
+    """
+    A provider's non-2xx answer, read: its status, what it means, the
+    provider's own message (clipped; the caller scrubs keys) and how long to
+    wait before trying again, when the provider said.
+    """
+
+    status: int
+    kind: RefusalKind
+    message: str
+    #: Seconds, from the provider's C{Retry-After} header, else Google's
+    #: C{RetryInfo.retryDelay}; None when it said nothing.
+    retry_after: float | None = None
+
+
+def _error_details(body: bytes) -> list[dict[str, Any]]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return []
+    error = document.get("error") if isinstance(document, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return []
+    return [detail for detail in details if isinstance(detail, dict)]
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """
+    Seconds to wait from a C{Retry-After} header (RFC 9110 section 10.2.3:
+    delay-seconds or an HTTP-date), None when absent or unreadable.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = stringToDatetime(value.encode("latin-1"))
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return max(0.0, float(when) - now)
+
+
+def google_retry_delay(details: Iterable[dict[str, Any]]) -> float | None:
+    """
+    C{retryDelay} of a C{google.rpc.RetryInfo} detail ("7s", "0.5s":
+    a protobuf Duration in its JSON form), in seconds.
+    """
+    for detail in details:
+        if detail.get("@type") == _RETRY_INFO and isinstance(detail.get("retryDelay"), str):
+            found = _DURATION.match(detail["retryDelay"])
+            if found:
+                return float(found.group(1))
+    return None
+
+
+def classify(status: int, body: bytes, retry_after_header: str | None = None, now: float = 0.0) -> Refusal:
+    """
+    Read a provider's non-2xx answer to a chat call.
+
+    Google answers a bad key with C{400 INVALID_ARGUMENT} whose details hold
+    a C{google.rpc.ErrorInfo} of reason C{API_KEY_INVALID}
+    (U{https://ai.google.dev/gemini-api/docs/troubleshooting}): that is the
+    gateway's key at fault, not the request.
+
+    @param retry_after_header: the answer's C{Retry-After}, if any.
+    @param now: POSIX time, to read a C{Retry-After} given as a date.
+    """
+    # fetch imports this module's errors: imported here, not at the top.
+    from openclaw.providers.fetch import upstream_message
+
+    details = _error_details(body)
+    message = clip(upstream_message(body))
+    retry_after = parse_retry_after(retry_after_header, now)
+    if retry_after is None:
+        retry_after = google_retry_delay(details)
+    key_invalid = any(
+        detail.get("@type") == _ERROR_INFO and detail.get("reason") == GOOGLE_KEY_INVALID for detail in details
+    )
+    if status in (401, 403) or (status == 400 and key_invalid):
+        kind = RefusalKind.AUTH
+    elif status == 429:
+        kind = RefusalKind.RATE_LIMITED
+    elif status in REQUEST_STATUSES:
+        kind = RefusalKind.REQUEST
+    elif status >= 500:
+        kind = RefusalKind.SERVER
+    else:
+        kind = RefusalKind.OTHER
+    return Refusal(status, kind, message, retry_after)

@@ -80,6 +80,8 @@ class Exchange:
     status: int | None = None
     #: What the exchange is waiting for now, for timeout messages.
     waiting_for: str = "the response"
+    #: The key to authenticate with; None: the adapter's first.
+    key: str | None = attrs.field(default=None, repr=False)
 
 
 class _BodyReader(Protocol):

@@ -28,6 +28,13 @@ from openclaw.settings import Settings
 from openclaw.timefmt import isoformat
 
 
+def adapter_state(adapter: ProviderAdapter) -> dict[str, Any]:
+    """
+    C{{"breaker": "closed", "keys": {<fingerprint>: "ok" | "resting" | "set_aside"}}}.
+    """
+    return {"breaker": str(adapter.breaker.state), "keys": adapter.keys.states()}
+
+
 @attrs.define
 class ProviderRegistry:
     """
@@ -169,12 +176,36 @@ class ProviderRegistry:
         providers = {}
         for adapter, result in zip(self._adapters, results, strict=True):
             model = active_model if adapter.id == active_id else adapter.default_model
-            providers[adapter.id] = result.report(adapter.has_model(result.models, model))
+            entry = result.report(adapter.has_model(result.models, model))
+            entry.update(adapter_state(adapter))
+            providers[adapter.id] = entry
         return {
             "active": active_id,
             "checked_at": isoformat(self.reactor.seconds()),
             "providers": providers,
         }
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """
+        Per provider id, its breaker and keys now (no request made)::
+
+            {"kimi": {"breaker": "closed", "keys": {"1a2b3c4d": "ok"}}, ...}
+        """
+        return {adapter.id: adapter_state(adapter) for adapter in self._adapters}
+
+    def fallback_for(self, provider_id: str) -> ProviderAdapter | None:
+        """
+        Where a call failing on C{provider_id} may go: the next provider in
+        order (wrapping round) that has a usable key and whose breaker would
+        let a call through; None when there is none.
+        """
+        ids = self._ids
+        start = ids.index(provider_id)
+        for step in range(1, len(ids)):
+            adapter = self._adapters[(start + step) % len(ids)]
+            if adapter.keys.available and adapter.breaker.would_allow():
+                return adapter
+        return None
 
     def close(self) -> Deferred[None]:
         """

@@ -146,13 +146,29 @@ class ProviderBehaviour:
     last_body: Any = None
     #: Streamed answers whose client went away before the end.
     streams_lost: int = 0
+    #: More keys accepted besides C{key} (a key pool).
+    extra_keys: list[str] = attrs.field(factory=list)
+    #: Keys answered with 429 (rate limited), whatever the mode.
+    rate_limited_keys: set[str] = attrs.field(factory=set)
+    #: Keys the provider does not know: answered as an invalid key
+    #: (OpenAI's dialect: 401; Gemini's: 400 with reason API_KEY_INVALID).
+    invalid_keys: set[str] = attrs.field(factory=set)
+    #: Seconds a 429 asks the caller to wait (OpenAI's dialect: the
+    #: C{Retry-After} header; Gemini's: C{RetryInfo.retryDelay}); None: not said.
+    retry_after: float | None = 1.0
+    #: The key of each request, in order (to check rotation).
+    keys_seen: list[str | None] = attrs.field(factory=list)
     _lost_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list, repr=False)
+
+    def accepts(self, key: str | None) -> bool:
+        return key is not None and (key == self.key or key in self.extra_keys) and key not in self.invalid_keys
 
     def reset(self) -> None:
         """
         Forget the requests seen so far.
         """
         self.requests = 0
+        self.keys_seen.clear()
         self.uris.clear()
         self.last_body = None
         self.streams_lost = 0
@@ -230,9 +246,20 @@ class Dialect(Protocol):
         answering as C{provider_id}'s behaviour says.
         """
 
-    def authorized(self, request: Request, key: str) -> bool: ...
+    def presented_key(self, request: Request) -> str | None:
+        """
+        The key the request carries, if any.
+        """
 
     def error_document(self, status: int, message: str | None, key: str) -> dict[str, Any]: ...
+
+    def refusal(
+        self, status: int, key: str, retry_after: float | None, key_invalid: bool = False
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """
+        The status, body and headers of a 429 or an invalid-key answer, in
+        the provider's real shape.
+        """
 
 
 @attrs.frozen
@@ -260,12 +287,22 @@ class OpenAIDialect:
         node.putChild(b"models", _Endpoint(upstream, provider_id, self, openai_models))
         _mount(node, b"chat").putChild(b"completions", _Endpoint(upstream, provider_id, self, post=openai_chat))
 
-    def authorized(self, request: Request, key: str) -> bool:
-        return request.getHeader("authorization") == f"Bearer {key}"
+    def presented_key(self, request: Request) -> str | None:
+        value = request.getHeader("authorization")
+        return value[len("Bearer ") :] if value and value.startswith("Bearer ") else None
 
     def error_document(self, status: int, message: str | None, key: str) -> dict[str, Any]:
         stock_message, kind = self._stock.get(status, ("Request failed", "invalid_request_error"))
         return {"error": {"message": message or stock_message, "type": kind}}
+
+    def refusal(
+        self, status: int, key: str, retry_after: float | None, key_invalid: bool = False
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        # Moonshot sends Retry-After with its 429s; a bad key is a 401.
+        if key_invalid:
+            return 401, self.error_document(401, None, key), {}
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        return status, self.error_document(status, None, key), headers
 
 
 @attrs.frozen
@@ -294,8 +331,9 @@ class GeminiDialect:
     def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
         node.putChild(b"models", _Endpoint(upstream, provider_id, self, gemini_models, post=gemini_generate))
 
-    def authorized(self, request: Request, key: str) -> bool:
-        return request.getHeader("x-goog-api-key") == key
+    def presented_key(self, request: Request) -> str | None:
+        value = request.getHeader("x-goog-api-key")
+        return value if isinstance(value, str) else None
 
     def error_document(self, status: int, message: str | None, key: str) -> dict[str, Any]:
         stock_message, code = self._stock.get(status, ("Unknown error.", "UNKNOWN"))
@@ -306,6 +344,40 @@ class GeminiDialect:
                 "status": code,
             }
         }
+
+    def refusal(
+        self, status: int, key: str, retry_after: float | None, key_invalid: bool = False
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        # Google's shapes (ai.google.dev/gemini-api/docs/troubleshooting): a
+        # bad key is 400 INVALID_ARGUMENT with a google.rpc.ErrorInfo of
+        # reason API_KEY_INVALID; a 429 RESOURCE_EXHAUSTED carries how long
+        # to wait as a google.rpc.RetryInfo, not as a header.
+        if key_invalid:
+            return (
+                400,
+                {
+                    "error": {
+                        "code": 400,
+                        "message": "API key not valid. Please pass a valid API key.",
+                        "status": "INVALID_ARGUMENT",
+                        "details": [
+                            {
+                                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                                "reason": "API_KEY_INVALID",
+                                "domain": "googleapis.com",
+                                "metadata": {"service": "generativelanguage.googleapis.com"},
+                            }
+                        ],
+                    }
+                },
+                {},
+            )
+        document = self.error_document(status, None, key)
+        if retry_after is not None:
+            document["error"]["details"] = [
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}
+            ]
+        return status, document, {}
 
 
 #: Turns a request into C{(status, JSON document)}; may raise L{Reject}.
@@ -567,8 +639,16 @@ class _Endpoint(Resource):
 
     def _answer(self, request: Request, behaviour: ProviderBehaviour, mode: Mode) -> None:
         self._upstream.open_requests.timers.pop(request, None)
-        if not self._dialect.authorized(request, behaviour.key):
+        presented = self._dialect.presented_key(request)
+        behaviour.keys_seen.append(presented)
+        if presented in behaviour.invalid_keys:
+            self._refuse(request, behaviour, 400, key_invalid=True)
+            return
+        if not behaviour.accepts(presented):
             self._error(request, behaviour, 401, None)
+            return
+        if presented in behaviour.rate_limited_keys:
+            self._refuse(request, behaviour, 429)
             return
         if mode is Mode.UNAUTHORIZED:
             self._error(request, behaviour, 401, behaviour.error_message)
@@ -577,7 +657,10 @@ class _Endpoint(Resource):
             self._error(request, behaviour, 403, behaviour.error_message)
             return
         if mode is Mode.ERROR:
-            self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
+            if behaviour.error_status == 429 and behaviour.error_message is None:
+                self._refuse(request, behaviour, 429)
+            else:
+                self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
             return
         if mode is Mode.MALFORMED:
             _send(request, 200, b'{"object": "list", "data": [{"id": "moonsh')
@@ -601,6 +684,16 @@ class _Endpoint(Resource):
 
     def _error(self, request: Request, behaviour: ProviderBehaviour, status: int, message: str | None) -> None:
         document = self._dialect.error_document(status, message, behaviour.key)
+        _send(request, status, json.dumps(document).encode())
+
+    def _refuse(self, request: Request, behaviour: ProviderBehaviour, status: int, key_invalid: bool = False) -> None:
+        """
+        A 429, or an invalid key, in the dialect's real shape.
+        """
+        key = self._dialect.presented_key(request) or ""
+        status, document, headers = self._dialect.refusal(status, key, behaviour.retry_after, key_invalid)
+        for name, value in headers.items():
+            request.setHeader(name, value)
         _send(request, status, json.dumps(document).encode())
 
 

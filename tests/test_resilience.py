@@ -1,0 +1,619 @@
+"""
+When a provider fails (#15): the status the client gets, the retry on
+another key, failover to the other provider, the circuit breaker, key pools
+and C{/readyz}.  Plain objects on a L{Clock}; the rest end to end, the
+official openai SDK (with its default retries where that is the point) and
+raw HTTP against a gateway in front of the stand-in upstream, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.ctl import format_status
+from openclaw.dataplane.errors import upstream_refused
+from openclaw.providers.breaker import CircuitBreaker
+from openclaw.providers.errors import RefusalKind, classify
+from openclaw.providers.keys import KeyPool, fingerprint, merge_keys
+from openclaw.settings import ConfigError, load_settings
+from tests.support import changed_providers, free_port, open_client
+from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY, DataPlaneTestCase
+
+OTHER = {"kimi": "gemini", "gemini": "kimi"}
+
+
+def gemini_error(code: int, status: str, details: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"error": {"code": code, "message": "m", "status": status, "details": details}}).encode()
+
+
+class ClassifyTests(SynchronousTestCase):
+    """
+    A provider's non-2xx answer, read.
+    """
+
+    def test_table(self):
+        for status, kind in (
+            (400, RefusalKind.REQUEST),
+            (404, RefusalKind.REQUEST),
+            (409, RefusalKind.REQUEST),
+            (413, RefusalKind.REQUEST),
+            (422, RefusalKind.REQUEST),
+            (429, RefusalKind.RATE_LIMITED),
+            (401, RefusalKind.AUTH),
+            (403, RefusalKind.AUTH),
+            (500, RefusalKind.SERVER),
+            (503, RefusalKind.SERVER),
+            (302, RefusalKind.OTHER),
+        ):
+            self.assertEqual(classify(status, b'{"error": {"message": "x", "type": "t"}}').kind, kind, status)
+
+    def test_gemini_key_invalid_is_auth(self):
+        body = gemini_error(
+            400,
+            "INVALID_ARGUMENT",
+            [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}],
+        )
+        self.assertEqual(classify(400, body).kind, RefusalKind.AUTH)
+        error = upstream_refused("gemini", classify(400, body), "GEMINI_API_KEY / GEMINI_API_KEYS")
+        self.assertEqual((error.status, error.code), (502, "upstream_auth_failed"))
+        self.assertIn("fix GEMINI_API_KEY / GEMINI_API_KEYS", error.message)
+        self.assertIn("not about your API key", error.message)
+
+    def test_retry_after(self):
+        body = gemini_error(
+            429, "RESOURCE_EXHAUSTED", [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
+        )
+        self.assertEqual(classify(429, body).retry_after, 7.0)
+        # The provider's header wins over the details.
+        self.assertEqual(classify(429, body, "3").retry_after, 3.0)
+        # An HTTP-date (RFC 9110 section 10.2.3).
+        self.assertEqual(classify(429, b"{}", "Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0).retry_after, 10.0)
+        self.assertIsNone(classify(429, b"{}", "soon").retry_after)
+        error = upstream_refused("gemini", classify(429, body), "K")
+        self.assertEqual((error.status, error.code), (429, "rate_limit_exceeded"))
+        self.assertIn((b"Retry-After", b"7"), error.headers)
+        self.assertIn((b"X-OpenClaw-Upstream-Status", b"429"), error.headers)
+
+    def test_request_errors_keep_status(self):
+        error = upstream_refused("kimi", classify(404, b'{"error": {"message": "no model"}}'), "K")
+        self.assertEqual((error.status, error.type), (404, "not_found_error"))
+        error = upstream_refused("kimi", classify(400, b'{"error": {"message": "exceeded model token limit"}}'), "K")
+        self.assertEqual((error.status, error.type), (400, "invalid_request_error"))
+        self.assertIn("exceeded model token limit", error.message)
+
+
+class BreakerTests(SynchronousTestCase):
+    """
+    The whole cycle, on a clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.changes: list[tuple[str, str]] = []
+        self.breaker = CircuitBreaker(
+            self.clock.seconds, threshold=3, cooldown=30, on_change=lambda a, b: self.changes.append((a, b))
+        )
+
+    def test_cycle(self):
+        breaker = self.breaker
+        breaker.failed()
+        breaker.failed()
+        breaker.succeeded()  # consecutive failures only
+        breaker.failed()
+        breaker.failed()
+        self.assertEqual(breaker.state, "closed")
+        self.assertTrue(breaker.allow())
+        breaker.failed()
+        self.assertEqual(breaker.state, "open")
+        self.assertFalse(breaker.allow())
+        self.assertEqual(breaker.remaining(), 30)
+        self.clock.advance(29)
+        self.assertFalse(breaker.allow())
+        self.assertEqual(breaker.remaining(), 1)
+        self.clock.advance(1)
+        self.assertEqual(breaker.state, "half_open")
+        # One trial call only.
+        self.assertTrue(breaker.allow())
+        self.assertFalse(breaker.allow())
+        breaker.failed()
+        self.assertEqual(breaker.state, "open")
+        self.clock.advance(30)
+        self.assertTrue(breaker.allow())
+        breaker.abandoned()  # its client went away: the trial is free again
+        self.assertTrue(breaker.allow())
+        breaker.succeeded()
+        self.assertEqual(breaker.state, "closed")
+        self.assertEqual(
+            self.changes,
+            [
+                ("closed", "open"),
+                ("open", "half_open"),
+                ("half_open", "open"),
+                ("open", "half_open"),
+                ("half_open", "closed"),
+            ],
+        )
+
+
+class KeyPoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pool = KeyPool(("a-key-1", "a-key-2", "a-key-3"), self.clock.seconds, "kimi")
+
+    def test_round_robin(self):
+        self.assertEqual([self.pool.pick() for _ in range(4)], ["a-key-1", "a-key-2", "a-key-3", "a-key-1"])
+        self.assertEqual(self.pool.pick(avoid=["a-key-2"]), "a-key-3")
+
+    def test_rest(self):
+        pool = self.pool
+        pool.rest("a-key-1", 5)
+        pool.rest("a-key-2")  # the default: 10 s
+        self.assertEqual([pool.pick() for _ in range(2)], ["a-key-3", "a-key-3"])
+        self.assertEqual(pool.available, 1)
+        pool.rest("a-key-3", 20)
+        self.assertIsNone(pool.pick())
+        self.assertEqual(pool.back_in(), 5)
+        self.clock.advance(5)
+        self.assertEqual(pool.pick(), "a-key-1")
+        self.clock.advance(5)
+        self.assertEqual(pool.available, 2)
+
+    def test_set_aside_until_restored(self):
+        pool = self.pool
+        pool.set_aside("a-key-2")
+        self.clock.advance(3600)
+        self.assertEqual({pool.pick() for _ in range(4)}, {"a-key-1", "a-key-3"})
+        self.assertEqual(pool.states()[fingerprint("a-key-2")], "set_aside")
+        pool.restore("a-key-2")
+        self.assertEqual(pool.available, 3)
+
+    def test_fingerprints_only(self):
+        self.assertEqual(len(fingerprint("a-key-1")), 8)
+        text = repr(self.pool) + json.dumps(self.pool.states())
+        for key in self.pool.keys:
+            self.assertNotIn(key, text)
+
+    def test_merge(self):
+        self.assertEqual(merge_keys(["k1"], ["k2", " k1 ", "", "k3"]), ("k1", "k2", "k3"))
+
+
+class SettingsTests(SynchronousTestCase):
+    def load(self, **env: str) -> Any:
+        return load_settings(env, cwd=self.mktemp_dir())
+
+    def mktemp_dir(self) -> Any:
+        from pathlib import Path
+
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return path
+
+    def test_pools_merged(self):
+        settings = self.load(KIMI_API_KEY="k1", KIMI_API_KEYS="k2, k1,k3", GEMINI_API_KEYS="g1,g2")
+        self.assertEqual(settings.providers["kimi"].keys, ("k1", "k2", "k3"))
+        self.assertEqual(settings.providers["gemini"].keys, ("g1", "g2"))
+        self.assertEqual(settings.providers["gemini"].api_key, "g1")
+
+    def test_failover_settings(self):
+        settings = self.load(FALLBACK="off", FALLBACK_MODEL_GEMINI="gemini-2.5-pro", BREAKER_FAILURES="2")
+        self.assertEqual(settings.fallback, "off")
+        self.assertEqual(settings.providers["gemini"].fallback_model, "gemini-2.5-pro")
+        self.assertIsNone(settings.providers["kimi"].fallback_model)
+        self.assertEqual(settings.breaker_failures, 2)
+        defaults = self.load()
+        self.assertEqual(
+            (defaults.fallback, defaults.breaker_failures, defaults.breaker_cooldown_seconds), ("auto", 5, 30)
+        )
+        for name, value in (("FALLBACK", "maybe"), ("BREAKER_FAILURES", "0"), ("BREAKER_COOLDOWN_SECONDS", "-1")):
+            error = self.assertRaises(ConfigError, self.load, **{name: value})
+            self.assertIn(name, str(error))
+
+    def test_status_shows_breakers(self):
+        text = format_status(
+            {"providers": {"kimi": {"breaker": "open", "keys": {"1a2b3c4d": "ok", "5e6f7a8b": "resting"}}}}
+        )
+        self.assertEqual(text, "providers: kimi breaker open, keys 1/2")
+
+
+class ResilienceTestCase(DataPlaneTestCase):
+    timeout = 30
+
+    def sdk_retrying(self, gateway: Any) -> openai.OpenAI:
+        """
+        The SDK as applications use it: its default retries.
+        """
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, timeout=10)
+        self.addCleanup(deferToThread, client.close)
+        return client
+
+    def behaviour(self, provider_id: str) -> Any:
+        return self.upstream.behaviour(provider_id)
+
+    @inlineCallbacks
+    def get(self, gateway: Any, path: str) -> Any:
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}{path}")
+        text = yield response.text("utf-8")
+        return response, text
+
+
+class StatusTableTests(ResilienceTestCase):
+    """
+    The client's status follows what the provider said.
+    """
+
+    @inlineCallbacks
+    def test_request_errors_not_retried_by_the_sdk(self):
+        for provider in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=provider, fallback="off")
+            client = self.sdk_retrying(gateway)
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status = "error", 400
+            behaviour.error_message = "Invalid request: exceeded model token limit"
+            behaviour.reset()
+            self.behaviour(OTHER[provider]).reset()
+            failure = yield self.assertFailure(
+                deferToThread(client.chat.completions.create, model="x", messages=HELLO), openai.BadRequestError
+            )
+            self.assertEqual(failure.status_code, 400)
+            self.assertIn("exceeded model token limit", failure.message)
+            self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "400")
+            self.assertEqual(behaviour.requests, 1, provider)  # no retry
+            # An unknown model: 404, not retried, no base-URL hint.
+            behaviour.mode = "ok"
+            behaviour.reset()
+            failure = yield self.assertFailure(
+                deferToThread(client.chat.completions.create, model=f"{provider}/no-such-model", messages=HELLO),
+                openai.NotFoundError,
+            )
+            self.assertNotIn("BASE_URL", failure.message)
+            self.assertEqual(behaviour.requests, 1, provider)
+            self.assertEqual(self.behaviour(OTHER[provider]).requests, 0)
+
+    @inlineCallbacks
+    def test_rate_limit_retry_after_honoured(self):
+        for provider in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=provider, fallback="off")
+            client = self.sdk_retrying(gateway)
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status, behaviour.retry_after = "error", 429, 1
+            behaviour.reset()
+            started = time.monotonic()
+            failure = yield self.assertFailure(
+                deferToThread(client.chat.completions.create, model="x", messages=HELLO), openai.RateLimitError
+            )
+            elapsed = time.monotonic() - started
+            self.assertEqual(failure.code, "rate_limit_exceeded")
+            # Moonshot's Retry-After header, Gemini's RetryInfo.retryDelay: both "1".
+            self.assertEqual(failure.response.headers["retry-after"], "1")
+            self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "429")
+            # Two retries, each after the second asked for (the SDK's own
+            # backoff would have waited under 1.5 s in all).
+            self.assertGreaterEqual(elapsed, 1.9)
+            self.assertEqual(behaviour.requests, 3, provider)
+
+    @inlineCallbacks
+    def test_auth_failures(self):
+        gateway = self.gateway(fallback="off")
+        for provider, setup, setting in (
+            ("kimi", {"mode": "unauthorized"}, "KIMI_API_KEY / KIMI_API_KEYS"),
+            ("kimi", {"mode": "forbidden"}, "KIMI_API_KEY / KIMI_API_KEYS"),
+            ("gemini", {"invalid_keys": {GEMINI_KEY}}, "GEMINI_API_KEY / GEMINI_API_KEYS"),
+        ):
+            behaviour = self.behaviour(provider)
+            for name, value in setup.items():
+                setattr(behaviour, name, value)
+            response, text = yield self.post(gateway, {"model": f"{provider}/x", "messages": HELLO})
+            self.assertEqual(response.code, 502, (provider, setup))
+            error = self.assertOpenAIError(text, "upstream_auth_failed")
+            self.assertIn(setting, error["message"])
+            self.assertNotIn("BASE_URL", error["message"])
+            for secret in (KIMI_KEY, GEMINI_KEY):
+                self.assertNotIn(secret, text)
+            behaviour.mode, behaviour.invalid_keys = "ok", set()
+            # Set aside: the next call has no usable key until a health check.
+            gateway.service.providers.get(provider).keys.restore(KIMI_KEY if provider == "kimi" else GEMINI_KEY)
+        # Gemini's invalid key arrived in its real shape.
+        self.assertEqual(self.behaviour("gemini").keys_seen, [GEMINI_KEY])
+
+    @inlineCallbacks
+    def test_server_error(self):
+        gateway = self.gateway(fallback="off")
+        for provider in ("kimi", "gemini"):
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status = "error", 503
+            response, text = yield self.post(gateway, {"model": f"{provider}/x", "messages": HELLO})
+            self.assertEqual(response.code, 502)
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
+            self.assertOpenAIError(text, "upstream_http_error")
+
+
+def _fallback_counts(text: str) -> dict[tuple[str, str, str], float]:
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("openclaw_api_fallbacks_total{"):
+            labels, value = line.rsplit(" ", 1)
+            parts = dict(p.split("=", 1) for p in labels[len("openclaw_api_fallbacks_total{") : -1].split(","))
+            counts[(parts["from"].strip('"'), parts["to"].strip('"'), parts["reason"].strip('"'))] = float(value)
+    return counts
+
+
+class FailoverTests(ResilienceTestCase):
+    """
+    A call to the active provider that fails before its answer started goes
+    once to the other provider, whole or streamed, either way round.
+    """
+
+    def trigger(self, gateway: Any, provider: str, reason: str) -> None:
+        behaviour = self.behaviour(provider)
+        adapter = gateway.service.providers.get(provider)
+        behaviour.mode = "ok"
+        if reason == "http_5xx":
+            behaviour.mode, behaviour.error_status = "error", 503
+        elif reason == "rate_limited":
+            behaviour.mode, behaviour.error_status = "error", 429
+        elif reason == "auth":
+            behaviour.mode = "unauthorized"
+        elif reason == "timeout":
+            behaviour.mode = "hang"
+        elif reason == "breaker_open":
+            for _ in range(adapter.breaker.threshold):
+                adapter.breaker.failed()
+
+    @inlineCallbacks
+    def check_failover(self, gateway: Any, origin: str, reason: str, stream: bool) -> Any:
+        target = OTHER[origin]
+        response, text = yield self.post(gateway, {"model": "gpt-4o", "messages": HELLO, "stream": stream})
+        self.assertEqual(response.code, 200, (origin, reason, stream, text))
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), [target])
+        self.assertEqual(
+            response.headers.getRawHeaders("x-openclaw-fallback"), [f"{origin}->{target}; reason={reason}"]
+        )
+        if stream:
+            self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+            self.assertIn(
+                "stand-in",
+                "".join(
+                    json.loads(line[6:])["choices"][0]["delta"].get("content", "")
+                    for line in text.split("\n\n")
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"]
+                ),
+            )
+        else:
+            self.assertEqual(json.loads(text)["choices"][0]["message"]["content"], "Hello from the stand-in.")
+
+    @inlineCallbacks
+    def test_each_trigger_both_ways(self):
+        for origin in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=origin, upstream_timeout=0.5, breaker_failures=2)
+            for reason in ("http_5xx", "rate_limited", "auth", "timeout", "breaker_open"):
+                for stream in (False, True):
+                    self.trigger(gateway, origin, reason)
+                    yield self.check_failover(gateway, origin, reason, stream)
+                    # Each call leaves state behind (a resting key, a set
+                    # aside one, an open breaker): start the next afresh.
+                    adapter = gateway.service.providers.get(origin)
+                    gateway.service.providers.get(origin).keys = type(adapter.keys)(
+                        adapter.keys.keys, reactor.seconds, origin
+                    )
+                    adapter.breaker.succeeded()
+                    self.behaviour(origin).mode = "ok"
+            # Failover never changes the active provider.
+            self.assertEqual(gateway.service.route.current.provider_id, origin)
+            _, text = yield self.get(gateway, "/metrics")
+            counts = _fallback_counts(text)
+            target = OTHER[origin]
+            for reason in ("http_5xx", "rate_limited", "auth", "timeout", "breaker_open"):
+                self.assertEqual(counts[(origin, target, reason)], 2.0, reason)
+        logged = [e for e in self.events if e.get("log_format", "").startswith("call failed over")]
+        self.assertEqual(len(logged), 20)
+        self.assertEqual(logged[0]["log_level"].name, "info")
+
+    @inlineCallbacks
+    def test_connect_and_no_key(self):
+        port = free_port()
+        for origin in ("kimi", "gemini"):
+            for changes, reason in (
+                ({"base_url": f"http://127.0.0.1:{port}/v1"}, "connect"),
+                ({"api_key": None}, "no_key"),
+            ):
+                providers = changed_providers(self.upstream.provider_settings(), **{origin: changes})
+                gateway = self.gateway(providers=providers, default_provider=origin)
+                for stream in (False, True):
+                    yield self.check_failover(gateway, origin, reason, stream)
+
+    @inlineCallbacks
+    def test_fallback_model(self):
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"fallback_model": "gemini-2.5-pro"})
+        gateway = self.gateway(providers=providers, default_provider="kimi")
+        self.behaviour("kimi").mode, self.behaviour("kimi").error_status = "error", 500
+        client = self.sdk(gateway)
+        raw = yield deferToThread(client.chat.completions.with_raw_response.create, model="gpt-4o", messages=HELLO)
+        self.assertEqual(raw.headers["x-openclaw-fallback"], "kimi->gemini; reason=http_5xx")
+        self.assertEqual(raw.parse().model, "gemini-2.5-pro")
+        self.assertEqual(self.upstream.gemini.uris, ["/gemini/v1beta/models/gemini-2.5-pro:generateContent"])
+
+    @inlineCallbacks
+    def test_no_failover(self):
+        gateway = self.gateway(default_provider="kimi")
+        kimi, gemini = self.behaviour("kimi"), self.behaviour("gemini")
+        # Pinned: the caller chose.
+        kimi.mode, kimi.error_status = "error", 503
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        # A 4xx of the table: the request is at fault.
+        kimi.error_status = 400
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 400)
+        # A stream that started is never restarted.
+        kimi.mode = "cut"
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        self.assertIn('"error"', text)
+        self.assertEqual(gemini.requests, 0)
+        # FALLBACK=off.
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi.mode, kimi.error_status = "error", 503
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertEqual(gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_failover_target_must_be_usable(self):
+        # The other provider has no key: the active one's error stands.
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"api_key": None})
+        gateway = self.gateway(providers=providers, default_provider="kimi")
+        self.behaviour("kimi").mode, self.behaviour("kimi").error_status = "error", 503
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertOpenAIError(text, "upstream_http_error")
+
+
+class KeyPoolEndToEndTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_rotation_rest_and_retry(self):
+        second = "sk-kimi-SECOND-0123456789abcdef"
+        kimi = self.behaviour("kimi")
+        kimi.extra_keys = [second]
+        providers = changed_providers(self.upstream.provider_settings(), kimi={"api_keys": (second,)})
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="off")
+        for _ in range(4):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+        self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, KIMI_KEY, second])
+        # The first key is rate limited: the call is retried on the second,
+        # and the first rests (Retry-After: 1) while the second serves.
+        kimi.reset()
+        kimi.rate_limited_keys = {KIMI_KEY}
+        for _ in range(3):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+            self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second, second])
+        # Both rate limited: 429 with how long until the first is back.
+        kimi.rate_limited_keys = {KIMI_KEY, second}
+        yield deferLater(reactor, 1.05)
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429)
+        self.assertOpenAIError(text, "rate_limit_exceeded")
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        # Only fingerprints in the logs.
+        for secret in (KIMI_KEY, second):
+            self.assertNotIn(secret, repr(self.events))
+
+    @inlineCallbacks
+    def test_set_aside_until_health_check(self):
+        second = "AIza-gemini-SECOND-0123456789abcdef"
+        gemini = self.behaviour("gemini")
+        gemini.extra_keys = [second]
+        gemini.invalid_keys = {GEMINI_KEY}
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"api_keys": (second,)})
+        gateway = self.gateway(providers=providers, fallback="off")
+        for _ in range(3):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+        self.assertEqual(gemini.keys_seen, [GEMINI_KEY, second, second, second])
+        pool = gateway.service.providers.get("gemini").keys
+        self.assertEqual(pool.states()[fingerprint(GEMINI_KEY)], "set_aside")
+        # Still refused: the health check (each key probed) keeps it aside.
+        control = yield open_client(self, gateway.port)
+        answer = yield control.command(gateway.token, "health_check")
+        entry = answer["result"]["providers"]["gemini"]
+        self.assertEqual(entry["keys"], {fingerprint(GEMINI_KEY): "set_aside", fingerprint(second): "ok"})
+        self.assertEqual(entry["breaker"], "closed")
+        # Fixed upstream: the next health check puts it back in use.
+        gemini.invalid_keys = set()
+        answer = yield control.command(gateway.token, "health_check")
+        self.assertEqual(answer["result"]["providers"]["gemini"]["keys"][fingerprint(GEMINI_KEY)], "ok")
+        gemini.reset()
+        for _ in range(2):
+            yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(sorted(gemini.keys_seen), sorted([GEMINI_KEY, second]))
+        self.assertNotIn(GEMINI_KEY, json.dumps(answer))
+
+
+class BreakerEndToEndTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_open_half_open_closed(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off", breaker_failures=2, breaker_cooldown_seconds=1)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 500
+        for _ in range(2):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502)
+        kimi.reset()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 503)
+        self.assertOpenAIError(text, "provider_unavailable")
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        self.assertEqual(kimi.requests, 0)  # not sent
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_breaker_open{provider="kimi"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_open{provider="gemini"} 0.0', metrics)
+        # A good probe does not close it.
+        kimi.mode = "ok"
+        control = yield open_client(self, gateway.port)
+        answer = yield control.command(gateway.token, "health_check")
+        self.assertTrue(answer["result"]["providers"]["kimi"]["ok"])
+        self.assertEqual(answer["result"]["providers"]["kimi"]["breaker"], "open")
+        status = yield control.command(gateway.token, "status")
+        self.assertEqual(status["result"]["providers"]["kimi"]["breaker"], "open")
+        response, _ = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 503)
+        # After the cooldown one call goes through, and closes it.
+        yield deferLater(reactor, 1.05)
+        status = yield control.command(gateway.token, "status")
+        self.assertEqual(status["result"]["providers"]["kimi"]["breaker"], "half_open")
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        status = yield control.command(gateway.token, "status")
+        self.assertEqual(status["result"]["providers"]["kimi"]["breaker"], "closed")
+        logged = [e["log_format"] for e in self.events if "circuit breaker" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 2)
+
+
+class ReadyzTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_states(self):
+        gateway = self.gateway(default_provider="kimi")
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            json.loads(text),
+            {"ready": True, "provider": "kimi", "breaker": "closed", "usable_keys": 1, "fallback": None},
+        )
+        kimi = gateway.service.providers.get("kimi")
+        gemini = gateway.service.providers.get("gemini")
+        # The active provider's keys all rest, but failover has somewhere to go.
+        kimi.keys.rest(KIMI_KEY, 60)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(text)["fallback"], "gemini")
+        # Nowhere to go: 503 with the reason.
+        gemini.keys.set_aside(GEMINI_KEY)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 503)
+        document = json.loads(text)
+        self.assertFalse(document["ready"])
+        self.assertIn("KIMI_API_KEY / KIMI_API_KEYS", document["reason"])
+        # Breaker open, FALLBACK=off.
+        gateway = self.gateway(default_provider="gemini", fallback="off")
+        for _ in range(5):
+            gateway.service.providers.get("gemini").breaker.failed()
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertIn("circuit breaker is open", json.loads(text)["reason"])
+        self.assertIn("FALLBACK is off", json.loads(text)["reason"])
+        # /healthz stays liveness.
+        response, _ = yield self.get(gateway, "/healthz")
+        self.assertEqual(response.code, 200)
