@@ -13,6 +13,7 @@ are twisted.web sites behind a CA made for the test.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -468,11 +469,19 @@ class FailureTests(AgentTestCase):
         self.assertTrue(failure.reasons[0].check(CancelledError))
         yield server.connections[0].closed
 
+    @inlineCallbacks
     def test_refused(self):
+        """
+        A refused connection to an IP address fails at once (no
+        HostnameEndpoint attempt delay, which would hold failover up).
+        """
         registry = self.registry()
         assert registry.agent is not None
-        d = registry.agent.request(b"GET", b"http://127.0.0.1:%d/" % free_port())
-        return self.assertFailure(d, ConnectionRefusedError)
+        for host in (b"127.0.0.1", b"[::1]"):
+            started = time.monotonic()
+            d = registry.agent.request(b"GET", b"http://%s:%d/" % (host, free_port()))
+            yield self.assertFailure(d, ConnectionRefusedError)
+            self.assertLess(time.monotonic() - started, 0.2, host)
 
     def test_invalid_target_refused(self):
         """
