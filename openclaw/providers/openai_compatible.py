@@ -10,11 +10,12 @@ L{OpenAICompatibleAdapter}: its id, display name, variables and defaults
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import orjson
 
+from openclaw.dataplane.callids import plain
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
@@ -27,29 +28,68 @@ from openclaw.providers.wire import MalformedAnswer, StreamBroken, Wire, error_m
 class OpenAIWire:
     """
     An OpenAI-compatible chat API: the caller's body with the model
-    substituted, and the answer passed back byte for byte.
+    substituted, and the answer passed back as it came, but for one
+    normalisation: usage reported inside C{choices[0].usage} (as Moonshot
+    does) is also given where OpenAI puts it, the top-level C{usage}.
+
+    Tool call ids that carry Gemini's id and signature
+    (L{openclaw.dataplane.callids}, from a Gemini answer before a
+    C{switch_provider}) are sent in their plain, short form.
     """
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
-        return orjson.dumps({**chat.body, "model": model})
+        body = {**chat.body, "model": model}
+        if chat.carried_ids:
+            body["messages"] = [_plain_ids(message) for message in body["messages"]]
+        return orjson.dumps(body)
 
     def completion(self, body: bytes, model: str, created: int) -> bytes:
         document = json_object(body)
-        if not isinstance(document.get("choices"), list):
+        choices = document.get("choices")
+        if not isinstance(choices, list):
             raise MalformedAnswer('the answer has no "choices" list')
+        if document.get("usage") is None:
+            usage = _choice_usage(choices)
+            if usage is not None:
+                return orjson.dumps({**document, "usage": usage})
         return body
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
-        return OpenAIStream()
+        return OpenAIStream(include_usage=chat.include_usage)
+
+
+def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:
+    if message["role"] == "tool":
+        return {**message, "tool_call_id": plain(message["tool_call_id"])}
+    calls = message.get("tool_calls") if message["role"] == "assistant" else None
+    if not calls:
+        return message
+    return {**message, "tool_calls": [{**call, "id": plain(call["id"])} for call in calls]}
+
+
+def _choice_usage(choices: list[Any]) -> Any:
+    """
+    The usage Moonshot puts in C{choices[0].usage}, or None.
+    """
+    first = choices[0] if choices else None
+    return first.get("usage") if isinstance(first, dict) else None
 
 
 @attrs.define
 class OpenAIStream:
     """
     Events passed on as they are; complete only once C{[DONE]} has come.
+    With C{include_usage}, a stream whose usage came only inside
+    C{choices[0].usage} gets OpenAI's closing usage chunk.
     """
 
+    include_usage: bool = False
     ended: bool = False
+    #: Usage seen inside a choice, waiting for a top-level one that may come.
+    _choice_usage: Any = attrs.field(default=None, init=False)
+    _top_level_usage: bool = attrs.field(default=False, init=False)
+    #: The latest chunk's id, created and model, for the usage chunk.
+    _last: dict[str, Any] | None = attrs.field(default=None, init=False)
 
     @property
     def complete(self) -> bool:
@@ -69,11 +109,30 @@ class OpenAIStream:
         message = error_message(document)
         if message is not None:
             raise StreamBroken(message)
+        if self.include_usage:
+            self._note_usage(document)
         # A multi-line event re-encoded on one line; the usual one as it came.
         return [orjson.dumps(document) if b"\n" in data else data]
 
     def closing(self) -> list[bytes]:
-        return []
+        if self._top_level_usage or self._choice_usage is None or self._last is None:
+            return []
+        return [orjson.dumps({**self._last, "choices": [], "usage": self._choice_usage})]
+
+    def _note_usage(self, document: dict[str, Any]) -> None:
+        if document.get("usage") is not None:
+            self._top_level_usage = True
+            return
+        choices = document.get("choices")
+        usage = _choice_usage(choices) if isinstance(choices, list) else None
+        if usage is not None:
+            self._choice_usage = usage
+        self._last = {
+            "id": document.get("id"),
+            "object": "chat.completion.chunk",
+            "created": document.get("created"),
+            "model": document.get("model"),
+        }
 
 
 @attrs.define(kw_only=True)
