@@ -19,7 +19,7 @@ from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError,
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIWire
-from openclaw.providers.wire import MalformedAnswer, StreamBroken
+from openclaw.providers.wire import MalformedAnswer, ModelFailed, StreamBroken
 from openclaw.routing import Route
 
 
@@ -110,7 +110,12 @@ class FromGeminiTests(SynchronousTestCase):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "Hello there"},
+                        "message": {
+                            "role": "assistant",
+                            "content": "Hello there",
+                            # A thought summary, never mixed into the content.
+                            "reasoning_content": "thinking...",
+                        },
                         "finish_reason": "stop",
                         "logprobs": None,
                     },
@@ -123,7 +128,8 @@ class FromGeminiTests(SynchronousTestCase):
                 ],
                 "usage": {
                     "prompt_tokens": 7,
-                    "completion_tokens": 3,
+                    # Thinking tokens are completion tokens too.
+                    "completion_tokens": 8,
                     "total_tokens": 15,
                     "completion_tokens_details": {"reasoning_tokens": 5},
                 },
@@ -145,11 +151,21 @@ class FromGeminiTests(SynchronousTestCase):
             "PROHIBITED_CONTENT": "content_filter",
             "BLOCKLIST": "content_filter",
             "SPII": "content_filter",
-            "OTHER": "other",
+            "LANGUAGE": "content_filter",
             None: None,
         }
         for reason, mapped in expected.items():
             self.assertEqual(gemini.finish_reason(reason), mapped, reason)
+        # The model failing is never passed off as one of OpenAI's reasons.
+        for reason, code in (
+            ("MALFORMED_FUNCTION_CALL", "malformed_function_call"),
+            ("OTHER", "other"),
+            ("UNEXPECTED_TOOL_CALL", "unexpected_tool_call"),
+        ):
+            with self.assertRaises(ModelFailed) as caught:
+                gemini.finish_reason(reason)
+            self.assertEqual(caught.exception.code, code)
+            self.assertIn(reason, str(caught.exception))
 
     def test_prompt_blocked(self) -> None:
         completion = gemini.from_gemini({"promptFeedback": {"blockReason": "SAFETY"}}, "m", "id", 0)
@@ -198,10 +214,11 @@ class GeminiStreamTests(SynchronousTestCase):
         )
         assert last is not None
         self.assertEqual(last["choices"][0]["delta"], {"content": "lo"})
-        self.assertEqual(last["choices"][0]["finish_reason"], "stop")
+        # The finish reason is held back for the last chunk of the choice.
+        self.assertIsNone(last["choices"][0]["finish_reason"])
         self.assertTrue(stream.complete)
-        closing = stream.closing()
-        assert closing is not None
+        finish, closing = stream.closing()
+        self.assertEqual(finish["choices"], [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
         self.assertEqual(closing["choices"], [])
         self.assertEqual(closing["usage"], {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
 
@@ -213,7 +230,10 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertFalse(stream.complete)
         stream.chunk(self.event("", "SAFETY", index=1))
         self.assertTrue(stream.complete)
-        self.assertIsNone(stream.closing())  # usage not asked for
+        # One finish chunk per choice; no usage chunk: not asked for.
+        self.assertEqual(
+            [chunk["choices"][0]["finish_reason"] for chunk in stream.closing()], ["stop", "content_filter"]
+        )
 
     def test_empty_event(self) -> None:
         stream = gemini.GeminiStream("m", "id", 0)
@@ -231,8 +251,10 @@ class GeminiStreamTests(SynchronousTestCase):
         stream = gemini.GeminiStream("m", "id", 0)
         chunk = stream.chunk({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
         assert chunk is not None
-        self.assertEqual(chunk["choices"][0]["finish_reason"], "content_filter")
+        self.assertEqual(chunk["choices"][0]["delta"], {"role": "assistant"})
         self.assertTrue(stream.complete)
+        (finish,) = stream.closing()
+        self.assertEqual(finish["choices"][0]["finish_reason"], "content_filter")
 
 
 class WireTests(SynchronousTestCase):
@@ -339,8 +361,11 @@ class RequestTests(SynchronousTestCase):
         for raw, param in (
             (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "stream_options"),
             (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 2}', "top_p"),
-            (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}', "tool_choice"),
-            (b'{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}', "messages[1].role"),
+            (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "any"}', "tool_choice"),
+            (
+                b'{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}',
+                "messages[1].tool_call_id",
+            ),
         ):
             with self.assertRaises(APIError) as caught:
                 parse_chat_request(raw)
