@@ -48,6 +48,8 @@ class APIContext:
     in_flight: int = 0
     #: Set when the gateway stops: new calls are refused with 503.
     draining: bool = False
+    #: EMBEDDING_MODEL: the Gemini model C{/v1/embeddings} uses.
+    embedding_model: str = "gemini-embedding-001"
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
 
     def call_started(self) -> None:
@@ -90,6 +92,7 @@ class APIContext:
             tally=tally,
             log_successes=settings.log_level == "debug",
             log_failures=settings.log_level not in _QUIET_LEVELS,
+            embedding_model=settings.embedding_model,
         )
 
     def completed(
