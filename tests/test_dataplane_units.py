@@ -398,3 +398,124 @@ class KeyTests(SynchronousTestCase):
         assert error is not None
         self.assertEqual(error.code, "gateway_api_keys_not_set")
         self.assertNotIn("alpha", repr(keys))
+
+
+class CallIdTests(SynchronousTestCase):
+    """
+    Tool call ids that carry Gemini's call id and thought signature.
+    """
+
+    def test_round_trip(self) -> None:
+        from openclaw.dataplane.callids import carried, new_call_id, plain
+
+        for gemini_id, signature in (("fc-1", "c2ln+/="), (None, "sig"), ("fc-2", None)):
+            call_id = new_call_id(gemini_id, signature)
+            self.assertRegex(call_id, r"^call_[0-9a-f]{24}_gs1_[A-Za-z0-9_-]+$")
+            self.assertEqual(carried(call_id), (gemini_id, signature))
+            self.assertRegex(plain(call_id), r"^call_[0-9a-f]{24}$")
+        self.assertRegex(new_call_id(), r"^call_[0-9a-f]{24}$")
+        # Unique, never derived from the function name.
+        self.assertEqual(len({new_call_id("same", "same") for _ in range(1000)}), 1000)
+
+    def test_defensive_decoding(self) -> None:
+        from openclaw.dataplane.callids import carried, plain
+
+        for call_id in ("call_1", "get_weather:0", "x_gs1_", "x_gs1_!!!", "x_gs1_e30", "x_gs1_WzEsMiwzXQ", "_gs1_abc"):
+            self.assertEqual(carried(call_id), (None, None), call_id)
+        self.assertEqual(plain("get_weather:0"), "get_weather:0")
+        self.assertEqual(plain("_gs1_abc"), "_gs1_abc")
+
+    def test_bounded(self) -> None:
+        from openclaw.dataplane.callids import MAX_PAYLOAD, carried, new_call_id
+
+        call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))
+        self.assertLess(len(call_id), 100)
+        self.assertEqual(carried(call_id), ("fc-1", None))
+
+
+class ToolTranslationTests(SynchronousTestCase):
+    def test_thinking_config(self) -> None:
+        for effort, budget, level in (
+            ("none", 0, "minimal"),
+            ("minimal", 1024, "minimal"),
+            ("low", 1024, "low"),
+            ("medium", 8192, "medium"),
+            ("high", 24576, "high"),
+        ):
+            config = gemini.generation_config(chat(reasoning_effort=effort), "models/gemini-2.5-flash")
+            self.assertEqual(config["thinkingConfig"], {"thinkingBudget": budget})
+            config = gemini.generation_config(chat(reasoning_effort=effort), "gemini-3-pro-preview")
+            self.assertEqual(config["thinkingConfig"], {"thinkingLevel": level})
+
+    def test_tool_choice(self) -> None:
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        for choice, mode in (("auto", "AUTO"), ("none", "NONE"), ("required", "ANY")):
+            request = gemini.to_gemini(chat(tools=tools, tool_choice=choice))
+            self.assertEqual(request["toolConfig"], {"functionCallingConfig": {"mode": mode}})
+            self.assertEqual(request["tools"], [{"functionDeclarations": [{"name": "f"}]}])
+
+    def test_tool_turns_merge(self) -> None:
+        calls = [
+            {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": '{"i": %d}' % i}} for i in (1, 2)
+        ]
+        request = gemini.to_gemini(
+            chat(
+                messages=[
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": "Calling.", "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": '{"ok": 2}'}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                    {"role": "user", "content": "and?"},
+                ]
+            )
+        )
+        self.assertEqual(
+            request["contents"],
+            [
+                {"role": "user", "parts": [{"text": "go"}]},
+                {
+                    "role": "model",
+                    "parts": [
+                        {"text": "Calling."},
+                        {
+                            "functionCall": {"name": "f", "args": {"i": 1}},
+                            "thoughtSignature": "skip_thought_signature_validator",
+                        },
+                        {"functionCall": {"name": "f", "args": {"i": 2}}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "parts": [
+                        {"functionResponse": {"name": "f", "response": {"result": "42"}}},
+                        {"functionResponse": {"name": "f", "response": {"ok": 2}}},
+                        {"text": "and?"},
+                    ],
+                },
+            ],
+        )
+
+    def test_answer_with_calls(self) -> None:
+        document = {
+            "candidates": [
+                {
+                    "content": {
+                        "parts": [
+                            {"text": "Let me look."},
+                            {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "sig"},
+                            {"functionCall": {"name": "f", "args": {"a": 2}}},
+                        ]
+                    },
+                    "finishReason": "STOP",
+                }
+            ],
+            "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 2, "cachedContentTokenCount": 1},
+        }
+        completion = gemini.from_gemini(document, "m", "id", 0)
+        choice = completion["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me look.")
+        calls = choice["message"]["tool_calls"]
+        self.assertEqual([c["function"]["arguments"] for c in calls], ['{"a":1}', '{"a":2}'])
+        self.assertNotEqual(calls[0]["id"], calls[1]["id"])
+        self.assertEqual(completion["usage"]["prompt_tokens_details"], {"cached_tokens": 1})
