@@ -24,6 +24,13 @@ openai Python SDK sends, to both the stand-in and the gateway.
 
 Targets: added p50 < 1 ms and p99 < 3 ms at concurrency 1; throughput
 through the gateway >= 0.8 x straight at concurrency 32.
+
+--tools also sends, through the gateway at concurrency 1, an agent's
+tool-calling request (3 tools with nested schemas, a 6-message history
+holding one tool round) next to the plain chat call, and prints the p50
+it adds per provider; and the in-process cost of the Gemini translation
+(to_gemini and from_gemini, a call answer) for both requests.  Target: the
+translation adds < 0.1 ms p50 over a plain chat call.
 """
 
 from __future__ import annotations
@@ -52,6 +59,140 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "What is the capital of France? One word, please."},
 ]
+
+
+_PLACE = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "country": {"type": "string", "enum": ["FR", "IT", "DE"]},
+        "coordinates": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+            "required": ["lat", "lon"],
+        },
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather at a place",
+            "parameters": {
+                "type": "object",
+                "properties": {"place": _PLACE, "unit": {"type": ["string", "null"], "enum": ["C", "F", None]}},
+                "required": ["place"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_flights",
+            "description": "Flights between two places on a day",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "from": _PLACE,
+                    "to": _PLACE,
+                    "date": {"type": "string", "format": "date"},
+                    "passengers": {
+                        "type": "array",
+                        "items": {"type": "object", "properties": {"age": {"type": "integer"}}},
+                    },
+                },
+                "required": ["from", "to", "date"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "book_hotel",
+            "description": "Book a room",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "place": _PLACE,
+                    "nights": {"type": "integer", "minimum": 1},
+                    "guests": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["place", "nights"],
+            },
+        },
+    },
+]
+TOOL_MESSAGES = [
+    {"role": "system", "content": "You are a travel agent. Use the tools."},
+    {"role": "user", "content": "Is it sunny in Paris today?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0123456789abcdef01234567",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"place": {"city": "Paris", "country": "FR"}}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0123456789abcdef01234567", "content": '{"sky": "sunny", "temp_c": 21}'},
+    {"role": "assistant", "content": "Yes: sunny, 21 degrees."},
+    {"role": "user", "content": "Then find me a flight from Rome tomorrow."},
+]
+
+
+def translation_microbench(repeat: int = 20000) -> dict[str, float]:
+    """
+    p50 microseconds of the Gemini translation in this process: request
+    (to_gemini) and a function-call answer (from_gemini), for the plain and
+    the tool-calling request.
+    """
+    import orjson
+
+    from openclaw.dataplane.request import parse_chat_request
+    from openclaw.providers.gemini.translate import from_gemini, to_gemini
+
+    answers = {
+        "plain": {"candidates": [{"content": {"parts": [{"text": "Paris."}]}, "finishReason": "STOP"}]},
+        "tools": {
+            "candidates": [
+                {
+                    "content": {
+                        "parts": [
+                            {
+                                "functionCall": {
+                                    "name": "search_flights",
+                                    "args": {"from": {"city": "Rome"}},
+                                    "id": "x",
+                                },
+                                "thoughtSignature": "c2lnbmF0dXJl" * 20,
+                            }
+                        ]
+                    },
+                    "finishReason": "STOP",
+                }
+            ]
+        },
+    }
+    raws = {
+        "plain": orjson.dumps({"messages": MESSAGES}),
+        "tools": orjson.dumps({"messages": TOOL_MESSAGES, "tools": TOOLS}),
+    }
+    result = {}
+    for name, raw in raws.items():
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            chat = parse_chat_request(raw)
+            orjson.dumps(to_gemini(chat.body, "gemini-flash-latest"))
+            orjson.dumps(from_gemini(answers[name], "m", "chatcmpl-1", 0))
+            times.append(time.perf_counter() - started)
+        result[name] = median(times) * 1e6
+    return result
 
 
 def free_port() -> int:
@@ -254,6 +395,9 @@ def main() -> None:
         help="the client also sends the 13 headers the openai Python SDK sends (both ways)",
     )
     parser.add_argument(
+        "--tools", action="store_true", help="also the tool-calling request at concurrency 1 (see above)"
+    )
+    parser.add_argument(
         "--log-level", default="info", help="the gateway's LOG_LEVEL (info, as deployed; debug logs every call)"
     )
     args = parser.parse_args()
@@ -276,6 +420,17 @@ def main() -> None:
                         for name, target in pair.items():
                             runs[name].append(load(target, connections, args.seconds, pids, args.sdk_headers))
                     rows.append((provider, stream, connections, runs))
+        tool_rows = []
+        for provider in args.providers.split(",") if args.tools else ():
+            plain = targets(upstream_port, api_port, floor_port, provider, False)["gateway"]
+            tools = {**plain, "body": {**plain["body"], "messages": TOOL_MESSAGES, "tools": TOOLS}}
+            for target in (plain, tools):
+                load(target, 1, 0.5, pids, args.sdk_headers)
+            measured: dict[str, list[dict[str, Any]]] = {"plain": [], "tools": []}
+            for _ in range(args.rounds):
+                for name, target in (("plain", plain), ("tools", tools)):
+                    measured[name].append(load(target, 1, args.seconds, pids, args.sdk_headers))
+            tool_rows.append((provider, measured))
     finally:
         for process in (gateway, upstream, floor):
             process.terminate()
@@ -331,6 +486,22 @@ def main() -> None:
         else:
             verdict = "met" if ratio >= 0.8 else "MISSED"
             print(f"  {provider} c=32: throughput ratio {ratio:.3f} (>= 0.8): {verdict}")
+
+    if args.tools:
+        print("tool-calling request through the gateway, concurrency 1 (whole answers):")
+        for provider, measured in tool_rows:
+            plain_p50, tools_p50 = middle(measured["plain"], "p50_ms"), middle(measured["tools"], "p50_ms")
+            print(
+                f"  {provider}: plain chat p50 {plain_p50:.3f} ms, tool request p50 {tools_p50:.3f} ms, "
+                f"added {tools_p50 - plain_p50:.3f} ms"
+            )
+        micro = translation_microbench()
+        added = (micro["tools"] - micro["plain"]) / 1000
+        verdict = "met" if added < 0.1 else "MISSED"
+        print(
+            f"  Gemini translation in process (parse + to_gemini + from_gemini), p50: plain {micro['plain']:.1f} us, "
+            f"tools {micro['tools']:.1f} us; added {added:.3f} ms (< 0.1): {verdict}"
+        )
 
     if args.profile:
         time.sleep(0.5)
