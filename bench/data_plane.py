@@ -30,6 +30,12 @@ share the CPUs, so throughput is not a figure of the gateway.
         [--streams] [--sdk-headers] [--log-level info] [--profile gateway.prof]
         [--gateway-bin OTHER_VENV/bin]
 
+--tools adds an agent's tool-calling request (3 tools with nested schemas,
+a 6-message history holding one tool round) against the plain chat call
+through the gateway at concurrency 1, per provider, and the in-process cost
+of the Gemini translation for both (target, issue #14: the translation adds
+< 0.1 ms p50 over a plain chat call).
+
 --gateway-bin runs the gateway and the stand-in from another install (for
 a before/after comparison, e.g. a venv built from an older commit); the
 relay and the load generator always come from this checkout and the Python
@@ -71,6 +77,140 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
     {"role": "user", "content": "What is the capital of France? One word, please."},
 ]
+
+
+_PLACE = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "country": {"type": "string", "enum": ["FR", "IT", "DE"]},
+        "coordinates": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+            "required": ["lat", "lon"],
+        },
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather at a place",
+            "parameters": {
+                "type": "object",
+                "properties": {"place": _PLACE, "unit": {"type": ["string", "null"], "enum": ["C", "F", None]}},
+                "required": ["place"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "search_flights",
+            "description": "Flights between two places on a day",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "from": _PLACE,
+                    "to": _PLACE,
+                    "date": {"type": "string", "format": "date"},
+                    "passengers": {
+                        "type": "array",
+                        "items": {"type": "object", "properties": {"age": {"type": "integer"}}},
+                    },
+                },
+                "required": ["from", "to", "date"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "book_hotel",
+            "description": "Book a room",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "place": _PLACE,
+                    "nights": {"type": "integer", "minimum": 1},
+                    "guests": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["place", "nights"],
+            },
+        },
+    },
+]
+TOOL_MESSAGES = [
+    {"role": "system", "content": "You are a travel agent. Use the tools."},
+    {"role": "user", "content": "Is it sunny in Paris today?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0123456789abcdef01234567",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"place": {"city": "Paris", "country": "FR"}}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0123456789abcdef01234567", "content": '{"sky": "sunny", "temp_c": 21}'},
+    {"role": "assistant", "content": "Yes: sunny, 21 degrees."},
+    {"role": "user", "content": "Then find me a flight from Rome tomorrow."},
+]
+
+
+def translation_microbench(repeat: int = 20000) -> dict[str, float]:
+    """
+    p50 microseconds of the Gemini translation in this process: request
+    (to_gemini) and a function-call answer (from_gemini), for the plain and
+    the tool-calling request.
+    """
+    import orjson
+
+    from openclaw.dataplane.request import parse_chat_request
+    from openclaw.providers.gemini.translate import from_gemini, to_gemini
+
+    answers = {
+        "plain": {"candidates": [{"content": {"parts": [{"text": "Paris."}]}, "finishReason": "STOP"}]},
+        "tools": {
+            "candidates": [
+                {
+                    "content": {
+                        "parts": [
+                            {
+                                "functionCall": {
+                                    "name": "search_flights",
+                                    "args": {"from": {"city": "Rome"}},
+                                    "id": "x",
+                                },
+                                "thoughtSignature": "c2lnbmF0dXJl" * 20,
+                            }
+                        ]
+                    },
+                    "finishReason": "STOP",
+                }
+            ]
+        },
+    }
+    raws = {
+        "plain": orjson.dumps({"messages": MESSAGES}),
+        "tools": orjson.dumps({"messages": TOOL_MESSAGES, "tools": TOOLS}),
+    }
+    result = {}
+    for name, raw in raws.items():
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            chat = parse_chat_request(raw)
+            orjson.dumps(to_gemini(chat.body, "gemini-flash-latest"))
+            orjson.dumps(from_gemini(answers[name], "m", "chatcmpl-1", 0))
+            times.append(time.perf_counter() - started)
+        result[name] = median(times) * 1e6
+    return result
 
 
 def free_port() -> int:
@@ -363,6 +503,14 @@ def cpu_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     return figures
 
 
+def tool_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    return {"tools_p50": runs["tools"]["p50_ms"] - runs["plain"]["p50_ms"]}
+
+
+def tool_line(f: dict[str, float]) -> str:
+    return f"tool request p50 {f['tools_p50']:+.3f} ms over plain chat"
+
+
 def latency_line(f: dict[str, float]) -> str:
     line = f"added p50/p99 ms: gateway {f['gw_p50']:.3f}/{f['gw_p99']:.3f}"
     if "relay_p50" in f:
@@ -409,6 +557,9 @@ def main() -> None:
         help="a venv (or its bin/) whose twistd and python run the gateway and the stand-in; "
         "default: this checkout under this Python",
     )
+    parser.add_argument(
+        "--tools", action="store_true", help="also an agent's tool-calling request at concurrency 1 (issue #14)"
+    )
     args = parser.parse_args()
     install = Install(args.gateway_bin)
 
@@ -426,6 +577,7 @@ def main() -> None:
     relay = start_relay(relay_port, upstream_port)
     pids = {"gateway": gateway.pid, "upstream": upstream.pid, "relay": relay.pid}
     results: list[tuple[str, bool, list[dict[str, float]], list[dict[str, float]]]] = []
+    tool_rows: list[tuple[str, list[dict[str, float]]]] = []
     try:
         for provider in args.providers.split(","):
             for stream in (False, True) if args.streams else (False,):
@@ -439,6 +591,13 @@ def main() -> None:
                     print(f"{kind}, concurrency {connections}:", flush=True)
                     per_block[connections] = measure(pair, connections, args, pids, figures_of, line_of)
                 results.append((kind, "relay" in pair, per_block[1], per_block[32]))
+        for provider in args.providers.split(",") if args.tools else ():
+            plain = targets(upstream_port, api_port, relay_port, provider, False)["gateway"]
+            tools = {**plain, "body": {**plain["body"], "messages": TOOL_MESSAGES, "tools": TOOLS}}
+            print(f"{provider} tool-calling request against plain chat, through the gateway, concurrency 1:")
+            tool_rows.append(
+                (provider, measure({"tools": tools, "plain": plain}, 1, args, pids, tool_figures, tool_line))
+            )
     finally:
         for process in (gateway, upstream, relay):
             process.terminate()
@@ -479,6 +638,18 @@ def main() -> None:
         print(f"  {kind}: added p50 at c=1, {p50_ratio:.2f} x the relay's (<= {P50_TARGET}): {verdict}")
         verdict = "met" if cpu_ratio <= CPU_TARGET else "MISSED"
         print(f"  {kind}: CPU per call at c=32, {cpu_ratio:.2f} x the relay's (<= {CPU_TARGET}): {verdict}")
+
+    if args.tools:
+        print("tool-calling request (issue #14), c=1, p50 added over plain chat through the gateway:")
+        for provider, figures in tool_rows:
+            print(f"  {provider}: {summary(figures, 'tools_p50', '.3f')} ms")
+        micro = translation_microbench()
+        added = (micro["tools"] - micro["plain"]) / 1000
+        verdict = "met" if added < 0.1 else "MISSED"
+        print(
+            f"  Gemini translation in process (parse + to_gemini + from_gemini), p50: plain {micro['plain']:.1f} µs, "
+            f"tools {micro['tools']:.1f} µs; the translation adds {added:.3f} ms (< 0.1): {verdict}"
+        )
 
     if args.profile:
         time.sleep(0.5)

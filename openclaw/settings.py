@@ -169,6 +169,9 @@ class Settings:
     #: PEM file of the CA certificates trusted for https provider URLs, in
     #: place of the system's; None: the system's trust store.
     upstream_ca_file: Path | None = None
+    #: The Gemini model C{POST /v1/embeddings} uses (embeddings do not
+    #: follow switch_provider: an application's vectors must stay comparable).
+    embedding_model: str = "gemini-embedding-001"
 
     # Running as a daemon.
     #: Twisted endpoint strings; when set they replace port/interface.
@@ -340,6 +343,23 @@ def _url(text: str) -> str:
     if not text.startswith(("http://", "https://")):
         raise ValueError
     return text.rstrip("/")
+
+
+def _embedding_model(text: str) -> str:
+    """
+    A Gemini model name, written bare, as C{gemini/<model>} or as
+    C{models/<model>}.
+    """
+    provider, slash, model = text.strip().partition("/")
+    if not slash:
+        model = provider
+    elif provider == "gemini":
+        model = model.removeprefix("models/")
+    elif provider != "models":
+        raise ValueError(text)
+    if not model or "/" in model:
+        raise ValueError(text)
+    return model
 
 
 def _writable_file(path: str) -> Path:
@@ -536,6 +556,12 @@ def load_settings(
             "use a number of seconds greater than 0, such as 50",
         ),
         upstream_ca_file=_ca_file(ca_file) if ca_file else None,
+        embedding_model=read(
+            "EMBEDDING_MODEL",
+            _embedding_model,
+            defaults.embedding_model,
+            "name a Gemini embedding model such as gemini-embedding-001 (Kimi has no embeddings API)",
+        ),
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
         api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
         metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),

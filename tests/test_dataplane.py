@@ -532,12 +532,12 @@ class ErrorTests(DataPlaneTestCase):
             ({"messages": "hi"}, "non-empty list"),
             ({"messages": ["hi"]}, "messages[0] must be an object"),
             ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role must be one of"),
-            ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "tool messages are not supported"),
+            ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "1"}]}, "matches no tool call"),
             ({"messages": [{"role": "user"}]}, "messages[0].content is required"),
             ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content must be"),
             (
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-                "only text content",
+                "must be a base64 data URL",
             ),
             ({"messages": HELLO, "temperature": "hot"}, "temperature must be a number"),
             ({"messages": HELLO, "max_tokens": 0}, "max_tokens must be a whole number"),
@@ -546,7 +546,7 @@ class ErrorTests(DataPlaneTestCase):
             ({"messages": HELLO, "stop": [1]}, "stop must be"),
             ({"messages": HELLO, "model": 4}, "model must be a string"),
             ({"messages": HELLO, "model": "kimi/"}, "names no model"),
-            ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools is not supported"),
+            ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools[0].function must be an object"),
         ]
         for body, expected in cases:
             response, text = yield self.post(gateway, body)

@@ -19,7 +19,7 @@ from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError,
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIWire
-from openclaw.providers.wire import MalformedAnswer, StreamBroken
+from openclaw.providers.wire import MalformedAnswer, ModelFailed, StreamBroken
 from openclaw.routing import Route
 
 
@@ -110,7 +110,12 @@ class FromGeminiTests(SynchronousTestCase):
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "Hello there"},
+                        "message": {
+                            "role": "assistant",
+                            "content": "Hello there",
+                            # A thought summary, never mixed into the content.
+                            "reasoning_content": "thinking...",
+                        },
                         "finish_reason": "stop",
                         "logprobs": None,
                     },
@@ -123,7 +128,8 @@ class FromGeminiTests(SynchronousTestCase):
                 ],
                 "usage": {
                     "prompt_tokens": 7,
-                    "completion_tokens": 3,
+                    # Thinking tokens are completion tokens too.
+                    "completion_tokens": 8,
                     "total_tokens": 15,
                     "completion_tokens_details": {"reasoning_tokens": 5},
                 },
@@ -145,11 +151,21 @@ class FromGeminiTests(SynchronousTestCase):
             "PROHIBITED_CONTENT": "content_filter",
             "BLOCKLIST": "content_filter",
             "SPII": "content_filter",
-            "OTHER": "other",
+            "LANGUAGE": "content_filter",
             None: None,
         }
         for reason, mapped in expected.items():
             self.assertEqual(gemini.finish_reason(reason), mapped, reason)
+        # The model failing is never passed off as one of OpenAI's reasons.
+        for reason, code in (
+            ("MALFORMED_FUNCTION_CALL", "malformed_function_call"),
+            ("OTHER", "other"),
+            ("UNEXPECTED_TOOL_CALL", "unexpected_tool_call"),
+        ):
+            with self.assertRaises(ModelFailed) as caught:
+                gemini.finish_reason(reason)
+            self.assertEqual(caught.exception.code, code)
+            self.assertIn(reason, str(caught.exception))
 
     def test_prompt_blocked(self) -> None:
         completion = gemini.from_gemini({"promptFeedback": {"blockReason": "SAFETY"}}, "m", "id", 0)
@@ -198,10 +214,11 @@ class GeminiStreamTests(SynchronousTestCase):
         )
         assert last is not None
         self.assertEqual(last["choices"][0]["delta"], {"content": "lo"})
-        self.assertEqual(last["choices"][0]["finish_reason"], "stop")
+        # The finish reason is held back for the last chunk of the choice.
+        self.assertIsNone(last["choices"][0]["finish_reason"])
         self.assertTrue(stream.complete)
-        closing = stream.closing()
-        assert closing is not None
+        finish, closing = stream.closing()
+        self.assertEqual(finish["choices"], [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
         self.assertEqual(closing["choices"], [])
         self.assertEqual(closing["usage"], {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
 
@@ -213,7 +230,10 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertFalse(stream.complete)
         stream.chunk(self.event("", "SAFETY", index=1))
         self.assertTrue(stream.complete)
-        self.assertIsNone(stream.closing())  # usage not asked for
+        # One finish chunk per choice; no usage chunk: not asked for.
+        self.assertEqual(
+            [chunk["choices"][0]["finish_reason"] for chunk in stream.closing()], ["stop", "content_filter"]
+        )
 
     def test_empty_event(self) -> None:
         stream = gemini.GeminiStream("m", "id", 0)
@@ -231,8 +251,10 @@ class GeminiStreamTests(SynchronousTestCase):
         stream = gemini.GeminiStream("m", "id", 0)
         chunk = stream.chunk({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
         assert chunk is not None
-        self.assertEqual(chunk["choices"][0]["finish_reason"], "content_filter")
+        self.assertEqual(chunk["choices"][0]["delta"], {"role": "assistant"})
         self.assertTrue(stream.complete)
+        (finish,) = stream.closing()
+        self.assertEqual(finish["choices"][0]["finish_reason"], "content_filter")
 
 
 class WireTests(SynchronousTestCase):
@@ -339,8 +361,11 @@ class RequestTests(SynchronousTestCase):
         for raw, param in (
             (b'{"messages": [{"role": "user", "content": "x"}], "stream_options": 1}', "stream_options"),
             (b'{"messages": [{"role": "user", "content": "x"}], "top_p": 2}', "top_p"),
-            (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}', "tool_choice"),
-            (b'{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}', "messages[1].role"),
+            (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "any"}', "tool_choice"),
+            (
+                b'{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}',
+                "messages[1].tool_call_id",
+            ),
         ):
             with self.assertRaises(APIError) as caught:
                 parse_chat_request(raw)
@@ -373,3 +398,124 @@ class KeyTests(SynchronousTestCase):
         assert error is not None
         self.assertEqual(error.code, "gateway_api_keys_not_set")
         self.assertNotIn("alpha", repr(keys))
+
+
+class CallIdTests(SynchronousTestCase):
+    """
+    Tool call ids that carry Gemini's call id and thought signature.
+    """
+
+    def test_round_trip(self) -> None:
+        from openclaw.dataplane.callids import carried, new_call_id, plain
+
+        for gemini_id, signature in (("fc-1", "c2ln+/="), (None, "sig"), ("fc-2", None)):
+            call_id = new_call_id(gemini_id, signature)
+            self.assertRegex(call_id, r"^call_[0-9a-f]{24}_gs1_[A-Za-z0-9_-]+$")
+            self.assertEqual(carried(call_id), (gemini_id, signature))
+            self.assertRegex(plain(call_id), r"^call_[0-9a-f]{24}$")
+        self.assertRegex(new_call_id(), r"^call_[0-9a-f]{24}$")
+        # Unique, never derived from the function name.
+        self.assertEqual(len({new_call_id("same", "same") for _ in range(1000)}), 1000)
+
+    def test_defensive_decoding(self) -> None:
+        from openclaw.dataplane.callids import carried, plain
+
+        for call_id in ("call_1", "get_weather:0", "x_gs1_", "x_gs1_!!!", "x_gs1_e30", "x_gs1_WzEsMiwzXQ", "_gs1_abc"):
+            self.assertEqual(carried(call_id), (None, None), call_id)
+        self.assertEqual(plain("get_weather:0"), "get_weather:0")
+        self.assertEqual(plain("_gs1_abc"), "_gs1_abc")
+
+    def test_bounded(self) -> None:
+        from openclaw.dataplane.callids import MAX_PAYLOAD, carried, new_call_id
+
+        call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))
+        self.assertLess(len(call_id), 100)
+        self.assertEqual(carried(call_id), ("fc-1", None))
+
+
+class ToolTranslationTests(SynchronousTestCase):
+    def test_thinking_config(self) -> None:
+        for effort, budget, level in (
+            ("none", 0, "minimal"),
+            ("minimal", 1024, "minimal"),
+            ("low", 1024, "low"),
+            ("medium", 8192, "medium"),
+            ("high", 24576, "high"),
+        ):
+            config = gemini.generation_config(chat(reasoning_effort=effort), "models/gemini-2.5-flash")
+            self.assertEqual(config["thinkingConfig"], {"thinkingBudget": budget})
+            config = gemini.generation_config(chat(reasoning_effort=effort), "gemini-3-pro-preview")
+            self.assertEqual(config["thinkingConfig"], {"thinkingLevel": level})
+
+    def test_tool_choice(self) -> None:
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        for choice, mode in (("auto", "AUTO"), ("none", "NONE"), ("required", "ANY")):
+            request = gemini.to_gemini(chat(tools=tools, tool_choice=choice))
+            self.assertEqual(request["toolConfig"], {"functionCallingConfig": {"mode": mode}})
+            self.assertEqual(request["tools"], [{"functionDeclarations": [{"name": "f"}]}])
+
+    def test_tool_turns_merge(self) -> None:
+        calls = [
+            {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": '{"i": %d}' % i}} for i in (1, 2)
+        ]
+        request = gemini.to_gemini(
+            chat(
+                messages=[
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "content": "Calling.", "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": '{"ok": 2}'}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                    {"role": "user", "content": "and?"},
+                ]
+            )
+        )
+        self.assertEqual(
+            request["contents"],
+            [
+                {"role": "user", "parts": [{"text": "go"}]},
+                {
+                    "role": "model",
+                    "parts": [
+                        {"text": "Calling."},
+                        {
+                            "functionCall": {"name": "f", "args": {"i": 1}},
+                            "thoughtSignature": "skip_thought_signature_validator",
+                        },
+                        {"functionCall": {"name": "f", "args": {"i": 2}}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "parts": [
+                        {"functionResponse": {"name": "f", "response": {"result": "42"}}},
+                        {"functionResponse": {"name": "f", "response": {"ok": 2}}},
+                        {"text": "and?"},
+                    ],
+                },
+            ],
+        )
+
+    def test_answer_with_calls(self) -> None:
+        document = {
+            "candidates": [
+                {
+                    "content": {
+                        "parts": [
+                            {"text": "Let me look."},
+                            {"functionCall": {"name": "f", "args": {"a": 1}}, "thoughtSignature": "sig"},
+                            {"functionCall": {"name": "f", "args": {"a": 2}}},
+                        ]
+                    },
+                    "finishReason": "STOP",
+                }
+            ],
+            "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 2, "cachedContentTokenCount": 1},
+        }
+        completion = gemini.from_gemini(document, "m", "id", 0)
+        choice = completion["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me look.")
+        calls = choice["message"]["tool_calls"]
+        self.assertEqual([c["function"]["arguments"] for c in calls], ['{"a":1}', '{"a":2}'])
+        self.assertNotEqual(calls[0]["id"], calls[1]["id"])
+        self.assertEqual(completion["usage"]["prompt_tokens_details"], {"cached_tokens": 1})

@@ -193,6 +193,13 @@ class LoadTests(SynchronousTestCase):
         self.environ["KIMI_API_KEY"] = "sk-main"
         self.assertEqual(self.load().providers["kimi"].api_key, "sk-main")
 
+    def test_embedding_model(self) -> None:
+        self.assertEqual(self.load().embedding_model, "gemini-embedding-001")
+        for given in ("text-embedding-004", "gemini/text-embedding-004", "models/text-embedding-004"):
+            self.assertEqual(self.load({"EMBEDDING_MODEL": given}).embedding_model, "text-embedding-004")
+        self.assertConfigError("EMBEDDING_MODEL", "'kimi/x'", "Kimi has no embeddings API", EMBEDDING_MODEL="kimi/x")
+        self.assertConfigError("EMBEDDING_MODEL", "gemini-embedding-001", EMBEDDING_MODEL="gemini/")
+
 
 class AllowlistTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -195,7 +195,7 @@ class ChatCall:
         try:
             answer = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
         except MalformedAnswer as e:
-            return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", "upstream_malformed"))
+            return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
         self.context.costs.tokens(self.route.provider_id, self.route.model, answer_usage(answer))
         self._finish_call()
         request = self.request
@@ -327,12 +327,12 @@ class ChatCall:
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
         self._fail(upstream_failed(self.route.provider_id, why, "upstream_stream_broken"))
 
-    def stream_broken(self, why: str) -> None:
+    def stream_broken(self, why: str, code: str = "upstream_stream_error") -> None:
         """
         An upstream event was an error or unreadable: end the stream here.
         """
         if not self._over:
-            self._fail(upstream_failed(self.route.provider_id, why, "upstream_stream_error"))
+            self._fail(upstream_failed(self.route.provider_id, why, code))
 
     def _close_stream(self, translation: StreamTranslation) -> None:
         closing = b"".join(encode(payload) for payload in translation.closing())
@@ -494,7 +494,7 @@ class _StreamRelay(Protocol):
         except (StreamBroken, SSEError) as e:
             if out:
                 self._call.stream_data(b"".join(out), translation)
-            self._call.stream_broken(str(e))
+            self._call.stream_broken(str(e), e.code if isinstance(e, StreamBroken) else "upstream_stream_error")
             return
         self._call.stream_data(b"".join(out), translation)
 

@@ -57,6 +57,8 @@ class APIContext:
     fallback: str = "auto"
     #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
     count_fallback: Callable[[str, str, str], None] = lambda origin, target, reason: None
+    #: EMBEDDING_MODEL: the Gemini model C{/v1/embeddings} uses.
+    embedding_model: str = "gemini-embedding-001"
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
 
     def call_started(self) -> None:
@@ -103,6 +105,7 @@ class APIContext:
             log_failures=settings.log_level not in _QUIET_LEVELS,
             costs=CallCosts() if costs is None else costs,
             fallback=settings.fallback,
+            embedding_model=settings.embedding_model,
         )
         if count_fallback is not None:
             context.count_fallback = count_fallback

@@ -3,23 +3,47 @@ A chat completion request: checked once at the door, so that every
 provider gets a body it can be given (or translated from), and a caller
 learns what is wrong with theirs in a 400 that names the field rather than
 in a provider's error about a body it never wrote.
+
+The shapes accepted are OpenAI's chat completions request
+(U{https://platform.openai.com/docs/api-reference/chat/create}): text,
+image, audio and file content parts, tools and tool calls, structured
+output, reasoning effort.  The legacy C{functions}/C{function_call} fields
+and C{role: "function"} messages are rewritten as their C{tools}
+equivalents, and C{developer} messages as C{system}, so that each provider's
+wire sees one shape.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
 import orjson
 
+from openclaw.dataplane.callids import MARK
 from openclaw.dataplane.errors import bad_request
 from openclaw.routing import Route
 
-#: Roles accepted as they are; "developer" (OpenAI's newer name) means system.
-ROLES = frozenset({"system", "user", "assistant", "developer"})
-#: Request fields this gateway does not carry to every provider alike;
-#: refused rather than honoured by one provider and dropped by the other.
-UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call")
+#: Roles accepted; "developer" (OpenAI's newer name) means system, and
+#: "function" (legacy) is rewritten as "tool".
+ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
+#: Content part types, by role (OpenAI's: assistants may also send refusals).
+USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
+TEXT_PARTS = frozenset({"text"})
+ASSISTANT_PARTS = frozenset({"text", "refusal"})
+#: A function name both providers accept: Gemini's rule (letters, digits,
+#: "_", ".", "-"; at most 64; starting with a letter or "_"), which is
+#: within OpenAI's.
+FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+TOOL_CHOICES = frozenset({"auto", "none", "required"})
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
+IMAGE_DETAILS = frozenset({"auto", "low", "high"})
+#: C{data:<media type>;base64,<data>}: the only inline form carried.
+DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII)
+#: URL schemes an image may be given by (the gateway never fetches them).
+IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 
 
 @attrs.frozen
@@ -28,13 +52,17 @@ class ChatRequest:
     A validated C{POST /v1/chat/completions} body.
 
     @ivar body: the caller's JSON object, messages with role "developer"
-        already turned into "system"; every other field as sent.
+        already turned into "system", legacy function calling into tools;
+        every other field as sent.
     """
 
     body: dict[str, Any]
     stream: bool
     #: C{stream_options.include_usage}: end the stream with a usage chunk.
     include_usage: bool
+    #: Some tool call id carries a Gemini id or signature
+    #: (L{openclaw.dataplane.callids}): other providers get it plain.
+    carried_ids: bool = False
 
     @property
     def model(self) -> Any:
@@ -53,14 +81,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    for name in UNSUPPORTED_FIELDS:
-        if body.get(name):
-            raise bad_request(
-                f"{name} is not supported by this gateway: tool and function calling "
-                "cannot be carried to every provider yet",
-                param=name,
-            )
-    _check_messages(body.get("messages"))
+    _legacy_functions(body)
+    names = _check_tools(body.get("tools"))
+    _check_tool_choice(body.get("tool_choice"), names)
+    carried_ids = _check_messages(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
@@ -79,53 +103,321 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             )
     _check_number(body, "temperature", 0.0, 2.0)
     _check_number(body, "top_p", 0.0, 1.0)
+    _check_number(body, "presence_penalty", -2.0, 2.0)
+    _check_number(body, "frequency_penalty", -2.0, 2.0)
     _check_count(body, "max_tokens")
     _check_count(body, "max_completion_tokens")
     _check_count(body, "n")
     _check_stop(body.get("stop"))
-    return ChatRequest(body, bool(stream), include_usage)
+    _check_bool(body, "parallel_tool_calls")
+    _check_bool(body, "logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (
+        isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20
+    ):
+        raise bad_request("top_logprobs must be a whole number from 0 to 20", param="top_logprobs")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad_request("seed must be a whole number", param="seed")
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param="reasoning_effort")
+    _check_response_format(body.get("response_format"))
+    return ChatRequest(body, bool(stream), include_usage, carried_ids)
 
 
-def _check_messages(messages: Any) -> None:
+def _legacy_functions(body: dict[str, Any]) -> None:
+    """
+    Rewrite the legacy C{functions} and C{function_call} fields as C{tools}
+    and C{tool_choice} (what OpenAI itself documents as their replacement).
+    """
+    functions = body.pop("functions", None)
+    if functions is not None:
+        if "tools" in body:
+            raise bad_request("send tools or the legacy functions, not both", param="functions")
+        if not isinstance(functions, list):
+            raise bad_request("functions must be a list of {name, description, parameters}", param="functions")
+        body["tools"] = [{"type": "function", "function": f} for f in functions]
+    function_call = body.pop("function_call", None)
+    if function_call is not None:
+        if "tool_choice" in body:
+            raise bad_request("send tool_choice or the legacy function_call, not both", param="function_call")
+        if isinstance(function_call, dict):
+            body["tool_choice"] = {"type": "function", "function": function_call}
+        elif function_call in ("auto", "none"):
+            body["tool_choice"] = function_call
+        else:
+            raise bad_request('function_call must be "auto", "none" or {"name": ...}', param="function_call")
+
+
+def _check_tools(tools: Any) -> frozenset[str]:
+    """
+    @return: the names of the functions declared.
+    """
+    if tools is None:
+        return frozenset()
+    if not isinstance(tools, list):
+        raise bad_request('tools must be a list of {"type": "function", "function": {...}}', param="tools")
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f'{where} must be {{"type": "function", "function": {{...}}}}', param=f"{where}.type")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise bad_request(f"{where}.function must be an object with a name", param=f"{where}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise bad_request(
+                f"{where}.function.name must be 1 to 64 letters, digits, _, . or -, starting with a letter or _",
+                param=f"{where}.function.name",
+            )
+        if name in names:
+            raise bad_request(f"{where}.function.name: {name!r} is declared twice", param=f"{where}.function.name")
+        names.add(name)
+        if "description" in function and not isinstance(function["description"], str):
+            raise bad_request(f"{where}.function.description must be a string", param=f"{where}.function.description")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise bad_request(
+                f"{where}.function.parameters must be a JSON Schema object", param=f"{where}.function.parameters"
+            )
+        if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
+            raise bad_request(f"{where}.function.strict must be true or false", param=f"{where}.function.strict")
+    return frozenset(names)
+
+
+def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise bad_request(
+                'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+                param="tool_choice",
+            )
+        if choice == "required" and not names:
+            raise bad_request('tool_choice "required" needs tools to choose from', param="tool_choice")
+        return
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise bad_request(
+            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in names:
+        raise bad_request(
+            f"tool_choice names the function {name!r}, which is not among tools", param="tool_choice.function.name"
+        )
+
+
+def _check_messages(body: dict[str, Any]) -> bool:
+    """
+    Check C{body["messages"]}, rewriting developer and legacy function
+    messages in place.
+
+    @return: whether a tool call id carries Gemini's id or signature.
+    """
+    messages = body.get("messages")
     if messages is None:
         raise bad_request("messages is required: a non-empty list of {role, content}", param="messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content}", param="messages")
-    developer = False
+    #: Tool call ids seen so far -> the function's name.
+    calls: dict[str, str] = {}
+    #: Legacy function calls not yet answered: name -> their ids, in order.
+    legacy: dict[str, list[str]] = {}
+    carried_ids = False
+    anything = False
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object with role and content", param=where)
         role = message.get("role")
         if role not in ROLES:
-            if role == "tool":
-                raise bad_request(
-                    f"{where}.role: tool messages are not supported by this gateway", param=f"{where}.role"
-                )
             raise bad_request(
-                f"{where}.role must be one of system, user, assistant, developer (got {role!r})",
+                f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
                 param=f"{where}.role",
             )
-        developer = developer or role == "developer"
-        _check_content(message.get("content", ...), f"{where}.content")
-    if developer:
-        messages[:] = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+        if role == "developer":
+            message = messages[i] = {**message, "role": "system"}
+        elif role == "function":
+            message = messages[i] = _legacy_result(message, where, legacy)
+        elif role == "assistant" and message.get("function_call") is not None and "tool_calls" not in message:
+            message = messages[i] = _legacy_call(message, i, where, legacy)
+        role = message["role"]
+        content = message.get("content", ...)
+        if role == "assistant":
+            tool_calls = message.get("tool_calls")
+            if tool_calls is not None:
+                carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
+                anything = True
+            if (content is None or content is ...) and tool_calls:
+                continue
+            anything = _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad_request(f"{where}.tool_call_id must be the id of a tool call", param=f"{where}.tool_call_id")
+            if call_id not in calls:
+                raise bad_request(
+                    f"{where}.tool_call_id {call_id!r} matches no tool call of an earlier assistant message",
+                    param=f"{where}.tool_call_id",
+                )
+            _check_content(content, f"{where}.content", TEXT_PARTS)
+            anything = True
+        else:
+            parts = USER_PARTS if role == "user" else TEXT_PARTS
+            anything = _check_content(content, f"{where}.content", parts) or anything
+    if not anything:
+        raise bad_request("messages hold no content: at least one message needs some", param="messages")
+    return carried_ids
 
 
-def _check_content(content: Any, where: str) -> None:
+def _legacy_call(message: dict[str, Any], i: int, where: str, legacy: dict[str, list[str]]) -> dict[str, Any]:
+    call = message["function_call"]
+    if not isinstance(call, dict):
+        raise bad_request(f"{where}.function_call must be {{name, arguments}}", param=f"{where}.function_call")
+    call_id = f"call_legacy_{i}"
+    name = call.get("name")
+    if isinstance(name, str):
+        legacy.setdefault(name, []).append(call_id)
+    rewritten = {k: v for k, v in message.items() if k != "function_call"}
+    rewritten["tool_calls"] = [{"id": call_id, "type": "function", "function": call}]
+    return rewritten
+
+
+def _legacy_result(message: dict[str, Any], where: str, legacy: dict[str, list[str]]) -> dict[str, Any]:
+    name = message.get("name")
+    waiting = legacy.get(name) if isinstance(name, str) else None
+    if not waiting:
+        raise bad_request(
+            f"{where} (role function) answers no earlier function_call of that name", param=f"{where}.name"
+        )
+    return {"role": "tool", "tool_call_id": waiting.pop(0), "content": message.get("content", ...)}
+
+
+def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> bool:
+    if not isinstance(tool_calls, list) or not tool_calls:
+        raise bad_request(f"{where} must be a non-empty list of tool calls", param=where)
+    carried_ids = False
+    for j, call in enumerate(tool_calls):
+        at = f"{where}[{j}]"
+        if not isinstance(call, dict) or call.get("type", "function") != "function":
+            raise bad_request(f'{at} must be {{"id", "type": "function", "function": {{...}}}}', param=at)
+        call_id = call.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise bad_request(f"{at}.id must be a non-empty string", param=f"{at}.id")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise bad_request(f"{at}.function must be {{name, arguments}}", param=f"{at}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"{at}.function.name must be the function's name", param=f"{at}.function.name")
+        arguments = function.get("arguments")
+        try:
+            parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise bad_request(
+                f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
+                param=f"{at}.function.arguments",
+            )
+        calls[call_id] = name
+        carried_ids = carried_ids or MARK in call_id
+    return carried_ids
+
+
+def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
+    """
+    @return: whether the content holds anything (text or media).
+    """
     if isinstance(content, str):
-        return
-    if content is ...:
+        return bool(content)
+    if content is ... or content is None:
         raise bad_request(f"{where} is required", param=where)
     if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or a list of text parts", param=where)
+        raise bad_request(f"{where} must be a string or a list of content parts", param=where)
+    if not content:
+        raise bad_request(f"{where} is an empty list: give a string or at least one content part", param=where)
+    anything = False
     for j, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed:
+            kinds = ", ".join(sorted(allowed))
+            raise bad_request(f"{at}.type must be one of {kinds} here (got {kind!r})", param=f"{at}.type")
+        assert isinstance(part, dict)
+        if kind in ("text", "refusal"):
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise bad_request(f"{at}.{kind} must be a string", param=f"{at}.{kind}")
+            anything = anything or bool(text)
+            continue
+        anything = True
+        _check_media(part, kind, at)
+    return anything
+
+
+def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
+    value = part.get(kind)
+    if not isinstance(value, dict):
+        raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
+    if kind == "image_url":
+        url = value.get("url")
+        if not isinstance(url, str) or not (DATA_URL.match(url) or url.startswith(IMAGE_URL_SCHEMES)):
             raise bad_request(
-                f'{where}[{j}] must be {{"type": "text", "text": "..."}}: '
-                "only text content is supported by this gateway",
-                param=f"{where}[{j}]",
+                f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
+                "or an http(s):// or gs:// URL",
+                param=f"{at}.image_url.url",
             )
+        if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
+            raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
+    elif kind == "input_audio":
+        if not isinstance(value.get("data"), str) or not value["data"]:
+            raise bad_request(f"{at}.input_audio.data must be base64 audio", param=f"{at}.input_audio.data")
+        if not isinstance(value.get("format"), str) or not value["format"].isalnum():
+            raise bad_request(
+                f"{at}.input_audio.format must name the format, such as wav or mp3", param=f"{at}.input_audio.format"
+            )
+    else:
+        data = value.get("file_data")
+        if not isinstance(data, str) or not DATA_URL.match(data):
+            raise bad_request(
+                f"{at}.file.file_data must be a base64 data URL (data:application/pdf;base64,...); "
+                "uploaded file ids are not supported by this gateway",
+                param=f"{at}.file.file_data",
+            )
+        if value.get("filename") is not None and not isinstance(value["filename"], str):
+            raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
+
+
+def _check_response_format(response_format: Any) -> None:
+    if response_format is None:
+        return
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in RESPONSE_FORMATS:
+        raise bad_request("response_format.type must be text, json_object or json_schema", param="response_format.type")
+    if kind != "json_schema":
+        return
+    assert isinstance(response_format, dict)
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise bad_request(
+            'response_format.json_schema must be {"name": ..., "schema": {...}}', param="response_format.json_schema"
+        )
+    if not isinstance(spec.get("schema", {}), dict):
+        raise bad_request(
+            "response_format.json_schema.schema must be a JSON Schema object",
+            param="response_format.json_schema.schema",
+        )
+
+
+def _check_bool(body: dict[str, Any], name: str) -> None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false", param=name)
 
 
 def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> None:

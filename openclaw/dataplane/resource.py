@@ -307,7 +307,8 @@ class ChatCompletions(_Authenticated):
 
 def build_resource(context: APIContext) -> Resource:
     """
-    The tree: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions}.
+    The tree: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions},
+    C{/v1/embeddings}.
     """
     root = APIResource(context)
     root.putChild(b"healthz", Healthz(context))
@@ -318,4 +319,8 @@ def build_resource(context: APIContext) -> Resource:
     chat = APIResource(context)
     v1.putChild(b"chat", chat)
     chat.putChild(b"completions", ChatCompletions(context))
+    # Imported here: the embeddings resource builds on this module's classes.
+    from openclaw.dataplane.embeddings import Embeddings
+
+    v1.putChild(b"embeddings", Embeddings(context))
     return root

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
+from openclaw.dataplane.callids import plain
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
@@ -27,7 +28,13 @@ from openclaw.providers.wire import MalformedAnswer, StreamBroken, Wire, error_m
 class OpenAIWire:
     """
     An OpenAI-compatible chat API: the caller's body with the model
-    substituted, and the answer passed back byte for byte.
+    substituted, and the answer passed back as it came, but for one
+    normalisation: usage reported inside C{choices[0].usage} (as Moonshot
+    does) is also given where OpenAI puts it, the top-level C{usage}.
+
+    Tool call ids that carry Gemini's id and signature
+    (L{openclaw.dataplane.callids}, from a Gemini answer before a
+    C{switch_provider}) are sent in their plain, short form.
     """
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
@@ -37,16 +44,40 @@ class OpenAIWire:
             # client did not (OpenAI's stream_options.include_usage); the
             # usage chunk is taken out on the way back (OpenAIStream).
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if chat.carried_ids:
+            body["messages"] = [_plain_ids(message) for message in body["messages"]]
         return orjson.dumps(body)
 
     def completion(self, body: bytes, model: str, created: int) -> bytes:
         document = json_object(body)
-        if not isinstance(document.get("choices"), list):
+        choices = document.get("choices")
+        if not isinstance(choices, list):
             raise MalformedAnswer('the answer has no "choices" list')
+        if document.get("usage") is None:
+            usage = _choice_usage(choices)
+            if usage is not None:
+                return orjson.dumps({**document, "usage": usage})
         return body
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
         return OpenAIStream(include_usage=chat.include_usage)
+
+
+def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:
+    if message["role"] == "tool":
+        return {**message, "tool_call_id": plain(message["tool_call_id"])}
+    calls = message.get("tool_calls") if message["role"] == "assistant" else None
+    if not calls:
+        return message
+    return {**message, "tool_calls": [{**call, "id": plain(call["id"])} for call in calls]}
+
+
+def _choice_usage(choices: list[Any]) -> Any:
+    """
+    The usage Moonshot puts in C{choices[0].usage}, or None.
+    """
+    first = choices[0] if choices else None
+    return first.get("usage") if isinstance(first, dict) else None
 
 
 @attrs.define

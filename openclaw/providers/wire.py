@@ -28,12 +28,31 @@ class MalformedAnswer(ValueError):
     A 2xx upstream answer that is not what the provider's API returns.
     """
 
+    #: The error code the client is answered with (a 502).
+    code: str = "upstream_malformed"
+
+
+class ModelFailed(MalformedAnswer):
+    """
+    A 2xx upstream answer saying that the model failed (Gemini's
+    C{MALFORMED_FUNCTION_CALL}): never passed off as a clean stop.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 class StreamBroken(Exception):
     """
     The upstream stream reported an error, or sent something unreadable,
-    mid-answer.  C{str()} says what.
+    mid-answer.  C{str()} says what; C{code} is the error code the
+    client's last event carries.
     """
+
+    def __init__(self, message: str, code: str = "upstream_stream_error") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StreamTranslation(Protocol):
@@ -138,6 +157,7 @@ def error_message(document: dict[str, Any]) -> str | None:
 
 __all__ = [
     "MalformedAnswer",
+    "ModelFailed",
     "StreamBroken",
     "StreamTranslation",
     "Wire",

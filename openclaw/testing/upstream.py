@@ -139,11 +139,23 @@ class ProviderBehaviour:
     #: C{completion_tokens}; Gemini's C{thoughtsTokenCount}, not counted in
     #: C{candidatesTokenCount}).
     reasoning_tokens: int = 0
-    #: A stream reports its usage as Moonshot may: inside the last chunk's
-    #: C{choices[0].usage}, asked for or not, and no usage chunk.
-    usage_in_choice: bool = False
     #: The parsed JSON body of the latest chat call.
     last_body: Any = None
+    #: Every chat (and embeddings) body received, in order, so that a test
+    #: can assert on each translated request of a tool loop.
+    bodies: list[Any] = attrs.field(factory=list)
+    #: Scripted chat answers (L{GeminiAnswer}, L{OpenAIAnswer}), each used
+    #: by one call, first in first out; when none is left, the C{reply}.
+    answers: list[Any] = attrs.field(factory=list)
+    #: Moonshot's habit: usage inside C{choices[0].usage} instead of at the
+    #: top level (whole answers; and the last stream chunk, asked for or not,
+    #: with no usage chunk).
+    usage_in_choice: bool = False
+    #: Gemini 3's rule: the first C{functionCall} part of each model turn
+    #: must carry a signature this server issued, or Google's placeholder.
+    require_signatures: bool = True
+    #: The thought signatures this server has issued.
+    signatures: set[str] = attrs.field(factory=set)
     #: Streamed answers whose client went away before the end.
     streams_lost: int = 0
     #: More keys accepted besides C{key} (a key pool).
@@ -171,6 +183,8 @@ class ProviderBehaviour:
         self.keys_seen.clear()
         self.uris.clear()
         self.last_body = None
+        self.bodies.clear()
+        self.answers.clear()
         self.streams_lost = 0
 
     def reply_pieces(self) -> list[str]:
@@ -199,6 +213,40 @@ class ProviderBehaviour:
         d: Deferred[None] = Deferred()
         self._lost_waiters.append((count, d))
         return d
+
+
+@attrs.frozen
+class GeminiAnswer:
+    """
+    A scripted Gemini answer: the candidate's parts as Gemini sends them
+    (C{{"text"}}, C{{"text", "thought": true}}, C{{"functionCall": {"name",
+    "args", "id"?}, "thoughtSignature"?}}), one tuple per streamed event (a
+    whole answer joins them), then C{finish_reason} and C{usage}
+    (C{usageMetadata}).  Signatures given are remembered as issued.
+    """
+
+    events: tuple[tuple[dict[str, Any], ...], ...]
+    finish_reason: str = "STOP"
+    usage: dict[str, Any] | None = None
+    #: Repeat the finish reason on every event, as Gemini sometimes does.
+    repeat_finish: bool = False
+
+
+@attrs.frozen
+class OpenAIAnswer:
+    """
+    A scripted OpenAI-shaped answer: C{content} and C{tool_calls}
+    (C{{"id", "name", "arguments"}}); a stream sends each call's id and
+    name first, then its arguments in two fragments, as OpenAI does.
+    """
+
+    content: str | None = None
+    tool_calls: tuple[dict[str, str], ...] = ()
+    finish_reason: str | None = None
+
+
+#: Google's documented placeholder for a call Gemini did not sign.
+SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 
 def default_kimi(key: str = "kimi-test-key") -> ProviderBehaviour:
@@ -455,44 +503,76 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     C{"stream": true} as C{chat.completion.chunk} events ending C{[DONE]}.
     """
     body = behaviour.last_body = _json_body(request)
+    behaviour.bodies.append(body)
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise Reject(400, "Invalid request: messages must be a non-empty list")
     model = body.get("model")
     if model not in behaviour.models:
         raise Reject(404, f"Not found the model {model} or Permission denied")
+    _check_openai_tool_ids(body["messages"])
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
-    completion = len(behaviour.reply_pieces()) + behaviour.reasoning_tokens
+    answer = behaviour.answers.pop(0) if behaviour.answers else OpenAIAnswer(behaviour.reply)
+    pieces = re.findall(r"\s*\S+", answer.content) if answer.content else []
+    completion = len(pieces) + len(answer.tool_calls) + behaviour.reasoning_tokens
     usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}
     if behaviour.reasoning_tokens:
         usage["completion_tokens_details"] = {"reasoning_tokens": behaviour.reasoning_tokens}
+    finish = answer.finish_reason or ("tool_calls" if answer.tool_calls else "stop")
     if not body.get("stream"):
-        return 200, {
-            **base,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": behaviour.reply},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+        if answer.tool_calls:
+            message["tool_calls"] = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in answer.tool_calls
+            ]
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if behaviour.usage_in_choice:
+            return 200, {**base, "object": "chat.completion", "choices": [{**choice, "usage": usage}]}
+        return 200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
     chunk = {**base, "object": "chat.completion.chunk"}
     events = [
         {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
     ]
     events += [
-        {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-        for piece in behaviour.reply_pieces()
+        {**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in pieces
     ]
-    last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    for i, call in enumerate(answer.tool_calls):
+        opening = {
+            "index": i,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
+        half = len(call["arguments"]) // 2
+        deltas = [opening] + [
+            {"index": i, "function": {"arguments": fragment}}
+            for fragment in (call["arguments"][:half], call["arguments"][half:])
+        ]
+        events += [
+            {**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}]} for d in deltas
+        ]
+    last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
     if behaviour.usage_in_choice:
         last["usage"] = usage
     events.append({**chunk, "choices": [last]})
     if (body.get("stream_options") or {}).get("include_usage") and not behaviour.usage_in_choice:
         events.append({**chunk, "choices": [], "usage": usage})
     return 200, EventStream((*(json.dumps(e).encode() for e in events), b"[DONE]"))
+
+
+def _check_openai_tool_ids(messages: list[Any]) -> None:
+    """
+    Refuse what OpenAI-compatible APIs refuse: a tool result for no
+    earlier call (ids compared exactly).
+    """
+    ids: set[str] = set()
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        for call in message.get("tool_calls") or ():
+            ids.add(call.get("id"))
+        if message.get("role") == "tool" and message.get("tool_call_id") not in ids:
+            raise Reject(400, f"Invalid request: tool_call_id {message.get('tool_call_id')} is not found")
 
 
 def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
@@ -503,26 +583,37 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     """
     target = b"/".join(request.postpath or ()).decode("utf-8", "replace")
     model, _, method = target.rpartition(":")
+    if method == "batchEmbedContents" and model:
+        return gemini_embed(request, behaviour, model)
     if method not in ("generateContent", "streamGenerateContent") or not model:
         raise Reject(404, f"Method {target!r} not found.")
     body = behaviour.last_body = _json_body(request)
+    behaviour.bodies.append(body)
     if not isinstance(body, dict) or not body.get("contents"):
         raise Reject(400, "* GenerateContentRequest.contents: contents is not specified")
     if model not in behaviour.models:
         raise Reject(
             404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
         )
+    _check_gemini_request(body, behaviour)
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
-    pieces = behaviour.reply_pieces()
-    usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces)}
-    if behaviour.reasoning_tokens:
-        usage["thoughtsTokenCount"] = behaviour.reasoning_tokens
-    usage["totalTokenCount"] = 10 + len(pieces) + behaviour.reasoning_tokens
+    answer = behaviour.answers.pop(0) if behaviour.answers else None
+    if answer is None:
+        pieces = behaviour.reply_pieces()
+        answer = GeminiAnswer(tuple(({"text": piece},) for piece in pieces))
+        usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces)}
+        if behaviour.reasoning_tokens:
+            usage["thoughtsTokenCount"] = behaviour.reasoning_tokens
+        usage["totalTokenCount"] = 10 + len(pieces) + behaviour.reasoning_tokens
+    else:
+        usage = answer.usage or {"promptTokenCount": 10, "candidatesTokenCount": 1, "totalTokenCount": 11}
+    for event in answer.events:
+        behaviour.signatures.update(p["thoughtSignature"] for p in event if "thoughtSignature" in p)
 
-    def response(text: str, finish: bool) -> dict[str, Any]:
-        candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
-        if finish:
-            candidate["finishReason"] = "STOP"
+    def response(parts: Sequence[dict[str, Any]], finish: bool) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"parts": list(parts), "role": "model"}}
+        if finish or answer.repeat_finish:
+            candidate["finishReason"] = answer.finish_reason
         return {
             "candidates": [{**candidate, "index": i} for i in range(count)],
             "usageMetadata": usage,
@@ -531,11 +622,82 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         }
 
     if method == "generateContent":
-        return 200, response(behaviour.reply, True)
+        return 200, response([part for event in answer.events for part in event], True)
     if _arg(request, "alt") != "sse":
         raise Reject(400, "the stand-in streams only with alt=sse")
-    events = [response(piece, i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+    last = len(answer.events) - 1
+    events = [response(parts, i == last) for i, parts in enumerate(answer.events)]
     return 200, EventStream(tuple(json.dumps(e).encode() for e in events), separator=b"\r\n\r\n")
+
+
+def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) -> None:
+    """
+    Refuse what the real API refuses, in its words: empty text, a function
+    response turn that does not answer the call turn right before it, a
+    Gemini 3 model turn whose first call is unsigned, JSON Schema keywords
+    in C{parameters}.
+    """
+    previous: dict[str, Any] | None = None
+    for turn in body["contents"]:
+        parts = turn.get("parts") or []
+        if not parts:
+            raise Reject(400, "* GenerateContentRequest.contents.parts: contents.parts must not be empty.")
+        if any(p.get("text") == "" for p in parts):
+            raise Reject(400, "Unable to submit request because it has an empty text parameter.")
+        calls = [p for p in parts if "functionCall" in p]
+        if calls and behaviour.require_signatures:
+            signature = calls[0].get("thoughtSignature")
+            if signature != SKIP_SIGNATURE and signature not in behaviour.signatures:
+                raise Reject(
+                    400,
+                    "Function call is missing a thought_signature in functionCall parts. This is required for "
+                    "tools to work correctly, and missing thought_signature may lead to degraded model "
+                    "performance. Please refer to https://ai.google.dev/gemini-api/docs/thought-signatures",
+                )
+        responses = [p["functionResponse"] for p in parts if "functionResponse" in p]
+        if responses:
+            asked = [p["functionCall"] for p in (previous or {}).get("parts", []) if "functionCall" in p]
+            if len(asked) != len(responses) or [c["name"] for c in asked] != [r["name"] for r in responses]:
+                raise Reject(
+                    400,
+                    "Please ensure that function response turn comes immediately after a function call turn. "
+                    "And the number of function response parts should be equal to number of function call parts "
+                    "of the function call turn.",
+                )
+            if [c.get("id") for c in asked] != [r.get("id") for r in responses]:
+                raise Reject(400, "function response ids must match the function call ids")
+        previous = turn
+    for tool in body.get("tools") or ():
+        for declaration in tool.get("functionDeclarations") or ():
+            if "parameters" in declaration and "parametersJsonSchema" in declaration:
+                raise Reject(400, "parameters and parametersJsonSchema are mutually exclusive")
+            if "additionalProperties" in json.dumps(declaration.get("parameters", {})):
+                raise Reject(
+                    400, 'Invalid JSON payload received. Unknown name "additionalProperties": Cannot find field.'
+                )
+
+
+def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> tuple[int, Any]:
+    """
+    C{POST /v1beta/models/<model>:batchEmbedContents}: a vector per text,
+    made from the text (so equal texts get equal vectors), of
+    C{outputDimensionality} numbers (8 when not asked).
+    """
+    body = behaviour.last_body = _json_body(request)
+    behaviour.bodies.append(body)
+    requests = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise Reject(400, "* BatchEmbedContentsRequest.requests: requests is not specified")
+    if len(requests) > 100:
+        raise Reject(400, "* BatchEmbedContentsRequest.requests: at most 100 requests can be in one batch")
+    embeddings = []
+    for entry in requests:
+        if entry.get("model") != f"models/{model}":
+            raise Reject(400, f"Model {entry.get('model')} does not match the batch's model models/{model}")
+        text = "".join(p.get("text", "") for p in entry["content"]["parts"])
+        size = entry.get("outputDimensionality") or 8
+        embeddings.append({"values": [((len(text) + i) % 7) / 8 - 0.25 for i in range(size)]})
+    return 200, {"embeddings": embeddings}
 
 
 def _arg(request: Request, name: str) -> str | None:

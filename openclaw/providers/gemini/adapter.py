@@ -10,10 +10,13 @@ from typing import ClassVar
 from urllib.parse import quote
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.errors import MalformedResponse
-from openclaw.providers.fetch import Exchange
+from openclaw.providers.fetch import Exchange, post
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.wire import Wire
 
@@ -64,6 +67,20 @@ class GeminiAdapter(ProviderAdapter):
             if len(self._chat_urls) < MAX_CACHED_URLS:
                 self._chat_urls[(model, stream)] = url
         return url
+
+    def post_embeddings(self, model: str, body: bytes) -> Deferred[IResponse]:
+        """
+        Send one C{POST {base}/models/<model>:batchEmbedContents}
+        (U{https://ai.google.dev/api/embeddings}); fires with the response
+        once its headers are in, whatever its status.  Cancelling it closes
+        the connection.  The caller checks L{missing_key_warning} first.
+        """
+        assert self.api_key is not None, "post_embeddings without a key"
+        name = quote(self.normalize_model(model), safe="")
+        headers = Headers(
+            {"Content-Type": ["application/json"], **{k: [v] for k, v in self.auth_headers(self.api_key).items()}}
+        )
+        return post(self.agent, f"{self.base_url}/models/{name}:batchEmbedContents".encode(), headers, body)
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
         ids: list[str] = []

@@ -3,31 +3,62 @@ OpenAI chat completions to Gemini's C{generateContent} and back: plain
 functions over JSON-shaped values, no I/O, so each rule is testable alone,
 and L{GeminiWire}, the Gemini provider's chat format built on them.
 
-Requests: system (and developer) messages become C{systemInstruction};
-user and assistant messages become C{contents} with roles C{user} and
-C{model} (consecutive messages of one role merged into one turn, as Gemini
-wants turns to alternate); sampling fields go to C{generationConfig}.
+Requests (U{https://ai.google.dev/api/generate-content}): system (and
+developer) messages become C{systemInstruction}; user, assistant and tool
+messages become C{contents} with roles C{user} and C{model} (adjacent turns
+of one role merged, as Gemini wants turns to alternate and a function
+response turn right after its call turn); tool calls become
+C{functionCall} parts, tool results C{functionResponse} parts; images,
+audio and files C{inlineData} or C{fileData}; tools become
+C{functionDeclarations} with the caller's JSON Schema unchanged as
+C{parametersJsonSchema}; sampling fields, C{response_format} and
+C{reasoning_effort} go to C{generationConfig}.
 
-Answers: C{candidates} become C{choices}, C{finishReason} becomes
-C{finish_reason}, C{usageMetadata} becomes C{usage}; Gemini's C{modelVersion}
-(the model that really answered) becomes C{model}.  Thought summaries
-(parts marked C{thought}) are not part of the answer and are dropped.
+Answers: C{candidates} become C{choices} (C{functionCall} parts become
+C{tool_calls} whose ids carry Gemini's call id and thought signature, see
+L{openclaw.dataplane.callids}; thought summaries become
+C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
+failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, C{usageMetadata}
+becomes C{usage}; Gemini's C{modelVersion} (the model that really answered)
+becomes C{model}.
 """
 
 from __future__ import annotations
 
+import mimetypes
 from typing import Any
 
 import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.callids import SKIP_SIGNATURE, carried, new_call_id
+from openclaw.dataplane.request import DATA_URL, ChatRequest
 from openclaw.dataplane.sse import Event
-from openclaw.providers.wire import StreamBroken, completion_id, json_object
+from openclaw.providers.errors import clip
+from openclaw.providers.wire import ModelFailed, StreamBroken, completion_id, json_object
 
 #: Gemini finish reasons that mean "cut short by a filter".
-_FILTERED = frozenset({"SAFETY", "RECITATION", "PROHIBITED_CONTENT", "BLOCKLIST", "SPII", "IMAGE_SAFETY"})
+_FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "LANGUAGE",
+        "PROHIBITED_CONTENT",
+        "BLOCKLIST",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+    }
+)
 _FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
+#: What a failed finish reason tells the caller to do.
+_FAILURE_HINTS = {
+    "MALFORMED_FUNCTION_CALL": "the model produced a function call that does not parse; retry, "
+    "or simplify the tool schemas",
+    "UNEXPECTED_TOOL_CALL": "the model called a tool although none was enabled; retry, or send tools",
+    "TOO_MANY_TOOL_CALLS": "the model made too many tool calls in a row; retry with a narrower task",
+}
 
 #: OpenAI request field -> generationConfig field, copied as they are.
 _GENERATION_FIELDS = (
@@ -38,6 +69,18 @@ _GENERATION_FIELDS = (
     ("frequency_penalty", "frequencyPenalty"),
     ("seed", "seed"),
 )
+#: C{reasoning_effort} for Gemini 2.x: C{thinkingBudget} in tokens, Google's
+#: own mapping in its OpenAI compatibility layer
+#: (U{https://ai.google.dev/gemini-api/docs/openai}); 0 turns thinking off.
+THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
+#: C{reasoning_effort} for Gemini 3 and later: C{thinkingLevel}
+#: (U{https://ai.google.dev/gemini-api/docs/thinking}); thinking cannot be
+#: turned off there, and "minimal" is the closest to none.
+THINKING_LEVELS = {"none": "minimal", "minimal": "minimal", "low": "low", "medium": "medium", "high": "high"}
+#: Model names that take a thinking budget rather than a level.
+_BUDGET_MODELS = ("gemini-2", "gemini-1")
+#: An image URL whose type cannot be told from its name.
+DEFAULT_IMAGE_TYPE = "image/jpeg"
 
 
 class GeminiStreamError(Exception):
@@ -45,37 +88,153 @@ class GeminiStreamError(Exception):
     An event in a Gemini stream that is an error rather than an answer.
     """
 
+    def __init__(self, message: str, code: str = "upstream_stream_error") -> None:
+        super().__init__(message)
+        self.code = code
 
-def to_gemini(body: dict[str, Any]) -> dict[str, Any]:
+
+def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     """
     The C{generateContent} request for a validated chat completion body
     (see L{openclaw.dataplane.request.parse_chat_request}).
+
+    @param model: the model asked for (Gemini 2 and 3 take
+        C{reasoning_effort} differently).
     """
-    system: list[dict[str, str]] = []
+    system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
-    for message in body["messages"]:
-        parts = _parts(message["content"])
+    #: tool call id -> (name, Gemini's call id), for the results.
+    calls: dict[str, tuple[str, str | None]] = {}
+    #: The latest assistant turn's call ids, in order: results follow it.
+    order: list[str] = []
+    messages = body["messages"]
+    i = 0
+    while i < len(messages):
+        message = messages[i]
         role = message["role"]
-        if role in ("system", "developer"):
-            system.extend(parts)
+        if role == "tool":
+            # A run of tool results: one turn, in the calls' order.
+            run = []
+            while i < len(messages) and messages[i]["role"] == "tool":
+                run.append(messages[i])
+                i += 1
+            run.sort(key=lambda m: order.index(m["tool_call_id"]) if m["tool_call_id"] in order else len(order))
+            _append(contents, "user", [_function_response(m, calls) for m in run])
             continue
-        turn_role = "user" if role == "user" else "model"
-        if contents and contents[-1]["role"] == turn_role:
-            contents[-1]["parts"].extend(parts)
+        i += 1
+        if role == "system":
+            system.extend(_parts(message["content"]))
+        elif role == "user":
+            _append(contents, "user", _parts(message["content"]))
         else:
-            contents.append({"role": turn_role, "parts": parts})
-    request: dict[str, Any] = {"contents": contents}
-    if system:
-        request["systemInstruction"] = {"parts": system}
-    config = generation_config(body)
+            content = message.get("content")
+            parts = [] if content is None else _parts(content)
+            tool_calls = message.get("tool_calls")
+            if tool_calls:
+                order = [call["id"] for call in tool_calls]
+                parts.extend(_function_call(call, calls) for call in tool_calls)
+            _append(contents, "model", parts)
+    for turn in contents:
+        if turn["role"] == "model":
+            _sign(turn["parts"])
+    request: dict[str, Any] = {}
+    if contents:
+        request["contents"] = contents
+        if system:
+            request["systemInstruction"] = {"parts": system}
+    else:
+        # Only system messages: OpenAI answers them, Gemini refuses an
+        # empty contents; their text is the user's turn.
+        request["contents"] = [{"role": "user", "parts": system}]
+    tools = body.get("tools")
+    if tools:
+        request["tools"] = [{"functionDeclarations": [_declaration(tool["function"]) for tool in tools]}]
+    choice = _tool_config(body.get("tool_choice"))
+    if choice is not None:
+        request["toolConfig"] = {"functionCallingConfig": choice}
+    config = generation_config(body, model)
     if config:
         request["generationConfig"] = config
     return request
 
 
-def generation_config(body: dict[str, Any]) -> dict[str, Any]:
+def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
     """
-    C{generationConfig} from the OpenAI sampling fields present in C{body}.
+    Add a turn, merged into the last one when of the same role; a turn with
+    no parts is no turn.
+    """
+    if not parts:
+        return
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _sign(parts: list[dict[str, Any]]) -> None:
+    """
+    Give the first C{functionCall} part of a model turn Google's documented
+    placeholder when it has no signature of its own (the calls were not
+    Gemini's: history written by another provider before a switch).
+    """
+    for part in parts:
+        if "functionCall" in part:
+            part.setdefault("thoughtSignature", SKIP_SIGNATURE)
+            return
+
+
+def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    function = call["function"]
+    gemini_id, signature = carried(call["id"])
+    calls[call["id"]] = (function["name"], gemini_id)
+    function_call: dict[str, Any] = {"name": function["name"], "args": orjson.loads(function["arguments"])}
+    if gemini_id is not None:
+        function_call["id"] = gemini_id
+    part: dict[str, Any] = {"functionCall": function_call}
+    if signature is not None:
+        part["thoughtSignature"] = signature
+    return part
+
+
+def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    name, gemini_id = calls[message["tool_call_id"]]
+    content = message["content"]
+    text = content if isinstance(content, str) else "".join(part["text"] for part in content)
+    try:
+        parsed = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        parsed = None
+    response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
+    if gemini_id is not None:
+        response["id"] = gemini_id
+    return {"functionResponse": response}
+
+
+def _declaration(function: dict[str, Any]) -> dict[str, Any]:
+    declaration: dict[str, Any] = {"name": function["name"]}
+    description = function.get("description")
+    if description:
+        declaration["description"] = description
+    parameters = function.get("parameters")
+    if parameters:
+        # JSON Schema as the caller wrote it: no lossy conversion to the
+        # OpenAPI subset that "parameters" takes.
+        declaration["parametersJsonSchema"] = parameters
+    return declaration
+
+
+def _tool_config(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, dict):
+        return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    return {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice]}
+
+
+def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
+    """
+    C{generationConfig} from the OpenAI sampling fields present in C{body},
+    C{response_format} and C{reasoning_effort}.
     """
     config: dict[str, Any] = {}
     for openai_name, gemini_name in _GENERATION_FIELDS:
@@ -89,23 +248,71 @@ def generation_config(body: dict[str, Any]) -> dict[str, Any]:
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
     response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
-        config["responseMimeType"] = "application/json"
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        if kind in ("json_object", "json_schema"):
+            config["responseMimeType"] = "application/json"
+        schema = response_format.get("json_schema", {}).get("schema") if kind == "json_schema" else None
+        if schema:
+            config["responseJsonSchema"] = schema
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        config["thinkingConfig"] = thinking_config(effort, model)
     return config
 
 
-def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, str]]:
+def thinking_config(effort: str, model: str) -> dict[str, Any]:
+    """
+    C{thinkingConfig} for an OpenAI C{reasoning_effort}: a C{thinkingBudget}
+    for Gemini 1 and 2 models (L{THINKING_BUDGETS}), a C{thinkingLevel} for
+    the others (L{THINKING_LEVELS}).
+    """
+    if model.removeprefix("models/").startswith(_BUDGET_MODELS):
+        return {"thinkingBudget": THINKING_BUDGETS[effort]}
+    return {"thinkingLevel": THINKING_LEVELS[effort]}
+
+
+def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Gemini parts for OpenAI content; empty text never reaches Gemini.
+    """
     if isinstance(content, str):
-        return [{"text": content}]
-    return [{"text": part["text"]} for part in content]
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        kind = part["type"]
+        if kind in ("text", "refusal"):
+            if part[kind]:
+                parts.append({"text": part[kind]})
+        elif kind == "image_url":
+            parts.append(_media(part["image_url"]["url"]))
+        elif kind == "input_audio":
+            audio = part["input_audio"]
+            parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
+        else:
+            parts.append(_media(part["file"]["file_data"]))
+    return parts
+
+
+def _media(url: str) -> dict[str, Any]:
+    """
+    C{inlineData} for a base64 data URL, C{fileData} for any other (the
+    gateway never fetches it: Gemini does, or refuses).
+    """
+    match = DATA_URL.match(url)
+    if match is not None:
+        return {"inlineData": {"mimeType": match.group(1), "data": url[match.end() :]}}
+    mime_type, _ = mimetypes.guess_type(url.partition("?")[0], strict=False)
+    return {"fileData": {"fileUri": url, "mimeType": mime_type or DEFAULT_IMAGE_TYPE}}
 
 
 def finish_reason(reason: str | None) -> str | None:
     """
     OpenAI's C{finish_reason} for Gemini's C{finishReason}: STOP is stop,
-    MAX_TOKENS is length, the filters are content_filter; any other reason
-    (OTHER, MALFORMED_FUNCTION_CALL, ...) is passed on in lower case rather
-    than passed off as a normal stop.
+    MAX_TOKENS is length, the filters are content_filter.
+
+    @raise ModelFailed: any other reason (MALFORMED_FUNCTION_CALL, OTHER,
+        ...): the model failed, which is never passed off as a stop.
     """
     if reason is None:
         return None
@@ -114,39 +321,84 @@ def finish_reason(reason: str | None) -> str | None:
         return mapped
     if reason in _FILTERED:
         return "content_filter"
-    return reason.lower()
+    raise ModelFailed(
+        f"Gemini's model failed (finishReason {reason}): " + _FAILURE_HINTS.get(reason, "retry, or try another model"),
+        reason.lower() if reason.isidentifier() else "model_failed",
+    )
 
 
 def usage(metadata: Any) -> dict[str, Any] | None:
     """
     OpenAI's C{usage} for Gemini's C{usageMetadata} (None when absent).
-    Tokens spent thinking are reported as C{reasoning_tokens}.
+    Tokens spent thinking (C{thoughtsTokenCount}, not part of
+    C{candidatesTokenCount}) are completion tokens, and also reported as
+    C{reasoning_tokens}; C{cachedContentTokenCount} as C{cached_tokens}.
     """
     if not isinstance(metadata, dict):
         return None
     prompt = metadata.get("promptTokenCount", 0)
-    completion = metadata.get("candidatesTokenCount", 0)
+    thoughts = metadata.get("thoughtsTokenCount") or 0
+    completion = metadata.get("candidatesTokenCount", 0) + thoughts
     result: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": metadata.get("totalTokenCount", prompt + completion),
     }
-    thoughts = metadata.get("thoughtsTokenCount")
     if thoughts:
         result["completion_tokens_details"] = {"reasoning_tokens": thoughts}
+    cached = metadata.get("cachedContentTokenCount")
+    if cached:
+        result["prompt_tokens_details"] = {"cached_tokens": cached}
     return result
 
 
-def _text(candidate: dict[str, Any]) -> str:
+@attrs.define
+class _Reading:
+    """
+    What one candidate's parts say: answer text, thought summary text,
+    tool calls.
+    """
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] = attrs.field(factory=list)
+
+
+def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
+    reading = _Reading()
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
     if not isinstance(parts, list):
-        return ""
-    return "".join(
-        part["text"]
-        for part in parts
-        if isinstance(part, dict) and isinstance(part.get("text"), str) and not part.get("thought")
-    )
+        return reading
+    text: list[str] = []
+    reasoning: list[str] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        call = part.get("functionCall")
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            gemini_id = call.get("id")
+            signature = part.get("thoughtSignature")
+            args = call.get("args")
+            reading.tool_calls.append(
+                {
+                    "index": first_index + len(reading.tool_calls),
+                    "id": new_call_id(
+                        gemini_id if isinstance(gemini_id, str) else None,
+                        signature if isinstance(signature, str) else None,
+                    ),
+                    "type": "function",
+                    "function": {
+                        "name": call["name"],
+                        "arguments": orjson.dumps(args if isinstance(args, dict) else {}).decode(),
+                    },
+                }
+            )
+        elif isinstance(part.get("text"), str):
+            (reasoning if part.get("thought") else text).append(part["text"])
+    reading.text = "".join(text)
+    reading.reasoning = "".join(reasoning)
+    return reading
 
 
 def _candidates(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -162,22 +414,44 @@ def _blocked(document: dict[str, Any]) -> bool:
     return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
 
 
+def _failed(candidate: dict[str, Any]) -> str | None:
+    """
+    The finish reason, checked: the model failing raises.
+    """
+    try:
+        return finish_reason(candidate.get("finishReason"))
+    except ModelFailed as e:
+        message = candidate.get("finishMessage")
+        if isinstance(message, str) and message:
+            raise ModelFailed(f"{e} ({clip(message)})", e.code) from None
+        raise
+
+
 def from_gemini(document: dict[str, Any], model: str, completion_id: str, created: int) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
 
     @param model: the model asked for, reported when the answer does not
         name its C{modelVersion}.
+    @raise ModelFailed: a candidate's C{finishReason} says the model failed.
     """
-    choices = [
-        {
-            "index": candidate.get("index", i),
-            "message": {"role": "assistant", "content": _text(candidate)},
-            "finish_reason": finish_reason(candidate.get("finishReason")),
-            "logprobs": None,
-        }
-        for i, candidate in enumerate(_candidates(document))
-    ]
+    choices = []
+    for i, candidate in enumerate(_candidates(document)):
+        reason = _failed(candidate)
+        reading = _read(candidate)
+        message: dict[str, Any] = {"role": "assistant", "content": reading.text}
+        if reading.reasoning:
+            message["reasoning_content"] = reading.reasoning
+        if reading.tool_calls:
+            for call in reading.tool_calls:
+                del call["index"]
+            message["tool_calls"] = reading.tool_calls
+            message["content"] = reading.text or None
+            if reason == "stop":
+                reason = "tool_calls"
+        choices.append(
+            {"index": candidate.get("index", i), "message": message, "finish_reason": reason, "logprobs": None}
+        )
     if not choices and _blocked(document):
         choices = [
             {
@@ -207,6 +481,12 @@ class GeminiStream:
     C{chat.completion.chunk} it makes out.  Every chunk of one answer shares
     its id; the first delta of each choice carries the role.
 
+    Each function call becomes a C{delta.tool_calls} entry whole (Gemini
+    sends a call in one piece), with an C{index} of its own counted across
+    the stream, so parallel calls never share one.  A choice's
+    C{finish_reason} is held back and sent once, in the last chunk of the
+    choice (L{closing}), whatever Gemini repeats on earlier events.
+
     The stream is L{complete} once every choice has a finish reason: Gemini
     has no end marker, so a stream that stops before that was cut short.
     """
@@ -216,14 +496,17 @@ class GeminiStream:
     created: int
     include_usage: bool = False
     _started: set[int] = attrs.field(factory=set)
-    _finished: set[int] = attrs.field(factory=set)
+    #: choice index -> its finish reason, once Gemini has given one.
+    _finished: dict[int, str] = attrs.field(factory=dict)
+    #: choice index -> tool calls sent so far.
+    _calls: dict[int, int] = attrs.field(factory=dict)
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
 
     @property
     def complete(self) -> bool:
-        return bool(self._finished) and self._finished >= self._started
+        return bool(self._finished) and self._finished.keys() >= self._started
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -237,7 +520,8 @@ class GeminiStream:
         """
         The chunk for one event, or None when it carries nothing to send.
 
-        @raise GeminiStreamError: the event is an error, or not an object.
+        @raise GeminiStreamError: the event is an error, or not an object,
+            or says that the model failed.
         """
         if not isinstance(document, dict):
             raise GeminiStreamError("an event of the stream is not a JSON object")
@@ -254,36 +538,50 @@ class GeminiStream:
         choices = []
         for i, candidate in enumerate(_candidates(document)):
             index = candidate.get("index", i)
-            delta: dict[str, str] = {}
+            try:
+                reason = _failed(candidate)
+            except ModelFailed as e:
+                raise GeminiStreamError(str(e), e.code) from None
+            delta: dict[str, Any] = {}
             if index not in self._started:
                 self._started.add(index)
                 delta["role"] = "assistant"
-            text = _text(candidate)
-            if text:
-                delta["content"] = text
-            reason = finish_reason(candidate.get("finishReason"))
+            reading = _read(candidate, self._calls.get(index, 0))
+            if reading.reasoning:
+                delta["reasoning_content"] = reading.reasoning
+            if reading.text:
+                delta["content"] = reading.text
+            if reading.tool_calls:
+                delta["tool_calls"] = reading.tool_calls
+                self._calls[index] = self._calls.get(index, 0) + len(reading.tool_calls)
             if reason is not None:
-                self._finished.add(index)
-            if delta or reason is not None:
-                choices.append({"index": index, "delta": delta, "finish_reason": reason, "logprobs": None})
+                self._finished[index] = reason
+            if delta:
+                choices.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": None})
         if not choices and _blocked(document) and not self._started:
             self._started.add(0)
-            self._finished.add(0)
-            choices = [
-                {"index": 0, "delta": {"role": "assistant"}, "finish_reason": "content_filter", "logprobs": None}
-            ]
+            self._finished[0] = "content_filter"
+            choices = [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None}]
         if not choices:
             return None
         return self._chunk(choices)
 
-    def closing(self) -> dict[str, Any] | None:
+    def closing(self) -> list[dict[str, Any]]:
         """
-        The usage chunk OpenAI sends last when asked to
-        (C{stream_options.include_usage}), once the stream is complete.
+        The last chunks, once the stream is complete: each choice's finish
+        reason (C{tool_calls} when it called a function), then the usage
+        chunk OpenAI sends last when asked to
+        (C{stream_options.include_usage}).
         """
-        if not self.include_usage or self._usage is None:
-            return None
-        return {**self._chunk([]), "usage": self._usage}
+        chunks = []
+        for index in sorted(self._finished):
+            reason = self._finished[index]
+            if reason == "stop" and self._calls.get(index):
+                reason = "tool_calls"
+            chunks.append(self._chunk([{"index": index, "delta": {}, "finish_reason": reason, "logprobs": None}]))
+        if self.include_usage and self._usage is not None:
+            chunks.append({**self._chunk([]), "usage": self._usage})
+        return chunks
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         """
@@ -306,7 +604,7 @@ class GeminiWire:
     """
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
-        return orjson.dumps(to_gemini(chat.body))
+        return orjson.dumps(to_gemini(chat.body, model))
 
     def completion(self, body: bytes, model: str, created: int) -> bytes:
         return orjson.dumps(from_gemini(json_object(body), model, completion_id(), created))
@@ -342,9 +640,8 @@ class GeminiStreamTranslation:
         try:
             chunk = self.translation.chunk(document)
         except GeminiStreamError as e:
-            raise StreamBroken(str(e)) from None
+            raise StreamBroken(str(e), e.code) from None
         return [] if chunk is None else [orjson.dumps(chunk)]
 
     def closing(self) -> list[bytes]:
-        chunk = self.translation.closing()
-        return [] if chunk is None else [orjson.dumps(chunk)]
+        return [orjson.dumps(chunk) for chunk in self.translation.closing()]

@@ -1,0 +1,271 @@
+"""
+C{POST /v1/embeddings}: OpenAI's embeddings API
+(U{https://platform.openai.com/docs/api-reference/embeddings}) answered by
+Gemini's C{batchEmbedContents} (U{https://ai.google.dev/api/embeddings}).
+
+Embeddings do not follow C{switch_provider}: an application's stored
+vectors are only comparable with vectors of the same model, so every call
+uses EMBEDDING_MODEL, or the Gemini model a C{"gemini/<model>"} names.
+Kimi has no embeddings API.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+from array import array
+from typing import Any
+
+import attrs
+import orjson
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from openclaw.dataplane.errors import (
+    APIError,
+    bad_request,
+    internal_error,
+    upstream_failed,
+    upstream_http_error,
+    upstream_timeout,
+)
+from openclaw.dataplane.resource import _Authenticated, error_response
+from openclaw.providers import UpstreamHTTPError
+from openclaw.providers.fetch import read_body
+from openclaw.providers.gemini import GeminiAdapter
+from openclaw.routing import Route
+
+#: The provider that serves embeddings.
+PROVIDER = "gemini"
+#: Inputs one request may hold (OpenAI's own limit).
+MAX_INPUTS = 2048
+#: Inputs per C{batchEmbedContents} call (Gemini's limit per batch).
+GEMINI_BATCH = 100
+ENCODINGS = ("float", "base64")
+_JSON = b"application/json"
+
+
+class _Malformed(ValueError):
+    """
+    Gemini answered 2xx with something that is not an embeddings batch.
+    """
+
+
+@attrs.frozen
+class EmbeddingRequest:
+    """
+    A validated C{POST /v1/embeddings} body.
+    """
+
+    inputs: tuple[str, ...]
+    #: The Gemini model, without C{models/}.
+    model: str
+    #: C{outputDimensionality}, when asked for.
+    dimensions: int | None
+    #: "float" (a list of numbers) or "base64" (little-endian float32 bytes).
+    encoding_format: str
+
+
+def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[str, ...]) -> EmbeddingRequest:
+    """
+    Parse and check a request body.
+
+    @param default_model: EMBEDDING_MODEL.
+    @raise APIError: 400 naming the first problem found.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    given = body.get("input")
+    inputs = [given] if isinstance(given, str) else given
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) and text for text in inputs):
+        raise bad_request(
+            "input must be a non-empty string or a non-empty list of non-empty strings "
+            "(token id arrays are not supported by this gateway)",
+            param="input",
+        )
+    if len(inputs) > MAX_INPUTS:
+        raise bad_request(f"input holds {len(inputs)} texts; at most {MAX_INPUTS} per request", param="input")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    chosen = default_model
+    if model:
+        provider_id, slash, name = model.partition("/")
+        if slash and provider_id == PROVIDER:
+            chosen = name.strip().removeprefix("models/")
+            if not chosen:
+                raise bad_request(f"model {model!r} names no model; use gemini/<model>", param="model")
+        elif slash and provider_id in provider_ids:
+            raise bad_request(
+                f"{provider_id} has no embeddings API: embeddings come from Gemini; "
+                f"leave model out (EMBEDDING_MODEL, {default_model}) or name gemini/<model>",
+                param="model",
+            )
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise bad_request("dimensions must be a whole number of at least 1", param="dimensions")
+    encoding = body.get("encoding_format", "float")
+    if encoding is None:
+        encoding = "float"
+    if encoding not in ENCODINGS:
+        raise bad_request("encoding_format must be float or base64", param="encoding_format")
+    return EmbeddingRequest(tuple(inputs), chosen, dimensions, encoding)
+
+
+def to_batch_embed(inputs: tuple[str, ...] | list[str], model: str, dimensions: int | None) -> dict[str, Any]:
+    """
+    The C{batchEmbedContents} request for C{inputs}.
+    """
+    name = f"models/{model}"
+    requests = []
+    for text in inputs:
+        entry: dict[str, Any] = {"model": name, "content": {"parts": [{"text": text}]}}
+        if dimensions is not None:
+            entry["outputDimensionality"] = dimensions
+        requests.append(entry)
+    return {"requests": requests}
+
+
+def vectors(body: bytes, expected: int) -> list[list[float]]:
+    """
+    The vectors of a C{batchEmbedContents} answer.
+
+    @raise _Malformed: not C{{"embeddings": [{"values": [...]}, ...]}} with
+        C{expected} entries.
+    """
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _Malformed("the answer is not JSON") from None
+    embeddings = document.get("embeddings") if isinstance(document, dict) else None
+    if not isinstance(embeddings, list) or len(embeddings) != expected:
+        raise _Malformed(f'the answer has no "embeddings" list of {expected}')
+    found = []
+    for embedding in embeddings:
+        values = embedding.get("values") if isinstance(embedding, dict) else None
+        if not isinstance(values, list):
+            raise _Malformed('an embedding has no "values" list')
+        found.append(values)
+    return found
+
+
+def encode_base64(values: list[float]) -> str:
+    """
+    C{values} as OpenAI's base64 encoding: little-endian float32 bytes.
+    """
+    packed = array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def embedding_list(found: list[list[float]], model: str, encoding_format: str) -> dict[str, Any]:
+    """
+    OpenAI's list shape.  Gemini's batch answer counts no tokens, so
+    C{usage} is reported as 0s rather than guessed.
+    """
+    encode = encode_base64 if encoding_format == "base64" else None
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": encode(values) if encode else values}
+            for i, values in enumerate(found)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    }
+
+
+class Embeddings(_Authenticated):
+    """
+    C{POST /v1/embeddings}, always to Gemini (see the module docstring),
+    within UPSTREAM_TIMEOUT; inputs beyond one Gemini batch go in several
+    calls, one after the other.
+    """
+
+    def render_POST(self, request: Request) -> Any:
+        context = self.context
+        started = context.reactor.seconds()
+        self.authenticate(request, started)
+        try:
+            parsed = parse_embedding_request(
+                request.content.read() if request.content is not None else b"",
+                context.embedding_model,
+                context.providers.ids,
+            )
+            if PROVIDER not in context.providers.ids:
+                raise bad_request("embeddings come from Gemini, and no Gemini provider is declared", param="model")
+        except APIError as error:
+            context.completed(request, started, error.status, outcome=error.code)
+            raise
+        adapter = self.usable(request, PROVIDER, started)
+        assert isinstance(adapter, GeminiAdapter)
+        route = Route(PROVIDER, parsed.model)
+        call = Deferred.fromCoroutine(self._embed(adapter, parsed))
+        call.addTimeout(context.timeout, context.reactor)
+        context.call_started()
+        gone: list[bool] = []
+
+        def client_gone(reason: Failure) -> None:
+            gone.append(True)
+            call.cancel()
+
+        def answer(result: list[list[float]] | Failure) -> None:
+            if gone:
+                return
+            if isinstance(result, Failure):
+                error = self._error(result, adapter)
+                body = error_response(request, error)
+                status, outcome = error.status, error.code
+            else:
+                request.setHeader(b"Content-Type", _JSON)
+                body = orjson.dumps(embedding_list(result, parsed.model, parsed.encoding_format))
+                status, outcome = 200, None
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.setHeader(b"X-OpenClaw-Provider", PROVIDER.encode())
+            request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
+            request.write(body)
+            request.finish()
+            context.completed(request, started, status, route, outcome=outcome)
+
+        def ended(result: object) -> None:
+            context.call_ended()
+
+        request.notifyFinish().addErrback(client_gone)
+        call.addBoth(answer)
+        call.addErrback(lambda reason: context.log.failure("embeddings call failed unexpectedly", reason))
+        call.addBoth(ended)
+        return NOT_DONE_YET
+
+    async def _embed(self, adapter: GeminiAdapter, parsed: EmbeddingRequest) -> list[list[float]]:
+        found: list[list[float]] = []
+        inputs = parsed.inputs
+        for start in range(0, len(inputs), GEMINI_BATCH):
+            batch = inputs[start : start + GEMINI_BATCH]
+            body = orjson.dumps(to_batch_embed(batch, parsed.model, parsed.dimensions))
+            response = await adapter.post_embeddings(parsed.model, body)
+            answer = await read_body(response)
+            if not 200 <= response.code < 300:
+                raise adapter.upstream_error(response.code, answer)
+            found.extend(vectors(answer, len(batch)))
+        return found
+
+    def _error(self, reason: Failure, adapter: GeminiAdapter) -> APIError:
+        value = reason.value
+        if isinstance(value, UpstreamHTTPError):
+            return upstream_http_error(PROVIDER, value.status, str(value))
+        if isinstance(value, (TimeoutError, CancelledError)):
+            return upstream_timeout(PROVIDER, self.context.timeout, "the embeddings")
+        if isinstance(value, _Malformed):
+            return upstream_failed(PROVIDER, f"{value} (HTTP 2xx)", "upstream_malformed")
+        if isinstance(value, Exception) and not isinstance(
+            value, (AssertionError, AttributeError, TypeError, KeyError)
+        ):
+            return upstream_failed(PROVIDER, adapter.describe(reason))
+        self.context.log.failure("embeddings call failed unexpectedly", reason)
+        return internal_error()

@@ -1,0 +1,721 @@
+"""
+Agent traffic through the data plane (#14), as an agent sends it: the
+official openai SDK against a gateway in this process, in front of the
+stand-in upstream, all on 127.0.0.1.  Tool loops on each provider, whole
+and streamed, and across a switch_provider; parallel calls; named
+tool_choice; images; structured output; reasoning usage; embeddings; and
+every 400 of the contract.  The stand-in records each body it receives, so
+the translated requests are asserted on as Gemini and Kimi got them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from typing import Any
+
+import openai
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from openclaw.dataplane.callids import SKIP_SIGNATURE, carried
+from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
+from tests.support import open_client
+from tests.test_dataplane import DataPlaneTestCase
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "description": "City name"},
+        "unit": {"type": ["string", "null"], "enum": ["celsius", "fahrenheit", None]},
+        "where": {"$ref": "#/$defs/place"},
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+    "$defs": {"place": {"type": "object", "properties": {"lat": {"type": "number"}}, "additionalProperties": False}},
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER_SCHEMA, "strict": True},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}},
+]
+QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+PARIS = {"city": "Paris"}
+GEMINI_CALL = GeminiAnswer(
+    (({"functionCall": {"name": "get_weather", "args": PARIS, "id": "fc-1"}, "thoughtSignature": "sig-A"},),),
+    usage={"promptTokenCount": 20, "candidatesTokenCount": 5, "thoughtsTokenCount": 7, "totalTokenCount": 32},
+)
+SUNNY = GeminiAnswer((({"text": "Sunny"},), ({"text": " in Paris."},)))
+KIMI_CALL = OpenAIAnswer(tool_calls=({"id": "get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'},))
+KIMI_SUNNY = OpenAIAnswer("Sunny in Paris.")
+
+
+def collect(stream: Any) -> dict[str, Any]:
+    """
+    A streamed answer put together as a client does: content, tool calls
+    by index (arguments appended), every finish reason, the usage.
+    """
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    finishes: list[str] = []
+    usage = None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content:
+                content.append(delta.content)
+            for call in delta.tool_calls or ():
+                entry = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                entry["id"] = call.id or entry["id"]
+                if call.function is not None:
+                    entry["name"] += call.function.name or ""
+                    entry["arguments"] += call.function.arguments or ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    return {
+        "content": "".join(content),
+        "calls": [calls[i] for i in sorted(calls)],
+        "indexes": sorted(calls),
+        "finishes": finishes,
+        "usage": usage,
+    }
+
+
+def ask(client: openai.OpenAI, messages: list[Any], stream: bool, **extra: Any) -> dict[str, Any]:
+    """
+    One chat call; the answer as C{collect} gives it, whole or streamed.
+    """
+    if stream:
+        return collect(
+            client.chat.completions.create(
+                model="gpt-4o", messages=messages, stream=True, stream_options={"include_usage": True}, **extra
+            )
+        )
+    completion = client.chat.completions.create(model="gpt-4o", messages=messages, **extra)
+    message = completion.choices[0].message
+    return {
+        "content": message.content or "",
+        "calls": [
+            {"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls or ()
+        ],
+        "indexes": list(range(len(message.tool_calls or ()))),
+        "finishes": [completion.choices[0].finish_reason],
+        "usage": completion.usage,
+        "message": message,
+    }
+
+
+def echoed(answer: dict[str, Any]) -> dict[str, Any]:
+    """
+    The assistant message as the SDK and LangChain send it back: the
+    standard fields only.
+    """
+    return {
+        "role": "assistant",
+        "content": answer["content"] or None,
+        "tool_calls": [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in answer["calls"]
+        ],
+    }
+
+
+def results(answer: dict[str, Any], text: str = '{"forecast": "sunny"}') -> list[dict[str, Any]]:
+    return [{"role": "tool", "tool_call_id": c["id"], "content": text} for c in answer["calls"]]
+
+
+class ToolLoopTests(DataPlaneTestCase):
+    """
+    call -> tool result -> final answer, on each provider, whole and
+    streamed, and across a switch_provider.
+    """
+
+    @inlineCallbacks
+    def gemini_loop(self, stream: bool) -> Any:
+        self.upstream.gemini.answers[:] = [GEMINI_CALL, SUNNY]
+        client = self.sdk(self.gateway())
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS)
+        self.assertEqual(first["finishes"], ["tool_calls"])
+        (call,) = first["calls"]
+        self.assertEqual((call["name"], json.loads(call["arguments"])), ("get_weather", PARIS))
+        self.assertRegex(call["id"], r"^call_[0-9a-f]{24}_gs1_[A-Za-z0-9_-]+$")
+        self.assertEqual(carried(call["id"]), ("fc-1", "sig-A"))
+        self.assertEqual(first["content"], "")
+        # The tools went as functionDeclarations, the schema unchanged.
+        sent = self.upstream.gemini.bodies[0]
+        self.assertEqual(
+            sent["tools"],
+            [
+                {
+                    "functionDeclarations": [
+                        {"name": "get_weather", "description": "Weather now", "parametersJsonSchema": WEATHER_SCHEMA},
+                        {"name": "get_time", "parametersJsonSchema": {"type": "object", "properties": {}}},
+                    ]
+                }
+            ],
+        )
+        messages = [*QUESTION, echoed(first), *results(first)]
+        second = yield deferToThread(ask, client, messages, stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+        self.assertEqual(second["finishes"], ["stop"])
+        self.assertEqual(
+            self.upstream.gemini.bodies[1]["contents"],
+            [
+                {"role": "user", "parts": [{"text": "Weather in Paris?"}]},
+                {
+                    "role": "model",
+                    "parts": [
+                        {
+                            "functionCall": {"name": "get_weather", "args": PARIS, "id": "fc-1"},
+                            "thoughtSignature": "sig-A",
+                        }
+                    ],
+                },
+                {
+                    "role": "user",
+                    "parts": [
+                        {"functionResponse": {"name": "get_weather", "response": {"forecast": "sunny"}, "id": "fc-1"}}
+                    ],
+                },
+            ],
+        )
+        return first
+
+    def test_gemini_loop(self):
+        return self.gemini_loop(stream=False)
+
+    def test_gemini_loop_streamed(self):
+        return self.gemini_loop(stream=True)
+
+    @inlineCallbacks
+    def kimi_loop(self, stream: bool) -> Any:
+        self.upstream.kimi.answers[:] = [KIMI_CALL, KIMI_SUNNY]
+        client = self.sdk(self.gateway(default_provider="kimi"))
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, tool_choice="auto")
+        self.assertEqual(first["finishes"], ["tool_calls"])
+        self.assertEqual(
+            first["calls"], [{"id": "get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
+        )
+        messages = [*QUESTION, echoed(first), *results(first)]
+        second = yield deferToThread(ask, client, messages, stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+        # Passed through as sent, the model substituted.
+        sent = self.upstream.kimi.bodies[1]
+        self.assertEqual(sent["tools"], TOOLS)
+        self.assertEqual(sent["messages"], messages)
+        self.assertEqual(sent["model"], "moonshot-v1-8k")
+
+    def test_kimi_loop(self):
+        return self.kimi_loop(stream=False)
+
+    def test_kimi_loop_streamed(self):
+        return self.kimi_loop(stream=True)
+
+    @inlineCallbacks
+    def switched_loop(self, first_provider: str, stream: bool) -> Any:
+        second_provider = "gemini" if first_provider == "kimi" else "kimi"
+        self.upstream.kimi.answers[:] = [KIMI_CALL] if first_provider == "kimi" else [KIMI_SUNNY]
+        self.upstream.gemini.answers[:] = [GEMINI_CALL] if first_provider == "gemini" else [SUNNY]
+        gateway = self.gateway(default_provider=first_provider)
+        client = self.sdk(gateway)
+        control = yield open_client(self, gateway.port)
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS)
+        self.assertEqual(first["finishes"], ["tool_calls"])
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": second_provider})
+        self.assertTrue(answer["ok"], answer)
+        messages = [*QUESTION, echoed(first), *results(first)]
+        second = yield deferToThread(ask, client, messages, stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+        return first
+
+    @inlineCallbacks
+    def test_kimi_then_gemini(self):
+        yield self.switched_loop("kimi", stream=False)
+        # Calls Gemini did not sign get Google's placeholder; no Gemini id.
+        model_turn = self.upstream.gemini.bodies[0]["contents"][1]
+        self.assertEqual(
+            model_turn["parts"],
+            [{"functionCall": {"name": "get_weather", "args": PARIS}, "thoughtSignature": SKIP_SIGNATURE}],
+        )
+        self.assertEqual(
+            self.upstream.gemini.bodies[0]["contents"][2]["parts"],
+            [{"functionResponse": {"name": "get_weather", "response": {"forecast": "sunny"}}}],
+        )
+
+    @inlineCallbacks
+    def test_kimi_then_gemini_streamed(self):
+        yield self.switched_loop("kimi", stream=True)
+        self.assertEqual(self.upstream.gemini.bodies[0]["contents"][1]["parts"][0]["thoughtSignature"], SKIP_SIGNATURE)
+
+    @inlineCallbacks
+    def test_gemini_then_kimi(self):
+        first = yield self.switched_loop("gemini", stream=False)
+        # Kimi gets the ids plain: short, letters, digits and "_", consistent.
+        (sent_call,) = self.upstream.kimi.bodies[0]["messages"][1]["tool_calls"]
+        self.assertRegex(sent_call["id"], r"^call_[0-9a-f]{24}$")
+        self.assertTrue(first["calls"][0]["id"].startswith(sent_call["id"]))
+        self.assertEqual(self.upstream.kimi.bodies[0]["messages"][2]["tool_call_id"], sent_call["id"])
+
+    @inlineCallbacks
+    def test_gemini_then_kimi_streamed(self):
+        yield self.switched_loop("gemini", stream=True)
+        self.assertRegex(self.upstream.kimi.bodies[0]["messages"][1]["tool_calls"][0]["id"], r"^call_[0-9a-f]{24}$")
+
+    @inlineCallbacks
+    def test_unsigned_history_refused_without_placeholder(self):
+        # The stand-in enforces Gemini 3's rule, so the placeholder is what
+        # makes the switched loops above pass: without it, a 400.
+        self.upstream.gemini.answers[:] = [SUNNY]
+        gateway = self.gateway()
+        history = [
+            *QUESTION,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+        response, text = yield self.post(gateway, {"messages": history, "tools": TOOLS})
+        self.assertEqual(response.code, 200, text)
+        body = self.upstream.gemini.last_body
+        self.assertEqual(body["contents"][1]["parts"][0]["thoughtSignature"], SKIP_SIGNATURE)
+        self.assertEqual(body["contents"][2]["parts"][0]["functionResponse"]["response"], {"result": "sunny"})
+        del body["contents"][1]["parts"][0]["thoughtSignature"]
+        url = self.upstream.base_url("gemini") + "/models/gemini-flash-latest:generateContent"
+        refused = yield self.http().post(url, json=body, headers={"x-goog-api-key": [self.upstream.gemini.key]})
+        self.assertEqual(refused.code, 400)
+        self.assertIn("missing a thought_signature", (yield refused.text()))
+
+
+class ParallelCallTests(DataPlaneTestCase):
+    PARALLEL = (
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}, "id": "a"}, "thoughtSignature": "sig-P"},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}, "id": "b"}},
+        {"functionCall": {"name": "get_time", "args": {}, "id": "c"}},
+    )
+
+    @inlineCallbacks
+    def parallel(self, answer: GeminiAnswer, stream: bool) -> Any:
+        self.upstream.gemini.answers[:] = [answer, SUNNY]
+        client = self.sdk(self.gateway())
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, parallel_tool_calls=True)
+        # Each call its own index and id; never concatenated.
+        self.assertEqual(first["indexes"], [0, 1, 2])
+        self.assertEqual(
+            [(c["name"], json.loads(c["arguments"])) for c in first["calls"]],
+            [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"}), ("get_time", {})],
+        )
+        self.assertEqual(len({c["id"] for c in first["calls"]}), 3)
+        self.assertEqual(first["finishes"], ["tool_calls"])
+        # Results sent back in another order still go in the calls' order,
+        # in one turn, right after the call turn.
+        messages = [*QUESTION, echoed(first), *reversed(results(first))]
+        second = yield deferToThread(ask, client, messages, stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+        contents = self.upstream.gemini.bodies[1]["contents"]
+        self.assertEqual(len(contents), 3)
+        self.assertEqual([p.get("thoughtSignature") for p in contents[1]["parts"]], ["sig-P", None, None])
+        self.assertEqual([p["functionResponse"]["id"] for p in contents[2]["parts"]], ["a", "b", "c"])
+
+    def test_one_event(self):
+        return self.parallel(GeminiAnswer((self.PARALLEL,)), stream=True)
+
+    def test_across_events(self):
+        return self.parallel(GeminiAnswer(tuple((part,) for part in self.PARALLEL), repeat_finish=True), stream=True)
+
+    def test_whole(self):
+        return self.parallel(GeminiAnswer((self.PARALLEL,)), stream=False)
+
+    @inlineCallbacks
+    def test_finish_reason_once_and_last(self):
+        self.upstream.gemini.answers[:] = [
+            GeminiAnswer((({"text": "a"},), ({"text": "b"},), ({"text": "c"},)), repeat_finish=True)
+        ]
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"messages": QUESTION, "stream": True})
+        chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+        reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        self.assertEqual(reasons, [None, None, None, "stop"])
+        self.assertTrue(text.endswith("data: [DONE]\n\n"))
+
+
+class ModelFailureTests(DataPlaneTestCase):
+    MALFORMED = GeminiAnswer((({"thoughtSignature": "sig-M"},),), finish_reason="MALFORMED_FUNCTION_CALL")
+
+    @inlineCallbacks
+    def test_whole(self):
+        self.upstream.gemini.answers[:] = [self.MALFORMED]
+        client = self.sdk(self.gateway())
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=QUESTION, tools=TOOLS),
+            openai.APIStatusError,
+        )
+        self.assertEqual(failure.status_code, 502)
+        self.assertEqual(failure.body["code"], "malformed_function_call")
+        self.assertIn("MALFORMED_FUNCTION_CALL", failure.message)
+
+    @inlineCallbacks
+    def test_streamed(self):
+        self.upstream.gemini.answers[:] = [self.MALFORMED]
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        last = json.loads(text.strip().splitlines()[-1][6:])
+        self.assertEqual(last["error"]["code"], "malformed_function_call")
+        self.assertNotIn('"finish_reason": "stop"', text)
+
+
+class ContentTests(DataPlaneTestCase):
+    PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+
+    @inlineCallbacks
+    def test_named_tool_choice(self):
+        self.upstream.gemini.answers[:] = [GEMINI_CALL]
+        self.upstream.kimi.answers[:] = [KIMI_CALL]
+        client = self.sdk(self.gateway())
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        for model in ("gpt-4o", "kimi/moonshot-v1-8k"):
+            completion = yield deferToThread(
+                client.chat.completions.create, model=model, messages=QUESTION, tools=TOOLS, tool_choice=choice
+            )
+            self.assertEqual(completion.choices[0].message.tool_calls[0].function.name, "get_weather")
+        self.assertEqual(
+            self.upstream.gemini.last_body["toolConfig"],
+            {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+        )
+        self.assertEqual(self.upstream.kimi.last_body["tool_choice"], choice)
+
+    @inlineCallbacks
+    def test_image_from_data_url(self):
+        client = self.sdk(self.gateway())
+        parts = [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{self.PNG}", "detail": "low"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.webp?size=2"}},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0=", "filename": "a.pdf"}},
+        ]
+        for model in ("gpt-4o", "kimi/moonshot-v1-8k"):
+            completion = yield deferToThread(
+                client.chat.completions.create, model=model, messages=[{"role": "user", "content": parts}]
+            )
+            self.assertEqual(completion.choices[0].message.content, "Hello from the stand-in.")
+        self.assertEqual(
+            self.upstream.gemini.last_body["contents"][0]["parts"],
+            [
+                {"text": "What is this?"},
+                {"inlineData": {"mimeType": "image/png", "data": self.PNG}},
+                {"fileData": {"fileUri": "https://example.com/cat.webp?size=2", "mimeType": "image/webp"}},
+                {"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}},
+                {"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+            ],
+        )
+        self.assertEqual(self.upstream.kimi.last_body["messages"][0]["content"], parts)
+
+    @inlineCallbacks
+    def test_json_schema(self):
+        # Case 3 of the issue: the schema reaches Gemini, unchanged.
+        schema = {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "number"}},
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        }
+        response_format = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": schema}}
+        self.upstream.gemini.reply = '{"name": "Ada", "age": 36}'
+        self.upstream.kimi.reply = '{"name": "Ada", "age": 36}'
+        client = self.sdk(self.gateway())
+        for model in ("gpt-4o", "kimi/moonshot-v1-8k"):
+            completion = yield deferToThread(
+                client.chat.completions.create, model=model, messages=QUESTION, response_format=response_format
+            )
+            self.assertEqual(json.loads(completion.choices[0].message.content), {"name": "Ada", "age": 36})
+        config = self.upstream.gemini.last_body["generationConfig"]
+        self.assertEqual(config, {"responseMimeType": "application/json", "responseJsonSchema": schema})
+        self.assertEqual(self.upstream.kimi.last_body["response_format"], response_format)
+
+    @inlineCallbacks
+    def test_reasoning_usage(self):
+        # Case 4 of the issue: thinking tokens are completion tokens.
+        metadata = {
+            "promptTokenCount": 20,
+            "candidatesTokenCount": 198,
+            "thoughtsTokenCount": 405,
+            "totalTokenCount": 623,
+        }
+        thought = GeminiAnswer((({"text": "Let me think.", "thought": True},), ({"text": "Done."},)), usage=metadata)
+        self.upstream.gemini.answers[:] = [thought, thought, thought]
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            answer = yield deferToThread(ask, client, QUESTION, stream, reasoning_effort="high")
+            self.assertEqual(answer["content"], "Done.")
+            usage = answer["usage"]
+            self.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (20, 603, 623))
+            self.assertEqual(usage.completion_tokens_details.reasoning_tokens, 405)
+        self.assertEqual(
+            self.upstream.gemini.last_body["generationConfig"], {"thinkingConfig": {"thinkingLevel": "high"}}
+        )
+        # The thought summary rides in reasoning_content, never in content.
+        response, text = yield self.post(self.gateway(), {"messages": QUESTION})
+        message = json.loads(text)["choices"][0]["message"]
+        self.assertEqual((message["content"], message["reasoning_content"]), ("Done.", "Let me think."))
+
+    @inlineCallbacks
+    def test_reasoning_effort_budget_and_kimi_usage(self):
+        self.upstream.kimi.usage_in_choice = True
+        client = self.sdk(self.gateway())
+        yield deferToThread(
+            client.chat.completions.create, model="gemini/gemini-2.5-flash", messages=QUESTION, reasoning_effort="none"
+        )
+        self.assertEqual(self.upstream.gemini.last_body["generationConfig"], {"thinkingConfig": {"thinkingBudget": 0}})
+        # Moonshot's usage inside choices[0] is also the top-level usage.
+        whole = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=QUESTION)
+        self.assertEqual(whole.usage.total_tokens, 14)
+        streamed = yield deferToThread(
+            lambda: collect(
+                client.chat.completions.create(
+                    model="kimi/moonshot-v1-8k",
+                    messages=QUESTION,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+        )
+        self.assertEqual(streamed["usage"].total_tokens, 14)
+        self.assertEqual(streamed["content"], "Hello from the stand-in.")
+
+    @inlineCallbacks
+    def test_new_user_cases(self):
+        gateway = self.gateway()
+        # Case 1: only a system message -> its text is the user turn.
+        response, text = yield self.post(
+            gateway, {"messages": [{"role": "system", "content": "Write a haiku about autumn."}]}
+        )
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(
+            self.upstream.gemini.last_body["contents"],
+            [{"role": "user", "parts": [{"text": "Write a haiku about autumn."}]}],
+        )
+        self.assertNotIn("systemInstruction", self.upstream.gemini.last_body)
+        # Case 2: empty text never reaches Gemini; the turns still alternate.
+        response, text = yield self.post(
+            gateway,
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": ""},
+                    {"role": "user", "content": "again?"},
+                ]
+            },
+        )
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(
+            self.upstream.gemini.last_body["contents"],
+            [{"role": "user", "parts": [{"text": "hi"}, {"text": "again?"}]}],
+        )
+        response, text = yield self.post(gateway, {"messages": [{"role": "user", "content": []}]})
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.assertOpenAIError(text)["param"], "messages[0].content")
+
+
+class EmbeddingTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_sdk_default_and_float(self):
+        client = self.sdk(self.gateway(default_provider="kimi"))
+        # The SDK asks for base64 by default and decodes it.
+        result = yield deferToThread(client.embeddings.create, model="text-embedding-3-small", input=["ab", "abc"])
+        self.assertEqual(len(result.data), 2)
+        self.assertEqual(result.model, "gemini-embedding-001")
+        first = result.data[0].embedding
+        self.assertEqual(len(first), 8)
+        floats = yield deferToThread(
+            client.embeddings.create, model="x", input="ab", encoding_format="float", dimensions=4
+        )
+        self.assertEqual(floats.data[0].embedding, first[:4])
+        self.assertEqual((floats.usage.prompt_tokens, floats.usage.total_tokens), (0, 0))
+        body = self.upstream.gemini.last_body
+        self.assertEqual(
+            body,
+            {
+                "requests": [
+                    {
+                        "model": "models/gemini-embedding-001",
+                        "content": {"parts": [{"text": "ab"}]},
+                        "outputDimensionality": 4,
+                    }
+                ]
+            },
+        )
+        # Not switched with the chat provider: Kimi was never asked.
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        self.assertEqual(self.upstream.gemini.uris[-1], "/gemini/v1beta/models/gemini-embedding-001:batchEmbedContents")
+
+    @inlineCallbacks
+    def test_base64_is_little_endian_float32(self):
+        gateway = self.gateway()
+        response, text = yield self.post(
+            gateway,
+            {"input": "ab", "encoding_format": "base64", "model": "gemini/other-embedding"},
+            path="/v1/embeddings",
+        )
+        self.assertEqual(response.code, 200, text)
+        document = json.loads(text)
+        raw = base64.b64decode(document["data"][0]["embedding"])
+        values = list(struct.unpack("<8f", raw))
+        self.assertEqual(values, [((2 + i) % 7) / 8 - 0.25 for i in range(8)])
+        self.assertEqual(document["model"], "other-embedding")
+
+    @inlineCallbacks
+    def test_many_inputs_in_batches(self):
+        gateway = self.gateway()
+        texts = [f"text {i}" for i in range(250)]
+        response, text = yield self.post(gateway, {"input": texts, "encoding_format": "float"}, path="/v1/embeddings")
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual([d["index"] for d in json.loads(text)["data"]], list(range(250)))
+        self.assertEqual([len(b["requests"]) for b in self.upstream.gemini.bodies], [100, 100, 50])
+
+    @inlineCallbacks
+    def test_bad_requests(self):
+        gateway = self.gateway()
+        for body, param, expected in (
+            ({"input": "x", "model": "kimi/moonshot-v1-8k"}, "model", "kimi has no embeddings API"),
+            ({"input": []}, "input", "non-empty"),
+            ({"input": [1, 2]}, "input", "token id arrays"),
+            ({"input": "x", "encoding_format": "int8"}, "encoding_format", "float or base64"),
+            ({"input": "x", "dimensions": 0}, "dimensions", "at least 1"),
+        ):
+            response, text = yield self.post(gateway, body, path="/v1/embeddings")
+            self.assertEqual(response.code, 400, body)
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["param"], param)
+            self.assertIn(expected, error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+
+class BadRequestTests(DataPlaneTestCase):
+    """
+    Every bad shape of the contract: a 400 naming the field, whichever
+    provider the call is for; nothing reaches a provider.
+    """
+
+    @inlineCallbacks
+    def test_every_400(self):
+        gateway = self.gateway()
+        call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "P"}'}}
+        assistant = {"role": "assistant", "content": None, "tool_calls": [call]}
+        cases = [
+            ({"messages": QUESTION, "tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+            (
+                {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "bad name"}}]},
+                "tools[0].function.name",
+            ),
+            (
+                {
+                    "messages": [
+                        *QUESTION,
+                        {**assistant, "tool_calls": [{**call, "function": {"name": "f", "arguments": "[1]"}}]},
+                    ]
+                },
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (
+                {
+                    "messages": [
+                        *QUESTION,
+                        {**assistant, "tool_calls": [{**call, "function": {"name": "f", "arguments": "{"}}]},
+                    ]
+                },
+                "messages[1].tool_calls[0].function.arguments",
+            ),
+            (
+                {"messages": [*QUESTION, assistant, {"role": "tool", "tool_call_id": "c2", "content": "x"}]},
+                "messages[2].tool_call_id",
+            ),
+            (
+                {
+                    "messages": QUESTION,
+                    "tools": TOOLS,
+                    "tool_choice": {"type": "function", "function": {"name": "nope"}},
+                },
+                "tool_choice.function.name",
+            ),
+            ({"messages": QUESTION, "tool_choice": "required"}, "tool_choice"),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "video", "video": {}}]}]},
+                "messages[0].content[0].type",
+            ),
+            ({"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+            (
+                {
+                    "messages": [
+                        {
+                            "role": "system",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}],
+                        }
+                    ]
+                },
+                "messages[0].content[0].type",
+            ),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]},
+                "messages[0].content[0].file.file_data",
+            ),
+            ({"messages": QUESTION, "response_format": {"type": "xml"}}, "response_format.type"),
+            ({"messages": QUESTION, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+            ({"messages": QUESTION, "reasoning_effort": "max"}, "reasoning_effort"),
+            ({"messages": QUESTION, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+            ({"messages": QUESTION, "top_logprobs": 21}, "top_logprobs"),
+            ({"messages": [{"role": "user", "content": ""}]}, "messages"),
+        ]
+        for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):
+            for body, param in cases:
+                response, text = yield self.post(gateway, {**body, "model": model})
+                self.assertEqual(response.code, 400, (body, text))
+                self.assertEqual(self.assertOpenAIError(text)["param"], param, body)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        # Through the SDK: its BadRequestError, the field named.
+        client = self.sdk(gateway)
+        failure = yield self.assertFailure(
+            deferToThread(
+                client.chat.completions.create,
+                model="x",
+                messages=QUESTION,
+                tools=TOOLS,
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+            ),
+            openai.BadRequestError,
+        )
+        self.assertIn("not among tools", failure.message)
+
+    @inlineCallbacks
+    def test_legacy_functions(self):
+        self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+        gateway = self.gateway()
+        body = {
+            "messages": [
+                *QUESTION,
+                {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+                {"role": "function", "name": "get_weather", "content": "sunny"},
+            ],
+            "functions": [TOOLS[0]["function"]],
+            "function_call": {"name": "get_weather"},
+        }
+        for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):
+            response, text = yield self.post(gateway, {**body, "model": model})
+            self.assertEqual(response.code, 200, text)
+        sent = self.upstream.kimi.last_body
+        self.assertEqual(sent["tools"], [TOOLS[0]])
+        self.assertEqual(sent["tool_choice"], {"type": "function", "function": {"name": "get_weather"}})
+        self.assertEqual(sent["messages"][2], {"role": "tool", "tool_call_id": "call_legacy_1", "content": "sunny"})
+        self.assertNotIn("functions", sent)
+        parts = self.upstream.gemini.last_body["contents"][2]["parts"]
+        self.assertEqual(parts, [{"functionResponse": {"name": "get_weather", "response": {"result": "sunny"}}}])
