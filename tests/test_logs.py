@@ -299,7 +299,7 @@ class UpstreamPoolNamespaceTests(TestCase):
         renames it fails here, not silently in production logs).
         """
         from twisted.internet import reactor
-        from twisted.web.client import Agent, HTTPConnectionPool, readBody
+        from twisted.web.client import Agent, HTTPConnectionPool
         from twisted.web.resource import Resource
         from twisted.web.server import Site
 
@@ -310,6 +310,7 @@ class UpstreamPoolNamespaceTests(TestCase):
                 return b"hi"
 
         from openclaw.logs import QUIET_NAMESPACES
+        from openclaw.providers.fetch import read_body
 
         namespaces: list[str] = []
 
@@ -323,6 +324,6 @@ class UpstreamPoolNamespaceTests(TestCase):
         self.addCleanup(port.stopListening)
         pool = HTTPConnectionPool(reactor)
         response = yield Agent(reactor, pool=pool).request(b"GET", b"http://127.0.0.1:%d/" % port.getHost().port)
-        yield readBody(response)
+        yield read_body(response)
         yield pool.closeCachedConnections()
         self.assertIn(QUIET_NAMESPACES[0], namespaces)
