@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import openai
+from prometheus_client import generate_latest
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
@@ -58,6 +59,17 @@ def upstream_let_go(upstream: standin.StandInUpstream, seconds: float = 2.0) -> 
     deadline = time.monotonic() + seconds
     while upstream.open_requests.requests and time.monotonic() < deadline:
         yield deferLater(reactor, 0.01)
+
+
+#: An assistant turn with one tool call, and its answer.
+CALL_A = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
+ANSWER_A = {"role": "tool", "tool_call_id": "a", "content": "42"}
+#: A data URL whose data is not base64.
+BAD_DATA = "data:image/png;base64,!!!"
 
 
 class DataPlaneTestCase(TestCase):
@@ -374,6 +386,40 @@ class StreamFailureTests(DataPlaneTestCase):
     """
 
     @inlineCallbacks
+    def test_stop_ends_calls_honestly(self):
+        """
+        When a stop's grace period is over, a stream still under way ends
+        with a 503 shutting_down event (no [DONE]) and a whole answer still
+        awaited gets a 503: counted and logged as such, not as clients
+        that went away (499).
+        """
+        self.upstream.kimi.mode = "stall"
+        self.upstream.kimi.cut_after = 2
+        self.upstream.gemini.mode = "hang"
+        gateway = self.gateway()
+        site = gateway.service.api_site
+        stream = self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        whole = self.post(gateway, {"model": "gemini/gemini-2.5-flash", "messages": HELLO})
+        while site.context.in_flight < 2 or not self.upstream.gemini.requests:
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.1, lambda: None)
+        yield site.close_connections()
+        response, text = yield stream
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        events = [e for e in text.split("\n\n") if e]
+        self.assertOpenAIError(events[-1][len("data: ") :], "shutting_down")
+        response, text = yield whole
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["1"])
+        self.assertOpenAIError(text, "shutting_down")
+        # Both counted as the gateway's 503s, not as clients gone (499).
+        metrics = generate_latest(gateway.service.metrics.registry).decode()
+        self.assertIn('openclaw_api_requests_total{provider="kimi",status="503"} 1.0', metrics)
+        self.assertIn('openclaw_api_requests_total{provider="gemini",status="503"} 1.0', metrics)
+        self.assertNotIn('status="499"', metrics)
+
+    @inlineCallbacks
     def test_cut_mid_answer(self):
         for behaviour in (self.upstream.kimi, self.upstream.gemini):
             behaviour.mode = "cut"
@@ -522,6 +568,19 @@ class ErrorTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.gemini.requests, 0)
 
     @inlineCallbacks
+    def test_valid_tool_history_accepted(self):
+        """
+        Kimi repeats call ids across turns (get_weather:0): a history that
+        answers each turn's calls right after it is valid.
+        """
+        gateway = self.gateway()
+        turn = {**CALL_A, "tool_calls": [{**CALL_A["tool_calls"][0], "id": "get_weather:0"}]}
+        answer = {**ANSWER_A, "tool_call_id": "get_weather:0"}
+        body = {"model": "kimi/moonshot-v1-8k", "messages": [*HELLO, turn, answer, *HELLO, turn, answer]}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
     def test_bad_bodies(self):
         gateway = self.gateway()
         cases = [
@@ -547,6 +606,37 @@ class ErrorTests(DataPlaneTestCase):
             ({"messages": HELLO, "model": 4}, "model must be a string"),
             ({"messages": HELLO, "model": "kimi/"}, "names no model"),
             ({"messages": HELLO, "tools": [{"type": "function"}]}, "tools[0].function must be an object"),
+            # Every tool call answered right after its assistant message, once.
+            ({"messages": [*HELLO, CALL_A, {"role": "user", "content": "and?"}]}, "'a' have no tool message"),
+            ({"messages": [*HELLO, CALL_A]}, "'a' have no tool message"),
+            ({"messages": [*HELLO, CALL_A, ANSWER_A, ANSWER_A]}, "answers no open call"),
+            (
+                {"messages": [*HELLO, CALL_A, ANSWER_A, {"role": "user", "content": "x"}, ANSWER_A]},
+                "answers no open call",
+            ),
+            (
+                {"messages": [*HELLO, {**CALL_A, "tool_calls": CALL_A["tool_calls"] * 2}, ANSWER_A]},
+                "'a' is used twice in this message",
+            ),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": BAD_DATA}}]}]},
+                "must be a base64 data URL",
+            ),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": BAD_DATA}}]}]},
+                "must be a base64 data URL",
+            ),
+            (
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "input_audio", "input_audio": {"data": "!!!", "format": "wav"}}],
+                        }
+                    ]
+                },
+                "input_audio.data must be base64",
+            ),
         ]
         for body, expected in cases:
             response, text = yield self.post(gateway, body)

@@ -37,6 +37,7 @@ from openclaw.dataplane.errors import (
     internal_error,
     no_usable_key,
     provider_not_configured,
+    shutting_down,
     upstream_failed,
     upstream_refused,
     upstream_timeout,
@@ -113,6 +114,7 @@ class ChatCall:
     def start(self, body: bytes) -> None:
         context = self.context
         context.call_started()
+        context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self._client_gone)
         self._attempt(body)
 
@@ -360,6 +362,14 @@ class ChatCall:
         self.adapter.breaker.failed()
         return self._upstream_failed("timeout", error)
 
+    def shut_down(self) -> None:
+        """
+        The gateway is stopping and its grace period is over: answer 503
+        C{shutting_down} (as the stream's last event once it has started).
+        """
+        if not self._over:
+            self._fail(shutting_down())
+
     def _client_gone(self, reason: Failure) -> None:
         if self._over:
             return
@@ -423,6 +433,7 @@ class ChatCall:
         log it.
         """
         self._count_costs()
+        self.context.chat_calls.discard(self)
         self.context.call_ended()
         self.context.completed(self.request, self.started, status, self.route, self.chat.stream, outcome)
 

@@ -6,6 +6,7 @@ keys, the time limit, and the accounting of each finished request.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -20,6 +21,13 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.settings import Settings
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
+
+
+class ShutDown(Protocol):
+    def shut_down(self) -> None:
+        """
+        End now, telling the client the gateway is shutting down.
+        """
 
 
 @attrs.define(eq=False)
@@ -60,6 +68,8 @@ class APIContext:
     #: EMBEDDING_MODEL: the Gemini model C{/v1/embeddings} uses.
     embedding_model: str = "gemini-embedding-001"
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
+    #: Chat calls under way, told when the grace period of a stop is over.
+    chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
 
     def call_started(self) -> None:
         self.in_flight += 1
@@ -70,6 +80,15 @@ class APIContext:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:
                 d.callback(None)
+
+    def shut_down_calls(self) -> None:
+        """
+        The stop's grace period is over: every chat call still under way
+        answers 503 C{shutting_down} (a stream: as its last event), rather
+        than being cut with nothing said.
+        """
+        for call in list(self.chat_calls):
+            call.shut_down()
 
     def idle(self) -> Deferred[None]:
         """

@@ -64,9 +64,24 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def not_found(path: str) -> APIError:
     return APIError(
         404,
-        f"no such endpoint: {path}; this gateway serves GET /v1/models, POST /v1/chat/completions and GET /healthz",
+        f"no such endpoint: {path}; this gateway serves POST /v1/chat/completions, POST /v1/embeddings, "
+        "GET /v1/models, GET /healthz, GET /readyz and GET /metrics",
         "invalid_request_error",
         "unknown_url",
+    )
+
+
+def shutting_down() -> APIError:
+    """
+    503 for a call the gateway ends because it is stopping: retry (another
+    instance, or this one once it is back).
+    """
+    return APIError(
+        503,
+        "the gateway is shutting down and ended this call; retry it",
+        "server_error",
+        "shutting_down",
+        headers=((b"Retry-After", b"1"),),
     )
 
 

@@ -22,7 +22,7 @@ import attrs
 import orjson
 
 from openclaw.dataplane.callids import MARK
-from openclaw.dataplane.errors import bad_request
+from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.routing import Route
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
@@ -42,6 +42,8 @@ RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
 #: C{data:<media type>;base64,<data>}: the only inline form carried.
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII)
+#: Base64 as RFC 4648 section 4 has it (padded): checked, not decoded.
+BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 #: URL schemes an image may be given by (the gateway never fetches them).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 
@@ -225,6 +227,9 @@ def _check_messages(body: dict[str, Any]) -> bool:
         raise bad_request("messages must be a non-empty list of {role, content}", param="messages")
     #: Tool call ids seen so far -> the function's name.
     calls: dict[str, str] = {}
+    #: The latest assistant message's tool calls not answered yet, and where it is.
+    unanswered: list[str] = []
+    asked_at = ""
     #: Legacy function calls not yet answered: name -> their ids, in order.
     legacy: dict[str, list[str]] = {}
     carried_ids = False
@@ -247,10 +252,14 @@ def _check_messages(body: dict[str, Any]) -> bool:
             message = messages[i] = _legacy_call(message, i, where, legacy)
         role = message["role"]
         content = message.get("content", ...)
+        if role != "tool" and unanswered:
+            raise _unanswered(asked_at, unanswered)
         if role == "assistant":
             tool_calls = message.get("tool_calls")
             if tool_calls is not None:
                 carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
+                unanswered = [call["id"] for call in tool_calls]
+                asked_at = where
                 anything = True
             if (content is None or content is ...) and tool_calls:
                 continue
@@ -264,14 +273,37 @@ def _check_messages(body: dict[str, Any]) -> bool:
                     f"{where}.tool_call_id {call_id!r} matches no tool call of an earlier assistant message",
                     param=f"{where}.tool_call_id",
                 )
+            if call_id not in unanswered:
+                raise bad_request(
+                    f"{where}.tool_call_id {call_id!r} answers no open call: tool messages answer the tool "
+                    "calls of the assistant message right before them, once each",
+                    param=f"{where}.tool_call_id",
+                )
+            unanswered.remove(call_id)
             _check_content(content, f"{where}.content", TEXT_PARTS)
             anything = True
         else:
             parts = USER_PARTS if role == "user" else TEXT_PARTS
             anything = _check_content(content, f"{where}.content", parts) or anything
+    if unanswered:
+        raise _unanswered(asked_at, unanswered)
     if not anything:
         raise bad_request("messages hold no content: at least one message needs some", param="messages")
     return carried_ids
+
+
+def _unanswered(where: str, call_ids: list[str]) -> APIError:
+    """
+    OpenAI's rule, which Gemini enforces too (a turn of function calls is
+    followed by one function response per call): every tool call is
+    answered by a tool message right after its assistant message.
+    """
+    listed = ", ".join(repr(call_id) for call_id in call_ids)
+    return bad_request(
+        f"{where}.tool_calls: call(s) {listed} have no tool message answering them; "
+        "follow an assistant message with tool_calls by one tool message per call",
+        param=f"{where}.tool_calls",
+    )
 
 
 def _legacy_call(message: dict[str, Any], i: int, where: str, legacy: dict[str, list[str]]) -> dict[str, Any]:
@@ -324,6 +356,8 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
                 f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
                 param=f"{at}.function.arguments",
             )
+        if any(earlier.get("id") == call_id for earlier in tool_calls[:j]):
+            raise bad_request(f"{at}.id {call_id!r} is used twice in this message", param=f"{at}.id")
         calls[call_id] = name
         carried_ids = carried_ids or MARK in call_id
     return carried_ids
@@ -360,13 +394,22 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
     return anything
 
 
+def _is_data_url(url: str) -> bool:
+    """
+    A C{data:<type>;base64,<data>} URL whose data is base64 (RFC 2397,
+    RFC 4648): anything else would reach the provider as garbage.
+    """
+    head = DATA_URL.match(url)
+    return head is not None and len(url) > head.end() and BASE64.fullmatch(url, head.end()) is not None
+
+
 def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
     value = part.get(kind)
     if not isinstance(value, dict):
         raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
     if kind == "image_url":
         url = value.get("url")
-        if not isinstance(url, str) or not (DATA_URL.match(url) or url.startswith(IMAGE_URL_SCHEMES)):
+        if not isinstance(url, str) or not (_is_data_url(url) or url.startswith(IMAGE_URL_SCHEMES)):
             raise bad_request(
                 f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
                 "or an http(s):// or gs:// URL",
@@ -375,7 +418,8 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
         if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
     elif kind == "input_audio":
-        if not isinstance(value.get("data"), str) or not value["data"]:
+        data = value.get("data")
+        if not isinstance(data, str) or not data or not BASE64.fullmatch(data):
             raise bad_request(f"{at}.input_audio.data must be base64 audio", param=f"{at}.input_audio.data")
         if not isinstance(value.get("format"), str) or not value["format"].isalnum():
             raise bad_request(
@@ -383,7 +427,7 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
     else:
         data = value.get("file_data")
-        if not isinstance(data, str) or not DATA_URL.match(data):
+        if not isinstance(data, str) or not _is_data_url(data):
             raise bad_request(
                 f"{at}.file.file_data must be a base64 data URL (data:application/pdf;base64,...); "
                 "uploaded file ids are not supported by this gateway",

@@ -23,6 +23,7 @@ from openclaw.dataplane.errors import (
     method_not_allowed,
     not_found,
     provider_not_configured,
+    shutting_down,
     upstream_failed,
     upstream_http_error,
     upstream_timeout,
@@ -101,7 +102,7 @@ class APIResource(Resource):
             request.setHeader(b"connection", b"close")
             return error_response(
                 request,
-                APIError(503, "the gateway is shutting down; retry shortly", "server_error", "shutting_down"),
+                shutting_down(),
             )
         try:
             return handler(request)
