@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.redis_server import RedisServer
-from tests.support import connect, free_port, spawn_gateway, start_upstream
+from tests.support import free_port, open_client, spawn_gateway, start_upstream
 from tests.test_twistd import SECRET, base_env
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
@@ -66,11 +66,8 @@ class TwoInstances(TestCase):
 
         return deferToThread(call)
 
-    @inlineCallbacks
     def client(self, port: int) -> Any:
-        client = yield connect(port)
-        self.addCleanup(lambda: client.sendClose() if client.state == client.STATE_OPEN else None)
-        return client
+        return open_client(self, port)
 
     @inlineCallbacks
     def test_switch_and_rotate_reach_the_other_instance(self):
