@@ -7,14 +7,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean
+.PHONY: run test lint trial bench bench-data clean redis-server
 
 run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
-test: $(STAMP) lint
+test: $(STAMP) lint redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
 
@@ -23,6 +23,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check openclaw tests bench twisted
 	$(BIN)/ruff check openclaw tests bench twisted
 	$(BIN)/mypy
+
+# The cluster tests (#18) start their own redis-server on a free port in a
+# temporary directory: install it when it is missing and we can, else say how.
+redis-server:
+	@command -v redis-server >/dev/null || test -x /usr/bin/redis-server || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "make test needs redis-server for the cluster tests: run 'sudo apt-get install -y redis-server' (or put redis-server on PATH)"; exit 1; \
+	  fi; }
 
 trial: $(STAMP)
 	$(BIN)/python -m twisted.trial tests

@@ -333,6 +333,18 @@ class GatewayMetrics:
             self.provider_up.labels(provider).set(1 if entry.get("ok") else 0)
         return report
 
+    def cluster_store_up(self) -> Gauge:
+        """
+        C{openclaw_cluster_store_up}: 1 while the cluster's store (Redis) is
+        reachable and this instance has reloaded its state, else 0.  Only
+        registered in a cluster (C{REDIS_URL}).
+        """
+        return Gauge(
+            "openclaw_cluster_store_up",
+            "1 while the cluster store (REDIS_URL) is reachable and this instance is in step with it",
+            registry=self.registry,
+        )
+
     def count_connections(self, count: Callable[[], int]) -> None:
         self.connections.set_function(count)
 

@@ -5,6 +5,8 @@ and stops, in order, when it stops.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import IO, Any
 
@@ -25,6 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from openclaw.cluster.node import ClusterNode
+from openclaw.cluster.redis import RedisStore
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
@@ -162,8 +166,9 @@ class GatewayService(MultiService):
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
         configured = Route(provider, settings.default_model(provider))
-        #: The route the state file held, when it replaced the configured one.
-        self.restored_route = self.store.load()
+        #: The route the state file held, when it replaced the configured one
+        #: (in a cluster the Redis copy replaces the state file).
+        self.restored_route = None if settings.redis_url else self.store.load()
         self.route = ActiveRoute(self.restored_route or configured)
         if self.restored_route == configured:
             self.restored_route = None
@@ -179,7 +184,15 @@ class GatewayService(MultiService):
             persist=self.store.save,
             on_health=self.metrics.health,
             provider_states=self.providers.states,
+            instance_status=self.instance_status,
         )
+        #: This process's id in the cluster (host name and process id).
+        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        self.worker = 0
+        self.cluster: ClusterNode | None = None
+        self._redis: RedisStore | None = None
+        if settings.redis_url:
+            self._join_cluster(commands, reactor)
         self.controlplane = controlplane = ControlPlane(
             self.sessions,
             commands,
@@ -212,6 +225,51 @@ class GatewayService(MultiService):
             root.putChild(b"metrics", metrics_resource)
             self._listen(metrics_endpoint, Site(root))
 
+    def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
+        """
+        Share the route, token and key rests through Redis (C{REDIS_URL}).
+        """
+        settings = self.settings
+        assert settings.redis_url is not None
+        self._redis = RedisStore(
+            settings.redis_url,
+            settings.cluster_name,
+            settings.redis_timeout_seconds,
+            settings.redis_reconnect_max_seconds,
+            reactor,
+        )
+        store_up = self.metrics.cluster_store_up()
+        self.cluster = cluster = ClusterNode(
+            self._redis,
+            self.route,
+            self.sessions,
+            self.instance,
+            reactor,
+            settings.redis_timeout_seconds,
+            self.providers.ids,
+            on_token=self._adopted,
+            on_up=lambda up: store_up.set(1 if up else 0),
+            on_rest=self.providers.rest_key,
+        )
+        commands.share_switch = cluster.switch
+        commands.persist = lambda route: None
+        self.providers.share_rests(cluster.rest)
+
+    def instance_status(self) -> dict[str, Any]:
+        """
+        C{status}'s C{instance}, C{worker} and C{instances_seen}.
+        """
+        return {
+            "instance": self.instance,
+            "worker": self.worker,
+            "instances_seen": 1 if self.cluster is None else self.cluster.instances_seen,
+        }
+
+    def _adopted(self, token: SessionToken, here: bool) -> None:
+        self._announce(token)
+        if not here:
+            self._log.info("session token {jti} adopted from the cluster", jti=token.jti)
+
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         ListeningService(endpoint, factory).setServiceParent(self)
 
@@ -227,7 +285,18 @@ class GatewayService(MultiService):
                 "for this process only. Set JWT_SECRET (32 bytes or more) in production."
             )
         self._warn_about_setup()
-        self._announce(self.sessions.issue())
+        if self.cluster is not None and self._redis is not None:
+            # The token is the cluster's: issued by the first instance,
+            # adopted by the others, announced once known.
+            self._log.info(
+                "joining cluster {name} as {instance}; the session token is the cluster's",
+                name=self.settings.cluster_name,
+                instance=self.instance,
+            )
+            self._redis.start(self.cluster)
+            self.cluster.start()
+        else:
+            self._announce(self.sessions.issue())
         super().startService()
 
     def _warn_about_setup(self) -> None:
@@ -261,13 +330,20 @@ class GatewayService(MultiService):
                 default=self.settings.default_provider,
             )
 
-    def rotate_token(self) -> SessionToken:
+    def rotate_token(self) -> SessionToken | Deferred[SessionToken]:
         """
         Replace the session token: every earlier token stops working at once,
-        for every connection.
+        for every connection (in a cluster: on every instance, once written
+        to the store; L{StoreUnavailable} when it cannot be).
         """
-        issued = self.sessions.issue()
-        self._announce(issued)
+        if self.cluster is not None:
+            # Announced when adopted (ClusterNode's on_token).
+            return self.cluster.rotate(self.sessions.mint()).addCallback(self._rotated, announce=False)
+        return self._rotated(self.sessions.issue())
+
+    def _rotated(self, issued: SessionToken, announce: bool = True) -> SessionToken:
+        if announce:
+            self._announce(issued)
         self._log.info("session token rotated; new token id {jti}", jti=issued.jti)
         return issued
 
@@ -312,4 +388,7 @@ class GatewayService(MultiService):
         if self.api_site is not None:
             yield self.api_site.close_connections()
         yield self.providers.close()
+        if self.cluster is not None and self._redis is not None:
+            self.cluster.stop()
+            yield self._redis.stop()
         self.sessions.discard_token_file()

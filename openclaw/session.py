@@ -108,22 +108,43 @@ class SessionAuthority:
             raise RuntimeError("no session token has been issued yet")
         return self._current
 
-    def issue(self) -> SessionToken:
+    @property
+    def current_or_none(self) -> SessionToken | None:
         """
-        Issue a new token, making every earlier one invalid at once, and
-        write it to the token file when there is one.
+        The current token, or L{None} before the first one is known.
+        """
+        return self._current
+
+    def mint(self) -> SessionToken:
+        """
+        A new token, signed but not yet in force (see L{adopt}).
         """
         now = int(self._clock())
         jti = str(uuid.uuid4())
         expires_at = now + max(1, round(self._ttl))
         claims = {"iss": ISSUER, "jti": jti, "iat": now, "exp": expires_at}
         token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
-        issued = SessionToken(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+        return SessionToken(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+
+    def adopt(self, issued: SessionToken) -> None:
+        """
+        Make C{issued} the current token (in a cluster: the one the cluster
+        holds), every other one invalid at once, and write it to the token
+        file when there is one.
+        """
         # The file first: if it cannot be written, the old token stays valid
         # rather than everyone being locked out by a token nobody has.
         if self._token_file is not None:
-            write_token_file(self._token_file, token)
+            write_token_file(self._token_file, issued.token)
         self._current = issued
+
+    def issue(self) -> SessionToken:
+        """
+        Issue a new token, making every earlier one invalid at once, and
+        write it to the token file when there is one.
+        """
+        issued = self.mint()
+        self.adopt(issued)
         return issued
 
     def verify(self, presented: object) -> str:

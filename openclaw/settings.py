@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 from cryptography.x509 import load_pem_x509_certificates
@@ -200,6 +201,17 @@ class Settings:
     breaker_failures: int = 5
     #: Seconds an open breaker keeps calls away from its provider.
     breaker_cooldown_seconds: float = 30.0
+
+    # Several instances as one (a cluster over Redis).
+    #: C{redis://[user:password@]host[:port][/db]}, C{rediss://} (TLS) or
+    #: C{unix:///path[?db=N]}; None: a single instance, no shared state.
+    redis_url: str | None = attrs.field(default=None, repr=False)
+    #: Prefix of every Redis key and channel, so several gateways can share one Redis.
+    cluster_name: str = "openclaw"
+    #: Bound on every Redis call, in seconds.
+    redis_timeout_seconds: float = 1.0
+    #: Longest wait between two reconnection attempts to Redis, in seconds.
+    redis_reconnect_max_seconds: float = 5.0
 
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
@@ -395,6 +407,29 @@ def _ca_file(path: str) -> Path:
     return Path(path)
 
 
+def _redis_url(text: str) -> str:
+    parsed = urlsplit(text)
+    if parsed.scheme in ("redis", "rediss"):
+        if not parsed.hostname:
+            raise ValueError
+        parsed.port  # noqa: B018 (raises ValueError on a bad port)
+        database = parsed.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError
+    elif parsed.scheme == "unix":
+        if not parsed.path:
+            raise ValueError
+    else:
+        raise ValueError
+    return text
+
+
+def _cluster_name(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_." for c in text):
+        raise ValueError
+    return text
+
+
 def _read_secret_file(path: str) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
@@ -507,6 +542,17 @@ def load_settings(
             raise ValueError
         return text
 
+    redis_url = read(
+        "REDIS_URL",
+        _redis_url,
+        None,
+        "use redis://host:port/db, rediss://host:port/db (TLS) or unix:///path/to/redis.sock",
+    )
+    if redis_url and not secret:
+        raise ConfigError(
+            "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "
+            "must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
+        )
     token_file = read("TOKEN_FILE", str, "", "")
     ca_file = read("UPSTREAM_CA_FILE", str, "", "")
     state_dir = read("STATE_DIR", str, "", "")
@@ -611,6 +657,20 @@ def load_settings(
             _positive_float,
             defaults.breaker_cooldown_seconds,
             "use a number of seconds greater than 0, such as 30",
+        ),
+        redis_url=redis_url,
+        cluster_name=read("CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"),
+        redis_timeout_seconds=read(
+            "REDIS_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.redis_timeout_seconds,
+            "use a number of seconds greater than 0, such as 1",
+        ),
+        redis_reconnect_max_seconds=read(
+            "REDIS_RECONNECT_MAX_SECONDS",
+            _positive_float,
+            defaults.redis_reconnect_max_seconds,
+            "use a number of seconds greater than 0, such as 5",
         ),
     )
 

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
+from openclaw.cluster.node import StoreUnavailable
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
@@ -102,7 +104,7 @@ class ControlCommands:
     route: ActiveRoute
     providers: Providers
     sessions: SessionAuthority
-    rotate: Callable[[], SessionToken]
+    rotate: Callable[[], SessionToken | Deferred[SessionToken]]
     connections: Callable[[], int]
     started_at: float
     clock: Callable[[], float] = time.time
@@ -113,6 +115,12 @@ class ControlCommands:
     #: Per provider id, its circuit breaker and keys now
     #: (L{openclaw.providers.ProviderRegistry.states}); shown by C{status}.
     provider_states: Callable[[], dict[str, Any]] | None = None
+    #: In a cluster: writes a switch to the shared store and applies it,
+    #: firing with the route it replaced (or failing with the reason
+    #: nothing changed), in place of switching here alone.
+    share_switch: Callable[[Route], Deferred[Route]] | None = None
+    #: Extra fields of C{status}: C{instance}, C{worker}, C{instances_seen}.
+    instance_status: Callable[[], dict[str, Any]] | None = None
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -140,9 +148,10 @@ class ControlCommands:
             "token_expires": self.sessions.current.expires,
             "connections": self.connections(),
             **({} if self.provider_states is None else {"providers": self.provider_states()}),
+            **({} if self.instance_status is None else self.instance_status()),
         }
 
-    def switch_provider(self, data: object) -> Result:
+    def switch_provider(self, data: object) -> Answer:
         fields = _fields(data, _SWITCH_FIELDS)
         provider_id = fields.get("provider")
         if provider_id is None:
@@ -154,20 +163,41 @@ class ControlCommands:
         if not isinstance(model, str) or not model.strip():
             raise CommandError("data.model must be a non-empty string when given")
         route = Route(provider_id, model.strip())
+
+        def switched(previous: Route) -> Result:
+            result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
+            warning = provider.missing_key_warning()
+            if warning:
+                result["warning"] = warning
+            return result
+
+        if self.share_switch is not None:
+            return self.share_switch(route).addCallbacks(switched, _refused)
         previous = self.route.switch(route)
         self.persist(route)
-        result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
-        warning = provider.missing_key_warning()
-        if warning:
-            result["warning"] = warning
-        return result
+        return switched(previous)
 
     def health_check(self, data: object) -> Deferred[Result]:
         _fields(data, _NONE)
         route = self.route.current
         return self.providers.health_check(route.provider_id, route.model).addCallback(self.on_health)
 
-    def rotate_token(self, data: object) -> Result:
+    def rotate_token(self, data: object) -> Answer:
         _fields(data, _NONE)
         issued = self.rotate()
-        return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
+        if isinstance(issued, Deferred):
+            return issued.addCallbacks(_rotated, _refused)
+        return _rotated(issued)
+
+
+def _rotated(issued: SessionToken) -> Result:
+    return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
+
+
+def _refused(failure: Failure) -> Failure:
+    """
+    A change the cluster could not take: its reason, told to the client.
+    """
+    if failure.check(StoreUnavailable):
+        return Failure(CommandError(str(failure.value)))
+    return failure

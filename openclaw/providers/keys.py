@@ -54,6 +54,10 @@ class KeyPool:
     #: Keys refused as invalid, until a health check finds them good.
     _set_aside: set[str] = attrs.field(factory=set, init=False, repr=False)
 
+    #: Told (fingerprint, seconds) of every rest this pool decides, so a
+    #: cluster can share it (L{openclaw.cluster.node.ClusterNode.rest}).
+    on_rest: Callable[[str, str, float], None] | None = attrs.field(default=None, repr=False)
+
     _log = Logger(namespace="openclaw.providers")
 
     def __contains__(self, key: str) -> bool:
@@ -97,6 +101,23 @@ class KeyPool:
             key=fingerprint(key),
             seconds=seconds,
         )
+        if self.on_rest is not None:
+            self.on_rest(self.provider, fingerprint(key), seconds)
+
+    def rest_shared(self, key_fingerprint: str, seconds: float) -> None:
+        """
+        Another instance of the cluster rested the key with this
+        fingerprint for C{seconds}: rest it here too (not told on).
+        """
+        for key in self.keys:
+            if fingerprint(key) == key_fingerprint:
+                self._resting[key] = max(self._resting.get(key, 0.0), self.clock() + seconds)
+                self._log.info(
+                    "{provider} key {key} resting {seconds:g} s (rate limited on another instance)",
+                    provider=self.provider,
+                    key=key_fingerprint,
+                    seconds=seconds,
+                )
 
     def set_aside(self, key: str) -> None:
         """

@@ -207,6 +207,23 @@ class ProviderRegistry:
                 return adapter
         return None
 
+    def share_rests(self, share: Callable[[str, str, float], None]) -> None:
+        """
+        Tell C{share} (provider id, key fingerprint, seconds) of every key
+        rest (a cluster's store).
+        """
+        for adapter in self._adapters:
+            adapter.keys.on_rest = share
+
+    def rest_key(self, provider_id: str, key_fingerprint: str, seconds: float) -> None:
+        """
+        Rest a key another instance was answered 429 with; unknown providers
+        and keys are ignored (another gateway's configuration may differ).
+        """
+        for adapter in self._adapters:
+            if adapter.id == provider_id:
+                adapter.keys.rest_shared(key_fingerprint, seconds)
+
     def close(self) -> Deferred[None]:
         """
         Cancel the probes under way (their callers get a failed report; their

@@ -1,0 +1,218 @@
+"""
+The shared store on Redis, through txredisapi (Twisted-native: lazy
+connections that reconnect with a backoff, pub/sub through
+C{SubscriberFactory}).  Two connections: one for commands, one subscribed
+to the cluster's channel; the subscribed one tells the node when Redis
+comes and goes.
+
+Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
+C{version} and C{value}), C{rest:<provider>:<key fingerprint>} (expiring
+with the rest), C{instance:<id>} (heartbeats, expiring after 30 s); one
+channel, C{<CLUSTER_NAME>:events}.  Each write is a Lua script, so the
+value, its version and its publication are one atomic step and every node
+sees the writes in the order Redis made them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+
+from openclaw.cluster.store import Versioned
+
+if TYPE_CHECKING:
+    from openclaw.cluster.node import ClusterNode
+
+_WRITE = """
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'value', ARGV[2])
+redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[2])
+return v
+"""
+
+_ENSURE = """
+if redis.call('HSETNX', KEYS[1], 'value', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'version', ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'version', 'value')
+"""
+
+_REST = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+_HEARTBEAT = """
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+local n, cursor = 0, '0'
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
+  cursor = r[1]
+  n = n + #r[2]
+until cursor == '0'
+return n
+"""
+
+
+def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
+    """
+    The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
+    C{username} and C{password}.
+    """
+    parsed = urlsplit(url)
+    query = parse_qs(parsed.query)
+    endpoint: IStreamClientEndpoint
+    if parsed.scheme == "unix":
+        endpoint = UNIXClientEndpoint(reactor, parsed.path, timeout=timeout)
+        database = query.get("db", [""])[0]
+    else:
+        host = parsed.hostname or "localhost"
+        endpoint = HostnameEndpoint(reactor, host, parsed.port or 6379, timeout=timeout)
+        if parsed.scheme == "rediss":
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        database = parsed.path.strip("/") or query.get("db", [""])[0]
+    return endpoint, {
+        "dbid": int(database) if database else None,
+        "username": unquote(parsed.username) if parsed.username else None,
+        "password": unquote(parsed.password) if parsed.password else None,
+    }
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    The subscribed connection: subscribes on connect, hands the node what
+    is published, and tells it when the connection comes and goes.
+    """
+
+    def connectionMade(self) -> Any:
+        made = super().connectionMade()
+        self.whenConnected().addCallback(self._subscribe)
+        return made
+
+    def _subscribe(self, _: Any) -> None:
+        store: RedisStore = self.factory.store
+        self.subscribe(store.channel).addCallbacks(
+            lambda _: store.node.connected() if store.node else None, lambda failure: None
+        )
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.store.received(message)
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)
+        store: RedisStore = self.factory.store
+        if store.node is not None:
+            store.node.lost()
+
+
+class _Subscribers(txredisapi.SubscriberFactory):  # type: ignore[misc]
+    protocol = _Subscriber
+
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__(isLazy=True)
+        self.store = store
+
+
+class RedisStore:
+    """
+    L{openclaw.cluster.store.SharedStore} on Redis.  L{start} connects
+    (and keeps reconnecting, backing off up to C{reconnect_max} seconds);
+    calls made while disconnected wait for the connection: the node bounds
+    each one with C{REDIS_TIMEOUT_SECONDS}.
+    """
+
+    _log = Logger(namespace="openclaw.cluster")
+
+    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IReactorTime) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.channel = f"{prefix}:events"
+        self.timeout = timeout
+        self.reconnect_max = reconnect_max
+        self.reactor = reactor
+        self.node: ClusterNode | None = None
+        self._factories: list[Any] = []
+        self._redis: Any = None
+
+    def start(self, node: ClusterNode) -> None:
+        self.node = node
+        endpoint, options = redis_endpoint(self.url, self.reactor, self.timeout)
+        commands = txredisapi.RedisFactory(
+            self.url,
+            options["dbid"],
+            1,
+            isLazy=True,
+            password=options["password"],
+            username=options["username"],
+            replyTimeout=self.timeout,
+            convertNumbers=False,
+        )
+        subscriber = _Subscribers(self)
+        subscriber.password = options["password"]
+        subscriber.username = options["username"]
+        subscriber.convertNumbers = False
+        for factory in (commands, subscriber):
+            factory.maxDelay = self.reconnect_max
+            factory.initialDelay = min(0.25, self.reconnect_max)
+            factory.startConnecting(endpoint)
+            self._factories.append(factory)
+        self._redis = commands.handler
+
+    def stop(self) -> Deferred[Any]:
+        self.node = None
+        stopping = [factory.disconnect() for factory in self._factories]
+        self._factories = []
+        return gatherResults(stopping, consumeErrors=True)
+
+    def received(self, message: Any) -> None:
+        node = self.node
+        if node is None:
+            return
+        text = message.decode() if isinstance(message, bytes) else str(message)
+        parts = text.split("\t", 4)
+        try:
+            if parts[0] == "v" and len(parts) == 4:
+                node.received(parts[1], int(parts[2]), parts[3])
+            elif parts[0] == "r" and len(parts) == 5:
+                node.rested(parts[1], parts[2], parts[3], float(parts[4]))
+        except ValueError:
+            self._log.warn("ignoring a malformed cluster message")
+
+    def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        evaluated: Deferred[Any] = self._redis.eval(script, keys, args)
+        return evaluated
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def write(self, name: str, value: str) -> Deferred[int]:
+        return self._eval(_WRITE, [self._key("state", name), self.channel], [name, value]).addCallback(int)
+
+    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+        def versioned(reply: list[Any]) -> Versioned:
+            held, text = reply
+            return Versioned(int(held), text.decode() if isinstance(text, bytes) else str(text))
+
+        return self._eval(_ENSURE, [self._key("state", name)], [value, str(version)]).addCallback(versioned)
+
+    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+        assert self.node is not None
+        message = f"r\t{self.node.instance}\t{provider}\t{key_fingerprint}\t{seconds}"
+        return self._eval(
+            _REST,
+            [self._key("rest", provider, key_fingerprint), self.channel],
+            [str(max(1, round(seconds * 1000))), message],
+        ).addCallback(lambda _: None)
+
+    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+        return self._eval(
+            _HEARTBEAT, [self._key("instance", instance)], [str(ttl_seconds), self._key("instance", "*")]
+        ).addCallback(int)

@@ -1,0 +1,110 @@
+"""
+What a cluster needs of its shared store (L{SharedStore}), and an
+in-process one (L{MemoryStore}) for tests that run several nodes on one
+L{twisted.internet.task.Clock}.
+
+The store holds a few named, versioned values (C{route}, C{token}): every
+write increments the version and publishes C{(name, version, value)} to
+every node, in the order the writes happened, so a node that applies only
+versions newer than the one it knows converges on the last write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+
+
+@attrs.frozen
+class Versioned:
+    """
+    A shared value and its version (1 and up; every write adds 1).
+    """
+
+    version: int
+    value: str
+
+
+#: Called with (name, version, value) for every write anyone makes.
+Listener = Callable[[str, int, str], None]
+
+
+class SharedStore(Protocol):
+    """
+    The operations a L{openclaw.cluster.node.ClusterNode} uses.  Every
+    Deferred fails (with any exception) when the store cannot be reached in
+    time; nothing here retries.
+    """
+
+    def write(self, name: str, value: str) -> Deferred[int]:
+        """
+        Replace C{name}'s value, publish it, fire with its new version.
+        """
+
+    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+        """
+        Set C{name} to C{value} at C{version} only if it has no value (an
+        atomic set-if-absent), and fire with what it holds afterwards.
+        """
+
+    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+        """
+        Record that a provider key rests for C{seconds} (a key expiring
+        with it) and tell the other nodes.
+        """
+
+    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+        """
+        Mark C{instance} alive for C{ttl_seconds}; fire with how many
+        instances are alive.
+        """
+
+
+class MemoryStore:
+    """
+    A L{SharedStore} in one process: several nodes on one store behave as
+    nodes on one Redis, without a network.  C{up = False} makes every call
+    fail, as an unreachable Redis would.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.up = True
+        self.values: dict[str, Versioned] = {}
+        self.rests: dict[tuple[str, str], float] = {}
+        self.alive: dict[str, float] = {}
+        self.listeners: list[Listener] = []
+        self.rest_listeners: list[Callable[[str, str, float], None]] = []
+
+    def write(self, name: str, value: str) -> Deferred[int]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        old = self.values.get(name)
+        version = (old.version if old else 0) + 1
+        self.values[name] = Versioned(version, value)
+        for listener in list(self.listeners):
+            listener(name, version, value)
+        return succeed(version)
+
+    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        return succeed(self.values.setdefault(name, Versioned(version, value)))
+
+    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        self.rests[provider, key_fingerprint] = self.clock() + seconds
+        for listener in list(self.rest_listeners):
+            listener(provider, key_fingerprint, seconds)
+        return succeed(None)
+
+    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        now = self.clock()
+        self.alive[instance] = now + ttl_seconds
+        return succeed(sum(1 for until in self.alive.values() if until > now))

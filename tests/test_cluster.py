@@ -1,0 +1,184 @@
+"""
+Several gateways as one (#18): two C{twistd -n openclaw} instances on one
+real C{redis-server}, the stand-in providers and the openai SDK.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.redis_server import RedisServer
+from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.test_twistd import SECRET, base_env
+
+GATEWAY_KEY = "gw-key-0123456789abcdef"
+
+
+def sleep(seconds: float) -> Any:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+class TwoInstances(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+        self.upstream = start_upstream(self, "kimi-key", "gemini-key")
+
+    def env(self) -> dict[str, str]:
+        return base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=self.redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+            **self.upstream.environment(),
+        )
+
+    def spawn(self, port: int | None = None, api_port: int | None = None) -> Any:
+        port = port or free_port()
+        api_port = api_port or free_port()
+        process = spawn_gateway(
+            self, ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"], self.env()
+        )
+        process.port, process.api_port = port, api_port
+        return process
+
+    def sdk(self, api_port: int) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key=GATEWAY_KEY, max_retries=0)
+        self.addCleanup(deferToThread, client.close)
+        return client
+
+    def chat_model(self, client: openai.OpenAI) -> Any:
+        def call() -> str:
+            answer = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
+            return answer.model
+
+        return deferToThread(call)
+
+    def client(self, port: int) -> Any:
+        return open_client(self, port)
+
+    @inlineCallbacks
+    def test_switch_and_rotate_reach_the_other_instance(self):
+        """
+        One token for both (the second adopts the first's); a switch on A is
+        B's route for its next call; a rotation on A revokes the old token on
+        B's open connection; status names the instance and counts both.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        token_b = yield b.token
+        self.assertEqual(token_b, token)
+        on_a = yield self.client(a.port)
+        on_b = yield self.client(b.port)
+        sdk_b = self.sdk(b.api_port)
+        model = yield self.chat_model(sdk_b)
+        self.assertIn("gemini", model)
+
+        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        model = yield self.chat_model(sdk_b)
+        self.assertNotIn("gemini", model)
+        status = yield on_b.command(token, "status")
+        self.assertEqual(status["result"]["provider_id"], "kimi")
+
+        answer = yield on_a.command(token, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        new_token = answer["result"]["token"]
+        yield sleep(0.1)
+        answer = yield on_b.command(token, "ping")
+        self.assertEqual(answer, {"ok": False, "cmd": "ping", "error": "token revoked"})
+        status = yield on_b.command(new_token, "status")
+        self.assertTrue(status["ok"], status)
+        status_a = yield on_a.command(new_token, "status")
+        self.assertEqual(status["result"]["worker"], 0)
+        self.assertNotEqual(status["result"]["instance"], status_a["result"]["instance"])
+        # B started second: its first heartbeat saw A's.
+        self.assertEqual(status["result"]["instances_seen"], 2)
+
+    @inlineCallbacks
+    def test_redis_gone_and_back(self):
+        """
+        Redis stopped: both keep serving with what they knew, a switch is
+        refused with nothing changed; Redis back (empty): the instances
+        write back route and token, and the switch works.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        on_a = yield self.client(a.port)
+        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        self.redis.stop()
+        yield sleep(0.3)
+        model = yield self.chat_model(self.sdk(b.api_port))
+        self.assertNotIn("gemini", model)
+        answer = yield on_a.command(token, "switch_provider", {"provider": "gemini"})
+        self.assertEqual(
+            answer,
+            {"ok": False, "cmd": "switch_provider", "error": "cluster store unavailable: nothing changed"},
+        )
+        answer = yield on_a.command(token, "rotate_token")
+        self.assertEqual(answer["error"], "cluster store unavailable: nothing changed")
+        on_b = yield self.client(b.port)
+        answer = yield on_b.command(token, "status")
+        self.assertEqual(answer["result"]["provider_id"], "kimi")
+
+        self.redis.start()
+        deadline = time.monotonic() + 15
+        while True:
+            answer = yield on_a.command(token, "switch_provider", {"provider": "gemini"})
+            if answer["ok"] or time.monotonic() > deadline:
+                break
+            yield sleep(0.2)
+        self.assertTrue(answer["ok"], answer)
+        model = yield self.chat_model(self.sdk(b.api_port))
+        self.assertIn("gemini", model)
+        answer = yield on_b.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_restart_keeps_the_token(self):
+        """
+        Restarting one instance does not invalidate the operators' token.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        yield a.stop()
+        again = self.spawn(a.port, a.api_port)
+        token_again = yield again.token
+        self.assertEqual(token_again, token)
+        on_again = yield self.client(again.port)
+        answer = yield on_again.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+
+class Settings18(TestCase):
+    def test_redis_needs_a_shared_secret(self):
+        from openclaw.settings import ConfigError, load_settings
+
+        with self.assertRaises(ConfigError) as raised:
+            load_settings({"REDIS_URL": "redis://127.0.0.1:6379/0"}, env_file=None)
+        self.assertIn("JWT_SECRET", str(raised.exception))
+        for bad in ("http://x", "redis://", "redis://h:port", "redis://h/db"):
+            with self.assertRaises(ConfigError):
+                load_settings({"REDIS_URL": bad, "JWT_SECRET": SECRET}, env_file=None)
+        settings = load_settings(
+            {"REDIS_URL": "unix:///run/redis.sock?db=2", "JWT_SECRET": SECRET, "CLUSTER_NAME": "team-a"}, env_file=None
+        )
+        self.assertEqual((settings.cluster_name, settings.redis_timeout_seconds), ("team-a", 1.0))
