@@ -160,11 +160,12 @@ class APIRequest(Request):
             super().gotLength(0)
             self._refuse(self._too_large())
             return
-        if has_body:
-            refusal = self.api_site.context.keys.check(self.getHeader(b"authorization"))
+        context = self.api_site.context
+        if has_body and context is not None:
+            refusal = context.keys.check(self.getHeader(b"authorization"))
             if refusal is not None:
                 super().gotLength(0)
-                self.api_site.context.refused_early(refusal)
+                context.refused_early(refusal)
                 self._refuse(refusal)
                 return
         super().gotLength(length)
@@ -352,7 +353,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 "invalid_request_error",
                 "request_timeout",
             )
-            self._site.context.refused_early(error)
+            if self._site.context is not None:
+                self._site.context.refused_early(error)
             transport.write(raw_response(error))
         transport.loseConnection()
         # A client that does not read could hold a polite close open.
@@ -395,12 +397,16 @@ class APISite(Site):
         """
         address = client_address(addr)
         if len(self.connections) >= self.max_connections:
-            self.context.connection_refused("api_max_connections")
+            self._refused("api_max_connections")
             return None
         if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
-            self.context.connection_refused("api_max_connections_per_address")
+            self._refused("api_max_connections_per_address")
             return None
         return APIConnection(super().buildProtocol(addr), self, address)
+
+    def _refused(self, reason: str) -> None:
+        if self.context is not None:
+            self.context.connection_refused(reason)
 
     def opened(self, connection: APIConnection) -> None:
         self.connections.add(connection)
