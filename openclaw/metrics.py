@@ -11,6 +11,7 @@ the control plane's hot path costs as much as parsing the message.
 
 from __future__ import annotations
 
+import ipaddress
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -389,23 +390,90 @@ class MetricsResource(Resource):
     """
     C{GET /metrics} in the Prometheus text format, for allowlisted peers
     only (a UNIX-socket peer is trusted by the socket's permissions).
+
+    A peer check alone would let a web page read it through DNS rebinding
+    (a name of the attacker's made to resolve to 127.0.0.1, the browser
+    then sending C{Host: rebind.example}): a request is refused (403) when
+    it carries an C{Origin} header (no browser page has business here) or a
+    C{Host} that is not C{localhost}, a loopback address, the address the
+    request came in on, or one of C{allowed_hosts} (METRICS_ALLOWED_HOSTS).
+    The check is the one the DNS-rebinding advisories recommend (e.g.
+    Jupyter's and Home Assistant's): a browser always sends the name it
+    resolved in C{Host}.
+
+    @param allowed_hosts: further host names or addresses, lower-case,
+        without a port.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: GatewayMetrics, allowlist: PeerAllowlist) -> None:
+    def __init__(self, metrics: GatewayMetrics, allowlist: PeerAllowlist, allowed_hosts: Iterable[str] = ()) -> None:
         super().__init__()
         self._metrics = metrics
         self._allowlist = allowlist
+        self._allowed_hosts = frozenset(("localhost", *allowed_hosts))
 
     def render_GET(self, request: Request) -> bytes:
         host = getattr(request.getClientAddress(), "host", None)
         if host is not None and not self._allowlist.allows(host):
-            request.setResponseCode(403)
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"metrics are only served to TRUSTED_CLIENT_IPS\n"
+            return self._refuse(request, b"metrics are only served to TRUSTED_CLIENT_IPS\n")
+        if request.getHeader(b"origin") is not None:
+            return self._refuse(request, b"metrics are not served to web pages (the request has an Origin header)\n")
+        if not self._host_allowed(request):
+            return self._refuse(
+                request,
+                b"metrics are only served under localhost, the listener's own address or a name in "
+                b"METRICS_ALLOWED_HOSTS (the Host header names another)\n",
+            )
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self._metrics.registry)
+
+    def _host_allowed(self, request: Request) -> bool:
+        header = request.getHeader(b"host")
+        if header is None:
+            return True  # HTTP/1.0 without Host: not a browser
+        name = _host_name(header.decode("latin-1"))
+        if name in self._allowed_hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if address.is_loopback:
+            return True
+        own = getattr(request.getHost(), "host", None)
+        return isinstance(own, str) and _same_address(own, address)
+
+    @staticmethod
+    def _refuse(request: Request, text: bytes) -> bytes:
+        request.setResponseCode(403)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return text
+
+
+def _host_name(header: str) -> str:
+    """
+    The name in a C{Host} header value: lower-case, without its port or
+    trailing dot, an IPv6 literal without brackets.
+    """
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1:].partition("]")[0]
+    else:
+        name = header.rpartition(":")[0] if header.count(":") == 1 else header
+    return name.rstrip(".")
+
+
+def _same_address(own: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    try:
+        mine = ipaddress.ip_address(own.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(mine, ipaddress.IPv6Address) and mine.ipv4_mapped is not None:
+        mine = mine.ipv4_mapped
+    return mine == address
 
 
 @implementer(IAgent)

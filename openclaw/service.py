@@ -203,7 +203,9 @@ class GatewayService(MultiService):
         )
         self.factory = ControlFactory(controlplane, settings, self.metrics)
         self.metrics.count_connections(lambda: len(self.factory.connections))
-        metrics_resource = MetricsResource(self.metrics, PeerAllowlist(settings.trusted_clients))
+        metrics_resource = MetricsResource(
+            self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
+        )
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:

@@ -213,6 +213,22 @@ class Settings:
     #: Longest wait between two reconnection attempts to Redis, in seconds.
     redis_reconnect_max_seconds: float = 5.0
 
+    # Limits of the API listener (issue #17).
+    #: Open API connections at most; lowered at start-up to what
+    #: RLIMIT_NOFILE leaves after the control plane's reserve.
+    api_max_connections: int = 4096
+    #: Open API connections at most from one client address; None: a
+    #: quarter of the (possibly lowered) API_MAX_CONNECTIONS.
+    api_max_connections_per_address: int | None = None
+    #: Seconds a request's head may take to arrive (from the connection's
+    #: opening, or the end of the previous answer); not extended by bytes.
+    api_header_timeout_seconds: float = 10.0
+    #: Seconds a request's body may take to arrive once its head is in.
+    api_body_timeout_seconds: float = 30.0
+    #: Host names C{/metrics} also answers to, beyond localhost names and
+    #: the listener's own address (a defence against DNS rebinding).
+    metrics_allowed_hosts: tuple[str, ...] = ()
+
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
             raise ValueError(
@@ -310,6 +326,22 @@ def _non_negative_float(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise ValueError
     return value
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    names = []
+    for entry in text.split(","):
+        entry = entry.strip().lower().rstrip(".")
+        if entry.startswith("[") and entry.endswith("]"):
+            entry = entry[1:-1]
+        if not entry:
+            continue
+        if "/" in entry or any(c.isspace() for c in entry):
+            raise ValueError(entry)
+        if ":" in entry:
+            ipaddress.IPv6Address(entry)  # else a port was given: ValueError
+        names.append(entry)
+    return tuple(names)
 
 
 def _keys(text: str) -> tuple[str, ...]:
@@ -671,6 +703,36 @@ def load_settings(
             _positive_float,
             defaults.redis_reconnect_max_seconds,
             "use a number of seconds greater than 0, such as 5",
+        ),
+        api_max_connections=read(
+            "API_MAX_CONNECTIONS",
+            _positive_int,
+            defaults.api_max_connections,
+            "use a whole number > 0, such as 4096",
+        ),
+        api_max_connections_per_address=read(
+            "API_MAX_CONNECTIONS_PER_ADDRESS",
+            _positive_int,
+            defaults.api_max_connections_per_address,
+            "use a whole number > 0, or leave it unset for a quarter of API_MAX_CONNECTIONS",
+        ),
+        api_header_timeout_seconds=read(
+            "API_HEADER_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.api_header_timeout_seconds,
+            "use a number of seconds greater than 0, such as 10",
+        ),
+        api_body_timeout_seconds=read(
+            "API_BODY_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.api_body_timeout_seconds,
+            "use a number of seconds greater than 0, such as 30",
+        ),
+        metrics_allowed_hosts=read(
+            "METRICS_ALLOWED_HOSTS",
+            _host_names,
+            defaults.metrics_allowed_hosts,
+            "use comma-separated host names or IP addresses without ports, such as gw.internal,10.0.0.5",
         ),
     )
 

@@ -66,7 +66,8 @@ class BodyLimitTests(TestCase):
         answer = yield deferToThread(
             exchange,
             gateway.api_port,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
             [chunk] * 64,
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])

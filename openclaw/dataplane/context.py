@@ -15,6 +15,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
 from openclaw.dataplane.auth import GatewayKeys
+from openclaw.dataplane.errors import APIError
 from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
@@ -70,6 +71,9 @@ class APIContext:
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
     #: Chat calls under way, told when the grace period of a stop is over.
     chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
+    #: API connections refused at once, by reason (the cap they hit).
+    refused_connections: dict[str, int] = attrs.field(factory=dict)
+    _refusal_warned_at: float | None = attrs.field(default=None, repr=False)
 
     def call_started(self) -> None:
         self.in_flight += 1
@@ -129,6 +133,40 @@ class APIContext:
         if count_fallback is not None:
             context.count_fallback = count_fallback
         return context
+
+    def connection_refused(self, reason: str) -> None:
+        """
+        A connection was closed at once for C{reason} (the setting whose cap
+        it hit): counted, and logged at warn at most once a minute (a flood
+        would otherwise flood the log).
+        """
+        self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
+        now = self.reactor.seconds()
+        if self._refusal_warned_at is None or now - self._refusal_warned_at >= 60:
+            self._refusal_warned_at = now
+            self.log.warn(
+                "API connection refused: {reason} reached ({refused} refused so far)",
+                reason=reason.upper(),
+                refused=sum(self.refused_connections.values()),
+            )
+
+    def refused_early(self, error: APIError) -> None:
+        """
+        Count (and log at info, as L{completed} would) a request answered
+        with C{error} before twisted.web knew its method and path: a body
+        without a key (401), a request past its deadline (408).
+        """
+        self.tally.record("-", error.status, 0.0)
+        if self.log_failures:
+            self.log.info(
+                "{method} {path} {status} via {route} in {duration_ms} ms",
+                method="-",
+                path="-",
+                status=error.status,
+                route="-",
+                outcome=error.code,
+                duration_ms=0.0,
+            )
 
     def failed_over(self, origin: str, target: str, reason: str, error: str | None) -> None:
         """

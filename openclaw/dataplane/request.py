@@ -239,7 +239,8 @@ def _check_messages(body: dict[str, Any]) -> bool:
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object with role and content", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        # A str first: a list or object is unhashable (no set lookup).
+        if not isinstance(role, str) or role not in ROLES:
             raise bad_request(
                 f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
                 param=f"{where}.role",

@@ -5,15 +5,35 @@ TLS listener when C{h2} is installed), a limit on request bodies
 and logs a structured event for each failure instead), and what a stop
 needs: wait for the calls in flight (L{APISite.drain}), then close every
 connection and know when they are gone (L{APISite.close_connections}).
+
+Against unauthenticated exhaustion of the port (issue #17): a body is read
+only from a key holder (L{APIRequest.gotLength} answers 401 as soon as the
+headers are in); connections are capped in all (C{API_MAX_CONNECTIONS},
+lowered at start-up to what C{RLIMIT_NOFILE} leaves after the control
+plane's reserve, L{descriptor_budget}) and per client address
+(C{API_MAX_CONNECTIONS_PER_ADDRESS}), extra ones closed at once; and a
+request's head and body each have a deadline of their own
+(C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}), which more
+bytes do not extend, as Twisted's idle timeout is.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import resource
 from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    INegotiated,
+    IProtocol,
+    IReactorTime,
+    ITCPTransport,
+    ITransport,
+)
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -32,10 +52,59 @@ from openclaw.settings import Settings
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
 
+#: Descriptors kept out of the API's reach whatever RLIMIT_NOFILE is: the
+#: control plane's listener and connections, log and state files, the
+#: providers' idle pooled connections.
+MIN_RESERVED_DESCRIPTORS = 64
+
+
+def descriptor_budget(soft_limit: int) -> int:
+    """
+    The most API connections a process allowed C{soft_limit} open
+    descriptors (C{RLIMIT_NOFILE}) may hold so that the control plane can
+    never be starved of descriptors by a flood of the API port: an eighth of
+    the limit (at least L{MIN_RESERVED_DESCRIPTORS}) is kept in reserve,
+    and each API connection is counted twice, since a call in flight also
+    holds a connection to its provider.  1024 gives 448.
+    """
+    reserve = max(MIN_RESERVED_DESCRIPTORS, soft_limit // 8)
+    return max(1, (soft_limit - reserve) // 2)
+
+
+def connection_cap(configured: int) -> int:
+    """
+    C{API_MAX_CONNECTIONS} lowered, when it must be, to the
+    L{descriptor_budget} of this process's C{RLIMIT_NOFILE} (read now, at
+    start-up).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return min(configured, descriptor_budget(soft))
+
+
+def client_address(addr: IAddress | None) -> str | None:
+    """
+    The client a connection counts against: its IP address, an
+    IPv4-mapped IPv6 address as the IPv4 one; None for a peer with no IP
+    address (a UNIX socket), which no per-address cap applies to.
+    """
+    host = getattr(addr, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
 
 class APIRequest(Request):
     """
-    A request whose body may not exceed the site's C{max_request_bytes}.
+    A request whose body may not exceed the site's C{max_request_bytes},
+    and is read only from a key holder.
 
     twisted.web reads the whole body (to memory, or a temporary file past
     100 KB) before any resource sees it, with no limit of its own: without
@@ -45,10 +114,18 @@ class APIRequest(Request):
     may still be sending), and a chunked body that runs past it is cut off
     the same way.  Over HTTP/2 only the stream is refused: the rest of its
     body is read and dropped, and the 413 goes out when the stream ends.
+
+    A request that comes with a body (a C{Content-Length} over 0, or
+    chunked) without an accepted key in C{Authorization} is answered 401
+    the same way, as soon as its headers are in, whatever its path: only
+    C{/v1} calls take a body, and they all need a key.
+
+    It tells its connection (L{APIConnection}) when its head and its body
+    are complete and when its answer is finished, for their deadlines.
     """
 
     _received = 0
-    _too_large = False
+    _refusal: APIError | None = None
 
     @property
     def max_request_bytes(self) -> int:
@@ -58,49 +135,92 @@ class APIRequest(Request):
         site: APISite = self.channel.site  # type: ignore[attr-defined]
         return site.max_request_bytes
 
+    @property
+    def api_site(self) -> APISite:
+        """
+        The site (twisted.web sets C{site} only once the request is whole).
+        """
+        site: APISite = self.channel.site  # type: ignore[attr-defined]
+        return site
+
+    @property
+    def connection(self) -> APIConnection | None:
+        """
+        The HTTP/1.1 connection this request came on (None over HTTP/2).
+        """
+        return self.api_site.connection_of(self.transport)
+
     def gotLength(self, length: int | None) -> None:
+        # Called by twisted.web once the head is whole (requestHeaders set).
+        connection = self.connection
+        has_body = length is None or length > 0
+        if connection is not None:
+            connection.head_received(has_body)
         if length is not None and length > self.max_request_bytes:
             super().gotLength(0)
-            self._refuse()
+            self._refuse(self._too_large())
             return
+        context = self.api_site.context
+        if has_body and context is not None:
+            refusal = context.keys.check(self.getHeader(b"authorization"))
+            if refusal is not None:
+                super().gotLength(0)
+                context.refused_early(refusal)
+                self._refuse(refusal)
+                return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
+        if self._refusal is not None:
             return
         self._received += len(data)
         if self._received > self.max_request_bytes:
-            self._refuse()
+            self._refuse(self._too_large())
             return
         super().handleContentChunk(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        connection = self.connection
+        if connection is not None:
+            connection.body_received()
+        super().requestReceived(command, path, version)
+
     def process(self) -> None:
-        if not self._too_large:
+        refusal = self._refusal
+        if refusal is None:
             super().process()
         elif not isinstance(self.channel, HTTPChannel):
             # An HTTP/2 stream, now whole: answer it the usual way.
-            body = self._refusal().body()
-            self.setResponseCode(413)
+            body = refusal.body()
+            self.setResponseCode(refusal.status)
             self.setHeader(b"Content-Type", b"application/json")
+            for name, value in refusal.headers:
+                self.setHeader(name, value)
             self.setHeader(b"Content-Length", b"%d" % len(body))
             self.write(body)
             self.finish()
-        # Over HTTP/1.1 the 413 went out already and the connection is closing.
+        # Over HTTP/1.1 the refusal went out already and the connection is closing.
 
-    def _refuse(self) -> None:
-        self._too_large = True
+    def finish(self) -> None:
+        connection = self.connection
+        if connection is not None:
+            # Before twisted.web goes on to a pipelined request's head.
+            connection.response_finished()
+        super().finish()
+
+    def _refuse(self, refusal: APIError) -> None:
+        self._refusal = refusal
         if not isinstance(self.channel, HTTPChannel):
             return  # answered in process(), once the stream is whole
-        body = self._refusal().body()
+        # No "100 Continue" after the refusal (twisted.web sends one on
+        # Expect once gotLength returns).
+        self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport
         assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
+        transport.write(raw_response(refusal))
         transport.loseConnection()
 
-    def _refusal(self) -> APIError:
+    def _too_large(self) -> APIError:
         limit = self.max_request_bytes
         return APIError(
             413,
@@ -108,6 +228,20 @@ class APIRequest(Request):
             "invalid_request_error",
             "request_too_large",
         )
+
+
+def raw_response(error: APIError) -> bytes:
+    """
+    A whole HTTP/1.1 response carrying C{error}, closing the connection:
+    for answers written before twisted.web has a request to answer with.
+    """
+    body = error.body()
+    reason = http.RESPONSES.get(error.status, b"Error")
+    headers = b"".join(b"%s: %s\r\n" % (name, value) for name, value in error.headers)
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (error.status, reason, headers, len(body), body)
+    )
 
 
 class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
@@ -119,11 +253,25 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     The protocol gets the real transport: nothing is added on the write path.
 
+    It keeps the deadlines of an HTTP/1.1 connection: from the moment it
+    opens, and from the end of each answer, the next request's head must be
+    whole within C{API_HEADER_TIMEOUT_SECONDS}; a body, once its head is
+    in, within C{API_BODY_TIMEOUT_SECONDS}.  Each is one timer of its own
+    (C{callLater}), started once and not restarted by the bytes that
+    trickle in.  Past a deadline the client gets a 408 (if it had begun a
+    request) and the connection is closed.  An HTTP/2 connection is left to
+    twisted.web's own timeout.
+
     @ivar protocol: the protocol twisted.web built.
     @ivar transport: the connection's transport, once made.
+    @ivar address: the client address it counts against (L{client_address}).
     """
 
     transport: ITransport | None = None
+    _deadline: IDelayedCall | None = None
+    #: Bytes arrived since the last answer: a request is under way.
+    _started = False
+    _http2 = False
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -134,20 +282,83 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         assert self.transport is not None, "not connected"
         return cast(ITCPTransport, self.transport)
 
-    def __init__(self, protocol: IProtocol, connections: OpenConnections[APIConnection]) -> None:
+    def __init__(self, protocol: IProtocol, site: APISite, address: str | None) -> None:
         super().__init__(protocol)
-        self._connections = connections
+        self._site = site
+        self.address = address
 
     def makeConnection(self, transport: ITransport) -> None:
         self.transport = transport
-        self._connections.add(self)
+        self._site.opened(self)
+        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
         self.protocol.makeConnection(transport)
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
+                self._http2 = True
+                self._disarm()
+        self.protocol.dataReceived(data)
+
     def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
         try:
             self.protocol.connectionLost(reason)
         finally:
-            self._connections.discard(self)
+            self._site.closed(self)
+
+    def head_received(self, has_body: bool) -> None:
+        """
+        A request's head is whole: its body, if it has one, may now take
+        up to C{API_BODY_TIMEOUT_SECONDS}.
+        """
+        self._disarm()
+        if has_body:
+            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+
+    def body_received(self) -> None:
+        """
+        A request is whole: no deadline while it is answered (calls have
+        UPSTREAM_TIMEOUT).
+        """
+        self._disarm()
+
+    def response_finished(self) -> None:
+        """
+        An answer is complete: the next request's head has
+        C{API_HEADER_TIMEOUT_SECONDS} from now.
+        """
+        self._started = False
+        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+
+    def _arm(self, seconds: float, setting: str, part: str) -> None:
+        self._disarm()
+        if not self._http2:
+            self._deadline = self._site.reactor.callLater(seconds, self._expired, seconds, setting, part)
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _expired(self, seconds: float, setting: str, part: str) -> None:
+        self._deadline = None
+        transport = self.tcp
+        if self._started:
+            error = APIError(
+                408,
+                f"the request did not arrive whole in time: {part} took more than "
+                f"{setting} ({seconds:g} s); send the whole request at once",
+                "invalid_request_error",
+                "request_timeout",
+            )
+            if self._site.context is not None:
+                self._site.context.refused_early(error)
+            transport.write(raw_response(error))
+        transport.loseConnection()
+        # A client that does not read could hold a polite close open.
+        self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
 
 
 class APISite(Site):
@@ -160,14 +371,67 @@ class APISite(Site):
     requestFactory = APIRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
     max_request_bytes = 8 * 1024 * 1024
+    #: Open connections at most, in all (C{API_MAX_CONNECTIONS}, within
+    #: the L{descriptor_budget}) and from one client address
+    #: (C{API_MAX_CONNECTIONS_PER_ADDRESS}).
+    max_connections = 4096
+    max_connections_per_address = 1024
+    #: Seconds a request's head, and then its body, may take to arrive
+    #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
+    header_timeout = 10.0
+    body_timeout = 30.0
 
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
+        #: Open connections per client address (L{client_address}).
+        self.per_address: dict[str, int] = {}
+        self._by_transport: dict[ITransport, APIConnection] = {}
 
-    def buildProtocol(self, addr: IAddress | None) -> APIConnection:
-        return APIConnection(super().buildProtocol(addr), self.connections)
+    def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
+        """
+        The connection's protocol, or None (twisted closes the connection at
+        once) past C{max_connections} in all or
+        C{max_connections_per_address} from the client's address.
+        """
+        address = client_address(addr)
+        if len(self.connections) >= self.max_connections:
+            self._refused("api_max_connections")
+            return None
+        if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
+            self._refused("api_max_connections_per_address")
+            return None
+        return APIConnection(super().buildProtocol(addr), self, address)
+
+    def _refused(self, reason: str) -> None:
+        if self.context is not None:
+            self.context.connection_refused(reason)
+
+    def opened(self, connection: APIConnection) -> None:
+        self.connections.add(connection)
+        assert connection.transport is not None
+        self._by_transport[connection.transport] = connection
+        if connection.address is not None:
+            self.per_address[connection.address] = self.per_address.get(connection.address, 0) + 1
+
+    def closed(self, connection: APIConnection) -> None:
+        if connection.transport is not None:
+            self._by_transport.pop(connection.transport, None)
+        address = connection.address
+        if address is not None and connection in self.connections:
+            left = self.per_address.get(address, 1) - 1
+            if left > 0:
+                self.per_address[address] = left
+            else:
+                self.per_address.pop(address, None)
+        self.connections.discard(connection)
+
+    def connection_of(self, transport: ITransport | None) -> APIConnection | None:
+        """
+        The connection of a transport (an HTTP/1.1 request's), if open.
+        """
+        return self._by_transport.get(transport) if transport is not None else None
 
     def drain(self) -> Deferred[None]:
         """
@@ -241,4 +505,20 @@ def build_site(
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
     site.max_request_bytes = settings.max_request_bytes
+    site.max_connections = connection_cap(settings.api_max_connections)
+    if site.max_connections < settings.api_max_connections:
+        context.log.warn(
+            "API connections are capped at {cap}, below API_MAX_CONNECTIONS={configured}, so that the "
+            "control plane keeps file descriptors however the API is flooded (RLIMIT_NOFILE is {limit}); "
+            "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
+            cap=site.max_connections,
+            configured=settings.api_max_connections,
+            limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+    per_address = settings.api_max_connections_per_address
+    if per_address is None:
+        per_address = max(1, site.max_connections // 4)
+    site.max_connections_per_address = min(per_address, site.max_connections)
+    site.header_timeout = settings.api_header_timeout_seconds
+    site.body_timeout = settings.api_body_timeout_seconds
     return site
