@@ -462,7 +462,8 @@ class APISite(Site):
         its send buffer drains: connections still open after
         L{CLOSE_DEADLINE_SECONDS} are aborted.
         """
-        self.context.shut_down_calls()
+        if self.context is not None:
+            self.context.shut_down_calls()
         closed = self.connections.all_closed()
         if closed.called:
             return closed
