@@ -239,7 +239,7 @@ class ProxyTests(TestCase):
 
 
 class HandshakeFloodTests(TestCase):
-    timeout = 20
+    timeout = 40
 
     @inlineCallbacks
     def test_oversized_handshake_dropped(self):
@@ -274,7 +274,8 @@ class HandshakeFloodTests(TestCase):
         """
         from openclaw.control.protocol import HANDSHAKE_HEADROOM
 
-        gateway = start_gateway(self, max_connections=1)
+        # Half-open handshakes must outlive a slow machine's accepting them.
+        gateway = start_gateway(self, max_connections=1, handshake_timeout_seconds=30)
         share = gateway.service.factory.budget.per_address
         # Connected from a thread: the reactor must keep accepting meanwhile.
         socks = yield deferToThread(
@@ -284,7 +285,7 @@ class HandshakeFloodTests(TestCase):
         # Until the reactor has accepted them all (a slow machine takes a
         # while), then a moment more: none beyond the cap is kept.
         protocols = gateway.service.factory.protocols
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while len(protocols) < share and time.monotonic() < deadline:
             yield task.deferLater(reactor, 0.05, lambda: None)
         yield task.deferLater(reactor, 0.2, lambda: None)
