@@ -279,6 +279,12 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        #: Client addresses locked out after too many failed authentications.
+        self.lockouts = Counter(
+            "openclaw_control_lockouts",
+            "Client addresses locked out after AUTH_LOCKOUT_FAILURES failed authentications",
+            registry=registry,
+        )
         self.provider_up = Gauge(
             "openclaw_provider_up",
             "1 if the provider's last health probe succeeded, else 0",

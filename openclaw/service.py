@@ -201,7 +201,7 @@ class GatewayService(MultiService):
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
         )
-        self.factory = ControlFactory(controlplane, settings, self.metrics)
+        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds)
         self.metrics.count_connections(lambda: len(self.factory.connections))
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts

@@ -229,6 +229,16 @@ class Settings:
     #: the listener's own address (a defence against DNS rebinding).
     metrics_allowed_hosts: tuple[str, ...] = ()
 
+    # Lockout across connections (openclaw.control.lockout).
+    #: Failed authentications from one client address within
+    #: C{auth_lockout_window_seconds} that lock it out.
+    auth_lockout_failures: int = 10
+    auth_lockout_window_seconds: float = 60.0
+    #: Seconds a locked-out address's handshakes are refused (HTTP 429).
+    auth_lockout_seconds: float = 300.0
+    #: Addresses and networks never locked out (loopback is not, unless listed).
+    auth_lockout_exempt: tuple[IPNetwork, ...] = ()
+
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
             raise ValueError(
@@ -733,6 +743,30 @@ def load_settings(
             _host_names,
             defaults.metrics_allowed_hosts,
             "use comma-separated host names or IP addresses without ports, such as gw.internal,10.0.0.5",
+        ),
+        auth_lockout_failures=read(
+            "AUTH_LOCKOUT_FAILURES",
+            _positive_int,
+            defaults.auth_lockout_failures,
+            "use a whole number of failed authentications > 0, such as 10",
+        ),
+        auth_lockout_window_seconds=read(
+            "AUTH_LOCKOUT_WINDOW_SECONDS",
+            _positive_float,
+            defaults.auth_lockout_window_seconds,
+            "use a number of seconds greater than 0, such as 60",
+        ),
+        auth_lockout_seconds=read(
+            "AUTH_LOCKOUT_SECONDS",
+            _positive_float,
+            defaults.auth_lockout_seconds,
+            "use a number of seconds greater than 0, such as 300",
+        ),
+        auth_lockout_exempt=read(
+            "AUTH_LOCKOUT_EXEMPT",
+            _networks,
+            defaults.auth_lockout_exempt,
+            "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1",
         ),
     )
 

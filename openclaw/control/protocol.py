@@ -8,6 +8,9 @@ what it answers.  Everything else lives in plain objects.
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -18,8 +21,16 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 
 from openclaw.connections import OpenConnections
-from openclaw.control.admission import ClientAddressResolver, PeerAllowlist
+from openclaw.control.admission import (
+    ClientAddressResolver,
+    HandshakeBudget,
+    MalformedHeaderBlock,
+    PeerAllowlist,
+    client_key,
+    parse_header_block,
+)
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
+from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
@@ -31,7 +42,24 @@ MAX_HANDSHAKE_BYTES = 16384
 #: (each bounded by HANDSHAKE_TIMEOUT_SECONDS) and refusals being answered.
 HANDSHAKE_HEADROOM = 256
 
+#: RFC 6585 section 4.
+TOO_MANY_REQUESTS = 429
+
 _Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
+
+
+class LockedOut(ConnectionDeny):
+    """
+    A handshake refused because its client is locked out: HTTP 429 with
+    C{Retry-After} (RFC 6585 section 4, RFC 9110 section 10.2.3).
+    """
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            TOO_MANY_REQUESTS,
+            f"too many failed authentications from this address; retry in {retry_after} s",
+        )
+        self.retry_after = retry_after
 
 
 def _describe(address: Any) -> tuple[str | None, str]:
@@ -54,6 +82,16 @@ class ControlProtocol(WebSocketServerProtocol):
 
     factory: ControlFactory
     connection: Connection | None = None
+    #: The client's address (the TCP peer, or the client a trusted proxy
+    #: named) once accepted; L{None} on a UNIX socket.
+    client: str | None = None
+    #: Whether a message on this connection has carried a valid token.
+    authenticated = False
+    #: The handshake slot taken (see L{HandshakeBudget}): address key and
+    #: whether the peer is an outsider; L{None} once given back.
+    slot: tuple[str | None, bool] | None = None
+    #: Seconds for the C{Retry-After} of a refusal with 429.
+    retry_after: int | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -67,12 +105,28 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        host, peer = _describe(self.tcp.getPeer())
         if len(factory.protocols) >= factory.max_connections + HANDSHAKE_HEADROOM:
-            factory._refuse(_describe(self.tcp.getPeer())[1], "too_many_handshakes", None)
+            factory._refuse(peer, "too_many_handshakes", None)
             self.tcp.abortConnection()
             return
+        slot = factory.handshake_slot(host)
+        refused = factory.budget.take(*slot)
+        if refused is not None:
+            factory._refuse(peer, refused, None)
+            self.tcp.abortConnection()
+            return
+        self.slot = slot
         factory.protocols.add(self)
         super().connectionMade()
+
+    def release_slot(self) -> None:
+        """
+        Give back this connection's handshake slot, if it still holds one.
+        """
+        if self.slot is not None:
+            self.factory.budget.release(*self.slot)
+            self.slot = None
 
     def processHandshake(self) -> None:
         # Autobahn calls this on every read until the handshake is done (and
@@ -87,6 +141,7 @@ class ControlProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
             return  # turned away in connectionMade; Autobahn never set up
+        self.release_slot()
         self.factory.connections.discard(self)
         # Autobahn cancels its other timers here but not this one, which
         # would otherwise outlive the connection by up to a second.
@@ -103,15 +158,37 @@ class ControlProtocol(WebSocketServerProtocol):
         factory = self.factory
         address = self.tcp.getPeer()
         host, peer = _describe(address)
-        refusal = factory.refusal(host, peer, request.headers, local=isinstance(address, UNIXAddress))
+        try:
+            # The fields as a proxy in front saw them (CRLF only), not as
+            # Autobahn split them (str.splitlines).
+            headers = parse_header_block(self.http_request_data)
+        except MalformedHeaderBlock as malformed:
+            raise factory._refuse(
+                peer, "malformed_headers", ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(malformed))
+            ) from None
+        local = isinstance(address, UNIXAddress)
+        client = None if local or host is None else factory.resolver.resolve(host, headers)
+        refusal = factory.refusal(host, peer, headers, local=local, client=client)
+        if isinstance(refusal, LockedOut):
+            self.retry_after = refusal.retry_after
         if isinstance(refusal, ConnectionDeny):
             raise refusal
         if refusal is None:
+            self.client = client
             self.connection = Connection(peer)
             factory.connections.add(self)
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        if code == TOO_MANY_REQUESTS and self.retry_after is not None:
+            responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(self.retry_after))]
+        super().failHandshake(reason, code, responseHeaders)
+
     def onOpen(self) -> None:
-        if self.connection is None:
+        if self.connection is not None:
+            # An accepted connection leaves the handshake budget; a refused
+            # one keeps its slot until it is gone.
+            self.release_slot()
+        else:
             # An untrusted peer: 1008 must reach it, so the handshake is
             # completed first; nothing it sends is processed (onMessage).
             self.close_with(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
@@ -126,11 +203,16 @@ class ControlProtocol(WebSocketServerProtocol):
             self.close_with(UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
             return
         controlplane = self.factory.controlplane
+        failed_before = connection.failed_auths
         answer = controlplane.handle(payload, connection)
         if isinstance(answer, bytes):
             self.sendMessage(answer)
         else:
             answer.addCallback(self._answer)
+        if connection.failed_auths > failed_before:
+            self.factory.auth_failed(self)
+        elif not connection.failed_auths:
+            self.authenticated = True
         if connection.failed_auths and controlplane.too_many_failures(connection):
             self.factory._log.warn(
                 "closing control connection from {peer}: {failed_auths} failed authentications in a row",
@@ -167,15 +249,26 @@ class ControlFactory(WebSocketServerFactory):
     _log = Logger(namespace="openclaw.controlplane")
 
     def __init__(
-        self, controlplane: ControlPlane, settings: Settings, metrics: GatewayMetrics | None = None, **kwargs: Any
+        self,
+        controlplane: ControlPlane,
+        settings: Settings,
+        metrics: GatewayMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        lockout: LockoutStore | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.controlplane = controlplane
         self.metrics = metrics
         self.allowlist = PeerAllowlist(settings.trusted_clients)
-        self.resolver = ClientAddressResolver(PeerAllowlist(settings.trusted_proxies))
+        self.proxies = PeerAllowlist(settings.trusted_proxies)
+        self.resolver = ClientAddressResolver(self.proxies)
         self.allowed_origins = frozenset(settings.allowed_origins)
         self.max_connections = settings.max_connections
+        #: The clock the lockout's times are on (the reactor's, by the service).
+        self.clock = clock
+        self.lockout: LockoutStore = lockout or AuthLockout.from_settings(settings, clock)
+        self.budget = HandshakeBudget(settings.max_connections + HANDSHAKE_HEADROOM)
         #: Accepted control connections (the ones status counts).
         self.connections: set[ControlProtocol] = set()
         #: Every live TCP connection, handshakes and refusals included.
@@ -196,8 +289,27 @@ class ControlFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
 
+    def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:
+        """
+        The budget a new TCP connection from C{host} counts against: its
+        address key (L{None} without an IP) and whether it is an outsider
+        (neither allowlisted nor a trusted proxy).
+        """
+        if host is None:
+            return None, False
+        try:
+            key = client_key(host)
+        except ValueError:
+            return None, True
+        return key, not (self.allowlist.allows(host) or self.proxies.allows(host))
+
     def refusal(
-        self, host: str | None, peer: str, headers: dict[str, str], local: bool = False
+        self,
+        host: str | None,
+        peer: str,
+        headers: dict[str, str],
+        local: bool = False,
+        client: str | None = None,
     ) -> ConnectionDeny | str | None:
         """
         Whether a connection asking to open must be refused.
@@ -207,6 +319,9 @@ class ControlFactory(WebSocketServerFactory):
         connect, so C{TRUSTED_CLIENT_IPS} does not apply to it (forwarding
         headers are ignored there too).  The token is required all the same.
 
+        @param headers: the request's fields (L{parse_header_block}).
+        @param client: the client's address as L{ClientAddressResolver}
+            resolved it (L{None}: none to believe).
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
             handshake with an HTTP status; or the reason for accepting the
             handshake only to close it at once with 1008 (an untrusted peer).
@@ -230,14 +345,60 @@ class ControlFactory(WebSocketServerFactory):
             )
         if local:
             return None
-        client = self.resolver.resolve(host, headers) if host is not None else None
+        names_client = "x-forwarded-for" in headers or "forwarded" in headers
+        if client is None and not names_client and host is not None and self.resolver.is_proxy(host):
+            return self._refuse(
+                peer,
+                "proxy_named_no_client",
+                "the trusted proxy named no client: set X-Forwarded-For or Forwarded on it",
+            )
         if client is None or not self.allowlist.allows(client):
             return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
+        until = self.lockout.locked_until(client)
+        if until is not None:
+            # Logged once, when the lockout began; counted every time.
+            retry_after = max(1, math.ceil(until - self.clock()))
+            return self._refuse(peer, "locked_out", LockedOut(retry_after), log=False)
         return None
 
-    def _refuse(self, peer: str, reason: str, refusal: _Refusal, **fields: Any) -> _Refusal:
+    def auth_failed(self, protocol: ControlProtocol) -> None:
+        """
+        Count a failed authentication on C{protocol} against its client's
+        lockout.  When this failure locks the client out, log it (once per
+        lockout), count it, and close with 1008 every connection of that
+        client that has not authenticated; a failure from a client already
+        locked out closes its connection.
+        """
+        client = protocol.client
+        if client is None:
+            return
+        until = self.lockout.record_failure(client)
+        reason = "too many failed authentications from this address; try again later"
+        if until is None:
+            if self.lockout.locked_until(client) is not None:
+                protocol.close_with(POLICY_VIOLATION, reason)
+            return
+        if self.metrics is not None:
+            self.metrics.lockouts.inc()
+        key = client_key(client)
+        self._log.warn(
+            "locked out {client} for {seconds:.0f} s: too many failed authentications",
+            client=key,
+            seconds=until - self.clock(),
+            outcome="locked_out",
+            reason="auth_lockout",
+        )
+        for other in list(self.connections):
+            if other is protocol or (
+                not other.authenticated and other.client is not None and client_key(other.client) == key
+            ):
+                other.close_with(POLICY_VIOLATION, reason)
+
+    def _refuse(self, peer: str, reason: str, refusal: _Refusal, log: bool = True, **fields: Any) -> _Refusal:
         if self.metrics is not None:
             self.metrics.refused.labels(reason).inc()
+        if not log:
+            return refusal
         self._log.warn(
             "refused control connection from {peer}: {reason}",
             peer=peer,

@@ -1,0 +1,315 @@
+"""
+Issue #17, "Allowlist and proxies", over real sockets: header injection
+past a proxy, a proxy that names no client, handshake slots per address,
+and the lockout across connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import socket
+from typing import Any
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.control.admission import HandshakeBudget
+from openclaw.control.protocol import HANDSHAKE_HEADROOM
+from tests.support import capture_log_events, connect, open_client, start_gateway
+from tests.test_lockout import SPLITLINES_BREAKS
+from tests.wsfuzz import server_frames
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def send_head(port: int, fields: list[bytes], bind: str = "127.0.0.1") -> tuple[bytes, socket.socket]:
+    """
+    An opening handshake with these raw header lines (blocking: run it in
+    a thread); the server's response head and the socket.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(bind, 0))
+    key = base64.b64encode(os.urandom(16))
+    lines = [
+        b"GET / HTTP/1.1",
+        b"Host: 127.0.0.1:%d" % port,
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + key,
+        b"Sec-WebSocket-Version: 13",
+        *fields,
+    ]
+    sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        response += chunk
+    return response, sock
+
+
+def close_code(port: int, fields: list[bytes], bind: str = "127.0.0.1") -> int | str:
+    """
+    The close code a handshake with these header lines ends with, or the
+    HTTP status line when it is refused before the upgrade.
+    """
+    response, sock = send_head(port, fields, bind)
+    with sock:
+        status, _, rest = response.partition(b"\r\n")
+        if b" 101 " not in status:
+            return status.decode()
+        data = rest.split(b"\r\n\r\n", 1)[1]
+        while True:
+            frames, data = server_frames(data)
+            for opcode, payload in frames:
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+            chunk = sock.recv(4096)
+            if not chunk:
+                return "closed without a close frame"
+            data += chunk
+
+
+def ping_after_flood(port: int, flood: list[tuple[str, int]]) -> list[socket.socket]:
+    """
+    Open C{count} bare TCP connections from each C{(address, count)}:
+    handshakes that never start.
+    """
+    socks = []
+    for bind, count in flood:
+        for _ in range(count):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(bind, 0)))
+            except OSError:
+                pass
+    return socks
+
+
+class HeaderInjectionTests(TestCase):
+    """
+    Item 1: a header hidden behind a line break only str.splitlines sees.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_hidden_forwarded_for_refused_with_400(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(
+            self,
+            trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
+            trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+        for char in SPLITLINES_BREAKS:
+            # What nginx forwards: its own X-Forwarded-For first, then the
+            # client's X-Note, passed on as one field.
+            outcome = yield deferToThread(
+                close_code,
+                gateway.port,
+                [b"X-Forwarded-For: 203.0.113.9", b"X-Note: hi" + char + b"X-Forwarded-For: 10.0.0.5"],
+            )
+            self.assertIsInstance(outcome, str, char)
+            self.assertIn(" 400 ", outcome, char)
+        self.assertEqual(len([e for e in events if e.get("reason") == "malformed_headers"]), len(SPLITLINES_BREAKS))
+        # The same client without the trick is who it is: refused with 1008.
+        outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 203.0.113.9", b"X-Note: hi"])
+        self.assertEqual(outcome, 1008)
+
+    @inlineCallbacks
+    def test_allowed_client_through_proxy(self):
+        gateway = start_gateway(
+            self,
+            trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
+            trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+        client = yield open_client(self, gateway.port, headers={"X-Forwarded-For": "10.0.0.5"})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+
+class ProxyNamingNoClientTests(TestCase):
+    """
+    Item 2: a trusted proxy that sends no forwarding header.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_refused_1008_and_logged(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(self, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+        client = yield connect(gateway.port)
+        code, reason = yield client.closed
+        self.assertEqual(code, 1008)
+        refused = [e for e in events if e.get("reason") == "proxy_named_no_client"]
+        self.assertEqual(len(refused), 1)
+        self.assertTrue(refused[0]["peer"].startswith("127.0.0.1:"))
+        # Not a proxy: the peer is the client, as before.
+        client = yield open_client(self, gateway.port, bind="127.0.0.1", headers={"X-Forwarded-For": "127.0.0.1"})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+
+class HandshakeBudgetTests(TestCase):
+    """
+    Item 3: half-open handshakes from one address, or from outsiders, leave
+    room for an allowlisted operator.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def flood_then_ping(
+        self, flood: list[tuple[str, int]], operator: str, outsider: str | None = None, **settings: Any
+    ) -> Any:
+        gateway = start_gateway(self, max_connections=1, handshake_timeout_seconds=30, **settings)
+        socks = yield deferToThread(ping_after_flood, gateway.port, flood)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        # Until the reactor has seen them all (kept or dropped).
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        if outsider is not None:
+            # Refused peers are still told why, with 1008.
+            outcome = yield deferToThread(close_code, gateway.port, [], outsider)
+            self.assertEqual(outcome, 1008)
+        client = yield open_client(self, gateway.port, bind=operator)
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        return gateway
+
+    @inlineCallbacks
+    def test_outsider_flood(self):
+        """
+        The case of issue #17: 260 half-open handshakes from outside the
+        allowlist, then the operator.  A handshake from another outsider
+        is still answered with 1008.
+        """
+        gateway = yield self.flood_then_ping(
+            [("127.0.0.2", 260)],
+            "127.0.0.1",
+            outsider="127.0.0.3",
+            trusted_clients=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+        budget = gateway.service.factory.budget
+        self.assertEqual(budget.held("127.0.0.2"), budget.per_address)
+
+    @inlineCallbacks
+    def test_outsiders_from_many_addresses(self):
+        yield self.flood_then_ping(
+            [(f"127.0.0.{n}", 70) for n in range(2, 8)],
+            "127.0.0.1",
+            trusted_clients=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+
+    @inlineCallbacks
+    def test_allowlisted_flood(self):
+        """
+        An allowlisted address (without the token) cannot take every slot
+        either.
+        """
+        gateway = yield self.flood_then_ping([("127.0.0.2", 300)], "127.0.0.9", trusted_clients=LOOPBACK)
+        self.assertLessEqual(len(gateway.service.factory.protocols), 1 + HANDSHAKE_HEADROOM)
+
+    def test_share_at_default(self):
+        self.assertGreaterEqual(HandshakeBudget(4096 + HANDSHAKE_HEADROOM).per_address, 1000)
+
+
+class LockoutTests(TestCase):
+    """
+    Item 4: failed authentications counted across connections.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def guess(self, port: int, times: int, bind: str = "127.0.0.1", **kwargs: Any) -> Any:
+        """
+        Send C{times} bad tokens, reconnecting every 4 as an attacker
+        would; the last connection's close code and reason.
+        """
+        result = None
+        while times > 0:
+            client = yield connect(port, bind=bind, **kwargs)
+            batch = min(4, times)
+            times -= batch
+            for _ in range(batch):
+                client.send({"token": "forged", "cmd": "ping"})
+            for _ in range(batch):
+                # The answer, unless the connection closes first.
+                yield DeferredList([client.received.get(), client.closed], fireOnOneCallback=True)
+                if client.closed.called:
+                    break
+            if not client.closed.called:
+                client.sendClose()
+            result = yield client.closed
+        return result
+
+    @inlineCallbacks
+    def test_lockout_across_connections(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(self, trusted_clients=LOOPBACK)
+        bystander = yield open_client(self, gateway.port, bind="127.0.0.1")
+        yield self.guess(gateway.port, 8)
+        code, reason = yield self.guess(gateway.port, 2)
+        self.assertEqual(code, 1008)
+        self.assertIn("failed authentications", reason)
+        # The idle, never-authenticated connection of the same address is
+        # closed too: it would be one more guess.
+        code, _ = yield bystander.closed
+        self.assertEqual(code, 1008)
+        for _ in range(3):
+            response, sock = yield deferToThread(send_head, gateway.port, [])
+            sock.close()
+            self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+            self.assertIn(b"\r\nRetry-After: 300\r\n", response)
+        # Once per lockout in the log; counted in metrics.
+        self.assertEqual(len([e for e in events if e.get("reason") == "auth_lockout"]), 1)
+        self.assertEqual([e for e in events if e.get("reason") == "locked_out"], [])
+        registry = gateway.service.metrics.registry
+        self.assertEqual(registry.get_sample_value("openclaw_control_lockouts_total"), 1.0)
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "locked_out"}), 3.0
+        )
+        # Another address is unaffected.
+        client = yield open_client(self, gateway.port, bind="127.0.0.2")
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_authenticated_connection_survives_and_lockout_expires(self):
+        gateway = start_gateway(self, trusted_clients=LOOPBACK, auth_lockout_seconds=1.0)
+        operator = yield open_client(self, gateway.port, bind="127.0.0.1")
+        answer = yield operator.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        yield self.guess(gateway.port, 10)
+        answer = yield operator.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        outcome = yield deferToThread(close_code, gateway.port, [])
+        self.assertIn(" 429 ", str(outcome))
+        yield task.deferLater(reactor, 1.2, lambda: None)
+        client = yield open_client(self, gateway.port, bind="127.0.0.1")
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_exempt(self):
+        gateway = start_gateway(
+            self, trusted_clients=LOOPBACK, auth_lockout_exempt=(ipaddress.ip_network("127.0.0.1/32"),)
+        )
+        yield self.guess(gateway.port, 20)
+        client = yield open_client(self, gateway.port, bind="127.0.0.1")
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_client_behind_proxy_locked_not_the_proxy(self):
+        gateway = start_gateway(self, trusted_clients=LOOPBACK, trusted_proxies=(ipaddress.ip_network("127.0.0.3/32"),))
+        yield self.guess(gateway.port, 10, bind="127.0.0.3", headers={"X-Forwarded-For": "::ffff:127.0.0.7"})
+        outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 127.0.0.7"], "127.0.0.3")
+        self.assertIn(" 429 ", str(outcome))
+        client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"X-Forwarded-For": "127.0.0.8"})
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
