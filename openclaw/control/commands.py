@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 
-from openclaw.routing import ActiveRoute, Route
+from openclaw.routing import UNPRINTABLE_MODEL, ActiveRoute, Route, printable_model
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
 
@@ -153,6 +153,8 @@ class ControlCommands:
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str) or not model.strip():
             raise CommandError("data.model must be a non-empty string when given")
+        if not printable_model(model):
+            raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
         route = Route(provider_id, model.strip())
         previous = self.route.switch(route)
         self.persist(route)
