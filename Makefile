@@ -5,11 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make run` installs only what running needs (no test extras).
+RUN_STAMP := $(VENV)/.installed-run
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
 .PHONY: run test lint trial bench bench-data clean redis-server
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
@@ -52,6 +54,10 @@ $(BIN)/python:
 # operator's install finds it.
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(BIN)/python -m pip install --quiet '.[test]'
+	@touch $@
+
+$(RUN_STAMP): $(BIN)/python $(SOURCES)
+	$(BIN)/python -m pip install --quiet .
 	@touch $@
 
 clean:

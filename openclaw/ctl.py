@@ -28,9 +28,9 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import react
 from twisted.python.failure import Failure
@@ -155,7 +155,9 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
 
     group = parser.add_argument_group("connection options")
     group.add_argument(
-        "--url", default=default(DEFAULT_URL), help=f"the control plane's ws:// or wss:// URL (default {DEFAULT_URL})"
+        "--url",
+        default=default(DEFAULT_URL),
+        help=f"the control plane's ws:// or wss:// URL, or unix:PATH for a UNIX socket (default {DEFAULT_URL})",
     )
     group.add_argument(
         "--token", default=default(None), help="the session token (beats --token-file and OPENCLAW_TOKEN)"
@@ -246,11 +248,44 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
     )
 
 
+#: The scheme of C{--url unix:/run/openclaw/control.sock}: the gateway's
+#: C{--listen unix:PATH} listener.
+UNIX_SCHEME = "unix:"
+#: The WebSocket URL spoken over a UNIX socket (RFC 6455 needs one: its
+#: host becomes the C{Host} header).
+UNIX_WEBSOCKET_URL = "ws://localhost"
+
+
+def unix_socket_path(url: str) -> str | None:
+    """
+    The socket path of a C{unix:PATH} URL (C{unix:///PATH} too), None for
+    any other URL.
+    """
+    if not url.startswith(UNIX_SCHEME):
+        return None
+    path = url[len(UNIX_SCHEME) :]
+    return path[2:] if path.startswith("///") else path
+
+
+def websocket_url(url: str) -> str:
+    """
+    The URL the WebSocket handshake names: C{--url} itself, or
+    L{UNIX_WEBSOCKET_URL} over a UNIX socket.
+    """
+    return UNIX_WEBSOCKET_URL if unix_socket_path(url) is not None else url
+
+
 def _check_url(url: str) -> None:
+    if unix_socket_path(url) is not None:
+        if not unix_socket_path(url):
+            raise UsageError(f"--url {url!r} names no socket; use e.g. unix:/run/openclaw/control.sock")
+        return
     try:
         parse_url(url)
     except ValueError as e:
-        raise UsageError(f"--url {url!r}: {e}; use e.g. {DEFAULT_URL} or wss://host:port") from None
+        raise UsageError(
+            f"--url {url!r}: {e}; use e.g. {DEFAULT_URL}, wss://host:port or unix:/run/openclaw/control.sock"
+        ) from None
 
 
 def _check_writable(token_file: Path) -> None:
@@ -485,6 +520,11 @@ def explain_failure(error: BaseException, request: Request) -> str:
     Why no answer came, and what to check: the operator's next step.
     """
     url = request.url
+    if unix_socket_path(url) is not None and isinstance(error, ConnectError):
+        return (
+            f"cannot connect to {url}: {error}; is the gateway running with "
+            "--listen unix:PATH (CONTROL_LISTEN) on this path, and may this user open the socket?"
+        )
     if isinstance(error, ConnectionRefusedError):
         return (
             f"cannot connect to {url}: connection refused; is the gateway running, "
@@ -586,12 +626,16 @@ def _trust_root(cafile: Path) -> Any:
         ) from None
 
 
-def client_endpoint(reactor: IReactorTCP, request: Request) -> IStreamClientEndpoint:
+def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
     """
     TCP to the URL's host (any of its addresses, IPv4 or IPv6), wrapped in
     TLS for C{wss://}: the host name is verified against the system's trust
-    store, or against C{--cafile} when given.
+    store, or against C{--cafile} when given.  For C{unix:PATH}, that
+    UNIX socket.
     """
+    path = unix_socket_path(request.url)
+    if path is not None:
+        return UNIXClientEndpoint(reactor, path, timeout=request.timeout)
     secure, host, port = parse_url(request.url)[:3]
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=request.timeout)
     if not secure:
@@ -614,8 +658,8 @@ async def exchange(reactor: IReactorTime, request: Request) -> Reply:
     @raise ConnectionClosed: the connection ended before an answer.
     @raise TimeoutError: no answer in time.
     """
-    factory = OneCommandFactory(request.url, request.message())
-    endpoint = client_endpoint(IReactorTCP(reactor), request)
+    factory = OneCommandFactory(websocket_url(request.url), request.message())
+    endpoint = client_endpoint(reactor, request)
 
     async def answered() -> Reply:
         await endpoint.connect(factory)

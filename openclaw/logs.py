@@ -7,7 +7,10 @@ What is Twisted's and what is ours:
   - Level filtering is L{FilteringLogObserver} with a
     L{LogLevelFilterPredicate}: a debug event costs one predicate call when
     the level is info, and is never formatted.
-  - Text lines are L{textFileLogObserver}'s, exactly as twistd writes them.
+  - Text lines are twistd's (L{formatEventAsClassicLogText}), with every
+    control character of the line escaped (L{text_line}): a value a
+    client sent cannot end a line, move the cursor or erase what a
+    terminal shows.
   - JSON lines are a L{FileLogObserver} with a formatter of ours,
     L{json_line}: one flat object per line (no record separator, no
     Twisted-specific keys), so a log shipper needs to know nothing about
@@ -39,6 +42,7 @@ this), so after C{mv} and C{kill -USR1} new lines go to a new file.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Mapping
 from typing import IO, Any, cast
@@ -53,7 +57,7 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
 
@@ -125,13 +129,44 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     if log_format == "json":
         inner: ILogObserver = FileLogObserver(stream, json_line)
     else:
-        inner = textFileLogObserver(stream)
+        inner = FileLogObserver(stream, text_line)
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
         for namespace in QUIET_NAMESPACES:
             predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(inner, [predicate])
+
+
+#: C0 and C1 control characters, DEL, and Unicode's line and paragraph
+#: separators: all but the tab of Twisted's continuation lines.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+#: How Twisted's classic text format continues a message over lines.
+_CONTINUATION = "\n\t"
+
+
+def _escape_control(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def text_line(event: LogEvent) -> str | None:
+    """
+    One event as twistd's classic text line
+    (L{formatEventAsClassicLogText}: C{<time> [<namespace>#<level>]
+    <message>}), with every control character escaped as C{\\xNN}
+    (C{\\uNNNN} for U+2028 and U+2029) save the newline and tab Twisted
+    puts between the lines of a multi-line message, so that the start of
+    every line is Twisted's: nothing a client sends (a model name, a
+    path, a header, a command) can forge a line or rewrite a terminal
+    (ECMA-48 escape sequences start with ESC, C{\\x1b}).  L{None} for an
+    event with no message, as in Twisted.
+    """
+    text = formatEventAsClassicLogText(event)
+    if text is None or not _CONTROL.search(text, 0, len(text) - 1):
+        return text
+    lines = text[:-1].split(_CONTINUATION)
+    return _CONTINUATION.join(_CONTROL.sub(_escape_control, line) for line in lines) + "\n"
 
 
 def json_line(event: LogEvent) -> str | None:
@@ -183,4 +218,4 @@ def _null(value: Any) -> None:
     return None
 
 
-__all__ = ["foreground", "json_line", "log_destination", "make_observer"]
+__all__ = ["foreground", "json_line", "log_destination", "make_observer", "text_line"]

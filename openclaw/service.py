@@ -286,6 +286,8 @@ class GatewayService(MultiService):
                 "JWT_SECRET is not set: tokens are signed with a random secret made "
                 "for this process only. Set JWT_SECRET (32 bytes or more) in production."
             )
+        for line in self.settings.warnings:
+            self._log.warn("{config_warning}", config_warning=line)
         self._warn_about_setup()
         if self.cluster is not None and self._redis is not None:
             # The token is the cluster's: issued by the first instance,

@@ -13,15 +13,25 @@ built-in ones (L{openclaw.providers.BUILTIN_PROVIDERS}) unless told
 otherwise.
 
 A bad value stops start-up with one L{ConfigError} line that names the
-variable, the value and what to do about it.
+variable, the value, where it came from (the command line, the environment
+or which env file) and what to do about it.
+
+Files that hold secrets or settings are held to ssh's rule
+(L{check_private_file}): a secret file (C{JWT_SECRET_FILE}) or env file
+that anyone but its owner may write, or that belongs to neither the
+gateway's user nor root, is refused; a secret file others may read is a
+warning (L{Settings.warnings}, logged at start-up), as is an env-file key
+that is no setting but close to one (C{GEMINI_MODLE}).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import secrets
 import socket
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -238,6 +248,12 @@ class Settings:
     auth_lockout_seconds: float = 300.0
     #: Addresses and networks never locked out (loopback is not, unless listed).
     auth_lockout_exempt: tuple[IPNetwork, ...] = ()
+
+    #: Things found while reading the configuration that do not stop
+    #: start-up but that an operator should fix (a secret file others may
+    #: read, an env-file key that looks like a misspelt setting): logged
+    #: as warnings when the gateway starts.
+    warnings: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
@@ -472,11 +488,80 @@ def _cluster_name(text: str) -> str:
     return text
 
 
-def _read_secret_file(path: str) -> bytes:
+def check_private_file(path: Path, what: str, secret: bool, euid: int | None = None) -> str | None:
+    """
+    Hold a file that holds secrets or settings to ssh's rule for its
+    private files (sshd(8), C{StrictModes}): it must belong to the
+    gateway's user or to root (so root-owned Docker and Kubernetes secrets
+    and systemd credentials stay usable), and no one but its owner may
+    write it.  Links are followed: the file itself is checked.
+
+    @param what: how the operator named it (C{"JWT_SECRET_FILE='/etc/x'"}).
+    @param secret: warn too when group or others may read it.
+    @param euid: the gateway's user id (default: this process's).
+    @return: a warning line, or None.
+    @raise ConfigError: one line naming the file and the fix.
+    """
+    euid = os.geteuid() if euid is None else euid
+    try:
+        info = path.stat()
+    except OSError:
+        return None  # reading it says why, in its own words
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid not in (euid, 0):
+        raise ConfigError(
+            f"{what} belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, "
+            f"so that user could change it; chown {euid} {str(path)!r} (or root) and chmod 600 it"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{what} may be written by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}")
+    if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
+        return f"{what} may be read by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
+    return None
+
+
+def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path:
+    """
+    Where a daemon keeps its state when C{STATE_DIR} is not set: systemd's
+    C{$STATE_DIRECTORY} (from C{StateDirectory=}, its first entry), else
+    C{$XDG_STATE_HOME/openclaw} (XDG Base Directory Specification), else
+    C{/var/lib/openclaw} for root (FHS), else C{~/.local/state/openclaw}.
+    """
+    systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    xdg = environ.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "openclaw"
+    if euid == 0:
+        return Path("/var/lib/openclaw")
+    return home / ".local" / "state" / "openclaw"
+
+
+def _own_directory(path: Path) -> Path:
+    """
+    Create the default state directory, mode 0700, if it is missing.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the state directory {str(path)!r} ({e.strerror}); "
+            "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
+        ) from None
+    return path
+
+
+def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
-    secrets), without the trailing newline editors and C{echo} add.
+    secrets), without the trailing newline editors and C{echo} add.  The
+    file is held to L{check_private_file}; a warning is appended to
+    C{warnings}.
     """
+    warning = check_private_file(Path(path), f"JWT_SECRET_FILE={path!r}", secret=True)
+    if warning is not None and warnings is not None:
+        warnings.append(warning)
     try:
         secret = Path(path).read_bytes().rstrip(b"\r\n")
     except OSError as e:
@@ -496,10 +581,12 @@ def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
         path = Path(env_file)
         if not path.is_file():
             raise ConfigError(f"--env-file {env_file!r} does not exist or is not a file")
+        check_private_file(path, f"env file {env_file!r} (--env-file)", secret=False)
     else:
         path = cwd / ".env"
         if not path.is_file():
             return RepositoryEmpty()
+        check_private_file(path, f"env file {str(path)!r} (.env in the working directory)", secret=False)
     try:
         return RepositoryEnv(str(path))
     except (OSError, UnicodeDecodeError) as e:
@@ -512,6 +599,7 @@ def load_settings(
     cwd: Path | None = None,
     make_secret: Callable[[], bytes] = lambda: secrets.token_bytes(32),
     providers: Iterable[type[ProviderAdapter]] | None = None,
+    daemon: bool = False,
 ) -> Settings:
     """
     Build the L{Settings} from options, environment, env file and defaults.
@@ -521,14 +609,34 @@ def load_settings(
         treated as not given.
     @param providers: the provider declarations (adapter classes) whose
         variables are read, in order; by default L{builtin_providers}.
+    @param daemon: the gateway runs as a daemon (twistd without C{-n}):
+        without C{STATE_DIR}, state goes to a directory of its own
+        (L{default_state_dir}, created 0700), not the working directory;
+        so it does under systemd (C{$STATE_DIRECTORY} set) too.
     @raise ConfigError: a value is invalid; the message names it.
     """
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    config = Config(_open_repository(env_file, cwd or Path.cwd()))
+    repository = _open_repository(env_file, cwd or Path.cwd())
+    config = Config(repository)
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
     declared = tuple(builtin_providers() if providers is None else providers)
+    #: Every setting name looked up, for the env file's misspellings.
+    known: set[str] = set()
+    warnings: list[str] = []
+    env_path = env_file or str((cwd or Path.cwd()) / ".env")
+
+    def source(name: str) -> str:
+        """
+        Where the value of C{name} came from, for an error message.
+        """
+        if name in given:
+            return "from the command line"
+        if name in os.environ:
+            return "from the environment"
+        return f"from env file {env_path!r}"
 
     def read(name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
+        known.add(name)
         raw = given.get(name)
         if raw is None:
             raw = config.get(name, default=None)
@@ -536,15 +644,20 @@ def load_settings(
             return default
         try:
             return cast(str(raw))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the value came {source(name)})") from None
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is invalid: {hint}") from None
+            raise ConfigError(f"{name}={raw!r} ({source(name)}) is invalid: {hint}") from None
 
     secret = read("JWT_SECRET", str, "", "").encode("utf-8")
     secret_file = read("JWT_SECRET_FILE", str, "", "")
     if secret_file:
         if secret:
             raise ConfigError("JWT_SECRET and JWT_SECRET_FILE are both set; keep only one")
-        secret = _read_secret_file(secret_file)
+        try:
+            secret = _read_secret_file(secret_file, warnings)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (JWT_SECRET_FILE came {source('JWT_SECRET_FILE')})") from None
     if secret and len(secret) < MIN_SECRET_BYTES:
         raise ConfigError(
             f"JWT_SECRET is {len(secret)} bytes long; it must be at least "
@@ -595,11 +708,18 @@ def load_settings(
             "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "
             "must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
         )
-    token_file = read("TOKEN_FILE", str, "", "")
-    ca_file = read("UPSTREAM_CA_FILE", str, "", "")
+    no_path: Path | None = None
+    token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
+    ca_file = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_path, "")
     state_dir = read("STATE_DIR", str, "", "")
+    if state_dir:
+        state_path = Path(state_dir)
+    elif daemon or os.environ.get("STATE_DIRECTORY"):
+        state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
+    else:
+        state_path = cwd or Path.cwd()
 
-    return Settings(
+    settings = Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
         interface=read("INTERFACE", _non_empty, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
         session_ttl_hours=read(
@@ -618,7 +738,7 @@ def load_settings(
         ),
         default_provider=read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
         providers=[read_provider(adapter) for adapter in declared],
-        token_file=_writable_file(token_file) if token_file else None,
+        token_file=token_file,
         health_check_timeout=read(
             "HEALTH_CHECK_TIMEOUT",
             _positive_float,
@@ -643,7 +763,7 @@ def load_settings(
             defaults.upstream_idle_seconds,
             "use a number of seconds greater than 0, such as 50",
         ),
-        upstream_ca_file=_ca_file(ca_file) if ca_file else None,
+        upstream_ca_file=ca_file,
         embedding_model=read(
             "EMBEDDING_MODEL",
             _embedding_model,
@@ -653,7 +773,7 @@ def load_settings(
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
         api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
         metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),
-        state_dir=Path(state_dir) if state_dir else (cwd or Path.cwd()),
+        state_dir=state_path,
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
             "SHUTDOWN_GRACE_SECONDS",
@@ -769,6 +889,41 @@ def load_settings(
             "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1",
         ),
     )
+    for adapter in declared:
+        known.update(
+            (
+                *adapter.key_variables,
+                adapter.key_list_variable(),
+                adapter.base_url_variable,
+                adapter.model_variable,
+                adapter.fallback_model_variable(),
+            )
+        )
+    warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
+    return attrs.evolve(settings, warnings=tuple(warnings)) if warnings else settings
+
+
+def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
+    data = getattr(repository, "data", None)
+    return list(data) if isinstance(data, dict) else []
+
+
+def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> list[str]:
+    """
+    A warning for each of C{keys} (an env file's) that is no setting but
+    close to one (L{difflib.get_close_matches}): C{GEMINI_MODLE} names
+    C{GEMINI_MODEL}.  Keys close to nothing are left alone: an env file
+    may serve other programs too.
+    """
+    names = sorted(set(known))
+    warnings = []
+    for key in keys:
+        if key in names:
+            continue
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        if close:
+            warnings.append(f"env file {where!r}: {key} is not a setting and is ignored; did you mean {close[0]}?")
+    return warnings
 
 
 def default_interface() -> str:
@@ -789,7 +944,10 @@ __all__ = [
     "ProviderSettings",
     "Settings",
     "builtin_providers",
+    "check_private_file",
+    "default_state_dir",
     "load_settings",
+    "misspelt_settings",
     "parse_network",
     "provider_table",
 ]

@@ -52,7 +52,13 @@ class Options(usage.Options):
             "Serve /metrics on this endpoint (METRICS_LISTEN) [default: on the API listener]",
         ],
         ["log-format", None, None, "Log as text or json, one object per line (LOG_FORMAT) [default: text]"],
-        ["state-dir", None, None, "Keep the active provider here (STATE_DIR) [default: working directory]"],
+        [
+            "state-dir",
+            None,
+            None,
+            "Keep the active provider here (STATE_DIR) [default: the working directory with -n, "
+            "else $STATE_DIRECTORY, $XDG_STATE_HOME/openclaw, /var/lib/openclaw for root or ~/.local/state/openclaw]",
+        ],
     ]
 
     def settings_overrides(self) -> dict[str, Any]:
@@ -92,7 +98,10 @@ def makeService(options: Options, reactor: IReactorCore | None = None, stdout: I
     twistd_options = getattr(options, "parent", None) or {}
     try:
         settings = load_settings(
-            options.settings_overrides(), env_file=options["env-file"], providers=BUILTIN_PROVIDERS
+            options.settings_overrides(),
+            env_file=options["env-file"],
+            providers=BUILTIN_PROVIDERS,
+            daemon=not foreground(twistd_options),
         )
         if not foreground(twistd_options) and settings.token_file is None:
             raise ConfigError(

@@ -556,3 +556,63 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         self.assertIn(f"TLS handshake with {url} failed", err)
         self.assertIn("--cafile", err)
+
+
+class UnixSocketTests(TestCase):
+    """
+    C{openclawctl --url unix:PATH} reaches a gateway whose control plane
+    listens on a UNIX socket (C{--listen unix:PATH}).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        import shutil
+        import tempfile
+
+        short = Path(tempfile.mkdtemp(prefix="oc"))  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
+        self.path = short / "control.sock"
+
+    def test_parse(self):
+        for url in (f"unix:{self.path}", f"unix://{self.path}"):
+            parsed = ctl.parse_request(["--token", "T", "--url", url, "ping"], {})
+            self.assertEqual(ctl.unix_socket_path(parsed.url), str(self.path))
+            self.assertEqual(ctl.websocket_url(parsed.url), "ws://localhost")
+        self.assertIn(
+            "names no socket",
+            str(self.assertRaises(ctl.UsageError, ctl.parse_request, ["--token", "T", "--url", "unix:", "ping"], {})),
+        )
+        error = self.assertRaises(
+            ctl.UsageError, ctl.parse_request, ["--token", "T", "--url", "unix:/x", "--cafile", "c", "ping"], {}
+        )
+        self.assertIn("wss://", str(error))
+
+    @inlineCallbacks
+    def test_ping_and_status(self):
+        from openclaw.tap import Options, makeService
+
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        self.patch(os, "environ", {"JWT_SECRET": "s" * 32, "STATE_DIR": str(state)})
+        options = Options()
+        options.parseOptions(
+            ["--listen", f"unix:{self.path}:mode=600", "--api-listen", f"tcp:{free_port()}:interface=127.0.0.1"]
+        )
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+        token = service.sessions.current.token
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", token, "ping")
+        self.assertEqual((err, code), ("", 0))
+        self.assertTrue(out.startswith("pong"), out)
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", token, "status")
+        self.assertEqual((err, code), ("", 0))
+        self.assertIn("provider_id", out)
+
+    @inlineCallbacks
+    def test_no_socket(self):
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
+        self.assertEqual(code, 2)
+        self.assertIn(f"cannot connect to unix:{self.path}", err)
+        self.assertIn("--listen unix:PATH", err)

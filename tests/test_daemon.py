@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +26,18 @@ KIMI_KEY = "sk-kimi-daemon-test-key-0123456789"
 GEMINI_KEY = "AIza-gemini-daemon-test-key-0123456789"
 
 
+DAEMON_STATE_HOME = str(Path(tempfile.gettempdir()).resolve() / "openclaw-test-state-home")
+
+
 def env(**extra: str) -> dict[str, str]:
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **extra}
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        # A daemon without --state-dir keeps its state in a directory of its
+        # own (/var/lib/openclaw for root): here, one under the temp directory.
+        "XDG_STATE_HOME": DAEMON_STATE_HOME,
+        **extra,
+    }
 
 
 @inlineCallbacks

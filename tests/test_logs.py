@@ -136,6 +136,58 @@ class TextTests(SynchronousTestCase):
         self.assertIn("\n\tthree", ours.getvalue())
 
 
+#: A key holder's model name that, written raw, erases the real line in a
+#: terminal and forges another (issue #17, item 8).
+FORGED = (
+    "gemini/x\u001b[2K\r2026-01-01T00:00:00+0000 [openclaw.controlplane#info] rotate_token from 10.9.9.9:1"
+    "\n2026-01-01T00:00:01+0000 [forged#info] \x85 \u2028 \x7f \x00"
+)
+
+
+class EscapingTests(SynchronousTestCase):
+    """
+    Whatever a client sent, each text line starts with Twisted's own
+    time and namespace: control characters are escaped where lines are
+    formatted, so no call site can forget.
+    """
+
+    def test_text_escaped(self):
+        for log_format, values in [
+            ("{method} {path} via {route}", {"method": "POST", "path": "/v1/\x1b[2J", "route": FORGED}),
+            ("refused control connection from {peer}", {"peer": "10.0.0.5\r\n\x0b\x1c"}),
+            ("{cmd!r} {cmd}", {"cmd": FORGED}),
+        ]:
+            out = io.StringIO()
+            make_observer(out, "text", "info")(event(log_format=log_format, **values))
+            text = out.getvalue()
+            self.assertTrue(text.endswith("\n"))
+            first, *continued = text[:-1].split("\n")
+            self.assertTrue(first.startswith("2025-11-25T04:00:00+0000 [openclaw.dataplane#info] "), first)
+            for line in continued:
+                # A newline of a value only ever continues the line.
+                self.assertTrue(line.startswith("\t"), repr(text))
+            self.assertIsNone(re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", text), repr(text))
+        self.assertIn("\\x1b[2K\\x0d2026", text)
+        self.assertIn("\n\t2026-01-01T00:00:01+0000 [forged#info] \\x85 \\u2028 \\x7f \\x00", text)
+
+    def test_continuation_kept(self):
+        """
+        Twisted's own continuation of a multi-line message (newline, tab)
+        stays; a newline inside a value becomes a continuation too, never
+        a line of its own.
+        """
+        out = io.StringIO()
+        make_observer(out, "text", "info")(event(log_format="two\nlines {a}", a="x"))
+        self.assertTrue(out.getvalue().endswith("two\n\tlines x\n"))
+
+    def test_json_escaped(self):
+        text = json_line(event(log_format="{model}", model=FORGED))
+        assert text is not None
+        self.assertEqual(text.count("\n"), 1)
+        self.assertNotIn("\x1b", text)
+        self.assertEqual(json.loads(text)["model"], FORGED)
+
+
 class JSONTests(SynchronousTestCase):
     def line(self, **fields: Any) -> dict[str, Any]:
         text = json_line(event(**fields))

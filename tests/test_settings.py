@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from pathlib import Path
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
-from openclaw.settings import ConfigError, Settings, load_settings
+from openclaw.settings import (
+    ConfigError,
+    Settings,
+    check_private_file,
+    default_state_dir,
+    load_settings,
+    misspelt_settings,
+)
 from tests.support import make_ca
 
 GOOD_SECRET = "x" * 32
@@ -232,3 +241,134 @@ class AllowlistTests(SynchronousTestCase):
     def test_scoped_ipv6(self) -> None:
         allowlist = PeerAllowlist([ipaddress.ip_network("fe80::/10")])
         self.assertTrue(allowlist.allows("fe80::1%lo"))
+
+
+class FileSafetyTests(SynchronousTestCase):
+    """
+    Secret and env files are held to ssh's rule; configuration errors name
+    their source; misspelt env-file keys and the daemon's state directory
+    (#17 item 12 and the operator friction list).
+    """
+
+    def setUp(self) -> None:
+        self.environ: dict[str, str] = {}
+        self.patch(os, "environ", self.environ)
+        self.cwd = Path(self.mktemp())
+        self.cwd.mkdir(parents=True)
+        self.secret = self.cwd / "jwt_secret"
+        self.secret.write_text(GOOD_SECRET + "\n")
+        self.secret.chmod(0o600)
+
+    def load(self, **kwargs: Any) -> Settings:
+        return load_settings(cwd=self.cwd, **kwargs)
+
+    def refused(self, **kwargs: Any) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(**kwargs)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_secret_file_modes(self) -> None:
+        self.environ["JWT_SECRET_FILE"] = str(self.secret)
+        self.assertEqual(self.load().warnings, ())
+        self.secret.chmod(0o644)
+        settings = self.load()
+        self.assertEqual(settings.jwt_secret, GOOD_SECRET.encode())
+        (warning,) = settings.warnings
+        self.assertIn(str(self.secret), warning)
+        self.assertIn("chmod 600", warning)
+        for mode in (0o620, 0o602, 0o666):
+            self.secret.chmod(mode)
+            message = self.refused()
+            self.assertIn(str(self.secret), message)
+            self.assertIn("chmod 600", message)
+            self.assertIn("from the environment", message)
+
+    def test_owner(self) -> None:
+        """
+        The gateway's user or root may own it (root-owned Docker and
+        Kubernetes secrets); anyone else may not.
+        """
+        mine = os.geteuid()
+        self.assertIsNone(check_private_file(self.secret, "f", secret=True, euid=mine))
+        if mine != 0:
+            with self.assertRaises(ConfigError) as caught:
+                check_private_file(self.secret, "f", secret=True, euid=mine + 1)
+            self.assertIn("chown", str(caught.exception))
+            return
+        self.assertIsNone(check_private_file(self.secret, "f", secret=True, euid=4242))
+        os.chown(self.secret, 4242, -1)
+        self.environ["JWT_SECRET_FILE"] = str(self.secret)
+        message = self.refused()
+        self.assertIn("uid 4242", message)
+        self.assertIn("chown 0", message)
+
+    def test_env_files(self) -> None:
+        dotenv = self.cwd / ".env"
+        dotenv.write_text("KIMI_BASE_URL=http://127.0.0.1:9/v1\n")
+        dotenv.chmod(0o600)
+        self.assertEqual(self.load().providers["kimi"].base_url, "http://127.0.0.1:9/v1")
+        dotenv.chmod(0o666)
+        message = self.refused()
+        self.assertIn(".env in the working directory", message)
+        self.assertIn("chmod 600", message)
+        other = self.cwd / "other.env"
+        other.write_text("")
+        other.chmod(0o646)
+        self.assertIn("--env-file", self.refused(env_file=str(other)))
+        if os.geteuid() == 0:
+            other.chmod(0o600)
+            os.chown(other, 4242, -1)
+            self.assertIn("uid 4242", self.refused(env_file=str(other)))
+
+    def test_error_names_its_source(self) -> None:
+        self.assertIn("from the command line", self.refused(options={"WS_CONTROL_PORT": "x"}))
+        self.environ["WS_CONTROL_PORT"] = "y"
+        self.assertIn("from the environment", self.refused())
+        del self.environ["WS_CONTROL_PORT"]
+        env_file = self.cwd / "gw.env"
+        env_file.write_text("SESSION_TTL_HOURS=-1\n")
+        message = self.refused(env_file=str(env_file))
+        self.assertIn(f"from env file {str(env_file)!r}", message)
+        self.assertIn("SESSION_TTL_HOURS='-1'", message)
+        env_file.write_text(f"TOKEN_FILE={self.cwd}/missing/token\n")
+        self.assertIn("from env file", self.refused(env_file=str(env_file)))
+
+    def test_misspelt_keys(self) -> None:
+        env_file = self.cwd / "gw.env"
+        env_file.write_text("GEMINI_MODLE=gemini-2.5-pro\nKIMI_APIKEY=k\nEDITOR=vi\nMOONSHOT_API_KEY=m\n")
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual(len(settings.warnings), 2, settings.warnings)
+        self.assertIn("GEMINI_MODLE is not a setting", settings.warnings[0])
+        self.assertIn("did you mean GEMINI_MODEL?", settings.warnings[0])
+        self.assertIn(str(env_file), settings.warnings[0])
+        self.assertIn("did you mean KIMI_API_KEY?", settings.warnings[1])
+        (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
+        self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
+
+    def test_daemon_state_dir(self) -> None:
+        self.assertEqual(self.load().state_dir, self.cwd)
+        state_home = self.cwd.absolute() / "state-home"
+        self.environ["XDG_STATE_HOME"] = str(state_home)
+        state_dir = self.load(daemon=True).state_dir
+        self.assertEqual(state_dir, state_home / "openclaw")
+        self.assertEqual(stat.S_IMODE(state_dir.stat().st_mode), 0o700)
+        self.environ["STATE_DIRECTORY"] = str(self.cwd / "systemd")
+        self.assertEqual(self.load().state_dir, self.cwd / "systemd")
+        self.assertEqual(self.load(options={"STATE_DIR": "/x"}, daemon=True).state_dir, Path("/x"))
+        home = Path("/home/op")
+        self.assertEqual(default_state_dir({}, 0, home), Path("/var/lib/openclaw"))
+        self.assertEqual(default_state_dir({}, 1000, home), home / ".local/state/openclaw")
+        self.assertEqual(default_state_dir({"XDG_STATE_HOME": "/s"}, 1000, home), Path("/s/openclaw"))
+        self.assertEqual(default_state_dir({"STATE_DIRECTORY": "/a:/b"}, 0, home), Path("/a"))
+
+
+class WarningsLoggedTests(TestCase):
+    def test_logged_at_startup(self) -> None:
+        from tests.support import capture_log_events, start_gateway
+
+        events = capture_log_events(self)
+        start_gateway(self, warnings=("env file 'x': GEMINI_MODLE is not a setting",))
+        logged = [e for e in events if e.get("config_warning")]
+        self.assertEqual([e["log_level"].name for e in logged], ["warn"])

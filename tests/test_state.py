@@ -6,14 +6,17 @@ gateway.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.routing import Route
-from openclaw.state import STATE_FILE, RouteStore
-from tests.support import open_client, start_gateway
+from openclaw.state import MAX_STATE_BYTES, STATE_FILE, RouteStore
+from tests.support import capture_log_events, open_client, start_gateway
 
 
 class RouteStoreTests(SynchronousTestCase):
@@ -74,6 +77,72 @@ class RestartTests(TestCase):
         state_dir = Path(self.mktemp())
         state_dir.mkdir(parents=True)
         (state_dir / STATE_FILE).write_text("garbage")
+        gateway = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, gateway.port)
+        status = yield client.command(gateway.token, "status")
+        self.assertEqual(status["result"]["provider_id"], "gemini")
+
+
+class UntrustedFileTests(SynchronousTestCase):
+    """
+    A state file that is not a small regular file is ignored with a
+    warning, at once (#17 item 11).
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir(parents=True)
+        self.store = RouteStore(self.directory, ("kimi", "gemini"))
+        self.path = self.directory / STATE_FILE
+        self.events = capture_log_events(self)
+
+    def assertIgnored(self, expected: str) -> None:
+        started = time.monotonic()
+        self.assertIsNone(self.store.load())
+        self.assertLess(time.monotonic() - started, 2)
+        warnings = [formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(expected, warnings[0])
+        self.assertIn(str(self.path), warnings[0])
+
+    def test_fifo(self) -> None:
+        os.mkfifo(self.path)
+        self.assertIgnored("not a regular file")
+
+    def test_symlink_to_dev_zero(self) -> None:
+        self.path.symlink_to("/dev/zero")
+        self.assertIgnored("symbolic link")
+
+    def test_symlink_to_a_good_file(self) -> None:
+        (self.directory / "elsewhere.json").write_text(json.dumps({"provider": "kimi", "model": "m"}))
+        self.path.symlink_to(self.directory / "elsewhere.json")
+        self.assertIgnored("symbolic link")
+
+    def test_directory(self) -> None:
+        self.path.mkdir()
+        self.assertIgnored("not a regular file")
+
+    def test_huge_file(self) -> None:
+        with self.path.open("wb") as f:
+            f.truncate(300 * 1024 * 1024)  # sparse: 300 MB that take no disk
+        self.assertIgnored("more than the 65536")
+
+    def test_limit(self) -> None:
+        document = json.dumps({"provider": "kimi", "model": "m"}).encode()
+        self.path.write_bytes(document + b" " * (MAX_STATE_BYTES - len(document)))
+        self.assertEqual(self.store.load(), Route("kimi", "m"))
+        self.path.write_bytes(document + b" " * (MAX_STATE_BYTES + 1 - len(document)))
+        self.assertIgnored("more than")
+
+
+class StartupTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_fifo_does_not_hang_startup(self):
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        os.mkfifo(state_dir / STATE_FILE)
         gateway = start_gateway(self, state_dir=state_dir)
         client = yield open_client(self, gateway.port)
         status = yield client.command(gateway.token, "status")

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    # A daemon without --state-dir keeps its state in a directory of its
+    # own (/var/lib/openclaw for root): here, one under the temp directory.
+    env["XDG_STATE_HOME"] = str(Path(tempfile.gettempdir()).resolve() / "openclaw-test-state-home")
     env.update(extra)
     return env
 

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.cluster.node import StoreUnavailable
-from openclaw.routing import ActiveRoute, Route
+from openclaw.routing import UNPRINTABLE_MODEL, ActiveRoute, Route, printable_model
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
 
@@ -162,6 +162,8 @@ class ControlCommands:
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str) or not model.strip():
             raise CommandError("data.model must be a non-empty string when given")
+        if not printable_model(model):
+            raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
         route = Route(provider_id, model.strip())
 
         def switched(previous: Route) -> Result:

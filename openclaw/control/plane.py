@@ -41,6 +41,34 @@ class Connection:
 _encode = orjson.dumps
 
 
+#: The most characters of a peer's C{cmd} an auth failure's log line quotes.
+MAX_LOGGED_CMD_CHARS = 80
+
+
+def summarise(value: object, limit: int = MAX_LOGGED_CMD_CHARS) -> str:
+    """
+    What an unauthenticated peer sent as C{cmd}, for a log line: a string
+    cut to C{limit} characters, and quoted (C{repr}, control characters
+    as escapes) unless printable; a number, C{true}/C{false} or C{null} as JSON
+    writes it; a list or an object only by its type and length, never its
+    contents.  Never raises, however deep or large the value: a list
+    nested a thousand deep is C{"<list of 1 item>"}.
+    """
+    if isinstance(value, str):
+        head = value[:limit]
+        return (head if head.isprintable() else repr(head)) + ("…" if len(value) > limit else "")
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    if isinstance(value, (int, float)):
+        # orjson parses no integer beyond 64 bits: repr is short.
+        return repr(value)[:limit]
+    if isinstance(value, list):
+        return f"<list of {len(value)} item{'' if len(value) == 1 else 's'}>"
+    if isinstance(value, dict):
+        return f"<object of {len(value)} key{'' if len(value) == 1 else 's'}>"
+    return f"<{type(value).__name__}>"
+
+
 def _error(cmd: object, message: str) -> bytes:
     return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
 
@@ -98,17 +126,17 @@ class ControlPlane:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
             connection.failed_auths += 1
+            # Counted first, and logged with a summary that cannot raise:
+            # whatever the peer sent, the failure is accounted for.
+            self._metrics.auth_failed(rejected.reason)
             self._log.warn(
                 "auth failure from {peer}: {reason} (cmd {cmd}, {failed_auths} in a row)",
                 peer=peer,
                 reason=rejected.reason,
-                # Whatever an unauthenticated peer sent, quoted and cut, so
-                # it cannot forge log lines.
-                cmd=cmd[:80] if isinstance(cmd, str) and cmd.isprintable() else repr(cmd)[:80],
+                cmd=summarise(cmd),
                 outcome="auth_failed",
                 failed_auths=connection.failed_auths,
             )
-            self._metrics.auth_failed(rejected.reason)
             return self._refuse(cmd, rejected.reason)
         if connection.failed_auths:
             connection.failed_auths = 0

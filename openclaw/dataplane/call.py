@@ -199,6 +199,8 @@ class ChatCall:
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
         self.context.costs.tokens(self.route.provider_id, self.route.model, answer_usage(answer))
+        # A provider may echo its key anywhere, even in an answer.
+        answer = self.adapter.scrubber.data(answer)
         self._finish_call()
         request = self.request
         try:
@@ -308,6 +310,7 @@ class ChatCall:
         assert self._timer is not None
         self._timer.reset(self.context.timeout)
         if events:
+            events = self.adapter.scrubber.data(events)
             if not self._first_chunk_sent:
                 self._first_chunk_sent = True
                 self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
@@ -386,11 +389,14 @@ class ChatCall:
         """
         self._finish_call()
         request = self.request
+        # Every error of a call may quote the provider (its message, a
+        # stream's error event): scrubbed here, where none can be missed.
+        scrub = self.adapter.scrubber.data
         try:
             if request.startedWriting:
-                request.write(encode(error.body()))
+                request.write(scrub(encode(error.body())))
             else:
-                body = error.body()
+                body = scrub(error.body())
                 request.setResponseCode(error.status)
                 request.setHeader(b"Content-Type", _JSON)
                 request.setHeader(b"Content-Length", b"%d" % len(body))

@@ -34,7 +34,7 @@ from openclaw.dataplane.resource import _Authenticated, error_response
 from openclaw.providers import UpstreamHTTPError
 from openclaw.providers.fetch import read_body
 from openclaw.providers.gemini import GeminiAdapter
-from openclaw.routing import Route
+from openclaw.routing import UNPRINTABLE_MODEL, Route, printable_model
 
 #: The provider that serves embeddings.
 PROVIDER = "gemini"
@@ -93,6 +93,8 @@ def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
+    if model is not None and not printable_model(model):
+        raise bad_request(UNPRINTABLE_MODEL, param="model")
     chosen = default_model
     if model:
         provider_id, slash, name = model.partition("/")

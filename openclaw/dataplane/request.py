@@ -23,7 +23,7 @@ import orjson
 
 from openclaw.dataplane.callids import MARK
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.routing import Route
+from openclaw.routing import UNPRINTABLE_MODEL, Route, printable_model
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
@@ -90,6 +90,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
+    if model is not None and not printable_model(model):
+        raise bad_request(UNPRINTABLE_MODEL, param="model")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad_request("stream must be true or false", param="stream")

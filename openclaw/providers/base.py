@@ -39,12 +39,12 @@ from openclaw.providers.errors import (
     ProbeTimedOut,
     ProviderError,
     Refusal,
+    Scrubber,
     UpstreamHTTPError,
     classify,
     clip,
     describe_failure,
     http_hint,
-    scrub_all,
 )
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
 from openclaw.providers.keys import KeyPool, fingerprint
@@ -143,6 +143,14 @@ class ProviderAdapter(abc.ABC):
     fallback_model: str | None = None
     #: The chat request headers per key, built once each: they hold the key.
     _chat_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
+    #: Removes every key of the pool from text the provider sent (L{scrub}).
+    scrubber: Scrubber = attrs.field(
+        default=attrs.Factory(
+            lambda self: Scrubber(self.keys.keys + ((self.api_key,) if self.api_key else ())), takes_self=True
+        ),
+        init=False,
+        repr=False,
+    )
 
     _log: ClassVar[Logger] = Logger()
 
@@ -296,9 +304,10 @@ class ProviderAdapter(abc.ABC):
 
     def scrub(self, text: str) -> str:
         """
-        C{text} without any key of this provider.
+        C{text} without any key of this provider (whole, as a prefix, or
+        URL-encoded: L{Scrubber}).
         """
-        return scrub_all(text, self.keys.keys + ((self.api_key,) if self.api_key else ()))
+        return self.scrubber.text(text)
 
     def upstream_error(self, status: int, body: bytes) -> UpstreamHTTPError:
         """

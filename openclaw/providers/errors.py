@@ -12,7 +12,8 @@ import json
 import re
 from collections.abc import Iterable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import attrs
 from twisted.internet import error as neterror
@@ -29,8 +30,13 @@ MAX_MESSAGE_CHARS = 200
 REDACTED = "[redacted]"
 
 #: Secrets at least this long are scrubbed wherever they occur; shorter
-#: ones only as whole tokens (see L{scrub}).
+#: ones only as whole tokens (see L{Scrubber}).
 MIN_BARE_SECRET_CHARS = 8
+
+#: Any run of this many characters or more that begins a key is scrubbed
+#: (see L{Scrubber}): long enough that no ordinary word or key prefix such
+#: as C{sk-proj-} or C{AIzaSy} matches alone.
+MIN_PREFIX_CHARS = 12
 
 
 class ProviderError(Exception):
@@ -87,15 +93,12 @@ class UpstreamHTTPError(ProviderError):
 def scrub(text: str, secret: str | None) -> str:
     """
     Remove C{secret} from C{text}: some providers quote the key back in
-    their error messages, and reasons end up in logs and reports.
+    their error messages, and reasons end up in logs and reports.  See
+    L{Scrubber} for what is removed.
     """
     if not secret:
         return text
-    if len(secret) >= MIN_BARE_SECRET_CHARS:
-        return text.replace(secret, REDACTED)
-    # A toy key ("k" on a test setup) would mangle ordinary words if replaced
-    # everywhere; replace it only where it stands as a token of its own.
-    return re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", REDACTED, text)
+    return Scrubber((secret,)).text(text)
 
 
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
@@ -165,11 +168,101 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
 def scrub_all(text: str, secrets: Iterable[str]) -> str:
     """
     L{scrub} every one of C{secrets} (each key of a provider's pool) from
-    C{text}, longest first so that no key is left half-replaced.
+    C{text} (see L{Scrubber}).
     """
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = scrub(text, secret)
-    return text
+    return Scrubber(tuple(secrets)).text(text)
+
+
+AnyStr = TypeVar("AnyStr", str, bytes)
+
+
+def _redact_runs(haystack: AnyStr, form: AnyStr, redacted: AnyStr) -> AnyStr:
+    """
+    Replace in C{haystack} every run of at least L{MIN_PREFIX_CHARS} that
+    is a prefix of C{form} (the whole of it included) by C{redacted}.
+    """
+    head = form[:MIN_PREFIX_CHARS]
+    start = haystack.find(head)
+    if start < 0:
+        return haystack
+    pieces: list[AnyStr] = []
+    done = 0
+    while start >= 0:
+        end = start + len(head)
+        limit = min(len(haystack), start + len(form))
+        while end < limit and haystack[end] == form[end - start]:
+            end += 1
+        pieces.append(haystack[done:start])
+        pieces.append(redacted)
+        done = end
+        start = haystack.find(head, end)
+    pieces.append(haystack[done:])
+    return haystack[:0].join(pieces)
+
+
+@attrs.frozen
+class Scrubber:
+    """
+    Removes a provider's keys from any text that came from the provider
+    (whole answers, error bodies, stream events, listings, probe reasons)
+    before it reaches a client, a log line or a report.
+
+    Each key is looked for as it is and URL-encoded (RFC 3986 percent
+    encoding, as it would appear quoted back from a query string), and
+    replaced by C{[redacted]}:
+
+      - a key of L{MIN_PREFIX_CHARS} characters or more wherever any
+        L{MIN_PREFIX_CHARS}-character prefix of it occurs, through as much
+        of the key as follows (a message cut short, or a provider that
+        quotes only the start of the key, still hides it);
+      - a shorter key of L{MIN_BARE_SECRET_CHARS} or more wherever it
+        occurs whole;
+      - a toy key (shorter still, "k" on a test set-up) only where it
+        stands as a token of its own, so ordinary words stay readable.
+
+    Longer keys are handled first, so no key is left half-replaced.
+    """
+
+    secrets: tuple[str, ...]
+    _forms: tuple[str, ...] = attrs.field(init=False, repr=False)
+    _byte_forms: tuple[bytes, ...] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        forms = dict.fromkeys(
+            form
+            for secret in sorted((s for s in self.secrets if s), key=len, reverse=True)
+            for form in (secret, quote(secret, safe=""))
+        )
+        object.__setattr__(self, "_forms", tuple(forms))
+        object.__setattr__(self, "_byte_forms", tuple(form.encode("utf-8") for form in forms))
+
+    def text(self, text: str) -> str:
+        """
+        C{text} without any of the keys.
+        """
+        for form in self._forms:
+            if len(form) >= MIN_PREFIX_CHARS:
+                text = _redact_runs(text, form, REDACTED)
+            elif len(form) >= MIN_BARE_SECRET_CHARS:
+                text = text.replace(form, REDACTED)
+            else:
+                text = re.sub(rf"(?<![\w-]){re.escape(form)}(?![\w-])", REDACTED, text)
+        return text
+
+    def data(self, data: bytes) -> bytes:
+        """
+        C{data} (UTF-8: a JSON body, server-sent events) without any of
+        the keys; the same bytes object when none occurs.
+        """
+        redacted = REDACTED.encode()
+        for form in self._byte_forms:
+            if len(form) >= MIN_PREFIX_CHARS:
+                data = _redact_runs(data, form, redacted)
+            elif len(form) >= MIN_BARE_SECRET_CHARS:
+                data = data.replace(form, redacted)
+            else:
+                data = re.sub(rb"(?<![\w-])" + re.escape(form) + rb"(?![\w-])", redacted, data)
+        return data
 
 
 class RefusalKind(StrEnum):

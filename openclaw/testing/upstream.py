@@ -99,6 +99,10 @@ class Mode(StrEnum):
     #: Send the headers and part of the body, then close the connection
     #: mid-body (a stream: C{cut_after} events, then close it).
     CUT = "cut"
+    #: A stream: C{cut_after} events, then an error event in the provider's
+    #: error shape (C{error_status}, C{error_message}), and the end; a
+    #: whole answer is answered normally.
+    STREAM_ERROR = "stream_error"
 
 
 @attrs.define
@@ -835,6 +839,10 @@ class _Endpoint(Resource):
             self._error(request, behaviour, e.status, e.message)
             return
         if isinstance(document, EventStream):
+            if mode is Mode.STREAM_ERROR:
+                error = self._dialect.error_document(behaviour.error_status, behaviour.error_message, behaviour.key)
+                events = (*document.events[: behaviour.cut_after], json.dumps(error).encode())
+                document = EventStream(events, document.separator)
             _Streamer(self._upstream, request, behaviour, document, mode).start()
             return
         body = json.dumps(document).encode()

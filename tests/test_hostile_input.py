@@ -1,0 +1,106 @@
+"""
+Hostile input on both planes (issue #17, items 8 and 10): a model name with
+control characters is refused at the door, and an unauthenticated message
+of any shape is logged, counted and answered.
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import generate_latest
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.control.plane import summarise
+from tests.support import open_client
+from tests.test_dataplane import DataPlaneTestCase
+from tests.test_logs import FORGED
+
+HOSTILE_MODELS = [FORGED, "kimi/moonshot\r\nX: y", "gemini/x\u202egnp.exe", "x\x00", "a\x85b"]
+
+
+class ModelNameTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_refused_at_the_door(self):
+        gateway = self.gateway()
+        for model in HOSTILE_MODELS:
+            for path, body in [
+                ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+                ("/v1/embeddings", {"model": model, "input": "hi"}),
+            ]:
+                response, text = yield self.post(gateway, body, path=path)
+                self.assertEqual(response.code, 400, (path, model, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "model")
+                self.assertIn("control or invisible characters", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        # Still serving everyone else.
+        response, _ = yield self.post(gateway, {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(response.code, 200)
+
+    @inlineCallbacks
+    def test_switch_provider_refuses(self):
+        gateway = self.gateway()
+        client = yield open_client(self, gateway.port)
+        for model in HOSTILE_MODELS:
+            answer = yield client.command(gateway.token, "switch_provider", {"provider": "kimi", "model": model})
+            self.assertFalse(answer["ok"], model)
+            self.assertIn("control or invisible characters", answer["error"])
+        status = yield client.command(gateway.token, "status")
+        self.assertEqual(
+            (status["result"]["provider_id"], status["result"]["model"]), ("gemini", "gemini-flash-latest")
+        )
+
+
+def nested(depth: int) -> object:
+    value: object = "ping"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class AuthFailureTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_any_cmd_logged_counted_answered(self):
+        """
+        C{{"token": "x", "cmd": <a list nested 1000 deep>}} and other
+        shapes: logged (summarised), counted and answered, and the
+        connection keeps serving.
+        """
+        gateway = self.gateway(max_auth_failures=100)
+        client = yield open_client(self, gateway.port)
+        deep = "[" * 1000 + '"ping"' + "]" * 1000
+        shapes = [
+            deep,
+            '{"a": ' + deep[100:-100] + "}",
+            *(json.dumps(v) for v in ("x" * 60_000, 1e308, None, True, FORGED)),
+        ]
+        for cmd in shapes:
+            # Written by hand: the standard json module cannot encode 1000 deep.
+            client.send(b'{"token": "x", "cmd": ' + cmd.encode() + b"}")
+            answer = yield client.received.get()
+            self.assertEqual((answer["ok"], answer["error"]), (False, "invalid token"))
+        failures = [e for e in self.events if e.get("outcome") == "auth_failed"]
+        self.assertEqual(len(failures), len(shapes))
+        logged = [e["cmd"] for e in failures]
+        self.assertEqual(logged[:2], ["<list of 1 item>", "<object of 1 key>"])
+        for event in failures:
+            self.assertLessEqual(len(event["cmd"]), 100)
+            self.assertNotIn("\n", formatEvent(event))
+        exposition = generate_latest(gateway.service.metrics.registry).decode()
+        self.assertIn(f'openclaw_control_auth_failures_total{{reason="invalid token"}} {len(shapes)}.0', exposition)
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+
+class SummaryTests(SynchronousTestCase):
+    def test_never_raises(self) -> None:
+        self.assertEqual(summarise(nested(100_000)), "<list of 1 item>")
+        self.assertEqual(summarise("status"), "status")
+        self.assertEqual(summarise("a\x1bb"), "'a\\x1bb'")
+        self.assertEqual(summarise("y" * 200), "y" * 80 + "…")
+        self.assertEqual(summarise(None), "null")
+        self.assertEqual(summarise(2.5), "2.5")
+        self.assertEqual(json.loads(json.dumps(summarise({}))), "<object of 0 keys>")

@@ -1,0 +1,94 @@
+"""
+What an operator installs and runs: C{make run} without the test extras,
+and the systemd unit (C{systemd-analyze verify}, with every path it names
+created as its install comments say).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "contrib" / "openclaw.service"
+
+
+def make_dry_run(target: str) -> str:
+    if shutil.which("make") is None:
+        raise SkipTest("make is not installed")
+    return subprocess.run(
+        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+class MakefileTests(SynchronousTestCase):
+    def test_run_installs_no_test_extras(self) -> None:
+        installs = [line for line in make_dry_run("run").splitlines() if "pip install" in line]
+        self.assertIn(".venv/bin/python -m pip install --quiet .", installs)
+        self.assertNotIn("[test]", "\n".join(installs))
+
+    def test_test_installs_test_extras(self) -> None:
+        self.assertIn("pip install --quiet '.[test]'", make_dry_run("test"))
+
+
+class SystemdUnitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.text = UNIT.read_text()
+        self.directives = [line for line in self.text.splitlines() if line and not line.startswith("#")]
+        self.comments = "\n".join(line for line in self.text.splitlines() if line.startswith("#"))
+
+    def directive(self, name: str) -> list[str]:
+        return [line.split("=", 1)[1] for line in self.directives if line.startswith(name + "=")]
+
+    def test_settings(self) -> None:
+        self.assertEqual(self.directive("EnvironmentFile"), ["-/etc/openclaw/openclaw.env"])
+        (limit,) = self.directive("LimitNOFILE")
+        self.assertGreaterEqual(int(limit), 16384)
+
+    def test_install_comments_create_every_path(self) -> None:
+        """
+        Every file the unit reads is created by a command of its install
+        comments; the directories it names are systemd's own
+        (RuntimeDirectory=, StateDirectory=) or created there too.
+        """
+        named = set(re.findall(r"(?<![\w%])/(?:etc|opt|var|run|usr)/[\w./-]+", "\n".join(self.directives)))
+        self.assertTrue(named)
+        made_by_systemd = {"/run/openclaw", "/var/lib/openclaw"}
+        for path in named:
+            if any(path == d or path.startswith(d + "/") for d in made_by_systemd):
+                continue
+            self.assertIn(path, self.comments, f"{path} is named by the unit but not created by its install comments")
+        self.assertIn("StateDirectory=openclaw", self.directives)
+        self.assertIn("RuntimeDirectory=openclaw", self.directives)
+
+    def test_systemd_analyze_verify(self) -> None:
+        analyzer = shutil.which("systemd-analyze")
+        if analyzer is None:
+            raise SkipTest("systemd-analyze is not installed (Debian: apt-get install systemd)")
+        root = Path(self.mktemp()).resolve()
+        units = Path("/usr/lib/systemd/system")
+        if not units.is_dir():
+            raise SkipTest("no systemd unit directory to verify against")
+        # The paths the install comments create, in a root of their own.
+        twistd = root / "opt/openclaw/bin/twistd"
+        twistd.parent.mkdir(parents=True)
+        twistd.write_text("#!/bin/sh\n")
+        twistd.chmod(0o755)
+        (root / "etc/openclaw").mkdir(parents=True)
+        (root / "etc/openclaw/jwt_secret").write_text("x" * 48)
+        (root / "etc/openclaw/jwt_secret").chmod(0o600)
+        shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+        installed = root / "etc/systemd/system/openclaw.service"
+        installed.parent.mkdir(parents=True)
+        shutil.copy(UNIT, installed)
+        result = subprocess.run(
+            [analyzer, "verify", "--man=no", f"--root={root}", str(installed)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual((result.returncode, result.stderr, result.stdout), (0, "", ""))

@@ -1,0 +1,148 @@
+"""
+Provider keys never reach a client, a report or a log line: every text that
+comes from a provider passes one scrubber (L{openclaw.providers.errors.Scrubber}),
+on every path.  A stand-in that echoes its key (whole, as a prefix,
+URL-encoded) is swept over every path: whole answers, error bodies, stream
+error events, C{/v1/models}, C{/v1/embeddings} and health checks, for both
+providers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.providers.errors import MIN_PREFIX_CHARS, REDACTED, Scrubber, scrub
+from openclaw.testing import upstream as standin
+from tests.support import open_client
+from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
+
+#: Keys with characters that URL encoding changes, so the encoded form differs.
+KIMI_KEY = "sk-kimi/SECRET+0123456789abcdef=="
+GEMINI_KEY = "AIza-gemini/SECRET+0123456789abcdef=="
+KEYS = {"kimi": KIMI_KEY, "gemini": GEMINI_KEY}
+
+
+def echoes(key: str) -> list[str]:
+    """
+    Messages a provider might send that quote C{key}.
+    """
+    return [
+        f"API key {key} is not valid",
+        f"Consumer 'api_key:{key[: MIN_PREFIX_CHARS + 3]}' has been suspended",
+        f"GET /v1/models?key={quote(key, safe='')} refused",
+    ]
+
+
+def leaks(text: str, key: str) -> list[str]:
+    """
+    The forms of C{key} found in C{text}.
+    """
+    forms = {key, quote(key, safe=""), key[:MIN_PREFIX_CHARS], quote(key, safe="")[:MIN_PREFIX_CHARS]}
+    return [form for form in forms if form in text]
+
+
+class ScrubberTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        scrubber = Scrubber((KIMI_KEY, GEMINI_KEY))
+        for key in KEYS.values():
+            for message in echoes(key):
+                for text in (scrubber.text(message), scrubber.data(message.encode()).decode()):
+                    self.assertEqual(leaks(text, key), [], text)
+                    self.assertIn(REDACTED, text)
+
+    def test_unchanged_without_a_key(self) -> None:
+        data = b'{"choices": [{"delta": {"content": "sk-kimi/SEC"}}]}'
+        self.assertIs(Scrubber((KIMI_KEY,)).data(data), data)
+        self.assertEqual(Scrubber(()).text("text"), "text")
+
+    def test_short_keys(self) -> None:
+        # Eight to eleven characters: only whole; shorter: only as a token.
+        self.assertEqual(scrub("x12345678y and 1234567", "12345678"), f"x{REDACTED}y and 1234567")
+        self.assertEqual(scrub("key k, kite", "k"), f"key {REDACTED}, kite")
+
+
+class EveryPathTests(DataPlaneTestCase):
+    """
+    The sweep: each provider, each path, each echo; the client's text and
+    every log line are searched for the key.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.upstream.kimi.key = KIMI_KEY
+        self.upstream.gemini.key = GEMINI_KEY
+
+    def assertClean(self, text: str, where: str) -> None:
+        for provider, key in KEYS.items():
+            self.assertEqual(leaks(text, key), [], f"{provider} key in {where}: {text}")
+
+    def assertLogsClean(self) -> None:
+        for event in self.events:
+            self.assertClean(formatEvent(event), "a log line")
+            self.assertClean(repr({k: v for k, v in event.items() if not k.startswith("log_")}), "a log field")
+
+    @inlineCallbacks
+    def sweep_chat(self, provider: str, mode: str, status: int, stream: bool) -> Any:
+        gateway = self.gateway(default_provider=provider, fallback="off")
+        behaviour = self.upstream.behaviour(provider)
+        behaviour.mode = mode
+        behaviour.error_status = status
+        for first, message in enumerate(echoes(KEYS[provider])):
+            behaviour.error_message = message
+            behaviour.reply = message
+            response, text = yield self.post(
+                gateway, {"model": "x", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+            )
+            where = f"{provider} {mode} {status} stream={stream}"
+            self.assertClean(text, where)
+            if mode == standin.Mode.OK:
+                self.assertEqual(response.code, 200, text)
+            if not first:
+                # Later calls may find the key resting or set aside.
+                self.assertIn("redacted", text, where)
+
+    @inlineCallbacks
+    def test_chat(self):
+        for provider in KEYS:
+            for stream in (False, True):
+                yield self.sweep_chat(provider, standin.Mode.OK, 200, stream)
+                for status in (400, 401, 403, 429, 500):
+                    yield self.sweep_chat(provider, standin.Mode.ERROR, status, stream)
+            yield self.sweep_chat(provider, standin.Mode.STREAM_ERROR, 500, True)
+        self.assertLogsClean()
+
+    @inlineCallbacks
+    def test_models_embeddings_and_health(self):
+        for provider in KEYS:
+            gateway = self.gateway(default_provider=provider)
+            behaviour = self.upstream.behaviour(provider)
+            behaviour.mode = standin.Mode.ERROR
+            client = yield open_client(self, gateway.port)
+            for status in (400, 401, 403, 500):
+                behaviour.error_status = status
+                for first, message in enumerate(echoes(KEYS[provider])):
+                    behaviour.error_message = message
+                    response = yield self.http().get(
+                        f"http://127.0.0.1:{gateway.api_port}/v1/models",
+                        headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+                    )
+                    text = yield response.text("utf-8")
+                    self.assertClean(text, f"{provider} /v1/models {status}")
+                    if provider == "gemini":
+                        _, text = yield self.post(
+                            gateway, {"model": "gemini-embedding-001", "input": "hi"}, path="/v1/embeddings"
+                        )
+                        self.assertClean(text, f"/v1/embeddings {status}")
+                    answer = yield client.command(gateway.token, "health_check")
+                    self.assertClean(json.dumps(answer), f"{provider} health_check {status}")
+                    if not first:
+                        self.assertIn("redacted", json.dumps(answer))
+        self.assertLogsClean()
