@@ -145,7 +145,14 @@ class TwoInstances(TestCase):
                 break
             yield sleep(0.2)
         self.assertTrue(answer["ok"], answer)
-        model = yield self.chat_model(self.sdk(b.api_port))
+        # B may still be resubscribing when A's switch goes out: it has the
+        # change from its reload, within moments.
+        deadline = time.monotonic() + 5
+        while True:
+            model = yield self.chat_model(self.sdk(b.api_port))
+            if "gemini" in model or time.monotonic() > deadline:
+                break
+            yield sleep(0.1)
         self.assertIn("gemini", model)
         answer = yield on_b.command(token, "ping")
         self.assertTrue(answer["ok"], answer)
