@@ -344,7 +344,10 @@ class GatewayService(MultiService):
                 where=where,
             )
 
-        self.consumer_store.migrate().addCallback(migrated).addCallbacks(loaded, failed)
+        opened = self.consumer_store.migrate().addCallback(migrated).addCallbacks(loaded, failed)
+        #: Fires once the consumers are loaded (or could not be).
+        self.consumers_ready: Deferred[None] = Deferred()
+        opened.addBoth(lambda _: self.consumers_ready.callback(None))
         self.consumers.start(self._reactor)
         retention = settings.usage_retention_days * 86400.0
         purger = self._purger = LoopingCall(lambda: self.consumer_store.purge(self._reactor.seconds() - retention))

@@ -13,6 +13,7 @@ serialise their migrations on an advisory lock.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -142,10 +143,8 @@ def _open_sqlite(connection: sqlite3.Connection) -> None:
     # WAL is a property of the file, kept once set; turning it on needs the
     # file to itself, so another connection already on it makes this a no-op.
     if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):
             connection.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            pass
     connection.execute("PRAGMA synchronous=NORMAL")
 
 
