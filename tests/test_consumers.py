@@ -194,7 +194,7 @@ class PostgresStoreTests(StoreTests, TestCase):
         return ConsumerStore.open(postgres_database(), Path("."), reactor)
 
 
-class ConsumerGatewayTests(TestCase):
+class GatewayCase(TestCase):
     """
     A gateway in this process, the control plane to manage consumers and
     the SDK to call with their keys.
@@ -243,6 +243,8 @@ class ConsumerGatewayTests(TestCase):
             return e
         self.fail("the call was not refused")
 
+
+class ConsumerGatewayTests(GatewayCase):
     @inlineCallbacks
     def test_life_of_a_consumer(self) -> Any:
         """
@@ -393,3 +395,39 @@ class PostgresConsumerGatewayTests(ConsumerGatewayTests):
     def setUp(self) -> None:
         self.database = postgres_database()
         super().setUp()
+
+
+class ConsumerCtlTests(GatewayCase):
+    """
+    The installed openclawctl, as an operator runs it.
+    """
+
+    @inlineCallbacks
+    def ctl(self, gateway: RunningGateway, *args: str) -> Any:
+        from tests.test_ctl import run_ctl
+
+        answer = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, *args)
+        return answer
+
+    @inlineCallbacks
+    def test_ctl_life(self) -> Any:
+        gateway, _ = yield self.gateway()
+        out, err, code = yield self.ctl(gateway, "consumer", "create", "app", "--rpm", "5", "--model", "kimi/*")
+        self.assertEqual((err, code), ("", 0))
+        self.assertIn("key (shown once, keep it now): ock-", out)
+        out, err, code = yield self.ctl(gateway, "--json", "key", "create", "app")
+        key = json.loads(out)["result"]["key"]
+        yield deferToThread(self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        out, err, code = yield self.ctl(gateway, "consumer", "list")
+        self.assertIn("app", out)
+        self.assertIn("kimi/*", out)
+        out, err, code = yield self.ctl(gateway, "usage", "--since", "2026-01-01", "--group-by", "consumer")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"app +1 +0 ")
+        out, err, code = yield self.ctl(gateway, "key", "revoke", "app", key[4:12])
+        self.assertIn("revoked app's key", out)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "0")
+        self.assertEqual(code, 1)
+        self.assertIn("rpm must be", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "delete", "app")
+        self.assertEqual((out, code), ("deleted app\n", 0))
