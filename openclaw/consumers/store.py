@@ -202,9 +202,14 @@ class ConsumerStore:
         return self._interact(self._migrate)
 
     def _migrate(self, cursor: Any) -> int:
+        # Two gateways starting at once on one database: one migrates, the
+        # other waits for it, then finds the schema up to date.
         if self.dialect == "postgresql":
-            # Two instances starting at once: one migrates, the other waits.
             cursor.execute("SELECT pg_advisory_xact_lock(1919191919)")
+        else:
+            # The write lock now, before the version is read (sqlite3 would
+            # only begin a transaction at the first INSERT).
+            cursor.execute("BEGIN IMMEDIATE")
         cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         cursor.execute("SELECT version FROM schema_version")
         row = cursor.fetchone()
