@@ -9,14 +9,14 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean redis-server
+.PHONY: run test lint trial bench bench-data clean redis-server postgres
 
 run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
-test: $(STAMP) lint redis-server
+test: $(STAMP) lint redis-server postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
 
@@ -34,6 +34,16 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "make test needs redis-server for the cluster tests: run 'sudo apt-get install -y redis-server' (or put redis-server on PATH)"; exit 1; \
+	  fi; }
+
+# The consumer tests (#19) start their own postgres (initdb in a temporary
+# directory, a free port; as the postgres user when run as root).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "make test needs PostgreSQL for the consumer tests: run 'sudo apt-get install -y postgresql'"; exit 1; \
 	  fi; }
 
 trial: $(STAMP)

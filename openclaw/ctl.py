@@ -216,7 +216,140 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--model", help="the model to use (default: the provider's configured default)")
     command("health-check", "probe every provider's models listing")
     command("rotate-token", "replace the session token; every earlier token stops working")
+    _consumer_commands(command)
     return parser
+
+
+def _consumer_fields(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--budget-usd", type=float, metavar="USD", help="spend allowed per budget period")
+    sub.add_argument("--budget-period", choices=("day", "month", "total"), help="UTC day, month, or total")
+    sub.add_argument("--rpm", type=int, help="requests per minute (sliding 60 s window)")
+    sub.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
+    sub.add_argument(
+        "--model", action="append", dest="models", metavar="PATTERN", help="allowed provider/model pattern (repeat)"
+    )
+    sub.add_argument("--expires-at", metavar="WHEN", help="ISO date or UTC datetime after which its keys are refused")
+
+
+def _consumer_commands(command: Any) -> None:
+    """
+    C{consumer create|update|delete|list}, C{key create|revoke}, C{usage}
+    (issue #19).
+    """
+    consumer = command("consumer", "manage consumers: a key per team or app, with budgets and rate limits")
+    actions = consumer.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a consumer; prints its first key (shown once)")
+    create.add_argument("name")
+    _consumer_fields(create)
+    update = actions.add_parser("update", help="change a consumer's limits")
+    update.add_argument("name")
+    _consumer_fields(update)
+    actions.add_parser("delete", help="delete a consumer and its keys").add_argument("name")
+    actions.add_parser("list", help="list consumers and their key prefixes").add_argument("name", nargs="?")
+    key = command("key", "make or revoke a consumer's keys")
+    key_actions = key.add_subparsers(dest="action", metavar="ACTION", required=True)
+    key_actions.add_parser("create", help="a new key for a consumer (shown once)").add_argument("name")
+    revoke = key_actions.add_parser("revoke", help="revoke a key by the 8 characters after ock-")
+    revoke.add_argument("name")
+    revoke.add_argument("key_prefix")
+    usage = command("usage", "requests, tokens and cost per consumer, model or day")
+    usage.add_argument("--name", help="one consumer only")
+    usage.add_argument("--since", help="ISO date or UTC datetime (inclusive)")
+    usage.add_argument("--until", help="ISO date or UTC datetime (exclusive)")
+    usage.add_argument("--group-by", choices=("consumer", "model", "day"))
+
+
+def consumer_request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
+    """
+    The command and data of a consumer, key or usage command line.
+    """
+    data: dict[str, Any] = {}
+    if args.command == "usage":
+        for field in ("name", "since", "until", "group_by"):
+            if getattr(args, field) is not None:
+                data[field] = getattr(args, field)
+        return "usage", data
+    cmd = f"{args.command}_{args.action}"
+    if getattr(args, "name", None) is not None:
+        data["name"] = args.name
+    if cmd == "key_revoke":
+        data["key_prefix"] = args.key_prefix
+    if cmd in ("consumer_create", "consumer_update"):
+        for field in ("budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at"):
+            value = getattr(args, field)
+            if value is not None:
+                data[field] = value
+    return cmd, data
+
+
+def format_consumers(result: Mapping[str, Any]) -> str:
+    """
+    A table for people: one consumer per line.
+    """
+    if "consumers" not in result:
+        consumer = result.get("consumer")
+        lines = []
+        if consumer is not None:
+            lines.append(format_consumers({"consumers": [consumer]}))
+        if result.get("deleted"):
+            lines.append(f"deleted {result['deleted']}")
+        if result.get("revoked"):
+            lines.append(f"revoked {result['name']}'s key ock-{result['revoked']}...; {result['keys_left']} left")
+        if result.get("key"):
+            lines.append(f"key (shown once, keep it now): {result['key']}")
+        return "\n".join(lines)
+    rows: list[tuple[str, ...]] = [("NAME", "BUDGET", "SPENT", "RPM", "TPM", "MODELS", "EXPIRES", "KEYS")]
+    for c in result["consumers"]:
+        budget = "-" if c["budget_usd"] is None else f"{c['budget_usd']:g}/{c['budget_period']}"
+        rows.append(
+            (
+                c["name"],
+                budget,
+                f"{c.get('spent_usd', 0):.4f}",
+                str(c["rpm"] or "-"),
+                str(c["tpm"] or "-"),
+                ",".join(c["models"]) or "*",
+                c["expires_at"] or "-",
+                ",".join(k["prefix"] for k in c.get("keys", [])) or "-",
+            )
+        )
+    return _table(rows)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def format_usage(result: Mapping[str, Any]) -> str:
+    group = result.get("group_by")
+    groups = result.get("groups") if group else [result["total"]]
+    rows: list[tuple[str, ...]] = [
+        (
+            (group or "").upper() or "TOTAL",
+            "REQUESTS",
+            "LIMITED",
+            "PROMPT",
+            "COMPLETION",
+            "REASONING",
+            "COST_USD",
+            "UNPRICED",
+        )
+    ]
+    rows.extend(
+        (
+            str(g.get(group, "all")) if group else "all",
+            str(g["requests"]),
+            str(g["limited"]),
+            str(g["prompt_tokens"]),
+            str(g["completion_tokens"]),
+            str(g["reasoning_tokens"]),
+            "-" if g["cost_usd"] is None else f"{g['cost_usd']:.6f}",
+            str(g["unpriced_tokens"]),
+        )
+        for g in groups or []
+    )
+    return _table(rows)
 
 
 def choose_token(token: str | None, token_file: Path | None, environ: Mapping[str, str]) -> str:
@@ -315,7 +448,9 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         raise UsageError("--cafile is only for wss:// URLs")
     token = choose_token(args.token, args.token_file, environ)
     cmd = args.command.replace("-", "_")
-    data = None
+    data: dict[str, Any] | None = None
+    if cmd in ("consumer", "key", "usage"):
+        cmd, data = consumer_request(args)
     if cmd == "switch_provider":
         data = {"provider": args.provider}
         if args.model is not None:
@@ -505,7 +640,8 @@ def render(
             "switch_provider": lambda: format_switch(result),
             "health_check": lambda: format_health(result),
             "rotate_token": lambda: format_rotation(result, saved_to),
-        }[request.cmd]()
+            "usage": lambda: format_usage(result),
+        }.get(request.cmd, lambda: format_consumers(result))()
     else:
         out = ""
     return Report(

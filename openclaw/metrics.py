@@ -519,3 +519,63 @@ class MeasuredAgent:
     def _failed(self, reason: Any, provider: str, started: float) -> Any:
         self._tally.record(provider, "error", self._clock() - started)
         return reason
+
+
+class ConsumerMetrics:
+    """
+    The consumers' counters (issue #19), labelled by consumer name (C{-}
+    for GATEWAY_API_KEYS' keys): C{openclaw_consumer_requests_total
+    {consumer,status}}, C{openclaw_consumer_tokens_total{consumer,kind}}
+    (kind: prompt, completion, reasoning; reasoning is part of completion),
+    C{openclaw_consumer_spend_usd_total{consumer}} and
+    C{openclaw_consumer_limited_total{consumer,reason}} (reason: the error
+    code, C{rate_limit_exceeded}, C{insufficient_quota},
+    C{model_not_allowed}).  Names are the operator's, so the series are
+    bounded by the consumers made; labelled children are resolved once.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._requests = Counter(
+            "openclaw_consumer_requests",
+            "Model calls by consumer and HTTP status (limited ones included)",
+            ["consumer", "status"],
+            registry=registry,
+        )
+        self._tokens = Counter(
+            "openclaw_consumer_tokens",
+            "Tokens by consumer and kind (prompt, completion, reasoning; reasoning is part of completion)",
+            ["consumer", "kind"],
+            registry=registry,
+        )
+        self._spend = Counter(
+            "openclaw_consumer_spend_usd", "Spend in US dollars by consumer (priced models only)", ["consumer"],
+            registry=registry,
+        )  # fmt: skip
+        self._limited = Counter(
+            "openclaw_consumer_limited",
+            "Calls refused by a consumer's limits, by consumer and reason",
+            ["consumer", "reason"],
+            registry=registry,
+        )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, counter: Counter, *labels: str) -> Any:
+        key = (str(id(counter)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        return child
+
+    def requests(self, consumer: str, status: int) -> None:
+        self._child(self._requests, consumer, str(status)).inc()
+
+    def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None:
+        for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
+            if count:
+                self._child(self._tokens, consumer, kind).inc(count)
+
+    def spend(self, consumer: str, usd: float) -> None:
+        self._child(self._spend, consumer).inc(usd)
+
+    def limited(self, consumer: str, reason: str) -> None:
+        self._child(self._limited, consumer, reason).inc()

@@ -22,6 +22,7 @@ from twisted.internet.defer import (
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -29,13 +30,17 @@ from twisted.web.server import Site
 
 from openclaw.cluster.node import ClusterNode
 from openclaw.cluster.redis import RedisStore
+from openclaw.consumers.commands import ConsumerCommands
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.store import ConsumerStore
+from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.site import APISite, build_site
-from openclaw.metrics import GatewayMetrics, MeasuredAgent, MetricsResource
+from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
@@ -186,6 +191,17 @@ class GatewayService(MultiService):
             provider_states=self.providers.states,
             instance_status=self.instance_status,
         )
+        #: The consumers (issue #19): their database, and the table the
+        #: data plane checks, loaded at start.
+        self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor)
+        self.consumers = ConsumerTable(
+            self.consumer_store,
+            PriceTable.with_overrides(settings.price_overrides),
+            clock=reactor.seconds,
+            metrics=ConsumerMetrics(self.metrics.registry),
+        )
+        commands.extra = ConsumerCommands(self.consumers, reactor.seconds).handlers()
+        self._purger: LoopingCall | None = None
         #: This process's id in the cluster (host name and process id).
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self.worker = 0
@@ -218,6 +234,7 @@ class GatewayService(MultiService):
                 self.metrics.api_requests,
                 self.metrics.call_costs,
                 count_fallback,
+                self.consumers,
             )
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
@@ -289,6 +306,7 @@ class GatewayService(MultiService):
         for line in self.settings.warnings:
             self._log.warn("{config_warning}", config_warning=line)
         self._warn_about_setup()
+        self._open_consumers()
         if self.cluster is not None and self._redis is not None:
             # The token is the cluster's: issued by the first instance,
             # adopted by the others, announced once known.
@@ -302,6 +320,41 @@ class GatewayService(MultiService):
         else:
             self._announce(self.sessions.issue())
         super().startService()
+
+    def _open_consumers(self) -> None:
+        """
+        Bring the consumers' database up to date, load the table, and start
+        the usage writer and the purge of rows older than
+        USAGE_RETENTION_DAYS (hourly).
+        """
+        settings = self.settings
+        where = "DATABASE_URL" if settings.database_url else str(self.settings.state_dir / "openclaw.db")
+
+        def migrated(version: int) -> Deferred[None]:
+            self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
+            return self.consumers.reload()
+
+        def loaded(_: None) -> None:
+            self._log.info("{count} consumer(s) loaded", count=len(self.consumers.consumers))
+
+        def failed(reason: Failure) -> None:
+            self._log.failure(
+                "the consumers' database {where} cannot be used: consumer keys are refused until it can; "
+                "check DATABASE_URL (or that STATE_DIR is writable) and restart",
+                reason,
+                log_level=LogLevel.critical,
+                where=where,
+            )
+
+        opened = self.consumer_store.migrate().addCallback(migrated).addCallbacks(loaded, failed)
+        #: Fires once the consumers are loaded (or could not be).
+        self.consumers_ready: Deferred[None] = Deferred()
+        opened.addBoth(lambda _: self.consumers_ready.callback(None))
+        self.consumers.start(self._reactor)
+        retention = settings.usage_retention_days * 86400.0
+        purger = self._purger = LoopingCall(lambda: self.consumer_store.purge(self._reactor.seconds() - retention))
+        purger.clock = self._reactor
+        purger.start(3600, now=False).addErrback(lambda f: self._log.failure("usage purge stopped", f))
 
     def _warn_about_setup(self) -> None:
         """
@@ -392,6 +445,12 @@ class GatewayService(MultiService):
         if self.api_site is not None:
             yield self.api_site.close_connections()
         yield self.providers.close()
+        if self._purger is not None and self._purger.running:
+            self._purger.stop()
+        try:
+            yield self.consumers.stop()
+        finally:
+            self.consumer_store.close()
         if self.cluster is not None and self._redis is not None:
             self.cluster.stop()
             yield self._redis.stop()

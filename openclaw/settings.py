@@ -255,6 +255,17 @@ class Settings:
     #: as warnings when the gateway starts.
     warnings: tuple[str, ...] = ()
 
+    # Consumers (issue #19, openclaw.consumers).
+    #: C{postgresql://user:password@host:port/db}; None: SQLite in
+    #: C{STATE_DIR/openclaw.db}.
+    database_url: str | None = attrs.field(default=None, repr=False)
+    #: Days usage rows are kept.
+    usage_retention_days: int = 90
+    #: C{PRICES_FILE}, and the prices it holds (C{provider/model} -> price),
+    #: over the shipped table.
+    prices_file: Path | None = None
+    price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
+
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
             raise ValueError(
@@ -552,6 +563,23 @@ def _own_directory(path: Path) -> Path:
     return path
 
 
+def _database_url(text: str) -> str:
+    parsed = urlsplit(text)
+    if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.query):
+        raise ValueError
+    parsed.port  # noqa: B018 (raises ValueError on a bad port)
+    return text
+
+
+def _prices(path: str) -> Mapping[str, Any]:
+    from openclaw.consumers.prices import PricesError, load_prices_file
+
+    try:
+        return load_prices_file(Path(path))
+    except PricesError as e:
+        raise ConfigError(f"{e}; see README.rst, Consumers, for the form") from None
+
+
 def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
@@ -718,6 +746,7 @@ def load_settings(
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
     else:
         state_path = cwd or Path.cwd()
+    prices_file = read("PRICES_FILE", str, "", "")
 
     settings = Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
@@ -888,6 +917,17 @@ def load_settings(
             defaults.auth_lockout_exempt,
             "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1",
         ),
+        database_url=read(
+            "DATABASE_URL",
+            _database_url,
+            None,
+            "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR",
+        ),
+        usage_retention_days=read(
+            "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
+        ),
+        prices_file=Path(prices_file) if prices_file else None,
+        price_overrides=_prices(prices_file) if prices_file else {},
     )
     for adapter in declared:
         known.update(

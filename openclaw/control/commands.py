@@ -27,11 +27,25 @@ Result = dict[str, Any]
 Answer = Result | Deferred[Result]
 
 #: Every command, in the order errors list them.
-COMMANDS = ("ping", "status", "switch_provider", "health_check", "rotate_token")
+COMMANDS: tuple[str, ...] = ("ping", "status", "switch_provider", "health_check", "rotate_token")
 
 #: Commands that change something: each is written to the audit log.
 #: The others (ping, status) are read-only and high-rate: debug level only.
 AUDITED = frozenset({"switch_provider", "health_check", "rotate_token"})
+
+#: The consumer commands (issue #19, L{openclaw.consumers.commands}); each
+#: is audited like switch_provider.
+CONSUMER_COMMANDS = (
+    "consumer_create",
+    "consumer_update",
+    "consumer_delete",
+    "consumer_list",
+    "key_create",
+    "key_revoke",
+    "usage",
+)
+COMMANDS = COMMANDS + CONSUMER_COMMANDS
+AUDITED = AUDITED | frozenset(CONSUMER_COMMANDS)
 
 
 class CommandError(Exception):
@@ -121,6 +135,8 @@ class ControlCommands:
     share_switch: Callable[[Route], Deferred[Route]] | None = None
     #: Extra fields of C{status}: C{instance}, C{worker}, C{instances_seen}.
     instance_status: Callable[[], dict[str, Any]] | None = None
+    #: More commands by name (the consumer commands), after the five.
+    extra: dict[str, Callable[[object], Answer]] = attrs.Factory(dict)
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -129,6 +145,7 @@ class ControlCommands:
             "switch_provider": self.switch_provider,
             "health_check": self.health_check,
             "rotate_token": self.rotate_token,
+            **self.extra,
         }
 
     def ping(self, data: object) -> Result:

@@ -1,15 +1,20 @@
 """
-Who may call the API: a bearer key from GATEWAY_API_KEYS.
+Who may call the API: a bearer key from GATEWAY_API_KEYS, or a consumer's
+key (L{openclaw.consumers}).
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from openclaw.dataplane.errors import APIError, unauthorized
+
+if TYPE_CHECKING:
+    from openclaw.consumers.table import ConsumerTable, Holder
 
 _BEARER = b"bearer "
 
@@ -23,20 +28,35 @@ class GatewayKeys:
     """
 
     _keys: tuple[bytes, ...] = attrs.field(repr=False)
+    #: The consumers' keys, held in memory (None: no consumers).
+    consumers: ConsumerTable | None = attrs.field(default=None, repr=False)
 
     @classmethod
-    def of(cls, keys: Iterable[str]) -> GatewayKeys:
-        return cls(tuple(key.encode("utf-8") for key in keys))
+    def of(cls, keys: Iterable[str], consumers: ConsumerTable | None = None) -> GatewayKeys:
+        return cls(tuple(key.encode("utf-8") for key in keys), consumers)
 
     def check(self, authorization: bytes | None) -> APIError | None:
         """
         None when the C{Authorization} header value carries an accepted
         key, else the 401 to answer.  The presented key is never echoed.
         """
-        if not self._keys:
+        holder = self.identify(authorization)
+        return holder if isinstance(holder, APIError) else None
+
+    def identify(self, authorization: bytes | None) -> Holder | APIError:
+        """
+        Who holds the key the C{Authorization} header value carries: a
+        consumer, or L{openclaw.consumers.table.GATEWAY} for a key of
+        GATEWAY_API_KEYS; else the 401 to answer.
+        """
+        from openclaw.consumers.table import GATEWAY
+
+        consumers = self.consumers
+        if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(
-                "the gateway accepts no API calls because GATEWAY_API_KEYS is not set; "
-                "the operator must set it (comma-separated keys) and restart the gateway",
+                "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "
+                "the operator must set it (comma-separated keys) and restart the gateway, "
+                "or create a consumer (openclawctl consumer create NAME)",
                 code="gateway_api_keys_not_set",
             )
         if authorization is None:
@@ -48,9 +68,16 @@ class GatewayKeys:
         if authorization[:7].lower() != _BEARER:
             return unauthorized("the Authorization header must be 'Bearer <key>'")
         presented = authorization[7:].strip()
+        if consumers is not None and presented.startswith(b"ock-"):
+            holder = consumers.identify(presented)
+            if holder is not None:
+                return holder
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(presented, key)
         if not matched:
-            return unauthorized("incorrect API key: it is not one of the gateway's GATEWAY_API_KEYS")
-        return None
+            return unauthorized(
+                "incorrect API key: it is not one of the gateway's GATEWAY_API_KEYS nor a consumer's key "
+                "(revoked, deleted, or mistyped)"
+            )
+        return GATEWAY

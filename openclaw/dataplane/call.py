@@ -27,6 +27,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
+from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait, answer_usage
 from openclaw.dataplane.errors import (
@@ -84,6 +85,10 @@ class ChatCall:
     started: float
     #: The caller named the provider (C{"kimi/..."}): never failed over.
     pinned: bool = False
+    #: Who holds the call's key (a consumer, or GATEWAY's C{-}).
+    holder: Holder = GATEWAY
+    #: A whole answer's C{usage}, for the consumer's accounting.
+    _usage: Any = None
     #: What the call waits for now, for the timeout message.
     _waiting_for: str = _HEADERS
     #: The upstream step in flight (headers or a whole body), cancellable.
@@ -198,7 +203,8 @@ class ChatCall:
             answer = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
-        self.context.costs.tokens(self.route.provider_id, self.route.model, answer_usage(answer))
+        usage = self._usage = answer_usage(answer)
+        self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)
         self._finish_call()
@@ -438,20 +444,34 @@ class ChatCall:
         stop waiting on it closes the connection only after the answer) and
         log it.
         """
-        self._count_costs()
+        self._count_costs(status)
         self.context.chat_calls.discard(self)
         self.context.call_ended()
-        self.context.completed(self.request, self.started, status, self.route, self.chat.stream, outcome)
+        self.context.completed(
+            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer
+        )
 
-    def _count_costs(self) -> None:
+    def _count_costs(self, status: int) -> None:
         """
         Count a stream's usage (whole answers count theirs as they are
         read) and the gateway's own time: all of it but the waits on the
         provider.
         """
         costs = self.context.costs
+        usage = self._usage
         if self._translation is not None:
-            costs.tokens(self.route.provider_id, self.route.model, self._translation.usage)
+            usage = self._translation.usage
+            costs.tokens(self.route.provider_id, self.route.model, usage)
+        consumers = self.context.consumers
+        if consumers is not None:
+            consumers.account(
+                self.holder,
+                self.route.provider_id,
+                self.route.model,
+                status,
+                usage,
+                self.context.reactor.seconds() - self.started,
+            )
         wait = self.provider_wait
         wait.end()
         costs.overhead(self.context.reactor.seconds() - self.started - wait.waited)

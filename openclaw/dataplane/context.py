@@ -6,7 +6,7 @@ keys, the time limit, and the accounting of each finished request.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -20,6 +20,9 @@ from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.settings import Settings
+
+if TYPE_CHECKING:
+    from openclaw.consumers.table import ConsumerTable
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 
@@ -74,6 +77,8 @@ class APIContext:
     #: API connections refused at once, by reason (the cap they hit).
     refused_connections: dict[str, int] = attrs.field(factory=dict)
     _refusal_warned_at: float | None = attrs.field(default=None, repr=False)
+    #: The consumers (issue #19): their keys, limits and accounting.
+    consumers: ConsumerTable | None = None
 
     def call_started(self) -> None:
         self.in_flight += 1
@@ -116,11 +121,13 @@ class APIContext:
         tally: RequestTally,
         costs: CallCosts | None = None,
         count_fallback: Callable[[str, str, str], None] | None = None,
+        consumers: ConsumerTable | None = None,
     ) -> APIContext:
         context = cls(
             route=route,
             providers=providers,
-            keys=GatewayKeys.of(settings.gateway_api_keys),
+            keys=GatewayKeys.of(settings.gateway_api_keys, consumers),
+            consumers=consumers,
             timeout=settings.upstream_timeout,
             reactor=reactor,
             tally=tally,
@@ -190,11 +197,13 @@ class APIContext:
         route: Route | None = None,
         stream: bool = False,
         outcome: str | None = None,
+        consumer: str | None = None,
     ) -> None:
         """
         Count one finished API request, and log it (structured fields, no
         body, no key) when its level is on.  C{outcome} is the error code
-        when there was one.
+        when there was one; C{consumer} the name of the key's consumer
+        (C{-} for GATEWAY_API_KEYS; None before a key was checked).
         """
         seconds = self.reactor.seconds() - started
         self.tally.record(route.provider_id if route else "-", status, seconds)
@@ -208,8 +217,9 @@ class APIContext:
             return
         self.log.emit(
             level,
-            "{method} {path} {status} via {route} in {duration_ms} ms",
+            "{method} {path} {status} via {route} for {consumer} in {duration_ms} ms",
             method=request.method.decode("ascii", "replace"),
+            consumer=consumer or "-",
             path=request.path.decode("ascii", "replace"),
             status=status,
             route=f"{route.provider_id}/{route.model}" if route else "-",

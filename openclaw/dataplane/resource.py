@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.call import ChatCall
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
@@ -183,14 +185,18 @@ class Readyz(APIResource):
 
 
 class _Authenticated(APIResource):
-    def authenticate(self, request: Request, started: float) -> None:
+    def authenticate(self, request: Request, started: float) -> Holder:
         """
-        @raise APIError: 401 unless the request carries a gateway key.
+        Who holds the request's key: a consumer, or L{GATEWAY}.
+
+        @raise APIError: 401 unless the request carries a gateway or
+            consumer key.
         """
-        error = self.context.keys.check(request.getHeader(b"authorization"))
-        if error is not None:
-            self.context.completed(request, started, error.status, outcome=error.code)
-            raise error
+        holder = self.context.keys.identify(request.getHeader(b"authorization"))
+        if isinstance(holder, APIError):
+            self.context.completed(request, started, holder.status, outcome=holder.code)
+            raise holder
+        return holder
 
     def usable(self, request: Request, provider_id: str, started: float) -> ProviderAdapter:
         """
@@ -288,7 +294,7 @@ class ChatCompletions(_Authenticated):
     def render_POST(self, request: Request) -> Any:
         context = self.context
         started = context.reactor.seconds()
-        self.authenticate(request, started)
+        holder = self.authenticate(request, started)
         active = context.route.current
         try:
             chat = parse_chat_request(request.content.read() if request.content is not None else b"")
@@ -297,13 +303,55 @@ class ChatCompletions(_Authenticated):
             wire = adapter.wire
             body = wire.request_body(chat, route.model)
         except APIError as error:
-            context.completed(request, started, error.status, outcome=error.code)
+            context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise
         # choose_route gives the active route itself unless the model named
         # a provider: a call pinned that way is never failed over.
-        call = ChatCall(context, request, adapter, route, wire, chat, started, pinned=route is not active)
+        call = ChatCall(
+            context, request, adapter, route, wire, chat, started, pinned=route is not active, holder=holder
+        )
+        consumers = context.consumers
+        if consumers is None or holder is GATEWAY:
+            call.start(body)
+            return NOT_DONE_YET
+        admitted = consumers.admit(holder, route.provider_id, route.model)
+        if isinstance(admitted, Deferred):
+            # A cluster's shared windows: one round trip to Redis.
+            context.call_started()
+            gone: list[bool] = []
+            request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+            def decided(refusal: APIError | None) -> None:
+                context.call_ended()
+                if gone:
+                    return
+                if refusal is None:
+                    call.start(body)
+                else:
+                    self._refused(request, refusal, started, route, holder)
+
+            admitted.addCallback(decided).addErrback(
+                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
+            )
+            return NOT_DONE_YET
+        if admitted is not None:
+            return self._refused(request, admitted, started, route, holder, write=False)
         call.start(body)
         return NOT_DONE_YET
+
+    def _refused(
+        self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
+    ) -> bytes:
+        """
+        Answer a consumer's call its limits refuse (403, 429).
+        """
+        self.context.completed(request, started, refusal.status, route, outcome=refusal.code, consumer=holder.consumer)
+        body = error_response(request, refusal)
+        if write:
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+        return body
 
 
 def build_resource(context: APIContext) -> Resource:

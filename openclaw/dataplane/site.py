@@ -41,6 +41,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.connections import OpenConnections
+from openclaw.consumers.table import ConsumerTable
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
@@ -491,6 +492,7 @@ def build_site(
     tally: RequestTally,
     costs: CallCosts | None = None,
     count_fallback: Callable[[str, str, str], None] | None = None,
+    consumers: ConsumerTable | None = None,
 ) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}).
@@ -500,8 +502,9 @@ def build_site(
     @param costs: where each chat call's tokens and times are counted (the
         service's C{openclaw_api_tokens} and kin).
     @param count_fallback: counts each failover, C{(from, to, reason)}.
+    @param consumers: the consumers' keys, limits and accounting (issue #19).
     """
-    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs, count_fallback)
+    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs, count_fallback, consumers)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)

@@ -1,0 +1,181 @@
+"""
+The control plane's consumer commands (issue #19), in the same envelope
+as the others and audited like C{switch_provider}:
+
+ - C{consumer_create} C{{name, budget_usd?, budget_period?, rpm?, tpm?,
+   models?, expires_at?}} -> the consumer and its first key (shown once);
+ - C{consumer_update} (the same fields; C{name} required) -> the consumer;
+ - C{consumer_delete} C{{name}}; C{key_create} C{{name}} -> a new key;
+ - C{key_revoke} C{{name, key_prefix}}; C{consumer_list} C{{name?}};
+ - C{usage} C{{name?, since?, until?, group_by?}} -> per group (or in
+   total): C{requests}, C{limited}, C{prompt_tokens},
+   C{completion_tokens}, C{reasoning_tokens}, C{cost_usd} (None when
+   nothing was priced), C{unpriced_tokens}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from openclaw.consumers.model import (
+    Consumer,
+    InvalidConsumer,
+    NewKey,
+    check_name,
+    consumer_fields,
+    parse_time,
+)
+from openclaw.consumers.store import GROUPS
+from openclaw.consumers.table import ConsumerTable
+from openclaw.control.commands import CONSUMER_COMMANDS, CommandError, Result
+
+
+def _data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CommandError("data must be a JSON object")
+    if allowed is not None:
+        unknown = data.keys() - allowed
+        if unknown:
+            raise CommandError(
+                f"unknown field(s) in data: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+            )
+    return data
+
+
+def _name(data: Mapping[str, Any]) -> str:
+    try:
+        return check_name(data.get("name"))
+    except InvalidConsumer as e:
+        raise CommandError(f"data.{e}") from None
+
+
+def _database_failed(failure: Failure) -> Failure:
+    if failure.check(CommandError):
+        return failure
+    return Failure(CommandError(f"the consumers' database refused the change: {failure.getErrorMessage()}"))
+
+
+class ConsumerCommands:
+    def __init__(self, table: ConsumerTable, clock: Callable[[], float]) -> None:
+        self.table = table
+        self.clock = clock
+
+    def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
+        return {
+            "consumer_create": self.consumer_create,
+            "consumer_update": self.consumer_update,
+            "consumer_delete": self.consumer_delete,
+            "consumer_list": self.consumer_list,
+            "key_create": self.key_create,
+            "key_revoke": self.key_revoke,
+            "usage": self.usage,
+        }
+
+    def _existing(self, name: str) -> Consumer:
+        consumer = self.table.consumers.get(name)
+        if consumer is None:
+            known = ", ".join(sorted(self.table.consumers)) or "none yet; create one with consumer_create"
+            raise CommandError(f"no consumer named {name!r}; consumers: {known}")
+        return consumer
+
+    def consumer_create(self, data: object) -> Deferred[Result]:
+        fields = _data(data)
+        name = _name(fields)
+        if name in self.table.consumers:
+            raise CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
+        try:
+            consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
+        except InvalidConsumer as e:
+            raise CommandError(str(e)) from None
+
+        def created(key: NewKey) -> Result:
+            return {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
+
+        return self.table.create(consumer).addCallbacks(created, _database_failed)
+
+    def consumer_update(self, data: object) -> Deferred[Result]:
+        fields = _data(data)
+        current = self._existing(_name(fields))
+        try:
+            consumer = consumer_fields(fields, current)
+        except InvalidConsumer as e:
+            raise CommandError(str(e)) from None
+        return self.table.update(consumer).addCallbacks(
+            lambda _: {"consumer": self.table.describe(consumer.name)}, _database_failed
+        )
+
+    def consumer_delete(self, data: object) -> Deferred[Result]:
+        name = _name(_data(data, frozenset({"name"})))
+        self._existing(name)
+        return self.table.delete(name).addCallbacks(lambda _: {"deleted": name}, _database_failed)
+
+    def consumer_list(self, data: object) -> Result:
+        fields = _data(data, frozenset({"name"}))
+        if "name" in fields:
+            name = _name(fields)
+            self._existing(name)
+            names = [name]
+        else:
+            names = sorted(self.table.consumers)
+        return {"consumers": [self.table.describe(name) for name in names]}
+
+    def key_create(self, data: object) -> Deferred[Result]:
+        name = _name(_data(data, frozenset({"name"})))
+        self._existing(name)
+        return self.table.add_key(name).addCallbacks(
+            lambda key: {"name": name, "key": key.key, "key_prefix": key.prefix}, _database_failed
+        )
+
+    def key_revoke(self, data: object) -> Deferred[Result]:
+        fields = _data(data, frozenset({"name", "key_prefix"}))
+        name = _name(fields)
+        self._existing(name)
+        prefix = fields.get("key_prefix")
+        if not isinstance(prefix, str) or prefix not in self.table.key_prefixes(name):
+            listed = ", ".join(self.table.key_prefixes(name)) or "none"
+            raise CommandError(
+                f"data.key_prefix must be one of {name!r}'s keys, as consumer_list shows them (the 8 characters "
+                f"after ock-): {listed}"
+            )
+
+        def revoked(count: int) -> Result:
+            return {"name": name, "revoked": prefix, "keys_left": len(self.table.key_prefixes(name))}
+
+        return self.table.revoke_key(name, prefix).addCallbacks(revoked, _database_failed)
+
+    def usage(self, data: object) -> Deferred[Result]:
+        fields = _data(data, frozenset({"name", "since", "until", "group_by"}))
+        name = _name(fields) if fields.get("name") is not None else None
+        group_by = fields.get("group_by")
+        if group_by is not None and group_by not in GROUPS:
+            raise CommandError(f"data.group_by must be one of {', '.join(GROUPS)}")
+        try:
+            since = None if fields.get("since") is None else parse_time(fields["since"], "since")
+            until = None if fields.get("until") is None else parse_time(fields["until"], "until")
+        except InvalidConsumer as e:
+            raise CommandError(str(e)) from None
+        # What is counted but not yet written is part of the answer.
+        flushed = self.table.flush()
+
+        def query(_: None) -> Deferred[list[dict[str, Any]]]:
+            return self.table.store.usage(name, since, until, group_by)
+
+        def answered(rows: list[dict[str, Any]]) -> Result:
+            result: Result = {"name": name, "since": fields.get("since"), "until": fields.get("until")}
+            if group_by is None:
+                result["total"] = rows[0]
+            else:
+                result["group_by"] = group_by
+                result["groups"] = rows
+            return result
+
+        return flushed.addCallback(query).addCallbacks(answered, _database_failed)
+
+
+__all__ = ["CONSUMER_COMMANDS", "ConsumerCommands"]

@@ -1,0 +1,253 @@
+"""
+Consumers and their keys: what each field may hold, and how a key is made,
+stored and shown.
+
+A key is C{ock-} followed by 40 URL-safe random characters (240 bits from
+L{secrets.token_urlsafe}); it is shown once, when made.  The gateway keeps
+only its SHA-256 (hex) and its I{prefix}: the first 8 characters after
+C{ock-}, which lists and logs show.
+"""
+
+from __future__ import annotations
+
+import calendar
+import fnmatch
+import hashlib
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+KEY_PREFIX = "ock-"
+#: Random characters after C{ock-}.
+KEY_RANDOM_CHARS = 40
+#: Characters after C{ock-} a key is listed and logged by.
+SHOWN_CHARS = 8
+PERIODS = ("day", "month", "total")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: The consumer name usage is recorded under for GATEWAY_API_KEYS' keys.
+NO_CONSUMER = "-"
+
+
+class InvalidConsumer(ValueError):
+    """
+    A consumer's fields are unusable; the message says which and what to send.
+    """
+
+
+def key_hash(key: bytes) -> str:
+    """
+    The SHA-256 of a key, in hex: what the database and the table hold.
+    """
+    return hashlib.sha256(key).hexdigest()
+
+
+@attrs.frozen
+class NewKey:
+    """
+    A key just made: C{key} is shown once, then only C{prefix} and C{hash}
+    are kept.
+    """
+
+    key: str = attrs.field(repr=False)
+    prefix: str
+    hash: str = attrs.field(repr=False)
+
+    @classmethod
+    def make(cls) -> NewKey:
+        while True:
+            random = secrets.token_urlsafe(KEY_RANDOM_CHARS)[:KEY_RANDOM_CHARS]
+            if len(random) == KEY_RANDOM_CHARS:
+                break
+        key = KEY_PREFIX + random
+        return cls(key, random[:SHOWN_CHARS], key_hash(key.encode("ascii")))
+
+
+@attrs.frozen
+class Consumer:
+    """
+    One consumer.
+
+    @ivar budget_usd: spend allowed per C{budget_period}, in US dollars;
+        None: no budget.
+    @ivar budget_period: C{day} or C{month} (UTC calendar days and months)
+        or C{total}.
+    @ivar rpm: requests per minute (a sliding 60 s window); None: no limit.
+    @ivar tpm: tokens (prompt + completion) per minute; None: no limit.
+    @ivar models: allowed C{provider/model} patterns (L{fnmatch}, e.g.
+        C{gemini/*}); empty: every model.
+    @ivar expires_at: POSIX seconds after which its keys are refused.
+    """
+
+    name: str
+    budget_usd: float | None = None
+    budget_period: str = "month"
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] = ()
+    expires_at: float | None = None
+    created_at: float = 0.0
+
+    def allows(self, provider: str, model: str) -> bool:
+        """
+        Whether C{provider/model} matches one of L{models} (case-sensitive).
+        """
+        if not self.models:
+            return True
+        target = f"{provider}/{model}"
+        return any(fnmatch.fnmatchcase(target, pattern) for pattern in self.models)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def describe(self, keys: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """
+        The consumer as commands answer it (no key, no hash).
+        """
+        document: dict[str, Any] = {
+            "name": self.name,
+            "budget_usd": self.budget_usd,
+            "budget_period": self.budget_period,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "models": list(self.models),
+            "expires_at": None if self.expires_at is None else isoformat_utc(self.expires_at),
+            "created_at": isoformat_utc(self.created_at),
+        }
+        if keys is not None:
+            document["keys"] = keys
+        return document
+
+
+def isoformat_utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(value: object, field: str) -> float:
+    """
+    An ISO date (C{2026-11-01}: its start, UTC) or datetime (naive: UTC) as
+    POSIX seconds.
+
+    @raise InvalidConsumer: anything else.
+    """
+    if not isinstance(value, str):
+        raise InvalidConsumer(f"{field} must be an ISO date or datetime string, such as 2026-11-01")
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise InvalidConsumer(
+            f"{field}={value!r} is not an ISO date or datetime; use e.g. 2026-11-01 or 2026-11-01T12:00:00Z"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def period_key(period: str, now: float) -> str:
+    """
+    The budget period C{now} falls in: C{2026-11-03} (day), C{2026-11}
+    (month) or C{total}; UTC.
+    """
+    if period == "total":
+        return "total"
+    moment = time.gmtime(now)
+    if period == "day":
+        return time.strftime("%Y-%m-%d", moment)
+    return time.strftime("%Y-%m", moment)
+
+
+def period_end(period: str, now: float) -> float | None:
+    """
+    When the period C{now} falls in ends (POSIX seconds), None for C{total}.
+    """
+    moment = time.gmtime(now)
+    if period == "day":
+        return calendar.timegm((moment.tm_year, moment.tm_mon, moment.tm_mday, 0, 0, 0)) + 86400.0
+    if period == "month":
+        year, month = (moment.tm_year + 1, 1) if moment.tm_mon == 12 else (moment.tm_year, moment.tm_mon + 1)
+        return float(calendar.timegm((year, month, 1, 0, 0, 0)))
+    return None
+
+
+_FIELDS = frozenset({"name", "budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at"})
+
+
+def _optional_positive_int(value: object, field: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value <= 0:
+        raise InvalidConsumer(f"{field} must be a whole number greater than 0, or null for no limit")
+    return value
+
+
+def check_name(value: object) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value == NO_CONSUMER:
+        raise InvalidConsumer(
+            "name must be 1 to 64 letters, digits, '-', '_' or '.' (and not '-' alone), such as team-search"
+        )
+    return value
+
+
+def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Consumer:
+    """
+    A consumer from a command's C{data}: a new one (C{base} None; C{name}
+    required) or C{base} with the fields C{data} gives changed.
+
+    @raise InvalidConsumer: a field is missing, unknown or invalid.
+    """
+    unknown = data.keys() - _FIELDS
+    if unknown:
+        raise InvalidConsumer(f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_FIELDS))}")
+    name = check_name(data.get("name"))
+    current = base or Consumer(name)
+    changes: dict[str, Any] = {}
+    if "budget_usd" in data:
+        budget = data["budget_usd"]
+        if budget is not None and (type(budget) not in (int, float) or not budget >= 0 or budget == float("inf")):
+            raise InvalidConsumer("budget_usd must be a number of US dollars, 0 or more, or null for no budget")
+        changes["budget_usd"] = None if budget is None else float(budget)
+    if "budget_period" in data:
+        period = data["budget_period"]
+        if period not in PERIODS:
+            raise InvalidConsumer("budget_period must be day, month or total (UTC calendar days and months)")
+        changes["budget_period"] = period
+    for field in ("rpm", "tpm"):
+        if field in data:
+            changes[field] = _optional_positive_int(data[field], field)
+    if "models" in data:
+        models = data["models"]
+        if models is None:
+            models = []
+        if not isinstance(models, list) or not all(
+            isinstance(p, str) and "/" in p and p.strip() == p and p for p in models
+        ):
+            raise InvalidConsumer(
+                'models must be a list of provider/model patterns, such as ["gemini/*", "kimi/moonshot-v1-8k"]'
+            )
+        changes["models"] = tuple(models)
+    if "expires_at" in data:
+        expires = data["expires_at"]
+        changes["expires_at"] = None if expires is None else parse_time(expires, "expires_at")
+    return attrs.evolve(current, **changes)
+
+
+__all__ = [
+    "KEY_PREFIX",
+    "NO_CONSUMER",
+    "PERIODS",
+    "Consumer",
+    "InvalidConsumer",
+    "NewKey",
+    "check_name",
+    "consumer_fields",
+    "isoformat_utc",
+    "key_hash",
+    "parse_time",
+    "period_end",
+    "period_key",
+]

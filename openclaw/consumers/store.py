@@ -1,0 +1,421 @@
+"""
+The consumers' database: SQLite in C{STATE_DIR/openclaw.db} by default,
+PostgreSQL when C{DATABASE_URL} names one, both through
+L{twisted.enterprise.adbapi} (each query runs on the pool's threads, never
+on the reactor's).  One schema for both, versioned in C{schema_version};
+L{ConsumerStore.migrate} brings a database up to date at start-up.
+
+SQLite runs in WAL mode (readers do not wait on the writer) with one
+connection (C{cp_max=1}: SQLite has one writer anyway).  PostgreSQL goes
+through psycopg 3, a DB-API 2.0 module (PEP 249); concurrent start-ups
+serialise their migrations on an advisory lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import attrs
+import orjson
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from openclaw.consumers.model import Consumer, period_key
+
+#: Each migration: the statements that take the schema from the version
+#: before to its own.  Only ever append.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE consumers (
+            name TEXT PRIMARY KEY,
+            budget_usd DOUBLE PRECISION,
+            budget_period TEXT NOT NULL,
+            rpm BIGINT,
+            tpm BIGINT,
+            models TEXT NOT NULL,
+            expires_at DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE consumer_keys (
+            hash TEXT PRIMARY KEY,
+            prefix TEXT NOT NULL,
+            consumer TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL)""",
+        "CREATE INDEX consumer_keys_consumer ON consumer_keys (consumer)",
+        """CREATE TABLE usage_rows (
+            ts DOUBLE PRECISION NOT NULL,
+            day TEXT NOT NULL,
+            consumer TEXT NOT NULL,
+            key_prefix TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            reasoning_tokens BIGINT NOT NULL,
+            cost_usd DOUBLE PRECISION,
+            duration_ms DOUBLE PRECISION NOT NULL,
+            limited INTEGER NOT NULL)""",
+        "CREATE INDEX usage_rows_ts ON usage_rows (ts)",
+        "CREATE INDEX usage_rows_consumer_ts ON usage_rows (consumer, ts)",
+        """CREATE TABLE spend (
+            consumer TEXT NOT NULL,
+            period TEXT NOT NULL,
+            usd DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (consumer, period))""",
+    ),
+)
+
+GROUPS = ("consumer", "model", "day")
+
+T = TypeVar("T")
+
+
+def _operation(cursor: Any, query: str, params: tuple[Any, ...]) -> None:
+    cursor.execute(query, params)
+
+
+_USAGE_COLUMNS = (
+    "ts, day, consumer, key_prefix, provider, model, status, prompt_tokens, completion_tokens, "
+    "reasoning_tokens, cost_usd, duration_ms, limited"
+)
+
+
+@attrs.frozen
+class UsageRow:
+    """
+    One request's usage: C{ts} POSIX seconds; C{cost_usd} None when the
+    model has no price; C{limited} when a limit refused it (it never
+    reached a provider).
+    """
+
+    ts: float
+    consumer: str
+    key_prefix: str
+    provider: str
+    model: str
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    duration_ms: float = 0.0
+    limited: bool = False
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.ts,
+            time.strftime("%Y-%m-%d", time.gmtime(self.ts)),
+            self.consumer,
+            self.key_prefix,
+            self.provider,
+            self.model,
+            self.status,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.reasoning_tokens,
+            self.cost_usd,
+            round(self.duration_ms, 3),
+            1 if self.limited else 0,
+        )
+
+
+@attrs.frozen
+class Snapshot:
+    """
+    Everything the in-memory table holds, as read at start-up:
+    C{keys} maps a key's SHA-256 to C{(consumer, prefix)}; C{spend} maps
+    C{(consumer, period)} to US dollars for the periods now running.
+    """
+
+    consumers: dict[str, Consumer]
+    keys: dict[str, tuple[str, str]]
+    spend: dict[tuple[str, str], float]
+
+
+def _open_sqlite(connection: sqlite3.Connection) -> None:
+    connection.execute("PRAGMA busy_timeout=5000")
+    # WAL is a property of the file, kept once set; turning it on needs the
+    # file to itself, so another connection already on it makes this a no-op.
+    if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        with contextlib.suppress(sqlite3.OperationalError):
+            connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+
+
+class ConsumerStore:
+    """
+    The consumers, their keys' hashes, usage rows and spend, in a database.
+    Every method returns a Deferred; none blocks the reactor.
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: str) -> None:
+        self.pool = pool
+        #: C{"sqlite"} or C{"postgresql"}.
+        self.dialect = dialect
+
+    @classmethod
+    def open(cls, database_url: str | None, state_dir: Path, reactor: IReactorTime) -> ConsumerStore:
+        """
+        The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
+        in C{state_dir/openclaw.db}.
+        """
+        if database_url:
+            pool = adbapi.ConnectionPool(
+                "psycopg", conninfo=database_url, cp_min=1, cp_max=4, cp_reconnect=True, cp_reactor=reactor
+            )
+            return cls(pool, "postgresql")
+        path = state_dir / "openclaw.db"
+        pool = adbapi.ConnectionPool(
+            "sqlite3",
+            str(path),
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_open_sqlite,
+            cp_reactor=reactor,
+        )
+        return cls(pool, "sqlite")
+
+    def _sql(self, query: str) -> str:
+        # Written with qmark parameters (sqlite3's); psycopg takes %s.
+        return query.replace("?", "%s") if self.dialect == "postgresql" else query
+
+    def _interact(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        return cast("Deferred[T]", self.pool.runInteraction(function, *args))
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> Deferred[int]:
+        """
+        Apply the migrations the database lacks; fires with the schema
+        version it is now at.
+        """
+        return self._interact(self._migrate)
+
+    def _migrate(self, cursor: Any) -> int:
+        # Two gateways starting at once on one database: one migrates, the
+        # other waits for it, then finds the schema up to date.
+        if self.dialect == "postgresql":
+            cursor.execute("SELECT pg_advisory_xact_lock(1919191919)")
+        else:
+            # The write lock now, before the version is read (sqlite3 would
+            # only begin a transaction at the first INSERT).
+            cursor.execute("BEGIN IMMEDIATE")
+        cursor.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        cursor.execute("SELECT version FROM schema_version")
+        row = cursor.fetchone()
+        version = 0 if row is None else int(row[0])
+        if row is None:
+            cursor.execute("INSERT INTO schema_version (version) VALUES (0)")
+        for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in statements:
+                cursor.execute(statement)
+            cursor.execute(self._sql("UPDATE schema_version SET version = ?"), (number,))
+            version = number
+        return version
+
+    # -- consumers and keys ---------------------------------------------------
+
+    def load(self, now: float) -> Deferred[Snapshot]:
+        """
+        Every consumer, key hash, and the spend of the periods running at
+        C{now}.
+        """
+        return self._interact(self._load, now)
+
+    def _load(self, cursor: Any, now: float) -> Snapshot:
+        cursor.execute(
+            "SELECT name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at FROM consumers"
+        )
+        consumers = {
+            row[0]: Consumer(
+                name=row[0],
+                budget_usd=row[1],
+                budget_period=row[2],
+                rpm=row[3],
+                tpm=row[4],
+                models=tuple(orjson.loads(row[5])),
+                expires_at=row[6],
+                created_at=row[7],
+            )
+            for row in cursor.fetchall()
+        }
+        cursor.execute("SELECT hash, consumer, prefix FROM consumer_keys")
+        keys = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
+        periods = tuple({period_key(p, now) for p in ("day", "month", "total")})
+        cursor.execute(self._sql("SELECT consumer, period, usd FROM spend WHERE period IN (?, ?, ?)"), periods)
+        spend = {(row[0], row[1]): float(row[2]) for row in cursor.fetchall()}
+        return Snapshot(consumers, keys, spend)
+
+    def create(self, consumer: Consumer, key_hash: str, prefix: str) -> Deferred[None]:
+        return self._interact(self._create, consumer, key_hash, prefix)
+
+    def _create(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str) -> None:
+        cursor.execute(
+            self._sql(
+                "INSERT INTO consumers (name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            _consumer_values(consumer),
+        )
+        self._add_key(cursor, consumer.name, key_hash, prefix, consumer.created_at)
+
+    def update(self, consumer: Consumer) -> Deferred[None]:
+        values = _consumer_values(consumer)
+        return self._interact(
+            _operation,
+            self._sql(
+                "UPDATE consumers SET budget_usd = ?, budget_period = ?, rpm = ?, tpm = ?, models = ?, "
+                "expires_at = ? WHERE name = ?"
+            ),
+            (*values[1:7], consumer.name),
+        )
+
+    def delete(self, name: str) -> Deferred[None]:
+        return self._interact(self._delete, name)
+
+    def _delete(self, cursor: Any, name: str) -> None:
+        cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
+        cursor.execute(self._sql("DELETE FROM consumers WHERE name = ?"), (name,))
+
+    def add_key(self, name: str, key_hash: str, prefix: str, now: float) -> Deferred[None]:
+        return self._interact(self._add_key, name, key_hash, prefix, now)
+
+    def _add_key(self, cursor: Any, name: str, key_hash: str, prefix: str, now: float) -> None:
+        cursor.execute(
+            self._sql("INSERT INTO consumer_keys (hash, prefix, consumer, created_at) VALUES (?, ?, ?, ?)"),
+            (key_hash, prefix, name, now),
+        )
+
+    def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
+        """
+        Delete the consumer's keys listed by C{prefix}; fires with how many.
+        """
+        return self._interact(self._revoke_key, name, prefix)
+
+    def _revoke_key(self, cursor: Any, name: str, prefix: str) -> int:
+        cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ? AND prefix = ?"), (name, prefix))
+        return int(cursor.rowcount)
+
+    # -- usage and spend ------------------------------------------------------
+
+    def record(self, rows: Sequence[UsageRow]) -> Deferred[None]:
+        """
+        Write a batch of usage rows and add their costs to the spend of
+        their day, month and total, in one transaction.
+        """
+        return self._interact(self._record, rows)
+
+    def _record(self, cursor: Any, rows: Sequence[UsageRow]) -> None:
+        if rows:
+            cursor.executemany(
+                self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 13)})"),
+                [row.values() for row in rows],
+            )
+        spend: dict[tuple[str, str], float] = {}
+        for row in rows:
+            if row.cost_usd and row.consumer != "-":
+                for period in ("day", "month", "total"):
+                    key = (row.consumer, period_key(period, row.ts))
+                    spend[key] = spend.get(key, 0.0) + row.cost_usd
+        self._add_spend(cursor, spend)
+
+    def add_spend(self, spend: dict[tuple[str, str], float]) -> Deferred[None]:
+        """
+        Add US dollars to C{(consumer, period)} spends (cluster mode writes
+        spend apart from the rows).
+        """
+        return self._interact(self._add_spend, spend)
+
+    def _add_spend(self, cursor: Any, spend: dict[tuple[str, str], float]) -> None:
+        if spend:
+            cursor.executemany(
+                self._sql(
+                    "INSERT INTO spend (consumer, period, usd) VALUES (?, ?, ?) "
+                    "ON CONFLICT (consumer, period) DO UPDATE SET usd = spend.usd + excluded.usd"
+                ),
+                [(consumer, period, usd) for (consumer, period), usd in sorted(spend.items())],
+            )
+
+    def purge(self, before: float) -> Deferred[int]:
+        """
+        Delete the usage rows older than C{before} (POSIX seconds); fires
+        with how many went.
+        """
+        return self._interact(self._purge, before)
+
+    def _purge(self, cursor: Any, before: float) -> int:
+        cursor.execute(self._sql("DELETE FROM usage_rows WHERE ts < ?"), (before,))
+        return int(cursor.rowcount)
+
+    def usage(
+        self, name: str | None, since: float | None, until: float | None, group_by: str | None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """
+        Requests, tokens and cost of the rows from C{since} (inclusive) to
+        C{until} (exclusive), for one consumer or all, in one total or one
+        row per C{group_by} (C{consumer}, C{model} or C{day}).
+        """
+        return self._interact(self._usage, name, since, until, group_by)
+
+    def _usage(
+        self, cursor: Any, name: str | None, since: float | None, until: float | None, group_by: str | None
+    ) -> list[dict[str, Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (("consumer = ?", name), ("ts >= ?", since), ("ts < ?", until)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        column = {"consumer": "consumer", "model": "provider || '/' || model", "day": "day"}.get(group_by or "")
+        query = (
+            ("SELECT " + (f"{column} AS grp, " if column else "'' AS grp, ")) + "SUM(1 - limited), SUM(limited), "
+            "SUM(CASE WHEN limited = 0 THEN prompt_tokens ELSE 0 END), "
+            "SUM(CASE WHEN limited = 0 THEN completion_tokens ELSE 0 END), "
+            "SUM(CASE WHEN limited = 0 THEN reasoning_tokens ELSE 0 END), "
+            "SUM(cost_usd), "
+            "SUM(CASE WHEN cost_usd IS NULL AND limited = 0 THEN prompt_tokens + completion_tokens ELSE 0 END) "
+            "FROM usage_rows"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + (" GROUP BY grp ORDER BY grp" if column else "")
+        )
+        cursor.execute(self._sql(query), tuple(params))
+        rows = []
+        for row in cursor.fetchall():
+            document: dict[str, Any] = {group_by: row[0]} if column and group_by else {}
+            document.update(
+                requests=int(row[1] or 0),
+                limited=int(row[2] or 0),
+                prompt_tokens=int(row[3] or 0),
+                completion_tokens=int(row[4] or 0),
+                reasoning_tokens=int(row[5] or 0),
+                cost_usd=None if row[6] is None else round(float(row[6]), 10),
+                unpriced_tokens=int(row[7] or 0),
+            )
+            rows.append(document)
+        return rows
+
+
+def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:
+    return (
+        consumer.name,
+        consumer.budget_usd,
+        consumer.budget_period,
+        consumer.rpm,
+        consumer.tpm,
+        orjson.dumps(list(consumer.models)).decode(),
+        consumer.expires_at,
+        consumer.created_at,
+    )
+
+
+__all__ = ["GROUPS", "MIGRATIONS", "ConsumerStore", "Snapshot", "UsageRow"]

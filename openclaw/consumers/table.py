@@ -1,0 +1,436 @@
+"""
+The consumers as the data plane sees them: held in memory (loaded from the
+database at start, changed by the control-plane commands), so checking a
+key and its limits costs no database or network round trip.  Usage is
+counted after each answer and written to the database in batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from openclaw.consumers.limits import SlidingWindow
+from openclaw.consumers.model import (
+    NO_CONSUMER,
+    Consumer,
+    NewKey,
+    isoformat_utc,
+    key_hash,
+    period_end,
+    period_key,
+)
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow
+from openclaw.dataplane.errors import APIError
+
+#: Rows kept waiting for the database at most (when it is down): past it
+#: the oldest are dropped, and the loss is logged.
+MAX_PENDING_ROWS = 100_000
+
+
+@attrs.frozen
+class Holder:
+    """
+    Who presented a key: a consumer (its name and the key's prefix) or,
+    for C{GATEWAY_API_KEYS}' keys, L{GATEWAY}.
+    """
+
+    consumer: str
+    prefix: str
+
+
+GATEWAY = Holder(NO_CONSUMER, NO_CONSUMER)
+
+
+class ConsumerMetricsLike(Protocol):
+    def requests(self, consumer: str, status: int) -> None: ...
+    def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None: ...
+    def spend(self, consumer: str, usd: float) -> None: ...
+    def limited(self, consumer: str, reason: str) -> None: ...
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def usage_counts(usage: Any) -> tuple[int, int, int, int]:
+    """
+    C{(prompt, completion, reasoning, cached prompt)} tokens of OpenAI's
+    C{usage} object (zeros for what is missing).
+    """
+    if not isinstance(usage, dict):
+        return 0, 0, 0, 0
+    completion_details = usage.get("completion_tokens_details")
+    prompt_details = usage.get("prompt_tokens_details")
+    return (
+        _count(usage.get("prompt_tokens")),
+        _count(usage.get("completion_tokens")),
+        _count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
+        _count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+    )
+
+
+def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIError:
+    return APIError(
+        429,
+        f"consumer {consumer!r} is over its {what} limit of {limit} per minute (a sliding 60 s window); "
+        f"retry after {retry_after} s, or ask the operator to raise {what} with consumer_update",
+        "requests",
+        "rate_limit_exceeded",
+        headers=((b"Retry-After", b"%d" % retry_after),),
+    )
+
+
+def budget_spent(consumer: Consumer, spent: float, now: float) -> APIError:
+    period = consumer.budget_period
+    end = period_end(period, now)
+    described = {"day": "per UTC day", "month": "per UTC calendar month", "total": "in total"}[period]
+    renews = f"; it renews at {isoformat_utc(end)}" if end is not None else ""
+    return APIError(
+        429,
+        f"consumer {consumer.name!r} has used its budget of {consumer.budget_usd:g} USD {described} "
+        f"(spent {spent:.6g} USD){renews}; ask the operator to raise budget_usd with consumer_update",
+        "insufficient_quota",
+        "insufficient_quota",
+    )
+
+
+def model_not_allowed(consumer: Consumer, provider: str, model: str) -> APIError:
+    return APIError(
+        403,
+        f"consumer {consumer.name!r} may not use {provider}/{model}; its models are "
+        f"{', '.join(consumer.models)}: name one of those (as provider/model)",
+        "invalid_request_error",
+        "model_not_allowed",
+        "model",
+    )
+
+
+class Counters(Protocol):
+    """
+    Where the per-minute windows and the period's spend are kept: in this
+    process (L{LocalCounters}), or in Redis for a cluster.
+    """
+
+    def admit(self, consumer: Consumer, now: float) -> APIError | Deferred[APIError | None] | None: ...
+
+    def counted(self, consumer: str, tokens: int, cost: float, now: float) -> None: ...
+
+    def spent(self, consumer: str, period: str, now: float) -> float: ...
+
+    def load(self, spend: dict[tuple[str, str], float]) -> None: ...
+
+    def forget(self, consumer: str) -> None: ...
+
+
+@attrs.define
+class LocalCounters:
+    """
+    The windows and spends of one instance, in memory: a check is a few
+    dict lookups.
+    """
+
+    requests: dict[str, SlidingWindow] = attrs.Factory(dict)
+    tokens: dict[str, SlidingWindow] = attrs.Factory(dict)
+    #: (consumer, period key) -> US dollars.
+    spend: dict[tuple[str, str], float] = attrs.Factory(dict)
+
+    def load(self, spend: dict[tuple[str, str], float]) -> None:
+        self.spend.update(spend)
+
+    def spent(self, consumer: str, period: str, now: float) -> float:
+        return self.spend.get((consumer, period_key(period, now)), 0.0)
+
+    def admit(self, consumer: Consumer, now: float) -> APIError | None:
+        name = consumer.name
+        if consumer.budget_usd is not None:
+            spent = self.spent(name, consumer.budget_period, now)
+            if spent >= consumer.budget_usd:
+                return budget_spent(consumer, spent, now)
+        if consumer.tpm is not None:
+            window = self.tokens.get(name)
+            if window is not None and window.used(now) >= consumer.tpm:
+                return rate_limited(name, "tpm", consumer.tpm, window.retry_after(now, consumer.tpm))
+        if consumer.rpm is not None:
+            window = self.requests.get(name)
+            if window is None:
+                window = self.requests[name] = SlidingWindow()
+            if window.used(now) >= consumer.rpm:
+                return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
+            window.add(now)
+        return None
+
+    def counted(self, consumer: str, tokens: int, cost: float, now: float) -> None:
+        if tokens:
+            window = self.tokens.get(consumer)
+            if window is None:
+                window = self.tokens[consumer] = SlidingWindow()
+            window.add(now, tokens)
+        if cost:
+            for period in ("day", "month", "total"):
+                key = (consumer, period_key(period, now))
+                self.spend[key] = self.spend.get(key, 0.0) + cost
+        # Spends of periods now over are never read again.
+        if len(self.spend) > 3 * (len(self.requests) + len(self.tokens) + 16):
+            current = {period_key(p, now) for p in ("day", "month", "total")}
+            self.spend = {k: v for k, v in self.spend.items() if k[1] in current}
+
+    def forget(self, consumer: str) -> None:
+        self.requests.pop(consumer, None)
+        self.tokens.pop(consumer, None)
+
+
+class ConsumerTable:
+    """
+    Consumers and their keys' hashes, in memory; the checks the data plane
+    makes, and the accounting after each call.
+
+    @param clock: POSIX seconds (C{reactor.seconds}).
+    @param flush_seconds: how often usage rows are written, in one batch.
+    """
+
+    _log = Logger(namespace="openclaw.consumers")
+
+    def __init__(
+        self,
+        store: ConsumerStore,
+        prices: PriceTable,
+        clock: Callable[[], float] = time.time,
+        metrics: ConsumerMetricsLike | None = None,
+        counters: Counters | None = None,
+        flush_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.prices = prices
+        self.clock = clock
+        self.metrics = metrics
+        self.counters: Counters = counters if counters is not None else LocalCounters()
+        self.flush_seconds = flush_seconds
+        self.consumers: dict[str, Consumer] = {}
+        #: SHA-256 hex of a key -> (consumer, prefix).
+        self.keys: dict[str, tuple[str, str]] = {}
+        self._pending: list[UsageRow] = []
+        self._flusher: LoopingCall | None = None
+        self._flushing: Deferred[None] | None = None
+        #: Called after every change a command made (cluster: announce it).
+        self.changed: Callable[[str], None] = lambda name: None
+
+    # -- loading ---------------------------------------------------------------
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """
+        Replace the table with C{snapshot} (start-up, or a cluster reload).
+        """
+        self.consumers = snapshot.consumers
+        self.keys = snapshot.keys
+        self.counters.load(snapshot.spend)
+
+    def reload(self) -> Deferred[None]:
+        return self.store.load(self.clock()).addCallback(self.adopt)
+
+    def start(self, reactor: IReactorTime) -> None:
+        flusher = self._flusher = LoopingCall(self.flush)
+        flusher.clock = reactor
+        flusher.start(self.flush_seconds, now=False).addErrback(lambda f: self._log.failure("usage flusher stopped", f))
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop the timer and write what is pending.
+        """
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        self._flusher = None
+        # A write under way first, then what came in meanwhile.
+        return self.flush().addCallback(lambda _: self.flush())
+
+    # -- the data plane --------------------------------------------------------
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.keys)
+
+    def identify(self, presented: bytes) -> Holder | APIError | None:
+        """
+        The holder of a consumer key, an error for a key of an expired
+        consumer, None for a key that is no consumer's.  The key is looked
+        up by its SHA-256: timing tells nothing of a key with that hash.
+        """
+        entry = self.keys.get(key_hash(presented))
+        if entry is None:
+            return None
+        name, prefix = entry
+        consumer = self.consumers.get(name)
+        if consumer is None:
+            return None
+        if consumer.expired(self.clock()):
+            return APIError(
+                401,
+                f"this key's consumer {name!r} expired at {isoformat_utc(consumer.expires_at or 0)}; "
+                "ask the operator to extend expires_at with consumer_update",
+                "invalid_request_error",
+                "expired_api_key",
+            )
+        return Holder(name, prefix)
+
+    def admit(self, holder: Holder, provider: str, model: str) -> APIError | Deferred[APIError | None] | None:
+        """
+        Whether the holder may call C{provider/model} now: None, or the
+        403/429 to answer (counted as limited).
+        """
+        if holder is GATEWAY:
+            return None
+        consumer = self.consumers.get(holder.consumer)
+        if consumer is None:
+            # Deleted since the key was looked up: as if unknown.
+            return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
+        if not consumer.allows(provider, model):
+            refusal: APIError | Deferred[APIError | None] | None = model_not_allowed(consumer, provider, model)
+        else:
+            refusal = self.counters.admit(consumer, self.clock())
+        if isinstance(refusal, Deferred):
+            return refusal.addCallback(self._limited, holder, provider, model)
+        return self._limited(refusal, holder, provider, model)
+
+    def _limited(self, refusal: APIError | None, holder: Holder, provider: str, model: str) -> APIError | None:
+        if refusal is None:
+            return None
+        reason = refusal.code or "limited"
+        if self.metrics is not None:
+            self.metrics.limited(holder.consumer, reason)
+            self.metrics.requests(holder.consumer, refusal.status)
+        self._add(UsageRow(self.clock(), holder.consumer, holder.prefix, provider, model, refusal.status, limited=True))
+        return refusal
+
+    def account(self, holder: Holder, provider: str, model: str, status: int, usage: Any, seconds: float) -> None:
+        """
+        Count one call that reached a provider, once its answer is over:
+        its tokens (from the answer's or the stream's final C{usage}), its
+        cost (None when the model has no price), into the windows, the
+        spend, the metrics and a usage row.
+        """
+        prompt, completion, reasoning, cached = usage_counts(usage)
+        cost = self.prices.cost(provider, model, prompt, completion, cached)
+        now = self.clock()
+        name = holder.consumer
+        if holder is not GATEWAY:
+            self.counters.counted(name, prompt + completion, cost or 0.0, now)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.requests(name, status)
+            metrics.tokens(name, prompt, completion, reasoning)
+            if cost:
+                metrics.spend(name, cost)
+        self._add(
+            UsageRow(
+                now, name, holder.prefix, provider, model, status, prompt, completion, reasoning, cost, seconds * 1000
+            )
+        )
+
+    # -- writing usage ---------------------------------------------------------
+
+    def _add(self, row: UsageRow) -> None:
+        pending = self._pending
+        pending.append(row)
+        if len(pending) > MAX_PENDING_ROWS:
+            del pending[: len(pending) - MAX_PENDING_ROWS]
+            self._log.error("usage rows dropped: the database has not taken them; check DATABASE_URL / STATE_DIR")
+
+    def flush(self) -> Deferred[None]:
+        """
+        Write the pending rows in one transaction; on failure they wait for
+        the next flush.  Fires once written (or failed and kept).
+        """
+        if self._flushing is not None:
+            # One write at a time: wait for the one under way.
+            waiting: Deferred[None] = Deferred()
+            self._flushing.addBoth(lambda result: waiting.callback(None))
+            return waiting
+        rows, self._pending = self._pending, []
+        if not rows:
+            return succeed(None)
+
+        def failed(reason: Failure) -> None:
+            self._pending[:0] = rows
+            self._log.failure("could not write {count} usage rows; kept for the next try", reason, count=len(rows))
+
+        def done(result: None) -> None:
+            self._flushing = None
+
+        flushing = self._flushing = self.store.record(rows)
+        flushing.addErrback(failed).addBoth(done)
+        return flushing
+
+    # -- the commands ----------------------------------------------------------
+
+    def create(self, consumer: Consumer) -> Deferred[NewKey]:
+        key = NewKey.make()
+
+        def created(_: None) -> NewKey:
+            self.consumers[consumer.name] = consumer
+            self.keys[key.hash] = (consumer.name, key.prefix)
+            self.changed(consumer.name)
+            return key
+
+        return self.store.create(consumer, key.hash, key.prefix).addCallback(created)
+
+    def update(self, consumer: Consumer) -> Deferred[Consumer]:
+        def updated(_: None) -> Consumer:
+            self.consumers[consumer.name] = consumer
+            self.changed(consumer.name)
+            return consumer
+
+        return self.store.update(consumer).addCallback(updated)
+
+    def delete(self, name: str) -> Deferred[None]:
+        # Out of the table first: refused from now on, whatever the database says.
+        self.consumers.pop(name, None)
+        self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
+        self.counters.forget(name)
+
+        def deleted(_: None) -> None:
+            self.changed(name)
+
+        return self.store.delete(name).addCallback(deleted)
+
+    def add_key(self, name: str) -> Deferred[NewKey]:
+        key = NewKey.make()
+
+        def added(_: None) -> NewKey:
+            self.keys[key.hash] = (name, key.prefix)
+            self.changed(name)
+            return key
+
+        return self.store.add_key(name, key.hash, key.prefix, self.clock()).addCallback(added)
+
+    def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
+        before = len(self.keys)
+        self.keys = {h: entry for h, entry in self.keys.items() if entry != (name, prefix)}
+        revoked_here = before - len(self.keys)
+
+        def revoked(count: int) -> int:
+            self.changed(name)
+            return max(count, revoked_here)
+
+        return self.store.revoke_key(name, prefix).addCallback(revoked)
+
+    def key_prefixes(self, name: str) -> list[str]:
+        return sorted(prefix for consumer, prefix in self.keys.values() if consumer == name)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        consumer = self.consumers[name]
+        now = self.clock()
+        document = consumer.describe([{"prefix": prefix} for prefix in self.key_prefixes(name)])
+        document["spent_usd"] = round(self.counters.spent(name, consumer.budget_period, now), 10)
+        return document
+
+
+__all__ = ["GATEWAY", "ConsumerTable", "Counters", "Holder", "LocalCounters", "usage_counts"]

@@ -1,0 +1,433 @@
+"""
+Consumers (issue #19): keys per team or app, their limits, and their usage,
+against a real SQLite and a real PostgreSQL, with the official openai SDK
+in front of the stand-in upstream, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+from prometheus_client import generate_latest
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers.limits import SlidingWindow
+from openclaw.consumers.model import Consumer, InvalidConsumer, NewKey, consumer_fields, key_hash, period_key
+from openclaw.consumers.prices import PricesError, PriceTable, parse_prices
+from openclaw.consumers.store import ConsumerStore, UsageRow
+from openclaw.consumers.table import LocalCounters
+from tests.postgres_server import postgres_database
+from tests.support import RunningGateway, capture_log_events, open_client, start_gateway, start_upstream
+from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY
+
+
+class RulesTests(TestCase):
+    def test_key_shape(self) -> None:
+        key = NewKey.make()
+        self.assertTrue(key.key.startswith("ock-"))
+        self.assertEqual(len(key.key), 44)
+        self.assertEqual(key.prefix, key.key[4:12])
+        self.assertEqual(key.hash, key_hash(key.key.encode()))
+        self.assertNotIn(key.key, repr(key))
+
+    def test_fields(self) -> None:
+        consumer = consumer_fields(
+            {"name": "team.a-1", "budget_usd": 5, "budget_period": "day", "rpm": 3, "models": ["gemini/*"]}
+        )
+        self.assertEqual(consumer.budget_usd, 5.0)
+        self.assertTrue(consumer.allows("gemini", "gemini-2.5-flash"))
+        self.assertFalse(consumer.allows("kimi", "moonshot-v1-8k"))
+        for bad in (
+            {"name": "a b"},
+            {"name": "-"},
+            {"name": "a", "rpm": 0},
+            {"name": "a", "rpm": 1.5},
+            {"name": "a", "budget_period": "week"},
+            {"name": "a", "budget_usd": -1},
+            {"name": "a", "models": "gemini/*"},
+            {"name": "a", "expires_at": "soon"},
+            {"name": "a", "colour": "red"},
+        ):
+            self.assertRaises(InvalidConsumer, consumer_fields, bad)
+
+    def test_periods_are_utc(self) -> None:
+        moment = 1793577600.0  # 2026-11-02T00:00:00Z
+        self.assertEqual(period_key("day", moment - 1), "2026-11-01")
+        self.assertEqual(period_key("day", moment), "2026-11-02")
+        self.assertEqual(period_key("month", moment), "2026-11")
+        self.assertEqual(period_key("total", moment), "total")
+
+    def test_sliding_window(self) -> None:
+        window = SlidingWindow()
+        window.add(0.0)
+        window.add(30.0)
+        self.assertEqual(window.used(59.0), 2)
+        self.assertEqual(window.retry_after(59.0, 2), 1)
+        self.assertEqual(window.retry_after(40.0, 2), 20)
+        self.assertEqual(window.used(60.0), 1)
+        self.assertEqual(window.used(90.0), 0)
+
+    def test_limits_on_a_clock(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        counters = LocalCounters()
+        consumer = Consumer("a", rpm=2, tpm=100, budget_usd=1.0, budget_period="total")
+        self.assertIsNone(counters.admit(consumer, clock.seconds()))
+        self.assertIsNone(counters.admit(consumer, clock.seconds()))
+        refused = counters.admit(consumer, clock.seconds())
+        assert refused is not None
+        self.assertEqual((refused.status, refused.code), (429, "rate_limit_exceeded"))
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        clock.advance(60)
+        self.assertIsNone(counters.admit(consumer, clock.seconds()))
+        counters.counted("a", 100, 0.0, clock.seconds())
+        refused = counters.admit(consumer, clock.seconds())
+        assert refused is not None
+        self.assertIn("tpm", refused.message)
+        clock.advance(61)
+        counters.counted("a", 0, 1.0, clock.seconds())
+        refused = counters.admit(consumer, clock.seconds())
+        assert refused is not None
+        self.assertEqual(refused.code, "insufficient_quota")
+        self.assertIn("1 USD in total", refused.message)
+
+    def test_prices(self) -> None:
+        table = PriceTable.with_overrides(
+            parse_prices({"updated": "2026-11-01", "models": {"kimi/x": {"prompt": 1, "completion": 2}}})
+        )
+        self.assertEqual(table.cost("kimi", "x", 1_000_000, 500_000), 2.0)
+        self.assertIsNone(table.cost("kimi", "unknown", 10, 10))
+        self.assertEqual(table.cost("kimi", "moonshot-v1-8k", 1_000_000, 0), 0.20)
+        self.assertAlmostEqual(table.cost("gemini", "gemini-2.5-flash", 1_000_000, 0, 1_000_000) or 0, 0.075)
+        for bad in ({}, {"models": {"x": {"prompt": 1, "completion": 1}}}, {"models": {"a/b": {"prompt": 1}}}):
+            self.assertRaises(PricesError, parse_prices, bad)
+
+
+class StoreTests:
+    """
+    The same tests against SQLite and PostgreSQL (the subclasses).
+    """
+
+    timeout = 60
+
+    def open_store(self) -> ConsumerStore:
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def test_schema_usage_and_purge(self) -> Any:
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        version = yield store.migrate()
+        again = yield store.migrate()
+        self.assertEqual((version, again), (1, 1))  # type: ignore[attr-defined]
+        now = time.time()
+        key = NewKey.make()
+        yield store.create(
+            Consumer("team", budget_usd=2.0, rpm=5, models=("kimi/*",), created_at=now), key.hash, key.prefix
+        )
+        second = NewKey.make()
+        yield store.add_key("team", second.hash, second.prefix, now)
+        revoked = yield store.revoke_key("team", second.prefix)
+        self.assertEqual(revoked, 1)  # type: ignore[attr-defined]
+        yield store.record(
+            [
+                UsageRow(now - 86400, "team", key.prefix, "kimi", "m", 200, 10, 5, 1, 0.5),
+                UsageRow(now, "team", key.prefix, "kimi", "m", 200, 10, 5, 0, 0.25),
+                UsageRow(now, "team", key.prefix, "gemini", "free", 200, 7, 3, 0, None),
+                UsageRow(now, "team", key.prefix, "kimi", "m", 429, limited=True),
+            ]
+        )
+        snapshot = yield store.load(now)
+        self.assertEqual(set(snapshot.keys.values()), {("team", key.prefix)})  # type: ignore[attr-defined]
+        self.assertEqual(snapshot.consumers["team"].models, ("kimi/*",))  # type: ignore[attr-defined]
+        self.assertAlmostEqual(snapshot.spend[("team", "total")], 0.75)  # type: ignore[attr-defined]
+        [total] = yield store.usage("team", None, None, None)
+        self.assertEqual(  # type: ignore[attr-defined]
+            total,
+            {
+                "requests": 3,
+                "limited": 1,
+                "prompt_tokens": 27,
+                "completion_tokens": 13,
+                "reasoning_tokens": 1,
+                "cost_usd": 0.75,
+                "unpriced_tokens": 10,
+            },
+        )
+        by_model = yield store.usage(None, now - 60, None, "model")
+        self.assertEqual([row["model"] for row in by_model], ["gemini/free", "kimi/m"])  # type: ignore[attr-defined]
+        self.assertIsNone(by_model[0]["cost_usd"])  # type: ignore[attr-defined]
+        by_day = yield store.usage(None, None, None, "day")
+        self.assertEqual(len(by_day), 2)  # type: ignore[attr-defined]
+        purged = yield store.purge(now - 3600)
+        self.assertEqual(purged, 1)  # type: ignore[attr-defined]
+        yield store.delete("team")
+        snapshot = yield store.load(now)
+        self.assertEqual((snapshot.consumers, snapshot.keys), ({}, {}))  # type: ignore[attr-defined]
+
+
+class SQLiteStoreTests(StoreTests, TestCase):
+    def open_store(self) -> ConsumerStore:
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        return ConsumerStore.open(None, directory, reactor)
+
+    @inlineCallbacks
+    def test_wal(self) -> Any:
+        store = self.open_store()
+        self.addCleanup(store.close)
+        yield store.migrate()
+        mode = yield store.pool.runQuery("PRAGMA journal_mode")
+        self.assertEqual(mode[0][0], "wal")
+
+
+class PostgresStoreTests(StoreTests, TestCase):
+    def open_store(self) -> ConsumerStore:
+        return ConsumerStore.open(postgres_database(), Path("."), reactor)
+
+
+class GatewayCase(TestCase):
+    """
+    A gateway in this process, the control plane to manage consumers and
+    the SDK to call with their keys.
+    """
+
+    timeout = 60
+    database: str | None = None
+
+    def setUp(self) -> None:
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        self.events = capture_log_events(self)
+
+    @inlineCallbacks
+    def gateway(self, **settings: Any) -> Any:
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=self.upstream.provider_settings(),
+            gateway_api_keys=(GATEWAY_KEY,),
+            database_url=self.database,
+            **settings,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        yield gateway.service.consumers_ready
+        client = yield open_client(self, gateway.port)
+        return gateway, client
+
+    def sdk(self, gateway: RunningGateway, key: str) -> openai.OpenAI:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=key, max_retries=0, timeout=10
+        )
+        self.addCleanup(deferToThread, client.close)
+        return client
+
+    @inlineCallbacks
+    def command(self, gateway: RunningGateway, client: Any, cmd: str, data: Any = None) -> Any:
+        answer = yield client.command(gateway.token, cmd, data)
+        self.assertTrue(answer["ok"], answer)
+        return answer["result"]
+
+    @inlineCallbacks
+    def refused(self, sdk: openai.OpenAI, model: str) -> Any:
+        try:
+            yield deferToThread(sdk.chat.completions.create, model=model, messages=HELLO)
+        except openai.APIStatusError as e:
+            return e
+        self.fail("the call was not refused")
+
+
+class ConsumerGatewayTests(GatewayCase):
+    @inlineCallbacks
+    def test_life_of_a_consumer(self) -> Any:
+        """
+        Create, call (whole and streamed), usage by consumer, model and day,
+        update, a second key, revoke (refused at once), delete.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "search", "models": ["kimi/*"]})
+        key = created["key"]
+        self.assertEqual(created["consumer"]["keys"], [{"prefix": created["key_prefix"]}])
+        sdk = self.sdk(gateway, key)
+        answer = yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        whole = answer.usage
+
+        def stream() -> Any:
+            chunks = list(
+                sdk.chat.completions.create(
+                    model="kimi/moonshot-v1-8k",
+                    messages=HELLO,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+            return chunks[-1].usage
+
+        streamed = yield deferToThread(stream)
+        # The gateway's own keys keep working, counted under "-".
+        yield deferToThread(
+            self.sdk(gateway, GATEWAY_KEY).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        not_allowed = yield self.refused(sdk, "gemini/gemini-2.5-flash")
+        self.assertEqual((not_allowed.status_code, not_allowed.code), (403, "model_not_allowed"))
+
+        usage = yield self.command(gateway, client, "usage", {"name": "search"})
+        total = usage["total"]
+        self.assertEqual(total["requests"], 2)
+        self.assertEqual(total["limited"], 1)
+        self.assertEqual(total["prompt_tokens"], whole.prompt_tokens + streamed.prompt_tokens)
+        self.assertEqual(total["completion_tokens"], whole.completion_tokens + streamed.completion_tokens)
+        price = (0.20 * total["prompt_tokens"] + 2.00 * total["completion_tokens"]) / 1e6
+        self.assertAlmostEqual(total["cost_usd"], price)
+        self.assertEqual(total["unpriced_tokens"], 0)
+        by_consumer = yield self.command(gateway, client, "usage", {"group_by": "consumer"})
+        self.assertEqual([g["consumer"] for g in by_consumer["groups"]], ["-", "search"])
+        by_model = yield self.command(gateway, client, "usage", {"name": "search", "group_by": "model"})
+        self.assertEqual(
+            [(g["model"], g["requests"], g["limited"]) for g in by_model["groups"]],
+            [("gemini/gemini-2.5-flash", 0, 1), ("kimi/moonshot-v1-8k", 2, 0)],
+        )
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        by_day = yield self.command(gateway, client, "usage", {"group_by": "day", "since": today})
+        self.assertEqual([g["day"] for g in by_day["groups"]], [today])
+        nothing = yield self.command(gateway, client, "usage", {"until": "2000-01-01"})
+        self.assertEqual(nothing["total"]["requests"], 0)
+
+        yield self.command(gateway, client, "consumer_update", {"name": "search", "models": None})
+        yield deferToThread(sdk.chat.completions.create, model="gemini/gemini-2.5-flash", messages=HELLO)
+        second = yield self.command(gateway, client, "key_create", {"name": "search"})
+        listed = yield self.command(gateway, client, "consumer_list")
+        self.assertEqual(len(listed["consumers"][0]["keys"]), 2)
+        yield self.command(gateway, client, "key_revoke", {"name": "search", "key_prefix": created["key_prefix"]})
+        revoked = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual(revoked.status_code, 401)
+        yield deferToThread(
+            self.sdk(gateway, second["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        yield self.command(gateway, client, "consumer_delete", {"name": "search"})
+        deleted = yield self.refused(self.sdk(gateway, second["key"]), "kimi/moonshot-v1-8k")
+        self.assertEqual(deleted.status_code, 401)
+
+        metrics = generate_latest(gateway.service.metrics.registry).decode()
+        self.assertIn('openclaw_consumer_requests_total{consumer="search",status="200"}', metrics)
+        self.assertIn('openclaw_consumer_limited_total{consumer="search",reason="model_not_allowed"}', metrics)
+        self.assertIn('openclaw_consumer_tokens_total{consumer="search",kind="prompt"}', metrics)
+        self.assertIn('openclaw_consumer_spend_usd_total{consumer="search"}', metrics)
+        # No key, whole or hashed, in any log event.
+        logged = json.dumps([{k: repr(v) for k, v in e.items()} for e in self.events])
+        for secret in (key, second["key"]):
+            self.assertNotIn(secret, logged)
+            self.assertNotIn(key_hash(secret.encode()), logged)
+        self.assertIn("'search'", logged)
+
+    @inlineCallbacks
+    def test_rpm_tpm_budget(self) -> Any:
+        """
+        rpm and tpm over a sliding minute (429 rate_limit_exceeded with
+        Retry-After), and a spent budget (429 insufficient_quota naming it).
+        """
+        gateway, client = yield self.gateway()
+        rpm = yield self.command(gateway, client, "consumer_create", {"name": "rpm", "rpm": 2})
+        sdk = self.sdk(gateway, rpm["key"])
+        for _ in range(2):
+            yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        limited = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual((limited.status_code, limited.code), (429, "rate_limit_exceeded"))
+        self.assertTrue(1 <= int(limited.response.headers["retry-after"]) <= 60)
+
+        tpm = yield self.command(gateway, client, "consumer_create", {"name": "tpm", "tpm": 5})
+        sdk = self.sdk(gateway, tpm["key"])
+        yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        limited = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual((limited.status_code, limited.code), (429, "rate_limit_exceeded"))
+        self.assertIn("tpm", limited.message)
+        self.assertIn("retry-after", limited.response.headers)
+
+        budget = yield self.command(
+            gateway, client, "consumer_create", {"name": "budget", "budget_usd": 0.000001, "budget_period": "day"}
+        )
+        sdk = self.sdk(gateway, budget["key"])
+        yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        spent = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual((spent.status_code, spent.code), (429, "insufficient_quota"))
+        self.assertIn("budget of 1e-06 USD per UTC day", spent.message)
+
+        expired = yield self.command(gateway, client, "consumer_create", {"name": "old", "expires_at": "2000-01-01"})
+        gone = yield self.refused(self.sdk(gateway, expired["key"]), "kimi/moonshot-v1-8k")
+        self.assertEqual((gone.status_code, gone.code), (401, "expired_api_key"))
+
+    @inlineCallbacks
+    def test_refusals_over_the_control_plane(self) -> Any:
+        gateway, client = yield self.gateway()
+        for cmd, data, words in (
+            ("consumer_create", {"name": "a b"}, "name must be"),
+            ("consumer_create", {"name": "a", "rpm": -1}, "rpm must be"),
+            ("consumer_update", {"name": "nobody"}, "no consumer named"),
+            ("key_revoke", {"name": "nobody", "key_prefix": "x"}, "no consumer named"),
+            ("usage", {"group_by": "week"}, "group_by must be"),
+            ("usage", {"since": "yesterday"}, "not an ISO date"),
+        ):
+            answer = yield client.command(gateway.token, cmd, data)
+            self.assertFalse(answer["ok"])
+            self.assertIn(words, answer["error"])
+
+    @inlineCallbacks
+    def test_table_survives_a_restart(self) -> Any:
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        gateway, client = yield self.gateway(state_dir=state_dir)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "kept"})
+        yield gateway.service.stopService()
+        again, _ = yield self.gateway(state_dir=state_dir)
+        yield deferToThread(
+            self.sdk(again, created["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+
+
+class PostgresConsumerGatewayTests(ConsumerGatewayTests):
+    def setUp(self) -> None:
+        self.database = postgres_database()
+        super().setUp()
+
+
+class ConsumerCtlTests(GatewayCase):
+    """
+    The installed openclawctl, as an operator runs it.
+    """
+
+    @inlineCallbacks
+    def ctl(self, gateway: RunningGateway, *args: str) -> Any:
+        from tests.test_ctl import run_ctl
+
+        answer = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, *args)
+        return answer
+
+    @inlineCallbacks
+    def test_ctl_life(self) -> Any:
+        gateway, _ = yield self.gateway()
+        out, err, code = yield self.ctl(gateway, "consumer", "create", "app", "--rpm", "5", "--model", "kimi/*")
+        self.assertEqual((err, code), ("", 0))
+        self.assertIn("key (shown once, keep it now): ock-", out)
+        out, err, code = yield self.ctl(gateway, "--json", "key", "create", "app")
+        key = json.loads(out)["result"]["key"]
+        yield deferToThread(self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        out, err, code = yield self.ctl(gateway, "consumer", "list")
+        self.assertIn("app", out)
+        self.assertIn("kimi/*", out)
+        out, err, code = yield self.ctl(gateway, "usage", "--since", "2026-01-01", "--group-by", "consumer")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"app +1 +0 ")
+        out, err, code = yield self.ctl(gateway, "key", "revoke", "app", key[4:12])
+        self.assertIn("revoked app's key", out)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "0")
+        self.assertEqual(code, 1)
+        self.assertIn("rpm must be", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "delete", "app")
+        self.assertEqual((out, code), ("deleted app\n", 0))
