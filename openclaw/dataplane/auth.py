@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from openclaw.consumers.table import GATEWAY
 from openclaw.dataplane.errors import APIError, unauthorized
 
 if TYPE_CHECKING:
@@ -49,8 +50,6 @@ class GatewayKeys:
         consumer, or L{openclaw.consumers.table.GATEWAY} for a key of
         GATEWAY_API_KEYS; else the 401 to answer.
         """
-        from openclaw.consumers.table import GATEWAY
-
         consumers = self.consumers
         if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(

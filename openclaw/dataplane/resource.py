@@ -192,7 +192,7 @@ class _Authenticated(APIResource):
         @raise APIError: 401 unless the request carries a gateway or
             consumer key.
         """
-        holder = self.context.keys.identify(request.getHeader(b"authorization"))
+        holder = getattr(request, "holder", None) or self.context.keys.identify(request.getHeader(b"authorization"))
         if isinstance(holder, APIError):
             self.context.completed(request, started, holder.status, outcome=holder.code)
             raise holder

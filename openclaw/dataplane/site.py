@@ -41,7 +41,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.connections import OpenConnections
-from openclaw.consumers.table import ConsumerTable
+from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
@@ -125,6 +125,10 @@ class APIRequest(Request):
     are complete and when its answer is finished, for their deadlines.
     """
 
+    #: Who holds the request's key, once its head was checked (requests
+    #: with a body); None until then.
+    holder: Holder | None = None
+
     _received = 0
     _refusal: APIError | None = None
 
@@ -163,12 +167,14 @@ class APIRequest(Request):
             return
         context = self.api_site.context
         if has_body and context is not None:
-            refusal = context.keys.check(self.getHeader(b"authorization"))
-            if refusal is not None:
+            holder = context.keys.identify(self.getHeader(b"authorization"))
+            if isinstance(holder, APIError):
                 super().gotLength(0)
-                context.refused_early(refusal)
-                self._refuse(refusal)
+                context.refused_early(holder)
+                self._refuse(holder)
                 return
+            # Known now; the resource need not look the key up again.
+            self.holder = holder
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
