@@ -276,6 +276,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     transport: ITransport | None = None
     _deadline: IDelayedCall | None = None
+    #: What the deadline in force is for, C{(seconds, setting, part)}; None:
+    #: no deadline (the timer, if any, fires to no effect).
+    _armed: tuple[float, str, str] | None = None
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
     _http2 = False
@@ -310,6 +313,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def connectionLost(self, reason: Failure) -> None:
         self._disarm()
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         try:
             self.protocol.connectionLost(reason)
         finally:
@@ -340,17 +346,30 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
     def _arm(self, seconds: float, setting: str, part: str) -> None:
-        self._disarm()
-        if not self._http2:
-            self._deadline = self._site.reactor.callLater(seconds, self._expired, seconds, setting, part)
+        """
+        A deadline C{seconds} from now.  One timer per connection, moved
+        (C{IDelayedCall.reset}) rather than cancelled and made again at
+        every step of every request.
+        """
+        if self._http2:
+            return
+        self._armed = (seconds, setting, part)
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(seconds)
+        else:
+            self._deadline = self._site.reactor.callLater(seconds, self._due)
 
     def _disarm(self) -> None:
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._armed = None
+
+    def _due(self) -> None:
+        self._deadline = None
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            self._expired(*armed)
 
     def _expired(self, seconds: float, setting: str, part: str) -> None:
-        self._deadline = None
         transport = self.tcp
         if self._started:
             error = APIError(
