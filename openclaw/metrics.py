@@ -142,6 +142,39 @@ class CommandTally:
         yield counter
 
 
+class LabelledCounts:
+    """
+    A Prometheus counter family kept as plain numbers by label values, for
+    counters bumped on every model call: one dict update each, where
+    C{prometheus_client}'s C{Counter} takes a lock per C{inc} (see
+    TWISTED-PATTERNS, the per-message hot path).  The family is built when
+    C{/metrics} is read.
+
+    Registered in a L{CollectorRegistry} as a custom collector; counted and
+    read on the reactor thread only, like L{RequestTally}.  Exposed as
+    C{<name>_total}.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Iterable[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labels = list(labels)
+        self.counts: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0) + amount
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for labels, count in list(self.counts.items()):
+            family.add_metric(list(labels), count)
+        yield family
+
+
 #: Distinct models counted per provider in C{openclaw_api_tokens_total};
 #: any further one is counted as L{OTHER_MODEL}.
 MAX_MODEL_SERIES = 32
@@ -174,13 +207,14 @@ class CallCosts:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._tokens = Counter(
+        self._tokens = LabelledCounts(
             "openclaw_api_tokens",
             "Tokens of model calls from the answers' usage, by provider, model and kind "
             "(prompt, completion, reasoning; reasoning is part of completion)",
             ["provider", "model", "kind"],
-            registry=registry,
         )
+        if registry is not None:
+            registry.register(self._tokens)
         self._first_token = Histogram(
             "openclaw_api_time_to_first_token_seconds",
             "Time from a streamed call's arrival to its first chunk sent to the client, by provider",
@@ -195,7 +229,8 @@ class CallCosts:
             registry=registry,
         )
         #: (provider, model) -> the children for prompt, completion, reasoning.
-        self._token_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        #: (provider, model) -> the model label, for the models with series.
+        self._model_labels: dict[tuple[str, str], str] = {}
         self._models: dict[str, set[str]] = {}
         self._first_token_children: dict[str, Any] = {}
 
@@ -207,40 +242,31 @@ class CallCosts:
         """
         if not isinstance(usage, dict):
             return
-        children = self._token_children.get((provider, model))
-        if children is None:
-            children = self._children(provider, model)
-        prompt, completion, reasoning = children
+        label = self._model_labels.get((provider, model))
+        if label is None:
+            label = self._model_label(provider, model)
+        add = self._tokens.add
         count = _token_count(usage.get("prompt_tokens"))
         if count:
-            prompt.inc(count)
+            add((provider, label, "prompt"), count)
         count = _token_count(usage.get("completion_tokens"))
         if count:
-            completion.inc(count)
+            add((provider, label, "completion"), count)
         details = usage.get("completion_tokens_details")
         if isinstance(details, dict):
             count = _token_count(details.get("reasoning_tokens"))
             if count:
-                reasoning.inc(count)
+                add((provider, label, "reasoning"), count)
 
-    def _children(self, provider: str, model: str) -> tuple[Any, Any, Any]:
+    def _model_label(self, provider: str, model: str) -> str:
         models = self._models.setdefault(provider, set())
-        if len(models) < MAX_MODEL_SERIES:
-            models.add(model)
-            label = model
-        else:
-            label = OTHER_MODEL
-        children = self._token_children.get((provider, label))
-        if children is None:
-            counter = self._tokens
-            children = self._token_children[(provider, label)] = (
-                counter.labels(provider, label, "prompt"),
-                counter.labels(provider, label, "completion"),
-                counter.labels(provider, label, "reasoning"),
-            )
-        # A model past the bound is not made a key: the dict stays bounded
-        # too, and such a model's calls take this path each time.
-        return children
+        if len(models) >= MAX_MODEL_SERIES:
+            # Past the bound: not remembered either, so the memo stays
+            # bounded too; such a model's calls take this path each time.
+            return OTHER_MODEL
+        models.add(model)
+        self._model_labels[(provider, model)] = model
+        return model
 
     def first_token(self, provider: str, seconds: float) -> None:
         """
@@ -535,47 +561,42 @@ class ConsumerMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._requests = Counter(
+        self._requests = LabelledCounts(
             "openclaw_consumer_requests",
             "Model calls by consumer and HTTP status (limited ones included)",
             ["consumer", "status"],
-            registry=registry,
         )
-        self._tokens = Counter(
+        self._tokens = LabelledCounts(
             "openclaw_consumer_tokens",
             "Tokens by consumer and kind (prompt, completion, reasoning; reasoning is part of completion)",
             ["consumer", "kind"],
-            registry=registry,
         )
-        self._spend = Counter(
-            "openclaw_consumer_spend_usd", "Spend in US dollars by consumer (priced models only)", ["consumer"],
-            registry=registry,
-        )  # fmt: skip
-        self._limited = Counter(
+        self._spend = LabelledCounts(
+            "openclaw_consumer_spend_usd", "Spend in US dollars by consumer (priced models only)", ["consumer"]
+        )
+        self._limited = LabelledCounts(
             "openclaw_consumer_limited",
             "Calls refused by a consumer's limits, by consumer and reason",
             ["consumer", "reason"],
-            registry=registry,
         )
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def _child(self, counter: Counter, *labels: str) -> Any:
-        key = (str(id(counter)), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = counter.labels(*labels)
-        return child
+        if registry is not None:
+            for family in (self._requests, self._tokens, self._spend, self._limited):
+                registry.register(family)
 
     def requests(self, consumer: str, status: int) -> None:
-        self._child(self._requests, consumer, str(status)).inc()
+        self._requests.add((consumer, str(status)))
 
     def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None:
-        for kind, count in (("prompt", prompt), ("completion", completion), ("reasoning", reasoning)):
-            if count:
-                self._child(self._tokens, consumer, kind).inc(count)
+        add = self._tokens.add
+        if prompt:
+            add((consumer, "prompt"), prompt)
+        if completion:
+            add((consumer, "completion"), completion)
+        if reasoning:
+            add((consumer, "reasoning"), reasoning)
 
     def spend(self, consumer: str, usd: float) -> None:
-        self._child(self._spend, consumer).inc(usd)
+        self._spend.add((consumer,), usd)
 
     def limited(self, consumer: str, reason: str) -> None:
-        self._child(self._limited, consumer, reason).inc()
+        self._limited.add((consumer, reason))

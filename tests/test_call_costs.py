@@ -210,7 +210,7 @@ class CallCostsTests(SynchronousTestCase):
         self.costs.tokens("kimi", "m", {"completion_tokens_details": {"reasoning_tokens": 1.5}})
         found = self.found()
         values = [v for (name, _), v in found.items() if name == "openclaw_api_tokens_total"]
-        self.assertEqual(set(values), {0.0})
+        self.assertLessEqual(set(values), {0.0})  # nothing counted (a series at 0, or none)
 
     def test_models_bounded(self) -> None:
         """
