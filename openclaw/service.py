@@ -22,13 +22,14 @@ from twisted.internet.defer import (
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from openclaw.cluster.node import ClusterNode
-from openclaw.cluster.redis import RedisStore
+from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
@@ -41,6 +42,10 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
+
+#: How often an instance that is not listening yet (waiting for the
+#: cluster store at start-up) says so in the log, in seconds.
+WAITING_LOG_SECONDS = 5.0
 
 
 class ListeningService(Service):
@@ -191,6 +196,11 @@ class GatewayService(MultiService):
         self.worker = 0
         self.cluster: ClusterNode | None = None
         self._redis: RedisStore | None = None
+        #: In a cluster, the listeners wait here for the first reload.
+        self._waiting_listeners: list[ListeningService] = []
+        self._waiting_for_store: LoopingCall | None = None
+        self._joined_at = 0.0
+        self._unannounced: SessionToken | None = None
         if settings.redis_url:
             self._join_cluster(commands, reactor)
         self.controlplane = controlplane = ControlPlane(
@@ -240,7 +250,7 @@ class GatewayService(MultiService):
             settings.redis_reconnect_max_seconds,
             reactor,
         )
-        store_up = self.metrics.cluster_store_up()
+        self._store_up_gauge = self.metrics.cluster_store_up()
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -250,7 +260,7 @@ class GatewayService(MultiService):
             settings.redis_timeout_seconds,
             self.providers.ids,
             on_token=self._adopted,
-            on_up=lambda up: store_up.set(1 if up else 0),
+            on_up=self._store_up,
             on_rest=self.providers.rest_key,
         )
         commands.share_switch = cluster.switch
@@ -268,12 +278,65 @@ class GatewayService(MultiService):
         }
 
     def _adopted(self, token: SessionToken, here: bool) -> None:
-        self._announce(token)
+        if self._waiting_listeners:
+            # Announced once listening (L{_synced}): whoever reads the
+            # banner can connect at once.
+            self._unannounced = token
+        else:
+            self._announce(token)
         if not here:
             self._log.info("session token {jti} adopted from the cluster", jti=token.jti)
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
-        ListeningService(endpoint, factory).setServiceParent(self)
+        listener = ListeningService(endpoint, factory)
+        if self.cluster is None:
+            listener.setServiceParent(self)
+        else:
+            # Started once the cluster's token and route are known
+            # (L{_synced}).
+            self._waiting_listeners.append(listener)
+
+    def _store_up(self, up: bool) -> None:
+        self._store_up_gauge.set(1 if up else 0)
+        if up:
+            self._synced()
+
+    def _synced(self) -> None:
+        """
+        The first reload from the store is done: this instance knows the
+        cluster's token and route, so it may answer now.  A port that
+        cannot be taken now ends the process (as it would at start-up).
+        """
+        if self._waiting_for_store is not None:
+            self._waiting_for_store.stop()
+            self._waiting_for_store = None
+        listeners, self._waiting_listeners = self._waiting_listeners, []
+        try:
+            for listener in listeners:
+                listener.setServiceParent(self)
+        except Exception:
+            self._log.failure("could not listen once in step with the cluster", log_level=LogLevel.critical)
+            stop = getattr(self._reactor, "stop", None)
+            if stop is not None:
+                stop()
+            return
+        if listeners:
+            self._log.info(
+                "in step with cluster {name}: listening (after {seconds:.1f} s)",
+                name=self.settings.cluster_name,
+                seconds=self._reactor.seconds() - self._joined_at,
+            )
+        token, self._unannounced = self._unannounced, None
+        if token is not None:
+            self._announce(token)
+
+    def _still_waiting(self) -> None:
+        self._log.warn(
+            "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); "
+            "check that Redis is running and REDIS_URL is right",
+            where=redacted_url(self.settings.redis_url or ""),
+            seconds=self._reactor.seconds() - self._joined_at,
+        )
 
     def setServiceParent(self, parent: Any) -> None:
         if self._log_observer is not None and hasattr(parent, "setComponent"):
@@ -295,6 +358,11 @@ class GatewayService(MultiService):
                 name=self.settings.cluster_name,
                 instance=self.instance,
             )
+            self._joined_at = self._reactor.seconds()
+            if self._waiting_listeners:
+                self._waiting_for_store = LoopingCall(self._still_waiting)
+                self._waiting_for_store.clock = self._reactor
+                self._waiting_for_store.start(WAITING_LOG_SECONDS, now=False)
             self._redis.start(self.cluster)
             self.cluster.start()
         else:
@@ -372,6 +440,10 @@ class GatewayService(MultiService):
         """
         if not self.running:
             return
+        if self._waiting_for_store is not None:
+            self._waiting_for_store.stop()
+            self._waiting_for_store = None
+        self._waiting_listeners = []
         yield super().stopService()
         drains = [self.controlplane.drain()]
         if self.api_site is not None:

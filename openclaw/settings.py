@@ -584,12 +584,18 @@ def load_settings(
             raise ValueError
         return text
 
-    redis_url = read(
-        "REDIS_URL",
-        _redis_url,
-        None,
-        "use redis://host:port/db, rediss://host:port/db (TLS) or unix:///path/to/redis.sock",
-    )
+    redis_url = read("REDIS_URL", str, None, "") or None
+    if redis_url is not None:
+        try:
+            _redis_url(redis_url)
+        except ValueError:
+            # Never echoed as given: it may hold a password.
+            from openclaw.cluster.redis import redacted_url
+
+            raise ConfigError(
+                f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
+                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+            ) from None
     if redis_url and not secret:
         raise ConfigError(
             "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "

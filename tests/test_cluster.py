@@ -5,6 +5,7 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -168,7 +169,50 @@ class TwoInstances(TestCase):
         self.assertTrue(answer["ok"], answer)
 
 
+class ListenOnceSynced(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_listens_only_once_in_step(self):
+        """
+        With Redis unreachable at start-up the instance does not listen (it
+        has no cluster token or route to answer with) and says so every
+        few seconds; once Redis is there it reloads, prints the cluster's
+        token and listens.
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        port = free_port()
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+        )
+        process = spawn_gateway(self, ["--port", str(port), "--interface", "127.0.0.1"], env)
+        yield sleep(5.8)
+        self.assertFalse(process.token.called)
+        self.assertIn(b"not listening yet: waiting for the cluster store at " + redis.url.encode(), process.stdout)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        redis.start()
+        token = yield process.token
+        self.assertIn(b"in step with cluster openclaw: listening", process.stdout)
+        client = yield open_client(self, port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+
 class Settings18(TestCase):
+    def test_bad_redis_url_hides_its_password(self):
+        from openclaw.settings import ConfigError, load_settings
+
+        with self.assertRaises(ConfigError) as raised:
+            load_settings({"REDIS_URL": "redis://user:hunter2@h:port/0", "JWT_SECRET": SECRET}, env_file=None)
+        self.assertNotIn("hunter2", str(raised.exception))
+        self.assertIn("redis://user:***@h:port/0", str(raised.exception))
+
     def test_redis_needs_a_shared_secret(self):
         from openclaw.settings import ConfigError, load_settings
 

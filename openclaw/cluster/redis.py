@@ -16,7 +16,7 @@ sees the writes in the order Redis made them.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import txredisapi
 from twisted.internet.defer import Deferred, gatherResults
@@ -60,6 +60,23 @@ repeat
 until cursor == '0'
 return n
 """
+
+
+def redacted_url(url: str) -> str:
+    """
+    C{url} fit for a log line or an error message: a password in it is
+    replaced with C{***} (a user name is kept).
+    """
+    try:
+        parsed = urlsplit(url)
+        password = parsed.password
+    except ValueError:
+        return "(an unreadable URL)"
+    if not password:
+        return url
+    user = f"{parsed.username}:" if parsed.username else ":"
+    host = parsed.netloc.rpartition("@")[2]
+    return urlunsplit((parsed.scheme, f"{user}***@{host}", parsed.path, parsed.query, parsed.fragment))
 
 
 def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
