@@ -28,11 +28,13 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterNode
 from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
+from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.site import APISite, build_site
@@ -196,6 +198,8 @@ class GatewayService(MultiService):
         self.worker = 0
         self.cluster: ClusterNode | None = None
         self._redis: RedisStore | None = None
+        #: The auth lockout shared by the cluster (L{None}: per instance).
+        self.lockout: SharedLockout | None = None
         #: In a cluster, the listeners wait here for the first reload.
         self._waiting_listeners: list[ListeningService] = []
         self._waiting_for_store: LoopingCall | None = None
@@ -211,7 +215,7 @@ class GatewayService(MultiService):
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
         )
-        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds)
+        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds, lockout=self.lockout)
         self.metrics.count_connections(lambda: len(self.factory.connections))
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
@@ -262,6 +266,12 @@ class GatewayService(MultiService):
             on_token=self._adopted,
             on_up=self._store_up,
             on_rest=self.providers.rest_key,
+            on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
+        )
+        self.lockout = SharedLockout(
+            AuthLockout.from_settings(settings, reactor.seconds),
+            cluster,
+            on_locked=lambda key: self.metrics.lockouts.inc(),
         )
         commands.share_switch = cluster.switch
         commands.persist = lambda route: None

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.redis_server import RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.test_allowlist_proxies import send_head
 from tests.test_twistd import SECRET, base_env
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
@@ -29,6 +30,7 @@ def sleep(seconds: float) -> Any:
 
 class TwoInstances(TestCase):
     timeout = 90
+    extra: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
 
     def setUp(self) -> None:
         self.redis = RedisServer()
@@ -44,6 +46,7 @@ class TwoInstances(TestCase):
             REDIS_RECONNECT_MAX_SECONDS="0.5",
             GATEWAY_API_KEYS=GATEWAY_KEY,
             **self.upstream.environment(),
+            **self.extra,
         )
 
     def spawn(self, port: int | None = None, api_port: int | None = None) -> Any:
@@ -150,6 +153,36 @@ class TwoInstances(TestCase):
         self.assertIn("gemini", model)
         answer = yield on_b.command(token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_lockout_counted_across_instances(self):
+        """
+        AUTH_LOCKOUT_FAILURES=4: two bad tokens on A and two on B lock the
+        address out on both (neither counted 4 on its own); the lockout is
+        on Redis, so an instance started later refuses it too.
+        """
+        self.extra = {"AUTH_LOCKOUT_FAILURES": "4"}
+        a = self.spawn()
+        yield a.token
+        b = self.spawn()
+        yield b.token
+        for process in (a, b):
+            client = yield self.client(process.port)
+            for _ in range(2):
+                answer = yield client.command("forged", "ping")
+                self.assertFalse(answer["ok"], answer)
+        yield sleep(0.2)
+        for process in (a, b):
+            response, sock = yield deferToThread(send_head, process.port, [])
+            sock.close()
+            self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        self.assertIn(b"too many failed authentications across the cluster", b.stdout)
+        self.assertIn(b"decided by another instance of the cluster", a.stdout)
+        c = self.spawn()
+        yield c.token
+        response, sock = yield deferToThread(send_head, c.port, [])
+        sock.close()
+        self.assertIn(b" 429 ", response.split(b"\r\n")[0])
 
     @inlineCallbacks
     def test_restart_keeps_the_token(self):

@@ -62,6 +62,40 @@ return n
 """
 
 
+_FAILURE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+if n < tonumber(ARGV[2]) and ARGV[4] == '0' then
+  return 0
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[3], ARGV[5])
+return 1
+"""
+
+_EXPIRING = """
+local found, cursor = {}, '0'
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = r[1]
+  for _, key in ipairs(r[2]) do
+    local left = redis.call('PTTL', key)
+    if left > 0 then
+      table.insert(found, key)
+      table.insert(found, left)
+    end
+  end
+until cursor == '0'
+return found
+"""
+
+
 def redacted_url(url: str) -> str:
     """
     C{url} fit for a log line or an error message: a password in it is
@@ -200,6 +234,8 @@ class RedisStore:
                 node.received(parts[1], int(parts[2]), parts[3])
             elif parts[0] == "r" and len(parts) == 5:
                 node.rested(parts[1], parts[2], parts[3], float(parts[4]))
+            elif parts[0] == "l" and len(parts) == 4:
+                node.locked(parts[1], parts[2], float(parts[3]))
         except ValueError:
             self._log.warn("ignoring a malformed cluster message")
 
@@ -228,6 +264,46 @@ class RedisStore:
             [self._key("rest", provider, key_fingerprint), self.channel],
             [str(max(1, round(seconds * 1000))), message],
         ).addCallback(lambda _: None)
+
+    def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
+        assert self.node is not None
+        message = f"l\t{self.node.instance}\t{key}\t{duration}"
+        return self._eval(
+            _FAILURE,
+            [self._key("failures", key), self._key("lockout", key), self.channel],
+            [
+                str(max(1, round(window * 1000))),
+                str(failures),
+                str(max(1, round(duration * 1000))),
+                "1" if lock else "0",
+                message,
+            ],
+        ).addCallback(lambda locked: int(locked) == 1)
+
+    def lockouts(self) -> Deferred[dict[str, float]]:
+        prefix = self._key("lockout", "")
+
+        def pairs(reply: list[Any]) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for key, left in zip(reply[::2], reply[1::2], strict=True):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                found[name[len(prefix) :]] = int(left) / 1000
+            return found
+
+        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
+
+    def resting(self) -> Deferred[dict[tuple[str, str], float]]:
+        prefix = self._key("rest", "")
+
+        def pairs(reply: list[Any]) -> dict[tuple[str, str], float]:
+            found: dict[tuple[str, str], float] = {}
+            for key, left in zip(reply[::2], reply[1::2], strict=True):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                provider, _, key_fingerprint = name[len(prefix) :].rpartition(":")
+                found[provider, key_fingerprint] = int(left) / 1000
+            return found
+
+        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
 
     def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
         return self._eval(
