@@ -151,6 +151,7 @@ class GatewayService(MultiService):
         api_endpoint: IStreamServerEndpoint | None = None,
         log_observer: ILogObserver | None = None,
         metrics_endpoint: IStreamServerEndpoint | None = None,
+        worker: int = 0,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -195,7 +196,8 @@ class GatewayService(MultiService):
         )
         #: This process's id in the cluster (host name and process id).
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
-        self.worker = 0
+        #: Its index among C{--workers} (0 for a single process).
+        self.worker = worker
         self.cluster: ClusterNode | None = None
         self._redis: RedisStore | None = None
         #: The auth lockout shared by the cluster (L{None}: per instance).
@@ -364,9 +366,10 @@ class GatewayService(MultiService):
             # The token is the cluster's: issued by the first instance,
             # adopted by the others, announced once known.
             self._log.info(
-                "joining cluster {name} as {instance}; the session token is the cluster's",
+                "joining cluster {name} as {instance} (worker {worker}); the session token is the cluster's",
                 name=self.settings.cluster_name,
                 instance=self.instance,
+                worker=self.worker,
             )
             self._joined_at = self._reactor.seconds()
             if self._waiting_listeners:

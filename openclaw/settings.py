@@ -212,6 +212,9 @@ class Settings:
     redis_timeout_seconds: float = 1.0
     #: Longest wait between two reconnection attempts to Redis, in seconds.
     redis_reconnect_max_seconds: float = 5.0
+    #: Gateway processes sharing the listening sockets (C{--workers});
+    #: above 1 needs C{redis_url}.
+    workers: int = 1
 
     # Limits of the API listener (issue #17).
     #: Open API connections at most; lowered at start-up to what
@@ -601,6 +604,12 @@ def load_settings(
             "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "
             "must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
         )
+    workers = read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
+    if workers > 1 and not redis_url:
+        raise ConfigError(
+            f"WORKERS (--workers)={workers} needs REDIS_URL: the workers share the token, route and "
+            "lockouts through Redis; set REDIS_URL or use --workers 1"
+        )
     token_file = read("TOKEN_FILE", str, "", "")
     ca_file = read("UPSTREAM_CA_FILE", str, "", "")
     state_dir = read("STATE_DIR", str, "", "")
@@ -720,6 +729,7 @@ def load_settings(
             defaults.redis_reconnect_max_seconds,
             "use a number of seconds greater than 0, such as 5",
         ),
+        workers=workers,
         api_max_connections=read(
             "API_MAX_CONNECTIONS",
             _positive_int,

@@ -5,6 +5,8 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from typing import Any
@@ -259,3 +261,77 @@ class Settings18(TestCase):
             {"REDIS_URL": "unix:///run/redis.sock?db=2", "JWT_SECRET": SECRET, "CLUSTER_NAME": "team-a"}, env_file=None
         )
         self.assertEqual((settings.cluster_name, settings.redis_timeout_seconds), ("team-a", 1.0))
+
+
+class Workers(TestCase):
+    """
+    C{--workers 2}: two gateway processes on the sockets one twistd bound.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+
+    @inlineCallbacks
+    def status_until(self, port: int, token: str, wanted: Any, tries: int = 80, pause: float = 0.0) -> Any:
+        """
+        Open control connections (kept open) until C{wanted(statuses)};
+        the connections and their statuses.
+        """
+        seen: list[tuple[Any, dict[str, Any]]] = []
+        for _ in range(tries):
+            try:
+                client = yield open_client(self, port)
+            except ConnectionError:
+                # Queued on the socket of a worker just killed: reset.
+                yield sleep(pause)
+                continue
+            answer = yield client.command(token, "status")
+            self.assertTrue(answer["ok"], answer)
+            seen.append((client, answer["result"]))
+            if wanted([status for _, status in seen]):
+                return seen
+            yield sleep(pause)
+        self.fail(f"not seen in {tries} connections: {[status['instance'] for _, status in seen]}")
+
+    @inlineCallbacks
+    def test_two_workers_heal_and_drain(self):
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        instances = {status["worker"]: status["instance"] for _, status in seen}
+        self.assertNotEqual(instances[0], instances[1])
+        self.assertEqual(seen[-1][1]["instances_seen"], 2)
+
+        # Worker 1 killed: its connections end, it is started again.
+        killed = instances[1]
+        os.kill(int(killed.rsplit("-", 1)[1]), signal.SIGKILL)
+        seen = yield self.status_until(
+            port,
+            token,
+            lambda statuses: any(s["worker"] == 1 and s["instance"] != killed for s in statuses),
+            pause=0.1,
+        )
+        self.assertIn(b"worker 1 ended", process.stdout)
+        survivors = [client for client, status in seen if status["instance"] != killed]
+
+        # SIGTERM to the parent drains both workers: 1001 to every client.
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))  # twistd ends with the signal it stopped on
+        self.assertEqual({status["worker"] for client, status in seen if client in survivors}, {0, 1})
+        for client in survivors:
+            code, _ = yield client.closed
+            self.assertEqual(code, 1001)
+        self.assertIn(b"all workers stopped", process.stdout)
+
+    def test_workers_need_redis(self):
+        from openclaw.settings import ConfigError, load_settings
+
+        with self.assertRaises(ConfigError) as raised:
+            load_settings({"WORKERS": "2", "JWT_SECRET": SECRET}, env_file=None)
+        self.assertIn("needs REDIS_URL", str(raised.exception))
