@@ -2,15 +2,20 @@
 #18 figures: switch_provider and rotate_token propagation across two
 `twistd -n openclaw` instances on one redis-server (p50, p99 over N), and
 a chat call's latency through an instance with and without REDIS_URL
-(the data plane must not touch Redis per call).
+(the data plane must not touch Redis per call), and chat throughput at
+concurrency 32 with --workers 1 and --workers 2 (bench/httpload.py in a
+process of its own), with the CPU seconds of each process.
 
-    .venv/bin/python bench/cluster.py [--rounds 100] [--calls 200]
+    .venv/bin/python bench/cluster.py [--rounds 100] [--calls 200] [--seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.redis_server import RedisServer
@@ -63,8 +69,65 @@ def chat_latencies(api_port: int, calls: int) -> list[float]:
     return took
 
 
+def cpu_seconds(pid: int) -> float:
+    """
+    User and system CPU seconds of process C{pid} so far (/proc/PID/stat).
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def throughput(api_port: int, seconds: float, pids: list[int]) -> tuple[dict[str, Any], dict[int, float]]:
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "httpload.py"),
+            "--port", str(api_port),
+            "--path", "/v1/chat/completions",
+            "--header", f"Authorization: Bearer {KEY}",
+            "--header", "Content-Type: application/json",
+            "--body", '{"model":"default","messages":[{"role":"user","content":"hi"}]}',
+            "--connections", "32",
+            "--seconds", str(seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    return json.loads(run.stdout.strip().splitlines()[-1]), used
+
+
 @inlineCallbacks
-def main(rounds: int, calls: int) -> Any:
+def workers_throughput(harness: Harness, redis: RedisServer, common: dict[str, str], seconds: float) -> Any:
+    for workers in (1, 2):
+        api_port = free_port()
+        args = ["--workers", str(workers), "--port", str(free_port()), "--api-port", str(api_port)]
+        args += ["--interface", "127.0.0.1"]
+        process = spawn_gateway(harness, args, base_env(**common, REDIS_URL=redis.url))
+        yield process.token
+        yield deferLater(reactor, 1.0, lambda: None)
+        parent = process.transport.pid
+        pids = [parent, *children(parent)]
+        result, used = yield deferToThread(throughput, api_port, seconds, pids)
+        cpu = ", ".join(
+            f"{'twistd parent' if pid == parent else 'worker'} {pid}: {seconds_used:.2f} s"
+            for pid, seconds_used in used.items()
+        )
+        print(f"--workers {workers}, c=32, {seconds:g} s: {json.dumps(result)}; CPU {cpu}")
+        yield process.stop()
+
+
+@inlineCallbacks
+def main(rounds: int, calls: int, seconds: float) -> Any:
     harness = Harness()
     redis = RedisServer()
     redis.start()
@@ -129,6 +192,8 @@ def main(rounds: int, calls: int) -> Any:
         )
         for client in (on_a, on_b):
             client.sendClose()
+        if seconds > 0:
+            yield workers_throughput(harness, redis, common, seconds)
     finally:
         for f, args in reversed(harness.cleanups):
             with contextlib.suppress(Exception):
@@ -141,6 +206,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=5.0, help="each throughput run (0: none)")
     options = parser.parse_args()
-    reactor.callWhenRunning(main, options.rounds, options.calls)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(main, options.rounds, options.calls, options.seconds)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -28,8 +28,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterNode
-from openclaw.cluster.redis import RedisStore
+from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import ConsumerStore
@@ -37,6 +38,7 @@ from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
+from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.site import APISite, build_site
@@ -46,6 +48,10 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
+
+#: How often an instance that is not listening yet (waiting for the
+#: cluster store at start-up) says so in the log, in seconds.
+WAITING_LOG_SECONDS = 5.0
 
 
 class ListeningService(Service):
@@ -149,6 +155,7 @@ class GatewayService(MultiService):
         api_endpoint: IStreamServerEndpoint | None = None,
         log_observer: ILogObserver | None = None,
         metrics_endpoint: IStreamServerEndpoint | None = None,
+        worker: int = 0,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -204,9 +211,17 @@ class GatewayService(MultiService):
         self._purger: LoopingCall | None = None
         #: This process's id in the cluster (host name and process id).
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
-        self.worker = 0
+        #: Its index among C{--workers} (0 for a single process).
+        self.worker = worker
         self.cluster: ClusterNode | None = None
         self._redis: RedisStore | None = None
+        #: The auth lockout shared by the cluster (L{None}: per instance).
+        self.lockout: SharedLockout | None = None
+        #: In a cluster, the listeners wait here for the first reload.
+        self._waiting_listeners: list[ListeningService] = []
+        self._waiting_for_store: LoopingCall | None = None
+        self._joined_at = 0.0
+        self._unannounced: SessionToken | None = None
         if settings.redis_url:
             self._join_cluster(commands, reactor)
         self.controlplane = controlplane = ControlPlane(
@@ -217,7 +232,7 @@ class GatewayService(MultiService):
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
         )
-        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds)
+        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds, lockout=self.lockout)
         self.metrics.count_connections(lambda: len(self.factory.connections))
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
@@ -257,7 +272,7 @@ class GatewayService(MultiService):
             settings.redis_reconnect_max_seconds,
             reactor,
         )
-        store_up = self.metrics.cluster_store_up()
+        self._store_up_gauge = self.metrics.cluster_store_up()
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -267,8 +282,14 @@ class GatewayService(MultiService):
             settings.redis_timeout_seconds,
             self.providers.ids,
             on_token=self._adopted,
-            on_up=lambda up: store_up.set(1 if up else 0),
+            on_up=self._store_up,
             on_rest=self.providers.rest_key,
+            on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
+        )
+        self.lockout = SharedLockout(
+            AuthLockout.from_settings(settings, reactor.seconds),
+            cluster,
+            on_locked=lambda key: self.metrics.lockouts.inc(),
         )
         commands.share_switch = cluster.switch
         commands.persist = lambda route: None
@@ -285,12 +306,65 @@ class GatewayService(MultiService):
         }
 
     def _adopted(self, token: SessionToken, here: bool) -> None:
-        self._announce(token)
+        if self._waiting_listeners:
+            # Announced once listening (L{_synced}): whoever reads the
+            # banner can connect at once.
+            self._unannounced = token
+        else:
+            self._announce(token)
         if not here:
             self._log.info("session token {jti} adopted from the cluster", jti=token.jti)
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
-        ListeningService(endpoint, factory).setServiceParent(self)
+        listener = ListeningService(endpoint, factory)
+        if self.cluster is None:
+            listener.setServiceParent(self)
+        else:
+            # Started once the cluster's token and route are known
+            # (L{_synced}).
+            self._waiting_listeners.append(listener)
+
+    def _store_up(self, up: bool) -> None:
+        self._store_up_gauge.set(1 if up else 0)
+        if up:
+            self._synced()
+
+    def _synced(self) -> None:
+        """
+        The first reload from the store is done: this instance knows the
+        cluster's token and route, so it may answer now.  A port that
+        cannot be taken now ends the process (as it would at start-up).
+        """
+        if self._waiting_for_store is not None:
+            self._waiting_for_store.stop()
+            self._waiting_for_store = None
+        listeners, self._waiting_listeners = self._waiting_listeners, []
+        try:
+            for listener in listeners:
+                listener.setServiceParent(self)
+        except Exception:
+            self._log.failure("could not listen once in step with the cluster", log_level=LogLevel.critical)
+            stop = getattr(self._reactor, "stop", None)
+            if stop is not None:
+                stop()
+            return
+        if listeners:
+            self._log.info(
+                "in step with cluster {name}: listening (after {seconds:.1f} s)",
+                name=self.settings.cluster_name,
+                seconds=self._reactor.seconds() - self._joined_at,
+            )
+        token, self._unannounced = self._unannounced, None
+        if token is not None:
+            self._announce(token)
+
+    def _still_waiting(self) -> None:
+        self._log.warn(
+            "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); "
+            "check that Redis is running and REDIS_URL is right",
+            where=redacted_url(self.settings.redis_url or ""),
+            seconds=self._reactor.seconds() - self._joined_at,
+        )
 
     def setServiceParent(self, parent: Any) -> None:
         if self._log_observer is not None and hasattr(parent, "setComponent"):
@@ -311,10 +385,16 @@ class GatewayService(MultiService):
             # The token is the cluster's: issued by the first instance,
             # adopted by the others, announced once known.
             self._log.info(
-                "joining cluster {name} as {instance}; the session token is the cluster's",
+                "joining cluster {name} as {instance} (worker {worker}); the session token is the cluster's",
                 name=self.settings.cluster_name,
                 instance=self.instance,
+                worker=self.worker,
             )
+            self._joined_at = self._reactor.seconds()
+            if self._waiting_listeners:
+                self._waiting_for_store = LoopingCall(self._still_waiting)
+                self._waiting_for_store.clock = self._reactor
+                self._waiting_for_store.start(WAITING_LOG_SECONDS, now=False)
             self._redis.start(self.cluster)
             self.cluster.start()
         else:
@@ -427,6 +507,10 @@ class GatewayService(MultiService):
         """
         if not self.running:
             return
+        if self._waiting_for_store is not None:
+            self._waiting_for_store.stop()
+            self._waiting_for_store = None
+        self._waiting_listeners = []
         yield super().stopService()
         drains = [self.controlplane.drain()]
         if self.api_site is not None:

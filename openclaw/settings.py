@@ -222,6 +222,9 @@ class Settings:
     redis_timeout_seconds: float = 1.0
     #: Longest wait between two reconnection attempts to Redis, in seconds.
     redis_reconnect_max_seconds: float = 5.0
+    #: Gateway processes sharing the listening sockets (C{--workers});
+    #: above 1 needs C{redis_url}.
+    workers: int = 1
 
     # Limits of the API listener (issue #17).
     #: Open API connections at most; lowered at start-up to what
@@ -725,16 +728,28 @@ def load_settings(
             raise ValueError
         return text
 
-    redis_url = read(
-        "REDIS_URL",
-        _redis_url,
-        None,
-        "use redis://host:port/db, rediss://host:port/db (TLS) or unix:///path/to/redis.sock",
-    )
+    redis_url = read("REDIS_URL", str, None, "") or None
+    if redis_url is not None:
+        try:
+            _redis_url(redis_url)
+        except ValueError:
+            # Never echoed as given: it may hold a password.
+            from openclaw.cluster.redis import redacted_url
+
+            raise ConfigError(
+                f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
+                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+            ) from None
     if redis_url and not secret:
         raise ConfigError(
             "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "
             "must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
+        )
+    workers = read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
+    if workers > 1 and not redis_url:
+        raise ConfigError(
+            f"WORKERS (--workers)={workers} needs REDIS_URL: the workers share the token, route and "
+            "lockouts through Redis; set REDIS_URL or use --workers 1"
         )
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
@@ -863,6 +878,7 @@ def load_settings(
             defaults.redis_reconnect_max_seconds,
             "use a number of seconds greater than 0, such as 5",
         ),
+        workers=workers,
         api_max_connections=read(
             "API_MAX_CONNECTIONS",
             _positive_int,

@@ -9,9 +9,16 @@ import sys
 from typing import IO, Any, ClassVar, NoReturn
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import IReactorCore, IReactorThreads, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorSocket,
+    IReactorThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.python import usage
 
+from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
 from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
@@ -59,7 +66,25 @@ class Options(usage.Options):
             "Keep the active provider here (STATE_DIR) [default: the working directory with -n, "
             "else $STATE_DIRECTORY, $XDG_STATE_HOME/openclaw, /var/lib/openclaw for root or ~/.local/state/openclaw]",
         ],
+        [
+            "workers",
+            None,
+            None,
+            "Gateway processes sharing the listening sockets (WORKERS) [default: 1]; above 1 needs REDIS_URL and -n",
+        ],
+        ["worker", None, None, "(set by --workers for each worker process; not for operators)"],
     ]
+
+    #: The options a worker is started with as the parent was.
+    passed_to_workers: ClassVar[tuple[str, ...]] = (
+        "port",
+        "api-port",
+        "interface",
+        "token-file",
+        "env-file",
+        "log-format",
+        "state-dir",
+    )
 
     def settings_overrides(self) -> dict[str, Any]:
         return {
@@ -72,6 +97,7 @@ class Options(usage.Options):
             "API_LISTEN": self["api-listen"],
             "METRICS_LISTEN": self["metrics-listen"],
             "STATE_DIR": self["state-dir"],
+            "WORKERS": self["workers"],
         }
 
 
@@ -83,7 +109,9 @@ def tcp_endpoint_description(port: int, settings: Settings) -> str:
     return f"tcp:{port}:interface={quoteStringArgument(settings.interface)}"
 
 
-def makeService(options: Options, reactor: IReactorCore | None = None, stdout: IO[str] | None = None) -> GatewayService:
+def makeService(
+    options: Options, reactor: IReactorCore | None = None, stdout: IO[str] | None = None
+) -> GatewayService | WorkerSupervisor:
     """
     Read the configuration once and build the gateway service.  A bad value
     ends the process here, before anything starts, with one line that names
@@ -103,6 +131,10 @@ def makeService(options: Options, reactor: IReactorCore | None = None, stdout: I
             providers=BUILTIN_PROVIDERS,
             daemon=not foreground(twistd_options),
         )
+        if options["worker"] is not None:
+            return _worker_service(options, settings, reactor, stdout, twistd_options)
+        if settings.workers > 1:
+            return _supervisor(options, settings, reactor, stdout, twistd_options)
         if not foreground(twistd_options) and settings.token_file is None:
             raise ConfigError(
                 "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "
@@ -145,6 +177,72 @@ def makeService(options: Options, reactor: IReactorCore | None = None, stdout: I
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
         metrics_endpoint=metrics,
+        log_observer=None
+        if destination is None
+        else make_observer(destination, settings.log_format, settings.log_level),
+    )
+
+
+def _worker_service(
+    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Any
+) -> GatewayService:
+    """
+    One worker of C{--workers}: the gateway on the ports its parent
+    reserved (C{SO_REUSEPORT}), as worker C{--worker}.
+    """
+    try:
+        index = int(options["worker"])
+    except ValueError:
+        raise ConfigError("--worker is set by --workers, not by hand") from None
+    tcp = IReactorSocket(reactor)
+    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    reactor.callWhenRunning(_freeze_startup_objects)
+    return GatewayService(
+        settings,
+        IReactorTime(reactor),
+        ReusePortEndpoint(tcp, settings.interface, settings.port),
+        stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
+        api_endpoint=ReusePortEndpoint(tcp, settings.interface, settings.api_port),
+        log_observer=None
+        if destination is None
+        else make_observer(destination, settings.log_format, settings.log_level),
+        worker=index,
+    )
+
+
+def _supervisor(
+    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Any
+) -> WorkerSupervisor:
+    """
+    C{--workers N} above 1: reserve the ports here and run N workers
+    listening on them.
+    """
+    if not foreground(twistd_options):
+        raise ConfigError("--workers above 1 runs in the foreground: add -n (as the systemd unit does)")
+    if settings.control_listen or settings.api_listen or settings.metrics_listen:
+        raise ConfigError(
+            "--workers above 1 shares TCP listeners only (--port, --api-port, --interface): "
+            "unset CONTROL_LISTEN, API_LISTEN and METRICS_LISTEN (--listen, --api-listen, --metrics-listen)"
+        )
+    sockets = {
+        "control": reserve(
+            Listener(host_port(settings.interface, settings.port), "WS_CONTROL_PORT", "--port"),
+            settings.interface,
+            settings.port,
+        ),
+        "api": reserve(
+            Listener(host_port(settings.interface, settings.api_port), "API_PORT", "--api-port"),
+            settings.interface,
+            settings.api_port,
+        ),
+    }
+    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    return WorkerSupervisor(
+        reactor,
+        settings.workers,
+        sockets,
+        worker_argv(twistd_options, options, Options.passed_to_workers),
+        stop_timeout=settings.shutdown_grace_seconds + 10,
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),

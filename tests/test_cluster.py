@@ -5,6 +5,9 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import time
 from typing import Any
 
@@ -17,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.redis_server import RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.test_allowlist_proxies import send_head
 from tests.test_twistd import SECRET, base_env
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
@@ -28,6 +32,7 @@ def sleep(seconds: float) -> Any:
 
 class TwoInstances(TestCase):
     timeout = 90
+    extra: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
 
     def setUp(self) -> None:
         self.redis = RedisServer()
@@ -43,6 +48,7 @@ class TwoInstances(TestCase):
             REDIS_RECONNECT_MAX_SECONDS="0.5",
             GATEWAY_API_KEYS=GATEWAY_KEY,
             **self.upstream.environment(),
+            **self.extra,
         )
 
     def spawn(self, port: int | None = None, api_port: int | None = None) -> Any:
@@ -158,6 +164,36 @@ class TwoInstances(TestCase):
         self.assertTrue(answer["ok"], answer)
 
     @inlineCallbacks
+    def test_lockout_counted_across_instances(self):
+        """
+        AUTH_LOCKOUT_FAILURES=4: two bad tokens on A and two on B lock the
+        address out on both (neither counted 4 on its own); the lockout is
+        on Redis, so an instance started later refuses it too.
+        """
+        self.extra = {"AUTH_LOCKOUT_FAILURES": "4"}
+        a = self.spawn()
+        yield a.token
+        b = self.spawn()
+        yield b.token
+        for process in (a, b):
+            client = yield self.client(process.port)
+            for _ in range(2):
+                answer = yield client.command("forged", "ping")
+                self.assertFalse(answer["ok"], answer)
+        yield sleep(0.2)
+        for process in (a, b):
+            response, sock = yield deferToThread(send_head, process.port, [])
+            sock.close()
+            self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        self.assertIn(b"too many failed authentications across the cluster", b.stdout)
+        self.assertIn(b"decided by another instance of the cluster", a.stdout)
+        c = self.spawn()
+        yield c.token
+        response, sock = yield deferToThread(send_head, c.port, [])
+        sock.close()
+        self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+
+    @inlineCallbacks
     def test_restart_keeps_the_token(self):
         """
         Restarting one instance does not invalidate the operators' token.
@@ -175,7 +211,50 @@ class TwoInstances(TestCase):
         self.assertTrue(answer["ok"], answer)
 
 
+class ListenOnceSynced(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def test_listens_only_once_in_step(self):
+        """
+        With Redis unreachable at start-up the instance does not listen (it
+        has no cluster token or route to answer with) and says so every
+        few seconds; once Redis is there it reloads, prints the cluster's
+        token and listens.
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        port = free_port()
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+        )
+        process = spawn_gateway(self, ["--port", str(port), "--interface", "127.0.0.1"], env)
+        yield sleep(5.8)
+        self.assertFalse(process.token.called)
+        self.assertIn(b"not listening yet: waiting for the cluster store at " + redis.url.encode(), process.stdout)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        redis.start()
+        token = yield process.token
+        self.assertIn(b"in step with cluster openclaw: listening", process.stdout)
+        client = yield open_client(self, port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+
 class Settings18(TestCase):
+    def test_bad_redis_url_hides_its_password(self):
+        from openclaw.settings import ConfigError, load_settings
+
+        with self.assertRaises(ConfigError) as raised:
+            load_settings({"REDIS_URL": "redis://user:hunter2@h:port/0", "JWT_SECRET": SECRET}, env_file=None)
+        self.assertNotIn("hunter2", str(raised.exception))
+        self.assertIn("redis://user:***@h:port/0", str(raised.exception))
+
     def test_redis_needs_a_shared_secret(self):
         from openclaw.settings import ConfigError, load_settings
 
@@ -189,3 +268,83 @@ class Settings18(TestCase):
             {"REDIS_URL": "unix:///run/redis.sock?db=2", "JWT_SECRET": SECRET, "CLUSTER_NAME": "team-a"}, env_file=None
         )
         self.assertEqual((settings.cluster_name, settings.redis_timeout_seconds), ("team-a", 1.0))
+
+
+class Workers(TestCase):
+    """
+    C{--workers 2}: two gateway processes on the sockets one twistd bound.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+
+    @inlineCallbacks
+    def status_until(self, port: int, token: str, wanted: Any, tries: int = 80, pause: float = 0.0) -> Any:
+        """
+        Open control connections (kept open) until C{wanted(statuses)};
+        the connections and their statuses.
+        """
+        seen: list[tuple[Any, dict[str, Any]]] = []
+        for _ in range(tries):
+            try:
+                client = yield open_client(self, port)
+            except ConnectionError:
+                # Queued on the socket of a worker just killed: reset.
+                yield sleep(pause)
+                continue
+            answer = yield client.command(token, "status")
+            self.assertTrue(answer["ok"], answer)
+            seen.append((client, answer["result"]))
+            if wanted([status for _, status in seen]):
+                return seen
+            yield sleep(pause)
+        self.fail(f"not seen in {tries} connections: {[status['instance'] for _, status in seen]}")
+
+    @inlineCallbacks
+    def test_two_workers_heal_and_drain(self):
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        # The banner is the first worker's: the other may start later.
+        seen = yield self.status_until(
+            port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1}, pause=0.05
+        )
+        instances = {status["worker"]: status["instance"] for _, status in seen}
+        self.assertNotEqual(instances[0], instances[1])
+        self.assertEqual(seen[-1][1]["instances_seen"], 2)
+
+        # Worker 1 killed: its connections end, it is started again.
+        killed = instances[1]
+        os.kill(int(killed.rsplit("-", 1)[1]), signal.SIGKILL)
+        seen = yield self.status_until(
+            port,
+            token,
+            lambda statuses: any(s["worker"] == 1 and s["instance"] != killed for s in statuses),
+            pause=0.1,
+        )
+        self.assertIn(b"worker 1 ended", process.stdout)
+        survivors = [client for client, status in seen if status["instance"] != killed]
+
+        # SIGTERM to the parent drains both workers: 1001 to every client.
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))  # twistd ends with the signal it stopped on
+        self.assertEqual({status["worker"] for client, status in seen if client in survivors}, {0, 1})
+        codes = []
+        for client, status in seen:
+            if client in survivors:
+                code, reason = yield client.closed
+                codes.append((status["worker"], status["instance"], code, reason))
+        self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
+        self.assertIn(b"all workers stopped", process.stdout)
+
+    def test_workers_need_redis(self):
+        from openclaw.settings import ConfigError, load_settings
+
+        with self.assertRaises(ConfigError) as raised:
+            load_settings({"WORKERS": "2", "JWT_SECRET": SECRET}, env_file=None)
+        self.assertIn("needs REDIS_URL", str(raised.exception))

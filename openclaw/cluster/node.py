@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -78,6 +78,7 @@ class ClusterNode:
         on_token: Callable[[SessionToken, bool], None] = lambda token, here: None,
         on_up: Callable[[bool], None] = lambda up: None,
         on_rest: Callable[[str, str, float], None] = lambda provider, key, seconds: None,
+        on_lock: Callable[[str, float], None] = lambda key, seconds: None,
     ) -> None:
         self.store = store
         self.route = route
@@ -89,6 +90,7 @@ class ClusterNode:
         self._on_token = on_token
         self._on_up = on_up
         self._on_rest = on_rest
+        self._on_lock = on_lock
         self.up = False
         self.instances_seen = 1
         self.versions: dict[str, int] = {}
@@ -159,9 +161,39 @@ class ClusterNode:
             if known != before.get(name) and known is not None and known > versioned.version:
                 continue  # a newer write arrived while reloading
             self._apply(name, versioned, reloading=True)
+        # Before listening: a lockout decided while this instance was away
+        # holds from its first connection.
+        yield self._reload_expiring()
         if self._connected:
             self._set_up(True)
             self.beat()
+
+    def _reload_expiring(self) -> Deferred[Any]:
+        """
+        Take the key rests and lockouts the cluster holds now (decided
+        while this instance was away or not yet started); best effort.
+        """
+
+        def rests(found: dict[tuple[str, str], float]) -> None:
+            for (provider, key_fingerprint), seconds in found.items():
+                self._on_rest(provider, key_fingerprint, seconds)
+
+        def lockouts(found: dict[str, float]) -> None:
+            for key, seconds in found.items():
+                self._on_lock(key, seconds)
+
+        def failed(failure: Failure) -> None:
+            self._log.warn(
+                "could not reload the cluster's key rests and lockouts: {error}",
+                error=failure.getErrorMessage() or repr(failure.value),
+            )
+
+        return gatherResults(
+            [
+                self._bounded(self.store.resting()).addCallbacks(rests, failed),
+                self._bounded(self.store.lockouts()).addCallbacks(lockouts, failed),
+            ]
+        )
 
     def _retry_reload(self) -> None:
         if self._connected and not self.up:
@@ -180,6 +212,24 @@ class ClusterNode:
         """
         if origin != self.instance:
             self._on_rest(provider, key_fingerprint, seconds)
+
+    def locked(self, origin: str, key: str, seconds: float) -> None:
+        """
+        An instance locked client C{key} out for C{seconds}.
+        """
+        if origin != self.instance:
+            self._on_lock(key, seconds)
+
+    def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
+        """
+        Count a failed authentication across the cluster (see
+        L{SharedStore.count_failure}); fires with L{False} at once while
+        the store is away (the instance's own count stands alone then).
+        """
+        if not self.up:
+            return succeed(False)
+        counted: Deferred[bool] = self._bounded(self.store.count_failure(key, window, failures, duration, lock))
+        return counted.addErrback(lambda failure: False)
 
     def _apply(self, name: str, versioned: Versioned, reloading: bool = False, here: bool = False) -> None:
         try:

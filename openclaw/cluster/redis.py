@@ -16,7 +16,7 @@ sees the writes in the order Redis made them.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import txredisapi
 from twisted.internet.defer import Deferred, gatherResults
@@ -60,6 +60,57 @@ repeat
 until cursor == '0'
 return n
 """
+
+
+_FAILURE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+if n < tonumber(ARGV[2]) and ARGV[4] == '0' then
+  return 0
+end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[3], ARGV[5])
+return 1
+"""
+
+_EXPIRING = """
+local found, cursor = {}, '0'
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = r[1]
+  for _, key in ipairs(r[2]) do
+    local left = redis.call('PTTL', key)
+    if left > 0 then
+      table.insert(found, key)
+      table.insert(found, left)
+    end
+  end
+until cursor == '0'
+return found
+"""
+
+
+def redacted_url(url: str) -> str:
+    """
+    C{url} fit for a log line or an error message: a password in it is
+    replaced with C{***} (a user name is kept).
+    """
+    try:
+        parsed = urlsplit(url)
+        password = parsed.password
+    except ValueError:
+        return "(an unreadable URL)"
+    if not password:
+        return url
+    user = f"{parsed.username}:" if parsed.username else ":"
+    host = parsed.netloc.rpartition("@")[2]
+    return urlunsplit((parsed.scheme, f"{user}***@{host}", parsed.path, parsed.query, parsed.fragment))
 
 
 def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
@@ -183,6 +234,8 @@ class RedisStore:
                 node.received(parts[1], int(parts[2]), parts[3])
             elif parts[0] == "r" and len(parts) == 5:
                 node.rested(parts[1], parts[2], parts[3], float(parts[4]))
+            elif parts[0] == "l" and len(parts) == 4:
+                node.locked(parts[1], parts[2], float(parts[3]))
         except ValueError:
             self._log.warn("ignoring a malformed cluster message")
 
@@ -211,6 +264,46 @@ class RedisStore:
             [self._key("rest", provider, key_fingerprint), self.channel],
             [str(max(1, round(seconds * 1000))), message],
         ).addCallback(lambda _: None)
+
+    def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
+        assert self.node is not None
+        message = f"l\t{self.node.instance}\t{key}\t{duration}"
+        return self._eval(
+            _FAILURE,
+            [self._key("failures", key), self._key("lockout", key), self.channel],
+            [
+                str(max(1, round(window * 1000))),
+                str(failures),
+                str(max(1, round(duration * 1000))),
+                "1" if lock else "0",
+                message,
+            ],
+        ).addCallback(lambda locked: int(locked) == 1)
+
+    def lockouts(self) -> Deferred[dict[str, float]]:
+        prefix = self._key("lockout", "")
+
+        def pairs(reply: list[Any]) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for key, left in zip(reply[::2], reply[1::2], strict=True):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                found[name[len(prefix) :]] = int(left) / 1000
+            return found
+
+        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
+
+    def resting(self) -> Deferred[dict[tuple[str, str], float]]:
+        prefix = self._key("rest", "")
+
+        def pairs(reply: list[Any]) -> dict[tuple[str, str], float]:
+            found: dict[tuple[str, str], float] = {}
+            for key, left in zip(reply[::2], reply[1::2], strict=True):
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                provider, _, key_fingerprint = name[len(prefix) :].rpartition(":")
+                found[provider, key_fingerprint] = int(left) / 1000
+            return found
+
+        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
 
     def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
         return self._eval(

@@ -62,6 +62,26 @@ class SharedStore(Protocol):
         instances are alive.
         """
 
+    def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
+        """
+        Count one failed authentication from client C{key} (a counter
+        expiring C{window} seconds after the first failure it counts); when
+        the count reaches C{failures} (or C{lock} is true: this node locked
+        it out already), lock C{key} out for C{duration} seconds and tell
+        every node.  Fire with whether this call locked it out.
+        """
+
+    def lockouts(self) -> Deferred[dict[str, float]]:
+        """
+        The clients locked out now: key -> seconds left.
+        """
+
+    def resting(self) -> Deferred[dict[tuple[str, str], float]]:
+        """
+        The provider keys resting now: (provider, key fingerprint) ->
+        seconds left.
+        """
+
 
 class MemoryStore:
     """
@@ -78,6 +98,9 @@ class MemoryStore:
         self.alive: dict[str, float] = {}
         self.listeners: list[Listener] = []
         self.rest_listeners: list[Callable[[str, str, float], None]] = []
+        self.failures: dict[str, tuple[int, float]] = {}
+        self.locks: dict[str, float] = {}
+        self.lock_listeners: list[Callable[[str, float], None]] = []
 
     def write(self, name: str, value: str) -> Deferred[int]:
         if not self.up:
@@ -101,6 +124,36 @@ class MemoryStore:
         for listener in list(self.rest_listeners):
             listener(provider, key_fingerprint, seconds)
         return succeed(None)
+
+    def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        now = self.clock()
+        if self.locks.get(key, 0.0) > now:
+            return succeed(False)
+        count, until = self.failures.get(key, (0, now + window))
+        if until <= now:
+            count, until = 0, now + window
+        self.failures[key] = (count + 1, until)
+        if count + 1 < failures and not lock:
+            return succeed(False)
+        self.locks[key] = now + duration
+        self.failures.pop(key, None)
+        for listener in list(self.lock_listeners):
+            listener(key, duration)
+        return succeed(True)
+
+    def lockouts(self) -> Deferred[dict[str, float]]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        now = self.clock()
+        return succeed({key: until - now for key, until in self.locks.items() if until > now})
+
+    def resting(self) -> Deferred[dict[tuple[str, str], float]]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        now = self.clock()
+        return succeed({name: until - now for name, until in self.rests.items() if until > now})
 
     def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
         if not self.up:

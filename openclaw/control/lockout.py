@@ -91,6 +91,27 @@ class AuthLockout:
             exempt=settings.auth_lockout_exempt,
         )
 
+    def key(self, client: str) -> str | None:
+        """
+        The key C{client} is counted by (L{client_key}), or L{None} when it
+        is exempt or not an IP address.
+        """
+        return self._key(client)
+
+    def impose(self, key: str, until: float) -> bool:
+        """
+        Lock C{key} out until C{until} (a lockout decided elsewhere: another
+        instance of a cluster); L{True} if it was not locked out already.
+        """
+        if until <= self.clock():
+            return False
+        known = self._until(key)
+        if known is None and len(self._locked) >= self._max_clients:
+            del self._locked[next(iter(self._locked))]
+        self._locked[key] = max(until, known or until)
+        self._recent.pop(key, None)
+        return known is None
+
     def _key(self, client: str) -> str | None:
         try:
             address = normalise(client)

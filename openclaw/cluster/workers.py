@@ -1,0 +1,249 @@
+"""
+C{--workers N}: one C{twistd openclaw} process runs N gateway processes
+(workers), each listening on the same TCP ports with C{SO_REUSEPORT} (a
+socket it binds and hands to L{IReactorSocket.adoptStreamPort}: the
+pattern of Autobahn's C{examples/twisted/websocket/echo_multicore}).  The kernel spreads new
+connections over the workers' sockets by a hash of each connection's
+addresses (Linux, socket(7)); one socket shared by all would hand most
+connections to whichever process is awake first.  The workers share the
+route, token, lockouts and key rests through Redis, as separate instances
+do.
+
+The parent (L{WorkerSupervisor}) reserves each port (bound with
+C{SO_REUSEPORT}, never listening: it takes no connection), starts the
+workers with C{reactor.spawnProcess}, starts again a worker that ends while
+the gateway runs, and on stop sends each one SIGTERM (each drains as a
+single gateway does) and waits for them all.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, execute, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProcessTransport,
+    IProtocolFactory,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from openclaw.listeners import CannotListen, Listener
+
+#: A worker that ran this long before it ended is started again after
+#: L{RESTART_DELAY_SECONDS}; one that ended sooner waits twice as long as
+#: the last time, up to L{MAX_RESTART_DELAY_SECONDS} (a crash loop must not
+#: fork as fast as it can).
+STABLE_SECONDS = 10.0
+RESTART_DELAY_SECONDS = 0.5
+MAX_RESTART_DELAY_SECONDS = 30.0
+
+
+def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
+    """
+    Hold C{interface}:C{port} for the workers: a TCP socket bound with
+    C{SO_REUSEADDR} and C{SO_REUSEPORT} that never listens (so the kernel
+    hands it no connection), kept open while the gateway runs.
+
+    @raise CannotListen: it cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, port))
+    except OSError as e:
+        sock.close()
+        raise CannotListen(
+            f"openclaw: cannot listen on {listener.where} ({listener.setting}, {listener.option}): {e.strerror}"
+        ) from None
+    return sock
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.define
+class ReusePortEndpoint:
+    """
+    A worker's TCP listener on C{interface}:C{port}, shared with the other
+    workers: a socket bound with C{SO_REUSEPORT}, handed to the reactor
+    with L{IReactorSocket.adoptStreamPort} (as Autobahn's
+    C{echo_multicore/server_reuseport.py} does).
+    """
+
+    reactor: IReactorSocket
+    interface: str
+    port: int
+    backlog: int = 50
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return execute(self._listen, protocolFactory)
+
+    def _listen(self, factory: IProtocolFactory) -> IListeningPort:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.interface, self.port))
+                sock.listen(self.backlog)
+                sock.setblocking(False)
+                # The reactor keeps its own descriptor: ours may be closed.
+                return self.reactor.adoptStreamPort(sock.fileno(), family, factory)  # type: ignore[arg-type]
+        except OSError as e:
+            raise CannotListenError(self.interface, self.port, e) from None
+
+
+class _Worker(ProcessProtocol):
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.started_at = 0.0
+        self.ended: Deferred[None] = Deferred()
+        self.process: IProcessTransport | None = None
+
+    def signal(self, name: str) -> None:
+        if self.process is not None and not self.ended.called:
+            self.process.signalProcess(name)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+
+class WorkerSupervisor(Service):
+    """
+    Runs C{count} worker processes on the ports C{sockets} reserve (name ->
+    socket, closed once the workers have stopped).
+
+    @param argv: a worker's command line without C{--worker N}.
+    @param stop_timeout: how long a stop waits for the workers to drain
+        before it kills them (seconds).
+    """
+
+    _log = Logger(namespace="openclaw.workers")
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        sockets: dict[str, socket.socket],
+        argv: Sequence[str],
+        stop_timeout: float,
+        env: dict[str, str] | None = None,
+        log_observer: ILogObserver | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self._log_observer = log_observer
+        self.count = count
+        self.sockets = sockets
+        self.argv = list(argv)
+        self.stop_timeout = stop_timeout
+        self.env = dict(os.environ) if env is None else env
+        self.workers: dict[int, _Worker] = {}
+        self.delays: dict[int, float] = {}
+        self._stopping = False
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self._log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+    def startService(self) -> None:
+        super().startService()
+        self._log.info("starting {count} workers on {listeners}", count=self.count, listeners=", ".join(self.sockets))
+        for index in range(self.count):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        if self._stopping:
+            return
+        worker = _Worker(self, index)
+        worker.started_at = self.reactor.seconds()
+        argv = [*self.argv, "--worker", str(index)]
+        process = self.reactor.spawnProcess(worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2})
+        worker.process = process
+        self.workers[index] = worker
+        self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if self._stopping:
+            return
+        ran = self.reactor.seconds() - worker.started_at
+        delay = (
+            RESTART_DELAY_SECONDS
+            if ran >= STABLE_SECONDS
+            else min(MAX_RESTART_DELAY_SECONDS, 2 * self.delays.get(worker.index, RESTART_DELAY_SECONDS / 2))
+        )
+        self.delays[worker.index] = delay
+        self._log.warn(
+            "worker {index} ended ({why}) after {ran:.1f} s; starting it again in {delay:g} s",
+            index=worker.index,
+            why=reason.getErrorMessage(),
+            ran=ran,
+            delay=delay,
+        )
+        self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        SIGTERM to every worker (each drains: 1001 to its control clients,
+        calls in flight finished, its token file removed); fires once all
+        have ended, killing those still running after C{stop_timeout}.
+        """
+        super().stopService()
+        self._stopping = True
+        workers = list(self.workers.values())
+        if not workers:
+            return succeed(None)
+        for worker in workers:
+            worker.signal("TERM")
+
+        def kill() -> None:
+            for worker in workers:
+                if not worker.ended.called:
+                    self._log.warn("worker {index} did not stop in time; killing it", index=worker.index)
+                    worker.signal("KILL")
+
+        deadline = self.reactor.callLater(self.stop_timeout, kill)
+
+        def done(result: Any) -> None:
+            if deadline.active():
+                deadline.cancel()
+            for sock in self.sockets.values():
+                sock.close()
+            self._log.info("all workers stopped")
+
+        return DeferredList([worker.ended for worker in workers]).addCallback(done)
+
+
+def worker_argv(twistd_options: Any, openclaw_options: Any, names: Sequence[str]) -> list[str]:
+    """
+    The command line that runs one worker: this Python's twistd in the
+    foreground, no pidfile (the parent's is the gateway's), the same log
+    file and the same openclaw options (C{names}) as the parent.
+    """
+    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    logfile = twistd_options.get("logfile") if twistd_options else None
+    if logfile:
+        argv += ["--logfile", logfile]
+    argv.append("openclaw")
+    for name in names:
+        value = openclaw_options[name]
+        if value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv

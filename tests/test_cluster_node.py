@@ -1,0 +1,106 @@
+"""
+L{ClusterNode} and L{SharedLockout} as plain objects: several nodes on one
+L{MemoryStore} and one L{Clock}, no socket, no Redis.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
+from openclaw.cluster.lockout import SharedLockout
+from openclaw.control.lockout import AuthLockout
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+class Nodes(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+        self.ups: dict[str, list[bool]] = {}
+        self.locks: dict[str, list[tuple[str, float]]] = {}
+        self.nodes = [self.node("a"), self.node("b")]
+        for node in self.nodes:
+            node.connected()
+
+    def node(self, name: str) -> ClusterNode:
+        ups = self.ups.setdefault(name, [])
+        locks = self.locks.setdefault(name, [])
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_up=ups.append,
+            on_lock=lambda key, seconds: locks.append((key, seconds)),
+        )
+        self.store.listeners.append(node.received)
+        self.store.lock_listeners.append(lambda key, seconds: node.locked("elsewhere", key, seconds))
+        return node
+
+    def test_one_token_and_route(self) -> None:
+        a, b = self.nodes
+        self.assertEqual(a.sessions.current.jti, b.sessions.current.jti)
+        self.assertEqual(self.ups, {"a": [True], "b": [True]})
+        self.successResultOf(a.switch(Route("kimi", "k-1")))
+        self.assertEqual(b.route.current, Route("kimi", "k-1"))
+        token = self.successResultOf(b.rotate(b.sessions.mint()))
+        self.assertEqual(a.sessions.current.jti, token.jti)
+
+    def test_store_down_refuses_changes_and_logs_transitions(self) -> None:
+        a, b = self.nodes
+        self.store.up = False
+        a.lost()
+        self.failureResultOf(a.switch(Route("kimi", "k-1")), StoreUnavailable)
+        self.assertEqual(b.route.current, Route("gemini", "g-1"))
+        self.assertEqual(self.ups["a"], [True, False])
+        # Back: the reload fails while the store still refuses, then
+        # succeeds on a retry.
+        a.connected()
+        self.assertFalse(a.up)
+        self.store.up = True
+        self.clock.advance(1.0)
+        self.assertTrue(a.up)
+        self.assertEqual(self.ups["a"], [True, False, True])
+
+    def test_empty_store_gets_the_known_state_back(self) -> None:
+        a, b = self.nodes
+        self.successResultOf(a.switch(Route("kimi", "k-1")))
+        jti = a.sessions.current.jti
+        self.store.values.clear()
+        a.lost()
+        a.connected()
+        self.assertEqual(self.store.values["token"].version, 1)
+        self.assertIn(jti, self.store.values["token"].value)
+        self.assertIn("kimi", self.store.values["route"].value)
+
+    def test_lockout_counted_across_nodes(self) -> None:
+        a, b = self.nodes
+        lockouts = [
+            SharedLockout(AuthLockout(self.clock.seconds, failures=4, window=60, duration=300), node)
+            for node in self.nodes
+        ]
+        for lockout in lockouts:
+            self.assertIsNone(lockout.record_failure("192.0.2.7"))
+            self.assertIsNone(lockout.record_failure("192.0.2.7"))
+        # The 4th failure in the store locked it out on the node that
+        # counted it; the other was told.
+        self.assertIsNotNone(lockouts[1].locked_until("192.0.2.7"))
+        self.assertEqual(self.locks["a"], [("192.0.2.7", 300)])
+        lockouts[0].impose(*self.locks["a"][0])
+        self.assertIsNotNone(lockouts[0].locked_until("192.0.2.7"))
+        # Store away: each node counts alone.
+        self.store.up = False
+        a.lost()
+        for _ in range(3):
+            self.assertIsNone(lockouts[0].record_failure("192.0.2.8"))
+        self.assertIsNotNone(lockouts[0].record_failure("192.0.2.8"))
+        self.assertIsNone(lockouts[1].locked_until("192.0.2.8"))
