@@ -41,6 +41,8 @@ MAX_HANDSHAKE_BYTES = 16384
 #: TCP connections allowed beyond MAX_CONNECTIONS, for handshakes under way
 #: (each bounded by HANDSHAKE_TIMEOUT_SECONDS) and refusals being answered.
 HANDSHAKE_HEADROOM = 256
+#: Seconds a peer has to answer our close frame (Autobahn's default is 1).
+CLOSE_HANDSHAKE_SECONDS = 5
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = 429
@@ -287,6 +289,11 @@ class ControlFactory(WebSocketServerFactory):
             # so it gets the same 403 as any other foreign origin.  Set in
             # this same call: every setProtocolOptions call resets it.
             allowNullOrigin=True,
+            # A busy client gets time to read our close frame and answer
+            # it: past this Autobahn drops the connection, and a reset can
+            # discard the close frame still unread in the client's buffer,
+            # which then sees 1006 rather than (say) 1001 going away.
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_SECONDS,
         )
 
     def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:
