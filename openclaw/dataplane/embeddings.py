@@ -30,6 +30,7 @@ from openclaw.dataplane.errors import (
     upstream_http_error,
     upstream_timeout,
 )
+from openclaw.dataplane.request import json_body
 from openclaw.dataplane.resource import _Authenticated, error_response
 from openclaw.providers import UpstreamHTTPError
 from openclaw.providers.fetch import read_body
@@ -74,12 +75,7 @@ def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[
     @param default_model: EMBEDDING_MODEL.
     @raise APIError: 400 naming the first problem found.
     """
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
+    body = json_body(raw)
     given = body.get("input")
     inputs = [given] if isinstance(given, str) else given
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) and text for text in inputs):

@@ -71,11 +71,11 @@ class ChatRequest:
         return self.body.get("model")
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def json_body(raw: bytes) -> dict[str, Any]:
     """
-    Parse and check a request body.
+    A request body that must be a JSON object (every C{POST /v1/...}).
 
-    @raise APIError: 400 naming the first problem found.
+    @raise APIError: 400 when it is not JSON, or not an object.
     """
     try:
         body = orjson.loads(raw)
@@ -83,6 +83,16 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """
+    Parse and check a request body.
+
+    @raise APIError: 400 naming the first problem found.
+    """
+    body = json_body(raw)
     _legacy_functions(body)
     names = _check_tools(body.get("tools"))
     _check_tool_choice(body.get("tool_choice"), names)
