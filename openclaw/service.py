@@ -41,6 +41,7 @@ from openclaw.control.commands import COMMANDS, ControlCommands
 from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
+from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, build_site
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
@@ -241,7 +242,7 @@ class GatewayService(MultiService):
         self.api_site: APISite | None = None
         if api_endpoint is not None:
             count_fallback = self.metrics.watch_failover((adapter.id, adapter.breaker) for adapter in self.providers)
-            self.api_site = build_site(
+            context = APIContext.from_settings(
                 self.route,
                 self.providers,
                 settings,
@@ -251,6 +252,7 @@ class GatewayService(MultiService):
                 count_fallback,
                 self.consumers,
             )
+            self.api_site = build_site(context, settings, reactor)
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             self._listen(api_endpoint, self.api_site)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from collections.abc import Callable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -41,13 +40,10 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.connections import OpenConnections
-from openclaw.consumers.table import ConsumerTable, Holder
+from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
-from openclaw.metrics import CallCosts, RequestTally
-from openclaw.providers import ProviderRegistry
-from openclaw.routing import ActiveRoute
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
@@ -509,27 +505,11 @@ class APISite(Site):
             connection.tcp.abortConnection()
 
 
-def build_site(
-    route: ActiveRoute,
-    providers: ProviderRegistry,
-    settings: Settings,
-    reactor: IReactorTime,
-    tally: RequestTally,
-    costs: CallCosts | None = None,
-    count_fallback: Callable[[str, str, str], None] | None = None,
-    consumers: ConsumerTable | None = None,
-) -> APISite:
+def build_site(context: APIContext, settings: Settings, reactor: IReactorTime) -> APISite:
     """
-    The API's C{twisted.web} site (a L{twisted.web.server.Site}).
-
-    @param tally: where each finished request is counted (the service's
-        C{openclaw_api_requests} metrics).
-    @param costs: where each chat call's tokens and times are counted (the
-        service's C{openclaw_api_tokens} and kin).
-    @param count_fallback: counts each failover, C{(from, to, reason)}.
-    @param consumers: the consumers' keys, limits and accounting (issue #19).
+    The API's C{twisted.web} site (a L{twisted.web.server.Site}) over
+    C{context} (L{APIContext.from_settings}).
     """
-    context = APIContext.from_settings(route, providers, settings, reactor, tally, costs, count_fallback, consumers)
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
