@@ -21,10 +21,11 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.dataplane.cost import ProviderWait, answer_usage
+from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.request import parse_chat_request
 from openclaw.dataplane.sse import Event
 from openclaw.metrics import MAX_MODEL_SERIES, CallCosts
+from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIStream, OpenAIWire
 from tests.support import RunningGateway
 from tests.test_dataplane import HELLO, DataPlaneTestCase
@@ -263,11 +264,22 @@ class ProviderWaitTests(SynchronousTestCase):
 
 
 class UsageTests(SynchronousTestCase):
-    def test_answer_usage(self) -> None:
-        self.assertEqual(answer_usage(b'{"choices": [], "usage": {"prompt_tokens": 1}}'), {"prompt_tokens": 1})
-        self.assertIsNone(answer_usage(b'{"choices": []}'))
-        self.assertIsNone(answer_usage(b'["usage"]'))
-        self.assertIsNone(answer_usage(b'{"usage": '))
+    def test_completion_usage(self) -> None:
+        """
+        The usage comes with the answer, read in the one parse of it: at the
+        top level, else in Moonshot's C{choices[0].usage}; Gemini's
+        C{usageMetadata} translated.
+        """
+        wire = OpenAIWire()
+        usage = wire.completion(b'{"choices": [], "usage": {"prompt_tokens": 1}}', "m", 0).usage
+        self.assertEqual(usage, {"prompt_tokens": 1})
+        usage = wire.completion(b'{"choices": [{"usage": {"prompt_tokens": 2}}]}', "m", 0).usage
+        self.assertEqual(usage, {"prompt_tokens": 2})
+        self.assertIsNone(wire.completion(b'{"choices": []}', "m", 0).usage)
+        gemini = b'{"candidates": [], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}'
+        usage = GeminiWire().completion(gemini, "m", 0).usage
+        self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"]), (3, 4))
+        self.assertIsNone(GeminiWire().completion(b'{"candidates": []}', "m", 0).usage)
 
     def chat(self, **fields: Any) -> Any:
         return parse_chat_request(orjson.dumps({"messages": HELLO, **fields}))

@@ -265,7 +265,7 @@ class WireTests(SynchronousTestCase):
         body = orjson.loads(OpenAIWire().request_body(request, "moonshot-v1-8k"))
         self.assertEqual(body, {"model": "moonshot-v1-8k", "messages": [{"role": "system", "content": "s"}], "seed": 1})
         answer = b'{"choices": [], "model": "moonshot-v1-8k"}'
-        self.assertIs(OpenAIWire().completion(answer, "m", 0), answer)
+        self.assertIs(OpenAIWire().completion(answer, "m", 0).body, answer)
         for bad in (b"nope", b"[]", b"{}"):
             self.assertRaises(MalformedAnswer, OpenAIWire().completion, bad, "m", 0)
 
@@ -285,9 +285,9 @@ class WireTests(SynchronousTestCase):
             orjson.loads(GeminiWire().request_body(request, "m")),
             {"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
         )
-        completion = orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0))
+        completion = orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0).body)
         self.assertRegex(completion["id"], r"^chatcmpl-[0-9a-f]{24}$")
-        ids = {orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0))["id"] for _ in range(1000)}
+        ids = {orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0).body)["id"] for _ in range(1000)}
         self.assertEqual(len(ids), 1000)
         self.assertRaises(MalformedAnswer, GeminiWire().completion, b"[]", "m", 0)
 

@@ -29,7 +29,7 @@ from twisted.web.server import Request
 
 from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.cost import ProviderWait, answer_usage
+from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
     PROVIDER_HEADER,
@@ -200,10 +200,10 @@ class ChatCall:
         if not self._current(generation):
             return
         try:
-            answer = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
+            answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
-        usage = self._usage = answer_usage(answer)
+        self._usage = usage
         self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)

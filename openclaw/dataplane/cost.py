@@ -1,16 +1,13 @@
 """
 What one chat call costs, as the metrics count it: the time it spent
-waiting on its provider (so that the rest is the gateway's own), and the
-usage its answer reports.
+waiting on its provider (so that the rest is the gateway's own).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
-import orjson
 
 
 @attrs.define
@@ -48,18 +45,4 @@ class ProviderWait:
             self._since = None
 
 
-def answer_usage(answer: bytes) -> Any:
-    """
-    The C{usage} of a C{chat.completion} (OpenAI's shape, after
-    translation), or None when it has none or is not a JSON object.
-    """
-    if b'"usage"' not in answer:
-        return None
-    try:
-        document = orjson.loads(answer)
-    except orjson.JSONDecodeError:
-        return None
-    return document.get("usage") if isinstance(document, dict) else None
-
-
-__all__ = ["ProviderWait", "answer_usage"]
+__all__ = ["ProviderWait"]

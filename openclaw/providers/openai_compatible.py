@@ -21,7 +21,7 @@ from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.errors import MalformedResponse
 from openclaw.providers.fetch import Exchange
-from openclaw.providers.wire import MalformedAnswer, StreamBroken, Wire, error_message, json_object
+from openclaw.providers.wire import Completion, MalformedAnswer, StreamBroken, Wire, error_message, json_object
 
 
 @attrs.frozen
@@ -48,16 +48,17 @@ class OpenAIWire:
             body["messages"] = [_plain_ids(message) for message in body["messages"]]
         return orjson.dumps(body)
 
-    def completion(self, body: bytes, model: str, created: int) -> bytes:
+    def completion(self, body: bytes, model: str, created: int) -> Completion:
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):
             raise MalformedAnswer('the answer has no "choices" list')
-        if document.get("usage") is None:
+        usage = document.get("usage")
+        if usage is None:
             usage = _choice_usage(choices)
             if usage is not None:
-                return orjson.dumps({**document, "usage": usage})
-        return body
+                return Completion(orjson.dumps({**document, "usage": usage}), usage)
+        return Completion(body, usage)
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
         return OpenAIStream(include_usage=chat.include_usage)

@@ -15,7 +15,7 @@ through) is in L{openclaw.providers.openai_compatible}, Gemini's
 from __future__ import annotations
 
 import random
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -91,6 +91,19 @@ class StreamTranslation(Protocol):
         """
 
 
+class Completion(NamedTuple):
+    """
+    A whole answer as the client gets it, and its usage as read while
+    making it (so the answer is parsed once per call).
+    """
+
+    #: The C{chat.completion} JSON.
+    body: bytes
+    #: Its C{usage} (OpenAI's shape), as the answer gives it: None when it
+    #: has none; anything else that is not an object counts nothing.
+    usage: Any
+
+
 class Wire(Protocol):
     """
     One provider's chat format.
@@ -101,9 +114,9 @@ class Wire(Protocol):
         The upstream request body for C{chat}, asking for C{model}.
         """
 
-    def completion(self, body: bytes, model: str, created: int) -> bytes:
+    def completion(self, body: bytes, model: str, created: int) -> Completion:
         """
-        The C{chat.completion} JSON for a 2xx upstream body.
+        The C{chat.completion} JSON for a 2xx upstream body, with its usage.
 
         @param created: the POSIX time (whole seconds) to report when the
             answer carries none of its own.
@@ -156,6 +169,7 @@ def error_message(document: dict[str, Any]) -> str | None:
 
 
 __all__ = [
+    "Completion",
     "MalformedAnswer",
     "ModelFailed",
     "StreamBroken",

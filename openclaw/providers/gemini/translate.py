@@ -35,7 +35,7 @@ from openclaw.dataplane.callids import SKIP_SIGNATURE, carried, new_call_id
 from openclaw.dataplane.request import DATA_URL, ChatRequest
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
-from openclaw.providers.wire import ModelFailed, StreamBroken, completion_id, json_object
+from openclaw.providers.wire import Completion, ModelFailed, StreamBroken, completion_id, json_object
 
 #: Gemini finish reasons that mean "cut short by a filter".
 _FILTERED = frozenset(
@@ -606,8 +606,9 @@ class GeminiWire:
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model))
 
-    def completion(self, body: bytes, model: str, created: int) -> bytes:
-        return orjson.dumps(from_gemini(json_object(body), model, completion_id(), created))
+    def completion(self, body: bytes, model: str, created: int) -> Completion:
+        completion = from_gemini(json_object(body), model, completion_id(), created)
+        return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
         return GeminiStreamTranslation(GeminiStream(model, completion_id(), created, chat.include_usage))
