@@ -175,6 +175,42 @@ class LabelledCounts:
         yield family
 
 
+class PlainHistogram:
+    """
+    A Prometheus histogram without labels kept as plain numbers, for a
+    value observed on every model call: a bisect and two additions, where
+    C{prometheus_client}'s C{Histogram.observe} takes a lock per bucket
+    value it updates.  The family is built when C{/metrics} is read.
+
+    Registered in a L{CollectorRegistry} as a custom collector; observed and
+    read on the reactor thread only, like L{RequestTally}.
+
+    @param buckets: upper bounds, ascending (a last C{+Inf} is implied).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(bound for bound in buckets if bound != float("inf"))
+        self._labels = [*(floatToGoString(bound) for bound in self._bounds), "+Inf"]
+        #: A count per bucket, the last one past every bound.
+        self._counts = [0] * (len(self._bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation)
+        cumulative = list(zip(self._labels, accumulate(self._counts), strict=True))
+        family.add_metric([], cumulative, sum_value=self._sum)
+        yield family
+
+
 #: Distinct models counted per provider in C{openclaw_api_tokens_total};
 #: any further one is counted as L{OTHER_MODEL}.
 MAX_MODEL_SERIES = 32
@@ -222,12 +258,13 @@ class CallCosts:
             buckets=FIRST_TOKEN_BUCKETS,
             registry=registry,
         )
-        self._overhead_histogram = Histogram(
+        self._overhead_histogram = PlainHistogram(
             "openclaw_api_overhead_seconds",
             "The gateway's own time per model call: its whole time minus the time spent waiting on the provider",
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
+            OVERHEAD_BUCKETS,
         )
+        if registry is not None:
+            registry.register(self._overhead_histogram)
         #: (provider, model) -> the children for prompt, completion, reasoning.
         #: (provider, model) -> the model label, for the models with series.
         self._model_labels: dict[tuple[str, str], str] = {}

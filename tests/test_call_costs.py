@@ -243,6 +243,11 @@ class CallCostsTests(SynchronousTestCase):
         self.assertEqual(sample(found, "openclaw_api_time_to_first_token_seconds_count", provider="gemini"), 1)
         self.assertEqual(sample(found, "openclaw_api_overhead_seconds_count"), 2)
         self.assertEqual(sample(found, "openclaw_api_overhead_seconds_sum"), 0.002)
+        buckets = "openclaw_api_overhead_seconds_bucket"
+        self.assertEqual(sample(found, buckets, le="0.0001"), 1)
+        self.assertEqual(sample(found, buckets, le="0.001"), 1)
+        self.assertEqual(sample(found, buckets, le="0.0025"), 2)
+        self.assertEqual(sample(found, buckets, le="+Inf"), 2)
 
 
 class ProviderWaitTests(SynchronousTestCase):
