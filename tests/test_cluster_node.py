@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
+from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -54,6 +55,65 @@ class Nodes(TestCase):
         self.assertEqual(b.route.current, Route("kimi", "k-1"))
         token = self.successResultOf(b.rotate(b.sessions.mint()))
         self.assertEqual(a.sessions.current.jti, token.jti)
+
+    def test_switch_answers_the_route_it_replaced(self) -> None:
+        a, b = self.nodes
+        self.assertEqual(self.successResultOf(a.switch(Route("kimi", "k-1"))), Route("gemini", "g-1"))
+
+    def test_write_made_but_its_reply_lost(self) -> None:
+        """
+        A write the store made but whose answer never came (late past the
+        timeout): the node asks the store by the write's receipt, learns it
+        was made, and answers so, applied here as on every other node.
+        """
+        a, b = self.nodes
+        self.store.lose_replies = 1
+        switched = a.switch(Route("kimi", "k-1"))
+        self.assertNoResult(switched)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(switched), Route("gemini", "g-1"))
+        self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
+        self.store.lose_replies = 1
+        token = a.sessions.mint()
+        rotated = a.rotate(token)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(rotated), token)
+        self.assertEqual((a.sessions.current.jti, b.sessions.current.jti), (token.jti, token.jti))
+
+    def test_write_held_up_is_fenced(self) -> None:
+        """
+        A write that has not reached the store when it times out: the
+        node's question fences it, so "nothing changed" stays true when
+        the write arrives later.
+        """
+        a, b = self.nodes
+        self.store.hold_writes = True
+        switched = a.switch(Route("kimi", "k-1"))
+        self.clock.advance(1.0)
+        failure = self.failureResultOf(switched, StoreUnavailable)
+        self.assertEqual(str(failure.value), UNAVAILABLE)
+        self.store.release()
+        self.assertEqual((a.route.current, b.route.current), (Route("gemini", "g-1"),) * 2)
+        self.assertNotIn("kimi", self.store.values["route"].value)
+
+    def test_write_outcome_unknown(self) -> None:
+        """
+        The reply lost and the store gone before it could be asked: the
+        answer says the change may have been applied everywhere (it was:
+        every node applies what the store published), never "nothing
+        changed".
+        """
+        a, b = self.nodes
+        self.store.lose_replies = 1
+        switched = a.switch(Route("kimi", "k-1"))
+        self.store.up = False
+        self.clock.advance(1.0)
+        self.assertNoResult(switched)
+        self.clock.advance(0.25)
+        self.clock.advance(0.25)
+        failure = self.failureResultOf(switched, StoreUnconfirmed)
+        self.assertNotIn("nothing changed", str(failure.value))
+        self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
 
     def test_store_down_refuses_changes_and_logs_transitions(self) -> None:
         a, b = self.nodes
