@@ -16,6 +16,7 @@ from typing import Any
 import openai
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -417,7 +418,7 @@ class Workers(TestCase):
         for _ in range(tries):
             try:
                 client = yield open_client(self, port)
-            except ConnectionError:
+            except (ConnectionError, ConnectError):
                 # Queued on the socket of a worker just killed: reset.
                 yield sleep(pause)
                 continue
@@ -465,6 +466,46 @@ class Workers(TestCase):
                 code, reason = yield client.closed
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
+        self.assertIn(b"all workers stopped", process.stdout)
+
+    @inlineCallbacks
+    def test_crash_loop_backs_off(self):
+        """
+        Worker 1 dies at once, again and again (killed as soon as it is
+        started): it is started again after 0.5, 1, 2, then 4 s, each time
+        logged, never in a tight loop; worker 0 serves throughout; a stop
+        while a restart waits ends at once.
+        """
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        started = re.compile(rb"worker 1 started \(pid (\d+)\)")
+        killed: list[bytes] = []
+        starts: list[float] = []
+        deadline = time.monotonic() + 20
+        while len(killed) < 4 and time.monotonic() < deadline:
+            for pid in started.findall(process.stdout):
+                if pid not in killed:
+                    starts.append(time.monotonic())
+                    killed.append(pid)
+                    os.kill(int(pid), signal.SIGKILL)
+            yield sleep(0.01)
+        self.assertEqual(len(killed), 4, process.stdout[-3000:])
+        gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+        for gap, delay in zip(gaps, (0.5, 1, 2), strict=True):
+            self.assertGreater(gap, delay - 0.05, gaps)
+        for delay in (b"0.5", b"1", b"2", b"4"):
+            self.assertIn(b"; starting it again in " + delay + b" s", process.stdout)
+        self.assertIn(b"4 times in a row within 10 s of its start", process.stdout)
+        # Worker 0 has served all along; worker 1 waits 4 s to start again.
+        seen = yield self.status_until(port, token, lambda statuses: len(statuses) == 3, pause=0.05)
+        self.assertEqual({status["worker"] for _, status in seen}, {0})
+        began = time.monotonic()
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+        self.assertLess(time.monotonic() - began, 3.5)
+        self.assertEqual(started.findall(process.stdout), killed)
         self.assertIn(b"all workers stopped", process.stdout)
 
     def test_workers_need_redis(self):

@@ -1,16 +1,24 @@
 """
 L{ClusterNode} and L{SharedLockout} as plain objects: several nodes on one
-L{MemoryStore} and one L{Clock}, no socket, no Redis.
+L{MemoryStore} and one L{Clock}, no socket, no Redis; L{WorkerSupervisor}'s
+restarts on a clock that pretends to spawn processes.
 """
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+from unittest import mock
+
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed
+from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -164,3 +172,85 @@ class Nodes(TestCase):
             self.assertIsNone(lockouts[0].record_failure("192.0.2.8"))
         self.assertIsNotNone(lockouts[0].record_failure("192.0.2.8"))
         self.assertIsNone(lockouts[1].locked_until("192.0.2.8"))
+
+
+class _Processes(Clock):
+    """
+    A clock that also spawns (pretend) processes: what
+    L{WorkerSupervisor} needs of a reactor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+        self.refuse = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, childFDs: Any = None) -> Any:
+        if self.refuse:
+            raise OSError(11, "Resource temporarily unavailable")
+        self.spawned.append(protocol)
+        process = mock.Mock(pid=1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        return process
+
+
+class Supervisor(TestCase):
+    def setUp(self) -> None:
+        self.reactor = _Processes()
+        self.sockets = {"control": socket.socket()}
+        self.supervisor = WorkerSupervisor(self.reactor, 2, self.sockets, ["twistd"], stop_timeout=5, env={})
+        self.supervisor.startService()
+
+    def end(self, index: int) -> None:
+        worker = self.supervisor.workers[index]
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+
+    def test_crash_loop_backs_off(self) -> None:
+        """
+        A worker that dies at once, again and again, is started again
+        after 0.5, 1, 2, 4 ... s (up to 30 s), not at once; the other one is
+        left alone; a run of 10 s or more starts the count again.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        delays = []
+        for _ in range(8):
+            self.end(1)
+            before = len(self.reactor.spawned)
+            waited = 0.0
+            while len(self.reactor.spawned) == before:
+                self.reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays, [0.5, 1, 2, 4, 8, 16, 30, 30])
+        self.assertEqual(self.supervisor.quick_ends[1], 8)
+        self.assertIn(0, self.supervisor.workers)
+        self.reactor.advance(10)
+        self.end(1)
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 11)
+
+    def test_spawn_failure_tried_again(self) -> None:
+        """
+        A worker that cannot be started (fork failing) is tried again
+        with the same backoff, not left out for good.
+        """
+        self.reactor.refuse = True
+        self.end(0)
+        self.reactor.advance(0.5)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.supervisor.quick_ends[0], 3)
+        self.reactor.refuse = False
+        self.reactor.advance(2.0)
+        self.assertIn(0, self.supervisor.workers)
+
+    def test_stop_cancels_restarts(self) -> None:
+        """
+        A stop while workers wait to be started again: no restart is left
+        pending, and the reserved sockets are closed.
+        """
+        self.end(0)
+        self.end(1)
+        stopped = self.supervisor.stopService()
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.sockets["control"].fileno(), -1)
