@@ -22,6 +22,7 @@ from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
+from tests.support import capture_log_events
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -123,6 +124,25 @@ class Nodes(TestCase):
         self.assertNotIn("nothing changed", str(failure.value))
         self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
 
+    def test_heartbeat_catches_up(self) -> None:
+        """
+        A node whose subscription went silent (it missed a switch and a
+        rotation) catches up at its next heartbeat.
+        """
+        a, b = self.nodes
+        a.start()
+        b.start()
+        self.addCleanup(a.stop)
+        self.addCleanup(b.stop)
+        self.store.listeners.remove(b.received)
+        self.successResultOf(a.switch(Route("kimi", "k-1")))
+        token = self.successResultOf(a.rotate(a.sessions.mint()))
+        self.assertEqual(b.route.current, Route("gemini", "g-1"))
+        self.clock.advance(10)
+        self.clock.advance(1)
+        self.assertEqual(b.route.current, Route("kimi", "k-1"))
+        self.assertEqual(b.sessions.current.jti, token.jti)
+
     def test_store_down_refuses_changes_and_logs_transitions(self) -> None:
         a, b = self.nodes
         self.store.up = False
@@ -130,10 +150,15 @@ class Nodes(TestCase):
         self.failureResultOf(a.switch(Route("kimi", "k-1")), StoreUnavailable)
         self.assertEqual(b.route.current, Route("gemini", "g-1"))
         self.assertEqual(self.ups["a"], [True, False])
-        # Back: the reload fails while the store still refuses, then
-        # succeeds on a retry.
+        # Back: the reload fails while the store still refuses (logged
+        # once, not once per retry), then succeeds on a retry.
+        events = capture_log_events(self)
         a.connected()
         self.assertFalse(a.up)
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        reloads = [event for event in events if "could not reload" in event.get("log_format", "")]
+        self.assertEqual(len(reloads), 1)
         self.store.up = True
         self.clock.advance(1.0)
         self.assertTrue(a.up)

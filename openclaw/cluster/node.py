@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.cluster.store import SharedStore, Versioned
+from openclaw.cluster.store import Heartbeat, SharedStore, Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 
@@ -417,10 +417,29 @@ class ClusterNode:
         if self._heartbeat.running:
             self._heartbeat.stop()
 
-    def beat(self) -> None:
-        def seen(count: int) -> None:
-            self.instances_seen = max(1, int(count))
+    def _catch_up(self, versions: dict[str, int]) -> None:
+        missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
+        if missed and self.up:
+            self._log.warn(
+                "missed a change published by the cluster store ({missed}); reloading",
+                missed=", ".join(f"{name} version {version}" for name, version in sorted(missed.items())),
+            )
+            self._reload()
 
-        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS)).addCallbacks(
+    def beat(self) -> None:
+        """
+        Say this instance is alive, count the others, and catch up on any
+        change the store holds that this instance missed (a publication
+        lost on a subscription that went silent without closing).
+        """
+
+        def seen(heartbeat: Heartbeat) -> None:
+            self.instances_seen = max(1, heartbeat.alive)
+            if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
+                # Its publication may be on its way still: look again in a
+                # moment.
+                self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
+
+        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN))).addCallbacks(
             seen, lambda failure: None
         )

@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
-from openclaw.cluster.store import RECEIPT_SECONDS, Versioned
+from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 
 if TYPE_CHECKING:
     from openclaw.cluster.node import ClusterNode
@@ -73,7 +73,11 @@ repeat
   cursor = r[1]
   n = n + #r[2]
 until cursor == '0'
-return n
+local found = {n}
+for i = 2, #KEYS do
+  table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
+end
+return found
 """
 
 
@@ -327,7 +331,14 @@ class RedisStore:
 
         return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+        def heard(reply: list[Any]) -> Heartbeat:
+            return Heartbeat(
+                int(reply[0]), {name: int(version) for name, version in zip(names, reply[1:], strict=True)}
+            )
+
         return self._eval(
-            _HEARTBEAT, [self._key("instance", instance)], [str(ttl_seconds), self._key("instance", "*")]
-        ).addCallback(int)
+            _HEARTBEAT,
+            [self._key("instance", instance), *(self._key("state", name) for name in names)],
+            [str(ttl_seconds), self._key("instance", "*")],
+        ).addCallback(heard)

@@ -36,6 +36,18 @@ class Versioned:
     origin: str = ""
 
 
+@attrs.frozen
+class Heartbeat:
+    """
+    What a heartbeat learns: how many instances are alive, and the version
+    of each shared value (name -> version; 0 for none), to notice a
+    published write this node missed.
+    """
+
+    alive: int
+    versions: dict[str, int]
+
+
 #: Called with (name, version, value, origin) for every write anyone makes.
 Listener = Callable[[str, int, str, str], None]
 
@@ -78,10 +90,10 @@ class SharedStore(Protocol):
         with it) and tell the other nodes.
         """
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         """
         Mark C{instance} alive for C{ttl_seconds}; fire with how many
-        instances are alive.
+        instances are alive and the versions of the values C{names}.
         """
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
@@ -215,9 +227,10 @@ class MemoryStore:
         now = self.clock()
         return succeed({name: until - now for name, until in self.rests.items() if until > now})
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
         self.alive[instance] = now + ttl_seconds
-        return succeed(sum(1 for until in self.alive.values() if until > now))
+        versions = {name: self.values[name].version if name in self.values else 0 for name in names}
+        return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions))
