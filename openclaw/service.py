@@ -232,6 +232,7 @@ class GatewayService(MultiService):
             debug=settings.log_level == "debug",
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
+            instance=self.instance if self.cluster is not None else None,
         )
         self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds, lockout=self.lockout)
         self.metrics.count_connections(lambda: len(self.factory.connections))
@@ -307,7 +308,7 @@ class GatewayService(MultiService):
             "instances_seen": 1 if self.cluster is None else self.cluster.instances_seen,
         }
 
-    def _adopted(self, token: SessionToken, here: bool) -> None:
+    def _adopted(self, token: SessionToken, here: bool, origin: str) -> None:
         if self._waiting_listeners:
             # Announced once listening (L{_synced}): whoever reads the
             # banner can connect at once.
@@ -315,7 +316,11 @@ class GatewayService(MultiService):
         else:
             self._announce(token)
         if not here:
-            self._log.info("session token {jti} adopted from the cluster", jti=token.jti)
+            self._log.info(
+                "session token {jti} adopted from the cluster (issued on {origin})",
+                jti=token.jti,
+                origin=origin or "an unknown instance",
+            )
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         listener = ListeningService(endpoint, factory)

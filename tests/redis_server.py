@@ -1,6 +1,7 @@
 """
 A real C{redis-server} for the cluster tests, on a free loopback port in a
-temporary directory, with no persistence.  Missing binary: the tests fail
+temporary directory, with no persistence (and a L{DelayingProxy} to put in front of it, for a
+slow Redis).  Missing binary: the tests fail
 with how to install it (C{make test} installs it where it can); they never
 skip.
 """
@@ -13,6 +14,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.protocols.portforward import ProxyClient, ProxyClientFactory, ProxyFactory, ProxyServer
 
 
 def free_port() -> int:
@@ -78,3 +83,90 @@ class RedisServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _HoldingClient(ProxyClient):
+    """
+    The proxy's side towards Redis: what Redis sends while the proxy holds
+    replies reaches the gateway that much later, in order.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.queue: list[tuple[float, bytes]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        proxy: DelayingProxy = self.peer.factory.proxy
+        now = reactor.seconds()
+        release = now + proxy.delay if now < proxy.hold_until else now
+        if self.queue:
+            release = max(release, self.queue[-1][0])
+        if release <= now:
+            super().dataReceived(data)
+            return
+        self.queue.append((release, data))
+        proxy.timers.add(reactor.callLater(release - now, self._flush))
+
+    def _flush(self) -> None:
+        proxy: DelayingProxy = self.peer.factory.proxy
+        proxy.timers = {timer for timer in proxy.timers if timer.active()}
+        now = reactor.seconds()
+        while self.queue and self.queue[0][0] <= now:
+            _, data = self.queue.pop(0)
+            if self.peer.transport is not None:
+                self.peer.transport.write(data)
+
+
+class _HoldingClientFactory(ProxyClientFactory):
+    protocol = _HoldingClient
+
+
+class _HoldingServer(ProxyServer):
+    clientProtocolFactory = _HoldingClientFactory
+
+    def connectionMade(self) -> None:
+        self.factory.proxy.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.proxy.connections.discard(self)
+        super().connectionLost(reason)
+
+
+class DelayingProxy:
+    """
+    A TCP proxy on a free loopback port in front of a L{RedisServer}, in
+    the test's reactor: L{hold} makes what Redis answers in the next
+    moments reach the gateway late (a slow network: Redis has done the
+    work, its reply is late past REDIS_TIMEOUT_SECONDS).
+    """
+
+    def __init__(self, redis: RedisServer) -> None:
+        factory = ProxyFactory("127.0.0.1", redis.port)
+        factory.protocol = _HoldingServer
+        factory.proxy = self
+        self.delay = 0.0
+        self.hold_until = 0.0
+        self.timers: set[Any] = set()
+        self.connections: set[_HoldingServer] = set()
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port.getHost().port}/0"
+
+    def hold(self, delay: float, window: float) -> None:
+        """
+        Replies Redis sends in the next C{window} seconds arrive C{delay}
+        seconds late.
+        """
+        self.delay = delay
+        self.hold_until = reactor.seconds() + window
+
+    def stop(self) -> Any:
+        for timer in self.timers:
+            if timer.active():
+                timer.cancel()
+        for connection in list(self.connections):
+            connection.transport.abortConnection()
+        return self.port.stopListening()

@@ -6,19 +6,22 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
+import urllib.request
 from typing import Any
 
 import openai
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.redis_server import RedisServer
+from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
 from tests.test_allowlist_proxies import send_head
 from tests.test_twistd import SECRET, base_env
@@ -28,6 +31,32 @@ GATEWAY_KEY = "gw-key-0123456789abcdef"
 
 def sleep(seconds: float) -> Any:
     return deferLater(reactor, seconds, lambda: None)
+
+
+def store_up(api_port: int) -> Any:
+    """
+    The C{openclaw_cluster_store_up} gauge of the gateway whose API is on
+    C{api_port}.
+    """
+
+    def scrape() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        found = re.search(r"^openclaw_cluster_store_up (\S+)$", text, re.MULTILINE)
+        assert found, text
+        return float(found.group(1))
+
+    return deferToThread(scrape)
+
+
+@inlineCallbacks
+def store_up_becomes(api_port: int, wanted: float, seconds: float = 15) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        value = yield store_up(api_port)
+        if value == wanted or time.monotonic() > deadline:
+            return value
+        yield sleep(0.1)
 
 
 class TwoInstances(TestCase):
@@ -51,11 +80,13 @@ class TwoInstances(TestCase):
             **self.extra,
         )
 
-    def spawn(self, port: int | None = None, api_port: int | None = None) -> Any:
+    def spawn(self, port: int | None = None, api_port: int | None = None, **env: str) -> Any:
         port = port or free_port()
         api_port = api_port or free_port()
         process = spawn_gateway(
-            self, ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"], self.env()
+            self,
+            ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"],
+            {**self.env(), **env},
         )
         process.port, process.api_port = port, api_port
         return process
@@ -95,10 +126,22 @@ class TwoInstances(TestCase):
 
         answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+        self.assertEqual((answer["result"]["previous"], answer["result"]["active"]), ("gemini", "kimi"))
         model = yield self.chat_model(sdk_b)
         self.assertNotIn("gemini", model)
         status = yield on_b.command(token, "status")
         self.assertEqual(status["result"]["provider_id"], "kimi")
+        # The audit line is A's, naming A; B logs that it applied A's change.
+        status_a = yield on_a.command(token, "status")
+        instance_a = status_a["result"]["instance"].encode()
+        self.assertRegex(
+            a.stdout, rb"switch_provider from 127\.0\.0\.1:\d+ \(token \S+\) on instance " + instance_a + b": ok"
+        )
+        self.assertNotIn(b"switch_provider from", b.stdout)
+        self.assertRegex(
+            b.stdout, rb"applied the cluster's route kimi/\S+ \(version \d+, switched on " + instance_a + rb"\)"
+        )
+        self.assertNotIn(b"applied the cluster's route", a.stdout)
 
         answer = yield on_a.command(token, "rotate_token")
         self.assertTrue(answer["ok"], answer)
@@ -108,6 +151,11 @@ class TwoInstances(TestCase):
         self.assertEqual(answer, {"ok": False, "cmd": "ping", "error": "token revoked"})
         status = yield on_b.command(new_token, "status")
         self.assertTrue(status["ok"], status)
+        self.assertRegex(
+            a.stdout, rb"rotate_token from 127\.0\.0\.1:\d+ \(token \S+\) on instance " + instance_a + b": ok"
+        )
+        self.assertIn(b"adopted from the cluster (issued on " + instance_a + b")", b.stdout)
+        self.assertNotIn(b"rotate_token from", b.stdout)
         status_a = yield on_a.command(new_token, "status")
         self.assertEqual(status["result"]["worker"], 0)
         self.assertNotEqual(status["result"]["instance"], status_a["result"]["instance"])
@@ -128,8 +176,11 @@ class TwoInstances(TestCase):
         on_a = yield self.client(a.port)
         answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+        up = yield store_up(a.api_port)
+        self.assertEqual(up, 1)
         self.redis.stop()
-        yield sleep(0.3)
+        up = yield store_up_becomes(a.api_port, 0)
+        self.assertEqual(up, 0)
         model = yield self.chat_model(self.sdk(b.api_port))
         self.assertNotIn("gemini", model)
         answer = yield on_a.command(token, "switch_provider", {"provider": "gemini"})
@@ -142,6 +193,14 @@ class TwoInstances(TestCase):
         on_b = yield self.client(b.port)
         answer = yield on_b.command(token, "status")
         self.assertEqual(answer["result"]["provider_id"], "kimi")
+        # Reconnection tried many times over (REDIS_RECONNECT_MAX_SECONDS
+        # 0.5), lockout failures counted here alone: one line for the
+        # outage, none per failed call.
+        yield on_b.command("forged", "ping")
+        yield sleep(1.5)
+        for process in (a, b):
+            self.assertEqual(process.stdout.count(b"cluster store unreachable"), 1, process.stdout[-3000:])
+            self.assertEqual(process.stdout.count(b"cluster store up:"), 1)
 
         self.redis.start()
         deadline = time.monotonic() + 15
@@ -162,6 +221,73 @@ class TwoInstances(TestCase):
         self.assertIn("gemini", model)
         answer = yield on_b.command(token, "ping")
         self.assertTrue(answer["ok"], answer)
+        for process in (a, b):
+            up = yield store_up_becomes(process.api_port, 1)
+            self.assertEqual(up, 1)
+            self.assertEqual(process.stdout.count(b"cluster store unreachable"), 1)
+            self.assertEqual(process.stdout.count(b"cluster store up:"), 2)
+            self.assertLessEqual(process.stdout.count(b"could not reload the cluster's state"), 1)
+
+    @inlineCallbacks
+    def test_key_rest_shared(self):
+        """
+        A 429 on one of Kimi's two keys, met on A, rests that key on B (told
+        at once) and on C (started later: it reloads the rests): neither
+        sends to it while it rests.
+        """
+        self.extra = {"DEFAULT_PROVIDER": "kimi", "KIMI_API_KEYS": "kimi-key-2"}
+        kimi = self.upstream.kimi
+        kimi.extra_keys = ["kimi-key-2"]
+        kimi.rate_limited_keys = {"kimi-key"}
+        kimi.retry_after = 60
+        a = self.spawn()
+        yield a.token
+        b = self.spawn()
+        yield b.token
+        model = yield self.chat_model(self.sdk(a.api_port))
+        self.assertNotIn("gemini", model)
+        self.assertEqual(kimi.keys_seen, ["kimi-key", "kimi-key-2"])
+        # The key would work again, but rests for 60 s on every instance.
+        kimi.rate_limited_keys = set()
+        kimi.keys_seen.clear()
+        yield sleep(0.2)
+        sdk_b = self.sdk(b.api_port)
+        for _ in range(3):
+            yield self.chat_model(sdk_b)
+        self.assertEqual(kimi.keys_seen, ["kimi-key-2"] * 3)
+        self.assertIn(b"resting 60 s (rate limited on another instance)", b.stdout)
+        c = self.spawn()
+        yield c.token
+        kimi.keys_seen.clear()
+        sdk_c = self.sdk(c.api_port)
+        for _ in range(2):
+            yield self.chat_model(sdk_c)
+        self.assertEqual(kimi.keys_seen, ["kimi-key-2"] * 2)
+
+    @inlineCallbacks
+    def test_write_timed_out_but_made(self):
+        """
+        A's switch reaches Redis, which makes it, but the reply comes back
+        later than REDIS_TIMEOUT_SECONDS (a slow link: a proxy holds it):
+        A asks Redis whether the write was made and answers the truth —
+        switched, as B was — never "nothing changed".
+        """
+        proxy = DelayingProxy(self.redis)
+        self.addCleanup(proxy.stop)
+        a = self.spawn(REDIS_URL=proxy.url)
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        on_a = yield self.client(a.port)
+        on_b = yield self.client(b.port)
+        proxy.hold(delay=1.0, window=0.3)
+        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        self.assertEqual(answer["result"], {"previous": "gemini", "active": "kimi", "model": answer["result"]["model"]})
+        self.assertIn(b"writing route to the cluster store failed", a.stdout)
+        self.assertIn(b"route was written to the cluster store after all", a.stdout)
+        for client in (on_a, on_b):
+            status = yield client.command(token, "status")
+            self.assertEqual(status["result"]["provider_id"], "kimi")
 
     @inlineCallbacks
     def test_lockout_counted_across_instances(self):
@@ -292,7 +418,7 @@ class Workers(TestCase):
         for _ in range(tries):
             try:
                 client = yield open_client(self, port)
-            except ConnectionError:
+            except (ConnectionError, ConnectError):
                 # Queued on the socket of a worker just killed: reset.
                 yield sleep(pause)
                 continue
@@ -340,6 +466,46 @@ class Workers(TestCase):
                 code, reason = yield client.closed
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
+        self.assertIn(b"all workers stopped", process.stdout)
+
+    @inlineCallbacks
+    def test_crash_loop_backs_off(self):
+        """
+        Worker 1 dies at once, again and again (killed as soon as it is
+        started): it is started again after 0.5, 1, 2, then 4 s, each time
+        logged, never in a tight loop; worker 0 serves throughout; a stop
+        while a restart waits ends at once.
+        """
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        started = re.compile(rb"worker 1 started \(pid (\d+)\)")
+        killed: list[bytes] = []
+        starts: list[float] = []
+        deadline = time.monotonic() + 20
+        while len(killed) < 4 and time.monotonic() < deadline:
+            for pid in started.findall(process.stdout):
+                if pid not in killed:
+                    starts.append(time.monotonic())
+                    killed.append(pid)
+                    os.kill(int(pid), signal.SIGKILL)
+            yield sleep(0.01)
+        self.assertEqual(len(killed), 4, process.stdout[-3000:])
+        gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+        for gap, delay in zip(gaps, (0.5, 1, 2), strict=True):
+            self.assertGreater(gap, delay - 0.05, gaps)
+        for delay in (b"0.5", b"1", b"2", b"4"):
+            self.assertIn(b"; starting it again in " + delay + b" s", process.stdout)
+        self.assertIn(b"4 times in a row within 10 s of its start", process.stdout)
+        # Worker 0 has served all along; worker 1 waits 4 s to start again.
+        seen = yield self.status_until(port, token, lambda statuses: len(statuses) == 3, pause=0.05)
+        self.assertEqual({status["worker"] for _, status in seen}, {0})
+        began = time.monotonic()
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+        self.assertLess(time.monotonic() - began, 3.5)
+        self.assertEqual(started.findall(process.stdout), killed)
         self.assertIn(b"all workers stopped", process.stdout)
 
     def test_workers_need_redis(self):

@@ -1,18 +1,28 @@
 """
 L{ClusterNode} and L{SharedLockout} as plain objects: several nodes on one
-L{MemoryStore} and one L{Clock}, no socket, no Redis.
+L{MemoryStore} and one L{Clock}, no socket, no Redis; L{WorkerSupervisor}'s
+restarts on a clock that pretends to spawn processes.
 """
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+from unittest import mock
+
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
+from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed
+from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
+from tests.support import capture_log_events
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -55,6 +65,84 @@ class Nodes(TestCase):
         token = self.successResultOf(b.rotate(b.sessions.mint()))
         self.assertEqual(a.sessions.current.jti, token.jti)
 
+    def test_switch_answers_the_route_it_replaced(self) -> None:
+        a, b = self.nodes
+        self.assertEqual(self.successResultOf(a.switch(Route("kimi", "k-1"))), Route("gemini", "g-1"))
+
+    def test_write_made_but_its_reply_lost(self) -> None:
+        """
+        A write the store made but whose answer never came (late past the
+        timeout): the node asks the store by the write's receipt, learns it
+        was made, and answers so, applied here as on every other node.
+        """
+        a, b = self.nodes
+        self.store.lose_replies = 1
+        switched = a.switch(Route("kimi", "k-1"))
+        self.assertNoResult(switched)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(switched), Route("gemini", "g-1"))
+        self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
+        self.store.lose_replies = 1
+        token = a.sessions.mint()
+        rotated = a.rotate(token)
+        self.clock.advance(1.0)
+        self.assertEqual(self.successResultOf(rotated), token)
+        self.assertEqual((a.sessions.current.jti, b.sessions.current.jti), (token.jti, token.jti))
+
+    def test_write_held_up_is_fenced(self) -> None:
+        """
+        A write that has not reached the store when it times out: the
+        node's question fences it, so "nothing changed" stays true when
+        the write arrives later.
+        """
+        a, b = self.nodes
+        self.store.hold_writes = True
+        switched = a.switch(Route("kimi", "k-1"))
+        self.clock.advance(1.0)
+        failure = self.failureResultOf(switched, StoreUnavailable)
+        self.assertEqual(str(failure.value), UNAVAILABLE)
+        self.store.release()
+        self.assertEqual((a.route.current, b.route.current), (Route("gemini", "g-1"),) * 2)
+        self.assertNotIn("kimi", self.store.values["route"].value)
+
+    def test_write_outcome_unknown(self) -> None:
+        """
+        The reply lost and the store gone before it could be asked: the
+        answer says the change may have been applied everywhere (it was:
+        every node applies what the store published), never "nothing
+        changed".
+        """
+        a, b = self.nodes
+        self.store.lose_replies = 1
+        switched = a.switch(Route("kimi", "k-1"))
+        self.store.up = False
+        self.clock.advance(1.0)
+        self.assertNoResult(switched)
+        self.clock.advance(0.25)
+        self.clock.advance(0.25)
+        failure = self.failureResultOf(switched, StoreUnconfirmed)
+        self.assertNotIn("nothing changed", str(failure.value))
+        self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
+
+    def test_heartbeat_catches_up(self) -> None:
+        """
+        A node whose subscription went silent (it missed a switch and a
+        rotation) catches up at its next heartbeat.
+        """
+        a, b = self.nodes
+        a.start()
+        b.start()
+        self.addCleanup(a.stop)
+        self.addCleanup(b.stop)
+        self.store.listeners.remove(b.received)
+        self.successResultOf(a.switch(Route("kimi", "k-1")))
+        token = self.successResultOf(a.rotate(a.sessions.mint()))
+        self.assertEqual(b.route.current, Route("gemini", "g-1"))
+        self.clock.advance(10)
+        self.clock.advance(1)
+        self.assertEqual(b.route.current, Route("kimi", "k-1"))
+        self.assertEqual(b.sessions.current.jti, token.jti)
+
     def test_store_down_refuses_changes_and_logs_transitions(self) -> None:
         a, b = self.nodes
         self.store.up = False
@@ -62,10 +150,15 @@ class Nodes(TestCase):
         self.failureResultOf(a.switch(Route("kimi", "k-1")), StoreUnavailable)
         self.assertEqual(b.route.current, Route("gemini", "g-1"))
         self.assertEqual(self.ups["a"], [True, False])
-        # Back: the reload fails while the store still refuses, then
-        # succeeds on a retry.
+        # Back: the reload fails while the store still refuses (logged
+        # once, not once per retry), then succeeds on a retry.
+        events = capture_log_events(self)
         a.connected()
         self.assertFalse(a.up)
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        reloads = [event for event in events if "could not reload" in event.get("log_format", "")]
+        self.assertEqual(len(reloads), 1)
         self.store.up = True
         self.clock.advance(1.0)
         self.assertTrue(a.up)
@@ -104,3 +197,85 @@ class Nodes(TestCase):
             self.assertIsNone(lockouts[0].record_failure("192.0.2.8"))
         self.assertIsNotNone(lockouts[0].record_failure("192.0.2.8"))
         self.assertIsNone(lockouts[1].locked_until("192.0.2.8"))
+
+
+class _Processes(Clock):
+    """
+    A clock that also spawns (pretend) processes: what
+    L{WorkerSupervisor} needs of a reactor.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+        self.refuse = False
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, childFDs: Any = None) -> Any:
+        if self.refuse:
+            raise OSError(11, "Resource temporarily unavailable")
+        self.spawned.append(protocol)
+        process = mock.Mock(pid=1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        return process
+
+
+class Supervisor(TestCase):
+    def setUp(self) -> None:
+        self.reactor = _Processes()
+        self.sockets = {"control": socket.socket()}
+        self.supervisor = WorkerSupervisor(self.reactor, 2, self.sockets, ["twistd"], stop_timeout=5, env={})
+        self.supervisor.startService()
+
+    def end(self, index: int) -> None:
+        worker = self.supervisor.workers[index]
+        worker.processEnded(Failure(ProcessTerminated(signal=9)))
+
+    def test_crash_loop_backs_off(self) -> None:
+        """
+        A worker that dies at once, again and again, is started again
+        after 0.5, 1, 2, 4 ... s (up to 30 s), not at once; the other one is
+        left alone; a run of 10 s or more starts the count again.
+        """
+        self.assertEqual(len(self.reactor.spawned), 2)
+        delays = []
+        for _ in range(8):
+            self.end(1)
+            before = len(self.reactor.spawned)
+            waited = 0.0
+            while len(self.reactor.spawned) == before:
+                self.reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays, [0.5, 1, 2, 4, 8, 16, 30, 30])
+        self.assertEqual(self.supervisor.quick_ends[1], 8)
+        self.assertIn(0, self.supervisor.workers)
+        self.reactor.advance(10)
+        self.end(1)
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 11)
+
+    def test_spawn_failure_tried_again(self) -> None:
+        """
+        A worker that cannot be started (fork failing) is tried again
+        with the same backoff, not left out for good.
+        """
+        self.reactor.refuse = True
+        self.end(0)
+        self.reactor.advance(0.5)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.supervisor.quick_ends[0], 3)
+        self.reactor.refuse = False
+        self.reactor.advance(2.0)
+        self.assertIn(0, self.supervisor.workers)
+
+    def test_stop_cancels_restarts(self) -> None:
+        """
+        A stop while workers wait to be started again: no restart is left
+        pending, and the reserved sockets are closed.
+        """
+        self.end(0)
+        self.end(1)
+        stopped = self.supervisor.stopService()
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.sockets["control"].fileno(), -1)

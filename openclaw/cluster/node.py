@@ -11,16 +11,17 @@ are given; no socket here.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.cluster.store import SharedStore, Versioned
+from openclaw.cluster.store import Heartbeat, SharedStore, Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 
@@ -34,6 +35,19 @@ HEARTBEAT_INTERVAL_SECONDS = 10.0
 #: to the store: nothing was applied anywhere, not even here.
 UNAVAILABLE = "cluster store unavailable: nothing changed"
 
+#: What it answers when a write timed out and the store could not be asked
+#: (L{CONFIRM_ATTEMPTS} times) whether it happened: it may yet apply on
+#: every instance (this one included), or on none; never on some only.
+UNCONFIRMED = (
+    "cluster store did not confirm the change in time: it may have been applied on every instance; "
+    "run status (a new token is announced in the log or TOKEN_FILE) before retrying"
+)
+
+#: How many times a node asks the store whether a write that timed out
+#: happened, each bounded by REDIS_TIMEOUT_SECONDS, before it answers
+#: L{UNCONFIRMED}.
+CONFIRM_ATTEMPTS = 3
+
 
 class StoreUnavailable(Exception):
     """
@@ -41,8 +55,18 @@ class StoreUnavailable(Exception):
     has not reloaded since it came back); nothing changed.
     """
 
+    def __init__(self, message: str = UNAVAILABLE) -> None:
+        super().__init__(message)
+
+
+class StoreUnconfirmed(StoreUnavailable):
+    """
+    A write timed out and whether it happened could not be learnt: it
+    happened on every instance or on none (see L{UNCONFIRMED}).
+    """
+
     def __init__(self) -> None:
-        super().__init__(UNAVAILABLE)
+        super().__init__(UNCONFIRMED)
 
 
 def encode_route(route: Route) -> str:
@@ -75,7 +99,7 @@ class ClusterNode:
         reactor: IReactorTime,
         timeout: float,
         provider_ids: tuple[str, ...],
-        on_token: Callable[[SessionToken, bool], None] = lambda token, here: None,
+        on_token: Callable[[SessionToken, bool, str], None] = lambda token, here, origin: None,
         on_up: Callable[[bool], None] = lambda up: None,
         on_rest: Callable[[str, str, float], None] = lambda provider, key, seconds: None,
         on_lock: Callable[[str, float], None] = lambda key, seconds: None,
@@ -95,6 +119,8 @@ class ClusterNode:
         self.instances_seen = 1
         self.versions: dict[str, int] = {}
         self._connected = False
+        #: A failed reload was logged: the next ones are not, until one works.
+        self._reload_failing = False
         self._heartbeat = LoopingCall(self.beat)
         self._heartbeat.clock = reactor
 
@@ -142,7 +168,7 @@ class ClusterNode:
         before = dict(self.versions)
         try:
             route = yield self._bounded(
-                self.store.ensure(ROUTE, encode_route(self.route.current), self.versions.get(ROUTE, 1))
+                self.store.ensure(ROUTE, encode_route(self.route.current), self.versions.get(ROUTE, 1), self.instance)
             )
             current = self.sessions.current_or_none
             if current is None:
@@ -150,9 +176,14 @@ class ClusterNode:
                 # cluster has none (set-if-absent): an instance never
                 # replaces the cluster's token on its own.
                 current = self.sessions.mint()
-            token = yield self._bounded(self.store.ensure(TOKEN, encode_token(current), self.versions.get(TOKEN, 1)))
+            token = yield self._bounded(
+                self.store.ensure(TOKEN, encode_token(current), self.versions.get(TOKEN, 1), self.instance)
+            )
         except Exception as e:
-            self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
+            # Logged once per outage, not once per retry.
+            if not self._reload_failing:
+                self._reload_failing = True
+                self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
             if self._connected:
                 self._reactor.callLater(min(self._timeout, 1.0), self._retry_reload)
             return
@@ -160,7 +191,8 @@ class ClusterNode:
             known = self.versions.get(name)
             if known != before.get(name) and known is not None and known > versioned.version:
                 continue  # a newer write arrived while reloading
-            self._apply(name, versioned, reloading=True)
+            self._apply(name, versioned, here=versioned.origin == self.instance)
+        self._reload_failing = False
         # Before listening: a lockout decided while this instance was away
         # holds from its first connection.
         yield self._reload_expiring()
@@ -199,12 +231,13 @@ class ClusterNode:
         if self._connected and not self.up:
             self._reload()
 
-    def received(self, name: str, version: int, value: str) -> None:
+    def received(self, name: str, version: int, value: str, origin: str = "") -> None:
         """
-        Another write (from any instance, this one included) was published.
+        Another write (from any instance, this one included: instance
+        C{origin}) was published.
         """
         if version > self.versions.get(name, 0):
-            self._apply(name, Versioned(version, value))
+            self._apply(name, Versioned(version, value, origin), here=origin == self.instance)
 
     def rested(self, origin: str, provider: str, key_fingerprint: str, seconds: float) -> None:
         """
@@ -231,7 +264,7 @@ class ClusterNode:
         counted: Deferred[bool] = self._bounded(self.store.count_failure(key, window, failures, duration, lock))
         return counted.addErrback(lambda failure: False)
 
-    def _apply(self, name: str, versioned: Versioned, reloading: bool = False, here: bool = False) -> None:
+    def _apply(self, name: str, versioned: Versioned, here: bool = False) -> None:
         try:
             document = json.loads(versioned.value)
             if name == ROUTE:
@@ -242,10 +275,11 @@ class ClusterNode:
                 previous = self.route.switch(route)
                 if previous != route and not here:
                     self._log.info(
-                        "applied the cluster's route {route} (version {version}); was {previous}",
+                        "applied the cluster's route {route} (version {version}, switched on {origin}); was {previous}",
                         route=f"{route.provider_id}/{route.model}",
                         previous=f"{previous.provider_id}/{previous.model}",
                         version=versioned.version,
+                        origin=versioned.origin or "an unknown instance",
                     )
             elif name == TOKEN:
                 token = SessionToken(
@@ -258,7 +292,7 @@ class ClusterNode:
                 current = self.sessions.current_or_none
                 if current is None or current.jti != token.jti:
                     self.sessions.adopt(token)
-                    self._on_token(token, here)
+                    self._on_token(token, here, versioned.origin)
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
@@ -274,34 +308,92 @@ class ClusterNode:
         Write C{route} to the store, then apply it here; fire with the
         route it replaced.
 
-        @raise StoreUnavailable: (as a failure) it could not be written.
+        @raise StoreUnavailable: (as a failure) it was not written: nothing
+            changed.
+        @raise StoreUnconfirmed: (as a failure) it timed out and the store
+            could not say whether it was written.
         """
-        return self._write(ROUTE, encode_route(route)).addCallback(lambda _: self.route.current)
+        previous = self.route.current
+        return self._write(ROUTE, encode_route(route)).addCallback(lambda _: previous)
 
     def rotate(self, token: SessionToken) -> Deferred[SessionToken]:
         """
         Make C{token} the cluster's session token; fire with it once
-        written and adopted here.
+        written and adopted here (failures as for L{switch}).
         """
         return self._write(TOKEN, encode_token(token)).addCallback(lambda _: token)
 
     def _write(self, name: str, value: str) -> Deferred[None]:
-        def written(version: int) -> None:
-            if version > self.versions.get(name, 0):
-                self._apply(name, Versioned(version, value), here=True)
+        """
+        Write C{name} with a new receipt; applied here once the store has
+        it.  A write that fails or times out may still have been made (a
+        reply lost or late): the store is asked, by its receipt, whether it
+        was (which also fences it if it was not), so that the answer is the
+        truth: written, or not written and never to be.
+        """
+        receipt = uuid.uuid4().hex
 
-        def failed(failure: Failure) -> Failure:
+        def written(version: int) -> None:
+            if version == 0:
+                raise StoreUnavailable()
+            if version > self.versions.get(name, 0):
+                self._apply(name, Versioned(version, value, self.instance), here=True)
+
+        def failed(failure: Failure) -> Deferred[int]:
+            error = failure.getErrorMessage() or repr(failure.value)
             self._log.warn(
-                "could not write {name} to the cluster store: {error}; nothing changed",
+                "writing {name} to the cluster store failed ({error}); asking the store whether it was written",
                 name=name,
-                error=failure.getErrorMessage() or repr(failure.value),
+                error=error,
             )
-            return Failure(StoreUnavailable())
+            return self._confirm(name, receipt)
+
+        def refused(failure: Failure) -> Failure:
+            if not failure.check(StoreUnavailable):
+                self._log.failure("writing {name} to the cluster store failed unexpectedly", failure, name=name)
+                return Failure(StoreUnavailable())
+            return failure
 
         if not self.up:
             self._log.warn("{name} not written: the cluster store is unreachable; nothing changed", name=name)
             return fail(StoreUnavailable())
-        return self._bounded(self.store.write(name, value)).addCallbacks(written, failed)
+        return (
+            self._bounded(self.store.write(name, value, self.instance, receipt))
+            .addErrback(failed)
+            .addCallback(written)
+            .addErrback(refused)
+        )
+
+    @inlineCallbacks
+    def _confirm(self, name: str, receipt: str) -> Any:
+        """
+        The version the write with C{receipt} made, from the store (0: not
+        made, and fenced); L{StoreUnconfirmed} when the store cannot say.
+        """
+        error = ""
+        for attempt in range(CONFIRM_ATTEMPTS):
+            if attempt:
+                yield deferLater(self._reactor, min(self._timeout, 0.25), lambda: None)
+            try:
+                version = yield self._bounded(self.store.confirm(receipt))
+            except Exception as e:
+                error = str(e) or repr(e)
+                continue
+            self._log.warn(
+                "{name} was written to the cluster store after all (version {version})"
+                if version
+                else "{name} was not written to the cluster store, and now never will be; nothing changed",
+                name=name,
+                version=version,
+            )
+            return int(version)
+        self._log.error(
+            "could not learn whether {name} was written to the cluster store ({error}): "
+            "every instance applies it if it was, none if not",
+            name=name,
+            error=error,
+        )
+        raise StoreUnconfirmed()
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> None:
         """
@@ -325,10 +417,29 @@ class ClusterNode:
         if self._heartbeat.running:
             self._heartbeat.stop()
 
-    def beat(self) -> None:
-        def seen(count: int) -> None:
-            self.instances_seen = max(1, int(count))
+    def _catch_up(self, versions: dict[str, int]) -> None:
+        missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
+        if missed and self.up:
+            self._log.warn(
+                "missed a change published by the cluster store ({missed}); reloading",
+                missed=", ".join(f"{name} version {version}" for name, version in sorted(missed.items())),
+            )
+            self._reload()
 
-        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS)).addCallbacks(
+    def beat(self) -> None:
+        """
+        Say this instance is alive, count the others, and catch up on any
+        change the store holds that this instance missed (a publication
+        lost on a subscription that went silent without closing).
+        """
+
+        def seen(heartbeat: Heartbeat) -> None:
+            self.instances_seen = max(1, heartbeat.alive)
+            if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
+                # Its publication may be on its way still: look again in a
+                # moment.
+                self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
+
+        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN))).addCallbacks(
             seen, lambda failure: None
         )

@@ -6,7 +6,9 @@ to the cluster's channel; the subscribed one tells the node when Redis
 comes and goes.
 
 Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
-C{version} and C{value}), C{rest:<provider>:<key fingerprint>} (expiring
+C{version}, C{value} and C{origin}, the instance that wrote it),
+C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
+after L{RECEIPT_SECONDS}), C{rest:<provider>:<key fingerprint>} (expiring
 with the rest), C{instance:<id>} (heartbeats, expiring after 30 s); one
 channel, C{<CLUSTER_NAME>:events}.  Each write is a Lua script, so the
 value, its version and its publication are one atomic step and every node
@@ -25,23 +27,36 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
-from openclaw.cluster.store import Versioned
+from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 
 if TYPE_CHECKING:
     from openclaw.cluster.node import ClusterNode
 
 _WRITE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'value', ARGV[2])
-redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[2])
+redis.call('HSET', KEYS[1], 'value', ARGV[2], 'origin', ARGV[3])
+redis.call('SET', KEYS[3], v, 'PX', ARGV[4])
+redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
 return v
+"""
+
+_CONFIRM = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  return tonumber(v)
+end
+redis.call('SET', KEYS[1], '0', 'PX', ARGV[1])
+return 0
 """
 
 _ENSURE = """
 if redis.call('HSETNX', KEYS[1], 'value', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'version', ARGV[2])
+  redis.call('HSET', KEYS[1], 'version', ARGV[2], 'origin', ARGV[3])
 end
-return redis.call('HMGET', KEYS[1], 'version', 'value')
+return redis.call('HMGET', KEYS[1], 'version', 'value', 'origin')
 """
 
 _REST = """
@@ -58,7 +73,11 @@ repeat
   cursor = r[1]
   n = n + #r[2]
 until cursor == '0'
-return n
+local found = {n}
+for i = 2, #KEYS do
+  table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
+end
+return found
 """
 
 
@@ -230,8 +249,8 @@ class RedisStore:
         text = message.decode() if isinstance(message, bytes) else str(message)
         parts = text.split("\t", 4)
         try:
-            if parts[0] == "v" and len(parts) == 4:
-                node.received(parts[1], int(parts[2]), parts[3])
+            if parts[0] == "v" and len(parts) == 5:
+                node.received(parts[1], int(parts[2]), parts[4], parts[3])
             elif parts[0] == "r" and len(parts) == 5:
                 node.rested(parts[1], parts[2], parts[3], float(parts[4]))
             elif parts[0] == "l" and len(parts) == 4:
@@ -246,15 +265,22 @@ class RedisStore:
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
-    def write(self, name: str, value: str) -> Deferred[int]:
-        return self._eval(_WRITE, [self._key("state", name), self.channel], [name, value]).addCallback(int)
+    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
+        return self._eval(
+            _WRITE,
+            [self._key("state", name), self.channel, self._key("write", receipt)],
+            [name, value, origin, str(RECEIPT_SECONDS * 1000)],
+        ).addCallback(int)
 
-    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+    def confirm(self, receipt: str) -> Deferred[int]:
+        return self._eval(_CONFIRM, [self._key("write", receipt)], [str(RECEIPT_SECONDS * 1000)]).addCallback(int)
+
+    def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
         def versioned(reply: list[Any]) -> Versioned:
-            held, text = reply
-            return Versioned(int(held), text.decode() if isinstance(text, bytes) else str(text))
+            held, text, origin = (item.decode() if isinstance(item, bytes) else item for item in reply)
+            return Versioned(int(held), str(text), "" if origin is None else str(origin))
 
-        return self._eval(_ENSURE, [self._key("state", name)], [value, str(version)]).addCallback(versioned)
+        return self._eval(_ENSURE, [self._key("state", name)], [value, str(version), origin]).addCallback(versioned)
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         assert self.node is not None
@@ -305,7 +331,14 @@ class RedisStore:
 
         return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+        def heard(reply: list[Any]) -> Heartbeat:
+            return Heartbeat(
+                int(reply[0]), {name: int(version) for name, version in zip(names, reply[1:], strict=True)}
+            )
+
         return self._eval(
-            _HEARTBEAT, [self._key("instance", instance)], [str(ttl_seconds), self._key("instance", "*")]
-        ).addCallback(int)
+            _HEARTBEAT,
+            [self._key("instance", instance), *(self._key("state", name) for name in names)],
+            [str(ttl_seconds), self._key("instance", "*")],
+        ).addCallback(heard)

@@ -4,9 +4,15 @@ in-process one (L{MemoryStore}) for tests that run several nodes on one
 L{twisted.internet.task.Clock}.
 
 The store holds a few named, versioned values (C{route}, C{token}): every
-write increments the version and publishes C{(name, version, value)} to
-every node, in the order the writes happened, so a node that applies only
-versions newer than the one it knows converges on the last write.
+write increments the version and publishes C{(name, version, value,
+origin)} to every node, in the order the writes happened, so a node that
+applies only versions newer than the one it knows converges on the last
+write.
+
+Each write carries a receipt (a random id): the store remembers the
+version a receipt's write made, and L{SharedStore.confirm} answers it, or
+fences the receipt so that its write, if it has not happened yet, never
+will.  A node whose write timed out learns that way whether it happened.
 """
 
 from __future__ import annotations
@@ -26,10 +32,28 @@ class Versioned:
 
     version: int
     value: str
+    #: The instance that wrote it, when known.
+    origin: str = ""
 
 
-#: Called with (name, version, value) for every write anyone makes.
-Listener = Callable[[str, int, str], None]
+@attrs.frozen
+class Heartbeat:
+    """
+    What a heartbeat learns: how many instances are alive, and the version
+    of each shared value (name -> version; 0 for none), to notice a
+    published write this node missed.
+    """
+
+    alive: int
+    versions: dict[str, int]
+
+
+#: Called with (name, version, value, origin) for every write anyone makes.
+Listener = Callable[[str, int, str, str], None]
+
+#: How long the store keeps a write's receipt (and a fence), in seconds:
+#: far longer than any write can be held up and still happen.
+RECEIPT_SECONDS = 3600
 
 
 class SharedStore(Protocol):
@@ -39,15 +63,25 @@ class SharedStore(Protocol):
     time; nothing here retries.
     """
 
-    def write(self, name: str, value: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
         """
-        Replace C{name}'s value, publish it, fire with its new version.
+        Replace C{name}'s value (written by instance C{origin}), publish
+        it, remember C{receipt} with the new version, and fire with that
+        version; 0 (nothing written) when C{receipt} was fenced by
+        L{confirm} first.
         """
 
-    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+    def confirm(self, receipt: str) -> Deferred[int]:
         """
-        Set C{name} to C{value} at C{version} only if it has no value (an
-        atomic set-if-absent), and fire with what it holds afterwards.
+        The version the write with C{receipt} made; 0 when it has not
+        happened, in which case it never will (the receipt is fenced).
+        """
+
+    def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
+        """
+        Set C{name} to C{value} at C{version} (written by instance
+        C{origin}) only if it has no value (an atomic set-if-absent), and
+        fire with what it holds afterwards.
         """
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
@@ -56,10 +90,10 @@ class SharedStore(Protocol):
         with it) and tell the other nodes.
         """
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         """
         Mark C{instance} alive for C{ttl_seconds}; fire with how many
-        instances are alive.
+        instances are alive and the versions of the values C{names}.
         """
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
@@ -88,6 +122,11 @@ class MemoryStore:
     A L{SharedStore} in one process: several nodes on one store behave as
     nodes on one Redis, without a network.  C{up = False} makes every call
     fail, as an unreachable Redis would.
+
+    @ivar lose_replies: how many of the next writes are made without their
+        answer ever arriving (a reply lost or late past the timeout).
+    @ivar hold_writes: writes are queued (in L{held}) without being made
+        until L{release} (a write held up on its way to the store).
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
@@ -101,21 +140,54 @@ class MemoryStore:
         self.failures: dict[str, tuple[int, float]] = {}
         self.locks: dict[str, float] = {}
         self.lock_listeners: list[Callable[[str, float], None]] = []
+        self.receipts: dict[str, int] = {}
+        self.lose_replies = 0
+        self.hold_writes = False
+        self.held: list[tuple[str, str, str, str, Deferred[int]]] = []
 
-    def write(self, name: str, value: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
-        old = self.values.get(name)
-        version = (old.version if old else 0) + 1
-        self.values[name] = Versioned(version, value)
-        for listener in list(self.listeners):
-            listener(name, version, value)
+        if self.hold_writes:
+            pending: Deferred[int] = Deferred()
+            self.held.append((name, value, origin, receipt, pending))
+            return pending
+        version = self._write(name, value, origin, receipt)
+        if self.lose_replies:
+            self.lose_replies -= 1
+            return Deferred()
         return succeed(version)
 
-    def ensure(self, name: str, value: str, version: int) -> Deferred[Versioned]:
+    def _write(self, name: str, value: str, origin: str, receipt: str) -> int:
+        if receipt in self.receipts:
+            return 0
+        old = self.values.get(name)
+        version = (old.version if old else 0) + 1
+        self.values[name] = Versioned(version, value, origin)
+        self.receipts[receipt] = version
+        for listener in list(self.listeners):
+            listener(name, version, value, origin)
+        return version
+
+    def release(self) -> None:
+        """
+        Make the held writes now, in order (those fenced meanwhile do
+        nothing); their answers go nowhere.
+        """
+        self.hold_writes = False
+        held, self.held = self.held, []
+        for name, value, origin, receipt, _ in held:
+            self._write(name, value, origin, receipt)
+
+    def confirm(self, receipt: str) -> Deferred[int]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
-        return succeed(self.values.setdefault(name, Versioned(version, value)))
+        return succeed(self.receipts.setdefault(receipt, 0))
+
+    def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        return succeed(self.values.setdefault(name, Versioned(version, value, origin)))
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         if not self.up:
@@ -155,9 +227,10 @@ class MemoryStore:
         now = self.clock()
         return succeed({name: until - now for name, until in self.rests.items() if until > now})
 
-    def heartbeat(self, instance: str, ttl_seconds: int) -> Deferred[int]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
         self.alive[instance] = now + ttl_seconds
-        return succeed(sum(1 for until in self.alive.values() if until > now))
+        versions = {name: self.values[name].version if name in self.values else 0 for name in names}
+        return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions))

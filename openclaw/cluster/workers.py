@@ -154,6 +154,11 @@ class WorkerSupervisor(Service):
         self.env = dict(os.environ) if env is None else env
         self.workers: dict[int, _Worker] = {}
         self.delays: dict[int, float] = {}
+        #: Per worker index, how many times in a row it ended (or could not
+        #: be started) within L{STABLE_SECONDS} of its start.
+        self.quick_ends: dict[int, int] = {}
+        #: Per worker index, its start again, while waiting.
+        self.restarts: dict[int, Any] = {}
         self._stopping = False
 
     def setServiceParent(self, parent: Any) -> None:
@@ -168,12 +173,19 @@ class WorkerSupervisor(Service):
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
+        self.restarts.pop(index, None)
         if self._stopping:
             return
         worker = _Worker(self, index)
         worker.started_at = self.reactor.seconds()
         argv = [*self.argv, "--worker", str(index)]
-        process = self.reactor.spawnProcess(worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2})
+        try:
+            process = self.reactor.spawnProcess(worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2})
+        except Exception as e:
+            # Out of processes or memory (fork failed): tried again later,
+            # as for a worker that ended at once.
+            self._restart(index, 0.0, f"could not be started: {e}")
+            return
         worker.process = process
         self.workers[index] = worker
         self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
@@ -184,20 +196,38 @@ class WorkerSupervisor(Service):
         if self._stopping:
             return
         ran = self.reactor.seconds() - worker.started_at
-        delay = (
-            RESTART_DELAY_SECONDS
-            if ran >= STABLE_SECONDS
-            else min(MAX_RESTART_DELAY_SECONDS, 2 * self.delays.get(worker.index, RESTART_DELAY_SECONDS / 2))
-        )
-        self.delays[worker.index] = delay
-        self._log.warn(
-            "worker {index} ended ({why}) after {ran:.1f} s; starting it again in {delay:g} s",
-            index=worker.index,
-            why=reason.getErrorMessage(),
-            ran=ran,
-            delay=delay,
-        )
-        self.reactor.callLater(delay, self.spawn, worker.index)
+        self._restart(worker.index, ran, f"ended ({reason.getErrorMessage()}) after {ran:.1f} s")
+
+    def _restart(self, index: int, ran: float, what: str) -> None:
+        """
+        Start worker C{index} again after a delay: L{RESTART_DELAY_SECONDS}
+        after a stable run, else twice the last delay (up to
+        L{MAX_RESTART_DELAY_SECONDS}), so that a worker that keeps dying at
+        once is started a few times a minute, not as fast as it can fork.
+        """
+        if ran >= STABLE_SECONDS:
+            self.quick_ends[index] = 0
+            delay = RESTART_DELAY_SECONDS
+        else:
+            self.quick_ends[index] = self.quick_ends.get(index, 0) + 1
+            delay = min(MAX_RESTART_DELAY_SECONDS, 2 * self.delays.get(index, RESTART_DELAY_SECONDS / 2))
+        self.delays[index] = delay
+        quick = self.quick_ends[index]
+        if quick > 1:
+            self._log.error(
+                "worker {index} {what}, {quick} times in a row within {stable:g} s of its start; "
+                "starting it again in {delay:g} s (the other workers keep serving; see its log lines above)",
+                index=index,
+                what=what,
+                quick=quick,
+                stable=STABLE_SECONDS,
+                delay=delay,
+            )
+        else:
+            self._log.warn(
+                "worker {index} {what}; starting it again in {delay:g} s", index=index, what=what, delay=delay
+            )
+        self.restarts[index] = self.reactor.callLater(delay, self.spawn, index)
 
     def stopService(self) -> Deferred[Any]:
         """
@@ -207,8 +237,13 @@ class WorkerSupervisor(Service):
         """
         super().stopService()
         self._stopping = True
+        for restart in self.restarts.values():
+            if restart.active():
+                restart.cancel()
+        self.restarts.clear()
         workers = list(self.workers.values())
         if not workers:
+            self._close_sockets()
             return succeed(None)
         for worker in workers:
             worker.signal("TERM")
@@ -224,11 +259,14 @@ class WorkerSupervisor(Service):
         def done(result: Any) -> None:
             if deadline.active():
                 deadline.cancel()
-            for sock in self.sockets.values():
-                sock.close()
+            self._close_sockets()
             self._log.info("all workers stopped")
 
         return DeferredList([worker.ended for worker in workers]).addCallback(done)
+
+    def _close_sockets(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
 
 
 def worker_argv(twistd_options: Any, openclaw_options: Any, names: Sequence[str]) -> list[str]:

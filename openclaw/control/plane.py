@@ -82,6 +82,9 @@ class ControlPlane:
         logged at debug level only, and only when C{debug} is set: on the
         hot path even an event the log observer then drops costs as much as
         parsing the message.
+    @param instance: in a cluster, this instance's id: the audit line of a
+        state-changing command names the instance that ran it (the others
+        log that they applied the change).
     """
 
     def __init__(
@@ -93,8 +96,15 @@ class ControlPlane:
         debug: bool = False,
         max_auth_failures: int = 5,
         metrics: GatewayMetrics | None = None,
+        instance: str | None = None,
     ) -> None:
         self.max_auth_failures = max_auth_failures
+        self._instance = instance
+        self._audit_line = (
+            "{cmd} from {peer} (token {jti}): {outcome} in {duration_ms:.1f} ms"
+            if instance is None
+            else "{cmd} from {peer} (token {jti}) on instance {instance}: {outcome} in {duration_ms:.1f} ms"
+        )
         self._in_flight: set[Deferred[bytes]] = set()
         self._draining = False
         self._sessions = sessions
@@ -217,12 +227,13 @@ class ControlPlane:
             took = self._clock() - started
             self._metrics.command_took(cmd, took)
             self._log.info(
-                "{cmd} from {peer} (token {jti}): {outcome} in {duration_ms:.1f} ms",
+                self._audit_line,
                 cmd=cmd,
                 peer=peer,
                 jti=jti,
                 outcome=outcome,
                 duration_ms=took * 1000,
+                **({} if self._instance is None else {"instance": self._instance}),
             )
         elif self._debug:
             self._log.debug(
