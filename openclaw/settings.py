@@ -269,6 +269,18 @@ class Settings:
     prices_file: Path | None = None
     price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
 
+    # Connections that never authenticate (issue #17, attacker review).
+    #: Seconds an open control connection has to send a message with a
+    #: valid token; then it is closed with 1008.
+    auth_timeout_seconds: float = 10.0
+    #: Open API connections at most from one client address that have not
+    #: yet sent a request with an accepted key; None: a sixteenth of the
+    #: (possibly lowered) API_MAX_CONNECTIONS.
+    api_keyless_connections_per_address: int | None = None
+    #: Seconds an API connection has, from its opening, to send a request
+    #: head with an accepted key; then it is closed.
+    api_keyless_timeout_seconds: float = 5.0
+
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
             raise ValueError(
@@ -944,6 +956,24 @@ def load_settings(
         ),
         prices_file=Path(prices_file) if prices_file else None,
         price_overrides=_prices(prices_file) if prices_file else {},
+        auth_timeout_seconds=read(
+            "AUTH_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.auth_timeout_seconds,
+            "use a number of seconds greater than 0, such as 10",
+        ),
+        api_keyless_connections_per_address=read(
+            "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
+            _positive_int,
+            defaults.api_keyless_connections_per_address,
+            "use a whole number > 0, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
+        ),
+        api_keyless_timeout_seconds=read(
+            "API_KEYLESS_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.api_keyless_timeout_seconds,
+            "use a number of seconds greater than 0, such as 5",
+        ),
     )
     for adapter in declared:
         known.update(

@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.dataplane.site import descriptor_budget
+from openclaw.listeners import DescriptorShares, share_descriptors
 from tests.support import (
     capture_log_events,
     free_port,
@@ -260,9 +260,19 @@ class DeadlineTests(TestCase):
 
 class DescriptorBudgetTests(SynchronousTestCase):
     def test_budget(self):
-        self.assertEqual(descriptor_budget(1024), 448)
-        self.assertEqual(descriptor_budget(200), 68)
-        self.assertEqual(descriptor_budget(65536), 28672)
+        """
+        An eighth (at least 64) kept back; a quarter of the rest for the
+        control listener, what it leaves for the API at two per connection.
+        """
+        wanted = (4096 + 256, 4096)
+        self.assertEqual(share_descriptors(1024, *wanted), DescriptorShares(1024, 224, 336))
+        self.assertEqual(share_descriptors(200, *wanted), DescriptorShares(200, 34, 51))
+        self.assertEqual(share_descriptors(65536, *wanted), DescriptorShares(65536, 4352, 4096))
+        self.assertEqual(share_descriptors(None, *wanted), DescriptorShares(None, 4352, 4096))
+        # The control listener's unused share goes to the API; without an
+        # API the control listener may have it all.
+        self.assertEqual(share_descriptors(1024, 100, 4096), DescriptorShares(1024, 100, 398))
+        self.assertEqual(share_descriptors(1024, 4352, 0), DescriptorShares(1024, 896, 0))
 
 
 class DescriptorReserveTests(TestCase):
@@ -316,13 +326,13 @@ class DescriptorReserveTests(TestCase):
             return held
 
         held = yield deferToThread(open_flood)
-        # (256 - 64) // 2 = 96 API connections at most.
-        self.assertLessEqual(held, 96)
+        # (256 - 64 - 48) // 2 = 72 API connections at most.
+        self.assertLessEqual(held, 72)
         self.assertGreater(held, 0)
         client = yield open_client(self, port)
         answer = yield client.command(token, "ping")
         self.assertEqual(answer["ok"], True, answer)
-        self.assertIn(b"API connections are capped at 96", process.stdout + process.stderr)
+        self.assertIn(b"API connections are capped at 72", process.stdout + process.stderr)
 
 
 class NoServerErrorTests(TestCase):

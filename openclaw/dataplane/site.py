@@ -10,7 +10,7 @@ Against unauthenticated exhaustion of the port (issue #17): a body is read
 only from a key holder (L{APIRequest.gotLength} answers 401 as soon as the
 headers are in); connections are capped in all (C{API_MAX_CONNECTIONS},
 lowered at start-up to what C{RLIMIT_NOFILE} leaves after the control
-plane's reserve, L{descriptor_budget}) and per client address
+plane's share, L{openclaw.listeners.share_descriptors}) and per client address
 (C{API_MAX_CONNECTIONS_PER_ADDRESS}), extra ones closed at once; and a
 request's head and body each have a deadline of their own
 (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}), which more
@@ -19,8 +19,6 @@ bytes do not extend, as Twisted's idle timeout is.
 
 from __future__ import annotations
 
-import ipaddress
-import resource
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -39,63 +37,34 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from openclaw.addresses import client_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
+from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
 
-#: Descriptors kept out of the API's reach whatever RLIMIT_NOFILE is: the
-#: control plane's listener and connections, log and state files, the
-#: providers' idle pooled connections.
-MIN_RESERVED_DESCRIPTORS = 64
-
-
-def descriptor_budget(soft_limit: int) -> int:
-    """
-    The most API connections a process allowed C{soft_limit} open
-    descriptors (C{RLIMIT_NOFILE}) may hold so that the control plane can
-    never be starved of descriptors by a flood of the API port: an eighth of
-    the limit (at least L{MIN_RESERVED_DESCRIPTORS}) is kept in reserve,
-    and each API connection is counted twice, since a call in flight also
-    holds a connection to its provider.  1024 gives 448.
-    """
-    reserve = max(MIN_RESERVED_DESCRIPTORS, soft_limit // 8)
-    return max(1, (soft_limit - reserve) // 2)
-
-
-def connection_cap(configured: int) -> int:
-    """
-    C{API_MAX_CONNECTIONS} lowered, when it must be, to the
-    L{descriptor_budget} of this process's C{RLIMIT_NOFILE} (read now, at
-    start-up).
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return min(configured, descriptor_budget(soft))
-
 
 def client_address(addr: IAddress | None) -> str | None:
     """
-    The client a connection counts against: its IP address, an
-    IPv4-mapped IPv6 address as the IPv4 one; None for a peer with no IP
-    address (a UNIX socket), which no per-address cap applies to.
+    The client a connection counts against, by the control plane's rule
+    (L{openclaw.addresses.client_key}): its IPv4 address (an IPv4-mapped
+    IPv6 address as the IPv4 one), or the /64 of its IPv6 address; None
+    for a peer with no IP address (a UNIX socket), which no per-address
+    cap applies to.
     """
     host = getattr(addr, "host", None)
     if not isinstance(host, str):
         return None
     try:
-        address = ipaddress.ip_address(host.partition("%")[0])
+        return client_key(host)
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class APIRequest(Request):
@@ -505,16 +474,25 @@ class APISite(Site):
             connection.tcp.abortConnection()
 
 
-def build_site(context: APIContext, settings: Settings, reactor: IReactorTime) -> APISite:
+def build_site(
+    context: APIContext, settings: Settings, reactor: IReactorTime, max_connections: int | None = None
+) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}) over
     C{context} (L{APIContext.from_settings}).
+
+    @param max_connections: the API's share of the process's descriptors
+        (L{openclaw.listeners.DescriptorShares.api}); by default computed
+        from this process's C{RLIMIT_NOFILE} now.
     """
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
     site.max_request_bytes = settings.max_request_bytes
-    site.max_connections = connection_cap(settings.api_max_connections)
+    shares = descriptor_shares(settings, api=True)
+    if max_connections is None:
+        max_connections = shares.api
+    site.max_connections = min(max_connections, settings.api_max_connections)
     if site.max_connections < settings.api_max_connections:
         context.log.warn(
             "API connections are capped at {cap}, below API_MAX_CONNECTIONS={configured}, so that the "
@@ -522,7 +500,7 @@ def build_site(context: APIContext, settings: Settings, reactor: IReactorTime) -
             "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
             cap=site.max_connections,
             configured=settings.api_max_connections,
-            limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            limit=shares.limit,
         )
     per_address = settings.api_max_connections_per_address
     if per_address is None:
