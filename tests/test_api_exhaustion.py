@@ -126,7 +126,12 @@ class ConnectionCapTests(TestCase):
     @inlineCallbacks
     def test_total_cap(self):
         gateway = start_gateway(
-            self, api=True, gateway_api_keys=(KEY,), api_max_connections=3, api_max_connections_per_address=3
+            self,
+            api=True,
+            gateway_api_keys=(KEY,),
+            api_max_connections=3,
+            api_max_connections_per_address=3,
+            api_keyless_connections_per_address=3,
         )
         held = [socket.create_connection(("127.0.0.1", gateway.api_port)) for _ in range(3)]
         self.addCleanup(lambda: [sock.close() for sock in held])
@@ -148,7 +153,9 @@ class ConnectionCapTests(TestCase):
         once, while another address still gets in.  (The default share is
         a quarter of API_MAX_CONNECTIONS.)
         """
-        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,), api_max_connections=8)
+        gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), api_max_connections=8, api_keyless_connections_per_address=2
+        )
         self.assertEqual(gateway.service.api_site.max_connections_per_address, 2)
         held = [
             socket.create_connection(("127.0.0.1", gateway.api_port), source_address=("127.0.0.2", 0)) for _ in range(2)

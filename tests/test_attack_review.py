@@ -8,16 +8,23 @@ directories, the lockout's text line, C{EMFILE} log floods).
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import os
 import socket
 import time
+from typing import Any
 
+import httpx2
+import openai
 from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.addresses import client_key
+from openclaw.dataplane.site import client_address
 from tests.support import (
     capture_log_events,
     free_port,
@@ -25,6 +32,7 @@ from tests.support import (
     open_client,
     spawn_gateway,
     start_gateway,
+    start_upstream,
 )
 
 KEY = "gw-key-0123456789abcdef"
@@ -154,3 +162,120 @@ class AuthDeadlineTests(TestCase):
         code, _ = yield client.closed
         self.assertEqual(code, 1008)
         self.assertLess(time.monotonic() - started, 4)
+
+
+KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
+GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
+
+
+def sdk_chat(port: int, source: str) -> str:
+    """
+    One chat call with the openai SDK from C{source}, on one connection.
+    """
+    with httpx2.Client(transport=httpx2.HTTPTransport(local_address=source)) as http_client:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=10, http_client=http_client
+        )
+        answer = client.chat.completions.create(model="kimi-k2", messages=[{"role": "user", "content": "hi"}])
+        return answer.choices[0].message.content or ""
+
+
+class KeylessConnectionTests(TestCase):
+    """
+    Item 3: API connections that never presented an accepted key get a
+    smaller share per address, half of the cap in all, and a short
+    deadline; key holders keep their room.
+    """
+
+    timeout = 30
+
+    def gateway(self, **settings: Any) -> Any:
+        upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), providers=upstream.provider_settings(), **settings
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        return gateway
+
+    @inlineCallbacks
+    def test_keyless_flood_leaves_room_for_key_holders(self):
+        """
+        Eight addresses, two idle connections each, against a cap of 8:
+        they used to fill it.  Now one each is refused, and past half the
+        cap the oldest keyless one makes room for a newcomer.
+        """
+        gateway = self.gateway(api_max_connections=8)
+        site = gateway.service.api_site
+        self.assertEqual((site.max_connections_per_address, site.keyless_per_address), (2, 1))
+
+        def flood() -> list[socket.socket]:
+            return [sock for n in range(2, 10) for sock in open_many(gateway.api_port, 2, f"127.0.0.{n}")]
+
+        socks = yield deferToThread(flood)
+        self.addCleanup(lambda: [sock.close() for sock in socks])
+        held = yield deferToThread(still_open, socks)
+        self.assertEqual(held, 4)
+        for _ in range(3):
+            content = yield deferToThread(sdk_chat, gateway.api_port, "127.0.0.20")
+            self.assertTrue(content)
+        refused = site.context.refused_connections
+        self.assertGreater(refused["api_keyless_connections_per_address"], 0)
+        # Four flooders, then one for each call, made room.
+        self.assertGreaterEqual(refused["api_keyless_connections"], 4)
+        self.assertLessEqual(site.keyless_total, 4)
+
+    @inlineCallbacks
+    def test_keyless_deadline(self):
+        """
+        A connection that sends no request with an accepted key is closed
+        at API_KEYLESS_TIMEOUT_SECONDS, however busy it keeps with keyless
+        requests; one that sent a key stays.
+        """
+        gateway = self.gateway(api_keyless_timeout_seconds=1.0)
+        port = gateway.api_port
+
+        def keep_alive(key: str | None, seconds: float) -> tuple[list[int], float]:
+            statuses: list[int] = []
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            started = time.monotonic()
+            try:
+                while time.monotonic() - started < seconds:
+                    headers = {"Authorization": f"Bearer {key}"} if key else {}
+                    connection.request("GET", "/healthz", headers=headers)
+                    response = connection.getresponse()
+                    response.read()
+                    statuses.append(response.status)
+                    time.sleep(0.2)
+            except (http.client.HTTPException, OSError):
+                pass
+            finally:
+                connection.close()
+            return statuses, time.monotonic() - started
+
+        statuses, took = yield deferToThread(keep_alive, None, 4)
+        self.assertLess(took, 2.5)
+        self.assertTrue(statuses)
+        statuses, took = yield deferToThread(keep_alive, KEY, 2.5)
+        self.assertGreaterEqual(took, 2.5)
+        self.assertEqual(set(statuses), {200})
+        self.assertEqual(gateway.service.api_site.keyless_total, 0)
+
+
+class AddressKeyTests(TestCase):
+    """
+    Item 3: one normalisation for both listeners: IPv6 by /64,
+    C{::ffff:a.b.c.d} as a.b.c.d.
+    """
+
+    def test_api_counts_ipv6_by_64(self):
+        def key(host: str) -> str | None:
+            return client_address(IPv6Address("TCP", host, 1))
+
+        self.assertEqual(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"))
+        self.assertEqual(key("2001:db8:1:2::1"), "2001:db8:1:2::/64")
+        self.assertNotEqual(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"))
+        self.assertEqual(key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(client_address(IPv4Address("TCP", "192.0.2.7", 1)), "192.0.2.7")
+        for host in ("2001:db8:1:2::1", "::ffff:192.0.2.7", "fe80::1%eth0"):
+            self.assertEqual(key(host), client_key(host))
+        self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))

@@ -140,6 +140,16 @@ class APIRequest(Request):
                 return
             # Known now; the resource need not look the key up again.
             self.holder = holder
+            if connection is not None:
+                connection.key_accepted()
+        elif connection is not None and connection.keyless and context is not None:
+            # Looked up once per connection until a key is accepted on it.
+            authorization = self.getHeader(b"authorization")
+            if authorization is not None:
+                found = context.keys.identify(authorization)
+                if not isinstance(found, APIError):
+                    self.holder = found
+                    connection.key_accepted()
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -240,6 +250,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     """
 
     transport: ITransport | None = None
+    #: No request head on it has carried an accepted key yet.
+    keyless = True
+    _keyless_deadline: IDelayedCall | None = None
     _deadline: IDelayedCall | None = None
     #: What the deadline in force is for, C{(seconds, setting, part)}; None:
     #: no deadline (the timer, if any, fires to no effect).
@@ -266,6 +279,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.transport = transport
         self._site.opened(self)
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._keyless_deadline = self._site.reactor.callLater(self._site.keyless_timeout, self._keyless_due)
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -274,10 +288,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
                 self._http2 = True
                 self._disarm()
+                self._stop_keyless_deadline()
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._disarm()
+        self._stop_keyless_deadline()
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
@@ -285,6 +301,37 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self.protocol.connectionLost(reason)
         finally:
             self._site.closed(self)
+
+    def key_accepted(self) -> None:
+        """
+        A request head on this connection carried an accepted key: it is no
+        longer counted among the keyless ones, and has no keyless deadline.
+        """
+        if self.keyless:
+            self.keyless = False
+            self._stop_keyless_deadline()
+            self._site.key_accepted(self)
+
+    def _stop_keyless_deadline(self) -> None:
+        deadline, self._keyless_deadline = self._keyless_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _keyless_due(self) -> None:
+        self._keyless_deadline = None
+        if not self.keyless:
+            return
+        self._disarm()
+        seconds = self._site.keyless_timeout
+        self._refused_late(
+            APIError(
+                401,
+                f"no request with an accepted API key within API_KEYLESS_TIMEOUT_SECONDS ({seconds:g} s) of "
+                "connecting; send 'Authorization: Bearer <key>' with the first request",
+                "invalid_request_error",
+                "keyless_timeout",
+            )
+        )
 
     def head_received(self, has_body: bool) -> None:
         """
@@ -335,19 +382,30 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._expired(*armed)
 
     def _expired(self, seconds: float, setting: str, part: str) -> None:
-        transport = self.tcp
-        if self._started:
-            error = APIError(
+        self._refused_late(
+            APIError(
                 408,
                 f"the request did not arrive whole in time: {part} took more than "
                 f"{setting} ({seconds:g} s); send the whole request at once",
                 "invalid_request_error",
                 "request_timeout",
             )
+        )
+
+    def _refused_late(self, error: APIError) -> None:
+        """
+        Close the connection at a deadline: with C{error} if the client
+        had begun a request, silently if it was idle between requests.
+        """
+        transport = self.tcp
+        if self._started:
             if self._site.context is not None:
                 self._site.context.refused_early(error)
             transport.write(raw_response(error))
         transport.loseConnection()
+        pending = self._deadline
+        if pending is not None and pending.active():
+            pending.cancel()  # the head or body deadline (the keyless one came first)
         # A client that does not read could hold a polite close open.
         self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
 
@@ -371,6 +429,15 @@ class APISite(Site):
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
     header_timeout = 10.0
     body_timeout = 30.0
+    #: Connections that have not sent a request head with an accepted key
+    #: (keyless) at most from one address
+    #: (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it a new connection
+    #: is closed at once), in all (half of C{max_connections}, or one
+    #: address's share if that is more; past it the oldest keyless
+    #: connection is closed to make room), and the seconds they get to
+    #: send one (C{API_KEYLESS_TIMEOUT_SECONDS}).
+    keyless_per_address = 256
+    keyless_timeout = 5.0
 
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -378,13 +445,19 @@ class APISite(Site):
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
         self.per_address: dict[str, int] = {}
+        #: Open keyless connections, per client address, and all of them,
+        #: oldest first.
+        self.keyless: dict[str, int] = {}
+        self._keyless_order: dict[APIConnection, None] = {}
         self._by_transport: dict[ITransport, APIConnection] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
         The connection's protocol, or None (twisted closes the connection at
-        once) past C{max_connections} in all or
-        C{max_connections_per_address} from the client's address.
+        once) past C{max_connections} in all, or
+        C{max_connections_per_address} or C{keyless_per_address} from the
+        client's address.  With keyless connections at half of
+        C{max_connections}, the oldest of them is closed to make room.
         """
         address = client_address(addr)
         if len(self.connections) >= self.max_connections:
@@ -393,6 +466,18 @@ class APISite(Site):
         if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return None
+        # Every new connection is keyless until it sends a key.
+        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
+            self._refused("api_keyless_connections_per_address")
+            return None
+        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
+            # Room for the newcomer (a key holder's connection is keyless
+            # too until its first request): the oldest keyless one goes.
+            oldest = next(iter(self._keyless_order))
+            self._count_keyless(oldest, -1)
+            oldest.keyless = False
+            oldest.tcp.abortConnection()
+            self._refused("api_keyless_connections")
         return APIConnection(super().buildProtocol(addr), self, address)
 
     def _refused(self, reason: str) -> None:
@@ -405,11 +490,41 @@ class APISite(Site):
         self._by_transport[connection.transport] = connection
         if connection.address is not None:
             self.per_address[connection.address] = self.per_address.get(connection.address, 0) + 1
+        self._count_keyless(connection, 1)
+
+    def key_accepted(self, connection: APIConnection) -> None:
+        """
+        C{connection} is no longer keyless.
+        """
+        if connection in self.connections:
+            self._count_keyless(connection, -1)
+
+    @property
+    def keyless_total(self) -> int:
+        """
+        Open keyless connections.
+        """
+        return len(self._keyless_order)
+
+    def _count_keyless(self, connection: APIConnection, change: int) -> None:
+        if change > 0:
+            self._keyless_order[connection] = None
+        else:
+            self._keyless_order.pop(connection, None)
+        address = connection.address
+        if address is not None:
+            left = self.keyless.get(address, 0) + change
+            if left > 0:
+                self.keyless[address] = left
+            else:
+                self.keyless.pop(address, None)
 
     def closed(self, connection: APIConnection) -> None:
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)
         address = connection.address
+        if connection.keyless and connection in self.connections:
+            self._count_keyless(connection, -1)
         if address is not None and connection in self.connections:
             left = self.per_address.get(address, 1) - 1
             if left > 0:
@@ -506,6 +621,11 @@ def build_site(
     if per_address is None:
         per_address = max(1, site.max_connections // 4)
     site.max_connections_per_address = min(per_address, site.max_connections)
+    keyless = settings.api_keyless_connections_per_address
+    if keyless is None:
+        keyless = max(1, site.max_connections // 16)
+    site.keyless_per_address = min(keyless, site.max_connections_per_address)
+    site.keyless_timeout = settings.api_keyless_timeout_seconds
     site.header_timeout = settings.api_header_timeout_seconds
     site.body_timeout = settings.api_body_timeout_seconds
     return site
