@@ -42,7 +42,7 @@ from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.site import APISite, build_site
+from openclaw.dataplane.site import APISite, MetricsRequest, build_site
 from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
@@ -270,7 +270,9 @@ class GatewayService(MultiService):
         if metrics_endpoint is not None:
             root = Resource()
             root.putChild(b"metrics", metrics_resource)
-            self._listen(metrics_endpoint, Site(root))
+            metrics_site = Site(root)
+            metrics_site.requestFactory = MetricsRequest
+            self._listen(metrics_endpoint, metrics_site)
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """

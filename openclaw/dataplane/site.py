@@ -67,6 +67,57 @@ def client_address(addr: IAddress | None) -> str | None:
         return host
 
 
+def more_than_one_host(request: Request) -> bool:
+    """
+    Whether a request's head holds more than one C{Host} field: such a
+    request is invalid and must be answered 400 (RFC 9112 section 3.2);
+    twisted.web would serve it under the last one, and a proxy in front
+    may have checked another.
+    """
+    return len(request.requestHeaders.getRawHeaders(b"host", ())) > 1
+
+
+class MetricsRequest(Request):
+    """
+    A request of the C{/metrics} listener (C{--metrics-listen}): one with
+    more than one C{Host} field is answered 400, as soon as its head is
+    in, and the connection closed.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        if more_than_one_host(self):
+            super().gotLength(0)
+            self._refused = True
+            if isinstance(self.channel, HTTPChannel):
+                self.requestHeaders.removeHeader(b"expect")
+                transport = self.channel.transport
+                assert transport is not None
+                transport.write(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(self._BODY), self._BODY)
+                )
+                transport.loseConnection()
+            return
+        super().gotLength(length)
+
+    _refused = False
+    _BODY = b"more than one Host header field (RFC 9112 section 3.2); send exactly one\n"
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+        elif not isinstance(self.channel, HTTPChannel):
+            # An HTTP/2 stream, now whole: answer it the usual way.
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.write(self._BODY)
+            self.finish()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self._refused:
+            super().handleContentChunk(data)
+
+
 class APIRequest(Request):
     """
     A request whose body may not exceed the site's C{max_request_bytes},
@@ -126,6 +177,17 @@ class APIRequest(Request):
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
+        if more_than_one_host(self):
+            super().gotLength(0)
+            self._refuse(
+                APIError(
+                    400,
+                    "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
+                    "invalid_request_error",
+                    "invalid_host",
+                )
+            )
+            return
         if length is not None and length > self.max_request_bytes:
             super().gotLength(0)
             self._refuse(self._too_large())
