@@ -9,11 +9,17 @@ detaches before any service starts): so the ports given as C{--port} /
 C{--api-port} are tried here, before twistd forks (L{check_free}), and a
 listener that still fails when the service starts (an endpoint string, or a
 port taken in between) fails with the same wording (L{NamedEndpoint}).
+
+And how the process's file descriptors (C{RLIMIT_NOFILE}) are shared
+between the listeners (L{share_descriptors}), so that no flood of either
+port can make the process run out of them (C{EMFILE}: then nobody, not
+even an operator, can connect).
 """
 
 from __future__ import annotations
 
 import errno
+import resource
 import socket
 
 import attrs
@@ -22,6 +28,8 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from openclaw.settings import Settings
 
 
 class CannotListen(SystemExit):
@@ -116,3 +124,78 @@ class NamedEndpoint:
         if isinstance(error, CannotListenError):
             return Failure(CannotListen(self.listener.failure_line(error)))
         return failure
+
+
+#: Descriptors kept out of both listeners' reach whatever C{RLIMIT_NOFILE}
+#: is (at least; an eighth of the limit when that is more): the listening
+#: sockets, log and state files, the consumers' database, Redis, the
+#: providers' idle pooled connections.
+MIN_RESERVED_DESCRIPTORS = 64
+#: TCP connections the control listener allows beyond MAX_CONNECTIONS, for
+#: opening handshakes under way (each bounded by HANDSHAKE_TIMEOUT_SECONDS)
+#: and refusals being answered.
+HANDSHAKE_HEADROOM = 256
+
+
+@attrs.frozen
+class DescriptorShares:
+    """
+    How many connections each listener may hold at once so that the
+    process never runs out of file descriptors.
+
+    @ivar limit: the soft C{RLIMIT_NOFILE} they were computed for
+        (L{None}: unlimited).
+    @ivar control: TCP connections the control listener may hold (opening
+        handshakes, refusals being told why and open connections).
+    @ivar api: connections the API listener may hold (0: no API listener).
+    """
+
+    limit: int | None
+    control: int
+    api: int
+
+
+def nofile_limit() -> int | None:
+    """
+    This process's soft C{RLIMIT_NOFILE}, read now; L{None} when unlimited.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def share_descriptors(limit: int | None, control: int, api: int) -> DescriptorShares:
+    """
+    Share C{limit} descriptors between the listeners, each capped at what
+    it is configured for (C{control}: C{MAX_CONNECTIONS} plus the
+    handshake headroom; C{api}: C{API_MAX_CONNECTIONS}, 0 without an API
+    listener).
+
+    An eighth of the limit (at least L{MIN_RESERVED_DESCRIPTORS}) is kept
+    for the process's own files and sockets.  Of the rest the control
+    listener may take a quarter (all of it without an API listener); the
+    API takes what the control listener leaves, counting two descriptors
+    per connection, since a call in flight also holds a connection to its
+    provider.  Each listener gets at least one.  With a limit of 1024 and
+    the defaults: 224 control connections and 336 API connections; 256
+    gives 48 and 72; 65536 leaves both at their defaults (4352 and 4096).
+    """
+    if limit is None:
+        return DescriptorShares(None, control, api)
+    reserve = max(MIN_RESERVED_DESCRIPTORS, limit // 8)
+    spare = max(0, limit - reserve)
+    control_share = min(control, max(1, spare // 4 if api else spare))
+    api_share = min(api, max(1, (spare - control_share) // 2)) if api else 0
+    return DescriptorShares(limit, control_share, api_share)
+
+
+def descriptor_shares(settings: Settings, api: bool, limit: int | None = None) -> DescriptorShares:
+    """
+    L{share_descriptors} for these settings (C{MAX_CONNECTIONS} plus
+    L{HANDSHAKE_HEADROOM}, C{API_MAX_CONNECTIONS} when C{api}) and
+    C{limit} (default: this process's L{nofile_limit}, read now).
+    """
+    return share_descriptors(
+        nofile_limit() if limit is None else limit,
+        settings.max_connections + HANDSHAKE_HEADROOM,
+        settings.api_max_connections if api else 0,
+    )

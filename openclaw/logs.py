@@ -60,6 +60,7 @@ from twisted.logger import (
     formatEventAsClassicLogText,
 )
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 from openclaw.settings import ConfigError
 from openclaw.timefmt import isoformat
@@ -127,15 +128,66 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     events with no level or namespace, are dropped before any formatting.
     """
     if log_format == "json":
-        inner: ILogObserver = FileLogObserver(stream, json_line)
+        inner: ILogObserver = AcceptErrorLimiter(FileLogObserver(stream, json_line))
     else:
-        inner = FileLogObserver(stream, text_line)
+        inner = AcceptErrorLimiter(FileLogObserver(stream, text_line))
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
         for namespace in QUIET_NAMESPACES:
             predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(inner, [predicate])
+
+
+#: What Twisted's TCP ports log for each connection they cannot accept
+#: (C{twisted.internet.tcp}: out of descriptors, C{EMFILE}/C{ENFILE}, and
+#: its recovery, one line per socket closed): a flood would flood the log.
+ACCEPT_ERROR_FORMATS = frozenset(
+    (
+        "Could not accept new connection ({acceptError})",
+        "EMFILE encountered; releasing reserved file descriptor.",
+        "EMFILE recovery: Closed socket from {address}",
+        "Re-reserving EMFILE recovery file descriptor.",
+    )
+)
+#: Seconds between two of those lines at most.
+ACCEPT_ERROR_INTERVAL_SECONDS = 60.0
+
+
+@implementer(ILogObserver)
+class AcceptErrorLimiter:
+    """
+    Passes every event on to C{observer}, but Twisted's accept-failure
+    lines (L{ACCEPT_ERROR_FORMATS}) at most once per C{interval} seconds
+    (by the events' own C{log_time}); the next one let through says how
+    many were left out (C{accept_errors_suppressed}).
+    """
+
+    def __init__(self, observer: ILogObserver, interval: float = ACCEPT_ERROR_INTERVAL_SECONDS) -> None:
+        self._observer = observer
+        self._interval = interval
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def __call__(self, event: LogEvent) -> None:
+        log_format = event.get("log_format")
+        if log_format not in ACCEPT_ERROR_FORMATS:
+            self._observer(event)
+            return
+        now = event.get("log_time") or 0.0
+        if self._last is not None and 0 <= now - self._last < self._interval:
+            self._suppressed += 1
+            return
+        self._last = now
+        suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            event = {
+                **event,
+                "log_format": f"{log_format} ({{accept_errors_suppressed}} similar lines suppressed in the last "
+                f"{self._interval:g} s)",
+                "accept_errors_suppressed": suppressed,
+            }
+        self._observer(event)
 
 
 #: C0 and C1 control characters, DEL, and Unicode's line and paragraph
@@ -218,4 +270,4 @@ def _null(value: Any) -> None:
     return None
 
 
-__all__ = ["foreground", "json_line", "log_destination", "make_observer", "text_line"]
+__all__ = ["AcceptErrorLimiter", "foreground", "json_line", "log_destination", "make_observer", "text_line"]

@@ -482,6 +482,18 @@ class MetricsResource(Resource):
         self._allowlist = allowlist
         self._allowed_hosts = frozenset(("localhost", *allowed_hosts))
 
+    def render(self, request: Request) -> bytes:
+        """
+        C{GET} and C{HEAD}; any other method gets a plain 405 with C{Allow}
+        (RFC 9110 section 15.5.6), not twisted.web's HTML 405 or 501.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"method not allowed: /metrics answers GET and HEAD\n"
+        return self.render_GET(request)
+
     def render_GET(self, request: Request) -> bytes:
         host = getattr(request.getClientAddress(), "host", None)
         if host is not None and not self._allowlist.allows(host):

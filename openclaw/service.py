@@ -42,7 +42,8 @@ from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.site import APISite, build_site
+from openclaw.dataplane.site import APISite, MetricsRequest, build_site
+from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
@@ -234,7 +235,17 @@ class GatewayService(MultiService):
             metrics=self.metrics,
             instance=self.instance if self.cluster is not None else None,
         )
-        self.factory = ControlFactory(controlplane, settings, self.metrics, clock=reactor.seconds, lockout=self.lockout)
+        #: How the process's descriptors are shared between the listeners.
+        self.descriptors = descriptor_shares(settings, api=api_endpoint is not None)
+        self.factory = ControlFactory(
+            controlplane,
+            settings,
+            self.metrics,
+            clock=reactor.seconds,
+            lockout=self.lockout,
+            capacity=self.descriptors.control,
+            reactor=reactor,
+        )
         self.metrics.count_connections(lambda: len(self.factory.connections))
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
@@ -253,14 +264,16 @@ class GatewayService(MultiService):
                 count_fallback,
                 self.consumers,
             )
-            self.api_site = build_site(context, settings, reactor)
+            self.api_site = build_site(context, settings, reactor, self.descriptors.api)
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
             root = Resource()
             root.putChild(b"metrics", metrics_resource)
-            self._listen(metrics_endpoint, Site(root))
+            metrics_site = Site(root)
+            metrics_site.requestFactory = MetricsRequest
+            self._listen(metrics_endpoint, metrics_site)
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """
@@ -465,6 +478,19 @@ class GatewayService(MultiService):
                     "GATEWAY_API_KEYS is not set: every /v1 call will be refused with 401; "
                     "set it to a comma-separated list of the keys clients may use"
                 )
+        wanted = self.settings.max_connections + HANDSHAKE_HEADROOM
+        if self.factory.capacity < wanted:
+            self._log.warn(
+                "control connections are capped at {cap} (of which {per_address} per address unauthenticated), "
+                "below MAX_CONNECTIONS={configured} plus {headroom} for handshakes, so that neither listener "
+                "can exhaust the process's file descriptors (RLIMIT_NOFILE is {limit}); raise the limit "
+                "(LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
+                cap=self.factory.capacity,
+                per_address=self.factory.budget.per_address,
+                configured=self.settings.max_connections,
+                headroom=HANDSHAKE_HEADROOM,
+                limit=self.descriptors.limit,
+            )
         if self.restored_route is not None:
             self._log.warn(
                 "the active provider is {route}, restored from {path} (the last switch_provider) "

@@ -269,6 +269,18 @@ class Settings:
     prices_file: Path | None = None
     price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
 
+    # Connections that never authenticate (issue #17, attacker review).
+    #: Seconds an open control connection has to send a message with a
+    #: valid token; then it is closed with 1008.
+    auth_timeout_seconds: float = 10.0
+    #: Open API connections at most from one client address that have not
+    #: yet sent a request with an accepted key; None: a sixteenth of the
+    #: (possibly lowered) API_MAX_CONNECTIONS.
+    api_keyless_connections_per_address: int | None = None
+    #: Seconds an API connection has, from its opening, to send a request
+    #: head with an accepted key; then it is closed.
+    api_keyless_timeout_seconds: float = 5.0
+
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
             raise ValueError(
@@ -510,6 +522,15 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     and systemd credentials stay usable), and no one but its owner may
     write it.  Links are followed: the file itself is checked.
 
+    So are the directories it is reached through, up to C{/}, both the
+    path as named (where a link sits) and the file's real one: each must
+    belong to the gateway's user or root, and no one else may write it
+    unless it has the sticky bit (as C{/tmp}: then others cannot rename
+    or remove an entry they do not own).  Whoever can write a directory
+    can replace the file in it with their own, whatever the file's mode,
+    so such a file is refused, not warned about, as sshd's C{StrictModes}
+    refuses it.
+
     @param what: how the operator named it (C{"JWT_SECRET_FILE='/etc/x'"}).
     @param secret: warn too when group or others may read it.
     @param euid: the gateway's user id (default: this process's).
@@ -529,9 +550,39 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{what} may be written by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}")
+    for directory in _directories_of(path):
+        try:
+            held = directory.stat()
+        except OSError:
+            continue
+        name = str(directory)
+        if held.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what} is in directory {name!r}, which belongs to uid {held.st_uid}, neither the gateway's "
+                f"user (uid {euid}) nor root, so that user could replace the file; move the file, or "
+                f"chown {euid} {name!r} (or root)"
+            )
+        dmode = stat.S_IMODE(held.st_mode)
+        if dmode & (stat.S_IWGRP | stat.S_IWOTH) and not dmode & stat.S_ISVTX:
+            raise ConfigError(
+                f"{what} is in directory {name!r}, which group or others may write (mode {dmode:04o}), so they "
+                f"could replace the file; run: chmod go-w {name!r}, or move the file"
+            )
     if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
         return f"{what} may be read by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
     return None
+
+
+def _directories_of(path: Path) -> list[Path]:
+    """
+    The directories a file is reached through: those of its path as named
+    (made absolute) and of its real path, each from C{/} down, once.
+    """
+    found: dict[Path, None] = {}
+    for start in (path.absolute(), path.resolve()):
+        for directory in reversed(start.parents):
+            found[directory] = None
+    return list(found)
 
 
 def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path:
@@ -944,6 +995,24 @@ def load_settings(
         ),
         prices_file=Path(prices_file) if prices_file else None,
         price_overrides=_prices(prices_file) if prices_file else {},
+        auth_timeout_seconds=read(
+            "AUTH_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.auth_timeout_seconds,
+            "use a number of seconds greater than 0, such as 10",
+        ),
+        api_keyless_connections_per_address=read(
+            "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
+            _positive_int,
+            defaults.api_keyless_connections_per_address,
+            "use a whole number > 0, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
+        ),
+        api_keyless_timeout_seconds=read(
+            "API_KEYLESS_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.api_keyless_timeout_seconds,
+            "use a number of seconds greater than 0, such as 5",
+        ),
     )
     for adapter in declared:
         known.update(

@@ -373,3 +373,23 @@ def make_ca() -> ThrowawayCA:
         critical=True,
     )
     return ThrowawayCA(key, builder.sign(key, hashes.SHA256()))
+
+
+def limited_twistd(testcase: Any, nofile: int) -> str:
+    """
+    A twistd that runs with its soft C{RLIMIT_NOFILE} at C{nofile}: a
+    wrapper script that sets the limit (C{resource.setrlimit}, as a
+    C{preexec_fn} would) and execs the environment's twistd, for
+    L{spawn_gateway}'s C{twistd}.
+    """
+    wrapper = Path(testcase.mktemp())
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, resource, sys\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, hard))\n"
+        f"os.execv({twistd_path()!r}, [{twistd_path()!r}, *sys.argv[1:]])\n"
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper.absolute())

@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.dataplane.site import descriptor_budget
+from openclaw.listeners import DescriptorShares, share_descriptors
 from tests.support import (
     capture_log_events,
     free_port,
@@ -126,7 +126,12 @@ class ConnectionCapTests(TestCase):
     @inlineCallbacks
     def test_total_cap(self):
         gateway = start_gateway(
-            self, api=True, gateway_api_keys=(KEY,), api_max_connections=3, api_max_connections_per_address=3
+            self,
+            api=True,
+            gateway_api_keys=(KEY,),
+            api_max_connections=3,
+            api_max_connections_per_address=3,
+            api_keyless_connections_per_address=3,
         )
         held = [socket.create_connection(("127.0.0.1", gateway.api_port)) for _ in range(3)]
         self.addCleanup(lambda: [sock.close() for sock in held])
@@ -148,7 +153,9 @@ class ConnectionCapTests(TestCase):
         once, while another address still gets in.  (The default share is
         a quarter of API_MAX_CONNECTIONS.)
         """
-        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,), api_max_connections=8)
+        gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), api_max_connections=8, api_keyless_connections_per_address=2
+        )
         self.assertEqual(gateway.service.api_site.max_connections_per_address, 2)
         held = [
             socket.create_connection(("127.0.0.1", gateway.api_port), source_address=("127.0.0.2", 0)) for _ in range(2)
@@ -260,9 +267,19 @@ class DeadlineTests(TestCase):
 
 class DescriptorBudgetTests(SynchronousTestCase):
     def test_budget(self):
-        self.assertEqual(descriptor_budget(1024), 448)
-        self.assertEqual(descriptor_budget(200), 68)
-        self.assertEqual(descriptor_budget(65536), 28672)
+        """
+        An eighth (at least 64) kept back; a quarter of the rest for the
+        control listener, what it leaves for the API at two per connection.
+        """
+        wanted = (4096 + 256, 4096)
+        self.assertEqual(share_descriptors(1024, *wanted), DescriptorShares(1024, 224, 336))
+        self.assertEqual(share_descriptors(200, *wanted), DescriptorShares(200, 34, 51))
+        self.assertEqual(share_descriptors(65536, *wanted), DescriptorShares(65536, 4352, 4096))
+        self.assertEqual(share_descriptors(None, *wanted), DescriptorShares(None, 4352, 4096))
+        # The control listener's unused share goes to the API; without an
+        # API the control listener may have it all.
+        self.assertEqual(share_descriptors(1024, 100, 4096), DescriptorShares(1024, 100, 398))
+        self.assertEqual(share_descriptors(1024, 4352, 0), DescriptorShares(1024, 896, 0))
 
 
 class DescriptorReserveTests(TestCase):
@@ -316,13 +333,13 @@ class DescriptorReserveTests(TestCase):
             return held
 
         held = yield deferToThread(open_flood)
-        # (256 - 64) // 2 = 96 API connections at most.
-        self.assertLessEqual(held, 96)
+        # (256 - 64 - 48) // 2 = 72 API connections at most.
+        self.assertLessEqual(held, 72)
         self.assertGreater(held, 0)
         client = yield open_client(self, port)
         answer = yield client.command(token, "ping")
         self.assertEqual(answer["ok"], True, answer)
-        self.assertIn(b"API connections are capped at 96", process.stdout + process.stderr)
+        self.assertIn(b"API connections are capped at 72", process.stdout + process.stderr)
 
 
 class NoServerErrorTests(TestCase):

@@ -6,47 +6,22 @@ handshakes one address may hold.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 
+from openclaw.addresses import IPAddress, client_key, normalise
 from openclaw.settings import IPNetwork
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def normalise(host: str) -> IPAddress:
-    """
-    Parse a peer's address.  An IPv4-mapped IPv6 address
-    (C{::ffff:1.2.3.4}, how a dual-stack listener reports IPv4 clients) is
-    the IPv4 address it carries; Python 3.11's L{ipaddress} does not make
-    that equivalence by itself.
-
-    @raise ValueError: C{host} is not an IP address.
-    """
-    address = ipaddress.ip_address(host)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.scope_id:
-            address = ipaddress.IPv6Address(host.split("%", 1)[0])
-        mapped = address.ipv4_mapped
-        if mapped is not None:
-            return mapped
-    return address
-
-
-def client_key(address: IPAddress | str) -> str:
-    """
-    The name a client is counted under (handshake budget, lockout): its
-    IPv4 address, or the /64 network of its IPv6 address (a host's usual
-    allocation, RFC 6177: one host can pick any address in it).
-
-    @raise ValueError: C{address} is not an IP address.
-    """
-    if isinstance(address, str):
-        address = normalise(address)
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+__all__ = [
+    "ClientAddressResolver",
+    "HandshakeBudget",
+    "IPAddress",
+    "MalformedHeaderBlock",
+    "PeerAllowlist",
+    "client_key",
+    "normalise",
+    "parse_header_block",
+]
 
 
 class MalformedHeaderBlock(ValueError):

@@ -17,7 +17,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 
 from openclaw.connections import OpenConnections
@@ -32,15 +32,13 @@ from openclaw.control.admission import (
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
+from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
 
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
-#: TCP connections allowed beyond MAX_CONNECTIONS, for handshakes under way
-#: (each bounded by HANDSHAKE_TIMEOUT_SECONDS) and refusals being answered.
-HANDSHAKE_HEADROOM = 256
 #: Seconds a peer has to answer our close frame (Autobahn's default is 1).
 CLOSE_HANDSHAKE_SECONDS = 5
 
@@ -94,6 +92,12 @@ class ControlProtocol(WebSocketServerProtocol):
     slot: tuple[str | None, bool] | None = None
     #: Seconds for the C{Retry-After} of a refusal with 429.
     retry_after: int | None = None
+    #: The client key an accepted connection counts against among the
+    #: unauthenticated ones (L{ControlFactory.unauthenticated}), until it
+    #: authenticates; L{None} when it does not count.
+    pending: str | None = None
+    #: AUTH_TIMEOUT_SECONDS, from the moment an accepted connection opens.
+    auth_deadline: IDelayedCall | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -108,12 +112,10 @@ class ControlProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         factory = self.factory
         host, peer = _describe(self.tcp.getPeer())
-        if len(factory.protocols) >= factory.max_connections + HANDSHAKE_HEADROOM:
-            factory._refuse(peer, "too_many_handshakes", None)
-            self.tcp.abortConnection()
-            return
         slot = factory.handshake_slot(host)
-        refused = factory.budget.take(*slot)
+        refused = factory.tcp_refusal(*slot)
+        if refused is None:
+            refused = factory.budget.take(*slot)
         if refused is not None:
             factory._refuse(peer, refused, None)
             self.tcp.abortConnection()
@@ -124,11 +126,19 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def release_slot(self) -> None:
         """
-        Give back this connection's handshake slot, if it still holds one.
+        Give back this connection's handshake slot and its place among the
+        unauthenticated connections, if it still holds them, and stop its
+        authentication deadline.
         """
         if self.slot is not None:
             self.factory.budget.release(*self.slot)
             self.slot = None
+        if self.pending is not None:
+            self.factory.unauthenticated.release(self.pending, False)
+            self.pending = None
+        deadline, self.auth_deadline = self.auth_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def processHandshake(self) -> None:
         # Autobahn calls this on every read until the handshake is done (and
@@ -176,6 +186,18 @@ class ControlProtocol(WebSocketServerProtocol):
         if isinstance(refusal, ConnectionDeny):
             raise refusal
         if refusal is None:
+            key = factory.unauthenticated_key(client)
+            if factory.unauthenticated.take(key, False) is not None:
+                raise factory._refuse(
+                    peer,
+                    "too_many_unauthenticated",
+                    ConnectionDeny(
+                        ConnectionDeny.SERVICE_UNAVAILABLE,
+                        "too many connections from this address have not authenticated; "
+                        "authenticate or close them first",
+                    ),
+                )
+            self.pending = key
             self.client = client
             self.connection = Connection(peer)
             factory.connections.add(self)
@@ -187,9 +209,10 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         if self.connection is not None:
-            # An accepted connection leaves the handshake budget; a refused
-            # one keeps its slot until it is gone.
-            self.release_slot()
+            # An accepted connection keeps its handshake slot until it
+            # authenticates (or goes), and has AUTH_TIMEOUT_SECONDS to; a
+            # refused one keeps its slot until it is gone.
+            self.auth_deadline = self.factory.reactor.callLater(self.factory.auth_timeout, self._auth_timed_out)
         else:
             # An untrusted peer: 1008 must reach it, so the handshake is
             # completed first; nothing it sends is processed (onMessage).
@@ -213,17 +236,36 @@ class ControlProtocol(WebSocketServerProtocol):
             answer.addCallback(self._answer)
         if connection.failed_auths > failed_before:
             self.factory.auth_failed(self)
-        elif not connection.failed_auths:
+        elif not connection.failed_auths and not self.authenticated:
             self.authenticated = True
+            self.release_slot()
         if connection.failed_auths and controlplane.too_many_failures(connection):
             self.factory._log.warn(
-                "closing control connection from {peer}: {failed_auths} failed authentications in a row",
+                "closing control connection from {peer}: {failed_auths} failed authentications in a row "
+                "(reason={reason})",
                 peer=connection.peer,
                 failed_auths=connection.failed_auths,
                 outcome="closed",
                 reason="auth_failures",
             )
             self.close_with(POLICY_VIOLATION, "too many failed authentications")
+
+    def _auth_timed_out(self) -> None:
+        self.auth_deadline = None
+        if self.authenticated or self.state != self.STATE_OPEN:
+            return
+        factory = self.factory
+        if factory.metrics is not None:
+            factory.metrics.refused.labels("auth_timeout").inc()
+        factory._log.warn(
+            "closing control connection from {peer}: no authenticated message within "
+            "AUTH_TIMEOUT_SECONDS ({seconds:g} s) (reason={reason})",
+            peer=self.connection.peer if self.connection is not None else "?",
+            seconds=factory.auth_timeout,
+            outcome="closed",
+            reason="auth_timeout",
+        )
+        self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
 
     def _answer(self, encoded: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -257,6 +299,7 @@ class ControlFactory(WebSocketServerFactory):
         metrics: GatewayMetrics | None = None,
         clock: Callable[[], float] = time.time,
         lockout: LockoutStore | None = None,
+        capacity: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -266,11 +309,27 @@ class ControlFactory(WebSocketServerFactory):
         self.proxies = PeerAllowlist(settings.trusted_proxies)
         self.resolver = ClientAddressResolver(self.proxies)
         self.allowed_origins = frozenset(settings.allowed_origins)
-        self.max_connections = settings.max_connections
+        wanted = settings.max_connections + HANDSHAKE_HEADROOM
+        #: TCP connections held at most, of every kind: the listener's
+        #: share of the process's descriptors (C{capacity},
+        #: L{openclaw.listeners.share_descriptors}), at most
+        #: MAX_CONNECTIONS plus L{HANDSHAKE_HEADROOM}.
+        self.capacity = wanted if capacity is None else max(1, min(wanted, capacity))
+        self.max_connections = min(settings.max_connections, self.capacity)
+        #: The last slots of the capacity, kept for an allowlisted address
+        #: that holds no handshake or unauthenticated connection yet.
+        self.reserved = min(max(2, self.capacity // 16), self.capacity // 2)
+        #: AUTH_TIMEOUT_SECONDS.
+        self.auth_timeout = settings.auth_timeout_seconds
         #: The clock the lockout's times are on (the reactor's, by the service).
         self.clock = clock
         self.lockout: LockoutStore = lockout or AuthLockout.from_settings(settings, clock)
-        self.budget = HandshakeBudget(settings.max_connections + HANDSHAKE_HEADROOM)
+        #: TCP connections in their opening handshake, or open but not
+        #: authenticated, per address of the TCP peer.
+        self.budget = HandshakeBudget(self.capacity)
+        #: Accepted connections not authenticated yet, per client (as
+        #: resolved behind a proxy): a quarter of MAX_CONNECTIONS each.
+        self.unauthenticated = HandshakeBudget(self.max_connections)
         #: Accepted control connections (the ones status counts).
         self.connections: set[ControlProtocol] = set()
         #: Every live TCP connection, handshakes and refusals included.
@@ -309,6 +368,35 @@ class ControlFactory(WebSocketServerFactory):
         except ValueError:
             return None, True
         return key, not (self.allowlist.allows(host) or self.proxies.allows(host))
+
+    def tcp_refusal(self, key: str | None, outsider: bool) -> str | None:
+        """
+        Whether a new TCP connection (L{handshake_slot}) must be dropped
+        at once, before its handshake: the listener is at its capacity, or
+        in its reserve and this peer is an outsider or an address that
+        already holds a slot in L{budget}.
+
+        @return: the reason, for the log and metrics; or L{None}.
+        """
+        held = len(self.protocols)
+        if held >= self.capacity:
+            return "too_many_handshakes"
+        if held >= self.capacity - self.reserved and (outsider or (key is not None and self.budget.held(key))):
+            return "reserved_for_operators"
+        return None
+
+    def unauthenticated_key(self, client: str | None) -> str | None:
+        """
+        What an accepted connection from C{client} counts against among
+        the unauthenticated connections (L{client_key}); L{None} (not
+        counted) on a UNIX socket.
+        """
+        if client is None:
+            return None
+        try:
+            return client_key(client)
+        except ValueError:
+            return client
 
     def refusal(
         self,
@@ -389,7 +477,7 @@ class ControlFactory(WebSocketServerFactory):
             self.metrics.lockouts.inc()
         key = client_key(client)
         self._log.warn(
-            "locked out {client} for {seconds:.0f} s: too many failed authentications",
+            "locked out {client} for {seconds:.0f} s: too many failed authentications (reason={reason})",
             client=key,
             seconds=until - self.clock(),
             outcome="locked_out",

@@ -10,7 +10,7 @@ Against unauthenticated exhaustion of the port (issue #17): a body is read
 only from a key holder (L{APIRequest.gotLength} answers 401 as soon as the
 headers are in); connections are capped in all (C{API_MAX_CONNECTIONS},
 lowered at start-up to what C{RLIMIT_NOFILE} leaves after the control
-plane's reserve, L{descriptor_budget}) and per client address
+plane's share, L{openclaw.listeners.share_descriptors}) and per client address
 (C{API_MAX_CONNECTIONS_PER_ADDRESS}), extra ones closed at once; and a
 request's head and body each have a deadline of their own
 (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}), which more
@@ -19,8 +19,6 @@ bytes do not extend, as Twisted's idle timeout is.
 
 from __future__ import annotations
 
-import ipaddress
-import resource
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -39,63 +37,85 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
+from openclaw.addresses import client_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
+from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
 
-#: Descriptors kept out of the API's reach whatever RLIMIT_NOFILE is: the
-#: control plane's listener and connections, log and state files, the
-#: providers' idle pooled connections.
-MIN_RESERVED_DESCRIPTORS = 64
-
-
-def descriptor_budget(soft_limit: int) -> int:
-    """
-    The most API connections a process allowed C{soft_limit} open
-    descriptors (C{RLIMIT_NOFILE}) may hold so that the control plane can
-    never be starved of descriptors by a flood of the API port: an eighth of
-    the limit (at least L{MIN_RESERVED_DESCRIPTORS}) is kept in reserve,
-    and each API connection is counted twice, since a call in flight also
-    holds a connection to its provider.  1024 gives 448.
-    """
-    reserve = max(MIN_RESERVED_DESCRIPTORS, soft_limit // 8)
-    return max(1, (soft_limit - reserve) // 2)
-
-
-def connection_cap(configured: int) -> int:
-    """
-    C{API_MAX_CONNECTIONS} lowered, when it must be, to the
-    L{descriptor_budget} of this process's C{RLIMIT_NOFILE} (read now, at
-    start-up).
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return min(configured, descriptor_budget(soft))
-
 
 def client_address(addr: IAddress | None) -> str | None:
     """
-    The client a connection counts against: its IP address, an
-    IPv4-mapped IPv6 address as the IPv4 one; None for a peer with no IP
-    address (a UNIX socket), which no per-address cap applies to.
+    The client a connection counts against, by the control plane's rule
+    (L{openclaw.addresses.client_key}): its IPv4 address (an IPv4-mapped
+    IPv6 address as the IPv4 one), or the /64 of its IPv6 address; None
+    for a peer with no IP address (a UNIX socket), which no per-address
+    cap applies to.
     """
     host = getattr(addr, "host", None)
     if not isinstance(host, str):
         return None
     try:
-        address = ipaddress.ip_address(host.partition("%")[0])
+        return client_key(host)
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+
+
+def more_than_one_host(request: Request) -> bool:
+    """
+    Whether a request's head holds more than one C{Host} field: such a
+    request is invalid and must be answered 400 (RFC 9112 section 3.2);
+    twisted.web would serve it under the last one, and a proxy in front
+    may have checked another.
+    """
+    return len(request.requestHeaders.getRawHeaders(b"host", ())) > 1
+
+
+class MetricsRequest(Request):
+    """
+    A request of the C{/metrics} listener (C{--metrics-listen}): one with
+    more than one C{Host} field is answered 400, as soon as its head is
+    in, and the connection closed.
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        if more_than_one_host(self):
+            super().gotLength(0)
+            self._refused = True
+            if isinstance(self.channel, HTTPChannel):
+                self.requestHeaders.removeHeader(b"expect")
+                transport = self.channel.transport
+                assert transport is not None
+                transport.write(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(self._BODY), self._BODY)
+                )
+                transport.loseConnection()
+            return
+        super().gotLength(length)
+
+    _refused = False
+    _BODY = b"more than one Host header field (RFC 9112 section 3.2); send exactly one\n"
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+        elif not isinstance(self.channel, HTTPChannel):
+            # An HTTP/2 stream, now whole: answer it the usual way.
+            self.setResponseCode(400)
+            self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            self.write(self._BODY)
+            self.finish()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if not self._refused:
+            super().handleContentChunk(data)
 
 
 class APIRequest(Request):
@@ -157,6 +177,17 @@ class APIRequest(Request):
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
+        if more_than_one_host(self):
+            super().gotLength(0)
+            self._refuse(
+                APIError(
+                    400,
+                    "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
+                    "invalid_request_error",
+                    "invalid_host",
+                )
+            )
+            return
         if length is not None and length > self.max_request_bytes:
             super().gotLength(0)
             self._refuse(self._too_large())
@@ -171,6 +202,16 @@ class APIRequest(Request):
                 return
             # Known now; the resource need not look the key up again.
             self.holder = holder
+            if connection is not None:
+                connection.key_accepted()
+        elif connection is not None and connection.keyless and context is not None:
+            # Looked up once per connection until a key is accepted on it.
+            authorization = self.getHeader(b"authorization")
+            if authorization is not None:
+                found = context.keys.identify(authorization)
+                if not isinstance(found, APIError):
+                    self.holder = found
+                    connection.key_accepted()
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -271,6 +312,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     """
 
     transport: ITransport | None = None
+    #: No request head on it has carried an accepted key yet.
+    keyless = True
+    _keyless_deadline: IDelayedCall | None = None
     _deadline: IDelayedCall | None = None
     #: What the deadline in force is for, C{(seconds, setting, part)}; None:
     #: no deadline (the timer, if any, fires to no effect).
@@ -297,6 +341,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.transport = transport
         self._site.opened(self)
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._keyless_deadline = self._site.reactor.callLater(self._site.keyless_timeout, self._keyless_due)
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -305,10 +350,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
                 self._http2 = True
                 self._disarm()
+                self._stop_keyless_deadline()
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._disarm()
+        self._stop_keyless_deadline()
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
@@ -316,6 +363,37 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self.protocol.connectionLost(reason)
         finally:
             self._site.closed(self)
+
+    def key_accepted(self) -> None:
+        """
+        A request head on this connection carried an accepted key: it is no
+        longer counted among the keyless ones, and has no keyless deadline.
+        """
+        if self.keyless:
+            self.keyless = False
+            self._stop_keyless_deadline()
+            self._site.key_accepted(self)
+
+    def _stop_keyless_deadline(self) -> None:
+        deadline, self._keyless_deadline = self._keyless_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _keyless_due(self) -> None:
+        self._keyless_deadline = None
+        if not self.keyless:
+            return
+        self._disarm()
+        seconds = self._site.keyless_timeout
+        self._refused_late(
+            APIError(
+                401,
+                f"no request with an accepted API key within API_KEYLESS_TIMEOUT_SECONDS ({seconds:g} s) of "
+                "connecting; send 'Authorization: Bearer <key>' with the first request",
+                "invalid_request_error",
+                "keyless_timeout",
+            )
+        )
 
     def head_received(self, has_body: bool) -> None:
         """
@@ -366,19 +444,30 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._expired(*armed)
 
     def _expired(self, seconds: float, setting: str, part: str) -> None:
-        transport = self.tcp
-        if self._started:
-            error = APIError(
+        self._refused_late(
+            APIError(
                 408,
                 f"the request did not arrive whole in time: {part} took more than "
                 f"{setting} ({seconds:g} s); send the whole request at once",
                 "invalid_request_error",
                 "request_timeout",
             )
+        )
+
+    def _refused_late(self, error: APIError) -> None:
+        """
+        Close the connection at a deadline: with C{error} if the client
+        had begun a request, silently if it was idle between requests.
+        """
+        transport = self.tcp
+        if self._started:
             if self._site.context is not None:
                 self._site.context.refused_early(error)
             transport.write(raw_response(error))
         transport.loseConnection()
+        pending = self._deadline
+        if pending is not None and pending.active():
+            pending.cancel()  # the head or body deadline (the keyless one came first)
         # A client that does not read could hold a polite close open.
         self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
 
@@ -402,6 +491,15 @@ class APISite(Site):
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
     header_timeout = 10.0
     body_timeout = 30.0
+    #: Connections that have not sent a request head with an accepted key
+    #: (keyless) at most from one address
+    #: (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it a new connection
+    #: is closed at once), in all (half of C{max_connections}, or one
+    #: address's share if that is more; past it the oldest keyless
+    #: connection is closed to make room), and the seconds they get to
+    #: send one (C{API_KEYLESS_TIMEOUT_SECONDS}).
+    keyless_per_address = 256
+    keyless_timeout = 5.0
 
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -409,13 +507,19 @@ class APISite(Site):
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
         self.per_address: dict[str, int] = {}
+        #: Open keyless connections, per client address, and all of them,
+        #: oldest first.
+        self.keyless: dict[str, int] = {}
+        self._keyless_order: dict[APIConnection, None] = {}
         self._by_transport: dict[ITransport, APIConnection] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
         The connection's protocol, or None (twisted closes the connection at
-        once) past C{max_connections} in all or
-        C{max_connections_per_address} from the client's address.
+        once) past C{max_connections} in all, or
+        C{max_connections_per_address} or C{keyless_per_address} from the
+        client's address.  With keyless connections at half of
+        C{max_connections}, the oldest of them is closed to make room.
         """
         address = client_address(addr)
         if len(self.connections) >= self.max_connections:
@@ -424,6 +528,18 @@ class APISite(Site):
         if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return None
+        # Every new connection is keyless until it sends a key.
+        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
+            self._refused("api_keyless_connections_per_address")
+            return None
+        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
+            # Room for the newcomer (a key holder's connection is keyless
+            # too until its first request): the oldest keyless one goes.
+            oldest = next(iter(self._keyless_order))
+            self._count_keyless(oldest, -1)
+            oldest.keyless = False
+            oldest.tcp.abortConnection()
+            self._refused("api_keyless_connections")
         return APIConnection(super().buildProtocol(addr), self, address)
 
     def _refused(self, reason: str) -> None:
@@ -436,11 +552,41 @@ class APISite(Site):
         self._by_transport[connection.transport] = connection
         if connection.address is not None:
             self.per_address[connection.address] = self.per_address.get(connection.address, 0) + 1
+        self._count_keyless(connection, 1)
+
+    def key_accepted(self, connection: APIConnection) -> None:
+        """
+        C{connection} is no longer keyless.
+        """
+        if connection in self.connections:
+            self._count_keyless(connection, -1)
+
+    @property
+    def keyless_total(self) -> int:
+        """
+        Open keyless connections.
+        """
+        return len(self._keyless_order)
+
+    def _count_keyless(self, connection: APIConnection, change: int) -> None:
+        if change > 0:
+            self._keyless_order[connection] = None
+        else:
+            self._keyless_order.pop(connection, None)
+        address = connection.address
+        if address is not None:
+            left = self.keyless.get(address, 0) + change
+            if left > 0:
+                self.keyless[address] = left
+            else:
+                self.keyless.pop(address, None)
 
     def closed(self, connection: APIConnection) -> None:
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)
         address = connection.address
+        if connection.keyless and connection in self.connections:
+            self._count_keyless(connection, -1)
         if address is not None and connection in self.connections:
             left = self.per_address.get(address, 1) - 1
             if left > 0:
@@ -505,16 +651,25 @@ class APISite(Site):
             connection.tcp.abortConnection()
 
 
-def build_site(context: APIContext, settings: Settings, reactor: IReactorTime) -> APISite:
+def build_site(
+    context: APIContext, settings: Settings, reactor: IReactorTime, max_connections: int | None = None
+) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}) over
     C{context} (L{APIContext.from_settings}).
+
+    @param max_connections: the API's share of the process's descriptors
+        (L{openclaw.listeners.DescriptorShares.api}); by default computed
+        from this process's C{RLIMIT_NOFILE} now.
     """
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
     site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
     site.max_request_bytes = settings.max_request_bytes
-    site.max_connections = connection_cap(settings.api_max_connections)
+    shares = descriptor_shares(settings, api=True)
+    if max_connections is None:
+        max_connections = shares.api
+    site.max_connections = min(max_connections, settings.api_max_connections)
     if site.max_connections < settings.api_max_connections:
         context.log.warn(
             "API connections are capped at {cap}, below API_MAX_CONNECTIONS={configured}, so that the "
@@ -522,12 +677,17 @@ def build_site(context: APIContext, settings: Settings, reactor: IReactorTime) -
             "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
             cap=site.max_connections,
             configured=settings.api_max_connections,
-            limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            limit=shares.limit,
         )
     per_address = settings.api_max_connections_per_address
     if per_address is None:
         per_address = max(1, site.max_connections // 4)
     site.max_connections_per_address = min(per_address, site.max_connections)
+    keyless = settings.api_keyless_connections_per_address
+    if keyless is None:
+        keyless = max(1, site.max_connections // 16)
+    site.keyless_per_address = min(keyless, site.max_connections_per_address)
+    site.keyless_timeout = settings.api_keyless_timeout_seconds
     site.header_timeout = settings.api_header_timeout_seconds
     site.body_timeout = settings.api_body_timeout_seconds
     return site

@@ -1,0 +1,50 @@
+"""
+Client addresses as the gateway counts them, one rule for every listener:
+the control plane's handshake budget and lockout, and the API's
+connection caps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def normalise(host: str) -> IPAddress:
+    """
+    Parse a peer's address.  An IPv4-mapped IPv6 address
+    (C{::ffff:1.2.3.4}, how a dual-stack listener reports IPv4 clients) is
+    the IPv4 address it carries (RFC 4291 section 2.5.5.2); Python 3.11's
+    L{ipaddress} does not make that equivalence by itself.  A zone
+    (C{fe80::1%eth0}) is dropped.
+
+    @raise ValueError: C{host} is not an IP address.
+    """
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return mapped
+    return address
+
+
+def client_key(address: IPAddress | str) -> str:
+    """
+    The name a client is counted under (handshake budget, lockout, API
+    connection caps): its IPv4 address, or the /64 network of its IPv6
+    address (a host's usual allocation, RFC 6177: one host can pick any
+    address in it).
+
+    @raise ValueError: C{address} is not an IP address.
+    """
+    if isinstance(address, str):
+        address = normalise(address)
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+__all__ = ["IPAddress", "client_key", "normalise"]
