@@ -18,6 +18,24 @@ if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable, Holder
 
 _BEARER = b"bearer "
+#: Seconds a client is asked to wait (C{Retry-After}) while the consumers load.
+LOADING_RETRY_SECONDS = 2
+
+
+def consumers_loading() -> APIError:
+    """
+    The answer to a consumer key before the consumer table has loaded: 503
+    with C{Retry-After} (retryable: the openai SDK and agents retry a 503
+    and keep the key; a 401 would make them drop a valid key).
+    """
+    return APIError(
+        503,
+        "the gateway has not loaded its consumers yet (starting, or its database is unreachable), "
+        f"so this consumer key cannot be checked; retry in {LOADING_RETRY_SECONDS} s",
+        "server_error",
+        "consumers_loading",
+        headers=((b"Retry-After", b"%d" % LOADING_RETRY_SECONDS),),
+    )
 
 
 @attrs.frozen
@@ -51,7 +69,8 @@ class GatewayKeys:
         GATEWAY_API_KEYS; else the 401 to answer.
         """
         consumers = self.consumers
-        if not self._keys and (consumers is None or not consumers.has_keys):
+        loading = consumers is not None and not consumers.loaded
+        if not self._keys and not loading and (consumers is None or not consumers.has_keys):
             return unauthorized(
                 "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "
                 "the operator must set it (comma-separated keys) and restart the gateway, "
@@ -68,6 +87,8 @@ class GatewayKeys:
             return unauthorized("the Authorization header must be 'Bearer <key>'")
         presented = authorization[7:].strip()
         if consumers is not None and presented.startswith(b"ock-"):
+            if loading:
+                return consumers_loading()
             holder = consumers.identify(presented)
             if holder is not None:
                 return holder
