@@ -268,6 +268,9 @@ class Settings:
     #: over the shipped table.
     prices_file: Path | None = None
     price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Completion tokens a consumer's call without C{max_tokens} reserves
+    #: of its budget while in flight (priced at the model's completion price).
+    consumer_reserve_tokens: int = 1000
 
     def __attrs_post_init__(self) -> None:
         if self.default_provider not in self.providers:
@@ -944,6 +947,12 @@ def load_settings(
         ),
         prices_file=Path(prices_file) if prices_file else None,
         price_overrides=_prices(prices_file) if prices_file else {},
+        consumer_reserve_tokens=read(
+            "CONSUMER_RESERVE_TOKENS",
+            _positive_int,
+            defaults.consumer_reserve_tokens,
+            "use a whole number of completion tokens > 0 (reserved of a consumer's budget per call in flight)",
+        ),
     )
     for adapter in declared:
         known.update(

@@ -237,6 +237,20 @@ class LocalCounters:
             self.reserve(name, holder, reserve, now)
         return None
 
+    def admitted(self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0) -> None:
+        """
+        Count a call admitted elsewhere (by Redis, for the cluster) without
+        checking it: this instance's figures stay close to the cluster's
+        for when Redis goes away.
+        """
+        if consumer.rpm is not None:
+            window = self.requests.get(consumer.name)
+            if window is None:
+                window = self.requests[consumer.name] = SlidingWindow()
+            window.add(now)
+        if consumer.budget_usd is not None:
+            self.reserve(consumer.name, holder, reserve, now)
+
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
         self.release(consumer, holder)
         if tokens:
