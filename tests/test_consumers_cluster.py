@@ -12,11 +12,15 @@ from typing import Any
 
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.model import Consumer
+from openclaw.consumers.shared import SharedCounters
+from openclaw.consumers.table import Holder
+from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
 from tests.redis_server import RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
@@ -175,3 +179,45 @@ class ConsumersOnTwoInstances(TestCase):
         for sdk in (on_a_sdk, on_b_sdk):
             status = yield self.status(sdk)
             self.assertEqual(status, (429, "insufficient_quota"))
+
+
+class Unreachable:
+    """
+    A Redis that never answers: every script fails as a refused connection would.
+    """
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Redis is down"))
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Redis is down"))
+
+
+class RedisAwayTests(TestCase):
+    def test_counted_per_instance_while_redis_is_away(self) -> None:
+        """
+        Redis unreachable (known, or failing a call): the instance's own
+        counts decide, never a refusal for everyone.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        counters = SharedCounters(Unreachable(), clock, 0.5)
+        self.addCleanup(self.flushLoggedErrors)
+        consumer = Consumer("a", rpm=2)
+        counters.up = True
+        answers: list[Any] = []
+        admitted = counters.admit(consumer, clock.seconds(), Holder("a", "p"))
+        assert isinstance(admitted, Deferred)
+        admitted.addCallback(answers.append)
+        counters.up = False
+        answers.append(counters.admit(consumer, clock.seconds(), Holder("a", "p")))
+        refused = counters.admit(consumer, clock.seconds(), Holder("a", "p"))
+        self.assertEqual(answers, [None, None])
+        assert isinstance(refused, APIError)
+        self.assertEqual(refused.code, "rate_limit_exceeded")
+        # No limit at all: no round trip, whatever Redis does.
+        counters.up = True
+        self.assertIsNone(counters.admit(Consumer("free"), clock.seconds(), Holder("free", "p")))
