@@ -78,6 +78,7 @@ def compare(api_port: int, client: Any, token: str, calls: int, where: str) -> A
     answer = yield client.command(
         token, "consumer_create", {"name": "bench", "rpm": 1_000_000, "tpm": 10**9, "budget_usd": 1e6}
     )
+    assert answer["ok"], answer
     consumer_key = answer["result"]["key"]
     yield deferToThread(latencies, api_port, [GATEWAY_KEY, consumer_key], 20)  # warm up
     took = yield deferToThread(latencies, api_port, [GATEWAY_KEY, consumer_key], calls)

@@ -7,6 +7,7 @@ in front of the stand-in upstream, all on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,15 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.commands import usage_total
+from openclaw.consumers.commands import ConsumerCommands, usage_total
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import Consumer, InvalidConsumer, NewKey, consumer_fields, key_hash, period_key
 from openclaw.consumers.prices import PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.consumers.table import ConsumerTable, Holder, LocalCounters
+from openclaw.control.commands import CommandError
 from openclaw.dataplane.errors import APIError
+from openclaw.settings import ConfigError, load_settings
 from tests.postgres_server import postgres_database
 from tests.support import RunningGateway, capture_log_events, free_port, open_client, start_gateway, start_upstream
 from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY
@@ -155,6 +158,26 @@ class RulesTests(TestCase):
              "cost_usd": 0.5, "unpriced_tokens": 11},
         )  # fmt: skip
         self.assertIsNone(usage_total(groups[1:])["cost_usd"])
+
+    def test_commands_wait_for_the_table(self) -> None:
+        table = ConsumerTable(None, PriceTable.with_overrides({}))  # type: ignore[arg-type]
+        handlers = ConsumerCommands(table, time.time).handlers()
+        with self.assertRaises(CommandError) as caught:
+            handlers["consumer_create"]({"name": "a"})
+        self.assertIn("not loaded yet", str(caught.exception))
+        table.loaded = True
+        self.assertEqual(handlers["consumer_list"]({}), {"consumers": []})
+
+    def test_reserve_tokens_setting(self) -> None:
+        self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "250"})
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        self.assertEqual(load_settings(cwd=cwd).consumer_reserve_tokens, 250)
+        self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "0"})
+        with self.assertRaises(ConfigError) as caught:
+            load_settings(cwd=cwd)
+        self.assertIn("CONSUMER_RESERVE_TOKENS", str(caught.exception))
+        self.assertIn("whole number of completion tokens", str(caught.exception))
 
     def test_prices(self) -> None:
         table = PriceTable.with_overrides(

@@ -82,7 +82,7 @@ class ConsumerCommands:
         self.clock = clock
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
-        return {
+        handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
             "consumer_create": self.consumer_create,
             "consumer_update": self.consumer_update,
             "consumer_delete": self.consumer_delete,
@@ -91,6 +91,21 @@ class ConsumerCommands:
             "key_revoke": self.key_revoke,
             "usage": self.usage,
         }
+        return {name: self._once_loaded(handler) for name, handler in handlers.items()}
+
+    def _once_loaded(
+        self, handler: Callable[[object], Result | Deferred[Result]]
+    ) -> Callable[[object], Result | Deferred[Result]]:
+        def checked(data: object) -> Result | Deferred[Result]:
+            # Before the table is read, a name would look free and a list empty.
+            if not self.table.loaded:
+                raise CommandError(
+                    "the consumers are not loaded yet (the gateway is starting, or their database is "
+                    "unreachable: see its log); retry in a few seconds"
+                )
+            return handler(data)
+
+        return checked
 
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
