@@ -69,8 +69,15 @@ class GatewayKeys:
         GATEWAY_API_KEYS; else the 401 to answer.
         """
         consumers = self.consumers
-        loading = consumers is not None and not consumers.loaded
-        if not self._keys and not loading and (consumers is None or not consumers.has_keys):
+        if (
+            consumers is not None
+            and not consumers.loaded
+            and authorization is not None
+            and authorization[:7].lower() == _BEARER
+            and authorization[7:].strip().startswith(b"ock-")
+        ):
+            return consumers_loading()
+        if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(
                 "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "
                 "the operator must set it (comma-separated keys) and restart the gateway, "
@@ -87,8 +94,6 @@ class GatewayKeys:
             return unauthorized("the Authorization header must be 'Bearer <key>'")
         presented = authorization[7:].strip()
         if consumers is not None and presented.startswith(b"ock-"):
-            if loading:
-                return consumers_loading()
             holder = consumers.identify(presented)
             if holder is not None:
                 return holder
