@@ -236,7 +236,10 @@ class SharedCounters:
         name = consumer.name
         spent = float(reply[1])
         if consumer.budget_usd is not None:
-            self.seen[(name, period_key(consumer.budget_period, now))] = spent
+            key = (name, period_key(consumer.budget_period, now))
+            self.seen[key] = spent
+            # The cluster's figure, for when Redis goes away.
+            self.local.load({key: spent})
         if code == 1:
             return budget_spent(consumer, spent, now, float(reply[2]))
         if code == 2:
@@ -347,6 +350,8 @@ class SharedConsumers:
             return table.store.load(table.clock())
 
         def write(snapshot: Any) -> Deferred[Any]:
+            # Meanwhile this instance checks budgets against the database's spends.
+            self.counters.load(snapshot.spend)
             keys = [self.redis.key("consumers", "seeded")]
             args: list[str] = []
             now = table.clock()
