@@ -336,9 +336,10 @@ def format_usage(result: Mapping[str, Any]) -> str:
             "UNPRICED",
         )
     ]
-    rows.extend(
-        (
-            str(g.get(group, "all")) if group else "all",
+
+    def cells(label: str, g: Mapping[str, Any]) -> tuple[str, ...]:
+        return (
+            label,
             str(g["requests"]),
             str(g["limited"]),
             str(g["prompt_tokens"]),
@@ -347,8 +348,12 @@ def format_usage(result: Mapping[str, Any]) -> str:
             "-" if g["cost_usd"] is None else f"{g['cost_usd']:.6f}",
             str(g["unpriced_tokens"]),
         )
-        for g in groups or []
-    )
+
+    rows.extend(cells(str(g.get(group, "all")) if group else "all", g) for g in groups or [])
+    total = result.get("total")
+    if group and isinstance(total, Mapping):
+        # The sum of the groups, under them.
+        rows.append(cells("TOTAL", total))
     return _table(rows)
 
 

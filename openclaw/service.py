@@ -33,6 +33,7 @@ from openclaw.cluster.node import ClusterNode
 from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
@@ -203,11 +204,24 @@ class GatewayService(MultiService):
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
         self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor)
+        self._redis: RedisStore | None = None
+        shared: SharedCounters | None = None
+        if settings.redis_url:
+            self._redis = RedisStore(
+                settings.redis_url,
+                settings.cluster_name,
+                settings.redis_timeout_seconds,
+                settings.redis_reconnect_max_seconds,
+                reactor,
+            )
+            shared = SharedCounters(self._redis, reactor, settings.redis_timeout_seconds)
         self.consumers = ConsumerTable(
             self.consumer_store,
             PriceTable.with_overrides(settings.price_overrides),
             clock=reactor.seconds,
             metrics=ConsumerMetrics(self.metrics.registry),
+            counters=shared,
+            reserve_tokens=settings.consumer_reserve_tokens,
         )
         commands.extra = ConsumerCommands(self.consumers, reactor.seconds).handlers()
         self._purger: LoopingCall | None = None
@@ -216,7 +230,8 @@ class GatewayService(MultiService):
         #: Its index among C{--workers} (0 for a single process).
         self.worker = worker
         self.cluster: ClusterNode | None = None
-        self._redis: RedisStore | None = None
+        #: Consumers kept in step across the cluster (L{None}: one instance).
+        self.shared_consumers: SharedConsumers | None = None
         #: The auth lockout shared by the cluster (L{None}: per instance).
         self.lockout: SharedLockout | None = None
         #: In a cluster, the listeners wait here for the first reload.
@@ -280,14 +295,10 @@ class GatewayService(MultiService):
         Share the route, token and key rests through Redis (C{REDIS_URL}).
         """
         settings = self.settings
-        assert settings.redis_url is not None
-        self._redis = RedisStore(
-            settings.redis_url,
-            settings.cluster_name,
-            settings.redis_timeout_seconds,
-            settings.redis_reconnect_max_seconds,
-            reactor,
-        )
+        assert settings.redis_url is not None and self._redis is not None
+        assert isinstance(self.consumers.counters, SharedCounters)
+        self.shared_consumers = SharedConsumers(self.consumers, self.consumers.counters, self._redis, self.instance)
+        self._redis.on_consumer = self.shared_consumers.received
         self._store_up_gauge = self.metrics.cluster_store_up()
         self.cluster = cluster = ClusterNode(
             self._redis,
@@ -346,6 +357,8 @@ class GatewayService(MultiService):
 
     def _store_up(self, up: bool) -> None:
         self._store_up_gauge.set(1 if up else 0)
+        if self.shared_consumers is not None:
+            self.shared_consumers.up(up)
         if up:
             self._synced()
 
@@ -436,6 +449,8 @@ class GatewayService(MultiService):
 
         def loaded(_: None) -> None:
             self._log.info("{count} consumer(s) loaded", count=len(self.consumers.consumers))
+            if self.shared_consumers is not None:
+                self.shared_consumers.loaded()
 
         def failed(reason: Failure) -> None:
             self._log.failure(

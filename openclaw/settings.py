@@ -268,6 +268,9 @@ class Settings:
     #: over the shipped table.
     prices_file: Path | None = None
     price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
+    #: Completion tokens a consumer's call without C{max_tokens} reserves
+    #: of its budget while in flight (priced at the model's completion price).
+    consumer_reserve_tokens: int = 1000
 
     # Connections that never authenticate (issue #17, attacker review).
     #: Seconds an open control connection has to send a message with a
@@ -1012,6 +1015,12 @@ def load_settings(
             _positive_float,
             defaults.api_keyless_timeout_seconds,
             "use a number of seconds greater than 0, such as 5",
+        ),
+        consumer_reserve_tokens=read(
+            "CONSUMER_RESERVE_TOKENS",
+            _positive_int,
+            defaults.consumer_reserve_tokens,
+            "use a whole number of completion tokens > 0 (reserved of a consumer's budget per call in flight)",
         ),
     )
     for adapter in declared:

@@ -7,6 +7,7 @@ in front of the stand-in upstream, all on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,17 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.commands import ConsumerCommands, usage_total
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import Consumer, InvalidConsumer, NewKey, consumer_fields, key_hash, period_key
 from openclaw.consumers.prices import PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.consumers.table import LocalCounters
+from openclaw.consumers.table import ConsumerTable, Holder, LocalCounters
+from openclaw.control.commands import CommandError
+from openclaw.dataplane.errors import APIError
+from openclaw.settings import ConfigError, load_settings
 from tests.postgres_server import postgres_database
-from tests.support import RunningGateway, capture_log_events, open_client, start_gateway, start_upstream
+from tests.support import RunningGateway, capture_log_events, free_port, open_client, start_gateway, start_upstream
 from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY
 
 
@@ -98,6 +103,81 @@ class RulesTests(TestCase):
         assert refused is not None
         self.assertEqual(refused.code, "insufficient_quota")
         self.assertIn("1 USD in total", refused.message)
+
+    def test_budget_reservations(self) -> None:
+        """
+        Calls in flight hold a reservation: admitted while spend plus the
+        reservations is below the budget, released when counted.
+        """
+        counters = LocalCounters()
+        consumer = Consumer("a", budget_usd=1.0, budget_period="total")
+        first, second, third = Holder("a", "p"), Holder("a", "p"), Holder("a", "p")
+        self.assertIsNone(counters.admit(consumer, 100.0, first, 0.6))
+        self.assertIsNone(counters.admit(consumer, 100.0, second, 0.6))
+        refused = counters.admit(consumer, 100.0, third, 0.6)
+        assert refused is not None
+        self.assertEqual(refused.code, "insufficient_quota")
+        self.assertIn("1.2 USD more reserved by calls in flight", refused.message)
+        # Counted: the reservation goes, the real cost stays.
+        counters.counted("a", 10, 0.1, 101.0, first)
+        self.assertEqual((first.reserved, round(counters.reserved("a", 101.0), 6)), (0.0, 0.6))
+        self.assertIsNone(counters.admit(consumer, 101.0, third, 0.6))
+        counters.counted("a", 10, 0.1, 102.0, second)
+        counters.counted("a", 10, 0.1, 102.0, third)
+        self.assertEqual(counters.reserved("a", 102.0), 0.0)
+        # A reservation never counted (its client went) expires.
+        self.assertIsNone(counters.admit(consumer, 200.0, Holder("a", "p"), 0.5))
+        self.assertEqual(counters.reserved("a", 200.0 + 901), 0.0)
+
+    def test_table_reserves_the_completion_price(self) -> None:
+        clock = Clock()
+        clock.advance(1000)
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=clock.seconds, reserve_tokens=1000)  # type: ignore[arg-type]
+        table.consumers["a"] = Consumer("a", budget_usd=1.0, budget_period="day")
+        holder = Holder("a", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 500_000))
+        self.assertAlmostEqual(holder.reserved, 1.0)  # 500k completion tokens at 2 USD per million
+        refused = table.admit(Holder("a", "p"), "kimi", "moonshot-v1-8k")
+        assert isinstance(refused, APIError)
+        self.assertEqual(refused.code, "insufficient_quota")
+        table.account(holder, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 10, "completion_tokens": 10}, 0.1)
+        other = Holder("a", "p")
+        self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k"))
+        self.assertAlmostEqual(other.reserved, 0.002)  # reserve_tokens at 2 USD per million
+
+    def test_usage_total(self) -> None:
+        groups = [
+            {"requests": 2, "limited": 1, "prompt_tokens": 3, "completion_tokens": 4, "reasoning_tokens": 0,
+             "cost_usd": 0.5, "unpriced_tokens": 0},
+            {"requests": 1, "limited": 0, "prompt_tokens": 5, "completion_tokens": 6, "reasoning_tokens": 1,
+             "cost_usd": None, "unpriced_tokens": 11},
+        ]  # fmt: skip
+        self.assertEqual(
+            usage_total(groups),
+            {"requests": 3, "limited": 1, "prompt_tokens": 8, "completion_tokens": 10, "reasoning_tokens": 1,
+             "cost_usd": 0.5, "unpriced_tokens": 11},
+        )  # fmt: skip
+        self.assertIsNone(usage_total(groups[1:])["cost_usd"])
+
+    def test_commands_wait_for_the_table(self) -> None:
+        table = ConsumerTable(None, PriceTable.with_overrides({}))  # type: ignore[arg-type]
+        handlers = ConsumerCommands(table, time.time).handlers()
+        with self.assertRaises(CommandError) as caught:
+            handlers["consumer_create"]({"name": "a"})
+        self.assertIn("not loaded yet", str(caught.exception))
+        table.loaded = True
+        self.assertEqual(handlers["consumer_list"]({}), {"consumers": []})
+
+    def test_reserve_tokens_setting(self) -> None:
+        self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "250"})
+        cwd = Path(self.mktemp())
+        cwd.mkdir(parents=True)
+        self.assertEqual(load_settings(cwd=cwd).consumer_reserve_tokens, 250)
+        self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "0"})
+        with self.assertRaises(ConfigError) as caught:
+            load_settings(cwd=cwd)
+        self.assertIn("CONSUMER_RESERVE_TOKENS", str(caught.exception))
+        self.assertIn("whole number of completion tokens", str(caught.exception))
 
     def test_prices(self) -> None:
         table = PriceTable.with_overrides(
@@ -289,6 +369,8 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual(total["unpriced_tokens"], 0)
         by_consumer = yield self.command(gateway, client, "usage", {"group_by": "consumer"})
         self.assertEqual([g["consumer"] for g in by_consumer["groups"]], ["-", "search"])
+        self.assertEqual(by_consumer["total"]["requests"], 3)
+        self.assertEqual(by_consumer["total"]["limited"], 1)
         by_model = yield self.command(gateway, client, "usage", {"name": "search", "group_by": "model"})
         self.assertEqual(
             [(g["model"], g["requests"], g["limited"]) for g in by_model["groups"]],
@@ -391,6 +473,95 @@ class ConsumerGatewayTests(GatewayCase):
         )
 
 
+class ConsumerEndpointsTests(GatewayCase):
+    """
+    Embeddings and the models listing under a consumer's limits; consumer
+    keys before the table has loaded.
+    """
+
+    @inlineCallbacks
+    def test_embeddings_limited_and_counted(self) -> Any:
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "emb", "tpm": 5, "rpm": 3})
+        sdk = self.sdk(gateway, created["key"])
+        # 11 characters: 3 tokens (one per 4 characters, rounded up).
+        yield deferToThread(sdk.embeddings.create, model="gemini/gemini-embedding-001", input="hello world")
+        yield deferToThread(sdk.embeddings.create, model="gemini/gemini-embedding-001", input="hello world")
+        try:
+            yield deferToThread(sdk.embeddings.create, model="gemini/gemini-embedding-001", input="hello world")
+        except openai.RateLimitError as e:
+            self.assertEqual(e.code, "rate_limit_exceeded")
+            self.assertIn("tpm", e.message)
+        else:
+            self.fail("the third embeddings call was not refused")
+        usage = yield self.command(gateway, client, "usage", {"name": "emb", "group_by": "model"})
+        [group] = usage["groups"]
+        self.assertEqual(
+            (group["model"], group["requests"], group["limited"], group["prompt_tokens"]),
+            ("gemini/gemini-embedding-001", 2, 1, 6),
+        )
+        self.assertAlmostEqual(group["cost_usd"], 6 * 0.15 / 1e6)
+
+        kimi_only = yield self.command(gateway, client, "consumer_create", {"name": "k", "models": ["kimi/*"]})
+        try:
+            yield deferToThread(
+                self.sdk(gateway, kimi_only["key"]).embeddings.create, model="gemini/gemini-embedding-001", input="hi"
+            )
+        except openai.PermissionDeniedError as e:
+            self.assertEqual(e.code, "model_not_allowed")
+        else:
+            self.fail("an embeddings model outside models was not refused")
+
+    @inlineCallbacks
+    def test_models_listing(self) -> Any:
+        """
+        A consumer lists only the models it may call, within its rpm.
+        """
+        gateway, client = yield self.gateway()
+        listed = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, GATEWAY_KEY).models.list()])
+        provider = gateway.service.route.current.provider_id
+        created = yield self.command(
+            gateway, client, "consumer_create", {"name": "lister", "rpm": 2, "models": [f"{provider}/{listed[0]}"]}
+        )
+        sdk = self.sdk(gateway, created["key"])
+        mine = yield deferToThread(lambda: [m.id for m in sdk.models.list()])
+        self.assertEqual(mine, [listed[0]])
+        yield deferToThread(lambda: list(sdk.models.list()))
+        try:
+            yield deferToThread(lambda: list(sdk.models.list()))
+        except openai.RateLimitError as e:
+            self.assertEqual(e.code, "rate_limit_exceeded")
+            self.assertIn("retry-after", e.response.headers)
+        else:
+            self.fail("the third listing was not refused")
+
+    @inlineCallbacks
+    def test_consumer_keys_wait_for_the_table(self) -> Any:
+        """
+        Until the consumers are loaded (here: their database is unreachable),
+        a consumer key gets a retryable 503 with Retry-After, never a 401;
+        the gateway's own keys keep working.
+        """
+        self.database = f"postgresql://openclaw@127.0.0.1:{free_port()}/nowhere?connect_timeout=2"
+        # The database's refusals are logged (run last: after the gateway's stop).
+        self.addCleanup(self.flushLoggedErrors)
+        gateway, _ = yield self.gateway()
+        self.assertFalse(gateway.service.consumers.loaded)
+        key = NewKey.make().key
+        try:
+            yield deferToThread(
+                self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+            )
+        except openai.InternalServerError as e:
+            self.assertEqual((e.status_code, e.code), (503, "consumers_loading"))
+            self.assertEqual(e.response.headers["retry-after"], "2")
+        else:
+            self.fail("a consumer key was accepted before the table loaded")
+        yield deferToThread(
+            self.sdk(gateway, GATEWAY_KEY).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+
+
 class PostgresConsumerGatewayTests(ConsumerGatewayTests):
     def setUp(self) -> None:
         self.database = postgres_database()
@@ -424,6 +595,7 @@ class ConsumerCtlTests(GatewayCase):
         out, err, code = yield self.ctl(gateway, "usage", "--since", "2026-01-01", "--group-by", "consumer")
         self.assertEqual(code, 0, err)
         self.assertRegex(out, r"app +1 +0 ")
+        self.assertRegex(out, r"\nTOTAL +1 +0 ")
         out, err, code = yield self.ctl(gateway, "key", "revoke", "app", key[4:12])
         self.assertIn("revoked app's key", out)
         out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "0")

@@ -17,6 +17,7 @@ sees the writes in the order Redis made them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -209,6 +210,9 @@ class RedisStore:
         self.reconnect_max = reconnect_max
         self.reactor = reactor
         self.node: ClusterNode | None = None
+        #: Called with (instance, consumer) for each consumer change an
+        #: instance published (L{publish_consumer}); see openclaw.consumers.shared.
+        self.on_consumer: Callable[[str, str], None] | None = None
         self._factories: list[Any] = []
         self._redis: Any = None
 
@@ -255,6 +259,8 @@ class RedisStore:
                 node.rested(parts[1], parts[2], parts[3], float(parts[4]))
             elif parts[0] == "l" and len(parts) == 4:
                 node.locked(parts[1], parts[2], float(parts[3]))
+            elif parts[0] == "c" and len(parts) == 3 and self.on_consumer is not None:
+                self.on_consumer(parts[1], parts[2])
         except ValueError:
             self._log.warn("ignoring a malformed cluster message")
 
@@ -264,6 +270,27 @@ class RedisStore:
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    def key(self, *parts: str) -> str:
+        """
+        The Redis key C{<CLUSTER_NAME>:<part>:...}.
+        """
+        return self._key(*parts)
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        """
+        Run a Lua script (one round trip: txredisapi sends EVALSHA once the
+        script is known); fires with its reply, or fails.
+        """
+        return self._eval(source, keys, args)
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        """
+        Tell every instance that consumer C{name} changed (C{c} messages
+        on the cluster's channel).
+        """
+        published: Deferred[Any] = self._redis.publish(self.channel, f"c\t{instance}\t{name}")
+        return published
 
     def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
         return self._eval(

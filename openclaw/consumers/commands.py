@@ -7,10 +7,11 @@ as the others and audited like C{switch_provider}:
  - C{consumer_update} (the same fields; C{name} required) -> the consumer;
  - C{consumer_delete} C{{name}}; C{key_create} C{{name}} -> a new key;
  - C{key_revoke} C{{name, key_prefix}}; C{consumer_list} C{{name?}};
- - C{usage} C{{name?, since?, until?, group_by?}} -> per group (or in
-   total): C{requests}, C{limited}, C{prompt_tokens},
-   C{completion_tokens}, C{reasoning_tokens}, C{cost_usd} (None when
-   nothing was priced), C{unpriced_tokens}.
+ - C{usage} C{{name?, since?, until?, group_by?}} -> C{total} and, with
+   C{group_by}, C{groups} (one per consumer, model or day): C{requests},
+   C{limited}, C{prompt_tokens}, C{completion_tokens},
+   C{reasoning_tokens}, C{cost_usd} (None when nothing was priced),
+   C{unpriced_tokens}.
 """
 
 from __future__ import annotations
@@ -61,13 +62,27 @@ def _database_failed(failure: Failure) -> Failure:
     return Failure(CommandError(f"the consumers' database refused the change: {failure.getErrorMessage()}"))
 
 
+_COUNTS = ("requests", "limited", "prompt_tokens", "completion_tokens", "reasoning_tokens", "unpriced_tokens")
+
+
+def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    The sum of C{usage} groups: counts added; C{cost_usd} the sum of the
+    priced groups' costs, None when no group had a price.
+    """
+    total: dict[str, Any] = {name: sum(int(group[name]) for group in groups) for name in _COUNTS}
+    costs = [group["cost_usd"] for group in groups if group["cost_usd"] is not None]
+    total["cost_usd"] = round(sum(costs), 10) if costs else None
+    return total
+
+
 class ConsumerCommands:
     def __init__(self, table: ConsumerTable, clock: Callable[[], float]) -> None:
         self.table = table
         self.clock = clock
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
-        return {
+        handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
             "consumer_create": self.consumer_create,
             "consumer_update": self.consumer_update,
             "consumer_delete": self.consumer_delete,
@@ -76,6 +91,21 @@ class ConsumerCommands:
             "key_revoke": self.key_revoke,
             "usage": self.usage,
         }
+        return {name: self._once_loaded(handler) for name, handler in handlers.items()}
+
+    def _once_loaded(
+        self, handler: Callable[[object], Result | Deferred[Result]]
+    ) -> Callable[[object], Result | Deferred[Result]]:
+        def checked(data: object) -> Result | Deferred[Result]:
+            # Before the table is read, a name would look free and a list empty.
+            if not self.table.loaded:
+                raise CommandError(
+                    "the consumers are not loaded yet (the gateway is starting, or their database is "
+                    "unreachable: see its log); retry in a few seconds"
+                )
+            return handler(data)
+
+        return checked
 
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
@@ -173,9 +203,10 @@ class ConsumerCommands:
             else:
                 result["group_by"] = group_by
                 result["groups"] = rows
+                result["total"] = usage_total(rows)
             return result
 
         return flushed.addCallback(query).addCallbacks(answered, _database_failed)
 
 
-__all__ = ["CONSUMER_COMMANDS", "ConsumerCommands"]
+__all__ = ["CONSUMER_COMMANDS", "ConsumerCommands", "usage_total"]

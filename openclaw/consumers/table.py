@@ -35,17 +35,26 @@ from openclaw.dataplane.errors import APIError
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
 MAX_PENDING_ROWS = 100_000
+#: A budget reservation of a call never counted (its client went away
+#: before the call started) is forgotten after this long, in seconds.
+RESERVATION_SECONDS = 900
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class Holder:
     """
     Who presented a key: a consumer (its name and the key's prefix) or,
-    for C{GATEWAY_API_KEYS}' keys, L{GATEWAY}.
+    for C{GATEWAY_API_KEYS}' keys, L{GATEWAY}.  One per request: it also
+    carries what the request reserved of its consumer's budget until its
+    answer is counted (see L{ConsumerTable.admit}).
     """
 
     consumer: str
     prefix: str
+    #: US dollars reserved at admission, released when the call is counted.
+    reserved: float = 0.0
+    #: The second (POSIX, whole) the reservation was made in.
+    reserved_at: int = 0
 
 
 GATEWAY = Holder(NO_CONSUMER, NO_CONSUMER)
@@ -79,6 +88,18 @@ def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     )
 
 
+def completion_limit(body: dict[str, Any]) -> int | None:
+    """
+    The completion tokens a chat request bounds its answer to:
+    C{max_completion_tokens}, else C{max_tokens} (OpenAI's names), else None.
+    """
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
 def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIError:
     return APIError(
         429,
@@ -90,15 +111,16 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     )
 
 
-def budget_spent(consumer: Consumer, spent: float, now: float) -> APIError:
+def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float = 0.0) -> APIError:
     period = consumer.budget_period
     end = period_end(period, now)
     described = {"day": "per UTC day", "month": "per UTC calendar month", "total": "in total"}[period]
     renews = f"; it renews at {isoformat_utc(end)}" if end is not None else ""
+    held = f", {reserved:.6g} USD more reserved by calls in flight" if reserved > 0 else ""
     return APIError(
         429,
         f"consumer {consumer.name!r} has used its budget of {consumer.budget_usd:g} USD {described} "
-        f"(spent {spent:.6g} USD){renews}; ask the operator to raise budget_usd with consumer_update",
+        f"(spent {spent:.6g} USD{held}){renews}; ask the operator to raise budget_usd with consumer_update",
         "insufficient_quota",
         "insufficient_quota",
     )
@@ -121,9 +143,11 @@ class Counters(Protocol):
     process (L{LocalCounters}), or in Redis for a cluster.
     """
 
-    def admit(self, consumer: Consumer, now: float) -> APIError | Deferred[APIError | None] | None: ...
+    def admit(
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+    ) -> APIError | Deferred[APIError | None] | None: ...
 
-    def counted(self, consumer: str, tokens: int, cost: float, now: float) -> None: ...
+    def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None: ...
 
     def spent(self, consumer: str, period: str, now: float) -> float: ...
 
@@ -143,19 +167,61 @@ class LocalCounters:
     tokens: dict[str, SlidingWindow] = attrs.Factory(dict)
     #: (consumer, period key) -> US dollars.
     spend: dict[tuple[str, str], float] = attrs.Factory(dict)
+    #: consumer -> {second of admission: US dollars reserved by calls in flight}.
+    reservations: dict[str, dict[int, float]] = attrs.Factory(dict)
 
     def load(self, spend: dict[tuple[str, str], float]) -> None:
-        self.spend.update(spend)
+        # The database's figure, unless this instance counted more (rows
+        # not yet written).
+        for key, usd in spend.items():
+            if usd > self.spend.get(key, 0.0):
+                self.spend[key] = usd
 
     def spent(self, consumer: str, period: str, now: float) -> float:
         return self.spend.get((consumer, period_key(period, now)), 0.0)
 
-    def admit(self, consumer: Consumer, now: float) -> APIError | None:
+    def reserved(self, consumer: str, now: float) -> float:
+        """
+        US dollars reserved by calls admitted within the last
+        L{RESERVATION_SECONDS} and not counted yet.
+        """
+        held = self.reservations.get(consumer)
+        if not held:
+            return 0.0
+        horizon = now - RESERVATION_SECONDS
+        for at in [at for at in held if at <= horizon]:
+            del held[at]
+        return max(0.0, sum(held.values()))
+
+    def reserve(self, consumer: str, holder: Holder | None, reserve: float, now: float) -> None:
+        if holder is None or reserve <= 0:
+            return
+        at = int(now)
+        held = self.reservations.setdefault(consumer, {})
+        held[at] = held.get(at, 0.0) + reserve
+        holder.reserved, holder.reserved_at = reserve, at
+
+    def release(self, consumer: str, holder: Holder | None) -> None:
+        if holder is None or holder.reserved <= 0:
+            return
+        held = self.reservations.get(consumer)
+        if held is not None and holder.reserved_at in held:
+            left = held[holder.reserved_at] - holder.reserved
+            if left > 1e-12:
+                held[holder.reserved_at] = left
+            else:
+                del held[holder.reserved_at]
+        holder.reserved = 0.0
+
+    def admit(
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+    ) -> APIError | None:
         name = consumer.name
         if consumer.budget_usd is not None:
             spent = self.spent(name, consumer.budget_period, now)
-            if spent >= consumer.budget_usd:
-                return budget_spent(consumer, spent, now)
+            reserved = self.reserved(name, now)
+            if spent + reserved >= consumer.budget_usd:
+                return budget_spent(consumer, spent, now, reserved)
         if consumer.tpm is not None:
             window = self.tokens.get(name)
             if window is not None and window.used(now) >= consumer.tpm:
@@ -167,9 +233,26 @@ class LocalCounters:
             if window.used(now) >= consumer.rpm:
                 return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
             window.add(now)
+        if consumer.budget_usd is not None:
+            self.reserve(name, holder, reserve, now)
         return None
 
-    def counted(self, consumer: str, tokens: int, cost: float, now: float) -> None:
+    def admitted(self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0) -> None:
+        """
+        Count a call admitted elsewhere (by Redis, for the cluster) without
+        checking it: this instance's figures stay close to the cluster's
+        for when Redis goes away.
+        """
+        if consumer.rpm is not None:
+            window = self.requests.get(consumer.name)
+            if window is None:
+                window = self.requests[consumer.name] = SlidingWindow()
+            window.add(now)
+        if consumer.budget_usd is not None:
+            self.reserve(consumer.name, holder, reserve, now)
+
+    def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
+        self.release(consumer, holder)
         if tokens:
             window = self.tokens.get(consumer)
             if window is None:
@@ -187,6 +270,7 @@ class LocalCounters:
     def forget(self, consumer: str) -> None:
         self.requests.pop(consumer, None)
         self.tokens.pop(consumer, None)
+        self.reservations.pop(consumer, None)
 
 
 class ConsumerTable:
@@ -196,6 +280,9 @@ class ConsumerTable:
 
     @param clock: POSIX seconds (C{reactor.seconds}).
     @param flush_seconds: how often usage rows are written, in one batch.
+    @param reserve_tokens: completion tokens a call without C{max_tokens}
+        reserves of its consumer's budget while in flight
+        (C{CONSUMER_RESERVE_TOKENS}).
     """
 
     _log = Logger(namespace="openclaw.consumers")
@@ -208,6 +295,7 @@ class ConsumerTable:
         metrics: ConsumerMetricsLike | None = None,
         counters: Counters | None = None,
         flush_seconds: float = 1.0,
+        reserve_tokens: int = 1000,
     ) -> None:
         self.store = store
         self.prices = prices
@@ -215,6 +303,12 @@ class ConsumerTable:
         self.metrics = metrics
         self.counters: Counters = counters if counters is not None else LocalCounters()
         self.flush_seconds = flush_seconds
+        self.reserve_tokens = reserve_tokens
+        #: The table has been read from the database once: consumer keys
+        #: are answered 503 until then (L{openclaw.dataplane.auth}).
+        self.loaded = False
+        self._reloading: Deferred[None] | None = None
+        self._reload_again = False
         self.consumers: dict[str, Consumer] = {}
         #: SHA-256 hex of a key -> (consumer, prefix).
         self.keys: dict[str, tuple[str, str]] = {}
@@ -233,9 +327,32 @@ class ConsumerTable:
         self.consumers = snapshot.consumers
         self.keys = snapshot.keys
         self.counters.load(snapshot.spend)
+        self.loaded = True
 
     def reload(self) -> Deferred[None]:
         return self.store.load(self.clock()).addCallback(self.adopt)
+
+    def refresh(self) -> None:
+        """
+        Reload from the database, because another instance changed a
+        consumer (cluster mode).  Reloads in a row are coalesced: one under
+        way, at most one more after it.
+        """
+        if self._reloading is not None:
+            self._reload_again = True
+            return
+
+        def failed(reason: Failure) -> None:
+            self._log.failure("could not reload the consumers after a change elsewhere", reason)
+
+        def done(_: None) -> None:
+            self._reloading = None
+            if self._reload_again:
+                self._reload_again = False
+                self.refresh()
+
+        reloading = self._reloading = self.reload()
+        reloading.addErrback(failed).addBoth(done)
 
     def start(self, reactor: IReactorTime) -> None:
         flusher = self._flusher = LoopingCall(self.flush)
@@ -281,10 +398,23 @@ class ConsumerTable:
             )
         return Holder(name, prefix)
 
-    def admit(self, holder: Holder, provider: str, model: str) -> APIError | Deferred[APIError | None] | None:
+    def admit(
+        self, holder: Holder, provider: str, model: str, max_tokens: int | None = None, prompt_tokens: int = 0
+    ) -> APIError | Deferred[APIError | None] | None:
         """
         Whether the holder may call C{provider/model} now: None, or the
         403/429 to answer (counted as limited).
+
+        The budget rule: a call is admitted while the period's spend plus
+        the reservations of the consumer's calls in flight is below the
+        budget; an admitted call then reserves the price of C{max_tokens}
+        completion tokens (or L{reserve_tokens} when it sets none; 0 for a
+        call that completes nothing, as embeddings) and of C{prompt_tokens}
+        (when known before the call) until its answer is counted
+        (L{account}).  Concurrent calls therefore
+        overshoot the budget by at most what they cost beyond their
+        reservations (their prompts, and completions longer than the
+        reservation when no C{max_tokens} bounds them).
         """
         if holder is GATEWAY:
             return None
@@ -295,19 +425,55 @@ class ConsumerTable:
         if not consumer.allows(provider, model):
             refusal: APIError | Deferred[APIError | None] | None = model_not_allowed(consumer, provider, model)
         else:
-            refusal = self.counters.admit(consumer, self.clock())
+            reserve = 0.0
+            if consumer.budget_usd is not None:
+                tokens = self.reserve_tokens if max_tokens is None else max(0, max_tokens)
+                reserve = self.prices.cost(provider, model, prompt_tokens, tokens) or 0.0
+            refusal = self.counters.admit(consumer, self.clock(), holder, reserve)
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, provider, model)
         return self._limited(refusal, holder, provider, model)
 
-    def _limited(self, refusal: APIError | None, holder: Holder, provider: str, model: str) -> APIError | None:
+    def admit_listing(self, holder: Holder) -> APIError | Deferred[APIError | None] | None:
+        """
+        Whether the holder may list models now (C{GET /v1/models}): only
+        its C{rpm} applies (a listing costs no tokens).  A refusal is
+        counted in the metrics, not as a usage row (no model was called).
+        """
+        if holder is GATEWAY:
+            return None
+        consumer = self.consumers.get(holder.consumer)
+        if consumer is None:
+            return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
+        if consumer.rpm is None:
+            return None
+        refusal = self.counters.admit(attrs.evolve(consumer, budget_usd=None, tpm=None), self.clock())
+        if isinstance(refusal, Deferred):
+            return refusal.addCallback(self._limited, holder, None, None)
+        return self._limited(refusal, holder, None, None)
+
+    def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
+        """
+        Those of C{provider}'s C{models} the holder may call.
+        """
+        consumer = self.consumers.get(holder.consumer) if holder is not GATEWAY else None
+        if consumer is None or not consumer.models:
+            return models
+        return [model for model in models if consumer.allows(provider, model)]
+
+    def _limited(
+        self, refusal: APIError | None, holder: Holder, provider: str | None, model: str | None
+    ) -> APIError | None:
         if refusal is None:
             return None
         reason = refusal.code or "limited"
         if self.metrics is not None:
             self.metrics.limited(holder.consumer, reason)
             self.metrics.requests(holder.consumer, refusal.status)
-        self._add(UsageRow(self.clock(), holder.consumer, holder.prefix, provider, model, refusal.status, limited=True))
+        if provider is not None and model is not None:
+            self._add(
+                UsageRow(self.clock(), holder.consumer, holder.prefix, provider, model, refusal.status, limited=True)
+            )
         return refusal
 
     def account(self, holder: Holder, provider: str, model: str, status: int, usage: Any, seconds: float) -> None:
@@ -322,7 +488,7 @@ class ConsumerTable:
         now = self.clock()
         name = holder.consumer
         if holder is not GATEWAY:
-            self.counters.counted(name, prompt + completion, cost or 0.0, now)
+            self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
         metrics = self.metrics
         if metrics is not None:
             metrics.requests(name, status)
@@ -433,4 +599,4 @@ class ConsumerTable:
         return document
 
 
-__all__ = ["GATEWAY", "ConsumerTable", "Counters", "Holder", "LocalCounters", "usage_counts"]
+__all__ = ["GATEWAY", "ConsumerTable", "Counters", "Holder", "LocalCounters", "completion_limit", "usage_counts"]

@@ -18,6 +18,24 @@ if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable, Holder
 
 _BEARER = b"bearer "
+#: Seconds a client is asked to wait (C{Retry-After}) while the consumers load.
+LOADING_RETRY_SECONDS = 2
+
+
+def consumers_loading() -> APIError:
+    """
+    The answer to a consumer key before the consumer table has loaded: 503
+    with C{Retry-After} (retryable: the openai SDK and agents retry a 503
+    and keep the key; a 401 would make them drop a valid key).
+    """
+    return APIError(
+        503,
+        "the gateway has not loaded its consumers yet (starting, or its database is unreachable), "
+        f"so this consumer key cannot be checked; retry in {LOADING_RETRY_SECONDS} s",
+        "server_error",
+        "consumers_loading",
+        headers=((b"Retry-After", b"%d" % LOADING_RETRY_SECONDS),),
+    )
 
 
 @attrs.frozen
@@ -51,6 +69,14 @@ class GatewayKeys:
         GATEWAY_API_KEYS; else the 401 to answer.
         """
         consumers = self.consumers
+        if (
+            consumers is not None
+            and not consumers.loaded
+            and authorization is not None
+            and authorization[:7].lower() == _BEARER
+            and authorization[7:].strip().startswith(b"ock-")
+        ):
+            return consumers_loading()
         if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(
                 "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "

@@ -22,6 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
+from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.errors import (
     APIError,
     bad_request,
@@ -115,6 +116,16 @@ def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[
     return EmbeddingRequest(tuple(inputs), chosen, dimensions, encoding)
 
 
+def estimated_tokens(inputs: tuple[str, ...]) -> int:
+    """
+    The tokens a consumer is counted for embedding C{inputs}: Gemini's
+    C{batchEmbedContents} answer carries no token count, so each text
+    counts one token per 4 characters, rounded up (Google's rule of thumb,
+    U{https://ai.google.dev/gemini-api/docs/tokens}).
+    """
+    return sum(-(-len(text) // 4) for text in inputs)
+
+
 def to_batch_embed(inputs: tuple[str, ...] | list[str], model: str, dimensions: int | None) -> dict[str, Any]:
     """
     The C{batchEmbedContents} request for C{inputs}.
@@ -189,7 +200,7 @@ class Embeddings(_Authenticated):
     def render_POST(self, request: Request) -> Any:
         context = self.context
         started = context.reactor.seconds()
-        self.authenticate(request, started)
+        holder = self.authenticate(request, started)
         try:
             parsed = parse_embedding_request(
                 request.content.read() if request.content is not None else b"",
@@ -199,11 +210,48 @@ class Embeddings(_Authenticated):
             if PROVIDER not in context.providers.ids:
                 raise bad_request("embeddings come from Gemini, and no Gemini provider is declared", param="model")
         except APIError as error:
-            context.completed(request, started, error.status, outcome=error.code)
+            context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise
         adapter = self.usable(request, PROVIDER, started)
         assert isinstance(adapter, GeminiAdapter)
         route = Route(PROVIDER, parsed.model)
+        consumers = context.consumers
+        if consumers is None or holder is GATEWAY:
+            return self._start(request, adapter, parsed, route, started, holder)
+        # A consumer's limits: rpm, tpm and budget with the prompt tokens, models.
+        admitted = consumers.admit(holder, PROVIDER, parsed.model, 0, estimated_tokens(parsed.inputs))
+        if isinstance(admitted, Deferred):
+            context.call_started()
+            gone: list[bool] = []
+            request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+            def decided(refusal: APIError | None) -> None:
+                context.call_ended()
+                if gone:
+                    return
+                if refusal is None:
+                    self._start(request, adapter, parsed, route, started, holder)
+                else:
+                    self._refused(request, refusal, started, route, holder)
+
+            admitted.addCallback(decided).addErrback(
+                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
+            )
+            return NOT_DONE_YET
+        if admitted is not None:
+            return self._refused(request, admitted, started, route, holder, write=False)
+        return self._start(request, adapter, parsed, route, started, holder)
+
+    def _start(
+        self,
+        request: Request,
+        adapter: GeminiAdapter,
+        parsed: EmbeddingRequest,
+        route: Route,
+        started: float,
+        holder: Holder,
+    ) -> Any:
+        context = self.context
         call = Deferred.fromCoroutine(self._embed(adapter, parsed))
         call.addTimeout(context.timeout, context.reactor)
         context.call_started()
@@ -229,7 +277,12 @@ class Embeddings(_Authenticated):
             request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
             request.write(body)
             request.finish()
-            context.completed(request, started, status, route, outcome=outcome)
+            context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
+            if context.consumers is not None:
+                usage = {"prompt_tokens": estimated_tokens(parsed.inputs)} if status == 200 else None
+                context.consumers.account(
+                    holder, PROVIDER, parsed.model, status, usage, context.reactor.seconds() - started
+                )
 
         def ended(result: object) -> None:
             context.call_ended()

@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from openclaw.consumers.table import GATEWAY, Holder
+from openclaw.consumers.table import GATEWAY, Holder, completion_limit
 from openclaw.dataplane.call import ChatCall
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
@@ -198,6 +198,20 @@ class _Authenticated(APIResource):
             raise holder
         return holder
 
+    def _refused(
+        self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
+    ) -> bytes:
+        """
+        Answer a consumer's call its limits refuse (403, 429).
+        """
+        self.context.completed(request, started, refusal.status, route, outcome=refusal.code, consumer=holder.consumer)
+        body = error_response(request, refusal)
+        if write:
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+        return body
+
     def usable(self, request: Request, provider_id: str, started: float) -> ProviderAdapter:
         """
         @raise APIError: 503 when the provider has no key configured.
@@ -221,10 +235,39 @@ class Models(_Authenticated):
     def render_GET(self, request: Request) -> Any:
         context = self.context
         started = context.reactor.seconds()
-        self.authenticate(request, started)
+        holder = self.authenticate(request, started)
         route = context.route.current
         adapter = self.usable(request, route.provider_id, started)
         request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
+        consumers = context.consumers
+        if consumers is None or holder is GATEWAY:
+            return self._list(request, route, adapter, started, holder)
+        # A consumer's rpm counts listings too.
+        admitted = consumers.admit_listing(holder)
+        if isinstance(admitted, Deferred):
+            context.call_started()
+            gone: list[bool] = []
+            request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+            def decided(refusal: APIError | None) -> None:
+                context.call_ended()
+                if gone:
+                    return
+                if refusal is None:
+                    self._list(request, route, adapter, started, holder)
+                else:
+                    self._refused(request, refusal, started, route, holder)
+
+            admitted.addCallback(decided).addErrback(
+                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
+            )
+            return NOT_DONE_YET
+        if admitted is not None:
+            return self._refused(request, admitted, started, route, holder, write=False)
+        return self._list(request, route, adapter, started, holder)
+
+    def _list(self, request: Request, route: Route, adapter: ProviderAdapter, started: float, holder: Holder) -> Any:
+        context = self.context
         listing = adapter.list_models()
         context.call_started()
         gone: list[bool] = []
@@ -238,6 +281,9 @@ class Models(_Authenticated):
                 return None
             if isinstance(result, Failure):
                 return self._failed(result, request, route, started)
+            if context.consumers is not None:
+                # A consumer sees only the models it may call.
+                result = context.consumers.allowed(holder, route.provider_id, result)
             return self._listed(result, request, route, started)
 
         request.notifyFinish().addErrback(client_gone)
@@ -314,7 +360,7 @@ class ChatCompletions(_Authenticated):
         if consumers is None or holder is GATEWAY:
             call.start(body)
             return NOT_DONE_YET
-        admitted = consumers.admit(holder, route.provider_id, route.model)
+        admitted = consumers.admit(holder, route.provider_id, route.model, completion_limit(chat.body))
         if isinstance(admitted, Deferred):
             # A cluster's shared windows: one round trip to Redis.
             context.call_started()
@@ -338,20 +384,6 @@ class ChatCompletions(_Authenticated):
             return self._refused(request, admitted, started, route, holder, write=False)
         call.start(body)
         return NOT_DONE_YET
-
-    def _refused(
-        self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
-    ) -> bytes:
-        """
-        Answer a consumer's call its limits refuse (403, 429).
-        """
-        self.context.completed(request, started, refusal.status, route, outcome=refusal.code, consumer=holder.consumer)
-        body = error_response(request, refusal)
-        if write:
-            request.setHeader(b"Content-Length", b"%d" % len(body))
-            request.write(body)
-            request.finish()
-        return body
 
 
 def build_resource(context: APIContext) -> Resource:

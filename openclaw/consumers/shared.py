@@ -1,0 +1,384 @@
+"""
+Consumers in a cluster (C{REDIS_URL} set): the per-minute windows, the
+reservations of calls in flight and the period's spend live in Redis, so a
+limit holds across every instance instead of multiplying by their number;
+consumer changes reach every instance through the cluster's channel.
+
+Admission is one Lua script (L{ADMIT}: one round trip, EVALSHA once
+known) that checks the budget, C{tpm} and C{rpm} and, when admitted,
+counts the request and reserves the call's estimated cost, atomically.
+Counting after the answer is another (L{COUNT}), off the admission path.
+
+Redis keys (C{<CLUSTER_NAME>:consumer:<name>:...}): C{rpm} and C{tpm}
+(hashes of whole POSIX seconds -> amount, expiring after 61 s; a sliding
+60 s window at 1 s resolution), C{reserved} (second of admission -> US
+dollars), C{spend:<period>} (US dollars, C{INCRBYFLOAT}; a day's kept 3
+days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded} says the spends
+were seeded from the database: a Redis that comes back empty has no such
+key, so spends are not counted there (they still reach the database) and
+budgets are checked per instance until an instance re-seeds them from the
+database (L{SharedConsumers.seed}).
+
+While Redis is unreachable, each instance counts on its own
+(L{openclaw.consumers.table.LocalCounters}, kept up to date all along):
+limits hold per instance then, and nobody is refused for Redis's absence.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from openclaw.consumers.model import Consumer, period_key
+from openclaw.consumers.table import (
+    RESERVATION_SECONDS,
+    Holder,
+    LocalCounters,
+    budget_spent,
+    rate_limited,
+)
+from openclaw.dataplane.errors import APIError
+
+if TYPE_CHECKING:
+    from openclaw.consumers.table import ConsumerTable
+
+#: KEYS: seeded marker, spend (the budget's period), reserved, tpm, rpm.
+#: ARGV: now (whole seconds), budget or '', tpm or '', rpm or '', US
+#: dollars to reserve, reservation lifetime (seconds).
+#: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
+#: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
+ADMIT = """
+local now = tonumber(ARGV[1])
+local function window(key, horizon)
+  local h = redis.call('HGETALL', key)
+  local sum, old, live = 0, {}, {}
+  for i = 1, #h, 2 do
+    local at = tonumber(h[i])
+    if at <= horizon then
+      old[#old + 1] = h[i]
+    else
+      sum = sum + tonumber(h[i + 1])
+      live[#live + 1] = {at, tonumber(h[i + 1])}
+    end
+  end
+  if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+  return sum, live
+end
+local function retry(live, used, limit)
+  table.sort(live, function(a, b) return a[1] < b[1] end)
+  for _, e in ipairs(live) do
+    used = used - e[2]
+    if used < limit then return math.max(1, e[1] + 60 - now) end
+  end
+  return 1
+end
+local spent = 0
+if ARGV[2] ~= '' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return {4, '0', '0'} end
+  spent = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local reserved = window(KEYS[3], now - tonumber(ARGV[6]))
+  if spent + reserved >= tonumber(ARGV[2]) then return {1, tostring(spent), tostring(reserved)} end
+end
+if ARGV[3] ~= '' then
+  local used, live = window(KEYS[4], now - 60)
+  if used >= tonumber(ARGV[3]) then
+    return {2, tostring(spent), tostring(retry(live, used, tonumber(ARGV[3])))}
+  end
+end
+if ARGV[4] ~= '' then
+  local used, live = window(KEYS[5], now - 60)
+  if used >= tonumber(ARGV[4]) then
+    return {3, tostring(spent), tostring(retry(live, used, tonumber(ARGV[4])))}
+  end
+  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+  redis.call('EXPIRE', KEYS[5], 61)
+end
+if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
+  redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]) + 1)
+end
+return {0, tostring(spent), '0'}
+"""
+
+#: KEYS: seeded marker, tpm, reserved, day, month and total spends.
+#: ARGV: now, tokens, cost, US dollars reserved, second of the reservation.
+COUNT = """
+if tonumber(ARGV[2]) > 0 then
+  redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[2], 61)
+end
+if tonumber(ARGV[4]) > 0 and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 1 then
+  local left = tonumber(redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], '-' .. ARGV[4]))
+  if left <= 1e-12 then redis.call('HDEL', KEYS[3], ARGV[5]) end
+end
+if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('INCRBYFLOAT', KEYS[4], ARGV[3])
+  redis.call('EXPIRE', KEYS[4], 259200)
+  redis.call('INCRBYFLOAT', KEYS[5], ARGV[3])
+  redis.call('EXPIRE', KEYS[5], 3456000)
+  redis.call('INCRBYFLOAT', KEYS[6], ARGV[3])
+end
+return 1
+"""
+
+#: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or 0) per spend.
+SEED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[2 * i - 3])
+  local ttl = tonumber(ARGV[2 * i - 2])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+end
+redis.call('SET', KEYS[1], '1')
+return 1
+"""
+
+#: How long a period's spend is kept in Redis, in seconds (0: always).
+SPEND_TTL = {"day": 3 * 86400, "month": 40 * 86400, "total": 0}
+
+
+def _usd(value: float) -> str:
+    # Fixed-point: what Redis's INCRBYFLOAT and Lua's tonumber both read.
+    return f"{value:.15f}"
+
+
+class ScriptRunner(Protocol):
+    """
+    What this module needs of L{openclaw.cluster.redis.RedisStore}.
+    """
+
+    def key(self, *parts: str) -> str: ...
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]: ...
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]: ...
+
+
+class SharedCounters:
+    """
+    L{openclaw.consumers.table.Counters} in Redis, falling back to the
+    instance's own L{LocalCounters} (kept up to date all along) while
+    Redis is unreachable (C{up} false) or does not answer within
+    C{timeout} seconds.
+    """
+
+    _log = Logger(namespace="openclaw.consumers")
+
+    def __init__(self, redis: ScriptRunner, reactor: IReactorTime, timeout: float) -> None:
+        self.redis = redis
+        self.reactor = reactor
+        self.timeout = timeout
+        self.local = LocalCounters()
+        #: Redis is reachable (set by the cluster node's up/down).
+        self.up = False
+        #: Called when Redis answers that its spends are not seeded.
+        self.unseeded: Any = lambda: None
+        #: (consumer, period key) -> the spend Redis last reported.
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def _keys(self, name: str, *parts: str) -> str:
+        return self.redis.key("consumer", name, *parts)
+
+    def load(self, spend: dict[tuple[str, str], float]) -> None:
+        self.local.load(spend)
+
+    def forget(self, consumer: str) -> None:
+        self.local.forget(consumer)
+
+    def spent(self, consumer: str, period: str, now: float) -> float:
+        key = (consumer, period_key(period, now))
+        return max(self.local.spent(consumer, period, now), self.seen.get(key, 0.0))
+
+    def admit(
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+    ) -> APIError | Deferred[APIError | None] | None:
+        if consumer.budget_usd is None and consumer.tpm is None and consumer.rpm is None:
+            return None
+        if not self.up:
+            return self.local.admit(consumer, now, holder, reserve)
+        name = consumer.name
+        second = int(now)
+        keys = [
+            self.redis.key("consumers", "seeded"),
+            self._keys(name, "spend", period_key(consumer.budget_period, now)),
+            self._keys(name, "reserved"),
+            self._keys(name, "tpm"),
+            self._keys(name, "rpm"),
+        ]
+        args = [
+            str(second),
+            "" if consumer.budget_usd is None else _usd(consumer.budget_usd),
+            "" if consumer.tpm is None else str(consumer.tpm),
+            "" if consumer.rpm is None else str(consumer.rpm),
+            _usd(reserve),
+            str(RESERVATION_SECONDS),
+        ]
+        asked: Deferred[Any] = self.redis.script(ADMIT, keys, args)
+        asked.addTimeout(self.timeout, self.reactor)
+        return asked.addCallbacks(
+            self._decided,
+            self._unanswered,
+            callbackArgs=(consumer, now, holder, reserve),
+            errbackArgs=(consumer, now, holder, reserve),
+        )
+
+    def _decided(
+        self, reply: Any, consumer: Consumer, now: float, holder: Holder | None, reserve: float
+    ) -> APIError | None:
+        code = int(reply[0])
+        if code == 4:
+            self.unseeded()
+            return self.local.admit(consumer, now, holder, reserve)
+        name = consumer.name
+        spent = float(reply[1])
+        if consumer.budget_usd is not None:
+            key = (name, period_key(consumer.budget_period, now))
+            self.seen[key] = spent
+            # The cluster's figure, for when Redis goes away.
+            self.local.load({key: spent})
+        if code == 1:
+            return budget_spent(consumer, spent, now, float(reply[2]))
+        if code == 2:
+            assert consumer.tpm is not None
+            return rate_limited(name, "tpm", consumer.tpm, int(float(reply[2])))
+        if code == 3:
+            assert consumer.rpm is not None
+            return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))
+        # Admitted: counted here too, for when Redis goes away.
+        self.local.admitted(consumer, now, holder, reserve)
+        return None
+
+    def _unanswered(
+        self, reason: Failure, consumer: Consumer, now: float, holder: Holder | None, reserve: float
+    ) -> APIError | None:
+        self._log.warn(
+            "Redis did not answer a consumer's admission ({error}): counted on this instance only",
+            error=reason.getErrorMessage() or repr(reason.value),
+        )
+        return self.local.admit(consumer, now, holder, reserve)
+
+    def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
+        reserved, reserved_at = (holder.reserved, holder.reserved_at) if holder is not None else (0.0, 0)
+        self.local.counted(consumer, tokens, cost, now, holder)
+        if not self.up or not (tokens or cost or reserved):
+            return
+        keys = [
+            self.redis.key("consumers", "seeded"),
+            self._keys(consumer, "tpm"),
+            self._keys(consumer, "reserved"),
+            *(self._keys(consumer, "spend", period_key(period, now)) for period in ("day", "month", "total")),
+        ]
+        args = [str(int(now)), str(tokens), _usd(cost), _usd(reserved), str(reserved_at)]
+        sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
+        sent.addTimeout(self.timeout, self.reactor).addErrback(
+            lambda reason: self._log.warn(
+                "a consumer's usage was not counted in Redis ({error}); the database has it",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+        )
+
+
+class SharedConsumers:
+    """
+    Keeps an instance's consumer table in step with the cluster: publishes
+    its changes, reloads the table from the shared database on another
+    instance's, and seeds Redis's spends from the database when Redis has
+    none (first start, or a Redis that came back empty).
+    """
+
+    _log = Logger(namespace="openclaw.consumers")
+
+    def __init__(self, table: ConsumerTable, counters: SharedCounters, redis: ScriptRunner, instance: str) -> None:
+        self.table = table
+        self.counters = counters
+        self.redis = redis
+        self.instance = instance
+        self._seeding: Deferred[Any] | None = None
+        table.changed = self.publish
+        counters.unseeded = self.seed
+
+    def publish(self, name: str) -> None:
+        self.redis.publish_consumer(self.instance, name).addErrback(
+            lambda reason: self._log.warn(
+                "consumer {name} changed here but the other instances were not told ({error}); "
+                "they reload when Redis is back",
+                name=name,
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+        )
+
+    def received(self, instance: str, name: str) -> None:
+        """
+        An instance changed consumer C{name}: reload (this instance's own
+        changes are in its table already).
+        """
+        if instance != self.instance and self.table.loaded:
+            self.table.refresh()
+
+    def up(self, up: bool) -> None:
+        """
+        Redis came (back) or went: when back, changes may have been missed,
+        and Redis may have come back empty.  (Before the table's first load,
+        that load does both.)
+        """
+        self.counters.up = up
+        if up and self.table.loaded:
+            self.table.refresh()
+            self.seed()
+
+    def loaded(self) -> None:
+        """
+        The table's first load is done: seed Redis if it is reachable.
+        """
+        if self.counters.up:
+            self.seed()
+
+    def seed(self) -> None:
+        """
+        Write the database's spends of the running periods to Redis unless
+        it has them (one seeding at a time).
+        """
+        if self._seeding is not None:
+            return
+        table = self.table
+
+        def load(_: None) -> Deferred[Any]:
+            return table.store.load(table.clock())
+
+        def write(snapshot: Any) -> Deferred[Any]:
+            # Meanwhile this instance checks budgets against the database's spends.
+            self.counters.load(snapshot.spend)
+            keys = [self.redis.key("consumers", "seeded")]
+            args: list[str] = []
+            now = table.clock()
+            for period in ("day", "month", "total"):
+                running = period_key(period, now)
+                for (name, key), usd in sorted(snapshot.spend.items()):
+                    if key == running:
+                        keys.append(self.redis.key("consumer", name, "spend", key))
+                        args += [_usd(usd), str(SPEND_TTL[period])]
+            return self.redis.script(SEED, keys, args)
+
+        def seeded(written: Any) -> None:
+            if int(written) == 1:
+                self._log.info("consumers' spends seeded in Redis from the database")
+
+        def failed(reason: Failure) -> None:
+            self._log.warn(
+                "could not seed the consumers' spends in Redis ({error}); budgets are checked per instance meanwhile",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+
+        def done(_: Any) -> None:
+            self._seeding = None
+
+        # This instance's rows first: their spend is then in the database.
+        seeding = self._seeding = table.flush().addCallback(load).addCallback(write)
+        seeding.addCallbacks(seeded, failed).addBoth(done)
+
+
+__all__ = ["ADMIT", "COUNT", "SEED", "SharedConsumers", "SharedCounters"]

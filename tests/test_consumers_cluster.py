@@ -1,0 +1,223 @@
+"""
+Consumers in a cluster (#19): two C{twistd -n openclaw} instances on one
+real C{redis-server} and one real PostgreSQL, the stand-in providers and
+the openai SDK, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers.model import Consumer
+from openclaw.consumers.shared import SharedCounters
+from openclaw.consumers.table import Holder
+from openclaw.dataplane.errors import APIError
+from tests.postgres_server import postgres_database
+from tests.redis_server import RedisServer
+from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.test_twistd import SECRET, base_env
+
+GATEWAY_KEY = "gw-key-0123456789abcdef"
+HELLO = [{"role": "user", "content": "hi"}]
+MODEL = "kimi/moonshot-v1-8k"
+
+
+def sleep(seconds: float) -> Any:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def redis_get(port: int, key: str) -> bytes | None:
+    """
+    C{GET key} over RESP, with a plain socket (no client library needed).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode()))
+        reply = s.recv(4096)
+    if reply.startswith(b"$-1"):
+        return None
+    return reply.split(b"\r\n")[1]
+
+
+class ConsumersOnTwoInstances(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+        self.upstream = start_upstream(self, "kimi-key", "gemini-key")
+        self.database = postgres_database()
+
+    @inlineCallbacks
+    def two(self) -> Any:
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=self.redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+            DATABASE_URL=self.database,
+            **self.upstream.environment(),
+        )
+        instances = []
+        for _ in range(2):
+            port, api_port = free_port(), free_port()
+            process = spawn_gateway(
+                self, ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"], env
+            )
+            token = yield process.token
+            control = yield open_client(self, port)
+            instances.append((process, token, control, api_port))
+        return instances
+
+    def sdk(self, api_port: int, key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key=key, max_retries=0, timeout=10)
+        self.addCleanup(deferToThread, client.close)
+        return client
+
+    @inlineCallbacks
+    def command(self, control: Any, token: str, cmd: str, data: Any = None) -> Any:
+        answer = yield control.command(token, cmd, data)
+        self.assertTrue(answer["ok"], answer)
+        return answer["result"]
+
+    @inlineCallbacks
+    def status(self, sdk: openai.OpenAI) -> Any:
+        try:
+            yield deferToThread(sdk.chat.completions.create, model=MODEL, messages=HELLO)
+        except openai.APIStatusError as e:
+            return e.status_code, e.code
+        return 200, None
+
+    @inlineCallbacks
+    def reaches(self, control: Any, token: str, name: str) -> Any:
+        """
+        Seconds until the instance behind C{control} lists consumer C{name}.
+        """
+        started = time.monotonic()
+        while True:
+            listed = yield self.command(control, token, "consumer_list")
+            if name in [c["name"] for c in listed["consumers"]]:
+                return time.monotonic() - started
+            self.assertLess(time.monotonic() - started, 1.0, f"{name} did not reach the other instance in 1 s")
+            yield sleep(0.05)
+
+    @inlineCallbacks
+    def test_limits_are_the_clusters_and_changes_reach_every_instance(self) -> Any:
+        """
+        10 rpm admits 10 calls in total across both instances, not 20; a
+        key revoked on one is refused on the other within 1 s.
+        """
+        (_, token, on_a, api_a), (_, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team", "rpm": 10})
+        yield self.reaches(on_b, token, "team")
+        sdks = [self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])]
+        statuses = []
+        for i in range(20):
+            status = yield self.status(sdks[i % 2])
+            statuses.append(status)
+        self.assertEqual(statuses.count((200, None)), 10, statuses)
+        self.assertEqual(statuses.count((429, "rate_limit_exceeded")), 10, statuses)
+
+        other = yield self.command(on_a, token, "consumer_create", {"name": "other"})
+        yield self.reaches(on_b, token, "other")
+        on_b_sdk = self.sdk(api_b, other["key"])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (200, None))
+        yield self.command(on_a, token, "key_revoke", {"name": "other", "key_prefix": other["key_prefix"]})
+        revoked = time.monotonic()
+        while True:
+            status = yield self.status(on_b_sdk)
+            if status[0] == 401:
+                break
+            self.assertLess(time.monotonic() - revoked, 1.0, "the revoked key still works on the other instance")
+            yield sleep(0.05)
+
+    @inlineCallbacks
+    def test_spend_survives_a_redis_restart(self) -> Any:
+        """
+        A budget spent across both instances is still enforced after Redis
+        restarts empty: the spends are re-seeded from the database.
+        """
+        (_, token, on_a, api_a), (_, _, on_b, api_b) = yield self.two()
+        # One call costs 0.00001 USD on the stand-in: the budget takes two.
+        created = yield self.command(
+            on_a, token, "consumer_create", {"name": "payer", "budget_usd": 0.00002, "budget_period": "month"}
+        )
+        yield self.reaches(on_b, token, "payer")
+        on_a_sdk, on_b_sdk = self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])
+        first = yield self.status(on_a_sdk)
+        second = yield self.status(on_b_sdk)
+        self.assertEqual((first, second), ((200, None), (200, None)))
+        spent = yield self.status(on_a_sdk)
+        self.assertEqual(spent, (429, "insufficient_quota"))
+
+        key = f"openclaw:consumer:payer:spend:{time.strftime('%Y-%m', time.gmtime())}"
+        before = float(redis_get(self.redis.port, key) or 0)
+        self.assertGreater(before, 0.000015)
+        # Spends reach the database within a second (USAGE rows' batches).
+        yield sleep(1.2)
+        self.redis.stop()
+        yield sleep(0.3)
+        self.redis.start()
+        self.assertIsNone(redis_get(self.redis.port, key))
+        # Both reconnect within REDIS_RECONNECT_MAX_SECONDS and one re-seeds.
+        deadline = time.monotonic() + 10
+        while redis_get(self.redis.port, key) is None:
+            self.assertLess(time.monotonic(), deadline, "the spend was not re-seeded from the database")
+            yield sleep(0.1)
+        self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), before, places=9)
+        for sdk in (on_a_sdk, on_b_sdk):
+            status = yield self.status(sdk)
+            self.assertEqual(status, (429, "insufficient_quota"))
+
+
+class Unreachable:
+    """
+    A Redis that never answers: every script fails as a refused connection would.
+    """
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Redis is down"))
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Redis is down"))
+
+
+class RedisAwayTests(TestCase):
+    def test_counted_per_instance_while_redis_is_away(self) -> None:
+        """
+        Redis unreachable (known, or failing a call): the instance's own
+        counts decide, never a refusal for everyone.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        counters = SharedCounters(Unreachable(), clock, 0.5)
+        self.addCleanup(self.flushLoggedErrors)
+        consumer = Consumer("a", rpm=2)
+        counters.up = True
+        answers: list[Any] = []
+        admitted = counters.admit(consumer, clock.seconds(), Holder("a", "p"))
+        assert isinstance(admitted, Deferred)
+        admitted.addCallback(answers.append)
+        counters.up = False
+        answers.append(counters.admit(consumer, clock.seconds(), Holder("a", "p")))
+        refused = counters.admit(consumer, clock.seconds(), Holder("a", "p"))
+        self.assertEqual(answers, [None, None])
+        assert isinstance(refused, APIError)
+        self.assertEqual(refused.code, "rate_limit_exceeded")
+        # No limit at all: no round trip, whatever Redis does.
+        counters.up = True
+        self.assertIsNone(counters.admit(Consumer("free"), clock.seconds(), Holder("free", "p")))
