@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from typing import IO, Any, cast
 
 import orjson
+from twisted.application.internet import ClientService
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
     FileLogObserver,
@@ -70,6 +71,10 @@ from openclaw.timefmt import isoformat
 #: "Starting factory" and "Stopping factory" for every provider connection it
 #: opens and closes.
 QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+#: Likewise: Twisted's ClientService, through which txredisapi makes the
+#: cluster store's connections, logs "Scheduling retry N to connect" for
+#: every attempt (the cluster logs one line per outage instead).
+QUIET_RECONNECTS = (f"{ClientService.__module__}.{ClientService.__name__}",)
 
 #: The value types a JSON line carries from an event's own fields; other
 #: values are left out (the message already shows them as text).
@@ -134,7 +139,7 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
-        for namespace in QUIET_NAMESPACES:
+        for namespace in (*QUIET_NAMESPACES, *QUIET_RECONNECTS):
             predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
     return FilteringLogObserver(inner, [predicate])
 

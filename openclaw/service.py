@@ -262,6 +262,8 @@ class GatewayService(MultiService):
             reactor=reactor,
         )
         self.metrics.count_connections(lambda: len(self.factory.connections))
+        if self.lockout is not None:
+            self.lockout.on_imposed = self.factory.close_locked_out
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
         )
@@ -312,6 +314,8 @@ class GatewayService(MultiService):
             on_up=self._store_up,
             on_rest=self.providers.rest_key,
             on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
+            on_foreign_token=self._foreign_token,
+            retry_max=settings.redis_reconnect_max_seconds,
         )
         self.lockout = SharedLockout(
             AuthLockout.from_settings(settings, reactor.seconds),
@@ -321,6 +325,22 @@ class GatewayService(MultiService):
         commands.share_switch = cluster.switch
         commands.persist = lambda route: None
         self.providers.share_rests(cluster.rest)
+
+    def _foreign_token(self, error: str) -> None:
+        """
+        The cluster's token, at start-up, is not one this instance can
+        trust (L{openclaw.session.UntrustedToken}): refuse to start.
+        """
+        self._log.critical(
+            "the cluster store at {where} holds a session token this instance cannot trust ({error}): "
+            "give every instance of cluster {name} the same JWT_SECRET, or a CLUSTER_NAME of its own",
+            where=redacted_url(self.settings.redis_url or ""),
+            error=error,
+            name=self.settings.cluster_name,
+        )
+        stop = getattr(self._reactor, "stop", None)
+        if stop is not None:
+            stop()
 
     def instance_status(self) -> dict[str, Any]:
         """

@@ -38,6 +38,14 @@ class TokenRejected(Exception):
         self.reason = reason
 
 
+class UntrustedToken(ValueError):
+    """
+    A token offered for adoption (by a cluster's store) that this gateway
+    did not sign: not an HS256 JWT under its C{JWT_SECRET}, or its claims
+    are not the ones it says it carries.
+    """
+
+
 # The four reasons.  A fresh exception is raised each time: re-raising one
 # shared instance would extend its __traceback__ with every failure's frames
 # (and the connections they reference), a leak the fuzz run found.
@@ -125,6 +133,35 @@ class SessionAuthority:
         claims = {"iss": ISSUER, "jti": jti, "iat": now, "exp": expires_at}
         token = jwt.encode(claims, self._secret, algorithm=ALGORITHM)
         return SessionToken(token=token, jti=jti, issued_at=now, expires_at=expires_at)
+
+    def check(self, issued: SessionToken) -> None:
+        """
+        Check that C{issued} is a token this gateway could have minted: an
+        HS256 JWT (RFC 7519) signed with its secret, with the C{iss},
+        C{jti} and C{exp} claims L{mint} puts in it (checked as presented
+        tokens are), equal to the ones C{issued} states.  Its expiry is not
+        judged (an expired token is adopted and refused as expired).
+
+        @raise UntrustedToken: it is not.
+        """
+        try:
+            claims = jwt.decode(
+                issued.token,
+                self._secret,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                options={"require": ["exp", "iss", "jti"], "verify_exp": False, "verify_iat": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise UntrustedToken("it is signed with another JWT_SECRET") from None
+        except jwt.InvalidTokenError as e:
+            raise UntrustedToken(f"it is not a token this gateway issues ({e})") from None
+        if (claims["jti"], claims["exp"], claims.get("iat", issued.issued_at)) != (
+            issued.jti,
+            issued.expires_at,
+            issued.issued_at,
+        ):
+            raise UntrustedToken("its claims (jti, exp, iat) are not the ones it is stored with")
 
     def adopt(self, issued: SessionToken) -> None:
         """

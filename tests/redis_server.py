@@ -97,6 +97,8 @@ class _HoldingClient(ProxyClient):
 
     def dataReceived(self, data: bytes) -> None:
         proxy: DelayingProxy = self.peer.factory.proxy
+        if self.peer.muted:
+            return
         now = reactor.seconds()
         release = now + proxy.delay if now < proxy.hold_until else now
         if self.queue:
@@ -108,6 +110,10 @@ class _HoldingClient(ProxyClient):
         proxy.timers.add(reactor.callLater(release - now, self._flush))
 
     def _flush(self) -> None:
+        if self.peer is None:
+            # The gateway's side closed meanwhile: nobody to deliver to.
+            self.queue.clear()
+            return
         proxy: DelayingProxy = self.peer.factory.proxy
         proxy.timers = {timer for timer in proxy.timers if timer.active()}
         now = reactor.seconds()
@@ -123,6 +129,17 @@ class _HoldingClientFactory(ProxyClientFactory):
 
 class _HoldingServer(ProxyServer):
     clientProtocolFactory = _HoldingClientFactory
+    #: Nothing Redis sends reaches the gateway (see L{DelayingProxy.mute_subscribes}).
+    muted = False
+
+    def dataReceived(self, data: bytes) -> None:
+        proxy: DelayingProxy = self.factory.proxy
+        if b"SUBSCRIBE" in data.upper():
+            proxy.subscribes += 1
+            if proxy.mute_subscribes:
+                proxy.mute_subscribes -= 1
+                self.muted = True
+        super().dataReceived(data)
 
     def connectionMade(self) -> None:
         self.factory.proxy.connections.add(self)
@@ -147,6 +164,11 @@ class DelayingProxy:
         factory.proxy = self
         self.delay = 0.0
         self.hold_until = 0.0
+        #: How many of the next connections that subscribe get no answer
+        #: from Redis, ever (a subscription never confirmed).
+        self.mute_subscribes = 0
+        #: Connections that asked to subscribe.
+        self.subscribes = 0
         self.timers: set[Any] = set()
         self.connections: set[_HoldingServer] = set()
         self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.redis_server import DelayingProxy, RedisServer
-from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.support import TOKEN_LINE, free_port, open_client, spawn_gateway, start_gateway, start_upstream
 from tests.test_allowlist_proxies import send_head
 from tests.test_twistd import SECRET, base_env
 
@@ -59,7 +59,11 @@ def store_up_becomes(api_port: int, wanted: float, seconds: float = 15) -> Any:
         yield sleep(0.1)
 
 
-class TwoInstances(TestCase):
+class ClusterCase(TestCase):
+    """
+    Instances on one real C{redis-server} (helpers; no tests).
+    """
+
     timeout = 90
     extra: dict[str, str] = {}  # noqa: RUF012 (replaced, never mutated)
 
@@ -106,6 +110,8 @@ class TwoInstances(TestCase):
     def client(self, port: int) -> Any:
         return open_client(self, port)
 
+
+class TwoInstances(ClusterCase):
     @inlineCallbacks
     def test_switch_and_rotate_reach_the_other_instance(self):
         """
@@ -335,6 +341,196 @@ class TwoInstances(TestCase):
         on_again = yield self.client(again.port)
         answer = yield on_again.command(token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+
+OTHER_SECRET = "another-secret-of-at-least-32-bytes!!"
+
+
+class Review18(ClusterCase):
+    """
+    What a review of #18 found: a connection that never came back after
+    Redis froze, tokens adopted unchecked, lockouts that left other
+    instances' unauthenticated connections open, noisy reconnection, and
+    Redis's own refusals unsaid.
+    """
+
+    def freeze(self) -> None:
+        assert self.redis.process is not None
+        pid = self.redis.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(self.thaw)
+
+    def thaw(self) -> None:
+        if self.redis.process is not None:
+            os.kill(self.redis.process.pid, signal.SIGCONT)
+
+    @inlineCallbacks
+    def switch_soon(self, client: Any, token: str, provider: str, seconds: float = 5) -> Any:
+        began = time.monotonic()
+        while True:
+            answer = yield client.command(token, "switch_provider", {"provider": provider})
+            if answer["ok"] or time.monotonic() - began > seconds:
+                break
+            yield sleep(0.1)
+        self.assertTrue(answer["ok"], answer)
+        return time.monotonic() - began
+
+    @inlineCallbacks
+    def test_redis_frozen_then_back(self):
+        """
+        Redis frozen (SIGSTOP) past REDIS_TIMEOUT_SECONDS while a switch
+        is written, for 1.5 s and then for 4 s (13 times the timeout), then
+        continued; then restarted empty.  Each time the store goes down
+        (gauge 0, one line), the switch after it works within seconds
+        (gauge 1, one line), and nothing else is logged about it: no
+        retries, no dead connections, no txredisapi errors.
+        """
+        a = self.spawn(REDIS_TIMEOUT_SECONDS="0.3")
+        token = yield a.token
+        b = self.spawn(REDIS_TIMEOUT_SECONDS="0.3")
+        yield b.token
+        on_a = yield self.client(a.port)
+        on_b = yield self.client(b.port)
+        for outage, (stall, provider) in enumerate(((1.5, "kimi"), (4.0, "gemini")), start=1):
+            began = time.monotonic()
+            self.freeze()
+            answer = yield on_a.command(
+                token, "switch_provider", {"provider": "kimi" if provider == "gemini" else "gemini"}
+            )
+            self.assertFalse(answer["ok"], answer)
+            up = yield store_up_becomes(a.api_port, 0, seconds=1)
+            self.assertEqual(up, 0)
+            yield sleep(max(0.0, stall - (time.monotonic() - began)))
+            self.thaw()
+            took = yield self.switch_soon(on_a, token, provider)
+            self.assertLess(took, 5)
+            up = yield store_up_becomes(a.api_port, 1)
+            self.assertEqual(up, 1)
+            self.assertEqual(a.stdout.count(b"cluster store unreachable ("), outage, a.stdout[-3000:])
+            self.assertEqual(a.stdout.count(b"cluster store up:"), outage + 1)
+            yield sleep(0.2)
+            status = yield on_b.command(token, "status")
+            self.assertEqual(status["result"]["provider_id"], provider)
+        # Restarted (empty): the same.
+        self.redis.stop()
+        up = yield store_up_becomes(a.api_port, 0)
+        self.assertEqual(up, 0)
+        yield sleep(1.5)
+        self.redis.start()
+        yield self.switch_soon(on_a, token, "kimi", seconds=10)
+        for process in (a, b):
+            up = yield store_up_becomes(process.api_port, 1)
+            self.assertEqual(up, 1)
+            for noise in (b"Scheduling retry", b"Discarding dead connection", b"Redis error"):
+                self.assertNotIn(noise, process.stdout)
+        self.assertEqual(a.stdout.count(b"cluster store unreachable ("), 3)
+        self.assertEqual(a.stdout.count(b"cluster store up:"), 4)
+        self.assertEqual(b.stdout.count(b"cluster store unreachable ("), b.stdout.count(b"cluster store up:") - 1)
+
+    @inlineCallbacks
+    def test_token_of_another_secret_refused(self):
+        """
+        An instance whose JWT_SECRET is not the cluster's refuses to start,
+        with one line saying what to do; it never adopts the cluster's
+        token.
+        """
+        a = self.spawn()
+        yield a.token
+        b = self.spawn(JWT_SECRET=OTHER_SECRET)
+        ended = yield b.ended
+        self.assertNotEqual(ended, None)
+        self.assertFalse(TOKEN_LINE.search(b.stdout))
+        self.assertEqual(
+            b.stdout.count(
+                b"the cluster store at " + self.redis.url.encode() + b" holds a session token this instance "
+                b"cannot trust (it is signed with another JWT_SECRET): give every instance of cluster openclaw "
+                b"the same JWT_SECRET, or a CLUSTER_NAME of its own"
+            ),
+            1,
+            b.stdout[-3000:],
+        )
+
+    @inlineCallbacks
+    def test_lockout_closes_unauthenticated_connections_elsewhere(self):
+        """
+        AUTH_LOCKOUT_FAILURES=4, all four guesses on A: B's connections from
+        that address that have not authenticated are closed with 1008 at
+        once, before they can guess.
+        """
+        self.extra = {"AUTH_LOCKOUT_FAILURES": "4"}
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        waiting = []
+        for _ in range(2):
+            client = yield self.client(b.port)
+            waiting.append(client)
+        authenticated = yield self.client(b.port)
+        answer = yield authenticated.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        for _ in range(2):
+            client = yield self.client(a.port)
+            for _ in range(2):
+                answer = yield client.command("forged", "ping")
+                self.assertFalse(answer["ok"], answer)
+        for client in waiting:
+            code, reason = yield client.closed.addTimeout(5, reactor)
+            self.assertEqual(code, 1008)
+            self.assertIn("too many failed authentications", reason)
+        answer = yield authenticated.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_database_out_of_range_said_once(self):
+        """
+        REDIS_URL naming a database Redis does not have: Redis's own error,
+        once, with what to do.
+        """
+        process = spawn_gateway(
+            self,
+            ["--port", str(free_port()), "--interface", "127.0.0.1"],
+            {**self.env(), "REDIS_URL": self.redis.url.rsplit("/", 1)[0] + "/99"},
+        )
+        yield sleep(3)
+        self.assertFalse(process.token.called)
+        self.assertEqual(process.stdout.count(b"ERR DB index is out of range"), 1, process.stdout[-3000:])
+        self.assertIn(b"REDIS_URL names a database this Redis does not have", process.stdout)
+        self.assertNotIn(b"Redis error", process.stdout)
+
+    @inlineCallbacks
+    def test_subscription_never_confirmed(self):
+        """
+        A subscription Redis never confirms (its replies lost): given up
+        after REDIS_TIMEOUT_SECONDS and made again on fresh connections.
+        """
+        proxy = DelayingProxy(self.redis)
+        self.addCleanup(proxy.stop)
+        proxy.mute_subscribes = 1
+        a = self.spawn(REDIS_URL=proxy.url, REDIS_TIMEOUT_SECONDS="0.3")
+        token = yield a.token.addTimeout(10, reactor)
+        self.assertGreaterEqual(proxy.subscribes, 2)
+        on_a = yield self.client(a.port)
+        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+
+
+class LockoutBeforeTheToken(TestCase):
+    @inlineCallbacks
+    def test_locked_out_connection_gets_no_guess(self):
+        """
+        A lockout imposed while a connection is open and unauthenticated
+        (decided elsewhere): its next message, even with the right token,
+        is not evaluated; the connection is closed with 1008.
+        """
+        gateway = start_gateway(self)
+        client = yield open_client(self, gateway.port)
+        gateway.service.factory.lockout.impose("127.0.0.1", reactor.seconds() + 300)
+        client.send({"token": gateway.token, "cmd": "ping"})
+        code, reason = yield client.closed.addTimeout(5, reactor)
+        self.assertEqual(code, 1008)
+        self.assertIn("too many failed authentications", reason)
+        self.assertEqual(client.received.pending, [])
 
 
 class ListenOnceSynced(TestCase):

@@ -10,14 +10,17 @@ import socket
 from typing import Any
 from unittest import mock
 
+import attrs
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
-from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed
+from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, encode_token
+from openclaw.cluster.store import Versioned
 from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
@@ -279,3 +282,123 @@ class Supervisor(TestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(self.sockets["control"].fileno(), -1)
+
+
+class Healing(TestCase):
+    """
+    Review of #18: a node that keeps trying (reloads backing off, never
+    given up; a store whose heartbeats keep failing is told to reconnect),
+    and tokens checked against this instance's JWT_SECRET before adoption.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+        self.foreign: list[str] = []
+
+    def node(self, name: str, secret: bytes = SECRET) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(secret, 3600, clock=self.clock.seconds),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_foreign_token=self.foreign.append,
+            retry_max=5.0,
+        )
+        self.store.listeners.append(node.received)
+        return node
+
+    def test_reload_retried_with_backoff(self) -> None:
+        """
+        A reload that keeps failing is tried again after 1, 2, 4, then
+        every 5 s (retry_max), for as long as it takes.
+        """
+        a = self.node("a")
+        self.store.up = False
+        attempts: list[float] = []
+        ensure = self.store.ensure
+
+        def counted(*args: Any) -> Any:
+            attempts.append(self.clock.seconds())
+            return ensure(*args)
+
+        self.store.ensure = counted  # type: ignore[method-assign]
+        a.connected()
+        for _ in range(400):
+            self.clock.advance(0.25)
+        gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+        self.assertEqual(gaps[:5], [1, 2, 4, 5, 5])
+        self.assertEqual(set(gaps[3:]), {5})
+        self.assertFalse(a.up)
+        self.store.up = True
+        self.clock.advance(5)
+        self.assertTrue(a.up)
+
+    def test_failing_heartbeats_rebuild_the_connection(self) -> None:
+        a = self.node("a")
+        a.connected()
+        a.start()
+        self.addCleanup(a.stop)
+        self.store.up = False
+        self.clock.advance(10)
+        self.assertEqual(self.store.reconnects, [])
+        self.clock.advance(10)
+        self.assertEqual(len(self.store.reconnects), 1)
+        self.assertIn("no successful heartbeat in 2 intervals", self.store.reconnects[0])
+
+    def test_foreign_token_refused_at_run_time(self) -> None:
+        """
+        A token published (or found on a reload) that this instance's
+        JWT_SECRET did not sign, or whose claims are not the ones stored
+        with it, is refused and logged; the last good token stays.
+        """
+        a = self.node("a")
+        a.connected()
+        good = a.sessions.current
+        events = capture_log_events(self)
+        forged = SessionAuthority(b"another-secret-of-at-least-32-bytes!", 3600, clock=self.clock.seconds).mint()
+        self.store.write("token", encode_token(forged), "mallory", "r1")
+        self.assertEqual(a.sessions.current, good)
+        relabelled = attrs.evolve(a.sessions.mint(), jti="someone-else")
+        self.store.write("token", encode_token(relabelled), "mallory", "r2")
+        self.assertEqual(a.sessions.current, good)
+        errors = [event["log_format"] for event in events if event["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(all(line.startswith("refused the cluster's session token") for line in errors))
+        # On a reload too; in step with the rest all the same.
+        self.store.values["token"] = Versioned(9, encode_token(forged), "mallory")
+        a.lost()
+        a.connected()
+        self.assertTrue(a.up)
+        self.assertEqual(a.sessions.current, good)
+        self.assertEqual(self.foreign, [])
+
+    def test_foreign_token_at_start(self) -> None:
+        """
+        The cluster's token, at start-up, signed with another JWT_SECRET:
+        the node never goes up, and says why (the service refuses to
+        start).
+        """
+        self.node("a").connected()
+        b = self.node("b", secret=b"another-secret-of-at-least-32-bytes!")
+        b.connected()
+        self.assertFalse(b.up)
+        self.assertIsNone(b.sessions.current_or_none)
+        self.assertEqual(self.foreign, ["it is signed with another JWT_SECRET"])
+
+    def test_reconnection_delay_capped(self) -> None:
+        """
+        txredisapi's jitter is a normal variate around the delay: capped
+        here at REDIS_RECONNECT_MAX_SECONDS.
+        """
+        from openclaw.cluster.redis import RedisStore, _Commands
+
+        store = RedisStore("redis://127.0.0.1:1/0", "p", 1.0, 5.0, Clock())
+        factory = _Commands(store, {"dbid": 0, "password": None, "username": None})
+        factory.maxDelay = 5.0
+        delays = [factory.retryDelay(attempt) for attempt in range(1, 400)]
+        self.assertLessEqual(max(delays), 5.0)

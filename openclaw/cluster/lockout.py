@@ -30,6 +30,10 @@ class SharedLockout:
 
     @param on_locked: called with the client key when a lockout this
         instance did not decide itself arrives (to count and log it).
+    @ivar on_imposed: called with the client key when a lockout decided by
+        the cluster (not by this instance's own count) is imposed here: the
+        control plane closes that client's unauthenticated connections
+        (L{openclaw.control.protocol.ControlFactory.close_locked_out}).
     """
 
     _log = Logger(namespace="openclaw.controlplane")
@@ -43,6 +47,7 @@ class SharedLockout:
         self.local = local
         self.node = node
         self._on_locked = on_locked
+        self.on_imposed: Callable[[str], None] = lambda key: None
 
     def record_failure(self, client: str) -> float | None:
         key = self.local.key(client)
@@ -80,3 +85,4 @@ class SharedLockout:
             )
             if decided:
                 self._on_locked(key)
+            self.on_imposed(key)

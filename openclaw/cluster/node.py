@@ -16,20 +16,26 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned
 from openclaw.routing import ActiveRoute, Route
-from openclaw.session import SessionAuthority, SessionToken
+from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
 
 ROUTE = "route"
 TOKEN = "token"
 #: An instance counts in C{instances_seen} for this long after its last heartbeat.
 HEARTBEAT_TTL_SECONDS = 30
 HEARTBEAT_INTERVAL_SECONDS = 10.0
+#: Heartbeats failed in a row after which the store's connections are
+#: deemed dead and rebuilt (L{SharedStore.reconnect}).
+HEARTBEAT_MISSES = 2
+#: The first wait before a failed reload is tried again, in seconds (at
+#: most REDIS_TIMEOUT_SECONDS); it doubles up to the node's C{retry_max}.
+RELOAD_RETRY_SECONDS = 1.0
 
 #: What a state-changing command answers when its change cannot be written
 #: to the store: nothing was applied anywhere, not even here.
@@ -103,6 +109,8 @@ class ClusterNode:
         on_up: Callable[[bool], None] = lambda up: None,
         on_rest: Callable[[str, str, float], None] = lambda provider, key, seconds: None,
         on_lock: Callable[[str, float], None] = lambda key, seconds: None,
+        on_foreign_token: Callable[[str], None] = lambda error: None,
+        retry_max: float = 5.0,
     ) -> None:
         self.store = store
         self.route = route
@@ -115,12 +123,22 @@ class ClusterNode:
         self._on_up = on_up
         self._on_rest = on_rest
         self._on_lock = on_lock
+        self._on_foreign_token = on_foreign_token
+        self._retry_max = max(retry_max, min(timeout, RELOAD_RETRY_SECONDS))
         self.up = False
         self.instances_seen = 1
         self.versions: dict[str, int] = {}
         self._connected = False
         #: A failed reload was logged: the next ones are not, until one works.
         self._reload_failing = False
+        #: The next reload attempt, while one waits; and the wait after it.
+        self._retry: IDelayedCall | None = None
+        self._retry_delay = min(timeout, RELOAD_RETRY_SECONDS)
+        #: Heartbeats failed in a row.
+        self._missed_beats = 0
+        #: Why the cluster's token was last refused (not signed with this
+        #: instance's JWT_SECRET), if it was.
+        self._foreign_token: str | None = None
         self._heartbeat = LoopingCall(self.beat)
         self._heartbeat.clock = reactor
 
@@ -136,17 +154,25 @@ class ClusterNode:
         them), then take state-changing commands again.
         """
         self._connected = True
+        self._retry_delay = min(self._timeout, RELOAD_RETRY_SECONDS)
+        self._cancel_retry()
         return self._reload()
 
-    def lost(self) -> None:
+    def lost(self, reason: str = "") -> None:
         """
-        The store went away: keep serving with what is known, refuse
-        changes.
+        The store went away (C{reason}, for the log): keep serving with
+        what is known, refuse changes.
         """
         self._connected = False
-        self._set_up(False)
+        self._cancel_retry()
+        self._set_up(False, reason)
 
-    def _set_up(self, up: bool) -> None:
+    def _cancel_retry(self) -> None:
+        retry, self._retry = self._retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
+
+    def _set_up(self, up: bool, reason: str = "") -> None:
         if up == self.up:
             return
         self.up = up
@@ -158,8 +184,9 @@ class ClusterNode:
             )
         else:
             self._log.warn(
-                "cluster store unreachable: serving with the last known route and token; "
-                "switch_provider and rotate_token are refused until it is back"
+                "cluster store unreachable{why}: serving with the last known route and token; "
+                "switch_provider and rotate_token are refused until it is back",
+                why=f" ({reason})" if reason else "",
             )
         self._on_up(up)
 
@@ -184,15 +211,23 @@ class ClusterNode:
             if not self._reload_failing:
                 self._reload_failing = True
                 self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
-            if self._connected:
-                self._reactor.callLater(min(self._timeout, 1.0), self._retry_reload)
+            if self._connected and self._retry is None:
+                # Never given up while connected: backing off, up to
+                # retry_max between attempts.
+                self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
+                self._retry_delay = min(self._retry_max, self._retry_delay * 2)
             return
         for name, versioned in ((ROUTE, route), (TOKEN, token)):
             known = self.versions.get(name)
             if known != before.get(name) and known is not None and known > versioned.version:
                 continue  # a newer write arrived while reloading
             self._apply(name, versioned, here=versioned.origin == self.instance)
+        if self.sessions.current_or_none is None and self._foreign_token is not None:
+            # Never in step: no token this instance can trust.
+            self._on_foreign_token(self._foreign_token)
+            return
         self._reload_failing = False
+        self._retry_delay = min(self._timeout, RELOAD_RETRY_SECONDS)
         # Before listening: a lockout decided while this instance was away
         # holds from its first connection.
         yield self._reload_expiring()
@@ -228,6 +263,7 @@ class ClusterNode:
         )
 
     def _retry_reload(self) -> None:
+        self._retry = None
         if self._connected and not self.up:
             self._reload()
 
@@ -290,6 +326,23 @@ class ClusterNode:
                 )
                 self.versions[name] = versioned.version
                 current = self.sessions.current_or_none
+                if current is not None and current.token == token.token:
+                    return
+                try:
+                    self.sessions.check(token)
+                except UntrustedToken as e:
+                    self._foreign_token = str(e)
+                    self._log.error(
+                        "refused the cluster's session token {jti} (version {version}, written by {origin}): {error}; "
+                        "{kept}",
+                        jti=token.jti,
+                        version=versioned.version,
+                        origin=versioned.origin or "an unknown instance",
+                        error=str(e),
+                        kept="keeping token " + current.jti if current is not None else "no token adopted",
+                    )
+                    return
+                self._foreign_token = None
                 if current is None or current.jti != token.jti:
                     self.sessions.adopt(token)
                     self._on_token(token, here, versioned.origin)
@@ -434,12 +487,22 @@ class ClusterNode:
         """
 
         def seen(heartbeat: Heartbeat) -> None:
+            self._missed_beats = 0
             self.instances_seen = max(1, heartbeat.alive)
             if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
                 # Its publication may be on its way still: look again in a
                 # moment.
                 self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
 
+        def missed(failure: Failure) -> None:
+            self._missed_beats += 1
+            if self._missed_beats >= HEARTBEAT_MISSES:
+                # A connection can stay dead without closing (a reconnection
+                # that gave up): not a word from the store in this long.
+                self._missed_beats = 0
+                error = failure.getErrorMessage() or repr(failure.value)
+                self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
+
         self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN))).addCallbacks(
-            seen, lambda failure: None
+            seen, missed
         )

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import txredisapi
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 
@@ -157,10 +158,39 @@ def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClien
     }
 
 
-class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class _Handshake:
     """
-    The subscribed connection: subscribes on connect, hands the node what
-    is published, and tells it when the connection comes and goes.
+    What both connections tell the store: a Redis refusal of their
+    handshake (C{AUTH}, C{SELECT}: Redis's own error, kept for the log) and
+    the loss of the connection.  Public methods of txredisapi's protocol,
+    extended.
+    """
+
+    factory: Any
+
+    def auth(self, password: Any, username: Any = None) -> Deferred[Any]:
+        answered: Deferred[Any] = super().auth(password, username)  # type: ignore[misc]
+        return answered.addErrback(self.factory.refused)
+
+    def select(self, index: Any) -> Deferred[Any]:
+        answered: Deferred[Any] = super().select(index)  # type: ignore[misc]
+        return answered.addErrback(self.factory.refused)
+
+    def connectionLost(self, why: Any) -> None:
+        super().connectionLost(why)  # type: ignore[misc]
+        self.factory.store.rebuild("lost the connection to Redis", self.factory)
+
+
+class _Command(_Handshake, txredisapi.RedisProtocol):  # type: ignore[misc]
+    """
+    The commands' connection.
+    """
+
+
+class _Subscriber(_Handshake, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """
+    The subscribed connection: subscribes on connect and hands the store
+    what is published.
     """
 
     def connectionMade(self) -> Any:
@@ -169,35 +199,107 @@ class _Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
         return made
 
     def _subscribe(self, _: Any) -> None:
-        store: RedisStore = self.factory.store
-        self.subscribe(store.channel).addCallbacks(
-            lambda _: store.node.connected() if store.node else None, lambda failure: None
-        )
+        self.factory.store.subscribing(self.factory, self.subscribe(self.factory.store.channel))
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.store.received(message)
 
-    def connectionLost(self, why: Any) -> None:
-        super().connectionLost(why)
-        store: RedisStore = self.factory.store
-        if store.node is not None:
-            store.node.lost()
+
+class _Reconnecting:
+    """
+    What both factories add to txredisapi's: reconnection delays capped at
+    C{maxDelay} (txredisapi's jitter is a normal variate around the
+    delay, which can pass it), and a failed handshake handed to the store
+    (txredisapi stops reconnecting that connection for good).
+    """
+
+    store: RedisStore
+    maxDelay: float
+    deferred: Deferred[Any] | None
+    #: Redis's own answer when it refused the handshake (C{AUTH}, C{SELECT}).
+    refusal: str | None = None
+
+    def retryDelay(self, attempt: int) -> float:
+        return min(float(super().retryDelay(attempt)), self.maxDelay)  # type: ignore[misc]
+
+    def refused(self, failure: Failure) -> Failure:
+        if failure.check(txredisapi.ResponseError):
+            self.refusal = failure.getErrorMessage()
+        return failure
+
+    def connectionError(self, why: str) -> None:
+        super().connectionError(why)  # type: ignore[misc]
+        self.store.handshake_failed(self, self.refusal)
+        self.refusal = None
+
+    def quiet(self) -> None:
+        """
+        Nobody waits on C{deferred}, which a failed handshake fails.
+        """
+        if self.deferred is not None:
+            self.deferred.addErrback(lambda failure: None)
 
 
-class _Subscribers(txredisapi.SubscriberFactory):  # type: ignore[misc]
+class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
+    protocol = _Command
+
+    def __init__(self, store: RedisStore, options: dict[str, Any]) -> None:
+        super().__init__(
+            store.url,
+            options["dbid"],
+            1,
+            # Not lazy: txredisapi then leaves a failed handshake to
+            # connectionError (logged here, once) instead of logging it on
+            # every attempt.
+            isLazy=False,
+            password=options["password"],
+            username=options["username"],
+            replyTimeout=store.timeout,
+            convertNumbers=False,
+        )
+        self.store = store
+        self.quiet()
+
+
+class _Subscribers(_Reconnecting, txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = _Subscriber
 
-    def __init__(self, store: RedisStore) -> None:
-        super().__init__(isLazy=True)
+    def __init__(self, store: RedisStore, options: dict[str, Any]) -> None:
+        super().__init__(isLazy=False)
         self.store = store
+        self.password = options["password"]
+        self.username = options["username"]
+        self.convertNumbers = False
+        self.quiet()
+
+
+#: What to do about Redis refusing this instance's handshake, by the
+#: start of Redis's error.
+_REFUSAL_HINTS = (
+    ("ERR DB index is out of range", "REDIS_URL names a database this Redis does not have: name one below its "
+     "'databases' setting (16 by default), or raise that setting in redis.conf"),
+    ("WRONGPASS", "check the user name and password in REDIS_URL"),
+    ("NOAUTH", "this Redis wants a password: put it in REDIS_URL (redis://:PASSWORD@host:port/db)"),
+    ("ERR AUTH", "this Redis has no password set: remove it from REDIS_URL, or set requirepass"),
+)  # fmt: skip
 
 
 class RedisStore:
     """
     L{openclaw.cluster.store.SharedStore} on Redis.  L{start} connects
-    (and keeps reconnecting, backing off up to C{reconnect_max} seconds);
-    calls made while disconnected wait for the connection: the node bounds
-    each one with C{REDIS_TIMEOUT_SECONDS}.
+    (txredisapi retries a connection that cannot be made, backing off up
+    to C{reconnect_max} seconds); calls made while it connects wait for it:
+    the node bounds each one with C{REDIS_TIMEOUT_SECONDS}.
+
+    A connection lost, a handshake that failed (txredisapi then stops
+    reconnecting for good: a C{SELECT} that timed out while Redis was
+    frozen), a call that found no connection, a subscription not confirmed
+    within C{REDIS_TIMEOUT_SECONDS}, or the node's word that heartbeats
+    keep failing (L{reconnect}): the store drops both connections and
+    connects afresh (L{rebuild}) after a delay that doubles from 0.25 s up
+    to C{reconnect_max} (back to the start once in step again), telling
+    the node it is down meanwhile; the node reloads the cluster's state
+    once the new subscription is confirmed.
     """
 
     _log = Logger(namespace="openclaw.cluster")
@@ -213,38 +315,114 @@ class RedisStore:
         #: Called with (instance, consumer) for each consumer change an
         #: instance published (L{publish_consumer}); see openclaw.consumers.shared.
         self.on_consumer: Callable[[str, str], None] | None = None
+        #: The connections' factories in use (none while rebuilding).
         self._factories: list[Any] = []
         self._redis: Any = None
+        #: The fresh connections' start, while waiting to make them.
+        self._pending: IDelayedCall | None = None
+        #: Rebuilds since a call last succeeded.
+        self._attempts = 0
+        #: Redis's refusals logged since a call last succeeded.
+        self._refusals: set[str] = set()
+        self._discarding: set[Deferred[Any]] = set()
 
     def start(self, node: ClusterNode) -> None:
         self.node = node
+        self._connect()
+
+    def _connect(self) -> None:
+        self._pending = None
         endpoint, options = redis_endpoint(self.url, self.reactor, self.timeout)
-        commands = txredisapi.RedisFactory(
-            self.url,
-            options["dbid"],
-            1,
-            isLazy=True,
-            password=options["password"],
-            username=options["username"],
-            replyTimeout=self.timeout,
-            convertNumbers=False,
-        )
-        subscriber = _Subscribers(self)
-        subscriber.password = options["password"]
-        subscriber.username = options["username"]
-        subscriber.convertNumbers = False
-        for factory in (commands, subscriber):
+        factories: list[Any] = [_Commands(self, options), _Subscribers(self, options)]
+        self._factories = factories
+        self._redis = factories[0].handler
+        for factory in factories:
             factory.maxDelay = self.reconnect_max
             factory.initialDelay = min(0.25, self.reconnect_max)
             factory.startConnecting(endpoint)
-            self._factories.append(factory)
-        self._redis = commands.handler
 
     def stop(self) -> Deferred[Any]:
         self.node = None
-        stopping = [factory.disconnect() for factory in self._factories]
-        self._factories = []
-        return gatherResults(stopping, consumeErrors=True)
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        factories, self._factories = self._factories, []
+        stopping = [factory.disconnect() for factory in factories]
+        return gatherResults([*stopping, *self._discarding], consumeErrors=True)
+
+    def rebuild(self, reason: str, factory: Any = None) -> None:
+        """
+        Drop both connections and connect afresh after a delay (see the
+        class); the node is told the store is down, with C{reason}.  Done
+        once for the connections of C{factory} (L{None}: the current ones):
+        what the dropped ones report afterwards is ignored.
+        """
+        node = self.node
+        if node is None or self._pending is not None or (factory is not None and factory not in self._factories):
+            return
+        factories, self._factories = self._factories, []
+        # Not from inside the connection's own callbacks: txredisapi's
+        # ClientService cannot be stopped in the middle of a transition.
+        self.reactor.callLater(0, self._discard, factories)
+        self._attempts += 1
+        delay = min(self.reconnect_max, 0.25 * 2 ** min(self._attempts - 1, 16))
+        self._pending = self.reactor.callLater(delay, self._connect)
+        node.lost(reason)
+
+    def reconnect(self, reason: str) -> None:
+        """
+        The node's word that the connections are not working
+        (L{SharedStore.reconnect}): L{rebuild}.
+        """
+        self.rebuild(reason)
+
+    def _discard(self, factories: list[Any]) -> None:
+        for factory in factories:
+            stopping: Deferred[Any] = factory.disconnect()
+            self._discarding.add(stopping)
+            stopping.addBoth(self._discarded, stopping)
+
+    def _discarded(self, _: object, stopping: Deferred[Any]) -> None:
+        self._discarding.discard(stopping)
+
+    def handshake_failed(self, factory: Any, refusal: str | None) -> None:
+        """
+        A connection's handshake failed: Redis refused it (C{refusal}, its
+        error: logged once until in step again, with what to do) or did
+        not answer in time.
+        """
+        if refusal is not None and refusal not in self._refusals:
+            self._refusals.add(refusal)
+            hint = next(
+                (hint for start, hint in _REFUSAL_HINTS if refusal.startswith(start)),
+                "check REDIS_URL and the Redis server's settings",
+            )
+            self._log.error(
+                "the cluster store at {where} refused this instance: {refusal}; {hint}",
+                where=redacted_url(self.url),
+                refusal=refusal,
+                hint=hint,
+            )
+        self.rebuild(
+            f"Redis refused the connection: {refusal}" if refusal else "Redis did not answer the connection's set-up",
+            factory,
+        )
+
+    def subscribing(self, factory: Any, subscribed: Deferred[Any]) -> None:
+        """
+        The subscription of C{factory}'s connection was asked for: once
+        confirmed, the node is connected; not confirmed within
+        C{REDIS_TIMEOUT_SECONDS}, the connections are rebuilt.
+        """
+
+        def confirmed(_: Any) -> None:
+            if self.node is not None and factory in self._factories:
+                self.node.connected()
+
+        def failed(failure: Failure) -> None:
+            self.rebuild(f"the subscription was not confirmed within {self.timeout:g} s", factory)
+
+        subscribed.addTimeout(self.timeout, self.reactor).addCallbacks(confirmed, failed)
 
     def received(self, message: Any) -> None:
         node = self.node
@@ -265,8 +443,25 @@ class RedisStore:
             self._log.warn("ignoring a malformed cluster message")
 
     def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        if not self._factories:
+            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
+        factory = self._factories[0]
+
+        def succeeded(reply: Any) -> Any:
+            if self.node is not None and self.node.up:
+                # Back in step: the next outage starts from short delays.
+                self._attempts = 0
+                self._refusals.clear()
+            return reply
+
+        def failed(failure: Failure) -> Failure:
+            # "Not connected": txredisapi gave this connection up.
+            if failure.check(txredisapi.ConnectionError) and not failure.check(txredisapi.TimeoutError):
+                self.rebuild(f"a call found no connection ({failure.getErrorMessage()})", factory)
+            return failure
+
         evaluated: Deferred[Any] = self._redis.eval(script, keys, args)
-        return evaluated
+        return evaluated.addCallbacks(succeeded, failed)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -289,6 +484,8 @@ class RedisStore:
         Tell every instance that consumer C{name} changed (C{c} messages
         on the cluster's channel).
         """
+        if not self._factories:
+            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
         published: Deferred[Any] = self._redis.publish(self.channel, f"c\t{instance}\t{name}")
         return published
 

@@ -116,6 +116,13 @@ class SharedStore(Protocol):
         seconds left.
         """
 
+    def reconnect(self, reason: str) -> None:
+        """
+        The store's connections seem dead (C{reason}: calls keep failing):
+        drop them and connect afresh, telling the node it is down
+        meanwhile (L{openclaw.cluster.node.ClusterNode.lost}).
+        """
+
 
 class MemoryStore:
     """
@@ -144,6 +151,8 @@ class MemoryStore:
         self.lose_replies = 0
         self.hold_writes = False
         self.held: list[tuple[str, str, str, str, Deferred[int]]] = []
+        #: The reasons L{reconnect} was called with.
+        self.reconnects: list[str] = []
 
     def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
         if not self.up:
@@ -226,6 +235,9 @@ class MemoryStore:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
         return succeed({name: until - now for name, until in self.rests.items() if until > now})
+
+    def reconnect(self, reason: str) -> None:
+        self.reconnects.append(reason)
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         if not self.up:

@@ -47,6 +47,9 @@ TOO_MANY_REQUESTS = 429
 
 _Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
 
+#: The reason of the 1008 closing a locked-out client's connections.
+LOCKED_OUT_REASON = "too many failed authentications from this address; try again later"
+
 
 class LockedOut(ConnectionDeny):
     """
@@ -226,6 +229,11 @@ class ControlProtocol(WebSocketServerProtocol):
             return
         if isBinary:
             self.close_with(UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
+            return
+        if not self.authenticated and self.client is not None and self.factory.locked_out(self.client):
+            # Locked out since it opened (here, or by another instance of
+            # a cluster): no further guess, not even a right one.
+            self.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
             return
         controlplane = self.factory.controlplane
         failed_before = connection.failed_auths
@@ -468,10 +476,9 @@ class ControlFactory(WebSocketServerFactory):
         if client is None:
             return
         until = self.lockout.record_failure(client)
-        reason = "too many failed authentications from this address; try again later"
         if until is None:
             if self.lockout.locked_until(client) is not None:
-                protocol.close_with(POLICY_VIOLATION, reason)
+                protocol.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
             return
         if self.metrics is not None:
             self.metrics.lockouts.inc()
@@ -483,11 +490,29 @@ class ControlFactory(WebSocketServerFactory):
             outcome="locked_out",
             reason="auth_lockout",
         )
+        protocol.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
+        self.close_locked_out(key)
+
+    def locked_out(self, client: str) -> bool:
+        """
+        Whether C{client} (an address) is locked out now.
+        """
+        metrics = self.metrics
+        if self.lockout.locked_until(client) is None:
+            return False
+        if metrics is not None:
+            metrics.refused.labels("locked_out").inc()
+        return True
+
+    def close_locked_out(self, key: str) -> None:
+        """
+        Close with 1008 every open connection of client C{key} (a
+        L{client_key}) that has not authenticated: its client was just
+        locked out (here, or by another instance of a cluster).
+        """
         for other in list(self.connections):
-            if other is protocol or (
-                not other.authenticated and other.client is not None and client_key(other.client) == key
-            ):
-                other.close_with(POLICY_VIOLATION, reason)
+            if not other.authenticated and other.client is not None and client_key(other.client) == key:
+                other.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
 
     def _refuse(self, peer: str, reason: str, refusal: _Refusal, log: bool = True, **fields: Any) -> _Refusal:
         if self.metrics is not None:
