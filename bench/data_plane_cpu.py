@@ -10,7 +10,12 @@ answer.  Logging goes through the gateway's own observer (to /dev/null) at
 the chosen level, as under twistd.  Prints microseconds of CPU per call;
 with --profile, the top functions by own time.
 
-    .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--profile [--sort cumulative] [--top 60]]
+With --relay, the same harness drives bench/proxy_floor.py's bare relay
+(a twisted.web site POSTing each body through the same kind of Agent and
+pool) instead of the gateway: the floor, measured like for like, so the
+difference is the gateway's own per-call work.
+
+    .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--relay] [--profile [--sort cumulative] [--top 60]]
 
 No syscalls are counted here: bench/data_plane.py shows what the sockets
 add.  Use this one to see where the gateway's own time goes.
@@ -36,10 +41,14 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogBeginner
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from httpload import OPENAI_SDK_HEADERS
+from proxy_floor import Relay
 
 from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
@@ -101,9 +110,11 @@ def main() -> None:
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--sdk-headers", action="store_true", help="also send the headers the openai Python SDK sends")
+    parser.add_argument("--relay", action="store_true", help="drive bench/proxy_floor.py's relay, not the gateway")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
     parser.add_argument("--top", type=int, default=30, help="profile entries shown")
+    parser.add_argument("--dump", help="with --profile, also save the profile's stats to this file")
     args = parser.parse_args()
 
     devnull = open(os.devnull, "w")
@@ -130,8 +141,18 @@ def main() -> None:
         lambda *args, **kwargs: build_registry(*args, endpoints=upstream, **kwargs),
     ):
         service = GatewayService(settings, reactor, unused, stdout=devnull, api_endpoint=unused)  # type: ignore[arg-type]
-    site = service.api_site
+    site: Any = service.api_site
     assert site is not None, "the service built no API site"
+    if args.relay:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = settings.upstream_pool_size
+        pool.cachedConnectionTimeout = settings.upstream_idle_seconds
+        agent = Agent.usingEndpointFactory(reactor, upstream, pool=pool)
+        headers = Headers({"Authorization": ["Bearer bench-kimi-key-0123456789"], "Content-Type": ["application/json"]})
+        site = Site(
+            Relay(agent, b"http://127.0.0.1:9/kimi/v1/chat/completions", headers), parsePOSTFormSubmission=False
+        )
+        site.log = lambda request: None
 
     body = orjson.dumps({"model": "gpt-4o", "messages": MESSAGES})
     sdk_headers = "".join(f"{line}\r\n" for line in OPENAI_SDK_HEADERS).encode()
@@ -174,11 +195,14 @@ def main() -> None:
     if profiler:
         profiler.disable()
     elapsed = time.process_time() - started
+    what = "relay" if args.relay else args.provider
     print(
-        f"{args.provider}, LOG_LEVEL={args.log_level}: {elapsed / args.calls * 1e6:.1f} µs CPU per call "
+        f"{what}, LOG_LEVEL={args.log_level}: {elapsed / args.calls * 1e6:.1f} µs CPU per call "
         f"({args.calls} calls{', under cProfile' if profiler else ''})"
     )
     if profiler:
+        if args.dump:
+            profiler.dump_stats(args.dump)
         pstats.Stats(profiler).sort_stats(args.sort).print_stats(args.top)
 
 

@@ -28,6 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -557,6 +558,11 @@ def _same_address(own: str, address: ipaddress.IPv4Address | ipaddress.IPv6Addre
     return mine == address
 
 
+#: URLs whose provider L{MeasuredAgent} remembers (a model's name may be
+#: part of a URL, so the client could otherwise grow the memo).
+MAX_MEASURED_URLS = 256
+
+
 @implementer(IAgent)
 class MeasuredAgent:
     """
@@ -566,7 +572,9 @@ class MeasuredAgent:
     either knowing.
 
     @param providers: C{(base URL, provider id)} pairs; a request is the
-        first provider's whose base URL it starts with.
+        first provider's whose base URL it starts with.  The verdict is
+        kept per URL (for the first L{MAX_MEASURED_URLS} URLs: a chat call's
+        URL is the same call after call), so a call costs one dict lookup.
     """
 
     def __init__(
@@ -580,20 +588,29 @@ class MeasuredAgent:
         self._tally = tally
         self._prefixes = [(base.rstrip("/").encode(), provider) for base, provider in providers]
         self._clock = clock
+        #: URL -> provider id, for the URLs seen first.
+        self._providers: dict[bytes, str] = {}
+
+    def provider_of(self, uri: bytes) -> str:
+        """
+        The id of the provider C{uri} is under, else C{"other"}.
+        """
+        provider = self._providers.get(uri)
+        if provider is None:
+            provider = next((provider for prefix, provider in self._prefixes if uri.startswith(prefix)), "other")
+            if len(self._providers) < MAX_MEASURED_URLS:
+                self._providers[uri] = provider
+        return provider
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        provider = next((provider for prefix, provider in self._prefixes if uri.startswith(prefix)), "other")
-        measure = (provider, self._clock())
+        provider, started = self.provider_of(uri), self._clock()
         d = self._agent.request(method, uri, headers, bodyProducer)
-        return d.addCallbacks(self._answered, self._failed, callbackArgs=measure, errbackArgs=measure)
+        return d.addBoth(self._measured, provider, started)
 
-    def _answered(self, response: Any, provider: str, started: float) -> Any:
-        self._tally.record(provider, response.code, self._clock() - started)
-        return response
-
-    def _failed(self, reason: Any, provider: str, started: float) -> Any:
-        self._tally.record(provider, "error", self._clock() - started)
-        return reason
+    def _measured(self, result: Any, provider: str, started: float) -> Any:
+        status = "error" if isinstance(result, Failure) else result.code
+        self._tally.record(provider, status, self._clock() - started)
+        return result
 
 
 class ConsumerMetrics:

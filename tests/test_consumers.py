@@ -6,6 +6,7 @@ in front of the stand-in upstream, all on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from typing import Any
 import openai
 from prometheus_client import generate_latest
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -23,9 +24,9 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers.commands import ConsumerCommands, usage_total
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import Consumer, InvalidConsumer, NewKey, consumer_fields, key_hash, period_key
-from openclaw.consumers.prices import PricesError, PriceTable, parse_prices
+from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.consumers.table import ConsumerTable, Holder, LocalCounters
+from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.errors import APIError
 from openclaw.settings import ConfigError, load_settings
@@ -207,7 +208,7 @@ class StoreTests:
         self.addCleanup(store.close)  # type: ignore[attr-defined]
         version = yield store.migrate()
         again = yield store.migrate()
-        self.assertEqual((version, again), (1, 1))  # type: ignore[attr-defined]
+        self.assertEqual((version, again), (2, 2))  # type: ignore[attr-defined]
         now = time.time()
         key = NewKey.make()
         yield store.create(
@@ -223,6 +224,8 @@ class StoreTests:
                 UsageRow(now, "team", key.prefix, "kimi", "m", 200, 10, 5, 0, 0.25),
                 UsageRow(now, "team", key.prefix, "gemini", "free", 200, 7, 3, 0, None),
                 UsageRow(now, "team", key.prefix, "kimi", "m", 429, limited=True),
+                # The gateway's own keys' calls, summed: three in one row.
+                UsageRow(now, "-", "-", "kimi", "m", 200, 30, 15, 0, 0.75, 30.0, requests=3),
             ]
         )
         snapshot = yield store.load(now)
@@ -242,6 +245,11 @@ class StoreTests:
                 "unpriced_tokens": 10,
             },
         )
+        by_consumer = yield store.usage(None, None, None, "consumer")
+        self.assertEqual(  # type: ignore[attr-defined]
+            [(row["consumer"], row["requests"], row["prompt_tokens"]) for row in by_consumer],
+            [("-", 3, 30), ("team", 3, 27)],
+        )
         by_model = yield store.usage(None, now - 60, None, "model")
         self.assertEqual([row["model"] for row in by_model], ["gemini/free", "kimi/m"])  # type: ignore[attr-defined]
         self.assertIsNone(by_model[0]["cost_usd"])  # type: ignore[attr-defined]
@@ -249,6 +257,10 @@ class StoreTests:
         self.assertEqual(len(by_day), 2)  # type: ignore[attr-defined]
         purged = yield store.purge(now - 3600)
         self.assertEqual(purged, 1)  # type: ignore[attr-defined]
+        # The gateway's summed row adds no spend: it has no consumer.
+        snapshot = yield store.load(now)
+        self.assertAlmostEqual(snapshot.spend[("team", "total")], 0.75)  # type: ignore[attr-defined]
+        self.assertNotIn(("-", "total"), snapshot.spend)  # type: ignore[attr-defined]
         yield store.delete("team")
         snapshot = yield store.load(now)
         self.assertEqual((snapshot.consumers, snapshot.keys), ({}, {}))  # type: ignore[attr-defined]
@@ -267,6 +279,98 @@ class SQLiteStoreTests(StoreTests, TestCase):
         yield store.migrate()
         mode = yield store.pool.runQuery("PRAGMA journal_mode")
         self.assertEqual(mode[0][0], "wal")
+
+    @inlineCallbacks
+    def test_rows_written_before_requests_count_one(self) -> Any:
+        """
+        A database of the first schema (one row per request, no
+        C{requests} column) keeps its counts after the migration.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        import sqlite3
+
+        from openclaw.consumers.store import MIGRATIONS
+
+        with contextlib.closing(sqlite3.connect(directory / "openclaw.db")) as connection:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+            for statement in MIGRATIONS[0]:
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO usage_rows VALUES (?, '2026-01-01', '-', '-', 'kimi', 'm', 200, 3, 4, 0, NULL, 1.0, 0)",
+                (time.time(),),
+            )
+            connection.commit()
+        store = ConsumerStore.open(None, directory, reactor)
+        self.addCleanup(store.close)
+        version = yield store.migrate()
+        self.assertEqual(version, 2)
+        [total] = yield store.usage(None, None, None, None)
+        self.assertEqual((total["requests"], total["prompt_tokens"], total["unpriced_tokens"]), (1, 3, 7))
+
+
+class RecordingStore:
+    """
+    A store that keeps the usage rows it is given.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[UsageRow] = []
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        self.rows.extend(rows)
+        return succeed(None)
+
+
+class UsageRowsTests(TestCase):
+    """
+    A consumer's call is a usage row of its own (issue #19); the calls of
+    GATEWAY_API_KEYS' keys are summed per UTC minute, provider, model and
+    status until the flush.
+    """
+
+    def test_gateway_calls_summed_per_minute(self) -> None:
+        clock = Clock()
+        clock.advance(120 * 60 + 5)
+        store = RecordingStore()
+        prices = PriceTable.with_overrides({"kimi/moonshot-v1-8k": Price(1.0, 2.0)})
+        table = ConsumerTable(store, prices, clock=clock.seconds)  # type: ignore[arg-type]
+        table.consumers["team"] = Consumer("team")
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        for _ in range(3):
+            table.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, usage, 0.010)
+            table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, usage, 0.010)
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 502, None, 0.5)
+        table.account(GATEWAY, "kimi", "unpriced", 200, usage, 0.1)
+        clock.advance(60)  # the next minute: a row of its own
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, usage, 0.010)
+        table.flush()
+        team = [row for row in store.rows if row.consumer == "team"]
+        self.assertEqual([(row.requests, row.prompt_tokens) for row in team], [(1, 10)] * 3)
+        gateway = sorted(
+            (row.ts, row.model, row.status, row.requests, row.prompt_tokens, row.completion_tokens, row.cost_usd)
+            for row in store.rows
+            if row.consumer == "-"
+        )
+        cost = (10 * 1.0 + 5 * 2.0) / 1e6
+        self.assertEqual(
+            [entry[:6] for entry in gateway],
+            [
+                (7200.0, "moonshot-v1-8k", 200, 3, 30, 15),
+                (7200.0, "moonshot-v1-8k", 502, 1, 0, 0),
+                (7200.0, "unpriced", 200, 1, 10, 5),
+                (7260.0, "moonshot-v1-8k", 200, 1, 10, 5),
+            ],
+        )
+        self.assertAlmostEqual(gateway[0][6], 3 * cost)
+        self.assertIsNone(gateway[2][6])
+        self.assertEqual({row.key_prefix for row in store.rows if row.consumer == "-"}, {"-"})
+        self.assertAlmostEqual(sum(row.duration_ms for row in store.rows if row.consumer == "-"), 640.0)
+        # Taken out at the flush: the next writes only what came since.
+        store.rows.clear()
+        table.flush()
+        self.assertEqual(store.rows, [])
 
 
 class PostgresStoreTests(StoreTests, TestCase):

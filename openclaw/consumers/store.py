@@ -69,6 +69,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             usd DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (consumer, period))""",
     ),
+    # The calls of GATEWAY_API_KEYS' keys are written summed, one row per
+    # UTC minute, provider, model and status: how many calls a row counts.
+    ("ALTER TABLE usage_rows ADD COLUMN requests INTEGER NOT NULL DEFAULT 1",),
 )
 
 GROUPS = ("consumer", "model", "day")
@@ -82,16 +85,18 @@ def _operation(cursor: Any, query: str, params: tuple[Any, ...]) -> None:
 
 _USAGE_COLUMNS = (
     "ts, day, consumer, key_prefix, provider, model, status, prompt_tokens, completion_tokens, "
-    "reasoning_tokens, cost_usd, duration_ms, limited"
+    "reasoning_tokens, cost_usd, duration_ms, limited, requests"
 )
 
 
 @attrs.frozen
 class UsageRow:
     """
-    One request's usage: C{ts} POSIX seconds; C{cost_usd} None when the
-    model has no price; C{limited} when a limit refused it (it never
-    reached a provider).
+    One request's usage, or C{requests} requests' summed (the calls of
+    GATEWAY_API_KEYS' keys in one UTC minute, C{ts} the minute's start):
+    C{ts} POSIX seconds; C{cost_usd} None when the model has no price;
+    C{duration_ms} milliseconds; C{limited} when a limit refused it (it
+    never reached a provider).
     """
 
     ts: float
@@ -106,11 +111,16 @@ class UsageRow:
     cost_usd: float | None = None
     duration_ms: float = 0.0
     limited: bool = False
+    requests: int = 1
 
-    def values(self) -> tuple[Any, ...]:
+    def values(self, day: str | None = None) -> tuple[Any, ...]:
+        """
+        The row's columns, in L{_USAGE_COLUMNS}' order; C{day} is its UTC
+        day (C{YYYY-MM-DD}) when the caller knows it already.
+        """
         return (
             self.ts,
-            time.strftime("%Y-%m-%d", time.gmtime(self.ts)),
+            utc_day(self.ts) if day is None else day,
             self.consumer,
             self.key_prefix,
             self.provider,
@@ -122,7 +132,15 @@ class UsageRow:
             self.cost_usd,
             round(self.duration_ms, 3),
             1 if self.limited else 0,
+            self.requests,
         )
+
+
+def utc_day(ts: float) -> str:
+    """
+    The UTC day of POSIX seconds C{ts}, as C{YYYY-MM-DD}.
+    """
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 @attrs.frozen
@@ -317,9 +335,18 @@ class ConsumerStore:
 
     def _record(self, cursor: Any, rows: Sequence[UsageRow]) -> None:
         if rows:
+            # The UTC day once per day in the batch, not once per row.
+            days: dict[int, str] = {}
+            values = []
+            for row in rows:
+                number = int(row.ts // 86400)
+                day = days.get(number)
+                if day is None:
+                    day = days[number] = utc_day(number * 86400)
+                values.append(row.values(day))
             cursor.executemany(
-                self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 13)})"),
-                [row.values() for row in rows],
+                self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
+                values,
             )
         spend: dict[tuple[str, str], float] = {}
         for row in rows:
@@ -378,7 +405,8 @@ class ConsumerStore:
                 params.append(value)
         column = {"consumer": "consumer", "model": "provider || '/' || model", "day": "day"}.get(group_by or "")
         query = (
-            ("SELECT " + (f"{column} AS grp, " if column else "'' AS grp, ")) + "SUM(1 - limited), SUM(limited), "
+            ("SELECT " + (f"{column} AS grp, " if column else "'' AS grp, "))
+            + "SUM(CASE WHEN limited = 0 THEN requests ELSE 0 END), SUM(limited * requests), "
             "SUM(CASE WHEN limited = 0 THEN prompt_tokens ELSE 0 END), "
             "SUM(CASE WHEN limited = 0 THEN completion_tokens ELSE 0 END), "
             "SUM(CASE WHEN limited = 0 THEN reasoning_tokens ELSE 0 END), "
