@@ -452,6 +452,17 @@ class ConsumerTable:
             return refusal.addCallback(self._limited, holder, None, None)
         return self._limited(refusal, holder, None, None)
 
+    def may_use(self, holder: Holder, provider: str, model: str) -> bool:
+        """
+        Whether the holder may call C{provider/model} (its C{models}): for
+        a call sent elsewhere than admitted, as a failover.  A deleted
+        consumer may use nothing.
+        """
+        if holder is GATEWAY:
+            return True
+        consumer = self.consumers.get(holder.consumer)
+        return consumer is not None and consumer.allows(provider, model)
+
     def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
         """
         Those of C{provider}'s C{models} the holder may call.

@@ -278,8 +278,10 @@ class ChatCall:
             return self._fail(error)
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
+        if not self._may_use(target.id, model):
+            return self._fail(error)
         self._fallback = (origin, target.id, reason)
-        context.failed_over(origin, target.id, reason, error.code)
+        context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
         try:
@@ -287,6 +289,24 @@ class ChatCall:
         except APIError as refused:
             return self._fail(refused)
         return self._attempt(body)
+
+    def _may_use(self, provider_id: str, model: str) -> bool:
+        """
+        Whether the call's key holder may be failed over to
+        C{provider_id/model}: a consumer only within its C{models}, so a
+        failover never answers it from a model it may not call.
+        """
+        consumers = self.context.consumers
+        if consumers is None or consumers.may_use(self.holder, provider_id, model):
+            return True
+        self.context.log.info(
+            "call not failed over {origin} -> {target}: consumer {consumer} may not use {target}/{model}",
+            origin=self.route.provider_id,
+            target=provider_id,
+            model=model,
+            consumer=self.holder.consumer,
+        )
+        return False
 
     # -- streaming ----------------------------------------------------------
 

@@ -175,18 +175,21 @@ class APIContext:
                 duration_ms=0.0,
             )
 
-    def failed_over(self, origin: str, target: str, reason: str, error: str | None) -> None:
+    def failed_over(
+        self, origin: str, target: str, reason: str, error: str | None, consumer: str | None = None
+    ) -> None:
         """
         A call to C{origin} went to C{target} instead: count it, log it at
-        info.
+        info (with the key's consumer, C{-} for GATEWAY_API_KEYS).
         """
         self.count_fallback(origin, target, reason)
         self.log.info(
-            "call failed over {origin} -> {target} ({reason})",
+            "call failed over {origin} -> {target} ({reason}) for {consumer}",
             origin=origin,
             target=target,
             reason=reason,
             error=error,
+            consumer=consumer or "-",
         )
 
     def completed(
