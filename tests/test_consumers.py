@@ -50,6 +50,9 @@ class RulesTests(TestCase):
         self.assertEqual(consumer.budget_usd, 5.0)
         self.assertTrue(consumer.allows("gemini", "gemini-2.5-flash"))
         self.assertFalse(consumer.allows("kimi", "moonshot-v1-8k"))
+        # ["*"], as consumer_list shows it, or null: every model again.
+        for every in (["*"], None, []):
+            self.assertEqual(consumer_fields({"name": "team.a-1", "models": every}, consumer).models, ())
         for bad in (
             {"name": "a b"},
             {"name": "-"},
@@ -599,7 +602,14 @@ class ConsumerCtlTests(GatewayCase):
         out, err, code = yield self.ctl(gateway, "key", "revoke", "app", key[4:12])
         self.assertIn("revoked app's key", out)
         out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "0")
-        self.assertEqual(code, 1)
-        self.assertIn("rpm must be", err)
+        self.assertEqual(code, 2)
+        self.assertIn("or none to remove the limit", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "none", "--model", "*", "--json")
+        self.assertEqual(code, 0, err)
+        updated = json.loads(out)["result"]["consumer"]
+        self.assertEqual((updated["rpm"], updated["models"]), (None, []))
+        out, err, code = yield self.ctl(gateway, "consumer", "list", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["result"]["consumers"][0]["name"], "app")
         out, err, code = yield self.ctl(gateway, "consumer", "delete", "app")
         self.assertEqual((out, code), ("deleted app\n", 0))
