@@ -444,7 +444,8 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual((spent.status_code, spent.code), (429, "insufficient_quota"))
         self.assertIn("budget of 1e-06 USD per UTC day", spent.message)
 
-        expired = yield self.command(gateway, client, "consumer_create", {"name": "old", "expires_at": "2000-01-01"})
+        expired = yield self.command(gateway, client, "consumer_create", {"name": "old"})
+        yield self.command(gateway, client, "consumer_update", {"name": "old", "expires_at": "2000-01-01"})
         gone = yield self.refused(self.sdk(gateway, expired["key"]), "kimi/moonshot-v1-8k")
         self.assertEqual((gone.status_code, gone.code), (401, "expired_api_key"))
 

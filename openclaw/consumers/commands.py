@@ -123,6 +123,12 @@ class ConsumerCommands:
             consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
+        if consumer.expired(self.clock()):
+            # Born expired: a mistyped date, surely; its key would never work.
+            raise CommandError(
+                f"data.expires_at {fields['expires_at']!r} is already past: give a future ISO date or UTC "
+                "datetime, or leave it out for a consumer that does not expire"
+            )
 
         def created(key: NewKey) -> Result:
             return {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
@@ -136,9 +142,18 @@ class ConsumerCommands:
             consumer = consumer_fields(fields, current)
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
-        return self.table.update(consumer).addCallbacks(
-            lambda _: {"consumer": self.table.describe(consumer.name)}, _database_failed
-        )
+
+        def updated(_: object) -> Result:
+            result: Result = {"consumer": self.table.describe(consumer.name)}
+            if "expires_at" in fields and consumer.expired(self.clock()):
+                # Allowed: it suspends a consumer, keeping its keys and usage.
+                result["warning"] = (
+                    f"expires_at is past: {consumer.name!r}'s keys are refused (401 expired_api_key) from now on; "
+                    "set a future expires_at, or none, to let them in again"
+                )
+            return result
+
+        return self.table.update(consumer).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
@@ -170,8 +185,8 @@ class ConsumerCommands:
         if not isinstance(prefix, str) or prefix not in self.table.key_prefixes(name):
             listed = ", ".join(self.table.key_prefixes(name)) or "none"
             raise CommandError(
-                f"data.key_prefix must be one of {name!r}'s keys, as consumer_list shows them (the 8 characters "
-                f"after ock-): {listed}"
+                f"data.key_prefix must be one of the keys of {name!r}, as consumer_list shows them (the 8 "
+                f"characters after ock-): {listed}"
             )
 
         def revoked(count: int) -> Result:

@@ -210,6 +210,10 @@ class APIContext:
         """
         seconds = self.reactor.seconds() - started
         self.tally.record(route.provider_id if route else "-", status, seconds)
+        if consumer is None:
+            # A key checked with the request's head (APIRequest.holder).
+            holder = getattr(request, "holder", None)
+            consumer = getattr(holder, "consumer", None)
         if status < 400:
             if not self.log_successes:
                 return
