@@ -378,7 +378,8 @@ def format_consumers(result: Mapping[str, Any]) -> str:
             (
                 c["name"],
                 budget,
-                f"{c.get('spent_usd', 0):.4f}",
+                # 6 significant digits: a tiny spend shows (3.2e-06), not 0.0000.
+                f"{c.get('spent_usd', 0):.6g}",
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",

@@ -161,6 +161,8 @@ class RulesTests(TestCase):
              "cost_usd": 0.5, "unpriced_tokens": 11},
         )  # fmt: skip
         self.assertIsNone(usage_total(groups[1:])["cost_usd"])
+        # Nothing counted: nothing owed (null is for unpriced tokens).
+        self.assertEqual(usage_total([])["cost_usd"], 0.0)
 
     def test_commands_wait_for_the_table(self) -> None:
         table = ConsumerTable(None, PriceTable.with_overrides({}))  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ a gateway in this process, the stand-in upstream on 127.0.0.1.
 
 from __future__ import annotations
 
+import stat
 import time
 from typing import Any
 
@@ -14,8 +15,9 @@ import openai
 from prometheus_client import generate_latest
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from tests.support import start_gateway
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -205,3 +207,67 @@ class AttributionTests(GatewayCase):
         answer = yield client.command(gateway.token, "consumer_create", {"name": "late", "expires_at": "2020-01-01"})
         self.assertFalse(answer["ok"])
         self.assertIn("already past", answer["error"])
+
+
+class NitsTests(GatewayCase):
+    @inlineCallbacks
+    def test_usage_refusals_and_empty_totals(self) -> Any:
+        """
+        usage for a name never used, or with since not before until, is
+        refused with what to do; an empty total costs 0, not null (null
+        means unpriced tokens).
+        """
+        gateway, client = yield self.gateway()
+        for data, words in (
+            ({"name": "nobody"}, "no consumer named 'nobody'"),
+            ({"since": "2026-11-02", "until": "2026-11-01"}, "must come before until"),
+            ({"since": "2026-11-01", "until": "2026-11-01"}, "must come before until"),
+        ):
+            answer = yield client.command(gateway.token, "usage", data)
+            self.assertFalse(answer["ok"], data)
+            self.assertIn(words, answer["error"])
+        empty = yield self.command(gateway, client, "usage", {"since": "2099-01-01"})
+        self.assertEqual((empty["total"]["requests"], empty["total"]["cost_usd"]), (0, 0.0))
+        grouped = yield self.command(gateway, client, "usage", {"since": "2099-01-01", "group_by": "model"})
+        self.assertEqual((grouped["groups"], grouped["total"]["cost_usd"]), ([], 0.0))
+        # A deleted consumer's usage is still answered.
+        created = yield self.command(gateway, client, "consumer_create", {"name": "gone"})
+        yield deferToThread(
+            self.sdk(gateway, created["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        yield self.command(gateway, client, "consumer_delete", {"name": "gone"})
+        usage = yield self.command(gateway, client, "usage", {"name": "gone"})
+        self.assertEqual(usage["total"]["requests"], 1)
+
+    @inlineCallbacks
+    def test_database_is_private(self) -> Any:
+        """
+        openclaw.db and its -wal and -shm files are readable by their owner
+        only (they hold key hashes and usage).
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "p"})
+        yield deferToThread(
+            self.sdk(gateway, created["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        yield gateway.service.consumers.flush()
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        files = [database, *(database.with_name(database.name + tail) for tail in ("-wal", "-shm"))]
+        self.assertTrue(all(f.exists() for f in files), files)
+        for f in files:
+            self.assertEqual(stat.S_IMODE(f.stat().st_mode), 0o600, f)
+
+    def test_startup_warning_names_consumer_keys(self) -> None:
+        warnings: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        try:
+            start_gateway(self, api=True, providers=self.upstream.provider_settings())
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        [line] = [w for w in warnings if "GATEWAY_API_KEYS" in w]
+        self.assertIn("unless it carries a consumer's key", line)

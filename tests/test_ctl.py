@@ -152,6 +152,14 @@ class ParseRequestTests(TestCase):
             self.assertEqual(exited.code, 2)
             self.assertIn("none", stderr.getvalue())
 
+    def test_tiny_spend_shows(self):
+        """
+        consumer list shows a tiny spend, not 0.0000.
+        """
+        consumer = {"name": "a", "budget_usd": None, "budget_period": "month", "rpm": None, "tpm": None,
+                    "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
+        self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +3\.2e-06 +- +- +\*")
+
     def test_token_precedence(self):
         token_file = Path(self.mktemp())
         token_file.write_text("from-file\n")

@@ -10,8 +10,9 @@ as the others and audited like C{switch_provider}:
  - C{usage} C{{name?, since?, until?, group_by?}} -> C{total} and, with
    C{group_by}, C{groups} (one per consumer, model or day): C{requests},
    C{limited}, C{prompt_tokens}, C{completion_tokens},
-   C{reasoning_tokens}, C{cost_usd} (None when nothing was priced),
-   C{unpriced_tokens}.
+   C{reasoning_tokens}, C{cost_usd} (the priced calls' cost; None only
+   when tokens were counted and none of them had a price; 0 when nothing
+   was counted), C{unpriced_tokens}.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ _COUNTS = ("requests", "limited", "prompt_tokens", "completion_tokens", "reasoni
 def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
     """
     The sum of C{usage} groups: counts added; C{cost_usd} the sum of the
-    priced groups' costs, None when no group had a price.
+    priced groups' costs; None only when no group had a price and some
+    tokens had none (as each group's: null means unpriced, not nothing).
     """
     total: dict[str, Any] = {name: sum(int(group[name]) for group in groups) for name in _COUNTS}
     costs = [group["cost_usd"] for group in groups if group["cost_usd"] is not None]
-    total["cost_usd"] = round(sum(costs), 10) if costs else None
+    total["cost_usd"] = round(sum(costs), 10) if costs or not total["unpriced_tokens"] else None
     return total
 
 
@@ -205,6 +207,11 @@ class ConsumerCommands:
             until = None if fields.get("until") is None else parse_time(fields["until"], "until")
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
+        if since is not None and until is not None and since >= until:
+            raise CommandError(
+                f"since ({fields['since']}) must come before until ({fields['until']}): since is inclusive, "
+                "until exclusive"
+            )
         # What is counted but not yet written is part of the answer.
         flushed = self.table.flush()
 
@@ -212,6 +219,16 @@ class ConsumerCommands:
             return self.table.store.usage(name, since, until, group_by)
 
         def answered(rows: list[dict[str, Any]]) -> Result:
+            if (
+                name is not None
+                and name not in self.table.consumers
+                and not any(r["requests"] or r["limited"] for r in rows)
+            ):
+                # A deleted consumer's usage is still answered; a name never used is a mistake.
+                known = ", ".join(sorted(self.table.consumers)) or "none yet"
+                raise CommandError(
+                    f"no consumer named {name!r}, and no usage recorded under that name; consumers: {known}"
+                )
             result: Result = {"name": name, "since": fields.get("since"), "until": fields.get("until")}
             if group_by is None:
                 result["total"] = rows[0]
