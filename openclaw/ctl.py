@@ -220,15 +220,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What C{none} (or C{--model '*'}) parses to: the field is sent as null,
+#: which removes the limit (or the restriction).
+CLEAR = "none"
+
+
+class _Cleared:
+    """
+    The value of a limit given as C{none}: sent as JSON null.
+    """
+
+    def __repr__(self) -> str:
+        return CLEAR
+
+
+CLEARED: Any = _Cleared()
+
+
+def _whole_or_none(text: str) -> Any:
+    if text.strip().lower() == CLEAR:
+        return CLEARED
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number greater than 0, or none to remove the limit")
+    return value
+
+
+def _usd_or_none(text: str) -> Any:
+    if text.strip().lower() == CLEAR:
+        return CLEARED
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of US dollars, 0 or more, or none for no budget")
+    return value
+
+
+def _when_or_none(text: str) -> Any:
+    return CLEARED if text.strip().lower() == CLEAR else text
+
+
 def _consumer_fields(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--budget-usd", type=float, metavar="USD", help="spend allowed per budget period")
-    sub.add_argument("--budget-period", choices=("day", "month", "total"), help="UTC day, month, or total")
-    sub.add_argument("--rpm", type=int, help="requests per minute (sliding 60 s window)")
-    sub.add_argument("--tpm", type=int, help="tokens per minute (prompt + completion)")
     sub.add_argument(
-        "--model", action="append", dest="models", metavar="PATTERN", help="allowed provider/model pattern (repeat)"
+        "--budget-usd", type=_usd_or_none, metavar="USD", help="spend allowed per budget period (none: no budget)"
     )
-    sub.add_argument("--expires-at", metavar="WHEN", help="ISO date or UTC datetime after which its keys are refused")
+    sub.add_argument("--budget-period", choices=("day", "month", "total"), help="UTC day, month, or total")
+    sub.add_argument(
+        "--rpm", type=_whole_or_none, metavar="N", help="requests per minute (sliding 60 s window; none: no limit)"
+    )
+    sub.add_argument(
+        "--tpm", type=_whole_or_none, metavar="N", help="tokens per minute (prompt + completion; none: no limit)"
+    )
+    sub.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="PATTERN",
+        help="allowed provider/model pattern (repeat; '*' or none alone: every model)",
+    )
+    sub.add_argument(
+        "--expires-at",
+        type=_when_or_none,
+        metavar="WHEN",
+        help="ISO date or UTC datetime after which its keys are refused (none: never)",
+    )
 
 
 def _consumer_commands(command: Any) -> None:
@@ -236,20 +296,29 @@ def _consumer_commands(command: Any) -> None:
     C{consumer create|update|delete|list}, C{key create|revoke}, C{usage}
     (issue #19).
     """
+
+    def action(actions: Any, name: str, help: str) -> argparse.ArgumentParser:
+        # The connection options after the action too (consumer list --json).
+        sub: argparse.ArgumentParser = actions.add_parser(name, help=help, description=help)
+        _connection_options(sub, defaults=False)
+        return sub
+
     consumer = command("consumer", "manage consumers: a key per team or app, with budgets and rate limits")
     actions = consumer.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = actions.add_parser("create", help="create a consumer; prints its first key (shown once)")
+    create = action(actions, "create", "create a consumer; prints its first key (shown once)")
     create.add_argument("name")
     _consumer_fields(create)
-    update = actions.add_parser("update", help="change a consumer's limits")
+    update = action(
+        actions, "update", "change a consumer's limits; none removes a limit, --model '*' lifts the restriction"
+    )
     update.add_argument("name")
     _consumer_fields(update)
-    actions.add_parser("delete", help="delete a consumer and its keys").add_argument("name")
-    actions.add_parser("list", help="list consumers and their key prefixes").add_argument("name", nargs="?")
+    action(actions, "delete", "delete a consumer and its keys").add_argument("name")
+    action(actions, "list", "list consumers and their key prefixes").add_argument("name", nargs="?")
     key = command("key", "make or revoke a consumer's keys")
     key_actions = key.add_subparsers(dest="action", metavar="ACTION", required=True)
-    key_actions.add_parser("create", help="a new key for a consumer (shown once)").add_argument("name")
-    revoke = key_actions.add_parser("revoke", help="revoke a key by the 8 characters after ock-")
+    action(key_actions, "create", "a new key for a consumer (shown once)").add_argument("name")
+    revoke = action(key_actions, "revoke", "revoke a key by the 8 characters after ock-")
     revoke.add_argument("name")
     revoke.add_argument("key_prefix")
     usage = command("usage", "requests, tokens and cost per consumer, model or day")
@@ -277,8 +346,12 @@ def consumer_request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
     if cmd in ("consumer_create", "consumer_update"):
         for field in ("budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at"):
             value = getattr(args, field)
+            if field == "models" and value is not None and any(p.strip().lower() in ("*", CLEAR) for p in value):
+                if len(value) > 1:
+                    raise UsageError("--model '*' (or none) means every model: give it alone")
+                value = CLEARED
             if value is not None:
-                data[field] = value
+                data[field] = None if value is CLEARED else value
     return cmd, data
 
 
@@ -305,7 +378,8 @@ def format_consumers(result: Mapping[str, Any]) -> str:
             (
                 c["name"],
                 budget,
-                f"{c.get('spent_usd', 0):.4f}",
+                # 6 significant digits: a tiny spend shows (3.2e-06), not 0.0000.
+                f"{c.get('spent_usd', 0):.6g}",
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",

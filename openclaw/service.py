@@ -510,8 +510,9 @@ class GatewayService(MultiService):
                     )
             if not self.settings.gateway_api_keys:
                 self._log.warn(
-                    "GATEWAY_API_KEYS is not set: every /v1 call will be refused with 401; "
-                    "set it to a comma-separated list of the keys clients may use"
+                    "GATEWAY_API_KEYS is not set: every /v1 call will be refused with 401 unless it carries "
+                    "a consumer's key (openclawctl consumer create NAME makes one); set it to a comma-separated "
+                    "list of the keys clients may use"
                 )
         wanted = self.settings.max_connections + HANDSHAKE_HEADROOM
         if self.factory.capacity < wanted:

@@ -51,6 +51,9 @@ class RulesTests(TestCase):
         self.assertEqual(consumer.budget_usd, 5.0)
         self.assertTrue(consumer.allows("gemini", "gemini-2.5-flash"))
         self.assertFalse(consumer.allows("kimi", "moonshot-v1-8k"))
+        # ["*"], as consumer_list shows it, or null: every model again.
+        for every in (["*"], None, []):
+            self.assertEqual(consumer_fields({"name": "team.a-1", "models": every}, consumer).models, ())
         for bad in (
             {"name": "a b"},
             {"name": "-"},
@@ -159,6 +162,8 @@ class RulesTests(TestCase):
              "cost_usd": 0.5, "unpriced_tokens": 11},
         )  # fmt: skip
         self.assertIsNone(usage_total(groups[1:])["cost_usd"])
+        # Nothing counted: nothing owed (null is for unpriced tokens).
+        self.assertEqual(usage_total([])["cost_usd"], 0.0)
 
     def test_commands_wait_for_the_table(self) -> None:
         table = ConsumerTable(None, PriceTable.with_overrides({}))  # type: ignore[arg-type]
@@ -545,7 +550,8 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual((spent.status_code, spent.code), (429, "insufficient_quota"))
         self.assertIn("budget of 1e-06 USD per UTC day", spent.message)
 
-        expired = yield self.command(gateway, client, "consumer_create", {"name": "old", "expires_at": "2000-01-01"})
+        expired = yield self.command(gateway, client, "consumer_create", {"name": "old"})
+        yield self.command(gateway, client, "consumer_update", {"name": "old", "expires_at": "2000-01-01"})
         gone = yield self.refused(self.sdk(gateway, expired["key"]), "kimi/moonshot-v1-8k")
         self.assertEqual((gone.status_code, gone.code), (401, "expired_api_key"))
 
@@ -703,7 +709,14 @@ class ConsumerCtlTests(GatewayCase):
         out, err, code = yield self.ctl(gateway, "key", "revoke", "app", key[4:12])
         self.assertIn("revoked app's key", out)
         out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "0")
-        self.assertEqual(code, 1)
-        self.assertIn("rpm must be", err)
+        self.assertEqual(code, 2)
+        self.assertIn("or none to remove the limit", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "app", "--rpm", "none", "--model", "*", "--json")
+        self.assertEqual(code, 0, err)
+        updated = json.loads(out)["result"]["consumer"]
+        self.assertEqual((updated["rpm"], updated["models"]), (None, []))
+        out, err, code = yield self.ctl(gateway, "consumer", "list", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["result"]["consumers"][0]["name"], "app")
         out, err, code = yield self.ctl(gateway, "consumer", "delete", "app")
         self.assertEqual((out, code), ("deleted app\n", 0))

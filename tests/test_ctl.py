@@ -97,6 +97,69 @@ class ParseRequestTests(TestCase):
         parsed = self.parse("--url", "ws://[::1]:9000", "status", "--token", "T", "--json")
         self.assertEqual((parsed.url, parsed.token, parsed.as_json), ("ws://[::1]:9000", "T", True))
 
+    def test_options_after_a_nested_action(self):
+        """
+        The connection options work after every subcommand, nested actions
+        included (#19 review): C{consumer list --json}.
+        """
+        cases = [
+            (("consumer", "list"), "consumer_list"),
+            (("consumer", "list", "app"), "consumer_list"),
+            (("consumer", "create", "zz", "--rpm", "5"), "consumer_create"),
+            (("consumer", "update", "zz", "--tpm", "none"), "consumer_update"),
+            (("consumer", "delete", "zz"), "consumer_delete"),
+            (("key", "create", "rb"), "key_create"),
+            (("key", "revoke", "rb", "abcdefgh"), "key_revoke"),
+            (("usage", "--name", "rb"), "usage"),
+        ]
+        for words, cmd in cases:
+            parsed = self.parse(*words, "--json", "--url", "ws://[::1]:9000", "--token", "T", "--timeout", "3")
+            self.assertEqual(
+                (parsed.cmd, parsed.as_json, parsed.url, parsed.token, parsed.timeout),
+                (cmd, True, "ws://[::1]:9000", "T", 3.0),
+                words,
+            )
+            # Before the command, between the command and its action, after.
+            parsed = self.parse("--json", words[0], "--url", "ws://[::1]:9000", *words[1:], "--token", "T")
+            self.assertEqual(
+                (parsed.cmd, parsed.as_json, parsed.url, parsed.token), (cmd, True, "ws://[::1]:9000", "T")
+            )
+
+    def test_clearing_limits(self):
+        """
+        C{none} clears rpm, tpm, budget and expiry; C{--model '*'} (or
+        none) lifts the model restriction: each is sent as null.
+        """
+        parsed = self.parse(
+            "--token", "T", "consumer", "update", "app2", "--rpm", "none", "--tpm", "None",
+            "--budget-usd", "none", "--expires-at", "none", "--model", "*",
+        )  # fmt: skip
+        self.assertEqual(
+            parsed.data,
+            {"name": "app2", "rpm": None, "tpm": None, "budget_usd": None, "expires_at": None, "models": None},
+        )
+        parsed = self.parse("--token", "T", "consumer", "update", "app2", "--model", "none", "--rpm", "7")
+        self.assertEqual(parsed.data, {"name": "app2", "models": None, "rpm": 7})
+        self.assertRaises(
+            ctl.UsageError,
+            self.parse,
+            "--token", "T", "consumer", "update", "app2", "--model", "*", "--model", "kimi/*",
+        )  # fmt: skip
+        for bad in (("--tpm", "0"), ("--rpm", "-1"), ("--rpm", "lots"), ("--budget-usd", "-2")):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            exited = self.assertRaises(SystemExit, self.parse, "--token", "T", "consumer", "update", "a", *bad)
+            self.assertEqual(exited.code, 2)
+            self.assertIn("none", stderr.getvalue())
+
+    def test_tiny_spend_shows(self):
+        """
+        consumer list shows a tiny spend, not 0.0000.
+        """
+        consumer = {"name": "a", "budget_usd": None, "budget_period": "month", "rpm": None, "tpm": None,
+                    "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
+        self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +3\.2e-06 +- +- +\*")
+
     def test_token_precedence(self):
         token_file = Path(self.mktemp())
         token_file.write_text("from-file\n")

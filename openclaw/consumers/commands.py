@@ -10,8 +10,9 @@ as the others and audited like C{switch_provider}:
  - C{usage} C{{name?, since?, until?, group_by?}} -> C{total} and, with
    C{group_by}, C{groups} (one per consumer, model or day): C{requests},
    C{limited}, C{prompt_tokens}, C{completion_tokens},
-   C{reasoning_tokens}, C{cost_usd} (None when nothing was priced),
-   C{unpriced_tokens}.
+   C{reasoning_tokens}, C{cost_usd} (the priced calls' cost; None only
+   when tokens were counted and none of them had a price; 0 when nothing
+   was counted), C{unpriced_tokens}.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ _COUNTS = ("requests", "limited", "prompt_tokens", "completion_tokens", "reasoni
 def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
     """
     The sum of C{usage} groups: counts added; C{cost_usd} the sum of the
-    priced groups' costs, None when no group had a price.
+    priced groups' costs; None only when no group had a price and some
+    tokens had none (as each group's: null means unpriced, not nothing).
     """
     total: dict[str, Any] = {name: sum(int(group[name]) for group in groups) for name in _COUNTS}
     costs = [group["cost_usd"] for group in groups if group["cost_usd"] is not None]
-    total["cost_usd"] = round(sum(costs), 10) if costs else None
+    total["cost_usd"] = round(sum(costs), 10) if costs or not total["unpriced_tokens"] else None
     return total
 
 
@@ -123,6 +125,12 @@ class ConsumerCommands:
             consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
+        if consumer.expired(self.clock()):
+            # Born expired: a mistyped date, surely; its key would never work.
+            raise CommandError(
+                f"data.expires_at {fields['expires_at']!r} is already past: give a future ISO date or UTC "
+                "datetime, or leave it out for a consumer that does not expire"
+            )
 
         def created(key: NewKey) -> Result:
             return {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
@@ -136,9 +144,18 @@ class ConsumerCommands:
             consumer = consumer_fields(fields, current)
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
-        return self.table.update(consumer).addCallbacks(
-            lambda _: {"consumer": self.table.describe(consumer.name)}, _database_failed
-        )
+
+        def updated(_: object) -> Result:
+            result: Result = {"consumer": self.table.describe(consumer.name)}
+            if "expires_at" in fields and consumer.expired(self.clock()):
+                # Allowed: it suspends a consumer, keeping its keys and usage.
+                result["warning"] = (
+                    f"expires_at is past: {consumer.name!r}'s keys are refused (401 expired_api_key) from now on; "
+                    "set a future expires_at, or none, to let them in again"
+                )
+            return result
+
+        return self.table.update(consumer).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
@@ -170,8 +187,8 @@ class ConsumerCommands:
         if not isinstance(prefix, str) or prefix not in self.table.key_prefixes(name):
             listed = ", ".join(self.table.key_prefixes(name)) or "none"
             raise CommandError(
-                f"data.key_prefix must be one of {name!r}'s keys, as consumer_list shows them (the 8 characters "
-                f"after ock-): {listed}"
+                f"data.key_prefix must be one of the keys of {name!r}, as consumer_list shows them (the 8 "
+                f"characters after ock-): {listed}"
             )
 
         def revoked(count: int) -> Result:
@@ -190,6 +207,11 @@ class ConsumerCommands:
             until = None if fields.get("until") is None else parse_time(fields["until"], "until")
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
+        if since is not None and until is not None and since >= until:
+            raise CommandError(
+                f"since ({fields['since']}) must come before until ({fields['until']}): since is inclusive, "
+                "until exclusive"
+            )
         # What is counted but not yet written is part of the answer.
         flushed = self.table.flush()
 
@@ -197,6 +219,16 @@ class ConsumerCommands:
             return self.table.store.usage(name, since, until, group_by)
 
         def answered(rows: list[dict[str, Any]]) -> Result:
+            if (
+                name is not None
+                and name not in self.table.consumers
+                and not any(r["requests"] or r["limited"] for r in rows)
+            ):
+                # A deleted consumer's usage is still answered; a name never used is a mistake.
+                known = ", ".join(sorted(self.table.consumers)) or "none yet"
+                raise CommandError(
+                    f"no consumer named {name!r}, and no usage recorded under that name; consumers: {known}"
+                )
             result: Result = {"name": name, "since": fields.get("since"), "until": fields.get("until")}
             if group_by is None:
                 result["total"] = rows[0]

@@ -221,7 +221,8 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
             changes[field] = _optional_positive_int(data[field], field)
     if "models" in data:
         models = data["models"]
-        if models is None:
+        if models is None or models == ["*"]:
+            # What consumer_list shows for every model.
             models = []
         if not isinstance(models, list) or not all(
             isinstance(p, str) and "/" in p and p.strip() == p and p for p in models

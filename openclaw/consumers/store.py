@@ -14,6 +14,7 @@ serialise their migrations on an advisory lock.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -189,6 +190,7 @@ class ConsumerStore:
             )
             return cls(pool, "postgresql")
         path = state_dir / "openclaw.db"
+        private(path)
         pool = adbapi.ConnectionPool(
             "sqlite3",
             str(path),
@@ -429,8 +431,25 @@ class ConsumerStore:
                 cost_usd=None if row[6] is None else round(float(row[6]), 10),
                 unpriced_tokens=int(row[7] or 0),
             )
+            if document["cost_usd"] is None and not document["unpriced_tokens"]:
+                # Nothing counted that lacked a price: nothing owed.
+                document["cost_usd"] = 0.0
             rows.append(document)
         return rows
+
+
+def private(path: Path) -> None:
+    """
+    Make the SQLite database at C{path} readable by its owner only (mode
+    0600; it holds key hashes and usage), creating it empty if need be.
+    SQLite gives the C{-wal} and C{-shm} files it makes the database's
+    mode (U{https://www.sqlite.org/tempfiles.html}); those already there
+    are set too.
+    """
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
 
 
 def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:

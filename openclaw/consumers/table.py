@@ -55,6 +55,9 @@ class Holder:
     reserved: float = 0.0
     #: The second (POSIX, whole) the reservation was made in.
     reserved_at: int = 0
+    #: The answer to every request of this holder (an expired consumer's
+    #: 401), given by the resource so the refusal names its consumer.
+    refusal: APIError | None = None
 
 
 GATEWAY = Holder(NO_CONSUMER, NO_CONSUMER)
@@ -380,10 +383,11 @@ class ConsumerTable:
     def has_keys(self) -> bool:
         return bool(self.keys)
 
-    def identify(self, presented: bytes) -> Holder | APIError | None:
+    def identify(self, presented: bytes) -> Holder | None:
         """
-        The holder of a consumer key, an error for a key of an expired
-        consumer, None for a key that is no consumer's.  The key is looked
+        The holder of a consumer key (for a key of an expired consumer,
+        one whose C{refusal} is the 401 to answer), None for a key that is
+        no consumer's.  The key is looked
         up by its SHA-256: timing tells nothing of a key with that hash.
         """
         entry = self.keys.get(key_hash(presented))
@@ -394,14 +398,33 @@ class ConsumerTable:
         if consumer is None:
             return None
         if consumer.expired(self.clock()):
-            return APIError(
+            expired = APIError(
                 401,
                 f"this key's consumer {name!r} expired at {isoformat_utc(consumer.expires_at or 0)}; "
                 "ask the operator to extend expires_at with consumer_update",
                 "invalid_request_error",
                 "expired_api_key",
             )
+            return Holder(name, prefix, refusal=expired)
         return Holder(name, prefix)
+
+    def refused(self, holder: Holder, refusal: APIError) -> None:
+        """
+        Count a request of the holder refused before any model was chosen
+        (an expired consumer's): C{openclaw_consumer_requests_total} and
+        C{openclaw_consumer_limited_total} (reason: the error's code).
+        """
+        if self.metrics is not None and holder is not GATEWAY:
+            self.metrics.limited(holder.consumer, refusal.code or "refused")
+            self.metrics.requests(holder.consumer, refusal.status)
+
+    def listed(self, holder: Holder, status: int) -> None:
+        """
+        Count a models listing the holder made (C{GET /v1/models}; it makes
+        no usage row) in C{openclaw_consumer_requests_total}.
+        """
+        if self.metrics is not None:
+            self.metrics.requests(holder.consumer, status)
 
     def admit(
         self, holder: Holder, provider: str, model: str, max_tokens: int | None = None, prompt_tokens: int = 0
@@ -456,6 +479,17 @@ class ConsumerTable:
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, None, None)
         return self._limited(refusal, holder, None, None)
+
+    def may_use(self, holder: Holder, provider: str, model: str) -> bool:
+        """
+        Whether the holder may call C{provider/model} (its C{models}): for
+        a call sent elsewhere than admitted, as a failover.  A deleted
+        consumer may use nothing.
+        """
+        if holder is GATEWAY:
+            return True
+        consumer = self.consumers.get(holder.consumer)
+        return consumer is not None and consumer.allows(provider, model)
 
     def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
         """

@@ -17,7 +17,8 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.control.commands import AUDITED, CommandError, ControlCommands, Result
+from openclaw.consumers.audit import audit_fields, note_result
+from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, CommandError, ControlCommands, Result
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import SessionAuthority, TokenRejected
 
@@ -162,23 +163,29 @@ class ControlPlane:
         # Only audited commands are timed: the others' answers say nothing
         # of how long they took, and they are the high-rate ones.
         started = self._clock() if audited else 0.0
+        # Which consumer, key and fields a consumer command concerns.
+        fields = audit_fields(cmd, message.get("data")) if cmd in CONSUMER_COMMANDS else None
         try:
             result = handler(message.get("data"))
         except Exception:
             answer = self._failed(Failure(), cmd)
         else:
             if isinstance(result, Deferred):
+                if fields is not None:
+                    result.addCallback(note_result, fields)
                 pending = result.addCallbacks(
                     self._succeeded, self._failed, callbackArgs=(cmd,), errbackArgs=(cmd,)
-                ).addCallback(self._audit, cmd, peer, jti, started)
+                ).addCallback(self._audit, cmd, peer, jti, started, fields)
                 return self._track(pending)
+            if fields is not None:
+                note_result(result, fields)
             if not audited and not self._debug:
                 # The common case (ping, status): answered and counted, no
                 # log event to build.
                 self._metrics.command(cmd, "ok")
                 return _encode({"ok": True, "cmd": cmd, "result": result})
             answer = self._succeeded(result, cmd)
-        return self._audit(answer, cmd, peer, jti, started)
+        return self._audit(answer, cmd, peer, jti, started, fields)
 
     def _refuse(self, cmd: object, message: str) -> bytes:
         self._metrics.command(cmd if type(cmd) is str and cmd in self._table else INVALID, "error")
@@ -220,20 +227,32 @@ class ControlPlane:
         self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
         return _error(cmd, "internal error; the gateway log has the details"), "error"
 
-    def _audit(self, answer: tuple[bytes, str], cmd: str, peer: str, jti: str, started: float) -> bytes:
+    def _audit(
+        self,
+        answer: tuple[bytes, str],
+        cmd: str,
+        peer: str,
+        jti: str,
+        started: float,
+        fields: dict[str, str] | None = None,
+    ) -> bytes:
         encoded, outcome = answer
         self._metrics.command(cmd, outcome)
         if cmd in AUDITED:
             took = self._clock() - started
             self._metrics.command_took(cmd, took)
+            line = self._audit_line
+            if fields:
+                line += "".join(f" {name}={{{name}}}" for name in fields)
             self._log.info(
-                self._audit_line,
+                line,
                 cmd=cmd,
                 peer=peer,
                 jti=jti,
                 outcome=outcome,
                 duration_ms=took * 1000,
                 **({} if self._instance is None else {"instance": self._instance}),
+                **(fields or {}),
             )
         elif self._debug:
             self._log.debug(

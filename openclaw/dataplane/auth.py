@@ -60,13 +60,15 @@ class GatewayKeys:
         key, else the 401 to answer.  The presented key is never echoed.
         """
         holder = self.identify(authorization)
-        return holder if isinstance(holder, APIError) else None
+        return holder if isinstance(holder, APIError) else holder.refusal
 
     def identify(self, authorization: bytes | None) -> Holder | APIError:
         """
         Who holds the key the C{Authorization} header value carries: a
         consumer, or L{openclaw.consumers.table.GATEWAY} for a key of
-        GATEWAY_API_KEYS; else the 401 to answer.
+        GATEWAY_API_KEYS; else the 401 to answer.  An expired consumer's
+        key gives its holder, with the 401 in C{refusal}: the resource
+        answers it, naming the consumer in its log line and metrics.
         """
         consumers = self.consumers
         if (

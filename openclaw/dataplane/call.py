@@ -26,7 +26,9 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
+from zope.interface import implementer
 
+from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
 from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait
@@ -115,6 +117,12 @@ class ChatCall:
     _translation: StreamTranslation | None = None
     #: A stream's first chunk has gone to the client.
     _first_chunk_sent: bool = False
+    #: Completion characters seen (a consumer's call), for an estimate
+    #: when no usage ever comes (L{openclaw.consumers.estimate}).
+    _completion_chars: int = 0
+    #: The client left a consumer's stream before its usage: the rest of
+    #: the stream is read for it, and the call counted once it ends.
+    _reading_out: bool = False
 
     def start(self, body: bytes) -> None:
         context = self.context
@@ -204,6 +212,8 @@ class ChatCall:
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
         self._usage = usage
+        if usage is None and self.holder is not GATEWAY:
+            self._completion_chars = answer_characters(answer)
         self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)
@@ -278,8 +288,10 @@ class ChatCall:
             return self._fail(error)
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
+        if not self._may_use(target.id, model):
+            return self._fail(error)
         self._fallback = (origin, target.id, reason)
-        context.failed_over(origin, target.id, reason, error.code)
+        context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
         try:
@@ -287,6 +299,24 @@ class ChatCall:
         except APIError as refused:
             return self._fail(refused)
         return self._attempt(body)
+
+    def _may_use(self, provider_id: str, model: str) -> bool:
+        """
+        Whether the call's key holder may be failed over to
+        C{provider_id/model}: a consumer only within its C{models}, so a
+        failover never answers it from a model it may not call.
+        """
+        consumers = self.context.consumers
+        if consumers is None or consumers.may_use(self.holder, provider_id, model):
+            return True
+        self.context.log.info(
+            "call not failed over {origin} -> {target}: consumer {consumer} may not use {target}/{model}",
+            origin=self.route.provider_id,
+            target=provider_id,
+            model=model,
+            consumer=self.holder.consumer,
+        )
+        return False
 
     # -- streaming ----------------------------------------------------------
 
@@ -311,6 +341,8 @@ class ChatCall:
         The relay has events for the client.  Written at once: nothing of a
         stream is held back.
         """
+        if events and self.holder is not GATEWAY:
+            self._completion_chars += chunk_characters(events)
         if self._over:
             return
         assert self._timer is not None
@@ -385,8 +417,62 @@ class ChatCall:
         if self._pending is not None and self._waiting_for == _HEADERS:
             # No verdict on the provider: a half-open trial is free again.
             self.adapter.breaker.abandoned()
+        relay = self._relay
+        if relay is not None and self.reads_out():
+            # The relay goes on (see _read_out); _finish_call leaves it be.
+            self._relay, self._reading_out = None, True
+            self._finish_call()
+            self._ended(499, "client gone")
+            relay.read_out(self.context.reactor, self.context.timeout, self._read_out)
+            return
         self._finish_call()
         self._ended(499, "client gone")
+
+    def reads_out(self) -> bool:
+        """
+        Whether the rest of this stream is read after its client left: a
+        consumer's stream whose usage has not come yet, so that leaving
+        early (say, after the chunk with C{finish_reason}) does not dodge
+        its tpm and budget.  Bounded by UPSTREAM_TIMEOUT.
+        """
+        translation = self._translation
+        return (
+            self.holder is not GATEWAY
+            and self.context.consumers is not None
+            and translation is not None
+            and translation.usage is None
+            and not self._over
+        )
+
+    def _read_out(self) -> None:
+        """
+        The stream read after its client left is over (or timed out):
+        count the call with its usage, or the estimate.
+        """
+        usage = self._translation.usage if self._translation is not None else None
+        self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
+        consumers = self.context.consumers
+        if consumers is not None:
+            consumers.account(
+                self.holder,
+                self.route.provider_id,
+                self.route.model,
+                499,
+                self._consumer_usage(usage, 499),
+                self.context.reactor.seconds() - self.started,
+            )
+
+    def _consumer_usage(self, usage: Any, status: int) -> Any:
+        """
+        The usage a consumer is counted for: the call's own, else (none
+        known) the estimate of L{openclaw.consumers.estimate} when the call
+        produced text or its client left once it was sent; else None.
+        """
+        if usage is not None or self.holder is GATEWAY:
+            return usage
+        if not self._completion_chars and not (status == 499 and self._tried):
+            return None
+        return estimated_usage(prompt_characters(self.chat.body), self._completion_chars)
 
     def _fail(self, error: APIError) -> None:
         """
@@ -463,13 +549,13 @@ class ChatCall:
             usage = self._translation.usage
             costs.tokens(self.route.provider_id, self.route.model, usage)
         consumers = self.context.consumers
-        if consumers is not None:
+        if consumers is not None and not self._reading_out:
             consumers.account(
                 self.holder,
                 self.route.provider_id,
                 self.route.model,
                 status,
-                usage,
+                self._consumer_usage(usage, status),
                 self.context.reactor.seconds() - self.started,
             )
         wait = self.provider_wait
@@ -505,8 +591,11 @@ class _StreamRelay(Protocol):
         self._stopped = False
         self._drain_timer: IDelayedCall | None = None
 
+    #: Called once the body is over, when read after the client left.
+    _then: Any = None
+
     def connectionMade(self) -> None:
-        self._call.request.registerProducer(self.transport, True)
+        self._call.request.registerProducer(_ClientSide(self), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
@@ -543,6 +632,9 @@ class _StreamRelay(Protocol):
         if not self._stopped:
             self._stopped = True
             self._call.stream_ended(reason, self._translation)
+        then, self._then = self._then, None
+        if then is not None:
+            then()
 
     @property
     def producer(self) -> IPushProducer:
@@ -573,9 +665,42 @@ class _StreamRelay(Protocol):
             self._stopped = True
             self._drain_timer = reactor.callLater(timeout, self.producer.stopProducing)
 
+    def read_out(self, reactor: IReactorTime, timeout: float, then: Any) -> None:
+        """
+        The client is gone but the call wants this body's usage: go on
+        translating it (nothing is written) until it ends, or for
+        C{timeout} seconds at most; then call C{then()}.
+        """
+        self._then = then
+        self.producer.resumeProducing()
+        self._drain_timer = reactor.callLater(timeout, self.producer.stopProducing)
+
     def _release(self) -> None:
         request = self._call.request
         # Once the client is gone its channel is too, and with it the
         # registration.
         if request.producer is not None and request.channel is not None:
             request.unregisterProducer()
+
+
+@implementer(IPushProducer)
+class _ClientSide:
+    """
+    The upstream body as the client's connection sees it (its producer):
+    pausing and resuming pass through; a stop, when the client's
+    connection is lost, drops the upstream connection unless the call
+    reads the rest of the stream (L{ChatCall.reads_out}).
+    """
+
+    def __init__(self, relay: _StreamRelay) -> None:
+        self._relay = relay
+
+    def pauseProducing(self) -> None:
+        self._relay.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._relay.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if not self._relay._call.reads_out():
+            self._relay.producer.stopProducing()

@@ -175,18 +175,21 @@ class APIContext:
                 duration_ms=0.0,
             )
 
-    def failed_over(self, origin: str, target: str, reason: str, error: str | None) -> None:
+    def failed_over(
+        self, origin: str, target: str, reason: str, error: str | None, consumer: str | None = None
+    ) -> None:
         """
         A call to C{origin} went to C{target} instead: count it, log it at
-        info.
+        info (with the key's consumer, C{-} for GATEWAY_API_KEYS).
         """
         self.count_fallback(origin, target, reason)
         self.log.info(
-            "call failed over {origin} -> {target} ({reason})",
+            "call failed over {origin} -> {target} ({reason}) for {consumer}",
             origin=origin,
             target=target,
             reason=reason,
             error=error,
+            consumer=consumer or "-",
         )
 
     def completed(
@@ -207,6 +210,10 @@ class APIContext:
         """
         seconds = self.reactor.seconds() - started
         self.tally.record(route.provider_id if route else "-", status, seconds)
+        if consumer is None:
+            # A key checked with the request's head (APIRequest.holder).
+            holder = getattr(request, "holder", None)
+            consumer = getattr(holder, "consumer", None)
         if status < 400:
             if not self.log_successes:
                 return

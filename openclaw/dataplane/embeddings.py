@@ -212,7 +212,7 @@ class Embeddings(_Authenticated):
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise
-        adapter = self.usable(request, PROVIDER, started)
+        adapter = self.usable(request, PROVIDER, started, holder)
         assert isinstance(adapter, GeminiAdapter)
         route = Route(PROVIDER, parsed.model)
         consumers = context.consumers

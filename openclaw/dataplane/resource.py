@@ -196,7 +196,19 @@ class _Authenticated(APIResource):
         if isinstance(holder, APIError):
             self.context.completed(request, started, holder.status, outcome=holder.code)
             raise holder
+        if holder.refusal is not None:
+            self._holder_refused(request, started, holder, holder.refusal)
         return holder
+
+    def _holder_refused(self, request: Request, started: float, holder: Holder, refusal: APIError) -> None:
+        """
+        Answer a consumer refused whatever it asks (expired): logged and
+        counted under its name.
+        """
+        self.context.completed(request, started, refusal.status, outcome=refusal.code, consumer=holder.consumer)
+        if self.context.consumers is not None:
+            self.context.consumers.refused(holder, refusal)
+        raise refusal
 
     def _refused(
         self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
@@ -212,7 +224,7 @@ class _Authenticated(APIResource):
             request.finish()
         return body
 
-    def usable(self, request: Request, provider_id: str, started: float) -> ProviderAdapter:
+    def usable(self, request: Request, provider_id: str, started: float, holder: Holder = GATEWAY) -> ProviderAdapter:
         """
         @raise APIError: 503 when the provider has no key configured.
         """
@@ -220,7 +232,7 @@ class _Authenticated(APIResource):
         if not adapter.api_key:
             error = provider_not_configured(provider_id, adapter.key_variable)
             request.setHeader(PROVIDER_HEADER, provider_id.encode())
-            self.context.completed(request, started, error.status, outcome=error.code)
+            self.context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise error
         return adapter
 
@@ -237,7 +249,7 @@ class Models(_Authenticated):
         started = context.reactor.seconds()
         holder = self.authenticate(request, started)
         route = context.route.current
-        adapter = self.usable(request, route.provider_id, started)
+        adapter = self.usable(request, route.provider_id, started, holder)
         request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
         consumers = context.consumers
         if consumers is None or holder is GATEWAY:
@@ -280,11 +292,11 @@ class Models(_Authenticated):
             if gone:
                 return None
             if isinstance(result, Failure):
-                return self._failed(result, request, route, started)
+                return self._failed(result, request, route, started, holder)
             if context.consumers is not None:
                 # A consumer sees only the models it may call.
                 result = context.consumers.allowed(holder, route.provider_id, result)
-            return self._listed(result, request, route, started)
+            return self._listed(result, request, route, started, holder)
 
         request.notifyFinish().addErrback(client_gone)
         listing.addBoth(answer)
@@ -293,7 +305,7 @@ class Models(_Authenticated):
         listing.addBoth(_passing(context.call_ended))
         return NOT_DONE_YET
 
-    def _listed(self, ids: list[str], request: Request, route: Route, started: float) -> None:
+    def _listed(self, ids: list[str], request: Request, route: Route, started: float, holder: Holder) -> None:
         owner = route.provider_id
         body = orjson.dumps(
             {
@@ -305,9 +317,16 @@ class Models(_Authenticated):
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
-        self.context.completed(request, started, 200, route)
+        self._count_listing(request, started, 200, route, holder)
 
-    def _failed(self, reason: Failure, request: Request, route: Route, started: float) -> None:
+    def _count_listing(
+        self, request: Request, started: float, status: int, route: Route, holder: Holder, outcome: str | None = None
+    ) -> None:
+        self.context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
+        if self.context.consumers is not None:
+            self.context.consumers.listed(holder, status)
+
+    def _failed(self, reason: Failure, request: Request, route: Route, started: float, holder: Holder) -> None:
         provider_id = route.provider_id
         value = reason.value
         error: APIError
@@ -328,7 +347,7 @@ class Models(_Authenticated):
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
-        self.context.completed(request, started, error.status, route, outcome=error.code)
+        self._count_listing(request, started, error.status, route, holder, error.code)
 
 
 class ChatCompletions(_Authenticated):
