@@ -682,6 +682,24 @@ class ErrorTests(DataPlaneTestCase):
         self.assertEqual(refused[0]["outcome"], "unknown_url")
 
     @inlineCallbacks
+    def test_paths_read_as_twisted_web_reads_them(self):
+        """
+        The API's one root resource finds a handler as a tree of resources
+        would: C{%xx} escapes in a segment decoded, a trailing or doubled
+        slash a 404.
+        """
+        gateway = self.gateway()
+        http = self.http()
+        base = f"http://127.0.0.1:{gateway.api_port}"
+        response = yield http.get(base + "/%68ealthz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads((yield response.text()))["status"], "ok")
+        for path in ("/healthz/", "//healthz", "/v1/chat%2Fcompletions"):
+            response = yield http.get(base + path)
+            self.assertEqual(response.code, 404, path)
+            self.assertOpenAIError((yield response.text()), "unknown_url")
+
+    @inlineCallbacks
     def test_upstream_error(self):
         self.upstream.kimi.mode = "error"
         self.upstream.kimi.error_status = 503

@@ -49,7 +49,7 @@ from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.errors import RefusalKind
-from openclaw.providers.fetch import read_body
+from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
     MalformedAnswer,
     StreamBroken,
@@ -94,7 +94,7 @@ class ChatCall:
     #: What the call waits for now, for the timeout message.
     _waiting_for: str = _HEADERS
     #: The upstream step in flight (headers or a whole body), cancellable.
-    _pending: Deferred[Any] | None = None
+    _pending: Deferred[Any] | BodyReader | None = None
     _timer: IDelayedCall | None = None
     _relay: _StreamRelay | None = None
     #: The client has its answer, or has gone: nothing more is written.
@@ -195,13 +195,29 @@ class ChatCall:
             self._read(response, "the response body", self._got_body)
 
     def _read(self, response: IResponse, what: str, then: Any, *args: Any) -> None:
+        """
+        Read the whole body of C{response}, then C{then(body, *args,
+        generation)}; a body cut or too large goes to L{_exchange_failed}.
+        Straight to the call: no Deferred for a step only it waits on.
+        """
         self._waiting_for = what
         self.provider_wait.begin()
-        d = self._pending = read_body(response)
-        d.addCallbacks(
-            then, self._exchange_failed, callbackArgs=(*args, self._generation), errbackArgs=(self._generation,)
-        )
-        d.addErrback(self._bug)
+        generation = self._generation
+
+        def done(body: bytes) -> None:
+            try:
+                then(body, *args, generation)
+            except Exception:
+                self._bug(Failure())
+
+        def failed(reason: Failure) -> None:
+            try:
+                self._exchange_failed(reason, generation)
+            except Exception:
+                self._bug(Failure())
+
+        self._pending = BodyReader(done, failed)
+        response.deliverBody(self._pending)
 
     def _got_body(self, body: bytes, generation: int) -> None:
         self.provider_wait.end()

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.table import GATEWAY, Holder, completion_limit
@@ -405,22 +405,62 @@ class ChatCompletions(_Authenticated):
         return NOT_DONE_YET
 
 
+class APIRoot(Resource):
+    """
+    The API's root: one leaf resource that picks the handler of a request
+    by its whole path (a dict), rather than a walk down a tree of
+    resources one segment at a time.  What it answers is what that tree
+    would: the handlers' own answers (and their 405s) on their exact
+    paths, a 404 in OpenAI's shape on any other, C{%xx} escapes in a
+    segment decoded as twisted.web decodes C{postpath}.  A child added with
+    L{putChild} (the C{/metrics} resource) is served as under a tree.
+    """
+
+    isLeaf = True
+
+    def __init__(self, context: APIContext, routes: dict[tuple[bytes, ...], APIResource]) -> None:
+        super().__init__()
+        #: Handler by path segments (C{postpath}) and by raw path.
+        self.routes = dict(routes)
+        self.paths = {b"/" + b"/".join(segments): handler for segments, handler in routes.items()}
+        self.not_found = NotFound(context)
+
+    def render(self, request: Request) -> Any:
+        handler = self.paths.get(request.path)
+        if handler is None:
+            return self._route(request).render(request)
+        return handler.render(request)
+
+    def _route(self, request: Request) -> Resource:
+        postpath = request.postpath
+        assert postpath is not None
+        handler = self.routes.get(tuple(postpath))
+        if handler is not None:
+            return handler
+        if postpath and postpath[0] in self.children:
+            child = self.children[postpath[0]]
+            assert request.prepath is not None
+            request.prepath.append(postpath.pop(0))
+            found: Resource = getChildForRequest(child, request)
+            return found
+        return self.not_found
+
+
 def build_resource(context: APIContext) -> Resource:
     """
-    The tree: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions},
-    C{/v1/embeddings}.
+    The API: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions},
+    C{/v1/embeddings}, dispatched by L{APIRoot}.
     """
-    root = APIResource(context)
-    root.putChild(b"healthz", Healthz(context))
-    root.putChild(b"readyz", Readyz(context))
-    v1 = APIResource(context)
-    root.putChild(b"v1", v1)
-    v1.putChild(b"models", Models(context))
-    chat = APIResource(context)
-    v1.putChild(b"chat", chat)
-    chat.putChild(b"completions", ChatCompletions(context))
     # Imported here: the embeddings resource builds on this module's classes.
     from openclaw.dataplane.embeddings import Embeddings
 
-    v1.putChild(b"embeddings", Embeddings(context))
-    return root
+    return APIRoot(
+        context,
+        {
+            (b"healthz",): Healthz(context),
+            (b"readyz",): Readyz(context),
+            (b"v1", b"models"): Models(context),
+            (b"v1", b"chat", b"completions"): ChatCompletions(context),
+            (b"v1", b"embeddings"): Embeddings(context),
+        },
+    )

@@ -28,6 +28,7 @@ from openclaw.tls import describe_tls_error, is_tls_error
 MAX_MESSAGE_CHARS = 200
 
 REDACTED = "[redacted]"
+_REDACTED_BYTES = REDACTED.encode()
 
 #: Secrets at least this long are scrubbed wherever they occur; shorter
 #: ones only as whole tokens (see L{Scrubber}).
@@ -226,6 +227,10 @@ class Scrubber:
     secrets: tuple[str, ...]
     _forms: tuple[str, ...] = attrs.field(init=False, repr=False)
     _byte_forms: tuple[bytes, ...] = attrs.field(init=False, repr=False)
+    #: Per byte form, worked out once: C{(what to look for first, the
+    #: form, whether runs of its prefixes go, the token pattern of a toy
+    #: key or None)}.
+    _byte_plan: tuple[tuple[bytes, bytes, bool, re.Pattern[bytes] | None], ...] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         forms = dict.fromkeys(
@@ -234,7 +239,23 @@ class Scrubber:
             for form in (secret, quote(secret, safe=""))
         )
         object.__setattr__(self, "_forms", tuple(forms))
-        object.__setattr__(self, "_byte_forms", tuple(form.encode("utf-8") for form in forms))
+        byte_forms = tuple(form.encode("utf-8") for form in forms)
+        object.__setattr__(self, "_byte_forms", byte_forms)
+        object.__setattr__(
+            self,
+            "_byte_plan",
+            tuple(
+                (
+                    form[:MIN_PREFIX_CHARS],
+                    form,
+                    len(form) >= MIN_PREFIX_CHARS,
+                    None
+                    if len(form) >= MIN_BARE_SECRET_CHARS
+                    else re.compile(rb"(?<![\w-])" + re.escape(form) + rb"(?![\w-])"),
+                )
+                for form in byte_forms
+            ),
+        )
 
     def text(self, text: str) -> str:
         """
@@ -254,14 +275,15 @@ class Scrubber:
         C{data} (UTF-8: a JSON body, server-sent events) without any of
         the keys; the same bytes object when none occurs.
         """
-        redacted = REDACTED.encode()
-        for form in self._byte_forms:
-            if len(form) >= MIN_PREFIX_CHARS:
-                data = _redact_runs(data, form, redacted)
-            elif len(form) >= MIN_BARE_SECRET_CHARS:
-                data = data.replace(form, redacted)
+        for head, form, runs, pattern in self._byte_plan:
+            if head not in data:
+                continue
+            if runs:
+                data = _redact_runs(data, form, _REDACTED_BYTES)
+            elif pattern is None:
+                data = data.replace(form, _REDACTED_BYTES)
             else:
-                data = re.sub(rb"(?<![\w-])" + re.escape(form) + rb"(?![\w-])", redacted, data)
+                data = pattern.sub(_REDACTED_BYTES, data)
         return data
 
 

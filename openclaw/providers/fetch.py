@@ -17,7 +17,7 @@ then never goes back to the pool.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import attrs
@@ -84,39 +84,56 @@ class Exchange:
     key: str | None = attrs.field(default=None, repr=False)
 
 
-class _BodyReader(Protocol):
+class BodyReader(Protocol):
     """
-    Collects a response body into C{finished}.
+    Collects a response body (L{IResponse.deliverBody}) and hands it over
+    once, with no Deferred in between: C{done(body)} once the body has
+    ended (a body delimited only by the connection closing included), or
+    C{failed(reason)}: L{BodyTooLarge} past C{limit} bytes (its connection
+    dropped), else the reason the body was cut (C{ResponseFailed}).
+    Neither is called after L{cancel}.
     """
 
-    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
-        self._finished = finished
+    def __init__(
+        self, done: Callable[[bytes], object], failed: Callable[[Failure], object], limit: int = MAX_BODY_BYTES
+    ) -> None:
+        self._done = done
+        self._failed = failed
         self._limit = limit
         self._chunks: list[bytes] = []
         self._size = 0
+        self._over = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._finished.called:
+        if self._over:
             return
         self._size += len(data)
         if self._size > self._limit:
-            self.stop()
-            self._finished.errback(BodyTooLarge(f"response body larger than {self._limit} bytes"))
+            self._over = True
+            self._stop()
+            self._failed(Failure(BodyTooLarge(f"response body larger than {self._limit} bytes")))
             return
         self._chunks.append(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._finished.called:
+        if self._over:
             return
+        self._over = True
         if reason.check(ResponseDone, PotentialDataLoss):
-            self._finished.callback(b"".join(self._chunks))
+            self._done(b"".join(self._chunks))
         else:
-            self._finished.errback(reason)
+            self._failed(reason)
 
-    def stop(self) -> None:
+    def cancel(self) -> None:
         """
-        Drop the connection: no more of this body is wanted.
+        No more of this body is wanted: drop the connection (it never goes
+        back to the pool); neither callback is called.
         """
+        if not self._over:
+            self._over = True
+            self._stop()
+
+    def _stop(self) -> None:
         if self.transport is not None:
             # A response body's transport is an IPushProducer (IResponse.deliverBody).
             cast(IPushProducer, self.transport).stopProducing()
@@ -133,8 +150,8 @@ def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[byte
     @raise ResponseFailed: (in the Deferred) the connection was lost before
         the body's end.
     """
-    finished: Deferred[bytes] = Deferred(lambda _: reader.stop())
-    reader = _BodyReader(finished, limit)
+    finished: Deferred[bytes] = Deferred(lambda _: reader.cancel())
+    reader = BodyReader(finished.callback, finished.errback, limit)
     response.deliverBody(reader)
     return finished
 
