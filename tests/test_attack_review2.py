@@ -8,19 +8,30 @@ symlinks owned by another user, and WebSocket versions other than 13.
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import os
+import shutil
 import socket
+import stat
+import tempfile
 import time
+from pathlib import Path
 
 import attrs
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw import listeners
+from openclaw.service import GatewayService
 from openclaw.settings import Settings
 from tests.support import (
+    RecordingEndpoint,
+    capture_log_events,
     free_port,
     limited_twistd,
     open_client,
@@ -189,3 +200,64 @@ class PooledDescriptorTests(TestCase):
             self.assertTrue(line in output, line)
         for bad in (b"EMFILE", b"Too many open files"):
             self.assertFalse(bad in output, bad)
+
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+class AuthTimeoutLockoutTests(TestCase):
+    """
+    Item 2: a connection closed at AUTH_TIMEOUT_SECONDS is a failed
+    authentication for the lockout, so a client that opens handshakes and
+    never sends cannot keep reconnecting for ever; an operator on the
+    control plane's UNIX socket is never locked out with loopback.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_timeouts_lock_out(self):
+        events = capture_log_events(self)
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        short = Path(tempfile.mkdtemp(prefix="oc"))  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
+        path = short / "control.sock"
+        settings = Settings(
+            jwt_secret=b"s" * 32,
+            jwt_secret_is_ephemeral=False,
+            state_dir=state_dir,
+            auth_timeout_seconds=0.5,
+            auth_lockout_failures=3,
+            trusted_clients=LOOPBACK,
+        )
+        tcp = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(settings, reactor, tcp, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+        unix = UNIXServerEndpoint(reactor, str(path), mode=0o600)
+        listening = yield unix.listen(service.factory)
+        self.addCleanup(listening.stopListening)
+        assert tcp.port is not None
+        port = tcp.port.getHost().port
+        token = service.sessions.current.token
+        for _ in range(3):
+            idle = yield open_client(self, port, bind="127.0.0.2")
+            code, reason = yield idle.closed
+            self.assertEqual((code, reason), (1008, "no authenticated message within AUTH_TIMEOUT_SECONDS"))
+        with self.assertRaises(ConnectionError) as refused:
+            yield open_client(self, port, bind="127.0.0.2")
+        self.assertIn("429", str(refused.exception))
+        (locked,) = [event for event in events if event.get("reason") == "auth_lockout"]
+        self.assertEqual(locked["client"], "127.0.0.2")
+        # Every local user shares loopback: lock it out, and the operator
+        # on the UNIX socket (mode 600) still gets in.
+        for _ in range(3):
+            idle = yield open_client(self, port, bind="127.0.0.1")
+            yield idle.closed
+        with self.assertRaises(ConnectionError):
+            yield open_client(self, port, bind="127.0.0.1")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        operator = yield open_client(self, 0, unix=str(path))
+        answer = yield operator.command(token, "ping")
+        self.assertEqual(answer["ok"], True, answer)

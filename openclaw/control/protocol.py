@@ -266,6 +266,9 @@ class ControlProtocol(WebSocketServerProtocol):
             reason="auth_timeout",
         )
         self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
+        # A failed authentication too, for the lockout: otherwise a client
+        # that never sends could reconnect at every deadline for ever.
+        factory.auth_failed(self)
 
     def _answer(self, encoded: bytes) -> None:
         if self.state == self.STATE_OPEN:
