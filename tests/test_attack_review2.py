@@ -18,6 +18,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 from twisted.internet import reactor
@@ -36,9 +37,10 @@ from tests.support import (
     limited_twistd,
     open_client,
     spawn_gateway,
+    start_gateway,
     start_upstream,
 )
-from tests.test_attack_review import open_many
+from tests.test_attack_review import open_many, still_open
 
 KEY = "gw-key-0123456789abcdef"
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
@@ -54,7 +56,7 @@ def chat_request(model: str) -> bytes:
     )
 
 
-def send_calls(port: int, model: str, sources: list[str]) -> list[socket.socket]:
+def send_calls(port: int, model: str, sources: list[str], pace: float = 0.01) -> list[socket.socket]:
     """
     One chat call from each of C{sources}, sent whole, not read; the
     sockets the gateway accepted (and did not close at once).
@@ -66,7 +68,7 @@ def send_calls(port: int, model: str, sources: list[str]) -> list[socket.socket]
             sock.sendall(chat_request(model))
             sent.append(sock)
             # Paced, so that each head is read before the next connection.
-            time.sleep(0.01)
+            time.sleep(pace)
         except OSError:
             pass
     return sent
@@ -261,3 +263,114 @@ class AuthTimeoutLockoutTests(TestCase):
         operator = yield open_client(self, 0, unix=str(path))
         answer = yield operator.command(token, "ping")
         self.assertEqual(answer["ok"], True, answer)
+
+
+def connect_all(port: int, sources: list[str]) -> list[socket.socket | None]:
+    """
+    One connection from each of C{sources}, nothing sent (None: refused).
+    """
+    opened: list[socket.socket | None] = []
+    for source in sources:
+        try:
+            opened.append(socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)))
+        except OSError:
+            opened.append(None)
+    return opened
+
+
+def call_on(socks: list[socket.socket | None], model: str) -> list[int]:
+    """
+    A chat call with the key on each of C{socks} (sent on all, then read);
+    each answer's status, 0 for a connection reset or closed before it.
+    """
+    sent = []
+    for sock in socks:
+        try:
+            if sock is None:
+                raise OSError
+            sock.sendall(chat_request(model))
+            sent.append(sock)
+        except OSError:
+            sent.append(None)
+    return [0 if sock is None else statuses([sock])[0] for sock in sent]
+
+
+class KeyHolderNewcomerTests(TestCase):
+    """
+    Item 3: a new connection is not keyless until it had its chance to
+    send its first head (L{KEYLESS_GRACE_SECONDS}), so key holders' new
+    connections are never closed to make room for anyone, while keyless
+    ones still hold at most half the cap.
+    """
+
+    timeout = 60
+
+    def gateway(self) -> Any:
+        upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        upstream.kimi.delay = 0.2
+        gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), providers=upstream.provider_settings(), api_max_connections=72
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        site = gateway.service.api_site
+        # As at nofile 256 before the pool's share: half of 72 for keyless ones.
+        self.assertEqual((site.max_connections_per_address, site.keyless_per_address), (18, 4))
+        return gateway
+
+    @inlineCallbacks
+    def test_burst_of_key_holders(self):
+        """
+        72 key holders from 72 addresses call at once (each sends its
+        call as soon as it is connected; the gateway accepts them in
+        batches, before it reads their heads): none is taken for keyless
+        and closed (15 to 36 were).
+        """
+        gateway = self.gateway()
+        sources = [f"127.0.3.{n}" for n in range(1, 73)]
+        socks = yield deferToThread(send_calls, gateway.api_port, "kimi/moonshot-v1-8k", sources, 0)
+        found = yield deferToThread(statuses, socks)
+        found += [0] * (72 - len(socks))
+        self.assertEqual(found, [200] * 72, (found, gateway.service.api_site.context.refused_connections))
+        self.assertEqual(gateway.service.api_site.context.refused_connections, {})
+
+    @inlineCallbacks
+    def test_outsiders_and_key_holders(self):
+        """
+        100 outsider addresses with 4 idle connections each, reopening
+        those the gateway closed between the key holders' connects and
+        their first heads; 200 connections of a key holder from one
+        address, 18 at a time: every call is answered, and the outsiders'
+        keyless connections hold at most half the cap.
+        """
+        gateway = self.gateway()
+        port = gateway.api_port
+        site = gateway.service.api_site
+        outsiders = [f"127.0.4.{n}" for n in range(1, 101) for _ in range(4)]
+        held: list[socket.socket | None] = yield deferToThread(connect_all, port, outsiders)
+        self.addCleanup(lambda: [sock.close() for sock in held if sock is not None])
+        yield deferToThread(time.sleep, 1.5)
+        self.assertLessEqual(site.keyless_total, 36)
+
+        def reopen() -> None:
+            # The outsiders reopen what was closed (up to 36 at a time).
+            reopened = 0
+            for index, sock in enumerate(held):
+                if reopened == 36:
+                    break
+                if sock is None or still_open([sock], 0) == 0:
+                    if sock is not None:
+                        sock.close()
+                    (held[index],) = connect_all(port, [outsiders[index]])
+                    reopened += 1
+
+        def key_holder() -> list[int]:
+            found: list[int] = []
+            while len(found) < 200:
+                socks = connect_all(port, ["127.0.0.50"] * 18)
+                reopen()
+                found += call_on(socks, "kimi/moonshot-v1-8k")
+            return found
+
+        found = yield deferToThread(key_holder)
+        self.assertEqual(found.count(200), len(found), found)
+        self.assertLessEqual(site.keyless_total, 36)
