@@ -25,11 +25,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from openclaw import listeners
 from openclaw.service import GatewayService
-from openclaw.settings import Settings
+from openclaw.settings import ConfigError, Settings, check_private_file, load_settings
 from tests.support import (
     RecordingEndpoint,
     capture_log_events,
@@ -374,3 +374,52 @@ class KeyHolderNewcomerTests(TestCase):
         found = yield deferToThread(key_holder)
         self.assertEqual(found.count(200), len(found), found)
         self.assertLessEqual(site.keyless_total, 36)
+
+
+class ForeignSymlinkTests(SynchronousTestCase):
+    """
+    Item 4: a secret file reached through a symbolic link that another
+    user owns (in a sticky directory, where the directory check lets it
+    be) is refused, as C{fs.protected_symlinks} refuses to follow it.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to give a link to another user (os.lchown)")
+        self.sticky = Path(self.mktemp()).absolute()
+        self.sticky.mkdir(parents=True)
+        self.sticky.chmod(0o1777)
+        self.secret = self.sticky / "jwt_secret"
+        self.secret.write_text("x" * 40 + "\n")
+        self.secret.chmod(0o600)
+
+    def link(self, name: str, target: Path | str, uid: int) -> Path:
+        link = self.sticky / name
+        link.symlink_to(target)
+        os.lchown(link, uid, uid)
+        return link
+
+    def test_foreign_link_refused(self) -> None:
+        # /tmp/r17-secret-link -> /etc/passwd, made by uid 65534.
+        link = self.link("r17-secret-link", "/etc/passwd", 65534)
+        with self.assertRaises(ConfigError) as caught:
+            check_private_file(link, f"JWT_SECRET_FILE={str(link)!r}", secret=True)
+        message = str(caught.exception)
+        self.assertIn(str(link), message)
+        self.assertIn("uid 65534", message)
+        # Through a directory link of another user, too.
+        folder = self.link("dir-link", self.sticky, 65534)
+        with self.assertRaises(ConfigError) as caught:
+            check_private_file(folder / "jwt_secret", "JWT_SECRET_FILE", secret=True)
+        self.assertIn(str(folder), str(caught.exception))
+
+    def test_own_and_roots_links_accepted(self) -> None:
+        for name, uid in (("mine", os.geteuid()), ("roots", 0)):
+            link = self.link(name, self.secret, uid)
+            self.assertIsNone(check_private_file(link, "JWT_SECRET_FILE", secret=True))
+        chain = self.link("chain", self.sticky / "mine", 0)
+        self.assertIsNone(check_private_file(chain, "JWT_SECRET_FILE", secret=True))
+        environ = {"JWT_SECRET_FILE": str(self.link("foreign", self.secret, 65534))}
+        self.patch(os, "environ", environ)
+        with self.assertRaises(ConfigError):
+            load_settings(cwd=self.sticky)
