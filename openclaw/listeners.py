@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import resource
 import socket
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -128,8 +129,9 @@ class NamedEndpoint:
 
 #: Descriptors kept out of both listeners' reach whatever C{RLIMIT_NOFILE}
 #: is (at least; an eighth of the limit when that is more): the listening
-#: sockets, log and state files, the consumers' database, Redis, the
-#: providers' idle pooled connections.
+#: sockets, log and state files, the consumers' database, Redis, health
+#: checks' provider connections.  (The providers' idle pooled connections
+#: have a share of their own: L{share_descriptors}.)
 MIN_RESERVED_DESCRIPTORS = 64
 #: TCP connections the control listener allows beyond MAX_CONNECTIONS, for
 #: opening handshakes under way (each bounded by HANDSHAKE_TIMEOUT_SECONDS)
@@ -140,19 +142,26 @@ HANDSHAKE_HEADROOM = 256
 @attrs.frozen
 class DescriptorShares:
     """
-    How many connections each listener may hold at once so that the
-    process never runs out of file descriptors.
+    How many connections each listener may hold at once, and how many idle
+    provider connections the pool may keep, so that the process never runs
+    out of file descriptors.
 
     @ivar limit: the soft C{RLIMIT_NOFILE} they were computed for
         (L{None}: unlimited).
     @ivar control: TCP connections the control listener may hold (opening
         handshakes, refusals being told why and open connections).
     @ivar api: connections the API listener may hold (0: no API listener).
+    @ivar pool_per_host: idle connections the providers' pool may keep per
+        provider host (C{HTTPConnectionPool.maxPersistentPerHost}); at most
+        C{UPSTREAM_POOL_SIZE} (0: no pool was counted).
+    @ivar pool_hosts: the provider hosts counted (scheme, host, port).
     """
 
     limit: int | None
     control: int
     api: int
+    pool_per_host: int = 0
+    pool_hosts: int = 0
 
 
 def nofile_limit() -> int | None:
@@ -163,39 +172,71 @@ def nofile_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def share_descriptors(limit: int | None, control: int, api: int) -> DescriptorShares:
+def share_descriptors(
+    limit: int | None, control: int, api: int, pool_hosts: int = 0, pool_size: int = 0
+) -> DescriptorShares:
     """
     Share C{limit} descriptors between the listeners, each capped at what
     it is configured for (C{control}: C{MAX_CONNECTIONS} plus the
     handshake headroom; C{api}: C{API_MAX_CONNECTIONS}, 0 without an API
-    listener).
+    listener), and the idle connections of the providers' pool
+    (C{pool_size}: C{UPSTREAM_POOL_SIZE} per host, for C{pool_hosts}
+    provider hosts; 0 hosts: no pool counted).
 
     An eighth of the limit (at least L{MIN_RESERVED_DESCRIPTORS}) is kept
     for the process's own files and sockets.  Of the rest the control
-    listener may take a quarter (all of it without an API listener); the
-    API takes what the control listener leaves, counting two descriptors
-    per connection, since a call in flight also holds a connection to its
-    provider.  Each listener gets at least one.  With a limit of 1024 and
-    the defaults: 224 control connections and 336 API connections; 256
-    gives 48 and 72; 65536 leaves both at their defaults (4352 and 4096).
+    listener may take a quarter (all of it without an API listener).  Of
+    what it leaves, the pool's idle connections may take a quarter
+    (C{pool_size} per host at most, at least 1), and the API the rest,
+    counting two descriptors per connection, since a call in flight also
+    holds a connection to its provider.  Idle pooled connections outlive
+    the calls that made them (C{UPSTREAM_IDLE_SECONDS}): calls to one
+    provider may leave a host's share idle while calls to another fill the
+    API's.  Each listener gets at least one.
+
+    With the defaults and two provider hosts: 256 gives 48 control and 54
+    API connections and 18 idle per host; 1024 gives 224, 252 and 84;
+    65536 leaves all at their defaults (4352, 4096 and 128).
     """
     if limit is None:
-        return DescriptorShares(None, control, api)
+        return DescriptorShares(None, control, api, pool_size if pool_hosts else 0, pool_hosts)
     reserve = max(MIN_RESERVED_DESCRIPTORS, limit // 8)
     spare = max(0, limit - reserve)
     control_share = min(control, max(1, spare // 4 if api else spare))
-    api_share = min(api, max(1, (spare - control_share) // 2)) if api else 0
-    return DescriptorShares(limit, control_share, api_share)
+    rest = spare - control_share
+    pool_per_host = min(pool_size, max(1, rest // 4 // pool_hosts)) if pool_hosts and pool_size else 0
+    api_share = min(api, max(1, (rest - pool_per_host * pool_hosts) // 2)) if api else 0
+    return DescriptorShares(limit, control_share, api_share, pool_per_host, pool_hosts)
+
+
+def provider_hosts(settings: Settings) -> int:
+    """
+    How many hosts the providers' pool may keep connections to: the
+    distinct (scheme, host, port) of the providers' base URLs, as
+    C{HTTPConnectionPool} keys its connections.
+    """
+    hosts = set()
+    for configured in settings.providers.values():
+        parts = urlsplit(configured.base_url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        hosts.add((parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)))
+    return len(hosts)
 
 
 def descriptor_shares(settings: Settings, api: bool, limit: int | None = None) -> DescriptorShares:
     """
     L{share_descriptors} for these settings (C{MAX_CONNECTIONS} plus
-    L{HANDSHAKE_HEADROOM}, C{API_MAX_CONNECTIONS} when C{api}) and
-    C{limit} (default: this process's L{nofile_limit}, read now).
+    L{HANDSHAKE_HEADROOM}, C{API_MAX_CONNECTIONS} when C{api},
+    C{UPSTREAM_POOL_SIZE} for each of the L{provider_hosts}) and C{limit}
+    (default: this process's L{nofile_limit}, read now).
     """
     return share_descriptors(
         nofile_limit() if limit is None else limit,
         settings.max_connections + HANDSHAKE_HEADROOM,
         settings.api_max_connections if api else 0,
+        provider_hosts(settings),
+        settings.upstream_pool_size,
     )

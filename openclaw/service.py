@@ -173,10 +173,14 @@ class GatewayService(MultiService):
         )
         self.metrics = GatewayMetrics(COMMANDS, settings.provider_ids)
         base_urls = [(configured.base_url, provider_id) for provider_id, configured in settings.providers.items()]
+        #: How the process's descriptors are shared between the listeners
+        #: and the providers' idle pooled connections.
+        self.descriptors = descriptor_shares(settings, api=api_endpoint is not None)
         self.providers = ProviderRegistry.from_settings(
             settings,
             reactor,
             wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics.upstream_requests, base_urls, reactor.seconds),
+            pool_size=self.descriptors.pool_per_host or None,
         )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
@@ -250,8 +254,6 @@ class GatewayService(MultiService):
             metrics=self.metrics,
             instance=self.instance if self.cluster is not None else None,
         )
-        #: How the process's descriptors are shared between the listeners.
-        self.descriptors = descriptor_shares(settings, api=api_endpoint is not None)
         self.factory = ControlFactory(
             controlplane,
             settings,
@@ -525,6 +527,17 @@ class GatewayService(MultiService):
                 per_address=self.factory.budget.per_address,
                 configured=self.settings.max_connections,
                 headroom=HANDSHAKE_HEADROOM,
+                limit=self.descriptors.limit,
+            )
+        if self.descriptors.pool_per_host and self.descriptors.pool_per_host < self.settings.upstream_pool_size:
+            self._log.warn(
+                "idle provider connections are capped at {cap} per provider host ({hosts} hosts), below "
+                "UPSTREAM_POOL_SIZE={configured}, so that connections kept idle for UPSTREAM_IDLE_SECONDS cannot "
+                "exhaust the process's file descriptors (RLIMIT_NOFILE is {limit}); raise the limit "
+                "(LimitNOFILE= in the systemd unit, ulimit -n) to keep more",
+                cap=self.descriptors.pool_per_host,
+                hosts=self.descriptors.pool_hosts,
+                configured=self.settings.upstream_pool_size,
                 limit=self.descriptors.limit,
             )
         if self.restored_route is not None:

@@ -32,7 +32,7 @@ import os
 import secrets
 import socket
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -523,7 +523,12 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     private files (sshd(8), C{StrictModes}): it must belong to the
     gateway's user or to root (so root-owned Docker and Kubernetes secrets
     and systemd credentials stay usable), and no one but its owner may
-    write it.  Links are followed: the file itself is checked.
+    write it.  Links are followed: the file itself is checked, and so is
+    every symbolic link met on the way (C{lstat}): one that belongs to
+    neither the gateway's user nor root is refused, as Linux's
+    C{fs.protected_symlinks} refuses to follow another user's link in a
+    sticky directory: its owner chose where it points (say
+    C{/tmp/x -> /etc/passwd}).
 
     So are the directories it is reached through, up to C{/}, both the
     path as named (where a link sits) and the file's real one: each must
@@ -546,6 +551,14 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     except OSError:
         return None  # reading it says why, in its own words
     mode = stat.S_IMODE(info.st_mode)
+    links = _links_of(path)
+    for link, held_link in links:
+        if held_link.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
+                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
+                f"where it points; name the file itself, or replace the link with one of your own"
+            )
     if info.st_uid not in (euid, 0):
         raise ConfigError(
             f"{what} belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, "
@@ -553,7 +566,7 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{what} may be written by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}")
-    for directory in _directories_of(path):
+    for directory in _directories_of(path, [link for link, _ in links]):
         try:
             held = directory.stat()
         except OSError:
@@ -576,16 +589,60 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     return None
 
 
-def _directories_of(path: Path) -> list[Path]:
+def _directories_of(path: Path, links: Sequence[Path] = ()) -> list[Path]:
     """
     The directories a file is reached through: those of its path as named
-    (made absolute) and of its real path, each from C{/} down, once.
+    (made absolute), of each link on the way and of its real path, each
+    from C{/} down, once.
     """
     found: dict[Path, None] = {}
-    for start in (path.absolute(), path.resolve()):
+    for start in (path.absolute(), *links, path.resolve()):
         for directory in reversed(start.parents):
             found[directory] = None
     return list(found)
+
+
+#: Links followed at most while resolving a path, as Linux's C{ELOOP} limit.
+MAX_LINKS_FOLLOWED = 40
+
+
+def _links_of(path: Path) -> list[tuple[Path, os.stat_result]]:
+    """
+    Every symbolic link met while resolving C{path}, component by
+    component as the kernel does (path_resolution(7)), each with its own
+    C{lstat}; stops at a component that cannot be read (reading the file
+    then says why) or after L{MAX_LINKS_FOLLOWED} links.
+    """
+    found: list[tuple[Path, os.stat_result]] = []
+    absolute = path.absolute()
+    current = Path(absolute.anchor)
+    pending = list(reversed(absolute.parts[1:]))
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
+        try:
+            info = os.lstat(candidate)
+        except OSError:
+            break
+        if not stat.S_ISLNK(info.st_mode):
+            current = candidate
+            continue
+        found.append((candidate, info))
+        if len(found) > MAX_LINKS_FOLLOWED:
+            break
+        try:
+            target = Path(os.readlink(candidate))
+        except OSError:
+            break
+        if target.is_absolute():
+            current = Path(target.anchor)
+        pending.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return found
 
 
 def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path:

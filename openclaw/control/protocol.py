@@ -274,6 +274,9 @@ class ControlProtocol(WebSocketServerProtocol):
             reason="auth_timeout",
         )
         self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
+        # A failed authentication too, for the lockout: otherwise a client
+        # that never sends could reconnect at every deadline for ever.
+        factory.auth_failed(self)
 
     def _answer(self, encoded: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -361,6 +364,11 @@ class ControlFactory(WebSocketServerFactory):
             # discard the close frame still unread in the client's buffer,
             # which then sees 1006 rather than (say) 1001 going away.
             closeHandshakeTimeout=CLOSE_HANDSHAKE_SECONDS,
+            # RFC 6455 only (version 13): the older drafts (8) carry the
+            # page's origin in Sec-WebSocket-Origin, which the Origin
+            # check would not see; Autobahn answers them 400 with
+            # "Sec-WebSocket-Version: 13".
+            versions=[13],
         )
 
     def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:

@@ -48,6 +48,11 @@ from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
+#: Seconds a new API connection has to send its first request head before
+#: it counts as keyless (if that head carried no accepted key, it counts
+#: from then on): a client's first head arrives in one round trip, so a
+#: key holder's new connection is never taken for a keyless one.
+KEYLESS_GRACE_SECONDS = 1.0
 
 
 def client_address(addr: IAddress | None) -> str | None:
@@ -212,6 +217,9 @@ class APIRequest(Request):
                 if not isinstance(found, APIError):
                     self.holder = found
                     connection.key_accepted()
+            if connection.keyless:
+                # A head without an accepted key: keyless from now on.
+                connection.count_keyless()
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -314,6 +322,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     transport: ITransport | None = None
     #: No request head on it has carried an accepted key yet.
     keyless = True
+    #: Counted among the site's keyless connections (and so liable to be
+    #: closed to make room): it sent a head without an accepted key, or
+    #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2.
+    counted_keyless = False
+    #: The keyless timer is on the grace (then on the keyless deadline).
+    _in_grace = False
     _keyless_deadline: IDelayedCall | None = None
     _deadline: IDelayedCall | None = None
     #: What the deadline in force is for, C{(seconds, setting, part)}; None:
@@ -341,7 +355,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.transport = transport
         self._site.opened(self)
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
-        self._keyless_deadline = self._site.reactor.callLater(self._site.keyless_timeout, self._keyless_due)
+        # One timer: the grace first, then (moved on) the keyless deadline.
+        site = self._site
+        self._in_grace = site.keyless_grace < site.keyless_timeout
+        self._keyless_deadline = site.reactor.callLater(
+            min(site.keyless_grace, site.keyless_timeout), self._keyless_due
+        )
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -351,6 +370,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._http2 = True
                 self._disarm()
                 self._stop_keyless_deadline()
+                # Its requests' keys are not tracked: keyless for its whole life.
+                self.count_keyless()
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -372,7 +393,20 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self.keyless:
             self.keyless = False
             self._stop_keyless_deadline()
-            self._site.key_accepted(self)
+            if self.counted_keyless:
+                self.counted_keyless = False
+                self._site.key_accepted(self)
+
+    def count_keyless(self) -> None:
+        """
+        This connection had its chance to send a key and did not: count it
+        among the site's keyless connections (L{APISite.became_keyless},
+        which may close it, or the oldest keyless one, to keep within the
+        keyless shares).
+        """
+        if self.keyless and not self.counted_keyless and self in self._site.connections:
+            self.counted_keyless = True
+            self._site.became_keyless(self)
 
     def _stop_keyless_deadline(self) -> None:
         deadline, self._keyless_deadline = self._keyless_deadline, None
@@ -382,6 +416,16 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def _keyless_due(self) -> None:
         self._keyless_deadline = None
         if not self.keyless:
+            return
+        site = self._site
+        if self._in_grace:
+            # The grace is over without a head carrying a key.
+            self._in_grace = False
+            self.count_keyless()
+            if self.counted_keyless and self in site.connections:
+                self._keyless_deadline = site.reactor.callLater(
+                    site.keyless_timeout - site.keyless_grace, self._keyless_due
+                )
             return
         self._disarm()
         seconds = self._site.keyless_timeout
@@ -491,15 +535,18 @@ class APISite(Site):
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
     header_timeout = 10.0
     body_timeout = 30.0
-    #: Connections that have not sent a request head with an accepted key
-    #: (keyless) at most from one address
-    #: (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it a new connection
-    #: is closed at once), in all (half of C{max_connections}, or one
-    #: address's share if that is more; past it the oldest keyless
-    #: connection is closed to make room), and the seconds they get to
-    #: send one (C{API_KEYLESS_TIMEOUT_SECONDS}).
+    #: Keyless connections (that sent a request head without an accepted
+    #: key, or none within C{keyless_grace} of opening) at most from one
+    #: address (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it one that
+    #: becomes keyless is closed), in all (half of C{max_connections}, or
+    #: one address's share if that is more; past it the oldest keyless
+    #: connection is closed to make room), and the seconds from opening
+    #: they get to send a head with a key (C{API_KEYLESS_TIMEOUT_SECONDS}).
+    #: A connection in its grace counts against C{max_connections} and
+    #: its address's C{max_connections_per_address} only.
     keyless_per_address = 256
     keyless_timeout = 5.0
+    keyless_grace = KEYLESS_GRACE_SECONDS
 
     def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
@@ -516,31 +563,49 @@ class APISite(Site):
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
         The connection's protocol, or None (twisted closes the connection at
-        once) past C{max_connections} in all, or
-        C{max_connections_per_address} or C{keyless_per_address} from the
-        client's address.  With keyless connections at half of
-        C{max_connections}, the oldest of them is closed to make room.
+        once) past C{max_connections_per_address} from the client's
+        address, or past C{max_connections} in all when no keyless
+        connection can make room (the oldest is closed if there is one).
+
+        A new connection is not keyless yet: it counts against the caps
+        only, until it has had its chance to send a key (L{became_keyless}).
         """
         address = client_address(addr)
-        if len(self.connections) >= self.max_connections:
-            self._refused("api_max_connections")
-            return None
         if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return None
-        # Every new connection is keyless until it sends a key.
-        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
-            self._refused("api_keyless_connections_per_address")
-            return None
-        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
-            # Room for the newcomer (a key holder's connection is keyless
-            # too until its first request): the oldest keyless one goes.
-            oldest = next(iter(self._keyless_order))
-            self._count_keyless(oldest, -1)
-            oldest.keyless = False
-            oldest.tcp.abortConnection()
-            self._refused("api_keyless_connections")
+        if len(self.connections) >= self.max_connections:
+            if not self._keyless_order:
+                self._refused("api_max_connections")
+                return None
+            # Room for the newcomer: the oldest keyless one goes.
+            self._evict(next(iter(self._keyless_order)))
         return APIConnection(super().buildProtocol(addr), self, address)
+
+    def became_keyless(self, connection: APIConnection) -> None:
+        """
+        C{connection} had its chance to send a key and did not: count it
+        among the keyless ones.  Past C{keyless_per_address} from its
+        address it is closed; past the keyless share of all (half of
+        C{max_connections}) the oldest keyless connection is closed to
+        make room.
+        """
+        address = connection.address
+        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
+            connection.counted_keyless = False
+            connection.tcp.abortConnection()
+            self._refused("api_keyless_connections_per_address")
+            return
+        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
+            self._evict(next(iter(self._keyless_order)))
+        self._count_keyless(connection, 1)
+
+    def _evict(self, oldest: APIConnection) -> None:
+        self._count_keyless(oldest, -1)
+        oldest.counted_keyless = False
+        oldest.keyless = False
+        oldest.tcp.abortConnection()
+        self._refused("api_keyless_connections")
 
     def _refused(self, reason: str) -> None:
         if self.context is not None:
@@ -552,7 +617,6 @@ class APISite(Site):
         self._by_transport[connection.transport] = connection
         if connection.address is not None:
             self.per_address[connection.address] = self.per_address.get(connection.address, 0) + 1
-        self._count_keyless(connection, 1)
 
     def key_accepted(self, connection: APIConnection) -> None:
         """
@@ -585,7 +649,7 @@ class APISite(Site):
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)
         address = connection.address
-        if connection.keyless and connection in self.connections:
+        if connection.counted_keyless and connection in self.connections:
             self._count_keyless(connection, -1)
         if address is not None and connection in self.connections:
             left = self.per_address.get(address, 1) - 1

@@ -72,6 +72,7 @@ class ProviderRegistry:
         coalesce: bool = True,
         wrap_agent: Callable[[IAgent], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
+        pool_size: int | None = None,
     ) -> ProviderRegistry:
         """
         Every provider C{settings.providers} holds (in its order), sharing
@@ -84,9 +85,12 @@ class ProviderRegistry:
         @param endpoints: where connections go; by default L{CachedEndpoints}
             checking https certificates against C{UPSTREAM_CA_FILE}, else
             the system's trust store.
+        @param pool_size: idle connections kept per host, when the
+            process's descriptors allow fewer than C{UPSTREAM_POOL_SIZE}
+            (L{openclaw.listeners.DescriptorShares.pool_per_host}).
         """
         pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = settings.upstream_pool_size
+        pool.maxPersistentPerHost = settings.upstream_pool_size if pool_size is None else pool_size
         # Twisted annotates it as int; it is a callLater delay, any float.
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
