@@ -244,7 +244,9 @@ class GatewayProcess(ProcessProtocol):
         value = reason.value
         status = -value.signal if getattr(value, "signal", None) else value.exitCode
         if not self.token.called:
-            self.token.errback(RuntimeError(f"gateway exited ({status}) before its banner: {self.stderr!r}"))
+            # twistd -n logs to stdout: its last lines say why it stopped.
+            said = self.stderr + self.stdout[-2000:]
+            self.token.errback(RuntimeError(f"gateway exited ({status}) before its banner: {said!r}"))
             self.token.addErrback(lambda failure: None)
         self.ended.callback(status)
 
