@@ -219,28 +219,15 @@ class Embeddings(_Authenticated):
         if consumers is None or holder is GATEWAY:
             return self._start(request, adapter, parsed, route, started, holder)
         # A consumer's limits: rpm, tpm and budget with the prompt tokens, models.
-        admitted = consumers.admit(holder, PROVIDER, parsed.model, 0, estimated_tokens(parsed.inputs))
-        if isinstance(admitted, Deferred):
-            context.call_started()
-            gone: list[bool] = []
-            request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-            def decided(refusal: APIError | None) -> None:
-                context.call_ended()
-                if gone:
-                    return
-                if refusal is None:
-                    self._start(request, adapter, parsed, route, started, holder)
-                else:
-                    self._refused(request, refusal, started, route, holder)
-
-            admitted.addCallback(decided).addErrback(
-                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
-            )
-            return NOT_DONE_YET
-        if admitted is not None:
-            return self._refused(request, admitted, started, route, holder, write=False)
-        return self._start(request, adapter, parsed, route, started, holder)
+        admission = consumers.admit(holder, PROVIDER, parsed.model, 0, estimated_tokens(parsed.inputs))
+        return self.after_admission(
+            request,
+            admission,
+            lambda: self._start(request, adapter, parsed, route, started, holder),
+            started,
+            route,
+            holder,
+        )
 
     def _start(
         self,

@@ -6,6 +6,7 @@ the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -224,6 +225,46 @@ class _Authenticated(APIResource):
             request.finish()
         return body
 
+    def after_admission(
+        self,
+        request: Request,
+        admission: APIError | Deferred[APIError | None] | None,
+        proceed: Callable[[], object],
+        started: float,
+        route: Route,
+        holder: Holder,
+    ) -> Any:
+        """
+        Go on with C{proceed} once a consumer's limits admit the call
+        (L{openclaw.consumers.table.ConsumerTable.admit}): at once when
+        C{admission} is None; when the cluster's answer comes for a
+        Deferred (one round trip to Redis; nothing is done if the client
+        left meanwhile); else answer the refusal (403, 429).
+        """
+        context = self.context
+        if isinstance(admission, Deferred):
+            context.call_started()
+            gone: list[bool] = []
+            request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+            def decided(refusal: APIError | None) -> None:
+                context.call_ended()
+                if gone:
+                    return
+                if refusal is None:
+                    proceed()
+                else:
+                    self._refused(request, refusal, started, route, holder)
+
+            admission.addCallback(decided).addErrback(
+                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
+            )
+            return NOT_DONE_YET
+        if admission is not None:
+            return self._refused(request, admission, started, route, holder, write=False)
+        proceed()
+        return NOT_DONE_YET
+
     def usable(self, request: Request, provider_id: str, started: float, holder: Holder = GATEWAY) -> ProviderAdapter:
         """
         @raise APIError: 503 when the provider has no key configured.
@@ -255,28 +296,14 @@ class Models(_Authenticated):
         if consumers is None or holder is GATEWAY:
             return self._list(request, route, adapter, started, holder)
         # A consumer's rpm counts listings too.
-        admitted = consumers.admit_listing(holder)
-        if isinstance(admitted, Deferred):
-            context.call_started()
-            gone: list[bool] = []
-            request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-            def decided(refusal: APIError | None) -> None:
-                context.call_ended()
-                if gone:
-                    return
-                if refusal is None:
-                    self._list(request, route, adapter, started, holder)
-                else:
-                    self._refused(request, refusal, started, route, holder)
-
-            admitted.addCallback(decided).addErrback(
-                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
-            )
-            return NOT_DONE_YET
-        if admitted is not None:
-            return self._refused(request, admitted, started, route, holder, write=False)
-        return self._list(request, route, adapter, started, holder)
+        return self.after_admission(
+            request,
+            consumers.admit_listing(holder),
+            lambda: self._list(request, route, adapter, started, holder),
+            started,
+            route,
+            holder,
+        )
 
     def _list(self, request: Request, route: Route, adapter: ProviderAdapter, started: float, holder: Holder) -> Any:
         context = self.context
@@ -379,30 +406,9 @@ class ChatCompletions(_Authenticated):
         if consumers is None or holder is GATEWAY:
             call.start(body)
             return NOT_DONE_YET
-        admitted = consumers.admit(holder, route.provider_id, route.model, completion_limit(chat.body))
-        if isinstance(admitted, Deferred):
-            # A cluster's shared windows: one round trip to Redis.
-            context.call_started()
-            gone: list[bool] = []
-            request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-            def decided(refusal: APIError | None) -> None:
-                context.call_ended()
-                if gone:
-                    return
-                if refusal is None:
-                    call.start(body)
-                else:
-                    self._refused(request, refusal, started, route, holder)
-
-            admitted.addCallback(decided).addErrback(
-                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
-            )
-            return NOT_DONE_YET
-        if admitted is not None:
-            return self._refused(request, admitted, started, route, holder, write=False)
-        call.start(body)
-        return NOT_DONE_YET
+        # A cluster's shared windows: one round trip to Redis.
+        admission = consumers.admit(holder, route.provider_id, route.model, completion_limit(chat.body))
+        return self.after_admission(request, admission, lambda: call.start(body), started, route, holder)
 
 
 class APIRoot(Resource):
