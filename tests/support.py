@@ -12,6 +12,7 @@ import json
 import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,38 @@ def limited_twistd(testcase: Any, nofile: int) -> str:
     )
     wrapper.chmod(0o755)
     return str(wrapper.absolute())
+
+
+def open_many(port: int, count: int, source: str, head: bytes = b"") -> list[socket.socket]:
+    """
+    C{count} TCP connections from C{source}, each sending C{head} (a
+    handshake never finished); those the server refused or dropped are
+    left out.
+    """
+    opened = []
+    for _ in range(count):
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(source, 0))
+            if head:
+                sock.sendall(head)
+            opened.append(sock)
+        except OSError:
+            pass
+    return opened
+
+
+def still_open(socks: list[socket.socket], settle: float = 0.5) -> int:
+    """
+    How many of C{socks} the server has not closed.
+    """
+    time.sleep(settle)
+    held = 0
+    for sock in socks:
+        sock.setblocking(False)
+        try:
+            held += sock.recv(1) != b""
+        except BlockingIOError:
+            held += 1
+        except OSError:
+            pass
+    return held

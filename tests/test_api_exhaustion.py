@@ -29,10 +29,12 @@ from openclaw.listeners import DescriptorShares, share_descriptors
 from tests.support import (
     capture_log_events,
     free_port,
+    limited_twistd,
     open_client,
     spawn_gateway,
     start_gateway,
     start_upstream,
+    still_open,
 )
 
 KEY = "gw-key-0123456789abcdef"
@@ -297,15 +299,7 @@ class DescriptorReserveTests(TestCase):
         env = {**os.environ, "JWT_SECRET": "r" * 40, "GATEWAY_API_KEYS": KEY, "LOG_LEVEL": "info"}
         env["PYTHONPATH"] = ""
         args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
-        # spawn_gateway has no preexec hook: lower the limit with prlimit's
-        # counterpart, the shell's ulimit, around twistd.
-        from tests.support import twistd_path
-
-        wrapper = self.mktemp()
-        with open(wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nulimit -n 256\nexec "{twistd_path()}" "$@"\n')
-        os.chmod(wrapper, 0o755)
-        process = spawn_gateway(self, args, env, twistd=os.path.abspath(wrapper))
+        process = spawn_gateway(self, args, env, twistd=limited_twistd(self, 256))
         token = yield process.token
         flood: list[socket.socket] = []
         self.addCleanup(lambda: [sock.close() for sock in flood])
@@ -320,17 +314,7 @@ class DescriptorReserveTests(TestCase):
                     )
                 except OSError:
                     pass
-            time.sleep(0.5)
-            held = 0
-            for sock in flood:
-                sock.setblocking(False)
-                try:
-                    held += sock.recv(1) != b""
-                except BlockingIOError:
-                    held += 1
-                except OSError:
-                    pass
-            return held
+            return still_open(flood)
 
         held = yield deferToThread(open_flood)
         # 256 - 64 - 48 = 144, less a quarter for the two provider hosts'

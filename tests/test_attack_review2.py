@@ -36,11 +36,12 @@ from tests.support import (
     free_port,
     limited_twistd,
     open_client,
+    open_many,
     spawn_gateway,
     start_gateway,
     start_upstream,
+    still_open,
 )
-from tests.test_attack_review import open_many, still_open
 
 KEY = "gw-key-0123456789abcdef"
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
