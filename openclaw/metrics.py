@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from itertools import accumulate
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -161,6 +161,8 @@ class LabelledCounts:
         self._documentation = documentation
         self._labels = list(labels)
         self.counts: dict[tuple[str, ...], float] = {}
+        #: Counts kept elsewhere (as sums), added in when the family is read.
+        self.sources: list[Callable[[], Mapping[tuple[str, ...], float]]] = []
 
     def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
         counts = self.counts
@@ -171,7 +173,11 @@ class LabelledCounts:
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for labels, count in list(self.counts.items()):
+        counts = dict(self.counts)
+        for source in self.sources:
+            for labels, count in source().items():
+                counts[labels] = counts.get(labels, 0) + count
+        for labels, count in counts.items():
             family.add_metric(list(labels), count)
         yield family
 
@@ -613,6 +619,21 @@ class MeasuredAgent:
         return result
 
 
+class GatewayFigures(Protocol):
+    """
+    Calls counted as sums (L{openclaw.consumers.gateway_usage.GatewayUsage}).
+    """
+
+    def requests(self) -> Mapping[int, int]:
+        """Calls so far, by HTTP status."""
+
+    def tokens(self) -> tuple[int, int, int]:
+        """C{(prompt, completion, reasoning)} tokens so far."""
+
+    def spend(self) -> float:
+        """US dollars so far."""
+
+
 class ConsumerMetrics:
     """
     The consumers' counters (issue #19), labelled by consumer name (C{-}
@@ -666,3 +687,25 @@ class ConsumerMetrics:
 
     def limited(self, consumer: str, reason: str) -> None:
         self._limited.add((consumer, reason))
+
+    def count_gateway(self, consumer: str, usage: GatewayFigures) -> None:
+        """
+        Export C{usage}'s sums as C{consumer}'s requests, tokens and spend
+        whenever the families are read: the calls of GATEWAY_API_KEYS' keys,
+        counted there rather than here, one dict update per call.
+        """
+        self._requests.sources.append(
+            lambda: {(consumer, str(status)): count for status, count in usage.requests().items()}
+        )
+
+        def tokens() -> dict[tuple[str, ...], float]:
+            counts = zip(("prompt", "completion", "reasoning"), usage.tokens(), strict=True)
+            return {(consumer, kind): count for kind, count in counts if count}
+
+        self._tokens.sources.append(tokens)
+
+        def spend() -> dict[tuple[str, ...], float]:
+            spent = usage.spend()
+            return {(consumer,): spent} if spent else {}
+
+        self._spend.sources.append(spend)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock
@@ -29,6 +29,7 @@ from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.errors import APIError
+from openclaw.metrics import ConsumerMetrics
 from openclaw.settings import ConfigError, load_settings
 from tests.postgres_server import postgres_database
 from tests.support import RunningGateway, capture_log_events, free_port, open_client, start_gateway, start_upstream
@@ -376,6 +377,54 @@ class UsageRowsTests(TestCase):
         store.rows.clear()
         table.flush()
         self.assertEqual(store.rows, [])
+
+    def test_gateway_calls_in_consumer_metrics(self) -> None:
+        """
+        The summed calls of GATEWAY_API_KEYS' keys are
+        C{openclaw_consumer_*{consumer="-"}} series, before a flush and
+        after it alike.
+        """
+        clock = Clock()
+        registry = CollectorRegistry()
+        prices = PriceTable.with_overrides({"kimi/moonshot-v1-8k": Price(1.0, 2.0, 0.5)})
+        table = ConsumerTable(
+            RecordingStore(),  # type: ignore[arg-type]
+            prices,
+            clock=clock.seconds,
+            metrics=ConsumerMetrics(registry),
+        )
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, usage, 0.010)
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 502, None, 0.5)
+        table.listed(GATEWAY, 200)
+        cost = (6 * 1.0 + 4 * 0.5 + 5 * 2.0) / 1e6
+
+        def figures() -> dict[str, float]:
+            return {
+                f"{sample.name}{sorted(sample.labels.items())}": sample.value
+                for family in registry.collect()
+                for sample in family.samples
+                if sample.labels.get("consumer") == "-"
+            }
+
+        expected = {
+            "openclaw_consumer_requests_total[('consumer', '-'), ('status', '200')]": 2.0,
+            "openclaw_consumer_requests_total[('consumer', '-'), ('status', '502')]": 1.0,
+            "openclaw_consumer_tokens_total[('consumer', '-'), ('kind', 'completion')]": 5.0,
+            "openclaw_consumer_tokens_total[('consumer', '-'), ('kind', 'prompt')]": 10.0,
+        }
+        before = figures()
+        self.assertAlmostEqual(before.pop("openclaw_consumer_spend_usd_total[('consumer', '-')]"), cost)
+        self.assertEqual(before, expected)
+        table.flush()
+        clock.advance(60)
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, usage, 0.010)
+        after = figures()
+        self.assertAlmostEqual(after.pop("openclaw_consumer_spend_usd_total[('consumer', '-')]"), 2 * cost)
+        expected["openclaw_consumer_requests_total[('consumer', '-'), ('status', '200')]"] = 3.0
+        expected["openclaw_consumer_tokens_total[('consumer', '-'), ('kind', 'completion')]"] = 10.0
+        expected["openclaw_consumer_tokens_total[('consumer', '-'), ('kind', 'prompt')]"] = 20.0
+        self.assertEqual(after, expected)
 
 
 class PostgresStoreTests(StoreTests, TestCase):

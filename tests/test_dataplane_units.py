@@ -372,6 +372,37 @@ class RequestTests(SynchronousTestCase):
             self.assertEqual(caught.exception.status, 400)
             self.assertEqual(caught.exception.param, param)
 
+    def test_optional_fields(self) -> None:
+        """
+        Each optional field is checked when present: a value OpenAI's API
+        would refuse is a 400 naming the field; a valid one, or null, passes.
+        """
+        fields: dict[str, tuple[list[Any], list[Any]]] = {
+            "temperature": ([0, 2, 0.7], [2.1, -0.1, "1", True]),
+            "top_p": ([0, 1, 0.5], [1.5, "x", False]),
+            "presence_penalty": ([-2, 2, 0.0], [2.5, -3, "0"]),
+            "frequency_penalty": ([-2, 2, 1.5], [-2.5, 3, [1]]),
+            "max_tokens": ([1, 4096], [0, -1, 1.5, True, "5"]),
+            "max_completion_tokens": ([1, 100], [0, 2.5, False]),
+            "n": ([1, 3], [0, "2", True]),
+            "stop": (["x", ["a", "b"], []], [1, ["a", 2], {"a": 1}]),
+            "parallel_tool_calls": ([True, False], ["yes", 1]),
+            "logprobs": ([True, False], [0, "true"]),
+            "top_logprobs": ([0, 20], [21, -1, 1.5, True]),
+            "seed": ([0, -5, 123456789], [1.5, "1", True]),
+            "reasoning_effort": (["low", "medium", "high"], ["max", 3, ""]),
+            "response_format": ([{"type": "text"}, {"type": "json_object"}], [{"type": "xml"}, "json", 1]),
+        }
+        messages = [{"role": "user", "content": "x"}]
+        for name, (good, bad) in fields.items():
+            for value in [*good, None]:
+                parse_chat_request(orjson.dumps({"messages": messages, name: value}))
+            for value in bad:
+                with self.assertRaises(APIError, msg=(name, value)) as caught:
+                    parse_chat_request(orjson.dumps({"messages": messages, name: value}))
+                self.assertEqual(caught.exception.status, 400)
+                self.assertTrue(caught.exception.param.startswith(name), (name, value, caught.exception.param))
+
     def test_routes(self) -> None:
         active = Route("gemini", "gemini-flash-latest")
         ids = ("kimi", "gemini")

@@ -18,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import (
     NO_CONSUMER,
@@ -68,6 +69,7 @@ class ConsumerMetricsLike(Protocol):
     def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None: ...
     def spend(self, consumer: str, usd: float) -> None: ...
     def limited(self, consumer: str, reason: str) -> None: ...
+    def count_gateway(self, consumer: str, usage: GatewayUsage) -> None: ...
 
 
 def _count(value: Any) -> int:
@@ -316,11 +318,10 @@ class ConsumerTable:
         #: SHA-256 hex of a key -> (consumer, prefix).
         self.keys: dict[str, tuple[str, str]] = {}
         self._pending: list[UsageRow] = []
-        #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}) since the last
-        #: flush, summed per C{(UTC minute, provider, model, status, priced)}
-        #: into C{[requests, prompt, completion, reasoning, cost, duration ms]}:
-        #: one row each at the flush (L{_gateway_rows}).
-        self._gateway_usage: dict[tuple[int, str, str, int, bool], list[Any]] = {}
+        #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
+        self.gateway_usage = GatewayUsage(prices)
+        if metrics is not None:
+            metrics.count_gateway(NO_CONSUMER, self.gateway_usage)
         self._flusher: LoopingCall | None = None
         self._flushing: Deferred[None] | None = None
         #: Called after every change a command made (cluster: announce it).
@@ -524,35 +525,25 @@ class ConsumerTable:
 
         A consumer's call gets a row of its own (issue #19); the calls of
         GATEWAY_API_KEYS' keys (L{GATEWAY}: no limits to keep) are summed in
-        memory per UTC minute, provider, model and status, and written at
-        the flush as one row with their C{requests} count, its C{ts} the
-        minute's start.
+        memory per UTC minute, provider, model and status (L{GatewayUsage}),
+        and written at the flush as one row with their C{requests} count,
+        its C{ts} the minute's start.
         """
-        prompt, completion, reasoning, cached = usage_counts(usage)
-        cost = self.prices.cost(provider, model, prompt, completion, cached)
+        tokens = usage_counts(usage)
         now = self.clock()
+        if holder is GATEWAY:
+            self.gateway_usage.count(provider, model, status, tokens, seconds, now)
+            return
+        prompt, completion, reasoning, cached = tokens
+        cost = self.prices.cost(provider, model, prompt, completion, cached)
         name = holder.consumer
-        if holder is not GATEWAY:
-            self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
+        self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
         metrics = self.metrics
         if metrics is not None:
             metrics.requests(name, status)
             metrics.tokens(name, prompt, completion, reasoning)
             if cost:
                 metrics.spend(name, cost)
-        if holder is GATEWAY:
-            key = (int(now // 60), provider, model, status, cost is not None)
-            totals = self._gateway_usage.get(key)
-            if totals is None:
-                self._gateway_usage[key] = [1, prompt, completion, reasoning, cost or 0.0, seconds * 1000]
-            else:
-                totals[0] += 1
-                totals[1] += prompt
-                totals[2] += completion
-                totals[3] += reasoning
-                totals[4] += cost or 0.0
-                totals[5] += seconds * 1000
-            return
         self._add(
             UsageRow(
                 now, name, holder.prefix, provider, model, status, prompt, completion, reasoning, cost, seconds * 1000
@@ -579,8 +570,7 @@ class ConsumerTable:
             self._flushing.addBoth(lambda result: waiting.callback(None))
             return waiting
         rows, self._pending = self._pending, []
-        if self._gateway_usage:
-            rows.extend(self._gateway_rows())
+        rows.extend(self.gateway_usage.take())
         if not rows:
             return succeed(None)
 
@@ -594,38 +584,6 @@ class ConsumerTable:
         flushing = self._flushing = self.store.record(rows)
         flushing.addErrback(failed).addBoth(done)
         return flushing
-
-    def _gateway_rows(self) -> list[UsageRow]:
-        """
-        The summed calls of GATEWAY_API_KEYS' keys as usage rows, one per
-        C{(UTC minute, provider, model, status, priced)}; taken out of the
-        table.
-        """
-        summed, self._gateway_usage = self._gateway_usage, {}
-        return [
-            UsageRow(
-                minute * 60.0,
-                NO_CONSUMER,
-                NO_CONSUMER,
-                provider,
-                model,
-                status,
-                prompt,
-                completion,
-                reasoning,
-                cost if priced else None,
-                duration_ms,
-                requests=requests,
-            )
-            for (minute, provider, model, status, priced), (
-                requests,
-                prompt,
-                completion,
-                reasoning,
-                cost,
-                duration_ms,
-            ) in summed.items()
-        ]
 
     # -- the commands ----------------------------------------------------------
 

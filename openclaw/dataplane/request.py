@@ -16,6 +16,7 @@ wire sees one shape.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -93,7 +94,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     @raise APIError: 400 naming the first problem found.
     """
     body = json_body(raw)
-    _legacy_functions(body)
+    if "functions" in body or "function_call" in body:
+        _legacy_functions(body)
     names = _check_tools(body.get("tools"))
     _check_tool_choice(body.get("tool_choice"), names)
     carried_ids = _check_messages(body)
@@ -115,29 +117,68 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             raise bad_request(
                 "stream_options.include_usage must be true or false", param="stream_options.include_usage"
             )
-    _check_number(body, "temperature", 0.0, 2.0)
-    _check_number(body, "top_p", 0.0, 1.0)
-    _check_number(body, "presence_penalty", -2.0, 2.0)
-    _check_number(body, "frequency_penalty", -2.0, 2.0)
-    _check_count(body, "max_tokens")
-    _check_count(body, "max_completion_tokens")
-    _check_count(body, "n")
-    _check_stop(body.get("stop"))
-    _check_bool(body, "parallel_tool_calls")
-    _check_bool(body, "logprobs")
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None and (
-        isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20
-    ):
-        raise bad_request("top_logprobs must be a whole number from 0 to 20", param="top_logprobs")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad_request("seed must be a whole number", param="seed")
-    effort = body.get("reasoning_effort")
-    if effort is not None and effort not in REASONING_EFFORTS:
-        raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param="reasoning_effort")
-    _check_response_format(body.get("response_format"))
+    # The other fields, each checked only if present (in the body's order).
+    for name in body:
+        check = _FIELD_CHECKS.get(name)
+        if check is not None:
+            check(name, body[name])
     return ChatRequest(body, bool(stream), include_usage, carried_ids)
+
+
+def _number(low: float, high: float) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high
+        ):
+            raise bad_request(f"{name} must be a number from {low:g} to {high:g}", param=name)
+
+    return check
+
+
+def _count(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise bad_request(f"{name} must be a whole number of at least 1", param=name)
+
+
+def _bool(name: str, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false", param=name)
+
+
+def _top_logprobs(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+        raise bad_request("top_logprobs must be a whole number from 0 to 20", param=name)
+
+
+def _seed(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad_request("seed must be a whole number", param=name)
+
+
+def _reasoning_effort(name: str, value: Any) -> None:
+    if value is not None and value not in REASONING_EFFORTS:
+        raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param=name)
+
+
+#: The checks of the optional fields, by name: C{check(name, value)}
+#: raises L{APIError} (400 naming the field) for a value OpenAI's API
+#: would refuse; null is accepted as "not set".
+_FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "temperature": _number(0.0, 2.0),
+    "top_p": _number(0.0, 1.0),
+    "presence_penalty": _number(-2.0, 2.0),
+    "frequency_penalty": _number(-2.0, 2.0),
+    "max_tokens": _count,
+    "max_completion_tokens": _count,
+    "n": _count,
+    "stop": lambda name, value: _check_stop(value),
+    "parallel_tool_calls": _bool,
+    "logprobs": _bool,
+    "top_logprobs": _top_logprobs,
+    "seed": _seed,
+    "reasoning_effort": _reasoning_effort,
+    "response_format": lambda name, value: _check_response_format(value),
+}
 
 
 def _legacy_functions(body: dict[str, Any]) -> None:
@@ -295,6 +336,9 @@ def _check_messages(body: dict[str, Any]) -> bool:
             unanswered.remove(call_id)
             _check_content(content, f"{where}.content", TEXT_PARTS)
             anything = True
+        elif isinstance(content, str):
+            # Text, the usual case: nothing more to check.
+            anything = anything or bool(content)
         else:
             parts = USER_PARTS if role == "user" else TEXT_PARTS
             anything = _check_content(content, f"{where}.content", parts) or anything
@@ -469,28 +513,6 @@ def _check_response_format(response_format: Any) -> None:
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",
         )
-
-
-def _check_bool(body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false", param=name)
-
-
-def _check_number(body: dict[str, Any], name: str, low: float, high: float) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise bad_request(f"{name} must be a number from {low:g} to {high:g}", param=name)
-
-
-def _check_count(body: dict[str, Any], name: str) -> None:
-    value = body.get(name)
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad_request(f"{name} must be a whole number of at least 1", param=name)
 
 
 def _check_stop(stop: Any) -> None:

@@ -80,27 +80,30 @@ class APIResource(Resource):
     def __init__(self, context: APIContext) -> None:
         super().__init__()
         self.context = context
-        self.allowedMethods = tuple(
-            method for method in (b"GET", b"POST") if hasattr(self, f"render_{method.decode()}")
-        )
+        #: The handler of each method served (HEAD is answered as GET).
+        self.handlers = {
+            method: getattr(self, f"render_{method.decode()}")
+            for method in (b"GET", b"POST")
+            if hasattr(self, f"render_{method.decode()}")
+        }
+        self.allowedMethods = tuple(self.handlers)
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFound(self.context)
 
     def render(self, request: Request) -> Any:
-        if not self.allowedMethods:
+        if not self.handlers:
             # A branch of the tree (/, /v1): nothing to serve here.
             return self.refuse(request, not_found(request.path.decode("utf-8", "replace")))
         method = request.method
         # HEAD is answered as GET (twisted.web leaves the body out); only the
         # allowed methods are dispatched: Resource's own render_HEAD would
         # call a render_GET a POST-only resource lacks.
-        name = b"GET" if method == b"HEAD" else method
-        if name not in self.allowedMethods:
+        handler = self.handlers.get(b"GET" if method == b"HEAD" else method)
+        if handler is None:
             return self.refuse(
                 request, method_not_allowed(method.decode("ascii", "replace"), tuple(self.allowedMethods))
             )
-        handler = getattr(self, "render_" + name.decode("ascii"))
         if self.context.draining:
             request.setHeader(b"connection", b"close")
             return error_response(

@@ -152,6 +152,8 @@ class APIRequest(Request):
 
     _received = 0
     _refusal: APIError | None = None
+    #: The request's connection, looked up once its head is whole.
+    _connection: APIConnection | None = None
 
     @property
     def max_request_bytes(self) -> int:
@@ -178,7 +180,7 @@ class APIRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         # Called by twisted.web once the head is whole (requestHeaders set).
-        connection = self.connection
+        connection = self._connection = self.connection
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
@@ -232,7 +234,7 @@ class APIRequest(Request):
         super().handleContentChunk(data)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        connection = self.connection
+        connection = self._connection
         if connection is not None:
             connection.body_received()
         super().requestReceived(command, path, version)
@@ -254,7 +256,7 @@ class APIRequest(Request):
         # Over HTTP/1.1 the refusal went out already and the connection is closing.
 
     def finish(self) -> None:
-        connection = self.connection
+        connection = self._connection
         if connection is not None:
             # Before twisted.web goes on to a pipelined request's head.
             connection.response_finished()
@@ -336,6 +338,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
     _http2 = False
+    #: The protocol has handled the connection's loss.
+    _lost = False
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -375,6 +379,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
+        # First: an answer finished while the protocol handles the loss
+        # arms no deadline.
+        self._lost = True
         self._disarm()
         self._stop_keyless_deadline()
         deadline, self._deadline = self._deadline, None
@@ -458,8 +465,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def response_finished(self) -> None:
         """
         An answer is complete: the next request's head has
-        C{API_HEADER_TIMEOUT_SECONDS} from now.
+        C{API_HEADER_TIMEOUT_SECONDS} from now (if the connection is still
+        open).
         """
+        if self._lost:
+            return
         self._started = False
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
