@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
+from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import Consumer, InvalidConsumer, NewKey, consumer_fields, key_hash, period_key
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
@@ -377,6 +378,22 @@ class UsageRowsTests(TestCase):
         store.rows.clear()
         table.flush()
         self.assertEqual(store.rows, [])
+
+    def test_gateway_sums_bounded(self) -> None:
+        """
+        Once taken, the sums of GATEWAY_API_KEYS' calls are kept only as
+        totals: however many model names clients send, what is held stays
+        small, and the totals stay whole.
+        """
+        usage = GatewayUsage(PriceTable())
+        for n in range(2000):
+            usage.count("kimi", f"model-{n}", 404, (3, 0, 0, 0), 0.001, 60.0 * n)
+            if n % 100 == 99:
+                self.assertEqual(len(usage.take()), 100)
+        held = sum(len(value) for value in vars(usage).values() if isinstance(value, (dict, list)))
+        self.assertLess(held, 10)
+        self.assertEqual(usage.requests(), {404: 2000})
+        self.assertEqual(usage.tokens(), (6000, 0, 0))
 
     def test_gateway_calls_in_consumer_metrics(self) -> None:
         """

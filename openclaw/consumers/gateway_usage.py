@@ -7,31 +7,25 @@ C{openclaw_consumer_*{consumer="-"}} figures when C{/metrics} is read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from openclaw.consumers.model import NO_CONSUMER
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import UsageRow
 
 #: C{[requests, prompt, completion, reasoning, cached prompt, duration ms]}.
 Sums = list[float]
-_FIELDS = 6
-
-
-def _add(into: Sums, sums: Sums) -> None:
-    for i in range(_FIELDS):
-        into[i] += sums[i]
 
 
 class GatewayUsage:
     """
     The calls of GATEWAY_API_KEYS' keys, summed.
 
-    Costs are worked out from the summed tokens when the sums are read:
+    Costs are worked out from the summed tokens when the sums are taken:
     a price is linear in each kind of token (L{Price.cost}), so the cost of
     a sum is the sum of the costs (the cached tokens of each call are
     bounded by its prompt tokens as they are counted, as L{Price.cost}
-    bounds them).
+    bounds them).  What has been taken is kept only as totals by status
+    and by kind of token, so memory does not grow with the model names
+    clients send.
 
     @param prices: the model prices (fixed for the gateway's life).
     """
@@ -40,8 +34,11 @@ class GatewayUsage:
         self.prices = prices
         #: Since the last L{take}, per C{(UTC minute, provider, model, status)}.
         self._pending: dict[tuple[int, str, str, int], Sums] = {}
-        #: Everything taken before, per C{(provider, model, status)}.
-        self._taken: dict[tuple[str, str, int], Sums] = {}
+        #: Everything taken before: calls by status, C{[prompt, completion,
+        #: reasoning]} tokens, US dollars.
+        self._requests: dict[int, int] = {}
+        self._tokens = [0, 0, 0]
+        self._spent = 0.0
 
     def count(
         self, provider: str, model: str, status: int, tokens: tuple[int, int, int, int], seconds: float, now: float
@@ -74,8 +71,9 @@ class GatewayUsage:
         pending, self._pending = self._pending, {}
         rows = []
         for (minute, provider, model, status), sums in pending.items():
-            requests, prompt, completion, reasoning, cached, duration_ms = sums
-            cost = self.prices.cost(provider, model, int(prompt), int(completion), int(cached))
+            requests, prompt, completion, reasoning, cached = (int(n) for n in sums[:5])
+            duration_ms = sums[5]
+            cost = self.prices.cost(provider, model, prompt, completion, cached)
             rows.append(
                 UsageRow(
                     minute * 60.0,
@@ -84,41 +82,27 @@ class GatewayUsage:
                     provider,
                     model,
                     status,
-                    int(prompt),
-                    int(completion),
-                    int(reasoning),
+                    prompt,
+                    completion,
+                    reasoning,
                     cost,
                     duration_ms,
-                    requests=int(requests),
+                    requests=requests,
                 )
             )
-            taken = self._taken.get((provider, model, status))
-            if taken is None:
-                self._taken[(provider, model, status)] = list(sums)
-            else:
-                _add(taken, sums)
+            self._requests[status] = self._requests.get(status, 0) + requests
+            self._tokens[0] += prompt
+            self._tokens[1] += completion
+            self._tokens[2] += reasoning
+            self._spent += cost or 0.0
         return rows
-
-    def _totals(self) -> Iterator[tuple[str, str, int, Sums]]:
-        """
-        Every call counted so far, per C{(provider, model, status)}.
-        """
-        totals = {key: list(sums) for key, sums in self._taken.items()}
-        for (_, provider, model, status), sums in self._pending.items():
-            total = totals.get((provider, model, status))
-            if total is None:
-                totals[(provider, model, status)] = list(sums)
-            else:
-                _add(total, sums)
-        for (provider, model, status), sums in totals.items():
-            yield provider, model, status, sums
 
     def requests(self) -> dict[int, int]:
         """
         Calls counted so far, by HTTP status.
         """
-        by_status: dict[int, int] = {}
-        for _, _, status, sums in self._totals():
+        by_status = dict(self._requests)
+        for (_, _, _, status), sums in self._pending.items():
             by_status[status] = by_status.get(status, 0) + int(sums[0])
         return by_status
 
@@ -126,8 +110,8 @@ class GatewayUsage:
         """
         C{(prompt, completion, reasoning)} tokens counted so far.
         """
-        prompt = completion = reasoning = 0
-        for _, _, _, sums in self._totals():
+        prompt, completion, reasoning = self._tokens
+        for sums in self._pending.values():
             prompt += int(sums[1])
             completion += int(sums[2])
             reasoning += int(sums[3])
@@ -137,8 +121,8 @@ class GatewayUsage:
         """
         US dollars spent so far (priced models only).
         """
-        spent = 0.0
-        for provider, model, _, sums in self._totals():
+        spent = self._spent
+        for (_, provider, model, _), sums in self._pending.items():
             spent += self.prices.cost(provider, model, int(sums[1]), int(sums[2]), int(sums[4])) or 0.0
         return spent
 
