@@ -143,15 +143,19 @@ class ControlProtocol(WebSocketServerProtocol):
         if deadline is not None and deadline.active():
             deadline.cancel()
 
-    def processHandshake(self) -> None:
-        # Autobahn calls this on every read until the handshake is done (and
-        # never after, so the open connection's hot path pays nothing).
-        if len(self.data) > MAX_HANDSHAKE_BYTES:
-            self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
-            self.data = b""
-            self.tcp.abortConnection()
-            return
-        super().processHandshake()
+    #: Bytes received before the opening handshake is done.
+    handshake_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == self.STATE_CONNECTING:
+            # The opening handshake may take MAX_HANDSHAKE_BYTES in all:
+            # counted here, as it arrives, not in Autobahn's own buffer.
+            self.handshake_bytes += len(data)
+            if self.handshake_bytes > MAX_HANDSHAKE_BYTES:
+                self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
+                self.tcp.abortConnection()
+                return
+        super().dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
