@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from tests.support import capture_log_events, changed_providers, open_client, start_gateway, start_upstream
+from tests.test_ctl import run_ctl
 
 KIMI_KEY = "sk-kimi-secret-0123456789"
 GEMINI_KEY = "AIza-gemini-secret-0123456789"
@@ -115,6 +116,63 @@ class HealthCheckTests(UpstreamTestCase):
         self.assertEqual(len(answers), 100)
         self.assertTrue(all(a["ok"] and a["result"]["providers"]["kimi"]["ok"] for a in answers))
         self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 1))
+
+
+class UnlistedModelTests(UpstreamTestCase):
+    """
+    switch_provider to a model the provider's last listing does not name:
+    switched all the same, with a warning that openclawctl prints.
+    """
+
+    @inlineCallbacks
+    def test_warning(self):
+        gateway = self.gateway()
+        client = yield open_client(self, gateway.port)
+        # No listing known yet: no warning, and none fetched for the switch.
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8kk"}
+        )
+        self.assertNotIn("warning", answer["result"])
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        yield client.command(gateway.token, "health_check")
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8kk"}
+        )
+        self.assertTrue(answer["ok"], answer)
+        warning = answer["result"]["warning"]
+        self.assertIn("'moonshot-v1-8kk' is not among the 4 models kimi listed", warning)
+        self.assertIn("did you mean moonshot-v1-8k", warning)
+        # Switched all the same: the operator may know better.
+        route = gateway.service.route.current
+        self.assertEqual((route.provider_id, route.model), ("kimi", "moonshot-v1-8kk"))
+        for provider, model in (
+            ("kimi", "moonshot-v1-8k"),
+            ("gemini", "gemini-2.5-pro"),
+            ("gemini", "models/gemini-2.5-pro"),
+        ):
+            answer = yield client.command(gateway.token, "switch_provider", {"provider": provider, "model": model})
+            self.assertNotIn("warning", answer["result"], (provider, model))
+        # openclawctl shows it on stderr.
+        url, token = f"ws://127.0.0.1:{gateway.port}", gateway.token
+        out, err, code = yield run_ctl(
+            "--url", url, "--token", token, "switch-provider", "kimi", "--model", "moonshot-v1-8kk"
+        )
+        self.assertEqual((out, code), ("gemini -> kimi (moonshot-v1-8kk)\n", 0))
+        self.assertTrue(err.startswith("openclawctl: warning: model 'moonshot-v1-8kk' is not among"), err)
+        out, err, code = yield run_ctl(
+            "--url", url, "--token", token, "switch-provider", "kimi", "--model", "moonshot-v1-32k"
+        )
+        self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
+    def test_models_listing_is_known_too(self):
+        gateway = self.gateway()
+        gemini = gateway.service.providers.get("gemini")
+        # What GET /v1/models uses.
+        yield gemini.list_models()
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "gemini", "model": "gemini-9"})
+        self.assertIn("'gemini-9' is not among the 4 models gemini listed", answer["result"]["warning"])
 
 
 class ShutdownGraceTests(TestCase):

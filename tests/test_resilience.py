@@ -14,10 +14,11 @@ from typing import Any
 
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 
 from openclaw.ctl import format_status
 from openclaw.dataplane.errors import upstream_refused
@@ -617,3 +618,114 @@ class ReadyzTests(ResilienceTestCase):
         # /healthz stays liveness.
         response, _ = yield self.get(gateway, "/healthz")
         self.assertEqual(response.code, 200)
+
+
+class HalfOpenTrialTests(ResilienceTestCase):
+    """
+    The half-open trial call gives the breaker a verdict, or gives the
+    trial back, however it ends: else the provider is shut out (503
+    C{provider_unavailable}) until a restart.
+    """
+
+    @inlineCallbacks
+    def open_breaker(self, gateway: Any) -> Any:
+        """
+        One 503 opens the breaker (C{breaker_failures=1}); fire once its
+        cooldown is over.
+        """
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 503
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        breaker = gateway.service.providers.get("kimi").breaker
+        self.assertEqual(breaker.state, "open")
+        yield deferLater(reactor, breaker.remaining() + 0.05)
+        self.assertEqual(breaker.state, "half_open")
+
+    @inlineCallbacks
+    def check_served_again(self, gateway: Any) -> Any:
+        """
+        The provider answers again, and its next call (after one more
+        cooldown, if the trial failed) is sent and closes the breaker.
+        """
+        kimi = self.behaviour("kimi")
+        kimi.mode = "ok"
+        breaker = gateway.service.providers.get("kimi").breaker
+        yield deferLater(reactor, breaker.remaining() + 0.05)
+        kimi.reset()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(kimi.requests, 1)
+        self.assertEqual(breaker.state, "closed")
+
+    @inlineCallbacks
+    def test_error_body_too_slow(self):
+        for stream in (False, True):
+            gateway = self.gateway(
+                default_provider="kimi",
+                fallback="off",
+                breaker_failures=1,
+                breaker_cooldown_seconds=0.3,
+                upstream_timeout=0.3,
+            )
+            yield self.open_breaker(gateway)
+            # The trial: a 503 whose body never comes whole.
+            self.behaviour("kimi").mode = "error_stall"
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.assertEqual(response.code, 504, text)
+            self.assertIn("the error body", self.assertOpenAIError(text, "upstream_timeout")["message"])
+            # A 5xx: the provider's failure, the breaker opens again.
+            self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "open")
+            yield self.check_served_again(gateway)
+
+    @inlineCallbacks
+    def test_error_body_cut(self):
+        gateway = self.gateway(
+            default_provider="kimi", fallback="off", breaker_failures=1, breaker_cooldown_seconds=0.3
+        )
+        yield self.open_breaker(gateway)
+        self.behaviour("kimi").mode = "error_cut"
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "open")
+        yield self.check_served_again(gateway)
+
+    @inlineCallbacks
+    def test_4xx_error_body_too_slow_closes(self):
+        # A 4xx answered: the provider is up, whatever its body did.
+        gateway = self.gateway(
+            default_provider="kimi",
+            fallback="off",
+            breaker_failures=1,
+            breaker_cooldown_seconds=0.3,
+            upstream_timeout=0.3,
+        )
+        yield self.open_breaker(gateway)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error_stall", 400
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 504, text)
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+    @inlineCallbacks
+    def test_client_leaves_while_error_body_read(self):
+        gateway = self.gateway(
+            default_provider="kimi", fallback="off", breaker_failures=1, breaker_cooldown_seconds=0.3
+        )
+        yield self.open_breaker(gateway)
+        kimi = self.behaviour("kimi")
+        kimi.mode = "error_stall"
+        kimi.reset()
+        call = self.post(gateway, {"messages": HELLO})
+        while not kimi.requests:
+            yield deferLater(reactor, 0.01)
+        # Long enough for the gateway to have the 503's headers.
+        yield deferLater(reactor, 0.2)
+        call.cancel()
+        yield self.assertFailure(call, CancelledError, ResponseNeverReceived)
+        yield gateway.service.api_site.context.idle()
+        # No verdict: the trial is free for the next call, sent at once.
+        breaker = gateway.service.providers.get("kimi").breaker
+        self.assertEqual(breaker.state, "half_open")
+        self.assertTrue(breaker.would_allow())
+        yield self.check_served_again(gateway)

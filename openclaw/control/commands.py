@@ -70,6 +70,8 @@ class Provider(Protocol):
 
     def missing_key_warning(self) -> str | None: ...
 
+    def unlisted_model_warning(self, model: str) -> str | None: ...
+
 
 class Providers(Protocol):
     """
@@ -185,9 +187,13 @@ class ControlCommands:
 
         def switched(previous: Route) -> Result:
             result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
-            warning = provider.missing_key_warning()
-            if warning:
-                result["warning"] = warning
+            # The switch is made all the same: an operator may know better
+            # than a listing (a model served but not listed, one just added).
+            warnings = [
+                w for w in (provider.missing_key_warning(), provider.unlisted_model_warning(model.strip())) if w
+            ]
+            if warnings:
+                result["warning"] = "; ".join(warnings)
             return result
 
         if self.share_switch is not None:

@@ -15,6 +15,7 @@ the upstream request, an upstream that breaks ends the client's stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
@@ -48,6 +49,7 @@ from openclaw.dataplane.errors import (
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
+from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
@@ -62,6 +64,7 @@ _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
 _HEADERS = "the response headers"
+_ERROR_BODY = "the error body"
 
 
 @attrs.define(eq=False)
@@ -123,6 +126,14 @@ class ChatCall:
     #: The client left a consumer's stream before its usage: the rest of
     #: the stream is read for it, and the call counted once it ends.
     _reading_out: bool = False
+    #: The breaker whose permission the attempt under way took
+    #: (L{CircuitBreaker.allow}) and that has had no verdict on it yet;
+    #: L{_settle} gives it exactly one, however the attempt ends.
+    _permit: CircuitBreaker | None = None
+    #: That permission was the half-open trial.
+    _permit_is_trial: bool = False
+    #: The status of an upstream answer whose error body is being read.
+    _error_status: int = 0
 
     def start(self, body: bytes) -> None:
         context = self.context
@@ -136,6 +147,9 @@ class ChatCall:
         Send C{body} to L{adapter} with its next usable key, if its breaker
         lets a call through.
         """
+        # A permission still held (none should be: each attempt settles
+        # before the next) is given back before another is taken.
+        self._settle(CircuitBreaker.abandoned)
         adapter = self.adapter
         provider_id = self.route.provider_id
         keys = adapter.keys
@@ -144,8 +158,11 @@ class ChatCall:
         key = keys.pick(avoid=self._tried)
         if key is None:
             return self._upstream_failed("no_key", no_usable_key(provider_id, adapter.keys_setting, keys.back_in()))
-        if not adapter.breaker.allow():
-            return self._upstream_failed("breaker_open", breaker_open(provider_id, adapter.breaker.remaining()))
+        breaker = adapter.breaker
+        trial = breaker.state is BreakerState.HALF_OPEN
+        if not breaker.allow():
+            return self._upstream_failed("breaker_open", breaker_open(provider_id, breaker.remaining()))
+        self._permit, self._permit_is_trial = breaker, trial
         self._body, self._key = body, key
         self._tried.append(key)
         self._generation += 1
@@ -163,6 +180,21 @@ class ChatCall:
         d.addErrback(self._bug)
         return None
 
+    def _settle(self, verdict: Callable[[CircuitBreaker], None]) -> None:
+        """
+        Give the breaker whose permission the attempt took its verdict
+        (C{CircuitBreaker.succeeded}, C{.failed} or C{.abandoned}), once:
+        later calls do nothing until the next attempt.  Abandoning a
+        permission that was not the half-open trial changes nothing (there
+        is no trial of this call's to give back).
+        """
+        breaker, self._permit = self._permit, None
+        if breaker is None:
+            return
+        if verdict is CircuitBreaker.abandoned and not self._permit_is_trial:
+            return
+        verdict(breaker)
+
     def _current(self, generation: int) -> bool:
         """
         The answer belongs to the attempt under way and the call is not over.
@@ -179,16 +211,17 @@ class ChatCall:
         if not self._current(generation):
             return
         if not 200 <= response.code < 300:
+            self._error_status = response.code
             retry_after = response.headers.getRawHeaders(b"retry-after", [None])[0]
             self._read(
                 response,
-                "the error body",
+                _ERROR_BODY,
                 self._got_error_body,
                 response.code,
                 None if retry_after is None else retry_after.decode("latin-1"),
             )
             return
-        self.adapter.breaker.succeeded()
+        self._settle(CircuitBreaker.succeeded)
         if self.chat.stream:
             self._start_stream(response)
         else:
@@ -254,10 +287,10 @@ class ChatCall:
         refusal = adapter.refusal(status, body, retry_after)
         error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting)
         if refusal.kind is RefusalKind.SERVER:
-            adapter.breaker.failed()
+            self._settle(CircuitBreaker.failed)
             return self._upstream_failed("http_5xx", error)
         # Any other answer: the provider is up.
-        adapter.breaker.succeeded()
+        self._settle(CircuitBreaker.succeeded)
         if refusal.kind is RefusalKind.RATE_LIMITED:
             adapter.keys.rest(key, refusal.retry_after)
             return self._another_key("rate_limited", error)
@@ -284,9 +317,21 @@ class ChatCall:
         error = upstream_failed(self.route.provider_id, self.adapter.describe(reason))
         if self._waiting_for == _HEADERS:
             # Refused, reset, unreachable: the provider's failure.
-            self.adapter.breaker.failed()
+            self._settle(CircuitBreaker.failed)
             return self._upstream_failed("connect", error)
+        self._settle_error_body()
         return self._fail(error)
+
+    def _settle_error_body(self) -> None:
+        """
+        A non-2xx answer's body never came whole (cut, too large, too slow):
+        its status is all the verdict there is.  A 5xx is the provider's
+        failure; any other status is an answer from a provider that is up
+        (L{CircuitBreaker.succeeded}).  Nothing to do for a 2xx, settled at
+        its headers.
+        """
+        if self._waiting_for == _ERROR_BODY:
+            self._settle(CircuitBreaker.failed if self._error_status >= 500 else CircuitBreaker.succeeded)
 
     # -- failover -------------------------------------------------------------
 
@@ -410,13 +455,14 @@ class ChatCall:
         self._timer = None
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
         if self._waiting_for != _HEADERS:
+            self._settle_error_body()
             return self._fail(error)
         # No headers in time: the provider's failure; let this attempt go.
         self._generation += 1
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.cancel()
-        self.adapter.breaker.failed()
+        self._settle(CircuitBreaker.failed)
         return self._upstream_failed("timeout", error)
 
     def shut_down(self) -> None:
@@ -430,9 +476,8 @@ class ChatCall:
     def _client_gone(self, reason: Failure) -> None:
         if self._over:
             return
-        if self._pending is not None and self._waiting_for == _HEADERS:
-            # No verdict on the provider: a half-open trial is free again.
-            self.adapter.breaker.abandoned()
+        # No verdict on the provider (given by _finish_call): a half-open
+        # trial is free again.
         relay = self._relay
         if relay is not None and self.reads_out():
             # The relay goes on (see _read_out); _finish_call leaves it be.
@@ -525,6 +570,9 @@ class ChatCall:
             time limit) instead of dropping its connection.
         """
         self._over = True
+        # An attempt that ends here with no verdict on the provider (its
+        # client left, the gateway stops, a bug) gives its permission back.
+        self._settle(CircuitBreaker.abandoned)
         self._cancel_timer()
         pending, self._pending = self._pending, None
         if pending is not None:

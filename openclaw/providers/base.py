@@ -20,6 +20,7 @@ L{openclaw.providers.BUILTIN_PROVIDERS}.
 from __future__ import annotations
 
 import abc
+import difflib
 import re
 from typing import Any, ClassVar, Self
 
@@ -141,6 +142,9 @@ class ProviderAdapter(abc.ABC):
     )
     #: The model a call failed over to this provider asks for; None: C{default_model}.
     fallback_model: str | None = None
+    #: The model ids of the last listing that succeeded (a health probe or a
+    #: C{/v1/models} call), for L{unlisted_model_warning}; None until one has.
+    listed_models: tuple[str, ...] | None = attrs.field(default=None, init=False, repr=False)
     #: The chat request headers per key, built once each: they hold the key.
     _chat_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
     #: Removes every key of the pool from text the provider sent (L{scrub}).
@@ -275,6 +279,24 @@ class ProviderAdapter(abc.ABC):
         """
         return None if self.api_key else f"{self.key_variable} is not set"
 
+    def unlisted_model_warning(self, model: str) -> str | None:
+        """
+        A warning when C{model} is not in this provider's last models
+        listing (L{listed_models}): its calls would be refused (404) unless
+        the provider serves models it does not list.  None when it is
+        listed, or when no listing has been had yet (none is fetched here).
+        """
+        if self.has_model(self.listed_models, model) is not False:
+            return None
+        assert self.listed_models is not None
+        close = difflib.get_close_matches(self.normalize_model(model), self.listed_models, n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return (
+            f"model {model!r} is not among the {len(self.listed_models)} models {self.id} listed at its last "
+            f"health_check or models listing, so calls to it will likely be refused; {hint}"
+            "check the name and switch again with the right model (health_check shows whether it is available)"
+        )
+
     def post_chat(self, model: str, body: bytes, stream: bool, key: str | None = None) -> Deferred[IResponse]:
         """
         Send one chat call with C{key} (by default C{api_key}); fires with
@@ -397,10 +419,14 @@ class ProviderAdapter(abc.ABC):
         # addTimeout cancels the whole chain: the coroutine passes the
         # cancellation to whatever it awaits (connect, headers or body), and
         # each of those closes the connection.
-        d = Deferred.fromCoroutine(self.fetch_model_ids(exchange))
+        d = Deferred.fromCoroutine(self.fetch_model_ids(exchange)).addCallback(self._listed)
         return d.addTimeout(
             self.timeout, self.reactor, onTimeoutCancel=lambda _, timeout: self._timed_out(exchange, timeout)
         )
+
+    def _listed(self, models: list[str]) -> list[str]:
+        self.listed_models = tuple(models)
+        return models
 
     def _timed_out(self, exchange: Exchange, timeout: float) -> Failure:
         host, port = self._address()

@@ -103,6 +103,12 @@ class Mode(StrEnum):
     #: error shape (C{error_status}, C{error_message}), and the end; a
     #: whole answer is answered normally.
     STREAM_ERROR = "stream_error"
+    #: C{error_status} with the headers and half of its error body, then
+    #: nothing more.
+    ERROR_STALL = "error_stall"
+    #: C{error_status} with the headers and half of its error body, then
+    #: the connection closed mid-body.
+    ERROR_CUT = "error_cut"
 
 
 @attrs.define
@@ -827,6 +833,11 @@ class _Endpoint(Resource):
                 self._refuse(request, behaviour, 429)
             else:
                 self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
+            return
+        if mode in (Mode.ERROR_STALL, Mode.ERROR_CUT):
+            error = self._dialect.error_document(behaviour.error_status, behaviour.error_message, behaviour.key)
+            body = json.dumps(error).encode()
+            _send(request, behaviour.error_status, body, stall=True, cut=mode is Mode.ERROR_CUT)
             return
         if mode is Mode.MALFORMED:
             _send(request, 200, b'{"object": "list", "data": [{"id": "moonsh')
