@@ -17,10 +17,12 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.table import Counters
+from openclaw.providers.errors import RefusalKind, classify, parse_retry_after
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
-from tests.support import capture_log_events
+from tests.support import capture_log_events, changed_providers
 from tests.test_consumers import GatewayCase
-from tests.test_dataplane import HELLO
+from tests.test_dataplane import HELLO, KIMI_KEY
+from tests.test_resilience import ResilienceTestCase
 
 
 class FlakyStore:
@@ -114,3 +116,42 @@ class FailedAdmissionTests(GatewayCase):
         began = reactor.seconds()
         yield gateway.service.stopService()
         self.assertLess(reactor.seconds() - began, 10.0)
+
+
+class RetryAfterTests(TestCase):
+    """
+    A provider's C{Retry-After} that is neither ASCII digits nor an
+    HTTP-date (RFC 9110 section 10.2.3) is no usable delay.
+    """
+
+    def test_unreadable(self) -> None:
+        # As twisted.web decodes header bytes (latin-1): 0xB2 is "²", which
+        # str.isdigit takes for a digit and float() refuses.
+        for value in ("\xb2", "1\xb2", " ", "", "9" * 400, "Sun, 06 Nov 99" + "9" * 400 + " 08:49:37 GMT"):
+            self.assertIsNone(parse_retry_after(value, 0.0), repr(value))
+        refusal = classify(429, b'{"error": {"message": "slow down"}}', "\xb2", 0.0)
+        self.assertEqual((refusal.kind, refusal.retry_after), (RefusalKind.RATE_LIMITED, None))
+
+    def test_readable(self) -> None:
+        self.assertEqual(parse_retry_after(" 7 ", 0.0), 7.0)
+        self.assertEqual(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111770.0), 7.0)
+
+
+class RetryAfterEndToEndTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_unreadable_retry_after_rests_the_key(self) -> Any:
+        """
+        A 429 whose Retry-After is unreadable rests the key for the default
+        time and the call goes on with the next key.
+        """
+        second = "sk-kimi-SECOND-0123456789abcdef"
+        kimi = self.behaviour("kimi")
+        kimi.extra_keys = [second]
+        kimi.rate_limited_keys = {KIMI_KEY}
+        kimi.retry_after_header = b"\xb2"
+        providers = changed_providers(self.upstream.provider_settings(), kimi={"api_keys": (second,)})
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="off")
+        for _ in range(2):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+        self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second])
