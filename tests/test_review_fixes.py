@@ -16,9 +16,13 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from openclaw.cluster import ClusterNode, MemoryStore
+from openclaw.cluster.node import encode_route
 from openclaw.consumers.table import Counters
 from openclaw.providers.errors import RefusalKind, classify, parse_retry_after
+from openclaw.routing import ActiveRoute, Route
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
+from openclaw.session import SessionAuthority
 from tests.support import capture_log_events, changed_providers
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO, KIMI_KEY
@@ -155,3 +159,36 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             response, _ = yield self.post(gateway, {"messages": HELLO})
             self.assertEqual(response.code, 200)
         self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second])
+
+
+class ClusterNodeStopTests(TestCase):
+    def test_stop_leaves_nothing_pending(self) -> None:
+        """
+        A stop cancels the heartbeat, the reload's back-off retry and the
+        catch-up a heartbeat scheduled: nothing runs against a closed store.
+        """
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        store = MemoryStore(clock.seconds)
+        node = ClusterNode(
+            store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(b"0123456789abcdef0123456789abcdef", 3600, clock=clock.seconds),
+            "a",
+            clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        node.connected()
+        node.start()
+        self.assertTrue(node.up)
+        # A change this node missed (its publication lost): the next beat
+        # schedules a second look.
+        store.write("route", encode_route(Route("kimi", "k-1")), "b", "receipt-1")
+        node.beat()
+        # Then the store goes away and a reload fails: a retry is due.
+        store.up = False
+        node.connected()
+        self.assertGreaterEqual(len(clock.getDelayedCalls()), 3)
+        node.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
