@@ -92,17 +92,6 @@ class UpstreamHTTPError(ProviderError):
         self.message = message
 
 
-def scrub(text: str, secret: str | None) -> str:
-    """
-    Remove C{secret} from C{text}: some providers quote the key back in
-    their error messages, and reasons end up in logs and reports.  See
-    L{Scrubber} for what is removed.
-    """
-    if not secret:
-        return text
-    return Scrubber((secret,)).text(text)
-
-
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """
     Collapse whitespace and cut C{text} to C{limit} characters.
@@ -165,14 +154,6 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
-
-
-def scrub_all(text: str, secrets: Iterable[str]) -> str:
-    """
-    L{scrub} every one of C{secrets} (each key of a provider's pool) from
-    C{text} (see L{Scrubber}).
-    """
-    return Scrubber(tuple(secrets)).text(text)
 
 
 AnyStr = TypeVar("AnyStr", str, bytes)
