@@ -10,15 +10,18 @@ from typing import Any
 import attrs
 import openai
 from twisted.internet import reactor
+from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
+from openclaw.addresses import counted_key
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import encode_route
 from openclaw.consumers.table import Counters
+from openclaw.dataplane.site import client_address
 from openclaw.providers.errors import RefusalKind, classify, parse_retry_after
 from openclaw.routing import ActiveRoute, Route
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
@@ -192,3 +195,17 @@ class ClusterNodeStopTests(TestCase):
         self.assertGreaterEqual(len(clock.getDelayedCalls()), 3)
         node.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class CountedKeyTests(TestCase):
+    def test_one_rule_for_both_planes(self) -> None:
+        """
+        The control plane's unauthenticated connections and the API's
+        connections per address count under L{counted_key}.
+        """
+        self.assertEqual(counted_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(counted_key("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(counted_key("not-an-address"), "not-an-address")
+        self.assertIsNone(counted_key(None))
+        self.assertEqual(client_address(IPv6Address("TCP", "2001:db8::2", 1)), "2001:db8::/64")
+        self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))

@@ -37,7 +37,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from openclaw.addresses import client_key
+from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
@@ -58,18 +58,13 @@ KEYLESS_GRACE_SECONDS = 1.0
 def client_address(addr: IAddress | None) -> str | None:
     """
     The client a connection counts against, by the control plane's rule
-    (L{openclaw.addresses.client_key}): its IPv4 address (an IPv4-mapped
+    (L{openclaw.addresses.counted_key}): its IPv4 address (an IPv4-mapped
     IPv6 address as the IPv4 one), or the /64 of its IPv6 address; None
     for a peer with no IP address (a UNIX socket), which no per-address
     cap applies to.
     """
     host = getattr(addr, "host", None)
-    if not isinstance(host, str):
-        return None
-    try:
-        return client_key(host)
-    except ValueError:
-        return host
+    return counted_key(host if isinstance(host, str) else None)
 
 
 def more_than_one_host(request: Request) -> bool:
