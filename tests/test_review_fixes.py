@@ -5,6 +5,7 @@ shows it fixed.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
@@ -27,8 +28,9 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
 from openclaw.session import SessionAuthority
 from tests.support import capture_log_events, changed_providers
+from tests.test_attack_review import exchange
 from tests.test_consumers import GatewayCase
-from tests.test_dataplane import HELLO, KIMI_KEY
+from tests.test_dataplane import GATEWAY_KEY, HELLO, KIMI_KEY, DataPlaneTestCase
 from tests.test_resilience import ResilienceTestCase
 
 
@@ -209,3 +211,23 @@ class CountedKeyTests(TestCase):
         self.assertIsNone(counted_key(None))
         self.assertEqual(client_address(IPv6Address("TCP", "2001:db8::2", 1)), "2001:db8::/64")
         self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))
+
+
+class TwoAuthorizationFieldsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_refused_in_either_order(self) -> Any:
+        """
+        A request with two Authorization fields is answered 400 in OpenAI's
+        shape, whichever comes first (twisted.web would take the last).
+        """
+        gateway = self.gateway()
+        good, bad = f"Authorization: Bearer {GATEWAY_KEY}\r\n", "Authorization: Bearer wrong\r\n"
+        head = "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        answer = yield deferToThread(exchange, gateway.api_port, (head + good + "\r\n").encode())
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        for fields in (bad + good, good + bad, good + good):
+            answer = yield deferToThread(exchange, gateway.api_port, (head + fields + "\r\n").encode())
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:200])
+            error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            self.assertEqual(error["code"], "invalid_authorization")
+            self.assertIn("send exactly one", error["message"])

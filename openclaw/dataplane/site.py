@@ -77,6 +77,17 @@ def more_than_one_host(request: Request) -> bool:
     return len(request.requestHeaders.getRawHeaders(b"host", ())) > 1
 
 
+def more_than_one_authorization(request: Request) -> bool:
+    """
+    Whether a request's head holds more than one C{Authorization} field:
+    its value is one set of credentials, not a list (RFC 9110 sections
+    11.6.2 and 5.3), so such a request is answered 400; twisted.web's
+    C{getHeader} takes the last, and a proxy in front may have checked
+    the first.
+    """
+    return len(request.requestHeaders.getRawHeaders(b"authorization", ())) > 1
+
+
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
@@ -187,6 +198,18 @@ class APIRequest(Request):
                     "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
                     "invalid_request_error",
                     "invalid_host",
+                )
+            )
+            return
+        if more_than_one_authorization(self):
+            super().gotLength(0)
+            self._refuse(
+                APIError(
+                    400,
+                    "the request has more than one Authorization header field; send exactly one "
+                    "(Authorization: Bearer <key>)",
+                    "invalid_request_error",
+                    "invalid_authorization",
                 )
             )
             return
