@@ -22,7 +22,8 @@ from openclaw.addresses import counted_key
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import encode_route
 from openclaw.consumers.table import Counters
-from openclaw.dataplane.site import client_address
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.site import client_address, raw_response
 from openclaw.providers.errors import RefusalKind, classify, parse_retry_after
 from openclaw.routing import ActiveRoute, Route
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
@@ -231,3 +232,25 @@ class TwoAuthorizationFieldsTests(DataPlaneTestCase):
             error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
             self.assertEqual(error["code"], "invalid_authorization")
             self.assertIn("send exactly one", error["message"])
+
+
+class ReasonPhraseTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_429_status_line(self) -> Any:
+        """
+        A 429 goes out as "429 Too Many Requests" (twisted.web's table has
+        no phrase for it: "429 Unknown Status").
+        """
+        kimi = self.behaviour("kimi")
+        kimi.rate_limited_keys = {KIMI_KEY}
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        body = json.dumps({"model": "kimi/moonshot-v1-8k", "messages": HELLO}).encode()
+        request = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (GATEWAY_KEY.encode(), len(body), body)
+        )
+        answer = yield deferToThread(exchange, gateway.api_port, request)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer[:200])
+        refused = raw_response(APIError(429, "slow down", "rate_limit_error", "rate_limited"))
+        self.assertTrue(refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), refused[:100])

@@ -41,7 +41,7 @@ from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
@@ -184,6 +184,14 @@ class APIRequest(Request):
         """
         return self.api_site.connection_of(self.transport)
 
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """
+        Set the status, with its standard reason phrase (L{reason_phrase})
+        when none is given: twisted.web's own table lacks some (429 went
+        out as "429 Unknown Status").
+        """
+        super().setResponseCode(code, reason_phrase(code) if message is None else message)
+
     def gotLength(self, length: int | None) -> None:
         # Called by twisted.web once the head is whole (requestHeaders set).
         connection = self._connection = self.connection
@@ -308,7 +316,7 @@ def raw_response(error: APIError) -> bytes:
     for answers written before twisted.web has a request to answer with.
     """
     body = error.body()
-    reason = http.RESPONSES.get(error.status, b"Error")
+    reason = reason_phrase(error.status) or b"Error"
     headers = b"".join(b"%s: %s\r\n" % (name, value) for name, value in error.headers)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
