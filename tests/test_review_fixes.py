@@ -254,3 +254,32 @@ class ReasonPhraseTests(ResilienceTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer[:200])
         refused = raw_response(APIError(429, "slow down", "rate_limit_error", "rate_limited"))
         self.assertTrue(refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), refused[:100])
+
+
+class GatewayKeysUsageTests(GatewayCase):
+    """
+    The usage of GATEWAY_API_KEYS' keys, recorded under "-", can be asked
+    for by that name (and only asked for: no consumer may take it).
+    """
+
+    @inlineCallbacks
+    def test_usage_of_gateway_keys(self) -> Any:
+        from tests.test_ctl import run_ctl
+
+        gateway, client = yield self.gateway()
+        sdk = self.sdk(gateway, GATEWAY_KEY)
+        for _ in range(2):
+            yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        out, err, code = yield run_ctl(
+            "--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, "--json", "usage", "--name", "-"
+        )
+        self.assertEqual((err, code), ("", 0))
+        result = json.loads(out)["result"]
+        self.assertEqual((result["name"], result["total"]["requests"]), ("-", 2))
+        answer = yield client.command(gateway.token, "usage", {"name": "-", "group_by": "model"})
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(answer["result"]["total"]["requests"], 2)
+        for cmd in ("consumer_create", "consumer_update"):
+            answer = yield client.command(gateway.token, cmd, {"name": "-"})
+            self.assertFalse(answer["ok"], answer)
+            self.assertIn("not '-' alone", json.dumps(answer))
