@@ -47,4 +47,19 @@ def client_key(address: IPAddress | str) -> str:
     return str(address)
 
 
-__all__ = ["IPAddress", "client_key", "normalise"]
+def counted_key(host: str | None) -> str | None:
+    """
+    What a connection from C{host} counts against (the control plane's
+    unauthenticated connections, the API's connections per address):
+    L{client_key} of an IP address; C{host} itself when it is not one;
+    L{None} (not counted) for no host, as on a UNIX socket.
+    """
+    if host is None:
+        return None
+    try:
+        return client_key(host)
+    except ValueError:
+        return host
+
+
+__all__ = ["IPAddress", "client_key", "counted_key", "normalise"]

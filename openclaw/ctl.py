@@ -322,7 +322,7 @@ def _consumer_commands(command: Any) -> None:
     revoke.add_argument("name")
     revoke.add_argument("key_prefix")
     usage = command("usage", "requests, tokens and cost per consumer, model or day")
-    usage.add_argument("--name", help="one consumer only")
+    usage.add_argument("--name", help="one consumer only ('-': the calls made with GATEWAY_API_KEYS' keys)")
     usage.add_argument("--since", help="ISO date or UTC datetime (inclusive)")
     usage.add_argument("--until", help="ISO date or UTC datetime (exclusive)")
     usage.add_argument("--group-by", choices=("consumer", "model", "day"))

@@ -17,6 +17,7 @@ from twisted.internet.defer import (
     FirstError,
     gatherResults,
     inlineCallbacks,
+    maybeDeferred,
     succeed,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -55,6 +56,43 @@ from openclaw.state import RouteStore
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
 WAITING_LOG_SECONDS = 5.0
+
+#: How often the usage rows older than USAGE_RETENTION_DAYS are deleted, in
+#: seconds.
+USAGE_PURGE_SECONDS = 3600.0
+
+
+def usage_purger(
+    store: ConsumerStore, clock: IReactorTime, retention_seconds: float, where: str, log: Logger
+) -> LoopingCall:
+    """
+    A started L{LoopingCall} deleting, every L{USAGE_PURGE_SECONDS}, the
+    usage rows older than C{retention_seconds} (USAGE_RETENTION_DAYS).
+
+    A purge that fails (SQLite's "database is locked", a PostgreSQL
+    restarting) is logged and tried again at the next interval: a
+    L{LoopingCall} whose call fails stops for good.
+
+    @param where: the database, as the operator knows it (for the log).
+    """
+
+    def purge() -> Deferred[None]:
+        def failed(reason: Failure) -> None:
+            log.failure(
+                "could not delete the usage rows older than USAGE_RETENTION_DAYS from the consumers' "
+                "database {where}; trying again in {seconds} s: check that the database is reachable "
+                "and not locked by another process",
+                reason,
+                where=where,
+                seconds=USAGE_PURGE_SECONDS,
+            )
+
+        return maybeDeferred(store.purge, clock.seconds() - retention_seconds).addCallbacks(lambda _: None, failed)
+
+    purger = LoopingCall(purge)
+    purger.clock = clock
+    purger.start(USAGE_PURGE_SECONDS, now=False)
+    return purger
 
 
 class ListeningService(Service):
@@ -488,10 +526,9 @@ class GatewayService(MultiService):
         self.consumers_ready: Deferred[None] = Deferred()
         opened.addBoth(lambda _: self.consumers_ready.callback(None))
         self.consumers.start(self._reactor)
-        retention = settings.usage_retention_days * 86400.0
-        purger = self._purger = LoopingCall(lambda: self.consumer_store.purge(self._reactor.seconds() - retention))
-        purger.clock = self._reactor
-        purger.start(3600, now=False).addErrback(lambda f: self._log.failure("usage purge stopped", f))
+        self._purger = usage_purger(
+            self.consumer_store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log
+        )
 
     def _warn_about_setup(self) -> None:
         """

@@ -27,7 +27,7 @@ from openclaw.providers import (
     ProviderRegistry,
     UnknownProvider,
 )
-from openclaw.providers.errors import REDACTED, describe_failure, scrub
+from openclaw.providers.errors import REDACTED, Scrubber, describe_failure
 from openclaw.providers.fetch import upstream_message
 from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
 from openclaw.settings import Settings
@@ -273,13 +273,13 @@ class FailureTests(ProviderTestCase):
         Real keys go wherever they appear; a toy key only as a whole token,
         so that "k" does not eat every k in a message.
         """
-        self.assertEqual(scrub(f"key={KIMI_KEY}&x", KIMI_KEY), f"key={REDACTED}&x")
-        self.assertEqual(scrub(f"x{KIMI_KEY}y", KIMI_KEY), f"x{REDACTED}y")
+        self.assertEqual(Scrubber((KIMI_KEY,)).text(f"key={KIMI_KEY}&x"), f"key={REDACTED}&x")
+        self.assertEqual(Scrubber((KIMI_KEY,)).text(f"x{KIMI_KEY}y"), f"x{REDACTED}y")
         self.assertEqual(
-            scrub("Consumer 'api_key:k' suspended; check KIMI_API_KEY", "k"),
+            Scrubber(("k",)).text("Consumer 'api_key:k' suspended; check KIMI_API_KEY"),
             f"Consumer 'api_key:{REDACTED}' suspended; check KIMI_API_KEY",
         )
-        self.assertEqual(scrub("text", None), "text")
+        self.assertEqual(Scrubber(()).text("text"), "text")
 
     def test_upstream_message(self) -> None:
         """

@@ -17,7 +17,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.providers.errors import MIN_PREFIX_CHARS, REDACTED, Scrubber, scrub
+from openclaw.providers.errors import MIN_PREFIX_CHARS, REDACTED, Scrubber
 from openclaw.testing import upstream as standin
 from tests.support import open_client
 from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
@@ -63,8 +63,8 @@ class ScrubberTests(SynchronousTestCase):
 
     def test_short_keys(self) -> None:
         # Eight to eleven characters: only whole; shorter: only as a token.
-        self.assertEqual(scrub("x12345678y and 1234567", "12345678"), f"x{REDACTED}y and 1234567")
-        self.assertEqual(scrub("key k, kite", "k"), f"key {REDACTED}, kite")
+        self.assertEqual(Scrubber(("12345678",)).text("x12345678y and 1234567"), f"x{REDACTED}y and 1234567")
+        self.assertEqual(Scrubber(("k",)).text("key k, kite"), f"key {REDACTED}, kite")
 
 
 class EveryPathTests(DataPlaneTestCase):

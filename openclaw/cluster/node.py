@@ -133,6 +133,9 @@ class ClusterNode:
         self._reload_failing = False
         #: The next reload attempt, while one waits; and the wait after it.
         self._retry: IDelayedCall | None = None
+        #: The second look at the store after a heartbeat showed a change
+        #: this instance has not seen (L{beat}).
+        self._catching_up: IDelayedCall | None = None
         self._retry_delay = min(timeout, RELOAD_RETRY_SECONDS)
         #: Heartbeats failed in a row.
         self._missed_beats = 0
@@ -467,10 +470,20 @@ class ClusterNode:
         )
 
     def stop(self) -> None:
+        """
+        Stop beating and leave nothing pending on the reactor: no reload
+        retry, no catch-up (the store is about to be closed).
+        """
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self._connected = False
+        self._cancel_retry()
+        catching_up, self._catching_up = self._catching_up, None
+        if catching_up is not None and catching_up.active():
+            catching_up.cancel()
 
     def _catch_up(self, versions: dict[str, int]) -> None:
+        self._catching_up = None
         missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
         if missed and self.up:
             self._log.warn(
@@ -489,10 +502,12 @@ class ClusterNode:
         def seen(heartbeat: Heartbeat) -> None:
             self._missed_beats = 0
             self.instances_seen = max(1, heartbeat.alive)
+            if not self._connected or self._catching_up is not None:
+                return  # stopped or gone meanwhile, or a look already due
             if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
                 # Its publication may be on its way still: look again in a
                 # moment.
-                self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
+                self._catching_up = self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
 
         def missed(failure: Failure) -> None:
             self._missed_beats += 1

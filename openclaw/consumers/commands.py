@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import (
+    NO_CONSUMER,
     Consumer,
     InvalidConsumer,
     NewKey,
@@ -198,7 +199,10 @@ class ConsumerCommands:
 
     def usage(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name", "since", "until", "group_by"}))
-        name = _name(fields) if fields.get("name") is not None else None
+        name = fields.get("name")
+        if name is not None and name != NO_CONSUMER:
+            # NO_CONSUMER ("-"): the calls made with GATEWAY_API_KEYS' keys.
+            name = _name(fields)
         group_by = fields.get("group_by")
         if group_by is not None and group_by not in GROUPS:
             raise CommandError(f"data.group_by must be one of {', '.join(GROUPS)}")
@@ -221,6 +225,7 @@ class ConsumerCommands:
         def answered(rows: list[dict[str, Any]]) -> Result:
             if (
                 name is not None
+                and name != NO_CONSUMER
                 and name not in self.table.consumers
                 and not any(r["requests"] or r["limited"] for r in rows)
             ):

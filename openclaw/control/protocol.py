@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 
+from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.control.admission import (
     ClientAddressResolver,
@@ -193,7 +194,7 @@ class ControlProtocol(WebSocketServerProtocol):
         if isinstance(refusal, ConnectionDeny):
             raise refusal
         if refusal is None:
-            key = factory.unauthenticated_key(client)
+            key = counted_key(client)
             if factory.unauthenticated.take(key, False) is not None:
                 raise factory._refuse(
                     peer,
@@ -404,19 +405,6 @@ class ControlFactory(WebSocketServerFactory):
         if held >= self.capacity - self.reserved and (outsider or (key is not None and self.budget.held(key))):
             return "reserved_for_operators"
         return None
-
-    def unauthenticated_key(self, client: str | None) -> str | None:
-        """
-        What an accepted connection from C{client} counts against among
-        the unauthenticated connections (L{client_key}); L{None} (not
-        counted) on a UNIX socket.
-        """
-        if client is None:
-            return None
-        try:
-            return client_key(client)
-        except ValueError:
-            return client
 
     def refusal(
         self,

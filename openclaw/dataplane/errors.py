@@ -11,6 +11,7 @@ the operator can do something about it, what.
 from __future__ import annotations
 
 import math
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import attrs
@@ -165,9 +166,25 @@ def _retry_after(seconds: float) -> tuple[bytes, bytes]:
     return (b"Retry-After", b"%d" % max(1, math.ceil(seconds)))
 
 
+def reason_phrase(status: int) -> bytes | None:
+    """
+    The reason phrase of an HTTP status line: twisted.web's, else the
+    standard one (L{HTTPStatus}: the IANA registry of RFC 9110 section
+    16.2.1; twisted.web's table lacks some, as 429 Too Many Requests of
+    RFC 6585); L{None} for a status with none.
+    """
+    phrase = RESPONSES.get(status)
+    if phrase is not None:
+        return phrase
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return None
+
+
 def _status_line(status: int) -> str:
-    phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
-    return f"HTTP {status}{' ' + phrase if phrase else ''}"
+    phrase = reason_phrase(status)
+    return f"HTTP {status}{' ' + phrase.decode('ascii', 'replace') if phrase else ''}"
 
 
 def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> APIError:

@@ -218,7 +218,8 @@ class _Authenticated(APIResource):
         self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
     ) -> bytes:
         """
-        Answer a consumer's call its limits refuse (403, 429).
+        Answer a consumer's call its limits refuse (403, 429), or whose
+        admission failed (500).
         """
         self.context.completed(request, started, refusal.status, route, outcome=refusal.code, consumer=holder.consumer)
         body = error_response(request, refusal)
@@ -242,7 +243,9 @@ class _Authenticated(APIResource):
         (L{openclaw.consumers.table.ConsumerTable.admit}): at once when
         C{admission} is None; when the cluster's answer comes for a
         Deferred (one round trip to Redis; nothing is done if the client
-        left meanwhile); else answer the refusal (403, 429).
+        left meanwhile); else answer the refusal (403, 429).  An admission
+        that fails (a bug, an unexpected reply of the cluster's store) is
+        logged and answered with a 500 (C{internal_error}).
         """
         context = self.context
         if isinstance(admission, Deferred):
@@ -259,8 +262,17 @@ class _Authenticated(APIResource):
                 else:
                     self._refused(request, refusal, started, route, holder)
 
-            admission.addCallback(decided).addErrback(
-                lambda f: context.log.failure("consumer admission failed unexpectedly", f)
+            def failed(reason: Failure) -> None:
+                # A bug or an unexpected reply of the cluster's store: the
+                # client still gets an answer (500), and the call is no
+                # longer in flight for the shutdown's drain.
+                context.log.failure("consumer admission failed unexpectedly", reason)
+                context.call_ended()
+                if not gone:
+                    self._refused(request, internal_error(), started, route, holder)
+
+            admission.addCallbacks(decided, failed).addErrback(
+                lambda f: context.log.failure("answering an admitted consumer's call failed unexpectedly", f)
             )
             return NOT_DONE_YET
         if admission is not None:

@@ -37,11 +37,11 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from openclaw.addresses import client_key
+from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
@@ -58,18 +58,13 @@ KEYLESS_GRACE_SECONDS = 1.0
 def client_address(addr: IAddress | None) -> str | None:
     """
     The client a connection counts against, by the control plane's rule
-    (L{openclaw.addresses.client_key}): its IPv4 address (an IPv4-mapped
+    (L{openclaw.addresses.counted_key}): its IPv4 address (an IPv4-mapped
     IPv6 address as the IPv4 one), or the /64 of its IPv6 address; None
     for a peer with no IP address (a UNIX socket), which no per-address
     cap applies to.
     """
     host = getattr(addr, "host", None)
-    if not isinstance(host, str):
-        return None
-    try:
-        return client_key(host)
-    except ValueError:
-        return host
+    return counted_key(host if isinstance(host, str) else None)
 
 
 def more_than_one_host(request: Request) -> bool:
@@ -80,6 +75,17 @@ def more_than_one_host(request: Request) -> bool:
     may have checked another.
     """
     return len(request.requestHeaders.getRawHeaders(b"host", ())) > 1
+
+
+def more_than_one_authorization(request: Request) -> bool:
+    """
+    Whether a request's head holds more than one C{Authorization} field:
+    its value is one set of credentials, not a list (RFC 9110 sections
+    11.6.2 and 5.3), so such a request is answered 400; twisted.web's
+    C{getHeader} takes the last, and a proxy in front may have checked
+    the first.
+    """
+    return len(request.requestHeaders.getRawHeaders(b"authorization", ())) > 1
 
 
 class MetricsRequest(Request):
@@ -178,6 +184,14 @@ class APIRequest(Request):
         """
         return self.api_site.connection_of(self.transport)
 
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        """
+        Set the status, with its standard reason phrase (L{reason_phrase})
+        when none is given: twisted.web's own table lacks some (429 went
+        out as "429 Unknown Status").
+        """
+        super().setResponseCode(code, reason_phrase(code) if message is None else message)
+
     def gotLength(self, length: int | None) -> None:
         # Called by twisted.web once the head is whole (requestHeaders set).
         connection = self._connection = self.connection
@@ -192,6 +206,18 @@ class APIRequest(Request):
                     "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
                     "invalid_request_error",
                     "invalid_host",
+                )
+            )
+            return
+        if more_than_one_authorization(self):
+            super().gotLength(0)
+            self._refuse(
+                APIError(
+                    400,
+                    "the request has more than one Authorization header field; send exactly one "
+                    "(Authorization: Bearer <key>)",
+                    "invalid_request_error",
+                    "invalid_authorization",
                 )
             )
             return
@@ -290,7 +316,7 @@ def raw_response(error: APIError) -> bytes:
     for answers written before twisted.web has a request to answer with.
     """
     body = error.body()
-    reason = http.RESPONSES.get(error.status, b"Error")
+    reason = reason_phrase(error.status) or b"Error"
     headers = b"".join(b"%s: %s\r\n" % (name, value) for name, value in error.headers)
     return (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"

@@ -9,6 +9,7 @@ to do) what to check; none ever contains an API key.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from enum import StrEnum
@@ -91,17 +92,6 @@ class UpstreamHTTPError(ProviderError):
         self.message = message
 
 
-def scrub(text: str, secret: str | None) -> str:
-    """
-    Remove C{secret} from C{text}: some providers quote the key back in
-    their error messages, and reasons end up in logs and reports.  See
-    L{Scrubber} for what is removed.
-    """
-    if not secret:
-        return text
-    return Scrubber((secret,)).text(text)
-
-
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """
     Collapse whitespace and cut C{text} to C{limit} characters.
@@ -164,14 +154,6 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
-
-
-def scrub_all(text: str, secrets: Iterable[str]) -> str:
-    """
-    L{scrub} every one of C{secrets} (each key of a provider's pool) from
-    C{text} (see L{Scrubber}).
-    """
-    return Scrubber(tuple(secrets)).text(text)
 
 
 AnyStr = TypeVar("AnyStr", str, bytes)
@@ -346,18 +328,28 @@ def _error_details(body: bytes) -> list[dict[str, Any]]:
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """
     Seconds to wait from a C{Retry-After} header (RFC 9110 section 10.2.3:
-    delay-seconds or an HTTP-date), None when absent or unreadable.
+    delay-seconds, ASCII digits only, or an HTTP-date), None when absent or
+    unreadable (the caller's default applies).
+
+    @param value: the header as decoded by twisted.web (latin-1): it may
+        hold any byte, as 0xB2 (superscript two), which C{str.isdigit}
+        takes for a digit.
     """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+        # Hundreds of digits read as infinity: no usable delay either.
+        return seconds if math.isfinite(seconds) else None
     try:
-        when = stringToDatetime(value.encode("latin-1"))
-    except (ValueError, UnicodeEncodeError):
+        when = float(stringToDatetime(value.encode("latin-1")))
+    except (ValueError, IndexError, OverflowError, UnicodeEncodeError):
+        # twisted.web's parser fails with IndexError on an empty value and
+        # ValueError (UnicodeDecodeError) on non-ASCII bytes; a year of
+        # hundreds of digits overflows a float.
         return None
-    return max(0.0, float(when) - now)
+    return max(0.0, when - now)
 
 
 def google_retry_delay(details: Iterable[dict[str, Any]]) -> float | None:

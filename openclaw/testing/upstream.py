@@ -178,6 +178,9 @@ class ProviderBehaviour:
     #: Seconds a 429 asks the caller to wait (OpenAI's dialect: the
     #: C{Retry-After} header; Gemini's: C{RetryInfo.retryDelay}); None: not said.
     retry_after: float | None = 1.0
+    #: When set, the 429's C{Retry-After} header as these bytes, whatever
+    #: C{retry_after} says (a malformed one, as C{b"\xb2"}).
+    retry_after_header: bytes | None = None
     #: The key of each request, in order (to check rotation).
     keys_seen: list[str | None] = attrs.field(factory=list)
     _lost_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list, repr=False)
@@ -875,6 +878,8 @@ class _Endpoint(Resource):
         status, document, headers = self._dialect.refusal(status, key, behaviour.retry_after, key_invalid)
         for name, value in headers.items():
             request.setHeader(name, value)
+        if behaviour.retry_after_header is not None and status == 429:
+            request.setHeader(b"Retry-After", behaviour.retry_after_header)
         _send(request, status, json.dumps(document).encode())
 
 
