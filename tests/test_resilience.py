@@ -177,6 +177,21 @@ class KeyPoolTests(SynchronousTestCase):
         pool.restore("a-key-2")
         self.assertEqual(pool.available, 3)
 
+    def test_unusable_reason(self):
+        """
+        Why no key may be used, as a failover reason: resting after a 429
+        is C{rate_limited}, all set aside is C{auth}, none is C{no_key}.
+        """
+        pool = self.pool
+        for key in pool.keys[:2]:
+            pool.set_aside(key)
+        pool.rest(pool.keys[2], 5)
+        self.assertIsNone(pool.pick())
+        self.assertEqual(pool.unusable_reason(), "rate_limited")
+        pool.set_aside(pool.keys[2])
+        self.assertEqual(pool.unusable_reason(), "auth")
+        self.assertEqual(KeyPool((), self.clock.seconds).unusable_reason(), "no_key")
+
     def test_fingerprints_only(self):
         self.assertEqual(len(fingerprint("a-key-1")), 8)
         text = repr(self.pool) + json.dumps(self.pool.states())
@@ -417,6 +432,22 @@ class FailoverTests(ResilienceTestCase):
         logged = [e for e in self.events if e.get("log_format", "").startswith("call failed over")]
         self.assertEqual(len(logged), 20)
         self.assertEqual(logged[0]["log_level"].name, "info")
+
+    @inlineCallbacks
+    def test_resting_key_counts_as_rate_limited(self):
+        """
+        After its only key was answered 429, the provider's next calls fail
+        over while the key rests, and say why: C{rate_limited}, not
+        C{no_key}; after an auth failure, C{auth}.
+        """
+        for reason in ("rate_limited", "auth"):
+            gateway = self.gateway(default_provider="kimi")
+            self.trigger(gateway, "kimi", reason)
+            yield self.check_failover(gateway, "kimi", reason, False)
+            self.behaviour("kimi").mode = "ok"
+            requests = self.behaviour("kimi").requests
+            yield self.check_failover(gateway, "kimi", reason, False)
+            self.assertEqual(self.behaviour("kimi").requests, requests)  # not tried: no usable key
 
     @inlineCallbacks
     def test_connect_and_no_key(self):

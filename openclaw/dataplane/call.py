@@ -157,7 +157,9 @@ class ChatCall:
             return self._upstream_failed("no_key", provider_not_configured(provider_id, adapter.key_variable))
         key = keys.pick(avoid=self._tried)
         if key is None:
-            return self._upstream_failed("no_key", no_usable_key(provider_id, adapter.keys_setting, keys.back_in()))
+            return self._upstream_failed(
+                keys.unusable_reason(), no_usable_key(provider_id, adapter.keys_setting, keys.back_in())
+            )
         breaker = adapter.breaker
         trial = breaker.state is BreakerState.HALF_OPEN
         if not breaker.allow():

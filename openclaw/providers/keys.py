@@ -140,6 +140,19 @@ class KeyPool:
             self._set_aside.discard(key)
             self._log.info("{provider} key {key} works again", provider=self.provider, key=fingerprint(key))
 
+    def unusable_reason(self) -> str:
+        """
+        Why no key may be used now, as a reason label of
+        C{openclaw_api_fallbacks_total}: C{"rate_limited"} while a key rests
+        after a 429, C{"auth"} when every key is set aside, else
+        C{"no_key"}.
+        """
+        if self.back_in() is not None:
+            return "rate_limited"
+        if self.keys and self._set_aside.issuperset(self.keys):
+            return "auth"
+        return "no_key"
+
     def back_in(self) -> float | None:
         """
         Seconds until the first resting key may be used again; None when no
