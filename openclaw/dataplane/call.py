@@ -614,6 +614,9 @@ class ChatCall:
         if self._translation is not None:
             usage = self._translation.usage
             costs.tokens(self.route.provider_id, self.route.model, usage)
+        wait = self.provider_wait
+        wait.end()
+        seconds = self.context.reactor.seconds() - self.started
         consumers = self.context.consumers
         if consumers is not None and not self._reading_out:
             consumers.account(
@@ -622,11 +625,9 @@ class ChatCall:
                 self.route.model,
                 status,
                 self._consumer_usage(usage, status),
-                self.context.reactor.seconds() - self.started,
+                seconds,
             )
-        wait = self.provider_wait
-        wait.end()
-        costs.overhead(self.context.reactor.seconds() - self.started - wait.waited)
+        costs.overhead(seconds - wait.waited)
 
     def _route_headers(self) -> None:
         self.request.setHeader(PROVIDER_HEADER, self.route.provider_id.encode())

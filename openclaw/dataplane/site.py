@@ -190,7 +190,9 @@ class APIRequest(Request):
         when none is given: twisted.web's own table lacks some (429 went
         out as "429 Unknown Status").
         """
-        super().setResponseCode(code, reason_phrase(code) if message is None else message)
+        if message is None and code not in http.RESPONSES:
+            message = reason_phrase(code)
+        super().setResponseCode(code, message)
 
     def gotLength(self, length: int | None) -> None:
         # Called by twisted.web once the head is whole (requestHeaders set).

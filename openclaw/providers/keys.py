@@ -10,7 +10,7 @@ them by L{fingerprint}.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import attrs
 from twisted.logger import Logger
@@ -66,12 +66,11 @@ class KeyPool:
     def usable(self, key: str) -> bool:
         return key not in self._set_aside and self._resting.get(key, 0.0) <= self.clock()
 
-    def pick(self, avoid: Iterable[str] = ()) -> str | None:
+    def pick(self, avoid: Collection[str] = ()) -> str | None:
         """
         The next usable key, round robin, other than those in C{avoid};
         None when none is.
         """
-        avoid = set(avoid)
         count = len(self.keys)
         for step in range(count):
             index = (self._next + step) % count
