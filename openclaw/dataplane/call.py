@@ -149,7 +149,8 @@ class ChatCall:
         """
         # A permission still held (none should be: each attempt settles
         # before the next) is given back before another is taken.
-        self._settle(CircuitBreaker.abandoned)
+        if self._permit is not None:
+            self._settle(CircuitBreaker.abandoned)
         adapter = self.adapter
         provider_id = self.route.provider_id
         keys = adapter.keys
@@ -574,7 +575,8 @@ class ChatCall:
         self._over = True
         # An attempt that ends here with no verdict on the provider (its
         # client left, the gateway stops, a bug) gives its permission back.
-        self._settle(CircuitBreaker.abandoned)
+        if self._permit is not None:
+            self._settle(CircuitBreaker.abandoned)
         self._cancel_timer()
         pending, self._pending = self._pending, None
         if pending is not None:

@@ -288,6 +288,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
     carried_ids = False
     anything = False
     for i, message in enumerate(messages):
+        if type(message) is dict and not unanswered and message.get("role") in ("user", "system"):
+            content = message.get("content")
+            if type(content) is str:
+                # Text from the user or the system, the usual message:
+                # nothing more to check.
+                anything = anything or bool(content)
+                continue
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise bad_request(f"{where} must be an object with role and content", param=where)

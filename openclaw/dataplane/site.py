@@ -34,7 +34,7 @@ from twisted.internet.interfaces import (
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.addresses import counted_key
@@ -190,7 +190,7 @@ class APIRequest(Request):
         when none is given: twisted.web's own table lacks some (429 went
         out as "429 Unknown Status").
         """
-        if message is None and code not in http.RESPONSES:
+        if message is None and code not in RESPONSES:
             message = reason_phrase(code)
         super().setResponseCode(code, message)
 
