@@ -40,6 +40,7 @@ from openclaw.settings import Settings
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
+_CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 #: Seconds a peer has to answer our close frame (Autobahn's default is 1).
 CLOSE_HANDSHAKE_SECONDS = 5
 
@@ -148,7 +149,7 @@ class ControlProtocol(WebSocketServerProtocol):
     handshake_bytes = 0
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == self.STATE_CONNECTING:
+        if self.state == _CONNECTING:
             # The opening handshake may take MAX_HANDSHAKE_BYTES in all:
             # counted here, as it arrives, not in Autobahn's own buffer.
             self.handshake_bytes += len(data)
@@ -156,7 +157,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
                 self.tcp.abortConnection()
                 return
-        super().dataReceived(data)
+        WebSocketServerProtocol.dataReceived(self, data)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
