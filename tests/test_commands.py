@@ -34,6 +34,9 @@ class FakeProvider:
     def unlisted_model_warning(self, model: str) -> str | None:
         return None
 
+    def normalize_model(self, model: str) -> str:
+        return model.removeprefix("models/")
+
 
 @attrs.define
 class FakeProviders:

@@ -9,14 +9,17 @@ import json
 import time
 from typing import Any
 
+import openai
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from tests.support import capture_log_events, changed_providers, open_client, start_gateway, start_upstream
 from tests.test_ctl import run_ctl
+from tests.test_dataplane import GATEWAY_KEY, HELLO
 
 KIMI_KEY = "sk-kimi-secret-0123456789"
 GEMINI_KEY = "AIza-gemini-secret-0123456789"
@@ -163,6 +166,34 @@ class UnlistedModelTests(UpstreamTestCase):
             "--url", url, "--token", token, "switch-provider", "kimi", "--model", "moonshot-v1-32k"
         )
         self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
+    def test_model_named_as_listed(self):
+        """
+        A Gemini model given with its "models/" prefix, to switch_provider
+        or pinned in a call, is used under the name the provider lists, so
+        that prices and consumers' model patterns see one name.
+        """
+        gateway = self.gateway(api=True, gateway_api_keys=(GATEWAY_KEY,))
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "gemini", "model": "models/gemini-2.5-pro"}
+        )
+        self.assertEqual(answer["result"]["model"], "gemini-2.5-pro")
+        route = gateway.service.route.current
+        self.assertEqual((route.provider_id, route.model), ("gemini", "gemini-2.5-pro"))
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "gemini", "model": "models/"})
+        self.assertFalse(answer["ok"])
+        sdk = openai.OpenAI(api_key=GATEWAY_KEY, base_url=f"http://127.0.0.1:{gateway.api_port}/v1", max_retries=0)
+        raw = yield deferToThread(
+            sdk.chat.completions.with_raw_response.create, model="gemini/models/gemini-2.5-flash", messages=HELLO
+        )
+        self.assertEqual(raw.headers["x-openclaw-model"], "gemini-2.5-flash")
+        refused = yield self.assertFailure(
+            deferToThread(sdk.chat.completions.create, model="gemini/models/", messages=HELLO),
+            openai.BadRequestError,
+        )
+        self.assertIn("names no model", refused.message)
 
     @inlineCallbacks
     def test_models_listing_is_known_too(self):

@@ -78,7 +78,8 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify(429, body, "3").retry_after, 3.0)
         # An HTTP-date (RFC 9110 section 10.2.3).
         self.assertEqual(classify(429, b"{}", "Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0).retry_after, 10.0)
-        self.assertIsNone(classify(429, b"{}", "soon").retry_after)
+        # Unreadable: the default rest (KeyPool.rest), told to the client.
+        self.assertEqual(classify(429, b"{}", "soon").retry_after, 10.0)
         error = upstream_refused("gemini", classify(429, body), "K")
         self.assertEqual((error.status, error.code), (429, "rate_limit_exceeded"))
         self.assertIn((b"Retry-After", b"7"), error.headers)
@@ -646,6 +647,31 @@ class ReadyzTests(ResilienceTestCase):
         self.assertEqual(response.code, 503)
         self.assertIn("circuit breaker is open", json.loads(text)["reason"])
         self.assertIn("FALLBACK is off", json.loads(text)["reason"])
+        # /healthz stays liveness.
+        response, _ = yield self.get(gateway, "/healthz")
+        self.assertEqual(response.code, 200)
+
+    @inlineCallbacks
+    def test_half_open_is_ready(self):
+        """
+        Once the cooldown is over the instance is ready again, even with
+        nowhere to fail over to: the breaker is passive, only a call can
+        close it, and a balancer that held calls back until it closed would
+        hold them back for ever.
+        """
+        gateway = self.gateway(default_provider="gemini", fallback="off", breaker_cooldown_seconds=0.2)
+        for _ in range(5):
+            gateway.service.providers.get("gemini").breaker.failed()
+        response, _ = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 503)
+        yield deferLater(reactor, 0.3, lambda: None)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(json.loads(text)["breaker"], "half_open")
+        # The trial call goes through and closes it.
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(str(gateway.service.providers.get("gemini").breaker.state), "closed")
         # /healthz stays liveness.
         response, _ = yield self.get(gateway, "/healthz")
         self.assertEqual(response.code, 200)

@@ -22,9 +22,10 @@ from openclaw.addresses import counted_key
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import encode_route
 from openclaw.consumers.table import Counters
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.site import client_address, raw_response
-from openclaw.providers.errors import RefusalKind, classify, parse_retry_after
+from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
+from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.routing import ActiveRoute, Route
 from openclaw.service import USAGE_PURGE_SECONDS, usage_purger
 from openclaw.session import SessionAuthority
@@ -140,7 +141,25 @@ class RetryAfterTests(TestCase):
         for value in ("\xb2", "1\xb2", " ", "", "9" * 400, "Sun, 06 Nov 99" + "9" * 400 + " 08:49:37 GMT"):
             self.assertIsNone(parse_retry_after(value, 0.0), repr(value))
         refusal = classify(429, b'{"error": {"message": "slow down"}}', "\xb2", 0.0)
-        self.assertEqual((refusal.kind, refusal.retry_after), (RefusalKind.RATE_LIMITED, None))
+        # No usable delay: the key's default rest, told to the client too.
+        self.assertEqual((refusal.kind, refusal.retry_after), (RefusalKind.RATE_LIMITED, DEFAULT_REST_SECONDS))
+        self.assertEqual(classify(429, b"{}", None, 0.0).retry_after, DEFAULT_REST_SECONDS)
+        self.assertIsNone(classify(503, b"{}", None, 0.0).retry_after)
+
+    def test_bounded(self) -> None:
+        """
+        A provider's wait is followed for an hour at most, however far off
+        its Retry-After (or Google's RetryInfo) puts it: one wrong header
+        must not take a key out until a restart.
+        """
+        for value in ("99999999999999999999999", "Wed, 21 Oct 2099 07:28:00 GMT"):
+            self.assertEqual(classify(429, b"{}", value, 1_800_000_000.0).retry_after, MAX_RETRY_AFTER_SECONDS)
+        google = (
+            b'{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "quota", "details": '
+            b'[{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "86400s"}]}}'
+        )
+        self.assertEqual(classify(429, google, None, 0.0).retry_after, MAX_RETRY_AFTER_SECONDS)
+        self.assertEqual(classify(429, b"{}", "120", 0.0).retry_after, 120.0)
 
     def test_readable(self) -> None:
         self.assertEqual(parse_retry_after(" 7 ", 0.0), 7.0)
@@ -254,6 +273,11 @@ class ReasonPhraseTests(ResilienceTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer[:200])
         refused = raw_response(APIError(429, "slow down", "rate_limit_error", "rate_limited"))
         self.assertTrue(refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), refused[:100])
+        # RFC 9110's wording where twisted.web keeps RFC 2616's.
+        for status, phrase in ((504, b"Gateway Timeout"), (408, b"Request Timeout"), (503, b"Service Unavailable")):
+            self.assertEqual(reason_phrase(status), phrase)
+            line = raw_response(APIError(status, "x", "server_error", "x")).split(b"\r\n")[0]
+            self.assertEqual(line, b"HTTP/1.1 %d %s" % (status, phrase))
 
 
 class GatewayKeysUsageTests(GatewayCase):

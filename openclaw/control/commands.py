@@ -71,6 +71,7 @@ class Provider(Protocol):
     def missing_key_warning(self) -> str | None: ...
 
     def unlisted_model_warning(self, model: str) -> str | None: ...
+    def normalize_model(self, model: str) -> str: ...
 
 
 class Providers(Protocol):
@@ -183,15 +184,18 @@ class ControlCommands:
             raise CommandError("data.model must be a non-empty string when given")
         if not printable_model(model):
             raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
-        route = Route(provider_id, model.strip())
+        # As the provider lists it (Gemini's "models/" prefix dropped), so
+        # that prices, consumers' model patterns and usage see one name.
+        model = provider.normalize_model(model.strip())
+        if not model:
+            raise CommandError("data.model must name a model")
+        route = Route(provider_id, model)
 
         def switched(previous: Route) -> Result:
-            result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model.strip()}
+            result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model}
             # The switch is made all the same: an operator may know better
             # than a listing (a model served but not listed, one just added).
-            warnings = [
-                w for w in (provider.missing_key_warning(), provider.unlisted_model_warning(model.strip())) if w
-            ]
+            warnings = [w for w in (provider.missing_key_warning(), provider.unlisted_model_warning(model)) if w]
             if warnings:
                 result["warning"] = "; ".join(warnings)
             return result

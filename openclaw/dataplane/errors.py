@@ -166,20 +166,20 @@ def _retry_after(seconds: float) -> tuple[bytes, bytes]:
     return (b"Retry-After", b"%d" % max(1, math.ceil(seconds)))
 
 
+#: Reason phrases by status, as the IANA registry of RFC 9110 section
+#: 16.2.1 names them (L{HTTPStatus}): twisted.web's table lacks some (429
+#: Too Many Requests, RFC 6585) and keeps RFC 2616's older wording for
+#: others ("Gateway Time-out").
+REASON_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+
+
 def reason_phrase(status: int) -> bytes | None:
     """
-    The reason phrase of an HTTP status line: twisted.web's, else the
-    standard one (L{HTTPStatus}: the IANA registry of RFC 9110 section
-    16.2.1; twisted.web's table lacks some, as 429 Too Many Requests of
-    RFC 6585); L{None} for a status with none.
+    The reason phrase of an HTTP status line: the standard one
+    (L{REASON_PHRASES}), else twisted.web's; L{None} for a status with
+    none.
     """
-    phrase = RESPONSES.get(status)
-    if phrase is not None:
-        return phrase
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return None
+    return REASON_PHRASES.get(status) or RESPONSES.get(status)
 
 
 def _status_line(status: int) -> str:
@@ -266,10 +266,19 @@ def breaker_open(provider_id: str, remaining: float) -> APIError:
     503: the provider's circuit breaker is open, so no call was sent; the
     client may come back when the cooldown is over.
     """
+    if remaining > 0:
+        message = (
+            f"{provider_id} has been failing, so the gateway sends it no calls for {math.ceil(remaining)} s more "
+            "(BREAKER_COOLDOWN_SECONDS); retry after that, or ask the operator to switch_provider"
+        )
+    else:
+        message = (
+            f"{provider_id} has been failing and one trial call is under way to see whether it is back; "
+            "retry in a second, or ask the operator to switch_provider"
+        )
     return APIError(
         503,
-        f"{provider_id} has been failing, so the gateway sends it no calls for {math.ceil(remaining)} s more "
-        "(BREAKER_COOLDOWN_SECONDS); retry after that, or ask the operator to switch_provider",
+        message,
         "server_error",
         "provider_unavailable",
         headers=(_retry_after(remaining),),

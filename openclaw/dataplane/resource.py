@@ -21,6 +21,7 @@ from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
     APIError,
+    bad_request,
     internal_error,
     method_not_allowed,
     not_found,
@@ -147,8 +148,11 @@ class Healthz(APIResource):
 class Readyz(APIResource):
     """
     For orchestrators' readiness probes: no key, no upstream call.  200
-    when the active provider has a usable key and its breaker is closed,
-    or when failover has somewhere to go; else 503 with the reason::
+    when the active provider has a usable key and its breaker is closed or
+    half-open (the breaker is passive: only a call can close it, so an
+    instance a balancer took out while it was half-open would never be
+    ready again), or when failover has somewhere to go; else 503 with the
+    reason::
 
         {"ready": true, "provider": "kimi", "breaker": "closed",
          "usable_keys": 2, "fallback": null}
@@ -167,7 +171,7 @@ class Readyz(APIResource):
             "usable_keys": usable,
             "fallback": None,
         }
-        if usable and breaker == "closed":
+        if usable and breaker != "open":
             return json_response(request, document)
         if not adapter.keys.keys:
             why = f"{adapter.key_variable} is not set"
@@ -406,17 +410,25 @@ class ChatCompletions(_Authenticated):
         try:
             chat = parse_chat_request(request.content.read() if request.content is not None else b"")
             route = choose_route(chat.model, active, context.providers.ids)
+            # choose_route gives the active route itself unless the model
+            # named a provider: a call pinned that way is never failed over.
+            pinned = route is not active
             adapter = context.providers.get(route.provider_id)
+            if pinned:
+                # As the provider lists it (Gemini's "models/" prefix
+                # dropped), for prices, model patterns and usage.
+                model = adapter.normalize_model(route.model)
+                if not model:
+                    raise bad_request(
+                        f"model {chat.model!r} names no model; use {route.provider_id}/<model>", param="model"
+                    )
+                route = Route(route.provider_id, model)
             wire = adapter.wire
             body = wire.request_body(chat, route.model)
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise
-        # choose_route gives the active route itself unless the model named
-        # a provider: a call pinned that way is never failed over.
-        call = ChatCall(
-            context, request, adapter, route, wire, chat, started, pinned=route is not active, holder=holder
-        )
+        call = ChatCall(context, request, adapter, route, wire, chat, started, pinned=pinned, holder=holder)
         consumers = context.consumers
         if consumers is None or holder is GATEWAY:
             call.start(body)

@@ -34,14 +34,14 @@ from twisted.internet.interfaces import (
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import RESPONSES, HTTPChannel
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.errors import APIError, reason_phrase
+from openclaw.dataplane.errors import REASON_PHRASES, APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
@@ -190,8 +190,8 @@ class APIRequest(Request):
         when none is given: twisted.web's own table lacks some (429 went
         out as "429 Unknown Status").
         """
-        if message is None and code not in RESPONSES:
-            message = reason_phrase(code)
+        if message is None:
+            message = REASON_PHRASES.get(code)
         super().setResponseCode(code, message)
 
     def gotLength(self, length: int | None) -> None:

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import RESPONSES, stringToDatetime
 
+from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.tls import describe_tls_error, is_tls_error
 
 #: Longest upstream message quoted in a reason; error bodies can be pages of HTML.
@@ -325,6 +326,13 @@ def _error_details(body: bytes) -> list[dict[str, Any]]:
     return [detail for detail in details if isinstance(detail, dict)]
 
 
+#: A provider's wait (C{Retry-After}, Google's C{RetryInfo}) is followed for
+#: an hour at most: one wrong header (a proxy's, a far-off date) must not
+#: take a key out until a restart, and a spent daily quota is simply asked
+#: again each hour.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """
     Seconds to wait from a C{Retry-After} header (RFC 9110 section 10.2.3:
@@ -385,6 +393,8 @@ def classify(status: int, body: bytes, retry_after_header: str | None = None, no
     retry_after = parse_retry_after(retry_after_header, now)
     if retry_after is None:
         retry_after = google_retry_delay(details)
+    if retry_after is not None:
+        retry_after = min(retry_after, MAX_RETRY_AFTER_SECONDS)
     key_invalid = any(
         detail.get("@type") == _ERROR_INFO and detail.get("reason") == GOOGLE_KEY_INVALID for detail in details
     )
@@ -392,6 +402,9 @@ def classify(status: int, body: bytes, retry_after_header: str | None = None, no
         kind = RefusalKind.AUTH
     elif status == 429:
         kind = RefusalKind.RATE_LIMITED
+        if retry_after is None:
+            # The rest the key gets (KeyPool.rest), told to the client too.
+            retry_after = DEFAULT_REST_SECONDS
     elif status in REQUEST_STATUSES:
         kind = RefusalKind.REQUEST
     elif status >= 500:
