@@ -699,6 +699,21 @@ class HalfOpenTrialTests(ResilienceTestCase):
         yield deferLater(reactor, breaker.remaining() + 0.05)
         self.assertEqual(breaker.state, "half_open")
 
+    def trial_gateway(self, **settings: Any) -> Any:
+        """
+        A gateway whose Kimi breaker opens at one failure and cools down in
+        0.3 s, with nowhere to fail over to.
+        """
+        return self.gateway(
+            **{
+                "default_provider": "kimi",
+                "fallback": "off",
+                "breaker_failures": 1,
+                "breaker_cooldown_seconds": 0.3,
+                **settings,
+            }
+        )
+
     @inlineCallbacks
     def check_served_again(self, gateway: Any) -> Any:
         """
@@ -718,13 +733,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
     @inlineCallbacks
     def test_error_body_too_slow(self):
         for stream in (False, True):
-            gateway = self.gateway(
-                default_provider="kimi",
-                fallback="off",
-                breaker_failures=1,
-                breaker_cooldown_seconds=0.3,
-                upstream_timeout=0.3,
-            )
+            gateway = self.trial_gateway(upstream_timeout=0.3)
             yield self.open_breaker(gateway)
             # The trial: a 503 whose body never comes whole.
             self.behaviour("kimi").mode = "error_stall"
@@ -737,9 +746,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
 
     @inlineCallbacks
     def test_error_body_cut(self):
-        gateway = self.gateway(
-            default_provider="kimi", fallback="off", breaker_failures=1, breaker_cooldown_seconds=0.3
-        )
+        gateway = self.trial_gateway()
         yield self.open_breaker(gateway)
         self.behaviour("kimi").mode = "error_cut"
         response, text = yield self.post(gateway, {"messages": HELLO})
@@ -750,13 +757,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
     @inlineCallbacks
     def test_4xx_error_body_too_slow_closes(self):
         # A 4xx answered: the provider is up, whatever its body did.
-        gateway = self.gateway(
-            default_provider="kimi",
-            fallback="off",
-            breaker_failures=1,
-            breaker_cooldown_seconds=0.3,
-            upstream_timeout=0.3,
-        )
+        gateway = self.trial_gateway(upstream_timeout=0.3)
         yield self.open_breaker(gateway)
         kimi = self.behaviour("kimi")
         kimi.mode, kimi.error_status = "error_stall", 400
@@ -766,9 +767,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
 
     @inlineCallbacks
     def test_client_leaves_while_error_body_read(self):
-        gateway = self.gateway(
-            default_provider="kimi", fallback="off", breaker_failures=1, breaker_cooldown_seconds=0.3
-        )
+        gateway = self.trial_gateway()
         yield self.open_breaker(gateway)
         kimi = self.behaviour("kimi")
         kimi.mode = "error_stall"
