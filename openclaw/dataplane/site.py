@@ -41,7 +41,7 @@ from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.errors import REASON_PHRASES, APIError, reason_phrase
+from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
@@ -67,25 +67,37 @@ def client_address(addr: IAddress | None) -> str | None:
     return counted_key(host if isinstance(host, str) else None)
 
 
-def more_than_one_host(request: Request) -> bool:
+def repeated_field(request: Request, name: bytes) -> bool:
     """
-    Whether a request's head holds more than one C{Host} field: such a
-    request is invalid and must be answered 400 (RFC 9112 section 3.2);
-    twisted.web would serve it under the last one, and a proxy in front
-    may have checked another.
+    Whether a request's head holds the field C{name} more than once.  Host
+    (RFC 9112 section 3.2) and Authorization (one set of credentials, not
+    a list: RFC 9110 sections 11.6.2 and 5.3) must come once; such a
+    request is answered 400, since twisted.web would take the last and a
+    proxy in front may have checked another.
     """
-    return len(request.requestHeaders.getRawHeaders(b"host", ())) > 1
+    return len(request.requestHeaders.getRawHeaders(name, ())) > 1
 
 
-def more_than_one_authorization(request: Request) -> bool:
-    """
-    Whether a request's head holds more than one C{Authorization} field:
-    its value is one set of credentials, not a list (RFC 9110 sections
-    11.6.2 and 5.3), so such a request is answered 400; twisted.web's
-    C{getHeader} takes the last, and a proxy in front may have checked
-    the first.
-    """
-    return len(request.requestHeaders.getRawHeaders(b"authorization", ())) > 1
+def _repeated_host() -> APIError:
+    return APIError(
+        400,
+        "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
+        "invalid_request_error",
+        "invalid_host",
+    )
+
+
+def _repeated_authorization() -> APIError:
+    return APIError(
+        400,
+        "the request has more than one Authorization header field; send exactly one (Authorization: Bearer <key>)",
+        "invalid_request_error",
+        "invalid_authorization",
+    )
+
+
+#: The fields an API request may carry once only, and the 400 for a repeat.
+_SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
 
 class MetricsRequest(Request):
@@ -96,7 +108,7 @@ class MetricsRequest(Request):
     """
 
     def gotLength(self, length: int | None) -> None:
-        if more_than_one_host(self):
+        if repeated_field(self, b"host"):
             super().gotLength(0)
             self._refused = True
             if isinstance(self.channel, HTTPChannel):
@@ -190,9 +202,7 @@ class APIRequest(Request):
         when none is given: twisted.web's own table lacks some (429 went
         out as "429 Unknown Status").
         """
-        if message is None:
-            message = REASON_PHRASES.get(code)
-        super().setResponseCode(code, message)
+        super().setResponseCode(code, reason_phrase(code) if message is None else message)
 
     def gotLength(self, length: int | None) -> None:
         # Called by twisted.web once the head is whole (requestHeaders set).
@@ -200,29 +210,11 @@ class APIRequest(Request):
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
-        if more_than_one_host(self):
-            super().gotLength(0)
-            self._refuse(
-                APIError(
-                    400,
-                    "the request has more than one Host header field (RFC 9112 section 3.2); send exactly one",
-                    "invalid_request_error",
-                    "invalid_host",
-                )
-            )
-            return
-        if more_than_one_authorization(self):
-            super().gotLength(0)
-            self._refuse(
-                APIError(
-                    400,
-                    "the request has more than one Authorization header field; send exactly one "
-                    "(Authorization: Bearer <key>)",
-                    "invalid_request_error",
-                    "invalid_authorization",
-                )
-            )
-            return
+        for name, refusal in _SINGLE_FIELDS:
+            if repeated_field(self, name):
+                super().gotLength(0)
+                self._refuse(refusal())
+                return
         if length is not None and length > self.max_request_bytes:
             super().gotLength(0)
             self._refuse(self._too_large())
