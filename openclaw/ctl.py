@@ -53,7 +53,10 @@ OK, FAILED, NO_ANSWER = 0, 1, 2
 _TOKEN_HINTS = {
     "missing token": "give a token with --token, --token-file or OPENCLAW_TOKEN",
     "invalid token": "this is not a token of this gateway; use the one its banner or TOKEN_FILE shows",
-    "token expired": "tokens live SESSION_TTL_HOURS; restart the gateway for a new one",
+    "token expired": (
+        "tokens live SESSION_TTL_HOURS: a single gateway issues a new one when restarted; a cluster (REDIS_URL) "
+        "replaces its token before it expires: use the current one from the banner or TOKEN_FILE"
+    ),
     "token revoked": (
         "the token was replaced (rotate_token or a gateway restart); "
         "use the current one from the gateway's banner or TOKEN_FILE"

@@ -49,6 +49,13 @@ UNCONFIRMED = (
     "run status (a new token is announced in the log or TOKEN_FILE) before retrying"
 )
 
+#: The share of a cluster session token's lifetime (C{exp} - C{iat}) after
+#: which the instances replace it (one of them wins the store's
+#: compare-and-set, the others adopt its token): operators of a cluster
+#: whose instances all stay up are never left with an expired token only a
+#: restart would replace.
+RENEW_AT = 0.8
+
 #: How many times a node asks the store whether a write that timed out
 #: happened, each bounded by REDIS_TIMEOUT_SECONDS, before it answers
 #: L{UNCONFIRMED}.
@@ -81,6 +88,30 @@ def encode_route(route: Route) -> str:
 
 def encode_token(token: SessionToken) -> str:
     return json.dumps({"token": token.token, "jti": token.jti, "iat": token.issued_at, "exp": token.expires_at})
+
+
+def decode_token(value: str) -> SessionToken:
+    """
+    The token L{encode_token} made C{value} of.
+
+    @raise ValueError: (or L{KeyError}, L{TypeError}) it is not one.
+    """
+    document = json.loads(value)
+    return SessionToken(
+        token=str(document["token"]),
+        jti=str(document["jti"]),
+        issued_at=int(document["iat"]),
+        expires_at=int(document["exp"]),
+    )
+
+
+def renewal_time(token: SessionToken) -> float:
+    """
+    When (POSIX seconds) the cluster's token C{token} is due to be replaced:
+    L{RENEW_AT} of its lifetime after it was issued, and never later than
+    its expiry.
+    """
+    return min(token.issued_at + RENEW_AT * (token.expires_at - token.issued_at), float(token.expires_at))
 
 
 class ClusterNode:
@@ -144,6 +175,10 @@ class ClusterNode:
         self._foreign_token: str | None = None
         self._heartbeat = LoopingCall(self.beat)
         self._heartbeat.clock = reactor
+        #: The renewal of the cluster's token, when due (L{_renew}); and
+        #: whether a renewal is on its way to the store.
+        self._renewal: IDelayedCall | None = None
+        self._renewing = False
 
     def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
         return pending.addTimeout(self._timeout, self._reactor)
@@ -209,6 +244,11 @@ class ClusterNode:
             token = yield self._bounded(
                 self.store.ensure(TOKEN, encode_token(current), self.versions.get(TOKEN, 1), self.instance)
             )
+            if self._due(token):
+                # An expired token (or one due for renewal) counts as
+                # absent: replaced by a compare-and-set on its jti, so one
+                # instance wins and the others adopt its token.
+                token = yield self._bounded(self._replace(token))
         except Exception as e:
             # Logged once per outage, not once per retry.
             if not self._reload_failing:
@@ -237,6 +277,82 @@ class ClusterNode:
         if self._connected:
             self._set_up(True)
             self.beat()
+
+    def _due(self, versioned: Versioned) -> bool:
+        """
+        Whether the cluster's token C{versioned} is one this instance trusts
+        (signed with its C{JWT_SECRET}) and has expired or is due for
+        renewal (L{renewal_time}).  A token it does not trust is never
+        replaced here: L{_apply} refuses it.
+        """
+        try:
+            token = decode_token(versioned.value)
+            self.sessions.check(token)
+        except (ValueError, KeyError, TypeError):
+            return False
+        return self._reactor.seconds() >= renewal_time(token)
+
+    def _replace(self, versioned: Versioned) -> Deferred[Versioned]:
+        """
+        Propose a new token in place of the cluster's token C{versioned}
+        (a compare-and-set on its jti: L{SharedStore.replace}); fires with
+        the token the store holds afterwards (this one's or the winner's).
+        """
+        expired = decode_token(versioned.value)
+        fresh = self.sessions.mint()
+        self._log.info(
+            "the cluster's session token {jti} {state} (expires {expires}); proposing {fresh} in its place",
+            jti=expired.jti,
+            state="has expired" if self._reactor.seconds() >= expired.expires_at else "is due for renewal",
+            expires=expired.expires,
+            fresh=fresh.jti,
+        )
+        replaced: Deferred[Versioned] = self.store.replace(TOKEN, expired.jti, encode_token(fresh), self.instance)
+        return replaced
+
+    def _schedule_renewal(self, token: SessionToken) -> None:
+        self._cancel_renewal()
+        delay = max(0.0, renewal_time(token) - self._reactor.seconds())
+        self._renewal = self._reactor.callLater(delay, self._renewal_time)
+
+    def _renewal_time(self) -> None:
+        self._renewal = None
+        self._renew()
+
+    def _cancel_renewal(self) -> None:
+        renewal, self._renewal = self._renewal, None
+        if renewal is not None and renewal.active():
+            renewal.cancel()
+
+    def _renew(self) -> None:
+        """
+        Replace the cluster's token if it is due (L{renewal_time}); while
+        the store is away, the reload on its return does it.  A failure is
+        retried at the next heartbeat.
+        """
+        current = self.sessions.current_or_none
+        if self._renewing or not (self.up and self._connected) or current is None or TOKEN not in self.versions:
+            return
+        held = Versioned(self.versions[TOKEN], encode_token(current))
+        if not self._due(held):
+            return
+        self._renewing = True
+
+        def replaced(versioned: Versioned) -> None:
+            if versioned.version > self.versions.get(TOKEN, 0):
+                self._apply(TOKEN, versioned, here=versioned.origin == self.instance)
+
+        def failed(failure: Failure) -> None:
+            self._log.warn(
+                "could not renew the cluster's session token {jti}: {error}; trying again at the next heartbeat",
+                jti=current.jti,
+                error=failure.getErrorMessage() or repr(failure.value),
+            )
+
+        def done(_: object) -> None:
+            self._renewing = False
+
+        self._bounded(self._replace(held)).addCallbacks(replaced, failed).addBoth(done)
 
     def _reload_expiring(self) -> Deferred[Any]:
         """
@@ -321,12 +437,7 @@ class ClusterNode:
                         origin=versioned.origin or "an unknown instance",
                     )
             elif name == TOKEN:
-                token = SessionToken(
-                    token=str(document["token"]),
-                    jti=str(document["jti"]),
-                    issued_at=int(document["iat"]),
-                    expires_at=int(document["exp"]),
-                )
+                token = decode_token(versioned.value)
                 self.versions[name] = versioned.version
                 current = self.sessions.current_or_none
                 if current is not None and current.token == token.token:
@@ -348,6 +459,7 @@ class ClusterNode:
                 self._foreign_token = None
                 if current is None or current.jti != token.jti:
                     self.sessions.adopt(token)
+                    self._schedule_renewal(token)
                     self._on_token(token, here, versioned.origin)
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
@@ -478,6 +590,7 @@ class ClusterNode:
             self._heartbeat.stop()
         self._connected = False
         self._cancel_retry()
+        self._cancel_renewal()
         catching_up, self._catching_up = self._catching_up, None
         if catching_up is not None and catching_up.active():
             catching_up.cancel()
@@ -502,6 +615,9 @@ class ClusterNode:
         def seen(heartbeat: Heartbeat) -> None:
             self._missed_beats = 0
             self.instances_seen = max(1, heartbeat.alive)
+            # A renewal that failed (or was due while the store was away)
+            # is tried again here.
+            self._renew()
             if not self._connected or self._catching_up is not None:
                 return  # stopped or gone meanwhile, or a look already due
             if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):

@@ -61,6 +61,21 @@ end
 return redis.call('HMGET', KEYS[1], 'version', 'value', 'origin')
 """
 
+_REPLACE = """
+local held = redis.call('HGET', KEYS[1], 'value')
+local matches = not held
+if held then
+  local ok, document = pcall(cjson.decode, held)
+  matches = ok and type(document) == 'table' and document['jti'] == ARGV[1]
+end
+if matches then
+  local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+  redis.call('HSET', KEYS[1], 'value', ARGV[2], 'origin', ARGV[3])
+  redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[4] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'version', 'value', 'origin')
+"""
+
 _REST = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
@@ -115,6 +130,14 @@ repeat
 until cursor == '0'
 return found
 """
+
+
+def _versioned(reply: list[Any]) -> Versioned:
+    """
+    A value's C{HMGET} of C{version}, C{value} and C{origin}.
+    """
+    held, text, origin = (item.decode() if isinstance(item, bytes) else item for item in reply)
+    return Versioned(int(held), str(text), "" if origin is None else str(origin))
 
 
 def redacted_url(url: str) -> str:
@@ -500,11 +523,12 @@ class RedisStore:
         return self._eval(_CONFIRM, [self._key("write", receipt)], [str(RECEIPT_SECONDS * 1000)]).addCallback(int)
 
     def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
-        def versioned(reply: list[Any]) -> Versioned:
-            held, text, origin = (item.decode() if isinstance(item, bytes) else item for item in reply)
-            return Versioned(int(held), str(text), "" if origin is None else str(origin))
+        return self._eval(_ENSURE, [self._key("state", name)], [value, str(version), origin]).addCallback(_versioned)
 
-        return self._eval(_ENSURE, [self._key("state", name)], [value, str(version), origin]).addCallback(versioned)
+    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
+        return self._eval(_REPLACE, [self._key("state", name), self.channel], [jti, value, origin, name]).addCallback(
+            _versioned
+        )
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         assert self.node is not None

@@ -17,6 +17,8 @@ will.  A node whose write timed out learns that way whether it happened.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -82,6 +84,15 @@ class SharedStore(Protocol):
         Set C{name} to C{value} at C{version} (written by instance
         C{origin}) only if it has no value (an atomic set-if-absent), and
         fire with what it holds afterwards.
+        """
+
+    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
+        """
+        Replace C{name}'s value (a JSON object) with C{value} (written by
+        instance C{origin}) only if the one it holds has the C{jti} C{jti},
+        or it holds none: an atomic compare-and-set, published as L{write}s
+        are.  Fire with what it holds afterwards.  Of several instances
+        replacing the same value, one wins; the others get its value.
         """
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
@@ -197,6 +208,18 @@ class MemoryStore:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         return succeed(self.values.setdefault(name, Versioned(version, value, origin)))
+
+    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        held = self.values.get(name)
+        try:
+            matches = held is None or json.loads(held.value)["jti"] == jti
+        except (ValueError, KeyError, TypeError):
+            matches = False
+        if matches:
+            self._write(name, value, origin, uuid.uuid4().hex)
+        return succeed(self.values[name])
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         if not self.up:
