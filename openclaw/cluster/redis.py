@@ -8,11 +8,18 @@ comes and goes.
 Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
 C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
-after L{RECEIPT_SECONDS}), C{rest:<provider>:<key fingerprint>} (expiring
-with the rest), C{instance:<id>} (heartbeats, expiring after 30 s); one
-channel, C{<CLUSTER_NAME>:events}.  Each write is a Lua script, so the
-value, its version and its publication are one atomic step and every node
-sees the writes in the order Redis made them.
+after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count);
+three sorted sets scored with expiry times (milliseconds since the epoch,
+on Redis's own clock, C{TIME}): C{instances} (instance ids, each expiring
+30 s after its last heartbeat), C{rests} (C{<provider>:<key fingerprint>})
+and C{lockouts} (client keys); one channel, C{<CLUSTER_NAME>:events}.
+Each write is a Lua script, so the value, its version and its publication
+are one atomic step and every node sees the writes in the order Redis made
+them.  No script scans the keyspace: each costs O(log N) in the entries of
+the keys it names (the expired ones are removed by score as it goes), so
+unrelated keys in the same database cost nothing.  (The keys of earlier
+versions, C{instance:*}, C{rest:*} and C{lockout:*}, are ignored and expire
+on their own.)
 """
 
 from __future__ import annotations
@@ -76,30 +83,53 @@ end
 return redis.call('HMGET', KEYS[1], 'version', 'value', 'origin')
 """
 
-_REST = """
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+#: The start of the scripts that judge expiry: C{now}, Redis's clock in
+#: milliseconds, and C{expiring(key, member, ms)}, which sets C{member}'s
+#: expiry in the sorted set C{key}, removes the members that have expired
+#: and lets the key expire with its last member.  (C{TIME} before a write
+#: needs effects replication: the default from Redis 5, the only mode
+#: from 7.)
+_EXPIRY = """
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function expiring(key, member, ms)
+  redis.call('ZADD', key, now + tonumber(ms), member)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', key, last[2])
+end
+"""
+
+_REST = (
+    _EXPIRY
+    + """
+expiring(KEYS[1], ARGV[3], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
+)
 
-_HEARTBEAT = """
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
-local n, cursor = 0, '0'
-repeat
-  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
-  cursor = r[1]
-  n = n + #r[2]
-until cursor == '0'
-local found = {n}
+_HEARTBEAT = (
+    _EXPIRY
+    + """
+expiring(KEYS[1], ARGV[2], tonumber(ARGV[1]) * 1000)
+local found = {redis.call('ZCARD', KEYS[1])}
 for i = 2, #KEYS do
   table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
 end
 return found
 """
+)
 
 
-_FAILURE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then
+_FAILURE = (
+    _EXPIRY
+    + """
+local locked = redis.call('ZSCORE', KEYS[2], ARGV[6])
+if locked and tonumber(locked) > now then
   return 0
 end
 local n = redis.call('INCR', KEYS[1])
@@ -109,27 +139,28 @@ end
 if n < tonumber(ARGV[2]) and ARGV[4] == '0' then
   return 0
 end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+expiring(KEYS[2], ARGV[6], ARGV[3])
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', KEYS[3], ARGV[5])
 return 1
 """
+)
 
-_EXPIRING = """
-local found, cursor = {}, '0'
-repeat
-  local r = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
-  cursor = r[1]
-  for _, key in ipairs(r[2]) do
-    local left = redis.call('PTTL', key)
-    if left > 0 then
-      table.insert(found, key)
-      table.insert(found, left)
-    end
-  end
-until cursor == '0'
+#: The members of the sorted set KEYS[1] that have not expired, each
+#: followed by its milliseconds left.
+_EXPIRING = (
+    _EXPIRY
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local found = {}
+for i = 1, #held, 2 do
+  table.insert(found, held[i])
+  table.insert(found, tonumber(held[i + 1]) - now)
+end
 return found
 """
+)
 
 
 def _versioned(reply: list[Any]) -> Versioned:
@@ -535,8 +566,8 @@ class RedisStore:
         message = f"r\t{self.node.instance}\t{provider}\t{key_fingerprint}\t{seconds}"
         return self._eval(
             _REST,
-            [self._key("rest", provider, key_fingerprint), self.channel],
-            [str(max(1, round(seconds * 1000))), message],
+            [self._key("rests"), self.channel],
+            [str(max(1, round(seconds * 1000))), message, f"{provider}:{key_fingerprint}"],
         ).addCallback(lambda _: None)
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
@@ -544,40 +575,43 @@ class RedisStore:
         message = f"l\t{self.node.instance}\t{key}\t{duration}"
         return self._eval(
             _FAILURE,
-            [self._key("failures", key), self._key("lockout", key), self.channel],
+            [self._key("failures", key), self._key("lockouts"), self.channel],
             [
                 str(max(1, round(window * 1000))),
                 str(failures),
                 str(max(1, round(duration * 1000))),
                 "1" if lock else "0",
                 message,
+                key,
             ],
         ).addCallback(lambda locked: int(locked) == 1)
 
-    def lockouts(self) -> Deferred[dict[str, float]]:
-        prefix = self._key("lockout", "")
+    def _expiring(self, name: str) -> Deferred[dict[str, float]]:
+        """
+        The members of the sorted set C{name} that have not expired:
+        member -> seconds left.
+        """
 
         def pairs(reply: list[Any]) -> dict[str, float]:
             found: dict[str, float] = {}
-            for key, left in zip(reply[::2], reply[1::2], strict=True):
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                found[name[len(prefix) :]] = int(left) / 1000
+            for member, left in zip(reply[::2], reply[1::2], strict=True):
+                found[member.decode() if isinstance(member, bytes) else str(member)] = int(left) / 1000
             return found
 
-        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
+        return self._eval(_EXPIRING, [self._key(name)], []).addCallback(pairs)
+
+    def lockouts(self) -> Deferred[dict[str, float]]:
+        return self._expiring("lockouts")
 
     def resting(self) -> Deferred[dict[tuple[str, str], float]]:
-        prefix = self._key("rest", "")
+        def split(found: dict[str, float]) -> dict[tuple[str, str], float]:
+            resting: dict[tuple[str, str], float] = {}
+            for member, seconds in found.items():
+                provider, _, key_fingerprint = member.rpartition(":")
+                resting[provider, key_fingerprint] = seconds
+            return resting
 
-        def pairs(reply: list[Any]) -> dict[tuple[str, str], float]:
-            found: dict[tuple[str, str], float] = {}
-            for key, left in zip(reply[::2], reply[1::2], strict=True):
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                provider, _, key_fingerprint = name[len(prefix) :].rpartition(":")
-                found[provider, key_fingerprint] = int(left) / 1000
-            return found
-
-        return self._eval(_EXPIRING, [], [prefix + "*"]).addCallback(pairs)
+        return self._expiring("rests").addCallback(split)
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
         def heard(reply: list[Any]) -> Heartbeat:
@@ -587,6 +621,6 @@ class RedisStore:
 
         return self._eval(
             _HEARTBEAT,
-            [self._key("instance", instance), *(self._key("state", name) for name in names)],
-            [str(ttl_seconds), self._key("instance", "*")],
+            [self._key("instances"), *(self._key("state", name) for name in names)],
+            [str(ttl_seconds), instance],
         ).addCallback(heard)
