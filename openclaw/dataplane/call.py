@@ -597,18 +597,21 @@ class ChatCall:
         stop waiting on it closes the connection only after the answer) and
         log it.
         """
-        self._count_costs(status)
+        now = self.context.reactor.seconds()
+        seconds = now - self.started
+        self._count_costs(status, now)
         self.context.chat_calls.discard(self)
         self.context.call_ended()
         self.context.completed(
-            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer
+            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer, seconds
         )
 
-    def _count_costs(self, status: int) -> None:
+    def _count_costs(self, status: int, now: float) -> None:
         """
         Count the call's usage (a whole answer's, or a stream's final one),
         read once for the token metrics and the consumer's accounting, and
-        the gateway's own time: all of it but the waits on the provider.
+        the gateway's own time: all of it (up to C{now}) but the waits on
+        the provider.
         """
         costs = self.context.costs
         provider, model = self.route.provider_id, self.route.model
@@ -616,8 +619,8 @@ class ChatCall:
         tokens = usage_counts(usage)
         costs.count_tokens(provider, model, *tokens[:3])
         wait = self.provider_wait
-        wait.end()
-        seconds = self.context.reactor.seconds() - self.started
+        wait.end(now)
+        seconds = now - self.started
         consumers = self.context.consumers
         if consumers is not None and not self._reading_out:
             consumer_usage = self._consumer_usage(usage, status)
