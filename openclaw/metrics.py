@@ -286,21 +286,33 @@ class CallCosts:
         """
         if not isinstance(usage, dict):
             return
+        details = usage.get("completion_tokens_details")
+        self.count_tokens(
+            provider,
+            model,
+            _token_count(usage.get("prompt_tokens")),
+            _token_count(usage.get("completion_tokens")),
+            _token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
+        )
+
+    def count_tokens(self, provider: str, model: str, prompt: int, completion: int, reasoning: int) -> None:
+        """
+        Count one answer's tokens, read from its usage already (as
+        L{openclaw.consumers.table.usage_counts} does): whole numbers, 0
+        for none.
+        """
+        if not (prompt or completion or reasoning):
+            return
         label = self._model_labels.get((provider, model))
         if label is None:
             label = self._model_label(provider, model)
         add = self._tokens.add
-        count = _token_count(usage.get("prompt_tokens"))
-        if count:
-            add((provider, label, "prompt"), count)
-        count = _token_count(usage.get("completion_tokens"))
-        if count:
-            add((provider, label, "completion"), count)
-        details = usage.get("completion_tokens_details")
-        if isinstance(details, dict):
-            count = _token_count(details.get("reasoning_tokens"))
-            if count:
-                add((provider, label, "reasoning"), count)
+        if prompt:
+            add((provider, label, "prompt"), prompt)
+        if completion:
+            add((provider, label, "completion"), completion)
+        if reasoning:
+            add((provider, label, "reasoning"), reasoning)
 
     def _model_label(self, provider: str, model: str) -> str:
         models = self._models.setdefault(provider, set())

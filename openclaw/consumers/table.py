@@ -529,7 +529,14 @@ class ConsumerTable:
         and written at the flush as one row with their C{requests} count,
         its C{ts} the minute's start.
         """
-        tokens = usage_counts(usage)
+        self.account_tokens(holder, provider, model, status, usage_counts(usage), seconds)
+
+    def account_tokens(
+        self, holder: Holder, provider: str, model: str, status: int, tokens: tuple[int, int, int, int], seconds: float
+    ) -> None:
+        """
+        L{account}, with the usage read already (L{usage_counts}).
+        """
         now = self.clock()
         if holder is GATEWAY:
             self.gateway_usage.count(provider, model, status, tokens, seconds, now)

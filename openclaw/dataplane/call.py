@@ -30,7 +30,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
-from openclaw.consumers.table import GATEWAY, Holder
+from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -266,7 +266,6 @@ class ChatCall:
         self._usage = usage
         if usage is None and self.holder is not GATEWAY:
             self._completion_chars = answer_characters(answer)
-        self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)
         self._finish_call()
@@ -598,37 +597,36 @@ class ChatCall:
         stop waiting on it closes the connection only after the answer) and
         log it.
         """
-        self._count_costs(status)
+        now = self.context.reactor.seconds()
+        seconds = now - self.started
+        self._count_costs(status, now)
         self.context.chat_calls.discard(self)
         self.context.call_ended()
         self.context.completed(
-            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer
+            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer, seconds
         )
 
-    def _count_costs(self, status: int) -> None:
+    def _count_costs(self, status: int, now: float) -> None:
         """
-        Count a stream's usage (whole answers count theirs as they are
-        read) and the gateway's own time: all of it but the waits on the
-        provider.
+        Count the call's usage (a whole answer's, or a stream's final one),
+        read once for the token metrics and the consumer's accounting, and
+        the gateway's own time: all of it (up to C{now}) but the waits on
+        the provider.
         """
         costs = self.context.costs
-        usage = self._usage
-        if self._translation is not None:
-            usage = self._translation.usage
-            costs.tokens(self.route.provider_id, self.route.model, usage)
+        provider, model = self.route.provider_id, self.route.model
+        usage = self._usage if self._translation is None else self._translation.usage
+        tokens = usage_counts(usage)
+        costs.count_tokens(provider, model, *tokens[:3])
         wait = self.provider_wait
-        wait.end()
-        seconds = self.context.reactor.seconds() - self.started
+        wait.end(now)
+        seconds = now - self.started
         consumers = self.context.consumers
         if consumers is not None and not self._reading_out:
-            consumers.account(
-                self.holder,
-                self.route.provider_id,
-                self.route.model,
-                status,
-                self._consumer_usage(usage, status),
-                seconds,
-            )
+            consumer_usage = self._consumer_usage(usage, status)
+            if consumer_usage is not usage:
+                tokens = usage_counts(consumer_usage)
+            consumers.account_tokens(self.holder, provider, model, status, tokens, seconds)
         costs.overhead(seconds - wait.waited)
 
     def _route_headers(self) -> None:

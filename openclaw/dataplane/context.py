@@ -201,14 +201,18 @@ class APIContext:
         stream: bool = False,
         outcome: str | None = None,
         consumer: str | None = None,
+        seconds: float | None = None,
     ) -> None:
         """
         Count one finished API request, and log it (structured fields, no
         body, no key) when its level is on.  C{outcome} is the error code
         when there was one; C{consumer} the name of the key's consumer
-        (C{-} for GATEWAY_API_KEYS; None before a key was checked).
+        (C{-} for GATEWAY_API_KEYS; None before a key was checked);
+        C{seconds} the request's whole time, when the caller has read the
+        clock already (else from C{started} to now).
         """
-        seconds = self.reactor.seconds() - started
+        if seconds is None:
+            seconds = self.reactor.seconds() - started
         self.tally.record(route.provider_id if route else "-", status, seconds)
         if consumer is None:
             # A key checked with the request's head (APIRequest.holder).

@@ -35,13 +35,14 @@ class ProviderWait:
         if self._since is None:
             self._since = self.clock()
 
-    def end(self) -> None:
+    def end(self, now: float | None = None) -> None:
         """
-        The provider has answered (headers, or a read of the body).
+        The provider has answered (headers, or a read of the body), at
+        C{now} if the caller has read the clock already.
         """
         since = self._since
         if since is not None:
-            self.waited += self.clock() - since
+            self.waited += (self.clock() if now is None else now) - since
             self._since = None
 
 

@@ -357,6 +357,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _armed: tuple[float, str, str] | None = None
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
+    #: A head with a body has come and its body is not whole yet: the
+    #: body's deadline starts once the bytes at hand are handled.
+    _awaiting_body = False
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
@@ -397,6 +400,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 # Its requests' keys are not tracked: keyless for its whole life.
                 self.count_keyless()
         self.protocol.dataReceived(data)
+        if self._awaiting_body and not self._lost:
+            # The head came in these bytes, the rest of its body did not
+            # (usually it does: no deadline is armed and disarmed for it).
+            self._awaiting_body = False
+            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss
@@ -469,17 +477,18 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def head_received(self, has_body: bool) -> None:
         """
         A request's head is whole: its body, if it has one, may now take
-        up to C{API_BODY_TIMEOUT_SECONDS}.
+        up to C{API_BODY_TIMEOUT_SECONDS} (from the end of the bytes that
+        brought the head, if it is not in those bytes too).
         """
         self._disarm()
-        if has_body:
-            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+        self._awaiting_body = has_body
 
     def body_received(self) -> None:
         """
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
+        self._awaiting_body = False
         self._disarm()
 
     def response_finished(self) -> None:

@@ -64,7 +64,10 @@ class KeyPool:
         return key in self.keys
 
     def usable(self, key: str) -> bool:
-        return key not in self._set_aside and self._resting.get(key, 0.0) <= self.clock()
+        if key in self._set_aside:
+            return False
+        resting = self._resting.get(key)
+        return resting is None or resting <= self.clock()
 
     def pick(self, avoid: Collection[str] = ()) -> str | None:
         """
