@@ -209,7 +209,7 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
         try:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
-            pass
+            parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
         response["id"] = gemini_id
