@@ -16,7 +16,9 @@ wire sees one shape.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 import attrs
@@ -47,6 +49,11 @@ DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII)
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 #: URL schemes an image may be given by (the gateway never fetches them).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
+#: How many unanswered tool call ids a 400 names (the rest are counted), and
+#: how many characters of each: the message stays short however many calls
+#: the request holds, and however long their ids.
+LISTED_CALL_IDS = 5
+LISTED_CALL_ID_CHARS = 64
 
 
 @attrs.frozen
@@ -280,11 +287,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
         raise bad_request("messages must be a non-empty list of {role, content}", param="messages")
     #: Tool call ids seen so far -> the function's name.
     calls: dict[str, str] = {}
-    #: The latest assistant message's tool calls not answered yet, and where it is.
-    unanswered: list[str] = []
+    #: The latest assistant message's tool calls not answered yet (a dict
+    #: for constant-time lookup and removal that keeps the calls' order for
+    #: the error message), and where it is.
+    unanswered: dict[str, None] = {}
     asked_at = ""
     #: Legacy function calls not yet answered: name -> their ids, in order.
-    legacy: dict[str, list[str]] = {}
+    legacy: dict[str, deque[str]] = {}
     carried_ids = False
     anything = False
     for i, message in enumerate(messages):
@@ -319,7 +328,7 @@ def _check_messages(body: dict[str, Any]) -> bool:
             tool_calls = message.get("tool_calls")
             if tool_calls is not None:
                 carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
-                unanswered = [call["id"] for call in tool_calls]
+                unanswered = dict.fromkeys(call["id"] for call in tool_calls)
                 asked_at = where
                 anything = True
             if (content is None or content is ...) and tool_calls:
@@ -331,16 +340,16 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 raise bad_request(f"{where}.tool_call_id must be the id of a tool call", param=f"{where}.tool_call_id")
             if call_id not in calls:
                 raise bad_request(
-                    f"{where}.tool_call_id {call_id!r} matches no tool call of an earlier assistant message",
+                    f"{where}.tool_call_id {_clipped(call_id)!r} matches no tool call of an earlier assistant message",
                     param=f"{where}.tool_call_id",
                 )
             if call_id not in unanswered:
                 raise bad_request(
-                    f"{where}.tool_call_id {call_id!r} answers no open call: tool messages answer the tool "
+                    f"{where}.tool_call_id {_clipped(call_id)!r} answers no open call: tool messages answer the tool "
                     "calls of the assistant message right before them, once each",
                     param=f"{where}.tool_call_id",
                 )
-            unanswered.remove(call_id)
+            del unanswered[call_id]
             _check_content(content, f"{where}.content", TEXT_PARTS)
             anything = True
         elif isinstance(content, str):
@@ -356,13 +365,18 @@ def _check_messages(body: dict[str, Any]) -> bool:
     return carried_ids
 
 
-def _unanswered(where: str, call_ids: list[str]) -> APIError:
+def _unanswered(where: str, call_ids: dict[str, None]) -> APIError:
     """
     OpenAI's rule, which Gemini enforces too (a turn of function calls is
     followed by one function response per call): every tool call is
     answered by a tool message right after its assistant message.
+
+    The message names the first L{LISTED_CALL_IDS} of C{call_ids} (each cut
+    to L{LISTED_CALL_ID_CHARS} characters) and counts the others.
     """
-    listed = ", ".join(repr(call_id) for call_id in call_ids)
+    listed = ", ".join(repr(_clipped(call_id)) for call_id in islice(call_ids, LISTED_CALL_IDS))
+    if len(call_ids) > LISTED_CALL_IDS:
+        listed += f" and {len(call_ids) - LISTED_CALL_IDS} more"
     return bad_request(
         f"{where}.tool_calls: call(s) {listed} have no tool message answering them; "
         "follow an assistant message with tool_calls by one tool message per call",
@@ -370,33 +384,41 @@ def _unanswered(where: str, call_ids: list[str]) -> APIError:
     )
 
 
-def _legacy_call(message: dict[str, Any], i: int, where: str, legacy: dict[str, list[str]]) -> dict[str, Any]:
+def _clipped(call_id: str) -> str:
+    if len(call_id) <= LISTED_CALL_ID_CHARS:
+        return call_id
+    return call_id[: LISTED_CALL_ID_CHARS - 1] + "…"
+
+
+def _legacy_call(message: dict[str, Any], i: int, where: str, legacy: dict[str, deque[str]]) -> dict[str, Any]:
     call = message["function_call"]
     if not isinstance(call, dict):
         raise bad_request(f"{where}.function_call must be {{name, arguments}}", param=f"{where}.function_call")
     call_id = f"call_legacy_{i}"
     name = call.get("name")
     if isinstance(name, str):
-        legacy.setdefault(name, []).append(call_id)
+        legacy.setdefault(name, deque()).append(call_id)
     rewritten = {k: v for k, v in message.items() if k != "function_call"}
     rewritten["tool_calls"] = [{"id": call_id, "type": "function", "function": call}]
     return rewritten
 
 
-def _legacy_result(message: dict[str, Any], where: str, legacy: dict[str, list[str]]) -> dict[str, Any]:
+def _legacy_result(message: dict[str, Any], where: str, legacy: dict[str, deque[str]]) -> dict[str, Any]:
     name = message.get("name")
     waiting = legacy.get(name) if isinstance(name, str) else None
     if not waiting:
         raise bad_request(
             f"{where} (role function) answers no earlier function_call of that name", param=f"{where}.name"
         )
-    return {"role": "tool", "tool_call_id": waiting.pop(0), "content": message.get("content", ...)}
+    return {"role": "tool", "tool_call_id": waiting.popleft(), "content": message.get("content", ...)}
 
 
 def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> bool:
     if not isinstance(tool_calls, list) or not tool_calls:
         raise bad_request(f"{where} must be a non-empty list of tool calls", param=where)
     carried_ids = False
+    #: The ids of this message's calls so far: each may be used once.
+    seen: set[str] = set()
     for j, call in enumerate(tool_calls):
         at = f"{where}[{j}]"
         if not isinstance(call, dict) or call.get("type", "function") != "function":
@@ -420,8 +442,9 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
                 f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
                 param=f"{at}.function.arguments",
             )
-        if any(earlier.get("id") == call_id for earlier in tool_calls[:j]):
-            raise bad_request(f"{at}.id {call_id!r} is used twice in this message", param=f"{at}.id")
+        if call_id in seen:
+            raise bad_request(f"{at}.id {_clipped(call_id)!r} is used twice in this message", param=f"{at}.id")
+        seen.add(call_id)
         calls[call_id] = name
         carried_ids = carried_ids or MARK in call_id
     return carried_ids

@@ -105,8 +105,9 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     contents: list[dict[str, Any]] = []
     #: tool call id -> (name, Gemini's call id), for the results.
     calls: dict[str, tuple[str, str | None]] = {}
-    #: The latest assistant turn's call ids, in order: results follow it.
-    order: list[str] = []
+    #: The latest assistant turn's call ids -> their place among its calls:
+    #: the results that follow it go in that order.
+    order: dict[str, int] = {}
     messages = body["messages"]
     i = 0
     while i < len(messages):
@@ -118,7 +119,7 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
             while i < len(messages) and messages[i]["role"] == "tool":
                 run.append(messages[i])
                 i += 1
-            run.sort(key=lambda m: order.index(m["tool_call_id"]) if m["tool_call_id"] in order else len(order))
+            run.sort(key=lambda m: order.get(m["tool_call_id"], len(order)))
             _append(contents, "user", [_function_response(m, calls) for m in run])
             continue
         i += 1
@@ -131,7 +132,7 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
             parts = [] if content is None else _parts(content)
             tool_calls = message.get("tool_calls")
             if tool_calls:
-                order = [call["id"] for call in tool_calls]
+                order = {call["id"]: k for k, call in enumerate(tool_calls)}
                 parts.extend(_function_call(call, calls) for call in tool_calls)
             _append(contents, "model", parts)
     for turn in contents:
@@ -200,10 +201,15 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
     name, gemini_id = calls[message["tool_call_id"]]
     content = message["content"]
     text = content if isinstance(content, str) else "".join(part["text"] for part in content)
-    try:
-        parsed = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        parsed = None
+    parsed = None
+    # Only a JSON object is passed as one: other text is not parsed at all
+    # (no exception raised and caught per result; JSON's whitespace is
+    # RFC 8259's four characters).
+    if text.lstrip(" \t\n\r").startswith("{"):
+        try:
+            parsed = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
         response["id"] = gemini_id

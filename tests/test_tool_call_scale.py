@@ -1,0 +1,287 @@
+"""
+Requests with many tool calls cost work in proportion to their size: the
+checks at the door (L{openclaw.dataplane.request}) and the translation to
+Gemini (L{openclaw.providers.gemini.translate}) run on the reactor thread,
+so anything slower than linear there lets one caller stall every other
+(the data plane, C{/healthz}, the control plane) for as long as it likes.
+
+The official openai SDK sends the request from a thread while raw HTTP
+probes C{/healthz} on the reactor, against a gateway in this process in
+front of the stand-in upstream on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import LISTED_CALL_ID_CHARS, LISTED_CALL_IDS, parse_chat_request
+from openclaw.providers.gemini.translate import to_gemini
+from tests.support import RunningGateway
+from tests.test_dataplane import GATEWAY_KEY, HELLO, DataPlaneTestCase
+
+#: Tool calls in one assistant message: enough that checking them in
+#: quadratic time takes seconds (12 s or more on the machine where the
+#: finding was made), while linear work takes a small fraction of one.
+CALLS = 20_000
+#: Bounds that linear work meets with a wide margin on a loaded machine,
+#: and that quadratic work misses many times over.
+ANSWER_WITHIN = 5.0
+HEALTHZ_WITHIN = 2.0
+#: For the Gemini path, more: the quadratic sort of the translation alone
+#: (without the checks) took 6 s for this many.
+GEMINI_CALLS = 30_000
+#: Calls translated in L{TranslationTests}, and the bound there.
+TRANSLATED_CALLS = 40_000
+TRANSLATED_WITHIN = 2.0
+
+
+def tool_calls(count: int, prefix: str = "call_") -> list[dict[str, Any]]:
+    """
+    C{count} calls with distinct ids and names (so that an answer turn out
+    of order shows as names out of order at the stand-in Gemini).
+    """
+    return [
+        {"id": f"{prefix}{j}", "type": "function", "function": {"name": f"f{j}", "arguments": '{"n": 1}'}}
+        for j in range(count)
+    ]
+
+
+def asked(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    A conversation that ends with an assistant message making C{calls}.
+    """
+    return [*HELLO, {"role": "assistant", "content": None, "tool_calls": calls}]
+
+
+def openai_body(messages: list[dict[str, Any]], model: str = "kimi/moonshot-v1-8k") -> bytes:
+    return json.dumps({"model": model, "messages": messages}).encode()
+
+
+def answered(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    C{calls}, each answered by a tool message, in the reverse order (the
+    order Gemini's turn is sorted back from).
+    """
+    results = [{"role": "tool", "tool_call_id": call["id"], "content": "sunny"} for call in reversed(calls)]
+    return [*asked(calls), *results]
+
+
+class UnansweredMessageTests(TestCase):
+    """
+    The 400 for tool calls left unanswered names a few of them, not all.
+    """
+
+    def refusal(self, messages: list[dict[str, Any]]) -> str:
+        with self.assertRaises(APIError) as raised:
+            parse_chat_request(openai_body(messages))
+        return str(raised.exception.message)
+
+    def test_few_listed(self) -> None:
+        message = self.refusal(asked(tool_calls(CALLS)))
+        for j in range(LISTED_CALL_IDS):
+            self.assertIn(f"'call_{j}'", message)
+        self.assertNotIn(f"'call_{LISTED_CALL_IDS}'", message)
+        self.assertIn(f"and {CALLS - LISTED_CALL_IDS} more", message)
+        self.assertLess(len(message), 500)
+
+    def test_all_listed_when_few(self) -> None:
+        message = self.refusal(asked(tool_calls(LISTED_CALL_IDS)))
+        self.assertIn(f"'call_{LISTED_CALL_IDS - 1}'", message)
+        self.assertNotIn("more", message)
+
+    def test_long_ids_cut(self) -> None:
+        """
+        Ids have no length limit (Gemini's carried signatures make long
+        ones): each is cut, so five of them still make a short message.
+        """
+        message = self.refusal(asked(tool_calls(LISTED_CALL_IDS + 1, prefix="x" * 100_000)))
+        self.assertIn("'" + "x" * (LISTED_CALL_ID_CHARS - 1) + "…'", message)
+        self.assertIn("and 1 more", message)
+        self.assertLess(len(message), 1000)
+
+
+class TranslationTests(TestCase):
+    """
+    The translation to Gemini, alone: its time grows with the number of
+    calls, not with its square.
+    """
+
+    def test_many_results(self) -> None:
+        calls = tool_calls(TRANSLATED_CALLS)
+        chat = parse_chat_request(openai_body(answered(calls), model="gemini/gemini-2.5-flash"))
+        started = time.monotonic()
+        request = to_gemini(chat.body, "gemini-2.5-flash")
+        elapsed = time.monotonic() - started
+        results = request["contents"][-1]["parts"]
+        self.assertEqual([p["functionResponse"]["name"] for p in results], [f"f{j}" for j in range(TRANSLATED_CALLS)])
+        self.assertEqual(results[0]["functionResponse"]["response"], {"result": "sunny"})
+        self.assertLess(elapsed, TRANSLATED_WITHIN)
+
+    def test_object_results(self) -> None:
+        """
+        A result that is a JSON object (leading JSON whitespace allowed) is
+        passed as the response; any other text as C{{"result": text}}.
+        """
+        calls = tool_calls(4)
+        contents = [' \t\r\n{"t": 21}', "[1]", "{not json", ""]
+        messages = [*asked(calls)]
+        messages += [{"role": "tool", "tool_call_id": c["id"], "content": t} for c, t in zip(calls, contents)]
+        chat = parse_chat_request(openai_body(messages, model="gemini/gemini-2.5-flash"))
+        results = to_gemini(chat.body, "gemini-2.5-flash")["contents"][-1]["parts"]
+        self.assertEqual(
+            [p["functionResponse"]["response"] for p in results],
+            [{"t": 21}, {"result": "[1]"}, {"result": "{not json"}, {"result": ""}],
+        )
+
+
+class ManyToolCallsTests(DataPlaneTestCase):
+    """
+    A request with L{CALLS} tool calls is answered in a bounded time, and
+    the gateway answers C{/healthz} promptly all the while.
+    """
+
+    timeout = 120
+
+    def sdk_timed(self, gateway: RunningGateway) -> tuple[openai.OpenAI, list[float]]:
+        """
+        An SDK client, and the list where it records how long each request
+        took from the moment it went out to the moment the answer's head came
+        back (the HTTP client's event hooks): what the gateway took, without the time
+        the SDK spends building the body beforehand (seconds, for this many
+        messages).
+        """
+        sent: list[float] = []
+        taken: list[float] = []
+        http_client = openai.DefaultHttpxClient(
+            event_hooks={
+                "request": [lambda request: sent.append(time.monotonic())],
+                "response": [lambda response: taken.append(time.monotonic() - sent[-1])],
+            }
+        )
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1",
+            api_key=GATEWAY_KEY,
+            max_retries=0,
+            timeout=60,
+            http_client=http_client,
+        )
+        self.addCleanup(deferToThread, client.close)
+        return client, taken
+
+    @inlineCallbacks
+    def while_probing(self, gateway: RunningGateway, call: Any) -> Any:
+        """
+        Run C{call()} in a thread while C{/healthz} is probed on the
+        reactor, one probe after another with a short rest.
+
+        @return: a Deferred firing with C{(the result of call() or the
+            exception it raised, the longest time the probes went without
+            an answer)}.  A stalled reactor shows as a long gap whether a
+            probe was in flight or resting when it began.
+        """
+        http = self.http()
+        url = f"http://127.0.0.1:{gateway.api_port}/healthz"
+        done: list[Any] = []
+
+        def outcome() -> Any:
+            try:
+                return call()
+            except Exception as e:
+                return e
+
+        finished: Deferred[Any] = deferToThread(outcome)
+        finished.addBoth(lambda result: done.append(result) or result)
+        longest = 0.0
+        probes = 0
+        last = time.monotonic()
+        while not done:
+            response = yield http.get(url)
+            yield response.content()
+            self.assertEqual(response.code, 200)
+            probes += 1
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
+            yield deferLater(reactor, 0.02)
+        result = yield finished
+        self.assertGreater(probes, 0)
+        return result, longest
+
+    def assertPrompt(self, taken: list[float], longest: float) -> None:
+        self.assertEqual(len(taken), 1, "the request got no answer")
+        self.assertLess(taken[0], ANSWER_WITHIN, "the gateway took too long to answer")
+        self.assertLess(longest, HEALTHZ_WITHIN, "/healthz went unanswered too long meanwhile")
+
+    @inlineCallbacks
+    def test_unanswered_calls(self) -> Any:
+        """
+        L{CALLS} tool calls without tool messages: a 400 that names five of
+        them, soon, and no stall for anyone else.
+        """
+        gateway = self.gateway()
+        client, taken = self.sdk_timed(gateway)
+        calls = tool_calls(CALLS)
+        outcome, longest = yield self.while_probing(
+            gateway, lambda: client.chat.completions.create(model="kimi/moonshot-v1-8k", messages=asked(calls))
+        )
+        self.assertPrompt(taken, longest)
+        self.assertIsInstance(outcome, openai.BadRequestError)
+        error = outcome.body
+        self.assertEqual(error["param"], "messages[1].tool_calls")
+        self.assertIn(f"and {CALLS - LISTED_CALL_IDS} more", error["message"])
+        self.assertLess(len(error["message"]), 500)
+        self.assertEqual(self.upstream.kimi.bodies, [])
+
+    @inlineCallbacks
+    def test_kimi(self) -> Any:
+        """
+        Every call answered, through to Kimi (the body passed as it came).
+        """
+        gateway = self.gateway()
+        client, taken = self.sdk_timed(gateway)
+        calls = tool_calls(CALLS)
+        outcome, longest = yield self.while_probing(
+            gateway, lambda: client.chat.completions.create(model="kimi/moonshot-v1-8k", messages=answered(calls))
+        )
+        self.assertPrompt(taken, longest)
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.assertEqual(outcome.choices[0].message.content, "Hello from the stand-in.")
+        (sent,) = self.upstream.kimi.bodies
+        self.assertEqual(len(sent["messages"]), 2 + CALLS)
+
+    @inlineCallbacks
+    def test_gemini(self) -> Any:
+        """
+        Every call answered, in the reverse order, through the translation
+        to Gemini: one function response turn in the calls' order (the
+        stand-in refuses any other, as Gemini does).
+        """
+        gateway = self.gateway()
+        client, taken = self.sdk_timed(gateway)
+        calls = tool_calls(GEMINI_CALLS)
+        outcome, longest = yield self.while_probing(
+            gateway, lambda: client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=answered(calls))
+        )
+        self.assertPrompt(taken, longest)
+        if isinstance(outcome, Exception):
+            raise outcome
+        self.assertTrue(outcome.choices[0].message.content)
+        (sent,) = self.upstream.gemini.bodies
+        call_turn, response_turn = sent["contents"][1:]
+        self.assertEqual(
+            [p["functionCall"]["name"] for p in call_turn["parts"]], [f"f{j}" for j in range(GEMINI_CALLS)]
+        )
+        self.assertEqual(
+            [p["functionResponse"]["name"] for p in response_turn["parts"]], [f"f{j}" for j in range(GEMINI_CALLS)]
+        )
