@@ -35,7 +35,7 @@ from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
-from openclaw.consumers.store import ConsumerStore
+from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
@@ -56,6 +56,11 @@ from openclaw.state import RouteStore
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
 WAITING_LOG_SECONDS = 5.0
+
+#: At stop, the least time the usage rows' last write, then the closing of
+#: the consumers' database, each get when SHUTDOWN_GRACE_SECONDS is spent
+#: already, in seconds.
+CONSUMERS_STOP_MIN_SECONDS = 1.0
 
 #: How often the usage rows older than USAGE_RETENTION_DAYS are deleted, in
 #: seconds.
@@ -267,6 +272,7 @@ class GatewayService(MultiService):
         )
         commands.extra = ConsumerCommands(self.consumers, reactor.seconds).handlers()
         self._purger: LoopingCall | None = None
+        self._opening: Retrying[int] | None = None
         #: This process's id in the cluster (host name and process id).
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         #: Its index among C{--workers} (0 for a single process).
@@ -503,32 +509,88 @@ class GatewayService(MultiService):
         settings = self.settings
         where = "DATABASE_URL" if settings.database_url else str(self.settings.state_dir / "openclaw.db")
 
-        def migrated(version: int) -> Deferred[None]:
-            self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
-            return self.consumers.reload()
+        def attempt() -> Deferred[int]:
+            def migrated(version: int) -> Deferred[int]:
+                return self.consumers.reload().addCallback(lambda _: version)
 
-        def loaded(_: None) -> None:
-            self._log.info("{count} consumer(s) loaded", count=len(self.consumers.consumers))
+            return self.consumer_store.migrate().addCallback(migrated)
+
+        def loaded(version: int, failures: int) -> None:
+            self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
+            self._log.info(
+                "{count} consumer(s) loaded{after}",
+                count=len(self.consumers.consumers),
+                after=f" (the database answered after {failures} failed attempt(s))" if failures else "",
+            )
             if self.shared_consumers is not None:
                 self.shared_consumers.loaded()
+            if not self.consumers_ready.called:
+                self.consumers_ready.callback(None)
 
-        def failed(reason: Failure) -> None:
-            self._log.failure(
-                "the consumers' database {where} cannot be used: consumer keys are refused until it can; "
-                "check DATABASE_URL (or that STATE_DIR is writable) and restart",
-                reason,
-                log_level=LogLevel.critical,
-                where=where,
-            )
+        def failed(reason: Failure, failures: int, delay: float) -> None:
+            # Once per outage: the retries after it say nothing until one
+            # succeeds.
+            if failures == 1:
+                self._log.failure(
+                    "the consumers' database {where} cannot be used: consumer keys are refused (503) and the "
+                    "consumer commands answer 'not loaded yet' until it can; trying again with back-off "
+                    "(every {cap:.0f} s at most): check DATABASE_URL (that PostgreSQL is running and "
+                    "reachable) or that STATE_DIR is writable",
+                    reason,
+                    log_level=LogLevel.critical,
+                    where=where,
+                    cap=RETRY_MAX_SECONDS,
+                )
+                self.consumers_ready.callback(None)
 
-        opened = self.consumer_store.migrate().addCallback(migrated).addCallbacks(loaded, failed)
-        #: Fires once the consumers are loaded (or could not be).
+        #: Fires once the consumers are loaded (or the first attempt failed:
+        #: L{Retrying} goes on trying).
         self.consumers_ready: Deferred[None] = Deferred()
-        opened.addBoth(lambda _: self.consumers_ready.callback(None))
+        self._opening = Retrying(attempt, self._reactor, failed, loaded)
+        self._opening.start()
         self.consumers.start(self._reactor)
         self._purger = usage_purger(
             self.consumer_store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log
         )
+
+    @inlineCallbacks
+    def _stop_consumers(self, deadline: float) -> Any:
+        """
+        Stop retrying the consumers' database, write the usage rows still
+        pending, and close the database, by C{deadline} (the end of
+        SHUTDOWN_GRACE_SECONDS; each step gets at least
+        L{CONSUMERS_STOP_MIN_SECONDS}): a database that does not answer
+        must not keep the process from exiting.  What is given up is
+        logged.
+        """
+        if self._opening is not None:
+            self._opening.stop()
+
+        def left() -> float:
+            return max(deadline - self._reactor.seconds(), CONSUMERS_STOP_MIN_SECONDS)
+
+        seconds = left()
+        # Waited on apart: cancelling the table's own write would only have
+        # it keep the rows and try again.
+        written: Deferred[None] = Deferred()
+        self.consumers.stop().addBoth(lambda _: written.callback(None))
+        try:
+            yield written.addTimeout(seconds, self._reactor)
+        except DeferredTimeoutError:
+            self._log.error(
+                "gave up writing the last usage rows (they are lost: usage and spend will not count them): "
+                "the consumers' database did not take them within {seconds:.1f} s of the shutdown grace; "
+                "check DATABASE_URL",
+                seconds=seconds,
+            )
+        seconds = left()
+        closed = yield self.consumer_store.close(seconds)
+        if not closed:
+            self._log.warn(
+                "the consumers' database connections did not close within {seconds:.1f} s (a connection "
+                "attempt or query still waiting on it): left to end with the process",
+                seconds=seconds,
+            )
 
     def _warn_about_setup(self) -> None:
         """
@@ -626,6 +688,7 @@ class GatewayService(MultiService):
         """
         if not self.running:
             return
+        stopping = self._reactor.seconds()
         if self._waiting_for_store is not None:
             self._waiting_for_store.stop()
             self._waiting_for_store = None
@@ -650,10 +713,7 @@ class GatewayService(MultiService):
         yield self.providers.close()
         if self._purger is not None and self._purger.running:
             self._purger.stop()
-        try:
-            yield self.consumers.stop()
-        finally:
-            self.consumer_store.close()
+        yield self._stop_consumers(stopping + self.settings.shutdown_grace_seconds)
         if self.cluster is not None and self._redis is not None:
             self.cluster.stop()
             yield self._redis.stop()

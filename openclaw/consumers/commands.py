@@ -103,8 +103,8 @@ class ConsumerCommands:
             # Before the table is read, a name would look free and a list empty.
             if not self.table.loaded:
                 raise CommandError(
-                    "the consumers are not loaded yet (the gateway is starting, or their database is "
-                    "unreachable: see its log); retry in a few seconds"
+                    "the consumers are not loaded yet (the gateway is starting, or cannot reach their "
+                    "database and is trying again every 30 s at most: see its log); retry in a few seconds"
                 )
             return handler(data)
 

@@ -9,6 +9,14 @@ SQLite runs in WAL mode (readers do not wait on the writer) with one
 connection (C{cp_max=1}: SQLite has one writer anyway).  PostgreSQL goes
 through psycopg 3, a DB-API 2.0 module (PEP 249); concurrent start-ups
 serialise their migrations on an advisory lock.
+
+A PostgreSQL that cannot be reached must not hold the gateway: each
+connection attempt gives up after C{connect_timeout}, a silent peer is
+found by TCP keepalives and C{tcp_user_timeout}, and the server ends a
+statement after C{statement_timeout} (L{POSTGRES_DEFAULTS}, unless
+C{DATABASE_URL} sets them).  The pool's threads are daemon threads, and
+L{ConsumerStore.close} never waits on the reactor thread for one still
+blocked in the database.
 """
 
 from __future__ import annotations
@@ -16,16 +24,21 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import attrs
 import orjson
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from twisted.application.internet import backoffPolicy
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 from openclaw.consumers.model import Consumer, period_key
 
@@ -76,6 +89,58 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 GROUPS = ("consumer", "model", "day")
+
+#: The libpq connection parameters the gateway sets when C{DATABASE_URL}
+#: does not (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS}):
+#: give up a connection attempt after 10 s; TCP keepalives after 30 s idle,
+#: every 10 s, 3 unanswered ending the connection; data unacknowledged for
+#: 30 s (C{tcp_user_timeout}, milliseconds) ending it too; the server ending
+#: a statement after 60 s (C{statement_timeout}, milliseconds; the
+#: migration's advisory lock wait included).
+POSTGRES_DEFAULTS: dict[str, str] = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+    "options": "-c statement_timeout=60000",
+}
+
+
+def postgres_conninfo(database_url: str) -> str:
+    """
+    The libpq connection string for C{database_url}, with the
+    L{POSTGRES_DEFAULTS} it does not set itself (its own
+    C{?connect_timeout=...} and others win).
+
+    @raise psycopg.ProgrammingError: C{database_url} is no connection
+        string libpq can read.
+    """
+    parameters = conninfo_to_dict(database_url)
+    for name, value in POSTGRES_DEFAULTS.items():
+        parameters.setdefault(name, value)
+    return make_conninfo("", **parameters)
+
+
+#: How long L{ConsumerStore.close} waits for the pool's threads by
+#: default, in seconds.
+CLOSE_SECONDS = 10.0
+
+#: The waits between attempts of L{Retrying}, in seconds: 1, 2, 4, ...
+#: up to 30 (plus up to 1 of jitter, so that gateways sharing a database
+#: do not retry in step).
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+
+
+class _DaemonThread(threading.Thread):
+    # A pool thread blocked in the database must not keep the process
+    # from exiting (the interpreter joins every non-daemon thread).
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
 
 T = TypeVar("T")
 
@@ -173,10 +238,17 @@ class ConsumerStore:
     Every method returns a Deferred; none blocks the reactor.
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: str) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: Any = None) -> None:
         self.pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
+        #: The pool's reactor (L{close} needs its threads and triggers);
+        #: L{None}: the global one.
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        # ThreadPool's public hook for the threads it makes.
+        pool.threadpool.threadFactory = _DaemonThread
 
     @classmethod
     def open(cls, database_url: str | None, state_dir: Path, reactor: IReactorTime) -> ConsumerStore:
@@ -186,9 +258,14 @@ class ConsumerStore:
         """
         if database_url:
             pool = adbapi.ConnectionPool(
-                "psycopg", conninfo=database_url, cp_min=1, cp_max=4, cp_reconnect=True, cp_reactor=reactor
+                "psycopg",
+                conninfo=postgres_conninfo(database_url),
+                cp_min=1,
+                cp_max=4,
+                cp_reconnect=True,
+                cp_reactor=reactor,
             )
-            return cls(pool, "postgresql")
+            return cls(pool, "postgresql", reactor)
         path = state_dir / "openclaw.db"
         private(path)
         pool = adbapi.ConnectionPool(
@@ -200,7 +277,7 @@ class ConsumerStore:
             cp_openfun=_open_sqlite,
             cp_reactor=reactor,
         )
-        return cls(pool, "sqlite")
+        return cls(pool, "sqlite", reactor)
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -209,8 +286,45 @@ class ConsumerStore:
     def _interact(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return cast("Deferred[T]", self.pool.runInteraction(function, *args))
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, timeout: float = CLOSE_SECONDS) -> Deferred[bool]:
+        """
+        Close the pool's connections and stop its threads, off the reactor
+        thread: fires with C{True} once done, C{False} when C{timeout}
+        seconds passed first (a thread still blocked connecting to or
+        waiting on the database; a daemon thread, it ends with the
+        process).
+
+        L{adbapi.ConnectionPool.close}, and the reactor's shutdown trigger
+        it registers, join the pool's threads on the reactor thread, which
+        hangs there for as long as one is blocked: the trigger is removed
+        here, and L{adbapi.ConnectionPool.finalClose} runs on a thread of
+        its own.
+        """
+        pool = self.pool
+        if not pool.running:
+            # Never started (the reactor never ran): no thread to join.
+            pool.close()
+            return succeed(True)
+        reactor = self.reactor
+        if pool.shutdownID is not None:
+            reactor.removeSystemEventTrigger(pool.shutdownID)
+        closed: Deferred[bool] = Deferred()
+
+        def close_pool() -> None:
+            try:
+                pool.finalClose()
+            except BaseException:
+                reactor.callFromThread(closed.errback, Failure())
+            else:
+                reactor.callFromThread(closed.callback, True)
+
+        threading.Thread(target=close_pool, name="openclaw-consumer-store-close", daemon=True).start()
+
+        def late(reason: Failure) -> bool:
+            reason.trap(DeferredTimeoutError)
+            return False
+
+        return closed.addTimeout(timeout, reactor).addErrback(late)
 
     # -- schema ---------------------------------------------------------------
 
@@ -438,6 +552,78 @@ class ConsumerStore:
         return rows
 
 
+class Retrying(Generic[T]):
+    """
+    Call C{attempt} until the Deferred it returns succeeds, waiting after
+    each failure as C{policy} says (by default Twisted's
+    L{backoffPolicy}: L{RETRY_FIRST_SECONDS}, doubling up to
+    L{RETRY_MAX_SECONDS}, plus jitter).
+
+    @param failed: called with each failure and how many attempts in a row
+        have failed (1 for the first of an outage), and the seconds until
+        the next.
+    @param succeeded: called with the result and how many attempts failed
+        before it.
+    @ivar done: fires with C{attempt}'s result once one succeeds (never if
+        L{stop}ped first).
+    """
+
+    def __init__(
+        self,
+        attempt: Callable[[], Deferred[T]],
+        clock: IReactorTime,
+        failed: Callable[[Failure, int, float], None],
+        succeeded: Callable[[T, int], None],
+        policy: Callable[[int], float] | None = None,
+    ) -> None:
+        self.attempt = attempt
+        self.clock = clock
+        self.failed = failed
+        self.succeeded = succeeded
+        self.policy = policy or backoffPolicy(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS, factor=2.0)
+        self.failures = 0
+        self.done: Deferred[T] = Deferred()
+        self._trying: Deferred[T] | None = None
+        self._waiting: IDelayedCall | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """
+        Make the first attempt now.
+        """
+        self._waiting = None
+        if self._stopped:
+            return
+        trying = self._trying = maybeDeferred(self.attempt)
+        trying.addCallbacks(self._succeeded, self._failed)
+
+    def _succeeded(self, result: T) -> None:
+        self._trying = None
+        self.succeeded(result, self.failures)
+        self.done.callback(result)
+
+    def _failed(self, reason: Failure) -> None:
+        self._trying = None
+        if self._stopped:
+            return
+        self.failures += 1
+        delay = self.policy(self.failures - 1)
+        self.failed(reason, self.failures, delay)
+        self._waiting = self.clock.callLater(delay, self.start)
+
+    def stop(self) -> None:
+        """
+        Make no more attempts: the wait for the next is cancelled, an
+        attempt under way too (its result is ignored).
+        """
+        self._stopped = True
+        if self._waiting is not None and self._waiting.active():
+            self._waiting.cancel()
+        self._waiting = None
+        if self._trying is not None:
+            self._trying.cancel()
+
+
 def private(path: Path) -> None:
     """
     Make the SQLite database at C{path} readable by its owner only (mode
@@ -465,4 +651,13 @@ def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:
     )
 
 
-__all__ = ["GROUPS", "MIGRATIONS", "ConsumerStore", "Snapshot", "UsageRow"]
+__all__ = [
+    "GROUPS",
+    "MIGRATIONS",
+    "POSTGRES_DEFAULTS",
+    "ConsumerStore",
+    "Retrying",
+    "Snapshot",
+    "UsageRow",
+    "postgres_conninfo",
+]
