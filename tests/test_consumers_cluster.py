@@ -77,7 +77,24 @@ class ConsumersOnTwoInstances(TestCase):
             token = yield process.token
             control = yield open_client(self, port)
             instances.append((process, token, control, api_port))
+        for _, token, control, _ in instances:
+            yield self.loaded(control, token)
         return instances
+
+    @inlineCallbacks
+    def loaded(self, control: Any, token: str) -> Any:
+        """
+        Wait until the instance behind C{control} has loaded its consumers
+        from the database (it answers commands before that).
+        """
+        deadline = time.monotonic() + 20
+        while True:
+            answer = yield control.command(token, "consumer_list")
+            if answer["ok"]:
+                return
+            self.assertIn("not loaded yet", str(answer), answer)
+            self.assertLess(time.monotonic(), deadline, "the consumers were not loaded within 20 s")
+            yield sleep(0.1)
 
     def sdk(self, api_port: int, key: str) -> openai.OpenAI:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key=key, max_retries=0, timeout=10)
