@@ -8,6 +8,7 @@ skip.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def ephemeral_ports() -> range:
+    """
+    The ports the kernel picks a connection's source port from
+    (C{net.ipv4.ip_local_port_range}; Linux's default when unreadable).
+    """
+    try:
+        low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_fixed_port() -> int:
+    """
+    A free loopback port outside the ephemeral range, for a server that is
+    stopped and started again on the same port.  While it is stopped, the
+    gateways keep connecting to it: a port in the ephemeral range can be
+    picked as one of those connections' own source port, and such a
+    connection meets itself (TCP simultaneous open) and holds the port, so
+    the restarted server cannot bind it.
+    """
+    ephemeral = ephemeral_ports()
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral] or [free_port()]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port outside the ephemeral range for redis-server")
+
+
 class RedisServer:
     """
     One C{redis-server} process; L{stop} and L{start} again on the same
@@ -42,7 +76,7 @@ class RedisServer:
                 "or put redis-server on PATH; make test installs it when it can"
             )
         self.binary = binary
-        self.port = free_port()
+        self.port = free_fixed_port()
         self.directory = tempfile.mkdtemp(prefix="openclaw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -71,8 +105,13 @@ class RedisServer:
                     if s.recv(16).startswith(b"+PONG"):
                         return
             except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server exited ({self.process.returncode}) instead of serving on port {self.port}: "
+                        f"is the port taken? (ss -ltnp 'sport = :{self.port}')"
+                    ) from None
                 time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
 
     def stop(self) -> None:
         if self.process is not None:
