@@ -21,16 +21,11 @@ from twisted.internet import reactor
 from twisted.protocols.portforward import ProxyClient, ProxyClientFactory, ProxyFactory, ProxyServer
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def ephemeral_ports() -> range:
     """
-    The ports the kernel picks a connection's source port from
-    (C{net.ipv4.ip_local_port_range}; Linux's default when unreadable).
+    The ports the kernel picks a connection's source port (and a C{bind}
+    to port 0) from: C{net.ipv4.ip_local_port_range}, Linux's default when
+    unreadable.
     """
     try:
         low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
@@ -39,17 +34,18 @@ def ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
-def free_fixed_port() -> int:
+def free_port() -> int:
     """
-    A free loopback port outside the ephemeral range, for a server that is
-    stopped and started again on the same port.  While it is stopped, the
-    gateways keep connecting to it: a port in the ephemeral range can be
-    picked as one of those connections' own source port, and such a
-    connection meets itself (TCP simultaneous open) and holds the port, so
-    the restarted server cannot bind it.
+    A free loopback port for a server started later (a C{twistd}, a
+    C{redis-server}), outside the ephemeral range.  A port taken with
+    C{bind(("127.0.0.1", 0))} and released is in that range: until the
+    server binds it, any connection on the machine (another test run on
+    a shared CI host, the gateways reconnecting to a stopped Redis) can be
+    given it as its source port, and the server then fails with address
+    already in use.  Outside the range only an explicit bind can take it.
     """
     ephemeral = ephemeral_ports()
-    candidates = [port for port in range(20000, 32768) if port not in ephemeral] or [free_port()]
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral]
     for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
@@ -57,7 +53,10 @@ def free_fixed_port() -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free loopback port outside the ephemeral range for redis-server")
+    # No room below the ephemeral range (a host that made it start low).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class RedisServer:
@@ -76,7 +75,7 @@ class RedisServer:
                 "or put redis-server on PATH; make test installs it when it can"
             )
         self.binary = binary
-        self.port = free_fixed_port()
+        self.port = free_port()
         self.directory = tempfile.mkdtemp(prefix="openclaw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 

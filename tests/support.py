@@ -298,9 +298,12 @@ class GatewayProcess(ProcessProtocol):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A free loopback port outside the ephemeral range (L{tests.redis_server.free_port}).
+    """
+    from tests.redis_server import free_port as outside_ephemeral_range
+
+    return outside_ephemeral_range()
 
 
 def twistd_path() -> str:
