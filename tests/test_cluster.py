@@ -15,7 +15,7 @@ from typing import Any
 
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -66,6 +66,22 @@ def store_up_becomes(api_port: int, wanted: float, seconds: float = 15) -> Any:
         if value == wanted or time.monotonic() > deadline:
             return value
         yield sleep(0.1)
+
+
+def observed(waiting: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred with C{waiting}'s result, leaving C{waiting} alone (for
+    L{within}, which cancels what it bounds).
+    """
+    copy: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> Any:
+        if not copy.called:
+            copy.callback(result)
+        return result
+
+    waiting.addCallback(relay)
+    return copy
 
 
 @inlineCallbacks
@@ -707,7 +723,9 @@ class Workers(TestCase):
         codes = []
         for client, status in seen:
             if client in survivors:
-                code, reason = yield client.closed
+                code, reason = yield within(
+                    observed(client.closed), 30, f"the close of a client of worker {status['worker']}"
+                )
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
         self.assertIn(b"all workers stopped", process.stdout)
