@@ -8,6 +8,7 @@ skip.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,39 @@ from twisted.internet import reactor
 from twisted.protocols.portforward import ProxyClient, ProxyClientFactory, ProxyFactory, ProxyServer
 
 
+def ephemeral_ports() -> range:
+    """
+    The ports the kernel picks a connection's source port (and a C{bind}
+    to port 0) from: C{net.ipv4.ip_local_port_range}, Linux's default when
+    unreadable.
+    """
+    try:
+        low, high = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
+    """
+    A free loopback port for a server started later (a C{twistd}, a
+    C{redis-server}), outside the ephemeral range.  A port taken with
+    C{bind(("127.0.0.1", 0))} and released is in that range: until the
+    server binds it, any connection on the machine (another test run on
+    a shared CI host, the gateways reconnecting to a stopped Redis) can be
+    given it as its source port, and the server then fails with address
+    already in use.  Outside the range only an explicit bind can take it.
+    """
+    ephemeral = ephemeral_ports()
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    # No room below the ephemeral range (a host that made it start low).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -71,8 +104,13 @@ class RedisServer:
                     if s.recv(16).startswith(b"+PONG"):
                         return
             except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"redis-server exited ({self.process.returncode}) instead of serving on port {self.port}: "
+                        f"is the port taken? (ss -ltnp 'sport = :{self.port}')"
+                    ) from None
                 time.sleep(0.02)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        raise RuntimeError(f"redis-server did not answer PING on port {self.port} within 10 s")
 
     def stop(self) -> None:
         if self.process is not None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol
@@ -36,6 +37,30 @@ from openclaw.service import GatewayService
 from openclaw.settings import ProviderSettings, Settings, provider_table
 
 SECRET = b"s" * 32
+
+#: How long L{Client.ask} waits for a command's answer: the slowest command
+#: a test sends (a health check, a cluster write bounded by
+#: REDIS_TIMEOUT_SECONDS) answers well within it, even on a loaded machine.
+ANSWER_SECONDS = 30.0
+
+
+class WaitedTooLong(AssertionError):
+    """
+    A test waited longer than its bound for an event (L{within}).
+    """
+
+
+def within(waiting: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:
+    """
+    C{waiting}, failed with L{WaitedTooLong} naming C{what} when it has not
+    fired within C{seconds} (it is cancelled then: C{Deferred.addTimeout}).
+    """
+
+    def named(failure: Failure) -> Failure:
+        failure.trap(DeferredTimeoutError)
+        raise WaitedTooLong(f"waited {seconds:g} s for {what}")
+
+    return waiting.addTimeout(seconds, reactor).addErrback(named)
 
 
 def changed_providers(
@@ -85,6 +110,21 @@ class Client(WebSocketClientProtocol):
             message["data"] = data
         self.send(message)
         return self.received.get()
+
+    def ask(
+        self, token: str | None, cmd: Any, data: Any = None, seconds: float = ANSWER_SECONDS, **extra: Any
+    ) -> Deferred[Any]:
+        """
+        L{command}, failed with L{WaitedTooLong} when no answer comes within
+        C{seconds} (a gateway that never answers, a connection that closed).
+        """
+
+        def named(failure: Failure) -> Failure:
+            failure.trap(DeferredTimeoutError)
+            closed = " (the connection closed meanwhile)" if self.closed.called else ""
+            raise WaitedTooLong(f"waited {seconds:g} s for the answer to {cmd!r}{closed}")
+
+        return self.command(token, cmd, data, **extra).addTimeout(seconds, reactor).addErrback(named)
 
 
 class ClientFactory(WebSocketClientFactory):
@@ -258,9 +298,12 @@ class GatewayProcess(ProcessProtocol):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """
+    A free loopback port outside the ephemeral range (L{tests.redis_server.free_port}).
+    """
+    from tests.redis_server import free_port as outside_ephemeral_range
+
+    return outside_ephemeral_range()
 
 
 def twistd_path() -> str:

@@ -15,14 +15,23 @@ from typing import Any
 
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.redis_server import DelayingProxy, RedisServer
-from tests.support import TOKEN_LINE, free_port, open_client, spawn_gateway, start_gateway, start_upstream
+from tests.support import (
+    TOKEN_LINE,
+    WaitedTooLong,
+    free_port,
+    open_client,
+    spawn_gateway,
+    start_gateway,
+    start_upstream,
+    within,
+)
 from tests.test_allowlist_proxies import send_head
 from tests.test_twistd import SECRET, base_env
 
@@ -59,6 +68,39 @@ def store_up_becomes(api_port: int, wanted: float, seconds: float = 15) -> Any:
         yield sleep(0.1)
 
 
+def observed(waiting: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred with C{waiting}'s result, leaving C{waiting} alone (for
+    L{within}, which cancels what it bounds).
+    """
+    copy: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> Any:
+        if not copy.called:
+            copy.callback(result)
+        return result
+
+    waiting.addCallback(relay)
+    return copy
+
+
+@inlineCallbacks
+def printed(process: Any, text: bytes, count: int = 1, seconds: float = 20) -> Any:
+    """
+    Wait until C{process} has printed C{text} C{count} times: what another
+    instance does on a message from Redis (it applies a route, adopts a
+    token, rests a key) happens after the instance that wrote it has
+    answered, never at once.
+    """
+    deadline = time.monotonic() + seconds
+    while process.stdout.count(text) < count:
+        if time.monotonic() > deadline:
+            raise WaitedTooLong(
+                f"waited {seconds:g} s for {text!r} (x{count}) in the gateway's output: {process.stdout[-3000:]!r}"
+            )
+        yield sleep(0.02)
+
+
 class ClusterCase(TestCase):
     """
     Instances on one real C{redis-server} (helpers; no tests).
@@ -93,10 +135,14 @@ class ClusterCase(TestCase):
             {**self.env(), **env},
         )
         process.port, process.api_port = port, api_port
+        # Its banner, or its exit: never a test that waits for ever.
+        within(process.token, 60, f"the banner of the gateway on port {port}")
         return process
 
     def sdk(self, api_port: int) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key=GATEWAY_KEY, max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=30
+        )
         self.addCleanup(deferToThread, client.close)
         return client
 
@@ -109,6 +155,18 @@ class ClusterCase(TestCase):
 
     def client(self, port: int) -> Any:
         return open_client(self, port)
+
+    @inlineCallbacks
+    def status_becomes(self, client: Any, token: str, provider: str, seconds: float = 10) -> Any:
+        """
+        C{status} on C{client} until its C{provider_id} is C{provider}.
+        """
+        deadline = time.monotonic() + seconds
+        while True:
+            status = yield client.ask(token, "status")
+            if status["result"]["provider_id"] == provider or time.monotonic() > deadline:
+                return status
+            yield sleep(0.05)
 
 
 class TwoInstances(ClusterCase):
@@ -130,15 +188,16 @@ class TwoInstances(ClusterCase):
         model = yield self.chat_model(sdk_b)
         self.assertIn("gemini", model)
 
-        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
         self.assertEqual((answer["result"]["previous"], answer["result"]["active"]), ("gemini", "kimi"))
+        yield printed(b, b"applied the cluster's route kimi/")
         model = yield self.chat_model(sdk_b)
         self.assertNotIn("gemini", model)
-        status = yield on_b.command(token, "status")
+        status = yield on_b.ask(token, "status")
         self.assertEqual(status["result"]["provider_id"], "kimi")
         # The audit line is A's, naming A; B logs that it applied A's change.
-        status_a = yield on_a.command(token, "status")
+        status_a = yield on_a.ask(token, "status")
         instance_a = status_a["result"]["instance"].encode()
         self.assertRegex(
             a.stdout, rb"switch_provider from 127\.0\.0\.1:\d+ \(token \S+\) on instance " + instance_a + b": ok"
@@ -149,20 +208,21 @@ class TwoInstances(ClusterCase):
         )
         self.assertNotIn(b"applied the cluster's route", a.stdout)
 
-        answer = yield on_a.command(token, "rotate_token")
+        adopted = b.stdout.count(b"adopted from the cluster")
+        answer = yield on_a.ask(token, "rotate_token")
         self.assertTrue(answer["ok"], answer)
         new_token = answer["result"]["token"]
-        yield sleep(0.1)
-        answer = yield on_b.command(token, "ping")
+        yield printed(b, b"adopted from the cluster", adopted + 1)
+        answer = yield on_b.ask(token, "ping")
         self.assertEqual(answer, {"ok": False, "cmd": "ping", "error": "token revoked"})
-        status = yield on_b.command(new_token, "status")
+        status = yield on_b.ask(new_token, "status")
         self.assertTrue(status["ok"], status)
         self.assertRegex(
             a.stdout, rb"rotate_token from 127\.0\.0\.1:\d+ \(token \S+\) on instance " + instance_a + b": ok"
         )
         self.assertIn(b"adopted from the cluster (issued on " + instance_a + b")", b.stdout)
         self.assertNotIn(b"rotate_token from", b.stdout)
-        status_a = yield on_a.command(new_token, "status")
+        status_a = yield on_a.ask(new_token, "status")
         self.assertEqual(status["result"]["worker"], 0)
         self.assertNotEqual(status["result"]["instance"], status_a["result"]["instance"])
         # B started second: its first heartbeat saw A's.
@@ -180,7 +240,7 @@ class TwoInstances(ClusterCase):
         b = self.spawn()
         yield b.token
         on_a = yield self.client(a.port)
-        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
         up = yield store_up(a.api_port)
         self.assertEqual(up, 1)
@@ -189,20 +249,20 @@ class TwoInstances(ClusterCase):
         self.assertEqual(up, 0)
         model = yield self.chat_model(self.sdk(b.api_port))
         self.assertNotIn("gemini", model)
-        answer = yield on_a.command(token, "switch_provider", {"provider": "gemini"})
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "gemini"})
         self.assertEqual(
             answer,
             {"ok": False, "cmd": "switch_provider", "error": "cluster store unavailable: nothing changed"},
         )
-        answer = yield on_a.command(token, "rotate_token")
+        answer = yield on_a.ask(token, "rotate_token")
         self.assertEqual(answer["error"], "cluster store unavailable: nothing changed")
         on_b = yield self.client(b.port)
-        answer = yield on_b.command(token, "status")
+        answer = yield on_b.ask(token, "status")
         self.assertEqual(answer["result"]["provider_id"], "kimi")
         # Reconnection tried many times over (REDIS_RECONNECT_MAX_SECONDS
         # 0.5), lockout failures counted here alone: one line for the
         # outage, none per failed call.
-        yield on_b.command("forged", "ping")
+        yield on_b.ask("forged", "ping")
         yield sleep(1.5)
         for process in (a, b):
             self.assertEqual(process.stdout.count(b"cluster store unreachable"), 1, process.stdout[-3000:])
@@ -211,7 +271,7 @@ class TwoInstances(ClusterCase):
         self.redis.start()
         deadline = time.monotonic() + 15
         while True:
-            answer = yield on_a.command(token, "switch_provider", {"provider": "gemini"})
+            answer = yield on_a.ask(token, "switch_provider", {"provider": "gemini"})
             if answer["ok"] or time.monotonic() > deadline:
                 break
             yield sleep(0.2)
@@ -225,7 +285,7 @@ class TwoInstances(ClusterCase):
                 break
             yield sleep(0.1)
         self.assertIn("gemini", model)
-        answer = yield on_b.command(token, "ping")
+        answer = yield on_b.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
         for process in (a, b):
             up = yield store_up_becomes(process.api_port, 1)
@@ -256,7 +316,7 @@ class TwoInstances(ClusterCase):
         # The key would work again, but rests for 60 s on every instance.
         kimi.rate_limited_keys = set()
         kimi.keys_seen.clear()
-        yield sleep(0.2)
+        yield printed(b, b"resting 60 s (rate limited on another instance)")
         sdk_b = self.sdk(b.api_port)
         for _ in range(3):
             yield self.chat_model(sdk_b)
@@ -287,12 +347,13 @@ class TwoInstances(ClusterCase):
         on_a = yield self.client(a.port)
         on_b = yield self.client(b.port)
         proxy.hold(delay=1.0, window=0.3)
-        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertEqual(answer["result"], {"previous": "gemini", "active": "kimi", "model": answer["result"]["model"]})
         self.assertIn(b"writing route to the cluster store failed", a.stdout)
         self.assertIn(b"route was written to the cluster store after all", a.stdout)
+        yield printed(b, b"applied the cluster's route kimi/")
         for client in (on_a, on_b):
-            status = yield client.command(token, "status")
+            status = yield client.ask(token, "status")
             self.assertEqual(status["result"]["provider_id"], "kimi")
 
     @inlineCallbacks
@@ -310,9 +371,11 @@ class TwoInstances(ClusterCase):
         for process in (a, b):
             client = yield self.client(process.port)
             for _ in range(2):
-                answer = yield client.command("forged", "ping")
+                answer = yield client.ask("forged", "ping")
                 self.assertFalse(answer["ok"], answer)
-        yield sleep(0.2)
+        # B counted the fourth failure: it locks out, and tells A.
+        yield printed(b, b"too many failed authentications across the cluster")
+        yield printed(a, b"decided by another instance of the cluster")
         for process in (a, b):
             response, sock = yield deferToThread(send_head, process.port, [])
             sock.close()
@@ -339,7 +402,7 @@ class TwoInstances(ClusterCase):
         token_again = yield again.token
         self.assertEqual(token_again, token)
         on_again = yield self.client(again.port)
-        answer = yield on_again.command(token, "ping")
+        answer = yield on_again.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
 
 
@@ -368,7 +431,7 @@ class Review18(ClusterCase):
     def switch_soon(self, client: Any, token: str, provider: str, seconds: float = 5) -> Any:
         began = time.monotonic()
         while True:
-            answer = yield client.command(token, "switch_provider", {"provider": provider})
+            answer = yield client.ask(token, "switch_provider", {"provider": provider})
             if answer["ok"] or time.monotonic() - began > seconds:
                 break
             yield sleep(0.1)
@@ -394,7 +457,7 @@ class Review18(ClusterCase):
         for outage, (stall, provider) in enumerate(((1.5, "kimi"), (4.0, "gemini")), start=1):
             began = time.monotonic()
             self.freeze()
-            answer = yield on_a.command(
+            answer = yield on_a.ask(
                 token, "switch_provider", {"provider": "kimi" if provider == "gemini" else "gemini"}
             )
             self.assertFalse(answer["ok"], answer)
@@ -408,8 +471,7 @@ class Review18(ClusterCase):
             self.assertEqual(up, 1)
             self.assertEqual(a.stdout.count(b"cluster store unreachable ("), outage, a.stdout[-3000:])
             self.assertEqual(a.stdout.count(b"cluster store up:"), outage + 1)
-            yield sleep(0.2)
-            status = yield on_b.command(token, "status")
+            status = yield self.status_becomes(on_b, token, provider)
             self.assertEqual(status["result"]["provider_id"], provider)
         # Restarted (empty): the same.
         self.redis.stop()
@@ -467,18 +529,18 @@ class Review18(ClusterCase):
             client = yield self.client(b.port)
             waiting.append(client)
         authenticated = yield self.client(b.port)
-        answer = yield authenticated.command(token, "ping")
+        answer = yield authenticated.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
         for _ in range(2):
             client = yield self.client(a.port)
             for _ in range(2):
-                answer = yield client.command("forged", "ping")
+                answer = yield client.ask("forged", "ping")
                 self.assertFalse(answer["ok"], answer)
         for client in waiting:
             code, reason = yield client.closed.addTimeout(5, reactor)
             self.assertEqual(code, 1008)
             self.assertIn("too many failed authentications", reason)
-        answer = yield authenticated.command(token, "ping")
+        answer = yield authenticated.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
 
     @inlineCallbacks
@@ -492,6 +554,8 @@ class Review18(ClusterCase):
             ["--port", str(free_port()), "--interface", "127.0.0.1"],
             {**self.env(), "REDIS_URL": self.redis.url.rsplit("/", 1)[0] + "/99"},
         )
+        yield printed(process, b"ERR DB index is out of range")
+        # Said once, however often it tries again.
         yield sleep(3)
         self.assertFalse(process.token.called)
         self.assertEqual(process.stdout.count(b"ERR DB index is out of range"), 1, process.stdout[-3000:])
@@ -511,7 +575,7 @@ class Review18(ClusterCase):
         token = yield a.token.addTimeout(10, reactor)
         self.assertGreaterEqual(proxy.subscribes, 2)
         on_a = yield self.client(a.port)
-        answer = yield on_a.command(token, "switch_provider", {"provider": "kimi"})
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
 
 
@@ -556,15 +620,15 @@ class ListenOnceSynced(TestCase):
         )
         process = spawn_gateway(self, ["--port", str(port), "--interface", "127.0.0.1"], env)
         yield sleep(5.8)
+        yield printed(process, b"not listening yet: waiting for the cluster store at " + redis.url.encode())
         self.assertFalse(process.token.called)
-        self.assertIn(b"not listening yet: waiting for the cluster store at " + redis.url.encode(), process.stdout)
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         redis.start()
         token = yield process.token
         self.assertIn(b"in step with cluster openclaw: listening", process.stdout)
         client = yield open_client(self, port)
-        answer = yield client.command(token, "ping")
+        answer = yield client.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
 
 
@@ -618,7 +682,7 @@ class Workers(TestCase):
                 # Queued on the socket of a worker just killed: reset.
                 yield sleep(pause)
                 continue
-            answer = yield client.command(token, "status")
+            answer = yield client.ask(token, "status")
             self.assertTrue(answer["ok"], answer)
             seen.append((client, answer["result"]))
             if wanted([status for _, status in seen]):
@@ -659,7 +723,9 @@ class Workers(TestCase):
         codes = []
         for client, status in seen:
             if client in survivors:
-                code, reason = yield client.closed
+                code, reason = yield within(
+                    observed(client.closed), 30, f"the close of a client of worker {status['worker']}"
+                )
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
         self.assertIn(b"all workers stopped", process.stdout)
@@ -691,6 +757,9 @@ class Workers(TestCase):
         gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
         for gap, delay in zip(gaps, (0.5, 1, 2), strict=True):
             self.assertGreater(gap, delay - 0.05, gaps)
+        # The fourth end is logged once the parent has reaped it, a moment
+        # after the kill.
+        yield printed(process, b"; starting it again in 4 s")
         for delay in (b"0.5", b"1", b"2", b"4"):
             self.assertIn(b"; starting it again in " + delay + b" s", process.stdout)
         self.assertIn(b"4 times in a row within 10 s of its start", process.stdout)

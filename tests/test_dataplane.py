@@ -17,7 +17,7 @@ import openai
 from prometheus_client import generate_latest
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, gatherResults, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -270,27 +270,59 @@ class ChatTests(DataPlaneTestCase):
     @inlineCallbacks
     def test_chunks_arrive_as_sent(self):
         """
-        With the upstream spacing its chunks 100 ms apart, the client gets
-        each one when it is sent, not all at the end.
+        The upstream sends each event of a stream only once the client has
+        every word sent before it (the stand-in's C{chunk_gate}): a gateway
+        that held events back (until the end, or until more came) never
+        gets the next one, and the call fails at the SDK's 10 s timeout.
+        No clock is involved, so a loaded machine cannot fail it.
         """
-        self.upstream.gemini.chunk_interval = 0.1
-        self.upstream.kimi.chunk_interval = 0.1
+        expected = self.upstream.gemini.reply_pieces()
+        self.assertEqual(self.upstream.kimi.reply_pieces(), expected)
+        words = len(expected)
         gateway = self.gateway()
         client = self.sdk(gateway)
+        # Words carried by the events before event n: Gemini's stream has one
+        # event per word; OpenAI's opens with a role-only event.
+        words_before = {
+            "gemini/gemini-flash-latest": lambda n: min(n, words),
+            "kimi/moonshot-v1-8k": lambda n: min(max(n - 1, 0), words),
+        }
+        for model, before in words_before.items():
+            received = [0]
+            held: dict[int, list[Deferred[None]]] = {}
 
-        def arrivals(model: str) -> list[float]:
-            times = []
-            for chunk in client.chat.completions.create(model=model, messages=HELLO, stream=True):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    times.append(time.monotonic())
-            return times
+            gated: list[int] = []
 
-        for model in ("gemini/gemini-flash-latest", "kimi/moonshot-v1-8k"):
-            times = yield deferToThread(arrivals, model)
-            self.assertEqual(len(times), 4, model)
-            gaps = [b - a for a, b in zip(times, times[1:])]
-            for gap in gaps:
-                self.assertGreater(gap, 0.05, (model, gaps))
+            def gate(
+                n: int, before: Any = before, received: list[int] = received, held: Any = held, gated: Any = gated
+            ) -> Any:
+                gated.append(n)
+                wanted = before(n)
+                if received[0] >= wanted:
+                    return succeed(None)
+                waiting: Deferred[None] = Deferred()
+                held.setdefault(wanted, []).append(waiting)
+                return waiting
+
+            def arrived(received: list[int] = received, held: Any = held) -> None:
+                received[0] += 1
+                for waiting in held.pop(received[0], []):
+                    waiting.callback(None)
+
+            self.upstream.gemini.chunk_gate = self.upstream.kimi.chunk_gate = gate
+
+            def read(model: str = model, arrived: Any = arrived) -> list[str]:
+                pieces = []
+                for chunk in client.chat.completions.create(model=model, messages=HELLO, stream=True):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        pieces.append(chunk.choices[0].delta.content)
+                        reactor.callFromThread(arrived)
+                return pieces
+
+            pieces = yield deferToThread(read)
+            self.assertEqual(pieces, expected, model)
+            # Every word after the first waited for the client to have the one before.
+            self.assertTrue({before(n) for n in gated} >= set(range(1, words)), (model, gated))
 
     @inlineCallbacks
     def test_concurrent_calls(self):

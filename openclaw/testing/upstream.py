@@ -142,6 +142,11 @@ class ProviderBehaviour:
     reply: str = "Hello from the stand-in."
     #: Seconds between the events of a streamed answer.
     chunk_interval: float = 0.0
+    #: Called (in the reactor) with C{n} before a stream's event C{n}
+    #: (0-based, from the second on): the event is sent once the Deferred it
+    #: returns fires, so a test can hold each event until the client has
+    #: the ones before it.
+    chunk_gate: Callable[[int], Deferred[None]] | None = None
     #: Events a stream sends before L{Mode.STALL} or L{Mode.CUT} strike.
     cut_after: int = 2
     #: Tokens spent thinking that an answer's usage reports (OpenAI's
@@ -921,6 +926,8 @@ class _Streamer:
     mode: Mode
     _sent: int = 0
     _over: bool = False
+    _gated: int = 0
+    _gone: bool = False
 
     def start(self) -> int:
         self.request.setResponseCode(200)
@@ -941,6 +948,11 @@ class _Streamer:
                     self._over = True
                     _transport(self.request).loseConnection()
                 return
+            gate = self.behaviour.chunk_gate
+            if gate is not None and self._sent > 0 and self._gated < self._sent:
+                self._gated = self._sent
+                gate(self._sent).addCallback(lambda _: None if self._gone else self._next())
+                return
             self.request.write(b"data: " + self.stream.events[self._sent] + self.stream.separator)
             self._sent += 1
             if interval > 0 and self._sent < len(self.stream.events):
@@ -950,6 +962,7 @@ class _Streamer:
         self.request.finish()
 
     def _lost(self, reason: Failure) -> None:
+        self._gone = True
         if not self._over:
             self.behaviour.stream_lost()
 
