@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
+import orjson
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -37,6 +38,7 @@ from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
     PROVIDER_HEADER,
     APIError,
+    bad_request,
     breaker_open,
     internal_error,
     no_usable_key,
@@ -65,6 +67,48 @@ _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
 _HEADERS = "the response headers"
 _ERROR_BODY = "the error body"
+
+#: The deepest nesting orjson encodes (its documented recursion limit);
+#: it reads up to 1024 levels, so a parsed body can be deeper than this.
+MAX_JSON_DEPTH = 254
+#: A client's JSON nested deeper than L{MAX_JSON_DEPTH}: 400.
+JSON_TOO_DEEP = (
+    f"the request's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, "
+    "more than the gateway can send on; flatten it"
+)
+#: A provider's answer nested deeper than L{MAX_JSON_DEPTH}: 502.
+ANSWER_TOO_DEEP = (
+    f"the answer's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, more than the gateway "
+    "can pass on; if the model wrote it (tool call arguments), ask for a flatter shape"
+)
+
+
+def too_deep(error: TypeError) -> bool:
+    """
+    Whether C{error}, raised by C{orjson.dumps}, is its refusal of a
+    document nested deeper than L{MAX_JSON_DEPTH} (orjson's
+    C{JSONEncodeError}, a C{TypeError}: "Recursion limit reached").
+    Anything else (a bug) is not.
+    """
+    return isinstance(error, orjson.JSONEncodeError) and "recursion" in str(error).lower()
+
+
+def encode_request(wire: Wire, chat: ChatRequest, model: str) -> bytes:
+    """
+    The upstream body of C{chat} for C{model} in C{wire}'s format.
+
+    Nothing walks the body to measure its depth beforehand: orjson's own
+    refusal (L{too_deep}) is turned into the client's error.
+
+    @raise APIError: 400 C{json_too_deep} when the request nests more than
+        L{MAX_JSON_DEPTH} levels; any 4xx the wire raises.
+    """
+    try:
+        return wire.request_body(chat, model)
+    except orjson.JSONEncodeError as e:
+        if too_deep(e):
+            raise bad_request(JSON_TOO_DEEP, code="json_too_deep") from None
+        raise
 
 
 @attrs.define(eq=False)
@@ -134,6 +178,8 @@ class ChatCall:
     _permit_is_trial: bool = False
     #: The status of an upstream answer whose error body is being read.
     _error_status: int = 0
+    #: The status of the 2xx answer whose body is being read, for messages.
+    _answer_status: int = 200
 
     def start(self, body: bytes) -> None:
         context = self.context
@@ -225,6 +271,7 @@ class ChatCall:
             )
             return
         self._settle(CircuitBreaker.succeeded)
+        self._answer_status = response.code
         if self.chat.stream:
             self._start_stream(response)
         else:
@@ -262,7 +309,11 @@ class ChatCall:
         try:
             answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
         except MalformedAnswer as e:
-            return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP 2xx)", e.code))
+            return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP {self._answer_status})", e.code))
+        except orjson.JSONEncodeError as e:
+            if not too_deep(e):
+                raise
+            return self._fail(upstream_failed(self.route.provider_id, ANSWER_TOO_DEEP, "upstream_malformed"))
         self._usage = usage
         if usage is None and self.holder is not GATEWAY:
             self._completion_chars = answer_characters(answer)
@@ -293,11 +344,10 @@ class ChatCall:
             return self._upstream_failed("http_5xx", error)
         # Any other answer: the provider is up.
         self._settle(CircuitBreaker.succeeded)
+        adapter.note_refusal(key, refusal)
         if refusal.kind is RefusalKind.RATE_LIMITED:
-            adapter.keys.rest(key, refusal.retry_after)
             return self._another_key("rate_limited", error)
         if refusal.kind is RefusalKind.AUTH:
-            adapter.keys.set_aside(key)
             return self._another_key("auth", error)
         # The request is at fault (or the answer means nothing we can act
         # on): no other key or provider would do better.
@@ -358,7 +408,7 @@ class ChatCall:
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
         try:
-            body = self.wire.request_body(self.chat, model)
+            body = encode_request(self.wire, self.chat, model)
         except APIError as refused:
             return self._fail(refused)
         return self._attempt(body)
@@ -441,7 +491,12 @@ class ChatCall:
             self._fail(upstream_failed(self.route.provider_id, why, code))
 
     def _close_stream(self, translation: StreamTranslation) -> None:
-        closing = b"".join(encode(payload) for payload in translation.closing())
+        try:
+            closing = b"".join(encode(payload) for payload in translation.closing())
+        except orjson.JSONEncodeError as e:
+            if not too_deep(e):
+                raise
+            return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed")
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=True)
@@ -688,6 +743,13 @@ class _StreamRelay(Protocol):
             if out:
                 self._call.stream_data(b"".join(out), translation)
             self._call.stream_broken(str(e), e.code if isinstance(e, StreamBroken) else "upstream_stream_error")
+            return
+        except orjson.JSONEncodeError as e:
+            if not too_deep(e):
+                raise
+            if out:
+                self._call.stream_data(b"".join(out), translation)
+            self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed")
             return
         self._call.stream_data(b"".join(out), translation)
 

@@ -32,8 +32,10 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import json_body
-from openclaw.dataplane.resource import _Authenticated, error_response
+from openclaw.dataplane.resource import CLIENT_GONE, _Authenticated, error_response, pooled_call_error
 from openclaw.providers import UpstreamHTTPError
+from openclaw.providers.base import PooledCall
+from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
 from openclaw.providers.gemini import GeminiAdapter
 from openclaw.routing import UNPRINTABLE_MODEL, Route, printable_model
@@ -239,7 +241,10 @@ class Embeddings(_Authenticated):
         holder: Holder,
     ) -> Any:
         context = self.context
-        call = Deferred.fromCoroutine(self._embed(adapter, parsed))
+        #: The provider calls made, the last one perhaps still without a
+        #: verdict for the breaker.
+        calls: list[PooledCall] = []
+        call = Deferred.fromCoroutine(self._embed(adapter, parsed, calls))
         call.addTimeout(context.timeout, context.reactor)
         context.call_started()
         gone: list[bool] = []
@@ -248,28 +253,42 @@ class Embeddings(_Authenticated):
             gone.append(True)
             call.cancel()
 
-        def answer(result: list[list[float]] | Failure) -> None:
+        def counted(status: int, outcome: str | None, answered: bool) -> None:
+            context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
+            if context.consumers is not None:
+                # Accounting also releases what the admission reserved.
+                usage = {"prompt_tokens": estimated_tokens(parsed.inputs)} if answered else None
+                context.consumers.account(
+                    holder, PROVIDER, parsed.model, status, usage, context.reactor.seconds() - started
+                )
+
+        def answer(result: bytes | Failure) -> None:
+            if calls:
+                # A call cut short with no verdict: its client left (no
+                # verdict), else no answer in time or no connection.
+                if gone:
+                    calls[-1].abandoned()
+                else:
+                    calls[-1].failed()
             if gone:
-                return
+                # Counted as chat counts a client that left: 499, with the
+                # estimate when the provider had answered.
+                return counted(499, CLIENT_GONE, not isinstance(result, Failure))
             if isinstance(result, Failure):
                 error = self._error(result, adapter)
                 body = error_response(request, error)
                 status, outcome = error.status, error.code
             else:
                 request.setHeader(b"Content-Type", _JSON)
-                body = orjson.dumps(embedding_list(result, parsed.model, parsed.encoding_format))
+                body = result
                 status, outcome = 200, None
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.setHeader(b"X-OpenClaw-Provider", PROVIDER.encode())
             request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
             request.write(body)
             request.finish()
-            context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
-            if context.consumers is not None:
-                usage = {"prompt_tokens": estimated_tokens(parsed.inputs)} if status == 200 else None
-                context.consumers.account(
-                    holder, PROVIDER, parsed.model, status, usage, context.reactor.seconds() - started
-                )
+            counted(status, outcome, status == 200)
+            return None
 
         def ended(result: object) -> None:
             context.call_ended()
@@ -280,27 +299,76 @@ class Embeddings(_Authenticated):
         call.addBoth(ended)
         return NOT_DONE_YET
 
-    async def _embed(self, adapter: GeminiAdapter, parsed: EmbeddingRequest) -> list[list[float]]:
+    async def _embed(self, adapter: GeminiAdapter, parsed: EmbeddingRequest, calls: list[PooledCall]) -> bytes:
+        """
+        The client's answer: the vectors of every batch, in OpenAI's list
+        shape.
+        """
         found: list[list[float]] = []
         inputs = parsed.inputs
+        status = 200
         for start in range(0, len(inputs), GEMINI_BATCH):
             batch = inputs[start : start + GEMINI_BATCH]
             body = orjson.dumps(to_batch_embed(batch, parsed.model, parsed.dimensions))
-            response = await adapter.post_embeddings(parsed.model, body)
+            status, answer = await self._batch(adapter, parsed.model, body, calls)
+            try:
+                found.extend(vectors(answer, len(batch)))
+            except _Malformed as e:
+                raise _Malformed(f"{e} (HTTP {status})") from None
+        try:
+            return orjson.dumps(embedding_list(found, parsed.model, parsed.encoding_format))
+        except (TypeError, ValueError, OverflowError):
+            # orjson's JSONEncodeError (nested lists past its 254 levels) is
+            # a TypeError, as array's refusal of a value that is no number.
+            raise _Malformed(f"an embedding's values are not all numbers (HTTP {status})") from None
+
+    async def _batch(
+        self, adapter: GeminiAdapter, model: str, body: bytes, calls: list[PooledCall]
+    ) -> tuple[int, bytes]:
+        """
+        One C{batchEmbedContents} call with the next usable key, under the
+        breaker, as a chat call is made (L{ProviderAdapter.pooled_call}):
+        refused with 429 or as an invalid key, it is made once more with
+        another usable key.  The 2xx status and body.
+
+        @raise UpstreamHTTPError: a non-2xx answer (its C{refusal} read).
+        @raise ProviderError: no usable key, the breaker open.
+        """
+        tried: list[str] = []
+        while True:
+            call = adapter.pooled_call(avoid=tried)
+            calls.append(call)
+            tried.append(call.key)
+            response = await adapter.post_embeddings(model, body, call.key)
+            call.answered(response.code)
             answer = await read_body(response)
-            if not 200 <= response.code < 300:
-                raise adapter.upstream_error(response.code, answer)
-            found.extend(vectors(answer, len(batch)))
-        return found
+            if 200 <= response.code < 300:
+                return response.code, answer
+            retry_after = response.headers.getRawHeaders(b"retry-after")
+            error = call.refused(
+                response.code, answer, None if retry_after is None else retry_after[0].decode("latin-1")
+            )
+            assert error.refusal is not None
+            keys = adapter.keys
+            if (
+                error.refusal.kind in (RefusalKind.RATE_LIMITED, RefusalKind.AUTH)
+                and len(tried) == 1
+                and any(keys.usable(key) for key in keys.keys if key not in tried)
+            ):
+                continue
+            raise error
 
     def _error(self, reason: Failure, adapter: GeminiAdapter) -> APIError:
         value = reason.value
+        refused = pooled_call_error(adapter, value)
+        if refused is not None:
+            return refused
         if isinstance(value, UpstreamHTTPError):
             return upstream_http_error(PROVIDER, value.status, str(value))
         if isinstance(value, (TimeoutError, CancelledError)):
             return upstream_timeout(PROVIDER, self.context.timeout, "the embeddings")
         if isinstance(value, _Malformed):
-            return upstream_failed(PROVIDER, f"{value} (HTTP 2xx)", "upstream_malformed")
+            return upstream_failed(PROVIDER, str(value), "upstream_malformed")
         if isinstance(value, Exception) and not isinstance(
             value, (AssertionError, AttributeError, TypeError, KeyError)
         ):

@@ -16,19 +16,22 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.table import GATEWAY, Holder, completion_limit
-from openclaw.dataplane.call import ChatCall
+from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     PROVIDER_HEADER,
     APIError,
     bad_request,
+    breaker_open,
     internal_error,
     method_not_allowed,
+    no_usable_key,
     not_found,
     provider_not_configured,
     shutting_down,
     upstream_failed,
     upstream_http_error,
+    upstream_refused,
     upstream_timeout,
 )
 from openclaw.dataplane.request import choose_route, parse_chat_request
@@ -39,9 +42,35 @@ from openclaw.providers import (
     ProviderError,
     UpstreamHTTPError,
 )
+from openclaw.providers.errors import BreakerOpen, NoUsableKey
 from openclaw.routing import Route
 
 _JSON = b"application/json"
+#: The outcome of a call whose client left before its answer (status 499).
+CLIENT_GONE = "client gone"
+
+
+def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None) -> APIError | None:
+    """
+    The client's error when a provider call other than chat (embeddings,
+    a models listing; L{ProviderAdapter.pooled_call}) failed with
+    C{value}, the same a chat call gets for the same cause (the README's
+    "When a provider fails"): a refusal read by
+    L{classify <openclaw.providers.errors.classify>} (400 for a request at
+    fault, 429 with C{Retry-After}, 502 C{upstream_auth_failed}, ...), no
+    usable key (429 or 502), the breaker open (503), no key at all (503).
+    None for any other failure.
+    """
+    provider_id = adapter.id
+    if isinstance(value, UpstreamHTTPError) and value.refusal is not None:
+        return upstream_refused(provider_id, value.refusal, adapter.keys_setting)
+    if isinstance(value, NoUsableKey):
+        return no_usable_key(provider_id, adapter.keys_setting, value.back_in)
+    if isinstance(value, BreakerOpen):
+        return breaker_open(provider_id, value.remaining)
+    if isinstance(value, MissingKey):
+        return provider_not_configured(provider_id, adapter.key_variable)
+    return None
 
 
 def _passing(effect: Any) -> Any:
@@ -241,6 +270,7 @@ class _Authenticated(APIResource):
         started: float,
         route: Route,
         holder: Holder,
+        left: Callable[[], object] | None = None,
     ) -> Any:
         """
         Go on with C{proceed} once a consumer's limits admit the call
@@ -250,6 +280,11 @@ class _Authenticated(APIResource):
         left meanwhile); else answer the refusal (403, 429).  An admission
         that fails (a bug, an unexpected reply of the cluster's store) is
         logged and answered with a 500 (C{internal_error}).
+
+        A client that left while the cluster decided is counted as 499
+        (C{left()}, by default as a call that reached no provider: logged,
+        in the metrics, and for a consumer accounted, which releases what
+        its admission reserved of the budget).
         """
         context = self.context
         if isinstance(admission, Deferred):
@@ -257,10 +292,20 @@ class _Authenticated(APIResource):
             gone: list[bool] = []
             request.notifyFinish().addErrback(lambda _: gone.append(True))
 
+            def client_left() -> None:
+                if left is not None:
+                    left()
+                    return
+                context.completed(request, started, 499, route, outcome=CLIENT_GONE, consumer=holder.consumer)
+                if context.consumers is not None:
+                    context.consumers.account(
+                        holder, route.provider_id, route.model, 499, None, context.reactor.seconds() - started
+                    )
+
             def decided(refusal: APIError | None) -> None:
                 context.call_ended()
                 if gone:
-                    return
+                    return client_left()
                 if refusal is None:
                     proceed()
                 else:
@@ -272,8 +317,9 @@ class _Authenticated(APIResource):
                 # longer in flight for the shutdown's drain.
                 context.log.failure("consumer admission failed unexpectedly", reason)
                 context.call_ended()
-                if not gone:
-                    self._refused(request, internal_error(), started, route, holder)
+                if gone:
+                    return client_left()
+                self._refused(request, internal_error(), started, route, holder)
 
             admission.addCallbacks(decided, failed).addErrback(
                 lambda f: context.log.failure("answering an admitted consumer's call failed unexpectedly", f)
@@ -322,6 +368,7 @@ class Models(_Authenticated):
             started,
             route,
             holder,
+            left=lambda: self._count_listing(request, started, 499, route, holder, CLIENT_GONE),
         )
 
     def _list(self, request: Request, route: Route, adapter: ProviderAdapter, started: float, holder: Holder) -> Any:
@@ -336,7 +383,7 @@ class Models(_Authenticated):
 
         def answer(result: list[str] | Failure) -> None:
             if gone:
-                return None
+                return self._count_listing(request, started, 499, route, holder, CLIENT_GONE)
             if isinstance(result, Failure):
                 return self._failed(result, request, route, started, holder)
             if context.consumers is not None:
@@ -375,20 +422,18 @@ class Models(_Authenticated):
     def _failed(self, reason: Failure, request: Request, route: Route, started: float, holder: Holder) -> None:
         provider_id = route.provider_id
         value = reason.value
-        error: APIError
-        if isinstance(value, MissingKey):
-            adapter = self.context.providers.get(provider_id)
-            error = provider_not_configured(provider_id, adapter.key_variable)
-        elif isinstance(value, UpstreamHTTPError):
-            error = upstream_http_error(provider_id, value.status, str(value))
-        elif isinstance(value, ProbeTimedOut):
-            timeout = self.context.providers.get(provider_id).timeout
-            error = upstream_timeout(provider_id, timeout, "the models listing", "HEALTH_CHECK_TIMEOUT")
-        elif isinstance(value, ProviderError):
-            error = upstream_failed(provider_id, str(value))
-        else:
-            self.context.log.failure("models listing failed unexpectedly", reason)
-            error = internal_error()
+        error = pooled_call_error(self.context.providers.get(provider_id), value)
+        if error is None:
+            if isinstance(value, UpstreamHTTPError):
+                error = upstream_http_error(provider_id, value.status, str(value))
+            elif isinstance(value, ProbeTimedOut):
+                timeout = self.context.providers.get(provider_id).timeout
+                error = upstream_timeout(provider_id, timeout, "the models listing", "HEALTH_CHECK_TIMEOUT")
+            elif isinstance(value, ProviderError):
+                error = upstream_failed(provider_id, str(value))
+            else:
+                self.context.log.failure("models listing failed unexpectedly", reason)
+                error = internal_error()
         body = error_response(request, error)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
@@ -424,7 +469,7 @@ class ChatCompletions(_Authenticated):
                     )
                 route = Route(route.provider_id, model)
             wire = adapter.wire
-            body = wire.request_body(chat, route.model)
+            body = encode_request(wire, chat, route.model)
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise

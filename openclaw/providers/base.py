@@ -22,12 +22,13 @@ from __future__ import annotations
 import abc
 import difflib
 import re
+from collections.abc import Collection
 from typing import Any, ClassVar, Self
 
 import attrs
 from hyperlink import URL
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,10 +37,13 @@ from twisted.web.iweb import IAgent, IResponse
 
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import (
+    BreakerOpen,
     MissingKey,
+    NoUsableKey,
     ProbeTimedOut,
     ProviderError,
     Refusal,
+    RefusalKind,
     Scrubber,
     UpstreamHTTPError,
     classify,
@@ -324,6 +328,47 @@ class ProviderAdapter(abc.ABC):
         refusal = classify(status, body, retry_after, self.reactor.seconds())
         return attrs.evolve(refusal, message=self.scrub(refusal.message))
 
+    def note_refusal(self, key: str, refusal: Refusal) -> None:
+        """
+        Tell the key pool what a refusal of a call made with C{key} means,
+        the same for every kind of call (chat, embeddings, a models
+        listing): after a 429 the key rests for the provider's wait
+        (C{Retry-After}, Google's C{RetryInfo}; else
+        L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>});
+        refused as invalid (401, 403, Google's C{API_KEY_INVALID}) it is set
+        aside until a health check finds it good.
+        """
+        if refusal.kind is RefusalKind.RATE_LIMITED:
+            self.keys.rest(key, refusal.retry_after)
+        elif refusal.kind is RefusalKind.AUTH:
+            self.keys.set_aside(key)
+
+    def pooled_call(self, avoid: Collection[str] = ()) -> PooledCall:
+        """
+        Begin a call other than chat (embeddings, a models listing) as a
+        chat call begins: with the next usable key of L{keys} (round robin,
+        none of C{avoid}), if the L{breaker} lets a call through.  The
+        caller reports how it went on the L{PooledCall}.
+
+        @raise MissingKey: the pool holds no key.
+        @raise NoUsableKey: every key (but those of C{avoid}) rests or was
+            set aside.
+        @raise BreakerOpen: the breaker keeps calls away.
+        """
+        keys = self.keys
+        if not keys.keys:
+            raise MissingKey(f"{self.key_variable} is not set")
+        key = keys.pick(avoid)
+        if key is None:
+            raise NoUsableKey(
+                f"no key of {self.keys_setting} may be used now ({keys.unusable_reason()})", keys.back_in()
+            )
+        breaker = self.breaker
+        trial = breaker.state is BreakerState.HALF_OPEN
+        if not breaker.allow():
+            raise BreakerOpen(f"the {self.id} circuit breaker is {breaker.state}", breaker.remaining())
+        return PooledCall(self, key, trial)
+
     def scrub(self, text: str) -> str:
         """
         C{text} without any key of this provider (whole, as a prefix, or
@@ -331,14 +376,15 @@ class ProviderAdapter(abc.ABC):
         """
         return self.scrubber.text(text)
 
-    def upstream_error(self, status: int, body: bytes) -> UpstreamHTTPError:
+    def upstream_error(self, status: int, body: bytes, retry_after: str | None = None) -> UpstreamHTTPError:
         """
         The error for a non-2xx answer: the provider's own message, clipped,
-        without the key, and what to check.
+        without the key, and what to check; with the answer read as a chat
+        call's (L{refusal}, C{retry_after} the answer's C{Retry-After}).
         """
         message = clip(self.scrub(upstream_message(body)))
         hint = http_hint(status, message, self.key_variable, self.base_url_variable)
-        return UpstreamHTTPError(status, message, hint)
+        return UpstreamHTTPError(status, message, hint, self.refusal(status, body, retry_after))
 
     def describe(self, reason: Failure) -> str:
         """
@@ -357,8 +403,30 @@ class ProviderAdapter(abc.ABC):
         warning = self.missing_key_warning()
         if warning is not None:
             return fail(MissingKey(warning))
-        exchange = Exchange(started=self.reactor.seconds())
-        return self._bounded_listing(exchange).addErrback(self._as_provider_error)
+        try:
+            call = self.pooled_call()
+        except ProviderError:
+            return fail()
+        exchange = Exchange(started=self.reactor.seconds(), key=call.key)
+
+        def listed(models: list[str]) -> list[str]:
+            call.answered(exchange.status or 200)
+            return models
+
+        def failed(reason: Failure) -> Failure:
+            value = reason.value
+            if isinstance(value, UpstreamHTTPError) and value.refusal is not None:
+                self.note_refusal(call.key, value.refusal)
+            if exchange.status is not None:
+                call.answered(exchange.status)
+            elif reason.check(CancelledError):
+                call.abandoned()
+            else:
+                call.failed()
+            return reason
+
+        d = self._bounded_listing(exchange).addCallbacks(listed, failed)
+        return d.addErrback(self._as_provider_error)
 
     def probe(self) -> Deferred[ProbeResult]:
         """
@@ -412,7 +480,7 @@ class ProviderAdapter(abc.ABC):
             what=what,
         )
         if not 200 <= status < 300:
-            raise self.upstream_error(status, document)
+            raise self.upstream_error(status, document, exchange.retry_after)
         return document
 
     def _bounded_listing(self, exchange: Exchange) -> Deferred[list[str]]:
@@ -482,3 +550,61 @@ class ProviderAdapter(abc.ABC):
     def _elapsed_ms(self, exchange: Exchange) -> float:
         elapsed: float = self.reactor.seconds() - exchange.started
         return round(elapsed * 1000, 1)
+
+
+@attrs.define(eq=False)
+class PooledCall:
+    """
+    One call other than chat (embeddings, a models listing) begun by
+    L{ProviderAdapter.pooled_call}: the key it goes with, and the breaker's
+    permission it took, which gets exactly one verdict as a chat call's
+    does (L{answered}, L{failed} or L{abandoned}; later ones do nothing).
+    """
+
+    adapter: ProviderAdapter
+    #: The key of the pool to send the call with.
+    key: str = attrs.field(repr=False)
+    #: The permission was the half-open breaker's trial.
+    trial: bool = False
+    settled: bool = False
+
+    def answered(self, status: int) -> None:
+        """
+        The provider answered with C{status}: a 5xx is its failure; any
+        other answer shows it up.
+        """
+        if status >= 500:
+            self.failed()
+        elif not self.settled:
+            self.settled = True
+            self.adapter.breaker.succeeded()
+
+    def failed(self) -> None:
+        """
+        No answer: connection refused or reset, no headers in time.
+        """
+        if not self.settled:
+            self.settled = True
+            self.adapter.breaker.failed()
+
+    def abandoned(self) -> None:
+        """
+        The call ended with no verdict on the provider (its client left):
+        a half-open trial is free again.
+        """
+        if not self.settled:
+            self.settled = True
+            if self.trial:
+                self.adapter.breaker.abandoned()
+
+    def refused(self, status: int, body: bytes, retry_after: str | None = None) -> UpstreamHTTPError:
+        """
+        The provider answered C{status} (non-2xx) with C{body}: the
+        breaker's verdict given, the key pool told (L{ProviderAdapter.note_refusal}),
+        and the error to raise, read as a chat call's refusal.
+        """
+        self.answered(status)
+        error = self.adapter.upstream_error(status, body, retry_after)
+        assert error.refusal is not None
+        self.adapter.note_refusal(self.key, error.refusal)
+        return error

@@ -83,7 +83,7 @@ class UpstreamHTTPError(ProviderError):
     The provider answered with a non-2xx status.
     """
 
-    def __init__(self, status: int, message: str, hint: str | None = None) -> None:
+    def __init__(self, status: int, message: str, hint: str | None = None, refusal: Refusal | None = None) -> None:
         phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
         text = f"HTTP {status}{' ' + phrase if phrase else ''}: {message}"
         if hint:
@@ -91,6 +91,33 @@ class UpstreamHTTPError(ProviderError):
         super().__init__(text)
         self.status = status
         self.message = message
+        #: The answer read as a chat call's would be (L{classify}), so that
+        #: the client gets the same status, code and C{Retry-After}; None
+        #: when it was not read so.
+        self.refusal = refusal
+
+
+class NoUsableKey(ProviderError):
+    """
+    Every key of the provider's pool rests after a 429 or was set aside
+    as refused (L{openclaw.providers.keys.KeyPool}): no request was made.
+    """
+
+    def __init__(self, message: str, back_in: float | None) -> None:
+        super().__init__(message)
+        #: Seconds until the first resting key is back; None when none rests.
+        self.back_in = back_in
+
+
+class BreakerOpen(ProviderError):
+    """
+    The provider's circuit breaker keeps calls away: no request was made.
+    """
+
+    def __init__(self, message: str, remaining: float) -> None:
+        super().__init__(message)
+        #: Seconds of cooldown left (0 while the half-open trial is under way).
+        self.remaining = remaining
 
 
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:

@@ -82,6 +82,8 @@ class Exchange:
     waiting_for: str = "the response"
     #: The key to authenticate with; None: the adapter's first.
     key: str | None = attrs.field(default=None, repr=False)
+    #: The C{Retry-After} of the latest response, when it had one.
+    retry_after: str | None = None
 
 
 class BodyReader(Protocol):
@@ -183,6 +185,8 @@ async def get_json(
         unbuffered=True,
     )
     exchange.status = response.code
+    retry_after = response.headers.getRawHeaders(b"retry-after")
+    exchange.retry_after = None if retry_after is None else retry_after[0].decode("latin-1")
     exchange.waiting_for = f"the {what} body"
     body = await read_body(response)
     exchange.waiting_for = "the response"

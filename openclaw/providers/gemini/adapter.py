@@ -68,18 +68,16 @@ class GeminiAdapter(ProviderAdapter):
                 self._chat_urls[(model, stream)] = url
         return url
 
-    def post_embeddings(self, model: str, body: bytes) -> Deferred[IResponse]:
+    def post_embeddings(self, model: str, body: bytes, key: str) -> Deferred[IResponse]:
         """
         Send one C{POST {base}/models/<model>:batchEmbedContents}
-        (U{https://ai.google.dev/api/embeddings}); fires with the response
-        once its headers are in, whatever its status.  Cancelling it closes
-        the connection.  The caller checks L{missing_key_warning} first.
+        (U{https://ai.google.dev/api/embeddings}) with C{key}; fires with the
+        response once its headers are in, whatever its status.  Cancelling
+        it closes the connection.  The caller picks C{key} from L{keys}
+        (L{pooled_call}).
         """
-        assert self.api_key is not None, "post_embeddings without a key"
         name = quote(self.normalize_model(model), safe="")
-        headers = Headers(
-            {"Content-Type": ["application/json"], **{k: [v] for k, v in self.auth_headers(self.api_key).items()}}
-        )
+        headers = Headers({"Content-Type": ["application/json"], **{k: [v] for k, v in self.auth_headers(key).items()}})
         return post(self.agent, f"{self.base_url}/models/{name}:batchEmbedContents".encode(), headers, body)
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
