@@ -625,8 +625,8 @@ class ListenOnceSynced(TestCase):
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         redis.start()
+        yield printed(process, b"in step with cluster openclaw: listening", seconds=30)
         token = yield process.token
-        self.assertIn(b"in step with cluster openclaw: listening", process.stdout)
         client = yield open_client(self, port)
         answer = yield client.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
