@@ -462,10 +462,11 @@ class ContentTests(DataPlaneTestCase):
             self.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (20, 603, 623))
             self.assertEqual(usage.completion_tokens_details.reasoning_tokens, 405)
         self.assertEqual(
-            self.upstream.gemini.last_body["generationConfig"], {"thinkingConfig": {"thinkingLevel": "high"}}
+            self.upstream.gemini.last_body["generationConfig"],
+            {"thinkingConfig": {"thinkingLevel": "high", "includeThoughts": True}},
         )
         # The thought summary rides in reasoning_content, never in content.
-        response, text = yield self.post(self.gateway(), {"messages": QUESTION})
+        response, text = yield self.post(self.gateway(), {"messages": QUESTION, "reasoning_effort": "low"})
         message = json.loads(text)["choices"][0]["message"]
         self.assertEqual((message["content"], message["reasoning_content"]), ("Done.", "Let me think."))
 

@@ -281,10 +281,10 @@ class UsageTests(SynchronousTestCase):
         usage = wire.completion(b'{"choices": [{"usage": {"prompt_tokens": 2}}]}', "m", 0).usage
         self.assertEqual(usage, {"prompt_tokens": 2})
         self.assertIsNone(wire.completion(b'{"choices": []}', "m", 0).usage)
-        gemini = b'{"candidates": [], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}'
+        gemini = b'{"candidates": [{"finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}'
         usage = GeminiWire().completion(gemini, "m", 0).usage
         self.assertEqual((usage["prompt_tokens"], usage["completion_tokens"]), (3, 4))
-        self.assertIsNone(GeminiWire().completion(b'{"candidates": []}', "m", 0).usage)
+        self.assertIsNone(GeminiWire().completion(b'{"candidates": [{"finishReason": "STOP"}]}', "m", 0).usage)
 
     def chat(self, **fields: Any) -> Any:
         return parse_chat_request(orjson.dumps({"messages": HELLO, **fields}))

@@ -137,9 +137,8 @@ class FromGeminiTests(SynchronousTestCase):
         )
 
     def test_model_without_version(self) -> None:
-        completion = gemini.from_gemini({"candidates": []}, "gemini-2.5-pro", "id", 0)
+        completion = gemini.from_gemini({"candidates": [{"finishReason": "STOP"}]}, "gemini-2.5-pro", "id", 0)
         self.assertEqual(completion["model"], "gemini-2.5-pro")
-        self.assertEqual(completion["choices"], [])
         self.assertNotIn("usage", completion)
 
     def test_finish_reasons(self) -> None:
@@ -285,9 +284,10 @@ class WireTests(SynchronousTestCase):
             orjson.loads(GeminiWire().request_body(request, "m")),
             {"contents": [{"role": "user", "parts": [{"text": "x"}]}]},
         )
-        completion = orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0).body)
+        answer = b'{"candidates": [{"finishReason": "STOP"}]}'
+        completion = orjson.loads(GeminiWire().completion(answer, "m", 0).body)
         self.assertRegex(completion["id"], r"^chatcmpl-[0-9a-f]{24}$")
-        ids = {orjson.loads(GeminiWire().completion(b'{"candidates": []}', "m", 0).body)["id"] for _ in range(1000)}
+        ids = {orjson.loads(GeminiWire().completion(answer, "m", 0).body)["id"] for _ in range(1000)}
         self.assertEqual(len(ids), 1000)
         self.assertRaises(MalformedAnswer, GeminiWire().completion, b"[]", "m", 0)
 
@@ -473,10 +473,11 @@ class ToolTranslationTests(SynchronousTestCase):
             ("medium", 8192, "medium"),
             ("high", 24576, "high"),
         ):
+            thoughts = {} if effort == "none" else {"includeThoughts": True}
             config = gemini.generation_config(chat(reasoning_effort=effort), "models/gemini-2.5-flash")
-            self.assertEqual(config["thinkingConfig"], {"thinkingBudget": budget})
-            config = gemini.generation_config(chat(reasoning_effort=effort), "gemini-3-pro-preview")
-            self.assertEqual(config["thinkingConfig"], {"thinkingLevel": level})
+            self.assertEqual(config["thinkingConfig"], {"thinkingBudget": budget, **thoughts})
+            config = gemini.generation_config(chat(reasoning_effort=effort), "gemini-3-flash-preview")
+            self.assertEqual(config["thinkingConfig"], {"thinkingLevel": level, **thoughts})
 
     def test_tool_choice(self) -> None:
         tools = [{"type": "function", "function": {"name": "f"}}]

@@ -40,7 +40,16 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: within OpenAI's.
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+#: OpenAI's values, "xhigh" its newest
+#: (U{https://platform.openai.com/docs/api-reference/chat/create}).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+#: The modes of an C{allowed_tools} tool choice (OpenAI's).
+ALLOWED_TOOLS_MODES = frozenset({"auto", "required"})
+#: What C{tool_choice} may be, for the 400 that refuses another value.
+TOOL_CHOICE_SHAPES = (
+    'tool_choice must be "auto", "none", "required", {"type": "function", "function": {"name": ...}} or '
+    '{"type": "allowed_tools", "allowed_tools": {"mode": "auto"|"required", "tools": [...]}}'
+)
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
 #: C{data:<media type>;base64,<data>}: the only inline form carried.
@@ -253,24 +262,52 @@ def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
         return
     if isinstance(choice, str):
         if choice not in TOOL_CHOICES:
-            raise bad_request(
-                'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
-                param="tool_choice",
-            )
+            raise bad_request(TOOL_CHOICE_SHAPES, param="tool_choice")
         if choice == "required" and not names:
             raise bad_request('tool_choice "required" needs tools to choose from', param="tool_choice")
+        return
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        _check_allowed_tools(choice.get("allowed_tools"), names)
         return
     function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise bad_request(
-            'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}',
-            param="tool_choice",
-        )
+        raise bad_request(TOOL_CHOICE_SHAPES, param="tool_choice")
     if name not in names:
         raise bad_request(
             f"tool_choice names the function {name!r}, which is not among tools", param="tool_choice.function.name"
         )
+
+
+def _check_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
+    """
+    OpenAI's C{{"type": "allowed_tools", "allowed_tools": {"mode": "auto" |
+    "required", "tools": [{"type": "function", "function": {"name": ...}}]}}}:
+    each tool named is one of C{tools}.
+    """
+    where = "tool_choice.allowed_tools"
+    if not isinstance(allowed, dict):
+        raise bad_request(f'{where} must be {{"mode": "auto"|"required", "tools": [...]}}', param=where)
+    mode = allowed.get("mode")
+    if not isinstance(mode, str) or mode not in ALLOWED_TOOLS_MODES:
+        raise bad_request(f'{where}.mode must be "auto" or "required"', param=f"{where}.mode")
+    tools = allowed.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise bad_request(
+            f'{where}.tools must be a non-empty list of {{"type": "function", "function": {{"name": ...}}}}',
+            param=f"{where}.tools",
+        )
+    for i, tool in enumerate(tools):
+        at = f"{where}.tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise bad_request(f'{at} must be {{"type": "function", "function": {{"name": ...}}}}', param=at)
+        if name not in names:
+            raise bad_request(
+                f"{at} names the function {name!r}, which is not among tools; declare it in tools",
+                param=f"{at}.function.name",
+            )
 
 
 def _check_messages(body: dict[str, Any]) -> bool:

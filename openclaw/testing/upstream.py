@@ -188,6 +188,9 @@ class ProviderBehaviour:
     retry_after_header: bytes | None = None
     #: The key of each request, in order (to check rotation).
     keys_seen: list[str | None] = attrs.field(factory=list)
+    #: Gemini: model -> the C{thinkingLevel} values it takes; another is
+    #: refused with a 400, as Google does.  A model not named takes any.
+    thinking_levels: dict[str, frozenset[str]] = attrs.field(factory=dict)
     _lost_waiters: list[tuple[int, Deferred[None]]] = attrs.field(factory=list, repr=False)
 
     def accepts(self, key: str | None) -> bool:
@@ -248,6 +251,9 @@ class GeminiAnswer:
     usage: dict[str, Any] | None = None
     #: Repeat the finish reason on every event, as Gemini sometimes does.
     repeat_finish: bool = False
+    #: When set, a whole answer is this C{GenerateContentResponse} as it
+    #: is (C{events} unused): for answers of unusual shape.
+    document: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -614,6 +620,10 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
             404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
         )
     _check_gemini_request(body, behaviour)
+    thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
+    levels = behaviour.thinking_levels.get(model)
+    if levels is not None and "thinkingLevel" in thinking and thinking["thinkingLevel"] not in levels:
+        raise Reject(400, f"Thinking level {str(thinking['thinkingLevel']).upper()} is not supported for this model.")
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
     answer = behaviour.answers.pop(0) if behaviour.answers else None
     if answer is None:
@@ -627,6 +637,12 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         usage = answer.usage or {"promptTokenCount": 10, "candidatesTokenCount": 1, "totalTokenCount": 11}
     for event in answer.events:
         behaviour.signatures.update(p["thoughtSignature"] for p in event if "thoughtSignature" in p)
+    if method == "generateContent" and answer.document is not None:
+        return 200, answer.document
+    if thinking.get("includeThoughts") is not True:
+        # Thought summaries only when asked for
+        # (https://ai.google.dev/gemini-api/docs/thinking#summaries).
+        answer = attrs.evolve(answer, events=tuple(tuple(p for p in e if not p.get("thought")) for e in answer.events))
 
     def response(parts: Sequence[dict[str, Any]], finish: bool) -> dict[str, Any]:
         candidate: dict[str, Any] = {"content": {"parts": list(parts), "role": "model"}}

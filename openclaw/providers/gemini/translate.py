@@ -26,16 +26,27 @@ becomes C{model}.
 from __future__ import annotations
 
 import mimetypes
+import re
 from typing import Any
 
 import attrs
 import orjson
+from twisted.logger import Logger
 
 from openclaw.dataplane.callids import SKIP_SIGNATURE, carried, new_call_id
 from openclaw.dataplane.request import DATA_URL, ChatRequest
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
-from openclaw.providers.wire import Completion, ModelFailed, StreamBroken, completion_id, json_object
+from openclaw.providers.wire import (
+    Completion,
+    MalformedAnswer,
+    ModelFailed,
+    StreamBroken,
+    completion_id,
+    json_object,
+)
+
+_log = Logger(namespace="openclaw.providers.gemini")
 
 #: Gemini finish reasons that mean "cut short by a filter".
 _FILTERED = frozenset(
@@ -52,6 +63,22 @@ _FILTERED = frozenset(
     }
 )
 _FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
+#: Gemini finish reasons that mean "the model failed"
+#: (U{https://ai.google.dev/api/generate-content#FinishReason}): an error,
+#: never a stop.  A reason in none of these tables (C{FINISH_REASON_UNSPECIFIED},
+#: one Google adds later) is a stop, logged as a warning.
+_FAILED = frozenset(
+    {
+        "OTHER",
+        "MALFORMED_FUNCTION_CALL",
+        "UNEXPECTED_TOOL_CALL",
+        "TOO_MANY_TOOL_CALLS",
+        "MISSING_THOUGHT_SIGNATURE",
+        "MALFORMED_RESPONSE",
+        "IMAGE_OTHER",
+        "NO_IMAGE",
+    }
+)
 #: What a failed finish reason tells the caller to do.
 _FAILURE_HINTS = {
     "MALFORMED_FUNCTION_CALL": "the model produced a function call that does not parse; retry, "
@@ -72,11 +99,34 @@ _GENERATION_FIELDS = (
 #: C{reasoning_effort} for Gemini 2.x: C{thinkingBudget} in tokens, Google's
 #: own mapping in its OpenAI compatibility layer
 #: (U{https://ai.google.dev/gemini-api/docs/openai}); 0 turns thinking off.
-THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
-#: C{reasoning_effort} for Gemini 3 and later: C{thinkingLevel}
-#: (U{https://ai.google.dev/gemini-api/docs/thinking}); thinking cannot be
-#: turned off there, and "minimal" is the closest to none.
-THINKING_LEVELS = {"none": "minimal", "minimal": "minimal", "low": "low", "medium": "medium", "high": "high"}
+#: OpenAI's "xhigh" gets the "high" budget, the largest of that mapping.
+THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+#: C{reasoning_effort} for Gemini 3 and later: the C{thinkingLevel} asked
+#: for (U{https://ai.google.dev/gemini-api/docs/thinking}); thinking cannot
+#: be turned off there, and "minimal" is the closest to none.  A model that
+#: lacks the level gets the next one up (L{thinking_level}).
+THINKING_LEVELS = {
+    "none": "minimal",
+    "minimal": "minimal",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+}
+#: Gemini 3's thinking levels, least thinking first.
+ALL_THINKING_LEVELS = ("minimal", "low", "medium", "high")
+#: The thinking levels of the Gemini 3 families that lack some, by model
+#: name (first match wins; U{https://ai.google.dev/gemini-api/docs/thinking},
+#: U{https://ai.google.dev/gemini-api/docs/gemini-3}): Gemini 3 Pro takes
+#: low and high; Gemini 3.1 Pro and later Pros low, medium and high;
+#: C{gemini-pro-latest} names one of those Pros, so it gets the levels both
+#: take.  Every other name (Gemini 3 Flash and Flash-Lite, later models, the
+#: other C{-latest} aliases) takes all of L{ALL_THINKING_LEVELS}.
+THINKING_LEVEL_FAMILIES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
+    (re.compile(r"gemini-3-pro"), frozenset({"low", "high"})),
+    (re.compile(r"gemini-3\.[1-9][0-9]*-pro"), frozenset({"low", "medium", "high"})),
+    (re.compile(r"gemini-pro-latest"), frozenset({"low", "high"})),
+)
 #: Model names that take a thinking budget rather than a level.
 _BUDGET_MODELS = ("gemini-2", "gemini-1")
 #: An image URL whose type cannot be told from its name.
@@ -149,7 +199,11 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         request["contents"] = [{"role": "user", "parts": system}]
     tools = body.get("tools")
     if tools:
-        request["tools"] = [{"functionDeclarations": [_declaration(tool["function"]) for tool in tools]}]
+        allowed = _allowed_names(body.get("tool_choice"))
+        declarations = [
+            _declaration(tool["function"]) for tool in tools if allowed is None or tool["function"]["name"] in allowed
+        ]
+        request["tools"] = [{"functionDeclarations": declarations}]
     choice = _tool_config(body.get("tool_choice"))
     if choice is not None:
         request["toolConfig"] = {"functionCallingConfig": choice}
@@ -200,7 +254,7 @@ def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]
 def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
     name, gemini_id = calls[message["tool_call_id"]]
     content = message["content"]
-    text = content if isinstance(content, str) else "".join(part["text"] for part in content)
+    text = content if isinstance(content, str) else "\n".join(part["text"] for part in content)
     parsed = None
     # Only a JSON object is passed as one: other text is not parsed at all
     # (no exception raised and caught per result; JSON's whitespace is
@@ -229,10 +283,22 @@ def _declaration(function: dict[str, Any]) -> dict[str, Any]:
     return declaration
 
 
+def _allowed_names(choice: Any) -> set[str] | None:
+    """
+    The functions an C{allowed_tools} tool choice allows (None for any other
+    choice): Gemini gets only their declarations.
+    """
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        return {tool["function"]["name"] for tool in choice["allowed_tools"]["tools"]}
+    return None
+
+
 def _tool_config(choice: Any) -> dict[str, Any] | None:
     if choice is None:
         return None
     if isinstance(choice, dict):
+        if choice.get("type") == "allowed_tools":
+            return {"mode": "ANY" if choice["allowed_tools"]["mode"] == "required" else "AUTO"}
         return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
     return {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice]}
 
@@ -271,11 +337,34 @@ def thinking_config(effort: str, model: str) -> dict[str, Any]:
     """
     C{thinkingConfig} for an OpenAI C{reasoning_effort}: a C{thinkingBudget}
     for Gemini 1 and 2 models (L{THINKING_BUDGETS}), a C{thinkingLevel} for
-    the others (L{THINKING_LEVELS}).
+    the others (L{thinking_level}); and C{includeThoughts} for any effort
+    but "none", without which Gemini returns no thought summaries
+    (U{https://ai.google.dev/gemini-api/docs/thinking#summaries}).
     """
-    if model.removeprefix("models/").startswith(_BUDGET_MODELS):
-        return {"thinkingBudget": THINKING_BUDGETS[effort]}
-    return {"thinkingLevel": THINKING_LEVELS[effort]}
+    name = model.removeprefix("models/")
+    config: dict[str, Any]
+    if name.startswith(_BUDGET_MODELS):
+        config = {"thinkingBudget": THINKING_BUDGETS[effort]}
+    else:
+        config = {"thinkingLevel": thinking_level(effort, name)}
+    if effort != "none":
+        config["includeThoughts"] = True
+    return config
+
+
+def thinking_level(effort: str, model: str) -> str:
+    """
+    The C{thinkingLevel} for C{reasoning_effort} on a Gemini 3 (or later)
+    C{model}: L{THINKING_LEVELS}, or the next level up that the model's
+    family takes (L{THINKING_LEVEL_FAMILIES}): Google refuses a level the
+    model lacks with a 400.
+    """
+    wanted = THINKING_LEVELS[effort]
+    levels = next((levels for family, levels in THINKING_LEVEL_FAMILIES if family.match(model)), None)
+    if levels is None or wanted in levels:
+        return wanted
+    higher = ALL_THINKING_LEVELS[ALL_THINKING_LEVELS.index(wanted) :]
+    return next((level for level in higher if level in levels), "high")
 
 
 def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,21 +401,52 @@ def _media(url: str) -> dict[str, Any]:
     return {"fileData": {"fileUri": url, "mimeType": mime_type or DEFAULT_IMAGE_TYPE}}
 
 
-def finish_reason(reason: str | None) -> str | None:
+def unknown_reason(candidate: dict[str, Any]) -> str | None:
+    """
+    The candidate's C{finishReason} when it is a string in none of the
+    tables (answered as a stop, L{finish_reason}), else None.
+    """
+    reason = candidate.get("finishReason")
+    if not isinstance(reason, str) or reason in _FINISH_REASONS or reason in _FILTERED or reason in _FAILED:
+        return None
+    return reason
+
+
+def warn_unknown(reason: str) -> None:
+    """
+    Log, as a warning, that C{reason} was answered as a stop.
+    """
+    _log.warn(
+        "Gemini gave a finishReason this gateway does not know ({reason}): answered as a stop, content kept",
+        reason=clip(reason),
+    )
+
+
+def finish_reason(reason: Any) -> str | None:
     """
     OpenAI's C{finish_reason} for Gemini's C{finishReason}: STOP is stop,
-    MAX_TOKENS is length, the filters are content_filter.
+    MAX_TOKENS is length, the filters are content_filter, a reason Gemini
+    did not have when this was written is stop (with a warning logged).
 
-    @raise ModelFailed: any other reason (MALFORMED_FUNCTION_CALL, OTHER,
-        ...): the model failed, which is never passed off as a stop.
+    @raise ModelFailed: a reason that says the model failed
+        (MALFORMED_FUNCTION_CALL, OTHER, ...), which is never passed off as
+        a stop.
+    @raise MalformedAnswer: the reason is not a string.
     """
     if reason is None:
         return None
+    if not isinstance(reason, str):
+        raise MalformedAnswer("Gemini's finishReason is not a string")
     mapped = _FINISH_REASONS.get(reason)
     if mapped is not None:
         return mapped
     if reason in _FILTERED:
         return "content_filter"
+    if reason not in _FAILED:
+        # A reason Google added after this table, or one it leaves
+        # unspecified: the content stands, as a stop (the caller warns,
+        # see unknown_reason).
+        return "stop"
     raise ModelFailed(
         f"Gemini's model failed (finishReason {reason}): " + _FAILURE_HINTS.get(reason, "retry, or try another model"),
         reason.lower() if reason.isidentifier() else "model_failed",
@@ -338,11 +458,17 @@ def usage(metadata: Any) -> dict[str, Any] | None:
     OpenAI's C{usage} for Gemini's C{usageMetadata} (None when absent).
     Tokens spent thinking (C{thoughtsTokenCount}, not part of
     C{candidatesTokenCount}) are completion tokens, and also reported as
-    C{reasoning_tokens}; C{cachedContentTokenCount} as C{cached_tokens}.
+    C{reasoning_tokens}; C{cachedContentTokenCount} as C{cached_tokens};
+    C{toolUsePromptTokenCount} (the prompts of Gemini's tool use, billed as
+    input) is counted in C{prompt_tokens}, so that prompt and completion
+    tokens add up to C{totalTokenCount}.
     """
     if not isinstance(metadata, dict):
         return None
     prompt = metadata.get("promptTokenCount", 0)
+    tool_use = metadata.get("toolUsePromptTokenCount")
+    if isinstance(tool_use, int) and not isinstance(tool_use, bool):
+        prompt += tool_use
     thoughts = metadata.get("thoughtsTokenCount") or 0
     completion = metadata.get("candidatesTokenCount", 0) + thoughts
     result: dict[str, Any] = {
@@ -386,6 +512,10 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
             gemini_id = call.get("id")
             signature = part.get("thoughtSignature")
             args = call.get("args")
+            if args is not None and not isinstance(args, dict):
+                raise MalformedAnswer(
+                    f"Gemini's functionCall {clip(call['name'])!r} has args that are not a JSON object; retry"
+                )
             reading.tool_calls.append(
                 {
                     "index": first_index + len(reading.tool_calls),
@@ -396,7 +526,7 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
                     "type": "function",
                     "function": {
                         "name": call["name"],
-                        "arguments": orjson.dumps(args if isinstance(args, dict) else {}).decode(),
+                        "arguments": orjson.dumps(args or {}).decode(),
                     },
                 }
             )
@@ -442,8 +572,10 @@ def from_gemini(document: dict[str, Any], model: str, completion_id: str, create
     @raise ModelFailed: a candidate's C{finishReason} says the model failed.
     """
     choices = []
+    unknown = None
     for i, candidate in enumerate(_candidates(document)):
         reason = _failed(candidate)
+        unknown = unknown or unknown_reason(candidate)
         reading = _read(candidate)
         message: dict[str, Any] = {"role": "assistant", "content": reading.text}
         if reading.reasoning:
@@ -458,7 +590,11 @@ def from_gemini(document: dict[str, Any], model: str, completion_id: str, create
         choices.append(
             {"index": candidate.get("index", i), "message": message, "finish_reason": reason, "logprobs": None}
         )
-    if not choices and _blocked(document):
+    if unknown is not None:
+        warn_unknown(unknown)
+    if not choices:
+        if not _blocked(document):
+            raise MalformedAnswer("Gemini returned no candidate (and no promptFeedback saying why); retry")
         choices = [
             {
                 "index": 0,
@@ -509,6 +645,8 @@ class GeminiStream:
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
+    #: An unknown finish reason has been logged (once per stream).
+    _warned: bool = False
 
     @property
     def complete(self) -> bool:
@@ -546,13 +684,20 @@ class GeminiStream:
             index = candidate.get("index", i)
             try:
                 reason = _failed(candidate)
-            except ModelFailed as e:
+            except MalformedAnswer as e:
                 raise GeminiStreamError(str(e), e.code) from None
+            unknown = unknown_reason(candidate)
+            if unknown is not None and not self._warned:
+                self._warned = True
+                warn_unknown(unknown)
             delta: dict[str, Any] = {}
             if index not in self._started:
                 self._started.add(index)
                 delta["role"] = "assistant"
-            reading = _read(candidate, self._calls.get(index, 0))
+            try:
+                reading = _read(candidate, self._calls.get(index, 0))
+            except MalformedAnswer as e:
+                raise GeminiStreamError(str(e), e.code) from None
             if reading.reasoning:
                 delta["reasoning_content"] = reading.reasoning
             if reading.text:

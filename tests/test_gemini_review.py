@@ -1,0 +1,300 @@
+"""
+Findings of a review of agent traffic on the Gemini path: thinking levels a
+Gemini 3 model refuses, thought summaries never asked for, tool-use prompt
+tokens dropped from usage, unknown finish reasons, answers with no
+candidate or with function call args that are not an object, OpenAI's
+C{allowed_tools} tool choice, tool results of several text parts.  Each
+through a real gateway in front of the stand-in upstream with the official
+openai SDK, or, for mapping details, on the translation functions alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import orjson
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import parse_chat_request
+from openclaw.providers.gemini import translate as gemini
+from openclaw.providers.wire import MalformedAnswer, ModelFailed
+from openclaw.testing.upstream import GeminiAnswer
+from tests.test_agent_traffic import QUESTION, TOOLS, ask
+from tests.test_dataplane import DataPlaneTestCase
+
+GEMINI_3_PRO = "gemini-3-pro-preview"
+#: The thinking levels Google documents for Gemini 3 Pro
+#: (https://ai.google.dev/gemini-api/docs/thinking).
+PRO_LEVELS = frozenset({"low", "high"})
+THOUGHT = GeminiAnswer((({"text": "Let me think.", "thought": True},), ({"text": "Done."},)))
+
+
+def chat(**body: Any) -> dict[str, Any]:
+    body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    return parse_chat_request(orjson.dumps(body)).body
+
+
+class ThinkingLevelTests(SynchronousTestCase):
+    """
+    reasoning_effort -> the nearest thinking level the model's family takes.
+    """
+
+    def level(self, effort: str, model: str) -> Any:
+        return gemini.generation_config(chat(reasoning_effort=effort), model)["thinkingConfig"].get("thinkingLevel")
+
+    def test_families(self) -> None:
+        expected = {
+            # Gemini 3 Pro: low and high only.
+            "gemini-3-pro-preview": ("low", "low", "low", "high", "high", "high"),
+            "models/gemini-3-pro-preview": ("low", "low", "low", "high", "high", "high"),
+            # Gemini 3.1 Pro: no minimal.
+            "gemini-3.1-pro-preview": ("low", "low", "low", "medium", "high", "high"),
+            "gemini-3.12-pro": ("low", "low", "low", "medium", "high", "high"),
+            # Flash, Flash-Lite, the -latest aliases: all four.
+            "gemini-3-flash-preview": ("minimal", "minimal", "low", "medium", "high", "high"),
+            "gemini-3.1-flash-lite": ("minimal", "minimal", "low", "medium", "high", "high"),
+            "gemini-flash-latest": ("minimal", "minimal", "low", "medium", "high", "high"),
+            # Whichever Pro the alias names, it takes low and high.
+            "gemini-pro-latest": ("low", "low", "low", "high", "high", "high"),
+        }
+        efforts = ("none", "minimal", "low", "medium", "high", "xhigh")
+        for model, levels in expected.items():
+            self.assertEqual(tuple(self.level(effort, model) for effort in efforts), levels, model)
+
+    def test_xhigh(self) -> None:
+        self.assertEqual(
+            parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "xhigh"}').body[
+                "reasoning_effort"
+            ],
+            "xhigh",
+        )
+        config = gemini.generation_config(chat(reasoning_effort="xhigh"), "gemini-2.5-flash")
+        self.assertEqual(config["thinkingConfig"], {"thinkingBudget": 24576, "includeThoughts": True})
+        # OpenAI's other new value stays refused, with the list that is accepted.
+        with self.assertRaises(APIError) as caught:
+            chat(reasoning_effort="max")
+        self.assertIn("xhigh", str(caught.exception.message))
+
+
+class ThinkingLevelGatewayTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_gemini_3_pro_not_refused(self):
+        # The stand-in refuses what Gemini 3 Pro refuses (minimal, medium).
+        self.upstream.gemini.models.append(GEMINI_3_PRO)
+        self.upstream.gemini.thinking_levels[GEMINI_3_PRO] = PRO_LEVELS
+        client = self.sdk(self.gateway())
+        for effort, level in (("none", "low"), ("minimal", "low"), ("medium", "high"), ("xhigh", "high")):
+            completion = yield deferToThread(
+                client.chat.completions.create,
+                model=f"gemini/{GEMINI_3_PRO}",
+                messages=QUESTION,
+                reasoning_effort=effort,
+            )
+            self.assertEqual(completion.choices[0].finish_reason, "stop")
+            thinking = self.upstream.gemini.last_body["generationConfig"]["thinkingConfig"]
+            self.assertEqual(thinking["thinkingLevel"], level, effort)
+
+    @inlineCallbacks
+    def test_kimi_gets_xhigh_as_sent(self):
+        client = self.sdk(self.gateway())
+        yield deferToThread(
+            client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=QUESTION, reasoning_effort="xhigh"
+        )
+        self.assertEqual(self.upstream.kimi.last_body["reasoning_effort"], "xhigh")
+
+
+class ThoughtSummaryTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_summaries_asked_for(self):
+        # The stand-in, like Gemini, sends thought parts only when
+        # includeThoughts is true.
+        self.upstream.gemini.answers[:] = [THOUGHT, THOUGHT, THOUGHT]
+        gateway = self.gateway()
+        for stream in (False, True):
+            response, text = yield self.post(
+                gateway, {"messages": QUESTION, "reasoning_effort": "low", "stream": stream}
+            )
+            self.assertEqual(response.code, 200)
+            if stream:
+                chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+                reasoning = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks)
+            else:
+                reasoning = json.loads(text)["choices"][0]["message"]["reasoning_content"]
+            self.assertEqual(reasoning, "Let me think.")
+            thinking = self.upstream.gemini.last_body["generationConfig"]["thinkingConfig"]
+            self.assertIs(thinking["includeThoughts"], True)
+        # No reasoning_effort: none asked for, none given.
+        response, text = yield self.post(gateway, {"messages": QUESTION})
+        self.assertNotIn("reasoning_content", json.loads(text)["choices"][0]["message"])
+        self.assertNotIn("generationConfig", self.upstream.gemini.last_body)
+
+    def test_not_for_none(self) -> None:
+        config = gemini.generation_config(chat(reasoning_effort="none"), "gemini-2.5-flash")
+        self.assertEqual(config["thinkingConfig"], {"thinkingBudget": 0})
+        config = gemini.generation_config(chat(reasoning_effort="none"), "gemini-3-flash-preview")
+        self.assertEqual(config["thinkingConfig"], {"thinkingLevel": "minimal"})
+
+
+class ToolUseUsageTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_tool_use_prompt_tokens(self):
+        metadata = {
+            "promptTokenCount": 10,
+            "toolUsePromptTokenCount": 5,
+            "candidatesTokenCount": 3,
+            "thoughtsTokenCount": 2,
+            "totalTokenCount": 20,
+        }
+        answer = GeminiAnswer((({"text": "Sunny"},), ({"text": "."},)), usage=metadata)
+        self.upstream.gemini.answers[:] = [answer, answer]
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            usage = (yield deferToThread(ask, client, QUESTION, stream))["usage"]
+            self.assertEqual((usage.prompt_tokens, usage.completion_tokens, usage.total_tokens), (15, 5, 20))
+            self.assertEqual(usage.prompt_tokens + usage.completion_tokens, usage.total_tokens)
+
+    def test_not_a_number(self) -> None:
+        usage = gemini.usage({"promptTokenCount": 1, "toolUsePromptTokenCount": "5", "candidatesTokenCount": 1})
+        self.assertEqual(usage, {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+
+
+class UnknownFinishReasonTests(DataPlaneTestCase):
+    def warnings(self) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "openclaw.providers.gemini"
+        ]
+
+    @inlineCallbacks
+    def test_content_kept(self):
+        for reason in ("FINISH_REASON_UNSPECIFIED", "SOMETHING_GOOGLE_ADDS_LATER"):
+            answer = GeminiAnswer((({"text": "Sunny"},), ({"text": " in Paris."},)), reason, repeat_finish=True)
+            self.upstream.gemini.answers[:] = [answer, answer]
+            client = self.sdk(self.gateway())
+            for stream in (False, True):
+                del self.events[:]
+                result = yield deferToThread(ask, client, QUESTION, stream)
+                self.assertEqual((result["content"], result["finishes"]), ("Sunny in Paris.", ["stop"]))
+                warnings = self.warnings()
+                self.assertEqual(len(warnings), 1, (reason, stream))
+                self.assertEqual(warnings[0]["reason"], reason)
+
+    def test_failures_still_fail(self) -> None:
+        for reason in ("MALFORMED_FUNCTION_CALL", "OTHER", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"):
+            with self.assertRaises(ModelFailed):
+                gemini.finish_reason(reason)
+        # Not a string: a malformed answer, not a crash.
+        with self.assertRaises(MalformedAnswer):
+            gemini.from_gemini({"candidates": [{"finishReason": ["STOP"]}]}, "m", "id", 0)
+
+
+class MalformedAnswerTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_no_candidate(self):
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document={"candidates": [], "modelVersion": "m"})]
+        client = self.sdk(self.gateway())
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=QUESTION), openai.APIStatusError
+        )
+        self.assertEqual(failure.status_code, 502)
+        self.assertIn("no candidate", failure.message)
+        # The gateway serves the next call.
+        completion = yield deferToThread(client.chat.completions.create, model="x", messages=QUESTION)
+        self.assertEqual(completion.choices[0].message.content, "Hello from the stand-in.")
+
+    @inlineCallbacks
+    def test_args_not_an_object(self):
+        call = GeminiAnswer(
+            (({"functionCall": {"name": "get_time", "args": [1], "id": "fc-1"}, "thoughtSignature": "sig-L"},),)
+        )
+        self.upstream.gemini.answers[:] = [call, call]
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        failure = yield self.assertFailure(
+            deferToThread(client.chat.completions.create, model="x", messages=QUESTION, tools=TOOLS),
+            openai.APIStatusError,
+        )
+        self.assertEqual(failure.status_code, 502)
+        self.assertIn("args that are not a JSON object", failure.message)
+        self.assertIn("get_time", failure.message)
+        response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "stream": True})
+        self.assertNotIn("[DONE]", text)
+        last = json.loads(text.strip().splitlines()[-1][6:])
+        self.assertIn("args that are not a JSON object", last["error"]["message"])
+
+    def test_args_absent(self) -> None:
+        # A function without parameters: Gemini may leave args out.
+        document = {"candidates": [{"content": {"parts": [{"functionCall": {"name": "f"}}]}, "finishReason": "STOP"}]}
+        completion = gemini.from_gemini(document, "m", "id", 0)
+        self.assertEqual(completion["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], "{}")
+
+
+def allowed_tools(mode: str, *names: str) -> dict[str, Any]:
+    return {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": mode, "tools": [{"type": "function", "function": {"name": n}} for n in names]},
+    }
+
+
+class AllowedToolsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_both_providers(self):
+        client = self.sdk(self.gateway())
+        for mode, gemini_mode in (("auto", "AUTO"), ("required", "ANY")):
+            choice = allowed_tools(mode, "get_time")
+            yield deferToThread(
+                client.chat.completions.create, model="x", messages=QUESTION, tools=TOOLS, tool_choice=choice
+            )
+            body = self.upstream.gemini.last_body
+            self.assertEqual([d["name"] for d in body["tools"][0]["functionDeclarations"]], ["get_time"])
+            self.assertEqual(body["toolConfig"], {"functionCallingConfig": {"mode": gemini_mode}})
+            yield deferToThread(
+                client.chat.completions.create,
+                model="kimi/moonshot-v1-8k",
+                messages=QUESTION,
+                tools=TOOLS,
+                tool_choice=choice,
+            )
+            self.assertEqual(self.upstream.kimi.last_body["tool_choice"], choice)
+
+    @inlineCallbacks
+    def test_refused(self):
+        gateway = self.gateway()
+        for choice, param in (
+            (allowed_tools("none", "get_time"), "tool_choice.allowed_tools.mode"),
+            (allowed_tools("auto", "get_nothing"), "tool_choice.allowed_tools.tools[0].function.name"),
+            (allowed_tools("auto"), "tool_choice.allowed_tools.tools"),
+            ({"type": "allowed_tools"}, "tool_choice.allowed_tools"),
+            (
+                {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "x"}]}},
+                "tool_choice.allowed_tools.tools[0]",
+            ),
+        ):
+            response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "tool_choice": choice})
+            self.assertEqual(response.code, 400, choice)
+            self.assertEqual(self.assertOpenAIError(text)["param"], param)
+
+
+class ToolResultPartsTests(SynchronousTestCase):
+    def test_joined_by_newline(self) -> None:
+        call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        body = chat(
+            messages=[
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {
+                    "role": "tool",
+                    "tool_call_id": "call_1",
+                    "content": [{"type": "text", "text": "part1"}, {"type": "text", "text": "part2"}],
+                },
+            ]
+        )
+        response = gemini.to_gemini(body)["contents"][-1]["parts"][0]["functionResponse"]["response"]
+        self.assertEqual(response, {"result": "part1\npart2"})
