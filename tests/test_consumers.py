@@ -16,9 +16,10 @@ from typing import Any
 import openai
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
@@ -328,6 +329,43 @@ class RecordingStore:
     def record(self, rows: list[UsageRow]) -> Deferred[None]:
         self.rows.extend(rows)
         return succeed(None)
+
+
+class RefusingStore:
+    """
+    A store whose database refuses every write.
+    """
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        self.tries += 1
+        return fail(OSError("the database refused the write"))
+
+
+class UsageRowsAtStopTests(TestCase):
+    def test_failed_write_at_stop_is_given_up_and_said_so(self) -> None:
+        """
+        A write that fails while the table stops has no next try: the rows
+        are given up, and the log says so (not "kept for the next try").
+        """
+        events = capture_log_events(self)
+        store = RefusingStore()
+        table = ConsumerTable(store, PriceTable.with_overrides({}), clock=Clock().seconds)  # type: ignore[arg-type]
+        table.consumers["team"] = Consumer("team")
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        stopped = table.stop()
+        self.assertTrue(stopped.called)
+        self.assertEqual(store.tries, 1)
+        said = [formatEvent(event) for event in events if event.get("log_failure") is not None]
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("given up", said[0])
+        self.assertNotIn("next try", said[0])
+        # Nothing is left to write later.
+        table.flush()
+        self.assertEqual(store.tries, 1)
 
 
 class UsageRowsTests(TestCase):

@@ -324,6 +324,8 @@ class ConsumerTable:
             metrics.count_gateway(NO_CONSUMER, self.gateway_usage)
         self._flusher: LoopingCall | None = None
         self._flushing: Deferred[None] | None = None
+        #: L{stop} was called: a failed write is not tried again.
+        self._stopping = False
         #: Called after every change a command made (cluster: announce it).
         self.changed: Callable[[str], None] = lambda name: None
 
@@ -375,6 +377,8 @@ class ConsumerTable:
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None
+        # No next try: rows a write fails from now on are given up.
+        self._stopping = True
         # A write under way first, then what came in meanwhile.
         return self.flush().addCallback(lambda _: self.flush())
 
@@ -582,6 +586,14 @@ class ConsumerTable:
             return succeed(None)
 
         def failed(reason: Failure) -> None:
+            if self._stopping:
+                self._log.failure(
+                    "could not write the last {count} usage rows at stop; given up (usage and spend will not "
+                    "count them): check DATABASE_URL / STATE_DIR",
+                    reason,
+                    count=len(rows),
+                )
+                return
             self._pending[:0] = rows
             self._log.failure("could not write {count} usage rows; kept for the next try", reason, count=len(rows))
 
