@@ -58,8 +58,8 @@ _TOKEN_HINTS = {
         "replaces its token before it expires: use the current one from the banner or TOKEN_FILE"
     ),
     "token revoked": (
-        "the token was replaced (rotate_token or a gateway restart); "
-        "use the current one from the gateway's banner or TOKEN_FILE"
+        "the token was replaced: by rotate_token or a restart of a single gateway, or by a cluster's "
+        "(REDIS_URL) renewal before expiry; use the current one from the gateway's banner or TOKEN_FILE"
     ),
 }
 

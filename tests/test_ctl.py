@@ -304,6 +304,8 @@ class RenderTests(TestCase):
         self.assertEqual((report.code, report.stdout), (1, ""))
         self.assertTrue(report.stderr.startswith("openclawctl: ping failed: token revoked ("), report.stderr)
         self.assertIn("current one", report.stderr)
+        # In a cluster the usual cause is the token's renewal.
+        self.assertIn("renewal", report.stderr)
 
     def test_json_passes_the_answer_through(self):
         answer = {"ok": False, "cmd": "status", "error": "invalid token"}
