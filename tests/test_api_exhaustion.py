@@ -242,6 +242,60 @@ class DeadlineTests(TestCase):
         self.assertLess(took, 3.0)
 
     @inlineCallbacks
+    def test_body_deadline_with_part_of_body(self):
+        """
+        A head that comes with part of its body: the rest has
+        C{API_BODY_TIMEOUT_SECONDS} from then.
+        """
+        gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), api_header_timeout_seconds=5, api_body_timeout_seconds=0.6
+        )
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b'\r\nContent-Length: 100\r\n\r\n{"a":'
+        )
+        started = time.monotonic()
+        answer = yield deferToThread(raw, gateway.api_port, head, 5.0)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:200])
+        self.assertIn(b"API_BODY_TIMEOUT_SECONDS", answer)
+        self.assertLess(time.monotonic() - started, 3.0)
+
+    @inlineCallbacks
+    def test_pipelined_body_deadline(self):
+        """
+        A request pipelined behind another, its body unfinished: twisted.web
+        holds its bytes while the first is answered and hands them over
+        once that answer is finished, outside the connection's
+        C{dataReceived}; its body still has C{API_BODY_TIMEOUT_SECONDS}
+        from then.
+        """
+        upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=upstream.provider_settings(),
+            gateway_api_keys=(KEY,),
+            api_header_timeout_seconds=5,
+            api_body_timeout_seconds=0.6,
+        )
+        auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+        data = (
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b"\r\nPOST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + auth
+            + b'Content-Length: 100\r\n\r\n{"a":'
+        )
+        started = time.monotonic()
+        answer = yield deferToThread(raw, gateway.api_port, data, 5.0)
+        took = time.monotonic() - started
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+        self.assertIn(b"HTTP/1.1 408 ", answer)
+        self.assertIn(b"API_BODY_TIMEOUT_SECONDS", answer)
+        self.assertLess(took, 3.0)
+
+    @inlineCallbacks
     def test_keep_alive_requests_within_deadline_are_served(self):
         """
         The head deadline starts again after each answer: a keep-alive

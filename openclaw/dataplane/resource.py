@@ -284,7 +284,8 @@ class _Authenticated(APIResource):
         A client that left while the cluster decided is counted as 499
         (C{left()}, by default as a call that reached no provider: logged,
         in the metrics, and for a consumer accounted, which releases what
-        its admission reserved of the budget).
+        its admission reserved of the budget), unless the cluster refused
+        the call: it is then counted once, as the refusal it was.
         """
         context = self.context
         if isinstance(admission, Deferred):
@@ -304,12 +305,14 @@ class _Authenticated(APIResource):
 
             def decided(refusal: APIError | None) -> None:
                 context.call_ended()
-                if gone:
-                    return client_left()
-                if refusal is None:
-                    proceed()
+                if refusal is not None:
+                    # Counted as limited already (ConsumerTable.admit): a
+                    # client gone meanwhile is not a 499 besides.
+                    self._refused(request, refusal, started, route, holder, write=not gone)
+                elif gone:
+                    client_left()
                 else:
-                    self._refused(request, refusal, started, route, holder)
+                    proceed()
 
             def failed(reason: Failure) -> None:
                 # A bug or an unexpected reply of the cluster's store: the
