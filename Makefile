@@ -9,14 +9,14 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean redis-server postgres
+.PHONY: run test lint trial bench bench-data clean redis-server postgres pgbouncer
 
 run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
-test: $(STAMP) lint redis-server postgres
+test: $(STAMP) lint redis-server postgres pgbouncer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial tests
 
@@ -44,6 +44,17 @@ postgres:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else \
 	    echo "make test needs PostgreSQL for the consumer tests: run 'sudo apt-get install -y postgresql'"; exit 1; \
+	  fi; }
+
+# The pooler test starts its own pgbouncer in front of that postgres: installed
+# when missing and we can; without it that one test skips, saying how.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
+	      echo "could not install pgbouncer: the pooler test will skip"; \
+	  else \
+	    echo "pgbouncer is not installed: the pooler test will skip ('sudo apt-get install -y pgbouncer' to run it)"; \
 	  fi; }
 
 trial: $(STAMP)

@@ -677,11 +677,62 @@ def _own_directory(path: Path) -> Path:
     return path
 
 
+def _database_secrets(text: str) -> list[str]:
+    # The password as written in a URL (userinfo, or ?password=), found
+    # without urlsplit, which refuses some URLs libpq refuses too.
+    rest = text.partition("://")[2]
+    authority = rest
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    found = [authority.rpartition("@")[0].partition(":")[2]]
+    for pair in rest.partition("?")[2].partition("#")[0].split("&"):
+        name, _, value = pair.partition("=")
+        if name == "password":
+            found.append(value)
+    return sorted((secret for secret in found if secret), key=len, reverse=True)
+
+
+def _masked(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def _database_url(text: str) -> str:
-    parsed = urlsplit(text)
+    """
+    C{DATABASE_URL}, a libpq connection URI
+    (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-URIS}),
+    as libpq reads it (psycopg's C{conninfo_to_dict}).
+
+    @raise ConfigError: one line naming C{DATABASE_URL} and what is wrong,
+        with the password in it masked (C{***}), libpq's own words included.
+    """
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    hidden = _database_secrets(text)
+    shown = f"DATABASE_URL={_masked(text, hidden)!r}"
+    form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
+    try:
+        parsed = urlsplit(text)
+        parsed.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        raise ConfigError(f"{shown} is invalid: {form}") from None
     if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.query):
-        raise ValueError
-    parsed.port  # noqa: B018 (raises ValueError on a bad port)
+        raise ConfigError(f"{shown} is invalid: {form}")
+    try:
+        conninfo_to_dict(text)
+    except PsycopgError as e:
+        said = _masked(str(e).strip().replace(text, _masked(text, hidden)), hidden)
+        if "percent-encoded" in said:
+            hint = (
+                "percent-encode a % in the user name, password or database name as %25 (@ as %40, : as %3A, / as %2F)"
+            )
+        elif "query parameter" in said:
+            hint = "after ? use only libpq's connection parameters (https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
+        else:
+            hint = form
+        raise ConfigError(f"{shown} is not a connection URI libpq can read ({said}): {hint}") from None
     return text
 
 

@@ -67,8 +67,8 @@ class ConnectionParametersTests(TestCase):
 
     def test_defaults_unless_the_url_sets_them(self) -> None:
         """
-        A connection attempt gives up, a silent peer is detected, and a
-        statement ends, unless DATABASE_URL says otherwise.
+        A connection attempt gives up and a silent peer is detected,
+        unless DATABASE_URL says otherwise.
         """
         parameters = conninfo_to_dict(postgres_conninfo("postgresql://u:p@db.example:5433/openclaw"))
         for name, value in POSTGRES_DEFAULTS.items():

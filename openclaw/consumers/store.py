@@ -11,10 +11,9 @@ through psycopg 3, a DB-API 2.0 module (PEP 249); concurrent start-ups
 serialise their migrations on an advisory lock.
 
 A PostgreSQL that cannot be reached must not hold the gateway: each
-connection attempt gives up after C{connect_timeout}, a silent peer is
-found by TCP keepalives and C{tcp_user_timeout}, and the server ends a
-statement after C{statement_timeout} (L{POSTGRES_DEFAULTS}, unless
-C{DATABASE_URL} sets them).  The pool's threads are daemon threads, and
+connection attempt gives up after C{connect_timeout}, and a silent peer is
+found by TCP keepalives and C{tcp_user_timeout} (L{POSTGRES_DEFAULTS},
+unless C{DATABASE_URL} sets them).  The pool's threads are daemon threads, and
 L{ConsumerStore.close} never waits on the reactor thread for one still
 blocked in the database.
 """
@@ -94,9 +93,16 @@ GROUPS = ("consumer", "model", "day")
 #: does not (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS}):
 #: give up a connection attempt after 10 s; TCP keepalives after 30 s idle,
 #: every 10 s, 3 unanswered ending the connection; data unacknowledged for
-#: 30 s (C{tcp_user_timeout}, milliseconds) ending it too; the server ending
-#: a statement after 60 s (C{statement_timeout}, milliseconds; the
-#: migration's advisory lock wait included).
+#: 30 s (C{tcp_user_timeout}, milliseconds) ending it too.
+#:
+#: All are libpq's own, client-side: none is sent to the server in the
+#: startup packet, so a connection pooler in front of PostgreSQL takes
+#: them.  Server settings (C{options=-c ...}) are not defaulted: PgBouncer
+#: refuses the C{options} startup parameter unless told to ignore it
+#: (U{https://www.pgbouncer.org/config.html#ignore_startup_parameters}),
+#: and a session C{SET} would leak to other clients of a transaction
+#: pool.  A statement timeout belongs on the role or the database
+#: (C{ALTER ROLE ... SET statement_timeout = '60s'}).
 POSTGRES_DEFAULTS: dict[str, str] = {
     "connect_timeout": "10",
     "keepalives": "1",
@@ -104,7 +110,6 @@ POSTGRES_DEFAULTS: dict[str, str] = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
     "tcp_user_timeout": "30000",
-    "options": "-c statement_timeout=60000",
 }
 
 
