@@ -51,7 +51,7 @@ postgres:
 pgbouncer:
 	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
+	    DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
 	      echo "could not install pgbouncer: the pooler test will skip"; \
 	  else \
 	    echo "pgbouncer is not installed: the pooler test will skip ('sudo apt-get install -y pgbouncer' to run it)"; \

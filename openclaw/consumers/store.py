@@ -265,6 +265,11 @@ class ConsumerStore:
             pool = adbapi.ConnectionPool(
                 "psycopg",
                 conninfo=postgres_conninfo(database_url),
+                # No server-side prepared statements: behind a pooler in
+                # transaction mode (PgBouncer before 1.21) the next
+                # transaction may run on another server connection
+                # (https://www.psycopg.org/psycopg3/docs/advanced/prepare.html).
+                prepare_threshold=None,
                 cp_min=1,
                 cp_max=4,
                 cp_reconnect=True,
