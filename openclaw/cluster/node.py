@@ -297,8 +297,11 @@ class ClusterNode:
         Propose a new token in place of the cluster's token C{versioned}
         (a compare-and-set on its jti: L{SharedStore.replace}); fires with
         the token the store holds afterwards (this one's or the winner's).
+        The new token's version is above every one this instance knows, so
+        that it is applied even if the store lost the token meanwhile.
         """
         expired = decode_token(versioned.value)
+        known = max(versioned.version, self.versions.get(TOKEN, 0))
         fresh = self.sessions.mint()
         self._log.info(
             "the cluster's session token {jti} {state} (expires {expires}); proposing {fresh} in its place",
@@ -307,7 +310,9 @@ class ClusterNode:
             expires=expired.expires,
             fresh=fresh.jti,
         )
-        replaced: Deferred[Versioned] = self.store.replace(TOKEN, expired.jti, encode_token(fresh), self.instance)
+        replaced: Deferred[Versioned] = self.store.replace(
+            TOKEN, expired.jti, encode_token(fresh), self.instance, known
+        )
         return replaced
 
     def _schedule_renewal(self, token: SessionToken) -> None:
