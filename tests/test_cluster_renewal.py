@@ -86,6 +86,22 @@ class Renewal(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         return texts
 
+    def test_renewal_answered_after_stop_leaves_no_timer(self) -> None:
+        """
+        A renewal whose answer (and publication) arrives after L{stop}
+        schedules no further renewal: nothing is left on the reactor.
+        """
+        self.store = HeldReplaces(self.clock.seconds)
+        a = self.node("a")
+        a.connected()
+        first = a.sessions.current
+        self.clock.advance(TTL * RENEW_AT)
+        self.assertEqual(len(self.store.replaces), 1)
+        a.stop()
+        self.store.answer()
+        self.assertNotEqual(a.sessions.current.jti, first.jti)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_renewal_after_the_store_lost_the_token(self) -> None:
         """
         The store lost the token (a FLUSHALL, no disconnection) after the

@@ -179,6 +179,9 @@ class ClusterNode:
         #: whether a renewal is on its way to the store.
         self._renewal: IDelayedCall | None = None
         self._renewing = False
+        #: L{stop} was called: nothing more is scheduled on the reactor
+        #: (a store's answer arriving afterwards included).
+        self._stopped = False
 
     def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
         return pending.addTimeout(self._timeout, self._reactor)
@@ -317,6 +320,8 @@ class ClusterNode:
 
     def _schedule_renewal(self, token: SessionToken) -> None:
         self._cancel_renewal()
+        if self._stopped:
+            return  # a store's answer after stop(): nothing left on the reactor
         delay = max(0.0, renewal_time(token) - self._reactor.seconds())
         self._renewal = self._reactor.callLater(delay, self._renewal_time)
 
@@ -336,7 +341,13 @@ class ClusterNode:
         retried at the next heartbeat.
         """
         current = self.sessions.current_or_none
-        if self._renewing or not (self.up and self._connected) or current is None or TOKEN not in self.versions:
+        if (
+            self._stopped
+            or self._renewing
+            or not (self.up and self._connected)
+            or current is None
+            or TOKEN not in self.versions
+        ):
             return
         held = Versioned(self.versions[TOKEN], encode_token(current))
         if not self._due(held):
@@ -582,6 +593,7 @@ class ClusterNode:
     # Heartbeats.
 
     def start(self) -> None:
+        self._stopped = False
         self._heartbeat.start(HEARTBEAT_INTERVAL_SECONDS, now=True).addErrback(
             lambda failure: self._log.failure("heartbeat stopped", failure)
         )
@@ -591,6 +603,7 @@ class ClusterNode:
         Stop beating and leave nothing pending on the reactor: no reload
         retry, no catch-up (the store is about to be closed).
         """
+        self._stopped = True
         if self._heartbeat.running:
             self._heartbeat.stop()
         self._connected = False
