@@ -9,6 +9,7 @@ C{redis-server}.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,42 @@ class Renewal(TestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         return texts
+
+    def test_adopt_failure_logged_and_retried(self) -> None:
+        """
+        A renewed token this instance cannot adopt (its TOKEN_FILE cannot be
+        written) is logged with what to check, and adopted at a heartbeat
+        once the file can be written: the instance does not keep the old
+        token while the cluster moved on.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "run" / "token"
+        token_file.parent.mkdir()
+        # Not subscribed: the token reaches it through the compare-and-set's
+        # answer only.
+        a = self.node("a", token_file, subscribed=False)
+        a.connected()
+        first = a.sessions.current
+        self.assertEqual(token_file.read_text().strip(), first.token)
+        # The token file's directory is gone (a file in its place: an
+        # OSError even for root).
+        shutil.rmtree(token_file.parent)
+        token_file.parent.write_text("not a directory")
+        logged = self.messages()
+        self.clock.advance(TTL * RENEW_AT)
+        renewed = decode_token(self.store.values[TOKEN].value)
+        self.assertNotEqual(renewed.jti, first.jti)
+        self.assertEqual(a.sessions.current, first)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(any("could not adopt" in text and "TOKEN_FILE" in text for text in logged), logged)
+        # Fixed: the next heartbeat adopts the cluster's token.
+        token_file.parent.unlink()
+        token_file.parent.mkdir()
+        a.beat()
+        self.assertEqual(a.sessions.current, renewed)
+        self.assertEqual(token_file.read_text().strip(), renewed.token)
+        self.assertEqual(a.versions[TOKEN], self.store.values[TOKEN].version)
 
     def test_renewal_answered_after_stop_leaves_no_timer(self) -> None:
         """

@@ -365,10 +365,20 @@ class ClusterNode:
                 error=failure.getErrorMessage() or repr(failure.value),
             )
 
+        def not_adopted(failure: Failure) -> None:
+            # Not swallowed: the token's version is recorded only once it
+            # is adopted (L{_apply}), so the next heartbeat tries again.
+            self._log.failure(
+                "could not adopt the cluster's renewed session token; keeping {jti} and trying again at the next "
+                "heartbeat: check that TOKEN_FILE's directory is writable and its disk not full",
+                failure,
+                jti=current.jti,
+            )
+
         def done(_: object) -> None:
             self._renewing = False
 
-        self._bounded(self._replace(held)).addCallbacks(replaced, failed).addBoth(done)
+        self._bounded(self._replace(held)).addCallbacks(replaced, failed).addErrback(not_adopted).addBoth(done)
 
     def _reload_expiring(self) -> Deferred[Any]:
         """
@@ -454,9 +464,9 @@ class ClusterNode:
                     )
             elif name == TOKEN:
                 token = decode_token(versioned.value)
-                self.versions[name] = versioned.version
                 current = self.sessions.current_or_none
                 if current is not None and current.token == token.token:
+                    self.versions[name] = versioned.version
                     return
                 try:
                     self.sessions.check(token)
@@ -471,12 +481,19 @@ class ClusterNode:
                         error=str(e),
                         kept="keeping token " + current.jti if current is not None else "no token adopted",
                     )
+                    self.versions[name] = versioned.version
                     return
                 self._foreign_token = None
                 if current is None or current.jti != token.jti:
+                    # May raise (the token file cannot be written): the
+                    # version is then not recorded, so a later message,
+                    # reload or heartbeat applies this token again.
                     self.sessions.adopt(token)
+                    self.versions[name] = versioned.version
                     self._schedule_renewal(token)
                     self._on_token(token, here, versioned.origin)
+                else:
+                    self.versions[name] = versioned.version
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
