@@ -123,6 +123,42 @@ class Renewal(TestCase):
         self.assertEqual(token_file.read_text().strip(), renewed.token)
         self.assertEqual(a.versions[TOKEN], self.store.values[TOKEN].version)
 
+    def test_adopt_failure_on_reconnection_retried(self) -> None:
+        """
+        Reconnecting to a token rotated meanwhile that cannot be adopted
+        (its TOKEN_FILE cannot be written): logged once with what to check,
+        the instance stays out of step (changes refused) and reloads again
+        until it adopts the token.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "run" / "token"
+        token_file.parent.mkdir()
+        a, b = self.node("a", token_file, subscribed=False), self.node("b")
+        a.connected()
+        b.connected()
+        first = a.sessions.current
+        a.lost("test")
+        rotated = b.sessions.mint()
+        b.rotate(rotated)
+        shutil.rmtree(token_file.parent)
+        token_file.parent.write_text("not a directory")
+        logged = self.messages()
+        a.connected()
+        self.assertFalse(a.up)
+        self.assertEqual(a.sessions.current, first)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(any("could not adopt" in text and "TOKEN_FILE" in text for text in logged), logged)
+        self.clock.advance(1.0)
+        self.assertFalse(a.up)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # once per outage
+        token_file.parent.unlink()
+        token_file.parent.mkdir()
+        self.clock.advance(2.0)
+        self.assertTrue(a.up)
+        self.assertEqual(a.sessions.current, rotated)
+        self.assertEqual(token_file.read_text().strip(), rotated.token)
+
     def test_renewal_answered_after_stop_leaves_no_timer(self) -> None:
         """
         A renewal whose answer (and publication) arrives after L{stop}

@@ -257,17 +257,25 @@ class ClusterNode:
             if not self._reload_failing:
                 self._reload_failing = True
                 self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
-            if self._connected and self._retry is None:
-                # Never given up while connected: backing off, up to
-                # retry_max between attempts.
-                self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
-                self._retry_delay = min(self._retry_max, self._retry_delay * 2)
+            self._retry_later()
             return
-        for name, versioned in ((ROUTE, route), (TOKEN, token)):
-            known = self.versions.get(name)
-            if known != before.get(name) and known is not None and known > versioned.version:
-                continue  # a newer write arrived while reloading
-            self._apply(name, versioned, here=versioned.origin == self.instance)
+        try:
+            for name, versioned in ((ROUTE, route), (TOKEN, token)):
+                known = self.versions.get(name)
+                if known != before.get(name) and known is not None and known > versioned.version:
+                    continue  # a newer write arrived while reloading
+                self._apply(name, versioned, here=versioned.origin == self.instance)
+        except Exception:
+            # The cluster's token could not be adopted (its version is not
+            # recorded): not in step, so retried as a failed reload is.
+            if not self._reload_failing:
+                self._reload_failing = True
+                self._log.failure(
+                    "could not adopt the cluster's session token; retrying: "
+                    "check that TOKEN_FILE's directory is writable and its disk not full"
+                )
+            self._retry_later()
+            return
         if self.sessions.current_or_none is None and self._foreign_token is not None:
             # Never in step: no token this instance can trust.
             self._on_foreign_token(self._foreign_token)
@@ -406,6 +414,13 @@ class ClusterNode:
                 self._bounded(self.store.lockouts()).addCallbacks(lockouts, failed),
             ]
         )
+
+    def _retry_later(self) -> None:
+        if self._connected and self._retry is None:
+            # Never given up while connected: backing off, up to retry_max
+            # between attempts.
+            self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
+            self._retry_delay = min(self._retry_max, self._retry_delay * 2)
 
     def _retry_reload(self) -> None:
         self._retry = None
