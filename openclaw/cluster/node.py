@@ -179,6 +179,9 @@ class ClusterNode:
         #: whether a renewal is on its way to the store.
         self._renewal: IDelayedCall | None = None
         self._renewing = False
+        #: L{stop} was called: nothing more is scheduled on the reactor
+        #: (a store's answer arriving afterwards included).
+        self._stopped = False
 
     def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
         return pending.addTimeout(self._timeout, self._reactor)
@@ -254,17 +257,25 @@ class ClusterNode:
             if not self._reload_failing:
                 self._reload_failing = True
                 self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
-            if self._connected and self._retry is None:
-                # Never given up while connected: backing off, up to
-                # retry_max between attempts.
-                self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
-                self._retry_delay = min(self._retry_max, self._retry_delay * 2)
+            self._retry_later()
             return
-        for name, versioned in ((ROUTE, route), (TOKEN, token)):
-            known = self.versions.get(name)
-            if known != before.get(name) and known is not None and known > versioned.version:
-                continue  # a newer write arrived while reloading
-            self._apply(name, versioned, here=versioned.origin == self.instance)
+        try:
+            for name, versioned in ((ROUTE, route), (TOKEN, token)):
+                known = self.versions.get(name)
+                if known != before.get(name) and known is not None and known > versioned.version:
+                    continue  # a newer write arrived while reloading
+                self._apply(name, versioned, here=versioned.origin == self.instance)
+        except Exception:
+            # The cluster's token could not be adopted (its version is not
+            # recorded): not in step, so retried as a failed reload is.
+            if not self._reload_failing:
+                self._reload_failing = True
+                self._log.failure(
+                    "could not adopt the cluster's session token; retrying: "
+                    "check that TOKEN_FILE's directory is writable and its disk not full"
+                )
+            self._retry_later()
+            return
         if self.sessions.current_or_none is None and self._foreign_token is not None:
             # Never in step: no token this instance can trust.
             self._on_foreign_token(self._foreign_token)
@@ -297,8 +308,11 @@ class ClusterNode:
         Propose a new token in place of the cluster's token C{versioned}
         (a compare-and-set on its jti: L{SharedStore.replace}); fires with
         the token the store holds afterwards (this one's or the winner's).
+        The new token's version is above every one this instance knows, so
+        that it is applied even if the store lost the token meanwhile.
         """
         expired = decode_token(versioned.value)
+        known = max(versioned.version, self.versions.get(TOKEN, 0))
         fresh = self.sessions.mint()
         self._log.info(
             "the cluster's session token {jti} {state} (expires {expires}); proposing {fresh} in its place",
@@ -307,11 +321,15 @@ class ClusterNode:
             expires=expired.expires,
             fresh=fresh.jti,
         )
-        replaced: Deferred[Versioned] = self.store.replace(TOKEN, expired.jti, encode_token(fresh), self.instance)
+        replaced: Deferred[Versioned] = self.store.replace(
+            TOKEN, expired.jti, encode_token(fresh), self.instance, known
+        )
         return replaced
 
     def _schedule_renewal(self, token: SessionToken) -> None:
         self._cancel_renewal()
+        if self._stopped:
+            return  # a store's answer after stop(): nothing left on the reactor
         delay = max(0.0, renewal_time(token) - self._reactor.seconds())
         self._renewal = self._reactor.callLater(delay, self._renewal_time)
 
@@ -331,7 +349,13 @@ class ClusterNode:
         retried at the next heartbeat.
         """
         current = self.sessions.current_or_none
-        if self._renewing or not (self.up and self._connected) or current is None or TOKEN not in self.versions:
+        if (
+            self._stopped
+            or self._renewing
+            or not (self.up and self._connected)
+            or current is None
+            or TOKEN not in self.versions
+        ):
             return
         held = Versioned(self.versions[TOKEN], encode_token(current))
         if not self._due(held):
@@ -349,10 +373,20 @@ class ClusterNode:
                 error=failure.getErrorMessage() or repr(failure.value),
             )
 
+        def not_adopted(failure: Failure) -> None:
+            # Not swallowed: the token's version is recorded only once it
+            # is adopted (L{_apply}), so the next heartbeat tries again.
+            self._log.failure(
+                "could not adopt the cluster's renewed session token; keeping {jti} and trying again at the next "
+                "heartbeat: check that TOKEN_FILE's directory is writable and its disk not full",
+                failure,
+                jti=current.jti,
+            )
+
         def done(_: object) -> None:
             self._renewing = False
 
-        self._bounded(self._replace(held)).addCallbacks(replaced, failed).addBoth(done)
+        self._bounded(self._replace(held)).addCallbacks(replaced, failed).addErrback(not_adopted).addBoth(done)
 
     def _reload_expiring(self) -> Deferred[Any]:
         """
@@ -380,6 +414,13 @@ class ClusterNode:
                 self._bounded(self.store.lockouts()).addCallbacks(lockouts, failed),
             ]
         )
+
+    def _retry_later(self) -> None:
+        if self._connected and self._retry is None:
+            # Never given up while connected: backing off, up to retry_max
+            # between attempts.
+            self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
+            self._retry_delay = min(self._retry_max, self._retry_delay * 2)
 
     def _retry_reload(self) -> None:
         self._retry = None
@@ -438,9 +479,9 @@ class ClusterNode:
                     )
             elif name == TOKEN:
                 token = decode_token(versioned.value)
-                self.versions[name] = versioned.version
                 current = self.sessions.current_or_none
                 if current is not None and current.token == token.token:
+                    self.versions[name] = versioned.version
                     return
                 try:
                     self.sessions.check(token)
@@ -455,12 +496,19 @@ class ClusterNode:
                         error=str(e),
                         kept="keeping token " + current.jti if current is not None else "no token adopted",
                     )
+                    self.versions[name] = versioned.version
                     return
                 self._foreign_token = None
                 if current is None or current.jti != token.jti:
+                    # May raise (the token file cannot be written): the
+                    # version is then not recorded, so a later message,
+                    # reload or heartbeat applies this token again.
                     self.sessions.adopt(token)
+                    self.versions[name] = versioned.version
                     self._schedule_renewal(token)
                     self._on_token(token, here, versioned.origin)
+                else:
+                    self.versions[name] = versioned.version
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
@@ -577,6 +625,7 @@ class ClusterNode:
     # Heartbeats.
 
     def start(self) -> None:
+        self._stopped = False
         self._heartbeat.start(HEARTBEAT_INTERVAL_SECONDS, now=True).addErrback(
             lambda failure: self._log.failure("heartbeat stopped", failure)
         )
@@ -586,6 +635,7 @@ class ClusterNode:
         Stop beating and leave nothing pending on the reactor: no reload
         retry, no catch-up (the store is about to be closed).
         """
+        self._stopped = True
         if self._heartbeat.running:
             self._heartbeat.stop()
         self._connected = False

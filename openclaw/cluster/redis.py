@@ -76,8 +76,8 @@ if held then
   matches = ok and type(document) == 'table' and document['jti'] == ARGV[1]
 end
 if matches then
-  local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-  redis.call('HSET', KEYS[1], 'value', ARGV[2], 'origin', ARGV[3])
+  local v = math.max(tonumber(redis.call('HGET', KEYS[1], 'version') or '0'), tonumber(ARGV[5])) + 1
+  redis.call('HSET', KEYS[1], 'version', v, 'value', ARGV[2], 'origin', ARGV[3])
   redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[4] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
 end
 return redis.call('HMGET', KEYS[1], 'version', 'value', 'origin')
@@ -556,10 +556,10 @@ class RedisStore:
     def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
         return self._eval(_ENSURE, [self._key("state", name)], [value, str(version), origin]).addCallback(_versioned)
 
-    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
-        return self._eval(_REPLACE, [self._key("state", name), self.channel], [jti, value, origin, name]).addCallback(
-            _versioned
-        )
+    def replace(self, name: str, jti: str, value: str, origin: str, known: int) -> Deferred[Versioned]:
+        return self._eval(
+            _REPLACE, [self._key("state", name), self.channel], [jti, value, origin, name, str(known)]
+        ).addCallback(_versioned)
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         assert self.node is not None

@@ -86,12 +86,15 @@ class SharedStore(Protocol):
         fire with what it holds afterwards.
         """
 
-    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
+    def replace(self, name: str, jti: str, value: str, origin: str, known: int) -> Deferred[Versioned]:
         """
         Replace C{name}'s value (a JSON object) with C{value} (written by
         instance C{origin}) only if the one it holds has the C{jti} C{jti},
         or it holds none: an atomic compare-and-set, published as L{write}s
-        are.  Fire with what it holds afterwards.  Of several instances
+        are.  The new version is one above the greater of the stored one
+        and C{known} (the highest the caller knows), so the nodes apply it
+        even if the store lost the value (a C{FLUSHALL}) while they kept
+        running.  Fire with what it holds afterwards.  Of several instances
         replacing the same value, one wins; the others get its value.
         """
 
@@ -178,11 +181,11 @@ class MemoryStore:
             return Deferred()
         return succeed(version)
 
-    def _write(self, name: str, value: str, origin: str, receipt: str) -> int:
+    def _write(self, name: str, value: str, origin: str, receipt: str, known: int = 0) -> int:
         if receipt in self.receipts:
             return 0
         old = self.values.get(name)
-        version = (old.version if old else 0) + 1
+        version = max(old.version if old else 0, known) + 1
         self.values[name] = Versioned(version, value, origin)
         self.receipts[receipt] = version
         for listener in list(self.listeners):
@@ -209,7 +212,7 @@ class MemoryStore:
             return fail(ConnectionError("the store is down"))
         return succeed(self.values.setdefault(name, Versioned(version, value, origin)))
 
-    def replace(self, name: str, jti: str, value: str, origin: str) -> Deferred[Versioned]:
+    def replace(self, name: str, jti: str, value: str, origin: str, known: int) -> Deferred[Versioned]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         held = self.values.get(name)
@@ -218,7 +221,7 @@ class MemoryStore:
         except (ValueError, KeyError, TypeError):
             matches = False
         if matches:
-            self._write(name, value, origin, uuid.uuid4().hex)
+            self._write(name, value, origin, uuid.uuid4().hex, known)
         return succeed(self.values[name])
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:

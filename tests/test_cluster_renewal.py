@@ -1,0 +1,227 @@
+"""
+The review of the cluster token's renewal: a token that could not be
+adopted is logged and adopted later, a renewal answered after C{stop()}
+leaves nothing on the reactor, and a renewal after the store lost the token
+(a C{FLUSHALL}) is applied everywhere.  L{ClusterNode}s on a L{MemoryStore}
+and a L{Clock}, then a C{twistd openclaw} instance on a real
+C{redis-server}.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from openclaw.cluster import ClusterNode, MemoryStore
+from openclaw.cluster.node import RENEW_AT, TOKEN, decode_token
+from openclaw.cluster.store import Versioned
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority
+from tests.test_cluster import ClusterCase, sleep
+from tests.test_cluster_review import SECRET, TTL, redis_command
+
+
+class HeldReplaces(MemoryStore):
+    """
+    A L{MemoryStore} whose compare-and-sets are made, and answered, only at
+    L{answer}: a reply on its way while the node stops.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.replaces: list[tuple[tuple[str, str, str, str, int], Deferred[Versioned]]] = []
+
+    def replace(self, name: str, jti: str, value: str, origin: str, known: int) -> Deferred[Versioned]:
+        pending: Deferred[Versioned] = Deferred()
+        self.replaces.append(((name, jti, value, origin, known), pending))
+        return pending
+
+    def answer(self) -> None:
+        replaces, self.replaces = self.replaces, []
+        for arguments, pending in replaces:
+            super().replace(*arguments).chainDeferred(pending)
+
+
+class Renewal(TestCase):
+    """
+    L{ClusterNode}s on one L{MemoryStore} and one L{Clock}.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+
+    def node(self, name: str, token_file: Path | None = None, subscribed: bool = True) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, TTL, clock=self.clock.seconds, token_file=token_file),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        if subscribed:
+            self.store.listeners.append(node.received)
+        self.addCleanup(node.stop)
+        return node
+
+    def messages(self) -> list[str]:
+        """
+        The text of every event logged from now on.
+        """
+        texts: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            texts.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return texts
+
+    def test_adopt_failure_logged_and_retried(self) -> None:
+        """
+        A renewed token this instance cannot adopt (its TOKEN_FILE cannot be
+        written) is logged with what to check, and adopted at a heartbeat
+        once the file can be written: the instance does not keep the old
+        token while the cluster moved on.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "run" / "token"
+        token_file.parent.mkdir()
+        # Not subscribed: the token reaches it through the compare-and-set's
+        # answer only.
+        a = self.node("a", token_file, subscribed=False)
+        a.connected()
+        first = a.sessions.current
+        self.assertEqual(token_file.read_text().strip(), first.token)
+        # The token file's directory is gone (a file in its place: an
+        # OSError even for root).
+        shutil.rmtree(token_file.parent)
+        token_file.parent.write_text("not a directory")
+        logged = self.messages()
+        self.clock.advance(TTL * RENEW_AT)
+        renewed = decode_token(self.store.values[TOKEN].value)
+        self.assertNotEqual(renewed.jti, first.jti)
+        self.assertEqual(a.sessions.current, first)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(any("could not adopt" in text and "TOKEN_FILE" in text for text in logged), logged)
+        # Fixed: the next heartbeat adopts the cluster's token.
+        token_file.parent.unlink()
+        token_file.parent.mkdir()
+        a.beat()
+        self.assertEqual(a.sessions.current, renewed)
+        self.assertEqual(token_file.read_text().strip(), renewed.token)
+        self.assertEqual(a.versions[TOKEN], self.store.values[TOKEN].version)
+
+    def test_adopt_failure_on_reconnection_retried(self) -> None:
+        """
+        Reconnecting to a token rotated meanwhile that cannot be adopted
+        (its TOKEN_FILE cannot be written): logged once with what to check,
+        the instance stays out of step (changes refused) and reloads again
+        until it adopts the token.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "run" / "token"
+        token_file.parent.mkdir()
+        a, b = self.node("a", token_file, subscribed=False), self.node("b")
+        a.connected()
+        b.connected()
+        first = a.sessions.current
+        a.lost("test")
+        rotated = b.sessions.mint()
+        b.rotate(rotated)
+        shutil.rmtree(token_file.parent)
+        token_file.parent.write_text("not a directory")
+        logged = self.messages()
+        a.connected()
+        self.assertFalse(a.up)
+        self.assertEqual(a.sessions.current, first)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(any("could not adopt" in text and "TOKEN_FILE" in text for text in logged), logged)
+        self.clock.advance(1.0)
+        self.assertFalse(a.up)
+        self.assertEqual(self.flushLoggedErrors(OSError), [])  # once per outage
+        token_file.parent.unlink()
+        token_file.parent.mkdir()
+        self.clock.advance(2.0)
+        self.assertTrue(a.up)
+        self.assertEqual(a.sessions.current, rotated)
+        self.assertEqual(token_file.read_text().strip(), rotated.token)
+
+    def test_renewal_answered_after_stop_leaves_no_timer(self) -> None:
+        """
+        A renewal whose answer (and publication) arrives after L{stop}
+        schedules no further renewal: nothing is left on the reactor.
+        """
+        self.store = HeldReplaces(self.clock.seconds)
+        a = self.node("a")
+        a.connected()
+        first = a.sessions.current
+        self.clock.advance(TTL * RENEW_AT)
+        self.assertEqual(len(self.store.replaces), 1)
+        a.stop()
+        self.store.answer()
+        self.assertNotEqual(a.sessions.current.jti, first.jti)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_renewal_after_the_store_lost_the_token(self) -> None:
+        """
+        The store lost the token (a FLUSHALL, no disconnection) after the
+        instances knew version 2: the renewal writes version 3, not 1, and
+        every instance adopts it.
+        """
+        a, b = self.node("a"), self.node("b")
+        a.connected()
+        b.connected()
+        rotated = a.sessions.mint()
+        a.rotate(rotated)
+        self.assertEqual(b.sessions.current, rotated)
+        self.assertEqual(b.versions[TOKEN], 2)
+        self.store.values.clear()
+        self.clock.advance(TTL * RENEW_AT)
+        renewed = decode_token(self.store.values[TOKEN].value)
+        self.assertNotEqual(renewed.jti, rotated.jti)
+        self.assertEqual(self.store.values[TOKEN].version, 3)
+        self.assertEqual(a.sessions.current, renewed)
+        self.assertEqual(b.sessions.current, renewed)
+
+
+class RenewalOnRedis(ClusterCase):
+    @inlineCallbacks
+    def test_renewal_after_flushall(self) -> None:
+        """
+        The Redis script: after a rotation (version 2) and a FLUSHALL, the
+        renewal is written one version above (3, not 1) and the instance
+        adopts it (a new
+        banner; the new token opens the control plane).
+        """
+        a = self.spawn(SESSION_TTL_HOURS="0.002")  # 7.2 s: renewed after 5.8 s
+        first = yield a.token
+        client = yield self.client(a.port)
+        answer = yield client.ask(first, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        rotated = answer["result"]["token"]
+        banners = a.stdout.count(b"Token    : ")
+        known = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        for _ in range(150):
+            if a.stdout.count(b"Token    : ") > banners:
+                break
+            yield sleep(0.1)
+        renewed = a.stdout.rsplit(b"Token    : ", 1)[1].split()[0].decode()
+        self.assertNotIn(renewed, {first, rotated})
+        version = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        self.assertEqual(int(version), int(known) + 1)
+        answer = yield client.ask(renewed, "ping")
+        self.assertTrue(answer["ok"], answer)
