@@ -357,13 +357,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _armed: tuple[float, str, str] | None = None
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
-    #: A head with a body has come and its body is not whole yet: the
-    #: body's deadline starts once the bytes at hand are handled.
-    _awaiting_body = False
-    #: The protocol is handling bytes given by L{dataReceived} (not ones
-    #: twisted.web held while it answered the request before, and replays
-    #: from C{Request.finish}).
-    _receiving = False
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
@@ -403,16 +396,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._stop_keyless_deadline()
                 # Its requests' keys are not tracked: keyless for its whole life.
                 self.count_keyless()
-        self._receiving = True
-        try:
-            self.protocol.dataReceived(data)
-        finally:
-            self._receiving = False
-        if self._awaiting_body and not self._lost:
-            # The head came in these bytes, the rest of its body did not
-            # (usually it does: no deadline is armed and disarmed for it).
-            self._awaiting_body = False
-            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+        self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss
@@ -485,18 +469,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def head_received(self, has_body: bool) -> None:
         """
         A request's head is whole: its body, if it has one, may now take
-        up to C{API_BODY_TIMEOUT_SECONDS} (from the end of the bytes that
-        brought the head, if it is not in those bytes too; from now for a
-        pipelined request's head, which twisted.web hands over from its
-        buffer once the answer before it is finished).
+        up to C{API_BODY_TIMEOUT_SECONDS}.  A request is under way (a 408
+        at its deadline), also for a pipelined request's head, which
+        twisted.web hands over from its buffer once the answer before it
+        is finished.
         """
+        self._started = True
         self._disarm()
-        if self._receiving or not has_body:
-            self._awaiting_body = has_body
-        else:
-            # No dataReceived of ours is under way to arm it at its end.
-            self._awaiting_body = False
-            self._started = True  # a request is under way: a 408 at the deadline
+        if has_body:
             self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
 
     def body_received(self) -> None:
@@ -504,7 +484,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
-        self._awaiting_body = False
         self._disarm()
 
     def response_finished(self) -> None:
