@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, TOKEN, decode_token
+from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, decode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -196,6 +196,28 @@ class Renewal(TestCase):
         self.assertEqual(a.sessions.current, renewed)
         self.assertEqual(b.sessions.current, renewed)
 
+    def test_rotation_and_switch_after_the_store_lost_them(self) -> None:
+        """
+        The store lost the token and the route (a FLUSHALL, no
+        disconnection) after the instances knew version 2 of each: a
+        rotate_token and a switch_provider are written as version 3, not 1,
+        and every instance applies them.
+        """
+        a, b = self.node("a"), self.node("b")
+        a.connected()
+        b.connected()
+        a.rotate(a.sessions.mint())
+        a.switch(Route("kimi", "k-1"))
+        self.assertEqual((b.versions[TOKEN], b.versions[ROUTE]), (2, 2))
+        self.store.values.clear()
+        rotated = a.sessions.mint()
+        a.rotate(rotated)
+        a.switch(Route("gemini", "g-2"))
+        self.assertEqual((self.store.values[TOKEN].version, self.store.values[ROUTE].version), (3, 3))
+        for node in (a, b):
+            self.assertEqual(node.sessions.current, rotated)
+            self.assertEqual(node.route.current, Route("gemini", "g-2"))
+
 
 class RenewalOnRedis(ClusterCase):
     @inlineCallbacks
@@ -224,4 +246,28 @@ class RenewalOnRedis(ClusterCase):
         version = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
         self.assertEqual(int(version), int(known) + 1)
         answer = yield client.ask(renewed, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_rotation_after_flushall(self) -> None:
+        """
+        The Redis script: after a rotation (version 2) and a FLUSHALL, the
+        next rotate_token is written one version above (3, not 1) and the
+        instance adopts it (the new token opens the control plane).
+        """
+        a = self.spawn()
+        first = yield a.token
+        client = yield self.client(a.port)
+        answer = yield client.ask(first, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        rotated = answer["result"]["token"]
+        known = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        answer = yield client.ask(rotated, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        again = answer["result"]["token"]
+        version = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        self.assertEqual(int(version), int(known) + 1)
+        client = yield self.client(a.port)
+        answer = yield client.ask(again, "ping")
         self.assertTrue(answer["ok"], answer)

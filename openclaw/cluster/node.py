@@ -545,7 +545,9 @@ class ClusterNode:
         it.  A write that fails or times out may still have been made (a
         reply lost or late): the store is asked, by its receipt, whether it
         was (which also fences it if it was not), so that the answer is the
-        truth: written, or not written and never to be.
+        truth: written, or not written and never to be.  Its version is
+        above every one this instance knows, so that it is applied even if
+        the store lost the value meanwhile.
         """
         receipt = uuid.uuid4().hex
 
@@ -574,7 +576,7 @@ class ClusterNode:
             self._log.warn("{name} not written: the cluster store is unreachable; nothing changed", name=name)
             return fail(StoreUnavailable())
         return (
-            self._bounded(self.store.write(name, value, self.instance, receipt))
+            self._bounded(self.store.write(name, value, self.instance, receipt, self.versions.get(name, 0)))
             .addErrback(failed)
             .addCallback(written)
             .addErrback(refused)

@@ -45,8 +45,8 @@ _WRITE = """
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
-local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'value', ARGV[2], 'origin', ARGV[3])
+local v = math.max(tonumber(redis.call('HGET', KEYS[1], 'version') or '0'), tonumber(ARGV[5])) + 1
+redis.call('HSET', KEYS[1], 'version', v, 'value', ARGV[2], 'origin', ARGV[3])
 redis.call('SET', KEYS[3], v, 'PX', ARGV[4])
 redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
 return v
@@ -543,11 +543,11 @@ class RedisStore:
         published: Deferred[Any] = self._redis.publish(self.channel, f"c\t{instance}\t{name}")
         return published
 
-    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         return self._eval(
             _WRITE,
             [self._key("state", name), self.channel, self._key("write", receipt)],
-            [name, value, origin, str(RECEIPT_SECONDS * 1000)],
+            [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known)],
         ).addCallback(int)
 
     def confirm(self, receipt: str) -> Deferred[int]:
