@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, decode_token
+from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, decode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -217,6 +217,24 @@ class Renewal(TestCase):
         for node in (a, b):
             self.assertEqual(node.sessions.current, rotated)
             self.assertEqual(node.route.current, Route("gemini", "g-2"))
+
+    def test_stop_cancels_a_confirmation_waiting_to_retry(self) -> None:
+        """
+        A write whose reply was lost, and whose confirmation failed once:
+        the wait before the next attempt is cancelled by L{stop} (nothing
+        left on the reactor), and the command is answered
+        L{StoreUnconfirmed}.
+        """
+        a = self.node("a")
+        a.connected()
+        self.store.lose_replies = 1
+        rotated = a.rotate(a.sessions.mint())
+        self.store.up = False
+        self.clock.advance(1.0)  # the write times out; the first confirmation fails
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        a.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(rotated, StoreUnconfirmed)
 
 
 class RenewalOnRedis(ClusterCase):

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -179,6 +179,8 @@ class ClusterNode:
         #: whether a renewal is on its way to the store.
         self._renewal: IDelayedCall | None = None
         self._renewing = False
+        #: The waits between the attempts of L{_confirm}, while one waits.
+        self._confirm_waits: set[Deferred[None]] = set()
         #: L{stop} was called: nothing more is scheduled on the reactor
         #: (a store's answer arriving afterwards included).
         self._stopped = False
@@ -591,7 +593,14 @@ class ClusterNode:
         error = ""
         for attempt in range(CONFIRM_ATTEMPTS):
             if attempt:
-                yield deferLater(self._reactor, min(self._timeout, 0.25), lambda: None)
+                wait: Deferred[None] = deferLater(self._reactor, min(self._timeout, 0.25), lambda: None)
+                self._confirm_waits.add(wait)
+                try:
+                    yield wait
+                except CancelledError:
+                    break  # stop(): no further attempt
+                finally:
+                    self._confirm_waits.discard(wait)
             try:
                 version = yield self._bounded(self.store.confirm(receipt))
             except Exception as e:
@@ -635,7 +644,9 @@ class ClusterNode:
     def stop(self) -> None:
         """
         Stop beating and leave nothing pending on the reactor: no reload
-        retry, no catch-up (the store is about to be closed).
+        retry, no catch-up, no further attempt to confirm a write (its
+        command is answered L{UNCONFIRMED}); the store is about to be
+        closed.
         """
         self._stopped = True
         if self._heartbeat.running:
@@ -643,6 +654,8 @@ class ClusterNode:
         self._connected = False
         self._cancel_retry()
         self._cancel_renewal()
+        for wait in list(self._confirm_waits):
+            wait.cancel()
         catching_up, self._catching_up = self._catching_up, None
         if catching_up is not None and catching_up.active():
             catching_up.cancel()
