@@ -24,7 +24,7 @@ from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, deco
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
-from tests.test_cluster import ClusterCase, sleep
+from tests.test_cluster import OTHER_SECRET, ClusterCase, sleep
 from tests.test_cluster_review import SECRET, TTL, redis_command
 
 
@@ -236,6 +236,49 @@ class Renewal(TestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.failureResultOf(rotated, StoreUnconfirmed)
 
+    def test_stopped_instance_counts_no_more(self) -> None:
+        """
+        An instance that stops cleanly leaves C{instances_seen} at once,
+        not 30 s after its last heartbeat.
+        """
+        a, b = self.node("a"), self.node("b")
+        for node in (a, b):
+            node.start()
+            node.connected()
+        self.assertEqual(b.instances_seen, 2)
+        self.successResultOf(a.stop())
+        self.assertNotIn("a", self.store.alive)
+        b.beat()
+        self.assertEqual(b.instances_seen, 1)
+
+    def test_refused_instance_never_counted(self) -> None:
+        """
+        An instance that refuses the cluster's token (another JWT_SECRET)
+        never joined: its heartbeats, from its start on, do not count it in
+        C{instances_seen}.
+        """
+        a = self.node("a")
+        a.start()
+        a.connected()
+        refused: list[str] = []
+        b = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(OTHER_SECRET.encode(), TTL, clock=self.clock.seconds),
+            "b",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_foreign_token=refused.append,
+        )
+        self.addCleanup(b.stop)
+        b.start()  # its first heartbeat, before it reloads
+        b.connected()
+        self.assertEqual(len(refused), 1)
+        self.clock.advance(10)  # another heartbeat each
+        self.assertNotIn("b", self.store.alive)
+        self.assertEqual(a.instances_seen, 1)
+
 
 class RenewalOnRedis(ClusterCase):
     @inlineCallbacks
@@ -289,3 +332,23 @@ class RenewalOnRedis(ClusterCase):
         client = yield self.client(a.port)
         answer = yield client.ask(again, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_instances_refused_or_stopped_leave_the_count(self) -> None:
+        """
+        An instance refused at start (another JWT_SECRET) is never in
+        C{<prefix>:instances}; one that stops cleanly is removed from it at
+        once.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn(JWT_SECRET=OTHER_SECRET)
+        yield b.ended
+        members = yield deferToThread(redis_command, self.redis.port, "ZRANGE", "openclaw:instances", "0", "-1")
+        client = yield self.client(a.port)
+        status = yield client.ask(token, "status")
+        self.assertEqual(members, [status["result"]["instance"]])
+        self.assertEqual(status["result"]["instances_seen"], 1)
+        yield a.stop()
+        members = yield deferToThread(redis_command, self.redis.port, "ZRANGE", "openclaw:instances", "0", "-1")
+        self.assertEqual(members, [])

@@ -641,12 +641,14 @@ class ClusterNode:
             lambda failure: self._log.failure("heartbeat stopped", failure)
         )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
-        Stop beating and leave nothing pending on the reactor: no reload
-        retry, no catch-up, no further attempt to confirm a write (its
-        command is answered L{UNCONFIRMED}); the store is about to be
-        closed.
+        Stop beating, and leave the cluster's count of instances (best
+        effort, within REDIS_TIMEOUT_SECONDS: the returned Deferred fires
+        when done, and never fails).  Leave nothing pending on the
+        reactor: no reload retry, no catch-up, no further attempt to
+        confirm a write (its command is answered L{UNCONFIRMED}); the
+        store is about to be closed.
         """
         self._stopped = True
         if self._heartbeat.running:
@@ -660,6 +662,14 @@ class ClusterNode:
         if catching_up is not None and catching_up.active():
             catching_up.cancel()
 
+        def failed(failure: Failure) -> None:
+            self._log.debug(
+                "could not leave the cluster's count of instances: {error}", error=failure.getErrorMessage()
+            )
+
+        left: Deferred[None] = self._bounded(self.store.leave(self.instance)).addErrback(failed)
+        return left
+
     def _catch_up(self, versions: dict[str, int]) -> None:
         self._catching_up = None
         missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
@@ -672,9 +682,12 @@ class ClusterNode:
 
     def beat(self) -> None:
         """
-        Say this instance is alive, count the others, and catch up on any
-        change the store holds that this instance missed (a publication
-        lost on a subscription that went silent without closing).
+        Say this instance is alive (only once in step with the cluster: an
+        instance that has not reloaded its state, or refuses its token,
+        does not count in C{instances_seen}), count the others, and catch
+        up on any change the store holds that this instance missed (a
+        publication lost on a subscription that went silent without
+        closing).
         """
 
         def seen(heartbeat: Heartbeat) -> None:
@@ -699,6 +712,6 @@ class ClusterNode:
                 error = failure.getErrorMessage() or repr(failure.value)
                 self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
 
-        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN))).addCallbacks(
+        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)).addCallbacks(
             seen, missed
         )

@@ -10,8 +10,9 @@ C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
 after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count);
 three sorted sets scored with expiry times (milliseconds since the epoch,
-on Redis's own clock, C{TIME}): C{instances} (instance ids, each expiring
-30 s after its last heartbeat), C{rests} (C{<provider>:<key fingerprint>})
+on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
+step with the cluster, each expiring 30 s after its last heartbeat and
+removed when it stops), C{rests} (C{<provider>:<key fingerprint>})
 and C{lockouts} (client keys); one channel, C{<CLUSTER_NAME>:events}.
 Each write is a Lua script, so the value, its version and its publication
 are one atomic step and every node sees the writes in the order Redis made
@@ -115,7 +116,11 @@ return 1
 _HEARTBEAT = (
     _EXPIRY
     + """
-expiring(KEYS[1], ARGV[2], tonumber(ARGV[1]) * 1000)
+if ARGV[3] == '1' then
+  expiring(KEYS[1], ARGV[2], tonumber(ARGV[1]) * 1000)
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
 local found = {redis.call('ZCARD', KEYS[1])}
 for i = 2, #KEYS do
   table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
@@ -613,7 +618,7 @@ class RedisStore:
 
         return self._expiring("rests").addCallback(split)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         def heard(reply: list[Any]) -> Heartbeat:
             return Heartbeat(
                 int(reply[0]), {name: int(version) for name, version in zip(names, reply[1:], strict=True)}
@@ -622,5 +627,11 @@ class RedisStore:
         return self._eval(
             _HEARTBEAT,
             [self._key("instances"), *(self._key("state", name) for name in names)],
-            [str(ttl_seconds), instance],
+            [str(ttl_seconds), instance, "1" if mark else "0"],
         ).addCallback(heard)
+
+    def leave(self, instance: str) -> Deferred[None]:
+        if not self._factories:
+            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
+        removed: Deferred[Any] = self._redis.zrem(self._key("instances"), instance)
+        return removed.addCallback(lambda _: None)

@@ -107,10 +107,17 @@ class SharedStore(Protocol):
         with it) and tell the other nodes.
         """
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         """
-        Mark C{instance} alive for C{ttl_seconds}; fire with how many
-        instances are alive and the versions of the values C{names}.
+        Mark C{instance} alive for C{ttl_seconds} (only if C{mark}: an
+        instance not in step with the cluster yet only looks); fire with
+        how many instances are alive and the versions of the values
+        C{names}.
+        """
+
+    def leave(self, instance: str) -> Deferred[None]:
+        """
+        C{instance} is no longer alive (it stops): it counts no more.
         """
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
@@ -268,10 +275,17 @@ class MemoryStore:
     def reconnect(self, reason: str) -> None:
         self.reconnects.append(reason)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
-        self.alive[instance] = now + ttl_seconds
+        if mark:
+            self.alive[instance] = now + ttl_seconds
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
         return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions))
+
+    def leave(self, instance: str) -> Deferred[None]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        self.alive.pop(instance, None)
+        return succeed(None)
