@@ -279,6 +279,37 @@ class Renewal(TestCase):
         self.assertNotIn("b", self.store.alive)
         self.assertEqual(a.instances_seen, 1)
 
+    def test_lowered_ttl_applies_at_the_next_renewal(self) -> None:
+        """
+        README: an instance restarted with a lower SESSION_TTL_HOURS adopts
+        the cluster's token as it is (its expiry unchanged); the token it
+        renews, at 80% of the stored token's own lifetime, lives for the
+        lower value.
+        """
+        a = self.node("a")
+        a.connected()
+        first = a.sessions.current
+        a.stop()
+        b = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 600, clock=self.clock.seconds),
+            "b",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        self.store.listeners.append(b.received)
+        self.addCleanup(b.stop)
+        b.connected()
+        self.assertEqual(b.sessions.current, first)
+        self.clock.advance(TTL * RENEW_AT - 1)
+        self.assertEqual(b.sessions.current, first)
+        self.clock.advance(1)
+        renewed = b.sessions.current
+        self.assertNotEqual(renewed.jti, first.jti)
+        self.assertEqual(renewed.expires_at - renewed.issued_at, 600)
+
 
 class RenewalOnRedis(ClusterCase):
     @inlineCallbacks
