@@ -715,6 +715,6 @@ class GatewayService(MultiService):
             self._purger.stop()
         yield self._stop_consumers(stopping + self.settings.shutdown_grace_seconds)
         if self.cluster is not None and self._redis is not None:
-            self.cluster.stop()
+            yield self.cluster.stop()
             yield self._redis.stop()
         self.sessions.discard_token_file()

@@ -361,10 +361,10 @@ class Healing(TestCase):
         good = a.sessions.current
         events = capture_log_events(self)
         forged = SessionAuthority(b"another-secret-of-at-least-32-bytes!", 3600, clock=self.clock.seconds).mint()
-        self.store.write("token", encode_token(forged), "mallory", "r1")
+        self.store.write("token", encode_token(forged), "mallory", "r1", 0)
         self.assertEqual(a.sessions.current, good)
         relabelled = attrs.evolve(a.sessions.mint(), jti="someone-else")
-        self.store.write("token", encode_token(relabelled), "mallory", "r2")
+        self.store.write("token", encode_token(relabelled), "mallory", "r2", 0)
         self.assertEqual(a.sessions.current, good)
         errors = [event["log_format"] for event in events if event["log_level"] == LogLevel.error]
         self.assertEqual(len(errors), 2, errors)

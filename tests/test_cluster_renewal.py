@@ -20,11 +20,11 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, TOKEN, decode_token
+from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, decode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
-from tests.test_cluster import ClusterCase, sleep
+from tests.test_cluster import OTHER_SECRET, ClusterCase, sleep
 from tests.test_cluster_review import SECRET, TTL, redis_command
 
 
@@ -196,6 +196,120 @@ class Renewal(TestCase):
         self.assertEqual(a.sessions.current, renewed)
         self.assertEqual(b.sessions.current, renewed)
 
+    def test_rotation_and_switch_after_the_store_lost_them(self) -> None:
+        """
+        The store lost the token and the route (a FLUSHALL, no
+        disconnection) after the instances knew version 2 of each: a
+        rotate_token and a switch_provider are written as version 3, not 1,
+        and every instance applies them.
+        """
+        a, b = self.node("a"), self.node("b")
+        a.connected()
+        b.connected()
+        a.rotate(a.sessions.mint())
+        a.switch(Route("kimi", "k-1"))
+        self.assertEqual((b.versions[TOKEN], b.versions[ROUTE]), (2, 2))
+        self.store.values.clear()
+        rotated = a.sessions.mint()
+        a.rotate(rotated)
+        a.switch(Route("gemini", "g-2"))
+        self.assertEqual((self.store.values[TOKEN].version, self.store.values[ROUTE].version), (3, 3))
+        for node in (a, b):
+            self.assertEqual(node.sessions.current, rotated)
+            self.assertEqual(node.route.current, Route("gemini", "g-2"))
+
+    def test_stop_cancels_a_confirmation_waiting_to_retry(self) -> None:
+        """
+        A write whose reply was lost, and whose confirmation failed once:
+        the wait before the next attempt is cancelled by L{stop} (nothing
+        left on the reactor), and the command is answered
+        L{StoreUnconfirmed}.
+        """
+        a = self.node("a")
+        a.connected()
+        self.store.lose_replies = 1
+        rotated = a.rotate(a.sessions.mint())
+        self.store.up = False
+        self.clock.advance(1.0)  # the write times out; the first confirmation fails
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        a.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.failureResultOf(rotated, StoreUnconfirmed)
+
+    def test_stopped_instance_counts_no_more(self) -> None:
+        """
+        An instance that stops cleanly leaves C{instances_seen} at once,
+        not 30 s after its last heartbeat.
+        """
+        a, b = self.node("a"), self.node("b")
+        for node in (a, b):
+            node.start()
+            node.connected()
+        self.assertEqual(b.instances_seen, 2)
+        self.successResultOf(a.stop())
+        self.assertNotIn("a", self.store.alive)
+        b.beat()
+        self.assertEqual(b.instances_seen, 1)
+
+    def test_refused_instance_never_counted(self) -> None:
+        """
+        An instance that refuses the cluster's token (another JWT_SECRET)
+        never joined: its heartbeats, from its start on, do not count it in
+        C{instances_seen}.
+        """
+        a = self.node("a")
+        a.start()
+        a.connected()
+        refused: list[str] = []
+        b = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(OTHER_SECRET.encode(), TTL, clock=self.clock.seconds),
+            "b",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_foreign_token=refused.append,
+        )
+        self.addCleanup(b.stop)
+        b.start()  # its first heartbeat, before it reloads
+        b.connected()
+        self.assertEqual(len(refused), 1)
+        self.clock.advance(10)  # another heartbeat each
+        self.assertNotIn("b", self.store.alive)
+        self.assertEqual(a.instances_seen, 1)
+
+    def test_lowered_ttl_applies_at_the_next_renewal(self) -> None:
+        """
+        README: an instance restarted with a lower SESSION_TTL_HOURS adopts
+        the cluster's token as it is (its expiry unchanged); the token it
+        renews, at 80% of the stored token's own lifetime, lives for the
+        lower value.
+        """
+        a = self.node("a")
+        a.connected()
+        first = a.sessions.current
+        a.stop()
+        b = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 600, clock=self.clock.seconds),
+            "b",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        self.store.listeners.append(b.received)
+        self.addCleanup(b.stop)
+        b.connected()
+        self.assertEqual(b.sessions.current, first)
+        self.clock.advance(TTL * RENEW_AT - 1)
+        self.assertEqual(b.sessions.current, first)
+        self.clock.advance(1)
+        renewed = b.sessions.current
+        self.assertNotEqual(renewed.jti, first.jti)
+        self.assertEqual(renewed.expires_at - renewed.issued_at, 600)
+
 
 class RenewalOnRedis(ClusterCase):
     @inlineCallbacks
@@ -225,3 +339,47 @@ class RenewalOnRedis(ClusterCase):
         self.assertEqual(int(version), int(known) + 1)
         answer = yield client.ask(renewed, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_rotation_after_flushall(self) -> None:
+        """
+        The Redis script: after a rotation (version 2) and a FLUSHALL, the
+        next rotate_token is written one version above (3, not 1) and the
+        instance adopts it (the new token opens the control plane).
+        """
+        a = self.spawn()
+        first = yield a.token
+        client = yield self.client(a.port)
+        answer = yield client.ask(first, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        rotated = answer["result"]["token"]
+        known = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        answer = yield client.ask(rotated, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        again = answer["result"]["token"]
+        version = yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "version")
+        self.assertEqual(int(version), int(known) + 1)
+        client = yield self.client(a.port)
+        answer = yield client.ask(again, "ping")
+        self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_instances_refused_or_stopped_leave_the_count(self) -> None:
+        """
+        An instance refused at start (another JWT_SECRET) is never in
+        C{<prefix>:instances}; one that stops cleanly is removed from it at
+        once.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn(JWT_SECRET=OTHER_SECRET)
+        yield b.ended
+        members = yield deferToThread(redis_command, self.redis.port, "ZRANGE", "openclaw:instances", "0", "-1")
+        client = yield self.client(a.port)
+        status = yield client.ask(token, "status")
+        self.assertEqual(members, [status["result"]["instance"]])
+        self.assertEqual(status["result"]["instances_seen"], 1)
+        yield a.stop()
+        members = yield deferToThread(redis_command, self.redis.port, "ZRANGE", "openclaw:instances", "0", "-1")
+        self.assertEqual(members, [])

@@ -209,7 +209,7 @@ class ClusterNodeStopTests(TestCase):
         self.assertTrue(node.up)
         # A change this node missed (its publication lost): the next beat
         # schedules a second look.
-        store.write("route", encode_route(Route("kimi", "k-1")), "b", "receipt-1")
+        store.write("route", encode_route(Route("kimi", "k-1")), "b", "receipt-1", 0)
         node.beat()
         # Then the store goes away and a reload fails: a retry is due.
         store.up = False

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -179,6 +179,8 @@ class ClusterNode:
         #: whether a renewal is on its way to the store.
         self._renewal: IDelayedCall | None = None
         self._renewing = False
+        #: The waits between the attempts of L{_confirm}, while one waits.
+        self._confirm_waits: set[Deferred[None]] = set()
         #: L{stop} was called: nothing more is scheduled on the reactor
         #: (a store's answer arriving afterwards included).
         self._stopped = False
@@ -545,7 +547,9 @@ class ClusterNode:
         it.  A write that fails or times out may still have been made (a
         reply lost or late): the store is asked, by its receipt, whether it
         was (which also fences it if it was not), so that the answer is the
-        truth: written, or not written and never to be.
+        truth: written, or not written and never to be.  Its version is
+        above every one this instance knows, so that it is applied even if
+        the store lost the value meanwhile.
         """
         receipt = uuid.uuid4().hex
 
@@ -574,7 +578,7 @@ class ClusterNode:
             self._log.warn("{name} not written: the cluster store is unreachable; nothing changed", name=name)
             return fail(StoreUnavailable())
         return (
-            self._bounded(self.store.write(name, value, self.instance, receipt))
+            self._bounded(self.store.write(name, value, self.instance, receipt, self.versions.get(name, 0)))
             .addErrback(failed)
             .addCallback(written)
             .addErrback(refused)
@@ -589,7 +593,14 @@ class ClusterNode:
         error = ""
         for attempt in range(CONFIRM_ATTEMPTS):
             if attempt:
-                yield deferLater(self._reactor, min(self._timeout, 0.25), lambda: None)
+                wait: Deferred[None] = deferLater(self._reactor, min(self._timeout, 0.25), lambda: None)
+                self._confirm_waits.add(wait)
+                try:
+                    yield wait
+                except CancelledError:
+                    break  # stop(): no further attempt
+                finally:
+                    self._confirm_waits.discard(wait)
             try:
                 version = yield self._bounded(self.store.confirm(receipt))
             except Exception as e:
@@ -630,10 +641,14 @@ class ClusterNode:
             lambda failure: self._log.failure("heartbeat stopped", failure)
         )
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
         """
-        Stop beating and leave nothing pending on the reactor: no reload
-        retry, no catch-up (the store is about to be closed).
+        Stop beating, and leave the cluster's count of instances (best
+        effort, within REDIS_TIMEOUT_SECONDS: the returned Deferred fires
+        when done, and never fails).  Leave nothing pending on the
+        reactor: no reload retry, no catch-up, no further attempt to
+        confirm a write (its command is answered L{UNCONFIRMED}); the
+        store is about to be closed.
         """
         self._stopped = True
         if self._heartbeat.running:
@@ -641,9 +656,19 @@ class ClusterNode:
         self._connected = False
         self._cancel_retry()
         self._cancel_renewal()
+        for wait in list(self._confirm_waits):
+            wait.cancel()
         catching_up, self._catching_up = self._catching_up, None
         if catching_up is not None and catching_up.active():
             catching_up.cancel()
+
+        def failed(failure: Failure) -> None:
+            self._log.debug(
+                "could not leave the cluster's count of instances: {error}", error=failure.getErrorMessage()
+            )
+
+        left: Deferred[None] = self._bounded(self.store.leave(self.instance)).addErrback(failed)
+        return left
 
     def _catch_up(self, versions: dict[str, int]) -> None:
         self._catching_up = None
@@ -657,9 +682,12 @@ class ClusterNode:
 
     def beat(self) -> None:
         """
-        Say this instance is alive, count the others, and catch up on any
-        change the store holds that this instance missed (a publication
-        lost on a subscription that went silent without closing).
+        Say this instance is alive (only once in step with the cluster: an
+        instance that has not reloaded its state, or refuses its token,
+        does not count in C{instances_seen}), count the others, and catch
+        up on any change the store holds that this instance missed (a
+        publication lost on a subscription that went silent without
+        closing).
         """
 
         def seen(heartbeat: Heartbeat) -> None:
@@ -684,6 +712,6 @@ class ClusterNode:
                 error = failure.getErrorMessage() or repr(failure.value)
                 self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
 
-        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN))).addCallbacks(
+        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)).addCallbacks(
             seen, missed
         )

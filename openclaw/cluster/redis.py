@@ -10,8 +10,9 @@ C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
 after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count);
 three sorted sets scored with expiry times (milliseconds since the epoch,
-on Redis's own clock, C{TIME}): C{instances} (instance ids, each expiring
-30 s after its last heartbeat), C{rests} (C{<provider>:<key fingerprint>})
+on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
+step with the cluster, each expiring 30 s after its last heartbeat and
+removed when it stops), C{rests} (C{<provider>:<key fingerprint>})
 and C{lockouts} (client keys); one channel, C{<CLUSTER_NAME>:events}.
 Each write is a Lua script, so the value, its version and its publication
 are one atomic step and every node sees the writes in the order Redis made
@@ -45,8 +46,8 @@ _WRITE = """
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
-local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSET', KEYS[1], 'value', ARGV[2], 'origin', ARGV[3])
+local v = math.max(tonumber(redis.call('HGET', KEYS[1], 'version') or '0'), tonumber(ARGV[5])) + 1
+redis.call('HSET', KEYS[1], 'version', v, 'value', ARGV[2], 'origin', ARGV[3])
 redis.call('SET', KEYS[3], v, 'PX', ARGV[4])
 redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
 return v
@@ -115,7 +116,11 @@ return 1
 _HEARTBEAT = (
     _EXPIRY
     + """
-expiring(KEYS[1], ARGV[2], tonumber(ARGV[1]) * 1000)
+if ARGV[3] == '1' then
+  expiring(KEYS[1], ARGV[2], tonumber(ARGV[1]) * 1000)
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
 local found = {redis.call('ZCARD', KEYS[1])}
 for i = 2, #KEYS do
   table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
@@ -543,11 +548,11 @@ class RedisStore:
         published: Deferred[Any] = self._redis.publish(self.channel, f"c\t{instance}\t{name}")
         return published
 
-    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         return self._eval(
             _WRITE,
             [self._key("state", name), self.channel, self._key("write", receipt)],
-            [name, value, origin, str(RECEIPT_SECONDS * 1000)],
+            [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known)],
         ).addCallback(int)
 
     def confirm(self, receipt: str) -> Deferred[int]:
@@ -613,7 +618,7 @@ class RedisStore:
 
         return self._expiring("rests").addCallback(split)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         def heard(reply: list[Any]) -> Heartbeat:
             return Heartbeat(
                 int(reply[0]), {name: int(version) for name, version in zip(names, reply[1:], strict=True)}
@@ -622,5 +627,11 @@ class RedisStore:
         return self._eval(
             _HEARTBEAT,
             [self._key("instances"), *(self._key("state", name) for name in names)],
-            [str(ttl_seconds), instance],
+            [str(ttl_seconds), instance, "1" if mark else "0"],
         ).addCallback(heard)
+
+    def leave(self, instance: str) -> Deferred[None]:
+        if not self._factories:
+            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
+        removed: Deferred[Any] = self._redis.zrem(self._key("instances"), instance)
+        return removed.addCallback(lambda _: None)

@@ -65,12 +65,15 @@ class SharedStore(Protocol):
     time; nothing here retries.
     """
 
-    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         """
         Replace C{name}'s value (written by instance C{origin}), publish
         it, remember C{receipt} with the new version, and fire with that
         version; 0 (nothing written) when C{receipt} was fenced by
-        L{confirm} first.
+        L{confirm} first.  The new version is one above the greater of the
+        stored one and C{known} (the highest the caller knows), so the
+        nodes apply it even if the store lost the value (a C{FLUSHALL})
+        while they kept running.
         """
 
     def confirm(self, receipt: str) -> Deferred[int]:
@@ -104,10 +107,17 @@ class SharedStore(Protocol):
         with it) and tell the other nodes.
         """
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         """
-        Mark C{instance} alive for C{ttl_seconds}; fire with how many
-        instances are alive and the versions of the values C{names}.
+        Mark C{instance} alive for C{ttl_seconds} (only if C{mark}: an
+        instance not in step with the cluster yet only looks); fire with
+        how many instances are alive and the versions of the values
+        C{names}.
+        """
+
+    def leave(self, instance: str) -> Deferred[None]:
+        """
+        C{instance} is no longer alive (it stops): it counts no more.
         """
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:
@@ -164,18 +174,18 @@ class MemoryStore:
         self.receipts: dict[str, int] = {}
         self.lose_replies = 0
         self.hold_writes = False
-        self.held: list[tuple[str, str, str, str, Deferred[int]]] = []
+        self.held: list[tuple[str, str, str, str, int, Deferred[int]]] = []
         #: The reasons L{reconnect} was called with.
         self.reconnects: list[str] = []
 
-    def write(self, name: str, value: str, origin: str, receipt: str) -> Deferred[int]:
+    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         if self.hold_writes:
             pending: Deferred[int] = Deferred()
-            self.held.append((name, value, origin, receipt, pending))
+            self.held.append((name, value, origin, receipt, known, pending))
             return pending
-        version = self._write(name, value, origin, receipt)
+        version = self._write(name, value, origin, receipt, known)
         if self.lose_replies:
             self.lose_replies -= 1
             return Deferred()
@@ -199,8 +209,8 @@ class MemoryStore:
         """
         self.hold_writes = False
         held, self.held = self.held, []
-        for name, value, origin, receipt, _ in held:
-            self._write(name, value, origin, receipt)
+        for name, value, origin, receipt, known, _ in held:
+            self._write(name, value, origin, receipt, known)
 
     def confirm(self, receipt: str) -> Deferred[int]:
         if not self.up:
@@ -265,10 +275,17 @@ class MemoryStore:
     def reconnect(self, reason: str) -> None:
         self.reconnects.append(reason)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...]) -> Deferred[Heartbeat]:
+    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
-        self.alive[instance] = now + ttl_seconds
+        if mark:
+            self.alive[instance] = now + ttl_seconds
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
         return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions))
+
+    def leave(self, instance: str) -> Deferred[None]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        self.alive.pop(instance, None)
+        return succeed(None)
