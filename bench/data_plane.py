@@ -14,6 +14,9 @@ from round to round.  Per round and as medians with their range it prints:
 
 - at concurrency 1, the p50 and p99 latency the gateway adds (gateway minus
   straight) and the relay adds (relay minus straight), and their ratio;
+  and the CPU each takes per call there (at concurrency 1 a call waits on
+  each process's whole CPU time for it, so the two figures track each
+  other);
 - at concurrency 32, the CPU the gateway process and the relay process take
   per call (the process's CPU seconds during the run over the calls), and
   their ratio;
@@ -479,6 +482,7 @@ def latency_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
         "gw_p50": runs["gateway"]["p50_ms"] - straight["p50_ms"],
         "gw_p99": runs["gateway"]["p99_ms"] - straight["p99_ms"],
         "straight_p50": straight["p50_ms"],
+        "gw_c1_us": cpu_us_per_call(runs["gateway"], "gateway"),
     }
     if "first_event_p50_ms" in straight:
         figures["gw_first"] = runs["gateway"]["first_event_p50_ms"] - straight["first_event_p50_ms"]
@@ -487,6 +491,8 @@ def latency_figures(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
         figures["relay_p99"] = runs["relay"]["p99_ms"] - straight["p99_ms"]
         figures["p50_ratio"] = divide(figures["gw_p50"], figures["relay_p50"])
         figures["p99_ratio"] = divide(figures["gw_p99"], figures["relay_p99"])
+        figures["relay_c1_us"] = cpu_us_per_call(runs["relay"], "relay")
+        figures["c1_cpu_ratio"] = divide(figures["gw_c1_us"], figures["relay_c1_us"])
     return figures
 
 
@@ -520,6 +526,9 @@ def latency_line(f: dict[str, float]) -> str:
         )
     if "gw_first" in f:
         line += f"; first event added {f['gw_first']:.3f}"
+    line += f"; CPU µs/call gateway {f['gw_c1_us']:.0f}"
+    if "relay_c1_us" in f:
+        line += f", relay {f['relay_c1_us']:.0f}"
     return line + f"  (straight p50 {f['straight_p50']:.3f})"
 
 
@@ -614,6 +623,12 @@ def main() -> None:
         print(f"  {kind}, c=1, added p99 ms: gateway {summary(lat, 'gw_p99', '.3f')}", end="")
         print(
             f", relay {summary(lat, 'relay_p99', '.3f')}, ratio {summary(lat, 'p99_ratio', '.2f')}"
+            if with_relay
+            else ""
+        )
+        print(f"  {kind}, c=1, CPU µs/call: gateway {summary(lat, 'gw_c1_us', '.0f')}", end="")
+        print(
+            f", relay {summary(lat, 'relay_c1_us', '.0f')}, ratio {summary(lat, 'c1_cpu_ratio', '.2f')}"
             if with_relay
             else ""
         )

@@ -16,6 +16,11 @@ pool) instead of the gateway: the floor, measured like for like, so the
 difference is the gateway's own per-call work.
 
     .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--relay] [--profile [--sort cumulative] [--top 60]]
+        [--without log,costs,scrub,client-gone,single-fields,upstream-metrics,route-headers]
+
+--without stubs out the named pieces of the gateway's per-call work (see
+L{ABLATIONS}), to show what each costs and what is left without them all:
+an experiment on the harness only, never a way to run the gateway.
 
 No syscalls are counted here: bench/data_plane.py shows what the sockets
 add.  Use this one to see where the gateway's own time goes.
@@ -50,8 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from httpload import OPENAI_SDK_HEADERS
 from proxy_floor import Relay
 
+from openclaw.dataplane.call import ChatCall
+from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.site import APIRequest
 from openclaw.logs import make_observer
+from openclaw.metrics import MeasuredAgent
 from openclaw.providers import ProviderRegistry
+from openclaw.providers.errors import Scrubber
 from openclaw.service import GatewayService
 from openclaw.settings import Settings
 
@@ -73,6 +83,49 @@ GEMINI_ANSWER = {
     "usageMetadata": {"promptTokenCount": 30, "candidatesTokenCount": 2, "totalTokenCount": 32},
     "modelVersion": "gemini-flash-latest",
 }
+
+
+class _NeverFires:
+    """
+    Stands for the C{notifyFinish} Deferred a call watches for its
+    client leaving, for C{--without client-gone}.
+    """
+
+    def addErrback(self, *args: Any) -> _NeverFires:
+        return self
+
+
+def _ablations() -> dict[str, Any]:
+    """
+    What C{--without NAME} stubs out, by name: each a patch of one piece of
+    the gateway's own per-call work.
+    """
+    return {
+        # The call's log line and the request counters (APIContext.completed).
+        "log": mock.patch.object(APIContext, "completed", lambda *args, **kwargs: None),
+        # Token metrics, the gateway's own-time histogram, usage accounting.
+        "costs": mock.patch.object(ChatCall, "_count_costs", lambda self, status, now: None),
+        # The search of every answer for the provider's key.
+        "scrub": mock.patch.object(Scrubber, "data", lambda self, data: data),
+        # Watching for the client leaving (Request.notifyFinish).
+        "client-gone": mock.patch.object(APIRequest, "notifyFinish", lambda self: _NeverFires()),
+        # The 400 for a repeated Host or Authorization field.
+        "single-fields": mock.patch("openclaw.dataplane.site._SINGLE_FIELDS", ()),
+        # The upstream request metrics (the MeasuredAgent wrapper).
+        "upstream-metrics": mock.patch.object(
+            MeasuredAgent,
+            "request",
+            lambda self, method, uri, headers=None, bodyProducer=None: self._agent.request(
+                method, uri, headers, bodyProducer
+            ),
+        ),
+        # X-OpenClaw-Provider and X-OpenClaw-Model on the answer.
+        "route-headers": mock.patch.object(ChatCall, "_route_headers", lambda self: None),
+    }
+
+
+#: The names --without takes.
+ABLATIONS = tuple(_ablations())
 
 
 def http_response(document: Any) -> bytes:
@@ -115,7 +168,19 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
     parser.add_argument("--top", type=int, default=30, help="profile entries shown")
     parser.add_argument("--dump", help="with --profile, also save the profile's stats to this file")
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"comma-separated pieces of the gateway's work to stub out: {', '.join(ABLATIONS)}",
+    )
     args = parser.parse_args()
+    without = [name for name in args.without.split(",") if name]
+    unknown = set(without) - set(ABLATIONS)
+    if unknown:
+        parser.error(f"--without takes {', '.join(ABLATIONS)}, not {', '.join(sorted(unknown))}")
+    patches = _ablations()
+    for name in without:
+        patches[name].start()
 
     devnull = open(os.devnull, "w")
     globalLogBeginner.beginLoggingTo([make_observer(devnull, "text", args.log_level)], redirectStandardIO=False)
@@ -196,6 +261,8 @@ def main() -> None:
         profiler.disable()
     elapsed = time.process_time() - started
     what = "relay" if args.relay else args.provider
+    if without:
+        what += f" without {','.join(without)}"
     print(
         f"{what}, LOG_LEVEL={args.log_level}: {elapsed / args.calls * 1e6:.1f} µs CPU per call "
         f"({args.calls} calls{', under cProfile' if profiler else ''})"
