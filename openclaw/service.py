@@ -27,7 +27,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterNode
@@ -44,7 +43,7 @@ from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.site import APISite, MetricsRequest, build_site
+from openclaw.dataplane.site import APISite, MetricsSite, build_site
 from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
@@ -334,9 +333,7 @@ class GatewayService(MultiService):
         if metrics_endpoint is not None:
             root = Resource()
             root.putChild(b"metrics", metrics_resource)
-            metrics_site = Site(root)
-            metrics_site.requestFactory = MetricsRequest
-            self._listen(metrics_endpoint, metrics_site)
+            self._listen(metrics_endpoint, MetricsSite(root))
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """

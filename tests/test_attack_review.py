@@ -322,6 +322,33 @@ class SmallOnesTests(TestCase):
                 self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (method, answer[:200]))
 
     @inlineCallbacks
+    def test_metrics_listener_logs_scrapes_at_debug(self):
+        """
+        A scrape of the metrics listener is a structured event at debug
+        (like a successful API call), not twisted.web's access line at
+        info every scrape interval; a refused request is logged at info.
+        """
+        from twisted.logger import globalLogPublisher
+
+        gateway, metrics_port = self.metrics_listener()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for method in (b"GET", b"POST"):
+            yield deferToThread(
+                exchange,
+                metrics_port,
+                method + b" /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )
+        scrapes = [e for e in events if e.get("path") == "/metrics" and "status" in e]
+        self.assertEqual(
+            [(e["method"], e["status"], e["log_level"], e["peer"]) for e in scrapes],
+            [("GET", 200, LogLevel.debug, "127.0.0.1"), ("POST", 405, LogLevel.info, "127.0.0.1")],
+        )
+        access_lines = [e for e in events if e.get("log_namespace") == "twisted.python.log" and "/metrics" in str(e)]
+        self.assertEqual(access_lines, [])
+
+    @inlineCallbacks
     def test_two_host_fields(self):
         """
         RFC 9112 section 3.2: a request with more than one Host field is

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITransport,
 )
+from twisted.logger import Logger, LogLevel
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -139,6 +140,34 @@ class MetricsRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if not self._refused:
             super().handleContentChunk(data)
+
+
+class MetricsSite(Site):
+    """
+    The site of the C{/metrics} listener (C{--metrics-listen}), serving
+    C{resource}: its requests are L{MetricsRequest}s, and each one is
+    logged as a structured event (method, path, status, peer), a refusal
+    at info and a scrape at debug, like the data plane's calls, instead of
+    twisted.web's access line at info for every scrape.
+    """
+
+    requestFactory = MetricsRequest
+
+    def __init__(self, resource: Any, reactor: Any = None) -> None:
+        super().__init__(resource, reactor=reactor)
+        self._log = Logger(namespace="openclaw.metrics")
+
+    def log(self, request: http.Request) -> None:
+        status = request.code
+        address = request.getClientAddress()
+        self._log.emit(
+            LogLevel.info if status >= 400 else LogLevel.debug,
+            "{method} {path} {status} for {peer}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("ascii", "replace"),
+            status=status,
+            peer=getattr(address, "host", None) or "-",
+        )
 
 
 class APIRequest(Request):
