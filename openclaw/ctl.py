@@ -606,6 +606,9 @@ def format_provider_states(providers: Mapping[str, Any]) -> str:
         if not isinstance(state, Mapping):
             parts.append(f"{provider_id} {state}")
             continue
+        if state.get("configured") is False:
+            parts.append(f"{provider_id} not configured")
+            continue
         keys = state.get("keys")
         text = f"{provider_id} breaker {state.get('breaker', '?')}"
         if isinstance(keys, Mapping):
@@ -620,9 +623,10 @@ def format_switch(result: Mapping[str, Any]) -> str:
 
 def format_health(result: Mapping[str, Any]) -> str:
     """
-    One line per provider, columns aligned: name (active marked), ok or
-    FAILED, latency, model count, then whether the model in use exists
-    upstream or, for a failure, the error.
+    One line per provider, columns aligned: name (active marked), ok,
+    FAILED or not configured (no key: not probed), latency, model count,
+    then whether the model in use exists upstream or, for a failure, the
+    error.
     """
     active = result.get("active")
     rows = []
@@ -639,7 +643,7 @@ def format_health(result: Mapping[str, Any]) -> str:
         rows.append(
             [
                 name,
-                "ok" if entry.get("ok") else "FAILED",
+                "ok" if entry.get("ok") else "not configured" if entry.get("configured") is False else "FAILED",
                 "-" if latency is None else format_milliseconds(latency),
                 "-" if models is None else f"{models} models",
                 detail,

@@ -11,6 +11,7 @@ the control plane's hot path costs as much as parsing the message.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -345,7 +346,12 @@ class GatewayMetrics:
     Every metric the gateway exports.
     """
 
-    def __init__(self, commands: Iterable[str], providers: Iterable[str]) -> None:
+    def __init__(self, commands: Iterable[str], providers: Iterable[str], unconfigured: Iterable[str] = ()) -> None:
+        """
+        @param providers: every provider's id.
+        @param unconfigured: those without a key: no C{openclaw_provider_up}
+            for them (not configured is not down).
+        """
         self.registry = CollectorRegistry()
         registry = self.registry
         self.connections = Gauge("openclaw_control_connections", "Open control-plane connections", registry=registry)
@@ -400,8 +406,10 @@ class GatewayMetrics:
         self._commands = self.commands.counts
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
+        unconfigured = set(unconfigured)
         for provider in providers:
-            self.provider_up.labels(provider)
+            if provider not in unconfigured:
+                self.provider_up.labels(provider)
         #: Tokens, time to first token and overhead of model calls.
         self.call_costs = CallCosts(registry)
 
@@ -419,6 +427,11 @@ class GatewayMetrics:
         Record a health check's verdict per provider; returns the report.
         """
         for provider, entry in report.get("providers", {}).items():
+            if entry.get("configured") is False:
+                # Not configured is not down: no series for an alert to fire on.
+                with contextlib.suppress(KeyError):
+                    self.provider_up.remove(provider)
+                continue
             self.provider_up.labels(provider).set(1 if entry.get("ok") else 0)
         return report
 

@@ -213,7 +213,11 @@ class GatewayService(MultiService):
             clock=reactor.seconds,
             token_file=settings.token_file,
         )
-        self.metrics = GatewayMetrics(COMMANDS, settings.provider_ids)
+        self.metrics = GatewayMetrics(
+            COMMANDS,
+            settings.provider_ids,
+            unconfigured=[provider_id for provider_id, entry in settings.providers.items() if not entry.keys],
+        )
         base_urls = [(configured.base_url, provider_id) for provider_id, configured in settings.providers.items()]
         #: How the process's descriptors are shared between the listeners
         #: and the providers' idle pooled connections.
@@ -263,7 +267,9 @@ class GatewayService(MultiService):
             shared = SharedCounters(self._redis, reactor, settings.redis_timeout_seconds)
         self.consumers = ConsumerTable(
             self.consumer_store,
-            PriceTable.with_overrides(settings.price_overrides),
+            PriceTable.with_overrides(
+                settings.price_overrides, (entry.adapter for entry in settings.providers.values())
+            ),
             clock=reactor.seconds,
             metrics=ConsumerMetrics(self.metrics.registry),
             counters=shared,
@@ -592,13 +598,18 @@ class GatewayService(MultiService):
     def _warn_about_setup(self) -> None:
         """
         One warning line for each thing an operator would otherwise find
-        out the hard way: a provider without a key, an API every client of
-        which is refused, an active provider that is not DEFAULT_PROVIDER.
+        out the hard way: a provider calls are meant to go to without a key
+        (DEFAULT_PROVIDER, the active one, one named in a FALLBACK list; a
+        provider merely not configured is no fault), an API every client
+        of which is refused, an active provider that is not DEFAULT_PROVIDER.
         """
         if self.api_site is not None:
+            fallback = self.settings.fallback
+            meant = {self.settings.default_provider, self.route.current.provider_id}
+            meant.update(fallback if isinstance(fallback, tuple) else ())
             for adapter in self.providers:
                 missing = adapter.missing_key_warning()
-                if missing is not None:
+                if missing is not None and adapter.id in meant:
                     # Not "warning=": trial's reporter takes an event with
                     # that field for a Python warning.
                     self._log.warn(

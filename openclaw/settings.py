@@ -120,13 +120,18 @@ def provider_table(
     given (the order reports list the providers in).
 
     @raise ValueError: an id is given twice, or keyed under another id.
+    @raise openclaw.providers.base.ProviderDeclarationError: two providers
+        read the same variable.
     """
+    from openclaw.providers.base import check_declarations
+
     pairs = list(entries.items()) if isinstance(entries, Mapping) else [(e.adapter.id, e) for e in entries]
     table: dict[str, ProviderSettings] = {}
     for key, entry in pairs:
         if key != entry.adapter.id or key in table:
             raise ValueError(f"provider settings for {entry.adapter.id!r} given as {key!r} or twice")
         table[key] = entry
+    check_declarations(entry.adapter for entry in table.values())
     return MappingProxyType(table)
 
 
@@ -205,8 +210,10 @@ class Settings:
 
     # When a provider fails (failover, circuit breaker).
     #: C{"auto"}: a call to the active provider that fails before its answer
-    #: started is sent once to the next provider; C{"off"}: never.
-    fallback: str = "auto"
+    #: started is sent once to the next provider in declaration order (the
+    #: order of L{providers}); C{"off"}: never; a tuple of provider ids: to
+    #: the next of those, in that order (see L{fallback_order}).
+    fallback: str | tuple[str, ...] = "auto"
     #: Consecutive 5xx/timeout/connection failures that open a provider's breaker.
     breaker_failures: int = 5
     #: Seconds an open breaker keeps calls away from its provider.
@@ -289,6 +296,21 @@ class Settings:
             raise ValueError(
                 f"default_provider {self.default_provider!r} is not among the providers: {', '.join(self.providers)}"
             )
+        if isinstance(self.fallback, tuple):
+            _fallback_order(",".join(self.fallback), self.provider_ids)
+        elif self.fallback not in ("auto", "off"):
+            raise ValueError(f"fallback {self.fallback!r} is none of auto, off or a tuple of provider ids")
+
+    @property
+    def fallback_order(self) -> tuple[str, ...] | None:
+        """
+        The providers failed-over calls go to, in the order tried: the
+        declaration order for C{FALLBACK=auto}, the list given, or None
+        when C{FALLBACK=off}.
+        """
+        if self.fallback == "off":
+            return None
+        return self.provider_ids if self.fallback == "auto" else tuple(self.fallback)
 
     @property
     def provider_ids(self) -> tuple[str, ...]:
@@ -430,11 +452,36 @@ def _log_level(text: str) -> str:
     return text
 
 
-def _fallback(text: str) -> str:
-    text = text.strip().lower()
-    if text not in ("auto", "off"):
-        raise ValueError
-    return text
+def _fallback_order(text: str, ids: Sequence[str]) -> tuple[str, ...]:
+    """
+    C{FALLBACK}'s comma-separated provider ids, each known and given once.
+
+    @raise ConfigError: one is unknown or given twice; the message names
+        the known ids.
+    """
+    order = tuple(part.strip() for part in text.split(","))
+    known = ", ".join(ids)
+    for provider_id in order:
+        if provider_id not in ids:
+            raise ConfigError(
+                f"FALLBACK={text!r} names {provider_id!r}, which is no provider: list the providers to fail over "
+                f"to, in order, from {known} (or use auto or off)"
+            )
+    if len(set(order)) != len(order):
+        raise ConfigError(f"FALLBACK={text!r} names a provider twice: name each of {known} at most once")
+    return order
+
+
+def _fallback(ids: Sequence[str]) -> Callable[[str], str | tuple[str, ...]]:
+    def parse(text: str) -> str | tuple[str, ...]:
+        text = text.strip()
+        if text.lower() in ("auto", "off"):
+            return text.lower()
+        if not text:
+            raise ValueError
+        return _fallback_order(text, ids)
+
+    return parse
 
 
 def _url(text: str) -> str:
@@ -879,8 +926,12 @@ def load_settings(
     ids = [adapter.id for adapter in declared]
     if not ids:
         raise ConfigError("no provider is declared")
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"a provider id is declared twice: {', '.join(ids)}")
+    from openclaw.providers.base import ProviderDeclarationError, check_declarations
+
+    try:
+        check_declarations(declared)
+    except ProviderDeclarationError as e:
+        raise ConfigError(str(e)) from None
     # The built-in default when declared, else the first declared.
     default_provider = defaults.default_provider if defaults.default_provider in ids else ids[0]
     id_list = " or ".join(", ".join(ids).rsplit(", ", 1))
@@ -1016,7 +1067,13 @@ def load_settings(
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
         ),
-        fallback=read("FALLBACK", _fallback, defaults.fallback, "use auto (fail over to the next provider) or off"),
+        fallback=read(
+            "FALLBACK",
+            _fallback(ids),
+            defaults.fallback,
+            f"use auto (fail over to the next provider in the order {', '.join(ids)}), off, or a comma-separated "
+            "list of provider ids giving the order",
+        ),
         breaker_failures=read(
             "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, "use a whole number > 0, such as 5"
         ),
@@ -1132,15 +1189,7 @@ def load_settings(
         ),
     )
     for adapter in declared:
-        known.update(
-            (
-                *adapter.key_variables,
-                adapter.key_list_variable(),
-                adapter.base_url_variable,
-                adapter.model_variable,
-                adapter.fallback_model_variable(),
-            )
-        )
+        known.update(adapter.variables())
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
     return attrs.evolve(settings, warnings=tuple(warnings)) if warnings else settings
 

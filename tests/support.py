@@ -474,3 +474,21 @@ def still_open(socks: list[socket.socket], settle: float = 0.5) -> int:
         except OSError:
             pass
     return held
+
+
+def bare_adapter(adapter: Any, api_key: str | None = "k") -> Any:
+    """
+    An adapter of class C{adapter} for reading answers (its C{refusal}):
+    on a L{Clock}, with no HTTP client (it sends nothing).
+    """
+    from twisted.internet.task import Clock
+
+    return adapter(
+        http=None,
+        agent=None,
+        reactor=Clock(),
+        base_url=adapter.default_base_url,
+        api_key=api_key,
+        default_model=adapter.default_model_id,
+        timeout=1.0,
+    )

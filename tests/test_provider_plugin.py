@@ -1,16 +1,20 @@
 """
 The provider plug-in point, proven with a provider the gateway does not
-ship: DeepSeek, defined here only, as a new provider module would define
-it.  Nothing under C{openclaw/} names it; declaring it is enough for its
-settings to be read, for the gateway to route to it, probe it, list its
-models and count its requests.
+ship: "acme" (a made-up OpenAI-compatible provider), defined here only, as
+a new provider module would define it.  Nothing under C{openclaw/} names
+it; declaring it is enough for its settings to be read, for the stand-in
+to serve it, for the gateway to route to it, fail over to it in the order
+FALLBACK gives, probe it, list its models and count its requests, and for
+a gateway without its key to treat it as not configured rather than broken.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
@@ -23,31 +27,34 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import openclaw
+from openclaw.consumers.prices import Price
+from openclaw.ctl import format_status
 from openclaw.providers import BUILTIN_PROVIDERS, OpenAICompatibleAdapter
 from openclaw.settings import ConfigError, Settings, load_settings
-from openclaw.testing.upstream import OpenAIDialect, ProviderBehaviour
-from tests.support import RunningGateway, open_client, start_gateway, start_upstream
+from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, default_kimi
+from tests.support import RunningGateway, capture_log_events, open_client, start_gateway
 
 
 @attrs.define(kw_only=True)
-class DeepSeekAdapter(OpenAICompatibleAdapter):
+class AcmeAdapter(OpenAICompatibleAdapter):
     """
-    DeepSeek's OpenAI-compatible API: the whole of a provider module.
+    A made-up OpenAI-compatible API: the whole of a provider module.
     """
 
-    id: ClassVar[str] = "deepseek"
-    display_name: ClassVar[str] = "DeepSeek"
-    key_variables: ClassVar[tuple[str, ...]] = ("DEEPSEEK_API_KEY",)
-    base_url_variable: ClassVar[str] = "DEEPSEEK_BASE_URL"
-    default_base_url: ClassVar[str] = "https://api.deepseek.com/v1"
-    model_variable: ClassVar[str] = "DEEPSEEK_MODEL"
-    default_model_id: ClassVar[str] = "deepseek-chat"
+    id: ClassVar[str] = "acme"
+    display_name: ClassVar[str] = "Acme"
+    key_variables: ClassVar[tuple[str, ...]] = ("ACME_API_KEY",)
+    base_url_variable: ClassVar[str] = "ACME_BASE_URL"
+    default_base_url: ClassVar[str] = "https://api.acme.example/v1"
+    model_variable: ClassVar[str] = "ACME_MODEL"
+    default_model_id: ClassVar[str] = "acme-chat"
+    prices: ClassVar[Mapping[str, Price]] = MappingProxyType({"acme-chat": Price(0.5, 1.5)})
 
 
 #: What the gateway is built with: the built-in providers and this one.
-DECLARED = (*BUILTIN_PROVIDERS, DeepSeekAdapter)
+DECLARED = (*BUILTIN_PROVIDERS, AcmeAdapter)
 
-DEEPSEEK_KEY = "sk-deepseek-SECRET-0123456789"
+ACME_KEY = "sk-acme-SECRET-0123456789"
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 HELLO = [{"role": "user", "content": "Hello"}]
 
@@ -68,12 +75,12 @@ class SettingsTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         settings = self.load()
-        self.assertEqual(settings.provider_ids, ("kimi", "gemini", "deepseek"))
-        deepseek = settings.providers["deepseek"]
-        self.assertIs(deepseek.adapter, DeepSeekAdapter)
+        self.assertEqual(settings.provider_ids, tuple(p.id for p in DECLARED))
+        acme = settings.providers["acme"]
+        self.assertIs(acme.adapter, AcmeAdapter)
         self.assertEqual(
-            (deepseek.base_url, deepseek.model, deepseek.api_key),
-            ("https://api.deepseek.com/v1", "deepseek-chat", None),
+            (acme.base_url, acme.model, acme.api_key),
+            ("https://api.acme.example/v1", "acme-chat", None),
         )
         self.assertEqual(settings.default_provider, "gemini")
 
@@ -82,59 +89,70 @@ class SettingsTests(SynchronousTestCase):
         Its variables come from the environment and the env file, as every
         other setting does; its key stays out of C{repr()}.
         """
-        (self.cwd / ".env").write_text(
-            "DEEPSEEK_MODEL=deepseek-reasoner\nDEEPSEEK_BASE_URL=http://127.0.0.1:9/ds/v1/\n"
-        )
-        self.environ["DEEPSEEK_API_KEY"] = DEEPSEEK_KEY
-        self.environ["DEFAULT_PROVIDER"] = "deepseek"
+        (self.cwd / ".env").write_text("ACME_MODEL=acme-reasoner\nACME_BASE_URL=http://127.0.0.1:9/acme/v1/\n")
+        self.environ["ACME_API_KEY"] = ACME_KEY
+        self.environ["DEFAULT_PROVIDER"] = "acme"
         settings = self.load()
-        deepseek = settings.providers["deepseek"]
+        acme = settings.providers["acme"]
         self.assertEqual(
-            (deepseek.base_url, deepseek.model, deepseek.api_key),
-            ("http://127.0.0.1:9/ds/v1", "deepseek-reasoner", DEEPSEEK_KEY),
+            (acme.base_url, acme.model, acme.api_key),
+            ("http://127.0.0.1:9/acme/v1", "acme-reasoner", ACME_KEY),
         )
-        self.assertEqual(
-            (settings.default_provider, settings.default_model("deepseek")), ("deepseek", "deepseek-reasoner")
-        )
-        self.assertNotIn(DEEPSEEK_KEY, repr(settings))
+        self.assertEqual((settings.default_provider, settings.default_model("acme")), ("acme", "acme-reasoner"))
+        self.assertNotIn(ACME_KEY, repr(settings))
 
     def test_bad_values_name_its_variables(self) -> None:
         with self.assertRaises(ConfigError) as caught:
-            self.load(DEEPSEEK_BASE_URL="ftp://example")
-        self.assertIn("DEEPSEEK_BASE_URL", str(caught.exception))
+            self.load(ACME_BASE_URL="ftp://example")
+        self.assertIn("ACME_BASE_URL", str(caught.exception))
         with self.assertRaises(ConfigError) as caught:
             self.load(DEFAULT_PROVIDER="openai")
-        self.assertIn("use kimi, gemini or deepseek", str(caught.exception))
+        self.assertIn("use kimi, gemini or acme", str(caught.exception))
 
     def test_undeclared_is_unknown(self) -> None:
         """
-        Without its declaration, the built-in gateway knows no DeepSeek.
+        Without its declaration, the built-in gateway knows no Acme.
         """
         with self.assertRaises(ConfigError):
-            load_settings({"DEFAULT_PROVIDER": "deepseek"}, cwd=self.cwd)
+            load_settings({"DEFAULT_PROVIDER": "acme"}, cwd=self.cwd)
 
     def test_nothing_in_the_package_names_it(self) -> None:
+        """
+        Neither its class nor any of its variables is named in the package
+        (the word "acme" itself appears there in examples).
+        """
         package = Path(openclaw.__file__).parent
-        named = [str(path) for path in package.rglob("*.py") if "deepseek" in path.read_text().lower()]
+        named = [
+            str(path)
+            for path in package.rglob("*.py")
+            if any(name in path.read_text() for name in ("AcmeAdapter", "ACME_", "test_provider_plugin"))
+        ]
         self.assertEqual(named, [])
 
 
 class GatewayTests(TestCase):
     """
-    A gateway on real ports, DeepSeek served by the stand-in at
-    C{/deepseek/v1} with a key of its own.
+    A gateway on real ports built with the built-in providers and Acme,
+    all served by one stand-in built with the same declarations: Acme
+    mounted generically, at C{/acme/v1} (its default base URL's last
+    segment) in OpenAI's dialect (its wire), with a key of its own.
     """
 
     timeout = 30
 
     def setUp(self) -> None:
-        self.upstream = start_upstream(self, "sk-kimi-0123456789", "AIza-gemini-0123456789")
-        self.deepseek = self.upstream.mount(
-            "deepseek",
-            "deepseek/v1",
-            OpenAIDialect(),
-            ProviderBehaviour(key=DEEPSEEK_KEY, models=["deepseek-chat", "deepseek-reasoner"], owned_by="deepseek"),
+        self.events = capture_log_events(self)
+        self.upstream = StandInUpstream(
+            reactor,
+            providers=DECLARED,
+            behaviours={
+                "kimi": default_kimi("sk-kimi-0123456789"),
+                "acme": ProviderBehaviour(key=ACME_KEY, models=["acme-chat", "acme-reasoner"], owned_by="acme"),
+            },
         )
+        self.upstream.listen(0, "127.0.0.1")
+        self.addCleanup(self.upstream.stop)
+        self.acme = self.upstream.behaviour("acme")
 
     def gateway(self, **options: str) -> RunningGateway:
         """
@@ -151,6 +169,8 @@ class GatewayTests(TestCase):
             providers=settings.providers,
             default_provider=settings.default_provider,
             gateway_api_keys=settings.gateway_api_keys,
+            fallback=settings.fallback,
+            price_overrides=settings.price_overrides,
         )
         self.addCleanup(gateway.service.api_site.close_connections)
         return gateway
@@ -172,74 +192,74 @@ class GatewayTests(TestCase):
     @inlineCallbacks
     def test_chat_by_name_and_after_switch(self):
         """
-        C{"deepseek/<model>"} reaches it for one call; after
-        C{switch_provider deepseek} every call does, streamed or not.
+        C{"acme/<model>"} reaches it for one call; after
+        C{switch_provider acme} every call does, streamed or not.
         """
         gateway = self.gateway()
         client = self.sdk(gateway)
         raw = yield deferToThread(
-            client.chat.completions.with_raw_response.create, model="deepseek/deepseek-reasoner", messages=HELLO
+            client.chat.completions.with_raw_response.create, model="acme/acme-reasoner", messages=HELLO
         )
-        self.assertEqual(raw.headers["x-openclaw-provider"], "deepseek")
+        self.assertEqual(raw.headers["x-openclaw-provider"], "acme")
         completion = raw.parse()
-        self.assertEqual(completion.model, "deepseek-reasoner")
-        self.assertEqual(completion.choices[0].message.content, self.deepseek.reply)
-        self.assertEqual(self.deepseek.last_body["model"], "deepseek-reasoner")
-        self.assertEqual(self.deepseek.uris, ["/deepseek/v1/chat/completions"])
+        self.assertEqual(completion.model, "acme-reasoner")
+        self.assertEqual(completion.choices[0].message.content, self.acme.reply)
+        self.assertEqual(self.acme.last_body["model"], "acme-reasoner")
+        self.assertEqual(self.acme.uris, ["/acme/v1/chat/completions"])
         self.assertEqual(gateway.service.route.current.provider_id, "gemini")
 
         control = yield open_client(self, gateway.port)
-        answer = yield control.command(gateway.token, "switch_provider", {"provider": "deepseek"})
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": "acme"})
         self.assertTrue(answer["ok"], answer)
-        self.assertEqual(answer["result"], {"previous": "gemini", "active": "deepseek", "model": "deepseek-chat"})
+        self.assertEqual(answer["result"], {"previous": "gemini", "active": "acme", "model": "acme-chat"})
         status = yield control.command(gateway.token, "status")
-        self.assertEqual(status["result"]["provider"], "DeepSeek")
+        self.assertEqual(status["result"]["provider"], "Acme")
 
         completion = yield deferToThread(client.chat.completions.create, model="gpt-4o", messages=HELLO)
-        self.assertEqual(completion.model, "deepseek-chat")
+        self.assertEqual(completion.model, "acme-chat")
 
         def streamed() -> str:
             chunks = client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True)
             return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
         text = yield deferToThread(streamed)
-        self.assertEqual(text, self.deepseek.reply)
-        self.assertEqual(self.deepseek.requests, 3)
+        self.assertEqual(text, self.acme.reply)
+        self.assertEqual(self.acme.requests, 3)
         self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (0, 0))
 
     @inlineCallbacks
     def test_default_provider(self):
-        gateway = self.gateway(DEFAULT_PROVIDER="deepseek", DEEPSEEK_MODEL="deepseek-reasoner")
+        gateway = self.gateway(DEFAULT_PROVIDER="acme", ACME_MODEL="acme-reasoner")
         completion = yield deferToThread(self.sdk(gateway).chat.completions.create, model="x", messages=HELLO)
-        self.assertEqual(completion.model, "deepseek-reasoner")
-        self.assertEqual(self.deepseek.requests, 1)
+        self.assertEqual(completion.model, "acme-reasoner")
+        self.assertEqual(self.acme.requests, 1)
 
     @inlineCallbacks
     def test_health_check_models_and_metrics(self):
-        gateway = self.gateway(DEFAULT_PROVIDER="deepseek")
+        gateway = self.gateway(DEFAULT_PROVIDER="acme")
         control = yield open_client(self, gateway.port)
         answer = yield control.command(gateway.token, "health_check")
         self.assertTrue(answer["ok"], answer)
         result = answer["result"]
-        self.assertEqual(list(result["providers"]), ["kimi", "gemini", "deepseek"])
-        self.assertEqual(result["active"], "deepseek")
-        entry = result["providers"]["deepseek"]
+        self.assertEqual(list(result["providers"]), [p.id for p in DECLARED])
+        self.assertEqual(result["active"], "acme")
+        entry = result["providers"]["acme"]
         self.assertIsInstance(entry.pop("latency_ms"), float)
         self.assertEqual(len(entry.pop("keys")), 1)
         self.assertEqual(
             entry, {"ok": True, "status": 200, "models": 2, "active_model_available": True, "breaker": "closed"}
         )
-        self.assertNotIn(DEEPSEEK_KEY, json.dumps(answer))
+        self.assertNotIn(ACME_KEY, json.dumps(answer))
 
         page = yield deferToThread(self.sdk(gateway).models.list)
-        self.assertEqual([m.id for m in page], ["deepseek-chat", "deepseek-reasoner"])
-        self.assertEqual({m.owned_by for m in page}, {"deepseek"})
+        self.assertEqual([m.id for m in page], ["acme-chat", "acme-reasoner"])
+        self.assertEqual({m.owned_by for m in page}, {"acme"})
 
         text = yield self.get(gateway, "/metrics")
         # The probe and the listing, both GET /models.
-        self.assertIn('openclaw_upstream_requests_total{provider="deepseek",status="200"} 2.0', text)
-        self.assertIn('openclaw_provider_up{provider="deepseek"} 1.0', text)
-        self.assertIn('openclaw_api_requests_total{provider="deepseek",status="200"} 1.0', text)
+        self.assertIn('openclaw_upstream_requests_total{provider="acme",status="200"} 2.0', text)
+        self.assertIn('openclaw_provider_up{provider="acme"} 1.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="acme",status="200"} 1.0', text)
 
     @inlineCallbacks
     def test_key_missing(self):
@@ -247,12 +267,78 @@ class GatewayTests(TestCase):
         Without its key, calls are refused naming its variable, and nothing
         is sent.
         """
-        gateway = self.gateway(DEEPSEEK_API_KEY="")
+        gateway = self.gateway(ACME_API_KEY="")
         client = self.sdk(gateway)
         failure = yield self.assertFailure(
-            deferToThread(client.chat.completions.create, model="deepseek/deepseek-chat", messages=HELLO),
+            deferToThread(client.chat.completions.create, model="acme/acme-chat", messages=HELLO),
             openai.APIStatusError,
         )
         self.assertEqual(failure.status_code, 503)
-        self.assertIn("DEEPSEEK_API_KEY is not set", failure.message)
-        self.assertEqual(self.deepseek.requests, 0)
+        self.assertIn("ACME_API_KEY is not set", failure.message)
+        self.assertEqual(self.acme.requests, 0)
+
+    def test_stand_in_serves_it_generically(self):
+        """
+        The stand-in built with the declarations serves each at
+        C{<id>/<last segment of its default base URL>}, in the dialect of
+        its wire; C{environment()} points every one of them there.
+        """
+        self.assertEqual(
+            {provider_id: mounted.path for provider_id, mounted in self.upstream.mounted.items()},
+            {"kimi": "kimi/v1", "gemini": "gemini/v1beta", "acme": "acme/v1"},
+        )
+        environment = self.upstream.environment()
+        self.assertEqual(environment["ACME_BASE_URL"], f"http://127.0.0.1:{self.upstream.port}/acme/v1")
+        self.assertEqual(environment["ACME_API_KEY"], ACME_KEY)
+        self.assertEqual(environment["GEMINI_API_KEY"], "gemini-test-key")
+
+    @inlineCallbacks
+    def test_fallback_order_includes_it(self):
+        """
+        C{FALLBACK=kimi,acme,gemini}: a call failing on Kimi goes to Acme,
+        the next in that list (C{auto} would have sent it to Gemini).
+        """
+        self.upstream.kimi.mode = "error"
+        gateway = self.gateway(DEFAULT_PROVIDER="kimi", FALLBACK="kimi,acme,gemini")
+        raw = yield deferToThread(
+            self.sdk(gateway).chat.completions.with_raw_response.create, model="gpt-4o", messages=HELLO
+        )
+        self.assertEqual(raw.headers["x-openclaw-provider"], "acme")
+        self.assertEqual(raw.parse().model, "acme-chat")
+        self.assertEqual((self.upstream.kimi.requests, self.acme.requests, self.upstream.gemini.requests), (1, 1, 0))
+
+    @inlineCallbacks
+    def test_without_its_key_it_is_not_configured(self):
+        """
+        Acme without a key: no start-up warning, no probe, no
+        C{openclaw_provider_up} series, and status and health_check say
+        "not configured"; named in FALLBACK, it is warned about.
+        """
+        gateway = self.gateway(ACME_API_KEY="")
+        warned = [e for e in self.events if "ACME_API_KEY" in str(e.get("missing", ""))]
+        self.assertEqual(warned, [])
+        control = yield open_client(self, gateway.port)
+        status = yield control.command(gateway.token, "status")
+        self.assertEqual(status["result"]["providers"]["acme"], {"breaker": "closed", "keys": {}, "configured": False})
+        self.assertIn("acme not configured", format_status(status["result"]))
+        answer = yield control.command(gateway.token, "health_check")
+        entry = answer["result"]["providers"]["acme"]
+        self.assertEqual((entry["ok"], entry["configured"], entry["error"]), (False, False, "ACME_API_KEY is not set"))
+        self.assertEqual(self.acme.requests, 0)
+        text = yield self.get(gateway, "/metrics")
+        self.assertNotIn('openclaw_provider_up{provider="acme"}', text)
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', text)
+
+        self.events.clear()
+        self.gateway(ACME_API_KEY="", FALLBACK="gemini,acme")
+        warned = [e for e in self.events if "ACME_API_KEY" in str(e.get("missing", ""))]
+        self.assertEqual(len(warned), 1, warned)
+
+    @inlineCallbacks
+    def test_its_shipped_prices(self):
+        """
+        The prices its module declares are in the table calls are priced by.
+        """
+        gateway = self.gateway()
+        self.assertEqual(gateway.service.consumers.prices.prices["acme/acme-chat"], Price(0.5, 1.5))
+        yield None

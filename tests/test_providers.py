@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from openclaw.providers import (
+    BUILTIN_PROVIDERS,
     MissingKey,
     ProbeTimedOut,
     ProviderRegistry,
@@ -92,7 +93,7 @@ class HealthyTests(ProviderTestCase):
         result = yield self.registry().health_check("gemini", "gemini-2.5-flash")
         self.assertEqual(result["active"], "gemini")
         self.assertRegex(result["checked_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-        self.assertEqual(set(result["providers"]), {"kimi", "gemini"})
+        self.assertEqual(set(result["providers"]), {p.id for p in BUILTIN_PROVIDERS})
         for entry in result["providers"].values():
             self.assertEqual(
                 set(entry), {"ok", "latency_ms", "status", "models", "active_model_available", "breaker", "keys"}
@@ -229,6 +230,7 @@ class FailureTests(ProviderTestCase):
                 "error": "KIMI_API_KEY is not set",
                 "breaker": "closed",
                 "keys": {},
+                "configured": False,
             },
         )
         self.assertIs(result["providers"]["gemini"]["ok"], True)
@@ -317,7 +319,7 @@ class FailureTests(ProviderTestCase):
 
     def test_registry_lookup(self) -> None:
         registry = self.registry()
-        self.assertEqual(registry.ids, ("kimi", "gemini"))
+        self.assertEqual(registry.ids, tuple(p.id for p in BUILTIN_PROVIDERS))
         self.assertEqual(registry.get("kimi").display_name, "Kimi (Moonshot AI)")
         self.assertEqual(registry.get("gemini").display_name, "Google Gemini")
         self.assertEqual(registry.get("gemini").default_model, "gemini-flash-latest")

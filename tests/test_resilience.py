@@ -22,11 +22,12 @@ from twisted.web.client import ResponseNeverReceived
 
 from openclaw.ctl import format_status
 from openclaw.dataplane.errors import upstream_refused
+from openclaw.providers import GeminiAdapter, KimiAdapter
 from openclaw.providers.breaker import CircuitBreaker
 from openclaw.providers.errors import RefusalKind, classify
 from openclaw.providers.keys import KeyPool, fingerprint, merge_keys
 from openclaw.settings import ConfigError, load_settings
-from tests.support import changed_providers, free_port, open_client
+from tests.support import bare_adapter, changed_providers, free_port, open_client
 from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY, DataPlaneTestCase
 
 OTHER = {"kimi": "gemini", "gemini": "kimi"}
@@ -63,8 +64,12 @@ class ClassifyTests(SynchronousTestCase):
             "INVALID_ARGUMENT",
             [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}],
         )
-        self.assertEqual(classify(400, body).kind, RefusalKind.AUTH)
-        error = upstream_refused("gemini", classify(400, body), "GEMINI_API_KEY / GEMINI_API_KEYS")
+        # Google's own rule, read by the Gemini adapter, not by every provider.
+        self.assertEqual(classify(400, body).kind, RefusalKind.REQUEST)
+        self.assertEqual(bare_adapter(KimiAdapter).refusal(400, body).kind, RefusalKind.REQUEST)
+        refusal = bare_adapter(GeminiAdapter).refusal(400, body)
+        self.assertEqual(refusal.kind, RefusalKind.AUTH)
+        error = upstream_refused("gemini", refusal, "GEMINI_API_KEY / GEMINI_API_KEYS")
         self.assertEqual((error.status, error.code), (502, "upstream_auth_failed"))
         self.assertIn("fix GEMINI_API_KEY / GEMINI_API_KEYS", error.message)
         self.assertIn("not about your API key", error.message)

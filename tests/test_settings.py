@@ -14,6 +14,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
+from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.settings import (
     ConfigError,
     Settings,
@@ -50,7 +51,7 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(settings.port, 18789)
         self.assertEqual(settings.session_ttl_hours, 24.0)
         self.assertEqual(settings.default_provider, "gemini")
-        self.assertEqual(settings.provider_ids, ("kimi", "gemini"))
+        self.assertEqual(settings.provider_ids, tuple(p.id for p in BUILTIN_PROVIDERS))
         self.assertEqual(settings.default_model("kimi"), "moonshot-v1-8k")
         self.assertEqual(settings.default_model("gemini"), "gemini-flash-latest")
         self.assertEqual(settings.providers["kimi"].base_url, "https://api.moonshot.ai/v1")

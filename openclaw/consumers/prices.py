@@ -1,10 +1,10 @@
 """
 What a call costs: US dollars per million tokens, per C{provider/model}.
 
-A table ships for the Kimi and Gemini models the README names (list
-prices as their providers published them: platform.moonshot.ai/docs/pricing
-and ai.google.dev/gemini-api/docs/pricing, for prompts up to 128k/200k
-tokens); C{PRICES_FILE} overrides and extends it::
+Each provider module ships the prices of its models (its adapter's
+C{prices}: Kimi's and Gemini's list prices as their providers published
+them); L{shipped_prices} gathers them into one table at start-up, and
+C{PRICES_FILE} overrides and extends it::
 
     {"updated": "2026-11-01",
      "models": {"gemini/gemini-2.5-flash": {"prompt": 0.30, "completion": 2.50, "cached_prompt": 0.075},
@@ -16,12 +16,15 @@ as output).  A model with no price has cost None, never 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import orjson
+
+if TYPE_CHECKING:
+    from openclaw.providers.base import ProviderAdapter
 
 
 @attrs.frozen
@@ -44,17 +47,16 @@ class Price:
         ) / 1_000_000
 
 
-#: The shipped table (USD per million tokens).
-SHIPPED: Mapping[str, Price] = {
-    "kimi/moonshot-v1-8k": Price(0.20, 2.00),
-    "kimi/moonshot-v1-32k": Price(1.00, 3.00),
-    "kimi/moonshot-v1-128k": Price(2.00, 5.00),
-    "kimi/kimi-k2.5": Price(0.60, 3.00, 0.10),
-    "gemini/gemini-2.5-flash": Price(0.30, 2.50, 0.075),
-    "gemini/gemini-2.5-pro": Price(1.25, 10.00, 0.31),
-    "gemini/gemini-flash-latest": Price(0.30, 2.50, 0.075),
-    "gemini/gemini-embedding-001": Price(0.15, 0.0),
-}
+def shipped_prices(adapters: Iterable[type[ProviderAdapter]] | None = None) -> dict[str, Price]:
+    """
+    The shipped table, C{"<provider id>/<model>"} -> L{Price}: the prices
+    each of C{adapters} (by default the built-in providers) declares.
+    """
+    if adapters is None:
+        from openclaw.settings import builtin_providers
+
+        adapters = builtin_providers()
+    return {f"{adapter.id}/{model}": price for adapter in adapters for model, price in adapter.prices.items()}
 
 
 class PricesError(ValueError):
@@ -110,11 +112,17 @@ def load_prices_file(path: Path) -> dict[str, Price]:
 
 @attrs.frozen
 class PriceTable:
-    prices: Mapping[str, Price] = attrs.field(factory=lambda: dict(SHIPPED))
+    prices: Mapping[str, Price] = attrs.field(factory=shipped_prices)
 
     @classmethod
-    def with_overrides(cls, overrides: Mapping[str, Price]) -> PriceTable:
-        return cls({**SHIPPED, **overrides})
+    def with_overrides(
+        cls, overrides: Mapping[str, Price], adapters: Iterable[type[ProviderAdapter]] | None = None
+    ) -> PriceTable:
+        """
+        The prices C{adapters} ship (L{shipped_prices}), C{overrides}
+        (C{PRICES_FILE}) over them.
+        """
+        return cls({**shipped_prices(adapters), **overrides})
 
     def cost(self, provider: str, model: str, prompt: int, completion: int, cached: int = 0) -> float | None:
         """
@@ -124,4 +132,4 @@ class PriceTable:
         return None if price is None else price.cost(prompt, completion, cached)
 
 
-__all__ = ["SHIPPED", "Price", "PriceTable", "PricesError", "load_prices_file", "parse_prices"]
+__all__ = ["Price", "PriceTable", "PricesError", "load_prices_file", "parse_prices", "shipped_prices"]

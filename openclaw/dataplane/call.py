@@ -394,7 +394,7 @@ class ChatCall:
         C{error}.
         """
         context = self.context
-        if self.pinned or context.fallback != "auto" or self._fallback is not None or self.request.startedWriting:
+        if self.pinned or context.fallback == "off" or self._fallback is not None or self.request.startedWriting:
             return self._fail(error)
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:

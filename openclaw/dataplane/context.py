@@ -65,8 +65,10 @@ class APIContext:
     in_flight: int = 0
     #: Set when the gateway stops: new calls are refused with 503.
     draining: bool = False
-    #: FALLBACK: C{"auto"} fails calls over to the next provider, C{"off"} never.
-    fallback: str = "auto"
+    #: FALLBACK: C{"off"} never fails calls over; C{"auto"} or a tuple of
+    #: provider ids does, to the provider the registry's
+    #: L{fallback_for <openclaw.providers.registry.ProviderRegistry.fallback_for>} names.
+    fallback: str | tuple[str, ...] = "auto"
     #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
     count_fallback: Callable[[str, str, str], None] = lambda origin, target, reason: None
     #: EMBEDDING_MODEL: the Gemini model C{/v1/embeddings} uses.

@@ -208,14 +208,14 @@ class Readyz(APIResource):
             why = f"every key in {adapter.keys_setting} is rate limited or refused"
         else:
             why = f"the circuit breaker is {breaker}"
-        target = context.providers.fallback_for(provider_id) if context.fallback == "auto" else None
+        target = context.providers.fallback_for(provider_id) if context.fallback != "off" else None
         if target is not None:
             document["fallback"] = target.id
             document["reason"] = f"{provider_id}: {why}; calls fail over to {target.id}"
             return json_response(request, document)
         document["ready"] = False
         document["reason"] = f"{provider_id}: {why}" + (
-            "; FALLBACK is off" if context.fallback != "auto" else "; no other provider can take its calls"
+            "; FALLBACK is off" if context.fallback == "off" else "; no other provider can take its calls"
         )
         request.setResponseCode(503)
         return json_response(request, document)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import abc
 import difflib
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
 import attrs
@@ -35,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from openclaw.consumers.prices import Price
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import (
     BreakerOpen,
@@ -59,6 +61,84 @@ from openclaw.settings import Settings
 
 def _without_trailing_slash(url: str) -> str:
     return url.rstrip("/")
+
+
+#: A provider id: lower-case letters, digits and "-", starting with a letter
+#: (it is a path segment, a metrics label and part of variable names).
+PROVIDER_ID = re.compile(r"[a-z][a-z0-9-]*")
+
+#: What a provider module must declare (see L{ProviderAdapter}).
+REQUIRED_DECLARATIONS = (
+    "id",
+    "display_name",
+    "key_variables",
+    "base_url_variable",
+    "default_base_url",
+    "model_variable",
+    "default_model_id",
+    "wire",
+)
+
+
+class ProviderDeclarationError(TypeError):
+    """
+    A provider module's adapter class does not declare what a provider
+    must (L{REQUIRED_DECLARATIONS}), or declares it wrongly; the message
+    says what to change.
+    """
+
+
+def check_declaration(cls: type[ProviderAdapter]) -> None:
+    """
+    Check a concrete provider declaration: every one of
+    L{REQUIRED_DECLARATIONS} present, C{id} matching L{PROVIDER_ID},
+    C{key_variables} a non-empty tuple of names.
+
+    @raise ProviderDeclarationError: it does not hold.
+    """
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    missing = [attribute for attribute in REQUIRED_DECLARATIONS if not hasattr(cls, attribute)]
+    if missing:
+        raise ProviderDeclarationError(
+            f"provider class {name} does not declare {', '.join(missing)}: declare each as a class attribute "
+            "(see openclaw.providers.kimi for a whole provider module)"
+        )
+    if not isinstance(cls.id, str) or not PROVIDER_ID.fullmatch(cls.id):
+        raise ProviderDeclarationError(
+            f"provider class {name} has id {cls.id!r}: use lower-case letters, digits and '-', starting with a "
+            "letter (such as 'example' or 'example-eu')"
+        )
+    variables = cls.key_variables
+    if not isinstance(variables, tuple) or not variables or not all(isinstance(v, str) and v for v in variables):
+        raise ProviderDeclarationError(
+            f"provider class {name} has key_variables {variables!r}: use a tuple of one or more variable names, "
+            "such as ('EXAMPLE_API_KEY',)"
+        )
+
+
+def check_declarations(adapters: Iterable[type[ProviderAdapter]]) -> None:
+    """
+    Check that providers registered together can be told apart: no id
+    twice, and no environment variable read by two of them (C{open-ai} and
+    C{open_ai} would both read C{OPEN_AI_API_KEYS}).
+
+    @raise ProviderDeclarationError: two clash; the message names both.
+    """
+    owners: dict[str, str] = {}
+    ids: set[str] = set()
+    for adapter in adapters:
+        if adapter.id in ids:
+            raise ProviderDeclarationError(
+                f"provider id {adapter.id!r} is registered twice: register each provider once"
+            )
+        ids.add(adapter.id)
+        for variable in adapter.variables():
+            owner = owners.setdefault(variable, adapter.id)
+            if owner != adapter.id:
+                raise ProviderDeclarationError(
+                    f"providers {owner!r} and {adapter.id!r} both read {variable}: give one of them another id "
+                    "or other variable names"
+                )
 
 
 @attrs.frozen
@@ -120,6 +200,10 @@ class ProviderAdapter(abc.ABC):
     #: Its chat format: what a request becomes upstream, and what the
     #: answer becomes on the way back (L{openclaw.providers.wire.Wire}).
     wire: ClassVar[Wire]
+    #: The list prices of its models, model id -> L{Price} (USD per million
+    #: tokens, as the provider publishes them), merged into the gateway's
+    #: price table at start-up; C{PRICES_FILE} overrides them.  Optional.
+    prices: ClassVar[Mapping[str, Price]] = MappingProxyType({})
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: IReactorTime = attrs.field(repr=False)
@@ -193,8 +277,35 @@ class ProviderAdapter(abc.ABC):
         )
         return adapter
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """
+        Check a provider declaration when its class is made: a class that
+        declares an C{id} or any of the settings a provider reads is a
+        provider, and must declare all of L{REQUIRED_DECLARATIONS}
+        (L{check_declaration}); a base class declaring none of them (such
+        as L{OpenAICompatibleAdapter
+        <openclaw.providers.openai_compatible.OpenAICompatibleAdapter>}) is
+        left alone.
+        """
+        super().__init_subclass__(**kwargs)
+        if hasattr(cls, "id") or any(name in vars(cls) for name in REQUIRED_DECLARATIONS if name != "wire"):
+            check_declaration(cls)
+
     def __attrs_post_init__(self) -> None:
         self.breaker.on_change = self._breaker_changed
+
+    @classmethod
+    def variables(cls) -> tuple[str, ...]:
+        """
+        Every environment variable this provider's settings are read from.
+        """
+        return (
+            *cls.key_variables,
+            cls.key_list_variable(),
+            cls.base_url_variable,
+            cls.model_variable,
+            cls.fallback_model_variable(),
+        )
 
     @classmethod
     def key_list_variable(cls) -> str:
@@ -277,6 +388,15 @@ class ProviderAdapter(abc.ABC):
         """
         return self.key_variables[0]
 
+    @property
+    def configured(self) -> bool:
+        """
+        Whether the operator gave this provider a key: a provider without
+        one is "not configured" (not probed, not warned about unless
+        calls are meant to go to it, no C{openclaw_provider_up}), not broken.
+        """
+        return bool(self.keys.keys or self.api_key)
+
     def missing_key_warning(self) -> str | None:
         """
         "KIMI_API_KEY is not set" when no key is configured, else None.
@@ -307,9 +427,12 @@ class ProviderAdapter(abc.ABC):
         the response once its headers are in, whatever its status.
         Cancelling it closes the connection.  The caller picks a key from
         L{keys} first.
+
+        @raise MissingKey: no key given and none configured.
         """
         key = key or self.api_key
-        assert key is not None, "post_chat without a key"
+        if key is None:
+            raise MissingKey(f"{self.key_variable} is not set")
         headers = self._chat_headers.get(key)
         if headers is None:
             headers = self._chat_headers[key] = Headers(
@@ -322,8 +445,10 @@ class ProviderAdapter(abc.ABC):
 
     def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
         """
-        A non-2xx answer to a chat call, read (L{classify}), its message
-        scrubbed of every key of the pool.
+        A non-2xx answer to a chat call, a models listing or a probe, read
+        (L{classify}: the rules every provider shares), its message
+        scrubbed of every key of the pool.  A provider with rules of its
+        own (a key refused with another status) overrides it.
         """
         refusal = classify(status, body, retry_after, self.reactor.seconds())
         return attrs.evolve(refusal, message=self.scrub(refusal.message))
@@ -383,8 +508,9 @@ class ProviderAdapter(abc.ABC):
         call's (L{refusal}, C{retry_after} the answer's C{Retry-After}).
         """
         message = clip(self.scrub(upstream_message(body)))
-        hint = http_hint(status, message, self.key_variable, self.base_url_variable)
-        return UpstreamHTTPError(status, message, hint, self.refusal(status, body, retry_after))
+        refusal = self.refusal(status, body, retry_after)
+        hint = http_hint(status, refusal.kind is RefusalKind.AUTH, self.key_variable, self.base_url_variable)
+        return UpstreamHTTPError(status, message, hint, refusal)
 
     def describe(self, reason: Failure) -> str:
         """
@@ -468,9 +594,11 @@ class ProviderAdapter(abc.ABC):
 
         @raise UpstreamHTTPError: for any other status, with the provider's
             own message.
+        @raise MissingKey: the exchange has no key and none is configured.
         """
         key = exchange.key or self.api_key
-        assert key is not None
+        if key is None:
+            raise MissingKey(f"{self.key_variable} is not set")
         status, document = await get_json(
             self.http,
             f"{self.base_url}/{path}",
@@ -520,8 +648,10 @@ class ProviderAdapter(abc.ABC):
         if (
             exchange.key is not None
             and isinstance(value, UpstreamHTTPError)
-            and (value.status in (401, 403) or (value.status == 400 and "api key" in value.message.lower()))
+            and value.refusal is not None
+            and value.refusal.kind is RefusalKind.AUTH
         ):
+            # The key refused as a chat call's refusal reads it (refusal()).
             self.keys.set_aside(exchange.key)
         self._log.warn(
             "{provider} health probe failed: {error}",

@@ -130,12 +130,14 @@ def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return text
 
 
-def http_hint(status: int, message: str, key_variable: str, base_url_variable: str) -> str | None:
+def http_hint(status: int, key_refused: bool, key_variable: str, base_url_variable: str) -> str | None:
     """
-    What an operator should check after a given status (and message: Gemini
-    rejects a bad key with a plain 400).
+    What an operator should check after a given status; C{key_refused}: the
+    provider's adapter read the answer as its key refused
+    (L{RefusalKind.AUTH}: 401 or 403, and whatever its provider's own rule
+    adds, such as Google's 400 C{API_KEY_INVALID}).
     """
-    if status in (401, 403) or (status == 400 and "api key" in message.lower()):
+    if key_refused:
         return f"check {key_variable}"
     if status == 404:
         return f"check {base_url_variable}"
@@ -341,6 +343,19 @@ class Refusal:
     retry_after: float | None = None
 
 
+def google_error_reasons(body: bytes) -> set[str]:
+    """
+    The C{reason} of every C{google.rpc.ErrorInfo} in a Google error
+    answer's C{error.details} (C{{"API_KEY_INVALID"}}); empty for any other
+    body (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
+    """
+    return {
+        detail["reason"]
+        for detail in _error_details(body)
+        if detail.get("@type") == _ERROR_INFO and isinstance(detail.get("reason"), str)
+    }
+
+
 def _error_details(body: bytes) -> list[dict[str, Any]]:
     try:
         document = json.loads(body)
@@ -402,12 +417,11 @@ def google_retry_delay(details: Iterable[dict[str, Any]]) -> float | None:
 
 def classify(status: int, body: bytes, retry_after_header: str | None = None, now: float = 0.0) -> Refusal:
     """
-    Read a provider's non-2xx answer to a chat call.
-
-    Google answers a bad key with C{400 INVALID_ARGUMENT} whose details hold
-    a C{google.rpc.ErrorInfo} of reason C{API_KEY_INVALID}
-    (U{https://ai.google.dev/gemini-api/docs/troubleshooting}): that is the
-    gateway's key at fault, not the request.
+    Read a provider's non-2xx answer to a chat call, by the rules every
+    provider shares (RFC 9110: 401 and 403 refuse the key); a provider with
+    rules of its own adds them in its adapter's
+    L{refusal <openclaw.providers.base.ProviderAdapter.refusal>} (Google's
+    400 C{API_KEY_INVALID}: L{openclaw.providers.gemini.GeminiAdapter}).
 
     @param retry_after_header: the answer's C{Retry-After}, if any.
     @param now: POSIX time, to read a C{Retry-After} given as a date.
@@ -422,10 +436,7 @@ def classify(status: int, body: bytes, retry_after_header: str | None = None, no
         retry_after = google_retry_delay(details)
     if retry_after is not None:
         retry_after = min(retry_after, MAX_RETRY_AFTER_SECONDS)
-    key_invalid = any(
-        detail.get("@type") == _ERROR_INFO and detail.get("reason") == GOOGLE_KEY_INVALID for detail in details
-    )
-    if status in (401, 403) or (status == 400 and key_invalid):
+    if status in (401, 403):
         kind = RefusalKind.AUTH
     elif status == 429:
         kind = RefusalKind.RATE_LIMITED

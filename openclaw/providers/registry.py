@@ -30,9 +30,14 @@ from openclaw.timefmt import isoformat
 
 def adapter_state(adapter: ProviderAdapter) -> dict[str, Any]:
     """
-    C{{"breaker": "closed", "keys": {<fingerprint>: "ok" | "resting" | "set_aside"}}}.
+    C{{"breaker": "closed", "keys": {<fingerprint>: "ok" | "resting" | "set_aside"}}},
+    with C{"configured": false} for a provider without a key
+    (L{ProviderAdapter.configured}).
     """
-    return {"breaker": str(adapter.breaker.state), "keys": adapter.keys.states()}
+    state: dict[str, Any] = {"breaker": str(adapter.breaker.state), "keys": adapter.keys.states()}
+    if not adapter.configured:
+        state["configured"] = False
+    return state
 
 
 @attrs.define
@@ -53,6 +58,10 @@ class ProviderRegistry:
     pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
     #: Share a probe in flight between callers; off only for benchmarks.
     coalesce: bool = True
+    #: The providers failed-over calls go to, in the order tried
+    #: (L{Settings.fallback_order <openclaw.settings.Settings.fallback_order>});
+    #: None: every provider, in their order.
+    fallback_order: tuple[str, ...] | None = None
     #: Per provider id, the callers waiting on the probe in flight.
     _waiting: dict[str, list[Deferred[ProbeResult]]] = attrs.field(factory=dict, init=False, repr=False)
     #: Probes under way, cancelled by L{close} so none outlives the service.
@@ -103,7 +112,15 @@ class ProviderRegistry:
             configured.adapter.from_settings(settings, http, reactor, agent)
             for configured in settings.providers.values()
         )
-        return cls(adapters, reactor, http=http, agent=agent, pool=pool, coalesce=coalesce)
+        return cls(
+            adapters,
+            reactor,
+            http=http,
+            agent=agent,
+            pool=pool,
+            coalesce=coalesce,
+            fallback_order=settings.fallback_order or (),
+        )
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -169,7 +186,9 @@ class ProviderRegistry:
                                     "error": ...}, "gemini": {...}}}
 
         C{active_model_available} is about C{active_model} for the active
-        provider and about each other provider's default model.
+        provider and about each other provider's default model.  A provider
+        without a key is not probed: its entry says C{"configured": false},
+        C{"ok": false} and which variable to set.
         """
         self.get(active_id)
         probes = [self.probe(provider_id) for provider_id in self.ids]
@@ -199,14 +218,18 @@ class ProviderRegistry:
 
     def fallback_for(self, provider_id: str) -> ProviderAdapter | None:
         """
-        Where a call failing on C{provider_id} may go: the next provider in
-        order (wrapping round) that has a usable key and whose breaker would
-        let a call through; None when there is none.
+        Where a call failing on C{provider_id} may go: the next provider of
+        L{fallback_order} after C{provider_id} (wrapping round; from the
+        first when C{provider_id} is not in it) that has a usable key and
+        whose breaker would let a call through; None when there is none.
         """
-        ids = self._ids
-        start = ids.index(provider_id)
-        for step in range(1, len(ids)):
-            adapter = self._adapters[(start + step) % len(ids)]
+        order = self._ids if self.fallback_order is None else self.fallback_order
+        start = order.index(provider_id) + 1 if provider_id in order else 0
+        for step in range(len(order)):
+            candidate = order[(start + step) % len(order)]
+            if candidate == provider_id:
+                continue
+            adapter = self.get(candidate)
             if adapter.keys.available and adapter.breaker.would_allow():
                 return adapter
         return None

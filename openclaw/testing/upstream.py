@@ -1,14 +1,16 @@
 """
-A stand-in for model providers' HTTP APIs: Kimi (Moonshot AI), Google
-Gemini, and any other OpenAI-compatible provider a test mounts.
+A stand-in for model providers' HTTP APIs: every provider it is given (by
+default the built-in ones, L{openclaw.providers.BUILTIN_PROVIDERS}), and
+any other a test mounts.
 
 One small C{twisted.web} server speaks the providers' shapes, each under its
 own path prefix, so one listening port serves every adapter.  Two dialects
 are spoken: OpenAI's (L{OpenAIDialect}: C{GET /models}, C{POST
 /chat/completions}, Bearer auth) and Gemini's (L{GeminiDialect}: C{GET
 /models}, C{POST /models/M:generateContent} and
-C{:streamGenerateContent?alt=sse}, C{x-goog-api-key}).  Mounted from the
-start::
+C{:streamGenerateContent?alt=sse}, C{x-goog-api-key}); each provider is
+served in the dialect of its adapter's wire (L{dialect_for}), at
+C{/<id>/<last path segment of its default base URL>} (L{standin_path})::
 
     Kimi:   http://127.0.0.1:PORT/kimi/v1       (OpenAI's dialect)
     Gemini: http://127.0.0.1:PORT/gemini/v1beta (Gemini's dialect)
@@ -33,7 +35,7 @@ stream sends one event per word, C{chunk_interval} seconds apart.
 
 Run it by hand::
 
-    python -m openclaw.testing.upstream --port 8001 --kimi-key k --gemini-key g
+    python -m openclaw.testing.upstream --port 8001 --key kimi=k --key gemini=g
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -294,6 +297,36 @@ def default_gemini(key: str = "gemini-test-key") -> ProviderBehaviour:
     )
 
 
+#: The stand-in's stock behaviour of the providers it knows more of than
+#: their default model (a few real model ids each).
+_STOCK_BEHAVIOURS: Mapping[str, Callable[[str], ProviderBehaviour]] = MappingProxyType(
+    {"kimi": default_kimi, "gemini": default_gemini}
+)
+
+
+def default_behaviour(adapter: type[ProviderAdapter], key: str | None = None) -> ProviderBehaviour:
+    """
+    How the stand-in serves C{adapter}'s provider unless told otherwise:
+    accepting C{key} (by default C{"<id>-test-key"}) and listing its
+    default model (Kimi and Gemini: a few of their real model ids).
+    """
+    key = f"{adapter.id}-test-key" if key is None else key
+    stock = _STOCK_BEHAVIOURS.get(adapter.id)
+    if stock is not None:
+        return stock(key)
+    return ProviderBehaviour(key=key, models=[adapter.default_model_id], owned_by=adapter.id)
+
+
+def standin_path(adapter: type[ProviderAdapter]) -> str:
+    """
+    Where the stand-in serves C{adapter}'s provider: C{<id>/<the last path
+    segment of its default base URL>} (C{"kimi/v1"}, C{"gemini/v1beta"}),
+    or C{<id>} when that URL has no path.
+    """
+    last = urlsplit(adapter.default_base_url).path.rstrip("/").rpartition("/")[2]
+    return f"{adapter.id}/{last}" if last else adapter.id
+
+
 class Reject(Exception):
     """
     Raised by a handler to answer with an error in the provider's shape
@@ -450,6 +483,27 @@ class GeminiDialect:
                 {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry_after:g}s"}
             ]
         return status, document, {}
+
+
+def dialect_for(adapter: type[ProviderAdapter]) -> Dialect:
+    """
+    The dialect C{adapter}'s provider speaks, read from its wire: OpenAI's
+    (L{OpenAIWire <openclaw.providers.openai_compatible.OpenAIWire>}) or
+    Gemini's (L{GeminiWire <openclaw.providers.gemini.GeminiWire>}).
+
+    @raise ValueError: the stand-in speaks no dialect for its wire.
+    """
+    from openclaw.providers.gemini import GeminiWire
+    from openclaw.providers.openai_compatible import OpenAIWire
+
+    if isinstance(adapter.wire, OpenAIWire):
+        return OpenAIDialect()
+    if isinstance(adapter.wire, GeminiWire):
+        return GeminiDialect()
+    raise ValueError(
+        f"the stand-in speaks no dialect for {adapter.id!r}'s wire ({type(adapter.wire).__name__}): "
+        "mount it with StandInUpstream.mount and a Dialect of its own"
+    )
 
 
 #: Turns a request into C{(status, JSON document)}; may raise L{Reject}.
@@ -1040,16 +1094,18 @@ class _QuietSite(Site):
 @attrs.define
 class StandInUpstream:
     """
-    The providers behind one port: Kimi and Gemini from the start, others
+    The providers behind one port: every one of C{providers} from the
+    start (each at L{standin_path}, in the dialect of its wire), others
     once L{mount}ed.  Build it, C{listen()}, point the gateway at
     L{base_url} (or give it L{provider_settings}), and C{stop()} when done.
     """
 
     reactor: Any = attrs.field(repr=False)
-    #: The behaviour of the Kimi mounted at C{/kimi/v1}.
-    kimi: ProviderBehaviour = attrs.field(factory=default_kimi)
-    #: The behaviour of the Gemini mounted at C{/gemini/v1beta}.
-    gemini: ProviderBehaviour = attrs.field(factory=default_gemini)
+    #: The providers served from the start; by default the built-in ones.
+    providers: tuple[type[ProviderAdapter], ...] = attrs.field(factory=builtin_providers, converter=tuple)
+    #: Per provider id, how it answers; those not given get
+    #: L{default_behaviour}.  Read-only afterwards: see L{behaviour}.
+    behaviours: Mapping[str, ProviderBehaviour] = attrs.field(factory=dict)
     open_requests: _OpenRequests = attrs.field(factory=_OpenRequests, init=False, repr=False)
     #: The providers served, by id.
     mounted: dict[str, MountedProvider] = attrs.field(factory=dict, init=False)
@@ -1059,8 +1115,26 @@ class StandInUpstream:
     _log = Logger()
 
     def __attrs_post_init__(self) -> None:
-        self.mount("kimi", "kimi/v1", OpenAIDialect(), self.kimi)
-        self.mount("gemini", "gemini/v1beta", GeminiDialect(), self.gemini)
+        unknown = set(self.behaviours) - {adapter.id for adapter in self.providers}
+        if unknown:
+            raise ValueError(f"behaviours given for providers not served: {', '.join(sorted(unknown))}")
+        for adapter in self.providers:
+            behaviour = self.behaviours.get(adapter.id) or default_behaviour(adapter)
+            self.mount(adapter.id, standin_path(adapter), dialect_for(adapter), behaviour)
+
+    @property
+    def kimi(self) -> ProviderBehaviour:
+        """
+        The behaviour of the Kimi served (at C{/kimi/v1}).
+        """
+        return self.behaviour("kimi")
+
+    @property
+    def gemini(self) -> ProviderBehaviour:
+        """
+        The behaviour of the Gemini served (at C{/gemini/v1beta}).
+        """
+        return self.behaviour("gemini")
 
     def mount(self, provider_id: str, path: str, dialect: Dialect, behaviour: ProviderBehaviour) -> ProviderBehaviour:
         """
@@ -1078,7 +1152,15 @@ class StandInUpstream:
         return behaviour
 
     def behaviour(self, provider_id: str) -> ProviderBehaviour:
-        return self.mounted[provider_id].behaviour
+        """
+        How the provider C{provider_id} answers (mutate it to steer it).
+
+        @raise KeyError: no provider of that id is served.
+        """
+        mounted = self.mounted.get(provider_id)
+        if mounted is None:
+            raise KeyError(f"the stand-in serves no provider {provider_id!r}; it serves {', '.join(self.mounted)}")
+        return mounted.behaviour
 
     def resource(self) -> Resource:
         """
@@ -1136,8 +1218,8 @@ class StandInUpstream:
     ) -> Mapping[str, ProviderSettings]:
         """
         C{Settings.providers} that point each provider declared (by default
-        the built-in ones) here, with the key this server accepts and the
-        provider's default model.
+        those served from the start, L{providers}) here, with the key this
+        server accepts and the provider's default model.
 
         @raise KeyError: a provider declared is not mounted.
         """
@@ -1148,13 +1230,13 @@ class StandInUpstream:
                 model=adapter.default_model_id,
                 api_key=self.behaviour(adapter.id).key,
             )
-            for adapter in (builtin_providers() if adapters is None else adapters)
+            for adapter in (self.providers if adapters is None else adapters)
         )
 
     def environment(self, adapters: Iterable[type[ProviderAdapter]] | None = None) -> dict[str, str]:
         """
-        The variables that point each provider declared (by default the
-        built-in ones) here: its base URL and key variables
+        The variables that point each provider declared (by default those
+        served from the start) here: its base URL and key variables
         (C{{"KIMI_BASE_URL": ..., "KIMI_API_KEY": ...}}).
         """
         return {
@@ -1197,24 +1279,85 @@ def _mount(root: Resource, *path: bytes) -> Resource:
     return node
 
 
+def _pair(what: str) -> Callable[[str], tuple[str, str]]:
+    """
+    An argparse type reading C{ID=VALUE}.
+    """
+
+    def parse(text: str) -> tuple[str, str]:
+        provider_id, equals, value = text.partition("=")
+        if not equals or not provider_id:
+            raise argparse.ArgumentTypeError(f"{text!r} is not ID={what}, such as kimi={what.lower()}")
+        return provider_id, value
+
+    return parse
+
+
+def _for(provider_id: str) -> Callable[[str], tuple[str, str]]:
+    """
+    The argparse type of a provider's own alias (C{--kimi-key KEY}).
+    """
+    return lambda value: (provider_id, value)
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     modes = [m.value for m in Mode]
+    ids = [adapter.id for adapter in builtin_providers()]
     parser = argparse.ArgumentParser(
         prog="python -m openclaw.testing.upstream",
-        description="A stand-in Kimi and Gemini API for trying the gateway without real keys.",
+        description=f"A stand-in for the built-in providers' APIs ({', '.join(ids)}) for trying the gateway "
+        "without real keys.",
     )
     parser.add_argument("--port", type=int, default=8001, help="TCP port (default 8001; 0 = any free)")
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--kimi-key", default="kimi-test-key", help="the Kimi key to accept")
-    parser.add_argument("--gemini-key", default="gemini-test-key", help="the Gemini key to accept")
-    parser.add_argument("--kimi-mode", choices=modes, default="ok")
-    parser.add_argument("--gemini-mode", choices=modes, default="ok")
+    parser.add_argument(
+        "--key",
+        dest="keys",
+        action="append",
+        default=[],
+        type=_pair("KEY"),
+        metavar="ID=KEY",
+        help="the key provider ID accepts (repeatable; default <id>-test-key)",
+    )
+    parser.add_argument(
+        "--mode",
+        dest="modes",
+        action="append",
+        default=[],
+        type=_pair("MODE"),
+        metavar="ID=MODE",
+        help=f"how provider ID answers (repeatable): {', '.join(modes)}; default ok",
+    )
+    for provider_id in ("kimi", "gemini"):
+        if provider_id in ids:
+            # The options of the two-provider days, kept as aliases.
+            parser.add_argument(
+                f"--{provider_id}-key",
+                dest="keys",
+                action="append",
+                type=_for(provider_id),
+                help=f"--key {provider_id}=KEY",
+            )
+            parser.add_argument(
+                f"--{provider_id}-mode",
+                dest="modes",
+                action="append",
+                type=_for(provider_id),
+                help=f"--mode {provider_id}=MODE",
+            )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument(
         "--chunk-interval", type=float, default=0.0, help="seconds between the events of a streamed answer"
     )
     parser.add_argument("--quiet", action="store_true", help="no access log (for benchmarks)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for provider_id, _ in [*args.keys, *args.modes]:
+        if provider_id not in ids:
+            parser.error(f"unknown provider {provider_id!r}: use one of {', '.join(ids)}")
+    for provider_id, value in args.modes:
+        if value not in modes:
+            parser.error(f"mode {value!r} of {provider_id} is none of {', '.join(modes)}")
+    return args
 
 
 def main(reactor: Any, *argv: str) -> Deferred[None]:
@@ -1222,20 +1365,18 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
     Serve until interrupted; print the settings that point a gateway here.
     """
     args = _parse_args(argv)
+    keys, modes = dict(args.keys), dict(args.modes)
     upstream = StandInUpstream(
         reactor,
-        kimi=attrs.evolve(
-            default_kimi(args.kimi_key),
-            mode=args.kimi_mode,
-            delay=args.delay,
-            chunk_interval=args.chunk_interval,
-        ),
-        gemini=attrs.evolve(
-            default_gemini(args.gemini_key),
-            mode=args.gemini_mode,
-            delay=args.delay,
-            chunk_interval=args.chunk_interval,
-        ),
+        behaviours={
+            adapter.id: attrs.evolve(
+                default_behaviour(adapter, keys.get(adapter.id)),
+                mode=modes.get(adapter.id, Mode.OK),
+                delay=args.delay,
+                chunk_interval=args.chunk_interval,
+            )
+            for adapter in builtin_providers()
+        },
     )
     upstream.listen(args.port, args.interface, access_log=not args.quiet)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)

@@ -6,6 +6,8 @@ its chat format is translated (L{openclaw.providers.gemini.translate}).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import ClassVar
 from urllib.parse import quote
 
@@ -14,8 +16,9 @@ from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from openclaw.consumers.prices import Price
 from openclaw.providers.base import ProviderAdapter
-from openclaw.providers.errors import MalformedResponse
+from openclaw.providers.errors import GOOGLE_KEY_INVALID, MalformedResponse, Refusal, RefusalKind, google_error_reasons
 from openclaw.providers.fetch import Exchange, post
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.wire import Wire
@@ -47,12 +50,35 @@ class GeminiAdapter(ProviderAdapter):
     model_variable: ClassVar[str] = "GEMINI_MODEL"
     default_model_id: ClassVar[str] = "gemini-flash-latest"
     wire: ClassVar[Wire] = GeminiWire()
+    #: List prices (ai.google.dev/gemini-api/docs/pricing, prompts up to
+    #: 200k tokens), USD per million tokens.
+    prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
+        {
+            "gemini-2.5-flash": Price(0.30, 2.50, 0.075),
+            "gemini-2.5-pro": Price(1.25, 10.00, 0.31),
+            "gemini-flash-latest": Price(0.30, 2.50, 0.075),
+            "gemini-embedding-001": Price(0.15, 0.0),
+        }
+    )
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"x-goog-api-key": key}
+
+    def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
+        """
+        As every provider's, and Google's own rule: a bad key is answered
+        C{400 INVALID_ARGUMENT} ("API key not valid") whose details hold a
+        C{google.rpc.ErrorInfo} of reason C{API_KEY_INVALID}
+        (U{https://ai.google.dev/gemini-api/docs/troubleshooting}): the
+        key at fault, not the request.
+        """
+        refusal = super().refusal(status, body, retry_after)
+        if status == 400 and GOOGLE_KEY_INVALID in google_error_reasons(body):
+            return attrs.evolve(refusal, kind=RefusalKind.AUTH)
+        return refusal
 
     def normalize_model(self, model: str) -> str:
         return model.removeprefix(MODEL_PREFIX)
