@@ -40,6 +40,17 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: within OpenAI's.
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
+#: The message fields only one role carries, and which (OpenAI's message
+#: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
+#: system, developer and user messages carry content and name; assistant
+#: messages also refusal, audio, tool_calls and the legacy function_call;
+#: tool messages content and tool_call_id).
+ROLE_FIELDS = {"tool_calls": "assistant", "function_call": "assistant", "tool_call_id": "tool"}
+#: Those of L{ROLE_FIELDS} each role may not carry (a tuple: the first
+#: found is the one a 400 names, whatever the hash seed).
+NOT_CARRIED = {role: tuple(f for f, owner in ROLE_FIELDS.items() if owner != role) for role in ROLES}
+#: Any of them: a message holding none needs no check of its fields.
+ROLE_FIELD_NAMES = frozenset(ROLE_FIELDS)
 #: OpenAI's values, "xhigh" its newest
 #: (U{https://platform.openai.com/docs/api-reference/chat/create}).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -334,7 +345,12 @@ def _check_messages(body: dict[str, Any]) -> bool:
     carried_ids = False
     anything = False
     for i, message in enumerate(messages):
-        if type(message) is dict and not unanswered and message.get("role") in ("user", "system"):
+        if (
+            type(message) is dict
+            and not unanswered
+            and message.get("role") in ("user", "system")
+            and message.keys().isdisjoint(ROLE_FIELD_NAMES)
+        ):
             content = message.get("content")
             if type(content) is str:
                 # Text from the user or the system, the usual message:
@@ -351,6 +367,8 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
                 param=f"{where}.role",
             )
+        if not message.keys().isdisjoint(NOT_CARRIED[role]):
+            message = messages[i] = _role_fields(message, role, where)
         if role == "developer":
             message = messages[i] = {**message, "role": "system"}
         elif role == "function":
@@ -363,6 +381,10 @@ def _check_messages(body: dict[str, Any]) -> bool:
             raise _unanswered(asked_at, unanswered)
         if role == "assistant":
             tool_calls = message.get("tool_calls")
+            if tool_calls is not None and message.get("function_call") is not None:
+                raise bad_request(
+                    f"{where}: send tool_calls or the legacy function_call, not both", param=f"{where}.function_call"
+                )
             if tool_calls is not None:
                 carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
@@ -400,6 +422,24 @@ def _check_messages(body: dict[str, Any]) -> bool:
     if not anything:
         raise bad_request("messages hold no content: at least one message needs some", param="messages")
     return carried_ids
+
+
+def _role_fields(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
+    """
+    Refuse a field of L{ROLE_FIELDS} on a role that does not carry it
+    (a provider would refuse the whole call); one set to null is dropped.
+
+    @return: C{message}, without those null fields.
+    @raise APIError: 400 naming C{messages[i].<field>}.
+    """
+    for field in NOT_CARRIED[role]:
+        if message.get(field) is not None:
+            owner = ROLE_FIELDS[field]
+            raise bad_request(
+                f"{where}.{field} is not allowed on a {role} message: only {owner} messages carry {field}; remove it",
+                param=f"{where}.{field}",
+            )
+    return {k: v for k, v in message.items() if k not in NOT_CARRIED[role]}
 
 
 def _unanswered(where: str, call_ids: dict[str, None]) -> APIError:

