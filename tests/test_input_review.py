@@ -82,3 +82,31 @@ class RoleFieldTests(DataPlaneTestCase):
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": [message]})
         self.assertEqual(response.code, 200, text)
         self.assertEqual(self.upstream.kimi.last_body["messages"], [{"role": "user", "content": "hi"}])
+
+
+class StreamOptionsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_only_with_stream(self):
+        """
+        As OpenAI answers: C{stream_options} (unless null) needs
+        C{"stream": true}.
+        """
+        gateway = self.gateway()
+        for extra in ({}, {"stream": False}, {"stream": None}):
+            for options in ({"include_usage": True}, {}, "x"):
+                body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream_options": options, **extra}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (body, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "stream_options")
+                self.assertEqual(
+                    error["message"], "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+                )
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream_options": None}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+        self.assertIn('"usage"', text)

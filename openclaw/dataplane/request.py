@@ -137,6 +137,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
+        if stream is not True:
+            # OpenAI's own answer, word for word.
+            raise bad_request(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
         if not isinstance(options, dict):
             raise bad_request("stream_options must be an object", param="stream_options")
         include_usage = options.get("include_usage", False)
