@@ -190,3 +190,42 @@ class RestrictedListingTests(GatewayCase):
         # The gateway's keys (unrestricted) still list the active provider's.
         listed = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, GATEWAY_KEY).models.list()])
         self.assertEqual(listed, self.upstream.kimi.models)
+
+
+class ErrorNamingTests(DataPlaneTestCase):
+    """
+    A 400 names the field the client sent.
+    """
+
+    @inlineCallbacks
+    def test_legacy_function_call(self):
+        gateway = self.gateway()
+        functions = [{"name": "f", "parameters": {"type": "object"}}]
+        body = {"messages": HELLO, "functions": functions, "function_call": {"name": "g"}}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 400, text)
+        error = self.assertOpenAIError(text)
+        self.assertEqual(error["param"], "function_call.name")
+        self.assertIn("function_call names the function 'g'", error["message"])
+        self.assertNotIn("tool_choice", error["message"])
+        response, text = yield self.post(gateway, {**body, "function_call": {"arguments": "{}"}})
+        self.assertEqual(response.code, 400, text)
+        self.assertEqual(self.assertOpenAIError(text)["param"], "function_call")
+        # The legacy call of a declared function still works.
+        response, text = yield self.post(gateway, {**body, "function_call": {"name": "f"}})
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
+    def test_content_part_without_type(self):
+        gateway = self.gateway()
+        for part, expected in (
+            ({"text": "hi"}, "messages[0].content[0] has no type"),
+            ({"type": ["text"], "text": "hi"}, "messages[0].content[0].type must be one of"),
+            ("hi", "messages[0].content[0] must be a content part"),
+        ):
+            body = {"messages": [{"role": "user", "content": [part]}]}
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (part, text))
+            error = self.assertOpenAIError(text)
+            self.assertIn(expected, error["message"])
+            self.assertNotIn("None", error["message"])

@@ -121,10 +121,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     @raise APIError: 400 naming the first problem found.
     """
     body = json_body(raw)
+    legacy_choice = False
     if "functions" in body or "function_call" in body:
-        _legacy_functions(body)
+        legacy_choice = _legacy_functions(body)
     names = _check_tools(body.get("tools"))
-    _check_tool_choice(body.get("tool_choice"), names)
+    if legacy_choice:
+        _check_function_call(body["tool_choice"], names)
+    else:
+        _check_tool_choice(body.get("tool_choice"), names)
     carried_ids = _check_messages(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -213,10 +217,12 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def _legacy_functions(body: dict[str, Any]) -> None:
+def _legacy_functions(body: dict[str, Any]) -> bool:
     """
     Rewrite the legacy C{functions} and C{function_call} fields as C{tools}
     and C{tool_choice} (what OpenAI itself documents as their replacement).
+
+    @return: whether C{tool_choice} came from C{function_call}.
     """
     functions = body.pop("functions", None)
     if functions is not None:
@@ -235,6 +241,25 @@ def _legacy_functions(body: dict[str, Any]) -> None:
             body["tool_choice"] = function_call
         else:
             raise bad_request('function_call must be "auto", "none" or {"name": ...}', param="function_call")
+        return True
+    return False
+
+
+def _check_function_call(choice: Any, names: frozenset[str]) -> None:
+    """
+    The legacy C{function_call}, as rewritten by L{_legacy_functions}: a
+    400 names it, not the C{tool_choice} the client never sent.
+    """
+    if isinstance(choice, str):
+        return
+    name = choice["function"].get("name")
+    if not isinstance(name, str):
+        raise bad_request('function_call must be "auto", "none" or {"name": ...}', param="function_call")
+    if name not in names:
+        raise bad_request(
+            f"function_call names the function {name!r}, which is not among functions; declare it in functions",
+            param="function_call.name",
+        )
 
 
 def _check_tools(tools: Any) -> frozenset[str]:
@@ -547,11 +572,17 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
     anything = False
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in allowed:
+        if not isinstance(part, dict):
+            raise bad_request(
+                f'{at} must be a content part, an object such as {{"type": "text", "text": ...}}', param=at
+            )
+        kind = part.get("type")
+        # A str first: a list or object is unhashable (no set lookup).
+        if not isinstance(kind, str) or kind not in allowed:
             kinds = ", ".join(sorted(allowed))
+            if kind is None:
+                raise bad_request(f"{at} has no type: give its type, one of {kinds}", param=f"{at}.type")
             raise bad_request(f"{at}.type must be one of {kinds} here (got {kind!r})", param=f"{at}.type")
-        assert isinstance(part, dict)
         if kind in ("text", "refusal"):
             text = part.get(kind)
             if not isinstance(text, str):
