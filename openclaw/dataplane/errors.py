@@ -66,9 +66,23 @@ def not_found(path: str) -> APIError:
     return APIError(
         404,
         f"no such endpoint: {path}; this gateway serves POST /v1/chat/completions, POST /v1/embeddings, "
-        "GET /v1/models, GET /healthz, GET /readyz and GET /metrics",
+        "GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz and GET /metrics",
         "invalid_request_error",
         "unknown_url",
+    )
+
+
+def model_not_found(model: str) -> APIError:
+    """
+    404 for C{GET /v1/models/{model}} naming a model this key's listing
+    lacks (OpenAI's answer, code C{model_not_found}).
+    """
+    return APIError(
+        404,
+        f"The model {model!r} does not exist or you do not have access to it; "
+        "GET /v1/models lists the models this key may use",
+        "invalid_request_error",
+        "model_not_found",
     )
 
 

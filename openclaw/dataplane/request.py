@@ -40,6 +40,17 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: within OpenAI's.
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
+#: The message fields only one role carries, and which (OpenAI's message
+#: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
+#: system, developer and user messages carry content and name; assistant
+#: messages also refusal, audio, tool_calls and the legacy function_call;
+#: tool messages content and tool_call_id).
+ROLE_FIELDS = {"tool_calls": "assistant", "function_call": "assistant", "tool_call_id": "tool"}
+#: Those of L{ROLE_FIELDS} each role may not carry (a tuple: the first
+#: found is the one a 400 names, whatever the hash seed).
+NOT_CARRIED = {role: tuple(f for f, owner in ROLE_FIELDS.items() if owner != role) for role in ROLES}
+#: Any of them: a message holding none needs no check of its fields.
+ROLE_FIELD_NAMES = frozenset(ROLE_FIELDS)
 #: OpenAI's values, "xhigh" its newest
 #: (U{https://platform.openai.com/docs/api-reference/chat/create}).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -110,10 +121,14 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     @raise APIError: 400 naming the first problem found.
     """
     body = json_body(raw)
+    legacy_choice = False
     if "functions" in body or "function_call" in body:
-        _legacy_functions(body)
+        legacy_choice = _legacy_functions(body)
     names = _check_tools(body.get("tools"))
-    _check_tool_choice(body.get("tool_choice"), names)
+    if legacy_choice:
+        _check_function_call(body["tool_choice"], names)
+    else:
+        _check_tool_choice(body.get("tool_choice"), names)
     carried_ids = _check_messages(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -126,6 +141,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
+        if stream is not True:
+            # OpenAI's own answer, word for word.
+            raise bad_request(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+            )
         if not isinstance(options, dict):
             raise bad_request("stream_options must be an object", param="stream_options")
         include_usage = options.get("include_usage", False)
@@ -197,10 +217,12 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
-def _legacy_functions(body: dict[str, Any]) -> None:
+def _legacy_functions(body: dict[str, Any]) -> bool:
     """
     Rewrite the legacy C{functions} and C{function_call} fields as C{tools}
     and C{tool_choice} (what OpenAI itself documents as their replacement).
+
+    @return: whether C{tool_choice} came from C{function_call}.
     """
     functions = body.pop("functions", None)
     if functions is not None:
@@ -219,6 +241,25 @@ def _legacy_functions(body: dict[str, Any]) -> None:
             body["tool_choice"] = function_call
         else:
             raise bad_request('function_call must be "auto", "none" or {"name": ...}', param="function_call")
+        return True
+    return False
+
+
+def _check_function_call(choice: Any, names: frozenset[str]) -> None:
+    """
+    The legacy C{function_call}, as rewritten by L{_legacy_functions}: a
+    400 names it, not the C{tool_choice} the client never sent.
+    """
+    if isinstance(choice, str):
+        return
+    name = choice["function"].get("name")
+    if not isinstance(name, str):
+        raise bad_request('function_call must be "auto", "none" or {"name": ...}', param="function_call")
+    if name not in names:
+        raise bad_request(
+            f"function_call names the function {name!r}, which is not among functions; declare it in functions",
+            param="function_call.name",
+        )
 
 
 def _check_tools(tools: Any) -> frozenset[str]:
@@ -334,7 +375,12 @@ def _check_messages(body: dict[str, Any]) -> bool:
     carried_ids = False
     anything = False
     for i, message in enumerate(messages):
-        if type(message) is dict and not unanswered and message.get("role") in ("user", "system"):
+        if (
+            type(message) is dict
+            and not unanswered
+            and message.get("role") in ("user", "system")
+            and message.keys().isdisjoint(ROLE_FIELD_NAMES)
+        ):
             content = message.get("content")
             if type(content) is str:
                 # Text from the user or the system, the usual message:
@@ -351,6 +397,8 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
                 param=f"{where}.role",
             )
+        if not message.keys().isdisjoint(NOT_CARRIED[role]):
+            message = messages[i] = _role_fields(message, role, where)
         if role == "developer":
             message = messages[i] = {**message, "role": "system"}
         elif role == "function":
@@ -363,6 +411,10 @@ def _check_messages(body: dict[str, Any]) -> bool:
             raise _unanswered(asked_at, unanswered)
         if role == "assistant":
             tool_calls = message.get("tool_calls")
+            if tool_calls is not None and message.get("function_call") is not None:
+                raise bad_request(
+                    f"{where}: send tool_calls or the legacy function_call, not both", param=f"{where}.function_call"
+                )
             if tool_calls is not None:
                 carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
@@ -400,6 +452,24 @@ def _check_messages(body: dict[str, Any]) -> bool:
     if not anything:
         raise bad_request("messages hold no content: at least one message needs some", param="messages")
     return carried_ids
+
+
+def _role_fields(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
+    """
+    Refuse a field of L{ROLE_FIELDS} on a role that does not carry it
+    (a provider would refuse the whole call); one set to null is dropped.
+
+    @return: C{message}, without those null fields.
+    @raise APIError: 400 naming C{messages[i].<field>}.
+    """
+    for field in NOT_CARRIED[role]:
+        if message.get(field) is not None:
+            owner = ROLE_FIELDS[field]
+            raise bad_request(
+                f"{where}.{field} is not allowed on a {role} message: only {owner} messages carry {field}; remove it",
+                param=f"{where}.{field}",
+            )
+    return {k: v for k, v in message.items() if k not in NOT_CARRIED[role]}
 
 
 def _unanswered(where: str, call_ids: dict[str, None]) -> APIError:
@@ -502,11 +572,17 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
     anything = False
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in allowed:
+        if not isinstance(part, dict):
+            raise bad_request(
+                f'{at} must be a content part, an object such as {{"type": "text", "text": ...}}', param=at
+            )
+        kind = part.get("type")
+        # A str first: a list or object is unhashable (no set lookup).
+        if not isinstance(kind, str) or kind not in allowed:
             kinds = ", ".join(sorted(allowed))
+            if kind is None:
+                raise bad_request(f"{at} has no type: give its type, one of {kinds}", param=f"{at}.type")
             raise bad_request(f"{at}.type must be one of {kinds} here (got {kind!r})", param=f"{at}.type")
-        assert isinstance(part, dict)
         if kind in ("text", "refusal"):
             text = part.get(kind)
             if not isinstance(text, str):

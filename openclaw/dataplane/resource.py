@@ -1,5 +1,6 @@
 """
 The API's C{twisted.web} resources: C{GET /healthz}, C{GET /v1/models},
+C{GET /v1/models/{model}},
 C{POST /v1/chat/completions}, C{GET /readyz}; anything else is a 404, a known path with
 the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 """
@@ -7,10 +8,11 @@ the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 from __future__ import annotations
 
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from typing import Any
 
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -25,6 +27,7 @@ from openclaw.dataplane.errors import (
     breaker_open,
     internal_error,
     method_not_allowed,
+    model_not_found,
     no_usable_key,
     not_found,
     provider_not_configured,
@@ -43,7 +46,7 @@ from openclaw.providers import (
     UpstreamHTTPError,
 )
 from openclaw.providers.errors import BreakerOpen, NoUsableKey
-from openclaw.routing import Route
+from openclaw.routing import Route, printable_model
 
 _JSON = b"application/json"
 #: The outcome of a call whose client left before its answer (status 499).
@@ -348,9 +351,13 @@ class _Authenticated(APIResource):
 
 class Models(_Authenticated):
     """
-    C{GET /v1/models}: the active provider's models listing (the one the
-    health check reads, so bounded by HEALTH_CHECK_TIMEOUT), in OpenAI's
-    list shape.
+    C{GET /v1/models}: in OpenAI's list shape, the active provider's models
+    listing (the one the health check reads, so bounded by
+    HEALTH_CHECK_TIMEOUT), ids as the provider lists them.  For a consumer
+    whose C{models} patterns restrict it, the models those patterns allow
+    of every provider with a key they may match: the active provider's as
+    listed, the others' as C{"<provider>/<model>"} (the name that calls
+    them, a bare name meaning the active provider).
     """
 
     def render_GET(self, request: Request) -> Any:
@@ -358,57 +365,118 @@ class Models(_Authenticated):
         started = context.reactor.seconds()
         holder = self.authenticate(request, started)
         route = context.route.current
-        adapter = self.usable(request, route.provider_id, started, holder)
+        self.usable(request, route.provider_id, started, holder)
         request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
-        consumers = context.consumers
+        providers = self.listed_providers(route.provider_id, holder)
+        return self.admitted(
+            request, route, started, holder, lambda: self._list(request, route, providers, started, holder)
+        )
+
+    def listed_providers(self, active: str, holder: Holder) -> tuple[str, ...]:
+        """
+        The providers a listing asks: the active one, and for a consumer
+        whose C{models} patterns restrict it, each other provider with a
+        key that a pattern may match (its C{provider/} part matches the
+        provider's id, or holds a wildcard, or the pattern has no C{/}).
+        """
+        consumers = self.context.consumers
+        consumer = None if consumers is None or holder is GATEWAY else consumers.consumers.get(holder.consumer)
+        if consumer is None or not consumer.models:
+            return (active,)
+        providers = self.context.providers
+        heads = [pattern.partition("/") for pattern in consumer.models]
+        others = (
+            provider_id
+            for provider_id in providers.ids
+            if provider_id != active
+            and providers.get(provider_id).api_key
+            and any(not slash or "*" in head or fnmatchcase(provider_id, head) for head, slash, _ in heads)
+        )
+        return (active, *others)
+
+    def admitted(
+        self, request: Request, route: Route, started: float, holder: Holder, proceed: Callable[[], object]
+    ) -> Any:
+        consumers = self.context.consumers
         if consumers is None or holder is GATEWAY:
-            return self._list(request, route, adapter, started, holder)
+            proceed()
+            return NOT_DONE_YET
         # A consumer's rpm counts listings too.
         return self.after_admission(
             request,
             consumers.admit_listing(holder),
-            lambda: self._list(request, route, adapter, started, holder),
+            proceed,
             started,
             route,
             holder,
             left=lambda: self._count_listing(request, started, 499, route, holder, CLIENT_GONE),
         )
 
-    def _list(self, request: Request, route: Route, adapter: ProviderAdapter, started: float, holder: Holder) -> Any:
+    def fetch(
+        self,
+        request: Request,
+        route: Route,
+        providers: tuple[str, ...],
+        started: float,
+        holder: Holder,
+        answer: Callable[[list[tuple[str, list[str]]]], None],
+    ) -> None:
+        """
+        Ask each of C{providers} for its listing; then C{answer} with
+        C{(provider, model ids it lists that the holder may call)} for each
+        that answered, or, when none did, the first's error.
+        """
         context = self.context
-        listing = adapter.list_models()
+        adapters = [context.providers.get(provider_id) for provider_id in providers]
+        listings = DeferredList([adapter.list_models() for adapter in adapters], consumeErrors=True)
         context.call_started()
         gone: list[bool] = []
 
         def client_gone(reason: Failure) -> None:
             gone.append(True)
-            listing.cancel()
+            listings.cancel()
 
-        def answer(result: list[str] | Failure) -> None:
+        def answered(results: list[tuple[bool, Any]]) -> None:
             if gone:
                 return self._count_listing(request, started, 499, route, holder, CLIENT_GONE)
-            if isinstance(result, Failure):
-                return self._failed(result, request, route, started, holder)
-            if context.consumers is not None:
-                # A consumer sees only the models it may call.
-                result = context.consumers.allowed(holder, route.provider_id, result)
-            return self._listed(result, request, route, started, holder)
+            found = [
+                (
+                    provider_id,
+                    result if context.consumers is None else context.consumers.allowed(holder, provider_id, result),
+                )
+                for provider_id, (ok, result) in zip(providers, results, strict=True)
+                if ok
+            ]
+            if not found:
+                return self._failed(results[0][1], request, route, started, holder)
+            return answer(found)
 
         request.notifyFinish().addErrback(client_gone)
-        listing.addBoth(answer)
-        listing.addErrback(lambda reason: context.log.failure("models listing failed unexpectedly", reason))
+        listings.addCallback(answered)
+        listings.addErrback(lambda reason: context.log.failure("models listing failed unexpectedly", reason))
         # Counted out once the answer is written: see APISite.drain.
-        listing.addBoth(_passing(context.call_ended))
-        return NOT_DONE_YET
+        listings.addBoth(_passing(context.call_ended))
 
-    def _listed(self, ids: list[str], request: Request, route: Route, started: float, holder: Holder) -> None:
-        owner = route.provider_id
-        body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model in ids],
-            }
-        )
+    def _list(self, request: Request, route: Route, providers: tuple[str, ...], started: float, holder: Holder) -> None:
+        active = route.provider_id
+
+        def answer(found: list[tuple[str, list[str]]]) -> None:
+            data = [
+                {
+                    "id": model if owner == active else f"{owner}/{model}",
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": owner,
+                }
+                for owner, ids in found
+                for model in ids
+            ]
+            self._answer(request, {"object": "list", "data": data}, route, started, holder)
+
+        self.fetch(request, route, providers, started, holder, answer)
+
+    def _answer(self, request: Request, document: Any, route: Route, started: float, holder: Holder) -> None:
+        body = orjson.dumps(document)
         request.setHeader(b"Content-Type", _JSON)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
@@ -437,11 +505,60 @@ class Models(_Authenticated):
             else:
                 self.context.log.failure("models listing failed unexpectedly", reason)
                 error = internal_error()
+        self._error(request, error, route, started, holder)
+
+    def _error(self, request: Request, error: APIError, route: Route | None, started: float, holder: Holder) -> None:
         body = error_response(request, error)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
-        self._count_listing(request, started, error.status, route, holder, error.code)
+        self.context.completed(request, started, error.status, route, outcome=error.code, consumer=holder.consumer)
+        if self.context.consumers is not None:
+            self.context.consumers.listed(holder, error.status)
+
+
+class Model(Models):
+    """
+    C{GET /v1/models/{model}}: one model, in OpenAI's Model shape (C{id} as
+    asked, C{object}, C{created}, C{owned_by}), when the listing this key
+    gets holds it: a bare id is looked up in the active provider's listing,
+    C{"<provider>/<model>"} in that provider's.  The id may hold C{/} as is
+    or as C{%2F}.  Else 404 C{model_not_found}; the key check, a consumer's
+    C{models} and C{rpm}, the errors and the metrics are the listing's.
+    """
+
+    def render_GET(self, request: Request) -> Any:
+        context = self.context
+        started = context.reactor.seconds()
+        holder = self.authenticate(request, started)
+        # APIRoot moved "v1/models" to prepath: the rest is the id.
+        assert request.postpath is not None
+        wanted = b"/".join(request.postpath).decode("utf-8", "replace")
+        if not wanted or not printable_model(wanted):
+            error = model_not_found(wanted if wanted.isprintable() else "(unprintable)")
+            self._error(request, error, None, started, holder)
+            return NOT_DONE_YET
+        active = context.route.current
+        route = choose_route(wanted, active, context.providers.ids)
+        if route is active:
+            route = Route(active.provider_id, wanted)
+        adapter = self.usable(request, route.provider_id, started, holder)
+        route = Route(route.provider_id, adapter.normalize_model(route.model) or route.model)
+        request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
+
+        def answer(found: list[tuple[str, list[str]]]) -> None:
+            if route.model not in found[0][1]:
+                return self._error(request, model_not_found(wanted), route, started, holder)
+            document = {"id": wanted, "object": "model", "created": 0, "owned_by": route.provider_id}
+            self._answer(request, document, route, started, holder)
+
+        return self.admitted(
+            request,
+            route,
+            started,
+            holder,
+            lambda: self.fetch(request, route, (route.provider_id,), started, holder, answer),
+        )
 
 
 class ChatCompletions(_Authenticated):
@@ -499,10 +616,18 @@ class APIRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, context: APIContext, routes: dict[tuple[bytes, ...], APIResource]) -> None:
+    def __init__(
+        self,
+        context: APIContext,
+        routes: dict[tuple[bytes, ...], APIResource],
+        prefixes: dict[tuple[bytes, ...], APIResource] | None = None,
+    ) -> None:
         super().__init__()
         #: Handler by path segments (C{postpath}) and by raw path.
         self.routes = dict(routes)
+        #: Handler of the paths below some segments (C{/v1/models/{model}}):
+        #: it finds those segments in C{prepath}, the rest in C{postpath}.
+        self.prefixes = dict(prefixes or {})
         self.paths = {b"/" + b"/".join(segments): handler for segments, handler in routes.items()}
         self.not_found = NotFound(context)
 
@@ -518,6 +643,12 @@ class APIRoot(Resource):
         handler = self.routes.get(tuple(postpath))
         if handler is not None:
             return handler
+        for prefix, below in self.prefixes.items():
+            if len(postpath) > len(prefix) and tuple(postpath[: len(prefix)]) == prefix:
+                assert request.prepath is not None
+                request.prepath.extend(postpath[: len(prefix)])
+                del postpath[: len(prefix)]
+                return below
         if postpath and postpath[0] in self.children:
             child = self.children[postpath[0]]
             assert request.prepath is not None
@@ -529,7 +660,7 @@ class APIRoot(Resource):
 
 def build_resource(context: APIContext) -> Resource:
     """
-    The API: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/chat/completions},
+    The API: C{/healthz}, C{/readyz}, C{/v1/models}, C{/v1/models/{model}}, C{/v1/chat/completions},
     C{/v1/embeddings}, dispatched by L{APIRoot}.
     """
     # Imported here: the embeddings resource builds on this module's classes.
@@ -544,4 +675,5 @@ def build_resource(context: APIContext) -> Resource:
             (b"v1", b"chat", b"completions"): ChatCompletions(context),
             (b"v1", b"embeddings"): Embeddings(context),
         },
+        {(b"v1", b"models"): Model(context)},
     )

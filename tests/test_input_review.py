@@ -1,0 +1,231 @@
+"""
+Review fixes to the data plane's input checks: fields a role cannot
+carry, C{stream_options} without C{stream}, C{GET /v1/models/{id}}, a
+restricted consumer's listing, and errors that name what the client sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from openclaw.routing import Route
+from tests.test_consumers import GatewayCase
+from tests.test_dataplane import ANSWER_A, CALL_A, GATEWAY_KEY, HELLO, DataPlaneTestCase
+
+
+class RoleFieldTests(DataPlaneTestCase):
+    """
+    OpenAI's message shapes: only assistant messages carry C{tool_calls}
+    (and the legacy C{function_call}), only tool messages C{tool_call_id}.
+    On any other role the field is refused with a 400 naming it, before any
+    provider sees the call (a provider's refusal would count against its
+    breaker for every client).
+    """
+
+    @inlineCallbacks
+    def assertRefused(self, gateway: Any, messages: list[Any], param: str) -> Any:
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            body = {"model": model, "messages": messages}
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (body, text))
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["type"], "invalid_request_error")
+            self.assertEqual(error["param"], param, body)
+            self.assertIn("remove it", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_tool_calls_on_other_roles(self):
+        gateway = self.gateway()
+        for value in (True, -1, 1.5, [], CALL_A["tool_calls"], "x", {}):
+            for role in ("user", "system", "developer"):
+                yield self.assertRefused(
+                    gateway, [*HELLO, {"role": role, "content": "hi", "tool_calls": value}], "messages[1].tool_calls"
+                )
+            yield self.assertRefused(
+                gateway, [*HELLO, CALL_A, {**ANSWER_A, "tool_calls": value}], "messages[2].tool_calls"
+            )
+
+    @inlineCallbacks
+    def test_tool_call_id_and_function_call(self):
+        gateway = self.gateway()
+        for role in ("user", "system", "developer"):
+            yield self.assertRefused(
+                gateway, [{"role": role, "content": "hi", "tool_call_id": "a"}], "messages[0].tool_call_id"
+            )
+            yield self.assertRefused(
+                gateway,
+                [{"role": role, "content": "hi", "function_call": {"name": "f", "arguments": "{}"}}],
+                "messages[0].function_call",
+            )
+        yield self.assertRefused(
+            gateway, [*HELLO, {**CALL_A, "tool_call_id": "a"}, ANSWER_A], "messages[1].tool_call_id"
+        )
+        yield self.assertRefused(
+            gateway, [*HELLO, CALL_A, {**ANSWER_A, "function_call": 1}], "messages[2].function_call"
+        )
+        # Both tool_calls and the legacy function_call on one assistant message.
+        both = {**CALL_A, "function_call": {"name": "f", "arguments": "{}"}}
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            response, text = yield self.post(gateway, {"model": model, "messages": [*HELLO, both, ANSWER_A]})
+            self.assertEqual(response.code, 400, text)
+            self.assertEqual(self.assertOpenAIError(text)["param"], "messages[1].function_call")
+
+    @inlineCallbacks
+    def test_null_is_not_set(self):
+        """
+        A null field (as SDKs that dump every field send it) is accepted
+        and not forwarded.
+        """
+        gateway = self.gateway()
+        message = {"role": "user", "content": "hi", "tool_calls": None, "tool_call_id": None, "function_call": None}
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": [message]})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(self.upstream.kimi.last_body["messages"], [{"role": "user", "content": "hi"}])
+
+
+class StreamOptionsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_only_with_stream(self):
+        """
+        As OpenAI answers: C{stream_options} (unless null) needs
+        C{"stream": true}.
+        """
+        gateway = self.gateway()
+        for extra in ({}, {"stream": False}, {"stream": None}):
+            for options in ({"include_usage": True}, {}, "x"):
+                body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream_options": options, **extra}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (body, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "stream_options")
+                self.assertEqual(
+                    error["message"], "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+                )
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream_options": None}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+        self.assertIn('"usage"', text)
+
+
+class ModelRetrieveTests(DataPlaneTestCase):
+    """
+    C{GET /v1/models/{model}}, as C{client.models.retrieve} asks it.
+    """
+
+    @inlineCallbacks
+    def test_retrieve(self):
+        gateway = self.gateway()
+        gateway.service.route.switch(Route("kimi", "moonshot-v1-8k"))
+        client = self.sdk(gateway)
+        model = yield deferToThread(client.models.retrieve, "kimi/moonshot-v1-8k")
+        self.assertEqual(
+            (model.id, model.object, model.owned_by, model.created), ("kimi/moonshot-v1-8k", "model", "kimi", 0)
+        )
+        # A bare id: the active provider's; another provider's by its prefix.
+        model = yield deferToThread(client.models.retrieve, "moonshot-v1-32k")
+        self.assertEqual((model.id, model.owned_by), ("moonshot-v1-32k", "kimi"))
+        model = yield deferToThread(client.models.retrieve, "gemini/gemini-2.5-pro")
+        self.assertEqual((model.id, model.owned_by), ("gemini/gemini-2.5-pro", "gemini"))
+        # The "/" percent-encoded, as some clients send it.
+        response = yield self.http().get(
+            f"http://127.0.0.1:{gateway.api_port}/v1/models/kimi%2Fmoonshot-v1-8k",
+            headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+        )
+        document = yield response.json()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(document, {"id": "kimi/moonshot-v1-8k", "object": "model", "created": 0, "owned_by": "kimi"})
+        for missing in ("kimi/gpt-4o", "gpt-4o", "gemini/moonshot-v1-8k"):
+            failure = yield self.assertFailure(deferToThread(client.models.retrieve, missing), openai.NotFoundError)
+            self.assertEqual(failure.code, "model_not_found")
+            self.assertIn(missing, failure.message)
+        # The key check is the listing's.
+        failure = yield self.assertFailure(
+            deferToThread(self.sdk(gateway, "wrong-key-0123456789").models.retrieve, "kimi/moonshot-v1-8k"),
+            openai.AuthenticationError,
+        )
+        # The listing's errors: the provider's refusal, say.
+        self.upstream.kimi.mode = "error"
+        failure = yield self.assertFailure(
+            deferToThread(client.models.retrieve, "kimi/moonshot-v1-8k"), openai.APIStatusError
+        )
+        self.assertEqual(failure.status_code, 502)
+
+
+class RestrictedListingTests(GatewayCase):
+    @inlineCallbacks
+    def test_listing_and_retrieve_follow_models(self) -> Any:
+        """
+        A consumer restricted to gemini/* lists (and may retrieve) the
+        Gemini models while Kimi is active, as C{gemini/<model>}; not
+        Kimi's.
+        """
+        gateway, client = yield self.gateway()
+        gateway.service.route.switch(Route("kimi", "moonshot-v1-8k"))
+        created = yield self.command(
+            gateway, client, "consumer_create", {"name": "g", "models": ["gemini/*", "kimi/moonshot-v1-32k"]}
+        )
+        sdk = self.sdk(gateway, created["key"])
+        page = yield deferToThread(sdk.models.list)
+        self.assertEqual(
+            [(m.id, m.owned_by) for m in page],
+            [("moonshot-v1-32k", "kimi")] + [(f"gemini/{m}", "gemini") for m in self.upstream.gemini.models],
+        )
+        # Each id listed is one the consumer may call.
+        yield deferToThread(sdk.chat.completions.create, model=page.data[-1].id, messages=HELLO)
+        model = yield deferToThread(sdk.models.retrieve, "gemini/gemini-2.5-pro")
+        self.assertEqual(model.owned_by, "gemini")
+        failure = yield self.assertFailure(
+            deferToThread(sdk.models.retrieve, "kimi/moonshot-v1-8k"), openai.NotFoundError
+        )
+        self.assertEqual(failure.code, "model_not_found")
+        # The gateway's keys (unrestricted) still list the active provider's.
+        listed = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, GATEWAY_KEY).models.list()])
+        self.assertEqual(listed, self.upstream.kimi.models)
+
+
+class ErrorNamingTests(DataPlaneTestCase):
+    """
+    A 400 names the field the client sent.
+    """
+
+    @inlineCallbacks
+    def test_legacy_function_call(self):
+        gateway = self.gateway()
+        functions = [{"name": "f", "parameters": {"type": "object"}}]
+        body = {"messages": HELLO, "functions": functions, "function_call": {"name": "g"}}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 400, text)
+        error = self.assertOpenAIError(text)
+        self.assertEqual(error["param"], "function_call.name")
+        self.assertIn("function_call names the function 'g'", error["message"])
+        self.assertNotIn("tool_choice", error["message"])
+        response, text = yield self.post(gateway, {**body, "function_call": {"arguments": "{}"}})
+        self.assertEqual(response.code, 400, text)
+        self.assertEqual(self.assertOpenAIError(text)["param"], "function_call")
+        # The legacy call of a declared function still works.
+        response, text = yield self.post(gateway, {**body, "function_call": {"name": "f"}})
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
+    def test_content_part_without_type(self):
+        gateway = self.gateway()
+        for part, expected in (
+            ({"text": "hi"}, "messages[0].content[0] has no type"),
+            ({"type": ["text"], "text": "hi"}, "messages[0].content[0].type must be one of"),
+            ("hi", "messages[0].content[0] must be a content part"),
+        ):
+            body = {"messages": [{"role": "user", "content": [part]}]}
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (part, text))
+            error = self.assertOpenAIError(text)
+            self.assertIn(expected, error["message"])
+            self.assertNotIn("None", error["message"])
