@@ -325,7 +325,10 @@ def _consumer_commands(command: Any) -> None:
     revoke.add_argument("name")
     revoke.add_argument("key_prefix")
     usage = command("usage", "requests, tokens and cost per consumer, model or day")
-    usage.add_argument("--name", help="one consumer only ('-': the calls made with GATEWAY_API_KEYS' keys)")
+    usage.add_argument(
+        "--name",
+        help="one consumer only ('-': the calls made with GATEWAY_API_KEYS' keys; NAME@CREATED: a deleted one's)",
+    )
     usage.add_argument("--since", help="ISO date or UTC datetime (inclusive)")
     usage.add_argument("--until", help="ISO date or UTC datetime (exclusive)")
     usage.add_argument("--group-by", choices=("consumer", "model", "day"))
@@ -368,7 +371,8 @@ def format_consumers(result: Mapping[str, Any]) -> str:
         if consumer is not None:
             lines.append(format_consumers({"consumers": [consumer]}))
         if result.get("deleted"):
-            lines.append(f"deleted {result['deleted']}")
+            kept = result.get("usage_kept_as")
+            lines.append(f"deleted {result['deleted']}" + (f"; its usage is kept as {kept}" if kept else ""))
         if result.get("revoked"):
             lines.append(f"revoked {result['name']}'s key ock-{result['revoked']}...; {result['keys_left']} left")
         if result.get("key"):

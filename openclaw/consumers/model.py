@@ -29,6 +29,9 @@ KEY_RANDOM_CHARS = 40
 SHOWN_CHARS = 8
 PERIODS = ("day", "month", "total")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
+#: creation, UTC): no consumer can be named so.
+_RETIRED = re.compile(r"[A-Za-z0-9._-]{1,64}@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 #: The consumer name usage is recorded under for GATEWAY_API_KEYS' keys.
 NO_CONSUMER = "-"
 
@@ -185,6 +188,19 @@ def _optional_positive_int(value: object, field: str) -> int | None:
     return value
 
 
+def retired_name(consumer: Consumer) -> str:
+    """
+    The name a deleted consumer's usage is kept under: C{NAME@CREATED}
+    (C{team@2026-11-03T12:00:00Z}), so a consumer created again under
+    C{NAME} starts from nothing.
+    """
+    return f"{consumer.name}@{isoformat_utc(consumer.created_at)}"
+
+
+def is_retired_name(value: object) -> bool:
+    return isinstance(value, str) and _RETIRED.fullmatch(value) is not None
+
+
 def check_name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value == NO_CONSUMER:
         raise InvalidConsumer(
@@ -246,9 +262,11 @@ __all__ = [
     "NewKey",
     "check_name",
     "consumer_fields",
+    "is_retired_name",
     "isoformat_utc",
     "key_hash",
     "parse_time",
     "period_end",
     "period_key",
+    "retired_name",
 ]
