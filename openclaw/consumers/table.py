@@ -528,6 +528,12 @@ class ConsumerTable:
         consumer = self.current(holder)
         return consumer is not None and consumer.allows(provider, model)
 
+    def excluding(self, provider: str, model: str) -> list[str]:
+        """
+        The consumers, by name, whose C{models} exclude C{provider/model}.
+        """
+        return sorted(name for name, consumer in self.consumers.items() if not consumer.allows(provider, model))
+
     def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
         """
         Those of C{provider}'s C{models} the holder may call.
