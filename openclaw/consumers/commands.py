@@ -154,7 +154,7 @@ class ConsumerCommands:
             if "expires_at" in fields and consumer.expired(self.clock()):
                 # Allowed: it suspends a consumer, keeping its keys and usage.
                 result["warning"] = (
-                    f"expires_at is past: {consumer.name!r}'s keys are refused (401 expired_api_key) from now on; "
+                    f"expires_at is past: the keys of {consumer.name!r} are refused (401 expired_api_key) from now on; "
                     "set a future expires_at, or none, to let them in again"
                 )
             return result

@@ -114,7 +114,8 @@ class Consumer:
         document: dict[str, Any] = {
             "name": self.name,
             "budget_usd": self.budget_usd,
-            "budget_period": self.budget_period,
+            # A period without a budget means nothing.
+            "budget_period": self.budget_period if self.budget_usd is not None else None,
             "rpm": self.rpm,
             "tpm": self.tpm,
             "models": list(self.models),
@@ -240,16 +241,22 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
         if models is None or models == ["*"]:
             # What consumer_list shows for every model.
             models = []
-        if not isinstance(models, list) or not all(
-            isinstance(p, str) and "/" in p and p.strip() == p and p for p in models
-        ):
+        if not isinstance(models, list):
             raise InvalidConsumer(
                 'models must be a list of provider/model patterns, such as ["gemini/*", "kimi/moonshot-v1-8k"]'
             )
+        for pattern in models:
+            if not isinstance(pattern, str) or "/" not in pattern or pattern.strip() != pattern:
+                raise InvalidConsumer(
+                    f"models: {pattern!r} is no pattern; each must be provider/model or provider/*, "
+                    "such as kimi/* or gemini/gemini-2.5-flash"
+                )
         changes["models"] = tuple(models)
     if "expires_at" in data:
         expires = data["expires_at"]
         changes["expires_at"] = None if expires is None else parse_time(expires, "expires_at")
+    if changes.get("budget_period") is not None and changes.get("budget_usd", current.budget_usd) is None:
+        raise InvalidConsumer("budget_period needs budget_usd: give the budget it applies to (--budget-usd)")
     return attrs.evolve(current, **changes)
 
 
