@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
@@ -325,7 +326,10 @@ def _consumer_commands(command: Any) -> None:
     revoke.add_argument("name")
     revoke.add_argument("key_prefix")
     usage = command("usage", "requests, tokens and cost per consumer, model or day")
-    usage.add_argument("--name", help="one consumer only ('-': the calls made with GATEWAY_API_KEYS' keys)")
+    usage.add_argument(
+        "--name",
+        help="one consumer only ('-': the calls made with GATEWAY_API_KEYS' keys; NAME@CREATED: a deleted one's)",
+    )
     usage.add_argument("--since", help="ISO date or UTC datetime (inclusive)")
     usage.add_argument("--until", help="ISO date or UTC datetime (exclusive)")
     usage.add_argument("--group-by", choices=("consumer", "model", "day"))
@@ -355,7 +359,21 @@ def consumer_request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
                 value = CLEARED
             if value is not None:
                 data[field] = None if value is CLEARED else value
+        if cmd == "consumer_create" and "budget_period" in data and data.get("budget_usd") is None:
+            raise UsageError("--budget-period needs --budget-usd: give the budget it applies to")
+        if cmd == "consumer_update" and data.keys() == {"name"}:
+            raise UsageError(
+                "nothing to change: give at least one of --budget-usd, --budget-period, --rpm, --tpm, --model, "
+                "--expires-at"
+            )
     return cmd, data
+
+
+def plain_decimal(value: float) -> str:
+    """
+    Up to 6 significant digits, never an exponent: C{0.000013}, not C{1.3e-05}.
+    """
+    return format(Decimal(f"{value:.6g}"), "f")
 
 
 def format_consumers(result: Mapping[str, Any]) -> str:
@@ -368,7 +386,8 @@ def format_consumers(result: Mapping[str, Any]) -> str:
         if consumer is not None:
             lines.append(format_consumers({"consumers": [consumer]}))
         if result.get("deleted"):
-            lines.append(f"deleted {result['deleted']}")
+            kept = result.get("usage_kept_as")
+            lines.append(f"deleted {result['deleted']}" + (f"; its usage is kept as {kept}" if kept else ""))
         if result.get("revoked"):
             lines.append(f"revoked {result['name']}'s key ock-{result['revoked']}...; {result['keys_left']} left")
         if result.get("key"):
@@ -376,13 +395,13 @@ def format_consumers(result: Mapping[str, Any]) -> str:
         return "\n".join(lines)
     rows: list[tuple[str, ...]] = [("NAME", "BUDGET", "SPENT", "RPM", "TPM", "MODELS", "EXPIRES", "KEYS")]
     for c in result["consumers"]:
-        budget = "-" if c["budget_usd"] is None else f"{c['budget_usd']:g}/{c['budget_period']}"
+        budget = "-" if c["budget_usd"] is None else f"{plain_decimal(c['budget_usd'])}/{c['budget_period']}"
         rows.append(
             (
                 c["name"],
                 budget,
-                # 6 significant digits: a tiny spend shows (3.2e-06), not 0.0000.
-                f"{c.get('spent_usd', 0):.6g}",
+                # 6 significant digits: a tiny spend shows (0.0000032), not 0.0000.
+                plain_decimal(c.get("spent_usd", 0)),
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",

@@ -276,6 +276,7 @@ class GatewayService(MultiService):
             reserve_tokens=settings.consumer_reserve_tokens,
         )
         commands.extra = ConsumerCommands(self.consumers, reactor.seconds).handlers()
+        commands.excluded_consumers = self.consumers.excluding
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         #: This process's id in the cluster (host name and process id).

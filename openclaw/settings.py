@@ -714,14 +714,44 @@ def _own_directory(path: Path) -> Path:
     """
     Create the default state directory, mode 0700, if it is missing.
     """
+    problem = _make_state_directory(path)
+    if problem:
+        raise ConfigError(
+            f"cannot use the state directory {str(path)!r} ({problem}); "
+            "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
+        )
+    return path
+
+
+def _state_dir(text: str) -> Path:
+    """
+    An explicit C{STATE_DIR}: created like the default one (mode 0700,
+    parents as needed) and checked writable now, not at the first write.
+    """
+    path = Path(text)
+    problem = _make_state_directory(path)
+    if problem:
+        raise ConfigError(
+            f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
+            "gateway's user can write, or point STATE_DIR / --state-dir at one"
+        )
+    return path
+
+
+def _make_state_directory(path: Path) -> str:
+    """
+    Create C{path} (mode 0700, parents as needed) if it is missing; what is
+    wrong with it for the gateway's state, or C{""} if nothing.
+    """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        return "a file is in the way, not a directory"
     except OSError as e:
-        raise ConfigError(
-            f"cannot create the state directory {str(path)!r} ({e.strerror}); "
-            "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
-        ) from None
-    return path
+        return e.strerror or str(e)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return ""
 
 
 def _database_secrets(text: str) -> list[str]:
@@ -967,9 +997,10 @@ def load_settings(
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
     ca_file = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_path, "")
-    state_dir = read("STATE_DIR", str, "", "")
-    if state_dir:
-        state_path = Path(state_dir)
+    no_state_dir: Path | None = None
+    state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
+    if state_dir is not None:
+        state_path = state_dir
     elif daemon or os.environ.get("STATE_DIRECTORY"):
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
     else:

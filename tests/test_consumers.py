@@ -269,9 +269,15 @@ class StoreTests:
         snapshot = yield store.load(now)
         self.assertAlmostEqual(snapshot.spend[("team", "total")], 0.75)  # type: ignore[attr-defined]
         self.assertNotIn(("-", "total"), snapshot.spend)  # type: ignore[attr-defined]
-        yield store.delete("team")
+        yield store.delete("team", "team@2026-11-01T00:00:00Z")
         snapshot = yield store.load(now)
         self.assertEqual((snapshot.consumers, snapshot.keys), ({}, {}))  # type: ignore[attr-defined]
+        # Its spend goes; its usage is kept under its retired name.
+        self.assertNotIn(("team", "total"), snapshot.spend)  # type: ignore[attr-defined]
+        kept = yield store.usage("team@2026-11-01T00:00:00Z", None, None, None)
+        self.assertGreater(kept[0]["requests"], 0)  # type: ignore[index]
+        gone = yield store.usage("team", None, None, None)
+        self.assertEqual(gone[0]["requests"], 0)  # type: ignore[index]
 
 
 class SQLiteStoreTests(StoreTests, TestCase):
@@ -823,4 +829,5 @@ class ConsumerCtlTests(GatewayCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["result"]["consumers"][0]["name"], "app")
         out, err, code = yield self.ctl(gateway, "consumer", "delete", "app")
-        self.assertEqual((out, code), ("deleted app\n", 0))
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"^deleted app; its usage is kept as app@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\n$")

@@ -29,6 +29,8 @@ from tests.test_twistd import SECRET, base_env
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 HELLO = [{"role": "user", "content": "hi"}]
 MODEL = "kimi/moonshot-v1-8k"
+#: One call on the stand-in costs 0.00001 USD: the budget of one call a day.
+CHEAP = {"name": "cheap", "budget_usd": 0.00001, "budget_period": "day"}
 
 
 def sleep(seconds: float) -> Any:
@@ -196,6 +198,34 @@ class ConsumersOnTwoInstances(TestCase):
         for sdk in (on_a_sdk, on_b_sdk):
             status = yield self.status(sdk)
             self.assertEqual(status, (429, "insufficient_quota"))
+
+    @inlineCallbacks
+    def test_recreated_on_another_instance(self) -> Any:
+        """
+        Spent on instance B, deleted and created again on A: B admits the
+        new consumer's first call, and Redis holds only its spend.
+        """
+        (_, token, on_a, _), (_, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", CHEAP)
+        yield self.reaches(on_b, token, "cheap")
+        on_b_sdk = self.sdk(api_b, created["key"])
+        first = yield self.status(on_b_sdk)
+        spent = yield self.status(on_b_sdk)
+        self.assertEqual((first, spent), ((200, None), (429, "insufficient_quota")))
+        yield self.command(on_a, token, "consumer_delete", {"name": "cheap"})
+        again = yield self.command(on_a, token, "consumer_create", CHEAP)
+        self.assertEqual(again["consumer"]["spent_usd"], 0)
+        new_sdk = self.sdk(api_b, again["key"])
+        for _ in range(50):
+            status = yield self.status(new_sdk)
+            if status[0] != 401:
+                break
+            yield sleep(0.05)
+        self.assertEqual(status, (200, None))
+        key = f"openclaw:consumer:cheap:spend:{time.strftime('%Y-%m-%d', time.gmtime())}"
+        self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), 0.00001, places=12)
+        listed = yield self.command(on_b, token, "consumer_list", {"name": "cheap"})
+        self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00001, places=12)
 
 
 class Unreachable:

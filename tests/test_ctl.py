@@ -154,11 +154,11 @@ class ParseRequestTests(TestCase):
 
     def test_tiny_spend_shows(self):
         """
-        consumer list shows a tiny spend, not 0.0000.
+        consumer list shows a tiny spend, not 0.0000, as a plain decimal (no exponent).
         """
         consumer = {"name": "a", "budget_usd": None, "budget_period": "month", "rpm": None, "tpm": None,
                     "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
-        self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +3\.2e-06 +- +- +\*")
+        self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +0\.0000032 +- +- +\*")
 
     def test_token_precedence(self):
         token_file = Path(self.mktemp())

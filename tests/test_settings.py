@@ -357,7 +357,9 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(state_dir.stat().st_mode), 0o700)
         self.environ["STATE_DIRECTORY"] = str(self.cwd / "systemd")
         self.assertEqual(self.load().state_dir, self.cwd / "systemd")
-        self.assertEqual(self.load(options={"STATE_DIR": "/x"}, daemon=True).state_dir, Path("/x"))
+        explicit = self.cwd.absolute() / "explicit" / "state"
+        self.assertEqual(self.load(options={"STATE_DIR": str(explicit)}, daemon=True).state_dir, explicit)
+        self.assertEqual(stat.S_IMODE(explicit.stat().st_mode), 0o700)
         home = Path("/home/op")
         self.assertEqual(default_state_dir({}, 0, home), Path("/var/lib/openclaw"))
         self.assertEqual(default_state_dir({}, 1000, home), home / ".local/state/openclaw")

@@ -5,7 +5,8 @@ as the others and audited like C{switch_provider}:
  - C{consumer_create} C{{name, budget_usd?, budget_period?, rpm?, tpm?,
    models?, expires_at?}} -> the consumer and its first key (shown once);
  - C{consumer_update} (the same fields; C{name} required) -> the consumer;
- - C{consumer_delete} C{{name}}; C{key_create} C{{name}} -> a new key;
+ - C{consumer_delete} C{{name}} -> C{usage_kept_as}: the name its usage
+   rows are kept under (C{NAME@CREATED}); C{key_create} C{{name}} -> a new key;
  - C{key_revoke} C{{name, key_prefix}}; C{consumer_list} C{{name?}};
  - C{usage} C{{name?, since?, until?, group_by?}} -> C{total} and, with
    C{group_by}, C{groups} (one per consumer, model or day): C{requests},
@@ -30,7 +31,9 @@ from openclaw.consumers.model import (
     NewKey,
     check_name,
     consumer_fields,
+    is_retired_name,
     parse_time,
+    retired_name,
 )
 from openclaw.consumers.store import GROUPS
 from openclaw.consumers.table import ConsumerTable
@@ -151,7 +154,7 @@ class ConsumerCommands:
             if "expires_at" in fields and consumer.expired(self.clock()):
                 # Allowed: it suspends a consumer, keeping its keys and usage.
                 result["warning"] = (
-                    f"expires_at is past: {consumer.name!r}'s keys are refused (401 expired_api_key) from now on; "
+                    f"expires_at is past: the keys of {consumer.name!r} are refused (401 expired_api_key) from now on; "
                     "set a future expires_at, or none, to let them in again"
                 )
             return result
@@ -160,8 +163,10 @@ class ConsumerCommands:
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
-        self._existing(name)
-        return self.table.delete(name).addCallbacks(lambda _: {"deleted": name}, _database_failed)
+        retired = retired_name(self._existing(name))
+        return self.table.delete(name).addCallbacks(
+            lambda _: {"deleted": name, "usage_kept_as": retired}, _database_failed
+        )
 
     def consumer_list(self, data: object) -> Result:
         fields = _data(data, frozenset({"name"}))
@@ -200,9 +205,12 @@ class ConsumerCommands:
     def usage(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name", "since", "until", "group_by"}))
         name = fields.get("name")
-        if name is not None and name != NO_CONSUMER:
-            # NO_CONSUMER ("-"): the calls made with GATEWAY_API_KEYS' keys.
+        if name is not None and name != NO_CONSUMER and not is_retired_name(name):
+            # NO_CONSUMER ("-"): the calls made with GATEWAY_API_KEYS' keys;
+            # NAME@CREATED: a deleted consumer's (retired_name).
             name = _name(fields)
+        # A name no consumer has now: the usage of the deleted ones of that name.
+        retired = name is not None and name != NO_CONSUMER and name not in self.table.consumers
         group_by = fields.get("group_by")
         if group_by is not None and group_by not in GROUPS:
             raise CommandError(f"data.group_by must be one of {', '.join(GROUPS)}")
@@ -220,7 +228,7 @@ class ConsumerCommands:
         flushed = self.table.flush()
 
         def query(_: None) -> Deferred[list[dict[str, Any]]]:
-            return self.table.store.usage(name, since, until, group_by)
+            return self.table.store.usage(name, since, until, group_by, retired)
 
         def answered(rows: list[dict[str, Any]]) -> Result:
             if (
@@ -232,7 +240,8 @@ class ConsumerCommands:
                 # A deleted consumer's usage is still answered; a name never used is a mistake.
                 known = ", ".join(sorted(self.table.consumers)) or "none yet"
                 raise CommandError(
-                    f"no consumer named {name!r}, and no usage recorded under that name; consumers: {known}"
+                    f"no consumer named {name!r}, and no usage recorded under that name (a deleted consumer's is "
+                    f"kept as NAME@CREATED: see usage --group-by consumer); consumers: {known}"
                 )
             result: Result = {"name": name, "since": fields.get("since"), "until": fields.get("until")}
             if group_by is None:

@@ -29,6 +29,9 @@ KEY_RANDOM_CHARS = 40
 SHOWN_CHARS = 8
 PERIODS = ("day", "month", "total")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
+#: creation, UTC): no consumer can be named so.
+_RETIRED = re.compile(r"[A-Za-z0-9._-]{1,64}@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 #: The consumer name usage is recorded under for GATEWAY_API_KEYS' keys.
 NO_CONSUMER = "-"
 
@@ -111,7 +114,8 @@ class Consumer:
         document: dict[str, Any] = {
             "name": self.name,
             "budget_usd": self.budget_usd,
-            "budget_period": self.budget_period,
+            # A period without a budget means nothing.
+            "budget_period": self.budget_period if self.budget_usd is not None else None,
             "rpm": self.rpm,
             "tpm": self.tpm,
             "models": list(self.models),
@@ -185,6 +189,19 @@ def _optional_positive_int(value: object, field: str) -> int | None:
     return value
 
 
+def retired_name(consumer: Consumer) -> str:
+    """
+    The name a deleted consumer's usage is kept under: C{NAME@CREATED}
+    (C{team@2026-11-03T12:00:00Z}), so a consumer created again under
+    C{NAME} starts from nothing.
+    """
+    return f"{consumer.name}@{isoformat_utc(consumer.created_at)}"
+
+
+def is_retired_name(value: object) -> bool:
+    return isinstance(value, str) and _RETIRED.fullmatch(value) is not None
+
+
 def check_name(value: object) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value == NO_CONSUMER:
         raise InvalidConsumer(
@@ -224,16 +241,22 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
         if models is None or models == ["*"]:
             # What consumer_list shows for every model.
             models = []
-        if not isinstance(models, list) or not all(
-            isinstance(p, str) and "/" in p and p.strip() == p and p for p in models
-        ):
+        if not isinstance(models, list):
             raise InvalidConsumer(
                 'models must be a list of provider/model patterns, such as ["gemini/*", "kimi/moonshot-v1-8k"]'
             )
+        for pattern in models:
+            if not isinstance(pattern, str) or "/" not in pattern or pattern.strip() != pattern:
+                raise InvalidConsumer(
+                    f"models: {pattern!r} is no pattern; each must be provider/model or provider/*, "
+                    "such as kimi/* or gemini/gemini-2.5-flash"
+                )
         changes["models"] = tuple(models)
     if "expires_at" in data:
         expires = data["expires_at"]
         changes["expires_at"] = None if expires is None else parse_time(expires, "expires_at")
+    if changes.get("budget_period") is not None and changes.get("budget_usd", current.budget_usd) is None:
+        raise InvalidConsumer("budget_period needs budget_usd: give the budget it applies to (--budget-usd)")
     return attrs.evolve(current, **changes)
 
 
@@ -246,9 +269,11 @@ __all__ = [
     "NewKey",
     "check_name",
     "consumer_fields",
+    "is_retired_name",
     "isoformat_utc",
     "key_hash",
     "parse_time",
     "period_end",
     "period_key",
+    "retired_name",
 ]

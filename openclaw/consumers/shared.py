@@ -137,6 +137,9 @@ redis.call('SET', KEYS[1], '1')
 return 1
 """
 
+#: KEYS: a deleted consumer's windows, reservations and running spends.
+FORGET = "return redis.call('DEL', unpack(KEYS))"
+
 #: How long a period's spend is kept in Redis, in seconds (0: always).
 SPEND_TTL = {"day": 3 * 86400, "month": 40 * 86400, "total": 0}
 
@@ -188,6 +191,35 @@ class SharedCounters:
 
     def forget(self, consumer: str) -> None:
         self.local.forget(consumer)
+        self.seen = {key: usd for key, usd in self.seen.items() if key[0] != consumer}
+
+    def deleted(self, consumer: str, now: float) -> None:
+        """
+        C{consumer} was deleted on this instance: forgotten here and in
+        Redis, so that one created again under its name starts from nothing.
+        """
+        self.forget(consumer)
+        if not self.up:
+            self._log.warn(
+                "Redis is unreachable: the deleted consumer {consumer!r}'s counters stay there until its "
+                "periods end (a consumer created again under that name would inherit them)",
+                consumer=consumer,
+            )
+            return
+        keys = [
+            self._keys(consumer, "reserved"),
+            self._keys(consumer, "tpm"),
+            self._keys(consumer, "rpm"),
+            *(self._keys(consumer, "spend", period_key(period, now)) for period in ("day", "month", "total")),
+        ]
+        sent: Deferred[Any] = self.redis.script(FORGET, keys, [])
+        sent.addTimeout(self.timeout, self.reactor).addErrback(
+            lambda reason: self._log.warn(
+                "the deleted consumer {consumer!r}'s counters were not removed from Redis ({error})",
+                consumer=consumer,
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+        )
 
     def spent(self, consumer: str, period: str, now: float) -> float:
         key = (consumer, period_key(period, now))

@@ -424,12 +424,19 @@ class ConsumerStore:
             (*values[1:7], consumer.name),
         )
 
-    def delete(self, name: str) -> Deferred[None]:
-        return self._interact(self._delete, name)
+    def delete(self, name: str, retired: str) -> Deferred[None]:
+        """
+        Delete the consumer C{name}, its keys and its spend; its usage rows
+        are kept, renamed C{retired} (L{openclaw.consumers.model.retired_name}),
+        so that a consumer created again under C{name} starts from nothing.
+        """
+        return self._interact(self._delete, name, retired)
 
-    def _delete(self, cursor: Any, name: str) -> None:
+    def _delete(self, cursor: Any, name: str, retired: str) -> None:
         cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
         cursor.execute(self._sql("DELETE FROM consumers WHERE name = ?"), (name,))
+        cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (name,))
+        cursor.execute(self._sql("UPDATE usage_rows SET consumer = ? WHERE consumer = ?"), (retired, name))
 
     def add_key(self, name: str, key_hash: str, prefix: str, now: float) -> Deferred[None]:
         return self._interact(self._add_key, name, key_hash, prefix, now)
@@ -511,20 +518,37 @@ class ConsumerStore:
         return int(cursor.rowcount)
 
     def usage(
-        self, name: str | None, since: float | None, until: float | None, group_by: str | None
+        self,
+        name: str | None,
+        since: float | None,
+        until: float | None,
+        group_by: str | None,
+        retired: bool = False,
     ) -> Deferred[list[dict[str, Any]]]:
         """
         Requests, tokens and cost of the rows from C{since} (inclusive) to
         C{until} (exclusive), for one consumer or all, in one total or one
-        row per C{group_by} (C{consumer}, C{model} or C{day}).
+        row per C{group_by} (C{consumer}, C{model} or C{day}).  With
+        C{retired}, C{name}'s rows include those of the deleted consumers
+        of that name (C{NAME@CREATED}).
         """
-        return self._interact(self._usage, name, since, until, group_by)
+        return self._interact(self._usage, name, since, until, group_by, retired)
 
     def _usage(
-        self, cursor: Any, name: str | None, since: float | None, until: float | None, group_by: str | None
+        self,
+        cursor: Any,
+        name: str | None,
+        since: float | None,
+        until: float | None,
+        group_by: str | None,
+        retired: bool = False,
     ) -> list[dict[str, Any]]:
         where: list[str] = []
         params: list[Any] = []
+        if name is not None and retired:
+            where.append("(consumer = ? OR substr(consumer, 1, ?) = ?)")
+            params.extend((name, len(name) + 1, name + "@"))
+            name = None
         for clause, value in (("consumer = ?", name), ("ts >= ?", since), ("ts < ?", until)):
             if value is not None:
                 where.append(clause)

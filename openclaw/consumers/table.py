@@ -28,6 +28,7 @@ from openclaw.consumers.model import (
     key_hash,
     period_end,
     period_key,
+    retired_name,
 )
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow
@@ -52,6 +53,9 @@ class Holder:
 
     consumer: str
     prefix: str
+    #: The consumer's C{created_at}: which consumer of that name (one
+    #: deleted and created again is another, L{ConsumerTable.current}).
+    created_at: float = 0.0
     #: US dollars reserved at admission, released when the call is counted.
     reserved: float = 0.0
     #: The second (POSIX, whole) the reservation was made in.
@@ -159,6 +163,8 @@ class Counters(Protocol):
     def load(self, spend: dict[tuple[str, str], float]) -> None: ...
 
     def forget(self, consumer: str) -> None: ...
+
+    def deleted(self, consumer: str, now: float) -> None: ...
 
 
 @attrs.define
@@ -273,9 +279,18 @@ class LocalCounters:
             self.spend = {k: v for k, v in self.spend.items() if k[1] in current}
 
     def forget(self, consumer: str) -> None:
+        """
+        Drop everything counted for C{consumer} (deleted, here or on
+        another instance): a consumer created again under its name starts
+        from nothing.
+        """
         self.requests.pop(consumer, None)
         self.tokens.pop(consumer, None)
         self.reservations.pop(consumer, None)
+        self.spend = {key: usd for key, usd in self.spend.items() if key[0] != consumer}
+
+    def deleted(self, consumer: str, now: float) -> None:
+        self.forget(consumer)
 
 
 class ConsumerTable:
@@ -334,7 +349,14 @@ class ConsumerTable:
     def adopt(self, snapshot: Snapshot) -> None:
         """
         Replace the table with C{snapshot} (start-up, or a cluster reload).
+        A consumer deleted meanwhile (gone, or created again since) is
+        forgotten: its counters, and its rows not yet written go under
+        its retired name.
         """
+        for name, old in self.consumers.items():
+            new = snapshot.consumers.get(name)
+            if new is None or new.created_at != old.created_at:
+                self._retire(old)
         self.consumers = snapshot.consumers
         self.keys = snapshot.keys
         self.counters.load(snapshot.spend)
@@ -410,8 +432,18 @@ class ConsumerTable:
                 "invalid_request_error",
                 "expired_api_key",
             )
-            return Holder(name, prefix, refusal=expired)
-        return Holder(name, prefix)
+            return Holder(name, prefix, consumer.created_at, refusal=expired)
+        return Holder(name, prefix, consumer.created_at)
+
+    def current(self, holder: Holder) -> Consumer | None:
+        """
+        The holder's consumer, None if it was deleted since its key was
+        looked up (even if one of that name was created again).
+        """
+        consumer = self.consumers.get(holder.consumer)
+        if consumer is None or consumer.created_at != holder.created_at:
+            return None
+        return consumer
 
     def refused(self, holder: Holder, refusal: APIError) -> None:
         """
@@ -451,7 +483,7 @@ class ConsumerTable:
         """
         if holder is GATEWAY:
             return None
-        consumer = self.consumers.get(holder.consumer)
+        consumer = self.current(holder)
         if consumer is None:
             # Deleted since the key was looked up: as if unknown.
             return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
@@ -475,7 +507,7 @@ class ConsumerTable:
         """
         if holder is GATEWAY:
             return None
-        consumer = self.consumers.get(holder.consumer)
+        consumer = self.current(holder)
         if consumer is None:
             return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
         if consumer.rpm is None:
@@ -493,8 +525,14 @@ class ConsumerTable:
         """
         if holder is GATEWAY:
             return True
-        consumer = self.consumers.get(holder.consumer)
+        consumer = self.current(holder)
         return consumer is not None and consumer.allows(provider, model)
+
+    def excluding(self, provider: str, model: str) -> list[str]:
+        """
+        The consumers, by name, whose C{models} exclude C{provider/model}.
+        """
+        return sorted(name for name, consumer in self.consumers.items() if not consumer.allows(provider, model))
 
     def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
         """
@@ -548,7 +586,11 @@ class ConsumerTable:
         prompt, completion, reasoning, cached = tokens
         cost = self.prices.cost(provider, model, prompt, completion, cached)
         name = holder.consumer
-        self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
+        consumer = self.current(holder)
+        if consumer is not None:
+            self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
+        # A call of a consumer deleted while it ran: recorded, counted for nobody alive.
+        row_name = name if consumer is not None else retired_name(Consumer(name, created_at=holder.created_at))
         metrics = self.metrics
         if metrics is not None:
             metrics.requests(name, status)
@@ -557,7 +599,17 @@ class ConsumerTable:
                 metrics.spend(name, cost)
         self._add(
             UsageRow(
-                now, name, holder.prefix, provider, model, status, prompt, completion, reasoning, cost, seconds * 1000
+                now,
+                row_name,
+                holder.prefix,
+                provider,
+                model,
+                status,
+                prompt,
+                completion,
+                reasoning,
+                cost,
+                seconds * 1000,
             )
         )
 
@@ -625,16 +677,32 @@ class ConsumerTable:
 
         return self.store.update(consumer).addCallback(updated)
 
-    def delete(self, name: str) -> Deferred[None]:
-        # Out of the table first: refused from now on, whatever the database says.
-        self.consumers.pop(name, None)
-        self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
+    def _retire(self, consumer: Consumer) -> None:
+        # Its rows not yet written go under its retired name, as those written will.
+        name, retired = consumer.name, retired_name(consumer)
+        self._pending = [attrs.evolve(row, consumer=retired) if row.consumer == name else row for row in self._pending]
         self.counters.forget(name)
+
+    def delete(self, name: str) -> Deferred[None]:
+        """
+        Delete a consumer: its keys, counters and spend go; its usage rows
+        are kept under its retired name (L{retired_name}), so that one
+        created again under C{name} starts from nothing.
+        """
+        # Out of the table first: refused from now on, whatever the database says.
+        consumer = self.consumers.pop(name)
+        self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
+        self._retire(consumer)
+        self.counters.deleted(name, self.clock())
+        # After a write under way (its rows still carry the name).
+        waiting = self._flushing if self._flushing is not None else succeed(None)
+        writing: Deferred[None] = Deferred()
+        waiting.addBoth(lambda _: writing.callback(None))
 
         def deleted(_: None) -> None:
             self.changed(name)
 
-        return self.store.delete(name).addCallback(deleted)
+        return writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
         key = NewKey.make()

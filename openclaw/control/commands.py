@@ -108,6 +108,10 @@ def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
 
 _NONE: frozenset[str] = frozenset()
 _SWITCH_FIELDS = frozenset({"provider", "model"})
+#: The longest model name switch_provider takes.
+MAX_MODEL_CHARS = 256
+#: Consumers a switch_provider warning names, before "and N more".
+MAX_NAMED_CONSUMERS = 5
 
 
 @attrs.define
@@ -140,6 +144,9 @@ class ControlCommands:
     instance_status: Callable[[], dict[str, Any]] | None = None
     #: More commands by name (the consumer commands), after the five.
     extra: dict[str, Callable[[object], Answer]] = attrs.Factory(dict)
+    #: The consumers whose C{models} exclude a provider's model
+    #: (L{openclaw.consumers.table.ConsumerTable.excluding}).
+    excluded_consumers: Callable[[str, str], list[str]] = lambda provider, model: []
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -184,6 +191,22 @@ class ControlCommands:
             raise CommandError("data.model must be a non-empty string when given")
         if not printable_model(model):
             raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
+        if len(model) > MAX_MODEL_CHARS:
+            raise CommandError(
+                f"data.model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: "
+                "send the model name as the provider lists it"
+            )
+        model = model.strip()
+        named, slash, rest = model.partition("/")
+        if slash and named in self.providers.ids:
+            # provider/model, as the data plane takes it: the provider's own
+            # prefix is dropped; another provider's is a mistake.
+            if named != provider_id:
+                raise CommandError(
+                    f"data.model {model!r} names provider {named!r}, not {provider_id!r}: to use it, switch "
+                    f"to {named!r} (switch_provider {named} --model {rest})"
+                )
+            model = rest
         # As the provider lists it (Gemini's "models/" prefix dropped), so
         # that prices, consumers' model patterns and usage see one name.
         model = provider.normalize_model(model.strip())
@@ -196,6 +219,15 @@ class ControlCommands:
             # The switch is made all the same: an operator may know better
             # than a listing (a model served but not listed, one just added).
             warnings = [w for w in (provider.missing_key_warning(), provider.unlisted_model_warning(model)) if w]
+            excluded = self.excluded_consumers(provider_id, model)
+            if excluded:
+                shown = ", ".join(excluded[:MAX_NAMED_CONSUMERS])
+                if len(excluded) > MAX_NAMED_CONSUMERS:
+                    shown += f" and {len(excluded) - MAX_NAMED_CONSUMERS} more"
+                warnings.append(
+                    f"the models of consumer(s) {shown} exclude {provider_id}/{model}: their calls to the active "
+                    "route get 403 model_not_allowed; widen their models with consumer_update, or switch back"
+                )
             if warnings:
                 result["warning"] = "; ".join(warnings)
             return result

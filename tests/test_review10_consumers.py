@@ -1,0 +1,193 @@
+"""
+Consumers as a fresh operator's review (10) found them: a consumer deleted
+and created again under its name starts from nothing (its spend in memory,
+in the database and in Redis), the deleted one's usage kept readable under
+NAME@CREATED; the openai SDK against a gateway in this process, or two
+C{twistd -n openclaw} on one Redis and one PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from tests.postgres_server import postgres_database
+from tests.test_consumers import GatewayCase
+from tests.test_consumers_cluster import MODEL
+from tests.test_dataplane import HELLO
+
+CHEAP = {"name": "cheap", "budget_usd": 0.00001, "budget_period": "day"}
+
+
+class RecreatedTests(GatewayCase):
+    @inlineCallbacks
+    def spend_once(self, gateway: Any, client: Any) -> Any:
+        created = yield self.command(gateway, client, "consumer_create", CHEAP)
+        sdk = self.sdk(gateway, created["key"])
+        yield self.call(sdk)
+        # One call costs 0.00001 USD on the stand-in: the budget is spent.
+        refused = yield self.refused(sdk, MODEL)
+        self.assertEqual(refused.code, "insufficient_quota")
+        return created
+
+    def call(self, sdk: Any) -> Any:
+        return deferToThread(sdk.chat.completions.create, model=MODEL, messages=HELLO)
+
+    @inlineCallbacks
+    def test_recreated_consumer_starts_from_nothing(self) -> Any:
+        """
+        consumer_delete then consumer_create of the same name: the new one
+        has spent nothing and its first call is admitted; usage --name
+        counts its calls only; the deleted one's are kept under the name
+        the delete answered; a restart (spend read from the database)
+        counts the new one's spend only.
+        """
+        state = self.mktemp()
+        gateway, client = yield self.gateway(state_dir=self.state(state))
+        yield self.spend_once(gateway, client)
+        deleted = yield self.command(gateway, client, "consumer_delete", {"name": "cheap"})
+        retired = deleted["usage_kept_as"]
+        self.assertRegex(retired, r"^cheap@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        again = yield self.command(gateway, client, "consumer_create", CHEAP)
+        self.assertEqual(again["consumer"]["spent_usd"], 0)
+        yield self.call(self.sdk(gateway, again["key"]))
+        usage = yield self.command(gateway, client, "usage", {"name": "cheap"})
+        self.assertEqual((usage["total"]["requests"], usage["total"]["limited"]), (1, 0))
+        old = yield self.command(gateway, client, "usage", {"name": retired})
+        self.assertEqual((old["total"]["requests"], old["total"]["limited"]), (1, 1))
+        grouped = yield self.command(gateway, client, "usage", {"group_by": "consumer"})
+        self.assertEqual(sorted(g["consumer"] for g in grouped["groups"]), ["cheap", retired])
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "cheap"})
+        spent = listed["consumers"][0]["spent_usd"]
+        self.assertAlmostEqual(spent, 0.00001, places=12)
+        yield gateway.service.stopService()
+
+        # Another gateway on the same database: the spend it reads is the new one's.
+        gateway, client = yield self.gateway(state_dir=self.state(state))
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "cheap"})
+        self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], spent, places=12)
+        # Gone altogether: usage --name still answers the deleted ones'.
+        yield self.command(gateway, client, "consumer_delete", {"name": "cheap"})
+        usage = yield self.command(gateway, client, "usage", {"name": "cheap"})
+        self.assertEqual(usage["total"]["requests"], 2)
+
+    def state(self, path: str) -> Any:
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+
+class PostgresRecreatedTests(RecreatedTests):
+    def setUp(self) -> None:
+        self.database = postgres_database()
+        super().setUp()
+
+
+class CtlReviewTests(GatewayCase):
+    """
+    openclawctl (the installed script) against a gateway in this process.
+    """
+
+    @inlineCallbacks
+    def ctl(self, gateway: Any, *args: str) -> Any:
+        from tests.test_ctl import run_ctl
+
+        answer = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, *args)
+        return answer
+
+    @inlineCallbacks
+    def test_switch_names_the_consumers_it_shuts_out(self) -> Any:
+        """
+        switch_provider to a route some consumers' models exclude warns,
+        naming up to five of them then a count; openclawctl prints it.
+        """
+        gateway, client = yield self.gateway()
+        yield self.command(gateway, client, "consumer_create", {"name": "konly", "models": ["kimi/*"]})
+        yield self.command(gateway, client, "consumer_create", {"name": "any"})
+        out, err, code = yield self.ctl(gateway, "switch-provider", "kimi")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("consumer", err)
+        out, err, code = yield self.ctl(gateway, "switch-provider", "gemini")
+        self.assertEqual(code, 0, err)
+        self.assertIn("the models of consumer(s) konly exclude gemini/", err)
+        self.assertIn("403 model_not_allowed", err)
+        for n in range(6):
+            yield self.command(gateway, client, "consumer_create", {"name": f"k{n}", "models": ["kimi/*"]})
+        answer = yield self.command(gateway, client, "switch_provider", {"provider": "gemini"})
+        self.assertIn("consumer(s) k0, k1, k2, k3, k4 and 2 more exclude", answer["warning"])
+        self.assertNotIn("any", answer["warning"])
+
+    @inlineCallbacks
+    def test_switch_model_prefixes_and_bounds(self) -> Any:
+        """
+        The switched-to provider's own prefix is dropped; another's is
+        refused, saying which provider to switch to; an overlong model
+        name is refused with what to send.
+        """
+        gateway, client = yield self.gateway()
+        answer = yield self.command(
+            gateway, client, "switch_provider", {"provider": "gemini", "model": "gemini/gemini-2.5-flash"}
+        )
+        self.assertEqual(answer["model"], "gemini-2.5-flash")
+        self.assertEqual(gateway.service.route.current.model, "gemini-2.5-flash")
+        out, err, code = yield self.ctl(gateway, "switch-provider", "gemini", "--model", "kimi/moonshot-v1-8k")
+        self.assertNotEqual(code, 0)
+        self.assertIn("names provider 'kimi', not 'gemini': to use it, switch to 'kimi'", err)
+        refused = yield client.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "m" * 257})
+        self.assertFalse(refused["ok"])
+        self.assertIn("model names are at most 256", refused["error"])
+        self.assertEqual(gateway.service.route.current.model, "gemini-2.5-flash")
+
+    @inlineCallbacks
+    def test_consumer_edge_cases(self) -> Any:
+        """
+        --budget-period without --budget-usd is refused (create, and
+        update of a consumer without a budget); a consumer without a
+        budget shows budget_period null; update with nothing to change
+        says so and fails; a model pattern without provider/ is named.
+        """
+        gateway, client = yield self.gateway()
+        out, err, code = yield self.ctl(gateway, "consumer", "create", "b3", "--budget-period", "day")
+        self.assertEqual(code, 2, err)
+        self.assertIn("--budget-period needs --budget-usd", err)
+        out, err, code = yield self.ctl(gateway, "--json", "consumer", "create", "b3")
+        self.assertEqual(code, 0, err)
+        self.assertIsNone(json.loads(out)["result"]["consumer"]["budget_period"])
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "b3", "--budget-period", "day")
+        self.assertNotEqual(code, 0)
+        self.assertIn("budget_period needs budget_usd", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "b3")
+        self.assertEqual(code, 2)
+        self.assertIn("nothing to change", err)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "b3", "--model", "kimi")
+        self.assertNotEqual(code, 0)
+        self.assertIn("'kimi' is no pattern; each must be provider/model or provider/*", err)
+        # A consumer with a budget may change its period alone.
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "b3", "--budget-usd", "0.00001")
+        self.assertEqual(code, 0, err)
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "b3", "--budget-period", "day")
+        self.assertEqual(code, 0, err)
+
+    @inlineCallbacks
+    def test_table_figures_and_warning_quoting(self) -> Any:
+        """
+        BUDGET and SPENT print plain decimals, never an exponent; the past
+        expires_at warning quotes the name once.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", CHEAP)
+        yield deferToThread(self.sdk(gateway, created["key"]).chat.completions.create, model=MODEL, messages=HELLO)
+        out, err, code = yield self.ctl(gateway, "consumer", "list")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("e-0", out)
+        self.assertIn("0.00001/day", out)
+        row = out.splitlines()[1].split()
+        self.assertEqual(row[:3], ["cheap", "0.00001/day", "0.00001"])
+        out, err, code = yield self.ctl(gateway, "consumer", "update", "cheap", "--expires-at", "2000-01-01")
+        self.assertEqual(code, 0, err)
+        self.assertIn("the keys of 'cheap' are refused", err)
+        self.assertNotIn("''", err)

@@ -1,0 +1,100 @@
+"""
+STATE_DIR and TOKEN_FILE as a fresh operator gives them (review 10):
+an explicit state directory that does not exist yet is created mode 0700
+like the default one; one that cannot be used stops start-up with one
+line naming the variable, the value and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.support import free_port, spawn_gateway, twistd_path
+from tests.test_twistd import SECRET, base_env
+
+
+class StateDirTests(TestCase):
+    timeout = 60
+
+    def directory(self) -> Path:
+        path = Path(self.mktemp()).resolve()
+        path.mkdir(parents=True)
+        return path
+
+    @inlineCallbacks
+    def test_missing_state_dir_is_created(self):
+        """
+        twistd -n openclaw --state-dir DIR, DIR and its parents missing:
+        the gateway starts, DIR is made mode 0700 and holds the database.
+        """
+        state = self.directory() / "a" / "b" / "state"
+        process = spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1", "--state-dir", str(state)], base_env()
+        )
+        yield process.token
+        self.assertTrue(state.is_dir())
+        self.assertEqual(stat.S_IMODE(state.stat().st_mode), 0o700)
+        self.assertTrue((state / "openclaw.db").exists())
+        yield process.stop()
+
+    @inlineCallbacks
+    def test_unusable_state_dir_is_one_line(self):
+        """
+        A file in the way of STATE_DIR (or of one of its parents), or a
+        directory the gateway cannot write, stops start-up with one line
+        naming STATE_DIR and the value, no traceback.
+        """
+        run = self.directory()
+        blocker = run / "a-file"
+        blocker.write_text("not a directory\n")
+        cases = [
+            (["--state-dir", str(blocker)], {}, f"STATE_DIR={str(blocker)!r} cannot be used (a file is in the way"),
+            ([], {"STATE_DIR": str(blocker / "below")}, f"STATE_DIR={str(blocker / 'below')!r} cannot be used"),
+        ]
+        if os.geteuid() != 0:
+            locked = run / "locked"
+            locked.mkdir(mode=0o500)
+            self.addCleanup(locked.chmod, 0o700)
+            cases.append((["--state-dir", str(locked)], {}, f"STATE_DIR={str(locked)!r} cannot be used (not writable)"))
+            cases.append((["--state-dir", str(locked / "new")], {}, "cannot be used (Permission denied)"))
+        for args, env, expected in cases:
+            out, err, code = yield getProcessOutputAndValue(
+                twistd_path(),
+                ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), *args],
+                env=base_env(JWT_SECRET=SECRET, **env),
+                path=str(run),
+            )
+            self.assertNotEqual(code, 0, expected)
+            lines = err.decode().strip().splitlines()
+            self.assertEqual(len(lines), 1, err)
+            self.assertIn("openclaw: configuration error: ", lines[0])
+            self.assertIn(expected, lines[0])
+            self.assertIn("--state-dir", lines[0])
+            self.assertNotIn(b"Traceback", out + err)
+
+    @inlineCallbacks
+    def test_token_file_directory_missing_is_one_line(self):
+        """
+        TOKEN_FILE in a directory that does not exist: one line naming
+        TOKEN_FILE, the value and what to do.
+        """
+        run = self.directory()
+        token_file = run / "missing" / "token"
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--token-file", str(token_file)],
+            env=base_env(JWT_SECRET=SECRET),
+            path=str(run),
+        )
+        self.assertNotEqual(code, 0)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(f"TOKEN_FILE={str(token_file)!r}", lines[0])
+        self.assertIn("create it", lines[0])
+        self.assertNotIn(b"Traceback", out + err)
