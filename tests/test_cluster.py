@@ -696,13 +696,18 @@ class Workers(TestCase):
         env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
         process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
         token = yield process.token
-        # The banner is the first worker's: the other may start later.
+        # The banner is the first worker's: the other may start later, and
+        # counts among the instances seen once its first heartbeat is in.
         seen = yield self.status_until(
-            port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1}, pause=0.05
+            port,
+            token,
+            lambda statuses: {s["worker"] for s in statuses} == {0, 1} and statuses[-1]["instances_seen"] == 2,
+            # Each instance counts the others at its heartbeat (every 10 s).
+            tries=300,
+            pause=0.05,
         )
         instances = {status["worker"]: status["instance"] for _, status in seen}
         self.assertNotEqual(instances[0], instances[1])
-        self.assertEqual(seen[-1][1]["instances_seen"], 2)
 
         # Worker 1 killed: its connections end, it is started again.
         killed = instances[1]
