@@ -23,6 +23,7 @@ from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
 from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
+from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
 
 
@@ -131,6 +132,7 @@ def makeService(
             providers=BUILTIN_PROVIDERS,
             daemon=not foreground(twistd_options),
         )
+        _check_token_file(settings)
         if options["worker"] is not None:
             return _worker_service(options, settings, reactor, stdout, twistd_options)
         if settings.workers > 1:
@@ -247,6 +249,25 @@ def _supervisor(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _check_token_file(settings: Settings) -> None:
+    """
+    Refuse, before anything listens, a C{TOKEN_FILE} that names something
+    the gateway would overwrite (and remove at stop) but did not write.
+
+    @raise ConfigError: it does.
+    """
+    if settings.token_file is None:
+        return
+    try:
+        check_token_file(settings.token_file)
+    except UnsafeTokenFile as e:
+        raise ConfigError(
+            f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
+            "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
+            "of the gateway's own (such as /run/openclaw/token)"
+        ) from None
 
 
 def _freeze_startup_objects() -> None:

@@ -1,0 +1,235 @@
+"""
+Findings of a hostile-host review: what the gateway does with the files,
+signals and peers a host gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
+from tests.support import capture_log_events, free_port, twistd_path
+
+SECRET = "hostile-host-secret-hostile-host-secret-42"
+BYTES_SECRET = SECRET.encode()
+UNRELATED = b"root:x:0:0:root:/root:/bin/bash\n"
+
+
+def gateway_env(**extra: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "JWT_SECRET": SECRET,
+        **extra,
+    }
+
+
+class TokenFileAtStartTests(TestCase):
+    """
+    C{twistd -n openclaw --token-file PATH} refuses, with one line and
+    before listening, a path holding anything it did not write, and leaves
+    it as it was.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def refused(self, path: Path) -> Any:
+        port = free_port()
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "-n",
+                "--pidfile=",
+                "openclaw",
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(path),
+            ],
+            env=gateway_env(STATE_DIR=str(self.dir)),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("TOKEN_FILE", lines[0])
+        self.assertIn(repr(str(path)), lines[0])
+        self.assertIn("point TOKEN_FILE at a new path", lines[0])
+        self.assertNotIn(b"Traceback", out + err)
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self) -> Any:
+        path = self.dir / "fifo"
+        os.mkfifo(path, 0o600)
+        line = yield self.refused(path)
+        self.assertIn("a FIFO", line)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(path).st_mode))
+
+    @inlineCallbacks
+    def test_symlink(self) -> Any:
+        target = self.dir / "target"
+        target.write_bytes(UNRELATED)
+        path = self.dir / "link"
+        path.symlink_to(target)
+        line = yield self.refused(path)
+        self.assertIn("a symbolic link", line)
+        self.assertTrue(path.is_symlink())
+        self.assertEqual(target.read_bytes(), UNRELATED)
+
+    @inlineCallbacks
+    def test_directory(self) -> Any:
+        path = self.dir / "token"
+        path.mkdir()
+        line = yield self.refused(path)
+        self.assertIn("a directory", line)
+        self.assertTrue(path.is_dir())
+
+    @inlineCallbacks
+    def test_unrelated_data(self) -> Any:
+        path = self.dir / "passwd"
+        path.write_bytes(UNRELATED)
+        path.chmod(0o644)
+        line = yield self.refused(path)
+        self.assertIn("something other than a session token", line)
+        self.assertEqual(path.read_bytes(), UNRELATED)
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o644)
+
+    @inlineCallbacks
+    def test_socket(self) -> Any:
+        # A socket's path must be short: a directory of its own in /tmp.
+        short = Path(tempfile.mkdtemp(prefix="oc-"))
+        self.addCleanup(shutil.rmtree, short)
+        path = short / "s"
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(str(path))
+        line = yield self.refused(path)
+        self.assertIn("a socket", line)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+    @inlineCallbacks
+    def test_device(self) -> Any:
+        """
+        A character device (made here, in a temporary directory: a null
+        device's numbers) is neither overwritten nor removed.
+        """
+        if os.geteuid() != 0:
+            raise self.skipTest("making a device node needs root")
+        path = self.dir / "null"
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        line = yield self.refused(path)
+        self.assertIn("a character device", line)
+        self.assertTrue(stat.S_ISCHR(os.lstat(path).st_mode))
+
+
+class TokenFileCheckTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = self.dir / "token"
+
+    def test_accepted(self) -> None:
+        """
+        Nothing there, an empty file, or an earlier run's token (with or
+        without its newline) may be replaced.
+        """
+        check_token_file(self.path)
+        self.path.write_bytes(b"")
+        check_token_file(self.path)
+        token = SessionAuthority(BYTES_SECRET, 60).mint().token
+        for content in (token + "\n", token):
+            self.path.write_text(content)
+            check_token_file(self.path)
+
+    def test_refused(self) -> None:
+        token = SessionAuthority(BYTES_SECRET, 60).mint().token
+        for content in (
+            b"\n",
+            b"a.b\n",
+            token.encode() + b"\n\n",
+            (token + "\n" + token + "\n").encode(),
+            b"x" * 70000,
+        ):
+            self.path.write_bytes(content)
+            self.assertRaises(UnsafeTokenFile, check_token_file, self.path)
+
+
+class TokenFileLaterTests(SynchronousTestCase):
+    """
+    At rotation and at stop the token file is replaced or removed only
+    while it still holds this gateway's token.
+    """
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = self.dir / "token"
+        self.authority = SessionAuthority(BYTES_SECRET, 3600, token_file=self.path)
+        self.events = capture_log_events(self)
+        self.first = self.authority.issue()
+
+    def logged(self) -> str:
+        return "\n".join(formatEvent(event) for event in self.events)
+
+    def test_stop_leaves_another_gateways_token(self) -> None:
+        other = SessionAuthority(b"o" * 32, 3600).mint().token + "\n"
+        self.path.write_text(other)
+        self.authority.discard_token_file()
+        self.assertEqual(self.path.read_text(), other)
+        self.assertIn("no longer holds this gateway's session token", self.logged())
+
+    def test_stop_leaves_data(self) -> None:
+        self.path.write_bytes(UNRELATED)
+        self.authority.discard_token_file()
+        self.assertEqual(self.path.read_bytes(), UNRELATED)
+
+    def test_stop_leaves_a_link(self) -> None:
+        target = self.dir / "target"
+        target.write_text(self.first.token + "\n")
+        self.path.unlink()
+        self.path.symlink_to(target)
+        self.authority.discard_token_file()
+        self.assertTrue(self.path.is_symlink())
+        self.assertIn("a symbolic link", self.logged())
+
+    def test_stop_removes_its_own(self) -> None:
+        self.authority.discard_token_file()
+        self.assertFalse(self.path.exists())
+
+    def test_rotation_leaves_another_file(self) -> None:
+        self.path.write_bytes(UNRELATED)
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_bytes(), UNRELATED)
+        self.assertEqual(self.authority.current, rotated)
+        self.assertIn("was left as it is", self.logged())
+
+    def test_rotation_replaces_its_own(self) -> None:
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_text(), rotated.token + "\n")
+        self.assertEqual(stat.S_IMODE(self.path.stat().st_mode), 0o600)
+
+    def test_rotation_writes_a_missing_file(self) -> None:
+        self.path.unlink()
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_text(), rotated.token + "\n")
