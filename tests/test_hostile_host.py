@@ -5,6 +5,8 @@ signals and peers a host gives it.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import socket
@@ -13,13 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
-from tests.support import capture_log_events, free_port, twistd_path
+from tests.support import capture_log_events, close_client, connect, free_port, start_gateway, twistd_path
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -233,3 +238,104 @@ class TokenFileLaterTests(SynchronousTestCase):
         self.path.unlink()
         rotated = self.authority.issue()
         self.assertEqual(self.path.read_text(), rotated.token + "\n")
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """
+    One client-to-server text frame (RFC 6455 section 5.2), masked.
+    """
+    mask = os.urandom(4)
+    length = len(payload)
+    size = bytes([length]) if length < 126 else bytes([126]) + length.to_bytes(2, "big")
+    head = bytes([0x81, 0x80 | size[0]]) + size[1:]
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _open_raw(port: int) -> socket.socket:
+    """
+    A control connection by hand, with a tiny receive buffer (blocking:
+    run it in a thread); the opening handshake's answer is read.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+class BackpressureTests(TestCase):
+    """
+    A control client that sends commands but never reads the answers
+    stops being read once the gateway cannot send it more: its own sends
+    block, the commands answered stay bounded, and others are served.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_client_that_never_reads(self) -> Any:
+        gateway = start_gateway(self)
+        sock = yield deferToThread(_open_raw, gateway.port)
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        message = _masked_text_frame(json.dumps({"token": gateway.token, "cmd": "status"}).encode())
+        counts = gateway.service.metrics.commands.counts
+
+        def answered() -> int:
+            return sum(count for (cmd, _), count in counts.items() if cmd == "status")
+
+        batch = message * 100
+        pending = b""
+        sent = blocked_for = 0
+        # Without backpressure the gateway reads (and answers into its own
+        # memory) all this without the client's sends ever blocking.
+        limit = 100_000
+        while blocked_for < 20 and sent < limit * len(message):
+            if not pending:
+                pending = batch
+            try:
+                written = sock.send(pending)
+            except BlockingIOError:
+                blocked_for += 1
+                yield deferLater(reactor, 0.05, lambda: None)
+                continue
+            blocked_for = 0
+            pending = pending[written:]
+            sent += written
+            if sent % (len(batch) * 20) < written:
+                yield deferLater(reactor, 0, lambda: None)
+        self.assertLess(sent, limit * len(message), "the client's sends never blocked")
+        before = answered()
+        self.assertLess(before, limit)
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(answered(), before)
+        # Another operator is still served at once.
+        other = yield connect(gateway.port)
+        self.addCleanup(close_client, other)
+        answer = yield other.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        # Reading again lets the gateway read the rest and answer it.
+        received = 0
+        deadline = 0
+        while answered() == before and deadline < 100:
+            try:
+                received += len(sock.recv(65536))
+            except BlockingIOError:
+                deadline += 1
+                yield deferLater(reactor, 0.05, lambda: None)
+        self.assertGreater(answered(), before)
