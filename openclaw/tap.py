@@ -25,6 +25,7 @@ from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
+from openclaw.signals import note_signals
 
 
 class Options(usage.Options):
@@ -164,6 +165,7 @@ def makeService(
             else None
         )
         destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+        _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
         _fail(str(e))
     except CannotListen as e:
@@ -198,6 +200,7 @@ def _worker_service(
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    _note_signals(reactor, twistd_options, destination, stdout)
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
@@ -239,6 +242,7 @@ def _supervisor(
         ),
     }
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    _note_signals(reactor, twistd_options, destination, stdout)
     return WorkerSupervisor(
         reactor,
         settings.workers,
@@ -249,6 +253,18 @@ def _supervisor(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _note_signals(reactor: IReactorCore, twistd_options: Any, destination: IO[Any] | None, stdout: IO[str]) -> None:
+    """
+    Under twistd (not when a test calls L{makeService}), log and ignore
+    SIGHUP, and SIGUSR1 when no log file is reopened on it
+    (L{note_signals}).
+    """
+    if not twistd_options:
+        return
+    logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
+    note_signals(IReactorThreads(reactor), logging_to)
 
 
 def _check_token_file(settings: Settings) -> None:

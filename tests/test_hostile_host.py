@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -24,7 +25,15 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
-from tests.support import capture_log_events, close_client, connect, free_port, start_gateway, twistd_path
+from tests.support import (
+    capture_log_events,
+    close_client,
+    connect,
+    free_port,
+    spawn_gateway,
+    start_gateway,
+    twistd_path,
+)
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -339,3 +348,45 @@ class BackpressureTests(TestCase):
                 deadline += 1
                 yield deferLater(reactor, 0.05, lambda: None)
         self.assertGreater(answered(), before)
+
+
+class SignalTests(TestCase):
+    """
+    SIGHUP, and SIGUSR1 without a log file, do not end C{twistd -n
+    openclaw}: each is noted in the log, and SIGTERM still stops it
+    cleanly.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_hup_and_usr1_are_noted(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        port = free_port()
+        process = spawn_gateway(
+            self, ["--port", str(port), "--interface", "127.0.0.1"], gateway_env(STATE_DIR=str(state))
+        )
+        token = yield process.token
+        client = yield connect(port)
+        self.addCleanup(close_client, client)
+        for name, said in (
+            (signal.SIGHUP, b"restart the gateway to apply changes"),
+            (signal.SIGUSR1, b"no log file to reopen"),
+        ):
+            process.transport.signalProcess(int(name))
+            for _ in range(100):
+                if said in process.stdout or process.ended.called:
+                    break
+                yield deferLater(reactor, 0.05, lambda: None)
+            self.assertIn(said, process.stdout)
+            self.assertFalse(process.ended.called, process.stdout[-2000:])
+            answer = yield client.command(token, "ping")
+            self.assertTrue(answer["ok"], answer)
+        self.assertIn(b"received SIGHUP: configuration is read once at start-up", process.stdout)
+        self.assertIn(b"received SIGUSR1: no log file to reopen (logging to stdout)", process.stdout)
+        process.transport.signalProcess("TERM")
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        status = yield process.ended
+        self.assertIn(status, (0, -15))
