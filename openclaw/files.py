@@ -61,12 +61,13 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def read_regular_file(path: Path, limit: int) -> bytes:
+def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> bytes:
     """
     The bytes of C{path}, read without trusting what it is: a symbolic link
-    is not followed (C{O_NOFOLLOW}), opening does not wait for a FIFO's
-    writer (C{O_NONBLOCK}), anything but a regular file (C{fstat}) is
-    refused, and so is a file of more than C{limit} bytes, unread.
+    is not followed (C{O_NOFOLLOW}) unless C{follow_links}, opening does
+    not wait for a FIFO's writer (C{O_NONBLOCK}), anything but a regular
+    file (C{fstat}) is refused, and so is a file of more than C{limit}
+    bytes, unread.
 
     @raise FileNotFoundError: there is no such file.
     @raise NotARegularFile: it is a link, a FIFO, a device, a socket, a
@@ -74,7 +75,7 @@ def read_regular_file(path: Path, limit: int) -> bytes:
     @raise OSError: it cannot be opened or read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         try:
             mode = os.lstat(path).st_mode

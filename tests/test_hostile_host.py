@@ -390,3 +390,64 @@ class SignalTests(TestCase):
         self.assertEqual(code, 1001)
         status = yield process.ended
         self.assertIn(status, (0, -15))
+
+
+class SecretFileTests(TestCase):
+    """
+    C{JWT_SECRET_FILE} naming a FIFO, a device or a huge file stops
+    C{twistd -n openclaw} at once with one line, not a hang or endless
+    read, and advises no chmod of it.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def refused(self, path: Path) -> Any:
+        env = gateway_env(STATE_DIR=str(self.dir), JWT_SECRET_FILE=str(path))
+        del env["JWT_SECRET"]
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--api-port", str(free_port())],
+            env=env,
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(f"JWT_SECRET_FILE={str(path)!r}", lines[0])
+        self.assertIn("point JWT_SECRET_FILE at a regular file", lines[0])
+        self.assertNotIn("chmod", lines[0])
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self) -> Any:
+        path = self.dir / "fifo"
+        os.mkfifo(path, 0o666)
+        line = yield self.refused(path)
+        self.assertIn("a FIFO", line)
+
+    @inlineCallbacks
+    def test_endless_device(self) -> Any:
+        """
+        A device that never ends (a zero device's numbers, made here in a
+        temporary directory; a FIFO where this is not root).
+        """
+        path = self.dir / "zero"
+        if os.geteuid() == 0:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+        else:
+            os.mkfifo(path, 0o666)
+        line = yield self.refused(path)
+        self.assertIn("not a regular file", line)
+
+    @inlineCallbacks
+    def test_too_large(self) -> Any:
+        path = self.dir / "huge"
+        path.write_bytes(b"s" * (65 * 1024))
+        path.chmod(0o600)
+        line = yield self.refused(path)
+        self.assertIn("bytes", line)
