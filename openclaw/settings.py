@@ -43,6 +43,7 @@ from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
+from openclaw.routing import UNPRINTABLE_MODEL, printable_model
 
 if TYPE_CHECKING:
     from openclaw.providers.base import ProviderAdapter
@@ -360,6 +361,17 @@ def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError
     return text.strip()
+
+
+def _model_name(text: str) -> str:
+    """
+    A model name, held to the rule both planes apply to the model names
+    clients send (L{printable_model}).
+    """
+    model = _non_empty(text)
+    if not printable_model(model):
+        raise ValueError(text)
+    return model
 
 
 def _positive_int(text: str) -> int:
@@ -889,10 +901,14 @@ def load_settings(
         return ProviderSettings(
             adapter=adapter,
             base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
-            model=read(adapter.model_variable, _non_empty, adapter.default_model_id, "name a model"),
+            model=read(
+                adapter.model_variable, _model_name, adapter.default_model_id, f"name a model: {UNPRINTABLE_MODEL}"
+            ),
             api_key=pool[0] if pool else None,
             api_keys=pool[1:],
-            fallback_model=read(adapter.fallback_model_variable(), _non_empty, None, "name a model"),
+            fallback_model=read(
+                adapter.fallback_model_variable(), _model_name, None, f"name a model: {UNPRINTABLE_MODEL}"
+            ),
         )
 
     ids = [adapter.id for adapter in declared]

@@ -25,6 +25,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
+from openclaw.settings import ConfigError, load_settings
 from tests.support import (
     capture_log_events,
     close_client,
@@ -451,3 +452,38 @@ class SecretFileTests(TestCase):
         path.chmod(0o600)
         line = yield self.refused(path)
         self.assertIn("bytes", line)
+
+
+class ModelSettingTests(TestCase):
+    """
+    A provider's C{*_MODEL} holding control characters is refused at
+    start-up with one line, by the rule the API and C{switch_provider}
+    apply to model names.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_escape_refused_by_twistd(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--api-port", str(free_port())],
+            env=gateway_env(STATE_DIR=str(state), GEMINI_MODEL="gemini-2.5-flash\x1b[2J"),
+            path=str(state),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("GEMINI_MODEL='gemini-2.5-flash\\x1b[2J'", lines[0])
+        self.assertIn("control or invisible characters", lines[0])
+
+    def test_nul_refused(self) -> None:
+        for value in ("kimi\x00", "a\u202eb", "x\ny"):
+            with self.assertRaises(ConfigError) as caught:
+                load_settings({"KIMI_MODEL": value}, cwd=Path(self.mktemp()).parent)
+            self.assertIn("KIMI_MODEL=", str(caught.exception))
+        self.assertEqual(
+            load_settings({"KIMI_MODEL": " kimi-k2 "}, cwd=Path(self.mktemp()).parent).default_model("kimi"), "kimi-k2"
+        )
