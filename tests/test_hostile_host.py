@@ -35,6 +35,7 @@ from tests.support import (
     start_gateway,
     twistd_path,
 )
+from tests.test_api_exhaustion import trickle
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -487,3 +488,33 @@ class ModelSettingTests(TestCase):
         self.assertEqual(
             load_settings({"KIMI_MODEL": " kimi-k2 "}, cwd=Path(self.mktemp()).parent).default_model("kimi"), "kimi-k2"
         )
+
+
+API_KEY = "gw-key-hostile-host-0123456789"
+
+
+class SlowKeyedHeadTests(TestCase):
+    """
+    A first request head that is still arriving when the keyless deadline
+    comes is late, not keyless: 408, at the keyless deadline.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_slow_head_with_key_gets_408(self) -> Any:
+        gateway = start_gateway(
+            self,
+            api=True,
+            gateway_api_keys=(API_KEY,),
+            api_header_timeout_seconds=10,
+            api_keyless_timeout_seconds=1.5,
+        )
+        head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nX-Slow: {'a' * 40}\r\n\r\n"
+        parts = [head[i : i + 4].encode() for i in range(0, len(head), 4)]
+        assert gateway.api_port is not None
+        answer, took = yield deferToThread(trickle, gateway.api_port, parts, 0.1)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:300])
+        self.assertIn(b"request_timeout", answer)
+        self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
+        self.assertLess(took, 3.5)

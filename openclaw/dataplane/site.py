@@ -483,8 +483,13 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                     site.keyless_timeout - site.keyless_grace, self._keyless_due
                 )
             return
-        self._disarm()
+        armed, self._armed = self._armed, None
         seconds = self._site.keyless_timeout
+        if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
+            # A request head begun but not whole: it is late, not keyless
+            # (its key may be in the part still to come).
+            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2])
+            return
         self._refused_late(
             APIError(
                 401,
