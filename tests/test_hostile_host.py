@@ -6,6 +6,7 @@ signals and peers a host gives it.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -24,9 +25,11 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from openclaw.service import GatewayService
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
 from tests.support import (
+    RecordingEndpoint,
     capture_log_events,
     close_client,
     connect,
@@ -36,6 +39,7 @@ from tests.support import (
     twistd_path,
 )
 from tests.test_api_exhaustion import trickle
+from tests.test_attack_review import exchange
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -518,3 +522,51 @@ class SlowKeyedHeadTests(TestCase):
         self.assertIn(b"request_timeout", answer)
         self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
         self.assertLess(took, 3.5)
+
+
+class MissingHostTests(TestCase):
+    """
+    RFC 9112 section 3.2: an HTTP/1.1 request without C{Host} is answered
+    400, on the API (in OpenAI's error shape) and on the metrics listener;
+    HTTP/1.0 needs none.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_missing_host(self) -> Any:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        gateway = start_gateway(self, api=True, gateway_api_keys=(API_KEY,))
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            gateway.service.settings,
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            stdout=io.StringIO(),
+            metrics_endpoint=endpoint,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert endpoint.port is not None and gateway.api_port is not None
+        metrics_port = endpoint.port.getHost().port
+        for request in (
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+        ):
+            answer = yield deferToThread(exchange, gateway.api_port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (request, answer[:300]))
+            error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            self.assertEqual(error["code"], "missing_host")
+            self.assertIn("Host", error["message"])
+        answer = yield deferToThread(exchange, metrics_port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+        self.assertIn(b"no Host header field", answer)
+        for port, path in ((gateway.api_port, b"/healthz"), (metrics_port, b"/metrics")):
+            answer = yield deferToThread(exchange, port, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+            self.assertIn(b" 200 ", answer.partition(b"\r\n")[0], answer[:300])
+            answer = yield deferToThread(
+                exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
