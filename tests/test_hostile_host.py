@@ -570,3 +570,45 @@ class MissingHostTests(TestCase):
                 exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
             )
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+
+def _control_status_page(port: int) -> bytes:
+    return exchange(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+
+
+def _control_upgrade(port: int) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            (
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+class ControlPortDisclosureTests(TestCase):
+    """
+    The control port shows no status page to a plain GET, and names no
+    library or version in its C{Server} field.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_no_status_page_and_neutral_server(self) -> Any:
+        gateway = start_gateway(self)
+        page = yield deferToThread(_control_status_page, gateway.port)
+        self.assertFalse(page.startswith(b"HTTP/1.1 200"), page[:300])
+        self.assertNotIn(b"autobahn", page.lower())
+        upgrade = yield deferToThread(_control_upgrade, gateway.port)
+        self.assertTrue(upgrade.startswith(b"HTTP/1.1 101"), upgrade)
+        self.assertIn(b"\r\nServer: openclaw\r\n", upgrade)
+        self.assertNotIn(b"autobahn", upgrade.lower())

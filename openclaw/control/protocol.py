@@ -48,6 +48,9 @@ CLOSE_HANDSHAKE_SECONDS = 5
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = 429
 
+#: The C{Server} field of the control plane's HTTP answers.
+SERVER_NAME = "openclaw"
+
 _Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
 
 #: The reason of the 1008 closing a locked-out client's connections.
@@ -355,6 +358,8 @@ class ControlFactory(WebSocketServerFactory):
         capacity: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # A neutral Server field: Autobahn's default names its version.
+        kwargs.setdefault("server", SERVER_NAME)
         super().__init__(**kwargs)
         self.controlplane = controlplane
         self.metrics = metrics
@@ -411,6 +416,9 @@ class ControlFactory(WebSocketServerFactory):
             # check would not see; Autobahn answers them 400 with
             # "Sec-WebSocket-Version: 13".
             versions=[13],
+            # No HTML status page (naming Autobahn's version) for a plain
+            # GET: it is refused as a request that is not a WebSocket one.
+            webStatus=False,
         )
 
     def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:
