@@ -9,6 +9,9 @@ earlier token worthless, because its C{jti} is no longer the current one.
 from __future__ import annotations
 
 import hmac
+import os
+import re
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -16,14 +19,23 @@ from pathlib import Path
 
 import attrs
 import jwt
+from twisted.logger import Logger
 
-from openclaw.files import write_atomically
+from openclaw.files import NotARegularFile, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
 
 _RULE = "━" * 58
+
+#: What a token file holds: nothing yet, or one JWT (three base64url
+#: segments) and a newline.  Anything else at C{TOKEN_FILE} is someone
+#: else's and is never replaced or removed.
+_TOKEN_FILE_CONTENT = re.compile(rb"(?:[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n?)?")
+
+#: The most bytes of a token file read: a token is a few hundred.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 
 class TokenRejected(Exception):
@@ -96,6 +108,8 @@ class SessionAuthority:
     Any other string gets the full PyJWT verification, which tells the client
     precisely why it failed.
     """
+
+    _log = Logger(namespace="openclaw.session")
 
     def __init__(
         self,
@@ -172,7 +186,16 @@ class SessionAuthority:
         # The file first: if it cannot be written, the old token stays valid
         # rather than everyone being locked out by a token nobody has.
         if self._token_file is not None:
-            write_token_file(self._token_file, issued.token)
+            foreign = self._foreign_token_file(accept=issued)
+            if foreign is None:
+                write_token_file(self._token_file, issued.token)
+            else:
+                self._log.warn(
+                    "TOKEN_FILE {path} was left as it is ({why}); session token {jti} is not in it",
+                    path=str(self._token_file),
+                    why=foreign,
+                    jti=issued.jti,
+                )
         self._current = issued
 
     def issue(self) -> SessionToken:
@@ -231,10 +254,46 @@ class SessionAuthority:
     def discard_token_file(self) -> None:
         """
         Remove the token file on a clean shutdown, so no stale token lies
-        around.
+        around: only if it still holds this gateway's current token (another
+        gateway, or an operator, may have written it since); otherwise it is
+        left, and the log says why.
         """
-        if self._token_file is not None:
+        if self._token_file is None:
+            return
+        if self._current is None:
+            why: str | None = "this gateway never wrote a token to it"
+        else:
+            try:
+                why = self._foreign_token_file(accept=None)
+            except OSError as e:
+                why = f"it cannot be read ({e.strerror})"
+        if why is None:
             self._token_file.unlink(missing_ok=True)
+        elif self._token_file.exists() or self._token_file.is_symlink():
+            self._log.warn("TOKEN_FILE {path} was left in place: {why}", path=str(self._token_file), why=why)
+
+    def _foreign_token_file(self, accept: SessionToken | None) -> str | None:
+        """
+        Why the token file may not be replaced or removed now, or L{None}
+        when it may: it is missing, or a regular file holding this
+        gateway's current token (or C{accept}'s).  Before the first token,
+        any file L{check_token_file} accepts may be replaced.
+
+        @raise OSError: it cannot be examined or read.
+        """
+        assert self._token_file is not None
+        try:
+            held = read_token_file(self._token_file)
+        except UnsafeTokenFile as e:
+            return e.reason
+        if held is None:
+            return None
+        mine = [token.token.encode("ascii") for token in (self._current, accept) if token is not None]
+        if self._current is None and _TOKEN_FILE_CONTENT.fullmatch(held):
+            return None
+        if held.rstrip(b"\n") in mine:
+            return None
+        return "it no longer holds this gateway's session token: another gateway or an operator wrote it"
 
 
 def write_token_file(path: Path, token: str) -> None:
@@ -243,3 +302,54 @@ def write_token_file(path: Path, token: str) -> None:
     (L{write_atomically}).
     """
     write_atomically(path, token + "\n")
+
+
+class UnsafeTokenFile(Exception):
+    """
+    What is at C{TOKEN_FILE} is not the gateway's to replace: the reason
+    says what it is.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_token_file(path: Path) -> bytes | None:
+    """
+    What the token file at C{path} holds, or L{None} when there is none;
+    a symbolic link is not followed and nothing but a regular file is
+    read.
+
+    @raise UnsafeTokenFile: it is not a regular file, or is too large.
+    @raise OSError: it cannot be examined or read.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeTokenFile(f"it is {kind_of(info.st_mode)}, not a regular file")
+    try:
+        return read_regular_file(path, MAX_TOKEN_FILE_BYTES)
+    except FileNotFoundError:
+        return None
+    except NotARegularFile as e:
+        raise UnsafeTokenFile(str(e)) from None
+
+
+def check_token_file(path: Path) -> None:
+    """
+    Check, before the gateway starts, that it may write its token to
+    C{path}: nothing is there, or a regular file that is empty or holds
+    one token (left by an earlier run).  Any other file is not the
+    gateway's, and is never overwritten.
+
+    @raise UnsafeTokenFile: it may not.
+    """
+    try:
+        held = read_token_file(path)
+    except OSError as e:
+        raise UnsafeTokenFile(f"it cannot be read ({e.strerror})") from None
+    if held is not None and not _TOKEN_FILE_CONTENT.fullmatch(held):
+        raise UnsafeTokenFile("it holds something other than a session token")

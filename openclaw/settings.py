@@ -42,6 +42,9 @@ import attrs
 from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
+from openclaw.files import NotARegularFile, kind_of, read_regular_file
+from openclaw.routing import UNPRINTABLE_MODEL, printable_model
+
 if TYPE_CHECKING:
     from openclaw.providers.base import ProviderAdapter
 
@@ -380,6 +383,17 @@ def _non_empty(text: str) -> str:
     if not text.strip():
         raise ValueError
     return text.strip()
+
+
+def _model_name(text: str) -> str:
+    """
+    A model name, held to the rule both planes apply to the model names
+    clients send (L{printable_model}).
+    """
+    model = _non_empty(text)
+    if not printable_model(model):
+        raise ValueError(text)
+    return model
 
 
 def _positive_int(text: str) -> int:
@@ -822,22 +836,39 @@ def _prices(path: str) -> Mapping[str, Any]:
         raise ConfigError(f"{e}; see README.rst, Consumers, for the form") from None
 
 
+#: The most bytes of C{JWT_SECRET_FILE} read: a secret is a few dozen.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
 def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     """
     The secret in a file (systemd credentials, Docker and Kubernetes
-    secrets), without the trailing newline editors and C{echo} add.  The
-    file is held to L{check_private_file}; a warning is appended to
-    C{warnings}.
+    secrets), without the trailing newline editors and C{echo} add.  Only
+    a regular file of at most L{MAX_SECRET_FILE_BYTES} is read (a FIFO
+    would hang start-up, a device never end), without waiting on it
+    (L{read_regular_file}); links are followed, as Kubernetes mounts its
+    secrets, and vetted by L{check_private_file}, whose warning is
+    appended to C{warnings}.
     """
-    warning = check_private_file(Path(path), f"JWT_SECRET_FILE={path!r}", secret=True)
+    what = f"JWT_SECRET_FILE={path!r}"
+    fix = "point JWT_SECRET_FILE at a regular file holding the secret"
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{what} is {kind_of(info.st_mode)}, not a regular file; {fix}")
+    warning = check_private_file(Path(path), what, secret=True)
     if warning is not None and warnings is not None:
         warnings.append(warning)
     try:
-        secret = Path(path).read_bytes().rstrip(b"\r\n")
+        secret = read_regular_file(Path(path), MAX_SECRET_FILE_BYTES, follow_links=True).rstrip(b"\r\n")
+    except NotARegularFile as e:
+        raise ConfigError(f"{what} is refused: {e}; {fix} (a secret is a few dozen bytes)") from None
     except OSError as e:
-        raise ConfigError(f"JWT_SECRET_FILE={path!r} cannot be read: {e.strerror}") from None
+        raise ConfigError(f"{what} cannot be read: {e.strerror}") from None
     if not secret:
-        raise ConfigError(f"JWT_SECRET_FILE={path!r} is empty; put a secret of 32 bytes or more in it")
+        raise ConfigError(f"{what} is empty; put a secret of 32 bytes or more in it")
     return secret
 
 
@@ -947,10 +978,14 @@ def load_settings(
         return ProviderSettings(
             adapter=adapter,
             base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
-            model=read(adapter.model_variable, _non_empty, adapter.default_model_id, "name a model"),
+            model=read(
+                adapter.model_variable, _model_name, adapter.default_model_id, f"name a model: {UNPRINTABLE_MODEL}"
+            ),
             api_key=pool[0] if pool else None,
             api_keys=pool[1:],
-            fallback_model=read(adapter.fallback_model_variable(), _non_empty, None, "name a model"),
+            fallback_model=read(
+                adapter.fallback_model_variable(), _model_name, None, f"name a model: {UNPRINTABLE_MODEL}"
+            ),
         )
 
     ids = [adapter.id for adapter in declared]

@@ -23,7 +23,9 @@ from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
 from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
+from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
+from openclaw.signals import note_signals
 
 
 class Options(usage.Options):
@@ -131,6 +133,7 @@ def makeService(
             providers=BUILTIN_PROVIDERS,
             daemon=not foreground(twistd_options),
         )
+        _check_token_file(settings)
         if options["worker"] is not None:
             return _worker_service(options, settings, reactor, stdout, twistd_options)
         if settings.workers > 1:
@@ -162,6 +165,7 @@ def makeService(
             else None
         )
         destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+        _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
         _fail(str(e))
     except CannotListen as e:
@@ -196,6 +200,7 @@ def _worker_service(
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    _note_signals(reactor, twistd_options, destination, stdout)
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
@@ -237,6 +242,7 @@ def _supervisor(
         ),
     }
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    _note_signals(reactor, twistd_options, destination, stdout)
     return WorkerSupervisor(
         reactor,
         settings.workers,
@@ -247,6 +253,37 @@ def _supervisor(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+
+
+def _note_signals(reactor: IReactorCore, twistd_options: Any, destination: IO[Any] | None, stdout: IO[str]) -> None:
+    """
+    Under twistd (not when a test calls L{makeService}), log and ignore
+    SIGHUP, and SIGUSR1 when no log file is reopened on it
+    (L{note_signals}).
+    """
+    if not twistd_options:
+        return
+    logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
+    note_signals(IReactorThreads(reactor), logging_to)
+
+
+def _check_token_file(settings: Settings) -> None:
+    """
+    Refuse, before anything listens, a C{TOKEN_FILE} that names something
+    the gateway would overwrite (and remove at stop) but did not write.
+
+    @raise ConfigError: it does.
+    """
+    if settings.token_file is None:
+        return
+    try:
+        check_token_file(settings.token_file)
+    except UnsafeTokenFile as e:
+        raise ConfigError(
+            f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
+            "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
+            "of the gateway's own (such as /run/openclaw/token)"
+        ) from None
 
 
 def _freeze_startup_objects() -> None:

@@ -17,8 +17,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from openclaw.addresses import counted_key
 from openclaw.connections import OpenConnections
@@ -46,6 +47,9 @@ CLOSE_HANDSHAKE_SECONDS = 5
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = 429
+
+#: The C{Server} field of the control plane's HTTP answers.
+SERVER_NAME = "openclaw"
 
 _Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
 
@@ -80,6 +84,36 @@ def _describe(address: Any) -> tuple[str | None, str]:
     return None, str(address)
 
 
+@implementer(IPushProducer)
+class ReadWhileWritable:
+    """
+    Backpressure for one connection: registered as the streaming producer
+    of its transport, it is paused when the transport's write buffer is
+    full and then stops reading from the peer (C{pauseProducing} of the
+    transport) until the buffer has drained.  A client that sends commands
+    but never reads their answers so fills its own TCP windows, not the
+    gateway's memory.
+    """
+
+    def __init__(self, transport: IPushProducer) -> None:
+        self.transport = transport
+        #: Whether reading is paused now.
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """
+        The connection is gone; nothing to stop.
+        """
+
+
 class ControlProtocol(WebSocketServerProtocol):
     """
     One control connection.
@@ -103,6 +137,8 @@ class ControlProtocol(WebSocketServerProtocol):
     pending: str | None = None
     #: AUTH_TIMEOUT_SECONDS, from the moment an accepted connection opens.
     auth_deadline: IDelayedCall | None = None
+    #: Stops reading while the transport cannot take more to send.
+    backpressure: ReadWhileWritable | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -128,6 +164,9 @@ class ControlProtocol(WebSocketServerProtocol):
         self.slot = slot
         factory.protocols.add(self)
         super().connectionMade()
+        # Autobahn's public hook onto the transport's own registerProducer.
+        self.backpressure = ReadWhileWritable(cast(IPushProducer, self.tcp))
+        self.registerProducer(self.backpressure, True)
 
     def release_slot(self) -> None:
         """
@@ -319,6 +358,8 @@ class ControlFactory(WebSocketServerFactory):
         capacity: int | None = None,
         **kwargs: Any,
     ) -> None:
+        # A neutral Server field: Autobahn's default names its version.
+        kwargs.setdefault("server", SERVER_NAME)
         super().__init__(**kwargs)
         self.controlplane = controlplane
         self.metrics = metrics
@@ -375,6 +416,9 @@ class ControlFactory(WebSocketServerFactory):
             # check would not see; Autobahn answers them 400 with
             # "Sec-WebSocket-Version: 13".
             versions=[13],
+            # No HTML status page (naming Autobahn's version) for a plain
+            # GET: it is refused as a request that is not a WebSocket one.
+            webStatus=False,
         )
 
     def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:

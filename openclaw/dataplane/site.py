@@ -97,6 +97,23 @@ def _repeated_authorization() -> APIError:
     )
 
 
+def _missing_host() -> APIError:
+    return APIError(
+        400,
+        "the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one",
+        "invalid_request_error",
+        "missing_host",
+    )
+
+
+def lacks_host(request: Request, version: bytes) -> bool:
+    """
+    Whether a request is an HTTP/1.1 one without a C{Host} field, which a
+    server must answer 400 (RFC 9112 section 3.2); HTTP/1.0 needs none.
+    """
+    return version == b"HTTP/1.1" and not request.requestHeaders.hasHeader(b"host")
+
+
 #: The fields an API request may carry once only, and the 400 for a repeat.
 _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
@@ -114,18 +131,32 @@ class MetricsRequest(Request):
             self._refused = True
             if isinstance(self.channel, HTTPChannel):
                 self.requestHeaders.removeHeader(b"expect")
-                transport = self.channel.transport
-                assert transport is not None
-                transport.write(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(self._BODY), self._BODY)
-                )
-                transport.loseConnection()
+                self._bad_request(self.channel, self._BODY)
             return
         super().gotLength(length)
 
     _refused = False
     _BODY = b"more than one Host header field (RFC 9112 section 3.2); send exactly one\n"
+    _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused and lacks_host(self, version) and isinstance(self.channel, HTTPChannel):
+            self._refused = True
+            self._bad_request(self.channel, self._NO_HOST)
+        super().requestReceived(command, path, version)
+
+    @staticmethod
+    def _bad_request(channel: HTTPChannel, body: bytes) -> None:
+        """
+        Answer 400 with C{body} (plain text) and close the connection.
+        """
+        transport = channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
 
     def process(self) -> None:
         if not self._refused:
@@ -286,6 +317,9 @@ class APIRequest(Request):
         connection = self._connection
         if connection is not None:
             connection.body_received()
+        if self._refusal is None and lacks_host(self, version):
+            # The version is known only now, with the whole request.
+            self._refuse(_missing_host())
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
@@ -483,8 +517,13 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                     site.keyless_timeout - site.keyless_grace, self._keyless_due
                 )
             return
-        self._disarm()
+        armed, self._armed = self._armed, None
         seconds = self._site.keyless_timeout
+        if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
+            # A request head begun but not whole: it is late, not keyless
+            # (its key may be in the part still to come).
+            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2])
+            return
         self._refused_late(
             APIError(
                 401,

@@ -1,0 +1,614 @@
+"""
+Findings of a hostile-host review: what the gateway does with the files,
+signals and peers a host gives it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from openclaw.service import GatewayService
+from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
+from openclaw.settings import ConfigError, load_settings
+from tests.support import (
+    RecordingEndpoint,
+    capture_log_events,
+    close_client,
+    connect,
+    free_port,
+    spawn_gateway,
+    start_gateway,
+    twistd_path,
+)
+from tests.test_api_exhaustion import trickle
+from tests.test_attack_review import exchange
+
+SECRET = "hostile-host-secret-hostile-host-secret-42"
+BYTES_SECRET = SECRET.encode()
+UNRELATED = b"root:x:0:0:root:/root:/bin/bash\n"
+
+
+def gateway_env(**extra: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "JWT_SECRET": SECRET,
+        **extra,
+    }
+
+
+class TokenFileAtStartTests(TestCase):
+    """
+    C{twistd -n openclaw --token-file PATH} refuses, with one line and
+    before listening, a path holding anything it did not write, and leaves
+    it as it was.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def refused(self, path: Path) -> Any:
+        port = free_port()
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "-n",
+                "--pidfile=",
+                "openclaw",
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(path),
+            ],
+            env=gateway_env(STATE_DIR=str(self.dir)),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("TOKEN_FILE", lines[0])
+        self.assertIn(repr(str(path)), lines[0])
+        self.assertIn("point TOKEN_FILE at a new path", lines[0])
+        self.assertNotIn(b"Traceback", out + err)
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self) -> Any:
+        path = self.dir / "fifo"
+        os.mkfifo(path, 0o600)
+        line = yield self.refused(path)
+        self.assertIn("a FIFO", line)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(path).st_mode))
+
+    @inlineCallbacks
+    def test_symlink(self) -> Any:
+        target = self.dir / "target"
+        target.write_bytes(UNRELATED)
+        path = self.dir / "link"
+        path.symlink_to(target)
+        line = yield self.refused(path)
+        self.assertIn("a symbolic link", line)
+        self.assertTrue(path.is_symlink())
+        self.assertEqual(target.read_bytes(), UNRELATED)
+
+    @inlineCallbacks
+    def test_directory(self) -> Any:
+        path = self.dir / "token"
+        path.mkdir()
+        line = yield self.refused(path)
+        self.assertIn("a directory", line)
+        self.assertTrue(path.is_dir())
+
+    @inlineCallbacks
+    def test_unrelated_data(self) -> Any:
+        path = self.dir / "passwd"
+        path.write_bytes(UNRELATED)
+        path.chmod(0o644)
+        line = yield self.refused(path)
+        self.assertIn("something other than a session token", line)
+        self.assertEqual(path.read_bytes(), UNRELATED)
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o644)
+
+    @inlineCallbacks
+    def test_socket(self) -> Any:
+        # A socket's path must be short: a directory of its own in /tmp.
+        short = Path(tempfile.mkdtemp(prefix="oc-"))
+        self.addCleanup(shutil.rmtree, short)
+        path = short / "s"
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(str(path))
+        line = yield self.refused(path)
+        self.assertIn("a socket", line)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+    @inlineCallbacks
+    def test_device(self) -> Any:
+        """
+        A character device (made here, in a temporary directory: a null
+        device's numbers) is neither overwritten nor removed.
+        """
+        if os.geteuid() != 0:
+            raise self.skipTest("making a device node needs root")
+        path = self.dir / "null"
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        line = yield self.refused(path)
+        self.assertIn("a character device", line)
+        self.assertTrue(stat.S_ISCHR(os.lstat(path).st_mode))
+
+
+class TokenFileCheckTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = self.dir / "token"
+
+    def test_accepted(self) -> None:
+        """
+        Nothing there, an empty file, or an earlier run's token (with or
+        without its newline) may be replaced.
+        """
+        check_token_file(self.path)
+        self.path.write_bytes(b"")
+        check_token_file(self.path)
+        token = SessionAuthority(BYTES_SECRET, 60).mint().token
+        for content in (token + "\n", token):
+            self.path.write_text(content)
+            check_token_file(self.path)
+
+    def test_refused(self) -> None:
+        token = SessionAuthority(BYTES_SECRET, 60).mint().token
+        for content in (
+            b"\n",
+            b"a.b\n",
+            token.encode() + b"\n\n",
+            (token + "\n" + token + "\n").encode(),
+            b"x" * 70000,
+        ):
+            self.path.write_bytes(content)
+            self.assertRaises(UnsafeTokenFile, check_token_file, self.path)
+
+
+class TokenFileLaterTests(SynchronousTestCase):
+    """
+    At rotation and at stop the token file is replaced or removed only
+    while it still holds this gateway's token.
+    """
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = self.dir / "token"
+        self.authority = SessionAuthority(BYTES_SECRET, 3600, token_file=self.path)
+        self.events = capture_log_events(self)
+        self.first = self.authority.issue()
+
+    def logged(self) -> str:
+        return "\n".join(formatEvent(event) for event in self.events)
+
+    def test_stop_leaves_another_gateways_token(self) -> None:
+        other = SessionAuthority(b"o" * 32, 3600).mint().token + "\n"
+        self.path.write_text(other)
+        self.authority.discard_token_file()
+        self.assertEqual(self.path.read_text(), other)
+        self.assertIn("no longer holds this gateway's session token", self.logged())
+
+    def test_stop_leaves_data(self) -> None:
+        self.path.write_bytes(UNRELATED)
+        self.authority.discard_token_file()
+        self.assertEqual(self.path.read_bytes(), UNRELATED)
+
+    def test_stop_leaves_a_link(self) -> None:
+        target = self.dir / "target"
+        target.write_text(self.first.token + "\n")
+        self.path.unlink()
+        self.path.symlink_to(target)
+        self.authority.discard_token_file()
+        self.assertTrue(self.path.is_symlink())
+        self.assertIn("a symbolic link", self.logged())
+
+    def test_stop_removes_its_own(self) -> None:
+        self.authority.discard_token_file()
+        self.assertFalse(self.path.exists())
+
+    def test_rotation_leaves_another_file(self) -> None:
+        self.path.write_bytes(UNRELATED)
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_bytes(), UNRELATED)
+        self.assertEqual(self.authority.current, rotated)
+        self.assertIn("was left as it is", self.logged())
+
+    def test_rotation_replaces_its_own(self) -> None:
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_text(), rotated.token + "\n")
+        self.assertEqual(stat.S_IMODE(self.path.stat().st_mode), 0o600)
+
+    def test_rotation_writes_a_missing_file(self) -> None:
+        self.path.unlink()
+        rotated = self.authority.issue()
+        self.assertEqual(self.path.read_text(), rotated.token + "\n")
+
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    """
+    One client-to-server text frame (RFC 6455 section 5.2), masked.
+    """
+    mask = os.urandom(4)
+    length = len(payload)
+    size = bytes([length]) if length < 126 else bytes([126]) + length.to_bytes(2, "big")
+    head = bytes([0x81, 0x80 | size[0]]) + size[1:]
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _open_raw(port: int) -> socket.socket:
+    """
+    A control connection by hand, with a tiny receive buffer (blocking:
+    run it in a thread); the opening handshake's answer is read.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+class BackpressureTests(TestCase):
+    """
+    A control client that sends commands but never reads the answers
+    stops being read once the gateway cannot send it more: its own sends
+    block, the commands answered stay bounded, and others are served.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_client_that_never_reads(self) -> Any:
+        gateway = start_gateway(self)
+        sock = yield deferToThread(_open_raw, gateway.port)
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        message = _masked_text_frame(json.dumps({"token": gateway.token, "cmd": "status"}).encode())
+        counts = gateway.service.metrics.commands.counts
+
+        def answered() -> int:
+            return sum(count for (cmd, _), count in counts.items() if cmd == "status")
+
+        batch = message * 100
+        pending = b""
+        sent = blocked_for = 0
+        # Without backpressure the gateway reads (and answers into its own
+        # memory) all this without the client's sends ever blocking.
+        limit = 100_000
+        while blocked_for < 20 and sent < limit * len(message):
+            if not pending:
+                pending = batch
+            try:
+                written = sock.send(pending)
+            except BlockingIOError:
+                blocked_for += 1
+                yield deferLater(reactor, 0.05, lambda: None)
+                continue
+            blocked_for = 0
+            pending = pending[written:]
+            sent += written
+            if sent % (len(batch) * 20) < written:
+                yield deferLater(reactor, 0, lambda: None)
+        self.assertLess(sent, limit * len(message), "the client's sends never blocked")
+        before = answered()
+        self.assertLess(before, limit)
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(answered(), before)
+        # Another operator is still served at once.
+        other = yield connect(gateway.port)
+        self.addCleanup(close_client, other)
+        answer = yield other.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        # Reading again lets the gateway read the rest and answer it.
+        received = 0
+        deadline = 0
+        while answered() == before and deadline < 100:
+            try:
+                received += len(sock.recv(65536))
+            except BlockingIOError:
+                deadline += 1
+                yield deferLater(reactor, 0.05, lambda: None)
+        self.assertGreater(answered(), before)
+
+
+class SignalTests(TestCase):
+    """
+    SIGHUP, and SIGUSR1 without a log file, do not end C{twistd -n
+    openclaw}: each is noted in the log, and SIGTERM still stops it
+    cleanly.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_hup_and_usr1_are_noted(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        port = free_port()
+        process = spawn_gateway(
+            self, ["--port", str(port), "--interface", "127.0.0.1"], gateway_env(STATE_DIR=str(state))
+        )
+        token = yield process.token
+        client = yield connect(port)
+        self.addCleanup(close_client, client)
+        for name, said in (
+            (signal.SIGHUP, b"restart the gateway to apply changes"),
+            (signal.SIGUSR1, b"no log file to reopen"),
+        ):
+            process.transport.signalProcess(int(name))
+            for _ in range(100):
+                if said in process.stdout or process.ended.called:
+                    break
+                yield deferLater(reactor, 0.05, lambda: None)
+            self.assertIn(said, process.stdout)
+            self.assertFalse(process.ended.called, process.stdout[-2000:])
+            answer = yield client.command(token, "ping")
+            self.assertTrue(answer["ok"], answer)
+        self.assertIn(b"received SIGHUP: configuration is read once at start-up", process.stdout)
+        self.assertIn(b"received SIGUSR1: no log file to reopen (logging to stdout)", process.stdout)
+        process.transport.signalProcess("TERM")
+        code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        status = yield process.ended
+        self.assertIn(status, (0, -15))
+
+
+class SecretFileTests(TestCase):
+    """
+    C{JWT_SECRET_FILE} naming a FIFO, a device or a huge file stops
+    C{twistd -n openclaw} at once with one line, not a hang or endless
+    read, and advises no chmod of it.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def refused(self, path: Path) -> Any:
+        env = gateway_env(STATE_DIR=str(self.dir), JWT_SECRET_FILE=str(path))
+        del env["JWT_SECRET"]
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--api-port", str(free_port())],
+            env=env,
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(f"JWT_SECRET_FILE={str(path)!r}", lines[0])
+        self.assertIn("point JWT_SECRET_FILE at a regular file", lines[0])
+        self.assertNotIn("chmod", lines[0])
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self) -> Any:
+        path = self.dir / "fifo"
+        os.mkfifo(path, 0o666)
+        line = yield self.refused(path)
+        self.assertIn("a FIFO", line)
+
+    @inlineCallbacks
+    def test_endless_device(self) -> Any:
+        """
+        A device that never ends (a zero device's numbers, made here in a
+        temporary directory; a FIFO where this is not root).
+        """
+        path = self.dir / "zero"
+        if os.geteuid() == 0:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+        else:
+            os.mkfifo(path, 0o666)
+        line = yield self.refused(path)
+        self.assertIn("not a regular file", line)
+
+    @inlineCallbacks
+    def test_too_large(self) -> Any:
+        path = self.dir / "huge"
+        path.write_bytes(b"s" * (65 * 1024))
+        path.chmod(0o600)
+        line = yield self.refused(path)
+        self.assertIn("bytes", line)
+
+
+class ModelSettingTests(TestCase):
+    """
+    A provider's C{*_MODEL} holding control characters is refused at
+    start-up with one line, by the rule the API and C{switch_provider}
+    apply to model names.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_escape_refused_by_twistd(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--api-port", str(free_port())],
+            env=gateway_env(STATE_DIR=str(state), GEMINI_MODEL="gemini-2.5-flash\x1b[2J"),
+            path=str(state),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("GEMINI_MODEL='gemini-2.5-flash\\x1b[2J'", lines[0])
+        self.assertIn("control or invisible characters", lines[0])
+
+    def test_nul_refused(self) -> None:
+        for value in ("kimi\x00", "a\u202eb", "x\ny"):
+            with self.assertRaises(ConfigError) as caught:
+                load_settings({"KIMI_MODEL": value}, cwd=Path(self.mktemp()).parent)
+            self.assertIn("KIMI_MODEL=", str(caught.exception))
+        self.assertEqual(
+            load_settings({"KIMI_MODEL": " kimi-k2 "}, cwd=Path(self.mktemp()).parent).default_model("kimi"), "kimi-k2"
+        )
+
+
+API_KEY = "gw-key-hostile-host-0123456789"
+
+
+class SlowKeyedHeadTests(TestCase):
+    """
+    A first request head that is still arriving when the keyless deadline
+    comes is late, not keyless: 408, at the keyless deadline.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_slow_head_with_key_gets_408(self) -> Any:
+        gateway = start_gateway(
+            self,
+            api=True,
+            gateway_api_keys=(API_KEY,),
+            api_header_timeout_seconds=10,
+            api_keyless_timeout_seconds=1.5,
+        )
+        head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nX-Slow: {'a' * 40}\r\n\r\n"
+        parts = [head[i : i + 4].encode() for i in range(0, len(head), 4)]
+        assert gateway.api_port is not None
+        answer, took = yield deferToThread(trickle, gateway.api_port, parts, 0.1)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:300])
+        self.assertIn(b"request_timeout", answer)
+        self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
+        self.assertLess(took, 3.5)
+
+
+class MissingHostTests(TestCase):
+    """
+    RFC 9112 section 3.2: an HTTP/1.1 request without C{Host} is answered
+    400, on the API (in OpenAI's error shape) and on the metrics listener;
+    HTTP/1.0 needs none.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_missing_host(self) -> Any:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        gateway = start_gateway(self, api=True, gateway_api_keys=(API_KEY,))
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            gateway.service.settings,
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            stdout=io.StringIO(),
+            metrics_endpoint=endpoint,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert endpoint.port is not None and gateway.api_port is not None
+        metrics_port = endpoint.port.getHost().port
+        for request in (
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+        ):
+            answer = yield deferToThread(exchange, gateway.api_port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (request, answer[:300]))
+            error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            self.assertEqual(error["code"], "missing_host")
+            self.assertIn("Host", error["message"])
+        answer = yield deferToThread(exchange, metrics_port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+        self.assertIn(b"no Host header field", answer)
+        for port, path in ((gateway.api_port, b"/healthz"), (metrics_port, b"/metrics")):
+            answer = yield deferToThread(exchange, port, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+            self.assertIn(b" 200 ", answer.partition(b"\r\n")[0], answer[:300])
+            answer = yield deferToThread(
+                exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+
+def _control_status_page(port: int) -> bytes:
+    return exchange(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+
+
+def _control_upgrade(port: int) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            (
+                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+class ControlPortDisclosureTests(TestCase):
+    """
+    The control port shows no status page to a plain GET, and names no
+    library or version in its C{Server} field.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_no_status_page_and_neutral_server(self) -> Any:
+        gateway = start_gateway(self)
+        page = yield deferToThread(_control_status_page, gateway.port)
+        self.assertFalse(page.startswith(b"HTTP/1.1 200"), page[:300])
+        self.assertNotIn(b"autobahn", page.lower())
+        upgrade = yield deferToThread(_control_upgrade, gateway.port)
+        self.assertTrue(upgrade.startswith(b"HTTP/1.1 101"), upgrade)
+        self.assertIn(b"\r\nServer: openclaw\r\n", upgrade)
+        self.assertNotIn(b"autobahn", upgrade.lower())
