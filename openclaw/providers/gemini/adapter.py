@@ -10,13 +10,12 @@ from typing import ClassVar
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from openclaw.providers.base import ProviderAdapter
+from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.errors import MalformedResponse
-from openclaw.providers.fetch import Exchange, post
+from openclaw.providers.fetch import Exchange
+from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.wire import Wire
 
@@ -24,7 +23,6 @@ from openclaw.providers.wire import Wire
 PAGE_SIZE = 1000
 #: A listing longer than this many pages is a misbehaving server, not a catalogue.
 MAX_PAGES = 50
-MODEL_PREFIX = "models/"
 #: Chat URLs remembered per adapter (a request may name any model, so the
 #: memo is bounded; past it, URLs are built each time).
 MAX_CACHED_URLS = 64
@@ -36,7 +34,8 @@ class GeminiAdapter(ProviderAdapter):
     C{GET {base}/models?pageSize=1000} answers C{{"models": [{"name":
     "models/<id>"}], "nextPageToken": ...}}; pages are followed with
     C{pageToken}.  Chat is C{POST {base}/models/<model>:generateContent}, or
-    C{:streamGenerateContent?alt=sse} for server-sent events.
+    C{:streamGenerateContent?alt=sse} for server-sent events; embeddings
+    are C{:batchEmbedContents} (L{GeminiEmbeddings}).
     """
 
     id: ClassVar[str] = "gemini"
@@ -47,6 +46,7 @@ class GeminiAdapter(ProviderAdapter):
     model_variable: ClassVar[str] = "GEMINI_MODEL"
     default_model_id: ClassVar[str] = "gemini-flash-latest"
     wire: ClassVar[Wire] = GeminiWire()
+    embeddings: ClassVar[EmbeddingsWire | None] = GeminiEmbeddings()
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -67,18 +67,6 @@ class GeminiAdapter(ProviderAdapter):
             if len(self._chat_urls) < MAX_CACHED_URLS:
                 self._chat_urls[(model, stream)] = url
         return url
-
-    def post_embeddings(self, model: str, body: bytes, key: str) -> Deferred[IResponse]:
-        """
-        Send one C{POST {base}/models/<model>:batchEmbedContents}
-        (U{https://ai.google.dev/api/embeddings}) with C{key}; fires with the
-        response once its headers are in, whatever its status.  Cancelling
-        it closes the connection.  The caller picks C{key} from L{keys}
-        (L{pooled_call}).
-        """
-        name = quote(self.normalize_model(model), safe="")
-        headers = Headers({"Content-Type": ["application/json"], **{k: [v] for k, v in self.auth_headers(key).items()}})
-        return post(self.agent, f"{self.base_url}/models/{name}:batchEmbedContents".encode(), headers, body)
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
         ids: list[str] = []
