@@ -209,7 +209,8 @@ class OpenAICompatibleAdapter(ProviderAdapter):
 
     Abstract: a subclass declares C{id}, C{display_name}, C{key_variables},
     C{base_url_variable}, C{default_base_url}, C{model_variable} and
-    C{default_model_id}.
+    C{default_model_id}; and C{embeddings = OpenAIEmbeddings(...)} when the
+    provider serves OpenAI's C{/embeddings} (Moonshot does not).
     """
 
     wire: ClassVar[Wire] = OpenAIWire()
