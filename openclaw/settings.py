@@ -188,8 +188,11 @@ class Settings:
     #: PEM file of the CA certificates trusted for https provider URLs, in
     #: place of the system's; None: the system's trust store.
     upstream_ca_file: Path | None = None
-    #: The Gemini model C{POST /v1/embeddings} uses (embeddings do not
-    #: follow switch_provider: an application's vectors must stay comparable).
+    #: EMBEDDING_MODEL: the provider and model C{POST /v1/embeddings} uses
+    #: (embeddings do not follow switch_provider: an application's vectors
+    #: must stay comparable).  The provider is one whose adapter declares
+    #: an embeddings API; None when no declared provider has one.
+    embedding_provider: str | None = "gemini"
     embedding_model: str = "gemini-embedding-001"
 
     # Running as a daemon.
@@ -505,21 +508,59 @@ def _url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _embedding_model(text: str) -> str:
+def _read_embedding_model(
+    read: Callable[[str, Callable[[str], Any], Any, str], Any],
+    declared: tuple[type[ProviderAdapter], ...],
+    defaults: Settings,
+) -> tuple[str | None, str]:
     """
-    A Gemini model name, written bare, as C{gemini/<model>} or as
-    C{models/<model>}.
+    EMBEDDING_MODEL as C{(provider, model)}: C{<provider>/<model>} for a
+    declared provider whose adapter has an embeddings API
+    (L{ProviderAdapter.embeddings}), or a bare model name for the default
+    one (the built-in default when declared, else the first declared that
+    has one), as that API names it (Gemini's C{models/<model>} is read as
+    C{<model>}).  Unset: the default provider's default model; C{(None, "")}
+    when no declared provider has embeddings.
+
+    @raise ConfigError: it names a provider without embeddings, or no model.
     """
-    provider, slash, model = text.strip().partition("/")
-    if not slash:
-        model = provider
-    elif provider == "gemini":
-        model = model.removeprefix("models/")
-    elif provider != "models":
-        raise ValueError(text)
-    if not model or "/" in model:
-        raise ValueError(text)
-    return model
+    providers = {adapter.id: adapter for adapter in declared if adapter.embeddings is not None}
+    ids = [adapter.id for adapter in declared]
+    default = providers.get(defaults.embedding_provider or "") or next(iter(providers.values()), None)
+    having = ", ".join(providers) or "none of the declared providers"
+
+    def parse(text: str) -> tuple[str | None, str]:
+        provider_id, slash, model = text.strip().partition("/")
+        if slash and provider_id in ids:
+            adapter = providers.get(provider_id)
+            if adapter is None:
+                raise ConfigError(
+                    f"EMBEDDING_MODEL={text!r} names {provider_id}, which has no embeddings API; "
+                    f"use <provider>/<model> with a provider that has one ({having})"
+                )
+        elif default is None:
+            raise ConfigError(
+                f"EMBEDDING_MODEL={text!r} is set but no declared provider has an embeddings API; unset it"
+            )
+        else:
+            adapter, model = default, text
+        assert adapter.embeddings is not None
+        return adapter.id, adapter.embeddings.model_name(model)
+
+    if default is None:
+        unset: tuple[str | None, str] = (None, "")
+    else:
+        assert default.embeddings is not None
+        same = default.id == defaults.embedding_provider
+        unset = (default.id, defaults.embedding_model if same else default.embeddings.default_model)
+    example = "" if default is None else f", or a bare {default.id} model name such as {unset[1]}"
+    embedding: tuple[str | None, str] = read(
+        "EMBEDDING_MODEL",
+        parse,
+        unset,
+        f"use <provider>/<model> with a provider that has an embeddings API ({having}){example}",
+    )
+    return embedding
 
 
 def _writable_file(path: str) -> Path:
@@ -1029,6 +1070,7 @@ def load_settings(
             f"WORKERS (--workers)={workers} needs REDIS_URL: the workers share the token, route and "
             "lockouts through Redis; set REDIS_URL or use --workers 1"
         )
+    embedding = _read_embedding_model(read, declared, defaults)
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
     ca_file = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_path, "")
@@ -1087,12 +1129,8 @@ def load_settings(
             "use a number of seconds greater than 0, such as 50",
         ),
         upstream_ca_file=ca_file,
-        embedding_model=read(
-            "EMBEDDING_MODEL",
-            _embedding_model,
-            defaults.embedding_model,
-            "name a Gemini embedding model such as gemini-embedding-001 (Kimi has no embeddings API)",
-        ),
+        embedding_provider=embedding[0],
+        embedding_model=embedding[1],
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
         api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
         metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),

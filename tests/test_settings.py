@@ -207,7 +207,10 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(self.load().embedding_model, "gemini-embedding-001")
         for given in ("text-embedding-004", "gemini/text-embedding-004", "models/text-embedding-004"):
             self.assertEqual(self.load({"EMBEDDING_MODEL": given}).embedding_model, "text-embedding-004")
-        self.assertConfigError("EMBEDDING_MODEL", "'kimi/x'", "Kimi has no embeddings API", EMBEDDING_MODEL="kimi/x")
+        self.assertEqual(self.load().embedding_provider, "gemini")
+        self.assertConfigError(
+            "EMBEDDING_MODEL", "'kimi/x'", "kimi, which has no embeddings API", "(gemini)", EMBEDDING_MODEL="kimi/x"
+        )
         self.assertConfigError("EMBEDDING_MODEL", "gemini-embedding-001", EMBEDDING_MODEL="gemini/")
 
 

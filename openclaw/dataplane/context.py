@@ -71,8 +71,10 @@ class APIContext:
     fallback: str | tuple[str, ...] = "auto"
     #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
     count_fallback: Callable[[str, str, str], None] = lambda origin, target, reason: None
-    #: EMBEDDING_MODEL: the Gemini model C{/v1/embeddings} uses.
-    embedding_model: str = "gemini-embedding-001"
+    #: EMBEDDING_MODEL: the provider (None: none has embeddings) and the
+    #: model C{/v1/embeddings} uses when a request names none of its own.
+    embedding_provider: str | None = None
+    embedding_model: str = ""
     _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
     #: Chat calls under way, told when the grace period of a stop is over.
     chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
@@ -137,6 +139,7 @@ class APIContext:
             log_failures=settings.log_level not in _QUIET_LEVELS,
             costs=CallCosts() if costs is None else costs,
             fallback=settings.fallback,
+            embedding_provider=settings.embedding_provider,
             embedding_model=settings.embedding_model,
         )
         if count_fallback is not None:

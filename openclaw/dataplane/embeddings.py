@@ -1,12 +1,16 @@
 """
 C{POST /v1/embeddings}: OpenAI's embeddings API
 (U{https://platform.openai.com/docs/api-reference/embeddings}) answered by
-Gemini's C{batchEmbedContents} (U{https://ai.google.dev/api/embeddings}).
+the embeddings API of the provider EMBEDDING_MODEL names, through the
+capability its adapter declares
+(L{ProviderAdapter.embeddings <openclaw.providers.base.ProviderAdapter.embeddings>}:
+Gemini's C{batchEmbedContents}, or OpenAI's own C{/embeddings} passed
+through).
 
 Embeddings do not follow C{switch_provider}: an application's stored
 vectors are only comparable with vectors of the same model, so every call
-uses EMBEDDING_MODEL, or the Gemini model a C{"gemini/<model>"} names.
-Kimi has no embeddings API.
+uses EMBEDDING_MODEL, or the C{"<provider>/<model>"} the request names
+when that provider has an embeddings API.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import base64
 import sys
 from array import array
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import orjson
@@ -33,27 +37,17 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.dataplane.request import json_body
 from openclaw.dataplane.resource import CLIENT_GONE, _Authenticated, error_response, pooled_call_error
-from openclaw.providers import UpstreamHTTPError
+from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
-from openclaw.providers.gemini import GeminiAdapter
+from openclaw.providers.wire import MalformedAnswer
 from openclaw.routing import UNPRINTABLE_MODEL, Route, printable_model
 
-#: The provider that serves embeddings.
-PROVIDER = "gemini"
 #: Inputs one request may hold (OpenAI's own limit).
 MAX_INPUTS = 2048
-#: Inputs per C{batchEmbedContents} call (Gemini's limit per batch).
-GEMINI_BATCH = 100
 ENCODINGS = ("float", "base64")
 _JSON = b"application/json"
-
-
-class _Malformed(ValueError):
-    """
-    Gemini answered 2xx with something that is not an embeddings batch.
-    """
 
 
 @attrs.frozen
@@ -63,19 +57,43 @@ class EmbeddingRequest:
     """
 
     inputs: tuple[str, ...]
-    #: The Gemini model, without C{models/}.
+    #: The provider whose embeddings API answers it.
+    provider: str
+    #: The model, as that provider names it (Gemini's without C{models/}).
     model: str
-    #: C{outputDimensionality}, when asked for.
+    #: OpenAI's C{dimensions} (Gemini's C{outputDimensionality}), when asked for.
     dimensions: int | None
     #: "float" (a list of numbers) or "base64" (little-endian float32 bytes).
     encoding_format: str
 
 
-def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[str, ...]) -> EmbeddingRequest:
+class EmbeddingsAnswer(NamedTuple):
+    """
+    The client's answer, and the input tokens it counts.
+    """
+
+    #: OpenAI's list shape, as JSON.
+    body: bytes
+    #: The input tokens the provider counted, None when it counts none.
+    prompt_tokens: int | None
+
+
+def embedding_providers(providers: ProviderRegistry) -> list[str]:
+    """
+    The ids of the providers whose adapter declares an embeddings API.
+    """
+    return [adapter.id for adapter in providers if adapter.embeddings is not None]
+
+
+def parse_embedding_request(
+    raw: bytes, default_provider: str | None, default_model: str, providers: ProviderRegistry
+) -> EmbeddingRequest:
     """
     Parse and check a request body.
 
-    @param default_model: EMBEDDING_MODEL.
+    @param default_provider: EMBEDDING_MODEL's provider (None: no declared
+        provider has embeddings).
+    @param default_model: EMBEDDING_MODEL's model.
     @raise APIError: 400 naming the first problem found.
     """
     body = json_body(raw)
@@ -94,19 +112,30 @@ def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[
         raise bad_request("model must be a string", param="model")
     if model is not None and not printable_model(model):
         raise bad_request(UNPRINTABLE_MODEL, param="model")
-    chosen = default_model
+    provider_id, chosen = default_provider, default_model
     if model:
-        provider_id, slash, name = model.partition("/")
-        if slash and provider_id == PROVIDER:
-            chosen = name.strip().removeprefix("models/")
-            if not chosen:
-                raise bad_request(f"model {model!r} names no model; use gemini/<model>", param="model")
-        elif slash and provider_id in provider_ids:
-            raise bad_request(
-                f"{provider_id} has no embeddings API: embeddings come from Gemini; "
-                f"leave model out (EMBEDDING_MODEL, {default_model}) or name gemini/<model>",
-                param="model",
-            )
+        prefix, slash, name = model.partition("/")
+        if slash and prefix in providers.ids:
+            wire = providers.get(prefix).embeddings
+            if wire is None:
+                having = ", ".join(embedding_providers(providers)) or "no declared provider"
+                raise bad_request(
+                    f"{prefix} has no embeddings API: embeddings come from {having}; leave model out "
+                    f"(EMBEDDING_MODEL, {default_provider}/{default_model}) or name <provider>/<model>",
+                    param="model",
+                )
+            try:
+                chosen = wire.model_name(name)
+            except ValueError:
+                raise bad_request(f"model {model!r} names no model; use {prefix}/<model>", param="model") from None
+            provider_id = prefix
+    if provider_id not in providers.ids or providers.get(provider_id).embeddings is None:
+        raise bad_request(
+            f"no declared provider serves EMBEDDING_MODEL ({default_provider}/{default_model}); "
+            f"name <provider>/<model> with one that has an embeddings API: "
+            f"{', '.join(embedding_providers(providers)) or 'none is declared'}",
+            param="model",
+        )
     dimensions = body.get("dimensions")
     if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
         raise bad_request("dimensions must be a whole number of at least 1", param="dimensions")
@@ -115,54 +144,18 @@ def parse_embedding_request(raw: bytes, default_model: str, provider_ids: tuple[
         encoding = "float"
     if encoding not in ENCODINGS:
         raise bad_request("encoding_format must be float or base64", param="encoding_format")
-    return EmbeddingRequest(tuple(inputs), chosen, dimensions, encoding)
+    return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding)
 
 
 def estimated_tokens(inputs: tuple[str, ...]) -> int:
     """
-    The tokens a consumer is counted for embedding C{inputs}: Gemini's
-    C{batchEmbedContents} answer carries no token count, so each text
-    counts one token per 4 characters, rounded up (Google's rule of thumb,
+    The tokens a consumer is reserved for embedding C{inputs}, and counted
+    when the provider's answer carries no token count (Gemini's
+    C{batchEmbedContents}): one token per 4 characters of each text,
+    rounded up (Google's rule of thumb,
     U{https://ai.google.dev/gemini-api/docs/tokens}).
     """
     return sum(-(-len(text) // 4) for text in inputs)
-
-
-def to_batch_embed(inputs: tuple[str, ...] | list[str], model: str, dimensions: int | None) -> dict[str, Any]:
-    """
-    The C{batchEmbedContents} request for C{inputs}.
-    """
-    name = f"models/{model}"
-    requests = []
-    for text in inputs:
-        entry: dict[str, Any] = {"model": name, "content": {"parts": [{"text": text}]}}
-        if dimensions is not None:
-            entry["outputDimensionality"] = dimensions
-        requests.append(entry)
-    return {"requests": requests}
-
-
-def vectors(body: bytes, expected: int) -> list[list[float]]:
-    """
-    The vectors of a C{batchEmbedContents} answer.
-
-    @raise _Malformed: not C{{"embeddings": [{"values": [...]}, ...]}} with
-        C{expected} entries.
-    """
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise _Malformed("the answer is not JSON") from None
-    embeddings = document.get("embeddings") if isinstance(document, dict) else None
-    if not isinstance(embeddings, list) or len(embeddings) != expected:
-        raise _Malformed(f'the answer has no "embeddings" list of {expected}')
-    found = []
-    for embedding in embeddings:
-        values = embedding.get("values") if isinstance(embedding, dict) else None
-        if not isinstance(values, list):
-            raise _Malformed('an embedding has no "values" list')
-        found.append(values)
-    return found
 
 
 def encode_base64(values: list[float]) -> str:
@@ -175,10 +168,12 @@ def encode_base64(values: list[float]) -> str:
     return base64.b64encode(packed.tobytes()).decode("ascii")
 
 
-def embedding_list(found: list[list[float]], model: str, encoding_format: str) -> dict[str, Any]:
+def embedding_list(
+    found: list[list[float]], model: str, encoding_format: str, prompt_tokens: int | None = None
+) -> dict[str, Any]:
     """
-    OpenAI's list shape.  Gemini's batch answer counts no tokens, so
-    C{usage} is reported as 0s rather than guessed.
+    OpenAI's list shape, C{usage} the provider's count: 0s when it counts
+    none (Gemini's batch answer), rather than a guess.
     """
     encode = encode_base64 if encoding_format == "base64" else None
     return {
@@ -188,15 +183,15 @@ def embedding_list(found: list[list[float]], model: str, encoding_format: str) -
             for i, values in enumerate(found)
         ],
         "model": model,
-        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        "usage": {"prompt_tokens": prompt_tokens or 0, "total_tokens": prompt_tokens or 0},
     }
 
 
 class Embeddings(_Authenticated):
     """
-    C{POST /v1/embeddings}, always to Gemini (see the module docstring),
-    within UPSTREAM_TIMEOUT; inputs beyond one Gemini batch go in several
-    calls, one after the other.
+    C{POST /v1/embeddings}, to EMBEDDING_MODEL's provider (see the module
+    docstring), within UPSTREAM_TIMEOUT; inputs beyond one upstream batch
+    (C{batch_size} of L{openclaw.providers.embeddings.EmbeddingsWire}) go in several calls, one after the other.
     """
 
     def render_POST(self, request: Request) -> Any:
@@ -206,22 +201,20 @@ class Embeddings(_Authenticated):
         try:
             parsed = parse_embedding_request(
                 request.content.read() if request.content is not None else b"",
+                context.embedding_provider,
                 context.embedding_model,
-                context.providers.ids,
+                context.providers,
             )
-            if PROVIDER not in context.providers.ids:
-                raise bad_request("embeddings come from Gemini, and no Gemini provider is declared", param="model")
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
             raise
-        adapter = self.usable(request, PROVIDER, started, holder)
-        assert isinstance(adapter, GeminiAdapter)
-        route = Route(PROVIDER, parsed.model)
+        adapter = self.usable(request, parsed.provider, started, holder)
+        route = Route(parsed.provider, parsed.model)
         consumers = context.consumers
         if consumers is None or holder is GATEWAY:
             return self._start(request, adapter, parsed, route, started, holder)
         # A consumer's limits: rpm, tpm and budget with the prompt tokens, models.
-        admission = consumers.admit(holder, PROVIDER, parsed.model, 0, estimated_tokens(parsed.inputs))
+        admission = consumers.admit(holder, parsed.provider, parsed.model, 0, estimated_tokens(parsed.inputs))
         return self.after_admission(
             request,
             admission,
@@ -234,7 +227,7 @@ class Embeddings(_Authenticated):
     def _start(
         self,
         request: Request,
-        adapter: GeminiAdapter,
+        adapter: ProviderAdapter,
         parsed: EmbeddingRequest,
         route: Route,
         started: float,
@@ -253,16 +246,19 @@ class Embeddings(_Authenticated):
             gone.append(True)
             call.cancel()
 
-        def counted(status: int, outcome: str | None, answered: bool) -> None:
+        def counted(status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
             context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
             if context.consumers is not None:
                 # Accounting also releases what the admission reserved.
-                usage = {"prompt_tokens": estimated_tokens(parsed.inputs)} if answered else None
+                usage = None
+                if answered is not None:
+                    tokens = answered.prompt_tokens
+                    usage = {"prompt_tokens": estimated_tokens(parsed.inputs) if tokens is None else tokens}
                 context.consumers.account(
-                    holder, PROVIDER, parsed.model, status, usage, context.reactor.seconds() - started
+                    holder, adapter.id, parsed.model, status, usage, context.reactor.seconds() - started
                 )
 
-        def answer(result: bytes | Failure) -> None:
+        def answer(result: EmbeddingsAnswer | Failure) -> None:
             if calls:
                 # A call cut short with no verdict: its client left (no
                 # verdict), else no answer in time or no connection.
@@ -272,22 +268,22 @@ class Embeddings(_Authenticated):
                     calls[-1].failed()
             if gone:
                 # Counted as chat counts a client that left: 499, with the
-                # estimate when the provider had answered.
-                return counted(499, CLIENT_GONE, not isinstance(result, Failure))
+                # provider's count when it had answered.
+                return counted(499, CLIENT_GONE, None if isinstance(result, Failure) else result)
             if isinstance(result, Failure):
                 error = self._error(result, adapter)
                 body = error_response(request, error)
-                status, outcome = error.status, error.code
+                status, outcome, answered = error.status, error.code, None
             else:
                 request.setHeader(b"Content-Type", _JSON)
-                body = result
-                status, outcome = 200, None
+                body = result.body
+                status, outcome, answered = 200, None, result
             request.setHeader(b"Content-Length", b"%d" % len(body))
-            request.setHeader(b"X-OpenClaw-Provider", PROVIDER.encode())
+            request.setHeader(b"X-OpenClaw-Provider", adapter.id.encode())
             request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
             request.write(body)
             request.finish()
-            counted(status, outcome, status == 200)
+            counted(status, outcome, answered)
             return None
 
         def ended(result: object) -> None:
@@ -299,34 +295,44 @@ class Embeddings(_Authenticated):
         call.addBoth(ended)
         return NOT_DONE_YET
 
-    async def _embed(self, adapter: GeminiAdapter, parsed: EmbeddingRequest, calls: list[PooledCall]) -> bytes:
+    async def _embed(
+        self, adapter: ProviderAdapter, parsed: EmbeddingRequest, calls: list[PooledCall]
+    ) -> EmbeddingsAnswer:
         """
         The client's answer: the vectors of every batch, in OpenAI's list
-        shape.
+        shape, and the input tokens the provider counted (None unless every
+        batch's answer counted them).
         """
+        wire = adapter.embeddings
+        assert wire is not None, "checked by parse_embedding_request"
         found: list[list[float]] = []
+        counts: list[int | None] = []
         inputs = parsed.inputs
         status = 200
-        for start in range(0, len(inputs), GEMINI_BATCH):
-            batch = inputs[start : start + GEMINI_BATCH]
-            body = orjson.dumps(to_batch_embed(batch, parsed.model, parsed.dimensions))
+        for start in range(0, len(inputs), wire.batch_size):
+            batch = inputs[start : start + wire.batch_size]
+            body = wire.request_body(batch, parsed.model, parsed.dimensions)
             status, answer = await self._batch(adapter, parsed.model, body, calls)
             try:
-                found.extend(vectors(answer, len(batch)))
-            except _Malformed as e:
-                raise _Malformed(f"{e} (HTTP {status})") from None
+                read = wire.answer(answer, len(batch))
+            except MalformedAnswer as e:
+                raise MalformedAnswer(f"{e} (HTTP {status})") from None
+            found.extend(read.vectors)
+            counts.append(read.prompt_tokens)
+        tokens = None if None in counts else sum(count or 0 for count in counts)
         try:
-            return orjson.dumps(embedding_list(found, parsed.model, parsed.encoding_format))
+            document = embedding_list(found, parsed.model, parsed.encoding_format, tokens)
+            return EmbeddingsAnswer(orjson.dumps(document), tokens)
         except (TypeError, ValueError, OverflowError):
             # orjson's JSONEncodeError (nested lists past its 254 levels) is
             # a TypeError, as array's refusal of a value that is no number.
-            raise _Malformed(f"an embedding's values are not all numbers (HTTP {status})") from None
+            raise MalformedAnswer(f"an embedding's values are not all numbers (HTTP {status})") from None
 
     async def _batch(
-        self, adapter: GeminiAdapter, model: str, body: bytes, calls: list[PooledCall]
+        self, adapter: ProviderAdapter, model: str, body: bytes, calls: list[PooledCall]
     ) -> tuple[int, bytes]:
         """
-        One C{batchEmbedContents} call with the next usable key, under the
+        One upstream embeddings call with the next usable key, under the
         breaker, as a chat call is made (L{ProviderAdapter.pooled_call}):
         refused with 429 or as an invalid key, it is made once more with
         another usable key.  The 2xx status and body.
@@ -358,20 +364,21 @@ class Embeddings(_Authenticated):
                 continue
             raise error
 
-    def _error(self, reason: Failure, adapter: GeminiAdapter) -> APIError:
+    def _error(self, reason: Failure, adapter: ProviderAdapter) -> APIError:
         value = reason.value
+        provider_id = adapter.id
         refused = pooled_call_error(adapter, value)
         if refused is not None:
             return refused
         if isinstance(value, UpstreamHTTPError):
-            return upstream_http_error(PROVIDER, value.status, str(value))
+            return upstream_http_error(provider_id, value.status, str(value))
         if isinstance(value, (TimeoutError, CancelledError)):
-            return upstream_timeout(PROVIDER, self.context.timeout, "the embeddings")
-        if isinstance(value, _Malformed):
-            return upstream_failed(PROVIDER, str(value), "upstream_malformed")
+            return upstream_timeout(provider_id, self.context.timeout, "the embeddings")
+        if isinstance(value, MalformedAnswer):
+            return upstream_failed(provider_id, str(value), "upstream_malformed")
         if isinstance(value, Exception) and not isinstance(
             value, (AssertionError, AttributeError, TypeError, KeyError)
         ):
-            return upstream_failed(PROVIDER, adapter.describe(reason))
+            return upstream_failed(provider_id, adapter.describe(reason))
         self.context.log.failure("embeddings call failed unexpectedly", reason)
         return internal_error()

@@ -5,7 +5,8 @@ module subclasses, and the probe logic every provider shares.
 A provider module declares, as class attributes, who it is (C{id},
 C{display_name}), the settings it reads (C{key_variables},
 C{base_url_variable} and C{default_base_url}, C{model_variable} and
-C{default_model_id}) and its chat format (C{wire}); and, as methods, how
+C{default_model_id}), its chat format (C{wire}) and, when it has one, its
+embeddings API (C{embeddings}); and, as methods, how
 to authenticate, how to read its models listing and where its chat
 endpoint is (L{ProviderAdapter.auth_headers},
 L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).
@@ -38,6 +39,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from openclaw.consumers.prices import Price
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
+from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.errors import (
     BreakerOpen,
     MissingKey,
@@ -204,6 +206,9 @@ class ProviderAdapter(abc.ABC):
     #: tokens, as the provider publishes them), merged into the gateway's
     #: price table at start-up; C{PRICES_FILE} overrides them.  Optional.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType({})
+    #: Its embeddings API (L{openclaw.providers.embeddings.EmbeddingsWire}),
+    #: serving C{POST /v1/embeddings}; None when it has none (Kimi).
+    embeddings: ClassVar[EmbeddingsWire | None] = None
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: IReactorTime = attrs.field(repr=False)
@@ -233,8 +238,9 @@ class ProviderAdapter(abc.ABC):
     #: The model ids of the last listing that succeeded (a health probe or a
     #: C{/v1/models} call), for L{unlisted_model_warning}; None until one has.
     listed_models: tuple[str, ...] | None = attrs.field(default=None, init=False, repr=False)
-    #: The chat request headers per key, built once each: they hold the key.
-    _chat_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
+    #: The chat and embeddings request headers per key, built once each:
+    #: they hold the key.
+    _post_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
     #: Removes every key of the pool from text the provider sent (L{scrub}).
     scrubber: Scrubber = attrs.field(
         default=attrs.Factory(
@@ -433,15 +439,35 @@ class ProviderAdapter(abc.ABC):
         key = key or self.api_key
         if key is None:
             raise MissingKey(f"{self.key_variable} is not set")
-        headers = self._chat_headers.get(key)
+        return post(self.agent, self.chat_url(model, stream), self.post_headers(key), body)
+
+    def post_headers(self, key: str) -> Headers:
+        """
+        The headers of a JSON C{POST} (a chat or embeddings call) sent with
+        C{key}: C{Content-Type} and L{auth_headers}, built once per key.
+        """
+        headers = self._post_headers.get(key)
         if headers is None:
-            headers = self._chat_headers[key] = Headers(
+            headers = self._post_headers[key] = Headers(
                 {
                     "Content-Type": ["application/json"],
                     **{name: [value] for name, value in self.auth_headers(key).items()},
                 }
             )
-        return post(self.agent, self.chat_url(model, stream), headers, body)
+        return headers
+
+    def post_embeddings(self, model: str, body: bytes, key: str) -> Deferred[IResponse]:
+        """
+        Send one embeddings call (L{embeddings}'s C{url} and C{body}) with
+        C{key}; fires with the response once its headers are in, whatever
+        its status.  Cancelling it closes the connection.  The caller picks
+        C{key} from L{keys} (L{pooled_call}).
+
+        @raise TypeError: the provider declares no embeddings API.
+        """
+        if self.embeddings is None:
+            raise TypeError(f"{self.id} declares no embeddings API")
+        return post(self.agent, self.embeddings.url(self.base_url, model), self.post_headers(key), body)
 
     def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
         """

@@ -5,11 +5,14 @@ format passed through untranslated.
 
 A provider of this kind is a declaration on top of
 L{OpenAICompatibleAdapter}: its id, display name, variables and defaults
-(see L{openclaw.providers.kimi}).
+(see L{openclaw.providers.kimi}); one that also serves OpenAI's
+C{POST {base}/embeddings} declares it with
+C{embeddings = OpenAIEmbeddings(default_model=...)}.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -19,6 +22,7 @@ from openclaw.dataplane.callids import plain
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
+from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
 from openclaw.providers.errors import MalformedResponse
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.wire import Completion, MalformedAnswer, StreamBroken, Wire, error_message, json_object
@@ -147,6 +151,55 @@ class OpenAIStream:
         return [orjson.dumps({**self._head, "object": "chat.completion.chunk", "choices": [], "usage": self.usage})]
 
 
+@attrs.frozen(kw_only=True)
+class OpenAIEmbeddings:
+    """
+    OpenAI's embeddings API (U{https://platform.openai.com/docs/api-reference/embeddings}),
+    passed through: C{POST {base}/embeddings} with C{model}, C{input} (a
+    list of strings), C{dimensions} when asked and C{encoding_format}
+    C{float} (the gateway encodes what the client asked for), answered
+    C{{"data": [{"index", "embedding"}], "usage": {"prompt_tokens"}}}.
+    """
+
+    #: The model used when EMBEDDING_MODEL is unset and this provider
+    #: serves embeddings by default.
+    default_model: str
+    #: Inputs one request may hold (OpenAI's limit).
+    batch_size: int = 2048
+
+    def model_name(self, text: str) -> str:
+        model = text.strip()
+        if not model:
+            raise ValueError(text)
+        return model
+
+    def url(self, base_url: str, model: str) -> bytes:
+        # The model travels in the body.
+        return f"{base_url}/embeddings".encode()
+
+    def request_body(self, inputs: Sequence[str], model: str, dimensions: int | None) -> bytes:
+        body: dict[str, Any] = {"model": model, "input": list(inputs), "encoding_format": "float"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        return orjson.dumps(body)
+
+    def answer(self, body: bytes, expected: int) -> EmbeddingsBatch:
+        document = json_object(body)
+        data = document.get("data")
+        found = None
+        if isinstance(data, list):
+            entries = [entry if isinstance(entry, dict) else {} for entry in data]
+            indexes = [entry.get("index") for entry in entries]
+            if sorted(i for i in indexes if type(i) is int) == list(range(len(entries))):
+                # In the inputs' order, whatever order the answer lists them in.
+                entries.sort(key=lambda entry: entry["index"])
+            found = [entry.get("embedding") for entry in entries]
+        usage = document.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        counted = tokens if type(tokens) is int and tokens >= 0 else None
+        return EmbeddingsBatch(number_lists(found, expected, "data", "embedding"), counted)
+
+
 @attrs.define(kw_only=True)
 class OpenAICompatibleAdapter(ProviderAdapter):
     """
@@ -156,7 +209,8 @@ class OpenAICompatibleAdapter(ProviderAdapter):
 
     Abstract: a subclass declares C{id}, C{display_name}, C{key_variables},
     C{base_url_variable}, C{default_base_url}, C{model_variable} and
-    C{default_model_id}.
+    C{default_model_id}; and C{embeddings = OpenAIEmbeddings(...)} when the
+    provider serves OpenAI's C{/embeddings} (Moonshot does not).
     """
 
     wire: ClassVar[Wire] = OpenAIWire()
@@ -179,4 +233,4 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-__all__ = ["OpenAICompatibleAdapter", "OpenAIStream", "OpenAIWire"]
+__all__ = ["OpenAICompatibleAdapter", "OpenAIEmbeddings", "OpenAIStream", "OpenAIWire"]

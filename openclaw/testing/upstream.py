@@ -45,6 +45,7 @@ import base64
 import binascii
 import json
 import re
+import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
@@ -388,9 +389,14 @@ class OpenAIDialect:
         }
     )
 
+    #: Serve OpenAI's C{POST /embeddings} too (Moonshot has none).
+    embeddings: bool = False
+
     def mount(self, node: Resource, upstream: StandInUpstream, provider_id: str) -> None:
         node.putChild(b"models", _Endpoint(upstream, provider_id, self, openai_models))
         _mount(node, b"chat").putChild(b"completions", _Endpoint(upstream, provider_id, self, post=openai_chat))
+        if self.embeddings:
+            node.putChild(b"embeddings", _Endpoint(upstream, provider_id, self, post=openai_embed))
 
     def presented_key(self, request: Request) -> str | None:
         value = request.getHeader("authorization")
@@ -488,16 +494,17 @@ class GeminiDialect:
 def dialect_for(adapter: type[ProviderAdapter]) -> Dialect:
     """
     The dialect C{adapter}'s provider speaks, read from its wire: OpenAI's
-    (L{OpenAIWire <openclaw.providers.openai_compatible.OpenAIWire>}) or
-    Gemini's (L{GeminiWire <openclaw.providers.gemini.GeminiWire>}).
+    (L{OpenAIWire <openclaw.providers.openai_compatible.OpenAIWire>}),
+    with C{/embeddings} when it declares OpenAI's embeddings, or Gemini's
+    (L{GeminiWire <openclaw.providers.gemini.GeminiWire>}).
 
     @raise ValueError: the stand-in speaks no dialect for its wire.
     """
     from openclaw.providers.gemini import GeminiWire
-    from openclaw.providers.openai_compatible import OpenAIWire
+    from openclaw.providers.openai_compatible import OpenAIEmbeddings, OpenAIWire
 
     if isinstance(adapter.wire, OpenAIWire):
-        return OpenAIDialect()
+        return OpenAIDialect(embeddings=isinstance(adapter.embeddings, OpenAIEmbeddings))
     if isinstance(adapter.wire, GeminiWire):
         return GeminiDialect()
     raise ValueError(
@@ -786,6 +793,43 @@ def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> 
         size = entry.get("outputDimensionality") or 8
         embeddings.append({"values": [((len(text) + i) % 7) / 8 - 0.25 for i in range(size)]})
     return 200, {"embeddings": embeddings}
+
+
+def openai_embed(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
+    """
+    C{POST /v1/embeddings} (OpenAI's dialect, L{OpenAIDialect} with
+    C{embeddings=True}): a vector per text, made as L{gemini_embed} makes
+    it, of C{dimensions} numbers (8 when not asked), in the order of
+    C{input}, floats or base64; C{usage} counts one token per word of each
+    text and one more per text (the stand-in's own count, unlike the
+    gateway's estimate).
+    """
+    body = behaviour.last_body = _json_body(request)
+    behaviour.bodies.append(body)
+    given = body.get("input") if isinstance(body, dict) else None
+    inputs = [given] if isinstance(given, str) else given
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) for text in inputs):
+        raise Reject(400, "Invalid request: input must be a string or a list of strings")
+    if body.get("model") not in behaviour.models:
+        raise Reject(404, f"The model {body.get('model')} does not exist or you do not have access to it.")
+    size = body.get("dimensions") or 8
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise Reject(400, "Invalid request: encoding_format must be float or base64")
+    data = []
+    for i, text in enumerate(inputs):
+        values = [((len(text) + j) % 7) / 8 - 0.25 for j in range(size)]
+        embedding: Any = values
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{size}f", *values)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    tokens = sum(len(text.split()) + 1 for text in inputs)
+    return 200, {
+        "object": "list",
+        "data": data,
+        "model": body["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _arg(request: Request, name: str) -> str | None:

@@ -12,14 +12,13 @@ from typing import ClassVar
 from urllib.parse import quote
 
 import attrs
-from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from openclaw.consumers.prices import Price
 from openclaw.providers.base import ProviderAdapter
+from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.errors import GOOGLE_KEY_INVALID, MalformedResponse, Refusal, RefusalKind, google_error_reasons
-from openclaw.providers.fetch import Exchange, post
+from openclaw.providers.fetch import Exchange
+from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.wire import Wire
 
@@ -27,7 +26,6 @@ from openclaw.providers.wire import Wire
 PAGE_SIZE = 1000
 #: A listing longer than this many pages is a misbehaving server, not a catalogue.
 MAX_PAGES = 50
-MODEL_PREFIX = "models/"
 #: Chat URLs remembered per adapter (a request may name any model, so the
 #: memo is bounded; past it, URLs are built each time).
 MAX_CACHED_URLS = 64
@@ -39,7 +37,8 @@ class GeminiAdapter(ProviderAdapter):
     C{GET {base}/models?pageSize=1000} answers C{{"models": [{"name":
     "models/<id>"}], "nextPageToken": ...}}; pages are followed with
     C{pageToken}.  Chat is C{POST {base}/models/<model>:generateContent}, or
-    C{:streamGenerateContent?alt=sse} for server-sent events.
+    C{:streamGenerateContent?alt=sse} for server-sent events; embeddings
+    are C{:batchEmbedContents} (L{GeminiEmbeddings}).
     """
 
     id: ClassVar[str] = "gemini"
@@ -60,6 +59,7 @@ class GeminiAdapter(ProviderAdapter):
             "gemini-embedding-001": Price(0.15, 0.0),
         }
     )
+    embeddings: ClassVar[EmbeddingsWire | None] = GeminiEmbeddings()
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -93,18 +93,6 @@ class GeminiAdapter(ProviderAdapter):
             if len(self._chat_urls) < MAX_CACHED_URLS:
                 self._chat_urls[(model, stream)] = url
         return url
-
-    def post_embeddings(self, model: str, body: bytes, key: str) -> Deferred[IResponse]:
-        """
-        Send one C{POST {base}/models/<model>:batchEmbedContents}
-        (U{https://ai.google.dev/api/embeddings}) with C{key}; fires with the
-        response once its headers are in, whatever its status.  Cancelling
-        it closes the connection.  The caller picks C{key} from L{keys}
-        (L{pooled_call}).
-        """
-        name = quote(self.normalize_model(model), safe="")
-        headers = Headers({"Content-Type": ["application/json"], **{k: [v] for k, v in self.auth_headers(key).items()}})
-        return post(self.agent, f"{self.base_url}/models/{name}:batchEmbedContents".encode(), headers, body)
 
     async def fetch_model_ids(self, exchange: Exchange) -> list[str]:
         ids: list[str] = []
