@@ -511,10 +511,12 @@ class GatewayCase(TestCase):
         gateway = start_gateway(
             self,
             api=True,
-            providers=self.upstream.provider_settings(),
-            gateway_api_keys=(GATEWAY_KEY,),
-            database_url=self.database,
-            **settings,
+            **{
+                "providers": self.upstream.provider_settings(),
+                "gateway_api_keys": (GATEWAY_KEY,),
+                "database_url": self.database,
+                **settings,
+            },
         )
         self.addCleanup(gateway.service.api_site.close_connections)
         yield gateway.service.consumers_ready

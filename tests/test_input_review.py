@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -190,6 +191,28 @@ class RestrictedListingTests(GatewayCase):
         # The gateway's keys (unrestricted) still list the active provider's.
         listed = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, GATEWAY_KEY).models.list()])
         self.assertEqual(listed, self.upstream.kimi.models)
+
+
+class RestrictedListingWithoutActiveKeyTests(GatewayCase):
+    @inlineCallbacks
+    def test_active_provider_without_key(self) -> Any:
+        """
+        A consumer restricted to gemini/* lists Gemini's models while the
+        active provider (Kimi) has no key: Kimi is never asked (its 503 is
+        for listings that need it).
+        """
+        providers = self.upstream.provider_settings()
+        gateway, client = yield self.gateway(
+            providers={**providers, "kimi": attrs.evolve(providers["kimi"], api_key=None)}
+        )
+        gateway.service.route.switch(Route("kimi", "moonshot-v1-8k"))
+        created = yield self.command(gateway, client, "consumer_create", {"name": "g", "models": ["gemini/*"]})
+        page = yield deferToThread(self.sdk(gateway, created["key"]).models.list)
+        self.assertEqual([m.id for m in page], [f"gemini/{m}" for m in self.upstream.gemini.models])
+        failure = yield self.assertFailure(
+            deferToThread(self.sdk(gateway, GATEWAY_KEY).models.list), openai.APIStatusError
+        )
+        self.assertEqual((failure.status_code, failure.code), (503, "provider_key_not_set"))
 
 
 class ErrorNamingTests(DataPlaneTestCase):

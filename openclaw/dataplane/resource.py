@@ -365,19 +365,22 @@ class Models(_Authenticated):
         started = context.reactor.seconds()
         holder = self.authenticate(request, started)
         route = context.route.current
-        self.usable(request, route.provider_id, started, holder)
-        request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
         providers = self.listed_providers(route.provider_id, holder)
+        if providers == (route.provider_id,):
+            self.usable(request, route.provider_id, started, holder)
+        request.setHeader(PROVIDER_HEADER, route.provider_id.encode())
         return self.admitted(
             request, route, started, holder, lambda: self._list(request, route, providers, started, holder)
         )
 
     def listed_providers(self, active: str, holder: Holder) -> tuple[str, ...]:
         """
-        The providers a listing asks: the active one, and for a consumer
-        whose C{models} patterns restrict it, each other provider with a
-        key that a pattern may match (its C{provider/} part matches the
-        provider's id, or holds a wildcard, or the pattern has no C{/}).
+        The providers a listing asks, the active one first: only the
+        active one, except for a consumer whose C{models} patterns restrict
+        it: then each provider with a key that a pattern may match (its
+        C{provider/} part matches the provider's id, or holds a wildcard,
+        or the pattern has no C{/}), the active one among them only if so;
+        the active one alone when none is left (for its 503).
         """
         consumers = self.context.consumers
         consumer = None if consumers is None or holder is GATEWAY else consumers.consumers.get(holder.consumer)
@@ -385,14 +388,13 @@ class Models(_Authenticated):
             return (active,)
         providers = self.context.providers
         heads = [pattern.partition("/") for pattern in consumer.models]
-        others = (
+        listed = tuple(
             provider_id
-            for provider_id in providers.ids
-            if provider_id != active
-            and providers.get(provider_id).api_key
+            for provider_id in (active, *(other for other in providers.ids if other != active))
+            if providers.get(provider_id).api_key
             and any(not slash or "*" in head or fnmatchcase(provider_id, head) for head, slash, _ in heads)
         )
-        return (active, *others)
+        return listed or (active,)
 
     def admitted(
         self, request: Request, route: Route, started: float, holder: Holder, proceed: Callable[[], object]
