@@ -371,7 +371,18 @@ def consumer_request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
 
 def plain_decimal(value: float) -> str:
     """
-    Up to 6 significant digits, never an exponent: C{0.000013}, not C{1.3e-05}.
+    C{value} in full (Python's shortest repr that reads back as it), never
+    an exponent: C{0.000013}, not C{1.3e-05}; C{12345678.12345679}, not
+    C{1.23457e+07}.
+    """
+    return format(Decimal(repr(float(value))), "f")
+
+
+def usd(value: float) -> str:
+    """
+    US dollars spent, as every table shows them: to 6 significant digits,
+    never an exponent (a tiny spend shows as C{0.0000032}, not C{0} or
+    C{3.2e-06}).
     """
     return format(Decimal(f"{value:.6g}"), "f")
 
@@ -400,8 +411,7 @@ def format_consumers(result: Mapping[str, Any]) -> str:
             (
                 c["name"],
                 budget,
-                # 6 significant digits: a tiny spend shows (0.0000032), not 0.0000.
-                plain_decimal(c.get("spent_usd", 0)),
+                usd(c.get("spent_usd", 0)),
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",
@@ -441,7 +451,7 @@ def format_usage(result: Mapping[str, Any]) -> str:
             str(g["prompt_tokens"]),
             str(g["completion_tokens"]),
             str(g["reasoning_tokens"]),
-            "-" if g["cost_usd"] is None else f"{g['cost_usd']:.6f}",
+            "-" if g["cost_usd"] is None else usd(g["cost_usd"]),
             str(g["unpriced_tokens"]),
         )
 

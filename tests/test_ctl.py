@@ -160,6 +160,22 @@ class ParseRequestTests(TestCase):
                     "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
         self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +0\.0000032 +- +- +\*")
 
+    def test_budget_shown_as_set(self):
+        """
+        A budget shows as it was set (no rounding, no exponent); a spend
+        shows alike in consumer list and usage (6 significant digits).
+        """
+        consumer = {"name": "a", "budget_usd": 12345678.123456789, "budget_period": "month", "rpm": None,
+                    "tpm": None, "models": [], "expires_at": None, "keys": [], "spent_usd": 0.00000094}  # fmt: skip
+        table = ctl.format_consumers({"consumers": [consumer]})
+        self.assertRegex(table, r"\na +12345678\.12345679/month +0\.00000094 ")
+        self.assertIn(
+            "0.123456789/day",
+            ctl.format_consumers({"consumers": [{**consumer, "budget_usd": 0.123456789, "budget_period": "day"}]}),
+        )
+        self.assertEqual(ctl.usd(0.00000094), "0.00000094")
+        self.assertEqual(ctl.usd(1.3e-05), "0.000013")
+
     def test_token_precedence(self):
         token_file = Path(self.mktemp())
         token_file.write_text("from-file\n")
