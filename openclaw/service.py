@@ -614,9 +614,13 @@ class GatewayService(MultiService):
                     # Not "warning=": trial's reporter takes an event with
                     # that field for a Python warning.
                     self._log.warn(
-                        "{missing}: calls to {provider} are refused with 503 until it is set",
+                        "{missing}: calls to {provider} {outcome} until it is set",
                         missing=missing,
                         provider=adapter.id,
+                        outcome="are refused with 503 (FALLBACK=off)"
+                        if self.settings.fallback == "off"
+                        else f"fail over to another provider (FALLBACK) when one can take them, and calls "
+                        f"pinned to it ({adapter.id}/...) are refused with 503,",
                     )
             if not self.settings.gateway_api_keys:
                 self._log.warn(

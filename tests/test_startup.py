@@ -44,8 +44,17 @@ class StartupWarningTests(TestCase):
         configured = Settings().with_provider("kimi", api_key="k")
         warnings = self.warnings_of(api=True, providers=configured.providers)
         self.assertEqual(len(warnings), 2, warnings)
-        self.assertIn("GEMINI_API_KEY is not set: calls to gemini are refused with 503", warnings[0])
+        self.assertIn(
+            "GEMINI_API_KEY is not set: calls to gemini fail over to another provider (FALLBACK) when one can "
+            "take them, and calls pinned to it (gemini/...) are refused with 503, until it is set",
+            warnings[0],
+        )
         self.assertIn("GATEWAY_API_KEYS is not set: every /v1 call will be refused with 401", warnings[1])
+        # With FALLBACK=off, nothing fails over.
+        warnings = self.warnings_of(api=True, providers=configured.providers, gateway_api_keys=("c",), fallback="off")
+        self.assertEqual(
+            warnings, ["GEMINI_API_KEY is not set: calls to gemini are refused with 503 (FALLBACK=off) until it is set"]
+        )
 
     def test_no_api_no_key_warnings(self):
         """
