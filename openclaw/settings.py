@@ -542,6 +542,12 @@ def _read_embedding_model(
             raise ConfigError(
                 f"EMBEDDING_MODEL={text!r} is set but no declared provider has an embeddings API; unset it"
             )
+        elif not slash and provider_id in ids:
+            # A provider's id alone is a slip for <provider>/<model>, not a model.
+            raise ConfigError(
+                f"EMBEDDING_MODEL={text!r} names a provider, not a model: use <provider>/<model> with a provider "
+                f"that has an embeddings API ({having}), or a bare {default.id} model name"
+            )
         else:
             adapter, model = default, text
         assert adapter.embeddings is not None

@@ -212,6 +212,11 @@ class LoadTests(SynchronousTestCase):
             "EMBEDDING_MODEL", "'kimi/x'", "kimi, which has no embeddings API", "(gemini)", EMBEDDING_MODEL="kimi/x"
         )
         self.assertConfigError("EMBEDDING_MODEL", "gemini-embedding-001", EMBEDDING_MODEL="gemini/")
+        # A provider's id alone is a slip, not a model name.
+        for given in ("kimi", "gemini"):
+            self.assertConfigError(
+                "EMBEDDING_MODEL", f"{given!r}", "names a provider, not a model", EMBEDDING_MODEL=given
+            )
 
 
 class AllowlistTests(SynchronousTestCase):
