@@ -239,6 +239,22 @@ class ErrorNamingTests(DataPlaneTestCase):
         self.assertEqual(response.code, 200, text)
 
     @inlineCallbacks
+    def test_legacy_function_call_in_history(self):
+        """
+        A legacy function_call in an assistant message is refused under
+        the name the client sent (messages[i].function_call...), not its
+        rewrite as tool_calls.
+        """
+        gateway = self.gateway()
+        call = {"role": "assistant", "content": None, "function_call": {"name": "get_w", "arguments": "notjson"}}
+        body = {"messages": [HELLO[0], call, {"role": "function", "name": "get_w", "content": "{}"}]}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 400, text)
+        error = self.assertOpenAIError(text)
+        self.assertEqual(error["param"], "messages[1].function_call.arguments")
+        self.assertNotIn("tool_calls", error["message"])
+
+    @inlineCallbacks
     def test_content_part_without_type(self):
         gateway = self.gateway()
         for part, expected in (

@@ -372,6 +372,8 @@ def _check_messages(body: dict[str, Any]) -> bool:
     asked_at = ""
     #: Legacy function calls not yet answered: name -> their ids, in order.
     legacy: dict[str, deque[str]] = {}
+    #: Where the message rewritten last from a legacy function_call is.
+    legacy_at = ""
     carried_ids = False
     anything = False
     for i, message in enumerate(messages):
@@ -405,6 +407,7 @@ def _check_messages(body: dict[str, Any]) -> bool:
             message = messages[i] = _legacy_result(message, where, legacy)
         elif role == "assistant" and message.get("function_call") is not None and "tool_calls" not in message:
             message = messages[i] = _legacy_call(message, i, where, legacy)
+            legacy_at = where
         role = message["role"]
         content = message.get("content", ...)
         if role != "tool" and unanswered:
@@ -416,7 +419,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
                     f"{where}: send tool_calls or the legacy function_call, not both", param=f"{where}.function_call"
                 )
             if tool_calls is not None:
-                carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
+                try:
+                    carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
+                except APIError as e:
+                    if legacy_at != where:
+                        raise
+                    # Name the legacy field the client sent, not its rewrite.
+                    raise _renamed(e, f"{where}.tool_calls[0].function", f"{where}.function_call") from None
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
                 asked_at = where
                 anything = True
@@ -466,7 +475,8 @@ def _role_fields(message: dict[str, Any], role: str, where: str) -> dict[str, An
         if message.get(field) is not None:
             owner = ROLE_FIELDS[field]
             raise bad_request(
-                f"{where}.{field} is not allowed on a {role} message: only {owner} messages carry {field}; remove it",
+                f"{where}.{field} is not allowed on a message of role {role}: only {owner} messages carry {field}; "
+                "remove it",
                 param=f"{where}.{field}",
             )
     return {k: v for k, v in message.items() if k not in NOT_CARRIED[role]}
@@ -495,6 +505,17 @@ def _clipped(call_id: str) -> str:
     if len(call_id) <= LISTED_CALL_ID_CHARS:
         return call_id
     return call_id[: LISTED_CALL_ID_CHARS - 1] + "…"
+
+
+def _renamed(error: APIError, old: str, new: str) -> APIError:
+    """
+    C{error} with the field C{old} named C{new}, in its message and its
+    C{param}.
+    """
+    param = error.param
+    if param is not None and param.startswith(old):
+        param = new + param[len(old) :]
+    return attrs.evolve(error, message=error.message.replace(old, new), param=param)
 
 
 def _legacy_call(message: dict[str, Any], i: int, where: str, legacy: dict[str, deque[str]]) -> dict[str, Any]:
