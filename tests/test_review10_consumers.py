@@ -9,15 +9,21 @@ C{twistd -n openclaw} on one Redis and one PostgreSQL.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.model import Consumer, NewKey, retired_name
+from openclaw.consumers.store import ConsumerStore, UsageRow, postgres_conninfo
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
-from tests.test_consumers_cluster import MODEL
+from tests.test_consumers_cluster import MODEL, sleep
 from tests.test_dataplane import HELLO
 
 CHEAP = {"name": "cheap", "budget_usd": 0.00001, "budget_period": "day"}
@@ -85,6 +91,123 @@ class PostgresRecreatedTests(RecreatedTests):
     def setUp(self) -> None:
         self.database = postgres_database()
         super().setUp()
+
+
+def usage_row(consumer: Consumer, cost: float | None, now: float, created_at: float | None = 0.0) -> UsageRow:
+    """
+    One call of C{consumer} as an instance's table writes it (carrying
+    which consumer of that name made it), C{cost} USD.
+    """
+    return UsageRow(
+        now,
+        consumer.name,
+        "AbCdEf12",
+        "kimi",
+        "moonshot-v1-8k",
+        200,
+        10,
+        5,
+        0,
+        cost,
+        created_at=consumer.created_at if created_at == 0.0 else created_at,
+    )
+
+
+class IdentityStoreTests:
+    """
+    Usage rows and spend follow the consumer's identity (its name and
+    creation), not its bare name: real SQLite, real PostgreSQL.
+    """
+
+    timeout = 60
+
+    def open_store(self) -> ConsumerStore:
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def test_late_rows_of_a_deleted_consumer(self) -> Any:
+        """
+        Rows of a deleted consumer written after its delete (another
+        instance's flush) go under NAME@CREATED and add no spend, even
+        once a consumer of that name exists again; a spend of the name
+        left by a late write is cleared by the create.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        key = NewKey.make()
+        yield store.create(old, key.hash, key.prefix)
+        yield store.record([usage_row(old, 0.5, now)])
+        yield store.delete("team", retired_name(old))
+        # Late, before any consumer of the name exists again.
+        yield store.record([usage_row(old, 0.25, now)])
+        snapshot = yield store.load(now)
+        self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
+        # What an older gateway's late write left: cleared by the create.
+        yield store.add_spend({("team", "total"): 1.0})
+        new = Consumer("team", created_at=now)
+        again = NewKey.make()
+        yield store.create(new, again.hash, again.prefix)
+        yield store.record([usage_row(old, 0.125, now), usage_row(new, 0.0625, now)])
+        snapshot = yield store.load(now)
+        self.assertEqual(  # type: ignore[attr-defined]
+            {key: round(usd, 10) for key, usd in snapshot.spend.items() if key[1] == "total"},
+            {("team", "total"): 0.0625},
+        )
+        [current] = yield store.usage("team", None, None, None)
+        self.assertEqual((current["requests"], current["cost_usd"]), (1, 0.0625))  # type: ignore[attr-defined]
+        [kept] = yield store.usage(retired_name(old), None, None, None)
+        self.assertEqual((kept["requests"], kept["cost_usd"]), (3, 0.875))  # type: ignore[attr-defined]
+
+
+class SQLiteIdentityStoreTests(IdentityStoreTests, TestCase):
+    def open_store(self) -> ConsumerStore:
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        return ConsumerStore.open(None, directory, reactor)
+
+
+class PostgresIdentityStoreTests(IdentityStoreTests, TestCase):
+    def setUp(self) -> None:
+        self.database = postgres_database()
+
+    def open_store(self) -> ConsumerStore:
+        return ConsumerStore.open(self.database, Path("."), reactor)
+
+    @inlineCallbacks
+    def test_flush_overlapping_the_delete(self) -> Any:
+        """
+        Instance A's flush is under way (its transaction open, waiting on
+        a spend row another transaction holds) when instance B deletes
+        the consumer: B's delete waits for A's flush, then renames its
+        rows and removes its spend; nothing is left under the bare name.
+        """
+        flushing_store, deleting_store = self.open_store(), self.open_store()
+        for store in (flushing_store, deleting_store):
+            self.addCleanup(store.close)
+        yield flushing_store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        key = NewKey.make()
+        yield flushing_store.create(old, key.hash, key.prefix)
+        holder = yield deferToThread(psycopg.connect, postgres_conninfo(self.database))
+        self.addCleanup(deferToThread, holder.close)
+        yield deferToThread(holder.execute, "INSERT INTO spend (consumer, period, usd) VALUES ('team', 'total', 0)")
+        flushing = flushing_store.record([usage_row(old, 0.5, now)])
+        yield sleep(0.5)
+        deleting = deleting_store.delete("team", retired_name(old))
+        yield sleep(0.5)
+        yield deferToThread(holder.rollback)
+        yield flushing
+        yield deleting
+        snapshot = yield flushing_store.load(now)
+        self.assertEqual(snapshot.spend, {})
+        [current] = yield flushing_store.usage("team", None, None, None)
+        self.assertEqual(current["requests"], 0)
+        [kept] = yield flushing_store.usage(retired_name(old), None, None, None)
+        self.assertEqual(kept["requests"], 1)
 
 
 class CtlReviewTests(GatewayCase):

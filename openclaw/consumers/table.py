@@ -164,7 +164,7 @@ class Counters(Protocol):
 
     def forget(self, consumer: str) -> None: ...
 
-    def deleted(self, consumer: str, now: float) -> None: ...
+    def deleted(self, consumer: Consumer, now: float) -> None: ...
 
 
 @attrs.define
@@ -289,8 +289,8 @@ class LocalCounters:
         self.reservations.pop(consumer, None)
         self.spend = {key: usd for key, usd in self.spend.items() if key[0] != consumer}
 
-    def deleted(self, consumer: str, now: float) -> None:
-        self.forget(consumer)
+    def deleted(self, consumer: Consumer, now: float) -> None:
+        self.forget(consumer.name)
 
 
 class ConsumerTable:
@@ -554,7 +554,16 @@ class ConsumerTable:
             self.metrics.requests(holder.consumer, refusal.status)
         if provider is not None and model is not None:
             self._add(
-                UsageRow(self.clock(), holder.consumer, holder.prefix, provider, model, refusal.status, limited=True)
+                UsageRow(
+                    self.clock(),
+                    holder.consumer,
+                    holder.prefix,
+                    provider,
+                    model,
+                    refusal.status,
+                    limited=True,
+                    created_at=holder.created_at,
+                )
             )
         return refusal
 
@@ -610,6 +619,9 @@ class ConsumerTable:
                 reasoning,
                 cost,
                 seconds * 1000,
+                # Which consumer: the database writes the row under its
+                # retired name if it was deleted before the row is written.
+                created_at=holder.created_at if consumer is not None else None,
             )
         )
 
@@ -680,7 +692,12 @@ class ConsumerTable:
     def _retire(self, consumer: Consumer) -> None:
         # Its rows not yet written go under its retired name, as those written will.
         name, retired = consumer.name, retired_name(consumer)
-        self._pending = [attrs.evolve(row, consumer=retired) if row.consumer == name else row for row in self._pending]
+        self._pending = [
+            attrs.evolve(row, consumer=retired, created_at=None)
+            if row.consumer == name and row.created_at == consumer.created_at
+            else row
+            for row in self._pending
+        ]
         self.counters.forget(name)
 
     def delete(self, name: str) -> Deferred[None]:
@@ -693,7 +710,7 @@ class ConsumerTable:
         consumer = self.consumers.pop(name)
         self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
         self._retire(consumer)
-        self.counters.deleted(name, self.clock())
+        self.counters.deleted(consumer, self.clock())
         # After a write under way (its rows still carry the name).
         waiting = self._flushing if self._flushing is not None else succeed(None)
         writing: Deferred[None] = Deferred()
