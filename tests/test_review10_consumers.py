@@ -9,6 +9,7 @@ C{twistd -n openclaw} on one Redis and one PostgreSQL.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,40 @@ class PostgresIdentityStoreTests(IdentityStoreTests, TestCase):
         self.assertEqual(current["requests"], 0)
         [kept] = yield flushing_store.usage(retired_name(old), None, None, None)
         self.assertEqual(kept["requests"], 1)
+
+
+class DeletingTests(GatewayCase):
+    @inlineCallbacks
+    def test_create_while_the_delete_waits(self) -> Any:
+        """
+        consumer_delete waits for a write of usage rows under way (held
+        here by another writer on the SQLite file); a consumer_create of
+        the name meanwhile is refused saying to retry (not the database's
+        UNIQUE constraint), and works once the delete is written.
+        """
+        from tests.test_ctl import run_ctl
+
+        state = Path(self.mktemp())
+        state.mkdir(parents=True)
+        gateway, client = yield self.gateway(state_dir=state)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        yield deferToThread(self.sdk(gateway, created["key"]).chat.completions.create, model=MODEL, messages=HELLO)
+        ctl = ("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token)
+        blocker = sqlite3.connect(str(state / "openclaw.db"), isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN IMMEDIATE")
+        # The flush (every second) starts, and waits for the blocker.
+        yield sleep(1.5)
+        deleting = client.command(gateway.token, "consumer_delete", {"name": "team"})
+        yield sleep(0.2)
+        reactor.callLater(1.0, blocker.execute, "ROLLBACK")
+        out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
+        self.assertNotEqual(code, 0)
+        self.assertIn("consumer 'team' is being deleted; retry in a moment", err)
+        deleted = yield deleting
+        self.assertTrue(deleted["ok"], deleted)
+        out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
+        self.assertEqual(code, 0, err)
 
 
 class CtlReviewTests(GatewayCase):

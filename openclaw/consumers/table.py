@@ -333,6 +333,9 @@ class ConsumerTable:
         #: SHA-256 hex of a key -> (consumer, prefix).
         self.keys: dict[str, tuple[str, str]] = {}
         self._pending: list[UsageRow] = []
+        #: Names whose delete is not yet written to the database: kept
+        #: from a create until it is (L{delete}).
+        self.deleting: set[str] = set()
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
         self.gateway_usage = GatewayUsage(prices)
         if metrics is not None:
@@ -708,6 +711,8 @@ class ConsumerTable:
         """
         # Out of the table first: refused from now on, whatever the database says.
         consumer = self.consumers.pop(name)
+        # The name is not free until the database has the delete.
+        self.deleting.add(name)
         self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
         self._retire(consumer)
         self.counters.deleted(consumer, self.clock())
@@ -719,7 +724,12 @@ class ConsumerTable:
         def deleted(_: None) -> None:
             self.changed(name)
 
-        return writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
+        def written(result: object) -> object:
+            self.deleting.discard(name)
+            return result
+
+        writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
+        return writing.addBoth(written)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
         key = NewKey.make()
