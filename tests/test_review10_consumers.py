@@ -162,6 +162,32 @@ class IdentityStoreTests:
         [kept] = yield store.usage(retired_name(old), None, None, None)
         self.assertEqual((kept["requests"], kept["cost_usd"]), (3, 0.875))  # type: ignore[attr-defined]
 
+    @inlineCallbacks
+    def test_retired_rows_add_no_spend(self) -> Any:
+        """
+        Rows already under NAME@CREATED (renamed before their flush, or a
+        call of a consumer deleted while it ran) add no spend; spends left
+        under such names (an earlier version's) are not loaded, and the
+        purge removes them.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        retired = retired_name(old)
+        yield store.record([usage_row(Consumer(retired), 0.5, now, created_at=None)])
+        [kept] = yield store.usage(retired, None, None, None)
+        self.assertEqual((kept["requests"], kept["cost_usd"]), (1, 0.5))  # type: ignore[attr-defined]
+        count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
+        self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
+        yield store.add_spend({(retired, "total"): 0.5})
+        snapshot = yield store.load(now)
+        self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
+        yield store.purge(now - 86400)
+        count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
+        self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
+
 
 class SQLiteIdentityStoreTests(IdentityStoreTests, TestCase):
     def open_store(self) -> ConsumerStore:

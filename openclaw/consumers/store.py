@@ -404,7 +404,14 @@ class ConsumerStore:
         cursor.execute("SELECT hash, consumer, prefix FROM consumer_keys")
         keys = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
         periods = tuple({period_key(p, now) for p in ("day", "month", "total")})
-        cursor.execute(self._sql("SELECT consumer, period, usd FROM spend WHERE period IN (?, ?, ?)"), periods)
+        # Only the consumers' (not a deleted one's, left by an earlier version).
+        cursor.execute(
+            self._sql(
+                "SELECT consumer, period, usd FROM spend WHERE period IN (?, ?, ?) "
+                "AND consumer IN (SELECT name FROM consumers)"
+            ),
+            periods,
+        )
         spend = {(row[0], row[1]): float(row[2]) for row in cursor.fetchall()}
         return Snapshot(consumers, keys, spend)
 
@@ -564,7 +571,11 @@ class ConsumerStore:
 
     def _purge(self, cursor: Any, before: float) -> int:
         cursor.execute(self._sql("DELETE FROM usage_rows WHERE ts < ?"), (before,))
-        return int(cursor.rowcount)
+        purged = int(cursor.rowcount)
+        # Spends no consumer has (a deleted one's, left under its retired
+        # name by an earlier version) are never read: they go too.
+        cursor.execute("DELETE FROM spend WHERE consumer NOT IN (SELECT name FROM consumers)")
+        return purged
 
     def usage(
         self,
