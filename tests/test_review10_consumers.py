@@ -188,12 +188,46 @@ class IdentityStoreTests:
         count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
         self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
 
+    @inlineCallbacks
+    def test_usage_of_a_deleted_name(self) -> Any:
+        """
+        usage of a name no consumer has counts NAME and NAME@CREATED rows,
+        not those of other names sharing its start (team.x, team-1, team0).
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        names = ("team", "team@2026-11-01T00:00:00Z", "team.x", "team-1", "team0", "teamA", "tea")
+        yield store.record([usage_row(Consumer(name), 0.5, now, created_at=None) for name in names])
+        [total] = yield store.usage("team", None, None, None, retired=True)
+        self.assertEqual(total["requests"], 2)  # type: ignore[attr-defined]
+
 
 class SQLiteIdentityStoreTests(IdentityStoreTests, TestCase):
     def open_store(self) -> ConsumerStore:
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
         return ConsumerStore.open(None, directory, reactor)
+
+    @inlineCallbacks
+    def test_usage_of_a_deleted_name_uses_the_index(self) -> Any:
+        """
+        The query usage runs for a deleted name reads the (consumer, ts)
+        index, not every row.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)
+        yield store.migrate()
+        statements: list[str] = []
+        # One connection (SQLite's pool has one): the trace sees usage's query.
+        yield store.pool.runWithConnection(lambda connection: connection.set_trace_callback(statements.append))
+        yield store.usage("team", None, None, None, retired=True)
+        [query] = [s for s in statements if "FROM usage_rows" in s]
+        plan = yield store.pool.runQuery("EXPLAIN QUERY PLAN " + query)
+        details = " ".join(str(row[-1]) for row in plan)
+        self.assertIn("INDEX usage_rows_consumer_ts", details)
+        self.assertNotIn("SCAN usage_rows", details)
 
 
 class PostgresIdentityStoreTests(IdentityStoreTests, TestCase):

@@ -606,8 +606,12 @@ class ConsumerStore:
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
-            where.append("(consumer = ? OR substr(consumer, 1, ?) = ?)")
-            params.extend((name, len(name) + 1, name + "@"))
+            # NAME and NAME@...: a range the (consumer, ts) index serves
+            # ('A' follows '@'), compared bytewise (PostgreSQL's collation
+            # may order punctuation otherwise).
+            collate = ' COLLATE "C"' if self.dialect == "postgresql" else ""
+            where.append(f"(consumer = ? OR (consumer{collate} >= ? AND consumer{collate} < ?))")
+            params.extend((name, name + "@", name + "A"))
             name = None
         for clause, value in (("consumer = ?", name), ("ts >= ?", since), ("ts < ?", until)):
             if value is not None:
