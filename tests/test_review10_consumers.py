@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.store import ConsumerStore, UsageRow, postgres_conninfo
+from openclaw.routing import Route
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
@@ -359,6 +360,26 @@ class CtlReviewTests(GatewayCase):
         self.assertFalse(refused["ok"])
         self.assertIn("model names are at most 256", refused["error"])
         self.assertEqual(gateway.service.route.current.model, "gemini-2.5-flash")
+
+    @inlineCallbacks
+    def test_switch_to_a_model_named_like_another_provider(self) -> Any:
+        """
+        A model of the switched-to provider whose name starts with another
+        declared provider's id (an aggregator's openai/gpt-4o): the refusal
+        says to name it <provider>/<model>, and that form switches to it.
+        """
+        gateway, client = yield self.gateway()
+        out, err, code = yield self.ctl(gateway, "switch-provider", "gemini", "--model", "kimi/served-by-gemini")
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            "if 'gemini' serves a model named 'kimi/served-by-gemini', name it gemini/kimi/served-by-gemini", err
+        )
+        out, err, code = yield self.ctl(
+            gateway, "--json", "switch-provider", "gemini", "--model", "gemini/kimi/served-by-gemini"
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["result"]["model"], "kimi/served-by-gemini")
+        self.assertEqual(gateway.service.route.current, Route("gemini", "kimi/served-by-gemini"))
 
     @inlineCallbacks
     def test_consumer_edge_cases(self) -> Any:
