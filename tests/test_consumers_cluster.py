@@ -37,16 +37,42 @@ def sleep(seconds: float) -> Any:
     return deferLater(reactor, seconds, lambda: None)
 
 
+def redis_command(port: int, *args: str) -> bytes:
+    """
+    One command over RESP, with a plain socket (no client library needed):
+    its raw reply.
+    """
+    request = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(request)
+        return s.recv(65536)
+
+
 def redis_get(port: int, key: str) -> bytes | None:
     """
-    C{GET key} over RESP, with a plain socket (no client library needed).
+    C{GET key}.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-        s.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode()))
-        reply = s.recv(4096)
+    reply = redis_command(port, "GET", key)
     if reply.startswith(b"$-1"):
         return None
     return reply.split(b"\r\n")[1]
+
+
+def redis_keys(port: int, pattern: str) -> list[str]:
+    """
+    C{KEYS pattern}, sorted.
+    """
+    lines = redis_command(port, "KEYS", pattern).split(b"\r\n")
+    return sorted(line.decode() for line in lines[1:] if line and not line.startswith((b"$", b"*")))
+
+
+def spend_key(port: int, name: str, period: str) -> str:
+    """
+    The one Redis key of consumer C{name}'s spend in C{period} (keys name
+    the consumer's creation too).
+    """
+    [key] = redis_keys(port, f"openclaw:consumer:{name}:*:spend:{period}")
+    return key
 
 
 class ConsumersOnTwoInstances(TestCase):
@@ -180,7 +206,7 @@ class ConsumersOnTwoInstances(TestCase):
         spent = yield self.status(on_a_sdk)
         self.assertEqual(spent, (429, "insufficient_quota"))
 
-        key = f"openclaw:consumer:payer:spend:{time.strftime('%Y-%m', time.gmtime())}"
+        key = spend_key(self.redis.port, "payer", time.strftime("%Y-%m", time.gmtime()))
         before = float(redis_get(self.redis.port, key) or 0)
         self.assertGreater(before, 0.000015)
         # Spends reach the database within a second (USAGE rows' batches).
@@ -212,9 +238,15 @@ class ConsumersOnTwoInstances(TestCase):
         first = yield self.status(on_b_sdk)
         spent = yield self.status(on_b_sdk)
         self.assertEqual((first, spent), ((200, None), (429, "insufficient_quota")))
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        old_key = spend_key(self.redis.port, "cheap", today)
         yield self.command(on_a, token, "consumer_delete", {"name": "cheap"})
         again = yield self.command(on_a, token, "consumer_create", CHEAP)
         self.assertEqual(again["consumer"]["spent_usd"], 0)
+        # A call of the deleted consumer still running on an instance that
+        # has not heard of the delete counts its cost after A's delete
+        # removed its counters: it cannot reach the new consumer's.
+        redis_command(self.redis.port, "INCRBYFLOAT", old_key, "0.00001")
         new_sdk = self.sdk(api_b, again["key"])
         for _ in range(50):
             status = yield self.status(new_sdk)
@@ -222,7 +254,7 @@ class ConsumersOnTwoInstances(TestCase):
                 break
             yield sleep(0.05)
         self.assertEqual(status, (200, None))
-        key = f"openclaw:consumer:cheap:spend:{time.strftime('%Y-%m-%d', time.gmtime())}"
+        [key] = [k for k in redis_keys(self.redis.port, f"openclaw:consumer:cheap:*:spend:{today}") if k != old_key]
         self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), 0.00001, places=12)
         listed = yield self.command(on_b, token, "consumer_list", {"name": "cheap"})
         self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00001, places=12)

@@ -9,15 +9,23 @@ C{twistd -n openclaw} on one Redis and one PostgreSQL.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.model import Consumer, NewKey, retired_name
+from openclaw.consumers.store import ConsumerStore, UsageRow, postgres_conninfo
+from openclaw.routing import Route
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
-from tests.test_consumers_cluster import MODEL
+from tests.test_consumers_cluster import MODEL, sleep
 from tests.test_dataplane import HELLO
 
 CHEAP = {"name": "cheap", "budget_usd": 0.00001, "budget_period": "day"}
@@ -87,6 +95,217 @@ class PostgresRecreatedTests(RecreatedTests):
         super().setUp()
 
 
+def usage_row(consumer: Consumer, cost: float | None, now: float, created_at: float | None = 0.0) -> UsageRow:
+    """
+    One call of C{consumer} as an instance's table writes it (carrying
+    which consumer of that name made it), C{cost} USD.
+    """
+    return UsageRow(
+        now,
+        consumer.name,
+        "AbCdEf12",
+        "kimi",
+        "moonshot-v1-8k",
+        200,
+        10,
+        5,
+        0,
+        cost,
+        created_at=consumer.created_at if created_at == 0.0 else created_at,
+    )
+
+
+class IdentityStoreTests:
+    """
+    Usage rows and spend follow the consumer's identity (its name and
+    creation), not its bare name: real SQLite, real PostgreSQL.
+    """
+
+    timeout = 60
+
+    def open_store(self) -> ConsumerStore:
+        raise NotImplementedError
+
+    @inlineCallbacks
+    def test_late_rows_of_a_deleted_consumer(self) -> Any:
+        """
+        Rows of a deleted consumer written after its delete (another
+        instance's flush) go under NAME@CREATED and add no spend, even
+        once a consumer of that name exists again; a spend of the name
+        left by a late write is cleared by the create.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        key = NewKey.make()
+        yield store.create(old, key.hash, key.prefix)
+        yield store.record([usage_row(old, 0.5, now)])
+        yield store.delete("team", retired_name(old))
+        # Late, before any consumer of the name exists again.
+        yield store.record([usage_row(old, 0.25, now)])
+        snapshot = yield store.load(now)
+        self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
+        # What an older gateway's late write left: cleared by the create.
+        yield store.add_spend({("team", "total"): 1.0})
+        new = Consumer("team", created_at=now)
+        again = NewKey.make()
+        yield store.create(new, again.hash, again.prefix)
+        yield store.record([usage_row(old, 0.125, now), usage_row(new, 0.0625, now)])
+        snapshot = yield store.load(now)
+        self.assertEqual(  # type: ignore[attr-defined]
+            {key: round(usd, 10) for key, usd in snapshot.spend.items() if key[1] == "total"},
+            {("team", "total"): 0.0625},
+        )
+        [current] = yield store.usage("team", None, None, None)
+        self.assertEqual((current["requests"], current["cost_usd"]), (1, 0.0625))  # type: ignore[attr-defined]
+        [kept] = yield store.usage(retired_name(old), None, None, None)
+        self.assertEqual((kept["requests"], kept["cost_usd"]), (3, 0.875))  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_retired_rows_add_no_spend(self) -> Any:
+        """
+        Rows already under NAME@CREATED (renamed before their flush, or a
+        call of a consumer deleted while it ran) add no spend; spends left
+        under such names (an earlier version's) are not loaded, and the
+        purge removes them.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        retired = retired_name(old)
+        yield store.record([usage_row(Consumer(retired), 0.5, now, created_at=None)])
+        [kept] = yield store.usage(retired, None, None, None)
+        self.assertEqual((kept["requests"], kept["cost_usd"]), (1, 0.5))  # type: ignore[attr-defined]
+        count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
+        self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
+        yield store.add_spend({(retired, "total"): 0.5})
+        snapshot = yield store.load(now)
+        self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
+        yield store.purge(now - 86400)
+        count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
+        self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_usage_of_a_deleted_name(self) -> Any:
+        """
+        usage of a name no consumer has counts NAME and NAME@CREATED rows,
+        not those of other names sharing its start (team.x, team-1, team0).
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        names = ("team", "team@2026-11-01T00:00:00Z", "team.x", "team-1", "team0", "teamA", "tea")
+        yield store.record([usage_row(Consumer(name), 0.5, now, created_at=None) for name in names])
+        [total] = yield store.usage("team", None, None, None, retired=True)
+        self.assertEqual(total["requests"], 2)  # type: ignore[attr-defined]
+
+
+class SQLiteIdentityStoreTests(IdentityStoreTests, TestCase):
+    def open_store(self) -> ConsumerStore:
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        return ConsumerStore.open(None, directory, reactor)
+
+    @inlineCallbacks
+    def test_usage_of_a_deleted_name_uses_the_index(self) -> Any:
+        """
+        The query usage runs for a deleted name reads the (consumer, ts)
+        index, not every row.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)
+        yield store.migrate()
+        statements: list[str] = []
+        # One connection (SQLite's pool has one): the trace sees usage's query.
+        yield store.pool.runWithConnection(lambda connection: connection.set_trace_callback(statements.append))
+        yield store.usage("team", None, None, None, retired=True)
+        [query] = [s for s in statements if "FROM usage_rows" in s]
+        plan = yield store.pool.runQuery("EXPLAIN QUERY PLAN " + query)
+        details = " ".join(str(row[-1]) for row in plan)
+        self.assertIn("INDEX usage_rows_consumer_ts", details)
+        self.assertNotIn("SCAN usage_rows", details)
+
+
+class PostgresIdentityStoreTests(IdentityStoreTests, TestCase):
+    def setUp(self) -> None:
+        self.database = postgres_database()
+
+    def open_store(self) -> ConsumerStore:
+        return ConsumerStore.open(self.database, Path("."), reactor)
+
+    @inlineCallbacks
+    def test_flush_overlapping_the_delete(self) -> Any:
+        """
+        Instance A's flush is under way (its transaction open, waiting on
+        a spend row another transaction holds) when instance B deletes
+        the consumer: B's delete waits for A's flush, then renames its
+        rows and removes its spend; nothing is left under the bare name.
+        """
+        flushing_store, deleting_store = self.open_store(), self.open_store()
+        for store in (flushing_store, deleting_store):
+            self.addCleanup(store.close)
+        yield flushing_store.migrate()
+        now = time.time()
+        old = Consumer("team", created_at=now - 100)
+        key = NewKey.make()
+        yield flushing_store.create(old, key.hash, key.prefix)
+        holder = yield deferToThread(psycopg.connect, postgres_conninfo(self.database))
+        self.addCleanup(deferToThread, holder.close)
+        yield deferToThread(holder.execute, "INSERT INTO spend (consumer, period, usd) VALUES ('team', 'total', 0)")
+        flushing = flushing_store.record([usage_row(old, 0.5, now)])
+        yield sleep(0.5)
+        deleting = deleting_store.delete("team", retired_name(old))
+        yield sleep(0.5)
+        yield deferToThread(holder.rollback)
+        yield flushing
+        yield deleting
+        snapshot = yield flushing_store.load(now)
+        self.assertEqual(snapshot.spend, {})
+        [current] = yield flushing_store.usage("team", None, None, None)
+        self.assertEqual(current["requests"], 0)
+        [kept] = yield flushing_store.usage(retired_name(old), None, None, None)
+        self.assertEqual(kept["requests"], 1)
+
+
+class DeletingTests(GatewayCase):
+    @inlineCallbacks
+    def test_create_while_the_delete_waits(self) -> Any:
+        """
+        consumer_delete waits for a write of usage rows under way (held
+        here by another writer on the SQLite file); a consumer_create of
+        the name meanwhile is refused saying to retry (not the database's
+        UNIQUE constraint), and works once the delete is written.
+        """
+        from tests.test_ctl import run_ctl
+
+        state = Path(self.mktemp())
+        state.mkdir(parents=True)
+        gateway, client = yield self.gateway(state_dir=state)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        yield deferToThread(self.sdk(gateway, created["key"]).chat.completions.create, model=MODEL, messages=HELLO)
+        ctl = ("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token)
+        blocker = sqlite3.connect(str(state / "openclaw.db"), isolation_level=None)
+        self.addCleanup(blocker.close)
+        blocker.execute("BEGIN IMMEDIATE")
+        # The flush (every second) starts, and waits for the blocker.
+        yield sleep(1.5)
+        deleting = client.command(gateway.token, "consumer_delete", {"name": "team"})
+        yield sleep(0.2)
+        reactor.callLater(1.0, blocker.execute, "ROLLBACK")
+        out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
+        self.assertNotEqual(code, 0)
+        self.assertIn("consumer 'team' is being deleted; retry in a moment", err)
+        deleted = yield deleting
+        self.assertTrue(deleted["ok"], deleted)
+        out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
+        self.assertEqual(code, 0, err)
+
+
 class CtlReviewTests(GatewayCase):
     """
     openclawctl (the installed script) against a gateway in this process.
@@ -141,6 +360,26 @@ class CtlReviewTests(GatewayCase):
         self.assertFalse(refused["ok"])
         self.assertIn("model names are at most 256", refused["error"])
         self.assertEqual(gateway.service.route.current.model, "gemini-2.5-flash")
+
+    @inlineCallbacks
+    def test_switch_to_a_model_named_like_another_provider(self) -> Any:
+        """
+        A model of the switched-to provider whose name starts with another
+        declared provider's id (an aggregator's openai/gpt-4o): the refusal
+        says to name it <provider>/<model>, and that form switches to it.
+        """
+        gateway, client = yield self.gateway()
+        out, err, code = yield self.ctl(gateway, "switch-provider", "gemini", "--model", "kimi/served-by-gemini")
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            "if 'gemini' serves a model named 'kimi/served-by-gemini', name it gemini/kimi/served-by-gemini", err
+        )
+        out, err, code = yield self.ctl(
+            gateway, "--json", "switch-provider", "gemini", "--model", "gemini/kimi/served-by-gemini"
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["result"]["model"], "kimi/served-by-gemini")
+        self.assertEqual(gateway.service.route.current, Route("gemini", "kimi/served-by-gemini"))
 
     @inlineCallbacks
     def test_consumer_edge_cases(self) -> Any:

@@ -125,6 +125,9 @@ class ConsumerCommands:
         name = _name(fields)
         if name in self.table.consumers:
             raise CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
+        if name in self.table.deleting:
+            # Its delete waits for a write of usage rows under way.
+            raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         try:
             consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
         except InvalidConsumer as e:

@@ -9,11 +9,14 @@ known) that checks the budget, C{tpm} and C{rpm} and, when admitted,
 counts the request and reserves the call's estimated cost, atomically.
 Counting after the answer is another (L{COUNT}), off the admission path.
 
-Redis keys (C{<CLUSTER_NAME>:consumer:<name>:...}): C{rpm} and C{tpm}
+Redis keys (C{<CLUSTER_NAME>:consumer:<name>:<created>:...}, C{created}
+the consumer's C{created_at}: a consumer deleted and created again under
+its name is another, whose counters a late count of the deleted one's
+calls, on any instance, cannot reach): C{rpm} and C{tpm}
 (hashes of whole POSIX seconds -> amount, expiring after 61 s; a sliding
 60 s window at 1 s resolution), C{reserved} (second of admission -> US
 dollars), C{spend:<period>} (US dollars, C{INCRBYFLOAT}; a day's kept 3
-days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded} says the spends
+days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded:2} says the spends
 were seeded from the database: a Redis that comes back empty has no such
 key, so spends are not counted there (they still reach the database) and
 budgets are checked per instance until an instance re-seeds them from the
@@ -144,6 +147,23 @@ FORGET = "return redis.call('DEL', unpack(KEYS))"
 SPEND_TTL = {"day": 3 * 86400, "month": 40 * 86400, "total": 0}
 
 
+def consumer_key(redis: ScriptRunner, name: str, created_at: float, *parts: str) -> str:
+    """
+    The Redis key of a counter of consumer C{name} created at C{created_at}
+    (C{<CLUSTER_NAME>:consumer:<name>:<created_at>:<parts>}).
+    """
+    return redis.key("consumer", name, repr(float(created_at)), *parts)
+
+
+def seeded_key(redis: ScriptRunner) -> str:
+    """
+    The key saying Redis's spends were seeded from the database.  Its
+    C{:2}: the spends' keys name the consumer's creation since, so Redis
+    holding only the older keys is seeded again.
+    """
+    return redis.key("consumers", "seeded", "2")
+
+
 def _usd(value: float) -> str:
     # Fixed-point: what Redis's INCRBYFLOAT and Lua's tonumber both read.
     return f"{value:.15f}"
@@ -183,8 +203,8 @@ class SharedCounters:
         #: (consumer, period key) -> the spend Redis last reported.
         self.seen: dict[tuple[str, str], float] = {}
 
-    def _keys(self, name: str, *parts: str) -> str:
-        return self.redis.key("consumer", name, *parts)
+    def _keys(self, name: str, created_at: float, *parts: str) -> str:
+        return consumer_key(self.redis, name, created_at, *parts)
 
     def load(self, spend: dict[tuple[str, str], float]) -> None:
         self.local.load(spend)
@@ -193,24 +213,28 @@ class SharedCounters:
         self.local.forget(consumer)
         self.seen = {key: usd for key, usd in self.seen.items() if key[0] != consumer}
 
-    def deleted(self, consumer: str, now: float) -> None:
+    def deleted(self, deleted: Consumer, now: float) -> None:
         """
-        C{consumer} was deleted on this instance: forgotten here and in
-        Redis, so that one created again under its name starts from nothing.
+        C{deleted} was deleted on this instance: forgotten here, and its
+        counters removed from Redis (a consumer created again under its
+        name has counters of its own: L{consumer_key}).
         """
+        consumer = deleted.name
         self.forget(consumer)
         if not self.up:
             self._log.warn(
                 "Redis is unreachable: the deleted consumer {consumer!r}'s counters stay there until its "
-                "periods end (a consumer created again under that name would inherit them)",
+                "periods end (its running total spend until removed by hand: {pattern})",
                 consumer=consumer,
+                pattern=self._keys(consumer, deleted.created_at, "*"),
             )
             return
+        created = deleted.created_at
         keys = [
-            self._keys(consumer, "reserved"),
-            self._keys(consumer, "tpm"),
-            self._keys(consumer, "rpm"),
-            *(self._keys(consumer, "spend", period_key(period, now)) for period in ("day", "month", "total")),
+            self._keys(consumer, created, "reserved"),
+            self._keys(consumer, created, "tpm"),
+            self._keys(consumer, created, "rpm"),
+            *(self._keys(consumer, created, "spend", period_key(period, now)) for period in ("day", "month", "total")),
         ]
         sent: Deferred[Any] = self.redis.script(FORGET, keys, [])
         sent.addTimeout(self.timeout, self.reactor).addErrback(
@@ -232,14 +256,14 @@ class SharedCounters:
             return None
         if not self.up:
             return self.local.admit(consumer, now, holder, reserve)
-        name = consumer.name
+        name, created = consumer.name, consumer.created_at
         second = int(now)
         keys = [
-            self.redis.key("consumers", "seeded"),
-            self._keys(name, "spend", period_key(consumer.budget_period, now)),
-            self._keys(name, "reserved"),
-            self._keys(name, "tpm"),
-            self._keys(name, "rpm"),
+            seeded_key(self.redis),
+            self._keys(name, created, "spend", period_key(consumer.budget_period, now)),
+            self._keys(name, created, "reserved"),
+            self._keys(name, created, "tpm"),
+            self._keys(name, created, "rpm"),
         ]
         args = [
             str(second),
@@ -296,13 +320,15 @@ class SharedCounters:
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
         reserved, reserved_at = (holder.reserved, holder.reserved_at) if holder is not None else (0.0, 0)
         self.local.counted(consumer, tokens, cost, now, holder)
-        if not self.up or not (tokens or cost or reserved):
+        if holder is None or not self.up or not (tokens or cost or reserved):
+            # No holder, no consumer to count for in Redis (which one of that name).
             return
+        created = holder.created_at
         keys = [
-            self.redis.key("consumers", "seeded"),
-            self._keys(consumer, "tpm"),
-            self._keys(consumer, "reserved"),
-            *(self._keys(consumer, "spend", period_key(period, now)) for period in ("day", "month", "total")),
+            seeded_key(self.redis),
+            self._keys(consumer, created, "tpm"),
+            self._keys(consumer, created, "reserved"),
+            *(self._keys(consumer, created, "spend", period_key(period, now)) for period in ("day", "month", "total")),
         ]
         args = [str(int(now)), str(tokens), _usd(cost), _usd(reserved), str(reserved_at)]
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
@@ -384,14 +410,16 @@ class SharedConsumers:
         def write(snapshot: Any) -> Deferred[Any]:
             # Meanwhile this instance checks budgets against the database's spends.
             self.counters.load(snapshot.spend)
-            keys = [self.redis.key("consumers", "seeded")]
+            keys = [seeded_key(self.redis)]
             args: list[str] = []
             now = table.clock()
             for period in ("day", "month", "total"):
                 running = period_key(period, now)
                 for (name, key), usd in sorted(snapshot.spend.items()):
-                    if key == running:
-                        keys.append(self.redis.key("consumer", name, "spend", key))
+                    consumer = snapshot.consumers.get(name)
+                    # A spend no consumer has (a deleted one's) is not seeded.
+                    if key == running and consumer is not None:
+                        keys.append(consumer_key(self.redis, name, consumer.created_at, "spend", key))
                         args += [_usd(usd), str(SPEND_TTL[period])]
             return self.redis.script(SEED, keys, args)
 
@@ -413,4 +441,4 @@ class SharedConsumers:
         seeding.addCallbacks(seeded, failed).addBoth(done)
 
 
-__all__ = ["ADMIT", "COUNT", "SEED", "SharedConsumers", "SharedCounters"]
+__all__ = ["ADMIT", "COUNT", "SEED", "SharedConsumers", "SharedCounters", "consumer_key", "seeded_key"]

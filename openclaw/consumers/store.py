@@ -39,7 +39,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from openclaw.consumers.model import Consumer, period_key
+from openclaw.consumers.model import NO_CONSUMER, Consumer, is_retired_name, period_key, retired_name
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -168,6 +168,13 @@ class UsageRow:
     C{ts} POSIX seconds; C{cost_usd} None when the model has no price;
     C{duration_ms} milliseconds; C{limited} when a limit refused it (it
     never reached a provider).
+
+    C{created_at} is the consumer's (which consumer of that name made the
+    call: one deleted and created again is another), not a column:
+    L{ConsumerStore.record} writes the row under C{consumer} only while
+    the database still has that consumer, else under its retired name
+    (C{NAME@CREATED}) and adds no spend.  None: written as it is (the
+    gateway's own keys' C{-}, rows already retired).
     """
 
     ts: float
@@ -183,6 +190,7 @@ class UsageRow:
     duration_ms: float = 0.0
     limited: bool = False
     requests: int = 1
+    created_at: float | None = None
 
     def values(self, day: str | None = None) -> tuple[Any, ...]:
         """
@@ -396,7 +404,14 @@ class ConsumerStore:
         cursor.execute("SELECT hash, consumer, prefix FROM consumer_keys")
         keys = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
         periods = tuple({period_key(p, now) for p in ("day", "month", "total")})
-        cursor.execute(self._sql("SELECT consumer, period, usd FROM spend WHERE period IN (?, ?, ?)"), periods)
+        # Only the consumers' (not a deleted one's, left by an earlier version).
+        cursor.execute(
+            self._sql(
+                "SELECT consumer, period, usd FROM spend WHERE period IN (?, ?, ?) "
+                "AND consumer IN (SELECT name FROM consumers)"
+            ),
+            periods,
+        )
         spend = {(row[0], row[1]): float(row[2]) for row in cursor.fetchall()}
         return Snapshot(consumers, keys, spend)
 
@@ -404,6 +419,9 @@ class ConsumerStore:
         return self._interact(self._create, consumer, key_hash, prefix)
 
     def _create(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str) -> None:
+        # A new consumer starts from nothing, whatever a deleted one of its
+        # name left (record adds spend only to a consumer that exists).
+        cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (consumer.name,))
         cursor.execute(
             self._sql(
                 "INSERT INTO consumers (name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at) "
@@ -467,27 +485,65 @@ class ConsumerStore:
         return self._interact(self._record, rows)
 
     def _record(self, cursor: Any, rows: Sequence[UsageRow]) -> None:
-        if rows:
-            # The UTC day once per day in the batch, not once per row.
-            days: dict[int, str] = {}
-            values = []
-            for row in rows:
-                number = int(row.ts // 86400)
-                day = days.get(number)
-                if day is None:
-                    day = days[number] = utc_day(number * 86400)
-                values.append(row.values(day))
-            cursor.executemany(
-                self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
-                values,
-            )
+        if not rows:
+            return
+        if self.dialect == "sqlite":
+            # The check of the consumers and the writes, atomically (the
+            # write lock from the first read on).
+            cursor.execute("BEGIN IMMEDIATE")
+        rows = self._identified(cursor, rows)
+        # The UTC day once per day in the batch, not once per row.
+        days: dict[int, str] = {}
+        values = []
+        for row in rows:
+            number = int(row.ts // 86400)
+            day = days.get(number)
+            if day is None:
+                day = days[number] = utc_day(number * 86400)
+            values.append(row.values(day))
+        cursor.executemany(
+            self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
+            values,
+        )
         spend: dict[tuple[str, str], float] = {}
         for row in rows:
-            if row.cost_usd and row.consumer != "-":
+            # A deleted consumer's (retired) rows add to nobody's spend.
+            if row.cost_usd and row.consumer != NO_CONSUMER and not is_retired_name(row.consumer):
                 for period in ("day", "month", "total"):
                     key = (row.consumer, period_key(period, row.ts))
                     spend[key] = spend.get(key, 0.0) + row.cost_usd
         self._add_spend(cursor, spend)
+
+    def _identified(self, cursor: Any, rows: Sequence[UsageRow]) -> Sequence[UsageRow]:
+        """
+        C{rows}, those of a consumer the database no longer has (deleted,
+        perhaps created again since: another C{created_at}) under its
+        retired name, as L{delete} renamed those written before.
+
+        On PostgreSQL the consumers' rows are read C{FOR SHARE}: a delete
+        (C{DELETE FROM consumers}) waits for this transaction, so its
+        renaming sees these rows; a delete committed first leaves no row
+        to read, and they are retired here.
+        """
+        names = sorted({row.consumer for row in rows if row.created_at is not None})
+        if not names:
+            return rows
+        lock = " FOR SHARE" if self.dialect == "postgresql" else ""
+        cursor.execute(
+            self._sql(f"SELECT name, created_at FROM consumers WHERE name IN ({', '.join('?' * len(names))}){lock}"),
+            tuple(names),
+        )
+        live = {(row[0], float(row[1])) for row in cursor.fetchall()}
+        return [
+            row
+            if row.created_at is None or (row.consumer, row.created_at) in live
+            else attrs.evolve(
+                row,
+                consumer=retired_name(Consumer(row.consumer, created_at=row.created_at)),
+                created_at=None,
+            )
+            for row in rows
+        ]
 
     def add_spend(self, spend: dict[tuple[str, str], float]) -> Deferred[None]:
         """
@@ -515,7 +571,11 @@ class ConsumerStore:
 
     def _purge(self, cursor: Any, before: float) -> int:
         cursor.execute(self._sql("DELETE FROM usage_rows WHERE ts < ?"), (before,))
-        return int(cursor.rowcount)
+        purged = int(cursor.rowcount)
+        # Spends no consumer has (a deleted one's, left under its retired
+        # name by an earlier version) are never read: they go too.
+        cursor.execute("DELETE FROM spend WHERE consumer NOT IN (SELECT name FROM consumers)")
+        return purged
 
     def usage(
         self,
@@ -546,8 +606,12 @@ class ConsumerStore:
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
-            where.append("(consumer = ? OR substr(consumer, 1, ?) = ?)")
-            params.extend((name, len(name) + 1, name + "@"))
+            # NAME and NAME@...: a range the (consumer, ts) index serves
+            # ('A' follows '@'), compared bytewise (PostgreSQL's collation
+            # may order punctuation otherwise).
+            collate = ' COLLATE "C"' if self.dialect == "postgresql" else ""
+            where.append(f"(consumer = ? OR (consumer{collate} >= ? AND consumer{collate} < ?))")
+            params.extend((name, name + "@", name + "A"))
             name = None
         for clause, value in (("consumer = ?", name), ("ts >= ?", since), ("ts < ?", until)):
             if value is not None:

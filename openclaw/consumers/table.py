@@ -164,7 +164,7 @@ class Counters(Protocol):
 
     def forget(self, consumer: str) -> None: ...
 
-    def deleted(self, consumer: str, now: float) -> None: ...
+    def deleted(self, consumer: Consumer, now: float) -> None: ...
 
 
 @attrs.define
@@ -289,8 +289,8 @@ class LocalCounters:
         self.reservations.pop(consumer, None)
         self.spend = {key: usd for key, usd in self.spend.items() if key[0] != consumer}
 
-    def deleted(self, consumer: str, now: float) -> None:
-        self.forget(consumer)
+    def deleted(self, consumer: Consumer, now: float) -> None:
+        self.forget(consumer.name)
 
 
 class ConsumerTable:
@@ -333,6 +333,9 @@ class ConsumerTable:
         #: SHA-256 hex of a key -> (consumer, prefix).
         self.keys: dict[str, tuple[str, str]] = {}
         self._pending: list[UsageRow] = []
+        #: Names whose delete is not yet written to the database: kept
+        #: from a create until it is (L{delete}).
+        self.deleting: set[str] = set()
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
         self.gateway_usage = GatewayUsage(prices)
         if metrics is not None:
@@ -554,7 +557,16 @@ class ConsumerTable:
             self.metrics.requests(holder.consumer, refusal.status)
         if provider is not None and model is not None:
             self._add(
-                UsageRow(self.clock(), holder.consumer, holder.prefix, provider, model, refusal.status, limited=True)
+                UsageRow(
+                    self.clock(),
+                    holder.consumer,
+                    holder.prefix,
+                    provider,
+                    model,
+                    refusal.status,
+                    limited=True,
+                    created_at=holder.created_at,
+                )
             )
         return refusal
 
@@ -610,6 +622,9 @@ class ConsumerTable:
                 reasoning,
                 cost,
                 seconds * 1000,
+                # Which consumer: the database writes the row under its
+                # retired name if it was deleted before the row is written.
+                created_at=holder.created_at if consumer is not None else None,
             )
         )
 
@@ -680,7 +695,12 @@ class ConsumerTable:
     def _retire(self, consumer: Consumer) -> None:
         # Its rows not yet written go under its retired name, as those written will.
         name, retired = consumer.name, retired_name(consumer)
-        self._pending = [attrs.evolve(row, consumer=retired) if row.consumer == name else row for row in self._pending]
+        self._pending = [
+            attrs.evolve(row, consumer=retired, created_at=None)
+            if row.consumer == name and row.created_at == consumer.created_at
+            else row
+            for row in self._pending
+        ]
         self.counters.forget(name)
 
     def delete(self, name: str) -> Deferred[None]:
@@ -691,9 +711,11 @@ class ConsumerTable:
         """
         # Out of the table first: refused from now on, whatever the database says.
         consumer = self.consumers.pop(name)
+        # The name is not free until the database has the delete.
+        self.deleting.add(name)
         self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
         self._retire(consumer)
-        self.counters.deleted(name, self.clock())
+        self.counters.deleted(consumer, self.clock())
         # After a write under way (its rows still carry the name).
         waiting = self._flushing if self._flushing is not None else succeed(None)
         writing: Deferred[None] = Deferred()
@@ -702,7 +724,12 @@ class ConsumerTable:
         def deleted(_: None) -> None:
             self.changed(name)
 
-        return writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
+        def written(result: object) -> object:
+            self.deleting.discard(name)
+            return result
+
+        writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
+        return writing.addBoth(written)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
         key = NewKey.make()

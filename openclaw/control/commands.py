@@ -202,9 +202,12 @@ class ControlCommands:
             # provider/model, as the data plane takes it: the provider's own
             # prefix is dropped; another provider's is a mistake.
             if named != provider_id:
+                # A provider serving others' models (an aggregator such as
+                # OpenRouter: openai/gpt-4o) takes them behind its own prefix.
                 raise CommandError(
                     f"data.model {model!r} names provider {named!r}, not {provider_id!r}: to use it, switch "
-                    f"to {named!r} (switch_provider {named} --model {rest})"
+                    f"to {named!r} (switch_provider {named} --model {rest}); if {provider_id!r} serves a model "
+                    f"named {model!r}, name it {provider_id}/{model}"
                 )
             model = rest
         # As the provider lists it (Gemini's "models/" prefix dropped), so
