@@ -28,7 +28,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from openclaw.service import GatewayService
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
+from openclaw.signals import handles_hangup
 from tests.support import (
+    GatewayProcess,
     RecordingEndpoint,
     capture_log_events,
     close_client,
@@ -396,6 +398,71 @@ class SignalTests(TestCase):
         self.assertEqual(code, 1001)
         status = yield process.ended
         self.assertIn(status, (0, -15))
+
+
+class HangupOnATerminalTests(TestCase):
+    """
+    A gateway started with C{-n} on a terminal keeps SIGHUP's default
+    action: closing the terminal ends it instead of leaving it logging to
+    a dead terminal.  (Without a terminal, L{SignalTests} shows SIGHUP
+    noted and ignored.)
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_hup_ends_a_gateway_on_a_terminal(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        port = free_port()
+        process = GatewayProcess()
+        twistd = twistd_path()
+        # usePTY: standard input, output and error are a new terminal, the
+        # gateway's controlling one (a session of its own, as a shell gives).
+        reactor.spawnProcess(
+            process,
+            twistd,
+            [twistd, "-n", "--pidfile=", "openclaw", "--port", str(port), "--interface", "127.0.0.1"]
+            + ["--api-port", str(free_port())],
+            env=gateway_env(STATE_DIR=str(state)),
+            path=str(cwd),
+            usePTY=True,
+        )
+        self.addCleanup(process.stop)
+        yield process.token
+        process.transport.signalProcess("HUP")
+        for _ in range(100):
+            if process.ended.called:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(process.ended.called, process.stdout[-2000:])
+        status = yield process.ended
+        self.assertEqual(status, -signal.SIGHUP)
+        self.assertNotIn(b"received SIGHUP", process.stdout)
+
+
+class HandlesHangupTests(SynchronousTestCase):
+    """
+    L{handles_hangup}: SIGHUP is taken by a daemon and by a foreground
+    gateway without a terminal on standard input, not by one on a terminal.
+    """
+
+    def test_terminal_in_the_foreground(self) -> None:
+        controller, terminal = os.openpty()
+        self.addCleanup(os.close, controller)
+        with os.fdopen(terminal, "rb", buffering=0) as stdin:
+            self.assertFalse(handles_hangup(False, stdin))
+            self.assertTrue(handles_hangup(True, stdin))
+
+    def test_no_terminal_in_the_foreground(self) -> None:
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, writing)
+        with os.fdopen(reading, "rb", buffering=0) as stdin:
+            self.assertTrue(handles_hangup(False, stdin))
+        self.assertTrue(handles_hangup(False, stdin))  # closed
+        self.assertTrue(handles_hangup(False, None))
 
 
 class SecretFileTests(TestCase):
