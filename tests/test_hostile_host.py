@@ -42,6 +42,7 @@ from tests.support import (
 )
 from tests.test_api_exhaustion import trickle
 from tests.test_attack_review import exchange
+from tests.test_cluster import ClusterCase, printed
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -239,6 +240,13 @@ class TokenFileLaterTests(SynchronousTestCase):
         self.authority.discard_token_file()
         self.assertFalse(self.path.exists())
 
+    def test_stop_in_a_cluster_leaves_the_clusters_token(self) -> None:
+        authority = SessionAuthority(BYTES_SECRET, 3600, token_file=self.path, shared=True)
+        authority.adopt(self.first)
+        authority.discard_token_file()
+        self.assertEqual(self.path.read_text(), self.first.token + "\n")
+        self.assertIn("was left in place: the token is the cluster's", self.logged())
+
     def test_rotation_leaves_another_file(self) -> None:
         self.path.write_bytes(UNRELATED)
         rotated = self.authority.issue()
@@ -293,6 +301,43 @@ def _open_raw(port: int) -> socket.socket:
         response += chunk
     assert response.startswith(b"HTTP/1.1 101"), response
     return sock
+
+
+class TokenFileInAClusterTests(ClusterCase):
+    """
+    Instances of a cluster sharing one C{TOKEN_FILE}: the first to stop
+    leaves it, holding the token the others still accept.
+    """
+
+    def spawn_with_token_file(self, path: Path) -> Any:
+        port = free_port()
+        process = spawn_gateway(
+            self,
+            ["--port", str(port), "--interface", "127.0.0.1"],
+            {**self.env(), "TOKEN_FILE": str(path)},
+        )
+        process.port = port
+        return process
+
+    @inlineCallbacks
+    def test_first_to_stop_leaves_the_file(self) -> Any:
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # With a token file the banner names the file, not the token.
+        a = self.spawn_with_token_file(path)
+        yield printed(a, b"(never logged)")
+        token = path.read_text().strip()
+        b = self.spawn_with_token_file(path)
+        yield printed(b, b"(never logged)")
+        self.assertEqual(path.read_text().strip(), token)
+        status = yield a.stop()
+        self.assertIn(status, (0, -15))
+        self.assertIn(b"was left in place: the token is the cluster's", a.stdout)
+        self.assertEqual(path.read_text(), token + "\n")
+        client = yield connect(b.port)
+        self.addCleanup(close_client, client)
+        answer = yield client.command(path.read_text().strip(), "ping")
+        self.assertTrue(answer["ok"], answer)
 
 
 class BackpressureTests(TestCase):
