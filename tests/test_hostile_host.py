@@ -22,7 +22,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.service import GatewayService
@@ -682,6 +682,40 @@ class MissingHostTests(TestCase):
                 exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
             )
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+    @inlineCallbacks
+    def test_metrics_refusals_are_logged(self) -> Any:
+        """
+        The 400s the metrics listener writes itself (no C{Host}, or more
+        than one) are logged at info with the peer and the reason, as its
+        other refusals are.
+        """
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        gateway = start_gateway(self)
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            gateway.service.settings,
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            stdout=io.StringIO(),
+            metrics_endpoint=endpoint,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert endpoint.port is not None
+        metrics_port = endpoint.port.getHost().port
+        events = capture_log_events(self)
+        for request in (
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: rebind.example\r\n\r\n",
+        ):
+            answer = yield deferToThread(exchange, metrics_port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+        refusals = [e for e in events if e.get("log_namespace") == "openclaw.metrics" and e.get("status") == 400]
+        self.assertEqual([(e["log_level"], e["peer"]) for e in refusals], [(LogLevel.info, "127.0.0.1")] * 2, refusals)
+        self.assertIn("no Host header field", formatEvent(refusals[0]))
+        self.assertIn("more than one Host header field", formatEvent(refusals[1]))
 
 
 def _control_status_page(port: int) -> bytes:
