@@ -629,11 +629,15 @@ class SlowKeyedHeadTests(TestCase):
         head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nX-Slow: {'a' * 40}\r\n\r\n"
         parts = [head[i : i + 4].encode() for i in range(0, len(head), 4)]
         assert gateway.api_port is not None
+        events = capture_log_events(self)
         answer, took = yield deferToThread(trickle, gateway.api_port, parts, 0.1)
         self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:300])
         self.assertIn(b"request_timeout", answer)
         self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
         self.assertLess(took, 3.5)
+        # Logged as refused at the keyless deadline, with its status.
+        refused = [(e["outcome"], e["status"]) for e in events if e.get("log_namespace") == "openclaw.dataplane"]
+        self.assertEqual(refused, [("keyless_timeout", 408)])
 
 
 class MissingHostTests(TestCase):

@@ -529,8 +529,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         seconds = self._site.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
-            # (its key may be in the part still to come).
-            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2])
+            # (its key may be in the part still to come), and logged as
+            # refused at the keyless deadline all the same.
+            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2], outcome="keyless_timeout")
             return
         self._refused_late(
             APIError(
@@ -597,7 +598,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if armed is not None:
             self._expired(*armed)
 
-    def _expired(self, seconds: float, setting: str, part: str) -> None:
+    def _expired(self, seconds: float, setting: str, part: str, outcome: str | None = None) -> None:
         self._refused_late(
             APIError(
                 408,
@@ -605,18 +606,22 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 f"{setting} ({seconds:g} s); send the whole request at once",
                 "invalid_request_error",
                 "request_timeout",
-            )
+            ),
+            outcome,
         )
 
-    def _refused_late(self, error: APIError) -> None:
+    def _refused_late(self, error: APIError, outcome: str | None = None) -> None:
         """
         Close the connection at a deadline: with C{error} if the client
         had begun a request, silently if it was idle between requests.
+
+        @param outcome: the log's C{outcome} when not C{error}'s code
+            (L{APIContext.refused_early}).
         """
         transport = self.tcp
         if self._started:
             if self._site.context is not None:
-                self._site.context.refused_early(error)
+                self._site.context.refused_early(error, outcome)
             transport.write(raw_response(error))
         transport.loseConnection()
         pending = self._deadline
