@@ -67,7 +67,8 @@ def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> byt
     is not followed (C{O_NOFOLLOW}) unless C{follow_links}, opening does
     not wait for a FIFO's writer (C{O_NONBLOCK}), anything but a regular
     file (C{fstat}) is refused, and so is a file of more than C{limit}
-    bytes, unread.
+    bytes, unread; a file is read to its end (or C{limit + 1} bytes),
+    however many reads that takes.
 
     @raise FileNotFoundError: there is no such file.
     @raise NotARegularFile: it is a link, a FIFO, a device, a socket, a
@@ -90,9 +91,13 @@ def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> byt
             raise NotARegularFile(f"it is {kind_of(info.st_mode)}, not a regular file")
         if info.st_size > limit:
             raise NotARegularFile(f"it holds {info.st_size} bytes, more than the {limit} it may")
-        data = os.read(fd, limit + 1)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    # A buffered reader's read(n) reads until n bytes or the end of the
+    # file: a single read may return less on FUSE, NFS or 9p.
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
     if len(data) > limit:
         raise NotARegularFile(f"it holds more than the {limit} bytes it may")
     return data

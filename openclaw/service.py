@@ -212,6 +212,7 @@ class GatewayService(MultiService):
             settings.session_ttl_hours * 3600,
             clock=reactor.seconds,
             token_file=settings.token_file,
+            shared=settings.redis_url is not None,
         )
         self.metrics = GatewayMetrics(
             COMMANDS,

@@ -117,11 +117,18 @@ class SessionAuthority:
         ttl_seconds: float,
         clock: Callable[[], float] = time.time,
         token_file: Path | None = None,
+        shared: bool = False,
     ) -> None:
+        """
+        @param shared: the token is a cluster's (C{REDIS_URL}): other
+            instances, perhaps sharing C{token_file}, go on with it after
+            this one stops, so the file is left at stop.
+        """
         self._secret = secret
         self._ttl = ttl_seconds
         self._clock = clock
         self._token_file = token_file
+        self._shared = shared
         self._current: SessionToken | None = None
 
     @property
@@ -256,9 +263,18 @@ class SessionAuthority:
         Remove the token file on a clean shutdown, so no stale token lies
         around: only if it still holds this gateway's current token (another
         gateway, or an operator, may have written it since); otherwise it is
-        left, and the log says why.
+        left, and the log says why.  In a cluster it is left: the token stays
+        valid for the other instances, which may read the same file.
         """
         if self._token_file is None:
+            return
+        if self._shared:
+            if self._token_file.exists() or self._token_file.is_symlink():
+                self._log.info(
+                    "TOKEN_FILE {path} was left in place: the token is the cluster's and stays valid "
+                    "for its other instances",
+                    path=str(self._token_file),
+                )
             return
         if self._current is None:
             why: str | None = "this gateway never wrote a token to it"

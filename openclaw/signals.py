@@ -4,6 +4,10 @@ use for: noted in the log and otherwise ignored, rather than ending the
 process at once as their default action would (no 1001 to control
 clients, calls in flight cut, the pidfile and token file left behind).
 
+SIGHUP is taken only when no terminal can send it for a hang-up
+(L{handles_hangup}): a gateway started with C{-n} from a terminal still
+ends when that terminal is closed, as any foreground program does.
+
 SIGTERM and SIGINT are the reactor's: they stop the gateway cleanly.
 SIGUSR1 reopens the log file when there is one (L{openclaw.logs}); only
 a signal still at its default action is taken here.
@@ -12,7 +16,7 @@ a signal still at its default action is taken here.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
@@ -23,20 +27,37 @@ _log = Logger(namespace="openclaw")
 RELOAD = "configuration is read once at start-up; restart the gateway to apply changes (SIGTERM stops it cleanly)"
 
 
-def note_signals(reactor: IReactorFromThreads, logging_to: str) -> list[int]:
+def handles_hangup(daemonized: bool, stdin: IO[Any] | None) -> bool:
     """
-    Install, for SIGHUP and SIGUSR1 where each still has its default
-    action, a handler that logs one line (on the reactor's thread) and
-    otherwise ignores the signal.
+    Whether SIGHUP is to be noted and ignored rather than left to end the
+    gateway: yes for a daemon (it has no terminal, so a SIGHUP is an
+    operator's or a unit manager's) and for a foreground gateway whose
+    standard input is not a terminal (systemd, a container); no for a
+    foreground gateway on a terminal, which must end when the terminal
+    closes rather than go on logging to it.
+    """
+    if daemonized:
+        return True
+    try:
+        return stdin is None or stdin.closed or not stdin.isatty()
+    except (OSError, ValueError):
+        return True
+
+
+def note_signals(reactor: IReactorFromThreads, logging_to: str, hangup: bool) -> list[int]:
+    """
+    Install, for SIGUSR1, and for SIGHUP when C{hangup}, where each still
+    has its default action, a handler that logs one line (on the reactor's
+    thread) and otherwise ignores the signal.
 
     @param logging_to: where the log goes when there is no file to reopen
         (C{"stdout"}), for SIGUSR1's line.
+    @param hangup: whether to take SIGHUP (L{handles_hangup}).
     @return: the signals handled here.
     """
-    lines = {
-        signal.SIGHUP: RELOAD,
-        signal.SIGUSR1: f"no log file to reopen (logging to {logging_to})",
-    }
+    lines = {signal.SIGUSR1: f"no log file to reopen (logging to {logging_to})"}
+    if hangup:
+        lines[signal.SIGHUP] = RELOAD
     installed: list[int] = []
     for signum, line in lines.items():
         if signal.getsignal(signum) != signal.SIG_DFL:

@@ -14,14 +14,12 @@ regular file, and read to at most L{MAX_STATE_BYTES}.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from twisted.logger import Logger
 
-from openclaw.files import write_atomically
+from openclaw.files import NotARegularFile, read_regular_file, write_atomically
 from openclaw.routing import Route
 
 STATE_FILE = "openclaw-state.json"
@@ -39,11 +37,9 @@ class UnsafeStateFile(OSError):
 
 def read_state_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
     """
-    The bytes of C{path}, read without trusting what it is: a symbolic
-    link is not followed (C{O_NOFOLLOW}: C{ELOOP}), opening does not wait
-    for a FIFO's writer (C{O_NONBLOCK}), anything but a regular file
-    (C{fstat}) is refused, and a file over C{limit} bytes is refused
-    without being read.
+    The bytes of C{path}, read as an untrusted file (L{read_regular_file}:
+    no link followed, no wait on a FIFO, only a regular file of at most
+    C{limit} bytes).
 
     @raise FileNotFoundError: there is no such file.
     @raise UnsafeStateFile: it is a link, a FIFO, a device, a directory or
@@ -51,23 +47,9 @@ def read_state_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
     @raise OSError: it cannot be opened or read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        if os.path.islink(path):
-            raise UnsafeStateFile(f"it is a symbolic link (to {os.readlink(path)!r}); links are not followed") from e
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafeStateFile("it is not a regular file (a FIFO, a device or a directory)")
-        if info.st_size > limit:
-            raise UnsafeStateFile(f"it holds {info.st_size} bytes, more than the {limit} a state file may")
-        data = os.read(fd, limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise UnsafeStateFile(f"it holds more than the {limit} bytes a state file may")
-    return data
+        return read_regular_file(path, limit)
+    except NotARegularFile as e:
+        raise UnsafeStateFile(str(e)) from None
 
 
 class RouteStore:

@@ -25,7 +25,7 @@ from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
-from openclaw.signals import note_signals
+from openclaw.signals import handles_hangup, note_signals
 
 
 class Options(usage.Options):
@@ -258,13 +258,14 @@ def _supervisor(
 def _note_signals(reactor: IReactorCore, twistd_options: Any, destination: IO[Any] | None, stdout: IO[str]) -> None:
     """
     Under twistd (not when a test calls L{makeService}), log and ignore
-    SIGHUP, and SIGUSR1 when no log file is reopened on it
-    (L{note_signals}).
+    SIGUSR1 when no log file is reopened on it, and SIGHUP unless the
+    gateway runs in the foreground on a terminal (L{handles_hangup}).
     """
     if not twistd_options:
         return
     logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
-    note_signals(IReactorThreads(reactor), logging_to)
+    hangup = handles_hangup(not foreground(twistd_options), sys.stdin)
+    note_signals(IReactorThreads(reactor), logging_to, hangup)
 
 
 def _check_token_file(settings: Settings) -> None:

@@ -22,13 +22,15 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.service import GatewayService
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
+from openclaw.signals import handles_hangup
 from tests.support import (
+    GatewayProcess,
     RecordingEndpoint,
     capture_log_events,
     close_client,
@@ -40,6 +42,7 @@ from tests.support import (
 )
 from tests.test_api_exhaustion import trickle
 from tests.test_attack_review import exchange
+from tests.test_cluster import ClusterCase, printed
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
@@ -237,6 +240,13 @@ class TokenFileLaterTests(SynchronousTestCase):
         self.authority.discard_token_file()
         self.assertFalse(self.path.exists())
 
+    def test_stop_in_a_cluster_leaves_the_clusters_token(self) -> None:
+        authority = SessionAuthority(BYTES_SECRET, 3600, token_file=self.path, shared=True)
+        authority.adopt(self.first)
+        authority.discard_token_file()
+        self.assertEqual(self.path.read_text(), self.first.token + "\n")
+        self.assertIn("was left in place: the token is the cluster's", self.logged())
+
     def test_rotation_leaves_another_file(self) -> None:
         self.path.write_bytes(UNRELATED)
         rotated = self.authority.issue()
@@ -291,6 +301,43 @@ def _open_raw(port: int) -> socket.socket:
         response += chunk
     assert response.startswith(b"HTTP/1.1 101"), response
     return sock
+
+
+class TokenFileInAClusterTests(ClusterCase):
+    """
+    Instances of a cluster sharing one C{TOKEN_FILE}: the first to stop
+    leaves it, holding the token the others still accept.
+    """
+
+    def spawn_with_token_file(self, path: Path) -> Any:
+        port = free_port()
+        process = spawn_gateway(
+            self,
+            ["--port", str(port), "--interface", "127.0.0.1"],
+            {**self.env(), "TOKEN_FILE": str(path)},
+        )
+        process.port = port
+        return process
+
+    @inlineCallbacks
+    def test_first_to_stop_leaves_the_file(self) -> Any:
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # With a token file the banner names the file, not the token.
+        a = self.spawn_with_token_file(path)
+        yield printed(a, b"(never logged)")
+        token = path.read_text().strip()
+        b = self.spawn_with_token_file(path)
+        yield printed(b, b"(never logged)")
+        self.assertEqual(path.read_text().strip(), token)
+        status = yield a.stop()
+        self.assertIn(status, (0, -15))
+        self.assertIn(b"was left in place: the token is the cluster's", a.stdout)
+        self.assertEqual(path.read_text(), token + "\n")
+        client = yield connect(b.port)
+        self.addCleanup(close_client, client)
+        answer = yield client.command(path.read_text().strip(), "ping")
+        self.assertTrue(answer["ok"], answer)
 
 
 class BackpressureTests(TestCase):
@@ -396,6 +443,71 @@ class SignalTests(TestCase):
         self.assertEqual(code, 1001)
         status = yield process.ended
         self.assertIn(status, (0, -15))
+
+
+class HangupOnATerminalTests(TestCase):
+    """
+    A gateway started with C{-n} on a terminal keeps SIGHUP's default
+    action: closing the terminal ends it instead of leaving it logging to
+    a dead terminal.  (Without a terminal, L{SignalTests} shows SIGHUP
+    noted and ignored.)
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_hup_ends_a_gateway_on_a_terminal(self) -> Any:
+        state = Path(self.mktemp()).resolve()
+        state.mkdir(parents=True)
+        cwd = Path(self.mktemp()).resolve()
+        cwd.mkdir(parents=True)
+        port = free_port()
+        process = GatewayProcess()
+        twistd = twistd_path()
+        # usePTY: standard input, output and error are a new terminal, the
+        # gateway's controlling one (a session of its own, as a shell gives).
+        reactor.spawnProcess(
+            process,
+            twistd,
+            [twistd, "-n", "--pidfile=", "openclaw", "--port", str(port), "--interface", "127.0.0.1"]
+            + ["--api-port", str(free_port())],
+            env=gateway_env(STATE_DIR=str(state)),
+            path=str(cwd),
+            usePTY=True,
+        )
+        self.addCleanup(process.stop)
+        yield process.token
+        process.transport.signalProcess("HUP")
+        for _ in range(100):
+            if process.ended.called:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(process.ended.called, process.stdout[-2000:])
+        status = yield process.ended
+        self.assertEqual(status, -signal.SIGHUP)
+        self.assertNotIn(b"received SIGHUP", process.stdout)
+
+
+class HandlesHangupTests(SynchronousTestCase):
+    """
+    L{handles_hangup}: SIGHUP is taken by a daemon and by a foreground
+    gateway without a terminal on standard input, not by one on a terminal.
+    """
+
+    def test_terminal_in_the_foreground(self) -> None:
+        controller, terminal = os.openpty()
+        self.addCleanup(os.close, controller)
+        with os.fdopen(terminal, "rb", buffering=0) as stdin:
+            self.assertFalse(handles_hangup(False, stdin))
+            self.assertTrue(handles_hangup(True, stdin))
+
+    def test_no_terminal_in_the_foreground(self) -> None:
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, writing)
+        with os.fdopen(reading, "rb", buffering=0) as stdin:
+            self.assertTrue(handles_hangup(False, stdin))
+        self.assertTrue(handles_hangup(False, stdin))  # closed
+        self.assertTrue(handles_hangup(False, None))
 
 
 class SecretFileTests(TestCase):
@@ -517,11 +629,15 @@ class SlowKeyedHeadTests(TestCase):
         head = f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nX-Slow: {'a' * 40}\r\n\r\n"
         parts = [head[i : i + 4].encode() for i in range(0, len(head), 4)]
         assert gateway.api_port is not None
+        events = capture_log_events(self)
         answer, took = yield deferToThread(trickle, gateway.api_port, parts, 0.1)
         self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:300])
         self.assertIn(b"request_timeout", answer)
         self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
         self.assertLess(took, 3.5)
+        # Logged as refused at the keyless deadline, with its status.
+        refused = [(e["outcome"], e["status"]) for e in events if e.get("log_namespace") == "openclaw.dataplane"]
+        self.assertEqual(refused, [("keyless_timeout", 408)])
 
 
 class MissingHostTests(TestCase):
@@ -570,6 +686,40 @@ class MissingHostTests(TestCase):
                 exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
             )
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+    @inlineCallbacks
+    def test_metrics_refusals_are_logged(self) -> Any:
+        """
+        The 400s the metrics listener writes itself (no C{Host}, or more
+        than one) are logged at info with the peer and the reason, as its
+        other refusals are.
+        """
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        gateway = start_gateway(self)
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            gateway.service.settings,
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            stdout=io.StringIO(),
+            metrics_endpoint=endpoint,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert endpoint.port is not None
+        metrics_port = endpoint.port.getHost().port
+        events = capture_log_events(self)
+        for request in (
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: rebind.example\r\n\r\n",
+        ):
+            answer = yield deferToThread(exchange, metrics_port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+        refusals = [e for e in events if e.get("log_namespace") == "openclaw.metrics" and e.get("status") == 400]
+        self.assertEqual([(e["log_level"], e["peer"]) for e in refusals], [(LogLevel.info, "127.0.0.1")] * 2, refusals)
+        self.assertIn("no Host header field", formatEvent(refusals[0]))
+        self.assertIn("more than one Host header field", formatEvent(refusals[1]))
 
 
 def _control_status_page(port: int) -> bytes:

@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.routing import Route
-from openclaw.state import MAX_STATE_BYTES, STATE_FILE, RouteStore
+from openclaw.state import MAX_STATE_BYTES, STATE_FILE, RouteStore, read_state_file
 from tests.support import capture_log_events, open_client, start_gateway
 
 
@@ -133,6 +133,18 @@ class UntrustedFileTests(SynchronousTestCase):
         self.assertEqual(self.store.load(), Route("kimi", "m"))
         self.path.write_bytes(document + b" " * (MAX_STATE_BYTES + 1 - len(document)))
         self.assertIgnored("more than")
+
+    def test_short_reads(self) -> None:
+        """
+        A file system whose reads return less than asked (FUSE, NFS, 9p)
+        does not truncate what is read: reading goes on to the end.
+        """
+        document = json.dumps({"provider": "kimi", "model": "m" * 100}).encode()
+        self.path.write_bytes(document)
+        real = os.read
+        self.patch(os, "read", lambda fd, n: real(fd, min(n, 7)))
+        self.assertEqual(read_state_file(self.path), document)
+        self.assertEqual(self.store.load(), Route("kimi", "m" * 100))
 
 
 class StartupTests(TestCase):

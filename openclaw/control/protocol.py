@@ -93,19 +93,21 @@ class ReadWhileWritable:
     transport) until the buffer has drained.  A client that sends commands
     but never reads their answers so fills its own TCP windows, not the
     gateway's memory.
+
+    Pausing and resuming are the transport's own (it is an
+    L{IPushProducer}); the transport is not registered as its own producer
+    only because its C{stopProducing} closes the connection, and a
+    transport (TLS's among them) calls its producer's C{stopProducing}
+    when the connection is lost, where nothing is to be done.
     """
 
     def __init__(self, transport: IPushProducer) -> None:
         self.transport = transport
-        #: Whether reading is paused now.
-        self.paused = False
 
     def pauseProducing(self) -> None:
-        self.paused = True
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.paused = False
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:

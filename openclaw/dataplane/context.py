@@ -162,11 +162,15 @@ class APIContext:
                 refused=sum(self.refused_connections.values()),
             )
 
-    def refused_early(self, error: APIError) -> None:
+    def refused_early(self, error: APIError, outcome: str | None = None) -> None:
         """
         Count (and log at info, as L{completed} would) a request answered
         with C{error} before twisted.web knew its method and path: a body
         without a key (401), a request past its deadline (408).
+
+        @param outcome: the log's C{outcome}, when not C{error}'s code (a
+            head still arriving at the keyless deadline: C{keyless_timeout}
+            with status 408).
         """
         self.tally.record("-", error.status, 0.0)
         if self.log_failures:
@@ -176,7 +180,7 @@ class APIContext:
                 path="-",
                 status=error.status,
                 route="-",
-                outcome=error.code,
+                outcome=outcome or error.code,
                 duration_ms=0.0,
             )
 

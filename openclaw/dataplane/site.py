@@ -54,6 +54,11 @@ CLOSE_DEADLINE_SECONDS = 2.0
 #: from then on): a client's first head arrives in one round trip, so a
 #: key holder's new connection is never taken for a keyless one.
 KEYLESS_GRACE_SECONDS = 1.0
+#: The metrics listener's events.  Not an attribute of L{MetricsSite}: a
+#: L{Logger} declared on a class takes the class's name as its namespace
+#: (L{Logger.__get__}), and an instance attribute of a twisted.web site
+#: would read like the site's own state.
+_metrics_log = Logger(namespace="openclaw.metrics")
 
 
 def client_address(addr: IAddress | None) -> str | None:
@@ -145,10 +150,10 @@ class MetricsRequest(Request):
             self._bad_request(self.channel, self._NO_HOST)
         super().requestReceived(command, path, version)
 
-    @staticmethod
-    def _bad_request(channel: HTTPChannel, body: bytes) -> None:
+    def _bad_request(self, channel: HTTPChannel, body: bytes) -> None:
         """
-        Answer 400 with C{body} (plain text) and close the connection.
+        Answer 400 with C{body} (plain text), close the connection, and log
+        the refusal at info (the site's L{MetricsSite.log} never sees it).
         """
         transport = channel.transport
         assert transport is not None
@@ -157,6 +162,12 @@ class MetricsRequest(Request):
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
         )
         transport.loseConnection()
+        _metrics_log.info(
+            "refused a request with {status} for {peer}: {reason}",
+            status=400,
+            peer=getattr(self.getClientAddress(), "host", None) or "-",
+            reason=body.decode("ascii").rstrip("\n"),
+        )
 
     def process(self) -> None:
         if not self._refused:
@@ -178,20 +189,17 @@ class MetricsSite(Site):
     The site of the C{/metrics} listener (C{--metrics-listen}), serving
     C{resource}: its requests are L{MetricsRequest}s, and each one is
     logged as a structured event (method, path, status, peer), a refusal
-    at info and a scrape at debug, like the data plane's calls, instead of
+    at info (a 400 L{MetricsRequest} writes itself: status, peer and
+    reason) and a scrape at debug, like the data plane's calls, instead of
     twisted.web's access line at info for every scrape.
     """
 
     requestFactory = MetricsRequest
 
-    def __init__(self, resource: Any, reactor: Any = None) -> None:
-        super().__init__(resource, reactor=reactor)
-        self._log = Logger(namespace="openclaw.metrics")
-
     def log(self, request: http.Request) -> None:
         status = request.code
         address = request.getClientAddress()
-        self._log.emit(
+        _metrics_log.emit(
             LogLevel.info if status >= 400 else LogLevel.debug,
             "{method} {path} {status} for {peer}",
             method=request.method.decode("ascii", "replace"),
@@ -521,8 +529,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         seconds = self._site.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
-            # (its key may be in the part still to come).
-            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2])
+            # (its key may be in the part still to come), and logged as
+            # refused at the keyless deadline all the same.
+            self._expired(seconds, "API_KEYLESS_TIMEOUT_SECONDS", armed[2], outcome="keyless_timeout")
             return
         self._refused_late(
             APIError(
@@ -589,7 +598,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if armed is not None:
             self._expired(*armed)
 
-    def _expired(self, seconds: float, setting: str, part: str) -> None:
+    def _expired(self, seconds: float, setting: str, part: str, outcome: str | None = None) -> None:
         self._refused_late(
             APIError(
                 408,
@@ -597,18 +606,22 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 f"{setting} ({seconds:g} s); send the whole request at once",
                 "invalid_request_error",
                 "request_timeout",
-            )
+            ),
+            outcome,
         )
 
-    def _refused_late(self, error: APIError) -> None:
+    def _refused_late(self, error: APIError, outcome: str | None = None) -> None:
         """
         Close the connection at a deadline: with C{error} if the client
         had begun a request, silently if it was idle between requests.
+
+        @param outcome: the log's C{outcome} when not C{error}'s code
+            (L{APIContext.refused_early}).
         """
         transport = self.tcp
         if self._started:
             if self._site.context is not None:
-                self._site.context.refused_early(error)
+                self._site.context.refused_early(error, outcome)
             transport.write(raw_response(error))
         transport.loseConnection()
         pending = self._deadline
