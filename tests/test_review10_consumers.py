@@ -239,6 +239,38 @@ class PostgresIdentityStoreTests(IdentityStoreTests, TestCase):
         return ConsumerStore.open(self.database, Path("."), reactor)
 
     @inlineCallbacks
+    def test_identity_survives_short_floats(self) -> Any:
+        """
+        A database that prints floats to 15 significant digits
+        (C{extra_float_digits = 0}: a role's or a database's setting, the
+        default before PostgreSQL 12) still names the consumer just
+        created: its rows go under its name, with their spend, not under
+        NAME@CREATED.
+        """
+        conninfo = postgres_conninfo(self.database)
+
+        def short_floats() -> None:
+            with psycopg.connect(conninfo, autocommit=True) as connection:
+                name = connection.execute("SELECT current_database()").fetchone()
+                assert name is not None
+                connection.execute(f'ALTER DATABASE "{name[0]}" SET extra_float_digits = 0')
+
+        yield deferToThread(short_floats)
+        store = self.open_store()
+        self.addCleanup(store.close)
+        yield store.migrate()
+        now = time.time()
+        team = Consumer("team", budget_usd=1.0, created_at=now)
+        key = NewKey.make()
+        yield store.create(team, key.hash, key.prefix)
+        yield store.record([usage_row(team, 0.5, now, team.created_at)])
+        snapshot = yield store.load(now)
+        self.assertEqual(snapshot.consumers["team"].created_at, team.created_at)
+        self.assertEqual(snapshot.spend.get(("team", "total")), 0.5)
+        rows = yield store.usage(None, None, None, "consumer")
+        self.assertEqual([row["consumer"] for row in rows], ["team"])
+
+    @inlineCallbacks
     def test_flush_overlapping_the_delete(self) -> Any:
         """
         Instance A's flush is under way (its transaction open, waiting on

@@ -70,6 +70,17 @@ class NewKey:
         return cls(key, random[:SHOWN_CHARS], key_hash(key.encode("ascii")))
 
 
+def creation_time(seconds: float) -> float:
+    """
+    A consumer's C{created_at}: POSIX seconds rounded to the millisecond,
+    which reads back equal from any database (PostgreSQL with
+    C{extra_float_digits=0} prints 15 significant digits), so that the
+    creating instance, the others and the database name the same
+    consumer.
+    """
+    return round(float(seconds), 3)
+
+
 @attrs.frozen
 class Consumer:
     """
@@ -93,7 +104,9 @@ class Consumer:
     tpm: int | None = None
     models: tuple[str, ...] = ()
     expires_at: float | None = None
-    created_at: float = 0.0
+    #: POSIX seconds, to the millisecond (L{creation_time}): which consumer
+    #: of that name it is.
+    created_at: float = attrs.field(default=0.0, converter=creation_time)
 
     def allows(self, provider: str, model: str) -> bool:
         """

@@ -39,7 +39,7 @@ from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from openclaw.consumers.model import NO_CONSUMER, Consumer, is_retired_name, period_key, retired_name
+from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -520,7 +520,7 @@ class ConsumerStore:
         perhaps created again since: another C{created_at}) under its
         retired name, as L{delete} renamed those written before.
 
-        On PostgreSQL the consumers' rows are read C{FOR SHARE}: a delete
+        On PostgreSQL the consumers' rows are read C{FOR KEY SHARE}: a delete
         (C{DELETE FROM consumers}) waits for this transaction, so its
         renaming sees these rows; a delete committed first leaves no row
         to read, and they are retired here.
@@ -528,12 +528,12 @@ class ConsumerStore:
         names = sorted({row.consumer for row in rows if row.created_at is not None})
         if not names:
             return rows
-        lock = " FOR SHARE" if self.dialect == "postgresql" else ""
+        lock = " FOR KEY SHARE" if self.dialect == "postgresql" else ""
         cursor.execute(
             self._sql(f"SELECT name, created_at FROM consumers WHERE name IN ({', '.join('?' * len(names))}){lock}"),
             tuple(names),
         )
-        live = {(row[0], float(row[1])) for row in cursor.fetchall()}
+        live = {(row[0], creation_time(row[1])) for row in cursor.fetchall()}
         return [
             row
             if row.created_at is None or (row.consumer, row.created_at) in live
