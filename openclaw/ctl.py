@@ -380,10 +380,12 @@ def plain_decimal(value: float) -> str:
 
 def usd(value: float) -> str:
     """
-    US dollars spent, as every table shows them: to 6 significant digits,
-    never an exponent (a tiny spend shows as C{0.0000032}, not C{0} or
-    C{3.2e-06}).
+    US dollars spent, as every table shows them: to the cent at least, to
+    6 significant digits below that, never an exponent (C{12345.68};
+    C{0.0000032}, not C{0} or C{3.2e-06}).
     """
+    if abs(value) >= 1000:
+        return f"{value:.2f}"
     return format(Decimal(f"{value:.6g}"), "f")
 
 

@@ -175,6 +175,9 @@ class ParseRequestTests(TestCase):
         )
         self.assertEqual(ctl.usd(0.00000094), "0.00000094")
         self.assertEqual(ctl.usd(1.3e-05), "0.000013")
+        self.assertEqual(
+            (ctl.usd(12345.678), ctl.usd(123456.78), ctl.usd(999.1234567)), ("12345.68", "123456.78", "999.123")
+        )
 
     def test_token_precedence(self):
         token_file = Path(self.mktemp())

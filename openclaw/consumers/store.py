@@ -606,9 +606,10 @@ class ConsumerStore:
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
-            # NAME and NAME@...: a range the (consumer, ts) index serves
-            # ('A' follows '@'), compared bytewise (PostgreSQL's collation
-            # may order punctuation otherwise).
+            # NAME and NAME@...: a range ('A' follows '@') that SQLite's
+            # (consumer, ts) index serves; on PostgreSQL compared bytewise
+            # (its collation may order punctuation otherwise), which that
+            # index cannot serve: a scan, for an operator's report.
             collate = ' COLLATE "C"' if self.dialect == "postgresql" else ""
             where.append(f"(consumer = ? OR (consumer{collate} >= ? AND consumer{collate} < ?))")
             params.extend((name, name + "@", name + "A"))
