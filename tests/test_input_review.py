@@ -213,6 +213,15 @@ class RestrictedListingWithoutActiveKeyTests(GatewayCase):
             deferToThread(self.sdk(gateway, GATEWAY_KEY).models.list), openai.APIStatusError
         )
         self.assertEqual((failure.status_code, failure.code), (503, "provider_key_not_set"))
+        # Gemini failing, its error is the answer, naming Gemini.
+        self.upstream.gemini.mode = "error"
+        failure = yield self.assertFailure(
+            deferToThread(self.sdk(gateway, created["key"]).models.list), openai.APIStatusError
+        )
+        self.assertEqual(failure.status_code, 502)
+        self.assertIn("gemini", failure.message)
+        self.assertNotIn("kimi", failure.message.lower())
+        self.assertEqual(failure.response.headers["X-OpenClaw-Provider"], "gemini")
 
 
 class ErrorNamingTests(DataPlaneTestCase):

@@ -450,7 +450,15 @@ class Models(_Authenticated):
                 if ok
             ]
             if not found:
-                return self._failed(results[0][1], request, route, started, holder)
+                # The first provider asked: the active one unless it was
+                # not (a restricted consumer's listing, without its key).
+                first = providers[0]
+                if first != route.provider_id:
+                    request.setHeader(PROVIDER_HEADER, first.encode())
+                    failed = Route(first, context.providers.get(first).default_model)
+                else:
+                    failed = route
+                return self._failed(results[0][1], request, failed, started, holder)
             return answer(found)
 
         request.notifyFinish().addErrback(client_gone)
