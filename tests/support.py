@@ -202,6 +202,26 @@ class RecordingEndpoint:
         return self.wrapped.listen(factory).addCallback(record)
 
 
+def start_metrics_listener(test: Any, settings: Settings) -> int:
+    """
+    A second gateway service with C{settings}, whose C{/metrics} is on a
+    listener of its own (C{--metrics-listen}) on a free loopback port;
+    stopped at the test's cleanup.  The listener's port.
+    """
+    endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+    service = GatewayService(
+        settings,
+        reactor,
+        RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+        stdout=io.StringIO(),
+        metrics_endpoint=endpoint,
+    )
+    service.startService()
+    test.addCleanup(service.stopService)
+    assert endpoint.port is not None
+    return int(endpoint.port.getHost().port)
+
+
 @attrs.define
 class RunningGateway:
     service: GatewayService

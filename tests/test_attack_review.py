@@ -31,10 +31,8 @@ from twisted.trial.unittest import TestCase
 from openclaw.addresses import client_key
 from openclaw.dataplane.site import KEYLESS_GRACE_SECONDS, client_address
 from openclaw.logs import ACCEPT_ERROR_FORMATS, make_observer, text_line
-from openclaw.service import GatewayService
 from openclaw.settings import ConfigError, check_private_file, load_settings
 from tests.support import (
-    RecordingEndpoint,
     capture_log_events,
     free_port,
     limited_twistd,
@@ -42,6 +40,7 @@ from tests.support import (
     open_many,
     spawn_gateway,
     start_gateway,
+    start_metrics_listener,
     start_upstream,
     still_open,
 )
@@ -286,21 +285,8 @@ class SmallOnesTests(TestCase):
         A gateway with C{/metrics} on a listener of its own
         (C{--metrics-listen}), and that listener's port.
         """
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
         gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
-        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        service = GatewayService(
-            gateway.service.settings,
-            reactor,
-            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
-            stdout=io.StringIO(),
-            metrics_endpoint=endpoint,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        assert endpoint.port is not None
-        return gateway, endpoint.port.getHost().port
+        return gateway, start_metrics_listener(self, gateway.service.settings)
 
     @inlineCallbacks
     def test_metrics_unknown_methods(self):

@@ -6,7 +6,6 @@ signals and peers a host gives it.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -25,19 +24,18 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.service import GatewayService
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
 from openclaw.signals import handles_hangup
 from tests.support import (
     GatewayProcess,
-    RecordingEndpoint,
     capture_log_events,
     close_client,
     connect,
     free_port,
     spawn_gateway,
     start_gateway,
+    start_metrics_listener,
     twistd_path,
 )
 from tests.test_api_exhaustion import trickle
@@ -276,6 +274,18 @@ def _masked_text_frame(payload: bytes) -> bytes:
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+def upgrade_request(port: int) -> bytes:
+    """
+    A WebSocket opening handshake (RFC 6455 section 4.1) for the control
+    port C{port}, with a fresh key.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
 def _open_raw(port: int) -> socket.socket:
     """
     A control connection by hand, with a tiny receive buffer (blocking:
@@ -286,13 +296,7 @@ def _open_raw(port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock.settimeout(5)
     sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
+    sock.sendall(upgrade_request(port))
     response = b""
     while b"\r\n\r\n" not in response:
         chunk = sock.recv(1)
@@ -651,21 +655,9 @@ class MissingHostTests(TestCase):
 
     @inlineCallbacks
     def test_missing_host(self) -> Any:
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
         gateway = start_gateway(self, api=True, gateway_api_keys=(API_KEY,))
-        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        service = GatewayService(
-            gateway.service.settings,
-            reactor,
-            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
-            stdout=io.StringIO(),
-            metrics_endpoint=endpoint,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        assert endpoint.port is not None and gateway.api_port is not None
-        metrics_port = endpoint.port.getHost().port
+        metrics_port = start_metrics_listener(self, gateway.service.settings)
+        assert gateway.api_port is not None
         for request in (
             b"GET /healthz HTTP/1.1\r\n\r\n",
             b"POST /v1/chat/completions HTTP/1.1\r\n"
@@ -694,21 +686,8 @@ class MissingHostTests(TestCase):
         than one) are logged at info with the peer and the reason, as its
         other refusals are.
         """
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
         gateway = start_gateway(self)
-        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
-        service = GatewayService(
-            gateway.service.settings,
-            reactor,
-            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
-            stdout=io.StringIO(),
-            metrics_endpoint=endpoint,
-        )
-        service.startService()
-        self.addCleanup(service.stopService)
-        assert endpoint.port is not None
-        metrics_port = endpoint.port.getHost().port
+        metrics_port = start_metrics_listener(self, gateway.service.settings)
         events = capture_log_events(self)
         for request in (
             b"GET /metrics HTTP/1.1\r\n\r\n",
@@ -727,14 +706,8 @@ def _control_status_page(port: int) -> bytes:
 
 
 def _control_upgrade(port: int) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(
-            (
-                f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        sock.sendall(upgrade_request(port))
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = sock.recv(4096)
