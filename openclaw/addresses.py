@@ -11,6 +11,15 @@ import ipaddress
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def host_of(address: object) -> str:
+    """
+    The host of a peer's address, for a log line: an L{IPv4Address} or
+    L{IPv6Address}'s C{host}; C{-} for one without a host (a UNIX socket).
+    """
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) and host else "-"
+
+
 def normalise(host: str) -> IPAddress:
     """
     Parse a peer's address.  An IPv4-mapped IPv6 address

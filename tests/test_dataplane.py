@@ -20,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
     Agent,
@@ -864,8 +864,13 @@ class AccountingTests(DataPlaneTestCase):
         self.assertIn('openclaw_api_request_seconds_count{provider="kimi"} 2.0', text)
         self.assertIn('openclaw_api_request_seconds_bucket{le="+Inf",provider="kimi"} 2.0', text)
         # The successes built no event at all at LOG_LEVEL=info.
-        logged = [(e["log_level"].name, e["status"], e["outcome"]) for e in self.request_events()]
-        self.assertEqual(logged, [("info", 401, "invalid_api_key"), ("info", 502, "upstream_auth_failed")])
+        logged = [(e["log_level"].name, e["status"], e["outcome"], e["peer"]) for e in self.request_events()]
+        self.assertEqual(
+            logged,
+            [("info", 401, "invalid_api_key", "127.0.0.1"), ("info", 502, "upstream_auth_failed", "127.0.0.1")],
+        )
+        # The audit trail's text names the client refused.
+        self.assertIn("from 127.0.0.1", formatEvent(self.request_events()[0]))
 
     @inlineCallbacks
     def test_successes_logged_at_debug(self):

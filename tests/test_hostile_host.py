@@ -640,8 +640,10 @@ class SlowKeyedHeadTests(TestCase):
         self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS (1.5 s)", answer)
         self.assertLess(took, 3.5)
         # Logged as refused at the keyless deadline, with its status.
-        refused = [(e["outcome"], e["status"]) for e in events if e.get("log_namespace") == "openclaw.dataplane"]
-        self.assertEqual(refused, [("keyless_timeout", 408)])
+        refused = [
+            (e["outcome"], e["status"], e["peer"]) for e in events if e.get("log_namespace") == "openclaw.dataplane"
+        ]
+        self.assertEqual(refused, [("keyless_timeout", 408, "127.0.0.1")])
 
 
 class MissingHostTests(TestCase):

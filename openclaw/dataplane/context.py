@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
+from openclaw.addresses import host_of
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.metrics import CallCosts, RequestTally
@@ -162,7 +163,7 @@ class APIContext:
                 refused=sum(self.refused_connections.values()),
             )
 
-    def refused_early(self, error: APIError, outcome: str | None = None) -> None:
+    def refused_early(self, error: APIError, outcome: str | None = None, peer: str = "-") -> None:
         """
         Count (and log at info, as L{completed} would) a request answered
         with C{error} before twisted.web knew its method and path: a body
@@ -171,17 +172,20 @@ class APIContext:
         @param outcome: the log's C{outcome}, when not C{error}'s code (a
             head still arriving at the keyless deadline: C{keyless_timeout}
             with status 408).
+        @param peer: the client's address (host), for the audit trail of
+            refused keys.
         """
         self.tally.record("-", error.status, 0.0)
         if self.log_failures:
             self.log.info(
-                "{method} {path} {status} via {route} in {duration_ms} ms",
+                "{method} {path} {status} via {route} from {peer} in {duration_ms} ms",
                 method="-",
                 path="-",
                 status=error.status,
                 route="-",
                 outcome=outcome or error.code,
                 duration_ms=0.0,
+                peer=peer,
             )
 
     def failed_over(
@@ -237,7 +241,7 @@ class APIContext:
             return
         self.log.emit(
             level,
-            "{method} {path} {status} via {route} for {consumer} in {duration_ms} ms",
+            "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms",
             method=request.method.decode("ascii", "replace"),
             consumer=consumer or "-",
             path=request.path.decode("ascii", "replace"),
@@ -248,4 +252,5 @@ class APIContext:
             stream=stream,
             outcome=outcome,
             duration_ms=round(seconds * 1000, 2),
+            peer=host_of(request.getClientAddress()),
         )

@@ -38,7 +38,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from openclaw.addresses import counted_key
+from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.context import APIContext
@@ -165,7 +165,7 @@ class MetricsRequest(Request):
         _metrics_log.info(
             "refused a request with {status} for {peer}: {reason}",
             status=400,
-            peer=getattr(self.getClientAddress(), "host", None) or "-",
+            peer=host_of(self.getClientAddress()),
             reason=body.decode("ascii").rstrip("\n"),
         )
 
@@ -198,14 +198,13 @@ class MetricsSite(Site):
 
     def log(self, request: http.Request) -> None:
         status = request.code
-        address = request.getClientAddress()
         _metrics_log.emit(
             LogLevel.info if status >= 400 else LogLevel.debug,
             "{method} {path} {status} for {peer}",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace"),
             status=status,
-            peer=getattr(address, "host", None) or "-",
+            peer=host_of(request.getClientAddress()),
         )
 
 
@@ -292,7 +291,7 @@ class APIRequest(Request):
             holder = context.keys.identify(self.getHeader(b"authorization"))
             if isinstance(holder, APIError):
                 super().gotLength(0)
-                context.refused_early(holder)
+                context.refused_early(holder, peer=host_of(self.getClientAddress()))
                 self._refuse(holder)
                 return
             # Known now; the resource need not look the key up again.
@@ -621,7 +620,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         transport = self.tcp
         if self._started:
             if self._site.context is not None:
-                self._site.context.refused_early(error, outcome)
+                self._site.context.refused_early(error, outcome, host_of(transport.getPeer()))
             transport.write(raw_response(error))
         transport.loseConnection()
         pending = self._deadline
