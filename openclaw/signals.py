@@ -8,7 +8,10 @@ SIGHUP is taken only when no terminal can send it for a hang-up
 (L{handles_hangup}): a gateway started with C{-n} from a terminal still
 ends when that terminal is closed, as any foreground program does.
 
-SIGTERM and SIGINT are the reactor's: they stop the gateway cleanly.
+SIGTERM and SIGINT are the reactor's: they stop the gateway cleanly.  A
+second one while the gateway stops (an impatient operator, a unit manager
+repeating itself) is noted rather than handed to the reactor again, which
+would log C{ReactorNotRunning} with a traceback (L{note_repeated_stops}).
 SIGUSR1 reopens the log file when there is one (L{openclaw.logs}); only
 a signal still at its default action is taken here.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import signal
 from typing import IO, Any
 
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 
 _log = Logger(namespace="openclaw")
@@ -71,3 +74,41 @@ def note_signals(reactor: IReactorFromThreads, logging_to: str, hangup: bool) ->
         signal.signal(signum, noted)
         installed.append(signum)
     return installed
+
+
+def note_repeated_stops(reactor: IReactorCore, threads: IReactorFromThreads) -> None:
+    """
+    Once the reactor runs (and has installed its own handlers), wrap its
+    SIGTERM and SIGINT handlers: the first of them stops the gateway as
+    before (the reactor's handler, so that twistd still ends with the
+    signal); any that comes once the gateway is stopping is logged and
+    otherwise ignored: the drain goes on, bounded by
+    C{SHUTDOWN_GRACE_SECONDS}, and SIGKILL ends the process at once.
+    """
+    stopping = [False]
+
+    def stopped() -> None:
+        stopping[0] = True
+
+    def wrap() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            original = signal.getsignal(signum)
+            if not callable(original):
+                continue
+
+            def handler(number: int, frame: Any, original: Any = original) -> None:
+                if not stopping[0]:
+                    stopping[0] = True
+                    original(number, frame)
+                    return
+                threads.callFromThread(
+                    _log.info,
+                    "received {signal} while stopping: the gateway is already draining "
+                    "(at most SHUTDOWN_GRACE_SECONDS); SIGKILL ends it at once",
+                    signal=signal.Signals(number).name,
+                )
+
+            signal.signal(signum, handler)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopped)
+    reactor.callWhenRunning(wrap)

@@ -25,7 +25,7 @@ from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.service import GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
-from openclaw.signals import handles_hangup, note_signals
+from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
 
 
 class Options(usage.Options):
@@ -259,13 +259,16 @@ def _note_signals(reactor: IReactorCore, twistd_options: Any, destination: IO[An
     """
     Under twistd (not when a test calls L{makeService}), log and ignore
     SIGUSR1 when no log file is reopened on it, and SIGHUP unless the
-    gateway runs in the foreground on a terminal (L{handles_hangup}).
+    gateway runs in the foreground on a terminal (L{handles_hangup}); note
+    a SIGTERM or SIGINT that comes while the gateway stops
+    (L{note_repeated_stops}).
     """
     if not twistd_options:
         return
     logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
     hangup = handles_hangup(not foreground(twistd_options), sys.stdin)
     note_signals(IReactorThreads(reactor), logging_to, hangup)
+    note_repeated_stops(reactor, IReactorThreads(reactor))
 
 
 def _check_token_file(settings: Settings) -> None:

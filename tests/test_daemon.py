@@ -251,6 +251,11 @@ class ShutdownAndLogTests(TestCase):
         pending = client.command(token, "health_check")
         yield wait_for(lambda: self.upstream.kimi.requests == 1)
         process.transport.signalProcess("TERM")
+        # An impatient second SIGTERM (and a Ctrl-C) while it drains: noted,
+        # the drain goes on, no traceback.
+        yield wait_for(lambda: b"Received SIGTERM" in process.stdout)
+        process.transport.signalProcess("TERM")
+        process.transport.signalProcess("INT")
         answer = yield pending
         self.assertTrue(answer["ok"])
         self.assertTrue(answer["result"]["providers"]["kimi"]["ok"])
@@ -258,6 +263,10 @@ class ShutdownAndLogTests(TestCase):
         self.assertEqual(code, 1001)
         status = yield process.ended
         self.assertIn(status, (0, -15))
+        self.assertIn(b"received SIGTERM while stopping: the gateway is already draining", process.stdout)
+        self.assertIn(b"received SIGINT while stopping", process.stdout)
+        self.assertNotIn(b"ReactorNotRunning", process.stdout)
+        self.assertNotIn(b"Traceback", process.stdout)
 
     @inlineCallbacks
     def test_json_log_without_secrets(self):
