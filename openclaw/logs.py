@@ -42,6 +42,7 @@ this), so after C{mv} and C{kill -USR1} new lines go to a new file.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from collections.abc import Mapping
@@ -98,10 +99,17 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     already handles that signal).  L{None} with C{--syslog}: twistd's own
     syslog observer must stand.
 
+    A log file that does not exist yet is created with the mode the
+    process's umask will give once twistd has set it (C{--umask}, C{0077}
+    for a daemon by default): the file is opened here, before twistd
+    daemonizes and applies that umask, and would otherwise get the mode of
+    the shell's umask (0644 under the usual 022).  An existing file keeps
+    its mode (logrotate's C{create} sets it).
+
     @param reactor: the reactor the reopen is handed to (from the signal
         handler, as twistd does).
     @raise ConfigError: for C{--logfile -} without C{-n}: a daemon has no
-        standard output.
+        standard output; or the log file cannot be created.
     """
     if twistd_options.get("syslog"):
         return None
@@ -112,7 +120,9 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
         return stdout
     if not logfile and foreground(twistd_options):
         return stdout
-    log_file: LogFile = LogFile.fromFullPath(logfile or "twistd.log", rotateLength=None)
+    path = os.path.abspath(logfile or "twistd.log")
+    _create_log_file(path, _future_umask(twistd_options))
+    log_file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
@@ -122,6 +132,32 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     # Not an IO subclass, but file-like where FileLogObserver needs it:
     # write (text or UTF-8 bytes), flush, close.
     return cast("IO[Any]", log_file)
+
+
+def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:
+    """
+    The umask twistd will set (its C{--umask}, else C{0077} for a daemon);
+    L{None} when it leaves the process's own.
+    """
+    umask = twistd_options.get("umask")
+    if umask is not None:
+        return int(umask)
+    return None if foreground(twistd_options) else 0o077
+
+
+def _create_log_file(path: str, umask: int | None) -> None:
+    """
+    Create C{path}, empty, with the mode C{umask} gives (and the process's
+    current umask takes away), unless it exists.
+    """
+    mode = 0o666 if umask is None else 0o666 & ~umask
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, mode)
+    except FileExistsError:
+        return
+    except OSError as error:
+        raise ConfigError(f"cannot create the log file {path} (--logfile): {error.strerror}") from None
+    os.close(fd)
 
 
 def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:

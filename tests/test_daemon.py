@@ -92,6 +92,8 @@ class DaemonTests(TestCase):
         yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
         token = tokenfile.read_text().strip()
         self.assertEqual(stat.S_IMODE(tokenfile.stat().st_mode), 0o600)
+        # Created before twistd daemonized, with the daemon's umask (0077).
+        self.assertEqual(stat.S_IMODE(logfile.stat().st_mode), 0o600)
         client = yield connect(port)
         answer = yield client.command(token, "ping")
         self.assertTrue(answer["ok"])
@@ -150,6 +152,7 @@ class DaemonTests(TestCase):
         logfile.rename(rotated)
         os.kill(int(pidfile.read_text()), signal.SIGUSR1)
         yield wait_for(logfile.exists)
+        self.assertEqual(stat.S_IMODE(logfile.stat().st_mode), 0o600)
         answer = yield client.command(token, "rotate_token")
         self.assertTrue(answer["ok"])
         yield wait_for(lambda: "rotate_token" in logfile.read_text())
