@@ -836,6 +836,27 @@ def _masked(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _masked_url(text: str) -> str:
+    """
+    C{DATABASE_URL} with its password, where it is written (the userinfo's
+    and C{?password=}'s), shown as C{***}; the rest as written, even where
+    it happens to hold the password's characters.
+    """
+    scheme, separator, rest = text.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    if at and colon and password:
+        authority = f"{user}:***@{host}"
+    path, question, query = tail.partition("?")
+    if question:
+        query, hash_mark, fragment = query.partition("#")
+        pairs = ["password=***" if pair.partition("=")[0] == "password" else pair for pair in query.split("&")]
+        tail = f"{path}?{'&'.join(pairs)}{hash_mark}{fragment}"
+    return f"{scheme}{separator}{authority}{tail}"
+
+
 def _database_url(text: str) -> str:
     """
     C{DATABASE_URL}, a libpq connection URI
@@ -849,7 +870,8 @@ def _database_url(text: str) -> str:
     from psycopg.conninfo import conninfo_to_dict
 
     hidden = _database_secrets(text)
-    shown = f"DATABASE_URL={_masked(text, hidden)!r}"
+    masked = _masked_url(text)
+    shown = f"DATABASE_URL={masked!r}"
     form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
     try:
         parsed = urlsplit(text)
@@ -861,7 +883,9 @@ def _database_url(text: str) -> str:
     try:
         conninfo_to_dict(text)
     except PsycopgError as e:
-        said = _masked(str(e).strip().replace(text, _masked(text, hidden)), hidden)
+        # The URL where libpq repeats it, masked where its password is;
+        # any other repetition of the password (a token libpq quotes) too.
+        said = masked.join(_masked(piece, hidden) for piece in str(e).strip().split(text))
         if "percent-encoded" in said:
             hint = (
                 "percent-encode a % in the user name, password or database name as %25 (@ as %40, : as %3A, / as %2F)"

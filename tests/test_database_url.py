@@ -47,6 +47,12 @@ class DatabaseURLTests(TestCase):
             self.assertNotIn("\n", said)
         self.assertIn("%25", self.said(CASES[0][0]))
         self.assertIn("LIBPQ-PARAMKEYWORDS", self.said(CASES[1][0]))
+        # A password that also spells parts of the URL is masked where it
+        # is written, not wherever its characters appear.
+        self.assertIn(
+            "DATABASE_URL='postgresql://u:***@127.0.0.1:notaport/db?password=***' is invalid",
+            self.said("postgresql://u:p@127.0.0.1:notaport/db?password=p"),
+        )
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
