@@ -68,7 +68,16 @@ class Listener:
         in use; is another gateway running? choose another port with
         --api-port}.
         """
-        code = getattr(getattr(error, "socketError", error), "errno", None)
+        cause = getattr(error, "socketError", None) or error
+        code = getattr(cause, "errno", None)
+        target = "port" if self.option in ("--port", "--api-port") else "endpoint"
+        if target == "port" and (isinstance(cause, socket.gaierror) or code == errno.EADDRNOTAVAIL):
+            # The address, not the port: INTERFACE names no address of this host.
+            what = "this host has no such address" if code == errno.EADDRNOTAVAIL else getattr(cause, "strerror", cause)
+            return (
+                f"openclaw: cannot listen on {self.where} ({self.setting}): {what}; set INTERFACE "
+                "(--interface) to an address of this host (0.0.0.0 or :: for every address)"
+            )
         if code == errno.EADDRINUSE:
             reason = "address already in use; is another gateway running?"
         elif code == errno.EACCES:
@@ -76,9 +85,7 @@ class Listener:
         elif code == errno.EADDRNOTAVAIL:
             reason = "this host has no such address;"
         else:
-            cause = getattr(error, "socketError", None) or error
             reason = f"{getattr(cause, 'strerror', None) or cause};"
-        target = "port" if self.option in ("--port", "--api-port") else "endpoint"
         return f"openclaw: cannot listen on {self.where} ({self.setting}): {reason} choose another {target} with {self.option}"
 
 

@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
-from openclaw.listeners import CannotListen
+from openclaw.listeners import CannotListen, Listener, check_free
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
 
@@ -300,3 +300,27 @@ class Http2Tests(TestCase):
         )
         self.assertEqual((agreed, status), ("h2", 413))
         self.assertIn(b"MAX_REQUEST_BYTES", body)
+
+
+class InterfaceFailureTests(TestCase):
+    """
+    An C{INTERFACE} that names no address of this host (a name that does
+    not resolve, an address another host has) is the address's fault, not
+    the port's: the line says to set C{INTERFACE}.
+    """
+
+    def test_unknown_name(self) -> None:
+        listener = Listener("bogus:28795", "WS_CONTROL_PORT", "--port")
+        line = listener.failure_line(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+        self.assertEqual(
+            line,
+            "openclaw: cannot listen on bogus:28795 (WS_CONTROL_PORT): Name or service not known; set INTERFACE "
+            "(--interface) to an address of this host (0.0.0.0 or :: for every address)",
+        )
+
+    def test_address_of_another_host(self) -> None:
+        listener = Listener("192.0.2.1:28795", "API_PORT", "--api-port")
+        with self.assertRaises(CannotListen) as caught:
+            check_free(listener, "192.0.2.1", 0)
+        self.assertIn("this host has no such address; set INTERFACE (--interface)", str(caught.exception))
+        self.assertNotIn("choose another port", str(caught.exception))
