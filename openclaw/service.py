@@ -603,7 +603,8 @@ class GatewayService(MultiService):
         out the hard way: a provider calls are meant to go to without a key
         (DEFAULT_PROVIDER, the active one, one named in a FALLBACK list; a
         provider merely not configured is no fault), an API every client
-        of which is refused, an active provider that is not DEFAULT_PROVIDER.
+        of which is refused, an active provider that is not DEFAULT_PROVIDER,
+        a cluster whose consumers are each instance's own.
         """
         if self.api_site is not None:
             fallback = self.settings.fallback
@@ -652,6 +653,14 @@ class GatewayService(MultiService):
                 hosts=self.descriptors.pool_hosts,
                 configured=self.settings.upstream_pool_size,
                 limit=self.descriptors.limit,
+            )
+        if self.settings.redis_url and not self.settings.database_url:
+            self._log.warn(
+                "REDIS_URL is set without DATABASE_URL: consumers (openclawctl consumer ...) are kept in this "
+                "instance's own SQLite file ({path}), not shared with the cluster's other instances, so a "
+                "consumer's key works only where it was created; if you use consumers, set DATABASE_URL to one "
+                "PostgreSQL database for every instance",
+                path=str(self.settings.state_dir / "openclaw.db"),
             )
         if self.restored_route is not None:
             self._log.warn(

@@ -179,6 +179,8 @@ class TwoInstances(ClusterCase):
         """
         a = self.spawn()
         token = yield a.token
+        # Without DATABASE_URL, each instance's consumers are its own: said.
+        self.assertIn(b"REDIS_URL is set without DATABASE_URL: consumers", a.stdout)
         b = self.spawn()
         token_b = yield b.token
         self.assertEqual(token_b, token)

@@ -269,6 +269,7 @@ class ShutdownAndLogTests(TestCase):
         self.assertIn(b"received SIGTERM while stopping: the gateway is already draining", process.stdout)
         self.assertIn(b"received SIGINT while stopping", process.stdout)
         self.assertNotIn(b"ReactorNotRunning", process.stdout)
+        self.assertNotIn(b"without DATABASE_URL", process.stdout)  # no cluster, no warning
         self.assertNotIn(b"Traceback", process.stdout)
 
     @inlineCallbacks
