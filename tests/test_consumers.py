@@ -10,6 +10,8 @@ import contextlib
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -782,6 +784,23 @@ class ConsumerEndpointsTests(GatewayCase):
         yield deferToThread(
             self.sdk(gateway, GATEWAY_KEY).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
         )
+        # Not ready for a balancer meanwhile: consumer traffic would get 503s.
+        status, body = yield deferToThread(http_get, f"http://127.0.0.1:{gateway.api_port}/readyz")
+        document = json.loads(body)
+        self.assertEqual(status, 503)
+        self.assertFalse(document["ready"])
+        self.assertIn("the consumers have not loaded", document["reason"])
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """
+    GET C{url} (blocking: call it in a thread): its status and body.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 class PostgresConsumerGatewayTests(ConsumerGatewayTests):

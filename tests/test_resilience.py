@@ -620,10 +620,24 @@ class BreakerEndToEndTests(ResilienceTestCase):
         self.assertEqual(len(logged), 2)
 
 
+@inlineCallbacks
+def consumers_loaded(gateway: Any) -> Any:
+    """
+    Wait until C{gateway}'s consumers have loaded (SQLite, in a thread):
+    it is not ready before (L{openclaw.dataplane.resource.Readyz}).
+    """
+    for _ in range(500):
+        if gateway.service.consumers.loaded:
+            return
+        yield deferLater(reactor, 0.01)
+    raise AssertionError("the consumers never loaded")
+
+
 class ReadyzTests(ResilienceTestCase):
     @inlineCallbacks
     def test_states(self):
         gateway = self.gateway(default_provider="kimi")
+        yield consumers_loaded(gateway)
         response, text = yield self.get(gateway, "/readyz")
         self.assertEqual(response.code, 200)
         self.assertEqual(
@@ -646,6 +660,7 @@ class ReadyzTests(ResilienceTestCase):
         self.assertIn("KIMI_API_KEY / KIMI_API_KEYS", document["reason"])
         # Breaker open, FALLBACK=off.
         gateway = self.gateway(default_provider="gemini", fallback="off")
+        yield consumers_loaded(gateway)
         for _ in range(5):
             gateway.service.providers.get("gemini").breaker.failed()
         response, text = yield self.get(gateway, "/readyz")
@@ -665,6 +680,7 @@ class ReadyzTests(ResilienceTestCase):
         hold them back for ever.
         """
         gateway = self.gateway(default_provider="gemini", fallback="off", breaker_cooldown_seconds=0.2)
+        yield consumers_loaded(gateway)
         for _ in range(5):
             gateway.service.providers.get("gemini").breaker.failed()
         response, _ = yield self.get(gateway, "/readyz")

@@ -188,10 +188,25 @@ class Readyz(APIResource):
 
         {"ready": true, "provider": "kimi", "breaker": "closed",
          "usable_keys": 2, "fallback": null}
+
+    Not ready either (503) before the consumers have loaded from their
+    database (at start, or while it is unreachable from the start): every
+    consumer key would be answered 503 C{consumers_loading}.
     """
 
     def render_GET(self, request: Request) -> bytes:
         context = self.context
+        consumers = context.consumers
+        if consumers is not None and not consumers.loaded:
+            request.setResponseCode(503)
+            return json_response(
+                request,
+                {
+                    "ready": False,
+                    "reason": "the consumers have not loaded from their database yet: check DATABASE_URL "
+                    "(or STATE_DIR's openclaw.db) and the log",
+                },
+            )
         provider_id = context.route.current.provider_id
         adapter = context.providers.get(provider_id)
         breaker = adapter.breaker.state
