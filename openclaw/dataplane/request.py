@@ -148,8 +148,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             )
         if not isinstance(options, dict):
             raise bad_request("stream_options must be an object", param="stream_options")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
+        # Null is "not set", as for every field.
+        asked = options.get("include_usage")
+        include_usage = asked is True
+        if asked is not None and not isinstance(asked, bool):
             raise bad_request(
                 "stream_options.include_usage must be true or false", param="stream_options.include_usage"
             )
@@ -672,7 +674,7 @@ def _check_response_format(response_format: Any) -> None:
         raise bad_request(
             'response_format.json_schema must be {"name": ..., "schema": {...}}', param="response_format.json_schema"
         )
-    if not isinstance(spec.get("schema", {}), dict):
+    if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
         raise bad_request(
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",
