@@ -346,3 +346,15 @@ class GatewayTests(DataPlaneTestCase):
                 yield deferToThread(client.chat.completions.create, **kwargs)
             self.assertEqual(caught.exception.body["param"], param, extra)
         self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_too_large_says_what_to_do(self):
+        client = self.sdk(self.gateway(max_request_bytes=4096))
+        picture = "data:image/png;base64," + "A" * 8000
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}}]}]
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield deferToThread(client.chat.completions.create, model="gpt-4o", messages=messages)
+        self.assertEqual(caught.exception.status_code, 413)
+        message = caught.exception.body["message"]
+        self.assertIn("https:// URL instead of an inline data: URL", message)
+        self.assertIn("MAX_REQUEST_BYTES", message)
