@@ -263,6 +263,18 @@ class ImageTypeTests(SynchronousTestCase):
             self.assertIn("must name a PNG, JPEG, WEBP, HEIC or HEIF image", error.message)
 
 
+class ToolNameTests(SynchronousTestCase):
+    def test_dots_refused(self) -> None:
+        # OpenAI's rule (a-z, A-Z, 0-9, _ and -, at most 64): a tool loop
+        # must survive switch_provider to an OpenAI-shaped provider.
+        tool = {"type": "function", "function": {"name": "fs.read", "parameters": {}}}
+        with self.assertRaises(APIError) as caught:
+            chat(tools=[tool])
+        self.assertEqual(caught.exception.param, "tools[0].function.name")
+        self.assertNotIn(" . ", caught.exception.message)
+        chat(tools=[{"type": "function", "function": {"name": "fs_read-2", "parameters": {}}}])
+
+
 class GatewayTests(DataPlaneTestCase):
     """
     Through the gateway with the openai SDK, against the stand-in Gemini.

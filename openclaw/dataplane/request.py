@@ -35,10 +35,11 @@ ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function
 USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
 TEXT_PARTS = frozenset({"text"})
 ASSISTANT_PARTS = frozenset({"text", "refusal"})
-#: A function name both providers accept: Gemini's rule (letters, digits,
-#: "_", ".", "-"; at most 64; starting with a letter or "_"), which is
-#: within OpenAI's.
-FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+#: A function name every provider accepts, so that a tool loop survives
+#: switch_provider: OpenAI's rule (letters, digits, "_" and "-"; at most
+#: 64; U{https://platform.openai.com/docs/api-reference/chat/create}) and
+#: Gemini's (which also takes "." but starts with a letter or "_").
+FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: The message fields only one role carries, and which (OpenAI's message
 #: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
@@ -283,7 +284,8 @@ def _check_tools(tools: Any) -> frozenset[str]:
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise bad_request(
-                f"{where}.function.name must be 1 to 64 letters, digits, _, . or -, starting with a letter or _",
+                f"{where}.function.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
+                "(a name every provider takes; rename a dotted name such as fs.read to fs_read)",
                 param=f"{where}.function.name",
             )
         if name in names:
