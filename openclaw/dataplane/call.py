@@ -307,7 +307,7 @@ class ChatCall:
         if not self._current(generation):
             return
         try:
-            answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()))
+            answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()), self.chat)
         except MalformedAnswer as e:
             return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP {self._answer_status})", e.code))
         except orjson.JSONEncodeError as e:

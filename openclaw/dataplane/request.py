@@ -35,10 +35,11 @@ ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function
 USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
 TEXT_PARTS = frozenset({"text"})
 ASSISTANT_PARTS = frozenset({"text", "refusal"})
-#: A function name both providers accept: Gemini's rule (letters, digits,
-#: "_", ".", "-"; at most 64; starting with a letter or "_"), which is
-#: within OpenAI's.
-FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+#: A function name every provider accepts, so that a tool loop survives
+#: switch_provider: OpenAI's rule (letters, digits, "_" and "-"; at most
+#: 64; U{https://platform.openai.com/docs/api-reference/chat/create}) and
+#: Gemini's (which also takes "." but starts with a letter or "_").
+FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: The message fields only one role carries, and which (OpenAI's message
 #: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
@@ -148,8 +149,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
             )
         if not isinstance(options, dict):
             raise bad_request("stream_options must be an object", param="stream_options")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
+        # Null is "not set", as for every field.
+        asked = options.get("include_usage")
+        include_usage = asked is True
+        if asked is not None and not isinstance(asked, bool):
             raise bad_request(
                 "stream_options.include_usage must be true or false", param="stream_options.include_usage"
             )
@@ -281,7 +284,8 @@ def _check_tools(tools: Any) -> frozenset[str]:
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise bad_request(
-                f"{where}.function.name must be 1 to 64 letters, digits, _, . or -, starting with a letter or _",
+                f"{where}.function.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
+                "(a name every provider takes; rename a dotted name such as fs.read to fs_read)",
                 param=f"{where}.function.name",
             )
         if name in names:
@@ -672,7 +676,7 @@ def _check_response_format(response_format: Any) -> None:
         raise bad_request(
             'response_format.json_schema must be {"name": ..., "schema": {...}}', param="response_format.json_schema"
         )
-    if not isinstance(spec.get("schema", {}), dict):
+    if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
         raise bad_request(
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",

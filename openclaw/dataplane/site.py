@@ -368,7 +368,8 @@ class APIRequest(Request):
         limit = self.max_request_bytes
         return APIError(
             413,
-            f"the request body is larger than MAX_REQUEST_BYTES ({limit} bytes)",
+            f"the request body is larger than this gateway's limit ({limit} bytes): send large images by "
+            "https:// URL instead of an inline data: URL, or ask the operator to raise MAX_REQUEST_BYTES",
             "invalid_request_error",
             "request_too_large",
         )

@@ -52,7 +52,7 @@ class OpenAIWire:
             body["messages"] = [_plain_ids(message) for message in body["messages"]]
         return orjson.dumps(body)
 
-    def completion(self, body: bytes, model: str, created: int) -> Completion:
+    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):

@@ -114,12 +114,14 @@ class Wire(Protocol):
         The upstream request body for C{chat}, asking for C{model}.
         """
 
-    def completion(self, body: bytes, model: str, created: int) -> Completion:
+    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         """
         The C{chat.completion} JSON for a 2xx upstream body, with its usage.
 
         @param created: the POSIX time (whole seconds) to report when the
             answer carries none of its own.
+        @param chat: the request answered, when the translation of the
+            answer depends on it (Gemini's C{parallel_tool_calls: false}).
         @raise MalformedAnswer: the body is not a JSON object.
         """
 

@@ -705,10 +705,14 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         # (https://ai.google.dev/gemini-api/docs/thinking#summaries).
         answer = attrs.evolve(answer, events=tuple(tuple(p for p in e if not p.get("thought")) for e in answer.events))
 
+    config = body.get("generationConfig") or {}
+
     def response(parts: Sequence[dict[str, Any]], finish: bool) -> dict[str, Any]:
         candidate: dict[str, Any] = {"content": {"parts": list(parts), "role": "model"}}
         if finish or answer.repeat_finish:
             candidate["finishReason"] = answer.finish_reason
+        if config.get("responseLogprobs") is True:
+            candidate["logprobsResult"] = gemini_logprobs(parts, config.get("logprobs"))
         return {
             "candidates": [{**candidate, "index": i} for i in range(count)],
             "usageMetadata": usage,
@@ -723,6 +727,33 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     last = len(answer.events) - 1
     events = [response(parts, i == last) for i, parts in enumerate(answer.events)]
     return 200, EventStream(tuple(json.dumps(e).encode() for e in events), separator=b"\r\n\r\n")
+
+
+def gemini_logprobs(parts: Sequence[dict[str, Any]], top: int | None) -> dict[str, Any]:
+    """
+    Gemini's C{logprobsResult} for the answer text of C{parts} (asked with
+    C{responseLogprobs}): each text part is one token, of log probability
+    -0.25 times its place; with C{top} (C{generationConfig.logprobs}), that
+    many top candidates per token, the chosen one first, then C{alt1},
+    C{alt2}... less likely each.  Zero values are left out, as proto3's
+    JSON does.
+    """
+    chosen: list[dict[str, Any]] = []
+    tops: list[dict[str, Any]] = []
+    for part in parts:
+        if not isinstance(part.get("text"), str) or part.get("thought"):
+            continue
+        token: dict[str, Any] = {"token": part["text"], "tokenId": 100 + len(chosen)}
+        if chosen:
+            token["logProbability"] = -0.25 * len(chosen)
+        chosen.append(token)
+        if top is not None:
+            others = [{"token": f"alt{j}", "tokenId": j, "logProbability": -1.0 - j} for j in range(1, top)]
+            tops.append({"candidates": [token, *others][:top]})
+    result: dict[str, Any] = {"chosenCandidates": chosen}
+    if top is not None:
+        result["topCandidates"] = tops
+    return result
 
 
 def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) -> None:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import mimetypes
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
 from twisted.logger import Logger
 
 from openclaw.dataplane.callids import SKIP_SIGNATURE, carried, new_call_id
+from openclaw.dataplane.errors import bad_request
 from openclaw.dataplane.request import DATA_URL, ChatRequest
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
@@ -131,6 +133,27 @@ THINKING_LEVEL_FAMILIES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
 _BUDGET_MODELS = ("gemini-2", "gemini-1")
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
+#: The image types Gemini takes, by file extension
+#: (U{https://ai.google.dev/gemini-api/docs/image-understanding}: PNG,
+#: JPEG, WEBP, HEIC, HEIF).
+IMAGE_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "heic": "image/heic",
+    "heif": "image/heif",
+}
+#: Gemini's C{generationConfig} limits
+#: (U{https://ai.google.dev/api/generate-content#generationconfig}):
+#: C{candidateCount} from 1 to 8; at most 5 C{stopSequences}.
+MAX_CANDIDATES = 8
+MAX_STOP_SEQUENCES = 5
+#: C{seed} is an int32 in Gemini's C{GenerationConfig}
+#: (google.ai.generativelanguage.v1beta).
+SEED_RANGE = (-(2**31), 2**31 - 1)
+#: The C{response_format} types that set C{responseMimeType: application/json}.
+JSON_FORMATS = ("json_object", "json_schema")
 
 
 class GeminiStreamError(Exception):
@@ -150,7 +173,11 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
 
     @param model: the model asked for (Gemini 2 and 3 take
         C{reasoning_effort} differently).
+    @raise APIError: 400 naming the field, for what Gemini cannot do or
+        would refuse (L{refuse_unsupported}), and for an image URL that
+        names no image (L{image_type}).
     """
+    refuse_unsupported(body, model)
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     #: tool call id -> (name, Gemini's call id), for the results.
@@ -172,14 +199,15 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
             run.sort(key=lambda m: order.get(m["tool_call_id"], len(order)))
             _append(contents, "user", [_function_response(m, calls) for m in run])
             continue
+        where = f"messages[{i}].content"
         i += 1
         if role == "system":
-            system.extend(_parts(message["content"]))
+            system.extend(_parts(message["content"], where))
         elif role == "user":
-            _append(contents, "user", _parts(message["content"]))
+            _append(contents, "user", _parts(message["content"], where))
         else:
             content = message.get("content")
-            parts = [] if content is None else _parts(content)
+            parts = [] if content is None else _parts(content, where)
             tool_calls = message.get("tool_calls")
             if tool_calls:
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
@@ -303,28 +331,118 @@ def _tool_config(choice: Any) -> dict[str, Any] | None:
     return {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice]}
 
 
+def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
+    """
+    Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
+    do or would refuse with its own 400: audio output (C{modalities} with
+    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; a C{seed}
+    outside L{SEED_RANGE}; an empty stop sequence, or more than
+    L{MAX_STOP_SEQUENCES}; C{top_logprobs} without C{logprobs: true}
+    (OpenAI's rule, and Gemini's C{logprobs} is only valid with
+    C{responseLogprobs}); C{tools} with a JSON C{response_format} on a
+    Gemini 1.x or 2.x model (Google: "Function calling with a response mime
+    type: 'application/json' is unsupported"; Gemini 3 takes both).  A
+    field set to null is not set.
+
+    @raise APIError: 400 whose C{param} names the field.
+    """
+    modalities = body.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise bad_request(
+            'modalities asks for "audio": audio output is not available through Gemini on this gateway '
+            '(text is); send modalities ["text"] or leave it out',
+            param="modalities",
+        )
+    if body.get("audio") is not None:
+        raise bad_request(
+            "audio asks for audio output, which is not available through Gemini on this gateway (text is); "
+            "remove audio",
+            param="audio",
+        )
+    n = body.get("n")
+    if isinstance(n, int) and n > MAX_CANDIDATES:
+        raise bad_request(
+            f"n must be from 1 to {MAX_CANDIDATES} on Gemini (its candidateCount limit); "
+            f"send n of at most {MAX_CANDIDATES}, or make several calls",
+            param="n",
+        )
+    seed = body.get("seed")
+    if isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad_request(
+            f"seed must be from {SEED_RANGE[0]} to {SEED_RANGE[1]} on Gemini (its seed is a 32-bit integer); "
+            "send a smaller seed",
+            param="seed",
+        )
+    stop = body.get("stop")
+    sequences = [stop] if isinstance(stop, str) else stop or []
+    if "" in sequences:
+        raise bad_request(
+            "stop holds an empty string, which Gemini refuses as a stop sequence; remove it", param="stop"
+        )
+    if len(sequences) > MAX_STOP_SEQUENCES:
+        raise bad_request(
+            f"stop holds {len(sequences)} sequences: Gemini takes at most {MAX_STOP_SEQUENCES}; "
+            f"send {MAX_STOP_SEQUENCES} or fewer",
+            param="stop",
+        )
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
+    if body.get("tools") and _response_format(body) in JSON_FORMATS and _budget_model(model):
+        raise bad_request(
+            f"Gemini {model.removeprefix('models/')} cannot call tools and answer in a JSON response_format in "
+            "one request (Gemini 3 models can): use a Gemini 3 model, or send response_format only on the "
+            "turn after the tool loop",
+            param="response_format",
+        )
+
+
+def _response_format(body: dict[str, Any]) -> Any:
+    """
+    The C{response_format}'s type (None when it has none).
+    """
+    response_format = body.get("response_format")
+    return response_format.get("type") if isinstance(response_format, dict) else None
+
+
+def _budget_model(model: str) -> bool:
+    """
+    Whether C{model} is a Gemini 1.x or 2.x (a C{thinkingBudget} model).
+    """
+    return model.removeprefix("models/").startswith(_BUDGET_MODELS)
+
+
 def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     """
     C{generationConfig} from the OpenAI sampling fields present in C{body},
-    C{response_format} and C{reasoning_effort}.
+    C{logprobs} and C{top_logprobs}, C{response_format} and
+    C{reasoning_effort}.  A field set to null is not set (the openai SDK
+    sends null for an argument passed as None).
     """
     config: dict[str, Any] = {}
     for openai_name, gemini_name in _GENERATION_FIELDS:
         value = body.get(openai_name)
         if value is not None:
             config[gemini_name] = value
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("logprobs") is True:
+        config["responseLogprobs"] = True
+        top = body.get("top_logprobs")
+        if top is not None:
+            config["logprobs"] = top
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
         kind = response_format.get("type")
-        if kind in ("json_object", "json_schema"):
+        if kind in JSON_FORMATS:
             config["responseMimeType"] = "application/json"
-        schema = response_format.get("json_schema", {}).get("schema") if kind == "json_schema" else None
+        spec = response_format.get("json_schema") if kind == "json_schema" else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema:
             config["responseJsonSchema"] = schema
     effort = body.get("reasoning_effort")
@@ -343,7 +461,7 @@ def thinking_config(effort: str, model: str) -> dict[str, Any]:
     """
     name = model.removeprefix("models/")
     config: dict[str, Any]
-    if name.startswith(_BUDGET_MODELS):
+    if _budget_model(name):
         config = {"thinkingBudget": THINKING_BUDGETS[effort]}
     else:
         config = {"thinkingLevel": thinking_level(effort, name)}
@@ -367,38 +485,67 @@ def thinking_level(effort: str, model: str) -> str:
     return next((level for level in higher if level in levels), "high")
 
 
-def _parts(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[dict[str, Any]]:
     """
     Gemini parts for OpenAI content; empty text never reaches Gemini.
+
+    @param where: the content's place in the request
+        (C{messages[<i>].content}), for a 400.
     """
     if isinstance(content, str):
         return [{"text": content}] if content else []
     parts: list[dict[str, Any]] = []
-    for part in content:
+    for j, part in enumerate(content):
         kind = part["type"]
         if kind in ("text", "refusal"):
             if part[kind]:
                 parts.append({"text": part[kind]})
         elif kind == "image_url":
-            parts.append(_media(part["image_url"]["url"]))
+            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url"))
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
         else:
-            parts.append(_media(part["file"]["file_data"]))
+            parts.append(_media(part["file"]["file_data"], f"{where}[{j}].file.file_data"))
     return parts
 
 
-def _media(url: str) -> dict[str, Any]:
+def _media(url: str, where: str) -> dict[str, Any]:
     """
-    C{inlineData} for a base64 data URL, C{fileData} for any other (the
+    C{inlineData} for a base64 data URL, C{fileData} for an image URL (the
     gateway never fetches it: Gemini does, or refuses).
     """
     match = DATA_URL.match(url)
     if match is not None:
         return {"inlineData": {"mimeType": match.group(1), "data": url[match.end() :]}}
-    mime_type, _ = mimetypes.guess_type(url.partition("?")[0], strict=False)
-    return {"fileData": {"fileUri": url, "mimeType": mime_type or DEFAULT_IMAGE_TYPE}}
+    return {"fileData": {"fileUri": url, "mimeType": image_type(url, where)}}
+
+
+def image_type(url: str, where: str = "image_url.url") -> str:
+    """
+    The media type of an image URL, from the extension of its path (the
+    query and fragment are not part of the name, RFC 3986): one of
+    L{IMAGE_TYPES}; L{DEFAULT_IMAGE_TYPE} when the name has no extension,
+    or one that names no known type.
+
+    @raise APIError: 400 naming C{where} when the name is of another known
+        type (C{page.html}, C{a.gif}): Gemini would be sent it as that type.
+    """
+    name = urlsplit(url).path.rpartition("/")[2]
+    _, dot, extension = name.rpartition(".")
+    if not dot:
+        return DEFAULT_IMAGE_TYPE
+    known = IMAGE_TYPES.get(extension.lower())
+    if known is not None:
+        return known
+    guessed, _ = mimetypes.guess_type(name, strict=False)
+    if guessed is None:
+        return DEFAULT_IMAGE_TYPE
+    raise bad_request(
+        f"{where} names a file of type {guessed}, not an image Gemini takes: an image URL must name a PNG, JPEG, "
+        "WEBP, HEIC or HEIF image (by its extension, or none); send the image itself, or as a base64 data URL",
+        param=where,
+    )
 
 
 def unknown_reason(candidate: dict[str, Any]) -> str | None:
@@ -465,23 +612,84 @@ def usage(metadata: Any) -> dict[str, Any] | None:
     """
     if not isinstance(metadata, dict):
         return None
-    prompt = metadata.get("promptTokenCount", 0)
-    tool_use = metadata.get("toolUsePromptTokenCount")
-    if isinstance(tool_use, int) and not isinstance(tool_use, bool):
-        prompt += tool_use
-    thoughts = metadata.get("thoughtsTokenCount") or 0
-    completion = metadata.get("candidatesTokenCount", 0) + thoughts
+    prompt = _tokens(metadata, "promptTokenCount") + _tokens(metadata, "toolUsePromptTokenCount")
+    thoughts = _tokens(metadata, "thoughtsTokenCount")
+    completion = _tokens(metadata, "candidatesTokenCount") + thoughts
+    total = metadata.get("totalTokenCount")
     result: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": metadata.get("totalTokenCount", prompt + completion),
+        "total_tokens": total if _is_count(total) else prompt + completion,
     }
     if thoughts:
         result["completion_tokens_details"] = {"reasoning_tokens": thoughts}
-    cached = metadata.get("cachedContentTokenCount")
+    cached = _tokens(metadata, "cachedContentTokenCount")
     if cached:
         result["prompt_tokens_details"] = {"cached_tokens": cached}
     return result
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tokens(metadata: dict[str, Any], name: str) -> int:
+    """
+    A token count of C{usageMetadata}: 0 when absent, null or not a whole
+    number (proto3's JSON leaves a zero count out).
+    """
+    value = metadata.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _index(candidate: dict[str, Any], i: int) -> Any:
+    """
+    The candidate's C{index}; its place in the list when it names none
+    (or null: proto3's JSON leaves a zero index out).
+    """
+    index = candidate.get("index")
+    return index if _is_count(index) else i
+
+
+def logprobs(candidate: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    OpenAI's C{choices[].logprobs} (C{{"content": [{"token", "logprob",
+    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}], "refusal":
+    null}}) for a candidate's C{logprobsResult} (C{{"chosenCandidates":
+    [{"token", "tokenId", "logProbability"}], "topCandidates":
+    [{"candidates": [...]}]}}, the n-th top list for the n-th token,
+    U{https://ai.google.dev/api/generate-content#LogprobsResult}); None when
+    the candidate has none.  C{bytes} are the token's UTF-8 bytes; a token
+    or log probability left out is proto3's default ("", 0.0).
+    """
+    result = candidate.get("logprobsResult")
+    if not isinstance(result, dict):
+        return None
+    chosen = result.get("chosenCandidates")
+    top = result.get("topCandidates")
+    if not isinstance(top, list):
+        top = []
+    content = []
+    for k, token in enumerate(chosen if isinstance(chosen, list) else ()):
+        entry = _token_logprob(token)
+        alternatives = top[k].get("candidates") if k < len(top) and isinstance(top[k], dict) else None
+        entry["top_logprobs"] = (
+            [_token_logprob(alternative) for alternative in alternatives] if isinstance(alternatives, list) else []
+        )
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def _token_logprob(candidate: Any) -> dict[str, Any]:
+    if not isinstance(candidate, dict):
+        candidate = {}
+    token = candidate.get("token")
+    if not isinstance(token, str):
+        token = ""
+    logprob = candidate.get("logProbability")
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        logprob = 0.0
+    return {"token": token, "logprob": float(logprob), "bytes": list(token.encode("utf-8", "surrogatepass"))}
 
 
 @attrs.define
@@ -563,12 +771,18 @@ def _failed(candidate: dict[str, Any]) -> str | None:
         raise
 
 
-def from_gemini(document: dict[str, Any], model: str, completion_id: str, created: int) -> dict[str, Any]:
+def from_gemini(
+    document: dict[str, Any], model: str, completion_id: str, created: int, parallel_tool_calls: bool = True
+) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
 
     @param model: the model asked for, reported when the answer does not
         name its C{modelVersion}.
+    @param parallel_tool_calls: false when the request said
+        C{parallel_tool_calls: false}: Gemini has no such switch, so each
+        choice keeps only its first call (on Gemini 3 the one carrying the
+        thought signature).
     @raise ModelFailed: a candidate's C{finishReason} says the model failed.
     """
     choices = []
@@ -581,14 +795,20 @@ def from_gemini(document: dict[str, Any], model: str, completion_id: str, create
         if reading.reasoning:
             message["reasoning_content"] = reading.reasoning
         if reading.tool_calls:
-            for call in reading.tool_calls:
+            calls = reading.tool_calls if parallel_tool_calls else reading.tool_calls[:1]
+            for call in calls:
                 del call["index"]
-            message["tool_calls"] = reading.tool_calls
+            message["tool_calls"] = calls
             message["content"] = reading.text or None
             if reason == "stop":
                 reason = "tool_calls"
         choices.append(
-            {"index": candidate.get("index", i), "message": message, "finish_reason": reason, "logprobs": None}
+            {
+                "index": _index(candidate, i),
+                "message": message,
+                "finish_reason": reason,
+                "logprobs": logprobs(candidate),
+            }
         )
     if unknown is not None:
         warn_unknown(unknown)
@@ -625,7 +845,10 @@ class GeminiStream:
 
     Each function call becomes a C{delta.tool_calls} entry whole (Gemini
     sends a call in one piece), with an C{index} of its own counted across
-    the stream, so parallel calls never share one.  A choice's
+    the stream, so parallel calls never share one; with
+    C{parallel_tool_calls} false only a choice's first call is sent (index
+    0), later ones dropped.  A candidate's C{logprobsResult} becomes the
+    chunk's C{logprobs} (the tokens of that event, L{logprobs}).  A choice's
     C{finish_reason} is held back and sent once, in the last chunk of the
     choice (L{closing}), whatever Gemini repeats on earlier events.
 
@@ -637,6 +860,9 @@ class GeminiStream:
     completion_id: str
     created: int
     include_usage: bool = False
+    #: False: at most one tool call per choice (the request's
+    #: C{parallel_tool_calls: false}).
+    parallel_tool_calls: bool = True
     _started: set[int] = attrs.field(factory=set)
     #: choice index -> its finish reason, once Gemini has given one.
     _finished: dict[int, str] = attrs.field(factory=dict)
@@ -681,7 +907,7 @@ class GeminiStream:
             self._served_by = served_by
         choices = []
         for i, candidate in enumerate(_candidates(document)):
-            index = candidate.get("index", i)
+            index = _index(candidate, i)
             try:
                 reason = _failed(candidate)
             except MalformedAnswer as e:
@@ -702,13 +928,18 @@ class GeminiStream:
                 delta["reasoning_content"] = reading.reasoning
             if reading.text:
                 delta["content"] = reading.text
-            if reading.tool_calls:
-                delta["tool_calls"] = reading.tool_calls
-                self._calls[index] = self._calls.get(index, 0) + len(reading.tool_calls)
+            calls = reading.tool_calls
+            sent = self._calls.get(index, 0)
+            if not self.parallel_tool_calls:
+                calls = calls[: max(0, 1 - sent)]
+            if calls:
+                delta["tool_calls"] = calls
+                self._calls[index] = sent + len(calls)
             if reason is not None:
                 self._finished[index] = reason
-            if delta:
-                choices.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": None})
+            tokens = logprobs(candidate)
+            if delta or (tokens is not None and tokens["content"]):
+                choices.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": tokens})
         if not choices and _blocked(document) and not self._started:
             self._started.add(0)
             self._finished[0] = "content_filter"
@@ -757,12 +988,23 @@ class GeminiWire:
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model))
 
-    def completion(self, body: bytes, model: str, created: int) -> Completion:
-        completion = from_gemini(json_object(body), model, completion_id(), created)
+    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
+        parallel = chat is None or parallel_tool_calls(chat)
+        completion = from_gemini(json_object(body), model, completion_id(), created, parallel)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
-        return GeminiStreamTranslation(GeminiStream(model, completion_id(), created, chat.include_usage))
+        return GeminiStreamTranslation(
+            GeminiStream(model, completion_id(), created, chat.include_usage, parallel_tool_calls(chat))
+        )
+
+
+def parallel_tool_calls(chat: ChatRequest) -> bool:
+    """
+    Whether the answer may carry several tool calls per choice: unless the
+    request says C{parallel_tool_calls: false} (null or absent: it may).
+    """
+    return chat.body.get("parallel_tool_calls") is not False
 
 
 @attrs.define

@@ -1,0 +1,372 @@
+"""
+The eleventh review of the Gemini translation, by an agent developer with
+the official openai SDK: fields sent as null that hid others, several tool
+calls despite C{parallel_tool_calls: false}, log probabilities dropped,
+audio output dropped, values Gemini refuses forwarded to it, image URL
+types guessed wrong, tool names with dots.  Each rule on the translation
+functions alone, and through a real gateway in front of the stand-in
+upstream with the SDK.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import orjson
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import parse_chat_request
+from openclaw.providers.gemini import translate as gemini
+from openclaw.testing.upstream import GeminiAnswer
+from tests.test_agent_traffic import QUESTION, TOOLS, ask
+from tests.test_dataplane import DataPlaneTestCase
+
+#: Two calls in one event, then a third in the next: Gemini 3 signs the
+#: first only.
+PARALLEL = GeminiAnswer(
+    (
+        (
+            {
+                "functionCall": {"name": "get_weather", "args": {"city": "Paris"}, "id": "fc-1"},
+                "thoughtSignature": "s1",
+            },
+            {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}, "id": "fc-2"}},
+        ),
+        ({"functionCall": {"name": "get_time", "args": {}, "id": "fc-3"}},),
+    )
+)
+#: Text with a token that is not ASCII (its UTF-8 bytes are two per "é").
+TOKENS = GeminiAnswer((({"text": "Été"},), ({"text": " chaud"},)))
+
+
+def chat(**body: Any) -> dict[str, Any]:
+    body.setdefault("messages", [{"role": "user", "content": "Hi"}])
+    return parse_chat_request(orjson.dumps(body)).body
+
+
+def refused(body: dict[str, Any], model: str = "gemini-flash-latest") -> APIError:
+    """
+    The 400 the Gemini translation refuses C{body} with.
+    """
+    try:
+        gemini.to_gemini(body, model)
+    except APIError as e:
+        assert e.status == 400, e
+        return e
+    raise AssertionError(f"not refused: {body}")
+
+
+class NullFieldTests(SynchronousTestCase):
+    """
+    A field set to null is not set: it hides no other field.
+    """
+
+    def test_max_tokens_with_null_max_completion_tokens(self) -> None:
+        config = gemini.generation_config(chat(max_tokens=50, max_completion_tokens=None))
+        self.assertEqual(config["maxOutputTokens"], 50)
+        config = gemini.generation_config(chat(max_tokens=None, max_completion_tokens=60))
+        self.assertEqual(config["maxOutputTokens"], 60)
+        # Both set: the newer name wins, as before.
+        config = gemini.generation_config(chat(max_tokens=50, max_completion_tokens=60))
+        self.assertEqual(config["maxOutputTokens"], 60)
+
+    def test_null_schema(self) -> None:
+        body = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": None}})
+        config = gemini.generation_config(body)
+        self.assertEqual(config, {"responseMimeType": "application/json"})
+
+    def test_null_include_usage(self) -> None:
+        request = parse_chat_request(
+            orjson.dumps(
+                {"messages": QUESTION, "stream": True, "stream_options": {"include_usage": None}},
+            )
+        )
+        self.assertFalse(request.include_usage)
+
+    def test_null_usage_counts(self) -> None:
+        usage = gemini.usage(
+            {"promptTokenCount": 3, "candidatesTokenCount": None, "thoughtsTokenCount": None, "totalTokenCount": None}
+        )
+        self.assertEqual(usage, {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3})
+
+    def test_null_index(self) -> None:
+        document = {"candidates": [{"index": None, "content": {"parts": [{"text": "a"}]}, "finishReason": "STOP"}]}
+        completion = gemini.from_gemini(document, "m", "id", 0)
+        self.assertEqual(completion["choices"][0]["index"], 0)
+
+
+class ParallelToolCallsTests(SynchronousTestCase):
+    def document(self) -> dict[str, Any]:
+        parts = [part for event in PARALLEL.events for part in event]
+        return {"candidates": [{"content": {"parts": parts, "role": "model"}, "finishReason": "STOP"}]}
+
+    def test_whole(self) -> None:
+        completion = gemini.from_gemini(self.document(), "m", "id", 0, parallel_tool_calls=False)
+        (call,) = completion["choices"][0]["message"]["tool_calls"]
+        self.assertEqual(json.loads(call["function"]["arguments"]), {"city": "Paris"})
+        # The signed one, its signature carried in the id.
+        self.assertIn("s1", call["id"])
+        self.assertEqual(completion["choices"][0]["finish_reason"], "tool_calls")
+        # Allowed: all three.
+        completion = gemini.from_gemini(self.document(), "m", "id", 0)
+        self.assertEqual(len(completion["choices"][0]["message"]["tool_calls"]), 3)
+
+    def test_stream(self) -> None:
+        stream = gemini.GeminiStream("m", "id", 0, parallel_tool_calls=False)
+        chunks = []
+        for i, event in enumerate(PARALLEL.events):
+            candidate: dict[str, Any] = {"content": {"parts": list(event), "role": "model"}}
+            if i == len(PARALLEL.events) - 1:
+                candidate["finishReason"] = "STOP"
+            chunks.append(stream.chunk({"candidates": [candidate]}))
+        calls = [c for chunk in chunks if chunk for ch in chunk["choices"] for c in ch["delta"].get("tool_calls", ())]
+        self.assertEqual([c["index"] for c in calls], [0])
+        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
+        self.assertEqual(stream.closing()[0]["choices"][0]["finish_reason"], "tool_calls")
+
+
+class LogprobsTranslationTests(SynchronousTestCase):
+    def test_request(self) -> None:
+        config = gemini.generation_config(chat(logprobs=True, top_logprobs=3))
+        self.assertEqual((config["responseLogprobs"], config["logprobs"]), (True, 3))
+        config = gemini.generation_config(chat(logprobs=True))
+        self.assertEqual(config, {"responseLogprobs": True})
+        self.assertEqual(gemini.generation_config(chat(logprobs=False, top_logprobs=None)), {})
+
+    def test_top_logprobs_without_logprobs(self) -> None:
+        self.assertEqual(refused(chat(top_logprobs=2)).param, "top_logprobs")
+        self.assertEqual(refused(chat(logprobs=False, top_logprobs=2)).param, "top_logprobs")
+
+    def test_out_of_range(self) -> None:
+        # Gemini's range is OpenAI's, [0, 20]: refused at the door.
+        with self.assertRaises(APIError) as caught:
+            chat(logprobs=True, top_logprobs=21)
+        self.assertEqual(caught.exception.param, "top_logprobs")
+
+    def test_answer(self) -> None:
+        candidate = {
+            "content": {"parts": [{"text": "Été"}]},
+            "finishReason": "STOP",
+            "logprobsResult": {
+                "chosenCandidates": [{"token": "Été", "tokenId": 7, "logProbability": -0.5}, {"tokenId": 8}],
+                "topCandidates": [
+                    {
+                        "candidates": [
+                            {"token": "Été", "logProbability": -0.5},
+                            {"token": "Hiver", "logProbability": -2},
+                        ]
+                    },
+                    {"candidates": []},
+                ],
+            },
+        }
+        completion = gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
+        self.assertEqual(
+            completion["choices"][0]["logprobs"],
+            {
+                "content": [
+                    {
+                        "token": "Été",
+                        "logprob": -0.5,
+                        "bytes": list("Été".encode()),
+                        "top_logprobs": [
+                            {"token": "Été", "logprob": -0.5, "bytes": list("Été".encode())},
+                            {"token": "Hiver", "logprob": -2.0, "bytes": list(b"Hiver")},
+                        ],
+                    },
+                    # proto3's JSON leaves out "" and 0.0.
+                    {"token": "", "logprob": 0.0, "bytes": [], "top_logprobs": []},
+                ],
+                "refusal": None,
+            },
+        )
+        # Not asked for: none.
+        del candidate["logprobsResult"]
+        self.assertIsNone(gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)["choices"][0]["logprobs"])
+
+
+class RefusedTests(SynchronousTestCase):
+    """
+    What Gemini cannot do, or would refuse, is a gateway 400 naming the
+    field, never dropped or forwarded.
+    """
+
+    def test_audio_output(self) -> None:
+        error = refused(chat(modalities=["text", "audio"]))
+        self.assertEqual(error.param, "modalities")
+        self.assertIn("audio output is not available through Gemini", error.message)
+        error = refused(chat(audio={"voice": "alloy", "format": "wav"}))
+        self.assertEqual(error.param, "audio")
+        # Text only, and the harmless fields, still go.
+        gemini.to_gemini(chat(modalities=["text"], audio=None, store=True, metadata={"a": "b"}, user="u"))
+
+    def test_limits(self) -> None:
+        for body, param, words in (
+            (chat(n=9), "n", "from 1 to 8"),
+            (chat(seed=2**31), "seed", "32-bit"),
+            (chat(seed=-(2**31) - 1), "seed", "32-bit"),
+            (chat(stop=["a", ""]), "stop", "empty string"),
+            (chat(stop=""), "stop", "empty string"),
+            (chat(stop=["1", "2", "3", "4", "5", "6"]), "stop", "at most 5"),
+        ):
+            error = refused(body)
+            self.assertEqual(error.param, param, body)
+            self.assertIn(words, error.message)
+        # At the limits: sent.
+        config = gemini.to_gemini(chat(n=8, seed=2**31 - 1, stop=["1", "2", "3", "4", "5"]))["generationConfig"]
+        self.assertEqual((config["candidateCount"], config["seed"], len(config["stopSequences"])), (8, 2**31 - 1, 5))
+        self.assertEqual(gemini.to_gemini(chat(seed=-(2**31)))["generationConfig"]["seed"], -(2**31))
+
+    def test_tools_with_json_on_gemini_2(self) -> None:
+        for kind in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+            body = chat(tools=TOOLS, response_format=kind)
+            for model in ("gemini-2.5-flash", "models/gemini-2.0-flash", "gemini-1.5-pro"):
+                error = refused(body, model)
+                self.assertEqual(error.param, "response_format")
+                self.assertIn("Gemini 3", error.message)
+            # Gemini 3 and the aliases take both.
+            gemini.to_gemini(body, "gemini-3-flash-preview")
+            gemini.to_gemini(body, "gemini-flash-latest")
+        gemini.to_gemini(chat(tools=TOOLS, response_format={"type": "text"}), "gemini-2.5-flash")
+        gemini.to_gemini(chat(response_format={"type": "json_object"}), "gemini-2.5-flash")
+
+
+def image(url: str) -> dict[str, Any]:
+    return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+
+
+class ImageTypeTests(SynchronousTestCase):
+    def sent_type(self, url: str) -> str:
+        part = gemini.to_gemini(image(url))["contents"][0]["parts"][0]
+        return str(part["fileData"]["mimeType"])
+
+    def test_path_only(self) -> None:
+        self.assertEqual(self.sent_type("https://example.com/a.webp#frag"), "image/webp")
+        self.assertEqual(self.sent_type("https://example.com/a.PNG?x=1.html#y.gif"), "image/png")
+        self.assertEqual(self.sent_type("gs://bucket/dir/photo.heic"), "image/heic")
+        self.assertEqual(self.sent_type("https://example.com/a.jpeg"), "image/jpeg")
+
+    def test_no_extension(self) -> None:
+        self.assertEqual(self.sent_type("https://example.com/image"), "image/jpeg")
+        self.assertEqual(self.sent_type("https://example.com/"), "image/jpeg")
+        self.assertEqual(self.sent_type("https://example.com/render.v2"), "image/jpeg")
+
+    def test_not_an_image(self) -> None:
+        for url in ("https://example.com/page.html", "https://example.com/doc.pdf?a=1", "https://example.com/a.gif"):
+            error = refused(image(url))
+            self.assertEqual(error.param, "messages[0].content[0].image_url.url")
+            self.assertIn("must name a PNG, JPEG, WEBP, HEIC or HEIF image", error.message)
+
+
+class ToolNameTests(SynchronousTestCase):
+    def test_dots_refused(self) -> None:
+        # OpenAI's rule (a-z, A-Z, 0-9, _ and -, at most 64): a tool loop
+        # must survive switch_provider to an OpenAI-shaped provider.
+        tool = {"type": "function", "function": {"name": "fs.read", "parameters": {}}}
+        with self.assertRaises(APIError) as caught:
+            chat(tools=[tool])
+        self.assertEqual(caught.exception.param, "tools[0].function.name")
+        self.assertNotIn(" . ", caught.exception.message)
+        chat(tools=[{"type": "function", "function": {"name": "fs_read-2", "parameters": {}}}])
+
+
+class GatewayTests(DataPlaneTestCase):
+    """
+    Through the gateway with the openai SDK, against the stand-in Gemini.
+    """
+
+    @inlineCallbacks
+    def test_max_tokens_with_null(self):
+        client = self.sdk(self.gateway())
+        yield deferToThread(
+            client.chat.completions.create,
+            model="gpt-4o",
+            messages=QUESTION,
+            max_tokens=42,
+            max_completion_tokens=None,
+        )
+        self.assertIsNone(self.upstream.gemini.last_body.get("max_completion_tokens"))
+        self.assertEqual(self.upstream.gemini.last_body["generationConfig"]["maxOutputTokens"], 42)
+
+    @inlineCallbacks
+    def test_parallel_tool_calls_false(self):
+        self.upstream.gemini.answers[:] = [PARALLEL, PARALLEL, PARALLEL]
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            answer = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, parallel_tool_calls=False)
+            self.assertEqual([c["name"] for c in answer["calls"]], ["get_weather"], stream)
+            self.assertEqual(json.loads(answer["calls"][0]["arguments"]), {"city": "Paris"})
+            self.assertEqual(answer["indexes"], [0])
+            self.assertEqual(answer["finishes"], ["tool_calls"])
+        answer = yield deferToThread(ask, client, QUESTION, True, tools=TOOLS)
+        self.assertEqual(answer["indexes"], [0, 1, 2])
+
+    @inlineCallbacks
+    def test_logprobs(self):
+        self.upstream.gemini.answers[:] = [TOKENS, TOKENS]
+        client = self.sdk(self.gateway())
+        completion = yield deferToThread(
+            client.chat.completions.create, model="gpt-4o", messages=QUESTION, logprobs=True, top_logprobs=2
+        )
+        config = self.upstream.gemini.last_body["generationConfig"]
+        self.assertEqual((config["responseLogprobs"], config["logprobs"]), (True, 2))
+        content = completion.choices[0].logprobs.content
+        self.assertEqual([t.token for t in content], ["Été", " chaud"])
+        self.assertEqual(content[0].bytes, list("Été".encode()))
+        self.assertEqual([t.logprob for t in content], [0.0, -0.25])
+        self.assertEqual([t.token for t in content[1].top_logprobs], [" chaud", "alt1"])
+
+        def streamed() -> list[Any]:
+            chunks = client.chat.completions.create(
+                model="gpt-4o", messages=QUESTION, logprobs=True, top_logprobs=2, stream=True
+            )
+            return [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.content or ()]
+
+        tokens = yield deferToThread(streamed)
+        self.assertEqual([(t.token, t.bytes) for t in tokens], [(t.token, t.bytes) for t in content])
+
+    @inlineCallbacks
+    def test_refused_before_gemini(self):
+        client = self.sdk(self.gateway())
+        for extra, param in (
+            ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+            ({"n": 9}, "n"),
+            ({"seed": 2**40}, "seed"),
+            ({"stop": ["a", "b", "c", "d", "e", "f"]}, "stop"),
+            ({"stop": [""]}, "stop"),
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            (
+                {"tools": TOOLS, "response_format": {"type": "json_object"}, "model": "gemini/gemini-2.5-flash"},
+                "response_format",
+            ),
+            (
+                {
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://a.b/x.html"}}]}
+                    ]
+                },
+                "messages[0].content[0].image_url.url",
+            ),
+        ):
+            kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}
+            with self.assertRaises(openai.BadRequestError) as caught:
+                yield deferToThread(client.chat.completions.create, **kwargs)
+            self.assertEqual(caught.exception.body["param"], param, extra)
+        self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_too_large_says_what_to_do(self):
+        client = self.sdk(self.gateway(max_request_bytes=4096))
+        picture = "data:image/png;base64," + "A" * 8000
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": picture}}]}]
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield deferToThread(client.chat.completions.create, model="gpt-4o", messages=messages)
+        self.assertEqual(caught.exception.status_code, 413)
+        message = caught.exception.body["message"]
+        self.assertIn("https:// URL instead of an inline data: URL", message)
+        self.assertIn("MAX_REQUEST_BYTES", message)
