@@ -367,10 +367,11 @@ class ModelFailureTests(DataPlaneTestCase):
         self.upstream.gemini.answers[:] = [self.MALFORMED]
         gateway = self.gateway()
         response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "stream": True})
-        self.assertEqual(response.code, 200)
-        self.assertNotIn("[DONE]", text)
-        last = json.loads(text.strip().splitlines()[-1][6:])
-        self.assertEqual(last["error"]["code"], "malformed_function_call")
+        # The failure is the stream's first event: nothing was sent yet, so
+        # it is a whole 502 (not failed over: the model failed, not Gemini).
+        self.assertEqual(response.code, 502, text)
+        self.assertEqual(json.loads(text)["error"]["code"], "malformed_function_call")
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), None)
         self.assertNotIn('"finish_reason": "stop"', text)
 
 

@@ -199,7 +199,8 @@ class MalformedAnswerTests(DataPlaneTestCase):
     @inlineCallbacks
     def test_no_candidate(self):
         self.upstream.gemini.answers[:] = [GeminiAnswer((), document={"candidates": [], "modelVersion": "m"})]
-        client = self.sdk(self.gateway())
+        # Not failed over (a malformed answer would be), to see its message.
+        client = self.sdk(self.gateway(fallback="off"))
         failure = yield self.assertFailure(
             deferToThread(client.chat.completions.create, model="x", messages=QUESTION), openai.APIStatusError
         )
@@ -215,7 +216,8 @@ class MalformedAnswerTests(DataPlaneTestCase):
             (({"functionCall": {"name": "get_time", "args": [1], "id": "fc-1"}, "thoughtSignature": "sig-L"},),)
         )
         self.upstream.gemini.answers[:] = [call, call]
-        gateway = self.gateway()
+        # Not failed over (a malformed answer would be), to see its message.
+        gateway = self.gateway(fallback="off")
         client = self.sdk(gateway)
         failure = yield self.assertFailure(
             deferToThread(client.chat.completions.create, model="x", messages=QUESTION, tools=TOOLS),
@@ -224,10 +226,11 @@ class MalformedAnswerTests(DataPlaneTestCase):
         self.assertEqual(failure.status_code, 502)
         self.assertIn("args that are not a JSON object", failure.message)
         self.assertIn("get_time", failure.message)
+        # Streamed, the first event is the malformed one: nothing has
+        # reached the client, so it is answered as a whole error.
         response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "stream": True})
-        self.assertNotIn("[DONE]", text)
-        last = json.loads(text.strip().splitlines()[-1][6:])
-        self.assertIn("args that are not a JSON object", last["error"]["message"])
+        self.assertEqual(response.code, 502, text)
+        self.assertIn("args that are not a JSON object", json.loads(text)["error"]["message"])
 
     def test_args_absent(self) -> None:
         # A function without parameters: Gemini may leave args out.

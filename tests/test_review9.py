@@ -105,12 +105,13 @@ class DeepJSONTests(DataPlaneTestCase):
             self.assertIn("254 levels", e.message)
         else:
             self.fail("an answer nested 300 deep was passed on")
-        # Streamed: the status is sent; the stream ends with an error event.
+        # Streamed, its first event the deep one: nothing was sent yet, so
+        # it is answered as a whole error too.
         gemini.answers.append(self.deep_call())
         response, text = yield self.post(
             gateway, {"model": "gemini/gemini-flash-latest", "messages": HELLO, "stream": True}
         )
-        self.assertEqual(response.code, 200)
+        self.assertEqual(response.code, 502)
         self.assertIn("upstream_malformed", text)
         self.assertNotIn("[DONE]", text)
         text = yield self.metrics(gateway)

@@ -3,12 +3,17 @@ One chat call carried to a provider and its answer carried back, streamed
 or not.
 
 The client's response is committed (status line sent) only once the
-upstream has answered 2xx, so every failure before that is a proper HTTP
-error (502, 504).  After that, in a stream, a failure can only be told in
-the stream itself: an error event, and no C{[DONE]}.
+upstream's answer is read whole and accepted, or, for a stream, with its
+first translated event (or its end): every failure before that -- a 5xx, a
+body cut, stalled or malformed, a stream whose first event is an error --
+is a proper HTTP error (502, 504, or the status the provider's error stands
+for), failed over when the route allows.  After that, in a stream, a
+failure can only be told in the stream itself: an error event, and no
+C{[DONE]}.
 
 Time limits: the whole exchange for an answer in one piece; for a stream,
-the wait for the headers and then each gap between chunks.  Whoever goes
+the wait for the headers and then each gap between whole events (comment
+lines and partial lines do not count).  Whoever goes
 away first, the other side is let go: a client that disconnects cancels
 the upstream request, an upstream that breaks ends the client's stream.
 """
@@ -24,7 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -53,9 +58,11 @@ from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import RefusalKind
+from openclaw.providers.event_errors import error_event_status
 from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
     MalformedAnswer,
+    ModelFailed,
     StreamBroken,
     StreamTranslation,
     Wire,
@@ -67,6 +74,9 @@ _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
 _HEADERS = "the response headers"
 _ERROR_BODY = "the error body"
+_BODY = "the response body"
+_FIRST_EVENT = "the stream's first event"
+_NEXT_EVENT = "the stream's next event"
 
 #: The deepest nesting orjson encodes (its documented recursion limit);
 #: it reads up to 1024 levels, so a parsed body can be deeper than this.
@@ -120,7 +130,8 @@ class ChatCall:
     next usable key of the same provider.  A call to the active provider
     (not C{pinned}) that fails before the client's response has started --
     connection refused or reset, no headers in time, 5xx, 429, auth, no
-    usable key, breaker open -- is sent once to the next provider
+    usable key, breaker open, a 2xx body cut, stalled or malformed, a
+    stream that fails before its first event -- is sent once to the next provider
     (L{ProviderRegistry.fallback_for}) when C{FALLBACK=auto}: re-encoded for
     that provider's wire, its answer carrying C{X-OpenClaw-Fallback}.
     """
@@ -162,7 +173,8 @@ class ChatCall:
     )
     #: A stream's translation, once the stream has started.
     _translation: StreamTranslation | None = None
-    #: A stream's first chunk has gone to the client.
+    #: A stream's first chunk (and with it the status line and headers) has
+    #: gone to the client.
     _first_chunk_sent: bool = False
     #: Completion characters seen (a consumer's call), for an estimate
     #: when no usage ever comes (L{openclaw.consumers.estimate}).
@@ -270,12 +282,14 @@ class ChatCall:
                 None if retry_after is None else retry_after.decode("latin-1"),
             )
             return
-        self._settle(CircuitBreaker.succeeded)
+        # No verdict yet: the provider has answered only once its body is
+        # read and accepted (a whole answer) or a stream's first event has
+        # been relayed.
         self._answer_status = response.code
         if self.chat.stream:
             self._start_stream(response)
         else:
-            self._read(response, "the response body", self._got_body)
+            self._read(response, _BODY, self._got_body)
 
     def _read(self, response: IResponse, what: str, then: Any, *args: Any) -> None:
         """
@@ -309,11 +323,20 @@ class ChatCall:
         try:
             answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()), self.chat)
         except MalformedAnswer as e:
-            return self._fail(upstream_failed(self.route.provider_id, f"{e} (HTTP {self._answer_status})", e.code))
+            error = upstream_failed(self.route.provider_id, f"{e} (HTTP {self._answer_status})", e.code)
+            if isinstance(e, ModelFailed):
+                # The provider answered; its model failed.
+                self._settle(CircuitBreaker.succeeded)
+                return self._fail(error)
+            # Not what the provider's API returns: the provider's failure.
+            self._settle(CircuitBreaker.failed)
+            return self._upstream_failed("broken", error)
         except orjson.JSONEncodeError as e:
             if not too_deep(e):
                 raise
+            self._settle(CircuitBreaker.succeeded)
             return self._fail(upstream_failed(self.route.provider_id, ANSWER_TOO_DEEP, "upstream_malformed"))
+        self._settle(CircuitBreaker.succeeded)
         self._usage = usage
         if usage is None and self.holder is not GATEWAY:
             self._completion_chars = answer_characters(answer)
@@ -335,6 +358,14 @@ class ChatCall:
         self.provider_wait.end()
         if not self._current(generation):
             return
+        self._refused(status, body, retry_after)
+
+    def _refused(self, status: int, body: bytes, retry_after: str | None) -> None:
+        """
+        The provider refused the attempt under way with C{status} and
+        C{body} (a non-2xx answer, or the error event a stream began with):
+        another key, failover, or the mapped error, as L{classify} reads it.
+        """
         adapter, key = self.adapter, self._key
         assert key is not None
         refusal = adapter.refusal(status, body, retry_after)
@@ -368,9 +399,15 @@ class ChatCall:
             return
         error = upstream_failed(self.route.provider_id, self.adapter.describe(reason))
         if self._waiting_for == _HEADERS:
-            # Refused, reset, unreachable: the provider's failure.
+            # Refused, reset, unreachable: the provider's failure.  Twisted's
+            # ResponseFailed: the answer began but was cut (its body, before
+            # the headers were handed over).
             self._settle(CircuitBreaker.failed)
-            return self._upstream_failed("connect", error)
+            return self._upstream_failed("broken" if reason.check(ResponseFailed) else "connect", error)
+        if self._waiting_for == _BODY:
+            # A 2xx answer cut (or too large) before any of it was sent on.
+            self._settle(CircuitBreaker.failed)
+            return self._upstream_failed("broken", error)
         self._settle_error_body()
         return self._fail(error)
 
@@ -379,8 +416,7 @@ class ChatCall:
         A non-2xx answer's body never came whole (cut, too large, too slow):
         its status is all the verdict there is.  A 5xx is the provider's
         failure; any other status is an answer from a provider that is up
-        (L{CircuitBreaker.succeeded}).  Nothing to do for a 2xx, settled at
-        its headers.
+        (L{CircuitBreaker.succeeded}).  Nothing to do for a 2xx body.
         """
         if self._waiting_for == _ERROR_BODY:
             self._settle(CircuitBreaker.failed if self._error_status >= 500 else CircuitBreaker.succeeded)
@@ -434,6 +470,29 @@ class ChatCall:
     # -- streaming ----------------------------------------------------------
 
     def _start_stream(self, response: IResponse) -> None:
+        """
+        Read the 2xx stream; the client's status line and headers wait for
+        its first translated event (L{_open_stream}), so that a stream that
+        fails before it is answered, and failed over, like any failed
+        attempt.
+        """
+        self._waiting_for = _FIRST_EVENT
+        created = int(self.context.reactor.seconds())
+        translation = self._translation = self.wire.stream(self.chat, self.route.model, created)
+        self._relay = _StreamRelay(self, translation)
+        self.provider_wait.begin()
+        response.deliverBody(self._relay)
+
+    def _open_stream(self) -> None:
+        """
+        The stream's first event (or its end) has come: the provider has
+        answered (the breaker's verdict), and the client's status line and
+        headers go out with it.
+        """
+        self._first_chunk_sent = True
+        self._waiting_for = _NEXT_EVENT
+        self._settle(CircuitBreaker.succeeded)
+        self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
         request = self.request
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", _EVENT_STREAM)
@@ -441,30 +500,27 @@ class ChatCall:
         # Tell buffering reverse proxies (nginx) to pass events on at once.
         request.setHeader(b"X-Accel-Buffering", b"no")
         self._route_headers()
-        request.write(b"")  # the headers, now: the client may show progress
-        self._waiting_for = "the next chunk"
-        created = int(self.context.reactor.seconds())
-        translation = self._translation = self.wire.stream(self.chat, self.route.model, created)
-        self._relay = _StreamRelay(self, translation)
-        self.provider_wait.begin()
-        response.deliverBody(self._relay)
 
-    def stream_data(self, events: bytes, translation: StreamTranslation) -> None:
+    def stream_data(self, events: bytes, translation: StreamTranslation, decoded: bool = True) -> None:
         """
         The relay has events for the client.  Written at once: nothing of a
-        stream is held back.
+        stream is held back but its headers, until its first event.
+
+        @param decoded: at least one whole upstream event was decoded: only
+            then does the wait for the next one start again (a trickle of
+            comments or partial lines does not hold a stream open).
         """
         if events and self.holder is not GATEWAY:
             self._completion_chars += chunk_characters(events)
         if self._over:
             return
         assert self._timer is not None
-        self._timer.reset(self.context.timeout)
+        if decoded:
+            self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)
             if not self._first_chunk_sent:
-                self._first_chunk_sent = True
-                self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
+                self._open_stream()
             self.request.write(events)
         if translation.ended:
             self._close_stream(translation)
@@ -481,14 +537,60 @@ class ChatCall:
             why = "the stream ended before the answer was complete"
         else:
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
-        self._fail(upstream_failed(self.route.provider_id, why, "upstream_stream_broken"))
+        error = upstream_failed(self.route.provider_id, why, "upstream_stream_broken")
+        if not self._first_chunk_sent:
+            return self._attempt_failed("broken", error)
+        self._fail(error)
 
-    def stream_broken(self, why: str, code: str = "upstream_stream_error") -> None:
+    def stream_broken(
+        self, why: str, code: str = "upstream_stream_error", event: bytes | None = None, provider_fault: bool = True
+    ) -> None:
         """
         An upstream event was an error or unreadable: end the stream here.
+        Before its first event reached the client, the attempt failed as a
+        non-2xx answer would have: an error C{event} is read as the status
+        it stands for (L{error_event_status}) and refused as such
+        (L{_refused}); an unreadable stream is the provider's failure
+        (C{provider_fault}); a model's failure is an answer.
         """
-        if not self._over:
-            self._fail(upstream_failed(self.route.provider_id, why, code))
+        if self._over:
+            return
+        error = upstream_failed(self.route.provider_id, why, code)
+        if self._first_chunk_sent:
+            return self._fail(error)
+        status = None if event is None else error_event_status(event)
+        if status is not None:
+            assert event is not None
+            self._drop_attempt()
+            return self._refused(status, event, None)
+        if provider_fault:
+            return self._attempt_failed("broken", error)
+        self._settle(CircuitBreaker.succeeded)
+        return self._fail(error)
+
+    def _drop_attempt(self) -> None:
+        """
+        Let the attempt under way go: nothing more of its answer is read
+        (its connection dropped), and nothing of it reached the client.
+        """
+        self._generation += 1
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.stop()
+        self._translation = None
+
+    def _attempt_failed(self, reason: str, error: APIError) -> None:
+        """
+        The attempt under way failed on the provider's side before anything
+        of it reached the client: the breaker counts it, and the call fails
+        over (C{reason}) or answers C{error}.
+        """
+        self._drop_attempt()
+        self._settle(CircuitBreaker.failed)
+        return self._upstream_failed(reason, error)
 
     def _close_stream(self, translation: StreamTranslation) -> None:
         try:
@@ -496,7 +598,9 @@ class ChatCall:
         except orjson.JSONEncodeError as e:
             if not too_deep(e):
                 raise
-            return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed")
+            return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
+        if not self._first_chunk_sent:
+            self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=True)
@@ -511,16 +615,16 @@ class ChatCall:
     def _timed_out(self) -> None:
         self._timer = None
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
-        if self._waiting_for != _HEADERS:
+        if self._waiting_for == _ERROR_BODY:
             self._settle_error_body()
             return self._fail(error)
-        # No headers in time: the provider's failure; let this attempt go.
-        self._generation += 1
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
-        self._settle(CircuitBreaker.failed)
-        return self._upstream_failed("timeout", error)
+        if self._first_chunk_sent:
+            # A stream stalled mid-answer: told in the stream (the breaker
+            # had its verdict at the first event).
+            return self._fail(error)
+        # No headers, no whole body, no first event in time: the provider's
+        # failure, nothing of it sent on; let this attempt go.
+        return self._attempt_failed("timeout", error)
 
     def shut_down(self) -> None:
         """
@@ -734,24 +838,36 @@ class _StreamRelay(Protocol):
     def _translate(self, data: bytes) -> None:
         translation = self._translation
         out: list[bytes] = []
+        #: The event being translated, for an error it turns out to be.
+        current: bytes | None = None
         try:
             for event in self._decoder.feed(data):
+                current = event.data
                 out.extend(encode(payload) for payload in translation.payloads(event))
                 if translation.ended:
                     break
-        except (StreamBroken, SSEError) as e:
+        except SSEError as e:
             if out:
                 self._call.stream_data(b"".join(out), translation)
-            self._call.stream_broken(str(e), e.code if isinstance(e, StreamBroken) else "upstream_stream_error")
+            self._call.stream_broken(str(e))
+            return
+        except StreamBroken as e:
+            if out:
+                self._call.stream_data(b"".join(out), translation)
+            # An unreadable stream is the provider's failure; any other
+            # code is its model's (Gemini's MALFORMED_FUNCTION_CALL).
+            fault = e.code in ("upstream_stream_error", "upstream_malformed")
+            self._call.stream_broken(str(e), e.code, current, fault)
             return
         except orjson.JSONEncodeError as e:
             if not too_deep(e):
                 raise
             if out:
                 self._call.stream_data(b"".join(out), translation)
-            self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed")
+            self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
             return
-        self._call.stream_data(b"".join(out), translation)
+        # Only a whole event starts the wait for the next one again.
+        self._call.stream_data(b"".join(out), translation, decoded=current is not None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._call.provider_wait.end()

@@ -3,7 +3,7 @@ A passive circuit breaker per provider (L{CircuitBreaker}): no probes of
 its own, it only watches the outcome of real calls.
 
 After C{threshold} consecutive failures of the provider's own kind (5xx,
-timeout, connection), it opens for C{cooldown} seconds: calls are not
+timeout, connection, a 2xx body cut or malformed), it opens for C{cooldown} seconds: calls are not
 sent.  Then one call is let through (half-open); its success closes the
 breaker, its failure opens it again.  (Martin Fowler, "CircuitBreaker",
 2014; Nygard, "Release It!", ch. 5.)
@@ -83,7 +83,9 @@ class CircuitBreaker:
 
     def succeeded(self) -> None:
         """
-        A call got an answer from the provider (any but a 5xx).
+        A call got an answer from the provider (any but a 5xx): a whole
+        answer read and accepted, a stream's first event relayed, or a
+        refusal of the request or key.  2xx headers alone are not one.
         """
         self._failures = 0
         self._trial = False
@@ -92,7 +94,9 @@ class CircuitBreaker:
 
     def failed(self) -> None:
         """
-        A call failed on the provider's side: 5xx, timeout, connection.
+        A call failed on the provider's side: 5xx, timeout (headers, body,
+        or a stream's first event), connection, a 2xx body cut or
+        malformed, a stream failing before its first event.
         """
         self._trial = False
         if self._state is BreakerState.HALF_OPEN:

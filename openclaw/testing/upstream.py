@@ -113,6 +113,9 @@ class Mode(StrEnum):
     #: C{error_status} with the headers and half of its error body, then
     #: the connection closed mid-body.
     ERROR_CUT = "error_cut"
+    #: A stream: C{cut_after} events, then only a C{: keepalive} comment
+    #: every C{chunk_interval} seconds (0.1 when 0), for ever.
+    TRICKLE = "trickle"
 
 
 @attrs.define
@@ -1086,6 +1089,9 @@ class _Streamer:
         self.upstream.open_requests.timers.pop(self.request, None)
         interval = self.behaviour.chunk_interval
         while self._sent < len(self.stream.events):
+            if self.mode is Mode.TRICKLE and self._sent >= self.behaviour.cut_after:
+                self._trickle()
+                return
             if self.mode in (Mode.STALL, Mode.CUT) and self._sent >= self.behaviour.cut_after:
                 if self.mode is Mode.CUT:
                     # loseConnection, not abort: the events written so far
@@ -1105,6 +1111,18 @@ class _Streamer:
                 return
         self._over = True
         self.request.finish()
+
+    def _trickle(self) -> None:
+        """
+        A comment now, and again after C{chunk_interval}, until the client
+        leaves.
+        """
+        self.upstream.open_requests.timers.pop(self.request, None)
+        if self._gone:
+            return
+        self.request.write(b": keepalive" + self.stream.separator)
+        interval = self.behaviour.chunk_interval or 0.1
+        self.upstream.open_requests.timers[self.request] = self.upstream.reactor.callLater(interval, self._trickle)
 
     def _lost(self, reason: Failure) -> None:
         self._gone = True

@@ -1,0 +1,101 @@
+"""
+The HTTP status an error event of a 2xx stream stands for.
+
+Gemini reports an overload as the first event of a 200 stream
+(C{{"error": {"code": 503, "message": "The model is overloaded.",
+"status": "UNAVAILABLE"}}}), Moonshot as C{{"error": {"type":
+"engine_overloaded_error", ...}}}.  When nothing of the stream has reached
+the client yet, the call reads such an event as the non-2xx answer it stands
+for (L{openclaw.providers.errors.classify}), so that it is retried, failed
+over and counted by the breaker exactly as that answer would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import orjson
+
+#: Google's canonical codes (C{google.rpc.Code}, googleapis
+#: C{google/rpc/code.proto}) to the HTTP status each maps to.
+GOOGLE_STATUSES: Mapping[str, int] = MappingProxyType(
+    {
+        "CANCELLED": 499,
+        "UNKNOWN": 500,
+        "INVALID_ARGUMENT": 400,
+        "DEADLINE_EXCEEDED": 504,
+        "NOT_FOUND": 404,
+        "ALREADY_EXISTS": 409,
+        "PERMISSION_DENIED": 403,
+        "UNAUTHENTICATED": 401,
+        "RESOURCE_EXHAUSTED": 429,
+        "FAILED_PRECONDITION": 400,
+        "ABORTED": 409,
+        "OUT_OF_RANGE": 400,
+        "UNIMPLEMENTED": 501,
+        "INTERNAL": 500,
+        "UNAVAILABLE": 503,
+        "DATA_LOSS": 500,
+    }
+)
+
+#: OpenAI-style C{error.type} values (Moonshot's error table, OpenAI's
+#: error codes guide) to their HTTP status.  An overloaded engine is the
+#: provider's failure (503), not its key's: no key would do better.
+OPENAI_TYPES: Mapping[str, int] = MappingProxyType(
+    {
+        "invalid_request_error": 400,
+        "content_filter": 400,
+        "invalid_authentication_error": 401,
+        "incorrect_api_key_error": 401,
+        "authentication_error": 401,
+        "permission_denied_error": 403,
+        "resource_not_found_error": 404,
+        "not_found_error": 404,
+        "rate_limit_reached_error": 429,
+        "rate_limit_error": 429,
+        "exceeded_current_quota_error": 429,
+        "insufficient_quota": 429,
+        "server_error": 500,
+        "api_error": 500,
+        "unexpected_output": 500,
+        "engine_overloaded_error": 503,
+        "overloaded_error": 503,
+    }
+)
+
+#: An error event that names no status it maps to: the provider failed.
+UNKNOWN_ERROR_STATUS = 500
+
+
+def error_event_status(data: bytes) -> int | None:
+    """
+    The HTTP status the event C{data} stands for when it is an error
+    (a JSON object with an C{error} member): C{error.code} when it is a
+    status (Gemini), else C{error.status} (a Google canonical code,
+    L{GOOGLE_STATUSES}), else C{error.type} (L{OPENAI_TYPES}), else
+    L{UNKNOWN_ERROR_STATUS}.  None when the event is not an error.
+    """
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict) or "error" not in document:
+        return None
+    error = document["error"]
+    if not isinstance(error, dict):
+        return UNKNOWN_ERROR_STATUS
+    code = error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    status = error.get("status")
+    if isinstance(status, str) and status in GOOGLE_STATUSES:
+        return GOOGLE_STATUSES[status]
+    kind = error.get("type")
+    if isinstance(kind, str) and kind in OPENAI_TYPES:
+        return OPENAI_TYPES[kind]
+    return UNKNOWN_ERROR_STATUS
+
+
+__all__ = ["GOOGLE_STATUSES", "OPENAI_TYPES", "UNKNOWN_ERROR_STATUS", "error_event_status"]

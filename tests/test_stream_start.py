@@ -1,0 +1,181 @@
+"""
+A provider's answer counts only once it has been read and accepted: a 2xx
+whose body stalls, is cut or is malformed, and a stream that fails before
+its first event (an error event, a cut, a stall), are failed attempts --
+answered as proper HTTP errors, failed over, counted by the breaker.  A
+stream's idle deadline runs between whole events.  End to end: the
+gateway on a free port, the stand-in upstream on loopback, treq and the
+official openai SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.web.client import ResponseNeverReceived
+
+from tests.test_dataplane import HELLO
+from tests.test_resilience import OTHER, ResilienceTestCase
+
+PINNED = {"kimi": "kimi/moonshot-v1-8k", "gemini": "gemini/gemini-2.5-pro"}
+
+
+def _content(text: str) -> str:
+    return "".join(
+        json.loads(event[6:])["choices"][0]["delta"].get("content", "")
+        for event in text.split("\n\n")
+        if event.startswith("data: {") and json.loads(event[6:]).get("choices")
+    )
+
+
+class FirstEventErrorTests(ResilienceTestCase):
+    """
+    A stream whose first event is an error (Gemini's overload, Moonshot's
+    C{engine_overloaded_error}) is the provider's refusal, not a 200.
+    """
+
+    def first_event_error(self, provider: str, status: int) -> None:
+        behaviour = self.behaviour(provider)
+        behaviour.mode, behaviour.cut_after, behaviour.error_status = "stream_error", 0, status
+
+    @inlineCallbacks
+    def test_fails_over_and_counts_for_the_breaker(self):
+        for origin in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=origin, breaker_failures=1)
+            self.first_event_error(origin, 503)
+            target = OTHER[origin]
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 200, (origin, text))
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), [target])
+            self.assertEqual(
+                response.headers.getRawHeaders("x-openclaw-fallback"), [f"{origin}->{target}; reason=http_5xx"]
+            )
+            self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+            self.assertEqual(_content(text), "Hello from the stand-in.")
+            self.assertEqual(gateway.service.providers.get(origin).breaker.state, "open")
+            self.behaviour(origin).mode = "ok"
+
+    @inlineCallbacks
+    def test_pinned_gets_the_mapped_status_as_json(self):
+        for provider in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=provider)
+            # Overloaded: 502, the provider's failure.
+            self.first_event_error(provider, 503)
+            response, text = yield self.post(gateway, {"model": PINNED[provider], "messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 502, text)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
+            self.assertIn("overloaded", self.assertOpenAIError(text, "upstream_http_error")["message"])
+            # Rate limited: 429, which the SDK raises as such (and retries).
+            self.first_event_error(provider, 429)
+            client = self.sdk(gateway)
+
+            def create(client: Any = client, provider: str = provider) -> Any:
+                return client.chat.completions.create(model=PINNED[provider], messages=HELLO, stream=True)
+
+            yield self.assertFailure(deferToThread(create), openai.RateLimitError)
+            self.behaviour(provider).mode = "ok"
+
+
+class BodyFailureTests(ResilienceTestCase):
+    """
+    2xx headers alone are not an answer: a body that stalls, is cut or is
+    malformed before anything reached the client fails over, and counts
+    for the breaker.
+    """
+
+    @inlineCallbacks
+    def test_fails_over(self):
+        cases = (
+            ("stall", False, "timeout"),
+            ("stall", True, "timeout"),
+            ("cut", False, "broken"),
+            ("cut", True, "broken"),
+            ("malformed", False, "broken"),
+        )
+        gateway = self.gateway(default_provider="kimi", upstream_timeout=0.5, breaker_failures=100)
+        kimi = self.behaviour("kimi")
+        kimi.cut_after = 0
+        for mode, stream, reason in cases:
+            kimi.mode = mode
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.assertEqual(response.code, 200, (mode, stream, text))
+            self.assertEqual(
+                response.headers.getRawHeaders("x-openclaw-fallback"), [f"kimi->gemini; reason={reason}"], mode
+            )
+            answer = _content(text) if stream else json.loads(text)["choices"][0]["message"]["content"]
+            self.assertEqual(answer, "Hello from the stand-in.")
+
+    @inlineCallbacks
+    def test_stalled_body_opens_the_breaker(self):
+        for stream in (False, True):
+            gateway = self.gateway(default_provider="kimi", fallback="off", upstream_timeout=0.3, breaker_failures=3)
+            kimi = self.behaviour("kimi")
+            kimi.mode, kimi.cut_after = "stall", 0
+            kimi.reset()
+            for _ in range(3):
+                response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+                self.assertEqual(response.code, 504, text)
+                self.assertOpenAIError(text, "upstream_timeout")
+            started = time.monotonic()
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.assertEqual(response.code, 503, text)
+            self.assertOpenAIError(text, "provider_unavailable")
+            self.assertLess(time.monotonic() - started, 0.25)
+            self.assertEqual(kimi.requests, 3)
+
+    @inlineCallbacks
+    def test_mid_stream_failure_keeps_the_stream(self):
+        # Once the first event went out: an error event, no [DONE], and the
+        # breaker had its success at that first event.
+        gateway = self.gateway(default_provider="kimi", breaker_failures=1)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.cut_after = "cut", 1
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), None)
+        self.assertNotIn("[DONE]", text)
+        self.assertIn("upstream_stream_broken", text)
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+    @inlineCallbacks
+    def test_client_leaves_before_the_first_event(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.cut_after = "stall", 0
+        call = self.post(gateway, {"messages": HELLO, "stream": True})
+        while not kimi.requests:
+            yield deferLater(reactor, 0.01)
+        yield deferLater(reactor, 0.2)
+        call.cancel()
+        yield self.assertFailure(call, CancelledError, ResponseNeverReceived)
+        # The provider's stream is dropped at once, not at the deadline.
+        for _ in range(100):
+            if kimi.streams_lost:
+                break
+            yield deferLater(reactor, 0.02)
+        self.assertEqual(kimi.streams_lost, 1)
+        yield gateway.service.api_site.context.idle()
+
+
+class IdleDeadlineTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_comments_do_not_hold_a_stream_open(self):
+        # A provider sends one event, then only keep-alive comments, more
+        # often than UPSTREAM_TIMEOUT: the stream still ends at its deadline.
+        gateway = self.gateway(default_provider="kimi", fallback="off", upstream_timeout=0.6)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.cut_after, kimi.chunk_interval = "trickle", 1, 0.1
+        started = time.monotonic()
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertNotIn("[DONE]", text)
+        self.assertIn("upstream_timeout", text)
+        self.assertLess(time.monotonic() - started, 5)
