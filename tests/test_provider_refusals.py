@@ -16,14 +16,16 @@ import time
 from typing import Any
 
 import openai
+from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.providers import GeminiAdapter
 from openclaw.providers.errors import RefusalKind, classify
 from openclaw.providers.keys import fingerprint
-from tests.support import bare_adapter, changed_providers
+from tests.support import bare_adapter, changed_providers, open_client
 from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
 from tests.test_resilience import ResilienceTestCase
 
@@ -194,3 +196,41 @@ class AccountTests(ResilienceTestCase):
         response, text = yield self.post(gateway, {"messages": HELLO})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=account"])
+
+
+class ProviderUpTests(PoolTestCase):
+    """
+    C{openclaw_provider_up} is read when scraped.
+    """
+
+    @inlineCallbacks
+    def test_tells_the_state(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off", breaker_failures=2, breaker_cooldown_seconds=1)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', metrics)
+        self.assertIn('openclaw_provider_up{provider="gemini"} 1.0', metrics)
+        self.assertNotIn("openclaw_provider_health_check_ok{", metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="closed"} 1.0', metrics)
+        # The breaker opens: down.
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 500
+        for _ in range(2):
+            yield self.post(gateway, {"messages": HELLO})
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="open"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="closed"} 0.0', metrics)
+        # Half-open: a call may go, so up; the state says half-open.
+        yield deferLater(reactor, 1.05)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="half_open"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_open{provider="kimi"} 0.0', metrics)
+        # Every key set aside: down, whatever the last health check said.
+        kimi.mode = "ok"
+        control = yield open_client(self, gateway.port)
+        yield control.command(gateway.token, "health_check")
+        gateway.service.providers.get("kimi").keys.set_aside(KIMI_KEY)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', metrics)
+        self.assertIn('openclaw_provider_health_check_ok{provider="kimi"} 1.0', metrics)
