@@ -234,3 +234,24 @@ class ProviderUpTests(PoolTestCase):
         _, metrics = yield self.get(gateway, "/metrics")
         self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', metrics)
         self.assertIn('openclaw_provider_health_check_ok{provider="kimi"} 1.0', metrics)
+
+
+class ErrorIn200Tests(ResilienceTestCase):
+    """
+    A 200 whose body is an error keeps the provider's words.
+    """
+
+    @inlineCallbacks
+    def test_kept(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 200
+        kimi.error_body = {
+            "error": {"message": f"Your account is suspended ({KIMI_KEY})", "type": "account_suspended", "code": 7}
+        }
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        error = self.assertOpenAIError(text, "upstream_malformed")
+        self.assertIn("Your account is suspended", error["message"])
+        self.assertIn("type=account_suspended, code=7", error["message"])
+        self.assertNotIn(KIMI_KEY, text)
