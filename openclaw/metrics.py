@@ -36,7 +36,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from openclaw.control.admission import PeerAllowlist
-from openclaw.providers.breaker import CircuitBreaker
+from openclaw.providers.breaker import BreakerState, CircuitBreaker
 
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"
@@ -375,10 +375,18 @@ class GatewayMetrics:
         )
         self.provider_up = Gauge(
             "openclaw_provider_up",
-            "1 if the provider's last health probe succeeded, else 0",
+            "1 while the provider may be sent calls (at least one usable key, circuit breaker not open), else 0; "
+            "read when scraped",
             ["provider"],
             registry=registry,
         )
+        self.health_check_ok = Gauge(
+            "openclaw_provider_health_check_ok",
+            "1 if the provider's last health_check probe succeeded, else 0 (no series before the first)",
+            ["provider"],
+            registry=registry,
+        )
+        self._unconfigured = frozenset(unconfigured)
         providers = tuple(providers)
         self.upstream_requests = RequestTally(
             ("openclaw_upstream_requests", "HTTP requests to providers, by provider and status"),
@@ -406,10 +414,6 @@ class GatewayMetrics:
         self._commands = self.commands.counts
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
-        unconfigured = set(unconfigured)
-        for provider in providers:
-            if provider not in unconfigured:
-                self.provider_up.labels(provider)
         #: Tokens, time to first token and overhead of model calls.
         self.call_costs = CallCosts(registry)
 
@@ -424,16 +428,29 @@ class GatewayMetrics:
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:
         """
-        Record a health check's verdict per provider; returns the report.
+        Record a health check's verdict per provider
+        (C{openclaw_provider_health_check_ok}); returns the report.
         """
         for provider, entry in report.get("providers", {}).items():
             if entry.get("configured") is False:
                 # Not configured is not down: no series for an alert to fire on.
                 with contextlib.suppress(KeyError):
-                    self.provider_up.remove(provider)
+                    self.health_check_ok.remove(provider)
                 continue
-            self.provider_up.labels(provider).set(1 if entry.get("ok") else 0)
+            self.health_check_ok.labels(provider).set(1 if entry.get("ok") else 0)
         return report
+
+    def watch_providers(self, providers: Iterable[tuple[str, Callable[[], bool]]]) -> None:
+        """
+        Export C{openclaw_provider_up{provider}}, read when scraped, for
+        each C{(provider id, serving)} pair, C{serving} saying whether the
+        provider may be sent calls now
+        (L{ProviderAdapter.serving <openclaw.providers.base.ProviderAdapter.serving>});
+        none for a provider without a key (not configured is not down).
+        """
+        for provider, serving in providers:
+            if provider not in self._unconfigured:
+                self.provider_up.labels(provider).set_function(partial(_as_gauge, serving))
 
     def cluster_store_up(self) -> Gauge:
         """
@@ -463,8 +480,16 @@ class GatewayMetrics:
             ["provider"],
             registry=self.registry,
         )
+        states = Gauge(
+            "openclaw_provider_breaker_state",
+            "1 for the state the provider's circuit breaker is in (closed, open, half_open), 0 for the others",
+            ["provider", "state"],
+            registry=self.registry,
+        )
         for provider, breaker in breakers:
-            gauge.labels(provider).set_function(partial(_breaker_open, breaker))
+            gauge.labels(provider).set_function(partial(_breaker_in, breaker, BreakerState.OPEN))
+            for state in BreakerState:
+                states.labels(provider, state).set_function(partial(_breaker_in, breaker, state))
         fallbacks = Counter(
             "openclaw_api_fallbacks",
             "Calls failed over to another provider, by the provider that failed, the one that took the call "
@@ -483,8 +508,12 @@ class GatewayMetrics:
         return count
 
 
-def _breaker_open(breaker: CircuitBreaker) -> float:
-    return 1.0 if breaker.state == "open" else 0.0
+def _breaker_in(breaker: CircuitBreaker, state: BreakerState) -> float:
+    return 1.0 if breaker.state is state else 0.0
+
+
+def _as_gauge(test: Callable[[], bool]) -> float:
+    return 1.0 if test() else 0.0
 
 
 class MetricsResource(Resource):

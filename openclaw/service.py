@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
@@ -46,7 +47,7 @@ from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsSite, build_site
 from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
-from openclaw.providers import ProviderRegistry
+from openclaw.providers import ProviderAdapter, ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
@@ -229,6 +230,7 @@ class GatewayService(MultiService):
             wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics.upstream_requests, base_urls, reactor.seconds),
             pool_size=self.descriptors.pool_per_host or None,
         )
+        self.metrics.watch_providers((adapter.id, partial(_serving, adapter)) for adapter in self.providers)
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
         configured = Route(provider, settings.default_model(provider))
@@ -741,3 +743,10 @@ class GatewayService(MultiService):
             yield self.cluster.stop()
             yield self._redis.stop()
         self.sessions.discard_token_file()
+
+
+def _serving(adapter: ProviderAdapter) -> bool:
+    """
+    Whether C{adapter} may be sent calls now (C{openclaw_provider_up}).
+    """
+    return adapter.serving

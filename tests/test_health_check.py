@@ -247,6 +247,8 @@ class UpstreamMetricsTests(UpstreamTestCase):
         self.assertIn('openclaw_upstream_requests_total{provider="gemini",status="401"} 1.0', text)
         self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', text)
         self.assertIn('openclaw_provider_up{provider="gemini"} 0.0', text)
+        self.assertIn('openclaw_provider_health_check_ok{provider="kimi"} 1.0', text)
+        self.assertIn('openclaw_provider_health_check_ok{provider="gemini"} 0.0', text)
         self.assertIn('openclaw_upstream_request_seconds_count{provider="kimi"} 1.0', text)
 
 

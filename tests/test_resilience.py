@@ -51,7 +51,7 @@ class ClassifyTests(SynchronousTestCase):
             (422, RefusalKind.REQUEST),
             (429, RefusalKind.RATE_LIMITED),
             (401, RefusalKind.AUTH),
-            (403, RefusalKind.AUTH),
+            (403, RefusalKind.FORBIDDEN),
             (500, RefusalKind.SERVER),
             (503, RefusalKind.SERVER),
             (302, RefusalKind.OTHER),
@@ -327,7 +327,6 @@ class StatusTableTests(ResilienceTestCase):
         gateway = self.gateway(fallback="off")
         for provider, setup, setting in (
             ("kimi", {"mode": "unauthorized"}, "KIMI_API_KEY / KIMI_API_KEYS"),
-            ("kimi", {"mode": "forbidden"}, "KIMI_API_KEY / KIMI_API_KEYS"),
             ("gemini", {"invalid_keys": {GEMINI_KEY}}, "GEMINI_API_KEY / GEMINI_API_KEYS"),
         ):
             behaviour = self.behaviour(provider)

@@ -380,6 +380,8 @@ class ChatCall:
             return self._another_key("rate_limited", error)
         if refusal.kind is RefusalKind.AUTH:
             return self._another_key("auth", error)
+        if refusal.kind is RefusalKind.ACCOUNT:
+            return self._upstream_failed("account", error)
         # The request is at fault (or the answer means nothing we can act
         # on): no other key or provider would do better.
         return self._fail(error)

@@ -212,10 +212,16 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> AP
         C{invalid_request_error} (404: C{not_found_error});
       - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
         provider said how long;
-      - the gateway's own key refused (401, 403, Google's
-        C{API_KEY_INVALID}): 502 C{upstream_auth_failed} naming
-        C{key_setting};
-      - anything else (5xx): 502 C{upstream_http_error}.
+      - the gateway's own key refused (401, Google's C{API_KEY_INVALID}):
+        502 C{upstream_auth_failed} naming C{key_setting};
+      - permission denied (403: often the model is not available to the
+        gateway's key, as Moonshot's C{permission_denied_error}): 403
+        C{permission_denied};
+      - the provider account cannot serve (Google's C{FAILED_PRECONDITION}):
+        502 C{upstream_account_error}, with a hint for the operator;
+      - anything else (5xx): 502 C{upstream_http_error}, with the
+        provider's C{Retry-After} when it gave one (RFC 9110 section
+        10.2.3: a 503 may say when to come back).
     """
     said = f"{_status_line(refusal.status)}: {refusal.message}"
     upstream = ((UPSTREAM_STATUS_HEADER, b"%d" % refusal.status),)
@@ -247,9 +253,28 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> AP
             "upstream_auth_failed",
             headers=upstream,
         )
+    if kind == "forbidden":
+        return APIError(
+            403,
+            f"{provider_id} denied permission: {said}; the model may not be available to the key this gateway "
+            f"holds for {provider_id}: GET /v1/models lists the models it serves, or ask the operator",
+            "permission_denied_error",
+            "permission_denied",
+            headers=upstream,
+        )
+    if kind == "account":
+        return APIError(
+            502,
+            f"{provider_id} cannot serve calls for the gateway's account ({said}); this is not about your "
+            f"request: the operator must fix the {provider_id} account (its location or billing)",
+            "upstream_error",
+            "upstream_account_error",
+            headers=upstream,
+        )
     hint = "; the provider is failing, try again later" if refusal.status >= 500 else ""
+    headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
     return APIError(
-        502, f"{provider_id} answered {said}{hint}", "upstream_error", "upstream_http_error", headers=upstream
+        502, f"{provider_id} answered {said}{hint}", "upstream_error", "upstream_http_error", headers=headers
     )
 
 

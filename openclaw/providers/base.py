@@ -241,6 +241,8 @@ class ProviderAdapter(abc.ABC):
     #: The chat and embeddings request headers per key, built once each:
     #: they hold the key.
     _post_headers: dict[str, Headers] = attrs.field(factory=dict, init=False, repr=False)
+    #: Key -> its check under way (L{check_key}).
+    _key_checks: dict[str, Deferred[ProbeResult]] = attrs.field(factory=dict, init=False, repr=False)
     #: Removes every key of the pool from text the provider sent (L{scrub}).
     scrubber: Scrubber = attrs.field(
         default=attrs.Factory(
@@ -486,13 +488,80 @@ class ProviderAdapter(abc.ABC):
         listing): after a 429 the key rests for the provider's wait
         (C{Retry-After}, Google's C{RetryInfo}; else
         L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>});
-        refused as invalid (401, 403, Google's C{API_KEY_INVALID}) it is set
-        aside until a health check finds it good.
+        refused as invalid (401, Google's C{API_KEY_INVALID}) it is set
+        aside until a health check finds it good.  A 403 is not taken as
+        the key's fault on its own word (it is often about the model named:
+        any client could otherwise empty the pool by naming a model the
+        provider keeps private): the key is checked (L{check_key}) and set
+        aside only if its models listing is refused too.
         """
         if refusal.kind is RefusalKind.RATE_LIMITED:
             self.keys.rest(key, refusal.retry_after)
         elif refusal.kind is RefusalKind.AUTH:
             self.keys.set_aside(key)
+        elif refusal.kind is RefusalKind.FORBIDDEN:
+            self.check_key(key)
+
+    def check_key(self, key: str) -> None:
+        """
+        Check C{key} with the provider's free models listing (the health
+        probe's, L{probe}), unless a check of it is under way already (one
+        per key at a time): refused (401 or 403, or the provider's own key
+        rule) it is set aside; listed, it is restored.  Nothing is sent
+        for a key not in the pool.
+        """
+        if key not in self.keys or key in self._key_checks:
+            return
+        check = self._key_checks[key] = self._probe_key(key)
+        if check.called:
+            del self._key_checks[key]
+            return
+
+        def done(result: ProbeResult) -> ProbeResult:
+            del self._key_checks[key]
+            self._log.info(
+                "{provider} key {key} checked after a 403: {outcome}",
+                provider=self.id,
+                key=fingerprint(key),
+                outcome="it lists models" if result.ok else result.error,
+            )
+            return result
+
+        check.addCallback(done)
+
+    def key_checked(self, key: str) -> Deferred[None]:
+        """
+        Fires once the check of C{key} under way (L{check_key}) is over; at
+        once when none is.
+        """
+        running = self._key_checks.get(key)
+        if running is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+
+        def over(result: Any) -> Any:
+            waiter.callback(None)
+            return result
+
+        running.addBoth(over)
+        return waiter
+
+    def cancel_key_checks(self) -> None:
+        """
+        Cancel the key checks under way (the service is stopping): their
+        connections are dropped.
+        """
+        for check in list(self._key_checks.values()):
+            check.cancel()
+
+    @property
+    def serving(self) -> bool:
+        """
+        Whether a call may be sent now: at least one key of the pool is
+        usable (not resting, not set aside) and the breaker is not open
+        (closed, or half-open).  Read by C{openclaw_provider_up}.
+        """
+        return self.keys.available > 0 and self.breaker.state is not BreakerState.OPEN
 
     def pooled_call(self, avoid: Collection[str] = ()) -> PooledCall:
         """
@@ -675,9 +744,11 @@ class ProviderAdapter(abc.ABC):
             exchange.key is not None
             and isinstance(value, UpstreamHTTPError)
             and value.refusal is not None
-            and value.refusal.kind is RefusalKind.AUTH
+            and value.refusal.kind in (RefusalKind.AUTH, RefusalKind.FORBIDDEN)
         ):
-            # The key refused as a chat call's refusal reads it (refusal()).
+            # The key refused as a chat call's refusal reads it (refusal()),
+            # or denied the models listing, which names no model: a 403
+            # here is about the key.
             self.keys.set_aside(exchange.key)
         self._log.warn(
             "{provider} health probe failed: {error}",

@@ -134,11 +134,13 @@ def http_hint(status: int, key_refused: bool, key_variable: str, base_url_variab
     """
     What an operator should check after a given status; C{key_refused}: the
     provider's adapter read the answer as its key refused
-    (L{RefusalKind.AUTH}: 401 or 403, and whatever its provider's own rule
-    adds, such as Google's 400 C{API_KEY_INVALID}).
+    (L{RefusalKind.AUTH}: 401, and whatever its provider's own rule adds,
+    such as Google's 400 C{API_KEY_INVALID}).
     """
     if key_refused:
         return f"check {key_variable}"
+    if status == 403:
+        return f"permission denied; check that {key_variable} may use this model or API"
     if status == 404:
         return f"check {base_url_variable}"
     if status == 429:
@@ -309,9 +311,21 @@ class RefusalKind(StrEnum):
     REQUEST = "request"
     #: 429 (Moonshot's rate limit, Gemini's C{RESOURCE_EXHAUSTED}): the key rests.
     RATE_LIMITED = "rate_limited"
-    #: 401, 403, or Gemini's 400 with reason C{API_KEY_INVALID}: the
-    #: gateway's own key is wrong or lacks access; the key is set aside.
+    #: 401, or Gemini's 400 with reason C{API_KEY_INVALID}: the gateway's
+    #: own key is refused as invalid; the key is set aside.
     AUTH = "auth"
+    #: 403: permission denied, often for the model named (Moonshot's
+    #: C{permission_denied_error} "The model ... is not available for your
+    #: organization", Google's C{PERMISSION_DENIED} on a tuned model), so
+    #: not evidence against the key on its own word: the client is told,
+    #: and the key is checked with its free models listing
+    #: (L{openclaw.providers.base.ProviderAdapter.check_key}).
+    FORBIDDEN = "forbidden"
+    #: The provider account behind the gateway cannot serve the call
+    #: (Google's 400 C{FAILED_PRECONDITION}: an unsupported location,
+    #: billing required): the operator's to fix, not the client's, not the
+    #: key's; another provider may answer.
+    ACCOUNT = "account"
     #: 5xx: the provider is failing.
     SERVER = "server"
     #: Anything else (a redirect, an unusual 4xx).
@@ -322,6 +336,10 @@ class RefusalKind(StrEnum):
 REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
 #: Google's reason (C{google.rpc.ErrorInfo.reason}) for a key the API refuses.
 GOOGLE_KEY_INVALID = "API_KEY_INVALID"
+#: Google's canonical code (C{error.status}) for a call its project cannot
+#: make: an unsupported location, billing required
+#: (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
+GOOGLE_FAILED_PRECONDITION = "FAILED_PRECONDITION"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
@@ -356,12 +374,27 @@ def google_error_reasons(body: bytes) -> set[str]:
     }
 
 
-def _error_details(body: bytes) -> list[dict[str, Any]]:
+def google_error_status(body: bytes) -> str | None:
+    """
+    The C{error.status} of a Google error answer (its canonical code's
+    name, C{"FAILED_PRECONDITION"}); None for any other body.
+    """
+    error = _error_object(body)
+    status = error.get("status") if error is not None else None
+    return status if isinstance(status, str) else None
+
+
+def _error_object(body: bytes) -> dict[str, Any] | None:
     try:
         document = json.loads(body)
     except ValueError:
-        return []
+        return None
     error = document.get("error") if isinstance(document, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _error_details(body: bytes) -> list[dict[str, Any]]:
+    error = _error_object(body)
     details = error.get("details") if isinstance(error, dict) else None
     if not isinstance(details, list):
         return []
@@ -418,7 +451,9 @@ def google_retry_delay(details: Iterable[dict[str, Any]]) -> float | None:
 def classify(status: int, body: bytes, retry_after_header: str | None = None, now: float = 0.0) -> Refusal:
     """
     Read a provider's non-2xx answer to a chat call, by the rules every
-    provider shares (RFC 9110: 401 and 403 refuse the key); a provider with
+    provider shares (RFC 9110: 401 refuses the credentials; a 403 is a
+    permission denied, which may be about the model rather than the key,
+    so it is L{RefusalKind.FORBIDDEN}); a provider with
     rules of its own adds them in its adapter's
     L{refusal <openclaw.providers.base.ProviderAdapter.refusal>} (Google's
     400 C{API_KEY_INVALID}: L{openclaw.providers.gemini.GeminiAdapter}).
@@ -436,8 +471,10 @@ def classify(status: int, body: bytes, retry_after_header: str | None = None, no
         retry_after = google_retry_delay(details)
     if retry_after is not None:
         retry_after = min(retry_after, MAX_RETRY_AFTER_SECONDS)
-    if status in (401, 403):
+    if status == 401:
         kind = RefusalKind.AUTH
+    elif status == 403:
+        kind = RefusalKind.FORBIDDEN
     elif status == 429:
         kind = RefusalKind.RATE_LIMITED
         if retry_after is None:

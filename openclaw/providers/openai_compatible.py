@@ -23,7 +23,7 @@ from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
-from openclaw.providers.errors import MalformedResponse
+from openclaw.providers.errors import MalformedResponse, clip
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.wire import Completion, MalformedAnswer, StreamBroken, Wire, error_message, json_object
 
@@ -56,6 +56,11 @@ class OpenAIWire:
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):
+            said = error_message(document)
+            if said is not None:
+                # A 200 carrying an error ("Your account is suspended"):
+                # the provider's own words, with its type and code.
+                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(document, said)}")
             raise MalformedAnswer('the answer has no "choices" list')
         usage = document.get("usage")
         if usage is None:
@@ -66,6 +71,20 @@ class OpenAIWire:
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
         return OpenAIStream(include_usage=chat.include_usage)
+
+
+def _with_kind(document: dict[str, Any], message: str) -> str:
+    """
+    C{message} clipped, followed by the error's C{type} and C{code} when
+    it has them ("Your account is suspended [type=permission_denied_error]").
+    """
+    error = document.get("error")
+    kinds = (
+        [f"{name}={error[name]}" for name in ("type", "code") if isinstance(error.get(name), (str, int))]
+        if isinstance(error, dict)
+        else []
+    )
+    return clip(message) + (f" [{', '.join(kinds)}]" if kinds else "")
 
 
 def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:

@@ -253,14 +253,16 @@ class ProviderRegistry:
 
     def close(self) -> Deferred[None]:
         """
-        Cancel the probes under way (their callers get a failed report; their
-        connections are dropped) and close the pool's idle connections;
-        fires once those are closed.  Chat calls in flight are the data
+        Cancel the probes and key checks under way (their callers get a
+        failed report; their connections are dropped) and close the pool's
+        idle connections; fires once those are closed.  Chat calls in flight are the data
         plane's to end first (a stop drains them, then closes their clients'
         connections, which cancels them).
         """
         for probe in list(self._running):
             probe.cancel()
+        for adapter in self._adapters:
+            adapter.cancel_key_checks()
         if self.pool is None:
             return succeed(None)
         closed: Deferred[None] = self.pool.closeCachedConnections()

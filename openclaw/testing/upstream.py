@@ -136,6 +136,15 @@ class ProviderBehaviour:
     error_status: int = 500
     #: Replaces the provider's stock message in error answers.
     error_message: str | None = None
+    #: Replaces the whole body of L{Mode.ERROR}'s answer (any status, 200
+    #: included: a provider that answers an error with 200), as JSON.
+    error_body: Any = None
+    #: Headers added to L{Mode.ERROR}'s answer (C{{"Retry-After": "30"}}).
+    error_headers: dict[str, str] = attrs.field(factory=dict)
+    #: Models a chat call is denied (403) rather than served, as a model
+    #: kept for another organization: Moonshot's C{permission_denied_error},
+    #: Google's C{PERMISSION_DENIED}; the models listing still works.
+    private_models: set[str] = attrs.field(factory=set)
     #: The C{owned_by} of the models an OpenAI-compatible listing names.
     owned_by: str = "stand-in"
     #: The most models one Gemini page holds; lower it to force pagination.
@@ -595,6 +604,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise Reject(400, "Invalid request: messages must be a non-empty list")
     model = body.get("model")
+    if model in behaviour.private_models:
+        raise Reject(403, f"The model {model} is not available for your organization")
     if model not in behaviour.models:
         raise Reject(404, f"Not found the model {model} or Permission denied")
     _check_openai_tool_ids(body["messages"])
@@ -679,6 +690,8 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     behaviour.bodies.append(body)
     if not isinstance(body, dict) or not body.get("contents"):
         raise Reject(400, "* GenerateContentRequest.contents: contents is not specified")
+    if model in behaviour.private_models:
+        raise Reject(403, f"You do not have permission to access tunedModels/{model} (or it may not exist).")
     if model not in behaviour.models:
         raise Reject(
             404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
@@ -985,7 +998,11 @@ class _Endpoint(Resource):
             self._error(request, behaviour, 403, behaviour.error_message)
             return
         if mode is Mode.ERROR:
-            if behaviour.error_status == 429 and behaviour.error_message is None:
+            for name, value in behaviour.error_headers.items():
+                request.setHeader(name, value)
+            if behaviour.error_body is not None:
+                _send(request, behaviour.error_status, json.dumps(behaviour.error_body).encode())
+            elif behaviour.error_status == 429 and behaviour.error_message is None:
                 self._refuse(request, behaviour, 429)
             else:
                 self._error(request, behaviour, behaviour.error_status, behaviour.error_message)

@@ -16,7 +16,15 @@ import attrs
 from openclaw.consumers.prices import Price
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsWire
-from openclaw.providers.errors import GOOGLE_KEY_INVALID, MalformedResponse, Refusal, RefusalKind, google_error_reasons
+from openclaw.providers.errors import (
+    GOOGLE_FAILED_PRECONDITION,
+    GOOGLE_KEY_INVALID,
+    MalformedResponse,
+    Refusal,
+    RefusalKind,
+    google_error_reasons,
+    google_error_status,
+)
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
 from openclaw.providers.gemini.translate import GeminiWire
@@ -73,11 +81,17 @@ class GeminiAdapter(ProviderAdapter):
         C{400 INVALID_ARGUMENT} ("API key not valid") whose details hold a
         C{google.rpc.ErrorInfo} of reason C{API_KEY_INVALID}
         (U{https://ai.google.dev/gemini-api/docs/troubleshooting}): the
-        key at fault, not the request.
+        key at fault, not the request.  A C{400 FAILED_PRECONDITION} ("User
+        location is not supported for the API use", or a free tier not
+        available in the country and billing required: the same page) is
+        the operator's Google project that cannot serve, not the client's
+        request nor the key: L{RefusalKind.ACCOUNT}.
         """
         refusal = super().refusal(status, body, retry_after)
         if status == 400 and GOOGLE_KEY_INVALID in google_error_reasons(body):
             return attrs.evolve(refusal, kind=RefusalKind.AUTH)
+        if status == 400 and google_error_status(body) == GOOGLE_FAILED_PRECONDITION:
+            return attrs.evolve(refusal, kind=RefusalKind.ACCOUNT)
         return refusal
 
     def normalize_model(self, model: str) -> str:

@@ -1,0 +1,257 @@
+"""
+What a provider's refusal tells the gateway about its keys, and what the
+client and the metrics are told (the eleventh review): a 403 for a model
+kept private leaves the key pool alone; a 5xx's C{Retry-After} reaches
+the client; Google's C{FAILED_PRECONDITION} is the operator's account;
+C{openclaw_provider_up} tells the providers' state when scraped.  The
+official openai SDK and raw HTTP against a gateway in this process, in
+front of the stand-in upstream, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.providers import GeminiAdapter
+from openclaw.providers.errors import RefusalKind, classify
+from openclaw.providers.keys import fingerprint
+from tests.support import bare_adapter, changed_providers, open_client
+from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
+from tests.test_resilience import ResilienceTestCase
+
+SECOND = {"kimi": "sk-kimi-SECOND-0123456789abcdef", "gemini": "AIza-gemini-SECOND-0123456789abcdef"}
+THIRD = {"kimi": "sk-kimi-THIRD-0123456789abcdef", "gemini": "AIza-gemini-THIRD-0123456789abcdef"}
+FIRST = {"kimi": KIMI_KEY, "gemini": GEMINI_KEY}
+PRIVATE = "kimi-k2-private"
+
+FAILED_PRECONDITION = {
+    "error": {
+        "code": 400,
+        "message": "User location is not supported for the API use.",
+        "status": "FAILED_PRECONDITION",
+    }
+}
+
+
+class ReadingTests(SynchronousTestCase):
+    """
+    A refusal, read.
+    """
+
+    def test_403_is_not_a_key_refusal(self):
+        body = b'{"error":{"message":"The model kimi-k2-private is not available","type":"permission_denied_error"}}'
+        self.assertEqual(classify(403, body).kind, RefusalKind.FORBIDDEN)
+        self.assertEqual(classify(401, body).kind, RefusalKind.AUTH)
+
+    def test_gemini_failed_precondition_is_the_account(self):
+        adapter = bare_adapter(GeminiAdapter)
+        refusal = adapter.refusal(400, json.dumps(FAILED_PRECONDITION).encode())
+        self.assertEqual(refusal.kind, RefusalKind.ACCOUNT)
+        self.assertIn("User location is not supported for the API use.", refusal.message)
+        invalid = {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}
+        self.assertEqual(adapter.refusal(400, json.dumps(invalid).encode()).kind, RefusalKind.REQUEST)
+
+    def test_retry_after_on_5xx(self):
+        self.assertEqual(classify(503, b"{}", "30").retry_after, 30.0)
+        date = email.utils.formatdate(1_000_060, usegmt=True)
+        self.assertEqual(classify(503, b"{}", date, now=1_000_000.0).retry_after, 60.0)
+
+
+class PoolTestCase(ResilienceTestCase):
+    def pooled_gateway(self, provider: str, **settings: Any) -> Any:
+        behaviour = self.behaviour(provider)
+        behaviour.extra_keys = [SECOND[provider], THIRD[provider]]
+        providers = changed_providers(
+            self.upstream.provider_settings(), **{provider: {"api_keys": (SECOND[provider], THIRD[provider])}}
+        )
+        return self.gateway(providers=providers, default_provider=provider, **settings)
+
+    def keys_checked(self, gateway: Any, provider: str) -> Any:
+        adapter = gateway.service.providers.get(provider)
+        return gatherResults([adapter.key_checked(key) for key in adapter.keys.keys])
+
+
+class ForbiddenModelTests(PoolTestCase):
+    """
+    A 403 is often about the model: the key is set aside only if its
+    models listing is refused too.
+    """
+
+    @inlineCallbacks
+    def test_private_model_leaves_every_key_usable(self):
+        for provider in ("kimi", "gemini"):
+            gateway = self.pooled_gateway(provider, fallback="auto")
+            client = self.sdk(gateway)
+            behaviour = self.behaviour(provider)
+            behaviour.private_models = {PRIVATE}
+            other = self.behaviour("gemini" if provider == "kimi" else "kimi")
+            other.reset()
+            for _ in range(2):
+                failure = yield self.assertFailure(
+                    deferToThread(client.chat.completions.create, model=f"{provider}/{PRIVATE}", messages=HELLO),
+                    openai.PermissionDeniedError,
+                )
+                self.assertEqual(failure.status_code, 403)
+                self.assertEqual(failure.code, "permission_denied")
+                self.assertIsNone(failure.param)
+                self.assertIn(PRIVATE, failure.message)
+                self.assertIn("may not be available", failure.message)
+                self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "403")
+                self.assertNotIn(FIRST[provider], failure.response.text)
+            yield self.keys_checked(gateway, provider)
+            pool = gateway.service.providers.get(provider).keys
+            self.assertEqual(set(pool.states().values()), {"ok"}, provider)
+            # Pinned: never failed over.
+            self.assertEqual(other.requests, 0)
+            behaviour.reset()
+            answer = yield deferToThread(client.chat.completions.create, model="x", messages=HELLO)
+            self.assertEqual(answer.choices[0].message.content, behaviour.reply)
+            self.assertEqual(behaviour.requests, 1)
+
+    @inlineCallbacks
+    def test_listing_refused_too_sets_the_key_aside(self):
+        gateway = self.pooled_gateway("kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode = "forbidden"
+        response, text = yield self.post(gateway, {"model": "kimi/x", "messages": HELLO})
+        self.assertEqual(response.code, 403)
+        self.assertOpenAIError(text, "permission_denied")
+        yield self.keys_checked(gateway, "kimi")
+        pool = gateway.service.providers.get("kimi").keys
+        self.assertEqual(pool.states()[fingerprint(KIMI_KEY)], "set_aside")
+        self.assertEqual(pool.available, 2)
+
+    @inlineCallbacks
+    def test_one_check_per_key_at_a_time(self):
+        gateway = self.pooled_gateway("kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.delay = 0.2
+        adapter = gateway.service.providers.get("kimi")
+        for _ in range(3):
+            adapter.check_key(KIMI_KEY)
+        adapter.check_key("not-a-key-of-the-pool")
+        yield self.keys_checked(gateway, "kimi")
+        self.assertEqual([uri for uri in kimi.uris if uri.endswith("/models")], ["/kimi/v1/models"])
+        self.assertEqual(kimi.keys_seen, [KIMI_KEY])
+        adapter.check_key(KIMI_KEY)
+        yield self.keys_checked(gateway, "kimi")
+        self.assertEqual(len(kimi.keys_seen), 2)
+
+
+class RetryAfterTests(ResilienceTestCase):
+    """
+    A provider's C{Retry-After} on a 5xx reaches the client.
+    """
+
+    @inlineCallbacks
+    def test_passed_through(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 503
+        for header, low, high in (
+            ("30", 30, 30),
+            (email.utils.formatdate(time.time() + 120, usegmt=True), 115, 121),
+            ("99999999", 3600, 3600),
+        ):
+            kimi.error_headers = {"Retry-After": header}
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502)
+            self.assertOpenAIError(text, "upstream_http_error")
+            (seconds,) = response.headers.getRawHeaders("retry-after")
+            self.assertTrue(low <= int(seconds) <= high, (header, seconds))
+        kimi.error_headers = {}
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertIsNone(response.headers.getRawHeaders("retry-after"))
+
+
+class AccountTests(ResilienceTestCase):
+    """
+    Google's C{FAILED_PRECONDITION} is the operator's account.
+    """
+
+    @inlineCallbacks
+    def test_failed_precondition(self):
+        gateway = self.gateway(default_provider="gemini", fallback="auto")
+        gemini = self.behaviour("gemini")
+        gemini.mode, gemini.error_status, gemini.error_body = "error", 400, FAILED_PRECONDITION
+        response, text = yield self.post(gateway, {"model": "gemini/x", "messages": HELLO})
+        self.assertEqual(response.code, 502)
+        error = self.assertOpenAIError(text, "upstream_account_error")
+        self.assertIn("User location is not supported", error["message"])
+        self.assertIn("operator", error["message"])
+        adapter = gateway.service.providers.get("gemini")
+        self.assertEqual(set(adapter.keys.states().values()), {"ok"})
+        self.assertEqual(adapter.breaker.state, "closed")
+        # Unpinned: failed over.
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=account"])
+
+
+class ProviderUpTests(PoolTestCase):
+    """
+    C{openclaw_provider_up} is read when scraped.
+    """
+
+    @inlineCallbacks
+    def test_tells_the_state(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off", breaker_failures=2, breaker_cooldown_seconds=1)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', metrics)
+        self.assertIn('openclaw_provider_up{provider="gemini"} 1.0', metrics)
+        self.assertNotIn("openclaw_provider_health_check_ok{", metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="closed"} 1.0', metrics)
+        # The breaker opens: down.
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 500
+        for _ in range(2):
+            yield self.post(gateway, {"messages": HELLO})
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="open"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="closed"} 0.0', metrics)
+        # Half-open: a call may go, so up; the state says half-open.
+        yield deferLater(reactor, 1.05)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_state{provider="kimi",state="half_open"} 1.0', metrics)
+        self.assertIn('openclaw_provider_breaker_open{provider="kimi"} 0.0', metrics)
+        # Every key set aside: down, whatever the last health check said.
+        kimi.mode = "ok"
+        control = yield open_client(self, gateway.port)
+        yield control.command(gateway.token, "health_check")
+        gateway.service.providers.get("kimi").keys.set_aside(KIMI_KEY)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_provider_up{provider="kimi"} 0.0', metrics)
+        self.assertIn('openclaw_provider_health_check_ok{provider="kimi"} 1.0', metrics)
+
+
+class ErrorIn200Tests(ResilienceTestCase):
+    """
+    A 200 whose body is an error keeps the provider's words.
+    """
+
+    @inlineCallbacks
+    def test_kept(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 200
+        kimi.error_body = {
+            "error": {"message": f"Your account is suspended ({KIMI_KEY})", "type": "account_suspended", "code": 7}
+        }
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        error = self.assertOpenAIError(text, "upstream_malformed")
+        self.assertIn("Your account is suspended", error["message"])
+        self.assertIn("type=account_suspended, code=7", error["message"])
+        self.assertNotIn(KIMI_KEY, text)
