@@ -498,6 +498,17 @@ class FailoverTests(ResilienceTestCase):
         self.assertNotIn("[DONE]", text)
         self.assertIn('"error"', text)
         self.assertEqual(gemini.requests, 0)
+        # A request Kimi takes but Gemini cannot (its candidateCount limit):
+        # Kimi's own failure (retryable), no failover counted or claimed.
+        kimi.mode, kimi.error_status = "error", 500
+        response, text = yield self.post(gateway, {"messages": HELLO, "n": 9})
+        self.assertEqual(response.code, 502, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["500"])
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
+        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(gemini.requests, 0)
+        _, metrics = yield self.get(gateway, "/metrics")
+        self.assertNotIn("openclaw_api_fallbacks_total{", metrics)
         # FALLBACK=off.
         gateway = self.gateway(default_provider="kimi", fallback="off")
         kimi.mode, kimi.error_status = "error", 503

@@ -441,14 +441,23 @@ class ChatCall:
         model = target.fallback_model or target.default_model
         if not self._may_use(target.id, model):
             return self._fail(error)
+        try:
+            body = encode_request(target.wire, self.chat, model)
+        except APIError as refused:
+            # A request the first provider takes but the fallback cannot
+            # (one of Gemini's own limits): the first provider's failure is
+            # the answer, and no failover happened.
+            context.log.info(
+                "call not failed over {origin} -> {target}: {target} cannot take the request ({why})",
+                origin=origin,
+                target=target.id,
+                why=refused.message,
+            )
+            return self._fail(error)
         self._fallback = (origin, target.id, reason)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
-        try:
-            body = encode_request(self.wire, self.chat, model)
-        except APIError as refused:
-            return self._fail(refused)
         return self._attempt(body)
 
     def _may_use(self, provider_id: str, model: str) -> bool:
