@@ -331,13 +331,24 @@ def _tool_config(choice: Any) -> dict[str, Any] | None:
     return {"mode": {"auto": "AUTO", "none": "NONE", "required": "ANY"}[choice]}
 
 
+def stop_sequences(body: dict[str, Any]) -> list[str]:
+    """
+    C{stop} (a string, a list of them, or null) as Gemini's
+    C{stopSequences}, without empty strings: an empty sequence stops
+    nothing on OpenAI's side, and Gemini refuses one.
+    """
+    stop = body.get("stop")
+    sequences = [stop] if isinstance(stop, str) else stop or []
+    return [sequence for sequence in sequences if sequence]
+
+
 def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     """
     Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
     do or would refuse with its own 400: audio output (C{modalities} with
     "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; a C{seed}
-    outside L{SEED_RANGE}; an empty stop sequence, or more than
-    L{MAX_STOP_SEQUENCES}; C{top_logprobs} without C{logprobs: true}
+    outside L{SEED_RANGE}; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
+    sequences; C{top_logprobs} without C{logprobs: true}
     (OpenAI's rule, and Gemini's C{logprobs} is only valid with
     C{responseLogprobs}); C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
@@ -373,12 +384,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "send a smaller seed",
             param="seed",
         )
-    stop = body.get("stop")
-    sequences = [stop] if isinstance(stop, str) else stop or []
-    if "" in sequences:
-        raise bad_request(
-            "stop holds an empty string, which Gemini refuses as a stop sequence; remove it", param="stop"
-        )
+    sequences = stop_sequences(body)
     if len(sequences) > MAX_STOP_SEQUENCES:
         raise bad_request(
             f"stop holds {len(sequences)} sequences: Gemini takes at most {MAX_STOP_SEQUENCES}; "
@@ -428,9 +434,9 @@ def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         config["maxOutputTokens"] = max_tokens
-    stop = body.get("stop")
-    if stop:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    sequences = stop_sequences(body)
+    if sequences:
+        config["stopSequences"] = sequences
     if body.get("logprobs") is True:
         config["responseLogprobs"] = True
         top = body.get("top_logprobs")
