@@ -815,14 +815,30 @@ def _make_state_directory(path: Path) -> str:
     return ""
 
 
+def _userinfo(rest: str) -> tuple[str, str, str] | None:
+    """
+    The user, password and what follows the userinfo's C{@} in C{rest} (a
+    URL after C{://}), or None when it has no password.  The userinfo ends
+    at the last C{@} (a password may hold C{/}, C{?} or C{#} when the URL
+    is mistyped, which is when it is shown in an error), and the user name
+    is what precedes its first C{:} and holds none of C{/?#} (else the C{@}
+    is not the userinfo's, but one in a path or query).
+    """
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon or not password or any(c in user for c in "/?#"):
+        return None
+    return user, password, rest[at + 1 :]
+
+
 def _database_secrets(text: str) -> list[str]:
     # The password as written in a URL (userinfo, or ?password=), found
     # without urlsplit, which refuses some URLs libpq refuses too.
     rest = text.partition("://")[2]
-    authority = rest
-    for end in "/?#":
-        authority = authority.partition(end)[0]
-    found = [authority.rpartition("@")[0].partition(":")[2]]
+    userinfo = _userinfo(rest)
+    found = [userinfo[1]] if userinfo else []
     for pair in rest.partition("?")[2].partition("#")[0].split("&"):
         name, _, value = pair.partition("=")
         if name == "password":
@@ -843,12 +859,12 @@ def _masked_url(text: str) -> str:
     it happens to hold the password's characters.
     """
     scheme, separator, rest = text.partition("://")
+    userinfo = _userinfo(rest)
+    authority = ""
+    if userinfo is not None:
+        authority, rest = f"{userinfo[0]}:***@", userinfo[2]
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = rest[:end], rest[end:]
-    userinfo, at, host = authority.rpartition("@")
-    user, colon, password = userinfo.partition(":")
-    if at and colon and password:
-        authority = f"{user}:***@{host}"
+    authority, tail = authority + rest[:end], rest[end:]
     path, question, query = tail.partition("?")
     if question:
         query, hash_mark, fragment = query.partition("#")

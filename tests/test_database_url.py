@@ -53,6 +53,13 @@ class DatabaseURLTests(TestCase):
             "DATABASE_URL='postgresql://u:***@127.0.0.1:notaport/db?password=***' is invalid",
             self.said("postgresql://u:p@127.0.0.1:notaport/db?password=p"),
         )
+        # A mistyped password holding /, ? or # (not percent-encoded) is
+        # masked all the same.
+        for password in ("se/cr3t", "se?cr3t", "se#cr3t"):
+            said = self.said(f"postgresql://app:{password}@db.example:notaport/app")
+            self.assertNotIn(password, said)
+            self.assertNotIn("cr3t", said)
+            self.assertIn("postgresql://app:***@db.example:notaport/app", said)
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
