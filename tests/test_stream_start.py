@@ -17,10 +17,14 @@ from typing import Any
 import openai
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
+from openclaw.dataplane.call import _StreamRelay
 from tests.test_dataplane import HELLO
 from tests.test_resilience import OTHER, ResilienceTestCase
 
@@ -179,3 +183,61 @@ class IdleDeadlineTests(ResilienceTestCase):
         self.assertNotIn("[DONE]", text)
         self.assertIn("upstream_timeout", text)
         self.assertLess(time.monotonic() - started, 5)
+
+
+class _Request:
+    """
+    The registration side of a client's request, as a relay uses it.
+    """
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self.channel: Any = object()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise ValueError("a producer is registered already")
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class _Wait:
+    def begin(self) -> None:
+        pass
+
+    def end(self, now: float | None = None) -> None:
+        pass
+
+
+class _Call:
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+        self.provider_wait = _Wait()
+        self.ended: list[Any] = []
+
+    def stream_ended(self, reason: Any, translation: Any) -> None:
+        self.ended.append(reason)
+
+
+class RelayRegistrationTests(TestCase):
+    """
+    A failed attempt's body, lost after the next attempt's body has
+    registered with the client's request, leaves that registration alone:
+    the failed-over stream keeps its backpressure.
+    """
+
+    def test_late_loss_keeps_the_next_registration(self) -> None:
+        request = _Request()
+        call = _Call(request)
+        first = _StreamRelay(call, None)  # type: ignore[arg-type]
+        first.connectionMade()
+        first._release()  # the attempt failed: let go (stop/drain)
+        second = _StreamRelay(call, None)  # type: ignore[arg-type]
+        second.connectionMade()
+        registered = request.producer
+        first.connectionLost(Failure(ConnectionDone()))  # the first body's loss, late
+        self.assertIs(request.producer, registered)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(request.producer)

@@ -831,8 +831,13 @@ class _StreamRelay(Protocol):
     #: Called once the body is over, when read after the client left.
     _then: Any = None
 
+    #: The producer this body registered with the client's request, until
+    #: released: a failed attempt's body must not unregister the next one's.
+    _registered: IPushProducer | None = None
+
     def connectionMade(self) -> None:
-        self._call.request.registerProducer(_ClientSide(self), True)
+        self._registered = _ClientSide(self)
+        self._call.request.registerProducer(self._registered, True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._stopped:
@@ -932,10 +937,12 @@ class _StreamRelay(Protocol):
         self._drain_timer = reactor.callLater(timeout, self.producer.stopProducing)
 
     def _release(self) -> None:
+        registered, self._registered = self._registered, None
         request = self._call.request
-        # Once the client is gone its channel is too, and with it the
+        # Only this body's own registration (a later attempt's stays); once
+        # the client is gone its channel is too, and with it the
         # registration.
-        if request.producer is not None and request.channel is not None:
+        if registered is not None and request.producer is registered and request.channel is not None:
             request.unregisterProducer()
 
 
