@@ -543,12 +543,13 @@ class ConsumerTable:
         calls in flight is below the budget.  The C{tpm} rule: while the
         tokens of the last 60 s plus the tokens reserved by calls in
         flight are below C{tpm}; when the call is counted its reservation
-        is replaced by its actual tokens.  The first call is always
-        admitted.  Concurrent calls therefore take a consumer past a limit
-        by less than the last admitted call's reservation plus what the
-        calls in flight use beyond their reservations (prompts longer than
-        the estimate, completions longer than L{reserve_tokens} when no
-        C{max_tokens} bounds them).
+        is replaced by its actual tokens.  With nothing used or in
+        flight, a call is admitted whatever it reserves.  Concurrent calls
+        therefore take a consumer past a limit by less than the last
+        admitted call's reservation plus what the calls in flight use
+        beyond their reservations (prompts longer than the estimate,
+        completions longer than L{reserve_tokens} when no C{max_tokens}
+        bounds them).
         """
         if holder is GATEWAY:
             return None
