@@ -18,7 +18,7 @@ from typing import Any
 import openai
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
@@ -153,6 +153,77 @@ class RulesTests(TestCase):
         other = Holder("a", "p")
         self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k"))
         self.assertAlmostEqual(other.reserved, 0.002)  # reserve_tokens at 2 USD per million
+
+    def test_tpm_reservations(self) -> None:
+        """
+        Calls in flight hold their expected tokens in the tpm window:
+        admitted while the window's tokens plus the reservations are below
+        tpm (the first always); counted, a reservation is replaced by the
+        call's actual tokens; never counted, it expires.
+        """
+        counters = LocalCounters()
+        consumer = Consumer("a", tpm=30)
+        first, second, third, fourth = (Holder("a", "p") for _ in range(4))
+        for holder in (first, second, third):
+            self.assertIsNone(counters.admit(consumer, 100.0, holder, 0.0, 14))
+        self.assertEqual((first.reserved_tokens, first.reserved_at), (14, 100))
+        refused = counters.admit(consumer, 100.0, fourth, 0.0, 14)
+        assert refused is not None
+        self.assertEqual(refused.code, "rate_limit_exceeded")
+        self.assertIn("tpm", refused.message)
+        # Room once the reservations would leave the window, were their
+        # calls counted as admitted (at 100).
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        self.assertEqual(fourth.reserved_tokens, 0)
+        # Counted with fewer tokens than reserved: 5 + 28 still refuses.
+        counters.counted("a", 5, 0.0, 102.0, first)
+        self.assertEqual((first.reserved_tokens, counters.reserved_tokens("a", 102.0)), (0, {100: 28}))
+        self.assertIsNotNone(counters.admit(consumer, 102.0, fourth, 0.0, 14))
+        counters.counted("a", 5, 0.0, 102.0, second)
+        self.assertIsNone(counters.admit(consumer, 102.0, fourth, 0.0, 14))
+        # 10 counted at 102, 14 reserved at 100 and 14 at 102: room once the
+        # one admitted at 100 would leave the window.
+        refused = counters.admit(consumer, 103.0, Holder("a", "p"), 0.0, 14)
+        assert refused is not None
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"57")
+        # Reservations never counted (their instance went away) expire.
+        self.assertEqual(counters.reserved_tokens("a", 100.0 + 901), {102: 14})
+        self.assertEqual(counters.reserved_tokens("a", 102.0 + 901), {})
+        self.assertIsNone(counters.admit(consumer, 102.0 + 901, Holder("a", "p"), 0.0, 14))
+
+    def test_table_reserves_prompt_and_completion_tokens(self) -> None:
+        """
+        A chat call reserves its prompt's estimate plus its completion
+        tokens, of tpm and (their price) of the budget; the estimate is
+        made once, and only for a consumer with a budget or tpm.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=clock.seconds, reserve_tokens=1000)  # type: ignore[arg-type]
+        table.consumers["t"] = Consumer("t", tpm=100_000, budget_usd=1.0, budget_period="day")
+        table.consumers["free"] = Consumer("free", rpm=10)
+        asked: list[str] = []
+
+        def estimate(name: str, tokens: int) -> Any:
+            return lambda: asked.append(name) or tokens
+
+        holder = Holder("t", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 4, estimate("t", 10)))
+        self.assertEqual(holder.reserved_tokens, 14)
+        # 10 prompt tokens at 0.20 USD per million, 4 completion tokens at 2.
+        self.assertAlmostEqual(holder.reserved, (10 * 0.20 + 4 * 2.00) / 1e6)
+        other = Holder("t", "p")
+        self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k", None, estimate("t", 10)))
+        self.assertEqual(other.reserved_tokens, 1010)
+        self.assertIsNone(table.admit(Holder("free", "p"), "kimi", "moonshot-v1-8k", 4, estimate("free", 10)))
+        self.assertIsNone(table.admit(GATEWAY, "kimi", "moonshot-v1-8k", 4, estimate("-", 10)))
+        self.assertEqual(asked, ["t", "t"])
+        # Counted: the reservation is replaced by the actual tokens.
+        table.account(holder, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 10, "completion_tokens": 4}, 0.1)
+        counters = table.counters
+        assert isinstance(counters, LocalCounters)
+        self.assertEqual(counters.reserved_tokens("t", clock.seconds()), {1000: 1010})
+        self.assertEqual(counters.tokens["t"].used(clock.seconds()), 14)
 
     def test_usage_total(self) -> None:
         groups = [
@@ -670,6 +741,30 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual((gone.status_code, gone.code), (401, "expired_api_key"))
 
     @inlineCallbacks
+    def test_tpm_holds_against_a_parallel_burst(self) -> Any:
+        """
+        tpm 30, 20 parallel calls of 14 tokens (a prompt estimated at 10,
+        max_tokens 4; the stand-in counts 10 + 4) answered after 0.5 s:
+        each admitted call reserves 14 tokens until counted, so 3 are
+        admitted (0, 14, 28 < 30) and the window ends at 42, under tpm
+        plus one call's reservation; the rest get 429 with Retry-After.
+        """
+        self.upstream.kimi.delay = 0.5
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "tpmc", "tpm": 30})
+        sdk = self.sdk(gateway, created["key"])
+        answers = yield gatherResults([deferToThread(burst_call, sdk) for _ in range(20)])
+        self.assertEqual(sorted(a[0] for a in answers), [200] * 3 + [429] * 17, answers)
+        for status, code, retry_after in answers:
+            if status == 429:
+                self.assertEqual(code, "rate_limit_exceeded")
+                self.assertTrue(1 <= int(retry_after) <= 60, retry_after)
+        counters = gateway.service.consumers.counters
+        assert isinstance(counters, LocalCounters)
+        self.assertEqual(counters.tokens["tpmc"].used(time.time()), 3 * 14)
+        self.assertEqual(counters.reserved_tokens("tpmc", time.time()), {})
+
+    @inlineCallbacks
     def test_refusals_over_the_control_plane(self) -> Any:
         gateway, client = yield self.gateway()
         for cmd, data, words in (
@@ -790,6 +885,22 @@ class ConsumerEndpointsTests(GatewayCase):
         self.assertEqual(status, 503)
         self.assertFalse(document["ready"])
         self.assertIn("the consumers have not loaded", document["reason"])
+
+
+#: 40 characters: a prompt estimated at 10 tokens (the stand-in counts 10).
+BURST_PROMPT = [{"role": "user", "content": "Say hello to the forty-character prompt!"}]
+
+
+def burst_call(sdk: openai.OpenAI, model: str = "kimi/moonshot-v1-8k") -> tuple[int, str | None, str | None]:
+    """
+    One chat call of a parallel burst (in a thread): its status, error
+    code and Retry-After.
+    """
+    try:
+        sdk.chat.completions.create(model=model, messages=BURST_PROMPT, max_tokens=4)  # type: ignore[arg-type]
+    except openai.APIStatusError as e:
+        return e.status_code, e.code, e.response.headers.get("retry-after")
+    return 200, None, None
 
 
 def http_get(url: str) -> tuple[int, bytes]:

@@ -11,19 +11,21 @@ import time
 from typing import Any
 
 import openai
+import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.shared import SharedCounters
-from openclaw.consumers.table import Holder
+from openclaw.consumers.table import RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
 from tests.redis_server import RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
+from tests.test_consumers import burst_call
 from tests.test_twistd import SECRET, base_env
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
@@ -188,6 +190,26 @@ class ConsumersOnTwoInstances(TestCase):
             yield sleep(0.05)
 
     @inlineCallbacks
+    def test_tpm_holds_against_a_parallel_burst_on_both(self) -> Any:
+        """
+        tpm 30, 20 parallel calls of 14 tokens shared between the two
+        instances, answered after 0.5 s: the reservations are the
+        cluster's, so 3 are admitted in all (0, 14, 28 < 30), not 3 per
+        instance; the rest get 429 with Retry-After.
+        """
+        self.upstream.kimi.delay = 0.5
+        (_, token, on_a, api_a), (_, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "tpmc", "tpm": 30})
+        yield self.reaches(on_b, token, "tpmc")
+        sdks = [self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])]
+        answers = yield gatherResults([deferToThread(burst_call, sdks[i % 2]) for i in range(20)])
+        self.assertEqual(sorted(a[0] for a in answers), [200] * 3 + [429] * 17, answers)
+        for status, code, retry_after in answers:
+            if status == 429:
+                self.assertEqual(code, "rate_limit_exceeded")
+                self.assertTrue(1 <= int(retry_after or 0) <= 60, retry_after)
+
+    @inlineCallbacks
     def test_spend_survives_a_redis_restart(self) -> Any:
         """
         A budget spent across both instances is still enforced after Redis
@@ -258,6 +280,75 @@ class ConsumersOnTwoInstances(TestCase):
         self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), 0.00001, places=12)
         listed = yield self.command(on_b, token, "consumer_list", {"name": "cheap"})
         self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00001, places=12)
+
+
+class RedisScripts:
+    """
+    What L{SharedCounters} needs of the cluster's store, on a real
+    C{redis-server} through txredisapi's public API.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        evaluated: Deferred[Any] = self.connection.eval(source, keys, args)
+        return evaluated
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        return succeed(None)
+
+
+class SharedTpmReservations(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def counters(self) -> Any:
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.cleanup)
+        connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+        self.addCleanup(connection.disconnect)
+        counters = SharedCounters(RedisScripts(connection), reactor, 5.0)
+        counters.up = True
+        return counters, redis
+
+    @inlineCallbacks
+    def test_tpm_reserved_atomically_in_redis(self) -> Any:
+        """
+        Concurrent admissions in Redis reserve their tokens in the script
+        that checks them: tpm 30 and 14 tokens a call admits 3 of 6 sent at
+        once; a count replaces a reservation by the actual tokens; a
+        reservation never counted expires after RESERVATION_SECONDS.
+        """
+        counters, redis = yield self.counters()
+        consumer = Consumer("a", tpm=30, created_at=5.0)
+        now = float(int(time.time()))
+        holders = [Holder("a", "p", 5.0) for _ in range(6)]
+        answers = yield gatherResults([counters.admit(consumer, now, h, 0.0, 14) for h in holders])
+        self.assertEqual([a is None for a in answers], [True] * 3 + [False] * 3)
+        refused = answers[3]
+        self.assertEqual(refused.code, "rate_limit_exceeded")
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        [reserved_key] = redis_keys(redis.port, "openclaw:consumer:a:*:reserved_tokens")
+        self.assertEqual(redis_command(redis.port, "HGET", reserved_key, str(int(now))), b"$2\r\n42\r\n")
+        # Counted with 5 of its 14 tokens, then another: 10 + 14 < 30 admits.
+        counters.counted("a", 5, 0.0, now + 1, holders[0])
+        counters.counted("a", 5, 0.0, now + 1, holders[1])
+        yield sleep(0.2)
+        self.assertEqual(redis_command(redis.port, "HGET", reserved_key, str(int(now))), b"$2\r\n14\r\n")
+        admitted = yield counters.admit(consumer, now + 1, Holder("a", "p", 5.0), 0.0, 14)
+        self.assertIsNone(admitted)
+        # Reservations whose calls never end are forgotten (the window's
+        # tokens are long gone too).
+        later = now + RESERVATION_SECONDS + 2
+        admitted = yield gatherResults(
+            [counters.admit(consumer, later, Holder("a", "p", 5.0), 0.0, 14) for _ in range(3)]
+        )
+        self.assertEqual([a is None for a in admitted], [True, True, True])
 
 
 class Unreachable:

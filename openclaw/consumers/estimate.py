@@ -68,6 +68,15 @@ def prompt_characters(body: dict[str, Any]) -> int:
     )
 
 
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """
+    The estimated tokens of a chat request's prompt (L{prompt_characters},
+    one token per 4 characters, rounded up): what a consumer's call
+    reserves of its budget and C{tpm} for its prompt at admission.
+    """
+    return tokens_of(prompt_characters(body))
+
+
 def _message_characters(message: Any) -> int:
     if not isinstance(message, dict):
         return 0
@@ -126,5 +135,6 @@ __all__ = [
     "chunk_characters",
     "estimated_usage",
     "prompt_characters",
+    "prompt_tokens",
     "tokens_of",
 ]

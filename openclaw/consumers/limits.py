@@ -6,8 +6,10 @@ counted within the last 60 seconds, as a log of (time, amount) entries.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
+from collections.abc import Iterable
 
 WINDOW_SECONDS = 60.0
 
@@ -39,13 +41,19 @@ class SlidingWindow:
             self._entries.append((now, amount))
             self.total += amount
 
-    def retry_after(self, now: float, limit: int) -> int:
+    def retry_after(self, now: float, limit: int, held: Iterable[tuple[float, int]] = ()) -> int:
         """
         Whole seconds until the window holds less than C{limit} (at least 1).
+
+        @param held: (POSIX second, amount) entries counted as if in the
+            window (a C{tpm} check's reservations of calls in flight, at
+            their admission: their tokens leave the window no sooner than
+            60 s after it), sorted by time.
         """
         self._expire(now)
-        remaining = self.total
-        for at, amount in self._entries:
+        held = list(held)
+        remaining = self.total + sum(amount for _, amount in held)
+        for at, amount in heapq.merge(self._entries, held):
             remaining -= amount
             if remaining < limit:
                 return max(1, math.ceil(at + WINDOW_SECONDS - now))

@@ -6,7 +6,8 @@ consumer changes reach every instance through the cluster's channel.
 
 Admission is one Lua script (L{ADMIT}: one round trip, EVALSHA once
 known) that checks the budget, C{tpm} and C{rpm} and, when admitted,
-counts the request and reserves the call's estimated cost, atomically.
+counts the request and reserves the call's estimated cost and tokens,
+atomically.
 Counting after the answer is another (L{COUNT}), off the admission path.
 
 Redis keys (C{<CLUSTER_NAME>:consumer:<name>:<created>:...}, C{created}
@@ -15,7 +16,8 @@ its name is another, whose counters a late count of the deleted one's
 calls, on any instance, cannot reach): C{rpm} and C{tpm}
 (hashes of whole POSIX seconds -> amount, expiring after 61 s; a sliding
 60 s window at 1 s resolution), C{reserved} (second of admission -> US
-dollars), C{spend:<period>} (US dollars, C{INCRBYFLOAT}; a day's kept 3
+dollars) and C{reserved_tokens} (second of admission -> tokens), both
+expiring after L{RESERVATION_SECONDS}, C{spend:<period>} (US dollars, C{INCRBYFLOAT}; a day's kept 3
 days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded:2} says the spends
 were seeded from the database: a Redis that comes back empty has no such
 key, so spends are not counted there (they still reach the database) and
@@ -49,11 +51,15 @@ from openclaw.dataplane.errors import APIError
 if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable
 
-#: KEYS: seeded marker, spend (the budget's period), reserved, tpm, rpm.
+#: KEYS: seeded marker, spend (the budget's period), reserved, tpm, rpm,
+#: reserved tokens.
 #: ARGV: now (whole seconds), budget or '', tpm or '', rpm or '', US
-#: dollars to reserve, reservation lifetime (seconds).
+#: dollars to reserve, reservation lifetime (seconds), tokens to reserve.
 #: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
 #: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
+#: The tpm check counts the window's tokens plus the reserved tokens; its
+#: Retry-After takes each reservation as counted at its admission second
+#: (L{openclaw.consumers.limits.SlidingWindow.retry_after}).
 ADMIT = """
 local now = tonumber(ARGV[1])
 local function window(key, horizon)
@@ -88,8 +94,10 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   local used, live = window(KEYS[4], now - 60)
-  if used >= tonumber(ARGV[3]) then
-    return {2, tostring(spent), tostring(retry(live, used, tonumber(ARGV[3])))}
+  local held, pending = window(KEYS[6], now - tonumber(ARGV[6]))
+  if used + held >= tonumber(ARGV[3]) then
+    for _, e in ipairs(pending) do live[#live + 1] = e end
+    return {2, tostring(spent), tostring(retry(live, used + held, tonumber(ARGV[3])))}
   end
 end
 if ARGV[4] ~= '' then
@@ -104,11 +112,18 @@ if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], ARGV[5])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]) + 1)
 end
+if ARGV[3] ~= '' and tonumber(ARGV[7]) > 0 then
+  redis.call('HINCRBY', KEYS[6], ARGV[1], ARGV[7])
+  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[6]) + 1)
+end
 return {0, tostring(spent), '0'}
 """
 
-#: KEYS: seeded marker, tpm, reserved, day, month and total spends.
-#: ARGV: now, tokens, cost, US dollars reserved, second of the reservation.
+#: KEYS: seeded marker, tpm, reserved, day, month and total spends,
+#: reserved tokens.
+#: ARGV: now, tokens, cost, US dollars reserved, second of the
+#: reservations, tokens reserved.  The tokens' reservation is replaced by
+#: the tokens counted in one step.
 COUNT = """
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
@@ -117,6 +132,10 @@ end
 if tonumber(ARGV[4]) > 0 and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 1 then
   local left = tonumber(redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], '-' .. ARGV[4]))
   if left <= 1e-12 then redis.call('HDEL', KEYS[3], ARGV[5]) end
+end
+if tonumber(ARGV[6]) > 0 and redis.call('HEXISTS', KEYS[7], ARGV[5]) == 1 then
+  local left = redis.call('HINCRBY', KEYS[7], ARGV[5], '-' .. ARGV[6])
+  if left <= 0 then redis.call('HDEL', KEYS[7], ARGV[5]) end
 end
 if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('INCRBYFLOAT', KEYS[4], ARGV[3])
@@ -232,6 +251,7 @@ class SharedCounters:
         created = deleted.created_at
         keys = [
             self._keys(consumer, created, "reserved"),
+            self._keys(consumer, created, "reserved_tokens"),
             self._keys(consumer, created, "tpm"),
             self._keys(consumer, created, "rpm"),
             *(self._keys(consumer, created, "spend", period_key(period, now)) for period in ("day", "month", "total")),
@@ -250,12 +270,12 @@ class SharedCounters:
         return max(self.local.spent(consumer, period, now), self.seen.get(key, 0.0))
 
     def admit(
-        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | Deferred[APIError | None] | None:
         if consumer.budget_usd is None and consumer.tpm is None and consumer.rpm is None:
             return None
         if not self.up:
-            return self.local.admit(consumer, now, holder, reserve)
+            return self.local.admit(consumer, now, holder, reserve, tokens)
         name, created = consumer.name, consumer.created_at
         second = int(now)
         keys = [
@@ -264,6 +284,7 @@ class SharedCounters:
             self._keys(name, created, "reserved"),
             self._keys(name, created, "tpm"),
             self._keys(name, created, "rpm"),
+            self._keys(name, created, "reserved_tokens"),
         ]
         args = [
             str(second),
@@ -272,23 +293,24 @@ class SharedCounters:
             "" if consumer.rpm is None else str(consumer.rpm),
             _usd(reserve),
             str(RESERVATION_SECONDS),
+            str(max(0, tokens)),
         ]
         asked: Deferred[Any] = self.redis.script(ADMIT, keys, args)
         asked.addTimeout(self.timeout, self.reactor)
         return asked.addCallbacks(
             self._decided,
             self._unanswered,
-            callbackArgs=(consumer, now, holder, reserve),
-            errbackArgs=(consumer, now, holder, reserve),
+            callbackArgs=(consumer, now, holder, reserve, tokens),
+            errbackArgs=(consumer, now, holder, reserve, tokens),
         )
 
     def _decided(
-        self, reply: Any, consumer: Consumer, now: float, holder: Holder | None, reserve: float
+        self, reply: Any, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
     ) -> APIError | None:
         code = int(reply[0])
         if code == 4:
             self.unseeded()
-            return self.local.admit(consumer, now, holder, reserve)
+            return self.local.admit(consumer, now, holder, reserve, tokens)
         name = consumer.name
         spent = float(reply[1])
         if consumer.budget_usd is not None:
@@ -305,22 +327,24 @@ class SharedCounters:
             assert consumer.rpm is not None
             return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))
         # Admitted: counted here too, for when Redis goes away.
-        self.local.admitted(consumer, now, holder, reserve)
+        self.local.admitted(consumer, now, holder, reserve, tokens)
         return None
 
     def _unanswered(
-        self, reason: Failure, consumer: Consumer, now: float, holder: Holder | None, reserve: float
+        self, reason: Failure, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
     ) -> APIError | None:
         self._log.warn(
             "Redis did not answer a consumer's admission ({error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
-        return self.local.admit(consumer, now, holder, reserve)
+        return self.local.admit(consumer, now, holder, reserve, tokens)
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
-        reserved, reserved_at = (holder.reserved, holder.reserved_at) if holder is not None else (0.0, 0)
+        reserved, reserved_tokens, reserved_at = (
+            (holder.reserved, holder.reserved_tokens, holder.reserved_at) if holder is not None else (0.0, 0, 0)
+        )
         self.local.counted(consumer, tokens, cost, now, holder)
-        if holder is None or not self.up or not (tokens or cost or reserved):
+        if holder is None or not self.up or not (tokens or cost or reserved or reserved_tokens):
             # No holder, no consumer to count for in Redis (which one of that name).
             return
         created = holder.created_at
@@ -329,8 +353,9 @@ class SharedCounters:
             self._keys(consumer, created, "tpm"),
             self._keys(consumer, created, "reserved"),
             *(self._keys(consumer, created, "spend", period_key(period, now)) for period in ("day", "month", "total")),
+            self._keys(consumer, created, "reserved_tokens"),
         ]
-        args = [str(int(now)), str(tokens), _usd(cost), _usd(reserved), str(reserved_at)]
+        args = [str(int(now)), str(tokens), _usd(cost), _usd(reserved), str(reserved_at), str(reserved_tokens)]
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
         sent.addTimeout(self.timeout, self.reactor).addErrback(
             lambda reason: self._log.warn(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -37,9 +37,12 @@ from openclaw.dataplane.errors import APIError
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
 MAX_PENDING_ROWS = 100_000
-#: A budget reservation of a call never counted (its client went away
-#: before the call started) is forgotten after this long, in seconds.
+#: A reservation (budget or C{tpm}) of a call never counted (its client
+#: went away before the call started, its instance crashed) is forgotten
+#: after this long, in seconds.
 RESERVATION_SECONDS = 900
+
+_Amount = TypeVar("_Amount", int, float)
 
 
 @attrs.define(eq=False)
@@ -47,8 +50,8 @@ class Holder:
     """
     Who presented a key: a consumer (its name and the key's prefix) or,
     for C{GATEWAY_API_KEYS}' keys, L{GATEWAY}.  One per request: it also
-    carries what the request reserved of its consumer's budget until its
-    answer is counted (see L{ConsumerTable.admit}).
+    carries what the request reserved of its consumer's budget and C{tpm}
+    until its answer is counted (see L{ConsumerTable.admit}).
     """
 
     consumer: str
@@ -58,7 +61,10 @@ class Holder:
     created_at: float = 0.0
     #: US dollars reserved at admission, released when the call is counted.
     reserved: float = 0.0
-    #: The second (POSIX, whole) the reservation was made in.
+    #: Tokens reserved of the C{tpm} window at admission, replaced by the
+    #: call's actual tokens when it is counted.
+    reserved_tokens: int = 0
+    #: The second (POSIX, whole) the reservations were made in.
     reserved_at: int = 0
     #: The answer to every request of this holder (an expired consumer's
     #: 401), given by the resource so the refusal names its consumer.
@@ -153,7 +159,7 @@ class Counters(Protocol):
     """
 
     def admit(
-        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | Deferred[APIError | None] | None: ...
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None: ...
@@ -180,6 +186,8 @@ class LocalCounters:
     spend: dict[tuple[str, str], float] = attrs.Factory(dict)
     #: consumer -> {second of admission: US dollars reserved by calls in flight}.
     reservations: dict[str, dict[int, float]] = attrs.Factory(dict)
+    #: consumer -> {second of admission: tokens reserved by calls in flight}.
+    token_reservations: dict[str, dict[int, int]] = attrs.Factory(dict)
 
     def load(self, spend: dict[tuple[str, str], float]) -> None:
         # The database's figure, unless this instance counted more (rows
@@ -196,36 +204,54 @@ class LocalCounters:
         US dollars reserved by calls admitted within the last
         L{RESERVATION_SECONDS} and not counted yet.
         """
-        held = self.reservations.get(consumer)
-        if not held:
-            return 0.0
-        horizon = now - RESERVATION_SECONDS
-        for at in [at for at in held if at <= horizon]:
-            del held[at]
-        return max(0.0, sum(held.values()))
+        held = _live(self.reservations.get(consumer), now)
+        return max(0.0, sum(held.values())) if held else 0.0
 
-    def reserve(self, consumer: str, holder: Holder | None, reserve: float, now: float) -> None:
-        if holder is None or reserve <= 0:
+    def reserved_tokens(self, consumer: str, now: float) -> dict[int, int]:
+        """
+        {second of admission: tokens} reserved by calls admitted within
+        the last L{RESERVATION_SECONDS} and not counted yet.
+        """
+        return _live(self.token_reservations.get(consumer), now) or {}
+
+    def reserve(self, consumer: str, holder: Holder | None, reserve: float, now: float, tokens: int = 0) -> None:
+        if holder is None or (reserve <= 0 and tokens <= 0):
             return
         at = int(now)
-        held = self.reservations.setdefault(consumer, {})
-        held[at] = held.get(at, 0.0) + reserve
-        holder.reserved, holder.reserved_at = reserve, at
+        holder.reserved_at = at
+        if reserve > 0:
+            held = self.reservations.setdefault(consumer, {})
+            held[at] = held.get(at, 0.0) + reserve
+            holder.reserved = reserve
+        if tokens > 0:
+            tokens_held = self.token_reservations.setdefault(consumer, {})
+            tokens_held[at] = tokens_held.get(at, 0) + tokens
+            holder.reserved_tokens = tokens
 
     def release(self, consumer: str, holder: Holder | None) -> None:
-        if holder is None or holder.reserved <= 0:
+        if holder is None:
             return
-        held = self.reservations.get(consumer)
-        if held is not None and holder.reserved_at in held:
-            left = held[holder.reserved_at] - holder.reserved
-            if left > 1e-12:
-                held[holder.reserved_at] = left
-            else:
-                del held[holder.reserved_at]
-        holder.reserved = 0.0
+        if holder.reserved > 0:
+            held = self.reservations.get(consumer)
+            if held is not None and holder.reserved_at in held:
+                left = held[holder.reserved_at] - holder.reserved
+                if left > 1e-12:
+                    held[holder.reserved_at] = left
+                else:
+                    del held[holder.reserved_at]
+            holder.reserved = 0.0
+        if holder.reserved_tokens > 0:
+            tokens_held = self.token_reservations.get(consumer)
+            if tokens_held is not None and holder.reserved_at in tokens_held:
+                tokens_left = tokens_held[holder.reserved_at] - holder.reserved_tokens
+                if tokens_left > 0:
+                    tokens_held[holder.reserved_at] = tokens_left
+                else:
+                    del tokens_held[holder.reserved_at]
+            holder.reserved_tokens = 0
 
     def admit(
-        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | None:
         name = consumer.name
         if consumer.budget_usd is not None:
@@ -235,8 +261,12 @@ class LocalCounters:
                 return budget_spent(consumer, spent, now, reserved)
         if consumer.tpm is not None:
             window = self.tokens.get(name)
-            if window is not None and window.used(now) >= consumer.tpm:
-                return rate_limited(name, "tpm", consumer.tpm, window.retry_after(now, consumer.tpm))
+            if window is None:
+                window = self.tokens[name] = SlidingWindow()
+            held = self.reserved_tokens(name, now)
+            if window.used(now) + sum(held.values()) >= consumer.tpm:
+                retry = window.retry_after(now, consumer.tpm, sorted(held.items()))
+                return rate_limited(name, "tpm", consumer.tpm, retry)
         if consumer.rpm is not None:
             window = self.requests.get(name)
             if window is None:
@@ -244,11 +274,21 @@ class LocalCounters:
             if window.used(now) >= consumer.rpm:
                 return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
             window.add(now)
-        if consumer.budget_usd is not None:
-            self.reserve(name, holder, reserve, now)
+        self._reserve(consumer, holder, reserve, tokens, now)
         return None
 
-    def admitted(self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0) -> None:
+    def _reserve(self, consumer: Consumer, holder: Holder | None, reserve: float, tokens: int, now: float) -> None:
+        self.reserve(
+            consumer.name,
+            holder,
+            reserve if consumer.budget_usd is not None else 0.0,
+            now,
+            tokens if consumer.tpm is not None else 0,
+        )
+
+    def admitted(
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
+    ) -> None:
         """
         Count a call admitted elsewhere (by Redis, for the cluster) without
         checking it: this instance's figures stay close to the cluster's
@@ -259,8 +299,7 @@ class LocalCounters:
             if window is None:
                 window = self.requests[consumer.name] = SlidingWindow()
             window.add(now)
-        if consumer.budget_usd is not None:
-            self.reserve(consumer.name, holder, reserve, now)
+        self._reserve(consumer, holder, reserve, tokens, now)
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
         self.release(consumer, holder)
@@ -287,10 +326,23 @@ class LocalCounters:
         self.requests.pop(consumer, None)
         self.tokens.pop(consumer, None)
         self.reservations.pop(consumer, None)
+        self.token_reservations.pop(consumer, None)
         self.spend = {key: usd for key, usd in self.spend.items() if key[0] != consumer}
 
     def deleted(self, consumer: Consumer, now: float) -> None:
         self.forget(consumer.name)
+
+
+def _live(held: dict[int, _Amount] | None, now: float) -> dict[int, _Amount] | None:
+    """
+    C{held} (second of admission -> amount reserved) without the
+    reservations older than L{RESERVATION_SECONDS}, which it forgets.
+    """
+    if held:
+        horizon = now - RESERVATION_SECONDS
+        for at in [at for at in held if at <= horizon]:
+            del held[at]
+    return held
 
 
 class ConsumerTable:
@@ -301,7 +353,7 @@ class ConsumerTable:
     @param clock: POSIX seconds (C{reactor.seconds}).
     @param flush_seconds: how often usage rows are written, in one batch.
     @param reserve_tokens: completion tokens a call without C{max_tokens}
-        reserves of its consumer's budget while in flight
+        reserves of its consumer's budget and C{tpm} while in flight
         (C{CONSUMER_RESERVE_TOKENS}).
     """
 
@@ -467,22 +519,37 @@ class ConsumerTable:
             self.metrics.requests(holder.consumer, status)
 
     def admit(
-        self, holder: Holder, provider: str, model: str, max_tokens: int | None = None, prompt_tokens: int = 0
+        self,
+        holder: Holder,
+        provider: str,
+        model: str,
+        max_tokens: int | None = None,
+        prompt_tokens: int | Callable[[], int] = 0,
     ) -> APIError | Deferred[APIError | None] | None:
         """
         Whether the holder may call C{provider/model} now: None, or the
         403/429 to answer (counted as limited).
 
+        An admitted call of a consumer with a budget or C{tpm} reserves its
+        expected tokens: C{prompt_tokens} (the estimate of
+        L{openclaw.consumers.estimate}, or a function giving it, called at
+        most once and only for such a consumer) plus C{max_tokens}
+        completion tokens (L{reserve_tokens} when it sets none; 0 for a
+        call that completes nothing, as embeddings), until its answer is
+        counted (L{account}), or for L{RESERVATION_SECONDS} at most.
+
         The budget rule: a call is admitted while the period's spend plus
-        the reservations of the consumer's calls in flight is below the
-        budget; an admitted call then reserves the price of C{max_tokens}
-        completion tokens (or L{reserve_tokens} when it sets none; 0 for a
-        call that completes nothing, as embeddings) and of C{prompt_tokens}
-        (when known before the call) until its answer is counted
-        (L{account}).  Concurrent calls therefore
-        overshoot the budget by at most what they cost beyond their
-        reservations (their prompts, and completions longer than the
-        reservation when no C{max_tokens} bounds them).
+        the reservations (the price of those tokens) of the consumer's
+        calls in flight is below the budget.  The C{tpm} rule: while the
+        tokens of the last 60 s plus the tokens reserved by calls in
+        flight are below C{tpm}; when the call is counted its reservation
+        is replaced by its actual tokens.  With nothing used or in
+        flight, a call is admitted whatever it reserves.  Concurrent calls
+        therefore take a consumer past a limit by less than the last
+        admitted call's reservation plus what the calls in flight use
+        beyond their reservations (prompts longer than the estimate,
+        completions longer than L{reserve_tokens} when no C{max_tokens}
+        bounds them).
         """
         if holder is GATEWAY:
             return None
@@ -493,11 +560,15 @@ class ConsumerTable:
         if not consumer.allows(provider, model):
             refusal: APIError | Deferred[APIError | None] | None = model_not_allowed(consumer, provider, model)
         else:
-            reserve = 0.0
-            if consumer.budget_usd is not None:
-                tokens = self.reserve_tokens if max_tokens is None else max(0, max_tokens)
-                reserve = self.prices.cost(provider, model, prompt_tokens, tokens) or 0.0
-            refusal = self.counters.admit(consumer, self.clock(), holder, reserve)
+            reserve, tokens = 0.0, 0
+            if consumer.budget_usd is not None or consumer.tpm is not None:
+                prompt = prompt_tokens() if callable(prompt_tokens) else prompt_tokens
+                completion = self.reserve_tokens if max_tokens is None else max(0, max_tokens)
+                if consumer.budget_usd is not None:
+                    reserve = self.prices.cost(provider, model, prompt, completion) or 0.0
+                if consumer.tpm is not None:
+                    tokens = prompt + completion
+            refusal = self.counters.admit(consumer, self.clock(), holder, reserve, tokens)
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, provider, model)
         return self._limited(refusal, holder, provider, model)

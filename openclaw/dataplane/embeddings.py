@@ -214,7 +214,7 @@ class Embeddings(_Authenticated):
         if consumers is None or holder is GATEWAY:
             return self._start(request, adapter, parsed, route, started, holder)
         # A consumer's limits: rpm, tpm and budget with the prompt tokens, models.
-        admission = consumers.admit(holder, parsed.provider, parsed.model, 0, estimated_tokens(parsed.inputs))
+        admission = consumers.admit(holder, parsed.provider, parsed.model, 0, lambda: estimated_tokens(parsed.inputs))
         return self.after_admission(
             request,
             admission,

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
+from openclaw.consumers.estimate import prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, completion_limit
 from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
@@ -624,7 +625,9 @@ class ChatCompletions(_Authenticated):
             call.start(body)
             return NOT_DONE_YET
         # A cluster's shared windows: one round trip to Redis.
-        admission = consumers.admit(holder, route.provider_id, route.model, completion_limit(chat.body))
+        admission = consumers.admit(
+            holder, route.provider_id, route.model, completion_limit(chat.body), lambda: prompt_tokens(chat.body)
+        )
         return self.after_admission(request, admission, lambda: call.start(body), started, route, holder)
 
 
