@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.shared import SharedCounters
-from openclaw.consumers.table import RESERVATION_SECONDS, Holder
+from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
 from tests.redis_server import RedisServer
@@ -322,7 +322,7 @@ class SharedTpmReservations(TestCase):
         Concurrent admissions in Redis reserve their tokens in the script
         that checks them: tpm 30 and 14 tokens a call admits 3 of 6 sent at
         once; a count replaces a reservation by the actual tokens; a
-        reservation never counted expires after RESERVATION_SECONDS.
+        reservation never counted lapses after TOKEN_RESERVATION_SECONDS.
         """
         counters, redis = yield self.counters()
         consumer = Consumer("a", tpm=30, created_at=5.0)
@@ -344,7 +344,7 @@ class SharedTpmReservations(TestCase):
         self.assertIsNone(admitted)
         # Reservations whose calls never end are forgotten (the window's
         # tokens are long gone too).
-        later = now + RESERVATION_SECONDS + 2
+        later = now + TOKEN_RESERVATION_SECONDS + 2
         admitted = yield gatherResults(
             [counters.admit(consumer, later, Holder("a", "p", 5.0), 0.0, 14) for _ in range(3)]
         )

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from openclaw.consumers.model import Consumer, period_key
 from openclaw.consumers.table import (
     RESERVATION_SECONDS,
+    TOKEN_RESERVATION_SECONDS,
     Holder,
     LocalCounters,
     budget_spent,
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 #: KEYS: seeded marker, spend (the budget's period), reserved, tpm, rpm,
 #: reserved tokens.
 #: ARGV: now (whole seconds), budget or '', tpm or '', rpm or '', US
-#: dollars to reserve, reservation lifetime (seconds), tokens to reserve.
+#: dollars to reserve, reservation lifetime (seconds), tokens to reserve,
+#: token reservation lifetime (seconds).
 #: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
 #: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
 #: The tpm check counts the window's tokens plus the reserved tokens; its
@@ -94,7 +96,7 @@ if ARGV[2] ~= '' then
 end
 if ARGV[3] ~= '' then
   local used, live = window(KEYS[4], now - 60)
-  local held, pending = window(KEYS[6], now - tonumber(ARGV[6]))
+  local held, pending = window(KEYS[6], now - tonumber(ARGV[8]))
   if used + held >= tonumber(ARGV[3]) then
     for _, e in ipairs(pending) do live[#live + 1] = e end
     return {2, tostring(spent), tostring(retry(live, used + held, tonumber(ARGV[3])))}
@@ -114,7 +116,7 @@ if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
 end
 if ARGV[3] ~= '' and tonumber(ARGV[7]) > 0 then
   redis.call('HINCRBY', KEYS[6], ARGV[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[6]) + 1)
+  redis.call('EXPIRE', KEYS[6], tonumber(ARGV[8]) + 1)
 end
 return {0, tostring(spent), '0'}
 """
@@ -294,6 +296,7 @@ class SharedCounters:
             _usd(reserve),
             str(RESERVATION_SECONDS),
             str(max(0, tokens)),
+            str(TOKEN_RESERVATION_SECONDS),
         ]
         asked: Deferred[Any] = self.redis.script(ADMIT, keys, args)
         asked.addTimeout(self.timeout, self.reactor)

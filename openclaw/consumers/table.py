@@ -37,10 +37,15 @@ from openclaw.dataplane.errors import APIError
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
 MAX_PENDING_ROWS = 100_000
-#: A reservation (budget or C{tpm}) of a call never counted (its client
-#: went away before the call started, its instance crashed) is forgotten
-#: after this long, in seconds.
+#: A budget reservation of a call never counted (its client went away
+#: before the call started, its instance crashed) is forgotten after this
+#: long, in seconds.
 RESERVATION_SECONDS = 900
+#: A C{tpm} reservation lapses after the window it counts in (60 s): a
+#: call never counted (its instance crashed) must not hold a consumer's
+#: tokens for longer than the limit's own memory; a call still running
+#: then is counted when it ends, like any other.
+TOKEN_RESERVATION_SECONDS = 60
 
 _Amount = TypeVar("_Amount", int, float)
 
@@ -210,9 +215,9 @@ class LocalCounters:
     def reserved_tokens(self, consumer: str, now: float) -> dict[int, int]:
         """
         {second of admission: tokens} reserved by calls admitted within
-        the last L{RESERVATION_SECONDS} and not counted yet.
+        the last L{TOKEN_RESERVATION_SECONDS} and not counted yet.
         """
-        return _live(self.token_reservations.get(consumer), now) or {}
+        return _live(self.token_reservations.get(consumer), now, TOKEN_RESERVATION_SECONDS) or {}
 
     def reserve(self, consumer: str, holder: Holder | None, reserve: float, now: float, tokens: int = 0) -> None:
         if holder is None or (reserve <= 0 and tokens <= 0):
@@ -333,13 +338,15 @@ class LocalCounters:
         self.forget(consumer.name)
 
 
-def _live(held: dict[int, _Amount] | None, now: float) -> dict[int, _Amount] | None:
+def _live(
+    held: dict[int, _Amount] | None, now: float, lifetime: int = RESERVATION_SECONDS
+) -> dict[int, _Amount] | None:
     """
     C{held} (second of admission -> amount reserved) without the
-    reservations older than L{RESERVATION_SECONDS}, which it forgets.
+    reservations older than C{lifetime} seconds, which it forgets.
     """
     if held:
-        horizon = now - RESERVATION_SECONDS
+        horizon = now - lifetime
         for at in [at for at in held if at <= horizon]:
             del held[at]
     return held
