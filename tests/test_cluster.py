@@ -294,7 +294,7 @@ class TwoInstances(ClusterCase):
             self.assertEqual(up, 1)
             self.assertEqual(process.stdout.count(b"cluster store unreachable"), 1)
             self.assertEqual(process.stdout.count(b"cluster store up:"), 2)
-            self.assertLessEqual(process.stdout.count(b"could not reload the cluster's state"), 1)
+            self.assertLessEqual(process.stdout.count(b"could not reload the cluster's route and token"), 1)
 
     @inlineCallbacks
     def test_key_rest_shared(self):

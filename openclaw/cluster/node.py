@@ -4,6 +4,28 @@ instance's route and session token equal to the cluster's, writes
 C{switch_provider} and C{rotate_token} to the shared store before applying
 them, and carries on with the last state it knew while the store is away.
 
+When the store lost the state (Redis restarted empty, C{FLUSHALL},
+C{FLUSHDB}, an eviction), the instances that knew it write it back, and a
+newcomer never overrides them; the rule (L{ClusterNode._outranks}):
+
+ - an instance that has never been in step with the cluster (just
+   started) proposes its configured route and a fresh token at version 1,
+   set only if the store holds none, and otherwise takes what it holds;
+ - an instance that has been in step (it knows a version of the route or
+   token) and finds in the store a different value at a LOWER version
+   than it knows writes back its own (a write one version above both, so
+   every instance, the newcomer included, applies it);
+ - at the SAME version: for the token, the one issued earlier (C{iat},
+   then C{jti}) wins, so a token minted by a newcomer loses to the one the
+   operators hold; for the route, the instance's own is written back (a
+   route at a version the store already holds with another value was
+   written after the store lost its state);
+ - a HIGHER version in the store is the cluster's latest change: applied.
+
+Each heartbeat also reads the store's versions: one lower than the
+instance knows (0: the key is gone) means the store lost it, and the
+instance reloads at once, writing back what it knows by the same rule.
+
 Plain object: the store (L{openclaw.cluster.store.SharedStore}) and a clock
 are given; no socket here.
 """
@@ -15,7 +37,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -80,6 +110,17 @@ class StoreUnconfirmed(StoreUnavailable):
 
     def __init__(self) -> None:
         super().__init__(UNCONFIRMED)
+
+
+def describe(error: object, timeout: float) -> str:
+    """
+    What went wrong with a store call, for the log: C{error} as it reads,
+    or, for a call bounded by C{timeout} seconds (REDIS_TIMEOUT_SECONDS)
+    that got no answer in time, that.
+    """
+    if isinstance(error, TimeoutError):
+        return f"no answer from the cluster store within {timeout:g} s (REDIS_TIMEOUT_SECONDS)"
+    return str(error) or repr(error)
 
 
 def encode_route(route: Route) -> str:
@@ -237,18 +278,20 @@ class ClusterNode:
     def _reload(self) -> Any:
         before = dict(self.versions)
         try:
-            route = yield self._bounded(
-                self.store.ensure(ROUTE, encode_route(self.route.current), self.versions.get(ROUTE, 1), self.instance)
-            )
+            mine = encode_route(self.route.current)
+            route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
+            if self._outranks(ROUTE, mine, route):
+                route = yield self._bounded(self._write_back(ROUTE, mine, route))
             current = self.sessions.current_or_none
             if current is None:
                 # Proposed as the cluster's first token; kept only if the
                 # cluster has none (set-if-absent): an instance never
                 # replaces the cluster's token on its own.
                 current = self.sessions.mint()
-            token = yield self._bounded(
-                self.store.ensure(TOKEN, encode_token(current), self.versions.get(TOKEN, 1), self.instance)
-            )
+            mine = encode_token(current)
+            token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
+            if self._outranks(TOKEN, mine, token):
+                token = yield self._bounded(self._write_back(TOKEN, mine, token))
             if self._due(token):
                 # An expired token (or one due for renewal) counts as
                 # absent: replaced by a compare-and-set on its jti, so one
@@ -258,7 +301,19 @@ class ClusterNode:
             # Logged once per outage, not once per retry.
             if not self._reload_failing:
                 self._reload_failing = True
-                self._log.warn("could not reload the cluster's state: {error}; retrying", error=str(e) or repr(e))
+                if self.up:
+                    then = f"trying again at the next heartbeat (every {HEARTBEAT_INTERVAL_SECONDS:g} s)"
+                else:
+                    then = (
+                        "serving with the last known route and token and refusing changes meanwhile; "
+                        f"trying again in {self._retry_delay:g} s, then backing off up to {self._retry_max:g} s "
+                        "between attempts, until it works"
+                    )
+                self._log.warn(
+                    "could not reload the cluster's route and token from its store ({error}); {then}",
+                    error=describe(e, self._timeout),
+                    then=then,
+                )
             self._retry_later()
             return
         try:
@@ -290,6 +345,62 @@ class ClusterNode:
         if self._connected:
             self._set_up(True)
             self.beat()
+
+    def _outranks(self, name: str, mine: str, held: Versioned) -> bool:
+        """
+        Whether this instance's C{mine} (its route or token, encoded) must
+        replace C{held}, what the store holds for C{name}: the store lost
+        the state and holds one this instance did not know (see the
+        module's docstring for the rule).  Never for an instance that has
+        not been in step with the cluster yet.
+        """
+        known = self.versions.get(name)
+        if known is None or held.version > known:
+            return False
+        try:
+            theirs = json.loads(held.value)
+        except ValueError:
+            return True  # nothing any instance can apply
+        if theirs == json.loads(mine):
+            return False
+        if name == ROUTE:
+            return True
+        if self._foreign_token is not None:
+            return False  # this instance refused the cluster's token: its own is not the cluster's
+        try:
+            held_token = decode_token(held.value)
+        except (ValueError, KeyError, TypeError):
+            return True
+        try:
+            self.sessions.check(held_token)
+        except UntrustedToken:
+            return False  # refused by L{_apply} (another JWT_SECRET): never overwritten from here
+        if held.version < known:
+            return True
+        my_token = decode_token(mine)
+        return (my_token.issued_at, my_token.jti) < (held_token.issued_at, held_token.jti)
+
+    def _write_back(self, name: str, mine: str, held: Versioned) -> Deferred[Versioned]:
+        """
+        Write C{mine} back as C{name} in place of C{held} (L{_outranks}),
+        one version above both; fires with what was written.
+        """
+        known = self.versions.get(name, 0)
+        self._log.warn(
+            "the cluster store holds {name} version {version} (written by {origin}) where this instance knew "
+            "version {known}: the store lost the cluster's state (restarted empty, flushed or evicted); "
+            "writing back the {name} this instance knows",
+            name=name,
+            version=held.version,
+            origin=held.origin or "an unknown instance",
+            known=known,
+        )
+
+        def written(version: int) -> Versioned:
+            return Versioned(version, mine, self.instance)
+
+        wrote: Deferred[int] = self.store.write(name, mine, self.instance, uuid.uuid4().hex, known)
+        return wrote.addCallback(written)
 
     def _due(self, versioned: Versioned) -> bool:
         """
@@ -372,7 +483,7 @@ class ClusterNode:
             self._log.warn(
                 "could not renew the cluster's session token {jti}: {error}; trying again at the next heartbeat",
                 jti=current.jti,
-                error=failure.getErrorMessage() or repr(failure.value),
+                error=describe(failure.value, self._timeout),
             )
 
         def not_adopted(failure: Failure) -> None:
@@ -407,7 +518,7 @@ class ClusterNode:
         def failed(failure: Failure) -> None:
             self._log.warn(
                 "could not reload the cluster's key rests and lockouts: {error}",
-                error=failure.getErrorMessage() or repr(failure.value),
+                error=describe(failure.value, self._timeout),
             )
 
         return gatherResults(
@@ -560,7 +671,7 @@ class ClusterNode:
                 self._apply(name, Versioned(version, value, self.instance), here=True)
 
         def failed(failure: Failure) -> Deferred[int]:
-            error = failure.getErrorMessage() or repr(failure.value)
+            error = describe(failure.value, self._timeout)
             self._log.warn(
                 "writing {name} to the cluster store failed ({error}); asking the store whether it was written",
                 name=name,
@@ -604,7 +715,7 @@ class ClusterNode:
             try:
                 version = yield self._bounded(self.store.confirm(receipt))
             except Exception as e:
-                error = str(e) or repr(e)
+                error = describe(e, self._timeout)
                 continue
             self._log.warn(
                 "{name} was written to the cluster store after all (version {version})"
@@ -698,6 +809,17 @@ class ClusterNode:
             self._renew()
             if not self._connected or self._catching_up is not None:
                 return  # stopped or gone meanwhile, or a look already due
+            lost = sorted(name for name, version in heartbeat.versions.items() if version < self.versions.get(name, 0))
+            if lost and self.up:
+                # Versions never go down: the store lost these (FLUSHALL,
+                # FLUSHDB, an eviction, a restart the connection survived).
+                self._log.warn(
+                    "the cluster store lost the {names} this instance knows (flushed, evicted or restarted empty); "
+                    "writing them back",
+                    names=" and ".join(lost),
+                )
+                self._reload()
+                return
             if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
                 # Its publication may be on its way still: look again in a
                 # moment.
@@ -709,7 +831,7 @@ class ClusterNode:
                 # A connection can stay dead without closing (a reconnection
                 # that gave up): not a word from the store in this long.
                 self._missed_beats = 0
-                error = failure.getErrorMessage() or repr(failure.value)
+                error = describe(failure.value, self._timeout)
                 self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
 
         self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)).addCallbacks(

@@ -232,7 +232,7 @@ class WorkerSupervisor(Service):
     def stopService(self) -> Deferred[Any]:
         """
         SIGTERM to every worker (each drains: 1001 to its control clients,
-        calls in flight finished, its token file removed); fires once all
+        calls in flight finished; TOKEN_FILE left, as in any cluster); fires once all
         have ended, killing those still running after C{stop_timeout}.
         """
         super().stopService()

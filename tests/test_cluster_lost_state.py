@@ -1,0 +1,223 @@
+"""
+The store lost the cluster's state (Redis restarted empty, C{FLUSHALL},
+an eviction): the instances that knew it write it back, and a newcomer
+that reached the empty store first never overrides it (the rule in
+L{openclaw.cluster.node}).  L{ClusterNode}s on a L{MemoryStore} and a
+L{Clock}; then the same on a real C{redis-server} with C{twistd}
+instances.
+"""
+
+from __future__ import annotations
+
+import time
+from unittest import mock
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
+from twisted.trial.unittest import TestCase
+
+from openclaw.cluster import ClusterNode, MemoryStore
+from openclaw.cluster.node import ROUTE, TOKEN
+from openclaw.routing import ActiveRoute, Route
+from openclaw.session import SessionAuthority
+from tests.redis_server import DelayingProxy
+from tests.support import capture_log_events
+from tests.test_cluster import ClusterCase, printed, sleep
+from tests.test_cluster_review import redis_command
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+GEMINI = Route("gemini", "g-1")
+
+
+class LostState(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+        self.a, self.b = self.node("a"), self.node("b")
+        for node in (self.a, self.b):
+            node.connected()
+
+    def node(self, name: str, route: Route = GEMINI) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(route),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        self.store.listeners.append(node.received)
+        return node
+
+    def newcomer_first(self, route: Route = GEMINI) -> ClusterNode:
+        """
+        The store comes back empty; a newly started node reaches it before
+        the running ones reconnect (it proposes its configured route and a
+        token minted later, both at version 1); then they reconnect.
+        """
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.clock.advance(5)
+        d = self.node("d", route)
+        d.connected()
+        self.assertEqual(self.store.values[ROUTE].origin, "d")
+        self.a.connected()
+        self.b.connected()
+        return d
+
+    def assert_agree(self, route: Route, jti: str, *nodes: ClusterNode) -> None:
+        for node in nodes:
+            self.assertEqual((node.instance, node.route.current), (node.instance, route))
+            self.assertEqual((node.instance, node.sessions.current.jti), (node.instance, jti))
+        self.assertIn(jti, self.store.values[TOKEN].value)
+
+    def test_newcomer_loses_to_higher_versions(self) -> None:
+        """
+        The running nodes knew route and token at version 2: the store's
+        version 1 (the newcomer's) is replaced by theirs, and the newcomer
+        adopts them.
+        """
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        token = self.successResultOf(self.a.rotate(self.a.sessions.mint()))
+        d = self.newcomer_first()
+        self.assert_agree(Route("kimi", "k-1"), token.jti, self.a, self.b, d)
+        self.assertGreater(self.store.values[ROUTE].version, 2)
+
+    def test_newcomer_loses_at_the_same_version(self) -> None:
+        """
+        Never switched nor rotated (both at version 1): the earlier token
+        (the one the operators hold) wins over the newcomer's, and so does
+        the route the running nodes served over the newcomer's configured
+        one.
+        """
+        jti = self.a.sessions.current.jti
+        d = self.newcomer_first(Route("kimi", "k-9"))
+        self.assert_agree(Route("gemini", "g-1"), jti, self.a, self.b, d)
+
+    def test_later_token_at_the_same_version_adopted(self) -> None:
+        """
+        The converse: a node whose token was issued after the one the store
+        holds at the same version adopts the store's (no write-back war).
+        """
+        earlier = self.a.sessions.current
+        self.a.lost()
+        self.clock.advance(5)
+        later = self.a.sessions.mint()
+        self.a.sessions.adopt(later)
+        self.a.connected()
+        self.assertEqual(self.a.sessions.current.jti, earlier.jti)
+        self.assertEqual(self.store.values[TOKEN].version, 1)
+
+    def test_heartbeat_writes_back_a_flushed_state(self) -> None:
+        """
+        The store emptied in place (no disconnection): the next heartbeat
+        notices the keys gone and writes them back, so an instance started
+        afterwards joins the cluster's route and token.
+        """
+        self.a.start()
+        self.b.start()
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        token = self.successResultOf(self.a.rotate(self.a.sessions.mint()))
+        self.store.values.clear()
+        events = capture_log_events(self)
+        self.clock.advance(10)
+        self.assertTrue(any("the cluster store lost the route and token" in formatEvent(e) for e in events))
+        c = self.node("c")
+        c.connected()
+        self.assert_agree(Route("kimi", "k-1"), token.jti, self.a, self.b, c)
+
+    def test_reload_timeout_said_plainly(self) -> None:
+        """
+        A reload that timed out says so (not a timeout's repr), and what
+        happens next.
+        """
+        self.a.lost()
+        events = capture_log_events(self)
+        with mock.patch.object(self.store, "ensure", return_value=Deferred()):
+            self.a.connected()
+            self.clock.advance(1.0)
+        said = [formatEvent(e) for e in events if "could not reload" in formatEvent(e)]
+        self.assertEqual(
+            said,
+            [
+                "could not reload the cluster's route and token from its store (no answer from the cluster "
+                "store within 1 s (REDIS_TIMEOUT_SECONDS)); serving with the last known route and token and "
+                "refusing changes meanwhile; trying again in 1 s, then backing off up to 5 s between attempts, "
+                "until it works"
+            ],
+        )
+
+
+class LostStateOnRedis(ClusterCase):
+    @inlineCallbacks
+    def test_newcomer_first_after_an_empty_restart(self) -> None:
+        """
+        The reviewer's case: A and B (behind a proxy, so that they stay
+        away) serve kimi; Redis restarts empty and D, started then,
+        reaches it first; A and B come back: every instance serves kimi
+        and the operators' token works on D.
+        """
+        proxy = DelayingProxy(self.redis)
+        port = proxy.port.getHost().port
+        a = self.spawn(REDIS_URL=proxy.url)
+        token = yield a.token
+        b = self.spawn(REDIS_URL=proxy.url)
+        yield b.token
+        on_a = yield self.client(a.port)
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        yield printed(b, b"applied the cluster's route kimi/")
+        yield proxy.stop()
+        self.redis.stop()
+        self.redis.start()
+        d = self.spawn()
+        own = yield d.token
+        self.assertNotEqual(own, token)
+        proxy.port = reactor.listenTCP(port, proxy.port.factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stop)
+        yield printed(d, b"applied the cluster's route kimi/")
+        on_d = yield self.client(d.port)
+        status = yield self.status_becomes(on_d, token, "kimi")
+        self.assertEqual(status["result"]["provider_id"], "kimi")
+        for process in (a, b):
+            client = yield self.client(process.port)
+            status = yield client.ask(token, "status")
+            self.assertEqual(status["result"]["provider_id"], "kimi", process.stdout[-3000:])
+        self.assertNotIn(b"applied the cluster's route gemini", a.stdout + b.stdout)
+
+    @inlineCallbacks
+    def test_flushall_then_a_restart(self) -> None:
+        """
+        FLUSHALL between heartbeats: the instances write back route and
+        token; B restarted afterwards takes them (not a token of its own).
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        on_a = yield self.client(a.port)
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        yield printed(a, b"the cluster store lost the route and token")
+        deadline = time.monotonic() + 5
+        while not (yield deferToThread(redis_command, self.redis.port, "EXISTS", "openclaw:state:token")):
+            self.assertLess(time.monotonic(), deadline)
+            yield sleep(0.1)
+        yield b.stop()
+        again = self.spawn(b.port, b.api_port)
+        token_again = yield again.token
+        self.assertEqual(token_again, token)
+        on_again = yield self.client(again.port)
+        status = yield on_again.ask(token, "status")
+        self.assertEqual(status["result"]["provider_id"], "kimi")
+        answer = yield on_a.ask(token, "ping")
+        self.assertTrue(answer["ok"], answer)
