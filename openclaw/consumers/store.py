@@ -40,6 +40,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
+from openclaw.reactors import IStoreReactor
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -251,20 +252,17 @@ class ConsumerStore:
     Every method returns a Deferred; none blocks the reactor.
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: Any = None) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: IStoreReactor) -> None:
         self.pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
-        #: The pool's reactor (L{close} needs its threads and triggers);
-        #: L{None}: the global one.
-        if reactor is None:
-            from twisted.internet import reactor
+        #: The pool's reactor (L{close} needs its threads and triggers).
         self.reactor = reactor
         # ThreadPool's public hook for the threads it makes.
         pool.threadpool.threadFactory = _DaemonThread
 
     @classmethod
-    def open(cls, database_url: str | None, state_dir: Path, reactor: IReactorTime) -> ConsumerStore:
+    def open(cls, database_url: str | None, state_dir: Path, reactor: IStoreReactor) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
         in C{state_dir/openclaw.db}.
