@@ -185,9 +185,10 @@ class Settings:
     #: cut-off common in load balancers, since a POST sent on a connection
     #: the far end dropped silently is not retried (it is not idempotent).
     upstream_idle_seconds: float = 50.0
-    #: PEM file of the CA certificates trusted for https provider URLs, in
-    #: place of the system's; None: the system's trust store.
-    upstream_ca_file: Path | None = None
+    #: The CA certificates trusted for https provider URLs, in place of the
+    #: system's: the PEM bytes of UPSTREAM_CA_FILE, read (and checked)
+    #: once at start-up; None: the system's trust store.
+    upstream_ca_pem: bytes | None = None
     #: EMBEDDING_MODEL: the provider and model C{POST /v1/embeddings} uses
     #: (embeddings do not follow switch_provider: an application's vectors
     #: must stay comparable).  The provider is one whose adapter declares
@@ -583,10 +584,11 @@ def _writable_file(path: str) -> Path:
     return Path(path)
 
 
-def _ca_file(path: str) -> Path:
+def _ca_file(path: str) -> bytes:
     """
-    A PEM file of one or more CA certificates, checked now rather than at
-    the first provider call.
+    The bytes of a PEM file of one or more CA certificates, read and
+    checked now rather than at the first provider call (and read once: a
+    file changed or removed later makes no difference).
     """
     try:
         data = Path(path).read_bytes()
@@ -599,7 +601,7 @@ def _ca_file(path: str) -> Path:
             f"UPSTREAM_CA_FILE={path!r} holds no readable PEM certificate; "
             "give a file of -----BEGIN CERTIFICATE----- blocks"
         ) from None
-    return Path(path)
+    return data
 
 
 def _redis_url(text: str) -> str:
@@ -1079,7 +1081,8 @@ def load_settings(
     embedding = _read_embedding_model(read, declared, defaults)
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
-    ca_file = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_path, "")
+    no_pem: bytes | None = None
+    ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_state_dir: Path | None = None
     state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
     if state_dir is not None:
@@ -1134,7 +1137,7 @@ def load_settings(
             defaults.upstream_idle_seconds,
             "use a number of seconds greater than 0, such as 50",
         ),
-        upstream_ca_file=ca_file,
+        upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),

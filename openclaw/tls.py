@@ -6,12 +6,18 @@ trusting a CA file, and saying why a TLS handshake failed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_pem_x509_certificates
 from OpenSSL.SSL import Error as OpenSSLError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+if TYPE_CHECKING:
+    # Named in Twisted's documented signatures (trustRootFromCertificates,
+    # platformTrust, optionsForClientTLS) but not re-exported by
+    # twisted.internet.ssl: imported for the type checker only.
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 try:
     from service_identity import VerificationError
@@ -19,17 +25,29 @@ except ImportError:  # pragma: no cover - service_identity ships with twisted[tl
     VerificationError = OpenSSLError  # type: ignore[assignment,misc]
 
 
-def trust_root_from_file(path: Path) -> Any:
+def trust_root_from_pem(data: bytes) -> IOpenSSLTrustRoot:
     """
-    Every CA certificate in the PEM file C{path} (one CA or a bundle), as a
+    Every CA certificate in the PEM text C{data} (one CA or a bundle), as a
     trust root (what C{trustRootFromCertificates} returns) for
     C{optionsForClientTLS} or C{BrowserLikePolicyForHTTPS}.
+
+    @raise ValueError: it holds no PEM certificate.
+    """
+    certificates = load_pem_x509_certificates(data)
+    root: IOpenSSLTrustRoot = trustRootFromCertificates(
+        [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
+    )
+    return root
+
+
+def trust_root_from_file(path: Path) -> IOpenSSLTrustRoot:
+    """
+    Every CA certificate in the PEM file C{path}, as L{trust_root_from_pem}.
 
     @raise OSError: the file cannot be read.
     @raise ValueError: it holds no PEM certificate.
     """
-    certificates = load_pem_x509_certificates(path.read_bytes())
-    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+    return trust_root_from_pem(path.read_bytes())
 
 
 def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:
