@@ -24,7 +24,6 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -200,7 +199,7 @@ class UsageRow:
         """
         return (
             self.ts,
-            utc_day(self.ts) if day is None else day,
+            period_key("day", self.ts) if day is None else day,
             self.consumer,
             self.key_prefix,
             self.provider,
@@ -214,13 +213,6 @@ class UsageRow:
             1 if self.limited else 0,
             self.requests,
         )
-
-
-def utc_day(ts: float) -> str:
-    """
-    The UTC day of POSIX seconds C{ts}, as C{YYYY-MM-DD}.
-    """
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 @attrs.frozen
@@ -497,7 +489,7 @@ class ConsumerStore:
             number = int(row.ts // 86400)
             day = days.get(number)
             if day is None:
-                day = days[number] = utc_day(number * 86400)
+                day = days[number] = period_key("day", number * 86400)
             values.append(row.values(day))
         cursor.executemany(
             self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
