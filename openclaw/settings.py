@@ -46,6 +46,7 @@ from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import UNPRINTABLE_MODEL, printable_model
 
 if TYPE_CHECKING:
+    from openclaw.consumers.prices import Price
     from openclaw.providers.base import ProviderAdapter
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
@@ -136,6 +137,13 @@ def provider_table(
         table[key] = entry
     check_declarations(entry.adapter for entry in table.values())
     return MappingProxyType(table)
+
+
+def read_only_prices(prices: Mapping[str, Price]) -> Mapping[str, Price]:
+    """
+    C{prices} (C{provider/model} -> price) as a read-only copy.
+    """
+    return MappingProxyType(dict(prices))
 
 
 def _builtin_provider_table() -> Mapping[str, ProviderSettings]:
@@ -278,10 +286,9 @@ class Settings:
     database_url: str | None = attrs.field(default=None, repr=False)
     #: Days usage rows are kept.
     usage_retention_days: int = 90
-    #: C{PRICES_FILE}, and the prices it holds (C{provider/model} -> price),
-    #: over the shipped table.
-    prices_file: Path | None = None
-    price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
+    #: The prices C{PRICES_FILE} holds (C{provider/model} -> price), over
+    #: the shipped table.  Read-only.
+    price_overrides: Mapping[str, Price] = attrs.field(factory=dict, converter=read_only_prices, hash=False)
     #: Completion tokens a consumer's call without C{max_tokens} reserves
     #: of its budget while in flight (priced at the model's completion price).
     consumer_reserve_tokens: int = 1000
@@ -876,7 +883,7 @@ def _database_url(text: str) -> str:
     return text
 
 
-def _prices(path: str) -> Mapping[str, Any]:
+def _prices(path: str) -> Mapping[str, Price]:
     from openclaw.consumers.prices import PricesError, load_prices_file
 
     try:
@@ -1274,7 +1281,6 @@ def load_settings(
         usage_retention_days=read(
             "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
         ),
-        prices_file=Path(prices_file) if prices_file else None,
         price_overrides=_prices(prices_file) if prices_file else {},
         auth_timeout_seconds=read(
             "AUTH_TIMEOUT_SECONDS",

@@ -535,13 +535,6 @@ class ConsumerStore:
             for row in rows
         ]
 
-    def add_spend(self, spend: dict[tuple[str, str], float]) -> Deferred[None]:
-        """
-        Add US dollars to C{(consumer, period)} spends (cluster mode writes
-        spend apart from the rows).
-        """
-        return self._interact(self._add_spend, spend)
-
     def _add_spend(self, cursor: Any, spend: dict[tuple[str, str], float]) -> None:
         if spend:
             cursor.executemany(
