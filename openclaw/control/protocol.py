@@ -2,7 +2,7 @@
 The WebSocket face of the control plane.
 
 The protocol is thin on purpose: it decides whether a connection may open,
-hands each text message to L{openclaw.commands.ControlPlane}, and sends back
+hands each text message to L{openclaw.control.plane.ControlPlane}, and sends back
 what it answers.  Everything else lives in plain objects.
 """
 
