@@ -316,6 +316,10 @@ def write_token_file(path: Path, token: str) -> None:
     """
     Replace C{path} atomically with the token and a newline, mode 0600
     (L{write_atomically}).
+
+    Blocking (it fsyncs), and called on the reactor thread at start-up and
+    on C{rotate_token}: a rare operator event; a slow disk stalls the
+    reactor for the length of this write.
     """
     write_atomically(path, token + "\n")
 
