@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -46,7 +47,7 @@ _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 CLOSE_HANDSHAKE_SECONDS = 5
 
 #: RFC 6585 section 4.
-TOO_MANY_REQUESTS = 429
+TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
 
 #: The C{Server} field of the control plane's HTTP answers.
 SERVER_NAME = "openclaw"
