@@ -102,9 +102,7 @@ def legacy_spend(store: ConsumerStore, consumer: str, usd: float) -> Deferred[An
     longer writes spend but with the rows that make it.
     """
     assert "'" not in consumer
-    return store.pool.runOperation(
-        f"INSERT INTO spend (consumer, period, usd) VALUES ('{consumer}', 'total', {usd!r})"
-    )
+    return store.pool.runOperation(f"INSERT INTO spend (consumer, period, usd) VALUES ('{consumer}', 'total', {usd!r})")
 
 
 def usage_row(consumer: Consumer, cost: float | None, now: float, created_at: float | None = 0.0) -> UsageRow:
