@@ -70,8 +70,10 @@ from openclaw.timefmt import isoformat
 #: Twisted log namespaces whose info lines say nothing an operator needs,
 #: shown only at LOG_LEVEL=debug: the upstream connection pool's factory logs
 #: "Starting factory" and "Stopping factory" for every provider connection it
-#: opens and closes.
-QUIET_NAMESPACES = ("twisted.web.client._HTTP11ClientFactory",)
+#: opens and closes, in a namespace under C{twisted.web.client} (its class's
+#: name).  A level set for a namespace covers the names under it
+#: (L{LogLevelFilterPredicate}); the module logs nothing else at info.
+QUIET_NAMESPACES = ("twisted.web.client",)
 #: Likewise: Twisted's ClientService, through which txredisapi makes the
 #: cluster store's connections, logs "Scheduling retry N to connect" for
 #: every attempt (the cluster logs one line per outage instead).

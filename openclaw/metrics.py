@@ -5,8 +5,8 @@ state), served at C{GET /metrics} to allowlisted peers.
 The control plane counts every message, and model calls are the gateway's
 busiest path: both are counted in plain integers (L{CommandTally},
 L{RequestTally}), turned into metric families only when C{/metrics} is
-read.  A C{prometheus_client} counter takes a lock per increment, which on
-the control plane's hot path costs as much as parsing the message.
+read: a C{prometheus_client} counter takes a lock per increment, which the
+hot paths need not pay (see bench/README.rst for what it cost).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ _MAX_STATUS_SERIES = 256
 
 class RequestTally:
     """
-    Requests counted by provider and status and timed by provider, for a
-    path taken thousands of times a second: recording one is two dict
-    lookups and a bisect on plain numbers (a C{prometheus_client} counter
+    Requests counted by provider and status and timed by provider, for the
+    data plane's busiest path (see bench/README.rst): recording one is two
+    dict lookups and a bisect on plain numbers (a C{prometheus_client} counter
     and histogram take a lock per value and walk the buckets in Python),
     and the metric families are built when C{/metrics} is read.
 
@@ -240,10 +240,11 @@ class CallCosts:
     What model calls cost: tokens by provider, model and kind, the time to
     a stream's first chunk by provider, and the gateway's own time per call.
 
-    Labelled children are resolved once per C{(provider, model)} and kept
-    in a dict: a call costs a few dict lookups and C{inc}/C{observe} calls.
-    The C{model} label is the route's model as the client or operator
-    named it; only the first L{MAX_MODEL_SERIES} distinct ones per provider
+    Tokens are added to plain counts (L{LabelledCounts}) keyed by
+    C{(provider, model label, kind)}, turned into a metric family when
+    C{/metrics} is read; the model label is resolved once per C{(provider,
+    model)}.  The C{model} label is the route's model as the client or
+    operator named it; only the first L{MAX_MODEL_SERIES} distinct ones per provider
     get their own series, later ones are counted under C{"other"}, so
     random model names cannot grow the series without bound (and tokens
     are only counted from answers, which a provider gives only for a model
@@ -273,7 +274,6 @@ class CallCosts:
         )
         if registry is not None:
             registry.register(self._overhead_histogram)
-        #: (provider, model) -> the children for prompt, completion, reasoning.
         #: (provider, model) -> the model label, for the models with series.
         self._model_labels: dict[tuple[str, str], str] = {}
         self._models: dict[str, set[str]] = {}

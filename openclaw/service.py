@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from functools import partial
 from typing import IO, Any
 
@@ -48,6 +47,7 @@ from openclaw.dataplane.site import APISite, MetricsSite, build_site
 from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderAdapter, ProviderRegistry
+from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
@@ -195,7 +195,7 @@ class GatewayService(MultiService):
     def __init__(
         self,
         settings: Settings,
-        reactor: IReactorTime,
+        reactor: IGatewayReactor,
         control_endpoint: IStreamServerEndpoint,
         stdout: IO[str] | None = None,
         api_endpoint: IStreamServerEndpoint | None = None,
@@ -240,7 +240,9 @@ class GatewayService(MultiService):
         self.route = ActiveRoute(self.restored_route or configured)
         if self.restored_route == configured:
             self.restored_route = None
-        self.started_at = time.time()
+        #: Seconds since the epoch, by the reactor's clock (the real
+        #: reactor's is wall-clock time: C{status} shows it as a date).
+        self.started_at = reactor.seconds()
         commands = ControlCommands(
             route=self.route,
             providers=self.providers,
@@ -391,9 +393,7 @@ class GatewayService(MultiService):
             error=error,
             name=self.settings.cluster_name,
         )
-        stop = getattr(self._reactor, "stop", None)
-        if stop is not None:
-            stop()
+        self._reactor.stop()
 
     def instance_status(self) -> dict[str, Any]:
         """
@@ -450,9 +450,7 @@ class GatewayService(MultiService):
                 listener.setServiceParent(self)
         except Exception:
             self._log.failure("could not listen once in step with the cluster", log_level=LogLevel.critical)
-            stop = getattr(self._reactor, "stop", None)
-            if stop is not None:
-                stop()
+            self._reactor.stop()
             return
         if listeners:
             self._log.info(

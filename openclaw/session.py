@@ -316,6 +316,11 @@ def write_token_file(path: Path, token: str) -> None:
     """
     Replace C{path} atomically with the token and a newline, mode 0600
     (L{write_atomically}).
+
+    Blocking (it fsyncs), and called on the reactor thread whenever the
+    token changes (start-up, C{rotate_token}, in a cluster a peer's
+    rotation): rare operator events; a slow disk stalls the reactor for
+    the length of this write.
     """
     write_atomically(path, token + "\n")
 

@@ -46,6 +46,7 @@ from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import UNPRINTABLE_MODEL, printable_model
 
 if TYPE_CHECKING:
+    from openclaw.consumers.prices import Price
     from openclaw.providers.base import ProviderAdapter
 
 #: RFC 7518 section 3.2: an HS256 key must be at least as long as the hash.
@@ -138,6 +139,13 @@ def provider_table(
     return MappingProxyType(table)
 
 
+def read_only_prices(prices: Mapping[str, Price]) -> Mapping[str, Price]:
+    """
+    C{prices} (C{provider/model} -> price) as a read-only copy.
+    """
+    return MappingProxyType(dict(prices))
+
+
 def _builtin_provider_table() -> Mapping[str, ProviderSettings]:
     return provider_table(ProviderSettings.defaults(adapter) for adapter in builtin_providers())
 
@@ -185,9 +193,10 @@ class Settings:
     #: cut-off common in load balancers, since a POST sent on a connection
     #: the far end dropped silently is not retried (it is not idempotent).
     upstream_idle_seconds: float = 50.0
-    #: PEM file of the CA certificates trusted for https provider URLs, in
-    #: place of the system's; None: the system's trust store.
-    upstream_ca_file: Path | None = None
+    #: The CA certificates trusted for https provider URLs, in place of the
+    #: system's: the PEM bytes of UPSTREAM_CA_FILE, read (and checked)
+    #: once at start-up; None: the system's trust store.
+    upstream_ca_pem: bytes | None = None
     #: EMBEDDING_MODEL: the provider and model C{POST /v1/embeddings} uses
     #: (embeddings do not follow switch_provider: an application's vectors
     #: must stay comparable).  The provider is one whose adapter declares
@@ -277,10 +286,9 @@ class Settings:
     database_url: str | None = attrs.field(default=None, repr=False)
     #: Days usage rows are kept.
     usage_retention_days: int = 90
-    #: C{PRICES_FILE}, and the prices it holds (C{provider/model} -> price),
-    #: over the shipped table.
-    prices_file: Path | None = None
-    price_overrides: Mapping[str, Any] = attrs.field(factory=dict)
+    #: The prices C{PRICES_FILE} holds (C{provider/model} -> price), over
+    #: the shipped table.  Read-only.
+    price_overrides: Mapping[str, Price] = attrs.field(factory=dict, converter=read_only_prices, hash=False)
     #: Completion tokens a consumer's call without C{max_tokens} reserves
     #: of its budget while in flight (priced at the model's completion price).
     consumer_reserve_tokens: int = 1000
@@ -583,10 +591,11 @@ def _writable_file(path: str) -> Path:
     return Path(path)
 
 
-def _ca_file(path: str) -> Path:
+def _ca_file(path: str) -> bytes:
     """
-    A PEM file of one or more CA certificates, checked now rather than at
-    the first provider call.
+    The bytes of a PEM file of one or more CA certificates, read and
+    checked now rather than at the first provider call (and read once: a
+    file changed or removed later makes no difference).
     """
     try:
         data = Path(path).read_bytes()
@@ -599,7 +608,7 @@ def _ca_file(path: str) -> Path:
             f"UPSTREAM_CA_FILE={path!r} holds no readable PEM certificate; "
             "give a file of -----BEGIN CERTIFICATE----- blocks"
         ) from None
-    return Path(path)
+    return data
 
 
 def _redis_url(text: str) -> str:
@@ -914,7 +923,7 @@ def _database_url(text: str) -> str:
     return text
 
 
-def _prices(path: str) -> Mapping[str, Any]:
+def _prices(path: str) -> Mapping[str, Price]:
     from openclaw.consumers.prices import PricesError, load_prices_file
 
     try:
@@ -1119,7 +1128,8 @@ def load_settings(
     embedding = _read_embedding_model(read, declared, defaults)
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
-    ca_file = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_path, "")
+    no_pem: bytes | None = None
+    ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_state_dir: Path | None = None
     state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
     if state_dir is not None:
@@ -1174,7 +1184,7 @@ def load_settings(
             defaults.upstream_idle_seconds,
             "use a number of seconds greater than 0, such as 50",
         ),
-        upstream_ca_file=ca_file,
+        upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
         control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
@@ -1311,7 +1321,6 @@ def load_settings(
         usage_retention_days=read(
             "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
         ),
-        prices_file=Path(prices_file) if prices_file else None,
         price_overrides=_prices(prices_file) if prices_file else {},
         auth_timeout_seconds=read(
             "AUTH_TIMEOUT_SECONDS",

@@ -102,6 +102,10 @@ class RouteStore:
         Replace the file atomically (temporary file, fsync, rename), so a
         crash leaves the old route or the new one, never half of either.
         A failure is logged: the switch itself has happened.
+
+        Blocking, on the reactor thread: a switch is a rare operator event,
+        and the file is written before the switch is answered; a slow disk
+        stalls the reactor for the length of this write.
         """
         try:
             write_atomically(self.path, json.dumps({"provider": route.provider_id, "model": route.model}))

@@ -13,7 +13,6 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorSocket,
     IReactorThreads,
-    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.python import usage
@@ -22,6 +21,7 @@ from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserv
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
 from openclaw.logs import foreground, log_destination, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
+from openclaw.reactors import gateway_reactor, supervisor_reactor
 from openclaw.service import GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
@@ -176,7 +176,7 @@ def makeService(
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
-        IReactorTime(reactor),
+        gateway_reactor(reactor),
         control,
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
@@ -204,7 +204,7 @@ def _worker_service(
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
-        IReactorTime(reactor),
+        gateway_reactor(reactor),
         ReusePortEndpoint(tcp, settings.interface, settings.port),
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=ReusePortEndpoint(tcp, settings.interface, settings.api_port),
@@ -244,7 +244,7 @@ def _supervisor(
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
     _note_signals(reactor, twistd_options, destination, stdout)
     return WorkerSupervisor(
-        reactor,
+        supervisor_reactor(reactor),
         settings.workers,
         sockets,
         worker_argv(twistd_options, options, Options.passed_to_workers),

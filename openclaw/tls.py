@@ -19,17 +19,28 @@ except ImportError:  # pragma: no cover - service_identity ships with twisted[tl
     VerificationError = OpenSSLError  # type: ignore[assignment,misc]
 
 
+def trust_root_from_pem(data: bytes) -> Any:
+    """
+    Every CA certificate in the PEM text C{data} (one CA or a bundle), as a
+    trust root (what C{trustRootFromCertificates} returns: Twisted's
+    C{IOpenSSLTrustRoot}, which only its private C{_sslverify} module
+    names, hence C{Any} here) for C{optionsForClientTLS} or
+    C{BrowserLikePolicyForHTTPS}.
+
+    @raise ValueError: it holds no PEM certificate.
+    """
+    certificates = load_pem_x509_certificates(data)
+    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+
+
 def trust_root_from_file(path: Path) -> Any:
     """
-    Every CA certificate in the PEM file C{path} (one CA or a bundle), as a
-    trust root (what C{trustRootFromCertificates} returns) for
-    C{optionsForClientTLS} or C{BrowserLikePolicyForHTTPS}.
+    Every CA certificate in the PEM file C{path}, as L{trust_root_from_pem}.
 
     @raise OSError: the file cannot be read.
     @raise ValueError: it holds no PEM certificate.
     """
-    certificates = load_pem_x509_certificates(path.read_bytes())
-    return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
+    return trust_root_from_pem(path.read_bytes())
 
 
 def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:

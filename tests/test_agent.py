@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
@@ -619,12 +618,11 @@ class TLSTests(AgentTestCase):
     @inlineCallbacks
     def test_ca_file_setting(self):
         """
-        UPSTREAM_CA_FILE is the CA the gateway's agent trusts.
+        UPSTREAM_CA_FILE's certificates (read by the settings) are the CAs
+        the gateway's agent trusts.
         """
         yield self.serve_tls("localhost")
-        ca_file = Path(self.mktemp())
-        ca_file.write_bytes(self.ca.pem)
-        registry = self.registry(upstream_ca_file=ca_file)
+        registry = self.registry(upstream_ca_pem=self.ca.pem)
         assert registry.http is not None
         url = "https://localhost:%d/v1/models" % self.port
         self.assertEqual((yield (yield registry.http.get(url)).content()), b'{"data": []}')

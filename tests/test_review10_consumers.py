@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -95,6 +95,16 @@ class PostgresRecreatedTests(RecreatedTests):
         super().setUp()
 
 
+def legacy_spend(store: ConsumerStore, consumer: str, usd: float) -> Deferred[Any]:
+    """
+    A C{total} spend row an earlier version of the gateway left in the
+    database (written apart from its usage rows): the store itself no
+    longer writes spend but with the rows that make it.
+    """
+    assert "'" not in consumer
+    return store.pool.runOperation(f"INSERT INTO spend (consumer, period, usd) VALUES ('{consumer}', 'total', {usd!r})")
+
+
 def usage_row(consumer: Consumer, cost: float | None, now: float, created_at: float | None = 0.0) -> UsageRow:
     """
     One call of C{consumer} as an instance's table writes it (carrying
@@ -148,7 +158,7 @@ class IdentityStoreTests:
         snapshot = yield store.load(now)
         self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
         # What an older gateway's late write left: cleared by the create.
-        yield store.add_spend({("team", "total"): 1.0})
+        yield legacy_spend(store, "team", 1.0)
         new = Consumer("team", created_at=now)
         again = NewKey.make()
         yield store.create(new, again.hash, again.prefix)
@@ -182,7 +192,7 @@ class IdentityStoreTests:
         self.assertEqual((kept["requests"], kept["cost_usd"]), (1, 0.5))  # type: ignore[attr-defined]
         count = yield store.pool.runQuery("SELECT COUNT(*) FROM spend")
         self.assertEqual(count[0][0], 0)  # type: ignore[attr-defined]
-        yield store.add_spend({(retired, "total"): 0.5})
+        yield legacy_spend(store, retired, 0.5)
         snapshot = yield store.load(now)
         self.assertEqual(snapshot.spend, {})  # type: ignore[attr-defined]
         yield store.purge(now - 86400)

@@ -23,7 +23,7 @@ from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import encode_route
 from openclaw.consumers.table import Counters
 from openclaw.dataplane.errors import APIError, reason_phrase
-from openclaw.dataplane.site import client_address, raw_response
+from openclaw.dataplane.site import client_address, raw_error_response
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.routing import ActiveRoute, Route
@@ -271,12 +271,12 @@ class ReasonPhraseTests(ResilienceTestCase):
         )
         answer = yield deferToThread(exchange, gateway.api_port, request)
         self.assertTrue(answer.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), answer[:200])
-        refused = raw_response(APIError(429, "slow down", "rate_limit_error", "rate_limited"))
+        refused = raw_error_response(APIError(429, "slow down", "rate_limit_error", "rate_limited"))
         self.assertTrue(refused.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), refused[:100])
         # RFC 9110's wording where twisted.web keeps RFC 2616's.
         for status, phrase in ((504, b"Gateway Timeout"), (408, b"Request Timeout"), (503, b"Service Unavailable")):
             self.assertEqual(reason_phrase(status), phrase)
-            line = raw_response(APIError(status, "x", "server_error", "x")).split(b"\r\n")[0]
+            line = raw_error_response(APIError(status, "x", "server_error", "x")).split(b"\r\n")[0]
             self.assertEqual(line, b"HTTP/1.1 %d %s" % (status, phrase))
 
 

@@ -11,10 +11,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
-from openclaw.providers import BUILTIN_PROVIDERS
+from openclaw.providers import BUILTIN_PROVIDERS, ProviderRegistry
 from openclaw.settings import (
     ConfigError,
     Settings,
@@ -177,7 +178,7 @@ class LoadTests(SynchronousTestCase):
         """
         settings = self.load()
         self.assertEqual((settings.upstream_pool_size, settings.upstream_idle_seconds), (128, 50.0))
-        self.assertIsNone(settings.upstream_ca_file)
+        self.assertIsNone(settings.upstream_ca_pem)
         settings = self.load({"UPSTREAM_POOL_SIZE": "8", "UPSTREAM_IDLE_SECONDS": "2.5"})
         self.assertEqual((settings.upstream_pool_size, settings.upstream_idle_seconds), (8, 2.5))
         self.assertConfigError("UPSTREAM_POOL_SIZE", "whole number", UPSTREAM_POOL_SIZE="0")
@@ -186,13 +187,19 @@ class LoadTests(SynchronousTestCase):
 
     def test_upstream_ca_file(self) -> None:
         """
-        UPSTREAM_CA_FILE is read at start-up: a file of PEM certificates is
-        taken, a missing or unreadable one is one clear line.
+        UPSTREAM_CA_FILE is read at start-up, once: a file of PEM
+        certificates is taken (the provider client is built from what was
+        read), a missing or unreadable one is one clear line.
         """
         ca = make_ca()
         path = self.cwd / "ca.pem"
         path.write_bytes(ca.pem)
-        self.assertEqual(self.load({"UPSTREAM_CA_FILE": str(path)}).upstream_ca_file, path)
+        settings = self.load({"UPSTREAM_CA_FILE": str(path)})
+        self.assertEqual(settings.upstream_ca_pem, ca.pem)
+        # Read once: the file may change or go afterwards.
+        path.unlink()
+        registry = ProviderRegistry.from_settings(settings, reactor)
+        self.addCleanup(registry.close)
         self.assertConfigError("UPSTREAM_CA_FILE", "cannot be read", UPSTREAM_CA_FILE=str(self.cwd / "missing.pem"))
         path.write_bytes(b"not a certificate\n")
         self.assertConfigError("UPSTREAM_CA_FILE", "no readable PEM certificate", UPSTREAM_CA_FILE=str(path))

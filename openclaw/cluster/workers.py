@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.listeners import CannotListen, Listener
+from openclaw.reactors import ISupervisorReactor
 
 #: A worker that ran this long before it ended is started again after
 #: L{RESTART_DELAY_SECONDS}; one that ended sooner waits twice as long as
@@ -137,7 +138,7 @@ class WorkerSupervisor(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: ISupervisorReactor,
         count: int,
         sockets: dict[str, socket.socket],
         argv: Sequence[str],

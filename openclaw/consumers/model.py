@@ -22,6 +22,8 @@ from typing import Any
 
 import attrs
 
+from openclaw.timefmt import isoformat
+
 KEY_PREFIX = "ock-"
 #: Random characters after C{ock-}.
 KEY_RANDOM_CHARS = 40
@@ -132,16 +134,12 @@ class Consumer:
             "rpm": self.rpm,
             "tpm": self.tpm,
             "models": list(self.models),
-            "expires_at": None if self.expires_at is None else isoformat_utc(self.expires_at),
-            "created_at": isoformat_utc(self.created_at),
+            "expires_at": None if self.expires_at is None else isoformat(self.expires_at),
+            "created_at": isoformat(self.created_at),
         }
         if keys is not None:
             document["keys"] = keys
         return document
-
-
-def isoformat_utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_time(value: object, field: str) -> float:
@@ -208,7 +206,7 @@ def retired_name(consumer: Consumer) -> str:
     (C{team@2026-11-03T12:00:00Z}), so a consumer created again under
     C{NAME} starts from nothing.
     """
-    return f"{consumer.name}@{isoformat_utc(consumer.created_at)}"
+    return f"{consumer.name}@{isoformat(consumer.created_at)}"
 
 
 def is_retired_name(value: object) -> bool:
@@ -283,7 +281,6 @@ __all__ = [
     "check_name",
     "consumer_fields",
     "is_retired_name",
-    "isoformat_utc",
     "key_hash",
     "parse_time",
     "period_end",

@@ -24,7 +24,6 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -40,6 +39,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
+from openclaw.reactors import IStoreReactor
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -199,7 +199,7 @@ class UsageRow:
         """
         return (
             self.ts,
-            utc_day(self.ts) if day is None else day,
+            period_key("day", self.ts) if day is None else day,
             self.consumer,
             self.key_prefix,
             self.provider,
@@ -213,13 +213,6 @@ class UsageRow:
             1 if self.limited else 0,
             self.requests,
         )
-
-
-def utc_day(ts: float) -> str:
-    """
-    The UTC day of POSIX seconds C{ts}, as C{YYYY-MM-DD}.
-    """
-    return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
 @attrs.frozen
@@ -251,20 +244,17 @@ class ConsumerStore:
     Every method returns a Deferred; none blocks the reactor.
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: Any = None) -> None:
+    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: IStoreReactor) -> None:
         self.pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
-        #: The pool's reactor (L{close} needs its threads and triggers);
-        #: L{None}: the global one.
-        if reactor is None:
-            from twisted.internet import reactor
+        #: The pool's reactor (L{close} needs its threads and triggers).
         self.reactor = reactor
         # ThreadPool's public hook for the threads it makes.
         pool.threadpool.threadFactory = _DaemonThread
 
     @classmethod
-    def open(cls, database_url: str | None, state_dir: Path, reactor: IReactorTime) -> ConsumerStore:
+    def open(cls, database_url: str | None, state_dir: Path, reactor: IStoreReactor) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
         in C{state_dir/openclaw.db}.
@@ -499,7 +489,7 @@ class ConsumerStore:
             number = int(row.ts // 86400)
             day = days.get(number)
             if day is None:
-                day = days[number] = utc_day(number * 86400)
+                day = days[number] = period_key("day", number * 86400)
             values.append(row.values(day))
         cursor.executemany(
             self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
@@ -544,13 +534,6 @@ class ConsumerStore:
             )
             for row in rows
         ]
-
-    def add_spend(self, spend: dict[tuple[str, str], float]) -> Deferred[None]:
-        """
-        Add US dollars to C{(consumer, period)} spends (cluster mode writes
-        spend apart from the rows).
-        """
-        return self._interact(self._add_spend, spend)
 
     def _add_spend(self, cursor: Any, spend: dict[tuple[str, str], float]) -> None:
         if spend:

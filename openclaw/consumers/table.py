@@ -24,7 +24,6 @@ from openclaw.consumers.model import (
     NO_CONSUMER,
     Consumer,
     NewKey,
-    isoformat_utc,
     key_hash,
     period_end,
     period_key,
@@ -33,6 +32,7 @@ from openclaw.consumers.model import (
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow
 from openclaw.dataplane.errors import APIError
+from openclaw.timefmt import isoformat
 
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
@@ -135,7 +135,7 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
     period = consumer.budget_period
     end = period_end(period, now)
     described = {"day": "per UTC day", "month": "per UTC calendar month", "total": "in total"}[period]
-    renews = f"; it renews at {isoformat_utc(end)}" if end is not None else ""
+    renews = f"; it renews at {isoformat(end)}" if end is not None else ""
     held = f", {reserved:.6g} USD more reserved by calls in flight" if reserved > 0 else ""
     return APIError(
         429,
@@ -489,7 +489,7 @@ class ConsumerTable:
         if consumer.expired(self.clock()):
             expired = APIError(
                 401,
-                f"this key's consumer {name!r} expired at {isoformat_utc(consumer.expires_at or 0)}; "
+                f"this key's consumer {name!r} expired at {isoformat(consumer.expires_at or 0)}; "
                 "ask the operator to extend expires_at with consumer_update",
                 "invalid_request_error",
                 "expired_api_key",

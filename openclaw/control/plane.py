@@ -80,9 +80,9 @@ class ControlPlane:
     and account for it in the audit log.
 
     @param log: the logger for the audit trail.  C{ping} and C{status} are
-        logged at debug level only, and only when C{debug} is set: on the
-        hot path even an event the log observer then drops costs as much as
-        parsing the message.
+        logged at debug level only, and only when C{debug} is set: they
+        are the control plane's hot path, where even an event the log
+        observer then drops has a cost (see bench/README.rst).
     @param instance: in a cluster, this instance's id: the audit line of a
         state-changing command names the instance that ran it (the others
         log that they applied the change).

@@ -2,7 +2,7 @@
 The WebSocket face of the control plane.
 
 The protocol is thin on purpose: it decides whether a connection may open,
-hands each text message to L{openclaw.commands.ControlPlane}, and sends back
+hands each text message to L{openclaw.control.plane.ControlPlane}, and sends back
 what it answers.  Everything else lives in plain objects.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -46,7 +47,7 @@ _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 CLOSE_HANDSHAKE_SECONDS = 5
 
 #: RFC 6585 section 4.
-TOO_MANY_REQUESTS = 429
+TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
 
 #: The C{Server} field of the control plane's HTTP answers.
 SERVER_NAME = "openclaw"
@@ -188,6 +189,10 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
+    #: The bytes received while the opening handshake is under way (at
+    #: most MAX_HANDSHAKE_BYTES), kept to read the request head from;
+    #: L{None} once L{onConnect} has read it.
+    handshake_data: bytearray | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self.state == _CONNECTING:
@@ -198,7 +203,25 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
                 self.tcp.abortConnection()
                 return
+            if self.handshake_data is None:
+                self.handshake_data = bytearray()
+            self.handshake_data += data
         WebSocketServerProtocol.dataReceived(self, data)
+
+    def request_head(self) -> bytes:
+        """
+        The opening handshake's request head as received: the request line
+        and header fields up to and including the first empty line (CRLF
+        CRLF, RFC 9112 section 2.1), from the bytes L{dataReceived} kept.
+        The kept bytes are dropped: the head is read once, in L{onConnect}.
+
+        @return: the head; the empty string if none was received.
+        """
+        data, self.handshake_data = self.handshake_data, None
+        if data is None:
+            return b""
+        end = data.find(b"\r\n\r\n")
+        return bytes(data if end < 0 else data[: end + 4])
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
@@ -223,7 +246,7 @@ class ControlProtocol(WebSocketServerProtocol):
         try:
             # The fields as a proxy in front saw them (CRLF only), not as
             # Autobahn split them (str.splitlines).
-            headers = parse_header_block(self.http_request_data)
+            headers = parse_header_block(self.request_head())
         except MalformedHeaderBlock as malformed:
             raise factory._refuse(
                 peer, "malformed_headers", ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(malformed))

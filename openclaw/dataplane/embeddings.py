@@ -36,7 +36,7 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import json_body
-from openclaw.dataplane.resource import CLIENT_GONE, _Authenticated, error_response, pooled_call_error
+from openclaw.dataplane.resource import CLIENT_GONE, _Authenticated, answer_bug, error_response, pooled_call_error
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
@@ -291,7 +291,9 @@ class Embeddings(_Authenticated):
 
         request.notifyFinish().addErrback(client_gone)
         call.addBoth(answer)
-        call.addErrback(lambda reason: context.log.failure("embeddings call failed unexpectedly", reason))
+        call.addErrback(
+            lambda reason: answer_bug(context.log, request, "embeddings call failed unexpectedly", reason, bool(gone))
+        )
         call.addBoth(ended)
         return NOT_DONE_YET
 

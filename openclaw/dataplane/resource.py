@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
@@ -98,6 +99,29 @@ def error_response(request: Request, error: APIError) -> bytes:
     for name, value in error.headers:
         request.setHeader(name, value)
     return error.body()
+
+
+def answer_bug(log: Logger, request: Request, what: str, reason: Failure, gone: bool) -> None:
+    """
+    The last errback of a request answered later (C{NOT_DONE_YET}): log
+    C{reason} (an exception nothing else handled: a bug) as C{what}, and
+    make sure the client is not left waiting.  Unless the request is
+    already finished or its client gone (C{gone}, from C{notifyFinish}),
+    it is answered with 500 C{internal_error} in OpenAI's error shape and
+    finished; if part of another answer was already written, the
+    connection is closed instead (the client sees a cut answer, not a
+    hang).
+    """
+    log.failure(what, reason)
+    if gone or request.finished:
+        return
+    if request.startedWriting:
+        request.loseConnection()
+        return
+    body = error_response(request, internal_error())
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
 
 
 def json_response(request: Request, document: Any) -> bytes:
@@ -344,7 +368,9 @@ class _Authenticated(APIResource):
                 self._refused(request, internal_error(), started, route, holder)
 
             admission.addCallbacks(decided, failed).addErrback(
-                lambda f: context.log.failure("answering an admitted consumer's call failed unexpectedly", f)
+                lambda f: answer_bug(
+                    context.log, request, "answering an admitted consumer's call failed unexpectedly", f, bool(gone)
+                )
             )
             return NOT_DONE_YET
         if admission is not None:
@@ -479,7 +505,9 @@ class Models(_Authenticated):
 
         request.notifyFinish().addErrback(client_gone)
         listings.addCallback(answered)
-        listings.addErrback(lambda reason: context.log.failure("models listing failed unexpectedly", reason))
+        listings.addErrback(
+            lambda reason: answer_bug(context.log, request, "models listing failed unexpectedly", reason, bool(gone))
+        )
         # Counted out once the answer is written: see APISite.drain.
         listings.addBoth(_passing(context.call_ended))
 

@@ -19,6 +19,7 @@ bytes do not extend, as Twisted's idle timeout is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -157,10 +158,7 @@ class MetricsRequest(Request):
         """
         transport = channel.transport
         assert transport is not None
-        transport.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
+        transport.write(raw_response(400, body, b"text/plain; charset=utf-8"))
         transport.loseConnection()
         _metrics_log.info(
             "refused a request with {status} for {peer}: {reason}",
@@ -361,7 +359,7 @@ class APIRequest(Request):
         self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport
         assert transport is not None
-        transport.write(raw_response(refusal))
+        transport.write(raw_error_response(refusal))
         transport.loseConnection()
 
     def _too_large(self) -> APIError:
@@ -375,18 +373,38 @@ class APIRequest(Request):
         )
 
 
-def raw_response(error: APIError) -> bytes:
+def raw_response(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
     """
-    A whole HTTP/1.1 response carrying C{error}, closing the connection:
-    for answers written before twisted.web has a request to answer with.
+    A whole HTTP/1.1 response (RFC 9112), closing the connection: for
+    answers written before twisted.web has a request to answer with.
+
+    @param status: its status code; the reason phrase is L{reason_phrase}'s.
+    @param body: its body, sent with its C{Content-Length}.
+    @param content_type: its C{Content-Type}.
+    @param headers: more header fields, after C{Content-Type}.
     """
-    body = error.body()
-    reason = reason_phrase(error.status) or b"Error"
-    headers = b"".join(b"%s: %s\r\n" % (name, value) for name, value in error.headers)
-    return (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-        % (error.status, reason, headers, len(body), body)
+    reason = reason_phrase(status) or b"Error"
+    fields = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        status,
+        reason,
+        content_type,
+        fields,
+        len(body),
+        body,
     )
+
+
+def raw_error_response(error: APIError) -> bytes:
+    """
+    L{raw_response} carrying C{error} in OpenAI's error shape.
+    """
+    return raw_response(error.status, error.body(), headers=error.headers)
 
 
 class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
@@ -622,7 +640,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._started:
             if self._site.context is not None:
                 self._site.context.refused_early(error, outcome, host_of(transport.getPeer()))
-            transport.write(raw_response(error))
+            transport.write(raw_error_response(error))
         transport.loseConnection()
         pending = self._deadline
         if pending is not None and pending.active():

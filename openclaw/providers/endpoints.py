@@ -5,8 +5,6 @@ built once, and the certificate checks for https ones.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
@@ -14,18 +12,22 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from openclaw.tls import trust_root_from_file
+from openclaw.tls import trust_root_from_pem
 
 
-def https_policy(ca_file: Path | None = None) -> IPolicyForHTTPS:
+def https_policy(ca_pem: bytes | None = None) -> IPolicyForHTTPS:
     """
     Browser-like certificate checks (chain and host name) for https
-    provider URLs: against the CAs in C{ca_file} if given (an operator's
-    private CA, or a TLS-inspecting proxy's), else the system's trust store.
+    provider URLs: against the CAs in the PEM text C{ca_pem} if given (an
+    operator's private CA, or a TLS-inspecting proxy's: UPSTREAM_CA_FILE,
+    as L{openclaw.settings} read and checked it), else the system's trust
+    store.
+
+    @raise ValueError: C{ca_pem} holds no PEM certificate.
     """
-    if ca_file is None:
+    if ca_pem is None:
         return BrowserLikePolicyForHTTPS()
-    return BrowserLikePolicyForHTTPS(trustRoot=trust_root_from_file(ca_file))
+    return BrowserLikePolicyForHTTPS(trustRoot=trust_root_from_pem(ca_pem))
 
 
 @implementer(IAgentEndpointFactory)

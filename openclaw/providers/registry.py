@@ -103,7 +103,7 @@ class ProviderRegistry:
         # Twisted annotates it as int; it is a callLater delay, any float.
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
-            endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_file))
+            endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_pem))
         agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         if wrap_agent is not None:
             agent = wrap_agent(agent)

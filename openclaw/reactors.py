@@ -1,0 +1,67 @@
+"""
+The reactor interfaces each long-lived object uses, combined, as Twisted
+types a reactor that must provide several (C{IDistTrialReactor} in
+C{twisted.trial._dist.disttrial}): a reactor is passed down, typed by what
+it is asked to do, never imported globally.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorThreads, IReactorTime
+from zope.interface import Interface
+
+
+class IStoreReactor(IReactorCore, IReactorTime, IReactorThreads):
+    """
+    What L{openclaw.consumers.store.ConsumerStore} asks of its reactor:
+    the database pool's threads and shutdown trigger (C{IReactorThreads},
+    C{IReactorCore}) and the timeout of a close (C{IReactorTime}).
+    """
+
+
+class IGatewayReactor(IStoreReactor):
+    """
+    What L{openclaw.service.GatewayService} asks of its reactor: timers,
+    C{stop} on a fatal cluster error, and what its consumer store asks.
+    """
+
+
+class ISupervisorReactor(IReactorProcess, IReactorTime):
+    """
+    What L{openclaw.cluster.workers.WorkerSupervisor} asks of its reactor:
+    spawning workers and timing their restarts and stop.
+    """
+
+
+def _check(reactor: object, interface: type[Interface]) -> None:
+    # A reactor provides Twisted's interfaces, not our combinations of them:
+    # each one combined is checked.
+    lacking = [
+        base.__name__
+        for base in interface.__iro__
+        if base.__module__ == IReactorCore.__module__ and not base.providedBy(reactor)
+    ]
+    if lacking:
+        raise TypeError(f"the reactor {reactor!r} does not provide {', '.join(lacking)}; run under a full reactor")
+
+
+def gateway_reactor(reactor: object) -> IGatewayReactor:
+    """
+    C{reactor}, checked to provide every interface of L{IGatewayReactor}.
+
+    @raise TypeError: it lacks one (named).
+    """
+    _check(reactor, IGatewayReactor)
+    return cast(IGatewayReactor, reactor)
+
+
+def supervisor_reactor(reactor: object) -> ISupervisorReactor:
+    """
+    C{reactor}, checked to provide every interface of L{ISupervisorReactor}.
+
+    @raise TypeError: it lacks one (named).
+    """
+    _check(reactor, ISupervisorReactor)
+    return cast(ISupervisorReactor, reactor)
