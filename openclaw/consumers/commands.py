@@ -82,10 +82,25 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+#: The commands that change consumers (their answers carry L{unshared}'s warning).
+_CHANGES = frozenset({"consumer_create", "consumer_update", "consumer_delete", "key_create", "key_revoke"})
+
+
 class ConsumerCommands:
-    def __init__(self, table: ConsumerTable, clock: Callable[[], float]) -> None:
+    """
+    The consumer commands of the control plane.
+
+    @ivar unshared: in a cluster, what a change made now leaves undone on
+        the other instances (the cluster store is unreachable), for the
+        answer's C{warning}; None when they are told at once.
+    """
+
+    def __init__(
+        self, table: ConsumerTable, clock: Callable[[], float], unshared: Callable[[], str | None] = lambda: None
+    ) -> None:
         self.table = table
         self.clock = clock
+        self.unshared = unshared
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
         handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
@@ -97,7 +112,26 @@ class ConsumerCommands:
             "key_revoke": self.key_revoke,
             "usage": self.usage,
         }
-        return {name: self._once_loaded(handler) for name, handler in handlers.items()}
+        return {
+            name: self._once_loaded(self._told(handler) if name in _CHANGES else handler)
+            for name, handler in handlers.items()
+        }
+
+    def _told(
+        self, handler: Callable[[object], Result | Deferred[Result]]
+    ) -> Callable[[object], Result | Deferred[Result]]:
+        def warned(result: Result) -> Result:
+            unshared = self.unshared()
+            if unshared is not None:
+                earlier = result.get("warning")
+                result["warning"] = unshared if earlier is None else f"{earlier}; {unshared}"
+            return result
+
+        def changed(data: object) -> Result | Deferred[Result]:
+            answer = handler(data)
+            return answer.addCallback(warned) if isinstance(answer, Deferred) else warned(answer)
+
+        return changed
 
     def _once_loaded(
         self, handler: Callable[[object], Result | Deferred[Result]]

@@ -387,7 +387,31 @@ class SharedConsumers:
         table.changed = self.publish
         counters.unseeded = self.seed
 
+    def unshared(self) -> str | None:
+        """
+        What a consumer change made now leaves undone elsewhere: None while
+        Redis is up (the other instances are told at once); else a warning
+        for the command's answer.
+        """
+        if self.counters.up:
+            return None
+        return (
+            "the cluster store (Redis) is unreachable: the change is in the database and holds on this "
+            "instance, but the other instances apply it only once Redis is back (until then a revoked key "
+            "or a deleted consumer still works there, and a new key is refused there); restart them to "
+            "apply it at once"
+        )
+
     def publish(self, name: str) -> None:
+        if not self.counters.up:
+            # Not queued behind a connection that may not come back soon:
+            # the instances reload the table when Redis is back (L{up}).
+            self._log.warn(
+                "consumer {name} changed here but the other instances were not told (the cluster store is "
+                "unreachable); they reload when Redis is back",
+                name=name,
+            )
+            return
         self.redis.publish_consumer(self.instance, name).addErrback(
             lambda reason: self._log.warn(
                 "consumer {name} changed here but the other instances were not told ({error}); "
