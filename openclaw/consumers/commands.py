@@ -186,6 +186,9 @@ class ConsumerCommands:
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
 
+        def spends(_: object) -> Deferred[None]:
+            return self.table.read_spends([consumer.name])
+
         def updated(_: object) -> Result:
             result: Result = {"consumer": self.table.describe(consumer.name)}
             if "expires_at" in fields and consumer.expired(self.clock()):
@@ -196,7 +199,8 @@ class ConsumerCommands:
                 )
             return result
 
-        return self.table.update(consumer).addCallbacks(updated, _database_failed)
+        updating: Deferred[Any] = self.table.update(consumer)
+        return updating.addCallback(spends).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
@@ -205,7 +209,7 @@ class ConsumerCommands:
             lambda _: {"deleted": name, "usage_kept_as": retired}, _database_failed
         )
 
-    def consumer_list(self, data: object) -> Result:
+    def consumer_list(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name"}))
         if "name" in fields:
             name = _name(fields)
@@ -213,7 +217,13 @@ class ConsumerCommands:
             names = [name]
         else:
             names = sorted(self.table.consumers)
-        return {"consumers": [self.table.describe(name) for name in names]}
+
+        def listed(_: None) -> Result:
+            # A consumer deleted meanwhile is left out.
+            return {"consumers": [self.table.describe(name) for name in names if name in self.table.consumers]}
+
+        # The spends as the cluster counts them, not as this instance last saw them.
+        return self.table.read_spends(names).addCallback(listed)
 
     def key_create(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
