@@ -280,7 +280,7 @@ class GatewayService(MultiService):
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
         )
-        commands.extra = ConsumerCommands(self.consumers, reactor.seconds).handlers()
+        commands.extra = ConsumerCommands(self.consumers, reactor.seconds, self._consumers_unshared).handlers()
         commands.excluded_consumers = self.consumers.excluding
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
@@ -394,6 +394,14 @@ class GatewayService(MultiService):
             name=self.settings.cluster_name,
         )
         self._reactor.stop()
+
+    def _consumers_unshared(self) -> str | None:
+        """
+        In a cluster whose store is unreachable, what a consumer change
+        leaves undone on the other instances (L{SharedConsumers.unshared}).
+        """
+        shared = self.shared_consumers
+        return None if shared is None else shared.unshared()
 
     def instance_status(self) -> dict[str, Any]:
         """

@@ -246,9 +246,18 @@ class TwoInstances(ClusterCase):
         self.assertTrue(answer["ok"], answer)
         up = yield store_up(a.api_port)
         self.assertEqual(up, 1)
+        answer = yield on_a.ask(token, "consumer_create", {"name": "before"})
+        self.assertTrue(answer["ok"], answer)
+        self.assertNotIn("warning", answer["result"])
         self.redis.stop()
         up = yield store_up_becomes(a.api_port, 0)
         self.assertEqual(up, 0)
+        # A consumer change meanwhile holds here, and says what it leaves
+        # undone on the other instances.
+        answer = yield on_a.ask(token, "key_create", {"name": "before"})
+        self.assertTrue(answer["ok"], answer)
+        self.assertIn("the cluster store (Redis) is unreachable", answer["result"]["warning"])
+        self.assertIn(b"consumer before changed here but the other instances were not told", a.stdout)
         model = yield self.chat_model(self.sdk(b.api_port))
         self.assertNotIn("gemini", model)
         answer = yield on_a.ask(token, "switch_provider", {"provider": "gemini"})

@@ -249,7 +249,7 @@ class RulesTests(TestCase):
             handlers["consumer_create"]({"name": "a"})
         self.assertIn("not loaded yet", str(caught.exception))
         table.loaded = True
-        self.assertEqual(handlers["consumer_list"]({}), {"consumers": []})
+        self.assertEqual(self.successResultOf(handlers["consumer_list"]({})), {"consumers": []})
 
     def test_reserve_tokens_setting(self) -> None:
         self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "250"})

@@ -225,10 +225,18 @@ class ConsumersOnTwoInstances(TestCase):
         first = yield self.status(on_a_sdk)
         second = yield self.status(on_b_sdk)
         self.assertEqual((first, second), ((200, None), (200, None)))
+        key = spend_key(self.redis.port, "payer", time.strftime("%Y-%m", time.gmtime()))
+        deadline = time.monotonic() + 5
+        while float(redis_get(self.redis.port, key) or 0) < 0.000015:
+            self.assertLess(time.monotonic(), deadline, "the second call's cost never reached Redis")
+            yield sleep(0.05)
+        # Either instance lists the cluster's spend, not its own share.
+        for control in (on_a, on_b):
+            listed = yield self.command(control, token, "consumer_list", {"name": "payer"})
+            self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00002, places=12)
         spent = yield self.status(on_a_sdk)
         self.assertEqual(spent, (429, "insufficient_quota"))
 
-        key = spend_key(self.redis.port, "payer", time.strftime("%Y-%m", time.gmtime()))
         before = float(redis_get(self.redis.port, key) or 0)
         self.assertGreater(before, 0.000015)
         # Spends reach the database within a second (USAGE rows' batches).

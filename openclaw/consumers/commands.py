@@ -82,10 +82,25 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+#: The commands that change consumers (their answers carry L{unshared}'s warning).
+_CHANGES = frozenset({"consumer_create", "consumer_update", "consumer_delete", "key_create", "key_revoke"})
+
+
 class ConsumerCommands:
-    def __init__(self, table: ConsumerTable, clock: Callable[[], float]) -> None:
+    """
+    The consumer commands of the control plane.
+
+    @ivar unshared: in a cluster, what a change made now leaves undone on
+        the other instances (the cluster store is unreachable), for the
+        answer's C{warning}; None when they are told at once.
+    """
+
+    def __init__(
+        self, table: ConsumerTable, clock: Callable[[], float], unshared: Callable[[], str | None] = lambda: None
+    ) -> None:
         self.table = table
         self.clock = clock
+        self.unshared = unshared
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
         handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
@@ -97,7 +112,26 @@ class ConsumerCommands:
             "key_revoke": self.key_revoke,
             "usage": self.usage,
         }
-        return {name: self._once_loaded(handler) for name, handler in handlers.items()}
+        return {
+            name: self._once_loaded(self._told(handler) if name in _CHANGES else handler)
+            for name, handler in handlers.items()
+        }
+
+    def _told(
+        self, handler: Callable[[object], Result | Deferred[Result]]
+    ) -> Callable[[object], Result | Deferred[Result]]:
+        def warned(result: Result) -> Result:
+            unshared = self.unshared()
+            if unshared is not None:
+                earlier = result.get("warning")
+                result["warning"] = unshared if earlier is None else f"{earlier}; {unshared}"
+            return result
+
+        def changed(data: object) -> Result | Deferred[Result]:
+            answer = handler(data)
+            return answer.addCallback(warned) if isinstance(answer, Deferred) else warned(answer)
+
+        return changed
 
     def _once_loaded(
         self, handler: Callable[[object], Result | Deferred[Result]]
@@ -152,6 +186,9 @@ class ConsumerCommands:
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
 
+        def spends(_: object) -> Deferred[None]:
+            return self.table.read_spends([consumer.name])
+
         def updated(_: object) -> Result:
             result: Result = {"consumer": self.table.describe(consumer.name)}
             if "expires_at" in fields and consumer.expired(self.clock()):
@@ -162,7 +199,8 @@ class ConsumerCommands:
                 )
             return result
 
-        return self.table.update(consumer).addCallbacks(updated, _database_failed)
+        updating: Deferred[Any] = self.table.update(consumer)
+        return updating.addCallback(spends).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))
@@ -171,7 +209,7 @@ class ConsumerCommands:
             lambda _: {"deleted": name, "usage_kept_as": retired}, _database_failed
         )
 
-    def consumer_list(self, data: object) -> Result:
+    def consumer_list(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name"}))
         if "name" in fields:
             name = _name(fields)
@@ -179,7 +217,13 @@ class ConsumerCommands:
             names = [name]
         else:
             names = sorted(self.table.consumers)
-        return {"consumers": [self.table.describe(name) for name in names]}
+
+        def listed(_: None) -> Result:
+            # A consumer deleted meanwhile is left out.
+            return {"consumers": [self.table.describe(name) for name in names if name in self.table.consumers]}
+
+        # The spends as the cluster counts them, not as this instance last saw them.
+        return self.table.read_spends(names).addCallback(listed)
 
     def key_create(self, data: object) -> Deferred[Result]:
         name = _name(_data(data, frozenset({"name"})))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -119,6 +119,11 @@ if ARGV[3] ~= '' and tonumber(ARGV[7]) > 0 then
   redis.call('EXPIRE', KEYS[6], tonumber(ARGV[8]) + 1)
 end
 return {0, tostring(spent), '0'}
+"""
+
+#: KEYS: spends.  Reply: their values (nil where none), as MGET gives them.
+SPENDS = """
+return redis.call('MGET', unpack(KEYS))
 """
 
 #: KEYS: seeded marker, tpm, reserved, day, month and total spends,
@@ -271,6 +276,33 @@ class SharedCounters:
         key = (consumer, period_key(period, now))
         return max(self.local.spent(consumer, period, now), self.seen.get(key, 0.0))
 
+    def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]:
+        """
+        Read the budget periods' spends of C{consumers} from Redis (the
+        cluster's, which every instance's calls add to), so that L{spent}
+        answers them rather than this instance's last sight of them.  Never
+        fails: without Redis, L{spent} keeps what it had.
+        """
+        budgeted = [c for c in consumers if c.budget_usd is not None]
+        if not self.up or not budgeted:
+            return succeed(None)
+        keys = [self._keys(c.name, c.created_at, "spend", period_key(c.budget_period, now)) for c in budgeted]
+
+        def read(values: list[Any]) -> None:
+            for consumer, value in zip(budgeted, values, strict=False):
+                if value is not None:
+                    usd = float(value.decode() if isinstance(value, bytes) else value)
+                    self.seen[(consumer.name, period_key(consumer.budget_period, now))] = usd
+
+        asked: Deferred[Any] = self.redis.script(SPENDS, keys, [])
+        asked.addTimeout(self.timeout, self.reactor)
+        return asked.addCallback(read).addErrback(
+            lambda reason: self._log.debug(
+                "consumers' spends not read from Redis ({error}); this instance's view answers",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+        )
+
     def admit(
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | Deferred[APIError | None] | None:
@@ -387,7 +419,31 @@ class SharedConsumers:
         table.changed = self.publish
         counters.unseeded = self.seed
 
+    def unshared(self) -> str | None:
+        """
+        What a consumer change made now leaves undone elsewhere: None while
+        Redis is up (the other instances are told at once); else a warning
+        for the command's answer.
+        """
+        if self.counters.up:
+            return None
+        return (
+            "the cluster store (Redis) is unreachable: the change is in the database and holds on this "
+            "instance, but the other instances apply it only once Redis is back (until then a revoked key "
+            "or a deleted consumer still works there, and a new key is refused there); restart them to "
+            "apply it at once"
+        )
+
     def publish(self, name: str) -> None:
+        if not self.counters.up:
+            # Not queued behind a connection that may not come back soon:
+            # the instances reload the table when Redis is back (L{up}).
+            self._log.warn(
+                "consumer {name} changed here but the other instances were not told (the cluster store is "
+                "unreachable); they reload when Redis is back",
+                name=name,
+            )
+            return
         self.redis.publish_consumer(self.instance, name).addErrback(
             lambda reason: self._log.warn(
                 "consumer {name} changed here but the other instances were not told ({error}); "

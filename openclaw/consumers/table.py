@@ -177,6 +177,8 @@ class Counters(Protocol):
 
     def deleted(self, consumer: Consumer, now: float) -> None: ...
 
+    def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]: ...
+
 
 @attrs.define
 class LocalCounters:
@@ -336,6 +338,10 @@ class LocalCounters:
 
     def deleted(self, consumer: Consumer, now: float) -> None:
         self.forget(consumer.name)
+
+    def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]:
+        # This instance's spends are the whole of them.
+        return succeed(None)
 
 
 def _live(
@@ -832,6 +838,14 @@ class ConsumerTable:
 
     def key_prefixes(self, name: str) -> list[str]:
         return sorted(prefix for consumer, prefix in self.keys.values() if consumer == name)
+
+    def read_spends(self, names: list[str]) -> Deferred[None]:
+        """
+        Bring the spends L{describe} shows of the consumers C{names} up to
+        date (a cluster's, from Redis); never fails.
+        """
+        consumers = [self.consumers[name] for name in names if name in self.consumers]
+        return self.counters.read_spends(consumers, self.clock())
 
     def describe(self, name: str) -> dict[str, Any]:
         consumer = self.consumers[name]
