@@ -190,6 +190,11 @@ class GatewayService(MultiService):
         default it is served on the API listener.
     """
 
+    #: The process's exit status once the reactor has stopped: 1 after a
+    #: refusal to start found once running (a cluster token this instance
+    #: cannot trust), so that a unit manager sees a failure, not a stop.
+    exit_status = 0
+
     _log = Logger(namespace="openclaw")
 
     def __init__(
@@ -393,6 +398,7 @@ class GatewayService(MultiService):
             error=error,
             name=self.settings.cluster_name,
         )
+        self.exit_status = 1
         self._reactor.stop()
 
     def _consumers_unshared(self) -> str | None:

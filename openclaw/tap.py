@@ -4,7 +4,9 @@ C{twistd openclaw}: command-line options and the service they make.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import os
 import sys
 from typing import IO, Any, ClassVar, NoReturn
 
@@ -135,7 +137,8 @@ def makeService(
         )
         _check_token_file(settings)
         if options["worker"] is not None:
-            return _worker_service(options, settings, reactor, stdout, twistd_options)
+            worker = _worker_service(options, settings, reactor, stdout, twistd_options)
+            return _exit_with_status(worker, twistd_options)
         if settings.workers > 1:
             return _supervisor(options, settings, reactor, stdout, twistd_options)
         if not foreground(twistd_options) and settings.token_file is None:
@@ -174,7 +177,7 @@ def makeService(
         sys.stderr.flush()
         raise SystemExit(1) from None
     reactor.callWhenRunning(_freeze_startup_objects)
-    return GatewayService(
+    service = GatewayService(
         settings,
         gateway_reactor(reactor),
         control,
@@ -185,6 +188,26 @@ def makeService(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+    return _exit_with_status(service, twistd_options)
+
+
+def _exit_with_status(service: GatewayService, twistd_options: Any) -> GatewayService:
+    """
+    Under twistd (not when a test calls L{makeService}), end the process
+    with C{service}'s L{GatewayService.exit_status} once twistd is done
+    (its pidfile removed): twistd ends every stop that no signal caused
+    with status 0.
+    """
+    if twistd_options:
+
+        def exit_status() -> None:
+            if service.exit_status:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(service.exit_status)
+
+        atexit.register(exit_status)
+    return service
 
 
 def _worker_service(
