@@ -720,9 +720,25 @@ class ConsumerMetrics:
             "Calls refused by a consumer's limits, by consumer and reason",
             ["consumer", "reason"],
         )
+        self._registry = registry
         if registry is not None:
             for family in (self._requests, self._tokens, self._spend, self._limited):
                 registry.register(family)
+
+    def count_pending(self, pending: Callable[[], int]) -> None:
+        """
+        C{openclaw_consumer_usage_rows_pending}: C{pending()} when scraped,
+        the usage rows waiting for the consumers' database (it grows while
+        the database cannot be written).
+        """
+        if self._registry is None:
+            return
+        gauge = Gauge(
+            "openclaw_consumer_usage_rows_pending",
+            "Usage rows waiting to be written to the consumers' database (growing: it cannot be written)",
+            registry=self._registry,
+        )
+        gauge.set_function(pending)
 
     def requests(self, consumer: str, status: int) -> None:
         self._requests.add((consumer, str(status)))

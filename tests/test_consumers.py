@@ -448,6 +448,44 @@ class UsageRowsAtStopTests(TestCase):
         self.assertEqual(store.tries, 1)
 
 
+class UsageRowsOutageTests(TestCase):
+    def test_failures_logged_once_a_minute_and_counted(self) -> None:
+        """
+        A database that refuses writes for minutes: one error line at the
+        first failure, then one a minute (not one a second, with a
+        traceback each), one line when rows are written again; the rows
+        waiting are a gauge.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = RefusingStore()
+        registry = CollectorRegistry()
+        table = ConsumerTable(
+            store,  # type: ignore[arg-type]
+            PriceTable.with_overrides({}),
+            clock=clock.seconds,
+            metrics=ConsumerMetrics(registry),
+        )
+        table.consumers["team"] = Consumer("team")
+        for _ in range(150):
+            table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+            table.flush()
+            clock.advance(1)
+        self.assertEqual(store.tries, 150)
+        self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 150)
+        said = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertEqual(len(said), 3, said)  # at 0 s, 60 s and 120 s
+        self.assertIn("could not write 1 usage rows (the database refused the write)", said[0])
+        self.assertIn("still cannot write usage rows after 60 s", said[1])
+        self.assertIn("still cannot write usage rows after 120 s", said[2])
+        self.assertIn("121 waiting", said[2])
+        self.assertFalse([e for e in events if e.get("log_failure") is not None])
+        table.store = RecordingStore()  # type: ignore[assignment]
+        table.flush()
+        self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 0)
+        self.assertIn("usage rows written again after 150 s of failures (150 rows)", formatEvent(events[-1]))
+
+
 class UsageRowsTests(TestCase):
     """
     A consumer's call is a usage row of its own (issue #19); the calls of
@@ -565,6 +603,34 @@ class UsageRowsTests(TestCase):
 class PostgresStoreTests(StoreTests, TestCase):
     def open_store(self) -> ConsumerStore:
         return ConsumerStore.open(postgres_database(), Path("."), reactor)
+
+    @inlineCallbacks
+    def test_connection_dropped_by_the_server(self) -> Any:
+        """
+        The server drops the pool's connections (a restart, an idle
+        timeout; here pg_terminate_backend): the next command is answered
+        on a fresh connection, not refused once per dead one.
+        """
+        url = postgres_database()
+        store = ConsumerStore.open(url, Path("."), reactor)
+        self.addCleanup(store.close)
+        yield store.migrate()
+        yield store.usage(None, None, None, None)
+
+        def terminate() -> None:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+
+        yield deferToThread(terminate)
+        rows = yield store.usage(None, None, None, None)
+        self.assertEqual(rows[0]["requests"], 0)  # type: ignore[index]
+        # adbapi logs each dead connection's failed rollback.
+        self.flushLoggedErrors()
 
 
 class GatewayCase(TestCase):

@@ -67,6 +67,17 @@ def _database_failed(failure: Failure) -> Failure:
     return Failure(CommandError(f"the consumers' database refused the change: {failure.getErrorMessage()}"))
 
 
+def _database_unread(failure: Failure) -> Failure:
+    if failure.check(CommandError):
+        return failure
+    return Failure(
+        CommandError(
+            f"the consumers' database could not be read: {failure.getErrorMessage()}; check DATABASE_URL "
+            "(or STATE_DIR) and the gateway's log, and retry"
+        )
+    )
+
+
 _COUNTS = ("requests", "limited", "prompt_tokens", "completion_tokens", "reasoning_tokens", "unpriced_tokens")
 
 
@@ -299,7 +310,7 @@ class ConsumerCommands:
                 result["total"] = usage_total(rows)
             return result
 
-        return flushed.addCallback(query).addCallbacks(answered, _database_failed)
+        return flushed.addCallback(query).addCallbacks(answered, _database_unread)
 
 
 __all__ = ["CONSUMER_COMMANDS", "ConsumerCommands", "usage_total"]

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import attrs
 import orjson
+import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.application.internet import backoffPolicy
 from twisted.enterprise import adbapi
@@ -292,7 +293,30 @@ class ConsumerStore:
         return query.replace("?", "%s") if self.dialect == "postgresql" else query
 
     def _interact(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        return cast("Deferred[T]", self.pool.runInteraction(function, *args))
+        """
+        C{function(transaction, *args)} in one transaction.  On PostgreSQL,
+        one that failed for its connection (C{OperationalError}: the server
+        restarted, or dropped an idle connection) is tried again, up to
+        once per pooled connection: the pool lets each dead one go
+        (C{cp_reconnect}) and opens a fresh one.
+        A transaction cut before its commit changed nothing; one cut during
+        its commit may have been applied, the ambiguity of any retried
+        write (a duplicate is then refused by the table's constraints).
+        """
+        done = cast("Deferred[T]", self.pool.runInteraction(function, *args))
+        if self.dialect != "postgresql":
+            return done
+
+        def again(failure: Failure, tries: int) -> Deferred[T]:
+            failure.trap(psycopg.OperationalError)
+            retried = cast("Deferred[T]", self.pool.runInteraction(function, *args))
+            if tries > 1:
+                retried.addErrback(again, tries - 1)
+            return retried
+
+        # Each of the pool's threads has a connection of its own, and each
+        # may be dead: as many tries as there are connections.
+        return done.addErrback(again, self.pool.max)
 
     def close(self, timeout: float = CLOSE_SECONDS) -> Deferred[bool]:
         """

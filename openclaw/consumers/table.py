@@ -41,6 +41,8 @@ MAX_PENDING_ROWS = 100_000
 #: before the call started, its instance crashed) is forgotten after this
 #: long, in seconds.
 RESERVATION_SECONDS = 900
+#: Seconds between the log lines of usage rows that still cannot be written.
+FAILURE_LOG_SECONDS = 60
 #: A C{tpm} reservation lapses after the window it counts in (60 s): a
 #: call never counted (its instance crashed) must not hold a consumer's
 #: tokens for longer than the limit's own memory; a call still running
@@ -85,6 +87,7 @@ class ConsumerMetricsLike(Protocol):
     def spend(self, consumer: str, usd: float) -> None: ...
     def limited(self, consumer: str, reason: str) -> None: ...
     def count_gateway(self, consumer: str, usage: GatewayUsage) -> None: ...
+    def count_pending(self, pending: Callable[[], int]) -> None: ...
 
 
 def _count(value: Any) -> int:
@@ -405,7 +408,13 @@ class ConsumerTable:
         self.gateway_usage = GatewayUsage(prices)
         if metrics is not None:
             metrics.count_gateway(NO_CONSUMER, self.gateway_usage)
+            metrics.count_pending(lambda: len(self._pending))
         self._flusher: LoopingCall | None = None
+        #: Since when (clock) writes of usage rows have failed, and when
+        #: that was last logged: one line at the first failure, then one a
+        #: minute, then one when they are written again.
+        self._failing_since: float | None = None
+        self._failure_logged_at = 0.0
         self._flushing: Deferred[None] | None = None
         #: L{stop} was called: a failed write is not tried again.
         self._stopping = False
@@ -746,13 +755,40 @@ class ConsumerTable:
                 )
                 return
             self._pending[:0] = rows
-            self._log.failure("could not write {count} usage rows; kept for the next try", reason, count=len(rows))
+            now = self.clock()
+            error = reason.getErrorMessage() or repr(reason.value)
+            if self._failing_since is None:
+                self._failing_since = self._failure_logged_at = now
+                self._log.error(
+                    "could not write {count} usage rows ({error}); kept, and tried again every {every:g} s: "
+                    "check DATABASE_URL / STATE_DIR (openclaw_consumer_usage_rows_pending counts them)",
+                    count=len(rows),
+                    error=error,
+                    every=self.flush_seconds,
+                )
+            elif now - self._failure_logged_at >= FAILURE_LOG_SECONDS:
+                self._failure_logged_at = now
+                self._log.error(
+                    "still cannot write usage rows after {seconds:.0f} s ({error}): {pending} waiting",
+                    seconds=now - self._failing_since,
+                    error=error,
+                    pending=len(self._pending),
+                )
+
+        def written(result: None) -> None:
+            if self._failing_since is not None:
+                self._log.info(
+                    "usage rows written again after {seconds:.0f} s of failures ({count} rows)",
+                    seconds=self.clock() - self._failing_since,
+                    count=len(rows),
+                )
+                self._failing_since = None
 
         def done(result: None) -> None:
             self._flushing = None
 
         flushing = self._flushing = self.store.record(rows)
-        flushing.addErrback(failed).addBoth(done)
+        flushing.addCallbacks(written, failed).addBoth(done)
         return flushing
 
     # -- the commands ----------------------------------------------------------
