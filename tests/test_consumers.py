@@ -452,9 +452,9 @@ class UsageRowsOutageTests(TestCase):
     def test_failures_logged_once_a_minute_and_counted(self) -> None:
         """
         A database that refuses writes for minutes: one error line at the
-        first failure, then one a minute (not one a second, with a
-        traceback each), one line when rows are written again; the rows
-        waiting are a gauge.
+        first failure (with its traceback), then one a minute (not one a
+        second, with a traceback each), one line when rows are written
+        again; the rows waiting are a gauge.
         """
         events = capture_log_events(self)
         clock = Clock()
@@ -479,7 +479,9 @@ class UsageRowsOutageTests(TestCase):
         self.assertIn("still cannot write usage rows after 60 s", said[1])
         self.assertIn("still cannot write usage rows after 120 s", said[2])
         self.assertIn("121 waiting", said[2])
-        self.assertFalse([e for e in events if e.get("log_failure") is not None])
+        # The first with its traceback (a fault of ours would show), the rest without.
+        self.assertEqual(len([e for e in events if e.get("log_failure") is not None]), 1)
+        self.flushLoggedErrors(OSError)
         table.store = RecordingStore()  # type: ignore[assignment]
         table.flush()
         self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 0)
@@ -631,6 +633,30 @@ class PostgresStoreTests(StoreTests, TestCase):
         self.assertEqual(rows[0]["requests"], 0)  # type: ignore[index]
         # adbapi logs each dead connection's failed rollback.
         self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_failure_after_the_check_is_not_retried(self) -> Any:
+        """
+        A transaction that fails once it has begun (here: a statement
+        timeout, an OperationalError too) runs once: it may have written,
+        or be what the database is short of; only a dead connection found
+        by the check before it is tried again.
+        """
+        url = postgres_database()
+        store = ConsumerStore.open(url + "?options=-c%20statement_timeout%3D200", Path("."), reactor)
+        self.addCleanup(store.close)
+        runs: list[int] = []
+
+        def slow(transaction: Any) -> None:
+            runs.append(1)
+            transaction.execute("SELECT pg_sleep(1)")
+
+        import psycopg
+
+        started = time.monotonic()
+        yield self.assertFailure(store._interact(slow), psycopg.errors.QueryCanceled)
+        self.assertEqual(len(runs), 1)
+        self.assertLess(time.monotonic() - started, 0.9)
 
 
 class GatewayCase(TestCase):

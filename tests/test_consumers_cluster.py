@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer
-from openclaw.consumers.shared import SharedCounters
+from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
@@ -399,3 +399,68 @@ class RedisAwayTests(TestCase):
         # No limit at all: no round trip, whatever Redis does.
         counters.up = True
         self.assertIsNone(counters.admit(Consumer("free"), clock.seconds(), Holder("free", "p")))
+
+
+class _Table:
+    """
+    What L{SharedConsumers} needs of a consumer table: reloads counted.
+    """
+
+    def __init__(self) -> None:
+        self.loaded = True
+        self.refreshes = 0
+        self.changed: Any = None
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+
+    def flush(self) -> Deferred[None]:
+        return Deferred()  # the re-seeding after a reconnection: not the point here
+
+
+class _Channel:
+    """
+    The cluster's channel as one instance's connection reaches it.
+    """
+
+    def __init__(self, bus: list[Any]) -> None:
+        self.bus = bus
+        self.connected = True
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        if not self.connected:
+            return Deferred()  # queued behind a dead connection
+        for deliver in self.bus:
+            deliver(instance, name)
+        return succeed(1)
+
+
+class OneInstanceAwayTests(TestCase):
+    """
+    Only instance A loses Redis (its own link); B never does, so B would
+    never reload by itself: A's consumer changes meanwhile are announced
+    when A is back.
+    """
+
+    def test_changes_announced_on_reconnection(self) -> None:
+        bus: list[Any] = []
+        instances = []
+        for name in ("a", "b"):
+            table, channel = _Table(), _Channel(bus)
+            counters = SharedCounters(channel, Clock(), 1.0)  # type: ignore[arg-type]
+            counters.up = True
+            shared = SharedConsumers(table, counters, channel, name)  # type: ignore[arg-type]
+            bus.append(shared.received)
+            instances.append((shared, table, channel))
+        (a, a_table, a_channel), (_, b_table, _) = instances
+        a_channel.connected = False
+        a.up(False)
+        self.assertIsNotNone(a.unshared())
+        a_table.changed("alice")  # a key revoked on A
+        self.assertEqual(b_table.refreshes, 0)
+        a_channel.connected = True
+        a.up(True)
+        self.assertEqual(b_table.refreshes, 1)

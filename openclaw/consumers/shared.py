@@ -416,6 +416,10 @@ class SharedConsumers:
         self.redis = redis
         self.instance = instance
         self._seeding: Deferred[Any] | None = None
+        #: Consumers changed here while Redis was unreachable: announced
+        #: when it is back (the other instances may never have lost it,
+        #: and would not reload by themselves).
+        self._unannounced: set[str] = set()
         table.changed = self.publish
         counters.unseeded = self.seed
 
@@ -437,10 +441,11 @@ class SharedConsumers:
     def publish(self, name: str) -> None:
         if not self.counters.up:
             # Not queued behind a connection that may not come back soon:
-            # the instances reload the table when Redis is back (L{up}).
+            # announced once Redis is back (L{up}).
+            self._unannounced.add(name)
             self._log.warn(
                 "consumer {name} changed here but the other instances were not told (the cluster store is "
-                "unreachable); they reload when Redis is back",
+                "unreachable); they are told when Redis is back",
                 name=name,
             )
             return
@@ -468,6 +473,10 @@ class SharedConsumers:
         that load does both.)
         """
         self.counters.up = up
+        if up and self._unannounced:
+            names, self._unannounced = sorted(self._unannounced), set()
+            for name in names:
+                self.publish(name)
         if up and self.table.loaded:
             self.table.refresh()
             self.seed()

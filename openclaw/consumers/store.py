@@ -239,6 +239,13 @@ def _open_sqlite(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA synchronous=NORMAL")
 
 
+class _DeadConnection(Exception):
+    """
+    A pooled PostgreSQL connection failed its check before the transaction
+    did anything (L{ConsumerStore._interact}): safe to try again.
+    """
+
+
 class ConsumerStore:
     """
     The consumers, their keys' hashes, usage rows and spend, in a database.
@@ -294,26 +301,33 @@ class ConsumerStore:
 
     def _interact(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """
-        C{function(transaction, *args)} in one transaction.  On PostgreSQL,
-        one that failed for its connection (C{OperationalError}: the server
-        restarted, or dropped an idle connection) is tried again, up to
-        once per pooled connection: the pool lets each dead one go
-        (C{cp_reconnect}) and opens a fresh one.
-        A transaction cut before its commit changed nothing; one cut during
-        its commit may have been applied, the ambiguity of any retried
-        write (a duplicate is then refused by the table's constraints).
+        C{function(transaction, *args)} in one transaction.  On PostgreSQL
+        the transaction first checks its connection (C{SELECT 1}): one the
+        server dropped (a restart, an idle timeout) fails there, before
+        anything was written, and the interaction is tried again on
+        another connection (the pool lets each dead one go:
+        C{cp_reconnect}), up to once per pooled connection.  A failure
+        after that check is never retried: a write whose commit was cut
+        may have been applied, and must not be applied twice.
         """
-        done = cast("Deferred[T]", self.pool.runInteraction(function, *args))
         if self.dialect != "postgresql":
-            return done
+            return cast("Deferred[T]", self.pool.runInteraction(function, *args))
+
+        def checked(transaction: Any, *args: Any) -> T:
+            try:
+                transaction.execute("SELECT 1")
+            except psycopg.OperationalError as e:
+                raise _DeadConnection(str(e)) from e
+            return function(transaction, *args)
 
         def again(failure: Failure, tries: int) -> Deferred[T]:
-            failure.trap(psycopg.OperationalError)
-            retried = cast("Deferred[T]", self.pool.runInteraction(function, *args))
+            failure.trap(_DeadConnection)
+            retried = cast("Deferred[T]", self.pool.runInteraction(checked, *args))
             if tries > 1:
                 retried.addErrback(again, tries - 1)
             return retried
 
+        done = cast("Deferred[T]", self.pool.runInteraction(checked, *args))
         # Each of the pool's threads has a connection of its own, and each
         # may be dead: as many tries as there are connections.
         return done.addErrback(again, self.pool.max)

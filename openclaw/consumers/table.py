@@ -758,10 +758,12 @@ class ConsumerTable:
             now = self.clock()
             error = reason.getErrorMessage() or repr(reason.value)
             if self._failing_since is None:
+                # With its traceback, once: a fault of ours shows as one.
                 self._failing_since = self._failure_logged_at = now
-                self._log.error(
+                self._log.failure(
                     "could not write {count} usage rows ({error}); kept, and tried again every {every:g} s: "
                     "check DATABASE_URL / STATE_DIR (openclaw_consumer_usage_rows_pending counts them)",
+                    reason,
                     count=len(rows),
                     error=error,
                     every=self.flush_seconds,
