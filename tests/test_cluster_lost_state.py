@@ -352,3 +352,31 @@ class LostStateOnRedis(ClusterCase):
         self.assertEqual(status["result"]["provider_id"], "kimi")
         answer = yield on_a.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_flushall_then_a_newcomer_at_the_same_version(self) -> None:
+        """
+        Never switched nor rotated (route and token at version 1):
+        FLUSHALL, then a newcomer configured for kimi started at once (it
+        may reach the emptied Redis before the next heartbeat, writing its
+        own at version 1): within a few heartbeats every instance, the
+        newcomer included, serves gemini with the operators' token.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        c = self.spawn(DEFAULT_PROVIDER="kimi")
+        yield c.token
+        yield printed(c, b"applied the cluster's route gemini/", seconds=30)
+        deadline = time.monotonic() + 30
+        while token not in (
+            (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value")) or ""
+        ):
+            self.assertLess(time.monotonic(), deadline)
+            yield sleep(0.2)
+        for process in (c, a, b):
+            client = yield self.client(process.port)
+            status = yield client.ask(token, "status")
+            self.assertEqual(status["result"]["provider_id"], "gemini", process.stdout[-3000:])
