@@ -20,7 +20,8 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import ROUTE, TOKEN
+from openclaw.cluster.node import ROUTE, TOKEN, encode_route
+from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 from tests.redis_server import DelayingProxy
@@ -134,6 +135,136 @@ class LostState(TestCase):
         c.connected()
         self.assert_agree(Route("kimi", "k-1"), token.jti, self.a, self.b, c)
 
+    def test_flushed_in_place_newcomer_first_at_the_same_version(self) -> None:
+        """
+        The maintainer's case: never switched nor rotated (route and token
+        at version 1); the store emptied in place (no disconnection) and a
+        newcomer with another configured route reaches it first, writing
+        its route and a fresh token at version 1, the version the running
+        nodes know.  Within a few heartbeats every node, the newcomer
+        included, holds the route and token the cluster had (the store
+        too), and a node restarted afterwards takes them.
+        """
+        for node in (self.a, self.b):
+            node.start()
+            self.addCleanup(node.stop)
+        jti = self.a.sessions.current.jti
+        self.clock.advance(3)
+        self.store.values.clear()
+        self.clock.advance(1)
+        c = self.node("c", Route("kimi", "k-9"))
+        c.connected()
+        c.start()
+        self.addCleanup(c.stop)
+        self.assertNotEqual(c.sessions.current.jti, jti)
+        self.assertEqual(self.store.values[TOKEN].version, 1)
+        events = capture_log_events(self)
+        for _ in range(2):
+            self.clock.advance(10)
+        self.assertTrue(any("holds a route and token this instance does not know" in formatEvent(e) for e in events))
+        self.assert_agree(GEMINI, jti, self.a, self.b, c)
+        self.b.stop()
+        again = self.node("b")
+        again.connected()
+        self.assert_agree(GEMINI, jti, again)
+
+    def split(self, store_holds_the_earlier: bool) -> tuple[ClusterNode, ClusterNode, list[str]]:
+        """
+        Two running nodes that hold another route and token each at the
+        same version (x's set first, y's a second later), the store holding
+        y's (or x's); their heartbeats started.  Also the names of the
+        writes made from then on.
+        """
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.clock.advance(1)
+        x = self.node("x")
+        x.connected()
+        earlier = dict(self.store.values)
+        self.store.values.clear()
+        self.clock.advance(1)
+        y = self.node("y", Route("kimi", "k-1"))
+        y.connected()
+        if store_holds_the_earlier:
+            self.store.values.update(earlier)
+        self.assertNotEqual(x.sessions.current.jti, y.sessions.current.jti)
+        self.assertEqual({x.versions[ROUTE], x.versions[TOKEN], y.versions[ROUTE], y.versions[TOKEN]}, {1})
+        writes: list[str] = []
+        self.store.listeners.append(lambda name, version, value, origin: writes.append(name))
+        for node in (y, x):
+            node.start()
+            self.addCleanup(node.stop)
+        return x, y, writes
+
+    def test_same_version_disagreement_earlier_written_back_once(self) -> None:
+        """
+        The store holds the later of two nodes' states at the same
+        version: the node holding the earlier writes its route and token
+        back once, the other applies them, and nothing is written after.
+        """
+        x, y, writes = self.split(store_holds_the_earlier=False)
+        self.clock.advance(10)
+        self.assert_agree(GEMINI, x.sessions.current.jti, x, y)
+        self.assertEqual(sorted(writes), [ROUTE, TOKEN])
+        for _ in range(30):
+            self.clock.advance(10)
+        self.assertEqual(sorted(writes), [ROUTE, TOKEN])
+
+    def test_same_version_disagreement_later_adopts(self) -> None:
+        """
+        The store holds the earlier of the two states: the node holding
+        the later one adopts it at its next heartbeat, writing nothing
+        (its route, set later, loses as its token, issued later, does).
+        """
+        x, y, writes = self.split(store_holds_the_earlier=True)
+        for _ in range(30):
+            self.clock.advance(10)
+        self.assert_agree(GEMINI, x.sessions.current.jti, x, y)
+        self.assertEqual(writes, [])
+
+    def test_route_recorded_without_set_at_counts_as_earliest(self) -> None:
+        """
+        A route record without C{at} (written by an earlier version) is
+        the cluster's route from before any that has one: it wins at the
+        same version over a newcomer's.
+        """
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.store.values[ROUTE] = Versioned(1, encode_route(Route("kimi", "k-1")), "old")
+        self.a.connected()
+        self.b.connected()
+        self.a.start()
+        self.b.start()
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        jti = self.a.sessions.current.jti
+        self.store.values.clear()
+        self.clock.advance(1)
+        c = self.node("c", GEMINI)
+        c.connected()
+        c.start()
+        self.addCleanup(c.stop)
+        for _ in range(2):
+            self.clock.advance(10)
+        self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, c)
+        self.assertNotIn('"at"', self.store.values[ROUTE].value)
+
+    def test_route_with_an_unknown_provider_written_back(self) -> None:
+        """
+        At the same version, a route this instance cannot apply (a provider
+        it does not know), set earlier or not, is replaced by its own: not
+        refused again at every heartbeat.
+        """
+        self.a.start()
+        self.addCleanup(self.a.stop)
+        self.store.values[ROUTE] = Versioned(1, encode_route(Route("openai", "o-1")), "old")
+        for _ in range(3):
+            self.clock.advance(10)
+        self.assertEqual((self.store.values[ROUTE].version, self.store.values[ROUTE].origin), (2, "a"))
+        self.assertEqual(self.a.route.current, GEMINI)
+
     def test_reload_timeout_said_plainly(self) -> None:
         """
         A reload that timed out says so (not a timeout's repr), and what
@@ -221,3 +352,31 @@ class LostStateOnRedis(ClusterCase):
         self.assertEqual(status["result"]["provider_id"], "kimi")
         answer = yield on_a.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_flushall_then_a_newcomer_at_the_same_version(self) -> None:
+        """
+        Never switched nor rotated (route and token at version 1):
+        FLUSHALL, then a newcomer configured for kimi started at once (it
+        may reach the emptied Redis before the next heartbeat, writing its
+        own at version 1): within a few heartbeats every instance, the
+        newcomer included, serves gemini with the operators' token.
+        """
+        a = self.spawn()
+        token = yield a.token
+        b = self.spawn()
+        yield b.token
+        yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
+        c = self.spawn(DEFAULT_PROVIDER="kimi")
+        yield c.token
+        yield printed(c, b"applied the cluster's route gemini/", seconds=30)
+        deadline = time.monotonic() + 30
+        while token not in (
+            (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value")) or ""
+        ):
+            self.assertLess(time.monotonic(), deadline)
+            yield sleep(0.2)
+        for process in (c, a, b):
+            client = yield self.client(process.port)
+            status = yield client.ask(token, "status")
+            self.assertEqual(status["result"]["provider_id"], "gemini", process.stdout[-3000:])

@@ -17,14 +17,21 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
    every instance, the newcomer included, applies it);
  - at the SAME version: for the token, the one issued earlier (C{iat},
    then C{jti}) wins, so a token minted by a newcomer loses to the one the
-   operators hold; for the route, the instance's own is written back (a
-   route at a version the store already holds with another value was
-   written after the store lost its state);
+   operators hold; for the route, the one set earlier (its record's
+   C{at}: L{route_rank}) wins, so the route the cluster served before the
+   loss wins over a newcomer's configured one.  The instance holding the
+   winner writes it back (one version above), the others adopt it; as
+   every instance ranks any two values alike, two of them never write
+   back in turn (no write-back war);
  - a HIGHER version in the store is the cluster's latest change: applied.
 
-Each heartbeat also reads the store's versions: one lower than the
-instance knows (0: the key is gone) means the store lost it, and the
-instance reloads at once, writing back what it knows by the same rule.
+Each heartbeat also reads the store's versions and values (one round
+trip): a version lower than the instance knows (0: the key is gone) means
+the store lost it; the version it knows with a value it does not hold (a
+token of another C{jti}, another route record) means the store lost it
+and a newcomer that reached it first wrote its own at that version.
+Either way the instance reloads at once, writing back what it knows or
+adopting what the store holds by the same rule.
 
 Plain object: the store (L{openclaw.cluster.store.SharedStore}) and a clock
 are given; no socket here.
@@ -123,8 +130,50 @@ def describe(error: object, timeout: float) -> str:
     return str(error) or repr(error)
 
 
-def encode_route(route: Route) -> str:
-    return json.dumps({"provider": route.provider_id, "model": route.model})
+def encode_route(route: Route, at: float | None = None) -> str:
+    """
+    The cluster's record of C{route}: a JSON object of C{provider},
+    C{model} and, unless C{None}, C{at}, when the route was set (POSIX
+    seconds: by a C{switch_provider}, or by the instance that proposed it
+    to an empty store), for the same-version tie-break (L{route_rank}).
+    """
+    document: dict[str, object] = {"provider": route.provider_id, "model": route.model}
+    if at is not None:
+        document["at"] = at
+    return json.dumps(document)
+
+
+def route_at(document: dict[str, Any]) -> float | None:
+    """
+    The C{at} of a decoded route record (L{encode_route}); C{None} for a
+    record without one (written by an earlier version).
+
+    @raise TypeError: it is not a number.
+    """
+    at = document.get("at")
+    if at is None:
+        return None
+    if isinstance(at, bool) or not isinstance(at, int | float):
+        raise TypeError(f"the route's set-at {at!r} is not a number")
+    return float(at)
+
+
+def route_rank(value: str) -> tuple[float, str, str]:
+    """
+    Where the route record C{value} (L{encode_route}) stands when two of
+    them are held at the same version (the store lost the state and
+    another instance wrote its own): the lower wins.  The route set
+    earlier (C{at}; a record without one, from an earlier version, counts
+    as set at 0: before any that has one) wins, so the route the cluster
+    served before the loss wins over a newcomer's; then the provider and
+    model, so that every instance ranks any two alike.
+
+    @raise ValueError: (or L{KeyError}, L{TypeError}) C{value} is not a
+        route record.
+    """
+    document = json.loads(value)
+    at = route_at(document)
+    return (0.0 if at is None else at, str(document["provider"]), str(document["model"]))
 
 
 def encode_token(token: SessionToken) -> str:
@@ -200,6 +249,9 @@ class ClusterNode:
         self.up = False
         self.instances_seen = 1
         self.versions: dict[str, int] = {}
+        #: When the route this instance holds was set (its record's C{at}:
+        #: L{encode_route}); C{None} for a record without one.
+        self._route_at: float | None = None
         self._connected = False
         #: A failed reload was logged: the next ones are not, until one works.
         self._reload_failing = False
@@ -278,7 +330,7 @@ class ClusterNode:
     def _reload(self) -> Any:
         before = dict(self.versions)
         try:
-            mine = encode_route(self.route.current)
+            mine = self._mine(ROUTE)
             route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
             if self._outranks(ROUTE, mine, route):
                 route = yield self._bounded(self._write_back(ROUTE, mine, route))
@@ -346,6 +398,33 @@ class ClusterNode:
             self._set_up(True)
             self.beat()
 
+    def _mine(self, name: str) -> str:
+        """
+        This instance's record of C{name} (L{ROUTE} only), as it would
+        propose or write it back: the route it holds, set when the
+        cluster's record says, or now if it has never been in step.
+        """
+        at = self._route_at if ROUTE in self.versions else round(self._reactor.seconds(), 3)
+        return encode_route(self.route.current, at)
+
+    def _replaced(self, name: str, held: str) -> bool:
+        """
+        Whether C{held}, what the store holds for C{name} at the version
+        this instance knows (a heartbeat's read), is not what this instance
+        holds: the store lost the state and another instance (a newcomer)
+        wrote its own at that version.  Never for a token while this
+        instance refuses the cluster's (another C{JWT_SECRET}).
+        """
+        try:
+            if name == ROUTE:
+                return bool(json.loads(held) != json.loads(self._mine(ROUTE)))
+            current = self.sessions.current_or_none
+            if current is None or self._foreign_token is not None:
+                return False
+            return decode_token(held).jti != current.jti
+        except (ValueError, KeyError, TypeError):
+            return True
+
     def _outranks(self, name: str, mine: str, held: Versioned) -> bool:
         """
         Whether this instance's C{mine} (its route or token, encoded) must
@@ -364,7 +443,15 @@ class ClusterNode:
         if theirs == json.loads(mine):
             return False
         if name == ROUTE:
-            return True
+            if held.version < known:
+                return True
+            try:
+                rank = route_rank(held.value)
+            except (ValueError, KeyError, TypeError):
+                return True  # nothing any instance can apply
+            if rank[1] not in self._provider_ids:
+                return True  # nor this one: written back rather than refused at every heartbeat
+            return route_rank(mine) < rank
         if self._foreign_token is not None:
             return False  # this instance refused the cluster's token: its own is not the cluster's
         try:
@@ -580,6 +667,7 @@ class ClusterNode:
                 route = Route(str(document["provider"]), str(document["model"]))
                 if route.provider_id not in self._provider_ids:
                     raise ValueError(f"unknown provider {route.provider_id!r}")
+                self._route_at = route_at(document)
                 self.versions[name] = versioned.version
                 previous = self.route.switch(route)
                 if previous != route and not here:
@@ -643,7 +731,9 @@ class ClusterNode:
             could not say whether it was written.
         """
         previous = self.route.current
-        return self._write(ROUTE, encode_route(route)).addCallback(lambda _: previous)
+        return self._write(ROUTE, encode_route(route, round(self._reactor.seconds(), 3))).addCallback(
+            lambda _: previous
+        )
 
     def rotate(self, token: SessionToken) -> Deferred[SessionToken]:
         """
@@ -817,6 +907,27 @@ class ClusterNode:
                     "the cluster store lost the {names} this instance knows (flushed, evicted or restarted empty); "
                     "writing them back",
                     names=" and ".join(lost),
+                )
+                self._reload()
+                return
+            replaced = sorted(
+                name
+                for name, version in heartbeat.versions.items()
+                if version == self.versions.get(name)
+                and name in heartbeat.values
+                and self._replaced(name, heartbeat.values[name])
+            )
+            if replaced and self.up:
+                # The same version with another value: the store lost the
+                # state and an instance that reached it first (a newcomer)
+                # wrote its own at the version this one knows.  The reload
+                # settles it by L{_outranks}: the earlier wins (written
+                # back, one version above), else is adopted here.
+                self._log.warn(
+                    "the cluster store holds a {names} this instance does not know at the version it knows "
+                    "(the store lost the cluster's state and another instance wrote its own); keeping the one "
+                    "set earlier",
+                    names=" and ".join(replaced),
                 )
                 self._reload()
                 return

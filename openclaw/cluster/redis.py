@@ -123,7 +123,9 @@ else
 end
 local found = {redis.call('ZCARD', KEYS[1])}
 for i = 2, #KEYS do
-  table.insert(found, tonumber(redis.call('HGET', KEYS[i], 'version') or '0'))
+  local held = redis.call('HMGET', KEYS[i], 'version', 'value')
+  table.insert(found, tonumber(held[1] or '0'))
+  table.insert(found, held[2] or '')
 end
 return found
 """
@@ -620,8 +622,12 @@ class RedisStore:
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         def heard(reply: list[Any]) -> Heartbeat:
+            versions = reply[1::2]
+            values = [value.decode() if isinstance(value, bytes) else str(value) for value in reply[2::2]]
             return Heartbeat(
-                int(reply[0]), {name: int(version) for name, version in zip(names, reply[1:], strict=True)}
+                int(reply[0]),
+                {name: int(version) for name, version in zip(names, versions, strict=True)},
+                dict(zip(names, values, strict=True)),
             )
 
         return self._eval(

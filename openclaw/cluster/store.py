@@ -43,11 +43,15 @@ class Heartbeat:
     """
     What a heartbeat learns: how many instances are alive, and the version
     of each shared value (name -> version; 0 for none), to notice a
-    published write this node missed.
+    published write this node missed; and each value (name -> value; ""
+    for none), to notice one the store holds at the version this node
+    knows but that is not the one it knows (the store lost the state and
+    another instance wrote its own meanwhile).
     """
 
     alive: int
     versions: dict[str, int]
+    values: dict[str, str] = attrs.field(factory=dict)
 
 
 #: Called with (name, version, value, origin) for every write anyone makes.
@@ -282,7 +286,8 @@ class MemoryStore:
         if mark:
             self.alive[instance] = now + ttl_seconds
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
-        return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions))
+        values = {name: self.values[name].value if name in self.values else "" for name in names}
+        return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions, values))
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self.up:
