@@ -620,6 +620,13 @@ class ChatCall:
                 raise
             return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
         if not self._first_chunk_sent:
+            if not closing:
+                # [DONE] and nothing before it: no answer at all, the
+                # provider's failure like any stream without a first event.
+                why = "the stream ended ([DONE]) without a single event"
+                return self._attempt_failed(
+                    "broken", upstream_failed(self.route.provider_id, why, "upstream_stream_broken")
+                )
             self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
