@@ -276,6 +276,24 @@ class ToolNameTests(SynchronousTestCase):
         self.assertNotIn(" . ", caught.exception.message)
         chat(tools=[{"type": "function", "function": {"name": "fs_read-2", "parameters": {}}}])
 
+    def test_dots_refused_in_the_history(self) -> None:
+        # A history is sent on as it is, to whichever provider answers.
+        messages = [
+            {"role": "user", "content": "read it"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "fs.read", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "text"},
+        ]
+        with self.assertRaises(APIError) as caught:
+            chat(messages=messages)
+        self.assertEqual(caught.exception.param, "messages[1].tool_calls[0].function.name")
+        self.assertIn("fs_read", caught.exception.message)
+
 
 class GatewayTests(DataPlaneTestCase):
     """

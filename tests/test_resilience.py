@@ -786,6 +786,29 @@ class HalfOpenTrialTests(ResilienceTestCase):
         yield self.check_served_again(gateway)
 
     @inlineCallbacks
+    def test_5xx_whose_body_never_comes_fails_over(self):
+        """
+        A 5xx whose body stalls or is cut is a 5xx all the same: failed
+        over when the call may be, and, pinned, answered with the status in
+        X-OpenClaw-Upstream-Status.
+        """
+        for mode, pinned_status in (("error_stall", 504), ("error_cut", 502)):
+            for stream in (False, True):
+                gateway = self.gateway(default_provider="kimi", upstream_timeout=0.3)
+                self.behaviour("kimi").mode = mode
+                response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+                self.assertEqual(response.code, 200, (mode, stream, text))
+                self.assertEqual(
+                    response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=http_5xx"]
+                )
+                response, text = yield self.post(
+                    gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": stream}
+                )
+                self.assertEqual(response.code, pinned_status, (mode, stream, text))
+                status = self.behaviour("kimi").error_status
+                self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), [str(status)])
+
+    @inlineCallbacks
     def test_4xx_error_body_too_slow_closes(self):
         # A 4xx answered: the provider is up, whatever its body did.
         gateway = self.trial_gateway(upstream_timeout=0.3)

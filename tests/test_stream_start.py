@@ -241,3 +241,39 @@ class RelayRegistrationTests(TestCase):
         self.assertIs(request.producer, registered)
         second.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(request.producer)
+
+
+class EmptyStreamTests(ResilienceTestCase):
+    """
+    A stream of no event at all, only [DONE]: no answer, the provider's
+    failure like any stream without a first event (failed over, or 502).
+    """
+
+    @inlineCallbacks
+    def test_done_alone(self) -> Any:
+        gateway = self.gateway(default_provider="kimi")
+        self.behaviour("kimi").mode = "empty"
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=broken"])
+        self.assertIn('"content"', text)
+        response, text = yield self.post(gateway, {"model": PINNED["kimi"], "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 502, text)
+        self.assertIn("without a single event", text)
+
+
+class StandInHelpTests(TestCase):
+    def test_every_mode_explained(self) -> None:
+        """
+        The stand-in's --help says what each mode does (README points there).
+        """
+        import contextlib
+        import io
+
+        from openclaw.testing.upstream import Mode, _parse_args
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+            _parse_args(["--help"])
+        for mode in Mode:
+            self.assertRegex(out.getvalue(), rf"\n  {mode.value} +\S")

@@ -42,6 +42,7 @@ from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
     PROVIDER_HEADER,
+    UPSTREAM_STATUS_HEADER,
     APIError,
     bad_request,
     breaker_open,
@@ -410,18 +411,26 @@ class ChatCall:
             # A 2xx answer cut (or too large) before any of it was sent on.
             self._settle(CircuitBreaker.failed)
             return self._upstream_failed("broken", error)
-        self._settle_error_body()
+        if self._waiting_for == _ERROR_BODY:
+            return self._error_body_lost(error)
         return self._fail(error)
 
-    def _settle_error_body(self) -> None:
+    def _error_body_lost(self, error: APIError) -> None:
         """
         A non-2xx answer's body never came whole (cut, too large, too slow):
-        its status is all the verdict there is.  A 5xx is the provider's
-        failure; any other status is an answer from a provider that is up
-        (L{CircuitBreaker.succeeded}).  Nothing to do for a 2xx body.
+        its status is all there is, and the answer says it
+        (C{X-OpenClaw-Upstream-Status}).  A 5xx is the provider's failure,
+        as one whose body came whole: counted by the breaker, and failed
+        over when the call may be.  Any other status is an answer from a
+        provider that is up (L{CircuitBreaker.succeeded}).
         """
-        if self._waiting_for == _ERROR_BODY:
-            self._settle(CircuitBreaker.failed if self._error_status >= 500 else CircuitBreaker.succeeded)
+        status = self._error_status
+        error = attrs.evolve(error, headers=(*error.headers, (UPSTREAM_STATUS_HEADER, b"%d" % status)))
+        if status >= 500:
+            return self._attempt_failed("http_5xx", error)
+        self._drop_attempt()
+        self._settle(CircuitBreaker.succeeded)
+        return self._fail(error)
 
     # -- failover -------------------------------------------------------------
 
@@ -611,6 +620,13 @@ class ChatCall:
                 raise
             return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
         if not self._first_chunk_sent:
+            if not closing:
+                # [DONE] and nothing before it: no answer at all, the
+                # provider's failure like any stream without a first event.
+                why = "the stream ended ([DONE]) without a single event"
+                return self._attempt_failed(
+                    "broken", upstream_failed(self.route.provider_id, why, "upstream_stream_broken")
+                )
             self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
@@ -627,8 +643,7 @@ class ChatCall:
         self._timer = None
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
         if self._waiting_for == _ERROR_BODY:
-            self._settle_error_body()
-            return self._fail(error)
+            return self._error_body_lost(error)
         if self._first_chunk_sent:
             # A stream stalled mid-answer: told in the stream (the breaker
             # had its verdict at the first event).

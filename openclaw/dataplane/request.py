@@ -564,6 +564,13 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise bad_request(f"{at}.function.name must be the function's name", param=f"{at}.function.name")
+        if not FUNCTION_NAME.fullmatch(name):
+            # The rule of tools[]: a history is sent on, to whichever provider.
+            raise bad_request(
+                f"{at}.function.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
+                "(a name every provider takes; rename a dotted name such as fs.read to fs_read, in tools too)",
+                param=f"{at}.function.name",
+            )
         arguments = function.get("arguments")
         try:
             parsed = orjson.loads(arguments) if isinstance(arguments, str) else None

@@ -116,6 +116,9 @@ class Mode(StrEnum):
     #: A stream: C{cut_after} events, then only a C{: keepalive} comment
     #: every C{chunk_interval} seconds (0.1 when 0), for ever.
     TRICKLE = "trickle"
+    #: A stream: no event, only its end (C{[DONE]} where the provider sends
+    #: one); a whole answer is answered normally.
+    EMPTY = "empty"
 
 
 @attrs.define
@@ -1027,6 +1030,8 @@ class _Endpoint(Resource):
                 error = self._dialect.error_document(behaviour.error_status, behaviour.error_message, behaviour.key)
                 events = (*document.events[: behaviour.cut_after], json.dumps(error).encode())
                 document = EventStream(events, document.separator)
+            elif mode is Mode.EMPTY:
+                document = EventStream(tuple(e for e in document.events if e == b"[DONE]"), document.separator)
             _Streamer(self._upstream, request, behaviour, document, mode).start()
             return
         body = json.dumps(document).encode()
@@ -1410,6 +1415,24 @@ def _for(provider_id: str) -> Callable[[str], tuple[str, str]]:
     return lambda value: (provider_id, value)
 
 
+#: What each mode does, for C{--help} (L{Mode} has the details).
+MODE_HELP = {
+    Mode.OK: "answer normally (after --delay seconds)",
+    Mode.UNAUTHORIZED: "401 in the provider's own error shape, whatever the key",
+    Mode.FORBIDDEN: "403 in the provider's own error shape (its models listing too)",
+    Mode.ERROR: "a 500 in the provider's own error shape",
+    Mode.MALFORMED: "200 whose body is not JSON",
+    Mode.HANG: "never answer, not even the status line",
+    Mode.STALL: "headers and part of the body (a stream: its first two events), then nothing more",
+    Mode.CUT: "headers and part of the body (a stream: its first two events), then the connection closed",
+    Mode.STREAM_ERROR: "a stream: its first two events, then an error event in the provider's shape, and the end",
+    Mode.ERROR_STALL: "a 500 whose error body stops half-way, then nothing more",
+    Mode.ERROR_CUT: "a 500 whose error body stops half-way, then the connection closed",
+    Mode.TRICKLE: "a stream: its first two events, then only ': keepalive' comments, for ever",
+    Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
+}
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     modes = [m.value for m in Mode]
     ids = [adapter.id for adapter in builtin_providers()]
@@ -1417,6 +1440,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m openclaw.testing.upstream",
         description=f"A stand-in for the built-in providers' APIs ({', '.join(ids)}) for trying the gateway "
         "without real keys.",
+        epilog="modes (--mode ID=MODE):\n" + "\n".join(f"  {mode.value:<13} {MODE_HELP[mode]}" for mode in Mode),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--port", type=int, default=8001, help="TCP port (default 8001; 0 = any free)")
     parser.add_argument("--interface", default="127.0.0.1", help="address to listen on")
