@@ -464,3 +464,36 @@ class OneInstanceAwayTests(TestCase):
         a_channel.connected = True
         a.up(True)
         self.assertEqual(b_table.refreshes, 1)
+
+    def test_failed_announcement_told_again(self) -> None:
+        """
+        An announcement that fails while Redis still looks up (a timeout,
+        a connection lost just now) is told again: with the next change,
+        or when the connection is back.
+        """
+        bus: list[Any] = []
+        instances = []
+        for name in ("a", "b"):
+            table, channel = _Table(), _Channel(bus)
+            clock = Clock()
+            counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
+            counters.up = True
+            shared = SharedConsumers(table, counters, channel, name)  # type: ignore[arg-type]
+            bus.append(shared.received)
+            instances.append((shared, table, channel, clock))
+        (a, a_table, a_channel, a_clock), (_, b_table, _, _) = instances
+        a_channel.connected = False  # not noticed yet: counters.up stays true
+        a_table.changed("alice")
+        a_clock.advance(1.0)  # the announcement times out
+        self.assertEqual(b_table.refreshes, 0)
+        a.up(False)
+        a_channel.connected = True
+        a.up(True)
+        self.assertEqual(b_table.refreshes, 1)
+        # Or with the next change, when the connection never looked down.
+        a_channel.connected = False
+        a_table.changed("bob")
+        a_clock.advance(1.0)
+        a_channel.connected = True
+        a_table.changed("carol")
+        self.assertEqual(b_table.refreshes, 3)

@@ -277,3 +277,37 @@ class StandInHelpTests(TestCase):
             _parse_args(["--help"])
         for mode in Mode:
             self.assertRegex(out.getvalue(), rf"\n  {mode.value} +\S")
+
+
+class _Translation:
+    """
+    A translation that gives the client nothing (as a usage-only chunk the
+    client did not ask usage for), and ends at [DONE].
+    """
+
+    ended = False
+
+    def payloads(self, event: Any) -> list[Any]:
+        if event.data == b"[DONE]":
+            self.ended = True
+        return []
+
+
+class _CountingCall(_Call):
+    def stream_data(self, data: bytes, translation: Any, decoded: bool = False) -> None:
+        pass
+
+
+class RelayEventCountTests(TestCase):
+    def test_usage_only_chunk_is_an_event(self) -> None:
+        """
+        A stream whose only chunk carries usage the client did not ask for
+        is not a stream without events: the relay counts what it decoded,
+        not what the client got.
+        """
+        relay = _StreamRelay(_CountingCall(_Request()), _Translation())  # type: ignore[arg-type]
+        relay.dataReceived(b'data: {"choices": [], "usage": {"prompt_tokens": 812}}\n\ndata: [DONE]\n\n')
+        self.assertEqual(relay.events, 1)
+        empty = _StreamRelay(_CountingCall(_Request()), _Translation())  # type: ignore[arg-type]
+        empty.dataReceived(b"data: [DONE]\n\n")
+        self.assertEqual(empty.events, 0)

@@ -449,14 +449,27 @@ class SharedConsumers:
                 name=name,
             )
             return
-        self.redis.publish_consumer(self.instance, name).addErrback(
-            lambda reason: self._log.warn(
+
+        def unsent(reason: Failure) -> None:
+            # Told again when this instance's Redis is back (L{up}): the
+            # others may never have lost theirs, and would not reload.
+            self._unannounced.add(name)
+            self._log.warn(
                 "consumer {name} changed here but the other instances were not told ({error}); "
-                "they reload when Redis is back",
+                "they are told when this instance's Redis connection is back",
                 name=name,
                 error=reason.getErrorMessage() or repr(reason.value),
             )
-        )
+
+        sent = self.redis.publish_consumer(self.instance, name)
+        sent.addTimeout(self.counters.timeout, self.counters.reactor)
+        sent.addErrback(unsent)
+        if self._unannounced:
+            # Earlier changes whose announcement failed while Redis seemed
+            # up: told with this one.
+            names, self._unannounced = sorted(self._unannounced - {name}), set()
+            for earlier in names:
+                self.publish(earlier)
 
     def received(self, instance: str, name: str) -> None:
         """

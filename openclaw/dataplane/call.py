@@ -620,7 +620,7 @@ class ChatCall:
                 raise
             return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
         if not self._first_chunk_sent:
-            if not closing:
+            if not closing and (self._relay is None or not self._relay.events):
                 # [DONE] and nothing before it: no answer at all, the
                 # provider's failure like any stream without a first event.
                 why = "the stream ended ([DONE]) without a single event"
@@ -845,6 +845,9 @@ class _StreamRelay(Protocol):
 
     #: Called once the body is over, when read after the client left.
     _then: Any = None
+    #: The events decoded so far, C{[DONE]} aside (whether or not their
+    #: translation gave the client anything: a usage-only chunk is one).
+    events = 0
 
     #: The producer this body registered with the client's request, until
     #: released: a failed attempt's body must not unregister the next one's.
@@ -874,6 +877,8 @@ class _StreamRelay(Protocol):
         try:
             for event in self._decoder.feed(data):
                 current = event.data
+                if current != DONE:
+                    self.events += 1
                 out.extend(encode(payload) for payload in translation.payloads(event))
                 if translation.ended:
                     break
