@@ -88,6 +88,7 @@ class RefusedAfterClientLeftTests(GatewayCase):
             line
             for line in response.decode().splitlines()
             if line.startswith(("openclaw_api_requests_total", "openclaw_consumer_"))
+            and not line.startswith("openclaw_consumer_usage_rows_pending")
         ]
 
     @inlineCallbacks
