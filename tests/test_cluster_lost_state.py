@@ -20,7 +20,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import ROUTE, TOKEN, encode_route
+from openclaw.cluster.node import ROUTE, TOKEN, decode_token, encode_route, encode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -42,11 +42,11 @@ class LostState(TestCase):
         for node in (self.a, self.b):
             node.connected()
 
-    def node(self, name: str, route: Route = GEMINI) -> ClusterNode:
+    def node(self, name: str, route: Route = GEMINI, secret: bytes = SECRET) -> ClusterNode:
         node = ClusterNode(
             self.store,
             ActiveRoute(route),
-            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            SessionAuthority(secret, 3600, clock=self.clock.seconds),
             name,
             self.clock,
             1.0,
@@ -233,6 +233,9 @@ class LostState(TestCase):
         self.b.lost()
         self.store.values.clear()
         self.store.values[ROUTE] = Versioned(1, encode_route(Route("kimi", "k-1")), "old")
+        # Started (new version) while the cluster's route is an earlier
+        # version's: they take it.
+        self.a, self.b = self.node("a"), self.node("b")
         self.a.connected()
         self.b.connected()
         self.a.start()
@@ -250,6 +253,142 @@ class LostState(TestCase):
             self.clock.advance(10)
         self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, c)
         self.assertNotIn('"at"', self.store.values[ROUTE].value)
+
+    def writes(self) -> list[tuple[str, str]]:
+        """
+        The names and writers of the writes made from now on.
+        """
+        made: list[tuple[str, str]] = []
+        self.store.listeners.append(lambda name, version, value, origin: made.append((name, origin)))
+        return made
+
+    def lagging_write_back(self, change: str) -> tuple[ClusterNode, ClusterNode, list[tuple[str, str]]]:
+        """
+        The reviewer's case: a and d in step (version 1); d loses its
+        connection; the operators make C{change} (L{ROUTE}: switch to kimi,
+        L{TOKEN}: rotate) through a (version 2); the store comes back
+        empty and a newcomer n writes its own at version 1; d comes back
+        first (it knew version 1 and writes its old value back, at version
+        2), then a.  Ten heartbeats later; also the writes made from the
+        store's loss on.
+        """
+        d = self.b
+        for node in (self.a, d):
+            node.start()
+            self.addCleanup(node.stop)
+        self.clock.advance(100)
+        d.lost()
+        self.store.listeners.remove(d.received)
+        if change == ROUTE:
+            self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        else:
+            self.successResultOf(self.a.rotate(self.a.sessions.mint()))
+        self.clock.advance(1)
+        self.assertEqual((self.a.versions[change], d.versions[change]), (2, 1))
+        self.a.lost()
+        self.store.values.clear()
+        writes = self.writes()
+        n = self.node("n")
+        n.connected()
+        n.start()
+        self.addCleanup(n.stop)
+        self.store.listeners.append(d.received)
+        d.connected()
+        self.assertEqual((self.store.values[change].version, self.store.values[change].origin), (2, d.instance))
+        self.a.connected()
+        for _ in range(10):
+            self.clock.advance(10)
+        return d, n, writes
+
+    def test_stale_write_back_loses_to_a_switch(self) -> None:
+        """
+        At the same version, the route a switch set wins over one an
+        instance a switch behind wrote back (C{"restored"}), though that
+        was set earlier: the switch is not undone; written back once.
+        """
+        d, n, writes = self.lagging_write_back(ROUTE)
+        for node in (self.a, d, n):
+            self.assertEqual((node.instance, node.route.current), (node.instance, Route("kimi", "k-1")))
+        self.assertIn('"kimi"', self.store.values[ROUTE].value)
+        route_writes = [origin for name, origin in writes if name == ROUTE]
+        self.assertEqual(route_writes, ["b", "a"])
+        for _ in range(30):
+            self.clock.advance(10)
+        self.assertEqual([origin for name, origin in writes if name == ROUTE], route_writes)
+
+    def test_stale_write_back_loses_to_a_rotation(self) -> None:
+        """
+        The same for the token: the rotated-away token an instance a
+        rotation behind wrote back never becomes the cluster's again.
+        """
+        rotated_away = self.a.sessions.current.jti
+        d, n, writes = self.lagging_write_back(TOKEN)
+        jti = self.a.sessions.current.jti
+        self.assertNotEqual(jti, rotated_away)
+        self.assert_agree(GEMINI, jti, self.a, d, n)
+        token_writes = [origin for name, origin in writes if name == TOKEN]
+        self.assertEqual(token_writes, ["b", "a"])
+        for _ in range(30):
+            self.clock.advance(10)
+        self.assertEqual([origin for name, origin in writes if name == TOKEN], token_writes)
+
+    def test_route_without_set_at_loses_to_the_one_held(self) -> None:
+        """
+        A route record without C{at} (an earlier version's, during a
+        rolling deploy) that reached the emptied store first at the same
+        version does not win over the route the instances hold (with
+        C{at}), however late theirs was set: it can only differ because it
+        was written after the loss.
+        """
+        for node in (self.a, self.b):
+            node.start()
+            self.addCleanup(node.stop)
+        self.clock.advance(3600 * 5)
+        self.store.values.clear()
+        self.store.values[ROUTE] = Versioned(1, '{"provider": "kimi", "model": "k-1"}', "old")
+        self.store.values[TOKEN] = Versioned(1, encode_token(self.a.sessions.current), "a")
+        writes = self.writes()
+        for _ in range(3):
+            self.clock.advance(10)
+        for node in (self.a, self.b):
+            self.assertEqual((node.instance, node.route.current), (node.instance, GEMINI))
+        self.assertIn('"gemini"', self.store.values[ROUTE].value)
+        self.assertEqual(len(writes), 1)
+
+    def test_foreign_token_written_over_and_renewed(self) -> None:
+        """
+        An instance with another JWT_SECRET reaches the emptied store
+        first: the instances that were in step write the operators' token
+        back (so that its renewal, a compare-and-set on its jti, works and
+        it never expires unrenewed); the foreign instance refuses it and
+        writes nothing (no war).
+        """
+        for node in (self.a, self.b):
+            node.start()
+            self.addCleanup(node.stop)
+        first = self.a.sessions.current
+        self.clock.advance(60)
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        f = self.node("f", secret=b"fedcba9876543210fedcba9876543210")
+        f.connected()
+        f.start()
+        self.addCleanup(f.stop)
+        own = f.sessions.current.jti
+        writes = self.writes()
+        self.a.connected()
+        self.b.connected()
+        self.assertEqual(decode_token(self.store.values[TOKEN].value).jti, first.jti)
+        for _ in range(400):
+            self.clock.advance(10)
+        jti = self.a.sessions.current.jti
+        self.assertNotEqual(jti, first.jti)
+        self.assertLess(self.clock.seconds(), self.a.sessions.current.expires_at)
+        self.assert_agree(GEMINI, jti, self.a, self.b)
+        self.assertEqual(f.sessions.current.jti, own)
+        self.assertNotIn("f", [origin for name, origin in writes])
+        self.assertEqual(len([name for name, origin in writes if name == TOKEN]), 2)  # written back, renewed
 
     def test_route_with_an_unknown_provider_written_back(self) -> None:
         """

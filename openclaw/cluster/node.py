@@ -15,11 +15,21 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
    token) and finds in the store a different value at a LOWER version
    than it knows writes back its own (a write one version above both, so
    every instance, the newcomer included, applies it);
- - at the SAME version: for the token, the one issued earlier (C{iat},
+ - at the SAME version: a value set by a switch, rotation, renewal or
+   first proposal wins over one written back (its record marked
+   C{"restored": true}: L{is_restored}), so an instance that missed a
+   switch or rotation cannot undo it by writing its old value back;
+   between two of a kind, for the token, the one issued earlier (C{iat},
    then C{jti}) wins, so a token minted by a newcomer loses to the one the
    operators hold; for the route, the one set earlier (its record's
    C{at}: L{route_rank}) wins, so the route the cluster served before the
-   loss wins over a newcomer's configured one.  The instance holding the
+   loss wins over a newcomer's configured one; when only one of the two
+   route records has an C{at} (the other written by an earlier version),
+   the one the instance holds wins, as only the other can have been
+   written after the loss.  A token the instance cannot verify (another
+   C{JWT_SECRET}) is written over by an instance in step that has not
+   refused the cluster's token before, so that its own can be renewed;
+   one that has refused it never writes its own back (no war).  The instance holding the
    winner writes it back (one version above), the others adopt it; as
    every instance ranks any two values alike, two of them never write
    back in turn (no write-back war);
@@ -130,17 +140,32 @@ def describe(error: object, timeout: float) -> str:
     return str(error) or repr(error)
 
 
-def encode_route(route: Route, at: float | None = None) -> str:
+def encode_route(route: Route, at: float | None = None, restored: bool = False) -> str:
     """
     The cluster's record of C{route}: a JSON object of C{provider},
     C{model} and, unless C{None}, C{at}, when the route was set (POSIX
     seconds: by a C{switch_provider}, or by the instance that proposed it
-    to an empty store), for the same-version tie-break (L{route_rank}).
+    to an empty store), for the same-version tie-break (L{route_rank});
+    and C{"restored": true} when it was written back after the store lost
+    it (L{is_restored}).
     """
     document: dict[str, object] = {"provider": route.provider_id, "model": route.model}
     if at is not None:
         document["at"] = at
+    if restored:
+        document["restored"] = True
     return json.dumps(document)
+
+
+def is_restored(document: dict[str, Any]) -> bool:
+    """
+    Whether the decoded route or token record C{document} was written back
+    by an instance after the store lost the state (C{"restored": true}),
+    rather than set by a C{switch_provider}, C{rotate_token}, a renewal or
+    an instance's first proposal: at the same version, a record that was
+    not written back wins over one that was (the module's rule).
+    """
+    return document.get("restored") is True
 
 
 def route_at(document: dict[str, Any]) -> float | None:
@@ -176,8 +201,21 @@ def route_rank(value: str) -> tuple[float, str, str]:
     return (0.0 if at is None else at, str(document["provider"]), str(document["model"]))
 
 
-def encode_token(token: SessionToken) -> str:
-    return json.dumps({"token": token.token, "jti": token.jti, "iat": token.issued_at, "exp": token.expires_at})
+def encode_token(token: SessionToken, restored: bool = False) -> str:
+    """
+    The cluster's record of C{token}: a JSON object of C{token}, C{jti},
+    C{iat} and C{exp} (POSIX seconds), and C{"restored": true} when it was
+    written back after the store lost it (L{is_restored}).
+    """
+    document: dict[str, object] = {
+        "token": token.token,
+        "jti": token.jti,
+        "iat": token.issued_at,
+        "exp": token.expires_at,
+    }
+    if restored:
+        document["restored"] = True
+    return json.dumps(document)
 
 
 def decode_token(value: str) -> SessionToken:
@@ -252,6 +290,10 @@ class ClusterNode:
         #: When the route this instance holds was set (its record's C{at}:
         #: L{encode_route}); C{None} for a record without one.
         self._route_at: float | None = None
+        #: Whether the route and token records this instance holds were
+        #: written back after a loss (L{is_restored}).
+        self._route_restored = False
+        self._token_restored = False
         self._connected = False
         #: A failed reload was logged: the next ones are not, until one works.
         self._reload_failing = False
@@ -340,7 +382,7 @@ class ClusterNode:
                 # cluster has none (set-if-absent): an instance never
                 # replaces the cluster's token on its own.
                 current = self.sessions.mint()
-            mine = encode_token(current)
+            mine = encode_token(current, self._token_restored if TOKEN in self.versions else False)
             token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
             if self._outranks(TOKEN, mine, token):
                 token = yield self._bounded(self._write_back(TOKEN, mine, token))
@@ -404,8 +446,9 @@ class ClusterNode:
         propose or write it back: the route it holds, set when the
         cluster's record says, or now if it has never been in step.
         """
-        at = self._route_at if ROUTE in self.versions else round(self._reactor.seconds(), 3)
-        return encode_route(self.route.current, at)
+        if ROUTE not in self.versions:
+            return encode_route(self.route.current, round(self._reactor.seconds(), 3))
+        return encode_route(self.route.current, self._route_at, self._route_restored)
 
     def _replaced(self, name: str, held: str) -> bool:
         """
@@ -440,8 +483,11 @@ class ClusterNode:
             theirs = json.loads(held.value)
         except ValueError:
             return True  # nothing any instance can apply
-        if theirs == json.loads(mine):
+        ours = json.loads(mine)
+        if theirs == ours:
             return False
+        if not isinstance(theirs, dict):
+            return True  # nothing any instance can apply
         if name == ROUTE:
             if held.version < known:
                 return True
@@ -451,6 +497,15 @@ class ClusterNode:
                 return True  # nothing any instance can apply
             if rank[1] not in self._provider_ids:
                 return True  # nor this one: written back rather than refused at every heartbeat
+            if is_restored(ours) != is_restored(theirs):
+                # A switch (or a first proposal) wins over a write-back:
+                # the written-back one is older than the version says.
+                return not is_restored(ours)
+            if ("at" in ours) != ("at" in theirs):
+                # Written by an earlier version (no C{at}) and by this one:
+                # they differ only because one was written after the store
+                # lost the state, never the one this instance held.
+                return True
             return route_rank(mine) < rank
         if self._foreign_token is not None:
             return False  # this instance refused the cluster's token: its own is not the cluster's
@@ -461,9 +516,15 @@ class ClusterNode:
         try:
             self.sessions.check(held_token)
         except UntrustedToken:
-            return False  # refused by L{_apply} (another JWT_SECRET): never overwritten from here
+            # Another JWT_SECRET's (an instance that reached the emptied
+            # store first): this one, in step with the cluster and holding
+            # the token the operators use, writes it back, so that it can
+            # be renewed (a compare-and-set on its jti).
+            return True
         if held.version < known:
             return True
+        if is_restored(ours) != is_restored(theirs):
+            return not is_restored(ours)  # a rotation or renewal wins over a write-back
         my_token = decode_token(mine)
         return (my_token.issued_at, my_token.jti) < (held_token.issued_at, held_token.jti)
 
@@ -483,10 +544,14 @@ class ClusterNode:
             known=known,
         )
 
-        def written(version: int) -> Versioned:
-            return Versioned(version, mine, self.instance)
+        document = json.loads(mine)
+        document["restored"] = True
+        restored = json.dumps(document)
 
-        wrote: Deferred[int] = self.store.write(name, mine, self.instance, uuid.uuid4().hex, known)
+        def written(version: int) -> Versioned:
+            return Versioned(version, restored, self.instance)
+
+        wrote: Deferred[int] = self.store.write(name, restored, self.instance, uuid.uuid4().hex, known)
         return wrote.addCallback(written)
 
     def _due(self, versioned: Versioned) -> bool:
@@ -668,6 +733,7 @@ class ClusterNode:
                 if route.provider_id not in self._provider_ids:
                     raise ValueError(f"unknown provider {route.provider_id!r}")
                 self._route_at = route_at(document)
+                self._route_restored = is_restored(document)
                 self.versions[name] = versioned.version
                 previous = self.route.switch(route)
                 if previous != route and not here:
@@ -683,6 +749,7 @@ class ClusterNode:
                 current = self.sessions.current_or_none
                 if current is not None and current.token == token.token:
                     self.versions[name] = versioned.version
+                    self._token_restored = is_restored(document)
                     return
                 try:
                     self.sessions.check(token)
@@ -706,10 +773,12 @@ class ClusterNode:
                     # reload or heartbeat applies this token again.
                     self.sessions.adopt(token)
                     self.versions[name] = versioned.version
+                    self._token_restored = is_restored(document)
                     self._schedule_renewal(token)
                     self._on_token(token, here, versioned.origin)
                 else:
                     self.versions[name] = versioned.version
+                    self._token_restored = is_restored(document)
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
