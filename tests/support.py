@@ -235,6 +235,45 @@ class RunningGateway:
         return self.service.sessions.current.token
 
 
+def start_gateway_from(testcase: Any, settings: Settings, **overrides: Any) -> RunningGateway:
+    """
+    Start a gateway with its API (L{start_gateway}) from C{settings} read
+    as the daemon reads them (L{openclaw.settings.load_settings}): its
+    providers, default provider, keys, embeddings and prices, with
+    C{overrides} on top; its API connections are closed when the test ends.
+    """
+    gateway = start_gateway(
+        testcase,
+        api=True,
+        **{
+            "providers": settings.providers,
+            "default_provider": settings.default_provider,
+            "gateway_api_keys": settings.gateway_api_keys,
+            "embedding_provider": settings.embedding_provider,
+            "embedding_model": settings.embedding_model,
+            "fallback": settings.fallback,
+            "price_overrides": settings.price_overrides,
+            **overrides,
+        },
+    )
+    testcase.addCleanup(gateway.service.api_site.close_connections)
+    return gateway
+
+
+def openai_client(testcase: Any, api_port: int, key: str, timeout: float = 10) -> Any:
+    """
+    The official C{openai} SDK's client of the API on C{api_port}, with
+    C{key}, no retries and C{timeout} seconds; closed when the test ends.
+    Call it in a thread (C{deferToThread}): it blocks.
+    """
+    import openai
+    from twisted.internet.threads import deferToThread
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key=key, max_retries=0, timeout=timeout)
+    testcase.addCleanup(deferToThread, client.close)
+    return client
+
+
 def start_gateway(testcase: Any, interface: str = "127.0.0.1", api: bool = False, **settings: Any) -> RunningGateway:
     """
     Start a gateway on a free port of C{interface} (and its API on another

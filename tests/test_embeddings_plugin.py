@@ -31,7 +31,14 @@ from openclaw.providers.openai_compatible import OpenAIEmbeddings
 from openclaw.providers.wire import MalformedAnswer
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import OpenAIDialect, ProviderBehaviour
-from tests.support import RunningGateway, open_client, start_gateway, start_upstream, twistd_path
+from tests.support import (
+    RunningGateway,
+    open_client,
+    openai_client,
+    start_gateway_from,
+    start_upstream,
+    twistd_path,
+)
 from tests.test_twistd import base_env
 
 
@@ -225,24 +232,10 @@ class GatewayTests(TestCase):
             **options,
         }
         settings = load_settings(variables, cwd=cwd, providers=DECLARED)
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=settings.providers,
-            default_provider=settings.default_provider,
-            gateway_api_keys=settings.gateway_api_keys,
-            embedding_provider=settings.embedding_provider,
-            embedding_model=settings.embedding_model,
-            fallback="off",
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        return gateway
+        return start_gateway_from(self, settings, fallback="off")
 
     def sdk(self, gateway: RunningGateway, key: str = GATEWAY_KEY) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=key, max_retries=0, timeout=10
-        )
-        self.addCleanup(deferToThread, client.close)
+        client: openai.OpenAI = openai_client(self, gateway.api_port, key)
         return client
 
     @inlineCallbacks

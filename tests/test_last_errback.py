@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, OpenAIEmbeddings
 from openclaw.settings import load_settings
-from tests.support import RunningGateway, free_port, start_gateway
+from tests.support import RunningGateway, free_port, openai_client, start_gateway_from
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 
@@ -69,24 +69,10 @@ class LastErrbackTests(TestCase):
             "EMBEDDING_MODEL": "faulty/faulty-embed",
         }
         settings = load_settings(variables, cwd=cwd, providers=(FaultyAdapter,))
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=settings.providers,
-            default_provider=settings.default_provider,
-            gateway_api_keys=settings.gateway_api_keys,
-            embedding_provider=settings.embedding_provider,
-            embedding_model=settings.embedding_model,
-            fallback="off",
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        return gateway
+        return start_gateway_from(self, settings, fallback="off")
 
     def sdk(self, gateway: RunningGateway) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=5
-        )
-        self.addCleanup(deferToThread, client.close)
+        client: openai.OpenAI = openai_client(self, gateway.api_port, GATEWAY_KEY, timeout=5)
         return client
 
     def assertInternalError(self, error: Any) -> None:

@@ -32,7 +32,13 @@ from openclaw.ctl import format_status
 from openclaw.providers import BUILTIN_PROVIDERS, OpenAICompatibleAdapter
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, default_kimi
-from tests.support import RunningGateway, capture_log_events, open_client, start_gateway
+from tests.support import (
+    RunningGateway,
+    capture_log_events,
+    open_client,
+    openai_client,
+    start_gateway_from,
+)
 
 
 @attrs.define(kw_only=True)
@@ -163,23 +169,10 @@ class GatewayTests(TestCase):
         cwd.mkdir(parents=True)
         variables = {**self.upstream.environment(DECLARED), "GATEWAY_API_KEYS": GATEWAY_KEY, **options}
         settings = load_settings(variables, cwd=cwd, providers=DECLARED)
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=settings.providers,
-            default_provider=settings.default_provider,
-            gateway_api_keys=settings.gateway_api_keys,
-            fallback=settings.fallback,
-            price_overrides=settings.price_overrides,
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        return gateway
+        return start_gateway_from(self, settings)
 
     def sdk(self, gateway: RunningGateway) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=10
-        )
-        self.addCleanup(deferToThread, client.close)
+        client: openai.OpenAI = openai_client(self, gateway.api_port, GATEWAY_KEY)
         return client
 
     @inlineCallbacks
