@@ -260,6 +260,21 @@ def start_gateway_from(testcase: Any, settings: Settings, **overrides: Any) -> R
     return gateway
 
 
+@inlineCallbacks
+def get_text(api_port: int, path: str) -> Any:
+    """
+    GET C{path} of the API on C{api_port} (no key, a connection not kept),
+    and fire with the answer's text.
+    """
+    from treq.client import HTTPClient
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    response = yield HTTPClient(Agent(reactor, pool=pool)).get(f"http://127.0.0.1:{api_port}{path}")
+    text = yield response.text("utf-8")
+    return text
+
+
 def openai_client(testcase: Any, api_port: int, key: str, timeout: float = 10) -> Any:
     """
     The official C{openai} SDK's client of the API on C{api_port}, with

@@ -16,13 +16,10 @@ from typing import Any, ClassVar
 
 import attrs
 import openai
-from treq.client import HTTPClient
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 import openclaw.dataplane
 from openclaw.providers import BUILTIN_PROVIDERS, GeminiAdapter, KimiAdapter, OpenAICompatibleAdapter
@@ -33,6 +30,7 @@ from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import OpenAIDialect, ProviderBehaviour
 from tests.support import (
     RunningGateway,
+    get_text,
     open_client,
     openai_client,
     start_gateway_from,
@@ -238,12 +236,8 @@ class GatewayTests(TestCase):
         client: openai.OpenAI = openai_client(self, gateway.api_port, key)
         return client
 
-    @inlineCallbacks
     def get(self, gateway: RunningGateway, path: str) -> Any:
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        response = yield HTTPClient(Agent(reactor, pool=pool)).get(f"http://127.0.0.1:{gateway.api_port}{path}")
-        text = yield response.text("utf-8")
-        return text
+        return get_text(gateway.api_port, path)
 
     @inlineCallbacks
     def test_sdk_through_acme2(self) -> Any:

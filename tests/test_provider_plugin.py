@@ -19,12 +19,10 @@ from typing import Any, ClassVar
 
 import attrs
 import openai
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 import openclaw
 from openclaw.consumers.prices import Price
@@ -35,6 +33,7 @@ from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, defaul
 from tests.support import (
     RunningGateway,
     capture_log_events,
+    get_text,
     open_client,
     openai_client,
     start_gateway_from,
@@ -175,12 +174,8 @@ class GatewayTests(TestCase):
         client: openai.OpenAI = openai_client(self, gateway.api_port, GATEWAY_KEY)
         return client
 
-    @inlineCallbacks
     def get(self, gateway: RunningGateway, path: str) -> Any:
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        response = yield HTTPClient(Agent(reactor, pool=pool)).get(f"http://127.0.0.1:{gateway.api_port}{path}")
-        text = yield response.text("utf-8")
-        return text
+        return get_text(gateway.api_port, path)
 
     @inlineCallbacks
     def test_chat_by_name_and_after_switch(self):
