@@ -101,6 +101,29 @@ class LostState(TestCase):
         d = self.newcomer_first(Route("kimi", "k-9"))
         self.assert_agree(Route("gemini", "g-1"), jti, self.a, self.b, d)
 
+    def test_newcomer_token_minted_within_the_same_second_loses(self) -> None:
+        """
+        A newcomer that mints its token within the same second as the
+        operators' (the JWT's C{iat} has whole seconds), with a C{jti} that
+        sorts first, still loses: its record's C{at} is later.
+        """
+        operators = self.a.sessions.current
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.clock.advance(0.5)
+        d = self.node("d")
+        minted = d.sessions.mint()
+        while minted.jti > operators.jti:
+            minted = d.sessions.mint()
+        self.assertEqual(minted.issued_at, operators.issued_at)
+        d.sessions.adopt(minted)
+        d.connected()
+        self.assertIn(minted.jti, self.store.values[TOKEN].value)
+        self.a.connected()
+        self.b.connected()
+        self.assert_agree(GEMINI, operators.jti, self.a, self.b, d)
+
     def test_later_token_at_the_same_version_adopted(self) -> None:
         """
         The converse: a node whose token was issued after the one the store
@@ -346,14 +369,39 @@ class LostState(TestCase):
         self.clock.advance(3600 * 5)
         self.store.values.clear()
         self.store.values[ROUTE] = Versioned(1, '{"provider": "kimi", "model": "k-1"}', "old")
-        self.store.values[TOKEN] = Versioned(1, encode_token(self.a.sessions.current), "a")
+        # The token the instances know, at the version they know (its
+        # record as an earlier version wrote it: no C{at}).
+        self.store.values[TOKEN] = Versioned(self.a.versions[TOKEN], encode_token(self.a.sessions.current), "a")
         writes = self.writes()
         for _ in range(3):
             self.clock.advance(10)
         for node in (self.a, self.b):
             self.assertEqual((node.instance, node.route.current), (node.instance, GEMINI))
         self.assertIn('"gemini"', self.store.values[ROUTE].value)
+        self.assertEqual(writes, [(ROUTE, "a")])
+
+    def test_same_token_at_a_lower_version_written_back_once(self) -> None:
+        """
+        The store holds the token the instances hold, at a version below
+        the one they know (restored from an older snapshot): one of them
+        writes it back one version above, once; the heartbeats after that
+        find nothing lost.
+        """
+        for node in (self.a, self.b):
+            node.start()
+            self.addCleanup(node.stop)
+        self.clock.advance(3600 * 5)
+        known = self.a.versions[TOKEN]
+        self.assertGreater(known, 1)
+        jti = self.a.sessions.current.jti
+        self.store.values[TOKEN] = Versioned(known - 1, encode_token(self.a.sessions.current), "a")
+        writes = self.writes()
+        for _ in range(6):
+            self.clock.advance(10)
         self.assertEqual(len(writes), 1)
+        self.assertEqual(writes[0][0], TOKEN)
+        self.assertGreater(self.store.values[TOKEN].version, known)
+        self.assert_agree(GEMINI, jti, self.a, self.b)
 
     def test_foreign_token_written_over_and_renewed(self) -> None:
         """
@@ -514,8 +562,7 @@ class LostStateOnRedis(ClusterCase):
         yield printed(c, b"applied the cluster's route gemini/", seconds=30)
         deadline = time.monotonic() + 30
         while token not in (
-            held := (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value"))
-            or ""
+            held := (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value")) or ""
         ):
             said = b"\n".join(p.stdout[-4000:] for p in (a, b, c)).decode(errors="replace")
             self.assertLess(time.monotonic(), deadline, f"the store holds {held!r}; the instances said:\n{said}")

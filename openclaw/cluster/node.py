@@ -20,8 +20,10 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
    C{"restored": true}: L{is_restored}), so an instance that missed a
    switch or rotation cannot undo it by writing its old value back;
    between two of a kind, for the token, the one issued earlier (C{iat},
-   then C{jti}) wins, so a token minted by a newcomer loses to the one the
-   operators hold; for the route, the one set earlier (its record's
+   then its record's C{at}, to the millisecond, then C{jti}:
+   L{token_rank}) wins, so a token minted by a newcomer loses to the one
+   the operators hold, even one minted within the same second; for the
+   route, the one set earlier (its record's
    C{at}: L{route_rank}) wins, so the route the cluster served before the
    loss wins over a newcomer's configured one; when only one of the two
    route records has an C{at} (the other written by an earlier version),
@@ -168,10 +170,11 @@ def is_restored(document: dict[str, Any]) -> bool:
     return document.get("restored") is True
 
 
-def route_at(document: dict[str, Any]) -> float | None:
+def record_at(document: dict[str, Any]) -> float | None:
     """
-    The C{at} of a decoded route record (L{encode_route}); C{None} for a
-    record without one (written by an earlier version).
+    The C{at} of a decoded route or token record (L{encode_route},
+    L{encode_token}); C{None} for a record without one (written by an
+    earlier version).
 
     @raise TypeError: it is not a number.
     """
@@ -179,7 +182,7 @@ def route_at(document: dict[str, Any]) -> float | None:
     if at is None:
         return None
     if isinstance(at, bool) or not isinstance(at, int | float):
-        raise TypeError(f"the route's set-at {at!r} is not a number")
+        raise TypeError(f"the record's set-at {at!r} is not a number")
     return float(at)
 
 
@@ -197,15 +200,18 @@ def route_rank(value: str) -> tuple[float, str, str]:
         route record.
     """
     document = json.loads(value)
-    at = route_at(document)
+    at = record_at(document)
     return (0.0 if at is None else at, str(document["provider"]), str(document["model"]))
 
 
-def encode_token(token: SessionToken, restored: bool = False) -> str:
+def encode_token(token: SessionToken, at: float | None = None, restored: bool = False) -> str:
     """
     The cluster's record of C{token}: a JSON object of C{token}, C{jti},
-    C{iat} and C{exp} (POSIX seconds), and C{"restored": true} when it was
-    written back after the store lost it (L{is_restored}).
+    C{iat} and C{exp} (POSIX seconds, as in the JWT), unless C{None}
+    C{at}, when the token was minted to the millisecond (POSIX seconds; the
+    JWT's C{iat} has whole seconds), for the same-version tie-break
+    (L{token_rank}); and C{"restored": true} when it was written back after
+    the store lost it (L{is_restored}).
     """
     document: dict[str, object] = {
         "token": token.token,
@@ -213,6 +219,8 @@ def encode_token(token: SessionToken, restored: bool = False) -> str:
         "iat": token.issued_at,
         "exp": token.expires_at,
     }
+    if at is not None:
+        document["at"] = at
     if restored:
         document["restored"] = True
     return json.dumps(document)
@@ -231,6 +239,25 @@ def decode_token(value: str) -> SessionToken:
         issued_at=int(document["iat"]),
         expires_at=int(document["exp"]),
     )
+
+
+def token_rank(value: str) -> tuple[int, float, str]:
+    """
+    Where the token record C{value} (L{encode_token}) stands when two of
+    them are held at the same version (the store lost the state and
+    another instance wrote its own): the lower wins.  The token issued
+    earlier (C{iat}, then C{at}: a record without one, from an earlier
+    version, counts as minted at the end of its second) wins, so the
+    operators' token wins over one a newcomer minted after the loss; then
+    C{jti}, so that every instance ranks any two alike.
+
+    @raise ValueError: (or L{KeyError}, L{TypeError}) C{value} is not a
+        token record.
+    """
+    document = json.loads(value)
+    token = decode_token(value)
+    at = record_at(document)
+    return (token.issued_at, token.issued_at + 1.0 if at is None else at, token.jti)
 
 
 def renewal_time(token: SessionToken) -> float:
@@ -290,6 +317,9 @@ class ClusterNode:
         #: When the route this instance holds was set (its record's C{at}:
         #: L{encode_route}); C{None} for a record without one.
         self._route_at: float | None = None
+        #: When the token this instance holds was minted (its record's
+        #: C{at}: L{encode_token}); C{None} for a record without one.
+        self._token_at: float | None = None
         #: Whether the route and token records this instance holds were
         #: written back after a loss (L{is_restored}).
         self._route_restored = False
@@ -382,7 +412,10 @@ class ClusterNode:
                 # cluster has none (set-if-absent): an instance never
                 # replaces the cluster's token on its own.
                 current = self.sessions.mint()
-            mine = encode_token(current, self._token_restored if TOKEN in self.versions else False)
+            if TOKEN in self.versions:
+                mine = encode_token(current, self._token_at, self._token_restored)
+            else:
+                mine = encode_token(current, self._now())
             token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
             if self._outranks(TOKEN, mine, token):
                 token = yield self._bounded(self._write_back(TOKEN, mine, token))
@@ -447,8 +480,14 @@ class ClusterNode:
         cluster's record says, or now if it has never been in step.
         """
         if ROUTE not in self.versions:
-            return encode_route(self.route.current, round(self._reactor.seconds(), 3))
+            return encode_route(self.route.current, self._now())
         return encode_route(self.route.current, self._route_at, self._route_restored)
+
+    def _now(self) -> float:
+        """
+        Now, as a record's C{at} (POSIX seconds, to the millisecond).
+        """
+        return round(self._reactor.seconds(), 3)
 
     def _replaced(self, name: str, held: str) -> bool:
         """
@@ -511,6 +550,7 @@ class ClusterNode:
             return False  # this instance refused the cluster's token: its own is not the cluster's
         try:
             held_token = decode_token(held.value)
+            held_rank = token_rank(held.value)
         except (ValueError, KeyError, TypeError):
             return True
         try:
@@ -523,10 +563,11 @@ class ClusterNode:
             return True
         if held.version < known:
             return True
+        if held_token.jti == ours.get("jti"):
+            return False  # the same token: its records differ only in how they were written
         if is_restored(ours) != is_restored(theirs):
             return not is_restored(ours)  # a rotation or renewal wins over a write-back
-        my_token = decode_token(mine)
-        return (my_token.issued_at, my_token.jti) < (held_token.issued_at, held_token.jti)
+        return token_rank(mine) < held_rank
 
     def _write_back(self, name: str, mine: str, held: Versioned) -> Deferred[Versioned]:
         """
@@ -587,7 +628,7 @@ class ClusterNode:
             fresh=fresh.jti,
         )
         replaced: Deferred[Versioned] = self.store.replace(
-            TOKEN, expired.jti, encode_token(fresh), self.instance, known
+            TOKEN, expired.jti, encode_token(fresh, self._now()), self.instance, known
         )
         return replaced
 
@@ -732,7 +773,7 @@ class ClusterNode:
                 route = Route(str(document["provider"]), str(document["model"]))
                 if route.provider_id not in self._provider_ids:
                     raise ValueError(f"unknown provider {route.provider_id!r}")
-                self._route_at = route_at(document)
+                self._route_at = record_at(document)
                 self._route_restored = is_restored(document)
                 self.versions[name] = versioned.version
                 previous = self.route.switch(route)
@@ -746,10 +787,12 @@ class ClusterNode:
                     )
             elif name == TOKEN:
                 token = decode_token(versioned.value)
+                at = record_at(document)
                 current = self.sessions.current_or_none
                 if current is not None and current.token == token.token:
                     self.versions[name] = versioned.version
                     self._token_restored = is_restored(document)
+                    self._token_at = at
                     return
                 try:
                     self.sessions.check(token)
@@ -774,11 +817,13 @@ class ClusterNode:
                     self.sessions.adopt(token)
                     self.versions[name] = versioned.version
                     self._token_restored = is_restored(document)
+                    self._token_at = at
                     self._schedule_renewal(token)
                     self._on_token(token, here, versioned.origin)
                 else:
                     self.versions[name] = versioned.version
                     self._token_restored = is_restored(document)
+                    self._token_at = at
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
@@ -800,16 +845,14 @@ class ClusterNode:
             could not say whether it was written.
         """
         previous = self.route.current
-        return self._write(ROUTE, encode_route(route, round(self._reactor.seconds(), 3))).addCallback(
-            lambda _: previous
-        )
+        return self._write(ROUTE, encode_route(route, self._now())).addCallback(lambda _: previous)
 
     def rotate(self, token: SessionToken) -> Deferred[SessionToken]:
         """
         Make C{token} the cluster's session token; fire with it once
         written and adopted here (failures as for L{switch}).
         """
-        return self._write(TOKEN, encode_token(token)).addCallback(lambda _: token)
+        return self._write(TOKEN, encode_token(token, self._now())).addCallback(lambda _: token)
 
     def _write(self, name: str, value: str) -> Deferred[None]:
         """
