@@ -56,6 +56,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -332,7 +333,13 @@ class ClusterNode:
         #: The second look at the store after a heartbeat showed a change
         #: this instance has not seen (L{beat}).
         self._catching_up: IDelayedCall | None = None
-        self._retry_delay = min(timeout, RELOAD_RETRY_SECONDS)
+        #: The wait before each reload attempt after a failed one: from
+        #: RELOAD_RETRY_SECONDS (or the timeout, if shorter), doubling up
+        #: to retry_max; and the attempts failed in a row.
+        self._retry_policy = backoffPolicy(
+            min(timeout, RELOAD_RETRY_SECONDS), self._retry_max, factor=2.0, jitter=lambda: 0.0
+        )
+        self._retries = 0
         #: Heartbeats failed in a row.
         self._missed_beats = 0
         #: Why the cluster's token was last refused (not signed with this
@@ -362,7 +369,7 @@ class ClusterNode:
         them), then take state-changing commands again.
         """
         self._connected = True
-        self._retry_delay = min(self._timeout, RELOAD_RETRY_SECONDS)
+        self._retries = 0
         self._cancel_retry()
         return self._reload()
 
@@ -433,7 +440,8 @@ class ClusterNode:
                 else:
                     then = (
                         "serving with the last known route and token and refusing changes meanwhile; "
-                        f"trying again in {self._retry_delay:g} s, then backing off up to {self._retry_max:g} s "
+                        f"trying again in {self._retry_policy(self._retries):g} s, then backing off up to "
+                        f"{self._retry_max:g} s "
                         "between attempts, until it works"
                     )
                 self._log.warn(
@@ -465,7 +473,7 @@ class ClusterNode:
             self._on_foreign_token(self._foreign_token)
             return
         self._reload_failing = False
-        self._retry_delay = min(self._timeout, RELOAD_RETRY_SECONDS)
+        self._retries = 0
         # Before listening: a lockout decided while this instance was away
         # holds from its first connection.
         yield self._reload_expiring()
@@ -725,8 +733,8 @@ class ClusterNode:
         if self._connected and self._retry is None:
             # Never given up while connected: backing off, up to retry_max
             # between attempts.
-            self._retry = self._reactor.callLater(self._retry_delay, self._retry_reload)
-            self._retry_delay = min(self._retry_max, self._retry_delay * 2)
+            self._retry = self._reactor.callLater(self._retry_policy(self._retries), self._retry_reload)
+            self._retries += 1
 
     def _retry_reload(self) -> None:
         self._retry = None

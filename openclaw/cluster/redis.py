@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import txredisapi
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
@@ -381,8 +382,10 @@ class RedisStore:
         self._redis: Any = None
         #: The fresh connections' start, while waiting to make them.
         self._pending: IDelayedCall | None = None
-        #: Rebuilds since a call last succeeded.
+        #: Rebuilds since a call last succeeded, and the wait before the
+        #: next: 0.25 s, doubling up to reconnect_max.
         self._attempts = 0
+        self._rebuild_policy = backoffPolicy(min(0.25, reconnect_max), reconnect_max, factor=2.0, jitter=lambda: 0.0)
         #: Redis's refusals logged since a call last succeeded.
         self._refusals: set[str] = set()
         self._discarding: set[Deferred[Any]] = set()
@@ -425,8 +428,8 @@ class RedisStore:
         # Not from inside the connection's own callbacks: txredisapi's
         # ClientService cannot be stopped in the middle of a transition.
         self.reactor.callLater(0, self._discard, factories)
+        delay = self._rebuild_policy(self._attempts)
         self._attempts += 1
-        delay = min(self.reconnect_max, 0.25 * 2 ** min(self._attempts - 1, 16))
         self._pending = self.reactor.callLater(delay, self._connect)
         node.lost(reason)
 

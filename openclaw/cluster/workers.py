@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, execute, succeed
 from twisted.internet.error import CannotListenError
@@ -50,6 +51,9 @@ from openclaw.reactors import ISupervisorReactor
 STABLE_SECONDS = 10.0
 RESTART_DELAY_SECONDS = 0.5
 MAX_RESTART_DELAY_SECONDS = 30.0
+#: The wait before a worker's restart after C{n} quick ends in a row
+#: beyond the first (L{WorkerSupervisor._restart}).
+_restart_delay = backoffPolicy(RESTART_DELAY_SECONDS, MAX_RESTART_DELAY_SECONDS, factor=2.0, jitter=lambda: 0.0)
 
 
 def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
@@ -154,7 +158,6 @@ class WorkerSupervisor(Service):
         self.stop_timeout = stop_timeout
         self.env = dict(os.environ) if env is None else env
         self.workers: dict[int, _Worker] = {}
-        self.delays: dict[int, float] = {}
         #: Per worker index, how many times in a row it ended (or could not
         #: be started) within L{STABLE_SECONDS} of its start.
         self.quick_ends: dict[int, int] = {}
@@ -202,18 +205,16 @@ class WorkerSupervisor(Service):
     def _restart(self, index: int, ran: float, what: str) -> None:
         """
         Start worker C{index} again after a delay: L{RESTART_DELAY_SECONDS}
-        after a stable run, else twice the last delay (up to
+        after a stable run, doubling with each quick end in a row (up to
         L{MAX_RESTART_DELAY_SECONDS}), so that a worker that keeps dying at
         once is started a few times a minute, not as fast as it can fork.
         """
         if ran >= STABLE_SECONDS:
             self.quick_ends[index] = 0
-            delay = RESTART_DELAY_SECONDS
         else:
             self.quick_ends[index] = self.quick_ends.get(index, 0) + 1
-            delay = min(MAX_RESTART_DELAY_SECONDS, 2 * self.delays.get(index, RESTART_DELAY_SECONDS / 2))
-        self.delays[index] = delay
         quick = self.quick_ends[index]
+        delay = _restart_delay(max(0, quick - 1))
         if quick > 1:
             self._log.error(
                 "worker {index} {what}, {quick} times in a row within {stable:g} s of its start; "
