@@ -9,7 +9,12 @@ C{default_model_id}), its chat format (C{wire}) and, when it has one, its
 embeddings API (C{embeddings}); and, as methods, how
 to authenticate, how to read its models listing and where its chat
 endpoint is (L{ProviderAdapter.auth_headers},
-L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).
+L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).  A
+provider whose error answers say more than OpenAI's do declares how to
+read them too: its own rules for what a refusal means
+(L{ProviderAdapter.refusal}) and the wait its error bodies state
+(L{ProviderAdapter.retry_delay}); the defaults suit an OpenAI-compatible
+API.
 Reading its settings (L{openclaw.settings.load_settings}), building it
 (L{ProviderAdapter.from_settings}), time limits, error wording and key
 hygiene live here and in the registry, once for all providers.
@@ -478,18 +483,27 @@ class ProviderAdapter(abc.ABC):
         scrubbed of every key of the pool.  A provider with rules of its
         own (a key refused with another status) overrides it.
         """
-        refusal = classify(status, body, retry_after, self.reactor.seconds())
+        refusal = classify(status, body, retry_after, self.reactor.seconds(), self.retry_delay(body))
         return attrs.evolve(refusal, message=self.scrub(refusal.message))
+
+    def retry_delay(self, body: bytes) -> float | None:
+        """
+        Seconds the provider says to wait in the body of its non-2xx answer
+        C{body}, for an API that says it there; None when it does not
+        (the default: an OpenAI-compatible API says it only in its
+        C{Retry-After} header, which L{classify} reads for every provider).
+        """
+        return None
 
     def note_refusal(self, key: str, refusal: Refusal) -> None:
         """
         Tell the key pool what a refusal of a call made with C{key} means,
         the same for every kind of call (chat, embeddings, a models
         listing): after a 429 the key rests for the provider's wait
-        (C{Retry-After}, Google's C{RetryInfo}; else
+        (C{Retry-After}, else L{retry_delay}, else
         L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>});
-        refused as invalid (401, Google's C{API_KEY_INVALID}) it is set
-        aside until a health check finds it good.  A 403 is not taken as
+        refused as invalid (401, or the provider's own rule: L{refusal}) it
+        is set aside until a health check finds it good.  A 403 is not taken as
         the key's fault on its own word (it is often about the model named:
         any client could otherwise empty the pool by naming a model the
         provider keeps private): the key is checked (L{check_key}) and set
