@@ -2,8 +2,8 @@
 Google's error answers as the Gemini adapter reads them
 (L{openclaw.providers.gemini.errors}): a key refused with a 400
 C{API_KEY_INVALID}, a project that cannot serve (C{FAILED_PRECONDITION}),
-the wait a C{google.rpc.RetryInfo} states; and that these are Gemini's
-rules only, not every provider's.
+the wait a C{google.rpc.RetryInfo} states, the canonical codes of an error
+event; and that these are Gemini's rules only, not every provider's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.dataplane.errors import upstream_refused
 from openclaw.providers import GeminiAdapter, KimiAdapter
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify
+from openclaw.providers.event_errors import UNKNOWN_ERROR_STATUS, error_event_status
 from openclaw.providers.gemini.errors import (
+    GOOGLE_STATUSES,
     google_error_reasons,
     google_error_status,
     google_retry_delay,
@@ -110,3 +112,25 @@ class ReaderTests(SynchronousTestCase):
         for body in (b"", b"<html>", b'{"error": {"message": "m", "type": "invalid_request_error"}}'):
             self.assertEqual(google_error_reasons(body), set(), body)
             self.assertIsNone(google_error_status(body), body)
+
+
+class EventStatusTests(SynchronousTestCase):
+    """
+    An error event's C{error.status} is read by the provider's own names
+    (L{openclaw.providers.base.ProviderAdapter.error_statuses}): Google's
+    canonical codes for Gemini, none for an OpenAI-compatible API.
+    """
+
+    def test_canonical_codes(self) -> None:
+        self.assertIs(GeminiAdapter.error_statuses, GOOGLE_STATUSES)
+        self.assertEqual(dict(KimiAdapter.error_statuses), {})
+        overloaded = b'{"error": {"message": "The model is overloaded.", "status": "UNAVAILABLE"}}'
+        self.assertEqual(error_event_status(overloaded, GeminiAdapter.error_statuses), 503)
+        self.assertEqual(error_event_status(overloaded, KimiAdapter.error_statuses), UNKNOWN_ERROR_STATUS)
+        # error.code, when a status, and OpenAI's error.type are read for every provider.
+        coded = b'{"error": {"code": 429, "status": "UNAVAILABLE"}}'
+        self.assertEqual(error_event_status(coded, GeminiAdapter.error_statuses), 429)
+        typed = b'{"error": {"type": "engine_overloaded_error"}}'
+        self.assertEqual(error_event_status(typed, GeminiAdapter.error_statuses), 503)
+        self.assertEqual(error_event_status(typed), 503)
+        self.assertIsNone(error_event_status(b'{"candidates": []}', GeminiAdapter.error_statuses))

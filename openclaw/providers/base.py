@@ -12,8 +12,9 @@ endpoint is (L{ProviderAdapter.auth_headers},
 L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).  A
 provider whose error answers say more than OpenAI's do declares how to
 read them too: its own rules for what a refusal means
-(L{ProviderAdapter.refusal}) and the wait its error bodies state
-(L{ProviderAdapter.retry_delay}); the defaults suit an OpenAI-compatible
+(L{ProviderAdapter.refusal}), the wait its error bodies state
+(L{ProviderAdapter.retry_delay}) and its names for statuses
+(L{ProviderAdapter.error_statuses}); the defaults suit an OpenAI-compatible
 API.
 Reading its settings (L{openclaw.settings.load_settings}), building it
 (L{ProviderAdapter.from_settings}), time limits, error wording and key
@@ -60,6 +61,7 @@ from openclaw.providers.errors import (
     describe_failure,
     http_hint,
 )
+from openclaw.providers.event_errors import NO_STATUSES
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
 from openclaw.providers.keys import KeyPool, fingerprint
 from openclaw.providers.wire import Wire
@@ -214,6 +216,13 @@ class ProviderAdapter(abc.ABC):
     #: Its embeddings API (L{openclaw.providers.embeddings.EmbeddingsWire}),
     #: serving C{POST /v1/embeddings}; None when it has none (Kimi).
     embeddings: ClassVar[EmbeddingsWire | None] = None
+    #: Its own names for statuses, as C{error.status} of an error event
+    #: gives them, to the HTTP status each stands for
+    #: (L{error_event_status <openclaw.providers.event_errors.error_event_status>}):
+    #: Gemini's are Google's canonical codes ("UNAVAILABLE": 503).  Empty
+    #: for an OpenAI-compatible API, whose C{error.type} is read for every
+    #: provider.  Optional.
+    error_statuses: ClassVar[Mapping[str, int]] = NO_STATUSES
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: IReactorTime = attrs.field(repr=False)

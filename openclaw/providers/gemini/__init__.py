@@ -6,7 +6,7 @@ to C{generateContent} and back) and the embeddings translation
 (L{embeddings<openclaw.providers.gemini.embeddings>}: OpenAI embeddings to
 C{batchEmbedContents} and back), and what Google's error answers say
 (L{errors<openclaw.providers.gemini.errors>}: a refused key, how long to
-wait).
+wait, canonical codes).
 """
 
 from openclaw.providers.gemini.adapter import GeminiAdapter

@@ -22,6 +22,7 @@ from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
 from openclaw.providers.gemini.errors import (
     GOOGLE_FAILED_PRECONDITION,
     GOOGLE_KEY_INVALID,
+    GOOGLE_STATUSES,
     google_error_reasons,
     google_error_status,
     google_retry_delay,
@@ -67,6 +68,8 @@ class GeminiAdapter(ProviderAdapter):
         }
     )
     embeddings: ClassVar[EmbeddingsWire | None] = GeminiEmbeddings()
+    #: An error event's C{error.status} is a Google canonical code.
+    error_statuses: ClassVar[Mapping[str, int]] = GOOGLE_STATUSES
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)

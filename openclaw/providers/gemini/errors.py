@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 #: Google's reason (C{google.rpc.ErrorInfo.reason}) for a key the API refuses.
@@ -24,6 +26,29 @@ GOOGLE_KEY_INVALID = "API_KEY_INVALID"
 #: make: an unsupported location, billing required
 #: (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
 GOOGLE_FAILED_PRECONDITION = "FAILED_PRECONDITION"
+
+#: Google's canonical codes (C{google.rpc.Code}, googleapis
+#: C{google/rpc/code.proto}) to the HTTP status each maps to.
+GOOGLE_STATUSES: Mapping[str, int] = MappingProxyType(
+    {
+        "CANCELLED": 499,
+        "UNKNOWN": 500,
+        "INVALID_ARGUMENT": 400,
+        "DEADLINE_EXCEEDED": 504,
+        "NOT_FOUND": 404,
+        "ALREADY_EXISTS": 409,
+        "PERMISSION_DENIED": 403,
+        "UNAUTHENTICATED": 401,
+        "RESOURCE_EXHAUSTED": 429,
+        "FAILED_PRECONDITION": 400,
+        "ABORTED": 409,
+        "OUT_OF_RANGE": 400,
+        "UNIMPLEMENTED": 501,
+        "INTERNAL": 500,
+        "UNAVAILABLE": 503,
+        "DATA_LOSS": 500,
+    }
+)
 
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -88,6 +113,7 @@ def _error_details(body: bytes) -> list[dict[str, Any]]:
 __all__ = [
     "GOOGLE_FAILED_PRECONDITION",
     "GOOGLE_KEY_INVALID",
+    "GOOGLE_STATUSES",
     "google_error_reasons",
     "google_error_status",
     "google_retry_delay",
