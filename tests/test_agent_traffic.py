@@ -19,7 +19,8 @@ import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from openclaw.dataplane.callids import SKIP_SIGNATURE, carried
+from openclaw.dataplane.callids import carried
+from openclaw.providers.gemini.translate import SKIP_SIGNATURE
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
 from tests.support import open_client
 from tests.test_dataplane import DataPlaneTestCase

@@ -11,7 +11,6 @@ front of the stand-in upstream, on 127.0.0.1.
 from __future__ import annotations
 
 import email.utils
-import json
 import time
 from typing import Any
 
@@ -22,10 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.providers import GeminiAdapter
 from openclaw.providers.errors import RefusalKind, classify
 from openclaw.providers.keys import fingerprint
-from tests.support import bare_adapter, changed_providers, open_client
+from tests.support import changed_providers, open_client
 from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
 from tests.test_resilience import ResilienceTestCase
 
@@ -52,14 +50,6 @@ class ReadingTests(SynchronousTestCase):
         body = b'{"error":{"message":"The model kimi-k2-private is not available","type":"permission_denied_error"}}'
         self.assertEqual(classify(403, body).kind, RefusalKind.FORBIDDEN)
         self.assertEqual(classify(401, body).kind, RefusalKind.AUTH)
-
-    def test_gemini_failed_precondition_is_the_account(self):
-        adapter = bare_adapter(GeminiAdapter)
-        refusal = adapter.refusal(400, json.dumps(FAILED_PRECONDITION).encode())
-        self.assertEqual(refusal.kind, RefusalKind.ACCOUNT)
-        self.assertIn("User location is not supported for the API use.", refusal.message)
-        invalid = {"error": {"code": 400, "message": "bad", "status": "INVALID_ARGUMENT"}}
-        self.assertEqual(adapter.refusal(400, json.dumps(invalid).encode()).kind, RefusalKind.REQUEST)
 
     def test_retry_after_on_5xx(self):
         self.assertEqual(classify(503, b"{}", "30").retry_after, 30.0)

@@ -578,7 +578,7 @@ class ChatCall:
         error = upstream_failed(self.route.provider_id, why, code)
         if self._first_chunk_sent:
             return self._fail(error)
-        status = None if event is None else error_event_status(event)
+        status = None if event is None else error_event_status(event, self.adapter.error_statuses)
         if status is not None:
             assert event is not None
             self._drop_attempt()

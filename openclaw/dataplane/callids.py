@@ -13,6 +13,12 @@ C{[gemini_id, signature]}: letters, digits, C{_} and C{-} only.
 
 Decoding is defensive: an id that does not parse exactly is just an id
 (another gateway's, Kimi's, a hand-written one), never an error.
+
+The format is the data plane's, not the Gemini translation's alone: a tool
+loop begun on Gemini may go on with another provider after a switch or a
+failover, so the request's validation notes an id that carries something
+(L{openclaw.dataplane.request}) and every other provider's wire sends it
+L{plain} (L{openclaw.providers.openai_compatible}).
 """
 
 from __future__ import annotations
@@ -27,11 +33,10 @@ import orjson
 MARK = "_gs1_"
 #: The longest payload carried (encoded characters); a signature that would
 #: make a longer id is not carried, and the call comes back to Gemini with
-#: the placeholder instead (the turn is still accepted, with less context).
+#: Google's placeholder instead
+#: (L{SKIP_SIGNATURE <openclaw.providers.gemini.translate.SKIP_SIGNATURE>}:
+#: the turn is still accepted, with less context).
 MAX_PAYLOAD = 16384
-#: Google's documented placeholder for a function call Gemini did not sign
-#: (history written by another model).
-SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 
 def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> str:

@@ -9,7 +9,13 @@ C{default_model_id}), its chat format (C{wire}) and, when it has one, its
 embeddings API (C{embeddings}); and, as methods, how
 to authenticate, how to read its models listing and where its chat
 endpoint is (L{ProviderAdapter.auth_headers},
-L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).
+L{ProviderAdapter.fetch_model_ids}, L{ProviderAdapter.chat_url}).  A
+provider whose error answers say more than OpenAI's do declares how to
+read them too: its own rules for what a refusal means
+(L{ProviderAdapter.refusal}), the wait its error bodies state
+(L{ProviderAdapter.retry_delay}) and its names for statuses
+(L{ProviderAdapter.error_statuses}); the defaults suit an OpenAI-compatible
+API.
 Reading its settings (L{openclaw.settings.load_settings}), building it
 (L{ProviderAdapter.from_settings}), time limits, error wording and key
 hygiene live here and in the registry, once for all providers.
@@ -55,6 +61,7 @@ from openclaw.providers.errors import (
     describe_failure,
     http_hint,
 )
+from openclaw.providers.event_errors import NO_STATUSES
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
 from openclaw.providers.keys import KeyPool, fingerprint
 from openclaw.providers.wire import Wire
@@ -209,6 +216,13 @@ class ProviderAdapter(abc.ABC):
     #: Its embeddings API (L{openclaw.providers.embeddings.EmbeddingsWire}),
     #: serving C{POST /v1/embeddings}; None when it has none (Kimi).
     embeddings: ClassVar[EmbeddingsWire | None] = None
+    #: Its own names for statuses, as C{error.status} of an error event
+    #: gives them, to the HTTP status each stands for
+    #: (L{error_event_status <openclaw.providers.event_errors.error_event_status>}):
+    #: Gemini's are Google's canonical codes ("UNAVAILABLE": 503).  Empty
+    #: for an OpenAI-compatible API, whose C{error.type} is read for every
+    #: provider.  Optional.
+    error_statuses: ClassVar[Mapping[str, int]] = NO_STATUSES
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: IReactorTime = attrs.field(repr=False)
@@ -478,18 +492,27 @@ class ProviderAdapter(abc.ABC):
         scrubbed of every key of the pool.  A provider with rules of its
         own (a key refused with another status) overrides it.
         """
-        refusal = classify(status, body, retry_after, self.reactor.seconds())
+        refusal = classify(status, body, retry_after, self.reactor.seconds(), self.retry_delay(body))
         return attrs.evolve(refusal, message=self.scrub(refusal.message))
+
+    def retry_delay(self, body: bytes) -> float | None:
+        """
+        Seconds the provider says to wait in the body of its non-2xx answer
+        C{body}, for an API that says it there; None when it does not
+        (the default: an OpenAI-compatible API says it only in its
+        C{Retry-After} header, which L{classify} reads for every provider).
+        """
+        return None
 
     def note_refusal(self, key: str, refusal: Refusal) -> None:
         """
         Tell the key pool what a refusal of a call made with C{key} means,
         the same for every kind of call (chat, embeddings, a models
         listing): after a 429 the key rests for the provider's wait
-        (C{Retry-After}, Google's C{RetryInfo}; else
+        (C{Retry-After}, else L{retry_delay}, else
         L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>});
-        refused as invalid (401, Google's C{API_KEY_INVALID}) it is set
-        aside until a health check finds it good.  A 403 is not taken as
+        refused as invalid (401, or the provider's own rule: L{refusal}) it
+        is set aside until a health check finds it good.  A 403 is not taken as
         the key's fault on its own word (it is often about the model named:
         any client could otherwise empty the pool by naming a model the
         provider keeps private): the key is checked (L{check_key}) and set

@@ -8,12 +8,10 @@ to do) what to check; none ever contains an API key.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Iterable
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import quote
 
 import attrs
@@ -135,7 +133,7 @@ def http_hint(status: int, key_refused: bool, key_variable: str, base_url_variab
     What an operator should check after a given status; C{key_refused}: the
     provider's adapter read the answer as its key refused
     (L{RefusalKind.AUTH}: 401, and whatever its provider's own rule adds,
-    such as Google's 400 C{API_KEY_INVALID}).
+    such as Gemini's 400 C{API_KEY_INVALID}).
     """
     if key_refused:
         return f"check {key_variable}"
@@ -311,8 +309,9 @@ class RefusalKind(StrEnum):
     REQUEST = "request"
     #: 429 (Moonshot's rate limit, Gemini's C{RESOURCE_EXHAUSTED}): the key rests.
     RATE_LIMITED = "rate_limited"
-    #: 401, or Gemini's 400 with reason C{API_KEY_INVALID}: the gateway's
-    #: own key is refused as invalid; the key is set aside.
+    #: 401, or a provider's own rule for a refused key (Gemini's 400 with
+    #: reason C{API_KEY_INVALID}, read by its adapter's C{refusal}): the
+    #: gateway's own key is refused as invalid; the key is set aside.
     AUTH = "auth"
     #: 403: permission denied, often for the model named (Moonshot's
     #: C{permission_denied_error} "The model ... is not available for your
@@ -322,9 +321,10 @@ class RefusalKind(StrEnum):
     #: (L{openclaw.providers.base.ProviderAdapter.check_key}).
     FORBIDDEN = "forbidden"
     #: The provider account behind the gateway cannot serve the call
-    #: (Google's 400 C{FAILED_PRECONDITION}: an unsupported location,
-    #: billing required): the operator's to fix, not the client's, not the
-    #: key's; another provider may answer.
+    #: (a provider's own rule: Gemini's 400 C{FAILED_PRECONDITION}, an
+    #: unsupported location or billing required, read by its adapter's
+    #: C{refusal}): the operator's to fix, not the client's, not the key's;
+    #: another provider may answer.
     ACCOUNT = "account"
     #: 5xx: the provider is failing.
     SERVER = "server"
@@ -334,15 +334,6 @@ class RefusalKind(StrEnum):
 
 #: Statuses that mean the request itself is at fault.
 REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
-#: Google's reason (C{google.rpc.ErrorInfo.reason}) for a key the API refuses.
-GOOGLE_KEY_INVALID = "API_KEY_INVALID"
-#: Google's canonical code (C{error.status}) for a call its project cannot
-#: make: an unsupported location, billing required
-#: (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
-GOOGLE_FAILED_PRECONDITION = "FAILED_PRECONDITION"
-_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
-_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)s\s*$")
 
 
 @attrs.frozen
@@ -356,52 +347,14 @@ class Refusal:
     status: int
     kind: RefusalKind
     message: str
-    #: Seconds, from the provider's C{Retry-After} header, else Google's
-    #: C{RetryInfo.retryDelay}; None when it said nothing.
+    #: Seconds, from the provider's C{Retry-After} header, else from the
+    #: wait its error body states (read by its adapter:
+    #: L{retry_delay <openclaw.providers.base.ProviderAdapter.retry_delay>});
+    #: None when it said nothing.
     retry_after: float | None = None
 
 
-def google_error_reasons(body: bytes) -> set[str]:
-    """
-    The C{reason} of every C{google.rpc.ErrorInfo} in a Google error
-    answer's C{error.details} (C{{"API_KEY_INVALID"}}); empty for any other
-    body (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
-    """
-    return {
-        detail["reason"]
-        for detail in _error_details(body)
-        if detail.get("@type") == _ERROR_INFO and isinstance(detail.get("reason"), str)
-    }
-
-
-def google_error_status(body: bytes) -> str | None:
-    """
-    The C{error.status} of a Google error answer (its canonical code's
-    name, C{"FAILED_PRECONDITION"}); None for any other body.
-    """
-    error = _error_object(body)
-    status = error.get("status") if error is not None else None
-    return status if isinstance(status, str) else None
-
-
-def _error_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, dict) else None
-
-
-def _error_details(body: bytes) -> list[dict[str, Any]]:
-    error = _error_object(body)
-    details = error.get("details") if isinstance(error, dict) else None
-    if not isinstance(details, list):
-        return []
-    return [detail for detail in details if isinstance(detail, dict)]
-
-
-#: A provider's wait (C{Retry-After}, Google's C{RetryInfo}) is followed for
+#: A provider's wait (C{Retry-After}, or one its error body states) is followed for
 #: an hour at most: one wrong header (a proxy's, a far-off date) must not
 #: take a key out until a restart, and a spent daily quota is simply asked
 #: again each hour.
@@ -435,40 +388,36 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when - now)
 
 
-def google_retry_delay(details: Iterable[dict[str, Any]]) -> float | None:
-    """
-    C{retryDelay} of a C{google.rpc.RetryInfo} detail ("7s", "0.5s":
-    a protobuf Duration in its JSON form), in seconds.
-    """
-    for detail in details:
-        if detail.get("@type") == _RETRY_INFO and isinstance(detail.get("retryDelay"), str):
-            found = _DURATION.match(detail["retryDelay"])
-            if found:
-                return float(found.group(1))
-    return None
-
-
-def classify(status: int, body: bytes, retry_after_header: str | None = None, now: float = 0.0) -> Refusal:
+def classify(
+    status: int,
+    body: bytes,
+    retry_after_header: str | None = None,
+    now: float = 0.0,
+    body_delay: float | None = None,
+) -> Refusal:
     """
     Read a provider's non-2xx answer to a chat call, by the rules every
     provider shares (RFC 9110: 401 refuses the credentials; a 403 is a
     permission denied, which may be about the model rather than the key,
     so it is L{RefusalKind.FORBIDDEN}); a provider with
     rules of its own adds them in its adapter's
-    L{refusal <openclaw.providers.base.ProviderAdapter.refusal>} (Google's
+    L{refusal <openclaw.providers.base.ProviderAdapter.refusal>} (Gemini's
     400 C{API_KEY_INVALID}: L{openclaw.providers.gemini.GeminiAdapter}).
 
     @param retry_after_header: the answer's C{Retry-After}, if any.
     @param now: POSIX time, to read a C{Retry-After} given as a date.
+    @param body_delay: seconds to wait as the answer's body states it, if
+        the provider's API says so there (read by its adapter:
+        L{retry_delay <openclaw.providers.base.ProviderAdapter.retry_delay>});
+        the C{Retry-After} header wins over it.
     """
     # fetch imports this module's errors: imported here, not at the top.
     from openclaw.providers.fetch import upstream_message
 
-    details = _error_details(body)
     message = clip(upstream_message(body))
     retry_after = parse_retry_after(retry_after_header, now)
     if retry_after is None:
-        retry_after = google_retry_delay(details)
+        retry_after = body_delay
     if retry_after is not None:
         retry_after = min(retry_after, MAX_RETRY_AFTER_SECONDS)
     if status == 401:

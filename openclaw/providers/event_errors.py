@@ -8,6 +8,10 @@ Gemini reports an overload as the first event of a 200 stream
 the client yet, the call reads such an event as the non-2xx answer it stands
 for (L{openclaw.providers.errors.classify}), so that it is retried, failed
 over and counted by the breaker exactly as that answer would be.
+
+The names a provider gives statuses in C{error.status} are its own: its
+adapter declares them
+(L{error_statuses <openclaw.providers.base.ProviderAdapter.error_statuses>}).
 """
 
 from __future__ import annotations
@@ -16,29 +20,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import orjson
-
-#: Google's canonical codes (C{google.rpc.Code}, googleapis
-#: C{google/rpc/code.proto}) to the HTTP status each maps to.
-GOOGLE_STATUSES: Mapping[str, int] = MappingProxyType(
-    {
-        "CANCELLED": 499,
-        "UNKNOWN": 500,
-        "INVALID_ARGUMENT": 400,
-        "DEADLINE_EXCEEDED": 504,
-        "NOT_FOUND": 404,
-        "ALREADY_EXISTS": 409,
-        "PERMISSION_DENIED": 403,
-        "UNAUTHENTICATED": 401,
-        "RESOURCE_EXHAUSTED": 429,
-        "FAILED_PRECONDITION": 400,
-        "ABORTED": 409,
-        "OUT_OF_RANGE": 400,
-        "UNIMPLEMENTED": 501,
-        "INTERNAL": 500,
-        "UNAVAILABLE": 503,
-        "DATA_LOSS": 500,
-    }
-)
 
 #: OpenAI-style C{error.type} values (Moonshot's error table, OpenAI's
 #: error codes guide) to their HTTP status.  An overloaded engine is the
@@ -68,14 +49,19 @@ OPENAI_TYPES: Mapping[str, int] = MappingProxyType(
 #: An error event that names no status it maps to: the provider failed.
 UNKNOWN_ERROR_STATUS = 500
 
+#: A provider that names no statuses of its own.
+NO_STATUSES: Mapping[str, int] = MappingProxyType({})
 
-def error_event_status(data: bytes) -> int | None:
+
+def error_event_status(data: bytes, statuses: Mapping[str, int] = NO_STATUSES) -> int | None:
     """
     The HTTP status the event C{data} stands for when it is an error
     (a JSON object with an C{error} member): C{error.code} when it is a
-    status (Gemini), else C{error.status} (a Google canonical code,
-    L{GOOGLE_STATUSES}), else C{error.type} (L{OPENAI_TYPES}), else
-    L{UNKNOWN_ERROR_STATUS}.  None when the event is not an error.
+    status (Gemini), else C{error.status} read by C{statuses} (the
+    provider's own names for statuses, from its adapter's
+    L{error_statuses <openclaw.providers.base.ProviderAdapter.error_statuses>}),
+    else C{error.type} (L{OPENAI_TYPES}), else L{UNKNOWN_ERROR_STATUS}.
+    None when the event is not an error.
     """
     try:
         document = orjson.loads(data)
@@ -90,12 +76,12 @@ def error_event_status(data: bytes) -> int | None:
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         return code
     status = error.get("status")
-    if isinstance(status, str) and status in GOOGLE_STATUSES:
-        return GOOGLE_STATUSES[status]
+    if isinstance(status, str) and status in statuses:
+        return statuses[status]
     kind = error.get("type")
     if isinstance(kind, str) and kind in OPENAI_TYPES:
         return OPENAI_TYPES[kind]
     return UNKNOWN_ERROR_STATUS
 
 
-__all__ = ["GOOGLE_STATUSES", "OPENAI_TYPES", "UNKNOWN_ERROR_STATUS", "error_event_status"]
+__all__ = ["NO_STATUSES", "OPENAI_TYPES", "UNKNOWN_ERROR_STATUS", "error_event_status"]

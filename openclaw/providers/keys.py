@@ -16,7 +16,7 @@ import attrs
 from twisted.logger import Logger
 
 #: How long a key answered with 429 rests when the provider said nothing
-#: (no C{Retry-After}, no C{RetryInfo}), in seconds.
+#: (no C{Retry-After}, no wait in its error body), in seconds.
 DEFAULT_REST_SECONDS = 10.0
 
 

@@ -4,7 +4,9 @@ settings, auth, models listing, chat URLs) and the chat translation
 (L{translate<openclaw.providers.gemini.translate>}: OpenAI chat completions
 to C{generateContent} and back) and the embeddings translation
 (L{embeddings<openclaw.providers.gemini.embeddings>}: OpenAI embeddings to
-C{batchEmbedContents} and back).
+C{batchEmbedContents} and back), and what Google's error answers say
+(L{errors<openclaw.providers.gemini.errors>}: a refused key, how long to
+wait, canonical codes).
 """
 
 from openclaw.providers.gemini.adapter import GeminiAdapter

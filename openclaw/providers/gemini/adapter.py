@@ -16,17 +16,17 @@ import attrs
 from openclaw.consumers.prices import Price
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsWire
-from openclaw.providers.errors import (
-    GOOGLE_FAILED_PRECONDITION,
-    GOOGLE_KEY_INVALID,
-    MalformedResponse,
-    Refusal,
-    RefusalKind,
-    google_error_reasons,
-    google_error_status,
-)
+from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
+from openclaw.providers.gemini.errors import (
+    GOOGLE_FAILED_PRECONDITION,
+    GOOGLE_KEY_INVALID,
+    GOOGLE_STATUSES,
+    google_error_reasons,
+    google_error_status,
+    google_retry_delay,
+)
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.wire import Wire
 
@@ -68,6 +68,8 @@ class GeminiAdapter(ProviderAdapter):
         }
     )
     embeddings: ClassVar[EmbeddingsWire | None] = GeminiEmbeddings()
+    #: An error event's C{error.status} is a Google canonical code.
+    error_statuses: ClassVar[Mapping[str, int]] = GOOGLE_STATUSES
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
@@ -93,6 +95,15 @@ class GeminiAdapter(ProviderAdapter):
         if status == 400 and google_error_status(body) == GOOGLE_FAILED_PRECONDITION:
             return attrs.evolve(refusal, kind=RefusalKind.ACCOUNT)
         return refusal
+
+    def retry_delay(self, body: bytes) -> float | None:
+        """
+        Google says how long to wait in the answer's details, as a
+        C{google.rpc.RetryInfo} (C{"retryDelay": "7s"}), not as a
+        C{Retry-After} header
+        (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
+        """
+        return google_retry_delay(body)
 
     def normalize_model(self, model: str) -> str:
         return model.removeprefix(MODEL_PREFIX)

@@ -34,7 +34,7 @@ import attrs
 import orjson
 from twisted.logger import Logger
 
-from openclaw.dataplane.callids import SKIP_SIGNATURE, carried, new_call_id
+from openclaw.dataplane.callids import carried, new_call_id
 from openclaw.dataplane.errors import bad_request
 from openclaw.dataplane.request import DATA_URL, ChatRequest
 from openclaw.dataplane.sse import Event
@@ -49,6 +49,11 @@ from openclaw.providers.wire import (
 )
 
 _log = Logger(namespace="openclaw.providers.gemini")
+
+#: Google's documented placeholder for a function call Gemini did not sign
+#: (history written by another model,
+#: U{https://ai.google.dev/gemini-api/docs/thought-signatures}).
+SKIP_SIGNATURE = "skip_thought_signature_validator"
 
 #: Gemini finish reasons that mean "cut short by a filter".
 _FILTERED = frozenset(
