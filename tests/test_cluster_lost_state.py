@@ -124,6 +124,59 @@ class LostState(TestCase):
         self.b.connected()
         self.assert_agree(GEMINI, operators.jti, self.a, self.b, d)
 
+    def test_token_without_set_at_held_wins_within_the_same_second(self) -> None:
+        """
+        A rolling upgrade: the operators' token recorded by an earlier
+        version (no C{at}); the store is lost and a newcomer mints a token
+        within the same second, with a C{jti} that sorts after theirs:
+        the instances in step write theirs back, whatever the C{at}.
+        """
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.clock.advance(0.2)
+        operators = self.a.sessions.mint()
+        self.store.values[TOKEN] = Versioned(1, encode_token(operators), "old")
+        self.store.values[ROUTE] = Versioned(1, '{"provider": "gemini", "model": "g-1"}', "old")
+        a, b = self.node("a2"), self.node("b2")
+        a.connected()
+        b.connected()
+        a.lost()
+        b.lost()
+        self.store.values.clear()
+        self.clock.advance(0.3)
+        d = self.node("d")
+        minted = d.sessions.mint()
+        while minted.jti < operators.jti:
+            minted = d.sessions.mint()
+        self.assertEqual(minted.issued_at, operators.issued_at)
+        d.sessions.adopt(minted)
+        d.connected()
+        a.connected()
+        b.connected()
+        self.assert_agree(GEMINI, operators.jti, a, b, d)
+
+    def test_token_held_wins_over_one_without_set_at_within_the_same_second(self) -> None:
+        """
+        The converse: the instances in step hold a token recorded with
+        C{at}; a newcomer of an earlier version reaches the emptied store
+        first with a token minted within the same second, recorded without
+        one: the instances write theirs back.
+        """
+        operators = self.a.sessions.current
+        self.a.lost()
+        self.b.lost()
+        self.store.values.clear()
+        self.clock.advance(0.5)
+        minted = self.a.sessions.mint()
+        while minted.jti > operators.jti:
+            minted = self.a.sessions.mint()
+        self.assertEqual(minted.issued_at, operators.issued_at)
+        self.store.values[TOKEN] = Versioned(1, encode_token(minted), "old")
+        self.a.connected()
+        self.b.connected()
+        self.assert_agree(GEMINI, operators.jti, self.a, self.b)
+
     def test_later_token_at_the_same_version_adopted(self) -> None:
         """
         The converse: a node whose token was issued after the one the store

@@ -26,8 +26,8 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
    route, the one set earlier (its record's
    C{at}: L{route_rank}) wins, so the route the cluster served before the
    loss wins over a newcomer's configured one; when only one of the two
-   route records has an C{at} (the other written by an earlier version),
-   the one the instance holds wins, as only the other can have been
+   route or token records has an C{at} (the other written by an earlier
+   version), the one the instance holds wins, as only the other can have been
    written after the loss.  A token the instance cannot verify (another
    C{JWT_SECRET}) is written over by an instance in step that has not
    refused the cluster's token before, so that its own can be renewed;
@@ -209,8 +209,10 @@ def encode_token(token: SessionToken, at: float | None = None, restored: bool = 
     """
     The cluster's record of C{token}: a JSON object of C{token}, C{jti},
     C{iat} and C{exp} (POSIX seconds, as in the JWT), unless C{None}
-    C{at}, when the token was minted to the millisecond (POSIX seconds; the
-    JWT's C{iat} has whole seconds), for the same-version tie-break
+    C{at}, when the token was put forward, to the millisecond (POSIX
+    seconds: written by a C{rotate_token} or a renewal, or first proposed
+    to an empty store; the JWT's C{iat} has whole seconds), for the
+    same-version tie-break
     (L{token_rank}); and C{"restored": true} when it was written back after
     the store lost it (L{is_restored}).
     """
@@ -247,10 +249,10 @@ def token_rank(value: str) -> tuple[int, float, str]:
     Where the token record C{value} (L{encode_token}) stands when two of
     them are held at the same version (the store lost the state and
     another instance wrote its own): the lower wins.  The token issued
-    earlier (C{iat}, then C{at}: a record without one, from an earlier
-    version, counts as minted at the end of its second) wins, so the
-    operators' token wins over one a newcomer minted after the loss; then
-    C{jti}, so that every instance ranks any two alike.
+    earlier (C{iat}, then C{at}; a record without one, from an earlier
+    version, counts as put forward at its C{iat}) wins, so the operators'
+    token wins over one a newcomer minted after the loss; then C{jti}, so
+    that every instance ranks any two alike.
 
     @raise ValueError: (or L{KeyError}, L{TypeError}) C{value} is not a
         token record.
@@ -258,7 +260,7 @@ def token_rank(value: str) -> tuple[int, float, str]:
     document = json.loads(value)
     token = decode_token(value)
     at = record_at(document)
-    return (token.issued_at, token.issued_at + 1.0 if at is None else at, token.jti)
+    return (token.issued_at, float(token.issued_at) if at is None else at, token.jti)
 
 
 def renewal_time(token: SessionToken) -> float:
@@ -318,7 +320,7 @@ class ClusterNode:
         #: When the route this instance holds was set (its record's C{at}:
         #: L{encode_route}); C{None} for a record without one.
         self._route_at: float | None = None
-        #: When the token this instance holds was minted (its record's
+        #: When the token this instance holds was put forward (its record's
         #: C{at}: L{encode_token}); C{None} for a record without one.
         self._token_at: float | None = None
         #: Whether the route and token records this instance holds were
@@ -575,6 +577,11 @@ class ClusterNode:
             return False  # the same token: its records differ only in how they were written
         if is_restored(ours) != is_restored(theirs):
             return not is_restored(ours)  # a rotation or renewal wins over a write-back
+        if ("at" in ours) != ("at" in theirs):
+            # As for the route: two tokens, one recorded by an earlier
+            # version (no C{at}); only the other can have been minted
+            # after the loss.
+            return True
         return token_rank(mine) < held_rank
 
     def _write_back(self, name: str, mine: str, held: Versioned) -> Deferred[Versioned]:
