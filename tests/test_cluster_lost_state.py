@@ -514,8 +514,7 @@ class LostStateOnRedis(ClusterCase):
         yield printed(c, b"applied the cluster's route gemini/", seconds=30)
         deadline = time.monotonic() + 30
         while token not in (
-            held := (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value"))
-            or ""
+            held := (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value")) or ""
         ):
             said = b"\n".join(p.stdout[-4000:] for p in (a, b, c)).decode(errors="replace")
             self.assertLess(time.monotonic(), deadline, f"the store holds {held!r}; the instances said:\n{said}")
