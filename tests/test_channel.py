@@ -14,11 +14,14 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import INegotiated
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 import openclaw
 from openclaw.connections import OpenConnections
@@ -109,6 +112,55 @@ class SiteProtocolTests(SynchronousTestCase):
             if forbidden.search(line)
         ]
         self.assertEqual(found, [])
+
+
+@implementer(INegotiated)
+class _NegotiatedTransport(StringTransport):
+    """
+    A TLS transport as twisted.web sees one, its ALPN protocol given.
+    """
+
+    def __init__(self, negotiated: bytes) -> None:
+        super().__init__()
+        self.negotiatedProtocol = negotiated
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
+class IdleTimeoutTests(SynchronousTestCase):
+    """
+    An HTTP/1.1 connection has only its own deadlines, not twisted.web's
+    idle timer as well; an HTTP/2 connection keeps that timer.
+    """
+
+    def connect(self, transport: StringTransport) -> tuple[Clock, APISite, APIConnection]:
+        clock = Clock()
+        site = APISite(Resource(), context=None, reactor=clock)
+        site.header_timeout = site.keyless_timeout = site.timeOut * 2
+        connection = site.buildProtocol(None)
+        assert connection is not None
+        connection.makeConnection(transport)
+        return clock, site, connection
+
+    def test_http11_idle_past_twisted_timeout(self) -> None:
+        transport = StringTransport()
+        clock, site, connection = self.connect(transport)
+        connection.dataReceived(b"GET / HT")
+        clock.advance(site.timeOut + 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(site.header_timeout)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn(b"API_HEADER_TIMEOUT_SECONDS", transport.value())
+
+    def test_http2_idle_timeout(self) -> None:
+        transport = _NegotiatedTransport(b"h2")
+        clock, site, connection = self.connect(transport)
+        connection.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        self.assertEqual(connection.protocol.timeOut, site.timeOut)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(site.timeOut + 1)
+        self.assertTrue(transport.disconnecting)
 
 
 class OpenConnectionsTests(SynchronousTestCase):

@@ -422,8 +422,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     in, within C{API_BODY_TIMEOUT_SECONDS}.  Each is one timer of its own
     (C{callLater}), started once and not restarted by the bytes that
     trickle in.  Past a deadline the client gets a 408 (if it had begun a
-    request) and the connection is closed.  An HTTP/2 connection is left to
-    twisted.web's own timeout.
+    request) and the connection is closed.  These deadlines cover every
+    wait twisted.web's own idle timeout would (it is off while a request is
+    answered), so that timer, moved at every request, is not kept for an
+    HTTP/1.1 connection; an HTTP/2 connection is left to it instead.
 
     @ivar protocol: the protocol twisted.web built.
     @ivar transport: the connection's transport, once made.
@@ -474,6 +476,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._keyless_deadline = site.reactor.callLater(
             min(site.keyless_grace, site.keyless_timeout), self._keyless_due
         )
+        # No idle timer for HTTP/1.1: the deadlines above take its place.
+        self.protocol.timeOut = None
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -481,6 +485,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._started = True
             if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
                 self._http2 = True
+                # twisted.web's idle timeout, which the HTTP/2 protocol
+                # twisted.web switches to now takes on.
+                self.protocol.timeOut = self._site.timeOut
                 self._disarm()
                 self._stop_keyless_deadline()
                 # Its requests' keys are not tracked: keyless for its whole life.
