@@ -34,6 +34,13 @@ def ephemeral_ports() -> range:
     return range(low, high + 1)
 
 
+# Every port this test process has handed out: a test takes two or more
+# (a gateway's control and API ports) before the first server binds, and a
+# random pick may otherwise repeat (it did, once in a CI run: the gateway
+# then found its API port taken by its own control listener).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """
     A free loopback port for a server started later (a C{twistd}, a
@@ -45,13 +52,14 @@ def free_port() -> int:
     already in use.  Outside the range only an explicit bind can take it.
     """
     ephemeral = ephemeral_ports()
-    candidates = [port for port in range(20000, 32768) if port not in ephemeral]
+    candidates = [port for port in range(20000, 32768) if port not in ephemeral and port not in _HANDED_OUT]
     for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     # No room below the ephemeral range (a host that made it start low).
     with socket.socket() as s:
