@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from openclaw.dataplane.answer import WholeAnswer, send_whole
 from openclaw.dataplane.site import APIRequest, APISite
 from tests.support import RunningGateway, capture_log_events, start_gateway, start_upstream
-from tests.test_api_exhaustion import raw
+from tests.test_api_exhaustion import high_levels, raw
 from tests.test_channel import exchange
 
 KEY = "gw-key-0123456789abcdef"
@@ -37,6 +37,8 @@ LARGE_REPLY = ("0123456789abcde " * 256 * 1024).rstrip()
 #: The client's receive buffer: small, so that the kernel holds little of
 #: the answer on the client's side.
 RECEIVE_BUFFER = 16 * 1024
+#: The gateway's send buffer for a connection, when a test sets it.
+SEND_BUFFER = 32 * 1024
 
 
 def post(port: int, path: str, document: Any, key: str = KEY) -> bytes:
@@ -90,6 +92,8 @@ class SlowReader:
     received: int = 0
     #: The server reset the connection.
     reset: bool = False
+    #: Once resumed, close the connection rather than read on.
+    leave: bool = False
 
     def read(self) -> bytes:
         """
@@ -114,6 +118,8 @@ class SlowReader:
                 if self.stop_after is not None and len(body) >= self.stop_after:
                     self.stop_after = None
                     self.resume.wait(30)
+                    if self.leave:
+                        break
                 time.sleep(self.part / self.rate)
                 try:
                     chunk = sock.recv(self.part)
@@ -164,6 +170,19 @@ class SlowReaderTests(TestCase):
             yield deferLater(reactor, 0.02, lambda: None)
 
     @inlineCallbacks
+    def slow_link(self, site: APISite) -> Any:
+        """
+        Once the client has connected (the provider told to answer after a
+        delay), give the gateway's end a send buffer the kernel does not
+        grow to megabytes, as it does on loopback (and over a slow link it
+        would not): such a buffer takes in most of an answer however the
+        gateway writes it.
+        """
+        yield self.wait_for(lambda: len(site.connections) == 1, "the connection")
+        for connection in site.connections:
+            connection.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+    @inlineCallbacks
     def test_large_answer_to_slow_reader_arrives_whole(self):
         """
         A 4 MB answer read at about 1 MB/s takes over 3 seconds, longer
@@ -172,10 +191,17 @@ class SlowReaderTests(TestCase):
         deadline starts only once the last part was handed over.
         """
         self.upstream.kimi.reply = LARGE_REPLY
+        self.upstream.kimi.delay = 1.0
         gateway = self.gateway(api_header_timeout_seconds=1.0)
         assert gateway.api_port is not None
+        site = gateway.service.api_site
         reader = SlowReader(gateway.api_port, chat_request(gateway.api_port), 1024 * 1024)
-        body = yield self.read_slowly(reader)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        # The call is in flight (a stop waits for it) while its answer goes out.
+        self.assertEqual(site.context.in_flight, 1)
+        body = yield reading
         self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
         length = content_length(reader.head)
         self.assertGreater(length, 4 * 1024 * 1024)
@@ -228,15 +254,43 @@ class SlowReaderTests(TestCase):
         """
         gateway = self.gateway(api_header_timeout_seconds=30.0)
         assert gateway.api_port is not None
+        site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
         reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 1024 * 1024)
         reading = self.read_slowly(reader)
+        yield self.slow_link(site)
         yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        self.assertEqual(site.context.in_flight, 1)
         yield gateway.service.stopService()
         body = yield reading
         self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
         self.assertEqual(len(body), content_length(reader.head))
         self.assertEqual(len(json.loads(body)["data"]), 64)
         self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(200, None)])
+
+    @inlineCallbacks
+    def test_client_leaving_mid_answer_is_counted(self):
+        """
+        A client that leaves while a large answer goes out: the call is
+        counted out, 499 client gone (as a stream's), and nothing raises.
+        """
+        self.upstream.kimi.reply = LARGE_REPLY
+        self.upstream.kimi.delay = 1.0
+        gateway = self.gateway()
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        reader = SlowReader(gateway.api_port, chat_request(gateway.api_port), 1024 * 1024, stop_after=1)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        # Closed with unread bytes: the gateway sees a reset.
+        reader.leave = True
+        reader.resume.set()
+        yield reading
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(499, "client gone")])
+        self.assertEqual(site.context.in_flight, 0)
+        self.assertEqual(high_levels(self.events), [])
 
     def completed(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("route") == "kimi/moonshot-v1-8k" or e.get("path") == "/v1/embeddings"]
