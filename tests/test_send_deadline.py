@@ -222,8 +222,10 @@ class SlowReaderTests(TestCase):
         gateway = self.gateway(api_send_timeout_seconds=1.0, api_header_timeout_seconds=30.0)
         assert gateway.api_port is not None
         site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
         reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
         reading = self.read_slowly(reader)
+        yield self.slow_link(site)
         yield self.wait_for(lambda: reader.head != b"", "the answer's head")
         self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
         # Another client is served while this one holds its answer.
