@@ -260,6 +260,10 @@ class Settings:
     api_header_timeout_seconds: float = 10.0
     #: Seconds a request's body may take to arrive once its head is in.
     api_body_timeout_seconds: float = 30.0
+    #: Seconds a client may take to take each part of a large answer
+    #: (between two successive writes, as nginx's C{send_timeout}), not
+    #: the whole transfer; past it its connection is aborted.
+    api_send_timeout_seconds: float = 60.0
     #: Host names C{/metrics} also answers to, beyond localhost names and
     #: the listener's own address (a defence against DNS rebinding).
     metrics_allowed_hosts: tuple[str, ...] = ()
@@ -1281,6 +1285,12 @@ def load_settings(
             _positive_float,
             defaults.api_body_timeout_seconds,
             "use a number of seconds greater than 0, such as 30",
+        ),
+        api_send_timeout_seconds=read(
+            "API_SEND_TIMEOUT_SECONDS",
+            _positive_float,
+            defaults.api_send_timeout_seconds,
+            "use a number of seconds greater than 0, such as 60",
         ),
         metrics_allowed_hosts=read(
             "METRICS_ALLOWED_HOSTS",

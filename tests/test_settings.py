@@ -171,6 +171,15 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("PING_TIMEOUT_SECONDS", "whole number of seconds", PING_TIMEOUT_SECONDS="0.5")
         self.assertConfigError("TRUSTED_PROXIES", TRUSTED_PROXIES="nginx")
 
+    def test_api_send_timeout(self) -> None:
+        """
+        API_SEND_TIMEOUT_SECONDS: 60 by default, seconds above 0.
+        """
+        self.assertEqual(self.load().api_send_timeout_seconds, 60.0)
+        self.assertEqual(self.load({"API_SEND_TIMEOUT_SECONDS": "2.5"}).api_send_timeout_seconds, 2.5)
+        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", "greater than 0", API_SEND_TIMEOUT_SECONDS="0")
+        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", API_SEND_TIMEOUT_SECONDS="soon")
+
     def test_upstream_pool(self) -> None:
         """
         The provider connection pool: its size and idle timeout, defaults

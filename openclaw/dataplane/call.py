@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
+from openclaw.dataplane.answer import CUT_STATUS, send_whole
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -345,15 +346,31 @@ class ChatCall:
         answer = self.adapter.scrubber.data(answer)
         self._finish_call()
         request = self.request
+        sent = None
         try:
             request.setResponseCode(200)
             request.setHeader(b"Content-Type", _JSON)
             request.setHeader(b"Content-Length", b"%d" % len(answer))
             self._route_headers()
-            request.write(answer)
-            request.finish()
+            sent = send_whole(request, answer)
         finally:
+            if sent is None:
+                self._ended(200)
+            else:
+                # A large answer goes out part by part: the call counts out
+                # once it was all handed over (or cut short), so that a stop
+                # waits for it.
+                sent.addCallback(self._sent).addErrback(self._bug)
+
+    def _sent(self, outcome: str | None) -> None:
+        """
+        A large answer (L{send_whole}) is over: all handed over (C{outcome}
+        None), or cut short (its client left, or took too long to read).
+        """
+        if outcome is None:
             self._ended(200)
+        else:
+            self._ended(CUT_STATUS[outcome], outcome)
 
     def _got_error_body(self, body: bytes, status: int, retry_after: str | None, generation: int) -> None:
         self.provider_wait.end()

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.table import GATEWAY, Holder
+from openclaw.dataplane.answer import CLIENT_GONE, CUT_STATUS, send_whole
 from openclaw.dataplane.errors import (
     APIError,
     bad_request,
@@ -36,7 +37,7 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import json_body
-from openclaw.dataplane.resource import CLIENT_GONE, _Authenticated, answer_bug, error_response, pooled_call_error
+from openclaw.dataplane.resource import _Authenticated, answer_bug, error_response, pooled_call_error
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
@@ -244,7 +245,10 @@ class Embeddings(_Authenticated):
 
         def client_gone(reason: Failure) -> None:
             gone.append(True)
-            call.cancel()
+            if not call.called:
+                # Still waiting on the provider; once answered, the answer
+                # going out (send_whole) counts a client gone itself.
+                call.cancel()
 
         def counted(status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
             context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
@@ -258,7 +262,7 @@ class Embeddings(_Authenticated):
                     holder, adapter.id, parsed.model, status, usage, context.reactor.seconds() - started
                 )
 
-        def answer(result: EmbeddingsAnswer | Failure) -> None:
+        def answer(result: EmbeddingsAnswer | Failure) -> Deferred[None] | None:
             if calls:
                 # A call cut short with no verdict: its client left (no
                 # verdict), else no answer in time or no connection.
@@ -269,7 +273,8 @@ class Embeddings(_Authenticated):
             if gone:
                 # Counted as chat counts a client that left: 499, with the
                 # provider's count when it had answered.
-                return counted(499, CLIENT_GONE, None if isinstance(result, Failure) else result)
+                counted(499, CLIENT_GONE, None if isinstance(result, Failure) else result)
+                return None
             if isinstance(result, Failure):
                 error = self._error(result, adapter)
                 body = error_response(request, error)
@@ -281,10 +286,18 @@ class Embeddings(_Authenticated):
             request.setHeader(b"Content-Length", b"%d" % len(body))
             request.setHeader(b"X-OpenClaw-Provider", adapter.id.encode())
             request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
-            request.write(body)
-            request.finish()
-            counted(status, outcome, answered)
-            return None
+            sent = send_whole(request, body)
+            if sent is None:
+                counted(status, outcome, answered)
+                return None
+            # A large answer goes out part by part: counted (and, by
+            # ended below, counted out of the calls a stop waits for) once
+            # it was all handed over, or cut short.
+            return sent.addCallback(
+                lambda cut: (
+                    counted(status, outcome, answered) if cut is None else counted(CUT_STATUS[cut], cut, answered)
+                )
+            )
 
         def ended(result: object) -> None:
             context.call_ended()

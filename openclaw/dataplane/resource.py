@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, completion_limit
+from openclaw.dataplane.answer import CLIENT_GONE
 from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
@@ -51,8 +52,6 @@ from openclaw.providers.errors import BreakerOpen, NoUsableKey
 from openclaw.routing import Route, printable_model
 
 _JSON = b"application/json"
-#: The outcome of a call whose client left before its answer (status 499).
-CLIENT_GONE = "client gone"
 
 
 def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None) -> APIError | None:

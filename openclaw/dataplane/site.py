@@ -14,7 +14,9 @@ plane's share, L{openclaw.listeners.share_descriptors}) and per client address
 (C{API_MAX_CONNECTIONS_PER_ADDRESS}), extra ones closed at once; and a
 request's head and body each have a deadline of their own
 (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}), which more
-bytes do not extend, as Twisted's idle timeout is.
+bytes do not extend, as Twisted's idle timeout is; a large answer's parts
+each have one too (C{API_SEND_TIMEOUT_SECONDS},
+L{openclaw.dataplane.answer.WholeAnswer}).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from twisted.web.server import Request, Site
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
+from openclaw.dataplane.answer import WholeAnswer
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
@@ -50,6 +53,8 @@ from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop.
 CLOSE_DEADLINE_SECONDS = 2.0
+#: The setting a large answer's parts are each to be taken within.
+_SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
 #: Seconds a new API connection has to send its first request head before
 #: it counts as keyless (if that head carried no accepted key, it counts
 #: from then on): a client's first head arrives in one round trip, so a
@@ -422,7 +427,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     in, within C{API_BODY_TIMEOUT_SECONDS}.  Each is one timer of its own
     (C{callLater}), started once and not restarted by the bytes that
     trickle in.  Past a deadline the client gets a 408 (if it had begun a
-    request) and the connection is closed.  These deadlines cover every
+    request) and the connection is closed.  While a large answer goes out
+    part by part (L{WholeAnswer}), each part must be taken within
+    C{API_SEND_TIMEOUT_SECONDS} (L{sending}), else the connection is
+    aborted.  These deadlines cover every
     wait twisted.web's own idle timeout would (it is off while a request is
     answered), so that timer, moved at every request, is not kept for an
     HTTP/1.1 connection; an HTTP/2 connection is left to it instead.
@@ -448,6 +456,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _armed: tuple[float, str, str] | None = None
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
+    #: The large answer going out, while its send deadline is in force.
+    _sending: WholeAnswer | None = None
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
@@ -499,6 +509,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         # arms no deadline.
         self._lost = True
         self._disarm()
+        self._sending = None
         self._stop_keyless_deadline()
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
@@ -597,7 +608,24 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._lost:
             return
         self._started = False
+        self._sending = None
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+
+    def sending(self, answer: WholeAnswer) -> None:
+        """
+        C{answer} hands the transport a part now: the client has
+        C{API_SEND_TIMEOUT_SECONDS} from now to take it (the transport
+        resumes the answer only once it has sent this part, so this is the
+        time between two successive writes, as nginx's C{send_timeout},
+        not the whole transfer).  Past it the connection
+        is aborted (the status line is out: no error can be sent), and
+        C{answer} told (L{WholeAnswer.timed_out}), so that its call is
+        counted with outcome C{send_timeout}.
+        """
+        if self._lost:
+            return
+        self._sending = answer
+        self._arm(self._site.send_timeout, _SEND_TIMEOUT, "a part of the answer")
 
     def _arm(self, seconds: float, setting: str, part: str) -> None:
         """
@@ -620,8 +648,15 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def _due(self) -> None:
         self._deadline = None
         armed, self._armed = self._armed, None
-        if armed is not None:
-            self._expired(*armed)
+        if armed is None:
+            return
+        if armed[1] == _SEND_TIMEOUT:
+            answer, self._sending = self._sending, None
+            if answer is not None:
+                answer.timed_out()
+            self.tcp.abortConnection()
+            return
+        self._expired(*armed)
 
     def _expired(self, seconds: float, setting: str, part: str, outcome: str | None = None) -> None:
         self._refused_late(
@@ -675,6 +710,9 @@ class APISite(Site):
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
     header_timeout = 10.0
     body_timeout = 30.0
+    #: Seconds a client may take to take each part of a large answer
+    #: (C{API_SEND_TIMEOUT_SECONDS}; L{APIConnection.sending}).
+    send_timeout = 60.0
     #: Keyless connections (that sent a request head without an accepted
     #: key, or none within C{keyless_grace} of opening) at most from one
     #: address (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it one that
@@ -894,4 +932,5 @@ def build_site(
     site.keyless_timeout = settings.api_keyless_timeout_seconds
     site.header_timeout = settings.api_header_timeout_seconds
     site.body_timeout = settings.api_body_timeout_seconds
+    site.send_timeout = settings.api_send_timeout_seconds
     return site

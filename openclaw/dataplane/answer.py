@@ -1,0 +1,157 @@
+"""
+Answers in one piece (a chat completion, an embeddings list, an error):
+written at once when they fit one transport buffer, else part by part as
+the client takes them (L{WholeAnswer}).
+
+twisted.web's C{Request.write} only appends to the transport's buffer in
+user space: a large answer written at once would count as handed over
+long before a slow client has it, and the connection's deadline for the
+next request (C{API_HEADER_TIMEOUT_SECONDS}, which starts when the answer
+is finished) would cut it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Protocol
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+#: The outcome of a call whose client left before its answer, or before
+#: a large answer was all handed over (status 499).
+CLIENT_GONE = "client gone"
+#: The outcome of a call whose client took no part of its answer within
+#: C{API_SEND_TIMEOUT_SECONDS} (its connection aborted).
+SEND_TIMEOUT = "send_timeout"
+#: The status a call whose large answer was cut short is counted and
+#: logged with, by outcome (as a stream cut short is, whatever status
+#: line went out): 499 when its client left, 408 when it took too long
+#: to read.
+CUT_STATUS: Mapping[str, int] = MappingProxyType({CLIENT_GONE: 499, SEND_TIMEOUT: 408})
+
+
+class SendDeadline(Protocol):
+    """
+    What keeps a connection's send deadline
+    (L{openclaw.dataplane.site.APIConnection}).
+    """
+
+    def sending(self, answer: WholeAnswer) -> None:
+        """
+        C{answer} hands its connection a part now: the client must take it
+        within the deadline, else C{answer.timed_out()} is called and the
+        connection aborted.
+        """
+
+
+@implementer(IPushProducer)
+class WholeAnswer:
+    """
+    The body of an answer in one piece, written to its request part by
+    part: L{bufferSize} bytes (one transport buffer,
+    C{twisted.internet.abstract.FileDescriptor.bufferSize}) at a time, as a
+    streaming producer the transport pauses while its buffer is full and
+    resumes once it has sent it all.  The request is finished (and the
+    connection's next deadline starts) once the last part was handed over,
+    so that about one buffer is left in user space then.
+
+    Not twisted.web's L{NoRangeStaticProducer}: as a pull producer it is
+    driven through C{_PullToPush}, whose pauses are counted, while a
+    transport pauses its producer at every write past its buffer (a
+    pipelined answer's head and first part, behind a full buffer, are two
+    writes, resumed once): that answer would stall for good.  Pausing here
+    is a flag, however often it is asked.
+
+    @ivar deadline: the connection's send deadline, re-armed at each part
+        (None: none, as over HTTP/2, where the stream's flow control and
+        twisted.web's idle timeout apply).
+    @ivar done: fires once the answer is over, never failing: with None
+        when it was all handed over, else with the outcome (L{CLIENT_GONE},
+        L{SEND_TIMEOUT}; its status is L{CUT_STATUS}'s).
+    """
+
+    bufferSize = FileDescriptor.bufferSize
+
+    def __init__(self, request: Request, body: bytes, deadline: SendDeadline | None) -> None:
+        self.request: Request | None = request
+        self.deadline = deadline
+        self.done: Deferred[str | None] = Deferred()
+        #: Why the answer ends if its connection is lost before the end.
+        self.outcome = CLIENT_GONE
+        self._body = io.BytesIO(body)
+        self._paused = False
+        request.notifyFinish().addBoth(self._over)
+
+    def start(self) -> None:
+        """
+        Register with the request and write the first part.
+        """
+        assert self.request is not None, "started once"
+        self.request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        """
+        Write parts until the transport asks for a pause (or the body is
+        all written: then finish the request).
+        """
+        self._paused = False
+        while not self._paused and self.request is not None:
+            request = self.request
+            part = self._body.read(self.bufferSize)
+            if not part:
+                self.request = None
+                request.unregisterProducer()
+                request.finish()
+                return
+            if self.deadline is not None:
+                self.deadline.sending(self)
+            request.write(part)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        """
+        The connection is lost: nothing more is written.
+        """
+        self.request = None
+
+    def timed_out(self) -> None:
+        """
+        The client took no part within the send deadline: its connection
+        is being aborted.
+        """
+        self.outcome = SEND_TIMEOUT
+
+    def _over(self, result: Failure | None) -> None:
+        if not self.done.called:
+            self.done.callback(self.outcome if isinstance(result, Failure) else None)
+
+
+def send_whole(request: Request, body: bytes) -> Deferred[str | None] | None:
+    """
+    Write C{body}, the whole of C{request}'s answer body (its status and
+    headers set, C{Content-Length} among them), and finish the request.
+
+    @return: None when C{body} fits one transport buffer
+        (L{WholeAnswer.bufferSize}): it was written and the request
+        finished at once.  Else the body goes out part by part
+        (L{WholeAnswer}), over the send deadline of the request's HTTP/1.1
+        connection (C{request.connection}, L{openclaw.dataplane.site.APIRequest.connection}),
+        and this is L{WholeAnswer.done}.
+    """
+    if len(body) <= WholeAnswer.bufferSize:
+        request.write(body)
+        request.finish()
+        return None
+    answer = WholeAnswer(request, body, getattr(request, "connection", None))
+    answer.start()
+    return answer.done

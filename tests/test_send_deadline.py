@@ -1,0 +1,349 @@
+"""
+Large whole answers on slow HTTP/1.1 clients, over real sockets: an answer
+goes out part by part as the client takes it, so the next request's head
+deadline (C{API_HEADER_TIMEOUT_SECONDS}) starts only once it was all
+handed over and does not cut it; a client that stops reading mid-answer is
+let go after C{API_SEND_TIMEOUT_SECONDS}.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+
+from openclaw.dataplane.answer import WholeAnswer, send_whole
+from openclaw.dataplane.site import APIRequest, APISite
+from tests.support import RunningGateway, capture_log_events, start_gateway, start_upstream
+from tests.test_api_exhaustion import high_levels, raw
+from tests.test_channel import exchange
+
+KEY = "gw-key-0123456789abcdef"
+KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
+GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
+#: A reply of 4 MB: a chat answer far over one transport buffer (64 KB).
+LARGE_REPLY = ("0123456789abcde " * 256 * 1024).rstrip()
+#: The client's receive buffer: small, so that the kernel holds little of
+#: the answer on the client's side.
+RECEIVE_BUFFER = 16 * 1024
+#: The gateway's send buffer for a connection, when a test sets it.
+SEND_BUFFER = 32 * 1024
+
+
+def post(port: int, path: str, document: Any, key: str = KEY) -> bytes:
+    """
+    A raw HTTP/1.1 POST of C{document} as JSON.
+    """
+    body = json.dumps(document).encode()
+    return (
+        b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), port, key.encode(), len(body), body)
+    )
+
+
+def chat_request(port: int) -> bytes:
+    return post(
+        port, "/v1/chat/completions", {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}]}
+    )
+
+
+def embeddings_request(port: int) -> bytes:
+    """
+    64 texts of 8192 dimensions each: an answer of about 3 MB.
+    """
+    return post(port, "/v1/embeddings", {"input": [f"text {i}" for i in range(64)], "dimensions": 8192})
+
+
+def content_length(head: bytes) -> int:
+    return int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+
+
+@attrs.define
+class SlowReader:
+    """
+    A client on a connection with a small receive buffer that reads an
+    answer C{part} bytes at a time at about C{rate} bytes a second (in a
+    thread: L{read}), until its C{Content-Length} is in or the server
+    closes; after C{stop_after} bytes of body it stops reading until
+    L{resume} is set.
+    """
+
+    port: int
+    request: bytes
+    rate: float
+    part: int = 8192
+    stop_after: int | None = None
+    resume: threading.Event = attrs.field(factory=threading.Event)
+    #: The answer's head, once in.
+    head: bytes = b""
+    #: Bytes of the body received so far.
+    received: int = 0
+    #: The server reset the connection.
+    reset: bool = False
+    #: Once resumed, close the connection rather than read on.
+    leave: bool = False
+
+    def read(self) -> bytes:
+        """
+        The body read (the head is L{head}).
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.settimeout(30)
+        try:
+            sock.connect(("127.0.0.1", self.port))
+            sock.sendall(self.request)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(self.part)
+                if not chunk:
+                    return b""
+                received += chunk
+            self.head, _, body = received.partition(b"\r\n\r\n")
+            length = content_length(self.head)
+            self.received = len(body)
+            while len(body) < length:
+                if self.stop_after is not None and len(body) >= self.stop_after:
+                    self.stop_after = None
+                    self.resume.wait(30)
+                    if self.leave:
+                        break
+                time.sleep(self.part / self.rate)
+                try:
+                    chunk = sock.recv(self.part)
+                except ConnectionResetError:
+                    self.reset = True
+                    break
+                if not chunk:
+                    break
+                body += chunk
+                self.received = len(body)
+            return body
+        finally:
+            sock.close()
+
+
+class SlowReaderTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
+        self.events = capture_log_events(self)
+
+    def gateway(self, **settings: Any) -> RunningGateway:
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=self.upstream.provider_settings(),
+            gateway_api_keys=(KEY,),
+            default_provider="kimi",
+            # Successes are logged too (at debug), to be checked.
+            log_level="debug",
+            **settings,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        return gateway
+
+    def read_slowly(self, reader: SlowReader) -> Deferred[bytes]:
+        # Let the reader go on if the test fails before it resumes it.
+        self.addCleanup(reader.resume.set)
+        return deferToThread(reader.read)
+
+    @inlineCallbacks
+    def wait_for(self, condition: Callable[[], bool], what: str, seconds: float = 20.0) -> Any:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"waited {seconds:g} s for {what}")
+            yield deferLater(reactor, 0.02, lambda: None)
+
+    @inlineCallbacks
+    def slow_link(self, site: APISite) -> Any:
+        """
+        Once the client has connected (the provider told to answer after a
+        delay), give the gateway's end a send buffer the kernel does not
+        grow to megabytes, as it does on loopback (and over a slow link it
+        would not): such a buffer takes in most of an answer however the
+        gateway writes it.
+        """
+        yield self.wait_for(lambda: len(site.connections) == 1, "the connection")
+        for connection in site.connections:
+            connection.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+    @inlineCallbacks
+    def test_large_answer_to_slow_reader_arrives_whole(self):
+        """
+        A 4 MB answer read at about 1 MB/s takes over 3 seconds, longer
+        than the next request's head deadline (1 s here) and the polite
+        close after it (2 s): it arrives whole all the same, as that
+        deadline starts only once the last part was handed over.
+        """
+        self.upstream.kimi.reply = LARGE_REPLY
+        self.upstream.kimi.delay = 1.0
+        gateway = self.gateway(api_header_timeout_seconds=1.0)
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        reader = SlowReader(gateway.api_port, chat_request(gateway.api_port), 1024 * 1024)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        # The call is in flight (a stop waits for it) while its answer goes out.
+        self.assertEqual(site.context.in_flight, 1)
+        body = yield reading
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        length = content_length(reader.head)
+        self.assertGreater(length, 4 * 1024 * 1024)
+        self.assertEqual(len(body), length)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], LARGE_REPLY)
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(200, None)])
+
+    @inlineCallbacks
+    def test_reader_that_stops_is_let_go(self):
+        """
+        A client that stops reading mid-answer has its connection aborted
+        once a part has waited API_SEND_TIMEOUT_SECONDS to be taken (the
+        head deadline does not run while an answer is sent), and the call
+        is logged with outcome send_timeout; the gateway serves others
+        meanwhile and after.
+        """
+        gateway = self.gateway(api_send_timeout_seconds=1.0, api_header_timeout_seconds=30.0)
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
+        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.head != b"", "the answer's head")
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        # Another client is served while this one holds its answer.
+        answer = yield deferToThread(
+            raw, gateway.api_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+        yield self.wait_for(lambda: bool(self.completed()), "the send deadline")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(408, "send_timeout")])
+        yield self.wait_for(lambda: len(site.connections) == 0, "the connection to close")
+        self.assertEqual(site.context.in_flight, 0)
+        reader.resume.set()
+        body = yield reading
+        self.assertLess(len(body), content_length(reader.head))
+        self.assertTrue(reader.reset)
+        answer = yield deferToThread(
+            raw, gateway.api_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
+
+    @inlineCallbacks
+    def test_stop_lets_large_answer_out(self):
+        """
+        A stop waits for the calls in flight, then closes the connections
+        (politely, aborting them CLOSE_DEADLINE_SECONDS later): a large
+        answer still going out to a slow client counts as in flight until
+        it was all handed over, so the client gets it whole.
+        """
+        gateway = self.gateway(api_header_timeout_seconds=30.0)
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
+        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 1024 * 1024)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        self.assertEqual(site.context.in_flight, 1)
+        yield gateway.service.stopService()
+        body = yield reading
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        self.assertEqual(len(body), content_length(reader.head))
+        self.assertEqual(len(json.loads(body)["data"]), 64)
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(200, None)])
+
+    @inlineCallbacks
+    def test_client_leaving_mid_answer_is_counted(self):
+        """
+        A client that leaves while a large answer goes out: the call is
+        counted out, 499 client gone (as a stream's), and nothing raises.
+        """
+        self.upstream.kimi.reply = LARGE_REPLY
+        self.upstream.kimi.delay = 1.0
+        gateway = self.gateway()
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        reader = SlowReader(gateway.api_port, chat_request(gateway.api_port), 1024 * 1024, stop_after=1)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.received > 0, "the answer's first part")
+        # Closed with unread bytes: the gateway sees a reset.
+        reader.leave = True
+        reader.resume.set()
+        yield reading
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(499, "client gone")])
+        self.assertEqual(site.context.in_flight, 0)
+        self.assertEqual(high_levels(self.events), [])
+
+    def completed(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("route") == "kimi/moonshot-v1-8k" or e.get("path") == "/v1/embeddings"]
+
+
+class SendWholeTests(TestCase):
+    """
+    L{send_whole} on an L{APISite} on a real port: a small answer is
+    written and finished at once (the plain path, no producer); a large one
+    goes out part by part, finished once its last part was handed over.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        #: Per request: the size asked for, what send_whole returned, and
+        #: whether the request was finished when it returned.
+        self.sent: list[tuple[int, Deferred[str | None] | None, bool]] = []
+        test = self
+
+        class Answering(APIRequest):
+            def process(self) -> None:
+                size = int(self.uri.strip(b"/"))
+                self.setHeader(b"Content-Length", b"%d" % size)
+                sent = send_whole(self, b"%d" % (size % 10) * size)
+                test.sent.append((size, sent, bool(self.finished)))
+
+        self.site = APISite(Resource(), context=None)
+        self.site.requestFactory = Answering
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.site.close_connections)
+
+    @inlineCallbacks
+    def test_small_and_large(self):
+        small, large = WholeAnswer.bufferSize, 3 * WholeAnswer.bufferSize + 1
+        request = b"GET /%d HTTP/1.1\r\nHost: gw\r\n\r\n"
+        answer = yield deferToThread(
+            exchange,
+            self.port.getHost().port,
+            request % small + request % large + b"GET /1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        bodies = [part.split(b"\r\n\r\n", 1)[1] for part in answer.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+        self.assertEqual(
+            [(len(body), set(body)) for body in bodies],
+            [(size, {ord(str(size % 10))}) for size in (small, large, 1)],
+        )
+        self.assertEqual(
+            [(size, finished) for size, _, finished in self.sent], [(small, True), (large, False), (1, True)]
+        )
+        self.assertIsNone(self.sent[0][1])
+        done = self.sent[1][1]
+        assert done is not None
+        self.assertIsNone(self.successResultOf(done))
