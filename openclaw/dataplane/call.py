@@ -69,7 +69,7 @@ from openclaw.providers.wire import (
     StreamTranslation,
     Wire,
 )
-from openclaw.routing import Route
+from openclaw.routing import FallbackReason, Route
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
@@ -166,7 +166,7 @@ class ChatCall:
     #: Keys of this provider tried already.
     _tried: list[str] = attrs.field(factory=list)
     #: C{(from, to, reason)} once failed over.
-    _fallback: tuple[str, str, str] | None = None
+    _fallback: tuple[str, str, FallbackReason] | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
     _generation: int = 0
     #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
@@ -404,7 +404,7 @@ class ChatCall:
         # on): no other key or provider would do better.
         return self._fail(error)
 
-    def _another_key(self, reason: str, error: APIError) -> None:
+    def _another_key(self, reason: FallbackReason, error: APIError) -> None:
         """
         Try once more on the next usable key of this provider, else fail over
         (or answer C{error}).
@@ -451,7 +451,7 @@ class ChatCall:
 
     # -- failover -------------------------------------------------------------
 
-    def _upstream_failed(self, reason: str, error: APIError) -> None:
+    def _upstream_failed(self, reason: FallbackReason, error: APIError) -> None:
         """
         This provider could not answer (C{reason}, a label of
         C{openclaw_api_fallbacks_total}): fail over if allowed, else answer
@@ -619,7 +619,7 @@ class ChatCall:
             relay.stop()
         self._translation = None
 
-    def _attempt_failed(self, reason: str, error: APIError) -> None:
+    def _attempt_failed(self, reason: FallbackReason, error: APIError) -> None:
         """
         The attempt under way failed on the provider's side before anything
         of it reached the client: the breaker counts it, and the call fails
