@@ -167,6 +167,9 @@ class ChatCall:
     _tried: list[str] = attrs.field(factory=list)
     #: C{(from, to, reason)} once failed over.
     _fallback: tuple[str, str, FallbackReason] | None = None
+    #: Once failed over, the first provider's failure (its error's message,
+    #: scrubbed of its keys), told with the fallback's if that fails too.
+    _origin_failure: str | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
     _generation: int = 0
     #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
@@ -481,6 +484,9 @@ class ChatCall:
             )
             return self._fail(error)
         self._fallback = (origin, target.id, reason)
+        # Scrubbed of this provider's keys now: _fail scrubs with the
+        # fallback's.
+        self._origin_failure = self.adapter.scrubber.text(error.message)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
@@ -742,10 +748,16 @@ class ChatCall:
     def _fail(self, error: APIError) -> None:
         """
         Answer with C{error}: as the response if none has started, else as
-        the stream's last event.
+        the stream's last event.  A call failed over that fails again
+        before its response started says both failures: the first
+        provider's, then the fallback's (C{error}, whose status, code and
+        headers the answer keeps, with C{X-OpenClaw-Fallback}).
         """
         self._finish_call()
         request = self.request
+        if self._origin_failure is not None and self._fallback is not None and not request.startedWriting:
+            message = f"{self._origin_failure}; failed over to {self._fallback[1]}: {error.message}"
+            error = attrs.evolve(error, message=message)
         # Every error of a call may quote the provider (its message, a
         # stream's error event): scrubbed here, where none can be missed.
         scrub = self.adapter.scrubber.data
