@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from openclaw.control.admission import PeerAllowlist
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
+from openclaw.routing import FALLBACK_REASONS
 
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"
@@ -493,7 +494,7 @@ class GatewayMetrics:
         fallbacks = Counter(
             "openclaw_api_fallbacks",
             "Calls failed over to another provider, by the provider that failed, the one that took the call "
-            "and why (http_5xx, timeout, connect, rate_limited, auth, no_key, breaker_open)",
+            f"and why ({', '.join(FALLBACK_REASONS)})",
             ["from", "to", "reason"],
             registry=self.registry,
         )

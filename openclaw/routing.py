@@ -4,7 +4,25 @@ Which provider and model answer the gateway's model calls right now.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import attrs
+
+#: Why a call was failed over to another provider: the C{reason} of its
+#: C{X-OpenClaw-Fallback} header and of C{openclaw_api_fallbacks_total}.
+#: C{http_5xx}: a 5xx (or a stream's first event an error standing for
+#: one); C{timeout}: no headers, body or first event within
+#: UPSTREAM_TIMEOUT; C{connect}: no connection (refused, reset, no such
+#: host); C{broken}: a 2xx body or stream cut or malformed; C{rate_limited},
+#: C{auth}: a 429, a refused key (or every key resting, or set aside);
+#: C{account}: the provider account cannot serve (Gemini's
+#: C{FAILED_PRECONDITION}); C{no_key}: none configured; C{breaker_open}:
+#: the provider's circuit breaker is open.
+FallbackReason = Literal[
+    "http_5xx", "timeout", "connect", "broken", "rate_limited", "auth", "account", "no_key", "breaker_open"
+]
+#: Every L{FallbackReason}, in that order.
+FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 
 #: Why a model name is refused when it holds characters no model name has.
 UNPRINTABLE_MODEL = (

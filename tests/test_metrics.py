@@ -5,10 +5,27 @@ as Prometheus reads them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.metrics import RequestTally
+from openclaw.metrics import GatewayMetrics, RequestTally
+from openclaw.routing import FALLBACK_REASONS
+
+#: Every reason a call is failed over for (openclaw.dataplane.call): its
+#: own list, so that one left out of FALLBACK_REASONS fails here.
+RECORDED_REASONS = (
+    "http_5xx",
+    "timeout",
+    "connect",
+    "broken",
+    "rate_limited",
+    "auth",
+    "account",
+    "no_key",
+    "breaker_open",
+)
 
 
 class RequestTallyTests(SynchronousTestCase):
@@ -93,3 +110,29 @@ class MeasuredAgentTests(SynchronousTestCase):
         self.assertEqual(tally.count("gemini", 200), 1 + 2 * MAX_MEASURED_URLS)
         self.assertEqual(agent.provider_of(b"http://g/models/m%d" % (3 * MAX_MEASURED_URLS)), "gemini")
         self.assertLessEqual(len(agent._providers), MAX_MEASURED_URLS)
+
+
+class FallbackReasonsTests(SynchronousTestCase):
+    """
+    The reasons of C{openclaw_api_fallbacks_total}, as its HELP text and
+    the README list them.
+    """
+
+    def test_help_lists_every_reason(self) -> None:
+        metrics = GatewayMetrics((), ("kimi", "gemini"))
+        metrics.watch_failover(())
+        (help_text,) = (
+            line
+            for line in generate_latest(metrics.registry).decode().splitlines()
+            if line.startswith("# HELP openclaw_api_fallbacks_total ")
+        )
+        listed = help_text[help_text.rindex("(") + 1 : help_text.rindex(")")].split(", ")
+        self.assertEqual(sorted(listed), sorted(RECORDED_REASONS))
+        self.assertEqual(listed, list(FALLBACK_REASONS))
+
+    def test_readme_lists_every_reason(self) -> None:
+        readme = (Path(__file__).parent.parent / "README.rst").read_text("utf-8")
+        start = readme.index("``openclaw_api_fallbacks_total{from,to,reason}``")
+        paragraph = readme[start : readme.index("The active provider", start)]
+        for reason in FALLBACK_REASONS:
+            self.assertIn(f"``{reason}``", paragraph)

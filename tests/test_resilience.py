@@ -818,3 +818,97 @@ class HalfOpenTrialTests(ResilienceTestCase):
         self.assertEqual(breaker.state, "half_open")
         self.assertTrue(breaker.would_allow())
         yield self.check_served_again(gateway)
+
+
+class FailoverFailsTests(ResilienceTestCase):
+    """
+    A call failed over whose fallback fails too: the client's error says
+    both failures, the active provider's first, and carries
+    C{X-OpenClaw-Fallback} as a successful failover's answer does.
+    """
+
+    def both_failing(self) -> None:
+        for provider, key in (("kimi", KIMI_KEY), ("gemini", GEMINI_KEY)):
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status = "error", 500
+            # A provider quoting its own key: scrubbed in both parts.
+            behaviour.error_message = f"{provider} is down (key {key})"
+
+    def check_both_told(self, response: Any, text: str, code: str, first: str, then: str) -> dict[str, Any]:
+        self.assertEqual(response.code, 502, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=http_5xx"])
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
+        error = self.assertOpenAIError(text, code)
+        message = error["message"]
+        self.assertTrue(message.startswith(first), message)
+        self.assertIn(f"; failed over to kimi: {then}", message)
+        self.assertLess(message.index(first), message.index(then))
+        for secret in (KIMI_KEY, GEMINI_KEY):
+            self.assertNotIn(secret, text)
+        return error
+
+    @inlineCallbacks
+    def test_whole_and_stream(self):
+        gateway = self.gateway(default_provider="gemini")
+        self.both_failing()
+        for stream in (False, True):
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.check_both_told(
+                response,
+                text,
+                "upstream_http_error",
+                "gemini answered HTTP 500 Internal Server Error: gemini is down",
+                "kimi answered HTTP 500 Internal Server Error: kimi is down",
+            )
+            # The fallback's own status, as when it alone failed.
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["500"])
+        self.assertEqual((self.behaviour("gemini").requests, self.behaviour("kimi").requests), (2, 2))
+
+    @inlineCallbacks
+    def test_sdk_message(self):
+        gateway = self.gateway(default_provider="gemini")
+        self.both_failing()
+        failure = yield self.assertFailure(
+            deferToThread(self.sdk(gateway).chat.completions.create, model="gpt-4o", messages=HELLO),
+            openai.InternalServerError,
+        )
+        self.assertEqual(failure.response.headers["x-openclaw-fallback"], "gemini->kimi; reason=http_5xx")
+        self.assertIn("gemini answered HTTP 500", failure.message)
+        self.assertIn("; failed over to kimi: kimi answered HTTP 500", failure.message)
+
+    @inlineCallbacks
+    def test_stream_fails_before_first_event(self):
+        """
+        Gemini's stream begins with an error event (a 503), Kimi's ends
+        with no event at all: neither started the client's response.
+        """
+        gateway = self.gateway(default_provider="gemini")
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        gemini.mode, gemini.cut_after, gemini.error_status = "stream_error", 0, 503
+        kimi.mode = "empty"
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.check_both_told(
+            response,
+            text,
+            "upstream_stream_broken",
+            "gemini answered HTTP 503 Service Unavailable",
+            "kimi: the stream ended ([DONE]) without a single event",
+        )
+
+    @inlineCallbacks
+    def test_fallback_refuses_the_request(self):
+        """
+        The fallback's own answer stands (its status and code), told after
+        the active provider's failure.
+        """
+        gateway = self.gateway(default_provider="gemini")
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        gemini.mode, gemini.error_status = "error", 500
+        kimi.mode, kimi.error_status, kimi.error_message = "error", 400, "exceeded model token limit"
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 400, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=http_5xx"])
+        message = self.assertOpenAIError(text, "upstream_invalid_request")["message"]
+        self.assertTrue(message.startswith("gemini answered HTTP 500"), message)
+        self.assertIn("; failed over to kimi: kimi refused the request: HTTP 400 Bad Request: exceeded", message)

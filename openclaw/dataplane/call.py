@@ -69,7 +69,7 @@ from openclaw.providers.wire import (
     StreamTranslation,
     Wire,
 )
-from openclaw.routing import Route
+from openclaw.routing import FallbackReason, Route
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
@@ -166,7 +166,10 @@ class ChatCall:
     #: Keys of this provider tried already.
     _tried: list[str] = attrs.field(factory=list)
     #: C{(from, to, reason)} once failed over.
-    _fallback: tuple[str, str, str] | None = None
+    _fallback: tuple[str, str, FallbackReason] | None = None
+    #: Once failed over, the first provider's failure (its error's message,
+    #: scrubbed of its keys), told with the fallback's if that fails too.
+    _origin_failure: str | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
     _generation: int = 0
     #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
@@ -404,7 +407,7 @@ class ChatCall:
         # on): no other key or provider would do better.
         return self._fail(error)
 
-    def _another_key(self, reason: str, error: APIError) -> None:
+    def _another_key(self, reason: FallbackReason, error: APIError) -> None:
         """
         Try once more on the next usable key of this provider, else fail over
         (or answer C{error}).
@@ -451,7 +454,7 @@ class ChatCall:
 
     # -- failover -------------------------------------------------------------
 
-    def _upstream_failed(self, reason: str, error: APIError) -> None:
+    def _upstream_failed(self, reason: FallbackReason, error: APIError) -> None:
         """
         This provider could not answer (C{reason}, a label of
         C{openclaw_api_fallbacks_total}): fail over if allowed, else answer
@@ -481,6 +484,9 @@ class ChatCall:
             )
             return self._fail(error)
         self._fallback = (origin, target.id, reason)
+        # Scrubbed of this provider's keys now: _fail scrubs with the
+        # fallback's.
+        self._origin_failure = self.adapter.scrubber.text(error.message)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
@@ -619,7 +625,7 @@ class ChatCall:
             relay.stop()
         self._translation = None
 
-    def _attempt_failed(self, reason: str, error: APIError) -> None:
+    def _attempt_failed(self, reason: FallbackReason, error: APIError) -> None:
         """
         The attempt under way failed on the provider's side before anything
         of it reached the client: the breaker counts it, and the call fails
@@ -742,10 +748,16 @@ class ChatCall:
     def _fail(self, error: APIError) -> None:
         """
         Answer with C{error}: as the response if none has started, else as
-        the stream's last event.
+        the stream's last event.  A call failed over that fails again
+        before its response started says both failures: the first
+        provider's, then the fallback's (C{error}, whose status, code and
+        headers the answer keeps, with C{X-OpenClaw-Fallback}).
         """
         self._finish_call()
         request = self.request
+        if self._origin_failure is not None and self._fallback is not None and not request.startedWriting:
+            message = f"{self._origin_failure}; failed over to {self._fallback[1]}: {error.message}"
+            error = attrs.evolve(error, message=message)
         # Every error of a call may quote the provider (its message, a
         # stream's error event): scrubbed here, where none can be missed.
         scrub = self.adapter.scrubber.data

@@ -24,6 +24,7 @@ import attrs
 import orjson
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.table import GATEWAY, Holder
@@ -87,7 +88,11 @@ def embedding_providers(providers: ProviderRegistry) -> list[str]:
 
 
 def parse_embedding_request(
-    raw: bytes, default_provider: str | None, default_model: str, providers: ProviderRegistry
+    raw: bytes,
+    default_provider: str | None,
+    default_model: str,
+    providers: ProviderRegistry,
+    headers: Headers | None = None,
 ) -> EmbeddingRequest:
     """
     Parse and check a request body.
@@ -95,9 +100,11 @@ def parse_embedding_request(
     @param default_provider: EMBEDDING_MODEL's provider (None: no declared
         provider has embeddings).
     @param default_model: EMBEDDING_MODEL's model.
-    @raise APIError: 400 naming the first problem found.
+    @param headers: the request's headers (L{json_body}).
+    @raise APIError: 400 naming the first problem found; 415 for a body
+        sent with a content coding (L{json_body}).
     """
-    body = json_body(raw)
+    body = json_body(raw, headers)
     given = body.get("input")
     inputs = [given] if isinstance(given, str) else given
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) and text for text in inputs):
@@ -205,6 +212,7 @@ class Embeddings(_Authenticated):
                 context.embedding_provider,
                 context.embedding_model,
                 context.providers,
+                request.requestHeaders,
             )
         except APIError as error:
             context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import Any
 
 import attrs
 import orjson
+from twisted.web.http_headers import Headers
 
 from openclaw.dataplane.callids import MARK
 from openclaw.dataplane.errors import APIError, bad_request
@@ -75,6 +76,9 @@ IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 #: the request holds, and however long their ids.
 LISTED_CALL_IDS = 5
 LISTED_CALL_ID_CHARS = 64
+#: A token (RFC 9110 section 5.6.2), as a content coding is named; a
+#: longer or odd one is not quoted back.
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
 
 
 @attrs.frozen
@@ -100,28 +104,83 @@ class ChatRequest:
         return self.body.get("model")
 
 
-def json_body(raw: bytes) -> dict[str, Any]:
+def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
     """
-    A request body that must be a JSON object (every C{POST /v1/...}).
+    A request body that must be a JSON object (every C{POST /v1/...}),
+    read as sent: the gateway decodes no content coding.
 
-    @raise APIError: 400 when it is not JSON, or not an object.
+    Only a body that does not parse is looked at further (nothing is added
+    to one that does): one that declares a content coding gets a 415, one
+    that is not UTF-8 a 400 that says so.
+
+    @param headers: the request's headers, for its C{Content-Encoding}.
+    @raise APIError: 415 C{unsupported_content_encoding} when the body is
+        not JSON and C{Content-Encoding} names a coding other than
+        C{identity} (RFC 9110 sections 8.4 and 15.5.16); 400
+        C{invalid_json} when it is not JSON, saying so when it is not UTF-8
+        (RFC 8259 section 8.1); 400 when it is JSON but not an object.
     """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
+        codings = None if headers is None else headers.getRawHeaders(b"content-encoding")
+        if codings is not None:
+            encoded = content_codings(codings)
+            if encoded:
+                raise unsupported_content_encoding(encoded) from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise bad_request(
+                f"the request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {bad.start}); "
+                "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8",
+                code="invalid_json",
+            ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def content_codings(fields: Iterable[bytes]) -> list[bytes]:
+    """
+    The content codings C{Content-Encoding} field values name
+    (comma-separated, case-insensitive: RFC 9110 section 8.4), lowercased,
+    C{identity} (no coding, RFC 9110 section 8.4.1) and empty members left
+    out.
+    """
+    codings = (coding.strip().lower() for field in fields for coding in field.split(b","))
+    return [coding for coding in codings if coding and coding != b"identity"]
+
+
+def unsupported_content_encoding(codings: list[bytes]) -> APIError:
+    """
+    415 for a body sent with a content coding (C{gzip}, C{br}, ...): the
+    gateway decodes none (RFC 9110 section 15.5.16: a server answers a
+    content coding it does not support with 415, and its
+    C{Accept-Encoding}, section 12.5.3, says which it takes).
+    """
+    named = [coding.decode("ascii") for coding in codings if _TOKEN.fullmatch(coding)]
+    which = ", ".join(named) if len(named) == len(codings) else "a content coding"
+    return APIError(
+        415,
+        f"the request body is sent with Content-Encoding: {which}, which this gateway does not decode; "
+        "send the body uncompressed, with no Content-Encoding header (or Content-Encoding: identity)",
+        "invalid_request_error",
+        "unsupported_content_encoding",
+        headers=((b"Accept-Encoding", b"identity"),),
+    )
+
+
+def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatRequest:
     """
     Parse and check a request body.
 
-    @raise APIError: 400 naming the first problem found.
+    @param headers: the request's headers (L{json_body}).
+    @raise APIError: 400 naming the first problem found; 415 for a body
+        sent with a content coding (L{json_body}).
     """
-    body = json_body(raw)
+    body = json_body(raw, headers)
     legacy_choice = False
     if "functions" in body or "function_call" in body:
         legacy_choice = _legacy_functions(body)

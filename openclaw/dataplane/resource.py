@@ -626,7 +626,9 @@ class ChatCompletions(_Authenticated):
         holder = self.authenticate(request, started)
         active = context.route.current
         try:
-            chat = parse_chat_request(request.content.read() if request.content is not None else b"")
+            chat = parse_chat_request(
+                request.content.read() if request.content is not None else b"", request.requestHeaders
+            )
             route = choose_route(chat.model, active, context.providers.ids)
             # choose_route gives the active route itself unless the model
             # named a provider: a call pinned that way is never failed over.

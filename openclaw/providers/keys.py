@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection, Iterable
 import attrs
 from twisted.logger import Logger
 
+from openclaw.routing import FallbackReason
+
 #: How long a key answered with 429 rests when the provider said nothing
 #: (no C{Retry-After}, no wait in its error body), in seconds.
 DEFAULT_REST_SECONDS = 10.0
@@ -142,7 +144,7 @@ class KeyPool:
             self._set_aside.discard(key)
             self._log.info("{provider} key {key} works again", provider=self.provider, key=fingerprint(key))
 
-    def unusable_reason(self) -> str:
+    def unusable_reason(self) -> FallbackReason:
         """
         Why no key may be used now, as a reason label of
         C{openclaw_api_fallbacks_total}: C{"rate_limited"} while a key rests
