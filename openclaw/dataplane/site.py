@@ -395,16 +395,13 @@ class APIRequest(Request):
         (L{process}).
 
         @param command: the request's method, once twisted.web has it
-            (L{requestReceived}); before, the connection's first bytes tell
-            it (L{APIConnection.request_line}).
+            (L{requestReceived}: only with the whole request, so a refusal
+            made as the head comes in is logged with C{-}).
         @param uri: the request's target, likewise.
         """
         self._refusal = refusal
         if not isinstance(self.channel, HTTPChannel):
             return  # answered in process(), once the stream is whole
-        connection = self._connection
-        if command is None and connection is not None:
-            command, uri = connection.request_line()
         self._refused(refusal, command, uri)
         # No "100 Continue" after the refusal (twisted.web sends one on
         # Expect once gotLength returns).
@@ -521,9 +518,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _started = False
     #: The large answer going out, while its send deadline is in force.
     _sending: WholeAnswer | None = None
-    #: The first bytes of the request under way (HTTP/1.1), until it is
-    #: whole: its request line, for the log of a refusal (L{request_line}).
-    _first: bytes | None = None
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
@@ -568,8 +562,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._stop_keyless_deadline()
                 # Its requests' keys are not tracked: keyless for its whole life.
                 self.count_keyless()
-            else:
-                self._first = data
         self.protocol.dataReceived(data)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -665,28 +657,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
-        self._first = None
         self._disarm()
-
-    def request_line(self) -> tuple[bytes | None, bytes | None]:
-        """
-        The method and target of the request under way, from its request
-        line (RFC 9112 section 3: C{method SP request-target SP
-        HTTP-version}), for the log of a refusal made before twisted.web
-        has them (it hands them over only with the whole request): C{(None,
-        None)} unless the first bytes the connection received for it hold
-        that whole line (a request handed over from twisted.web's buffer,
-        pipelined, or a line that trickled in, is logged without them).
-        """
-        first = self._first
-        if first is None:
-            return None, None
-        # RFC 9112 section 2.2: empty lines before the request line are ignored.
-        line, newline, _ = first.lstrip(b"\r\n").partition(b"\n")
-        parts = line.rstrip(b"\r").split(b" ")
-        if not newline or len(parts) != 3:
-            return None, None
-        return parts[0], parts[1]
 
     def response_finished(self) -> None:
         """
@@ -770,14 +741,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         transport = self.tcp
         if self._started:
             if self._site.context is not None:
-                method, target = self.request_line()
-                self._site.context.refused_early(
-                    error,
-                    outcome,
-                    host_of(transport.getPeer()),
-                    "-" if method is None else method.decode("ascii", "replace"),
-                    "-" if target is None else target.split(b"?", 1)[0].decode("ascii", "replace"),
-                )
+                self._site.context.refused_early(error, outcome, host_of(transport.getPeer()))
             transport.write(raw_error_response(error))
         transport.loseConnection()
         pending = self._deadline
