@@ -397,8 +397,11 @@ class GatewayMetrics:
         registry.register(self.upstream_requests)
         #: Model API calls, counted here rather than logged one by one.
         self.api_requests = RequestTally(
-            ("openclaw_api_requests", "Data-plane API requests answered, by provider and status"),
-            ("openclaw_api_request_seconds", "Time to answer data-plane API requests, by provider"),
+            (
+                "openclaw_api_requests",
+                "Data-plane API requests answered, by the provider called (- if none was) and status",
+            ),
+            ("openclaw_api_request_seconds", "Time to answer data-plane API requests, by the provider called"),
         )
         registry.register(self.api_requests)
         command_seconds = Histogram(

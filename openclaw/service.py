@@ -26,7 +26,6 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterNode
@@ -43,7 +42,7 @@ from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.site import APISite, MetricsSite, build_site
+from openclaw.dataplane.site import APISite, MetricsRoot, MetricsSite, build_site
 from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderAdapter, ProviderRegistry
@@ -346,11 +345,11 @@ class GatewayService(MultiService):
             self.api_site = build_site(context, settings, reactor, self.descriptors.api)
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
+            else:
+                context.metrics_apart = True
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
-            root = Resource()
-            root.putChild(b"metrics", metrics_resource)
-            self._listen(metrics_endpoint, MetricsSite(root))
+            self._listen(metrics_endpoint, MetricsSite(MetricsRoot(metrics_resource)))
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """

@@ -109,7 +109,7 @@ class RefusedAfterClientLeftTests(GatewayCase):
         self.assertEqual(
             sorted(samples),
             [
-                'openclaw_api_requests_total{provider="kimi",status="429"} 1.0',
+                'openclaw_api_requests_total{provider="-",status="429"} 1.0',
                 'openclaw_consumer_limited_total{consumer="c",reason="rate_limit_exceeded"} 1.0',
                 'openclaw_consumer_requests_total{consumer="c",status="429"} 1.0',
             ],
@@ -128,7 +128,7 @@ class RefusedAfterClientLeftTests(GatewayCase):
         self.assertEqual(
             sorted(samples),
             [
-                'openclaw_api_requests_total{provider="gemini",status="429"} 1.0',
+                'openclaw_api_requests_total{provider="-",status="429"} 1.0',
                 'openclaw_consumer_limited_total{consumer="c",reason="rate_limit_exceeded"} 1.0',
                 'openclaw_consumer_requests_total{consumer="c",status="429"} 1.0',
             ],

@@ -47,14 +47,15 @@ class BodyLimitTests(TestCase):
     @inlineCallbacks
     def test_declared_length_too_large(self):
         """
-        A Content-Length past the limit is refused with 413 before a byte of
-        the body is read, key or no key.
+        A key holder's Content-Length past the limit is refused with 413
+        before a byte of the body is read (without a key: 401, first).
         """
         gateway = start_gateway(self, api=True, gateway_api_keys=("k",))
         answer = yield deferToThread(
             exchange,
             gateway.api_port,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000000\r\n\r\n",
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Length: 50000000000\r\n\r\n",
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:100])
         self.assertIn(b"MAX_REQUEST_BYTES", answer)

@@ -31,10 +31,12 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
 from openclaw.listeners import CannotListen, Listener, check_free
+from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
 
 SECRET = "listen-secret-listen-secret-listen-secret-1"
+H2_KEY = "h2-key-0123456789abcdef"
 
 
 def write_certificates(directory: Path) -> tuple[bytes, Path, Path]:
@@ -219,10 +221,13 @@ class MetricsTests(TestCase):
         self.assertEqual(status, 403)
 
 
-def h2_request(port: int, ca: bytes, method: str, path: str, body: bytes = b"") -> tuple[str, int, bytes]:
+def h2_request(
+    port: int, ca: bytes, method: str, path: str, body: bytes = b"", key: str | None = None
+) -> tuple[str, int, bytes]:
     """
-    One request over HTTP/2 on TLS, as a client that offers only C{h2}:
-    the protocol agreed, the status and the body.
+    One request over HTTP/2 on TLS, as a client that offers only C{h2}
+    (with C{key} as its bearer token, if given): the protocol agreed, the
+    status and the body.
     """
     import h2.connection
     import h2.events
@@ -235,6 +240,11 @@ def h2_request(port: int, ca: bytes, method: str, path: str, body: bytes = b"") 
             connection = h2.connection.H2Connection()
             connection.initiate_connection()
             headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "127.0.0.1")]
+            if key is not None:
+                # Before content-length: twisted.web's HTTP/2 stream hands
+                # the request its length (gotLength, where the key is
+                # checked) as soon as that field is read.
+                headers.append(("authorization", f"Bearer {key}"))
             if body:
                 headers.append(("content-length", str(len(body))))
             connection.send_headers(1, headers, end_stream=not body)
@@ -268,7 +278,11 @@ class Http2Tests(TestCase):
             raise SkipTest("h2 is not installed")
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir(parents=True)
-        self.patch(os, "environ", {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "MAX_REQUEST_BYTES": "1024"})
+        self.patch(
+            os,
+            "environ",
+            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "MAX_REQUEST_BYTES": "1024", "GATEWAY_API_KEYS": H2_KEY},
+        )
         self.ca, keyfile, certfile = write_certificates(self.dir)
         self.port = free_port()
         options = Options()
@@ -293,13 +307,21 @@ class Http2Tests(TestCase):
     @inlineCallbacks
     def test_http2_body_too_large(self):
         """
-        A stream whose body is past the limit gets a 413, not a crash.
+        A key holder's stream whose body is past the limit gets a 413, not
+        a crash; without a key, a 401 whatever its size.  Each is counted.
         """
         agreed, status, body = yield deferToThread(
-            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"x" * 2048
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"x" * 2048, H2_KEY
         )
         self.assertEqual((agreed, status), ("h2", 413))
         self.assertIn(b"MAX_REQUEST_BYTES", body)
+        agreed, status, body = yield deferToThread(
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"x" * 2048
+        )
+        self.assertEqual((agreed, status), ("h2", 401))
+        assert isinstance(self.service, GatewayService)
+        tally = self.service.metrics.api_requests
+        self.assertEqual((tally.count("-", 413), tally.count("-", 401)), (1, 1))
 
 
 class InterfaceFailureTests(TestCase):

@@ -170,6 +170,8 @@ class ChatCall:
     #: Once failed over, the first provider's failure (its error's message,
     #: scrubbed of its keys), told with the fallback's if that fails too.
     _origin_failure: str | None = None
+    #: The provider failed over from, if it was called (a key tried).
+    _origin_called: str | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
     _generation: int = 0
     #: Time spent waiting on the provider, for C{openclaw_api_overhead_seconds}.
@@ -488,6 +490,7 @@ class ChatCall:
         # fallback's.
         self._origin_failure = self.adapter.scrubber.text(error.message)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
+        self._origin_called = origin if self._tried else None
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
         return self._attempt(body)
@@ -816,8 +819,18 @@ class ChatCall:
         self._count_costs(status, now)
         self.context.chat_calls.discard(self)
         self.context.call_ended()
+        # The provider called last (the metrics' label), "-" if none was.
+        called = self.route.provider_id if self._tried else self._origin_called or "-"
         self.context.completed(
-            self.request, self.started, status, self.route, self.chat.stream, outcome, self.holder.consumer, seconds
+            self.request,
+            self.started,
+            status,
+            self.route,
+            self.chat.stream,
+            outcome,
+            self.holder.consumer,
+            seconds,
+            called,
         )
 
     def _count_costs(self, status: int, now: float) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from openclaw.addresses import host_of
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
+#: The log line of a refused or failed API request: a success's, with the
+#: error code (C{outcome}) after the status.
+_FAILED = "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms"
 
 
 class ShutDown(Protocol):
@@ -84,6 +87,9 @@ class APIContext:
     _refusal_warned_at: float | None = attrs.field(default=None, repr=False)
     #: The consumers (issue #19): their keys, limits and accounting.
     consumers: ConsumerTable | None = None
+    #: C{/metrics} is served on a listener of its own (C{--metrics-listen}),
+    #: not on the API's: the API's 404s say so.
+    metrics_apart: bool = False
 
     def call_started(self) -> None:
         self.in_flight += 1
@@ -163,27 +169,45 @@ class APIContext:
                 refused=sum(self.refused_connections.values()),
             )
 
-    def refused_early(self, error: APIError, outcome: str | None = None, peer: str = "-") -> None:
+    def refused_early(
+        self,
+        error: APIError,
+        outcome: str | None = None,
+        peer: str = "-",
+        method: str = "-",
+        path: str = "-",
+        consumer: str | None = None,
+    ) -> None:
         """
         Count (and log at info, as L{completed} would) a request answered
-        with C{error} before twisted.web knew its method and path: a body
-        without a key (401), a request past its deadline (408).
+        with C{error} by the site (L{openclaw.dataplane.site.APIRequest})
+        before any resource saw it: a body without a key (401), a repeated
+        C{Host} or C{Authorization} field or no C{Host} (400), a body over
+        C{MAX_REQUEST_BYTES} (413), a request past its deadline (408).  No
+        provider was called: counted under provider C{-}.
 
         @param outcome: the log's C{outcome}, when not C{error}'s code (a
             head still arriving at the keyless deadline: C{keyless_timeout}
             with status 408).
         @param peer: the client's address (host), for the audit trail of
             refused keys.
+        @param method: the request's method, C{-} when not known (its head
+            had not come whole).
+        @param path: the request's path (without its query), likewise.
+        @param consumer: the name of the key's consumer (C{-} for
+            GATEWAY_API_KEYS), when the key was checked.
         """
         self.tally.record("-", error.status, 0.0)
         if self.log_failures:
             self.log.info(
-                "{method} {path} {status} via {route} from {peer} in {duration_ms} ms",
-                method="-",
-                path="-",
+                _FAILED,
+                method=method,
+                path=path,
                 status=error.status,
                 route="-",
-                outcome=outcome or error.code,
+                consumer=consumer or "-",
+                outcome=outcome or error.code or error.type,
+                param=error.param,
                 duration_ms=0.0,
                 peer=peer,
             )
@@ -215,18 +239,36 @@ class APIContext:
         outcome: str | None = None,
         consumer: str | None = None,
         seconds: float | None = None,
+        provider: str | None = None,
+        error: APIError | None = None,
     ) -> None:
         """
         Count one finished API request, and log it (structured fields, no
-        body, no key) when its level is on.  C{outcome} is the error code
-        when there was one; C{consumer} the name of the key's consumer
-        (C{-} for GATEWAY_API_KEYS; None before a key was checked);
-        C{seconds} the request's whole time, when the caller has read the
-        clock already (else from C{started} to now).
+        body, no key) when its level is on.
+
+        @param route: the provider and model the request was routed to
+            (the log's C{route}, C{provider} and C{model}), if it got so far.
+        @param outcome: the error code when there was one (else C{error}'s).
+        @param consumer: the name of the key's consumer (C{-} for
+            GATEWAY_API_KEYS; None before a key was checked).
+        @param seconds: the request's whole time, when the caller has read
+            the clock already (else from C{started} to now).
+        @param provider: the provider called for the request (the last one
+            tried, after a failover), the C{provider} label of
+            C{openclaw_api_requests} and C{openclaw_api_request_seconds}:
+            C{-} when the gateway answered without calling one (a
+            consumer's limits, a validation error, the breaker open with
+            nothing tried).  By default C{route}'s provider, C{-} without a
+            route.
+        @param error: the error answered, if any: the log's C{outcome} is
+            its C{code} (its C{type} when it has no code, as OpenAI's shape
+            allows) and its C{param} is logged too.
         """
         if seconds is None:
             seconds = self.reactor.seconds() - started
-        self.tally.record(route.provider_id if route else "-", status, seconds)
+        if provider is None:
+            provider = route.provider_id if route else "-"
+        self.tally.record(provider, status, seconds)
         if consumer is None:
             # A key checked with the request's head (APIRequest.holder).
             holder = getattr(request, "holder", None)
@@ -234,23 +276,39 @@ class APIContext:
         if status < 400:
             if not self.log_successes:
                 return
-            level = LogLevel.debug
-        elif self.log_failures:
-            level = LogLevel.info
-        else:
+            self.log.debug(
+                "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms",
+                method=request.method.decode("ascii", "replace"),
+                consumer=consumer or "-",
+                path=request.path.decode("ascii", "replace"),
+                status=status,
+                route=f"{route.provider_id}/{route.model}" if route else "-",
+                provider=provider,
+                model=route.model if route else None,
+                stream=stream,
+                outcome=outcome,
+                duration_ms=round(seconds * 1000, 2),
+                peer=host_of(request.getClientAddress()),
+            )
             return
-        self.log.emit(
-            level,
-            "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms",
+        if not self.log_failures:
+            return
+        param = None
+        if error is not None:
+            outcome = outcome or error.code or error.type
+            param = error.param
+        self.log.info(
+            _FAILED,
             method=request.method.decode("ascii", "replace"),
             consumer=consumer or "-",
             path=request.path.decode("ascii", "replace"),
             status=status,
             route=f"{route.provider_id}/{route.model}" if route else "-",
-            provider=route.provider_id if route else None,
+            provider=provider,
             model=route.model if route else None,
             stream=stream,
-            outcome=outcome,
+            outcome=outcome or "-",
+            param=param,
             duration_ms=round(seconds * 1000, 2),
             peer=host_of(request.getClientAddress()),
         )

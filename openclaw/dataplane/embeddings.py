@@ -215,7 +215,7 @@ class Embeddings(_Authenticated):
                 request.requestHeaders,
             )
         except APIError as error:
-            context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
+            context.completed(request, started, error.status, consumer=holder.consumer, error=error)
             raise
         adapter = self.usable(request, parsed.provider, started, holder)
         route = Route(parsed.provider, parsed.model)
@@ -259,7 +259,11 @@ class Embeddings(_Authenticated):
                 call.cancel()
 
         def counted(status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
-            context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
+            # No provider was called when its keys or its breaker let no call through.
+            called = route.provider_id if calls else "-"
+            context.completed(
+                request, started, status, route, outcome=outcome, consumer=holder.consumer, provider=called
+            )
             if context.consumers is not None:
                 # Accounting also releases what the admission reserved.
                 usage = None

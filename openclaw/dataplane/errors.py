@@ -62,14 +62,29 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", code, param)
 
 
-def not_found(path: str) -> APIError:
-    return APIError(
-        404,
-        f"no such endpoint: {path}; this gateway serves POST /v1/chat/completions, POST /v1/embeddings, "
-        "GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz and GET /metrics",
-        "invalid_request_error",
-        "unknown_url",
-    )
+#: The API's endpoints, as the 404 for any other path lists them.
+_ENDPOINTS = (
+    "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{model}, GET /healthz, GET /readyz"
+)
+
+
+def not_found(path: str, metrics_apart: bool = False) -> APIError:
+    """
+    404 C{unknown_url} for a path the API does not serve, listing those it
+    does: C{GET /metrics} among them unless C{metrics_apart} (metrics are
+    served on a listener of their own, C{--metrics-listen}), in which case
+    a request for C{/metrics} is told where they are.
+    """
+    if not metrics_apart:
+        served = f"this gateway serves {_ENDPOINTS} and GET /metrics"
+    elif path == "/metrics":
+        served = (
+            "metrics are served on the metrics listener (--metrics-listen, METRICS_LISTEN), not on the API's; "
+            f"the API serves {_ENDPOINTS}"
+        )
+    else:
+        served = f"the API serves {_ENDPOINTS} (metrics are on the metrics listener, --metrics-listen)"
+    return APIError(404, f"no such endpoint: {path}; {served}", "invalid_request_error", "unknown_url")
 
 
 def model_not_found(model: str) -> APIError:

@@ -151,7 +151,8 @@ class APIResource(Resource):
     def render(self, request: Request) -> Any:
         if not self.handlers:
             # A branch of the tree (/, /v1): nothing to serve here.
-            return self.refuse(request, not_found(request.path.decode("utf-8", "replace")))
+            path = request.path.decode("utf-8", "replace")
+            return self.refuse(request, not_found(path, self.context.metrics_apart))
         method = request.method
         # HEAD is answered as GET (twisted.web leaves the body out); only the
         # allowed methods are dispatched: Resource's own render_HEAD would
@@ -163,10 +164,7 @@ class APIResource(Resource):
             )
         if self.context.draining:
             request.setHeader(b"connection", b"close")
-            return error_response(
-                request,
-                shutting_down(),
-            )
+            return self.refuse(request, shutting_down())
         try:
             return handler(request)
         except APIError as error:
@@ -180,7 +178,7 @@ class APIResource(Resource):
         Answer with C{error} at once, counted and logged like every other
         answered request.
         """
-        self.context.completed(request, self.context.reactor.seconds(), error.status, outcome=error.code)
+        self.context.completed(request, self.context.reactor.seconds(), error.status, error=error)
         return error_response(request, error)
 
 
@@ -273,7 +271,7 @@ class _Authenticated(APIResource):
         """
         holder = getattr(request, "holder", None) or self.context.keys.identify(request.getHeader(b"authorization"))
         if isinstance(holder, APIError):
-            self.context.completed(request, started, holder.status, outcome=holder.code)
+            self.context.completed(request, started, holder.status, error=holder)
             raise holder
         if holder.refusal is not None:
             self._holder_refused(request, started, holder, holder.refusal)
@@ -284,7 +282,7 @@ class _Authenticated(APIResource):
         Answer a consumer refused whatever it asks (expired): logged and
         counted under its name.
         """
-        self.context.completed(request, started, refusal.status, outcome=refusal.code, consumer=holder.consumer)
+        self.context.completed(request, started, refusal.status, error=refusal, consumer=holder.consumer)
         if self.context.consumers is not None:
             self.context.consumers.refused(holder, refusal)
         raise refusal
@@ -294,9 +292,11 @@ class _Authenticated(APIResource):
     ) -> bytes:
         """
         Answer a consumer's call its limits refuse (403, 429), or whose
-        admission failed (500).
+        admission failed (500): no provider was called (C{-} in the metrics).
         """
-        self.context.completed(request, started, refusal.status, route, outcome=refusal.code, consumer=holder.consumer)
+        self.context.completed(
+            request, started, refusal.status, route, consumer=holder.consumer, provider="-", error=refusal
+        )
         body = error_response(request, refusal)
         if write:
             request.setHeader(b"Content-Length", b"%d" % len(body))
@@ -339,7 +339,9 @@ class _Authenticated(APIResource):
                 if left is not None:
                     left()
                     return
-                context.completed(request, started, 499, route, outcome=CLIENT_GONE, consumer=holder.consumer)
+                context.completed(
+                    request, started, 499, route, outcome=CLIENT_GONE, consumer=holder.consumer, provider="-"
+                )
                 if context.consumers is not None:
                     context.consumers.account(
                         holder, route.provider_id, route.model, 499, None, context.reactor.seconds() - started
@@ -385,7 +387,7 @@ class _Authenticated(APIResource):
         if not adapter.api_key:
             error = provider_not_configured(provider_id, adapter.key_variable)
             request.setHeader(PROVIDER_HEADER, provider_id.encode())
-            self.context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
+            self.context.completed(request, started, error.status, error=error, consumer=holder.consumer)
             raise error
         return adapter
 
@@ -452,7 +454,7 @@ class Models(_Authenticated):
             started,
             route,
             holder,
-            left=lambda: self._count_listing(request, started, 499, route, holder, CLIENT_GONE),
+            left=lambda: self._count_listing(request, started, 499, route, holder, CLIENT_GONE, called=False),
         )
 
     def fetch(
@@ -537,9 +539,22 @@ class Models(_Authenticated):
         self._count_listing(request, started, 200, route, holder)
 
     def _count_listing(
-        self, request: Request, started: float, status: int, route: Route, holder: Holder, outcome: str | None = None
+        self,
+        request: Request,
+        started: float,
+        status: int,
+        route: Route,
+        holder: Holder,
+        outcome: str | None = None,
+        called: bool = True,
     ) -> None:
-        self.context.completed(request, started, status, route, outcome=outcome, consumer=holder.consumer)
+        """
+        Count a listing; C{called}: its provider was asked (else counted
+        under provider C{-}).
+        """
+        self.context.completed(
+            request, started, status, route, outcome=outcome, consumer=holder.consumer, provider=None if called else "-"
+        )
         if self.context.consumers is not None:
             self.context.consumers.listed(holder, status)
 
@@ -558,14 +573,36 @@ class Models(_Authenticated):
             else:
                 self.context.log.failure("models listing failed unexpectedly", reason)
                 error = internal_error()
-        self._error(request, error, route, started, holder)
+        # No usable key, the breaker open, no key at all: nothing was asked.
+        called = not isinstance(value, (NoUsableKey, BreakerOpen, MissingKey))
+        self._error(request, error, route, started, holder, called)
 
-    def _error(self, request: Request, error: APIError, route: Route | None, started: float, holder: Holder) -> None:
+    def _error(
+        self,
+        request: Request,
+        error: APIError,
+        route: Route | None,
+        started: float,
+        holder: Holder,
+        called: bool = True,
+    ) -> None:
+        """
+        Answer a listing with C{error}; C{called}: C{route}'s provider was
+        asked (else counted under provider C{-}).
+        """
         body = error_response(request, error)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
-        self.context.completed(request, started, error.status, route, outcome=error.code, consumer=holder.consumer)
+        self.context.completed(
+            request,
+            started,
+            error.status,
+            route,
+            consumer=holder.consumer,
+            provider=None if called else "-",
+            error=error,
+        )
         if self.context.consumers is not None:
             self.context.consumers.listed(holder, error.status)
 
@@ -646,7 +683,7 @@ class ChatCompletions(_Authenticated):
             wire = adapter.wire
             body = encode_request(wire, chat, route.model)
         except APIError as error:
-            context.completed(request, started, error.status, outcome=error.code, consumer=holder.consumer)
+            context.completed(request, started, error.status, consumer=holder.consumer, error=error)
             raise
         call = ChatCall(context, request, adapter, route, wire, chat, started, pinned=pinned, holder=holder)
         consumers = context.consumers

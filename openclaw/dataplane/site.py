@@ -39,6 +39,7 @@ from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from openclaw.addresses import counted_key, host_of
@@ -187,6 +188,34 @@ class MetricsRequest(Request):
             super().handleContentChunk(data)
 
 
+class MetricsRoot(Resource):
+    """
+    The root of the C{/metrics} listener (C{--metrics-listen}): C{metrics}
+    at C{/metrics}, and for any other path a short plain-text 404 saying
+    what the listener serves, rather than twisted.web's HTML "No Such
+    Resource" page.
+    """
+
+    def __init__(self, metrics: Resource) -> None:
+        super().__init__()
+        self.putChild(b"metrics", metrics)
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _MetricsNotFound()
+
+    def render(self, request: Request) -> bytes:
+        return _MetricsNotFound().render(request)
+
+
+class _MetricsNotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n"
+
+
 class MetricsSite(Site):
     """
     The site of the C{/metrics} listener (C{--metrics-listen}), serving
@@ -285,22 +314,24 @@ class APIRequest(Request):
                 super().gotLength(0)
                 self._refuse(refusal())
                 return
-        if length is not None and length > self.max_request_bytes:
-            super().gotLength(0)
-            self._refuse(self._too_large())
-            return
         context = self.api_site.context
-        if has_body and context is not None:
-            holder = context.keys.identify(self.getHeader(b"authorization"))
-            if isinstance(holder, APIError):
+        if has_body:
+            if context is not None:
+                # The key first: a body without one gets 401 whatever its
+                # size (README, "No body without a key").
+                holder = context.keys.identify(self.getHeader(b"authorization"))
+                if isinstance(holder, APIError):
+                    super().gotLength(0)
+                    self._refuse(holder)
+                    return
+                # Known now; the resource need not look the key up again.
+                self.holder = holder
+                if connection is not None:
+                    connection.key_accepted()
+            if length is not None and length > self.max_request_bytes:
                 super().gotLength(0)
-                context.refused_early(holder, peer=host_of(self.getClientAddress()))
-                self._refuse(holder)
+                self._refuse(self._too_large())
                 return
-            # Known now; the resource need not look the key up again.
-            self.holder = holder
-            if connection is not None:
-                connection.key_accepted()
         elif connection is not None and connection.keyless and context is not None:
             # Looked up once per connection until a key is accepted on it.
             authorization = self.getHeader(b"authorization")
@@ -329,7 +360,7 @@ class APIRequest(Request):
             connection.body_received()
         if self._refusal is None and lacks_host(self, version):
             # The version is known only now, with the whole request.
-            self._refuse(_missing_host())
+            self._refuse(_missing_host(), command, path)
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
@@ -338,6 +369,7 @@ class APIRequest(Request):
             super().process()
         elif not isinstance(self.channel, HTTPChannel):
             # An HTTP/2 stream, now whole: answer it the usual way.
+            self._refused(refusal, self.method, self.path)
             body = refusal.body()
             self.setResponseCode(refusal.status)
             self.setHeader(b"Content-Type", b"application/json")
@@ -355,10 +387,22 @@ class APIRequest(Request):
             connection.response_finished()
         super().finish()
 
-    def _refuse(self, refusal: APIError) -> None:
+    def _refuse(self, refusal: APIError, command: bytes | None = None, uri: bytes | None = None) -> None:
+        """
+        Answer C{refusal} before any resource sees the request, logged and
+        counted (L{APIContext.refused_early}).  Over HTTP/1.1 at once, and
+        the connection closed; over HTTP/2 once the stream is whole
+        (L{process}).
+
+        @param command: the request's method, once twisted.web has it
+            (L{requestReceived}: only with the whole request, so a refusal
+            made as the head comes in is logged with C{-}).
+        @param uri: the request's target, likewise.
+        """
         self._refusal = refusal
         if not isinstance(self.channel, HTTPChannel):
             return  # answered in process(), once the stream is whole
+        self._refused(refusal, command, uri)
         # No "100 Continue" after the refusal (twisted.web sends one on
         # Expect once gotLength returns).
         self.requestHeaders.removeHeader(b"expect")
@@ -366,6 +410,22 @@ class APIRequest(Request):
         assert transport is not None
         transport.write(raw_error_response(refusal))
         transport.loseConnection()
+
+    def _refused(self, refusal: APIError, command: bytes | None, uri: bytes | None) -> None:
+        """
+        Log and count C{refusal} as the request's answer.
+        """
+        context = self.api_site.context
+        if context is None:
+            return
+        holder = self.holder
+        context.refused_early(
+            refusal,
+            peer=host_of(self.getClientAddress()),
+            method="-" if command is None else command.decode("ascii", "replace"),
+            path="-" if uri is None else uri.split(b"?", 1)[0].decode("ascii", "replace"),
+            consumer=None if holder is None else holder.consumer,
+        )
 
     def _too_large(self) -> APIError:
         limit = self.max_request_bytes

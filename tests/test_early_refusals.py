@@ -1,0 +1,251 @@
+"""
+Requests the API's site refuses before any resource sees them (a body
+without a key, over MAX_REQUEST_BYTES, a repeated or missing C{Host}, a
+repeated C{Authorization}, a deadline), failures' log lines and codes,
+the C{provider} label of C{openclaw_api_requests}, and what the API and
+the metrics listener say about C{/metrics} when it has a listener of its
+own (C{--metrics-listen}).
+
+Each against a gateway in this process, over real sockets.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
+from twisted.trial.unittest import TestCase
+
+from tests.support import RecordingEndpoint, capture_log_events, start_gateway
+from tests.test_consumers import GatewayCase
+from tests.test_dataplane import HELLO
+
+KEY = "gw-key-0123456789abcdef"
+CHAT = b"/v1/chat/completions"
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} and read until the server closes (or 5 s pass).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def code_of(answer: bytes) -> Any:
+    return json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"]
+
+
+class EarlyRefusalTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.events = capture_log_events(self)
+        self.gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,), max_request_bytes=1000)
+        self.addCleanup(self.gateway.service.api_site.close_connections)
+
+    def request_events(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane" and "status" in e]
+
+    def metrics(self) -> Any:
+        return deferToThread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{self.gateway.api_port}/metrics").read().decode()
+        )
+
+    def send(self, head: bytes, body: bytes = b"") -> Any:
+        return deferToThread(exchange, self.gateway.api_port, head + b"\r\n\r\n" + body)
+
+    @inlineCallbacks
+    def test_each_early_refusal_logged_and_counted(self) -> Any:
+        """
+        Every refusal made as the head comes in is counted (provider C{-})
+        and logged at info with its status and code, as the 401 of a body
+        without a key is (method and path are C{-} until twisted.web has
+        the whole request: a missing Host is found only then).
+        """
+        post = b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        cases = [
+            (post + b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 5000", 413, "request_too_large"),
+            (post + b"Content-Length: 5000", 401, "invalid_api_key"),
+            (post + b"Host: other\r\nContent-Length: 2", 400, "invalid_host"),
+            (
+                post + b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\nContent-Length: 2",
+                400,
+                "invalid_authorization",
+            ),
+            (b"GET /healthz HTTP/1.1\r\nUser-Agent: t", 400, "missing_host"),
+        ]
+        for head, status, code in cases:
+            answer = yield self.send(head)
+            self.assertEqual(status_of(answer), status, answer)
+            if code is not None:
+                self.assertEqual(code_of(answer), code)
+        text = yield self.metrics()
+        self.assertIn('openclaw_api_requests_total{provider="-",status="413"} 1.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="401"} 1.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="400"} 3.0', text)
+        logged = [
+            (e["log_level"].name, e["method"], e["path"], e["status"], e["outcome"], e["consumer"])
+            for e in self.request_events()
+        ]
+        self.assertEqual(
+            logged,
+            [
+                ("info", "-", "-", 413, "request_too_large", "-"),
+                ("info", "-", "-", 401, "invalid_api_key", "-"),
+                ("info", "-", "-", 400, "invalid_host", "-"),
+                ("info", "-", "-", 400, "invalid_authorization", "-"),
+                ("info", "GET", "/healthz", 400, "missing_host", "-"),
+            ],
+        )
+        self.assertIn(
+            "- - 413 request_too_large via - for - from 127.0.0.1",
+            formatEvent(self.request_events()[0]),
+        )
+
+    @inlineCallbacks
+    def test_no_body_without_a_key_whatever_its_size(self) -> Any:
+        """
+        A body over MAX_REQUEST_BYTES without a key gets the 401 (README,
+        "No body without a key"); with a key, the 413.
+        """
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9437184"
+        answer = yield self.send(head)
+        self.assertEqual((status_of(answer), code_of(answer)), (401, "invalid_api_key"))
+        answer = yield self.send(head + b"\r\nAuthorization: Bearer " + KEY.encode())
+        self.assertEqual((status_of(answer), code_of(answer)), (413, "request_too_large"))
+
+    @inlineCallbacks
+    def test_chunked_body_past_the_limit_logged(self) -> Any:
+        """
+        A chunked body that runs past the limit is cut off with a 413,
+        logged (the key's consumer: C{-} for a GATEWAY_API_KEYS key) and counted.
+        """
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer " + KEY.encode()
+        )
+        answer = yield self.send(head, b"7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n")
+        self.assertEqual(status_of(answer), 413)
+        (event,) = self.request_events()
+        self.assertEqual((event["status"], event["outcome"], event["consumer"]), (413, "request_too_large", "-"))
+        text = yield self.metrics()
+        self.assertIn('openclaw_api_requests_total{provider="-",status="413"} 1.0', text)
+
+    @inlineCallbacks
+    def test_failure_line_carries_code_and_param(self) -> Any:
+        """
+        The gateway's own 400 for a bad body: logged with an outcome (the
+        error's code, or its type when it has none) and its C{param}; the
+        text line names the outcome after the status.
+        """
+        body = b'{"messages": []}'
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Length: %d" % len(body)
+        )
+        answer = yield self.send(head, body)
+        self.assertEqual(status_of(answer), 400)
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        (event,) = self.request_events()
+        self.assertEqual(event["outcome"], error["code"] or error["type"])
+        self.assertEqual(event["param"], error["param"])
+        self.assertIsNotNone(event["param"])
+        self.assertIn(f"POST /v1/chat/completions 400 {event['outcome']} via - for - ", formatEvent(event))
+
+
+class ProviderLabelTests(GatewayCase):
+    @inlineCallbacks
+    def test_consumer_limit_is_not_the_providers(self) -> Any:
+        """
+        A consumer's call refused by its own limit (rpm) is counted under
+        provider C{-}: no provider was called; its allowed call under the
+        provider that answered.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "c", "rpm": 1})
+        sdk = self.sdk(gateway, created["key"])
+        yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        refused = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual(refused.status_code, 429)
+        self.assertEqual(self.upstream.kimi.requests, 1)
+        text = yield deferToThread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{gateway.api_port}/metrics").read().decode()
+        )
+        self.assertIn('openclaw_api_requests_total{provider="kimi",status="200"} 1.0', text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="429"} 1.0', text)
+        self.assertNotIn('openclaw_api_requests_total{provider="kimi",status="429"}', text)
+
+
+class MetricsApartTests(TestCase):
+    """
+    With C{--metrics-listen}, the API's 404 for C{/metrics} says where it
+    is, and the metrics listener answers any other path with a short
+    plain-text 404.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_metrics_on_their_own_listener(self) -> Any:
+        from openclaw.service import GatewayService
+
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        # A second service with both listeners: /metrics apart from its API.
+        api = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        metrics = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        service = GatewayService(
+            attrs.evolve(gateway.service.settings, state_dir=state_dir),
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            api_endpoint=api,
+            metrics_endpoint=metrics,
+            stdout=io.StringIO(),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert api.port is not None and metrics.port is not None
+        api_port, metrics_port = api.port.getHost().port, metrics.port.getHost().port
+        get = b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        answer = yield deferToThread(exchange, api_port, b"GET /metrics" + get)
+        self.assertEqual(status_of(answer), 404)
+        message = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"]
+        self.assertIn("--metrics-listen", message)
+        self.assertNotIn("GET /metrics", message)
+        answer = yield deferToThread(exchange, api_port, b"GET /v2" + get)
+        self.assertNotIn("GET /metrics", json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"])
+        # The API listener of a gateway without one still lists it.
+        answer = yield deferToThread(exchange, gateway.api_port, b"GET /v2" + get)
+        self.assertIn("GET /metrics", json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["message"])
+        for path in (b"/", b"/v1/models", b"/metricsx"):
+            answer = yield deferToThread(exchange, metrics_port, b"GET " + path + get)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertEqual(status_of(answer), 404, path)
+            self.assertIn(b"text/plain", head)
+            self.assertEqual(body, b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n")
+        answer = yield deferToThread(exchange, metrics_port, b"GET /metrics" + get)
+        self.assertEqual(status_of(answer), 200)
