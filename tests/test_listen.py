@@ -222,12 +222,19 @@ class MetricsTests(TestCase):
 
 
 def h2_request(
-    port: int, ca: bytes, method: str, path: str, body: bytes = b"", key: str | None = None
+    port: int,
+    ca: bytes,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    key: str | None = None,
+    key_last: bool = False,
 ) -> tuple[str, int, bytes]:
     """
     One request over HTTP/2 on TLS, as a client that offers only C{h2}
-    (with C{key} as its bearer token, if given): the protocol agreed, the
-    status and the body.
+    (with C{key} as its bearer token, if given, before C{content-length}
+    or, with C{key_last}, after it): the protocol agreed, the status and
+    the body.
     """
     import h2.connection
     import h2.events
@@ -240,13 +247,12 @@ def h2_request(
             connection = h2.connection.H2Connection()
             connection.initiate_connection()
             headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "127.0.0.1")]
-            if key is not None:
-                # Before content-length: twisted.web's HTTP/2 stream hands
-                # the request its length (gotLength, where the key is
-                # checked) as soon as that field is read.
+            if key is not None and not key_last:
                 headers.append(("authorization", f"Bearer {key}"))
             if body:
                 headers.append(("content-length", str(len(body))))
+            if key is not None and key_last:
+                headers.append(("authorization", f"Bearer {key}"))
             connection.send_headers(1, headers, end_stream=not body)
             if body:
                 connection.send_data(1, body, end_stream=True)
@@ -322,6 +328,28 @@ class Http2Tests(TestCase):
         assert isinstance(self.service, GatewayService)
         tally = self.service.metrics.api_requests
         self.assertEqual((tally.count("-", 413), tally.count("-", 401)), (1, 1))
+
+    @inlineCallbacks
+    def test_http2_key_after_the_length(self):
+        """
+        A key sent after C{content-length} is a key all the same
+        (twisted.web's HTTP/2 stream hands the request its length as soon
+        as it reads that field, before the fields after it): the head is
+        checked once whole.
+        """
+        agreed, status, body = yield deferToThread(
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"x" * 2048, H2_KEY, True
+        )
+        self.assertEqual((agreed, status), ("h2", 413))
+        agreed, status, body = yield deferToThread(
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"not json", H2_KEY, True
+        )
+        self.assertEqual((agreed, status), ("h2", 400))
+        self.assertIn(b"invalid_json", body)
+        agreed, status, body = yield deferToThread(
+            h2_request, self.port, self.ca, "POST", "/v1/chat/completions", b"not json", "wrong-key", True
+        )
+        self.assertEqual((agreed, status), ("h2", 401))
 
 
 class InterfaceFailureTests(TestCase):

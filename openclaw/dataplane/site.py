@@ -269,6 +269,9 @@ class APIRequest(Request):
 
     _received = 0
     _refusal: APIError | None = None
+    #: An HTTP/2 stream's C{(length, has_body)} until its head is whole
+    #: and checked (L{gotLength}).
+    _head_unchecked: tuple[int | None, bool] | None = None
     #: The request's connection, looked up once its head is whole.
     _connection: APIConnection | None = None
 
@@ -304,34 +307,51 @@ class APIRequest(Request):
         super().setResponseCode(code, reason_phrase(code) if message is None else message)
 
     def gotLength(self, length: int | None) -> None:
-        # Called by twisted.web once the head is whole (requestHeaders set).
+        # Called by twisted.web once the head is whole (requestHeaders set);
+        # over HTTP/2 as soon as the content-length field is read.
         connection = self._connection = self.connection
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
+        elif not isinstance(self.channel, HTTPChannel):
+            # An HTTP/2 stream: twisted.web calls this on reading its
+            # content-length field, before the fields after it (an
+            # Authorization among them).  Its head is checked once whole:
+            # with the first part of its body, or the whole request.
+            self._head_unchecked = (length, has_body)
+            too_large = length is not None and length > self.max_request_bytes
+            super().gotLength(0 if too_large else length)
+            return
+        refusal = self._check_head(length, has_body, connection)
+        if refusal is not None:
+            super().gotLength(0)
+            self._refuse(refusal)
+            return
+        super().gotLength(length)
+
+    def _check_head(self, length: int | None, has_body: bool, connection: APIConnection | None) -> APIError | None:
+        """
+        The refusal a whole request head gets, if any: a repeated C{Host}
+        or C{Authorization} (400), a body without an accepted key (401,
+        whatever its size: README, "No body without a key"), a declared
+        length over C{MAX_REQUEST_BYTES} (413).  A key found is kept
+        (L{holder}), and the connection told.
+        """
         for name, refusal in _SINGLE_FIELDS:
             if repeated_field(self, name):
-                super().gotLength(0)
-                self._refuse(refusal())
-                return
+                return refusal()
         context = self.api_site.context
         if has_body:
             if context is not None:
-                # The key first: a body without one gets 401 whatever its
-                # size (README, "No body without a key").
                 holder = context.keys.identify(self.getHeader(b"authorization"))
                 if isinstance(holder, APIError):
-                    super().gotLength(0)
-                    self._refuse(holder)
-                    return
+                    return holder
                 # Known now; the resource need not look the key up again.
                 self.holder = holder
                 if connection is not None:
                     connection.key_accepted()
             if length is not None and length > self.max_request_bytes:
-                super().gotLength(0)
-                self._refuse(self._too_large())
-                return
+                return self._too_large()
         elif connection is not None and connection.keyless and context is not None:
             # Looked up once per connection until a key is accepted on it.
             authorization = self.getHeader(b"authorization")
@@ -343,9 +363,21 @@ class APIRequest(Request):
             if connection.keyless:
                 # A head without an accepted key: keyless from now on.
                 connection.count_keyless()
-        super().gotLength(length)
+        return None
+
+    def _check_whole_head(self) -> None:
+        """
+        An HTTP/2 stream's head is whole now: check it (L{_check_head}).
+        """
+        unchecked, self._head_unchecked = self._head_unchecked, None
+        if unchecked is not None and self._refusal is None:
+            refusal = self._check_head(*unchecked, None)
+            if refusal is not None:
+                self._refuse(refusal)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._head_unchecked is not None:
+            self._check_whole_head()
         if self._refusal is not None:
             return
         self._received += len(data)
@@ -358,6 +390,8 @@ class APIRequest(Request):
         connection = self._connection
         if connection is not None:
             connection.body_received()
+        if self._head_unchecked is not None:
+            self._check_whole_head()
         if self._refusal is None and lacks_host(self, version):
             # The version is known only now, with the whole request.
             self._refuse(_missing_host(), command, path)
