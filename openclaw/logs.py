@@ -49,6 +49,7 @@ from collections.abc import Mapping
 from typing import IO, Any, cast
 
 import orjson
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.application.internet import ClientService
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
@@ -78,6 +79,19 @@ QUIET_NAMESPACES = ("twisted.web.client",)
 #: cluster store's connections, logs "Scheduling retry N to connect" for
 #: every attempt (the cluster logs one line per outage instead).
 QUIET_RECONNECTS = (f"{ClientService.__module__}.{ClientService.__name__}",)
+#: Autobahn's WebSocket server protocol (every control connection), whose
+#: logger (txaio's, named after the class that makes it) logs per
+#: connection: "failing WebSocket opening handshake" (info) and "dropping
+#: connection to peer ...: <reason>" (warn) for every handshake refused,
+#: and "failing WebSocket connection (code=...)" (warn) for every peer
+#: that breaks the protocol.  A peer can cause each at will, so a flood of
+#: them would flood the log: a locked-out client retrying, a page with a
+#: foreign Origin.  The gateway logs what an operator needs itself (each
+#: refusal with its reason, once per lockout for a locked-out client, an
+#: unexpected error in its handshake code with the traceback), and counts
+#: every refusal in C{openclaw_control_refused_connections_total}; these
+#: lines are shown at LOG_LEVEL=debug only, Autobahn's errors always.
+QUIET_WEBSOCKET = (f"{WebSocketServerProtocol.__module__}.{WebSocketServerProtocol.__name__}",)
 
 #: The value types a JSON line carries from an event's own fields; other
 #: values are left out (the message already shows them as text).
@@ -169,6 +183,10 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     one line per event: twistd's text lines for C{log_format="text"}, flat
     JSON objects (L{json_line}) for C{"json"}.  Events below the level, and
     events with no level or namespace, are dropped before any formatting.
+    Below C{debug}, the per-connection lines of Twisted's connection pool
+    and reconnecting client are shown from C{warn} up, and Autobahn's
+    WebSocket server protocol's from C{error} up (L{QUIET_NAMESPACES},
+    L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}).
     """
     if log_format == "json":
         inner: ILogObserver = AcceptErrorLimiter(FileLogObserver(stream, json_line))
@@ -177,8 +195,11 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
+        # Raised, never lowered below LOG_LEVEL.
         for namespace in (*QUIET_NAMESPACES, *QUIET_RECONNECTS):
-            predicate.setLogLevelForNamespace(namespace, LogLevel.warn)
+            predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.warn))
+        for namespace in QUIET_WEBSOCKET:
+            predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.error))
     return FilteringLogObserver(inner, [predicate])
 
 

@@ -1357,10 +1357,44 @@ def load_settings(
             "use a whole number of completion tokens > 0 (reserved of a consumer's budget per call in flight)",
         ),
     )
+
+    def given_where(name: str) -> str:
+        """
+        Where the value of C{name} came from, for an error message, the
+        default included.
+        """
+        return "the default" if config.get(name, default=None) is None and name not in given else source(name)
+
+    _distinct_ports(settings, given_where)
     for adapter in declared:
         known.update(adapter.variables())
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
     return attrs.evolve(settings, warnings=tuple(warnings)) if warnings else settings
+
+
+def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> None:
+    """
+    Check that the control plane and the API do not ask for the same TCP
+    port: when both listen as ports (C{WS_CONTROL_PORT}, C{API_PORT}; no
+    C{CONTROL_LISTEN} or C{API_LISTEN} in their place) they share
+    C{INTERFACE}, so one port for both cannot be bound twice.  Port 0 (any
+    free port) never clashes.  Endpoint strings (C{CONTROL_LISTEN},
+    C{API_LISTEN}, C{METRICS_LISTEN}) are not compared: a clash between
+    them is told, in one line, when the second one cannot listen.
+
+    @param given_where: where a setting's value came from, by name.
+    @raise ConfigError: both are the same port; the message says which to
+        change, and how.
+    """
+    if settings.control_listen is not None or settings.api_listen is not None:
+        return
+    if settings.port == 0 or settings.port != settings.api_port:
+        return
+    raise ConfigError(
+        f"WS_CONTROL_PORT and API_PORT are both {settings.port} (WS_CONTROL_PORT {given_where('WS_CONTROL_PORT')}, "
+        f"API_PORT {given_where('API_PORT')}): the control plane and the API need a port each; "
+        "change one (--port or --api-port)"
+    )
 
 
 def _env_file_keys(repository: RepositoryEmpty) -> list[str]:

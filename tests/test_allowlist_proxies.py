@@ -7,18 +7,23 @@ and the lockout across connections.
 from __future__ import annotations
 
 import base64
+import io
 import ipaddress
 import os
+import re
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.admission import HandshakeBudget
 from openclaw.control.protocol import HANDSHAKE_HEADROOM
+from openclaw.logs import make_observer
 from tests.support import capture_log_events, connect, open_client, start_gateway
 from tests.test_lockout import SPLITLINES_BREAKS
 from tests.wsfuzz import server_frames
@@ -277,6 +282,79 @@ class LockoutTests(TestCase):
         client = yield open_client(self, gateway.port, bind="127.0.0.2")
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+
+    def gateway_log(self) -> Callable[[], list[str]]:
+        """
+        The lines the daemon's own log observer (LOG_LEVEL=info) writes
+        from now until the test ends, but the test clients' own and the
+        service's (its start-up lines come as its database opens, in a
+        thread).
+        """
+        out = io.StringIO()
+        observer = make_observer(out, "text", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return lambda: [
+            line for line in out.getvalue().splitlines() if not re.search(r" \[(tests|openclaw\.service)\.", line)
+        ]
+
+    @inlineCallbacks
+    def test_refused_handshakes_add_no_lines_each(self):
+        """
+        Through the log observer the daemon installs, at LOG_LEVEL=info: a
+        flood of handshakes from a locked-out client adds no log line (the
+        lockout was one line, when it began), and a handshake with a
+        foreign Origin is the gateway's one line, not Autobahn's as well;
+        every refusal is counted.
+        """
+        log = self.gateway_log()
+        gateway = start_gateway(self, trusted_clients=LOOPBACK)
+        yield self.guess(gateway.port, 10)
+        before = log()
+        self.assertEqual(len([line for line in before if "reason=auth_lockout" in line]), 1)
+        for _ in range(20):
+            response, sock = yield deferToThread(send_head, gateway.port, [])
+            sock.close()
+            self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(log(), before)
+        registry = gateway.service.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "locked_out"}), 20.0
+        )
+        response, sock = yield deferToThread(send_head, gateway.port, [b"Origin: http://evil.example"], "127.0.0.2")
+        sock.close()
+        self.assertIn(b" 403 ", response.split(b"\r\n")[0])
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        added = log()[len(before) :]
+        self.assertEqual(len(added), 1, added)
+        self.assertIn("ControlFactory#warn] refused control connection from 127.0.0.2:", added[0])
+        self.assertIn(": origin_not_allowed", added[0])
+
+    @inlineCallbacks
+    def test_unexpected_handshake_error_logged_by_the_gateway(self):
+        """
+        An unexpected error in the gateway's own handshake code is logged
+        with its traceback at LOG_LEVEL=info (Autobahn's line for it is
+        not shown), and the peer gets 500 without the exception's text.
+        """
+        log = self.gateway_log()
+        gateway = start_gateway(self, trusted_clients=LOOPBACK)
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("a bug in refusal")
+
+        gateway.service.factory.refusal = broken  # type: ignore[method-assign]
+        response, sock = yield deferToThread(send_head, gateway.port, [])
+        sock.close()
+        self.assertIn(b" 500 internal error; the gateway log has the details", response.split(b"\r\n")[0])
+        self.assertNotIn(b"a bug", response)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        text = "\n".join(log())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn("autobahn", text)
+        self.assertIn("ControlFactory#critical] control handshake from 127.0.0.1:", text)
+        self.assertIn("RuntimeError: a bug in refusal", text)
 
     @inlineCallbacks
     def test_authenticated_connection_survives_and_lockout_expires(self):

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.control.commands import ControlCommands
@@ -227,6 +227,42 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertEqual(audited["jti"], self.sessions.current.jti)
         self.assertIn("duration_ms", audited)
         self.assertNotIn(self.token, json.dumps([repr(e) for e in self.events]))
+
+    def test_switch_audit_records_the_route_before_and_after(self) -> None:
+        """
+        The audit event of switch_provider carries the route it replaced
+        and the one it set, as fields and in the text; the answer is
+        unchanged by them.
+        """
+        answer = self.command("switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
+        self.assertEqual(answer["result"], {"previous": "gemini", "active": "kimi", "model": "moonshot-v1-32k"})
+        audited = self.events[-1]
+        self.assertEqual(
+            {key: audited.get(key) for key in ("outcome", "previous_provider", "previous_model", "provider", "model")},
+            {
+                "outcome": "ok",
+                "previous_provider": "gemini",
+                "previous_model": "gemini-flash-latest",
+                "provider": "kimi",
+                "model": "moonshot-v1-32k",
+            },
+        )
+        self.assertIn(
+            "previous_provider=gemini previous_model=gemini-flash-latest provider=kimi model=moonshot-v1-32k",
+            formatEvent(audited),
+        )
+
+    def test_failed_switch_audit_records_the_error(self) -> None:
+        """
+        A refused switch_provider is audited with the error its client was
+        told, and nothing of a route.
+        """
+        answer = self.command("switch_provider", {"provider": "acme"})
+        audited = self.events[-1]
+        self.assertEqual((audited["cmd"], audited["outcome"]), ("switch_provider", "error"))
+        self.assertEqual(audited["error"], answer["error"])
+        self.assertIn("unknown provider 'acme'", formatEvent(audited))
+        self.assertNotIn("provider", audited)
 
     def test_log_lines_cannot_be_forged(self) -> None:
         self.command("ping\n2026-11-25 [openclaw] switched to evil", token="forged")

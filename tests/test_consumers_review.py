@@ -139,8 +139,9 @@ class AuditTests(GatewayCase):
     def test_audit_lines_name_the_consumer(self) -> Any:
         """
         The audit line of a consumer command names the consumer, the key
-        prefix made or revoked (never the key) and the fields changed, in
-        the text and as structured fields.
+        prefix made or revoked (never the key) and the fields changed, and
+        a refused one the error its client was told, in the text and as
+        structured fields.
         """
         gateway, client = yield self.gateway()
         created = yield self.command(gateway, client, "consumer_create", {"name": "search", "rpm": 5})
@@ -160,7 +161,10 @@ class AuditTests(GatewayCase):
         self.assertEqual(
             (audits["consumer_update"][0]["consumer"], audits["consumer_update"][0]["changed"]), ("search", "rpm,tpm")
         )
-        self.assertRegex(lines["consumer_update"][1], r": error in [0-9.]+ ms consumer=search changed=rpm$")
+        self.assertRegex(
+            lines["consumer_update"][1], r": error in [0-9.]+ ms consumer=search changed=rpm error=rpm must be a whole"
+        )
+        self.assertEqual(audits["consumer_update"][1]["error"], refused["error"])
         self.assertTrue(lines["key_create"][0].endswith(f"consumer=search key_prefix={made['key_prefix']}"))
         self.assertTrue(lines["key_revoke"][0].endswith(f"consumer=search key_prefix={made['key_prefix']}"))
         every = "\n".join(formatEvent(e) + repr(e) for e in self.events)

@@ -100,6 +100,38 @@ class LevelTests(SynchronousTestCase):
             self.assertEqual(out.getvalue().count("Starting factory"), shown)
             self.assertEqual(out.getvalue().count("trouble"), 1)
 
+    def test_websocket_server_quiet_unless_debug(self):
+        """
+        Autobahn's WebSocket server protocol's per-connection lines (info
+        and warn) are dropped below debug, its errors kept; a quiet
+        namespace is never shown below LOG_LEVEL (at critical, neither its
+        errors nor the pool's warnings are).
+        """
+        from openclaw.logs import QUIET_NAMESPACES, QUIET_WEBSOCKET
+
+        def written(level: str) -> list[str]:
+            out = io.StringIO()
+            observer = make_observer(out, "text", level)
+            for namespace in QUIET_WEBSOCKET:
+                for event_level in (LogLevel.info, LogLevel.warn, LogLevel.error):
+                    observer(event(log_namespace=namespace, log_level=event_level, log_format=event_level.name))
+            observer(event(log_namespace=QUIET_NAMESPACES[0], log_level=LogLevel.warn, log_format="pool"))
+            return [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+
+        self.assertEqual(QUIET_WEBSOCKET, ("autobahn.twisted.websocket.WebSocketServerProtocol",))
+        server = "[autobahn.twisted.websocket.WebSocketServerProtocol"
+        self.assertEqual(
+            written("debug"),
+            [
+                f"{server}#info] info",
+                f"{server}#warn] warn",
+                f"{server}#error] error",
+                "[twisted.web.client#warn] pool",
+            ],
+        )
+        self.assertEqual(written("info"), [f"{server}#error] error", "[twisted.web.client#warn] pool"])
+        self.assertEqual(written("critical"), [])
+
     def test_no_level_or_namespace(self):
         """
         As twistd's level filter: an event without a level or a namespace

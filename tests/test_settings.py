@@ -112,6 +112,30 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("WS_CONTROL_PORT", "'0'", WS_CONTROL_PORT="0")
         self.assertConfigError("WS_CONTROL_PORT", "'65536'", WS_CONTROL_PORT="65536")
 
+    def test_one_port_for_two_listeners(self) -> None:
+        """
+        The control plane and the API on the same port of INTERFACE is one
+        line naming both settings, where each came from and what to change;
+        an endpoint string in place of either port is not compared.
+        """
+        self.assertConfigError(
+            "WS_CONTROL_PORT and API_PORT are both 28013 (WS_CONTROL_PORT from the command line, "
+            "API_PORT from the command line): the control plane and the API need a port each; "
+            "change one (--port or --api-port)",
+            WS_CONTROL_PORT="28013",
+            API_PORT="28013",
+        )
+        self.environ["WS_CONTROL_PORT"] = "18790"
+        self.assertConfigError("both 18790 (WS_CONTROL_PORT from the environment, API_PORT the default)")
+        self.environ.clear()
+        (self.cwd / ".env").write_text("API_PORT=18789\n")
+        self.assertConfigError("both 18789 (WS_CONTROL_PORT the default, API_PORT from env file")
+        (self.cwd / ".env").unlink()
+        for listen in ("CONTROL_LISTEN", "API_LISTEN"):
+            settings = self.load({"WS_CONTROL_PORT": "28013", "API_PORT": "28013", listen: "tcp:28014"})
+            self.assertEqual((settings.port, settings.api_port), (28013, 28013))
+        self.assertEqual(self.load({"WS_CONTROL_PORT": "28013", "API_PORT": "28014"}).api_port, 28014)
+
     def test_invalid_ttl(self) -> None:
         self.assertConfigError("SESSION_TTL_HOURS", "'-1'", SESSION_TTL_HOURS="-1")
         self.assertConfigError("SESSION_TTL_HOURS", "'0'", SESSION_TTL_HOURS="0")

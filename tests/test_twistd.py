@@ -81,12 +81,14 @@ class TwistdTests(TestCase):
         Each invalid value stops start-up with one line naming it, a
         non-zero exit, and no traceback.
         """
+        same = free_port()
         cases = [
             (["--port", "abc"], {}, "WS_CONTROL_PORT='abc'"),
             ([], {"SESSION_TTL_HOURS": "-1"}, "SESSION_TTL_HOURS='-1'"),
             ([], {"TRUSTED_CLIENT_IPS": "300.1.1.1"}, "TRUSTED_CLIENT_IPS='300.1.1.1'"),
             ([], {"DEFAULT_PROVIDER": "openai"}, "DEFAULT_PROVIDER='openai'"),
             ([], {"JWT_SECRET": "short"}, "JWT_SECRET is 5 bytes long"),
+            (["--port", str(same), "--api-port", str(same)], {}, f"WS_CONTROL_PORT and API_PORT are both {same}"),
         ]
         for args, env, expected in cases:
             out, err, code = yield getProcessOutputAndValue(

@@ -21,10 +21,26 @@ from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
 
 Result = dict[str, Any]
+
+
+@attrs.frozen
+class Audited:
+    """
+    A command's result with what its audit line adds: what the command
+    changed.  The client is answered C{result} alone; C{fields} go into the
+    audit event (as C{name=value} in the text line, as keys in a JSON line).
+    """
+
+    result: Result
+    #: Field name to value, as the audit event carries them.
+    fields: Mapping[str, str]
+
+
 #: What a handler returns: the result at once, or a Deferred of it for
-#: commands that wait on something (the maybeDeferred idiom).  The read-only
-#: commands answer at once, with no Deferred on the hot path.
-Answer = Result | Deferred[Result]
+#: commands that wait on something (the maybeDeferred idiom); a command that
+#: changes state may wrap its result in L{Audited}.  The read-only commands
+#: answer at once, with no Deferred on the hot path.
+Answer = Result | Audited | Deferred[Result] | Deferred[Audited]
 
 #: Every command, in the order errors list them.
 COMMANDS: tuple[str, ...] = ("ping", "status", "switch_provider", "health_check", "rotate_token")
@@ -143,7 +159,7 @@ class ControlCommands:
     #: Extra fields of C{status}: C{instance}, C{worker}, C{instances_seen}.
     instance_status: Callable[[], dict[str, Any]] | None = None
     #: More commands by name (the consumer commands), after the five.
-    extra: dict[str, Callable[[object], Answer]] = attrs.Factory(dict)
+    extra: Mapping[str, Callable[[object], Result | Deferred[Result]]] = attrs.Factory(dict)
     #: The consumers whose C{models} exclude a provider's model
     #: (L{openclaw.consumers.table.ConsumerTable.excluding}).
     excluded_consumers: Callable[[str, str], list[str]] = lambda provider, model: []
@@ -217,7 +233,7 @@ class ControlCommands:
             raise CommandError("data.model must name a model")
         route = Route(provider_id, model)
 
-        def switched(previous: Route) -> Result:
+        def switched(previous: Route) -> Audited:
             result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model}
             # The switch is made all the same: an operator may know better
             # than a listing (a model served but not listed, one just added).
@@ -233,7 +249,14 @@ class ControlCommands:
                 )
             if warnings:
                 result["warning"] = "; ".join(warnings)
-            return result
+            # The route before and after, in the names the command takes.
+            changed = {
+                "previous_provider": previous.provider_id,
+                "previous_model": previous.model,
+                "provider": provider_id,
+                "model": model,
+            }
+            return Audited(result, changed)
 
         if self.share_switch is not None:
             return self.share_switch(route).addCallbacks(switched, _refused)

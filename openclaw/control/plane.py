@@ -8,7 +8,7 @@ audit log.  No reactor and no socket: the WebSocket protocol
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.consumers.audit import audit_fields, note_result
-from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, CommandError, ControlCommands, Result
+from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, Audited, CommandError, ControlCommands, Result
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import SessionAuthority, TokenRejected
 
@@ -68,6 +68,12 @@ def summarise(value: object, limit: int = MAX_LOGGED_CMD_CHARS) -> str:
     if isinstance(value, dict):
         return f"<object of {len(value)} key{'' if len(value) == 1 else 's'}>"
     return f"<{type(value).__name__}>"
+
+
+#: An answer to an authenticated command: the encoded answer, its outcome
+#: (C{ok} or C{error}), and what its audit line adds (L{Audited}; for an
+#: error, the C{error} told to the client), if anything.
+_Answered = tuple[bytes, str, Mapping[str, str] | None]
 
 
 def _error(cmd: object, message: str) -> bytes:
@@ -218,27 +224,37 @@ class ControlPlane:
         return connection.failed_auths >= self.max_auth_failures
 
     @staticmethod
-    def _succeeded(result: Result, cmd: str) -> tuple[bytes, str]:
-        return _encode({"ok": True, "cmd": cmd, "result": result}), "ok"
+    def _succeeded(result: Result | Audited, cmd: str) -> _Answered:
+        if isinstance(result, Audited):
+            return _encode({"ok": True, "cmd": cmd, "result": result.result}), "ok", result.fields
+        return _encode({"ok": True, "cmd": cmd, "result": result}), "ok", None
 
-    def _failed(self, failure: Failure, cmd: str) -> tuple[bytes, str]:
+    def _failed(self, failure: Failure, cmd: str) -> _Answered:
+        """
+        The error answer to a command that failed, with the C{error} its
+        audit line records: the message the client is told.
+        """
         if failure.check(CommandError):
-            return _error(cmd, str(failure.value)), "error"
-        self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
-        return _error(cmd, "internal error; the gateway log has the details"), "error"
+            message = str(failure.value)
+        else:
+            self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
+            message = "internal error; the gateway log has the details"
+        return _error(cmd, message), "error", {"error": message}
 
     def _audit(
         self,
-        answer: tuple[bytes, str],
+        answer: _Answered,
         cmd: str,
         peer: str,
         jti: str,
         started: float,
         fields: dict[str, str] | None = None,
     ) -> bytes:
-        encoded, outcome = answer
+        encoded, outcome, changed = answer
         self._metrics.command(cmd, outcome)
         if cmd in AUDITED:
+            if changed:
+                fields = {**(fields or {}), **changed}
             took = self._clock() - started
             self._metrics.command_took(cmd, took)
             line = self._audit_line

@@ -240,6 +240,29 @@ class ControlProtocol(WebSocketServerProtocol):
             self.factory.protocols.discard(self)
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        try:
+            self.admit()
+        except ConnectionDeny:
+            raise
+        except Exception:
+            # Logged here: Autobahn's own line for it is not shown below
+            # LOG_LEVEL=debug (openclaw.logs.QUIET_WEBSOCKET), and would
+            # tell the peer the exception's text.
+            self.factory._log.failure(
+                "control handshake from {peer} failed unexpectedly", peer=_describe(self.tcp.getPeer())[1]
+            )
+            raise ConnectionDeny(
+                ConnectionDeny.INTERNAL_SERVER_ERROR, "internal error; the gateway log has the details"
+            ) from None
+
+    def admit(self) -> None:
+        """
+        Decide whether the opening handshake may complete, from the request
+        head as received (L{request_head}) and the peer's address.
+
+        @raise ConnectionDeny: refused with an HTTP status; the refusal is
+            counted and audited (L{ControlFactory.refusal}).
+        """
         factory = self.factory
         address = self.tcp.getPeer()
         host, peer = _describe(address)
