@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
@@ -328,6 +329,53 @@ class Http2Tests(TestCase):
         assert isinstance(self.service, GatewayService)
         tally = self.service.metrics.api_requests
         self.assertEqual((tally.count("-", 413), tally.count("-", 401)), (1, 1))
+
+    @inlineCallbacks
+    def test_http2_no_body_buffer_before_the_key(self):
+        """
+        A stream's body gets twisted.web's buffer (a temporary file past
+        100 KB) only once its head has passed: streams without a key that
+        declare large bodies and send none open no file each.
+        """
+
+        def temporary_files() -> int:
+            fds = Path("/proc/self/fd")
+            count = 0
+            for fd in fds.iterdir():
+                try:
+                    count += "(deleted)" in os.readlink(fd)
+                except OSError:
+                    pass
+            return count
+
+        def open_streams(streams: int) -> Any:
+            import h2.connection
+
+            context = ssl.create_default_context(cadata=self.ca.decode())
+            context.set_alpn_protocols(["h2"])
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            for stream in range(1, 2 * streams, 2):
+                connection.send_headers(
+                    stream,
+                    [
+                        (":method", "POST"),
+                        (":path", "/v1/chat/completions"),
+                        (":scheme", "https"),
+                        (":authority", "127.0.0.1"),
+                        ("content-length", "200000"),
+                    ],
+                )
+            sock.sendall(connection.data_to_send())
+            return sock
+
+        before = temporary_files()
+        sock = yield deferToThread(open_streams, 20)
+        self.addCleanup(sock.close)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(temporary_files() - before, 0)
 
     @inlineCallbacks
     def test_http2_key_after_the_length(self):

@@ -311,11 +311,16 @@ class SendWholeTests(TestCase):
         #: Per request: the size asked for, what send_whole returned, and
         #: whether the request was finished when it returned.
         self.sent: list[tuple[int, Deferred[str | None] | None, bool]] = []
+        #: The send buffer each connection is given before its answer, if any.
+        self.send_buffer: int | None = None
         test = self
 
         class Answering(APIRequest):
             def process(self) -> None:
                 size = int(self.uri.strip(b"/"))
+                if test.send_buffer is not None:
+                    handle = self.channel.transport.getHandle()  # type: ignore[union-attr]
+                    handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, test.send_buffer)
                 self.setHeader(b"Content-Length", b"%d" % size)
                 sent = send_whole(self, b"%d" % (size % 10) * size)
                 test.sent.append((size, sent, bool(self.finished)))
@@ -347,3 +352,28 @@ class SendWholeTests(TestCase):
         done = self.sent[1][1]
         assert done is not None
         self.assertIsNone(self.successResultOf(done))
+
+    @inlineCallbacks
+    def test_last_part_sent_before_the_next_deadline(self):
+        """
+        A large answer is finished (and the next request's head deadline
+        started) only once the transport has sent all it held of it: a
+        slow but steady reader gets its tail, though the deadline (0.05 s
+        here) and the polite close after it (2 s) are shorter than the time
+        the last buffer takes to go out at its pace (24 KB/s).  (Two buffers
+        exactly: written in buffer-sized parts after the head, the last one
+        would not fill the transport's buffer, and the answer would be
+        finished with it still held.)
+        """
+        self.site.header_timeout = 0.05
+        # No key on this site's requests: not to be cut as a keyless one.
+        self.site.keyless_timeout = 60.0
+        # The kernel holds little: what is left of the answer is the
+        # transport's.
+        self.send_buffer = 4096
+        size = 2 * WholeAnswer.bufferSize
+        reader = SlowReader(self.port.getHost().port, b"GET /%d HTTP/1.1\r\nHost: gw\r\n\r\n" % size, 24 * 1024)
+        reading = deferToThread(reader.read)
+        body = yield reading
+        self.assertFalse(reader.reset)
+        self.assertEqual(len(body), size)

@@ -30,11 +30,14 @@ CLIENT_GONE = "client gone"
 #: The outcome of a call whose client took no part of its answer within
 #: C{API_SEND_TIMEOUT_SECONDS} (its connection aborted).
 SEND_TIMEOUT = "send_timeout"
+#: The outcome of a call whose large answer a stop cut short (its
+#: connection closed once the grace period was over).
+SHUTTING_DOWN = "shutting_down"
 #: The status a call whose large answer was cut short is counted and
 #: logged with, by outcome (as a stream cut short is, whatever status
 #: line went out): 499 when its client left, 408 when it took too long
-#: to read.
-CUT_STATUS: Mapping[str, int] = MappingProxyType({CLIENT_GONE: 499, SEND_TIMEOUT: 408})
+#: to read, 503 when a stop closed its connection.
+CUT_STATUS: Mapping[str, int] = MappingProxyType({CLIENT_GONE: 499, SEND_TIMEOUT: 408, SHUTTING_DOWN: 503})
 
 
 class SendDeadline(Protocol):
@@ -55,26 +58,32 @@ class SendDeadline(Protocol):
 class WholeAnswer:
     """
     The body of an answer in one piece, written to its request part by
-    part: L{bufferSize} bytes (one transport buffer,
-    C{twisted.internet.abstract.FileDescriptor.bufferSize}) at a time, as a
-    streaming producer the transport pauses while its buffer is full and
-    resumes once it has sent it all.  The request is finished (and the
-    connection's next deadline starts) once the last part was handed over,
-    so that about one buffer is left in user space then.
+    part, as a streaming producer.
+
+    Over HTTP/1.1 (a send deadline given) one part per L{resumeProducing}:
+    each part is more than one transport buffer
+    (C{twisted.internet.abstract.FileDescriptor.bufferSize}, L{bufferSize}),
+    so that the transport, holding more than its buffer, pauses its
+    producer (if it was not paused already, as behind a pipelined answer
+    or over TLS) and resumes it only once it has handed all it holds to
+    the kernel.  The request is finished from such a resume: nothing of
+    the answer is left in user space when the connection's deadline for
+    the next request starts, and a close at that deadline is an orderly
+    one that lets the kernel deliver the rest.  Over HTTP/2 (no deadline)
+    parts are written until the stream pauses it (its flow control).
 
     Not twisted.web's L{NoRangeStaticProducer}: as a pull producer it is
     driven through C{_PullToPush}, whose pauses are counted, while a
     transport pauses its producer at every write past its buffer (a
     pipelined answer's head and first part, behind a full buffer, are two
-    writes, resumed once): that answer would stall for good.  Pausing here
-    is a flag, however often it is asked.
+    writes, resumed once): that answer would stall for good.
 
     @ivar deadline: the connection's send deadline, re-armed at each part
         (None: none, as over HTTP/2, where the stream's flow control and
         twisted.web's idle timeout apply).
     @ivar done: fires once the answer is over, never failing: with None
         when it was all handed over, else with the outcome (L{CLIENT_GONE},
-        L{SEND_TIMEOUT}; its status is L{CUT_STATUS}'s).
+        L{SEND_TIMEOUT}, L{SHUTTING_DOWN}; its status is L{CUT_STATUS}'s).
     """
 
     bufferSize = FileDescriptor.bufferSize
@@ -86,6 +95,7 @@ class WholeAnswer:
         #: Why the answer ends if its connection is lost before the end.
         self.outcome = CLIENT_GONE
         self._body = io.BytesIO(body)
+        self._size = len(body)
         self._paused = False
         request.notifyFinish().addBoth(self._over)
 
@@ -99,13 +109,13 @@ class WholeAnswer:
 
     def resumeProducing(self) -> None:
         """
-        Write parts until the transport asks for a pause (or the body is
-        all written: then finish the request).
+        Write the next part (over HTTP/2: parts until the stream asks for a
+        pause), or, the body all written, finish the request.
         """
         self._paused = False
         while not self._paused and self.request is not None:
             request = self.request
-            part = self._body.read(self.bufferSize)
+            part = self._next_part()
             if not part:
                 self.request = None
                 request.unregisterProducer()
@@ -113,7 +123,19 @@ class WholeAnswer:
                 return
             if self.deadline is not None:
                 self.deadline.sending(self)
+                # Resumed once the transport has sent it all (see above).
+                self._paused = True
             request.write(part)
+
+    def _next_part(self) -> bytes:
+        """
+        The next part: one buffer and a byte, or all that is left when
+        that is less than two such parts, so that each part (the body being
+        larger than one buffer) fills an empty buffer past its size.
+        """
+        size = self.bufferSize + 1
+        left = self._size - self._body.tell()
+        return self._body.read(left if left < 2 * size else size)
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -130,6 +152,14 @@ class WholeAnswer:
         is being aborted.
         """
         self.outcome = SEND_TIMEOUT
+
+    def shutting_down(self) -> None:
+        """
+        The gateway is stopping and closes the connection: an answer it
+        cuts short is counted as a call the stop ended (503
+        C{shutting_down}).
+        """
+        self.outcome = SHUTTING_DOWN
 
     def _over(self, result: Failure | None) -> None:
         if not self.done.called:

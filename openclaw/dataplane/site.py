@@ -318,9 +318,10 @@ class APIRequest(Request):
             # content-length field, before the fields after it (an
             # Authorization among them).  Its head is checked once whole:
             # with the first part of its body, or the whole request.
+            # Until then its body has no buffer of its own (twisted.web's
+            # is a temporary file past 100 KB, or with no length).
             self._head_unchecked = (length, has_body)
-            too_large = length is not None and length > self.max_request_bytes
-            super().gotLength(0 if too_large else length)
+            super().gotLength(0)
             return
         refusal = self._check_head(length, has_body, connection)
         if refusal is not None:
@@ -374,6 +375,9 @@ class APIRequest(Request):
             refusal = self._check_head(*unchecked, None)
             if refusal is not None:
                 self._refuse(refusal)
+            else:
+                # Accepted: the body's buffer for its declared length.
+                super().gotLength(unchecked[0])
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._head_unchecked is not None:
@@ -443,7 +447,13 @@ class APIRequest(Request):
         transport = self.channel.transport
         assert transport is not None
         transport.write(raw_error_response(refusal))
-        transport.loseConnection()
+        connection = self._connection
+        if connection is not None:
+            # Not a 408 too, should the refusal not go out before the
+            # request's deadline.
+            connection.close_politely()
+        else:
+            transport.loseConnection()
 
     def _refused(self, refusal: APIError, command: bytes | None, uri: bytes | None) -> None:
         """
@@ -777,12 +787,31 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             if self._site.context is not None:
                 self._site.context.refused_early(error, outcome, host_of(transport.getPeer()))
             transport.write(raw_error_response(error))
+        self.close_politely()
+
+    def close_politely(self) -> None:
+        """
+        Close the connection once what was written to it is sent, and abort
+        it if that takes more than L{CLOSE_DEADLINE_SECONDS} (a client that
+        does not read could hold a polite close open); no other deadline
+        of the connection runs from now on.
+        """
+        transport = self.tcp
         transport.loseConnection()
+        self._disarm()
+        self._stop_keyless_deadline()
         pending = self._deadline
         if pending is not None and pending.active():
-            pending.cancel()  # the head or body deadline (the keyless one came first)
-        # A client that does not read could hold a polite close open.
+            pending.cancel()
         self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
+
+    def shutting_down(self) -> None:
+        """
+        The gateway is stopping and closes this connection: a large answer
+        it cuts short is counted as the stop's (L{WholeAnswer.shutting_down}).
+        """
+        if self._sending is not None:
+            self._sending.shutting_down()
 
 
 class APISite(Site):
@@ -972,6 +1001,7 @@ class APISite(Site):
         if closed.called:
             return closed
         for connection in self.connections:
+            connection.shutting_down()
             connection.tcp.loseConnection()
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
 
