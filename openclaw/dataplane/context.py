@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
 from openclaw.addresses import host_of
@@ -29,6 +29,8 @@ _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 #: The log line of a refused or failed API request: a success's, with the
 #: error code (C{outcome}) after the status.
 _FAILED = "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms"
+#: The log line of a successful API request.
+_SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms"
 
 
 class ShutDown(Protocol):
@@ -273,32 +275,22 @@ class APIContext:
             # A key checked with the request's head (APIRequest.holder).
             holder = getattr(request, "holder", None)
             consumer = getattr(holder, "consumer", None)
+        param = None
         if status < 400:
             if not self.log_successes:
                 return
-            self.log.debug(
-                "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms",
-                method=request.method.decode("ascii", "replace"),
-                consumer=consumer or "-",
-                path=request.path.decode("ascii", "replace"),
-                status=status,
-                route=f"{route.provider_id}/{route.model}" if route else "-",
-                provider=provider,
-                model=route.model if route else None,
-                stream=stream,
-                outcome=outcome,
-                duration_ms=round(seconds * 1000, 2),
-                peer=host_of(request.getClientAddress()),
-            )
+            level, text = LogLevel.debug, _SUCCEEDED
+        elif self.log_failures:
+            level, text = LogLevel.info, _FAILED
+            if error is not None:
+                outcome = outcome or error.code or error.type
+                param = error.param
+            outcome = outcome or "-"
+        else:
             return
-        if not self.log_failures:
-            return
-        param = None
-        if error is not None:
-            outcome = outcome or error.code or error.type
-            param = error.param
-        self.log.info(
-            _FAILED,
+        self.log.emit(
+            level,
+            text,
             method=request.method.decode("ascii", "replace"),
             consumer=consumer or "-",
             path=request.path.decode("ascii", "replace"),
@@ -307,7 +299,7 @@ class APIContext:
             provider=provider,
             model=route.model if route else None,
             stream=stream,
-            outcome=outcome or "-",
+            outcome=outcome,
             param=param,
             duration_ms=round(seconds * 1000, 2),
             peer=host_of(request.getClientAddress()),
