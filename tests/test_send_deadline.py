@@ -3,7 +3,9 @@ Large whole answers on slow HTTP/1.1 clients, over real sockets: an answer
 goes out part by part as the client takes it, so the next request's head
 deadline (C{API_HEADER_TIMEOUT_SECONDS}) starts only once it was all
 handed over and does not cut it; a client that stops reading mid-answer is
-let go after C{API_SEND_TIMEOUT_SECONDS}.
+let go after C{API_SEND_TIMEOUT_SECONDS}, and one a stop cuts is counted
+503 shutting_down.  A refusal stuck behind pipelined answers the client
+does not read is counted once (no 408 at its body deadline after it).
 """
 
 from __future__ import annotations
@@ -271,6 +273,32 @@ class SlowReaderTests(TestCase):
         self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(200, None)])
 
     @inlineCallbacks
+    def test_answer_a_stop_cuts_is_counted_shutting_down(self):
+        """
+        A client that stops reading a large answer holds it past a stop's
+        grace period (0.5 s here) and the polite close after it
+        (CLOSE_DEADLINE_SECONDS): the connection is aborted then, and the
+        call is counted as the stop's, 503 shutting_down, not 499 client
+        gone.
+        """
+        gateway = self.gateway(shutdown_grace_seconds=0.5, api_header_timeout_seconds=30.0)
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
+        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.head != b"", "the answer's head")
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        yield gateway.service.stopService()
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(503, "shutting_down")])
+        self.assertEqual(len(site.connections), 0)
+        reader.resume.set()
+        body = yield reading
+        self.assertLess(len(body), content_length(reader.head))
+
+    @inlineCallbacks
     def test_client_leaving_mid_answer_is_counted(self):
         """
         A client that leaves while a large answer goes out: the call is
@@ -377,3 +405,88 @@ class SendWholeTests(TestCase):
         body = yield reading
         self.assertFalse(reader.reset)
         self.assertEqual(len(body), size)
+
+
+def pipeline_unread(port: int, data: bytes, done: threading.Event) -> None:
+    """
+    Send C{data} on a connection with a small receive buffer, and read
+    nothing of the answers until C{done} is set (or 30 s pass).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(data)
+        done.wait(30)
+    finally:
+        sock.close()
+
+
+class _Sized(Resource):
+    """
+    Answers C{GET /<size>} with C{size} bytes, written whole (not over one
+    transport buffer: no L{WholeAnswer}), on a connection whose send buffer
+    is small.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        handle = request.channel.transport.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return b"x" * int(request.path.strip(b"/"))
+
+
+class RefusalBehindAnswersTests(TestCase):
+    """
+    A refusal written behind pipelined answers the client does not read,
+    on an L{APISite} with a real gateway's L{APIContext} (its refusals
+    counted and logged).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.events = capture_log_events(self)
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        self.addCleanup(gateway.service.api_site.close_connections)
+        self.site = APISite(_Sized(), gateway.service.api_site.context, reactor=reactor)
+        self.site.body_timeout = 1.0
+        # Not to be cut as a keyless connection meanwhile.
+        self.site.keyless_timeout = 60.0
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.site.close_connections)
+
+    @inlineCallbacks
+    def test_refusal_not_flushed_is_not_also_a_408(self):
+        """
+        A POST with a body and no key behind 4 pipelined GETs whose 64 KB
+        answers the client does not read: its 401 cannot go out before its
+        body deadline (1 s here), which does not run once it is refused:
+        the request is counted and logged once, 401, and no 408 follows
+        (the connection is aborted CLOSE_DEADLINE_SECONDS after the 401).
+        """
+        port = self.port.getHost().port
+        data = b"GET /65536 HTTP/1.1\r\nHost: gw\r\n\r\n" * 4 + (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\n\r\n{}"
+        )
+        done = threading.Event()
+        self.addCleanup(done.set)
+        sending = deferToThread(pipeline_unread, port, data, done)
+        yield self.wait_for(lambda: bool(self.refusals()), "the 401")
+        # Past the body deadline, until the connection is closed.
+        yield deferLater(reactor, 1.5, lambda: None)
+        yield self.wait_for(lambda: len(self.site.connections) == 0, "the close")
+        done.set()
+        yield sending
+        self.assertEqual(
+            [(e["method"], e["path"], e["status"], e["outcome"]) for e in self.refusals()],
+            [("-", "-", 401, "invalid_api_key")],
+        )
+
+    wait_for = SlowReaderTests.wait_for
+
+    def refusals(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane" and "status" in e]
