@@ -406,6 +406,31 @@ class SendWholeTests(TestCase):
         self.assertFalse(reader.reset)
         self.assertEqual(len(body), size)
 
+    @inlineCallbacks
+    def test_stop_closes_in_order_once_an_answer_is_handed_over(self):
+        """
+        A stop closes a connection with a large answer going out only once
+        the answer was all handed over, and then in order: the kernel
+        delivers the rest to a reader still taking it after the site's
+        CLOSE_DEADLINE_SECONDS (2 s).  Closed while its producer was paused,
+        the transport would have resumed it instead of closing, waited for
+        a write that never came, and been aborted (a reset) at that
+        deadline, the answer's tail lost.
+        """
+        self.site.keyless_timeout = 60.0
+        size = 3_000_000
+        reader = SlowReader(self.port.getHost().port, b"GET /%d HTTP/1.1\r\nHost: gw\r\n\r\n" % size, 1_000_000)
+        reading = deferToThread(reader.read)
+        for _ in range(500):
+            if self.sent:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield self.site.close_connections()
+        body = yield reading
+        self.assertFalse(reader.reset)
+        self.assertEqual(len(body), size)
+
 
 def pipeline_unread(port: int, data: bytes, done: threading.Event) -> None:
     """

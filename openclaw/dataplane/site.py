@@ -562,6 +562,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _started = False
     #: The large answer going out, while its send deadline is in force.
     _sending: WholeAnswer | None = None
+    #: A stop closes the connection once that answer is all handed over.
+    _close_after_answer = False
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
@@ -653,7 +655,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def _keyless_due(self) -> None:
         self._keyless_deadline = None
-        if not self.keyless:
+        if not self.keyless or self._sending is not None:
+            # A large answer going out has its send deadline instead.
             return
         site = self._site
         if self._in_grace:
@@ -713,6 +716,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             return
         self._started = False
         self._sending = None
+        if self._close_after_answer:
+            self.close_politely()
+            return
         self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
     def sending(self, answer: WholeAnswer) -> None:
@@ -807,11 +813,20 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def shutting_down(self) -> None:
         """
-        The gateway is stopping and closes this connection: a large answer
-        it cuts short is counted as the stop's (L{WholeAnswer.shutting_down}).
+        The gateway is stopping: close this connection politely, at once,
+        or, while a large answer goes out (L{WholeAnswer}), once it was all
+        handed over (L{response_finished}).  Not before: a transport asked
+        to close while its producer is paused resumes the producer when its
+        buffer is empty rather than closing, and would then wait for a write
+        that never comes.  An answer the stop cuts short (the site aborts
+        what is left after L{CLOSE_DEADLINE_SECONDS}) is counted as the
+        stop's (L{WholeAnswer.shutting_down}).
         """
         if self._sending is not None:
             self._sending.shutting_down()
+            self._close_after_answer = True
+        else:
+            self.tcp.loseConnection()
 
 
 class APISite(Site):
@@ -1002,7 +1017,6 @@ class APISite(Site):
             return closed
         for connection in self.connections:
             connection.shutting_down()
-            connection.tcp.loseConnection()
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
 
         def cancel_straggle(result: None) -> None:
