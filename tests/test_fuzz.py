@@ -35,7 +35,7 @@ class FuzzTests(TestCase):
             self, max_message_bytes=4096, max_auth_failures=1000, auth_lockout_exempt=(ip_network("127.0.0.1/32"),)
         )
         reports = yield gatherResults(
-            [deferToThread(fuzz, "127.0.0.1", gateway.port, gateway.token, 75, seed) for seed in range(4)]
+            [deferToThread(fuzz, "127.0.0.1", gateway.port, gateway.token, 50, seed) for seed in range(4)]
         )
         for report in reports:
             self.assertEqual(report.failures, [], report.summary())
