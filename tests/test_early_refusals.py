@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,26 +26,12 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.support import RecordingEndpoint, capture_log_events, start_gateway
+from tests.test_attack_review import exchange
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
 KEY = "gw-key-0123456789abcdef"
 CHAT = b"/v1/chat/completions"
-
-
-def exchange(port: int, data: bytes) -> bytes:
-    """
-    Send C{data} and read until the server closes (or 5 s pass).
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        answer = b""
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return answer
 
 
 def status_of(answer: bytes) -> int:

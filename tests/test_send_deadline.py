@@ -185,6 +185,23 @@ class SlowReaderTests(TestCase):
             connection.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
     @inlineCallbacks
+    def reader_that_stops(self, gateway: RunningGateway) -> Any:
+        """
+        A client of C{gateway} on a slow link that takes the head of a
+        large embeddings answer and stops reading: the site, the
+        L{SlowReader} and the Deferred of its read.
+        """
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        self.upstream.gemini.delay = 1.0
+        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
+        reading = self.read_slowly(reader)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: reader.head != b"", "the answer's head")
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        return site, reader, reading
+
+    @inlineCallbacks
     def test_large_answer_to_slow_reader_arrives_whole(self):
         """
         A 4 MB answer read at about 1 MB/s takes over 3 seconds, longer
@@ -222,14 +239,7 @@ class SlowReaderTests(TestCase):
         meanwhile and after.
         """
         gateway = self.gateway(api_send_timeout_seconds=1.0, api_header_timeout_seconds=30.0)
-        assert gateway.api_port is not None
-        site = gateway.service.api_site
-        self.upstream.gemini.delay = 1.0
-        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
-        reading = self.read_slowly(reader)
-        yield self.slow_link(site)
-        yield self.wait_for(lambda: reader.head != b"", "the answer's head")
-        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        site, reader, reading = yield self.reader_that_stops(gateway)
         # Another client is served while this one holds its answer.
         answer = yield deferToThread(
             raw, gateway.api_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -282,14 +292,7 @@ class SlowReaderTests(TestCase):
         gone.
         """
         gateway = self.gateway(shutdown_grace_seconds=0.5, api_header_timeout_seconds=30.0)
-        assert gateway.api_port is not None
-        site = gateway.service.api_site
-        self.upstream.gemini.delay = 1.0
-        reader = SlowReader(gateway.api_port, embeddings_request(gateway.api_port), 4 * 1024 * 1024, stop_after=1)
-        reading = self.read_slowly(reader)
-        yield self.slow_link(site)
-        yield self.wait_for(lambda: reader.head != b"", "the answer's head")
-        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        site, reader, reading = yield self.reader_that_stops(gateway)
         yield gateway.service.stopService()
         yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
         self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(503, "shutting_down")])
