@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -22,10 +24,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 
-from openclaw.dataplane.answer import WholeAnswer, send_whole
+from openclaw.dataplane.answer import CLIENT_GONE, SEND_TIMEOUT, WholeAnswer, send_whole
 from openclaw.dataplane.site import APIRequest, APISite
 from tests.support import RunningGateway, capture_log_events, start_gateway, start_upstream
 from tests.test_api_exhaustion import high_levels, raw
@@ -518,3 +520,152 @@ class RefusalBehindAnswersTests(TestCase):
 
     def refusals(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane" and "status" in e]
+
+
+def h2_unread_then_small(
+    port: int, ca: bytes, size: int, small: int, leave: bool = False
+) -> tuple[float, list[str], bytes]:
+    """
+    Over HTTP/2 on TLS: ask for C{size} bytes on stream 1 and keep that
+    stream's window shut (its data acknowledged for the connection only),
+    until the server resets it (or, with C{leave}, reset it at its first
+    data); then ask for C{small} bytes on stream 3 of the same connection,
+    read normally.  The seconds stream 1 took to end, the events of each
+    stream as they came, and stream 3's body.
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    events: list[str] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_socket:
+        with context.wrap_socket(raw_socket, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+
+            def ask(stream: int, length: int) -> None:
+                connection.send_headers(
+                    stream,
+                    [(":method", "GET"), (":path", f"/{length}"), (":scheme", "https"), (":authority", "127.0.0.1")],
+                    end_stream=True,
+                )
+                sock.sendall(connection.data_to_send())
+
+            def until(stream: int, ends: tuple[type, ...]) -> bytes:
+                body = b""
+                while chunk := sock.recv(65536):
+                    for event in connection.receive_data(chunk):
+                        if isinstance(event, h2.events.DataReceived):
+                            if event.stream_id == stream == 3:
+                                body += event.data
+                                connection.acknowledge_received_data(event.flow_controlled_length, stream)
+                            else:
+                                # The connection's window only: stream 1's stays shut.
+                                connection.increment_flow_control_window(event.flow_controlled_length)
+                                if leave:
+                                    connection.reset_stream(1)
+                                    sock.sendall(connection.data_to_send())
+                                    events.append("1 left")
+                                    return body
+                        if isinstance(event, (h2.events.StreamReset, h2.events.StreamEnded)):
+                            events.append(f"{event.stream_id} {type(event).__name__}")
+                            if event.stream_id == stream and isinstance(event, ends):
+                                sock.sendall(connection.data_to_send())
+                                return body
+                    sock.sendall(connection.data_to_send())
+                return body
+
+            started = time.monotonic()
+            ask(1, size)
+            until(1, (h2.events.StreamReset, h2.events.StreamEnded))
+            took = time.monotonic() - started
+            ask(3, small)
+            return took, events, until(3, (h2.events.StreamEnded, h2.events.StreamReset))
+
+
+class Http2SendDeadlineTests(TestCase):
+    """
+    Over HTTP/2 a large answer is paced by its stream's flow-control
+    window: a client that keeps it shut gets the stream reset after
+    C{API_SEND_TIMEOUT_SECONDS}, the answer counted C{send_timeout}, and
+    the connection's other streams go on.
+    """
+
+    timeout = 20
+
+    def setUp(self) -> None:
+        from twisted.internet.endpoints import serverFromString
+        from twisted.web.http import H2_ENABLED
+
+        from tests.test_listen import write_certificates
+
+        if not H2_ENABLED:
+            raise SkipTest("h2 is not installed")
+        self.sent: list[Deferred[str | None] | None] = []
+        test = self
+
+        class Answering(APIRequest):
+            def process(self) -> None:
+                size = int(self.path.strip(b"/"))
+                self.setHeader(b"Content-Length", b"%d" % size)
+                test.sent.append(send_whole(self, b"x" * size))
+
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        self.ca, keyfile, certfile = write_certificates(directory)
+        self.site = APISite(Resource(), context=None)
+        self.site.requestFactory = Answering
+        self.site.send_timeout = 0.5
+        endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        return endpoint.listen(self.site).addCallback(self._listening)
+
+    def _listening(self, port: Any) -> None:
+        self.port = port
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.site.close_connections)
+
+    @inlineCallbacks
+    def test_shut_window_resets_the_stream_only(self):
+        took, events, body = yield deferToThread(
+            h2_unread_then_small, self.port.getHost().port, self.ca, 4 * WholeAnswer.bufferSize, 10
+        )
+        self.assertEqual(events, ["1 StreamReset", "3 StreamEnded"])
+        self.assertGreaterEqual(took, 0.5)
+        self.assertEqual(body, b"x" * 10)
+        large, small = self.sent
+        assert large is not None
+        self.assertEqual(self.successResultOf(large), SEND_TIMEOUT)
+        self.assertIsNone(small)
+
+    @inlineCallbacks
+    def test_client_leaving_ends_the_deadline(self):
+        """
+        A client that resets a stream its answer waits on: the answer is
+        counted C{client gone}, and its deadline is gone with it (a timer
+        left behind would fail the test: trial checks the reactor is clean).
+        """
+        took, events, body = yield deferToThread(
+            h2_unread_then_small, self.port.getHost().port, self.ca, 4 * WholeAnswer.bufferSize, 10, True
+        )
+        self.assertEqual(events, ["1 left", "3 StreamEnded"])
+        self.assertLess(took, 0.5)
+        self.assertEqual(body, b"x" * 10)
+        large, small = self.sent
+        assert large is not None
+        self.assertEqual(self.successResultOf(large), CLIENT_GONE)
+
+    @inlineCallbacks
+    def test_steady_reader_gets_it_all(self):
+        """
+        A client that opens the window as it reads gets the whole answer:
+        each of its many pauses ends within the deadline.
+        """
+        from tests.test_listen import h2_request
+
+        size = 40 * WholeAnswer.bufferSize
+        agreed, status, body = yield deferToThread(h2_request, self.port.getHost().port, self.ca, "GET", f"/{size}")
+        self.assertEqual((agreed, status, len(body)), ("h2", 200, size))
+        (done,) = self.sent
+        assert done is not None
+        self.assertIsNone(self.successResultOf(done))

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -54,6 +54,57 @@ class SendDeadline(Protocol):
         """
 
 
+class Stream(Protocol):
+    """
+    An HTTP/2 stream as an answer's request sees it (twisted.web's
+    C{H2Stream}, the request's C{channel}).
+    """
+
+    def abortConnection(self) -> None:
+        """
+        Reset the stream (RST_STREAM): its connection and other streams go on.
+        """
+
+
+class StreamSendDeadline:
+    """
+    The send deadline of a large answer on an HTTP/2 stream, which the
+    client paces with the stream's flow-control window (RFC 9113, section
+    5.2): each time the stream pauses the answer (its window used up), the
+    client has C{seconds} to open it again (WINDOW_UPDATE).  Past that the
+    stream is reset and the answer counted C{send_timeout}
+    (L{WholeAnswer.reset}); the connection and its other streams go on.
+
+    @ivar seconds: C{API_SEND_TIMEOUT_SECONDS}.
+    """
+
+    def __init__(self, reactor: IReactorTime, seconds: float, stream: Stream) -> None:
+        self.seconds = seconds
+        self._reactor = reactor
+        self._stream = stream
+        self._timer: IDelayedCall | None = None
+
+    def paused(self, answer: WholeAnswer) -> None:
+        """
+        The stream paused C{answer}: its window must open within the deadline.
+        """
+        if self._timer is None:
+            self._timer = self._reactor.callLater(self.seconds, self._due, answer)
+
+    def resumed(self) -> None:
+        """
+        The window opened again (or the answer is over): no deadline until
+        the next pause.
+        """
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _due(self, answer: WholeAnswer) -> None:
+        self._timer = None
+        answer.reset(self._stream)
+
+
 @implementer(IPushProducer)
 class WholeAnswer:
     """
@@ -69,8 +120,9 @@ class WholeAnswer:
     the kernel.  The request is finished from such a resume: nothing of
     the answer is left in user space when the connection's deadline for
     the next request starts, and a close at that deadline is an orderly
-    one that lets the kernel deliver the rest.  Over HTTP/2 (no deadline)
-    parts are written until the stream pauses it (its flow control).
+    one that lets the kernel deliver the rest.  Over HTTP/2 parts are
+    written until the stream pauses it (its flow control), each pause
+    under the stream's own deadline (L{StreamSendDeadline}).
 
     Not twisted.web's L{NoRangeStaticProducer}: as a pull producer it is
     driven through C{_PullToPush}, whose pauses are counted, while a
@@ -79,8 +131,9 @@ class WholeAnswer:
     writes, resumed once): that answer would stall for good.
 
     @ivar deadline: the connection's send deadline, re-armed at each part
-        (None: none, as over HTTP/2, where the stream's flow control and
-        twisted.web's idle timeout apply).
+        (None over HTTP/2).
+    @ivar stream_deadline: over HTTP/2, the stream's send deadline, armed
+        at each pause (L{StreamSendDeadline}).
     @ivar done: fires once the answer is over, never failing: with None
         when it was all handed over, else with the outcome (L{CLIENT_GONE},
         L{SEND_TIMEOUT}, L{SHUTTING_DOWN}; its status is L{CUT_STATUS}'s).
@@ -88,9 +141,16 @@ class WholeAnswer:
 
     bufferSize = FileDescriptor.bufferSize
 
-    def __init__(self, request: Request, body: bytes, deadline: SendDeadline | None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        body: bytes,
+        deadline: SendDeadline | None,
+        stream_deadline: StreamSendDeadline | None = None,
+    ) -> None:
         self.request: Request | None = request
         self.deadline = deadline
+        self.stream_deadline = stream_deadline
         self.done: Deferred[str | None] = Deferred()
         #: Why the answer ends if its connection is lost before the end.
         self.outcome = CLIENT_GONE
@@ -113,6 +173,8 @@ class WholeAnswer:
         pause), or, the body all written, finish the request.
         """
         self._paused = False
+        if self.stream_deadline is not None:
+            self.stream_deadline.resumed()
         while not self._paused and self.request is not None:
             request = self.request
             part = self._next_part()
@@ -139,6 +201,8 @@ class WholeAnswer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self.stream_deadline is not None and self.request is not None:
+            self.stream_deadline.paused(self)
 
     def stopProducing(self) -> None:
         """
@@ -153,6 +217,18 @@ class WholeAnswer:
         """
         self.outcome = SEND_TIMEOUT
 
+    def reset(self, stream: Stream) -> None:
+        """
+        Its HTTP/2 client kept the stream's window shut past the send
+        deadline: reset the stream, and count the answer C{send_timeout}.
+        (twisted.web's C{H2Stream.abortConnection} drops the stream without
+        telling its request, whose L{done} fires here.)
+        """
+        self.outcome = SEND_TIMEOUT
+        self.request = None
+        stream.abortConnection()
+        self._over(Failure(ConnectionError("the stream was reset: its client took no part within the deadline")))
+
     def shutting_down(self) -> None:
         """
         The gateway is stopping and closes the connection: an answer it
@@ -162,6 +238,8 @@ class WholeAnswer:
         self.outcome = SHUTTING_DOWN
 
     def _over(self, result: Failure | None) -> None:
+        if self.stream_deadline is not None:
+            self.stream_deadline.resumed()
         if not self.done.called:
             self.done.callback(self.outcome if isinstance(result, Failure) else None)
 
@@ -174,14 +252,18 @@ def send_whole(request: Request, body: bytes) -> Deferred[str | None] | None:
     @return: None when C{body} fits one transport buffer
         (L{WholeAnswer.bufferSize}): it was written and the request
         finished at once.  Else the body goes out part by part
-        (L{WholeAnswer}), over the send deadline of the request's HTTP/1.1
-        connection (C{request.connection}, L{openclaw.dataplane.site.APIRequest.connection}),
-        and this is L{WholeAnswer.done}.
+        (L{WholeAnswer}), under the send deadline of the request's HTTP/1.1
+        connection (C{request.connection},
+        L{openclaw.dataplane.site.APIRequest.connection}) or of its HTTP/2
+        stream (C{request.stream_send_deadline}), and this is
+        L{WholeAnswer.done}.
     """
     if len(body) <= WholeAnswer.bufferSize:
         request.write(body)
         request.finish()
         return None
-    answer = WholeAnswer(request, body, getattr(request, "connection", None))
+    answer = WholeAnswer(
+        request, body, getattr(request, "connection", None), getattr(request, "stream_send_deadline", None)
+    )
     answer.start()
     return answer.done

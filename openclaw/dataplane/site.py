@@ -45,7 +45,7 @@ from twisted.web.server import Request, Site
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
-from openclaw.dataplane.answer import WholeAnswer
+from openclaw.dataplane.answer import StreamSendDeadline, WholeAnswer
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
@@ -297,6 +297,18 @@ class APIRequest(Request):
         The HTTP/1.1 connection this request came on (None over HTTP/2).
         """
         return self.api_site.connection_of(self.transport)
+
+    @property
+    def stream_send_deadline(self) -> StreamSendDeadline | None:
+        """
+        Over HTTP/2, a new send deadline for a large answer on this
+        request's stream (C{API_SEND_TIMEOUT_SECONDS} per pause of its flow
+        control); None over HTTP/1.1 (the connection keeps that deadline).
+        """
+        if isinstance(self.channel, HTTPChannel):
+            return None
+        site = self.api_site
+        return StreamSendDeadline(site.reactor, site.send_timeout, self.channel)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """
