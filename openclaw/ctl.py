@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn, cast
 
 import attrs
@@ -51,18 +52,20 @@ TOKEN_VARIABLE = "OPENCLAW_TOKEN"
 OK, FAILED, NO_ANSWER = 0, 1, 2
 
 #: What to do about each token error the gateway can give.
-_TOKEN_HINTS = {
-    "missing token": "give a token with --token, --token-file or OPENCLAW_TOKEN",
-    "invalid token": "this is not a token of this gateway; use the one its banner or TOKEN_FILE shows",
-    "token expired": (
-        "tokens live SESSION_TTL_HOURS: a single gateway issues a new one when restarted; a cluster (REDIS_URL) "
-        "replaces its token before it expires: use the current one from the banner or TOKEN_FILE"
-    ),
-    "token revoked": (
-        "the token was replaced: by rotate_token or a restart of a single gateway, or by a cluster's "
-        "(REDIS_URL) renewal before expiry; use the current one from the gateway's banner or TOKEN_FILE"
-    ),
-}
+_TOKEN_HINTS = MappingProxyType(
+    {
+        "missing token": "give a token with --token, --token-file or OPENCLAW_TOKEN",
+        "invalid token": "this is not a token of this gateway; use the one its banner or TOKEN_FILE shows",
+        "token expired": (
+            "tokens live SESSION_TTL_HOURS: a single gateway issues a new one when restarted; a cluster (REDIS_URL) "
+            "replaces its token before it expires: use the current one from the banner or TOKEN_FILE"
+        ),
+        "token revoked": (
+            "the token was replaced: by rotate_token or a restart of a single gateway, or by a cluster's "
+            "(REDIS_URL) renewal before expiry; use the current one from the gateway's banner or TOKEN_FILE"
+        ),
+    }
+)
 
 
 class UsageError(Exception):

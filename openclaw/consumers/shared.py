@@ -31,6 +31,7 @@ limits hold per instance then, and nobody is refused for Redis's absence.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -170,7 +171,7 @@ return 1
 FORGET = "return redis.call('DEL', unpack(KEYS))"
 
 #: How long a period's spend is kept in Redis, in seconds (0: always).
-SPEND_TTL = {"day": 3 * 86400, "month": 40 * 86400, "total": 0}
+SPEND_TTL = MappingProxyType({"day": 3 * 86400, "month": 40 * 86400, "total": 0})
 
 
 def consumer_key(redis: ScriptRunner, name: str, created_at: float, *parts: str) -> str:

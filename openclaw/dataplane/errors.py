@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import attrs
@@ -199,7 +200,7 @@ def _retry_after(seconds: float) -> tuple[bytes, bytes]:
 #: 16.2.1 names them (L{HTTPStatus}): twisted.web's table lacks some (429
 #: Too Many Requests, RFC 6585) and keeps RFC 2616's older wording for
 #: others ("Gateway Time-out").
-REASON_PHRASES = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+REASON_PHRASES = MappingProxyType({status.value: status.phrase.encode("ascii") for status in HTTPStatus})
 
 
 def reason_phrase(status: int) -> bytes | None:

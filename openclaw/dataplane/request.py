@@ -19,6 +19,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from itertools import islice
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -47,10 +48,10 @@ TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: system, developer and user messages carry content and name; assistant
 #: messages also refusal, audio, tool_calls and the legacy function_call;
 #: tool messages content and tool_call_id).
-ROLE_FIELDS = {"tool_calls": "assistant", "function_call": "assistant", "tool_call_id": "tool"}
+ROLE_FIELDS = MappingProxyType({"tool_calls": "assistant", "function_call": "assistant", "tool_call_id": "tool"})
 #: Those of L{ROLE_FIELDS} each role may not carry (a tuple: the first
 #: found is the one a 400 names, whatever the hash seed).
-NOT_CARRIED = {role: tuple(f for f, owner in ROLE_FIELDS.items() if owner != role) for role in ROLES}
+NOT_CARRIED = MappingProxyType({role: tuple(f for f, owner in ROLE_FIELDS.items() if owner != role) for role in ROLES})
 #: Any of them: a message holding none needs no check of its fields.
 ROLE_FIELD_NAMES = frozenset(ROLE_FIELDS)
 #: OpenAI's values, "xhigh" its newest

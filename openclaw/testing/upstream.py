@@ -1416,21 +1416,23 @@ def _for(provider_id: str) -> Callable[[str], tuple[str, str]]:
 
 
 #: What each mode does, for C{--help} (L{Mode} has the details).
-MODE_HELP = {
-    Mode.OK: "answer normally (after --delay seconds)",
-    Mode.UNAUTHORIZED: "401 in the provider's own error shape, whatever the key",
-    Mode.FORBIDDEN: "403 in the provider's own error shape (its models listing too)",
-    Mode.ERROR: "a 500 in the provider's own error shape",
-    Mode.MALFORMED: "200 whose body is not JSON",
-    Mode.HANG: "never answer, not even the status line",
-    Mode.STALL: "headers and part of the body (a stream: its first two events), then nothing more",
-    Mode.CUT: "headers and part of the body (a stream: its first two events), then the connection closed",
-    Mode.STREAM_ERROR: "a stream: its first two events, then an error event in the provider's shape, and the end",
-    Mode.ERROR_STALL: "a 500 whose error body stops half-way, then nothing more",
-    Mode.ERROR_CUT: "a 500 whose error body stops half-way, then the connection closed",
-    Mode.TRICKLE: "a stream: its first two events, then only ': keepalive' comments, for ever",
-    Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
-}
+MODE_HELP = MappingProxyType(
+    {
+        Mode.OK: "answer normally (after --delay seconds)",
+        Mode.UNAUTHORIZED: "401 in the provider's own error shape, whatever the key",
+        Mode.FORBIDDEN: "403 in the provider's own error shape (its models listing too)",
+        Mode.ERROR: "a 500 in the provider's own error shape",
+        Mode.MALFORMED: "200 whose body is not JSON",
+        Mode.HANG: "never answer, not even the status line",
+        Mode.STALL: "headers and part of the body (a stream: its first two events), then nothing more",
+        Mode.CUT: "headers and part of the body (a stream: its first two events), then the connection closed",
+        Mode.STREAM_ERROR: "a stream: its first two events, then an error event in the provider's shape, and the end",
+        Mode.ERROR_STALL: "a 500 whose error body stops half-way, then nothing more",
+        Mode.ERROR_CUT: "a 500 whose error body stops half-way, then the connection closed",
+        Mode.TRICKLE: "a stream: its first two events, then only ': keepalive' comments, for ever",
+        Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
+    }
+)
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,7 +70,7 @@ _FILTERED = frozenset(
         "IMAGE_RECITATION",
     }
 )
-_FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length"}
+_FINISH_REASONS = MappingProxyType({"STOP": "stop", "MAX_TOKENS": "length"})
 #: Gemini finish reasons that mean "the model failed"
 #: (U{https://ai.google.dev/api/generate-content#FinishReason}): an error,
 #: never a stop.  A reason in none of these tables (C{FINISH_REASON_UNSPECIFIED},
@@ -87,12 +88,14 @@ _FAILED = frozenset(
     }
 )
 #: What a failed finish reason tells the caller to do.
-_FAILURE_HINTS = {
-    "MALFORMED_FUNCTION_CALL": "the model produced a function call that does not parse; retry, "
-    "or simplify the tool schemas",
-    "UNEXPECTED_TOOL_CALL": "the model called a tool although none was enabled; retry, or send tools",
-    "TOO_MANY_TOOL_CALLS": "the model made too many tool calls in a row; retry with a narrower task",
-}
+_FAILURE_HINTS = MappingProxyType(
+    {
+        "MALFORMED_FUNCTION_CALL": "the model produced a function call that does not parse; retry, "
+        "or simplify the tool schemas",
+        "UNEXPECTED_TOOL_CALL": "the model called a tool although none was enabled; retry, or send tools",
+        "TOO_MANY_TOOL_CALLS": "the model made too many tool calls in a row; retry with a narrower task",
+    }
+)
 
 #: OpenAI request field -> generationConfig field, copied as they are.
 _GENERATION_FIELDS = (
@@ -107,19 +110,23 @@ _GENERATION_FIELDS = (
 #: own mapping in its OpenAI compatibility layer
 #: (U{https://ai.google.dev/gemini-api/docs/openai}); 0 turns thinking off.
 #: OpenAI's "xhigh" gets the "high" budget, the largest of that mapping.
-THINKING_BUDGETS = {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+THINKING_BUDGETS = MappingProxyType(
+    {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+)
 #: C{reasoning_effort} for Gemini 3 and later: the C{thinkingLevel} asked
 #: for (U{https://ai.google.dev/gemini-api/docs/thinking}); thinking cannot
 #: be turned off there, and "minimal" is the closest to none.  A model that
 #: lacks the level gets the next one up (L{thinking_level}).
-THINKING_LEVELS = {
-    "none": "minimal",
-    "minimal": "minimal",
-    "low": "low",
-    "medium": "medium",
-    "high": "high",
-    "xhigh": "high",
-}
+THINKING_LEVELS = MappingProxyType(
+    {
+        "none": "minimal",
+        "minimal": "minimal",
+        "low": "low",
+        "medium": "medium",
+        "high": "high",
+        "xhigh": "high",
+    }
+)
 #: Gemini 3's thinking levels, least thinking first.
 ALL_THINKING_LEVELS = ("minimal", "low", "medium", "high")
 #: The thinking levels of the Gemini 3 families that lack some, by model
@@ -141,14 +148,16 @@ DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
 #: (U{https://ai.google.dev/gemini-api/docs/image-understanding}: PNG,
 #: JPEG, WEBP, HEIC, HEIF).
-IMAGE_TYPES = {
-    "png": "image/png",
-    "jpg": "image/jpeg",
-    "jpeg": "image/jpeg",
-    "webp": "image/webp",
-    "heic": "image/heic",
-    "heif": "image/heif",
-}
+IMAGE_TYPES = MappingProxyType(
+    {
+        "png": "image/png",
+        "jpg": "image/jpeg",
+        "jpeg": "image/jpeg",
+        "webp": "image/webp",
+        "heic": "image/heic",
+        "heif": "image/heif",
+    }
+)
 #: Gemini's C{generationConfig} limits
 #: (U{https://ai.google.dev/api/generate-content#generationconfig}):
 #: C{candidateCount} from 1 to 8; at most 5 C{stopSequences}.
