@@ -827,6 +827,18 @@ class ConsumerGatewayTests(GatewayCase):
         spent = yield self.refused(sdk, "kimi/moonshot-v1-8k")
         self.assertEqual((spent.status_code, spent.code), (429, "insufficient_quota"))
         self.assertIn("budget of 1e-06 USD per UTC day", spent.message)
+        # The openai SDK retries a 429 unless told not to: a retrying client
+        # asks once, not three times.
+        self.assertEqual(spent.response.headers.get("x-should-retry"), "false")
+        retrying = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=budget["key"], max_retries=2, timeout=10
+        )
+        self.addCleanup(deferToThread, retrying.close)
+        registry = gateway.service.metrics.registry
+        labels = {"consumer": "budget", "reason": "insufficient_quota"}
+        before = registry.get_sample_value("openclaw_consumer_limited_total", labels)
+        yield self.refused(retrying, "kimi/moonshot-v1-8k")
+        self.assertEqual(registry.get_sample_value("openclaw_consumer_limited_total", labels), before + 1)
 
         expired = yield self.command(gateway, client, "consumer_create", {"name": "old"})
         yield self.command(gateway, client, "consumer_update", {"name": "old", "expires_at": "2000-01-01"})

@@ -146,6 +146,9 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
         f"(spent {spent:.6g} USD{held}){renews}; ask the operator to raise budget_usd with consumer_update",
         "insufficient_quota",
         "insufficient_quota",
+        # Not worth retrying before the operator acts: the openai SDKs
+        # retry every 429 unless the answer says not to (x-should-retry).
+        headers=((b"x-should-retry", b"false"),),
     )
 
 
