@@ -550,6 +550,21 @@ def still_open(socks: list[socket.socket], settle: float = 0.5) -> int:
     return held
 
 
+def exchange(port: int, data: bytes) -> bytes:
+    """
+    Send C{data} and read until the server closes (or 5 s pass).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return answer
+
+
 def bare_adapter(adapter: Any, api_key: str | None = "k") -> Any:
     """
     An adapter of class C{adapter} for reading answers (its C{refusal}):

@@ -27,7 +27,7 @@ from openclaw.session import SessionAuthority
 from tests.redis_server import DelayingProxy
 from tests.support import capture_log_events
 from tests.test_cluster import ClusterCase, printed, sleep
-from tests.test_cluster_review import redis_command
+from tests.test_cluster_keyspace import redis_command
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 GEMINI = Route("gemini", "g-1")

@@ -25,7 +25,8 @@ from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 from tests.test_cluster import OTHER_SECRET, ClusterCase, sleep
-from tests.test_cluster_review import SECRET, TTL, redis_command
+from tests.test_cluster_expired_token import SECRET, TTL
+from tests.test_cluster_keyspace import redis_command
 
 
 class HeldReplaces(MemoryStore):

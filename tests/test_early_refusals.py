@@ -25,8 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.support import RecordingEndpoint, capture_log_events, start_gateway
-from tests.test_attack_review import exchange
+from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 

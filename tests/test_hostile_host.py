@@ -32,6 +32,7 @@ from tests.support import (
     capture_log_events,
     close_client,
     connect,
+    exchange,
     free_port,
     spawn_gateway,
     start_gateway,
@@ -39,7 +40,6 @@ from tests.support import (
     twistd_path,
 )
 from tests.test_api_exhaustion import trickle
-from tests.test_attack_review import exchange
 from tests.test_cluster import ClusterCase, printed
 
 SECRET = "hostile-host-secret-hostile-host-secret-42"

@@ -1,8 +1,9 @@
 """
-STATE_DIR and TOKEN_FILE as a fresh operator gives them (review 10):
-an explicit state directory that does not exist yet is created mode 0700
-like the default one; one that cannot be used stops start-up with one
-line naming the variable, the value and what to do.
+STATE_DIR and TOKEN_FILE at start-up: an explicit state directory that
+does not exist yet is created mode 0700 like the default one; a state
+directory that cannot be used, or a TOKEN_FILE in a directory that does
+not exist, stops start-up with one line naming the variable, the value
+and what to do.  A real C{twistd -n openclaw}.
 """
 
 from __future__ import annotations

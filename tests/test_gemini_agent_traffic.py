@@ -1,11 +1,13 @@
 """
-Findings of a review of agent traffic on the Gemini path: thinking levels a
-Gemini 3 model refuses, thought summaries never asked for, tool-use prompt
-tokens dropped from usage, unknown finish reasons, answers with no
-candidate or with function call args that are not an object, OpenAI's
-C{allowed_tools} tool choice, tool results of several text parts.  Each
-through a real gateway in front of the stand-in upstream with the official
-openai SDK, or, for mapping details, on the translation functions alone.
+Agent traffic on the Gemini path: reasoning_effort mapped to a thinking
+level the model's family takes (Gemini 3 Pro refuses minimal and medium),
+thought summaries asked for when reasoning is, tool-use prompt tokens
+counted in usage, unknown finish reasons kept as stop (with a warning),
+answers with no candidate or with function call args that are not an
+object answered 502, OpenAI's C{allowed_tools} tool choice, tool results
+of several text parts.  Each through a real gateway in front of the
+stand-in upstream with the official openai SDK, or, for mapping details,
+on the translation functions alone.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """
-The eleventh review of the Gemini translation, by an agent developer with
-the official openai SDK: fields sent as null that hid others, several tool
-calls despite C{parallel_tool_calls: false}, log probabilities dropped,
-audio output dropped, values Gemini refuses forwarded to it, image URL
-types guessed wrong, tool names with dots.  Each rule on the translation
-functions alone, and through a real gateway in front of the stand-in
-upstream with the SDK.
+OpenAI's request fields and answer parts on the Gemini path: a field sent
+as null hides no other; C{parallel_tool_calls: false} gives one tool
+call; log probabilities are asked for and passed on; audio output, and
+values Gemini would refuse, are a gateway 400 naming the field; an image
+URL's type is read from its path; tool names with dots are refused.  Each
+rule on the translation functions alone, and through a real gateway in
+front of the stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations

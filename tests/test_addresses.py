@@ -1,0 +1,48 @@
+"""
+One normalisation of client addresses for both planes
+(L{openclaw.addresses}): IPv6 counted by its /64, C{::ffff:a.b.c.d} as
+a.b.c.d; the control plane's unauthenticated connections and the API's
+connections per address count under the same key.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.trial.unittest import TestCase
+
+from openclaw.addresses import client_key, counted_key
+from openclaw.dataplane.site import client_address
+
+
+class CountedKeyTests(TestCase):
+    def test_one_rule_for_both_planes(self) -> None:
+        """
+        The control plane's unauthenticated connections and the API's
+        connections per address count under L{counted_key}.
+        """
+        self.assertEqual(counted_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(counted_key("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(counted_key("not-an-address"), "not-an-address")
+        self.assertIsNone(counted_key(None))
+        self.assertEqual(client_address(IPv6Address("TCP", "2001:db8::2", 1)), "2001:db8::/64")
+        self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))
+
+
+class AddressKeyTests(TestCase):
+    """
+    One normalisation for both listeners: IPv6 by /64, C{::ffff:a.b.c.d}
+    as a.b.c.d.
+    """
+
+    def test_api_counts_ipv6_by_64(self):
+        def key(host: str) -> str | None:
+            return client_address(IPv6Address("TCP", host, 1))
+
+        self.assertEqual(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"))
+        self.assertEqual(key("2001:db8:1:2::1"), "2001:db8:1:2::/64")
+        self.assertNotEqual(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"))
+        self.assertEqual(key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(client_address(IPv4Address("TCP", "192.0.2.7", 1)), "192.0.2.7")
+        for host in ("2001:db8:1:2::1", "::ffff:192.0.2.7", "fe80::1%eth0"):
+            self.assertEqual(key(host), client_key(host))
+        self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))

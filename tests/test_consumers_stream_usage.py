@@ -1,0 +1,93 @@
+"""
+A consumer's stream left early is still counted: the gateway reads the
+rest of the upstream stream for its usage, and a stream that breaks with
+no usage is counted an estimate, never 0 tokens.  The openai SDK against
+a gateway in this process, the stand-in upstream on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import openai
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from tests.test_consumers import GatewayCase
+from tests.test_dataplane import HELLO
+
+
+class StreamLeftEarlyTests(GatewayCase):
+    @inlineCallbacks
+    def usage_of(self, gateway: Any, client: Any, name: str, requests: int = 1) -> Any:
+        """
+        The consumer's usage total once C{requests} calls are counted (a
+        stream left early is counted when its upstream ends).
+        """
+        for _ in range(100):
+            usage = yield self.command(gateway, client, "usage", {"name": name})
+            if usage["total"]["requests"] >= requests:
+                return usage["total"]
+            yield deferToThread(time.sleep, 0.05)
+        self.fail(f"{name}'s call was never counted")
+
+    @inlineCallbacks
+    def test_left_after_finish_reason(self) -> Any:
+        """
+        A client that closes a Kimi stream after the chunk with
+        finish_reason, before the usage chunk, is counted the stream's
+        usage all the same: the gateway reads the rest of the stream.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 100000})
+        self.upstream.kimi.chunk_interval = 0.2
+        sdk = self.sdk(gateway, created["key"])
+
+        def leave_at_finish() -> str:
+            text = ""
+            stream = sdk.chat.completions.create(model="kimi/moonshot-v1-8k", messages=HELLO, stream=True)
+            for chunk in stream:
+                self.assertIsNone(chunk.usage)
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                    if chunk.choices[0].finish_reason:
+                        break
+            stream.close()
+            return text
+
+        text = yield deferToThread(leave_at_finish)
+        self.assertEqual(text, self.upstream.kimi.reply)
+        total = yield self.usage_of(gateway, client, "leaver")
+        # The stand-in's usage: 10 prompt tokens, one completion token a word.
+        self.assertEqual((total["prompt_tokens"], total["completion_tokens"]), (10, 4))
+        self.assertGreater(total["cost_usd"], 0)
+
+    @inlineCallbacks
+    def test_no_usage_ever_is_estimated(self) -> Any:
+        """
+        A stream that breaks after some text, with no usage, is counted an
+        estimate (characters / 4, rounded up), never 0 tokens.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "cut"})
+        self.upstream.kimi.mode = "cut"
+        self.upstream.kimi.cut_after = 3
+        sdk = self.sdk(gateway, created["key"])
+
+        def read_all() -> str:
+            text = ""
+            try:
+                for chunk in sdk.chat.completions.create(model="kimi/moonshot-v1-8k", messages=HELLO, stream=True):
+                    if chunk.choices:
+                        text += chunk.choices[0].delta.content or ""
+            except openai.APIError:
+                pass
+            return text
+
+        text = yield deferToThread(read_all)
+        self.assertTrue(text)
+        total = yield self.usage_of(gateway, client, "cut")
+        prompt = HELLO[0]["content"]
+        self.assertEqual(total["prompt_tokens"], -(-len(prompt) // 4))
+        self.assertEqual(total["completion_tokens"], -(-len(text) // 4))

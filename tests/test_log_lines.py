@@ -1,0 +1,93 @@
+"""
+Lines of the text log: those that close a control connection (the
+lockout's among them) show C{reason=} as the JSON format does, and
+Twisted's accept-failure lines, one per socket in an C{EMFILE} flood, are
+written at most once a minute with a count of those left out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import LogLevel
+from twisted.trial.unittest import TestCase
+
+from openclaw.logs import ACCEPT_ERROR_FORMATS, make_observer, text_line
+from tests.support import capture_log_events, open_client, start_gateway
+from tests.test_auth_timeout import LOOPBACK
+
+
+class ControlTextLineTests(TestCase):
+    """
+    The lines that close a control connection, in the text format.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_control_text_lines_carry_reason(self):
+        """
+        The lockout line, and the other lines that close a control
+        connection, show C{reason=} in the text format as in JSON.
+        """
+        events = capture_log_events(self)
+        gateway = start_gateway(
+            self, auth_lockout_failures=3, max_auth_failures=2, auth_timeout_seconds=1.0, trusted_clients=LOOPBACK
+        )
+        for _ in range(2):
+            client = yield open_client(self, gateway.port)
+            for _ in range(2):
+                client.send({"token": "forged", "cmd": "ping"})
+            yield client.closed
+        idle = yield open_client(self, gateway.port, bind="127.0.0.2")
+        yield idle.closed
+        reasons = set()
+        for event in events:
+            if event.get("outcome") in ("locked_out", "closed"):
+                line = text_line(event) or ""
+                self.assertIn(f"reason={event['reason']}", line)
+                reasons.add(event["reason"])
+        self.assertEqual(reasons, {"auth_lockout", "auth_failures", "auth_timeout"})
+
+
+class AcceptErrorLimiterTests(TestCase):
+    """
+    Twisted's accept-failure lines, one per socket in a flood, are written
+    at most once a minute, with a count of those left out.
+    """
+
+    def test_rate_limited(self) -> None:
+        out = io.StringIO()
+        observer = make_observer(out, "text", "info")
+
+        def event(log_format: str, when: float, **fields: Any) -> dict[str, Any]:
+            return {
+                "log_format": log_format,
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": "twisted.internet.tcp.Port",
+                **fields,
+            }
+
+        for n in range(100):
+            observer(event("Could not accept new connection ({acceptError})", 1000 + n * 0.1, acceptError="EMFILE"))
+            observer(event("EMFILE recovery: Closed socket from {address}", 1000 + n * 0.1, address=("10.0.0.1", n)))
+        observer(event("something else {n}", 1005, n=1))
+        observer(event("Could not accept new connection ({acceptError})", 1061, acceptError="ENFILE"))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("Could not accept new connection (EMFILE)", lines[0])
+        self.assertIn("something else 1", lines[1])
+        self.assertIn(
+            "Could not accept new connection (ENFILE) (199 similar lines suppressed in the last 60 s)", lines[2]
+        )
+
+    def test_formats_are_twisteds(self) -> None:
+        # Twisted writes two of them as adjacent literals: "a;" " b".
+        source = inspect.getsource(tcp).replace('" "', "")
+        for log_format in ACCEPT_ERROR_FORMATS:
+            self.assertIn(f'"{log_format}"', source)

@@ -1,0 +1,112 @@
+"""
+C{/metrics}, on the API and on a listener of its own (C{--metrics-listen}):
+methods other than GET and HEAD are answered 405 in plain text, and a
+scrape is logged at debug (a refused request at info), not as an access
+line; on both listeners a request with more than one C{Host} field is
+answered 400 (RFC 9112 section 3.2).  Raw HTTP against a gateway in this
+process.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel
+from twisted.trial.unittest import TestCase
+
+from tests.support import exchange, start_gateway, start_metrics_listener
+
+KEY = "gw-key-0123456789abcdef"
+
+
+class MetricsListenerTests(TestCase):
+    """
+    C{/metrics} methods, and two C{Host} fields, on the API and on the
+    metrics listener.
+    """
+
+    timeout = 30
+
+    def metrics_listener(self) -> tuple[Any, int]:
+        """
+        A gateway with C{/metrics} on a listener of its own
+        (C{--metrics-listen}), and that listener's port.
+        """
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        return gateway, start_metrics_listener(self, gateway.service.settings)
+
+    @inlineCallbacks
+    def test_metrics_unknown_methods(self):
+        gateway, metrics_port = self.metrics_listener()
+        for port, path in ((gateway.api_port, b"/metrics"), (metrics_port, b"/metrics")):
+            for method in (b"DELETE", b"PATCH", b"POST", b"PUT", b"BREW"):
+                answer = yield deferToThread(
+                    exchange, port, method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 405 "), (method, answer[:200]))
+                self.assertIn(b"\r\nAllow: GET, HEAD", head)
+                self.assertIn(b"text/plain", head)
+                self.assertNotIn(b"<html", body.lower())
+            for method in (b"GET", b"HEAD"):
+                answer = yield deferToThread(
+                    exchange, port, method + b" " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
+                self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (method, answer[:200]))
+
+    @inlineCallbacks
+    def test_metrics_listener_logs_scrapes_at_debug(self):
+        """
+        A scrape of the metrics listener is a structured event at debug
+        (like a successful API call), not twisted.web's access line at
+        info every scrape interval; a refused request is logged at info.
+        """
+        from twisted.logger import globalLogPublisher
+
+        gateway, metrics_port = self.metrics_listener()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for method in (b"GET", b"POST"):
+            yield deferToThread(
+                exchange,
+                metrics_port,
+                method + b" /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )
+        scrapes = [e for e in events if e.get("path") == "/metrics" and "status" in e]
+        self.assertEqual(
+            [(e["method"], e["status"], e["log_level"], e["peer"]) for e in scrapes],
+            [("GET", 200, LogLevel.debug, "127.0.0.1"), ("POST", 405, LogLevel.info, "127.0.0.1")],
+        )
+        access_lines = [e for e in events if e.get("log_namespace") == "twisted.python.log" and "/metrics" in str(e)]
+        self.assertEqual(access_lines, [])
+
+    @inlineCallbacks
+    def test_two_host_fields(self):
+        """
+        RFC 9112 section 3.2: a request with more than one Host field is
+        answered 400, on the API and on the metrics listener, whatever
+        the path (twisted.web served it under the last one).
+        """
+        gateway, metrics_port = self.metrics_listener()
+        twice = b"Host: 127.0.0.1\r\nHost: rebind.example\r\n"
+        cases = [
+            (gateway.api_port, b"GET /metrics HTTP/1.1\r\n" + twice + b"\r\n"),
+            (gateway.api_port, b"GET /healthz HTTP/1.1\r\n" + twice + b"\r\n"),
+            (
+                gateway.api_port,
+                b"POST /v1/chat/completions HTTP/1.1\r\n"
+                + twice
+                + f"Authorization: Bearer {KEY}\r\nContent-Length: 2\r\n\r\n{{}}".encode(),
+            ),
+            (metrics_port, b"GET /metrics HTTP/1.1\r\n" + twice + b"\r\n"),
+        ]
+        for port, request in cases:
+            answer = yield deferToThread(exchange, port, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (request, answer[:200]))
+            self.assertIn(b"Host", answer.partition(b"\r\n\r\n")[2])
+        api_answer = yield deferToThread(exchange, gateway.api_port, cases[1][1])
+        self.assertEqual(json.loads(api_answer.partition(b"\r\n\r\n")[2])["error"]["code"], "invalid_host")

@@ -1,0 +1,74 @@
+"""
+A provider's C{Retry-After}: ASCII digits or an HTTP-date (RFC 9110
+section 10.2.3), anything else no usable delay (the key rests for its
+default time), and followed for an hour at most; end to end, an
+unreadable one rests the key and the call goes on with the next key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
+from openclaw.providers.keys import DEFAULT_REST_SECONDS
+from tests.support import changed_providers
+from tests.test_dataplane import HELLO, KIMI_KEY
+from tests.test_resilience import ResilienceTestCase
+
+
+class RetryAfterTests(TestCase):
+    """
+    A provider's C{Retry-After} that is neither ASCII digits nor an
+    HTTP-date (RFC 9110 section 10.2.3) is no usable delay.
+    """
+
+    def test_unreadable(self) -> None:
+        # As twisted.web decodes header bytes (latin-1): 0xB2 is "²", which
+        # str.isdigit takes for a digit and float() refuses.
+        for value in ("\xb2", "1\xb2", " ", "", "9" * 400, "Sun, 06 Nov 99" + "9" * 400 + " 08:49:37 GMT"):
+            self.assertIsNone(parse_retry_after(value, 0.0), repr(value))
+        refusal = classify(429, b'{"error": {"message": "slow down"}}', "\xb2", 0.0)
+        # No usable delay: the key's default rest, told to the client too.
+        self.assertEqual((refusal.kind, refusal.retry_after), (RefusalKind.RATE_LIMITED, DEFAULT_REST_SECONDS))
+        self.assertEqual(classify(429, b"{}", None, 0.0).retry_after, DEFAULT_REST_SECONDS)
+        self.assertIsNone(classify(503, b"{}", None, 0.0).retry_after)
+
+    def test_bounded(self) -> None:
+        """
+        A provider's wait is followed for an hour at most, however far off
+        its Retry-After (or the wait its error body states) puts it: one
+        wrong header must not take a key out until a restart.
+        """
+        for value in ("99999999999999999999999", "Wed, 21 Oct 2099 07:28:00 GMT"):
+            self.assertEqual(classify(429, b"{}", value, 1_800_000_000.0).retry_after, MAX_RETRY_AFTER_SECONDS)
+        # As is the wait a provider's error body states (Gemini's
+        # RetryInfo: tests.test_gemini_errors).
+        self.assertEqual(classify(429, b"{}", None, 0.0, 86400.0).retry_after, MAX_RETRY_AFTER_SECONDS)
+        self.assertEqual(classify(429, b"{}", "120", 0.0).retry_after, 120.0)
+
+    def test_readable(self) -> None:
+        self.assertEqual(parse_retry_after(" 7 ", 0.0), 7.0)
+        self.assertEqual(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111770.0), 7.0)
+
+
+class RetryAfterEndToEndTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_unreadable_retry_after_rests_the_key(self) -> Any:
+        """
+        A 429 whose Retry-After is unreadable rests the key for the default
+        time and the call goes on with the next key.
+        """
+        second = "sk-kimi-SECOND-0123456789abcdef"
+        kimi = self.behaviour("kimi")
+        kimi.extra_keys = [second]
+        kimi.rate_limited_keys = {KIMI_KEY}
+        kimi.retry_after_header = b"\xb2"
+        providers = changed_providers(self.upstream.provider_settings(), kimi={"api_keys": (second,)})
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="off")
+        for _ in range(2):
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+        self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second])
