@@ -16,7 +16,7 @@ pool) instead of the gateway: the floor, measured like for like, so the
 difference is the gateway's own per-call work.
 
     .venv/bin/python bench/data_plane_cpu.py [--calls 20000] [--provider kimi] [--relay] [--profile [--sort cumulative] [--top 60]]
-        [--without log,costs,scrub,client-gone,single-fields,upstream-metrics,route-headers]
+        [--without log,costs,scrub,client-gone,single-fields,upstream-metrics,route-headers] [--phases]
 
 --without stubs out the named pieces of the gateway's per-call work (see
 L{ABLATIONS}), to show what each costs and what is left without them all:
@@ -157,6 +157,56 @@ class Upstream:
         return succeed(protocol)
 
 
+def print_phases(
+    calls: int, channel: Any, request: bytes, client: Any, upstream: Any, connection: Any, answer: bytes
+) -> None:
+    """
+    Time C{calls} calls in four phases (wall clock, µs per call), split at
+    the last write of each turn: the request read up to the upstream
+    request written, the rest of that turn, the upstream answer read up to
+    the client's answer written, the rest of that turn.  A running
+    reactor sends what was written only on its next turn, after the rest
+    of the current one: at concurrency 1 all four phases are on the call's
+    path.
+    """
+    clock = time.perf_counter_ns
+    written = {"upstream": 0, "client": 0}
+
+    def timed(transport: Any, name: str) -> None:
+        write = transport.write
+
+        def timed_write(data: bytes) -> None:
+            write(data)
+            written[name] = clock()
+
+        transport.write = timed_write
+
+    timed(upstream, "upstream")
+    timed(client, "client")
+    totals = [0, 0, 0, 0]
+    for n in range(calls):
+        start = clock()
+        channel.dataReceived(request)
+        read = clock()
+        upstream.clear()
+        answered = clock()
+        connection.dataReceived(answer)
+        end = clock()
+        totals[0] += written["upstream"] - start
+        totals[1] += read - written["upstream"]
+        totals[2] += written["client"] - answered
+        totals[3] += end - written["client"]
+        client.clear()
+        if n % 64 == 0:
+            reactor.runUntilCurrent()
+    to_upstream, after_upstream, to_client, after_client = (total / calls / 1000 for total in totals)
+    print(
+        f"phases, µs per call: request to upstream write {to_upstream:.1f}, rest of turn {after_upstream:.1f}; "
+        f"answer to client write {to_client:.1f}, rest of turn {after_client:.1f}"
+    )
+    del client.write, upstream.write
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20000)
@@ -168,6 +218,11 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", help="profile order: tottime, cumulative, ...")
     parser.add_argument("--top", type=int, default=30, help="profile entries shown")
     parser.add_argument("--dump", help="with --profile, also save the profile's stats to this file")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time each call's four phases, split at its last write upstream and to the client",
+    )
     parser.add_argument(
         "--without",
         default="",
@@ -246,6 +301,8 @@ def main() -> None:
     assert out.startswith(b"HTTP/1.1 200"), out[:300]
     client.clear()
 
+    if args.phases:
+        print_phases(args.calls, channel, request, client, upstream.transports[-1], connection, answer)
     profiler = cProfile.Profile() if args.profile else None
     started = time.process_time()
     if profiler:
