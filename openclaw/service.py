@@ -33,7 +33,7 @@ from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
-from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying
+from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying, log_database_failure
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
@@ -82,9 +82,10 @@ def usage_purger(
 
     def purge() -> Deferred[None]:
         def failed(reason: Failure) -> None:
-            log.failure(
+            log_database_failure(
+                log,
                 "could not delete the usage rows older than USAGE_RETENTION_DAYS from the consumers' "
-                "database {where}; trying again in {seconds} s: check that the database is reachable "
+                "database {where} ({error}); trying again in {seconds} s: check that the database is reachable "
                 "and not locked by another process",
                 reason,
                 where=where,
@@ -549,13 +550,13 @@ class GatewayService(MultiService):
             # Once per outage: the retries after it say nothing until one
             # succeeds.
             if failures == 1:
-                self._log.failure(
-                    "the consumers' database {where} cannot be used: consumer keys are refused (503) and the "
-                    "consumer commands answer 'not loaded yet' until it can; trying again with back-off "
+                log_database_failure(
+                    self._log,
+                    "the consumers' database {where} cannot be used ({error}): consumer keys are refused (503) "
+                    "and the consumer commands answer 'not loaded yet' until it can; trying again with back-off "
                     "(every {cap:.0f} s at most): check DATABASE_URL (that PostgreSQL is running and "
                     "reachable) or that STATE_DIR is writable",
                     reason,
-                    log_level=LogLevel.critical,
                     where=where,
                     cap=RETRY_MAX_SECONDS,
                 )

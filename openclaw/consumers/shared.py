@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import Consumer, period_key
+from openclaw.consumers.store import database_error
 from openclaw.consumers.table import (
     RESERVATION_SECONDS,
     TOKEN_RESERVATION_SECONDS,
@@ -537,7 +538,7 @@ class SharedConsumers:
         def failed(reason: Failure) -> None:
             self._log.warn(
                 "could not seed the consumers' spends in Redis ({error}); budgets are checked per instance meanwhile",
-                error=reason.getErrorMessage() or repr(reason.value),
+                error=database_error(reason),
             )
 
         def done(_: Any) -> None:
