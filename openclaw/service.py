@@ -51,6 +51,7 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
+from openclaw.timefmt import isoformat
 
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
@@ -376,6 +377,7 @@ class GatewayService(MultiService):
             on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
             on_foreign_token=self._foreign_token,
             retry_max=settings.redis_reconnect_max_seconds,
+            where=redacted_url(settings.redis_url),
         )
         self.lockout = SharedLockout(
             AuthLockout.from_settings(settings, reactor.seconds),
@@ -411,13 +413,23 @@ class GatewayService(MultiService):
 
     def instance_status(self) -> dict[str, Any]:
         """
-        C{status}'s C{instance}, C{worker} and C{instances_seen}.
+        C{status}'s C{instance}, C{worker} and C{instances_seen}; in a
+        cluster, C{cluster_store} (C{up}: reachable, and this instance in
+        step with it; else C{down}), C{cluster_store_since} (when it last
+        changed) and, while down, C{cluster_store_error} (why, as logged).
         """
-        return {
+        fields: dict[str, Any] = {
             "instance": self.instance,
             "worker": self.worker,
             "instances_seen": 1 if self.cluster is None else self.cluster.instances_seen,
         }
+        cluster = self.cluster
+        if cluster is not None:
+            fields["cluster_store"] = "up" if cluster.up else "down"
+            fields["cluster_store_since"] = isoformat(cluster.up_since)
+            if not cluster.up:
+                fields["cluster_store_error"] = cluster.down_reason
+        return fields
 
     def _adopted(self, token: SessionToken, here: bool, origin: str) -> None:
         if self._waiting_listeners:
