@@ -494,6 +494,10 @@ class Review18(ClusterCase):
             up = yield store_up_becomes(a.api_port, 1)
             self.assertEqual(up, 1)
             self.assertEqual(a.stdout.count(b"cluster store unreachable ("), outage, a.stdout[-3000:])
+            # Frozen, not gone: the line says it timed out.
+            self.assertEqual(
+                a.stdout.count(b"cluster store unreachable (Redis timed out: no answer within 0.3 s"), outage
+            )
             self.assertEqual(a.stdout.count(b"cluster store up:"), outage + 1)
             status = yield self.status_becomes(on_b, token, provider)
             self.assertEqual(status["result"]["provider_id"], provider)
