@@ -33,7 +33,7 @@ from openclaw.cluster.redis import RedisStore, redacted_url
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
-from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying
+from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying, log_database_failure
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
@@ -51,6 +51,7 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
+from openclaw.timefmt import isoformat
 
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
@@ -82,9 +83,10 @@ def usage_purger(
 
     def purge() -> Deferred[None]:
         def failed(reason: Failure) -> None:
-            log.failure(
+            log_database_failure(
+                log,
                 "could not delete the usage rows older than USAGE_RETENTION_DAYS from the consumers' "
-                "database {where}; trying again in {seconds} s: check that the database is reachable "
+                "database {where} ({error}); trying again in {seconds} s: check that the database is reachable "
                 "and not locked by another process",
                 reason,
                 where=where,
@@ -375,6 +377,7 @@ class GatewayService(MultiService):
             on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
             on_foreign_token=self._foreign_token,
             retry_max=settings.redis_reconnect_max_seconds,
+            where=redacted_url(settings.redis_url),
         )
         self.lockout = SharedLockout(
             AuthLockout.from_settings(settings, reactor.seconds),
@@ -410,13 +413,23 @@ class GatewayService(MultiService):
 
     def instance_status(self) -> dict[str, Any]:
         """
-        C{status}'s C{instance}, C{worker} and C{instances_seen}.
+        C{status}'s C{instance}, C{worker} and C{instances_seen}; in a
+        cluster, C{cluster_store} (C{up}: reachable, and this instance in
+        step with it; else C{down}), C{cluster_store_since} (when it last
+        changed) and, while down, C{cluster_store_error} (why, as logged).
         """
-        return {
+        fields: dict[str, Any] = {
             "instance": self.instance,
             "worker": self.worker,
             "instances_seen": 1 if self.cluster is None else self.cluster.instances_seen,
         }
+        cluster = self.cluster
+        if cluster is not None:
+            fields["cluster_store"] = "up" if cluster.up else "down"
+            fields["cluster_store_since"] = isoformat(cluster.up_since)
+            if not cluster.up:
+                fields["cluster_store_error"] = cluster.down_reason
+        return fields
 
     def _adopted(self, token: SessionToken, here: bool, origin: str) -> None:
         if self._waiting_listeners:
@@ -549,13 +562,13 @@ class GatewayService(MultiService):
             # Once per outage: the retries after it say nothing until one
             # succeeds.
             if failures == 1:
-                self._log.failure(
-                    "the consumers' database {where} cannot be used: consumer keys are refused (503) and the "
-                    "consumer commands answer 'not loaded yet' until it can; trying again with back-off "
+                log_database_failure(
+                    self._log,
+                    "the consumers' database {where} cannot be used ({error}): consumer keys are refused (503) "
+                    "and the consumer commands answer 'not loaded yet' until it can; trying again with back-off "
                     "(every {cap:.0f} s at most): check DATABASE_URL (that PostgreSQL is running and "
                     "reachable) or that STATE_DIR is writable",
                     reason,
-                    log_level=LogLevel.critical,
                     where=where,
                     cap=RETRY_MAX_SECONDS,
                 )

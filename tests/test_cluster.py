@@ -234,10 +234,13 @@ class TwoInstances(ClusterCase):
     def test_redis_gone_and_back(self):
         """
         Redis stopped: both keep serving with what they knew, a switch is
-        refused with nothing changed; Redis back (empty): the instances
-        write back route and token, and the switch works.
+        refused with nothing changed, naming the store (its password
+        masked) and what to do, and status says the store is down; Redis
+        back (empty): the instances write back route and token, and the
+        switch works.
         """
-        a = self.spawn()
+        # A's URL has a password (any works for Redis's default user).
+        a = self.spawn(REDIS_URL=f"redis://default:s3cret@127.0.0.1:{self.redis.port}/0")
         token = yield a.token
         b = self.spawn()
         yield b.token
@@ -246,6 +249,9 @@ class TwoInstances(ClusterCase):
         self.assertTrue(answer["ok"], answer)
         up = yield store_up(a.api_port)
         self.assertEqual(up, 1)
+        status = yield on_a.ask(token, "status")
+        self.assertEqual(status["result"]["cluster_store"], "up")
+        self.assertNotIn("cluster_store_error", status["result"])
         answer = yield on_a.ask(token, "consumer_create", {"name": "before"})
         self.assertTrue(answer["ok"], answer)
         self.assertNotIn("warning", answer["result"])
@@ -261,12 +267,19 @@ class TwoInstances(ClusterCase):
         model = yield self.chat_model(self.sdk(b.api_port))
         self.assertNotIn("gemini", model)
         answer = yield on_a.ask(token, "switch_provider", {"provider": "gemini"})
-        self.assertEqual(
-            answer,
-            {"ok": False, "cmd": "switch_provider", "error": "cluster store unavailable: nothing changed"},
+        refusal = (
+            f"cluster store at redis://default:***@127.0.0.1:{self.redis.port}/0 unavailable: nothing changed; "
+            "retry once it is reachable"
         )
+        self.assertEqual(answer, {"ok": False, "cmd": "switch_provider", "error": refusal})
         answer = yield on_a.ask(token, "rotate_token")
-        self.assertEqual(answer["error"], "cluster store unavailable: nothing changed")
+        self.assertEqual(answer["error"], refusal)
+        status = yield on_a.ask(token, "status")
+        self.assertEqual(status["result"]["cluster_store"], "down")
+        self.assertEqual(status["result"]["cluster_store_error"], "lost the connection to Redis")
+        self.assertLessEqual(
+            status["result"]["cluster_store_since"], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
         on_b = yield self.client(b.port)
         answer = yield on_b.ask(token, "status")
         self.assertEqual(answer["result"]["provider_id"], "kimi")
@@ -481,6 +494,10 @@ class Review18(ClusterCase):
             up = yield store_up_becomes(a.api_port, 1)
             self.assertEqual(up, 1)
             self.assertEqual(a.stdout.count(b"cluster store unreachable ("), outage, a.stdout[-3000:])
+            # Frozen, not gone: the line says it timed out.
+            self.assertEqual(
+                a.stdout.count(b"cluster store unreachable (Redis timed out: no answer within 0.3 s"), outage
+            )
             self.assertEqual(a.stdout.count(b"cluster store up:"), outage + 1)
             status = yield self.status_becomes(on_b, token, provider)
             self.assertEqual(status["result"]["provider_id"], provider)

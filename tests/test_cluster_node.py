@@ -108,6 +108,36 @@ class Nodes(TestCase):
         self.assertEqual((a.route.current, b.route.current), (Route("gemini", "g-1"),) * 2)
         self.assertNotIn("kimi", self.store.values["route"].value)
 
+    def test_store_down_said_with_where_and_what_to_do(self) -> None:
+        """
+        The store lost: a change is refused naming the store (as given:
+        the service masks its password) and saying to retry once it is
+        reachable; the node keeps when and why it went down (for status).
+        """
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            "c",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            where="redis://default:***@10.0.0.5:6379/0",
+        )
+        node.connected()
+        self.assertEqual((node.up, node.down_reason), (True, None))
+        self.clock.advance(5)
+        node.lost("lost the connection to Redis")
+        self.assertEqual(
+            (node.up, node.up_since, node.down_reason), (False, 1_800_000_005, "lost the connection to Redis")
+        )
+        failure = self.failureResultOf(node.switch(Route("kimi", "k-1")), StoreUnavailable)
+        self.assertEqual(
+            str(failure.value),
+            "cluster store at redis://default:***@10.0.0.5:6379/0 unavailable: nothing changed; retry once it "
+            "is reachable",
+        )
+
     def test_write_outcome_unknown(self) -> None:
         """
         The reply lost and the store gone before it could be asked: the

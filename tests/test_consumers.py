@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
@@ -488,6 +489,63 @@ class UsageRowsOutageTests(TestCase):
         self.assertIn("usage rows written again after 150 s of failures (150 rows)", formatEvent(events[-1]))
 
 
+#: What psycopg raises when PostgreSQL is down: libpq's text, on two lines.
+REFUSED = (
+    'connection failed: connection to server at "127.0.0.1", port 5432 failed: Connection refused\n'
+    "\tIs the server running on that host and accepting TCP/IP connections?"
+)
+
+
+class UnreachableStore:
+    """
+    A store whose PostgreSQL is down.
+    """
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        return fail(psycopg.OperationalError(REFUSED))
+
+    def create(self, consumer: Consumer, hash: str, prefix: str) -> Deferred[None]:
+        return fail(psycopg.OperationalError(REFUSED))
+
+
+class DatabaseUnreachableTests(TestCase):
+    """
+    PostgreSQL down is the operator's to fix, not a fault of ours: one
+    line each, saying what to check, and no traceback.
+    """
+
+    def test_usage_rows_unwritten_in_one_line(self) -> None:
+        events = capture_log_events(self)
+        table = ConsumerTable(UnreachableStore(), PriceTable.with_overrides({}), clock=Clock().seconds)  # type: ignore[arg-type]
+        table.consumers["team"] = Consumer("team")
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        table.flush()
+        [said] = [e for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertNotIn("log_failure", said)
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        line = formatEvent(said)
+        self.assertNotIn("\n", line)
+        self.assertIn("Connection refused Is the server running", line)
+        self.assertIn("check DATABASE_URL / STATE_DIR", line)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
+    def test_command_error_in_one_line_with_what_to_do(self) -> Any:
+        """
+        As C{usage}'s: the error's text on one line, then what to do.
+        """
+        table = ConsumerTable(UnreachableStore(), PriceTable.with_overrides({}), clock=Clock().seconds)  # type: ignore[arg-type]
+        table.loaded = True
+        commands = ConsumerCommands(table, Clock().seconds)
+        failure = yield self.assertFailure(commands.consumer_create({"name": "we"}), CommandError)
+        self.assertEqual(
+            str(failure),
+            "the consumers' database could not be written: connection failed: connection to server at "
+            '"127.0.0.1", port 5432 failed: Connection refused Is the server running on that host and accepting '
+            "TCP/IP connections?; check DATABASE_URL (or STATE_DIR) and the gateway's log, and retry",
+        )
+
+
 class UsageRowsTests(TestCase):
     """
     A consumer's call is a usage row of its own (issue #19); the calls of
@@ -620,8 +678,6 @@ class PostgresStoreTests(StoreTests, TestCase):
         yield store.usage(None, None, None, None)
 
         def terminate() -> None:
-            import psycopg
-
             with psycopg.connect(url, autocommit=True) as connection:
                 connection.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -629,10 +685,13 @@ class PostgresStoreTests(StoreTests, TestCase):
                 )
 
         yield deferToThread(terminate)
+        events = capture_log_events(self)
         rows = yield store.usage(None, None, None, None)
         self.assertEqual(rows[0]["requests"], 0)  # type: ignore[index]
-        # adbapi logs each dead connection's failed rollback.
-        self.flushLoggedErrors()
+        # Each dead connection is let go at its rollback without adbapi's
+        # "Rollback failed" tracebacks (twice each).
+        self.assertEqual([e.get("why") for e in events if "log_failure" in e], [])
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
     def test_failure_after_the_check_is_not_retried(self) -> Any:
@@ -650,8 +709,6 @@ class PostgresStoreTests(StoreTests, TestCase):
         def slow(transaction: Any) -> None:
             runs.append(1)
             transaction.execute("SELECT pg_sleep(1)")
-
-        import psycopg
 
         started = time.monotonic()
         yield self.assertFailure(store._interact(slow), psycopg.errors.QueryCanceled)

@@ -256,6 +256,30 @@ class ConsumersOnTwoInstances(TestCase):
             self.assertEqual(status, (429, "insufficient_quota"))
 
     @inlineCallbacks
+    def test_spent_is_the_clusters_without_a_budget(self) -> Any:
+        """
+        A consumer with no budget: 2 calls through A and 4 through B, and
+        both list the cluster's spend (Redis's), not their own share.
+        """
+        (_, token, on_a, api_a), (_, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "we", "rpm": 1000})
+        yield self.reaches(on_b, token, "we")
+        on_a_sdk, on_b_sdk = self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])
+        for sdk in [on_a_sdk] * 2 + [on_b_sdk] * 4:
+            status = yield self.status(sdk)
+            self.assertEqual(status, (200, None))
+        key = spend_key(self.redis.port, "we", time.strftime("%Y-%m", time.gmtime()))
+        deadline = time.monotonic() + 5
+        while float(redis_get(self.redis.port, key) or 0) < 0.000055:
+            self.assertLess(time.monotonic(), deadline, "the calls' cost never reached Redis")
+            yield sleep(0.05)
+        for control in (on_a, on_b):
+            listed = yield self.command(control, token, "consumer_list", {"name": "we"})
+            self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00006, places=12)
+            every = yield self.command(control, token, "consumer_list")
+            self.assertAlmostEqual(every["consumers"][0]["spent_usd"], 0.00006, places=12)
+
+    @inlineCallbacks
     def test_recreated_on_another_instance(self) -> Any:
         """
         Spent on instance B, deleted and created again on A: B admits the

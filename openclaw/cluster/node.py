@@ -87,9 +87,19 @@ HEARTBEAT_MISSES = 2
 #: most REDIS_TIMEOUT_SECONDS); it doubles up to the node's C{retry_max}.
 RELOAD_RETRY_SECONDS = 1.0
 
-#: What a state-changing command answers when its change cannot be written
-#: to the store: nothing was applied anywhere, not even here.
-UNAVAILABLE = "cluster store unavailable: nothing changed"
+
+def unavailable(where: str = "") -> str:
+    """
+    What a state-changing command answers when its change cannot be written
+    to the store at C{where} (its address, for the operator: no password):
+    nothing was applied anywhere, not even here.
+    """
+    at = f" at {where}" if where else ""
+    return f"cluster store{at} unavailable: nothing changed; retry once it is reachable"
+
+
+#: L{unavailable} for a store of no known address.
+UNAVAILABLE = unavailable()
 
 #: What it answers when a write timed out and the store could not be asked
 #: (L{CONFIRM_ATTEMPTS} times) whether it happened: it may yet apply on
@@ -281,6 +291,12 @@ class ClusterNode:
         are taken only then.
     @ivar instances_seen: instances with a heartbeat in the last
         L{HEARTBEAT_TTL_SECONDS} (this one included), as of the last beat.
+    @ivar up_since: when (C{reactor.seconds}) C{up} last changed, or the
+        node was made.
+    @ivar down_reason: why the store is down (C{up} false): the last error,
+        as logged; None while up.
+    @param where: the store's address as an operator knows it (no
+        password), for the refusals (L{unavailable}).
     """
 
     _log = Logger(namespace="openclaw.cluster")
@@ -300,8 +316,10 @@ class ClusterNode:
         on_lock: Callable[[str, float], None] = lambda key, seconds: None,
         on_foreign_token: Callable[[str], None] = lambda error: None,
         retry_max: float = 5.0,
+        where: str = "",
     ) -> None:
         self.store = store
+        self.where = where
         self.route = route
         self.sessions = sessions
         self.instance = instance
@@ -315,6 +333,8 @@ class ClusterNode:
         self._on_foreign_token = on_foreign_token
         self._retry_max = max(retry_max, min(timeout, RELOAD_RETRY_SECONDS))
         self.up = False
+        self.up_since = reactor.seconds()
+        self.down_reason: str | None = "not reached yet"
         self.instances_seen = 1
         self.versions: dict[str, int] = {}
         #: When the route this instance holds was set (its record's C{at}:
@@ -393,6 +413,8 @@ class ClusterNode:
         if up == self.up:
             return
         self.up = up
+        self.up_since = self._reactor.seconds()
+        self.down_reason = None if up else reason or "unknown"
         if up:
             self._log.info(
                 "cluster store up: route {route}, token {jti}; taking state-changing commands",
@@ -883,7 +905,7 @@ class ClusterNode:
 
         def written(version: int) -> None:
             if version == 0:
-                raise StoreUnavailable()
+                raise StoreUnavailable(unavailable(self.where))
             if version > self.versions.get(name, 0):
                 self._apply(name, Versioned(version, value, self.instance), here=True)
 
@@ -899,12 +921,12 @@ class ClusterNode:
         def refused(failure: Failure) -> Failure:
             if not failure.check(StoreUnavailable):
                 self._log.failure("writing {name} to the cluster store failed unexpectedly", failure, name=name)
-                return Failure(StoreUnavailable())
+                return Failure(StoreUnavailable(unavailable(self.where)))
             return failure
 
         if not self.up:
             self._log.warn("{name} not written: the cluster store is unreachable; nothing changed", name=name)
-            return fail(StoreUnavailable())
+            return fail(StoreUnavailable(unavailable(self.where)))
         return (
             self._bounded(self.store.write(name, value, self.instance, receipt, self.versions.get(name, 0)))
             .addErrback(failed)

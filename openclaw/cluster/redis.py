@@ -33,6 +33,7 @@ import txredisapi
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -240,7 +241,14 @@ class _Handshake:
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)  # type: ignore[misc]
-        self.factory.store.rebuild("lost the connection to Redis", self.factory)
+        if why.check(ConnectionAborted):
+            # Aborted by txredisapi (its replyTimeout: REDIS_TIMEOUT_SECONDS),
+            # its only abort: Redis frozen or overloaded, not gone.
+            timeout = self.factory.store.timeout
+            reason = f"Redis timed out: no answer within {timeout:g} s (REDIS_TIMEOUT_SECONDS)"
+        else:
+            reason = "lost the connection to Redis"
+        self.factory.store.rebuild(reason, self.factory)
 
 
 class _Command(_Handshake, txredisapi.RedisProtocol):  # type: ignore[misc]

@@ -35,7 +35,7 @@ from openclaw.consumers.model import (
     parse_time,
     retired_name,
 )
-from openclaw.consumers.store import GROUPS
+from openclaw.consumers.store import GROUPS, database_error, unreachable
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.commands import CONSUMER_COMMANDS, CommandError, Result
 
@@ -61,20 +61,25 @@ def _name(data: Mapping[str, Any]) -> str:
         raise CommandError(f"data.{e}") from None
 
 
+#: What to do when the consumers' database cannot be used.
+_CHECK_DATABASE = "check DATABASE_URL (or STATE_DIR) and the gateway's log, and retry"
+
+
 def _database_failed(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
-    return Failure(CommandError(f"the consumers' database refused the change: {failure.getErrorMessage()}"))
+    if unreachable(failure):
+        return Failure(
+            CommandError(f"the consumers' database could not be written: {database_error(failure)}; {_CHECK_DATABASE}")
+        )
+    return Failure(CommandError(f"the consumers' database refused the change: {database_error(failure)}"))
 
 
 def _database_unread(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
     return Failure(
-        CommandError(
-            f"the consumers' database could not be read: {failure.getErrorMessage()}; check DATABASE_URL "
-            "(or STATE_DIR) and the gateway's log, and retry"
-        )
+        CommandError(f"the consumers' database could not be read: {database_error(failure)}; {_CHECK_DATABASE}")
     )
 
 

@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import Consumer, period_key
+from openclaw.consumers.store import database_error
 from openclaw.consumers.table import (
     RESERVATION_SECONDS,
     TOKEN_RESERVATION_SECONDS,
@@ -280,17 +281,17 @@ class SharedCounters:
     def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]:
         """
         Read the budget periods' spends of C{consumers} from Redis (the
-        cluster's, which every instance's calls add to), so that L{spent}
-        answers them rather than this instance's last sight of them.  Never
-        fails: without Redis, L{spent} keeps what it had.
+        cluster's, which every instance's calls add to, a consumer's with
+        no budget too), so that L{spent} answers them rather than this
+        instance's last sight of them.  Never fails: without Redis,
+        L{spent} keeps what it had.
         """
-        budgeted = [c for c in consumers if c.budget_usd is not None]
-        if not self.up or not budgeted:
+        if not self.up or not consumers:
             return succeed(None)
-        keys = [self._keys(c.name, c.created_at, "spend", period_key(c.budget_period, now)) for c in budgeted]
+        keys = [self._keys(c.name, c.created_at, "spend", period_key(c.budget_period, now)) for c in consumers]
 
         def read(values: list[Any]) -> None:
-            for consumer, value in zip(budgeted, values, strict=False):
+            for consumer, value in zip(consumers, values, strict=False):
                 if value is not None:
                     usd = float(value.decode() if isinstance(value, bytes) else value)
                     self.seen[(consumer.name, period_key(consumer.budget_period, now))] = usd
@@ -537,7 +538,7 @@ class SharedConsumers:
         def failed(reason: Failure) -> None:
             self._log.warn(
                 "could not seed the consumers' spends in Redis ({error}); budgets are checked per instance meanwhile",
-                error=reason.getErrorMessage() or repr(reason.value),
+                error=database_error(reason),
             )
 
         def done(_: Any) -> None:

@@ -37,6 +37,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
@@ -246,6 +247,76 @@ class _DeadConnection(Exception):
     """
 
 
+class PooledConnection:
+    """
+    A PostgreSQL connection of the pool (its C{connectionFactory}, a public
+    hook), as L{adbapi.Connection} makes them, but for the rollback of one
+    the server dropped (a restart, a database gone away): adbapi's logs
+    C{Rollback failed} with a traceback twice for it (psycopg's error, then
+    its own C{ConnectionLost}), each time, though the transaction's own
+    failure already says it.  Here such a connection is closed and left
+    (the thread's next transaction opens another) and the caller gets the
+    transaction's failure alone.  A rollback failing otherwise still fails
+    (adbapi logs it: a fault worth a traceback).
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool) -> None:
+        self.pool = pool
+        self.connection = pool.connect()
+
+    def close(self) -> None:
+        # As adbapi's: the pool closes its connections, a transaction does not.
+        pass
+
+    def rollback(self) -> None:
+        try:
+            self.connection.rollback()
+        except psycopg.OperationalError:
+            # Lost: the server ended its transaction with it.
+            self.pool.disconnect(self.connection)
+
+    def reconnect(self) -> None:
+        # What adbapi's Transaction calls when a cursor cannot be made.
+        self.pool.disconnect(self.connection)
+        self.connection = self.pool.connect()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+
+def unreachable(reason: Failure) -> bool:
+    """
+    Whether C{reason} is the database's absence (PostgreSQL down,
+    restarting, or a connection to it lost): the operator's to fix, logged
+    in one line, where any other error (a fault of ours) is logged with its
+    traceback (L{log_database_failure}).
+    """
+    return reason.check(psycopg.OperationalError, adbapi.ConnectionLost, _DeadConnection) is not None
+
+
+def database_error(reason: Failure) -> str:
+    """
+    C{reason}'s description on one line (libpq's runs over two:
+    C{...Connection refused\\n\\tIs the server running...}).
+    """
+    return " ".join((reason.getErrorMessage() or repr(reason.value)).split())
+
+
+def log_database_failure(
+    log: Logger, format: str, reason: Failure, log_level: LogLevel = LogLevel.critical, **fields: Any
+) -> None:
+    """
+    Log C{format} about a failed use of the database: one line when the
+    database is unreachable (L{unreachable}), else with C{reason}'s
+    traceback.  The line's C{error} field is C{reason}'s description
+    (L{database_error}).
+    """
+    if unreachable(reason):
+        log.emit(log_level, format, error=database_error(reason), **fields)
+    else:
+        log.failure(format, reason, log_level, error=database_error(reason), **fields)
+
+
 class ConsumerStore:
     """
     The consumers, their keys' hashes, usage rows and spend, in a database.
@@ -281,6 +352,8 @@ class ConsumerStore:
                 cp_reconnect=True,
                 cp_reactor=reactor,
             )
+            # Documented as any callable; mypy infers it from the default's type.
+            pool.connectionFactory = PooledConnection  # type: ignore[assignment]
             return cls(pool, "postgresql", reactor)
         path = state_dir / "openclaw.db"
         private(path)
@@ -305,8 +378,8 @@ class ConsumerStore:
         the transaction first checks its connection (C{SELECT 1}): one the
         server dropped (a restart, an idle timeout) fails there, before
         anything was written, and the interaction is tried again on
-        another connection (the pool lets each dead one go:
-        C{cp_reconnect}), up to once per pooled connection.  A failure
+        another connection (each dead one is let go at its rollback:
+        L{PooledConnection}), up to once per pooled connection.  A failure
         after that check is never retried: a write whose commit was cut
         may have been applied, and must not be applied twice.
         """
@@ -776,8 +849,12 @@ __all__ = [
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
     "ConsumerStore",
+    "PooledConnection",
     "Retrying",
     "Snapshot",
     "UsageRow",
+    "database_error",
+    "log_database_failure",
     "postgres_conninfo",
+    "unreachable",
 ]

@@ -30,7 +30,7 @@ from openclaw.consumers.model import (
     retired_name,
 )
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow
+from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow, database_error, log_database_failure
 from openclaw.dataplane.errors import APIError
 from openclaw.timefmt import isoformat
 
@@ -456,7 +456,7 @@ class ConsumerTable:
             return
 
         def failed(reason: Failure) -> None:
-            self._log.failure("could not reload the consumers after a change elsewhere", reason)
+            log_database_failure(self._log, "could not reload the consumers after a change elsewhere ({error})", reason)
 
         def done(_: None) -> None:
             self._reloading = None
@@ -750,25 +750,27 @@ class ConsumerTable:
 
         def failed(reason: Failure) -> None:
             if self._stopping:
-                self._log.failure(
-                    "could not write the last {count} usage rows at stop; given up (usage and spend will not "
-                    "count them): check DATABASE_URL / STATE_DIR",
+                log_database_failure(
+                    self._log,
+                    "could not write the last {count} usage rows at stop ({error}); given up (usage and spend "
+                    "will not count them): check DATABASE_URL / STATE_DIR",
                     reason,
                     count=len(rows),
                 )
                 return
             self._pending[:0] = rows
             now = self.clock()
-            error = reason.getErrorMessage() or repr(reason.value)
+            error = database_error(reason)
             if self._failing_since is None:
-                # With its traceback, once: a fault of ours shows as one.
+                # Once; with its traceback only for a fault of ours, not
+                # for a database away (L{unreachable}).
                 self._failing_since = self._failure_logged_at = now
-                self._log.failure(
+                log_database_failure(
+                    self._log,
                     "could not write {count} usage rows ({error}); kept, and tried again every {every:g} s: "
                     "check DATABASE_URL / STATE_DIR (openclaw_consumer_usage_rows_pending counts them)",
                     reason,
                     count=len(rows),
-                    error=error,
                     every=self.flush_seconds,
                 )
             elif now - self._failure_logged_at >= FAILURE_LOG_SECONDS:
