@@ -49,6 +49,16 @@ class RulesTests(TestCase):
         self.assertEqual(key.hash, key_hash(key.key.encode()))
         self.assertNotIn(key.key, repr(key))
 
+    def test_key_never_starts_with_a_dash(self) -> None:
+        """
+        The character after C{ock-} is a letter or a digit, never C{-} (nor
+        C{_}): a key prefix starting with C{-} is read as an option by
+        openclawctl.  Without the rule, about 1 key in 32 would fail this.
+        """
+        firsts = {NewKey.make().prefix[0] for _ in range(2000)}
+        self.assertFalse(firsts & {"-", "_"}, firsts)
+        self.assertTrue(all(first.isascii() and first.isalnum() for first in firsts), firsts)
+
     def test_fields(self) -> None:
         consumer = consumer_fields(
             {"name": "team.a-1", "budget_usd": 5, "budget_period": "day", "rpm": 3, "models": ["gemini/*"]}

@@ -2,10 +2,12 @@
 Consumers and their keys: what each field may hold, and how a key is made,
 stored and shown.
 
-A key is C{ock-} followed by 40 URL-safe random characters (240 bits from
-L{secrets.token_urlsafe}); it is shown once, when made.  The gateway keeps
-only its SHA-256 (hex) and its I{prefix}: the first 8 characters after
-C{ock-}, which lists and logs show.
+A key is C{ock-} followed by 40 URL-safe random characters (about 240
+bits from L{secrets.token_urlsafe}), the first a letter or a digit, so that
+neither the key nor its prefix starts with C{-} (a command line would take
+it for an option); it is shown once, when made.  The gateway keeps only
+its SHA-256 (hex) and its I{prefix}: the first 8 characters after C{ock-},
+which lists and logs show.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class NewKey:
     def make(cls) -> NewKey:
         while True:
             random = secrets.token_urlsafe(KEY_RANDOM_CHARS)[:KEY_RANDOM_CHARS]
-            if len(random) == KEY_RANDOM_CHARS:
+            # Drawn again rather than changed: the first character is then
+            # any of the 62 letters and digits alike (a key keeps 239.95 of
+            # its 240 bits).  Keys made before keep working as they are.
+            if len(random) == KEY_RANDOM_CHARS and random[0].isalnum():
                 break
         key = KEY_PREFIX + random
         return cls(key, random[:SHOWN_CHARS], key_hash(key.encode("ascii")))
