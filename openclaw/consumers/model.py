@@ -219,11 +219,54 @@ def is_retired_name(value: object) -> bool:
 
 
 def check_name(value: object) -> str:
+    """
+    A consumer's name, as commands address one (L{check_new_name} is the
+    stricter rule for a new one).
+    """
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value == NO_CONSUMER:
         raise InvalidConsumer(
             "name must be 1 to 64 letters, digits, '-', '_' or '.' (and not '-' alone), such as team-search"
         )
     return value
+
+
+def is_key_like(value: str) -> bool:
+    """
+    Whether C{value} starts as a consumer key does (C{ock-}): a key, or a
+    piece of one, typed where a name goes.  No new consumer is named so.
+    """
+    return value.startswith(KEY_PREFIX)
+
+
+def shown_key(value: str) -> str:
+    """
+    What may be shown of a key-like value (L{is_key_like}): C{ock-} and
+    the 8 characters after it, as lists and logs show a key, then C{...}
+    when there was more.
+    """
+    shown = len(KEY_PREFIX) + SHOWN_CHARS
+    return value[:shown] + ("..." if len(value) > shown else "")
+
+
+def check_new_name(value: object) -> str:
+    """
+    The name of a consumer being created: L{check_name}, and neither
+    starting with C{-} (openclawctl would read it as an option) nor with
+    C{ock-} (it would be taken for a key, and hidden as one in the log).
+    Consumers named so before keep their names.
+    """
+    name = check_name(value)
+    if name.startswith("-"):
+        raise InvalidConsumer(
+            f"name {name!r} starts with '-', which openclawctl reads as an option: start it with a letter, "
+            "a digit, '_' or '.', such as team-search"
+        )
+    if is_key_like(name):
+        raise InvalidConsumer(
+            f"name may not start with {KEY_PREFIX}, as consumer keys do (was a key pasted?): choose another, "
+            "such as team-search"
+        )
+    return name
 
 
 def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Consumer:
@@ -284,11 +327,14 @@ __all__ = [
     "InvalidConsumer",
     "NewKey",
     "check_name",
+    "check_new_name",
     "consumer_fields",
+    "is_key_like",
     "is_retired_name",
     "key_hash",
     "parse_time",
     "period_end",
     "period_key",
     "retired_name",
+    "shown_key",
 ]

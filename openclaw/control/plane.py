@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.audit import audit_fields, note_result
+from openclaw.consumers.audit import audit_fields, note_result, without_keys
 from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, Audited, CommandError, ControlCommands, Result
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import SessionAuthority, TokenRejected
@@ -232,14 +232,15 @@ class ControlPlane:
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
         """
         The error answer to a command that failed, with the C{error} its
-        audit line records: the message the client is told.
+        audit line records: the message the client is told, any consumer
+        key in it cut to what logs show of one.
         """
         if failure.check(CommandError):
             message = str(failure.value)
         else:
             self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
             message = "internal error; the gateway log has the details"
-        return _error(cmd, message), "error", {"error": message}
+        return _error(cmd, message), "error", {"error": without_keys(message)}
 
     def _audit(
         self,
