@@ -232,6 +232,33 @@ class ParseRequestTests(TestCase):
             error = self.assertRaises(SystemExit, self.parse, "--token", "T", *argv)
             self.assertEqual(error.code, 2, argv)
 
+    def test_value_starting_with_a_dash(self):
+        """
+        A key prefix or a consumer's name starting with '-' is read as an
+        option, and its positional argument is missing: the error says to
+        put -- before it, which works.
+        """
+        for argv, value in (
+            (["key", "revoke", "dash", "-twEc6RY"], "-twEc6RY"),
+            (["consumer", "delete", "-team"], "-team"),
+        ):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            error = self.assertRaises(SystemExit, self.parse, "--token", "T", *argv)
+            self.assertEqual(error.code, 2)
+            said = stderr.getvalue()
+            self.assertIn("the following arguments are required", said)
+            self.assertIn(
+                f"put -- before it, after every option: openclawctl {' '.join(argv[:2])} ... -- {value}", said
+            )
+            given = self.parse("--token", "T", *argv[:-1], "--", value)
+            self.assertIn(value, given.data.values())
+        # Another missing argument, no value with a dash: no such hint.
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.assertRaises(SystemExit, self.parse, "--token", "T", "key", "revoke", "dash")
+        self.assertIn("required: key_prefix\n", stderr.getvalue())
+
     def test_message(self):
         self.assertEqual(json.loads(request(token="T").message()), {"token": "T", "cmd": "ping"})
         switch = request(cmd="switch_provider", data={"provider": "kimi"})
