@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
+from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.session import write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -310,8 +312,12 @@ def _usd_or_none(text: str) -> Any:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of US dollars, 0 or more, or none for no budget")
+    # NaN and infinities fail the range; -0 its sign.
+    if not 0 <= value <= MAX_BUDGET_USD or math.copysign(1, value) < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+            "or none for no budget"
+        )
     return value
 
 
@@ -321,9 +327,14 @@ def _when_or_none(text: str) -> Any:
 
 def _consumer_fields(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "--budget-usd", type=_usd_or_none, metavar="USD", help="spend allowed per budget period (none: no budget)"
+        "--budget-usd",
+        type=_usd_or_none,
+        metavar="USD",
+        help=f"spend allowed per budget period, at most {MAX_BUDGET_USD:_} (0: no call; none: no budget)",
     )
-    sub.add_argument("--budget-period", choices=("day", "month", "total"), help="UTC day, month, or total")
+    sub.add_argument(
+        "--budget-period", choices=("day", "month", "total"), help="UTC day, month (the default), or total"
+    )
     sub.add_argument(
         "--rpm", type=_whole_or_none, metavar="N", help="requests per minute (sliding 60 s window; none: no limit)"
     )

@@ -152,6 +152,23 @@ class ParseRequestTests(TestCase):
             self.assertEqual(exited.code, 2)
             self.assertIn("none", stderr.getvalue())
 
+    def test_budget_bounds(self):
+        """
+        --budget-usd from 0 to 1e9: -0 (listed as -0.0), 1e308, nan and
+        inf are refused before anything is sent.
+        """
+        for bad in ("-0", "-0.0", "1e308", "1000000001", "nan", "inf"):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            exited = self.assertRaises(
+                SystemExit, self.parse, "--token", "T", "consumer", "create", "a", "--budget-usd", bad
+            )
+            self.assertEqual(exited.code, 2)
+            self.assertIn(f"'{bad}': give a number of US dollars from 0 to 1_000_000_000", stderr.getvalue())
+        for good, sent in (("0", 0.0), ("1e9", 1e9), ("12.5", 12.5)):
+            parsed = self.parse("--token", "T", "consumer", "create", "a", "--budget-usd", good)
+            self.assertEqual(parsed.data, {"name": "a", "budget_usd": sent})
+
     def test_tiny_spend_shows(self):
         """
         consumer list shows a tiny spend, not 0.0000, as a plain decimal (no exponent).

@@ -15,6 +15,7 @@ from __future__ import annotations
 import calendar
 import fnmatch
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -32,6 +33,9 @@ KEY_RANDOM_CHARS = 40
 #: Characters after C{ock-} a key is listed and logged by.
 SHOWN_CHARS = 8
 PERIODS = ("day", "month", "total")
+#: The largest C{budget_usd}: past it a budget is surely a typo (or a way to
+#: say "no budget", which null says).
+MAX_BUDGET_USD = 1_000_000_000
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
 #: creation, UTC): no consumer can be named so.
@@ -284,8 +288,14 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     changes: dict[str, Any] = {}
     if "budget_usd" in data:
         budget = data["budget_usd"]
-        if budget is not None and (type(budget) not in (int, float) or not budget >= 0 or budget == float("inf")):
-            raise InvalidConsumer("budget_usd must be a number of US dollars, 0 or more, or null for no budget")
+        if budget is not None and (
+            type(budget) not in (int, float) or not 0 <= budget <= MAX_BUDGET_USD or math.copysign(1, budget) < 0
+        ):
+            # NaN and infinities fail the range; -0 its sign.
+            raise InvalidConsumer(
+                f"budget_usd must be a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+                "or null for no budget"
+            )
         changes["budget_usd"] = None if budget is None else float(budget)
     if "budget_period" in data:
         period = data["budget_period"]
@@ -321,6 +331,7 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
 
 __all__ = [
     "KEY_PREFIX",
+    "MAX_BUDGET_USD",
     "NO_CONSUMER",
     "PERIODS",
     "Consumer",
