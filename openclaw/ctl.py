@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
+from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.session import write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -198,8 +200,55 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     )
 
 
+class _Malformed(Exception):
+    """
+    The command line does not parse: C{message} is argparse's error, by
+    the parser (of the subcommand) that found it.
+    """
+
+    def __init__(self, parser: CommandLineParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """
+    An argument parser that leaves its errors to L{parse_request}, which
+    knows the whole command line and adds what to do (L{dash_hint}).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise _Malformed(self, message)
+
+    def fail(self, message: str) -> NoReturn:
+        """
+        Print the usage and C{message}, and exit with status 2: argparse's
+        own report of an error.
+        """
+        super().error(message)
+
+
+def dash_hint(message: str, argv: Sequence[str], prog: str) -> str:
+    """
+    What to add to argparse's error C{message} about C{argv}: when a
+    positional argument is missing and a value starting with C{-} (a key
+    prefix, a consumer's name) was given, that argparse read it as an
+    option and that C{--} before it makes it a value.
+    """
+    if not message.startswith("the following arguments are required"):
+        return ""
+    dashed = [argument for argument in argv if argument.startswith("-") and not argument.startswith("--")]
+    if not dashed:
+        return ""
+    return (
+        f" ({dashed[0]!r} starts with '-', so it was read as an option: to give it as a value, put -- before "
+        f"it, after every option: {prog} ... -- {dashed[0]})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog=PROG,
         description="Drive an OpenClaw gateway's control plane.",
         epilog=(
@@ -263,8 +312,12 @@ def _usd_or_none(text: str) -> Any:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of US dollars, 0 or more, or none for no budget")
+    # NaN and infinities fail the range; -0 its sign.
+    if not 0 <= value <= MAX_BUDGET_USD or math.copysign(1, value) < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+            "or none for no budget"
+        )
     return value
 
 
@@ -274,9 +327,14 @@ def _when_or_none(text: str) -> Any:
 
 def _consumer_fields(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
-        "--budget-usd", type=_usd_or_none, metavar="USD", help="spend allowed per budget period (none: no budget)"
+        "--budget-usd",
+        type=_usd_or_none,
+        metavar="USD",
+        help=f"spend allowed per budget period, at most {MAX_BUDGET_USD:_} (0: no call; none: no budget)",
     )
-    sub.add_argument("--budget-period", choices=("day", "month", "total"), help="UTC day, month, or total")
+    sub.add_argument(
+        "--budget-period", choices=("day", "month", "total"), help="UTC day, month (the default), or total"
+    )
     sub.add_argument(
         "--rpm", type=_whole_or_none, metavar="N", help="requests per minute (sliding 60 s window; none: no limit)"
     )
@@ -558,7 +616,10 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         line, after it printed the usage; (status 0) for C{--help}.
     @raise UsageError: the command line parses but cannot be acted on.
     """
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _Malformed as malformed:
+        malformed.parser.fail(malformed.message + dash_hint(malformed.message, argv, malformed.parser.prog))
     _check_url(args.url)
     if args.cafile is not None and not args.url.startswith("wss:"):
         raise UsageError("--cafile is only for wss:// URLs")

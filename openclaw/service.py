@@ -680,13 +680,20 @@ class GatewayService(MultiService):
                 configured=self.settings.upstream_pool_size,
                 limit=self.descriptors.limit,
             )
-        if self.settings.redis_url and not self.settings.database_url:
+        if self.settings.redis_url and not self.settings.database_url and self.worker == 0:
+            # The workers of one --workers gateway share STATE_DIR, so its
+            # SQLite file (and their consumer changes reach each other
+            # through Redis); the first says so for all.
             self._log.warn(
-                "REDIS_URL is set without DATABASE_URL: consumers (openclawctl consumer ...) are kept in this "
-                "instance's own SQLite file ({path}), not shared with the cluster's other instances, so a "
-                "consumer's key works only where it was created; if you use consumers, set DATABASE_URL to one "
-                "PostgreSQL database for every instance",
+                "REDIS_URL is set without DATABASE_URL: consumers (openclawctl consumer ...) and their usage are "
+                "kept in the SQLite file {path}, {sharing}; instances of the cluster that use another file (on "
+                "another host, or with another STATE_DIR) have consumers of their own, so a consumer's key works "
+                "only on the instances whose file it was created in; if the cluster has such instances and you "
+                "use consumers, set DATABASE_URL to one PostgreSQL database for every instance",
                 path=str(self.settings.state_dir / "openclaw.db"),
+                sharing=f"which this gateway's {self.settings.workers} workers share"
+                if self.settings.workers > 1
+                else "this instance's own",
             )
         if self.restored_route is not None:
             self._log.warn(

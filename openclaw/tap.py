@@ -88,6 +88,8 @@ class Options(usage.Options):
         "env-file",
         "log-format",
         "state-dir",
+        # A worker knows it is one of N (the setup warning says what they share).
+        "workers",
     )
 
     def settings_overrides(self) -> dict[str, Any]:

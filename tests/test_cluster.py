@@ -181,6 +181,7 @@ class TwoInstances(ClusterCase):
         token = yield a.token
         # Without DATABASE_URL, each instance's consumers are its own: said.
         self.assertIn(b"REDIS_URL is set without DATABASE_URL: consumers", a.stdout)
+        self.assertRegex(a.stdout, rb"kept in the SQLite file \S+openclaw\.db, this instance's own; instances")
         b = self.spawn()
         token_b = yield b.token
         self.assertEqual(token_b, token)
@@ -805,6 +806,25 @@ class Workers(TestCase):
         self.assertLess(time.monotonic() - began, 3.5)
         self.assertEqual(started.findall(process.stdout), killed)
         self.assertIn(b"all workers stopped", process.stdout)
+
+    @inlineCallbacks
+    def test_workers_say_they_share_their_consumers(self):
+        """
+        Without DATABASE_URL the workers of one gateway share its SQLite
+        file, so their consumers: the warning says that (once, for all of
+        them), and that instances using another file have their own.
+        """
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1}, pause=0.05)
+        said = re.findall(rb"REDIS_URL is set without DATABASE_URL: [^\n]*", process.stdout)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn(b"are kept in the SQLite file ", said[0])
+        self.assertIn(b"which this gateway's 2 workers share; instances of the cluster that use another file", said[0])
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
 
     def test_workers_need_redis(self):
         from openclaw.settings import ConfigError, load_settings

@@ -273,6 +273,21 @@ class ControlPlaneTests(SynchronousTestCase):
             self.send(b"x")
         self.assertTrue(self.plane.too_many_failures(self.connection))
 
+    def test_malformed_messages_after_authenticating_are_not_failures(self) -> None:
+        """
+        Once a connection has authenticated, its malformed messages are
+        answered with their error but are no failed authentications; a
+        bad token still is one.
+        """
+        self.assertTrue(self.command("ping")["ok"])
+        for _ in range(5):
+            self.assertEqual(self.send(b"NaN")["error"], "message is not valid JSON")
+            self.assertIn("must be a JSON object", self.send(b"[]")["error"])
+        self.assertEqual(self.connection.failed_auths, 0)
+        self.assertFalse(self.plane.too_many_failures(self.connection))
+        self.command("ping", token="forged")
+        self.assertEqual(self.connection.failed_auths, 1)
+
     def test_failed_auths_counted_in_a_row(self) -> None:
         """
         Failed authentications count up per connection; a good token resets

@@ -120,6 +120,44 @@ class CommandTests(TestCase):
         self.assertTrue(answer["ok"])
 
     @inlineCallbacks
+    def test_authenticated_connection_malformed_messages_do_not_lock_out(self):
+        """
+        An operator's connection that has authenticated sends malformed
+        messages (not JSON, NaN, not an object) past MAX_AUTH_FAILURES and
+        AUTH_LOCKOUT_FAILURES: each is answered with its error, the
+        connection stays open, and its address is not locked out.  The
+        same messages on a connection that never authenticated lock the
+        address out (1008).
+        """
+        gateway = start_gateway(self, max_auth_failures=2, auth_lockout_failures=3)
+        operator = yield open_client(self, gateway.port)
+        answer = yield operator.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        for payload in [b"NaN", b"{not json", b"[]"] * 2:
+            operator.sendMessage(payload)
+            answer = yield operator.received.get()
+            self.assertFalse(answer["ok"])
+        answer = yield operator.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        self.assertFalse(operator.closed.called)
+        another = yield open_client(self, gateway.port)
+        answer = yield another.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+        guesser = yield open_client(self, gateway.port)
+        for payload in [b"NaN", b"{not json"]:
+            guesser.sendMessage(payload)
+        code, reason = yield guesser.closed
+        self.assertEqual((code, reason), (1008, "too many failed authentications"))
+        guesser = yield open_client(self, gateway.port)
+        guesser.sendMessage(b"[]")
+        code, reason = yield guesser.closed
+        self.assertEqual((code, reason), (1008, "too many failed authentications from this address; try again later"))
+        # The operator's open connection is not closed by the lockout.
+        answer = yield operator.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
     def test_shutdown_says_going_away(self):
         """
         Stopping the service closes every control connection with 1001.

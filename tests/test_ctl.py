@@ -152,6 +152,23 @@ class ParseRequestTests(TestCase):
             self.assertEqual(exited.code, 2)
             self.assertIn("none", stderr.getvalue())
 
+    def test_budget_bounds(self):
+        """
+        --budget-usd from 0 to 1e9: -0 (listed as -0.0), 1e308, nan and
+        inf are refused before anything is sent.
+        """
+        for bad in ("-0", "-0.0", "1e308", "1000000001", "nan", "inf"):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            exited = self.assertRaises(
+                SystemExit, self.parse, "--token", "T", "consumer", "create", "a", "--budget-usd", bad
+            )
+            self.assertEqual(exited.code, 2)
+            self.assertIn(f"'{bad}': give a number of US dollars from 0 to 1_000_000_000", stderr.getvalue())
+        for good, sent in (("0", 0.0), ("1e9", 1e9), ("12.5", 12.5)):
+            parsed = self.parse("--token", "T", "consumer", "create", "a", "--budget-usd", good)
+            self.assertEqual(parsed.data, {"name": "a", "budget_usd": sent})
+
     def test_tiny_spend_shows(self):
         """
         consumer list shows a tiny spend, not 0.0000, as a plain decimal (no exponent).
@@ -231,6 +248,33 @@ class ParseRequestTests(TestCase):
         ):
             error = self.assertRaises(SystemExit, self.parse, "--token", "T", *argv)
             self.assertEqual(error.code, 2, argv)
+
+    def test_value_starting_with_a_dash(self):
+        """
+        A key prefix or a consumer's name starting with '-' is read as an
+        option, and its positional argument is missing: the error says to
+        put -- before it, which works.
+        """
+        for argv, value in (
+            (["key", "revoke", "dash", "-twEc6RY"], "-twEc6RY"),
+            (["consumer", "delete", "-team"], "-team"),
+        ):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            error = self.assertRaises(SystemExit, self.parse, "--token", "T", *argv)
+            self.assertEqual(error.code, 2)
+            said = stderr.getvalue()
+            self.assertIn("the following arguments are required", said)
+            self.assertIn(
+                f"put -- before it, after every option: openclawctl {' '.join(argv[:2])} ... -- {value}", said
+            )
+            given = self.parse("--token", "T", *argv[:-1], "--", value)
+            self.assertIn(value, given.data.values())
+        # Another missing argument, no value with a dash: no such hint.
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.assertRaises(SystemExit, self.parse, "--token", "T", "key", "revoke", "dash")
+        self.assertIn("required: key_prefix\n", stderr.getvalue())
 
     def test_message(self):
         self.assertEqual(json.loads(request(token="T").message()), {"token": "T", "cmd": "ping"})

@@ -5,6 +5,8 @@ how it went: the consumer's C{name}, the key prefix made or revoked (the
 update set (C{changed}).  Field values are never logged: a budget or a
 pattern says nothing an operator needs in the audit trail, and C{name}
 and the prefix are checked to be what they claim before they are logged.
+A key typed where a name goes is logged as lists show keys (L{shown_key}),
+and so is any key in the C{error} an audit line records (L{without_keys}).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openclaw.consumers.model import _FIELDS, SHOWN_CHARS, check_name
+from openclaw.consumers.model import _FIELDS, KEY_PREFIX, SHOWN_CHARS, check_name, is_key_like, shown_key
 
 _PREFIX = re.compile(f"[A-Za-z0-9_-]{{{SHOWN_CHARS}}}")
+#: More of a key than lists and logs show.
+_KEY = re.compile(f"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{SHOWN_CHARS + 1},}}")
 _INVALID = "<invalid>"
 
 
@@ -33,14 +37,23 @@ def audit_fields(cmd: str, data: object) -> dict[str, str]:
     fields: dict[str, str] = {}
     if "name" in data:
         try:
-            fields["consumer"] = check_name(data["name"])
+            name = check_name(data["name"])
         except ValueError:
-            fields["consumer"] = _INVALID
+            name = _INVALID
+        fields["consumer"] = shown_key(name) if is_key_like(name) else name
     if cmd == "key_revoke":
         fields["key_prefix"] = _prefix(data.get("key_prefix"))
     if cmd in ("consumer_create", "consumer_update"):
         fields["changed"] = ",".join(sorted(data.keys() & (_FIELDS - {"name"}))) or "-"
     return fields
+
+
+def without_keys(text: str) -> str:
+    """
+    C{text} with each key in it (more of one than L{shown_key} shows) cut
+    to what lists and logs show of a key.
+    """
+    return _KEY.sub(lambda key: shown_key(key.group()), text)
 
 
 def note_result(result: Any, fields: dict[str, str]) -> Any:
@@ -53,4 +66,4 @@ def note_result(result: Any, fields: dict[str, str]) -> Any:
     return result
 
 
-__all__ = ["audit_fields", "note_result"]
+__all__ = ["audit_fields", "note_result", "without_keys"]

@@ -25,15 +25,19 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import (
+    KEY_PREFIX,
     NO_CONSUMER,
     Consumer,
     InvalidConsumer,
     NewKey,
     check_name,
+    check_new_name,
     consumer_fields,
+    is_key_like,
     is_retired_name,
     parse_time,
     retired_name,
+    shown_key,
 )
 from openclaw.consumers.store import GROUPS, database_error, unreachable
 from openclaw.consumers.table import ConsumerTable
@@ -54,9 +58,9 @@ def _data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, A
     return data
 
 
-def _name(data: Mapping[str, Any]) -> str:
+def _name(data: Mapping[str, Any], check: Callable[[object], str] = check_name) -> str:
     try:
-        return check_name(data.get("name"))
+        return check(data.get("name"))
     except InvalidConsumer as e:
         raise CommandError(f"data.{e}") from None
 
@@ -163,6 +167,30 @@ class ConsumerCommands:
 
         return checked
 
+    def _address(self, data: Mapping[str, Any]) -> str:
+        """
+        The consumer C{data.name} names.  A key typed in its place (no
+        consumer has that name) is refused, never echoed: the error names
+        the consumer it is a key of.
+        """
+        name = _name(data)
+        if is_key_like(name) and name not in self.table.consumers:
+            holder = self.table.identify(name.encode("ascii"))
+            if holder is None:
+                raise CommandError(
+                    f"data.name starts with {KEY_PREFIX} as consumer keys do ({shown_key(name)}), and is neither a "
+                    "consumer's name nor a key of one: give the consumer's name (openclawctl consumer list shows "
+                    "each with its keys' prefixes)"
+                )
+            # A prefix of an earlier key may start with '-': openclawctl needs -- before it.
+            prefix = f"-- {holder.prefix}" if holder.prefix.startswith("-") else holder.prefix
+            raise CommandError(
+                f"data.name is a key of consumer {holder.consumer!r} ({shown_key(name)}), not a consumer's name: "
+                f"give the name, {holder.consumer}; to revoke that key: openclawctl key revoke {holder.consumer} "
+                f"{prefix}"
+            )
+        return name
+
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
         if consumer is None:
@@ -172,7 +200,7 @@ class ConsumerCommands:
 
     def consumer_create(self, data: object) -> Deferred[Result]:
         fields = _data(data)
-        name = _name(fields)
+        name = _name(fields, check_new_name)
         if name in self.table.consumers:
             raise CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
         if name in self.table.deleting:
@@ -196,7 +224,7 @@ class ConsumerCommands:
 
     def consumer_update(self, data: object) -> Deferred[Result]:
         fields = _data(data)
-        current = self._existing(_name(fields))
+        current = self._existing(self._address(fields))
         try:
             consumer = consumer_fields(fields, current)
         except InvalidConsumer as e:
@@ -219,7 +247,7 @@ class ConsumerCommands:
         return updating.addCallback(spends).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
-        name = _name(_data(data, frozenset({"name"})))
+        name = self._address(_data(data, frozenset({"name"})))
         retired = retired_name(self._existing(name))
         return self.table.delete(name).addCallbacks(
             lambda _: {"deleted": name, "usage_kept_as": retired}, _database_failed
@@ -228,7 +256,7 @@ class ConsumerCommands:
     def consumer_list(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name"}))
         if "name" in fields:
-            name = _name(fields)
+            name = self._address(fields)
             self._existing(name)
             names = [name]
         else:
@@ -242,7 +270,7 @@ class ConsumerCommands:
         return self.table.read_spends(names).addCallback(listed)
 
     def key_create(self, data: object) -> Deferred[Result]:
-        name = _name(_data(data, frozenset({"name"})))
+        name = self._address(_data(data, frozenset({"name"})))
         self._existing(name)
         return self.table.add_key(name).addCallbacks(
             lambda key: {"name": name, "key": key.key, "key_prefix": key.prefix}, _database_failed
@@ -250,7 +278,7 @@ class ConsumerCommands:
 
     def key_revoke(self, data: object) -> Deferred[Result]:
         fields = _data(data, frozenset({"name", "key_prefix"}))
-        name = _name(fields)
+        name = self._address(fields)
         self._existing(name)
         prefix = fields.get("key_prefix")
         if not isinstance(prefix, str) or prefix not in self.table.key_prefixes(name):
@@ -271,7 +299,7 @@ class ConsumerCommands:
         if name is not None and name != NO_CONSUMER and not is_retired_name(name):
             # NO_CONSUMER ("-"): the calls made with GATEWAY_API_KEYS' keys;
             # NAME@CREATED: a deleted consumer's (retired_name).
-            name = _name(fields)
+            name = self._address(fields)
         # A name no consumer has now: the usage of the deleted ones of that name.
         retired = name is not None and name != NO_CONSUMER and name not in self.table.consumers
         group_by = fields.get("group_by")

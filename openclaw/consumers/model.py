@@ -2,10 +2,12 @@
 Consumers and their keys: what each field may hold, and how a key is made,
 stored and shown.
 
-A key is C{ock-} followed by 40 URL-safe random characters (240 bits from
-L{secrets.token_urlsafe}); it is shown once, when made.  The gateway keeps
-only its SHA-256 (hex) and its I{prefix}: the first 8 characters after
-C{ock-}, which lists and logs show.
+A key is C{ock-} followed by 40 URL-safe random characters (about 240
+bits from L{secrets.token_urlsafe}), the first a letter or a digit, so that
+neither the key nor its prefix starts with C{-} (a command line would take
+it for an option); it is shown once, when made.  The gateway keeps only
+its SHA-256 (hex) and its I{prefix}: the first 8 characters after C{ock-},
+which lists and logs show.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import calendar
 import fnmatch
 import hashlib
+import math
 import re
 import secrets
 import time
@@ -30,6 +33,9 @@ KEY_RANDOM_CHARS = 40
 #: Characters after C{ock-} a key is listed and logged by.
 SHOWN_CHARS = 8
 PERIODS = ("day", "month", "total")
+#: The largest C{budget_usd}: past it a budget is surely a typo (or a way to
+#: say "no budget", which null says).
+MAX_BUDGET_USD = 1_000_000_000
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
 #: creation, UTC): no consumer can be named so.
@@ -66,7 +72,10 @@ class NewKey:
     def make(cls) -> NewKey:
         while True:
             random = secrets.token_urlsafe(KEY_RANDOM_CHARS)[:KEY_RANDOM_CHARS]
-            if len(random) == KEY_RANDOM_CHARS:
+            # Drawn again rather than changed: the first character is then
+            # any of the 62 letters and digits alike (a key keeps 239.95 of
+            # its 240 bits).  Keys made before keep working as they are.
+            if len(random) == KEY_RANDOM_CHARS and random[0].isalnum():
                 break
         key = KEY_PREFIX + random
         return cls(key, random[:SHOWN_CHARS], key_hash(key.encode("ascii")))
@@ -214,11 +223,54 @@ def is_retired_name(value: object) -> bool:
 
 
 def check_name(value: object) -> str:
+    """
+    A consumer's name, as commands address one (L{check_new_name} is the
+    stricter rule for a new one).
+    """
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value == NO_CONSUMER:
         raise InvalidConsumer(
             "name must be 1 to 64 letters, digits, '-', '_' or '.' (and not '-' alone), such as team-search"
         )
     return value
+
+
+def is_key_like(value: str) -> bool:
+    """
+    Whether C{value} starts as a consumer key does (C{ock-}): a key, or a
+    piece of one, typed where a name goes.  No new consumer is named so.
+    """
+    return value.startswith(KEY_PREFIX)
+
+
+def shown_key(value: str) -> str:
+    """
+    What may be shown of a key-like value (L{is_key_like}): C{ock-} and
+    the 8 characters after it, as lists and logs show a key, then C{...}
+    when there was more.
+    """
+    shown = len(KEY_PREFIX) + SHOWN_CHARS
+    return value[:shown] + ("..." if len(value) > shown else "")
+
+
+def check_new_name(value: object) -> str:
+    """
+    The name of a consumer being created: L{check_name}, and neither
+    starting with C{-} (openclawctl would read it as an option) nor with
+    C{ock-} (it would be taken for a key, and hidden as one in the log).
+    Consumers named so before keep their names.
+    """
+    name = check_name(value)
+    if name.startswith("-"):
+        raise InvalidConsumer(
+            f"name {name!r} starts with '-', which openclawctl reads as an option: start it with a letter, "
+            "a digit, '_' or '.', such as team-search"
+        )
+    if is_key_like(name):
+        raise InvalidConsumer(
+            f"name may not start with {KEY_PREFIX}, as consumer keys do (was a key pasted?): choose another, "
+            "such as team-search"
+        )
+    return name
 
 
 def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Consumer:
@@ -236,8 +288,14 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     changes: dict[str, Any] = {}
     if "budget_usd" in data:
         budget = data["budget_usd"]
-        if budget is not None and (type(budget) not in (int, float) or not budget >= 0 or budget == float("inf")):
-            raise InvalidConsumer("budget_usd must be a number of US dollars, 0 or more, or null for no budget")
+        if budget is not None and (
+            type(budget) not in (int, float) or not 0 <= budget <= MAX_BUDGET_USD or math.copysign(1, budget) < 0
+        ):
+            # NaN and infinities fail the range; -0 its sign.
+            raise InvalidConsumer(
+                f"budget_usd must be a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+                "or null for no budget"
+            )
         changes["budget_usd"] = None if budget is None else float(budget)
     if "budget_period" in data:
         period = data["budget_period"]
@@ -273,17 +331,21 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
 
 __all__ = [
     "KEY_PREFIX",
+    "MAX_BUDGET_USD",
     "NO_CONSUMER",
     "PERIODS",
     "Consumer",
     "InvalidConsumer",
     "NewKey",
     "check_name",
+    "check_new_name",
     "consumer_fields",
+    "is_key_like",
     "is_retired_name",
     "key_hash",
     "parse_time",
     "period_end",
     "period_key",
     "retired_name",
+    "shown_key",
 ]

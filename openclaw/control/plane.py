@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.audit import audit_fields, note_result
+from openclaw.consumers.audit import audit_fields, note_result, without_keys
 from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, Audited, CommandError, ControlCommands, Result
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import SessionAuthority, TokenRejected
@@ -31,9 +31,14 @@ class Connection:
 
     #: The client's address as logged ("203.0.113.9:51234").
     peer: str
-    #: Messages in a row that did not authenticate (bad token, or no
-    #: well-formed message to carry one); reset by a good token.
+    #: Messages in a row that did not authenticate (bad token, or, before
+    #: the connection authenticated, no well-formed message to carry one);
+    #: reset by a good token.
     failed_auths: int = 0
+    #: Whether a message of it has carried a good token: its malformed
+    #: messages are then an operator's mistakes, answered but not counted
+    #: as failed authentications (nor towards its address's lockout).
+    authenticated: bool = False
 
 
 # orjson rather than the standard library's json: parsing and encoding are
@@ -133,10 +138,12 @@ class ControlPlane:
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            connection.failed_auths += 1
+            if not connection.authenticated:
+                connection.failed_auths += 1
             return self._refuse(None, "message is not valid JSON")
         if type(message) is not dict:
-            connection.failed_auths += 1
+            if not connection.authenticated:
+                connection.failed_auths += 1
             return self._refuse(None, 'message must be a JSON object: {"token", "cmd", "data"}')
         cmd = message.get("cmd")
         try:
@@ -157,6 +164,7 @@ class ControlPlane:
             return self._refuse(cmd, rejected.reason)
         if connection.failed_auths:
             connection.failed_auths = 0
+        connection.authenticated = True
         if type(cmd) is not str:
             return self._refuse(None, f"cmd must be a string: one of {self._names}")
         handler = self._table.get(cmd)
@@ -232,14 +240,15 @@ class ControlPlane:
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
         """
         The error answer to a command that failed, with the C{error} its
-        audit line records: the message the client is told.
+        audit line records: the message the client is told, any consumer
+        key in it cut to what logs show of one.
         """
         if failure.check(CommandError):
             message = str(failure.value)
         else:
             self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
             message = "internal error; the gateway log has the details"
-        return _error(cmd, message), "error", {"error": message}
+        return _error(cmd, message), "error", {"error": without_keys(message)}
 
     def _audit(
         self,

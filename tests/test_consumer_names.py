@@ -1,0 +1,129 @@
+"""
+Consumer names and keys apart: a key typed where a consumer's name goes is
+refused with what to do and never logged; a new consumer's name neither
+starts as a key does (C{ock-}) nor with C{-} (an option to openclawctl).
+A gateway in this process, its control plane over a real socket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.logger import formatEvent
+
+from openclaw.consumers.model import Consumer, NewKey
+from tests.test_consumers import GatewayCase
+
+
+class KeyWhereANameGoesTests(GatewayCase):
+    def logged(self) -> str:
+        """
+        Every log event so far, as its line and as its fields.
+        """
+        return "\n".join(formatEvent(event) + repr(event) for event in self.events)
+
+    @inlineCallbacks
+    def test_key_as_name_is_refused_and_never_logged(self) -> Any:
+        """
+        A consumer's key given as the name of every command that names a
+        consumer: refused, the error naming the consumer the key is of and
+        how to revoke it; the audit line names it as lists show keys
+        (C{ock-} and 8 characters); neither the key nor more of it than
+        that is in the log, or in the error.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        key, prefix = created["key"], created["key_prefix"]
+        for cmd, data in (
+            ("consumer_list", {"name": key}),
+            ("usage", {"name": key}),
+            ("consumer_update", {"name": key, "rpm": 5}),
+            ("consumer_delete", {"name": key}),
+            ("key_create", {"name": key}),
+            ("key_revoke", {"name": key, "key_prefix": prefix}),
+        ):
+            answer = yield client.ask(gateway.token, cmd, data)
+            self.assertFalse(answer["ok"], (cmd, answer))
+            self.assertIn("is a key of consumer 'team'", answer["error"])
+            self.assertIn(f"openclawctl key revoke team {prefix}", answer["error"])
+            self.assertNotIn(key[4:13], answer["error"])
+            [audited] = [event for event in self.events if event.get("cmd") == cmd and "outcome" in event]
+            self.assertEqual((audited["outcome"], audited["consumer"]), ("error", f"ock-{prefix}..."))
+        unknown = NewKey.make().key
+        answer = yield client.ask(gateway.token, "consumer_list", {"name": unknown})
+        self.assertIn("neither a consumer's name nor a key of one: give the consumer's name", answer["error"])
+        logged = self.logged()
+        for secret in (key, unknown):
+            self.assertNotIn(secret, logged)
+            self.assertNotIn(secret[4:13], logged)
+        # Nothing changed: the consumer and its one key.
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "team"})
+        self.assertEqual(listed["consumers"][0]["keys"], [{"prefix": prefix}])
+
+    @inlineCallbacks
+    def test_key_in_an_error_is_cut_in_the_log(self) -> Any:
+        """
+        An error that quotes what was sent (here a key given as C{since})
+        is recorded in the audit line with the key cut as lists show keys.
+        """
+        gateway, client = yield self.gateway()
+        key = NewKey.make().key
+        answer = yield client.ask(gateway.token, "usage", {"since": key})
+        self.assertFalse(answer["ok"])
+        [audited] = [event for event in self.events if event.get("cmd") == "usage" and "outcome" in event]
+        self.assertIn(f"since='{key[:12]}...' is not an ISO date", audited["error"])
+        self.assertNotIn(key[4:13], self.logged())
+
+    @inlineCallbacks
+    def test_ctl_says_what_to_do(self) -> Any:
+        """
+        openclawctl, as the trial that found it ran it: the key as the
+        consumer to list; its error says whose key it is.
+        """
+        from tests.test_ctl import run_ctl
+
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        out, err, code = yield run_ctl(
+            "--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, "consumer", "list", created["key"]
+        )
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("consumer_list failed: data.name is a key of consumer 'team'", err)
+        self.assertNotIn(created["key"], self.logged())
+
+
+class NewNameTests(GatewayCase):
+    @inlineCallbacks
+    def test_names_a_new_consumer_may_not_have(self) -> Any:
+        """
+        A new consumer's name may not start as keys do, nor with C{-}:
+        refused, saying why; nothing is created.
+        """
+        gateway, client = yield self.gateway()
+        for name, said in (
+            ("ock-team", "may not start with ock-, as consumer keys do"),
+            (NewKey.make().key, "may not start with ock-, as consumer keys do"),
+            ("-team", "starts with '-', which openclawctl reads as an option"),
+        ):
+            answer = yield client.ask(gateway.token, "consumer_create", {"name": name})
+            self.assertFalse(answer["ok"], answer)
+            self.assertIn(said, answer["error"])
+        listed = yield self.command(gateway, client, "consumer_list")
+        self.assertEqual(listed["consumers"], [])
+
+    @inlineCallbacks
+    def test_names_made_before_still_addressed(self) -> Any:
+        """
+        Consumers an earlier version let be named C{-team} or C{ock-team}
+        are still listed, changed and deleted by name.
+        """
+        gateway, client = yield self.gateway()
+        for name in ("-team", "ock-team"):
+            yield gateway.service.consumers.create(Consumer(name))
+            listed = yield self.command(gateway, client, "consumer_list", {"name": name})
+            self.assertEqual(listed["consumers"][0]["name"], name)
+            updated = yield self.command(gateway, client, "consumer_update", {"name": name, "rpm": 5})
+            self.assertEqual(updated["consumer"]["rpm"], 5)
+            deleted = yield self.command(gateway, client, "consumer_delete", {"name": name})
+            self.assertEqual(deleted["deleted"], name)
