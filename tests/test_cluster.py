@@ -434,12 +434,12 @@ class TwoInstances(ClusterCase):
 OTHER_SECRET = "another-secret-of-at-least-32-bytes!!"
 
 
-class Review18(ClusterCase):
+class StoreTroubleTests(ClusterCase):
     """
-    What a review of #18 found: a connection that never came back after
-    Redis froze, tokens adopted unchecked, lockouts that left other
-    instances' unauthenticated connections open, noisy reconnection, and
-    Redis's own refusals unsaid.
+    A cluster through Redis's troubles: a connection comes back after Redis
+    froze, a token is checked before it is adopted, a lockout closes other
+    instances' unauthenticated connections, reconnection is quiet, and
+    Redis's own refusals are said.
     """
 
     def freeze(self) -> None:

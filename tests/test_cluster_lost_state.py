@@ -340,7 +340,7 @@ class LostState(TestCase):
 
     def lagging_write_back(self, change: str) -> tuple[ClusterNode, ClusterNode, list[tuple[str, str]]]:
         """
-        The reviewer's case: a and d in step (version 1); d loses its
+        a and d in step (version 1); d loses its
         connection; the operators make C{change} (L{ROUTE}: switch to kimi,
         L{TOKEN}: rotate) through a (version 2); the store comes back
         empty and a newcomer n writes its own at version 1; d comes back
@@ -531,7 +531,7 @@ class LostStateOnRedis(ClusterCase):
     @inlineCallbacks
     def test_newcomer_first_after_an_empty_restart(self) -> None:
         """
-        The reviewer's case: A and B (behind a proxy, so that they stay
+        A and B (behind a proxy, so that they stay
         away) serve kimi; Redis restarts empty and D, started then,
         reaches it first; A and B come back: every instance serves kimi
         and the operators' token works on D.

@@ -1,5 +1,5 @@
 """
-The review of the cluster token's renewal: a token that could not be
+The cluster token's renewal: a token that could not be
 adopted is logged and adopted later, a renewal answered after C{stop()}
 leaves nothing on the reactor, and a renewal after the store lost the token
 (a C{FLUSHALL}) is applied everywhere.  L{ClusterNode}s on a L{MemoryStore}

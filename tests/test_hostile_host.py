@@ -1,5 +1,5 @@
 """
-Findings of a hostile-host review: what the gateway does with the files,
+A careless or hostile host: what the gateway does with the files,
 signals and peers a host gives it.
 """
 

@@ -1,6 +1,6 @@
 """
 What a provider's refusal tells the gateway about its keys, and what the
-client and the metrics are told (the eleventh review): a 403 for a model
+client and the metrics are told: a 403 for a model
 kept private leaves the key pool alone; a 5xx's C{Retry-After} reaches
 the client; Google's C{FAILED_PRECONDITION} is the operator's account;
 C{openclaw_provider_up} tells the providers' state when scraped.  The
