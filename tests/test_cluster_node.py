@@ -137,6 +137,14 @@ class Nodes(TestCase):
             "cluster store at redis://default:***@10.0.0.5:6379/0 unavailable: nothing changed; retry once it "
             "is reachable",
         )
+        # Still down, for another reason: status tells the last, as logged;
+        # since when it is down does not move.
+        self.clock.advance(5)
+        node.lost("Redis refused the connection: WRONGPASS invalid username-password pair")
+        self.assertEqual(
+            (node.up, node.up_since, node.down_reason),
+            (False, 1_800_000_005, "Redis refused the connection: WRONGPASS invalid username-password pair"),
+        )
 
     def test_write_outcome_unknown(self) -> None:
         """
@@ -432,3 +440,69 @@ class Healing(TestCase):
         factory.maxDelay = 5.0
         delays = [factory.retryDelay(attempt) for attempt in range(1, 400)]
         self.assertLessEqual(max(delays), 5.0)
+
+
+class RedisTimeoutTests(TestCase):
+    """
+    A reply that takes longer than REDIS_TIMEOUT_SECONDS is said as a
+    timeout (Redis frozen or overloaded, not gone), however the transport
+    reports txredisapi's abort of the connection: over TLS the TLS layer
+    shuts down and its protocol sees a plain loss, not an abort.
+    """
+
+    def reasons(self, loss: BaseException) -> list[str]:
+        """
+        The reasons the store is told its connection went, when a GET goes
+        unanswered past the timeout on a transport whose abort is reported
+        as C{loss}.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from openclaw.cluster.redis import RedisStore, _Commands
+
+        clock = Clock()
+        store = RedisStore("rediss://127.0.0.1:1/0", "p", 0.3, 5.0, clock)
+        told: list[str] = []
+        self.patch(store, "rebuild", lambda reason, factory: told.append(reason))
+        protocol = _Commands(store, {"dbid": None, "password": None, "username": None}).buildProtocol(None)
+        protocol.callLater = clock.callLater
+
+        class Transport(StringTransport):
+            def abortConnection(self) -> None:
+                protocol.connectionLost(Failure(loss))
+
+        protocol.transport = Transport()
+        protocol.connected = 1
+        protocol.execute_command("GET", "openclaw:route").addErrback(lambda failure: None)
+        clock.advance(0.3)
+        return told
+
+    def test_timeout_over_tls(self) -> None:
+        from twisted.internet.error import ConnectionLost
+
+        self.assertEqual(
+            self.reasons(ConnectionLost("the TLS connection was shut down")),
+            ["Redis timed out: no answer within 0.3 s (REDIS_TIMEOUT_SECONDS)"],
+        )
+
+    def test_timeout_over_tcp(self) -> None:
+        from twisted.internet.error import ConnectionAborted
+
+        self.assertEqual(
+            self.reasons(ConnectionAborted()), ["Redis timed out: no answer within 0.3 s (REDIS_TIMEOUT_SECONDS)"]
+        )
+
+    def test_loss_without_timeout(self) -> None:
+        """
+        A connection lost with no reply overdue is a loss.
+        """
+        from twisted.internet.error import ConnectionLost
+
+        from openclaw.cluster.redis import RedisStore, _Commands
+
+        store = RedisStore("redis://127.0.0.1:1/0", "p", 0.3, 5.0, Clock())
+        told: list[str] = []
+        self.patch(store, "rebuild", lambda reason, factory: told.append(reason))
+        protocol = _Commands(store, {"dbid": None, "password": None, "username": None}).buildProtocol(None)
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(told, ["lost the connection to Redis"])

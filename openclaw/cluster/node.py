@@ -411,6 +411,10 @@ class ClusterNode:
 
     def _set_up(self, up: bool, reason: str = "") -> None:
         if up == self.up:
+            if not up and reason:
+                # Still down, for a new reason (Redis back with another
+                # password, say): status tells the last one, as logged.
+                self.down_reason = reason
             return
         self.up = up
         self.up_since = self._reactor.seconds()

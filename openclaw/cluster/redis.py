@@ -33,7 +33,6 @@ import txredisapi
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -230,6 +229,18 @@ class _Handshake:
     """
 
     factory: Any
+    #: A reply took longer than txredisapi's C{replyTimeout}
+    #: (REDIS_TIMEOUT_SECONDS), after which it aborts the connection.
+    timed_out = False
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        result: Deferred[Any] = super().execute_command(*args, **kwargs)  # type: ignore[misc]
+        return result.addErrback(self._note_timeout)
+
+    def _note_timeout(self, failure: Failure) -> Failure:
+        if failure.check(txredisapi.TimeoutError):
+            self.timed_out = True
+        return failure
 
     def auth(self, password: Any, username: Any = None) -> Deferred[Any]:
         answered: Deferred[Any] = super().auth(password, username)  # type: ignore[misc]
@@ -241,9 +252,10 @@ class _Handshake:
 
     def connectionLost(self, why: Any) -> None:
         super().connectionLost(why)  # type: ignore[misc]
-        if why.check(ConnectionAborted):
-            # Aborted by txredisapi (its replyTimeout: REDIS_TIMEOUT_SECONDS),
-            # its only abort: Redis frozen or overloaded, not gone.
+        if self.timed_out:
+            # Aborted by txredisapi at its replyTimeout: Redis frozen or
+            # overloaded, not gone.  (Noted where it happens: over TLS the
+            # abort reaches the protocol as a plain loss, the TLS layer's.)
             timeout = self.factory.store.timeout
             reason = f"Redis timed out: no answer within {timeout:g} s (REDIS_TIMEOUT_SECONDS)"
         else:
