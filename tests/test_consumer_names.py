@@ -127,3 +127,23 @@ class NewNameTests(GatewayCase):
             self.assertEqual(updated["consumer"]["rpm"], 5)
             deleted = yield self.command(gateway, client, "consumer_delete", {"name": name})
             self.assertEqual(deleted["deleted"], name)
+
+    @inlineCallbacks
+    def test_revoke_hint_for_a_dashed_name_parses(self) -> Any:
+        """
+        The revoke command a key-as-name error gives, for a consumer an
+        earlier version let be named C{-team}: C{--} before the name, so
+        that openclawctl reads both as values.
+        """
+        from openclaw.ctl import parse_request
+
+        gateway, client = yield self.gateway()
+        yield gateway.service.consumers.create(Consumer("-team"))
+        created = yield self.command(gateway, client, "key_create", {"name": "-team"})
+        answer = yield client.ask(gateway.token, "consumer_list", {"name": created["key"]})
+        hint = answer["error"].rsplit("to revoke that key: ", 1)[1]
+        self.assertEqual(hint, f"openclawctl key revoke -- -team {created['key_prefix']}")
+        request = parse_request(hint.split()[1:], {"OPENCLAW_TOKEN": gateway.token})
+        self.assertEqual(
+            (request.cmd, request.data), ("key_revoke", {"name": "-team", "key_prefix": created["key_prefix"]})
+        )

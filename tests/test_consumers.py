@@ -573,7 +573,9 @@ class DatabaseUnreachableTests(TestCase):
             str(failure),
             "the consumers' database could not be written: connection failed: connection to server at "
             '"127.0.0.1", port 5432 failed: Connection refused Is the server running on that host and accepting '
-            "TCP/IP connections?; check DATABASE_URL (or STATE_DIR) and the gateway's log, and retry",
+            "TCP/IP connections?; check DATABASE_URL (or STATE_DIR) and the gateway's log, and once it is "
+            "reachable see whether the change was made (openclawctl consumer list: a connection lost at the "
+            "commit may have made it) before retrying",
         )
 
 

@@ -73,8 +73,14 @@ def _database_failed(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
     if unreachable(failure):
+        # A connection lost at the commit may have made the change: retried
+        # blindly, a key would be made twice (the first never shown).
         return Failure(
-            CommandError(f"the consumers' database could not be written: {database_error(failure)}; {_CHECK_DATABASE}")
+            CommandError(
+                f"the consumers' database could not be written: {database_error(failure)}; check DATABASE_URL "
+                "(or STATE_DIR) and the gateway's log, and once it is reachable see whether the change was made "
+                "(openclawctl consumer list: a connection lost at the commit may have made it) before retrying"
+            )
         )
     return Failure(CommandError(f"the consumers' database refused the change: {database_error(failure)}"))
 
@@ -182,12 +188,14 @@ class ConsumerCommands:
                     "consumer's name nor a key of one: give the consumer's name (openclawctl consumer list shows "
                     "each with its keys' prefixes)"
                 )
-            # A prefix of an earlier key may start with '-': openclawctl needs -- before it.
-            prefix = f"-- {holder.prefix}" if holder.prefix.startswith("-") else holder.prefix
+            # An earlier consumer's name or key's prefix may start with '-':
+            # openclawctl reads what follows -- as values, not options.
+            values = f"{holder.consumer} {holder.prefix}"
+            if holder.consumer.startswith("-") or holder.prefix.startswith("-"):
+                values = f"-- {values}"
             raise CommandError(
                 f"data.name is a key of consumer {holder.consumer!r} ({shown_key(name)}), not a consumer's name: "
-                f"give the name, {holder.consumer}; to revoke that key: openclawctl key revoke {holder.consumer} "
-                f"{prefix}"
+                f"give the name, {holder.consumer}; to revoke that key: openclawctl key revoke {values}"
             )
         return name
 
