@@ -27,7 +27,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 
-from openclaw.dataplane.answer import CLIENT_GONE, SEND_TIMEOUT, WholeAnswer, send_whole
+from openclaw.dataplane.answer import CLIENT_GONE, SEND_TIMEOUT, SHUTTING_DOWN, WholeAnswer, send_whole
 from openclaw.dataplane.site import APIRequest, APISite
 from tests.support import RunningGateway, capture_log_events, start_gateway, start_upstream
 from tests.test_api_exhaustion import high_levels, raw
@@ -584,6 +584,53 @@ def h2_unread_then_small(
             return took, events, until(3, (h2.events.StreamEnded, h2.events.StreamReset))
 
 
+def h2_hold_until_closed(port: int, ca: bytes, size: int) -> bytes:
+    """
+    Over HTTP/2 on TLS: ask for C{size} bytes on stream 1, keep its window
+    shut, and read until the server closes the connection (or 10 s pass):
+    the data of stream 1 received.
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_socket:
+        with context.wrap_socket(raw_socket, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            connection.send_headers(
+                1,
+                [(":method", "GET"), (":path", f"/{size}"), (":scheme", "https"), (":authority", "127.0.0.1")],
+                end_stream=True,
+            )
+            sock.sendall(connection.data_to_send())
+            while chunk := sock.recv(65536):
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.DataReceived):
+                        received += event.data
+                sock.sendall(connection.data_to_send())
+    return received
+
+
+def tls_idle_until_closed(port: int, ca: bytes) -> float:
+    """
+    An HTTP/1.1 connection over TLS that answers one request and then idles:
+    the seconds from its answer to the server's close (or 10 s).
+    """
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_socket:
+        with context.wrap_socket(raw_socket, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+            sock.recv(65536)
+            answered = time.monotonic()
+            while sock.recv(65536):
+                pass
+            return time.monotonic() - answered
+
+
 class Http2SendDeadlineTests(TestCase):
     """
     Over HTTP/2 a large answer is paced by its stream's flow-control
@@ -669,3 +716,32 @@ class Http2SendDeadlineTests(TestCase):
         (done,) = self.sent
         assert done is not None
         self.assertIsNone(self.successResultOf(done))
+
+    @inlineCallbacks
+    def test_stop_closes_at_once_and_counts_a_cut_answer(self):
+        """
+        A stop closes TLS connections, HTTP/2 and HTTP/1.1 alike, at once
+        and in order (a TLS transport closes only once twisted.web's
+        channel, its producer, is gone: it waited for the abort after
+        CLOSE_DEADLINE_SECONDS, 2 s), and counts an HTTP/2 answer it cuts
+        as the stop's (503 C{shutting_down}), not as its client gone.
+        """
+        self.site.keyless_timeout = 60.0
+        self.site.send_timeout = 30.0
+        port = self.port.getHost().port
+        holding = deferToThread(h2_hold_until_closed, port, self.ca, 4 * WholeAnswer.bufferSize)
+        idling = deferToThread(tls_idle_until_closed, port, self.ca)
+        for _ in range(500):
+            if len(self.sent) == 2:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.2, lambda: None)
+        started = time.monotonic()
+        yield self.site.close_connections()
+        self.assertLess(time.monotonic() - started, 1.0)
+        received = yield holding
+        self.assertLess(len(received), 4 * WholeAnswer.bufferSize)
+        idle = yield idling
+        self.assertLess(idle, 1.5)
+        large = next(done for done in self.sent if done is not None)
+        self.assertEqual(self.successResultOf(large), SHUTTING_DOWN)

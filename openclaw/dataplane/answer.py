@@ -78,11 +78,29 @@ class StreamSendDeadline:
     @ivar seconds: C{API_SEND_TIMEOUT_SECONDS}.
     """
 
-    def __init__(self, reactor: IReactorTime, seconds: float, stream: Stream) -> None:
+    def __init__(
+        self, reactor: IReactorTime, seconds: float, stream: Stream, going_out: set[WholeAnswer] | None = None
+    ) -> None:
         self.seconds = seconds
         self._reactor = reactor
         self._stream = stream
+        #: Where the answer is while it goes out (its site's, for a stop:
+        #: L{WholeAnswer.shutting_down}).
+        self._going_out: set[WholeAnswer] = set() if going_out is None else going_out
         self._timer: IDelayedCall | None = None
+
+    def started(self, answer: WholeAnswer) -> None:
+        """
+        C{answer} starts going out.
+        """
+        self._going_out.add(answer)
+
+    def ended(self, answer: WholeAnswer) -> None:
+        """
+        C{answer} is over: no deadline any more.
+        """
+        self._going_out.discard(answer)
+        self.resumed()
 
     def paused(self, answer: WholeAnswer) -> None:
         """
@@ -164,6 +182,8 @@ class WholeAnswer:
         Register with the request and write the first part.
         """
         assert self.request is not None, "started once"
+        if self.stream_deadline is not None:
+            self.stream_deadline.started(self)
         self.request.registerProducer(self, True)
         self.resumeProducing()
 
@@ -239,7 +259,7 @@ class WholeAnswer:
 
     def _over(self, result: Failure | None) -> None:
         if self.stream_deadline is not None:
-            self.stream_deadline.resumed()
+            self.stream_deadline.ended(self)
         if not self.done.called:
             self.done.callback(self.outcome if isinstance(result, Failure) else None)
 

@@ -27,6 +27,7 @@ from typing import Any, cast
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
+    IConsumer,
     IDelayedCall,
     INegotiated,
     IProtocol,
@@ -130,6 +131,18 @@ def lacks_host(request: Request, version: bytes) -> bool:
 _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
 
+def lose_connection(transport: ITransport) -> None:
+    """
+    Close C{transport} once what was written to it is sent.  twisted.web's
+    channel (C{HTTPChannel}, C{H2Connection}) is the transport's producer
+    and unregisters only in its own close, while a TLS transport closes
+    only once no producer is registered (it would wait for an abort):
+    the channel is unregistered first, as its own close does.
+    """
+    cast(IConsumer, transport).unregisterProducer()
+    transport.loseConnection()
+
+
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
@@ -165,7 +178,7 @@ class MetricsRequest(Request):
         transport = channel.transport
         assert transport is not None
         transport.write(raw_response(400, body, b"text/plain; charset=utf-8"))
-        transport.loseConnection()
+        lose_connection(transport)
         _metrics_log.info(
             "refused a request with {status} for {peer}: {reason}",
             status=400,
@@ -308,7 +321,7 @@ class APIRequest(Request):
         if isinstance(self.channel, HTTPChannel):
             return None
         site = self.api_site
-        return StreamSendDeadline(site.reactor, site.send_timeout, self.channel)
+        return StreamSendDeadline(site.reactor, site.send_timeout, self.channel, site.http2_answers)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """
@@ -815,7 +828,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         of the connection runs from now on.
         """
         transport = self.tcp
-        transport.loseConnection()
+        lose_connection(transport)
         self._disarm()
         self._stop_keyless_deadline()
         pending = self._deadline
@@ -838,7 +851,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._sending.shutting_down()
             self._close_after_answer = True
         else:
-            self.tcp.loseConnection()
+            lose_connection(self.tcp)
 
 
 class APISite(Site):
@@ -887,6 +900,9 @@ class APISite(Site):
         self.keyless: dict[str, int] = {}
         self._keyless_order: dict[APIConnection, None] = {}
         self._by_transport: dict[ITransport, APIConnection] = {}
+        #: Large answers going out on HTTP/2 streams (L{StreamSendDeadline}):
+        #: a stop that cuts one counts it as the stop's.
+        self.http2_answers: set[WholeAnswer] = set()
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
@@ -1027,6 +1043,8 @@ class APISite(Site):
         closed = self.connections.all_closed()
         if closed.called:
             return closed
+        for answer in self.http2_answers:
+            answer.shutting_down()
         for connection in self.connections:
             connection.shutting_down()
         straggle = self.reactor.callLater(CLOSE_DEADLINE_SECONDS, self._abort_all)
