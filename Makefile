@@ -72,12 +72,15 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # A real (not editable) install: the twistd plugin is found the way an
-# operator's install finds it.
+# operator's install finds it.  build/ goes first: setuptools reuses it, and
+# a module deleted from the sources would be installed from it still.
 $(STAMP): $(BIN)/python $(SOURCES)
+	rm -rf build
 	$(BIN)/python -m pip install --quiet '.[test]'
 	@touch $@
 
 $(RUN_STAMP): $(BIN)/python $(SOURCES)
+	rm -rf build
 	$(BIN)/python -m pip install --quiet .
 	@touch $@
 
