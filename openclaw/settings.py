@@ -514,9 +514,38 @@ def _fallback(ids: Sequence[str]) -> Callable[[str], str | tuple[str, ...]]:
 
 
 def _url(text: str) -> str:
+    """
+    A provider's base URL: C{http://} or C{https://}, a host (a name, an
+    IPv4 address, or an IPv6 one in brackets), an optional port, a path;
+    without the final C{/}.
+
+    @raise ValueError: anything else, with what is wrong: a user or
+        password (the provider's key has a setting of its own, and a URL
+        is echoed in errors), a query or fragment (the gateway appends the
+        API's paths), a port out of range, no host.
+    """
     text = text.strip()
-    if not text.startswith(("http://", "https://")):
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        # A bracket left open, a port that is not a number or out of range.
+        raise ValueError(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
+    if parts.scheme not in ("http", "https") or not text.startswith(f"{parts.scheme}://"):
         raise ValueError
+    if "@" in parts.netloc:
+        raise ValueError(
+            "it carries a user or password, which a provider's base URL never does (its key has a setting of its own)"
+        )
+    host = parts.hostname
+    if not host:
+        raise ValueError("it names no host")
+    if any(c.isspace() or not c.isprintable() for c in host):
+        raise ValueError("its host holds a space or control character")
+    if port == 0:
+        raise ValueError("port 0 is not a port to connect to")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("the gateway appends the API's paths to it: leave out ?query and #fragment")
     return text.rstrip("/")
 
 
@@ -1047,8 +1076,11 @@ def load_settings(
             return cast(str(raw))
         except ConfigError as e:
             raise ConfigError(f"{e} (the value came {source(name)})") from None
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} ({source(name)}) is invalid: {hint}") from None
+        except ValueError as e:
+            # A URL's password is never shown (a provider's base URL refuses one).
+            shown = _masked_url(str(raw)) if "://" in str(raw) else raw
+            why = f"{e}; " if str(e) else ""
+            raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
 
     secret = read("JWT_SECRET", str, "", "").encode("utf-8")
     secret_file = read("JWT_SECRET_FILE", str, "", "")

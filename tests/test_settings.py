@@ -47,6 +47,31 @@ class LoadTests(SynchronousTestCase):
         for part in expected:
             self.assertIn(part, message)
 
+    def test_provider_base_urls(self) -> None:
+        """
+        A provider's base URL is checked whole at start-up: one line naming
+        the variable and what is wrong (before, these started and every call
+        failed with Python's own words, a password included, or start-up
+        crashed with a traceback), the password never shown.
+        """
+        for value, said in (
+            ("http://svc:Pa55w0rdSecret@127.0.0.1:9/gemini/v1beta", "carries a user or password"),
+            ("http://", "names no host"),
+            ("http://127.0.0.1:99999/v1", "port out of range"),
+            ("http://exa mple.com/v1", "holds a space"),
+            ("https://example.com/v1?x=1", "leave out ?query and #fragment"),
+            ("https://example.com/v1#top", "leave out ?query and #fragment"),
+            ("http://[::1/v1", "it is not a URL"),
+            ("ftp://example.com/v1", "use an http:// or https:// URL"),
+        ):
+            self.environ["GEMINI_BASE_URL"] = value
+            self.assertConfigError("GEMINI_BASE_URL=", said)
+            with self.assertRaises(ConfigError) as caught:
+                self.load()
+            self.assertNotIn("Pa55w0rdSecret", str(caught.exception))
+        self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
+        self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
+
     def test_defaults(self) -> None:
         settings = self.load()
         self.assertEqual(settings.port, 18789)
