@@ -420,6 +420,24 @@ class NoServerErrorTests(TestCase):
         status, _ = yield deferToThread(self.request, "HEAD", "/healthz")
         self.assertEqual(status, 200)
         self.assertEqual(high_levels(self.events), [])
+        # Nothing logged for a HEAD answered with the GET answer's length
+        # (twisted.web logs a line for every HEAD whose resource returns a
+        # body: anyone could fill the log).
+        self.assertEqual([e for e in self.events if "HEAD" in e.get("log_format", "")], [])
+
+        def lengths() -> tuple[str | None, int]:
+            connection = http.client.HTTPConnection("127.0.0.1", self.gateway.api_port, timeout=10)
+            try:
+                connection.request("HEAD", "/healthz")
+                head = connection.getresponse()
+                head.read()
+                connection.request("GET", "/healthz")
+                return head.getheader("Content-Length"), len(connection.getresponse().read())
+            finally:
+                connection.close()
+
+        declared, length = yield deferToThread(lengths)
+        self.assertEqual(declared, str(length))
 
     @inlineCallbacks
     def test_role_of_every_type(self):

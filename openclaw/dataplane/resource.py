@@ -149,6 +149,16 @@ class APIResource(Resource):
         return NotFound(self.context)
 
     def render(self, request: Request) -> Any:
+        body = self._render(request)
+        if request.method == b"HEAD" and isinstance(body, bytes):
+            # The GET answer's length without its body (RFC 9110, section
+            # 9.3.2): twisted.web would log a line for every HEAD whose
+            # resource returned a body.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
+    def _render(self, request: Request) -> Any:
         if not self.handlers:
             # A branch of the tree (/, /v1): nothing to serve here.
             path = request.path.decode("utf-8", "replace")

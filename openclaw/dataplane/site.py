@@ -226,7 +226,12 @@ class _MetricsNotFound(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n"
+        body = b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n"
+        if request.method == b"HEAD":
+            # Its length only: twisted.web logs a line for a HEAD answered with a body.
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
 
 
 class MetricsSite(Site):
