@@ -1162,8 +1162,6 @@ def load_settings(
             "lockouts through Redis; set REDIS_URL or use --workers 1"
         )
     embedding = _read_embedding_model(read, declared, defaults)
-    no_path: Path | None = None
-    token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
     no_pem: bytes | None = None
     ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_state_dir: Path | None = None
@@ -1174,6 +1172,10 @@ def load_settings(
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
     else:
         state_path = cwd or Path.cwd()
+    # After the state directory, which is made if missing: a token file
+    # in it is then in a directory that exists.
+    no_path: Path | None = None
+    token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
     prices_file = read("PRICES_FILE", str, "", "")
 
     settings = Settings(

@@ -72,6 +72,18 @@ class LoadTests(SynchronousTestCase):
         self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
         self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
 
+    def test_token_file_in_a_state_dir_to_be_made(self) -> None:
+        """
+        A token file in the STATE_DIR the gateway is to make: the directory
+        is made first, then the token file's is checked (it exists now).
+        """
+        state = self.cwd / "state"
+        self.environ["STATE_DIR"] = str(state)
+        self.environ["TOKEN_FILE"] = str(state / "token")
+        settings = self.load()
+        self.assertEqual((settings.state_dir, settings.token_file), (state, state / "token"))
+        self.assertTrue(state.is_dir())
+
     def test_defaults(self) -> None:
         settings = self.load()
         self.assertEqual(settings.port, 18789)
