@@ -868,6 +868,13 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"TLS handshake with {url} failed: {describe_tls_error(error.cause)}; if the gateway's "
                 "certificate is signed by your own CA, pass --cafile CA.pem"
             )
+        if "upgrade failed [404]" in str(error.reason):
+            # Autobahn's words for an HTTP 404 to the WebSocket handshake:
+            # an HTTP server, most likely the gateway's API.
+            return (
+                f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
+                "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
+            )
         return f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
     if isinstance(error, ConnectError):
         return f"cannot connect to {url}: {error}"

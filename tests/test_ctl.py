@@ -645,6 +645,18 @@ class ConsoleScriptTests(TestCase):
         self.assertIn("WS_CONTROL_PORT", err)
 
     @inlineCallbacks
+    def test_api_port_given(self):
+        """
+        The API's port given for the control plane's: the 404 to the
+        WebSocket handshake says which port openclawctl wants.
+        """
+        gateway = start_gateway(self, api=True)
+        out, err, code = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.api_port}", "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("is that the gateway's API port (API_PORT)?", err)
+        self.assertIn("WS_CONTROL_PORT", err)
+
+    @inlineCallbacks
     def test_untrusted_peer(self):
         """
         The gateway trusts only ::1; this client comes from 127.0.0.1 and is
