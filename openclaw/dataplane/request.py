@@ -496,7 +496,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
                 asked_at = where
                 anything = True
-            if (content is None or content is ...) and tool_calls:
+            refusal = message.get("refusal")
+            if refusal is not None and not isinstance(refusal, str):
+                raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
+            anything = anything or bool(refusal)
+            # OpenAI's assistant message: content may be null (or left out)
+            # when it carries tool calls or a refusal.
+            if (content is None or content is ...) and (tool_calls or refusal is not None):
                 continue
             anything = _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
         elif role == "tool":

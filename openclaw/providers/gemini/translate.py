@@ -222,6 +222,10 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         else:
             content = message.get("content")
             parts = [] if content is None else _parts(content, where)
+            refusal = message.get("refusal")
+            if refusal:
+                # The assistant's words, as a refusal content part is.
+                parts.append({"text": refusal})
             tool_calls = message.get("tool_calls")
             if tool_calls:
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
