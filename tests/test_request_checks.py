@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
@@ -211,3 +212,26 @@ class RefusalTests(DataPlaneTestCase):
                 self.assertEqual(response.code, 400, (message, text))
                 self.assertEqual(self.assertOpenAIError(text)["param"], param, message)
         self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+
+class LogprobsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_top_logprobs_needs_logprobs(self):
+        """
+        OpenAI's rule, applied before a provider is chosen: a call that
+        Kimi took and Gemini refused is refused on both.
+        """
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            for logprobs in (None, False):
+                fields = {"top_logprobs": 3} if logprobs is None else {"top_logprobs": 3, "logprobs": logprobs}
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    yield deferToThread(sdk.chat.completions.create, model=model, messages=HELLO, **fields)
+                self.assertEqual(caught.exception.param, "top_logprobs")
+                self.assertIn("needs logprobs: true", caught.exception.message)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        yield deferToThread(
+            sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO, logprobs=True, top_logprobs=3
+        )
+        self.assertEqual(self.upstream.kimi.last_body["top_logprobs"], 3)

@@ -224,6 +224,9 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
         check = _FIELD_CHECKS.get(name)
         if check is not None:
             check(name, body[name])
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
+        raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
     return ChatRequest(body, bool(stream), include_usage, carried_ids)
 
 

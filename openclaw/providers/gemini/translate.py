@@ -366,9 +366,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     do or would refuse with its own 400: audio output (C{modalities} with
     "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; a C{seed}
     outside L{SEED_RANGE}; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
-    sequences; C{top_logprobs} without C{logprobs: true}
-    (OpenAI's rule, and Gemini's C{logprobs} is only valid with
-    C{responseLogprobs}); C{tools} with a JSON C{response_format} on a
+    sequences; C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
     type: 'application/json' is unsupported"; Gemini 3 takes both).  A
     field set to null is not set.
@@ -409,8 +407,6 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send {MAX_STOP_SEQUENCES} or fewer",
             param="stop",
         )
-    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
-        raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
     if body.get("tools") and _response_format(body) in JSON_FORMATS and _budget_model(model):
         raise bad_request(
             f"Gemini {model.removeprefix('models/')} cannot call tools and answer in a JSON response_format in "
