@@ -77,9 +77,60 @@ IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 #: the request holds, and however long their ids.
 LISTED_CALL_IDS = 5
 LISTED_CALL_ID_CHARS = 64
+#: The deepest nesting orjson encodes (its documented recursion limit);
+#: it reads up to 1024 levels, so a parsed body can be deeper than this.
+MAX_JSON_DEPTH = 254
+#: The most levels a provider's body puts around a JSON value the client
+#: gives: Gemini's C{contents[i].parts[j].functionCall.args} (the body,
+#: contents, a turn, its parts, a part, the call).
+WRAPPING_DEPTH = 6
+#: The deepest tool call arguments and JSON Schemas (C{tools}'
+#: C{parameters}, C{response_format}'s C{schema}) any provider's body
+#: carries: one limit for every provider, checked at the door, so a request
+#: one provider takes is never too deep for another after switch_provider.
+MAX_VALUE_DEPTH = MAX_JSON_DEPTH - WRAPPING_DEPTH
 #: A token (RFC 9110 section 5.6.2), as a content coding is named; a
 #: longer or odd one is not quoted back.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
+
+
+def too_deep(error: TypeError) -> bool:
+    """
+    Whether C{error}, raised by C{orjson.dumps}, is its refusal of a
+    document nested deeper than L{MAX_JSON_DEPTH} (orjson's
+    C{JSONEncodeError}, a C{TypeError}: "Recursion limit reached").
+    Anything else (a bug) is not.
+    """
+    return isinstance(error, orjson.JSONEncodeError) and "recursion" in str(error).lower()
+
+
+def nests_too_deep(value: Any) -> bool:
+    """
+    Whether C{value}, as parsed JSON, nests more than L{MAX_VALUE_DEPTH}
+    levels of lists and objects: orjson refuses to encode it inside
+    L{WRAPPING_DEPTH} lists (C code, much faster than a walk in Python).
+    """
+    for _ in range(WRAPPING_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as e:
+        if too_deep(e):
+            return True
+        raise
+    return False
+
+
+def value_too_deep(where: str) -> APIError:
+    """
+    400 C{json_too_deep} for the JSON value at C{where}.
+    """
+    return bad_request(
+        f"{where} nests more than {MAX_VALUE_DEPTH} levels of objects and lists, more than the gateway can send "
+        "on to every provider; flatten it",
+        param=where,
+        code="json_too_deep",
+    )
 
 
 @attrs.frozen
@@ -363,6 +414,8 @@ def _check_tools(tools: Any) -> frozenset[str]:
             raise bad_request(
                 f"{where}.function.parameters must be a JSON Schema object", param=f"{where}.function.parameters"
             )
+        if nests_too_deep(function.get("parameters")):
+            raise value_too_deep(f"{where}.function.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
             raise bad_request(f"{where}.function.strict must be true or false", param=f"{where}.function.strict")
     return frozenset(names)
@@ -646,13 +699,18 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         arguments = function.get("arguments")
         try:
             parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as e:
+            # orjson reads at most 1024 levels.
+            if "depth" in str(e):
+                raise value_too_deep(f"{at}.function.arguments") from None
             parsed = None
         if not isinstance(parsed, dict):
             raise bad_request(
                 f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
                 param=f"{at}.function.arguments",
             )
+        if nests_too_deep(parsed):
+            raise value_too_deep(f"{at}.function.arguments")
         if call_id in seen:
             raise bad_request(f"{at}.id {_clipped(call_id)!r} is used twice in this message", param=f"{at}.id")
         seen.add(call_id)
@@ -760,6 +818,8 @@ def _check_response_format(response_format: Any) -> None:
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",
         )
+    if nests_too_deep(spec.get("schema")):
+        raise value_too_deep("response_format.json_schema.schema")
 
 
 def _check_stop(stop: Any) -> None:

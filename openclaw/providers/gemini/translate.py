@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from openclaw.dataplane.callids import carried, new_call_id
 from openclaw.dataplane.errors import bad_request
-from openclaw.dataplane.request import DATA_URL, ChatRequest
+from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.wire import (
@@ -304,11 +304,14 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
     parsed = None
     # Only a JSON object is passed as one: other text is not parsed at all
     # (no exception raised and caught per result; JSON's whitespace is
-    # RFC 8259's four characters).
+    # RFC 8259's four characters).  One nested deeper than any provider's
+    # body carries goes as text, as Kimi gets it, rather than refused.
     if text.lstrip(" \t\n\r").startswith("{"):
         try:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
+            parsed = None
+        if nests_too_deep(parsed):
             parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
