@@ -188,6 +188,18 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
                 "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8",
                 code="invalid_json",
             ) from None
+        if "surrogate" in str(e):
+            # A \uD800-\uDFFF escape without its other half: most often a
+            # string cut between the two halves of an emoji (JavaScript's
+            # slice counts UTF-16 units), or a lone half a JSON encoder
+            # would not write.
+            raise bad_request(
+                f"the request body is not valid JSON ({e}): a \\u escape there is half of a UTF-16 surrogate "
+                "pair, without its other half, which is no character; send text as UTF-8, escape a character "
+                "past U+FFFF as its whole pair (\\ud83d\\ude00) or not at all, and do not cut strings between "
+                "the two halves",
+                code="invalid_json",
+            ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
