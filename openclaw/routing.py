@@ -31,6 +31,32 @@ UNPRINTABLE_MODEL = (
 )
 
 
+#: The longest model name either plane takes, prefix included
+#: (C{gemini/...}).  The longest real ids are far shorter: OpenAI's
+#: fine-tuned models, C{ft:<base>:<organization>:<suffix of at most 64>:<id>},
+#: about 120 characters; Gemini's C{models/<id>} and C{tunedModels/<id>}
+#: (ids of at most 63 characters, Google's AIP-122), Moonshot's
+#: C{kimi-k2-0905-preview}, under 50.  A model name goes into the
+#: C{X-OpenClaw-Model} header, log lines and Gemini's URL path: one without
+#: a bound made answers that clients cannot read (the openai SDK, http.client
+#: refuse headers of 64 KB) and URLs the provider drops, counted against its
+#: circuit breaker for everyone.
+MAX_MODEL_CHARS = 256
+
+
+def model_too_long(model: str) -> str | None:
+    """
+    Why C{model} is refused for its length (over L{MAX_MODEL_CHARS}
+    characters), or None.
+    """
+    if len(model) <= MAX_MODEL_CHARS:
+        return None
+    return (
+        f"model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: "
+        "send the model name as the provider lists it"
+    )
+
+
 def printable_model(model: str) -> bool:
     """
     Whether C{model} holds only printable characters (L{str.isprintable}:

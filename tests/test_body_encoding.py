@@ -143,3 +143,25 @@ class BodyEncodingTests(DataPlaneTestCase):
             self.assertIn("JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8", message)
             self.assertNotIn("surrogates", message)
         self.assertEqual(self.upstream_requests(), 0)
+
+    @inlineCallbacks
+    def test_lone_surrogate_escape(self):
+        """
+        A C{\\uD83D} escape without its other half (a string cut inside an
+        emoji, as JavaScript's slice can; Python's json writes one for a
+        lone surrogate): a 400 that says what is wrong and what to send.
+        """
+        gateway = self.gateway()
+        for path, data in (
+            (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi \ud83d"}]}).encode()),
+            (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi \ud83d\u0041"}]}).encode()),
+            (EMBEDDINGS, json.dumps({"input": "\ude00 low half"}).encode()),
+        ):
+            self.assertIn(b"\\ud", data)
+            response, text = yield self.send(gateway, path, data)
+            self.assertEqual(response.code, 400, (path, text))
+            message = self.assertOpenAIError(text, "invalid_json")["message"]
+            self.assertIn("half of a UTF-16 surrogate pair, without its other half", message)
+            self.assertIn("send text as UTF-8", message)
+            self.assertIn("do not cut strings between the two halves", message)
+        self.assertEqual(self.upstream_requests(), 0)

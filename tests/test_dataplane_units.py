@@ -393,13 +393,15 @@ class RequestTests(SynchronousTestCase):
             "reasoning_effort": (["low", "medium", "high"], ["max", 3, ""]),
             "response_format": ([{"type": "text"}, {"type": "json_object"}], [{"type": "xml"}, "json", 1]),
         }
+        # What a field needs alongside it (OpenAI's rule).
+        needs = {"top_logprobs": {"logprobs": True}}
         messages = [{"role": "user", "content": "x"}]
         for name, (good, bad) in fields.items():
             for value in [*good, None]:
-                parse_chat_request(orjson.dumps({"messages": messages, name: value}))
+                parse_chat_request(orjson.dumps({"messages": messages, **needs.get(name, {}), name: value}))
             for value in bad:
                 with self.assertRaises(APIError, msg=(name, value)) as caught:
-                    parse_chat_request(orjson.dumps({"messages": messages, name: value}))
+                    parse_chat_request(orjson.dumps({"messages": messages, **needs.get(name, {}), name: value}))
                 self.assertEqual(caught.exception.status, 400)
                 self.assertTrue(caught.exception.param.startswith(name), (name, value, caught.exception.param))
 

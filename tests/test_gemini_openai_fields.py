@@ -139,8 +139,15 @@ class LogprobsTranslationTests(SynchronousTestCase):
         self.assertEqual(gemini.generation_config(chat(logprobs=False, top_logprobs=None)), {})
 
     def test_top_logprobs_without_logprobs(self) -> None:
-        self.assertEqual(refused(chat(top_logprobs=2)).param, "top_logprobs")
-        self.assertEqual(refused(chat(logprobs=False, top_logprobs=2)).param, "top_logprobs")
+        # OpenAI's rule: refused at the door, whichever the provider.
+        for fields in (
+            {"top_logprobs": 2},
+            {"logprobs": False, "top_logprobs": 2},
+            {"logprobs": None, "top_logprobs": 0},
+        ):
+            with self.assertRaises(APIError) as caught:
+                chat(**fields)
+            self.assertEqual(caught.exception.param, "top_logprobs", fields)
 
     def test_out_of_range(self) -> None:
         # Gemini's range is OpenAI's, [0, 20]: refused at the door.

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 
+import openai
 from prometheus_client import generate_latest
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.control.plane import summarise
+from openclaw.routing import MAX_MODEL_CHARS
 from tests.support import open_client
 from tests.test_dataplane import DataPlaneTestCase
 from tests.test_logs import FORGED
@@ -52,6 +55,67 @@ class ModelNameTests(DataPlaneTestCase):
         self.assertEqual(
             (status["result"]["provider_id"], status["result"]["model"]), ("gemini", "gemini-flash-latest")
         )
+
+
+class ModelLengthTests(DataPlaneTestCase):
+    """
+    A model name is at most L{MAX_MODEL_CHARS} characters: a longer one
+    would be copied into the X-OpenClaw-Model header and the log line (a
+    header the openai SDK cannot read), and into Gemini's URL, which the
+    provider drops, counted against its breaker for everyone.
+    """
+
+    @inlineCallbacks
+    def test_refused_at_the_door(self):
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        for model in ("kimi/" + "z" * (1 << 20), "gemini/" + "a" * 20_000, "x" * (MAX_MODEL_CHARS + 1)):
+            for _ in range(5):
+                try:
+                    yield deferToThread(
+                        sdk.chat.completions.create, model=model, messages=[{"role": "user", "content": "hi"}]
+                    )
+                except openai.BadRequestError as e:
+                    self.assertEqual(e.param, "model")
+                    self.assertIn(f"model is {len(model)} characters long", e.message)
+                    self.assertIn(f"at most {MAX_MODEL_CHARS}", e.message)
+                else:
+                    self.fail(f"a model of {len(model)} characters was taken")
+            try:
+                yield deferToThread(sdk.embeddings.create, model=model, input="hi")
+            except openai.BadRequestError as e:
+                self.assertEqual(e.param, "model")
+                self.assertIn(f"model is {len(model)} characters long", e.message)
+            else:
+                self.fail(f"an embeddings model of {len(model)} characters was taken")
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        for event in self.events:
+            self.assertLess(len(formatEvent(event)), 4096)
+        # Gemini's breaker is still closed.
+        answer = yield deferToThread(
+            sdk.chat.completions.create,
+            model="gemini/gemini-flash-latest",
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        self.assertEqual(answer.choices[0].message.content, "Hello from the stand-in.")
+        # A name of the longest length goes to the provider (which knows no
+        # such model).
+        longest = "kimi/" + "m" * (MAX_MODEL_CHARS - len("kimi/"))
+        with self.assertRaises(openai.NotFoundError):
+            yield deferToThread(
+                sdk.chat.completions.create, model=longest, messages=[{"role": "user", "content": "hi"}]
+            )
+        self.assertEqual(self.upstream.kimi.last_body["model"], longest.removeprefix("kimi/"))
+
+    @inlineCallbacks
+    def test_switch_provider_refuses(self):
+        gateway = self.gateway()
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "kimi", "model": "m" * (MAX_MODEL_CHARS + 1)}
+        )
+        self.assertFalse(answer["ok"])
+        self.assertIn(f"data.model is {MAX_MODEL_CHARS + 1} characters long", answer["error"])
 
 
 def nested(depth: int) -> object:

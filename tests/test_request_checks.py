@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 
 from tests.test_dataplane import ANSWER_A, CALL_A, HELLO, DataPlaneTestCase
 
@@ -167,3 +169,69 @@ class ErrorNamingTests(DataPlaneTestCase):
             error = self.assertOpenAIError(text)
             self.assertIn(expected, error["message"])
             self.assertNotIn("None", error["message"])
+
+
+class RefusalTests(DataPlaneTestCase):
+    """
+    OpenAI's assistant message may carry a C{refusal} and a null
+    C{content}: taken on both providers, Kimi getting it as sent, Gemini
+    the refusal as the model turn's text.
+    """
+
+    @inlineCallbacks
+    def test_refusal_in_history(self):
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        refusal = {"role": "assistant", "content": None, "refusal": "I can't"}
+        messages = [HELLO[0], refusal, {"role": "user", "content": "Then say hello."}]
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            yield deferToThread(sdk.chat.completions.create, model=model, messages=messages)
+        self.assertEqual(self.upstream.kimi.last_body["messages"][1], refusal)
+        self.assertEqual(
+            self.upstream.gemini.last_body["contents"][1], {"role": "model", "parts": [{"text": "I can't"}]}
+        )
+        # Left out, content is null as well.
+        response, text = yield self.post(
+            gateway,
+            {"model": "gemini/gemini-flash-latest", "messages": [HELLO[0], {"role": "assistant", "refusal": "No."}]},
+        )
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(self.upstream.gemini.last_body["contents"][1]["parts"], [{"text": "No."}])
+
+    @inlineCallbacks
+    def test_still_checked(self):
+        gateway = self.gateway()
+        for message, param in (
+            ({"role": "assistant", "content": None, "refusal": 1}, "messages[1].refusal"),
+            ({"role": "assistant", "content": None, "refusal": ["no"]}, "messages[1].refusal"),
+            ({"role": "assistant", "content": None}, "messages[1].content"),
+            ({"role": "assistant", "content": None, "refusal": None}, "messages[1].content"),
+        ):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                response, text = yield self.post(gateway, {"model": model, "messages": [HELLO[0], message]})
+                self.assertEqual(response.code, 400, (message, text))
+                self.assertEqual(self.assertOpenAIError(text)["param"], param, message)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+
+class LogprobsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_top_logprobs_needs_logprobs(self):
+        """
+        OpenAI's rule, applied before a provider is chosen: a call that
+        Kimi took and Gemini refused is refused on both.
+        """
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            for logprobs in (None, False):
+                fields = {"top_logprobs": 3} if logprobs is None else {"top_logprobs": 3, "logprobs": logprobs}
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    yield deferToThread(sdk.chat.completions.create, model=model, messages=HELLO, **fields)
+                self.assertEqual(caught.exception.param, "top_logprobs")
+                self.assertIn("needs logprobs: true", caught.exception.message)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        yield deferToThread(
+            sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO, logprobs=True, top_logprobs=3
+        )
+        self.assertEqual(self.upstream.kimi.last_body["top_logprobs"], 3)

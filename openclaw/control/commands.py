@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.cluster.node import StoreUnavailable
-from openclaw.routing import UNPRINTABLE_MODEL, ActiveRoute, Route, printable_model
+from openclaw.routing import UNPRINTABLE_MODEL, ActiveRoute, Route, model_too_long, printable_model
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
 
@@ -124,8 +124,6 @@ def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
 
 _NONE: frozenset[str] = frozenset()
 _SWITCH_FIELDS = frozenset({"provider", "model"})
-#: The longest model name switch_provider takes.
-MAX_MODEL_CHARS = 256
 #: Consumers a switch_provider warning names, before "and N more".
 MAX_NAMED_CONSUMERS = 5
 
@@ -207,11 +205,9 @@ class ControlCommands:
             raise CommandError("data.model must be a non-empty string when given")
         if not printable_model(model):
             raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
-        if len(model) > MAX_MODEL_CHARS:
-            raise CommandError(
-                f"data.model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: "
-                "send the model name as the provider lists it"
-            )
+        too_long = model_too_long(model)
+        if too_long is not None:
+            raise CommandError(f"data.{too_long}")
         model = model.strip()
         named, slash, rest = model.partition("/")
         if slash and named in self.providers.ids:

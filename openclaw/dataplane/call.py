@@ -55,7 +55,7 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
-from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.request import MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
@@ -80,9 +80,6 @@ _BODY = "the response body"
 _FIRST_EVENT = "the stream's first event"
 _NEXT_EVENT = "the stream's next event"
 
-#: The deepest nesting orjson encodes (its documented recursion limit);
-#: it reads up to 1024 levels, so a parsed body can be deeper than this.
-MAX_JSON_DEPTH = 254
 #: A client's JSON nested deeper than L{MAX_JSON_DEPTH}: 400.
 JSON_TOO_DEEP = (
     f"the request's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, "
@@ -93,16 +90,6 @@ ANSWER_TOO_DEEP = (
     f"the answer's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, more than the gateway "
     "can pass on; if the model wrote it (tool call arguments), ask for a flatter shape"
 )
-
-
-def too_deep(error: TypeError) -> bool:
-    """
-    Whether C{error}, raised by C{orjson.dumps}, is its refusal of a
-    document nested deeper than L{MAX_JSON_DEPTH} (orjson's
-    C{JSONEncodeError}, a C{TypeError}: "Recursion limit reached").
-    Anything else (a bug) is not.
-    """
-    return isinstance(error, orjson.JSONEncodeError) and "recursion" in str(error).lower()
 
 
 def encode_request(wire: Wire, chat: ChatRequest, model: str) -> bytes:

@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 
 from openclaw.dataplane.callids import MARK
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.routing import UNPRINTABLE_MODEL, Route, printable_model
+from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable_model
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
@@ -77,9 +77,60 @@ IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 #: the request holds, and however long their ids.
 LISTED_CALL_IDS = 5
 LISTED_CALL_ID_CHARS = 64
+#: The deepest nesting orjson encodes (its documented recursion limit);
+#: it reads up to 1024 levels, so a parsed body can be deeper than this.
+MAX_JSON_DEPTH = 254
+#: The most levels a provider's body puts around a JSON value the client
+#: gives: Gemini's C{contents[i].parts[j].functionCall.args} (the body,
+#: contents, a turn, its parts, a part, the call).
+WRAPPING_DEPTH = 6
+#: The deepest tool call arguments and JSON Schemas (C{tools}'
+#: C{parameters}, C{response_format}'s C{schema}) any provider's body
+#: carries: one limit for every provider, checked at the door, so a request
+#: one provider takes is never too deep for another after switch_provider.
+MAX_VALUE_DEPTH = MAX_JSON_DEPTH - WRAPPING_DEPTH
 #: A token (RFC 9110 section 5.6.2), as a content coding is named; a
 #: longer or odd one is not quoted back.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
+
+
+def too_deep(error: TypeError) -> bool:
+    """
+    Whether C{error}, raised by C{orjson.dumps}, is its refusal of a
+    document nested deeper than L{MAX_JSON_DEPTH} (orjson's
+    C{JSONEncodeError}, a C{TypeError}: "Recursion limit reached").
+    Anything else (a bug) is not.
+    """
+    return isinstance(error, orjson.JSONEncodeError) and "recursion" in str(error).lower()
+
+
+def nests_too_deep(value: Any) -> bool:
+    """
+    Whether C{value}, as parsed JSON, nests more than L{MAX_VALUE_DEPTH}
+    levels of lists and objects: orjson refuses to encode it inside
+    L{WRAPPING_DEPTH} lists (C code, much faster than a walk in Python).
+    """
+    for _ in range(WRAPPING_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as e:
+        if too_deep(e):
+            return True
+        raise
+    return False
+
+
+def value_too_deep(where: str) -> APIError:
+    """
+    400 C{json_too_deep} for the JSON value at C{where}.
+    """
+    return bad_request(
+        f"{where} nests more than {MAX_VALUE_DEPTH} levels of objects and lists, more than the gateway can send "
+        "on to every provider; flatten it",
+        param=where,
+        code="json_too_deep",
+    )
 
 
 @attrs.frozen
@@ -135,6 +186,18 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
             raise bad_request(
                 f"the request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {bad.start}); "
                 "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8",
+                code="invalid_json",
+            ) from None
+        if "surrogate" in str(e):
+            # A \uD800-\uDFFF escape without its other half: most often a
+            # string cut between the two halves of an emoji (JavaScript's
+            # slice counts UTF-16 units), or a lone half a JSON encoder
+            # would not write.
+            raise bad_request(
+                f"the request body is not valid JSON ({e}): a \\u escape there is half of a UTF-16 surrogate "
+                "pair, without its other half, which is no character; send text as UTF-8, escape a character "
+                "past U+FFFF as its whole pair (\\ud83d\\ude00) or not at all, and do not cut strings between "
+                "the two halves",
                 code="invalid_json",
             ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
@@ -196,6 +259,9 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
         raise bad_request("model must be a string", param="model")
     if model is not None and not printable_model(model):
         raise bad_request(UNPRINTABLE_MODEL, param="model")
+    too_long = None if model is None else model_too_long(model)
+    if too_long is not None:
+        raise bad_request(too_long, param="model")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad_request("stream must be true or false", param="stream")
@@ -221,6 +287,9 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
         check = _FIELD_CHECKS.get(name)
         if check is not None:
             check(name, body[name])
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
+        raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
     return ChatRequest(body, bool(stream), include_usage, carried_ids)
 
 
@@ -357,6 +426,8 @@ def _check_tools(tools: Any) -> frozenset[str]:
             raise bad_request(
                 f"{where}.function.parameters must be a JSON Schema object", param=f"{where}.function.parameters"
             )
+        if nests_too_deep(function.get("parameters")):
+            raise value_too_deep(f"{where}.function.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
             raise bad_request(f"{where}.function.strict must be true or false", param=f"{where}.function.strict")
     return frozenset(names)
@@ -493,7 +564,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
                 asked_at = where
                 anything = True
-            if (content is None or content is ...) and tool_calls:
+            refusal = message.get("refusal")
+            if refusal is not None and not isinstance(refusal, str):
+                raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
+            anything = anything or bool(refusal)
+            # OpenAI's assistant message: content may be null (or left out)
+            # when it carries tool calls or a refusal.
+            if (content is None or content is ...) and (tool_calls or refusal is not None):
                 continue
             anything = _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
         elif role == "tool":
@@ -634,13 +711,18 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         arguments = function.get("arguments")
         try:
             parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as e:
+            # orjson reads at most 1024 levels.
+            if "depth" in str(e):
+                raise value_too_deep(f"{at}.function.arguments") from None
             parsed = None
         if not isinstance(parsed, dict):
             raise bad_request(
                 f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
                 param=f"{at}.function.arguments",
             )
+        if nests_too_deep(parsed):
+            raise value_too_deep(f"{at}.function.arguments")
         if call_id in seen:
             raise bad_request(f"{at}.id {_clipped(call_id)!r} is used twice in this message", param=f"{at}.id")
         seen.add(call_id)
@@ -748,6 +830,8 @@ def _check_response_format(response_format: Any) -> None:
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",
         )
+    if nests_too_deep(spec.get("schema")):
+        raise value_too_deep("response_format.json_schema.schema")
 
 
 def _check_stop(stop: Any) -> None:

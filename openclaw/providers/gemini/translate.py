@@ -37,7 +37,7 @@ from twisted.logger import Logger
 
 from openclaw.dataplane.callids import carried, new_call_id
 from openclaw.dataplane.errors import bad_request
-from openclaw.dataplane.request import DATA_URL, ChatRequest
+from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.wire import (
@@ -222,6 +222,10 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         else:
             content = message.get("content")
             parts = [] if content is None else _parts(content, where)
+            refusal = message.get("refusal")
+            if refusal:
+                # The assistant's words, as a refusal content part is.
+                parts.append({"text": refusal})
             tool_calls = message.get("tool_calls")
             if tool_calls:
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
@@ -300,11 +304,14 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
     parsed = None
     # Only a JSON object is passed as one: other text is not parsed at all
     # (no exception raised and caught per result; JSON's whitespace is
-    # RFC 8259's four characters).
+    # RFC 8259's four characters).  One nested deeper than any provider's
+    # body carries goes as text, as Kimi gets it, rather than refused.
     if text.lstrip(" \t\n\r").startswith("{"):
         try:
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
+            parsed = None
+        if nests_too_deep(parsed):
             parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
@@ -362,9 +369,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     do or would refuse with its own 400: audio output (C{modalities} with
     "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; a C{seed}
     outside L{SEED_RANGE}; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
-    sequences; C{top_logprobs} without C{logprobs: true}
-    (OpenAI's rule, and Gemini's C{logprobs} is only valid with
-    C{responseLogprobs}); C{tools} with a JSON C{response_format} on a
+    sequences; C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
     type: 'application/json' is unsupported"; Gemini 3 takes both).  A
     field set to null is not set.
@@ -405,8 +410,6 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send {MAX_STOP_SEQUENCES} or fewer",
             param="stop",
         )
-    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
-        raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
     if body.get("tools") and _response_format(body) in JSON_FORMATS and _budget_model(model):
         raise bad_request(
             f"Gemini {model.removeprefix('models/')} cannot call tools and answer in a JSON response_format in "
