@@ -43,7 +43,7 @@ from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
-from openclaw.routing import UNPRINTABLE_MODEL, printable_model
+from openclaw.routing import UNPRINTABLE_MODEL, model_too_long, printable_model
 
 if TYPE_CHECKING:
     from openclaw.consumers.prices import Price
@@ -406,8 +406,8 @@ def _model_name(text: str) -> str:
     clients send (L{printable_model}).
     """
     model = _non_empty(text)
-    if not printable_model(model):
-        raise ValueError(text)
+    if not printable_model(model) or model_too_long(model) is not None:
+        raise ValueError
     return model
 
 
@@ -513,6 +513,13 @@ def _fallback(ids: Sequence[str]) -> Callable[[str], str | tuple[str, ...]]:
     return parse
 
 
+class InvalidValue(ValueError):
+    """
+    A setting's value is invalid, for the reason given (shown before the
+    setting's hint).
+    """
+
+
 def _url(text: str) -> str:
     """
     A provider's base URL: C{http://} or C{https://}, a host (a name, an
@@ -530,22 +537,22 @@ def _url(text: str) -> str:
         port = parts.port
     except ValueError as e:
         # A bracket left open, a port that is not a number or out of range.
-        raise ValueError(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
+        raise InvalidValue(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
     if parts.scheme not in ("http", "https") or not text.startswith(f"{parts.scheme}://"):
         raise ValueError
     if "@" in parts.netloc:
-        raise ValueError(
+        raise InvalidValue(
             "it carries a user or password, which a provider's base URL never does (its key has a setting of its own)"
         )
     host = parts.hostname
     if not host:
-        raise ValueError("it names no host")
+        raise InvalidValue("it names no host")
     if any(c.isspace() or not c.isprintable() for c in host):
-        raise ValueError("its host holds a space or control character")
+        raise InvalidValue("its host holds a space or control character")
     if port == 0:
-        raise ValueError("port 0 is not a port to connect to")
+        raise InvalidValue("port 0 is not a port to connect to")
     if parts.query or parts.fragment or "?" in text or "#" in text:
-        raise ValueError("the gateway appends the API's paths to it: leave out ?query and #fragment")
+        raise InvalidValue("the gateway appends the API's paths to it: leave out ?query and #fragment")
     return text.rstrip("/")
 
 
@@ -1079,7 +1086,7 @@ def load_settings(
         except ValueError as e:
             # A URL's password is never shown (a provider's base URL refuses one).
             shown = _masked_url(str(raw)) if "://" in str(raw) else raw
-            why = f"{e}; " if str(e) else ""
+            why = f"{e}; " if isinstance(e, InvalidValue) else ""
             raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
 
     secret = read("JWT_SECRET", str, "", "").encode("utf-8")

@@ -44,6 +44,23 @@ class ModelNameTests(DataPlaneTestCase):
         self.assertEqual(response.code, 200)
 
     @inlineCallbacks
+    def test_retrieve_refuses(self):
+        """
+        C{client.models.retrieve} with a name too long: a 400 naming
+        C{model}, the name not echoed in the answer or the log.
+        """
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        model = "kimi/" + "q" * 15_000
+        with self.assertRaises(openai.BadRequestError) as caught:
+            yield deferToThread(sdk.models.retrieve, model)
+        self.assertEqual(caught.exception.param, "model")
+        self.assertNotIn("q" * 300, caught.exception.message)
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        for event in self.events:
+            self.assertLess(len(formatEvent(event)), 4096)
+
+    @inlineCallbacks
     def test_switch_provider_refuses(self):
         gateway = self.gateway()
         client = yield open_client(self, gateway.port)

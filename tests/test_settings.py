@@ -72,6 +72,12 @@ class LoadTests(SynchronousTestCase):
         self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
         self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
 
+    def test_model_names_bounded(self) -> None:
+        self.environ["KIMI_MODEL"] = "m" * 257
+        self.assertConfigError("KIMI_MODEL=", "is invalid")
+        self.environ["KIMI_MODEL"] = "m" * 256
+        self.assertEqual(self.load().default_model("kimi"), "m" * 256)
+
     def test_token_file_in_a_state_dir_to_be_made(self) -> None:
         """
         A token file in the STATE_DIR the gateway is to make: the directory

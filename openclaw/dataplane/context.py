@@ -28,6 +28,22 @@ if TYPE_CHECKING:
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 #: The log line of a refused or failed API request: a success's, with the
 #: error code (C{outcome}) after the status.
+#: The most of a request's method or path a log line holds (a client may
+#: send up to twisted.web's 16 KB line: one such line per request would
+#: fill the log).
+LOGGED_CHARS = 256
+
+
+def clipped(text: str) -> str:
+    """
+    C{text} as a log line holds it: at most L{LOGGED_CHARS} characters,
+    then how many there were.
+    """
+    if len(text) <= LOGGED_CHARS:
+        return text
+    return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"
+
+
 _FAILED = "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms"
 #: The log line of a successful API request.
 _SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms"
@@ -203,8 +219,8 @@ class APIContext:
         if self.log_failures:
             self.log.info(
                 _FAILED,
-                method=method,
-                path=path,
+                method=clipped(method),
+                path=clipped(path),
                 status=error.status,
                 route="-",
                 consumer=consumer or "-",
@@ -291,9 +307,9 @@ class APIContext:
         self.log.emit(
             level,
             text,
-            method=request.method.decode("ascii", "replace"),
+            method=clipped(request.method.decode("ascii", "replace")),
             consumer=consumer or "-",
-            path=request.path.decode("ascii", "replace"),
+            path=clipped(request.path.decode("ascii", "replace")),
             status=status,
             route=f"{route.provider_id}/{route.model}" if route else "-",
             provider=provider,

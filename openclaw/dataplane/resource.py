@@ -49,7 +49,7 @@ from openclaw.providers import (
     UpstreamHTTPError,
 )
 from openclaw.providers.errors import BreakerOpen, NoUsableKey
-from openclaw.routing import Route, printable_model
+from openclaw.routing import Route, model_too_long, printable_model
 
 _JSON = b"application/json"
 
@@ -634,6 +634,11 @@ class Model(Models):
         # APIRoot moved "v1/models" to prepath: the rest is the id.
         assert request.postpath is not None
         wanted = b"/".join(request.postpath).decode("utf-8", "replace")
+        too_long = model_too_long(wanted)
+        if too_long is not None:
+            # Not echoed: it would fill the answer and the log line.
+            self._error(request, bad_request(too_long, param="model"), None, started, holder)
+            return NOT_DONE_YET
         if not wanted or not printable_model(wanted):
             error = model_not_found(wanted if wanted.isprintable() else "(unprintable)")
             self._error(request, error, None, started, holder)
