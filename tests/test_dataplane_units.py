@@ -113,6 +113,8 @@ class FromGeminiTests(SynchronousTestCase):
                         "message": {
                             "role": "assistant",
                             "content": "Hello there",
+                            # OpenAI's shape: null unless the model refused.
+                            "refusal": None,
                             # A thought summary, never mixed into the content.
                             "reasoning_content": "thinking...",
                         },
@@ -121,7 +123,7 @@ class FromGeminiTests(SynchronousTestCase):
                     },
                     {
                         "index": 1,
-                        "message": {"role": "assistant", "content": "Cut"},
+                        "message": {"role": "assistant", "content": "Cut", "refusal": None},
                         "finish_reason": "length",
                         "logprobs": None,
                     },

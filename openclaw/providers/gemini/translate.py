@@ -814,7 +814,9 @@ def from_gemini(
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
         reading = _read(candidate)
-        message: dict[str, Any] = {"role": "assistant", "content": reading.text}
+        # OpenAI's message shape: refusal is null unless the model refused
+        # (Gemini says so with a finish reason instead).
+        message: dict[str, Any] = {"role": "assistant", "content": reading.text, "refusal": None}
         if reading.reasoning:
             message["reasoning_content"] = reading.reasoning
         if reading.tool_calls:
@@ -841,7 +843,7 @@ def from_gemini(
         choices = [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": ""},
+                "message": {"role": "assistant", "content": "", "refusal": None},
                 "finish_reason": "content_filter",
                 "logprobs": None,
             }
