@@ -36,8 +36,10 @@ One deliberate difference from twistd's own log file: twistd rotates it
 itself (at 1 MB, and on SIGUSR1 by renaming it to C{.1}), which fights an
 external rotator, and its SIGUSR1 does nothing once logrotate has moved the
 file away.  Here rotation is logrotate's job: the file never rotates by
-itself, and SIGUSR1 reopens it (L{LogFile.reopen}, meant for exactly
-this), so after C{mv} and C{kill -USR1} new lines go to a new file.
+itself, and SIGUSR1 reopens it, so after C{mv} and C{kill -USR1} new lines
+go to a new file.  The reopen opens a new L{LogFile} before letting go of
+the one it had (L{ReopenedLogFile}): one that fails is logged, and logging
+goes on to the file it had.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -67,6 +70,8 @@ from zope.interface import implementer
 
 from openclaw.settings import ConfigError
 from openclaw.timefmt import isoformat
+
+_log = Logger(namespace="openclaw")
 
 #: Twisted log namespaces whose info lines say nothing an operator needs,
 #: shown only at LOG_LEVEL=debug: the upstream connection pool's factory logs
@@ -138,7 +143,7 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
         return stdout
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
-    log_file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+    log_file = ReopenedLogFile(path)
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
@@ -148,6 +153,56 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     # Not an IO subclass, but file-like where FileLogObserver needs it:
     # write (text or UTF-8 bytes), flush, close.
     return cast("IO[Any]", log_file)
+
+
+class ReopenedLogFile:
+    """
+    The gateway's log file at C{path}: a Twisted L{LogFile} that never
+    rotates by itself, replaced by a new one at the same path on
+    L{reopen} (SIGUSR1) only once that one is open.
+
+    Not L{LogFile.reopen}, which closes the file before opening the new
+    one: when the open fails (logrotate's C{olddir} missing, the
+    directory moved away or not writable, no descriptor left) the
+    L{LogFile} is left with no file at all, every later write fails (so
+    nothing is logged any more, not even the failure), and a later
+    C{reopen} fails too, closing what is already closed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+
+    def write(self, data: str | bytes) -> None:
+        self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def reopen(self) -> None:
+        """
+        Open C{path} again (creating it with the process's umask when it
+        is not there; one that is there keeps its mode) and log to it from
+        now on.  If it cannot be opened, say so in the log (still the
+        file it had, wherever that was moved) and go on writing there: a
+        later SIGUSR1 tries again.
+        """
+        try:
+            reopened: LogFile = LogFile.fromFullPath(self.path, rotateLength=None)
+        except OSError as error:
+            _log.error(
+                "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
+                "it had (where it was moved to): make {directory} exist and writable, then send SIGUSR1 again",
+                path=self.path,
+                reason=error.strerror or str(error),
+                directory=os.path.dirname(self.path),
+            )
+            return
+        previous, self._file = self._file, reopened
+        previous.close()
 
 
 def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:
@@ -334,4 +389,12 @@ def _null(value: Any) -> None:
     return None
 
 
-__all__ = ["AcceptErrorLimiter", "foreground", "json_line", "log_destination", "make_observer", "text_line"]
+__all__ = [
+    "AcceptErrorLimiter",
+    "ReopenedLogFile",
+    "foreground",
+    "json_line",
+    "log_destination",
+    "make_observer",
+    "text_line",
+]

@@ -165,6 +165,63 @@ class DaemonTests(TestCase):
         yield client.closed
 
     @inlineCallbacks
+    def test_failed_reopen_keeps_logging(self):
+        """
+        SIGUSR1 with the log's directory moved away: the daemon goes on
+        logging to the file it had, which says the reopen failed and what
+        to do; once the directory is back, another SIGUSR1 moves the log to
+        a new file, which has the lines that follow, the stop's included.
+        """
+        pidfile, tokenfile, logs = self.dir / "gw.pid", self.dir / "token", self.dir / "logs"
+        logs.mkdir()
+        port = free_port()
+        _out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(logs / "gw.log"),
+                "openclaw",
+                "--token-file",
+                str(tokenfile),
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.dir),
+            ],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 0, err)
+        self.addCleanup(self._kill, pidfile)
+        yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        pid = int(pidfile.read_text())
+        client = yield connect(port)
+        moved = self.dir / "logs.old"
+        logs.rename(moved)
+        os.kill(pid, signal.SIGUSR1)
+        yield wait_for(lambda: "could not reopen the log file" in (moved / "gw.log").read_text())
+        yield client.command("not-a-token", "ping")
+        yield wait_for(lambda: "auth failure from" in (moved / "gw.log").read_text())
+        self.assertIn(f"make {logs} exist and writable, then send SIGUSR1 again", (moved / "gw.log").read_text())
+        logs.mkdir()
+        os.kill(pid, signal.SIGUSR1)
+        yield wait_for((logs / "gw.log").exists)
+        yield client.command("still-not-a-token", "ping")
+        yield wait_for(lambda: "auth failure from" in (logs / "gw.log").read_text())
+        client.sendClose()
+        yield client.closed
+        os.kill(pid, signal.SIGTERM)
+        yield wait_for(lambda: not pidfile.exists())
+        self.assertIn("Main loop terminated.", (logs / "gw.log").read_text())
+        self.assertNotIn("Main loop terminated.", (moved / "gw.log").read_text())
+
+    @inlineCallbacks
     def test_journal_never_sees_the_token(self):
         """
         In the foreground with a token file and a stdout that is not a

@@ -359,6 +359,45 @@ class DestinationTests(SynchronousTestCase):
         self.assertEqual([json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"])
         self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["after"])
 
+    def test_failed_reopen_keeps_the_file(self):
+        """
+        A SIGUSR1 whose reopen fails (the log's directory moved away) keeps
+        the log going to the file it had, which says why and what to do; a
+        later SIGUSR1 that can open the file moves the log to it.
+        """
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        logs = Path(self.mktemp()).resolve() / "logs"
+        logs.mkdir(parents=True)
+        path = logs / "gw.log"
+        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        observer = make_observer(stream, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        log = Logger(namespace="openclaw.test")
+        log.info("before")
+        moved = logs.with_name("logs.old")
+        logs.rename(moved)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("while the directory is away")
+        logs.mkdir()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("after")
+
+        def messages(file: Path) -> list[str]:
+            return [json.loads(line)["message"] for line in file.read_text().splitlines()]
+
+        [before, failed, during] = messages(moved / "gw.log")
+        self.assertEqual((before, during), ("before", "while the directory is away"))
+        self.assertEqual(
+            failed,
+            f"could not reopen the log file {path} on SIGUSR1: No such file or directory; logging goes on to "
+            f"the file it had (where it was moved to): make {logs} exist and writable, then send SIGUSR1 again",
+        )
+        self.assertEqual(messages(path), ["after"])
+
     def test_daemon_default_logfile(self):
         """
         A daemon without --logfile logs to twistd.log, as twistd does.
