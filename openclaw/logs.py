@@ -111,6 +111,16 @@ def foreground(twistd_options: Mapping[str, Any]) -> bool:
     return bool(twistd_options.get("nodaemon", True))
 
 
+def logs_to_stdout(twistd_options: Mapping[str, Any]) -> bool:
+    """
+    Whether the log goes to standard output (L{log_destination}): in the
+    foreground, without C{--syslog}, with no C{--logfile} or C{--logfile -}.
+    """
+    if twistd_options.get("syslog") or not foreground(twistd_options):
+        return False
+    return twistd_options.get("logfile") in (None, "", "-")
+
+
 def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
     """
     The stream twistd would log to, given twistd's own options: C{stdout}
@@ -135,11 +145,9 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     if twistd_options.get("syslog"):
         return None
     logfile = twistd_options.get("logfile")
-    if logfile == "-":
-        if not foreground(twistd_options):
-            raise ConfigError("a daemon cannot log to standard output (--logfile -): add -n, or name a file")
-        return stdout
-    if not logfile and foreground(twistd_options):
+    if logfile == "-" and not foreground(twistd_options):
+        raise ConfigError("a daemon cannot log to standard output (--logfile -): add -n, or name a file")
+    if logs_to_stdout(twistd_options):
         return stdout
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
@@ -395,6 +403,7 @@ __all__ = [
     "foreground",
     "json_line",
     "log_destination",
+    "logs_to_stdout",
     "make_observer",
     "text_line",
 ]
