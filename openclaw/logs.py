@@ -57,11 +57,13 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
 )
@@ -97,6 +99,14 @@ QUIET_RECONNECTS = (f"{ClientService.__module__}.{ClientService.__name__}",)
 #: every refusal in C{openclaw_control_refused_connections_total}; these
 #: lines are shown at LOG_LEVEL=debug only, Autobahn's errors always.
 QUIET_WEBSOCKET = (f"{WebSocketServerProtocol.__module__}.{WebSocketServerProtocol.__name__}",)
+#: How Autobahn's line for a connection lost to a TLS error starts
+#: ("SSL error: tlsv1 alert unknown ca (in )", logged at error): a peer
+#: that does not trust the certificate, or speaks plain HTTP to a TLS
+#: listener, causes it at will, and it is no error of the gateway's, which
+#: logs the connection's end itself, at info, with the peer
+#: (L{openclaw.control.protocol}).  Shown at LOG_LEVEL=debug only
+#: (L{PeerTLSErrors}).
+PEER_TLS_ERROR_PREFIX = "SSL error: "
 
 #: The value types a JSON line carries from an event's own fields; other
 #: values are left out (the message already shows them as text).
@@ -249,7 +259,8 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     Below C{debug}, the per-connection lines of Twisted's connection pool
     and reconnecting client are shown from C{warn} up, and Autobahn's
     WebSocket server protocol's from C{error} up (L{QUIET_NAMESPACES},
-    L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}).
+    L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}) but for its line for a peer's
+    TLS error, not shown (L{PeerTLSErrors}).
     """
     if log_format == "json":
         inner: ILogObserver = AcceptErrorLimiter(FileLogObserver(stream, json_line))
@@ -263,7 +274,25 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.warn))
         for namespace in QUIET_WEBSOCKET:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.error))
+        return FilteringLogObserver(inner, [PeerTLSErrors(), predicate])
     return FilteringLogObserver(inner, [predicate])
+
+
+@implementer(ILogFilterPredicate)
+class PeerTLSErrors:
+    """
+    Drops Autobahn's error line for a control connection lost to a TLS
+    error (L{PEER_TLS_ERROR_PREFIX}); lets every other event through to
+    the next predicate.
+    """
+
+    def __call__(self, event: LogEvent) -> object:
+        # A PredicateResult: object, as Twisted's constants are untyped.
+        if event.get("log_namespace") in QUIET_WEBSOCKET and str(event.get("log_format")).startswith(
+            PEER_TLS_ERROR_PREFIX
+        ):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 #: What Twisted's TCP ports log for each connection they cannot accept
@@ -399,6 +428,7 @@ def _null(value: Any) -> None:
 
 __all__ = [
     "AcceptErrorLimiter",
+    "PeerTLSErrors",
     "ReopenedLogFile",
     "foreground",
     "json_line",

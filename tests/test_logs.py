@@ -132,6 +132,31 @@ class LevelTests(SynchronousTestCase):
         self.assertEqual(written("info"), [f"{server}#error] error", "[twisted.web.client#warn] pool"])
         self.assertEqual(written("critical"), [])
 
+    def test_peer_tls_error_quiet_unless_debug(self):
+        """
+        Autobahn's error line for a connection lost to a TLS error (a peer
+        that does not trust the certificate) is dropped below debug; its
+        other errors are kept, and so is any other namespace's line that
+        starts the same way.
+        """
+        from openclaw.logs import QUIET_WEBSOCKET
+
+        def written(level: str) -> list[str]:
+            out = io.StringIO()
+            observer = make_observer(out, "text", level)
+            for namespace in (*QUIET_WEBSOCKET, "openclaw.controlplane"):
+                for log_format in ("SSL error: tlsv1 alert unknown ca (in )", "other"):
+                    observer(event(log_namespace=namespace, log_level=LogLevel.error, log_format=log_format))
+            return [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+
+        server = "[autobahn.twisted.websocket.WebSocketServerProtocol#error]"
+        own = "[openclaw.controlplane#error]"
+        tls_error = "SSL error: tlsv1 alert unknown ca (in )"
+        self.assertEqual(
+            written("debug"), [f"{server} {tls_error}", f"{server} other", f"{own} {tls_error}", f"{own} other"]
+        )
+        self.assertEqual(written("info"), [f"{server} other", f"{own} {tls_error}", f"{own} other"])
+
     def test_no_level_or_namespace(self):
         """
         As twistd's level filter: an event without a level or a namespace
