@@ -36,8 +36,10 @@ One deliberate difference from twistd's own log file: twistd rotates it
 itself (at 1 MB, and on SIGUSR1 by renaming it to C{.1}), which fights an
 external rotator, and its SIGUSR1 does nothing once logrotate has moved the
 file away.  Here rotation is logrotate's job: the file never rotates by
-itself, and SIGUSR1 reopens it (L{LogFile.reopen}, meant for exactly
-this), so after C{mv} and C{kill -USR1} new lines go to a new file.
+itself, and SIGUSR1 reopens it, so after C{mv} and C{kill -USR1} new lines
+go to a new file.  The reopen opens a new L{LogFile} before letting go of
+the one it had (L{ReopenedLogFile}): one that fails is logged, and logging
+goes on to the file it had.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
 )
@@ -67,6 +72,8 @@ from zope.interface import implementer
 
 from openclaw.settings import ConfigError
 from openclaw.timefmt import isoformat
+
+_log = Logger(namespace="openclaw")
 
 #: Twisted log namespaces whose info lines say nothing an operator needs,
 #: shown only at LOG_LEVEL=debug: the upstream connection pool's factory logs
@@ -92,6 +99,14 @@ QUIET_RECONNECTS = (f"{ClientService.__module__}.{ClientService.__name__}",)
 #: every refusal in C{openclaw_control_refused_connections_total}; these
 #: lines are shown at LOG_LEVEL=debug only, Autobahn's errors always.
 QUIET_WEBSOCKET = (f"{WebSocketServerProtocol.__module__}.{WebSocketServerProtocol.__name__}",)
+#: How Autobahn's line for a connection lost to a TLS error starts
+#: ("SSL error: tlsv1 alert unknown ca (in )", logged at error): a peer
+#: that does not trust the certificate, or speaks plain HTTP to a TLS
+#: listener, causes it at will, and it is no error of the gateway's, which
+#: logs the connection's end itself, at info, with the peer
+#: (L{openclaw.control.protocol}).  Shown at LOG_LEVEL=debug only
+#: (L{PeerTLSErrors}).
+PEER_TLS_ERROR_PREFIX = "SSL error: "
 
 #: The value types a JSON line carries from an event's own fields; other
 #: values are left out (the message already shows them as text).
@@ -104,6 +119,16 @@ def foreground(twistd_options: Mapping[str, Any]) -> bool:
     twistd (tests, scripts) there is no daemonizing at all.
     """
     return bool(twistd_options.get("nodaemon", True))
+
+
+def logs_to_stdout(twistd_options: Mapping[str, Any]) -> bool:
+    """
+    Whether the log goes to standard output (L{log_destination}): in the
+    foreground, without C{--syslog}, with no C{--logfile} or C{--logfile -}.
+    """
+    if twistd_options.get("syslog") or not foreground(twistd_options):
+        return False
+    return twistd_options.get("logfile") in (None, "", "-")
 
 
 def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
@@ -130,15 +155,13 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     if twistd_options.get("syslog"):
         return None
     logfile = twistd_options.get("logfile")
-    if logfile == "-":
-        if not foreground(twistd_options):
-            raise ConfigError("a daemon cannot log to standard output (--logfile -): add -n, or name a file")
-        return stdout
-    if not logfile and foreground(twistd_options):
+    if logfile == "-" and not foreground(twistd_options):
+        raise ConfigError("a daemon cannot log to standard output (--logfile -): add -n, or name a file")
+    if logs_to_stdout(twistd_options):
         return stdout
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
-    log_file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+    log_file = ReopenedLogFile(path)
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
@@ -148,6 +171,56 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     # Not an IO subclass, but file-like where FileLogObserver needs it:
     # write (text or UTF-8 bytes), flush, close.
     return cast("IO[Any]", log_file)
+
+
+class ReopenedLogFile:
+    """
+    The gateway's log file at C{path}: a Twisted L{LogFile} that never
+    rotates by itself, replaced by a new one at the same path on
+    L{reopen} (SIGUSR1) only once that one is open.
+
+    Not L{LogFile.reopen}, which closes the file before opening the new
+    one: when the open fails (logrotate's C{olddir} missing, the
+    directory moved away or not writable, no descriptor left) the
+    L{LogFile} is left with no file at all, every later write fails (so
+    nothing is logged any more, not even the failure), and a later
+    C{reopen} fails too, closing what is already closed.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+
+    def write(self, data: str | bytes) -> None:
+        self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def reopen(self) -> None:
+        """
+        Open C{path} again (creating it with the process's umask when it
+        is not there; one that is there keeps its mode) and log to it from
+        now on.  If it cannot be opened, say so in the log (still the
+        file it had, wherever that was moved) and go on writing there: a
+        later SIGUSR1 tries again.
+        """
+        try:
+            reopened: LogFile = LogFile.fromFullPath(self.path, rotateLength=None)
+        except OSError as error:
+            _log.error(
+                "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
+                "it had (where it was moved to): make {directory} exist and writable, then send SIGUSR1 again",
+                path=self.path,
+                reason=error.strerror or str(error),
+                directory=os.path.dirname(self.path),
+            )
+            return
+        previous, self._file = self._file, reopened
+        previous.close()
 
 
 def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:
@@ -186,7 +259,8 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     Below C{debug}, the per-connection lines of Twisted's connection pool
     and reconnecting client are shown from C{warn} up, and Autobahn's
     WebSocket server protocol's from C{error} up (L{QUIET_NAMESPACES},
-    L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}).
+    L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}) but for its line for a peer's
+    TLS error, not shown (L{PeerTLSErrors}).
     """
     if log_format == "json":
         inner: ILogObserver = AcceptErrorLimiter(FileLogObserver(stream, json_line))
@@ -200,7 +274,25 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.warn))
         for namespace in QUIET_WEBSOCKET:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.error))
+        return FilteringLogObserver(inner, [PeerTLSErrors(), predicate])
     return FilteringLogObserver(inner, [predicate])
+
+
+@implementer(ILogFilterPredicate)
+class PeerTLSErrors:
+    """
+    Drops Autobahn's error line for a control connection lost to a TLS
+    error (L{PEER_TLS_ERROR_PREFIX}); lets every other event through to
+    the next predicate.
+    """
+
+    def __call__(self, event: LogEvent) -> object:
+        # A PredicateResult: object, as Twisted's constants are untyped.
+        if event.get("log_namespace") in QUIET_WEBSOCKET and str(event.get("log_format")).startswith(
+            PEER_TLS_ERROR_PREFIX
+        ):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 #: What Twisted's TCP ports log for each connection they cannot accept
@@ -334,4 +426,14 @@ def _null(value: Any) -> None:
     return None
 
 
-__all__ = ["AcceptErrorLimiter", "foreground", "json_line", "log_destination", "make_observer", "text_line"]
+__all__ = [
+    "AcceptErrorLimiter",
+    "PeerTLSErrors",
+    "ReopenedLogFile",
+    "foreground",
+    "json_line",
+    "log_destination",
+    "logs_to_stdout",
+    "make_observer",
+    "text_line",
+]

@@ -21,7 +21,7 @@ from twisted.python import usage
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
-from openclaw.logs import foreground, log_destination, make_observer
+from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import gateway_reactor, supervisor_reactor
 from openclaw.service import GatewayService
@@ -138,6 +138,7 @@ def makeService(
             daemon=not foreground(twistd_options),
         )
         _check_token_file(settings)
+        _check_token_shown(settings, twistd_options, stdout)
         if options["worker"] is not None:
             worker = _worker_service(options, settings, reactor, stdout, twistd_options)
             return _exit_with_status(worker, twistd_options)
@@ -313,6 +314,26 @@ def _check_token_file(settings: Settings) -> None:
             "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
             "of the gateway's own (such as /run/openclaw/token)"
         ) from None
+
+
+def _check_token_shown(settings: Settings, twistd_options: Any, stdout: IO[str]) -> None:
+    """
+    Refuse JSON logs on a standard output that is not a terminal without a
+    token file: the log goes to a log shipper there, and the banner would
+    be the only place the session token is, printed into that stream (not
+    JSON, and a secret no log may hold).  With a token file the banner is
+    logged without the token (L{_show_token}); on a terminal it is shown.
+
+    @raise ConfigError: it would be.
+    """
+    if settings.token_file is not None or settings.log_format != "json" or not logs_to_stdout(twistd_options):
+        return
+    if stdout.isatty():
+        return
+    raise ConfigError(
+        "LOG_FORMAT=json on a standard output that is not a terminal (a log shipper's stream) needs "
+        "--token-file PATH (or TOKEN_FILE) to hand the session token over: it is never written to the log"
+    )
 
 
 def _freeze_startup_objects() -> None:

@@ -165,6 +165,63 @@ class DaemonTests(TestCase):
         yield client.closed
 
     @inlineCallbacks
+    def test_failed_reopen_keeps_logging(self):
+        """
+        SIGUSR1 with the log's directory moved away: the daemon goes on
+        logging to the file it had, which says the reopen failed and what
+        to do; once the directory is back, another SIGUSR1 moves the log to
+        a new file, which has the lines that follow, the stop's included.
+        """
+        pidfile, tokenfile, logs = self.dir / "gw.pid", self.dir / "token", self.dir / "logs"
+        logs.mkdir()
+        port = free_port()
+        _out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "--pidfile",
+                str(pidfile),
+                "--logfile",
+                str(logs / "gw.log"),
+                "openclaw",
+                "--token-file",
+                str(tokenfile),
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.dir),
+            ],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 0, err)
+        self.addCleanup(self._kill, pidfile)
+        yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        pid = int(pidfile.read_text())
+        client = yield connect(port)
+        moved = self.dir / "logs.old"
+        logs.rename(moved)
+        os.kill(pid, signal.SIGUSR1)
+        yield wait_for(lambda: "could not reopen the log file" in (moved / "gw.log").read_text())
+        yield client.command("not-a-token", "ping")
+        yield wait_for(lambda: "auth failure from" in (moved / "gw.log").read_text())
+        self.assertIn(f"make {logs} exist and writable, then send SIGUSR1 again", (moved / "gw.log").read_text())
+        logs.mkdir()
+        os.kill(pid, signal.SIGUSR1)
+        yield wait_for((logs / "gw.log").exists)
+        yield client.command("still-not-a-token", "ping")
+        yield wait_for(lambda: "auth failure from" in (logs / "gw.log").read_text())
+        client.sendClose()
+        yield client.closed
+        os.kill(pid, signal.SIGTERM)
+        yield wait_for(lambda: not pidfile.exists())
+        self.assertIn("Main loop terminated.", (logs / "gw.log").read_text())
+        self.assertNotIn("Main loop terminated.", (moved / "gw.log").read_text())
+
+    @inlineCallbacks
     def test_journal_never_sees_the_token(self):
         """
         In the foreground with a token file and a stdout that is not a
@@ -275,18 +332,20 @@ class ShutdownAndLogTests(TestCase):
     @inlineCallbacks
     def test_json_log_without_secrets(self):
         """
-        With --log-format json every log line is a JSON object; after a full
+        With --log-format json every line on standard output (a pipe: a log
+        shipper's) is a JSON object, the banner's included; after a full
         session (commands, a failed login, a rotation) no line holds a
         token, the JWT secret or an API key.
         """
-        logfile = self.dir / "gw.log"
+        tokenfile = self.dir / "token"
         port = free_port()
         process = spawn_gateway(
             self,
-            ["--port", str(port), "--interface", "127.0.0.1", "--log-format", "json"],
+            ["--port", str(port), "--interface", "127.0.0.1", "--log-format", "json", "--token-file", str(tokenfile)],
             self.gateway_env(),
         )
-        token = yield process.token
+        yield wait_for(lambda: tokenfile.exists() and b"SESSION TOKEN" in process.stdout)
+        token = tokenfile.read_text().strip()
         client = yield connect(port)
         yield client.command(token, "status")
         yield client.command(token, "switch_provider", {"provider": "kimi"})
@@ -298,11 +357,34 @@ class ShutdownAndLogTests(TestCase):
         client.sendClose()
         yield client.closed
         yield process.stop()
-        log_lines = [line for line in process.stdout.decode().splitlines() if line.startswith("{")]
+        log_lines = process.stdout.decode().splitlines()
         events = [json.loads(line) for line in log_lines]
+        self.assertTrue(all(isinstance(e, dict) for e in events))
+        banners = [e["message"] for e in events if "SESSION TOKEN" in e["message"]]
+        self.assertEqual(len(banners), 2)  # at start, and at rotate_token
+        self.assertTrue(all(f"in {tokenfile} (never logged)" in banner for banner in banners))
         self.assertTrue(any(e.get("cmd") == "switch_provider" and e.get("outcome") == "ok" for e in events))
         self.assertTrue(any(e.get("outcome") == "auth_failed" for e in events))
         everything = "\n".join(log_lines)
         for secret in (token, new_token, SECRET, KIMI_KEY, GEMINI_KEY, "gw-key-daemon-test-0123456789"):
             self.assertNotIn(secret, everything)
-        del logfile
+
+    @inlineCallbacks
+    def test_json_log_needs_token_file(self):
+        """
+        --log-format json on a standard output that is not a terminal, with
+        no token file: refused at start, with what to do, rather than the
+        banner printing the token (and non-JSON lines) into the stream.
+        """
+        process = spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1", "--log-format", "json"], self.gateway_env()
+        )
+        code = yield process.ended
+        self.assertEqual(code, 2)
+        self.assertEqual(
+            process.stderr,
+            b"openclaw: configuration error: LOG_FORMAT=json on a standard output that is not a terminal (a log "
+            b"shipper's stream) needs --token-file PATH (or TOKEN_FILE) to hand the session token over: it is "
+            b"never written to the log\n",
+        )
+        self.assertNotIn(b"Token    :", process.stdout)

@@ -28,10 +28,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
 from openclaw.listeners import CannotListen, Listener, check_free
+from openclaw.logs import make_observer
 from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
@@ -117,6 +119,44 @@ class ListenTests(TestCase):
         self.assertTrue(answer["ok"])
         client.sendClose()
         yield client.closed
+
+    @inlineCallbacks
+    def test_tls_refused_by_the_peer(self):
+        """
+        A client that does not trust the certificate ends the handshake
+        (alert "unknown ca"): the gateway logs that at info, with the peer
+        and the reason, and logs no error (Autobahn's own line for it is
+        shown at LOG_LEVEL=debug only).
+        """
+        ca, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        out = io.StringIO()
+        observer = make_observer(out, "text", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        def handshake() -> int:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as tcp:
+                own_port: int = tcp.getsockname()[1]
+                try:
+                    ssl.create_default_context().wrap_socket(tcp, server_hostname="127.0.0.1")
+                except ssl.SSLCertVerificationError:
+                    return own_port
+            raise AssertionError("the client trusted a certificate it has no CA for")
+
+        client_port = yield deferToThread(handshake)
+        for _ in range(100):
+            if "TLS error" in out.getvalue():
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertIn(
+            f"[openclaw.control.protocol.ControlFactory#info] control connection from 127.0.0.1:{client_port} "
+            "ended by a TLS error: tlsv1 alert unknown ca",
+            lines,
+        )
+        self.assertEqual([line for line in lines if "#error]" in line or "SSL error" in line], [])
 
     @inlineCallbacks
     def test_unix_socket(self):

@@ -132,6 +132,31 @@ class LevelTests(SynchronousTestCase):
         self.assertEqual(written("info"), [f"{server}#error] error", "[twisted.web.client#warn] pool"])
         self.assertEqual(written("critical"), [])
 
+    def test_peer_tls_error_quiet_unless_debug(self):
+        """
+        Autobahn's error line for a connection lost to a TLS error (a peer
+        that does not trust the certificate) is dropped below debug; its
+        other errors are kept, and so is any other namespace's line that
+        starts the same way.
+        """
+        from openclaw.logs import QUIET_WEBSOCKET
+
+        def written(level: str) -> list[str]:
+            out = io.StringIO()
+            observer = make_observer(out, "text", level)
+            for namespace in (*QUIET_WEBSOCKET, "openclaw.controlplane"):
+                for log_format in ("SSL error: tlsv1 alert unknown ca (in )", "other"):
+                    observer(event(log_namespace=namespace, log_level=LogLevel.error, log_format=log_format))
+            return [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+
+        server = "[autobahn.twisted.websocket.WebSocketServerProtocol#error]"
+        own = "[openclaw.controlplane#error]"
+        tls_error = "SSL error: tlsv1 alert unknown ca (in )"
+        self.assertEqual(
+            written("debug"), [f"{server} {tls_error}", f"{server} other", f"{own} {tls_error}", f"{own} other"]
+        )
+        self.assertEqual(written("info"), [f"{server} other", f"{own} {tls_error}", f"{own} other"])
+
     def test_no_level_or_namespace(self):
         """
         As twistd's level filter: an event without a level or a namespace
@@ -358,6 +383,45 @@ class DestinationTests(SynchronousTestCase):
         self.assertTrue(moved.startswith("earlier\n"))
         self.assertEqual([json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"])
         self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["after"])
+
+    def test_failed_reopen_keeps_the_file(self):
+        """
+        A SIGUSR1 whose reopen fails (the log's directory moved away) keeps
+        the log going to the file it had, which says why and what to do; a
+        later SIGUSR1 that can open the file moves the log to it.
+        """
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        logs = Path(self.mktemp()).resolve() / "logs"
+        logs.mkdir(parents=True)
+        path = logs / "gw.log"
+        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        observer = make_observer(stream, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        log = Logger(namespace="openclaw.test")
+        log.info("before")
+        moved = logs.with_name("logs.old")
+        logs.rename(moved)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("while the directory is away")
+        logs.mkdir()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("after")
+
+        def messages(file: Path) -> list[str]:
+            return [json.loads(line)["message"] for line in file.read_text().splitlines()]
+
+        [before, failed, during] = messages(moved / "gw.log")
+        self.assertEqual((before, during), ("before", "while the directory is away"))
+        self.assertEqual(
+            failed,
+            f"could not reopen the log file {path} on SIGUSR1: No such file or directory; logging goes on to "
+            f"the file it had (where it was moved to): make {logs} exist and writable, then send SIGUSR1 again",
+        )
+        self.assertEqual(messages(path), ["after"])
 
     def test_daemon_default_logfile(self):
         """

@@ -38,6 +38,7 @@ from openclaw.control.plane import Connection, ControlPlane
 from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
+from openclaw.tls import describe_tls_error, is_tls_error
 
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.
@@ -226,6 +227,17 @@ class ControlProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
             return  # turned away in connectionMade; Autobahn never set up
+        error = getattr(reason, "value", None)
+        if is_tls_error(error):
+            # The peer's failure, not the gateway's: Autobahn's own line for
+            # it (at error, with no peer) is not shown below LOG_LEVEL=debug
+            # (openclaw.logs.PeerTLSErrors).
+            self.factory._log.info(
+                "control connection from {peer} ended by a TLS error: {tls_error}",
+                peer=_describe(self.tcp.getPeer())[1],
+                tls_error=describe_tls_error(error),
+                outcome="tls_error",
+            )
         self.release_slot()
         self.factory.connections.discard(self)
         # Autobahn cancels its other timers here but not this one, which
