@@ -47,6 +47,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from collections.abc import Mapping
 from typing import IO, Any, cast
 
@@ -190,15 +191,21 @@ class ReopenedLogFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+        # Events may be logged from other threads (adbapi's): none writes
+        # to a file being let go.
+        self._lock = threading.Lock()
 
     def write(self, data: str | bytes) -> None:
-        self._file.write(data)
+        with self._lock:
+            self._file.write(data)
 
     def flush(self) -> None:
-        self._file.flush()
+        with self._lock:
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            self._file.close()
 
     def reopen(self) -> None:
         """
@@ -219,8 +226,9 @@ class ReopenedLogFile:
                 directory=os.path.dirname(self.path),
             )
             return
-        previous, self._file = self._file, reopened
-        previous.close()
+        with self._lock:
+            previous, self._file = self._file, reopened
+            previous.close()
 
 
 def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:

@@ -557,7 +557,13 @@ class MetricsResource(Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"method not allowed: /metrics answers GET and HEAD\n"
-        return self.render_GET(request)
+        body = self.render_GET(request)
+        if request.method == b"HEAD":
+            # Its length only: twisted.web logs a line (the request's whole
+            # URI in it) for a HEAD answered with a body.
+            request.setHeader(b"content-length", b"%d" % len(body))
+            return b""
+        return body
 
     def render_GET(self, request: Request) -> bytes:
         host = getattr(request.getClientAddress(), "host", None)

@@ -513,6 +513,17 @@ def _fallback(ids: Sequence[str]) -> Callable[[str], str | tuple[str, ...]]:
     return parse
 
 
+def _without_userinfo(text: str) -> str:
+    """
+    C{text} with what precedes the last C{@} of a URL's authority shown as
+    C{***} (a user, a password, or a token passed as either).
+    """
+    scheme, separator, rest = text.partition("://")
+    if not separator or "@" not in rest:
+        return text
+    return f"{scheme}{separator}***@{rest.rpartition('@')[2]}"
+
+
 class InvalidValue(ValueError):
     """
     A setting's value is invalid, for the reason given (shown before the
@@ -532,6 +543,12 @@ def _url(text: str) -> str:
         API's paths), a port out of range, no host.
     """
     text = text.strip()
+    if "@" in text:
+        # Before any parsing, whose errors could quote a password.
+        raise InvalidValue(
+            "it holds '@': a user or password, which a provider's base URL never carries "
+            "(its key has a setting of its own)"
+        )
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -540,10 +557,6 @@ def _url(text: str) -> str:
         raise InvalidValue(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
     if parts.scheme not in ("http", "https") or not text.startswith(f"{parts.scheme}://"):
         raise ValueError
-    if "@" in parts.netloc:
-        raise InvalidValue(
-            "it carries a user or password, which a provider's base URL never does (its key has a setting of its own)"
-        )
     host = parts.hostname
     if not host:
         raise InvalidValue("it names no host")
@@ -1084,8 +1097,9 @@ def load_settings(
         except ConfigError as e:
             raise ConfigError(f"{e} (the value came {source(name)})") from None
         except ValueError as e:
-            # A URL's password is never shown (a provider's base URL refuses one).
-            shown = _masked_url(str(raw)) if "://" in str(raw) else raw
+            # A URL's user and password are never shown (a provider's base
+            # URL refuses them).
+            shown = _without_userinfo(str(raw))
             why = f"{e}; " if isinstance(e, InvalidValue) else ""
             raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
 

@@ -419,6 +419,8 @@ class NoServerErrorTests(TestCase):
             self.assertOpenAIError(status, body, "HEAD")
         status, _ = yield deferToThread(self.request, "HEAD", "/healthz")
         self.assertEqual(status, 200)
+        status, _ = yield deferToThread(self.request, "HEAD", "/metrics?" + "A" * 8000)
+        self.assertEqual(status, 200)
         self.assertEqual(high_levels(self.events), [])
         # Nothing logged for a HEAD answered with the GET answer's length
         # (twisted.web logs a line for every HEAD whose resource returns a

@@ -83,6 +83,14 @@ class MetricsListenerTests(TestCase):
         )
         access_lines = [e for e in events if e.get("log_namespace") == "twisted.python.log" and "/metrics" in str(e)]
         self.assertEqual(access_lines, [])
+        # A long path is logged clipped (up to twisted.web's 16 KB line).
+        yield deferToThread(
+            exchange,
+            metrics_port,
+            b"GET /metrics/" + b"a" * 12000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        (long,) = [e for e in events if str(e.get("path", "")).startswith("/metrics/a")]
+        self.assertEqual(long["path"], "/metrics/" + "a" * 247 + "...(12009 characters)")
 
     @inlineCallbacks
     def test_two_host_fields(self):

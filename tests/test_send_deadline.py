@@ -584,34 +584,44 @@ def h2_unread_then_small(
             return took, events, until(3, (h2.events.StreamEnded, h2.events.StreamReset))
 
 
-def h2_hold_until_closed(port: int, ca: bytes, size: int) -> bytes:
+def h2_hold_until_closed(port: int, ca: bytes, size: int) -> tuple[bytes, bytes, bool]:
     """
     Over HTTP/2 on TLS: ask for C{size} bytes on stream 1, keep its window
-    shut, and read until the server closes the connection (or 10 s pass):
-    the data of stream 1 received.
+    shut, ask for C{/late} on stream 3 (acknowledged as it comes), and read
+    until the server closes the connection (or 10 s pass): the data of
+    stream 1 and of stream 3 received, and whether stream 3 ended.
     """
     import h2.connection
     import h2.events
 
     context = ssl.create_default_context(cadata=ca.decode())
     context.set_alpn_protocols(["h2"])
-    received = b""
+    received, late, ended = b"", b"", False
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_socket:
         with context.wrap_socket(raw_socket, server_hostname="127.0.0.1") as sock:
             connection = h2.connection.H2Connection()
             connection.initiate_connection()
-            connection.send_headers(
-                1,
-                [(":method", "GET"), (":path", f"/{size}"), (":scheme", "https"), (":authority", "127.0.0.1")],
-                end_stream=True,
-            )
+            for stream, path in ((1, f"/{size}"), (3, "/late")):
+                connection.send_headers(
+                    stream,
+                    [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "127.0.0.1")],
+                    end_stream=True,
+                )
             sock.sendall(connection.data_to_send())
             while chunk := sock.recv(65536):
                 for event in connection.receive_data(chunk):
                     if isinstance(event, h2.events.DataReceived):
-                        received += event.data
+                        if event.stream_id == 3:
+                            late += event.data
+                            connection.acknowledge_received_data(event.flow_controlled_length, 3)
+                        else:
+                            received += event.data
+                            # The connection's window only: stream 1's stays shut.
+                            connection.increment_flow_control_window(event.flow_controlled_length)
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 3:
+                        ended = True
                 sock.sendall(connection.data_to_send())
-    return received
+    return received, late, ended
 
 
 def tls_idle_until_closed(port: int, ca: bytes) -> float:
@@ -652,8 +662,14 @@ class Http2SendDeadlineTests(TestCase):
         self.sent: list[Deferred[str | None] | None] = []
         test = self
 
+        #: Requests for /late, answered by the test itself.
+        self.late: list[APIRequest] = []
+
         class Answering(APIRequest):
             def process(self) -> None:
+                if self.path == b"/late":
+                    test.late.append(self)
+                    return
                 size = int(self.path.strip(b"/"))
                 self.setHeader(b"Content-Length", b"%d" % size)
                 test.sent.append(send_whole(self, b"x" * size))
@@ -718,13 +734,16 @@ class Http2SendDeadlineTests(TestCase):
         self.assertIsNone(self.successResultOf(done))
 
     @inlineCallbacks
-    def test_stop_closes_at_once_and_counts_a_cut_answer(self):
+    def test_stop_over_tls(self):
         """
-        A stop closes TLS connections, HTTP/2 and HTTP/1.1 alike, at once
-        and in order (a TLS transport closes only once twisted.web's
-        channel, its producer, is gone: it waited for the abort after
-        CLOSE_DEADLINE_SECONDS, 2 s), and counts an HTTP/2 answer it cuts
-        as the stop's (503 C{shutting_down}), not as its client gone.
+        A stop closes an HTTP/1.1 connection over TLS at once and in order
+        (a TLS transport closes only once twisted.web's channel, its
+        producer, is gone: it waited for the abort after
+        CLOSE_DEADLINE_SECONDS, 2 s).  An HTTP/2 connection is left to
+        that abort: its answers finished by then (here one finished in the
+        stop's own turn, as the stop's 503s are) go out whole, frame by
+        frame; an answer the stop cuts is counted as the stop's (503
+        C{shutting_down}), not as its client gone.
         """
         self.site.keyless_timeout = 60.0
         self.site.send_timeout = 30.0
@@ -732,15 +751,20 @@ class Http2SendDeadlineTests(TestCase):
         holding = deferToThread(h2_hold_until_closed, port, self.ca, 4 * WholeAnswer.bufferSize)
         idling = deferToThread(tls_idle_until_closed, port, self.ca)
         for _ in range(500):
-            if len(self.sent) == 2:
+            if len(self.sent) == 2 and self.late:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         yield deferLater(reactor, 0.2, lambda: None)
+        (late,) = self.late
+        late.setHeader(b"Content-Length", b"5")
+        late.write(b"hello")
+        late.finish()
         started = time.monotonic()
         yield self.site.close_connections()
-        self.assertLess(time.monotonic() - started, 1.0)
-        received = yield holding
+        self.assertLess(time.monotonic() - started, 3.0)
+        received, answered, ended = yield holding
         self.assertLess(len(received), 4 * WholeAnswer.bufferSize)
+        self.assertEqual((answered, ended), (b"hello", True))
         idle = yield idling
         self.assertLess(idle, 1.5)
         large = next(done for done in self.sent if done is not None)

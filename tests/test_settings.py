@@ -55,7 +55,11 @@ class LoadTests(SynchronousTestCase):
         crashed with a traceback), the password never shown.
         """
         for value, said in (
-            ("http://svc:Pa55w0rdSecret@127.0.0.1:9/gemini/v1beta", "carries a user or password"),
+            ("http://svc:Pa55w0rdSecret@127.0.0.1:9/gemini/v1beta", "a user or password"),
+            # A password urlsplit's errors would quote, or that it reads as a path.
+            ("https://user:Pa55w0rdSecret/cd@host/v1", "a user or password"),
+            ("https://user:1234/Pa55w0rdSecret@api.example.com", "a user or password"),
+            ("https://Pa55w0rdSecret@api.example.com/v1", "a user or password"),
             ("http://", "names no host"),
             ("http://127.0.0.1:99999/v1", "port out of range"),
             ("http://exa mple.com/v1", "holds a space"),

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
-#: The log line of a refused or failed API request: a success's, with the
-#: error code (C{outcome}) after the status.
 #: The most of a request's method or path a log line holds (a client may
 #: send up to twisted.web's 16 KB line: one such line per request would
 #: fill the log).
@@ -44,6 +42,8 @@ def clipped(text: str) -> str:
     return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"
 
 
+#: The log line of a refused or failed API request: a success's, with the
+#: error code (C{outcome}) after the status.
 _FAILED = "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms"
 #: The log line of a successful API request.
 _SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms"

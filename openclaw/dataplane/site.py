@@ -47,7 +47,7 @@ from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import StreamSendDeadline, WholeAnswer
-from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.context import APIContext, clipped
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
@@ -251,8 +251,8 @@ class MetricsSite(Site):
         _metrics_log.emit(
             LogLevel.info if status >= 400 else LogLevel.debug,
             "{method} {path} {status} for {peer}",
-            method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("ascii", "replace"),
+            method=clipped(request.method.decode("ascii", "replace")),
+            path=clipped(request.path.decode("ascii", "replace")),
             status=status,
             peer=host_of(request.getClientAddress()),
         )
@@ -833,7 +833,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         of the connection runs from now on.
         """
         transport = self.tcp
-        lose_connection(transport)
+        self._lose()
         self._disarm()
         self._stop_keyless_deadline()
         pending = self._deadline
@@ -855,6 +855,20 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._sending is not None:
             self._sending.shutting_down()
             self._close_after_answer = True
+        else:
+            self._lose()
+
+    def _lose(self) -> None:
+        """
+        Close the connection once what was written to it is sent.  Over
+        HTTP/2, twisted.web's connection writes a finished answer's body
+        (and the stop's own 503s) frame by frame on the turns after, which a
+        TLS transport takes only while that connection is still its
+        producer: it is left so, and the transport closes at the abort
+        after L{CLOSE_DEADLINE_SECONDS} instead (L{lose_connection}).
+        """
+        if self._http2:
+            self.tcp.loseConnection()
         else:
             lose_connection(self.tcp)
 
