@@ -26,22 +26,7 @@ from zope.interface import implementer
 import openclaw
 from openclaw.connections import OpenConnections
 from openclaw.dataplane.site import APIConnection, APIRequest, APISite
-
-
-def exchange(port: int, data: bytes) -> bytes:
-    """
-    Send C{data} on a new connection and return everything answered until
-    the server closes it (or 5 seconds pass).
-    """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-        client.sendall(data)
-        answer = b""
-        try:
-            while chunk := client.recv(65536):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return answer
+from tests.support import exchange
 
 
 def status_lines(answer: bytes) -> list[bytes]:

@@ -13,6 +13,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
@@ -57,15 +58,15 @@ class DaemonTests(TestCase):
         self.dir.mkdir(parents=True)
 
     @inlineCallbacks
-    def test_daemonize_and_stop_via_pidfile(self):
+    def daemon(self, logfile: Path) -> Any:
         """
-        twistd without -n daemonizes: the token is in the token file (0600),
-        the banner in the log without the token; SIGTERM to the pid in the
-        pidfile stops it and removes the pidfile and the token file.
+        Start the gateway as a daemon (twistd without -n) logging to
+        C{logfile}; fire with its control port, pidfile and token file once
+        both files are there.  It is killed when the test ends.
         """
-        pidfile, logfile, tokenfile = self.dir / "gw.pid", self.dir / "gw.log", self.dir / "token"
+        pidfile, tokenfile = self.dir / "gw.pid", self.dir / "token"
         port = free_port()
-        out, err, code = yield getProcessOutputAndValue(
+        _out, err, code = yield getProcessOutputAndValue(
             twistd_path(),
             [
                 "--pidfile",
@@ -90,6 +91,17 @@ class DaemonTests(TestCase):
         self.assertEqual(code, 0, err)
         self.addCleanup(self._kill, pidfile)
         yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        return port, pidfile, tokenfile
+
+    @inlineCallbacks
+    def test_daemonize_and_stop_via_pidfile(self):
+        """
+        twistd without -n daemonizes: the token is in the token file (0600),
+        the banner in the log without the token; SIGTERM to the pid in the
+        pidfile stops it and removes the pidfile and the token file.
+        """
+        logfile = self.dir / "gw.log"
+        port, pidfile, tokenfile = yield self.daemon(logfile)
         token = tokenfile.read_text().strip()
         self.assertEqual(stat.S_IMODE(tokenfile.stat().st_mode), 0o600)
         # Created before twistd daemonized, with the daemon's umask (0077).
@@ -172,34 +184,9 @@ class DaemonTests(TestCase):
         to do; once the directory is back, another SIGUSR1 moves the log to
         a new file, which has the lines that follow, the stop's included.
         """
-        pidfile, tokenfile, logs = self.dir / "gw.pid", self.dir / "token", self.dir / "logs"
+        logs = self.dir / "logs"
         logs.mkdir()
-        port = free_port()
-        _out, err, code = yield getProcessOutputAndValue(
-            twistd_path(),
-            [
-                "--pidfile",
-                str(pidfile),
-                "--logfile",
-                str(logs / "gw.log"),
-                "openclaw",
-                "--token-file",
-                str(tokenfile),
-                "--port",
-                str(port),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--state-dir",
-                str(self.dir),
-            ],
-            env=env(JWT_SECRET=SECRET),
-            path=str(self.dir),
-        )
-        self.assertEqual(code, 0, err)
-        self.addCleanup(self._kill, pidfile)
-        yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
+        port, pidfile, tokenfile = yield self.daemon(logs / "gw.log")
         pid = int(pidfile.read_text())
         client = yield connect(port)
         moved = self.dir / "logs.old"

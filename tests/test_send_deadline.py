@@ -29,9 +29,8 @@ from twisted.web.resource import Resource
 
 from openclaw.dataplane.answer import CLIENT_GONE, SEND_TIMEOUT, SHUTTING_DOWN, WholeAnswer, send_whole
 from openclaw.dataplane.site import APIRequest, APISite
-from tests.support import RunningGateway, capture_log_events, start_gateway, start_upstream
+from tests.support import RunningGateway, capture_log_events, exchange, start_gateway, start_upstream
 from tests.test_api_exhaustion import high_levels, raw
-from tests.test_channel import exchange
 
 KEY = "gw-key-0123456789abcdef"
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
