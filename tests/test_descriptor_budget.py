@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Any
 
 import attrs
 from twisted.internet.defer import inlineCallbacks
@@ -36,16 +37,7 @@ class ControlDescriptorTests(TestCase):
     @inlineCallbacks
     def test_half_open_flood_under_low_limit(self):
         port, api_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "JWT_SECRET": "r" * 40,
-            "GATEWAY_API_KEYS": KEY,
-            "LOG_LEVEL": "info",
-            "HANDSHAKE_TIMEOUT_SECONDS": "30",
-            "PYTHONPATH": "",
-        }
-        args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
-        process = spawn_gateway(self, args, env, twistd=limited_twistd(self, 256))
+        process = spawn_limited(self, port, api_port)
         token = yield process.token
         head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         flood = yield deferToThread(open_many, port, 300, "127.0.0.2", head)
@@ -61,6 +53,24 @@ class ControlDescriptorTests(TestCase):
         output = process.stdout + process.stderr
         self.assertIn(b"control connections are capped at 48", output)
         self.assertNotIn(b"EMFILE", output)
+
+
+def spawn_limited(testcase: Any, port: int, api_port: int, **settings: str) -> Any:
+    """
+    A C{twistd openclaw} on loopback with C{port} and C{api_port}, under a
+    limit of 256 descriptors, with C{settings} in its environment.
+    """
+    env = {
+        **os.environ,
+        "JWT_SECRET": "r" * 40,
+        "GATEWAY_API_KEYS": KEY,
+        "LOG_LEVEL": "info",
+        "HANDSHAKE_TIMEOUT_SECONDS": "30",
+        **settings,
+        "PYTHONPATH": "",
+    }
+    args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
+    return spawn_gateway(testcase, args, env, twistd=limited_twistd(testcase, 256))
 
 
 def healthz(port: int) -> bytes:
@@ -126,20 +136,15 @@ class PooledDescriptorTests(TestCase):
         kimi_upstream.kimi.delay = 2.0
         gemini_upstream.gemini.delay = 8.0
         port, api_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            "JWT_SECRET": "r" * 40,
-            "GATEWAY_API_KEYS": KEY,
-            "LOG_LEVEL": "info",
-            "HANDSHAKE_TIMEOUT_SECONDS": "30",
-            "KIMI_API_KEY": KIMI_KEY,
-            "GEMINI_API_KEY": GEMINI_KEY,
-            "KIMI_BASE_URL": kimi_upstream.base_url("kimi"),
-            "GEMINI_BASE_URL": gemini_upstream.base_url("gemini"),
-            "PYTHONPATH": "",
-        }
-        args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
-        process = spawn_gateway(self, args, env, twistd=limited_twistd(self, 256))
+        process = spawn_limited(
+            self,
+            port,
+            api_port,
+            KIMI_API_KEY=KIMI_KEY,
+            GEMINI_API_KEY=GEMINI_KEY,
+            KIMI_BASE_URL=kimi_upstream.base_url("kimi"),
+            GEMINI_BASE_URL=gemini_upstream.base_url("gemini"),
+        )
         token = yield process.token
         head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         outsiders: list[socket.socket] = []
