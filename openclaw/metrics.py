@@ -2,22 +2,22 @@
 Prometheus metrics, in a registry of the service's own (no process-wide
 state), served at C{GET /metrics} to allowlisted peers.
 
-The control plane counts every message, and model calls are the gateway's
-busiest path: both are counted in plain integers (L{CommandTally},
-L{RequestTally}), turned into metric families only when C{/metrics} is
-read: a C{prometheus_client} counter takes a lock per increment, which the
-hot paths need not pay (see bench/README.rst for what it cost).
+Every family is a C{prometheus_client} metric (L{Counter}, L{Histogram},
+L{Gauge}).  On the paths taken per message and per model call, each
+labelled child is resolved once (C{labels()}) and kept in a dict keyed by
+its label values, so counting is a dict lookup and the child's own
+C{inc} or C{observe}.  The label values that come from clients or
+upstreams (statuses, model names) are bounded (L{_MAX_STATUS_SERIES},
+L{MAX_MODEL_SERIES}), so are the children kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from functools import partial
-from itertools import accumulate
-from typing import Any, Protocol
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -27,8 +27,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -52,18 +50,21 @@ _MAX_STATUS_SERIES = 256
 
 class RequestTally:
     """
-    Requests counted by provider and status and timed by provider, for the
-    data plane's busiest path (see bench/README.rst): recording one is two
-    dict lookups and a bisect on plain numbers (a C{prometheus_client} counter
-    and histogram take a lock per value and walk the buckets in Python),
-    and the metric families are built when C{/metrics} is read.
+    Requests counted by provider and status (a L{Counter}, exported as
+    C{<name>_total{provider,status}}) and timed by provider (a
+    L{Histogram}, C{<name>_bucket{provider,le}} and so on), for the data
+    plane's busiest path: the children are kept by label values, so
+    recording one is two dict lookups, an C{inc} and an C{observe}.
 
-    Registered in a L{CollectorRegistry} as a custom collector.  Not
-    thread-safe, and need not be: it is recorded and read on the reactor
-    thread only.
+    The first L{_MAX_STATUS_SERIES} C{(provider, status)} pairs get a
+    series each; later statuses are counted under C{"other"}.
 
-    @param counter: the counter's name and help text.
+    @param counter: the counter's name (without C{_total}) and help text.
     @param histogram: the histogram's name and help text.
+    @param providers: the providers timed from the start: their histogram
+        series are exported (at 0) before any request.
+    @param buckets: the histogram's upper bounds, in seconds, ascending.
+    @param registry: where both are registered; None for nowhere.
     """
 
     def __init__(
@@ -71,153 +72,58 @@ class RequestTally:
         counter: tuple[str, str],
         histogram: tuple[str, str],
         providers: Iterable[str] = (),
-        buckets: tuple[float, ...] = Histogram.DEFAULT_BUCKETS,
+        buckets: Iterable[float] = Histogram.DEFAULT_BUCKETS,
+        registry: CollectorRegistry | None = None,
     ) -> None:
-        self._counter = counter
-        self._histogram = histogram
-        self._bounds = tuple(bound for bound in buckets if bound != float("inf"))
-        self._labels = [*(floatToGoString(bound) for bound in self._bounds), "+Inf"]
-        self._counts: dict[tuple[str, int | str], int] = {}
-        #: Per provider: a count per bucket, the last one past every bound.
-        self._buckets: dict[str, list[int]] = {}
-        self._sums: dict[str, float] = {}
+        name, documentation = counter
+        self._counter = Counter(name, documentation, ["provider", "status"], registry=registry)
+        name, documentation = histogram
+        self._histogram = Histogram(name, documentation, ["provider"], buckets=tuple(buckets), registry=registry)
+        #: (provider, status as recorded) -> its counter child.
+        self._counts: dict[tuple[str, int | str], Counter] = {}
+        #: provider -> its histogram child.
+        self._timings: dict[str, Histogram] = {}
         for provider in providers:
-            self._start_timing(provider)
+            self._timing(provider)
 
     def record(self, provider: str, status: int | str, seconds: float) -> None:
-        counts = self._counts
-        key = (provider, status)
-        count = counts.get(key)
+        """
+        Count one request to C{provider} that ended with C{status} (an
+        HTTP status, or a word such as C{"error"}) after C{seconds}.
+        """
+        count = self._counts.get((provider, status))
         if count is None:
-            if len(counts) >= _MAX_STATUS_SERIES:
-                key = (provider, "other")
-            count = counts.get(key, 0)
-        counts[key] = count + 1
-        buckets = self._buckets.get(provider)
-        if buckets is None:
-            buckets = self._start_timing(provider)
-        buckets[bisect_left(self._bounds, seconds)] += 1
-        self._sums[provider] += seconds
+            count = self._count(provider, status)
+        count.inc()
+        timing = self._timings.get(provider)
+        if timing is None:
+            timing = self._timing(provider)
+        timing.observe(seconds)
 
-    def _start_timing(self, provider: str) -> list[int]:
-        buckets = self._buckets[provider] = [0] * (len(self._bounds) + 1)
-        self._sums[provider] = 0.0
-        return buckets
+    def _count(self, provider: str, status: int | str) -> Counter:
+        counts = self._counts
+        if len(counts) >= _MAX_STATUS_SERIES:
+            status = "other"
+            count = counts.get((provider, status))
+            if count is not None:
+                return count
+        count = counts[(provider, status)] = self._counter.labels(provider, str(status))
+        return count
+
+    def _timing(self, provider: str) -> Histogram:
+        timing = self._timings[provider] = self._histogram.labels(provider)
+        return timing
 
     def count(self, provider: str, status: int | str) -> int:
         """
         How many requests to C{provider} ended with C{status} so far.
         """
-        return self._counts.get((provider, status), 0)
-
-    def collect(self) -> Iterator[Metric]:
-        counter = CounterMetricFamily(*self._counter, labels=["provider", "status"])
-        for (provider, status), count in list(self._counts.items()):
-            counter.add_metric([provider, str(status)], count)
-        yield counter
-        histogram = HistogramMetricFamily(*self._histogram, labels=["provider"])
-        for provider, buckets in list(self._buckets.items()):
-            cumulative = list(zip(self._labels, accumulate(buckets), strict=True))
-            histogram.add_metric([provider], cumulative, sum_value=self._sums[provider])
-        yield histogram
-
-
-class CommandTally:
-    """
-    Control-plane messages counted by command and outcome: one dict update
-    per message, and a counter family built when C{/metrics} is read.
-
-    Registered in a L{CollectorRegistry} as a custom collector; recorded and
-    read on the reactor thread only, like L{RequestTally}.
-
-    @param names: every command label, each exported (at 0) from the start.
-    """
-
-    def __init__(self, name: str, documentation: str, names: Iterable[str]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self.counts = {(cmd, outcome): 0 for cmd in names for outcome in OUTCOMES}
-
-    def collect(self) -> Iterator[Metric]:
-        counter = CounterMetricFamily(self._name, self._documentation, labels=["cmd", "outcome"])
-        for labels, count in list(self.counts.items()):
-            counter.add_metric(labels, count)
-        yield counter
-
-
-class LabelledCounts:
-    """
-    A Prometheus counter family kept as plain numbers by label values, for
-    counters bumped on every model call: one dict update each, where
-    C{prometheus_client}'s C{Counter} takes a lock per C{inc} (see
-    TWISTED-PATTERNS, the per-message hot path).  The family is built when
-    C{/metrics} is read.
-
-    Registered in a L{CollectorRegistry} as a custom collector; counted and
-    read on the reactor thread only, like L{RequestTally}.  Exposed as
-    C{<name>_total}.
-    """
-
-    def __init__(self, name: str, documentation: str, labels: Iterable[str]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = list(labels)
-        self.counts: dict[tuple[str, ...], float] = {}
-        #: Counts kept elsewhere (as sums), added in when the family is read.
-        self.sources: list[Callable[[], Mapping[tuple[str, ...], float]]] = []
-
-    def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
-        counts = self.counts
-        counts[labels] = counts.get(labels, 0) + amount
-
-    def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        counts = dict(self.counts)
-        for source in self.sources:
-            for labels, count in source().items():
-                counts[labels] = counts.get(labels, 0) + count
-        for labels, count in counts.items():
-            family.add_metric(list(labels), count)
-        yield family
-
-
-class PlainHistogram:
-    """
-    A Prometheus histogram without labels kept as plain numbers, for a
-    value observed on every model call: a bisect and two additions, where
-    C{prometheus_client}'s C{Histogram.observe} takes a lock per bucket
-    value it updates.  The family is built when C{/metrics} is read.
-
-    Registered in a L{CollectorRegistry} as a custom collector; observed and
-    read on the reactor thread only, like L{RequestTally}.
-
-    @param buckets: upper bounds, ascending (a last C{+Inf} is implied).
-    """
-
-    def __init__(self, name: str, documentation: str, buckets: Iterable[float]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._bounds = tuple(bound for bound in buckets if bound != float("inf"))
-        self._labels = [*(floatToGoString(bound) for bound in self._bounds), "+Inf"]
-        #: A count per bucket, the last one past every bound.
-        self._counts = [0] * (len(self._bounds) + 1)
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
-
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self._name, self._documentation)
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation)
-        cumulative = list(zip(self._labels, accumulate(self._counts), strict=True))
-        family.add_metric([], cumulative, sum_value=self._sum)
-        yield family
+        labels = {"provider": provider, "status": str(status)}
+        for family in self._counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels == labels:
+                    return int(sample.value)
+        return 0
 
 
 #: Distinct models counted per provider in C{openclaw_api_tokens_total};
@@ -238,29 +144,29 @@ def _token_count(value: Any) -> int:
 
 class CallCosts:
     """
-    What model calls cost: tokens by provider, model and kind, the time to
-    a stream's first chunk by provider, and the gateway's own time per call.
+    What model calls cost: C{openclaw_api_tokens_total{provider,model,kind}},
+    C{openclaw_api_time_to_first_token_seconds{provider}} (a histogram) and
+    C{openclaw_api_overhead_seconds} (a histogram of the gateway's own time
+    per call).
 
-    Tokens are added to plain counts (L{LabelledCounts}) keyed by
-    C{(provider, model label, kind)}, turned into a metric family when
-    C{/metrics} is read; the model label is resolved once per C{(provider,
-    model)}.  The C{model} label is the route's model as the client or
-    operator named it; only the first L{MAX_MODEL_SERIES} distinct ones per provider
-    get their own series, later ones are counted under C{"other"}, so
-    random model names cannot grow the series without bound (and tokens
-    are only counted from answers, which a provider gives only for a model
-    it serves).
+    The C{model} label is the route's model as the client or operator
+    named it, resolved once per C{(provider, model)}; only the first
+    L{MAX_MODEL_SERIES} distinct ones per provider get their own series,
+    later ones are counted under L{OTHER_MODEL}, so random model names
+    cannot grow the series without bound (and tokens are only counted
+    from answers, which a provider gives only for a model it serves).
+
+    @param registry: where the families are registered; None for nowhere.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._tokens = LabelledCounts(
+        self._tokens = Counter(
             "openclaw_api_tokens",
             "Tokens of model calls from the answers' usage, by provider, model and kind "
             "(prompt, completion, reasoning; reasoning is part of completion)",
             ["provider", "model", "kind"],
+            registry=registry,
         )
-        if registry is not None:
-            registry.register(self._tokens)
         self._first_token = Histogram(
             "openclaw_api_time_to_first_token_seconds",
             "Time from a streamed call's arrival to its first chunk sent to the client, by provider",
@@ -268,17 +174,18 @@ class CallCosts:
             buckets=FIRST_TOKEN_BUCKETS,
             registry=registry,
         )
-        self._overhead_histogram = PlainHistogram(
+        self._overhead = Histogram(
             "openclaw_api_overhead_seconds",
             "The gateway's own time per model call: its whole time minus the time spent waiting on the provider",
-            OVERHEAD_BUCKETS,
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
         )
-        if registry is not None:
-            registry.register(self._overhead_histogram)
         #: (provider, model) -> the model label, for the models with series.
         self._model_labels: dict[tuple[str, str], str] = {}
         self._models: dict[str, set[str]] = {}
-        self._first_token_children: dict[str, Any] = {}
+        #: (provider, model label, kind) -> its counter child.
+        self._token_children: dict[tuple[str, str, str], Counter] = {}
+        self._first_token_children: dict[str, Histogram] = {}
 
     def tokens(self, provider: str, model: str, usage: Any) -> None:
         """
@@ -308,13 +215,18 @@ class CallCosts:
         label = self._model_labels.get((provider, model))
         if label is None:
             label = self._model_label(provider, model)
-        add = self._tokens.add
         if prompt:
-            add((provider, label, "prompt"), prompt)
+            self._add_tokens((provider, label, "prompt"), prompt)
         if completion:
-            add((provider, label, "completion"), completion)
+            self._add_tokens((provider, label, "completion"), completion)
         if reasoning:
-            add((provider, label, "reasoning"), reasoning)
+            self._add_tokens((provider, label, "reasoning"), reasoning)
+
+    def _add_tokens(self, labels: tuple[str, str, str], count: int) -> None:
+        child = self._token_children.get(labels)
+        if child is None:
+            child = self._token_children[labels] = self._tokens.labels(*labels)
+        child.inc(count)
 
     def _model_label(self, provider: str, model: str) -> str:
         models = self._models.setdefault(provider, set())
@@ -339,7 +251,7 @@ class CallCosts:
         """
         A call took C{seconds} of the gateway's own time.
         """
-        self._overhead_histogram.observe(max(seconds, 0.0))
+        self._overhead.observe(max(seconds, 0.0))
 
 
 class GatewayMetrics:
@@ -349,6 +261,7 @@ class GatewayMetrics:
 
     def __init__(self, commands: Iterable[str], providers: Iterable[str], unconfigured: Iterable[str] = ()) -> None:
         """
+        @param commands: every control command's name.
         @param providers: every provider's id.
         @param unconfigured: those without a key: no C{openclaw_provider_up}
             for them (not configured is not down).
@@ -393,8 +306,8 @@ class GatewayMetrics:
             ("openclaw_upstream_requests", "HTTP requests to providers, by provider and status"),
             ("openclaw_upstream_request_seconds", "Time to the response headers of provider requests"),
             providers,
+            registry=registry,
         )
-        registry.register(self.upstream_requests)
         #: Model API calls, counted here rather than logged one by one.
         self.api_requests = RequestTally(
             (
@@ -402,27 +315,35 @@ class GatewayMetrics:
                 "Data-plane API requests answered, by the provider called (- if none was) and status",
             ),
             ("openclaw_api_request_seconds", "Time to answer data-plane API requests, by the provider called"),
+            registry=registry,
         )
-        registry.register(self.api_requests)
         command_seconds = Histogram(
             "openclaw_control_command_seconds",
             "Time to answer state-changing control commands",
             ["cmd"],
             registry=registry,
         )
-        names = [*commands, INVALID]
-        self.commands = CommandTally(
-            "openclaw_control_commands", "Control-plane messages answered, by command and outcome", names
+        answered = Counter(
+            "openclaw_control_commands",
+            "Control-plane messages answered, by command and outcome",
+            ["cmd", "outcome"],
+            registry=registry,
         )
-        registry.register(self.commands)
-        self._commands = self.commands.counts
+        names = [*commands, INVALID]
+        # Every command's children made now: each series is exported (at 0) from the start.
+        self._commands = {(cmd, outcome): answered.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
         self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
         #: Tokens, time to first token and overhead of model calls.
         self.call_costs = CallCosts(registry)
 
     def command(self, cmd: str, outcome: str) -> None:
-        self._commands[(cmd, outcome)] += 1
+        """
+        Count one control-plane message answered: C{cmd} one of the
+        commands given at construction or L{INVALID}, C{outcome} one of
+        L{OUTCOMES}.
+        """
+        self._commands[(cmd, outcome)].inc()
 
     def command_took(self, cmd: str, seconds: float) -> None:
         self._command_seconds[cmd].observe(seconds)
@@ -683,21 +604,6 @@ class MeasuredAgent:
         return result
 
 
-class GatewayFigures(Protocol):
-    """
-    Calls counted as sums (L{openclaw.consumers.gateway_usage.GatewayUsage}).
-    """
-
-    def requests(self) -> Mapping[int, int]:
-        """Calls so far, by HTTP status."""
-
-    def tokens(self) -> tuple[int, int, int]:
-        """C{(prompt, completion, reasoning)} tokens so far."""
-
-    def spend(self) -> float:
-        """US dollars so far."""
-
-
 class ConsumerMetrics:
     """
     The consumers' counters (issue #19), labelled by consumer name (C{-}
@@ -708,32 +614,43 @@ class ConsumerMetrics:
     C{openclaw_consumer_limited_total{consumer,reason}} (reason: the error
     code, C{rate_limit_exceeded}, C{insufficient_quota},
     C{model_not_allowed}).  Names are the operator's, so the series are
-    bounded by the consumers made; labelled children are resolved once.
+    bounded by the consumers made; labelled children are resolved once
+    and kept by label values.
+
+    @param registry: where the families are registered; None for nowhere.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self._requests = LabelledCounts(
+        self._requests = Counter(
             "openclaw_consumer_requests",
             "Model calls by consumer and HTTP status (limited ones included)",
             ["consumer", "status"],
+            registry=registry,
         )
-        self._tokens = LabelledCounts(
+        self._tokens = Counter(
             "openclaw_consumer_tokens",
             "Tokens by consumer and kind (prompt, completion, reasoning; reasoning is part of completion)",
             ["consumer", "kind"],
+            registry=registry,
         )
-        self._spend = LabelledCounts(
-            "openclaw_consumer_spend_usd", "Spend in US dollars by consumer (priced models only)", ["consumer"]
+        self._spend = Counter(
+            "openclaw_consumer_spend_usd",
+            "Spend in US dollars by consumer (priced models only)",
+            ["consumer"],
+            registry=registry,
         )
-        self._limited = LabelledCounts(
+        self._limited = Counter(
             "openclaw_consumer_limited",
             "Calls refused by a consumer's limits, by consumer and reason",
             ["consumer", "reason"],
+            registry=registry,
         )
         self._registry = registry
-        if registry is not None:
-            for family in (self._requests, self._tokens, self._spend, self._limited):
-                registry.register(family)
+        #: The children of each family, by label values.
+        self._request_children: dict[tuple[str, int], Counter] = {}
+        self._token_children: dict[tuple[str, str], Counter] = {}
+        self._spend_children: dict[str, Counter] = {}
+        self._limited_children: dict[tuple[str, str], Counter] = {}
 
     def count_pending(self, pending: Callable[[], int]) -> None:
         """
@@ -751,41 +668,46 @@ class ConsumerMetrics:
         gauge.set_function(pending)
 
     def requests(self, consumer: str, status: int) -> None:
-        self._requests.add((consumer, str(status)))
+        """
+        Count one call of C{consumer} answered with the HTTP C{status}.
+        """
+        child = self._request_children.get((consumer, status))
+        if child is None:
+            child = self._request_children[(consumer, status)] = self._requests.labels(consumer, str(status))
+        child.inc()
 
     def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None:
-        add = self._tokens.add
+        """
+        Count one call's tokens (whole numbers, 0 for none).
+        """
         if prompt:
-            add((consumer, "prompt"), prompt)
+            self._add_tokens(consumer, "prompt", prompt)
         if completion:
-            add((consumer, "completion"), completion)
+            self._add_tokens(consumer, "completion", completion)
         if reasoning:
-            add((consumer, "reasoning"), reasoning)
+            self._add_tokens(consumer, "reasoning", reasoning)
+
+    def _add_tokens(self, consumer: str, kind: str, count: int) -> None:
+        child = self._token_children.get((consumer, kind))
+        if child is None:
+            child = self._token_children[(consumer, kind)] = self._tokens.labels(consumer, kind)
+        child.inc(count)
 
     def spend(self, consumer: str, usd: float) -> None:
-        self._spend.add((consumer,), usd)
+        """
+        Count C{usd} US dollars spent by C{consumer} (0 or more).
+        """
+        child = self._spend_children.get(consumer)
+        if child is None:
+            child = self._spend_children[consumer] = self._spend.labels(consumer)
+        child.inc(usd)
 
     def limited(self, consumer: str, reason: str) -> None:
-        self._limited.add((consumer, reason))
-
-    def count_gateway(self, consumer: str, usage: GatewayFigures) -> None:
         """
-        Export C{usage}'s sums as C{consumer}'s requests, tokens and spend
-        whenever the families are read: the calls of GATEWAY_API_KEYS' keys,
-        counted there rather than here, one dict update per call.
+        Count one call of C{consumer} refused by its limits, C{reason} the
+        refusal's error code.
         """
-        self._requests.sources.append(
-            lambda: {(consumer, str(status)): count for status, count in usage.requests().items()}
-        )
-
-        def tokens() -> dict[tuple[str, ...], float]:
-            counts = zip(("prompt", "completion", "reasoning"), usage.tokens(), strict=True)
-            return {(consumer, kind): count for kind, count in counts if count}
-
-        self._tokens.sources.append(tokens)
-
-        def spend() -> dict[tuple[str, ...], float]:
-            spent = usage.spend()
-            return {(consumer,): spent} if spent else {}
-
-        self._spend.sources.append(spend)
+        child = self._limited_children.get((consumer, reason))
+        if child is None:
+            child = self._limited_children[(consumer, reason)] = self._limited.labels(consumer, reason)
+        child.inc()

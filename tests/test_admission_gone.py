@@ -89,6 +89,7 @@ class RefusedAfterClientLeftTests(GatewayCase):
             for line in response.decode().splitlines()
             if line.startswith(("openclaw_api_requests_total", "openclaw_consumer_"))
             and not line.startswith("openclaw_consumer_usage_rows_pending")
+            and "_created{" not in line
         ]
 
     @inlineCallbacks

@@ -24,6 +24,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from openclaw.metrics import OUTCOMES
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
 from openclaw.signals import handles_hangup
@@ -360,10 +361,16 @@ class BackpressureTests(TestCase):
         self.addCleanup(sock.close)
         sock.setblocking(False)
         message = _masked_text_frame(json.dumps({"token": gateway.token, "cmd": "status"}).encode())
-        counts = gateway.service.metrics.commands.counts
+        registry = gateway.service.metrics.registry
 
         def answered() -> int:
-            return sum(count for (cmd, _), count in counts.items() if cmd == "status")
+            return sum(
+                int(
+                    registry.get_sample_value("openclaw_control_commands_total", {"cmd": "status", "outcome": outcome})
+                    or 0
+                )
+                for outcome in OUTCOMES
+            )
 
         batch = message * 100
         pending = b""

@@ -1,6 +1,6 @@
 """
-L{RequestTally}: the plain-number counts behind the per-request metrics,
-as Prometheus reads them.
+The metrics as Prometheus reads them: L{RequestTally}'s counter and
+histogram, the control-plane command counters, L{MeasuredAgent}.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ RECORDED_REASONS = (
 
 class RequestTallyTests(SynchronousTestCase):
     def setUp(self) -> None:
+        self.registry = CollectorRegistry()
         self.tally = RequestTally(
             ("demo_requests", "Requests, by provider and status"),
             ("demo_request_seconds", "Time taken, by provider"),
             providers=("kimi",),
             buckets=(0.01, 0.1, 1.0, float("inf")),
+            registry=self.registry,
         )
-        self.registry = CollectorRegistry()
-        self.registry.register(self.tally)
 
     def exposition(self) -> list[str]:
         return generate_latest(self.registry).decode().splitlines()
@@ -77,6 +77,58 @@ class RequestTallyTests(SynchronousTestCase):
         self.assertEqual(self.tally.count("kimi", "other"), 300 - 256)
         series = [line for line in self.exposition() if line.startswith("demo_requests_total")]
         self.assertEqual(len(series), 256 + 1)
+
+
+class GatewayMetricsTests(SynchronousTestCase):
+    """
+    What C{/metrics} shows of the gateway's own families: their names,
+    help texts, labels and bounds, and the series there from the start.
+    """
+
+    def test_recorded_call_exported(self) -> None:
+        metrics = GatewayMetrics(("status",), ("kimi", "gemini"))
+        metrics.api_requests.record("kimi", 200, 0.2)
+        metrics.upstream_requests.record("kimi", 200, 0.15)
+        metrics.call_costs.count_tokens("kimi", "moonshot-v1-8k", 10, 5, 0)
+        metrics.call_costs.overhead(0.0003)
+        metrics.command("status", "ok")
+        lines = generate_latest(metrics.registry).decode().splitlines()
+        for line in (
+            "# HELP openclaw_api_requests_total "
+            "Data-plane API requests answered, by the provider called (- if none was) and status",
+            "# TYPE openclaw_api_requests_total counter",
+            'openclaw_api_requests_total{provider="kimi",status="200"} 1.0',
+            "# HELP openclaw_api_request_seconds Time to answer data-plane API requests, by the provider called",
+            "# TYPE openclaw_api_request_seconds histogram",
+            'openclaw_api_request_seconds_bucket{le="0.1",provider="kimi"} 0.0',
+            'openclaw_api_request_seconds_bucket{le="0.25",provider="kimi"} 1.0',
+            'openclaw_api_request_seconds_bucket{le="+Inf",provider="kimi"} 1.0',
+            'openclaw_api_request_seconds_count{provider="kimi"} 1.0',
+            'openclaw_api_request_seconds_sum{provider="kimi"} 0.2',
+            "# HELP openclaw_upstream_requests_total HTTP requests to providers, by provider and status",
+            'openclaw_upstream_requests_total{provider="kimi",status="200"} 1.0',
+            'openclaw_upstream_request_seconds_sum{provider="kimi"} 0.15',
+            "# HELP openclaw_control_commands_total Control-plane messages answered, by command and outcome",
+            'openclaw_control_commands_total{cmd="status",outcome="ok"} 1.0',
+            'openclaw_api_tokens_total{kind="prompt",model="moonshot-v1-8k",provider="kimi"} 10.0',
+            'openclaw_api_tokens_total{kind="completion",model="moonshot-v1-8k",provider="kimi"} 5.0',
+            "# TYPE openclaw_api_overhead_seconds histogram",
+            'openclaw_api_overhead_seconds_bucket{le="0.00025"} 0.0',
+            'openclaw_api_overhead_seconds_bucket{le="0.0005"} 1.0',
+            "openclaw_api_overhead_seconds_count 1.0",
+            # There from the start: every provider's upstream timing, and
+            # every command's counters (INVALID's too).
+            'openclaw_upstream_request_seconds_count{provider="gemini"} 0.0',
+            'openclaw_upstream_request_seconds_bucket{le="+Inf",provider="gemini"} 0.0',
+            'openclaw_control_commands_total{cmd="status",outcome="error"} 0.0',
+            'openclaw_control_commands_total{cmd="_invalid",outcome="ok"} 0.0',
+            'openclaw_control_commands_total{cmd="_invalid",outcome="error"} 0.0',
+        ):
+            self.assertIn(line, lines)
+        # A kind of token never counted has no series; nor has a provider
+        # the API never called.
+        self.assertNotIn("reasoning", "\n".join(line for line in lines if line.startswith("openclaw_api_tokens")))
+        self.assertFalse([line for line in lines if line.startswith("openclaw_api_request") and "gemini" in line])
 
 
 class MeasuredAgentTests(SynchronousTestCase):

@@ -1,8 +1,9 @@
 """
 The usage of GATEWAY_API_KEYS' keys (consumer C{-}): they have no limits
 to keep, so a call of theirs is one dict update, summed per UTC minute,
-provider, model and status.  The sums become usage rows at each flush and
-C{openclaw_consumer_*{consumer="-"}} figures when C{/metrics} is read.
+provider, model and status.  The sums become usage rows at each flush
+(their C{openclaw_consumer_*{consumer="-"}} metrics are counted call by
+call, by L{openclaw.consumers.table.ConsumerTable.account_tokens}).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ class GatewayUsage:
     a price is linear in each kind of token (L{Price.cost}), so the cost of
     a sum is the sum of the costs (the cached tokens of each call are
     bounded by its prompt tokens as they are counted, as L{Price.cost}
-    bounds them).  What has been taken is kept only as totals by status
-    and by kind of token, so memory does not grow with the model names
-    clients send.
+    bounds them).  Nothing is kept of what has been taken, so memory does
+    not grow with the model names clients send.
 
     @param prices: the model prices (fixed for the gateway's life).
     """
@@ -34,11 +34,6 @@ class GatewayUsage:
         self.prices = prices
         #: Since the last L{take}, per C{(UTC minute, provider, model, status)}.
         self._pending: dict[tuple[int, str, str, int], Sums] = {}
-        #: Everything taken before: calls by status, C{[prompt, completion,
-        #: reasoning]} tokens, US dollars.
-        self._requests: dict[int, int] = {}
-        self._tokens = [0, 0, 0]
-        self._spent = 0.0
 
     def count(
         self, provider: str, model: str, status: int, tokens: tuple[int, int, int, int], seconds: float, now: float
@@ -90,41 +85,7 @@ class GatewayUsage:
                     requests=requests,
                 )
             )
-            self._requests[status] = self._requests.get(status, 0) + requests
-            self._tokens[0] += prompt
-            self._tokens[1] += completion
-            self._tokens[2] += reasoning
-            self._spent += cost or 0.0
         return rows
-
-    def requests(self) -> dict[int, int]:
-        """
-        Calls counted so far, by HTTP status.
-        """
-        by_status = dict(self._requests)
-        for (_, _, _, status), sums in self._pending.items():
-            by_status[status] = by_status.get(status, 0) + int(sums[0])
-        return by_status
-
-    def tokens(self) -> tuple[int, int, int]:
-        """
-        C{(prompt, completion, reasoning)} tokens counted so far.
-        """
-        prompt, completion, reasoning = self._tokens
-        for sums in self._pending.values():
-            prompt += int(sums[1])
-            completion += int(sums[2])
-            reasoning += int(sums[3])
-        return prompt, completion, reasoning
-
-    def spend(self) -> float:
-        """
-        US dollars spent so far (priced models only).
-        """
-        spent = self._spent
-        for (_, provider, model, _), sums in self._pending.items():
-            spent += self.prices.cost(provider, model, int(sums[1]), int(sums[2]), int(sums[4])) or 0.0
-        return spent
 
 
 __all__ = ["GatewayUsage"]

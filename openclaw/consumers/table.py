@@ -86,7 +86,6 @@ class ConsumerMetricsLike(Protocol):
     def tokens(self, consumer: str, prompt: int, completion: int, reasoning: int) -> None: ...
     def spend(self, consumer: str, usd: float) -> None: ...
     def limited(self, consumer: str, reason: str) -> None: ...
-    def count_gateway(self, consumer: str, usage: GatewayUsage) -> None: ...
     def count_pending(self, pending: Callable[[], int]) -> None: ...
 
 
@@ -410,7 +409,6 @@ class ConsumerTable:
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
         self.gateway_usage = GatewayUsage(prices)
         if metrics is not None:
-            metrics.count_gateway(NO_CONSUMER, self.gateway_usage)
             metrics.count_pending(lambda: len(self._pending))
         self._flusher: LoopingCall | None = None
         #: Since when (clock) writes of usage rows have failed, and when
@@ -677,7 +675,8 @@ class ConsumerTable:
         GATEWAY_API_KEYS' keys (L{GATEWAY}: no limits to keep) are summed in
         memory per UTC minute, provider, model and status (L{GatewayUsage}),
         and written at the flush as one row with their C{requests} count,
-        its C{ts} the minute's start.
+        its C{ts} the minute's start; they are counted in the metrics (as
+        consumer C{-}) call by call, like a consumer's.
         """
         self.account_tokens(holder, provider, model, status, usage_counts(usage), seconds)
 
@@ -688,23 +687,23 @@ class ConsumerTable:
         L{account}, with the usage read already (L{usage_counts}).
         """
         now = self.clock()
-        if holder is GATEWAY:
-            self.gateway_usage.count(provider, model, status, tokens, seconds, now)
-            return
         prompt, completion, reasoning, cached = tokens
         cost = self.prices.cost(provider, model, prompt, completion, cached)
         name = holder.consumer
-        consumer = self.current(holder)
-        if consumer is not None:
-            self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
-        # A call of a consumer deleted while it ran: recorded, counted for nobody alive.
-        row_name = name if consumer is not None else retired_name(Consumer(name, created_at=holder.created_at))
         metrics = self.metrics
         if metrics is not None:
             metrics.requests(name, status)
             metrics.tokens(name, prompt, completion, reasoning)
             if cost:
                 metrics.spend(name, cost)
+        if holder is GATEWAY:
+            self.gateway_usage.count(provider, model, status, tokens, seconds, now)
+            return
+        consumer = self.current(holder)
+        if consumer is not None:
+            self.counters.counted(name, prompt + completion, cost or 0.0, now, holder)
+        # A call of a consumer deleted while it ran: recorded, counted for nobody alive.
+        row_name = name if consumer is not None else retired_name(Consumer(name, created_at=holder.created_at))
         self._add(
             UsageRow(
                 now,
