@@ -408,6 +408,10 @@ class RedisStore:
         self._rebuild_policy = backoffPolicy(min(0.25, reconnect_max), reconnect_max, factor=2.0, jitter=lambda: 0.0)
         #: Redis's refusals logged since a call last succeeded.
         self._refusals: set[str] = set()
+        #: The factories a rebuild dropped, until L{_discard} disconnects
+        #: them (at C{_discard_call}); then their disconnections under way.
+        self._undiscarded: list[Any] = []
+        self._discard_call: IDelayedCall | None = None
         self._discarding: set[Deferred[Any]] = set()
 
     def start(self, node: ClusterNode) -> None:
@@ -430,7 +434,11 @@ class RedisStore:
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        factories, self._factories = self._factories, []
+        if self._discard_call is not None:
+            self._discard_call.cancel()
+            self._discard_call = None
+        factories = [*self._factories, *self._undiscarded]
+        self._factories, self._undiscarded = [], []
         stopping = [factory.disconnect() for factory in factories]
         return gatherResults([*stopping, *self._discarding], consumeErrors=True)
 
@@ -444,10 +452,12 @@ class RedisStore:
         node = self.node
         if node is None or self._pending is not None or (factory is not None and factory not in self._factories):
             return
-        factories, self._factories = self._factories, []
+        self._undiscarded.extend(self._factories)
+        self._factories = []
         # Not from inside the connection's own callbacks: txredisapi's
         # ClientService cannot be stopped in the middle of a transition.
-        self.reactor.callLater(0, self._discard, factories)
+        if self._discard_call is None:
+            self._discard_call = self.reactor.callLater(0, self._discard)
         delay = self._rebuild_policy(self._attempts)
         self._attempts += 1
         self._pending = self.reactor.callLater(delay, self._connect)
@@ -460,7 +470,9 @@ class RedisStore:
         """
         self.rebuild(reason)
 
-    def _discard(self, factories: list[Any]) -> None:
+    def _discard(self) -> None:
+        self._discard_call = None
+        factories, self._undiscarded = self._undiscarded, []
         for factory in factories:
             stopping: Deferred[Any] = factory.disconnect()
             self._discarding.add(stopping)
