@@ -738,6 +738,21 @@ class StoreConnections(TestCase):
             time.sleep(0.01)
         self.assertEqual(self.clients(), 0)
 
+    @inlineCallbacks
+    def test_password_kept_out_of_the_identity(self):
+        """
+        A password in C{REDIS_URL} is sent in the handshake, and kept out
+        of the connection's identity (txredisapi's C{uuid}).
+        """
+        from openclaw.cluster.redis import _Commands, redis_endpoint
+
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "requirepass", "hunter2").startswith(b"+OK"))
+        url = f"redis://:hunter2@127.0.0.1:{self.redis.port}/0"
+        store = yield self.connected_store(url)
+        factory = _Commands(store, redis_endpoint(url, reactor, 2.0)[1])
+        self.assertNotIn("hunter2", factory.uuid)
+        self.assertEqual(factory.uuid, f"redis://:***@127.0.0.1:{self.redis.port}/0")
+
 
 class Settings18(TestCase):
     def test_bad_redis_url_hides_its_password(self):

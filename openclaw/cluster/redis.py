@@ -327,7 +327,9 @@ class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
 
     def __init__(self, store: RedisStore, options: dict[str, Any]) -> None:
         super().__init__(
-            store.url,
+            # txredisapi's uuid: the connection's identity (a hash ring's
+            # key), never its credentials, which go separately.
+            redacted_url(store.url),
             options["dbid"],
             1,
             # Not lazy: txredisapi then leaves a failed handshake to
