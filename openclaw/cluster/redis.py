@@ -33,12 +33,13 @@ import txredisapi
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
+from openclaw.reactors import IClientReactor
 
 if TYPE_CHECKING:
     from openclaw.cluster.node import ClusterNode
@@ -196,7 +197,7 @@ def redacted_url(url: str) -> str:
     return urlunsplit((parsed.scheme, f"{user}***@{host}", parsed.path, parsed.query, parsed.fragment))
 
 
-def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
+def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
     C{username} and C{password}.
@@ -388,7 +389,7 @@ class RedisStore:
 
     _log = Logger(namespace="openclaw.cluster")
 
-    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IReactorTime) -> None:
+    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IClientReactor) -> None:
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:events"
