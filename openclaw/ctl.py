@@ -31,10 +31,11 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
@@ -965,11 +966,6 @@ def client_endpoint(reactor: IClientReactor, request: Request) -> IStreamClientE
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=request.timeout)
     if not secure:
         return endpoint
-    try:
-        from twisted.internet.endpoints import wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
-    except ImportError:
-        raise UsageError("wss:// needs TLS support: pip install 'twisted[tls]'") from None
     trust = _trust_root(request.cafile) if request.cafile is not None else None
     return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
 
