@@ -31,15 +31,17 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
+from openclaw.reactors import IClientReactor
 from openclaw.session import write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
@@ -950,7 +952,7 @@ def _trust_root(cafile: Path) -> Any:
         ) from None
 
 
-def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
+def client_endpoint(reactor: IClientReactor, request: Request) -> IStreamClientEndpoint:
     """
     TCP to the URL's host (any of its addresses, IPv4 or IPv6), wrapped in
     TLS for C{wss://}: the host name is verified against the system's trust
@@ -964,16 +966,11 @@ def client_endpoint(reactor: Any, request: Request) -> IStreamClientEndpoint:
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=request.timeout)
     if not secure:
         return endpoint
-    try:
-        from twisted.internet.endpoints import wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
-    except ImportError:
-        raise UsageError("wss:// needs TLS support: pip install 'twisted[tls]'") from None
     trust = _trust_root(request.cafile) if request.cafile is not None else None
     return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
 
 
-async def exchange(reactor: IReactorTime, request: Request) -> Reply:
+async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     """
     Send the request and wait for its answer, within C{request.timeout};
     then close the connection properly (bounded by Autobahn's closing
@@ -1015,7 +1012,7 @@ def conclude(request: Request, reply: Reply) -> Report:
     return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
 
 
-async def _run(reactor: IReactorTime, request: Request) -> None:
+async def _run(reactor: IClientReactor, request: Request) -> None:
     try:
         reply = await exchange(reactor, request)
         report = conclude(request, reply)

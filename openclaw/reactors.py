@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import cast
 
-from twisted.internet.interfaces import IReactorCore, IReactorProcess, IReactorThreads, IReactorTime
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorPluggableNameResolver,
+    IReactorProcess,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUNIX,
+)
 from zope.interface import Interface
 
 
@@ -21,10 +29,21 @@ class IStoreReactor(IReactorCore, IReactorTime, IReactorThreads):
     """
 
 
-class IGatewayReactor(IStoreReactor):
+class IClientReactor(IReactorTCP, IReactorUNIX, IReactorTime, IReactorPluggableNameResolver):
+    """
+    What a client endpoint of a URL asks of its reactor (the cluster
+    store's C{REDIS_URL}, C{openclawctl}'s gateway): a host name's
+    addresses tried over TCP with C{HostnameEndpoint} (C{IReactorTCP},
+    C{IReactorTime}, C{IReactorPluggableNameResolver}), or a UNIX socket
+    (C{IReactorUNIX}).
+    """
+
+
+class IGatewayReactor(IStoreReactor, IClientReactor):
     """
     What L{openclaw.service.GatewayService} asks of its reactor: timers,
-    C{stop} on a fatal cluster error, and what its consumer store asks.
+    C{stop} on a fatal cluster error, what its consumer store asks and
+    what its cluster store asks (L{IClientReactor}).
     """
 
 

@@ -8,6 +8,7 @@ import atexit
 import gc
 import os
 import sys
+from collections.abc import Mapping
 from typing import IO, Any, ClassVar, NoReturn
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -129,7 +130,8 @@ def makeService(
         reactor = default_reactor
     # Taken now, before twistd redirects sys.stdout into the log.
     stdout = stdout or sys.stdout
-    twistd_options = getattr(options, "parent", None) or {}
+    # twistd's own options (a usage.Options, a dict); none outside twistd.
+    twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
     try:
         settings = load_settings(
             options.settings_overrides(),
@@ -194,7 +196,7 @@ def makeService(
     return _exit_with_status(service, twistd_options)
 
 
-def _exit_with_status(service: GatewayService, twistd_options: Any) -> GatewayService:
+def _exit_with_status(service: GatewayService, twistd_options: Mapping[str, Any]) -> GatewayService:
     """
     Under twistd (not when a test calls L{makeService}), end the process
     with C{service}'s L{GatewayService.exit_status} once twistd is done
@@ -214,7 +216,7 @@ def _exit_with_status(service: GatewayService, twistd_options: Any) -> GatewaySe
 
 
 def _worker_service(
-    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Any
+    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Mapping[str, Any]
 ) -> GatewayService:
     """
     One worker of C{--workers}: the gateway on the ports its parent
@@ -242,7 +244,7 @@ def _worker_service(
 
 
 def _supervisor(
-    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Any
+    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Mapping[str, Any]
 ) -> WorkerSupervisor:
     """
     C{--workers N} above 1: reserve the ports here and run N workers
@@ -281,7 +283,9 @@ def _supervisor(
     )
 
 
-def _note_signals(reactor: IReactorCore, twistd_options: Any, destination: IO[Any] | None, stdout: IO[str]) -> None:
+def _note_signals(
+    reactor: IReactorCore, twistd_options: Mapping[str, Any], destination: IO[Any] | None, stdout: IO[str]
+) -> None:
     """
     Under twistd (not when a test calls L{makeService}), log and ignore
     SIGUSR1 when no log file is reopened on it, and SIGHUP unless the
@@ -316,7 +320,7 @@ def _check_token_file(settings: Settings) -> None:
         ) from None
 
 
-def _check_token_shown(settings: Settings, twistd_options: Any, stdout: IO[str]) -> None:
+def _check_token_shown(settings: Settings, twistd_options: Mapping[str, Any], stdout: IO[str]) -> None:
     """
     Refuse JSON logs on a standard output that is not a terminal without a
     token file: the log goes to a log shipper there, and the banner would
@@ -348,7 +352,7 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def _show_token(twistd_options: Any, settings: Settings, stdout: IO[str]) -> bool:
+def _show_token(twistd_options: Mapping[str, Any], settings: Settings, stdout: IO[str]) -> bool:
     """
     Whether the banner on stdout may carry the token.  A daemon has no
     stdout; and with a token file, a stdout that is not a terminal is most

@@ -11,12 +11,8 @@ from typing import Any, TypeGuard
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_pem_x509_certificates
 from OpenSSL.SSL import Error as OpenSSLError
+from service_identity import VerificationError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
-
-try:
-    from service_identity import VerificationError
-except ImportError:  # pragma: no cover - service_identity ships with twisted[tls]
-    VerificationError = OpenSSLError  # type: ignore[assignment,misc]
 
 
 def trust_root_from_pem(data: bytes) -> Any:
@@ -54,8 +50,10 @@ def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:
 def describe_tls_error(error: BaseException) -> str:
     """
     The reason of a TLS failure in words ("certificate verify failed"):
-    pyOpenSSL's errors carry a list of C{(library, function, reason)}
-    tuples, of which the last reason is the one that says most.
+    a pyOpenSSL error carries a list of C{(library, function, reason)}
+    tuples, whose reasons are given in that order, joined with C{"; "};
+    any other error (service_identity's), its text, or its type's name
+    when it has none.
     """
     details = error.args[0] if error.args else None
     if isinstance(details, list) and details and isinstance(details[-1], tuple):

@@ -661,6 +661,99 @@ class ListenOnceSynced(TestCase):
         self.assertTrue(answer["ok"], answer)
 
 
+def redis_command(redis: RedisServer, *words: str) -> bytes:
+    """
+    One command to C{redis}, from a blocking socket (the reactor does not
+    run meanwhile): the start of its reply.
+    """
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
+        s.sendall(" ".join(words).encode() + b"\r\n")
+        return s.recv(65536)
+
+
+class _Node:
+    """
+    What L{RedisStore} tells its node: here, only that it is connected.
+    """
+
+    up = False
+
+    def __init__(self) -> None:
+        self.in_step: Deferred[None] = Deferred()
+
+    def connected(self) -> None:
+        if not self.in_step.called:
+            self.in_step.callback(None)
+
+    def lost(self, reason: str) -> None:
+        pass
+
+
+class StoreConnections(TestCase):
+    """
+    L{RedisStore}'s own connections, on a real C{redis-server}, with no
+    gateway.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+
+    @inlineCallbacks
+    def connected_store(self, url: str) -> Any:
+        from openclaw.cluster.redis import RedisStore
+
+        store = RedisStore(url, "p", 2.0, 0.5, reactor)
+        node = _Node()
+        store.start(node)  # type: ignore[arg-type]
+        self.addCleanup(store.stop)
+        yield within(node.in_step, 10, "the store's subscription")
+        return store
+
+    def clients(self) -> int:
+        reply = redis_command(self.redis, "INFO", "clients").decode()
+        found = re.search(r"^connected_clients:(\d+)", reply, re.MULTILINE)
+        assert found, reply
+        # Less the connection asking.
+        return int(found.group(1)) - 1
+
+    @inlineCallbacks
+    def test_stop_right_after_a_rebuild(self):
+        """
+        L{RedisStore.stop} before the connections a rebuild dropped are
+        disconnected (the next turn of the reactor): they are
+        disconnected too, and the Deferred it returns waits for them.
+        """
+        store = yield self.connected_store(self.redis.url)
+        self.assertEqual(self.clients(), 2)
+        store.rebuild("a rebuild")
+        yield store.stop()
+        # Redis sees the closes on its own time; the reactor does not run
+        # meanwhile (it would disconnect what stop left over).
+        deadline = time.monotonic() + 5
+        while self.clients() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(self.clients(), 0)
+
+    @inlineCallbacks
+    def test_password_kept_out_of_the_identity(self):
+        """
+        A password in C{REDIS_URL} is sent in the handshake, and kept out
+        of the connection's identity (txredisapi's C{uuid}).
+        """
+        from openclaw.cluster.redis import _Commands, redis_endpoint
+
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "requirepass", "hunter2").startswith(b"+OK"))
+        url = f"redis://:hunter2@127.0.0.1:{self.redis.port}/0"
+        store = yield self.connected_store(url)
+        factory = _Commands(store, redis_endpoint(url, reactor, 2.0)[1])
+        self.assertNotIn("hunter2", factory.uuid)
+        self.assertEqual(factory.uuid, f"redis://:***@127.0.0.1:{self.redis.port}/0")
+
+
 class Settings18(TestCase):
     def test_bad_redis_url_hides_its_password(self):
         from openclaw.settings import ConfigError, load_settings

@@ -43,6 +43,10 @@ class DefaultParametersTests(TestCase):
         own = conninfo_to_dict(postgres_conninfo(url + "?options=-c%20statement_timeout%3D5000"))
         self.assertEqual(own["options"], "-c statement_timeout=5000")
 
+    def test_defaults_read_only(self) -> None:
+        with self.assertRaises(TypeError):
+            POSTGRES_DEFAULTS["connect_timeout"] = "1"  # type: ignore[index]
+
 
 class PgBouncerTests(GatewayCase):
     """

@@ -50,7 +50,7 @@ class ProviderTestCase(TestCase):
     def setUp(self) -> None:
         self.upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY)
 
-    def registry(self, coalesce: bool = True, **overrides: Any) -> ProviderRegistry:
+    def registry(self, **overrides: Any) -> ProviderRegistry:
         """
         A registry of the built-in providers pointed at the stand-in;
         C{overrides} are settings, or changes to a provider's settings under
@@ -63,7 +63,7 @@ class ProviderTestCase(TestCase):
             "health_check_timeout": TIMEOUT,
             **overrides,
         }
-        registry = ProviderRegistry.from_settings(Settings(**fields), reactor, coalesce=coalesce)
+        registry = ProviderRegistry.from_settings(Settings(**fields), reactor)
         self.addCleanup(registry.close)
         return registry
 
@@ -425,12 +425,6 @@ class CoalescingTests(ProviderTestCase):
         # Once settled, the next check probes afresh.
         yield registry.health_check("gemini", "gemini-2.5-flash")
         self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (2, 2))
-
-    @inlineCallbacks
-    def test_not_coalesced(self) -> Any:
-        results = yield self.burst(self.registry(coalesce=False))
-        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (100, 100))
-        self.assertTrue(all(r["providers"]["kimi"]["ok"] for r in results))
 
     @inlineCallbacks
     def test_cancelled_caller(self) -> Any:

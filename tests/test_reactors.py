@@ -26,6 +26,9 @@ class ReactorTests(SynchronousTestCase):
         message = str(caught.exception)
         self.assertIn("IReactorCore", message)
         self.assertIn("IReactorThreads", message)
+        # What its cluster store's client endpoint asks.
+        self.assertIn("IReactorTCP", message)
+        self.assertIn("IReactorPluggableNameResolver", message)
         self.assertNotIn("IReactorTime", message)
         with self.assertRaises(TypeError) as caught:
             supervisor_reactor(Clock())

@@ -33,12 +33,13 @@ import txredisapi
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
+from openclaw.reactors import IClientReactor
 
 if TYPE_CHECKING:
     from openclaw.cluster.node import ClusterNode
@@ -196,7 +197,7 @@ def redacted_url(url: str) -> str:
     return urlunsplit((parsed.scheme, f"{user}***@{host}", parsed.path, parsed.query, parsed.fragment))
 
 
-def redis_endpoint(url: str, reactor: Any, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
+def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
     C{username} and C{password}.
@@ -327,7 +328,9 @@ class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
 
     def __init__(self, store: RedisStore, options: dict[str, Any]) -> None:
         super().__init__(
-            store.url,
+            # txredisapi's uuid: the connection's identity (a hash ring's
+            # key), never its credentials, which go separately.
+            redacted_url(store.url),
             options["dbid"],
             1,
             # Not lazy: txredisapi then leaves a failed handshake to
@@ -386,7 +389,7 @@ class RedisStore:
 
     _log = Logger(namespace="openclaw.cluster")
 
-    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IReactorTime) -> None:
+    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IClientReactor) -> None:
         self.url = url
         self.prefix = prefix
         self.channel = f"{prefix}:events"
@@ -408,6 +411,10 @@ class RedisStore:
         self._rebuild_policy = backoffPolicy(min(0.25, reconnect_max), reconnect_max, factor=2.0, jitter=lambda: 0.0)
         #: Redis's refusals logged since a call last succeeded.
         self._refusals: set[str] = set()
+        #: The factories a rebuild dropped, until L{_discard} disconnects
+        #: them (at C{_discard_call}); then their disconnections under way.
+        self._undiscarded: list[Any] = []
+        self._discard_call: IDelayedCall | None = None
         self._discarding: set[Deferred[Any]] = set()
 
     def start(self, node: ClusterNode) -> None:
@@ -430,7 +437,11 @@ class RedisStore:
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        factories, self._factories = self._factories, []
+        if self._discard_call is not None:
+            self._discard_call.cancel()
+            self._discard_call = None
+        factories = [*self._factories, *self._undiscarded]
+        self._factories, self._undiscarded = [], []
         stopping = [factory.disconnect() for factory in factories]
         return gatherResults([*stopping, *self._discarding], consumeErrors=True)
 
@@ -444,10 +455,12 @@ class RedisStore:
         node = self.node
         if node is None or self._pending is not None or (factory is not None and factory not in self._factories):
             return
-        factories, self._factories = self._factories, []
+        self._undiscarded.extend(self._factories)
+        self._factories = []
         # Not from inside the connection's own callbacks: txredisapi's
         # ClientService cannot be stopped in the middle of a transition.
-        self.reactor.callLater(0, self._discard, factories)
+        if self._discard_call is None:
+            self._discard_call = self.reactor.callLater(0, self._discard)
         delay = self._rebuild_policy(self._attempts)
         self._attempts += 1
         self._pending = self.reactor.callLater(delay, self._connect)
@@ -460,7 +473,9 @@ class RedisStore:
         """
         self.rebuild(reason)
 
-    def _discard(self, factories: list[Any]) -> None:
+    def _discard(self) -> None:
+        self._discard_call = None
+        factories, self._undiscarded = self._undiscarded, []
         for factory in factories:
             stopping: Deferred[Any] = factory.disconnect()
             self._discarding.add(stopping)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -271,7 +271,9 @@ class WorkerSupervisor(Service):
             sock.close()
 
 
-def worker_argv(twistd_options: Any, openclaw_options: Any, names: Sequence[str]) -> list[str]:
+def worker_argv(
+    twistd_options: Mapping[str, Any], openclaw_options: Mapping[str, Any], names: Sequence[str]
+) -> list[str]:
     """
     The command line that runs one worker: this Python's twistd in the
     foreground, no pidfile (the parent's is the gateway's), the same log

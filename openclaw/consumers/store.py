@@ -24,8 +24,9 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar, cast
 
 import attrs
@@ -105,14 +106,16 @@ GROUPS = ("consumer", "model", "day")
 #: and a session C{SET} would leak to other clients of a transaction
 #: pool.  A statement timeout belongs on the role or the database
 #: (C{ALTER ROLE ... SET statement_timeout = '60s'}).
-POSTGRES_DEFAULTS: dict[str, str] = {
-    "connect_timeout": "10",
-    "keepalives": "1",
-    "keepalives_idle": "30",
-    "keepalives_interval": "10",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "30000",
-}
+POSTGRES_DEFAULTS: Mapping[str, str] = MappingProxyType(
+    {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "30000",
+    }
+)
 
 
 def postgres_conninfo(database_url: str) -> str:

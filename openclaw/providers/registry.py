@@ -56,8 +56,6 @@ class ProviderRegistry:
     agent: IAgent | None = attrs.field(default=None, repr=False)
     #: The persistent connections under C{agent}, closed by L{close}.
     pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
-    #: Share a probe in flight between callers; off only for benchmarks.
-    coalesce: bool = True
     #: The providers failed-over calls go to, in the order tried
     #: (L{Settings.fallback_order <openclaw.settings.Settings.fallback_order>});
     #: None: every provider, in their order.
@@ -78,7 +76,6 @@ class ProviderRegistry:
         settings: Settings,
         reactor: IReactorTime,
         *,
-        coalesce: bool = True,
         wrap_agent: Callable[[IAgent], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
         pool_size: int | None = None,
@@ -118,7 +115,6 @@ class ProviderRegistry:
             http=http,
             agent=agent,
             pool=pool,
-            coalesce=coalesce,
             fallback_order=settings.fallback_order or (),
         )
 
@@ -145,8 +141,6 @@ class ProviderRegistry:
         cancellation) cannot touch what the others receive.
         """
         adapter = self.get(provider_id)
-        if not self.coalesce:
-            return self._start(adapter)
         mine: Deferred[ProbeResult] = Deferred()
         waiting = self._waiting.get(provider_id)
         if waiting is not None:
