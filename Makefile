@@ -81,7 +81,7 @@ $(STAMP): $(BIN)/python $(SOURCES)
 
 $(RUN_STAMP): $(BIN)/python $(SOURCES)
 	rm -rf build
-	$(BIN)/python -m pip install --quiet .
+	$(BIN)/python -m pip install --quiet '.[http2]'
 	@touch $@
 
 clean:

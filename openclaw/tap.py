@@ -18,7 +18,9 @@ from twisted.internet.interfaces import (
     IReactorThreads,
     IStreamServerEndpoint,
 )
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.http import H2_ENABLED
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
@@ -29,6 +31,8 @@ from openclaw.service import GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
+
+_log = Logger(namespace="openclaw")
 
 
 class Options(usage.Options):
@@ -167,6 +171,11 @@ def makeService(
             settings.api_port,
             settings,
         )
+        if speaks_tls(settings.api_listen) and not H2_ENABLED:
+            _log.info(
+                "API_LISTEN is TLS but HTTP/2 is not offered on it (HTTP/1.1 only): "
+                "install the http2 extra (pip install 'openclaw[http2]') to offer it",
+            )
         metrics = (
             _endpoint(reactor, ("METRICS_LISTEN", "--metrics-listen"), None, settings.metrics_listen, 0, settings)
             if settings.metrics_listen
@@ -393,6 +402,14 @@ def _endpoint(
             f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} is not a usable Twisted endpoint: {e}"
         ) from None
     return NamedEndpoint(endpoint, listener)
+
+
+def speaks_tls(description: str | None) -> bool:
+    """
+    Whether a server endpoint string (C{--api-listen}) is Twisted's TLS
+    endpoint (C{ssl:...}), on which HTTP/2 can be negotiated (ALPN).
+    """
+    return description is not None and description.partition(":")[0].strip().lower() == "ssl"
 
 
 def _fail(message: str) -> NoReturn:

@@ -120,6 +120,27 @@ class ListenTests(TestCase):
         client.sendClose()
         yield client.closed
 
+    def test_tls_api_without_http2_says_so(self):
+        """
+        A TLS API listener where twisted.web cannot speak HTTP/2 (no
+        C{h2}): start-up says so, and how to get it; a plain one says
+        nothing of it.
+        """
+        from openclaw import tap
+
+        self.patch(tap, "H2_ENABLED", False)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.start("--port", str(free_port()))
+        self.assertFalse([e for e in events if "HTTP/2" in e.get("log_format", "")])
+        _, keyfile, certfile = write_certificates(self.dir)
+        tls = f"ssl:{free_port()}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}"
+        self.start("--port", str(free_port()), "--api-listen", tls)
+        lines = [e["log_format"] for e in events if "HTTP/2" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("pip install 'openclaw[http2]'", lines[0])
+
     @inlineCallbacks
     def test_tls_refused_by_the_peer(self):
         """
