@@ -1,10 +1,13 @@
 """
-Files the gateway writes: replaced atomically, readable by its own user only.
+Files the gateway writes: replaced atomically, readable by its own user
+only; and lock files it holds for its lifetime (L{PidLock}).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -101,3 +104,154 @@ def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> byt
     if len(data) > limit:
         raise NotARegularFile(f"it holds more than the {limit} bytes it may")
     return data
+
+
+class LockHeld(Exception):
+    """
+    Another process holds the lock of a L{PidLock}: C{pid} is the process
+    id written in its lock file, or L{None} when it cannot be read (not
+    written yet, or unreadable).
+    """
+
+    def __init__(self, path: Path, pid: int | None) -> None:
+        super().__init__(f"{path} is locked by {'an unknown process' if pid is None else f'process {pid}'}")
+        self.path = path
+        self.pid = pid
+
+
+class NotALockFile(OSError):
+    """
+    What is at a L{PidLock}'s path cannot be used as its lock file; the
+    message says why.
+    """
+
+
+#: What a lock file holds: nothing yet, or a process id and a newline.
+_LOCK_FILE_CONTENT = re.compile(rb"[0-9]{0,10}\n?")
+
+
+class PidLock:
+    """
+    An exclusive lock held for a process's lifetime: C{flock(2)}
+    (C{LOCK_EX | LOCK_NB}) on a lock file that names the holder's process
+    id, for the messages of the processes it turns away.
+
+    The kernel releases the lock when the holder's last descriptor of the
+    file closes, its death by C{SIGKILL} included: a lock file left behind
+    never blocks the next process, whatever pid it names (process ids are
+    reused; in a container the gateway is often pid 1 on every start).  The
+    lock belongs to the open file, not to the process, so it survives a
+    C{fork}: taken before twistd daemonizes, the daemon holds it (call
+    L{record_pid} there to name it).
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._pid: int | None = None
+
+    @classmethod
+    def acquire(cls, path: Path) -> PidLock:
+        """
+        Take the lock of C{path}, creating it (mode 0600) when missing, and
+        write this process's id in it.  A symbolic link is not followed and
+        nothing but a regular file holding nothing or a process id is used:
+        anything else there is not a lock file, and is left as it was.
+
+        @raise LockHeld: another process holds it.
+        @raise NotALockFile: what is at C{path} is not a lock file.
+        @raise OSError: it cannot be created or opened.
+        """
+        # A holder that stops removes the file, then lets go of the lock:
+        # a lock won on the file it removed is on a file no one else will
+        # open, so the lock is taken again on the file now at the path.
+        for _ in range(100):
+            fd = cls._open(path)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise LockHeld(path, _pid_in(fd)) from None
+                held = os.fstat(fd)
+                try:
+                    there = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    there = None
+                if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                    content = os.pread(fd, 64, 0)
+                    if not _LOCK_FILE_CONTENT.fullmatch(content):
+                        raise NotALockFile(f"{path} holds something other than a process id")
+                    lock = cls(path, fd)
+                    lock.record_pid()
+                    return lock
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise LockHeld(path, None)
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                raise e from None
+            if not stat.S_ISREG(mode):
+                raise NotALockFile(f"{path} is {kind_of(mode)}, not a regular file") from None
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise NotALockFile(f"{path} is {kind_of(mode)}, not a regular file")
+        return fd
+
+    def record_pid(self) -> None:
+        """
+        Write this process's id in the lock file, if it is not the one
+        there (after a C{fork}: twistd's daemon).
+        """
+        pid = os.getpid()
+        if self._fd is None or pid == self._pid:
+            return
+        line = f"{pid}\n".encode("ascii")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, line, 0)
+        self._pid = pid
+
+    def release(self) -> None:
+        """
+        Remove the lock file (if it is still the one locked), then let go
+        of the lock; again, nothing.
+
+        @raise OSError: the file cannot be removed; the lock is let go of
+            all the same.
+        """
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            held = os.fstat(fd)
+            try:
+                there = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                os.unlink(self.path)
+        finally:
+            os.close(fd)
+
+
+def _pid_in(fd: int) -> int | None:
+    """
+    The process id a lock file holds, or L{None}.
+    """
+    try:
+        content = os.pread(fd, 64, 0)
+    except OSError:
+        return None
+    text = content.strip()
+    pid = int(text) if text.isdigit() else 0
+    return pid if pid > 0 else None

@@ -21,7 +21,7 @@ import attrs
 import jwt
 from twisted.logger import Logger
 
-from openclaw.files import NotARegularFile, kind_of, read_regular_file, write_atomically
+from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
 
 ISSUER = "openclaw-gateway"
@@ -130,6 +130,15 @@ class SessionAuthority:
         self._token_file = token_file
         self._shared = shared
         self._current: SessionToken | None = None
+        self._lock: PidLock | None = None
+
+    def hold_token_file(self, lock: PidLock) -> None:
+        """
+        Keep C{lock} (L{lock_token_file}'s, taken at start-up, before
+        twistd daemonizes) until L{discard_token_file} releases it; the
+        first token written names this process in it (the daemon's pid).
+        """
+        self._lock = lock
 
     @property
     def current(self) -> SessionToken:
@@ -193,6 +202,8 @@ class SessionAuthority:
         # The file first: if it cannot be written, the old token stays valid
         # rather than everyone being locked out by a token nobody has.
         if self._token_file is not None:
+            if self._lock is not None:
+                self._name_holder(self._lock)
             foreign = self._foreign_token_file(accept=issued)
             if foreign is None:
                 write_token_file(self._token_file, issued.token)
@@ -204,6 +215,17 @@ class SessionAuthority:
                     jti=issued.jti,
                 )
         self._current = issued
+
+    def _name_holder(self, lock: PidLock) -> None:
+        try:
+            lock.record_pid()
+        except OSError as e:
+            self._log.warn(
+                "this gateway's pid could not be written to {path} ({error}): a gateway turned away "
+                "from TOKEN_FILE will not say which process holds it",
+                path=str(lock.path),
+                error=e.strerror,
+            )
 
     def issue(self) -> SessionToken:
         """
@@ -265,7 +287,26 @@ class SessionAuthority:
         gateway, or an operator, may have written it since); otherwise it is
         left, and the log says why.  In a cluster it is left: the token stays
         valid for the other instances, which may read the same file.
+
+        Then the token file's lock (L{hold_token_file}) is released, its
+        lock file removed.
         """
+        try:
+            self._discard_token_file()
+        finally:
+            if self._lock is not None:
+                lock, self._lock = self._lock, None
+                try:
+                    lock.release()
+                except OSError as e:
+                    # Released all the same: only the file is left.
+                    self._log.warn(
+                        "the lock file {path} could not be removed ({error}); it blocks no other gateway",
+                        path=str(lock.path),
+                        error=e.strerror,
+                    )
+
+    def _discard_token_file(self) -> None:
         if self._token_file is None:
             return
         if self._shared:
@@ -323,6 +364,29 @@ def write_token_file(path: Path, token: str) -> None:
     the length of this write.
     """
     write_atomically(path, token + "\n")
+
+
+def token_file_lock_path(token_file: Path) -> Path:
+    """
+    The lock file of C{token_file}: the same path with C{.lock} appended.
+    """
+    return Path(f"{token_file}.lock")
+
+
+def lock_token_file(token_file: Path) -> PidLock:
+    """
+    Hold C{token_file} for this gateway, for as long as the process runs
+    or until L{PidLock.release}: L{PidLock} on L{token_file_lock_path}, so
+    that a second gateway given the same C{TOKEN_FILE} is turned away
+    instead of replacing (and at its stop removing) the token of the one
+    running.  (Not in a cluster: its instances share the file.)
+
+    @raise openclaw.files.LockHeld: another running gateway holds it.
+    @raise openclaw.files.NotALockFile: the lock file's path holds
+        something else.
+    @raise OSError: the lock file cannot be created or opened.
+    """
+    return PidLock.acquire(token_file_lock_path(token_file))
 
 
 class UnsafeTokenFile(Exception):

@@ -23,12 +23,13 @@ from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
+from openclaw.files import LockHeld, NotALockFile, PidLock
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import gateway_reactor, supervisor_reactor
 from openclaw.service import GatewayService
-from openclaw.session import UnsafeTokenFile, check_token_file
+from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
 
@@ -181,6 +182,9 @@ def makeService(
             if settings.metrics_listen
             else None
         )
+        # Before twistd daemonizes: the refusal reaches the terminal, and
+        # the daemon inherits the lock (PidLock).
+        lock = _lock_token_file(settings)
         destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
         _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
@@ -202,6 +206,8 @@ def makeService(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+    if lock is not None:
+        service.sessions.hold_token_file(lock)
     return _exit_with_status(service, twistd_options)
 
 
@@ -326,6 +332,35 @@ def _check_token_file(settings: Settings) -> None:
             f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
             "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
             "of the gateway's own (such as /run/openclaw/token)"
+        ) from None
+
+
+def _lock_token_file(settings: Settings) -> PidLock | None:
+    """
+    Hold C{TOKEN_FILE} for this gateway (L{lock_token_file}), unless
+    there is none or it is a cluster's (C{REDIS_URL}: its instances share
+    it).
+
+    @raise ConfigError: another running gateway holds it, or its lock
+        file cannot be used.
+    """
+    if settings.token_file is None or settings.redis_url is not None:
+        return None
+    named = f"TOKEN_FILE (--token-file)={str(settings.token_file)!r}"
+    try:
+        return lock_token_file(settings.token_file)
+    except LockHeld as e:
+        holder = "another running gateway" if e.pid is None else f"another running gateway (pid {e.pid})"
+        raise ConfigError(
+            f"{named} is in use by {holder}, which holds its lock {str(e.path)!r}: give each gateway its own "
+            "TOKEN_FILE, or stop the other gateway first"
+        ) from None
+    except OSError as e:
+        lock_path = token_file_lock_path(settings.token_file)
+        why = str(e) if isinstance(e, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({e.strerror})"
+        raise ConfigError(
+            f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
+            "TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
 
 

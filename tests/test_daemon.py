@@ -114,11 +114,66 @@ class DaemonTests(TestCase):
         self.assertIn(f"in {tokenfile} (never logged)", log)
         self.assertNotIn(token, log)
 
+        # The token file's lock names the daemon, not the process that
+        # started it (the lock is taken before twistd daemonizes).
+        lockfile = self.dir / "token.lock"
+        self.assertEqual(lockfile.read_text(), pidfile.read_text() + "\n")
+
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
         code, _ = yield client.closed
         self.assertEqual(code, 1001)
         yield wait_for(lambda: not pidfile.exists())
         self.assertFalse(tokenfile.exists())
+        self.assertFalse(lockfile.exists())
+
+    @inlineCallbacks
+    def test_second_daemon_with_the_same_token_file(self):
+        """
+        A second daemon given the running one's token file is refused
+        before it daemonizes: exit status 2 and one line on its terminal
+        naming TOKEN_FILE, the path and the running daemon's pid; the
+        running one's token file is untouched and still works.
+        """
+        port, pidfile, tokenfile = yield self.daemon(self.dir / "gw.log")
+        token = tokenfile.read_text()
+        other_pidfile = self.dir / "other.pid"
+        self.addCleanup(self._kill, other_pidfile)
+        _out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            [
+                "--pidfile",
+                str(other_pidfile),
+                "--logfile",
+                str(self.dir / "other.log"),
+                "openclaw",
+                "--token-file",
+                str(tokenfile),
+                "--port",
+                str(free_port()),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.dir),
+            ],
+            env=env(JWT_SECRET=SECRET),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, err)
+        self.assertEqual(
+            err.decode(),
+            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(tokenfile)!r} is in use by another "
+            f"running gateway (pid {pidfile.read_text()}), which holds its lock {str(tokenfile) + '.lock'!r}: "
+            "give each gateway its own TOKEN_FILE, or stop the other gateway first\n",
+        )
+        self.assertFalse(other_pidfile.exists())
+        self.assertEqual(tokenfile.read_text(), token)
+        client = yield connect(port)
+        answer = yield client.command(token.strip(), "ping")
+        self.assertTrue(answer["ok"])
+        client.sendClose()
+        yield client.closed
 
     @inlineCallbacks
     def test_sigusr1_reopens_the_log(self):
