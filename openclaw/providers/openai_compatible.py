@@ -25,7 +25,15 @@ from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
 from openclaw.providers.errors import MalformedResponse, clip
 from openclaw.providers.fetch import Exchange
-from openclaw.providers.wire import Completion, MalformedAnswer, StreamBroken, Wire, error_message, json_object
+from openclaw.providers.wire import (
+    Completion,
+    MalformedAnswer,
+    ReportedError,
+    StreamBroken,
+    Wire,
+    json_object,
+    reported_error,
+)
 
 
 @attrs.frozen
@@ -56,11 +64,11 @@ class OpenAIWire:
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):
-            said = error_message(document)
-            if said is not None:
+            error = reported_error(document)
+            if error is not None:
                 # A 200 carrying an error ("Your account is suspended"):
                 # the provider's own words, with its type and code.
-                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(document, said)}")
+                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(error)}")
             raise MalformedAnswer('the answer has no "choices" list')
         usage = document.get("usage")
         if usage is None:
@@ -73,18 +81,14 @@ class OpenAIWire:
         return OpenAIStream(include_usage=chat.include_usage)
 
 
-def _with_kind(document: dict[str, Any], message: str) -> str:
+def _with_kind(error: ReportedError) -> str:
     """
-    C{message} clipped, followed by the error's C{type} and C{code} when
+    The error's message clipped, followed by its C{type} and C{code} when
     it has them ("Your account is suspended [type=permission_denied_error]").
     """
-    error = document.get("error")
-    kinds = (
-        [f"{name}={error[name]}" for name in ("type", "code") if isinstance(error.get(name), (str, int))]
-        if isinstance(error, dict)
-        else []
-    )
-    return clip(message) + (f" [{', '.join(kinds)}]" if kinds else "")
+    fields = error.fields
+    kinds = [f"{name}={fields[name]}" for name in ("type", "code") if isinstance(fields.get(name), (str, int))]
+    return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
 
 
 def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:
@@ -142,9 +146,9 @@ class OpenAIStream:
             raise StreamBroken("an event of the stream is not JSON") from None
         if not isinstance(document, dict):
             raise StreamBroken("an event of the stream is not a JSON object")
-        message = error_message(document)
-        if message is not None:
-            raise StreamBroken(message)
+        error = reported_error(document)
+        if error is not None:
+            raise StreamBroken(error.message)
         choices = document.get("choices")
         usage = document.get("usage")
         if isinstance(usage, dict):

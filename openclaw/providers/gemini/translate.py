@@ -47,6 +47,7 @@ from openclaw.providers.wire import (
     StreamBroken,
     completion_id,
     json_object,
+    reported_error,
 )
 
 _log = Logger(namespace="openclaw.providers.gemini")
@@ -920,10 +921,9 @@ class GeminiStream:
         """
         if not isinstance(document, dict):
             raise GeminiStreamError("an event of the stream is not a JSON object")
-        error = document.get("error")
+        error = reported_error(document)
         if error is not None:
-            message = error.get("message") if isinstance(error, dict) else None
-            raise GeminiStreamError(str(message or error))
+            raise GeminiStreamError(error.message)
         reported = usage(document.get("usageMetadata"))
         if reported is not None:
             self._usage = reported
