@@ -26,7 +26,7 @@ import attrs
 import orjson
 from twisted.web.http_headers import Headers
 
-from openclaw.dataplane.callids import MARK
+from openclaw.dataplane.callids import MARK, plain_message
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable_model
 
@@ -147,13 +147,23 @@ class ChatRequest:
     stream: bool
     #: C{stream_options.include_usage}: end the stream with a usage chunk.
     include_usage: bool
-    #: Some tool call id carries a Gemini id or signature
-    #: (L{openclaw.dataplane.callids}): other providers get it plain.
+    #: Some tool call id carries a payload (L{openclaw.dataplane.callids}):
+    #: a provider whose wire does not read them gets it plain.
     carried_ids: bool = False
 
     @property
     def model(self) -> Any:
         return self.body.get("model")
+
+    def plain_ids(self) -> ChatRequest:
+        """
+        This request with every tool call id plain
+        (L{openclaw.dataplane.callids.plain}).
+        """
+        if not self.carried_ids:
+            return self
+        messages = [plain_message(message) for message in self.body["messages"]]
+        return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
 
 
 def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.callids import plain
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
@@ -43,11 +42,10 @@ class OpenAIWire:
     substituted, and the answer passed back as it came, but for one
     normalisation: usage reported inside C{choices[0].usage} (as Moonshot
     does) is also given where OpenAI puts it, the top-level C{usage}.
-
-    Tool call ids that carry Gemini's id and signature
-    (L{openclaw.dataplane.callids}, from a Gemini answer before a
-    C{switch_provider}) are sent in their plain, short form.
     """
+
+    #: Ids are passed through as they came: none carries anything.
+    reads_carried_ids: ClassVar[bool] = False
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         body = {**chat.body, "model": model}
@@ -56,8 +54,6 @@ class OpenAIWire:
             # client did not (OpenAI's stream_options.include_usage); the
             # usage chunk is taken out on the way back (OpenAIStream).
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if chat.carried_ids:
-            body["messages"] = [_plain_ids(message) for message in body["messages"]]
         return orjson.dumps(body)
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
@@ -89,15 +85,6 @@ def _with_kind(error: ReportedError) -> str:
     fields = error.fields
     kinds = [f"{name}={fields[name]}" for name in ("type", "code") if isinstance(fields.get(name), (str, int))]
     return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
-
-
-def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:
-    if message["role"] == "tool":
-        return {**message, "tool_call_id": plain(message["tool_call_id"])}
-    calls = message.get("tool_calls") if message["role"] == "assistant" else None
-    if not calls:
-        return message
-    return {**message, "tool_calls": [{**call, "id": plain(call["id"])} for call in calls]}
 
 
 def _choice_usage(choices: list[Any]) -> Any:

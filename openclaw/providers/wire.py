@@ -109,6 +109,16 @@ class Wire(Protocol):
     One provider's chat format.
     """
 
+    @property
+    def reads_carried_ids(self) -> bool:
+        """
+        The format reads what tool call ids carry
+        (L{openclaw.dataplane.callids}: the payload its own answers put
+        there, Gemini's signatures).  False for any other: the request is
+        given to L{request_body} with every id plain, whichever provider's
+        payload it carried.
+        """
+
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The upstream request body for C{chat}, asking for C{model}.
