@@ -464,6 +464,10 @@ class CallIdTests(SynchronousTestCase):
         call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))
         self.assertLess(len(call_id), 100)
         self.assertEqual(carried(call_id), ("fc-1", None))
+        # A Gemini id too long to carry, with or without a signature.
+        for signature in ("sig-A", None):
+            call_id = new_call_id("f" * (MAX_PAYLOAD * 2), signature)
+            self.assertRegex(call_id, r"^call_[0-9a-f]{24}$")
 
     def test_plain_for_other_wires(self) -> None:
         """

@@ -23,7 +23,7 @@ import orjson
 from openclaw.dataplane import callids
 
 #: The longest payload carried (encoded characters); a signature that would
-#: make a longer id is not carried, and the call comes back to Gemini with
+#: make a longer id is not carried (nor a Gemini id that would), and the call comes back to Gemini with
 #: Google's placeholder instead
 #: (L{SKIP_SIGNATURE <openclaw.providers.gemini.translate.SKIP_SIGNATURE>}:
 #: the turn is still accepted, with less context).
@@ -38,9 +38,9 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
         return callids.new_call_id()
     payload = base64.urlsafe_b64encode(orjson.dumps([gemini_id, signature])).rstrip(b"=").decode("ascii")
     if len(payload) > MAX_PAYLOAD:
-        if gemini_id is None:
-            return callids.new_call_id()
-        return new_call_id(gemini_id)
+        # Without the signature, when it was what made it too long; with
+        # nothing, when the id alone is.
+        return callids.new_call_id() if gemini_id is None or signature is None else new_call_id(gemini_id)
     return callids.new_call_id(payload)
 
 
