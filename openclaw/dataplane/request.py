@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from types import MappingProxyType
 from typing import Any
@@ -341,22 +341,24 @@ def _reasoning_effort(name: str, value: Any) -> None:
 #: The checks of the optional fields, by name: C{check(name, value)}
 #: raises L{APIError} (400 naming the field) for a value OpenAI's API
 #: would refuse; null is accepted as "not set".
-_FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
-    "temperature": _number(0.0, 2.0),
-    "top_p": _number(0.0, 1.0),
-    "presence_penalty": _number(-2.0, 2.0),
-    "frequency_penalty": _number(-2.0, 2.0),
-    "max_tokens": _count,
-    "max_completion_tokens": _count,
-    "n": _count,
-    "stop": lambda name, value: _check_stop(value),
-    "parallel_tool_calls": _bool,
-    "logprobs": _bool,
-    "top_logprobs": _top_logprobs,
-    "seed": _seed,
-    "reasoning_effort": _reasoning_effort,
-    "response_format": lambda name, value: _check_response_format(value),
-}
+_FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
+    {
+        "temperature": _number(0.0, 2.0),
+        "top_p": _number(0.0, 1.0),
+        "presence_penalty": _number(-2.0, 2.0),
+        "frequency_penalty": _number(-2.0, 2.0),
+        "max_tokens": _count,
+        "max_completion_tokens": _count,
+        "n": _count,
+        "stop": lambda name, value: _check_stop(value),
+        "parallel_tool_calls": _bool,
+        "logprobs": _bool,
+        "top_logprobs": _top_logprobs,
+        "seed": _seed,
+        "reasoning_effort": _reasoning_effort,
+        "response_format": lambda name, value: _check_response_format(value),
+    }
+)
 
 
 def _legacy_functions(body: dict[str, Any]) -> bool:
