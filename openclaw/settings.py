@@ -150,6 +150,26 @@ def _builtin_provider_table() -> Mapping[str, ProviderSettings]:
     return provider_table(ProviderSettings.defaults(adapter) for adapter in builtin_providers())
 
 
+def _builtin_default_provider() -> str:
+    from openclaw.providers import DEFAULT_PROVIDER
+
+    return DEFAULT_PROVIDER.id
+
+
+def _builtin_embedding_provider() -> str | None:
+    from openclaw.providers import DEFAULT_EMBEDDING_PROVIDER
+
+    return DEFAULT_EMBEDDING_PROVIDER.id
+
+
+def _builtin_embedding_model() -> str:
+    from openclaw.providers import DEFAULT_EMBEDDING_PROVIDER
+
+    embeddings = DEFAULT_EMBEDDING_PROVIDER.embeddings
+    assert embeddings is not None, "the default embedding provider declares an embeddings API"
+    return embeddings.default_model
+
+
 @attrs.frozen
 class Settings:
     """
@@ -168,7 +188,9 @@ class Settings:
         ipaddress.ip_network("127.0.0.1/32"),
         ipaddress.ip_network("::1/128"),
     )
-    default_provider: str = "gemini"
+    #: The provider calls go to until a switch; by default the built-in one
+    #: (L{openclaw.providers.DEFAULT_PROVIDER}).
+    default_provider: str = attrs.field(factory=_builtin_default_provider)
     token_file: Path | None = None
 
     #: Every provider by id, in the order reports list them: by default the
@@ -200,9 +222,11 @@ class Settings:
     #: EMBEDDING_MODEL: the provider and model C{POST /v1/embeddings} uses
     #: (embeddings do not follow switch_provider: an application's vectors
     #: must stay comparable).  The provider is one whose adapter declares
-    #: an embeddings API; None when no declared provider has one.
-    embedding_provider: str | None = "gemini"
-    embedding_model: str = "gemini-embedding-001"
+    #: an embeddings API; None when no declared provider has one.  By
+    #: default the built-in one (L{openclaw.providers.DEFAULT_EMBEDDING_PROVIDER})
+    #: and its embeddings API's default model.
+    embedding_provider: str | None = attrs.field(factory=_builtin_embedding_provider)
+    embedding_model: str = attrs.field(factory=_builtin_embedding_model)
 
     # Running as a daemon.
     #: Twisted endpoint strings; when set they replace port/interface.

@@ -19,7 +19,7 @@ import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from openclaw.dataplane.callids import carried
+from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
 from tests.support import open_client

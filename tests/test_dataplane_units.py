@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.dataplane.auth import GatewayKeys
+from openclaw.dataplane.call import encode_request
+from openclaw.dataplane.callids import plain
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import choose_route, parse_chat_request
 from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
 from openclaw.providers.gemini import translate as gemini
+from openclaw.providers.gemini.callids import MAX_PAYLOAD, carried, new_call_id
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIWire
 from openclaw.providers.wire import MalformedAnswer, ModelFailed, StreamBroken
@@ -437,12 +440,11 @@ class KeyTests(SynchronousTestCase):
 
 class CallIdTests(SynchronousTestCase):
     """
-    Tool call ids that carry Gemini's call id and thought signature.
+    Tool call ids that carry Gemini's call id and thought signature; plain
+    for any wire that does not read them.
     """
 
     def test_round_trip(self) -> None:
-        from openclaw.dataplane.callids import carried, new_call_id, plain
-
         for gemini_id, signature in (("fc-1", "c2ln+/="), (None, "sig"), ("fc-2", None)):
             call_id = new_call_id(gemini_id, signature)
             self.assertRegex(call_id, r"^call_[0-9a-f]{24}_gs1_[A-Za-z0-9_-]+$")
@@ -453,19 +455,41 @@ class CallIdTests(SynchronousTestCase):
         self.assertEqual(len({new_call_id("same", "same") for _ in range(1000)}), 1000)
 
     def test_defensive_decoding(self) -> None:
-        from openclaw.dataplane.callids import carried, plain
-
         for call_id in ("call_1", "get_weather:0", "x_gs1_", "x_gs1_!!!", "x_gs1_e30", "x_gs1_WzEsMiwzXQ", "_gs1_abc"):
             self.assertEqual(carried(call_id), (None, None), call_id)
         self.assertEqual(plain("get_weather:0"), "get_weather:0")
         self.assertEqual(plain("_gs1_abc"), "_gs1_abc")
 
     def test_bounded(self) -> None:
-        from openclaw.dataplane.callids import MAX_PAYLOAD, carried, new_call_id
-
         call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))
         self.assertLess(len(call_id), 100)
         self.assertEqual(carried(call_id), ("fc-1", None))
+        # A Gemini id too long to carry, with or without a signature.
+        for signature in ("sig-A", None):
+            call_id = new_call_id("f" * (MAX_PAYLOAD * 2), signature)
+            self.assertRegex(call_id, r"^call_[0-9a-f]{24}$")
+
+    def test_plain_for_other_wires(self) -> None:
+        """
+        The ids of a Gemini tool loop go back to Gemini as they came, and
+        plain to a wire that does not read carried ids.
+        """
+        call_id = new_call_id("fc-1", "sig-A")
+        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": "ok"},
+        ]
+        chat = parse_chat_request(orjson.dumps({"messages": messages}))
+        self.assertTrue(chat.carried_ids)
+        sent = orjson.loads(encode_request(OpenAIWire(), chat, "kimi-k2"))["messages"]
+        self.assertEqual(sent[1]["tool_calls"][0]["id"], plain(call_id))
+        self.assertEqual(sent[2]["tool_call_id"], plain(call_id))
+        self.assertEqual(chat.body["messages"], messages)
+        contents = orjson.loads(encode_request(GeminiWire(), chat, "gemini-2.5-pro"))["contents"]
+        self.assertEqual(contents[1]["parts"][0]["thoughtSignature"], "sig-A")
+        self.assertEqual(contents[1]["parts"][0]["functionCall"]["id"], "fc-1")
 
 
 class ToolTranslationTests(SynchronousTestCase):

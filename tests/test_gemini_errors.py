@@ -14,6 +14,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.dataplane.errors import upstream_refused
+from openclaw.dataplane.sse import Event
 from openclaw.providers import GeminiAdapter, KimiAdapter
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify
 from openclaw.providers.event_errors import UNKNOWN_ERROR_STATUS, error_event_status
@@ -24,6 +25,7 @@ from openclaw.providers.gemini.errors import (
     google_retry_delay,
 )
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
+from openclaw.providers.openai_compatible import OpenAIStream
 from tests.support import bare_adapter
 from tests.test_provider_refusals import FAILED_PRECONDITION
 
@@ -134,3 +136,13 @@ class EventStatusTests(SynchronousTestCase):
         self.assertEqual(error_event_status(typed, GeminiAdapter.error_statuses), 503)
         self.assertEqual(error_event_status(typed), 503)
         self.assertIsNone(error_event_status(b'{"candidates": []}', GeminiAdapter.error_statuses))
+
+    def test_null_error(self) -> None:
+        """
+        An event whose C{error} is null reports no error: the status check
+        on a stream's first event reads it as the stream's own reader does
+        (it is passed on, not refused as a 500).
+        """
+        event = b'{"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}], "error": null}'
+        self.assertIsNone(error_event_status(event))
+        self.assertEqual(OpenAIStream().payloads(Event(b"", event)), [event])

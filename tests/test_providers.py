@@ -394,6 +394,38 @@ class TimeLimitTests(ProviderTestCase):
         self.assertFailedEntry(result["providers"]["kimi"], "cancelled")
 
     @inlineCallbacks
+    def close_quietly(self, wait: bool) -> Any:
+        """
+        Close the registry with a probe and a key check of Kimi's under
+        way; the log events the close and their ends emit.
+        """
+        self.upstream.kimi.mode = "hang"
+        registry = self.registry()
+        checking = registry.health_check("kimi", "moonshot-v1-8k")
+        registry.get("kimi").check_key(KIMI_KEY)
+        if wait:
+            yield deferLater(reactor, 0.05, lambda: None)
+            self.assertEqual(self.upstream.kimi.requests, 2)
+        with capturedLogs() as events:
+            yield registry.close()
+            result = yield checking
+        self.assertFailedEntry(result["providers"]["kimi"], "cancelled")
+        return [formatEvent(event) for event in events]
+
+    @inlineCallbacks
+    def test_close_logs_no_failure(self) -> Any:
+        """
+        A stop is no news about a provider: the probes and key checks it
+        cancels, waiting for their answers or still connecting, are
+        logged neither as failed nor as checked.
+        """
+        for wait in (True, False):
+            logged = yield self.close_quietly(wait)
+            self.assertEqual(
+                [line for line in logged if "probe failed" in line or "checked after a 403" in line], [], wait
+            )
+
+    @inlineCallbacks
     def test_delay_within_limit(self) -> Any:
         self.upstream.kimi.delay = 0.05
         self.upstream.gemini.delay = 0.05

@@ -94,7 +94,9 @@ ANSWER_TOO_DEEP = (
 
 def encode_request(wire: Wire, chat: ChatRequest, model: str) -> bytes:
     """
-    The upstream body of C{chat} for C{model} in C{wire}'s format.
+    The upstream body of C{chat} for C{model} in C{wire}'s format; with
+    every tool call id plain when some id carries a payload and the wire
+    does not read carried ids (L{openclaw.dataplane.callids}).
 
     Nothing walks the body to measure its depth beforehand: orjson's own
     refusal (L{too_deep}) is turned into the client's error.
@@ -102,6 +104,8 @@ def encode_request(wire: Wire, chat: ChatRequest, model: str) -> bytes:
     @raise APIError: 400 C{json_too_deep} when the request nests more than
         L{MAX_JSON_DEPTH} levels; any 4xx the wire raises.
     """
+    if chat.carried_ids and not wire.reads_carried_ids:
+        chat = chat.plain_ids()
     try:
         return wire.request_body(chat, model)
     except orjson.JSONEncodeError as e:

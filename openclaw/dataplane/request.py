@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from types import MappingProxyType
 from typing import Any
@@ -26,7 +26,7 @@ import attrs
 import orjson
 from twisted.web.http_headers import Headers
 
-from openclaw.dataplane.callids import MARK
+from openclaw.dataplane.callids import MARK, plain_message
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable_model
 
@@ -147,13 +147,23 @@ class ChatRequest:
     stream: bool
     #: C{stream_options.include_usage}: end the stream with a usage chunk.
     include_usage: bool
-    #: Some tool call id carries a Gemini id or signature
-    #: (L{openclaw.dataplane.callids}): other providers get it plain.
+    #: Some tool call id carries a payload (L{openclaw.dataplane.callids}):
+    #: a provider whose wire does not read them gets it plain.
     carried_ids: bool = False
 
     @property
     def model(self) -> Any:
         return self.body.get("model")
+
+    def plain_ids(self) -> ChatRequest:
+        """
+        This request with every tool call id plain
+        (L{openclaw.dataplane.callids.plain}).
+        """
+        if not self.carried_ids:
+            return self
+        messages = [plain_message(message) for message in self.body["messages"]]
+        return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
 
 
 def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
@@ -331,22 +341,24 @@ def _reasoning_effort(name: str, value: Any) -> None:
 #: The checks of the optional fields, by name: C{check(name, value)}
 #: raises L{APIError} (400 naming the field) for a value OpenAI's API
 #: would refuse; null is accepted as "not set".
-_FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
-    "temperature": _number(0.0, 2.0),
-    "top_p": _number(0.0, 1.0),
-    "presence_penalty": _number(-2.0, 2.0),
-    "frequency_penalty": _number(-2.0, 2.0),
-    "max_tokens": _count,
-    "max_completion_tokens": _count,
-    "n": _count,
-    "stop": lambda name, value: _check_stop(value),
-    "parallel_tool_calls": _bool,
-    "logprobs": _bool,
-    "top_logprobs": _top_logprobs,
-    "seed": _seed,
-    "reasoning_effort": _reasoning_effort,
-    "response_format": lambda name, value: _check_response_format(value),
-}
+_FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
+    {
+        "temperature": _number(0.0, 2.0),
+        "top_p": _number(0.0, 1.0),
+        "presence_penalty": _number(-2.0, 2.0),
+        "frequency_penalty": _number(-2.0, 2.0),
+        "max_tokens": _count,
+        "max_completion_tokens": _count,
+        "n": _count,
+        "stop": lambda name, value: _check_stop(value),
+        "parallel_tool_calls": _bool,
+        "logprobs": _bool,
+        "top_logprobs": _top_logprobs,
+        "seed": _seed,
+        "reasoning_effort": _reasoning_effort,
+        "response_format": lambda name, value: _check_response_format(value),
+    }
+)
 
 
 def _legacy_functions(body: dict[str, Any]) -> bool:

@@ -56,6 +56,7 @@ from openclaw.providers.errors import (
     RefusalKind,
     Scrubber,
     UpstreamHTTPError,
+    cancelled,
     classify,
     clip,
     describe_failure,
@@ -541,6 +542,9 @@ class ProviderAdapter(abc.ABC):
             return
 
         def done(result: ProbeResult) -> ProbeResult:
+            if self._key_checks.get(key) is not check:
+                # Forgotten: cancelled by a stop (cancel_key_checks), no news.
+                return result
             del self._key_checks[key]
             self._log.info(
                 "{provider} key {key} checked after a 403: {outcome}",
@@ -572,9 +576,11 @@ class ProviderAdapter(abc.ABC):
     def cancel_key_checks(self) -> None:
         """
         Cancel the key checks under way (the service is stopping): their
-        connections are dropped.
+        connections are dropped, and their ends are not logged.
         """
-        for check in list(self._key_checks.values()):
+        checks = list(self._key_checks.values())
+        self._key_checks.clear()
+        for check in checks:
             check.cancel()
 
     @property
@@ -773,13 +779,15 @@ class ProviderAdapter(abc.ABC):
             # or denied the models listing, which names no model: a 403
             # here is about the key.
             self.keys.set_aside(exchange.key)
-        self._log.warn(
-            "{provider} health probe failed: {error}",
-            provider=self.id,
-            error=error,
-            status=exchange.status,
-            key=None if exchange.key is None else fingerprint(exchange.key),
-        )
+        if not cancelled(reason):
+            # Cancelled is the gateway's own doing (a stop): no news of the provider.
+            self._log.warn(
+                "{provider} health probe failed: {error}",
+                provider=self.id,
+                error=error,
+                status=exchange.status,
+                key=None if exchange.key is None else fingerprint(exchange.key),
+            )
         latency_ms = None if exchange.status is None else self._elapsed_ms(exchange)
         return ProbeResult(ok=False, latency_ms=latency_ms, status=exchange.status, error=error)
 

@@ -167,7 +167,7 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
         return describe_failure(inner, host, port, base_url_variable)
     if isinstance(value, ProviderError):
         return str(value)
-    if isinstance(value, CancelledError):
+    if cancelled(reason):
         return f"request to {where} cancelled (the gateway is stopping)"
     if isinstance(value, neterror.ConnectionRefusedError):
         return f"connection refused by {where}; is {base_url_variable} right and the service up?"
@@ -184,6 +184,20 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
+
+
+def cancelled(reason: Failure) -> bool:
+    """
+    Whether an exchange failed because the gateway cancelled it (a stop),
+    not because of anything the provider did: a L{CancelledError}, or
+    Twisted's L{ConnectingCancelledError <neterror.ConnectingCancelledError>}
+    (cancelled while connecting), as such or as the first reason Twisted's
+    web client wraps (L{describe_failure}).
+    """
+    value = reason.value
+    if isinstance(value, (ResponseNeverReceived, ResponseFailed)) and value.reasons:
+        return cancelled(value.reasons[0])
+    return isinstance(value, (CancelledError, neterror.ConnectingCancelledError))
 
 
 AnyStr = TypeVar("AnyStr", str, bytes)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-import orjson
+from openclaw.providers.wire import json_or_none, reported_error
 
 #: OpenAI-style C{error.type} values (Moonshot's error table, OpenAI's
 #: error codes guide) to their HTTP status.  An overloaded engine is the
@@ -56,29 +56,27 @@ NO_STATUSES: Mapping[str, int] = MappingProxyType({})
 def error_event_status(data: bytes, statuses: Mapping[str, int] = NO_STATUSES) -> int | None:
     """
     The HTTP status the event C{data} stands for when it is an error
-    (a JSON object with an C{error} member): C{error.code} when it is a
+    (a JSON object with an C{error} member that is not null:
+    L{reported_error <openclaw.providers.wire.reported_error>}): C{error.code} when it is a
     status (Gemini), else C{error.status} read by C{statuses} (the
     provider's own names for statuses, from its adapter's
     L{error_statuses <openclaw.providers.base.ProviderAdapter.error_statuses>}),
     else C{error.type} (L{OPENAI_TYPES}), else L{UNKNOWN_ERROR_STATUS}.
     None when the event is not an error.
     """
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
+    error = reported_error(json_or_none(data))
+    if error is None:
         return None
-    if not isinstance(document, dict) or "error" not in document:
-        return None
-    error = document["error"]
-    if not isinstance(error, dict):
+    if not isinstance(error.value, dict):
         return UNKNOWN_ERROR_STATUS
-    code = error.get("code")
+    fields = error.fields
+    code = fields.get("code")
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         return code
-    status = error.get("status")
+    status = fields.get("status")
     if isinstance(status, str) and status in statuses:
         return statuses[status]
-    kind = error.get("type")
+    kind = fields.get("type")
     if isinstance(kind, str) and kind in OPENAI_TYPES:
         return OPENAI_TYPES[kind]
     return UNKNOWN_ERROR_STATUS

@@ -16,11 +16,11 @@ then never goes back to the pool.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import attrs
+import orjson
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -33,6 +33,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from openclaw.providers.errors import BodyTooLarge, MalformedResponse
+from openclaw.providers.wire import json_or_none, reported_error
 
 #: A models listing is tens of kilobytes; anything near this is not one.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -193,8 +194,8 @@ async def get_json(
     if not 200 <= response.code < 300:
         return response.code, body
     try:
-        return response.code, json.loads(body)
-    except ValueError:  # covers JSONDecodeError and UnicodeDecodeError
+        return response.code, orjson.loads(body)
+    except orjson.JSONDecodeError:  # invalid UTF-8 included
         raise MalformedResponse(f"malformed JSON in {what} (HTTP {response.code})") from None
 
 
@@ -224,19 +225,16 @@ def upstream_message(body: bytes) -> str:
     C{{"error": {"message", "type"}}}, Google's C{{"error": {"code",
     "message", "status"}}}, else the raw text.
     """
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            kind = error.get("status") or error.get("type")
-            message: str = error["message"]
+    document = json_or_none(body)
+    error = reported_error(document)
+    if error is not None:
+        message = error.stated
+        if message is not None:
+            kind = error.fields.get("status") or error.fields.get("type")
             return f"{message} [{kind}]" if isinstance(kind, str) and kind else message
-        if isinstance(error, str):
-            return error
-        if isinstance(document.get("message"), str):
-            return str(document["message"])
+        if isinstance(error.value, str):
+            return error.value
+    if isinstance(document, dict) and isinstance(document.get("message"), str):
+        return str(document["message"])
     text = body.decode("utf-8", "replace").strip()
     return text or "(empty body)"

@@ -18,14 +18,21 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.callids import plain
 from openclaw.dataplane.request import ChatRequest
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
 from openclaw.providers.errors import MalformedResponse, clip
 from openclaw.providers.fetch import Exchange
-from openclaw.providers.wire import Completion, MalformedAnswer, StreamBroken, Wire, error_message, json_object
+from openclaw.providers.wire import (
+    Completion,
+    MalformedAnswer,
+    ReportedError,
+    StreamBroken,
+    Wire,
+    json_object,
+    reported_error,
+)
 
 
 @attrs.frozen
@@ -35,11 +42,10 @@ class OpenAIWire:
     substituted, and the answer passed back as it came, but for one
     normalisation: usage reported inside C{choices[0].usage} (as Moonshot
     does) is also given where OpenAI puts it, the top-level C{usage}.
-
-    Tool call ids that carry Gemini's id and signature
-    (L{openclaw.dataplane.callids}, from a Gemini answer before a
-    C{switch_provider}) are sent in their plain, short form.
     """
+
+    #: Ids are passed through as they came: none carries anything.
+    reads_carried_ids: ClassVar[bool] = False
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         body = {**chat.body, "model": model}
@@ -48,19 +54,17 @@ class OpenAIWire:
             # client did not (OpenAI's stream_options.include_usage); the
             # usage chunk is taken out on the way back (OpenAIStream).
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if chat.carried_ids:
-            body["messages"] = [_plain_ids(message) for message in body["messages"]]
         return orjson.dumps(body)
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):
-            said = error_message(document)
-            if said is not None:
+            error = reported_error(document)
+            if error is not None:
                 # A 200 carrying an error ("Your account is suspended"):
                 # the provider's own words, with its type and code.
-                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(document, said)}")
+                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(error)}")
             raise MalformedAnswer('the answer has no "choices" list')
         usage = document.get("usage")
         if usage is None:
@@ -73,27 +77,14 @@ class OpenAIWire:
         return OpenAIStream(include_usage=chat.include_usage)
 
 
-def _with_kind(document: dict[str, Any], message: str) -> str:
+def _with_kind(error: ReportedError) -> str:
     """
-    C{message} clipped, followed by the error's C{type} and C{code} when
+    The error's message clipped, followed by its C{type} and C{code} when
     it has them ("Your account is suspended [type=permission_denied_error]").
     """
-    error = document.get("error")
-    kinds = (
-        [f"{name}={error[name]}" for name in ("type", "code") if isinstance(error.get(name), (str, int))]
-        if isinstance(error, dict)
-        else []
-    )
-    return clip(message) + (f" [{', '.join(kinds)}]" if kinds else "")
-
-
-def _plain_ids(message: dict[str, Any]) -> dict[str, Any]:
-    if message["role"] == "tool":
-        return {**message, "tool_call_id": plain(message["tool_call_id"])}
-    calls = message.get("tool_calls") if message["role"] == "assistant" else None
-    if not calls:
-        return message
-    return {**message, "tool_calls": [{**call, "id": plain(call["id"])} for call in calls]}
+    fields = error.fields
+    kinds = [f"{name}={fields[name]}" for name in ("type", "code") if isinstance(fields.get(name), (str, int))]
+    return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
 
 
 def _choice_usage(choices: list[Any]) -> Any:
@@ -142,9 +133,9 @@ class OpenAIStream:
             raise StreamBroken("an event of the stream is not JSON") from None
         if not isinstance(document, dict):
             raise StreamBroken("an event of the stream is not a JSON object")
-        message = error_message(document)
-        if message is not None:
-            raise StreamBroken(message)
+        error = reported_error(document)
+        if error is not None:
+            raise StreamBroken(error.message)
         choices = document.get("choices")
         usage = document.get("usage")
         if isinstance(usage, dict):

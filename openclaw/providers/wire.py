@@ -109,6 +109,16 @@ class Wire(Protocol):
     One provider's chat format.
     """
 
+    @property
+    def reads_carried_ids(self) -> bool:
+        """
+        The format reads what tool call ids carry
+        (L{openclaw.dataplane.callids}: the payload its own answers put
+        there, Gemini's signatures).  False for any other: the request is
+        given to L{request_body} with every id plain, whichever provider's
+        payload it carried.
+        """
+
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The upstream request body for C{chat}, asking for C{model}.
@@ -157,27 +167,71 @@ def json_object(body: bytes) -> dict[str, Any]:
     return document
 
 
-def error_message(document: dict[str, Any]) -> str | None:
+def json_or_none(body: bytes) -> Any:
     """
-    The message of an C{{"error": ...}} document (OpenAI's shape, or a bare
-    value), None when it holds no error.
+    C{body} parsed as JSON (UTF-8), None when it is not JSON.
     """
-    error = document.get("error")
-    if error is None:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    return str(error)
+
+
+class ReportedError(NamedTuple):
+    """
+    The error an upstream document reports: its C{error} member, an object
+    (OpenAI's and Moonshot's C{{"message", "type", "code"}}, Google's
+    C{{"code", "message", "status", "details"}}) or a bare value (a string).
+    """
+
+    #: The C{error} member as it came; never None.
+    value: Any
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """
+        The error object's members; empty when the error is a bare value.
+        """
+        return self.value if isinstance(self.value, dict) else {}
+
+    @property
+    def stated(self) -> str | None:
+        """
+        C{error.message} when the error is an object with a string message.
+        """
+        message = self.fields.get("message")
+        return message if isinstance(message, str) else None
+
+    @property
+    def message(self) -> str:
+        """
+        C{error.message} (L{stated}), else the bare error value as text.
+        """
+        stated = self.stated
+        return str(self.value) if stated is None else stated
+
+
+def reported_error(document: Any) -> ReportedError | None:
+    """
+    The error C{document} reports: the C{error} member of a JSON object,
+    when it has one that is not null.  None for anything else (an answer, a
+    value that is not an object).  Every provider's error body, and every
+    error event of a stream, is read through this.
+    """
+    error = document.get("error") if isinstance(document, dict) else None
+    return None if error is None else ReportedError(error)
 
 
 __all__ = [
     "Completion",
     "MalformedAnswer",
     "ModelFailed",
+    "ReportedError",
     "StreamBroken",
     "StreamTranslation",
     "Wire",
     "completion_id",
-    "error_message",
     "json_object",
+    "json_or_none",
+    "reported_error",
 ]

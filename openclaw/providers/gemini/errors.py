@@ -14,11 +14,12 @@ reader here is defensive: any other body reads as saying nothing.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
+
+from openclaw.providers.wire import json_or_none, reported_error
 
 #: Google's reason (C{google.rpc.ErrorInfo.reason}) for a key the API refuses.
 GOOGLE_KEY_INVALID = "API_KEY_INVALID"
@@ -74,8 +75,7 @@ def google_error_status(body: bytes) -> str | None:
     The C{error.status} of a Google error answer (its canonical code's
     name, C{"FAILED_PRECONDITION"}); None for any other body.
     """
-    error = _error_object(body)
-    status = error.get("status") if error is not None else None
+    status = _error_fields(body).get("status")
     return status if isinstance(status, str) else None
 
 
@@ -93,18 +93,13 @@ def google_retry_delay(body: bytes) -> float | None:
     return None
 
 
-def _error_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, dict) else None
+def _error_fields(body: bytes) -> dict[str, Any]:
+    error = reported_error(json_or_none(body))
+    return {} if error is None else error.fields
 
 
 def _error_details(body: bytes) -> list[dict[str, Any]]:
-    error = _error_object(body)
-    details = error.get("details") if error is not None else None
+    details = _error_fields(body).get("details")
     if not isinstance(details, list):
         return []
     return [detail for detail in details if isinstance(detail, dict)]

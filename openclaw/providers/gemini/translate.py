@@ -16,7 +16,7 @@ C{reasoning_effort} go to C{generationConfig}.
 
 Answers: C{candidates} become C{choices} (C{functionCall} parts become
 C{tool_calls} whose ids carry Gemini's call id and thought signature, see
-L{openclaw.dataplane.callids}; thought summaries become
+L{openclaw.providers.gemini.callids}; thought summaries become
 C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
 failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, C{usageMetadata}
 becomes C{usage}; Gemini's C{modelVersion} (the model that really answered)
@@ -28,18 +28,18 @@ from __future__ import annotations
 import mimetypes
 import re
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import attrs
 import orjson
 from twisted.logger import Logger
 
-from openclaw.dataplane.callids import carried, new_call_id
 from openclaw.dataplane.errors import bad_request
 from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
+from openclaw.providers.gemini.callids import carried, new_call_id
 from openclaw.providers.wire import (
     Completion,
     MalformedAnswer,
@@ -47,6 +47,7 @@ from openclaw.providers.wire import (
     StreamBroken,
     completion_id,
     json_object,
+    reported_error,
 )
 
 _log = Logger(namespace="openclaw.providers.gemini")
@@ -920,10 +921,9 @@ class GeminiStream:
         """
         if not isinstance(document, dict):
             raise GeminiStreamError("an event of the stream is not a JSON object")
-        error = document.get("error")
+        error = reported_error(document)
         if error is not None:
-            message = error.get("message") if isinstance(error, dict) else None
-            raise GeminiStreamError(str(message or error))
+            raise GeminiStreamError(error.message)
         reported = usage(document.get("usageMetadata"))
         if reported is not None:
             self._usage = reported
@@ -1009,6 +1009,10 @@ class GeminiWire:
     Google's Generative Language API: requests translated by L{to_gemini},
     answers by L{from_gemini}, streams by L{GeminiStream}.
     """
+
+    #: Tool call ids carry Gemini's call ids and signatures
+    #: (L{openclaw.providers.gemini.callids}), read back by L{to_gemini}.
+    reads_carried_ids: ClassVar[bool] = True
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model))

@@ -1,0 +1,68 @@
+"""
+What Gemini's tool call ids carry (the payload of
+L{openclaw.dataplane.callids}'s envelope): Gemini's own function-call id
+and the part's C{thoughtSignature}.
+
+Gemini 3 refuses the next turn of a tool loop unless each signed
+C{functionCall} part comes back with its signature
+(U{https://ai.google.dev/gemini-api/docs/thought-signatures}).  The
+payload is the URL-safe base64 (unpadded) of the JSON array
+C{[gemini_id, signature]}.
+
+Decoding is defensive: an id that does not parse exactly is just an id
+(another gateway's, Kimi's, a hand-written one), never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import orjson
+
+from openclaw.dataplane import callids
+
+#: The longest payload carried (encoded characters); a signature that would
+#: make a longer id is not carried (nor a Gemini id that would), and the call comes back to Gemini with
+#: Google's placeholder instead
+#: (L{SKIP_SIGNATURE <openclaw.providers.gemini.translate.SKIP_SIGNATURE>}:
+#: the turn is still accepted, with less context).
+MAX_PAYLOAD = 16384
+
+
+def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> str:
+    """
+    A fresh tool call id, carrying C{gemini_id} and C{signature} when given.
+    """
+    if gemini_id is None and signature is None:
+        return callids.new_call_id()
+    payload = base64.urlsafe_b64encode(orjson.dumps([gemini_id, signature])).rstrip(b"=").decode("ascii")
+    if len(payload) > MAX_PAYLOAD:
+        # Without the signature, when it was what made it too long; with
+        # nothing, when the id alone is.
+        return callids.new_call_id() if gemini_id is None or signature is None else new_call_id(gemini_id)
+    return callids.new_call_id(payload)
+
+
+def carried(call_id: str) -> tuple[str | None, str | None]:
+    """
+    C{(gemini_id, signature)} carried by C{call_id}; C{(None, None)} for an
+    id that carries nothing (or not in this format).
+    """
+    payload = callids.payload(call_id)
+    if payload is None:
+        return None, None
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (binascii.Error, ValueError):
+        return None, None
+    if not (isinstance(decoded, list) and len(decoded) == 2):
+        return None, None
+    gemini_id, signature = decoded
+    return (
+        gemini_id if isinstance(gemini_id, str) else None,
+        signature if isinstance(signature, str) else None,
+    )
+
+
+__all__ = ["MAX_PAYLOAD", "carried", "new_call_id"]
