@@ -24,7 +24,6 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 import openclaw
-from openclaw.connections import OpenConnections
 from openclaw.dataplane.site import APIConnection, APIRequest, APISite
 from tests.support import exchange
 
@@ -146,30 +145,6 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         clock.advance(site.timeOut + 1)
         self.assertTrue(transport.disconnecting)
-
-
-class OpenConnectionsTests(SynchronousTestCase):
-    def test_fires_when_last_goes(self) -> None:
-        connections: OpenConnections[str] = OpenConnections()
-        self.assertIsNone(self.successResultOf(connections.all_closed()))
-        connections.add("a")
-        connections.add("b")
-        first, second = connections.all_closed(), connections.all_closed()
-        connections.discard("a")
-        self.assertNoResult(first)
-        self.assertEqual((len(connections), list(connections), "b" in connections), (1, ["b"], True))
-        connections.discard("b")
-        self.assertIsNone(self.successResultOf(first))
-        self.assertIsNone(self.successResultOf(second))
-
-    def test_cancelled_wait(self) -> None:
-        connections: OpenConnections[str] = OpenConnections()
-        connections.add("a")
-        waiting = connections.all_closed()
-        waiting.cancel()
-        self.failureResultOf(waiting)
-        connections.discard("a")  # firing a cancelled wait is harmless
-        self.assertEqual(len(connections), 0)
 
 
 class KeepAliveTests(_Served):
