@@ -20,11 +20,17 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 import openclaw
-from openclaw.dataplane.site import APIConnection, APIRequest, APISite
+from openclaw.dataplane.site import (
+    CLOSE_DEADLINE_SECONDS,
+    KEYLESS_GRACE_SECONDS,
+    APIConnection,
+    APIRequest,
+    APISite,
+)
 from tests.support import exchange
 
 
@@ -145,6 +151,66 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         clock.advance(site.timeOut + 1)
         self.assertTrue(transport.disconnecting)
+
+
+class _Held(Resource):
+    """
+    Answers nothing until the test finishes the request itself.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class _UnreadTransport(StringTransport):
+    """
+    A connection whose client takes nothing: closing it politely never
+    ends.  Like a TCP transport, it lets its producer be resumed while it
+    waits to close.
+    """
+
+    def resumeProducing(self) -> None:
+        self.producerState = "producing"
+
+
+class CloseDeadlineTests(SynchronousTestCase):
+    """
+    A connection closing politely is aborted after CLOSE_DEADLINE_SECONDS
+    if its client does not take what is left, whatever happens on it
+    meanwhile.
+    """
+
+    def test_answer_finished_while_closing(self) -> None:
+        """
+        An answer finished while the connection closes (here: the keyless
+        deadline passed while the request was answered) does not move the
+        abort out to API_HEADER_TIMEOUT_SECONDS.
+        """
+        clock = Clock()
+        resource = _Held()
+        site = APISite(resource, context=None, reactor=clock)
+        site.header_timeout = CLOSE_DEADLINE_SECONDS * 10
+        site.keyless_timeout = KEYLESS_GRACE_SECONDS * 2
+        connection = site.buildProtocol(None)
+        assert connection is not None
+        transport = _UnreadTransport()
+        connection.makeConnection(transport)
+        connection.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        [request] = resource.requests
+        clock.advance(KEYLESS_GRACE_SECONDS)  # counted keyless
+        clock.advance(site.keyless_timeout - KEYLESS_GRACE_SECONDS)
+        self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS", transport.value())
+        self.assertTrue(transport.disconnecting)
+        request.finish()
+        clock.advance(CLOSE_DEADLINE_SECONDS)
+        self.assertTrue(transport.disconnected)
 
 
 class KeepAliveTests(_Served):

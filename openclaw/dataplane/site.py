@@ -584,7 +584,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: The keyless timer is on the grace (then on the keyless deadline).
     _in_grace = False
     _keyless_deadline: IDelayedCall | None = None
+    #: The timer of the request's deadlines (L{_arm}).
     _deadline: IDelayedCall | None = None
+    #: The abort at the end of a polite close (L{close_politely}); once
+    #: set, no other deadline of the connection runs.
+    _close_deadline: IDelayedCall | None = None
     #: What the deadline in force is for, C{(seconds, setting, part)}; None:
     #: no deadline (the timer, if any, fires to no effect).
     _armed: tuple[float, str, str] | None = None
@@ -647,9 +651,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._disarm()
         self._sending = None
         self._stop_keyless_deadline()
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        for deadline in (self._deadline, self._close_deadline):
+            if deadline is not None and deadline.active():
+                deadline.cancel()
+        self._deadline = self._close_deadline = None
         try:
             self.protocol.connectionLost(reason)
         finally:
@@ -771,9 +776,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         """
         A deadline C{seconds} from now.  One timer per connection, moved
         (C{IDelayedCall.reset}) rather than cancelled and made again at
-        every step of every request.
+        every step of every request.  None over HTTP/2, nor once the
+        connection closes (L{close_politely}).
         """
-        if self._http2:
+        if self._http2 or self._close_deadline is not None:
             return
         self._armed = (seconds, setting, part)
         deadline = self._deadline
@@ -832,14 +838,16 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         does not read could hold a polite close open); no other deadline
         of the connection runs from now on.
         """
+        if self._close_deadline is not None:
+            return
         transport = self.tcp
         self._lose()
         self._disarm()
         self._stop_keyless_deadline()
-        pending = self._deadline
+        pending, self._deadline = self._deadline, None
         if pending is not None and pending.active():
             pending.cancel()
-        self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
+        self._close_deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
 
     def shutting_down(self) -> None:
         """
