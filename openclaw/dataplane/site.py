@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, cast
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -299,7 +300,7 @@ class APIRequest(Request):
         The site's limit (the site every twisted.web channel is given).
         """
         site: APISite = self.channel.site  # type: ignore[attr-defined]
-        return site.max_request_bytes
+        return site.limits.max_request_bytes
 
     @property
     def api_site(self) -> APISite:
@@ -326,7 +327,7 @@ class APIRequest(Request):
         if isinstance(self.channel, HTTPChannel):
             return None
         site = self.api_site
-        return StreamSendDeadline(site.reactor, site.send_timeout, self.channel, site.http2_answers)
+        return StreamSendDeadline(site.reactor, site.limits.send_timeout, self.channel, site.http2_answers)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """
@@ -619,12 +620,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def makeConnection(self, transport: ITransport) -> None:
         self.transport = transport
         self._site.opened(self)
-        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
         # One timer: the grace first, then (moved on) the keyless deadline.
         site = self._site
-        self._in_grace = site.keyless_grace < site.keyless_timeout
+        self._in_grace = site.limits.keyless_grace < site.limits.keyless_timeout
         self._keyless_deadline = site.reactor.callLater(
-            min(site.keyless_grace, site.keyless_timeout), self._keyless_due
+            min(site.limits.keyless_grace, site.limits.keyless_timeout), self._keyless_due
         )
         # No idle timer for HTTP/1.1: the deadlines above take its place.
         self.protocol.timeOut = None
@@ -700,11 +701,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self.count_keyless()
             if self.counted_keyless and self in site.connections:
                 self._keyless_deadline = site.reactor.callLater(
-                    site.keyless_timeout - site.keyless_grace, self._keyless_due
+                    site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
                 )
             return
         armed, self._armed = self._armed, None
-        seconds = self._site.keyless_timeout
+        seconds = self._site.limits.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
             # (its key may be in the part still to come), and logged as
@@ -732,7 +733,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._started = True
         self._disarm()
         if has_body:
-            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+            self._arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
 
     def body_received(self) -> None:
         """
@@ -754,7 +755,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._close_after_answer:
             self.close_politely()
             return
-        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
     def sending(self, answer: WholeAnswer) -> None:
         """
@@ -770,7 +771,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._lost:
             return
         self._sending = answer
-        self._arm(self._site.send_timeout, _SEND_TIMEOUT, "a part of the answer")
+        self._arm(self._site.limits.send_timeout, _SEND_TIMEOUT, "a part of the answer")
 
     def _arm(self, seconds: float, setting: str, part: str) -> None:
         """
@@ -881,28 +882,27 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             lose_connection(self.tcp)
 
 
-class APISite(Site):
+@attrs.frozen(kw_only=True)
+class APILimits:
     """
-    A L{Site} for the API.
-
-    @ivar connections: the open client connections (L{APIConnection}s).
+    The limits an L{APISite} keeps, read once from L{Settings}
+    (L{from_settings}).
     """
 
-    requestFactory = APIRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
-    max_request_bytes = 8 * 1024 * 1024
+    max_request_bytes: int
     #: Open connections at most, in all (C{API_MAX_CONNECTIONS}, within
     #: the L{descriptor_budget}) and from one client address
     #: (C{API_MAX_CONNECTIONS_PER_ADDRESS}).
-    max_connections = 4096
-    max_connections_per_address = 1024
+    max_connections: int
+    max_connections_per_address: int
     #: Seconds a request's head, and then its body, may take to arrive
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
-    header_timeout = 10.0
-    body_timeout = 30.0
+    header_timeout: float
+    body_timeout: float
     #: Seconds a client may take to take each part of a large answer
     #: (C{API_SEND_TIMEOUT_SECONDS}; L{APIConnection.sending}).
-    send_timeout = 60.0
+    send_timeout: float
     #: Keyless connections (that sent a request head without an accepted
     #: key, or none within C{keyless_grace} of opening) at most from one
     #: address (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it one that
@@ -912,12 +912,56 @@ class APISite(Site):
     #: they get to send a head with a key (C{API_KEYLESS_TIMEOUT_SECONDS}).
     #: A connection in its grace counts against C{max_connections} and
     #: its address's C{max_connections_per_address} only.
-    keyless_per_address = 256
-    keyless_timeout = 5.0
-    keyless_grace = KEYLESS_GRACE_SECONDS
+    keyless_per_address: int
+    keyless_timeout: float
+    keyless_grace: float = KEYLESS_GRACE_SECONDS
 
-    def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
+    @classmethod
+    def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
+        """
+        The limits C{settings} give, connections capped at C{descriptors}
+        too (the API's share of the process's file descriptors,
+        L{openclaw.listeners.DescriptorShares.api}; None: no cap but
+        C{API_MAX_CONNECTIONS}).  Unset, C{API_MAX_CONNECTIONS_PER_ADDRESS}
+        is a quarter of the connections, and
+        C{API_KEYLESS_CONNECTIONS_PER_ADDRESS} a sixteenth; neither is more
+        than the cap above it.
+        """
+        max_connections = settings.api_max_connections
+        if descriptors is not None:
+            max_connections = min(descriptors, max_connections)
+        per_address = settings.api_max_connections_per_address
+        if per_address is None:
+            per_address = max(1, max_connections // 4)
+        per_address = min(per_address, max_connections)
+        keyless = settings.api_keyless_connections_per_address
+        if keyless is None:
+            keyless = max(1, max_connections // 16)
+        return cls(
+            max_request_bytes=settings.max_request_bytes,
+            max_connections=max_connections,
+            max_connections_per_address=per_address,
+            header_timeout=settings.api_header_timeout_seconds,
+            body_timeout=settings.api_body_timeout_seconds,
+            send_timeout=settings.api_send_timeout_seconds,
+            keyless_per_address=min(keyless, per_address),
+            keyless_timeout=settings.api_keyless_timeout_seconds,
+        )
+
+
+class APISite(Site):
+    """
+    A L{Site} for the API.
+
+    @ivar limits: its limits (L{APILimits}).
+    @ivar connections: the open client connections (L{APIConnection}s).
+    """
+
+    requestFactory = APIRequest
+
+    def __init__(self, resource: Any, limits: APILimits, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
+        self.limits = limits
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
@@ -942,10 +986,10 @@ class APISite(Site):
         only, until it has had its chance to send a key (L{became_keyless}).
         """
         address = client_address(addr)
-        if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
+        if address is not None and self.per_address.get(address, 0) >= self.limits.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return None
-        if len(self.connections) >= self.max_connections:
+        if len(self.connections) >= self.limits.max_connections:
             if not self._keyless_order:
                 self._refused("api_max_connections")
                 return None
@@ -962,12 +1006,12 @@ class APISite(Site):
         make room.
         """
         address = connection.address
-        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
+        if address is not None and self.keyless.get(address, 0) >= self.limits.keyless_per_address:
             connection.counted_keyless = False
             connection.tcp.abortConnection()
             self._refused("api_keyless_connections_per_address")
             return
-        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
+        if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
             self._evict(next(iter(self._keyless_order)))
         self._count_keyless(connection, 1)
 
@@ -1101,31 +1145,19 @@ def build_site(
     """
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
-    site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
-    site.max_request_bytes = settings.max_request_bytes
     shares = descriptor_shares(settings, api=True)
     if max_connections is None:
         max_connections = shares.api
-    site.max_connections = min(max_connections, settings.api_max_connections)
-    if site.max_connections < settings.api_max_connections:
+    limits = APILimits.from_settings(settings, max_connections)
+    if limits.max_connections < settings.api_max_connections:
         context.log.warn(
             "API connections are capped at {cap}, below API_MAX_CONNECTIONS={configured}, so that the "
             "control plane keeps file descriptors however the API is flooded (RLIMIT_NOFILE is {limit}); "
             "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
-            cap=site.max_connections,
+            cap=limits.max_connections,
             configured=settings.api_max_connections,
             limit=shares.limit,
         )
-    per_address = settings.api_max_connections_per_address
-    if per_address is None:
-        per_address = max(1, site.max_connections // 4)
-    site.max_connections_per_address = min(per_address, site.max_connections)
-    keyless = settings.api_keyless_connections_per_address
-    if keyless is None:
-        keyless = max(1, site.max_connections // 16)
-    site.keyless_per_address = min(keyless, site.max_connections_per_address)
-    site.keyless_timeout = settings.api_keyless_timeout_seconds
-    site.header_timeout = settings.api_header_timeout_seconds
-    site.body_timeout = settings.api_body_timeout_seconds
-    site.send_timeout = settings.api_send_timeout_seconds
-    return site
+    # The API takes JSON only: twisted.web's form decoding (which parses the
+    # Content-Type of every POST with the email package) would be waste.
+    return APISite(build_resource(context), limits, context, reactor=reactor, parsePOSTFormSubmission=False)
