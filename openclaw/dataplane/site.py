@@ -47,7 +47,7 @@ from twisted.web.server import Request, Site
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
-from openclaw.dataplane.answer import StreamSendDeadline, WholeAnswer
+from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
 from openclaw.dataplane.context import APIContext, clipped
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
@@ -144,6 +144,15 @@ def lose_connection(transport: ITransport) -> None:
     transport.loseConnection()
 
 
+def http11_channel(request: Request) -> HTTPChannel | None:
+    """
+    The HTTP/1.1 connection C{request} came on (twisted.web's
+    L{HTTPChannel}), or None if it came as an HTTP/2 stream.
+    """
+    channel = request.channel
+    return channel if isinstance(channel, HTTPChannel) else None
+
+
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
@@ -155,9 +164,10 @@ class MetricsRequest(Request):
         if repeated_field(self, b"host"):
             super().gotLength(0)
             self._refused = True
-            if isinstance(self.channel, HTTPChannel):
+            channel = http11_channel(self)
+            if channel is not None:
                 self.requestHeaders.removeHeader(b"expect")
-                self._bad_request(self.channel, self._BODY)
+                self._bad_request(channel, self._BODY)
             return
         super().gotLength(length)
 
@@ -166,9 +176,10 @@ class MetricsRequest(Request):
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused and lacks_host(self, version) and isinstance(self.channel, HTTPChannel):
+        channel = http11_channel(self)
+        if not self._refused and lacks_host(self, version) and channel is not None:
             self._refused = True
-            self._bad_request(self.channel, self._NO_HOST)
+            self._bad_request(channel, self._NO_HOST)
         super().requestReceived(command, path, version)
 
     def _bad_request(self, channel: HTTPChannel, body: bytes) -> None:
@@ -190,7 +201,7 @@ class MetricsRequest(Request):
     def process(self) -> None:
         if not self._refused:
             super().process()
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream, now whole: answer it the usual way.
             self.setResponseCode(400)
             self.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -324,10 +335,12 @@ class APIRequest(Request):
         request's stream (C{API_SEND_TIMEOUT_SECONDS} per pause of its flow
         control); None over HTTP/1.1 (the connection keeps that deadline).
         """
-        if isinstance(self.channel, HTTPChannel):
+        if http11_channel(self) is not None:
             return None
         site = self.api_site
-        return StreamSendDeadline(site.reactor, site.limits.send_timeout, self.channel, site.http2_answers)
+        # An H2Stream (twisted.web types every request's channel HTTPChannel).
+        stream = cast(Stream, self.channel)
+        return StreamSendDeadline(site.reactor, site.limits.send_timeout, stream, site.http2_answers)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """
@@ -344,7 +357,7 @@ class APIRequest(Request):
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream: twisted.web calls this on reading its
             # content-length field, before the fields after it (an
             # Authorization among them).  Its head is checked once whole:
@@ -436,7 +449,7 @@ class APIRequest(Request):
         refusal = self._refusal
         if refusal is None:
             super().process()
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream, now whole: answer it the usual way.
             self._refused(refusal, self.method, self.path)
             body = refusal.body()
@@ -469,13 +482,14 @@ class APIRequest(Request):
         @param uri: the request's target, likewise.
         """
         self._refusal = refusal
-        if not isinstance(self.channel, HTTPChannel):
+        channel = http11_channel(self)
+        if channel is None:
             return  # answered in process(), once the stream is whole
         self._refused(refusal, command, uri)
         # No "100 Continue" after the refusal (twisted.web sends one on
         # Expect once gotLength returns).
         self.requestHeaders.removeHeader(b"expect")
-        transport = self.channel.transport
+        transport = channel.transport
         assert transport is not None
         transport.write(raw_error_response(refusal))
         connection = self._connection
