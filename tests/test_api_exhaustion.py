@@ -158,7 +158,7 @@ class ConnectionCapTests(TestCase):
         gateway = start_gateway(
             self, api=True, gateway_api_keys=(KEY,), api_max_connections=8, api_keyless_connections_per_address=2
         )
-        self.assertEqual(gateway.service.api_site.max_connections_per_address, 2)
+        self.assertEqual(gateway.service.api_site.limits.max_connections_per_address, 2)
         held = [
             socket.create_connection(("127.0.0.1", gateway.api_port), source_address=("127.0.0.2", 0)) for _ in range(2)
         ]

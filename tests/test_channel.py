@@ -20,13 +20,23 @@ from twisted.internet.testing import StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 import openclaw
-from openclaw.connections import OpenConnections
-from openclaw.dataplane.site import APIConnection, APIRequest, APISite
+from openclaw.dataplane.site import (
+    CLOSE_DEADLINE_SECONDS,
+    KEYLESS_GRACE_SECONDS,
+    APIConnection,
+    APILimits,
+    APIRequest,
+    APISite,
+)
+from openclaw.settings import Settings
 from tests.support import exchange
+
+#: The limits of a site built from the default settings.
+DEFAULT_LIMITS = APILimits.from_settings(Settings())
 
 
 def status_lines(answer: bytes) -> list[bytes]:
@@ -50,7 +60,7 @@ class _Served(TestCase):
                 test.seen.append((self.method, self.uri, self.content.read()))
                 test.answer(self)
 
-        self.site = APISite(Resource(), context=None)
+        self.site = APISite(Resource(), DEFAULT_LIMITS, context=None)
         self.site.requestFactory = Recording
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -80,7 +90,7 @@ class SiteProtocolTests(SynchronousTestCase):
         to HTTP/2 when TLS negotiates it), wrapped only to be recorded.
         """
         self.assertIs(APISite.protocol, Site.protocol)
-        connection = APISite(Resource(), context=None).buildProtocol(None)
+        connection = APISite(Resource(), DEFAULT_LIMITS, context=None).buildProtocol(None)
         self.assertIsInstance(connection, APIConnection)
         self.assertIs(type(connection.protocol), type(Site(Resource()).buildProtocol(None)))
 
@@ -121,8 +131,11 @@ class IdleTimeoutTests(SynchronousTestCase):
 
     def connect(self, transport: StringTransport) -> tuple[Clock, APISite, APIConnection]:
         clock = Clock()
-        site = APISite(Resource(), context=None, reactor=clock)
-        site.header_timeout = site.keyless_timeout = site.timeOut * 2
+        timeout = Site.timeOut * 2
+        limits = APILimits.from_settings(
+            Settings(api_header_timeout_seconds=timeout, api_keyless_timeout_seconds=timeout)
+        )
+        site = APISite(Resource(), limits, context=None, reactor=clock)
         connection = site.buildProtocol(None)
         assert connection is not None
         connection.makeConnection(transport)
@@ -134,7 +147,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         connection.dataReceived(b"GET / HT")
         clock.advance(site.timeOut + 1)
         self.assertFalse(transport.disconnecting)
-        clock.advance(site.header_timeout)
+        clock.advance(site.limits.header_timeout)
         self.assertTrue(transport.disconnecting)
         self.assertIn(b"API_HEADER_TIMEOUT_SECONDS", transport.value())
 
@@ -148,28 +161,68 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
-class OpenConnectionsTests(SynchronousTestCase):
-    def test_fires_when_last_goes(self) -> None:
-        connections: OpenConnections[str] = OpenConnections()
-        self.assertIsNone(self.successResultOf(connections.all_closed()))
-        connections.add("a")
-        connections.add("b")
-        first, second = connections.all_closed(), connections.all_closed()
-        connections.discard("a")
-        self.assertNoResult(first)
-        self.assertEqual((len(connections), list(connections), "b" in connections), (1, ["b"], True))
-        connections.discard("b")
-        self.assertIsNone(self.successResultOf(first))
-        self.assertIsNone(self.successResultOf(second))
+class _Held(Resource):
+    """
+    Answers nothing until the test finishes the request itself.
+    """
 
-    def test_cancelled_wait(self) -> None:
-        connections: OpenConnections[str] = OpenConnections()
-        connections.add("a")
-        waiting = connections.all_closed()
-        waiting.cancel()
-        self.failureResultOf(waiting)
-        connections.discard("a")  # firing a cancelled wait is harmless
-        self.assertEqual(len(connections), 0)
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> object:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class _UnreadTransport(StringTransport):
+    """
+    A connection whose client takes nothing: closing it politely never
+    ends.  Like a TCP transport, it lets its producer be resumed while it
+    waits to close.
+    """
+
+    def resumeProducing(self) -> None:
+        self.producerState = "producing"
+
+
+class CloseDeadlineTests(SynchronousTestCase):
+    """
+    A connection closing politely is aborted after CLOSE_DEADLINE_SECONDS
+    if its client does not take what is left, whatever happens on it
+    meanwhile.
+    """
+
+    def test_answer_finished_while_closing(self) -> None:
+        """
+        An answer finished while the connection closes (here: the keyless
+        deadline passed while the request was answered) does not move the
+        abort out to API_HEADER_TIMEOUT_SECONDS.
+        """
+        clock = Clock()
+        resource = _Held()
+        limits = APILimits.from_settings(
+            Settings(
+                api_header_timeout_seconds=CLOSE_DEADLINE_SECONDS * 10,
+                api_keyless_timeout_seconds=KEYLESS_GRACE_SECONDS * 2,
+            )
+        )
+        site = APISite(resource, limits, context=None, reactor=clock)
+        connection = site.buildProtocol(None)
+        assert connection is not None
+        transport = _UnreadTransport()
+        connection.makeConnection(transport)
+        connection.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n")
+        [request] = resource.requests
+        clock.advance(KEYLESS_GRACE_SECONDS)  # counted keyless
+        clock.advance(site.limits.keyless_timeout - KEYLESS_GRACE_SECONDS)
+        self.assertIn(b"API_KEYLESS_TIMEOUT_SECONDS", transport.value())
+        self.assertTrue(transport.disconnecting)
+        request.finish()
+        clock.advance(CLOSE_DEADLINE_SECONDS)
+        self.assertTrue(transport.disconnected)
 
 
 class KeepAliveTests(_Served):
@@ -293,3 +346,46 @@ class StopTests(_Served):
         yield self.site.close_connections()
         self.assertEqual(len(lost), 1)
         self.assertEqual(len(self.site.connections), 0)
+
+
+class APILimitsTests(SynchronousTestCase):
+    """
+    L{APILimits.from_settings}: the settings' values, the per-address caps
+    derived when unset, and every connection cap within the descriptors.
+    """
+
+    def test_from_settings(self) -> None:
+        settings = Settings(
+            max_request_bytes=1000,
+            api_max_connections=1600,
+            api_header_timeout_seconds=1.0,
+            api_body_timeout_seconds=2.0,
+            api_send_timeout_seconds=3.0,
+            api_keyless_timeout_seconds=4.0,
+        )
+        self.assertEqual(
+            APILimits.from_settings(settings),
+            APILimits(
+                max_request_bytes=1000,
+                max_connections=1600,
+                max_connections_per_address=400,
+                keyless_per_address=100,
+                header_timeout=1.0,
+                body_timeout=2.0,
+                send_timeout=3.0,
+                keyless_timeout=4.0,
+            ),
+        )
+        capped = APILimits.from_settings(settings, descriptors=160)
+        self.assertEqual(
+            (capped.max_connections, capped.max_connections_per_address, capped.keyless_per_address), (160, 40, 10)
+        )
+
+    def test_set_caps_within_the_caps_above(self) -> None:
+        settings = Settings(
+            api_max_connections=100, api_max_connections_per_address=500, api_keyless_connections_per_address=900
+        )
+        limits = APILimits.from_settings(settings, descriptors=50)
+        self.assertEqual(
+            (limits.max_connections, limits.max_connections_per_address, limits.keyless_per_address), (50, 50, 50)
+        )

@@ -74,7 +74,7 @@ class KeylessConnectionTests(TestCase):
         """
         gateway = self.gateway(api_max_connections=8)
         site = gateway.service.api_site
-        self.assertEqual((site.max_connections_per_address, site.keyless_per_address), (2, 1))
+        self.assertEqual((site.limits.max_connections_per_address, site.limits.keyless_per_address), (2, 1))
 
         def flood() -> list[socket.socket]:
             return [sock for n in range(2, 10) for sock in open_many(gateway.api_port, 2, f"127.0.0.{n}")]
@@ -221,7 +221,7 @@ class KeyHolderNewcomerTests(TestCase):
         self.addCleanup(gateway.service.api_site.close_connections)
         site = gateway.service.api_site
         # As at nofile 256 before the pool's share: half of 72 for keyless ones.
-        self.assertEqual((site.max_connections_per_address, site.keyless_per_address), (18, 4))
+        self.assertEqual((site.limits.max_connections_per_address, site.limits.keyless_per_address), (18, 4))
         return gateway
 
     @inlineCallbacks

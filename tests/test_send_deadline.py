@@ -28,7 +28,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.resource import Resource
 
 from openclaw.dataplane.answer import CLIENT_GONE, SEND_TIMEOUT, SHUTTING_DOWN, WholeAnswer, send_whole
-from openclaw.dataplane.site import APIRequest, APISite
+from openclaw.dataplane.site import APILimits, APIRequest, APISite
+from openclaw.settings import Settings
 from tests.support import RunningGateway, capture_log_events, exchange, start_gateway, start_upstream
 from tests.test_api_exhaustion import high_levels, raw
 
@@ -357,7 +358,7 @@ class SendWholeTests(TestCase):
                 sent = send_whole(self, b"%d" % (size % 10) * size)
                 test.sent.append((size, sent, bool(self.finished)))
 
-        self.site = APISite(Resource(), context=None)
+        self.site = APISite(Resource(), APILimits.from_settings(Settings()), context=None)
         self.site.requestFactory = Answering
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
@@ -397,9 +398,8 @@ class SendWholeTests(TestCase):
         would not fill the transport's buffer, and the answer would be
         finished with it still held.)
         """
-        self.site.header_timeout = 0.05
         # No key on this site's requests: not to be cut as a keyless one.
-        self.site.keyless_timeout = 60.0
+        self.site.limits = attrs.evolve(self.site.limits, header_timeout=0.05, keyless_timeout=60.0)
         # The kernel holds little: what is left of the answer is the
         # transport's.
         self.send_buffer = 4096
@@ -421,7 +421,7 @@ class SendWholeTests(TestCase):
         a write that never came, and been aborted (a reset) at that
         deadline, the answer's tail lost.
         """
-        self.site.keyless_timeout = 60.0
+        self.site.limits = attrs.evolve(self.site.limits, keyless_timeout=60.0)
         size = 3_000_000
         reader = SlowReader(self.port.getHost().port, b"GET /%d HTTP/1.1\r\nHost: gw\r\n\r\n" % size, 1_000_000)
         reading = deferToThread(reader.read)
@@ -479,10 +479,9 @@ class RefusalBehindAnswersTests(TestCase):
         self.events = capture_log_events(self)
         gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
         self.addCleanup(gateway.service.api_site.close_connections)
-        self.site = APISite(_Sized(), gateway.service.api_site.context, reactor=reactor)
-        self.site.body_timeout = 1.0
         # Not to be cut as a keyless connection meanwhile.
-        self.site.keyless_timeout = 60.0
+        limits = APILimits.from_settings(Settings(api_body_timeout_seconds=1.0, api_keyless_timeout_seconds=60.0))
+        self.site = APISite(_Sized(), limits, gateway.service.api_site.context, reactor=reactor)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.addCleanup(self.site.close_connections)
@@ -676,9 +675,9 @@ class Http2SendDeadlineTests(TestCase):
         directory = Path(self.mktemp()).resolve()
         directory.mkdir(parents=True)
         self.ca, keyfile, certfile = write_certificates(directory)
-        self.site = APISite(Resource(), context=None)
+        limits = APILimits.from_settings(Settings(api_send_timeout_seconds=0.5))
+        self.site = APISite(Resource(), limits, context=None)
         self.site.requestFactory = Answering
-        self.site.send_timeout = 0.5
         endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
         return endpoint.listen(self.site).addCallback(self._listening)
 
@@ -744,8 +743,7 @@ class Http2SendDeadlineTests(TestCase):
         frame; an answer the stop cuts is counted as the stop's (503
         C{shutting_down}), not as its client gone.
         """
-        self.site.keyless_timeout = 60.0
-        self.site.send_timeout = 30.0
+        self.site.limits = attrs.evolve(self.site.limits, keyless_timeout=60.0, send_timeout=30.0)
         port = self.port.getHost().port
         holding = deferToThread(h2_hold_until_closed, port, self.ca, 4 * WholeAnswer.bufferSize)
         idling = deferToThread(tls_idle_until_closed, port, self.ca)

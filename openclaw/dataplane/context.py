@@ -9,12 +9,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.web.server import Request
 
 from openclaw.addresses import host_of
+from openclaw.connections import Outstanding
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.metrics import CallCosts, RequestTally
@@ -83,8 +84,8 @@ class APIContext:
     #: Log each refused or failed request, at info level (off when
     #: LOG_LEVEL is warn or above).
     log_failures: bool = True
-    #: Calls waiting on a provider right now.
-    in_flight: int = 0
+    #: Calls waiting on a provider right now (L{in_flight} counts them).
+    calls: Outstanding = attrs.field(factory=Outstanding, repr=False)
     #: Set when the gateway stops: new calls are refused with 503.
     draining: bool = False
     #: FALLBACK: C{"off"} never fails calls over; C{"auto"} or a tuple of
@@ -97,7 +98,6 @@ class APIContext:
     #: model C{/v1/embeddings} uses when a request names none of its own.
     embedding_provider: str | None = None
     embedding_model: str = ""
-    _idle_waiters: list[Deferred[None]] = attrs.field(factory=list, repr=False)
     #: Chat calls under way, told when the grace period of a stop is over.
     chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
     #: API connections refused at once, by reason (the cap they hit).
@@ -109,15 +109,18 @@ class APIContext:
     #: not on the API's: the API's 404s say so.
     metrics_apart: bool = False
 
+    @property
+    def in_flight(self) -> int:
+        """
+        How many calls are waiting on a provider right now.
+        """
+        return len(self.calls)
+
     def call_started(self) -> None:
-        self.in_flight += 1
+        self.calls.add()
 
     def call_ended(self) -> None:
-        self.in_flight -= 1
-        if not self.in_flight:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+        self.calls.done()
 
     def shut_down_calls(self) -> None:
         """
@@ -130,15 +133,10 @@ class APIContext:
 
     def idle(self) -> Deferred[None]:
         """
-        Fires once no call is waiting on a provider.
+        Fires once no call is waiting on a provider: at once if none is.
+        Cancellable (a stop bounds the wait with C{addTimeout}).
         """
-        if not self.in_flight:
-            return succeed(None)
-        # Cancellable (a stop bounds the wait with addTimeout): a cancelled
-        # waiter leaves the list, so it is never fired twice.
-        d: Deferred[None] = Deferred(self._idle_waiters.remove)
-        self._idle_waiters.append(d)
-        return d
+        return self.calls.none_left()
 
     @classmethod
     def from_settings(

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, cast
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -46,7 +47,7 @@ from twisted.web.server import Request, Site
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
-from openclaw.dataplane.answer import StreamSendDeadline, WholeAnswer
+from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
 from openclaw.dataplane.context import APIContext, clipped
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
@@ -143,6 +144,15 @@ def lose_connection(transport: ITransport) -> None:
     transport.loseConnection()
 
 
+def http11_channel(request: Request) -> HTTPChannel | None:
+    """
+    The HTTP/1.1 connection C{request} came on (twisted.web's
+    L{HTTPChannel}), or None if it came as an HTTP/2 stream.
+    """
+    channel = request.channel
+    return channel if isinstance(channel, HTTPChannel) else None
+
+
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
@@ -154,9 +164,10 @@ class MetricsRequest(Request):
         if repeated_field(self, b"host"):
             super().gotLength(0)
             self._refused = True
-            if isinstance(self.channel, HTTPChannel):
+            channel = http11_channel(self)
+            if channel is not None:
                 self.requestHeaders.removeHeader(b"expect")
-                self._bad_request(self.channel, self._BODY)
+                self._bad_request(channel, self._BODY)
             return
         super().gotLength(length)
 
@@ -165,9 +176,10 @@ class MetricsRequest(Request):
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self._refused and lacks_host(self, version) and isinstance(self.channel, HTTPChannel):
+        channel = http11_channel(self)
+        if not self._refused and lacks_host(self, version) and channel is not None:
             self._refused = True
-            self._bad_request(self.channel, self._NO_HOST)
+            self._bad_request(channel, self._NO_HOST)
         super().requestReceived(command, path, version)
 
     def _bad_request(self, channel: HTTPChannel, body: bytes) -> None:
@@ -189,7 +201,7 @@ class MetricsRequest(Request):
     def process(self) -> None:
         if not self._refused:
             super().process()
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream, now whole: answer it the usual way.
             self.setResponseCode(400)
             self.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -299,7 +311,7 @@ class APIRequest(Request):
         The site's limit (the site every twisted.web channel is given).
         """
         site: APISite = self.channel.site  # type: ignore[attr-defined]
-        return site.max_request_bytes
+        return site.limits.max_request_bytes
 
     @property
     def api_site(self) -> APISite:
@@ -323,10 +335,12 @@ class APIRequest(Request):
         request's stream (C{API_SEND_TIMEOUT_SECONDS} per pause of its flow
         control); None over HTTP/1.1 (the connection keeps that deadline).
         """
-        if isinstance(self.channel, HTTPChannel):
+        if http11_channel(self) is not None:
             return None
         site = self.api_site
-        return StreamSendDeadline(site.reactor, site.send_timeout, self.channel, site.http2_answers)
+        # An H2Stream (twisted.web types every request's channel HTTPChannel).
+        stream = cast(Stream, self.channel)
+        return StreamSendDeadline(site.reactor, site.limits.send_timeout, stream, site.http2_answers)
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         """
@@ -343,7 +357,7 @@ class APIRequest(Request):
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body)
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream: twisted.web calls this on reading its
             # content-length field, before the fields after it (an
             # Authorization among them).  Its head is checked once whole:
@@ -435,7 +449,7 @@ class APIRequest(Request):
         refusal = self._refusal
         if refusal is None:
             super().process()
-        elif not isinstance(self.channel, HTTPChannel):
+        elif http11_channel(self) is None:
             # An HTTP/2 stream, now whole: answer it the usual way.
             self._refused(refusal, self.method, self.path)
             body = refusal.body()
@@ -468,13 +482,14 @@ class APIRequest(Request):
         @param uri: the request's target, likewise.
         """
         self._refusal = refusal
-        if not isinstance(self.channel, HTTPChannel):
+        channel = http11_channel(self)
+        if channel is None:
             return  # answered in process(), once the stream is whole
         self._refused(refusal, command, uri)
         # No "100 Continue" after the refusal (twisted.web sends one on
         # Expect once gotLength returns).
         self.requestHeaders.removeHeader(b"expect")
-        transport = self.channel.transport
+        transport = channel.transport
         assert transport is not None
         transport.write(raw_error_response(refusal))
         connection = self._connection
@@ -584,7 +599,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: The keyless timer is on the grace (then on the keyless deadline).
     _in_grace = False
     _keyless_deadline: IDelayedCall | None = None
+    #: The timer of the request's deadlines (L{_arm}).
     _deadline: IDelayedCall | None = None
+    #: The abort at the end of a polite close (L{close_politely}); once
+    #: set, no other deadline of the connection runs.
+    _close_deadline: IDelayedCall | None = None
     #: What the deadline in force is for, C{(seconds, setting, part)}; None:
     #: no deadline (the timer, if any, fires to no effect).
     _armed: tuple[float, str, str] | None = None
@@ -615,12 +634,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     def makeConnection(self, transport: ITransport) -> None:
         self.transport = transport
         self._site.opened(self)
-        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
         # One timer: the grace first, then (moved on) the keyless deadline.
         site = self._site
-        self._in_grace = site.keyless_grace < site.keyless_timeout
+        self._in_grace = site.limits.keyless_grace < site.limits.keyless_timeout
         self._keyless_deadline = site.reactor.callLater(
-            min(site.keyless_grace, site.keyless_timeout), self._keyless_due
+            min(site.limits.keyless_grace, site.limits.keyless_timeout), self._keyless_due
         )
         # No idle timer for HTTP/1.1: the deadlines above take its place.
         self.protocol.timeOut = None
@@ -647,9 +666,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._disarm()
         self._sending = None
         self._stop_keyless_deadline()
-        deadline, self._deadline = self._deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        for deadline in (self._deadline, self._close_deadline):
+            if deadline is not None and deadline.active():
+                deadline.cancel()
+        self._deadline = self._close_deadline = None
         try:
             self.protocol.connectionLost(reason)
         finally:
@@ -695,11 +715,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self.count_keyless()
             if self.counted_keyless and self in site.connections:
                 self._keyless_deadline = site.reactor.callLater(
-                    site.keyless_timeout - site.keyless_grace, self._keyless_due
+                    site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
                 )
             return
         armed, self._armed = self._armed, None
-        seconds = self._site.keyless_timeout
+        seconds = self._site.limits.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
             # (its key may be in the part still to come), and logged as
@@ -727,7 +747,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._started = True
         self._disarm()
         if has_body:
-            self._arm(self._site.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+            self._arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
 
     def body_received(self) -> None:
         """
@@ -749,7 +769,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._close_after_answer:
             self.close_politely()
             return
-        self._arm(self._site.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
     def sending(self, answer: WholeAnswer) -> None:
         """
@@ -765,15 +785,16 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._lost:
             return
         self._sending = answer
-        self._arm(self._site.send_timeout, _SEND_TIMEOUT, "a part of the answer")
+        self._arm(self._site.limits.send_timeout, _SEND_TIMEOUT, "a part of the answer")
 
     def _arm(self, seconds: float, setting: str, part: str) -> None:
         """
         A deadline C{seconds} from now.  One timer per connection, moved
         (C{IDelayedCall.reset}) rather than cancelled and made again at
-        every step of every request.
+        every step of every request.  None over HTTP/2, nor once the
+        connection closes (L{close_politely}).
         """
-        if self._http2:
+        if self._http2 or self._close_deadline is not None:
             return
         self._armed = (seconds, setting, part)
         deadline = self._deadline
@@ -832,14 +853,16 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         does not read could hold a polite close open); no other deadline
         of the connection runs from now on.
         """
+        if self._close_deadline is not None:
+            return
         transport = self.tcp
         self._lose()
         self._disarm()
         self._stop_keyless_deadline()
-        pending = self._deadline
+        pending, self._deadline = self._deadline, None
         if pending is not None and pending.active():
             pending.cancel()
-        self._deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
+        self._close_deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
 
     def shutting_down(self) -> None:
         """
@@ -873,28 +896,27 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             lose_connection(self.tcp)
 
 
-class APISite(Site):
+@attrs.frozen(kw_only=True)
+class APILimits:
     """
-    A L{Site} for the API.
-
-    @ivar connections: the open client connections (L{APIConnection}s).
+    The limits an L{APISite} keeps, read once from L{Settings}
+    (L{from_settings}).
     """
 
-    requestFactory = APIRequest
     #: The largest request body accepted (C{MAX_REQUEST_BYTES}).
-    max_request_bytes = 8 * 1024 * 1024
+    max_request_bytes: int
     #: Open connections at most, in all (C{API_MAX_CONNECTIONS}, within
     #: the L{descriptor_budget}) and from one client address
     #: (C{API_MAX_CONNECTIONS_PER_ADDRESS}).
-    max_connections = 4096
-    max_connections_per_address = 1024
+    max_connections: int
+    max_connections_per_address: int
     #: Seconds a request's head, and then its body, may take to arrive
     #: (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}).
-    header_timeout = 10.0
-    body_timeout = 30.0
+    header_timeout: float
+    body_timeout: float
     #: Seconds a client may take to take each part of a large answer
     #: (C{API_SEND_TIMEOUT_SECONDS}; L{APIConnection.sending}).
-    send_timeout = 60.0
+    send_timeout: float
     #: Keyless connections (that sent a request head without an accepted
     #: key, or none within C{keyless_grace} of opening) at most from one
     #: address (C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; past it one that
@@ -904,12 +926,56 @@ class APISite(Site):
     #: they get to send a head with a key (C{API_KEYLESS_TIMEOUT_SECONDS}).
     #: A connection in its grace counts against C{max_connections} and
     #: its address's C{max_connections_per_address} only.
-    keyless_per_address = 256
-    keyless_timeout = 5.0
-    keyless_grace = KEYLESS_GRACE_SECONDS
+    keyless_per_address: int
+    keyless_timeout: float
+    keyless_grace: float = KEYLESS_GRACE_SECONDS
 
-    def __init__(self, resource: Any, context: APIContext, **kwargs: Any) -> None:
+    @classmethod
+    def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
+        """
+        The limits C{settings} give, connections capped at C{descriptors}
+        too (the API's share of the process's file descriptors,
+        L{openclaw.listeners.DescriptorShares.api}; None: no cap but
+        C{API_MAX_CONNECTIONS}).  Unset, C{API_MAX_CONNECTIONS_PER_ADDRESS}
+        is a quarter of the connections, and
+        C{API_KEYLESS_CONNECTIONS_PER_ADDRESS} a sixteenth; neither is more
+        than the cap above it.
+        """
+        max_connections = settings.api_max_connections
+        if descriptors is not None:
+            max_connections = min(descriptors, max_connections)
+        per_address = settings.api_max_connections_per_address
+        if per_address is None:
+            per_address = max(1, max_connections // 4)
+        per_address = min(per_address, max_connections)
+        keyless = settings.api_keyless_connections_per_address
+        if keyless is None:
+            keyless = max(1, max_connections // 16)
+        return cls(
+            max_request_bytes=settings.max_request_bytes,
+            max_connections=max_connections,
+            max_connections_per_address=per_address,
+            header_timeout=settings.api_header_timeout_seconds,
+            body_timeout=settings.api_body_timeout_seconds,
+            send_timeout=settings.api_send_timeout_seconds,
+            keyless_per_address=min(keyless, per_address),
+            keyless_timeout=settings.api_keyless_timeout_seconds,
+        )
+
+
+class APISite(Site):
+    """
+    A L{Site} for the API.
+
+    @ivar limits: its limits (L{APILimits}).
+    @ivar connections: the open client connections (L{APIConnection}s).
+    """
+
+    requestFactory = APIRequest
+
+    def __init__(self, resource: Any, limits: APILimits, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
+        self.limits = limits
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
@@ -934,10 +1000,10 @@ class APISite(Site):
         only, until it has had its chance to send a key (L{became_keyless}).
         """
         address = client_address(addr)
-        if address is not None and self.per_address.get(address, 0) >= self.max_connections_per_address:
+        if address is not None and self.per_address.get(address, 0) >= self.limits.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return None
-        if len(self.connections) >= self.max_connections:
+        if len(self.connections) >= self.limits.max_connections:
             if not self._keyless_order:
                 self._refused("api_max_connections")
                 return None
@@ -954,12 +1020,12 @@ class APISite(Site):
         make room.
         """
         address = connection.address
-        if address is not None and self.keyless.get(address, 0) >= self.keyless_per_address:
+        if address is not None and self.keyless.get(address, 0) >= self.limits.keyless_per_address:
             connection.counted_keyless = False
             connection.tcp.abortConnection()
             self._refused("api_keyless_connections_per_address")
             return
-        if self.keyless_total >= max(self.keyless_per_address, self.max_connections // 2):
+        if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
             self._evict(next(iter(self._keyless_order)))
         self._count_keyless(connection, 1)
 
@@ -1093,31 +1159,19 @@ def build_site(
     """
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
-    site = APISite(build_resource(context), context, reactor=reactor, parsePOSTFormSubmission=False)
-    site.max_request_bytes = settings.max_request_bytes
     shares = descriptor_shares(settings, api=True)
     if max_connections is None:
         max_connections = shares.api
-    site.max_connections = min(max_connections, settings.api_max_connections)
-    if site.max_connections < settings.api_max_connections:
+    limits = APILimits.from_settings(settings, max_connections)
+    if limits.max_connections < settings.api_max_connections:
         context.log.warn(
             "API connections are capped at {cap}, below API_MAX_CONNECTIONS={configured}, so that the "
             "control plane keeps file descriptors however the API is flooded (RLIMIT_NOFILE is {limit}); "
             "raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) to allow more",
-            cap=site.max_connections,
+            cap=limits.max_connections,
             configured=settings.api_max_connections,
             limit=shares.limit,
         )
-    per_address = settings.api_max_connections_per_address
-    if per_address is None:
-        per_address = max(1, site.max_connections // 4)
-    site.max_connections_per_address = min(per_address, site.max_connections)
-    keyless = settings.api_keyless_connections_per_address
-    if keyless is None:
-        keyless = max(1, site.max_connections // 16)
-    site.keyless_per_address = min(keyless, site.max_connections_per_address)
-    site.keyless_timeout = settings.api_keyless_timeout_seconds
-    site.header_timeout = settings.api_header_timeout_seconds
-    site.body_timeout = settings.api_body_timeout_seconds
-    site.send_timeout = settings.api_send_timeout_seconds
-    return site
+    # The API takes JSON only: twisted.web's form decoding (which parses the
+    # Content-Type of every POST with the email package) would be waste.
+    return APISite(build_resource(context), limits, context, reactor=reactor, parsePOSTFormSubmission=False)

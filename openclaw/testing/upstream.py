@@ -50,13 +50,13 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITransport
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport, ITransport
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -64,6 +64,7 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from openclaw.connections import OpenConnections
 from openclaw.settings import ProviderSettings, builtin_providers, provider_table
 
 if TYPE_CHECKING:
@@ -1160,26 +1161,25 @@ class _TrackedConnections(WrappingFactory):
 
     def __init__(self, wrapped: Site) -> None:
         super().__init__(wrapped)
-        self._waiting: list[Deferred[None]] = []
+        self.open: OpenConnections[ProtocolWrapper] = OpenConnections()
+
+    def registerProtocol(self, p: ProtocolWrapper) -> None:
+        super().registerProtocol(p)
+        self.open.add(p)
 
     def unregisterProtocol(self, p: ProtocolWrapper) -> None:
         super().unregisterProtocol(p)
-        if not self.protocols:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
+        self.open.discard(p)
 
     def abort_all(self) -> Deferred[None]:
         """
         Abort every open connection; fire once all are closed.
         """
-        if not self.protocols:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        for wrapper in list(self.protocols):
-            wrapper.transport.abortConnection()
-        return d
+        closed = self.open.all_closed()
+        for wrapper in self.open:
+            # Registered once connected, so the TCP transport is set.
+            cast(ITCPTransport, wrapper.transport).abortConnection()
+        return closed
 
 
 @attrs.frozen
