@@ -21,7 +21,8 @@ Files that hold secrets or settings are held to ssh's rule
 that anyone but its owner may write, or that belongs to neither the
 gateway's user nor root, is refused; a secret file others may read is a
 warning (L{Settings.warnings}, logged at start-up), as is an env-file key
-that is no setting but close to one (C{GEMINI_MODLE}).
+that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
+line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
 """
 
 from __future__ import annotations
@@ -1447,6 +1448,8 @@ def load_settings(
     _distinct_ports(settings, given_where)
     for adapter in declared:
         known.update(adapter.variables())
+    if isinstance(repository, RepositoryEnv):
+        warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
     return attrs.evolve(settings, warnings=tuple(warnings)) if warnings else settings
 
@@ -1479,6 +1482,33 @@ def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> No
 def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
     data = getattr(repository, "data", None)
     return list(data) if isinstance(data, dict) else []
+
+
+def unread_lines(path: str) -> list[str]:
+    """
+    A warning for each line of the env file at C{path} that python-decouple's
+    C{RepositoryEnv} skips although it is neither blank nor a comment: a
+    line holding no C{=} (decouple reads the file as UTF-8, line by line;
+    after stripping whitespace it skips an empty line, one starting with
+    C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
+    warning gives the line's number, not its text, which may hold a secret.
+    A file that cannot be read again (changed since decouple read it) gets
+    none.
+    """
+    try:
+        with open(path, encoding="utf-8") as lines:
+            numbers = [
+                number
+                for number, line in enumerate(lines, 1)
+                if (text := line.strip()) and not text.startswith("#") and "=" not in text
+            ]
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [
+        f"env file {path!r}: line {number} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
+        "or start it with # to keep it as a comment"
+        for number in numbers
+    ]
 
 
 def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> list[str]:
@@ -1523,4 +1553,5 @@ __all__ = [
     "misspelt_settings",
     "parse_network",
     "provider_table",
+    "unread_lines",
 ]

@@ -8,6 +8,8 @@ refused under its own name, content parts without a type.
 
 from __future__ import annotations
 
+import json
+from types import MappingProxyType
 from typing import Any
 
 import openai
@@ -235,3 +237,81 @@ class LogprobsTests(DataPlaneTestCase):
             sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO, logprobs=True, top_logprobs=3
         )
         self.assertEqual(self.upstream.kimi.last_body["top_logprobs"], 3)
+
+
+#: Integer field -> (lowest, highest, the message's end), as the gateway
+#: checks them.
+INTEGER_RANGES = MappingProxyType(
+    {
+        "seed": (-(2**63), 2**63 - 1, " (OpenAI's range: a 64-bit integer)"),
+        "max_tokens": (1, 2**63 - 1, " (the most a 64-bit integer holds)"),
+        "max_completion_tokens": (1, 2**63 - 1, " (the most a 64-bit integer holds)"),
+        "n": (1, 2**63 - 1, " (the most a 64-bit integer holds)"),
+        "top_logprobs": (0, 20, " (OpenAI's range)"),
+    }
+)
+
+
+class IntegerFieldTests(DataPlaneTestCase):
+    """
+    Each integer field's 400 states the range it takes, whatever is wrong
+    with the value: also for a whole number outside it, which orjson reads
+    as a float once past 64 bits (the message must not say it is not a
+    whole number).
+    """
+
+    @inlineCallbacks
+    def test_out_of_range(self):
+        gateway = self.gateway()
+        for name, (low, high, why) in INTEGER_RANGES.items():
+            expected = f"{name} must be a whole number from {low} to {high}{why}"
+            # Just past each bound, 2**70 and 10**30 (past what orjson reads
+            # as an int), 1e30 (bytes: as written); and values that are no
+            # whole number at all.
+            for value in (low - 1, high + 1, 2**70, -(2**70), 10**30, b"1e30", 1.5, "2", True):
+                raw = value.decode() if isinstance(value, bytes) else json.dumps(value)
+                for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                    body = f'{{"model": "{model}", "messages": {json.dumps(HELLO)}, "logprobs": true, "{name}": {raw}}}'
+                    response, text = yield self.post(gateway, body.encode())
+                    self.assertEqual(response.code, 400, (name, value, text))
+                    error = self.assertOpenAIError(text)
+                    self.assertEqual((error["param"], error["message"]), (name, expected), (name, value))
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_written_as_float(self):
+        """
+        A whole number in range written with a decimal point or exponent is
+        refused with the integer to send.
+        """
+        gateway = self.gateway()
+        for raw, integer in ((b"5.0", 5), (b"5e0", 5), (b"1E1", 10)):
+            for name, (low, high, why) in INTEGER_RANGES.items():
+                body = b'{"model": "kimi/moonshot-v1-8k", "messages": %s, "logprobs": true, "%s": %s}' % (
+                    json.dumps(HELLO).encode(),
+                    name.encode(),
+                    raw,
+                )
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (name, raw, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], name)
+                self.assertEqual(
+                    error["message"],
+                    f"{name} must be a whole number from {low} to {high}{why}, written without a decimal point "
+                    f"or exponent ({integer}, not {float(integer)!r})",
+                )
+        self.assertEqual(self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_in_range(self):
+        """
+        The bounds themselves pass, and reach the provider as sent.
+        """
+        gateway = self.gateway()
+        for name, (low, high, _) in INTEGER_RANGES.items():
+            for value in (low, high):
+                body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logprobs": True, name: value}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 200, (name, value, text))
+                self.assertEqual(self.upstream.kimi.last_body[name], value)

@@ -23,6 +23,7 @@ from openclaw.settings import (
     default_state_dir,
     load_settings,
     misspelt_settings,
+    unread_lines,
 )
 from tests.support import make_ca
 
@@ -442,6 +443,47 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertIn("did you mean KIMI_API_KEY?", settings.warnings[1])
         (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
         self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
+
+    def test_unread_lines(self) -> None:
+        """
+        A line python-decouple skips that is neither blank nor a comment is
+        a warning naming the file and the line's number, not its text (it
+        may be a secret); every line decouple reads as NAME=VALUE passes.
+        """
+        env_file = self.cwd / "gw.env"
+        env_file.write_text(
+            "# the gateway\n"
+            "\n"
+            "   \n"
+            "GEMINI_MODEL=gemini-2.5-pro\n"
+            "this is not a line\n"
+            "  # an indented comment\n"
+            "sk-secret-value\r\n"
+            "export EDITOR=vi\n"
+            "SPACED = 'quoted'\n"
+            "KIMI_API_KEY=k\n"
+            "=x\n"
+            "\tnot one either"
+        )
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual(settings.providers["gemini"].model, "gemini-2.5-pro")
+        self.assertEqual(
+            settings.warnings,
+            tuple(
+                f"env file {str(env_file)!r}: line {n} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
+                "or start it with # to keep it as a comment"
+                for n in (5, 7, 12)
+            ),
+        )
+        for text in ("this is not a line", "sk-secret-value", "not one either"):
+            self.assertNotIn(text, " ".join(settings.warnings))
+        # .env in the working directory, alongside a misspelt key.
+        (self.cwd / ".env").write_text("oops\nGEMINI_MODLE=x\n")
+        warnings = self.load().warnings
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn(f"env file {str(self.cwd / '.env')!r}: line 1 is not NAME=VALUE: ignored", warnings[0])
+        self.assertIn("did you mean GEMINI_MODEL?", warnings[1])
+        self.assertEqual(unread_lines(str(self.cwd / "gone.env")), [])
 
     def test_daemon_state_dir(self) -> None:
         self.assertEqual(self.load().state_dir, self.cwd)

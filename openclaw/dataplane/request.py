@@ -89,6 +89,22 @@ WRAPPING_DEPTH = 6
 #: carries: one limit for every provider, checked at the door, so a request
 #: one provider takes is never too deep for another after switch_provider.
 MAX_VALUE_DEPTH = MAX_JSON_DEPTH - WRAPPING_DEPTH
+#: The bounds of OpenAI's C{seed}, a 64-bit signed integer (the OpenAPI
+#: description of its API: C{minimum: -9223372036854775808, maximum:
+#: 9223372036854775807}).  The counts (C{n}, C{max_tokens},
+#: C{max_completion_tokens}) have no documented upper bound: they are held
+#: to the same one, so that every integer passed on fits a 64-bit integer
+#: field (orjson reads a whole number past 2**64 - 1 as a float in any
+#: case).
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+#: Why, for the 400 that states the bounds.
+SEED_WHY = " (OpenAI's range: a 64-bit integer)"
+COUNT_WHY = " (the most a 64-bit integer holds)"
+#: A whole float of less than this magnitude is exact (a double's 53-bit
+#: significand), so it was written with a fraction or exponent: orjson
+#: reads an integer this small written without either as an int.
+FLOAT_INTEGERS = 2**53
 #: A token (RFC 9110 section 5.6.2), as a content coding is named; a
 #: longer or odd one is not quoted back.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
@@ -313,24 +329,28 @@ def _number(low: float, high: float) -> Callable[[str, Any], None]:
     return check
 
 
-def _count(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise bad_request(f"{name} must be a whole number of at least 1", param=name)
+def _integer(low: int, high: int, why: str = "") -> Callable[[str, Any], None]:
+    """
+    The check of an integer field: from C{low} to C{high}; C{why} (the
+    bounds' source, in parentheses) ends the 400's message.
+    """
+
+    def check(name: str, value: Any) -> None:
+        if value is None or (type(value) is int and low <= value <= high):
+            return
+        message = f"{name} must be a whole number from {low} to {high}{why}"
+        if isinstance(value, float) and value.is_integer() and abs(value) < FLOAT_INTEGERS and low <= value <= high:
+            # A whole number in range written as 5.0 or 5e0: orjson reads a
+            # number with a fraction or exponent as a float.
+            message += f", written without a decimal point or exponent ({int(value)}, not {value!r})"
+        raise bad_request(message, param=name)
+
+    return check
 
 
 def _bool(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, bool):
         raise bad_request(f"{name} must be true or false", param=name)
-
-
-def _top_logprobs(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
-        raise bad_request("top_logprobs must be a whole number from 0 to 20", param=name)
-
-
-def _seed(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise bad_request("seed must be a whole number", param=name)
 
 
 def _reasoning_effort(name: str, value: Any) -> None:
@@ -347,14 +367,14 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "top_p": _number(0.0, 1.0),
         "presence_penalty": _number(-2.0, 2.0),
         "frequency_penalty": _number(-2.0, 2.0),
-        "max_tokens": _count,
-        "max_completion_tokens": _count,
-        "n": _count,
+        "max_tokens": _integer(1, INT64_MAX, COUNT_WHY),
+        "max_completion_tokens": _integer(1, INT64_MAX, COUNT_WHY),
+        "n": _integer(1, INT64_MAX, COUNT_WHY),
         "stop": lambda name, value: _check_stop(value),
         "parallel_tool_calls": _bool,
         "logprobs": _bool,
-        "top_logprobs": _top_logprobs,
-        "seed": _seed,
+        "top_logprobs": _integer(0, 20, " (OpenAI's range)"),
+        "seed": _integer(INT64_MIN, INT64_MAX, SEED_WHY),
         "reasoning_effort": _reasoning_effort,
         "response_format": lambda name, value: _check_response_format(value),
     }
