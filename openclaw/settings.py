@@ -1515,13 +1515,23 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
     """
     A warning for each of C{keys} (an env file's) that is no setting but
     close to one (L{difflib.get_close_matches}): C{GEMINI_MODLE} names
-    C{GEMINI_MODEL}.  Keys close to nothing are left alone: an env file
-    may serve other programs too.
+    C{GEMINI_MODEL}, and C{export GEMINI_MODEL} (a shell's line, which
+    decouple reads as a key with C{export} in it) says to drop the
+    C{export}.  Keys close to nothing are left alone: an env file may
+    serve other programs too.
     """
     names = sorted(set(known))
     warnings = []
     for key in keys:
         if key in names:
+            continue
+        word, _, rest = key.partition(" ")
+        if word == "export" and rest.strip() in names:
+            # A shell's "export NAME=VALUE": decouple reads the key as "export NAME".
+            warnings.append(
+                f"env file {where!r}: export {rest.strip()}= is ignored (the key read is {key!r}); "
+                f"write it as {rest.strip()}=VALUE, without export"
+            )
             continue
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
         if close:

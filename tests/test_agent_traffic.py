@@ -594,7 +594,10 @@ class EmbeddingTests(DataPlaneTestCase):
             ({"input": []}, "input", "non-empty"),
             ({"input": [1, 2]}, "input", "token id arrays"),
             ({"input": "x", "encoding_format": "int8"}, "encoding_format", "float or base64"),
-            ({"input": "x", "dimensions": 0}, "dimensions", "at least 1"),
+            ({"input": "x", "dimensions": 0}, "dimensions", "from 1 to 9223372036854775807"),
+            # A whole number orjson reads as a float: its range, not "whole number".
+            ({"input": "x", "dimensions": 10**30}, "dimensions", "from 1 to 9223372036854775807"),
+            ({"input": "x", "dimensions": 8.0}, "dimensions", "(8, not 8.0)"),
         ):
             response, text = yield self.post(gateway, body, path="/v1/embeddings")
             self.assertEqual(response.code, 400, body)

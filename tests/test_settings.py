@@ -444,6 +444,15 @@ class FileSafetyTests(SynchronousTestCase):
         (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
         self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
 
+    def test_exported_key(self) -> None:
+        """
+        A shell's C{export NAME=VALUE} line: python-decouple reads its key
+        as C{export NAME}, so the setting would be silently unset.
+        """
+        (warning,) = misspelt_settings(["export GEMINI_MODEL", "export OTHER"], ["GEMINI_MODEL"], "f")
+        self.assertIn("export GEMINI_MODEL= is ignored", warning)
+        self.assertIn("write it as GEMINI_MODEL=VALUE, without export", warning)
+
     def test_unread_lines(self) -> None:
         """
         A line python-decouple skips that is neither blank nor a comment is

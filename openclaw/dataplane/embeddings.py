@@ -37,7 +37,7 @@ from openclaw.dataplane.errors import (
     upstream_http_error,
     upstream_timeout,
 )
-from openclaw.dataplane.request import json_body
+from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body
 from openclaw.dataplane.resource import _Authenticated, answer_bug, error_response, pooled_call_error
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
@@ -50,6 +50,9 @@ from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable
 MAX_INPUTS = 2048
 ENCODINGS = ("float", "base64")
 _JSON = b"application/json"
+
+#: OpenAI's C{dimensions}: a count, at most what a 64-bit integer holds.
+_check_dimensions = integer_field(1, INT64_MAX, COUNT_WHY)
 
 
 @attrs.frozen
@@ -148,8 +151,7 @@ def parse_embedding_request(
             param="model",
         )
     dimensions = body.get("dimensions")
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
-        raise bad_request("dimensions must be a whole number of at least 1", param="dimensions")
+    _check_dimensions("dimensions", dimensions)
     encoding = body.get("encoding_format", "float")
     if encoding is None:
         encoding = "float"

@@ -329,7 +329,7 @@ def _number(low: float, high: float) -> Callable[[str, Any], None]:
     return check
 
 
-def _integer(low: int, high: int, why: str = "") -> Callable[[str, Any], None]:
+def integer_field(low: int, high: int, why: str = "") -> Callable[[str, Any], None]:
     """
     The check of an integer field: from C{low} to C{high}; C{why} (the
     bounds' source, in parentheses) ends the 400's message.
@@ -367,14 +367,14 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "top_p": _number(0.0, 1.0),
         "presence_penalty": _number(-2.0, 2.0),
         "frequency_penalty": _number(-2.0, 2.0),
-        "max_tokens": _integer(1, INT64_MAX, COUNT_WHY),
-        "max_completion_tokens": _integer(1, INT64_MAX, COUNT_WHY),
-        "n": _integer(1, INT64_MAX, COUNT_WHY),
+        "max_tokens": integer_field(1, INT64_MAX, COUNT_WHY),
+        "max_completion_tokens": integer_field(1, INT64_MAX, COUNT_WHY),
+        "n": integer_field(1, INT64_MAX, COUNT_WHY),
         "stop": lambda name, value: _check_stop(value),
         "parallel_tool_calls": _bool,
         "logprobs": _bool,
-        "top_logprobs": _integer(0, 20, " (OpenAI's range)"),
-        "seed": _integer(INT64_MIN, INT64_MAX, SEED_WHY),
+        "top_logprobs": integer_field(0, 20, " (OpenAI's range)"),
+        "seed": integer_field(INT64_MIN, INT64_MAX, SEED_WHY),
         "reasoning_effort": _reasoning_effort,
         "response_format": lambda name, value: _check_response_format(value),
     }
