@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -340,6 +341,9 @@ class ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
         in C{state_dir/openclaw.db}.
+
+        @raise UnusableDatabaseFile: that SQLite file cannot be used
+            (L{sqlite_file}).
         """
         if database_url:
             pool = adbapi.ConnectionPool(
@@ -358,8 +362,7 @@ class ConsumerStore:
             # Documented as any callable; mypy infers it from the default's type.
             pool.connectionFactory = PooledConnection  # type: ignore[assignment]
             return cls(pool, "postgresql", reactor)
-        path = state_dir / "openclaw.db"
-        private(path)
+        path = sqlite_file(state_dir)
         pool = adbapi.ConnectionPool(
             "sqlite3",
             str(path),
@@ -820,6 +823,60 @@ class Retrying(Generic[T]):
             self._trying.cancel()
 
 
+class UnusableDatabaseFile(OSError):
+    """
+    The SQLite database's file cannot be created, opened for writing or
+    made private (L{sqlite_file}); the message names it, says why and what
+    to do.
+    """
+
+
+def sqlite_file(state_dir: Path) -> Path:
+    """
+    The SQLite database in C{state_dir} (C{openclaw.db}), created if
+    missing and made private (L{private}), checked before the pool opens it
+    so that start-up can refuse it in one line.
+
+    @raise UnusableDatabaseFile: it is not a regular file (a directory in
+        the way), or it (or its C{-wal} or C{-shm} file) cannot be opened
+        for writing or have its mode set (permission denied, immutable).
+    """
+    path = state_dir / "openclaw.db"
+    try:
+        private(path)
+    except NotARegularFile as e:
+        raise UnusableDatabaseFile(
+            f"the consumers' database {str(path)!r} cannot be used ({e.reason}): move it aside (the gateway "
+            "creates the file itself)"
+        ) from None
+    except OSError as e:
+        what = e.strerror or str(e)
+        if e.filename is not None and str(e.filename) != str(path):
+            # Its -wal or -shm file.
+            what = f"{str(e.filename)!r}: {what}"
+        if isinstance(e, PermissionError):
+            advice = (
+                "give the gateway's user read and write access to it and its -wal and -shm files (owned by "
+                "that user, mode 0600; chattr -i if lsattr shows one immutable)"
+            )
+        else:
+            advice = "make it a regular file the gateway's user can read and write"
+        raise UnusableDatabaseFile(f"the consumers' database {str(path)!r} cannot be used ({what}): {advice}") from None
+    return path
+
+
+class NotARegularFile(OSError):
+    """
+    What is at the SQLite database's path is not a regular file.
+
+    @ivar reason: what it is instead, for the operator.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def private(path: Path) -> None:
     """
     Make the SQLite database at C{path} readable by its owner only (mode
@@ -827,8 +884,21 @@ def private(path: Path) -> None:
     SQLite gives the C{-wal} and C{-shm} files it makes the database's
     mode (U{https://www.sqlite.org/tempfiles.html}); those already there
     are set too.
+
+    @raise NotARegularFile: C{path} is a directory, a FIFO or a device.
+    @raise OSError: it cannot be created, opened for writing or have its
+        mode set.
     """
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    try:
+        # O_NONBLOCK: a FIFO in the way must not hold start-up.
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NONBLOCK, 0o600)
+    except IsADirectoryError:
+        raise NotARegularFile("a directory is in the way") from None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise NotARegularFile("not a regular file")
+    finally:
+        os.close(descriptor)
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(name, 0o600)
@@ -855,9 +925,11 @@ __all__ = [
     "PooledConnection",
     "Retrying",
     "Snapshot",
+    "UnusableDatabaseFile",
     "UsageRow",
     "database_error",
     "log_database_failure",
     "postgres_conninfo",
+    "sqlite_file",
     "unreachable",
 ]
