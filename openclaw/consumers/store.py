@@ -306,16 +306,64 @@ def database_error(reason: Failure) -> str:
     return " ".join((reason.getErrorMessage() or repr(reason.value)).split())
 
 
+_UNWRITABLE = "check that STATE_DIR and the database in it are readable and writable by the gateway's user"
+_DAMAGED = (
+    "the file is corrupt or not a SQLite database: stop the gateway, move it (and its -wal and -shm files) "
+    "aside, and restore it from a backup (without one, the gateway makes a new, empty database: "
+    "the consumers and their usage are gone)"
+)
+
+#: SQLite's primary result codes (U{https://www.sqlite.org/rescode.html})
+#: that say its file cannot be used, the operator's to fix, and what to do
+#: about each (L{database_advice}).
+_SQLITE_FILE_ADVICE: Mapping[int, str] = MappingProxyType(
+    {
+        sqlite3.SQLITE_NOTADB: _DAMAGED,
+        sqlite3.SQLITE_CORRUPT: _DAMAGED,
+        sqlite3.SQLITE_READONLY: _UNWRITABLE,
+        sqlite3.SQLITE_CANTOPEN: _UNWRITABLE,
+        sqlite3.SQLITE_PERM: _UNWRITABLE,
+        sqlite3.SQLITE_IOERR: "check the disk that holds STATE_DIR, and that STATE_DIR is writable",
+        sqlite3.SQLITE_FULL: "free space on the filesystem that holds STATE_DIR",
+        sqlite3.SQLITE_BUSY: "another process holds it locked: give each gateway a STATE_DIR of its own",
+    }
+)
+
+
+def _sqlite_file_advice(reason: Failure) -> str | None:
+    # sqlite_errorcode: the extended result code, the primary in its low byte.
+    code = getattr(reason.value, "sqlite_errorcode", None) if reason.check(sqlite3.Error) else None
+    return None if code is None else _SQLITE_FILE_ADVICE.get(code & 0xFF)
+
+
+def database_advice(reason: Failure) -> str:
+    """
+    What the operator should check or do about C{reason}, a failed use of
+    the database: for a SQLite file that cannot be used (corrupt, not a
+    database, not writable, disk full: its result code), what fits it;
+    else to check C{DATABASE_URL} or C{STATE_DIR}.
+    """
+    advice = _sqlite_file_advice(reason)
+    if advice is not None:
+        return advice
+    if reason.check(psycopg.Error, adbapi.ConnectionLost, _DeadConnection):
+        return "check DATABASE_URL (that PostgreSQL is running and reachable)"
+    return "check DATABASE_URL (that PostgreSQL is running and reachable) or that STATE_DIR is writable"
+
+
 def log_database_failure(
     log: Logger, format: str, reason: Failure, log_level: LogLevel = LogLevel.critical, **fields: Any
 ) -> None:
     """
     Log C{format} about a failed use of the database: one line when the
-    database is unreachable (L{unreachable}), else with C{reason}'s
-    traceback.  The line's C{error} field is C{reason}'s description
-    (L{database_error}).
+    database is unreachable (L{unreachable}) or its SQLite file cannot be
+    used (corrupt, not writable: L{database_advice}), else with
+    C{reason}'s traceback.  The line's C{error} field is C{reason}'s
+    description (L{database_error}), its C{advice} field what to do
+    (L{database_advice}).
     """
-    if unreachable(reason):
+    fields.setdefault("advice", database_advice(reason))
+    if unreachable(reason) or _sqlite_file_advice(reason) is not None:
         log.emit(log_level, format, error=database_error(reason), **fields)
     else:
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
@@ -927,6 +975,7 @@ __all__ = [
     "Snapshot",
     "UnusableDatabaseFile",
     "UsageRow",
+    "database_advice",
     "database_error",
     "log_database_failure",
     "postgres_conninfo",
