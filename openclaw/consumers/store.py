@@ -383,6 +383,10 @@ class ConsumerStore:
         self.reactor = reactor
         # ThreadPool's public hook for the threads it makes.
         pool.threadpool.threadFactory = _DaemonThread
+        # L{close}'s callers, once it was called: each fires with its
+        # result (L{None}: never called).
+        self._closing: list[Deferred[bool]] | None = None
+        self._closed: bool | Failure | None = None
 
     @classmethod
     def open(cls, database_url: str | None, state_dir: Path, reactor: IStoreReactor) -> ConsumerStore:
@@ -472,7 +476,38 @@ class ConsumerStore:
         hangs there for as long as one is blocked: the trigger is removed
         here, and L{adbapi.ConnectionPool.finalClose} runs on a thread of
         its own.
+
+        Called again (while the first close is under way, or after), it
+        closes nothing more and fires with the first's result (its
+        C{timeout} is the first's).
         """
+        waiting: Deferred[bool] = Deferred()
+        if self._closed is not None:
+            self._fire(waiting, self._closed)
+        elif self._closing is not None:
+            self._closing.append(waiting)
+        else:
+            self._closing = [waiting]
+            self._close(timeout).addBoth(self._done_closing)
+        return waiting
+
+    def _done_closing(self, result: bool | Failure) -> None:
+        self._closed = result
+        waiting, self._closing = self._closing or [], []
+        for each in waiting:
+            self._fire(each, result)
+
+    @staticmethod
+    def _fire(waiting: Deferred[bool], result: bool | Failure) -> None:
+        if waiting.called:
+            # Cancelled by its caller.
+            return
+        if isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
+
+    def _close(self, timeout: float) -> Deferred[bool]:
         pool = self.pool
         if not pool.running:
             # Never started (the reactor never ran): no thread to join.
