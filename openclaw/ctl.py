@@ -29,6 +29,7 @@ from typing import Any, NoReturn, cast
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
@@ -86,13 +87,17 @@ class ConnectionClosed(Exception):
         handshake, e.g. a failed TLS or WebSocket handshake).
     @ivar cause: why the transport was lost, when it says more than the code
         (a TLS verification error, for instance).
+    @ivar opened: whether the WebSocket handshake had completed.
     """
 
-    def __init__(self, code: int | None, reason: str | None, cause: BaseException | None = None) -> None:
+    def __init__(
+        self, code: int | None, reason: str | None, cause: BaseException | None = None, opened: bool = False
+    ) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
         self.cause = cause
+        self.opened = opened
 
 
 @attrs.frozen
@@ -877,7 +882,18 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
                 "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
             )
-        return f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
+        closed = f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
+        if (
+            error.code == WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
+            and not error.opened
+            and url.startswith(("ws:", "wss:"))
+        ):
+            # Dropped before the WebSocket handshake completed, no TLS error
+            # named: most likely TLS spoken to a plain listener, or the
+            # reverse.
+            other = "a plain listener takes ws://" if url.startswith("wss:") else "then use wss://"
+            return f"{closed}, before the WebSocket handshake completed: is the control listener TLS? ({other})"
+        return closed
     if isinstance(error, ConnectError):
         return f"cannot connect to {url}: {error}"
     if isinstance(error, ValueError):
@@ -898,12 +914,14 @@ class OneCommand(WebSocketClientProtocol):
     factory: OneCommandFactory
     _sent_at = 0.0
     _lost: BaseException | None = None
+    _opened = False
 
     def connectionMade(self) -> None:
         self.factory.connected = self
         super().connectionMade()
 
     def onOpen(self) -> None:
+        self._opened = True
         self._sent_at = time.perf_counter()
         self.sendMessage(self.factory.payload)
 
@@ -920,7 +938,7 @@ class OneCommand(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.answer.called:
-            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost))
+            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost, self._opened))
 
 
 class OneCommandFactory(WebSocketClientFactory):

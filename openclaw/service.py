@@ -566,8 +566,7 @@ class GatewayService(MultiService):
                     self._log,
                     "the consumers' database {where} cannot be used ({error}): consumer keys are refused (503) "
                     "and the consumer commands answer 'not loaded yet' until it can; trying again with back-off "
-                    "(every {cap:.0f} s at most): check DATABASE_URL (that PostgreSQL is running and "
-                    "reachable) or that STATE_DIR is writable",
+                    "(every {cap:.0f} s at most): {advice}",
                     reason,
                     where=where,
                     cap=RETRY_MAX_SECONDS,

@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
+from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file
 from openclaw.files import LockHeld, NotALockFile, PidLock
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
@@ -145,6 +146,7 @@ def makeService(
             daemon=not foreground(twistd_options),
         )
         _check_token_file(settings)
+        _check_database_file(settings)
         _check_token_shown(settings, twistd_options, stdout)
         if options["worker"] is not None:
             worker = _worker_service(options, settings, reactor, stdout, twistd_options)
@@ -332,6 +334,24 @@ def _check_token_file(settings: Settings) -> None:
             f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
             "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
             "of the gateway's own (such as /run/openclaw/token)"
+        ) from None
+
+
+def _check_database_file(settings: Settings) -> None:
+    """
+    Refuse, before anything listens, a consumers' database in C{STATE_DIR}
+    (SQLite, C{DATABASE_URL} unset) that cannot be created or written: a
+    directory in the way, permission denied (L{sqlite_file}).
+
+    @raise ConfigError: it cannot.
+    """
+    if settings.database_url:
+        return
+    try:
+        sqlite_file(settings.state_dir)
+    except UnusableDatabaseFile as e:
+        raise ConfigError(
+            f"STATE_DIR={str(settings.state_dir)!r}: {e}; or point STATE_DIR / --state-dir at another directory"
         ) from None
 
 

@@ -1,16 +1,25 @@
 """
 The consumers' SQLite database (openclaw.db, its -wal and -shm files) is
-readable by its owner only: it holds key hashes and usage.
+readable by its owner only: it holds key hashes and usage.  One that
+cannot be used (corrupt, read-only) is logged in one line that says what
+to do.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import stat
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.store import database_advice, log_database_failure
+from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -33,3 +42,56 @@ class DatabaseFileTests(GatewayCase):
         self.assertTrue(all(f.exists() for f in files), files)
         for f in files:
             self.assertEqual(stat.S_IMODE(f.stat().st_mode), 0o600, f)
+
+
+class UnusableDatabaseTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_corrupt_database_is_one_line(self) -> Any:
+        """
+        STATE_DIR/openclaw.db that is no SQLite database (corrupt, or a
+        foreign file): the start-up's critical line says so on one line,
+        without a traceback, and says to move it aside and restore it
+        from a backup, not to check that STATE_DIR is writable.
+        """
+        state = Path(self.mktemp())
+        state.mkdir()
+        database = state / "openclaw.db"
+        database.write_bytes(bytes(range(256)) * 20)
+        database.chmod(0o600)
+        events = capture_log_events(self)
+        gateway = start_gateway(self, state_dir=state)
+        yield gateway.service.consumers_ready
+        self.assertFalse(gateway.service.consumers.loaded)
+        [said] = [e for e in events if "cannot be used" in e.get("log_format", "")]
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        self.assertNotIn("log_failure", said)
+        line = formatEvent(said)
+        self.assertNotIn("\n", line)
+        self.assertIn("(file is not a database)", line)
+        self.assertIn("corrupt or not a SQLite database", line)
+        self.assertIn("restore it from a backup", line)
+        self.assertNotIn("STATE_DIR is writable", line)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_read_only_database_advice(self) -> None:
+        """
+        A SQLite database that cannot be written: the advice is to check
+        that STATE_DIR and the database are writable, and it is logged on
+        one line.
+        """
+        database = Path(self.mktemp())
+        sqlite3.connect(database).close()
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        self.addCleanup(connection.close)
+        try:
+            connection.execute("CREATE TABLE t (x)")
+        except sqlite3.Error:
+            reason = Failure()
+        self.assertIn("readable and writable by the gateway's user", database_advice(reason))
+        events = capture_log_events(self)
+        log_database_failure(Logger(), "failed ({error}): {advice}", reason)
+        [said] = events
+        self.assertNotIn("log_failure", said)
+        self.assertIn("attempt to write a readonly database", formatEvent(said))

@@ -17,8 +17,9 @@ import openai
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from twisted.application.internet import backoffPolicy
+from twisted.enterprise import adbapi
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent
 from twisted.python.failure import Failure
@@ -129,6 +130,45 @@ class ConnectionParametersTests(TestCase):
         self.assertLess(time.monotonic() - started, 3.0)
         self.assertIsNone(store.pool.shutdownID)
         self.assertTrue(all(thread.daemon for thread in store.pool.threadpool.threads))
+
+
+class CountingPool(adbapi.ConnectionPool):
+    """
+    A SQLite pool that counts its L{finalClose} calls.
+    """
+
+    final_closes = 0
+
+    def finalClose(self) -> None:
+        self.final_closes += 1
+        super().finalClose()
+
+
+class CloseTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_second_close_shares_the_first(self) -> Any:
+        """
+        close() called again while the first is under way closes nothing
+        more (adbapi's finalClose runs once): both calls fire with the
+        first's result, and one made after it too.
+        """
+        state = Path(self.mktemp())
+        state.mkdir()
+        pool = CountingPool(
+            "sqlite3", str(state / "openclaw.db"), check_same_thread=False, cp_min=1, cp_max=1, cp_reactor=reactor
+        )
+        store = ConsumerStore(pool, "sqlite", reactor)
+        yield store.migrate()
+        first = store.close(5.0)
+        second = store.close(5.0)
+        closed = yield gatherResults([first, second])
+        self.assertEqual(closed, [True, True])
+        self.assertEqual(pool.final_closes, 1)
+        again = yield store.close(5.0)
+        self.assertTrue(again)
+        self.assertEqual(pool.final_closes, 1)
 
 
 class RetryingTests(TestCase):

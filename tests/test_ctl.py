@@ -428,6 +428,15 @@ class ExplainFailureTests(TestCase):
         self.assertIn("certificate verify failed", text)
         self.assertIn("--cafile", text)
 
+    def test_dropped_after_the_handshake(self):
+        """
+        A connection dropped after the WebSocket handshake (the gateway
+        stopped mid-command): no hint about TLS.
+        """
+        text = self.explain(ctl.ConnectionClosed(1006, "unclean", opened=True), url="wss://h:1")
+        self.assertIn("closed before an answer (code 1006: unclean)", text)
+        self.assertNotIn("TLS", text)
+
 
 # -- the console script against a real gateway ---------------------------------
 
@@ -696,6 +705,36 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         self.assertIn(f"TLS handshake with {url} failed", err)
         self.assertIn("--cafile", err)
+
+    @inlineCallbacks
+    def test_wss_to_a_plain_listener(self):
+        """
+        wss:// to a plain control listener: the connection closes before
+        the WebSocket handshake, and the message asks whether the listener
+        is TLS (a plain one takes ws://).
+        """
+        url = f"wss://127.0.0.1:{self.gateway.port}"
+        out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn(url, err)
+        self.assertIn("is the control listener TLS? (a plain listener takes ws://)", err)
+        self.assertNotIn("--cafile", err)
+
+    @inlineCallbacks
+    def test_ws_to_a_tls_listener(self):
+        """
+        ws:// to a TLS control listener: the connection closes before the
+        WebSocket handshake, and the message says to use wss://.
+        """
+        _, options = make_certificates(Path(self.mktemp()))
+        endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+        port = yield endpoint.listen(self.gateway.service.factory)
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn(url, err)
+        self.assertIn("is the control listener TLS? (then use wss://)", err)
 
 
 class UnixSocketTests(TestCase):

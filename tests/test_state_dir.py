@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
@@ -75,6 +76,51 @@ class StateDirTests(TestCase):
             lines = err.decode().strip().splitlines()
             self.assertEqual(len(lines), 1, err)
             self.assertIn("openclaw: configuration error: ", lines[0])
+            self.assertIn(expected, lines[0])
+            self.assertIn("--state-dir", lines[0])
+            self.assertNotIn(b"Traceback", out + err)
+
+    @inlineCallbacks
+    def test_unusable_database_file_is_one_line(self):
+        """
+        STATE_DIR/openclaw.db that cannot be used (a directory or a FIFO in
+        the way, a file the gateway may not write) stops start-up with one
+        configuration line (status 2) naming STATE_DIR, the file and what
+        to do, no traceback.
+        """
+        run = self.directory()
+        cases = []
+        in_the_way = run / "directory"
+        (in_the_way / "openclaw.db").mkdir(parents=True)
+        cases.append((in_the_way, "(a directory is in the way): move it aside"))
+        fifo = run / "fifo"
+        fifo.mkdir()
+        os.mkfifo(fifo / "openclaw.db")
+        cases.append((fifo, "(not a regular file): move it aside"))
+        locked = run / "locked"
+        locked.mkdir()
+        database = locked / "openclaw.db"
+        database.touch(mode=0o600)
+        if os.geteuid() != 0:
+            database.chmod(0o400)
+            self.addCleanup(database.chmod, 0o600)
+            cases.append((locked, "(Permission denied): give the gateway's user read and write access"))
+        elif subprocess.run(["chattr", "+i", str(database)], capture_output=True).returncode == 0:
+            # Root writes any mode: an immutable file refuses it too.
+            self.addCleanup(subprocess.run, ["chattr", "-i", str(database)], check=True)
+            cases.append((locked, "(Operation not permitted): give the gateway's user read and write access"))
+        for state, expected in cases:
+            out, err, code = yield getProcessOutputAndValue(
+                twistd_path(),
+                ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--state-dir", str(state)],
+                env=base_env(JWT_SECRET=SECRET),
+                path=str(run),
+            )
+            self.assertEqual(code, 2, err)
+            lines = err.decode().strip().splitlines()
+            self.assertEqual(len(lines), 1, err)
+            self.assertIn("openclaw: configuration error: ", lines[0])
+            self.assertIn(f"STATE_DIR={str(state)!r}: the consumers' database {str(state / 'openclaw.db')!r}", lines[0])
             self.assertIn(expected, lines[0])
             self.assertIn("--state-dir", lines[0])
             self.assertNotIn(b"Traceback", out + err)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -305,16 +306,64 @@ def database_error(reason: Failure) -> str:
     return " ".join((reason.getErrorMessage() or repr(reason.value)).split())
 
 
+_UNWRITABLE = "check that STATE_DIR and the database in it are readable and writable by the gateway's user"
+_DAMAGED = (
+    "the file is corrupt or not a SQLite database: stop the gateway, move it (and its -wal and -shm files) "
+    "aside, and restore it from a backup (without one, the gateway makes a new, empty database: "
+    "the consumers and their usage are gone)"
+)
+
+#: SQLite's primary result codes (U{https://www.sqlite.org/rescode.html})
+#: that say its file cannot be used, the operator's to fix, and what to do
+#: about each (L{database_advice}).
+_SQLITE_FILE_ADVICE: Mapping[int, str] = MappingProxyType(
+    {
+        sqlite3.SQLITE_NOTADB: _DAMAGED,
+        sqlite3.SQLITE_CORRUPT: _DAMAGED,
+        sqlite3.SQLITE_READONLY: _UNWRITABLE,
+        sqlite3.SQLITE_CANTOPEN: _UNWRITABLE,
+        sqlite3.SQLITE_PERM: _UNWRITABLE,
+        sqlite3.SQLITE_IOERR: "check the disk that holds STATE_DIR, and that STATE_DIR is writable",
+        sqlite3.SQLITE_FULL: "free space on the filesystem that holds STATE_DIR",
+        sqlite3.SQLITE_BUSY: "another process holds it locked: give each gateway a STATE_DIR of its own",
+    }
+)
+
+
+def _sqlite_file_advice(reason: Failure) -> str | None:
+    # sqlite_errorcode: the extended result code, the primary in its low byte.
+    code = getattr(reason.value, "sqlite_errorcode", None) if reason.check(sqlite3.Error) else None
+    return None if code is None else _SQLITE_FILE_ADVICE.get(code & 0xFF)
+
+
+def database_advice(reason: Failure) -> str:
+    """
+    What the operator should check or do about C{reason}, a failed use of
+    the database: for a SQLite file that cannot be used (corrupt, not a
+    database, not writable, disk full: its result code), what fits it;
+    else to check C{DATABASE_URL} or C{STATE_DIR}.
+    """
+    advice = _sqlite_file_advice(reason)
+    if advice is not None:
+        return advice
+    if reason.check(psycopg.Error, adbapi.ConnectionLost, _DeadConnection):
+        return "check DATABASE_URL (that PostgreSQL is running and reachable)"
+    return "check DATABASE_URL (that PostgreSQL is running and reachable) or that STATE_DIR is writable"
+
+
 def log_database_failure(
     log: Logger, format: str, reason: Failure, log_level: LogLevel = LogLevel.critical, **fields: Any
 ) -> None:
     """
     Log C{format} about a failed use of the database: one line when the
-    database is unreachable (L{unreachable}), else with C{reason}'s
-    traceback.  The line's C{error} field is C{reason}'s description
-    (L{database_error}).
+    database is unreachable (L{unreachable}) or its SQLite file cannot be
+    used (corrupt, not writable: L{database_advice}), else with
+    C{reason}'s traceback.  The line's C{error} field is C{reason}'s
+    description (L{database_error}), its C{advice} field what to do
+    (L{database_advice}).
     """
-    if unreachable(reason):
+    fields.setdefault("advice", database_advice(reason))
+    if unreachable(reason) or _sqlite_file_advice(reason) is not None:
         log.emit(log_level, format, error=database_error(reason), **fields)
     else:
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
@@ -334,12 +383,19 @@ class ConsumerStore:
         self.reactor = reactor
         # ThreadPool's public hook for the threads it makes.
         pool.threadpool.threadFactory = _DaemonThread
+        # L{close}'s callers, once it was called: each fires with its
+        # result (L{None}: never called).
+        self._closing: list[Deferred[bool]] | None = None
+        self._closed: bool | Failure | None = None
 
     @classmethod
     def open(cls, database_url: str | None, state_dir: Path, reactor: IStoreReactor) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
         in C{state_dir/openclaw.db}.
+
+        @raise UnusableDatabaseFile: that SQLite file cannot be used
+            (L{sqlite_file}).
         """
         if database_url:
             pool = adbapi.ConnectionPool(
@@ -358,8 +414,7 @@ class ConsumerStore:
             # Documented as any callable; mypy infers it from the default's type.
             pool.connectionFactory = PooledConnection  # type: ignore[assignment]
             return cls(pool, "postgresql", reactor)
-        path = state_dir / "openclaw.db"
-        private(path)
+        path = sqlite_file(state_dir)
         pool = adbapi.ConnectionPool(
             "sqlite3",
             str(path),
@@ -421,7 +476,38 @@ class ConsumerStore:
         hangs there for as long as one is blocked: the trigger is removed
         here, and L{adbapi.ConnectionPool.finalClose} runs on a thread of
         its own.
+
+        Called again (while the first close is under way, or after), it
+        closes nothing more and fires with the first's result (its
+        C{timeout} is the first's).
         """
+        waiting: Deferred[bool] = Deferred()
+        if self._closed is not None:
+            self._fire(waiting, self._closed)
+        elif self._closing is not None:
+            self._closing.append(waiting)
+        else:
+            self._closing = [waiting]
+            self._close(timeout).addBoth(self._done_closing)
+        return waiting
+
+    def _done_closing(self, result: bool | Failure) -> None:
+        self._closed = result
+        waiting, self._closing = self._closing or [], []
+        for each in waiting:
+            self._fire(each, result)
+
+    @staticmethod
+    def _fire(waiting: Deferred[bool], result: bool | Failure) -> None:
+        if waiting.called:
+            # Cancelled by its caller.
+            return
+        if isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
+
+    def _close(self, timeout: float) -> Deferred[bool]:
         pool = self.pool
         if not pool.running:
             # Never started (the reactor never ran): no thread to join.
@@ -820,6 +906,60 @@ class Retrying(Generic[T]):
             self._trying.cancel()
 
 
+class UnusableDatabaseFile(OSError):
+    """
+    The SQLite database's file cannot be created, opened for writing or
+    made private (L{sqlite_file}); the message names it, says why and what
+    to do.
+    """
+
+
+def sqlite_file(state_dir: Path) -> Path:
+    """
+    The SQLite database in C{state_dir} (C{openclaw.db}), created if
+    missing and made private (L{private}), checked before the pool opens it
+    so that start-up can refuse it in one line.
+
+    @raise UnusableDatabaseFile: it is not a regular file (a directory in
+        the way), or it (or its C{-wal} or C{-shm} file) cannot be opened
+        for writing or have its mode set (permission denied, immutable).
+    """
+    path = state_dir / "openclaw.db"
+    try:
+        private(path)
+    except NotARegularFile as e:
+        raise UnusableDatabaseFile(
+            f"the consumers' database {str(path)!r} cannot be used ({e.reason}): move it aside (the gateway "
+            "creates the file itself)"
+        ) from None
+    except OSError as e:
+        what = e.strerror or str(e)
+        if e.filename is not None and str(e.filename) != str(path):
+            # Its -wal or -shm file.
+            what = f"{str(e.filename)!r}: {what}"
+        if isinstance(e, PermissionError):
+            advice = (
+                "give the gateway's user read and write access to it and its -wal and -shm files (owned by "
+                "that user, mode 0600; chattr -i if lsattr shows one immutable)"
+            )
+        else:
+            advice = "make it a regular file the gateway's user can read and write"
+        raise UnusableDatabaseFile(f"the consumers' database {str(path)!r} cannot be used ({what}): {advice}") from None
+    return path
+
+
+class NotARegularFile(OSError):
+    """
+    What is at the SQLite database's path is not a regular file.
+
+    @ivar reason: what it is instead, for the operator.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def private(path: Path) -> None:
     """
     Make the SQLite database at C{path} readable by its owner only (mode
@@ -827,8 +967,21 @@ def private(path: Path) -> None:
     SQLite gives the C{-wal} and C{-shm} files it makes the database's
     mode (U{https://www.sqlite.org/tempfiles.html}); those already there
     are set too.
+
+    @raise NotARegularFile: C{path} is a directory, a FIFO or a device.
+    @raise OSError: it cannot be created, opened for writing or have its
+        mode set.
     """
-    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    try:
+        # O_NONBLOCK: a FIFO in the way must not hold start-up.
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NONBLOCK, 0o600)
+    except IsADirectoryError:
+        raise NotARegularFile("a directory is in the way") from None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise NotARegularFile("not a regular file")
+    finally:
+        os.close(descriptor)
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(name, 0o600)
@@ -855,9 +1008,12 @@ __all__ = [
     "PooledConnection",
     "Retrying",
     "Snapshot",
+    "UnusableDatabaseFile",
     "UsageRow",
+    "database_advice",
     "database_error",
     "log_database_failure",
     "postgres_conninfo",
+    "sqlite_file",
     "unreachable",
 ]
