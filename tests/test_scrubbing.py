@@ -56,6 +56,35 @@ class ScrubberTests(SynchronousTestCase):
                     self.assertEqual(leaks(text, key), [], text)
                     self.assertIn(REDACTED, text)
 
+    def test_json_escaped(self) -> None:
+        """
+        A key with any of its characters written as JSON escapes (RFC 8259
+        section 7) is read back whole by the client's parser: found in
+        every such form, in a whole body and in a stream's event.
+        """
+        scrubber = Scrubber((KIMI_KEY, GEMINI_KEY))
+        for key in KEYS.values():
+            escaped_all = "".join(f"\\u{ord(c):04x}" for c in key)
+            forms = [
+                escaped_all,
+                escaped_all.upper().replace("\\U", "\\u"),
+                key[0] + f"\\u{ord(key[1]):04x}" + key[2:],
+                key.replace("/", "\\/"),
+                # Only its start, escaped: the prefix rule holds too.
+                "".join(f"\\u{ord(c):04x}" for c in key[:MIN_PREFIX_CHARS]) + " and more",
+            ]
+            for form in forms:
+                body = ('{"choices": [{"message": {"content": "the key: %s."}}]}' % form).encode()
+                for data in (body, b"data: " + body + b"\n\n"):
+                    scrubbed = scrubber.data(data)
+                    decoded = json.loads(scrubbed.removeprefix(b"data: "))
+                    self.assertEqual(leaks(json.dumps(decoded, ensure_ascii=False), key), [], form)
+                    self.assertIn(REDACTED, decoded["choices"][0]["message"]["content"])
+                self.assertEqual(leaks(json.loads('"%s"' % scrubber.text(form)), key), [], form)
+        # Escapes without a key stay as they are.
+        data = b'{"content": "caf\\u00e9 \\/ sk-kimi"}'
+        self.assertEqual(scrubber.data(data), data)
+
     def test_unchanged_without_a_key(self) -> None:
         data = b'{"choices": [{"delta": {"content": "sk-kimi/SEC"}}]}'
         self.assertIs(Scrubber((KIMI_KEY,)).data(data), data)

@@ -227,6 +227,35 @@ def _redact_runs(haystack: AnyStr, form: AnyStr, redacted: AnyStr) -> AnyStr:
     return haystack[:0].join(pieces)
 
 
+def _json_escaped(form: str) -> re.Pattern[bytes]:
+    """
+    A pattern for C{form} with any of its characters written as JSON
+    escapes (RFC 8259 section 7: C{\\uXXXX}, its hex digits in either
+    case, and C{\\/} for a slash), which a client's JSON parser reads back
+    as the key: its first L{MIN_PREFIX_CHARS} characters (all of it, if
+    shorter), then as much of the rest as follows.
+    """
+
+    def one(character: str) -> bytes:
+        options = [re.escape(character.encode("utf-8"))]
+        if ord(character) < 0x10000:
+            digits = "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{ord(character):04x}")
+            options.append(rb"\\u" + digits.encode("ascii"))
+        if character == "/":
+            options.append(rb"\\/")
+        return b"(?:" + b"|".join(options) + b")"
+
+    head, rest = form[:MIN_PREFIX_CHARS], form[MIN_PREFIX_CHARS:]
+    tail = b""
+    for character in reversed(rest):
+        tail = b"(?:" + one(character) + tail + b")?"
+    return re.compile(b"".join(one(character) for character in head) + tail)
+
+
+#: What can hide a key's characters in JSON text (L{_json_escaped}).
+_JSON_ESCAPES = (b"\\u", b"\\/")
+
+
 @attrs.frozen
 class Scrubber:
     """
@@ -247,7 +276,10 @@ class Scrubber:
       - a toy key (shorter still, "k" on a test set-up) only where it
         stands as a token of its own, so ordinary words stay readable.
 
-    Longer keys are handled first, so no key is left half-replaced.
+    Longer keys are handled first, so no key is left half-replaced.  A
+    key of L{MIN_BARE_SECRET_CHARS} characters or more is also found with
+    any of its characters written as JSON escapes (C{k\\u002d...}), which a
+    client's JSON parser would read back as the key.
     """
 
     secrets: tuple[str, ...]
@@ -257,6 +289,8 @@ class Scrubber:
     #: form, whether runs of its prefixes go, the token pattern of a toy
     #: key or None)}.
     _byte_plan: tuple[tuple[bytes, bytes, bool, re.Pattern[bytes] | None], ...] = attrs.field(init=False, repr=False)
+    #: Per key long enough, the pattern of its JSON-escaped forms.
+    _escaped: tuple[re.Pattern[bytes], ...] = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         forms = dict.fromkeys(
@@ -283,6 +317,16 @@ class Scrubber:
             ),
         )
 
+        object.__setattr__(
+            self,
+            "_escaped",
+            tuple(
+                _json_escaped(secret)
+                for secret in sorted(set(self.secrets), key=len, reverse=True)
+                if len(secret) >= MIN_BARE_SECRET_CHARS
+            ),
+        )
+
     def text(self, text: str) -> str:
         """
         C{text} without any of the keys.
@@ -294,6 +338,8 @@ class Scrubber:
                 text = text.replace(form, REDACTED)
             else:
                 text = re.sub(rf"(?<![\w-]){re.escape(form)}(?![\w-])", REDACTED, text)
+        if "\\u" in text or "\\/" in text:
+            text = self._unescaped(text.encode("utf-8")).decode("utf-8")
         return text
 
     def data(self, data: bytes) -> bytes:
@@ -310,6 +356,17 @@ class Scrubber:
                 data = data.replace(form, _REDACTED_BYTES)
             else:
                 data = pattern.sub(_REDACTED_BYTES, data)
+        for escape in _JSON_ESCAPES:
+            if escape in data:
+                return self._unescaped(data)
+        return data
+
+    def _unescaped(self, data: bytes) -> bytes:
+        """
+        C{data} without the keys' JSON-escaped forms (L{_json_escaped}).
+        """
+        for pattern in self._escaped:
+            data = pattern.sub(_REDACTED_BYTES, data)
         return data
 
 
