@@ -407,6 +407,43 @@ class AnswerTests(AgentTestCase):
         yield self.assertFailure(self.post(self.registry()), ResponseFailed, ResponseNeverReceived)
 
     @inlineCallbacks
+    def test_endless_head_dropped(self):
+        """
+        Header lines without end (Twisted's client keeps them all): the
+        connection is dropped once the head passes
+        C{MAX_RESPONSE_HEAD_BYTES}, not left to grow until the timeout.
+        """
+
+        def answer(server: ScriptedServer) -> None:
+            lines = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"x" * 200) for n in range(2000))
+            server.transport.write(b"HTTP/1.1 200 OK\r\n" + lines)
+
+        server = yield self.serve(answer)
+        started = time.monotonic()
+        call = self.post(self.registry()).addTimeout(5, reactor)
+        failure = yield self.assertFailure(call, ResponseFailed, ResponseNeverReceived)
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertFalse(any(reason.check(CancelledError) for reason in failure.reasons), failure.reasons)
+        yield tick(0.05)
+        self.assertEqual(server.open_connections(), 0)
+
+    @inlineCallbacks
+    def test_head_in_pieces(self):
+        """
+        A head whose empty line is split across reads (CR LF, then CR LF;
+        LF, then LF) ends there: its body is read.
+        """
+        for end in ((b"\r\n", b"\r\n"), (b"\n", b"\n"), (b"\r\n\r", b"\n")):
+
+            def answer(server: ScriptedServer, end: tuple[bytes, bytes] = end) -> None:
+                server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4" + end[0])
+                reactor.callLater(0.02, server.transport.write, end[1] + b"body")
+
+            yield self.serve(answer)
+            response = yield self.post(self.registry()).addTimeout(5, reactor)
+            self.assertEqual((yield read_body(response)), b"body")
+
+    @inlineCallbacks
     def test_body_read_later(self):
         """
         A body that arrived with the headers waits for its reader.

@@ -1,13 +1,19 @@
 """
 Where the providers' HTTP connections go: one endpoint per upstream,
-built once, and the certificate checks for https ones.
+built once, the certificate checks for https ones, and a bound on the
+response heads read from them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTCP, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IStreamClientEndpoint, ITCPTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -74,3 +80,114 @@ class CachedEndpoints:
         if isIPv6Address(host):
             return TCP6ClientEndpoint(self._reactor, host, port)
         return HostnameEndpoint(self._reactor, host.encode("ascii"), port)
+
+
+#: The most a provider's response head (status line and header fields,
+#: interim 1xx heads each on their own) may take, in bytes.  Twisted's HTTP
+#: client keeps every header line it reads, with no bound (its server side
+#: has one: C{HTTPChannel.totalHeadersSize}, 16 KiB), so a broken or hostile
+#: upstream could send header lines until C{UPSTREAM_TIMEOUT}.
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+
+
+def _head_end(window: bytes) -> int:
+    """
+    Where the empty line that ends a head ends in C{window}, or -1: a line
+    ends at LF, a CR before it dropped (RFC 9112 section 2.2, as Twisted's
+    client reads lines).
+    """
+    ends = [at + length for at, length in ((window.find(b"\n\n"), 2), (window.find(b"\n\r\n"), 3)) if at >= 0]
+    return min(ends, default=-1)
+
+
+class _HeadLimitedProtocol(ProtocolWrapper):
+    """
+    Between Twisted's HTTP client protocol and its transport: counts the
+    bytes of each response head and aborts the connection once one passes
+    L{MAX_RESPONSE_HEAD_BYTES} (the client then fails the request with
+    C{ResponseFailed}, or C{ResponseNeverReceived}).  A head is expected
+    from each request written on: Twisted's client writes a request whole,
+    before its response is read, and one at a time on a connection.
+    """
+
+    #: Bytes of the head being read so far; None while no head is.
+    _seen: int | None = None
+    #: The head's first bytes, up to its status code.
+    _start = b""
+    #: The head's last two bytes so far (an empty line may span reads).
+    _last = b""
+
+    def write(self, data: bytes) -> None:
+        self._expect_head()
+        super().write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self._expect_head()
+        super().writeSequence(data)
+
+    def _expect_head(self) -> None:
+        if self._seen is None:
+            self._seen, self._start, self._last = 0, b"", b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._seen is None or self._within_limit(data):
+            super().dataReceived(data)
+
+    def _within_limit(self, data: bytes) -> bool:
+        at = 0
+        while self._seen is not None and at < len(data):
+            if len(self._start) < 12:
+                self._start += data[at : at + 12 - len(self._start)]
+            window = self._last + data[at:]
+            end = _head_end(window)
+            if end < 0:
+                self._seen += len(data) - at
+                self._last = window[-2:]
+                if self._seen > MAX_RESPONSE_HEAD_BYTES:
+                    self._seen = None
+                    cast(ITCPTransport, self.transport).abortConnection()
+                    return False
+                return True
+            at += end - len(self._last)
+            # "HTTP/1.1 103 ...": an interim answer; the final head follows.
+            interim = self._start[:7] == b"HTTP/1." and self._start[9:10] == b"1"
+            self._seen, self._start, self._last = (0, b"", b"") if interim else (None, b"", b"")
+        return True
+
+
+def _wrapped(wrapper: IProtocol) -> IProtocol:
+    """
+    The client's own protocol, as the endpoint would give it: the agent
+    and its pool call its methods.
+    """
+    assert isinstance(wrapper, ProtocolWrapper)
+    protocol: IProtocol = wrapper.wrappedProtocol
+    return protocol
+
+
+class _HeadLimitedFactory(WrappingFactory):
+    protocol = _HeadLimitedProtocol
+
+
+@implementer(IStreamClientEndpoint)
+class _HeadLimitedEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting = self._endpoint.connect(_HeadLimitedFactory(protocolFactory))
+        return connecting.addCallback(_wrapped)
+
+
+@implementer(IAgentEndpointFactory)
+class HeadLimitedEndpoints:
+    """
+    The endpoints of C{endpoints} (an C{IAgentEndpointFactory}), with each
+    response head read through them bounded by L{MAX_RESPONSE_HEAD_BYTES}.
+    """
+
+    def __init__(self, endpoints: IAgentEndpointFactory) -> None:
+        self._endpoints = endpoints
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        return _HeadLimitedEndpoint(self._endpoints.endpointForURI(uri))

@@ -22,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 
 from openclaw.providers.base import ProbeResult, ProviderAdapter
-from openclaw.providers.endpoints import CachedEndpoints, https_policy
+from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
 from openclaw.settings import Settings
 from openclaw.timefmt import isoformat
@@ -101,7 +101,7 @@ class ProviderRegistry:
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
             endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_pem))
-        agent: IAgent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        agent: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
         if wrap_agent is not None:
             agent = wrap_agent(agent)
         http = HTTPClient(agent)
