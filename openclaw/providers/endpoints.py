@@ -90,14 +90,17 @@ class CachedEndpoints:
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 
-def _head_end(window: bytes) -> int:
+def _head_end(data: bytes, start: int = 0) -> int:
     """
-    Where the empty line that ends a head ends in C{window}, or -1: a line
-    ends at LF, a CR before it dropped (RFC 9112 section 2.2, as Twisted's
-    client reads lines).
+    Where the empty line that ends a head ends in C{data} (searched from
+    C{start}), or -1: a line ends at LF, a CR before it dropped (RFC 9112
+    section 2.2, as Twisted's client reads lines).
     """
-    ends = [at + length for at, length in ((window.find(b"\n\n"), 2), (window.find(b"\n\r\n"), 3)) if at >= 0]
-    return min(ends, default=-1)
+    lf = data.find(b"\n\n", start)
+    crlf = data.find(b"\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf + 3
+    return lf + 2 if lf >= 0 else -1
 
 
 class _HeadLimitedProtocol(ProtocolWrapper):
@@ -138,17 +141,19 @@ class _HeadLimitedProtocol(ProtocolWrapper):
         while self._seen is not None and at < len(data):
             if len(self._start) < 12:
                 self._start += data[at : at + 12 - len(self._start)]
-            window = self._last + data[at:]
-            end = _head_end(window)
+            # An empty line begun in the last read and ended in this one
+            # comes first; else one within this read.
+            end = _head_end(self._last + data[at : at + 2]) if self._last else -1
+            end = at + end - len(self._last) if end >= 0 else _head_end(data, at)
             if end < 0:
                 self._seen += len(data) - at
-                self._last = window[-2:]
+                self._last = data[-2:] if len(data) - at >= 2 else (self._last + data[at:])[-2:]
                 if self._seen > MAX_RESPONSE_HEAD_BYTES:
                     self._seen = None
                     cast(ITCPTransport, self.transport).abortConnection()
                     return False
                 return True
-            at += end - len(self._last)
+            at = end
             # "HTTP/1.1 103 ...": an interim answer; the final head follows.
             interim = self._start[:7] == b"HTTP/1." and self._start[9:10] == b"1"
             self._seen, self._start, self._last = (0, b"", b"") if interim else (None, b"", b"")
