@@ -139,7 +139,11 @@ class SlowReader:
             sock.close()
 
 
-class SlowReaderTests(TestCase):
+class GatewayCase(TestCase):
+    """
+    A gateway on the stand-in providers, its log captured.
+    """
+
     timeout = 60
 
     def setUp(self) -> None:
@@ -203,6 +207,11 @@ class SlowReaderTests(TestCase):
         self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
         return site, reader, reading
 
+    def completed(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("route") == "kimi/moonshot-v1-8k" or e.get("path") == "/v1/embeddings"]
+
+
+class SlowReaderTests(GatewayCase):
     @inlineCallbacks
     def test_large_answer_to_slow_reader_arrives_whole(self):
         """
@@ -327,8 +336,180 @@ class SlowReaderTests(TestCase):
         self.assertEqual(site.context.in_flight, 0)
         self.assertEqual(high_levels(self.events), [])
 
-    def completed(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("route") == "kimi/moonshot-v1-8k" or e.get("path") == "/v1/embeddings"]
+
+def stream_request(port: int) -> bytes:
+    return post(
+        port,
+        "/v1/chat/completions",
+        {"model": "moonshot-v1-8k", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    )
+
+
+@attrs.define
+class StreamReader:
+    """
+    A client on a connection with a small receive buffer that takes a
+    stream's head, then reads nothing until L{resume} is set (or for
+    C{pause} seconds), then reads on until the server closes (in a thread:
+    L{read}).
+    """
+
+    port: int
+    pause: float = 30.0
+    resume: threading.Event = attrs.field(factory=threading.Event)
+    #: The answer's head, once in.
+    head: bytes = b""
+    #: The server reset the connection.
+    reset: bool = False
+
+    def read(self) -> bytes:
+        """
+        The body read (chunked; the head is L{head}).
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.settimeout(30)
+        try:
+            sock.connect(("127.0.0.1", self.port))
+            sock.sendall(stream_request(self.port))
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    return b""
+                received += chunk
+            self.head, _, body = received.partition(b"\r\n\r\n")
+            self.resume.wait(self.pause)
+            parts = [body]
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    self.reset = True
+                    break
+                if not chunk:
+                    break
+                parts.append(chunk)
+                # The last chunk (the connection is kept open after it).
+                if b"".join(parts[-2:]).endswith(b"\r\n0\r\n\r\n"):
+                    break
+            return b"".join(parts)
+        finally:
+            sock.close()
+
+
+class StreamSendDeadlineTests(GatewayCase):
+    """
+    A stream whose client stops reading: the client's connection holds it
+    back (the upstream read paused with it), and the client, not the
+    provider, has a deadline to take more: C{API_SEND_TIMEOUT_SECONDS}, not
+    UPSTREAM_TIMEOUT.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        # About 2 MB of events, all sent at once: far more than the
+        # buffers between the gateway and the client hold.
+        self.upstream.kimi.reply = " ".join(["word"] * 10_000)
+        # Time to shrink the gateway's send buffer (slow_link) first.
+        self.upstream.kimi.delay = 0.3
+
+    @inlineCallbacks
+    def test_client_that_stops_reading_is_a_send_timeout(self):
+        """
+        A client that takes a stream's head and then nothing: once it has
+        held the stream back for API_SEND_TIMEOUT_SECONDS (0.5 s here) its
+        connection is aborted, the upstream one dropped, and the call
+        counted and logged 408 send_timeout; the provider is not blamed
+        (no 504 upstream_timeout after UPSTREAM_TIMEOUT, 2 s here; its
+        breaker, which one failure would open, stays closed).
+        """
+        # Then a comment every 0.1 s, for ever: the stream never ends.
+        self.upstream.kimi.mode = "trickle"
+        self.upstream.kimi.cut_after = 8_000
+        gateway = self.gateway(
+            api_send_timeout_seconds=0.5,
+            upstream_timeout=2.0,
+            breaker_failures=1,
+            fallback="off",
+            api_header_timeout_seconds=30.0,
+        )
+        assert gateway.api_port is not None
+        site = gateway.service.api_site
+        reader = StreamReader(gateway.api_port)
+        self.addCleanup(reader.resume.set)
+        reading = deferToThread(reader.read)
+        yield self.slow_link(site)
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(408, "send_timeout")])
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        yield self.wait_for(lambda: self.upstream.kimi.streams_lost == 1, "the upstream connection to drop")
+        yield self.wait_for(lambda: len(site.connections) == 0, "the client's connection to close")
+        self.assertEqual(site.context.in_flight, 0)
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+        reader.resume.set()
+        body = yield reading
+        self.assertNotIn(b"upstream_timeout", body)
+        self.assertEqual(high_levels(self.events), [])
+
+    @inlineCallbacks
+    def test_client_that_resumes_gets_the_whole_stream(self):
+        """
+        A client that holds a stream back longer than UPSTREAM_TIMEOUT
+        (1 s here), but within API_SEND_TIMEOUT_SECONDS, then reads on,
+        gets the whole stream: the provider was not waited on meanwhile.
+        """
+        gateway = self.gateway(
+            api_send_timeout_seconds=10.0, upstream_timeout=1.0, fallback="off", api_header_timeout_seconds=30.0
+        )
+        assert gateway.api_port is not None
+        reader = StreamReader(gateway.api_port, pause=2.0)
+        self.addCleanup(reader.resume.set)
+        reading = deferToThread(reader.read)
+        yield self.slow_link(gateway.service.api_site)
+        body = dechunked((yield reading))
+        self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-300:])
+        self.assertEqual(body.count(b'word"'), 10_000)
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(200, None)])
+
+    @inlineCallbacks
+    def test_provider_limit_runs_again_once_resumed(self):
+        """
+        Once the client reads on, the provider's time limit runs again: a
+        stream that then brings no whole event within UPSTREAM_TIMEOUT (1 s
+        here; only comments) ends with the upstream_timeout error event,
+        after every event that came before it.
+        """
+        self.upstream.kimi.mode = "trickle"
+        self.upstream.kimi.cut_after = 8_000
+        gateway = self.gateway(
+            api_send_timeout_seconds=10.0, upstream_timeout=1.0, fallback="off", api_header_timeout_seconds=30.0
+        )
+        assert gateway.api_port is not None
+        reader = StreamReader(gateway.api_port, pause=2.0)
+        self.addCleanup(reader.resume.set)
+        reading = deferToThread(reader.read)
+        yield self.slow_link(gateway.service.api_site)
+        body = dechunked((yield reading))
+        self.assertGreater(body.count(b'word"'), 7_900)
+        self.assertIn(b"upstream_timeout", body.rsplit(b"data: ", 1)[1])
+        yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
+        self.assertEqual([(e["status"], e["outcome"]) for e in self.completed()], [(504, "upstream_timeout")])
+
+
+def dechunked(body: bytes) -> bytes:
+    """
+    A chunked HTTP/1.1 body's data.
+    """
+    parts = []
+    while body:
+        size, _, body = body.partition(b"\r\n")
+        length = int(size, 16)
+        parts.append(body[:length])
+        body = body[length + 2 :]
+    return b"".join(parts)
 
 
 class SendWholeTests(TestCase):

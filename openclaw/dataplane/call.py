@@ -13,7 +13,12 @@ C{[DONE]}.
 
 Time limits: the whole exchange for an answer in one piece; for a stream,
 the wait for the headers and then each gap between whole events (comment
-lines and partial lines do not count).  Whoever goes
+lines and partial lines do not count).  While the client's connection
+holds a stream back (it takes its bytes slower than they come, and the
+upstream read is paused with it), the provider is not waited on: the
+client must take some of it within C{API_SEND_TIMEOUT_SECONDS}, else its
+connection is aborted, the upstream one dropped and the call counted 408
+C{send_timeout}, as for a large answer in one piece.  Whoever goes
 away first, the other side is let go: a client that disconnects cancels
 the upstream request, an upstream that breaks ends the client's stream.
 """
@@ -26,7 +31,7 @@ from typing import Any, cast
 import attrs
 import orjson
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -37,7 +42,7 @@ from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
-from openclaw.dataplane.answer import CUT_STATUS, send_whole
+from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, send_whole
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -190,6 +195,9 @@ class ChatCall:
     _error_status: int = 0
     #: The status of the 2xx answer whose body is being read, for messages.
     _answer_status: int = 200
+    #: The client's connection holds the stream back (L{client_paused}):
+    #: the timer runs the client's send deadline, not the provider's.
+    _client_paused: bool = False
 
     def start(self, body: bytes) -> None:
         context = self.context
@@ -552,7 +560,7 @@ class ChatCall:
         if self._over:
             return
         assert self._timer is not None
-        if decoded:
+        if decoded and not self._client_paused:
             self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)
@@ -618,6 +626,8 @@ class ChatCall:
         if relay is not None:
             relay.stop()
         self._translation = None
+        # The next attempt's stream starts unpaused.
+        self._client_paused = False
 
     def _attempt_failed(self, reason: FallbackReason, error: APIError) -> None:
         """
@@ -656,8 +666,65 @@ class ChatCall:
 
     # -- endings ---------------------------------------------------------------
 
+    def client_paused(self) -> None:
+        """
+        The client's connection takes no more of the stream for now (its
+        buffers are full; the upstream read is paused with it): until it
+        resumes (L{client_resumed}), the provider's time limit is off and
+        the client has C{API_SEND_TIMEOUT_SECONDS} to take some, else
+        L{_send_timed_out}.
+        """
+        if self._over or self._client_paused or self._timer is None:
+            return
+        self._client_paused = True
+        self._timer.reset(self._send_timeout())
+
+    def client_resumed(self) -> None:
+        """
+        The client's connection takes the stream again: the provider's
+        time limit (UPSTREAM_TIMEOUT) runs again, in full.
+        """
+        if not self._client_paused:
+            return
+        self._client_paused = False
+        if not self._over and self._timer is not None:
+            self._timer.reset(self.context.timeout)
+
+    def _send_timeout(self) -> float:
+        """
+        C{API_SEND_TIMEOUT_SECONDS}, from the limits of the request's site
+        (L{openclaw.dataplane.site.APIRequest.api_site}); UPSTREAM_TIMEOUT
+        for a request that came on no such site.
+        """
+        site = getattr(self.request, "api_site", None)
+        return self.context.timeout if site is None else float(site.limits.send_timeout)
+
+    def _send_timed_out(self) -> None:
+        """
+        The client took nothing of the stream within
+        C{API_SEND_TIMEOUT_SECONDS}: its fault, not the provider's (no
+        verdict on its breaker).  The upstream connection is dropped, the
+        client's aborted (an HTTP/2 stream reset; no error can reach a
+        client that does not read), and the call counted 408
+        C{send_timeout}, as a large answer in one piece is
+        (L{openclaw.dataplane.answer.WholeAnswer}).
+        """
+        self._finish_call()
+        request = self.request
+        try:
+            transport = request.transport
+            if transport is not None:
+                cast(ITCPTransport, transport).abortConnection()
+            else:
+                # An HTTP/2 stream (twisted.web's H2Stream): RST_STREAM.
+                cast(Any, request.channel).abortConnection()
+        finally:
+            self._ended(CUT_STATUS[SEND_TIMEOUT], SEND_TIMEOUT)
+
     def _timed_out(self) -> None:
         self._timer = None
+        if self._client_paused:
+            return self._send_timed_out()
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
         if self._waiting_for == _ERROR_BODY:
             return self._error_body_lost(error)
@@ -887,7 +954,7 @@ class _StreamRelay(Protocol):
     _registered: IPushProducer | None = None
 
     def connectionMade(self) -> None:
-        self._registered = _ClientSide(self)
+        self._registered = _ClientSide(self, self._call)
         self._call.request.registerProducer(self._registered, True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -1003,20 +1070,25 @@ class _StreamRelay(Protocol):
 class _ClientSide:
     """
     The upstream body as the client's connection sees it (its producer):
-    pausing and resuming pass through; a stop, when the client's
-    connection is lost, drops the upstream connection unless the call
-    reads the rest of the stream (L{ChatCall.reads_out}).
+    pausing and resuming pass through, and tell the call, whose timer runs
+    the client's send deadline while paused (L{ChatCall.client_paused}); a
+    stop, when the client's connection is lost, drops the upstream
+    connection unless the call reads the rest of the stream
+    (L{ChatCall.reads_out}).
     """
 
-    def __init__(self, relay: _StreamRelay) -> None:
+    def __init__(self, relay: _StreamRelay, call: ChatCall) -> None:
         self._relay = relay
+        self._call = call
 
     def pauseProducing(self) -> None:
         self._relay.producer.pauseProducing()
+        self._call.client_paused()
 
     def resumeProducing(self) -> None:
+        self._call.client_resumed()
         self._relay.producer.resumeProducing()
 
     def stopProducing(self) -> None:
-        if not self._relay._call.reads_out():
+        if not self._call.reads_out():
             self._relay.producer.stopProducing()

@@ -47,7 +47,12 @@ class SSEDecoder:
     """
 
     def __init__(self) -> None:
-        self._partial = b""
+        #: The line not ended yet, in the pieces it came in, and their
+        #: total length: joined once, when its line end comes, so that a
+        #: long line arriving in small reads costs time linear in its
+        #: length.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._data: list[bytes] = []
         self._name = b""
         #: The last chunk ended in CR: an LF starting the next one is that
@@ -64,16 +69,23 @@ class SSEDecoder:
         if self._skip_lf and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skip_lf = chunk[-1:] == b"\r"
-        if self._partial:
-            chunk = self._partial + chunk
-        lines = chunk.splitlines(keepends=True)
-        if lines and not lines[-1].endswith((b"\n", b"\r")):
-            self._partial = lines.pop()
-        else:
-            self._partial = b""
+        # Only the new bytes are searched for a line end.
+        end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+        if not end:
+            if chunk:
+                self._pending.append(chunk)
+                self._pending_size += len(chunk)
+                self._check_size()
+            return []
+        ended, rest = chunk[:end], chunk[end:]
+        if self._pending:
+            self._pending.append(ended)
+            ended = b"".join(self._pending)
+        self._pending = [rest] if rest else []
+        self._pending_size = len(rest)
+        lines = ended.splitlines()
         events: list[Event] = []
         for line in lines:
-            line = line.rstrip(b"\r\n")
             if not line:
                 if self._data:
                     events.append(Event(self._name, b"\n".join(self._data)))
@@ -92,6 +104,9 @@ class SSEDecoder:
             elif field == b"event":
                 self._name = value
             # "id" and "retry" mean nothing to a relay.
-        if self._size + len(self._partial) > MAX_EVENT_BYTES:
-            raise SSEError(f"a server-sent event longer than {MAX_EVENT_BYTES} bytes")
+        self._check_size()
         return events
+
+    def _check_size(self) -> None:
+        if self._size + self._pending_size > MAX_EVENT_BYTES:
+            raise SSEError(f"a server-sent event longer than {MAX_EVENT_BYTES} bytes")
