@@ -51,6 +51,7 @@ import threading
 from collections.abc import Mapping
 from typing import IO, Any, cast
 
+import attrs
 import orjson
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.application.internet import ClientService
@@ -71,6 +72,7 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from openclaw.addresses import host_of
 from openclaw.settings import ConfigError
 from openclaw.timefmt import isoformat
 
@@ -270,10 +272,7 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}) but for its line for a peer's
     TLS error, not shown (L{PeerTLSErrors}).
     """
-    if log_format == "json":
-        inner: ILogObserver = AcceptErrorLimiter(FileLogObserver(stream, json_line))
-    else:
-        inner = AcceptErrorLimiter(FileLogObserver(stream, text_line))
+    inner = FileLogObserver(stream, json_line if log_format == "json" else text_line)
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
@@ -282,8 +281,9 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.warn))
         for namespace in QUIET_WEBSOCKET:
             predicate.setLogLevelForNamespace(namespace, max(threshold, LogLevel.error))
-        return FilteringLogObserver(inner, [PeerTLSErrors(), predicate])
-    return FilteringLogObserver(inner, [predicate])
+        # Before the level filter: a line's level may be lowered.
+        return PeerLineLimiter(FilteringLogObserver(inner, [PeerTLSErrors(), predicate]))
+    return PeerLineLimiter(FilteringLogObserver(inner, [predicate]))
 
 
 @implementer(ILogFilterPredicate)
@@ -314,42 +314,117 @@ ACCEPT_ERROR_FORMATS = frozenset(
         "Re-reserving EMFILE recovery file descriptor.",
     )
 )
-#: Seconds between two of those lines at most.
+#: Seconds between two lines of one kind of L{PEER_CAUSED_LINES} at most.
 ACCEPT_ERROR_INTERVAL_SECONDS = 60.0
 
 
-@implementer(ILogObserver)
-class AcceptErrorLimiter:
+@attrs.frozen
+class PeerCausedLine:
     """
-    Passes every event on to C{observer}, but Twisted's accept-failure
-    lines (L{ACCEPT_ERROR_FORMATS}) at most once per C{interval} seconds
-    (by the events' own C{log_time}); the next one let through says how
-    many were left out (C{accept_errors_suppressed}).
+    One kind of line a library logs for each connection, for what its peer
+    did: any client can cause it at will, so a flood of them would flood
+    the log.  Matched by its C{log_format} (one of C{formats}), or else by
+    its C{namespace}, C{level} and a C{field} of the event (none of the
+    text).
+
+    @ivar name: the kind; the first line let through after some were left
+        out carries their count as C{<name>_suppressed}.
+    @ivar shown_at: the level it is shown at (the line was logged above
+        it); None: its own.
+    @ivar message: its message when shown at C{shown_at}: the event's own
+        fields, and C{peer} (the host of its C{client} field,
+        L{host_of}).
     """
 
-    def __init__(self, observer: ILogObserver, interval: float = ACCEPT_ERROR_INTERVAL_SECONDS) -> None:
+    name: str
+    formats: frozenset[str] = frozenset()
+    namespace: str | None = None
+    level: LogLevel | None = None
+    field: str | None = None
+    shown_at: LogLevel | None = None
+    message: str | None = None
+
+    def matches(self, event: LogEvent) -> bool:
+        if self.formats:
+            return event.get("log_format") in self.formats
+        return (
+            event.get("log_namespace") == self.namespace
+            and event.get("log_level") == self.level
+            and self.field in event
+        )
+
+
+#: The lines of L{PEER_CAUSED_LINES}: Twisted's accept failures, and
+#: twisted.web's HTTP/2 connection's error line (its C{client},
+#: C{maxBufferedControlFrameBytes} fields) when it aborts a connection
+#: whose client sends control frames (PINGs, SETTINGS) and does not read
+#: the answers: no error of the gateway's, which goes on serving everyone
+#: else, so shown at info.
+PEER_CAUSED_LINES = (
+    PeerCausedLine("accept_errors", formats=ACCEPT_ERROR_FORMATS),
+    PeerCausedLine(
+        "http2_control_frames",
+        # twisted.web's class H2Connection (module twisted.web._http2), whose
+        # Logger is named after it.
+        namespace="twisted.web._http2.H2Connection",
+        level=LogLevel.error,
+        field="maxBufferedControlFrameBytes",
+        shown_at=LogLevel.info,
+        message="HTTP/2 connection from {peer} aborted: its client sent control frames (PING, SETTINGS) "
+        "and did not read the answers ({bufferedControlFrameBytes} bytes held, at most "
+        "{maxBufferedControlFrameBytes})",
+    ),
+)
+
+
+@implementer(ILogObserver)
+class PeerLineLimiter:
+    """
+    Passes every event on to C{observer}, but each kind of line of
+    C{kinds} (L{PEER_CAUSED_LINES}) at most once per C{interval} seconds
+    (by the events' own C{log_time}), at the level the kind is shown at;
+    the next one let through says how many were left out
+    (C{<name>_suppressed}).
+    """
+
+    def __init__(
+        self,
+        observer: ILogObserver,
+        interval: float = ACCEPT_ERROR_INTERVAL_SECONDS,
+        kinds: tuple[PeerCausedLine, ...] = PEER_CAUSED_LINES,
+    ) -> None:
         self._observer = observer
         self._interval = interval
-        self._last: float | None = None
-        self._suppressed = 0
+        self._kinds = kinds
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     def __call__(self, event: LogEvent) -> None:
-        log_format = event.get("log_format")
-        if log_format not in ACCEPT_ERROR_FORMATS:
-            self._observer(event)
-            return
+        for kind in self._kinds:
+            if kind.matches(event):
+                self._limited(kind, event)
+                return
+        self._observer(event)
+
+    def _limited(self, kind: PeerCausedLine, event: LogEvent) -> None:
         now = event.get("log_time") or 0.0
-        if self._last is not None and 0 <= now - self._last < self._interval:
-            self._suppressed += 1
+        last = self._last.get(kind.name)
+        if last is not None and 0 <= now - last < self._interval:
+            self._suppressed[kind.name] = self._suppressed.get(kind.name, 0) + 1
             return
-        self._last = now
-        suppressed, self._suppressed = self._suppressed, 0
+        self._last[kind.name] = now
+        suppressed = self._suppressed.pop(kind.name, 0)
+        log_format = event.get("log_format")
+        if kind.shown_at is not None:
+            event = {**event, "log_level": kind.shown_at, "peer": host_of(event.get("client"))}
+            if kind.message is not None:
+                log_format = event["log_format"] = kind.message
         if suppressed:
+            field = f"{kind.name}_suppressed"
             event = {
                 **event,
-                "log_format": f"{log_format} ({{accept_errors_suppressed}} similar lines suppressed in the last "
-                f"{self._interval:g} s)",
-                "accept_errors_suppressed": suppressed,
+                "log_format": f"{log_format} ({{{field}}} similar lines suppressed in the last {self._interval:g} s)",
+                field: suppressed,
             }
         self._observer(event)
 
@@ -435,7 +510,9 @@ def _null(value: Any) -> None:
 
 
 __all__ = [
-    "AcceptErrorLimiter",
+    "PEER_CAUSED_LINES",
+    "PeerCausedLine",
+    "PeerLineLimiter",
     "PeerTLSErrors",
     "ReopenedLogFile",
     "foreground",

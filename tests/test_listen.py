@@ -460,6 +460,69 @@ class Http2Tests(TestCase):
         )
         self.assertEqual((agreed, status), ("h2", 401))
 
+    @inlineCallbacks
+    def test_http2_ping_flood_is_no_error(self):
+        """
+        A client with no key that floods PINGs and reads none of the
+        answers: twisted.web aborts its connection and logs that at error;
+        the gateway's log shows it at info, with the peer, once a minute
+        at most, however many connections do it.
+        """
+        out = io.StringIO()
+        observer = make_observer(out, "text", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        aborted: list[dict[str, Any]] = []
+
+        def h2_abort(event: dict[str, Any]) -> None:
+            if "maxBufferedControlFrameBytes" in event:
+                aborted.append(event)
+
+        globalLogPublisher.addObserver(h2_abort)
+        self.addCleanup(globalLogPublisher.removeObserver, h2_abort)
+        yield deferToThread(ping_flood, self.port, self.ca, lambda: len(aborted) >= 2)
+        self.assertGreaterEqual(len(aborted), 2)
+        lines = [line.split(" ", 1)[1] for line in out.getvalue().splitlines()]
+        self.assertEqual([line for line in lines if "#error]" in line or "#critical]" in line], [])
+        flood = [line for line in lines if "control frames" in line]
+        self.assertEqual(len(flood), 1, lines)
+        self.assertIn("#info] HTTP/2 connection from 127.0.0.1 aborted", flood[0])
+
+
+def ping_flood(port: int, ca: bytes, enough: Any, seconds: float = 10.0) -> None:
+    """
+    Over HTTP/2 on TLS, without a key: connection after connection (until
+    C{enough()} or C{seconds} pass), send many PING frames with a small
+    receive buffer and read nothing (each connection left open for up
+    to 2 s, or until C{enough()}).
+    """
+    import time
+
+    import h2.connection
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    deadline = time.monotonic() + seconds
+    while not enough() and time.monotonic() < deadline:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        raw.settimeout(2)
+        raw.connect(("127.0.0.1", port))
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            for _ in range(20000):
+                connection.ping(b"12345678")
+            try:
+                sock.sendall(connection.data_to_send())
+            except OSError:
+                continue  # aborted by the server
+            # Not closed at once: a close with answers unread resets the
+            # connection, maybe before the server has read all the PINGs.
+            waited = time.monotonic() + 2.0
+            while not enough() and time.monotonic() < waited:
+                time.sleep(0.02)
+
 
 class InterfaceFailureTests(TestCase):
     """

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import inspect
 import io
+import json
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
@@ -54,10 +56,12 @@ class ControlTextLineTests(TestCase):
         self.assertEqual(reasons, {"auth_lockout", "auth_failures", "auth_timeout"})
 
 
-class AcceptErrorLimiterTests(TestCase):
+class PeerLineLimiterTests(TestCase):
     """
     Twisted's accept-failure lines, one per socket in a flood, are written
-    at most once a minute, with a count of those left out.
+    at most once a minute, with a count of those left out; so is
+    twisted.web's error line for an HTTP/2 client that does not read its
+    control frames' answers, at info.
     """
 
     def test_rate_limited(self) -> None:
@@ -91,3 +95,36 @@ class AcceptErrorLimiterTests(TestCase):
         source = inspect.getsource(tcp).replace('" "', "")
         for log_format in ACCEPT_ERROR_FORMATS:
             self.assertIn(f'"{log_format}"', source)
+
+    def test_http2_control_frames(self) -> None:
+        def event(when: float, port: int) -> dict[str, Any]:
+            # As twisted.web's H2Connection logs it.
+            return {
+                "log_format": "Maximum number of control frame bytes buffered: {bufferedControlFrameBytes} > = "
+                "{maxBufferedControlFrameBytes}. Aborting connection to client: {client} ",
+                "log_time": when,
+                "log_level": LogLevel.error,
+                "log_namespace": "twisted.web._http2.H2Connection",
+                "bufferedControlFrameBytes": 17629,
+                "maxBufferedControlFrameBytes": 17408,
+                "client": IPv4Address("TCP", "203.0.113.7", port),
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(50):
+            observer(event(1000 + n * 0.1, n))
+        observer(event(1061, 99))
+        first, last = (json.loads(line) for line in out.getvalue().splitlines())
+        self.assertEqual((first["level"], first["peer"]), ("info", "203.0.113.7"))
+        self.assertEqual(
+            first["message"],
+            "HTTP/2 connection from 203.0.113.7 aborted: its client sent control frames (PING, SETTINGS) and did "
+            "not read the answers (17629 bytes held, at most 17408)",
+        )
+        self.assertEqual(last["http2_control_frames_suppressed"], 49)
+        self.assertIn("(49 similar lines suppressed in the last 60 s)", last["message"])
+        # Below LOG_LEVEL=warn, not shown at all.
+        quiet = io.StringIO()
+        make_observer(quiet, "text", "warn")(event(1000, 1))
+        self.assertEqual(quiet.getvalue(), "")

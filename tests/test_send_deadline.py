@@ -5,7 +5,10 @@ deadline (C{API_HEADER_TIMEOUT_SECONDS}) starts only once it was all
 handed over and does not cut it; a client that stops reading mid-answer is
 let go after C{API_SEND_TIMEOUT_SECONDS}, and one a stop cuts is counted
 503 shutting_down.  A refusal stuck behind pipelined answers the client
-does not read is counted once (no 408 at its body deadline after it).
+does not read is counted once (no 408 at its body deadline after it).  A
+client that pipelines small requests and reads none of the answers is
+read no more once the send buffer is full, and let go after
+C{API_SEND_TIMEOUT_SECONDS}.
 """
 
 from __future__ import annotations
@@ -699,6 +702,130 @@ class RefusalBehindAnswersTests(TestCase):
 
     def refusals(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane" and "status" in e]
+
+
+#: A small pipelined request, and its answer's body.
+SMALL_REQUEST = b"GET /10 HTTP/1.1\r\nHost: gw\r\n\r\n"
+
+
+class _Counted(Resource):
+    """
+    Answers every request with 10 bytes, on a connection whose send
+    buffer is small, and counts the answers.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = 0
+
+    def render_GET(self, request: Any) -> bytes:
+        if not self.answered:
+            handle = request.channel.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.answered += 1
+        return b"x" * 10
+
+
+def pipeline_without_reading(port: int, seconds: float) -> tuple[int, bool]:
+    """
+    Pipeline L{SMALL_REQUEST}s on one connection for C{seconds}, reading
+    none of the answers: the bytes sent, and whether the server closed
+    the connection meanwhile.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = SMALL_REQUEST * 8192
+    sent = 0
+    try:
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(data[sent % len(SMALL_REQUEST) :])
+            except BlockingIOError:
+                time.sleep(0.005)
+            except OSError:
+                return sent, True
+        return sent, False
+    finally:
+        sock.close()
+
+
+def pipeline_and_read(port: int, count: int) -> int:
+    """
+    Pipeline C{count} L{SMALL_REQUEST}s at once while reading the answers
+    as they come: the answers read whole.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sending = threading.Thread(target=sock.sendall, args=(SMALL_REQUEST * count,))
+        sending.start()
+        answers, tail = 0, b""
+        answer_end = b"\r\n\r\n" + b"x" * 10
+        while answers < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            # An answer's end may straddle two reads.
+            received = tail + chunk
+            answers += received.count(answer_end)
+            tail = received[-(len(answer_end) - 1) :]
+        sending.join()
+        return answers
+
+
+class PipelineUnreadTests(TestCase):
+    """
+    A client that pipelines small requests and never reads the answers:
+    the gateway stops reading once its send buffer is full (twisted.web's
+    channel, paused while it answers a request, would read and answer on,
+    its answers piling up in memory), and aborts the connection
+    C{API_SEND_TIMEOUT_SECONDS} later.  A client that reads as it
+    pipelines gets every answer.
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.events = capture_log_events(self)
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        self.addCleanup(gateway.service.api_site.close_connections)
+        limits = APILimits.from_settings(Settings(api_send_timeout_seconds=0.5, api_keyless_timeout_seconds=60.0))
+        self.resource = _Counted()
+        self.site = APISite(self.resource, limits, gateway.service.api_site.context, reactor=reactor)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.addCleanup(self.site.close_connections)
+
+    @inlineCallbacks
+    def test_reading_stops_and_the_connection_is_aborted(self):
+        """
+        What the gateway answers is bounded by what it read before its
+        send buffer filled and one read more (64 KB: about 2000 of these
+        requests), not by what the client sends; the client is cut off
+        after the send deadline, and that is logged.
+        """
+        started = time.monotonic()
+        sent, closed = yield deferToThread(pipeline_without_reading, self.port.getHost().port, 5.0)
+        self.assertTrue(closed)
+        self.assertLess(time.monotonic() - started, 4.0)
+        self.assertLess(self.resource.answered, 8000)
+        yield self.wait_for(lambda: len(self.site.connections) == 0, "the abort")
+        (aborted,) = [e for e in self.events if "took none of" in e.get("log_format", "")]
+        self.assertEqual(
+            (aborted["peer"], aborted["setting"], aborted["seconds"]), ("127.0.0.1", "API_SEND_TIMEOUT_SECONDS", 0.5)
+        )
+
+    @inlineCallbacks
+    def test_pipelining_reader_gets_every_answer(self):
+        answers = yield deferToThread(pipeline_and_read, self.port.getHost().port, 20000)
+        self.assertEqual(answers, 20000)
+        self.assertEqual(self.resource.answered, 20000)
+
+    wait_for = SlowReaderTests.wait_for
 
 
 def h2_unread_then_small(

@@ -16,7 +16,9 @@ request's head and body each have a deadline of their own
 (C{API_HEADER_TIMEOUT_SECONDS}, C{API_BODY_TIMEOUT_SECONDS}), which more
 bytes do not extend, as Twisted's idle timeout is; a large answer's parts
 each have one too (C{API_SEND_TIMEOUT_SECONDS},
-L{openclaw.dataplane.answer.WholeAnswer}).
+L{openclaw.dataplane.answer.WholeAnswer}), and so do the answers of a
+client that pipelines requests, which are read no further until it takes
+them (L{APIConnection.pauseProducing}).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     INegotiated,
     IProtocol,
+    IPushProducer,
     IReactorTime,
     ITCPTransport,
     ITransport,
@@ -43,6 +46,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+from zope.interface import implementer
 
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
@@ -356,7 +360,7 @@ class APIRequest(Request):
         connection = self._connection = self.connection
         has_body = length is None or length > 0
         if connection is not None:
-            connection.head_received(has_body)
+            connection.head_received(has_body, self.channel)
         elif http11_channel(self) is None:
             # An HTTP/2 stream: twisted.web calls this on reading its
             # content-length field, before the fields after it (an
@@ -561,6 +565,7 @@ def raw_error_response(error: APIError) -> bytes:
     return raw_response(error.status, error.body(), headers=error.headers)
 
 
+@implementer(IPushProducer)
 class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
     """
     One client connection of an L{APISite}: the protocol twisted.web built
@@ -579,7 +584,13 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     request) and the connection is closed.  While a large answer goes out
     part by part (L{WholeAnswer}), each part must be taken within
     C{API_SEND_TIMEOUT_SECONDS} (L{sending}), else the connection is
-    aborted.  These deadlines cover every
+    aborted.  The same holds for any answer of an HTTP/1.1 connection:
+    from its first request it stands as the transport's producer in place
+    of twisted.web's channel (which it passes every pause and resume on),
+    and while the transport has it paused (the client does not take what
+    was written) it reads no more requests and the client has
+    C{API_SEND_TIMEOUT_SECONDS} to read again (L{pauseProducing}).  These
+    deadlines cover every
     wait twisted.web's own idle timeout would (it is off while a request is
     answered), so that timer, moved at every request, is not kept for an
     HTTP/1.1 connection; an HTTP/2 connection is left to it instead.
@@ -616,6 +627,15 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _http2 = False
     #: The protocol has handled the connection's loss.
     _lost = False
+    #: twisted.web's HTTP/1.1 channel, once the transport's producer is
+    #: this connection (L{head_received}); and the transport's reading.
+    _channel: IPushProducer | None = None
+    _reading: IPushProducer | None = None
+    #: The transport has paused its producer: the client does not take
+    #: what was written.  The request's deadline in force then, if any,
+    #: waits meanwhile (C{(seconds, setting, part)}).
+    _send_paused = False
+    _suspended: tuple[float, str, str] | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -718,7 +738,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                     site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
                 )
             return
-        armed, self._armed = self._armed, None
+        if self._send_paused:
+            # The request's deadline is the one waiting for the resume.
+            armed, self._suspended = self._suspended, None
+        else:
+            armed, self._armed = self._armed, None
         seconds = self._site.limits.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
@@ -736,14 +760,20 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             )
         )
 
-    def head_received(self, has_body: bool) -> None:
+    def head_received(self, has_body: bool, channel: object) -> None:
         """
         A request's head is whole: its body, if it has one, may now take
         up to C{API_BODY_TIMEOUT_SECONDS}.  A request is under way (a 408
         at its deadline), also for a pipelined request's head, which
         twisted.web hands over from its buffer once the answer before it
         is finished.
+
+        @param channel: the request's channel (twisted.web's
+            L{HTTPChannel}): at the first request this connection becomes
+            the transport's producer in its place (L{pauseProducing}).
         """
+        if self._channel is None:
+            self._produce_for(cast(IPushProducer, channel))
         self._started = True
         self._disarm()
         if has_body:
@@ -771,6 +801,74 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             return
         self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
+    def _produce_for(self, channel: IPushProducer) -> None:
+        """
+        Stand as the transport's producer in place of C{channel}, which
+        registered itself when the connection was made (nothing was
+        written to the transport since, so it has not paused it).
+        """
+        self._channel = channel
+        if self._lost or self._close_deadline is not None:
+            return
+        transport = self.tcp
+        self._reading = IPushProducer(transport, None)
+        consumer = cast(IConsumer, transport)
+        consumer.unregisterProducer()
+        consumer.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport holds more than its buffer: the client is not taking
+        the answers (or not as fast as they come).  twisted.web's channel
+        is paused (and so any answer going out part by part), the
+        transport reads no more requests, and the client has
+        C{API_SEND_TIMEOUT_SECONDS} to take what was written (the
+        transport resumes its producer once it has handed it all to the
+        kernel), else the connection is aborted; the request's own
+        deadline, if any, waits meanwhile (L{resumeProducing}).
+
+        twisted.web's channel stops reading itself only when it is paused
+        between requests: paused while it answers one (as a small answer
+        is written, before the request is finished), it goes on reading
+        and answering pipelined requests, so the answers of a client that
+        sends requests and never reads pile up in memory without bound.
+        Here only the rest of what it has read already is answered.
+
+        The transport pauses its producer at every write past its buffer:
+        the deadline runs from the first, not moved by the gateway's own
+        writes.
+        """
+        assert self._channel is not None
+        self._channel.pauseProducing()
+        if self._reading is not None:
+            self._reading.pauseProducing()
+        if self._send_paused or self._lost or self._http2 or self._close_deadline is not None:
+            return
+        self._send_paused = True
+        self._suspended, self._armed = self._armed, None
+        self._set_timer(self._site.limits.send_timeout, _SEND_TIMEOUT, "the answers written")
+
+    def resumeProducing(self) -> None:
+        """
+        The transport has handed all it held to the kernel: the send
+        deadline ends, and the request's deadline that waited runs again,
+        afresh; twisted.web's channel is resumed (it reads again once no
+        request is in hand).
+        """
+        if self._send_paused:
+            self._send_paused = False
+            suspended, self._suspended = self._suspended, None
+            if suspended is None:
+                self._armed = None
+            else:
+                self._arm(*suspended)
+        assert self._channel is not None
+        self._channel.resumeProducing()
+
+    def stopProducing(self) -> None:
+        assert self._channel is not None
+        self._channel.stopProducing()
+
     def sending(self, answer: WholeAnswer) -> None:
         """
         C{answer} hands the transport a part now: the client has
@@ -792,10 +890,17 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         A deadline C{seconds} from now.  One timer per connection, moved
         (C{IDelayedCall.reset}) rather than cancelled and made again at
         every step of every request.  None over HTTP/2, nor once the
-        connection closes (L{close_politely}).
+        connection closes (L{close_politely}); while the transport has the
+        connection paused, it waits for the resume (L{resumeProducing}).
         """
         if self._http2 or self._close_deadline is not None:
             return
+        if self._send_paused:
+            self._suspended = (seconds, setting, part)
+            return
+        self._set_timer(seconds, setting, part)
+
+    def _set_timer(self, seconds: float, setting: str, part: str) -> None:
         self._armed = (seconds, setting, part)
         deadline = self._deadline
         if deadline is not None and deadline.active():
@@ -804,7 +909,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._deadline = self._site.reactor.callLater(seconds, self._due)
 
     def _disarm(self) -> None:
-        self._armed = None
+        if self._send_paused:
+            self._suspended = None
+        else:
+            self._armed = None
 
     def _due(self) -> None:
         self._deadline = None
@@ -815,6 +923,16 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             answer, self._sending = self._sending, None
             if answer is not None:
                 answer.timed_out()
+            elif self._site.context is not None:
+                # Answers finished and counted already: the abort is logged.
+                self._site.context.log.info(
+                    "API connection from {peer} aborted: its client took none of {part} within "
+                    "{setting} ({seconds:g} s)",
+                    peer=host_of(self.tcp.getPeer()),
+                    part=armed[2],
+                    setting=armed[1],
+                    seconds=armed[0],
+                )
             self.tcp.abortConnection()
             return
         self._expired(*armed)
