@@ -354,7 +354,8 @@ class PeerCausedLine:
         )
 
 
-#: The lines of L{PEER_CAUSED_LINES}: Twisted's accept failures, and
+#: The lines of L{PEER_CAUSED_LINES}: Twisted's accept failures, Twisted's
+#: HTTP client's line for each interim (1xx) answer a provider sends, and
 #: twisted.web's HTTP/2 connection's error line (its C{client},
 #: C{maxBufferedControlFrameBytes} fields) when it aborts a connection
 #: whose client sends control frames (PINGs, SETTINGS) and does not read
@@ -373,6 +374,16 @@ PEER_CAUSED_LINES = (
         message="HTTP/2 connection from {peer} aborted: its client sent control frames (PING, SETTINGS) "
         "and did not read the answers ({bufferedControlFrameBytes} bytes held, at most "
         "{maxBufferedControlFrameBytes})",
+    ),
+    PeerCausedLine(
+        "upstream_interim_answers",
+        # Twisted's HTTP client (class HTTPClientParser, whose Logger is
+        # named after it) skipping a provider's 1xx answer ("Ignoring
+        # unexpected {code} response"): a provider sending them without
+        # end (bounded: openclaw.providers.endpoints) would fill the log.
+        namespace="twisted.web._newclient.HTTPClientParser",
+        level=LogLevel.info,
+        field="code",
     ),
 )
 

@@ -428,6 +428,34 @@ class AnswerTests(AgentTestCase):
         self.assertEqual(server.open_connections(), 0)
 
     @inlineCallbacks
+    def test_heads_bounded_together(self):
+        """
+        The bound holds for all the heads of one answer: interim answers
+        without end; an interim status only Twisted's reading of it sees
+        as one (C{0100}, C{+100}), before endless header lines; a head
+        sent whole in one read.
+        """
+        pad = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"x" * 200) for n in range(2000))
+        for answer in (
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 5000,
+            b"HTTP/1.1 0100 X\r\n\r\nHTTP/1.1 200 OK\r\n" + pad,
+            b"HTTP/1.1 +100 X\r\n\r\nHTTP/1.1 200 OK\r\n" + pad,
+            b"HTTP/1.1 200 OK\r\n" + pad[:131000] + b"\r\nbody",
+        ):
+
+            def send(server: ScriptedServer, answer: bytes = answer) -> None:
+                server.transport.write(answer)
+
+            server = yield self.serve(send)
+            started = time.monotonic()
+            call = self.post(self.registry()).addTimeout(5, reactor)
+            failure = yield self.assertFailure(call, ResponseFailed, ResponseNeverReceived)
+            self.assertLess(time.monotonic() - started, 2, answer[:40])
+            self.assertFalse(any(reason.check(CancelledError) for reason in failure.reasons), failure.reasons)
+            yield tick(0.05)
+            self.assertEqual(server.open_connections(), 0)
+
+    @inlineCallbacks
     def test_head_in_pieces(self):
         """
         A head whose empty line is split across reads (CR LF, then CR LF;

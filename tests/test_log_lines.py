@@ -96,6 +96,31 @@ class PeerLineLimiterTests(TestCase):
         for log_format in ACCEPT_ERROR_FORMATS:
             self.assertIn(f'"{log_format}"', source)
 
+    def test_upstream_interim_answers(self) -> None:
+        """
+        Twisted's HTTP client logs each interim (1xx) answer it skips: a
+        provider sending them without end is shown once a minute.
+        """
+
+        def event(when: float) -> dict[str, Any]:
+            # As Twisted's HTTPClientParser logs it.
+            return {
+                "log_format": "Ignoring unexpected {code} response",
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": "twisted.web._newclient.HTTPClientParser",
+                "code": 103,
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(1000):
+            observer(event(1000 + n * 0.01))
+        observer(event(1061))
+        first, last = (json.loads(line) for line in out.getvalue().splitlines())
+        self.assertEqual(first["message"], "Ignoring unexpected 103 response")
+        self.assertEqual(last["upstream_interim_answers_suppressed"], 999)
+
     def test_http2_control_frames(self) -> None:
         def event(when: float, port: int) -> dict[str, Any]:
             # As twisted.web's H2Connection logs it.

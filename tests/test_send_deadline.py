@@ -814,7 +814,7 @@ class PipelineUnreadTests(TestCase):
         self.assertLess(time.monotonic() - started, 4.0)
         self.assertLess(self.resource.answered, 8000)
         yield self.wait_for(lambda: len(self.site.connections) == 0, "the abort")
-        (aborted,) = [e for e in self.events if "took none of" in e.get("log_format", "")]
+        (aborted,) = [e for e in self.events if "had not taken all of" in e.get("log_format", "")]
         self.assertEqual(
             (aborted["peer"], aborted["setting"], aborted["seconds"]), ("127.0.0.1", "API_SEND_TIMEOUT_SECONDS", 0.5)
         )

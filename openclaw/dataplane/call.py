@@ -16,7 +16,8 @@ the wait for the headers and then each gap between whole events (comment
 lines and partial lines do not count).  While the client's connection
 holds a stream back (it takes its bytes slower than they come, and the
 upstream read is paused with it), the provider is not waited on: the
-client must take some of it within C{API_SEND_TIMEOUT_SECONDS}, else its
+client must take all that was written within C{API_SEND_TIMEOUT_SECONDS}
+(the transport resumes its producer only once its buffer is empty), else its
 connection is aborted, the upstream one dropped and the call counted 408
 C{send_timeout}, as for a large answer in one piece.  Whoever goes
 away first, the other side is let go: a client that disconnects cancels
@@ -671,8 +672,8 @@ class ChatCall:
         The client's connection takes no more of the stream for now (its
         buffers are full; the upstream read is paused with it): until it
         resumes (L{client_resumed}), the provider's time limit is off and
-        the client has C{API_SEND_TIMEOUT_SECONDS} to take some, else
-        L{_send_timed_out}.
+        the client has C{API_SEND_TIMEOUT_SECONDS} to take all that was
+        written, else L{_send_timed_out}.
         """
         if self._over or self._client_paused or self._timer is None:
             return
@@ -701,7 +702,7 @@ class ChatCall:
 
     def _send_timed_out(self) -> None:
         """
-        The client took nothing of the stream within
+        The client had not taken all that was written of the stream within
         C{API_SEND_TIMEOUT_SECONDS}: its fault, not the provider's (no
         verdict on its breaker).  The upstream connection is dropped, the
         client's aborted (an HTTP/2 stream reset; no error can reach a

@@ -923,10 +923,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             answer, self._sending = self._sending, None
             if answer is not None:
                 answer.timed_out()
-            elif self._site.context is not None:
-                # Answers finished and counted already: the abort is logged.
+            elif self._site.context is not None and not self._started:
+                # Answers finished and counted already: the abort is logged
+                # (a call under way, a stream, logs its own ending).
                 self._site.context.log.info(
-                    "API connection from {peer} aborted: its client took none of {part} within "
+                    "API connection from {peer} aborted: its client had not taken all of {part} within "
                     "{setting} ({seconds:g} s)",
                     peer=host_of(self.tcp.getPeer()),
                     part=armed[2],

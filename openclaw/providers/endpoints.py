@@ -82,11 +82,12 @@ class CachedEndpoints:
         return HostnameEndpoint(self._reactor, host.encode("ascii"), port)
 
 
-#: The most a provider's response head (status line and header fields,
-#: interim 1xx heads each on their own) may take, in bytes.  Twisted's HTTP
-#: client keeps every header line it reads, with no bound (its server side
-#: has one: C{HTTPChannel.totalHeadersSize}, 16 KiB), so a broken or hostile
-#: upstream could send header lines until C{UPSTREAM_TIMEOUT}.
+#: The most the heads of a provider's response (status lines and header
+#: fields, interim 1xx heads and the final one together) may take, in
+#: bytes.  Twisted's HTTP client keeps every header line it reads, with no
+#: bound (its server side has one: C{HTTPChannel.totalHeadersSize}, 16
+#: KiB), so a broken or hostile upstream could send header lines, or
+#: interim answers, until C{UPSTREAM_TIMEOUT}.
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 
@@ -103,20 +104,41 @@ def _head_end(data: bytes, start: int = 0) -> int:
     return lf + 2 if lf >= 0 else -1
 
 
+def _interim(head: bytes) -> bool:
+    """
+    Whether a head whose first bytes (its first line whole) are C{head} is
+    an interim answer (1xx), read as Twisted's client reads it: the line
+    without a CR before its LF, its status code the C{int()} of the second
+    of up to three space-separated parts.
+    """
+    line = head.split(b"\n", 1)[0]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    parts = line.split(b" ", 2)
+    if len(parts) < 2:
+        return False
+    try:
+        code = int(parts[1])
+    except ValueError:
+        return False
+    return 100 <= code < 200
+
+
 class _HeadLimitedProtocol(ProtocolWrapper):
     """
     Between Twisted's HTTP client protocol and its transport: counts the
-    bytes of each response head and aborts the connection once one passes
+    bytes of the heads of each response (any interim 1xx heads and the
+    final one together) and aborts the connection once they pass
     L{MAX_RESPONSE_HEAD_BYTES} (the client then fails the request with
-    C{ResponseFailed}, or C{ResponseNeverReceived}).  A head is expected
+    C{ResponseFailed}, or C{ResponseNeverReceived}).  Heads are expected
     from each request written on: Twisted's client writes a request whole,
     before its response is read, and one at a time on a connection.
     """
 
-    #: Bytes of the head being read so far; None while no head is.
+    #: Bytes of the response's heads read so far; None while none is read.
     _seen: int | None = None
-    #: The head's first bytes, up to its status code.
-    _start = b""
+    #: The head's first bytes, through its first line once that is whole.
+    _first = b""
     #: The head's last two bytes so far (an empty line may span reads).
     _last = b""
 
@@ -130,7 +152,7 @@ class _HeadLimitedProtocol(ProtocolWrapper):
 
     def _expect_head(self) -> None:
         if self._seen is None:
-            self._seen, self._start, self._last = 0, b"", b""
+            self._seen, self._first, self._last = 0, b"", b""
 
     def dataReceived(self, data: bytes) -> None:
         if self._seen is None or self._within_limit(data):
@@ -139,24 +161,27 @@ class _HeadLimitedProtocol(ProtocolWrapper):
     def _within_limit(self, data: bytes) -> bool:
         at = 0
         while self._seen is not None and at < len(data):
-            if len(self._start) < 12:
-                self._start += data[at : at + 12 - len(self._start)]
+            if b"\n" not in self._first:
+                newline = data.find(b"\n", at)
+                self._first += data[at : newline + 1 if newline >= 0 else len(data)]
             # An empty line begun in the last read and ended in this one
             # comes first; else one within this read.
             end = _head_end(self._last + data[at : at + 2]) if self._last else -1
             end = at + end - len(self._last) if end >= 0 else _head_end(data, at)
+            self._seen += (len(data) if end < 0 else end) - at
+            if self._seen > MAX_RESPONSE_HEAD_BYTES:
+                self._seen = None
+                cast(ITCPTransport, self.transport).abortConnection()
+                return False
             if end < 0:
-                self._seen += len(data) - at
                 self._last = data[-2:] if len(data) - at >= 2 else (self._last + data[at:])[-2:]
-                if self._seen > MAX_RESPONSE_HEAD_BYTES:
-                    self._seen = None
-                    cast(ITCPTransport, self.transport).abortConnection()
-                    return False
                 return True
             at = end
-            # "HTTP/1.1 103 ...": an interim answer; the final head follows.
-            interim = self._start[:7] == b"HTTP/1." and self._start[9:10] == b"1"
-            self._seen, self._start, self._last = (0, b"", b"") if interim else (None, b"", b"")
+            if _interim(self._first):
+                # The final head follows, within what is left of the bound.
+                self._first, self._last = b"", b""
+            else:
+                self._seen, self._first, self._last = None, b"", b""
         return True
 
 
@@ -172,6 +197,8 @@ def _wrapped(wrapper: IProtocol) -> IProtocol:
 
 class _HeadLimitedFactory(WrappingFactory):
     protocol = _HeadLimitedProtocol
+    # No "Starting factory" line for each connection to a provider.
+    noisy = False
 
 
 @implementer(IStreamClientEndpoint)
