@@ -111,6 +111,10 @@ def _interim(head: bytes) -> bool:
     without a CR before its LF, its status code the C{int()} of the second
     of up to three space-separated parts.
     """
+    if head[:9] == b"HTTP/1.1 " and head[9:10] in b"2345":
+        # The usual final head: a status from 200 up (no int() of a part
+        # beginning so is from 100 to 199).
+        return False
     line = head.split(b"\n", 1)[0]
     if line.endswith(b"\r"):
         line = line[:-1]
