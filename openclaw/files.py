@@ -40,9 +40,17 @@ def write_atomically(path: Path, text: str) -> None:
 
 class NotARegularFile(OSError):
     """
-    A file read as an untrusted one (L{read_regular_file}) is not a regular
-    file of a sane size; the message says what it is instead.
+    A file opened or read as an untrusted one (L{open_regular_file},
+    L{read_regular_file}) is not a regular file of a sane size; the
+    message says what it is instead.
+
+    @ivar kind: what is there instead (L{kind_of}); None when it is a
+        regular file, too large.
     """
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def kind_of(mode: int) -> str:
@@ -64,6 +72,38 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
+def open_regular_file(path: Path, flags: int, mode: int = 0o600) -> int:
+    """
+    A descriptor of C{path}, opened with C{os.open}'s C{flags} (and
+    C{mode}, for a file C{O_CREAT} makes), which must be a regular file:
+    opening does not wait for a FIFO's writer (C{O_NONBLOCK}), and a
+    symbolic link is refused where C{flags} hold C{O_NOFOLLOW}.
+
+    @raise NotARegularFile: something else is there; its C{kind} says what.
+    @raise OSError: it cannot be opened.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        try:
+            found = os.lstat(path).st_mode
+        except OSError:
+            raise e from None
+        if not stat.S_ISREG(found):
+            raise _not_regular(found) from None
+        raise
+    found = os.fstat(fd).st_mode
+    if not stat.S_ISREG(found):
+        os.close(fd)
+        raise _not_regular(found)
+    return fd
+
+
+def _not_regular(mode: int) -> NotARegularFile:
+    kind = kind_of(mode)
+    return NotARegularFile(f"it is {kind}, not a regular file", kind)
+
+
 def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> bytes:
     """
     The bytes of C{path}, read without trusting what it is: a symbolic link
@@ -78,20 +118,9 @@ def read_regular_file(path: Path, limit: int, follow_links: bool = False) -> byt
         directory, or too large; the message says which.
     @raise OSError: it cannot be opened or read.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError:
-            raise e from None
-        if not stat.S_ISREG(mode):
-            raise NotARegularFile(f"it is {kind_of(mode)}, not a regular file") from None
-        raise
+    fd = open_regular_file(path, os.O_RDONLY | (0 if follow_links else os.O_NOFOLLOW))
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotARegularFile(f"it is {kind_of(info.st_mode)}, not a regular file")
         if info.st_size > limit:
             raise NotARegularFile(f"it holds {info.st_size} bytes, more than the {limit} it may")
     except BaseException:
@@ -193,20 +222,9 @@ class PidLock:
     @staticmethod
     def _open(path: Path) -> int:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            try:
-                mode = os.lstat(path).st_mode
-            except OSError:
-                raise e from None
-            if not stat.S_ISREG(mode):
-                raise NotALockFile(f"{path} is {kind_of(mode)}, not a regular file") from None
-            raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise NotALockFile(f"{path} is {kind_of(mode)}, not a regular file")
-        return fd
+            return open_regular_file(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+        except NotARegularFile as e:
+            raise NotALockFile(f"{path} is {e.kind}, not a regular file") from None
 
     def record_pid(self) -> None:
         """

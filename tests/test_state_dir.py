@@ -96,7 +96,7 @@ class StateDirTests(TestCase):
         fifo = run / "fifo"
         fifo.mkdir()
         os.mkfifo(fifo / "openclaw.db")
-        cases.append((fifo, "(not a regular file): move it aside"))
+        cases.append((fifo, "(a FIFO is in the way): move it aside"))
         locked = run / "locked"
         locked.mkdir()
         database = locked / "openclaw.db"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
+from openclaw.files import NotARegularFile, open_regular_file
 from openclaw.reactors import IStoreReactor
 
 #: Each migration: the statements that take the schema from the version
@@ -929,7 +929,7 @@ def sqlite_file(state_dir: Path) -> Path:
         private(path)
     except NotARegularFile as e:
         raise UnusableDatabaseFile(
-            f"the consumers' database {str(path)!r} cannot be used ({e.reason}): move it aside (the gateway "
+            f"the consumers' database {str(path)!r} cannot be used ({e.kind} is in the way): move it aside (the gateway "
             "creates the file itself)"
         ) from None
     except OSError as e:
@@ -948,18 +948,6 @@ def sqlite_file(state_dir: Path) -> Path:
     return path
 
 
-class NotARegularFile(OSError):
-    """
-    What is at the SQLite database's path is not a regular file.
-
-    @ivar reason: what it is instead, for the operator.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def private(path: Path) -> None:
     """
     Make the SQLite database at C{path} readable by its owner only (mode
@@ -968,20 +956,13 @@ def private(path: Path) -> None:
     mode (U{https://www.sqlite.org/tempfiles.html}); those already there
     are set too.
 
-    @raise NotARegularFile: C{path} is a directory, a FIFO or a device.
+    @raise NotARegularFile: C{path} is a directory, a FIFO or a device
+        (L{openclaw.files.open_regular_file}).
     @raise OSError: it cannot be created, opened for writing or have its
         mode set.
     """
-    try:
-        # O_NONBLOCK: a FIFO in the way must not hold start-up.
-        descriptor = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NONBLOCK, 0o600)
-    except IsADirectoryError:
-        raise NotARegularFile("a directory is in the way") from None
-    try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise NotARegularFile("not a regular file")
-    finally:
-        os.close(descriptor)
+    # Not waiting for a FIFO's writer: one in the way must not hold start-up.
+    os.close(open_regular_file(path, os.O_CREAT | os.O_RDWR))
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(name, 0o600)
