@@ -152,12 +152,19 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertIn(b"API_HEADER_TIMEOUT_SECONDS", transport.value())
 
     def test_http2_idle_timeout(self) -> None:
+        """
+        twisted.web's idle timer, for an HTTP/2 connection, outlasts what a
+        call may wait on providers without a frame (UPSTREAM_TIMEOUT, and
+        again after a failover): a call's own 504 goes out before it.
+        """
         transport = _NegotiatedTransport(b"h2")
         clock, site, connection = self.connect(transport)
         connection.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        self.assertEqual(connection.protocol.timeOut, site.timeOut)
+        self.assertEqual(connection.protocol.timeOut, site.limits.http2_idle_timeout)
+        self.assertGreater(site.limits.http2_idle_timeout, 2 * Settings().upstream_timeout)
+        clock.advance(2 * Settings().upstream_timeout + 1)
         self.assertFalse(transport.disconnecting)
-        clock.advance(site.timeOut + 1)
+        clock.advance(site.limits.http2_idle_timeout)
         self.assertTrue(transport.disconnecting)
 
 
@@ -374,6 +381,8 @@ class APILimitsTests(SynchronousTestCase):
                 body_timeout=2.0,
                 send_timeout=3.0,
                 keyless_timeout=4.0,
+                # UPSTREAM_TIMEOUT (60) twice, and 10 s for the answer.
+                http2_idle_timeout=130.0,
             ),
         )
         capped = APILimits.from_settings(settings, descriptors=160)

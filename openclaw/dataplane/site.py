@@ -672,7 +672,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._http2 = True
                 # twisted.web's idle timeout, which the HTTP/2 protocol
                 # twisted.web switches to now takes on.
-                self.protocol.timeOut = self._site.timeOut
+                self.protocol.timeOut = self._site.limits.http2_idle_timeout
                 self._disarm()
                 self._stop_keyless_deadline()
                 # Its requests' keys are not tracked: keyless for its whole life.
@@ -1015,6 +1015,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             lose_connection(self.tcp)
 
 
+#: Seconds an HTTP/2 connection's idle timeout leaves past the longest a
+#: call waits on providers, for its answer to go out (L{APILimits}).
+HTTP2_IDLE_MARGIN_SECONDS = 10.0
+
+
 @attrs.frozen(kw_only=True)
 class APILimits:
     """
@@ -1047,6 +1052,13 @@ class APILimits:
     #: its address's C{max_connections_per_address} only.
     keyless_per_address: int
     keyless_timeout: float
+    #: Seconds an HTTP/2 connection may go without a frame from its client
+    #: or to it (twisted.web's idle timeout, which tears the connection
+    #: down, its streams' answers with it): longer than a call can wait on
+    #: providers without one (C{UPSTREAM_TIMEOUT} for the provider and again
+    #: for the one a failover tries), so that its own 504 goes out first;
+    #: never less than twisted.web's 60.
+    http2_idle_timeout: float = 60.0
     keyless_grace: float = KEYLESS_GRACE_SECONDS
 
     @classmethod
@@ -1079,6 +1091,7 @@ class APILimits:
             send_timeout=settings.api_send_timeout_seconds,
             keyless_per_address=min(keyless, per_address),
             keyless_timeout=settings.api_keyless_timeout_seconds,
+            http2_idle_timeout=max(60.0, 2 * settings.upstream_timeout + HTTP2_IDLE_MARGIN_SECONDS),
         )
 
 
