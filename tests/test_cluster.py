@@ -753,6 +753,24 @@ class StoreConnections(TestCase):
         self.assertNotIn("hunter2", factory.uuid)
         self.assertEqual(factory.uuid, f"redis://:***@127.0.0.1:{self.redis.port}/0")
 
+    @inlineCallbacks
+    def test_password_as_a_query_parameter(self):
+        """
+        A password given as C{?password=} (as redis-py takes it) is sent in
+        the handshake too, and never shown: the store connects, and its
+        identity and the redacted URL have C{***} in its place.
+        """
+        from openclaw.cluster.redis import _Commands, redacted_url, redis_endpoint
+
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "requirepass", "hunter2").startswith(b"+OK"))
+        url = f"redis://127.0.0.1:{self.redis.port}/0?password=hunter2"
+        store = yield self.connected_store(url)
+        factory = _Commands(store, redis_endpoint(url, reactor, 2.0)[1])
+        self.assertEqual(factory.uuid, f"redis://127.0.0.1:{self.redis.port}/0?password=***")
+        self.assertEqual(
+            redacted_url("unix:///run/r.sock?db=0&password=a%26b#x"), "unix:///run/r.sock?db=0&password=***#x"
+        )
+
 
 class Settings18(TestCase):
     def test_bad_redis_url_hides_its_password(self):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import txredisapi
 from twisted.application.internet import backoffPolicy
@@ -182,25 +182,37 @@ def _versioned(reply: list[Any]) -> Versioned:
 
 def redacted_url(url: str) -> str:
     """
-    C{url} fit for a log line or an error message: a password in it is
-    replaced with C{***} (a user name is kept).
+    C{url} fit for a log line or an error message: a password in it, in
+    its user information or as a C{password} query parameter (as for a
+    UNIX socket, C{unix:///path?password=...}), is replaced with C{***}
+    (a user name is kept).
     """
     try:
         parsed = urlsplit(url)
         password = parsed.password
     except ValueError:
         return "(an unreadable URL)"
-    if not password:
-        return url
-    user = f"{parsed.username}:" if parsed.username else ":"
-    host = parsed.netloc.rpartition("@")[2]
-    return urlunsplit((parsed.scheme, f"{user}***@{host}", parsed.path, parsed.query, parsed.fragment))
+    netloc, query = parsed.netloc, parsed.query
+    if password:
+        user = f"{parsed.username}:" if parsed.username else ":"
+        netloc = f"{user}***@{netloc.rpartition('@')[2]}"
+    fields = parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in fields):
+        query = urlencode([(name, "***" if name == "password" else value) for name, value in fields], safe="*")
+    if netloc != parsed.netloc:
+        url = urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
+    if query != parsed.query:
+        fragment = f"#{parsed.fragment}" if parsed.fragment else ""
+        url = f"{url.partition('?')[0]}?{query}{fragment}"
+    return url
 
 
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
-    C{username} and C{password}.
+    C{username} and C{password}: the password from the URL's user
+    information, else from a C{password} query parameter (as redis-py
+    reads a UNIX socket's, C{unix:///path?db=0&password=...}).
     """
     parsed = urlsplit(url)
     query = parse_qs(parsed.query)
@@ -217,7 +229,7 @@ def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[I
     return endpoint, {
         "dbid": int(database) if database else None,
         "username": unquote(parsed.username) if parsed.username else None,
-        "password": unquote(parsed.password) if parsed.password else None,
+        "password": unquote(parsed.password) if parsed.password else query.get("password", [None])[0],
     }
 
 
