@@ -587,6 +587,17 @@ class EmbeddingTests(DataPlaneTestCase):
         self.assertEqual([len(b["requests"]) for b in self.upstream.gemini.bodies], [100, 100, 50])
 
     @inlineCallbacks
+    def test_dimensions_past_the_models(self):
+        """
+        A vector longer than any model gives is the provider's 400 (the
+        stand-in's, as Gemini's): passed on, nothing built for it.
+        """
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"input": "x", "dimensions": 2**40}, path="/v1/embeddings")
+        self.assertEqual(response.code, 400, text)
+        self.assertIn("between 1 and 3072", self.assertOpenAIError(text)["message"])
+
+    @inlineCallbacks
     def test_bad_requests(self):
         gateway = self.gateway()
         for body, param, expected in (

@@ -823,6 +823,19 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
                 )
 
 
+#: The most numbers a vector may have, as the providers' largest models
+#: give (gemini-embedding-001, OpenAI's text-embedding-3-large): more is a
+#: 400, as there, not a vector the stand-in would have to build.
+MAX_EMBEDDING_DIMENSIONS = 3072
+
+
+def _vector_size(value: Any, name: str) -> int:
+    size = value or 8
+    if not isinstance(size, int) or not 1 <= size <= MAX_EMBEDDING_DIMENSIONS:
+        raise Reject(400, f"* {name}: must be between 1 and {MAX_EMBEDDING_DIMENSIONS}")
+    return size
+
+
 def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> tuple[int, Any]:
     """
     C{POST /v1beta/models/<model>:batchEmbedContents}: a vector per text,
@@ -841,7 +854,7 @@ def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> 
         if entry.get("model") != f"models/{model}":
             raise Reject(400, f"Model {entry.get('model')} does not match the batch's model models/{model}")
         text = "".join(p.get("text", "") for p in entry["content"]["parts"])
-        size = entry.get("outputDimensionality") or 8
+        size = _vector_size(entry.get("outputDimensionality"), "EmbedContentRequest.output_dimensionality")
         embeddings.append({"values": [((len(text) + i) % 7) / 8 - 0.25 for i in range(size)]})
     return 200, {"embeddings": embeddings}
 
@@ -863,7 +876,7 @@ def openai_embed(request: Request, behaviour: ProviderBehaviour) -> tuple[int, A
         raise Reject(400, "Invalid request: input must be a string or a list of strings")
     if body.get("model") not in behaviour.models:
         raise Reject(404, f"The model {body.get('model')} does not exist or you do not have access to it.")
-    size = body.get("dimensions") or 8
+    size = _vector_size(body.get("dimensions"), "dimensions")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise Reject(400, "Invalid request: encoding_format must be float or base64")
