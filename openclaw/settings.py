@@ -538,15 +538,21 @@ def _fallback(ids: Sequence[str]) -> Callable[[str], str | tuple[str, ...]]:
     return parse
 
 
-def _without_userinfo(text: str) -> str:
+def _without_credentials(text: str) -> str:
     """
-    C{text} with what precedes the last C{@} of a URL's authority shown as
-    C{***} (a user, a password, or a token passed as either).
+    C{text}, if a URL, with what precedes the last C{@} of its authority
+    shown as C{***} (a user, a password, or a token passed as either), and
+    its query and fragment as C{?***} and C{#***} (where a key goes, as
+    Gemini's C{?key=}).
     """
     scheme, separator, rest = text.partition("://")
-    if not separator or "@" not in rest:
+    if not separator:
         return text
-    return f"{scheme}{separator}***@{rest.rpartition('@')[2]}"
+    rest, fragment, _ = rest.partition("#")
+    rest, query, _ = rest.partition("?")
+    if "@" in rest:
+        rest = f"***@{rest.rpartition('@')[2]}"
+    return f"{scheme}{separator}{rest}{'?***' if query else ''}{'#***' if fragment else ''}"
 
 
 class InvalidValue(ValueError):
@@ -1122,9 +1128,9 @@ def load_settings(
         except ConfigError as e:
             raise ConfigError(f"{e} (the value came {source(name)})") from None
         except ValueError as e:
-            # A URL's user and password are never shown (a provider's base
-            # URL refuses them).
-            shown = _without_userinfo(str(raw))
+            # A URL's user, password and query are never shown (a
+            # provider's base URL refuses them).
+            shown = _without_credentials(str(raw))
             why = f"{e}; " if isinstance(e, InvalidValue) else ""
             raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
 

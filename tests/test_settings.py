@@ -66,6 +66,9 @@ class LoadTests(SynchronousTestCase):
             ("http://exa mple.com/v1", "holds a space"),
             ("https://example.com/v1?x=1", "leave out ?query and #fragment"),
             ("https://example.com/v1#top", "leave out ?query and #fragment"),
+            # Gemini's key as a query parameter: not shown either.
+            ("https://example.com/v1beta?key=Pa55w0rdSecret", "leave out ?query and #fragment"),
+            ("https://example.com/v1beta#key=Pa55w0rdSecret", "leave out ?query and #fragment"),
             ("http://[::1/v1", "it is not a URL"),
             ("ftp://example.com/v1", "use an http:// or https:// URL"),
         ):
