@@ -667,10 +667,15 @@ def _writable_file(path: str) -> Path:
     writable now, not at the first rotation.
     """
     directory = Path(path).resolve().parent
-    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+    if not directory.is_dir():
         raise ConfigError(
-            f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist or is not writable; "
+            f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist; "
             "create it (mode 0700) for the gateway's user"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"TOKEN_FILE={path!r}: the directory {str(directory)!r} is not writable by the gateway's user "
+            "(its mode, owner, a read-only file system); make it so, or put TOKEN_FILE in a directory that is"
         )
     return Path(path)
 

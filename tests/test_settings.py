@@ -8,11 +8,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.providers import BUILTIN_PROVIDERS, ProviderRegistry
@@ -203,6 +204,22 @@ class LoadTests(SynchronousTestCase):
     def test_token_file_directory_checked(self) -> None:
         self.assertConfigError("TOKEN_FILE", "does not exist", TOKEN_FILE=str(self.cwd / "missing" / "token"))
         self.assertEqual(self.load({"TOKEN_FILE": str(self.cwd / "token")}).token_file, self.cwd / "token")
+
+    def test_token_file_directory_not_writable(self) -> None:
+        """
+        A directory that exists but cannot be written is said to be so,
+        not to be missing.
+        """
+        locked = self.cwd / "locked"
+        locked.mkdir()
+        if os.geteuid() != 0:
+            locked.chmod(0o500)
+            self.addCleanup(locked.chmod, 0o700)
+        elif subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
+            self.addCleanup(subprocess.run, ["chattr", "-i", str(locked)], check=True)
+        else:
+            raise SkipTest("root, and chattr cannot make a directory immutable here")
+        self.assertConfigError("TOKEN_FILE", "is not writable by the gateway's user", TOKEN_FILE=str(locked / "token"))
 
     def test_invalid_provider(self) -> None:
         self.assertConfigError("DEFAULT_PROVIDER", "'openai'", "kimi or gemini", DEFAULT_PROVIDER="openai")
