@@ -1498,8 +1498,9 @@ def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
 def unread_lines(path: str) -> list[str]:
     """
     A warning for each line of the env file at C{path} that python-decouple's
-    C{RepositoryEnv} skips although it is neither blank nor a comment: a
-    line holding no C{=} (decouple reads the file as UTF-8, line by line;
+    C{RepositoryEnv} skips or reads as nothing although it is neither
+    blank nor a comment: a line holding no C{=}, or no name before its
+    first C{=} (decouple reads the file as UTF-8, line by line;
     after stripping whitespace it skips an empty line, one starting with
     C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
     warning gives the line's number, not its text, which may hold a secret.
@@ -1511,7 +1512,9 @@ def unread_lines(path: str) -> list[str]:
             numbers = [
                 number
                 for number, line in enumerate(lines, 1)
-                if (text := line.strip()) and not text.startswith("#") and "=" not in text
+                if (text := line.strip())
+                and not text.startswith("#")
+                and ("=" not in text or not text.partition("=")[0].strip())
             ]
     except (OSError, UnicodeDecodeError):
         return []
@@ -1537,12 +1540,15 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
         if key in names:
             continue
         word, _, rest = key.partition(" ")
-        if word == "export" and rest.strip() in names:
+        if word == "export" and rest.strip():
             # A shell's "export NAME=VALUE": decouple reads the key as "export NAME".
-            warnings.append(
-                f"env file {where!r}: export {rest.strip()}= is ignored (the key read is {key!r}); "
-                f"write it as {rest.strip()}=VALUE, without export"
-            )
+            name = rest.strip()
+            close = [name] if name in names else difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+            if close:
+                warnings.append(
+                    f"env file {where!r}: export {name}= is ignored (the key read is {key!r}); "
+                    f"write it as {close[0]}=VALUE, without export"
+                )
             continue
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
         if close:

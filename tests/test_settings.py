@@ -472,12 +472,17 @@ class FileSafetyTests(SynchronousTestCase):
         (warning,) = misspelt_settings(["export GEMINI_MODEL", "export OTHER"], ["GEMINI_MODEL"], "f")
         self.assertIn("export GEMINI_MODEL= is ignored", warning)
         self.assertIn("write it as GEMINI_MODEL=VALUE, without export", warning)
+        # Exported and misspelt: both said at once.
+        (warning,) = misspelt_settings(["export GEMINI_MODLE"], ["GEMINI_MODEL"], "f")
+        self.assertIn("export GEMINI_MODLE= is ignored", warning)
+        self.assertIn("write it as GEMINI_MODEL=VALUE, without export", warning)
 
     def test_unread_lines(self) -> None:
         """
-        A line python-decouple skips that is neither blank nor a comment is
-        a warning naming the file and the line's number, not its text (it
-        may be a secret); every line decouple reads as NAME=VALUE passes.
+        A line python-decouple skips that is neither blank nor a comment,
+        or reads as a value without a name (C{=x}), is a warning naming the
+        file and the line's number, not its text (it may be a secret);
+        every line decouple reads as NAME=VALUE passes.
         """
         env_file = self.cwd / "gw.env"
         env_file.write_text(
@@ -501,7 +506,7 @@ class FileSafetyTests(SynchronousTestCase):
             tuple(
                 f"env file {str(env_file)!r}: line {n} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
                 "or start it with # to keep it as a comment"
-                for n in (5, 7, 12)
+                for n in (5, 7, 11, 12)
             ),
         )
         for text in ("this is not a line", "sk-secret-value", "not one either"):
