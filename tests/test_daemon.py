@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -57,6 +57,17 @@ class DaemonTests(TestCase):
         self.dir = Path(self.mktemp()).resolve()
         self.dir.mkdir(parents=True)
 
+    def start_daemon(self, pidfile: Path, logfile: Path, tokenfile: Path, port: int) -> Deferred[Any]:
+        """
+        Run C{twistd openclaw} as a daemon with these files and control
+        port; fire with its output and exit status once it has daemonized
+        (or failed to).
+        """
+        argv = ["--pidfile", str(pidfile), "--logfile", str(logfile), "openclaw", "--token-file", str(tokenfile)]
+        argv += ["--port", str(port), "--api-port", str(free_port()), "--interface", "127.0.0.1"]
+        argv += ["--state-dir", str(self.dir)]
+        return getProcessOutputAndValue(twistd_path(), argv, env=env(JWT_SECRET=SECRET), path=str(self.dir))
+
     @inlineCallbacks
     def daemon(self, logfile: Path) -> Any:
         """
@@ -66,28 +77,7 @@ class DaemonTests(TestCase):
         """
         pidfile, tokenfile = self.dir / "gw.pid", self.dir / "token"
         port = free_port()
-        _out, err, code = yield getProcessOutputAndValue(
-            twistd_path(),
-            [
-                "--pidfile",
-                str(pidfile),
-                "--logfile",
-                str(logfile),
-                "openclaw",
-                "--token-file",
-                str(tokenfile),
-                "--port",
-                str(port),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--state-dir",
-                str(self.dir),
-            ],
-            env=env(JWT_SECRET=SECRET),
-            path=str(self.dir),
-        )
+        _out, err, code = yield self.start_daemon(pidfile, logfile, tokenfile, port)
         self.assertEqual(code, 0, err)
         self.addCleanup(self._kill, pidfile)
         yield wait_for(lambda: tokenfile.exists() and pidfile.exists())
@@ -138,28 +128,7 @@ class DaemonTests(TestCase):
         token = tokenfile.read_text()
         other_pidfile = self.dir / "other.pid"
         self.addCleanup(self._kill, other_pidfile)
-        _out, err, code = yield getProcessOutputAndValue(
-            twistd_path(),
-            [
-                "--pidfile",
-                str(other_pidfile),
-                "--logfile",
-                str(self.dir / "other.log"),
-                "openclaw",
-                "--token-file",
-                str(tokenfile),
-                "--port",
-                str(free_port()),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--state-dir",
-                str(self.dir),
-            ],
-            env=env(JWT_SECRET=SECRET),
-            path=str(self.dir),
-        )
+        _out, err, code = yield self.start_daemon(other_pidfile, self.dir / "other.log", tokenfile, free_port())
         self.assertEqual(code, 2, err)
         self.assertEqual(
             err.decode(),

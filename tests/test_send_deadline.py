@@ -457,11 +457,11 @@ class StreamSendDeadlineTests(GatewayCase):
         self.assertEqual(high_levels(self.events), [])
 
     @inlineCallbacks
-    def test_client_that_resumes_gets_the_whole_stream(self):
+    def held_back_stream(self) -> Any:
         """
-        A client that holds a stream back longer than UPSTREAM_TIMEOUT
-        (1 s here), but within API_SEND_TIMEOUT_SECONDS, then reads on,
-        gets the whole stream: the provider was not waited on meanwhile.
+        A stream whose client holds it back 2 s (past UPSTREAM_TIMEOUT, 1 s
+        here, within API_SEND_TIMEOUT_SECONDS, 10 s) and then reads on over
+        a slow link; fire with the reader and the body it got.
         """
         gateway = self.gateway(
             api_send_timeout_seconds=10.0, upstream_timeout=1.0, fallback="off", api_header_timeout_seconds=30.0
@@ -471,7 +471,16 @@ class StreamSendDeadlineTests(GatewayCase):
         self.addCleanup(reader.resume.set)
         reading = deferToThread(reader.read)
         yield self.slow_link(gateway.service.api_site)
-        body = dechunked((yield reading))
+        return reader, dechunked((yield reading))
+
+    @inlineCallbacks
+    def test_client_that_resumes_gets_the_whole_stream(self):
+        """
+        A client that holds a stream back longer than UPSTREAM_TIMEOUT
+        (1 s here), but within API_SEND_TIMEOUT_SECONDS, then reads on,
+        gets the whole stream: the provider was not waited on meanwhile.
+        """
+        reader, body = yield self.held_back_stream()
         self.assertTrue(reader.head.startswith(b"HTTP/1.1 200 "), reader.head[:200])
         self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-300:])
         self.assertEqual(body.count(b'word"'), 10_000)
@@ -488,15 +497,7 @@ class StreamSendDeadlineTests(GatewayCase):
         """
         self.upstream.kimi.mode = "trickle"
         self.upstream.kimi.cut_after = 8_000
-        gateway = self.gateway(
-            api_send_timeout_seconds=10.0, upstream_timeout=1.0, fallback="off", api_header_timeout_seconds=30.0
-        )
-        assert gateway.api_port is not None
-        reader = StreamReader(gateway.api_port, pause=2.0)
-        self.addCleanup(reader.resume.set)
-        reading = deferToThread(reader.read)
-        yield self.slow_link(gateway.service.api_site)
-        body = dechunked((yield reading))
+        reader, body = yield self.held_back_stream()
         self.assertGreater(body.count(b'word"'), 7_900)
         self.assertIn(b"upstream_timeout", body.rsplit(b"data: ", 1)[1])
         yield self.wait_for(lambda: bool(self.completed()), "the call to be counted")
