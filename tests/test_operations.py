@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "openclaw.service"
 
 
-def make_dry_run(target: str) -> str:
+def make_dry_run(target: str, *variables: str) -> str:
     if shutil.which("make") is None:
         raise SkipTest("make is not installed")
     return subprocess.run(
-        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+        ["make", "-n", "-B", target, *variables], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
     ).stdout
 
 
@@ -34,6 +34,14 @@ class MakefileTests(SynchronousTestCase):
 
     def test_test_installs_test_extras(self) -> None:
         self.assertIn("pip install --quiet '.[test]'", make_dry_run("test"))
+
+    def test_trial_runs_in_two_workers(self) -> None:
+        """
+        make test runs the suite under trial in two worker processes (the
+        15 minutes CI allows on two cores), TRIAL_JOBS=1 in one.
+        """
+        self.assertIn(".venv/bin/python -m twisted.trial -j 2 tests", make_dry_run("test").splitlines())
+        self.assertIn(".venv/bin/python -m twisted.trial -j 1 tests", make_dry_run("trial", "TRIAL_JOBS=1"))
 
 
 class SystemdUnitTests(SynchronousTestCase):

@@ -178,7 +178,10 @@ class CleanInstallTests(TestCase):
 
     @staticmethod
     def _install(venv: Path) -> None:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        # Not the runner's PYTHONPATH (trial -j sets one to its own sys.path):
+        # the new venv must find nothing installed but what pip puts there.
+        env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
         # Build from a copy of the files git would commit (tracked, or new and
         # not ignored), as from a clean clone: no .venv, build/ or egg-info.
         source = venv.parent / "source"
@@ -193,4 +196,5 @@ class CleanInstallTests(TestCase):
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", str(source)],
             check=True,
             capture_output=True,
+            env=env,
         )
