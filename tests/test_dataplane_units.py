@@ -5,6 +5,7 @@ ways, the SSE decoder, request checking, routing and key checking.
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -510,6 +511,35 @@ class CallIdTests(SynchronousTestCase):
             self.assertEqual(carried(call_id), (None, None), call_id)
         self.assertEqual(plain("get_weather:0"), "get_weather:0")
         self.assertEqual(plain("_gs1_abc"), "_gs1_abc")
+
+    def test_empty_strings_are_none(self) -> None:
+        """
+        A crafted payload of empty strings carries nothing: Gemini gets no
+        C{"id": ""}, and the placeholder instead of an empty signature.
+        """
+
+        def crafted(gemini_id: str, signature: str) -> str:
+            payload = base64.urlsafe_b64encode(orjson.dumps([gemini_id, signature])).rstrip(b"=").decode()
+            return f"call_0123456789abcdef01234567_gs1_{payload}"
+
+        self.assertEqual(carried(crafted("", "")), (None, None))
+        self.assertEqual(carried(crafted("", "sig")), (None, "sig"))
+        self.assertEqual(carried(crafted("fc-1", "")), ("fc-1", None))
+        self.assertRegex(new_call_id("", ""), r"^call_[0-9a-f]{24}$")
+        self.assertEqual(carried(new_call_id("fc-1", "")), ("fc-1", None))
+        call_id = crafted("", "")
+        call = {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        messages = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": "ok"},
+        ]
+        contents = gemini.to_gemini(chat(messages=messages))["contents"]
+        self.assertEqual(
+            contents[1]["parts"][0],
+            {"functionCall": {"name": "f", "args": {}}, "thoughtSignature": gemini.SKIP_SIGNATURE},
+        )
+        self.assertEqual(contents[2]["parts"][0], {"functionResponse": {"name": "f", "response": {"result": "ok"}}})
 
     def test_bounded(self) -> None:
         call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))

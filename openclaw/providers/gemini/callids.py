@@ -32,8 +32,10 @@ MAX_PAYLOAD = 16384
 
 def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> str:
     """
-    A fresh tool call id, carrying C{gemini_id} and C{signature} when given.
+    A fresh tool call id, carrying C{gemini_id} and C{signature} when given
+    (an empty string is not given: see L{carried}).
     """
+    gemini_id, signature = gemini_id or None, signature or None
     if gemini_id is None and signature is None:
         return callids.new_call_id()
     payload = base64.urlsafe_b64encode(orjson.dumps([gemini_id, signature])).rstrip(b"=").decode("ascii")
@@ -47,7 +49,11 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
 def carried(call_id: str) -> tuple[str | None, str | None]:
     """
     C{(gemini_id, signature)} carried by C{call_id}; C{(None, None)} for an
-    id that carries nothing (or not in this format).
+    id that carries nothing (or not in this format).  An empty string (a
+    client-crafted payload) is None: Gemini gets no C{"id": ""}, and a call
+    with an empty signature is one without, which gets Google's placeholder
+    like any other unsigned call
+    (U{https://ai.google.dev/gemini-api/docs/thought-signatures}).
     """
     payload = callids.payload(call_id)
     if payload is None:
@@ -60,8 +66,8 @@ def carried(call_id: str) -> tuple[str | None, str | None]:
         return None, None
     gemini_id, signature = decoded
     return (
-        gemini_id if isinstance(gemini_id, str) else None,
-        signature if isinstance(signature, str) else None,
+        gemini_id if isinstance(gemini_id, str) and gemini_id else None,
+        signature if isinstance(signature, str) and signature else None,
     )
 
 
