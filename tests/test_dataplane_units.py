@@ -210,6 +210,8 @@ class GeminiStreamTests(SynchronousTestCase):
                         "logprobs": None,
                     }
                 ],
+                # Asked for usage: OpenAI's other chunks say "usage": null.
+                "usage": None,
             },
         )
         self.assertFalse(stream.complete)
@@ -225,6 +227,8 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertTrue(stream.complete)
         finish, closing = stream.closing()
         self.assertEqual(finish["choices"], [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}])
+        self.assertIsNone(last["usage"])
+        self.assertIsNone(finish["usage"])
         self.assertEqual(closing["choices"], [])
         self.assertEqual(closing["usage"], {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
 
@@ -236,10 +240,10 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertFalse(stream.complete)
         stream.chunk(self.event("", "SAFETY", index=1))
         self.assertTrue(stream.complete)
-        # One finish chunk per choice; no usage chunk: not asked for.
-        self.assertEqual(
-            [chunk["choices"][0]["finish_reason"] for chunk in stream.closing()], ["stop", "content_filter"]
-        )
+        # One finish chunk per choice; no usage chunk, nor "usage": null: not asked for.
+        closing = stream.closing()
+        self.assertEqual([chunk["choices"][0]["finish_reason"] for chunk in closing], ["stop", "content_filter"])
+        self.assertNotIn("usage", closing[0])
 
     def test_empty_event(self) -> None:
         stream = gemini.GeminiStream("m", "id", 0)

@@ -992,15 +992,22 @@ class GeminiStream:
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         """
-        One C{chat.completion.chunk} of this answer.
+        One C{chat.completion.chunk} of this answer.  With C{include_usage}
+        it carries C{"usage": null}, as OpenAI's chunks other than the last
+        do (its reference for C{stream_options.include_usage}: "All other
+        chunks will also include a usage field, but with a null value");
+        the usage chunk (L{closing}) sets it.
         """
-        return {
+        chunk: dict[str, Any] = {
             "id": self.completion_id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self._served_by or self.model,
             "choices": choices,
         }
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
 
 
 @attrs.frozen
