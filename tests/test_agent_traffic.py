@@ -590,12 +590,22 @@ class EmbeddingTests(DataPlaneTestCase):
     def test_dimensions_past_the_models(self):
         """
         A vector longer than any model gives is the provider's 400 (the
-        stand-in's, as Gemini's): passed on, nothing built for it.
+        stand-in's, as Gemini's): passed on, nothing built for it.  Past
+        Gemini's int32 C{outputDimensionality}, it is the gateway's 400
+        naming the field, and nothing is sent to Google.
         """
         gateway = self.gateway()
-        response, text = yield self.post(gateway, {"input": "x", "dimensions": 2**40}, path="/v1/embeddings")
+        response, text = yield self.post(gateway, {"input": "x", "dimensions": 99999}, path="/v1/embeddings")
         self.assertEqual(response.code, 400, text)
         self.assertIn("between 1 and 3072", self.assertOpenAIError(text)["message"])
+        sent = self.upstream.gemini.requests
+        for dimensions in (2**31, 2**40):
+            response, text = yield self.post(gateway, {"input": "x", "dimensions": dimensions}, path="/v1/embeddings")
+            self.assertEqual(response.code, 400, text)
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["param"], "dimensions")
+            self.assertIn("outputDimensionality is a 32-bit integer", error["message"])
+        self.assertEqual(self.upstream.gemini.requests, sent)
 
     @inlineCallbacks
     def test_bad_requests(self):

@@ -217,6 +217,10 @@ class RefusedTests(SynchronousTestCase):
             (chat(n=9), "n", "from 1 to 8"),
             (chat(seed=2**31), "seed", "32-bit"),
             (chat(seed=-(2**31) - 1), "seed", "32-bit"),
+            # Every integer that becomes an int32 of generationConfig.
+            (chat(max_tokens=2**31), "max_tokens", "maxOutputTokens is a 32-bit integer"),
+            (chat(max_completion_tokens=2**40), "max_completion_tokens", "from 1 to 2147483647"),
+            (chat(max_tokens=5, max_completion_tokens=2**31), "max_completion_tokens", "32-bit"),
             (chat(stop=["1", "2", "3", "4", "5", "6"]), "stop", "at most 5"),
         ):
             error = refused(body)
@@ -230,6 +234,11 @@ class RefusedTests(SynchronousTestCase):
         config = gemini.to_gemini(chat(n=8, seed=2**31 - 1, stop=["1", "2", "3", "4", "5"]))["generationConfig"]
         self.assertEqual((config["candidateCount"], config["seed"], len(config["stopSequences"])), (8, 2**31 - 1, 5))
         self.assertEqual(gemini.to_gemini(chat(seed=-(2**31)))["generationConfig"]["seed"], -(2**31))
+        config = gemini.to_gemini(chat(max_tokens=2**31 - 1))["generationConfig"]
+        self.assertEqual(config["maxOutputTokens"], 2**31 - 1)
+        # max_tokens is not sent beside max_completion_tokens: not refused.
+        config = gemini.to_gemini(chat(max_tokens=2**40, max_completion_tokens=7))["generationConfig"]
+        self.assertEqual(config["maxOutputTokens"], 7)
 
     def test_tools_with_json_on_gemini_2(self) -> None:
         for kind in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
@@ -364,6 +373,8 @@ class GatewayTests(DataPlaneTestCase):
             ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
             ({"n": 9}, "n"),
             ({"seed": 2**40}, "seed"),
+            ({"max_tokens": 2**31}, "max_tokens"),
+            ({"max_completion_tokens": 2**40}, "max_completion_tokens"),
             ({"stop": ["a", "b", "c", "d", "e", "f"]}, "stop"),
             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
             (

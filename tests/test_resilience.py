@@ -477,14 +477,16 @@ class FailoverTests(ResilienceTestCase):
         self.assertNotIn("[DONE]", text)
         self.assertIn('"error"', text)
         self.assertEqual(gemini.requests, 0)
-        # A request Kimi takes but Gemini cannot (its candidateCount limit):
-        # Kimi's own failure (retryable), no failover counted or claimed.
+        # A request Kimi takes but Gemini cannot (its candidateCount limit,
+        # its int32 fields): Kimi's own failure (retryable), no failover
+        # counted or claimed.
         kimi.mode, kimi.error_status = "error", 500
-        response, text = yield self.post(gateway, {"messages": HELLO, "n": 9})
-        self.assertEqual(response.code, 502, text)
-        self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["500"])
-        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
-        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        for extra in ({"n": 9}, {"max_tokens": 2**31}, {"max_completion_tokens": 2**40}, {"seed": 2**31}):
+            response, text = yield self.post(gateway, {"messages": HELLO, **extra})
+            self.assertEqual(response.code, 502, text)
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["500"])
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
+            self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"), extra)
         self.assertEqual(gemini.requests, 0)
         _, metrics = yield self.get(gateway, "/metrics")
         self.assertNotIn("openclaw_api_fallbacks_total{", metrics)

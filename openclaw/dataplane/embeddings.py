@@ -399,6 +399,10 @@ class Embeddings(_Authenticated):
     def _error(self, reason: Failure, adapter: ProviderAdapter) -> APIError:
         value = reason.value
         provider_id = adapter.id
+        if isinstance(value, APIError):
+            # The wire refused the request before sending it (a 400 naming
+            # the field: EmbeddingsWire.request_body).
+            return value
         refused = pooled_call_error(adapter, value)
         if refused is not None:
             return refused

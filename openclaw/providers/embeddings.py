@@ -67,6 +67,9 @@ class EmbeddingsWire(Protocol):
         """
         The upstream body embedding C{inputs} (at most L{batch_size}) with
         C{model}; C{dimensions} is OpenAI's field (None: the model's own).
+
+        @raise APIError: 400 naming the field, for a request the provider
+            would refuse (answered as it is; nothing is sent).
         """
 
     def answer(self, body: bytes, expected: int) -> EmbeddingsBatch:

@@ -12,7 +12,9 @@ from urllib.parse import quote
 import attrs
 import orjson
 
+from openclaw.dataplane.errors import bad_request
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
+from openclaw.providers.gemini.translate import INT32_RANGE
 from openclaw.providers.wire import json_object
 
 MODEL_PREFIX = "models/"
@@ -45,6 +47,19 @@ class GeminiEmbeddings:
         return f"{base_url}/models/{quote(model, safe='')}:batchEmbedContents".encode()
 
     def request_body(self, inputs: Sequence[str], model: str, dimensions: int | None) -> bytes:
+        """
+        The C{batchEmbedContents} body (L{to_batch_embed}).
+
+        @raise APIError: 400 naming C{dimensions} when it is past
+            C{outputDimensionality}'s int32 range (L{INT32_RANGE}), which
+            Google would refuse; nothing is sent.
+        """
+        if dimensions is not None and dimensions > INT32_RANGE[1]:
+            raise bad_request(
+                f"dimensions must be from 1 to {INT32_RANGE[1]} on Gemini (its outputDimensionality is a 32-bit "
+                "integer); send dimensions in that range, or leave it out for the model's own",
+                param="dimensions",
+            )
         return orjson.dumps(to_batch_embed(inputs, model, dimensions))
 
     def answer(self, body: bytes, expected: int) -> EmbeddingsBatch:

@@ -164,9 +164,25 @@ IMAGE_TYPES = MappingProxyType(
 #: C{candidateCount} from 1 to 8; at most 5 C{stopSequences}.
 MAX_CANDIDATES = 8
 MAX_STOP_SEQUENCES = 5
-#: C{seed} is an int32 in Gemini's C{GenerationConfig}
-#: (google.ai.generativelanguage.v1beta).
-SEED_RANGE = (-(2**31), 2**31 - 1)
+#: The range of an int32, the type of Gemini's integer request fields
+#: (google.ai.generativelanguage.v1beta: C{GenerationConfig}'s C{seed},
+#: C{maxOutputTokens}, C{candidateCount}, C{logprobs}; C{ThinkingConfig}'s
+#: C{thinkingBudget}; C{EmbedContentRequest}'s C{outputDimensionality}).
+INT32_RANGE = (-(2**31), 2**31 - 1)
+#: C{seed} is one of them.
+SEED_RANGE = INT32_RANGE
+#: OpenAI's integer fields that become an int32 field of C{generationConfig}:
+#: (OpenAI name, Gemini name, OpenAI's own lower bound).  C{n} and
+#: C{top_logprobs} have tighter limits of their own (L{MAX_CANDIDATES},
+#: OpenAI's 20), checked first; C{thinkingBudget} comes from
+#: L{THINKING_BUDGETS}, never from the client.
+INT32_FIELDS = (
+    ("seed", "seed", INT32_RANGE[0]),
+    ("max_completion_tokens", "maxOutputTokens", 1),
+    ("max_tokens", "maxOutputTokens", 1),
+    ("n", "candidateCount", 1),
+    ("top_logprobs", "logprobs", 0),
+)
 #: The C{response_format} types that set C{responseMimeType: application/json}.
 JSON_FORMATS = ("json_object", "json_schema")
 
@@ -368,8 +384,11 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     """
     Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
     do or would refuse with its own 400: audio output (C{modalities} with
-    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; a C{seed}
-    outside L{SEED_RANGE}; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
+    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; an integer
+    that becomes an int32 field of C{generationConfig} (L{INT32_FIELDS}:
+    C{seed}, C{max_tokens} or C{max_completion_tokens}, whichever is sent
+    as C{maxOutputTokens}) outside L{INT32_RANGE}, which Google would
+    refuse; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
     sequences; C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
     type: 'application/json' is unsupported"; Gemini 3 takes both).  A
@@ -397,13 +416,17 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send n of at most {MAX_CANDIDATES}, or make several calls",
             param="n",
         )
-    seed = body.get("seed")
-    if isinstance(seed, int) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise bad_request(
-            f"seed must be from {SEED_RANGE[0]} to {SEED_RANGE[1]} on Gemini (its seed is a 32-bit integer); "
-            "send a smaller seed",
-            param="seed",
-        )
+    for name, gemini_name, low in INT32_FIELDS:
+        value = body.get(name)
+        if name == "max_tokens" and body.get("max_completion_tokens") is not None:
+            # Not sent: maxOutputTokens is max_completion_tokens.
+            continue
+        if isinstance(value, int) and not INT32_RANGE[0] <= value <= INT32_RANGE[1]:
+            raise bad_request(
+                f"{name} must be from {low} to {INT32_RANGE[1]} on Gemini (its {gemini_name} is a 32-bit "
+                f"integer); send a {name} in that range",
+                param=name,
+            )
     sequences = stop_sequences(body)
     if len(sequences) > MAX_STOP_SEQUENCES:
         raise bad_request(
