@@ -3,8 +3,9 @@ Agent traffic on the Gemini path: reasoning_effort mapped to a thinking
 level the model's family takes (Gemini 3 Pro refuses minimal and medium),
 thought summaries asked for when reasoning is, tool-use prompt tokens
 counted in usage, unknown finish reasons kept as stop (with a warning),
-answers with no candidate or with function call args that are not an
-object answered 502, OpenAI's C{allowed_tools} tool choice, tool results
+answers with no candidate, of a malformed shape (function call args that
+are not an object, a nameless call, parts not a list, text not a string)
+or with an image answered 502, OpenAI's C{allowed_tools} tool choice, tool results
 of several text parts.  Each through a real gateway in front of the
 stand-in upstream with the official openai SDK, or, for mapping details,
 on the translation functions alone.
@@ -233,6 +234,76 @@ class MalformedAnswerTests(DataPlaneTestCase):
         response, text = yield self.post(gateway, {"messages": QUESTION, "tools": TOOLS, "stream": True})
         self.assertEqual(response.code, 502, text)
         self.assertIn("args that are not a JSON object", json.loads(text)["error"]["message"])
+
+    def test_malformed_parts(self) -> None:
+        """
+        A shape Gemini's API does not return is a 502 upstream_malformed,
+        whole and streamed, never a part dropped into an empty stop.
+        """
+        for content, words in (
+            ({"parts": {"text": "a"}}, "parts is not a list"),
+            ("a", "content is not a JSON object"),
+            ({"parts": ["a"]}, "part of Gemini's answer is not a JSON object"),
+            ({"parts": [{"text": 5}]}, "text part of Gemini's answer is not a string"),
+            ({"parts": [{"functionCall": {"args": {}}}]}, "functionCall has no name"),
+            ({"parts": [{"functionCall": {"name": "", "args": {}}}]}, "functionCall has no name"),
+            ({"parts": [{"functionCall": "f"}]}, "functionCall is not a JSON object"),
+        ):
+            candidate = {"content": content, "finishReason": "STOP", "index": 0}
+            with self.assertRaises(MalformedAnswer) as caught:
+                gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
+            self.assertNotIsInstance(caught.exception, ModelFailed)
+            self.assertIn(words, str(caught.exception))
+            with self.assertRaises(gemini.GeminiStreamError) as streamed:
+                gemini.GeminiStream("m", "id", 0).chunk({"candidates": [candidate]})
+            self.assertEqual(streamed.exception.code, "upstream_malformed")
+            self.assertIn(words, str(streamed.exception))
+        # No content, or no parts (a cut answer), is no text: not malformed.
+        for candidate in ({"finishReason": "MAX_TOKENS"}, {"content": {"role": "model"}, "finishReason": "MAX_TOKENS"}):
+            choice = gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)["choices"][0]
+            self.assertEqual((choice["message"]["content"], choice["finish_reason"]), ("", "length"))
+
+    def test_image_output(self) -> None:
+        """
+        An image in the answer cannot be carried in OpenAI's chat shape: an
+        error naming the part, whole and streamed (code
+        unsupported_output: the provider answered, not failed over); a
+        thought's image is part of the thinking, skipped as such.
+        """
+        image = {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}
+        candidate = {"content": {"parts": [{"text": "Here:"}, image]}, "finishReason": "STOP", "index": 0}
+        with self.assertRaises(ModelFailed) as caught:
+            gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
+        self.assertEqual(caught.exception.code, "unsupported_output")
+        self.assertIn("inlineData part (image/png)", str(caught.exception))
+        stream = gemini.GeminiStream("m", "id", 0)
+        self.assertIsNotNone(stream.chunk({"candidates": [{"content": {"parts": [{"text": "Here:"}]}, "index": 0}]}))
+        with self.assertRaises(gemini.GeminiStreamError) as streamed:
+            stream.chunk({"candidates": [{"content": {"parts": [image]}, "finishReason": "STOP", "index": 0}]})
+        self.assertEqual(streamed.exception.code, "unsupported_output")
+        thought = {"content": {"parts": [{**image, "thought": True}, {"text": "Done."}]}, "finishReason": "STOP"}
+        choice = gemini.from_gemini({"candidates": [thought]}, "m", "id", 0)["choices"][0]
+        self.assertEqual(choice["message"]["content"], "Done.")
+
+    @inlineCallbacks
+    def test_image_output_through_the_gateway(self):
+        image = {"inlineData": {"mimeType": "image/png", "data": "AAAA"}}
+        answer = GeminiAnswer((({"text": "Here it is."},), (image,)))
+        self.upstream.gemini.answers[:] = [answer, answer]
+        gateway = self.gateway()
+        response, text = yield self.post(gateway, {"messages": QUESTION})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "unsupported_output")
+        self.assertIn("inlineData part (image/png)", error["message"])
+        # Not failed over: Gemini answered.
+        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        # Streamed: the text went out, then the error event, no [DONE].
+        response, text = yield self.post(gateway, {"messages": QUESTION, "stream": True})
+        self.assertEqual(response.code, 200)
+        self.assertIn("Here it is.", text)
+        self.assertIn("unsupported_output", text)
+        self.assertNotIn("[DONE]", text)
 
     def test_args_absent(self) -> None:
         # A function without parameters: Gemini may leave args out.

@@ -185,6 +185,11 @@ INT32_FIELDS = (
 )
 #: The C{response_format} types that set C{responseMimeType: application/json}.
 JSON_FORMATS = ("json_object", "json_schema")
+#: Answer parts that OpenAI's chat completion message cannot carry
+#: (U{https://ai.google.dev/api/caching#Part}): media, as image models
+#: (C{gemini-2.5-flash-image}) answer with C{inlineData}.  Never dropped
+#: silently: such an answer is an error naming the part (L{_read}).
+UNSUPPORTED_PARTS = ("inlineData", "fileData")
 
 
 class GeminiStreamError(Exception):
@@ -752,44 +757,92 @@ class _Reading:
 
 
 def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
+    """
+    Read a candidate's parts (its C{Content},
+    U{https://ai.google.dev/api/caching#Content}): C{text} parts, thought
+    summaries (C{thought: true}) and C{functionCall} parts; a part of none
+    of these kinds that carries nothing to pass on (a lone
+    C{thoughtSignature}) is skipped, and so is a thought's image.  Nothing
+    is dropped silently: an answer that would lose what Gemini said is an
+    error, never an empty C{stop} (litellm #21744).
+
+    @param first_index: the OpenAI C{index} of the first tool call read.
+    @raise MalformedAnswer: a shape Gemini's API does not return:
+        C{content} not an object, C{parts} not a list, a part not an
+        object, C{text} not a string, a C{functionCall} not an object or
+        without a name, C{args} not an object.
+    @raise ModelFailed: an answer part of a kind OpenAI's chat shape cannot
+        carry (L{UNSUPPORTED_PARTS}: images and other media that image
+        models answer with), code C{unsupported_output}: the provider
+        answered, so it is not failed over or held against it.
+    """
     reading = _Reading()
     content = candidate.get("content")
-    parts = content.get("parts") if isinstance(content, dict) else None
-    if not isinstance(parts, list):
+    if content is None:
         return reading
+    if not isinstance(content, dict):
+        raise MalformedAnswer("Gemini's candidate content is not a JSON object; retry")
+    parts = content.get("parts")
+    if parts is None:
+        return reading
+    if not isinstance(parts, list):
+        raise MalformedAnswer("Gemini's candidate content.parts is not a list; retry")
     text: list[str] = []
     reasoning: list[str] = []
     for part in parts:
         if not isinstance(part, dict):
-            continue
+            raise MalformedAnswer("a part of Gemini's answer is not a JSON object; retry")
         call = part.get("functionCall")
-        if isinstance(call, dict) and isinstance(call.get("name"), str):
-            gemini_id = call.get("id")
-            signature = part.get("thoughtSignature")
-            args = call.get("args")
-            if args is not None and not isinstance(args, dict):
-                raise MalformedAnswer(
-                    f"Gemini's functionCall {clip(call['name'])!r} has args that are not a JSON object; retry"
-                )
-            reading.tool_calls.append(
-                {
-                    "index": first_index + len(reading.tool_calls),
-                    "id": new_call_id(
-                        gemini_id if isinstance(gemini_id, str) else None,
-                        signature if isinstance(signature, str) else None,
-                    ),
-                    "type": "function",
-                    "function": {
-                        "name": call["name"],
-                        "arguments": orjson.dumps(args or {}).decode(),
-                    },
-                }
+        if call is not None:
+            reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls)))
+            continue
+        said = part.get("text")
+        if said is not None:
+            if not isinstance(said, str):
+                raise MalformedAnswer("a text part of Gemini's answer is not a string; retry")
+            (reasoning if part.get("thought") else text).append(said)
+            continue
+        kind = next((kind for kind in UNSUPPORTED_PARTS if part.get(kind) is not None), None)
+        if kind is not None and not part.get("thought"):
+            media = part[kind]
+            mime = media.get("mimeType") if isinstance(media, dict) else None
+            raise ModelFailed(
+                f"Gemini answered with a {kind} part ({clip(mime) if isinstance(mime, str) else 'media'}), which "
+                "OpenAI's chat completions cannot carry: use a model that answers in text (not an image "
+                "model such as gemini-2.5-flash-image), or ask for text only",
+                "unsupported_output",
             )
-        elif isinstance(part.get("text"), str):
-            (reasoning if part.get("thought") else text).append(part["text"])
     reading.text = "".join(text)
     reading.reasoning = "".join(reasoning)
     return reading
+
+
+def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
+    """
+    OpenAI's tool call (with its stream C{index}) for a C{functionCall}
+    part (C{{name, args?, id?}}, U{https://ai.google.dev/api/caching#FunctionCall}).
+
+    @raise MalformedAnswer: not an object, no name, C{args} not an object.
+    """
+    if not isinstance(call, dict):
+        raise MalformedAnswer("Gemini's functionCall is not a JSON object; retry")
+    name = call.get("name")
+    if not isinstance(name, str) or not name:
+        raise MalformedAnswer("Gemini's functionCall has no name; retry")
+    args = call.get("args")
+    if args is not None and not isinstance(args, dict):
+        raise MalformedAnswer(f"Gemini's functionCall {clip(name)!r} has args that are not a JSON object; retry")
+    gemini_id = call.get("id")
+    signature = part.get("thoughtSignature")
+    return {
+        "index": index,
+        "id": new_call_id(
+            gemini_id if isinstance(gemini_id, str) else None,
+            signature if isinstance(signature, str) else None,
+        ),
+        "type": "function",
+        "function": {"name": name, "arguments": orjson.dumps(args or {}).decode()},
+    }
 
 
 def _candidates(document: dict[str, Any]) -> list[dict[str, Any]]:
