@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import parse_chat_request
 from openclaw.providers.gemini import translate as gemini
+from openclaw.providers.wire import MalformedAnswer, ModelFailed
 from openclaw.testing.upstream import GeminiAnswer
 from tests.test_agent_traffic import QUESTION, TOOLS, ask
 from tests.test_dataplane import DataPlaneTestCase
@@ -98,6 +99,71 @@ class NullFieldTests(SynchronousTestCase):
         document = {"candidates": [{"index": None, "content": {"parts": [{"text": "a"}]}, "finishReason": "STOP"}]}
         completion = gemini.from_gemini(document, "m", "id", 0)
         self.assertEqual(completion["choices"][0]["index"], 0)
+
+
+def candidate(text: str, index: int | None) -> dict[str, Any]:
+    found: dict[str, Any] = {"content": {"parts": [{"text": text}]}, "finishReason": "STOP"}
+    if index is not None:
+        found["index"] = index
+    return found
+
+
+class CandidateIndexTests(SynchronousTestCase):
+    """
+    Choices in index order, whatever Gemini's; an index out of range or
+    given twice is a malformed answer (502), whole and streamed.
+    """
+
+    def test_sorted(self) -> None:
+        document = {"candidates": [candidate("second", 1), candidate("first", 0)]}
+        choices = gemini.from_gemini(document, "m", "id", 0, asked=2)["choices"]
+        self.assertEqual([(c["index"], c["message"]["content"]) for c in choices], [(0, "first"), (1, "second")])
+        chunk = gemini.GeminiStream("m", "id", 0, asked=2).chunk(document)
+        assert chunk is not None
+        self.assertEqual([(c["index"], c["delta"]["content"]) for c in chunk["choices"]], [(0, "first"), (1, "second")])
+        # No index: the place in the list (proto3 leaves index 0 out).
+        document = {"candidates": [candidate("a", None), candidate("b", 1)]}
+        choices = gemini.from_gemini(document, "m", "id", 0, asked=2)["choices"]
+        self.assertEqual([c["message"]["content"] for c in choices], ["a", "b"])
+
+    def test_malformed(self) -> None:
+        for candidates, asked, words in (
+            ([candidate("a", 0), candidate("b", 0)], 2, "two candidates index 0"),
+            ([candidate("a", 1), candidate("b", None)], 2, "two candidates index 1"),
+            ([candidate("a", 5)], 1, "index 5 is out of range (0 to 0"),
+            ([candidate("a", 2), candidate("b", 1)], 2, "index 2 is out of range"),
+            ([candidate("a", -1)], 1, "index -1 is out of range"),
+            ([candidate("a", 1)], None, "out of range"),
+        ):
+            document = {"candidates": candidates}
+            with self.assertRaises(MalformedAnswer) as caught:
+                gemini.from_gemini(document, "m", "id", 0, asked=asked)
+            self.assertNotIsInstance(caught.exception, ModelFailed)
+            self.assertIn(words, str(caught.exception))
+            stream = gemini.GeminiStream("m", "id", 0, asked=asked)
+            if asked is None:
+                # A stream does not know how many are coming: only a
+                # negative or repeated index is malformed there.
+                stream.chunk(document)
+                continue
+            with self.assertRaises(gemini.GeminiStreamError) as streamed:
+                stream.chunk(document)
+            self.assertEqual(streamed.exception.code, "upstream_malformed")
+            self.assertIn(words, str(streamed.exception))
+        with self.assertRaises(gemini.GeminiStreamError):
+            gemini.GeminiStream("m", "id", 0).chunk({"candidates": [candidate("a", -1)]})
+
+    def test_asked_is_n(self) -> None:
+        wire = gemini.GeminiWire()
+        body = orjson.dumps({"candidates": [candidate("b", 1), candidate("a", 0)]})
+        for n, fine in ((2, True), (None, False), (1, False)):
+            request = parse_chat_request(orjson.dumps({"messages": QUESTION, "n": n}))
+            if fine:
+                answer = orjson.loads(wire.completion(body, "m", 0, request).body)
+                self.assertEqual([c["message"]["content"] for c in answer["choices"]], ["a", "b"])
+            else:
+                with self.assertRaises(MalformedAnswer):
+                    wire.completion(body, "m", 0, request)
 
 
 class ParallelToolCallsTests(SynchronousTestCase):

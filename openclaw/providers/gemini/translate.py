@@ -694,13 +694,36 @@ def _tokens(metadata: dict[str, Any], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _index(candidate: dict[str, Any], i: int) -> Any:
+def _index(candidate: dict[str, Any], i: int) -> int:
     """
     The candidate's C{index}; its place in the list when it names none
     (or null: proto3's JSON leaves a zero index out).
     """
     index = candidate.get("index")
-    return index if _is_count(index) else i
+    return index if isinstance(index, int) and not isinstance(index, bool) else i
+
+
+def check_indexes(indexes: list[int], asked: int | None) -> None:
+    """
+    Check the C{index}es of one answer's (or one stream event's)
+    candidates: each names one of the choices asked for, once.
+
+    @param asked: the number of choices asked for (the request's C{n},
+        Gemini's C{candidateCount}); None: as many as there are indexes.
+    @raise MalformedAnswer: an index outside 0 to C{asked} - 1, or given
+        twice (Gemini numbers its candidates from 0,
+        U{https://ai.google.dev/api/generate-content#candidate}).
+    """
+    bound = len(indexes) if asked is None else asked
+    seen: set[int] = set()
+    for index in indexes:
+        if not 0 <= index < bound:
+            raise MalformedAnswer(
+                f"Gemini's candidate index {index} is out of range (0 to {bound - 1} for {bound} choices); retry"
+            )
+        if index in seen:
+            raise MalformedAnswer(f"Gemini gave two candidates index {index}; retry")
+        seen.add(index)
 
 
 def logprobs(candidate: dict[str, Any]) -> dict[str, Any] | None:
@@ -872,7 +895,12 @@ def _failed(candidate: dict[str, Any]) -> str | None:
 
 
 def from_gemini(
-    document: dict[str, Any], model: str, completion_id: str, created: int, parallel_tool_calls: bool = True
+    document: dict[str, Any],
+    model: str,
+    completion_id: str,
+    created: int,
+    parallel_tool_calls: bool = True,
+    asked: int | None = None,
 ) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
@@ -883,9 +911,15 @@ def from_gemini(
         C{parallel_tool_calls: false}: Gemini has no such switch, so each
         choice keeps only its first call (on Gemini 3 the one carrying the
         thought signature).
+    @param asked: the number of choices asked for (C{n}); None: as many as
+        the answer has candidates.  Choices are in C{index} order, 0 first,
+        whatever Gemini's order.
     @raise ModelFailed: a candidate's C{finishReason} says the model failed.
+    @raise MalformedAnswer: an answer of a shape Gemini's API does not
+        return (L{_read}), candidate indexes out of range or given twice
+        (L{check_indexes}).
     """
-    choices = []
+    choices: list[dict[str, Any]] = []
     unknown = None
     for i, candidate in enumerate(_candidates(document)):
         reason = _failed(candidate)
@@ -914,6 +948,8 @@ def from_gemini(
         )
     if unknown is not None:
         warn_unknown(unknown)
+    check_indexes([choice["index"] for choice in choices], asked)
+    choices.sort(key=lambda choice: choice["index"])
     if not choices:
         if not _blocked(document):
             raise MalformedAnswer("Gemini returned no candidate (and no promptFeedback saying why); retry")
@@ -965,6 +1001,10 @@ class GeminiStream:
     #: False: at most one tool call per choice (the request's
     #: C{parallel_tool_calls: false}).
     parallel_tool_calls: bool = True
+    #: The number of choices asked for (C{n}): each event's candidates
+    #: are checked against it (L{check_indexes}); None: not checked but
+    #: for negative and repeated indexes.
+    asked: int | None = None
     _started: set[int] = attrs.field(factory=set)
     #: choice index -> its finish reason, once Gemini has given one.
     _finished: dict[int, str] = attrs.field(factory=dict)
@@ -993,7 +1033,9 @@ class GeminiStream:
         The chunk for one event, or None when it carries nothing to send.
 
         @raise GeminiStreamError: the event is an error, or not an object,
-            or says that the model failed.
+            or says that the model failed, or is malformed (L{_read}; its
+            candidates' indexes out of range or repeated,
+            L{check_indexes}).  The chunk's choices are in index order.
         """
         if not isinstance(document, dict):
             raise GeminiStreamError("an event of the stream is not a JSON object")
@@ -1006,9 +1048,14 @@ class GeminiStream:
         served_by = document.get("modelVersion")
         if served_by:
             self._served_by = served_by
+        candidates = _candidates(document)
+        indexes = [_index(candidate, i) for i, candidate in enumerate(candidates)]
+        try:
+            check_indexes(indexes, self.asked if self.asked is not None else max(indexes, default=-1) + 1)
+        except MalformedAnswer as e:
+            raise GeminiStreamError(str(e), e.code) from None
         choices = []
-        for i, candidate in enumerate(_candidates(document)):
-            index = _index(candidate, i)
+        for index, candidate in sorted(zip(indexes, candidates, strict=True), key=lambda pair: pair[0]):
             try:
                 reason = _failed(candidate)
             except MalformedAnswer as e:
@@ -1102,13 +1149,25 @@ class GeminiWire:
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         parallel = chat is None or parallel_tool_calls(chat)
-        completion = from_gemini(json_object(body), model, completion_id(), created, parallel)
+        asked = None if chat is None else choices_asked(chat)
+        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
         return GeminiStreamTranslation(
-            GeminiStream(model, completion_id(), created, chat.include_usage, parallel_tool_calls(chat))
+            GeminiStream(
+                model, completion_id(), created, chat.include_usage, parallel_tool_calls(chat), choices_asked(chat)
+            )
         )
+
+
+def choices_asked(chat: ChatRequest) -> int:
+    """
+    The number of choices the request asks for: its C{n}, 1 when absent or
+    null (OpenAI's default).
+    """
+    n = chat.body.get("n")
+    return n if isinstance(n, int) else 1
 
 
 def parallel_tool_calls(chat: ChatRequest) -> bool:
