@@ -14,11 +14,13 @@ C{functionDeclarations} with the caller's JSON Schema unchanged as
 C{parametersJsonSchema}; sampling fields, C{response_format} and
 C{reasoning_effort} go to C{generationConfig}.
 
-Answers: C{candidates} become C{choices} (C{functionCall} parts become
+Answers: C{candidates} become C{choices}, in C{index} order
+(C{functionCall} parts become
 C{tool_calls} whose ids carry Gemini's call id and thought signature, see
 L{openclaw.providers.gemini.callids}; thought summaries become
 C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
-failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, C{usageMetadata}
+failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, and so is a part the
+chat shape cannot carry (an image) or a malformed one, C{usageMetadata}
 becomes C{usage}; Gemini's C{modelVersion} (the model that really answered)
 becomes C{model}.
 """
