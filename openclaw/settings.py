@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from cryptography.x509 import load_pem_x509_certificates
@@ -700,14 +700,32 @@ def _ca_file(path: str) -> bytes:
     return data
 
 
+def _database_number(text: str) -> bool:
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses.
+    return not text or (text.isascii() and text.isdigit())
+
+
 def _redis_url(text: str) -> str:
+    """
+    C{REDIS_URL} checked as L{openclaw.cluster.redis.redis_endpoint} will
+    read it: the database a whole number >= 0, in the path
+    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}); a query
+    with a second C{?} (C{?db=0?password=x}: C{&} meant) is refused, as it
+    would be read as one odd C{db}.
+
+    @raise ValueError: C{text} is no such URL.
+    """
     parsed = urlsplit(text)
+    if "?" in parsed.query:
+        raise ValueError
+    databases = parse_qs(parsed.query, keep_blank_values=True).get("db", [])
+    if not all(_database_number(database) for database in databases):
+        raise ValueError
     if parsed.scheme in ("redis", "rediss"):
         if not parsed.hostname:
             raise ValueError
         parsed.port  # noqa: B018 (raises ValueError on a bad port)
-        database = parsed.path.strip("/")
-        if database and not database.isdigit():
+        if not _database_number(parsed.path.strip("/")):
             raise ValueError
     elif parsed.scheme == "unix":
         if not parsed.path:
@@ -1205,7 +1223,8 @@ def load_settings(
 
             raise ConfigError(
                 f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
-                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
+                "as ?db=0&password=...)"
             ) from None
     if redis_url and not secret:
         raise ConfigError(
