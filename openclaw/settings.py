@@ -33,6 +33,7 @@ import os
 import secrets
 import socket
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -1027,7 +1028,55 @@ def _database_url(text: str) -> str:
         else:
             hint = form
         raise ConfigError(f"{shown} is not a connection URI libpq can read ({said}): {hint}") from None
+    refused = _libpq_refusal(text)
+    if refused is not None:
+        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden) for part in refused) if line)
+        raise ConfigError(
+            f"{shown} has a parameter value libpq refuses ({said}): give it one libpq takes "
+            "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
+        )
     return text
+
+
+def _libpq_refusal(database_url: str) -> list[str] | None:
+    """
+    What libpq (and psycopg) say against C{database_url}'s parameter
+    values before any connection is attempted (C{sslmode=bogus},
+    C{connect_timeout=abc}, C{?port=x}, an unknown C{service}), as lines;
+    None when they take them.
+
+    Asked of libpq itself, so its rules are the ones of the libpq psycopg
+    runs on (C{PQconnectStart} checks the values before it connects:
+    U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PQCONNECTSTARTPARAMS}),
+    without reaching the network: the probe's hosts are UNIX sockets in a
+    new empty directory (as many as the URL names, for libpq's hosts/ports
+    count), with C{hostaddr} set empty so that C{PGHOSTADDR} does not
+    apply.  A refusal of the values names no host; the probe's own
+    failure (no socket there) names that directory.  C{connect_timeout}
+    is psycopg's to read (C{timeout_from_conninfo}).  Values libpq reads
+    only on a TCP connection (C{keepalives_idle}, C{tcp_user_timeout})
+    are not checked here.
+    """
+    from psycopg import Error as PsycopgError
+    from psycopg import pq
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
+
+    parameters = conninfo_to_dict(database_url)
+    try:
+        timeout_from_conninfo(parameters)
+    except PsycopgError as e:
+        return [str(e)]
+    hosts = str(parameters.get("host") or parameters.get("hostaddr") or "")
+    with tempfile.TemporaryDirectory(prefix="openclaw-libpq-") as nowhere:
+        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": ""}
+        connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
+        try:
+            if connection.status != pq.ConnStatus.BAD:
+                return None
+            said = connection.get_error_message()
+        finally:
+            connection.finish()
+    return None if nowhere in said else said.splitlines()
 
 
 def _prices(path: str) -> Mapping[str, Price]:
