@@ -33,11 +33,12 @@ import os
 import secrets
 import socket
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from cryptography.x509 import load_pem_x509_certificates
@@ -700,14 +701,32 @@ def _ca_file(path: str) -> bytes:
     return data
 
 
+def _database_number(text: str) -> bool:
+    # ASCII digits only: str.isdigit() takes "²", which int() refuses.
+    return not text or (text.isascii() and text.isdigit())
+
+
 def _redis_url(text: str) -> str:
+    """
+    C{REDIS_URL} checked as L{openclaw.cluster.redis.redis_endpoint} will
+    read it: the database a whole number >= 0, in the path
+    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}); a query
+    with a second C{?} (C{?db=0?password=x}: C{&} meant) is refused, as it
+    would be read as one odd C{db}.
+
+    @raise ValueError: C{text} is no such URL.
+    """
     parsed = urlsplit(text)
+    if "?" in parsed.query:
+        raise ValueError
+    databases = parse_qs(parsed.query, keep_blank_values=True).get("db", [])
+    if not all(_database_number(database) for database in databases):
+        raise ValueError
     if parsed.scheme in ("redis", "rediss"):
         if not parsed.hostname:
             raise ValueError
         parsed.port  # noqa: B018 (raises ValueError on a bad port)
-        database = parsed.path.strip("/")
-        if database and not database.isdigit():
+        if not _database_number(parsed.path.strip("/")):
             raise ValueError
     elif parsed.scheme == "unix":
         if not parsed.path:
@@ -1009,7 +1028,55 @@ def _database_url(text: str) -> str:
         else:
             hint = form
         raise ConfigError(f"{shown} is not a connection URI libpq can read ({said}): {hint}") from None
+    refused = _libpq_refusal(text)
+    if refused is not None:
+        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden) for part in refused) if line)
+        raise ConfigError(
+            f"{shown} has a parameter value libpq refuses ({said}): give it one libpq takes "
+            "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
+        )
     return text
+
+
+def _libpq_refusal(database_url: str) -> list[str] | None:
+    """
+    What libpq (and psycopg) say against C{database_url}'s parameter
+    values before any connection is attempted (C{sslmode=bogus},
+    C{connect_timeout=abc}, C{?port=x}, an unknown C{service}), as lines;
+    None when they take them.
+
+    Asked of libpq itself, so its rules are the ones of the libpq psycopg
+    runs on (C{PQconnectStart} checks the values before it connects:
+    U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PQCONNECTSTARTPARAMS}),
+    without reaching the network: the probe's hosts are UNIX sockets in a
+    new empty directory (as many as the URL names, for libpq's hosts/ports
+    count), with C{hostaddr} set empty so that C{PGHOSTADDR} does not
+    apply.  A refusal of the values names no host; the probe's own
+    failure (no socket there) names that directory.  C{connect_timeout}
+    is psycopg's to read (C{timeout_from_conninfo}).  Values libpq reads
+    only on a TCP connection (C{keepalives_idle}, C{tcp_user_timeout})
+    are not checked here.
+    """
+    from psycopg import Error as PsycopgError
+    from psycopg import pq
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
+
+    parameters = conninfo_to_dict(database_url)
+    try:
+        timeout_from_conninfo(parameters)
+    except PsycopgError as e:
+        return [str(e)]
+    hosts = str(parameters.get("host") or parameters.get("hostaddr") or "")
+    with tempfile.TemporaryDirectory(prefix="openclaw-libpq-") as nowhere:
+        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": ""}
+        connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
+        try:
+            if connection.status != pq.ConnStatus.BAD:
+                return None
+            said = connection.get_error_message()
+        finally:
+            connection.finish()
+    return None if nowhere in said else said.splitlines()
 
 
 def _prices(path: str) -> Mapping[str, Price]:
@@ -1205,7 +1272,8 @@ def load_settings(
 
             raise ConfigError(
                 f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
-                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock"
+                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
+                "as ?db=0&password=...)"
             ) from None
     if redis_url and not secret:
         raise ConfigError(

@@ -781,6 +781,34 @@ class Settings18(TestCase):
         self.assertNotIn("hunter2", str(raised.exception))
         self.assertIn("redis://user:***@h:port/0", str(raised.exception))
 
+    def test_bad_unix_socket_query_refused_password_hidden(self):
+        """
+        A UNIX socket's C{?db=} that is no whole number >= 0, or a query
+        with a second C{?} (C{&} meant), is the one-line configuration
+        error, the password after the second C{?} shown as C{***}: not
+        C{int()}'s traceback at start-up with the password in it.
+        """
+        from openclaw.settings import ConfigError, load_settings
+
+        for bad, shown in (
+            ("unix:///run/redis/redis.sock?db=0?password=Sekr1tQ", "unix:///run/redis/redis.sock?db=0?password=***"),
+            ("unix:///run/redis.sock?password=Sekr1tQ?db=1", "unix:///run/redis.sock?password=***?db=1"),
+            ("unix:///run/redis.sock?db=abc", "unix:///run/redis.sock?db=abc"),
+            ("unix:///run/redis.sock?db=-1", "unix:///run/redis.sock?db=-1"),
+            ("unix:///run/redis.sock?db=0&db=x", "unix:///run/redis.sock?db=0&db=x"),
+            ("redis://h:6379/?db=abc&password=Sekr1tQ", "redis://h:6379/?db=abc&password=***"),
+        ):
+            with self.subTest(bad), self.assertRaises(ConfigError) as raised:
+                load_settings({"REDIS_URL": bad, "JWT_SECRET": SECRET}, env_file=None)
+            message = str(raised.exception)
+            self.assertNotIn("Sekr1tQ", message)
+            self.assertIn(f"REDIS_URL={shown!r} is invalid", message)
+            self.assertNotIn("\n", message)
+        settings = load_settings(
+            {"REDIS_URL": "unix:///run/redis.sock?db=0&password=Sekr1tQ", "JWT_SECRET": SECRET}, env_file=None
+        )
+        self.assertEqual(settings.redis_url, "unix:///run/redis.sock?db=0&password=Sekr1tQ")
+
     def test_redis_needs_a_shared_secret(self):
         from openclaw.settings import ConfigError, load_settings
 

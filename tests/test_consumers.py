@@ -556,7 +556,7 @@ class DatabaseUnreachableTests(TestCase):
         self.assertEqual(said["log_level"], LogLevel.critical)
         line = formatEvent(said)
         self.assertNotIn("\n", line)
-        self.assertIn("Connection refused Is the server running", line)
+        self.assertIn("Connection refused; Is the server running", line)
         self.assertIn("check DATABASE_URL / STATE_DIR", line)
         self.assertEqual(self.flushLoggedErrors(), [])
 
@@ -572,7 +572,7 @@ class DatabaseUnreachableTests(TestCase):
         self.assertEqual(
             str(failure),
             "the consumers' database could not be written: connection failed: connection to server at "
-            '"127.0.0.1", port 5432 failed: Connection refused Is the server running on that host and accepting '
+            '"127.0.0.1", port 5432 failed: Connection refused; Is the server running on that host and accepting '
             "TCP/IP connections?; check DATABASE_URL (or STATE_DIR) and the gateway's log, and once it is "
             "reachable see whether the change was made (openclawctl consumer list: a connection lost at the "
             "commit may have made it) before retrying",

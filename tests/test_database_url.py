@@ -7,6 +7,8 @@ included).
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from openclaw.settings import ConfigError, load_settings
-from tests.support import twistd_path
+from tests.support import free_port, twistd_path
 from tests.test_twistd import base_env
 
 PASSWORD = "s3cr%ZZet"
@@ -29,6 +31,16 @@ CASES = [
     ("postgresql://u@127.0.0.1/db?password=a%ZZpw", "invalid percent-encoded token", "a%ZZpw"),
     ("postgresql://u:hunter2-pw@[::1/db", "DATABASE_URL='postgresql://u:***@[::1/db' is invalid", "hunter2-pw"),
     ("postgresql://u:hunter2-pw@db:abc/db", "DATABASE_URL='postgresql://u:***@db:abc/db' is invalid", "hunter2-pw"),
+]
+
+#: Each URL libpq reads but whose values it (or psycopg, for
+#: connect_timeout) refuses before connecting, and what the error line
+#: must say: these once started the gateway, retrying for ever.
+REFUSED_VALUES = [
+    ("postgresql://u:hunter2-pw@127.0.0.1:{port}/db?sslmode=bogus", 'libpq refuses (invalid sslmode value: "bogus")'),
+    ("postgresql://u:hunter2-pw@127.0.0.1:{port}/db?connect_timeout=abc", "(bad value for connect_timeout: 'abc')"),
+    ("postgresql://u:hunter2-pw@127.0.0.1/db?port=x", 'invalid integer value "x" for connection option "port"'),
+    ("postgresql://u:hunter2-pw@a,b/db?port=1,2,3", "could not match 3 port numbers to 2 hosts"),
 ]
 
 
@@ -63,6 +75,40 @@ class DatabaseURLTests(TestCase):
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
+    def test_refused_values_are_one_masked_line(self) -> None:
+        """
+        A value libpq refuses before it connects is a configuration error
+        too, found without reaching the network: libpq is asked with its
+        hosts made UNIX sockets in an empty directory (PGHOSTADDR, which
+        would send it to an address, is kept from applying).  A server that
+        is down, or a host name that does not resolve, is no such error: the
+        gateway starts and retries.
+        """
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            port = listener.getsockname()[1]
+            # os.environ's items are the process's (putenv): libpq reads them.
+            os.environ["PGHOSTADDR"] = "127.0.0.1"
+            self.addCleanup(os.environ.pop, "PGHOSTADDR", None)
+            for url, expected in REFUSED_VALUES:
+                said = self.said(url.format(port=port))
+                self.assertIn(expected, said)
+                self.assertIn("DATABASE_URL='postgresql://u:***@", said)
+                self.assertIn("LIBPQ-PARAMKEYWORDS", said)
+                self.assertNotIn("hunter2-pw", said)
+                self.assertNotIn("\n", said)
+            listener.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                listener.accept()
+        cwd = Path(tempfile.mkdtemp())
+        for good in (
+            f"postgresql://u:p@127.0.0.1:{free_port()}/db?sslmode=prefer&connect_timeout=2",
+            "postgresql://u:p@db.invalid/db?sslmode=require",
+            f"postgresql://u:p@/db?host={cwd}",
+        ):
+            self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+
     @staticmethod
     def said(url: str) -> str:
         try:
@@ -77,7 +123,8 @@ class DatabaseURLTests(TestCase):
         twistd -n openclaw with such a DATABASE_URL in its environment: a
         non-zero exit, one line on stderr, no traceback, no password.
         """
-        for url, expected, secret in CASES[:2]:
+        refused = [(url.format(port=free_port()), expected, "hunter2-pw") for url, expected in REFUSED_VALUES[:2]]
+        for url, expected, secret in CASES[:2] + refused:
             out, err, code = yield getProcessOutputAndValue(
                 twistd_path(),
                 ["-n", "--pidfile=", "openclaw"],

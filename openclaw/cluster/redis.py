@@ -185,7 +185,9 @@ def redacted_url(url: str) -> str:
     C{url} fit for a log line or an error message: a password in it, in
     its user information or as a C{password} query parameter (as for a
     UNIX socket, C{unix:///path?password=...}), is replaced with C{***}
-    (a user name is kept).
+    (a user name is kept).  So is one after a second C{?} in the query
+    (C{?db=0?password=...}, C{&} meant), which no reader of the URL would
+    take for a password.
     """
     try:
         parsed = urlsplit(url)
@@ -196,15 +198,20 @@ def redacted_url(url: str) -> str:
     if password:
         user = f"{parsed.username}:" if parsed.username else ":"
         netloc = f"{user}***@{netloc.rpartition('@')[2]}"
-    fields = parse_qsl(query, keep_blank_values=True)
-    if any(name == "password" for name, _ in fields):
-        query = urlencode([(name, "***" if name == "password" else value) for name, value in fields], safe="*")
+    query = "?".join(_redacted_query(part) for part in query.split("?"))
     if netloc != parsed.netloc:
         url = urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
     if query != parsed.query:
         fragment = f"#{parsed.fragment}" if parsed.fragment else ""
         url = f"{url.partition('?')[0]}?{query}{fragment}"
     return url
+
+
+def _redacted_query(query: str) -> str:
+    fields = parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in fields):
+        return urlencode([(name, "***" if name == "password" else value) for name, value in fields], safe="*")
+    return query
 
 
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:

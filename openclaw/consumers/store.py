@@ -300,10 +300,13 @@ def unreachable(reason: Failure) -> bool:
 
 def database_error(reason: Failure) -> str:
     """
-    C{reason}'s description on one line (libpq's runs over two:
-    C{...Connection refused\\n\\tIs the server running...}).
+    C{reason}'s description on one line: libpq's runs over two
+    (C{...Connection refused\\n\\tIs the server running...}), joined
+    with C{"; "} so that its sentences stay apart, each line's own
+    whitespace made single spaces.
     """
-    return " ".join((reason.getErrorMessage() or repr(reason.value)).split())
+    text = reason.getErrorMessage() or repr(reason.value)
+    return "; ".join(line for line in (" ".join(part.split()) for part in text.splitlines()) if line)
 
 
 _UNWRITABLE = "check that STATE_DIR and the database in it are readable and writable by the gateway's user"
