@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,7 @@ from twisted.python.failure import Failure
 
 from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
+from openclaw.files import kind_of
 from openclaw.reactors import IClientReactor
 from openclaw.session import write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -607,12 +609,55 @@ def _check_writable(token_file: Path) -> None:
     Refuse to rotate when the new token could not be saved: after a
     rotation the old token is dead, so a failed write would lock the
     operator out of a gateway whose banner they cannot see.
+
+    Every check that can be made before the rotation, as
+    L{openclaw.session.write_token_file} will write (a temporary file in
+    the directory, renamed over C{token_file}): the directory exists and
+    this user may create files in it (its mode, owner, a read-only file
+    system); at C{token_file} there is nothing yet or a regular file (a
+    directory cannot be replaced, and a symbolic link, FIFO, socket or
+    device is no token file: it would be replaced by one, as the gateway
+    refuses to do with its C{TOKEN_FILE}); in a sticky directory (C{/tmp})
+    the file is this user's, or the directory is (C{rename(2)}'s rule).
+
+    @raise UsageError: one of them fails; the message says which, and that
+        nothing was rotated.
     """
     directory = token_file.parent
-    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"cannot write the new token to {token_file}: {directory} is not a writable directory; nothing was rotated"
+
+    def refuse(why: str) -> NoReturn:
+        raise UsageError(f"cannot write the new token to {token_file}: {why}; nothing was rotated")
+
+    if not directory.is_dir():
+        refuse(f"the directory {directory} does not exist; create it, or give --token-file a path in one that does")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        refuse(
+            f"this user may not create files in {directory} (its mode, owner, a read-only file system); "
+            "give --token-file a path in a directory that is writable"
         )
+    try:
+        info = os.lstat(token_file)
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        refuse(f"it cannot be examined ({e.strerror or e})")
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        refuse(f"it is a directory; give the path of a file, such as {token_file / 'token'}")
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        refuse(
+            "it is a symbolic link, which the new token would replace rather than write through; "
+            f"give the file it points to ({token_file.resolve()})"
+        )
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        refuse(f"it is {kind_of(info.st_mode)}, not a regular file; give the path of a token file, or of none yet")
+    euid = os.geteuid()
+    if info is not None and euid != 0 and info.st_uid != euid:
+        held = os.stat(directory)
+        if held.st_mode & stat.S_ISVTX and held.st_uid != euid:
+            refuse(
+                f"it belongs to another user, in the sticky directory {directory}, so this user may not replace "
+                "it; give a path of this user's"
+            )
 
 
 def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
