@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import stat
 import sys
 import time
@@ -884,6 +885,13 @@ def render(
     )
 
 
+#: Autobahn's reason for a WebSocket handshake the server answered with
+#: another HTTP status than 101 (C{connection was closed uncleanly
+#: ("WebSocket connection upgrade failed [429]: too many ...; retry in 300
+#: s")}): the status, and the reason phrase the server gave.
+_HTTP_REFUSAL = re.compile(r'upgrade failed \[(?P<status>\d{3})\]:? ?(?P<reason>.*?)(?:"\))?$', re.DOTALL)
+
+
 def explain_failure(error: BaseException, request: Request) -> str:
     """
     Why no answer came, and what to check: the operator's next step.
@@ -920,12 +928,19 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"TLS handshake with {url} failed: {describe_tls_error(error.cause)}; if the gateway's "
                 "certificate is signed by your own CA, pass --cafile CA.pem"
             )
-        if "upgrade failed [404]" in str(error.reason):
-            # Autobahn's words for an HTTP 404 to the WebSocket handshake:
-            # an HTTP server, most likely the gateway's API.
+        status = _HTTP_REFUSAL.search(str(error.reason))
+        if status is not None and status["status"] == "404":
+            # An HTTP server, most likely the gateway's API.
             return (
                 f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
                 "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
+            )
+        if status is not None:
+            # The server spoke HTTP, so TLS is not the matter; its reason
+            # (a lockout's "retry in N s", for instance) says what is.
+            return (
+                f"{url} refused the WebSocket handshake with HTTP {status['status']}: "
+                f"{status['reason'] or 'no reason given'}"
             )
         closed = f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
         if (
@@ -933,9 +948,9 @@ def explain_failure(error: BaseException, request: Request) -> str:
             and not error.opened
             and url.startswith(("ws:", "wss:"))
         ):
-            # Dropped before the WebSocket handshake completed, no TLS error
-            # named: most likely TLS spoken to a plain listener, or the
-            # reverse.
+            # Dropped before the WebSocket handshake completed, with no HTTP
+            # answer and no TLS error named: most likely TLS spoken to a
+            # plain listener, or the reverse.
             other = "a plain listener takes ws://" if url.startswith("wss:") else "then use wss://"
             return f"{closed}, before the WebSocket handshake completed: is the control listener TLS? ({other})"
         return closed

@@ -495,6 +495,29 @@ class ExplainFailureTests(TestCase):
         self.assertIn("certificate verify failed", text)
         self.assertIn("--cafile", text)
 
+    def test_http_refusal_is_no_tls_matter(self):
+        """
+        A handshake the server answered with an HTTP status (a lockout's
+        429, a 403): its own reason, and no question about TLS.
+        """
+        # Autobahn's words, as onClose has them.
+        reason = (
+            'connection was closed uncleanly ("WebSocket connection upgrade failed [429]: too many failed '
+            'authentications from this address; retry in 300 s")'
+        )
+        for url in ("ws://h:1", "wss://h:1"):
+            text = self.explain(ctl.ConnectionClosed(1006, reason), url=url)
+            self.assertEqual(
+                text,
+                f"{url} refused the WebSocket handshake with HTTP 429: too many failed authentications from this "
+                "address; retry in 300 s",
+            )
+        text = self.explain(
+            ctl.ConnectionClosed(1006, "WebSocket connection upgrade failed [403]: Forbidden"), url="ws://h:1"
+        )
+        self.assertIn("refused the WebSocket handshake with HTTP 403: Forbidden", text)
+        self.assertNotIn("TLS", text)
+
     def test_dropped_after_the_handshake(self):
         """
         A connection dropped after the WebSocket handshake (the gateway
@@ -697,6 +720,24 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual(self.gateway.token, old)
         out, err, code = yield self.ctl("ping", token=old)
         self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
+    def test_locked_out(self):
+        """
+        An address locked out after failed authentications: the gateway's
+        429 and its "retry in N s", with no question about TLS.
+        """
+        gateway = start_gateway(self, auth_lockout_failures=1)
+        url = f"ws://127.0.0.1:{gateway.port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "not-a-token", "ping")
+        self.assertEqual(code, 1, err)
+        out, err, code = yield run_ctl("--url", url, "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: too many failed "
+            "authentications from this address; retry in 300 s\n",
+        )
 
     @inlineCallbacks
     def test_rotate_token_prints_it_without_a_file(self):
