@@ -19,6 +19,8 @@ import argparse
 import json
 import math
 import os
+import re
+import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +44,7 @@ from twisted.python.failure import Failure
 
 from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
+from openclaw.files import kind_of
 from openclaw.reactors import IClientReactor
 from openclaw.session import write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -607,12 +610,55 @@ def _check_writable(token_file: Path) -> None:
     Refuse to rotate when the new token could not be saved: after a
     rotation the old token is dead, so a failed write would lock the
     operator out of a gateway whose banner they cannot see.
+
+    Every check that can be made before the rotation, as
+    L{openclaw.session.write_token_file} will write (a temporary file in
+    the directory, renamed over C{token_file}): the directory exists and
+    this user may create files in it (its mode, owner, a read-only file
+    system); at C{token_file} there is nothing yet or a regular file (a
+    directory cannot be replaced, and a symbolic link, FIFO, socket or
+    device is no token file: it would be replaced by one, as the gateway
+    refuses to do with its C{TOKEN_FILE}); in a sticky directory (C{/tmp})
+    the file is this user's, or the directory is (C{rename(2)}'s rule).
+
+    @raise UsageError: one of them fails; the message says which, and that
+        nothing was rotated.
     """
     directory = token_file.parent
-    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"cannot write the new token to {token_file}: {directory} is not a writable directory; nothing was rotated"
+
+    def refuse(why: str) -> NoReturn:
+        raise UsageError(f"cannot write the new token to {token_file}: {why}; nothing was rotated")
+
+    if not directory.is_dir():
+        refuse(f"the directory {directory} does not exist; create it, or give --token-file a path in one that does")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        refuse(
+            f"this user may not create files in {directory} (its mode, owner, a read-only file system); "
+            "give --token-file a path in a directory that is writable"
         )
+    try:
+        info = os.lstat(token_file)
+    except FileNotFoundError:
+        info = None
+    except OSError as e:
+        refuse(f"it cannot be examined ({e.strerror or e})")
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        refuse(f"it is a directory; give the path of a file, such as {token_file / 'token'}")
+    if info is not None and stat.S_ISLNK(info.st_mode):
+        refuse(
+            "it is a symbolic link, which the new token would replace rather than write through; "
+            f"give the file it points to ({token_file.resolve()})"
+        )
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        refuse(f"it is {kind_of(info.st_mode)}, not a regular file; give the path of a token file, or of none yet")
+    euid = os.geteuid()
+    if info is not None and euid != 0 and info.st_uid != euid:
+        held = os.stat(directory)
+        if held.st_mode & stat.S_ISVTX and held.st_uid != euid:
+            refuse(
+                f"it belongs to another user, in the sticky directory {directory}, so this user may not replace "
+                "it; give a path of this user's"
+            )
 
 
 def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
@@ -839,6 +885,13 @@ def render(
     )
 
 
+#: Autobahn's reason for a WebSocket handshake the server answered with
+#: another HTTP status than 101 (C{connection was closed uncleanly
+#: ("WebSocket connection upgrade failed [429]: too many ...; retry in 300
+#: s")}): the status, and the reason phrase the server gave.
+_HTTP_REFUSAL = re.compile(r'upgrade failed \[(?P<status>\d{3})\]:? ?(?P<reason>.*?)(?:"\))?$', re.DOTALL)
+
+
 def explain_failure(error: BaseException, request: Request) -> str:
     """
     Why no answer came, and what to check: the operator's next step.
@@ -875,12 +928,19 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"TLS handshake with {url} failed: {describe_tls_error(error.cause)}; if the gateway's "
                 "certificate is signed by your own CA, pass --cafile CA.pem"
             )
-        if "upgrade failed [404]" in str(error.reason):
-            # Autobahn's words for an HTTP 404 to the WebSocket handshake:
-            # an HTTP server, most likely the gateway's API.
+        status = _HTTP_REFUSAL.search(str(error.reason))
+        if status is not None and status["status"] == "404":
+            # An HTTP server, most likely the gateway's API.
             return (
                 f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
                 "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
+            )
+        if status is not None:
+            # The server spoke HTTP, so TLS is not the matter; its reason
+            # (a lockout's "retry in N s", for instance) says what is.
+            return (
+                f"{url} refused the WebSocket handshake with HTTP {status['status']}: "
+                f"{status['reason'] or 'no reason given'}"
             )
         closed = f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
         if (
@@ -888,9 +948,9 @@ def explain_failure(error: BaseException, request: Request) -> str:
             and not error.opened
             and url.startswith(("ws:", "wss:"))
         ):
-            # Dropped before the WebSocket handshake completed, no TLS error
-            # named: most likely TLS spoken to a plain listener, or the
-            # reverse.
+            # Dropped before the WebSocket handshake completed, with no HTTP
+            # answer and no TLS error named: most likely TLS spoken to a
+            # plain listener, or the reverse.
             other = "a plain listener takes ws://" if url.startswith("wss:") else "then use wss://"
             return f"{closed}, before the WebSocket handshake completed: is the control listener TLS? ({other})"
         return closed

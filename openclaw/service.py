@@ -603,7 +603,9 @@ class GatewayService(MultiService):
         # Waited on apart: cancelling the table's own write would only have
         # it keep the rows and try again.
         written: Deferred[None] = Deferred()
-        self.consumers.stop().addBoth(lambda _: written.callback(None))
+        # The table tries again until its own deadline; this one is for a
+        # write that never ends.
+        self.consumers.stop(self._reactor, self._reactor.seconds() + seconds).addBoth(lambda _: written.callback(None))
         try:
             yield written.addTimeout(seconds, self._reactor)
         except DeferredTimeoutError:

@@ -479,6 +479,82 @@ class UsageRowsAtStopTests(TestCase):
         table.flush()
         self.assertEqual(store.tries, 1)
 
+    def stopping_table(self, store: Any, clock: Clock) -> ConsumerTable:
+        table = ConsumerTable(store, PriceTable.with_overrides({}), clock=clock.seconds)
+        table.consumers["team"] = Consumer("team")
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        return table
+
+    def test_failed_writes_at_stop_tried_again_until_written(self) -> None:
+        """
+        A database that refuses the last rows a few times at stop, then
+        takes them: tried again after a short back-off (0.1 s, doubled),
+        written, and nothing is said to be given up.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = FlakyStore(failures=3)
+        table = self.stopping_table(store, clock)
+        stopped = table.stop(clock, until=clock.seconds() + 10)
+        self.assertFalse(stopped.called)
+        self.assertEqual(store.tries, 1)
+        for tries in (2, 3):
+            clock.advance(0.1 * 2 ** (tries - 2))
+            self.assertEqual(store.tries, tries)
+            self.assertFalse(stopped.called)
+        clock.advance(0.4)
+        self.assertEqual(store.tries, 4)
+        self.assertTrue(stopped.called)
+        self.assertEqual([(row.consumer, row.prompt_tokens) for row in store.rows], [("team", 1)])
+        self.assertEqual([e for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")], [])
+        self.flushLoggedErrors(OSError)
+
+    def test_failed_writes_at_stop_given_up_at_the_end_of_the_grace(self) -> None:
+        """
+        A database that keeps refusing: the rows are tried again (at most a
+        second apart) until the grace is over, then given up with one line;
+        not before.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = RefusingStore()
+        table = self.stopping_table(store, clock)
+        stopped = table.stop(clock, until=clock.seconds() + 10)
+        while not stopped.called and clock.seconds() < 20:
+            clock.advance(0.05)
+        self.assertTrue(stopped.called)
+        self.assertGreaterEqual(clock.seconds(), 9.8)
+        self.assertLessEqual(clock.seconds(), 10.0)
+        self.assertGreater(store.tries, 10)
+        said = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn(
+            "could not write the last 1 usage rows at stop (the database refused the write); given up", said[0]
+        )
+        tries = store.tries
+        clock.advance(10)
+        table.flush()
+        self.assertEqual(store.tries, tries)
+
+
+class FlakyStore(RecordingStore):
+    """
+    A store whose database refuses the first C{failures} writes, then takes
+    them.
+    """
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.tries = 0
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        self.tries += 1
+        if self.tries <= self.failures:
+            return fail(OSError("the database refused the write"))
+        return super().record(rows)
+
 
 class UsageRowsOutageTests(TestCase):
     def test_failures_logged_once_a_minute_and_counted(self) -> None:
@@ -976,6 +1052,36 @@ class ConsumerGatewayTests(GatewayCase):
             answer = yield client.command(gateway.token, cmd, data)
             self.assertFalse(answer["ok"])
             self.assertIn(words, answer["error"])
+
+    @inlineCallbacks
+    def test_usage_rows_at_stop_tried_again_within_the_grace(self) -> Any:
+        """
+        The service gives the table's last write until SHUTDOWN_GRACE_SECONDS
+        is over: a database refusing it twice at stop, then taking it, loses
+        nothing.
+        """
+        gateway, client = yield self.gateway(shutdown_grace_seconds=5.0)
+        store = gateway.service.consumer_store
+        record = store.record
+        tries: list[int] = []
+
+        def flaky(rows: Any) -> Deferred[None]:
+            tries.append(len(rows))
+            if len(tries) <= 2:
+                return fail(OSError("the database refused the write"))
+            return record(rows)
+
+        self.patch(store, "record", flaky)
+        gateway.service.consumers.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 7}, 0.01)
+        yield gateway.service.stopService()
+        self.assertEqual(tries, [1, 1, 1])
+        said = " ".join(formatEvent(e) for e in self.events)
+        self.assertNotIn("given up", said)
+        self.assertNotIn("gave up", said)
+        self.flushLoggedErrors(OSError)
+        again, client = yield self.gateway(state_dir=gateway.service.settings.state_dir)
+        [total] = yield again.service.consumer_store.usage(None, None, None, None)
+        self.assertEqual(total["prompt_tokens"], 7)
 
     @inlineCallbacks
     def test_table_survives_a_restart(self) -> Any:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
 from openclaw.session import write_token_file
@@ -229,6 +230,72 @@ class ParseRequestTests(TestCase):
             ctl.UsageError, self.parse, "--token", "T", "rotate-token", "--token-file", str(nowhere)
         )
         self.assertIn("nothing was rotated", str(error))
+
+    def refused_rotation(self, token_file: Path) -> str:
+        """
+        The one-line error of C{rotate-token --token-file token_file}
+        refused before anything was sent.
+        """
+        error = self.assertRaises(
+            ctl.UsageError, self.parse, "--token", "T", "rotate-token", "--token-file", str(token_file)
+        )
+        text = str(error)
+        self.assertNotIn("\n", text)
+        self.assertTrue(text.startswith(f"cannot write the new token to {token_file}: "), text)
+        self.assertTrue(text.endswith("; nothing was rotated"), text)
+        return text
+
+    def test_rotation_refused_for_what_cannot_be_replaced(self):
+        """
+        A directory, a FIFO or a symbolic link at the token file's path:
+        the new token could not be written there (a directory), or would
+        replace something that is no token file; refused before rotating.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        (directory / "sub").mkdir()
+        self.assertIn("it is a directory; give the path of a file", self.refused_rotation(directory / "sub"))
+        os.mkfifo(directory / "fifo")
+        self.assertIn("it is a FIFO, not a regular file", self.refused_rotation(directory / "fifo"))
+        (directory / "target").write_text("T\n")
+        (directory / "link").symlink_to("target")
+        text = self.refused_rotation(directory / "link")
+        self.assertIn("it is a symbolic link", text)
+        self.assertIn(str((directory / "target").resolve()), text)
+        # A regular file, or none yet: accepted.
+        for name in ("target", "new"):
+            parsed = self.parse("--token", "T", "rotate-token", "--token-file", str(directory / name))
+            self.assertEqual(parsed.token_file, directory / name)
+
+    def test_rotation_refused_in_a_directory_not_writable(self):
+        locked = Path(self.mktemp())
+        locked.mkdir(parents=True)
+        if os.geteuid() != 0:
+            locked.chmod(0o500)
+            self.addCleanup(locked.chmod, 0o700)
+        elif subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
+            self.addCleanup(subprocess.run, ["chattr", "-i", str(locked)], check=True)
+        else:
+            raise SkipTest("root, and chattr cannot make a directory immutable here")
+        text = self.refused_rotation(locked / "token")
+        self.assertIn(f"this user may not create files in {locked}", text)
+
+    def test_rotation_refused_for_another_users_file_in_a_sticky_directory(self):
+        """
+        rename(2) in a sticky directory (/tmp) replaces only a file of this
+        user's (or in a directory of this user's).  The user is made
+        another here, so that the test means the same run as root.
+        """
+        sticky = Path(self.mktemp())
+        sticky.mkdir(parents=True)
+        sticky.chmod(0o1777)
+        (sticky / "token").write_text("T\n")
+        someone_else = os.geteuid() + 1
+        self.patch(os, "geteuid", lambda: someone_else)
+        self.assertIn("it belongs to another user, in the sticky directory", self.refused_rotation(sticky / "token"))
+        # Not sticky: the directory's permission is enough.
+        sticky.chmod(0o777)
+        self.parse("--token", "T", "rotate-token", "--token-file", str(sticky / "token"))
 
     def test_bad_url_and_cafile(self):
         error = self.assertRaises(ctl.UsageError, self.parse, "--token", "T", "--url", "http://host", "ping")
@@ -428,6 +495,29 @@ class ExplainFailureTests(TestCase):
         self.assertIn("certificate verify failed", text)
         self.assertIn("--cafile", text)
 
+    def test_http_refusal_is_no_tls_matter(self):
+        """
+        A handshake the server answered with an HTTP status (a lockout's
+        429, a 403): its own reason, and no question about TLS.
+        """
+        # Autobahn's words, as onClose has them.
+        reason = (
+            'connection was closed uncleanly ("WebSocket connection upgrade failed [429]: too many failed '
+            'authentications from this address; retry in 300 s")'
+        )
+        for url in ("ws://h:1", "wss://h:1"):
+            text = self.explain(ctl.ConnectionClosed(1006, reason), url=url)
+            self.assertEqual(
+                text,
+                f"{url} refused the WebSocket handshake with HTTP 429: too many failed authentications from this "
+                "address; retry in 300 s",
+            )
+        text = self.explain(
+            ctl.ConnectionClosed(1006, "WebSocket connection upgrade failed [403]: Forbidden"), url="ws://h:1"
+        )
+        self.assertIn("refused the WebSocket handshake with HTTP 403: Forbidden", text)
+        self.assertNotIn("TLS", text)
+
     def test_dropped_after_the_handshake(self):
         """
         A connection dropped after the WebSocket handshake (the gateway
@@ -609,6 +699,45 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file), token=self.gateway.token)
         self.assertEqual((err, code), ("", 0))
         self.assertEqual(token_file.read_text(), self.gateway.token + "\n")
+
+    @inlineCallbacks
+    def test_rotate_token_to_a_directory_rotates_nothing(self):
+        """
+        --token-file naming a directory: refused in one line before the
+        rotation (exit 2, as for a missing directory); the token still
+        works.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        old = self.gateway.token
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(directory), token=old)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot write the new token to {directory}: it is a directory; give the path "
+            f"of a file, such as {directory / 'token'}; nothing was rotated\n",
+        )
+        self.assertEqual(self.gateway.token, old)
+        out, err, code = yield self.ctl("ping", token=old)
+        self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
+    def test_locked_out(self):
+        """
+        An address locked out after failed authentications: the gateway's
+        429 and its "retry in N s", with no question about TLS.
+        """
+        gateway = start_gateway(self, auth_lockout_failures=1)
+        url = f"ws://127.0.0.1:{gateway.port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "not-a-token", "ping")
+        self.assertEqual(code, 1, err)
+        out, err, code = yield run_ctl("--url", url, "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: too many failed "
+            "authentications from this address; retry in 300 s\n",
+        )
 
     @inlineCallbacks
     def test_rotate_token_prints_it_without_a_file(self):

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -43,6 +43,12 @@ MAX_PENDING_ROWS = 100_000
 RESERVATION_SECONDS = 900
 #: Seconds between the log lines of usage rows that still cannot be written.
 FAILURE_LOG_SECONDS = 60
+#: At stop, a failed write of the last usage rows is tried again after
+#: this long, in seconds, then twice as long each time, up to
+#: L{STOP_RETRY_MAX_SECONDS}; the last try starts no later than this long
+#: before the end of the shutdown grace (L{ConsumerTable.stop}).
+STOP_RETRY_SECONDS = 0.1
+STOP_RETRY_MAX_SECONDS = 1.0
 #: A C{tpm} reservation lapses after the window it counts in (60 s): a
 #: call never counted (its instance crashed) must not hold a consumer's
 #: tokens for longer than the limit's own memory; a call still running
@@ -417,8 +423,11 @@ class ConsumerTable:
         self._failing_since: float | None = None
         self._failure_logged_at = 0.0
         self._flushing: Deferred[None] | None = None
-        #: L{stop} was called: a failed write is not tried again.
+        #: L{stop} was called: a failed write is not tried again by the
+        #: timer, only by L{stop} until its deadline.
         self._stopping = False
+        #: Why the last write failed while stopping (logged if given up).
+        self._stop_failure: Failure | None = None
         #: Called after every change a command made (cluster: announce it).
         self.changed: Callable[[str], None] = lambda name: None
 
@@ -470,17 +479,59 @@ class ConsumerTable:
         flusher.clock = reactor
         flusher.start(self.flush_seconds, now=False).addErrback(lambda f: self._log.failure("usage flusher stopped", f))
 
-    def stop(self) -> Deferred[None]:
+    def stop(self, reactor: IReactorTime | None = None, until: float | None = None) -> Deferred[None]:
         """
-        Stop the timer and write what is pending.
+        Stop the timer and write what is pending.  A write that fails is
+        tried again after L{STOP_RETRY_SECONDS}, then twice as long each
+        time up to L{STOP_RETRY_MAX_SECONDS}, while the next try can start
+        L{STOP_RETRY_SECONDS} before C{until}; then the rows are given up,
+        and logged (README: the last usage rows have until
+        SHUTDOWN_GRACE_SECONDS is over).
+
+        A write that does not end (a database that never answers) is not
+        cut short here: the caller bounds the wait (L{openclaw.service}).
+
+        @param reactor: schedules the tries again; without it, or without
+            C{until}, rows a write fails are given up at once.
+        @param until: when to give up, in the seconds of C{clock}.
+        @return: fires with None once the rows are written or given up;
+            never fails.
         """
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None
-        # No next try: rows a write fails from now on are given up.
+        # No next try by the timer: from now on only this one writes, until
+        # `until`.
         self._stopping = True
-        # A write under way first, then what came in meanwhile.
-        return self.flush().addCallback(lambda _: self.flush())
+        return Deferred.fromCoroutine(self._write_last(reactor, until))
+
+    async def _write_last(self, reactor: IReactorTime | None, until: float | None) -> None:
+        if self._flushing is not None:
+            # A write under way first (its rows kept if it fails).
+            await self.flush()
+        delay = STOP_RETRY_SECONDS
+        while True:
+            self._stop_failure = None
+            await self.flush()
+            failure = self._stop_failure
+            if failure is None:
+                if not self._pending:
+                    return
+                # Rows that came in meanwhile.
+                continue
+            left = -1.0 if until is None else until - STOP_RETRY_SECONDS - self.clock()
+            if reactor is None or left <= 0:
+                rows, self._pending = self._pending, []
+                log_database_failure(
+                    self._log,
+                    "could not write the last {count} usage rows at stop ({error}); given up (usage and spend "
+                    "will not count them): check DATABASE_URL / STATE_DIR",
+                    failure,
+                    count=len(rows),
+                )
+                return
+            await deferLater(reactor, min(delay, left))
+            delay = min(delay * 2, STOP_RETRY_MAX_SECONDS)
 
     # -- the data plane --------------------------------------------------------
 
@@ -748,16 +799,11 @@ class ConsumerTable:
             return succeed(None)
 
         def failed(reason: Failure) -> None:
-            if self._stopping:
-                log_database_failure(
-                    self._log,
-                    "could not write the last {count} usage rows at stop ({error}); given up (usage and spend "
-                    "will not count them): check DATABASE_URL / STATE_DIR",
-                    reason,
-                    count=len(rows),
-                )
-                return
             self._pending[:0] = rows
+            if self._stopping:
+                # L{stop} tries again, or gives them up.
+                self._stop_failure = reason
+                return
             now = self.clock()
             error = database_error(reason)
             if self._failing_since is None:
