@@ -51,7 +51,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, BinaryIO, cast
 
 import attrs
@@ -136,7 +136,12 @@ def logs_to_stdout(twistd_options: Mapping[str, Any]) -> bool:
     return twistd_options.get("logfile") in (None, "", "-")
 
 
-def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
+def log_destination(
+    twistd_options: Mapping[str, Any],
+    stdout: IO[str],
+    reactor: IReactorThreads,
+    also_on_reopen: Callable[[], object] | None = None,
+) -> IO[Any] | None:
     """
     The stream twistd would log to, given twistd's own options: C{stdout}
     in the foreground without C{--logfile} or with C{--logfile -}; else the
@@ -154,6 +159,8 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
 
     @param reactor: the reactor the reopen is handed to (from the signal
         handler, as twistd does).
+    @param also_on_reopen: called (on the reactor's thread) after each
+        reopen: C{--workers} passes SIGUSR1 on to its workers there.
     @raise ConfigError: for C{--logfile -} without C{-n}: a daemon has no
         standard output; or the log file cannot be created.
     """
@@ -167,10 +174,16 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
     log_file = ReopenedLogFile(path)
+
+    def reopened() -> None:
+        log_file.reopen()
+        if also_on_reopen is not None:
+            also_on_reopen()
+
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
-            reactor.callFromThread(log_file.reopen)
+            reactor.callFromThread(reopened)
 
         signal.signal(signal.SIGUSR1, reopen)
     # Not an IO subclass, but file-like where FileLogObserver needs it:
