@@ -29,7 +29,7 @@ hook, which an operator's C{--logger} still overrides), and
 L{log_destination} follows twistd's documented rules for the stream:
 standard output in the foreground (C{-n}) or with C{--logfile -} (a daemon
 cannot log to standard output: a configuration error, as in twistd), else
-C{--logfile} (default C{twistd.log}) as Twisted's L{LogFile}.  C{--syslog}
+C{--logfile} (default C{twistd.log}).  C{--syslog}
 leaves twistd's own syslog observer in place.
 
 One deliberate difference from twistd's own log file: twistd rotates it
@@ -37,9 +37,12 @@ itself (at 1 MB, and on SIGUSR1 by renaming it to C{.1}), which fights an
 external rotator, and its SIGUSR1 does nothing once logrotate has moved the
 file away.  Here rotation is logrotate's job: the file never rotates by
 itself, and SIGUSR1 reopens it, so after C{mv} and C{kill -USR1} new lines
-go to a new file.  The reopen opens a new L{LogFile} before letting go of
+go to a new file.  The reopen opens the new file before letting go of
 the one it had (L{ReopenedLogFile}): one that fails is logged, and logging
-goes on to the file it had.
+goes on to the file it had.  And the file is opened for appending
+(C{O_APPEND}), where twistd's L{LogFile} writes from the offset it
+opened at: the workers of C{--workers} each open the same file, and
+would write over each other's lines.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Mapping
-from typing import IO, Any, cast
+from collections.abc import Callable, Mapping
+from typing import IO, Any, BinaryIO, cast
 
 import attrs
 import orjson
@@ -69,7 +72,6 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
 )
-from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from openclaw.addresses import host_of
@@ -134,7 +136,12 @@ def logs_to_stdout(twistd_options: Mapping[str, Any]) -> bool:
     return twistd_options.get("logfile") in (None, "", "-")
 
 
-def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor: IReactorThreads) -> IO[Any] | None:
+def log_destination(
+    twistd_options: Mapping[str, Any],
+    stdout: IO[str],
+    reactor: IReactorThreads,
+    also_on_reopen: Callable[[], object] | None = None,
+) -> IO[Any] | None:
     """
     The stream twistd would log to, given twistd's own options: C{stdout}
     in the foreground without C{--logfile} or with C{--logfile -}; else the
@@ -152,6 +159,8 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
 
     @param reactor: the reactor the reopen is handed to (from the signal
         handler, as twistd does).
+    @param also_on_reopen: called (on the reactor's thread) after each
+        reopen: C{--workers} passes SIGUSR1 on to its workers there.
     @raise ConfigError: for C{--logfile -} without C{-n}: a daemon has no
         standard output; or the log file cannot be created.
     """
@@ -165,10 +174,16 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
     log_file = ReopenedLogFile(path)
+
+    def reopened() -> None:
+        log_file.reopen()
+        if also_on_reopen is not None:
+            also_on_reopen()
+
     if not signal.getsignal(signal.SIGUSR1):
 
         def reopen(signum: int, frame: Any) -> None:
-            reactor.callFromThread(log_file.reopen)
+            reactor.callFromThread(reopened)
 
         signal.signal(signal.SIGUSR1, reopen)
     # Not an IO subclass, but file-like where FileLogObserver needs it:
@@ -178,26 +193,36 @@ def log_destination(twistd_options: Mapping[str, Any], stdout: IO[str], reactor:
 
 class ReopenedLogFile:
     """
-    The gateway's log file at C{path}: a Twisted L{LogFile} that never
-    rotates by itself, replaced by a new one at the same path on
-    L{reopen} (SIGUSR1) only once that one is open.
+    The gateway's log file at C{path}, opened for appending and
+    unbuffered (L{_append_to}), never rotated by itself, replaced by a new
+    one at the same path on L{reopen} (SIGUSR1) only once that one is
+    open.
 
-    Not L{LogFile.reopen}, which closes the file before opening the new
-    one: when the open fails (logrotate's C{olddir} missing, the
-    directory moved away or not writable, no descriptor left) the
-    L{LogFile} is left with no file at all, every later write fails (so
-    nothing is logged any more, not even the failure), and a later
-    C{reopen} fails too, closing what is already closed.
+    Not Twisted's L{twisted.python.logfile.LogFile}: it writes from the
+    offset it opened at, not at the file's end, so processes sharing the
+    file (C{--workers}) write over each other's lines; and its C{reopen}
+    closes the file before opening the new one: when the open fails
+    (logrotate's C{olddir} missing, the directory moved away or not
+    writable, no descriptor left) it is left with no file at all, every
+    later write fails (so nothing is logged any more, not even the
+    failure), and a later C{reopen} fails too.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._file: LogFile = LogFile.fromFullPath(path, rotateLength=None)
+        self._file = _append_to(path)
         # Events may be logged from other threads (adbapi's): none writes
         # to a file being let go.
         self._lock = threading.Lock()
 
     def write(self, data: str | bytes) -> None:
+        """
+        Append C{data} (text is encoded as UTF-8, as twistd's log file does) in
+        one C{write(2)}: with C{O_APPEND}, at the file's end as it is
+        then, whichever process wrote last.
+        """
+        if isinstance(data, str):
+            data = data.encode("utf-8")
         with self._lock:
             self._file.write(data)
 
@@ -218,7 +243,7 @@ class ReopenedLogFile:
         later SIGUSR1 tries again.
         """
         try:
-            reopened: LogFile = LogFile.fromFullPath(self.path, rotateLength=None)
+            reopened = _append_to(self.path)
         except OSError as error:
             _log.error(
                 "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
@@ -231,6 +256,18 @@ class ReopenedLogFile:
         with self._lock:
             previous, self._file = self._file, reopened
             previous.close()
+
+
+def _append_to(path: str) -> BinaryIO:
+    """
+    C{path} opened for appending (C{O_APPEND}: each write lands at the
+    file's end, whoever else writes to it), unbuffered (one C{write(2)}
+    per write), created with the process's umask when it is not there;
+    one that is there keeps its mode.
+
+    @raise OSError: it cannot be opened.
+    """
+    return open(path, "ab", buffering=0)
 
 
 def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:

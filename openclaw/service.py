@@ -290,8 +290,9 @@ class GatewayService(MultiService):
         commands.excluded_consumers = self.consumers.excluding
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
-        #: This process's id in the cluster (host name and process id).
-        self.instance = f"{socket.gethostname()}-{os.getpid()}"
+        #: This process's id in the cluster (host name and process id),
+        #: taken again at start (L{_name_instance}).
+        self.instance = _instance_id()
         #: Its index among C{--workers} (0 for a single process).
         self.worker = worker
         self.cluster: ClusterNode | None = None
@@ -501,7 +502,23 @@ class GatewayService(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
 
+    def _name_instance(self) -> None:
+        """
+        Take this instance's id (L{instance}) again, now: twistd forks to
+        daemonize after building the service (and after
+        C{privilegedStartService}), before C{startService}, so the id
+        taken when it was built has the pid of a process that has exited
+        (the pidfile has the serving one's).
+        """
+        self.instance = _instance_id()
+        if self.cluster is not None:
+            self.cluster.instance = self.instance
+            self.controlplane.instance = self.instance
+        if self.shared_consumers is not None:
+            self.shared_consumers.instance = self.instance
+
     def startService(self) -> None:
+        self._name_instance()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
                 "JWT_SECRET is not set: tokens are signed with a random secret made "
@@ -782,3 +799,11 @@ def _serving(adapter: ProviderAdapter) -> bool:
     Whether C{adapter} may be sent calls now (C{openclaw_provider_up}).
     """
     return adapter.serving
+
+
+def _instance_id() -> str:
+    """
+    This process's id in a cluster: C{HOST-PID}, its host name and
+    process id (README, "Several instances as one").
+    """
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import IO, Any, ClassVar, NoReturn
@@ -246,6 +247,9 @@ def _worker_service(
     tcp = IReactorSocket(reactor)
     destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
     _note_signals(reactor, twistd_options, destination, stdout)
+    # Started with SIGUSR1 blocked (L{openclaw.cluster.workers}): handled
+    # from here on, one that came meanwhile is delivered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     reactor.callWhenRunning(_freeze_startup_objects)
     return GatewayService(
         settings,
@@ -286,9 +290,14 @@ def _supervisor(
             settings.api_port,
         ),
     }
-    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+
+    def reopen_workers_logs() -> None:
+        # The workers log to the same file, each through its own handle.
+        supervisor.reopen_logs()
+
+    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor), reopen_workers_logs)
     _note_signals(reactor, twistd_options, destination, stdout)
-    return WorkerSupervisor(
+    supervisor = WorkerSupervisor(
         supervisor_reactor(reactor),
         settings.workers,
         sockets,
@@ -298,6 +307,7 @@ def _supervisor(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
+    return supervisor
 
 
 def _note_signals(

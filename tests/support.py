@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,14 +388,21 @@ def twistd_path() -> str:
     return str(Path(sys.executable).parent / "twistd")
 
 
-def spawn_gateway(testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None) -> GatewayProcess:
+def spawn_gateway(
+    testcase: Any, args: list[str], env: dict[str, str], twistd: str | None = None, twistd_args: Sequence[str] = ()
+) -> GatewayProcess:
+    """
+    C{twistd -n --pidfile= [twistd_args] openclaw [args]} in a directory of
+    its own, stopped (SIGTERM) when the test ends.
+    """
     twistd = twistd or twistd_path()
     if "--api-port" not in args:
         args = [*args, "--api-port", str(free_port())]
     process = GatewayProcess()
     cwd = Path(testcase.mktemp())
     cwd.mkdir(parents=True)
-    reactor.spawnProcess(process, twistd, [twistd, "-n", "--pidfile=", "openclaw", *args], env=env, path=str(cwd))
+    argv = [twistd, "-n", "--pidfile=", *twistd_args, "openclaw", *args]
+    reactor.spawnProcess(process, twistd, argv, env=env, path=str(cwd))
     testcase.addCleanup(process.stop)
     return process
 

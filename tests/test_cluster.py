@@ -5,12 +5,14 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -962,6 +964,91 @@ class Workers(TestCase):
         self.assertEqual(len(said), 1, said)
         self.assertIn(b"are kept in the SQLite file ", said[0])
         self.assertIn(b"which this gateway's 2 workers share; instances of the cluster that use another file", said[0])
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+
+    @inlineCallbacks
+    def test_sigusr1_reopens_every_workers_log(self):
+        """
+        logrotate's way with C{--workers 2} and C{--logfile}: the log file
+        is moved away and SIGUSR1 sent to twistd (the pidfile's process
+        only); every worker's lines after it go to the new file, and none
+        to the moved one.
+        """
+        logs = Path(self.mktemp()).resolve()
+        logs.mkdir(parents=True)
+        logfile, rotated = logs / "gw.log", logs / "gw.log.1"
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        args = ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1", "--log-format", "json"]
+        process = spawn_gateway(self, args, env, twistd_args=["--logfile", str(logfile)])
+        token = yield process.token
+        seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        clients = {status["instance"]: client for client, status in seen}
+        self.assertEqual(len(clients), 2, clients)
+
+        def audited(path: Path) -> list[str]:
+            if not path.exists():
+                return []  # not reopened yet
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            return [line["instance"] for line in lines if line.get("cmd") == "health_check"]
+
+        @inlineCallbacks
+        def health_checks_in(path: Path) -> Any:
+            # Each worker reopens on its own SIGUSR1, a moment after the
+            # parent: asked until the lines of both are in the file.
+            deadline = time.monotonic() + 15
+            while set(audited(path)) != set(clients):
+                if time.monotonic() > deadline:
+                    self.fail(f"health_check lines in {path.name} from {audited(path)}, not from both {set(clients)}")
+                for client in clients.values():
+                    answer = yield client.ask(token, "health_check")
+                    self.assertTrue(answer["ok"], answer)
+                yield sleep(0.1)
+
+        yield health_checks_in(logfile)
+        logfile.rename(rotated)
+        os.kill(process.transport.pid, signal.SIGUSR1)
+        yield health_checks_in(logfile)
+        before, written = rotated.read_text(), len(audited(logfile))
+        for client in clients.values():
+            answer = yield client.ask(token, "health_check")
+            self.assertTrue(answer["ok"], answer)
+        deadline = time.monotonic() + 5
+        while len(audited(logfile)) < written + 2 and time.monotonic() < deadline:
+            yield sleep(0.05)
+        self.assertEqual(len(audited(logfile)), written + 2)
+        self.assertEqual(rotated.read_text(), before)
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+
+    @inlineCallbacks
+    def test_sigusr1_while_a_worker_starts(self):
+        """
+        SIGUSR1 again and again while a worker is started again: one that
+        reaches the worker before its handler is installed waits for it
+        (blocked), rather than ending the worker by its default action.
+        """
+        logs = Path(self.mktemp()).resolve()
+        logs.mkdir(parents=True)
+        logfile = logs / "gw.log"
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        args = ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"]
+        process = spawn_gateway(self, args, env, twistd_args=["--logfile", str(logfile)])
+        token = yield process.token
+        seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        killed = next(status["instance"] for _, status in seen if status["worker"] == 1)
+        os.kill(int(killed.rsplit("-", 1)[1]), signal.SIGKILL)
+        # Started again 0.5 s later, then a second or so to its handler.
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            os.kill(process.transport.pid, signal.SIGUSR1)
+            yield sleep(0.02)
+        yield self.status_until(
+            port, token, lambda statuses: statuses[-1]["worker"] == 1 and statuses[-1]["instance"] != killed
+        )
+        self.assertEqual(logfile.read_text().count("worker 1 ended"), 1, logfile.read_text()[-3000:])
         ended = yield process.stop()
         self.assertIn(ended, (0, -15))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import tempfile
 import time
@@ -115,6 +116,21 @@ class DaemonTests(TestCase):
         yield wait_for(lambda: not pidfile.exists())
         self.assertFalse(tokenfile.exists())
         self.assertFalse(lockfile.exists())
+
+    @inlineCallbacks
+    def test_instance_is_the_daemons(self):
+        """
+        C{status}'s C{instance} (host name and process id) names the
+        daemon, the pid in the pidfile, not the process that started it
+        (the service is built before twistd daemonizes).
+        """
+        port, pidfile, tokenfile = yield self.daemon(self.dir / "gw.log")
+        client = yield connect(port)
+        answer = yield client.command(tokenfile.read_text().strip(), "status")
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(answer["result"]["instance"], f"{socket.gethostname()}-{int(pidfile.read_text())}")
+        client.sendClose()
+        yield client.closed
 
     @inlineCallbacks
     def test_second_daemon_with_the_same_token_file(self):

@@ -19,7 +19,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObse
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.logs import json_line, log_destination, make_observer
+from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer
 from openclaw.settings import ConfigError
 
 WHEN = 1764043200.25
@@ -422,6 +422,22 @@ class DestinationTests(SynchronousTestCase):
             f"the file it had (where it was moved to): make {logs} exist and writable, then send SIGUSR1 again",
         )
         self.assertEqual(messages(path), ["after"])
+
+    def test_processes_sharing_the_file_append(self):
+        """
+        Each worker of C{--workers} opens the same log file: every line
+        is appended at the file's end, none written over another's
+        (Twisted's L{LogFile} writes from the offset it opened at).
+        """
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        first, second = ReopenedLogFile(str(path)), ReopenedLogFile(str(path))
+        self.addCleanup(first.close)
+        self.addCleanup(second.close)
+        first.write("one\n")
+        second.write(b"two\n")
+        first.write("three \u2014\n")
+        self.assertEqual(path.read_text(), "one\ntwo\nthree \u2014\n")
 
     def test_daemon_default_logfile(self):
         """

@@ -14,11 +14,21 @@ C{SO_REUSEPORT}, never listening: it takes no connection), starts the
 workers with C{reactor.spawnProcess}, starts again a worker that ends while
 the gateway runs, and on stop sends each one SIGTERM (each drains as a
 single gateway does) and waits for them all.
+
+Each worker opens the parent's C{--logfile} itself (L{worker_argv}), so
+each must reopen it after logrotate moved it: the parent passes its
+SIGUSR1 (logrotate's C{postrotate} signals the pidfile's process only)
+on to every worker (L{WorkerSupervisor.reopen_logs}), as gunicorn's
+master and nginx's do.  A worker starts with SIGUSR1 blocked (the mask
+is inherited across fork and exec) and unblocks it once its handler is
+installed (L{openclaw.tap}): one that comes while it is still starting
+is delivered then, not left to its default action, which would end it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -119,7 +129,7 @@ class _Worker(ProcessProtocol):
         self.ended: Deferred[None] = Deferred()
         self.process: IProcessTransport | None = None
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str | int) -> None:
         if self.process is not None and not self.ended.called:
             self.process.signalProcess(name)
 
@@ -183,6 +193,9 @@ class WorkerSupervisor(Service):
         worker = _Worker(self, index)
         worker.started_at = self.reactor.seconds()
         argv = [*self.argv, "--worker", str(index)]
+        # Blocked in the child until its handler is installed (see the
+        # module's docstring); here only for as long as the spawn takes.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         try:
             process = self.reactor.spawnProcess(worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2})
         except Exception as e:
@@ -190,9 +203,20 @@ class WorkerSupervisor(Service):
             # as for a worker that ended at once.
             self._restart(index, 0.0, f"could not be started: {e}")
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker.process = process
         self.workers[index] = worker
         self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def reopen_logs(self) -> None:
+        """
+        SIGUSR1 to every running worker: each reopens the log file it
+        opened itself (the parent's C{--logfile}), as the parent has just
+        done on its own SIGUSR1 (L{openclaw.logs.log_destination}).
+        """
+        for worker in self.workers.values():
+            worker.signal(signal.SIGUSR1)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:

@@ -111,7 +111,9 @@ class ControlPlane:
         instance: str | None = None,
     ) -> None:
         self.max_auth_failures = max_auth_failures
-        self._instance = instance
+        #: In a cluster, this instance's id (L{None} outside one); the
+        #: gateway sets it again once twistd has daemonized (its pid).
+        self.instance = instance
         self._audit_line = (
             "{cmd} from {peer} (token {jti}): {outcome} in {duration_ms:.1f} ms"
             if instance is None
@@ -276,7 +278,7 @@ class ControlPlane:
                 jti=jti,
                 outcome=outcome,
                 duration_ms=took * 1000,
-                **({} if self._instance is None else {"instance": self._instance}),
+                **({} if self.instance is None else {"instance": self.instance}),
                 **(fields or {}),
             )
         elif self._debug:
