@@ -121,15 +121,40 @@ class CandidateIndexTests(SynchronousTestCase):
         chunk = gemini.GeminiStream("m", "id", 0, asked=2).chunk(document)
         assert chunk is not None
         self.assertEqual([(c["index"], c["delta"]["content"]) for c in chunk["choices"]], [(0, "first"), (1, "second")])
-        # No index: the place in the list (proto3 leaves index 0 out).
-        document = {"candidates": [candidate("a", None), candidate("b", 1)]}
-        choices = gemini.from_gemini(document, "m", "id", 0, asked=2)["choices"]
-        self.assertEqual([c["message"]["content"] for c in choices], ["a", "b"])
+
+    def test_no_index_is_0(self) -> None:
+        """
+        A candidate without an index (or a null one) is index 0, wherever
+        it is in the list: proto3's JSON leaves a zero field out.
+        """
+        for first, second in (
+            (candidate("b", 1), candidate("a", None)),
+            (candidate("a", None), candidate("b", 1)),
+            (candidate("b", 1), {**candidate("a", None), "index": None}),
+        ):
+            document = {"candidates": [first, second]}
+            choices = gemini.from_gemini(document, "m", "id", 0, asked=2)["choices"]
+            self.assertEqual([(c["index"], c["message"]["content"]) for c in choices], [(0, "a"), (1, "b")])
+            chunk = gemini.GeminiStream("m", "id", 0, asked=2).chunk(document)
+            assert chunk is not None
+            self.assertEqual([(c["index"], c["delta"]["content"]) for c in chunk["choices"]], [(0, "a"), (1, "b")])
+        # Across a stream's events: index 1 first, then 0 left out.
+        stream = gemini.GeminiStream("m", "id", 0, asked=2)
+        for event in (
+            {"candidates": [{"content": {"parts": [{"text": "b"}]}, "index": 1}]},
+            {"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
+            {"candidates": [candidate("", 1), candidate("", None)]},
+        ):
+            stream.chunk(event)
+        self.assertTrue(stream.complete)
+        self.assertEqual([c["choices"][0]["index"] for c in stream.closing()], [0, 1])
 
     def test_malformed(self) -> None:
         for candidates, asked, words in (
             ([candidate("a", 0), candidate("b", 0)], 2, "two candidates index 0"),
-            ([candidate("a", 1), candidate("b", None)], 2, "two candidates index 1"),
+            ([candidate("a", None), candidate("b", 0)], 2, "two candidates index 0"),
+            ([{**candidate("a", None), "index": "1"}], 2, "index is not a whole number"),
+            ([{**candidate("a", None), "index": True}], 2, "index is not a whole number"),
             ([candidate("a", 5)], 1, "index 5 is out of range (0 to 0"),
             ([candidate("a", 2), candidate("b", 1)], 2, "index 2 is out of range"),
             ([candidate("a", -1)], 1, "index -1 is out of range"),

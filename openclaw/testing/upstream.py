@@ -734,7 +734,9 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         if config.get("responseLogprobs") is True:
             candidate["logprobsResult"] = gemini_logprobs(parts, config.get("logprobs"))
         return {
-            "candidates": [{**candidate, "index": i} for i in range(count)],
+            # Index 0 left out, as Gemini's proto3 JSON leaves out a field
+            # at its default.
+            "candidates": [{**candidate, "index": i} if i else dict(candidate) for i in range(count)],
             "usageMetadata": usage,
             "modelVersion": model,
             "responseId": "standin-response",

@@ -696,13 +696,22 @@ def _tokens(metadata: dict[str, Any], name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _index(candidate: dict[str, Any], i: int) -> int:
+def _index(candidate: dict[str, Any]) -> int:
     """
-    The candidate's C{index}; its place in the list when it names none
-    (or null: proto3's JSON leaves a zero index out).
+    The candidate's C{index}: 0 when it names none or null, whatever its
+    place in the list (Gemini's API writes its answers in proto3's JSON,
+    which leaves a field at its default, here 0, out:
+    U{https://protobuf.dev/programming-guides/json/}).
+
+    @raise MalformedAnswer: an index that is neither null nor a whole
+        number (Gemini's is an int32).
     """
     index = candidate.get("index")
-    return index if isinstance(index, int) and not isinstance(index, bool) else i
+    if index is None:
+        return 0
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise MalformedAnswer("Gemini's candidate index is not a whole number; retry")
+    return index
 
 
 def check_indexes(indexes: list[int], asked: int | None) -> None:
@@ -918,12 +927,13 @@ def from_gemini(
         whatever Gemini's order.
     @raise ModelFailed: a candidate's C{finishReason} says the model failed.
     @raise MalformedAnswer: an answer of a shape Gemini's API does not
-        return (L{_read}), candidate indexes out of range or given twice
+        return (L{_read}), candidate indexes that are not whole numbers
+        (L{_index}: none or null is 0), out of range or given twice
         (L{check_indexes}).
     """
     choices: list[dict[str, Any]] = []
     unknown = None
-    for i, candidate in enumerate(_candidates(document)):
+    for candidate in _candidates(document):
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
         reading = _read(candidate)
@@ -942,7 +952,7 @@ def from_gemini(
                 reason = "tool_calls"
         choices.append(
             {
-                "index": _index(candidate, i),
+                "index": _index(candidate),
                 "message": message,
                 "finish_reason": reason,
                 "logprobs": logprobs(candidate),
@@ -1036,8 +1046,9 @@ class GeminiStream:
 
         @raise GeminiStreamError: the event is an error, or not an object,
             or says that the model failed, or is malformed (L{_read}; its
-            candidates' indexes out of range or repeated,
-            L{check_indexes}).  The chunk's choices are in index order.
+            candidates' indexes not whole numbers, L{_index}, or out of
+            range or repeated, L{check_indexes}).  The chunk's choices are
+            in index order.
         """
         if not isinstance(document, dict):
             raise GeminiStreamError("an event of the stream is not a JSON object")
@@ -1051,8 +1062,8 @@ class GeminiStream:
         if served_by:
             self._served_by = served_by
         candidates = _candidates(document)
-        indexes = [_index(candidate, i) for i, candidate in enumerate(candidates)]
         try:
+            indexes = [_index(candidate) for candidate in candidates]
             check_indexes(indexes, self.asked if self.asked is not None else max(indexes, default=-1) + 1)
         except MalformedAnswer as e:
             raise GeminiStreamError(str(e), e.code) from None
