@@ -5,7 +5,9 @@ thought summaries asked for when reasoning is, tool-use prompt tokens
 counted in usage, unknown finish reasons kept as stop (with a warning),
 answers with no candidate, of a malformed shape (function call args that
 are not an object, a nameless call, parts not a list, text not a string)
-or with an image answered 502, OpenAI's C{allowed_tools} tool choice, tool results
+or with an image answered 502, parts of kinds not translated (code
+execution...) left out with a warning or, when nothing else was said,
+answered 502, OpenAI's C{allowed_tools} tool choice, tool results
 of several text parts.  Each through a real gateway in front of the
 stand-in upstream with the official openai SDK, or, for mapping details,
 on the translation functions alone.
@@ -304,6 +306,116 @@ class MalformedAnswerTests(DataPlaneTestCase):
         self.assertIn("Here it is.", text)
         self.assertIn("unsupported_output", text)
         self.assertNotIn("[DONE]", text)
+
+    def test_untranslated_parts(self) -> None:
+        """
+        Parts of kinds the gateway does not translate (code execution,
+        functionResponse, videoMetadata, kinds Google adds later): beside
+        text or a tool call they are left out with a warning naming the
+        kind; a candidate of such parts only (thoughts aside) is a 502
+        unsupported_output naming them, whole and streamed (at the
+        choice's finish reason), never an empty stop (litellm #21744).
+        """
+        code = {"executableCode": {"language": "PYTHON", "code": "print(1)"}}
+        result = {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "1"}}
+        thought = {"text": "Let me run it.", "thought": True}
+        for parts, kinds in (
+            ([code], "executableCode"),
+            ([code, result], "executableCode, codeExecutionResult"),
+            ([thought, code, result, {"text": ""}], "executableCode, codeExecutionResult"),
+            ([{"functionResponse": {"name": "f", "response": {}}}], "functionResponse"),
+            ([{"videoMetadata": {"fps": 1}, "thoughtSignature": "s"}], "videoMetadata"),
+            ([{"somethingGoogleAddsLater": {"x": 1}}], "somethingGoogleAddsLater"),
+        ):
+            candidate = {"content": {"parts": parts}, "finishReason": "STOP"}
+            with self.assertRaises(ModelFailed) as caught:
+                gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
+            self.assertEqual(caught.exception.code, "unsupported_output")
+            self.assertIn(f"only {kinds} parts", str(caught.exception))
+            with self.assertRaises(gemini.GeminiStreamError) as streamed:
+                gemini.GeminiStream("m", "id", 0).chunk({"candidates": [candidate]})
+            self.assertEqual(streamed.exception.code, "unsupported_output")
+            self.assertIn(f"only {kinds} parts", str(streamed.exception))
+            # An error, not a warning as well.
+            self.assertEqual(self.warnings(), [])
+            # Streamed, the decision waits for the finish reason: text
+            # may come after (the kinds warned of meanwhile).
+            stream = gemini.GeminiStream("m", "id", 0)
+            stream.chunk({"candidates": [{"content": {"parts": parts}}]})
+            with self.assertRaises(gemini.GeminiStreamError) as streamed:
+                stream.chunk({"candidates": [{"content": {"parts": [{"text": ""}]}, "finishReason": "STOP"}]})
+            self.assertIn(f"only {kinds} parts", str(streamed.exception))
+            del self.events[:]
+        # Beside text or a tool call: left out, one warning naming the kinds.
+        candidate = {"content": {"parts": [code, result, {"text": "1"}]}, "finishReason": "STOP"}
+        choice = gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)["choices"][0]
+        self.assertEqual((choice["message"]["content"], choice["finish_reason"]), ("1", "stop"))
+        (warning,) = self.warnings()
+        self.assertEqual(warning["kinds"], "executableCode, codeExecutionResult")
+        del self.events[:]
+        call = {"functionCall": {"name": "f", "args": {}}}
+        candidate = {"content": {"parts": [code, call]}, "finishReason": "STOP"}
+        choice = gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(len(self.warnings()), 1)
+        del self.events[:]
+        # Streamed: each kind warned of once per stream.
+        stream = gemini.GeminiStream("m", "id", 0)
+        for parts in ([code], [result, {"text": "1"}], [code, result]):
+            stream.chunk({"candidates": [{"content": {"parts": parts}}]})
+        stream.chunk({"candidates": [{"content": {"parts": [{"text": "."}]}, "finishReason": "STOP"}]})
+        self.assertEqual([w["kinds"] for w in self.warnings()], ["executableCode", "codeExecutionResult"])
+        self.assertEqual(stream.closing()[0]["choices"][0]["finish_reason"], "stop")
+        del self.events[:]
+        # Thoughts only, or a thought of an untranslated kind: what it was.
+        for parts in ([thought], [{**code, "thought": True}, thought]):
+            candidate = {"content": {"parts": parts}, "finishReason": "STOP"}
+            choice = gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)["choices"][0]
+            self.assertEqual((choice["message"]["content"], choice["finish_reason"]), ("", "stop"))
+            stream = gemini.GeminiStream("m", "id", 0)
+            stream.chunk({"candidates": [candidate]})
+            self.assertEqual(stream.closing()[0]["choices"][0]["finish_reason"], "stop")
+        # A kind's name is clipped, and at most five are named.
+        many = [{f"kind{i}": {}} for i in range(7)] + [{"k" * 500: {}}]
+        with self.assertRaises(ModelFailed) as caught:
+            gemini.from_gemini({"candidates": [{"content": {"parts": many}, "finishReason": "STOP"}]}, "m", "id", 0)
+        self.assertIn("kind0, kind1, kind2, kind3, kind4, ... parts", str(caught.exception))
+        self.assertLess(len(str(caught.exception)), 400)
+        self.assertEqual(self.warnings(), [])
+
+    @inlineCallbacks
+    def test_untranslated_parts_through_the_gateway(self):
+        code = {"executableCode": {"language": "PYTHON", "code": "print(1)"}}
+        only_code = GeminiAnswer(((code,), ({"codeExecutionResult": {"outcome": "OUTCOME_OK"}},)))
+        self.upstream.gemini.answers[:] = [only_code, only_code]
+        gateway = self.gateway()
+        for stream in (False, True):
+            response, text = yield self.post(gateway, {"messages": QUESTION, "stream": stream})
+            # Streamed, the first event has no finish reason and nothing
+            # to send but the role: then the error event, no [DONE].
+            self.assertEqual(response.code, 200 if stream else 502, text)
+            self.assertIn("only executableCode, codeExecutionResult parts", text)
+            self.assertIn("unsupported_output", text)
+            self.assertNotIn("[DONE]", text)
+            # Not failed over: Gemini answered.
+            self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(self.upstream.kimi.requests, 0)
+        # Beside text: left out, the text answered, the kind warned of.
+        answer = GeminiAnswer(((code,), ({"text": "1"},)))
+        self.upstream.gemini.answers[:] = [answer, answer]
+        client = self.sdk(gateway)
+        for stream in (False, True):
+            del self.events[:]
+            result = yield deferToThread(ask, client, QUESTION, stream)
+            self.assertEqual((result["content"], result["finishes"]), ("1", ["stop"]))
+            self.assertEqual([w["kinds"] for w in self.warnings()], ["executableCode"])
+
+    def warnings(self) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e.get("log_level") == LogLevel.warn and e.get("log_namespace") == "openclaw.providers.gemini"
+        ]
 
     def test_args_absent(self) -> None:
         # A function without parameters: Gemini may leave args out.

@@ -20,7 +20,9 @@ C{tool_calls} whose ids carry Gemini's call id and thought signature, see
 L{openclaw.providers.gemini.callids}; thought summaries become
 C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
 failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, and so is a part the
-chat shape cannot carry (an image) or a malformed one, C{usageMetadata}
+chat shape cannot carry (an image) or a malformed one, and a candidate
+whose parts are all of kinds not translated (C{executableCode}, ...; left
+out with a warning beside text or a tool call), C{usageMetadata}
 becomes C{usage}; Gemini's C{modelVersion} (the model that really answered)
 becomes C{model}.
 """
@@ -192,6 +194,12 @@ JSON_FORMATS = ("json_object", "json_schema")
 #: (C{gemini-2.5-flash-image}) answer with C{inlineData}.  Never dropped
 #: silently: such an answer is an error naming the part (L{_read}).
 UNSUPPORTED_PARTS = ("inlineData", "fileData")
+#: The fields of an answer part that say something about it rather than
+#: carry what the model said (U{https://ai.google.dev/api/caching#Part}):
+#: every other field set names the part's kind.
+PART_METADATA = frozenset({"thought", "thoughtSignature", "partMetadata", "mediaResolution"})
+#: At most this many part kinds are named in a warning or an error.
+MAX_KINDS_NAMED = 5
 
 
 class GeminiStreamError(Exception):
@@ -788,6 +796,16 @@ class _Reading:
     text: str = ""
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = attrs.field(factory=list)
+    #: The kinds of the parts skipped as not translated (L{_read}), each
+    #: once, in the order met.
+    skipped: list[str] = attrs.field(factory=list)
+
+    @property
+    def said(self) -> bool:
+        """
+        Whether the parts carried an answer: text or a tool call.
+        """
+        return bool(self.text or self.tool_calls)
 
 
 def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
@@ -796,8 +814,14 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
     U{https://ai.google.dev/api/caching#Content}): C{text} parts, thought
     summaries (C{thought: true}) and C{functionCall} parts; a part of none
     of these kinds that carries nothing to pass on (a lone
-    C{thoughtSignature}) is skipped, and so is a thought's image.  Nothing
-    is dropped silently: an answer that would lose what Gemini said is an
+    C{thoughtSignature}) is skipped, and so is a thought's image.  A part
+    of another kind, which the gateway does not translate
+    (C{executableCode}, C{codeExecutionResult}, C{functionResponse},
+    C{videoMetadata}, a kind Google adds later: its kind is the name of
+    its field that is not in L{PART_METADATA}), is skipped and its kind
+    noted in C{skipped}, for the caller to warn of, or to refuse a
+    candidate that said nothing else (L{untranslated}).  Nothing is
+    dropped silently: an answer that would lose what Gemini said is an
     error, never an empty C{stop} (litellm #21744).
 
     @param first_index: the OpenAI C{index} of the first tool call read.
@@ -846,9 +870,49 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
                 "model such as gemini-2.5-flash-image), or ask for text only",
                 "unsupported_output",
             )
+        if part.get("thought"):
+            # Part of the thinking, left out as a thought's image is.
+            continue
+        for kind in part:
+            if kind not in PART_METADATA and part[kind] is not None and kind not in reading.skipped:
+                reading.skipped.append(kind)
     reading.text = "".join(text)
     reading.reasoning = "".join(reasoning)
     return reading
+
+
+def _kinds(kinds: list[str]) -> str:
+    """
+    Part kinds for a message: the first L{MAX_KINDS_NAMED}, each clipped.
+    """
+    named = ", ".join(clip(kind) for kind in kinds[:MAX_KINDS_NAMED])
+    return named if len(kinds) <= MAX_KINDS_NAMED else f"{named}, ..."
+
+
+def warn_skipped(kinds: list[str]) -> None:
+    """
+    Log, as a warning, that parts of C{kinds} were left out of an answer
+    (once per answer, or per kind in a stream, as unknown finish reasons
+    are, L{warn_unknown}).
+    """
+    _log.warn(
+        "Gemini answered with parts this gateway does not translate ({kinds}): left out, the rest of the answer kept",
+        kinds=_kinds(kinds),
+    )
+
+
+def untranslated(kinds: list[str]) -> ModelFailed:
+    """
+    The error for a candidate whose parts, of C{kinds}, are none the
+    gateway translates: no text, no tool call.  Code
+    C{unsupported_output}, as for an image (L{_read}): Gemini answered, so
+    it is not failed over or held against it.
+    """
+    return ModelFailed(
+        f"Gemini answered with only {_kinds(kinds)} parts (no text, no tool call), which this gateway does "
+        "not translate into OpenAI's chat completions: retry, or ask for a text answer",
+        "unsupported_output",
+    )
 
 
 def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
@@ -925,7 +989,11 @@ def from_gemini(
     @param asked: the number of choices asked for (C{n}); None: as many as
         the answer has candidates.  Choices are in C{index} order, 0 first,
         whatever Gemini's order.
-    @raise ModelFailed: a candidate's C{finishReason} says the model failed.
+    @raise ModelFailed: a candidate's C{finishReason} says the model
+        failed; a candidate has a part the chat shape cannot carry (an
+        image, L{_read}), or parts but none the gateway translates
+        (L{untranslated}).  Parts of kinds not translated beside text or a
+        tool call are left out, with a warning (L{warn_skipped}).
     @raise MalformedAnswer: an answer of a shape Gemini's API does not
         return (L{_read}), candidate indexes that are not whole numbers
         (L{_index}: none or null is 0), out of range or given twice
@@ -933,10 +1001,14 @@ def from_gemini(
     """
     choices: list[dict[str, Any]] = []
     unknown = None
+    skipped: list[str] = []
     for candidate in _candidates(document):
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
         reading = _read(candidate)
+        if reading.skipped and not reading.said:
+            raise untranslated(reading.skipped)
+        skipped.extend(kind for kind in reading.skipped if kind not in skipped)
         # OpenAI's message shape: refusal is null unless the model refused
         # (Gemini says so with a finish reason instead).
         message: dict[str, Any] = {"role": "assistant", "content": reading.text, "refusal": None}
@@ -960,6 +1032,8 @@ def from_gemini(
         )
     if unknown is not None:
         warn_unknown(unknown)
+    if skipped:
+        warn_skipped(skipped)
     check_indexes([choice["index"] for choice in choices], asked)
     choices.sort(key=lambda choice: choice["index"])
     if not choices:
@@ -1027,6 +1101,12 @@ class GeminiStream:
     _served_by: str | None = None
     #: An unknown finish reason has been logged (once per stream).
     _warned: bool = False
+    #: Choices that have sent text or a tool call.
+    _said: set[int] = attrs.field(factory=set)
+    #: choice index -> the kinds of its parts skipped (L{_read}).
+    _skipped: dict[int, list[str]] = attrs.field(factory=dict)
+    #: The part kinds logged as skipped (each once per stream).
+    _warned_kinds: set[str] = attrs.field(factory=set)
 
     @property
     def complete(self) -> bool:
@@ -1045,7 +1125,9 @@ class GeminiStream:
         The chunk for one event, or None when it carries nothing to send.
 
         @raise GeminiStreamError: the event is an error, or not an object,
-            or says that the model failed, or is malformed (L{_read}; its
+            or says that the model failed, or a choice ends (its finish
+            reason comes) with parts but none the gateway translates sent
+            (L{untranslated}), or is malformed (L{_read}; its
             candidates' indexes not whole numbers, L{_index}, or out of
             range or repeated, L{check_indexes}).  The chunk's choices are
             in index order.
@@ -1096,6 +1178,21 @@ class GeminiStream:
             if calls:
                 delta["tool_calls"] = calls
                 self._calls[index] = sent + len(calls)
+            if reading.said:
+                self._said.add(index)
+            if reading.skipped:
+                kinds = self._skipped.setdefault(index, [])
+                kinds.extend(kind for kind in reading.skipped if kind not in kinds)
+            if reason is not None and self._skipped.get(index) and index not in self._said:
+                # Gemini's finishReason: the model "stopped generating"
+                # (https://ai.google.dev/api/generate-content#candidate),
+                # and this choice said nothing the gateway translates.
+                failure = untranslated(self._skipped[index])
+                raise GeminiStreamError(str(failure), failure.code)
+            fresh = [kind for kind in reading.skipped if kind not in self._warned_kinds]
+            if fresh:
+                self._warned_kinds.update(fresh)
+                warn_skipped(fresh)
             if reason is not None:
                 self._finished[index] = reason
             tokens = logprobs(candidate)
