@@ -711,15 +711,14 @@ def _redis_url(text: str) -> str:
     """
     C{REDIS_URL} checked as L{openclaw.cluster.redis.redis_endpoint} will
     read it: the database a whole number >= 0, in the path
-    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}); a query
-    with a second C{?} (C{?db=0?password=x}: C{&} meant) is refused, as it
-    would be read as one odd C{db}.
+    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}; so
+    C{?db=0?password=x}, C{&} meant, is refused: its C{db} is
+    C{0?password=x}).  A C{?} in a query value is the value's (RFC 3986
+    3.4: C{?db=0&password=top?secret} is the password C{top?secret}).
 
     @raise ValueError: C{text} is no such URL.
     """
     parsed = urlsplit(text)
-    if "?" in parsed.query:
-        raise ValueError
     databases = parse_qs(parsed.query, keep_blank_values=True).get("db", [])
     if not all(_database_number(database) for database in databases):
         raise ValueError
@@ -1315,6 +1314,15 @@ def load_settings(
 
     redis_url = read("REDIS_URL", str, None, "") or None
     if redis_url is not None:
+        if "#" in redis_url:
+            # Redis URLs have no use for a fragment: one is an unencoded #
+            # in a password (?password=top#secret, read as "top").
+            from openclaw.cluster.redis import redacted_url
+
+            raise ConfigError(
+                f"REDIS_URL={redacted_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
+                "percent-encode a # in a password as %23"
+            )
         try:
             _redis_url(redis_url)
         except ValueError:
