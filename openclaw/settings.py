@@ -30,6 +30,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import secrets
 import socket
 import stat
@@ -710,15 +711,14 @@ def _redis_url(text: str) -> str:
     """
     C{REDIS_URL} checked as L{openclaw.cluster.redis.redis_endpoint} will
     read it: the database a whole number >= 0, in the path
-    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}); a query
-    with a second C{?} (C{?db=0?password=x}: C{&} meant) is refused, as it
-    would be read as one odd C{db}.
+    (C{redis://host/N}) or as C{?db=N} (C{unix:///path?db=N}; so
+    C{?db=0?password=x}, C{&} meant, is refused: its C{db} is
+    C{0?password=x}).  A C{?} in a query value is the value's (RFC 3986
+    3.4: C{?db=0&password=top?secret} is the password C{top?secret}).
 
     @raise ValueError: C{text} is no such URL.
     """
     parsed = urlsplit(text)
-    if "?" in parsed.query:
-        raise ValueError
     databases = parse_qs(parsed.query, keep_blank_values=True).get("db", [])
     if not all(_database_number(database) for database in databases):
         raise ValueError
@@ -963,9 +963,24 @@ def _database_secrets(text: str) -> list[str]:
     return sorted((secret for secret in found if secret), key=len, reverse=True)
 
 
+#: A password this long is masked wherever it appears in libpq's words; a
+#: shorter one only where it stands whole (no letter or digit either side,
+#: as a quoted value does), so that C{p} does not turn libpq's
+#: C{encryption} into C{encry***tion}.
+_MASK_ANYWHERE = 8
+
+
 def _masked(text: str, secrets: Iterable[str]) -> str:
+    """
+    C{text} (libpq's words) with each of C{secrets} shown as C{***}: where
+    it stands whole, and anywhere when it is C{_MASK_ANYWHERE} characters
+    or more.
+    """
     for secret in secrets:
-        text = text.replace(secret, "***")
+        if len(secret) >= _MASK_ANYWHERE:
+            text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "***", text)
     return text
 
 
@@ -1038,6 +1053,31 @@ def _database_url(text: str) -> str:
     return text
 
 
+#: What libpq says against a parameter value on any transport, wherever
+#: the hosts and ports come from (fe-connect.c, C{connectOptions1},
+#: C{connectOptions2}, C{PQconnectPoll}'s port check; C{parseServiceInfo}):
+#: a whole line of its message.  Anything else the probe meets (its own
+#: missing socket, GSSAPI refused over a UNIX socket, words of a later
+#: libpq) is left for the connection itself to report.
+_LIBPQ_VALUE_ERRORS = re.compile(
+    "|".join(
+        (
+            r'invalid [\w-]+ value: ".*"',
+            r'invalid integer value ".*" for connection option ".*"',
+            r'invalid port number: ".*"',
+            r"could not match \d+ port numbers to \d+ hosts",
+            r"invalid SSL protocol version range",
+            r'weak sslmode ".*" may not be used with .*',
+            r'(negative )?require_auth method ".*" (cannot be mixed with .*|is specified more than once)',
+            r'[\w-]+ value ".*" invalid when .* support is not compiled in',
+            r'definition of service ".*" not found',
+            r'service file ".*" not found',
+            r'(syntax error in|line \d+ too long in|nested service specifications not supported in) service file ".*"',
+        )
+    )
+)
+
+
 def _libpq_refusal(database_url: str) -> list[str] | None:
     """
     What libpq (and psycopg) say against C{database_url}'s parameter
@@ -1049,13 +1089,20 @@ def _libpq_refusal(database_url: str) -> list[str] | None:
     runs on (C{PQconnectStart} checks the values before it connects:
     U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PQCONNECTSTARTPARAMS}),
     without reaching the network: the probe's hosts are UNIX sockets in a
-    new empty directory (as many as the URL names, for libpq's hosts/ports
-    count), with C{hostaddr} set empty so that C{PGHOSTADDR} does not
-    apply.  A refusal of the values names no host; the probe's own
-    failure (no socket there) names that directory.  C{connect_timeout}
-    is psycopg's to read (C{timeout_from_conninfo}).  Values libpq reads
-    only on a TCP connection (C{keepalives_idle}, C{tcp_user_timeout})
-    are not checked here.
+    new empty directory, with C{hostaddr} set empty so that
+    C{PGHOSTADDR} does not apply.  The probe's hosts and ports are the
+    URL's own only: as many sockets as the URL names hosts (else ports),
+    and C{port} set empty when the URL names none, so that neither
+    C{PGHOST}/C{PGPORT} nor a service file's C{host}/C{port} reach the
+    probe (their counts are not the probe's to match: a service file
+    with two hosts and two ports is a working URL).  Only the lines of
+    libpq's message that are one of its value errors
+    (L{_LIBPQ_VALUE_ERRORS}) count: what depends on the transport (GSSAPI
+    encryption over a UNIX socket) or on the probe (its missing socket)
+    does not.  C{connect_timeout} is psycopg's to read
+    (C{timeout_from_conninfo}).  Values libpq reads only on a TCP
+    connection (C{keepalives_idle}, C{tcp_user_timeout}) are not checked
+    here.
     """
     from psycopg import Error as PsycopgError
     from psycopg import pq
@@ -1066,9 +1113,11 @@ def _libpq_refusal(database_url: str) -> list[str] | None:
         timeout_from_conninfo(parameters)
     except PsycopgError as e:
         return [str(e)]
-    hosts = str(parameters.get("host") or parameters.get("hostaddr") or "")
+    # libpq counts hostaddr's entries first, then host's (connectOptions2).
+    hosts = str(parameters.get("hostaddr") or parameters.get("host") or parameters.get("port") or "")
+    port = str(parameters.get("port") or "")
     with tempfile.TemporaryDirectory(prefix="openclaw-libpq-") as nowhere:
-        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": ""}
+        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": "", "port": port}
         connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
         try:
             if connection.status != pq.ConnStatus.BAD:
@@ -1076,7 +1125,8 @@ def _libpq_refusal(database_url: str) -> list[str] | None:
             said = connection.get_error_message()
         finally:
             connection.finish()
-    return None if nowhere in said else said.splitlines()
+    refused = [line.strip() for line in said.splitlines() if _LIBPQ_VALUE_ERRORS.fullmatch(line.strip())]
+    return refused or None
 
 
 def _prices(path: str) -> Mapping[str, Price]:
@@ -1264,6 +1314,15 @@ def load_settings(
 
     redis_url = read("REDIS_URL", str, None, "") or None
     if redis_url is not None:
+        if "#" in redis_url:
+            # Redis URLs have no use for a fragment: one is an unencoded #
+            # in a password (?password=top#secret, read as "top").
+            from openclaw.cluster.redis import redacted_url
+
+            raise ConfigError(
+                f"REDIS_URL={redacted_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
+                "percent-encode a # in a password as %23"
+            )
         try:
             _redis_url(redis_url)
         except ValueError:

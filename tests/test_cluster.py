@@ -769,12 +769,34 @@ class StoreConnections(TestCase):
         store = yield self.connected_store(url)
         factory = _Commands(store, redis_endpoint(url, reactor, 2.0)[1])
         self.assertEqual(factory.uuid, f"redis://127.0.0.1:{self.redis.port}/0?password=***")
-        self.assertEqual(
-            redacted_url("unix:///run/r.sock?db=0&password=a%26b#x"), "unix:///run/r.sock?db=0&password=***#x"
-        )
+        self.assertEqual(redacted_url("unix:///run/r.sock?db=0&password=a%26b"), "unix:///run/r.sock?db=0&password=***")
 
 
 class Settings18(TestCase):
+    def test_redacted_url_masks_the_whole_password(self):
+        """
+        C{redacted_url} masks a query password up to the next C{&},
+        whatever it holds (C{?} is a query character, RFC 3986 3.4; C{#}
+        ends the URL where it is not percent-encoded), a userinfo password
+        up to its last C{@}, and never shows a fragment.
+        """
+        from openclaw.cluster.redis import redacted_url
+
+        for url, shown in (
+            ("unix:///tmp/r.sock?db=0&password=top?secret", "unix:///tmp/r.sock?db=0&password=***"),
+            ("unix:///tmp/r.sock?password=top?secret&db=1", "unix:///tmp/r.sock?password=***&db=1"),
+            ("unix:///tmp/r.sock?db=0?password=top?secret", "unix:///tmp/r.sock?db=0?password=***"),
+            ("redis://127.0.0.1:1/x?password=top#secret", "redis://127.0.0.1:1/x?password=***"),
+            ("redis://127.0.0.1:1/0?password=top@secret", "redis://127.0.0.1:1/0?password=***"),
+            ("redis://h/0?pass%77ord=topsecret", "redis://h/0?pass%77ord=***"),
+            ("redis://u:top#secret@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://:top/sec@ret@h:1/0?db=0", "redis://:***@h:1/0?db=0"),
+            ("redis://h:1/0#topsecret", "redis://h:1/0"),
+            ("redis://h:1/0?db=0#topsecret", "redis://h:1/0?db=0"),
+            ("redis://user@h:1/0", "redis://user@h:1/0"),
+        ):
+            self.assertEqual(redacted_url(url), shown, url)
+
     def test_bad_redis_url_hides_its_password(self):
         from openclaw.settings import ConfigError, load_settings
 
@@ -785,16 +807,17 @@ class Settings18(TestCase):
 
     def test_bad_unix_socket_query_refused_password_hidden(self):
         """
-        A UNIX socket's C{?db=} that is no whole number >= 0, or a query
-        with a second C{?} (C{&} meant), is the one-line configuration
-        error, the password after the second C{?} shown as C{***}: not
-        C{int()}'s traceback at start-up with the password in it.
+        A UNIX socket's C{?db=} that is no whole number >= 0 (as with a
+        second C{?} where C{&} was meant: C{?db=0?password=...} is the
+        C{db} C{0?password=...}) is the one-line configuration error, the
+        password after the second C{?} shown as C{***}: not C{int()}'s
+        traceback at start-up with the password in it.  A C{?} in a
+        password is the password's (RFC 3986 3.4), taken.
         """
         from openclaw.settings import ConfigError, load_settings
 
         for bad, shown in (
             ("unix:///run/redis/redis.sock?db=0?password=Sekr1tQ", "unix:///run/redis/redis.sock?db=0?password=***"),
-            ("unix:///run/redis.sock?password=Sekr1tQ?db=1", "unix:///run/redis.sock?password=***?db=1"),
             ("unix:///run/redis.sock?db=abc", "unix:///run/redis.sock?db=abc"),
             ("unix:///run/redis.sock?db=-1", "unix:///run/redis.sock?db=-1"),
             ("unix:///run/redis.sock?db=0&db=x", "unix:///run/redis.sock?db=0&db=x"),
@@ -806,10 +829,36 @@ class Settings18(TestCase):
             self.assertNotIn("Sekr1tQ", message)
             self.assertIn(f"REDIS_URL={shown!r} is invalid", message)
             self.assertNotIn("\n", message)
-        settings = load_settings(
-            {"REDIS_URL": "unix:///run/redis.sock?db=0&password=Sekr1tQ", "JWT_SECRET": SECRET}, env_file=None
-        )
-        self.assertEqual(settings.redis_url, "unix:///run/redis.sock?db=0&password=Sekr1tQ")
+        for good in (
+            "unix:///run/redis.sock?db=0&password=Sekr1tQ",
+            "unix:///run/redis.sock?db=0&password=Sekr1t?Q",
+            "unix:///run/redis.sock?password=Sekr1tQ?db=1",
+        ):
+            settings = load_settings({"REDIS_URL": good, "JWT_SECRET": SECRET}, env_file=None)
+            self.assertEqual(settings.redis_url, good)
+
+    def test_fragment_refused_password_hidden(self):
+        """
+        A C{#} in C{REDIS_URL} (one in a password, not percent-encoded,
+        which ends the URL for its readers) is the one-line configuration
+        error saying to write it C{%23}, the URL shown without what
+        follows it and the password as C{***}.
+        """
+        from openclaw.settings import ConfigError, load_settings
+
+        for bad, shown in (
+            ("redis://127.0.0.1:1/x?password=top#Sekr1tQ", "redis://127.0.0.1:1/x?password=***"),
+            ("redis://:top#Sekr1tQ@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
+            ("redis://127.0.0.1:1/0#Sekr1tQ", "redis://127.0.0.1:1/0"),
+        ):
+            with self.subTest(bad), self.assertRaises(ConfigError) as raised:
+                load_settings({"REDIS_URL": bad, "JWT_SECRET": SECRET}, env_file=None)
+            message = str(raised.exception)
+            self.assertIn(f"REDIS_URL={shown!r} has a #", message)
+            self.assertIn("percent-encode a # in a password as %23", message)
+            self.assertNotIn("Sekr1tQ", message)
+            self.assertNotIn("top", message)
+            self.assertNotIn("\n", message)
 
     def test_redis_needs_a_shared_secret(self):
         from openclaw.settings import ConfigError, load_settings

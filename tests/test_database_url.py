@@ -109,6 +109,69 @@ class DatabaseURLTests(TestCase):
         ):
             self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
+    def setenv(self, **values: str) -> None:
+        # os.environ's items are the process's (putenv): libpq reads them.
+        for name, value in values.items():
+            if name in os.environ:
+                self.addCleanup(os.environ.__setitem__, name, os.environ[name])
+            else:
+                self.addCleanup(os.environ.pop, name, None)
+            os.environ[name] = value
+
+    def test_hosts_and_ports_from_environment_or_service_file(self) -> None:
+        """
+        Hosts and ports that a service file (PGSERVICEFILE) or PGHOST and
+        PGPORT fill in are libpq's to pair up when it connects, not the
+        start-up probe's: two of each is a working URL, taken (the probe
+        once set one host against their two ports: "could not match 2 port
+        numbers to 1 hosts").  Nothing is reached meanwhile.  Those that do
+        not pair up are left for the connection to report; an unknown
+        service is refused, and so are ports the URL itself does not pair
+        up with its hosts.
+        """
+        cwd = Path(tempfile.mkdtemp())
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            port = listener.getsockname()[1]
+            services = cwd / "pg_service.conf"
+            services.write_text(
+                f"[two]\nhost=127.0.0.1,127.0.0.1\nport={port},{port}\ndbname=oc\nuser=u\n"
+                f"[unpaired]\nhost=127.0.0.1,127.0.0.1,127.0.0.1\nport={port},{port}\n"
+            )
+            self.setenv(PGSERVICEFILE=str(services))
+            for good in ("postgresql:///?service=two", "postgresql://u:p@/oc?service=unpaired"):
+                self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+            self.assertIn('(definition of service "nosuch" not found)', self.said("postgresql:///?service=nosuch"))
+            self.setenv(PGHOST="127.0.0.1,127.0.0.2", PGPORT=f"{port},{port}")
+            good = "postgresql:///openclaw?user=u"
+            self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+            self.assertIn(
+                "could not match 3 port numbers to 2 hosts",
+                self.said("postgresql://u:hunter2-pw@127.0.0.1,127.0.0.1/db?port=1,2,3"),
+            )
+            listener.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                listener.accept()
+
+    def test_transport_refusals_left_to_the_connection(self) -> None:
+        """
+        What libpq refuses only for the probe's UNIX socket (GSSAPI
+        encryption, which a TCP connection may have) does not stop
+        start-up; a value it refuses on any transport does.  libpq's words
+        are not garbled by a short password's characters in them; the
+        password is masked where it stands whole (a quoted value).
+        """
+        cwd = Path(tempfile.mkdtemp())
+        good = f"postgresql://u:p@127.0.0.1:{free_port()}/db?gssencmode=require"
+        self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+        said = self.said("postgresql://u:p@127.0.0.1/db?sslmode=prefer&sslnegotiation=direct")
+        self.assertIn('(weak sslmode "prefer" may not be used with sslnegotiation=direct (use "require"', said)
+        said = self.said("postgresql://u:e@127.0.0.1/db?gssencmode=bogus")
+        self.assertIn('(invalid gssencmode value: "bogus")', said)
+        said = self.said("postgresql://u:Qx@127.0.0.1/db?sslmode=Qx")
+        self.assertIn('(invalid sslmode value: "***")', said)
+
     @staticmethod
     def said(url: str) -> str:
         try:
