@@ -939,9 +939,11 @@ def _userinfo(rest: str) -> tuple[str, str, str] | None:
     at the last C{@} (a password may hold C{/}, C{?} or C{#} when the URL
     is mistyped, which is when it is shown in an error), and the user name
     is what precedes its first C{:} and holds none of C{/?#} (else the C{@}
-    is not the userinfo's, but one in a path or query).
+    is not the userinfo's, but one in a path or query).  An C{@} in a
+    C{password=} of the query is not looked at: it is that password's.
     """
-    at = rest.rfind("@")
+    query_password = [i for i in (rest.find("?password="), rest.find("&password=")) if i >= 0]
+    at = rest.rfind("@", 0, min(query_password, default=len(rest)))
     if at < 0:
         return None
     user, colon, password = rest[:at].partition(":")

@@ -72,6 +72,11 @@ class DatabaseURLTests(TestCase):
             self.assertNotIn(password, said)
             self.assertNotIn("cr3t", said)
             self.assertIn("postgresql://app:***@db.example:notaport/app", said)
+        # An @ in a query password is that password's, not a userinfo's end.
+        for url in ("postgresql://h:notaport/db?password=ab@cdefg", "postgresql://h:notaport/db?x=1&password=ab@cdefg"):
+            said = self.said(url)
+            self.assertNotIn("cdefg", said)
+            self.assertIn("password=***", said)
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
