@@ -46,7 +46,7 @@ from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.files import kind_of
 from openclaw.reactors import IClientReactor
-from openclaw.session import write_token_file
+from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
@@ -618,8 +618,12 @@ def _check_writable(token_file: Path) -> None:
     system); at C{token_file} there is nothing yet or a regular file (a
     directory cannot be replaced, and a symbolic link, FIFO, socket or
     device is no token file: it would be replaced by one, as the gateway
-    refuses to do with its C{TOKEN_FILE}); in a sticky directory (C{/tmp})
-    the file is this user's, or the directory is (C{rename(2)}'s rule).
+    refuses to do with its C{TOKEN_FILE}), and a regular file there is
+    empty or holds one token (the gateway's own rule for an existing
+    C{TOKEN_FILE}, L{openclaw.session.check_token_file}: anything else,
+    a C{~/.bashrc} given by mistake, is someone else's and is not
+    replaced); in a sticky directory (C{/tmp}) the file is this user's, or
+    the directory is (C{rename(2)}'s rule).
 
     @raise UsageError: one of them fails; the message says which, and that
         nothing was rotated.
@@ -651,6 +655,14 @@ def _check_writable(token_file: Path) -> None:
         )
     if info is not None and not stat.S_ISREG(info.st_mode):
         refuse(f"it is {kind_of(info.st_mode)}, not a regular file; give the path of a token file, or of none yet")
+    if info is not None:
+        try:
+            check_token_file(token_file)
+        except UnsafeTokenFile as e:
+            refuse(
+                f"{e.reason}, and only a token file (empty, or one token) is replaced, as the gateway does with "
+                "its TOKEN_FILE; give the path of a token file, or of none yet"
+            )
     euid = os.geteuid()
     if info is not None and euid != 0 and info.st_uid != euid:
         held = os.stat(directory)

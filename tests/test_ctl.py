@@ -46,6 +46,11 @@ CTL = str(Path(sys.executable).parent / "openclawctl")
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
 
+#: What a token file holds (three base64url segments, as a JWT): the
+#: gateway's TOKEN_FILE rule takes nothing else.
+TOKEN_LIKE = "eyJhbGciOiJIUzI1NiJ9.eyJqdGkiOiJ4In0.c2lnbmF0dXJl"
+
+
 def run_ctl(*args: str, env: dict[str, str] | None = None) -> Any:
     """
     Run the installed console script; fire with C{(stdout, stderr, status)}
@@ -257,15 +262,40 @@ class ParseRequestTests(TestCase):
         self.assertIn("it is a directory; give the path of a file", self.refused_rotation(directory / "sub"))
         os.mkfifo(directory / "fifo")
         self.assertIn("it is a FIFO, not a regular file", self.refused_rotation(directory / "fifo"))
-        (directory / "target").write_text("T\n")
+        (directory / "target").write_text(f"{TOKEN_LIKE}\n")
         (directory / "link").symlink_to("target")
         text = self.refused_rotation(directory / "link")
         self.assertIn("it is a symbolic link", text)
         self.assertIn(str((directory / "target").resolve()), text)
-        # A regular file, or none yet: accepted.
-        for name in ("target", "new"):
+        # A regular file holding a token, an empty one, or none yet:
+        # accepted.
+        (directory / "empty").touch()
+        for name in ("target", "empty", "new"):
             parsed = self.parse("--token", "T", "rotate-token", "--token-file", str(directory / name))
             self.assertEqual(parsed.token_file, directory / name)
+
+    def test_rotation_refused_for_a_file_that_holds_no_token(self):
+        """
+        A regular file holding anything but a token (a shell profile given
+        by mistake, a token with a comment, a bare newline): refused by the
+        gateway's own rule for an existing TOKEN_FILE, before rotating, and
+        left as it was.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        for name, content in (
+            ("bashrc", "export PATH=$HOME/bin:$PATH\n"),
+            ("commented", f"{TOKEN_LIKE}\n# rotated monday\n"),
+            ("newline", "\n"),
+        ):
+            (directory / name).write_text(content)
+            text = self.refused_rotation(directory / name)
+            self.assertIn(
+                "it holds something other than a session token, and only a token file (empty, or one token) is "
+                "replaced, as the gateway does with its TOKEN_FILE",
+                text,
+            )
+            self.assertEqual((directory / name).read_text(), content)
 
     def test_rotation_refused_in_a_directory_not_writable(self):
         locked = Path(self.mktemp())
@@ -289,7 +319,7 @@ class ParseRequestTests(TestCase):
         sticky = Path(self.mktemp())
         sticky.mkdir(parents=True)
         sticky.chmod(0o1777)
-        (sticky / "token").write_text("T\n")
+        (sticky / "token").write_text(f"{TOKEN_LIKE}\n")
         someone_else = os.geteuid() + 1
         self.patch(os, "geteuid", lambda: someone_else)
         self.assertIn("it belongs to another user, in the sticky directory", self.refused_rotation(sticky / "token"))
@@ -738,6 +768,30 @@ class ConsoleScriptTests(TestCase):
             f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: too many failed "
             "authentications from this address; retry in 300 s\n",
         )
+
+    @inlineCallbacks
+    def test_rotate_token_to_a_file_that_holds_no_token_rotates_nothing(self):
+        """
+        --token T --token-file naming a shell profile: refused in one line
+        before the rotation (exit 2), the file left as it was, the token
+        still working.
+        """
+        profile = Path(self.mktemp())
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        profile.write_text("alias ll='ls -l'\n")
+        old = self.gateway.token
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(profile), token=old)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot write the new token to {profile}: it holds something other than a "
+            "session token, and only a token file (empty, or one token) is replaced, as the gateway does with its "
+            "TOKEN_FILE; give the path of a token file, or of none yet; nothing was rotated\n",
+        )
+        self.assertEqual(profile.read_text(), "alias ll='ls -l'\n")
+        self.assertEqual(self.gateway.token, old)
+        out, err, code = yield self.ctl("ping", token=old)
+        self.assertEqual((err, code), ("", 0))
 
     @inlineCallbacks
     def test_rotate_token_prints_it_without_a_file(self):
