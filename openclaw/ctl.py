@@ -59,8 +59,11 @@ DEFAULT_TIMEOUT = 10.0
 HEALTH_CHECK_TIMEOUT = 30.0
 TOKEN_VARIABLE = "OPENCLAW_TOKEN"
 #: The most characters of a server's text (an HTTP reason phrase, a close
-#: reason, an error in an answer) put in one of openclawctl's lines.
-PRINTED_MAX = 200
+#: reason, an error in an answer) put in one of openclawctl's lines: the
+#: gateway's longest errors, which quote a model name (up to
+#: openclaw.routing.MAX_MODEL_CHARS, 256) three times, are whole; a
+#: hostile server's 20,000 characters are not.
+PRINTED_MAX = 1000
 
 OK, FAILED, NO_ANSWER = 0, 1, 2
 

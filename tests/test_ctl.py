@@ -468,10 +468,10 @@ class PrintableTests(TestCase):
         self.assertEqual(ctl.printable("retry in 300 s"), "retry in 300 s")
 
     def test_length_capped(self):
-        self.assertEqual(ctl.printable("A" * 20000), "A" * 200 + "…")
-        self.assertEqual(ctl.printable("A" * 200), "A" * 200)
+        self.assertEqual(ctl.printable("A" * 20000), "A" * ctl.PRINTED_MAX + "…")
+        self.assertEqual(ctl.printable("A" * ctl.PRINTED_MAX), "A" * ctl.PRINTED_MAX)
         # An escape is never cut in half.
-        self.assertEqual(ctl.printable("A" * 198 + "\x1b"), "A" * 198 + "…")
+        self.assertEqual(ctl.printable("A" * (ctl.PRINTED_MAX - 2) + "\x1b"), "A" * (ctl.PRINTED_MAX - 2) + "…")
         self.assertEqual(ctl.printable("\x1b" * 100, None), "\\x1b" * 100)
 
 
@@ -504,14 +504,16 @@ class RenderTests(TestCase):
         are shown escaped (an error or warning also capped); with --json
         the answer stays the same JSON, DEL and C1 escaped as JSON does.
         """
-        answer = {"ok": False, "cmd": "status", "error": "\x1b]0;pwned\x07" + "x" * 300}
+        answer = {"ok": False, "cmd": "status", "error": "\x1b]0;pwned\x07" + "x" * 2000}
         report = ctl.render(request(cmd="status"), reply(answer), answer)
-        self.assertEqual(report.stderr, "openclawctl: status failed: \\x1b]0;pwned\\x07" + "x" * 184 + "…\n")
-        result = {"active": "kimi\x1b[2J", "note": "a\nb", "warning": "\x9b31m" + "w" * 300}
+        self.assertEqual(
+            report.stderr, "openclawctl: status failed: \\x1b]0;pwned\\x07" + "x" * (ctl.PRINTED_MAX - 16) + "…\n"
+        )
+        result = {"active": "kimi\x1b[2J", "note": "a\nb", "warning": "\x9b31m" + "w" * 2000}
         answer = {"ok": True, "cmd": "status", "result": result}
         report = ctl.render(request(cmd="status"), reply(answer), answer)
-        self.assertEqual(report.stdout, "active:  kimi\\x1b[2J\nnote:    a\\nb\nwarning: \\x9b31m" + "w" * 300 + "\n")
-        self.assertEqual(report.stderr, "openclawctl: warning: \\x9b31m" + "w" * 193 + "…\n")
+        self.assertEqual(report.stdout, "active:  kimi\\x1b[2J\nnote:    a\\nb\nwarning: \\x9b31m" + "w" * 2000 + "\n")
+        self.assertEqual(report.stderr, "openclawctl: warning: \\x9b31m" + "w" * (ctl.PRINTED_MAX - 7) + "…\n")
         raw = ctl.Reply(json.dumps(answer, ensure_ascii=False).encode(), 0.0)
         report = ctl.render(request(cmd="status", as_json=True), raw, answer)
         self.assertNotIn("\x9b", report.stdout)
@@ -596,14 +598,17 @@ class ExplainFailureTests(TestCase):
         The server's reason phrase is the server's text: its control
         characters escaped, its length capped.
         """
-        reason = "WebSocket connection upgrade failed [429]: \x1b[31mRED\x1b[0m " + "A" * 300
+        reason = "WebSocket connection upgrade failed [429]: \x1b[31mRED\x1b[0m " + "A" * 2000
         text = self.explain(ctl.ConnectionClosed(1006, reason), url="ws://h:1")
         self.assertEqual(
-            text, "ws://h:1 refused the WebSocket handshake with HTTP 429: \\x1b[31mRED\\x1b[0m " + "A" * 181 + "…"
+            text,
+            "ws://h:1 refused the WebSocket handshake with HTTP 429: \\x1b[31mRED\\x1b[0m "
+            + "A" * (ctl.PRINTED_MAX - 19)
+            + "…",
         )
-        text = self.explain(ctl.ConnectionClosed(1000, "bye\x1b[2J" * 100, opened=True), url="ws://h:1")
+        text = self.explain(ctl.ConnectionClosed(1000, "bye\x1b[2J" * 1000, opened=True), url="ws://h:1")
         self.assertIn("(code 1000: bye\\x1b[2J", text)
-        self.assertLess(len(text), 300)
+        self.assertLess(len(text), ctl.PRINTED_MAX + 100)
         self.assertNotIn("\x1b", text)
 
     def test_http_answer_not_read(self):
@@ -1083,7 +1088,7 @@ class HostileServerTests(TestCase):
         out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
         self.assertEqual((out, code), ("", 2))
         self.assertEqual(
-            err, f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: {'A' * 200}…\n"
+            err, f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: {'A' * ctl.PRINTED_MAX}…\n"
         )
 
     @inlineCallbacks
