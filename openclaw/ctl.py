@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TextIO, cast
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -35,18 +35,20 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.util import parse_url
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from openclaw.consumers.model import MAX_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.files import kind_of
 from openclaw.reactors import IClientReactor
-from openclaw.session import write_token_file
+from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
@@ -56,6 +58,12 @@ DEFAULT_TIMEOUT = 10.0
 #: 5 s by default, plus queueing behind a probe already in flight).
 HEALTH_CHECK_TIMEOUT = 30.0
 TOKEN_VARIABLE = "OPENCLAW_TOKEN"
+#: The most characters of a server's text (an HTTP reason phrase, a close
+#: reason, an error in an answer) put in one of openclawctl's lines: the
+#: gateway's longest errors, which quote a model name (up to
+#: openclaw.routing.MAX_MODEL_CHARS, 256) three times, are whole; a
+#: hostile server's 20,000 characters are not.
+PRINTED_MAX = 1000
 
 OK, FAILED, NO_ANSWER = 0, 1, 2
 
@@ -91,16 +99,25 @@ class ConnectionClosed(Exception):
     @ivar cause: why the transport was lost, when it says more than the code
         (a TLS verification error, for instance).
     @ivar opened: whether the WebSocket handshake had completed.
+    @ivar received: the first bytes the server sent before the handshake
+        completed (at most L{HEAD_KEPT}): whether it answered in HTTP at
+        all, when Autobahn could not say.
     """
 
     def __init__(
-        self, code: int | None, reason: str | None, cause: BaseException | None = None, opened: bool = False
+        self,
+        code: int | None,
+        reason: str | None,
+        cause: BaseException | None = None,
+        opened: bool = False,
+        received: bytes = b"",
     ) -> None:
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
         self.cause = cause
         self.opened = opened
+        self.received = received
 
 
 @attrs.frozen
@@ -144,6 +161,67 @@ class Report:
     stdout: str
     stderr: str
     code: int
+
+
+#: Every control character (C0, DEL, C1: Unicode category Cc) as
+#: Python's repr shows it in a string (C{\\x1b}, C{\\n}, C{\\x9b}).
+_CONTROL_ESCAPES = MappingProxyType({code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))})
+
+
+def printable(text: str, limit: int | None = PRINTED_MAX) -> str:
+    """
+    Text that came from the server (or through a library from it), as it is
+    safe to put on the operator's terminal: each control character (C0,
+    DEL, C1, ESC among them: what starts a terminal's escape sequences,
+    and line breaks) shown as its escape (C{\\x1b}, C{\\n}), and at most
+    C{limit} characters, the rest replaced by C{…}.  Every server-provided
+    text openclawctl prints goes through this (or, in a C{--json} answer,
+    through L{printable_json}).
+
+    @param limit: the most characters kept (escapes counted as shown), or
+        None for no limit (a formatted answer, which holds the new token).
+    """
+    if limit is None or (len(text) <= limit and text.isprintable()):
+        return text.translate(_CONTROL_ESCAPES)
+    shown: list[str] = []
+    length = 0
+    for character in text:
+        piece = _CONTROL_ESCAPES.get(ord(character), character)
+        if length + len(piece) > limit:
+            return "".join(shown) + "…"
+        shown.append(piece)
+        length += len(piece)
+    return "".join(shown)
+
+
+#: DEL and the C1 controls, which JSON lets a string hold as they are, as
+#: JSON escapes (C{\\u009b}): the same JSON, safe on a terminal.
+_JSON_CONTROL_ESCAPES = MappingProxyType({code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)})
+
+
+def printable_json(text: str) -> str:
+    """
+    A JSON text (already parsed, so with no raw C0 control but in
+    whitespace between tokens) with DEL and the C1 controls inside its
+    strings escaped as JSON does (C{\\u009b}): the same value, and
+    nothing in it a terminal takes for an escape sequence.
+    """
+    return text.translate(_JSON_CONTROL_ESCAPES)
+
+
+def printable_tree(value: Any) -> Any:
+    """
+    C{value} (a decoded JSON answer) with every string in it, keys
+    included, made L{printable} without a length limit: what the
+    formatted (not C{--json}) output is made from.
+    """
+    if isinstance(value, str):
+        return printable(value, None)
+    if isinstance(value, Mapping):
+        return {printable_tree(key): printable_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [printable_tree(item) for item in value]
+    return value
 
 
 # -- arguments -----------------------------------------------------------
@@ -618,8 +696,12 @@ def _check_writable(token_file: Path) -> None:
     system); at C{token_file} there is nothing yet or a regular file (a
     directory cannot be replaced, and a symbolic link, FIFO, socket or
     device is no token file: it would be replaced by one, as the gateway
-    refuses to do with its C{TOKEN_FILE}); in a sticky directory (C{/tmp})
-    the file is this user's, or the directory is (C{rename(2)}'s rule).
+    refuses to do with its C{TOKEN_FILE}), and a regular file there is
+    empty or holds one token (the gateway's own rule for an existing
+    C{TOKEN_FILE}, L{openclaw.session.check_token_file}: anything else,
+    a C{~/.bashrc} given by mistake, is someone else's and is not
+    replaced); in a sticky directory (C{/tmp}) the file is this user's, or
+    the directory is (C{rename(2)}'s rule).
 
     @raise UsageError: one of them fails; the message says which, and that
         nothing was rotated.
@@ -651,6 +733,14 @@ def _check_writable(token_file: Path) -> None:
         )
     if info is not None and not stat.S_ISREG(info.st_mode):
         refuse(f"it is {kind_of(info.st_mode)}, not a regular file; give the path of a token file, or of none yet")
+    if info is not None:
+        try:
+            check_token_file(token_file)
+        except UnsafeTokenFile as e:
+            refuse(
+                f"{e.reason}, and only a token file (empty, or one token) is replaced, as the gateway does with "
+                "its TOKEN_FILE; give the path of a token file, or of none yet"
+            )
     euid = os.geteuid()
     if info is not None and euid != 0 and info.st_uid != euid:
         held = os.stat(directory)
@@ -823,11 +913,11 @@ def decode_answer(payload: bytes) -> dict[str, Any]:
     try:
         answer = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"the answer is not JSON: {payload[:200]!r}") from None
+        raise ValueError(f"the answer is not JSON: {printable(repr(payload[:PRINTED_MAX]))}") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
-        raise ValueError(f'the answer has no "ok": {payload[:200]!r}')
+        raise ValueError(f'the answer has no "ok": {printable(repr(payload[:PRINTED_MAX]))}')
     if answer["ok"] and not isinstance(answer.get("result"), dict):
-        raise ValueError(f'the answer has no "result" object: {payload[:200]!r}')
+        raise ValueError(f'the answer has no "result" object: {printable(repr(payload[:PRINTED_MAX]))}')
     return answer
 
 
@@ -837,10 +927,11 @@ def exit_code(answer: Mapping[str, Any]) -> int:
 
 def describe_error(cmd: str, error: object) -> str:
     """
-    The gateway's error, and what to do about it when it is about the token.
+    The gateway's error (L{printable}), and what to do about it when it is
+    about the token.
     """
     hint = _TOKEN_HINTS.get(error) if isinstance(error, str) else None
-    return f"{PROG}: {cmd} failed: {error}" + (f" ({hint})" if hint else "")
+    return f"{PROG}: {cmd} failed: {printable(str(error))}" + (f" ({hint})" if hint else "")
 
 
 def render(
@@ -853,20 +944,22 @@ def render(
     """
     The output of one answered command.  stdout carries the answer (as is
     with C{--json}, formatted otherwise); stderr carries the gateway's error,
-    warnings and notes, the same in both modes.
+    warnings and notes, the same in both modes.  What the gateway sent is
+    printed through L{printable} (L{printable_json} with C{--json}): no
+    control character of its reaches the terminal.
     """
     code = exit_code(answer)
     errors: list[str] = []
     if code != OK:
         errors.append(describe_error(request.cmd, answer.get("error")))
-    result = answer.get("result") or {}
+    result = printable_tree(answer.get("result") or {})
     if code == OK and result.get("warning"):
-        errors.append(f"{PROG}: warning: {result['warning']}")
+        errors.append(f"{PROG}: warning: {printable(str(answer['result']['warning']))}")
     if save_error:
         errors.append(save_error)
         code = FAILED
     if request.as_json:
-        out = reply.payload.decode("utf-8")
+        out = printable_json(reply.payload.decode("utf-8"))
     elif code == OK or save_error:
         out = {
             "ping": lambda: format_ping(result, reply.round_trip),
@@ -888,8 +981,36 @@ def render(
 #: Autobahn's reason for a WebSocket handshake the server answered with
 #: another HTTP status than 101 (C{connection was closed uncleanly
 #: ("WebSocket connection upgrade failed [429]: too many ...; retry in 300
-#: s")}): the status, and the reason phrase the server gave.
-_HTTP_REFUSAL = re.compile(r'upgrade failed \[(?P<status>\d{3})\]:? ?(?P<reason>.*?)(?:"\))?$', re.DOTALL)
+#: s")}): the status (any digits the server sent), and the reason phrase
+#: the server gave.
+_HTTP_REFUSAL = re.compile(r'upgrade failed \[(?P<status>\d+)\]:? ?(?P<reason>.*?)(?:"\))?$', re.DOTALL)
+
+#: The most bytes of the server's answer to the handshake kept
+#: (L{ConnectionClosed.received}): its status line, to show.
+HEAD_KEPT = 1024
+
+
+def _unread_http_answer(error: ConnectionClosed, url: str) -> str | None:
+    """
+    What to say when the server answered the handshake in HTTP (its
+    first bytes are C{HTTP/}) but Autobahn gave no status for it: the
+    answer could not be read (a reason phrase that is not UTF-8 fails
+    Autobahn's decoding), or it ended, or was no WebSocket handshake,
+    before the handshake completed.  None when it is not that case.
+    """
+    if error.opened or not error.received.startswith(b"HTTP/"):
+        return None
+    line = error.received.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
+    cause = error.cause
+    if cause is not None and not isinstance(cause, (ConnectionDone, ConnectionLost)):
+        return (
+            f"{url} answered the WebSocket handshake with an HTTP response openclawctl could not read "
+            f"({printable(f'{type(cause).__name__}: {cause}')}): {printable(line)}"
+        )
+    return (
+        f"{url} answered the WebSocket handshake with an HTTP response that did not complete it "
+        f"({printable(str(error.reason))}): {printable(line)}"
+    )
 
 
 def explain_failure(error: BaseException, request: Request) -> str:
@@ -939,10 +1060,14 @@ def explain_failure(error: BaseException, request: Request) -> str:
             # The server spoke HTTP, so TLS is not the matter; its reason
             # (a lockout's "retry in N s", for instance) says what is.
             return (
-                f"{url} refused the WebSocket handshake with HTTP {status['status']}: "
-                f"{status['reason'] or 'no reason given'}"
+                f"{url} refused the WebSocket handshake with HTTP {printable(status['status'])}: "
+                f"{printable(status['reason']) or 'no reason given'}"
             )
-        closed = f"the connection to {url} closed before an answer (code {error.code}: {error.reason})"
+        unread = _unread_http_answer(error, url)
+        if unread is not None:
+            # HTTP too, so no question about TLS either.
+            return unread
+        closed = f"the connection to {url} closed before an answer (code {error.code}: {printable(str(error.reason))})"
         if (
             error.code == WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
             and not error.opened
@@ -957,8 +1082,8 @@ def explain_failure(error: BaseException, request: Request) -> str:
     if isinstance(error, ConnectError):
         return f"cannot connect to {url}: {error}"
     if isinstance(error, ValueError):
-        return f"{url} did not answer like an OpenClaw gateway: {error}"
-    return f"talking to {url} failed: {error!r}"
+        return f"{url} did not answer like an OpenClaw gateway: {printable(str(error))}"
+    return f"talking to {url} failed: {printable(repr(error))}"
 
 
 # -- the exchange ----------------------------------------------------------
@@ -975,10 +1100,29 @@ class OneCommand(WebSocketClientProtocol):
     _sent_at = 0.0
     _lost: BaseException | None = None
     _opened = False
+    _received = b""
+    _failed: Exception | None = None
 
     def connectionMade(self) -> None:
         self.factory.connected = self
         super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        # The head of the server's answer to the handshake, kept to tell an
+        # HTTP answer Autobahn could not read from no HTTP at all.
+        if not self._opened and len(self._received) < HEAD_KEPT:
+            self._received = (self._received + data)[:HEAD_KEPT]
+        if self._failed is not None:
+            return
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            # Autobahn could not read what the server sent (a reason phrase
+            # that is not UTF-8): that is why the connection ends, said in
+            # openclawctl's one line rather than as Twisted's "Unhandled
+            # Error" and its traceback.
+            self._failed = e
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def onOpen(self) -> None:
         self._opened = True
@@ -993,12 +1137,12 @@ class OneCommand(WebSocketClientProtocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Autobahn's onClose gets only a code and a text; keep the cause so a
         # TLS verification failure can be named as such.
-        self._lost = reason.value
+        self._lost = self._failed or reason.value
         super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.answer.called:
-            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost, self._opened))
+            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost, self._opened, self._received))
 
 
 class OneCommandFactory(WebSocketClientFactory):
@@ -1108,14 +1252,48 @@ def _exit(report: Report) -> NoReturn:
     raise SystemExit(report.code)
 
 
+@implementer(ILogObserver)
+@attrs.frozen
+class OneLineLog:
+    """
+    The log of Twisted and Autobahn, for the operator: each error as one
+    line on C{stream} (L{printable}), an exception as its type and
+    message, never a traceback.  Without it, Twisted prints an exception
+    a library raised while reading the server's answer (an HTTP reason
+    that is not UTF-8, in Autobahn) as C{Unhandled Error} and a
+    traceback.  Less than errors (Autobahn's warning that it drops a
+    connection whose handshake failed, which openclawctl explains in its
+    own line) is not shown.
+    """
+
+    stream: TextIO
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_level") not in (LogLevel.error, LogLevel.critical):
+            return
+        # log_failure in a twisted.logger event, failure in a legacy
+        # twisted.python.log one (log.err, as a transport logs what its
+        # protocol raised).
+        failure = event.get("log_failure", event.get("failure"))
+        if isinstance(failure, Failure):
+            name = failure.type.__name__ if isinstance(failure.type, type) else str(failure.type)
+            text = f"unexpected error: {name}: {failure.getErrorMessage()}"
+        else:
+            text = f"error: {formatEvent(event)}"
+        self.stream.write(f"{PROG}: {printable(text)}\n")
+        self.stream.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """
     The console script.  The command line is judged before the reactor
     starts; L{react} runs the one exchange and exits with its status.
+    Twisted's log goes to stderr as L{OneLineLog}'s lines.
     """
     try:
         request = parse_request(sys.argv[1:] if argv is None else argv, os.environ)
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         raise SystemExit(NO_ANSWER) from None
+    globalLogBeginner.beginLoggingTo([OneLineLog(sys.stderr)], redirectStandardIO=False)
     react(_run, (request,))

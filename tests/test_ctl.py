@@ -29,10 +29,12 @@ from OpenSSL.SSL import Error as SSLError
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, TimeoutError, inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
@@ -44,6 +46,11 @@ CTL = str(Path(sys.executable).parent / "openclawctl")
 #: Only what the script needs: in particular no OPENCLAW_TOKEN from the
 #: environment the tests happen to run in.
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+#: What a token file holds (three base64url segments, as a JWT): the
+#: gateway's TOKEN_FILE rule takes nothing else.
+TOKEN_LIKE = "eyJhbGciOiJIUzI1NiJ9.eyJqdGkiOiJ4In0.c2lnbmF0dXJl"
 
 
 def run_ctl(*args: str, env: dict[str, str] | None = None) -> Any:
@@ -257,15 +264,40 @@ class ParseRequestTests(TestCase):
         self.assertIn("it is a directory; give the path of a file", self.refused_rotation(directory / "sub"))
         os.mkfifo(directory / "fifo")
         self.assertIn("it is a FIFO, not a regular file", self.refused_rotation(directory / "fifo"))
-        (directory / "target").write_text("T\n")
+        (directory / "target").write_text(f"{TOKEN_LIKE}\n")
         (directory / "link").symlink_to("target")
         text = self.refused_rotation(directory / "link")
         self.assertIn("it is a symbolic link", text)
         self.assertIn(str((directory / "target").resolve()), text)
-        # A regular file, or none yet: accepted.
-        for name in ("target", "new"):
+        # A regular file holding a token, an empty one, or none yet:
+        # accepted.
+        (directory / "empty").touch()
+        for name in ("target", "empty", "new"):
             parsed = self.parse("--token", "T", "rotate-token", "--token-file", str(directory / name))
             self.assertEqual(parsed.token_file, directory / name)
+
+    def test_rotation_refused_for_a_file_that_holds_no_token(self):
+        """
+        A regular file holding anything but a token (a shell profile given
+        by mistake, a token with a comment, a bare newline): refused by the
+        gateway's own rule for an existing TOKEN_FILE, before rotating, and
+        left as it was.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        for name, content in (
+            ("bashrc", "export PATH=$HOME/bin:$PATH\n"),
+            ("commented", f"{TOKEN_LIKE}\n# rotated monday\n"),
+            ("newline", "\n"),
+        ):
+            (directory / name).write_text(content)
+            text = self.refused_rotation(directory / name)
+            self.assertIn(
+                "it holds something other than a session token, and only a token file (empty, or one token) is "
+                "replaced, as the gateway does with its TOKEN_FILE",
+                text,
+            )
+            self.assertEqual((directory / name).read_text(), content)
 
     def test_rotation_refused_in_a_directory_not_writable(self):
         locked = Path(self.mktemp())
@@ -289,7 +321,7 @@ class ParseRequestTests(TestCase):
         sticky = Path(self.mktemp())
         sticky.mkdir(parents=True)
         sticky.chmod(0o1777)
-        (sticky / "token").write_text("T\n")
+        (sticky / "token").write_text(f"{TOKEN_LIKE}\n")
         someone_else = os.geteuid() + 1
         self.patch(os, "geteuid", lambda: someone_else)
         self.assertIn("it belongs to another user, in the sticky directory", self.refused_rotation(sticky / "token"))
@@ -422,6 +454,27 @@ class FormattingTests(TestCase):
         self.assertNotIn("NEW", saved)
 
 
+class PrintableTests(TestCase):
+    """
+    What the server sends is printed without its control characters and
+    at a bounded length.
+    """
+
+    def test_controls_escaped(self):
+        self.assertEqual(
+            ctl.printable("\x1b[31mRED\x1b]0;title\x07 a\tb\nc\x7f\x9bd é ✓"),
+            "\\x1b[31mRED\\x1b]0;title\\x07 a\\tb\\nc\\x7f\\x9bd é ✓",
+        )
+        self.assertEqual(ctl.printable("retry in 300 s"), "retry in 300 s")
+
+    def test_length_capped(self):
+        self.assertEqual(ctl.printable("A" * 20000), "A" * ctl.PRINTED_MAX + "…")
+        self.assertEqual(ctl.printable("A" * ctl.PRINTED_MAX), "A" * ctl.PRINTED_MAX)
+        # An escape is never cut in half.
+        self.assertEqual(ctl.printable("A" * (ctl.PRINTED_MAX - 2) + "\x1b"), "A" * (ctl.PRINTED_MAX - 2) + "…")
+        self.assertEqual(ctl.printable("\x1b" * 100, None), "\\x1b" * 100)
+
+
 class RenderTests(TestCase):
     def test_ok_is_0(self):
         answer = {"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1}}
@@ -444,6 +497,28 @@ class RenderTests(TestCase):
         self.assertEqual(report.stdout, raw.payload.decode() + "\n")
         self.assertIn("invalid token", report.stderr)
         self.assertEqual(report.code, 1)
+
+    def test_what_the_gateway_says_is_printable(self):
+        """
+        Control characters in an error, a warning or a formatted answer
+        are shown escaped (an error or warning also capped); with --json
+        the answer stays the same JSON, DEL and C1 escaped as JSON does.
+        """
+        answer = {"ok": False, "cmd": "status", "error": "\x1b]0;pwned\x07" + "x" * 2000}
+        report = ctl.render(request(cmd="status"), reply(answer), answer)
+        self.assertEqual(
+            report.stderr, "openclawctl: status failed: \\x1b]0;pwned\\x07" + "x" * (ctl.PRINTED_MAX - 16) + "…\n"
+        )
+        result = {"active": "kimi\x1b[2J", "note": "a\nb", "warning": "\x9b31m" + "w" * 2000}
+        answer = {"ok": True, "cmd": "status", "result": result}
+        report = ctl.render(request(cmd="status"), reply(answer), answer)
+        self.assertEqual(report.stdout, "active:  kimi\\x1b[2J\nnote:    a\\nb\nwarning: \\x9b31m" + "w" * 2000 + "\n")
+        self.assertEqual(report.stderr, "openclawctl: warning: \\x9b31m" + "w" * (ctl.PRINTED_MAX - 7) + "…\n")
+        raw = ctl.Reply(json.dumps(answer, ensure_ascii=False).encode(), 0.0)
+        report = ctl.render(request(cmd="status", as_json=True), raw, answer)
+        self.assertNotIn("\x9b", report.stdout)
+        self.assertNotIn("\x1b", report.stdout)
+        self.assertEqual(json.loads(report.stdout), answer)
 
     def test_warning_goes_to_stderr(self):
         result = {"previous": "gemini", "active": "kimi", "model": "m", "warning": "KIMI_API_KEY is not set"}
@@ -518,6 +593,77 @@ class ExplainFailureTests(TestCase):
         self.assertIn("refused the WebSocket handshake with HTTP 403: Forbidden", text)
         self.assertNotIn("TLS", text)
 
+    def test_http_refusal_printable(self):
+        """
+        The server's reason phrase is the server's text: its control
+        characters escaped, its length capped.
+        """
+        reason = "WebSocket connection upgrade failed [429]: \x1b[31mRED\x1b[0m " + "A" * 2000
+        text = self.explain(ctl.ConnectionClosed(1006, reason), url="ws://h:1")
+        self.assertEqual(
+            text,
+            "ws://h:1 refused the WebSocket handshake with HTTP 429: \\x1b[31mRED\\x1b[0m "
+            + "A" * (ctl.PRINTED_MAX - 19)
+            + "…",
+        )
+        text = self.explain(ctl.ConnectionClosed(1000, "bye\x1b[2J" * 1000, opened=True), url="ws://h:1")
+        self.assertIn("(code 1000: bye\\x1b[2J", text)
+        self.assertLess(len(text), ctl.PRINTED_MAX + 100)
+        self.assertNotIn("\x1b", text)
+
+    def test_http_answer_not_read(self):
+        """
+        An HTTP answer Autobahn could not read (a reason that is not
+        UTF-8), or that ended before the handshake completed: said so, with
+        its status line, and no question about TLS.
+        """
+        cause = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        error = ctl.ConnectionClosed(1006, "unclean", cause, received=b"HTTP/1.1 429 \xff\x1b bad\r\n\r\n")
+        self.assertEqual(
+            self.explain(error, url="ws://h:1"),
+            "ws://h:1 answered the WebSocket handshake with an HTTP response openclawctl could not read "
+            "(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte): "
+            "HTTP/1.1 429 \\xff\\x1b bad",
+        )
+        error = ctl.ConnectionClosed(1006, "peer dropped", ConnectionDone(), received=b"HTTP/1.1 42")
+        self.assertEqual(
+            self.explain(error, url="wss://h:1"),
+            "wss://h:1 answered the WebSocket handshake with an HTTP response that did not complete it "
+            "(peer dropped): HTTP/1.1 42",
+        )
+        # No HTTP: the question about TLS stays.
+        error = ctl.ConnectionClosed(1006, "peer dropped", ConnectionDone(), received=b"\x15\x03\x01")
+        self.assertIn("is the control listener TLS?", self.explain(error, url="ws://h:1"))
+
+    def test_library_errors_in_one_line(self):
+        """
+        Twisted's and Autobahn's errors reach the operator as one line
+        each, without a traceback; their warnings not at all.
+        """
+        stream = io.StringIO()
+        observer = ctl.OneLineLog(stream)
+        try:
+            "\xff".encode("ascii")
+        except UnicodeEncodeError:
+            failure = Failure()
+        # As twisted.python.log.err has it (a transport logging what its
+        # protocol raised), and as twisted.logger's Logger.failure does.
+        observer(
+            {"log_level": LogLevel.critical, "failure": failure, "isError": 1, "log_format": "Unhandled Error\n..."}
+        )
+        Logger(observer=observer).failure("in \x1b[2J a callback", failure)
+        Logger(observer=observer).error("gone: {why}", why="\x1b]0;t\x07")
+        Logger(observer=observer).warn("dropping connection")
+        self.assertEqual(
+            stream.getvalue().splitlines(),
+            [
+                "openclawctl: unexpected error: UnicodeEncodeError: 'ascii' codec can't encode character "
+                "'\\xff' in position 0: ordinal not in range(128)",
+            ]
+            * 2
+            + ["openclawctl: error: gone: \\x1b]0;t\\x07"],
+        )
+
     def test_dropped_after_the_handshake(self):
         """
         A connection dropped after the WebSocket handshake (the gateway
@@ -545,6 +691,27 @@ class SilentFactory(Factory):
         protocol = super().buildProtocol(addr)
         self.protocols.append(protocol)
         return protocol
+
+
+class HTTPAnswers(Protocol):
+    """
+    Answers whatever is sent first (the WebSocket handshake) with the
+    factory's next raw bytes, and hangs up: a hostile or broken server.
+    """
+
+    factory: HTTPAnswersFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport is not None and self.factory.answers:
+            self.transport.write(self.factory.answers.pop(0))
+            self.transport.loseConnection()
+
+
+class HTTPAnswersFactory(Factory):
+    protocol = HTTPAnswers
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self.answers = answers
 
 
 def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
@@ -740,6 +907,30 @@ class ConsoleScriptTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_rotate_token_to_a_file_that_holds_no_token_rotates_nothing(self):
+        """
+        --token T --token-file naming a shell profile: refused in one line
+        before the rotation (exit 2), the file left as it was, the token
+        still working.
+        """
+        profile = Path(self.mktemp())
+        profile.parent.mkdir(parents=True, exist_ok=True)
+        profile.write_text("alias ll='ls -l'\n")
+        old = self.gateway.token
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(profile), token=old)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot write the new token to {profile}: it holds something other than a "
+            "session token, and only a token file (empty, or one token) is replaced, as the gateway does with its "
+            "TOKEN_FILE; give the path of a token file, or of none yet; nothing was rotated\n",
+        )
+        self.assertEqual(profile.read_text(), "alias ll='ls -l'\n")
+        self.assertEqual(self.gateway.token, old)
+        out, err, code = yield self.ctl("ping", token=old)
+        self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
     def test_rotate_token_prints_it_without_a_file(self):
         out, err, code = yield self.ctl("rotate-token", token=self.gateway.token)
         self.assertEqual((err, code), ("", 0))
@@ -864,6 +1055,57 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         self.assertIn(url, err)
         self.assertIn("is the control listener TLS? (then use wss://)", err)
+
+
+class HostileServerTests(TestCase):
+    """
+    The console script against a server that answers the handshake with
+    what it likes: nothing of it reaches the terminal as control
+    characters, nor at length, nor as a traceback.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def listen(self, *answers: bytes) -> Any:
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(HTTPAnswersFactory(list(answers)))
+        self.addCleanup(port.stopListening)
+        return f"ws://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def test_reason_phrase_escaped_and_capped(self):
+        url = yield self.listen(
+            b"HTTP/1.1 429 \x1b[31mRED\x1b[0m \x1b]0;pwned-title\x07 retry\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 429 " + b"A" * 20000 + b"\r\nContent-Length: 0\r\n\r\n",
+        )
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: \\x1b[31mRED\\x1b[0m "
+            "\\x1b]0;pwned-title\\x07 retry\n",
+        )
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err, f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: {'A' * ctl.PRINTED_MAX}…\n"
+        )
+
+    @inlineCallbacks
+    def test_reason_not_utf8(self):
+        """
+        Autobahn cannot decode the answer: one line saying the answer was
+        HTTP openclawctl could not read, no traceback, no TLS question.
+        """
+        url = yield self.listen(b"HTTP/1.1 429 \xff\xfe bad utf8\r\n\r\n")
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} answered the WebSocket handshake with an HTTP response openclawctl could "
+            "not read (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 13: invalid start "
+            "byte): HTTP/1.1 429 \\xff\\xfe bad utf8\n",
+        )
 
 
 class UnixSocketTests(TestCase):
