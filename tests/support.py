@@ -9,13 +9,16 @@ import datetime
 import io
 import ipaddress
 import json
+import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import SkipTest
 
 import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -369,6 +372,21 @@ class GatewayProcess(ProcessProtocol):
         if not self.ended.called:
             self.transport.signalProcess("TERM")
         return self.ended
+
+
+def make_unwritable(testcase: Any, directory: Path) -> None:
+    """
+    Make C{directory} one this user cannot create files in until the test
+    ends: mode 0500, or (as root, whom modes do not stop) immutable with
+    C{chattr +i}; skips the test where neither can be done.
+    """
+    if os.geteuid() != 0:
+        directory.chmod(0o500)
+        testcase.addCleanup(directory.chmod, 0o700)
+    elif subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0:
+        testcase.addCleanup(subprocess.run, ["chattr", "-i", str(directory)], check=True)
+    else:
+        raise SkipTest("root, and chattr cannot make a directory immutable here")
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import stat
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,11 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from openclaw import ctl
 from openclaw.session import write_token_file
-from tests.support import free_port, start_gateway
+from tests.support import free_port, make_unwritable, start_gateway
 
 CTL = str(Path(sys.executable).parent / "openclawctl")
 
@@ -302,13 +301,7 @@ class ParseRequestTests(TestCase):
     def test_rotation_refused_in_a_directory_not_writable(self):
         locked = Path(self.mktemp())
         locked.mkdir(parents=True)
-        if os.geteuid() != 0:
-            locked.chmod(0o500)
-            self.addCleanup(locked.chmod, 0o700)
-        elif subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
-            self.addCleanup(subprocess.run, ["chattr", "-i", str(locked)], check=True)
-        else:
-            raise SkipTest("root, and chattr cannot make a directory immutable here")
+        make_unwritable(self, locked)
         text = self.refused_rotation(locked / "token")
         self.assertIn(f"this user may not create files in {locked}", text)
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.providers import BUILTIN_PROVIDERS, ProviderRegistry
@@ -26,7 +25,7 @@ from openclaw.settings import (
     misspelt_settings,
     unread_lines,
 )
-from tests.support import make_ca
+from tests.support import make_ca, make_unwritable
 
 GOOD_SECRET = "x" * 32
 
@@ -212,13 +211,7 @@ class LoadTests(SynchronousTestCase):
         """
         locked = self.cwd / "locked"
         locked.mkdir()
-        if os.geteuid() != 0:
-            locked.chmod(0o500)
-            self.addCleanup(locked.chmod, 0o700)
-        elif subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
-            self.addCleanup(subprocess.run, ["chattr", "-i", str(locked)], check=True)
-        else:
-            raise SkipTest("root, and chattr cannot make a directory immutable here")
+        make_unwritable(self, locked)
         self.assertConfigError("TOKEN_FILE", "is not writable by the gateway's user", TOKEN_FILE=str(locked / "token"))
 
     def test_invalid_provider(self) -> None:
