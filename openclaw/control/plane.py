@@ -179,14 +179,16 @@ class ControlPlane:
         # Only audited commands are timed: the others' answers say nothing
         # of how long they took, and they are the high-rate ones.
         started = self._clock() if audited else 0.0
-        # Which consumer, key and fields a consumer command concerns.
-        fields = audit_fields(cmd, message.get("data")) if cmd in CONSUMER_COMMANDS else None
+        # Which consumer, key and fields a consumer command (all audited) concerns.
+        fields = audit_fields(cmd, message.get("data")) if audited and cmd in CONSUMER_COMMANDS else None
         try:
             result = handler(message.get("data"))
         except Exception:
             answer = self._failed(Failure(), cmd)
         else:
-            if isinstance(result, Deferred):
+            # A result is a dict, or a Deferred firing with one (an
+            # isinstance check against Deferred, an ABC, is the slower).
+            if type(result) is not dict and isinstance(result, Deferred):
                 if fields is not None:
                     result.addCallback(note_result, fields)
                 pending = result.addCallbacks(
