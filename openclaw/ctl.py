@@ -163,50 +163,63 @@ class Report:
     code: int
 
 
-#: Every control character (C0, DEL, C1: Unicode category Cc) as
-#: Python's repr shows it in a string (C{\\x1b}, C{\\n}, C{\\x9b}).
-_CONTROL_ESCAPES = MappingProxyType({code: repr(chr(code))[1:-1] for code in (*range(0x20), *range(0x7F, 0xA0))})
+def _escaped(character: str) -> str:
+    # As Python's repr shows it in a string (\x1b, \n, \u202e).
+    return repr(character)[1:-1]
 
 
 def printable(text: str, limit: int | None = PRINTED_MAX) -> str:
     """
     Text that came from the server (or through a library from it), as it is
-    safe to put on the operator's terminal: each control character (C0,
-    DEL, C1, ESC among them: what starts a terminal's escape sequences,
-    and line breaks) shown as its escape (C{\\x1b}, C{\\n}), and at most
-    C{limit} characters, the rest replaced by C{…}.  Every server-provided
-    text openclawctl prints goes through this (or, in a C{--json} answer,
-    through L{printable_json}).
+    safe to put on the operator's terminal: each character Python does not
+    count as printable (C{str.isprintable}: the controls C0, DEL and C1,
+    ESC among them, which start a terminal's escape sequences, and line
+    breaks; the format characters, such as the bidirectional overrides
+    and zero-width ones, which reorder or hide text; separators,
+    surrogates, unassigned code points) shown as its escape (C{\\x1b},
+    C{\\n}, C{\\u202e}), and at most C{limit} characters, the rest replaced
+    by C{…}.  Every server-provided text openclawctl prints goes through
+    this (or, in a C{--json} answer, through L{printable_json}).
 
     @param limit: the most characters kept (escapes counted as shown), or
         None for no limit (a formatted answer, which holds the new token).
     """
-    if limit is None or (len(text) <= limit and text.isprintable()):
-        return text.translate(_CONTROL_ESCAPES)
+    if text.isprintable() and (limit is None or len(text) <= limit):
+        return text
     shown: list[str] = []
     length = 0
     for character in text:
-        piece = _CONTROL_ESCAPES.get(ord(character), character)
-        if length + len(piece) > limit:
+        piece = character if character.isprintable() else _escaped(character)
+        if limit is not None and length + len(piece) > limit:
             return "".join(shown) + "…"
         shown.append(piece)
         length += len(piece)
     return "".join(shown)
 
 
-#: DEL and the C1 controls, which JSON lets a string hold as they are, as
-#: JSON escapes (C{\\u009b}): the same JSON, safe on a terminal.
-_JSON_CONTROL_ESCAPES = MappingProxyType({code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)})
+def _json_escaped(character: str) -> str:
+    # JSON's escape (RFC 8259 section 7): a UTF-16 surrogate pair past U+FFFF.
+    code = ord(character)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def printable_json(text: str) -> str:
     """
-    A JSON text (already parsed, so with no raw C0 control but in
-    whitespace between tokens) with DEL and the C1 controls inside its
-    strings escaped as JSON does (C{\\u009b}): the same value, and
-    nothing in it a terminal takes for an escape sequence.
+    A JSON text (already parsed, so with no raw C0 control but the
+    whitespace between tokens) with every character inside its strings
+    that L{printable} would escape written as JSON's escape
+    (C{\\u009b}, C{\\u202e}; RFC 8259 section 7): the same value, and
+    nothing in it a terminal acts on or hides.
     """
-    return text.translate(_JSON_CONTROL_ESCAPES)
+    if text.isprintable():
+        return text
+    return "".join(
+        character if character.isprintable() or character in "\n\r\t" else _json_escaped(character)
+        for character in text
+    )
 
 
 def printable_tree(value: Any) -> Any:
@@ -1110,7 +1123,12 @@ class OneCommand(WebSocketClientProtocol):
     def dataReceived(self, data: bytes) -> None:
         # The head of the server's answer to the handshake, kept to tell an
         # HTTP answer Autobahn could not read from no HTTP at all.
-        if not self._opened and len(self._received) < HEAD_KEPT:
+        if self._opened:
+            # Past the handshake, what Autobahn raises is not about reading
+            # the server's HTTP answer: Twisted reports it (one line).
+            super().dataReceived(data)
+            return
+        if len(self._received) < HEAD_KEPT:
             self._received = (self._received + data)[:HEAD_KEPT]
         if self._failed is not None:
             return

@@ -460,6 +460,21 @@ class PrintableTests(TestCase):
         )
         self.assertEqual(ctl.printable("retry in 300 s"), "retry in 300 s")
 
+    def test_format_characters_escaped(self):
+        """
+        Characters that reorder or hide text on a terminal (Unicode format
+        characters: bidirectional overrides, zero-width ones) are shown as
+        escapes too, in text and in --json output, which stays the same JSON.
+        """
+        self.assertEqual(ctl.printable("ok\u202etxt.exe\u200b\u2066", None), "ok\\u202etxt.exe\\u200b\\u2066")
+        self.assertEqual(ctl.printable("\ud800"), "\\ud800")
+        answer = json.dumps({"error": "a\u202eb\x9b\U000e0001c"}, ensure_ascii=False)
+        shown = ctl.printable_json(answer)
+        self.assertEqual(shown, '{"error": "a\\u202eb\\u009b\\udb40\\udc01c"}')
+        self.assertEqual(json.loads(shown), json.loads(answer))
+        pretty = json.dumps({"a": [1, 2]}, indent=2)
+        self.assertEqual(ctl.printable_json(pretty), pretty)
+
     def test_length_capped(self):
         self.assertEqual(ctl.printable("A" * 20000), "A" * ctl.PRINTED_MAX + "…")
         self.assertEqual(ctl.printable("A" * ctl.PRINTED_MAX), "A" * ctl.PRINTED_MAX)
