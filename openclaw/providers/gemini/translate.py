@@ -911,8 +911,9 @@ def _kinds(kinds: Collection[str]) -> str:
 def warn_skipped(kinds: Collection[str]) -> None:
     """
     Log, as a warning, that parts of C{kinds} were left out of an answer
-    (the first L{MAX_KINDS_NAMED} named): once per answer, or per kind
-    in a stream, as unknown finish reasons are (L{warn_unknown}).
+    (the first L{MAX_KINDS_NAMED} named): once per answer, whole or
+    streamed, as unknown finish reasons are (L{warn_unknown}), however
+    many kinds the upstream sends.
     """
     _log.warn(
         "Gemini answered with parts this gateway does not translate ({kinds}): left out, the rest of the answer kept",
@@ -1125,8 +1126,9 @@ class GeminiStream:
     #: choice index -> the kinds of its parts skipped (L{_read}; the
     #: keys, at most L{MAX_KINDS_NAMED} + 1, L{_note}).
     _skipped: dict[int, dict[str, None]] = attrs.field(factory=dict)
-    #: The part kinds logged as skipped (each once per stream).
-    _warned_kinds: set[str] = attrs.field(factory=set)
+    #: Skipped parts have been logged (once per stream, however many
+    #: kinds the upstream sends: each event may bring a new one).
+    _warned_skipped: bool = False
 
     @property
     def complete(self) -> bool:
@@ -1208,10 +1210,9 @@ class GeminiStream:
                 # and this choice said nothing the gateway translates.
                 failure = untranslated(self._skipped[index])
                 raise GeminiStreamError(str(failure), failure.code)
-            fresh = [kind for kind in reading.skipped if kind not in self._warned_kinds]
-            if fresh:
-                self._warned_kinds.update(fresh)
-                warn_skipped(fresh)
+            if reading.skipped and not self._warned_skipped:
+                self._warned_skipped = True
+                warn_skipped(self._skipped[index])
             if reason is not None:
                 self._finished[index] = reason
             tokens = logprobs(candidate)
