@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from collections.abc import Collection, Iterable
+from itertools import islice
 from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -198,7 +200,8 @@ UNSUPPORTED_PARTS = ("inlineData", "fileData")
 #: carry what the model said (U{https://ai.google.dev/api/caching#Part}):
 #: every other field set names the part's kind.
 PART_METADATA = frozenset({"thought", "thoughtSignature", "partMetadata", "mediaResolution"})
-#: At most this many part kinds are named in a warning or an error.
+#: At most this many part kinds are named in a warning or an error; at
+#: most one more is kept (L{_note}), to say that there were more.
 MAX_KINDS_NAMED = 5
 
 
@@ -797,8 +800,9 @@ class _Reading:
     reasoning: str = ""
     tool_calls: list[dict[str, Any]] = attrs.field(factory=list)
     #: The kinds of the parts skipped as not translated (L{_read}), each
-    #: once, in the order met.
-    skipped: list[str] = attrs.field(factory=list)
+    #: once, in the order met (the keys; at most L{MAX_KINDS_NAMED} + 1,
+    #: L{_note}).
+    skipped: dict[str, None] = attrs.field(factory=dict)
 
     @property
     def said(self) -> bool:
@@ -819,7 +823,9 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
     (C{executableCode}, C{codeExecutionResult}, C{functionResponse},
     C{videoMetadata}, a kind Google adds later: its kind is the name of
     its field that is not in L{PART_METADATA}), is skipped and its kind
-    noted in C{skipped}, for the caller to warn of, or to refuse a
+    noted in C{skipped} (the first L{MAX_KINDS_NAMED} + 1 kinds met, so
+    that a part of many fields costs no more than one of a few), for the
+    caller to warn of, or to refuse a
     candidate that said nothing else (L{untranslated}).  Nothing is
     dropped silently: an answer that would lose what Gemini said is an
     error, never an empty C{stop} (litellm #21744).
@@ -870,30 +876,44 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
                 "model such as gemini-2.5-flash-image), or ask for text only",
                 "unsupported_output",
             )
-        if part.get("thought"):
-            # Part of the thinking, left out as a thought's image is.
+        if part.get("thought") or len(reading.skipped) > MAX_KINDS_NAMED:
+            # Part of the thinking, left out as a thought's image is; or
+            # enough kinds known to say there were more than are named.
             continue
-        for kind in part:
-            if kind not in PART_METADATA and part[kind] is not None and kind not in reading.skipped:
-                reading.skipped.append(kind)
+        _note(reading.skipped, (kind for kind in part if kind not in PART_METADATA and part[kind] is not None))
     reading.text = "".join(text)
     reading.reasoning = "".join(reasoning)
     return reading
 
 
-def _kinds(kinds: list[str]) -> str:
+def _note(kinds: dict[str, None], met: Iterable[str]) -> None:
     """
-    Part kinds for a message: the first L{MAX_KINDS_NAMED}, each clipped.
+    Add the part kinds C{met} to C{kinds} (its keys, in the order met,
+    each once) until it holds L{MAX_KINDS_NAMED} + 1: no more are named
+    (L{_kinds}), and the kinds are the upstream's choice, any number of
+    them (a part of 200,000 fields), so none past those is looked at.
     """
-    named = ", ".join(clip(kind) for kind in kinds[:MAX_KINDS_NAMED])
+    for kind in met:
+        if len(kinds) > MAX_KINDS_NAMED:
+            return
+        kinds[kind] = None
+
+
+def _kinds(kinds: Collection[str]) -> str:
+    """
+    Part kinds for a message: the first L{MAX_KINDS_NAMED}, each clipped,
+    then "..." when there are more.
+    """
+    named = ", ".join(clip(kind) for kind in islice(kinds, MAX_KINDS_NAMED))
     return named if len(kinds) <= MAX_KINDS_NAMED else f"{named}, ..."
 
 
-def warn_skipped(kinds: list[str]) -> None:
+def warn_skipped(kinds: Collection[str]) -> None:
     """
     Log, as a warning, that parts of C{kinds} were left out of an answer
-    (once per answer, or per kind in a stream, as unknown finish reasons
-    are, L{warn_unknown}).
+    (the first L{MAX_KINDS_NAMED} named): once per answer, whole or
+    streamed, as unknown finish reasons are (L{warn_unknown}), however
+    many kinds the upstream sends.
     """
     _log.warn(
         "Gemini answered with parts this gateway does not translate ({kinds}): left out, the rest of the answer kept",
@@ -901,7 +921,7 @@ def warn_skipped(kinds: list[str]) -> None:
     )
 
 
-def untranslated(kinds: list[str]) -> ModelFailed:
+def untranslated(kinds: Collection[str]) -> ModelFailed:
     """
     The error for a candidate whose parts, of C{kinds}, are none the
     gateway translates: no text, no tool call.  Code
@@ -1001,14 +1021,14 @@ def from_gemini(
     """
     choices: list[dict[str, Any]] = []
     unknown = None
-    skipped: list[str] = []
+    skipped: dict[str, None] = {}
     for candidate in _candidates(document):
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
         reading = _read(candidate)
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
-        skipped.extend(kind for kind in reading.skipped if kind not in skipped)
+        _note(skipped, reading.skipped)
         # OpenAI's message shape: refusal is null unless the model refused
         # (Gemini says so with a finish reason instead).
         message: dict[str, Any] = {"role": "assistant", "content": reading.text, "refusal": None}
@@ -1103,10 +1123,12 @@ class GeminiStream:
     _warned: bool = False
     #: Choices that have sent text or a tool call.
     _said: set[int] = attrs.field(factory=set)
-    #: choice index -> the kinds of its parts skipped (L{_read}).
-    _skipped: dict[int, list[str]] = attrs.field(factory=dict)
-    #: The part kinds logged as skipped (each once per stream).
-    _warned_kinds: set[str] = attrs.field(factory=set)
+    #: choice index -> the kinds of its parts skipped (L{_read}; the
+    #: keys, at most L{MAX_KINDS_NAMED} + 1, L{_note}).
+    _skipped: dict[int, dict[str, None]] = attrs.field(factory=dict)
+    #: Skipped parts have been logged (once per stream, however many
+    #: kinds the upstream sends: each event may bring a new one).
+    _warned_skipped: bool = False
 
     @property
     def complete(self) -> bool:
@@ -1181,18 +1203,16 @@ class GeminiStream:
             if reading.said:
                 self._said.add(index)
             if reading.skipped:
-                kinds = self._skipped.setdefault(index, [])
-                kinds.extend(kind for kind in reading.skipped if kind not in kinds)
+                _note(self._skipped.setdefault(index, {}), reading.skipped)
             if reason is not None and self._skipped.get(index) and index not in self._said:
                 # Gemini's finishReason: the model "stopped generating"
                 # (https://ai.google.dev/api/generate-content#candidate),
                 # and this choice said nothing the gateway translates.
                 failure = untranslated(self._skipped[index])
                 raise GeminiStreamError(str(failure), failure.code)
-            fresh = [kind for kind in reading.skipped if kind not in self._warned_kinds]
-            if fresh:
-                self._warned_kinds.update(fresh)
-                warn_skipped(fresh)
+            if reading.skipped and not self._warned_skipped:
+                self._warned_skipped = True
+                warn_skipped(self._skipped[index])
             if reason is not None:
                 self._finished[index] = reason
             tokens = logprobs(candidate)
