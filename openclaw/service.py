@@ -505,10 +505,14 @@ class GatewayService(MultiService):
     def _name_instance(self) -> None:
         """
         Take this instance's id (L{instance}) again, now: twistd forks to
-        daemonize after building the service (and after
-        C{privilegedStartService}), before C{startService}, so the id
-        taken when it was built has the pid of a process that has exited
-        (the pidfile has the serving one's).
+        daemonize after building the service, so the id taken when it was
+        built has the pid of a process that has exited (the pidfile has the
+        serving one's).  The fork is in C{setupEnvironment}, which
+        C{UnixApplicationRunner.startApplication} calls before
+        C{privilegedStartService} and C{startService}
+        (twisted/scripts/_twistd_unix.py, Twisted 26.10); it is taken here,
+        in C{startService}, which runs with or without twistd (nothing of
+        C{privilegedStartService}, the listeners' binding, uses the id).
         """
         self.instance = _instance_id()
         if self.cluster is not None:
