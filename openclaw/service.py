@@ -505,10 +505,14 @@ class GatewayService(MultiService):
     def _name_instance(self) -> None:
         """
         Take this instance's id (L{instance}) again, now: twistd forks to
-        daemonize after building the service (and after
-        C{privilegedStartService}), before C{startService}, so the id
-        taken when it was built has the pid of a process that has exited
-        (the pidfile has the serving one's).
+        daemonize after building the service, so the id taken when it was
+        built has the pid of a process that has exited (the pidfile has the
+        serving one's).  The fork is in C{setupEnvironment}, which
+        C{UnixApplicationRunner.startApplication} calls before
+        C{privilegedStartService} and C{startService}
+        (twisted/scripts/_twistd_unix.py, Twisted 26.10); it is taken here,
+        in C{startService}, which runs with or without twistd (nothing of
+        C{privilegedStartService}, the listeners' binding, uses the id).
         """
         self.instance = _instance_id()
         if self.cluster is not None:
@@ -608,7 +612,7 @@ class GatewayService(MultiService):
         SHUTDOWN_GRACE_SECONDS; each step gets at least
         L{CONSUMERS_STOP_MIN_SECONDS}): a database that does not answer
         must not keep the process from exiting.  What is given up is
-        logged.
+        logged (the rows by L{ConsumerTable.stop}).
         """
         if self._opening is not None:
             self._opening.stop()
@@ -617,21 +621,10 @@ class GatewayService(MultiService):
             return max(deadline - self._reactor.seconds(), CONSUMERS_STOP_MIN_SECONDS)
 
         seconds = left()
-        # Waited on apart: cancelling the table's own write would only have
-        # it keep the rows and try again.
-        written: Deferred[None] = Deferred()
-        # The table tries again until its own deadline; this one is for a
-        # write that never ends.
-        self.consumers.stop(self._reactor, self._reactor.seconds() + seconds).addBoth(lambda _: written.callback(None))
-        try:
-            yield written.addTimeout(seconds, self._reactor)
-        except DeferredTimeoutError:
-            self._log.error(
-                "gave up writing the last usage rows (they are lost: usage and spend will not count them): "
-                "the consumers' database did not take them within {seconds:.1f} s of the shutdown grace; "
-                "check DATABASE_URL",
-                seconds=seconds,
-            )
+        # The table's deadline is the only one: by then it has written the
+        # rows or given them up (one line), and tries no more; only then
+        # is the store closed.
+        yield self.consumers.stop(self._reactor, self._reactor.seconds() + seconds)
         seconds = left()
         closed = yield self.consumer_store.close(seconds)
         if not closed:

@@ -20,7 +20,7 @@ import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
@@ -536,6 +536,109 @@ class UsageRowsAtStopTests(TestCase):
         clock.advance(10)
         table.flush()
         self.assertEqual(store.tries, tries)
+
+    def test_write_that_never_ends_given_up_at_the_end_of_the_grace(self) -> None:
+        """
+        A database that refuses the last rows, then never answers the try
+        started just before the deadline (a host that swallows packets):
+        the table stops waiting at the deadline, gives the rows up with one
+        line, and has no timer left; the write failing later is neither
+        tried again nor logged again.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = HangingStore(refusals=3)
+        table = self.stopping_table(store, clock)
+        stopped = table.stop(clock, until=clock.seconds() + 10)
+        while store.tries < 4:
+            clock.advance(0.05)
+        self.assertFalse(stopped.called)
+        clock.advance(10 - clock.seconds() - 0.01)
+        self.assertFalse(stopped.called)
+        clock.advance(0.01)
+        self.assertTrue(stopped.called)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        said = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn(
+            "could not write the last 1 usage rows at stop (the database did not answer by the end of the shutdown "
+            "grace); given up",
+            said[0],
+        )
+        store.hanging.errback(OSError("connection timed out"))
+        clock.advance(10)
+        table.flush()
+        self.assertEqual(store.tries, 4)
+        said = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertEqual(len(said), 1, said)
+        self.flushLoggedErrors(OSError)
+
+    def test_write_under_way_at_stop_that_never_ends(self) -> None:
+        """
+        A write the timer started before the stop, never answered: given up
+        at the deadline with its rows and those that came in after it.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = HangingStore(refusals=0)
+        table = self.stopping_table(store, clock)
+        table.flush()
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 2}, 0.01)
+        stopped = table.stop(clock, until=clock.seconds() + 5)
+        clock.advance(5)
+        self.assertTrue(stopped.called)
+        self.assertEqual(store.tries, 1)
+        said = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("could not write the last 2 usage rows at stop", said[0])
+
+    def test_write_that_ends_just_before_the_deadline(self) -> None:
+        """
+        A slow database that takes the last rows 10 ms before the deadline:
+        written, nothing said, no timer left.
+        """
+        events = capture_log_events(self)
+        clock = Clock()
+        store = SlowStore(clock, 9.99)
+        table = self.stopping_table(store, clock)
+        stopped = table.stop(clock, until=clock.seconds() + 10)
+        clock.advance(9.99)
+        self.assertTrue(stopped.called)
+        self.assertEqual([(row.consumer, row.prompt_tokens) for row in store.rows], [("team", 1)])
+        self.assertEqual([e for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")], [])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class HangingStore:
+    """
+    A store whose database refuses the first C{refusals} writes, then never
+    answers (C{hanging}: the write under way).
+    """
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.tries = 0
+        self.hanging: Deferred[None] = Deferred()
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        self.tries += 1
+        if self.tries <= self.refusals:
+            return fail(OSError("the database refused the write"))
+        return self.hanging
+
+
+class SlowStore(RecordingStore):
+    """
+    A store whose database takes each write C{seconds} to answer.
+    """
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        return deferLater(self.clock, self.seconds, super().record, rows).addCallback(lambda _: None)
 
 
 class FlakyStore(RecordingStore):
@@ -1082,6 +1185,43 @@ class ConsumerGatewayTests(GatewayCase):
         again, client = yield self.gateway(state_dir=gateway.service.settings.state_dir)
         [total] = yield again.service.consumer_store.usage(None, None, None, None)
         self.assertEqual(total["prompt_tokens"], 7)
+
+    @inlineCallbacks
+    def test_usage_rows_at_stop_given_up_once_when_the_database_hangs(self) -> Any:
+        """
+        The last write at stop hangs past SHUTDOWN_GRACE_SECONDS, then fails
+        (a connect timeout): the rows are given up in one line, no write
+        starts after it, and the store is closed once, after the table
+        stopped trying.
+        """
+        gateway, client = yield self.gateway(shutdown_grace_seconds=1.0)
+        store = gateway.service.consumer_store
+        close = store.close
+        tries: list[int] = []
+        closes: list[int] = []
+
+        def hanging(rows: Any) -> Deferred[None]:
+            tries.append(len(rows))
+            late: Deferred[None] = Deferred()
+            reactor.callLater(1.5, late.errback, OSError("connection timed out"))
+            return late
+
+        def closing(*args: Any) -> Deferred[bool]:
+            closes.append(len(tries))
+            return close(*args)
+
+        self.patch(store, "record", hanging)
+        self.patch(store, "close", closing)
+        gateway.service.consumers.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 7}, 0.01)
+        yield gateway.service.stopService()
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(tries, [1])
+        self.assertEqual(closes, [1])
+        said = [formatEvent(e) for e in self.events]
+        lines = [line for line in said if "given up" in line or "gave up" in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("could not write the last 1 usage rows at stop (the database did not answer", lines[0])
+        self.flushLoggedErrors(OSError)
 
     @inlineCallbacks
     def test_table_survives_a_restart(self) -> Any:

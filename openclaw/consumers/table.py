@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -49,6 +50,11 @@ FAILURE_LOG_SECONDS = 60
 #: before the end of the shutdown grace (L{ConsumerTable.stop}).
 STOP_RETRY_SECONDS = 0.1
 STOP_RETRY_MAX_SECONDS = 1.0
+#: The one line of the last usage rows given up at stop (L{ConsumerTable.stop}).
+GIVEN_UP = (
+    "could not write the last {count} usage rows at stop ({error}); given up (usage and spend will not count "
+    "them): check DATABASE_URL / STATE_DIR"
+)
 #: A C{tpm} reservation lapses after the window it counts in (60 s): a
 #: call never counted (its instance crashed) must not hold a consumer's
 #: tokens for longer than the limit's own memory; a call still running
@@ -428,6 +434,11 @@ class ConsumerTable:
         self._stopping = False
         #: Why the last write failed while stopping (logged if given up).
         self._stop_failure: Failure | None = None
+        #: L{stop} gave the last rows up, and said so: a write still under
+        #: way then keeps nothing, and says nothing, when it fails.
+        self._given_up = False
+        #: How many rows the write under way (L{_flushing}) holds.
+        self._writing = 0
         #: Called after every change a command made (cluster: announce it).
         self.changed: Callable[[str], None] = lambda name: None
 
@@ -484,18 +495,22 @@ class ConsumerTable:
         Stop the timer and write what is pending.  A write that fails is
         tried again after L{STOP_RETRY_SECONDS}, then twice as long each
         time up to L{STOP_RETRY_MAX_SECONDS}, while the next try can start
-        L{STOP_RETRY_SECONDS} before C{until}; then the rows are given up,
-        and logged (README: the last usage rows have until
-        SHUTDOWN_GRACE_SECONDS is over).
+        L{STOP_RETRY_SECONDS} before C{until}; a write that has not ended
+        by C{until} (a database that does not answer) is waited for no
+        longer.  Then the rows are given up, and logged in one line
+        (README: the last usage rows have until SHUTDOWN_GRACE_SECONDS is
+        over); no write starts after that, and a write still under way
+        that fails later is not tried again nor logged.
 
-        A write that does not end (a database that never answers) is not
-        cut short here: the caller bounds the wait (L{openclaw.service}).
+        This is the only deadline of the last rows: the caller waits for
+        the returned Deferred, then closes the store (L{openclaw.service}).
 
-        @param reactor: schedules the tries again; without it, or without
-            C{until}, rows a write fails are given up at once.
+        @param reactor: schedules the tries again and the deadline; without
+            it, or without C{until}, rows a write fails are given up at
+            once, and a write that does not end is waited for.
         @param until: when to give up, in the seconds of C{clock}.
-        @return: fires with None once the rows are written or given up;
-            never fails.
+        @return: fires with None once the rows are written or given up (by
+            C{until}); never fails.
         """
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
@@ -506,32 +521,58 @@ class ConsumerTable:
         return Deferred.fromCoroutine(self._write_last(reactor, until))
 
     async def _write_last(self, reactor: IReactorTime | None, until: float | None) -> None:
-        if self._flushing is not None:
-            # A write under way first (its rows kept if it fails).
-            await self.flush()
+        # A write under way first (its rows kept if it fails).
+        if self._flushing is not None and not await self._ended(self.flush(), reactor, until):
+            return self._give_up_unanswered()
         delay = STOP_RETRY_SECONDS
         while True:
             self._stop_failure = None
-            await self.flush()
+            if not await self._ended(self.flush(), reactor, until):
+                return self._give_up_unanswered()
             failure = self._stop_failure
             if failure is None:
                 if not self._pending:
-                    return
+                    return None
                 # Rows that came in meanwhile.
                 continue
             left = -1.0 if until is None else until - STOP_RETRY_SECONDS - self.clock()
             if reactor is None or left <= 0:
+                self._given_up = True
                 rows, self._pending = self._pending, []
-                log_database_failure(
-                    self._log,
-                    "could not write the last {count} usage rows at stop ({error}); given up (usage and spend "
-                    "will not count them): check DATABASE_URL / STATE_DIR",
-                    failure,
-                    count=len(rows),
-                )
-                return
+                log_database_failure(self._log, GIVEN_UP, failure, count=len(rows))
+                return None
             await deferLater(reactor, min(delay, left))
             delay = min(delay * 2, STOP_RETRY_MAX_SECONDS)
+
+    async def _ended(self, writing: Deferred[None], reactor: IReactorTime | None, until: float | None) -> bool:
+        """
+        Wait for C{writing} (L{flush}) until C{until}: whether it ended.
+        It is not cancelled at C{until}: a cancelled write only keeps its
+        rows, and the store's close deals with a query still under way.
+        """
+        if reactor is None or until is None:
+            await writing
+            return True
+        ended: Deferred[None] = Deferred()
+        writing.addBoth(lambda _: None if ended.called else ended.callback(None))
+        try:
+            await ended.addTimeout(max(until - self.clock(), 0.0), reactor)
+        except DeferredTimeoutError:
+            return False
+        return True
+
+    def _give_up_unanswered(self) -> None:
+        """
+        Give up the rows of the write still under way at the deadline, and
+        those waiting behind it, with the one line.
+        """
+        self._given_up = True
+        rows, self._pending = self._pending, []
+        self._log.critical(
+            GIVEN_UP,
+            count=self._writing + len(rows),
+            error="the database did not answer by the end of the shutdown grace",
+        )
 
     # -- the data plane --------------------------------------------------------
 
@@ -799,6 +840,9 @@ class ConsumerTable:
             return succeed(None)
 
         def failed(reason: Failure) -> None:
+            if self._given_up:
+                # L{stop} gave them up already, and said so.
+                return
             self._pending[:0] = rows
             if self._stopping:
                 # L{stop} tries again, or gives them up.
@@ -838,7 +882,9 @@ class ConsumerTable:
 
         def done(result: None) -> None:
             self._flushing = None
+            self._writing = 0
 
+        self._writing = len(rows)
         flushing = self._flushing = self.store.record(rows)
         flushing.addCallbacks(written, failed).addBoth(done)
         return flushing
