@@ -47,6 +47,7 @@ from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import UNPRINTABLE_MODEL, model_too_long, printable_model
+from openclaw.urls import masked_fields, masked_url, url_passwords
 
 if TYPE_CHECKING:
     from openclaw.consumers.prices import Price
@@ -932,39 +933,6 @@ def _make_state_directory(path: Path) -> str:
     return ""
 
 
-def _userinfo(rest: str) -> tuple[str, str, str] | None:
-    """
-    The user, password and what follows the userinfo's C{@} in C{rest} (a
-    URL after C{://}), or None when it has no password.  The userinfo ends
-    at the last C{@} (a password may hold C{/}, C{?} or C{#} when the URL
-    is mistyped, which is when it is shown in an error), and the user name
-    is what precedes its first C{:} and holds none of C{/?#} (else the C{@}
-    is not the userinfo's, but one in a path or query).  An C{@} in a
-    C{password=} of the query is not looked at: it is that password's.
-    """
-    query_password = [i for i in (rest.find("?password="), rest.find("&password=")) if i >= 0]
-    at = rest.rfind("@", 0, min(query_password, default=len(rest)))
-    if at < 0:
-        return None
-    user, colon, password = rest[:at].partition(":")
-    if not colon or not password or any(c in user for c in "/?#"):
-        return None
-    return user, password, rest[at + 1 :]
-
-
-def _database_secrets(text: str) -> list[str]:
-    # The password as written in a URL (userinfo, or ?password=), found
-    # without urlsplit, which refuses some URLs libpq refuses too.
-    rest = text.partition("://")[2]
-    userinfo = _userinfo(rest)
-    found = [userinfo[1]] if userinfo else []
-    for pair in rest.partition("?")[2].partition("#")[0].split("&"):
-        name, _, value = pair.partition("=")
-        if name == "password":
-            found.append(value)
-    return sorted((secret for secret in found if secret), key=len, reverse=True)
-
-
 #: A password this long is masked wherever it appears in libpq's words; a
 #: shorter one only where it stands whole (no letter or digit either side,
 #: as a quoted value does), so that C{p} does not turn libpq's
@@ -972,39 +940,21 @@ def _database_secrets(text: str) -> list[str]:
 _MASK_ANYWHERE = 8
 
 
-def _masked(text: str, secrets: Iterable[str]) -> str:
+def _masked(text: str, secrets: Iterable[str], quoted: Iterable[str] = ()) -> str:
     """
     C{text} (libpq's words) with each of C{secrets} shown as C{***}: where
     it stands whole, and anywhere when it is C{_MASK_ANYWHERE} characters
-    or more.
+    or more; and each of C{quoted} where it stands whole in double quotes,
+    as libpq quotes a token of the URL.
     """
+    for token in quoted:
+        text = text.replace(f'"{token}"', '"***"')
     for secret in secrets:
         if len(secret) >= _MASK_ANYWHERE:
             text = text.replace(secret, "***")
         else:
             text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "***", text)
     return text
-
-
-def _masked_url(text: str) -> str:
-    """
-    C{DATABASE_URL} with its password, where it is written (the userinfo's
-    and C{?password=}'s), shown as C{***}; the rest as written, even where
-    it happens to hold the password's characters.
-    """
-    scheme, separator, rest = text.partition("://")
-    userinfo = _userinfo(rest)
-    authority = ""
-    if userinfo is not None:
-        authority, rest = f"{userinfo[0]}:***@", userinfo[2]
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = authority + rest[:end], rest[end:]
-    path, question, query = tail.partition("?")
-    if question:
-        query, hash_mark, fragment = query.partition("#")
-        pairs = ["password=***" if pair.partition("=")[0] == "password" else pair for pair in query.split("&")]
-        tail = f"{path}?{'&'.join(pairs)}{hash_mark}{fragment}"
-    return f"{scheme}{separator}{authority}{tail}"
 
 
 def _database_url(text: str) -> str:
@@ -1019,8 +969,9 @@ def _database_url(text: str) -> str:
     from psycopg import Error as PsycopgError
     from psycopg.conninfo import conninfo_to_dict
 
-    hidden = _database_secrets(text)
-    masked = _masked_url(text)
+    hidden = url_passwords(text)
+    fields = masked_fields(text)
+    masked = masked_url(text)
     shown = f"DATABASE_URL={masked!r}"
     form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
     try:
@@ -1035,7 +986,7 @@ def _database_url(text: str) -> str:
     except PsycopgError as e:
         # The URL where libpq repeats it, masked where its password is;
         # any other repetition of the password (a token libpq quotes) too.
-        said = masked.join(_masked(piece, hidden) for piece in str(e).strip().split(text))
+        said = masked.join(_masked(piece, hidden, fields) for piece in str(e).strip().split(text))
         if "percent-encoded" in said:
             hint = (
                 "percent-encode a % in the user name, password or database name as %25 (@ as %40, : as %3A, / as %2F)"
@@ -1047,7 +998,7 @@ def _database_url(text: str) -> str:
         raise ConfigError(f"{shown} is not a connection URI libpq can read ({said}): {hint}") from None
     refused = _libpq_refusal(text)
     if refused is not None:
-        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden) for part in refused) if line)
+        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden, fields) for part in refused) if line)
         raise ConfigError(
             f"{shown} has a parameter value libpq refuses ({said}): give it one libpq takes "
             "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
@@ -1319,20 +1270,16 @@ def load_settings(
         if "#" in redis_url:
             # Redis URLs have no use for a fragment: one is an unencoded #
             # in a password (?password=top#secret, read as "top").
-            from openclaw.cluster.redis import redacted_url
-
             raise ConfigError(
-                f"REDIS_URL={redacted_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
+                f"REDIS_URL={masked_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
                 "percent-encode a # in a password as %23"
             )
         try:
             _redis_url(redis_url)
         except ValueError:
             # Never echoed as given: it may hold a password.
-            from openclaw.cluster.redis import redacted_url
-
             raise ConfigError(
-                f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
+                f"REDIS_URL={masked_url(redis_url)!r} is invalid: use redis://host:port/db, "
                 "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
                 "as ?db=0&password=...)"
             ) from None

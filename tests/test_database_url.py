@@ -80,6 +80,50 @@ class DatabaseURLTests(TestCase):
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
+    def test_password_field_masked_to_the_end(self) -> None:
+        """
+        A C{password} field of the query (after C{?}, C{&} or C{;}, in any
+        case) is masked from its value to the URL's end, by the same rule
+        as C{REDIS_URL}'s: C{?sslmode=require;password=...} (C{;} where
+        C{&} was meant) showed the password in clear, and an unencoded C{&}
+        in a password its tail, which libpq quotes too (as a parameter with
+        no C{=}).  What libpq quotes of the masked part is masked in its
+        words; its own words are kept.
+        """
+        from openclaw.cluster.redis import redacted_url
+
+        extra = 'extra key/value separator "=" in URI query parameter: "sslmode"'
+        for url, shown, said_too in (
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hunter22", "?sslmode=require;password=***", extra),
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hun%74er22", "?sslmode=require;password=***", extra),
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hu&x=1", "?sslmode=require;password=***", extra),
+            (
+                "postgresql://u@127.0.0.1/db?password=hunt&er22",
+                "?password=***",
+                'missing key/value separator "=" in URI query parameter: "***"',
+            ),
+            ("postgresql://u@127.0.0.1/db?password=hu&nter=22", "?password=***", 'invalid URI query parameter: "***"'),
+            (
+                "postgresql://u@127.0.0.1/db?password=x&sslmode=hunter22",
+                "?password=***",
+                'invalid sslmode value: "***"',
+            ),
+            ("postgresql://u@127.0.0.1:notaport/db?password=hunt&er22", "?password=***", "is invalid"),
+            (
+                "postgresql://u@127.0.0.1/db?PASSWORD=hunter22",
+                "?PASSWORD=***",
+                'invalid URI query parameter: "PASSWORD"',
+            ),
+        ):
+            said = self.said(url)
+            masked = url.partition("?")[0] + shown
+            self.assertIn(f"DATABASE_URL={masked!r}", said)
+            self.assertIn(said_too, said)
+            self.assertEqual(redacted_url(url), masked)
+            for secret in ("hunter22", "hun%74er22", "unt", "er22", "nter", "hu&"):
+                self.assertNotIn(secret, said)
+            self.assertNotIn("\n", said)
+
     def test_refused_values_are_one_masked_line(self) -> None:
         """
         A value libpq refuses before it connects is a configuration error
