@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import secrets
 import socket
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -1041,45 +1041,78 @@ def _libpq_refusal(database_url: str) -> list[str] | None:
     Asked of libpq itself, so its rules are the ones of the libpq psycopg
     runs on (C{PQconnectStart} checks the values before it connects:
     U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PQCONNECTSTARTPARAMS}),
-    without reaching the network: the probe's hosts are UNIX sockets in a
-    new empty directory, with C{hostaddr} set empty so that
-    C{PGHOSTADDR} does not apply.  The probe's hosts and ports are the
-    URL's own only: as many sockets as the URL names hosts (else ports),
-    and C{port} set empty when the URL names none, so that neither
-    C{PGHOST}/C{PGPORT} nor a service file's C{host}/C{port} reach the
-    probe (their counts are not the probe's to match: a service file
-    with two hosts and two ports is a working URL).  Only the lines of
-    libpq's message that are one of its value errors
+    without connecting anywhere: each of the probe's hosts is
+    C{os.devnull}, whose socket C{/dev/null/.s.PGSQL.N} nobody can create
+    (C{connect} fails at once, C{ENOTDIR}; no file is made, none is left),
+    with C{hostaddr} set empty so that C{PGHOSTADDR} does not apply.  The
+    one lookup the probe may make is a service file's C{ldap://} entry
+    (for C{?service=}, C{PGSERVICE}), which libpq resolves over the network
+    when it meets one (U{https://www.postgresql.org/docs/current/libpq-ldap.html}).
+
+    The probe's hosts and ports are the URL's own only: as many as the URL
+    names hosts (else ports), and C{port} set empty when the URL names
+    none, so that neither C{PGHOST}/C{PGPORT} nor a service file's
+    C{host}/C{port} reach the probe (their counts are not the probe's to
+    match: a service file with two hosts and two ports is a working URL).
+    Only the lines of libpq's message that are one of its value errors
     (L{_LIBPQ_VALUE_ERRORS}) count: what depends on the transport (GSSAPI
-    encryption over a UNIX socket) or on the probe (its missing socket)
-    does not.  C{connect_timeout} is psycopg's to read
-    (C{timeout_from_conninfo}).  Values libpq reads only on a TCP
-    connection (C{keepalives_idle}, C{tcp_user_timeout}) are not checked
-    here.
+    encryption over a UNIX socket) does not, nor the probe's own failure
+    (C{connection to server on socket "/dev/null/.s.PGSQL.5432" failed:
+    Not a directory}, naming C{/dev/null}).  Values libpq reads only on a
+    TCP connection (C{keepalives_idle}, C{tcp_user_timeout}) are not
+    checked here; C{connect_timeout} is, by L{_connect_timeout_refusal}.
+
+    The lines are matched in English: libpq's messages as the binary
+    wheel's libpq (which has no translations) writes them.  A system
+    libpq that translates them (C{LANG}, C{LC_MESSAGES}) makes this
+    refuse nothing: a value it refuses is then found when the gateway
+    connects, which logs libpq's words and tries again with back-off.
     """
-    from psycopg import Error as PsycopgError
     from psycopg import pq
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     parameters = conninfo_to_dict(database_url)
-    try:
-        timeout_from_conninfo(parameters)
-    except PsycopgError as e:
-        return [str(e)]
+    timeout = _connect_timeout_refusal(parameters.get("connect_timeout"))
+    if timeout is not None:
+        return [timeout]
     # libpq counts hostaddr's entries first, then host's (connectOptions2).
     hosts = str(parameters.get("hostaddr") or parameters.get("host") or parameters.get("port") or "")
     port = str(parameters.get("port") or "")
-    with tempfile.TemporaryDirectory(prefix="openclaw-libpq-") as nowhere:
-        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": "", "port": port}
-        connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
-        try:
-            if connection.status != pq.ConnStatus.BAD:
-                return None
-            said = connection.get_error_message()
-        finally:
-            connection.finish()
+    probe = {**parameters, "host": ",".join([os.devnull] * len(hosts.split(","))), "hostaddr": "", "port": port}
+    connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
+    try:
+        if connection.status != pq.ConnStatus.BAD:
+            return None
+        said = connection.get_error_message()
+    finally:
+        connection.finish()
     refused = [line.strip() for line in said.splitlines() if _LIBPQ_VALUE_ERRORS.fullmatch(line.strip())]
     return refused or None
+
+
+def _connect_timeout_refusal(value: object) -> str | None:
+    """
+    What is wrong with a URL's C{connect_timeout} (None when it has none),
+    in psycopg's words (C{bad value for connect_timeout: 'abc'}), or None.
+
+    libpq documents it as a decimal integer number of seconds
+    (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-CONNECT-TIMEOUT}),
+    but libpq does not read it here: psycopg connects with
+    C{PQconnectStart}/C{PQconnectPoll}, where libpq leaves the timeout to
+    the application, and reads it itself, taking a decimal number too
+    (C{5.0}, truncated: U{https://github.com/psycopg/psycopg/pull/796}),
+    while what is no finite number (C{abc}, C{inf}, an empty value) stops
+    every connection with psycopg's error.  So the decimal integers libpq
+    documents, and what Python's C{float} reads as a finite number, are
+    taken; anything else is refused.
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        seconds = math.nan
+    return None if math.isfinite(seconds) else f"bad value for connect_timeout: {value!r}"
 
 
 def _prices(path: str) -> Mapping[str, Price]:
