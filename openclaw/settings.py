@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 import re
 import secrets
 import socket
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -47,6 +47,7 @@ from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import UNPRINTABLE_MODEL, model_too_long, printable_model
+from openclaw.urls import masked_fields, masked_url, url_passwords
 
 if TYPE_CHECKING:
     from openclaw.consumers.prices import Price
@@ -932,39 +933,6 @@ def _make_state_directory(path: Path) -> str:
     return ""
 
 
-def _userinfo(rest: str) -> tuple[str, str, str] | None:
-    """
-    The user, password and what follows the userinfo's C{@} in C{rest} (a
-    URL after C{://}), or None when it has no password.  The userinfo ends
-    at the last C{@} (a password may hold C{/}, C{?} or C{#} when the URL
-    is mistyped, which is when it is shown in an error), and the user name
-    is what precedes its first C{:} and holds none of C{/?#} (else the C{@}
-    is not the userinfo's, but one in a path or query).  An C{@} in a
-    C{password=} of the query is not looked at: it is that password's.
-    """
-    query_password = [i for i in (rest.find("?password="), rest.find("&password=")) if i >= 0]
-    at = rest.rfind("@", 0, min(query_password, default=len(rest)))
-    if at < 0:
-        return None
-    user, colon, password = rest[:at].partition(":")
-    if not colon or not password or any(c in user for c in "/?#"):
-        return None
-    return user, password, rest[at + 1 :]
-
-
-def _database_secrets(text: str) -> list[str]:
-    # The password as written in a URL (userinfo, or ?password=), found
-    # without urlsplit, which refuses some URLs libpq refuses too.
-    rest = text.partition("://")[2]
-    userinfo = _userinfo(rest)
-    found = [userinfo[1]] if userinfo else []
-    for pair in rest.partition("?")[2].partition("#")[0].split("&"):
-        name, _, value = pair.partition("=")
-        if name == "password":
-            found.append(value)
-    return sorted((secret for secret in found if secret), key=len, reverse=True)
-
-
 #: A password this long is masked wherever it appears in libpq's words; a
 #: shorter one only where it stands whole (no letter or digit either side,
 #: as a quoted value does), so that C{p} does not turn libpq's
@@ -972,39 +940,21 @@ def _database_secrets(text: str) -> list[str]:
 _MASK_ANYWHERE = 8
 
 
-def _masked(text: str, secrets: Iterable[str]) -> str:
+def _masked(text: str, secrets: Iterable[str], quoted: Iterable[str] = ()) -> str:
     """
     C{text} (libpq's words) with each of C{secrets} shown as C{***}: where
     it stands whole, and anywhere when it is C{_MASK_ANYWHERE} characters
-    or more.
+    or more; and each of C{quoted} where it stands whole in double quotes,
+    as libpq quotes a token of the URL.
     """
+    for token in quoted:
+        text = text.replace(f'"{token}"', '"***"')
     for secret in secrets:
         if len(secret) >= _MASK_ANYWHERE:
             text = text.replace(secret, "***")
         else:
             text = re.sub(rf"(?<![^\W_]){re.escape(secret)}(?![^\W_])", "***", text)
     return text
-
-
-def _masked_url(text: str) -> str:
-    """
-    C{DATABASE_URL} with its password, where it is written (the userinfo's
-    and C{?password=}'s), shown as C{***}; the rest as written, even where
-    it happens to hold the password's characters.
-    """
-    scheme, separator, rest = text.partition("://")
-    userinfo = _userinfo(rest)
-    authority = ""
-    if userinfo is not None:
-        authority, rest = f"{userinfo[0]}:***@", userinfo[2]
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    authority, tail = authority + rest[:end], rest[end:]
-    path, question, query = tail.partition("?")
-    if question:
-        query, hash_mark, fragment = query.partition("#")
-        pairs = ["password=***" if pair.partition("=")[0] == "password" else pair for pair in query.split("&")]
-        tail = f"{path}?{'&'.join(pairs)}{hash_mark}{fragment}"
-    return f"{scheme}{separator}{authority}{tail}"
 
 
 def _database_url(text: str) -> str:
@@ -1019,8 +969,9 @@ def _database_url(text: str) -> str:
     from psycopg import Error as PsycopgError
     from psycopg.conninfo import conninfo_to_dict
 
-    hidden = _database_secrets(text)
-    masked = _masked_url(text)
+    hidden = url_passwords(text)
+    fields = masked_fields(text)
+    masked = masked_url(text)
     shown = f"DATABASE_URL={masked!r}"
     form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
     try:
@@ -1035,7 +986,7 @@ def _database_url(text: str) -> str:
     except PsycopgError as e:
         # The URL where libpq repeats it, masked where its password is;
         # any other repetition of the password (a token libpq quotes) too.
-        said = masked.join(_masked(piece, hidden) for piece in str(e).strip().split(text))
+        said = masked.join(_masked(piece, hidden, fields) for piece in str(e).strip().split(text))
         if "percent-encoded" in said:
             hint = (
                 "percent-encode a % in the user name, password or database name as %25 (@ as %40, : as %3A, / as %2F)"
@@ -1047,7 +998,7 @@ def _database_url(text: str) -> str:
         raise ConfigError(f"{shown} is not a connection URI libpq can read ({said}): {hint}") from None
     refused = _libpq_refusal(text)
     if refused is not None:
-        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden) for part in refused) if line)
+        said = "; ".join(line for line in (_masked(" ".join(part.split()), hidden, fields) for part in refused) if line)
         raise ConfigError(
             f"{shown} has a parameter value libpq refuses ({said}): give it one libpq takes "
             "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)"
@@ -1090,45 +1041,78 @@ def _libpq_refusal(database_url: str) -> list[str] | None:
     Asked of libpq itself, so its rules are the ones of the libpq psycopg
     runs on (C{PQconnectStart} checks the values before it connects:
     U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PQCONNECTSTARTPARAMS}),
-    without reaching the network: the probe's hosts are UNIX sockets in a
-    new empty directory, with C{hostaddr} set empty so that
-    C{PGHOSTADDR} does not apply.  The probe's hosts and ports are the
-    URL's own only: as many sockets as the URL names hosts (else ports),
-    and C{port} set empty when the URL names none, so that neither
-    C{PGHOST}/C{PGPORT} nor a service file's C{host}/C{port} reach the
-    probe (their counts are not the probe's to match: a service file
-    with two hosts and two ports is a working URL).  Only the lines of
-    libpq's message that are one of its value errors
+    without connecting anywhere: each of the probe's hosts is
+    C{os.devnull}, whose socket C{/dev/null/.s.PGSQL.N} nobody can create
+    (C{connect} fails at once, C{ENOTDIR}; no file is made, none is left),
+    with C{hostaddr} set empty so that C{PGHOSTADDR} does not apply.  The
+    one lookup the probe may make is a service file's C{ldap://} entry
+    (for C{?service=}, C{PGSERVICE}), which libpq resolves over the network
+    when it meets one (U{https://www.postgresql.org/docs/current/libpq-ldap.html}).
+
+    The probe's hosts and ports are the URL's own only: as many as the URL
+    names hosts (else ports), and C{port} set empty when the URL names
+    none, so that neither C{PGHOST}/C{PGPORT} nor a service file's
+    C{host}/C{port} reach the probe (their counts are not the probe's to
+    match: a service file with two hosts and two ports is a working URL).
+    Only the lines of libpq's message that are one of its value errors
     (L{_LIBPQ_VALUE_ERRORS}) count: what depends on the transport (GSSAPI
-    encryption over a UNIX socket) or on the probe (its missing socket)
-    does not.  C{connect_timeout} is psycopg's to read
-    (C{timeout_from_conninfo}).  Values libpq reads only on a TCP
-    connection (C{keepalives_idle}, C{tcp_user_timeout}) are not checked
-    here.
+    encryption over a UNIX socket) does not, nor the probe's own failure
+    (C{connection to server on socket "/dev/null/.s.PGSQL.5432" failed:
+    Not a directory}, naming C{/dev/null}).  Values libpq reads only on a
+    TCP connection (C{keepalives_idle}, C{tcp_user_timeout}) are not
+    checked here; C{connect_timeout} is, by L{_connect_timeout_refusal}.
+
+    The lines are matched in English: libpq's messages as the binary
+    wheel's libpq (which has no translations) writes them.  A system
+    libpq that translates them (C{LANG}, C{LC_MESSAGES}) makes this
+    refuse nothing: a value it refuses is then found when the gateway
+    connects, which logs libpq's words and tries again with back-off.
     """
-    from psycopg import Error as PsycopgError
     from psycopg import pq
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
     parameters = conninfo_to_dict(database_url)
-    try:
-        timeout_from_conninfo(parameters)
-    except PsycopgError as e:
-        return [str(e)]
+    timeout = _connect_timeout_refusal(parameters.get("connect_timeout"))
+    if timeout is not None:
+        return [timeout]
     # libpq counts hostaddr's entries first, then host's (connectOptions2).
     hosts = str(parameters.get("hostaddr") or parameters.get("host") or parameters.get("port") or "")
     port = str(parameters.get("port") or "")
-    with tempfile.TemporaryDirectory(prefix="openclaw-libpq-") as nowhere:
-        probe = {**parameters, "host": ",".join([nowhere] * len(hosts.split(","))), "hostaddr": "", "port": port}
-        connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
-        try:
-            if connection.status != pq.ConnStatus.BAD:
-                return None
-            said = connection.get_error_message()
-        finally:
-            connection.finish()
+    probe = {**parameters, "host": ",".join([os.devnull] * len(hosts.split(","))), "hostaddr": "", "port": port}
+    connection = pq.PGconn.connect_start(make_conninfo("", **probe).encode())
+    try:
+        if connection.status != pq.ConnStatus.BAD:
+            return None
+        said = connection.get_error_message()
+    finally:
+        connection.finish()
     refused = [line.strip() for line in said.splitlines() if _LIBPQ_VALUE_ERRORS.fullmatch(line.strip())]
     return refused or None
+
+
+def _connect_timeout_refusal(value: object) -> str | None:
+    """
+    What is wrong with a URL's C{connect_timeout} (None when it has none),
+    in psycopg's words (C{bad value for connect_timeout: 'abc'}), or None.
+
+    libpq documents it as a decimal integer number of seconds
+    (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNECT-CONNECT-TIMEOUT}),
+    but libpq does not read it here: psycopg connects with
+    C{PQconnectStart}/C{PQconnectPoll}, where libpq leaves the timeout to
+    the application, and reads it itself, taking a decimal number too
+    (C{5.0}, truncated: U{https://github.com/psycopg/psycopg/pull/796}),
+    while what is no finite number (C{abc}, C{inf}, an empty value) stops
+    every connection with psycopg's error.  So the decimal integers libpq
+    documents, and what Python's C{float} reads as a finite number, are
+    taken; anything else is refused.
+    """
+    if value is None:
+        return None
+    try:
+        seconds = float(str(value))
+    except ValueError:
+        seconds = math.nan
+    return None if math.isfinite(seconds) else f"bad value for connect_timeout: {value!r}"
 
 
 def _prices(path: str) -> Mapping[str, Price]:
@@ -1319,20 +1303,16 @@ def load_settings(
         if "#" in redis_url:
             # Redis URLs have no use for a fragment: one is an unencoded #
             # in a password (?password=top#secret, read as "top").
-            from openclaw.cluster.redis import redacted_url
-
             raise ConfigError(
-                f"REDIS_URL={redacted_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
+                f"REDIS_URL={masked_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
                 "percent-encode a # in a password as %23"
             )
         try:
             _redis_url(redis_url)
         except ValueError:
             # Never echoed as given: it may hold a password.
-            from openclaw.cluster.redis import redacted_url
-
             raise ConfigError(
-                f"REDIS_URL={redacted_url(redis_url)!r} is invalid: use redis://host:port/db, "
+                f"REDIS_URL={masked_url(redis_url)!r} is invalid: use redis://host:port/db, "
                 "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
                 "as ?db=0&password=...)"
             ) from None

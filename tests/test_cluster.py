@@ -775,16 +775,17 @@ class StoreConnections(TestCase):
 class Settings18(TestCase):
     def test_redacted_url_masks_the_whole_password(self):
         """
-        C{redacted_url} masks a query password up to the next C{&},
-        whatever it holds (C{?} is a query character, RFC 3986 3.4; C{#}
-        ends the URL where it is not percent-encoded), a userinfo password
-        up to its last C{@}, and never shows a fragment.
+        C{redacted_url} masks a query password to the URL's end, whatever
+        it holds (C{?} is a query character, RFC 3986 3.4; an unencoded
+        C{&} may be the password's: C{?password=sec&ret}; C{#} ends the URL
+        where it is not percent-encoded), a userinfo password up to its
+        last C{@}, and never shows a fragment.
         """
         from openclaw.cluster.redis import redacted_url
 
         for url, shown in (
             ("unix:///tmp/r.sock?db=0&password=top?secret", "unix:///tmp/r.sock?db=0&password=***"),
-            ("unix:///tmp/r.sock?password=top?secret&db=1", "unix:///tmp/r.sock?password=***&db=1"),
+            ("unix:///tmp/r.sock?password=top?secret&db=1", "unix:///tmp/r.sock?password=***"),
             ("unix:///tmp/r.sock?db=0?password=top?secret", "unix:///tmp/r.sock?db=0?password=***"),
             ("redis://127.0.0.1:1/x?password=top#secret", "redis://127.0.0.1:1/x?password=***"),
             ("redis://127.0.0.1:1/0?password=top@secret", "redis://127.0.0.1:1/0?password=***"),
@@ -796,6 +797,38 @@ class Settings18(TestCase):
             ("redis://user@h:1/0", "redis://user@h:1/0"),
         ):
             self.assertEqual(redacted_url(url), shown, url)
+
+    def test_password_field_masked_to_the_end(self):
+        """
+        Once a C{password} field starts, after a C{?}, C{&} or C{;} (C{;}
+        or C{?} written where C{&} was meant, so the password is another
+        field's value) and in any case, everything from its value to the
+        URL's end is masked: an unencoded C{&} in it (C{sec&ret}) showed
+        the password's tail, and C{?db=0;password=...}, refused (its
+        C{db} no number), showed it in clear.  One C{password=} in the
+        user information (after C{&} or C{;}, an C{@} after it) is that
+        password's.
+        """
+        from openclaw.cluster.redis import redacted_url
+        from openclaw.settings import ConfigError, load_settings
+
+        for url, shown in (
+            ("redis://h/0?db=0;password=hunter22", "redis://h/0?db=0;password=***"),
+            ("unix:///r.sock?password=sec&ret", "unix:///r.sock?password=***"),
+            ("unix:///r.sock?db=0&password=sec&ret&db=1", "unix:///r.sock?db=0&password=***"),
+            ("redis://h/0?db=1;PassWord=hunter22&x=1", "redis://h/0?db=1;PassWord=***"),
+            ("redis://h/0;password=hunter22", "redis://h/0;password=***"),
+            ("redis://u:sec;password=ret@h:1/0", "redis://u:***@h:1/0"),
+            ("redis://u:sec&password=ret@h:1/0?password=top", "redis://u:***@h:1/0?password=***"),
+        ):
+            self.assertEqual(redacted_url(url), shown, url)
+        for bad in ("redis://h/0?db=0;password=Sekr1tQ", "redis://h/0?db=0;password=Sek&r1tQ"):
+            with self.subTest(bad), self.assertRaises(ConfigError) as raised:
+                load_settings({"REDIS_URL": bad, "JWT_SECRET": SECRET}, env_file=None)
+            message = str(raised.exception)
+            self.assertIn("REDIS_URL='redis://h/0?db=0;password=***' is invalid", message)
+            self.assertNotIn("Sek", message)
+            self.assertNotIn("r1tQ", message)
 
     def test_bad_redis_url_hides_its_password(self):
         from openclaw.settings import ConfigError, load_settings

@@ -80,11 +80,55 @@ class DatabaseURLTests(TestCase):
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 
+    def test_password_field_masked_to_the_end(self) -> None:
+        """
+        A C{password} field of the query (after C{?}, C{&} or C{;}, in any
+        case) is masked from its value to the URL's end, by the same rule
+        as C{REDIS_URL}'s: C{?sslmode=require;password=...} (C{;} where
+        C{&} was meant) showed the password in clear, and an unencoded C{&}
+        in a password its tail, which libpq quotes too (as a parameter with
+        no C{=}).  What libpq quotes of the masked part is masked in its
+        words; its own words are kept.
+        """
+        from openclaw.cluster.redis import redacted_url
+
+        extra = 'extra key/value separator "=" in URI query parameter: "sslmode"'
+        for url, shown, said_too in (
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hunter22", "?sslmode=require;password=***", extra),
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hun%74er22", "?sslmode=require;password=***", extra),
+            ("postgresql://u@127.0.0.1/db?sslmode=require;password=hu&x=1", "?sslmode=require;password=***", extra),
+            (
+                "postgresql://u@127.0.0.1/db?password=hunt&er22",
+                "?password=***",
+                'missing key/value separator "=" in URI query parameter: "***"',
+            ),
+            ("postgresql://u@127.0.0.1/db?password=hu&nter=22", "?password=***", 'invalid URI query parameter: "***"'),
+            (
+                "postgresql://u@127.0.0.1/db?password=x&sslmode=hunter22",
+                "?password=***",
+                'invalid sslmode value: "***"',
+            ),
+            ("postgresql://u@127.0.0.1:notaport/db?password=hunt&er22", "?password=***", "is invalid"),
+            (
+                "postgresql://u@127.0.0.1/db?PASSWORD=hunter22",
+                "?PASSWORD=***",
+                'invalid URI query parameter: "PASSWORD"',
+            ),
+        ):
+            said = self.said(url)
+            masked = url.partition("?")[0] + shown
+            self.assertIn(f"DATABASE_URL={masked!r}", said)
+            self.assertIn(said_too, said)
+            self.assertEqual(redacted_url(url), masked)
+            for secret in ("hunter22", "hun%74er22", "unt", "er22", "nter", "hu&"):
+                self.assertNotIn(secret, said)
+            self.assertNotIn("\n", said)
+
     def test_refused_values_are_one_masked_line(self) -> None:
         """
         A value libpq refuses before it connects is a configuration error
         too, found without reaching the network: libpq is asked with its
-        hosts made UNIX sockets in an empty directory (PGHOSTADDR, which
+        hosts made UNIX sockets under /dev/null (PGHOSTADDR, which
         would send it to an address, is kept from applying).  A server that
         is down, or a host name that does not resolve, is no such error: the
         gateway starts and retries.
@@ -113,6 +157,53 @@ class DatabaseURLTests(TestCase):
             f"postgresql://u:p@/db?host={cwd}",
         ):
             self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+
+    def test_probe_needs_no_temporary_directory(self) -> None:
+        """
+        The start-up probe makes no file: with no temporary directory to be
+        had (C{TMPDIR} and L{tempfile.tempdir} a path that does not exist)
+        it still refuses C{sslmode=bogus} in one line and takes a good URL.
+        It made its probe's sockets' directory there, and start-up died
+        with C{FileNotFoundError}'s traceback.
+        """
+        cwd = Path(tempfile.mkdtemp())
+        nowhere = str(cwd / "no-such-directory")
+        self.setenv(TMPDIR=nowhere)
+        self.patch(tempfile, "tempdir", nowhere)
+        with self.assertRaises(OSError):
+            tempfile.mkdtemp()
+        url = "postgresql://u:hunter2-pw@127.0.0.1,127.0.0.2/db?sslmode=bogus"
+        with self.assertRaises(ConfigError) as caught:
+            load_settings({"DATABASE_URL": url}, cwd=cwd)
+        said = str(caught.exception)
+        self.assertIn('libpq refuses (invalid sslmode value: "bogus")', said)
+        self.assertNotIn("\n", said)
+        good = f"postgresql://u:p@127.0.0.1:{free_port()}/db?sslmode=prefer"
+        self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+        self.assertEqual(os.listdir(cwd), [])
+
+    def test_connect_timeout_as_psycopg_reads_it(self) -> None:
+        """
+        C{connect_timeout} is checked by our own rule, psycopg's reading of
+        it (it, not libpq, enforces it): a decimal integer as libpq
+        documents it, or any finite decimal number (C{5.0}), is taken; what
+        is none (C{abc}, C{inf}, nothing) is refused in psycopg's words, in
+        one line.  C{PGCONNECT_TIMEOUT} is not looked at: the gateway
+        always gives psycopg a C{connect_timeout}, 10 s unless the URL has
+        one (L{openclaw.consumers.store.POSTGRES_DEFAULTS}).
+        """
+        cwd = Path(tempfile.mkdtemp())
+        self.setenv(PGCONNECT_TIMEOUT="abc")
+        good = f"postgresql://u:p@127.0.0.1:{free_port()}/db"
+        self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+        for value in ("3", " 7 ", "+4", "0", "-1", "5.0", "2.5", "1e1"):
+            good = f"postgresql://u:p@127.0.0.1:{free_port()}/db?connect_timeout={value.replace(' ', '%20')}"
+            self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
+        for written, read in (("abc", "abc"), ("inf", "inf"), ("nan", "nan"), ("", ""), ("1%200", "1 0")):
+            said = self.said(f"postgresql://u:hunter2-pw@127.0.0.1/db?connect_timeout={written}")
+            self.assertIn(f"libpq refuses (bad value for connect_timeout: {read!r})", said)
+            self.assertNotIn("hunter2-pw", said)
+            self.assertNotIn("\n", said)
 
     def setenv(self, **values: str) -> None:
         # os.environ's items are the process's (putenv): libpq reads them.

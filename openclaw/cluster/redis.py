@@ -25,10 +25,9 @@ on their own.)
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import backoffPolicy
@@ -41,6 +40,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 from openclaw.reactors import IClientReactor
+from openclaw.urls import masked_url
 
 if TYPE_CHECKING:
     from openclaw.cluster.node import ClusterNode
@@ -183,59 +183,12 @@ def _versioned(reply: list[Any]) -> Versioned:
 
 def redacted_url(url: str) -> str:
     """
-    C{url} fit for a log line or an error message: a password in it is
-    replaced with C{***} (a user name is kept), and a fragment (C{#...}),
-    which may be the rest of a password with an unencoded C{#}, is left
-    out.
-
-    The password is the user information's after its first C{:}, up to
-    the last C{@} before the query's password (so one holding an
-    unencoded C{/}, C{?} or C{#} is masked whole), or a C{password} query
-    field's value (as for a UNIX socket, C{unix:///path?password=...}),
-    all of it up to the next C{&} (RFC 3986 3.4 allows C{?} in a query;
-    C{parse_qs} reads C{password=top?secret} as C{top?secret}), also after
-    a C{?} where C{&} was meant (C{?db=0?password=...}).
+    C{url} fit for a log line or an error message: L{masked_url}, the one
+    rule for every URL the gateway shows (a password in the user
+    information, or from a C{password} query field's value to the URL's
+    end, as C{***}; no fragment).
     """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        scheme, rest = "", url
-    # The query's first password field: an @ in its value is no userinfo's.
-    field = re.search(r"[?&]password=", rest)
-    before = rest[: field.start()] if field else rest
-    at = before.rfind("@")
-    user, colon, _ = before[: max(at, 0)].partition(":")
-    authority = ""
-    if at >= 0 and colon and not any(c in user for c in "/?#"):
-        authority, rest = f"{user}:***@", rest[at + 1 :]
-    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    path, query = rest[:end], rest[end:]
-    if query.startswith("?"):
-        query = "?" + _redacted_query(query[1:])
-    query = query.partition("#")[0]
-    return f"{scheme}{separator}{authority}{path}{query}"
-
-
-def _redacted_query(query: str) -> str:
-    # Each &-separated field whose name (as parse_qs decodes it) is
-    # password, or that holds ?password= (& meant), masked to its end.
-    fields = query.split("&")
-    for index, field in enumerate(fields):
-        for start, part in _question_parts(field):
-            name, equals, _ = part.partition("=")
-            if equals and unquote_plus(name) == "password":
-                fields[index] = f"{field[:start]}{name}=***"
-                break
-    return "&".join(fields)
-
-
-def _question_parts(field: str) -> list[tuple[int, str]]:
-    # Where each ?-separated part of a query field starts, and the part.
-    parts = []
-    start = 0
-    for part in field.split("?"):
-        parts.append((start, part))
-        start += len(part) + 1
-    return parts
+    return masked_url(url)
 
 
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
