@@ -245,3 +245,129 @@ class ErrorIn200Tests(ResilienceTestCase):
         self.assertIn("Your account is suspended", error["message"])
         self.assertIn("type=account_suspended, code=7", error["message"])
         self.assertNotIn(KIMI_KEY, text)
+
+
+def chat(client: openai.OpenAI, model: str = "x", stream: bool = False) -> Any:
+    """
+    A chat call with C{client} (a stream read to its end).
+    """
+    if stream:
+        return list(client.chat.completions.create(model=model, messages=HELLO, stream=True))
+    return client.chat.completions.create(model=model, messages=HELLO)
+
+
+def models(client: openai.OpenAI) -> Any:
+    return list(client.models.list())
+
+
+def embed(client: openai.OpenAI, model: str = "gemini/gemini-embedding-001") -> Any:
+    return client.embeddings.create(model=model, input="hi")
+
+
+class ShouldRetryTests(ResilienceTestCase):
+    """
+    C{x-should-retry: false} where no retry within the call can succeed: the
+    gateway's keys refused, the provider account unable to serve, or a
+    C{Retry-After} over 60 s.  The official openai SDK against a gateway on
+    127.0.0.1.
+    """
+
+    @inlineCallbacks
+    def refused(self, kind: type[openai.APIStatusError], call: Any, *args: Any, **kwargs: Any) -> Any:
+        """
+        Run C{call(*args, **kwargs)} in a thread; fire with the SDK's
+        error, of C{kind}.
+        """
+        failure = yield self.assertFailure(deferToThread(call, *args, **kwargs), kind)
+        return failure
+
+    @inlineCallbacks
+    def test_keys_refused(self):
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        # As applications use it: the SDK's default retries.
+        client = self.sdk_retrying(gateway)
+        kimi = self.behaviour("kimi")
+        kimi.mode = "unauthorized"
+        # The key refused, then (set aside) no usable key: both 502
+        # upstream_auth_failed, neither worth the SDK's retries.
+        for _ in range(2):
+            failure = yield self.refused(openai.InternalServerError, chat, client)
+            self.assertEqual((failure.status_code, failure.code), (502, "upstream_auth_failed"))
+            self.assertEqual(failure.response.headers["x-should-retry"], "false")
+        # The SDK took the header at its word: one request each.
+        answered = [e for e in self.events if e.get("log_namespace") == "openclaw.dataplane"]
+        self.assertEqual(len(answered), 2, answered)
+        self.assertEqual(kimi.requests, 1)
+
+    @inlineCallbacks
+    def test_first_stream_event_refuses_the_key(self):
+        gateway = self.gateway(default_provider="gemini", fallback="off")
+        gemini = self.behaviour("gemini")
+        gemini.mode, gemini.cut_after, gemini.error_status = "stream_error", 0, 401
+        failure = yield self.refused(openai.InternalServerError, chat, self.sdk(gateway), stream=True)
+        self.assertEqual((failure.status_code, failure.code), (502, "upstream_auth_failed"))
+        self.assertEqual(failure.response.headers["x-should-retry"], "false")
+
+    @inlineCallbacks
+    def test_account(self):
+        gateway = self.gateway(default_provider="gemini", fallback="off")
+        gemini = self.behaviour("gemini")
+        gemini.mode, gemini.error_status, gemini.error_body = "error", 400, FAILED_PRECONDITION
+        failure = yield self.refused(openai.InternalServerError, chat, self.sdk(gateway))
+        self.assertEqual((failure.status_code, failure.code), (502, "upstream_account_error"))
+        self.assertEqual(failure.response.headers["x-should-retry"], "false")
+
+    @inlineCallbacks
+    def test_long_retry_after(self):
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 429
+        for wait, told in ((3600, "false"), (61, "false"), (60, None), (1, None)):
+            # A gateway each: its key rests for the wait.
+            client = self.sdk(self.gateway(default_provider="kimi", fallback="off"))
+            kimi.retry_after = wait
+            failure = yield self.refused(openai.RateLimitError, chat, client)
+            self.assertEqual(failure.response.headers["retry-after"], str(wait))
+            self.assertEqual(failure.response.headers.get("x-should-retry"), told, wait)
+        # Every key resting an hour: no usable key, told the same.
+        client = self.sdk(self.gateway(default_provider="kimi", fallback="off"))
+        kimi.retry_after = 3600
+        for _ in range(2):
+            failure = yield self.refused(openai.RateLimitError, chat, client)
+            self.assertEqual(failure.response.headers["x-should-retry"], "false")
+        self.assertIn("every key the gateway holds for kimi is rate limited", failure.message)
+        # A 5xx's Retry-After.
+        client = self.sdk(self.gateway(default_provider="kimi", fallback="off"))
+        kimi.error_status, kimi.error_headers = 503, {"Retry-After": "120"}
+        failure = yield self.refused(openai.InternalServerError, chat, client)
+        self.assertEqual(failure.response.headers["retry-after"], "120")
+        self.assertEqual(failure.response.headers["x-should-retry"], "false")
+
+    @inlineCallbacks
+    def test_breaker_cooldown(self):
+        gateway = self.gateway(
+            default_provider="kimi", fallback="off", breaker_failures=1, breaker_cooldown_seconds=120
+        )
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 500
+        client = self.sdk(gateway)
+        failure = yield self.refused(openai.InternalServerError, chat, client)
+        self.assertIsNone(failure.response.headers.get("x-should-retry"))
+        failure = yield self.refused(openai.InternalServerError, chat, client)
+        self.assertEqual((failure.status_code, failure.code), (503, "provider_unavailable"))
+        self.assertEqual(failure.response.headers["retry-after"], "120")
+        self.assertEqual(failure.response.headers["x-should-retry"], "false")
+
+    @inlineCallbacks
+    def test_embeddings_and_models(self):
+        gemini = self.behaviour("gemini")
+        gemini.mode, gemini.error_status, gemini.retry_after = "error", 429, 3600
+        client = self.sdk(self.gateway(default_provider="gemini", fallback="off"))
+        failure = yield self.refused(openai.RateLimitError, embed, client)
+        self.assertEqual(failure.response.headers["retry-after"], "3600")
+        self.assertEqual(failure.response.headers["x-should-retry"], "false")
+        gemini.mode, gemini.invalid_keys = "ok", {GEMINI_KEY}
+        for call in (embed, models):
+            client = self.sdk(self.gateway(default_provider="gemini", fallback="off"))
+            failure = yield self.refused(openai.InternalServerError, call, client)
+            self.assertEqual((failure.status_code, failure.code), (502, "upstream_auth_failed"), call)
+            self.assertEqual(failure.response.headers["x-should-retry"], "false")

@@ -29,6 +29,21 @@ PROVIDER_HEADER = b"X-OpenClaw-Provider"
 UPSTREAM_STATUS_HEADER = b"X-OpenClaw-Upstream-Status"
 #: The header that says a call was failed over: C{kimi->gemini; reason=http_5xx}.
 FALLBACK_HEADER = b"X-OpenClaw-Fallback"
+#: The header that tells the official OpenAI SDKs whether to retry, read
+#: before anything else (openai-python C{BaseClient._should_retry},
+#: openai-node C{shouldRetry}); otherwise they retry 408, 409, 429 and 5xx.
+SHOULD_RETRY_HEADER = b"x-should-retry"
+
+#: Codes no retry within one call can mend: the operator must act first
+#: (the gateway's own keys refused, the provider account unable to serve).
+NOT_RETRYABLE_CODES = frozenset({"upstream_auth_failed", "upstream_account_error"})
+
+#: The longest C{Retry-After}, in seconds, a client is left to sleep inside
+#: one call: openai-python 1.x and 2.x follow a C{Retry-After} only up to
+#: 60 s (C{BaseClient._calculate_retry_timeout}), else retry within
+#: seconds; openai-python 3.x up to 120 s (C{MAX_RETRY_AFTER_DELAY});
+#: openai-node (6.x C{retryRequest}) sleeps whatever it is told.
+MAX_SLEPT_RETRY_AFTER_SECONDS = 60
 
 
 @attrs.frozen(auto_exc=True)
@@ -46,6 +61,22 @@ class APIError(Exception):
     param: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
+    def __attrs_post_init__(self) -> None:
+        """
+        Add C{x-should-retry: false} (L{SHOULD_RETRY_HEADER}) to an answer
+        no retry within the call can help: a code of
+        L{NOT_RETRYABLE_CODES}, or a C{Retry-After} over
+        L{MAX_SLEPT_RETRY_AFTER_SECONDS}, which an SDK would otherwise
+        sleep through (openai-node) or ignore and retry at once
+        (openai-python 1.x, 2.x).  Never C{true}: the SDKs' own defaults
+        stand elsewhere.  Kept as is when the header is already there.
+        """
+        if not (self.code in NOT_RETRYABLE_CODES or _retry_after_too_long(self.headers)):
+            return
+        if any(name.lower() == SHOULD_RETRY_HEADER for name, _ in self.headers):
+            return
+        object.__setattr__(self, "headers", (*self.headers, (SHOULD_RETRY_HEADER, b"false")))
+
     def document(self) -> dict[str, object]:
         """
         The JSON error object, as an API response body or an SSE event.
@@ -54,6 +85,18 @@ class APIError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.document())
+
+
+def _retry_after_too_long(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """
+    Whether C{headers} hold a C{Retry-After} of more than
+    L{MAX_SLEPT_RETRY_AFTER_SECONDS} (delay-seconds, as the gateway writes
+    it: L{_retry_after}).
+    """
+    for name, value in headers:
+        if name.lower() == b"retry-after" and value.isdigit() and int(value) > MAX_SLEPT_RETRY_AFTER_SECONDS:
+            return True
+    return False
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -229,7 +272,9 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> AP
       - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
         provider said how long;
       - the gateway's own key refused (401, Google's C{API_KEY_INVALID}):
-        502 C{upstream_auth_failed} naming C{key_setting};
+        502 C{upstream_auth_failed} naming C{key_setting} (and, as
+        C{upstream_account_error} and a C{Retry-After} over a minute,
+        C{x-should-retry: false}: L{APIError});
       - permission denied (403: often the model is not available to the
         gateway's key, as Moonshot's C{permission_denied_error}): 403
         C{permission_denied};
