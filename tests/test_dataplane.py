@@ -756,8 +756,8 @@ class ErrorTests(DataPlaneTestCase):
         self.upstream.kimi.mode = "ok"
         response, text = yield self.post(gateway, {"model": "kimi/no-such-model", "messages": HELLO})
         self.assertEqual(response.code, 404)
-        error = self.assertOpenAIError(text, "upstream_not_found")
-        self.assertEqual(error["type"], "not_found_error")
+        error = self.assertOpenAIError(text, "model_not_found")
+        self.assertEqual((error["type"], error["param"]), ("invalid_request_error", "model"))
         self.assertIn("Not found the model no-such-model", error["message"])
         self.assertNotIn("BASE_URL", error["message"])
         client = self.sdk(gateway)

@@ -54,7 +54,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(bare_adapter(KimiAdapter).refusal(400, body).kind, RefusalKind.REQUEST)
         refusal = bare_adapter(GeminiAdapter).refusal(400, body)
         self.assertEqual(refusal.kind, RefusalKind.AUTH)
-        error = upstream_refused("gemini", refusal, "GEMINI_API_KEY / GEMINI_API_KEYS")
+        error = upstream_refused("gemini", refusal, "GEMINI_API_KEY / GEMINI_API_KEYS", names_model=True)
         self.assertEqual((error.status, error.code), (502, "upstream_auth_failed"))
         self.assertIn("fix GEMINI_API_KEY / GEMINI_API_KEYS", error.message)
         self.assertIn("not about your API key", error.message)
@@ -78,7 +78,7 @@ class RefusalTests(SynchronousTestCase):
         self.assertEqual(gemini.refusal(429, body).retry_after, 7.0)
         # The provider's header wins over the details.
         self.assertEqual(gemini.refusal(429, body, "3").retry_after, 3.0)
-        error = upstream_refused("gemini", gemini.refusal(429, body), "K")
+        error = upstream_refused("gemini", gemini.refusal(429, body), "K", names_model=True)
         self.assertEqual((error.status, error.code), (429, "rate_limit_exceeded"))
         self.assertIn((b"Retry-After", b"7"), error.headers)
         self.assertIn((b"X-OpenClaw-Upstream-Status", b"429"), error.headers)

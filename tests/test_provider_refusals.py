@@ -25,7 +25,7 @@ from openclaw.providers.errors import RefusalKind, classify
 from openclaw.providers.keys import fingerprint
 from tests.support import changed_providers, open_client
 from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
-from tests.test_resilience import ResilienceTestCase
+from tests.test_resilience import OTHER, ResilienceTestCase
 
 SECOND = {"kimi": "sk-kimi-SECOND-0123456789abcdef", "gemini": "AIza-gemini-SECOND-0123456789abcdef"}
 THIRD = {"kimi": "sk-kimi-THIRD-0123456789abcdef", "gemini": "AIza-gemini-THIRD-0123456789abcdef"}
@@ -371,3 +371,67 @@ class ShouldRetryTests(ResilienceTestCase):
             failure = yield self.refused(openai.InternalServerError, call, client)
             self.assertEqual((failure.status_code, failure.code), (502, "upstream_auth_failed"), call)
             self.assertEqual(failure.response.headers["x-should-retry"], "false")
+
+
+class UnknownModelTests(ResilienceTestCase):
+    """
+    A provider's 404 for a model it does not have is OpenAI's own: 404
+    C{invalid_request_error}, code C{model_not_found}, param C{model}, the
+    provider's message kept; neither retried nor failed over.
+    """
+
+    @inlineCallbacks
+    def test_chat(self):
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        client = self.sdk_retrying(gateway)
+        for provider, said in (
+            ("kimi", "Not found the model no-such-model or Permission denied"),
+            ("gemini", "models/no-such-model is not found for API version v1beta"),
+        ):
+            for stream in (False, True):
+                behaviour, other = self.behaviour(provider), self.behaviour(OTHER[provider])
+                behaviour.reset()
+                other.reset()
+                failure = yield self.assertFailure(
+                    deferToThread(chat, client, f"{provider}/no-such-model", stream), openai.NotFoundError
+                )
+                self.assertEqual(
+                    (failure.status_code, failure.type, failure.code, failure.param),
+                    (404, "invalid_request_error", "model_not_found", "model"),
+                )
+                self.assertIn(said, failure.message)
+                self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "404")
+                self.assertIsNone(failure.response.headers.get("x-should-retry"))
+                self.assertEqual((behaviour.requests, other.requests), (1, 0), (provider, stream))
+
+    @inlineCallbacks
+    def test_unpinned_not_failed_over(self):
+        """
+        Routed to the active provider, whose model (the operator's
+        default) it does not have: the 404 is not failed over, as before.
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        kimi = self.behaviour("kimi")
+        kimi.models = [m for m in kimi.models if m != "moonshot-v1-8k"]
+        failure = yield self.assertFailure(deferToThread(chat, self.sdk(gateway)), openai.NotFoundError)
+        self.assertEqual((failure.code, failure.param), ("model_not_found", "model"))
+        self.assertIn("Not found the model moonshot-v1-8k", failure.message)
+        self.assertIsNone(failure.response.headers.get("x-openclaw-fallback"))
+        self.assertEqual(self.behaviour("gemini").requests, 0)
+
+    @inlineCallbacks
+    def test_embeddings(self):
+        gateway = self.gateway(default_provider="gemini", fallback="off")
+        gemini = self.behaviour("gemini")
+        # Google's answer for a model it does not have (the stand-in's
+        # embeddings take any model).
+        gemini.mode, gemini.error_status = "error", 404
+        gemini.error_message = "models/no-such-model is not found for API version v1beta, or is not supported"
+        failure = yield self.assertFailure(
+            deferToThread(embed, self.sdk(gateway), "gemini/no-such-model"), openai.NotFoundError
+        )
+        self.assertEqual(
+            (failure.status_code, failure.type, failure.code, failure.param),
+            (404, "invalid_request_error", "model_not_found", "model"),
+        )
+        self.assertIn("models/no-such-model is not found", failure.message)

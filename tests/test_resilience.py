@@ -64,15 +64,26 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual(classify(429, b"{}", "Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0).retry_after, 10.0)
         # Unreadable: the default rest (KeyPool.rest), told to the client.
         self.assertEqual(classify(429, b"{}", "soon").retry_after, 10.0)
-        error = upstream_refused("gemini", classify(429, body, "7"), "K")
+        error = upstream_refused("gemini", classify(429, body, "7"), "K", names_model=True)
         self.assertEqual((error.status, error.code), (429, "rate_limit_exceeded"))
         self.assertIn((b"Retry-After", b"7"), error.headers)
         self.assertIn((b"X-OpenClaw-Upstream-Status", b"429"), error.headers)
 
     def test_request_errors_keep_status(self):
-        error = upstream_refused("kimi", classify(404, b'{"error": {"message": "no model"}}'), "K")
-        self.assertEqual((error.status, error.type), (404, "not_found_error"))
-        error = upstream_refused("kimi", classify(400, b'{"error": {"message": "exceeded model token limit"}}'), "K")
+        unknown = classify(404, b'{"error": {"message": "no model"}}')
+        # A call that names a model: OpenAI's answer for one it lacks.
+        error = upstream_refused("kimi", unknown, "K", names_model=True)
+        self.assertEqual(
+            (error.status, error.type, error.code, error.param),
+            (404, "invalid_request_error", "model_not_found", "model"),
+        )
+        self.assertIn("no model", error.message)
+        # A models listing: the 404 is not about a model.
+        error = upstream_refused("kimi", unknown, "K", names_model=False)
+        self.assertEqual((error.status, error.type, error.code), (404, "not_found_error", "upstream_not_found"))
+        error = upstream_refused(
+            "kimi", classify(400, b'{"error": {"message": "exceeded model token limit"}}'), "K", names_model=True
+        )
         self.assertEqual((error.status, error.type), (400, "invalid_request_error"))
         self.assertIn("exceeded model token limit", error.message)
 

@@ -392,7 +392,7 @@ class ChatCall:
         adapter, key = self.adapter, self._key
         assert key is not None
         refusal = adapter.refusal(status, body, retry_after)
-        error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting)
+        error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting, names_model=True)
         if refusal.kind is RefusalKind.SERVER:
             self._settle(CircuitBreaker.failed)
             return self._upstream_failed("http_5xx", error)

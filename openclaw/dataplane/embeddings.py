@@ -403,7 +403,7 @@ class Embeddings(_Authenticated):
             # The wire refused the request before sending it (a 400 naming
             # the field: EmbeddingsWire.request_body).
             return value
-        refused = pooled_call_error(adapter, value)
+        refused = pooled_call_error(adapter, value, names_model=True)
         if refused is not None:
             return refused
         if isinstance(value, UpstreamHTTPError):

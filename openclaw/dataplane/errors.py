@@ -260,7 +260,7 @@ def _status_line(status: int) -> str:
     return f"HTTP {status}{' ' + phrase.decode('ascii', 'replace') if phrase else ''}"
 
 
-def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> APIError:
+def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool) -> APIError:
     """
     The client's answer when a provider refused a chat call; the status
     follows what the provider said (the table in the README's "When a
@@ -268,7 +268,13 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> AP
     status in C{X-OpenClaw-Upstream-Status}:
 
       - the request at fault (400, 404, 409, 413, 422): the same status,
-        C{invalid_request_error} (404: C{not_found_error});
+        C{invalid_request_error}; a 404 to a call that C{names_model}
+        (chat, embeddings) is OpenAI's own answer for a model it does not
+        have, C{model_not_found} with C{param} C{model} (Moonshot's 404
+        "Not found the model ..." and Gemini's 404 C{NOT_FOUND} "models/...
+        is not found" are how both say so), any other 404 (a models
+        listing: C{names_model} false) C{not_found_error}
+        C{upstream_not_found};
       - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
         provider said how long;
       - the gateway's own key refused (401, Google's C{API_KEY_INVALID}):
@@ -288,14 +294,14 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str) -> AP
     upstream = ((UPSTREAM_STATUS_HEADER, b"%d" % refusal.status),)
     kind = refusal.kind
     if kind == "request":
-        not_found = refusal.status == 404
-        return APIError(
-            refusal.status,
-            f"{provider_id} refused the request: {said}",
-            "not_found_error" if not_found else "invalid_request_error",
-            "upstream_not_found" if not_found else "upstream_invalid_request",
-            headers=upstream,
-        )
+        refused = f"{provider_id} refused the request: {said}"
+        if refusal.status != 404:
+            return APIError(
+                refusal.status, refused, "invalid_request_error", "upstream_invalid_request", headers=upstream
+            )
+        if names_model:
+            return APIError(404, refused, "invalid_request_error", "model_not_found", "model", headers=upstream)
+        return APIError(404, refused, "not_found_error", "upstream_not_found", headers=upstream)
     if kind == "rate_limited":
         headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
         return APIError(

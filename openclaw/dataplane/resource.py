@@ -54,7 +54,7 @@ from openclaw.routing import Route, model_too_long, printable_model
 _JSON = b"application/json"
 
 
-def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None) -> APIError | None:
+def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None, *, names_model: bool) -> APIError | None:
     """
     The client's error when a provider call other than chat (embeddings,
     a models listing; L{ProviderAdapter.pooled_call}) failed with
@@ -63,11 +63,12 @@ def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None) -> 
     L{classify <openclaw.providers.errors.classify>} (400 for a request at
     fault, 429 with C{Retry-After}, 502 C{upstream_auth_failed}, ...), no
     usable key (429 or 502), the breaker open (503), no key at all (503).
-    None for any other failure.
+    None for any other failure.  C{names_model}: the call named a model
+    (embeddings), so a 404 is that model unknown (L{upstream_refused}).
     """
     provider_id = adapter.id
     if isinstance(value, UpstreamHTTPError) and value.refusal is not None:
-        return upstream_refused(provider_id, value.refusal, adapter.keys_setting)
+        return upstream_refused(provider_id, value.refusal, adapter.keys_setting, names_model=names_model)
     if isinstance(value, NoUsableKey):
         return no_usable_key(provider_id, adapter.keys_setting, value.back_in)
     if isinstance(value, BreakerOpen):
@@ -571,7 +572,7 @@ class Models(_Authenticated):
     def _failed(self, reason: Failure, request: Request, route: Route, started: float, holder: Holder) -> None:
         provider_id = route.provider_id
         value = reason.value
-        error = pooled_call_error(self.context.providers.get(provider_id), value)
+        error = pooled_call_error(self.context.providers.get(provider_id), value, names_model=False)
         if error is None:
             if isinstance(value, UpstreamHTTPError):
                 error = upstream_http_error(provider_id, value.status, str(value))
