@@ -23,7 +23,6 @@ them (L{APIConnection.pauseProducing}).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -54,13 +53,7 @@ from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
-from openclaw.dataplane.context import (
-    LOGGED_CHARS,
-    REQUEST_ID_HEADER,
-    APIContext,
-    clipped,
-    new_request_id,
-)
+from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, new_request_id
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
@@ -79,30 +72,6 @@ LINGER_QUIET_SECONDS = 1.0
 #: at L{CLOSE_DEADLINE_SECONDS} from the refusal (nginx's
 #: C{lingering_time}), whichever comes first.
 LINGER_MIN_BYTES = 16 * 1024 * 1024
-#: The most of a request line kept, as it arrives, for an early refusal's
-#: log line (L{request_line}).
-REQUEST_LINE_BYTES = 4 * LOGGED_CHARS
-#: A request line (RFC 9112 section 3): a method (a token), a target
-#: (visible ASCII), a version; its end (CR) is cut off already.
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/[0-9]\.[0-9]\r?")
-
-
-def request_line(line: bytes) -> tuple[str, str] | None:
-    """
-    The method and path (without its query) of C{line}, a request line as
-    it came (without its LF), or None if it is not one by RFC 9112's
-    grammar (section 3): both are then printable ASCII.  (twisted.web hands
-    them over only with the whole request: L{APIConnection} keeps the line
-    of a request's head so that a refusal made as the head comes in can
-    name them.)
-    """
-    found = _REQUEST_LINE.fullmatch(line)
-    if found is None:
-        return None
-    method, target = found.groups()
-    return method.decode("ascii"), target.split(b"?", 1)[0].decode("ascii")
-
-
 #: The setting a large answer's parts are each to be taken within.
 _SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
 #: Seconds a new API connection has to send its first request head before
@@ -542,10 +511,8 @@ class APIRequest(Request):
         (L{process}).
 
         @param command: the request's method, once twisted.web has it
-            (L{requestReceived}: only with the whole request; a refusal
-            made as the head comes in is logged with the method and path of
-            the request line the connection kept,
-            L{APIConnection.head_line}, or C{-}).
+            (L{requestReceived}: only with the whole request, so a refusal
+            made as the head comes in is logged with C{-}).
         @param uri: the request's target, likewise.
         @param unread_body: the request has a body not read (whole).
         """
@@ -580,17 +547,11 @@ class APIRequest(Request):
         if context is None:
             return
         holder = self.holder
-        method = path = "-"
-        if command is not None and uri is not None:
-            method = command.decode("ascii", "replace")
-            path = uri.split(b"?", 1)[0].decode("ascii", "replace")
-        elif self._connection is not None and self._connection.head_line is not None:
-            method, path = self._connection.head_line
         context.refused_early(
             refusal,
             peer=host_of(self.getClientAddress()),
-            method=method,
-            path=path,
+            method="-" if command is None else command.decode("ascii", "replace"),
+            path="-" if uri is None else uri.split(b"?", 1)[0].decode("ascii", "replace"),
             consumer=None if holder is None else holder.consumer,
             request_id=self.request_id,
         )
@@ -715,24 +676,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: waits meanwhile (C{(seconds, setting, part)}).
     _send_paused = False
     _suspended: tuple[float, str, str] | None = None
-    #: The method and path of the request whose head came last
-    #: (L{request_line}), if its line came as the first bytes after the
-    #: answer before it (or as the connection's first), so that the
-    #: connection could keep it: None otherwise (a pipelined request's
-    #: head, read by twisted.web from its own buffer; a line over
-    #: L{REQUEST_LINE_BYTES}; not a request line).
-    head_line: tuple[str, str] | None = None
-    #: The next request's line as it arrives (at most
-    #: L{REQUEST_LINE_BYTES}), while kept; None: not kept.
-    _line: bytes | None = None
-    #: The kept line is whole (L{_line} then is its parse, or None).
-    _line_parsed: tuple[str, str] | None = None
-    _line_whole = False
-    #: The request is whole and its answer not finished: bytes now are
-    #: pipelined (twisted.web keeps them), and so the next request's line
-    #: is not kept.
-    _whole = False
-    _pipelined = False
     #: A lingering close (L{close_lingering}) under way: bytes read and
     #: dropped since it began, when the last came, and its quiet timer.
     _lingered: int | None = None
@@ -782,33 +725,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._stop_keyless_deadline()
                 # Its requests' keys are not tracked: keyless for its whole life.
                 self.count_keyless()
-            elif not self._pipelined:
-                # A new request's first bytes (twisted.web holds none of
-                # its own): its line is kept, for an early refusal's log.
-                self._line, self._line_whole, self._line_parsed = b"", False, None
-        if self._whole:
-            self._pipelined = True
-        if self._line is not None and not self._line_whole:
-            self._keep_line(data)
         self.protocol.dataReceived(data)
-
-    def _keep_line(self, data: bytes) -> None:
-        """
-        Keep C{data}, the next part of a request's beginning, up to the end
-        of its request line (twisted.web skips one empty line before it,
-        and so does this) or L{REQUEST_LINE_BYTES}.
-        """
-        line = (self._line or b"") + data[: REQUEST_LINE_BYTES + 2]
-        if line.startswith(b"\r\n"):
-            line = line[2:]
-        end = line.find(b"\n")
-        if end >= 0:
-            self._line, self._line_whole = None, True
-            self._line_parsed = request_line(line[:end])
-        elif len(line) > REQUEST_LINE_BYTES:
-            self._line, self._line_whole = None, True
-        else:
-            self._line = line
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss
@@ -906,9 +823,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._channel is None:
             self._produce_for(cast(IPushProducer, channel))
         self._started = True
-        # The line kept is this head's only if no head took it before.
-        self.head_line, self._line_parsed = self._line_parsed, None
-        self._line, self._line_whole = None, True
         self._disarm()
         if has_body:
             self._arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
@@ -918,7 +832,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
-        self._whole, self._pipelined = True, False
         self._disarm()
 
     def response_finished(self) -> None:
@@ -930,9 +843,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._lost:
             return
         self._started = False
-        # If bytes came while the request was whole (_pipelined),
-        # twisted.web holds them, the next request's beginning among them.
-        self._whole = False
         self._sending = None
         if self._close_after_answer:
             self.close_politely()
