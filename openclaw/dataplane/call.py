@@ -44,7 +44,7 @@ from zope.interface import implementer
 from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, send_whole
-from openclaw.dataplane.context import APIContext
+from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
@@ -489,7 +489,7 @@ class ChatCall:
         # Scrubbed of this provider's keys now: _fail scrubs with the
         # fallback's.
         self._origin_failure = self.adapter.scrubber.text(error.message)
-        context.failed_over(origin, target.id, reason, error.code, self.holder.consumer)
+        context.failed_over(origin, target.id, reason, error.code, self.holder.consumer, request_id_of(self.request))
         self._origin_called = origin if self._tried else None
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []

@@ -5,6 +5,7 @@ keys, the time limit, and the accounting of each finished request.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,9 +46,36 @@ def clipped(text: str) -> str:
 
 #: The log line of a refused or failed API request: a success's, with the
 #: error code (C{outcome}) after the status.
-_FAILED = "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms"
+_FAILED = (
+    "{method} {path} {status} {outcome} via {route} for {consumer} from {peer} in {duration_ms} ms, "
+    "request {request_id}"
+)
 #: The log line of a successful API request.
-_SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms"
+_SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms, request {request_id}"
+#: The response header that carries a request's id (L{new_request_id}),
+#: as OpenAI's API does (API reference, "Debugging requests").
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+def new_request_id() -> str:
+    """
+    A fresh request id: C{req_} and 32 lowercase hex digits (128 random
+    bits, from C{os.urandom}), the shape of OpenAI's C{x-request-id}.
+    Sent with the request's answer (L{REQUEST_ID_HEADER}) and logged with
+    it, so that the id a client reports (the openai SDKs expose it:
+    Python's C{response._request_id}, Node's C{err.requestID}) finds its
+    log line.
+    """
+    return "req_" + os.urandom(16).hex()
+
+
+def request_id_of(request: Request) -> str:
+    """
+    The id of an API request (L{openclaw.dataplane.site.APIRequest}), or
+    C{-} for another kind of request (one a test makes).
+    """
+    found = getattr(request, "request_id", None)
+    return found if isinstance(found, str) else "-"
 
 
 class ShutDown(Protocol):
@@ -193,6 +221,7 @@ class APIContext:
         method: str = "-",
         path: str = "-",
         consumer: str | None = None,
+        request_id: str = "-",
     ) -> None:
         """
         Count (and log at info, as L{completed} would) a request answered
@@ -212,6 +241,7 @@ class APIContext:
         @param path: the request's path (without its query), likewise.
         @param consumer: the name of the key's consumer (C{-} for
             GATEWAY_API_KEYS), when the key was checked.
+        @param request_id: the id the answer carries (L{new_request_id}).
         """
         self.tally.record("-", error.status, 0.0)
         if self.log_failures:
@@ -226,23 +256,32 @@ class APIContext:
                 param=error.param,
                 duration_ms=0.0,
                 peer=peer,
+                request_id=request_id,
             )
 
     def failed_over(
-        self, origin: str, target: str, reason: str, error: str | None, consumer: str | None = None
+        self,
+        origin: str,
+        target: str,
+        reason: str,
+        error: str | None,
+        consumer: str | None = None,
+        request_id: str = "-",
     ) -> None:
         """
         A call to C{origin} went to C{target} instead: count it, log it at
-        info (with the key's consumer, C{-} for GATEWAY_API_KEYS).
+        info (with the key's consumer, C{-} for GATEWAY_API_KEYS, and the
+        call's request id, L{new_request_id}).
         """
         self.count_fallback(origin, target, reason)
         self.log.info(
-            "call failed over {origin} -> {target} ({reason}) for {consumer}",
+            "call failed over {origin} -> {target} ({reason}) for {consumer}, request {request_id}",
             origin=origin,
             target=target,
             reason=reason,
             error=error,
             consumer=consumer or "-",
+            request_id=request_id,
         )
 
     def completed(
@@ -317,4 +356,5 @@ class APIContext:
             param=param,
             duration_ms=round(seconds * 1000, 2),
             peer=host_of(request.getClientAddress()),
+            request_id=request_id_of(request),
         )

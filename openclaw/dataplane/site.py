@@ -36,6 +36,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IPushProducer,
     IReactorTime,
+    ISSLTransport,
     ITCPTransport,
     ITransport,
 )
@@ -52,14 +53,25 @@ from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
-from openclaw.dataplane.context import APIContext, clipped
+from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, new_request_id
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.settings import Settings
 
-#: How long API connections get to close politely on a stop.
+#: How long API connections get to close politely on a stop, or after an
+#: early refusal (L{APIConnection.close_politely}; a lingering close, too:
+#: L{APIConnection.close_lingering}).
 CLOSE_DEADLINE_SECONDS = 2.0
+#: A lingering close (L{APIConnection.close_lingering}) ends, the
+#: connection closed, once its client has sent nothing for this long
+#: (seconds; nginx's C{lingering_timeout})...
+LINGER_QUIET_SECONDS = 1.0
+#: ... or, aborted, once it has read and dropped this many bytes (or
+#: twice C{MAX_REQUEST_BYTES}, if more: L{APILimits.linger_bytes}), or
+#: at L{CLOSE_DEADLINE_SECONDS} from the refusal (nginx's
+#: C{lingering_time}), whichever comes first.
+LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: The setting a large answer's parts are each to be taken within.
 _SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
 #: Seconds a new API connection has to send its first request head before
@@ -283,9 +295,10 @@ class APIRequest(Request):
     100 KB) before any resource sees it, with no limit of its own: without
     this a client, authenticated or not, could fill memory or the disk.
     Nothing past the limit is kept.  Over HTTP/1.1 a declared length over
-    the limit gets a 413 at once and the connection is closed (the client
-    may still be sending), and a chunked body that runs past it is cut off
-    the same way.  Over HTTP/2 only the stream is refused: the rest of its
+    the limit gets a 413 at once and the connection is closed with a
+    lingering close (the client may still be sending:
+    L{APIConnection.close_lingering}), and a chunked body that runs past it
+    is cut off the same way.  Over HTTP/2 only the stream is refused: the rest of its
     body is read and dropped, and the 413 goes out when the stream ends.
 
     A request that comes with a body (a C{Content-Length} over 0, or
@@ -295,7 +308,14 @@ class APIRequest(Request):
 
     It tells its connection (L{APIConnection}) when its head and its body
     are complete and when its answer is finished, for their deadlines.
+
+    Each has an id (L{request_id}), sent with its answer as
+    C{x-request-id} and logged with it.
     """
+
+    #: The request's id (L{openclaw.dataplane.context.new_request_id}):
+    #: its answer's C{x-request-id} and its log lines' C{request_id}.
+    request_id: str
 
     #: Who holds the request's key, once its head was checked (requests
     #: with a body); None until then.
@@ -308,6 +328,10 @@ class APIRequest(Request):
     _head_unchecked: tuple[int | None, bool] | None = None
     #: The request's connection, looked up once its head is whole.
     _connection: APIConnection | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_id = new_request_id()
 
     @property
     def max_request_bytes(self) -> int:
@@ -374,7 +398,7 @@ class APIRequest(Request):
         refusal = self._check_head(length, has_body, connection)
         if refusal is not None:
             super().gotLength(0)
-            self._refuse(refusal)
+            self._refuse(refusal, unread_body=has_body)
             return
         super().gotLength(length)
 
@@ -434,7 +458,7 @@ class APIRequest(Request):
             return
         self._received += len(data)
         if self._received > self.max_request_bytes:
-            self._refuse(self._too_large())
+            self._refuse(self._too_large(), unread_body=True)
             return
         super().handleContentChunk(data)
 
@@ -450,6 +474,8 @@ class APIRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
+        # Whatever answers (a resource, twisted.web's own 404 or 500).
+        self.setHeader(REQUEST_ID_HEADER, self.request_id.encode("ascii"))
         refusal = self._refusal
         if refusal is None:
             super().process()
@@ -473,17 +499,22 @@ class APIRequest(Request):
             connection.response_finished()
         super().finish()
 
-    def _refuse(self, refusal: APIError, command: bytes | None = None, uri: bytes | None = None) -> None:
+    def _refuse(
+        self, refusal: APIError, command: bytes | None = None, uri: bytes | None = None, unread_body: bool = False
+    ) -> None:
         """
         Answer C{refusal} before any resource sees the request, logged and
         counted (L{APIContext.refused_early}).  Over HTTP/1.1 at once, and
-        the connection closed; over HTTP/2 once the stream is whole
+        the connection closed (with a lingering close,
+        L{APIConnection.close_lingering}, if the client may still be
+        sending C{unread_body}); over HTTP/2 once the stream is whole
         (L{process}).
 
         @param command: the request's method, once twisted.web has it
             (L{requestReceived}: only with the whole request, so a refusal
             made as the head comes in is logged with C{-}).
         @param uri: the request's target, likewise.
+        @param unread_body: the request has a body not read (whole).
         """
         self._refusal = refusal
         channel = http11_channel(self)
@@ -495,14 +526,18 @@ class APIRequest(Request):
         self.requestHeaders.removeHeader(b"expect")
         transport = channel.transport
         assert transport is not None
-        transport.write(raw_error_response(refusal))
+        transport.write(raw_error_response(refusal, self.request_id))
         connection = self._connection
-        if connection is not None:
+        if connection is None:
+            transport.loseConnection()
+        elif unread_body:
+            # The client may be sending the body still (README, "Early
+            # refusals reach the client").
+            connection.close_lingering()
+        else:
             # Not a 408 too, should the refusal not go out before the
             # request's deadline.
             connection.close_politely()
-        else:
-            transport.loseConnection()
 
     def _refused(self, refusal: APIError, command: bytes | None, uri: bytes | None) -> None:
         """
@@ -518,6 +553,7 @@ class APIRequest(Request):
             method="-" if command is None else command.decode("ascii", "replace"),
             path="-" if uri is None else uri.split(b"?", 1)[0].decode("ascii", "replace"),
             consumer=None if holder is None else holder.consumer,
+            request_id=self.request_id,
         )
 
     def _too_large(self) -> APIError:
@@ -558,11 +594,15 @@ def raw_response(
     )
 
 
-def raw_error_response(error: APIError) -> bytes:
+def raw_error_response(error: APIError, request_id: str | None = None) -> bytes:
     """
-    L{raw_response} carrying C{error} in OpenAI's error shape.
+    L{raw_response} carrying C{error} in OpenAI's error shape, and the
+    request's id (C{x-request-id}; a new one if none is given).
     """
-    return raw_response(error.status, error.body(), headers=error.headers)
+    if request_id is None:
+        request_id = new_request_id()
+    headers = (*error.headers, (REQUEST_ID_HEADER, request_id.encode("ascii")))
+    return raw_response(error.status, error.body(), headers=headers)
 
 
 @implementer(IPushProducer)
@@ -636,6 +676,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: waits meanwhile (C{(seconds, setting, part)}).
     _send_paused = False
     _suspended: tuple[float, str, str] | None = None
+    #: A lingering close (L{close_lingering}) under way: bytes read and
+    #: dropped since it began, when the last came, and its quiet timer.
+    _lingered: int | None = None
+    _last_read = 0.0
+    _quiet: IDelayedCall | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -666,6 +711,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lingered is not None:
+            self._linger_read(data)
+            return
         if not self._started:
             self._started = True
             if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
@@ -686,10 +734,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._disarm()
         self._sending = None
         self._stop_keyless_deadline()
-        for deadline in (self._deadline, self._close_deadline):
+        for deadline in (self._deadline, self._close_deadline, self._quiet):
             if deadline is not None and deadline.active():
                 deadline.cancel()
-        self._deadline = self._close_deadline = None
+        self._deadline = self._close_deadline = self._quiet = None
         try:
             self.protocol.connectionLost(reason)
         finally:
@@ -960,22 +1008,91 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         """
         transport = self.tcp
         if self._started:
+            request_id = new_request_id()
             if self._site.context is not None:
-                self._site.context.refused_early(error, outcome, host_of(transport.getPeer()))
-            transport.write(raw_error_response(error))
+                self._site.context.refused_early(error, outcome, host_of(transport.getPeer()), request_id=request_id)
+            transport.write(raw_error_response(error, request_id))
         self.close_politely()
 
-    def close_politely(self) -> None:
+    def close_lingering(self) -> None:
+        """
+        Close the connection after an answer written while its client may
+        still be sending (an early refusal: the body was not read), so that
+        the client gets the answer: a lingering close (RFC 9112 section
+        9.6; nginx's C{lingering_close}, Apache's lingering close).  A
+        server that closes while bytes come in, or with bytes unread, has
+        its kernel reset the connection, and a client still sending (the
+        openai SDKs) may then lose the answer to the reset and see a
+        connection error (EPIPE, ECONNRESET) instead.
+
+        So only the sending side is closed once the answer is sent
+        (C{ITCPTransport.loseWriteConnection}: a FIN after the answer), and
+        what the client sends is read and dropped, until it closes its own
+        side (then the connection is closed), or sends nothing for
+        L{LINGER_QUIET_SECONDS} (closed), or has sent more than
+        L{APILimits.linger_bytes} (aborted), or L{CLOSE_DEADLINE_SECONDS}
+        have passed (aborted, as a polite close is): a flood holds its
+        connections no longer than a polite close would.
+
+        Over TLS, and HTTP/2 (only over TLS), a polite close
+        (L{close_politely}) instead: Twisted's TLS transport has no
+        half-close of its own (C{loseWriteConnection} would shut the TCP
+        connection's sending side under the TLS layer, with no
+        C{close_notify}, while it may still have TLS records to send).
+        """
+        transport = self.transport
+        if (
+            self._http2
+            or self._close_deadline is not None
+            or ISSLTransport.providedBy(transport)
+            or not ITCPTransport.providedBy(transport)
+        ):
+            self.close_politely()
+            return
+        self.close_politely(linger=True)
+
+    def _linger_read(self, data: bytes) -> None:
+        """
+        C{data} came during a lingering close: dropped, and the connection
+        aborted past L{APILimits.linger_bytes}.
+        """
+        lingered = self._lingered = (self._lingered or 0) + len(data)
+        self._last_read = self._site.reactor.seconds()
+        if lingered > self._site.limits.linger_bytes:
+            self.tcp.abortConnection()
+
+    def _quiet_due(self) -> None:
+        """
+        L{LINGER_QUIET_SECONDS} after the last bytes of a lingering close
+        (or its start): closed if none came since, else checked again when
+        that much has passed since they did.  One timer, not moved at
+        every read.
+        """
+        reactor = self._site.reactor
+        left = self._last_read + LINGER_QUIET_SECONDS - reactor.seconds()
+        if left > 0:
+            self._quiet = reactor.callLater(left, self._quiet_due)
+            return
+        self._quiet = None
+        self.tcp.loseConnection()
+
+    def close_politely(self, linger: bool = False) -> None:
         """
         Close the connection once what was written to it is sent, and abort
         it if that takes more than L{CLOSE_DEADLINE_SECONDS} (a client that
         does not read could hold a polite close open); no other deadline
         of the connection runs from now on.
+
+        @param linger: close only the sending side, and read on
+            (L{close_lingering}, which checks the transport can).
         """
         if self._close_deadline is not None:
             return
         transport = self.tcp
-        self._lose()
+        if linger:
+            self._linger()
+        else:
+            self._lose()
         self._disarm()
         self._stop_keyless_deadline()
         pending, self._deadline = self._deadline, None
@@ -999,6 +1116,25 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._close_after_answer = True
         else:
             self._lose()
+
+    def _linger(self) -> None:
+        """
+        Begin a lingering close (L{close_lingering}): the sending side
+        closed once what was written is sent, reading on (resumed, should
+        the transport have it paused), what comes dropped.
+        """
+        transport = self.tcp
+        reactor = self._site.reactor
+        # The transport half-closes only once no producer is registered
+        # (twisted.web's channel, or this connection in its place).
+        cast(IConsumer, transport).unregisterProducer()
+        self._lingered = 0
+        self._last_read = reactor.seconds()
+        self._quiet = reactor.callLater(LINGER_QUIET_SECONDS, self._quiet_due)
+        transport.loseWriteConnection()
+        reading = self._reading if self._reading is not None else IPushProducer(transport, None)
+        if reading is not None:
+            reading.resumeProducing()
 
     def _lose(self) -> None:
         """
@@ -1060,6 +1196,11 @@ class APILimits:
     #: never less than twisted.web's 60.
     http2_idle_timeout: float = 60.0
     keyless_grace: float = KEYLESS_GRACE_SECONDS
+    #: Bytes a lingering close reads and drops at most before it aborts
+    #: (L{APIConnection.close_lingering}): L{LINGER_MIN_BYTES}, or twice
+    #: C{MAX_REQUEST_BYTES} if more, so that a body a little over the
+    #: limit is read to its end.
+    linger_bytes: int = LINGER_MIN_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
@@ -1092,6 +1233,7 @@ class APILimits:
             keyless_per_address=min(keyless, per_address),
             keyless_timeout=settings.api_keyless_timeout_seconds,
             http2_idle_timeout=max(60.0, 2 * settings.upstream_timeout + HTTP2_IDLE_MARGIN_SECONDS),
+            linger_bytes=max(LINGER_MIN_BYTES, 2 * settings.max_request_bytes),
         )
 
 
