@@ -144,6 +144,35 @@ class LingeringCloseTests(TestCase):
                 self.assertRegex(header(answer, b"x-request-id").decode(), REQUEST_ID)
 
     @inlineCallbacks
+    def test_refusal_reaches_a_client_that_half_closes(self) -> Any:
+        """
+        A client that closes its sending side right after its request
+        (SHUT_WR) still reads the early refusal: its end of input is read
+        as that side's close, and the connection closes once the answer is
+        sent (read as the connection's loss, it dropped the answer unsent).
+        """
+
+        def request_then_half_close(raw: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10) as sock:
+                sock.sendall(raw)
+                sock.shutdown(socket.SHUT_WR)
+                answer = b""
+                while part := sock.recv(65536):
+                    answer += part
+                return answer
+
+        cases = (
+            (head(50000, None), 401),
+            (head(2, None) + b"{}", 401),
+            (head(99999999, KEY), 413),
+        )
+        for raw, status in cases:
+            for attempt in range(10):
+                answer = yield deferToThread(request_then_half_close, raw)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), (status, attempt, answer[:200]))
+        self.assertEqual(len(self.site.connections), 0)
+
+    @inlineCallbacks
     def test_client_sending_forever_is_closed_within_bound(self) -> Any:
         """
         A client that never stops sending gets its 413 and is cut off

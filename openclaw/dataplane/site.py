@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IDelayedCall,
+    IHalfCloseableProtocol,
     INegotiated,
     IProtocol,
     IPushProducer,
@@ -47,7 +48,7 @@ from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from openclaw.addresses import counted_key, host_of
 from openclaw.connections import OpenConnections
@@ -1061,6 +1062,21 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if lingered > self._site.limits.linger_bytes:
             self.tcp.abortConnection()
 
+    def readConnectionLost(self) -> None:
+        """
+        The client closed its sending side during a lingering close (this
+        connection is then an C{IHalfCloseableProtocol}): closed once the
+        answer is all sent (it may not be yet: a client that half-closes
+        right after its request).
+        """
+        self.tcp.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The answer of a lingering close is sent and the sending side
+        closed: reading on, as before.
+        """
+
     def _quiet_due(self) -> None:
         """
         L{LINGER_QUIET_SECONDS} after the last bytes of a lingering close
@@ -1131,6 +1147,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._lingered = 0
         self._last_read = reactor.seconds()
         self._quiet = reactor.callLater(LINGER_QUIET_SECONDS, self._quiet_due)
+        # The client's end of input is then read as that side's close
+        # (readConnectionLost), not as the connection's loss, which would
+        # drop an answer not yet all sent.
+        alsoProvides(self, IHalfCloseableProtocol)
         transport.loseWriteConnection()
         reading = self._reading if self._reading is not None else IPushProducer(transport, None)
         if reading is not None:
