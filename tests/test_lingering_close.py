@@ -29,6 +29,8 @@ KEY = "gw-key-0123456789abcdef"
 #: The SDK tester's body: 9 MiB, over MAX_REQUEST_BYTES here (1000).
 BODY_BYTES = 9 * 1024 * 1024
 REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
+#: API_BODY_TIMEOUT_SECONDS here: a lingering close's deadline.
+BODY_TIMEOUT = 3.0
 
 
 def head(length: int, key: str | None) -> bytes:
@@ -119,7 +121,9 @@ class LingeringCloseTests(TestCase):
 
     def setUp(self) -> None:
         self.events = capture_log_events(self)
-        self.gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,), max_request_bytes=1000)
+        self.gateway = start_gateway(
+            self, api=True, gateway_api_keys=(KEY,), max_request_bytes=1000, api_body_timeout_seconds=BODY_TIMEOUT
+        )
         self.site = self.gateway.service.api_site
         self.addCleanup(self.site.close_connections)
 
@@ -176,18 +180,42 @@ class LingeringCloseTests(TestCase):
     def test_client_sending_forever_is_closed_within_bound(self) -> Any:
         """
         A client that never stops sending gets its 413 and is cut off
-        within the polite close's deadline (CLOSE_DEADLINE_SECONDS), a slow
-        one there; a fast one at the byte budget (sooner).
+        within the time it had for a body (API_BODY_TIMEOUT_SECONDS), a
+        slow one there; a fast one at the byte budget (sooner).
         """
         port = self.gateway.api_port
         answer, seconds = yield deferToThread(send_forever, port, 0.05, 1024)
         self.assertEqual(status_of(answer), 413, answer[:200])
-        self.assertGreaterEqual(seconds, CLOSE_DEADLINE_SECONDS - 0.2)
-        self.assertLess(seconds, CLOSE_DEADLINE_SECONDS + 1.5)
+        self.assertGreaterEqual(seconds, BODY_TIMEOUT - 0.2)
+        self.assertLess(seconds, BODY_TIMEOUT + 1.5)
         answer, seconds = yield deferToThread(send_forever, port, 0, 65536)
         self.assertEqual(status_of(answer), 413, answer[:200])
-        self.assertLess(seconds, CLOSE_DEADLINE_SECONDS + 1.5)
+        self.assertLess(seconds, BODY_TIMEOUT + 1.5)
         self.assertEqual(len(self.site.connections), 0)
+
+    @inlineCallbacks
+    def test_slow_upload_gets_the_answer(self) -> Any:
+        """
+        A client whose refused body takes longer than the polite close's
+        2 s to send (here 1000 bytes every 0.3 s for 2.7 s) sends all of
+        it, then reads the answer: the linger lasts as long as the time it
+        had for a body.  (Cut at 2 s, its write failed with EPIPE.)
+        """
+
+        def slow_upload() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10) as sock:
+                sock.sendall(head(9000, None))
+                for _ in range(9):
+                    time.sleep(0.3)
+                    sock.sendall(b"x" * 1000)
+                answer = b""
+                while part := sock.recv(65536):
+                    answer += part
+                return answer
+
+        answer = yield deferToThread(slow_upload)
+        self.assertEqual(status_of(answer), 401, answer[:200])
+        self.assertGreater(BODY_TIMEOUT, CLOSE_DEADLINE_SECONDS + 0.7)
 
     @inlineCallbacks
     def test_quiet_client_closed_after_the_gap(self) -> Any:
@@ -197,28 +225,29 @@ class LingeringCloseTests(TestCase):
         LINGER_QUIET_SECONDS after its last byte.
         """
 
-        def part_then_wait() -> tuple[bytes, float]:
+        def part_then_wait() -> tuple[bytes, bool]:
             with socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10) as sock:
                 sock.sendall(head(BODY_BYTES, KEY) + b"x" * 4096)
-                started = time.monotonic()
                 answer = b""
                 while part := sock.recv(65536):
                     answer += part
-                # The server's FIN came at once with the answer: wait for
-                # the close itself (a write then fails).
-                while time.monotonic() - started < 10:
-                    try:
-                        sock.send(b"")
-                        time.sleep(0.05)
-                        sock.send(b"y")
-                    except OSError:
-                        break
-                return answer, time.monotonic() - started
+                # The server's FIN came at once with the answer.  Sending
+                # nothing more, the connection is closed past the quiet
+                # gap (before the linger's deadline): a write then draws a
+                # reset, and the next one fails.
+                time.sleep(LINGER_QUIET_SECONDS + 0.5)
+                try:
+                    sock.send(b"y")
+                    time.sleep(0.2)
+                    sock.send(b"y")
+                except OSError:
+                    return answer, True
+                return answer, False
 
-        answer, seconds = yield deferToThread(part_then_wait)
+        answer, closed = yield deferToThread(part_then_wait)
         self.assertEqual(status_of(answer), 413)
-        self.assertGreaterEqual(seconds, LINGER_QUIET_SECONDS - 0.1)
-        self.assertLess(seconds, CLOSE_DEADLINE_SECONDS + 1.0)
+        self.assertTrue(closed)
+        self.assertGreater(BODY_TIMEOUT, LINGER_QUIET_SECONDS + 0.7)
 
     @inlineCallbacks
     def test_refusal_logged_with_id(self) -> Any:

@@ -21,7 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.providers.errors import RefusalKind, classify
+from openclaw.dataplane.errors import provider_not_configured, upstream_refused
+from openclaw.providers.errors import Refusal, RefusalKind, classify
 from openclaw.providers.keys import fingerprint
 from tests.support import changed_providers, open_client
 from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
@@ -435,3 +436,29 @@ class UnknownModelTests(ResilienceTestCase):
             (404, "invalid_request_error", "model_not_found", "model"),
         )
         self.assertIn("models/no-such-model is not found", failure.message)
+
+
+class ShouldRetryRuleTests(SynchronousTestCase):
+    """
+    The errors no retry can mend, built as every answer path builds them.
+    """
+
+    def test_operator_must_act_or_same_refusal_again(self) -> None:
+        def should_retry(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+            return {name.lower(): value for name, value in headers}.get(b"x-should-retry")
+
+        # No key for the provider: only the operator can set one.
+        self.assertEqual(should_retry(provider_not_configured("kimi", "KIMI_API_KEY").headers), b"false")
+        # A refusal of another kind (402, 405, a redirect) comes again; 408,
+        # 409 and 5xx may pass on a retry: the SDKs' own rule stands.
+        for status, expected in (
+            (402, b"false"),
+            (405, b"false"),
+            (302, b"false"),
+            (408, None),
+            (409, None),
+            (500, None),
+        ):
+            refusal = Refusal(status, RefusalKind.OTHER, "refused")
+            error = upstream_refused("kimi", refusal, "KIMI_API_KEY", names_model=True)
+            self.assertEqual(should_retry(error.headers), expected, status)

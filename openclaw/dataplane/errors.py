@@ -36,7 +36,7 @@ SHOULD_RETRY_HEADER = b"x-should-retry"
 
 #: Codes no retry within one call can mend: the operator must act first
 #: (the gateway's own keys refused, the provider account unable to serve).
-NOT_RETRYABLE_CODES = frozenset({"upstream_auth_failed", "upstream_account_error"})
+NOT_RETRYABLE_CODES = frozenset({"upstream_auth_failed", "upstream_account_error", "provider_key_not_set"})
 
 #: The longest C{Retry-After}, in seconds, a client is left to sleep inside
 #: one call: openai-python 1.x and 2.x follow a C{Retry-After} only up to
@@ -340,6 +340,11 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         )
     hint = "; the provider is failing, try again later" if refusal.status >= 500 else ""
     headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
+    if refusal.status < 500 and refusal.status not in (408, 409):
+        # A refusal of another kind (402, 405, a redirect...): the same call
+        # would be refused again; 408 and 409 may pass on a retry (the SDKs
+        # retry them).
+        headers = (*headers, (SHOULD_RETRY_HEADER, b"false"))
     return APIError(
         502, f"{provider_id} answered {said}{hint}", "upstream_error", "upstream_http_error", headers=headers
     )

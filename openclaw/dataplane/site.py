@@ -1031,9 +1031,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         what the client sends is read and dropped, until it closes its own
         side (then the connection is closed), or sends nothing for
         L{LINGER_QUIET_SECONDS} (closed), or has sent more than
-        L{APILimits.linger_bytes} (aborted), or L{CLOSE_DEADLINE_SECONDS}
-        have passed (aborted, as a polite close is): a flood holds its
-        connections no longer than a polite close would.
+        L{APILimits.linger_bytes} (aborted), or C{API_BODY_TIMEOUT_SECONDS}
+        have passed (aborted: the time the client had to send a body; a
+        deadline of the polite close's 2 s cut an upload slower than that
+        short, with the EPIPE this avoids).
 
         Over TLS, and HTTP/2 (only over TLS), a polite close
         (L{close_politely}) instead: Twisted's TLS transport has no
@@ -1114,7 +1115,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         pending, self._deadline = self._deadline, None
         if pending is not None and pending.active():
             pending.cancel()
-        self._close_deadline = self._site.reactor.callLater(CLOSE_DEADLINE_SECONDS, transport.abortConnection)
+        # A lingering client gets the time it had for a body it may still be
+        # sending (nginx's lingering_time is 30 s too); a polite close, the
+        # time to read its answer.
+        deadline = self._site.limits.body_timeout if linger else CLOSE_DEADLINE_SECONDS
+        self._close_deadline = self._site.reactor.callLater(deadline, transport.abortConnection)
 
     def shutting_down(self) -> None:
         """
