@@ -217,7 +217,13 @@ def printable_json(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(
-        character if character.isprintable() or character in "\n\r\t" else _json_escaped(character)
+        character
+        if character.isprintable() or character in "\n\t"
+        # A CR can only be whitespace between tokens (a string holds it
+        # escaped): left out, as a terminal would move back over the line.
+        else ""
+        if character == "\r"
+        else _json_escaped(character)
         for character in text
     )
 
@@ -924,7 +930,9 @@ def decode_answer(payload: bytes) -> dict[str, Any]:
         gateway (or not this version of one).
     """
     try:
-        answer = json.loads(payload)
+        # UTF-8 as RFC 8259 section 8.1 says (json.loads would take UTF-16
+        # and UTF-32 bytes too, which --json then could not print).
+        answer = json.loads(payload.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"the answer is not JSON: {printable(repr(payload[:PRINTED_MAX]))}") from None
     if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):

@@ -474,6 +474,11 @@ class PrintableTests(TestCase):
         self.assertEqual(json.loads(shown), json.loads(answer))
         pretty = json.dumps({"a": [1, 2]}, indent=2)
         self.assertEqual(ctl.printable_json(pretty), pretty)
+        # A CR between tokens is left out; the JSON is the same.
+        self.assertEqual(ctl.printable_json('{"a": 1,\r\n"b": "\\r"}'), '{"a": 1,\n"b": "\\r"}')
+        # An answer in UTF-16 (which json.loads takes) is not the gateway's.
+        with self.assertRaises(ValueError):
+            ctl.decode_answer(json.dumps({"ok": True, "result": {}}).encode("utf-16"))
 
     def test_length_capped(self):
         self.assertEqual(ctl.printable("A" * 20000), "A" * ctl.PRINTED_MAX + "…")
