@@ -31,6 +31,8 @@ BODY_BYTES = 9 * 1024 * 1024
 REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
 #: API_BODY_TIMEOUT_SECONDS here: a lingering close's deadline.
 BODY_TIMEOUT = 3.0
+#: API_KEYLESS_TIMEOUT_SECONDS here: the deadline of a keyless one (a 401).
+KEYLESS_TIMEOUT = 1.5
 
 
 def head(length: int, key: str | None) -> bytes:
@@ -67,14 +69,14 @@ def send_body_then_read(port: int, key: str | None, length: int = BODY_BYTES) ->
         return answer
 
 
-def send_forever(port: int, gap: float, size: int) -> tuple[bytes, float]:
+def send_forever(port: int, gap: float, size: int, key: str | None = KEY) -> tuple[bytes, float]:
     """
     A client that never stops sending (C{size} bytes every C{gap}
     seconds), reading what comes between writes: what it read, and the
     seconds from its head until the server ended the connection.
     """
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head(BODY_BYTES * 100, KEY))
+        sock.sendall(head(BODY_BYTES * 100, key))
         started = time.monotonic()
         sock.setblocking(False)
         answer = b""
@@ -122,7 +124,12 @@ class LingeringCloseTests(TestCase):
     def setUp(self) -> None:
         self.events = capture_log_events(self)
         self.gateway = start_gateway(
-            self, api=True, gateway_api_keys=(KEY,), max_request_bytes=1000, api_body_timeout_seconds=BODY_TIMEOUT
+            self,
+            api=True,
+            gateway_api_keys=(KEY,),
+            max_request_bytes=1000,
+            api_body_timeout_seconds=BODY_TIMEOUT,
+            api_keyless_timeout_seconds=KEYLESS_TIMEOUT,
         )
         self.site = self.gateway.service.api_site
         self.addCleanup(self.site.close_connections)
@@ -191,6 +198,11 @@ class LingeringCloseTests(TestCase):
         answer, seconds = yield deferToThread(send_forever, port, 0, 65536)
         self.assertEqual(status_of(answer), 413, answer[:200])
         self.assertLess(seconds, BODY_TIMEOUT + 1.5)
+        # Without a key (a 401), no longer than any keyless connection.
+        answer, seconds = yield deferToThread(send_forever, port, 0.05, 1024, None)
+        self.assertEqual(status_of(answer), 401, answer[:200])
+        self.assertGreaterEqual(seconds, KEYLESS_TIMEOUT - 0.2)
+        self.assertLess(seconds, KEYLESS_TIMEOUT + 1.0)
         self.assertEqual(len(self.site.connections), 0)
 
     @inlineCallbacks
@@ -204,7 +216,7 @@ class LingeringCloseTests(TestCase):
 
         def slow_upload() -> bytes:
             with socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10) as sock:
-                sock.sendall(head(9000, None))
+                sock.sendall(head(9000, KEY))
                 for _ in range(9):
                     time.sleep(0.3)
                     sock.sendall(b"x" * 1000)
@@ -214,7 +226,7 @@ class LingeringCloseTests(TestCase):
                 return answer
 
         answer = yield deferToThread(slow_upload)
-        self.assertEqual(status_of(answer), 401, answer[:200])
+        self.assertEqual(status_of(answer), 413, answer[:200])
         self.assertGreater(BODY_TIMEOUT, CLOSE_DEADLINE_SECONDS + 0.7)
 
     @inlineCallbacks
