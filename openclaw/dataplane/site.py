@@ -1034,9 +1034,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         L{APILimits.linger_bytes} (aborted), or C{API_BODY_TIMEOUT_SECONDS}
         have passed (aborted: the time the client had to send a body; a
         deadline of the polite close's 2 s cut an upload slower than that
-        short, with the EPIPE this avoids), C{API_KEYLESS_TIMEOUT_SECONDS}
-        for a connection that has shown no key (a 401): no longer than any
-        keyless connection is kept.
+        short, with the EPIPE this avoids), and no more than
+        C{API_KEYLESS_TIMEOUT_SECONDS} for a connection that has shown no
+        key (a 401): no longer than any keyless connection is kept.
 
         Over TLS, and HTTP/2 (only over TLS), a polite close
         (L{close_politely}) instead: Twisted's TLS transport has no
@@ -1123,7 +1123,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         # read its answer.
         limits = self._site.limits
         if linger:
-            deadline = limits.keyless_timeout if self.keyless else limits.body_timeout
+            deadline = min(limits.keyless_timeout, limits.body_timeout) if self.keyless else limits.body_timeout
         else:
             deadline = CLOSE_DEADLINE_SECONDS
         self._close_deadline = self._site.reactor.callLater(deadline, transport.abortConnection)
