@@ -42,7 +42,7 @@ from twisted.web.server import Site
 from openclaw.providers import ProviderRegistry
 from openclaw.providers.endpoints import CachedEndpoints
 from openclaw.providers.errors import BodyTooLarge, describe_failure
-from openclaw.providers.fetch import post, read_body
+from openclaw.providers.fetch import Exchange, get_json, post, read_body
 from openclaw.settings import Settings
 from tests.support import free_port, make_ca, start_gateway
 
@@ -291,6 +291,30 @@ class PoolTests(AgentTestCase):
         yield registry.close()
         for connection in server.connections:
             yield connection.closed
+
+    @inlineCallbacks
+    def test_no_cookies_kept(self):
+        """
+        A provider's C{Set-Cookie} on a models listing is not sent back
+        with the next one: the GET client keeps no cookies.
+        """
+        server = yield self.serve(ok(b"{}", b"Set-Cookie: session=abc; Path=/\r\n"), ok(b"{}"))
+        registry = self.registry()
+        assert registry.http is not None
+        for _ in range(2):
+            status, _ = yield Deferred.fromCoroutine(
+                get_json(
+                    registry.http,
+                    self.url.decode(),
+                    headers={},
+                    params=None,
+                    exchange=Exchange(started=time.monotonic()),
+                    what="models listing",
+                )
+            )
+            self.assertEqual(status, 200)
+        self.assertEqual(len(server.requests), 2)
+        self.assertNotIn(b"\r\ncookie:", server.requests[1].lower())
 
 
 class GatewayStopTests(AgentTestCase):

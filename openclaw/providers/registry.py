@@ -11,10 +11,12 @@ health checks costs one upstream request per provider.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 import attrs
 from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
@@ -104,7 +106,10 @@ class ProviderRegistry:
         agent: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
         if wrap_agent is not None:
             agent = wrap_agent(agent)
-        http = HTTPClient(agent)
+        # No cookies kept: a provider's cookie set on one listing would be
+        # sent back with the next (treq keeps a jar per client), and no
+        # provider API needs one.
+        http = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=())))
         adapters = tuple(
             configured.adapter.from_settings(settings, http, reactor, agent)
             for configured in settings.providers.values()
