@@ -167,6 +167,18 @@ class CommandTests(TestCase):
         code, _ = yield client.closed
         self.assertEqual(code, 1001)
 
+    @inlineCallbacks
+    def test_close_reason_cut_between_characters(self):
+        """
+        A close reason is cut to RFC 6455's 123 bytes between characters,
+        never inside one: the peer gets valid UTF-8 (else it fails the
+        connection with 1007).
+        """
+        client = yield open_client(self, self.gateway.port)
+        yield self.gateway.service.factory.close_all(1001, "é" * 100)
+        code, reason = yield client.closed
+        self.assertEqual((code, reason), (1001, "é" * 61))
+
 
 class AllowlistTests(TestCase):
     timeout = 20

@@ -15,6 +15,7 @@ from http import HTTPStatus
 from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
@@ -396,7 +397,9 @@ class ControlProtocol(WebSocketServerProtocol):
         ones the public C{sendClose} refuses (1001, 1003, 1008).
         """
         if self.state == self.STATE_OPEN:
-            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+            # RFC 6455 section 5.5: a control frame's payload is at most 125
+            # bytes, 2 of them the code; cut between characters.
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123))
 
 
 class ControlFactory(WebSocketServerFactory):
