@@ -12,6 +12,7 @@ are twisted.web sites behind a CA made for the test.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Any
@@ -25,6 +26,7 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import VerificationError
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
@@ -39,6 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
 from openclaw.providers.endpoints import CachedEndpoints
 from openclaw.providers.errors import BodyTooLarge, describe_failure
@@ -424,6 +427,23 @@ class AnswerTests(AgentTestCase):
         response = yield self.post(self.registry())
         self.assertEqual(response.code, 200)
         self.assertEqual((yield read_body(response)), b"final")
+
+    @inlineCallbacks
+    def test_interim_answers_logged_once(self):
+        """
+        Twisted's client logs each interim answer it skips; the gateway's
+        observer shows the first and holds back the rest (L{PEER_CAUSED_LINES}
+        names the client's logger: this fails if Twisted renames it).
+        """
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        yield self.serve(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" * 50 + ok(b"final"))
+        response = yield self.post(self.registry())
+        self.assertEqual((yield read_body(response)), b"final")
+        interim = [line for line in out.getvalue().splitlines() if "Ignoring unexpected 103" in line]
+        self.assertEqual(len(interim), 1, out.getvalue())
 
     @inlineCallbacks
     def test_oversized_header_line(self):
