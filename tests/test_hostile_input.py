@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.control.plane import summarise
 from openclaw.routing import MAX_MODEL_CHARS
 from tests.support import open_client
-from tests.test_dataplane import DataPlaneTestCase
+from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
 from tests.test_logs import FORGED
 
 HOSTILE_MODELS = [FORGED, "kimi/moonshot\r\nX: y", "gemini/x\u202egnp.exe", "x\x00", "a\x85b"]
@@ -42,6 +42,46 @@ class ModelNameTests(DataPlaneTestCase):
         # Still serving everyone else.
         response, _ = yield self.post(gateway, {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
         self.assertEqual(response.code, 200)
+
+    @inlineCallbacks
+    def test_empty_refused(self):
+        """
+        An empty or blank C{model} is refused as OpenAI refuses it, saying
+        what to do (leaving C{model} out means the active model).
+        """
+        gateway = self.gateway()
+        for model in ("", "   "):
+            for path, body in [
+                ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+                ("/v1/embeddings", {"model": model, "input": "hi"}),
+            ]:
+                response, text = yield self.post(gateway, body, path=path)
+                self.assertEqual(response.code, 400, (path, model, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "model")
+                self.assertIn("model must be a non-empty string", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_retrieve_refuses_unprintable(self):
+        """
+        C{GET /v1/models/{model}} with an escape code or a line break: the
+        400 naming C{model} the other endpoints give, the name not echoed;
+        no provider asked.
+        """
+        gateway = self.gateway()
+        for quoted in ("kimi%2Fk%1B%5B2J", "gemini%2Fx%0D%0AX-Injected:%201", "x%E2%80%AE"):
+            response = yield self.http().get(
+                f"http://127.0.0.1:{gateway.api_port}/v1/models/{quoted}",
+                headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+            )
+            text = yield response.text()
+            self.assertEqual(response.code, 400, (quoted, text))
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["param"], "model")
+            self.assertIn("control or invisible characters", error["message"])
+            self.assertNotIn("Injected", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
 
     @inlineCallbacks
     def test_retrieve_refuses(self):
