@@ -18,6 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.control.plane import summarise
 from openclaw.routing import MAX_MODEL_CHARS
 from tests.support import open_client
+from tests.test_cluster import ClusterCase, printed
+from tests.test_cluster_keyspace import redis_command
 from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
 from tests.test_logs import FORGED
 
@@ -173,6 +175,52 @@ class ModelLengthTests(DataPlaneTestCase):
         )
         self.assertFalse(answer["ok"])
         self.assertIn(f"data.model is {MAX_MODEL_CHARS + 1} characters long", answer["error"])
+
+
+class ClusterRouteTests(ClusterCase):
+    """
+    The cluster's route in Redis is held to the rule the API and
+    C{switch_provider} apply to model names (L{model_refusal}): a route
+    someone wrote there with a model holding an escape code, or longer than
+    L{MAX_MODEL_CHARS}, is not applied, as one naming an unknown provider.
+    """
+
+    @inlineCallbacks
+    def test_refused_model_not_applied(self):
+        """
+        Written to Redis and published as an instance would: each refused
+        route is logged with the reason, never the name, and the instance
+        keeps its route; then a good one written the same way is applied.
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        key, channel = "openclaw:state:route", "openclaw:events"
+        version = int((yield deferToThread(redis_command, self.redis.port, "HGET", key, "version")))
+        for model, reason in [
+            ("moonshot-v1-8k\x1b[2J\r\nX-Injected: 1" + "a" * 5000, b"model holds control or invisible characters"),
+            ("k" * (MAX_MODEL_CHARS + 1), f"model is {MAX_MODEL_CHARS + 1} characters long".encode()),
+            ("moonshot-v1-8k", None),
+        ]:
+            version += 1
+            value = json.dumps({"provider": "kimi", "model": model})
+            yield deferToThread(
+                redis_command, self.redis.port, "HSET", key, "version", str(version), "value", value, "origin", "x"
+            )
+            yield deferToThread(redis_command, self.redis.port, "PUBLISH", channel, f"v\troute\t{version}\tx\t{value}")
+            if reason is None:
+                yield printed(a, b"applied the cluster's route kimi/moonshot-v1-8k")
+                break
+            said = f"ignoring the cluster's route (version {version}): its ".encode() + reason
+            yield printed(a, said)
+            status = yield on_a.ask(token, "status")
+            self.assertEqual(
+                (status["result"]["provider_id"], status["result"]["model"]), ("gemini", "gemini-flash-latest")
+            )
+        status = yield on_a.ask(token, "status")
+        self.assertEqual((status["result"]["provider_id"], status["result"]["model"]), ("kimi", "moonshot-v1-8k"))
+        for raw in (b"\x1b", b"\\x1b", b"X-Injected", b"a" * 100, b"k" * 100):
+            self.assertNotIn(raw, a.stdout)
 
 
 def nested(depth: int) -> object:
