@@ -121,7 +121,9 @@ def parse_embedding_request(
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    refusal = None if model is None else model_refusal(model)
+    # An empty or blank model names none: the active route's, as any
+    # model that is not a provider's (README, "Routing").
+    refusal = model_refusal(model) if model is not None and model.strip() else None
     if refusal is not None:
         raise bad_request(refusal, param="model")
     provider_id, chosen = default_provider, default_model
