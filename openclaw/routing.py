@@ -24,13 +24,6 @@ FallbackReason = Literal[
 #: Every L{FallbackReason}, in that order.
 FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 
-#: Why a model name is refused when it holds characters no model name has.
-UNPRINTABLE_MODEL = (
-    "model names hold no control or invisible characters (such as ESC, CR, LF, U+2028 or U+202E); "
-    "send the model name as the provider lists it"
-)
-
-
 #: The longest model name either plane takes, prefix included
 #: (C{gemini/...}).  The longest real ids are far shorter: OpenAI's
 #: fine-tuned models, C{ft:<base>:<organization>:<suffix of at most 64>:<id>},
@@ -43,34 +36,53 @@ UNPRINTABLE_MODEL = (
 #: circuit breaker for everyone.
 MAX_MODEL_CHARS = 256
 
-
-def model_too_long(model: str) -> str | None:
-    """
-    Why C{model} is refused for its length (over L{MAX_MODEL_CHARS}
-    characters), or None.
-    """
-    if len(model) <= MAX_MODEL_CHARS:
-        return None
-    return (
-        f"model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: "
-        "send the model name as the provider lists it"
-    )
+#: What to do about a refused model name, closing every refusal.
+_AS_LISTED = "use the model's id as the provider lists it"
 
 
-def printable_model(model: str) -> bool:
+def model_refusal(model: str) -> str | None:
     """
-    Whether C{model} holds only printable characters (L{str.isprintable}:
-    no Unicode C* or Z* category but the ASCII space), as every provider's
-    model ids do.  A name that fails this would carry terminal escapes or
-    line breaks into logs and reports: both planes refuse it.
+    Why C{model} is refused as a model name, in one line that says what to
+    do, or None when it is taken.  The one rule for model names wherever
+    they come in: the API's C{model} (chat, embeddings, C{GET
+    /v1/models/{model}}), C{switch_provider}'s C{data.model}, the
+    C{*_MODEL}, C{FALLBACK_MODEL_*} and C{EMBEDDING_MODEL} settings, the
+    state file and the cluster's route in Redis.  Refused, in this order:
+
+      - a name holding a character L{str.isprintable} refuses (a Unicode
+        C* or Z* category but the ASCII space: ESC, CR, LF, NUL, U+0085,
+        U+2028, U+202E), which no provider's model ids hold and which would
+        carry terminal escapes or line breaks into logs, reports and the
+        C{X-OpenClaw-Model} header;
+      - an empty or blank one (only spaces);
+      - one over L{MAX_MODEL_CHARS} characters.
+
+    The reason starts with C{"model "} (a caller may prefix it, as
+    C{"data."}) and never quotes the name: it may be unprintable or
+    megabytes long.  Callers decide whether to strip C{model} first.
     """
-    return model.isprintable()
+    if not model.isprintable():
+        return (
+            "model holds control or invisible characters (such as ESC, CR, LF, U+2028 or U+202E), "
+            f"which no model name has: {_AS_LISTED}"
+        )
+    if not model.strip():
+        return f"model must be a non-empty string: {_AS_LISTED}"
+    if len(model) > MAX_MODEL_CHARS:
+        return f"model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: {_AS_LISTED}"
+    return None
 
 
 @attrs.frozen
 class Route:
     """
     A provider and one of its models.
+
+    Not checked here: a route is built one to three times per data-plane
+    call, always from names already checked by L{model_refusal} where they
+    came in (the API, C{switch_provider}, the settings, the state file, the
+    cluster's store) or derived from such a name (its provider prefix or
+    Gemini's C{models/} dropped).  Build one only from such a name.
     """
 
     provider_id: str

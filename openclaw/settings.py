@@ -46,7 +46,7 @@ from cryptography.x509 import load_pem_x509_certificates
 from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
-from openclaw.routing import UNPRINTABLE_MODEL, model_too_long, printable_model
+from openclaw.routing import model_refusal
 from openclaw.urls import masked_fields, masked_url, url_passwords
 
 if TYPE_CHECKING:
@@ -430,12 +430,15 @@ def _non_empty(text: str) -> str:
 
 def _model_name(text: str) -> str:
     """
-    A model name, held to the rule both planes apply to the model names
-    clients send (L{printable_model}).
+    A model name, without surrounding spaces, held to the rule both planes
+    apply to the model names clients send (L{model_refusal}).
+
+    @raise InvalidValue: it is refused, for the reason given.
     """
-    model = _non_empty(text)
-    if not printable_model(model) or model_too_long(model) is not None:
-        raise ValueError
+    model = text.strip()
+    refusal = model_refusal(model)
+    if refusal is not None:
+        raise InvalidValue(refusal)
     return model
 
 
@@ -618,6 +621,7 @@ def _read_embedding_model(
     when no declared provider has embeddings.
 
     @raise ConfigError: it names a provider without embeddings, or no model.
+    @raise InvalidValue: it is refused as a model name (L{model_refusal}).
     """
     providers = {adapter.id: adapter for adapter in declared if adapter.embeddings is not None}
     ids = [adapter.id for adapter in declared]
@@ -625,6 +629,9 @@ def _read_embedding_model(
     having = ", ".join(providers) or "none of the declared providers"
 
     def parse(text: str) -> tuple[str | None, str]:
+        refusal = model_refusal(text.strip())
+        if refusal is not None:
+            raise InvalidValue(refusal)
         provider_id, slash, model = text.strip().partition("/")
         if slash and provider_id in ids:
             adapter = providers.get(provider_id)
@@ -1271,12 +1278,18 @@ def load_settings(
             adapter=adapter,
             base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
             model=read(
-                adapter.model_variable, _model_name, adapter.default_model_id, f"name a model: {UNPRINTABLE_MODEL}"
+                adapter.model_variable,
+                _model_name,
+                adapter.default_model_id,
+                f"or unset it for the default, {adapter.default_model_id}",
             ),
             api_key=pool[0] if pool else None,
             api_keys=pool[1:],
             fallback_model=read(
-                adapter.fallback_model_variable(), _model_name, None, f"name a model: {UNPRINTABLE_MODEL}"
+                adapter.fallback_model_variable(),
+                _model_name,
+                None,
+                f"or unset it to fail over to {adapter.model_variable}'s model",
             ),
         )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from openclaw.files import NotARegularFile, read_regular_file, write_atomically
-from openclaw.routing import Route
+from openclaw.routing import Route, model_refusal
 
 STATE_FILE = "openclaw-state.json"
 
@@ -66,7 +66,9 @@ class RouteStore:
     def load(self) -> Route | None:
         """
         The route saved by an earlier run, or L{None} when there is none to
-        be trusted.
+        be trusted: no file, or one that is unsafe, unreadable, names no
+        declared provider, or a model the API would refuse
+        (L{model_refusal}); each but the first logged as a warning.
         """
         try:
             document = json.loads(read_state_file(self.path))
@@ -85,14 +87,18 @@ class RouteStore:
         provider, model = (
             (document.get("provider"), document.get("model")) if isinstance(document, dict) else (None, None)
         )
-        if (
-            not isinstance(provider, str)
-            or provider not in self._provider_ids
-            or not isinstance(model, str)
-            or not model.strip()
-        ):
+        if not isinstance(provider, str) or provider not in self._provider_ids or not isinstance(model, str):
             self._log.warn(
                 "ignoring state file {path}: it does not name a known provider and a model", path=str(self.path)
+            )
+            return None
+        refusal = model_refusal(model)
+        if refusal is not None:
+            # The reason only: the name itself may be unprintable or long.
+            self._log.warn(
+                "ignoring state file {path}: its {refusal}; remove the file and switch_provider again",
+                path=str(self.path),
+                refusal=refusal,
             )
             return None
         return Route(provider, model)

@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import ROUTE, TOKEN, decode_token, encode_route, encode_token
 from openclaw.cluster.store import Versioned
-from openclaw.routing import ActiveRoute, Route
+from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route
 from openclaw.session import SessionAuthority
 from tests.redis_server import DelayingProxy
 from tests.support import capture_log_events
@@ -504,6 +504,39 @@ class LostState(TestCase):
             self.clock.advance(10)
         self.assertEqual((self.store.values[ROUTE].version, self.store.values[ROUTE].origin), (2, "a"))
         self.assertEqual(self.a.route.current, GEMINI)
+
+    def test_route_with_a_refused_model_written_back(self) -> None:
+        """
+        As a route naming an unknown provider: one whose model the API would
+        refuse (L{model_refusal}: an escape code and CRLF, or over
+        MAX_MODEL_CHARS) is never applied; at the same version it is
+        replaced by this instance's own, the error line naming the reason,
+        never the name.
+        """
+        self.a.start()
+        self.addCleanup(self.a.stop)
+        events = capture_log_events(self)
+        version = self.a.versions[ROUTE]
+        for model in ("k-1\x1b[2J\r\nX-Injected: 1", "k" * (MAX_MODEL_CHARS + 1)):
+            version += 1
+            self.store.values[ROUTE] = Versioned(version, encode_route(Route("kimi", model)), "old")
+            self.a.received(ROUTE, version, self.store.values[ROUTE].value, "old")
+            self.assertEqual(self.a.route.current, GEMINI)
+            self.assertEqual(self.a.versions[ROUTE], version - 1)
+            # Then at the version this instance knows, set before its own
+            # (which would win over its own if it could be applied).
+            earlier = encode_route(Route("kimi", model), at=self.clock.seconds() - 3600)
+            self.store.values[ROUTE] = Versioned(version - 1, earlier, "old")
+            for _ in range(3):
+                self.clock.advance(10)
+            version = self.store.values[ROUTE].version
+            self.assertEqual((version, self.store.values[ROUTE].origin), (self.a.versions[ROUTE], "a"))
+            self.assertEqual(self.a.route.current, GEMINI)
+        said = "\n".join(formatEvent(e) for e in events if "ignoring the cluster's route" in formatEvent(e))
+        self.assertIn("its model holds control or invisible characters", said)
+        self.assertIn(f"its model is {MAX_MODEL_CHARS + 1} characters long", said)
+        for raw in ("\x1b", "X-Injected", "k" * 20):
+            self.assertNotIn(raw, said)
 
     def test_reload_timeout_said_plainly(self) -> None:
         """

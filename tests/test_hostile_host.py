@@ -25,6 +25,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.metrics import OUTCOMES
+from openclaw.routing import MAX_MODEL_CHARS
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
 from openclaw.signals import handles_hangup
@@ -615,6 +616,30 @@ class ModelSettingTests(TestCase):
         self.assertEqual(
             load_settings({"KIMI_MODEL": " kimi-k2 "}, cwd=Path(self.mktemp()).parent).default_model("kimi"), "kimi-k2"
         )
+
+    def test_reason_given(self) -> None:
+        """
+        The line gives the reason (L{model_refusal}'s, the one the API and
+        C{switch_provider} give) and what to do: a name too long is said to
+        be too long.  C{FALLBACK_MODEL_*} and C{EMBEDDING_MODEL} are held to
+        the same rule.
+        """
+        cwd = Path(self.mktemp()).parent
+        too_long = MAX_MODEL_CHARS + 1
+        for name, value, reason in [
+            ("KIMI_MODEL", "k" * too_long, f"model is {too_long} characters long"),
+            ("KIMI_MODEL", "  ", "model must be a non-empty string"),
+            ("FALLBACK_MODEL_GEMINI", "g\x1b[2J", "model holds control or invisible characters"),
+            ("EMBEDDING_MODEL", "gemini/e\x1b[2J", "model holds control or invisible characters"),
+            ("EMBEDDING_MODEL", "e" * too_long, f"model is {too_long} characters long"),
+        ]:
+            with self.assertRaises(ConfigError) as caught:
+                load_settings({name: value}, cwd=cwd)
+            message = str(caught.exception)
+            self.assertIn(f"{name}=", message)
+            self.assertIn(reason, message)
+            self.assertIn("as the provider lists it", message)
+            self.assertNotIn("\n", message)
 
 
 API_KEY = "gw-key-hostile-host-0123456789"

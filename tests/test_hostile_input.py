@@ -18,7 +18,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.control.plane import summarise
 from openclaw.routing import MAX_MODEL_CHARS
 from tests.support import open_client
-from tests.test_dataplane import DataPlaneTestCase
+from tests.test_cluster import ClusterCase, printed
+from tests.test_cluster_keyspace import redis_command
+from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
 from tests.test_logs import FORGED
 
 HOSTILE_MODELS = [FORGED, "kimi/moonshot\r\nX: y", "gemini/x\u202egnp.exe", "x\x00", "a\x85b"]
@@ -42,6 +44,43 @@ class ModelNameTests(DataPlaneTestCase):
         # Still serving everyone else.
         response, _ = yield self.post(gateway, {"model": "x", "messages": [{"role": "user", "content": "hi"}]})
         self.assertEqual(response.code, 200)
+
+    @inlineCallbacks
+    def test_blank_names_none(self):
+        """
+        An empty or blank C{model} names no model: the call goes to the
+        active route, as a call naming no provider's model does (README,
+        "Routing"), not to the model-name rule's 400.
+        """
+        gateway = self.gateway()
+        for model in ("", "   "):
+            for path, body in [
+                ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+                ("/v1/embeddings", {"model": model, "input": "hi"}),
+            ]:
+                response, text = yield self.post(gateway, body, path=path)
+                self.assertEqual(response.code, 200, (path, model, text))
+
+    @inlineCallbacks
+    def test_retrieve_refuses_unprintable(self):
+        """
+        C{GET /v1/models/{model}} with an escape code or a line break: the
+        400 naming C{model} the other endpoints give, the name not echoed;
+        no provider asked.
+        """
+        gateway = self.gateway()
+        for quoted in ("kimi%2Fk%1B%5B2J", "gemini%2Fx%0D%0AX-Injected:%201", "x%E2%80%AE"):
+            response = yield self.http().get(
+                f"http://127.0.0.1:{gateway.api_port}/v1/models/{quoted}",
+                headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+            )
+            text = yield response.text()
+            self.assertEqual(response.code, 400, (quoted, text))
+            error = self.assertOpenAIError(text)
+            self.assertEqual(error["param"], "model")
+            self.assertIn("control or invisible characters", error["message"])
+            self.assertNotIn("Injected", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
 
     @inlineCallbacks
     def test_retrieve_refuses(self):
@@ -133,6 +172,52 @@ class ModelLengthTests(DataPlaneTestCase):
         )
         self.assertFalse(answer["ok"])
         self.assertIn(f"data.model is {MAX_MODEL_CHARS + 1} characters long", answer["error"])
+
+
+class ClusterRouteTests(ClusterCase):
+    """
+    The cluster's route in Redis is held to the rule the API and
+    C{switch_provider} apply to model names (L{model_refusal}): a route
+    someone wrote there with a model holding an escape code, or longer than
+    L{MAX_MODEL_CHARS}, is not applied, as one naming an unknown provider.
+    """
+
+    @inlineCallbacks
+    def test_refused_model_not_applied(self):
+        """
+        Written to Redis and published as an instance would: each refused
+        route is logged with the reason, never the name, and the instance
+        keeps its route; then a good one written the same way is applied.
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        key, channel = "openclaw:state:route", "openclaw:events"
+        version = int((yield deferToThread(redis_command, self.redis.port, "HGET", key, "version")))
+        for model, reason in [
+            ("moonshot-v1-8k\x1b[2J\r\nX-Injected: 1" + "a" * 5000, b"model holds control or invisible characters"),
+            ("k" * (MAX_MODEL_CHARS + 1), f"model is {MAX_MODEL_CHARS + 1} characters long".encode()),
+            ("moonshot-v1-8k", None),
+        ]:
+            version += 1
+            value = json.dumps({"provider": "kimi", "model": model})
+            yield deferToThread(
+                redis_command, self.redis.port, "HSET", key, "version", str(version), "value", value, "origin", "x"
+            )
+            yield deferToThread(redis_command, self.redis.port, "PUBLISH", channel, f"v\troute\t{version}\tx\t{value}")
+            if reason is None:
+                yield printed(a, b"applied the cluster's route kimi/moonshot-v1-8k")
+                break
+            said = f"ignoring the cluster's route (version {version}): its ".encode() + reason
+            yield printed(a, said)
+            status = yield on_a.ask(token, "status")
+            self.assertEqual(
+                (status["result"]["provider_id"], status["result"]["model"]), ("gemini", "gemini-flash-latest")
+            )
+        status = yield on_a.ask(token, "status")
+        self.assertEqual((status["result"]["provider_id"], status["result"]["model"]), ("kimi", "moonshot-v1-8k"))
+        for raw in (b"\x1b", b"\\x1b", b"X-Injected", b"a" * 100, b"k" * 100):
+            self.assertNotIn(raw, a.stdout)
 
 
 def nested(depth: int) -> object:

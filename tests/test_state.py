@@ -14,9 +14,13 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.routing import Route
+from openclaw.routing import MAX_MODEL_CHARS, Route
 from openclaw.state import MAX_STATE_BYTES, STATE_FILE, RouteStore, read_state_file
 from tests.support import capture_log_events, open_client, start_gateway
+
+#: A model name no client could send (#17 review): an escape code, CRLF and
+#: a forged header line, 5,000 characters long.
+HOSTILE_MODEL = "gemini-flash-latest\x1b[2J\r\nX-Injected: 1" + "a" * 5000
 
 
 class RouteStoreTests(SynchronousTestCase):
@@ -71,6 +75,23 @@ class RestartTests(TestCase):
         status = yield client.command(restarted.token, "status")
         self.assertEqual((status["result"]["provider_id"], status["result"]["model"]), ("kimi", "moonshot-v1-32k"))
         self.assertNotIn(restarted.token, (state_dir / STATE_FILE).read_text())
+
+    @inlineCallbacks
+    def test_refused_model_not_restored(self):
+        """
+        A state file naming a model the API and switch_provider refuse
+        (control characters, over MAX_MODEL_CHARS) is not the active route
+        after a restart: the defaults are.
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        (state_dir / STATE_FILE).write_text(json.dumps({"provider": "kimi", "model": HOSTILE_MODEL}))
+        gateway = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, gateway.port)
+        status = yield client.command(gateway.token, "status")
+        self.assertEqual(
+            (status["result"]["provider_id"], status["result"]["model"]), ("gemini", "gemini-flash-latest")
+        )
 
     @inlineCallbacks
     def test_corrupt_state_survived(self):
@@ -133,6 +154,28 @@ class UntrustedFileTests(SynchronousTestCase):
         self.assertEqual(self.store.load(), Route("kimi", "m"))
         self.path.write_bytes(document + b" " * (MAX_STATE_BYTES + 1 - len(document)))
         self.assertIgnored("more than")
+
+    def test_refused_model(self) -> None:
+        """
+        A model name the API and switch_provider refuse (L{model_refusal}) is
+        ignored with one warning naming the reason, never the name (which
+        would carry its escape codes and line breaks into the log).
+        """
+        for model, reason in [
+            (HOSTILE_MODEL, "control or invisible characters"),
+            ("x\u2028y", "control or invisible characters"),
+            ("k" * (MAX_MODEL_CHARS + 1), f"model is {MAX_MODEL_CHARS + 1} characters long"),
+            ("   ", "non-empty string"),
+        ]:
+            del self.events[:]
+            self.path.write_text(json.dumps({"provider": "kimi", "model": model}))
+            self.assertIgnored(reason)
+            said = next(formatEvent(e) for e in self.events if e.get("log_level") == LogLevel.warn)
+            self.assertIn("switch_provider again", said)
+            for part in ("\x1b", "\r", "\n", "\u2028", "aaaaaaaaaa", "kkkkkkkkkk"):
+                self.assertNotIn(part, said)
+        self.path.write_text(json.dumps({"provider": "kimi", "model": "m" * MAX_MODEL_CHARS}))
+        self.assertEqual(self.store.load(), Route("kimi", "m" * MAX_MODEL_CHARS))
 
     def test_short_reads(self) -> None:
         """

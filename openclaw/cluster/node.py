@@ -72,7 +72,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned
-from openclaw.routing import ActiveRoute, Route
+from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
 
 ROUTE = "route"
@@ -570,7 +570,7 @@ class ClusterNode:
                 rank = route_rank(held.value)
             except (ValueError, KeyError, TypeError):
                 return True  # nothing any instance can apply
-            if rank[1] not in self._provider_ids:
+            if rank[1] not in self._provider_ids or model_refusal(rank[2]) is not None:
                 return True  # nor this one: written back rather than refused at every heartbeat
             if is_restored(ours) != is_restored(theirs):
                 # A switch (or a first proposal) wins over a write-back:
@@ -814,6 +814,10 @@ class ClusterNode:
                 route = Route(str(document["provider"]), str(document["model"]))
                 if route.provider_id not in self._provider_ids:
                     raise ValueError(f"unknown provider {route.provider_id!r}")
+                # The reason only, never the name (unprintable, or long).
+                refusal = model_refusal(route.model)
+                if refusal is not None:
+                    raise ValueError(f"its {refusal}")
                 self._route_at = record_at(document)
                 self._route_restored = is_restored(document)
                 self.versions[name] = versioned.version

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.cluster.node import StoreUnavailable
-from openclaw.routing import UNPRINTABLE_MODEL, ActiveRoute, Route, model_too_long, printable_model
+from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken
 from openclaw.timefmt import isoformat
 
@@ -201,13 +201,11 @@ class ControlCommands:
             raise CommandError(f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids))
         provider = self.providers.get(provider_id)
         model = fields.get("model", provider.default_model)
-        if not isinstance(model, str) or not model.strip():
+        if not isinstance(model, str):
             raise CommandError("data.model must be a non-empty string when given")
-        if not printable_model(model):
-            raise CommandError(f"data.model refused: {UNPRINTABLE_MODEL}")
-        too_long = model_too_long(model)
-        if too_long is not None:
-            raise CommandError(f"data.{too_long}")
+        refusal = model_refusal(model)
+        if refusal is not None:
+            raise CommandError(f"data.{refusal}")
         model = model.strip()
         named, slash, rest = model.partition("/")
         if slash and named in self.providers.ids:

@@ -44,7 +44,7 @@ from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
 from openclaw.providers.wire import MalformedAnswer
-from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable_model
+from openclaw.routing import Route, model_refusal
 
 #: Inputs one request may hold (OpenAI's own limit).
 MAX_INPUTS = 2048
@@ -121,11 +121,11 @@ def parse_embedding_request(
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    if model is not None and not printable_model(model):
-        raise bad_request(UNPRINTABLE_MODEL, param="model")
-    too_long = None if model is None else model_too_long(model)
-    if too_long is not None:
-        raise bad_request(too_long, param="model")
+    # An empty or blank model names none: the active route's, as any
+    # model that is not a provider's (README, "Routing").
+    refusal = model_refusal(model) if model is not None and model.strip() else None
+    if refusal is not None:
+        raise bad_request(refusal, param="model")
     provider_id, chosen = default_provider, default_model
     if model:
         prefix, slash, name = model.partition("/")

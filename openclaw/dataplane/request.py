@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers
 
 from openclaw.dataplane.callids import MARK, plain_message
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.routing import UNPRINTABLE_MODEL, Route, model_too_long, printable_model
+from openclaw.routing import Route, model_refusal
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
@@ -283,11 +283,11 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    if model is not None and not printable_model(model):
-        raise bad_request(UNPRINTABLE_MODEL, param="model")
-    too_long = None if model is None else model_too_long(model)
-    if too_long is not None:
-        raise bad_request(too_long, param="model")
+    # An empty or blank model names none: the active route's, as any
+    # model that is not a provider's (README, "Routing").
+    refusal = model_refusal(model) if model is not None and model.strip() else None
+    if refusal is not None:
+        raise bad_request(refusal, param="model")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad_request("stream must be true or false", param="stream")

@@ -49,7 +49,7 @@ from openclaw.providers import (
     UpstreamHTTPError,
 )
 from openclaw.providers.errors import BreakerOpen, NoUsableKey
-from openclaw.routing import Route, model_too_long, printable_model
+from openclaw.routing import Route, model_refusal
 
 _JSON = b"application/json"
 
@@ -624,7 +624,9 @@ class Model(Models):
     asked, C{object}, C{created}, C{owned_by}), when the listing this key
     gets holds it: a bare id is looked up in the active provider's listing,
     C{"<provider>/<model>"} in that provider's.  The id may hold C{/} as is
-    or as C{%2F}.  Else 404 C{model_not_found}; the key check, a consumer's
+    or as C{%2F}.  Else 404 C{model_not_found}; an id no model can have
+    (L{model_refusal}: empty, unprintable, too long) is a 400 naming
+    C{model}, as on the other endpoints.  The key check, a consumer's
     C{models} and C{rpm}, the errors and the metrics are the listing's.
     """
 
@@ -635,14 +637,11 @@ class Model(Models):
         # APIRoot moved "v1/models" to prepath: the rest is the id.
         assert request.postpath is not None
         wanted = b"/".join(request.postpath).decode("utf-8", "replace")
-        too_long = model_too_long(wanted)
-        if too_long is not None:
-            # Not echoed: it would fill the answer and the log line.
-            self._error(request, bad_request(too_long, param="model"), None, started, holder)
-            return NOT_DONE_YET
-        if not wanted or not printable_model(wanted):
-            error = model_not_found(wanted if wanted.isprintable() else "(unprintable)")
-            self._error(request, error, None, started, holder)
+        refusal = model_refusal(wanted)
+        if refusal is not None:
+            # The name is not echoed: it may be unprintable, or fill the
+            # answer and the log line.
+            self._error(request, bad_request(refusal, param="model"), None, started, holder)
             return NOT_DONE_YET
         active = context.route.current
         route = choose_route(wanted, active, context.providers.ids)
