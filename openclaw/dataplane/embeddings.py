@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
+from openclaw.consumers.estimate import tokens_of
 from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.answer import CLIENT_GONE, CUT_STATUS, send_whole
 from openclaw.dataplane.errors import (
@@ -168,7 +169,7 @@ def estimated_tokens(inputs: tuple[str, ...]) -> int:
     rounded up (Google's rule of thumb,
     U{https://ai.google.dev/gemini-api/docs/tokens}).
     """
-    return sum(-(-len(text) // 4) for text in inputs)
+    return sum(tokens_of(len(text)) for text in inputs)
 
 
 def encode_base64(values: list[float]) -> str:
