@@ -3,9 +3,10 @@ OpenAI's request fields and answer parts on the Gemini path: a field sent
 as null hides no other; C{parallel_tool_calls: false} gives one tool
 call; log probabilities are asked for and passed on; audio output, and
 values Gemini would refuse, are a gateway 400 naming the field; an image
-URL's type is read from its path; tool names with dots are refused.  Each
-rule on the translation functions alone, and through a real gateway in
-front of the stand-in upstream with the official openai SDK.
+URL's type is read from its path; tool names with dots are refused; a
+history whose tool calls no user turn comes before is refused.  Each rule
+on the translation functions alone, and through a real gateway in front
+of the stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations
@@ -372,6 +373,59 @@ class ImageTypeTests(SynchronousTestCase):
             self.assertIn("must name a PNG, JPEG, WEBP, HEIC or HEIF image", error.message)
 
 
+def call_turn(call_id: str = "c1") -> list[dict[str, Any]]:
+    """
+    An assistant message with one tool call, and its result.
+    """
+    return [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": "noon"},
+    ]
+
+
+class CallTurnOrderTests(SynchronousTestCase):
+    """
+    Gemini refuses a function call turn that does not come right after a
+    user turn or a function response turn: a valid OpenAI history whose
+    first tool calls no user message (with content) comes before is a 400
+    naming that message, before anything is sent; no user turn is made up.
+    """
+
+    def test_no_user_turn_before_calls(self) -> None:
+        system = {"role": "system", "content": "Be brief."}
+        for messages, at in (
+            ([system, *call_turn()], "messages[1]"),
+            ([system, {"role": "user", "content": ""}, *call_turn()], "messages[2]"),
+            ([{"role": "user", "content": [{"type": "text", "text": ""}]}, *call_turn()], "messages[1]"),
+            # Text from the assistant first: still no user turn.
+            (
+                [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": ""}, *call_turn()],
+                "messages[2]",
+            ),
+        ):
+            error = refused(chat(messages=messages, tools=TOOLS))
+            self.assertEqual(error.param, at, messages)
+            self.assertIn(f"add a user message before {at}", error.message)
+            self.assertEqual(error.type, "invalid_request_error")
+
+    def test_after_a_user_turn(self) -> None:
+        picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        for messages in (
+            [*QUESTION, *call_turn()],
+            [{"role": "system", "content": "s"}, {"role": "user", "content": [picture]}, *call_turn()],
+            [{"role": "user", "content": ""}, *QUESTION, *call_turn("c1"), *call_turn("c2")],
+            [*QUESTION, {"role": "assistant", "content": "Let me look."}, *call_turn()],
+        ):
+            roles = [turn["role"] for turn in gemini.to_gemini(chat(messages=messages, tools=TOOLS))["contents"]]
+            # User first, then turns of each role in turn, as sent.
+            self.assertEqual(roles, ["user", "model", "user", "model", "user"][: len(roles)], messages)
+            self.assertIn(len(roles), (3, 5))
+
+
 class ToolNameTests(SynchronousTestCase):
     def test_dots_refused(self) -> None:
         # OpenAI's rule (a-z, A-Z, 0-9, _ and -, at most 64): a tool loop
@@ -480,6 +534,7 @@ class GatewayTests(DataPlaneTestCase):
                 },
                 "messages[0].content[0].image_url.url",
             ),
+            ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}
             with self.assertRaises(openai.BadRequestError) as caught:

@@ -41,7 +41,7 @@ import attrs
 import orjson
 from twisted.logger import Logger
 
-from openclaw.dataplane.errors import bad_request
+from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
@@ -223,8 +223,9 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     @param model: the model asked for (Gemini 2 and 3 take
         C{reasoning_effort} differently).
     @raise APIError: 400 naming the field, for what Gemini cannot do or
-        would refuse (L{refuse_unsupported}), and for an image URL that
-        names no image (L{image_type}).
+        would refuse (L{refuse_unsupported}), for an image URL that names
+        no image (L{image_type}), and for an assistant message with tool
+        calls that no user turn comes before (L{no_turn_before_calls}).
     """
     refuse_unsupported(body, model)
     system: list[dict[str, Any]] = []
@@ -263,6 +264,9 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
                 parts.append({"text": refusal})
             tool_calls = message.get("tool_calls")
             if tool_calls:
+                # Turns alternate: a user turn, if any, is first or second.
+                if not any(turn["role"] == "user" for turn in contents[:2]):
+                    raise no_turn_before_calls(f"messages[{i - 1}]")
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
                 parts.extend(_function_call(call, calls) for call in tool_calls)
             _append(contents, "model", parts)
@@ -292,6 +296,25 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     if config:
         request["generationConfig"] = config
     return request
+
+
+def no_turn_before_calls(where: str) -> APIError:
+    """
+    400 naming the assistant message at C{where}, whose tool calls would
+    open Gemini's C{contents}: Google refuses a function call turn that
+    does not come right after a user turn or a function response turn
+    ("Please ensure that function call turn comes immediately after a user
+    turn or after a function response turn", google-gemini/gemini-cli
+    #11814).  OpenAI's history allows it ([system, assistant with
+    tool_calls, tool]; a user message with no content is dropped, as Gemini
+    refuses empty text); the gateway writes no user turn of its own.
+    """
+    return bad_request(
+        f"{where} is an assistant message with tool_calls that no user message with content, nor tool results, "
+        "comes before (system messages and empty user messages do not count): Gemini needs one right before a "
+        f"function call turn; add a user message before {where}",
+        param=where,
+    )
 
 
 def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
