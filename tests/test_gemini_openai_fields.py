@@ -3,10 +3,11 @@ OpenAI's request fields and answer parts on the Gemini path: a field sent
 as null hides no other; C{parallel_tool_calls: false} gives one tool
 call; log probabilities are asked for and passed on; audio output, and
 values Gemini would refuse, are a gateway 400 naming the field; an image
-URL's type is read from its path; tool names with dots are refused; a
-history whose tool calls no user turn comes before is refused.  Each rule
-on the translation functions alone, and through a real gateway in front
-of the stand-in upstream with the official openai SDK.
+URL's type is read from its path, a data URL's from its media type (in
+any case), and a URL with a password is refused; tool names with dots are
+refused; a history whose tool calls no user turn comes before is refused.
+Each rule on the translation functions alone, and through a real gateway
+in front of the stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations
@@ -372,6 +373,68 @@ class ImageTypeTests(SynchronousTestCase):
             self.assertEqual(error.param, "messages[0].content[0].image_url.url")
             self.assertIn("must name a PNG, JPEG, WEBP, HEIC or HEIF image", error.message)
 
+    def test_data_url_types(self) -> None:
+        """
+        A data URL's media type is checked against the same types as an
+        image URL's name; scheme and type are read in any case (RFC 3986,
+        RFC 2045) and sent in lower case.
+        """
+        for media_type in ("image/gif", "image/svg+xml", "text/plain", "IMAGE/GIF", "application/octet-stream"):
+            error = refused(image(f"data:{media_type};base64,AAAA"))
+            self.assertEqual(error.param, "messages[0].content[0].image_url.url")
+            self.assertIn(f"type {media_type.lower()}, not an image Gemini takes", error.message)
+            self.assertIn("PNG, JPEG, WEBP, HEIC or HEIF", error.message)
+        for url, sent in (
+            ("data:image/png;base64,AAAA", "image/png"),
+            ("DATA:IMAGE/PNG;BASE64,AAAA", "image/png"),
+            ("Data:Image/Jpeg;name=a.jpg;Base64,AAAA", "image/jpeg"),
+            ("data:image/jpg;base64,AAAA", "image/jpeg"),
+            ("data:image/webp;base64,AAAA", "image/webp"),
+            ("data:image/HEIC;base64,AAAA", "image/heic"),
+            ("data:image/heif;base64,AAAA", "image/heif"),
+        ):
+            part = gemini.to_gemini(image(url))["contents"][0]["parts"][0]
+            self.assertEqual(part, {"inlineData": {"mimeType": sent, "data": "AAAA"}}, url)
+        # A file is not an image: its type is not checked, only lowered.
+        body = chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "file", "file": {"file_data": "DATA:Application/PDF;BASE64,JVBE"}}],
+                }
+            ]
+        )
+        part = gemini.to_gemini(body)["contents"][0]["parts"][0]
+        self.assertEqual(part, {"inlineData": {"mimeType": "application/pdf", "data": "JVBE"}})
+        # Still base64, strictly: unpadded data is refused at the door.
+        with self.assertRaises(APIError):
+            image("DATA:IMAGE/PNG;BASE64,AAA")
+
+    def test_password_in_url(self) -> None:
+        """
+        An image URL with a user name or password is refused at the door
+        (for every provider: it would fetch the image with it), without
+        quoting the URL back; so is one whose host does not parse.
+        """
+        for url in (
+            "https://user:s3cret@example.com/a.png",
+            "http://token@example.com/a.png",
+            "https://:s3cret@example.com/",
+            "gs://user:s3cret@bucket/a.png",
+        ):
+            with self.assertRaises(APIError) as caught:
+                image(url)
+            self.assertEqual(caught.exception.param, "messages[0].content[0].image_url.url", url)
+            self.assertIn("user name or password", caught.exception.message)
+            self.assertIn("remove it", caught.exception.message)
+            self.assertNotIn("s3cret", caught.exception.message)
+        with self.assertRaises(APIError) as caught:
+            image("https://[user:s3cret@::1/a.png")
+        self.assertIn("is not a valid URL", caught.exception.message)
+        self.assertNotIn("s3cret", caught.exception.message)
+        # An @ after the host is no userinfo.
+        self.assertEqual(self.sent_type("https://example.com/@me/a.png?by=a@b#c@d"), "image/png")
+
 
 def call_turn(call_id: str = "c1") -> list[dict[str, Any]]:
     """
@@ -534,6 +597,7 @@ class GatewayTests(DataPlaneTestCase):
                 },
                 "messages[0].content[0].image_url.url",
             ),
+            (image("data:image/gif;base64,R0lG"), "messages[0].content[0].image_url.url"),
             ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -66,8 +67,11 @@ TOOL_CHOICE_SHAPES = (
 )
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
-#: C{data:<media type>;base64,<data>}: the only inline form carried.
-DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII)
+#: C{data:<media type>;base64,<data>}: the only inline form carried.  The
+#: scheme, the media type and "base64" in any case: a URL's scheme is
+#: case-insensitive (RFC 3986 section 3.1), and so are a media type's
+#: names (RFC 2045 section 5.1, which RFC 2397's data URLs use).
+DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII | re.IGNORECASE)
 #: Base64 as RFC 4648 section 4 has it (padded): checked, not decoded.
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 #: URL schemes an image may be given by (the gateway never fetches them).
@@ -821,6 +825,8 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
                 "or an http(s):// or gs:// URL",
                 param=f"{at}.image_url.url",
             )
+        if url.startswith(IMAGE_URL_SCHEMES):
+            _check_image_url(url, f"{at}.image_url.url")
         if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
     elif kind == "input_audio":
@@ -841,6 +847,34 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
             raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
+
+
+def _check_image_url(url: str, where: str) -> None:
+    """
+    Refuse an image URL (C{http(s)://}, C{gs://}) that does not parse
+    (C{https://[x/a.png}: an unclosed IPv6 literal) or that carries a user
+    name or password (RFC 3986 section 3.2.1's userinfo,
+    C{https://user:pass@host/...}): the provider fetches the image, so the
+    credential would be passed on to it.  The URL is not quoted back.
+
+    @raise APIError: 400 naming C{where}.
+    """
+    try:
+        authority = urlsplit(url).netloc
+    except ValueError:
+        # Not quoted: Python's message may quote the host, userinfo and all.
+        raise bad_request(
+            f"{where} is not a valid URL (its host part does not parse: an unclosed [ of an IPv6 address, "
+            "characters a host cannot hold); fix the URL",
+            param=where,
+        ) from None
+    if "@" in authority:
+        raise bad_request(
+            f"{where} carries a user name or password (user:pass@host), which the gateway would pass on to the "
+            "provider that fetches the image: remove it from the URL (make the image readable without it, or "
+            "send it as a base64 data URL)",
+            param=where,
+        )
 
 
 def _check_response_format(response_format: Any) -> None:

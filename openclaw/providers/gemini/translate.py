@@ -165,6 +165,8 @@ IMAGE_TYPES = MappingProxyType(
         "heif": "image/heif",
     }
 )
+#: L{IMAGE_TYPES}, as a message names them.
+IMAGE_TYPE_NAMES = "PNG, JPEG, WEBP, HEIC or HEIF"
 #: Gemini's C{generationConfig} limits
 #: (U{https://ai.google.dev/api/generate-content#generationconfig}):
 #: C{candidateCount} from 1 to 8; at most 5 C{stopSequences}.
@@ -223,9 +225,10 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     @param model: the model asked for (Gemini 2 and 3 take
         C{reasoning_effort} differently).
     @raise APIError: 400 naming the field, for what Gemini cannot do or
-        would refuse (L{refuse_unsupported}), for an image URL that names
-        no image (L{image_type}), and for an assistant message with tool
-        calls that no user turn comes before (L{no_turn_before_calls}).
+        would refuse (L{refuse_unsupported}), for an image that is not
+        of a type Gemini takes (L{image_type}, L{data_image_type}), and
+        for an assistant message with tool calls that no user turn comes
+        before (L{no_turn_before_calls}).
     """
     refuse_unsupported(body, model)
     system: list[dict[str, Any]] = []
@@ -589,7 +592,7 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
             if part[kind]:
                 parts.append({"text": part[kind]})
         elif kind == "image_url":
-            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url"))
+            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url", image=True))
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
@@ -598,15 +601,43 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
     return parts
 
 
-def _media(url: str, where: str) -> dict[str, Any]:
+def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     """
-    C{inlineData} for a base64 data URL, C{fileData} for an image URL (the
-    gateway never fetches it: Gemini does, or refuses).
+    C{inlineData} for a base64 data URL (its media type in lower case),
+    C{fileData} for an image URL (the gateway never fetches it: Gemini
+    does, or refuses).
+
+    @param image: the URL is an C{image_url}'s: a data URL's type is
+        checked (L{data_image_type}).
     """
     match = DATA_URL.match(url)
     if match is not None:
-        return {"inlineData": {"mimeType": match.group(1), "data": url[match.end() :]}}
+        media_type = match.group(1).lower()
+        if image:
+            media_type = data_image_type(media_type, where)
+        return {"inlineData": {"mimeType": media_type, "data": url[match.end() :]}}
     return {"fileData": {"fileUri": url, "mimeType": image_type(url, where)}}
+
+
+def data_image_type(media_type: str, where: str = "image_url.url") -> str:
+    """
+    The type Gemini is sent for an image data URL of C{media_type} (lower
+    case): one of L{IMAGE_TYPES}, named by its subtype (C{image/jpg}, a
+    common misspelling, is C{image/jpeg}).
+
+    @raise APIError: 400 naming C{where} for any other type (C{image/gif},
+        C{image/svg+xml}, C{text/plain}), which Gemini would refuse or
+        misread, as an image URL's name of another type is (L{image_type}).
+    """
+    kind, _, subtype = media_type.partition("/")
+    known = IMAGE_TYPES.get(subtype) if kind == "image" else None
+    if known is not None:
+        return known
+    raise bad_request(
+        f"{where} is a data URL of type {media_type}, not an image Gemini takes: an image must be {IMAGE_TYPE_NAMES} "
+        "(Google's supported image types); convert it to one of those",
+        param=where,
+    )
 
 
 def image_type(url: str, where: str = "image_url.url") -> str:
@@ -630,8 +661,8 @@ def image_type(url: str, where: str = "image_url.url") -> str:
     if guessed is None:
         return DEFAULT_IMAGE_TYPE
     raise bad_request(
-        f"{where} names a file of type {guessed}, not an image Gemini takes: an image URL must name a PNG, JPEG, "
-        "WEBP, HEIC or HEIF image (by its extension, or none); send the image itself, or as a base64 data URL",
+        f"{where} names a file of type {guessed}, not an image Gemini takes: an image URL must name a "
+        f"{IMAGE_TYPE_NAMES} image (by its extension, or none); send the image itself, or as a base64 data URL",
         param=where,
     )
 
