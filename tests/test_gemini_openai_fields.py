@@ -5,9 +5,10 @@ call; log probabilities are asked for and passed on; audio output, and
 values Gemini would refuse, are a gateway 400 naming the field; an image
 URL's type is read from its path, a data URL's from its media type (in
 any case), and a URL with a password is refused; tool names with dots are
-refused; a history whose tool calls no user turn comes before is refused.
-Each rule on the translation functions alone, and through a real gateway
-in front of the stand-in upstream with the official openai SDK.
+refused; a history whose tool calls no user turn comes before is refused;
+a candidate without a finish reason is a malformed answer.  Each rule on
+the translation functions alone, and through a real gateway in front of
+the stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations
@@ -489,6 +490,30 @@ class CallTurnOrderTests(SynchronousTestCase):
             self.assertIn(len(roles), (3, 5))
 
 
+class UnfinishedCandidateTests(SynchronousTestCase):
+    """
+    A whole answer's candidate without a finishReason has not stopped
+    (Google's reference): a malformed answer (502 upstream_malformed,
+    the provider's failure), as a stream cut before it ends in an error.
+    """
+
+    def test_no_finish_reason(self) -> None:
+        for unfinished in (
+            {"content": {"parts": [{"text": "Sunny"}], "role": "model"}},
+            {"content": {"parts": [{"text": "Sunny"}]}, "finishReason": None},
+            {"content": {"parts": [{"functionCall": {"name": "get_time", "args": {}}}]}},
+        ):
+            with self.assertRaises(MalformedAnswer) as caught:
+                gemini.from_gemini({"candidates": [unfinished]}, "m", "id", 0)
+            self.assertNotIsInstance(caught.exception, ModelFailed)
+            self.assertEqual(caught.exception.code, "upstream_malformed")
+            self.assertIn("no finishReason", str(caught.exception))
+        # One of two choices unfinished: the answer is.
+        document = {"candidates": [candidate("a", 0), {"content": {"parts": [{"text": "b"}]}, "index": 1}]}
+        with self.assertRaises(MalformedAnswer):
+            gemini.from_gemini(document, "m", "id", 0, asked=2)
+
+
 class ToolNameTests(SynchronousTestCase):
     def test_dots_refused(self) -> None:
         # OpenAI's rule (a-z, A-Z, 0-9, _ and -, at most 64): a tool loop
@@ -605,6 +630,18 @@ class GatewayTests(DataPlaneTestCase):
                 yield deferToThread(client.chat.completions.create, **kwargs)
             self.assertEqual(caught.exception.body["param"], param, extra)
         self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_unfinished_candidate(self):
+        unfinished = {"candidates": [{"content": {"parts": [{"text": "Sun"}], "role": "model"}}], "modelVersion": "m"}
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=unfinished)]
+        # Not failed over (a malformed answer would be), to see its message.
+        client = self.sdk(self.gateway(fallback="off"))
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield deferToThread(client.chat.completions.create, model="x", messages=QUESTION)
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertEqual(caught.exception.body["code"], "upstream_malformed")
+        self.assertIn("no finishReason", caught.exception.message)
 
     @inlineCallbacks
     def test_too_large_says_what_to_do(self):

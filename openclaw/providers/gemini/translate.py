@@ -1069,7 +1069,8 @@ def from_gemini(
         (L{untranslated}).  Parts of kinds not translated beside text or a
         tool call are left out, with a warning (L{warn_skipped}).
     @raise MalformedAnswer: an answer of a shape Gemini's API does not
-        return (L{_read}), candidate indexes that are not whole numbers
+        return (L{_read}), a candidate without a C{finishReason} (one that
+        has not stopped), candidate indexes that are not whole numbers
         (L{_index}: none or null is 0), out of range or given twice
         (L{check_indexes}).
     """
@@ -1079,6 +1080,14 @@ def from_gemini(
     for candidate in _candidates(document):
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
+        if reason is None:
+            # Google's reference: an empty finishReason means "the model
+            # has not stopped generating"; a stream ends with an error
+            # then (GeminiStream.complete), and so does a whole answer.
+            raise MalformedAnswer(
+                "Gemini's candidate has no finishReason: the model had not stopped, so its answer may be cut "
+                "short; retry"
+            )
         reading = _read(candidate)
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
