@@ -334,6 +334,20 @@ class RefusedTests(SynchronousTestCase):
         config = gemini.to_gemini(chat(max_tokens=2**40, max_completion_tokens=7))["generationConfig"]
         self.assertEqual(config["maxOutputTokens"], 7)
 
+    def test_no_thinking_off_on_gemini_2_5_pro(self) -> None:
+        # Google refuses Gemini 2.5 Pro a thinking budget of 0.
+        for model in ("gemini-2.5-pro", "models/gemini-2.5-pro", "gemini-2.5-pro-preview-06-05"):
+            error = refused(chat(reasoning_effort="none"), model)
+            self.assertEqual(error.param, "reasoning_effort")
+            self.assertIn("minimal, low, medium, high, xhigh", error.message)
+            self.assertIn(model.removeprefix("models/"), error.message)
+            config = gemini.to_gemini(chat(reasoning_effort="minimal"), model)["generationConfig"]
+            self.assertEqual(config["thinkingConfig"]["thinkingBudget"], 1024)
+        # The models that can turn it off still do.
+        for model in ("gemini-2.5-flash", "gemini-2.5-flash-lite"):
+            config = gemini.to_gemini(chat(reasoning_effort="none"), model)["generationConfig"]
+            self.assertEqual(config, {"thinkingConfig": {"thinkingBudget": 0}})
+
     def test_tools_with_json_on_gemini_2(self) -> None:
         for kind in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
             body = chat(tools=TOOLS, response_format=kind)
@@ -623,6 +637,7 @@ class GatewayTests(DataPlaneTestCase):
                 "messages[0].content[0].image_url.url",
             ),
             (image("data:image/gif;base64,R0lG"), "messages[0].content[0].image_url.url"),
+            ({"reasoning_effort": "none", "model": "gemini/gemini-2.5-pro"}, "reasoning_effort"),
             ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}

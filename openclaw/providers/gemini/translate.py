@@ -42,7 +42,7 @@ import orjson
 from twisted.logger import Logger
 
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
+from openclaw.dataplane.request import DATA_URL, REASONING_EFFORTS, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.gemini.callids import carried, new_call_id
@@ -150,6 +150,12 @@ THINKING_LEVEL_FAMILIES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
 )
 #: Model names that take a thinking budget rather than a level.
 _BUDGET_MODELS = ("gemini-2", "gemini-1")
+#: The names of the budget models that cannot turn thinking off, whose
+#: budget 0 (C{reasoning_effort} "none") Google refuses ("Budget 0 is
+#: invalid. This model only works in thinking mode."): Gemini 2.5 Pro,
+#: whose budget is 128 to 32768
+#: (U{https://ai.google.dev/gemini-api/docs/thinking#set-budget}).
+ALWAYS_THINKING = re.compile(r"gemini-2\.5-pro")
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
@@ -435,8 +441,9 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     refuse; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
     sequences; C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
-    type: 'application/json' is unsupported"; Gemini 3 takes both).  A
-    field set to null is not set.
+    type: 'application/json' is unsupported"; Gemini 3 takes both);
+    C{reasoning_effort} "none" on a model that cannot turn thinking off
+    (L{ALWAYS_THINKING}).  A field set to null is not set.
 
     @raise APIError: 400 whose C{param} names the field.
     """
@@ -477,6 +484,14 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"stop holds {len(sequences)} sequences: Gemini takes at most {MAX_STOP_SEQUENCES}; "
             f"send {MAX_STOP_SEQUENCES} or fewer",
             param="stop",
+        )
+    name = model.removeprefix("models/")
+    if body.get("reasoning_effort") == "none" and ALWAYS_THINKING.match(name):
+        efforts = ", ".join(effort for effort in REASONING_EFFORTS if effort != "none")
+        raise bad_request(
+            f'reasoning_effort "none" turns thinking off, which Gemini {name} cannot do (Google refuses its '
+            f"thinking budget 0): send one of {efforts}, or leave reasoning_effort out",
+            param="reasoning_effort",
         )
     if body.get("tools") and _response_format(body) in JSON_FORMATS and _budget_model(model):
         raise bad_request(
