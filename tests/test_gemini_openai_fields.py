@@ -6,9 +6,10 @@ values Gemini would refuse, are a gateway 400 naming the field; an image
 URL's type is read from its path, a data URL's from its media type (in
 any case), and a URL with a password is refused; tool names with dots are
 refused; a history whose tool calls no user turn comes before is refused;
-a candidate without a finish reason is a malformed answer.  Each rule on
-the translation functions alone, and through a real gateway in front of
-the stand-in upstream with the official openai SDK.
+a candidate without a finish reason is a malformed answer; the legacy
+C{functions} are answered in the legacy shape.  Each rule on the
+translation functions alone, and through a real gateway in front of the
+stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers.estimate import answer_characters, chunk_characters
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import parse_chat_request
+from openclaw.dataplane.sse import Event, encode
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.wire import MalformedAnswer, ModelFailed
 from openclaw.testing.upstream import GeminiAnswer
-from tests.test_agent_traffic import QUESTION, TOOLS, ask
+from tests.test_agent_traffic import PARIS, QUESTION, TOOLS, ask
 from tests.test_dataplane import DataPlaneTestCase
 
 #: Two calls in one event, then a third in the next: Gemini 3 signs the
@@ -528,6 +531,77 @@ class UnfinishedCandidateTests(SynchronousTestCase):
             gemini.from_gemini(document, "m", "id", 0, asked=2)
 
 
+#: A legacy request (functions, function_call) as the SDK sends it.
+LEGACY = {"functions": [TOOLS[0]["function"], TOOLS[1]["function"]], "function_call": "auto"}
+
+
+class LegacyFunctionsTests(SynchronousTestCase):
+    """
+    A request that declares the legacy functions gets its call in the
+    legacy shape: message.function_call (the first call only: the shape
+    carries one), finish_reason function_call; streamed,
+    delta.function_call.
+    """
+
+    def request(self, **body: Any) -> Any:
+        return parse_chat_request(orjson.dumps({"messages": QUESTION, **body}))
+
+    def test_flag(self) -> None:
+        self.assertTrue(self.request(**LEGACY).legacy_functions)
+        self.assertTrue(self.request(functions=LEGACY["functions"]).legacy_functions)
+        self.assertFalse(self.request(tools=TOOLS).legacy_functions)
+        self.assertFalse(self.request(tools=TOOLS, functions=None).legacy_functions)
+        self.assertFalse(self.request(function_call="none").legacy_functions)
+
+    def test_whole(self) -> None:
+        wire = gemini.GeminiWire()
+        body = orjson.dumps(ParallelToolCallsTests().document())
+        answer = orjson.loads(wire.completion(body, "m", 0, self.request(**LEGACY)).body)
+        (choice,) = answer["choices"]
+        self.assertEqual(choice["finish_reason"], "function_call")
+        message = choice["message"]
+        self.assertNotIn("tool_calls", message)
+        self.assertEqual(message["function_call"], {"name": "get_weather", "arguments": '{"city":"Paris"}'})
+        self.assertIsNone(message["content"])
+        # Text beside the call is kept; an answer without a call is as ever.
+        document = {
+            "candidates": [{"content": {"parts": [{"text": "Hm."}, *PARALLEL.events[1]]}, "finishReason": "STOP"}]
+        }
+        message = gemini.from_gemini(document, "m", "id", 0, legacy_functions=True)["choices"][0]["message"]
+        self.assertEqual((message["content"], message["function_call"]["name"]), ("Hm.", "get_time"))
+        document = {"candidates": [candidate("Sunny", 0)]}
+        choice = gemini.from_gemini(document, "m", "id", 0, legacy_functions=True)["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"].get("function_call")), ("stop", None))
+        # With tools: the tools shape, as before.
+        answer = orjson.loads(wire.completion(body, "m", 0, self.request(tools=TOOLS)).body)
+        self.assertEqual(len(answer["choices"][0]["message"]["tool_calls"]), 3)
+        self.assertEqual(answer["choices"][0]["finish_reason"], "tool_calls")
+
+    def test_stream(self) -> None:
+        translation = gemini.GeminiWire().stream(self.request(**LEGACY, stream=True), "m", 0)
+        payloads = []
+        for i, event in enumerate(PARALLEL.events):
+            part: dict[str, Any] = {"content": {"parts": list(event), "role": "model"}}
+            if i == len(PARALLEL.events) - 1:
+                part["finishReason"] = "STOP"
+            payloads += translation.payloads(Event(b"", orjson.dumps({"candidates": [part]})))
+        payloads += translation.closing()
+        deltas = [choice["delta"] for p in payloads for choice in orjson.loads(p)["choices"]]
+        self.assertFalse(any("tool_calls" in delta for delta in deltas))
+        calls = [delta["function_call"] for delta in deltas if "function_call" in delta]
+        self.assertEqual(calls, [{"name": "get_weather", "arguments": '{"city":"Paris"}'}])
+        self.assertEqual(orjson.loads(payloads[-1])["choices"][0]["finish_reason"], "function_call")
+        # A usage estimate (the answer's own usage never known) counts the
+        # call, as it counts tool calls: its name and arguments.
+        call_characters = len("get_weather") + len('{"city":"Paris"}')
+        self.assertEqual(chunk_characters(b"".join(encode(p) for p in payloads)), call_characters)
+
+    def test_estimate_counts_the_call(self) -> None:
+        body = orjson.dumps(ParallelToolCallsTests().document())
+        answer = gemini.GeminiWire().completion(body, "m", 0, self.request(**LEGACY)).body
+        self.assertEqual(answer_characters(answer), len("get_weather") + len('{"city":"Paris"}'))
+
+
 class ToolNameTests(SynchronousTestCase):
     def test_dots_refused(self) -> None:
         # OpenAI's rule (a-z, A-Z, 0-9, _ and -, at most 64): a tool loop
@@ -657,6 +731,57 @@ class GatewayTests(DataPlaneTestCase):
         self.assertEqual(caught.exception.status_code, 502)
         self.assertEqual(caught.exception.body["code"], "upstream_malformed")
         self.assertIn("no finishReason", caught.exception.message)
+
+    @inlineCallbacks
+    def test_legacy_function_loop(self):
+        """
+        OpenAI's legacy interface, through the SDK, whole and streamed:
+        functions asked, message.function_call answered (finish reason
+        function_call), the call sent back as the assistant message with
+        its result as a role "function" message, the final answer.
+        """
+        weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            self.upstream.gemini.answers[:] = [PARALLEL, GeminiAnswer((({"text": "Sunny."},),))]
+
+            def loop(stream: bool = stream) -> tuple[Any, str | None, Any]:
+                messages: list[Any] = list(QUESTION)
+                call_kwargs = {"model": "gpt-4o", "functions": [weather], "function_call": "auto"}
+                if stream:
+                    name, arguments, finish = "", "", None
+                    for chunk in client.chat.completions.create(messages=messages, stream=True, **call_kwargs):
+                        for choice in chunk.choices:
+                            assert not choice.delta.tool_calls
+                            if choice.delta.function_call is not None:
+                                name += choice.delta.function_call.name or ""
+                                arguments += choice.delta.function_call.arguments or ""
+                            finish = choice.finish_reason or finish
+                    call = {"name": name, "arguments": arguments}
+                    messages.append({"role": "assistant", "content": None, "function_call": call})
+                else:
+                    completion = client.chat.completions.create(messages=messages, **call_kwargs)
+                    message = completion.choices[0].message
+                    assert message.tool_calls is None, message
+                    finish = completion.choices[0].finish_reason
+                    call = message.function_call.model_dump()
+                    # As the SDK dumps it: "tool_calls": null and all.
+                    messages.append(message.model_dump())
+                messages.append({"role": "function", "name": call["name"], "content": '{"sky": "clear"}'})
+                answer = client.chat.completions.create(messages=messages, **call_kwargs)
+                return call, finish, answer
+
+            call, finish, answer = yield deferToThread(loop)
+            self.assertEqual(call, {"name": "get_weather", "arguments": '{"city":"Paris"}'}, stream)
+            self.assertEqual(finish, "function_call")
+            self.assertEqual(answer.choices[0].message.content, "Sunny.")
+            self.assertEqual(answer.choices[0].finish_reason, "stop")
+            contents = self.upstream.gemini.last_body["contents"]
+            self.assertEqual([turn["role"] for turn in contents], ["user", "model", "user"])
+            self.assertEqual(contents[1]["parts"][0]["functionCall"], {"name": "get_weather", "args": PARIS})
+            self.assertEqual(
+                contents[2]["parts"], [{"functionResponse": {"name": "get_weather", "response": {"sky": "clear"}}}]
+            )
 
     @inlineCallbacks
     def test_too_large_says_what_to_do(self):

@@ -170,6 +170,11 @@ class ChatRequest:
     #: Some tool call id carries a payload (L{openclaw.dataplane.callids}):
     #: a provider whose wire does not read them gets it plain.
     carried_ids: bool = False
+    #: The functions were declared in the legacy C{functions} field (not
+    #: C{tools}): a wire that writes the answer itself (Gemini's) answers
+    #: in the legacy shape, C{message.function_call} (one call) and finish
+    #: reason C{function_call}, as OpenAI does.
+    legacy_functions: bool = False
 
     @property
     def model(self) -> Any:
@@ -276,6 +281,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     """
     body = json_body(raw, headers)
     legacy_choice = False
+    legacy_functions = body.get("functions") is not None
     if "functions" in body or "function_call" in body:
         legacy_choice = _legacy_functions(body)
     names = _check_tools(body.get("tools"))
@@ -320,7 +326,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
         raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
-    return ChatRequest(body, bool(stream), include_usage, carried_ids)
+    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions)
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:
@@ -576,7 +582,9 @@ def _check_messages(body: dict[str, Any]) -> bool:
             message = messages[i] = {**message, "role": "system"}
         elif role == "function":
             message = messages[i] = _legacy_result(message, where, legacy)
-        elif role == "assistant" and message.get("function_call") is not None and "tool_calls" not in message:
+        elif role == "assistant" and message.get("function_call") is not None and message.get("tool_calls") is None:
+            # Null is not set: the openai SDK's message.model_dump() of a
+            # legacy answer holds "tool_calls": null.
             message = messages[i] = _legacy_call(message, i, where, legacy)
             legacy_at = where
         role = message["role"]

@@ -1065,6 +1065,7 @@ def from_gemini(
     created: int,
     parallel_tool_calls: bool = True,
     asked: int | None = None,
+    legacy_functions: bool = False,
 ) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
@@ -1078,6 +1079,11 @@ def from_gemini(
     @param asked: the number of choices asked for (C{n}); None: as many as
         the answer has candidates.  Choices are in C{index} order, 0 first,
         whatever Gemini's order.
+    @param legacy_functions: the request declared the legacy
+        C{functions} (L{ChatRequest.legacy_functions}): a choice's call is
+        its C{message.function_call} (C{{name, arguments}}, no id), its
+        finish reason C{function_call}; the legacy shape carries one call,
+        so only the first is kept, as with C{parallel_tool_calls} false.
     @raise ModelFailed: a candidate's C{finishReason} says the model
         failed; a candidate has a part the chat shape cannot carry (an
         image, L{_read}), or parts but none the gateway translates
@@ -1113,13 +1119,16 @@ def from_gemini(
         if reading.reasoning:
             message["reasoning_content"] = reading.reasoning
         if reading.tool_calls:
-            calls = reading.tool_calls if parallel_tool_calls else reading.tool_calls[:1]
+            calls = reading.tool_calls if parallel_tool_calls and not legacy_functions else reading.tool_calls[:1]
             for call in calls:
                 del call["index"]
-            message["tool_calls"] = calls
             message["content"] = reading.text or None
+            if legacy_functions:
+                message["function_call"] = calls[0]["function"]
+            else:
+                message["tool_calls"] = calls
             if reason == "stop":
-                reason = "tool_calls"
+                reason = "function_call" if legacy_functions else "tool_calls"
         choices.append(
             {
                 "index": _index(candidate),
@@ -1169,7 +1178,10 @@ class GeminiStream:
     sends a call in one piece), with an C{index} of its own counted across
     the stream, so parallel calls never share one; with
     C{parallel_tool_calls} false only a choice's first call is sent (index
-    0), later ones dropped.  A candidate's C{logprobsResult} becomes the
+    0), later ones dropped.  With C{legacy_functions} a choice's first
+    call is its C{delta.function_call} (C{{name, arguments}}, whole, in
+    one chunk), later ones dropped, and its finish reason
+    C{function_call}.  A candidate's C{logprobsResult} becomes the
     chunk's C{logprobs} (the tokens of that event, L{logprobs}).  A choice's
     C{finish_reason} is held back and sent once, in the last chunk of the
     choice (L{closing}), whatever Gemini repeats on earlier events.
@@ -1189,6 +1201,9 @@ class GeminiStream:
     #: are checked against it (L{check_indexes}); None: not checked but
     #: for negative and repeated indexes.
     asked: int | None = None
+    #: The request declared the legacy C{functions}: calls go as
+    #: C{delta.function_call}, one per choice (L{from_gemini}).
+    legacy_functions: bool = False
     _started: set[int] = attrs.field(factory=set)
     #: choice index -> its finish reason, once Gemini has given one.
     _finished: dict[int, str] = attrs.field(factory=dict)
@@ -1273,10 +1288,13 @@ class GeminiStream:
                 delta["content"] = reading.text
             calls = reading.tool_calls
             sent = self._calls.get(index, 0)
-            if not self.parallel_tool_calls:
+            if not self.parallel_tool_calls or self.legacy_functions:
                 calls = calls[: max(0, 1 - sent)]
             if calls:
-                delta["tool_calls"] = calls
+                if self.legacy_functions:
+                    delta["function_call"] = calls[0]["function"]
+                else:
+                    delta["tool_calls"] = calls
                 self._calls[index] = sent + len(calls)
             if reading.said:
                 self._said.add(index)
@@ -1307,7 +1325,8 @@ class GeminiStream:
     def closing(self) -> list[dict[str, Any]]:
         """
         The last chunks, once the stream is complete: each choice's finish
-        reason (C{tool_calls} when it called a function), then the usage
+        reason (C{tool_calls} when it called a function, C{function_call}
+        with L{legacy_functions}), then the usage
         chunk OpenAI sends last when asked to
         (C{stream_options.include_usage}).
         """
@@ -1315,7 +1334,7 @@ class GeminiStream:
         for index in sorted(self._finished):
             reason = self._finished[index]
             if reason == "stop" and self._calls.get(index):
-                reason = "tool_calls"
+                reason = "function_call" if self.legacy_functions else "tool_calls"
             chunks.append(self._chunk([{"index": index, "delta": {}, "finish_reason": reason, "logprobs": None}]))
         if self.include_usage and self._usage is not None:
             chunks.append({**self._chunk([]), "usage": self._usage})
@@ -1358,13 +1377,20 @@ class GeminiWire:
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         parallel = chat is None or parallel_tool_calls(chat)
         asked = None if chat is None else choices_asked(chat)
-        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked)
+        legacy = chat is not None and chat.legacy_functions
+        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
         return GeminiStreamTranslation(
             GeminiStream(
-                model, completion_id(), created, chat.include_usage, parallel_tool_calls(chat), choices_asked(chat)
+                model,
+                completion_id(),
+                created,
+                chat.include_usage,
+                parallel_tool_calls(chat),
+                choices_asked(chat),
+                chat.legacy_functions,
             )
         )
 
