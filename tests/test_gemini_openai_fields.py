@@ -3,9 +3,13 @@ OpenAI's request fields and answer parts on the Gemini path: a field sent
 as null hides no other; C{parallel_tool_calls: false} gives one tool
 call; log probabilities are asked for and passed on; audio output, and
 values Gemini would refuse, are a gateway 400 naming the field; an image
-URL's type is read from its path; tool names with dots are refused.  Each
-rule on the translation functions alone, and through a real gateway in
-front of the stand-in upstream with the official openai SDK.
+URL's type is read from its path, a data URL's from its media type (in
+any case), and a URL with a password is refused; tool names with dots are
+refused; a history whose tool calls no user turn comes before is refused;
+a candidate without a finish reason is a malformed answer; the legacy
+C{functions} are answered in the legacy shape.  Each rule on the
+translation functions alone, and through a real gateway in front of the
+stand-in upstream with the official openai SDK.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers.estimate import answer_characters, chunk_characters
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import parse_chat_request
+from openclaw.dataplane.sse import Event, encode
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.wire import MalformedAnswer, ModelFailed
 from openclaw.testing.upstream import GeminiAnswer
-from tests.test_agent_traffic import QUESTION, TOOLS, ask
+from tests.test_agent_traffic import PARIS, QUESTION, TOOLS, ask
 from tests.test_dataplane import DataPlaneTestCase
 
 #: Two calls in one event, then a third in the next: Gemini 3 signs the
@@ -331,6 +337,20 @@ class RefusedTests(SynchronousTestCase):
         config = gemini.to_gemini(chat(max_tokens=2**40, max_completion_tokens=7))["generationConfig"]
         self.assertEqual(config["maxOutputTokens"], 7)
 
+    def test_no_thinking_off_on_gemini_2_5_pro(self) -> None:
+        # Google refuses Gemini 2.5 Pro a thinking budget of 0.
+        for model in ("gemini-2.5-pro", "models/gemini-2.5-pro", "gemini-2.5-pro-preview-06-05"):
+            error = refused(chat(reasoning_effort="none"), model)
+            self.assertEqual(error.param, "reasoning_effort")
+            self.assertIn("minimal, low, medium, high, xhigh", error.message)
+            self.assertIn(model.removeprefix("models/"), error.message)
+            config = gemini.to_gemini(chat(reasoning_effort="minimal"), model)["generationConfig"]
+            self.assertEqual(config["thinkingConfig"]["thinkingBudget"], 1024)
+        # The models that can turn it off still do.
+        for model in ("gemini-2.5-flash", "gemini-2.5-flash-lite"):
+            config = gemini.to_gemini(chat(reasoning_effort="none"), model)["generationConfig"]
+            self.assertEqual(config, {"thinkingConfig": {"thinkingBudget": 0}})
+
     def test_tools_with_json_on_gemini_2(self) -> None:
         for kind in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
             body = chat(tools=TOOLS, response_format=kind)
@@ -370,6 +390,216 @@ class ImageTypeTests(SynchronousTestCase):
             error = refused(image(url))
             self.assertEqual(error.param, "messages[0].content[0].image_url.url")
             self.assertIn("must name a PNG, JPEG, WEBP, HEIC or HEIF image", error.message)
+
+    def test_data_url_types(self) -> None:
+        """
+        A data URL's media type is checked against the same types as an
+        image URL's name; scheme and type are read in any case (RFC 3986,
+        RFC 2045) and sent in lower case.
+        """
+        for media_type in ("image/gif", "image/svg+xml", "text/plain", "IMAGE/GIF", "application/octet-stream"):
+            error = refused(image(f"data:{media_type};base64,AAAA"))
+            self.assertEqual(error.param, "messages[0].content[0].image_url.url")
+            self.assertIn(f"type {media_type.lower()}, not an image Gemini takes", error.message)
+            self.assertIn("PNG, JPEG, WEBP, HEIC or HEIF", error.message)
+        for url, sent in (
+            ("data:image/png;base64,AAAA", "image/png"),
+            ("DATA:IMAGE/PNG;BASE64,AAAA", "image/png"),
+            ("Data:Image/Jpeg;name=a.jpg;Base64,AAAA", "image/jpeg"),
+            ("data:image/jpg;base64,AAAA", "image/jpeg"),
+            ("data:image/webp;base64,AAAA", "image/webp"),
+            ("data:image/HEIC;base64,AAAA", "image/heic"),
+            ("data:image/heif;base64,AAAA", "image/heif"),
+        ):
+            part = gemini.to_gemini(image(url))["contents"][0]["parts"][0]
+            self.assertEqual(part, {"inlineData": {"mimeType": sent, "data": "AAAA"}}, url)
+        # A file is not an image: its type is not checked, only lowered.
+        body = chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "file", "file": {"file_data": "DATA:Application/PDF;BASE64,JVBE"}}],
+                }
+            ]
+        )
+        part = gemini.to_gemini(body)["contents"][0]["parts"][0]
+        self.assertEqual(part, {"inlineData": {"mimeType": "application/pdf", "data": "JVBE"}})
+        # Still base64, strictly: unpadded data is refused at the door.
+        with self.assertRaises(APIError):
+            image("DATA:IMAGE/PNG;BASE64,AAA")
+
+    def test_password_in_url(self) -> None:
+        """
+        An image URL with a user name or password is refused at the door
+        (for every provider: it would fetch the image with it), without
+        quoting the URL back; so is one whose host does not parse.
+        """
+        for url in (
+            "https://user:s3cret@example.com/a.png",
+            "http://token@example.com/a.png",
+            "https://:s3cret@example.com/",
+            "gs://user:s3cret@bucket/a.png",
+        ):
+            with self.assertRaises(APIError) as caught:
+                image(url)
+            self.assertEqual(caught.exception.param, "messages[0].content[0].image_url.url", url)
+            self.assertIn("user name or password", caught.exception.message)
+            self.assertIn("remove it", caught.exception.message)
+            self.assertNotIn("s3cret", caught.exception.message)
+        with self.assertRaises(APIError) as caught:
+            image("https://[user:s3cret@::1/a.png")
+        self.assertIn("is not a valid URL", caught.exception.message)
+        self.assertNotIn("s3cret", caught.exception.message)
+        # An @ after the host is no userinfo.
+        self.assertEqual(self.sent_type("https://example.com/@me/a.png?by=a@b#c@d"), "image/png")
+
+
+def call_turn(call_id: str = "c1") -> list[dict[str, Any]]:
+    """
+    An assistant message with one tool call, and its result.
+    """
+    return [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": "noon"},
+    ]
+
+
+class CallTurnOrderTests(SynchronousTestCase):
+    """
+    Gemini refuses a function call turn that does not come right after a
+    user turn or a function response turn: a valid OpenAI history whose
+    first tool calls no user message (with content) comes before is a 400
+    naming that message, before anything is sent; no user turn is made up.
+    """
+
+    def test_no_user_turn_before_calls(self) -> None:
+        system = {"role": "system", "content": "Be brief."}
+        for messages, at in (
+            ([system, *call_turn()], "messages[1]"),
+            ([system, {"role": "user", "content": ""}, *call_turn()], "messages[2]"),
+            ([{"role": "user", "content": [{"type": "text", "text": ""}]}, *call_turn()], "messages[1]"),
+            # Text from the assistant first: still no user turn.
+            (
+                [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": ""}, *call_turn()],
+                "messages[2]",
+            ),
+        ):
+            error = refused(chat(messages=messages, tools=TOOLS))
+            self.assertEqual(error.param, at, messages)
+            self.assertIn(f"add a user message before {at}", error.message)
+            self.assertEqual(error.type, "invalid_request_error")
+
+    def test_after_a_user_turn(self) -> None:
+        picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        for messages in (
+            [*QUESTION, *call_turn()],
+            [{"role": "system", "content": "s"}, {"role": "user", "content": [picture]}, *call_turn()],
+            [{"role": "user", "content": ""}, *QUESTION, *call_turn("c1"), *call_turn("c2")],
+            [*QUESTION, {"role": "assistant", "content": "Let me look."}, *call_turn()],
+        ):
+            roles = [turn["role"] for turn in gemini.to_gemini(chat(messages=messages, tools=TOOLS))["contents"]]
+            # User first, then turns of each role in turn, as sent.
+            self.assertEqual(roles, ["user", "model", "user", "model", "user"][: len(roles)], messages)
+            self.assertIn(len(roles), (3, 5))
+
+
+class UnfinishedCandidateTests(SynchronousTestCase):
+    """
+    A whole answer's candidate without a finishReason has not stopped
+    (Google's reference): a malformed answer (502 upstream_malformed,
+    the provider's failure), as a stream cut before it ends in an error.
+    """
+
+    def test_no_finish_reason(self) -> None:
+        for unfinished in (
+            {"content": {"parts": [{"text": "Sunny"}], "role": "model"}},
+            {"content": {"parts": [{"text": "Sunny"}]}, "finishReason": None},
+            {"content": {"parts": [{"functionCall": {"name": "get_time", "args": {}}}]}},
+        ):
+            with self.assertRaises(MalformedAnswer) as caught:
+                gemini.from_gemini({"candidates": [unfinished]}, "m", "id", 0)
+            self.assertNotIsInstance(caught.exception, ModelFailed)
+            self.assertEqual(caught.exception.code, "upstream_malformed")
+            self.assertIn("no finishReason", str(caught.exception))
+        # One of two choices unfinished: the answer is.
+        document = {"candidates": [candidate("a", 0), {"content": {"parts": [{"text": "b"}]}, "index": 1}]}
+        with self.assertRaises(MalformedAnswer):
+            gemini.from_gemini(document, "m", "id", 0, asked=2)
+
+
+#: A legacy request (functions, function_call) as the SDK sends it.
+LEGACY = {"functions": [TOOLS[0]["function"], TOOLS[1]["function"]], "function_call": "auto"}
+
+
+class LegacyFunctionsTests(SynchronousTestCase):
+    """
+    A request that declares the legacy functions gets its call in the
+    legacy shape: message.function_call (the first call only: the shape
+    carries one), finish_reason function_call; streamed,
+    delta.function_call.
+    """
+
+    def request(self, **body: Any) -> Any:
+        return parse_chat_request(orjson.dumps({"messages": QUESTION, **body}))
+
+    def test_flag(self) -> None:
+        self.assertTrue(self.request(**LEGACY).legacy_functions)
+        self.assertTrue(self.request(functions=LEGACY["functions"]).legacy_functions)
+        self.assertFalse(self.request(tools=TOOLS).legacy_functions)
+        self.assertFalse(self.request(tools=TOOLS, functions=None).legacy_functions)
+        self.assertFalse(self.request(function_call="none").legacy_functions)
+
+    def test_whole(self) -> None:
+        wire = gemini.GeminiWire()
+        body = orjson.dumps(ParallelToolCallsTests().document())
+        answer = orjson.loads(wire.completion(body, "m", 0, self.request(**LEGACY)).body)
+        (choice,) = answer["choices"]
+        self.assertEqual(choice["finish_reason"], "function_call")
+        message = choice["message"]
+        self.assertNotIn("tool_calls", message)
+        self.assertEqual(message["function_call"], {"name": "get_weather", "arguments": '{"city":"Paris"}'})
+        self.assertIsNone(message["content"])
+        # Text beside the call is kept; an answer without a call is as ever.
+        document = {
+            "candidates": [{"content": {"parts": [{"text": "Hm."}, *PARALLEL.events[1]]}, "finishReason": "STOP"}]
+        }
+        message = gemini.from_gemini(document, "m", "id", 0, legacy_functions=True)["choices"][0]["message"]
+        self.assertEqual((message["content"], message["function_call"]["name"]), ("Hm.", "get_time"))
+        document = {"candidates": [candidate("Sunny", 0)]}
+        choice = gemini.from_gemini(document, "m", "id", 0, legacy_functions=True)["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"].get("function_call")), ("stop", None))
+        # With tools: the tools shape, as before.
+        answer = orjson.loads(wire.completion(body, "m", 0, self.request(tools=TOOLS)).body)
+        self.assertEqual(len(answer["choices"][0]["message"]["tool_calls"]), 3)
+        self.assertEqual(answer["choices"][0]["finish_reason"], "tool_calls")
+
+    def test_stream(self) -> None:
+        translation = gemini.GeminiWire().stream(self.request(**LEGACY, stream=True), "m", 0)
+        payloads = []
+        for i, event in enumerate(PARALLEL.events):
+            part: dict[str, Any] = {"content": {"parts": list(event), "role": "model"}}
+            if i == len(PARALLEL.events) - 1:
+                part["finishReason"] = "STOP"
+            payloads += translation.payloads(Event(b"", orjson.dumps({"candidates": [part]})))
+        payloads += translation.closing()
+        deltas = [choice["delta"] for p in payloads for choice in orjson.loads(p)["choices"]]
+        self.assertFalse(any("tool_calls" in delta for delta in deltas))
+        calls = [delta["function_call"] for delta in deltas if "function_call" in delta]
+        self.assertEqual(calls, [{"name": "get_weather", "arguments": '{"city":"Paris"}'}])
+        self.assertEqual(orjson.loads(payloads[-1])["choices"][0]["finish_reason"], "function_call")
+        # A usage estimate (the answer's own usage never known) counts the
+        # call, as it counts tool calls: its name and arguments.
+        call_characters = len("get_weather") + len('{"city":"Paris"}')
+        self.assertEqual(chunk_characters(b"".join(encode(p) for p in payloads)), call_characters)
+
+    def test_estimate_counts_the_call(self) -> None:
+        body = orjson.dumps(ParallelToolCallsTests().document())
+        answer = gemini.GeminiWire().completion(body, "m", 0, self.request(**LEGACY)).body
+        self.assertEqual(answer_characters(answer), len("get_weather") + len('{"city":"Paris"}'))
 
 
 class ToolNameTests(SynchronousTestCase):
@@ -480,12 +710,78 @@ class GatewayTests(DataPlaneTestCase):
                 },
                 "messages[0].content[0].image_url.url",
             ),
+            (image("data:image/gif;base64,R0lG"), "messages[0].content[0].image_url.url"),
+            ({"reasoning_effort": "none", "model": "gemini/gemini-2.5-pro"}, "reasoning_effort"),
+            ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}
             with self.assertRaises(openai.BadRequestError) as caught:
                 yield deferToThread(client.chat.completions.create, **kwargs)
             self.assertEqual(caught.exception.body["param"], param, extra)
         self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_unfinished_candidate(self):
+        unfinished = {"candidates": [{"content": {"parts": [{"text": "Sun"}], "role": "model"}}], "modelVersion": "m"}
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=unfinished)]
+        # Not failed over (a malformed answer would be), to see its message.
+        client = self.sdk(self.gateway(fallback="off"))
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield deferToThread(client.chat.completions.create, model="x", messages=QUESTION)
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertEqual(caught.exception.body["code"], "upstream_malformed")
+        self.assertIn("no finishReason", caught.exception.message)
+
+    @inlineCallbacks
+    def test_legacy_function_loop(self):
+        """
+        OpenAI's legacy interface, through the SDK, whole and streamed:
+        functions asked, message.function_call answered (finish reason
+        function_call), the call sent back as the assistant message with
+        its result as a role "function" message, the final answer.
+        """
+        weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            self.upstream.gemini.answers[:] = [PARALLEL, GeminiAnswer((({"text": "Sunny."},),))]
+
+            def loop(stream: bool = stream) -> tuple[Any, str | None, Any]:
+                messages: list[Any] = list(QUESTION)
+                call_kwargs = {"model": "gpt-4o", "functions": [weather], "function_call": "auto"}
+                if stream:
+                    name, arguments, finish = "", "", None
+                    for chunk in client.chat.completions.create(messages=messages, stream=True, **call_kwargs):
+                        for choice in chunk.choices:
+                            assert not choice.delta.tool_calls
+                            if choice.delta.function_call is not None:
+                                name += choice.delta.function_call.name or ""
+                                arguments += choice.delta.function_call.arguments or ""
+                            finish = choice.finish_reason or finish
+                    call = {"name": name, "arguments": arguments}
+                    messages.append({"role": "assistant", "content": None, "function_call": call})
+                else:
+                    completion = client.chat.completions.create(messages=messages, **call_kwargs)
+                    message = completion.choices[0].message
+                    assert message.tool_calls is None, message
+                    finish = completion.choices[0].finish_reason
+                    call = message.function_call.model_dump()
+                    # As the SDK dumps it: "tool_calls": null and all.
+                    messages.append(message.model_dump())
+                messages.append({"role": "function", "name": call["name"], "content": '{"sky": "clear"}'})
+                answer = client.chat.completions.create(messages=messages, **call_kwargs)
+                return call, finish, answer
+
+            call, finish, answer = yield deferToThread(loop)
+            self.assertEqual(call, {"name": "get_weather", "arguments": '{"city":"Paris"}'}, stream)
+            self.assertEqual(finish, "function_call")
+            self.assertEqual(answer.choices[0].message.content, "Sunny.")
+            self.assertEqual(answer.choices[0].finish_reason, "stop")
+            contents = self.upstream.gemini.last_body["contents"]
+            self.assertEqual([turn["role"] for turn in contents], ["user", "model", "user"])
+            self.assertEqual(contents[1]["parts"][0]["functionCall"], {"name": "get_weather", "args": PARIS})
+            self.assertEqual(
+                contents[2]["parts"], [{"functionResponse": {"name": "get_weather", "response": {"sky": "clear"}}}]
+            )
 
     @inlineCallbacks
     def test_too_large_says_what_to_do(self):

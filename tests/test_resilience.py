@@ -489,10 +489,22 @@ class FailoverTests(ResilienceTestCase):
         self.assertIn('"error"', text)
         self.assertEqual(gemini.requests, 0)
         # A request Kimi takes but Gemini cannot (its candidateCount limit,
-        # its int32 fields): Kimi's own failure (retryable), no failover
-        # counted or claimed.
+        # its int32 fields, tool calls no user turn comes before): Kimi's
+        # own failure (retryable), no failover counted or claimed.
         kimi.mode, kimi.error_status = "error", 500
-        for extra in ({"n": 9}, {"max_tokens": 2**31}, {"max_completion_tokens": 2**40}, {"seed": 2**31}):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        calls_first = [
+            {"role": "system", "content": "s"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "r"},
+        ]
+        for extra in (
+            {"n": 9},
+            {"max_tokens": 2**31},
+            {"max_completion_tokens": 2**40},
+            {"seed": 2**31},
+            {"messages": calls_first},
+        ):
             response, text = yield self.post(gateway, {"messages": HELLO, **extra})
             self.assertEqual(response.code, 502, text)
             self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["500"])

@@ -5,7 +5,8 @@ stream did not bring it in time, the stream broke, or the provider sent
 none.  Each text counts one token per 4 characters, rounded up (Google's
 rule of thumb, U{https://ai.google.dev/gemini-api/docs/tokens}; the same
 rule as embeddings): the prompt's messages, and the completion text the
-gateway saw (content, reasoning, tool call names and arguments).
+gateway saw (content, reasoning, tool call names and arguments, the
+legacy C{function_call}'s too).
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ def _calls_characters(calls: Any) -> int:
     """
     if not isinstance(calls, list):
         return 0
-    total = 0
-    for call in calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            for field in ("name", "arguments"):
-                if isinstance(function.get(field), str):
-                    total += len(function[field])
-    return total
+    return sum(_function_characters(call.get("function")) for call in calls if isinstance(call, dict))
+
+
+def _function_characters(function: Any) -> int:
+    """
+    The characters of one call's C{function} (C{{name, arguments}}, as in
+    a tool call or the legacy C{function_call}).
+    """
+    if not isinstance(function, dict):
+        return 0
+    return sum(len(function[field]) for field in ("name", "arguments") if isinstance(function.get(field), str))
 
 
 def prompt_characters(body: dict[str, Any]) -> int:
@@ -84,6 +88,8 @@ def _message_characters(message: Any) -> int:
         _text_characters(message.get("content"))
         + _text_characters(message.get("reasoning_content"))
         + _calls_characters(message.get("tool_calls"))
+        # The legacy shape's one call (Gemini's answer to functions).
+        + _function_characters(message.get("function_call"))
     )
 
 

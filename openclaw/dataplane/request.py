@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -66,8 +67,11 @@ TOOL_CHOICE_SHAPES = (
 )
 RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 IMAGE_DETAILS = frozenset({"auto", "low", "high"})
-#: C{data:<media type>;base64,<data>}: the only inline form carried.
-DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII)
+#: C{data:<media type>;base64,<data>}: the only inline form carried.  The
+#: scheme, the media type and "base64" in any case: a URL's scheme is
+#: case-insensitive (RFC 3986 section 3.1), and so are a media type's
+#: names (RFC 2045 section 5.1, which RFC 2397's data URLs use).
+DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII | re.IGNORECASE)
 #: Base64 as RFC 4648 section 4 has it (padded): checked, not decoded.
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 #: URL schemes an image may be given by (the gateway never fetches them).
@@ -166,6 +170,11 @@ class ChatRequest:
     #: Some tool call id carries a payload (L{openclaw.dataplane.callids}):
     #: a provider whose wire does not read them gets it plain.
     carried_ids: bool = False
+    #: The functions were declared in the legacy C{functions} field (not
+    #: C{tools}): a wire that writes the answer itself (Gemini's) answers
+    #: in the legacy shape, C{message.function_call} (one call) and finish
+    #: reason C{function_call}, as OpenAI does.
+    legacy_functions: bool = False
 
     @property
     def model(self) -> Any:
@@ -272,6 +281,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     """
     body = json_body(raw, headers)
     legacy_choice = False
+    legacy_functions = body.get("functions") is not None
     if "functions" in body or "function_call" in body:
         legacy_choice = _legacy_functions(body)
     names = _check_tools(body.get("tools"))
@@ -316,7 +326,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
         raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
-    return ChatRequest(body, bool(stream), include_usage, carried_ids)
+    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions)
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:
@@ -572,7 +582,9 @@ def _check_messages(body: dict[str, Any]) -> bool:
             message = messages[i] = {**message, "role": "system"}
         elif role == "function":
             message = messages[i] = _legacy_result(message, where, legacy)
-        elif role == "assistant" and message.get("function_call") is not None and "tool_calls" not in message:
+        elif role == "assistant" and message.get("function_call") is not None and message.get("tool_calls") is None:
+            # Null is not set: the openai SDK's message.model_dump() of a
+            # legacy answer holds "tool_calls": null.
             message = messages[i] = _legacy_call(message, i, where, legacy)
             legacy_at = where
         role = message["role"]
@@ -821,6 +833,8 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
                 "or an http(s):// or gs:// URL",
                 param=f"{at}.image_url.url",
             )
+        if url.startswith(IMAGE_URL_SCHEMES):
+            _check_image_url(url, f"{at}.image_url.url")
         if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
     elif kind == "input_audio":
@@ -841,6 +855,34 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
             raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
+
+
+def _check_image_url(url: str, where: str) -> None:
+    """
+    Refuse an image URL (C{http(s)://}, C{gs://}) that does not parse
+    (C{https://[x/a.png}: an unclosed IPv6 literal) or that carries a user
+    name or password (RFC 3986 section 3.2.1's userinfo,
+    C{https://user:pass@host/...}): the provider fetches the image, so the
+    credential would be passed on to it.  The URL is not quoted back.
+
+    @raise APIError: 400 naming C{where}.
+    """
+    try:
+        authority = urlsplit(url).netloc
+    except ValueError:
+        # Not quoted: Python's message may quote the host, userinfo and all.
+        raise bad_request(
+            f"{where} is not a valid URL (its host part does not parse: an unclosed [ of an IPv6 address, "
+            "characters a host cannot hold); fix the URL",
+            param=where,
+        ) from None
+    if "@" in authority:
+        raise bad_request(
+            f"{where} carries a user name or password (user:pass@host), which the gateway would pass on to the "
+            "provider that fetches the image: remove it from the URL (make the image readable without it, or "
+            "send it as a base64 data URL)",
+            param=where,
+        )
 
 
 def _check_response_format(response_format: Any) -> None:

@@ -41,8 +41,8 @@ import attrs
 import orjson
 from twisted.logger import Logger
 
-from openclaw.dataplane.errors import bad_request
-from openclaw.dataplane.request import DATA_URL, ChatRequest, nests_too_deep
+from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.request import DATA_URL, REASONING_EFFORTS, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.gemini.callids import carried, new_call_id
@@ -150,6 +150,12 @@ THINKING_LEVEL_FAMILIES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
 )
 #: Model names that take a thinking budget rather than a level.
 _BUDGET_MODELS = ("gemini-2", "gemini-1")
+#: The names of the budget models that cannot turn thinking off, whose
+#: budget 0 (C{reasoning_effort} "none") Google refuses ("Budget 0 is
+#: invalid. This model only works in thinking mode."): Gemini 2.5 Pro,
+#: whose budget is 128 to 32768
+#: (U{https://ai.google.dev/gemini-api/docs/thinking#set-budget}).
+ALWAYS_THINKING = re.compile(r"gemini-2\.5-pro")
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
@@ -165,6 +171,8 @@ IMAGE_TYPES = MappingProxyType(
         "heif": "image/heif",
     }
 )
+#: L{IMAGE_TYPES}, as a message names them.
+IMAGE_TYPE_NAMES = "PNG, JPEG, WEBP, HEIC or HEIF"
 #: Gemini's C{generationConfig} limits
 #: (U{https://ai.google.dev/api/generate-content#generationconfig}):
 #: C{candidateCount} from 1 to 8; at most 5 C{stopSequences}.
@@ -223,8 +231,10 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     @param model: the model asked for (Gemini 2 and 3 take
         C{reasoning_effort} differently).
     @raise APIError: 400 naming the field, for what Gemini cannot do or
-        would refuse (L{refuse_unsupported}), and for an image URL that
-        names no image (L{image_type}).
+        would refuse (L{refuse_unsupported}), for an image that is not
+        of a type Gemini takes (L{image_type}, L{data_image_type}), and
+        for an assistant message with tool calls that no user turn comes
+        before (L{no_turn_before_calls}).
     """
     refuse_unsupported(body, model)
     system: list[dict[str, Any]] = []
@@ -263,6 +273,9 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
                 parts.append({"text": refusal})
             tool_calls = message.get("tool_calls")
             if tool_calls:
+                # Turns alternate: a user turn, if any, is first or second.
+                if not any(turn["role"] == "user" for turn in contents[:2]):
+                    raise no_turn_before_calls(f"messages[{i - 1}]")
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
                 parts.extend(_function_call(call, calls) for call in tool_calls)
             _append(contents, "model", parts)
@@ -292,6 +305,25 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     if config:
         request["generationConfig"] = config
     return request
+
+
+def no_turn_before_calls(where: str) -> APIError:
+    """
+    400 naming the assistant message at C{where}, whose tool calls would
+    open Gemini's C{contents}: Google refuses a function call turn that
+    does not come right after a user turn or a function response turn
+    ("Please ensure that function call turn comes immediately after a user
+    turn or after a function response turn", google-gemini/gemini-cli
+    #11814).  OpenAI's history allows it ([system, assistant with
+    tool_calls, tool]; a user message with no content is dropped, as Gemini
+    refuses empty text); the gateway writes no user turn of its own.
+    """
+    return bad_request(
+        f"{where} is an assistant message with tool_calls that no user message with content, nor tool results, "
+        "comes before (system messages and empty user messages do not count): Gemini needs one right before a "
+        f"function call turn; add a user message before {where}",
+        param=where,
+    )
 
 
 def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
@@ -409,8 +441,9 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     refuse; more than L{MAX_STOP_SEQUENCES} (non-empty) stop
     sequences; C{tools} with a JSON C{response_format} on a
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
-    type: 'application/json' is unsupported"; Gemini 3 takes both).  A
-    field set to null is not set.
+    type: 'application/json' is unsupported"; Gemini 3 takes both);
+    C{reasoning_effort} "none" on a model that cannot turn thinking off
+    (L{ALWAYS_THINKING}).  A field set to null is not set.
 
     @raise APIError: 400 whose C{param} names the field.
     """
@@ -451,6 +484,14 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"stop holds {len(sequences)} sequences: Gemini takes at most {MAX_STOP_SEQUENCES}; "
             f"send {MAX_STOP_SEQUENCES} or fewer",
             param="stop",
+        )
+    name = model.removeprefix("models/")
+    if body.get("reasoning_effort") == "none" and ALWAYS_THINKING.match(name):
+        efforts = ", ".join(effort for effort in REASONING_EFFORTS if effort != "none")
+        raise bad_request(
+            f'reasoning_effort "none" turns thinking off, which Gemini {name} cannot do (Google refuses its '
+            f"thinking budget 0): send one of {efforts}, or leave reasoning_effort out",
+            param="reasoning_effort",
         )
     if body.get("tools") and _response_format(body) in JSON_FORMATS and _budget_model(model):
         raise bad_request(
@@ -566,7 +607,7 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
             if part[kind]:
                 parts.append({"text": part[kind]})
         elif kind == "image_url":
-            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url"))
+            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url", image=True))
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
@@ -575,15 +616,43 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
     return parts
 
 
-def _media(url: str, where: str) -> dict[str, Any]:
+def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     """
-    C{inlineData} for a base64 data URL, C{fileData} for an image URL (the
-    gateway never fetches it: Gemini does, or refuses).
+    C{inlineData} for a base64 data URL (its media type in lower case),
+    C{fileData} for an image URL (the gateway never fetches it: Gemini
+    does, or refuses).
+
+    @param image: the URL is an C{image_url}'s: a data URL's type is
+        checked (L{data_image_type}).
     """
     match = DATA_URL.match(url)
     if match is not None:
-        return {"inlineData": {"mimeType": match.group(1), "data": url[match.end() :]}}
+        media_type = match.group(1).lower()
+        if image:
+            media_type = data_image_type(media_type, where)
+        return {"inlineData": {"mimeType": media_type, "data": url[match.end() :]}}
     return {"fileData": {"fileUri": url, "mimeType": image_type(url, where)}}
+
+
+def data_image_type(media_type: str, where: str = "image_url.url") -> str:
+    """
+    The type Gemini is sent for an image data URL of C{media_type} (lower
+    case): one of L{IMAGE_TYPES}, named by its subtype (C{image/jpg}, a
+    common misspelling, is C{image/jpeg}).
+
+    @raise APIError: 400 naming C{where} for any other type (C{image/gif},
+        C{image/svg+xml}, C{text/plain}), which Gemini would refuse or
+        misread, as an image URL's name of another type is (L{image_type}).
+    """
+    kind, _, subtype = media_type.partition("/")
+    known = IMAGE_TYPES.get(subtype) if kind == "image" else None
+    if known is not None:
+        return known
+    raise bad_request(
+        f"{where} is a data URL of type {media_type}, not an image Gemini takes: an image must be {IMAGE_TYPE_NAMES} "
+        "(Google's supported image types); convert it to one of those",
+        param=where,
+    )
 
 
 def image_type(url: str, where: str = "image_url.url") -> str:
@@ -607,8 +676,8 @@ def image_type(url: str, where: str = "image_url.url") -> str:
     if guessed is None:
         return DEFAULT_IMAGE_TYPE
     raise bad_request(
-        f"{where} names a file of type {guessed}, not an image Gemini takes: an image URL must name a PNG, JPEG, "
-        "WEBP, HEIC or HEIF image (by its extension, or none); send the image itself, or as a base64 data URL",
+        f"{where} names a file of type {guessed}, not an image Gemini takes: an image URL must name a "
+        f"{IMAGE_TYPE_NAMES} image (by its extension, or none); send the image itself, or as a base64 data URL",
         param=where,
     )
 
@@ -996,6 +1065,7 @@ def from_gemini(
     created: int,
     parallel_tool_calls: bool = True,
     asked: int | None = None,
+    legacy_functions: bool = False,
 ) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
@@ -1009,13 +1079,19 @@ def from_gemini(
     @param asked: the number of choices asked for (C{n}); None: as many as
         the answer has candidates.  Choices are in C{index} order, 0 first,
         whatever Gemini's order.
+    @param legacy_functions: the request declared the legacy
+        C{functions} (L{ChatRequest.legacy_functions}): a choice's call is
+        its C{message.function_call} (C{{name, arguments}}, no id), its
+        finish reason C{function_call}; the legacy shape carries one call,
+        so only the first is kept, as with C{parallel_tool_calls} false.
     @raise ModelFailed: a candidate's C{finishReason} says the model
         failed; a candidate has a part the chat shape cannot carry (an
         image, L{_read}), or parts but none the gateway translates
         (L{untranslated}).  Parts of kinds not translated beside text or a
         tool call are left out, with a warning (L{warn_skipped}).
     @raise MalformedAnswer: an answer of a shape Gemini's API does not
-        return (L{_read}), candidate indexes that are not whole numbers
+        return (L{_read}), a candidate without a C{finishReason} (one that
+        has not stopped), candidate indexes that are not whole numbers
         (L{_index}: none or null is 0), out of range or given twice
         (L{check_indexes}).
     """
@@ -1025,6 +1101,14 @@ def from_gemini(
     for candidate in _candidates(document):
         reason = _failed(candidate)
         unknown = unknown or unknown_reason(candidate)
+        if reason is None:
+            # Google's reference: an empty finishReason means "the model
+            # has not stopped generating"; a stream ends with an error
+            # then (GeminiStream.complete), and so does a whole answer.
+            raise MalformedAnswer(
+                "Gemini's candidate has no finishReason: the model had not stopped, so its answer may be cut "
+                "short; retry"
+            )
         reading = _read(candidate)
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
@@ -1035,13 +1119,16 @@ def from_gemini(
         if reading.reasoning:
             message["reasoning_content"] = reading.reasoning
         if reading.tool_calls:
-            calls = reading.tool_calls if parallel_tool_calls else reading.tool_calls[:1]
+            calls = reading.tool_calls if parallel_tool_calls and not legacy_functions else reading.tool_calls[:1]
             for call in calls:
                 del call["index"]
-            message["tool_calls"] = calls
             message["content"] = reading.text or None
+            if legacy_functions:
+                message["function_call"] = calls[0]["function"]
+            else:
+                message["tool_calls"] = calls
             if reason == "stop":
-                reason = "tool_calls"
+                reason = "function_call" if legacy_functions else "tool_calls"
         choices.append(
             {
                 "index": _index(candidate),
@@ -1091,7 +1178,10 @@ class GeminiStream:
     sends a call in one piece), with an C{index} of its own counted across
     the stream, so parallel calls never share one; with
     C{parallel_tool_calls} false only a choice's first call is sent (index
-    0), later ones dropped.  A candidate's C{logprobsResult} becomes the
+    0), later ones dropped.  With C{legacy_functions} a choice's first
+    call is its C{delta.function_call} (C{{name, arguments}}, whole, in
+    one chunk), later ones dropped, and its finish reason
+    C{function_call}.  A candidate's C{logprobsResult} becomes the
     chunk's C{logprobs} (the tokens of that event, L{logprobs}).  A choice's
     C{finish_reason} is held back and sent once, in the last chunk of the
     choice (L{closing}), whatever Gemini repeats on earlier events.
@@ -1111,6 +1201,9 @@ class GeminiStream:
     #: are checked against it (L{check_indexes}); None: not checked but
     #: for negative and repeated indexes.
     asked: int | None = None
+    #: The request declared the legacy C{functions}: calls go as
+    #: C{delta.function_call}, one per choice (L{from_gemini}).
+    legacy_functions: bool = False
     _started: set[int] = attrs.field(factory=set)
     #: choice index -> its finish reason, once Gemini has given one.
     _finished: dict[int, str] = attrs.field(factory=dict)
@@ -1195,10 +1288,13 @@ class GeminiStream:
                 delta["content"] = reading.text
             calls = reading.tool_calls
             sent = self._calls.get(index, 0)
-            if not self.parallel_tool_calls:
+            if not self.parallel_tool_calls or self.legacy_functions:
                 calls = calls[: max(0, 1 - sent)]
             if calls:
-                delta["tool_calls"] = calls
+                if self.legacy_functions:
+                    delta["function_call"] = calls[0]["function"]
+                else:
+                    delta["tool_calls"] = calls
                 self._calls[index] = sent + len(calls)
             if reading.said:
                 self._said.add(index)
@@ -1229,7 +1325,8 @@ class GeminiStream:
     def closing(self) -> list[dict[str, Any]]:
         """
         The last chunks, once the stream is complete: each choice's finish
-        reason (C{tool_calls} when it called a function), then the usage
+        reason (C{tool_calls} when it called a function, C{function_call}
+        with L{legacy_functions}), then the usage
         chunk OpenAI sends last when asked to
         (C{stream_options.include_usage}).
         """
@@ -1237,7 +1334,7 @@ class GeminiStream:
         for index in sorted(self._finished):
             reason = self._finished[index]
             if reason == "stop" and self._calls.get(index):
-                reason = "tool_calls"
+                reason = "function_call" if self.legacy_functions else "tool_calls"
             chunks.append(self._chunk([{"index": index, "delta": {}, "finish_reason": reason, "logprobs": None}]))
         if self.include_usage and self._usage is not None:
             chunks.append({**self._chunk([]), "usage": self._usage})
@@ -1280,13 +1377,20 @@ class GeminiWire:
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         parallel = chat is None or parallel_tool_calls(chat)
         asked = None if chat is None else choices_asked(chat)
-        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked)
+        legacy = chat is not None and chat.legacy_functions
+        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
         return GeminiStreamTranslation(
             GeminiStream(
-                model, completion_id(), created, chat.include_usage, parallel_tool_calls(chat), choices_asked(chat)
+                model,
+                completion_id(),
+                created,
+                chat.include_usage,
+                parallel_tool_calls(chat),
+                choices_asked(chat),
+                chat.legacy_functions,
             )
         )
 
