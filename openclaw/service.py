@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterNode
-from openclaw.cluster.redis import RedisStore, redacted_url
+from openclaw.cluster.redis import RedisStore
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
@@ -52,6 +52,7 @@ from openclaw.session import SessionAuthority, SessionToken
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
 from openclaw.timefmt import isoformat
+from openclaw.urls import masked_url
 
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
@@ -378,7 +379,7 @@ class GatewayService(MultiService):
             on_lock=lambda key, seconds: self.lockout.impose(key, seconds) if self.lockout else None,
             on_foreign_token=self._foreign_token,
             retry_max=settings.redis_reconnect_max_seconds,
-            where=redacted_url(settings.redis_url),
+            where=masked_url(settings.redis_url),
         )
         self.lockout = SharedLockout(
             AuthLockout.from_settings(settings, reactor.seconds),
@@ -397,7 +398,7 @@ class GatewayService(MultiService):
         self._log.critical(
             "the cluster store at {where} holds a session token this instance cannot trust ({error}): "
             "give every instance of cluster {name} the same JWT_SECRET, or a CLUSTER_NAME of its own",
-            where=redacted_url(self.settings.redis_url or ""),
+            where=masked_url(self.settings.redis_url or ""),
             error=error,
             name=self.settings.cluster_name,
         )
@@ -493,7 +494,7 @@ class GatewayService(MultiService):
         self._log.warn(
             "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); "
             "check that Redis is running and REDIS_URL is right",
-            where=redacted_url(self.settings.redis_url or ""),
+            where=masked_url(self.settings.redis_url or ""),
             seconds=self._reactor.seconds() - self._joined_at,
         )
 

@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.urls import masked_url
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import (
     TOKEN_LINE,
@@ -762,26 +763,25 @@ class StoreConnections(TestCase):
         the handshake too, and never shown: the store connects, and its
         identity and the redacted URL have C{***} in its place.
         """
-        from openclaw.cluster.redis import _Commands, redacted_url, redis_endpoint
+        from openclaw.cluster.redis import _Commands, redis_endpoint
 
         self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "requirepass", "hunter2").startswith(b"+OK"))
         url = f"redis://127.0.0.1:{self.redis.port}/0?password=hunter2"
         store = yield self.connected_store(url)
         factory = _Commands(store, redis_endpoint(url, reactor, 2.0)[1])
         self.assertEqual(factory.uuid, f"redis://127.0.0.1:{self.redis.port}/0?password=***")
-        self.assertEqual(redacted_url("unix:///run/r.sock?db=0&password=a%26b"), "unix:///run/r.sock?db=0&password=***")
+        self.assertEqual(masked_url("unix:///run/r.sock?db=0&password=a%26b"), "unix:///run/r.sock?db=0&password=***")
 
 
 class Settings18(TestCase):
-    def test_redacted_url_masks_the_whole_password(self):
+    def test_masked_url_masks_the_whole_password(self):
         """
-        C{redacted_url} masks a query password to the URL's end, whatever
+        C{masked_url} masks a query password to the URL's end, whatever
         it holds (C{?} is a query character, RFC 3986 3.4; an unencoded
         C{&} may be the password's: C{?password=sec&ret}; C{#} ends the URL
         where it is not percent-encoded), a userinfo password up to its
         last C{@}, and never shows a fragment.
         """
-        from openclaw.cluster.redis import redacted_url
 
         for url, shown in (
             ("unix:///tmp/r.sock?db=0&password=top?secret", "unix:///tmp/r.sock?db=0&password=***"),
@@ -796,7 +796,7 @@ class Settings18(TestCase):
             ("redis://h:1/0?db=0#topsecret", "redis://h:1/0?db=0"),
             ("redis://user@h:1/0", "redis://user@h:1/0"),
         ):
-            self.assertEqual(redacted_url(url), shown, url)
+            self.assertEqual(masked_url(url), shown, url)
 
     def test_password_field_masked_to_the_end(self):
         """
@@ -809,7 +809,6 @@ class Settings18(TestCase):
         user information (after C{&} or C{;}, an C{@} after it) is that
         password's.
         """
-        from openclaw.cluster.redis import redacted_url
         from openclaw.settings import ConfigError, load_settings
 
         for url, shown in (
@@ -821,7 +820,7 @@ class Settings18(TestCase):
             ("redis://u:sec;password=ret@h:1/0", "redis://u:***@h:1/0"),
             ("redis://u:sec&password=ret@h:1/0?password=top", "redis://u:***@h:1/0?password=***"),
         ):
-            self.assertEqual(redacted_url(url), shown, url)
+            self.assertEqual(masked_url(url), shown, url)
         for bad in ("redis://h/0?db=0;password=Sekr1tQ", "redis://h/0?db=0;password=Sek&r1tQ"):
             with self.subTest(bad), self.assertRaises(ConfigError) as raised:
                 load_settings({"REDIS_URL": bad, "JWT_SECRET": SECRET}, env_file=None)

@@ -181,16 +181,6 @@ def _versioned(reply: list[Any]) -> Versioned:
     return Versioned(int(held), str(text), "" if origin is None else str(origin))
 
 
-def redacted_url(url: str) -> str:
-    """
-    C{url} fit for a log line or an error message: L{masked_url}, the one
-    rule for every URL the gateway shows (a password in the user
-    information, or from a C{password} query field's value to the URL's
-    end, as C{***}; no fragment).
-    """
-    return masked_url(url)
-
-
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
@@ -326,7 +316,7 @@ class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
         super().__init__(
             # txredisapi's uuid: the connection's identity (a hash ring's
             # key), never its credentials, which go separately.
-            redacted_url(store.url),
+            masked_url(store.url),
             options["dbid"],
             1,
             # Not lazy: txredisapi then leaves a failed handshake to
@@ -494,7 +484,7 @@ class RedisStore:
             )
             self._log.error(
                 "the cluster store at {where} refused this instance: {refusal}; {hint}",
-                where=redacted_url(self.url),
+                where=masked_url(self.url),
                 refusal=refusal,
                 hint=hint,
             )
