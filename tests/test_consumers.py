@@ -26,6 +26,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
+from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, prompt_tokens
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import (
@@ -41,6 +42,7 @@ from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_pric
 from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
 from openclaw.control.commands import CommandError
+from openclaw.dataplane.embeddings import estimated_tokens
 from openclaw.dataplane.errors import APIError
 from openclaw.metrics import ConsumerMetrics
 from openclaw.settings import ConfigError, load_settings
@@ -257,6 +259,34 @@ class RulesTests(TestCase):
         assert isinstance(counters, LocalCounters)
         self.assertEqual(counters.reserved_tokens("t", clock.seconds()), {1000: 1010})
         self.assertEqual(counters.tokens["t"].used(clock.seconds()), 14)
+
+    def test_estimate_counts_utf8_bytes(self) -> None:
+        """
+        The estimate is one token per 4 bytes of UTF-8, rounded up: an
+        ASCII text's is 4 characters a token, as before; a Chinese one's
+        about 0.75 token a character (3 bytes each; Moonshot counts 1.5 to
+        2 Chinese characters a token), 3 times what counting characters
+        gave.  Prompts, completions, embedding inputs and reservations alike.
+        """
+        english = "Say hello to the world, please!!"
+        chinese = "你好世界" * 100
+        self.assertEqual((len(english), len(chinese)), (32, 400))
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": english}]}), 8)
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": chinese}]}), 300)
+        parts = [{"type": "text", "text": chinese}, {"type": "text", "text": english}]
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": parts}]}), 308)
+        self.assertEqual(estimated_tokens((english, chinese, "é")), 8 + 300 + 1)
+        answer = {"choices": [{"message": {"role": "assistant", "content": chinese}}]}
+        self.assertEqual(answer_bytes(json.dumps(answer).encode()), 1200)
+        chunk = {"choices": [{"delta": {"content": "日本語"}}]}
+        self.assertEqual(chunk_bytes(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"), 9)
+        self.assertEqual(estimated_usage(1200, 9), {"prompt_tokens": 300, "completion_tokens": 3, "total_tokens": 303})
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=Clock().seconds)  # type: ignore[arg-type]
+        table.consumers["t"] = Consumer("t", tpm=100_000)
+        holder = Holder("t", "p")
+        body = {"messages": [{"role": "user", "content": chinese}]}
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 4, lambda: prompt_tokens(body)))
+        self.assertEqual(holder.reserved_tokens, 304)
 
     def test_usage_total(self) -> None:
         groups = [

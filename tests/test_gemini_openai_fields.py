@@ -23,7 +23,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.consumers.estimate import answer_characters, chunk_characters
+from openclaw.consumers.estimate import answer_bytes, chunk_bytes
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import parse_chat_request
 from openclaw.dataplane.sse import Event, encode
@@ -594,12 +594,12 @@ class LegacyFunctionsTests(SynchronousTestCase):
         # A usage estimate (the answer's own usage never known) counts the
         # call, as it counts tool calls: its name and arguments.
         call_characters = len("get_weather") + len('{"city":"Paris"}')
-        self.assertEqual(chunk_characters(b"".join(encode(p) for p in payloads)), call_characters)
+        self.assertEqual(chunk_bytes(b"".join(encode(p) for p in payloads)), call_characters)
 
     def test_estimate_counts_the_call(self) -> None:
         body = orjson.dumps(ParallelToolCallsTests().document())
         answer = gemini.GeminiWire().completion(body, "m", 0, self.request(**LEGACY)).body
-        self.assertEqual(answer_characters(answer), len("get_weather") + len('{"city":"Paris"}'))
+        self.assertEqual(answer_bytes(answer), len("get_weather") + len('{"city":"Paris"}'))
 
 
 class ToolNameTests(SynchronousTestCase):

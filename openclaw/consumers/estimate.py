@@ -2,11 +2,19 @@
 Tokens a consumer is charged when a call's own usage is never known: its
 client left a stream before the final usage chunk and the rest of the
 stream did not bring it in time, the stream broke, or the provider sent
-none.  Each text counts one token per 4 characters, rounded up (Google's
-rule of thumb, U{https://ai.google.dev/gemini-api/docs/tokens}; the same
-rule as embeddings): the prompt's messages, and the completion text the
-gateway saw (content, reasoning, tool call names and arguments, the
-legacy C{function_call}'s too).
+none.  Each text counts one token per 4 bytes of its UTF-8, rounded up
+(L{tokens_of}; the same rule as embeddings): the prompt's messages, and the
+completion text the gateway saw (content, reasoning, tool call names and
+arguments, the legacy C{function_call}'s too).
+
+Why bytes: Google's rule of thumb is about 4 characters a token for
+English (U{https://ai.google.dev/gemini-api/docs/tokens}), which an ASCII
+text's bytes give exactly; a Chinese, Japanese or Korean character is 3
+bytes of UTF-8, so about 0.75 token, where Moonshot counts about 1.5 to 2
+Chinese characters a token
+(U{https://platform.moonshot.cn/docs/introduction}): counted by
+characters, such a prompt would reserve 3 to 4 times too little of a
+budget or C{tpm}.
 """
 
 from __future__ import annotations
@@ -18,55 +26,66 @@ import orjson
 _DATA = b"data:"
 
 
-def tokens_of(characters: int) -> int:
+def tokens_of(size: int) -> int:
     """
-    One token per 4 characters, rounded up.
+    The estimated tokens of C{size} bytes of UTF-8 text: one per 4 bytes,
+    rounded up (see the module's docstring for why bytes).
     """
-    return -(-characters // 4) if characters > 0 else 0
+    return -(-size // 4) if size > 0 else 0
 
 
-def _text_characters(value: Any) -> int:
+def text_bytes(text: str) -> int:
     """
-    The characters of a message's C{content}: a string, or a list of
-    parts whose C{text} counts (OpenAI's content parts).
+    The length of C{text} in UTF-8 bytes (an ASCII text's is its length,
+    found without encoding it: C{str.isascii} is O(1)).
+    """
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _text_bytes(value: Any) -> int:
+    """
+    The bytes of a message's C{content}: a string, or a list of parts
+    whose C{text} counts (OpenAI's content parts).
     """
     if isinstance(value, str):
-        return len(value)
+        return text_bytes(value)
     if isinstance(value, list):
-        return sum(len(part["text"]) for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return sum(
+            text_bytes(part["text"]) for part in value if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return 0
 
 
-def _calls_characters(calls: Any) -> int:
+def _calls_bytes(calls: Any) -> int:
     """
-    The characters of OpenAI C{tool_calls} (whole or stream deltas): each
+    The bytes of OpenAI C{tool_calls} (whole or stream deltas): each
     function's name and arguments.
     """
     if not isinstance(calls, list):
         return 0
-    return sum(_function_characters(call.get("function")) for call in calls if isinstance(call, dict))
+    return sum(_function_bytes(call.get("function")) for call in calls if isinstance(call, dict))
 
 
-def _function_characters(function: Any) -> int:
+def _function_bytes(function: Any) -> int:
     """
-    The characters of one call's C{function} (C{{name, arguments}}, as in
-    a tool call or the legacy C{function_call}).
+    The bytes of one call's C{function} (C{{name, arguments}}, as in a
+    tool call or the legacy C{function_call}).
     """
     if not isinstance(function, dict):
         return 0
-    return sum(len(function[field]) for field in ("name", "arguments") if isinstance(function.get(field), str))
+    return sum(text_bytes(function[field]) for field in ("name", "arguments") if isinstance(function.get(field), str))
 
 
-def prompt_characters(body: dict[str, Any]) -> int:
+def prompt_bytes(body: dict[str, Any]) -> int:
     """
-    The characters of a chat request's C{messages}: their content and the
+    The UTF-8 bytes of a chat request's C{messages}: their content and the
     tool calls of assistant turns.
     """
     messages = body.get("messages")
     if not isinstance(messages, list):
         return 0
     return sum(
-        _text_characters(message.get("content")) + _calls_characters(message.get("tool_calls"))
+        _text_bytes(message.get("content")) + _calls_bytes(message.get("tool_calls"))
         for message in messages
         if isinstance(message, dict)
     )
@@ -74,28 +93,28 @@ def prompt_characters(body: dict[str, Any]) -> int:
 
 def prompt_tokens(body: dict[str, Any]) -> int:
     """
-    The estimated tokens of a chat request's prompt (L{prompt_characters},
-    one token per 4 characters, rounded up): what a consumer's call
-    reserves of its budget and C{tpm} for its prompt at admission.
+    The estimated tokens of a chat request's prompt (L{prompt_bytes},
+    one token per 4 bytes, rounded up): what a consumer's call reserves of
+    its budget and C{tpm} for its prompt at admission.
     """
-    return tokens_of(prompt_characters(body))
+    return tokens_of(prompt_bytes(body))
 
 
-def _message_characters(message: Any) -> int:
+def _message_bytes(message: Any) -> int:
     if not isinstance(message, dict):
         return 0
     return (
-        _text_characters(message.get("content"))
-        + _text_characters(message.get("reasoning_content"))
-        + _calls_characters(message.get("tool_calls"))
+        _text_bytes(message.get("content"))
+        + _text_bytes(message.get("reasoning_content"))
+        + _calls_bytes(message.get("tool_calls"))
         # The legacy shape's one call (Gemini's answer to functions).
-        + _function_characters(message.get("function_call"))
+        + _function_bytes(message.get("function_call"))
     )
 
 
-def chunk_characters(events: bytes) -> int:
+def chunk_bytes(events: bytes) -> int:
     """
-    The completion characters in C{chat.completion.chunk} events, as
+    The completion text's UTF-8 bytes in C{chat.completion.chunk} events, as
     encoded for the client (C{data: {...}} lines): each choice's
     C{delta}.  Lines that are not such JSON count nothing.
     """
@@ -109,13 +128,13 @@ def chunk_characters(events: bytes) -> int:
             continue
         choices = chunk.get("choices") if isinstance(chunk, dict) else None
         if isinstance(choices, list):
-            total += sum(_message_characters(c.get("delta")) for c in choices if isinstance(c, dict))
+            total += sum(_message_bytes(c.get("delta")) for c in choices if isinstance(c, dict))
     return total
 
 
-def answer_characters(answer: bytes) -> int:
+def answer_bytes(answer: bytes) -> int:
     """
-    The completion characters of a whole C{chat.completion}: each
+    The completion text's UTF-8 bytes in a whole C{chat.completion}: each
     choice's C{message}.
     """
     try:
@@ -125,22 +144,25 @@ def answer_characters(answer: bytes) -> int:
     choices = document.get("choices") if isinstance(document, dict) else None
     if not isinstance(choices, list):
         return 0
-    return sum(_message_characters(c.get("message")) for c in choices if isinstance(c, dict))
+    return sum(_message_bytes(c.get("message")) for c in choices if isinstance(c, dict))
 
 
-def estimated_usage(prompt_chars: int, completion_chars: int) -> dict[str, int]:
+def estimated_usage(prompt_size: int, completion_size: int) -> dict[str, int]:
     """
-    OpenAI's C{usage} shape for the estimate.
+    OpenAI's C{usage} shape for the estimate of a prompt and a completion
+    of these many UTF-8 bytes (L{prompt_bytes}, L{chunk_bytes},
+    L{answer_bytes}).
     """
-    prompt, completion = tokens_of(prompt_chars), tokens_of(completion_chars)
+    prompt, completion = tokens_of(prompt_size), tokens_of(completion_size)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 __all__ = [
-    "answer_characters",
-    "chunk_characters",
+    "answer_bytes",
+    "chunk_bytes",
     "estimated_usage",
-    "prompt_characters",
+    "prompt_bytes",
     "prompt_tokens",
+    "text_bytes",
     "tokens_of",
 ]

@@ -41,7 +41,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from openclaw.consumers.estimate import answer_characters, chunk_characters, estimated_usage, prompt_characters
+from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, prompt_bytes
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
@@ -180,9 +180,9 @@ class ChatCall:
     #: A stream's first chunk (and with it the status line and headers) has
     #: gone to the client.
     _first_chunk_sent: bool = False
-    #: Completion characters seen (a consumer's call), for an estimate
-    #: when no usage ever comes (L{openclaw.consumers.estimate}).
-    _completion_chars: int = 0
+    #: Completion text seen (a consumer's call), in UTF-8 bytes, for an
+    #: estimate when no usage ever comes (L{openclaw.consumers.estimate}).
+    _completion_bytes: int = 0
     #: The client left a consumer's stream before its usage: the rest of
     #: the stream is read for it, and the call counted once it ends.
     _reading_out: bool = False
@@ -346,7 +346,7 @@ class ChatCall:
         self._settle(CircuitBreaker.succeeded)
         self._usage = usage
         if usage is None and self.holder is not GATEWAY:
-            self._completion_chars = answer_characters(answer)
+            self._completion_bytes = answer_bytes(answer)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)
         self._finish_call()
@@ -557,7 +557,7 @@ class ChatCall:
             comments or partial lines does not hold a stream open).
         """
         if events and self.holder is not GATEWAY:
-            self._completion_chars += chunk_characters(events)
+            self._completion_bytes += chunk_bytes(events)
         if self._over:
             return
         assert self._timer is not None
@@ -803,9 +803,9 @@ class ChatCall:
         """
         if usage is not None or self.holder is GATEWAY:
             return usage
-        if not self._completion_chars and not (status == 499 and self._tried):
+        if not self._completion_bytes and not (status == 499 and self._tried):
             return None
-        return estimated_usage(prompt_characters(self.chat.body), self._completion_chars)
+        return estimated_usage(prompt_bytes(self.chat.body), self._completion_bytes)
 
     def _fail(self, error: APIError) -> None:
         """

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
-from openclaw.consumers.estimate import tokens_of
+from openclaw.consumers.estimate import text_bytes, tokens_of
 from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.answer import CLIENT_GONE, CUT_STATUS, send_whole
 from openclaw.dataplane.errors import (
@@ -165,11 +165,13 @@ def estimated_tokens(inputs: tuple[str, ...]) -> int:
     """
     The tokens a consumer is reserved for embedding C{inputs}, and counted
     when the provider's answer carries no token count (Gemini's
-    C{batchEmbedContents}): one token per 4 characters of each text,
-    rounded up (Google's rule of thumb,
-    U{https://ai.google.dev/gemini-api/docs/tokens}).
+    C{batchEmbedContents}): one token per 4 bytes of each text's UTF-8,
+    rounded up (L{openclaw.consumers.estimate.tokens_of}: Google's rule of
+    thumb of 4 characters a token for English,
+    U{https://ai.google.dev/gemini-api/docs/tokens}, and about 0.75 token
+    a Chinese character, as Moonshot counts).
     """
-    return sum(tokens_of(len(text)) for text in inputs)
+    return sum(tokens_of(text_bytes(text)) for text in inputs)
 
 
 def encode_base64(values: list[float]) -> str:
