@@ -33,6 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from openclaw.consumers.estimate import token_count
 from openclaw.control.admission import PeerAllowlist
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.routing import FALLBACK_REASONS
@@ -137,9 +138,10 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 
 
 def _token_count(value: Any) -> int:
-    # A count as providers send it: a whole number of at least 0; anything
-    # else (absent, null, a string) counts nothing rather than failing.
-    return value if type(value) is int and value > 0 else 0
+    # A count as providers send it, as a consumer's is read (a whole number
+    # of at least 0, 10.0 too); anything else (absent, null, a string)
+    # counts nothing rather than failing.
+    return token_count(value) or 0
 
 
 class CallCosts:

@@ -2,7 +2,9 @@
 Tokens a consumer is charged when a call's own usage is never known: its
 client left a stream before the final usage chunk and the rest of the
 stream did not bring it in time, the stream broke, or the provider sent
-none.  Each text counts one token per 4 bytes of its UTF-8, rounded up
+none, or one whose C{prompt_tokens} and C{completion_tokens} are not both
+counts (L{token_count}: C{"10"}, C{true}, C{-5}, C{4.2} are none; a
+count that is given is taken, the other estimated).  Each text counts one token per 4 bytes of its UTF-8, rounded up
 (L{tokens_of}; the same rule as embeddings): the prompt's messages, and the
 completion text the gateway saw (content, reasoning, tool call names and
 arguments, the legacy C{function_call}'s too).
@@ -24,6 +26,34 @@ from typing import Any
 import orjson
 
 _DATA = b"data:"
+
+
+def token_count(value: Any) -> int | None:
+    """
+    A token count of a provider's C{usage} (C{prompt_tokens},
+    C{completion_tokens}, their details), or None when it is none: a count
+    is a whole number of at least 0; a JSON number such as C{10.0} that is
+    whole counts as 10.  A bool, a string (C{"10"}), a fraction, a negative
+    number, NaN or an infinity is no count: such a usage is not known, and
+    a consumer is charged the estimate instead (never 0 for an unreadable
+    count).
+    """
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def known_counts(usage: Any) -> tuple[int | None, int | None]:
+    """
+    C{(prompt_tokens, completion_tokens)} of OpenAI's C{usage} object as
+    L{token_count} reads them: None for each that is no count (or no
+    C{usage}).  The usage is I{known} when neither is None.
+    """
+    if not isinstance(usage, dict):
+        return None, None
+    return token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
 
 
 def tokens_of(size: int) -> int:
@@ -147,13 +177,22 @@ def answer_bytes(answer: bytes) -> int:
     return sum(_message_bytes(c.get("message")) for c in choices if isinstance(c, dict))
 
 
-def estimated_usage(prompt_size: int, completion_size: int) -> dict[str, int]:
+def estimated_usage(
+    prompt_size: int, completion_size: int, prompt: int | None = None, completion: int | None = None
+) -> dict[str, int]:
     """
     OpenAI's C{usage} shape for the estimate of a prompt and a completion
     of these many UTF-8 bytes (L{prompt_bytes}, L{chunk_bytes},
     L{answer_bytes}).
+
+    @param prompt: the prompt tokens the provider counted, if it did
+        (L{known_counts}): taken instead of the prompt's estimate.
+    @param completion: the same, for the completion.
     """
-    prompt, completion = tokens_of(prompt_size), tokens_of(completion_size)
+    if prompt is None:
+        prompt = tokens_of(prompt_size)
+    if completion is None:
+        completion = tokens_of(completion_size)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -161,8 +200,10 @@ __all__ = [
     "answer_bytes",
     "chunk_bytes",
     "estimated_usage",
+    "known_counts",
     "prompt_bytes",
     "prompt_tokens",
     "text_bytes",
+    "token_count",
     "tokens_of",
 ]

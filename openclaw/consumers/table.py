@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.consumers.estimate import token_count
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import (
@@ -102,13 +103,15 @@ class ConsumerMetricsLike(Protocol):
 
 
 def _count(value: Any) -> int:
-    return value if type(value) is int and value > 0 else 0
+    return token_count(value) or 0
 
 
 def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     """
     C{(prompt, completion, reasoning, cached prompt)} tokens of OpenAI's
-    C{usage} object (zeros for what is missing).
+    C{usage} object, each read by L{token_count} (0 for what is missing or
+    no count).  Whether a consumer is charged these or an estimate is
+    L{known_counts}' to say (see L{openclaw.dataplane.call}).
     """
     if not isinstance(usage, dict):
         return 0, 0, 0, 0

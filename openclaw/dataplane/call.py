@@ -41,7 +41,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, prompt_bytes
+from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_bytes
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
@@ -345,7 +345,8 @@ class ChatCall:
             return self._fail(upstream_failed(self.route.provider_id, ANSWER_TOO_DEEP, "upstream_malformed"))
         self._settle(CircuitBreaker.succeeded)
         self._usage = usage
-        if usage is None and self.holder is not GATEWAY:
+        if self.holder is not GATEWAY and None in known_counts(usage):
+            # For the estimate (L{_consumer_usage}); never for GATEWAY_API_KEYS'.
             self._completion_bytes = answer_bytes(answer)
         # A provider may echo its key anywhere, even in an answer.
         answer = self.adapter.scrubber.data(answer)
@@ -797,15 +798,24 @@ class ChatCall:
 
     def _consumer_usage(self, usage: Any, status: int) -> Any:
         """
-        The usage a consumer is counted for: the call's own, else (none
-        known) the estimate of L{openclaw.consumers.estimate} when the call
-        produced text or its client left once it was sent; else None.
+        The usage a consumer is counted for: the call's own when known
+        (its C{prompt_tokens} and C{completion_tokens} both counts,
+        L{known_counts}); with one of them known, that one and the other's
+        estimate; with neither (no usage, or one the gateway cannot read,
+        such as C{"10"}), the estimate of L{openclaw.consumers.estimate}
+        when the call produced text or its client left once it was sent,
+        else None.  What the client got is not changed.
         """
-        if usage is not None or self.holder is GATEWAY:
+        if self.holder is GATEWAY:
             return usage
-        if not self._completion_bytes and not (status == 499 and self._tried):
+        prompt, completion = known_counts(usage)
+        if prompt is not None and completion is not None:
+            return usage
+        if prompt is None and completion is None and not self._completion_bytes and not (status == 499 and self._tried):
             return None
-        return estimated_usage(prompt_bytes(self.chat.body), self._completion_bytes)
+        estimate = estimated_usage(prompt_bytes(self.chat.body), self._completion_bytes, prompt, completion)
+        # The details the provider gave (reasoning, cached prompt) still count.
+        return {**usage, **estimate} if isinstance(usage, dict) else estimate
 
     def _fail(self, error: APIError) -> None:
         """

@@ -287,6 +287,10 @@ class OpenAIAnswer:
     content: str | None = None
     tool_calls: tuple[dict[str, str], ...] = ()
     finish_reason: str | None = None
+    #: When set, the C{usage} sent (whole, or in the usage chunk) as it
+    #: is, in place of the one counted: a provider's odd shapes (C{"10"},
+    #: C{10.0}, a field missing).
+    usage: dict[str, Any] | None = None
 
 
 #: Google's documented placeholder for a call Gemini did not sign.
@@ -620,6 +624,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}
     if behaviour.reasoning_tokens:
         usage["completion_tokens_details"] = {"reasoning_tokens": behaviour.reasoning_tokens}
+    if answer.usage is not None:
+        usage = answer.usage
     finish = answer.finish_reason or ("tool_calls" if answer.tool_calls else "stop")
     if not body.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}

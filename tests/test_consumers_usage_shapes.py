@@ -1,0 +1,113 @@
+"""
+A provider's C{usage} the gateway cannot read does not make a consumer's
+call free: unless its C{prompt_tokens} and C{completion_tokens} are both
+counts (whole numbers of at least 0; C{10.0} counts as 10), the consumer
+is charged the estimate, as when there is no usage at all, and a count
+that is given is taken.  What the client gets is not changed.  The openai
+SDK against a gateway in this process, the stand-in upstream on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.consumers.estimate import known_counts, token_count
+from openclaw.consumers.table import usage_counts
+from openclaw.testing.upstream import OpenAIAnswer
+from tests.test_consumers import GatewayCase
+from tests.test_dataplane import HELLO
+
+MODEL = "kimi/moonshot-v1-8k"
+#: 24 characters: 6 tokens estimated; the prompt ("Say hello.", 10) 3.
+REPLY = "Bonjour from the standin"
+PROMPT_ESTIMATE, REPLY_ESTIMATE = 3, 6
+
+
+def price(prompt: int, completion: int) -> float:
+    # moonshot-v1-8k: 0.20 USD per million prompt tokens, 2.00 per million completion tokens.
+    return (prompt * 0.20 + completion * 2.00) / 1e6
+
+
+class CountsTests(SynchronousTestCase):
+    def test_token_count(self) -> None:
+        for value, count in ((0, 0), (10, 10), (10.0, 10), (2**40, 2**40), (0.0, 0)):
+            self.assertEqual(token_count(value), count, value)
+        for value in ("10", True, False, -1, -1.0, 4.2, float("nan"), float("inf"), None, [], {}):
+            self.assertIsNone(token_count(value), value)
+
+    def test_known_counts(self) -> None:
+        self.assertEqual(known_counts({"prompt_tokens": 10, "completion_tokens": 4.0}), (10, 4))
+        self.assertEqual(known_counts({"completion_tokens": 4}), (None, 4))
+        self.assertEqual(known_counts({"prompt_tokens": "10", "completion_tokens": True}), (None, None))
+        self.assertEqual(known_counts(None), (None, None))
+        self.assertEqual(known_counts("usage"), (None, None))
+        # Read alike for the token metrics.
+        self.assertEqual(usage_counts({"prompt_tokens": 10.0, "completion_tokens": "4"}), (10, 0, 0, 0))
+
+
+class UnreadableUsageTests(GatewayCase):
+    @inlineCallbacks
+    def billed(self, gateway: Any, client: Any, usage: dict[str, Any], stream: bool) -> Any:
+        """
+        One call of a new consumer answered with C{usage}: what the client
+        saw of it (whole answers), and the consumer's usage total.
+        """
+        name = f"c{len(self.upstream.kimi.bodies)}"
+        created = yield self.command(gateway, client, "consumer_create", {"name": name, "budget_usd": 100})
+        self.upstream.kimi.answers.append(OpenAIAnswer(REPLY, usage=usage))
+        sdk = self.sdk(gateway, created["key"])
+
+        def call() -> Any:
+            if not stream:
+                raw = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+                return raw.http_response.json()["usage"]
+            chunks = sdk.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            self.assertEqual(text, REPLY)
+            return None
+
+        seen = yield deferToThread(call)
+        usage_total = yield self.command(gateway, client, "usage", {"name": name})
+        return name, seen, usage_total["total"]
+
+    @inlineCallbacks
+    def test_unreadable_usage_is_estimated(self) -> Any:
+        """
+        Strings, booleans, negative numbers, fractions: the estimate (the
+        prompt's and the text's bytes / 4), not 0 tokens and 0 USD; a whole
+        float counts; a usage with only completion_tokens is that plus the
+        prompt's estimate, priced.  Whole answers and streams alike, the
+        consumer metrics as billed, the client's usage as the provider's.
+        """
+        gateway, client = yield self.gateway()
+        estimate = (PROMPT_ESTIMATE, REPLY_ESTIMATE)
+        cases = [
+            ({"prompt_tokens": "10", "completion_tokens": "4", "total_tokens": "14"}, estimate),
+            ({"prompt_tokens": True, "completion_tokens": True, "total_tokens": 2}, estimate),
+            ({"prompt_tokens": -1000000, "completion_tokens": -1000000, "total_tokens": -2000000}, estimate),
+            ({"prompt_tokens": 10.7, "completion_tokens": 4.2, "total_tokens": 14.9}, estimate),
+            ({"prompt_tokens": 10.0, "completion_tokens": 4.0, "total_tokens": 14.0}, (10, 4)),
+            ({"completion_tokens": 4}, (PROMPT_ESTIMATE, 4)),
+            ({"prompt_tokens": 10, "completion_tokens": None}, (10, REPLY_ESTIMATE)),
+        ]
+        registry = gateway.service.metrics.registry
+        for usage, (prompt, completion) in cases:
+            for stream in (False, True):
+                name, seen, total = yield self.billed(gateway, client, usage, stream)
+                what = (usage, "stream" if stream else "whole")
+                self.assertEqual((total["prompt_tokens"], total["completion_tokens"]), (prompt, completion), what)
+                self.assertAlmostEqual(total["cost_usd"], price(prompt, completion), msg=str(what))
+                self.assertEqual(total["unpriced_tokens"], 0, what)
+                if not stream:
+                    self.assertEqual(seen, usage, what)
+                counted = {
+                    kind: registry.get_sample_value("openclaw_consumer_tokens_total", {"consumer": name, "kind": kind})
+                    for kind in ("prompt", "completion")
+                }
+                self.assertEqual(counted, {"prompt": prompt, "completion": completion}, what)
+                spend = registry.get_sample_value("openclaw_consumer_spend_usd_total", {"consumer": name})
+                self.assertAlmostEqual(spend, price(prompt, completion), msg=str(what))
