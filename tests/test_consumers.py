@@ -133,6 +133,8 @@ class RulesTests(TestCase):
         refused = counters.admit(consumer, clock.seconds())
         assert refused is not None
         self.assertEqual((refused.status, refused.code), (429, "rate_limit_exceeded"))
+        # OpenAI's type: "requests" for a requests limit, "tokens" for a tokens one.
+        self.assertEqual(refused.type, "requests")
         self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
         clock.advance(60)
         self.assertIsNone(counters.admit(consumer, clock.seconds()))
@@ -140,6 +142,7 @@ class RulesTests(TestCase):
         refused = counters.admit(consumer, clock.seconds())
         assert refused is not None
         self.assertIn("tpm", refused.message)
+        self.assertEqual((refused.code, refused.type), ("rate_limit_exceeded", "tokens"))
         clock.advance(61)
         counters.counted("a", 0, 1.0, clock.seconds())
         refused = counters.admit(consumer, clock.seconds())
@@ -1110,14 +1113,15 @@ class ConsumerGatewayTests(GatewayCase):
         for _ in range(2):
             yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         limited = yield self.refused(sdk, "kimi/moonshot-v1-8k")
-        self.assertEqual((limited.status_code, limited.code), (429, "rate_limit_exceeded"))
+        self.assertEqual((limited.status_code, limited.code, limited.type), (429, "rate_limit_exceeded", "requests"))
         self.assertTrue(1 <= int(limited.response.headers["retry-after"]) <= 60)
 
         tpm = yield self.command(gateway, client, "consumer_create", {"name": "tpm", "tpm": 5})
         sdk = self.sdk(gateway, tpm["key"])
         yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         limited = yield self.refused(sdk, "kimi/moonshot-v1-8k")
-        self.assertEqual((limited.status_code, limited.code), (429, "rate_limit_exceeded"))
+        # OpenAI's type for a tokens-per-minute 429 (openai/codex#88).
+        self.assertEqual((limited.status_code, limited.code, limited.type), (429, "rate_limit_exceeded", "tokens"))
         self.assertIn("tpm", limited.message)
         self.assertIn("retry-after", limited.response.headers)
 

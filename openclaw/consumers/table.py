@@ -138,11 +138,18 @@ def completion_limit(body: dict[str, Any]) -> int | None:
 
 
 def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIError:
+    """
+    The 429 of a consumer over its C{rpm} or C{tpm} (C{what}), in the
+    shape of OpenAI's own: code C{rate_limit_exceeded}, type C{requests}
+    for a requests limit and C{tokens} for a tokens limit (as OpenAI's
+    "Rate limit reached ... on tokens per min (TPM)" answers), with
+    C{Retry-After}.
+    """
     return APIError(
         429,
         f"consumer {consumer!r} is over its {what} limit of {limit} per minute (a sliding 60 s window); "
         f"retry after {retry_after} s, or ask the operator to raise {what} with consumer_update",
-        "requests",
+        "tokens" if what == "tpm" else "requests",
         "rate_limit_exceeded",
         headers=((b"Retry-After", b"%d" % retry_after),),
     )
