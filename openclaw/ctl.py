@@ -44,7 +44,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, global
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.consumers.model import MAX_BUDGET_USD
+from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.files import kind_of
 from openclaw.reactors import IClientReactor
@@ -407,8 +407,10 @@ def _whole_or_none(text: str) -> Any:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number greater than 0, or none to remove the limit")
+    if not 0 < value <= MAX_PER_MINUTE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a whole number from 1 to {MAX_PER_MINUTE:_}, or none to remove the limit"
+        )
     return value
 
 
@@ -424,6 +426,11 @@ def _usd_or_none(text: str) -> Any:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
             "or none for no budget"
+        )
+    if value and value < MIN_BUDGET_USD:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the smallest budget is {MIN_BUDGET_USD:f} US dollars (one millionth: prices are per "
+            "million tokens); give 0 to let no call through, or at least 0.000001"
         )
     return value
 
@@ -541,9 +548,16 @@ def plain_decimal(value: float) -> str:
     """
     C{value} in full (Python's shortest repr that reads back as it), never
     an exponent: C{0.000013}, not C{1.3e-05}; C{12345678.12345679}, not
-    C{1.23457e+07}.
+    C{1.23457e+07}; so at most 17 significant digits and 24 characters for
+    a budget (0, or from L{MIN_BUDGET_USD} to L{MAX_BUDGET_USD}).  A value
+    outside that (a budget an earlier version took, such as C{1e-320}) is
+    shown as Python's repr, with its exponent, rather than as hundreds of
+    digits.
     """
-    return format(Decimal(repr(float(value))), "f")
+    value = float(value)
+    if value and not MIN_BUDGET_USD <= abs(value) <= MAX_BUDGET_USD:
+        return repr(value)
+    return format(Decimal(repr(value)), "f")
 
 
 def usd(value: float) -> str:

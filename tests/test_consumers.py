@@ -31,6 +31,7 @@ from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import (
     MAX_BUDGET_USD,
+    MAX_PER_MINUTE,
     Consumer,
     InvalidConsumer,
     NewKey,
@@ -105,6 +106,23 @@ class RulesTests(TestCase):
         for good in (0, 0.000001, MAX_BUDGET_USD):
             consumer = consumer_fields({"name": "a", "budget_usd": good})
             self.assertEqual((consumer.budget_usd, consumer.budget_period), (good, "month"))
+        # Below one millionth of a dollar (prices are per million tokens): a
+        # typo, which consumer list would show as hundreds of digits.
+        for tiny in (1e-320, 5e-324, 0.00000099):
+            error = self.assertRaises(InvalidConsumer, consumer_fields, {"name": "a", "budget_usd": tiny})
+            self.assertIn(f"budget_usd {tiny:g} is below the smallest budget, 0.000001 US dollars", str(error))
+            self.assertIn("give 0 to let no call through, or at least 0.000001", str(error))
+
+    def test_rate_bounds(self) -> None:
+        """
+        rpm and tpm are whole numbers from 1 to MAX_PER_MINUTE; a refusal
+        names the maximum (an oversized JSON number arrives as a float).
+        """
+        for field in ("rpm", "tpm"):
+            for bad in (0, -1, MAX_PER_MINUTE + 1, 2**63, 1e23, 1.5, True, "5"):
+                error = self.assertRaises(InvalidConsumer, consumer_fields, {"name": "a", field: bad})
+                self.assertIn(f"{field} must be a whole number from 1 to 1_000_000_000_000, or null", str(error))
+            self.assertEqual(getattr(consumer_fields({"name": "a", field: MAX_PER_MINUTE}), field), MAX_PER_MINUTE)
 
     def test_periods_are_utc(self) -> None:
         moment = 1793577600.0  # 2026-11-02T00:00:00Z
@@ -1181,6 +1199,8 @@ class ConsumerGatewayTests(GatewayCase):
         for cmd, data, words in (
             ("consumer_create", {"name": "a b"}, "name must be"),
             ("consumer_create", {"name": "a", "rpm": -1}, "rpm must be"),
+            ("consumer_create", {"name": "a", "rpm": 99999999999999999999999}, "from 1 to 1_000_000_000_000"),
+            ("consumer_create", {"name": "a", "budget_usd": 1e-320}, "below the smallest budget, 0.000001 US"),
             ("consumer_update", {"name": "nobody"}, "no consumer named"),
             ("key_revoke", {"name": "nobody", "key_prefix": "x"}, "no consumer named"),
             ("usage", {"group_by": "week"}, "group_by must be"),

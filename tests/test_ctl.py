@@ -172,9 +172,33 @@ class ParseRequestTests(TestCase):
             )
             self.assertEqual(exited.code, 2)
             self.assertIn(f"'{bad}': give a number of US dollars from 0 to 1_000_000_000", stderr.getvalue())
-        for good, sent in (("0", 0.0), ("1e9", 1e9), ("12.5", 12.5)):
+        for good, sent in (("0", 0.0), ("1e9", 1e9), ("12.5", 12.5), ("0.000001", 0.000001)):
             parsed = self.parse("--token", "T", "consumer", "create", "a", "--budget-usd", good)
             self.assertEqual(parsed.data, {"name": "a", "budget_usd": sent})
+        # Not 0, yet below one millionth of a dollar (prices are per million tokens).
+        for tiny in ("1e-320", "0.00000099"):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            exited = self.assertRaises(
+                SystemExit, self.parse, "--token", "T", "consumer", "create", "a", "--budget-usd", tiny
+            )
+            self.assertEqual(exited.code, 2)
+            self.assertIn(f"'{tiny}': the smallest budget is 0.000001 US dollars", stderr.getvalue())
+
+    def test_rate_bounds(self):
+        """
+        --rpm and --tpm past their maximum are refused naming it.
+        """
+        for option in ("--rpm", "--tpm"):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            exited = self.assertRaises(
+                SystemExit, self.parse, "--token", "T", "consumer", "create", "a", option, "99999999999999999999999"
+            )
+            self.assertEqual(exited.code, 2)
+            self.assertIn("give a whole number from 1 to 1_000_000_000_000, or none", stderr.getvalue())
+            parsed = self.parse("--token", "T", "consumer", "create", "a", option, "1000000000000")
+            self.assertEqual(parsed.data, {"name": "a", option[2:]: 10**12})
 
     def test_tiny_spend_shows(self):
         """
@@ -197,6 +221,10 @@ class ParseRequestTests(TestCase):
             "0.123456789/day",
             ctl.format_consumers({"consumers": [{**consumer, "budget_usd": 0.123456789, "budget_period": "day"}]}),
         )
+        # A budget an earlier version took, below the smallest: bounded, with its exponent.
+        tiny = ctl.format_consumers({"consumers": [{**consumer, "budget_usd": 1e-320}]})
+        self.assertRegex(tiny, r"\na +1e-320/month +0\.00000094 ")
+        self.assertLess(max(len(line) for line in tiny.splitlines()), 80)
         self.assertEqual(ctl.usd(0.00000094), "0.00000094")
         self.assertEqual(ctl.usd(1.3e-05), "0.000013")
         self.assertEqual(

@@ -36,6 +36,14 @@ PERIODS = ("day", "month", "total")
 #: The largest C{budget_usd}: past it a budget is surely a typo (or a way to
 #: say "no budget", which null says).
 MAX_BUDGET_USD = 1_000_000_000
+#: The smallest budget but 0: one millionth of a US dollar, as prices are
+#: per million tokens; below it a budget is surely a typo, and shown in
+#: full it would be hundreds of digits (1e-320).
+MIN_BUDGET_USD = 0.000001
+#: The largest C{rpm} and C{tpm}: past it a limit is surely a typo (or a
+#: way to say "no limit", which null says); well within what the
+#: databases' BIGINT and Redis' numbers hold exactly.
+MAX_PER_MINUTE = 1_000_000_000_000
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
 #: creation, UTC): no consumer can be named so.
@@ -204,8 +212,8 @@ _FIELDS = frozenset({"name", "budget_usd", "budget_period", "rpm", "tpm", "model
 def _optional_positive_int(value: object, field: str) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or value <= 0:
-        raise InvalidConsumer(f"{field} must be a whole number greater than 0, or null for no limit")
+    if type(value) is not int or not 0 < value <= MAX_PER_MINUTE:
+        raise InvalidConsumer(f"{field} must be a whole number from 1 to {MAX_PER_MINUTE:_}, or null for no limit")
     return value
 
 
@@ -296,6 +304,11 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
                 f"budget_usd must be a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
                 "or null for no budget"
             )
+        if budget and budget < MIN_BUDGET_USD:
+            raise InvalidConsumer(
+                f"budget_usd {budget:g} is below the smallest budget, {MIN_BUDGET_USD:f} US dollars (one millionth: "
+                "prices are per million tokens): give 0 to let no call through, or at least 0.000001"
+            )
         changes["budget_usd"] = None if budget is None else float(budget)
     if "budget_period" in data:
         period = data["budget_period"]
@@ -332,6 +345,8 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
 __all__ = [
     "KEY_PREFIX",
     "MAX_BUDGET_USD",
+    "MAX_PER_MINUTE",
+    "MIN_BUDGET_USD",
     "NO_CONSUMER",
     "PERIODS",
     "Consumer",
