@@ -49,6 +49,27 @@ class UsageCommandTests(GatewayCase):
         usage = yield self.command(gateway, client, "usage", {"name": "gone"})
         self.assertEqual(usage["total"]["requests"], 1)
 
+    @inlineCallbacks
+    def test_unknown_name_names_a_few_consumers(self) -> Any:
+        """
+        A name that is no consumer's is answered (and logged) with the
+        first 5 consumers' names and how many more, not every name.
+        """
+        gateway, client = yield self.gateway()
+        for i in range(7):
+            yield self.command(gateway, client, "consumer_create", {"name": f"team{i}"})
+        shown = "consumers: team0, team1, team2, team3, team4 and 2 more (openclawctl consumer list shows them all)"
+        for cmd in ("consumer_update", "consumer_delete", "consumer_list", "key_create", "usage"):
+            answer = yield client.command(gateway.token, cmd, {"name": "nobody"})
+            self.assertFalse(answer["ok"], cmd)
+            self.assertIn("no consumer named 'nobody'", answer["error"])
+            self.assertTrue(answer["error"].endswith(shown), answer["error"])
+        # The audit lines log the same short error.
+        errors = [e["error"] for e in self.events if e.get("outcome") == "error"]
+        self.assertEqual(len(errors), 5)
+        for error in errors:
+            self.assertTrue(error.endswith(shown), error)
+
 
 class GatewayKeysUsageTests(GatewayCase):
     """

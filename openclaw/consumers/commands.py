@@ -41,7 +41,7 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.store import GROUPS, database_error, unreachable
 from openclaw.consumers.table import ConsumerTable
-from openclaw.control.commands import CONSUMER_COMMANDS, CommandError, Result
+from openclaw.control.commands import CONSUMER_COMMANDS, MAX_NAMED_CONSUMERS, CommandError, Result
 
 
 def _data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
@@ -199,10 +199,25 @@ class ConsumerCommands:
             )
         return name
 
+    def _known(self, none: str) -> str:
+        """
+        The consumers' names an answer to a name that is none of them
+        gives: the first L{MAX_NAMED_CONSUMERS} by name, then how many
+        more (the answer, and the audit line logging it, stay one short
+        line however many consumers there are); C{none} when there are none.
+        """
+        names = sorted(self.table.consumers)
+        if not names:
+            return none
+        shown = ", ".join(names[:MAX_NAMED_CONSUMERS])
+        if len(names) > MAX_NAMED_CONSUMERS:
+            shown += f" and {len(names) - MAX_NAMED_CONSUMERS} more (openclawctl consumer list shows them all)"
+        return shown
+
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
         if consumer is None:
-            known = ", ".join(sorted(self.table.consumers)) or "none yet; create one with consumer_create"
+            known = self._known("none yet; create one with consumer_create")
             raise CommandError(f"no consumer named {name!r}; consumers: {known}")
         return consumer
 
@@ -337,7 +352,7 @@ class ConsumerCommands:
                 and not any(r["requests"] or r["limited"] for r in rows)
             ):
                 # A deleted consumer's usage is still answered; a name never used is a mistake.
-                known = ", ".join(sorted(self.table.consumers)) or "none yet"
+                known = self._known("none yet")
                 raise CommandError(
                     f"no consumer named {name!r}, and no usage recorded under that name (a deleted consumer's is "
                     f"kept as NAME@CREATED: see usage --group-by consumer); consumers: {known}"
