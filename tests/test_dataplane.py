@@ -570,9 +570,13 @@ class ErrorTests(DataPlaneTestCase):
             response, text = yield self.post(gateway, {"messages": HELLO}, key=key)
             self.assertEqual(response.code, 401, key)
             self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ["Bearer"])
-            self.assertOpenAIError(text, "invalid_api_key")
+            error = self.assertOpenAIError(text, "invalid_api_key")
             if key:
                 self.assertNotIn(key, text)
+            # Said to a client: what to send, never the operator's setting.
+            self.assertNotIn("GATEWAY_API_KEYS", error["message"])
+            if key is None:
+                self.assertIn("send your API key as the header 'Authorization: Bearer <key>'", error["message"])
         # Either configured key works.
         for key in (GATEWAY_KEY, OTHER_GATEWAY_KEY):
             response, _ = yield self.post(gateway, {"messages": HELLO}, key=key)

@@ -87,10 +87,8 @@ class GatewayKeys:
                 code="gateway_api_keys_not_set",
             )
         if authorization is None:
-            return unauthorized(
-                "missing API key: send the header 'Authorization: Bearer <key>' "
-                "with a key from the gateway's GATEWAY_API_KEYS"
-            )
+            # Said to a client: its own key, not the operator's setting.
+            return unauthorized("missing API key: send your API key as the header 'Authorization: Bearer <key>'")
         # The scheme is case-insensitive (RFC 9110 section 11.1).
         if authorization[:7].lower() != _BEARER:
             return unauthorized("the Authorization header must be 'Bearer <key>'")
@@ -104,7 +102,7 @@ class GatewayKeys:
             matched |= hmac.compare_digest(presented, key)
         if not matched:
             return unauthorized(
-                "incorrect API key: it is not one of the gateway's GATEWAY_API_KEYS nor a consumer's key "
-                "(revoked, deleted, or mistyped)"
+                "incorrect API key: the gateway accepts no such key (revoked, deleted, or mistyped); "
+                "check the key you were given"
             )
         return GATEWAY
