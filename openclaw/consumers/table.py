@@ -103,6 +103,9 @@ class ConsumerMetricsLike(Protocol):
 
 
 def _count(value: Any) -> int:
+    if type(value) is int:
+        # Every call's path (GATEWAY_API_KEYS' too): the usual count, at once.
+        return value if value > 0 else 0
     return token_count(value) or 0
 
 
