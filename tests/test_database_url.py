@@ -90,7 +90,7 @@ class DatabaseURLTests(TestCase):
         no C{=}).  What libpq quotes of the masked part is masked in its
         words; its own words are kept.
         """
-        from openclaw.cluster.redis import redacted_url
+        from openclaw.urls import masked_url
 
         extra = 'extra key/value separator "=" in URI query parameter: "sslmode"'
         for url, shown, said_too in (
@@ -119,7 +119,7 @@ class DatabaseURLTests(TestCase):
             masked = url.partition("?")[0] + shown
             self.assertIn(f"DATABASE_URL={masked!r}", said)
             self.assertIn(said_too, said)
-            self.assertEqual(redacted_url(url), masked)
+            self.assertEqual(masked_url(url), masked)
             for secret in ("hunter22", "hun%74er22", "unt", "er22", "nter", "hu&"):
                 self.assertNotIn(secret, said)
             self.assertNotIn("\n", said)
