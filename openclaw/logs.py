@@ -47,6 +47,7 @@ would write over each other's lines.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -351,21 +352,38 @@ ACCEPT_ERROR_FORMATS = frozenset(
         "Re-reserving EMFILE recovery file descriptor.",
     )
 )
-#: Seconds between two lines of one kind of L{PEER_CAUSED_LINES} at most.
+#: Seconds between two lines of one kind of L{PEER_CAUSED_LINES} at most
+#: (unless the kind has an interval of its own).
 ACCEPT_ERROR_INTERVAL_SECONDS = 60.0
+#: The namespace of the data plane's line for each finished API request
+#: (L{openclaw.dataplane.context.APIContext.completed}).
+DATAPLANE_NAMESPACE = "openclaw.dataplane"
+#: The field that marks the data plane's line for a request refused
+#: without an accepted key (C{True}; absent on every other line).
+KEYLESS_FIELD = "keyless"
+#: How many refusals of requests without an accepted key are logged at
+#: most in L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: a few clients with a
+#: wrong key are each logged; a flood (any client can send thousands a
+#: second, each a line of a few hundred bytes: 2.9 MB of log a second
+#: in trial s17) is summed up.
+KEYLESS_REFUSAL_LINES = 10
+KEYLESS_REFUSAL_INTERVAL_SECONDS = 1.0
 
 
 @attrs.frozen
 class PeerCausedLine:
     """
-    One kind of line a library logs for each connection, for what its peer
-    did: any client can cause it at will, so a flood of them would flood
-    the log.  Matched by its C{log_format} (one of C{formats}), or else by
-    its C{namespace}, C{level} and a C{field} of the event (none of the
-    text).
+    One kind of line logged for each connection or request, for what its
+    peer did: any client can cause it at will, so a flood of them would
+    flood the log.  Matched by its C{log_format} (one of C{formats}), or
+    else by its C{namespace}, C{level} and a C{field} of the event (none
+    of the text).
 
     @ivar name: the kind; the first line let through after some were left
         out carries their count as C{<name>_suppressed}.
+    @ivar interval: seconds of one window of L{PeerLineLimiter}; None: the
+        limiter's own (L{ACCEPT_ERROR_INTERVAL_SECONDS}).
+    @ivar burst: how many lines of the kind one window lets through.
     @ivar shown_at: the level it is shown at (the line was logged above
         it); None: its own.
     @ivar message: its message when shown at C{shown_at}: the event's own
@@ -380,6 +398,8 @@ class PeerCausedLine:
     field: str | None = None
     shown_at: LogLevel | None = None
     message: str | None = None
+    interval: float | None = None
+    burst: int = 1
 
     def matches(self, event: LogEvent) -> bool:
         if self.formats:
@@ -392,12 +412,15 @@ class PeerCausedLine:
 
 
 #: The lines of L{PEER_CAUSED_LINES}: Twisted's accept failures, Twisted's
-#: HTTP client's line for each interim (1xx) answer a provider sends, and
+#: HTTP client's line for each interim (1xx) answer a provider sends,
 #: twisted.web's HTTP/2 connection's error line (its C{client},
 #: C{maxBufferedControlFrameBytes} fields) when it aborts a connection
 #: whose client sends control frames (PINGs, SETTINGS) and does not read
 #: the answers: no error of the gateway's, which goes on serving everyone
-#: else, so shown at info.
+#: else, so shown at info; and the data plane's line for each request
+#: refused without an accepted key (L{KEYLESS_FIELD}: a 401, a 404 or 405,
+#: any 4xx answered before a key was accepted), L{KEYLESS_REFUSAL_LINES}
+#: a second.
 PEER_CAUSED_LINES = (
     PeerCausedLine("accept_errors", formats=ACCEPT_ERROR_FORMATS),
     PeerCausedLine(
@@ -422,6 +445,14 @@ PEER_CAUSED_LINES = (
         level=LogLevel.info,
         field="code",
     ),
+    PeerCausedLine(
+        "keyless_refusals",
+        namespace=DATAPLANE_NAMESPACE,
+        level=LogLevel.info,
+        field=KEYLESS_FIELD,
+        interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
+        burst=KEYLESS_REFUSAL_LINES,
+    ),
 )
 
 
@@ -429,10 +460,14 @@ PEER_CAUSED_LINES = (
 class PeerLineLimiter:
     """
     Passes every event on to C{observer}, but each kind of line of
-    C{kinds} (L{PEER_CAUSED_LINES}) at most once per C{interval} seconds
-    (by the events' own C{log_time}), at the level the kind is shown at;
-    the next one let through says how many were left out
-    (C{<name>_suppressed}).
+    C{kinds} (L{PEER_CAUSED_LINES}) at most C{burst} times (the kind's;
+    once for most) per window of C{interval} seconds (the kind's, else the
+    limiter's), by the events' own C{log_time}: a window opens with the
+    first line after the last one ended.  Lines are shown at the level
+    the kind is shown at; the first one let through after some were left
+    out says how many (C{<name>_suppressed}) and over how long (from the
+    opening of the window they were left out of, in whole seconds rounded
+    up).
     """
 
     def __init__(
@@ -444,7 +479,8 @@ class PeerLineLimiter:
         self._observer = observer
         self._interval = interval
         self._kinds = kinds
-        self._last: dict[str, float] = {}
+        #: Per kind: when its window opened, and how many lines it let through.
+        self._window: dict[str, tuple[float, int]] = {}
         self._suppressed: dict[str, int] = {}
 
     def __call__(self, event: LogEvent) -> None:
@@ -456,11 +492,15 @@ class PeerLineLimiter:
 
     def _limited(self, kind: PeerCausedLine, event: LogEvent) -> None:
         now = event.get("log_time") or 0.0
-        last = self._last.get(kind.name)
-        if last is not None and 0 <= now - last < self._interval:
-            self._suppressed[kind.name] = self._suppressed.get(kind.name, 0) + 1
-            return
-        self._last[kind.name] = now
+        window = self._window.get(kind.name)
+        if window is not None and 0 <= now - window[0] < (kind.interval or self._interval):
+            opened, shown = window
+            if shown >= kind.burst:
+                self._suppressed[kind.name] = self._suppressed.get(kind.name, 0) + 1
+                return
+            self._window[kind.name] = (opened, shown + 1)
+        else:
+            self._window[kind.name] = (now, 1)
         suppressed = self._suppressed.pop(kind.name, 0)
         log_format = event.get("log_format")
         if kind.shown_at is not None:
@@ -468,10 +508,13 @@ class PeerLineLimiter:
             if kind.message is not None:
                 log_format = event["log_format"] = kind.message
         if suppressed:
+            # Left out since the last window opened: a window ends full.
+            assert window is not None
             field = f"{kind.name}_suppressed"
+            seconds = max(1, math.ceil(now - window[0]))
             event = {
                 **event,
-                "log_format": f"{log_format} ({{{field}}} similar lines suppressed in the last {self._interval:g} s)",
+                "log_format": f"{log_format} ({{{field}}} similar lines suppressed in the last {seconds} s)",
                 field: suppressed,
             }
         self._observer(event)
@@ -558,6 +601,10 @@ def _null(value: Any) -> None:
 
 
 __all__ = [
+    "DATAPLANE_NAMESPACE",
+    "KEYLESS_FIELD",
+    "KEYLESS_REFUSAL_INTERVAL_SECONDS",
+    "KEYLESS_REFUSAL_LINES",
     "PEER_CAUSED_LINES",
     "PeerCausedLine",
     "PeerLineLimiter",

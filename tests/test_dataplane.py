@@ -9,7 +9,9 @@ The SDK is synchronous, so each call runs in a thread
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import time
 from typing import Any
 
@@ -28,12 +30,14 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
+from openclaw.logs import KEYLESS_REFUSAL_INTERVAL_SECONDS, KEYLESS_REFUSAL_LINES, make_observer
 from openclaw.routing import Route
 from openclaw.testing import upstream as standin
 from tests.support import (
     RunningGateway,
     capture_log_events,
     changed_providers,
+    exchange,
     free_port,
     open_client,
     start_gateway,
@@ -879,6 +883,65 @@ class AccountingTests(DataPlaneTestCase):
         )
         # The audit trail's text names the client refused.
         self.assertIn("from 127.0.0.1", formatEvent(self.request_events()[0]))
+
+    @inlineCallbacks
+    def test_keyless_refusals_limited(self):
+        """
+        A burst of requests refused without an accepted key (401 without a
+        key or with a wrong one, 404, 405: trial s17 made 13.5 MB of log in
+        4.7 s) makes a few lines a second through the gateway's log
+        observer (L{make_observer}), and the next one let through says how
+        many were left out; every refusal is counted in the metrics.  A key
+        holder's refusals (a 400 for a bad body, a 404) in the same second
+        are each logged.
+        """
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        gateway = self.gateway()
+        head = b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        kinds = [
+            b"GET /v1/models" + head + b"\r\n",
+            b"GET /v1/models" + head + b"Authorization: Bearer wrong-key-0123456789\r\n\r\n",
+            b"GET /nope/" + b"a" * 200 + head + b"\r\n",
+            b"DELETE /healthz" + head + b"\r\n",
+        ]
+        rounds = 75
+        burst = b"".join(kinds) * rounds + b"GET /nope" + head + b"Connection: close\r\n\r\n"
+        started = time.monotonic()
+        answers = yield deferToThread(exchange, gateway.api_port, burst)
+        seconds = time.monotonic() - started
+        refused = len(kinds) * rounds + 1
+        self.assertEqual(answers.count(b"HTTP/1.1 "), refused)
+        base = f"http://127.0.0.1:{gateway.api_port}"
+        for _ in range(3):
+            response, _ = yield self.post(gateway, b"{")
+            self.assertEqual(response.code, 400)
+            response = yield self.http().get(base + "/nope", headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]})
+            self.assertEqual(response.code, 404)
+        # The next window: a body without a key (refused by the site).
+        yield deferLater(reactor, KEYLESS_REFUSAL_INTERVAL_SECONDS)
+        response, _ = yield self.post(gateway, {"messages": HELLO}, key=None)
+        self.assertEqual(response.code, 401)
+        refused += 1
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        requests = [line for line in lines if line["namespace"] == "openclaw.dataplane"]
+        keyless = [line for line in requests if line.get("keyless")]
+        self.assertLessEqual(len(keyless), KEYLESS_REFUSAL_LINES * (math.ceil(seconds) + 2))
+        suppressed = [line.get("keyless_refusals_suppressed", 0) for line in keyless]
+        self.assertEqual(len(keyless) + sum(suppressed), refused)
+        self.assertGreater(suppressed[-1], 0)
+        self.assertIn(f"({suppressed[-1]} similar lines suppressed in the last ", keyless[-1]["message"])
+        self.assertEqual((keyless[-1]["status"], keyless[-1]["peer"]), (401, "127.0.0.1"))
+        self.assertEqual(
+            sorted((line["status"], line["outcome"]) for line in requests if not line.get("keyless")),
+            [(400, "invalid_json")] * 3 + [(404, "unknown_url")] * 3,
+        )
+        text = yield self.metrics(gateway)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="401"} %d.0' % (2 * rounds + 1), text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="404"} %d.0' % (rounds + 1 + 3), text)
+        self.assertIn('openclaw_api_requests_total{provider="-",status="405"} %d.0' % rounds, text)
 
     @inlineCallbacks
     def test_successes_logged_at_debug(self):

@@ -18,7 +18,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
-from openclaw.logs import ACCEPT_ERROR_FORMATS, make_observer, text_line
+from openclaw.logs import (
+    ACCEPT_ERROR_FORMATS,
+    DATAPLANE_NAMESPACE,
+    KEYLESS_FIELD,
+    KEYLESS_REFUSAL_LINES,
+    make_observer,
+    text_line,
+)
 from tests.support import capture_log_events, open_client, start_gateway
 from tests.test_auth_timeout import LOOPBACK
 
@@ -61,8 +68,45 @@ class PeerLineLimiterTests(TestCase):
     Twisted's accept-failure lines, one per socket in a flood, are written
     at most once a minute, with a count of those left out; so is
     twisted.web's error line for an HTTP/2 client that does not read its
-    control frames' answers, at info.
+    control frames' answers, at info; the data plane's lines of refusals
+    without an accepted key, a few a second.
     """
+
+    def test_keyless_refusals(self) -> None:
+        """
+        Lines marked L{KEYLESS_FIELD}: L{KEYLESS_REFUSAL_LINES} a second,
+        the first one after a full second saying how many were left out
+        and since when; the data plane's other lines all go through.
+        """
+
+        def event(when: float, **fields: Any) -> dict[str, Any]:
+            return {
+                "log_format": "GET /v1/models {status} from {peer}",
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": DATAPLANE_NAMESPACE,
+                "status": 401,
+                "peer": "203.0.113.7",
+                **fields,
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(100):
+            observer(event(1000 + n * 0.005, **{KEYLESS_FIELD: True}))
+            observer(event(1000 + n * 0.005, status=400))
+        observer(event(1001.5, **{KEYLESS_FIELD: True}))
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        keyless = [line for line in lines if line["status"] == 401]
+        self.assertEqual(len(keyless), KEYLESS_REFUSAL_LINES + 1)
+        self.assertEqual(len(lines) - len(keyless), 100)
+        self.assertNotIn("keyless_refusals_suppressed", keyless[-2])
+        self.assertEqual(keyless[-1]["keyless_refusals_suppressed"], 100 - KEYLESS_REFUSAL_LINES)
+        self.assertEqual(
+            keyless[-1]["message"],
+            f"GET /v1/models 401 from 203.0.113.7 ({100 - KEYLESS_REFUSAL_LINES} similar lines suppressed "
+            "in the last 2 s)",
+        )
 
     def test_rate_limited(self) -> None:
         out = io.StringIO()
@@ -87,7 +131,7 @@ class PeerLineLimiterTests(TestCase):
         self.assertIn("Could not accept new connection (EMFILE)", lines[0])
         self.assertIn("something else 1", lines[1])
         self.assertIn(
-            "Could not accept new connection (ENFILE) (199 similar lines suppressed in the last 60 s)", lines[2]
+            "Could not accept new connection (ENFILE) (199 similar lines suppressed in the last 61 s)", lines[2]
         )
 
     def test_formats_are_twisteds(self) -> None:
@@ -148,7 +192,7 @@ class PeerLineLimiterTests(TestCase):
             "not read the answers (17629 bytes held, at most 17408)",
         )
         self.assertEqual(last["http2_control_frames_suppressed"], 49)
-        self.assertIn("(49 similar lines suppressed in the last 60 s)", last["message"])
+        self.assertIn("(49 similar lines suppressed in the last 61 s)", last["message"])
         # Below LOG_LEVEL=warn, not shown at all.
         quiet = io.StringIO()
         make_observer(quiet, "text", "warn")(event(1000, 1))

@@ -175,3 +175,38 @@ class EveryPathTests(DataPlaneTestCase):
                     if not first:
                         self.assertIn("redacted", json.dumps(answer))
         self.assertLogsClean()
+
+    @inlineCallbacks
+    def test_listed_model_ids(self):
+        """
+        A models listing whose ids hold the key (whole, its beginning,
+        URL-encoded) is scrubbed like any text of the provider's: on
+        C{/v1/models}, and on C{/v1/models/{model}}, which finds an id as
+        the listing shows it, and not by the key (no way to test a guess).
+        """
+        for provider, key in KEYS.items():
+            behaviour = self.upstream.behaviour(provider)
+            behaviour.models = [
+                *behaviour.models,
+                f"leak-{key}",
+                f"cut-{key[: MIN_PREFIX_CHARS + 3]}",
+                f"enc-{quote(key, safe='')}",
+            ]
+            gateway = self.gateway(default_provider=provider)
+            headers = {"Authorization": [f"Bearer {GATEWAY_KEY}"]}
+            base = f"http://127.0.0.1:{gateway.api_port}/v1/models"
+            response = yield self.http().get(base, headers=headers)
+            text = yield response.text("utf-8")
+            self.assertEqual(response.code, 200, text)
+            self.assertClean(text, f"{provider} /v1/models")
+            ids = [model["id"] for model in json.loads(text)["data"]]
+            self.assertEqual(ids[-3:], [f"leak-{REDACTED}", f"cut-{REDACTED}", f"enc-{REDACTED}"])
+            response = yield self.http().get(f"{base}/{quote(ids[-3], safe='')}", headers=headers)
+            text = yield response.text("utf-8")
+            self.assertEqual((response.code, json.loads(text)["id"]), (200, f"leak-{REDACTED}"), text)
+            self.assertLogsClean()
+            # The key itself, as a client might guess it: not listed.
+            response = yield self.http().get(f"{base}/{quote(f'leak-{key}', safe='')}", headers=headers)
+            text = yield response.text("utf-8")
+            self.assertEqual(response.code, 404, text)
+            self.events.clear()

@@ -19,6 +19,7 @@ from openclaw.addresses import host_of
 from openclaw.connections import Outstanding
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
+from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
 from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import ActiveRoute, Route
@@ -100,7 +101,9 @@ class APIContext:
     reactor: IReactorTime
     #: Every finished request is counted here (C{openclaw_api_requests}).
     tally: RequestTally
-    log: Logger = attrs.field(factory=lambda: Logger(namespace="openclaw.dataplane"))
+    #: Its lines of requests refused without an accepted key are limited
+    #: by the log observer (L{openclaw.logs.PEER_CAUSED_LINES}).
+    log: Logger = attrs.field(factory=lambda: Logger(namespace=DATAPLANE_NAMESPACE))
     #: Tokens, time to first token and overhead of chat calls
     #: (C{openclaw_api_tokens}, ...); unregistered unless given.
     costs: CallCosts = attrs.field(factory=CallCosts)
@@ -224,7 +227,8 @@ class APIContext:
         request_id: str = "-",
     ) -> None:
         """
-        Count (and log at info, as L{completed} would) a request answered
+        Count (and log at info, as L{completed} would, marked
+        L{KEYLESS_FIELD} as it does) a request answered
         with C{error} by the site (L{openclaw.dataplane.site.APIRequest})
         before any resource saw it: a body without a key (401), a repeated
         C{Host} or C{Authorization} field or no C{Host} (400), a body over
@@ -257,6 +261,7 @@ class APIContext:
                 duration_ms=0.0,
                 peer=peer,
                 request_id=request_id,
+                **({KEYLESS_FIELD: True} if consumer is None and error.status < 500 else {}),
             )
 
     def failed_over(
@@ -299,7 +304,12 @@ class APIContext:
     ) -> None:
         """
         Count one finished API request, and log it (structured fields, no
-        body, no key) when its level is on.
+        body, no key) when its level is on.  The line of a refusal (4xx)
+        of a request that presented no accepted key (a 401; a 404 or 405,
+        answered before any key is looked at, without one) is marked
+        C{keyless} (L{KEYLESS_FIELD}): the log observer lets only so many
+        of those through a second (L{openclaw.logs.PEER_CAUSED_LINES}),
+        as any client can send thousands; the count is kept for every one.
 
         @param route: the provider and model the request was routed to
             (the log's C{route}, C{provider} and C{model}), if it got so far.
@@ -333,12 +343,14 @@ class APIContext:
             if not self.log_successes:
                 return
             level, text = LogLevel.debug, _SUCCEEDED
+            keyless = False
         elif self.log_failures:
             level, text = LogLevel.info, _FAILED
             if error is not None:
                 outcome = outcome or error.code or error.type
                 param = error.param
             outcome = outcome or "-"
+            keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:
             return
         self.log.emit(
@@ -357,4 +369,13 @@ class APIContext:
             duration_ms=round(seconds * 1000, 2),
             peer=host_of(request.getClientAddress()),
             request_id=request_id_of(request),
+            **({KEYLESS_FIELD: True} if keyless else {}),
         )
+
+    def _presents_key(self, request: Request) -> bool:
+        """
+        Whether C{request} carries a key that L{keys} accept (a consumer's
+        expired key among them: its holder is known).
+        """
+        authorization = request.getHeader(b"authorization")
+        return authorization is not None and not isinstance(self.keys.identify(authorization), APIError)

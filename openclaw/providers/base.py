@@ -745,6 +745,11 @@ class ProviderAdapter(abc.ABC):
         )
 
     def _listed(self, models: list[str]) -> list[str]:
+        # The ids are text the provider sent like any other (README, "Every
+        # text a provider sends passes one scrubber"): one holding a key
+        # must not reach a client's listing, a health check or a warning.
+        scrub = self.scrubber.text
+        models = [scrub(model) for model in models]
         self.listed_models = tuple(models)
         return models
 
