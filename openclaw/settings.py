@@ -23,6 +23,8 @@ gateway's user nor root, is refused; a secret file others may read is a
 warning (L{Settings.warnings}, logged at start-up), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
+The state directory is held to the rule of those files' directories, and
+more strictly (L{check_state_directory}).
 """
 
 from __future__ import annotations
@@ -822,6 +824,75 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     return None
 
 
+def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> None:
+    """
+    Hold the state directory (C{STATE_DIR}: the consumers' database and
+    its C{-wal} and C{-shm} files, the state file) to the rule of secret
+    files' directories (L{check_private_file}, after sshd's
+    C{StrictModes}): every symbolic link met on the way to it must belong
+    to the gateway's user or root, and so must it and every directory
+    above it, up to C{/}, both as named and as resolved; those above it
+    may be written by group or others only with the sticky bit.  The
+    directory itself may not be written by group or others at all, sticky
+    or not: the gateway creates its files there by name, so whoever can
+    add an entry to it could be first to put a link or a file of their
+    own under one of those names (a database whose consumers' keys then
+    work, a link that sends the gateway's writes elsewhere).
+
+    @param path: the state directory, which exists (made before this is
+        called).
+    @param what: how the operator named it (C{"STATE_DIR='/x'"}).
+    @param fix: what else to do, appended after C{"or "} (C{"point
+        STATE_DIR / --state-dir at a directory of the gateway's own"}).
+    @param euid: the gateway's user id (default: this process's).
+    @raise ConfigError: one line naming the directory and the fix.
+    """
+    euid = os.geteuid() if euid is None else euid
+    links = _links_of(path)
+    for link, held_link in links:
+        if held_link.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
+                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
+                f"where it points; name the directory itself, or {fix}"
+            )
+    try:
+        itself = path.stat()
+    except OSError:
+        return  # using it says why
+    # The directories of an entry in it: it (as named and as resolved) and those above.
+    for directory in _directories_of(path / STATE_ENTRY, [link for link, _ in links]):
+        try:
+            held = directory.stat()
+        except OSError:
+            continue
+        name = str(directory)
+        if held.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what}: directory {name!r} belongs to uid {held.st_uid}, neither the gateway's user "
+                f"(uid {euid}) nor root, so that user could put files of their own in place of the consumers' "
+                f"database and the state file; chown {euid} {name!r} (or root), or {fix}"
+            )
+        dmode = stat.S_IMODE(held.st_mode)
+        if not dmode & (stat.S_IWGRP | stat.S_IWOTH):
+            continue
+        if (held.st_dev, held.st_ino) == (itself.st_dev, itself.st_ino):
+            raise ConfigError(
+                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
+                f"put links or files of their own in place of the consumers' database and the state file; "
+                f"run: chmod go-w {name!r}, or {fix}"
+            )
+        if not dmode & stat.S_ISVTX:
+            raise ConfigError(
+                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
+                f"replace the state directory in it; run: chmod go-w {name!r}, or {fix}"
+            )
+
+
+#: A name in the state directory, for the directories it is reached through.
+STATE_ENTRY = "openclaw.db"
+
+
 def _directories_of(path: Path, links: Sequence[Path] = ()) -> list[Path]:
     """
     The directories a file is reached through: those of its path as named
@@ -898,7 +969,8 @@ def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path
 
 def _own_directory(path: Path) -> Path:
     """
-    Create the default state directory, mode 0700, if it is missing.
+    Create the default state directory, mode 0700, if it is missing, and
+    hold it to L{check_state_directory}.
     """
     problem = _make_state_directory(path)
     if problem:
@@ -906,13 +978,17 @@ def _own_directory(path: Path) -> Path:
             f"cannot use the state directory {str(path)!r} ({problem}); "
             "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
         )
+    check_state_directory(
+        path, f"the state directory {str(path)!r}", "set STATE_DIR / --state-dir to a directory of the gateway's own"
+    )
     return path
 
 
 def _state_dir(text: str) -> Path:
     """
     An explicit C{STATE_DIR}: created like the default one (mode 0700,
-    parents as needed) and checked writable now, not at the first write.
+    parents as needed), checked writable now, not at the first write, and
+    held to L{check_state_directory}.
     """
     path = Path(text)
     problem = _make_state_directory(path)
@@ -921,6 +997,9 @@ def _state_dir(text: str) -> Path:
             f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
             "gateway's user can write, or point STATE_DIR / --state-dir at one"
         )
+    check_state_directory(
+        path, f"STATE_DIR={text!r}", "point STATE_DIR / --state-dir at a directory of the gateway's own"
+    )
     return path
 
 
@@ -1351,6 +1430,11 @@ def load_settings(
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
     else:
         state_path = cwd or Path.cwd()
+        check_state_directory(
+            state_path,
+            f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)",
+            "set STATE_DIR / --state-dir to a directory of the gateway's own",
+        )
     # After the state directory, which is made if missing: a token file
     # in it is then in a directory that exists.
     no_path: Path | None = None
@@ -1697,6 +1781,7 @@ __all__ = [
     "Settings",
     "builtin_providers",
     "check_private_file",
+    "check_state_directory",
     "default_state_dir",
     "load_settings",
     "misspelt_settings",
