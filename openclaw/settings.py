@@ -49,6 +49,7 @@ from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import model_refusal
+from openclaw.tls import MAX_CA_FILE_BYTES, read_ca_file
 from openclaw.urls import masked_fields, masked_url, url_passwords
 
 if TYPE_CHECKING:
@@ -696,10 +697,17 @@ def _ca_file(path: str) -> bytes:
     """
     The bytes of a PEM file of one or more CA certificates, read and
     checked now rather than at the first provider call (and read once: a
-    file changed or removed later makes no difference).
+    file changed or removed later makes no difference), as an untrusted
+    file: only a regular file of at most L{MAX_CA_FILE_BYTES}
+    (L{read_ca_file}).
     """
     try:
-        data = Path(path).read_bytes()
+        data = read_ca_file(Path(path))
+    except NotARegularFile as e:
+        raise ConfigError(
+            f"UPSTREAM_CA_FILE={path!r} is refused: {e}; point UPSTREAM_CA_FILE at a regular PEM file of "
+            f"at most {MAX_CA_FILE_BYTES // 1024 // 1024} MiB"
+        ) from None
     except OSError as e:
         raise ConfigError(f"UPSTREAM_CA_FILE={path!r} cannot be read: {e.strerror}") from None
     try:
