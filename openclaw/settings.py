@@ -1254,11 +1254,16 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     return secret
 
 
+#: How env files are read: UTF-8, a byte-order mark at the start ignored.
+ENV_FILE_ENCODING = "utf-8-sig"
+
+
 def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
     """
     The env file to read: the one named, else C{.env} in the working
     directory if present.  (decouple's C{AutoConfig} would search from this
-    module's directory, which is site-packages once installed.)
+    module's directory, which is site-packages once installed.)  Read as
+    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.
     """
     if env_file is not None:
         path = Path(env_file)
@@ -1271,7 +1276,9 @@ def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
             return RepositoryEmpty()
         check_private_file(path, f"env file {str(path)!r} (.env in the working directory)", secret=False)
     try:
-        return RepositoryEnv(str(path))
+        # utf-8-sig: a byte-order mark some editors write first is no part
+        # of the first name (it made GATEWAY_API_KEYS an unknown setting).
+        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
 
@@ -1714,7 +1721,8 @@ def unread_lines(path: str) -> list[str]:
     A warning for each line of the env file at C{path} that python-decouple's
     C{RepositoryEnv} skips or reads as nothing although it is neither
     blank nor a comment: a line holding no C{=}, or no name before its
-    first C{=} (decouple reads the file as UTF-8, line by line;
+    first C{=} (decouple reads the file as UTF-8, a byte-order mark
+    ignored (L{ENV_FILE_ENCODING}), line by line;
     after stripping whitespace it skips an empty line, one starting with
     C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
     warning gives the line's number, not its text, which may hold a secret.
@@ -1722,7 +1730,7 @@ def unread_lines(path: str) -> list[str]:
     none.
     """
     try:
-        with open(path, encoding="utf-8") as lines:
+        with open(path, encoding=ENV_FILE_ENCODING) as lines:
             numbers = [
                 number
                 for number, line in enumerate(lines, 1)

@@ -457,6 +457,26 @@ class FileSafetyTests(SynchronousTestCase):
         (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
         self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
 
+    def test_byte_order_mark(self) -> None:
+        """
+        An env file that starts with a UTF-8 byte-order mark (as some
+        editors save it): the mark is no part of the first name, which is
+        read as the setting it names (it was "\\ufeffGATEWAY_API_KEYS is
+        not a setting; did you mean GATEWAY_API_KEYS?", and every call
+        refused), with no warning; the line numbers of unread lines hold.
+        """
+        env_file = self.cwd / "gw.env"
+        env_file.write_bytes(b"\xef\xbb\xbfGATEWAY_API_KEYS=gw-key-1\nnot a setting line\n")
+        env_file.chmod(0o600)
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual(settings.gateway_api_keys, ("gw-key-1",))
+        (warning,) = settings.warnings
+        self.assertIn("line 2 is not NAME=VALUE", warning)
+        # A mark alone on the first line is an empty line.
+        env_file.write_bytes(b"\xef\xbb\xbf\nDEFAULT_PROVIDER=kimi\n")
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual((settings.default_provider, settings.warnings), ("kimi", ()))
+
     def test_exported_key(self) -> None:
         """
         A shell's C{export NAME=VALUE} line: python-decouple reads its key
