@@ -400,9 +400,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+#: The shortest token lifetime C{SESSION_TTL_HOURS} gives, in seconds:
+#: time for a script that reads C{TOKEN_FILE} to use the token (and
+#: C{rotate_token}).  A shorter one was born all but expired, and a single
+#: instance renews nothing: its control plane stayed shut until a restart.
+MIN_SESSION_TTL_SECONDS = 10
+
+#: The longest, in hours: 10 years.
+MAX_SESSION_TTL_HOURS = 87600
+
+
 def _hours(text: str) -> float:
-    value = _positive_float(text)
-    if value > 87600:
+    """
+    C{SESSION_TTL_HOURS}: hours from L{MIN_SESSION_TTL_SECONDS} to
+    L{MAX_SESSION_TTL_HOURS}.
+
+    @raise ValueError: anything else (not a number, NaN, infinite).
+    """
+    value = float(text)
+    if not MIN_SESSION_TTL_SECONDS / 3600 <= value <= MAX_SESSION_TTL_HOURS:
         raise ValueError
     return value
 
@@ -1463,7 +1479,9 @@ def load_settings(
             "SESSION_TTL_HOURS",
             _hours,
             defaults.session_ttl_hours,
-            "use a number of hours greater than 0 and at most 87600 (10 years), such as 24 or 0.5",
+            f"use a number of hours of at least {MIN_SESSION_TTL_SECONDS} seconds "
+            f"({MIN_SESSION_TTL_SECONDS / 3600:.4f}) and at most {MAX_SESSION_TTL_HOURS} "
+            "(10 years), such as 24 or 0.5",
         ),
         jwt_secret=secret or make_secret(),
         jwt_secret_is_ephemeral=not secret,

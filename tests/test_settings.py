@@ -193,6 +193,15 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("SESSION_TTL_HOURS", "'nan'", SESSION_TTL_HOURS="nan")
         self.assertEqual(self.load({"SESSION_TTL_HOURS": "0.25"}).session_ttl_hours, 0.25)
 
+    def test_ttl_lower_bound(self) -> None:
+        """
+        A token of less than 10 seconds is refused (0.00000001 made one born
+        expired: a single instance's control plane shut until a restart).
+        """
+        for value in ("0.00000001", "0.0027"):
+            self.assertConfigError("SESSION_TTL_HOURS", "at least 10 seconds (0.0028)", SESSION_TTL_HOURS=value)
+        self.assertEqual(self.load({"SESSION_TTL_HOURS": "0.003"}).session_ttl_hours, 0.003)
+
     def test_invalid_ip(self) -> None:
         self.assertConfigError("TRUSTED_CLIENT_IPS", "300.1.1.1", TRUSTED_CLIENT_IPS="300.1.1.1")
         self.assertConfigError("TRUSTED_CLIENT_IPS", TRUSTED_CLIENT_IPS="10.0.0.1/8")
