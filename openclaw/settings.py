@@ -393,11 +393,44 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
+#: The longest duration a setting in seconds takes: a day.  A longer one
+#: is no deadline in practice, and a huge one (C{1e308}) was written out
+#: whole where a wait is told (a C{Retry-After} of 309 digits).
+MAX_DURATION_SECONDS = 86400.0
+
+#: The shortest deadline for an exchange over the network (a provider's
+#: answer, a health check, a request's head or body, a client taking an
+#: answer, a control connection's first message): a round trip and a TLS
+#: handshake take some, so a shorter one (C{UPSTREAM_TIMEOUT=1e-9}) failed
+#: every exchange.
+MIN_DEADLINE_SECONDS = 1.0
+
+#: The shortest bound on a Redis call, and on the wait between
+#: reconnections: Redis is near (a call takes about a millisecond on a
+#: LAN), but a bound of nothing failed every call, and a wait of nothing
+#: made reconnection a busy loop.
+MIN_REDIS_SECONDS = 0.1
+
+#: How the bound reads in a hint.
+_AT_MOST = f"at most {MAX_DURATION_SECONDS:g} (a day)"
+
+
+def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS) -> Callable[[str], float]:
+    """
+    A setting in seconds: at least C{low} (or, when C{above}, greater than
+    C{low}) and at most C{high}.
+
+    @return: its parser, raising L{ValueError} for anything else (not a
+        number, NaN, infinite).
+    """
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low < value if above else low <= value) or not value <= high:
+            raise ValueError
+        return value
+
+    return parse
 
 
 #: The shortest token lifetime C{SESSION_TTL_HOURS} gives, in seconds:
@@ -471,17 +504,7 @@ def _positive_int(text: str) -> int:
 def _timer_seconds(text: str) -> float:
     # Autobahn's connection timers are batched into whole seconds: a shorter
     # delay can fire at once and drop healthy connections.
-    value = float(text)
-    if not 1 <= value < float("inf"):
-        raise ValueError
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise ValueError
-    return value
+    return _seconds(1)(text)
 
 
 def _host_names(text: str) -> tuple[str, ...]:
@@ -1496,15 +1519,18 @@ def load_settings(
         token_file=token_file,
         health_check_timeout=read(
             "HEALTH_CHECK_TIMEOUT",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.health_check_timeout,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
         api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
         gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
         upstream_timeout=read(
-            "UPSTREAM_TIMEOUT", _positive_float, defaults.upstream_timeout, "use a number of seconds greater than 0"
+            "UPSTREAM_TIMEOUT",
+            _seconds(MIN_DEADLINE_SECONDS),
+            defaults.upstream_timeout,
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
         ),
         max_request_bytes=read(
             "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
@@ -1514,9 +1540,9 @@ def load_settings(
         ),
         upstream_idle_seconds=read(
             "UPSTREAM_IDLE_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.upstream_idle_seconds,
-            "use a number of seconds greater than 0, such as 50",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 50",
         ),
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
@@ -1528,9 +1554,9 @@ def load_settings(
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
             "SHUTDOWN_GRACE_SECONDS",
-            _non_negative_float,
+            _seconds(0),
             defaults.shutdown_grace_seconds,
-            "use a number of seconds, 0 or more",
+            f"use a number of seconds, 0 or more and {_AT_MOST}",
         ),
         allowed_origins=read("ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"),
         trusted_proxies=read(
@@ -1544,19 +1570,19 @@ def load_settings(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.handshake_timeout_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         ping_interval_seconds=read(
             "PING_INTERVAL_SECONDS",
             _timer_seconds,
             defaults.ping_interval_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         ping_timeout_seconds=read(
             "PING_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.ping_timeout_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
@@ -1573,23 +1599,23 @@ def load_settings(
         ),
         breaker_cooldown_seconds=read(
             "BREAKER_COOLDOWN_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.breaker_cooldown_seconds,
-            "use a number of seconds greater than 0, such as 30",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 30",
         ),
         redis_url=redis_url,
         cluster_name=read("CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"),
         redis_timeout_seconds=read(
             "REDIS_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_REDIS_SECONDS),
             defaults.redis_timeout_seconds,
-            "use a number of seconds greater than 0, such as 1",
+            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 1",
         ),
         redis_reconnect_max_seconds=read(
             "REDIS_RECONNECT_MAX_SECONDS",
-            _positive_float,
+            _seconds(MIN_REDIS_SECONDS),
             defaults.redis_reconnect_max_seconds,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         workers=workers,
         api_max_connections=read(
@@ -1606,21 +1632,21 @@ def load_settings(
         ),
         api_header_timeout_seconds=read(
             "API_HEADER_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_header_timeout_seconds,
-            "use a number of seconds greater than 0, such as 10",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
         ),
         api_body_timeout_seconds=read(
             "API_BODY_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_body_timeout_seconds,
-            "use a number of seconds greater than 0, such as 30",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 30",
         ),
         api_send_timeout_seconds=read(
             "API_SEND_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_send_timeout_seconds,
-            "use a number of seconds greater than 0, such as 60",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
         ),
         metrics_allowed_hosts=read(
             "METRICS_ALLOWED_HOSTS",
@@ -1636,15 +1662,15 @@ def load_settings(
         ),
         auth_lockout_window_seconds=read(
             "AUTH_LOCKOUT_WINDOW_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.auth_lockout_window_seconds,
-            "use a number of seconds greater than 0, such as 60",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 60",
         ),
         auth_lockout_seconds=read(
             "AUTH_LOCKOUT_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.auth_lockout_seconds,
-            "use a number of seconds greater than 0, such as 300",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 300",
         ),
         auth_lockout_exempt=read(
             "AUTH_LOCKOUT_EXEMPT",
@@ -1664,9 +1690,9 @@ def load_settings(
         price_overrides=_prices(prices_file) if prices_file else {},
         auth_timeout_seconds=read(
             "AUTH_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.auth_timeout_seconds,
-            "use a number of seconds greater than 0, such as 10",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
         ),
         api_keyless_connections_per_address=read(
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
@@ -1676,9 +1702,9 @@ def load_settings(
         ),
         api_keyless_timeout_seconds=read(
             "API_KEYLESS_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_keyless_timeout_seconds,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         consumer_reserve_tokens=read(
             "CONSUMER_RESERVE_TOKENS",

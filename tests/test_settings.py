@@ -271,8 +271,57 @@ class LoadTests(SynchronousTestCase):
         """
         self.assertEqual(self.load().api_send_timeout_seconds, 60.0)
         self.assertEqual(self.load({"API_SEND_TIMEOUT_SECONDS": "2.5"}).api_send_timeout_seconds, 2.5)
-        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", "greater than 0", API_SEND_TIMEOUT_SECONDS="0")
+        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", "at least 1 and at most 86400", API_SEND_TIMEOUT_SECONDS="0")
         self.assertConfigError("API_SEND_TIMEOUT_SECONDS", API_SEND_TIMEOUT_SECONDS="soon")
+
+    def test_duration_bounds(self) -> None:
+        """
+        Every setting in seconds is at most a day (BREAKER_COOLDOWN_SECONDS
+        =1e308 was taken and told as a Retry-After of 309 digits); the
+        deadlines of network exchanges are at least 1 s and Redis's at
+        least 0.1 s (UPSTREAM_TIMEOUT=1e-9 was taken: every call timed
+        out).  Each bound itself is taken; the defaults are unchanged.
+        """
+        defaults = Settings()
+        deadlines = (
+            "HEALTH_CHECK_TIMEOUT",
+            "UPSTREAM_TIMEOUT",
+            "API_HEADER_TIMEOUT_SECONDS",
+            "API_BODY_TIMEOUT_SECONDS",
+            "API_SEND_TIMEOUT_SECONDS",
+            "AUTH_TIMEOUT_SECONDS",
+            "API_KEYLESS_TIMEOUT_SECONDS",
+        )
+        lowest = {
+            **dict.fromkeys(deadlines, "1"),
+            **dict.fromkeys(("REDIS_TIMEOUT_SECONDS", "REDIS_RECONNECT_MAX_SECONDS"), "0.1"),
+            **dict.fromkeys(("HANDSHAKE_TIMEOUT_SECONDS", "PING_INTERVAL_SECONDS", "PING_TIMEOUT_SECONDS"), "1"),
+            "SHUTDOWN_GRACE_SECONDS": "0",
+            # Tiny is no harm here: a breaker or a lockout barely held.
+            **dict.fromkeys(
+                (
+                    "UPSTREAM_IDLE_SECONDS",
+                    "BREAKER_COOLDOWN_SECONDS",
+                    "AUTH_LOCKOUT_WINDOW_SECONDS",
+                    "AUTH_LOCKOUT_SECONDS",
+                ),
+                "1e-9",
+            ),
+        }
+        loaded = self.load()
+        for name, low in lowest.items():
+            attribute = name.lower()
+            self.assertEqual(getattr(loaded, attribute), getattr(defaults, attribute), name)
+            self.assertEqual(getattr(self.load({name: low}), attribute), float(low), name)
+            self.assertEqual(getattr(self.load({name: "86400"}), attribute), 86400.0, name)
+            for value in ("86400.5", "1e308", "inf", "nan"):
+                self.assertConfigError(f"{name}={value!r}", "at most 86400 (a day)", **{name: value})
+            if float(low) >= 0.1:
+                below = str(float(low) / 2) if float(low) else "-1"
+                self.assertConfigError(f"{name}={below!r}", "is invalid", **{name: below})
+        self.assertConfigError("SHUTDOWN_GRACE_SECONDS='-1'", "0 or more", SHUTDOWN_GRACE_SECONDS="-1")
+        self.assertConfigError("UPSTREAM_TIMEOUT='1e-09'", "at least 1 and", UPSTREAM_TIMEOUT="1e-09")
+        self.assertConfigError("REDIS_TIMEOUT_SECONDS='0'", "at least 0.1 and", REDIS_TIMEOUT_SECONDS="0")
 
     def test_upstream_pool(self) -> None:
         """
