@@ -10,6 +10,9 @@ C{--api-port} are tried here, before twistd forks (L{check_free}), and a
 listener that still fails when the service starts (an endpoint string, or a
 port taken in between) fails with the same wording (L{NamedEndpoint}).
 
+The files a TLS listener reads (its key, certificate, chain) are checked
+first (L{tls_file_problem}): a device or a FIFO there would hang start-up.
+
 And how the process's file descriptors (C{RLIMIT_NOFILE}) are shared
 between the listeners (L{share_descriptors}), so that no flood of either
 port can make the process run out of them (C{EMFILE}: then nobody, not
@@ -21,6 +24,7 @@ from __future__ import annotations
 import errno
 import resource
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import attrs
@@ -30,6 +34,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.files import NotARegularFile, read_regular_file
 from openclaw.settings import Settings
 
 
@@ -132,6 +137,96 @@ class NamedEndpoint:
         if isinstance(error, CannotListenError):
             return Failure(CannotListen(self.listener.failure_line(error)))
         return failure
+
+
+#: The most bytes of each file a TLS listener (C{ssl:}) reads at start-up:
+#: a key, a certificate and its chain are a few KB.
+MAX_TLS_FILE_BYTES = 1024 * 1024
+
+#: The parameters of Twisted's C{ssl:} server endpoint, in the order it
+#: takes them unnamed (C{twisted.internet.endpoints.serverFromString}).
+_SSL_PARAMETERS = (
+    "port",
+    "privateKey",
+    "certKey",
+    "sslmethod",
+    "interface",
+    "backlog",
+    "extraCertChain",
+    "dhParameters",
+)
+#: Those of them that name a file it reads.
+_SSL_FILES = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+
+
+def endpoint_fields(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    The fields of a server endpoint string, as C{serverFromString}
+    documents them: separated by C{:}, a field with an C{=} is C{name=value}
+    (a later C{=} is part of the value), and C{\\} takes the next
+    character as it is (C{\\:}, C{\\=}).  C{"ssl:443:privateKey=k.pem"}
+    is C{(["ssl", "443"], {"privateKey": "k.pem"})}.
+    """
+    fields: list[str] = []
+    named: dict[str, str] = {}
+    current = ""
+    name: str | None = None
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            current += next(characters, "")
+        elif character == ":":
+            if name is None:
+                fields.append(current)
+            else:
+                named[name] = current
+            current, name = "", None
+        elif character == "=" and name is None:
+            name, current = current, ""
+        else:
+            current += character
+    if name is None:
+        fields.append(current)
+    else:
+        named[name] = current
+    return fields, named
+
+
+def tls_files(description: str) -> list[tuple[str, str]]:
+    """
+    The files Twisted's C{ssl:} endpoint named by C{description} reads when
+    it is parsed, as C{(parameter, path)}: C{privateKey} (default
+    C{server.pem}), C{certKey} (default: the C{privateKey}), and
+    C{extraCertChain} and C{dhParameters} when given; none for any other
+    endpoint.
+    """
+    fields, named = endpoint_fields(description)
+    if not fields or fields[0] != "ssl":
+        return []
+    given = dict(zip(_SSL_PARAMETERS, fields[1:], strict=False))
+    given.update(named)
+    given.setdefault("privateKey", "server.pem")
+    given.setdefault("certKey", given["privateKey"])
+    return [(parameter, given[parameter]) for parameter in _SSL_FILES if parameter in given]
+
+
+def tls_file_problem(description: str) -> tuple[str, str] | None:
+    """
+    What is wrong with a file a TLS listener would read (L{tls_files}), as
+    C{(parameter, reason)}, or None: each must be a regular file (links
+    followed) of at most L{MAX_TLS_FILE_BYTES}, read without waiting on it
+    (L{read_regular_file}), checked before Twisted's parser reads it whole,
+    which never ends on C{/dev/zero} and waits for a FIFO's writer.  A file
+    that cannot be opened (missing) is left to the parser to report.
+    """
+    for parameter, name in tls_files(description):
+        try:
+            read_regular_file(Path(name), MAX_TLS_FILE_BYTES, follow_links=True)
+        except NotARegularFile as e:
+            return parameter, f"its {parameter} {name!r} is refused: {e}"
+        except OSError:
+            continue
+    return None
 
 
 #: Descriptors kept out of both listeners' reach whatever C{RLIMIT_NOFILE}

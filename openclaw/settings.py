@@ -23,6 +23,8 @@ gateway's user nor root, is refused; a secret file others may read is a
 warning (L{Settings.warnings}, logged at start-up), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
+The state directory is held to the rule of those files' directories, and
+more strictly (L{check_state_directory}).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from decouple import Config, RepositoryEmpty, RepositoryEnv
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import model_refusal
+from openclaw.tls import MAX_CA_FILE_BYTES, read_ca_file
 from openclaw.urls import masked_fields, masked_url, url_passwords
 
 if TYPE_CHECKING:
@@ -390,16 +393,65 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
+#: The longest duration a setting in seconds takes: a day.  A longer one
+#: is no deadline in practice, and a huge one (C{1e308}) was written out
+#: whole where a wait is told (a C{Retry-After} of 309 digits).
+MAX_DURATION_SECONDS = 86400.0
+
+#: The shortest deadline for an exchange over the network (a provider's
+#: answer, a health check, a request's head or body, a client taking an
+#: answer, a control connection's first message): a round trip and a TLS
+#: handshake take some, so a shorter one (C{UPSTREAM_TIMEOUT=1e-9}) failed
+#: every exchange.
+MIN_DEADLINE_SECONDS = 1.0
+
+#: The shortest bound on a Redis call, and on the wait between
+#: reconnections: Redis is near (a call takes about a millisecond on a
+#: LAN), but a bound of nothing failed every call, and a wait of nothing
+#: made reconnection a busy loop.
+MIN_REDIS_SECONDS = 0.1
+
+#: How the bound reads in a hint.
+_AT_MOST = f"at most {MAX_DURATION_SECONDS:g} (a day)"
+
+
+def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS) -> Callable[[str], float]:
+    """
+    A setting in seconds: at least C{low} (or, when C{above}, greater than
+    C{low}) and at most C{high}.
+
+    @return: its parser, raising L{ValueError} for anything else (not a
+        number, NaN, infinite).
+    """
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low < value if above else low <= value) or not value <= high:
+            raise ValueError
+        return value
+
+    return parse
+
+
+#: The shortest token lifetime C{SESSION_TTL_HOURS} gives, in seconds:
+#: time for a script that reads C{TOKEN_FILE} to use the token (and
+#: C{rotate_token}).  A shorter one was born all but expired, and a single
+#: instance renews nothing: its control plane stayed shut until a restart.
+MIN_SESSION_TTL_SECONDS = 10
+
+#: The longest, in hours: 10 years.
+MAX_SESSION_TTL_HOURS = 87600
 
 
 def _hours(text: str) -> float:
-    value = _positive_float(text)
-    if value > 87600:
+    """
+    C{SESSION_TTL_HOURS}: hours from L{MIN_SESSION_TTL_SECONDS} to
+    L{MAX_SESSION_TTL_HOURS}.
+
+    @raise ValueError: anything else (not a number, NaN, infinite).
+    """
+    value = float(text)
+    if not MIN_SESSION_TTL_SECONDS / 3600 <= value <= MAX_SESSION_TTL_HOURS:
         raise ValueError
     return value
 
@@ -452,17 +504,7 @@ def _positive_int(text: str) -> int:
 def _timer_seconds(text: str) -> float:
     # Autobahn's connection timers are batched into whole seconds: a shorter
     # delay can fire at once and drop healthy connections.
-    value = float(text)
-    if not 1 <= value < float("inf"):
-        raise ValueError
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise ValueError
-    return value
+    return _seconds(1)(text)
 
 
 def _host_names(text: str) -> tuple[str, ...]:
@@ -694,10 +736,17 @@ def _ca_file(path: str) -> bytes:
     """
     The bytes of a PEM file of one or more CA certificates, read and
     checked now rather than at the first provider call (and read once: a
-    file changed or removed later makes no difference).
+    file changed or removed later makes no difference), as an untrusted
+    file: only a regular file of at most L{MAX_CA_FILE_BYTES}
+    (L{read_ca_file}).
     """
     try:
-        data = Path(path).read_bytes()
+        data = read_ca_file(Path(path))
+    except NotARegularFile as e:
+        raise ConfigError(
+            f"UPSTREAM_CA_FILE={path!r} is refused: {e}; point UPSTREAM_CA_FILE at a regular PEM file of "
+            f"at most {MAX_CA_FILE_BYTES // 1024 // 1024} MiB"
+        ) from None
     except OSError as e:
         raise ConfigError(f"UPSTREAM_CA_FILE={path!r} cannot be read: {e.strerror}") from None
     try:
@@ -822,6 +871,75 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     return None
 
 
+def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> None:
+    """
+    Hold the state directory (C{STATE_DIR}: the consumers' database and
+    its C{-wal} and C{-shm} files, the state file) to the rule of secret
+    files' directories (L{check_private_file}, after sshd's
+    C{StrictModes}): every symbolic link met on the way to it must belong
+    to the gateway's user or root, and so must it and every directory
+    above it, up to C{/}, both as named and as resolved; those above it
+    may be written by group or others only with the sticky bit.  The
+    directory itself may not be written by group or others at all, sticky
+    or not: the gateway creates its files there by name, so whoever can
+    add an entry to it could be first to put a link or a file of their
+    own under one of those names (a database whose consumers' keys then
+    work, a link that sends the gateway's writes elsewhere).
+
+    @param path: the state directory, which exists (made before this is
+        called).
+    @param what: how the operator named it (C{"STATE_DIR='/x'"}).
+    @param fix: what else to do, appended after C{"or "} (C{"point
+        STATE_DIR / --state-dir at a directory of the gateway's own"}).
+    @param euid: the gateway's user id (default: this process's).
+    @raise ConfigError: one line naming the directory and the fix.
+    """
+    euid = os.geteuid() if euid is None else euid
+    links = _links_of(path)
+    for link, held_link in links:
+        if held_link.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
+                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
+                f"where it points; name the directory itself, or {fix}"
+            )
+    try:
+        itself = path.stat()
+    except OSError:
+        return  # using it says why
+    # The directories of an entry in it: it (as named and as resolved) and those above.
+    for directory in _directories_of(path / STATE_ENTRY, [link for link, _ in links]):
+        try:
+            held = directory.stat()
+        except OSError:
+            continue
+        name = str(directory)
+        if held.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what}: directory {name!r} belongs to uid {held.st_uid}, neither the gateway's user "
+                f"(uid {euid}) nor root, so that user could put files of their own in place of the consumers' "
+                f"database and the state file; chown {euid} {name!r} (or root), or {fix}"
+            )
+        dmode = stat.S_IMODE(held.st_mode)
+        if not dmode & (stat.S_IWGRP | stat.S_IWOTH):
+            continue
+        if (held.st_dev, held.st_ino) == (itself.st_dev, itself.st_ino):
+            raise ConfigError(
+                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
+                f"put links or files of their own in place of the consumers' database and the state file; "
+                f"run: chmod go-w {name!r}, or {fix}"
+            )
+        if not dmode & stat.S_ISVTX:
+            raise ConfigError(
+                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
+                f"replace the state directory in it; run: chmod go-w {name!r}, or {fix}"
+            )
+
+
+#: A name in the state directory, for the directories it is reached through.
+STATE_ENTRY = "openclaw.db"
+
+
 def _directories_of(path: Path, links: Sequence[Path] = ()) -> list[Path]:
     """
     The directories a file is reached through: those of its path as named
@@ -898,7 +1016,8 @@ def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path
 
 def _own_directory(path: Path) -> Path:
     """
-    Create the default state directory, mode 0700, if it is missing.
+    Create the default state directory, mode 0700, if it is missing, and
+    hold it to L{check_state_directory}.
     """
     problem = _make_state_directory(path)
     if problem:
@@ -906,13 +1025,17 @@ def _own_directory(path: Path) -> Path:
             f"cannot use the state directory {str(path)!r} ({problem}); "
             "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
         )
+    check_state_directory(
+        path, f"the state directory {str(path)!r}", "set STATE_DIR / --state-dir to a directory of the gateway's own"
+    )
     return path
 
 
 def _state_dir(text: str) -> Path:
     """
     An explicit C{STATE_DIR}: created like the default one (mode 0700,
-    parents as needed) and checked writable now, not at the first write.
+    parents as needed), checked writable now, not at the first write, and
+    held to L{check_state_directory}.
     """
     path = Path(text)
     problem = _make_state_directory(path)
@@ -921,6 +1044,9 @@ def _state_dir(text: str) -> Path:
             f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
             "gateway's user can write, or point STATE_DIR / --state-dir at one"
         )
+    check_state_directory(
+        path, f"STATE_DIR={text!r}", "point STATE_DIR / --state-dir at a directory of the gateway's own"
+    )
     return path
 
 
@@ -1167,11 +1293,16 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     return secret
 
 
+#: How env files are read: UTF-8, a byte-order mark at the start ignored.
+ENV_FILE_ENCODING = "utf-8-sig"
+
+
 def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
     """
     The env file to read: the one named, else C{.env} in the working
     directory if present.  (decouple's C{AutoConfig} would search from this
-    module's directory, which is site-packages once installed.)
+    module's directory, which is site-packages once installed.)  Read as
+    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.
     """
     if env_file is not None:
         path = Path(env_file)
@@ -1184,7 +1315,9 @@ def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
             return RepositoryEmpty()
         check_private_file(path, f"env file {str(path)!r} (.env in the working directory)", secret=False)
     try:
-        return RepositoryEnv(str(path))
+        # utf-8-sig: a byte-order mark some editors write first is no part
+        # of the first name (it made GATEWAY_API_KEYS an unknown setting).
+        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
 
@@ -1351,6 +1484,11 @@ def load_settings(
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
     else:
         state_path = cwd or Path.cwd()
+        check_state_directory(
+            state_path,
+            f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)",
+            "set STATE_DIR / --state-dir to a directory of the gateway's own",
+        )
     # After the state directory, which is made if missing: a token file
     # in it is then in a directory that exists.
     no_path: Path | None = None
@@ -1364,7 +1502,9 @@ def load_settings(
             "SESSION_TTL_HOURS",
             _hours,
             defaults.session_ttl_hours,
-            "use a number of hours greater than 0 and at most 87600 (10 years), such as 24 or 0.5",
+            f"use a number of hours of at least {MIN_SESSION_TTL_SECONDS} seconds "
+            f"({MIN_SESSION_TTL_SECONDS / 3600:.4f}) and at most {MAX_SESSION_TTL_HOURS} "
+            "(10 years), such as 24 or 0.5",
         ),
         jwt_secret=secret or make_secret(),
         jwt_secret_is_ephemeral=not secret,
@@ -1379,15 +1519,18 @@ def load_settings(
         token_file=token_file,
         health_check_timeout=read(
             "HEALTH_CHECK_TIMEOUT",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.health_check_timeout,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
         api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
         gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
         upstream_timeout=read(
-            "UPSTREAM_TIMEOUT", _positive_float, defaults.upstream_timeout, "use a number of seconds greater than 0"
+            "UPSTREAM_TIMEOUT",
+            _seconds(MIN_DEADLINE_SECONDS),
+            defaults.upstream_timeout,
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
         ),
         max_request_bytes=read(
             "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
@@ -1397,9 +1540,9 @@ def load_settings(
         ),
         upstream_idle_seconds=read(
             "UPSTREAM_IDLE_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.upstream_idle_seconds,
-            "use a number of seconds greater than 0, such as 50",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 50",
         ),
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
@@ -1411,9 +1554,9 @@ def load_settings(
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
             "SHUTDOWN_GRACE_SECONDS",
-            _non_negative_float,
+            _seconds(0),
             defaults.shutdown_grace_seconds,
-            "use a number of seconds, 0 or more",
+            f"use a number of seconds, 0 or more and {_AT_MOST}",
         ),
         allowed_origins=read("ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"),
         trusted_proxies=read(
@@ -1427,19 +1570,19 @@ def load_settings(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.handshake_timeout_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         ping_interval_seconds=read(
             "PING_INTERVAL_SECONDS",
             _timer_seconds,
             defaults.ping_interval_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         ping_timeout_seconds=read(
             "PING_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.ping_timeout_seconds,
-            "use a whole number of seconds, 1 or more (Autobahn's timers count whole seconds)",
+            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
         ),
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
@@ -1456,23 +1599,23 @@ def load_settings(
         ),
         breaker_cooldown_seconds=read(
             "BREAKER_COOLDOWN_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.breaker_cooldown_seconds,
-            "use a number of seconds greater than 0, such as 30",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 30",
         ),
         redis_url=redis_url,
         cluster_name=read("CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"),
         redis_timeout_seconds=read(
             "REDIS_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_REDIS_SECONDS),
             defaults.redis_timeout_seconds,
-            "use a number of seconds greater than 0, such as 1",
+            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 1",
         ),
         redis_reconnect_max_seconds=read(
             "REDIS_RECONNECT_MAX_SECONDS",
-            _positive_float,
+            _seconds(MIN_REDIS_SECONDS),
             defaults.redis_reconnect_max_seconds,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         workers=workers,
         api_max_connections=read(
@@ -1489,21 +1632,21 @@ def load_settings(
         ),
         api_header_timeout_seconds=read(
             "API_HEADER_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_header_timeout_seconds,
-            "use a number of seconds greater than 0, such as 10",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
         ),
         api_body_timeout_seconds=read(
             "API_BODY_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_body_timeout_seconds,
-            "use a number of seconds greater than 0, such as 30",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 30",
         ),
         api_send_timeout_seconds=read(
             "API_SEND_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_send_timeout_seconds,
-            "use a number of seconds greater than 0, such as 60",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
         ),
         metrics_allowed_hosts=read(
             "METRICS_ALLOWED_HOSTS",
@@ -1519,15 +1662,15 @@ def load_settings(
         ),
         auth_lockout_window_seconds=read(
             "AUTH_LOCKOUT_WINDOW_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.auth_lockout_window_seconds,
-            "use a number of seconds greater than 0, such as 60",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 60",
         ),
         auth_lockout_seconds=read(
             "AUTH_LOCKOUT_SECONDS",
-            _positive_float,
+            _seconds(0, above=True),
             defaults.auth_lockout_seconds,
-            "use a number of seconds greater than 0, such as 300",
+            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 300",
         ),
         auth_lockout_exempt=read(
             "AUTH_LOCKOUT_EXEMPT",
@@ -1547,9 +1690,9 @@ def load_settings(
         price_overrides=_prices(prices_file) if prices_file else {},
         auth_timeout_seconds=read(
             "AUTH_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.auth_timeout_seconds,
-            "use a number of seconds greater than 0, such as 10",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
         ),
         api_keyless_connections_per_address=read(
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
@@ -1559,9 +1702,9 @@ def load_settings(
         ),
         api_keyless_timeout_seconds=read(
             "API_KEYLESS_TIMEOUT_SECONDS",
-            _positive_float,
+            _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_keyless_timeout_seconds,
-            "use a number of seconds greater than 0, such as 5",
+            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
         consumer_reserve_tokens=read(
             "CONSUMER_RESERVE_TOKENS",
@@ -1622,7 +1765,8 @@ def unread_lines(path: str) -> list[str]:
     A warning for each line of the env file at C{path} that python-decouple's
     C{RepositoryEnv} skips or reads as nothing although it is neither
     blank nor a comment: a line holding no C{=}, or no name before its
-    first C{=} (decouple reads the file as UTF-8, line by line;
+    first C{=} (decouple reads the file as UTF-8, a byte-order mark
+    ignored (L{ENV_FILE_ENCODING}), line by line;
     after stripping whitespace it skips an empty line, one starting with
     C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
     warning gives the line's number, not its text, which may hold a secret.
@@ -1630,7 +1774,7 @@ def unread_lines(path: str) -> list[str]:
     none.
     """
     try:
-        with open(path, encoding="utf-8") as lines:
+        with open(path, encoding=ENV_FILE_ENCODING) as lines:
             numbers = [
                 number
                 for number, line in enumerate(lines, 1)
@@ -1697,6 +1841,7 @@ __all__ = [
     "Settings",
     "builtin_providers",
     "check_private_file",
+    "check_state_directory",
     "default_state_dir",
     "load_settings",
     "misspelt_settings",

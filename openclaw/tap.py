@@ -26,7 +26,15 @@ from twisted.web.http import H2_ENABLED
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file
 from openclaw.files import LockHeld, NotALockFile, PidLock
-from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, host_port
+from openclaw.listeners import (
+    MAX_TLS_FILE_BYTES,
+    CannotListen,
+    Listener,
+    NamedEndpoint,
+    check_free,
+    host_port,
+    tls_file_problem,
+)
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import gateway_reactor, supervisor_reactor
@@ -460,6 +468,13 @@ def _endpoint(
         description = tcp_endpoint_description(port, settings)
     else:
         listener = Listener(description, *endpoint_setting)
+        problem = tls_file_problem(description)
+        if problem is not None:
+            parameter, reason = problem
+            raise ConfigError(
+                f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} cannot be used: {reason}; point "
+                f"{parameter} at a regular PEM file of at most {MAX_TLS_FILE_BYTES // 1024 // 1024} MiB"
+            )
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:

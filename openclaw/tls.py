@@ -1,6 +1,7 @@
 """
 TLS helpers shared by the gateway's provider client and C{openclawctl}:
-trusting a CA file, and saying why a TLS handshake failed.
+trusting a CA file (read bounded: L{read_ca_file}), and saying why a TLS
+handshake failed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from cryptography.x509 import load_pem_x509_certificates
 from OpenSSL.SSL import Error as OpenSSLError
 from service_identity import VerificationError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+from openclaw.files import read_regular_file
 
 
 def trust_root_from_pem(data: bytes) -> Any:
@@ -29,14 +32,35 @@ def trust_root_from_pem(data: bytes) -> Any:
     return trustRootFromCertificates([Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates])
 
 
+#: The most bytes of a CA file read (C{UPSTREAM_CA_FILE}, C{openclawctl
+#: --cafile}): a whole system bundle is some 220 KB.
+MAX_CA_FILE_BYTES = 1024 * 1024
+
+
+def read_ca_file(path: Path) -> bytes:
+    """
+    The bytes of the CA file C{path}, read as an untrusted file
+    (L{read_regular_file}, links followed, as C{/etc/ssl/certs} holds
+    links): only a regular file of at most L{MAX_CA_FILE_BYTES}, without
+    waiting on it (a FIFO would hang, a device never end).
+
+    @raise NotARegularFile: it is not a regular file, or too large; the
+        message says which.
+    @raise OSError: it cannot be read.
+    """
+    return read_regular_file(path, MAX_CA_FILE_BYTES, follow_links=True)
+
+
 def trust_root_from_file(path: Path) -> Any:
     """
-    Every CA certificate in the PEM file C{path}, as L{trust_root_from_pem}.
+    Every CA certificate in the PEM file C{path} (L{read_ca_file}), as
+    L{trust_root_from_pem}.
 
-    @raise OSError: the file cannot be read.
+    @raise OSError: the file cannot be read, or is no regular file of at
+        most L{MAX_CA_FILE_BYTES} (L{NotARegularFile}).
     @raise ValueError: it holds no PEM certificate.
     """
-    return trust_root_from_pem(path.read_bytes())
+    return trust_root_from_pem(read_ca_file(path))
 
 
 def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:

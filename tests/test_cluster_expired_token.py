@@ -152,10 +152,10 @@ class ExpiredTokenOnRedis(ClusterCase):
         restarts (it was adopted, locking the control plane out until
         Redis was edited).
         """
-        a = self.spawn(SESSION_TTL_HOURS="0.0003")  # 1 s
+        a = self.spawn(SESSION_TTL_HOURS="0.003")  # 10.8 s, a little over the shortest taken
         old = yield a.token
         yield a.stop()
-        yield sleep(1.5)
+        yield sleep(11.5)
         again = self.spawn(a.port, a.api_port, SESSION_TTL_HOURS="24")
         token = yield again.token
         self.assertNotEqual(token, old)
@@ -171,11 +171,11 @@ class ExpiredTokenOnRedis(ClusterCase):
         Two instances up: the token is renewed before it expires and both
         adopt the new one.
         """
-        a = self.spawn(SESSION_TTL_HOURS="0.001")  # 4 s: renewed after 3 s
+        a = self.spawn(SESSION_TTL_HOURS="0.003")  # 10.8 s: renewed after 8.6 s
         first = yield a.token
-        b = self.spawn(SESSION_TTL_HOURS="0.001")
+        b = self.spawn(SESSION_TTL_HOURS="0.003")
         yield b.token
-        for _ in range(100):
+        for _ in range(200):
             if a.stdout.count(b"Token    : ") > 1 and b.stdout.count(b"Token    : ") > 1:
                 break
             yield sleep(0.1)

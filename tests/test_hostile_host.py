@@ -24,11 +24,14 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from openclaw.files import NotARegularFile
+from openclaw.listeners import tls_file_problem
 from openclaw.metrics import OUTCOMES
 from openclaw.routing import MAX_MODEL_CHARS
 from openclaw.session import SessionAuthority, UnsafeTokenFile, check_token_file
 from openclaw.settings import ConfigError, load_settings
 from openclaw.signals import handles_hangup
+from openclaw.tls import trust_root_from_file
 from tests.support import (
     GatewayProcess,
     capture_log_events,
@@ -36,6 +39,7 @@ from tests.support import (
     connect,
     exchange,
     free_port,
+    make_ca,
     spawn_gateway,
     start_gateway,
     start_metrics_listener,
@@ -581,6 +585,112 @@ class SecretFileTests(TestCase):
         path.chmod(0o600)
         line = yield self.refused(path)
         self.assertIn("bytes", line)
+
+
+def endless(path: Path) -> Path:
+    """
+    A file at C{path} whose reading never ends or never starts: a zero
+    device (made here in a temporary directory), or a FIFO where this is
+    not root.
+    """
+    if os.geteuid() == 0:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    else:
+        os.mkfifo(path, 0o666)
+    return path
+
+
+class StartupFileTests(TestCase):
+    """
+    C{PRICES_FILE}, C{UPSTREAM_CA_FILE} and a TLS listener's key or
+    certificate naming a zero device or a FIFO stop C{twistd -n openclaw}
+    at once with one line naming the setting (they were read without end:
+    GBs of memory, never listening); as C{JWT_SECRET_FILE} is, each is
+    read only as a regular file of a bounded size.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+
+    @inlineCallbacks
+    def refused(self, args: list[str], **env: str) -> Any:
+        out, err, code = yield getProcessOutputAndValue(
+            twistd_path(),
+            ["-n", "--pidfile=", "openclaw", "--port", str(free_port()), "--api-port", str(free_port()), *args],
+            env=gateway_env(STATE_DIR=str(self.dir), **env),
+            path=str(self.dir),
+        )
+        self.assertEqual(code, 2, (out, err))
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn("openclaw: configuration error: ", lines[0])
+        return lines[0]
+
+    @inlineCallbacks
+    def test_prices_file(self) -> Any:
+        path = endless(self.dir / "prices.json")
+        line = yield self.refused([], PRICES_FILE=str(path))
+        self.assertIn(f"PRICES_FILE={str(path)!r} is refused: it is a ", line)
+        self.assertIn("point PRICES_FILE at a regular JSON file of at most 1 MiB", line)
+
+    @inlineCallbacks
+    def test_ca_file(self) -> Any:
+        path = endless(self.dir / "ca.pem")
+        line = yield self.refused([], UPSTREAM_CA_FILE=str(path))
+        self.assertIn(f"UPSTREAM_CA_FILE={str(path)!r} is refused: it is a ", line)
+        self.assertIn("point UPSTREAM_CA_FILE at a regular PEM file of at most 1 MiB", line)
+
+    @inlineCallbacks
+    def test_tls_listener_files(self) -> Any:
+        """
+        C{certKey} (then C{privateKey}, C{extraCertChain}) an endless file:
+        refused before Twisted's endpoint parser reads it.
+        """
+        # Refused before any is parsed: a regular file's content does not matter.
+        key = self.dir / "key.pem"
+        key.write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
+        key.chmod(0o600)
+        zero = endless(self.dir / "zero")
+        for fields, parameter in (
+            (f"privateKey={key}:certKey={zero}", "certKey"),
+            (f"privateKey={zero}", "privateKey"),
+            (f"privateKey={key}:certKey={key}:extraCertChain={zero}", "extraCertChain"),
+        ):
+            description = f"ssl:{free_port()}:interface=127.0.0.1:{fields}"
+            line = yield self.refused(["--api-listen", description])
+            self.assertIn(f"API_LISTEN (--api-listen)={description!r} cannot be used: its {parameter} ", line)
+            self.assertIn(f"point {parameter} at a regular PEM file of at most 1 MiB", line)
+
+    def test_sizes(self) -> None:
+        """
+        A file over the bound is refused unread, in the same words; one
+        within it is read (the system's CA bundle is some 220 KB).
+        """
+        big = self.dir / "big"
+        big.write_bytes(b"x" * (1024 * 1024 + 1))
+        for name in ("PRICES_FILE", "UPSTREAM_CA_FILE"):
+            with self.assertRaises(ConfigError) as caught:
+                load_settings({name: str(big)}, cwd=self.dir)
+            self.assertIn(f"{name}={str(big)!r} is refused: it holds 1048577 bytes", str(caught.exception))
+        ca = make_ca()
+        bundle = self.dir / "bundle.pem"
+        bundle.write_bytes(ca.pem * (512 * 1024 // len(ca.pem)))
+        self.assertEqual(
+            load_settings({"UPSTREAM_CA_FILE": str(bundle)}, cwd=self.dir).upstream_ca_pem[:20], ca.pem[:20]
+        )
+        self.assertEqual(tls_file_problem(f"ssl:0:privateKey={big}")[0], "privateKey")
+        self.assertIsNone(tls_file_problem(f"ssl:0:privateKey={bundle}"))
+        self.assertIsNone(tls_file_problem(f"tcp:0:interface={big}"))
+
+    def test_ctl_cafile(self) -> None:
+        """
+        C{openclawctl --cafile} reads its CA file the same way.
+        """
+        with self.assertRaises(NotARegularFile):
+            trust_root_from_file(endless(self.dir / "zero"))
 
 
 class ModelSettingTests(TestCase):

@@ -193,6 +193,15 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("SESSION_TTL_HOURS", "'nan'", SESSION_TTL_HOURS="nan")
         self.assertEqual(self.load({"SESSION_TTL_HOURS": "0.25"}).session_ttl_hours, 0.25)
 
+    def test_ttl_lower_bound(self) -> None:
+        """
+        A token of less than 10 seconds is refused (0.00000001 made one born
+        expired: a single instance's control plane shut until a restart).
+        """
+        for value in ("0.00000001", "0.0027"):
+            self.assertConfigError("SESSION_TTL_HOURS", "at least 10 seconds (0.0028)", SESSION_TTL_HOURS=value)
+        self.assertEqual(self.load({"SESSION_TTL_HOURS": "0.003"}).session_ttl_hours, 0.003)
+
     def test_invalid_ip(self) -> None:
         self.assertConfigError("TRUSTED_CLIENT_IPS", "300.1.1.1", TRUSTED_CLIENT_IPS="300.1.1.1")
         self.assertConfigError("TRUSTED_CLIENT_IPS", TRUSTED_CLIENT_IPS="10.0.0.1/8")
@@ -262,8 +271,57 @@ class LoadTests(SynchronousTestCase):
         """
         self.assertEqual(self.load().api_send_timeout_seconds, 60.0)
         self.assertEqual(self.load({"API_SEND_TIMEOUT_SECONDS": "2.5"}).api_send_timeout_seconds, 2.5)
-        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", "greater than 0", API_SEND_TIMEOUT_SECONDS="0")
+        self.assertConfigError("API_SEND_TIMEOUT_SECONDS", "at least 1 and at most 86400", API_SEND_TIMEOUT_SECONDS="0")
         self.assertConfigError("API_SEND_TIMEOUT_SECONDS", API_SEND_TIMEOUT_SECONDS="soon")
+
+    def test_duration_bounds(self) -> None:
+        """
+        Every setting in seconds is at most a day (BREAKER_COOLDOWN_SECONDS
+        =1e308 was taken and told as a Retry-After of 309 digits); the
+        deadlines of network exchanges are at least 1 s and Redis's at
+        least 0.1 s (UPSTREAM_TIMEOUT=1e-9 was taken: every call timed
+        out).  Each bound itself is taken; the defaults are unchanged.
+        """
+        defaults = Settings()
+        deadlines = (
+            "HEALTH_CHECK_TIMEOUT",
+            "UPSTREAM_TIMEOUT",
+            "API_HEADER_TIMEOUT_SECONDS",
+            "API_BODY_TIMEOUT_SECONDS",
+            "API_SEND_TIMEOUT_SECONDS",
+            "AUTH_TIMEOUT_SECONDS",
+            "API_KEYLESS_TIMEOUT_SECONDS",
+        )
+        lowest = {
+            **dict.fromkeys(deadlines, "1"),
+            **dict.fromkeys(("REDIS_TIMEOUT_SECONDS", "REDIS_RECONNECT_MAX_SECONDS"), "0.1"),
+            **dict.fromkeys(("HANDSHAKE_TIMEOUT_SECONDS", "PING_INTERVAL_SECONDS", "PING_TIMEOUT_SECONDS"), "1"),
+            "SHUTDOWN_GRACE_SECONDS": "0",
+            # Tiny is no harm here: a breaker or a lockout barely held.
+            **dict.fromkeys(
+                (
+                    "UPSTREAM_IDLE_SECONDS",
+                    "BREAKER_COOLDOWN_SECONDS",
+                    "AUTH_LOCKOUT_WINDOW_SECONDS",
+                    "AUTH_LOCKOUT_SECONDS",
+                ),
+                "1e-9",
+            ),
+        }
+        loaded = self.load()
+        for name, low in lowest.items():
+            attribute = name.lower()
+            self.assertEqual(getattr(loaded, attribute), getattr(defaults, attribute), name)
+            self.assertEqual(getattr(self.load({name: low}), attribute), float(low), name)
+            self.assertEqual(getattr(self.load({name: "86400"}), attribute), 86400.0, name)
+            for value in ("86400.5", "1e308", "inf", "nan"):
+                self.assertConfigError(f"{name}={value!r}", "at most 86400 (a day)", **{name: value})
+            if float(low) >= 0.1:
+                below = str(float(low) / 2) if float(low) else "-1"
+                self.assertConfigError(f"{name}={below!r}", "is invalid", **{name: below})
+        self.assertConfigError("SHUTDOWN_GRACE_SECONDS='-1'", "0 or more", SHUTDOWN_GRACE_SECONDS="-1")
+        self.assertConfigError("UPSTREAM_TIMEOUT='1e-09'", "at least 1 and", UPSTREAM_TIMEOUT="1e-09")
+        self.assertConfigError("REDIS_TIMEOUT_SECONDS='0'", "at least 0.1 and", REDIS_TIMEOUT_SECONDS="0")
 
     def test_upstream_pool(self) -> None:
         """
@@ -456,6 +514,26 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertIn("did you mean KIMI_API_KEY?", settings.warnings[1])
         (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
         self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
+
+    def test_byte_order_mark(self) -> None:
+        """
+        An env file that starts with a UTF-8 byte-order mark (as some
+        editors save it): the mark is no part of the first name, which is
+        read as the setting it names (it was "\\ufeffGATEWAY_API_KEYS is
+        not a setting; did you mean GATEWAY_API_KEYS?", and every call
+        refused), with no warning; the line numbers of unread lines hold.
+        """
+        env_file = self.cwd / "gw.env"
+        env_file.write_bytes(b"\xef\xbb\xbfGATEWAY_API_KEYS=gw-key-1\nnot a setting line\n")
+        env_file.chmod(0o600)
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual(settings.gateway_api_keys, ("gw-key-1",))
+        (warning,) = settings.warnings
+        self.assertIn("line 2 is not NAME=VALUE", warning)
+        # A mark alone on the first line is an empty line.
+        env_file.write_bytes(b"\xef\xbb\xbf\nDEFAULT_PROVIDER=kimi\n")
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual((settings.default_provider, settings.warnings), ("kimi", ()))
 
     def test_exported_key(self) -> None:
         """

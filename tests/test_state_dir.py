@@ -4,6 +4,10 @@ does not exist yet is created mode 0700 like the default one; a state
 directory that cannot be used, or a TOKEN_FILE in a directory that does
 not exist, stops start-up with one line naming the variable, the value
 and what to do.  A real C{twistd -n openclaw}.
+
+A state directory others could write or own (the secret files'
+directory rule), and a database file there that is a link or another
+user's, are refused: L{load_settings} and L{sqlite_file} on real files.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from pathlib import Path
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file
+from openclaw.settings import ConfigError, load_settings
 from tests.support import free_port, spawn_gateway, twistd_path
 from tests.test_twistd import SECRET, base_env
 
@@ -55,9 +61,14 @@ class StateDirTests(TestCase):
         run = self.directory()
         blocker = run / "a-file"
         blocker.write_text("not a directory\n")
+        loose = run / "loose"
+        loose.mkdir()
+        loose.chmod(0o777)
         cases = [
             (["--state-dir", str(blocker)], {}, f"STATE_DIR={str(blocker)!r} cannot be used (a file is in the way"),
             ([], {"STATE_DIR": str(blocker / "below")}, f"STATE_DIR={str(blocker / 'below')!r} cannot be used"),
+            # Others may write it: they could plant the database's name.
+            (["--state-dir", str(loose)], {}, f"directory {str(loose)!r} may be written by group or others"),
         ]
         if os.geteuid() != 0:
             locked = run / "locked"
@@ -97,6 +108,11 @@ class StateDirTests(TestCase):
         fifo.mkdir()
         os.mkfifo(fifo / "openclaw.db")
         cases.append((fifo, "(a FIFO is in the way): move it aside"))
+        # A link is not followed (the database was made at its target).
+        linked = run / "linked"
+        linked.mkdir()
+        (linked / "openclaw.db").symlink_to(run / "elsewhere.db")
+        cases.append((linked, "(a symbolic link, which the gateway does not follow): remove the link"))
         locked = run / "locked"
         locked.mkdir()
         database = locked / "openclaw.db"
@@ -124,6 +140,7 @@ class StateDirTests(TestCase):
             self.assertIn(expected, lines[0])
             self.assertIn("--state-dir", lines[0])
             self.assertNotIn(b"Traceback", out + err)
+        self.assertFalse((run / "elsewhere.db").exists())
 
     @inlineCallbacks
     def test_token_file_directory_missing_is_one_line(self):
@@ -145,3 +162,180 @@ class StateDirTests(TestCase):
         self.assertIn(f"TOKEN_FILE={str(token_file)!r}", lines[0])
         self.assertIn("create it", lines[0])
         self.assertNotIn(b"Traceback", out + err)
+
+
+#: Another user, for files only root can give away.
+NOBODY = 65534
+
+
+class StateDirectoryRuleTests(SynchronousTestCase):
+    """
+    The state directory is held to the secret files' directory rule
+    (README, "Secret files' directories"), and more: the directory itself
+    may not be written by group or others even with the sticky bit, since
+    the gateway creates its files there by name.
+    """
+
+    def setUp(self) -> None:
+        self.environ: dict[str, str] = {"JWT_SECRET": SECRET}
+        self.patch(os, "environ", self.environ)
+        self.base = Path(self.mktemp()).resolve()
+        self.base.mkdir(parents=True)
+        self.state = self.base / "state"
+        self.state.mkdir(mode=0o700)
+        self.environ["STATE_DIR"] = str(self.state)
+
+    def refused(self, daemon: bool = False) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            load_settings(cwd=self.base, daemon=daemon)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_writable_state_dir(self) -> None:
+        self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
+        for mode in (0o770, 0o707, 0o777, 0o1777, 0o1770):
+            self.state.chmod(mode)
+            message = self.refused()
+            self.assertIn(f"STATE_DIR={str(self.state)!r}", message)
+            self.assertIn(f"may be written by group or others (mode {mode:04o})", message)
+            self.assertIn(f"run: chmod go-w {str(self.state)!r}", message)
+            self.assertIn("from the environment", message)
+        self.state.chmod(0o755)
+        self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
+
+    def test_writable_parent(self) -> None:
+        """
+        A directory above it that others may write is refused unless it
+        is sticky (as /tmp): others could rename the state directory away.
+        """
+        self.base.chmod(0o777)
+        message = self.refused()
+        self.assertIn(f"directory {str(self.base)!r} may be written by group or others", message)
+        self.assertIn("replace the state directory", message)
+        self.base.chmod(0o1777)
+        self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
+
+    def test_working_directory_and_default(self) -> None:
+        """
+        STATE_DIR unset: the working directory (a foreground run) and the
+        daemon's own directory are held to the rule too.
+        """
+        del self.environ["STATE_DIR"]
+        self.base.chmod(0o777)
+        message = self.refused()
+        self.assertIn("(the working directory: STATE_DIR is unset)", message)
+        self.assertIn("set STATE_DIR / --state-dir", message)
+        self.base.chmod(0o755)
+        self.environ["XDG_STATE_HOME"] = str(self.base)
+        (self.base / "openclaw").mkdir(mode=0o700)
+        self.assertEqual(load_settings(cwd=self.base, daemon=True).state_dir, self.base / "openclaw")
+        (self.base / "openclaw").chmod(0o777)
+        self.assertIn(f"the state directory {str(self.base / 'openclaw')!r}", self.refused(daemon=True))
+
+    def test_other_users_directory(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to give a directory to another user (os.chown)")
+        os.chown(self.state, NOBODY, NOBODY)
+        message = self.refused()
+        self.assertIn(f"belongs to uid {NOBODY}", message)
+        self.assertIn(f"chown 0 {str(self.state)!r}", message)
+
+    def test_other_users_link(self) -> None:
+        """
+        STATE_DIR reached through another user's link (in a sticky
+        directory, which the rule lets be) is refused.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to give a link to another user (os.lchown)")
+        sticky = self.base / "sticky"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        link = sticky / "state"
+        link.symlink_to(self.state)
+        os.lchown(link, NOBODY, NOBODY)
+        self.environ["STATE_DIR"] = str(link)
+        message = self.refused()
+        self.assertIn(f"the symbolic link {str(link)!r}, which belongs to uid {NOBODY}", message)
+        os.lchown(link, 0, 0)
+        self.assertEqual(load_settings(cwd=self.base).state_dir, link)
+
+
+class DatabaseFileTests(SynchronousTestCase):
+    """
+    openclaw.db and its -wal and -shm files are never reached through a
+    symbolic link (one was followed: the database made at its target, a
+    link's target chmod'ed 0600), and another user's are refused.
+    """
+
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).resolve()
+        self.state = self.base / "state"
+        self.state.mkdir(parents=True, mode=0o700)
+        self.victim = self.base / "victim"
+        self.victim.mkdir()
+        self.database = self.state / "openclaw.db"
+
+    def refused(self) -> str:
+        with self.assertRaises(UnusableDatabaseFile) as caught:
+            sqlite_file(self.state)
+        return str(caught.exception)
+
+    def test_database_link(self) -> None:
+        target = self.victim / "created.db"
+        self.database.symlink_to(target)
+        message = self.refused()
+        self.assertIn(f"the consumers' database {str(self.database)!r} cannot be used", message)
+        self.assertIn("(a symbolic link, which the gateway does not follow): remove the link", message)
+        self.assertFalse(target.exists())
+        # To an existing file, too.
+        target.write_bytes(b"")
+        self.refused()
+
+    def test_companion_links(self) -> None:
+        for suffix in ("-wal", "-shm"):
+            target = self.victim / f"passwd{suffix}"
+            target.write_bytes(b"root:x:0:0::/root:/bin/sh\n")
+            target.chmod(0o644)
+            companion = self.state / f"openclaw.db{suffix}"
+            companion.symlink_to(target)
+            message = self.refused()
+            self.assertIn(f"({str(companion)!r}: a symbolic link, which the gateway does not follow)", message)
+            self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o644)
+            companion.unlink()
+        os.mkfifo(self.state / "openclaw.db-shm")
+        self.assertIn("openclaw.db-shm': a FIFO is in the way): move it aside", self.refused())
+        (self.state / "openclaw.db-shm").unlink()
+        # Its own files are made private.
+        (self.state / "openclaw.db-wal").write_bytes(b"")
+        (self.state / "openclaw.db-wal").chmod(0o644)
+        self.assertEqual(sqlite_file(self.state), self.database)
+        for name in ("openclaw.db", "openclaw.db-wal"):
+            self.assertEqual(stat.S_IMODE((self.state / name).stat().st_mode), 0o600)
+
+    def test_other_users_database(self) -> None:
+        """
+        A database another user made (its consumers' keys would work) is
+        refused, as another user's secret file is; root's is taken.
+        """
+        self.assertEqual(sqlite_file(self.state, euid=os.geteuid()), self.database)
+        if os.geteuid() != 0:
+            message = self.refused_as(os.geteuid() + 1)
+            self.assertIn(f"belongs to uid {os.geteuid()}", message)
+            return
+        os.chown(self.database, NOBODY, NOBODY)
+        message = self.refused()
+        self.assertIn(f"{str(self.database)!r} belongs to uid {NOBODY}", message)
+        self.assertIn(f"move it aside, or if it is yours, chown 0 {str(self.database)!r}", message)
+        os.chown(self.database, 0, 0)
+        wal = self.state / "openclaw.db-wal"
+        wal.write_bytes(b"")
+        os.chown(wal, NOBODY, NOBODY)
+        self.assertIn(f"{str(wal)!r} belongs to uid {NOBODY}", self.refused())
+        os.chown(wal, 0, 0)
+        self.assertEqual(sqlite_file(self.state, euid=4242), self.database)
+
+    def refused_as(self, euid: int) -> str:
+        with self.assertRaises(UnusableDatabaseFile) as caught:
+            sqlite_file(self.state, euid=euid)
+        return str(caught.exception)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import orjson
 
+from openclaw.files import NotARegularFile, read_regular_file
+
 if TYPE_CHECKING:
     from openclaw.providers.base import ProviderAdapter
 
@@ -97,12 +99,28 @@ def parse_prices(document: Any, source: str = "PRICES_FILE") -> dict[str, Price]
     return table
 
 
+#: The most bytes of C{PRICES_FILE} read: a price is some 80 bytes, so
+#: room for over ten thousand models.
+MAX_PRICES_FILE_BYTES = 1024 * 1024
+
+
 def load_prices_file(path: Path) -> dict[str, Price]:
     """
-    @raise PricesError: unreadable, not JSON or not the documented form.
+    The prices in C{path}, read as an untrusted file
+    (L{openclaw.files.read_regular_file}, links followed): only a regular
+    file of at most L{MAX_PRICES_FILE_BYTES}, without waiting on it (a
+    FIFO would hang start-up, a device never end).
+
+    @raise PricesError: unreadable, not a regular file of that size, not
+        JSON or not the documented form.
     """
     try:
-        document = orjson.loads(path.read_bytes())
+        document = orjson.loads(read_regular_file(path, MAX_PRICES_FILE_BYTES, follow_links=True))
+    except NotARegularFile as e:
+        raise PricesError(
+            f"PRICES_FILE={str(path)!r} is refused: {e}; point PRICES_FILE at a regular JSON file "
+            f"of at most {MAX_PRICES_FILE_BYTES // 1024 // 1024} MiB"
+        ) from None
     except OSError as e:
         raise PricesError(f"PRICES_FILE={str(path)!r} cannot be read: {e.strerror}") from None
     except orjson.JSONDecodeError as e:
@@ -132,4 +150,12 @@ class PriceTable:
         return None if price is None else price.cost(prompt, completion, cached)
 
 
-__all__ = ["Price", "PriceTable", "PricesError", "load_prices_file", "parse_prices", "shipped_prices"]
+__all__ = [
+    "MAX_PRICES_FILE_BYTES",
+    "Price",
+    "PriceTable",
+    "PricesError",
+    "load_prices_file",
+    "parse_prices",
+    "shipped_prices",
+]

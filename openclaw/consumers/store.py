@@ -917,24 +917,42 @@ class UnusableDatabaseFile(OSError):
     """
 
 
-def sqlite_file(state_dir: Path) -> Path:
+#: What SQLite adds to the database's name for its write-ahead log and
+#: shared-memory index (U{https://www.sqlite.org/tempfiles.html}).
+COMPANION_SUFFIXES = ("-wal", "-shm")
+
+
+def sqlite_file(state_dir: Path, euid: int | None = None) -> Path:
     """
     The SQLite database in C{state_dir} (C{openclaw.db}), created if
     missing and made private (L{private}), checked before the pool opens it
     so that start-up can refuse it in one line.
 
-    @raise UnusableDatabaseFile: it is not a regular file (a directory in
-        the way), or it (or its C{-wal} or C{-shm} file) cannot be opened
-        for writing or have its mode set (permission denied, immutable).
+    @param euid: the gateway's user id (default: this process's).
+    @raise UnusableDatabaseFile: it, or its C{-wal} or C{-shm} file, is
+        not a regular file (a symbolic link, which is never followed; a
+        directory or a FIFO in the way), belongs to another user, or cannot
+        be opened for writing or have its mode set (permission denied,
+        immutable).
     """
     path = state_dir / "openclaw.db"
     try:
-        private(path)
+        private(path, euid)
     except NotARegularFile as e:
+        name = str(e.filename) if e.filename is not None else str(path)
+        # Its -wal or -shm file is named.
+        which = "" if name == str(path) else f"{name!r}: "
+        if e.kind == "a symbolic link":
+            reason = f"{which}a symbolic link, which the gateway does not follow"
+            advice = "remove the link (and put the file it points to in its place, if that file is yours)"
+        else:
+            reason = f"{which}{e.kind} is in the way"
+            advice = "move it aside (the gateway creates the file itself)"
         raise UnusableDatabaseFile(
-            f"the consumers' database {str(path)!r} cannot be used ({e.kind} is in the way): move it aside (the gateway "
-            "creates the file itself)"
+            f"the consumers' database {str(path)!r} cannot be used ({reason}): {advice}"
         ) from None
+    except UnusableDatabaseFile:
+        raise
     except OSError as e:
         what = e.strerror or str(e)
         if e.filename is not None and str(e.filename) != str(path):
@@ -951,7 +969,7 @@ def sqlite_file(state_dir: Path) -> Path:
     return path
 
 
-def private(path: Path) -> None:
+def private(path: Path, euid: int | None = None) -> None:
     """
     Make the SQLite database at C{path} readable by its owner only (mode
     0600; it holds key hashes and usage), creating it empty if need be.
@@ -959,16 +977,46 @@ def private(path: Path) -> None:
     mode (U{https://www.sqlite.org/tempfiles.html}); those already there
     are set too.
 
-    @raise NotARegularFile: C{path} is a directory, a FIFO or a device
-        (L{openclaw.files.open_regular_file}).
+    No symbolic link is followed: each file is opened with C{O_NOFOLLOW}
+    (and without waiting on a FIFO, L{openclaw.files.open_regular_file}),
+    and its mode set through that descriptor (C{fchmod}), never by name; a
+    file there that belongs to neither the gateway's user nor root is
+    refused, as a secret file is (L{openclaw.settings.check_private_file}):
+    its owner could have put it there, and a database's consumers' keys
+    work.
+
+    @param euid: the gateway's user id (default: this process's).
+    @raise NotARegularFile: one of them is a link, a directory, a FIFO or a
+        device (its C{filename} says which).
+    @raise UnusableDatabaseFile: one belongs to another user.
     @raise OSError: it cannot be created, opened for writing or have its
         mode set.
     """
-    # Not waiting for a FIFO's writer: one in the way must not hold start-up.
-    os.close(open_regular_file(path, os.O_CREAT | os.O_RDWR))
-    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(name, 0o600)
+    euid = os.geteuid() if euid is None else euid
+    for name in (path, *(path.with_name(path.name + suffix) for suffix in COMPANION_SUFFIXES)):
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if name == path else 0)
+        try:
+            fd = open_regular_file(name, flags)
+        except FileNotFoundError:
+            continue
+        except NotARegularFile as e:
+            e.filename = str(name)
+            raise
+        try:
+            owner = os.fstat(fd).st_uid
+            if owner not in (euid, 0):
+                raise UnusableDatabaseFile(
+                    f"the consumers' database {str(path)!r} cannot be used ({str(name)!r} belongs to uid {owner}, "
+                    f"neither the gateway's user (uid {euid}) nor root, so that user could have put it there): "
+                    f"move it aside, or if it is yours, chown {euid} {str(name)!r}"
+                )
+            try:
+                os.fchmod(fd, 0o600)
+            except OSError as e:
+                e.filename = str(name)
+                raise
+        finally:
+            os.close(fd)
 
 
 def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:
