@@ -120,6 +120,23 @@ class ListenTests(TestCase):
         client.sendClose()
         yield client.closed
 
+    @inlineCallbacks
+    def test_tls_outsider_gets_1008(self):
+        """
+        Over TLS a peer outside TRUSTED_CLIENT_IPS still gets its 1008,
+        though nothing it sends is read after it and its connection is
+        aborted soon after (no half-close under TLS).
+        """
+        ca, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        tls = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(ca))
+        client = yield connect(port, tls=tls, bind="127.0.0.2")
+        client.send({"token": "forged", "cmd": "ping"})
+        code, reason = yield client.closed
+        self.assertEqual((code, reason), (1008, "peer address is not in TRUSTED_CLIENT_IPS"))
+        self.assertEqual(client.received.pending, [])
+
     def test_tls_api_without_http2_says_so(self):
         """
         A TLS API listener where twisted.web cannot speak HTTP/2 (no
