@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import stat
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
+from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, check_free
 from openclaw.logs import make_observer
 from openclaw.service import GatewayService
@@ -478,6 +480,35 @@ class Http2Tests(TestCase):
         self.assertEqual((agreed, status), ("h2", 401))
 
     @inlineCallbacks
+    def test_http2_continuation_flood_is_cut_off(self):
+        """
+        A header block that never ends (CONTINUATION frames without end,
+        no key): h2 gives up on it after 64 frames and twisted.web ends the
+        connection, but went on reading it, h2 buffering every frame (trial
+        s17, F2: 1.5 GB in 9 s, the connection never closed).  Now nothing
+        more is read, and the connection is gone within
+        CLOSE_DEADLINE_SECONDS; the gateway logs it, and serves others.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sent, ended = yield deferToThread(continuation_flood, self.port, self.ca)
+        self.assertIsNotNone(ended, f"still open after 10 s, {sent} bytes taken")
+        self.assertLess(ended, CLOSE_DEADLINE_SECONDS + 1)
+        # 65 frames of 8 KB before h2 gives up, then what is read and
+        # dropped, and the buffers of TLS and both ends' sockets.
+        assert isinstance(self.service, GatewayService)
+        self.assertLess(sent, self.service.api_site.limits.linger_bytes + 8_000_000)
+        lines = [formatEvent(event) for event in events if event.get("log_namespace") == "openclaw.dataplane"]
+        self.assertIn(
+            "HTTP/2 connection from 127.0.0.1 aborted: its client sent more than 16777216 bytes after twisted.web "
+            "had ended the connection",
+            "\n".join(lines),
+        )
+        agreed, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
+        self.assertEqual((agreed, status), ("h2", 200))
+
+    @inlineCallbacks
     def test_http2_ping_flood_is_no_error(self):
         """
         A client with no key that floods PINGs and reads none of the
@@ -504,6 +535,64 @@ class Http2Tests(TestCase):
         flood = [line for line in lines if "control frames" in line]
         self.assertEqual(len(flood), 1, lines)
         self.assertIn("#info] HTTP/2 connection from 127.0.0.1 aborted", flood[0])
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """
+    One HTTP/2 frame (RFC 9113 section 4.1), as a client sends it.
+    """
+    return struct.pack("!I", len(payload))[1:] + bytes([kind, flags]) + struct.pack("!I", stream) + payload
+
+
+def continuation_flood(port: int, ca: bytes, seconds: float = 10.0) -> tuple[int, float | None]:
+    """
+    Over HTTP/2 on TLS, without a key: a HEADERS frame without END_HEADERS,
+    then CONTINUATION frames of 8 KB without END_HEADERS (a header block
+    that never ends: CVE-2024-27316's class, trial s17's t42), as fast as
+    the connection takes them, until the server ends the connection or
+    C{seconds} pass; what the server sends is read and dropped.
+
+    @return: the bytes of CONTINUATION frames the connection took, and the
+        seconds until the server ended it (None: it did not).
+    """
+    import select
+    import time
+
+    from hpack import Encoder
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        head = Encoder().encode(
+            [(":method", "GET"), (":scheme", "https"), (":path", "/v1/models"), (":authority", "x")]
+        )
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") + h2_frame(1, 0, 1, head))
+        block = h2_frame(9, 0, 1, Encoder().encode([("x-a", "b" * 8000)])) * 8
+        # One thread, non-blocking: an SSL socket is not to be read and
+        # written from two threads at once.
+        sock.setblocking(False)
+        start = time.monotonic()
+        sent, pending = 0, block
+        while time.monotonic() - start < seconds:
+            readable, writable, _ = select.select([sock], [sock], [], 0.5)
+            try:
+                if readable or sock.pending():
+                    try:
+                        if not sock.recv(65536):
+                            return sent, time.monotonic() - start
+                    except ssl.SSLWantReadError:
+                        pass
+                if writable:
+                    try:
+                        written = sock.send(pending)
+                    except ssl.SSLWantWriteError:
+                        continue
+                    sent += written
+                    pending = pending[written:] or block
+            except OSError:
+                return sent, time.monotonic() - start
+        return sent, None
 
 
 def ping_flood(port: int, ca: bytes, enough: Any, seconds: float = 10.0) -> None:

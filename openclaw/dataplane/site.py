@@ -75,6 +75,10 @@ LINGER_QUIET_SECONDS = 1.0
 LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: The setting a large answer's parts are each to be taken within.
 _SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
+#: Seconds between two log lines for HTTP/2 connections aborted for what
+#: their clients sent after twisted.web had ended them
+#: (L{APISite.http2_flooded}); the next line says how many were left out.
+HTTP2_FLOOD_LOG_INTERVAL_SECONDS = 60.0
 #: Seconds a new API connection has to send its first request head before
 #: it counts as keyless (if that head carried no accepted key, it counts
 #: from then on): a client's first head arrives in one round trip, so a
@@ -682,6 +686,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _lingered: int | None = None
     _last_read = 0.0
     _quiet: IDelayedCall | None = None
+    #: The gateway has begun to close the connection itself (L{_lose}).
+    _closing = False
+    #: twisted.web's HTTP/2 connection ended the connection, and what comes
+    #: is dropped (L{_http2_ended}).
+    _ended_by_http2 = False
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -727,6 +736,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 # Its requests' keys are not tracked: keyless for its whole life.
                 self.count_keyless()
         self.protocol.dataReceived(data)
+        if self._http2 and not self._closing and getattr(self.transport, "disconnecting", False):
+            self._http2_ended()
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss
@@ -1057,13 +1068,39 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def _linger_read(self, data: bytes) -> None:
         """
-        C{data} came during a lingering close: dropped, and the connection
-        aborted past L{APILimits.linger_bytes}.
+        C{data} came during a lingering close, or after twisted.web's HTTP/2
+        connection ended the connection (L{_http2_ended}): dropped, and the
+        connection aborted past L{APILimits.linger_bytes}.
         """
         lingered = self._lingered = (self._lingered or 0) + len(data)
         self._last_read = self._site.reactor.seconds()
         if lingered > self._site.limits.linger_bytes:
+            if self._ended_by_http2:
+                self._site.http2_flooded(self)
             self.tcp.abortConnection()
+
+    def _http2_ended(self) -> None:
+        """
+        twisted.web's HTTP/2 connection has ended the connection (h2 found a
+        protocol error in what the client sent, such as a header block not
+        ended within 64 CONTINUATION frames; or the client sent GOAWAY; or
+        twisted.web's own idle or control-frame limit), yet the TLS
+        transport reads on while that connection is its producer, and
+        twisted.web hands h2 all that comes, which h2 then keeps without
+        bound (trial s17, F2: 1.5 GB in 9 s from one connection without a
+        key, which never closed; CVE-2024-27316's class).
+
+        From now on what comes is read and dropped (L{_linger_read}): the
+        connection is aborted once more than L{APILimits.linger_bytes} came
+        (logged, L{APISite.http2_flooded}), or L{CLOSE_DEADLINE_SECONDS}
+        from now; a client that closes its side (after its GOAWAY) is gone
+        at once, as before.  Seen from here by the TLS transport's
+        C{disconnecting} (set by C{loseConnection}, and by an abort): no
+        close of the gateway's own is under way then (L{_closing}).
+        """
+        self._ended_by_http2 = True
+        self._lingered = 0
+        self.close_politely()
 
     def readConnectionLost(self) -> None:
         """
@@ -1177,6 +1214,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         producer: it is left so, and the transport closes at the abort
         after L{CLOSE_DEADLINE_SECONDS} instead (L{lose_connection}).
         """
+        self._closing = True
         if self._http2:
             self.tcp.loseConnection()
         else:
@@ -1294,6 +1332,9 @@ class APISite(Site):
         #: Large answers going out on HTTP/2 streams (L{StreamSendDeadline}):
         #: a stop that cuts one counts it as the stop's.
         self.http2_answers: set[WholeAnswer] = set()
+        #: When L{http2_flooded} last logged, and the lines it left out since.
+        self._flood_logged_at: float | None = None
+        self._floods_unlogged = 0
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
@@ -1345,6 +1386,37 @@ class APISite(Site):
     def _refused(self, reason: str) -> None:
         if self.context is not None:
             self.context.connection_refused(reason)
+
+    def http2_flooded(self, connection: APIConnection) -> None:
+        """
+        C{connection}, an HTTP/2 one twisted.web had ended, is aborted for
+        the bytes its client sent on (L{APIConnection._http2_ended}): logged
+        at info with the peer, once per L{HTTP2_FLOOD_LOG_INTERVAL_SECONDS}
+        at most (any client can cause it at will); the next line says how
+        many were left out.
+        """
+        if self.context is None:
+            return
+        now = self.reactor.seconds()
+        last = self._flood_logged_at
+        if last is not None and 0 <= now - last < HTTP2_FLOOD_LOG_INTERVAL_SECONDS:
+            self._floods_unlogged += 1
+            return
+        self._flood_logged_at = now
+        unlogged, self._floods_unlogged = self._floods_unlogged, 0
+        self.context.log.info(
+            "HTTP/2 connection from {peer} aborted: its client sent more than {limit} bytes after twisted.web "
+            "had ended the connection (h2 found a protocol error in what it sent, such as a header block "
+            "without end){unlogged_note}",
+            peer=host_of(connection.tcp.getPeer()),
+            limit=self.limits.linger_bytes,
+            unlogged=unlogged,
+            unlogged_note=(
+                f" ({unlogged} similar lines suppressed in the last {HTTP2_FLOOD_LOG_INTERVAL_SECONDS:g} s)"
+                if unlogged
+                else ""
+            ),
+        )
 
     def opened(self, connection: APIConnection) -> None:
         self.connections.add(connection)
