@@ -352,13 +352,15 @@ def h2_request(
             return agreed, status, received
 
 
-class Http2Tests(TestCase):
+class TLSGateway(TestCase):
     """
-    On a TLS API listener, a client that offers HTTP/2 gets it (when C{h2}
-    is installed: twisted.web's own negotiation).
+    A gateway whose API listens with TLS, HTTP/2 offered (when C{h2} is
+    installed: twisted.web's own negotiation).
     """
 
     timeout = 30
+    #: Settings (environment variables) the gateway is started with.
+    environment: tuple[tuple[str, str], ...] = (("MAX_REQUEST_BYTES", "1024"),)
 
     def setUp(self) -> None:
         if not H2_ENABLED:
@@ -368,7 +370,7 @@ class Http2Tests(TestCase):
         self.patch(
             os,
             "environ",
-            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "MAX_REQUEST_BYTES": "1024", "GATEWAY_API_KEYS": H2_KEY},
+            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "GATEWAY_API_KEYS": H2_KEY, **dict(self.environment)},
         )
         self.ca, keyfile, certfile = write_certificates(self.dir)
         self.port = free_port()
@@ -384,6 +386,12 @@ class Http2Tests(TestCase):
         self.service = makeService(options, reactor, stdout=io.StringIO())
         self.service.startService()
         self.addCleanup(self.service.stopService)
+
+
+class Http2Tests(TLSGateway):
+    """
+    On a TLS API listener, a client that offers HTTP/2 gets it.
+    """
 
     @inlineCallbacks
     def test_http2_request(self):
@@ -535,6 +543,144 @@ class Http2Tests(TestCase):
         flood = [line for line in lines if "control frames" in line]
         self.assertEqual(len(flood), 1, lines)
         self.assertIn("#info] HTTP/2 connection from 127.0.0.1 aborted", flood[0])
+
+
+class Http2KeylessTests(TLSGateway):
+    """
+    An HTTP/2 connection none of whose requests has carried an accepted
+    key is closed API_KEYLESS_TIMEOUT_SECONDS after it opened, as an
+    HTTP/1.1 one is (trial s17, F7: an idle one stayed open over 40 s).
+    """
+
+    environment = (("API_KEYLESS_TIMEOUT_SECONDS", "2"),)
+
+    def assert_closed_at_keyless_deadline(self, ended: float | None) -> None:
+        self.assertIsNotNone(ended, "still open")
+        assert ended is not None
+        # Closed at the deadline (its close_notify answered at once).
+        self.assertGreater(ended, 2 - 0.5)
+        self.assertLess(ended, 2 + 1)
+
+    @inlineCallbacks
+    def test_idle_closed(self):
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca)
+        self.assert_closed_at_keyless_deadline(ended)
+        self.assertEqual(statuses, [])
+
+    @inlineCallbacks
+    def test_keyless_requests_closed(self):
+        """
+        However many requests without a key it makes (/healthz, 401s).
+        """
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, every=0.3)
+        self.assert_closed_at_keyless_deadline(ended)
+        self.assertIn(200, statuses)
+        self.assertIn(401, statuses)
+
+    @inlineCallbacks
+    def test_key_holder_kept(self):
+        """
+        A request with the key, even one without a body, keeps the
+        connection from the keyless deadline; so does a body with the key.
+        """
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, key=H2_KEY, seconds=4)
+        self.assertIsNone(ended)
+        # Its key accepted (no provider key here: 503), and still served.
+        self.assertEqual(statuses, [503, 200])
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, key=H2_KEY, body=True, seconds=4)
+        self.assertIsNone(ended)
+        self.assertEqual(statuses, [400, 200])
+
+
+def h2_life(
+    port: int,
+    ca: bytes,
+    key: str | None = None,
+    body: bool = False,
+    every: float | None = None,
+    seconds: float = 6.0,
+) -> tuple[float | None, list[int]]:
+    """
+    An HTTP/2 connection on TLS: with C{key}, first one request with it
+    (C{GET /v1/models}, or with C{body} a C{POST} of a body that is not
+    JSON); then, every C{every} seconds if given, a request without a key
+    (C{/healthz} and C{/v1/models} in turn); until the server closes the
+    connection or C{seconds} pass.  Every C{every} seconds after the
+    deadline, a last request checks it is still served.
+
+    @return: the seconds until the server closed it (None: it did not),
+        and the statuses of the answers, in order.
+    """
+    import time
+
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    statuses: list[int] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            start = time.monotonic()
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            stream = 1
+
+            def request(path: str, authorization: str | None = None, payload: bytes = b"") -> None:
+                nonlocal stream
+                headers = [
+                    (":method", "POST" if payload else "GET"),
+                    (":path", path),
+                    (":scheme", "https"),
+                    (":authority", "127.0.0.1"),
+                ]
+                if authorization is not None:
+                    headers.append(("authorization", f"Bearer {authorization}"))
+                if payload:
+                    headers.append(("content-length", str(len(payload))))
+                connection.send_headers(stream, headers, end_stream=not payload)
+                if payload:
+                    connection.send_data(stream, payload, end_stream=True)
+                stream += 2
+
+            if key is not None:
+                if body:
+                    request("/v1/chat/completions", key, b"not json")
+                else:
+                    request("/v1/models", key)
+            sock.sendall(connection.data_to_send())
+            sock.settimeout(0.1)
+            sent_at = time.monotonic()
+            while (elapsed := time.monotonic() - start) < seconds:
+                if every is not None and time.monotonic() - sent_at >= every:
+                    request("/healthz" if stream % 4 == 1 else "/v1/models")
+                    sent_at = time.monotonic()
+                try:
+                    sock.sendall(connection.data_to_send())
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return elapsed, statuses
+                if not chunk:
+                    return elapsed, statuses
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses.append(int(dict(event.headers)[b":status"]))
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if key is not None:
+                # Still served.
+                request("/healthz")
+                sock.settimeout(5)
+                sock.sendall(connection.data_to_send())
+                answered = len(statuses)
+                while len(statuses) == answered:
+                    for event in connection.receive_data(sock.recv(65536)):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses.append(int(dict(event.headers)[b":status"]))
+                    sock.sendall(connection.data_to_send())
+    return None, statuses
 
 
 def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -445,11 +446,13 @@ class APIRequest(Request):
 
     def _check_whole_head(self) -> None:
         """
-        An HTTP/2 stream's head is whole now: check it (L{_check_head}).
+        An HTTP/2 stream's head is whole now: check it (L{_check_head}),
+        its key counted for its connection (L{APISite.http2_connection}).
         """
         unchecked, self._head_unchecked = self._head_unchecked, None
         if unchecked is not None and self._refusal is None:
-            refusal = self._check_head(*unchecked, None)
+            connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
+            refusal = self._check_head(*unchecked, connection)
             if refusal is not None:
                 self._refuse(refusal)
             else:
@@ -638,7 +641,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     deadlines cover every
     wait twisted.web's own idle timeout would (it is off while a request is
     answered), so that timer, moved at every request, is not kept for an
-    HTTP/1.1 connection; an HTTP/2 connection is left to it instead.
+    HTTP/1.1 connection; an HTTP/2 connection is left to it instead.  The
+    keyless deadline (C{API_KEYLESS_TIMEOUT_SECONDS} from opening, for a
+    connection no request head on which has carried an accepted key)
+    holds for both: an HTTP/2 stream's head counts for its connection
+    (L{APISite.http2_connection}).
 
     @ivar protocol: the protocol twisted.web built.
     @ivar transport: the connection's transport, once made.
@@ -650,7 +657,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     keyless = True
     #: Counted among the site's keyless connections (and so liable to be
     #: closed to make room): it sent a head without an accepted key, or
-    #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2.
+    #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2 over
+    #: other than IP (L{APISite.http2_opened}).
     counted_keyless = False
     #: The keyless timer is on the grace (then on the keyless deadline).
     _in_grace = False
@@ -691,6 +699,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: twisted.web's HTTP/2 connection ended the connection, and what comes
     #: is dropped (L{_http2_ended}).
     _ended_by_http2 = False
+    #: An HTTP/2 connection's local and peer addresses, by which its
+    #: streams' requests find it (L{APISite.http2_connection}).
+    http2_key: tuple[IAddress, IAddress] | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -732,9 +743,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 # twisted.web switches to now takes on.
                 self.protocol.timeOut = self._site.limits.http2_idle_timeout
                 self._disarm()
-                self._stop_keyless_deadline()
-                # Its requests' keys are not tracked: keyless for its whole life.
-                self.count_keyless()
+                if not self._site.http2_opened(self):
+                    # Its requests cannot find it: their keys are not
+                    # counted, and it is keyless for its whole life.
+                    self._stop_keyless_deadline()
+                    self.count_keyless()
         self.protocol.dataReceived(data)
         if self._http2 and not self._closing and getattr(self.transport, "disconnecting", False):
             self._http2_ended()
@@ -797,6 +810,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._keyless_deadline = site.reactor.callLater(
                     site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
                 )
+            return
+        if self._http2:
+            # No answer to write, as HTTP/1.1's 401: closed, with its streams.
+            self._close_http2()
             return
         if self._send_paused:
             # The request's deadline is the one waiting for the resume.
@@ -1079,6 +1096,21 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._site.http2_flooded(self)
             self.tcp.abortConnection()
 
+    def _close_http2(self) -> None:
+        """
+        Close an HTTP/2 connection at the gateway's word (its keyless
+        deadline): twisted.web's connection is unregistered as the TLS
+        transport's producer, so that the transport sends its
+        C{close_notify} and closes once the client answers it, with no
+        more written (a TLS transport closes only once no producer is
+        registered, L{lose_connection}); what comes meanwhile is dropped
+        (L{_linger_read}), and the connection aborted at
+        L{CLOSE_DEADLINE_SECONDS} (L{close_politely}).
+        """
+        self._lingered = 0
+        lose_connection(self.tcp)
+        self.close_politely()
+
     def _http2_ended(self) -> None:
         """
         twisted.web's HTTP/2 connection has ended the connection (h2 found a
@@ -1335,6 +1367,9 @@ class APISite(Site):
         #: When L{http2_flooded} last logged, and the lines it left out since.
         self._flood_logged_at: float | None = None
         self._floods_unlogged = 0
+        #: Open HTTP/2 connections by their local and peer addresses
+        #: (L{http2_opened}).
+        self._http2_by_addresses: dict[tuple[IAddress, IAddress], APIConnection] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
@@ -1452,9 +1487,38 @@ class APISite(Site):
             else:
                 self.keyless.pop(address, None)
 
+    def http2_opened(self, connection: APIConnection) -> bool:
+        """
+        C{connection} speaks HTTP/2: known from now on by its local and
+        peer addresses, which its streams' requests give
+        (C{IRequest.getHost}, C{getClientAddress}: twisted.web's stream
+        passes on those of the connection's transport), so that a key on
+        one of its requests counts for it (L{http2_connection}).
+
+        @return: whether it is known so: only with IP addresses (a pair
+            that one TCP connection at a time has); an HTTP/2 connection
+            over anything else cannot be told from another.
+        """
+        transport = connection.tcp
+        key = (transport.getHost(), transport.getPeer())
+        if not all(isinstance(address, (IPv4Address, IPv6Address)) for address in key):
+            return False
+        connection.http2_key = key
+        self._http2_by_addresses[key] = connection
+        return True
+
+    def http2_connection(self, addresses: tuple[IAddress, IAddress]) -> APIConnection | None:
+        """
+        The open HTTP/2 connection with these local and peer addresses
+        (L{http2_opened}), if any.
+        """
+        return self._http2_by_addresses.get(addresses)
+
     def closed(self, connection: APIConnection) -> None:
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)
+        if connection.http2_key is not None and self._http2_by_addresses.get(connection.http2_key) is connection:
+            del self._http2_by_addresses[connection.http2_key]
         address = connection.address
         if connection.counted_keyless and connection in self.connections:
             self._count_keyless(connection, -1)
