@@ -6,13 +6,21 @@ input, and the goodbye on shutdown.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
+import os
+import socket
+import struct
+import time
 
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNHEARD_CLOSE_SECONDS
 from tests.support import connect, open_client, start_gateway
+from tests.wsfuzz import frame, server_frames
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 
@@ -231,3 +239,89 @@ class AllowlistTests(TestCase):
         client = yield connect(gateway.port, host="127.0.0.1")
         code, _ = yield client.closed
         self.assertEqual(code, 1008)
+
+
+def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float = 10.0) -> tuple[bytes, int, float]:
+    """
+    From C{source}, with a small send buffer: a WebSocket handshake,
+    C{first} (frames), every frame the server sends up to its close frame;
+    then, ignoring that close, a flood of small pings (as trial s17's t23
+    did) until the server ends the connection or C{seconds} pass.
+
+    @return: the server's close frame's payload, the bytes of the flood
+        the connection took, and the seconds from the flood's start until
+        the connection ended.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.settimeout(5)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 101"), received
+        received = received.split(b"\r\n\r\n", 1)[1]
+        sock.sendall(first)
+        close = None
+        while close is None:
+            frames, received = server_frames(received)
+            close = next((payload for opcode, payload in frames if opcode == 0x8), None)
+            if close is None:
+                received += sock.recv(4096)
+        blob = frame(0x9, b"x" * 10) * 5000
+        sent = 0
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < seconds:
+                sock.sendall(blob)
+                sent += len(blob)
+        except OSError:
+            pass
+        return close, sent, time.monotonic() - start
+
+
+class UnheardCloseTests(TestCase):
+    """
+    A peer closed with 1008 for who it is has nothing more it sends read,
+    and its connection ends UNHEARD_CLOSE_SECONDS later (trial s17, F3): a
+    flood after the close neither costs the gateway its CPU nor holds the
+    connection for CLOSE_HANDSHAKE_SECONDS.
+    """
+
+    timeout = 30
+
+    def assert_unheard(self, sent: int, seconds: float) -> None:
+        # Without the fix the gateway read and parsed the flood until the
+        # close handshake timed out: tens of MB over CLOSE_HANDSHAKE_SECONDS.
+        self.assertLess(sent, 2_000_000)
+        self.assertLess(seconds, (UNHEARD_CLOSE_SECONDS + CLOSE_HANDSHAKE_SECONDS) / 2)
+
+    @inlineCallbacks
+    def test_outsider_flood_after_1008_is_not_read(self):
+        gateway = start_gateway(self, trusted_clients=LOOPBACK_ONLY)
+        close, sent, seconds = yield deferToThread(flood_after_close, gateway.port, "127.0.0.2")
+        self.assertEqual(close, struct.pack("!H", 1008) + b"peer address is not in TRUSTED_CLIENT_IPS")
+        self.assert_unheard(sent, seconds)
+        # The gateway is none the worse: an operator is answered.
+        client = yield open_client(self, gateway.port)
+        answer = yield client.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_guesser_flood_after_1008_is_not_read(self):
+        """
+        The same for a client closed after too many failed authentications.
+        """
+        gateway = start_gateway(self, max_auth_failures=1)
+        close, sent, seconds = yield deferToThread(
+            flood_after_close, gateway.port, "127.0.0.1", frame(0x1, b'{"token": "forged", "cmd": "ping"}')
+        )
+        self.assertEqual(close, struct.pack("!H", 1008) + b"too many failed authentications")
+        self.assert_unheard(sent, seconds)

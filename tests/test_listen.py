@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import stat
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 
+from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, check_free
 from openclaw.logs import make_observer
 from openclaw.service import GatewayService
@@ -119,6 +121,23 @@ class ListenTests(TestCase):
         self.assertTrue(answer["ok"])
         client.sendClose()
         yield client.closed
+
+    @inlineCallbacks
+    def test_tls_outsider_gets_1008(self):
+        """
+        Over TLS a peer outside TRUSTED_CLIENT_IPS still gets its 1008,
+        though nothing it sends is read after it and its connection is
+        aborted soon after (no half-close under TLS).
+        """
+        ca, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        tls = optionsForClientTLS("127.0.0.1", trustRoot=Certificate.loadPEM(ca))
+        client = yield connect(port, tls=tls, bind="127.0.0.2")
+        client.send({"token": "forged", "cmd": "ping"})
+        code, reason = yield client.closed
+        self.assertEqual((code, reason), (1008, "peer address is not in TRUSTED_CLIENT_IPS"))
+        self.assertEqual(client.received.pending, [])
 
     def test_tls_api_without_http2_says_so(self):
         """
@@ -333,13 +352,15 @@ def h2_request(
             return agreed, status, received
 
 
-class Http2Tests(TestCase):
+class TLSGateway(TestCase):
     """
-    On a TLS API listener, a client that offers HTTP/2 gets it (when C{h2}
-    is installed: twisted.web's own negotiation).
+    A gateway whose API listens with TLS, HTTP/2 offered (when C{h2} is
+    installed: twisted.web's own negotiation).
     """
 
     timeout = 30
+    #: Settings (environment variables) the gateway is started with.
+    environment: tuple[tuple[str, str], ...] = (("MAX_REQUEST_BYTES", "1024"),)
 
     def setUp(self) -> None:
         if not H2_ENABLED:
@@ -349,7 +370,7 @@ class Http2Tests(TestCase):
         self.patch(
             os,
             "environ",
-            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "MAX_REQUEST_BYTES": "1024", "GATEWAY_API_KEYS": H2_KEY},
+            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "GATEWAY_API_KEYS": H2_KEY, **dict(self.environment)},
         )
         self.ca, keyfile, certfile = write_certificates(self.dir)
         self.port = free_port()
@@ -365,6 +386,12 @@ class Http2Tests(TestCase):
         self.service = makeService(options, reactor, stdout=io.StringIO())
         self.service.startService()
         self.addCleanup(self.service.stopService)
+
+
+class Http2Tests(TLSGateway):
+    """
+    On a TLS API listener, a client that offers HTTP/2 gets it.
+    """
 
     @inlineCallbacks
     def test_http2_request(self):
@@ -461,6 +488,35 @@ class Http2Tests(TestCase):
         self.assertEqual((agreed, status), ("h2", 401))
 
     @inlineCallbacks
+    def test_http2_continuation_flood_is_cut_off(self):
+        """
+        A header block that never ends (CONTINUATION frames without end,
+        no key): h2 gives up on it after 64 frames and twisted.web ends the
+        connection, but went on reading it, h2 buffering every frame (trial
+        s17, F2: 1.5 GB in 9 s, the connection never closed).  Now nothing
+        more is read, and the connection is gone within
+        CLOSE_DEADLINE_SECONDS; the gateway logs it, and serves others.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sent, ended = yield deferToThread(continuation_flood, self.port, self.ca)
+        self.assertIsNotNone(ended, f"still open after 10 s, {sent} bytes taken")
+        self.assertLess(ended, CLOSE_DEADLINE_SECONDS + 1)
+        # 65 frames of 8 KB before h2 gives up, then what is read and
+        # dropped, and the buffers of TLS and both ends' sockets.
+        assert isinstance(self.service, GatewayService)
+        self.assertLess(sent, self.service.api_site.limits.linger_bytes + 8_000_000)
+        lines = [formatEvent(event) for event in events if event.get("log_namespace") == "openclaw.dataplane"]
+        self.assertIn(
+            "HTTP/2 connection from 127.0.0.1 aborted: its client sent more than 16777216 bytes after twisted.web "
+            "had ended the connection",
+            "\n".join(lines),
+        )
+        agreed, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
+        self.assertEqual((agreed, status), ("h2", 200))
+
+    @inlineCallbacks
     def test_http2_ping_flood_is_no_error(self):
         """
         A client with no key that floods PINGs and reads none of the
@@ -487,6 +543,202 @@ class Http2Tests(TestCase):
         flood = [line for line in lines if "control frames" in line]
         self.assertEqual(len(flood), 1, lines)
         self.assertIn("#info] HTTP/2 connection from 127.0.0.1 aborted", flood[0])
+
+
+class Http2KeylessTests(TLSGateway):
+    """
+    An HTTP/2 connection none of whose requests has carried an accepted
+    key is closed API_KEYLESS_TIMEOUT_SECONDS after it opened, as an
+    HTTP/1.1 one is (trial s17, F7: an idle one stayed open over 40 s).
+    """
+
+    environment = (("API_KEYLESS_TIMEOUT_SECONDS", "2"),)
+
+    def assert_closed_at_keyless_deadline(self, ended: float | None) -> None:
+        self.assertIsNotNone(ended, "still open")
+        assert ended is not None
+        # Closed at the deadline (its close_notify answered at once).
+        self.assertGreater(ended, 2 - 0.5)
+        self.assertLess(ended, 2 + 1)
+
+    @inlineCallbacks
+    def test_idle_closed(self):
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca)
+        self.assert_closed_at_keyless_deadline(ended)
+        self.assertEqual(statuses, [])
+
+    @inlineCallbacks
+    def test_keyless_requests_closed(self):
+        """
+        However many requests without a key it makes (/healthz, 401s).
+        """
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, every=0.3)
+        self.assert_closed_at_keyless_deadline(ended)
+        self.assertIn(200, statuses)
+        self.assertIn(401, statuses)
+
+    @inlineCallbacks
+    def test_key_holder_kept(self):
+        """
+        A request with the key, even one without a body, keeps the
+        connection from the keyless deadline; so does a body with the key.
+        """
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, key=H2_KEY, seconds=4)
+        self.assertIsNone(ended)
+        # Its key accepted (no provider key here: 503), and still served.
+        self.assertEqual(statuses, [503, 200])
+        ended, statuses = yield deferToThread(h2_life, self.port, self.ca, key=H2_KEY, body=True, seconds=4)
+        self.assertIsNone(ended)
+        self.assertEqual(statuses, [400, 200])
+
+
+def h2_life(
+    port: int,
+    ca: bytes,
+    key: str | None = None,
+    body: bool = False,
+    every: float | None = None,
+    seconds: float = 6.0,
+) -> tuple[float | None, list[int]]:
+    """
+    An HTTP/2 connection on TLS: with C{key}, first one request with it
+    (C{GET /v1/models}, or with C{body} a C{POST} of a body that is not
+    JSON); then, every C{every} seconds if given, a request without a key
+    (C{/healthz} and C{/v1/models} in turn); until the server closes the
+    connection or C{seconds} pass.  Every C{every} seconds after the
+    deadline, a last request checks it is still served.
+
+    @return: the seconds until the server closed it (None: it did not),
+        and the statuses of the answers, in order.
+    """
+    import time
+
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    statuses: list[int] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            start = time.monotonic()
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            stream = 1
+
+            def request(path: str, authorization: str | None = None, payload: bytes = b"") -> None:
+                nonlocal stream
+                headers = [
+                    (":method", "POST" if payload else "GET"),
+                    (":path", path),
+                    (":scheme", "https"),
+                    (":authority", "127.0.0.1"),
+                ]
+                if authorization is not None:
+                    headers.append(("authorization", f"Bearer {authorization}"))
+                if payload:
+                    headers.append(("content-length", str(len(payload))))
+                connection.send_headers(stream, headers, end_stream=not payload)
+                if payload:
+                    connection.send_data(stream, payload, end_stream=True)
+                stream += 2
+
+            if key is not None:
+                if body:
+                    request("/v1/chat/completions", key, b"not json")
+                else:
+                    request("/v1/models", key)
+            sock.sendall(connection.data_to_send())
+            sock.settimeout(0.1)
+            sent_at = time.monotonic()
+            while (elapsed := time.monotonic() - start) < seconds:
+                if every is not None and time.monotonic() - sent_at >= every:
+                    request("/healthz" if stream % 4 == 1 else "/v1/models")
+                    sent_at = time.monotonic()
+                try:
+                    sock.sendall(connection.data_to_send())
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return elapsed, statuses
+                if not chunk:
+                    return elapsed, statuses
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses.append(int(dict(event.headers)[b":status"]))
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if key is not None:
+                # Still served.
+                request("/healthz")
+                sock.settimeout(5)
+                sock.sendall(connection.data_to_send())
+                answered = len(statuses)
+                while len(statuses) == answered:
+                    for event in connection.receive_data(sock.recv(65536)):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            statuses.append(int(dict(event.headers)[b":status"]))
+                    sock.sendall(connection.data_to_send())
+    return None, statuses
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """
+    One HTTP/2 frame (RFC 9113 section 4.1), as a client sends it.
+    """
+    return struct.pack("!I", len(payload))[1:] + bytes([kind, flags]) + struct.pack("!I", stream) + payload
+
+
+def continuation_flood(port: int, ca: bytes, seconds: float = 10.0) -> tuple[int, float | None]:
+    """
+    Over HTTP/2 on TLS, without a key: a HEADERS frame without END_HEADERS,
+    then CONTINUATION frames of 8 KB without END_HEADERS (a header block
+    that never ends: CVE-2024-27316's class, trial s17's t42), as fast as
+    the connection takes them, until the server ends the connection or
+    C{seconds} pass; what the server sends is read and dropped.
+
+    @return: the bytes of CONTINUATION frames the connection took, and the
+        seconds until the server ended it (None: it did not).
+    """
+    import select
+    import time
+
+    from hpack import Encoder
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        head = Encoder().encode(
+            [(":method", "GET"), (":scheme", "https"), (":path", "/v1/models"), (":authority", "x")]
+        )
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + h2_frame(4, 0, 0, b"") + h2_frame(1, 0, 1, head))
+        block = h2_frame(9, 0, 1, Encoder().encode([("x-a", "b" * 8000)])) * 8
+        # One thread, non-blocking: an SSL socket is not to be read and
+        # written from two threads at once.
+        sock.setblocking(False)
+        start = time.monotonic()
+        sent, pending = 0, block
+        while time.monotonic() - start < seconds:
+            readable, writable, _ = select.select([sock], [sock], [], 0.5)
+            try:
+                if readable or sock.pending():
+                    try:
+                        if not sock.recv(65536):
+                            return sent, time.monotonic() - start
+                    except ssl.SSLWantReadError:
+                        pass
+                if writable:
+                    try:
+                        written = sock.send(pending)
+                    except ssl.SSLWantWriteError:
+                        continue
+                    sent += written
+                    pending = pending[written:] or block
+            except OSError:
+                return sent, time.monotonic() - start
+        return sent, None
 
 
 def ping_flood(port: int, ca: bytes, enough: Any, seconds: float = 10.0) -> None:

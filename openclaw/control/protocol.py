@@ -19,7 +19,7 @@ from autobahn.util import encode_truncate
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -47,6 +47,11 @@ MAX_HANDSHAKE_BYTES = 16384
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 #: Seconds a peer has to answer our close frame (Autobahn's default is 1).
 CLOSE_HANDSHAKE_SECONDS = 5
+#: Seconds a peer closed for who it is (outside TRUSTED_CLIENT_IPS, locked
+#: out, too many failed authentications) keeps its connection after the
+#: 1008, for the close frame to reach it, before the connection is aborted;
+#: nothing it sends is read meanwhile (L{ControlProtocol.close_unheard}).
+UNHEARD_CLOSE_SECONDS = 1.0
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
@@ -144,6 +149,9 @@ class ControlProtocol(WebSocketServerProtocol):
     auth_deadline: IDelayedCall | None = None
     #: Stops reading while the transport cannot take more to send.
     backpressure: ReadWhileWritable | None = None
+    #: The abort ending a connection closed by L{close_unheard}, from which
+    #: nothing more is read.
+    unheard: IDelayedCall | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -197,6 +205,9 @@ class ControlProtocol(WebSocketServerProtocol):
     handshake_data: bytearray | None = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self.unheard is not None:
+            # Read already when the connection stopped reading: dropped.
+            return
         if self.state == _CONNECTING:
             # The opening handshake may take MAX_HANDSHAKE_BYTES in all:
             # counted here, as it arrives, not in Autobahn's own buffer.
@@ -246,6 +257,9 @@ class ControlProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        unheard, self.unheard = self.unheard, None
+        if unheard is not None and unheard.active():
+            unheard.cancel()
         try:
             super().connectionLost(reason)
         finally:
@@ -324,8 +338,8 @@ class ControlProtocol(WebSocketServerProtocol):
             self.auth_deadline = self.factory.reactor.callLater(self.factory.auth_timeout, self._auth_timed_out)
         else:
             # An untrusted peer: 1008 must reach it, so the handshake is
-            # completed first; nothing it sends is processed (onMessage).
-            self.close_with(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
+            # completed first; nothing it sends is read.
+            self.close_unheard(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
@@ -339,7 +353,7 @@ class ControlProtocol(WebSocketServerProtocol):
         if not self.authenticated and self.client is not None and self.factory.locked_out(self.client):
             # Locked out since it opened (here, or by another instance of
             # a cluster): no further guess, not even a right one.
-            self.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
+            self.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
             return
         controlplane = self.factory.controlplane
         failed_before = connection.failed_auths
@@ -362,7 +376,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 outcome="closed",
                 reason="auth_failures",
             )
-            self.close_with(POLICY_VIOLATION, "too many failed authentications")
+            self.close_unheard(POLICY_VIOLATION, "too many failed authentications")
 
     def _auth_timed_out(self) -> None:
         self.auth_deadline = None
@@ -400,6 +414,36 @@ class ControlProtocol(WebSocketServerProtocol):
             # RFC 6455 section 5.5: a control frame's payload is at most 125
             # bytes, 2 of them the code; cut between characters.
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123))
+
+    def close_unheard(self, code: int, reason: str) -> None:
+        """
+        L{close_with}, for a peer closed for who it is (outside
+        TRUSTED_CLIENT_IPS, locked out, too many failed authentications):
+        nothing more it sends is read, and its connection is aborted
+        L{UNHEARD_CLOSE_SECONDS} later.
+
+        Autobahn reads and parses frames on until the peer answers the
+        close frame, or C{CLOSE_HANDSHAKE_SECONDS} pass: a peer that sends
+        frames instead of the answer (a flood of fragments) had megabytes
+        of them read and parsed, the gateway's CPU with them.  Here the
+        transport stops reading at once (C{pauseProducing}, after its
+        producer is unregistered, so that nothing resumes it), the bytes
+        already read are dropped (L{dataReceived}), and, on a plain TCP
+        connection, the sending side is closed after the close frame
+        (C{loseWriteConnection}: a FIN after it), so that a client sees the
+        1008 and the end at once; Twisted's TLS transport has no half-close
+        of its own.  A client that is still sending when the abort comes
+        has had the close frame, and the grace to read it, first.
+        """
+        if self.state != self.STATE_OPEN or self.unheard is not None:
+            return
+        self.close_with(code, reason)
+        transport = self.tcp
+        cast(IConsumer, transport).unregisterProducer()
+        cast(IPushProducer, transport).pauseProducing()
+        if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()
+        self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
 
 
 class ControlFactory(WebSocketServerFactory):
@@ -586,7 +630,7 @@ class ControlFactory(WebSocketServerFactory):
         until = self.lockout.record_failure(client)
         if until is None:
             if self.lockout.locked_until(client) is not None:
-                protocol.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
+                protocol.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
             return
         if self.metrics is not None:
             self.metrics.lockouts.inc()
@@ -598,7 +642,7 @@ class ControlFactory(WebSocketServerFactory):
             outcome="locked_out",
             reason="auth_lockout",
         )
-        protocol.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
+        protocol.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
         self.close_locked_out(key)
 
     def locked_out(self, client: str) -> bool:
@@ -620,7 +664,7 @@ class ControlFactory(WebSocketServerFactory):
         """
         for other in list(self.connections):
             if not other.authenticated and other.client is not None and client_key(other.client) == key:
-                other.close_with(POLICY_VIOLATION, LOCKED_OUT_REASON)
+                other.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
 
     def _refuse(self, peer: str, reason: str, refusal: _Refusal, log: bool = True, **fields: Any) -> _Refusal:
         if self.metrics is not None:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 import attrs
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
@@ -75,6 +76,10 @@ LINGER_QUIET_SECONDS = 1.0
 LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: The setting a large answer's parts are each to be taken within.
 _SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
+#: Seconds between two log lines for HTTP/2 connections aborted for what
+#: their clients sent after twisted.web had ended them
+#: (L{APISite.http2_flooded}); the next line says how many were left out.
+HTTP2_FLOOD_LOG_INTERVAL_SECONDS = 60.0
 #: Seconds a new API connection has to send its first request head before
 #: it counts as keyless (if that head carried no accepted key, it counts
 #: from then on): a client's first head arrives in one round trip, so a
@@ -441,11 +446,13 @@ class APIRequest(Request):
 
     def _check_whole_head(self) -> None:
         """
-        An HTTP/2 stream's head is whole now: check it (L{_check_head}).
+        An HTTP/2 stream's head is whole now: check it (L{_check_head}),
+        its key counted for its connection (L{APISite.http2_connection}).
         """
         unchecked, self._head_unchecked = self._head_unchecked, None
         if unchecked is not None and self._refusal is None:
-            refusal = self._check_head(*unchecked, None)
+            connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
+            refusal = self._check_head(*unchecked, connection)
             if refusal is not None:
                 self._refuse(refusal)
             else:
@@ -634,7 +641,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     deadlines cover every
     wait twisted.web's own idle timeout would (it is off while a request is
     answered), so that timer, moved at every request, is not kept for an
-    HTTP/1.1 connection; an HTTP/2 connection is left to it instead.
+    HTTP/1.1 connection; an HTTP/2 connection is left to it instead.  The
+    keyless deadline (C{API_KEYLESS_TIMEOUT_SECONDS} from opening, for a
+    connection no request head on which has carried an accepted key)
+    holds for both: an HTTP/2 stream's head counts for its connection
+    (L{APISite.http2_connection}).
 
     @ivar protocol: the protocol twisted.web built.
     @ivar transport: the connection's transport, once made.
@@ -646,7 +657,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     keyless = True
     #: Counted among the site's keyless connections (and so liable to be
     #: closed to make room): it sent a head without an accepted key, or
-    #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2.
+    #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2 over
+    #: other than IP (L{APISite.http2_opened}).
     counted_keyless = False
     #: The keyless timer is on the grace (then on the keyless deadline).
     _in_grace = False
@@ -682,6 +694,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _lingered: int | None = None
     _last_read = 0.0
     _quiet: IDelayedCall | None = None
+    #: The gateway has begun to close the connection itself (L{_lose}).
+    _closing = False
+    #: twisted.web's HTTP/2 connection ended the connection, and what comes
+    #: is dropped (L{_http2_ended}).
+    _ended_by_http2 = False
+    #: An HTTP/2 connection's local and peer addresses, by which its
+    #: streams' requests find it (L{APISite.http2_connection}).
+    http2_key: tuple[IAddress, IAddress] | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -723,10 +743,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 # twisted.web switches to now takes on.
                 self.protocol.timeOut = self._site.limits.http2_idle_timeout
                 self._disarm()
-                self._stop_keyless_deadline()
-                # Its requests' keys are not tracked: keyless for its whole life.
-                self.count_keyless()
+                if not self._site.http2_opened(self):
+                    # Its requests cannot find it: their keys are not
+                    # counted, and it is keyless for its whole life.
+                    self._stop_keyless_deadline()
+                    self.count_keyless()
         self.protocol.dataReceived(data)
+        if self._http2 and not self._closing and getattr(self.transport, "disconnecting", False):
+            self._http2_ended()
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss
@@ -786,6 +810,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self._keyless_deadline = site.reactor.callLater(
                     site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
                 )
+            return
+        if self._http2:
+            # No answer to write, as HTTP/1.1's 401: closed, with its streams.
+            self._close_http2()
             return
         if self._send_paused:
             # The request's deadline is the one waiting for the resume.
@@ -1057,13 +1085,54 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def _linger_read(self, data: bytes) -> None:
         """
-        C{data} came during a lingering close: dropped, and the connection
-        aborted past L{APILimits.linger_bytes}.
+        C{data} came during a lingering close, or after twisted.web's HTTP/2
+        connection ended the connection (L{_http2_ended}): dropped, and the
+        connection aborted past L{APILimits.linger_bytes}.
         """
         lingered = self._lingered = (self._lingered or 0) + len(data)
         self._last_read = self._site.reactor.seconds()
         if lingered > self._site.limits.linger_bytes:
+            if self._ended_by_http2:
+                self._site.http2_flooded(self)
             self.tcp.abortConnection()
+
+    def _close_http2(self) -> None:
+        """
+        Close an HTTP/2 connection at the gateway's word (its keyless
+        deadline): twisted.web's connection is unregistered as the TLS
+        transport's producer, so that the transport sends its
+        C{close_notify} and closes once the client answers it, with no
+        more written (a TLS transport closes only once no producer is
+        registered, L{lose_connection}); what comes meanwhile is dropped
+        (L{_linger_read}), and the connection aborted at
+        L{CLOSE_DEADLINE_SECONDS} (L{close_politely}).
+        """
+        self._lingered = 0
+        lose_connection(self.tcp)
+        self.close_politely()
+
+    def _http2_ended(self) -> None:
+        """
+        twisted.web's HTTP/2 connection has ended the connection (h2 found a
+        protocol error in what the client sent, such as a header block not
+        ended within 64 CONTINUATION frames; or the client sent GOAWAY; or
+        twisted.web's own idle or control-frame limit), yet the TLS
+        transport reads on while that connection is its producer, and
+        twisted.web hands h2 all that comes, which h2 then keeps without
+        bound (trial s17, F2: 1.5 GB in 9 s from one connection without a
+        key, which never closed; CVE-2024-27316's class).
+
+        From now on what comes is read and dropped (L{_linger_read}): the
+        connection is aborted once more than L{APILimits.linger_bytes} came
+        (logged, L{APISite.http2_flooded}), or L{CLOSE_DEADLINE_SECONDS}
+        from now; a client that closes its side (after its GOAWAY) is gone
+        at once, as before.  Seen from here by the TLS transport's
+        C{disconnecting} (set by C{loseConnection}, and by an abort): no
+        close of the gateway's own is under way then (L{_closing}).
+        """
+        self._ended_by_http2 = True
+        self._lingered = 0
+        self.close_politely()
 
     def readConnectionLost(self) -> None:
         """
@@ -1177,6 +1246,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         producer: it is left so, and the transport closes at the abort
         after L{CLOSE_DEADLINE_SECONDS} instead (L{lose_connection}).
         """
+        self._closing = True
         if self._http2:
             self.tcp.loseConnection()
         else:
@@ -1294,6 +1364,12 @@ class APISite(Site):
         #: Large answers going out on HTTP/2 streams (L{StreamSendDeadline}):
         #: a stop that cuts one counts it as the stop's.
         self.http2_answers: set[WholeAnswer] = set()
+        #: When L{http2_flooded} last logged, and the lines it left out since.
+        self._flood_logged_at: float | None = None
+        self._floods_unlogged = 0
+        #: Open HTTP/2 connections by their local and peer addresses
+        #: (L{http2_opened}).
+        self._http2_by_addresses: dict[tuple[IAddress, IAddress], APIConnection] = {}
 
     def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
         """
@@ -1346,6 +1422,37 @@ class APISite(Site):
         if self.context is not None:
             self.context.connection_refused(reason)
 
+    def http2_flooded(self, connection: APIConnection) -> None:
+        """
+        C{connection}, an HTTP/2 one twisted.web had ended, is aborted for
+        the bytes its client sent on (L{APIConnection._http2_ended}): logged
+        at info with the peer, once per L{HTTP2_FLOOD_LOG_INTERVAL_SECONDS}
+        at most (any client can cause it at will); the next line says how
+        many were left out.
+        """
+        if self.context is None:
+            return
+        now = self.reactor.seconds()
+        last = self._flood_logged_at
+        if last is not None and 0 <= now - last < HTTP2_FLOOD_LOG_INTERVAL_SECONDS:
+            self._floods_unlogged += 1
+            return
+        self._flood_logged_at = now
+        unlogged, self._floods_unlogged = self._floods_unlogged, 0
+        self.context.log.info(
+            "HTTP/2 connection from {peer} aborted: its client sent more than {limit} bytes after twisted.web "
+            "had ended the connection (h2 found a protocol error in what it sent, such as a header block "
+            "without end){unlogged_note}",
+            peer=host_of(connection.tcp.getPeer()),
+            limit=self.limits.linger_bytes,
+            unlogged=unlogged,
+            unlogged_note=(
+                f" ({unlogged} similar lines suppressed in the last {HTTP2_FLOOD_LOG_INTERVAL_SECONDS:g} s)"
+                if unlogged
+                else ""
+            ),
+        )
+
     def opened(self, connection: APIConnection) -> None:
         self.connections.add(connection)
         assert connection.transport is not None
@@ -1380,9 +1487,38 @@ class APISite(Site):
             else:
                 self.keyless.pop(address, None)
 
+    def http2_opened(self, connection: APIConnection) -> bool:
+        """
+        C{connection} speaks HTTP/2: known from now on by its local and
+        peer addresses, which its streams' requests give
+        (C{IRequest.getHost}, C{getClientAddress}: twisted.web's stream
+        passes on those of the connection's transport), so that a key on
+        one of its requests counts for it (L{http2_connection}).
+
+        @return: whether it is known so: only with IP addresses (a pair
+            that one TCP connection at a time has); an HTTP/2 connection
+            over anything else cannot be told from another.
+        """
+        transport = connection.tcp
+        key = (transport.getHost(), transport.getPeer())
+        if not all(isinstance(address, (IPv4Address, IPv6Address)) for address in key):
+            return False
+        connection.http2_key = key
+        self._http2_by_addresses[key] = connection
+        return True
+
+    def http2_connection(self, addresses: tuple[IAddress, IAddress]) -> APIConnection | None:
+        """
+        The open HTTP/2 connection with these local and peer addresses
+        (L{http2_opened}), if any.
+        """
+        return self._http2_by_addresses.get(addresses)
+
     def closed(self, connection: APIConnection) -> None:
         if connection.transport is not None:
             self._by_transport.pop(connection.transport, None)
+        if connection.http2_key is not None and self._http2_by_addresses.get(connection.http2_key) is connection:
+            del self._http2_by_addresses[connection.http2_key]
         address = connection.address
         if connection.counted_keyless and connection in self.connections:
             self._count_keyless(connection, -1)
