@@ -368,6 +368,18 @@ KEYLESS_FIELD = "keyless"
 #: in trial s17) is summed up.
 KEYLESS_REFUSAL_LINES = 10
 KEYLESS_REFUSAL_INTERVAL_SECONDS = 1.0
+#: The namespace of the control plane's line for each refused connection:
+#: its factory's class (a L{Logger} read from a class attribute takes the
+#: class's name: L{openclaw.control.protocol.ControlFactory}).
+CONTROLPLANE_NAMESPACE = "openclaw.control.protocol.ControlFactory"
+#: The field that marks the control plane's line for a refused
+#: connection (its reason; absent on every other line).
+REFUSED_CONNECTION_FIELD = "refused_connection"
+#: How many refused control connections are logged at most in
+#: L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: any client can open thousands a
+#: second with a foreign C{Origin} or from outside C{TRUSTED_CLIENT_IPS}
+#: (22,000 lines in trial s17).
+REFUSED_CONNECTION_LINES = 10
 
 
 @attrs.frozen
@@ -420,7 +432,8 @@ class PeerCausedLine:
 #: else, so shown at info; and the data plane's line for each request
 #: refused without an accepted key (L{KEYLESS_FIELD}: a 401, a 404 or 405,
 #: any 4xx answered before a key was accepted), L{KEYLESS_REFUSAL_LINES}
-#: a second.
+#: a second; and the control plane's line for each refused connection
+#: (L{REFUSED_CONNECTION_FIELD}), L{REFUSED_CONNECTION_LINES} a second.
 PEER_CAUSED_LINES = (
     PeerCausedLine("accept_errors", formats=ACCEPT_ERROR_FORMATS),
     PeerCausedLine(
@@ -452,6 +465,14 @@ PEER_CAUSED_LINES = (
         field=KEYLESS_FIELD,
         interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
         burst=KEYLESS_REFUSAL_LINES,
+    ),
+    PeerCausedLine(
+        "control_refusals",
+        namespace=CONTROLPLANE_NAMESPACE,
+        level=LogLevel.warn,
+        field=REFUSED_CONNECTION_FIELD,
+        interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
+        burst=REFUSED_CONNECTION_LINES,
     ),
 )
 
@@ -601,11 +622,13 @@ def _null(value: Any) -> None:
 
 
 __all__ = [
+    "CONTROLPLANE_NAMESPACE",
     "DATAPLANE_NAMESPACE",
     "KEYLESS_FIELD",
     "KEYLESS_REFUSAL_INTERVAL_SECONDS",
     "KEYLESS_REFUSAL_LINES",
     "PEER_CAUSED_LINES",
+    "REFUSED_CONNECTION_FIELD",
     "PeerCausedLine",
     "PeerLineLimiter",
     "PeerTLSErrors",

@@ -332,6 +332,39 @@ class LockoutTests(TestCase):
         self.assertIn(": origin_not_allowed", added[0])
 
     @inlineCallbacks
+    def test_refused_connections_logged_ten_a_second(self):
+        """
+        A flood of refused handshakes (a foreign C{Origin}: any client can
+        send thousands) is logged 10 lines a second at most; the next line
+        let through says how many were left out, and each is counted.
+        """
+        log = self.gateway_log()
+        gateway = start_gateway(self, trusted_clients=LOOPBACK)
+        before = len(log())
+
+        def flood(count: int) -> None:
+            for _ in range(count):
+                response, sock = send_head(gateway.port, [b"Origin: http://evil.example"], "127.0.0.2")
+                sock.close()
+                assert b" 403 " in response.split(b"\r\n")[0], response
+
+        yield deferToThread(flood, 60)
+        yield task.deferLater(reactor, 1.1, lambda: None)
+        yield deferToThread(flood, 1)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        added = [line for line in log()[before:] if "refused control connection" in line]
+        self.assertLessEqual(len(added), 21, added)
+        self.assertRegex(added[-1], r"\((\d+) similar lines suppressed in the last \d+ s\)")
+        shown = len(added)
+        suppressed = sum(int(n) for n in re.findall(r"\((\d+) similar lines suppressed", "\n".join(added)))
+        self.assertEqual(shown + suppressed, 61)
+        registry = gateway.service.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "origin_not_allowed"}),
+            61.0,
+        )
+
+    @inlineCallbacks
     def test_unexpected_handshake_error_logged_by_the_gateway(self):
         """
         An unexpected error in the gateway's own handshake code is logged

@@ -37,6 +37,7 @@ from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTE
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
 from openclaw.listeners import HANDSHAKE_HEADROOM
+from openclaw.logs import REFUSED_CONNECTION_FIELD
 from openclaw.metrics import GatewayMetrics
 from openclaw.settings import Settings
 from openclaw.tls import describe_tls_error, is_tls_error
@@ -671,11 +672,14 @@ class ControlFactory(WebSocketServerFactory):
             self.metrics.refused.labels(reason).inc()
         if not log:
             return refusal
+        # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
+        # of them through a second (any client can cause thousands).
         self._log.warn(
             "refused control connection from {peer}: {reason}",
             peer=peer,
             reason=reason,
             outcome="refused",
+            **{REFUSED_CONNECTION_FIELD: reason},
             **fields,
         )
         return refusal
