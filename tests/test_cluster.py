@@ -437,6 +437,73 @@ class TwoInstances(ClusterCase):
 OTHER_SECRET = "another-secret-of-at-least-32-bytes!!"
 
 
+class SeparateDatabases(ClusterCase):
+    """
+    Two clusters of one C{CLUSTER_NAME} in two databases of one Redis:
+    Redis's channels are the server's, not a database's, so each
+    database's cluster has its own channel.
+    """
+
+    def test_channel_names(self) -> None:
+        """
+        Database 0 (or none named) keeps the channel of the versions
+        before (C{<CLUSTER_NAME>:events}: single-database deployments
+        upgrade as before); another database's channel names it.
+        """
+        from openclaw.cluster.redis import RedisStore, cluster_channel, redis_database
+
+        self.assertEqual(cluster_channel("openclaw", None), "openclaw:events")
+        self.assertEqual(cluster_channel("openclaw", 0), "openclaw:events")
+        self.assertEqual(cluster_channel("openclaw", 5), "openclaw:5:events")
+        for url, database in (
+            ("redis://h:1/5", 5),
+            ("rediss://:p@h/12", 12),
+            ("redis://h", None),
+            ("redis://h/0", 0),
+            ("redis://h?db=7", 7),
+            ("unix:///run/r.sock?db=3&password=x", 3),
+            ("unix:///run/r.sock", None),
+        ):
+            self.assertEqual(redis_database(url), database, url)
+        self.assertEqual(RedisStore("redis://h:1/05", "c", 1, 1, reactor).channel, "c:5:events")
+
+    @inlineCallbacks
+    def test_clusters_in_two_databases_do_not_steer_each_other(self):
+        """
+        A on database 3 and B on database 5, same CLUSTER_NAME: B's
+        switch_provider and rotate_token change nothing on A (its route,
+        its token), and A writes nothing of B's into database 3.
+        """
+        base = self.redis.url.rsplit("/", 1)[0]
+        a = self.spawn(REDIS_URL=f"{base}/3")
+        token_a = yield a.token
+        b = self.spawn(REDIS_URL=f"{base}/5")
+        token_b = yield b.token
+        self.assertNotEqual(token_a, token_b)
+        on_a = yield self.client(a.port)
+        on_b = yield self.client(b.port)
+        answer = yield on_b.ask(token_b, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        answer = yield on_b.ask(token_b, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        # A publication reaches the other instances within milliseconds.
+        yield sleep(1.5)
+        status = yield on_a.ask(token_a, "status")
+        self.assertTrue(status["ok"], status)
+        self.assertEqual(status["result"]["provider_id"], "gemini")
+        for noise in (
+            b"applied the cluster's route",
+            b"adopted from the cluster",
+            b"refused the cluster's session token",
+            b"the store lost",
+            b"the cluster store lost",
+        ):
+            self.assertNotIn(noise, a.stdout)
+        channels = yield deferToThread(redis_command, self.redis, "PUBSUB", "CHANNELS", "openclaw:*")
+        self.assertIn(b"openclaw:3:events", channels)
+        self.assertIn(b"openclaw:5:events", channels)
+
+
 class StoreTroubleTests(ClusterCase):
     """
     A cluster through Redis's troubles: a connection comes back after Redis

@@ -13,7 +13,10 @@ three sorted sets scored with expiry times (milliseconds since the epoch,
 on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
 step with the cluster, each expiring 30 s after its last heartbeat and
 removed when it stops), C{rests} (C{<provider>:<key fingerprint>})
-and C{lockouts} (client keys); one channel, C{<CLUSTER_NAME>:events}.
+and C{lockouts} (client keys); one channel, L{cluster_channel}
+(C{<CLUSTER_NAME>:events}, or C{<CLUSTER_NAME>:<db>:events} on a
+database other than 0: Redis's channels are the server's, not a
+database's).
 Each write is a Lua script, so the value, its version and its publication
 are one atomic step and every node sees the writes in the order Redis made
 them.  No script scans the keyspace: each costs O(log N) in the entries of
@@ -181,6 +184,39 @@ def _versioned(reply: list[Any]) -> Versioned:
     return Versioned(int(held), str(text), "" if origin is None else str(origin))
 
 
+def redis_database(url: str) -> int | None:
+    """
+    The database a C{REDIS_URL} names: its path (C{redis://host/N}), else
+    its C{db} query parameter (C{unix:///path?db=N}); L{None} when it
+    names none (Redis's 0).
+
+    @raise ValueError: the database is not a whole number (a URL that
+        L{openclaw.settings} let through is never such).
+    """
+    parsed = urlsplit(url)
+    query = parse_qs(parsed.query)
+    if parsed.scheme == "unix":
+        database = query.get("db", [""])[0]
+    else:
+        database = parsed.path.strip("/") or query.get("db", [""])[0]
+    return int(database) if database else None
+
+
+def cluster_channel(prefix: str, database: int | None) -> str:
+    """
+    The pub/sub channel of the cluster C{prefix} (C{CLUSTER_NAME}) whose
+    store is Redis database C{database}: C{<prefix>:events} on database 0
+    (or none named), C{<prefix>:<database>:events} on another.  Redis's
+    channels belong to the server, not to a database ("Pub/Sub has no
+    relation to the key space ... including database numbers",
+    https://redis.io/docs/latest/develop/interact/pubsub/), so clusters of
+    one name in two databases of one Redis would otherwise hear each
+    other's changes.  (A C{CLUSTER_NAME} has no C{:}, so no cluster's
+    channel on database 0 is another's on database N.)
+    """
+    return f"{prefix}:{database}:events" if database else f"{prefix}:events"
+
+
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
@@ -193,15 +229,13 @@ def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[I
     endpoint: IStreamClientEndpoint
     if parsed.scheme == "unix":
         endpoint = UNIXClientEndpoint(reactor, parsed.path, timeout=timeout)
-        database = query.get("db", [""])[0]
     else:
         host = parsed.hostname or "localhost"
         endpoint = HostnameEndpoint(reactor, host, parsed.port or 6379, timeout=timeout)
         if parsed.scheme == "rediss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        database = parsed.path.strip("/") or query.get("db", [""])[0]
     return endpoint, {
-        "dbid": int(database) if database else None,
+        "dbid": redis_database(url),
         "username": unquote(parsed.username) if parsed.username else None,
         "password": unquote(parsed.password) if parsed.password else query.get("password", [None])[0],
     }
@@ -378,7 +412,7 @@ class RedisStore:
     def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IClientReactor) -> None:
         self.url = url
         self.prefix = prefix
-        self.channel = f"{prefix}:events"
+        self.channel = cluster_channel(prefix, redis_database(url))
         self.timeout = timeout
         self.reconnect_max = reconnect_max
         self.reactor = reactor
