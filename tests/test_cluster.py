@@ -19,6 +19,7 @@ import openai
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -29,6 +30,7 @@ from tests.support import (
     TOKEN_LINE,
     WaitedTooLong,
     free_port,
+    make_ca,
     open_client,
     spawn_gateway,
     start_gateway,
@@ -676,6 +678,129 @@ class StoreTroubleTests(ClusterCase):
         on_a = yield self.client(a.port)
         answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+
+
+class _Silent(Protocol):
+    """
+    A server that accepts and never answers (a frozen or wrong service);
+    its connections are aborted when the test ends.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.connections.discard(self)
+
+
+def silent_server(testcase: TestCase) -> int:
+    """
+    Listen with L{_Silent} on a free loopback port, until the test ends:
+    the port.
+    """
+    factory = Factory.forProtocol(_Silent)
+    factory.connections = set()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    def stop() -> Any:
+        for connection in list(factory.connections):
+            connection.transport.abortConnection()
+        return port.stopListening()
+
+    testcase.addCleanup(stop)
+    return int(port.getHost().port)
+
+
+def tls_redis(testcase: TestCase) -> tuple[RedisServer, Path]:
+    """
+    A C{redis-server} serving TLS only, with a certificate for
+    C{127.0.0.1} from a throwaway CA, stopped when the test ends: the
+    server and the CA's PEM file (for C{SSL_CERT_FILE}).
+    """
+    # Absolute: redis-server reads the files from its --dir.
+    directory = Path(testcase.mktemp()).resolve()
+    directory.mkdir(parents=True)
+    ca = make_ca()
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.pem)
+    redis = RedisServer(tls=(ca_file, *ca.server_files(directory, "127.0.0.1")))
+    redis.start()
+    testcase.addCleanup(redis.cleanup)
+    return redis, ca_file
+
+
+class StopWithTLSStuck(ClusterCase):
+    """
+    SIGTERM while a C{rediss://} connection is stuck in its TLS handshake
+    (the server never answers it: its close cannot finish cleanly either):
+    the process still ends within SHUTDOWN_GRACE_SECONDS and a little.
+    """
+
+    grace = 2.0
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "SHUTDOWN_GRACE_SECONDS": str(self.grace)}
+
+    def spawn_stuck(self, url: str) -> Any:
+        """
+        A gateway on C{url}, which it cannot reach: it waits for the store.
+        """
+        return spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1"], {**self.env(), "REDIS_URL": url}
+        )
+
+    @inlineCallbacks
+    def stops_in_time(self, process: Any) -> Any:
+        """
+        SIGTERM to C{process} once connected, and (REDIS_TIMEOUT_SECONDS
+        0.5) its subscription given up and its connections dropped at
+        least once: it ends within SHUTDOWN_GRACE_SECONDS and a little.
+        """
+
+        def kill() -> None:
+            # The cleanup's SIGTERM would not end a hung process.
+            if not process.ended.called:
+                process.transport.signalProcess("KILL")
+
+        self.addCleanup(kill)
+        yield sleep(2.5)
+        self.assertFalse(process.ended.called, process.stdout[-3000:])
+        began = time.monotonic()
+        process.transport.signalProcess("TERM")
+        limit = self.grace + 3
+        try:
+            yield within(observed(process.ended), limit, "the gateway's exit after SIGTERM")
+        except WaitedTooLong:
+            self.fail(f"still running {limit:g} s after SIGTERM: {process.stdout[-3000:]!r}")
+        self.assertLess(time.monotonic() - began, limit)
+
+    def test_server_that_never_answers(self):
+        """
+        C{rediss://} to a server that accepts and never answers.
+        """
+        port = silent_server(self)
+        return self.stops_in_time(self.spawn_stuck(f"rediss://:pw@127.0.0.1:{port}/3"))
+
+    def test_plain_redis(self):
+        """
+        C{rediss://} to a plain (not TLS) Redis, which takes the TLS
+        handshake for the start of a command and waits for its end.
+        """
+        return self.stops_in_time(self.spawn_stuck(f"rediss://127.0.0.1:{self.redis.port}/3"))
+
+    @inlineCallbacks
+    def test_tls_redis_frozen(self):
+        """
+        A TLS Redis (its CA given with C{SSL_CERT_FILE}) frozen (SIGSTOP)
+        while the instance runs: the instance still ends in time.
+        """
+        redis, ca_file = tls_redis(self)
+        a = self.spawn(REDIS_URL=redis.url, SSL_CERT_FILE=str(ca_file))
+        yield a.token
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, redis.process.pid, signal.SIGCONT)
+        yield self.stops_in_time(a)
 
 
 class LockoutBeforeTheToken(TestCase):

@@ -271,7 +271,12 @@ class _Handshake:
         answered: Deferred[Any] = super().select(index)  # type: ignore[misc]
         return answered.addErrback(self.factory.refused)
 
+    def connectionMade(self) -> Any:
+        self.factory.opened.add(self)
+        return super().connectionMade()  # type: ignore[misc]
+
     def connectionLost(self, why: Any) -> None:
+        self.factory.opened.discard(self)
         super().connectionLost(why)  # type: ignore[misc]
         if self.timed_out:
             # Aborted by txredisapi at its replyTimeout: Redis frozen or
@@ -321,6 +326,9 @@ class _Reconnecting:
     deferred: Deferred[Any] | None
     #: Redis's own answer when it refused the handshake (C{AUTH}, C{SELECT}).
     refusal: str | None = None
+    #: The connections made (their protocols) and not lost yet, in the
+    #: pool or still in their handshake (set in each C{__init__}).
+    opened: set[Any]
 
     def retryDelay(self, attempt: int) -> float:
         return min(float(super().retryDelay(attempt)), self.maxDelay)  # type: ignore[misc]
@@ -341,6 +349,17 @@ class _Reconnecting:
         """
         if self.deferred is not None:
             self.deferred.addErrback(lambda failure: None)
+
+    def abort(self) -> None:
+        """
+        Abort every connection still open (C{abortConnection}): one whose
+        close did not finish (over TLS, C{loseConnection} waits for the
+        server's end of the TLS handshake or its C{close_notify}, which a
+        frozen server, or one that does not speak TLS, never sends).
+        """
+        for protocol in list(self.opened):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
 
 
 class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
@@ -363,6 +382,7 @@ class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
             convertNumbers=False,
         )
         self.store = store
+        self.opened = set()
         self.quiet()
 
 
@@ -375,6 +395,7 @@ class _Subscribers(_Reconnecting, txredisapi.SubscriberFactory):  # type: ignore
         self.password = options["password"]
         self.username = options["username"]
         self.convertNumbers = False
+        self.opened = set()
         self.quiet()
 
 
@@ -453,6 +474,11 @@ class RedisStore:
             factory.startConnecting(endpoint)
 
     def stop(self) -> Deferred[Any]:
+        """
+        Stop connecting and close every connection, the ones a rebuild
+        dropped included; fires once all are closed, within
+        C{REDIS_TIMEOUT_SECONDS} (L{_disconnect}), and never fails.
+        """
         self.node = None
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
@@ -462,8 +488,25 @@ class RedisStore:
             self._discard_call = None
         factories = [*self._factories, *self._undiscarded]
         self._factories, self._undiscarded = [], []
-        stopping = [factory.disconnect() for factory in factories]
+        stopping = [self._disconnect(factory) for factory in factories]
         return gatherResults([*stopping, *self._discarding], consumeErrors=True)
+
+    def _disconnect(self, factory: Any) -> Deferred[None]:
+        """
+        Close C{factory}'s connections and stop it reconnecting
+        (txredisapi's C{disconnect}), within C{REDIS_TIMEOUT_SECONDS}: the
+        connections whose close has not finished by then are aborted
+        (L{_Reconnecting.abort}), so a stop never waits on a server that
+        does not answer.  Fires once they are all closed.
+        """
+        stopping: Deferred[Any] = factory.disconnect()
+        aborting = self.reactor.callLater(self.timeout, factory.abort)
+
+        def closed(result: object) -> None:
+            if aborting.active():
+                aborting.cancel()
+
+        return stopping.addBoth(closed)
 
     def rebuild(self, reason: str, factory: Any = None) -> None:
         """
@@ -497,7 +540,7 @@ class RedisStore:
         self._discard_call = None
         factories, self._undiscarded = self._undiscarded, []
         for factory in factories:
-            stopping: Deferred[Any] = factory.disconnect()
+            stopping = self._disconnect(factory)
             self._discarding.add(stopping)
             stopping.addBoth(self._discarded, stopping)
 
