@@ -73,11 +73,13 @@ class RedisServer:
     One C{redis-server} process; L{stop} and L{start} again on the same
     port (a restart without persistence comes back empty).  With C{tls}
     (the CA's PEM file, a certificate it signed for C{127.0.0.1} and its
-    key), it serves TLS only (C{rediss://}), without client certificates.
+    key), it serves TLS only (C{rediss://}), without client certificates
+    unless C{client_certificates} (Redis's C{tls-auth-clients yes}).
     """
 
-    def __init__(self, tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(self, tls: tuple[Path, Path, Path] | None = None, client_certificates: bool = False) -> None:
         self.tls = tls
+        self.client_certificates = client_certificates
         binary = shutil.which("redis-server") or next(
             (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).exists()), None
         )
@@ -100,7 +102,8 @@ class RedisServer:
         if self.tls is not None:
             ca, certificate, key = self.tls
             ports = ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca)]
-            ports += ["--tls-cert-file", str(certificate), "--tls-key-file", str(key), "--tls-auth-clients", "no"]
+            ports += ["--tls-cert-file", str(certificate), "--tls-key-file", str(key), "--tls-auth-clients"]
+            ports.append("yes" if self.client_certificates else "no")
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -120,6 +123,9 @@ class RedisServer:
                     s = plain
                     if self.tls is not None:
                         context = ssl.create_default_context(cafile=str(self.tls[0]))
+                        if self.client_certificates:
+                            # Its own: signed by the CA it trusts.
+                            context.load_cert_chain(self.tls[1], self.tls[2])
                         s = context.wrap_socket(plain, server_hostname="127.0.0.1")
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):

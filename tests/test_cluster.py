@@ -711,11 +711,12 @@ def silent_server(testcase: TestCase) -> int:
     return int(port.getHost().port)
 
 
-def tls_redis(testcase: TestCase) -> tuple[RedisServer, Path]:
+def tls_redis(testcase: TestCase, client_certificates: bool = False) -> tuple[RedisServer, Path]:
     """
     A C{redis-server} serving TLS only, with a certificate for
-    C{127.0.0.1} from a throwaway CA, stopped when the test ends: the
-    server and the CA's PEM file (for C{SSL_CERT_FILE}).
+    C{127.0.0.1} from a throwaway CA (asking clients for theirs if
+    C{client_certificates}), stopped when the test ends: the server and
+    the CA's PEM file (for C{SSL_CERT_FILE}).
     """
     # Absolute: redis-server reads the files from its --dir.
     directory = Path(testcase.mktemp()).resolve()
@@ -723,7 +724,9 @@ def tls_redis(testcase: TestCase) -> tuple[RedisServer, Path]:
     ca = make_ca()
     ca_file = directory / "ca.pem"
     ca_file.write_bytes(ca.pem)
-    redis = RedisServer(tls=(ca_file, *ca.server_files(directory, "127.0.0.1")))
+    redis = RedisServer(
+        tls=(ca_file, *ca.server_files(directory, "127.0.0.1")), client_certificates=client_certificates
+    )
     redis.start()
     testcase.addCleanup(redis.cleanup)
     return redis, ca_file
@@ -801,6 +804,78 @@ class StopWithTLSStuck(ClusterCase):
         os.kill(redis.process.pid, signal.SIGSTOP)
         self.addCleanup(os.kill, redis.process.pid, signal.SIGCONT)
         yield self.stops_in_time(a)
+
+
+class ConnectionFailuresSaid(ClusterCase):
+    """
+    Why the connection attempts to Redis fail is logged (with what to do),
+    once for each reason however often they are tried again, not only
+    "not listening yet: waiting for the cluster store".
+    """
+
+    def spawn_waiting(self, url: str, **env: str) -> Any:
+        return spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1"], {**self.env(), "REDIS_URL": url, **env}
+        )
+
+    @inlineCallbacks
+    def said_once(self, process: Any, line: bytes) -> Any:
+        yield printed(process, line)
+        # Tried again (REDIS_RECONNECT_MAX_SECONDS=0.5) several times.
+        yield sleep(2.5)
+        self.assertFalse(process.token.called)
+        self.assertEqual(process.stdout.count(line), 1, process.stdout[-3000:])
+        self.assertEqual(process.stdout.count(b"could not connect to the cluster store"), 1, process.stdout[-3000:])
+
+    @inlineCallbacks
+    def test_untrusted_certificate(self):
+        """
+        C{rediss://} to a Redis whose certificate is from a CA the system
+        does not trust: the TLS error, and how to give the CA.  With it in
+        C{SSL_CERT_FILE}, the instance joins, and says nothing of the kind.
+        """
+        redis, ca_file = tls_redis(self)
+        untrusting = self.spawn_waiting(redis.url)
+        yield self.said_once(
+            untrusting,
+            b"could not connect to the cluster store at " + redis.url.encode() + b": the TLS handshake failed: "
+            b"certificate verify failed; if Redis's certificate is from a CA of your own, add it to the system's "
+            b"trust store or give it with SSL_CERT_FILE",
+        )
+        trusting = self.spawn_waiting(redis.url, SSL_CERT_FILE=str(ca_file))
+        yield within(trusting.token, 30, "the banner of the gateway given the CA")
+        self.assertNotIn(b"could not connect to the cluster store", trusting.stdout)
+
+    def test_client_certificate_asked(self):
+        """
+        A TLS Redis that asks for a client certificate (its default,
+        C{tls-auth-clients yes}): how to make it not ask.
+        """
+        redis, ca_file = tls_redis(self, client_certificates=True)
+        asked = self.spawn_waiting(redis.url, SSL_CERT_FILE=str(ca_file))
+        return self.said_once(
+            asked,
+            b"certificate required; this Redis asks for a client certificate, which the gateway does not send: "
+            b"set tls-auth-clients no (or optional) in its redis.conf",
+        )
+
+    @inlineCallbacks
+    def test_no_redis_there(self):
+        """
+        Nothing listening on REDIS_URL's port, no socket at its path, an
+        HTTP server on its port: each said, once.
+        """
+        refused = self.spawn_waiting(f"redis://:pw@127.0.0.1:{free_port()}/3")
+        # (Short: a socket path is at most 107 bytes.)
+        missing = self.spawn_waiting("unix:///nonexistent-openclaw-test/redis.sock?db=3")
+        http = self.spawn_waiting(f"redis://127.0.0.1:{self.upstream.port}/3")
+        yield self.said_once(refused, b"Connection refused; check that Redis is running")
+        yield self.said_once(missing, b"No such file or directory; check that Redis is running")
+        yield self.said_once(
+            http,
+            b"the server closed the connection without a Redis answer; check that REDIS_URL's host and port are "
+            b"Redis's, and its scheme",
+        )
 
 
 class LockoutBeforeTheToken(TestCase):
