@@ -727,8 +727,9 @@ def tls_redis(testcase: TestCase, client_certificates: bool = False) -> tuple[Re
     redis = RedisServer(
         tls=(ca_file, *ca.server_files(directory, "127.0.0.1")), client_certificates=client_certificates
     )
-    redis.start()
+    # Before it starts: one that never answers is stopped too.
     testcase.addCleanup(redis.cleanup)
+    redis.start()
     return redis, ca_file
 
 
