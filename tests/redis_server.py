@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -70,10 +71,15 @@ def free_port() -> int:
 class RedisServer:
     """
     One C{redis-server} process; L{stop} and L{start} again on the same
-    port (a restart without persistence comes back empty).
+    port (a restart without persistence comes back empty).  With C{tls}
+    (the CA's PEM file, a certificate it signed for C{127.0.0.1} and its
+    key), it serves TLS only (C{rediss://}), without client certificates
+    unless C{client_certificates} (Redis's C{tls-auth-clients yes}).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path, Path] | None = None, client_certificates: bool = False) -> None:
+        self.tls = tls
+        self.client_certificates = client_certificates
         binary = shutil.which("redis-server") or next(
             (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if Path(p).exists()), None
         )
@@ -89,13 +95,19 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            ca, certificate, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-ca-cert-file", str(ca)]
+            ports += ["--tls-cert-file", str(certificate), "--tls-key-file", str(key), "--tls-auth-clients"]
+            ports.append("yes" if self.client_certificates else "no")
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
+                *ports,
                 "--bind", "127.0.0.1",
                 "--dir", self.directory,
                 "--save", "",
@@ -107,7 +119,14 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as plain:
+                    s = plain
+                    if self.tls is not None:
+                        context = ssl.create_default_context(cafile=str(self.tls[0]))
+                        if self.client_certificates:
+                            # Its own: signed by the CA it trusts.
+                            context.load_cert_chain(self.tls[1], self.tls[2])
+                        s = context.wrap_socket(plain, server_hostname="127.0.0.1")
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return

@@ -473,6 +473,26 @@ class ThrowawayCA:
         TLS server options with a certificate this CA signed for C{names}
         (host names or IP addresses).
         """
+        key, certificate = self._server_certificate(names)
+        return CertificateOptions(privateKey=key, certificate=certificate)
+
+    def server_files(self, directory: Path, *names: str) -> tuple[Path, Path]:
+        """
+        A certificate this CA signed for C{names} and its key, written as
+        PEM files in C{directory} (for a server started as a process): the
+        certificate's path and the key's.
+        """
+        key, certificate = self._server_certificate(names)
+        certificate_path, key_path = directory / "server.crt", directory / "server.key"
+        certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return certificate_path, key_path
+
+    def _server_certificate(self, names: Sequence[str]) -> tuple[Any, x509.Certificate]:
         key = ec.generate_private_key(ec.SECP256R1())
         alternative_names: list[x509.GeneralName] = []
         for name in names:
@@ -483,7 +503,7 @@ class ThrowawayCA:
         certificate = _sign(names[0], key.public_key(), self.certificate.subject, self.key, ca=False).add_extension(
             x509.SubjectAlternativeName(alternative_names), critical=False
         )
-        return CertificateOptions(privateKey=key, certificate=certificate.sign(self.key, hashes.SHA256()))
+        return key, certificate.sign(self.key, hashes.SHA256())
 
 
 def _sign(subject: str, public_key: Any, issuer: x509.Name, signer: Any, ca: bool) -> x509.CertificateBuilder:

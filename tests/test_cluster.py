@@ -19,6 +19,7 @@ import openai
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -29,6 +30,7 @@ from tests.support import (
     TOKEN_LINE,
     WaitedTooLong,
     free_port,
+    make_ca,
     open_client,
     spawn_gateway,
     start_gateway,
@@ -437,6 +439,73 @@ class TwoInstances(ClusterCase):
 OTHER_SECRET = "another-secret-of-at-least-32-bytes!!"
 
 
+class SeparateDatabases(ClusterCase):
+    """
+    Two clusters of one C{CLUSTER_NAME} in two databases of one Redis:
+    Redis's channels are the server's, not a database's, so each
+    database's cluster has its own channel.
+    """
+
+    def test_channel_names(self) -> None:
+        """
+        Database 0 (or none named) keeps the channel of the versions
+        before (C{<CLUSTER_NAME>:events}: single-database deployments
+        upgrade as before); another database's channel names it.
+        """
+        from openclaw.cluster.redis import RedisStore, cluster_channel, redis_database
+
+        self.assertEqual(cluster_channel("openclaw", None), "openclaw:events")
+        self.assertEqual(cluster_channel("openclaw", 0), "openclaw:events")
+        self.assertEqual(cluster_channel("openclaw", 5), "openclaw:5:events")
+        for url, database in (
+            ("redis://h:1/5", 5),
+            ("rediss://:p@h/12", 12),
+            ("redis://h", None),
+            ("redis://h/0", 0),
+            ("redis://h?db=7", 7),
+            ("unix:///run/r.sock?db=3&password=x", 3),
+            ("unix:///run/r.sock", None),
+        ):
+            self.assertEqual(redis_database(url), database, url)
+        self.assertEqual(RedisStore("redis://h:1/05", "c", 1, 1, reactor).channel, "c:5:events")
+
+    @inlineCallbacks
+    def test_clusters_in_two_databases_do_not_steer_each_other(self):
+        """
+        A on database 3 and B on database 5, same CLUSTER_NAME: B's
+        switch_provider and rotate_token change nothing on A (its route,
+        its token), and A writes nothing of B's into database 3.
+        """
+        base = self.redis.url.rsplit("/", 1)[0]
+        a = self.spawn(REDIS_URL=f"{base}/3")
+        token_a = yield a.token
+        b = self.spawn(REDIS_URL=f"{base}/5")
+        token_b = yield b.token
+        self.assertNotEqual(token_a, token_b)
+        on_a = yield self.client(a.port)
+        on_b = yield self.client(b.port)
+        answer = yield on_b.ask(token_b, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        answer = yield on_b.ask(token_b, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        # A publication reaches the other instances within milliseconds.
+        yield sleep(1.5)
+        status = yield on_a.ask(token_a, "status")
+        self.assertTrue(status["ok"], status)
+        self.assertEqual(status["result"]["provider_id"], "gemini")
+        for noise in (
+            b"applied the cluster's route",
+            b"adopted from the cluster",
+            b"refused the cluster's session token",
+            b"the store lost",
+            b"the cluster store lost",
+        ):
+            self.assertNotIn(noise, a.stdout)
+        channels = yield deferToThread(redis_command, self.redis, "PUBSUB", "CHANNELS", "openclaw:*")
+        self.assertIn(b"openclaw:3:events", channels)
+        self.assertIn(b"openclaw:5:events", channels)
+
+
 class StoreTroubleTests(ClusterCase):
     """
     A cluster through Redis's troubles: a connection comes back after Redis
@@ -609,6 +678,205 @@ class StoreTroubleTests(ClusterCase):
         on_a = yield self.client(a.port)
         answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+
+
+class _Silent(Protocol):
+    """
+    A server that accepts and never answers (a frozen or wrong service);
+    its connections are aborted when the test ends.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.connections.discard(self)
+
+
+def silent_server(testcase: TestCase) -> int:
+    """
+    Listen with L{_Silent} on a free loopback port, until the test ends:
+    the port.
+    """
+    factory = Factory.forProtocol(_Silent)
+    factory.connections = set()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    def stop() -> Any:
+        for connection in list(factory.connections):
+            connection.transport.abortConnection()
+        return port.stopListening()
+
+    testcase.addCleanup(stop)
+    return int(port.getHost().port)
+
+
+def tls_redis(testcase: TestCase, client_certificates: bool = False) -> tuple[RedisServer, Path]:
+    """
+    A C{redis-server} serving TLS only, with a certificate for
+    C{127.0.0.1} from a throwaway CA (asking clients for theirs if
+    C{client_certificates}), stopped when the test ends: the server and
+    the CA's PEM file (for C{SSL_CERT_FILE}).
+    """
+    # Absolute: redis-server reads the files from its --dir.
+    directory = Path(testcase.mktemp()).resolve()
+    directory.mkdir(parents=True)
+    ca = make_ca()
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca.pem)
+    redis = RedisServer(
+        tls=(ca_file, *ca.server_files(directory, "127.0.0.1")), client_certificates=client_certificates
+    )
+    # Before it starts: one that never answers is stopped too.
+    testcase.addCleanup(redis.cleanup)
+    redis.start()
+    return redis, ca_file
+
+
+class StopWithTLSStuck(ClusterCase):
+    """
+    SIGTERM while a C{rediss://} connection is stuck in its TLS handshake
+    (the server never answers it: its close cannot finish cleanly either):
+    the process still ends within SHUTDOWN_GRACE_SECONDS and a little.
+    """
+
+    grace = 2.0
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "SHUTDOWN_GRACE_SECONDS": str(self.grace)}
+
+    def spawn_stuck(self, url: str) -> Any:
+        """
+        A gateway on C{url}, which it cannot reach: it waits for the store.
+        """
+        return spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1"], {**self.env(), "REDIS_URL": url}
+        )
+
+    @inlineCallbacks
+    def stops_in_time(self, process: Any) -> Any:
+        """
+        SIGTERM to C{process} once connected, and (REDIS_TIMEOUT_SECONDS
+        0.5) its subscription given up and its connections dropped at
+        least once: it ends within SHUTDOWN_GRACE_SECONDS and a little.
+        """
+
+        def kill() -> None:
+            # The cleanup's SIGTERM would not end a hung process.
+            if not process.ended.called:
+                process.transport.signalProcess("KILL")
+
+        self.addCleanup(kill)
+        yield sleep(2.5)
+        self.assertFalse(process.ended.called, process.stdout[-3000:])
+        began = time.monotonic()
+        process.transport.signalProcess("TERM")
+        limit = self.grace + 3
+        try:
+            yield within(observed(process.ended), limit, "the gateway's exit after SIGTERM")
+        except WaitedTooLong:
+            self.fail(f"still running {limit:g} s after SIGTERM: {process.stdout[-3000:]!r}")
+        self.assertLess(time.monotonic() - began, limit)
+
+    def test_server_that_never_answers(self):
+        """
+        C{rediss://} to a server that accepts and never answers.
+        """
+        port = silent_server(self)
+        return self.stops_in_time(self.spawn_stuck(f"rediss://:pw@127.0.0.1:{port}/3"))
+
+    def test_plain_redis(self):
+        """
+        C{rediss://} to a plain (not TLS) Redis, which takes the TLS
+        handshake for the start of a command and waits for its end.
+        """
+        return self.stops_in_time(self.spawn_stuck(f"rediss://127.0.0.1:{self.redis.port}/3"))
+
+    @inlineCallbacks
+    def test_tls_redis_frozen(self):
+        """
+        A TLS Redis (its CA given with C{SSL_CERT_FILE}) frozen (SIGSTOP)
+        while the instance runs: the instance still ends in time.
+        """
+        redis, ca_file = tls_redis(self)
+        a = self.spawn(REDIS_URL=redis.url, SSL_CERT_FILE=str(ca_file))
+        yield a.token
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, redis.process.pid, signal.SIGCONT)
+        yield self.stops_in_time(a)
+
+
+class ConnectionFailuresSaid(ClusterCase):
+    """
+    Why the connection attempts to Redis fail is logged (with what to do),
+    once for each reason however often they are tried again, not only
+    "not listening yet: waiting for the cluster store".
+    """
+
+    def spawn_waiting(self, url: str, **env: str) -> Any:
+        return spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1"], {**self.env(), "REDIS_URL": url, **env}
+        )
+
+    @inlineCallbacks
+    def said_once(self, process: Any, line: bytes) -> Any:
+        yield printed(process, line)
+        # Tried again (REDIS_RECONNECT_MAX_SECONDS=0.5) several times.
+        yield sleep(2.5)
+        self.assertFalse(process.token.called)
+        self.assertEqual(process.stdout.count(line), 1, process.stdout[-3000:])
+        self.assertEqual(process.stdout.count(b"could not connect to the cluster store"), 1, process.stdout[-3000:])
+
+    @inlineCallbacks
+    def test_untrusted_certificate(self):
+        """
+        C{rediss://} to a Redis whose certificate is from a CA the system
+        does not trust: the TLS error, and how to give the CA.  With it in
+        C{SSL_CERT_FILE}, the instance joins, and says nothing of the kind.
+        """
+        redis, ca_file = tls_redis(self)
+        untrusting = self.spawn_waiting(redis.url)
+        yield self.said_once(
+            untrusting,
+            b"could not connect to the cluster store at " + redis.url.encode() + b": the TLS handshake failed: "
+            b"certificate verify failed; if Redis's certificate is from a CA of your own, add it to the system's "
+            b"trust store or give it with SSL_CERT_FILE",
+        )
+        trusting = self.spawn_waiting(redis.url, SSL_CERT_FILE=str(ca_file))
+        yield within(trusting.token, 30, "the banner of the gateway given the CA")
+        self.assertNotIn(b"could not connect to the cluster store", trusting.stdout)
+
+    def test_client_certificate_asked(self):
+        """
+        A TLS Redis that asks for a client certificate (its default,
+        C{tls-auth-clients yes}): how to make it not ask.
+        """
+        redis, ca_file = tls_redis(self, client_certificates=True)
+        asked = self.spawn_waiting(redis.url, SSL_CERT_FILE=str(ca_file))
+        return self.said_once(
+            asked,
+            b"certificate required; this Redis asks for a client certificate, which the gateway does not send: "
+            b"set tls-auth-clients no (or optional) in its redis.conf",
+        )
+
+    @inlineCallbacks
+    def test_no_redis_there(self):
+        """
+        Nothing listening on REDIS_URL's port, no socket at its path, an
+        HTTP server on its port: each said, once.
+        """
+        refused = self.spawn_waiting(f"redis://:pw@127.0.0.1:{free_port()}/3")
+        # (Short: a socket path is at most 107 bytes.)
+        missing = self.spawn_waiting("unix:///nonexistent-openclaw-test/redis.sock?db=3")
+        http = self.spawn_waiting(f"redis://127.0.0.1:{self.upstream.port}/3")
+        yield self.said_once(refused, b"Connection refused; check that Redis is running")
+        yield self.said_once(missing, b"No such file or directory; check that Redis is running")
+        yield self.said_once(
+            http,
+            b"the server closed the connection without a Redis answer; check that REDIS_URL's host and port are "
+            b"Redis's, and its scheme",
+        )
 
 
 class LockoutBeforeTheToken(TestCase):

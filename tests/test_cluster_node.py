@@ -163,7 +163,27 @@ class Nodes(TestCase):
         self.clock.advance(0.25)
         failure = self.failureResultOf(switched, StoreUnconfirmed)
         self.assertNotIn("nothing changed", str(failure.value))
+        self.assertTrue(str(failure.value).endswith("; run status before retrying"), failure.value)
+        self.assertNotIn("token", str(failure.value))
         self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
+
+    def test_rotation_outcome_unknown(self) -> None:
+        """
+        A rotation whose outcome is unknown: the answer says to read the
+        token file, never to run status, which with a token the rotation
+        revoked would count as a failed authentication (toward a lockout).
+        """
+        a, b = self.nodes
+        self.store.lose_replies = 1
+        rotated = a.rotate(a.sessions.mint())
+        self.store.up = False
+        for _ in range(3):
+            self.clock.advance(1.0)
+        message = str(self.failureResultOf(rotated, StoreUnconfirmed).value)
+        self.assertNotIn("status", message)
+        self.assertIn("it may have been applied on every instance; once the store is back, read the token", message)
+        self.assertIn("in TOKEN_FILE (openclawctl --token-file) or the log's banner before any other command", message)
+        self.assertIn("a command with a revoked token counts as a failed authentication", message)
 
     def test_heartbeat_catches_up(self) -> None:
         """

@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 from twisted.application.internet import backoffPolicy
@@ -104,9 +105,22 @@ UNAVAILABLE = unavailable()
 #: What it answers when a write timed out and the store could not be asked
 #: (L{CONFIRM_ATTEMPTS} times) whether it happened: it may yet apply on
 #: every instance (this one included), or on none; never on some only.
-UNCONFIRMED = (
-    "cluster store did not confirm the change in time: it may have been applied on every instance; "
-    "run status (a new token is announced in the log or TOKEN_FILE) before retrying"
+UNCONFIRMED = "cluster store did not confirm the change in time: it may have been applied on every instance"
+
+#: What to do then, by what was written: the route is seen with
+#: C{status}; a token rotated may have revoked the one the operator holds,
+#: with which C{status} would count as a failed authentication (toward
+#: AUTH_LOCKOUT_FAILURES), so the token file is read instead (each
+#: instance writes the token it adopts to its TOKEN_FILE).
+UNCONFIRMED_HINTS = MappingProxyType(
+    {
+        ROUTE: "run status before retrying",
+        TOKEN: (
+            "once the store is back, read the token in TOKEN_FILE (openclawctl --token-file) or the log's banner "
+            "before any other command, as each instance puts a new one there: a command with a revoked token counts "
+            "as a failed authentication"
+        ),
+    }
 )
 
 #: The share of a cluster session token's lifetime (C{exp} - C{iat}) after
@@ -134,12 +148,13 @@ class StoreUnavailable(Exception):
 
 class StoreUnconfirmed(StoreUnavailable):
     """
-    A write timed out and whether it happened could not be learnt: it
-    happened on every instance or on none (see L{UNCONFIRMED}).
+    A write of C{name} (L{ROUTE}, L{TOKEN}) timed out and whether it
+    happened could not be learnt: it happened on every instance or on
+    none (L{UNCONFIRMED}, and what to do: L{UNCONFIRMED_HINTS}).
     """
 
-    def __init__(self) -> None:
-        super().__init__(UNCONFIRMED)
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{UNCONFIRMED}; {UNCONFIRMED_HINTS[name]}")
 
 
 def describe(error: object, timeout: float) -> str:
@@ -978,7 +993,7 @@ class ClusterNode:
             name=name,
             error=error,
         )
-        raise StoreUnconfirmed()
+        raise StoreUnconfirmed(name)
 
     def rest(self, provider: str, key_fingerprint: str, seconds: float) -> None:
         """

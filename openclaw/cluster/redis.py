@@ -13,7 +13,10 @@ three sorted sets scored with expiry times (milliseconds since the epoch,
 on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
 step with the cluster, each expiring 30 s after its last heartbeat and
 removed when it stops), C{rests} (C{<provider>:<key fingerprint>})
-and C{lockouts} (client keys); one channel, C{<CLUSTER_NAME>:events}.
+and C{lockouts} (client keys); one channel, L{cluster_channel}
+(C{<CLUSTER_NAME>:events}, or C{<CLUSTER_NAME>:<db>:events} on a
+database other than 0: Redis's channels are the server's, not a
+database's).
 Each write is a Lua script, so the value, its version and its publication
 are one atomic step and every node sees the writes in the order Redis made
 them.  No script scans the keyspace: each costs O(log N) in the entries of
@@ -31,15 +34,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import txredisapi
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 from openclaw.reactors import IClientReactor
+from openclaw.tls import describe_tls_error, is_tls_error
 from openclaw.urls import masked_url
 
 if TYPE_CHECKING:
@@ -181,6 +187,39 @@ def _versioned(reply: list[Any]) -> Versioned:
     return Versioned(int(held), str(text), "" if origin is None else str(origin))
 
 
+def redis_database(url: str) -> int | None:
+    """
+    The database a C{REDIS_URL} names: its path (C{redis://host/N}), else
+    its C{db} query parameter (C{unix:///path?db=N}); L{None} when it
+    names none (Redis's 0).
+
+    @raise ValueError: the database is not a whole number (a URL that
+        L{openclaw.settings} let through is never such).
+    """
+    parsed = urlsplit(url)
+    query = parse_qs(parsed.query)
+    if parsed.scheme == "unix":
+        database = query.get("db", [""])[0]
+    else:
+        database = parsed.path.strip("/") or query.get("db", [""])[0]
+    return int(database) if database else None
+
+
+def cluster_channel(prefix: str, database: int | None) -> str:
+    """
+    The pub/sub channel of the cluster C{prefix} (C{CLUSTER_NAME}) whose
+    store is Redis database C{database}: C{<prefix>:events} on database 0
+    (or none named), C{<prefix>:<database>:events} on another.  Redis's
+    channels belong to the server, not to a database ("Pub/Sub has no
+    relation to the key space ... including database numbers",
+    https://redis.io/docs/latest/develop/interact/pubsub/), so clusters of
+    one name in two databases of one Redis would otherwise hear each
+    other's changes.  (A C{CLUSTER_NAME} has no C{:}, so no cluster's
+    channel on database 0 is another's on database N.)
+    """
+    return f"{prefix}:{database}:events" if database else f"{prefix}:events"
+
+
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
@@ -193,15 +232,13 @@ def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[I
     endpoint: IStreamClientEndpoint
     if parsed.scheme == "unix":
         endpoint = UNIXClientEndpoint(reactor, parsed.path, timeout=timeout)
-        database = query.get("db", [""])[0]
     else:
         host = parsed.hostname or "localhost"
         endpoint = HostnameEndpoint(reactor, host, parsed.port or 6379, timeout=timeout)
         if parsed.scheme == "rediss":
             endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        database = parsed.path.strip("/") or query.get("db", [""])[0]
     return endpoint, {
-        "dbid": int(database) if database else None,
+        "dbid": redis_database(url),
         "username": unquote(parsed.username) if parsed.username else None,
         "password": unquote(parsed.password) if parsed.password else query.get("password", [None])[0],
     }
@@ -219,6 +256,13 @@ class _Handshake:
     #: A reply took longer than txredisapi's C{replyTimeout}
     #: (REDIS_TIMEOUT_SECONDS), after which it aborts the connection.
     timed_out = False
+    #: The server has sent a reply (Redis's protocol: what is not, an
+    #: HTTP server's answer say, txredisapi ignores).
+    answered = False
+
+    def replyReceived(self, reply: Any) -> None:
+        self.answered = True
+        super().replyReceived(reply)  # type: ignore[misc]
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         result: Deferred[Any] = super().execute_command(*args, **kwargs)  # type: ignore[misc]
@@ -237,7 +281,18 @@ class _Handshake:
         answered: Deferred[Any] = super().select(index)  # type: ignore[misc]
         return answered.addErrback(self.factory.refused)
 
+    def connectionMade(self) -> Any:
+        self.factory.opened.add(self)
+        return super().connectionMade()  # type: ignore[misc]
+
     def connectionLost(self, why: Any) -> None:
+        self.factory.opened.discard(self)
+        # Said before txredisapi fails the commands waiting (and the store
+        # rebuilds for that): why the connection went is known here.
+        if is_tls_error(why.value):
+            self.factory.store.attempt_failed(why.value, self.factory)
+        elif not self.answered and not self.timed_out:
+            self.factory.store.closed_unanswered(self.factory)
         super().connectionLost(why)  # type: ignore[misc]
         if self.timed_out:
             # Aborted by txredisapi at its replyTimeout: Redis frozen or
@@ -287,6 +342,9 @@ class _Reconnecting:
     deferred: Deferred[Any] | None
     #: Redis's own answer when it refused the handshake (C{AUTH}, C{SELECT}).
     refusal: str | None = None
+    #: The connections made (their protocols) and not lost yet, in the
+    #: pool or still in their handshake (set in each C{__init__}).
+    opened: set[Any]
 
     def retryDelay(self, attempt: int) -> float:
         return min(float(super().retryDelay(attempt)), self.maxDelay)  # type: ignore[misc]
@@ -298,7 +356,10 @@ class _Reconnecting:
 
     def connectionError(self, why: str) -> None:
         super().connectionError(why)  # type: ignore[misc]
-        self.store.handshake_failed(self, self.refusal)
+        # The connection whose handshake failed: still open when a reply
+        # timed out (txredisapi aborts it next); lost, it said why itself.
+        timed_out = any(protocol.timed_out for protocol in self.opened)
+        self.store.handshake_failed(self, self.refusal, timed_out)
         self.refusal = None
 
     def quiet(self) -> None:
@@ -307,6 +368,17 @@ class _Reconnecting:
         """
         if self.deferred is not None:
             self.deferred.addErrback(lambda failure: None)
+
+    def abort(self) -> None:
+        """
+        Abort every connection still open (C{abortConnection}): one whose
+        close did not finish (over TLS, C{loseConnection} waits for the
+        server's end of the TLS handshake or its C{close_notify}, which a
+        frozen server, or one that does not speak TLS, never sends).
+        """
+        for protocol in list(self.opened):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
 
 
 class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
@@ -329,6 +401,7 @@ class _Commands(_Reconnecting, txredisapi.RedisFactory):  # type: ignore[misc]
             convertNumbers=False,
         )
         self.store = store
+        self.opened = set()
         self.quiet()
 
 
@@ -341,8 +414,59 @@ class _Subscribers(_Reconnecting, txredisapi.SubscriberFactory):  # type: ignore
         self.password = options["password"]
         self.username = options["username"]
         self.convertNumbers = False
+        self.opened = set()
         self.quiet()
 
+
+@implementer(IStreamClientEndpoint)
+class _NotingEndpoint:
+    """
+    A C{REDIS_URL}'s endpoint, for the connections of C{factory}, that
+    tells the store why a connection attempt failed
+    (L{RedisStore.attempt_failed}): txredisapi's C{ClientService} tries
+    again, saying nothing.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, store: RedisStore, factory: Any) -> None:
+        self._endpoint = endpoint
+        self._store = store
+        self._factory = factory
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        connecting: Deferred[IProtocol] = self._endpoint.connect(protocolFactory)
+        return connecting.addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        # Cancelled: the store stopped or dropped these connections (an
+        # attempt cancelled while resolving the host name fails with
+        # DNSLookupError: the store then no longer uses the factory).
+        if failure.value is not None and not failure.check(CancelledError):
+            self._store.attempt_failed(failure.value, self._factory)
+        return failure
+
+
+#: What to do about a connection attempt that failed for a TLS error
+#: (L{RedisStore.attempt_failed}).
+_TLS_HINT = (
+    "if Redis's certificate is from a CA of your own, add it to the system's trust store or give it with "
+    "SSL_CERT_FILE (a PEM bundle of the system's CAs and Redis's: it replaces the system's store for the whole "
+    "gateway), and check that REDIS_URL's host is a name (or address) the certificate names; a Redis without "
+    "TLS needs redis://"
+)
+
+#: What to do about a Redis that wants a client certificate (its
+#: C{tls-auth-clients}, C{yes} by default; OpenSSL's "certificate
+#: required" alert).
+_CLIENT_CERTIFICATE_HINT = (
+    "this Redis asks for a client certificate, which the gateway does not send: set tls-auth-clients no "
+    "(or optional) in its redis.conf, and keep it on a private network with a password"
+)
+
+#: What to do about a server that gives no Redis answer.
+_NOT_REDIS_HINT = (
+    "check that REDIS_URL's host and port are Redis's, and its scheme: rediss:// for a Redis that takes TLS, "
+    "redis:// for one that does not"
+)
 
 #: What to do about Redis refusing this instance's handshake, by the
 #: start of Redis's error.
@@ -378,7 +502,7 @@ class RedisStore:
     def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IClientReactor) -> None:
         self.url = url
         self.prefix = prefix
-        self.channel = f"{prefix}:events"
+        self.channel = cluster_channel(prefix, redis_database(url))
         self.timeout = timeout
         self.reconnect_max = reconnect_max
         self.reactor = reactor
@@ -395,7 +519,8 @@ class RedisStore:
         #: next: 0.25 s, doubling up to reconnect_max.
         self._attempts = 0
         self._rebuild_policy = backoffPolicy(min(0.25, reconnect_max), reconnect_max, factor=2.0, jitter=lambda: 0.0)
-        #: Redis's refusals logged since a call last succeeded.
+        #: What was logged since a call last succeeded: Redis's refusals
+        #: and why connection attempts failed.
         self._refusals: set[str] = set()
         #: The factories a rebuild dropped, until L{_discard} disconnects
         #: them (at C{_discard_call}); then their disconnections under way.
@@ -416,9 +541,14 @@ class RedisStore:
         for factory in factories:
             factory.maxDelay = self.reconnect_max
             factory.initialDelay = min(0.25, self.reconnect_max)
-            factory.startConnecting(endpoint)
+            factory.startConnecting(_NotingEndpoint(endpoint, self, factory))
 
     def stop(self) -> Deferred[Any]:
+        """
+        Stop connecting and close every connection, the ones a rebuild
+        dropped included; fires once all are closed, within
+        C{REDIS_TIMEOUT_SECONDS} (L{_disconnect}), and never fails.
+        """
         self.node = None
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
@@ -428,8 +558,25 @@ class RedisStore:
             self._discard_call = None
         factories = [*self._factories, *self._undiscarded]
         self._factories, self._undiscarded = [], []
-        stopping = [factory.disconnect() for factory in factories]
+        stopping = [self._disconnect(factory) for factory in factories]
         return gatherResults([*stopping, *self._discarding], consumeErrors=True)
+
+    def _disconnect(self, factory: Any) -> Deferred[None]:
+        """
+        Close C{factory}'s connections and stop it reconnecting
+        (txredisapi's C{disconnect}), within C{REDIS_TIMEOUT_SECONDS}: the
+        connections whose close has not finished by then are aborted
+        (L{_Reconnecting.abort}), so a stop never waits on a server that
+        does not answer.  Fires once they are all closed.
+        """
+        stopping: Deferred[Any] = factory.disconnect()
+        aborting = self.reactor.callLater(self.timeout, factory.abort)
+
+        def closed(result: object) -> None:
+            if aborting.active():
+                aborting.cancel()
+
+        return stopping.addBoth(closed)
 
     def rebuild(self, reason: str, factory: Any = None) -> None:
         """
@@ -463,18 +610,19 @@ class RedisStore:
         self._discard_call = None
         factories, self._undiscarded = self._undiscarded, []
         for factory in factories:
-            stopping: Deferred[Any] = factory.disconnect()
+            stopping = self._disconnect(factory)
             self._discarding.add(stopping)
             stopping.addBoth(self._discarded, stopping)
 
     def _discarded(self, _: object, stopping: Deferred[Any]) -> None:
         self._discarding.discard(stopping)
 
-    def handshake_failed(self, factory: Any, refusal: str | None) -> None:
+    def handshake_failed(self, factory: Any, refusal: str | None, timed_out: bool) -> None:
         """
         A connection's handshake failed: Redis refused it (C{refusal}, its
-        error: logged once until in step again, with what to do) or did
-        not answer in time.
+        error: logged once until in step again, with what to do), did not
+        answer in time (C{timed_out}: logged as L{attempt_failed} is), or
+        the connection was lost (said by the connection).
         """
         if refusal is not None and refusal not in self._refusals:
             self._refusals.add(refusal)
@@ -488,9 +636,59 @@ class RedisStore:
                 refusal=refusal,
                 hint=hint,
             )
+        elif timed_out:
+            self._say_once(
+                f"no answer to the connection's set-up (AUTH, SELECT) within {self.timeout:g} s "
+                "(REDIS_TIMEOUT_SECONDS)",
+                _NOT_REDIS_HINT + " (a Redis frozen or overloaded does not answer either)",
+                factory,
+            )
         self.rebuild(
             f"Redis refused the connection: {refusal}" if refusal else "Redis did not answer the connection's set-up",
             factory,
+        )
+
+    def attempt_failed(self, error: BaseException, factory: Any) -> None:
+        """
+        A connection attempt (of C{factory}'s connections) failed with
+        C{error}: a TLS handshake that failed (its reason, as
+        L{openclaw.tls.describe_tls_error} words it: "certificate verify
+        failed"), or a connection that could not be made (refused, no
+        such host, no such socket, timed out).  Logged with what to do
+        (L{_say_once}): the attempts go on, silently.
+        """
+        if is_tls_error(error):
+            reason = f"the TLS handshake failed: {describe_tls_error(error)}"
+            hint = _CLIENT_CERTIFICATE_HINT if "certificate required" in reason else _TLS_HINT
+        else:
+            reason = (str(error) or type(error).__name__).rstrip(". ")
+            hint = "check that Redis is running and that REDIS_URL's host and port (or socket path) are right"
+        self._say_once(reason, hint, factory)
+
+    def closed_unanswered(self, factory: Any) -> None:
+        """
+        The server closed a connection of C{factory} without a Redis
+        answer (an HTTP server, or a Redis that takes only TLS reached
+        with C{redis://}): logged (L{_say_once}).
+        """
+        self._say_once("the server closed the connection without a Redis answer", _NOT_REDIS_HINT, factory)
+
+    def _say_once(self, reason: str, hint: str, factory: Any) -> None:
+        """
+        Log why a connection attempt failed, with what to do: once for
+        each C{reason} until a call succeeds again, and only for the
+        connections in use (of C{factory}), not those being closed.
+        """
+        if self.node is None or factory not in self._factories:
+            return
+        if reason in self._refusals:
+            return
+        self._refusals.add(reason)
+        self._log.warn(
+            "could not connect to the cluster store at {where}: {reason}; {hint}",
+            where=masked_url(self.url),
+            reason=reason,
+            hint=hint,
         )
 
     def subscribing(self, factory: Any, subscribed: Deferred[Any]) -> None:
@@ -505,6 +703,14 @@ class RedisStore:
                 self.node.connected()
 
         def failed(failure: Failure) -> None:
+            if failure.check(DeferredTimeoutError):
+                # (Not a lost connection: that said why itself.)
+                self._say_once(
+                    f"the subscription to the cluster's channel was not confirmed within {self.timeout:g} s "
+                    "(REDIS_TIMEOUT_SECONDS)",
+                    _NOT_REDIS_HINT + " (a Redis frozen or overloaded does not answer either)",
+                    factory,
+                )
             self.rebuild(f"the subscription was not confirmed within {self.timeout:g} s", factory)
 
         subscribed.addTimeout(self.timeout, self.reactor).addCallbacks(confirmed, failed)
