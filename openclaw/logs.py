@@ -364,10 +364,13 @@ KEYLESS_FIELD = "keyless"
 #: How many refusals of requests without an accepted key are logged at
 #: most in L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: a few clients with a
 #: wrong key are each logged; a flood (any client can send thousands a
-#: second, each a line of a few hundred bytes: 2.9 MB of log a second
-#: in trial s17) is summed up.
+#: second, each a line of a few hundred bytes) is summed up.
 KEYLESS_REFUSAL_LINES = 10
 KEYLESS_REFUSAL_INTERVAL_SECONDS = 1.0
+#: The field that marks the data plane's line for an HTTP/2 connection
+#: aborted for what its client sent after twisted.web had ended it
+#: (C{True}; L{openclaw.dataplane.site.APISite.http2_flooded}).
+HTTP2_FLOOD_FIELD = "http2_flood"
 #: The namespace of the control plane's line for each refused connection:
 #: its factory's class (a L{Logger} read from a class attribute takes the
 #: class's name: L{openclaw.control.protocol.ControlFactory}).
@@ -377,8 +380,7 @@ CONTROLPLANE_NAMESPACE = "openclaw.control.protocol.ControlFactory"
 REFUSED_CONNECTION_FIELD = "refused_connection"
 #: How many refused control connections are logged at most in
 #: L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: any client can open thousands a
-#: second with a foreign C{Origin} or from outside C{TRUSTED_CLIENT_IPS}
-#: (22,000 lines in trial s17).
+#: second with a foreign C{Origin} or from outside C{TRUSTED_CLIENT_IPS}.
 REFUSED_CONNECTION_LINES = 10
 
 
@@ -465,6 +467,12 @@ PEER_CAUSED_LINES = (
         field=KEYLESS_FIELD,
         interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
         burst=KEYLESS_REFUSAL_LINES,
+    ),
+    PeerCausedLine(
+        "http2_floods",
+        namespace=DATAPLANE_NAMESPACE,
+        level=LogLevel.info,
+        field=HTTP2_FLOOD_FIELD,
     ),
     PeerCausedLine(
         "control_refusals",
@@ -624,6 +632,7 @@ def _null(value: Any) -> None:
 __all__ = [
     "CONTROLPLANE_NAMESPACE",
     "DATAPLANE_NAMESPACE",
+    "HTTP2_FLOOD_FIELD",
     "KEYLESS_FIELD",
     "KEYLESS_REFUSAL_INTERVAL_SECONDS",
     "KEYLESS_REFUSAL_LINES",

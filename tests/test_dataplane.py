@@ -30,7 +30,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
-from openclaw.logs import KEYLESS_REFUSAL_INTERVAL_SECONDS, KEYLESS_REFUSAL_LINES, make_observer
+from openclaw.logs import KEYLESS_FIELD, KEYLESS_REFUSAL_INTERVAL_SECONDS, KEYLESS_REFUSAL_LINES, make_observer
 from openclaw.routing import Route
 from openclaw.testing import upstream as standin
 from tests.support import (
@@ -942,6 +942,29 @@ class AccountingTests(DataPlaneTestCase):
         self.assertIn('openclaw_api_requests_total{provider="-",status="401"} %d.0' % (2 * rounds + 1), text)
         self.assertIn('openclaw_api_requests_total{provider="-",status="404"} %d.0' % (rounds + 1 + 3), text)
         self.assertIn('openclaw_api_requests_total{provider="-",status="405"} %d.0' % rounds, text)
+
+    @inlineCallbacks
+    def test_deadline_after_a_key_is_no_keyless_refusal(self):
+        """
+        A 408 at the body deadline on a connection whose key was accepted
+        (a slow body after a keyed request) is logged as a key holder's
+        refusal, each time: not marked keyless, so not among the lines the
+        observer holds back.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        gateway = self.gateway(api_body_timeout_seconds=1.0)
+        key = f"Authorization: Bearer {GATEWAY_KEY}\r\n".encode()
+        head = b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + key
+        sent = b"GET /v1/models" + head + b"\r\n" + b"POST /v1/chat/completions" + head
+        sent += b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        answers = yield deferToThread(exchange, gateway.api_port, sent)
+        self.assertIn(b"HTTP/1.1 200 ", answers)
+        self.assertIn(b"HTTP/1.1 408 ", answers)
+        timed_out = [event for event in events if event.get("status") == 408 and "log_format" in event]
+        self.assertEqual(len(timed_out), 1, timed_out)
+        self.assertNotIn(KEYLESS_FIELD, timed_out[0])
 
     @inlineCallbacks
     def test_successes_logged_at_debug(self):

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.logs import (
     ACCEPT_ERROR_FORMATS,
     DATAPLANE_NAMESPACE,
+    HTTP2_FLOOD_FIELD,
     KEYLESS_FIELD,
     KEYLESS_REFUSAL_LINES,
     make_observer,
@@ -107,6 +108,33 @@ class PeerLineLimiterTests(TestCase):
             f"GET /v1/models 401 from 203.0.113.7 ({100 - KEYLESS_REFUSAL_LINES} similar lines suppressed "
             "in the last 2 s)",
         )
+
+    def test_http2_floods(self) -> None:
+        """
+        Lines marked L{HTTP2_FLOOD_FIELD} (an HTTP/2 connection aborted for
+        what its client sent after twisted.web ended it): one a minute, the
+        next saying how many were left out.
+        """
+
+        def event(when: float) -> dict[str, Any]:
+            return {
+                "log_format": "HTTP/2 connection from {peer} aborted",
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": DATAPLANE_NAMESPACE,
+                "peer": "203.0.113.7",
+                HTTP2_FLOOD_FIELD: True,
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(30):
+            observer(event(1000 + n))
+        observer(event(1061))
+        first, last = (json.loads(line) for line in out.getvalue().splitlines())
+        self.assertEqual(first["message"], "HTTP/2 connection from 203.0.113.7 aborted")
+        self.assertEqual(last["http2_floods_suppressed"], 29)
+        self.assertIn("(29 similar lines suppressed in the last 61 s)", last["message"])
 
     def test_rate_limited(self) -> None:
         out = io.StringIO()

@@ -225,6 +225,7 @@ class APIContext:
         path: str = "-",
         consumer: str | None = None,
         request_id: str = "-",
+        keyless: bool = True,
     ) -> None:
         """
         Count (and log at info, as L{completed} would, marked
@@ -246,6 +247,9 @@ class APIContext:
         @param consumer: the name of the key's consumer (C{-} for
             GATEWAY_API_KEYS), when the key was checked.
         @param request_id: the id the answer carries (L{new_request_id}).
+        @param keyless: whether no key was accepted on the request's
+            connection either (a deadline's 408 on a connection whose key
+            was accepted is not among the keyless refusals).
         """
         self.tally.record("-", error.status, 0.0)
         if self.log_failures:
@@ -261,7 +265,7 @@ class APIContext:
                 duration_ms=0.0,
                 peer=peer,
                 request_id=request_id,
-                **({KEYLESS_FIELD: True} if consumer is None and error.status < 500 else {}),
+                **({KEYLESS_FIELD: True} if keyless and consumer is None and error.status < 500 else {}),
             )
 
     def failed_over(

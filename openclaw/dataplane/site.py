@@ -59,6 +59,7 @@ from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, n
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
+from openclaw.logs import HTTP2_FLOOD_FIELD
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop, or after an
@@ -76,10 +77,6 @@ LINGER_QUIET_SECONDS = 1.0
 LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: The setting a large answer's parts are each to be taken within.
 _SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
-#: Seconds between two log lines for HTTP/2 connections aborted for what
-#: their clients sent after twisted.web had ended them
-#: (L{APISite.http2_flooded}); the next line says how many were left out.
-HTTP2_FLOOD_LOG_INTERVAL_SECONDS = 60.0
 #: Seconds a new API connection has to send its first request head before
 #: it counts as keyless (if that head carried no accepted key, it counts
 #: from then on): a client's first head arrives in one round trip, so a
@@ -1039,7 +1036,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._started:
             request_id = new_request_id()
             if self._site.context is not None:
-                self._site.context.refused_early(error, outcome, host_of(transport.getPeer()), request_id=request_id)
+                self._site.context.refused_early(
+                    error, outcome, host_of(transport.getPeer()), request_id=request_id, keyless=self.keyless
+                )
             transport.write(raw_error_response(error, request_id))
         self.close_politely()
 
@@ -1119,8 +1118,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         twisted.web's own idle or control-frame limit), yet the TLS
         transport reads on while that connection is its producer, and
         twisted.web hands h2 all that comes, which h2 then keeps without
-        bound (trial s17, F2: 1.5 GB in 9 s from one connection without a
-        key, which never closed; CVE-2024-27316's class).
+        bound: one connection without a key could hold the gateway's memory
+        without limit (CVE-2024-27316's class).
 
         From now on what comes is read and dropped (L{_linger_read}): the
         connection is aborted once more than L{APILimits.linger_bytes} came
@@ -1236,6 +1235,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         reading = self._reading if self._reading is not None else IPushProducer(transport, None)
         if reading is not None:
             reading.resumeProducing()
+
+    def abort(self) -> None:
+        """
+        Drop the connection now, at the gateway's word (a cap on keyless
+        connections): not taken for twisted.web's own end of it.
+        """
+        self._closing = True
+        self.tcp.abortConnection()
 
     def _lose(self) -> None:
         """
@@ -1364,9 +1371,6 @@ class APISite(Site):
         #: Large answers going out on HTTP/2 streams (L{StreamSendDeadline}):
         #: a stop that cuts one counts it as the stop's.
         self.http2_answers: set[WholeAnswer] = set()
-        #: When L{http2_flooded} last logged, and the lines it left out since.
-        self._flood_logged_at: float | None = None
-        self._floods_unlogged = 0
         #: Open HTTP/2 connections by their local and peer addresses
         #: (L{http2_opened}).
         self._http2_by_addresses: dict[tuple[IAddress, IAddress], APIConnection] = {}
@@ -1404,7 +1408,7 @@ class APISite(Site):
         address = connection.address
         if address is not None and self.keyless.get(address, 0) >= self.limits.keyless_per_address:
             connection.counted_keyless = False
-            connection.tcp.abortConnection()
+            connection.abort()
             self._refused("api_keyless_connections_per_address")
             return
         if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
@@ -1415,7 +1419,7 @@ class APISite(Site):
         self._count_keyless(oldest, -1)
         oldest.counted_keyless = False
         oldest.keyless = False
-        oldest.tcp.abortConnection()
+        oldest.abort()
         self._refused("api_keyless_connections")
 
     def _refused(self, reason: str) -> None:
@@ -1426,31 +1430,19 @@ class APISite(Site):
         """
         C{connection}, an HTTP/2 one twisted.web had ended, is aborted for
         the bytes its client sent on (L{APIConnection._http2_ended}): logged
-        at info with the peer, once per L{HTTP2_FLOOD_LOG_INTERVAL_SECONDS}
-        at most (any client can cause it at will); the next line says how
-        many were left out.
+        at info with the peer, marked L{HTTP2_FLOOD_FIELD} for the log
+        observer, which lets one such line through a minute (any client can
+        cause it at will; L{openclaw.logs.PEER_CAUSED_LINES}).
         """
         if self.context is None:
             return
-        now = self.reactor.seconds()
-        last = self._flood_logged_at
-        if last is not None and 0 <= now - last < HTTP2_FLOOD_LOG_INTERVAL_SECONDS:
-            self._floods_unlogged += 1
-            return
-        self._flood_logged_at = now
-        unlogged, self._floods_unlogged = self._floods_unlogged, 0
         self.context.log.info(
             "HTTP/2 connection from {peer} aborted: its client sent more than {limit} bytes after twisted.web "
             "had ended the connection (h2 found a protocol error in what it sent, such as a header block "
-            "without end){unlogged_note}",
+            "without end)",
             peer=host_of(connection.tcp.getPeer()),
             limit=self.limits.linger_bytes,
-            unlogged=unlogged,
-            unlogged_note=(
-                f" ({unlogged} similar lines suppressed in the last {HTTP2_FLOOD_LOG_INTERVAL_SECONDS:g} s)"
-                if unlogged
-                else ""
-            ),
+            **{HTTP2_FLOOD_FIELD: True},
         )
 
     def opened(self, connection: APIConnection) -> None:
