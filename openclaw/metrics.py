@@ -33,7 +33,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from openclaw.consumers.estimate import token_count
+from openclaw.consumers.estimate import count_or_zero
 from openclaw.control.admission import PeerAllowlist
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.routing import FALLBACK_REASONS
@@ -137,13 +137,6 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, float("inf"))
 
 
-def _token_count(value: Any) -> int:
-    # A count as providers send it, as a consumer's is read (a whole number
-    # of at least 0, 10.0 too); anything else (absent, null, a string)
-    # counts nothing rather than failing.
-    return token_count(value) or 0
-
-
 class CallCosts:
     """
     What model calls cost: C{openclaw_api_tokens_total{provider,model,kind}},
@@ -201,9 +194,9 @@ class CallCosts:
         self.count_tokens(
             provider,
             model,
-            _token_count(usage.get("prompt_tokens")),
-            _token_count(usage.get("completion_tokens")),
-            _token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
+            count_or_zero(usage.get("prompt_tokens")),
+            count_or_zero(usage.get("completion_tokens")),
+            count_or_zero(details.get("reasoning_tokens")) if isinstance(details, dict) else 0,
         )
 
     def count_tokens(self, provider: str, model: str, prompt: int, completion: int, reasoning: int) -> None:

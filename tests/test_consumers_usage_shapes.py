@@ -15,7 +15,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.consumers.estimate import known_counts, token_count
+from openclaw.consumers.estimate import count_or_zero, known_counts, token_count
 from openclaw.consumers.table import usage_counts
 from openclaw.testing.upstream import OpenAIAnswer
 from tests.test_consumers import GatewayCase
@@ -34,10 +34,13 @@ def price(prompt: int, completion: int) -> float:
 
 class CountsTests(SynchronousTestCase):
     def test_token_count(self) -> None:
-        for value, count in ((0, 0), (10, 10), (10.0, 10), (2**40, 2**40), (0.0, 0)):
+        for value, count in ((0, 0), (10, 10), (10.0, 10), (10**12, 10**12), (1e12, 10**12), (0.0, 0)):
             self.assertEqual(token_count(value), count, value)
-        for value in ("10", True, False, -1, -1.0, 4.2, float("nan"), float("inf"), None, [], {}):
+            self.assertEqual(count_or_zero(value), count, value)
+        # Past MAX_TOKEN_COUNT (a 1e300 would be priced into a spend its size): no count.
+        for value in ("10", True, False, -1, -1.0, 4.2, float("nan"), float("inf"), None, [], {}, 10**12 + 1, 1e300):
             self.assertIsNone(token_count(value), value)
+            self.assertEqual(count_or_zero(value), 0, value)
 
     def test_known_counts(self) -> None:
         self.assertEqual(known_counts({"prompt_tokens": 10, "completion_tokens": 4.0}), (10, 4))

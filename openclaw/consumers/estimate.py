@@ -28,21 +28,38 @@ import orjson
 _DATA = b"data:"
 
 
+#: The largest token count read from a provider's usage: far beyond any
+#: call's (a model's context is at most millions of tokens), and a larger
+#: one (C{1e300}) would be priced into a spend of its size.
+MAX_TOKEN_COUNT = 10**12
+
+
 def token_count(value: Any) -> int | None:
     """
     A token count of a provider's C{usage} (C{prompt_tokens},
     C{completion_tokens}, their details), or None when it is none: a count
-    is a whole number of at least 0; a JSON number such as C{10.0} that is
-    whole counts as 10.  A bool, a string (C{"10"}), a fraction, a negative
+    is a whole number from 0 to L{MAX_TOKEN_COUNT}; a JSON number such as
+    C{10.0} that is whole counts as 10.  A bool, a string (C{"10"}), a fraction, a negative
     number, NaN or an infinity is no count: such a usage is not known, and
     a consumer is charged the estimate instead (never 0 for an unreadable
     count).
     """
     if type(value) is int:
-        return value if value >= 0 else None
-    if type(value) is float and value >= 0 and value.is_integer():
+        return value if 0 <= value <= MAX_TOKEN_COUNT else None
+    if type(value) is float and 0 <= value <= MAX_TOKEN_COUNT and value.is_integer():
         return int(value)
     return None
+
+
+def count_or_zero(value: Any) -> int:
+    """
+    L{token_count}, 0 for no count: what the metrics and the usage rows
+    add up.
+    """
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+        # Every call's path (GATEWAY_API_KEYS' too): the usual count, at once.
+        return value
+    return token_count(value) or 0
 
 
 def known_counts(usage: Any) -> tuple[int | None, int | None]:

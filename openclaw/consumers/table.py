@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.estimate import token_count
+from openclaw.consumers.estimate import count_or_zero
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow
 from openclaw.consumers.model import (
@@ -102,13 +102,6 @@ class ConsumerMetricsLike(Protocol):
     def count_pending(self, pending: Callable[[], int]) -> None: ...
 
 
-def _count(value: Any) -> int:
-    if type(value) is int:
-        # Every call's path (GATEWAY_API_KEYS' too): the usual count, at once.
-        return value if value > 0 else 0
-    return token_count(value) or 0
-
-
 def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     """
     C{(prompt, completion, reasoning, cached prompt)} tokens of OpenAI's
@@ -121,10 +114,10 @@ def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     completion_details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
     return (
-        _count(usage.get("prompt_tokens")),
-        _count(usage.get("completion_tokens")),
-        _count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
-        _count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        count_or_zero(usage.get("prompt_tokens")),
+        count_or_zero(usage.get("completion_tokens")),
+        count_or_zero(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
+        count_or_zero(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
     )
 
 
