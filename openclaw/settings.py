@@ -393,17 +393,19 @@ def _port(text: str) -> int:
     return port
 
 
-#: The longest duration a setting in seconds takes: a day.  A longer one
-#: is no deadline in practice, and a huge one (C{1e308}) was written out
-#: whole where a wait is told (a C{Retry-After} of 309 digits).
-MAX_DURATION_SECONDS = 86400.0
+#: The longest duration a setting in seconds takes: 30 days (a lockout
+#: of a week is a choice some make).  Anything longer is no deadline in
+#: practice, and a huge one (C{1e308}) was written out whole where a wait
+#: is told (a C{Retry-After} of 309 digits; each is also clamped where it
+#: is written, L{openclaw.dataplane.errors.retry_after_seconds}).
+MAX_DURATION_SECONDS = 30 * 86400.0
 
 #: The shortest deadline for an exchange over the network (a provider's
 #: answer, a health check, a request's head or body, a client taking an
-#: answer, a control connection's first message): a round trip and a TLS
-#: handshake take some, so a shorter one (C{UPSTREAM_TIMEOUT=1e-9}) failed
-#: every exchange.
-MIN_DEADLINE_SECONDS = 1.0
+#: answer, a control connection's first message): a shorter one
+#: (C{UPSTREAM_TIMEOUT=1e-9}) failed every exchange, while half a second
+#: is a choice on a local network.
+MIN_DEADLINE_SECONDS = 0.1
 
 #: The shortest bound on a Redis call, and on the wait between
 #: reconnections: Redis is near (a call takes about a millisecond on a
@@ -412,7 +414,7 @@ MIN_DEADLINE_SECONDS = 1.0
 MIN_REDIS_SECONDS = 0.1
 
 #: How the bound reads in a hint.
-_AT_MOST = f"at most {MAX_DURATION_SECONDS:g} (a day)"
+_AT_MOST = f"at most {MAX_DURATION_SECONDS:.0f} (30 days)"
 
 
 def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS) -> Callable[[str], float]:
