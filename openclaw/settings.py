@@ -23,8 +23,8 @@ gateway's user nor root, is refused; a secret file others may read is a
 warning (L{Settings.warnings}, logged at start-up), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
-The state directory is held to the rule of those files' directories, and
-more strictly (L{check_state_directory}).
+The directory of the consumers' SQLite database is held to the rule of
+those files' directories, and more strictly (L{check_state_directory}).
 """
 
 from __future__ import annotations
@@ -393,17 +393,19 @@ def _port(text: str) -> int:
     return port
 
 
-#: The longest duration a setting in seconds takes: a day.  A longer one
-#: is no deadline in practice, and a huge one (C{1e308}) was written out
-#: whole where a wait is told (a C{Retry-After} of 309 digits).
-MAX_DURATION_SECONDS = 86400.0
+#: The longest duration a setting in seconds takes: 30 days (a lockout
+#: of a week is a choice some make).  Anything longer is no deadline in
+#: practice, and a huge one (C{1e308}) was written out whole where a wait
+#: is told (a C{Retry-After} of 309 digits; each is also clamped where it
+#: is written, L{openclaw.dataplane.errors.retry_after_seconds}).
+MAX_DURATION_SECONDS = 30 * 86400.0
 
 #: The shortest deadline for an exchange over the network (a provider's
 #: answer, a health check, a request's head or body, a client taking an
-#: answer, a control connection's first message): a round trip and a TLS
-#: handshake take some, so a shorter one (C{UPSTREAM_TIMEOUT=1e-9}) failed
-#: every exchange.
-MIN_DEADLINE_SECONDS = 1.0
+#: answer, a control connection's first message): a shorter one
+#: (C{UPSTREAM_TIMEOUT=1e-9}) failed every exchange, while half a second
+#: is a choice on a local network.
+MIN_DEADLINE_SECONDS = 0.1
 
 #: The shortest bound on a Redis call, and on the wait between
 #: reconnections: Redis is near (a call takes about a millisecond on a
@@ -412,7 +414,7 @@ MIN_DEADLINE_SECONDS = 1.0
 MIN_REDIS_SECONDS = 0.1
 
 #: How the bound reads in a hint.
-_AT_MOST = f"at most {MAX_DURATION_SECONDS:g} (a day)"
+_AT_MOST = f"at most {MAX_DURATION_SECONDS:.0f} (30 days)"
 
 
 def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS) -> Callable[[str], float]:
@@ -871,27 +873,35 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     return None
 
 
-def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> None:
+def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> str | None:
     """
-    Hold the state directory (C{STATE_DIR}: the consumers' database and
-    its C{-wal} and C{-shm} files, the state file) to the rule of secret
+    Hold the directory of the consumers' SQLite database (C{STATE_DIR}
+    with C{DATABASE_URL} unset: C{openclaw.db} and its C{-wal} and C{-shm}
+    files, L{openclaw.consumers.store.sqlite_file}) to the rule of secret
     files' directories (L{check_private_file}, after sshd's
     C{StrictModes}): every symbolic link met on the way to it must belong
     to the gateway's user or root, and so must it and every directory
     above it, up to C{/}, both as named and as resolved; those above it
-    may be written by group or others only with the sticky bit.  The
-    directory itself may not be written by group or others at all, sticky
-    or not: the gateway creates its files there by name, so whoever can
-    add an entry to it could be first to put a link or a file of their
-    own under one of those names (a database whose consumers' keys then
-    work, a link that sends the gateway's writes elsewhere).
+    may be written by group or others only with the sticky bit.
+
+    The directory itself is held more strictly, since the gateway creates
+    the database's files there by name: whoever can add an entry to it
+    could be first to put a link or a database of their own under one of
+    those names (trial s17 F1: a 0777 C{STATE_DIR}).  Others may not
+    write it, sticky or not (as C{/tmp}); group-writable (a checkout made
+    under umask 002, a Kubernetes C{fsGroup} volume, mode 2775) is a
+    warning, as the group is often the gateway's user's own.  The files
+    themselves are opened without following a link and refused when
+    another user's (L{openclaw.consumers.store.private}).
 
     @param path: the state directory, which exists (made before this is
         called).
-    @param what: how the operator named it (C{"STATE_DIR='/x'"}).
+    @param what: how the operator named it (C{"STATE_DIR='/x' (from the
+        environment)"}).
     @param fix: what else to do, appended after C{"or "} (C{"point
         STATE_DIR / --state-dir at a directory of the gateway's own"}).
     @param euid: the gateway's user id (default: this process's).
+    @return: a warning line (group-writable), or None.
     @raise ConfigError: one line naming the directory and the fix.
     """
     euid = os.geteuid() if euid is None else euid
@@ -906,7 +916,8 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
     try:
         itself = path.stat()
     except OSError:
-        return  # using it says why
+        return None  # using it says why
+    warning = None
     # The directories of an entry in it: it (as named and as resolved) and those above.
     for directory in _directories_of(path / STATE_ENTRY, [link for link, _ in links]):
         try:
@@ -918,22 +929,35 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
             raise ConfigError(
                 f"{what}: directory {name!r} belongs to uid {held.st_uid}, neither the gateway's user "
                 f"(uid {euid}) nor root, so that user could put files of their own in place of the consumers' "
-                f"database and the state file; chown {euid} {name!r} (or root), or {fix}"
+                f"database; chown {euid} {name!r} (or root), or {fix}"
             )
         dmode = stat.S_IMODE(held.st_mode)
         if not dmode & (stat.S_IWGRP | stat.S_IWOTH):
             continue
-        if (held.st_dev, held.st_ino) == (itself.st_dev, itself.st_ino):
+        if (held.st_dev, held.st_ino) != (itself.st_dev, itself.st_ino):
+            if not dmode & stat.S_ISVTX:
+                raise ConfigError(
+                    f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they "
+                    f"could replace the state directory in it; run: chmod go-w {name!r}, or {fix}"
+                )
+        elif dmode & stat.S_IWOTH and dmode & stat.S_ISVTX:
             raise ConfigError(
-                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
-                f"put links or files of their own in place of the consumers' database and the state file; "
-                f"run: chmod go-w {name!r}, or {fix}"
+                f"{what}: directory {name!r} is shared (mode {dmode:04o}, as /tmp), so others could be first to "
+                f"put a link or a database of their own where the gateway creates the consumers' database; {fix}"
             )
-        if not dmode & stat.S_ISVTX:
+        elif dmode & stat.S_IWOTH:
             raise ConfigError(
-                f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they could "
-                f"replace the state directory in it; run: chmod go-w {name!r}, or {fix}"
+                f"{what}: directory {name!r} may be written by others (mode {dmode:04o}), so they could put a "
+                f"link or a database of their own where the gateway creates the consumers' database; run: "
+                f"chmod o-w {name!r}, or {fix}"
             )
+        elif warning is None:
+            warning = (
+                f"{what}: directory {name!r} may be written by its group (mode {dmode:04o}), whose members could "
+                f"remove or replace the consumers' database files in it; unless that group is the gateway's "
+                f"user's alone, run: chmod g-w {name!r}"
+            )
+    return warning
 
 
 #: A name in the state directory, for the directories it is reached through.
@@ -1016,8 +1040,7 @@ def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path
 
 def _own_directory(path: Path) -> Path:
     """
-    Create the default state directory, mode 0700, if it is missing, and
-    hold it to L{check_state_directory}.
+    Create the default state directory, mode 0700, if it is missing.
     """
     problem = _make_state_directory(path)
     if problem:
@@ -1025,17 +1048,13 @@ def _own_directory(path: Path) -> Path:
             f"cannot use the state directory {str(path)!r} ({problem}); "
             "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
         )
-    check_state_directory(
-        path, f"the state directory {str(path)!r}", "set STATE_DIR / --state-dir to a directory of the gateway's own"
-    )
     return path
 
 
 def _state_dir(text: str) -> Path:
     """
     An explicit C{STATE_DIR}: created like the default one (mode 0700,
-    parents as needed), checked writable now, not at the first write, and
-    held to L{check_state_directory}.
+    parents as needed) and checked writable now, not at the first write.
     """
     path = Path(text)
     problem = _make_state_directory(path)
@@ -1044,9 +1063,6 @@ def _state_dir(text: str) -> Path:
             f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
             "gateway's user can write, or point STATE_DIR / --state-dir at one"
         )
-    check_state_directory(
-        path, f"STATE_DIR={text!r}", "point STATE_DIR / --state-dir at a directory of the gateway's own"
-    )
     return path
 
 
@@ -1480,15 +1496,16 @@ def load_settings(
     state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
     if state_dir is not None:
         state_path = state_dir
+        state_named = f"STATE_DIR={str(state_dir)!r} ({source('STATE_DIR')})"
+        state_fix = "point STATE_DIR / --state-dir at a directory of the gateway's own"
     elif daemon or os.environ.get("STATE_DIRECTORY"):
         state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
+        state_named = f"the state directory {str(state_path)!r}"
+        state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     else:
         state_path = cwd or Path.cwd()
-        check_state_directory(
-            state_path,
-            f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)",
-            "set STATE_DIR / --state-dir to a directory of the gateway's own",
-        )
+        state_named = f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)"
+        state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     # After the state directory, which is made if missing: a token file
     # in it is then in a directory that exists.
     no_path: Path | None = None
@@ -1722,6 +1739,11 @@ def load_settings(
         return "the default" if config.get(name, default=None) is None and name not in given else source(name)
 
     _distinct_ports(settings, given_where)
+    if settings.database_url is None:
+        # SQLite: the consumers' database is created in it by name.
+        state_warning = check_state_directory(state_path, state_named, state_fix)
+        if state_warning is not None:
+            warnings.append(state_warning)
     for adapter in declared:
         known.update(adapter.variables())
     if isinstance(repository, RepositoryEnv):

@@ -283,6 +283,25 @@ class LockoutTests(TestCase):
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
 
+    @inlineCallbacks
+    def test_long_lockout(self):
+        """
+        AUTH_LOCKOUT_SECONDS of a week is told whole in Retry-After; a
+        lockout without end (one another instance imposed) is told as 30
+        days, the longest any setting gives, not written out whole.
+        """
+        gateway = start_gateway(self, trusted_clients=LOOPBACK, auth_lockout_seconds=604800.0)
+        yield self.guess(gateway.port, 10)
+        response, sock = yield deferToThread(send_head, gateway.port, [])
+        sock.close()
+        self.assertIn(b"\r\nRetry-After: 604800\r\n", response)
+        lockout = gateway.service.factory.lockout
+        lockout.impose(lockout.key("127.0.0.2"), float("inf"))
+        response, sock = yield deferToThread(send_head, gateway.port, [], bind="127.0.0.2")
+        sock.close()
+        self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        self.assertIn(b"\r\nRetry-After: 2592000\r\n", response)
+
     def gateway_log(self) -> Callable[[], list[str]]:
         """
         The lines the daemon's own log observer (LOG_LEVEL=info) writes

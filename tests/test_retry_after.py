@@ -3,6 +3,7 @@ A provider's C{Retry-After}: ASCII digits or an HTTP-date (RFC 9110
 section 10.2.3), anything else no usable delay (the key rests for its
 default time), and followed for an hour at most; end to end, an
 unreadable one rests the key and the call goes on with the next key.
+The gateway's own C{Retry-After} is a whole number from 1 to 30 days.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from openclaw.dataplane.errors import breaker_open, no_usable_key, retry_after_seconds
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
+from openclaw.settings import MAX_DURATION_SECONDS
 from tests.support import changed_providers
 from tests.test_dataplane import HELLO, KIMI_KEY
 from tests.test_resilience import ResilienceTestCase
@@ -52,6 +55,33 @@ class RetryAfterTests(TestCase):
     def test_readable(self) -> None:
         self.assertEqual(parse_retry_after(" 7 ", 0.0), 7.0)
         self.assertEqual(parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 784111770.0), 7.0)
+
+
+class WrittenRetryAfterTests(TestCase):
+    """
+    Every C{Retry-After} the gateway writes is a whole number of seconds,
+    rounded up, from 1 to L{MAX_DURATION_SECONDS} (30 days), whatever the
+    wait: a BREAKER_COOLDOWN_SECONDS of 1e308 was written out whole (309
+    digits).
+    """
+
+    def test_bounded(self) -> None:
+        for seconds, told in (
+            (0.2, 1),
+            (-5.0, 1),
+            (float("-inf"), 1),
+            (1.0, 1),
+            (2.1, 3),
+            (604800.0, 604800),
+            (MAX_DURATION_SECONDS, 2592000),
+        ):
+            self.assertEqual(retry_after_seconds(seconds), told, seconds)
+        self.assertEqual(retry_after_seconds(float("nan")), 2592000)
+        for seconds in (MAX_DURATION_SECONDS + 0.5, 1e308, float("inf")):
+            self.assertEqual(retry_after_seconds(seconds), 2592000, seconds)
+            for error in (breaker_open("kimi", seconds), no_usable_key("kimi", "KIMI_API_KEY", seconds)):
+                self.assertIn((b"Retry-After", b"2592000"), error.headers)
+                self.assertIn(" 2592000 s", error.message)
 
 
 class RetryAfterEndToEndTests(ResilienceTestCase):

@@ -5,9 +5,10 @@ directory that cannot be used, or a TOKEN_FILE in a directory that does
 not exist, stops start-up with one line naming the variable, the value
 and what to do.  A real C{twistd -n openclaw}.
 
-A state directory others could write or own (the secret files'
+A SQLite state directory others could write or own (the secret files'
 directory rule), and a database file there that is a link or another
-user's, are refused: L{load_settings} and L{sqlite_file} on real files.
+user's, are refused, one its group may write is a warning:
+L{load_settings} and L{sqlite_file} on real files.
 """
 
 from __future__ import annotations
@@ -52,6 +53,26 @@ class StateDirTests(TestCase):
         yield process.stop()
 
     @inlineCallbacks
+    def test_group_writable_state_dir_starts(self):
+        """
+        twistd -n openclaw --state-dir DIR, DIR mode 2775 (a Kubernetes
+        fsGroup volume): the gateway starts with SQLite in it, and says
+        once, at start-up, that its group may write it.
+        """
+        state = self.directory() / "volume"
+        state.mkdir()
+        state.chmod(0o2775)
+        process = spawn_gateway(
+            self, ["--port", str(free_port()), "--interface", "127.0.0.1", "--state-dir", str(state)], base_env()
+        )
+        yield process.token
+        self.assertTrue((state / "openclaw.db").exists())
+        warned = [line for line in process.stdout.decode().splitlines() if "chmod g-w" in line]
+        self.assertEqual(len(warned), 1, process.stdout)
+        self.assertIn(f"directory {str(state)!r} may be written by its group (mode 2775)", warned[0])
+        yield process.stop()
+
+    @inlineCallbacks
     def test_unusable_state_dir_is_one_line(self):
         """
         A file in the way of STATE_DIR (or of one of its parents), or a
@@ -68,7 +89,7 @@ class StateDirTests(TestCase):
             (["--state-dir", str(blocker)], {}, f"STATE_DIR={str(blocker)!r} cannot be used (a file is in the way"),
             ([], {"STATE_DIR": str(blocker / "below")}, f"STATE_DIR={str(blocker / 'below')!r} cannot be used"),
             # Others may write it: they could plant the database's name.
-            (["--state-dir", str(loose)], {}, f"directory {str(loose)!r} may be written by group or others"),
+            (["--state-dir", str(loose)], {}, f"directory {str(loose)!r} may be written by others"),
         ]
         if os.geteuid() != 0:
             locked = run / "locked"
@@ -170,10 +191,12 @@ NOBODY = 65534
 
 class StateDirectoryRuleTests(SynchronousTestCase):
     """
-    The state directory is held to the secret files' directory rule
-    (README, "Secret files' directories"), and more: the directory itself
-    may not be written by group or others even with the sticky bit, since
-    the gateway creates its files there by name.
+    With SQLite (C{DATABASE_URL} unset), the state directory is held to
+    the secret files' directory rule (README, "Secret files'
+    directories"), and more: others may not write the directory itself
+    even with the sticky bit, since the gateway creates the database
+    there by name; a directory its group may write is a warning.  With
+    C{DATABASE_URL} set, there is no rule.
     """
 
     def setUp(self) -> None:
@@ -192,40 +215,104 @@ class StateDirectoryRuleTests(SynchronousTestCase):
         self.assertNotIn("\n", message)
         return message
 
-    def test_writable_state_dir(self) -> None:
+    def warned(self, daemon: bool = False) -> str:
+        settings = load_settings(cwd=self.base, daemon=daemon)
+        self.assertEqual(len(settings.warnings), 1, settings.warnings)
+        self.assertNotIn("\n", settings.warnings[0])
+        return settings.warnings[0]
+
+    def test_others_writable_state_dir(self) -> None:
+        """
+        A state directory others may write is refused (trial s17 F1: a
+        0777 STATE_DIR, where another user planted the database or links
+        under its names): chmod o-w, or another STATE_DIR.
+        """
         self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
-        for mode in (0o770, 0o707, 0o777, 0o1777, 0o1770):
+        for mode in (0o707, 0o777, 0o2777):
             self.state.chmod(mode)
             message = self.refused()
-            self.assertIn(f"STATE_DIR={str(self.state)!r}", message)
-            self.assertIn(f"may be written by group or others (mode {mode:04o})", message)
-            self.assertIn(f"run: chmod go-w {str(self.state)!r}", message)
-            self.assertIn("from the environment", message)
+            self.assertIn(f"STATE_DIR={str(self.state)!r} (from the environment)", message)
+            self.assertIn(f"may be written by others (mode {mode:04o})", message)
+            self.assertIn(f"run: chmod o-w {str(self.state)!r}, or point STATE_DIR / --state-dir", message)
+
+    def test_sticky_state_dir(self) -> None:
+        """
+        Sticky does not make it safe: another user can still be first to
+        create the database's names.  No chmod is suggested for a shared
+        directory such as /tmp, only another STATE_DIR.
+        """
+        for mode in (0o1777, 0o1707):
+            self.state.chmod(mode)
+            message = self.refused()
+            self.assertIn(f"directory {str(self.state)!r} is shared (mode {mode:04o}, as /tmp)", message)
+            self.assertIn("point STATE_DIR / --state-dir at a directory of the gateway's own", message)
+            self.assertNotIn("chmod", message)
+
+    def test_group_writable_state_dir(self) -> None:
+        """
+        A state directory only its group may write (a checkout made under
+        umask 002, a Kubernetes fsGroup volume: 2775) starts, with one
+        warning naming it, its mode and chmod g-w.
+        """
+        for mode in (0o770, 0o775, 0o2775, 0o1770):
+            self.state.chmod(mode)
+            warning = self.warned()
+            self.assertIn(f"STATE_DIR={str(self.state)!r}", warning)
+            self.assertIn(f"may be written by its group (mode {mode:04o})", warning)
+            self.assertIn(f"run: chmod g-w {str(self.state)!r}", warning)
         self.state.chmod(0o755)
-        self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
+        self.assertEqual(load_settings(cwd=self.base).warnings, ())
+
+    def test_database_url(self) -> None:
+        """
+        With DATABASE_URL set no SQLite file is made in the state
+        directory: whoever may write it, it is not checked.
+        """
+        self.environ["DATABASE_URL"] = "postgresql://openclaw:secret@127.0.0.1:5432/openclaw"
+        self.state.chmod(0o777)
+        if os.geteuid() == 0:
+            os.chown(self.state, NOBODY, NOBODY)
+        settings = load_settings(cwd=self.base)
+        self.assertEqual((settings.state_dir, settings.warnings), (self.state, ()))
+        del self.environ["STATE_DIR"]
+        self.base.chmod(0o1777)
+        settings = load_settings(cwd=self.base)
+        self.assertEqual((settings.state_dir, settings.warnings), (self.base, ()))
 
     def test_writable_parent(self) -> None:
         """
-        A directory above it that others may write is refused unless it
-        is sticky (as /tmp): others could rename the state directory away.
+        A directory above it that group or others may write is refused
+        unless it is sticky (as /tmp): they could rename the state
+        directory away.
         """
-        self.base.chmod(0o777)
-        message = self.refused()
-        self.assertIn(f"directory {str(self.base)!r} may be written by group or others", message)
-        self.assertIn("replace the state directory", message)
+        for mode in (0o777, 0o775):
+            self.base.chmod(mode)
+            message = self.refused()
+            self.assertIn(f"directory {str(self.base)!r} may be written by group or others", message)
+            self.assertIn("replace the state directory", message)
         self.base.chmod(0o1777)
         self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
 
     def test_working_directory_and_default(self) -> None:
         """
         STATE_DIR unset: the working directory (a foreground run) and the
-        daemon's own directory are held to the rule too.
+        daemon's own directory are held to the rule too.  A working
+        directory such as /tmp (sticky, others may write) is refused with
+        the advice to set STATE_DIR; a 0775 one (a checkout made under
+        umask 002) is a warning.
         """
         del self.environ["STATE_DIR"]
         self.base.chmod(0o777)
         message = self.refused()
         self.assertIn("(the working directory: STATE_DIR is unset)", message)
         self.assertIn("set STATE_DIR / --state-dir", message)
+        self.base.chmod(0o1777)
+        message = self.refused()
+        self.assertIn(f"the state directory {str(self.base)!r} (the working directory: STATE_DIR is unset)", message)
+        self.assertIn("is shared (mode 1777, as /tmp)", message)
+        self.assertIn("set STATE_DIR / --state-dir to a directory of the gateway's own", message)
+        self.base.chmod(0o775)
+        self.assertIn(f"chmod g-w {str(self.base)!r}", self.warned())
         self.base.chmod(0o755)
         self.environ["XDG_STATE_HOME"] = str(self.base)
         (self.base / "openclaw").mkdir(mode=0o700)
@@ -240,6 +327,9 @@ class StateDirectoryRuleTests(SynchronousTestCase):
         message = self.refused()
         self.assertIn(f"belongs to uid {NOBODY}", message)
         self.assertIn(f"chown 0 {str(self.state)!r}", message)
+        # Trial s17 F1: a 0777 STATE_DIR owned by nobody.
+        self.state.chmod(0o777)
+        self.assertIn(f"belongs to uid {NOBODY}", self.refused())
 
     def test_other_users_link(self) -> None:
         """

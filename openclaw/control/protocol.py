@@ -8,7 +8,6 @@ what it answers.  Everything else lives in plain objects.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -36,6 +35,7 @@ from openclaw.control.admission import (
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
+from openclaw.dataplane.errors import retry_after_seconds
 from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.logs import REFUSED_CONNECTION_FIELD
 from openclaw.metrics import GatewayMetrics
@@ -613,7 +613,7 @@ class ControlFactory(WebSocketServerFactory):
         until = self.lockout.locked_until(client)
         if until is not None:
             # Logged once, when the lockout began; counted every time.
-            retry_after = max(1, math.ceil(until - self.clock()))
+            retry_after = retry_after_seconds(until - self.clock())
             return self._refuse(peer, "locked_out", LockedOut(retry_after), log=False)
         return None
 

@@ -19,6 +19,8 @@ import attrs
 import orjson
 from twisted.web.http import RESPONSES
 
+from openclaw.settings import MAX_DURATION_SECONDS
+
 if TYPE_CHECKING:
     # Not at run time: the providers import this package.
     from openclaw.providers.errors import Refusal
@@ -234,9 +236,23 @@ def internal_error() -> APIError:
     )
 
 
+def retry_after_seconds(seconds: float) -> int:
+    """
+    A wait as a C{Retry-After} tells it (RFC 9110 section 10.2.3: a whole
+    number of seconds): C{seconds} rounded up, at least 1 and at most
+    L{MAX_DURATION_SECONDS}, the longest any setting gives (30 days), so
+    no value, not even an infinite or NaN one, is written out whole (a
+    C{BREAKER_COOLDOWN_SECONDS} of C{1e308} was a 309-digit header).
+    """
+    if not seconds < MAX_DURATION_SECONDS:
+        return int(MAX_DURATION_SECONDS)
+    if not seconds > 1:
+        return 1
+    return math.ceil(seconds)
+
+
 def _retry_after(seconds: float) -> tuple[bytes, bytes]:
-    # RFC 9110 section 10.2.3: a whole number of seconds, rounded up.
-    return (b"Retry-After", b"%d" % max(1, math.ceil(seconds)))
+    return (b"Retry-After", b"%d" % retry_after_seconds(seconds))
 
 
 #: Reason phrases by status, as the IANA registry of RFC 9110 section
@@ -358,7 +374,7 @@ def no_usable_key(provider_id: str, key_setting: str, back_in: float | None) -> 
     if back_in is not None:
         return APIError(
             429,
-            f"every key the gateway holds for {provider_id} is rate limited; retry in {math.ceil(back_in)} s",
+            f"every key the gateway holds for {provider_id} is rate limited; retry in {retry_after_seconds(back_in)} s",
             "rate_limit_error",
             "rate_limit_exceeded",
             headers=(_retry_after(back_in),),
@@ -379,7 +395,7 @@ def breaker_open(provider_id: str, remaining: float) -> APIError:
     """
     if remaining > 0:
         message = (
-            f"{provider_id} has been failing, so the gateway sends it no calls for {math.ceil(remaining)} s more "
+            f"{provider_id} has been failing, so the gateway sends it no calls for {retry_after_seconds(remaining)} s more "
             "(BREAKER_COOLDOWN_SECONDS); retry after that, or ask the operator to switch_provider"
         )
     else:
