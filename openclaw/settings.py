@@ -882,7 +882,9 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
     C{StrictModes}): every symbolic link met on the way to it must belong
     to the gateway's user or root, and so must it and every directory
     above it, up to C{/}, both as named and as resolved; those above it
-    may be written by group or others only with the sticky bit.
+    may be written by others only with the sticky bit, and written by
+    their group (a home directory's C{~/src} made under umask 002) is a
+    warning, as the group is often the gateway's user's own.
 
     The directory itself is held more strictly, since the gateway creates
     the database's files there by name: whoever can add an entry to it
@@ -935,10 +937,18 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
         if not dmode & (stat.S_IWGRP | stat.S_IWOTH):
             continue
         if (held.st_dev, held.st_ino) != (itself.st_dev, itself.st_ino):
-            if not dmode & stat.S_ISVTX:
+            if dmode & stat.S_ISVTX:
+                continue
+            if dmode & stat.S_IWOTH:
                 raise ConfigError(
-                    f"{what}: directory {name!r} may be written by group or others (mode {dmode:04o}), so they "
-                    f"could replace the state directory in it; run: chmod go-w {name!r}, or {fix}"
+                    f"{what}: directory {name!r} may be written by others (mode {dmode:04o}), so they could "
+                    f"replace the state directory in it; run: chmod o-w {name!r}, or {fix}"
+                )
+            if warning is None:
+                warning = (
+                    f"{what}: directory {name!r} may be written by its group (mode {dmode:04o}), whose members "
+                    f"could replace the state directory in it; unless that group is the gateway's user's alone, "
+                    f"run: chmod g-w {name!r}"
                 )
         elif dmode & stat.S_IWOTH and dmode & stat.S_ISVTX:
             raise ConfigError(

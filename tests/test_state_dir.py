@@ -281,15 +281,22 @@ class StateDirectoryRuleTests(SynchronousTestCase):
 
     def test_writable_parent(self) -> None:
         """
-        A directory above it that group or others may write is refused
-        unless it is sticky (as /tmp): they could rename the state
-        directory away.
+        A directory above it that others may write is refused unless it
+        is sticky (as /tmp): they could rename the state directory away;
+        one its group may write (a checkout's parent made under umask 002)
+        is a warning.
         """
-        for mode in (0o777, 0o775):
-            self.base.chmod(mode)
-            message = self.refused()
-            self.assertIn(f"directory {str(self.base)!r} may be written by group or others", message)
-            self.assertIn("replace the state directory", message)
+        self.base.chmod(0o777)
+        message = self.refused()
+        self.assertIn(f"directory {str(self.base)!r} may be written by others", message)
+        self.assertIn("replace the state directory", message)
+        self.base.chmod(0o775)
+        settings = load_settings(cwd=self.base)
+        self.assertEqual(settings.state_dir, self.state)
+        self.assertTrue(
+            any(f"directory {str(self.base)!r} may be written by its group" in line for line in settings.warnings),
+            settings.warnings,
+        )
         self.base.chmod(0o1777)
         self.assertEqual(load_settings(cwd=self.base).state_dir, self.state)
 
