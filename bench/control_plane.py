@@ -25,6 +25,7 @@ which needs nothing but is slower than the floor.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -33,11 +34,21 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 SECRET = "bench-secret-bench-secret-bench-secret-0123"
+
+
+def private_directory() -> str:
+    """
+    A new directory of this user's alone (mode 0700), removed at exit.
+    """
+    path = tempfile.mkdtemp(prefix="openclaw-bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def free_port() -> int:
@@ -52,7 +63,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_gateway(port: int, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info", **(extra_env or {}))
+    # A directory of its own (0700): /tmp, its working directory, may not hold the database.
+    env = dict(os.environ, JWT_SECRET=SECRET, LOG_LEVEL="info", STATE_DIR=private_directory(), **(extra_env or {}))
     process = subprocess.Popen(
         [
             str(BIN / "twistd"),

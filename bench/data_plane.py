@@ -64,6 +64,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from control_plane import private_directory
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
@@ -300,6 +302,8 @@ def start_gateway(
         GEMINI_BASE_URL=f"http://127.0.0.1:{upstream_port}/gemini/v1beta",
         GEMINI_API_KEY=GEMINI_KEY,
         LOG_LEVEL=log_level,
+        # A directory of its own (0700): /tmp, its working directory, may not hold the database.
+        STATE_DIR=private_directory(),
     )
     profiling = ["--profile", profile, "--profiler", "cprofile", "--savestats"] if profile else []
     process = subprocess.Popen(
