@@ -166,8 +166,16 @@ class ToolUseUsageTests(DataPlaneTestCase):
             self.assertEqual(usage.prompt_tokens + usage.completion_tokens, usage.total_tokens)
 
     def test_not_a_number(self) -> None:
-        usage = gemini.usage({"promptTokenCount": 1, "toolUsePromptTokenCount": "5", "candidatesTokenCount": 1})
-        self.assertEqual(usage, {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+        """
+        A count that is there but no token count makes no usage (a
+        consumer is then charged the estimate, not 0); a whole 10.0 counts.
+        """
+        for value in ("5", True, 4.5, -5, 1e300, 10**13):
+            for name in ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount"):
+                metadata = {"promptTokenCount": 1, "candidatesTokenCount": 1, name: value}
+                self.assertIsNone(gemini.usage(metadata), metadata)
+        usage = gemini.usage({"promptTokenCount": 10.0, "candidatesTokenCount": 1, "totalTokenCount": "x"})
+        self.assertEqual(usage, {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11})
 
 
 class UnknownFinishReasonTests(DataPlaneTestCase):

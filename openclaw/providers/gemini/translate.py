@@ -41,6 +41,7 @@ import attrs
 import orjson
 from twisted.logger import Logger
 
+from openclaw.consumers.estimate import token_count
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, REASONING_EFFORTS, ChatRequest, nests_too_deep
 from openclaw.dataplane.sse import Event
@@ -736,7 +737,8 @@ def finish_reason(reason: Any) -> str | None:
 
 def usage(metadata: Any) -> dict[str, Any] | None:
     """
-    OpenAI's C{usage} for Gemini's C{usageMetadata} (None when absent).
+    OpenAI's C{usage} for Gemini's C{usageMetadata} (None when absent, or
+    when a count in it is there but no token count).
     Tokens spent thinking (C{thoughtsTokenCount}, not part of
     C{candidatesTokenCount}) are completion tokens, and also reported as
     C{reasoning_tokens}; C{cachedContentTokenCount} as C{cached_tokens};
@@ -746,34 +748,50 @@ def usage(metadata: Any) -> dict[str, Any] | None:
     """
     if not isinstance(metadata, dict):
         return None
-    prompt = _tokens(metadata, "promptTokenCount") + _tokens(metadata, "toolUsePromptTokenCount")
-    thoughts = _tokens(metadata, "thoughtsTokenCount")
-    completion = _tokens(metadata, "candidatesTokenCount") + thoughts
-    total = metadata.get("totalTokenCount")
+    try:
+        prompt = _tokens(metadata, "promptTokenCount") + _tokens(metadata, "toolUsePromptTokenCount")
+        thoughts = _tokens(metadata, "thoughtsTokenCount")
+        completion = _tokens(metadata, "candidatesTokenCount") + thoughts
+        cached = _tokens(metadata, "cachedContentTokenCount")
+    except _NoCount:
+        # Counts the gateway cannot read: no usage, as when Google sends
+        # none (a consumer is charged the estimate, never 0).
+        return None
+    total = token_count(metadata.get("totalTokenCount"))
     result: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": total if _is_count(total) else prompt + completion,
+        "total_tokens": prompt + completion if total is None else total,
     }
     if thoughts:
         result["completion_tokens_details"] = {"reasoning_tokens": thoughts}
-    cached = _tokens(metadata, "cachedContentTokenCount")
     if cached:
         result["prompt_tokens_details"] = {"cached_tokens": cached}
     return result
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class _NoCount(Exception):
+    """
+    A count of C{usageMetadata} is there but is no token count.
+    """
 
 
 def _tokens(metadata: dict[str, Any], name: str) -> int:
     """
-    A token count of C{usageMetadata}: 0 when absent, null or not a whole
-    number (proto3's JSON leaves a zero count out).
+    A token count of C{usageMetadata}: 0 when absent or null (proto3's
+    JSON leaves a zero count out), else as
+    L{openclaw.consumers.estimate.token_count} reads a count.
+
+    @raise _NoCount: it is there and no count (a string, a fraction, a
+        negative number, a bool, past the largest count).
     """
     value = metadata.get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    if value is None:
+        return 0
+    count = token_count(value)
+    if count is None:
+        raise _NoCount(name)
+    return count
 
 
 def _index(candidate: dict[str, Any]) -> int:
