@@ -801,6 +801,26 @@ def _cluster_name(text: str) -> str:
     return text
 
 
+def _trusted_links(path: Path, what: str, euid: int, fix: str) -> list[tuple[Path, os.stat_result]]:
+    """
+    The symbolic links met on the way to C{path} (L{_links_of}), each
+    belonging to the gateway's user or root: one of another user's was
+    placed by that user, who chose where it points.
+
+    @param fix: what to do, closing the refusal.
+    @raise ConfigError: one line naming the link, its owner and C{fix}.
+    """
+    links = _links_of(path)
+    for link, held_link in links:
+        if held_link.st_uid not in (euid, 0):
+            raise ConfigError(
+                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
+                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
+                f"where it points; {fix}"
+            )
+    return links
+
+
 def check_private_file(path: Path, what: str, secret: bool, euid: int | None = None) -> str | None:
     """
     Hold a file that holds secrets or settings to ssh's rule for its
@@ -835,14 +855,7 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     except OSError:
         return None  # reading it says why, in its own words
     mode = stat.S_IMODE(info.st_mode)
-    links = _links_of(path)
-    for link, held_link in links:
-        if held_link.st_uid not in (euid, 0):
-            raise ConfigError(
-                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
-                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
-                f"where it points; name the file itself, or replace the link with one of your own"
-            )
+    links = _trusted_links(path, what, euid, "name the file itself, or replace the link with one of your own")
     if info.st_uid not in (euid, 0):
         raise ConfigError(
             f"{what} belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, "
@@ -907,14 +920,7 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
     @raise ConfigError: one line naming the directory and the fix.
     """
     euid = os.geteuid() if euid is None else euid
-    links = _links_of(path)
-    for link, held_link in links:
-        if held_link.st_uid not in (euid, 0):
-            raise ConfigError(
-                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
-                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
-                f"where it points; name the directory itself, or {fix}"
-            )
+    links = _trusted_links(path, what, euid, f"name the directory itself, or {fix}")
     try:
         itself = path.stat()
     except OSError:
