@@ -16,12 +16,14 @@ run: $(RUN_STAMP)
 
 # The whole suite under pytest (with pytest-twisted), then under trial: the
 # integration tests are trial TestCases and must pass under both runners.
-# trial runs them in TRIAL_JOBS worker processes (trial -j; each test gets
-# its own ports and temporary directories): half the time on two cores.
-TRIAL_JOBS ?= 2
+# Each runner runs them in TEST_JOBS worker processes (pytest-xdist's -n,
+# trial's -j; each test gets its own ports and temporary directories): the
+# tests mostly wait on processes and timers, so two workers halve the time
+# on two cores.  TEST_JOBS=1 runs each in one process.
+TEST_JOBS ?= 2
 test: $(STAMP) lint redis-server postgres pgbouncer
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	$(BIN)/python -m twisted.trial -j $(TRIAL_JOBS) tests
+	$(BIN)/python -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+	$(BIN)/python -m twisted.trial -j $(TEST_JOBS) tests
 
 # Format, lint and strict types (configured in pyproject.toml), before the tests.
 lint: $(STAMP)
@@ -61,7 +63,7 @@ pgbouncer:
 	  fi; }
 
 trial: $(STAMP)
-	$(BIN)/python -m twisted.trial -j $(TRIAL_JOBS) tests
+	$(BIN)/python -m twisted.trial -j $(TEST_JOBS) tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py

@@ -35,13 +35,17 @@ class MakefileTests(SynchronousTestCase):
     def test_test_installs_test_extras(self) -> None:
         self.assertIn("pip install --quiet '.[test]'", make_dry_run("test"))
 
-    def test_trial_runs_in_two_workers(self) -> None:
+    def test_both_runners_run_in_two_workers(self) -> None:
         """
-        make test runs the suite under trial in two worker processes (the
-        15 minutes CI allows on two cores), TRIAL_JOBS=1 in one.
+        make test runs the suite under pytest and under trial, each in two
+        worker processes (the 15 minutes CI allows on two cores);
+        TEST_JOBS=1 runs each in one.
         """
-        self.assertIn(".venv/bin/python -m twisted.trial -j 2 tests", make_dry_run("test").splitlines())
-        self.assertIn(".venv/bin/python -m twisted.trial -j 1 tests", make_dry_run("trial", "TRIAL_JOBS=1"))
+        lines = [line.strip() for line in make_dry_run("test").splitlines()]
+        self.assertIn(".venv/bin/python -m pytest -n 2", lines)
+        self.assertIn(".venv/bin/python -m twisted.trial -j 2 tests", lines)
+        self.assertIn(".venv/bin/python -m pytest -n 1", make_dry_run("test", "TEST_JOBS=1"))
+        self.assertIn(".venv/bin/python -m twisted.trial -j 1 tests", make_dry_run("trial", "TEST_JOBS=1"))
 
 
 class SystemdUnitTests(SynchronousTestCase):
