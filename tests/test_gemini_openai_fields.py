@@ -380,6 +380,25 @@ class ImageTypeTests(SynchronousTestCase):
         self.assertEqual(self.sent_type("gs://bucket/dir/photo.heic"), "image/heic")
         self.assertEqual(self.sent_type("https://example.com/a.jpeg"), "image/jpeg")
 
+    def test_scheme_in_any_case(self) -> None:
+        """
+        An image URL's scheme is read in any case (RFC 3986 section 3.1),
+        as a data URL's is, and sent to Gemini in lower case; the rest of
+        the URL as it was.
+        """
+        for url, sent in (
+            ("HTTPS://Example.com/A.png", "https://Example.com/A.png"),
+            ("Http://example.com/a", "http://example.com/a"),
+            ("GS://bucket/Photo.PNG", "gs://bucket/Photo.PNG"),
+        ):
+            part = gemini.to_gemini(image(url))["contents"][0]["parts"][0]
+            self.assertEqual(part["fileData"]["fileUri"], sent)
+        with self.assertRaises(APIError) as caught:
+            image("HTTPS://user:s3cret@example.com/a.png")
+        self.assertIn("user name or password", caught.exception.message)
+        with self.assertRaises(APIError):
+            image("FTP://example.com/a.png")
+
     def test_no_extension(self) -> None:
         self.assertEqual(self.sent_type("https://example.com/image"), "image/jpeg")
         self.assertEqual(self.sent_type("https://example.com/"), "image/jpeg")

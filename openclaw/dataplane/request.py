@@ -74,7 +74,8 @@ IMAGE_DETAILS = frozenset({"auto", "low", "high"})
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII | re.IGNORECASE)
 #: Base64 as RFC 4648 section 4 has it (padded): checked, not decoded.
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
-#: URL schemes an image may be given by (the gateway never fetches them).
+#: URL schemes an image may be given by (the gateway never fetches them),
+#: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
 #: How many unanswered tool call ids a 400 names (the rest are counted), and
 #: how many characters of each: the message stays short however many calls
@@ -821,19 +822,27 @@ def _is_data_url(url: str) -> bool:
     return head is not None and len(url) > head.end() and BASE64.fullmatch(url, head.end()) is not None
 
 
+def is_image_url(url: str) -> bool:
+    """
+    Whether C{url} starts with one of L{IMAGE_URL_SCHEMES}, in any case.
+    """
+    return url[:8].lower().startswith(IMAGE_URL_SCHEMES)
+
+
 def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
     value = part.get(kind)
     if not isinstance(value, dict):
         raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
     if kind == "image_url":
         url = value.get("url")
-        if not isinstance(url, str) or not (_is_data_url(url) or url.startswith(IMAGE_URL_SCHEMES)):
+        linked = isinstance(url, str) and is_image_url(url)
+        if not isinstance(url, str) or not (linked or _is_data_url(url)):
             raise bad_request(
                 f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
                 "or an http(s):// or gs:// URL",
                 param=f"{at}.image_url.url",
             )
-        if url.startswith(IMAGE_URL_SCHEMES):
+        if linked:
             _check_image_url(url, f"{at}.image_url.url")
         if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")

@@ -620,8 +620,8 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
 def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     """
     C{inlineData} for a base64 data URL (its media type in lower case),
-    C{fileData} for an image URL (the gateway never fetches it: Gemini
-    does, or refuses).
+    C{fileData} for an image URL, its scheme in lower case (the gateway
+    never fetches it: Gemini does, or refuses).
 
     @param image: the URL is an C{image_url}'s: a data URL's type is
         checked (L{data_image_type}).
@@ -632,7 +632,8 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
         if image:
             media_type = data_image_type(media_type, where)
         return {"inlineData": {"mimeType": media_type, "data": url[match.end() :]}}
-    return {"fileData": {"fileUri": url, "mimeType": image_type(url, where)}}
+    scheme, colon, rest = url.partition(":")
+    return {"fileData": {"fileUri": scheme.lower() + colon + rest, "mimeType": image_type(url, where)}}
 
 
 def data_image_type(media_type: str, where: str = "image_url.url") -> str:
