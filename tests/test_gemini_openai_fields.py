@@ -615,6 +615,27 @@ class LegacyFunctionsTests(SynchronousTestCase):
         call_characters = len("get_weather") + len('{"city":"Paris"}')
         self.assertEqual(chunk_bytes(b"".join(encode(p) for p in payloads)), call_characters)
 
+    def test_errors_name_functions(self) -> None:
+        """
+        A 400 about a legacy function names it in C{functions}, the field
+        the client sent, not in the C{tools} it is rewritten to.
+        """
+        for functions, param in (
+            ([{"name": "fs.read"}], "functions[0].name"),
+            ([{"name": "a"}, {"name": "a"}], "functions[1].name"),
+            (["a"], "functions[0]"),
+            ([{"name": "a", "parameters": []}], "functions[0].parameters"),
+            ([{"name": "a", "description": 1}], "functions[0].description"),
+        ):
+            with self.assertRaises(APIError) as caught:
+                self.request(functions=functions)
+            self.assertEqual(caught.exception.param, param)
+            self.assertTrue(caught.exception.message.startswith(param), caught.exception.message)
+            self.assertNotIn("tools", caught.exception.message)
+        with self.assertRaises(APIError) as caught:
+            self.request(tools=[{"type": "function", "function": {"name": "fs.read"}}])
+        self.assertEqual(caught.exception.param, "tools[0].function.name")
+
     def test_estimate_counts_the_call(self) -> None:
         body = orjson.dumps(ParallelToolCallsTests().document())
         answer = gemini.GeminiWire().completion(body, "m", 0, self.request(**LEGACY)).body

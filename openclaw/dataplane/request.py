@@ -285,7 +285,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     legacy_functions = body.get("functions") is not None
     if "functions" in body or "function_call" in body:
         legacy_choice = _legacy_functions(body)
-    names = _check_tools(body.get("tools"))
+    names = _check_tools(body.get("tools"), legacy_functions)
     if legacy_choice:
         _check_function_call(body["tool_choice"], names)
     else:
@@ -437,8 +437,11 @@ def _check_function_call(choice: Any, names: frozenset[str]) -> None:
         )
 
 
-def _check_tools(tools: Any) -> frozenset[str]:
+def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
     """
+    @param legacy: C{tools} was rewritten from the legacy C{functions}
+        (L{_legacy_functions}): a 400 names C{functions[<i>]}, the field
+        the client sent.
     @return: the names of the functions declared.
     """
     if tools is None:
@@ -450,29 +453,28 @@ def _check_tools(tools: Any) -> frozenset[str]:
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
             raise bad_request(f'{where} must be {{"type": "function", "function": {{...}}}}', param=f"{where}.type")
+        at = f"functions[{i}]" if legacy else f"{where}.function"
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise bad_request(f"{where}.function must be an object with a name", param=f"{where}.function")
+            raise bad_request(f"{at} must be an object with a name", param=at)
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise bad_request(
-                f"{where}.function.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
+                f"{at}.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
                 "(a name every provider takes; rename a dotted name such as fs.read to fs_read)",
-                param=f"{where}.function.name",
+                param=f"{at}.name",
             )
         if name in names:
-            raise bad_request(f"{where}.function.name: {name!r} is declared twice", param=f"{where}.function.name")
+            raise bad_request(f"{at}.name: {name!r} is declared twice", param=f"{at}.name")
         names.add(name)
         if "description" in function and not isinstance(function["description"], str):
-            raise bad_request(f"{where}.function.description must be a string", param=f"{where}.function.description")
+            raise bad_request(f"{at}.description must be a string", param=f"{at}.description")
         if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise bad_request(
-                f"{where}.function.parameters must be a JSON Schema object", param=f"{where}.function.parameters"
-            )
+            raise bad_request(f"{at}.parameters must be a JSON Schema object", param=f"{at}.parameters")
         if nests_too_deep(function.get("parameters")):
-            raise value_too_deep(f"{where}.function.parameters")
+            raise value_too_deep(f"{at}.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
-            raise bad_request(f"{where}.function.strict must be true or false", param=f"{where}.function.strict")
+            raise bad_request(f"{at}.strict must be true or false", param=f"{at}.strict")
     return frozenset(names)
 
 
