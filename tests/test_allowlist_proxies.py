@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.admission import HandshakeBudget
@@ -271,7 +271,8 @@ class LockoutTests(TestCase):
             self.assertIn(b" 429 ", response.split(b"\r\n")[0])
             self.assertIn(b"\r\nRetry-After: 300\r\n", response)
         # Once per lockout in the log; counted in metrics.
-        self.assertEqual(len([e for e in events if e.get("reason") == "auth_lockout"]), 1)
+        (lockout,) = [e for e in events if e.get("reason") == "auth_lockout"]
+        self.assertIn("locked out 127.0.0.1 for 300.0 s", formatEvent(lockout))
         self.assertEqual([e for e in events if e.get("reason") == "locked_out"], [])
         registry = gateway.service.metrics.registry
         self.assertEqual(registry.get_sample_value("openclaw_control_lockouts_total"), 1.0)
@@ -407,6 +408,17 @@ class LockoutTests(TestCase):
         self.assertNotIn("autobahn", text)
         self.assertIn("ControlFactory#critical] control handshake from 127.0.0.1:", text)
         self.assertIn("RuntimeError: a bug in refusal", text)
+
+    @inlineCallbacks
+    def test_lockout_under_a_second_logged(self):
+        """
+        A lockout under a second is logged as such, not as "0 s".
+        """
+        events = capture_log_events(self)
+        gateway = start_gateway(self, trusted_clients=LOOPBACK, auth_lockout_seconds=0.3)
+        yield self.guess(gateway.port, 10)
+        (lockout,) = [e for e in events if e.get("reason") == "auth_lockout"]
+        self.assertIn("locked out 127.0.0.1 for 0.3 s", formatEvent(lockout))
 
     @inlineCallbacks
     def test_authenticated_connection_survives_and_lockout_expires(self):

@@ -75,9 +75,9 @@ class SharedLockout:
         """
         if self.local.impose(key, self.local.clock() + seconds):
             self._log.warn(
-                "locked out {client} for {seconds:.0f} s: too many failed authentications across the cluster"
+                "locked out {client} for {seconds:.1f} s: too many failed authentications across the cluster"
                 if decided
-                else "locked out {client} for {seconds:.0f} s (decided by another instance of the cluster)",
+                else "locked out {client} for {seconds:.1f} s (decided by another instance of the cluster)",
                 client=key,
                 seconds=seconds,
                 outcome="locked_out",

@@ -637,7 +637,7 @@ class ControlFactory(WebSocketServerFactory):
             self.metrics.lockouts.inc()
         key = client_key(client)
         self._log.warn(
-            "locked out {client} for {seconds:.0f} s: too many failed authentications (reason={reason})",
+            "locked out {client} for {seconds:.1f} s: too many failed authentications (reason={reason})",
             client=key,
             seconds=until - self.clock(),
             outcome="locked_out",
