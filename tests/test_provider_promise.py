@@ -120,6 +120,52 @@ class StandInTests(TestCase):
         for bad in (["--key", "openai=x"], ["--mode", "kimi=sulk"], ["--key", "nokey"]):
             with self.assertRaises(SystemExit):
                 standin._parse_args(bad)
+        self.assertEqual(standin._parse_args([]).retry_after, 1.0)
+        self.assertEqual(standin._parse_args(["--retry-after", "7"]).retry_after, 7.0)
+        for bad in (["--retry-after", "-1"], ["--retry-after", "soon"], ["--retry-after", "1e9"]):
+            with self.assertRaises(SystemExit):
+                standin._parse_args(bad)
+
+    @inlineCallbacks
+    def test_rate_limited_mode(self) -> Any:
+        """
+        C{--mode ID=rate_limited}: a 429 in the provider's own shape,
+        asking for a retry after C{--retry-after} seconds (Kimi: the
+        C{Retry-After} header; Gemini: C{RetryInfo}), whatever the key.
+        """
+        import json
+        import urllib.error
+        import urllib.request
+
+        upstream = StandInUpstream(reactor)
+        upstream.kimi.mode = upstream.gemini.mode = "rate_limited"
+        upstream.kimi.retry_after = upstream.gemini.retry_after = 7.0
+        port = upstream.listen(0, "127.0.0.1").getHost().port
+        self.addCleanup(upstream.stop)
+
+        def post(path: str, headers: dict[str, str]) -> tuple[int, str | None, Any]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}", data=b'{"messages": []}', headers=headers, method="POST"
+            )
+            try:
+                urllib.request.urlopen(request, timeout=10)
+            except urllib.error.HTTPError as e:
+                with e:
+                    return e.code, e.headers.get("Retry-After"), json.loads(e.read())
+            raise AssertionError("no refusal")
+
+        status, retry_after, document = yield deferToThread(
+            post, "/kimi/v1/chat/completions", {"Authorization": f"Bearer {upstream.kimi.key}"}
+        )
+        self.assertEqual((status, retry_after), (429, "7"))
+        self.assertEqual(document["error"]["type"], "rate_limit_reached_error")
+        status, _, document = yield deferToThread(
+            post, "/gemini/v1beta/models/gemini-2.5-flash:generateContent", {"x-goog-api-key": upstream.gemini.key}
+        )
+        self.assertEqual((status, document["error"]["status"]), (429, "RESOURCE_EXHAUSTED"))
+        self.assertIn(
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}, document["error"]["details"]
+        )
 
     def test_command_line_process(self) -> Deferred[None]:
         """

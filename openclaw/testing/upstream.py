@@ -94,6 +94,10 @@ class Mode(StrEnum):
     FORBIDDEN = "forbidden"
     #: C{error_status} (a 5xx) with the provider's real error shape.
     ERROR = "error"
+    #: 429 with the provider's real error shape and its retry delay
+    #: (C{retry_after} seconds: Kimi's C{Retry-After} header, Gemini's
+    #: C{RetryInfo}), whatever key was sent.
+    RATE_LIMITED = "rate_limited"
     #: 200 with a body that is not JSON.
     MALFORMED = "malformed"
     #: Never answer, not even the status line.
@@ -1022,6 +1026,9 @@ class _Endpoint(Resource):
         if mode is Mode.FORBIDDEN:
             self._error(request, behaviour, 403, behaviour.error_message)
             return
+        if mode is Mode.RATE_LIMITED:
+            self._refuse(request, behaviour, 429)
+            return
         if mode is Mode.ERROR:
             for name, value in behaviour.error_headers.items():
                 request.setHeader(name, value)
@@ -1443,6 +1450,7 @@ MODE_HELP = MappingProxyType(
         Mode.UNAUTHORIZED: "401 in the provider's own error shape, whatever the key",
         Mode.FORBIDDEN: "403 in the provider's own error shape (its models listing too)",
         Mode.ERROR: "a 500 in the provider's own error shape",
+        Mode.RATE_LIMITED: "a 429 in the provider's own error shape, asking for a retry after --retry-after seconds",
         Mode.MALFORMED: "200 whose body is not JSON",
         Mode.HANG: "never answer, not even the status line",
         Mode.STALL: "headers and part of the body (a stream: its first two events), then nothing more",
@@ -1454,6 +1462,13 @@ MODE_HELP = MappingProxyType(
         Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
     }
 )
+
+
+def _retry_after(text: str) -> float:
+    seconds = float(text)
+    if not 0 <= seconds < 86400:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds from 0 to 86400")
+    return seconds
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -1507,6 +1522,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--chunk-interval", type=float, default=0.0, help="seconds between the events of a streamed answer"
     )
+    parser.add_argument(
+        "--retry-after",
+        type=_retry_after,
+        default=1.0,
+        metavar="SECONDS",
+        help="the retry delay a 429 asks for (mode rate_limited; default 1)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no access log (for benchmarks)")
     args = parser.parse_args(argv)
     for provider_id, _ in [*args.keys, *args.modes]:
@@ -1532,6 +1554,7 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
                 mode=modes.get(adapter.id, Mode.OK),
                 delay=args.delay,
                 chunk_interval=args.chunk_interval,
+                retry_after=args.retry_after,
             )
             for adapter in builtin_providers()
         },
