@@ -22,8 +22,10 @@ from typing import Any
 import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.dataplane.request import MAX_VALUE_DEPTH
+from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import MAX_VALUE_DEPTH, json_body, parse_chat_request
 from openclaw.testing import upstream as standin
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 
@@ -38,6 +40,23 @@ def nested(depth: int) -> str:
     A JSON object nesting C{depth} levels, as text.
     """
     return '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+class ParsedTooDeepTests(SynchronousTestCase):
+    def test_past_what_orjson_reads(self) -> None:
+        """
+        A body nesting more than orjson reads (1024 levels) is a 400
+        C{json_too_deep} too, as one of 255 to 1024 levels is, for chat and
+        embeddings alike (both read the body with L{json_body}): not
+        C{invalid_json}.
+        """
+        for depth in (1025, 5000):
+            raw = ('{"model": "m", "messages": [], "metadata": ' + nested(depth) + "}").encode()
+            for parse in (parse_chat_request, json_body):
+                with self.assertRaises(APIError) as caught:
+                    parse(raw)
+                self.assertEqual(caught.exception.code, "json_too_deep", (depth, parse))
+                self.assertIn("nests more than 254 levels", caught.exception.message)
 
 
 class DeepJSONTests(DataPlaneTestCase):

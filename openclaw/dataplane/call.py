@@ -61,7 +61,7 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
-from openclaw.dataplane.request import MAX_JSON_DEPTH, ChatRequest, too_deep
+from openclaw.dataplane.request import JSON_TOO_DEEP, MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
@@ -86,11 +86,6 @@ _BODY = "the response body"
 _FIRST_EVENT = "the stream's first event"
 _NEXT_EVENT = "the stream's next event"
 
-#: A client's JSON nested deeper than L{MAX_JSON_DEPTH}: 400.
-JSON_TOO_DEEP = (
-    f"the request's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, "
-    "more than the gateway can send on; flatten it"
-)
 #: A provider's answer nested deeper than L{MAX_JSON_DEPTH}: 502.
 ANSWER_TOO_DEEP = (
     f"the answer's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, more than the gateway "

@@ -85,6 +85,12 @@ LISTED_CALL_ID_CHARS = 64
 #: The deepest nesting orjson encodes (its documented recursion limit);
 #: it reads up to 1024 levels, so a parsed body can be deeper than this.
 MAX_JSON_DEPTH = 254
+#: A client's JSON nested deeper than L{MAX_JSON_DEPTH}: 400
+#: C{json_too_deep}, however deep (past orjson's 1024 levels too).
+JSON_TOO_DEEP = (
+    f"the request's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, "
+    "more than the gateway can send on; flatten it"
+)
 #: The most levels a provider's body puts around a JSON value the client
 #: gives: Gemini's C{contents[i].parts[j].functionCall.args} (the body,
 #: contents, a turn, its parts, a part, the call).
@@ -206,7 +212,9 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
         not JSON and C{Content-Encoding} names a coding other than
         C{identity} (RFC 9110 sections 8.4 and 15.5.16); 400
         C{invalid_json} when it is not JSON, saying so when it is not UTF-8
-        (RFC 8259 section 8.1); 400 when it is JSON but not an object.
+        (RFC 8259 section 8.1); 400 C{json_too_deep} when it nests more
+        levels than orjson reads (1024); 400 when it is JSON but not an
+        object.
     """
     try:
         body = orjson.loads(raw)
@@ -224,6 +232,10 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
                 "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8",
                 code="invalid_json",
             ) from None
+        if "depth limit" in str(e):
+            # orjson reads at most 1024 levels: too deep, as any body past
+            # MAX_JSON_DEPTH is (ChatCall's encoding finds those).
+            raise bad_request(JSON_TOO_DEEP, code="json_too_deep") from None
         if "surrogate" in str(e):
             # A \uD800-\uDFFF escape without its other half: most often a
             # string cut between the two halves of an emoji (JavaScript's
