@@ -62,6 +62,13 @@ class ModelRetrieveTests(DataPlaneTestCase):
             deferToThread(client.models.retrieve, "kimi/moonshot-v1-8k"), openai.APIStatusError
         )
         self.assertEqual(failure.status_code, 502)
+        # A listing that is not JSON is the provider's malformed answer, as
+        # a chat call's is: the provider was reached.
+        self.upstream.kimi.mode = "malformed"
+        for fetch in (client.models.list, lambda: client.models.retrieve("kimi/moonshot-v1-8k")):
+            failure = yield self.assertFailure(deferToThread(fetch), openai.APIStatusError)
+            self.assertEqual((failure.status_code, failure.code), (502, "upstream_malformed"))
+            self.assertIn("malformed JSON in models listing", failure.message)
 
 
 class RestrictedListingTests(GatewayCase):

@@ -48,7 +48,7 @@ from openclaw.providers import (
     ProviderError,
     UpstreamHTTPError,
 )
-from openclaw.providers.errors import BreakerOpen, NoUsableKey
+from openclaw.providers.errors import BreakerOpen, MalformedResponse, NoUsableKey
 from openclaw.routing import Route, model_refusal
 
 _JSON = b"application/json"
@@ -579,6 +579,9 @@ class Models(_Authenticated):
             elif isinstance(value, ProbeTimedOut):
                 timeout = self.context.providers.get(provider_id).timeout
                 error = upstream_timeout(provider_id, timeout, "the models listing", "HEALTH_CHECK_TIMEOUT")
+            elif isinstance(value, MalformedResponse):
+                # As a chat call's malformed answer: the provider was reached.
+                error = upstream_failed(provider_id, str(value), "upstream_malformed")
             elif isinstance(value, ProviderError):
                 error = upstream_failed(provider_id, str(value))
             else:
