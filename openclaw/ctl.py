@@ -47,6 +47,7 @@ from zope.interface import implementer
 from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD
 from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
 from openclaw.files import kind_of
+from openclaw.logs import PEER_TLS_ERROR_PREFIX
 from openclaw.reactors import IClientReactor
 from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -1292,6 +1293,14 @@ def _exit(report: Report) -> NoReturn:
     raise SystemExit(report.code)
 
 
+#: The log namespace of Autobahn's WebSocket client protocol (txaio's
+#: logger, named after the class that makes it), under which
+#: L{OneCommand} logs, at error, a connection lost to a TLS error
+#: (L{PEER_TLS_ERROR_PREFIX}), as the gateway's L{openclaw.logs} knows it
+#: for the server protocol.
+AUTOBAHN_CLIENT_NAMESPACE = f"{WebSocketClientProtocol.__module__}.{WebSocketClientProtocol.__name__}"
+
+
 @implementer(ILogObserver)
 @attrs.frozen
 class OneLineLog:
@@ -1303,13 +1312,20 @@ class OneLineLog:
     that is not UTF-8, in Autobahn) as C{Unhandled Error} and a
     traceback.  Less than errors (Autobahn's warning that it drops a
     connection whose handshake failed, which openclawctl explains in its
-    own line) is not shown.
+    own line) is not shown, nor Autobahn's error for a connection lost to
+    a TLS error (L{AUTOBAHN_CLIENT_NAMESPACE}, L{PEER_TLS_ERROR_PREFIX}:
+    C{SSL error: certificate verify failed (in )}): openclawctl's own line
+    names the TLS error and what to do (L{explain_failure}).
     """
 
     stream: TextIO
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_level") not in (LogLevel.error, LogLevel.critical):
+            return
+        if event.get("log_namespace") == AUTOBAHN_CLIENT_NAMESPACE and str(event.get("log_format")).startswith(
+            PEER_TLS_ERROR_PREFIX
+        ):
             return
         # log_failure in a twisted.logger event, failure in a legacy
         # twisted.python.log one (log.err, as a transport logs what its

@@ -679,7 +679,9 @@ class ExplainFailureTests(TestCase):
     def test_library_errors_in_one_line(self):
         """
         Twisted's and Autobahn's errors reach the operator as one line
-        each, without a traceback; their warnings not at all.
+        each, without a traceback; their warnings not at all, nor
+        Autobahn's error for a connection lost to a TLS error (openclawctl
+        says so itself).
         """
         stream = io.StringIO()
         observer = ctl.OneLineLog(stream)
@@ -695,6 +697,11 @@ class ExplainFailureTests(TestCase):
         Logger(observer=observer).failure("in \x1b[2J a callback", failure)
         Logger(observer=observer).error("gone: {why}", why="\x1b]0;t\x07")
         Logger(observer=observer).warn("dropping connection")
+        # Autobahn's line for a connection lost to a TLS error, which
+        # openclawctl's own line explains.
+        Logger(namespace=ctl.AUTOBAHN_CLIENT_NAMESPACE, observer=observer).error(
+            "SSL error: certificate verify failed (in )"
+        )
         self.assertEqual(
             stream.getvalue().splitlines(),
             [
@@ -1052,7 +1059,9 @@ class ConsoleScriptTests(TestCase):
     def test_wss(self):
         """
         Over TLS: with --cafile the test CA is trusted; without it the
-        system trust store does not know it, and the message says so.
+        system trust store does not know it, and the message says so, in
+        one line: not also Autobahn's own (C{SSL error: certificate verify
+        failed (in )}).
         """
         cafile, options = make_certificates(Path(self.mktemp()))
         endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
@@ -1064,8 +1073,11 @@ class ConsoleScriptTests(TestCase):
         self.assertTrue(out.startswith("pong ("), out)
         out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "ping")
         self.assertEqual((out, code), ("", 2))
-        self.assertIn(f"TLS handshake with {url} failed", err)
-        self.assertIn("--cafile", err)
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: certificate verify failed; if the gateway's "
+            "certificate is signed by your own CA, pass --cafile CA.pem\n",
+        )
 
     @inlineCallbacks
     def test_wss_to_a_plain_listener(self):
