@@ -150,9 +150,16 @@ class ProxyNamingNoClientTests(TestCase):
         client = yield connect(gateway.port)
         code, reason = yield client.closed
         self.assertEqual(code, 1008)
+        # The reason says what is wrong, not that the address is outside
+        # TRUSTED_CLIENT_IPS (127.0.0.1 is in it).
+        self.assertEqual(
+            reason,
+            "this address is in TRUSTED_PROXIES but named no client: the proxy must send X-Forwarded-For or Forwarded",
+        )
         refused = [e for e in events if e.get("reason") == "proxy_named_no_client"]
         self.assertEqual(len(refused), 1)
         self.assertTrue(refused[0]["peer"].startswith("127.0.0.1:"))
+        self.assertNotIn("proxy", refused[0])
         # Not a proxy: the peer is the client, as before.
         client = yield open_client(self, gateway.port, bind="127.0.0.1", headers={"X-Forwarded-For": "127.0.0.1"})
         answer = yield client.command(gateway.token, "ping")

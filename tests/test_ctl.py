@@ -597,6 +597,23 @@ class ExplainFailureTests(TestCase):
     def test_policy_violation(self):
         text = self.explain(ctl.ConnectionClosed(1008, "peer address is not in TRUSTED_CLIENT_IPS"))
         self.assertIn("this address is not in TRUSTED_CLIENT_IPS", text)
+        # A gateway that gave no reason: the same.
+        self.assertIn("this address is not in TRUSTED_CLIENT_IPS", self.explain(ctl.ConnectionClosed(1008, "")))
+
+    def test_policy_violation_other_reason(self):
+        """
+        A 1008 for another reason than the allowlist is shown with the
+        gateway's reason, not sent to TRUSTED_CLIENT_IPS.
+        """
+        text = self.explain(
+            ctl.ConnectionClosed(1008, "too many failed authentications from this address; try again later\x1b"),
+            url="ws://h:1",
+        )
+        self.assertEqual(
+            text,
+            "the gateway at ws://h:1 refused this connection (close code 1008): too many failed authentications "
+            "from this address; try again later\\x1b",
+        )
 
     def test_going_away(self):
         self.assertIn("shutting down", self.explain(ctl.ConnectionClosed(1001, "gateway shutting down")))
@@ -1043,6 +1060,25 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield run_ctl("--url", f"ws://127.0.0.1:{gateway.port}", "--token", gateway.token, "ping")
         self.assertEqual((out, code), ("", 2))
         self.assertIn("this address is not in TRUSTED_CLIENT_IPS", err)
+
+    @inlineCallbacks
+    def test_from_a_trusted_proxy_address(self):
+        """
+        From an address in TRUSTED_PROXIES (and in TRUSTED_CLIENT_IPS):
+        openclawctl names no client, so the gateway closes with 1008, and
+        the one line says why and what to do, not TRUSTED_CLIENT_IPS.
+        """
+        gateway = start_gateway(self, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+        url = f"ws://127.0.0.1:{gateway.port}"
+        out, err, code = yield run_ctl("--url", url, "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: the gateway at {url} refused this connection (close code 1008): this address is "
+            "in the gateway's TRUSTED_PROXIES, so its connections must name a client (X-Forwarded-For or "
+            "Forwarded), and openclawctl's do not; connect through the proxy, from an address in TRUSTED_CLIENT_IPS "
+            "that is not a proxy, or to a unix: control listener (--url unix:PATH)\n",
+        )
 
     @inlineCallbacks
     def test_timeout(self):

@@ -32,7 +32,13 @@ from openclaw.control.admission import (
     client_key,
     parse_header_block,
 )
-from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
+from openclaw.control.closecodes import (
+    GOING_AWAY,
+    POLICY_VIOLATION,
+    PROXY_NAMED_NO_CLIENT_REASON,
+    UNSUPPORTED_DATA,
+    UNTRUSTED_PEER_REASON,
+)
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
 from openclaw.dataplane.errors import retry_after_seconds
@@ -142,6 +148,9 @@ class ControlProtocol(WebSocketServerProtocol):
     slot: tuple[str | None, bool] | None = None
     #: Seconds for the C{Retry-After} of a refusal with 429.
     retry_after: int | None = None
+    #: The reason of the 1008 a peer refused for who it is is closed with
+    #: once its handshake completes (L{ControlFactory.refusal}).
+    refused_with: str | None = None
     #: The client key an accepted connection counts against among the
     #: unauthenticated ones (L{ControlFactory.unauthenticated}), until it
     #: authenticates; L{None} when it does not count.
@@ -309,6 +318,8 @@ class ControlProtocol(WebSocketServerProtocol):
             self.retry_after = refusal.retry_after
         if isinstance(refusal, ConnectionDeny):
             raise refusal
+        if isinstance(refusal, str):
+            self.refused_with = refusal
         if refusal is None:
             key = counted_key(client)
             if factory.unauthenticated.take(key, False) is not None:
@@ -340,7 +351,7 @@ class ControlProtocol(WebSocketServerProtocol):
         else:
             # An untrusted peer: 1008 must reach it, so the handshake is
             # completed first; nothing it sends is read.
-            self.close_unheard(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
+            self.close_unheard(POLICY_VIOLATION, self.refused_with or UNTRUSTED_PEER_REASON)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
@@ -580,7 +591,8 @@ class ControlFactory(WebSocketServerFactory):
             resolved it (L{None}: none to believe).
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
             handshake with an HTTP status; or the reason for accepting the
-            handshake only to close it at once with 1008 (an untrusted peer).
+            handshake only to close it at once with 1008 (an untrusted peer,
+            a trusted proxy that named no client), sent as the close reason.
         """
         if len(self.connections) >= self.max_connections:
             return self._refuse(
@@ -603,13 +615,9 @@ class ControlFactory(WebSocketServerFactory):
             return None
         names_client = "x-forwarded-for" in headers or "forwarded" in headers
         if client is None and not names_client and host is not None and self.resolver.is_proxy(host):
-            return self._refuse(
-                peer,
-                "proxy_named_no_client",
-                "the trusted proxy named no client: set X-Forwarded-For or Forwarded on it",
-            )
+            return self._refuse(peer, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
         if client is None or not self.allowlist.allows(client):
-            return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
+            return self._refuse(peer, "untrusted_peer", UNTRUSTED_PEER_REASON, client=client)
         until = self.lockout.locked_until(client)
         if until is not None:
             # Logged once, when the lockout began; counted every time.
