@@ -323,14 +323,16 @@ class ControlProtocol(WebSocketServerProtocol):
         if refusal is None:
             key = counted_key(client)
             if factory.unauthenticated.take(key, False) is not None:
+                logged, proxy = factory.logged_peer(host, peer, client)
                 raise factory._refuse(
-                    peer,
+                    logged,
                     "too_many_unauthenticated",
                     ConnectionDeny(
                         ConnectionDeny.SERVICE_UNAVAILABLE,
                         "too many connections from this address have not authenticated; "
                         "authenticate or close them first",
                     ),
+                    proxy=proxy,
                 )
             self.pending = key
             self.client = client
@@ -594,36 +596,53 @@ class ControlFactory(WebSocketServerFactory):
             handshake only to close it at once with 1008 (an untrusted peer,
             a trusted proxy that named no client), sent as the close reason.
         """
+        logged, proxy = self.logged_peer(host, peer, client)
         if len(self.connections) >= self.max_connections:
             return self._refuse(
-                peer,
+                logged,
                 "too_many_connections",
                 ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"),
+                proxy=proxy,
             )
         origin = headers.get("origin")
         if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
             return self._refuse(
-                peer,
+                logged,
                 "origin_not_allowed",
                 ConnectionDeny(
                     ConnectionDeny.FORBIDDEN,
                     "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
                 ),
                 origin=origin,
+                proxy=proxy,
             )
         if local:
             return None
         names_client = "x-forwarded-for" in headers or "forwarded" in headers
         if client is None and not names_client and host is not None and self.resolver.is_proxy(host):
-            return self._refuse(peer, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
+            return self._refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
         if client is None or not self.allowlist.allows(client):
-            return self._refuse(peer, "untrusted_peer", UNTRUSTED_PEER_REASON, client=client)
+            return self._refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
         until = self.lockout.locked_until(client)
         if until is not None:
             # Logged once, when the lockout began; counted every time.
             retry_after = retry_after_seconds(until - self.clock())
-            return self._refuse(peer, "locked_out", LockedOut(retry_after), log=False)
+            return self._refuse(logged, "locked_out", LockedOut(retry_after), log=False)
         return None
+
+    def logged_peer(self, host: str | None, peer: str, client: str | None) -> tuple[str, str | None]:
+        """
+        Who a refused connection's log line names: the client a trusted
+        proxy named (its address, as L{ClientAddressResolver} resolved it,
+        without a port), and the proxy (C{peer}, the TCP peer's
+        C{address:port}); else the TCP peer, and L{None}.
+
+        @param host: the TCP peer's IP address (L{None} without one).
+        @param client: the resolved client (L{None}: none to believe).
+        """
+        if client is not None and host is not None and self.resolver.is_proxy(host):
+            return client, peer
+        return peer, None
 
     def auth_failed(self, protocol: ControlProtocol) -> None:
         """
@@ -675,15 +694,33 @@ class ControlFactory(WebSocketServerFactory):
             if not other.authenticated and other.client is not None and client_key(other.client) == key:
                 other.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
 
-    def _refuse(self, peer: str, reason: str, refusal: _Refusal, log: bool = True, **fields: Any) -> _Refusal:
+    def _refuse(
+        self,
+        peer: str,
+        reason: str,
+        refusal: _Refusal,
+        log: bool = True,
+        proxy: str | None = None,
+        **fields: Any,
+    ) -> _Refusal:
+        """
+        Count a refused connection by C{reason}, log it (unless C{log} is
+        false) with C{peer} (the client; behind a trusted proxy, the one it
+        named, and the C{proxy}: L{logged_peer}) and C{fields}, and return
+        C{refusal}.
+        """
         if self.metrics is not None:
             self.metrics.refused.labels(reason).inc()
         if not log:
             return refusal
+        if proxy is not None:
+            fields["proxy"] = proxy
         # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
         # of them through a second (any client can cause thousands).
         self._log.warn(
-            "refused control connection from {peer}: {reason}",
+            "refused control connection from {peer}"
+            + (" through proxy {proxy}" if proxy is not None else "")
+            + ": {reason}",
             peer=peer,
             reason=reason,
             outcome="refused",
