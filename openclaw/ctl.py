@@ -45,8 +45,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD
-from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION
+from openclaw.control.closecodes import (
+    GOING_AWAY,
+    POLICY_VIOLATION,
+    PROXY_NAMED_NO_CLIENT_REASON,
+    UNTRUSTED_PEER_REASON,
+)
 from openclaw.files import kind_of
+from openclaw.logs import PEER_TLS_ERROR_PREFIX
 from openclaw.reactors import IClientReactor
 from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
@@ -1048,6 +1054,29 @@ def _unread_http_answer(error: ConnectionClosed, url: str) -> str | None:
     )
 
 
+def _policy_violation(reason: str | None, url: str) -> str:
+    """
+    What to say about a close with 1008 before an answer, by its reason
+    (L{openclaw.control.closecodes}): an address outside
+    TRUSTED_CLIENT_IPS (or no reason, from a gateway that gave none), an
+    address in TRUSTED_PROXIES that named no client (openclawctl speaks
+    for itself, not as a proxy), or any other, shown as the gateway gave it.
+    """
+    refused = f"the gateway at {url} refused this connection (close code 1008)"
+    if not reason or reason == UNTRUSTED_PEER_REASON:
+        return (
+            f"{refused}: this address is not in TRUSTED_CLIENT_IPS; add it to the gateway's "
+            "TRUSTED_CLIENT_IPS, or connect from an address that is"
+        )
+    if reason == PROXY_NAMED_NO_CLIENT_REASON:
+        return (
+            f"{refused}: this address is in the gateway's TRUSTED_PROXIES, so its connections must name a "
+            "client (X-Forwarded-For or Forwarded), and openclawctl's do not; connect through the proxy, from an "
+            "address in TRUSTED_CLIENT_IPS that is not a proxy, or to a unix: control listener (--url unix:PATH)"
+        )
+    return f"{refused}: {printable(reason)}"
+
+
 def explain_failure(error: BaseException, request: Request) -> str:
     """
     Why no answer came, and what to check: the operator's next step.
@@ -1072,11 +1101,7 @@ def explain_failure(error: BaseException, request: Request) -> str:
         )
     if isinstance(error, ConnectionClosed):
         if error.code == POLICY_VIOLATION:
-            return (
-                f"the gateway at {url} refused this connection (close code 1008): "
-                "this address is not in TRUSTED_CLIENT_IPS; add it to the gateway's "
-                "TRUSTED_CLIENT_IPS, or connect from an address that is"
-            )
+            return _policy_violation(error.reason, url)
         if error.code == GOING_AWAY:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
         if is_tls_error(error.cause):
@@ -1292,6 +1317,14 @@ def _exit(report: Report) -> NoReturn:
     raise SystemExit(report.code)
 
 
+#: The log namespace of Autobahn's WebSocket client protocol (txaio's
+#: logger, named after the class that makes it), under which
+#: L{OneCommand} logs, at error, a connection lost to a TLS error
+#: (L{PEER_TLS_ERROR_PREFIX}), as the gateway's L{openclaw.logs} knows it
+#: for the server protocol.
+AUTOBAHN_CLIENT_NAMESPACE = f"{WebSocketClientProtocol.__module__}.{WebSocketClientProtocol.__name__}"
+
+
 @implementer(ILogObserver)
 @attrs.frozen
 class OneLineLog:
@@ -1303,13 +1336,20 @@ class OneLineLog:
     that is not UTF-8, in Autobahn) as C{Unhandled Error} and a
     traceback.  Less than errors (Autobahn's warning that it drops a
     connection whose handshake failed, which openclawctl explains in its
-    own line) is not shown.
+    own line) is not shown, nor Autobahn's error for a connection lost to
+    a TLS error (L{AUTOBAHN_CLIENT_NAMESPACE}, L{PEER_TLS_ERROR_PREFIX}:
+    C{SSL error: certificate verify failed (in )}): openclawctl's own line
+    names the TLS error and what to do (L{explain_failure}).
     """
 
     stream: TextIO
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_level") not in (LogLevel.error, LogLevel.critical):
+            return
+        if event.get("log_namespace") == AUTOBAHN_CLIENT_NAMESPACE and str(event.get("log_format")).startswith(
+            PEER_TLS_ERROR_PREFIX
+        ):
             return
         # log_failure in a twisted.logger event, failure in a legacy
         # twisted.python.log one (log.err, as a transport logs what its

@@ -150,13 +150,69 @@ class ProxyNamingNoClientTests(TestCase):
         client = yield connect(gateway.port)
         code, reason = yield client.closed
         self.assertEqual(code, 1008)
+        # The reason says what is wrong, not that the address is outside
+        # TRUSTED_CLIENT_IPS (127.0.0.1 is in it).
+        self.assertEqual(
+            reason,
+            "this address is in TRUSTED_PROXIES but named no client: the proxy must send X-Forwarded-For or Forwarded",
+        )
         refused = [e for e in events if e.get("reason") == "proxy_named_no_client"]
         self.assertEqual(len(refused), 1)
         self.assertTrue(refused[0]["peer"].startswith("127.0.0.1:"))
+        self.assertNotIn("proxy", refused[0])
         # Not a proxy: the peer is the client, as before.
         client = yield open_client(self, gateway.port, bind="127.0.0.1", headers={"X-Forwarded-For": "127.0.0.1"})
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+
+
+class RefusedThroughProxyTests(TestCase):
+    """
+    The line for a connection refused behind a trusted proxy names the
+    client the proxy named (C{peer}), and the proxy (C{proxy}, its address
+    and port), not the proxy alone.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_refusals_name_the_forwarded_client(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(
+            self,
+            trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
+            trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+        outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 203.0.113.9"])
+        self.assertEqual(outcome, 1008)
+        outcome = yield deferToThread(close_code, gateway.port, [b'Forwarded: for="[2001:db8::7]:4711"'])
+        self.assertEqual(outcome, 1008)
+        outcome = yield deferToThread(
+            close_code, gateway.port, [b"X-Forwarded-For: 10.0.0.5", b"Origin: https://elsewhere.example"]
+        )
+        self.assertIn(" 403 ", str(outcome))
+        # Not from the proxy: the header changes nothing, the peer is named.
+        outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 10.0.0.5"], "127.0.0.2")
+        self.assertEqual(outcome, 1008)
+        refused = [e for e in events if e.get("outcome") == "refused"]
+        self.assertEqual(
+            [(e["reason"], e["peer"]) for e in refused],
+            [
+                ("untrusted_peer", "203.0.113.9"),
+                ("untrusted_peer", "2001:db8::7"),
+                ("origin_not_allowed", "10.0.0.5"),
+                ("untrusted_peer", refused[3]["peer"]),
+            ],
+        )
+        for event in refused[:3]:
+            self.assertRegex(event["proxy"], r"^127\.0\.0\.1:\d+$")
+        self.assertRegex(
+            formatEvent(refused[0]),
+            r"^refused control connection from 203\.0\.113\.9 through proxy 127\.0\.0\.1:\d+: untrusted_peer$",
+        )
+        self.assertRegex(refused[3]["peer"], r"^127\.0\.0\.2:\d+$")
+        self.assertNotIn("proxy", refused[3])
+        self.assertRegex(formatEvent(refused[3]), r"^refused control connection from 127\.0\.0\.2:\d+: untrusted_peer$")
 
 
 class HandshakeBudgetTests(TestCase):

@@ -597,6 +597,23 @@ class ExplainFailureTests(TestCase):
     def test_policy_violation(self):
         text = self.explain(ctl.ConnectionClosed(1008, "peer address is not in TRUSTED_CLIENT_IPS"))
         self.assertIn("this address is not in TRUSTED_CLIENT_IPS", text)
+        # A gateway that gave no reason: the same.
+        self.assertIn("this address is not in TRUSTED_CLIENT_IPS", self.explain(ctl.ConnectionClosed(1008, "")))
+
+    def test_policy_violation_other_reason(self):
+        """
+        A 1008 for another reason than the allowlist is shown with the
+        gateway's reason, not sent to TRUSTED_CLIENT_IPS.
+        """
+        text = self.explain(
+            ctl.ConnectionClosed(1008, "too many failed authentications from this address; try again later\x1b"),
+            url="ws://h:1",
+        )
+        self.assertEqual(
+            text,
+            "the gateway at ws://h:1 refused this connection (close code 1008): too many failed authentications "
+            "from this address; try again later\\x1b",
+        )
 
     def test_going_away(self):
         self.assertIn("shutting down", self.explain(ctl.ConnectionClosed(1001, "gateway shutting down")))
@@ -679,7 +696,9 @@ class ExplainFailureTests(TestCase):
     def test_library_errors_in_one_line(self):
         """
         Twisted's and Autobahn's errors reach the operator as one line
-        each, without a traceback; their warnings not at all.
+        each, without a traceback; their warnings not at all, nor
+        Autobahn's error for a connection lost to a TLS error (openclawctl
+        says so itself).
         """
         stream = io.StringIO()
         observer = ctl.OneLineLog(stream)
@@ -695,6 +714,11 @@ class ExplainFailureTests(TestCase):
         Logger(observer=observer).failure("in \x1b[2J a callback", failure)
         Logger(observer=observer).error("gone: {why}", why="\x1b]0;t\x07")
         Logger(observer=observer).warn("dropping connection")
+        # Autobahn's line for a connection lost to a TLS error, which
+        # openclawctl's own line explains.
+        Logger(namespace=ctl.AUTOBAHN_CLIENT_NAMESPACE, observer=observer).error(
+            "SSL error: certificate verify failed (in )"
+        )
         self.assertEqual(
             stream.getvalue().splitlines(),
             [
@@ -1038,6 +1062,25 @@ class ConsoleScriptTests(TestCase):
         self.assertIn("this address is not in TRUSTED_CLIENT_IPS", err)
 
     @inlineCallbacks
+    def test_from_a_trusted_proxy_address(self):
+        """
+        From an address in TRUSTED_PROXIES (and in TRUSTED_CLIENT_IPS):
+        openclawctl names no client, so the gateway closes with 1008, and
+        the one line says why and what to do, not TRUSTED_CLIENT_IPS.
+        """
+        gateway = start_gateway(self, trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+        url = f"ws://127.0.0.1:{gateway.port}"
+        out, err, code = yield run_ctl("--url", url, "--token", gateway.token, "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: the gateway at {url} refused this connection (close code 1008): this address is "
+            "in the gateway's TRUSTED_PROXIES, so its connections must name a client (X-Forwarded-For or "
+            "Forwarded), and openclawctl's do not; connect through the proxy, from an address in TRUSTED_CLIENT_IPS "
+            "that is not a proxy, or to a unix: control listener (--url unix:PATH)\n",
+        )
+
+    @inlineCallbacks
     def test_timeout(self):
         silent = SilentFactory()
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(silent)
@@ -1052,7 +1095,9 @@ class ConsoleScriptTests(TestCase):
     def test_wss(self):
         """
         Over TLS: with --cafile the test CA is trusted; without it the
-        system trust store does not know it, and the message says so.
+        system trust store does not know it, and the message says so, in
+        one line: not also Autobahn's own (C{SSL error: certificate verify
+        failed (in )}).
         """
         cafile, options = make_certificates(Path(self.mktemp()))
         endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
@@ -1064,8 +1109,11 @@ class ConsoleScriptTests(TestCase):
         self.assertTrue(out.startswith("pong ("), out)
         out, err, code = yield run_ctl("--url", url, "--token", self.gateway.token, "ping")
         self.assertEqual((out, code), ("", 2))
-        self.assertIn(f"TLS handshake with {url} failed", err)
-        self.assertIn("--cafile", err)
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: certificate verify failed; if the gateway's "
+            "certificate is signed by your own CA, pass --cafile CA.pem\n",
+        )
 
     @inlineCallbacks
     def test_wss_to_a_plain_listener(self):

@@ -32,7 +32,13 @@ from openclaw.control.admission import (
     client_key,
     parse_header_block,
 )
-from openclaw.control.closecodes import GOING_AWAY, POLICY_VIOLATION, UNSUPPORTED_DATA
+from openclaw.control.closecodes import (
+    GOING_AWAY,
+    POLICY_VIOLATION,
+    PROXY_NAMED_NO_CLIENT_REASON,
+    UNSUPPORTED_DATA,
+    UNTRUSTED_PEER_REASON,
+)
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane
 from openclaw.dataplane.errors import retry_after_seconds
@@ -142,6 +148,9 @@ class ControlProtocol(WebSocketServerProtocol):
     slot: tuple[str | None, bool] | None = None
     #: Seconds for the C{Retry-After} of a refusal with 429.
     retry_after: int | None = None
+    #: The reason of the 1008 a peer refused for who it is is closed with
+    #: once its handshake completes (L{ControlFactory.refusal}).
+    refused_with: str | None = None
     #: The client key an accepted connection counts against among the
     #: unauthenticated ones (L{ControlFactory.unauthenticated}), until it
     #: authenticates; L{None} when it does not count.
@@ -309,17 +318,21 @@ class ControlProtocol(WebSocketServerProtocol):
             self.retry_after = refusal.retry_after
         if isinstance(refusal, ConnectionDeny):
             raise refusal
+        if isinstance(refusal, str):
+            self.refused_with = refusal
         if refusal is None:
             key = counted_key(client)
             if factory.unauthenticated.take(key, False) is not None:
+                logged, proxy = factory.logged_peer(host, peer, client)
                 raise factory._refuse(
-                    peer,
+                    logged,
                     "too_many_unauthenticated",
                     ConnectionDeny(
                         ConnectionDeny.SERVICE_UNAVAILABLE,
                         "too many connections from this address have not authenticated; "
                         "authenticate or close them first",
                     ),
+                    proxy=proxy,
                 )
             self.pending = key
             self.client = client
@@ -340,7 +353,7 @@ class ControlProtocol(WebSocketServerProtocol):
         else:
             # An untrusted peer: 1008 must reach it, so the handshake is
             # completed first; nothing it sends is read.
-            self.close_unheard(POLICY_VIOLATION, "peer address is not in TRUSTED_CLIENT_IPS")
+            self.close_unheard(POLICY_VIOLATION, self.refused_with or UNTRUSTED_PEER_REASON)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
@@ -580,42 +593,56 @@ class ControlFactory(WebSocketServerFactory):
             resolved it (L{None}: none to believe).
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
             handshake with an HTTP status; or the reason for accepting the
-            handshake only to close it at once with 1008 (an untrusted peer).
+            handshake only to close it at once with 1008 (an untrusted peer,
+            a trusted proxy that named no client), sent as the close reason.
         """
+        logged, proxy = self.logged_peer(host, peer, client)
         if len(self.connections) >= self.max_connections:
             return self._refuse(
-                peer,
+                logged,
                 "too_many_connections",
                 ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"),
+                proxy=proxy,
             )
         origin = headers.get("origin")
         if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
             return self._refuse(
-                peer,
+                logged,
                 "origin_not_allowed",
                 ConnectionDeny(
                     ConnectionDeny.FORBIDDEN,
                     "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
                 ),
                 origin=origin,
+                proxy=proxy,
             )
         if local:
             return None
         names_client = "x-forwarded-for" in headers or "forwarded" in headers
         if client is None and not names_client and host is not None and self.resolver.is_proxy(host):
-            return self._refuse(
-                peer,
-                "proxy_named_no_client",
-                "the trusted proxy named no client: set X-Forwarded-For or Forwarded on it",
-            )
+            return self._refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
         if client is None or not self.allowlist.allows(client):
-            return self._refuse(peer, "untrusted_peer", "peer address is not in TRUSTED_CLIENT_IPS", client=client)
+            return self._refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
         until = self.lockout.locked_until(client)
         if until is not None:
             # Logged once, when the lockout began; counted every time.
             retry_after = retry_after_seconds(until - self.clock())
-            return self._refuse(peer, "locked_out", LockedOut(retry_after), log=False)
+            return self._refuse(logged, "locked_out", LockedOut(retry_after), log=False)
         return None
+
+    def logged_peer(self, host: str | None, peer: str, client: str | None) -> tuple[str, str | None]:
+        """
+        Who a refused connection's log line names: the client a trusted
+        proxy named (its address, as L{ClientAddressResolver} resolved it,
+        without a port), and the proxy (C{peer}, the TCP peer's
+        C{address:port}); else the TCP peer, and L{None}.
+
+        @param host: the TCP peer's IP address (L{None} without one).
+        @param client: the resolved client (L{None}: none to believe).
+        """
+        if client is not None and host is not None and self.resolver.is_proxy(host):
+            return client, peer
+        return peer, None
 
     def auth_failed(self, protocol: ControlProtocol) -> None:
         """
@@ -667,15 +694,33 @@ class ControlFactory(WebSocketServerFactory):
             if not other.authenticated and other.client is not None and client_key(other.client) == key:
                 other.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
 
-    def _refuse(self, peer: str, reason: str, refusal: _Refusal, log: bool = True, **fields: Any) -> _Refusal:
+    def _refuse(
+        self,
+        peer: str,
+        reason: str,
+        refusal: _Refusal,
+        log: bool = True,
+        proxy: str | None = None,
+        **fields: Any,
+    ) -> _Refusal:
+        """
+        Count a refused connection by C{reason}, log it (unless C{log} is
+        false) with C{peer} (the client; behind a trusted proxy, the one it
+        named, and the C{proxy}: L{logged_peer}) and C{fields}, and return
+        C{refusal}.
+        """
         if self.metrics is not None:
             self.metrics.refused.labels(reason).inc()
         if not log:
             return refusal
+        if proxy is not None:
+            fields["proxy"] = proxy
         # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
         # of them through a second (any client can cause thousands).
         self._log.warn(
-            "refused control connection from {peer}: {reason}",
+            "refused control connection from {peer}"
+            + (" through proxy {proxy}" if proxy is not None else "")
+            + ": {reason}",
             peer=peer,
             reason=reason,
             outcome="refused",
