@@ -1,7 +1,8 @@
 """
 The WebSocket close codes the gateway sends and C{openclawctl} explains
-(RFC 6455 section 7.4.1), and the reasons of the 1008s it tells apart.  Autobahn's public C{sendClose} takes only 1000
-and 3000-4999, so these are sent as close frames of their own
+(RFC 6455 section 7.4.1), and the reasons of the 1008s it tells apart.
+Autobahn's public C{sendClose} takes only 1000 and 3000-4999, so these
+are sent as close frames of their own
 (L{openclaw.control.protocol.ControlProtocol.close_with}).
 
 The values are Autobahn's own constants; importing them installs no
