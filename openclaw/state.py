@@ -103,7 +103,7 @@ class RouteStore:
             return None
         return Route(provider, model)
 
-    def save(self, route: Route) -> None:
+    def save(self, route: Route) -> str | None:
         """
         Replace the file atomically (temporary file, fsync, rename), so a
         crash leaves the old route or the new one, never half of either.
@@ -112,6 +112,9 @@ class RouteStore:
         Blocking, on the reactor thread: a switch is a rare operator event,
         and the file is written before the switch is answered; a slow disk
         stalls the reactor for the length of this write.
+
+        @return: None once saved; else why not, for the operator who
+            switched (C{switch_provider}'s C{warning}).
         """
         try:
             write_atomically(self.path, json.dumps({"provider": route.provider_id, "model": route.model}))
@@ -121,3 +124,8 @@ class RouteStore:
                 path=str(self.path),
                 error=str(e),
             )
+            return (
+                f"the switch is made but could not be saved to {self.path} ({e.strerror or e}): a restart will go "
+                "back to the route saved before; make STATE_DIR writable by the gateway's user, then switch again"
+            )
+        return None

@@ -55,8 +55,10 @@ class RouteStoreTests(SynchronousTestCase):
 
     def test_unwritable_is_logged_not_raised(self) -> None:
         store = RouteStore(self.directory / "missing-dir", ("kimi",))
-        store.save(Route("kimi", "m"))
+        warning = store.save(Route("kimi", "m"))
         self.assertIsNone(store.load())
+        self.assertIn("could not be saved to", warning)
+        self.assertIsNone(self.store.save(Route("kimi", "m")))
 
 
 class RestartTests(TestCase):
@@ -75,6 +77,29 @@ class RestartTests(TestCase):
         status = yield client.command(restarted.token, "status")
         self.assertEqual((status["result"]["provider_id"], status["result"]["model"]), ("kimi", "moonshot-v1-32k"))
         self.assertNotIn(restarted.token, (state_dir / STATE_FILE).read_text())
+
+    @inlineCallbacks
+    def test_unsaved_switch_says_so(self):
+        """
+        A switch that could not be saved (the state file's place taken by
+        a directory, STATE_DIR read-only) is made, and its answer's
+        warning says it will not survive a restart and what to do.
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        (state_dir / STATE_FILE).mkdir()
+        gateway = start_gateway(self, state_dir=state_dir)
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8k"})
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(answer["result"]["active"], "kimi")
+        self.assertIn("could not be saved", answer["result"]["warning"])
+        self.assertIn("a restart will go back to the route saved before", answer["result"]["warning"])
+        self.flushLoggedErrors()
+        # Once it can be saved, no warning.
+        (state_dir / STATE_FILE).rmdir()
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8k"})
+        self.assertNotIn("could not be saved", answer["result"].get("warning", ""))
 
     @inlineCallbacks
     def test_refused_model_not_restored(self):

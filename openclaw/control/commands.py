@@ -143,8 +143,9 @@ class ControlCommands:
     connections: Callable[[], int]
     started_at: float
     clock: Callable[[], float] = time.time
-    #: Called with the new route after every switch, to keep it.
-    persist: Callable[[Route], None] = lambda route: None
+    #: Called with the new route after every switch, to keep it: None once
+    #: kept, else why not (a warning for the answer).
+    persist: Callable[[Route], str | None] = lambda route: None
     #: Sees every health report (the provider-up gauges).
     on_health: Callable[[Result], Result] = lambda report: report
     #: Per provider id, its circuit breaker and keys now
@@ -227,11 +228,13 @@ class ControlCommands:
             raise CommandError("data.model must name a model")
         route = Route(provider_id, model)
 
-        def switched(previous: Route) -> Audited:
+        def switched(previous: Route, unsaved: str | None = None) -> Audited:
             result: Result = {"previous": previous.provider_id, "active": provider_id, "model": model}
             # The switch is made all the same: an operator may know better
             # than a listing (a model served but not listed, one just added).
-            warnings = [w for w in (provider.missing_key_warning(), provider.unlisted_model_warning(model)) if w]
+            warnings = [
+                w for w in (unsaved, provider.missing_key_warning(), provider.unlisted_model_warning(model)) if w
+            ]
             excluded = self.excluded_consumers(provider_id, model)
             if excluded:
                 shown = ", ".join(excluded[:MAX_NAMED_CONSUMERS])
@@ -255,8 +258,7 @@ class ControlCommands:
         if self.share_switch is not None:
             return self.share_switch(route).addCallbacks(switched, _refused)
         previous = self.route.switch(route)
-        self.persist(route)
-        return switched(previous)
+        return switched(previous, self.persist(route))
 
     def health_check(self, data: object) -> Deferred[Result]:
         _fields(data, _NONE)
