@@ -5,6 +5,7 @@ calls once the gateway is stopping.
 
 from __future__ import annotations
 
+import json
 import socket
 
 from twisted.internet.defer import inlineCallbacks
@@ -104,3 +105,13 @@ class DrainTests(TestCase):
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:100])
         self.assertIn(b"shutting down", answer)
+        # The probes answer 503 in their own shapes, not in OpenAI's.
+        for path, document in (
+            (b"/readyz", {"ready": False, "reason": "the gateway is shutting down"}),
+            (b"/healthz", {"status": "shutting_down", "provider": "gemini", "model": "gemini-flash-latest"}),
+        ):
+            answer = yield deferToThread(exchange, gateway.api_port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+            self.assertIn(b"\r\nConnection: close", head)
+            self.assertEqual(json.loads(body), document)

@@ -175,7 +175,7 @@ class APIResource(Resource):
             )
         if self.context.draining:
             request.setHeader(b"connection", b"close")
-            return self.refuse(request, shutting_down())
+            return self.render_draining(request)
         try:
             return handler(request)
         except APIError as error:
@@ -183,6 +183,13 @@ class APIResource(Resource):
         except Exception:
             self.context.log.failure("API request failed unexpectedly")
             return error_response(request, internal_error())
+
+    def render_draining(self, request: Request) -> bytes:
+        """
+        The answer to a request on a connection still open once the
+        gateway is stopping: 503 C{shutting_down}.
+        """
+        return self.refuse(request, shutting_down())
 
     def refuse(self, request: Request, error: APIError) -> bytes:
         """
@@ -209,6 +216,14 @@ class Healthz(APIResource):
         route = self.context.route.current
         return json_response(request, {"status": "ok", "provider": route.provider_id, "model": route.model})
 
+    def render_draining(self, request: Request) -> bytes:
+        """
+        Stopping: 503 in the probe's own shape, C{"status": "shutting_down"}.
+        """
+        route = self.context.route.current
+        request.setResponseCode(503)
+        return json_response(request, {"status": "shutting_down", "provider": route.provider_id, "model": route.model})
+
 
 class Readyz(APIResource):
     """
@@ -226,6 +241,13 @@ class Readyz(APIResource):
     database (at start, or while it is unreachable from the start): every
     consumer key would be answered 503 C{consumers_loading}.
     """
+
+    def render_draining(self, request: Request) -> bytes:
+        """
+        Stopping: 503 in the probe's own shape, with the reason.
+        """
+        request.setResponseCode(503)
+        return json_response(request, {"ready": False, "reason": "the gateway is shutting down"})
 
     def render_GET(self, request: Request) -> bytes:
         context = self.context
