@@ -110,7 +110,9 @@ class DrainTests(TestCase):
             (b"/readyz", {"ready": False, "reason": "the gateway is shutting down"}),
             (b"/healthz", {"status": "shutting_down", "provider": "gemini", "model": "gemini-flash-latest"}),
         ):
-            answer = yield deferToThread(exchange, gateway.api_port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path)
+            answer = yield deferToThread(
+                exchange, gateway.api_port, b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path
+            )
             head, _, body = answer.partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
             self.assertIn(b"\r\nConnection: close", head)
