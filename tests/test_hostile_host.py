@@ -635,6 +635,7 @@ class StartupFileTests(TestCase):
         line = yield self.refused([], PRICES_FILE=str(path))
         self.assertIn(f"PRICES_FILE={str(path)!r} is refused: it is a ", line)
         self.assertIn("point PRICES_FILE at a regular JSON file of at most 1 MiB", line)
+        self.assertIn("(the value came from the environment)", line)
 
     @inlineCallbacks
     def test_ca_file(self) -> Any:
