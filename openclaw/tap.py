@@ -357,10 +357,10 @@ def _check_token_file(settings: Settings) -> None:
     try:
         check_token_file(settings.token_file)
     except UnsafeTokenFile as e:
+        named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
         raise ConfigError(
-            f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
-            "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
-            "of the gateway's own (such as /run/openclaw/token)"
+            f"{named} is refused: {e.reason}, and the gateway never replaces or removes what it did not write; "
+            "point TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
 
 
@@ -418,9 +418,9 @@ def _check_database_file(settings: Settings) -> Path | None:
     except UnusableDatabaseFile as e:
         if made:
             _remove_new_database(database)
-        raise ConfigError(
-            f"STATE_DIR={str(settings.state_dir)!r}: {e}; or point STATE_DIR / --state-dir at another directory"
-        ) from None
+        source = settings.source("STATE_DIR")
+        named = f"STATE_DIR={str(settings.state_dir)!r}" + (f" ({source})" if source else "")
+        raise ConfigError(f"{named}: {e}; or point STATE_DIR / --state-dir at another directory") from None
     return database if made else None
 
 
@@ -449,7 +449,7 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
     """
     if settings.token_file is None or settings.redis_url is not None:
         return None
-    named = f"TOKEN_FILE (--token-file)={str(settings.token_file)!r}"
+    named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
     try:
         return lock_token_file(settings.token_file)
     except LockHeld as e:
@@ -537,16 +537,27 @@ def _endpoint(
         if problem is not None:
             parameter, reason = problem
             raise ConfigError(
-                f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} cannot be used: {reason}; point "
+                f"{_named(settings, *endpoint_setting, description)} cannot be used: {reason}; point "
                 f"{parameter} at a regular PEM file of at most {MAX_TLS_FILE_BYTES // 1024 // 1024} MiB"
             )
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
         raise ConfigError(
-            f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} is not a usable Twisted endpoint: {e}"
+            f"{_named(settings, *endpoint_setting, description)} is not a usable Twisted endpoint: {e}"
         ) from None
     return NamedEndpoint(endpoint, listener)
+
+
+def _named(settings: Settings, name: str, option: str, value: str) -> str:
+    """
+    A setting as a refusal names it: C{NAME (--option)='value'}, then
+    where the value came from (L{Settings.source}), as the line of a bad
+    value does (L{load_settings}): C{TOKEN_FILE (--token-file)='/x' (from
+    the environment)}.
+    """
+    source = settings.source(name)
+    return f"{name} ({option})={value!r}" + (f" ({source})" if source else "")
 
 
 def speaks_tls(description: str | None) -> bool:

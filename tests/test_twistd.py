@@ -165,7 +165,7 @@ class TwistdTests(TestCase):
             cases: list[tuple[list[str], list[str], list[str], dict[str, str], int, str]] = [
                 # Standard output is a pipe here, not a terminal.
                 ([], [], listen, {"LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a standard output that is not"),
-                ([], [], listen, {"CONTROL_LISTEN": "bogus:1"}, 2, "CONTROL_LISTEN (--listen)='bogus:1' is not"),
+                ([], [], listen, {"CONTROL_LISTEN": "bogus:1"}, 2, "CONTROL_LISTEN (--listen)='bogus:1' (from the"),
                 ([], [], ["--interface", "127.0.0.1", "--api-port", str(port)], {}, 1, f"127.0.0.1:{port} (API_PORT)"),
                 (
                     [],
