@@ -153,6 +153,14 @@ def read_only_prices(prices: Mapping[str, Price]) -> Mapping[str, Price]:
     return MappingProxyType(dict(prices))
 
 
+def read_only_sources(sources: Mapping[str, str]) -> Mapping[str, str]:
+    """
+    C{sources} (setting name -> where its value came from) as a read-only
+    copy.
+    """
+    return MappingProxyType(dict(sources))
+
+
 def _builtin_provider_table() -> Mapping[str, ProviderSettings]:
     return provider_table(ProviderSettings.defaults(adapter) for adapter in builtin_providers())
 
@@ -314,6 +322,16 @@ class Settings:
     #: read, an env-file key that looks like a misspelt setting): logged
     #: as warnings when the gateway starts.
     warnings: tuple[str, ...] = ()
+    #: Where each setting given a value took it from, by name: C{"from the
+    #: command line"}, C{"from the environment"} or C{"from env file
+    #: '/etc/openclaw/openclaw.env'"}, as L{load_settings} read it (a
+    #: setting left to its default is not in it).  For the refusals made
+    #: once the settings are read (a TOKEN_FILE another gateway holds, a
+    #: listener that cannot be used), whose line says where the value came
+    #: from as a bad value's does (L{source}).  Read-only.
+    sources: Mapping[str, str] = attrs.field(
+        factory=dict, converter=read_only_sources, hash=False, eq=False, repr=False
+    )
 
     # Consumers (issue #19, openclaw.consumers).
     #: C{postgresql://user:password@host:port/db}; None: SQLite in
@@ -349,6 +367,14 @@ class Settings:
             _fallback_order(",".join(self.fallback), self.provider_ids)
         elif self.fallback not in ("auto", "off"):
             raise ValueError(f"fallback {self.fallback!r} is none of auto, off or a tuple of provider ids")
+
+    def source(self, name: str) -> str | None:
+        """
+        Where the value of setting C{name} came from (L{sources}), such as
+        C{"from the environment"}; L{None} when it was not given (its
+        default) or these settings were not read by L{load_settings}.
+        """
+        return self.sources.get(name)
 
     @property
     def fallback_order(self) -> tuple[str, ...] | None:
@@ -759,6 +785,31 @@ def _ca_file(path: str) -> bytes:
             "give a file of -----BEGIN CERTIFICATE----- blocks"
         ) from None
     return data
+
+
+def _checked_redis_url(text: str) -> str:
+    """
+    C{REDIS_URL} as given, checked (L{_redis_url}); never shown but
+    masked (L{masked_url}): it may hold a password.
+
+    @raise ConfigError: it is not a Redis URL, or has a C{#}.
+    """
+    if "#" in text:
+        # Redis URLs have no use for a fragment: one is an unencoded #
+        # in a password (?password=top#secret, read as "top").
+        raise ConfigError(
+            f"REDIS_URL={masked_url(text)!r} has a # (a fragment, of no use to Redis): "
+            "percent-encode a # in a password as %23"
+        )
+    try:
+        _redis_url(text)
+    except ValueError:
+        raise ConfigError(
+            f"REDIS_URL={masked_url(text)!r} is invalid: use redis://host:port/db, "
+            "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
+            "as ?db=0&password=...)"
+        ) from None
+    return text
 
 
 def _database_number(text: str) -> bool:
@@ -1289,6 +1340,35 @@ def _prices(path: str) -> Mapping[str, Price]:
         raise ConfigError(f"{e}; see README.rst, Consumers, for the form") from None
 
 
+def _jwt_secret(text: str) -> bytes:
+    """
+    C{JWT_SECRET} as bytes (UTF-8); empty for none (a random secret for
+    the process).
+
+    @raise ConfigError: it is shorter than L{MIN_SECRET_BYTES}; the line
+        never shows it.
+    """
+    secret = text.encode("utf-8")
+    if secret:
+        _check_secret_length(secret, "JWT_SECRET is")
+    return secret
+
+
+def _check_secret_length(secret: bytes, what: str) -> None:
+    """
+    Refuse an HS256 secret shorter than L{MIN_SECRET_BYTES} (RFC 7518
+    section 3.2: a key at least as long as the hash).
+
+    @param what: the start of the line (C{"JWT_SECRET is"}).
+    @raise ConfigError: it is.
+    """
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{what} {len(secret)} bytes long; it must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 "
+            "section 3.2). Generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+
+
 #: The most bytes of C{JWT_SECRET_FILE} read: a secret is a few dozen.
 MAX_SECRET_FILE_BYTES = 64 * 1024
 
@@ -1302,6 +1382,10 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     (L{read_regular_file}); links are followed, as Kubernetes mounts its
     secrets, and vetted by L{check_private_file}, whose warning is
     appended to C{warnings}.
+
+    @raise ConfigError: it cannot be read, is no regular file, is refused
+        by L{check_private_file}, or holds a secret shorter than
+        L{MIN_SECRET_BYTES}.
     """
     what = f"JWT_SECRET_FILE={path!r}"
     fix = "point JWT_SECRET_FILE at a regular file holding the secret"
@@ -1322,6 +1406,7 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
         raise ConfigError(f"{what} cannot be read: {e.strerror}") from None
     if not secret:
         raise ConfigError(f"{what} is empty; put a secret of 32 bytes or more in it")
+    _check_secret_length(secret, f"the secret in {what} is")
     return secret
 
 
@@ -1396,13 +1481,22 @@ def load_settings(
             return "from the environment"
         return f"from env file {env_path!r}"
 
+    #: Where each value read came from (L{Settings.sources}).
+    sources: dict[str, str] = {}
+
     def read(name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
+        """
+        The value of setting C{name} given C{cast}, else C{default}.  A
+        bad one is refused in one line that says where it came from: the
+        L{ConfigError} C{cast} raises, else C{name}, the value and C{hint}.
+        """
         known.add(name)
         raw = given.get(name)
         if raw is None:
             raw = config.get(name, default=None)
         if raw is None:
             return default
+        sources[name] = source(name)
         try:
             return cast(str(raw))
         except ConfigError as e:
@@ -1414,21 +1508,17 @@ def load_settings(
             why = f"{e}; " if isinstance(e, InvalidValue) else ""
             raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
 
-    secret = read("JWT_SECRET", str, "", "").encode("utf-8")
+    no_secret = b""
     secret_file = read("JWT_SECRET_FILE", str, "", "")
-    if secret_file:
-        if secret:
-            raise ConfigError("JWT_SECRET and JWT_SECRET_FILE are both set; keep only one")
-        try:
-            secret = _read_secret_file(secret_file, warnings)
-        except ConfigError as e:
-            raise ConfigError(f"{e} (JWT_SECRET_FILE came {source('JWT_SECRET_FILE')})") from None
-    if secret and len(secret) < MIN_SECRET_BYTES:
+    if secret_file and read("JWT_SECRET", str, "", ""):
         raise ConfigError(
-            f"JWT_SECRET is {len(secret)} bytes long; it must be at least "
-            f"{MIN_SECRET_BYTES} bytes (RFC 7518 section 3.2). Generate one with: "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            f"JWT_SECRET ({source('JWT_SECRET')}) and JWT_SECRET_FILE ({source('JWT_SECRET_FILE')}) "
+            "are both set; keep only one"
         )
+    if secret_file:
+        secret = read("JWT_SECRET_FILE", lambda path: _read_secret_file(path, warnings), no_secret, "")
+    else:
+        secret = read("JWT_SECRET", _jwt_secret, no_secret, "")
 
     def read_provider(adapter: type[ProviderAdapter]) -> ProviderSettings:
         key = ""
@@ -1476,39 +1566,24 @@ def load_settings(
             raise ValueError
         return text
 
-    redis_url = read("REDIS_URL", str, None, "") or None
-    if redis_url is not None:
-        if "#" in redis_url:
-            # Redis URLs have no use for a fragment: one is an unencoded #
-            # in a password (?password=top#secret, read as "top").
-            raise ConfigError(
-                f"REDIS_URL={masked_url(redis_url)!r} has a # (a fragment, of no use to Redis): "
-                "percent-encode a # in a password as %23"
-            )
-        try:
-            _redis_url(redis_url)
-        except ValueError:
-            # Never echoed as given: it may hold a password.
-            raise ConfigError(
-                f"REDIS_URL={masked_url(redis_url)!r} is invalid: use redis://host:port/db, "
-                "rediss://host:port/db (TLS) or unix:///path/to/redis.sock?db=N (more parameters after &, "
-                "as ?db=0&password=...)"
-            ) from None
+    no_url: str | None = None
+    redis_url = read("REDIS_URL", lambda text: _checked_redis_url(text) if text else None, no_url, "")
     if redis_url and not secret:
         raise ConfigError(
-            "REDIS_URL is set but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance of a cluster "
-            "must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
+            f"REDIS_URL is set ({source('REDIS_URL')}) but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance "
+            "of a cluster must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
         )
     workers = read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
     if workers > 1 and not redis_url:
         raise ConfigError(
-            f"WORKERS (--workers)={workers} needs REDIS_URL: the workers share the token, route and "
-            "lockouts through Redis; set REDIS_URL or use --workers 1"
+            f"WORKERS (--workers)={workers} ({source('WORKERS')}) needs REDIS_URL: the workers share the token, "
+            "route and lockouts through Redis; set REDIS_URL or use --workers 1"
         )
     embedding = _read_embedding_model(read, declared, defaults)
     no_pem: bytes | None = None
     ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_state_dir: Path | None = None
+    no_prices: Mapping[str, Price] = {}
     state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
     if state_dir is not None:
         state_path = state_dir
@@ -1526,7 +1601,6 @@ def load_settings(
     # in it is then in a directory that exists.
     no_path: Path | None = None
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
-    prices_file = read("PRICES_FILE", str, "", "")
 
     settings = Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
@@ -1720,7 +1794,7 @@ def load_settings(
         usage_retention_days=read(
             "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
         ),
-        price_overrides=_prices(prices_file) if prices_file else {},
+        price_overrides=read("PRICES_FILE", lambda path: _prices(path) if path else no_prices, no_prices, ""),
         auth_timeout_seconds=read(
             "AUTH_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
@@ -1765,7 +1839,7 @@ def load_settings(
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
-    return attrs.evolve(settings, warnings=tuple(warnings)) if warnings else settings
+    return attrs.evolve(settings, warnings=tuple(warnings), sources=sources)
 
 
 def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> None:

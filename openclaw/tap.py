@@ -5,11 +5,14 @@ C{twistd openclaw}: command-line options and the service they make.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import signal
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import IO, Any, ClassVar, NoReturn
 
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -137,7 +140,8 @@ def makeService(
     """
     Read the configuration once and build the gateway service.  A bad value
     ends the process here, before anything starts, with one line that names
-    it.
+    it; every refusal comes before anything is made on disk, or takes back
+    what was (L{_make_files}).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -154,8 +158,9 @@ def makeService(
             providers=BUILTIN_PROVIDERS,
             daemon=not foreground(twistd_options),
         )
+        # Every check that needs nothing on disk comes first: a refusal
+        # leaves nothing behind (L{_make_files}).
         _check_token_file(settings)
-        _check_database_file(settings)
         _check_token_shown(settings, twistd_options, stdout)
         if options["worker"] is not None:
             worker = _worker_service(options, settings, reactor, stdout, twistd_options)
@@ -195,8 +200,9 @@ def makeService(
         )
         # Before twistd daemonizes: the refusal reaches the terminal, and
         # the daemon inherits the lock (PidLock).
-        lock = _lock_token_file(settings)
-        destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+        lock, destination = _make_files(
+            settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor))
+        )
         _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
         _fail(str(e))
@@ -253,7 +259,8 @@ def _worker_service(
     except ValueError:
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
-    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    # Its cluster's (REDIS_URL): no lock of the token file.
+    _, destination = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
     _note_signals(reactor, twistd_options, destination, stdout)
     # Started with SIGUSR1 blocked (L{openclaw.cluster.workers}): handled
     # from here on, one that came meanwhile is delivered now.
@@ -303,7 +310,9 @@ def _supervisor(
         # The workers log to the same file, each through its own handle.
         supervisor.reopen_logs()
 
-    destination = log_destination(twistd_options, stdout, IReactorThreads(reactor), reopen_workers_logs)
+    _, destination = _make_files(
+        settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor), reopen_workers_logs)
+    )
     _note_signals(reactor, twistd_options, destination, stdout)
     supervisor = WorkerSupervisor(
         supervisor_reactor(reactor),
@@ -348,29 +357,85 @@ def _check_token_file(settings: Settings) -> None:
     try:
         check_token_file(settings.token_file)
     except UnsafeTokenFile as e:
+        named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
         raise ConfigError(
-            f"TOKEN_FILE (--token-file)={str(settings.token_file)!r} is refused: {e.reason}, and the gateway "
-            "never replaces or removes what it did not write; point TOKEN_FILE at a new path in a directory "
-            "of the gateway's own (such as /run/openclaw/token)"
+            f"{named} is refused: {e.reason}, and the gateway never replaces or removes what it did not write; "
+            "point TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
 
 
-def _check_database_file(settings: Settings) -> None:
+def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> tuple[PidLock | None, IO[Any] | None]:
+    """
+    Make what the gateway keeps on disk from start-up, once every check
+    that needs nothing there has passed, in this order: the token file's
+    lock (L{_lock_token_file}), the consumers' SQLite database
+    (L{_check_database_file}), then the log (C{open_log}, which creates
+    the log file).  Each of them may still refuse to start; one that does
+    takes back what was made before it (the lock file, a database made
+    empty here), so that a refusal leaves nothing on disk (README audit
+    s18 F3: a refusal left an empty C{openclaw.db}).
+
+    @param open_log: L{log_destination}, given twistd's options.
+    @return: the lock held (L{None}: no token file, or a cluster's) and
+        the stream to log to (L{None}: syslog).
+    @raise ConfigError: one of them refused.
+    """
+    lock = _lock_token_file(settings)
+    try:
+        made = _check_database_file(settings)
+        try:
+            destination = open_log()
+        except ConfigError:
+            if made is not None:
+                _remove_new_database(made)
+            raise
+    except ConfigError:
+        if lock is not None:
+            # The lock file stays if it cannot be removed: the refusal
+            # is the line to show.
+            with contextlib.suppress(OSError):
+                lock.release()
+        raise
+    return lock, destination
+
+
+def _check_database_file(settings: Settings) -> Path | None:
     """
     Refuse, before anything listens, a consumers' database in C{STATE_DIR}
     (SQLite, C{DATABASE_URL} unset) that cannot be created or written: a
-    directory in the way, permission denied (L{sqlite_file}).
+    directory in the way, permission denied (L{sqlite_file}).  One made
+    here, empty, is removed again when it is refused.
 
+    @return: the database's path when it was made here, else L{None}.
     @raise ConfigError: it cannot.
     """
     if settings.database_url:
-        return
+        return None
+    database = settings.state_dir / "openclaw.db"
+    made = not os.path.lexists(database)
     try:
         sqlite_file(settings.state_dir)
     except UnusableDatabaseFile as e:
-        raise ConfigError(
-            f"STATE_DIR={str(settings.state_dir)!r}: {e}; or point STATE_DIR / --state-dir at another directory"
-        ) from None
+        if made:
+            _remove_new_database(database)
+        source = settings.source("STATE_DIR")
+        named = f"STATE_DIR={str(settings.state_dir)!r}" + (f" ({source})" if source else "")
+        raise ConfigError(f"{named}: {e}; or point STATE_DIR / --state-dir at another directory") from None
+    return database if made else None
+
+
+def _remove_new_database(path: Path) -> None:
+    """
+    Remove the consumers' database made at start-up (L{sqlite_file})
+    when start-up is refused after all: a regular file still empty (no
+    other process has begun to use it), not followed if a link.
+    """
+    try:
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _lock_token_file(settings: Settings) -> PidLock | None:
@@ -384,7 +449,7 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
     """
     if settings.token_file is None or settings.redis_url is not None:
         return None
-    named = f"TOKEN_FILE (--token-file)={str(settings.token_file)!r}"
+    named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
     try:
         return lock_token_file(settings.token_file)
     except LockHeld as e:
@@ -472,16 +537,27 @@ def _endpoint(
         if problem is not None:
             parameter, reason = problem
             raise ConfigError(
-                f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} cannot be used: {reason}; point "
+                f"{_named(settings, *endpoint_setting, description)} cannot be used: {reason}; point "
                 f"{parameter} at a regular PEM file of at most {MAX_TLS_FILE_BYTES // 1024 // 1024} MiB"
             )
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
         raise ConfigError(
-            f"{endpoint_setting[0]} ({endpoint_setting[1]})={description!r} is not a usable Twisted endpoint: {e}"
+            f"{_named(settings, *endpoint_setting, description)} is not a usable Twisted endpoint: {e}"
         ) from None
     return NamedEndpoint(endpoint, listener)
+
+
+def _named(settings: Settings, name: str, option: str, value: str) -> str:
+    """
+    A setting as a refusal names it: C{NAME (--option)='value'}, then
+    where the value came from (L{Settings.source}), as the line of a bad
+    value does (L{load_settings}): C{TOKEN_FILE (--token-file)='/x' (from
+    the environment)}.
+    """
+    source = settings.source(name)
+    return f"{name} ({option})={value!r}" + (f" ({source})" if source else "")
 
 
 def speaks_tls(description: str | None) -> bool:

@@ -148,8 +148,8 @@ class DaemonTests(TestCase):
         self.assertEqual(code, 2, err)
         self.assertEqual(
             err.decode(),
-            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(tokenfile)!r} is in use by another "
-            f"running gateway (pid {pidfile.read_text()}), which holds its lock {str(tokenfile) + '.lock'!r}: "
+            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(tokenfile)!r} (from the command line) is "
+            f"in use by another running gateway (pid {pidfile.read_text()}), which holds its lock {str(tokenfile) + '.lock'!r}: "
             "give each gateway its own TOKEN_FILE, or stop the other gateway first\n",
         )
         self.assertFalse(other_pidfile.exists())

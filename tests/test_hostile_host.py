@@ -99,8 +99,7 @@ class TokenFileAtStartTests(TestCase):
         self.assertEqual(code, 2, (out, err))
         lines = err.decode().splitlines()
         self.assertEqual(len(lines), 1, err)
-        self.assertIn("TOKEN_FILE", lines[0])
-        self.assertIn(repr(str(path)), lines[0])
+        self.assertIn(f"TOKEN_FILE (--token-file)={str(path)!r} (from the command line) is refused", lines[0])
         self.assertIn("point TOKEN_FILE at a new path", lines[0])
         self.assertNotIn(b"Traceback", out + err)
         return lines[0]
@@ -635,6 +634,7 @@ class StartupFileTests(TestCase):
         line = yield self.refused([], PRICES_FILE=str(path))
         self.assertIn(f"PRICES_FILE={str(path)!r} is refused: it is a ", line)
         self.assertIn("point PRICES_FILE at a regular JSON file of at most 1 MiB", line)
+        self.assertIn("(the value came from the environment)", line)
 
     @inlineCallbacks
     def test_ca_file(self) -> Any:
@@ -661,7 +661,10 @@ class StartupFileTests(TestCase):
         ):
             description = f"ssl:{free_port()}:interface=127.0.0.1:{fields}"
             line = yield self.refused(["--api-listen", description])
-            self.assertIn(f"API_LISTEN (--api-listen)={description!r} cannot be used: its {parameter} ", line)
+            self.assertIn(
+                f"API_LISTEN (--api-listen)={description!r} (from the command line) cannot be used: its {parameter} ",
+                line,
+            )
             self.assertIn(f"point {parameter} at a regular PEM file of at most 1 MiB", line)
 
     def test_sizes(self) -> None:

@@ -249,11 +249,64 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(settings.jwt_secret, b"f" * 40)
         self.assertFalse(settings.jwt_secret_is_ephemeral)
         path.write_bytes(b"short\n")
-        self.assertConfigError("JWT_SECRET is 5 bytes long")
+        self.assertConfigError(f"the secret in JWT_SECRET_FILE={str(path)!r} is 5 bytes long")
         self.environ["JWT_SECRET_FILE"] = str(self.cwd / "missing")
         self.assertConfigError("JWT_SECRET_FILE", "cannot be read")
         self.environ["JWT_SECRET"] = GOOD_SECRET
         self.assertConfigError("both set")
+
+    def test_refusals_say_where_the_value_came_from(self) -> None:
+        """
+        The refusal of a value says where the value came from, whichever
+        of the command line, the environment or an env file gave it (README
+        audit s18 F6: PRICES_FILE's and JWT_SECRET's did not); the settings
+        keep where each given value came from, for the refusals made once
+        they are read (L{Settings.source}).
+        """
+        prices = self.cwd / "prices.json"
+        prices.write_text("not json")
+        secret = self.cwd / "secret"
+        secret.write_bytes(b"short\n")
+        secret.chmod(0o600)
+        env_file = self.cwd / "openclaw.env"
+        cases = [
+            ("PRICES_FILE", str(prices), f"PRICES_FILE={str(prices)!r} is not JSON"),
+            ("PRICES_FILE", str(self.cwd / "gone.json"), "PRICES_FILE=", "cannot be read: No such file"),
+            ("JWT_SECRET", "short", "JWT_SECRET is 5 bytes long", "at least 32 bytes"),
+            ("JWT_SECRET_FILE", str(secret), f"the secret in JWT_SECRET_FILE={str(secret)!r} is 5 bytes long"),
+            ("REDIS_URL", "redis://:top#secret@h/0", "REDIS_URL='redis://:***@h/0' has a #"),
+            ("REDIS_URL", "redis://h/x", "REDIS_URL='redis://h/x' is invalid"),
+            ("REDIS_URL", "redis://h/0", "REDIS_URL is set (", ") but JWT_SECRET (or JWT_SECRET_FILE) is not"),
+            ("WORKERS", "2", "WORKERS (--workers)=2 (", ") needs REDIS_URL"),
+        ]
+        for name, value, *expected in cases:
+            for where in ("from the command line", "from the environment", f"from env file {str(env_file)!r}"):
+                self.environ.clear()
+                options: dict[str, str] = {}
+                env_file.write_text("")
+                if where == "from the command line":
+                    options[name] = value
+                elif where == "from the environment":
+                    self.environ[name] = value
+                else:
+                    env_file.write_text(f"{name}={value}\n")
+                with self.assertRaises(ConfigError) as caught:
+                    self.load(options, env_file=str(env_file))
+                message = str(caught.exception)
+                for part in (*expected, where):
+                    self.assertIn(part, message, (name, value, where))
+                self.assertNotIn("top#secret", message)
+        self.environ.clear()
+        self.environ["JWT_SECRET"] = GOOD_SECRET
+        self.assertConfigError(
+            "JWT_SECRET (from the environment) and JWT_SECRET_FILE (from the command line) are both set",
+            JWT_SECRET_FILE=str(secret),
+        )
+        settings = self.load({"WS_CONTROL_PORT": "18001"})
+        self.assertEqual(
+            (settings.source("WS_CONTROL_PORT"), settings.source("JWT_SECRET"), settings.source("API_PORT")),
+            ("from the command line", "from the environment", None),
+        )
 
     def test_limits(self) -> None:
         settings = self.load({"MAX_MESSAGE_BYTES": "1024", "ALLOWED_ORIGINS": "https://Ops.example:8443/, http://a.b"})

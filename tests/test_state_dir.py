@@ -157,7 +157,11 @@ class StateDirTests(TestCase):
             lines = err.decode().strip().splitlines()
             self.assertEqual(len(lines), 1, err)
             self.assertIn("openclaw: configuration error: ", lines[0])
-            self.assertIn(f"STATE_DIR={str(state)!r}: the consumers' database {str(state / 'openclaw.db')!r}", lines[0])
+            self.assertIn(
+                f"STATE_DIR={str(state)!r} (from the command line): the consumers' database "
+                f"{str(state / 'openclaw.db')!r}",
+                lines[0],
+            )
             self.assertIn(expected, lines[0])
             self.assertIn("--state-dir", lines[0])
             self.assertNotIn(b"Traceback", out + err)

@@ -99,8 +99,8 @@ class OneGatewayPerTokenFileTests(TestCase):
         self.assertEqual(status, 2, second.stderr + second.stdout[-2000:])
         self.assertEqual(
             second.stderr.decode(),
-            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(self.token_file)!r} is in use by "
-            f"another running gateway (pid {first.transport.pid}), which holds its lock {str(self.lock_file)!r}: "
+            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(self.token_file)!r} (from the command "
+            f"line) is in use by another running gateway (pid {first.transport.pid}), which holds its lock {str(self.lock_file)!r}: "
             "give each gateway its own TOKEN_FILE, or stop the other gateway first\n",
         )
         self.assertNotIn(b"SESSION TOKEN", second.stdout)
@@ -276,7 +276,9 @@ class LockFileAtStartTests(TestCase):
         self.assertEqual(status, 2, process.stderr + process.stdout[-2000:])
         lines = process.stderr.decode().splitlines()
         self.assertEqual(len(lines), 1, lines)
-        self.assertIn(f"TOKEN_FILE (--token-file)={str(directory / 'token')!r} cannot be locked", lines[0])
+        self.assertIn(
+            f"TOKEN_FILE (--token-file)={str(directory / 'token')!r} (from the command line) cannot be locked", lines[0]
+        )
         self.assertIn(f"{lock_file} is a symbolic link, not a regular file", lines[0])
         self.assertTrue(lock_file.is_symlink())
         self.assertEqual(target.read_text(), "")

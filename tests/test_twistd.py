@@ -146,6 +146,65 @@ class TwistdTests(TestCase):
                 self.assertNotIn(b"Traceback", out + err)
                 self.assertFalse(Path(run, "p").exists())
 
+    @inlineCallbacks
+    def test_refusals_leave_nothing_on_disk(self):
+        """
+        A refusal at start-up comes before anything is made on disk, or
+        takes back what was: twistd -n openclaw in a directory of its own
+        (the state directory: STATE_DIR unset) ends with its one line and
+        leaves the directory as it found it: no consumers' database
+        (README audit s18 F3: LOG_FORMAT=json without a token file left an
+        empty openclaw.db), no token file's lock.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            listen = ["--interface", "127.0.0.1", "--port", str(free_port()), "--api-port", str(free_port())]
+            # (directories made first, twistd's options, openclaw's, environment, exit status, the line)
+            cases: list[tuple[list[str], list[str], list[str], dict[str, str], int, str]] = [
+                # Standard output is a pipe here, not a terminal.
+                ([], [], listen, {"LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a standard output that is not"),
+                ([], [], listen, {"CONTROL_LISTEN": "bogus:1"}, 2, "CONTROL_LISTEN (--listen)='bogus:1' (from the"),
+                ([], [], ["--interface", "127.0.0.1", "--api-port", str(port)], {}, 1, f"127.0.0.1:{port} (API_PORT)"),
+                (
+                    [],
+                    [],
+                    [*listen, "--workers", "2"],
+                    {"REDIS_URL": "redis://127.0.0.1:1/0", "CONTROL_LISTEN": "tcp:0"},
+                    2,
+                    "--workers above 1 shares TCP listeners only",
+                ),
+                # The database refused once the token file is locked: the
+                # lock file goes.
+                (
+                    ["openclaw.db-wal"],
+                    [],
+                    [*listen, "--token-file", "token"],
+                    {},
+                    2,
+                    "openclaw.db-wal': a directory is in the way",
+                ),
+                # The log file refused once the database is made too: both go.
+                ([], ["--logfile", "missing/twistd.log"], [*listen, "--token-file", "token"], {}, 2, "the log file"),
+            ]
+            for directories, twistd, args, env, status, expected in cases:
+                run = Path(self.mktemp_dir()).resolve()
+                for name in directories:
+                    (run / name).mkdir()
+                out, err, code = yield getProcessOutputAndValue(
+                    twistd_path(),
+                    ["-n", "--pidfile=", *twistd, "openclaw", *args],
+                    env=base_env(JWT_SECRET=SECRET, **env),
+                    path=str(run),
+                )
+                self.assertEqual(code, status, err)
+                lines = err.decode().splitlines()
+                self.assertEqual(len(lines), 1, err)
+                self.assertIn(expected, lines[0])
+                self.assertNotIn(b"Traceback", out + err)
+                self.assertEqual(sorted(p.name for p in run.iterdir()), directories, expected)
+
     def mktemp_dir(self) -> str:
         path = Path(self.mktemp())
         path.mkdir(parents=True)
