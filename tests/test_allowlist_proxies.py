@@ -131,9 +131,15 @@ class HeaderInjectionTests(TestCase):
             trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
             trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
         )
+        events = capture_log_events(self)
         client = yield open_client(self, gateway.port, headers={"X-Forwarded-For": "10.0.0.5"})
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+        # The audit names the client the proxy named, and the proxy.
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        (audited,) = [e for e in events if e.get("cmd") == "switch_provider"]
+        self.assertRegex(audited["peer"], r"^10\.0\.0\.5 via 127\.0\.0\.1:\d+$")
 
 
 class ProxyNamingNoClientTests(TestCase):
