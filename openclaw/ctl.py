@@ -51,10 +51,10 @@ from openclaw.control.closecodes import (
     PROXY_NAMED_NO_CLIENT_REASON,
     UNTRUSTED_PEER_REASON,
 )
-from openclaw.files import kind_of
+from openclaw.files import kind_of, read_regular_file
 from openclaw.logs import PEER_TLS_ERROR_PREFIX
 from openclaw.reactors import IClientReactor
-from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
+from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, write_token_file
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
@@ -658,13 +658,20 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
     The token to present: C{--token}, else the content of C{--token-file},
     else C{OPENCLAW_TOKEN}.  A token file that was named but cannot be read
     is an error rather than a reason to fall back to the environment: the
-    operator asked for that file.
+    operator asked for that file.  It is read as the gateway reads its
+    C{TOKEN_FILE} (L{openclaw.files.read_regular_file}, links followed): a
+    regular file of at most L{MAX_TOKEN_FILE_BYTES}; a FIFO (which would
+    wait for a writer for ever) or a device (C{/dev/zero}, which never
+    ends) is refused unread.
+
+    @raise UsageError: no token, or the token file cannot be used; the
+        message says why, in one line.
     """
     if token:
         return token.strip()
     if token_file is not None:
         try:
-            content = token_file.read_text(encoding="ascii").strip()
+            content = read_regular_file(token_file, MAX_TOKEN_FILE_BYTES, follow_links=True).decode("ascii").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(
                 f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}; "

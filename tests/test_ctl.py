@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw import ctl
-from openclaw.session import write_token_file
+from openclaw.session import MAX_TOKEN_FILE_BYTES, write_token_file
 from tests.support import free_port, make_unwritable, start_gateway
 
 CTL = str(Path(sys.executable).parent / "openclawctl")
@@ -257,6 +257,26 @@ class ParseRequestTests(TestCase):
         empty.write_text("\n")
         error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, empty, {})
         self.assertIn("empty", str(error))
+
+    def test_token_file_too_large(self):
+        """
+        A file too large for a token is refused unread, as the gateway
+        reads its TOKEN_FILE (a FIFO and /dev/zero: L{TokenFileReadingTests},
+        in a process of their own).  A link to a token is followed.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        huge = directory / "huge"
+        huge.write_bytes(b"t" * (MAX_TOKEN_FILE_BYTES + 1))
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, huge, {"OPENCLAW_TOKEN": "x"})
+        self.assertEqual(
+            str(error),
+            f"cannot read the token file {huge}: it holds {MAX_TOKEN_FILE_BYTES + 1} bytes, more than the "
+            f"{MAX_TOKEN_FILE_BYTES} it may; the gateway writes it when started with TOKEN_FILE / --token-file",
+        )
+        (directory / "token").write_text(f"{TOKEN_LIKE}\n")
+        (directory / "link").symlink_to("token")
+        self.assertEqual(ctl.choose_token(None, directory / "link", {}), TOKEN_LIKE)
 
     def test_rotation_refused_when_the_token_cannot_be_saved(self):
         nowhere = Path(self.mktemp()) / "missing-directory" / "token"
@@ -1194,6 +1214,52 @@ class HostileServerTests(TestCase):
             f"openclawctl: error: {url} answered the WebSocket handshake with an HTTP response openclawctl could "
             "not read (UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 13: invalid start "
             "byte): HTTP/1.1 429 \\xff\\xfe bad utf8\n",
+        )
+
+
+class TokenFileReadingTests(TestCase):
+    """
+    C{--token-file} naming a FIFO or a device that never ends: one line
+    and exit status 2, as for any token file that cannot be read, where
+    openclawctl waited for a FIFO's writer for ever (--timeout or not) and
+    read /dev/zero until a MemoryError and its traceback (trial s18 F7).
+    Run under C{timeout} and a memory limit, so that a regression fails
+    rather than hangs or eats the machine.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def refused(self, token_file: Path) -> Any:
+        out, err, code = yield getProcessOutputAndValue(
+            "/bin/sh",
+            ["-c", 'ulimit -v 2000000; exec timeout 15 "$@"', "sh", CTL, "--token-file", str(token_file), "ping"],
+            env=BASE_ENV,
+        )
+        self.assertEqual((out, code), (b"", 2), err)
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self):
+        fifo = Path(self.mktemp())
+        fifo.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(fifo)
+        line = yield self.refused(fifo)
+        self.assertEqual(
+            line,
+            f"openclawctl: error: cannot read the token file {fifo}: it is a FIFO, not a regular file; the gateway "
+            "writes it when started with TOKEN_FILE / --token-file",
+        )
+
+    @inlineCallbacks
+    def test_dev_zero(self):
+        line = yield self.refused(Path("/dev/zero"))
+        self.assertEqual(
+            line,
+            "openclawctl: error: cannot read the token file /dev/zero: it is a character device, not a regular "
+            "file; the gateway writes it when started with TOKEN_FILE / --token-file",
         )
 
 
