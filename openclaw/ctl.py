@@ -16,6 +16,7 @@ C{ok: false} (its error goes to stderr), 2 when there was no answer to judge
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -1084,16 +1085,44 @@ def _policy_violation(reason: str | None, url: str) -> str:
     return f"{refused}: {printable(reason)}"
 
 
+def _unix_connect_failure(path: str, error: ConnectError) -> str:
+    """
+    Why a UNIX socket could not be connected to, by the C{connect(2)}
+    error Twisted kept (C{osError}), and what to check: a sentence, not
+    Twisted's C{An error occurred while connecting: 2: No such file or
+    directory.}.
+    """
+    number = error.osError if isinstance(error.osError, int) else None
+    if number in (errno.ENOENT, errno.ENOTDIR):
+        return f"there is no such socket file; is the gateway running, and is {path} its --listen unix: path?"
+    if number in (errno.EACCES, errno.EPERM):
+        return (
+            f"this user may not open the socket {path} (its mode, or a directory above it); run openclawctl as "
+            "a user the gateway's --listen unix:PATH:mode= lets in"
+        )
+    if isinstance(error, ConnectionRefusedError):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            return f"{path} is {kind_of(mode)}, not a socket; give the gateway's --listen unix: path"
+        return (
+            f"nothing listens on {path} (a socket file left by a gateway that stopped?); is the gateway "
+            "running, and is this its --listen unix: path?"
+        )
+    reason = os.strerror(number) if number else printable(str(error.args[0] or "connect failed"))
+    return f"{reason}; is the gateway running, and is {path} its --listen unix: path?"
+
+
 def explain_failure(error: BaseException, request: Request) -> str:
     """
     Why no answer came, and what to check: the operator's next step.
     """
     url = request.url
-    if unix_socket_path(url) is not None and isinstance(error, ConnectError):
-        return (
-            f"cannot connect to {url}: {error}; is the gateway running with "
-            "--listen unix:PATH (CONTROL_LISTEN) on this path, and may this user open the socket?"
-        )
+    path = unix_socket_path(url)
+    if path is not None and isinstance(error, ConnectError):
+        return f"cannot connect to {url}: {_unix_connect_failure(path, error)}"
     if isinstance(error, ConnectionRefusedError):
         return (
             f"cannot connect to {url}: connection refused; is the gateway running, "

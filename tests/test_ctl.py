@@ -15,6 +15,8 @@ import ipaddress
 import json
 import os
 import re
+import shutil
+import socket
 import stat
 import sys
 from pathlib import Path
@@ -34,7 +36,7 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
 from openclaw.session import MAX_TOKEN_FILE_BYTES, write_token_file
@@ -46,6 +48,9 @@ CTL = str(Path(sys.executable).parent / "openclawctl")
 #: environment the tests happen to run in.
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
+
+#: Another user (nobody), for files only root can give away.
+NOBODY = 65534
 
 #: What a token file holds (three base64url segments, as a JWT): the
 #: gateway's TOKEN_FILE rule takes nothing else.
@@ -1317,7 +1322,77 @@ class UnixSocketTests(TestCase):
 
     @inlineCallbacks
     def test_no_socket(self):
+        """
+        No socket file: a sentence, not Twisted's "An error occurred while
+        connecting: 2: No such file or directory.;" (trial s18 F9).
+        """
         out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
-        self.assertEqual(code, 2)
-        self.assertIn(f"cannot connect to unix:{self.path}", err)
-        self.assertIn("--listen unix:PATH", err)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: there is no such socket file; is the gateway "
+            f"running, and is {self.path} its --listen unix: path?\n",
+        )
+
+    @inlineCallbacks
+    def test_not_allowed(self):
+        """
+        A socket this user may not open (run here as uid L{NOBODY}, the
+        socket root's, in a directory of root's, mode 0700).
+        """
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            raise SkipTest("running openclawctl as another user needs root and setpriv (util-linux)")
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(str(self.path))
+        listening.listen()
+        out, err, code = yield getProcessOutputAndValue(
+            setpriv,
+            [
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                CTL,
+                "--url",
+                f"unix:{self.path}",
+                "--token",
+                "T",
+                "ping",
+            ],
+            env=BASE_ENV,
+            path="/",
+        )
+        self.assertEqual((out, code), (b"", 2))
+        self.assertEqual(
+            err.decode(),
+            f"openclawctl: error: cannot connect to unix:{self.path}: this user may not open the socket {self.path} "
+            "(its mode, or a directory above it); run openclawctl as a user the gateway's --listen "
+            "unix:PATH:mode= lets in\n",
+        )
+
+    @inlineCallbacks
+    def test_nothing_listens(self):
+        """
+        A socket file nothing listens on (left by a gateway that was
+        killed), or a file that is no socket.
+        """
+        left = socket.socket(socket.AF_UNIX)
+        left.bind(str(self.path))
+        left.close()
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: nothing listens on {self.path} (a socket "
+            "file left by a gateway that stopped?); is the gateway running, and is this its --listen unix: path?\n",
+        )
+        self.path.unlink()
+        self.path.write_text("")
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: {self.path} is a regular file, not a socket; "
+            "give the gateway's --listen unix: path\n",
+        )
