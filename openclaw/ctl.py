@@ -52,10 +52,16 @@ from openclaw.control.closecodes import (
     PROXY_NAMED_NO_CLIENT_REASON,
     UNTRUSTED_PEER_REASON,
 )
-from openclaw.files import kind_of, read_regular_file
+from openclaw.files import OwnerNotKept, kind_of, read_regular_file
 from openclaw.logs import PEER_TLS_ERROR_PREFIX
 from openclaw.reactors import IClientReactor
-from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, write_token_file
+from openclaw.session import (
+    MAX_TOKEN_FILE_BYTES,
+    UnsafeTokenFile,
+    check_token_file,
+    read_token_file,
+    write_token_file,
+)
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
@@ -747,8 +753,12 @@ def _check_writable(token_file: Path) -> None:
     empty or holds one token (the gateway's own rule for an existing
     C{TOKEN_FILE}, L{openclaw.session.check_token_file}: anything else,
     a C{~/.bashrc} given by mistake, is someone else's and is not
-    replaced); in a sticky directory (C{/tmp}) the file is this user's, or
-    the directory is (C{rename(2)}'s rule).
+    replaced); a file of another user's is replaced only by root, who
+    gives the new file the same owner (L{openclaw.files.write_atomically}'s
+    C{keep_owner}): one that another user (not root) replaced would be
+    that user's, mode 0600, which its owner (the gateway, for its
+    C{TOKEN_FILE}) could no longer read.  (That covers C{rename(2)}'s rule
+    in a sticky directory, C{/tmp}, too.)
 
     @raise UsageError: one of them fails; the message says which, and that
         nothing was rotated.
@@ -790,12 +800,13 @@ def _check_writable(token_file: Path) -> None:
             )
     euid = os.geteuid()
     if info is not None and euid != 0 and info.st_uid != euid:
-        held = os.stat(directory)
-        if held.st_mode & stat.S_ISVTX and held.st_uid != euid:
-            refuse(
-                f"it belongs to another user, in the sticky directory {directory}, so this user may not replace "
-                "it; give a path of this user's"
-            )
+        owner = info.st_uid
+        refuse(
+            f"it belongs to uid {owner}, and this user (uid {euid}) cannot give the new file to uid {owner}, "
+            f"who could then no longer read it (a gateway, its TOKEN_FILE); run openclawctl as uid {owner} or "
+            "root, or leave out --token-file: the new token is printed, and a gateway rewrites its own "
+            "TOKEN_FILE itself"
+        )
 
 
 def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
@@ -1315,23 +1326,60 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     return reply
 
 
+def holds_token(token_file: Path, token: str) -> bool:
+    """
+    Whether C{token_file} already holds C{token} (and at most a newline),
+    as a gateway's C{TOKEN_FILE} does once it has answered the rotation:
+    read as the gateway reads it (L{openclaw.session.read_token_file});
+    False when it cannot be read.
+    """
+    try:
+        held = read_token_file(token_file)
+    except (OSError, UnsafeTokenFile):
+        return False
+    return held is not None and held.rstrip(b"\n") == token.encode("utf-8")
+
+
+def save_token(token_file: Path, token: str) -> None:
+    """
+    Write a rotated C{token} to C{token_file}: nothing to do when it holds
+    it already (the gateway's own C{TOKEN_FILE}, which the gateway rewrote
+    before answering: left as the gateway wrote it); otherwise replaced
+    atomically, mode 0600, keeping the owner and group of the file there
+    (L{openclaw.session.write_token_file}'s C{keep_owner}), so root
+    rotating with the C{TOKEN_FILE} of a gateway that runs as another user
+    leaves that user able to read it.
+
+    @raise openclaw.files.OwnerNotKept: the file there is another user's
+        and this user may not give the new one to it; it is left as it was.
+    @raise OSError: it cannot be written; it is left as it was.
+    """
+    if not holds_token(token_file, token):
+        write_token_file(token_file, token, keep_owner=True)
+
+
 def conclude(request: Request, reply: Reply) -> Report:
     """
     Judge the answer; for a rotation with a token file, save the new token
-    there first (and say so loudly if that fails: the old token is dead).
+    there first (L{save_token}; and say so loudly if that fails: the old
+    token is dead).
     """
     answer = decode_answer(reply.payload)
     saved_to = None
     save_error = None
     if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:
+        failed = f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed"
+        keep = "the new token is on stdout: keep it"
         try:
-            write_token_file(request.token_file, answer["result"]["token"])
+            save_token(request.token_file, answer["result"]["token"])
             saved_to = request.token_file
-        except OSError as e:
+        except OwnerNotKept as e:
             save_error = (
-                f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed: "
-                f"{e.strerror or e}; the new token is on stdout: keep it"
+                f"{failed}: it belongs to uid {e.uid}, and this user cannot give the new file to that user, so it "
+                f"was left as it was; {keep}, and write it there as uid {e.uid}"
             )
+        except OSError as e:
+            save_error = f"{failed}: {e.strerror or e}; {keep}"
     return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
 
 

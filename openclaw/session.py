@@ -376,17 +376,23 @@ def _present(path: Path) -> bool:
     return True
 
 
-def write_token_file(path: Path, token: str) -> None:
+def write_token_file(path: Path, token: str, *, keep_owner: bool = False) -> None:
     """
     Replace C{path} atomically with the token and a newline, mode 0600
-    (L{write_atomically}).
+    (L{write_atomically}); with C{keep_owner}, owned by the user and group
+    of the file it replaces (openclawctl's, run as root on the gateway's
+    C{TOKEN_FILE}).
 
     Blocking (it fsyncs), and called on the reactor thread whenever the
     token changes (start-up, C{rotate_token}, in a cluster a peer's
     rotation): rare operator events; a slow disk stalls the reactor for
     the length of this write.
+
+    @raise openclaw.files.OwnerNotKept: C{keep_owner}, and this process
+        may not give the file to that owner.
+    @raise OSError: it cannot be written; C{path} is left as it was.
     """
-    write_atomically(path, token + "\n")
+    write_atomically(path, token + "\n", keep_owner=keep_owner)
 
 
 def token_file_lock_path(token_file: Path) -> Path:
