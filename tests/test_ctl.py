@@ -1380,6 +1380,26 @@ class AnotherUsersGatewayTests(TestCase):
         self.assertFalse(self.token_file.exists())
 
     @inlineCallbacks
+    def test_root_without_chown_rotates_with_the_gateways_token_file(self):
+        """
+        The gateway rewrote its TOKEN_FILE before it answered: openclawctl
+        finds the new token there and leaves the file as the gateway wrote
+        it, so even a root that may not give files away (no CAP_CHOWN: a
+        container's) has nothing to fail at.
+        """
+        yield self.started()
+        out, err, code = yield getProcessOutputAndValue(
+            "setpriv",
+            ["--bounding-set", "-chown", CTL, "--url", self.url, "--token-file", str(self.token_file), "rotate-token"],
+            env=BASE_ENV,
+        )
+        self.assertEqual((err, code), (b"", 0))
+        self.assertIn(f"new token written to {self.token_file}", out.decode())
+        self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
+        out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "ping")
+        self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
     def test_token_file_the_gateway_may_not_read(self):
         """
         A token file made root's, mode 0600 (as openclawctl left it before
