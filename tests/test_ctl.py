@@ -1448,10 +1448,22 @@ class TokenFileReadingTests(TestCase):
     timeout = 30
 
     @inlineCallbacks
-    def refused(self, token_file: Path) -> Any:
+    def refused(self, token_file: Path, *args: str) -> Any:
+        """
+        The one line of C{openclawctl --token-file token_file ARGS ping}.
+        """
         out, err, code = yield getProcessOutputAndValue(
             "/bin/sh",
-            ["-c", 'ulimit -v 2000000; exec timeout 15 "$@"', "sh", CTL, "--token-file", str(token_file), "ping"],
+            [
+                "-c",
+                'ulimit -v 2000000; exec timeout 15 "$@"',
+                "sh",
+                CTL,
+                "--token-file",
+                str(token_file),
+                *args,
+                "ping",
+            ],
             env=BASE_ENV,
         )
         self.assertEqual((out, code), (b"", 2), err)
@@ -1479,6 +1491,25 @@ class TokenFileReadingTests(TestCase):
             "openclawctl: error: cannot read the token file /dev/zero: it is a character device, not a regular "
             "file; the gateway writes it when started with TOKEN_FILE / --token-file",
         )
+
+    @inlineCallbacks
+    def test_cafile(self):
+        """
+        C{--cafile} is read the same way (L{openclaw.tls.read_ca_file}).
+        """
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(f"{TOKEN_LIKE}\n")
+        fifo = token_file.parent / "ca-fifo"
+        os.mkfifo(fifo)
+        url = f"wss://127.0.0.1:{free_port()}"
+        for cafile, kind in ((fifo, "a FIFO"), (Path("/dev/zero"), "a character device")):
+            line = yield self.refused(token_file, "--url", url, "--cafile", str(cafile))
+            self.assertEqual(
+                line,
+                f"openclawctl: error: --cafile {cafile}: it is {kind}, not a regular file; give a PEM file of CA "
+                "certificates",
+            )
 
 
 class UnixSocketTests(TestCase):
