@@ -16,6 +16,7 @@ C{ok: false} (its error goes to stderr), 2 when there was no answer to judge
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -51,10 +52,16 @@ from openclaw.control.closecodes import (
     PROXY_NAMED_NO_CLIENT_REASON,
     UNTRUSTED_PEER_REASON,
 )
-from openclaw.files import kind_of
+from openclaw.files import OwnerNotKept, kind_of, read_regular_file
 from openclaw.logs import PEER_TLS_ERROR_PREFIX
 from openclaw.reactors import IClientReactor
-from openclaw.session import UnsafeTokenFile, check_token_file, write_token_file
+from openclaw.session import (
+    MAX_TOKEN_FILE_BYTES,
+    UnsafeTokenFile,
+    check_token_file,
+    read_token_file,
+    write_token_file,
+)
 from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
 
 PROG = "openclawctl"
@@ -658,13 +665,20 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
     The token to present: C{--token}, else the content of C{--token-file},
     else C{OPENCLAW_TOKEN}.  A token file that was named but cannot be read
     is an error rather than a reason to fall back to the environment: the
-    operator asked for that file.
+    operator asked for that file.  It is read as the gateway reads its
+    C{TOKEN_FILE} (L{openclaw.files.read_regular_file}, links followed): a
+    regular file of at most L{MAX_TOKEN_FILE_BYTES}; a FIFO (which would
+    wait for a writer for ever) or a device (C{/dev/zero}, which never
+    ends) is refused unread.
+
+    @raise UsageError: no token, or the token file cannot be used; the
+        message says why, in one line.
     """
     if token:
         return token.strip()
     if token_file is not None:
         try:
-            content = token_file.read_text(encoding="ascii").strip()
+            content = read_regular_file(token_file, MAX_TOKEN_FILE_BYTES, follow_links=True).decode("ascii").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(
                 f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}; "
@@ -739,8 +753,12 @@ def _check_writable(token_file: Path) -> None:
     empty or holds one token (the gateway's own rule for an existing
     C{TOKEN_FILE}, L{openclaw.session.check_token_file}: anything else,
     a C{~/.bashrc} given by mistake, is someone else's and is not
-    replaced); in a sticky directory (C{/tmp}) the file is this user's, or
-    the directory is (C{rename(2)}'s rule).
+    replaced); a file of another user's is replaced only by root, who
+    gives the new file the same owner (L{openclaw.files.write_atomically}'s
+    C{keep_owner}): one that another user (not root) replaced would be
+    that user's, mode 0600, which its owner (the gateway, for its
+    C{TOKEN_FILE}) could no longer read.  (That covers C{rename(2)}'s rule
+    in a sticky directory, C{/tmp}, too.)
 
     @raise UsageError: one of them fails; the message says which, and that
         nothing was rotated.
@@ -782,12 +800,13 @@ def _check_writable(token_file: Path) -> None:
             )
     euid = os.geteuid()
     if info is not None and euid != 0 and info.st_uid != euid:
-        held = os.stat(directory)
-        if held.st_mode & stat.S_ISVTX and held.st_uid != euid:
-            refuse(
-                f"it belongs to another user, in the sticky directory {directory}, so this user may not replace "
-                "it; give a path of this user's"
-            )
+        owner = info.st_uid
+        refuse(
+            f"it belongs to uid {owner}, and this user (uid {euid}) cannot give the new file to uid {owner}, "
+            f"who could then no longer read it (a gateway, its TOKEN_FILE); run openclawctl as uid {owner} or "
+            "root, or leave out --token-file: the new token is printed, and a gateway rewrites its own "
+            "TOKEN_FILE itself"
+        )
 
 
 def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
@@ -1077,16 +1096,44 @@ def _policy_violation(reason: str | None, url: str) -> str:
     return f"{refused}: {printable(reason)}"
 
 
+def _unix_connect_failure(path: str, error: ConnectError) -> str:
+    """
+    Why a UNIX socket could not be connected to, by the C{connect(2)}
+    error Twisted kept (C{osError}), and what to check: a sentence, not
+    Twisted's C{An error occurred while connecting: 2: No such file or
+    directory.}.
+    """
+    number = error.osError if isinstance(error.osError, int) else None
+    if number in (errno.ENOENT, errno.ENOTDIR):
+        return f"there is no such socket file; is the gateway running, and is {path} its --listen unix: path?"
+    if number in (errno.EACCES, errno.EPERM):
+        return (
+            f"this user may not open the socket {path} (its mode, or a directory above it); run openclawctl as "
+            "a user the gateway's --listen unix:PATH:mode= lets in"
+        )
+    if isinstance(error, ConnectionRefusedError):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFSOCK
+        if not stat.S_ISSOCK(mode):
+            return f"{path} is {kind_of(mode)}, not a socket; give the gateway's --listen unix: path"
+        return (
+            f"nothing listens on {path} (a socket file left by a gateway that stopped?); is the gateway "
+            "running, and is this its --listen unix: path?"
+        )
+    reason = os.strerror(number) if number else printable(str(error.args[0] or "connect failed"))
+    return f"{reason}; is the gateway running, and is {path} its --listen unix: path?"
+
+
 def explain_failure(error: BaseException, request: Request) -> str:
     """
     Why no answer came, and what to check: the operator's next step.
     """
     url = request.url
-    if unix_socket_path(url) is not None and isinstance(error, ConnectError):
-        return (
-            f"cannot connect to {url}: {error}; is the gateway running with "
-            "--listen unix:PATH (CONTROL_LISTEN) on this path, and may this user open the socket?"
-        )
+    path = unix_socket_path(url)
+    if path is not None and isinstance(error, ConnectError):
+        return f"cannot connect to {url}: {_unix_connect_failure(path, error)}"
     if isinstance(error, ConnectionRefusedError):
         return (
             f"cannot connect to {url}: connection refused; is the gateway running, "
@@ -1279,23 +1326,60 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     return reply
 
 
+def holds_token(token_file: Path, token: str) -> bool:
+    """
+    Whether C{token_file} already holds C{token} (and at most a newline),
+    as a gateway's C{TOKEN_FILE} does once it has answered the rotation:
+    read as the gateway reads it (L{openclaw.session.read_token_file});
+    False when it cannot be read.
+    """
+    try:
+        held = read_token_file(token_file)
+    except (OSError, UnsafeTokenFile):
+        return False
+    return held is not None and held.rstrip(b"\n") == token.encode("utf-8")
+
+
+def save_token(token_file: Path, token: str) -> None:
+    """
+    Write a rotated C{token} to C{token_file}: nothing to do when it holds
+    it already (the gateway's own C{TOKEN_FILE}, which the gateway rewrote
+    before answering: left as the gateway wrote it); otherwise replaced
+    atomically, mode 0600, keeping the owner and group of the file there
+    (L{openclaw.session.write_token_file}'s C{keep_owner}), so root
+    rotating with the C{TOKEN_FILE} of a gateway that runs as another user
+    leaves that user able to read it.
+
+    @raise openclaw.files.OwnerNotKept: the file there is another user's
+        and this user may not give the new one to it; it is left as it was.
+    @raise OSError: it cannot be written; it is left as it was.
+    """
+    if not holds_token(token_file, token):
+        write_token_file(token_file, token, keep_owner=True)
+
+
 def conclude(request: Request, reply: Reply) -> Report:
     """
     Judge the answer; for a rotation with a token file, save the new token
-    there first (and say so loudly if that fails: the old token is dead).
+    there first (L{save_token}; and say so loudly if that fails: the old
+    token is dead).
     """
     answer = decode_answer(reply.payload)
     saved_to = None
     save_error = None
     if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:
+        failed = f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed"
+        keep = "the new token is on stdout: keep it"
         try:
-            write_token_file(request.token_file, answer["result"]["token"])
+            save_token(request.token_file, answer["result"]["token"])
             saved_to = request.token_file
-        except OSError as e:
+        except OwnerNotKept as e:
             save_error = (
-                f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed: "
-                f"{e.strerror or e}; the new token is on stdout: keep it"
+                f"{failed}: it belongs to uid {e.uid}, and this user cannot give the new file to that user, so it "
+                f"was left as it was; {keep}, and write it there as uid {e.uid}"
             )
+        except OSError as e:
+            save_error = f"{failed}: {e.strerror or e}; {keep}"
     return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
 
 

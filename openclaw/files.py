@@ -5,6 +5,8 @@ only; and lock files it holds for its lifetime (L{PidLock}).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -13,7 +15,26 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomically(path: Path, text: str) -> None:
+class OwnerNotKept(PermissionError):
+    """
+    L{write_atomically} was asked to keep the owner of the file it
+    replaces, and this process may not give a file to that user
+    (C{fchown(2)}: only root may); C{path} was left as it was.
+
+    @ivar uid: the owner it has.
+    @ivar gid: its group.
+    """
+
+    def __init__(self, path: Path, uid: int, gid: int) -> None:
+        super().__init__(
+            errno.EPERM, f"this user may not give the new file to the owner of {path} (uid {uid}, gid {gid})"
+        )
+        self.path = path
+        self.uid = uid
+        self.gid = gid
+
+
+def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None:
     """
     Replace C{path} with C{text} (UTF-8) so that a reader or a crash sees the
     old content or the new, never half of either: a temporary file in the
@@ -23,12 +44,23 @@ def write_atomically(path: Path, text: str) -> None:
     what it holds (a session token) is never readable by others, not even
     for an instant.
 
+    @param keep_owner: give the new file the owner and group of the file
+        at C{path} (C{lstat}), when there is one, before the rename, as
+        C{install(1)} and editors do: root replacing a file of the
+        gateway's user leaves it the gateway's, which it can still read at
+        mode 0600.  A group this process may not give (one it is not in)
+        is left as it comes: at mode 0600 it reads nothing.
+    @raise OwnerNotKept: C{keep_owner}, and the owner cannot be kept (this
+        process is not root, nor the file's owner); C{path} is then left
+        as it was.
     @raise OSError: the directory is missing or not writable, or the disk is
         full; C{path} is then left as it was.
     """
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if keep_owner:
+                _give_to_owner_of(path, fd)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -36,6 +68,31 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _give_to_owner_of(path: Path, fd: int) -> None:
+    """
+    Give the file open as C{fd} the owner and group of C{path}, if it
+    differs and there is a file there (L{write_atomically}'s
+    C{keep_owner}).
+
+    @raise OwnerNotKept: the owner cannot be given.
+    """
+    try:
+        old = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    new = os.fstat(fd)
+    if old.st_uid != new.st_uid:
+        try:
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            raise OwnerNotKept(path, old.st_uid, old.st_gid) from None
+    elif old.st_gid != new.st_gid:
+        # At mode 0600 the group reads nothing: one this process is not
+        # in is not worth failing for.
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, -1, old.st_gid)
 
 
 class NotARegularFile(OSError):

@@ -310,7 +310,7 @@ class SessionAuthority:
         if self._token_file is None:
             return
         if self._shared:
-            if self._token_file.exists() or self._token_file.is_symlink():
+            if _present(self._token_file):
                 self._log.info(
                     "TOKEN_FILE {path} was left in place: the token is the cluster's and stays valid "
                     "for its other instances",
@@ -320,13 +320,10 @@ class SessionAuthority:
         if self._current is None:
             why: str | None = "this gateway never wrote a token to it"
         else:
-            try:
-                why = self._foreign_token_file(accept=None)
-            except OSError as e:
-                why = f"it cannot be read ({e.strerror})"
+            why = self._foreign_token_file(accept=None)
         if why is None:
             self._token_file.unlink(missing_ok=True)
-        elif self._token_file.exists() or self._token_file.is_symlink():
+        elif _present(self._token_file):
             self._log.warn("TOKEN_FILE {path} was left in place: {why}", path=str(self._token_file), why=why)
 
     def _foreign_token_file(self, accept: SessionToken | None) -> str | None:
@@ -334,15 +331,27 @@ class SessionAuthority:
         Why the token file may not be replaced or removed now, or L{None}
         when it may: it is missing, or a regular file holding this
         gateway's current token (or C{accept}'s).  Before the first token,
-        any file L{check_token_file} accepts may be replaced.
-
-        @raise OSError: it cannot be examined or read.
+        any file L{check_token_file} accepts may be replaced.  A file this
+        gateway cannot read (one another user wrote, mode 0600) may hold
+        anything: it is not replaced, and the reason says what to do.
         """
         assert self._token_file is not None
         try:
             held = read_token_file(self._token_file)
         except UnsafeTokenFile as e:
             return e.reason
+        except NotADirectoryError:
+            # A path through a file: no file can be there (as for a missing
+            # one); writing it fails and says so.
+            return None
+        except PermissionError as e:
+            user = os.geteuid()
+            return (
+                f"this gateway's user (uid {user}) may not read it ({e.strerror}), so it may hold anything: "
+                f"give it back to that user (chown {user}) or remove it"
+            )
+        except OSError as e:
+            return f"it cannot be read ({e.strerror or e})"
         if held is None:
             return None
         mine = [token.token.encode("ascii") for token in (self._current, accept) if token is not None]
@@ -353,17 +362,37 @@ class SessionAuthority:
         return "it no longer holds this gateway's session token: another gateway or an operator wrote it"
 
 
-def write_token_file(path: Path, token: str) -> None:
+def _present(path: Path) -> bool:
+    """
+    Whether something (a link included) is at C{path}: true when that
+    cannot be told (a directory this user may not search).
+    """
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def write_token_file(path: Path, token: str, *, keep_owner: bool = False) -> None:
     """
     Replace C{path} atomically with the token and a newline, mode 0600
-    (L{write_atomically}).
+    (L{write_atomically}); with C{keep_owner}, owned by the user and group
+    of the file it replaces (openclawctl's, run as root on the gateway's
+    C{TOKEN_FILE}).
 
     Blocking (it fsyncs), and called on the reactor thread whenever the
     token changes (start-up, C{rotate_token}, in a cluster a peer's
     rotation): rare operator events; a slow disk stalls the reactor for
     the length of this write.
+
+    @raise openclaw.files.OwnerNotKept: C{keep_owner}, and this process
+        may not give the file to that owner.
+    @raise OSError: it cannot be written; C{path} is left as it was.
     """
-    write_atomically(path, token + "\n")
+    write_atomically(path, token + "\n", keep_owner=keep_owner)
 
 
 def token_file_lock_path(token_file: Path) -> Path:

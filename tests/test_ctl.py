@@ -15,8 +15,11 @@ import ipaddress
 import json
 import os
 import re
+import shutil
+import socket
 import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +34,15 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
-from openclaw.session import write_token_file
-from tests.support import free_port, make_unwritable, start_gateway
+from openclaw.session import MAX_TOKEN_FILE_BYTES, write_token_file
+from tests.support import GatewayProcess, free_port, make_unwritable, start_gateway, twistd_path, within
 
 CTL = str(Path(sys.executable).parent / "openclawctl")
 
@@ -46,6 +50,9 @@ CTL = str(Path(sys.executable).parent / "openclawctl")
 #: environment the tests happen to run in.
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
+
+#: Another user (nobody), for files only root can give away.
+NOBODY = 65534
 
 #: What a token file holds (three base64url segments, as a JWT): the
 #: gateway's TOKEN_FILE rule takes nothing else.
@@ -258,6 +265,26 @@ class ParseRequestTests(TestCase):
         error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, empty, {})
         self.assertIn("empty", str(error))
 
+    def test_token_file_too_large(self):
+        """
+        A file too large for a token is refused unread, as the gateway
+        reads its TOKEN_FILE (a FIFO and /dev/zero: L{TokenFileReadingTests},
+        in a process of their own).  A link to a token is followed.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        huge = directory / "huge"
+        huge.write_bytes(b"t" * (MAX_TOKEN_FILE_BYTES + 1))
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, huge, {"OPENCLAW_TOKEN": "x"})
+        self.assertEqual(
+            str(error),
+            f"cannot read the token file {huge}: it holds {MAX_TOKEN_FILE_BYTES + 1} bytes, more than the "
+            f"{MAX_TOKEN_FILE_BYTES} it may; the gateway writes it when started with TOKEN_FILE / --token-file",
+        )
+        (directory / "token").write_text(f"{TOKEN_LIKE}\n")
+        (directory / "link").symlink_to("token")
+        self.assertEqual(ctl.choose_token(None, directory / "link", {}), TOKEN_LIKE)
+
     def test_rotation_refused_when_the_token_cannot_be_saved(self):
         nowhere = Path(self.mktemp()) / "missing-directory" / "token"
         error = self.assertRaises(
@@ -333,22 +360,35 @@ class ParseRequestTests(TestCase):
         text = self.refused_rotation(locked / "token")
         self.assertIn(f"this user may not create files in {locked}", text)
 
-    def test_rotation_refused_for_another_users_file_in_a_sticky_directory(self):
+    def test_rotation_refused_for_another_users_file(self):
         """
-        rename(2) in a sticky directory (/tmp) replaces only a file of this
-        user's (or in a directory of this user's).  The user is made
-        another here, so that the test means the same run as root.
+        A token file of another user's is replaced only by root, who gives
+        the new one the same owner: a user that is not root would make it
+        its own, mode 0600, which the owner (a gateway, for its TOKEN_FILE)
+        could no longer read (trial s18 F1).  So, sticky directory (/tmp,
+        where rename(2) would refuse too) or not, refused before rotating.
+        The user is made another here, so that the test means the same run
+        as root.
         """
-        sticky = Path(self.mktemp())
-        sticky.mkdir(parents=True)
-        sticky.chmod(0o1777)
-        (sticky / "token").write_text(f"{TOKEN_LIKE}\n")
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        (directory / "token").write_text(f"{TOKEN_LIKE}\n")
+        owner = os.stat(directory / "token").st_uid
         someone_else = os.geteuid() + 1
         self.patch(os, "geteuid", lambda: someone_else)
-        self.assertIn("it belongs to another user, in the sticky directory", self.refused_rotation(sticky / "token"))
-        # Not sticky: the directory's permission is enough.
-        sticky.chmod(0o777)
-        self.parse("--token", "T", "rotate-token", "--token-file", str(sticky / "token"))
+        for mode in (0o1777, 0o777):
+            directory.chmod(mode)
+            self.assertIn(
+                f"it belongs to uid {owner}, and this user (uid {someone_else}) cannot give the new file to uid "
+                f"{owner}, who could then no longer read it (a gateway, its TOKEN_FILE); run openclawctl as uid "
+                f"{owner} or root, or leave out --token-file: the new token is printed, and a gateway rewrites "
+                "its own TOKEN_FILE itself",
+                self.refused_rotation(directory / "token"),
+            )
+        # A file of its own, or none yet: accepted.
+        self.parse("--token", "T", "rotate-token", "--token-file", str(directory / "new"))
+        self.patch(os, "geteuid", lambda: owner)
+        self.parse("--token", "T", "rotate-token", "--token-file", str(directory / "token"))
 
     def test_bad_url_and_cafile(self):
         error = self.assertRaises(ctl.UsageError, self.parse, "--token", "T", "--url", "http://host", "ping")
@@ -920,6 +960,65 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield self.ctl("--token-file", str(token_file), "ping")
         self.assertEqual(code, 0, err)
 
+    def another_users_token_file(self, token: str) -> Path:
+        """
+        A token file holding C{token}, mode 0600, owned by uid and gid
+        L{NOBODY} (root only: skips the test otherwise), which is not this
+        gateway's TOKEN_FILE: openclawctl writes it.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("giving a file to another user needs root")
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        write_token_file(token_file, token)
+        os.chown(token_file, NOBODY, NOBODY)
+        return token_file
+
+    @inlineCallbacks
+    def test_rotate_token_keeps_the_owner(self):
+        """
+        Root rotating with another user's token file (a gateway's that
+        runs as that user) writes the new token in a file with the same
+        owner and group, mode 0600, as install(1) and editors do: that user
+        can still read it.  It was left root's (trial s18 F1).
+        """
+        token_file = self.another_users_token_file(self.gateway.token)
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file))
+        self.assertEqual((err, code), ("", 0))
+        self.assertEqual(token_file.read_text(), self.gateway.token + "\n")
+        info = token_file.stat()
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)), (NOBODY, NOBODY, 0o600))
+        self.assertEqual(sorted(p.name for p in token_file.parent.iterdir()), [token_file.name])
+
+    @inlineCallbacks
+    def test_rotate_token_when_the_owner_cannot_be_kept(self):
+        """
+        Root without the right to give files away (CAP_CHOWN: a container's
+        root, NFS's root_squash): the token is rotated, but another user's
+        token file is left as it was, not made root's; the new token is
+        printed, and the error says to write it there as its owner.
+        """
+        old = self.gateway.token
+        token_file = self.another_users_token_file(old)
+        out, err, code = yield getProcessOutputAndValue(
+            "setpriv",
+            ["--bounding-set", "-chown", CTL, "--url", self.url, "--token-file", str(token_file), "rotate-token"],
+            env=BASE_ENV,
+        )
+        self.assertEqual(code, 1, err)
+        new = self.gateway.token
+        self.assertNotEqual(new, old)
+        self.assertIn(f"new token: {new}\n", out.decode())
+        self.assertEqual(
+            err.decode(),
+            f"openclawctl: error: the token was rotated but writing it to {token_file} failed: it belongs to uid "
+            f"{NOBODY}, and this user cannot give the new file to that user, so it was left as it was; the new "
+            f"token is on stdout: keep it, and write it there as uid {NOBODY}\n",
+        )
+        self.assertEqual(token_file.read_text(), old + "\n")
+        self.assertEqual(token_file.stat().st_uid, NOBODY)
+        self.assertEqual(sorted(p.name for p in token_file.parent.iterdir()), [token_file.name])
+
     @inlineCallbacks
     def test_rotate_token_to_a_new_file(self):
         """
@@ -1197,6 +1296,222 @@ class HostileServerTests(TestCase):
         )
 
 
+class AnotherUsersGatewayTests(TestCase):
+    """
+    Trial s18 F1, as run: a gateway (C{twistd -n openclaw}) running as
+    another user (uid L{NOBODY}, as under systemd's C{User=}), and root
+    running C{openclawctl --token-file TOKEN_FILE rotate-token}, as the
+    README and the systemd unit's comment say.  The gateway's next rotation
+    answered "internal error" (a PermissionError in its log), and its stop
+    left the file: root's openclawctl had made it root's, mode 0600.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            raise SkipTest("running a gateway as another user needs root and setpriv (util-linux)")
+        # Under a directory that user may search (the test's own is under
+        # a 0700 one).
+        base = Path(tempfile.mkdtemp(prefix="oc-another-user-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o755)
+        for name in ("run", "state"):
+            (base / name).mkdir(mode=0o700)
+            os.chown(base / name, NOBODY, NOBODY)
+        os.chown(base, NOBODY, NOBODY)
+        self.token_file = base / "run" / "token"
+        self.port = free_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.gateway = GatewayProcess()
+        argv = [
+            setpriv,
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            twistd_path(),
+            "-n",
+            "--pidfile=",
+            "openclaw",
+            "--port",
+            str(self.port),
+            "--interface",
+            "127.0.0.1",
+            "--api-port",
+            str(free_port()),
+            "--token-file",
+            str(self.token_file),
+            "--state-dir",
+            str(base / "state"),
+        ]
+        env = {**BASE_ENV, "HOME": str(base), "JWT_SECRET": "another-users-gateway-secret-42-42-42"}
+        reactor.spawnProcess(self.gateway, setpriv, argv, env=env, path=str(base))
+        self.addCleanup(self.gateway.stop)
+
+    @inlineCallbacks
+    def started(self) -> Any:
+        for _ in range(400):
+            if self.gateway.ended.called:
+                self.fail(f"the gateway ended: {self.gateway.stderr + self.gateway.stdout[-2000:]!r}")
+            if self.token_file.exists() and b"SESSION TOKEN" in self.gateway.stdout:
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"the gateway did not start: {self.gateway.stdout[-2000:]!r}")
+
+    def owner(self) -> tuple[int, int, int]:
+        info = self.token_file.stat()
+        return info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)
+
+    @inlineCallbacks
+    def test_root_rotates_with_the_gateways_token_file(self):
+        yield self.started()
+        self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
+        for _ in range(2):
+            out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "rotate-token")
+            self.assertEqual((err, code), ("", 0))
+            self.assertIn(f"new token written to {self.token_file}", out)
+            self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
+        out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "ping")
+        self.assertEqual((err, code), ("", 0))
+        self.assertNotIn(b"Traceback", self.gateway.stdout)
+        status = yield within(self.gateway.stop(), 20, "the gateway to stop")
+        self.assertIn(status, (0, -15), self.gateway.stdout[-2000:])
+        self.assertFalse(self.token_file.exists())
+
+    @inlineCallbacks
+    def test_root_without_chown_rotates_with_the_gateways_token_file(self):
+        """
+        The gateway rewrote its TOKEN_FILE before it answered: openclawctl
+        finds the new token there and leaves the file as the gateway wrote
+        it, so even a root that may not give files away (no CAP_CHOWN: a
+        container's) has nothing to fail at.
+        """
+        yield self.started()
+        out, err, code = yield getProcessOutputAndValue(
+            "setpriv",
+            ["--bounding-set", "-chown", CTL, "--url", self.url, "--token-file", str(self.token_file), "rotate-token"],
+            env=BASE_ENV,
+        )
+        self.assertEqual((err, code), (b"", 0))
+        self.assertIn(f"new token written to {self.token_file}", out.decode())
+        self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
+        out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "ping")
+        self.assertEqual((err, code), ("", 0))
+
+    @inlineCallbacks
+    def test_token_file_the_gateway_may_not_read(self):
+        """
+        A token file made root's, mode 0600 (as openclawctl left it before
+        it kept the owner): the gateway's rotation leaves it and logs why
+        and what to do, and answers with the new token; its stop leaves
+        it, saying why.
+        """
+        yield self.started()
+        old = self.token_file.read_text().strip()
+        write_token_file(self.token_file, old)
+        self.assertEqual(self.owner(), (0, 0, 0o600))
+        out, err, code = yield run_ctl("--url", self.url, "--token", old, "rotate-token")
+        self.assertEqual((err, code), ("", 0))
+        new = re.search(r"new token: (\S+)", out).group(1)
+        self.assertEqual(self.token_file.read_text(), old + "\n")
+        out, err, code = yield run_ctl("--url", self.url, "--token", new, "ping")
+        self.assertEqual((err, code), ("", 0))
+        log = self.gateway.stdout.decode()
+        self.assertIn(
+            f"TOKEN_FILE {self.token_file} was left as it is (this gateway's user (uid {NOBODY}) may not read it "
+            f"(Permission denied), so it may hold anything: give it back to that user (chown {NOBODY}) or remove "
+            "it); session token",
+            log,
+        )
+        self.assertNotIn("internal error", log)
+        self.assertNotIn("Traceback", log)
+        status = yield within(self.gateway.stop(), 20, "the gateway to stop")
+        self.assertIn(status, (0, -15), self.gateway.stdout[-2000:])
+        self.assertEqual(self.token_file.read_text(), old + "\n")
+        self.assertIn(
+            f"TOKEN_FILE {self.token_file} was left in place: this gateway's user (uid {NOBODY}) may not read it",
+            self.gateway.stdout.decode(),
+        )
+
+
+class TokenFileReadingTests(TestCase):
+    """
+    C{--token-file} naming a FIFO or a device that never ends: one line
+    and exit status 2, as for any token file that cannot be read, where
+    openclawctl waited for a FIFO's writer for ever (--timeout or not) and
+    read /dev/zero until a MemoryError and its traceback (trial s18 F7).
+    Run under C{timeout} and a memory limit, so that a regression fails
+    rather than hangs or eats the machine.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def refused(self, token_file: Path, *args: str) -> Any:
+        """
+        The one line of C{openclawctl --token-file token_file ARGS ping}.
+        """
+        out, err, code = yield getProcessOutputAndValue(
+            "/bin/sh",
+            [
+                "-c",
+                'ulimit -v 2000000; exec timeout 15 "$@"',
+                "sh",
+                CTL,
+                "--token-file",
+                str(token_file),
+                *args,
+                "ping",
+            ],
+            env=BASE_ENV,
+        )
+        self.assertEqual((out, code), (b"", 2), err)
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        return lines[0]
+
+    @inlineCallbacks
+    def test_fifo(self):
+        fifo = Path(self.mktemp())
+        fifo.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(fifo)
+        line = yield self.refused(fifo)
+        self.assertEqual(
+            line,
+            f"openclawctl: error: cannot read the token file {fifo}: it is a FIFO, not a regular file; the gateway "
+            "writes it when started with TOKEN_FILE / --token-file",
+        )
+
+    @inlineCallbacks
+    def test_dev_zero(self):
+        line = yield self.refused(Path("/dev/zero"))
+        self.assertEqual(
+            line,
+            "openclawctl: error: cannot read the token file /dev/zero: it is a character device, not a regular "
+            "file; the gateway writes it when started with TOKEN_FILE / --token-file",
+        )
+
+    @inlineCallbacks
+    def test_cafile(self):
+        """
+        C{--cafile} is read the same way (L{openclaw.tls.read_ca_file}).
+        """
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(f"{TOKEN_LIKE}\n")
+        fifo = token_file.parent / "ca-fifo"
+        os.mkfifo(fifo)
+        url = f"wss://127.0.0.1:{free_port()}"
+        for cafile, kind in ((fifo, "a FIFO"), (Path("/dev/zero"), "a character device")):
+            line = yield self.refused(token_file, "--url", url, "--cafile", str(cafile))
+            self.assertEqual(
+                line,
+                f"openclawctl: error: --cafile {cafile}: it is {kind}, not a regular file; give a PEM file of CA "
+                "certificates",
+            )
+
+
 class UnixSocketTests(TestCase):
     """
     C{openclawctl --url unix:PATH} reaches a gateway whose control plane
@@ -1251,7 +1566,77 @@ class UnixSocketTests(TestCase):
 
     @inlineCallbacks
     def test_no_socket(self):
+        """
+        No socket file: a sentence, not Twisted's "An error occurred while
+        connecting: 2: No such file or directory.;" (trial s18 F9).
+        """
         out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
-        self.assertEqual(code, 2)
-        self.assertIn(f"cannot connect to unix:{self.path}", err)
-        self.assertIn("--listen unix:PATH", err)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: there is no such socket file; is the gateway "
+            f"running, and is {self.path} its --listen unix: path?\n",
+        )
+
+    @inlineCallbacks
+    def test_not_allowed(self):
+        """
+        A socket this user may not open (run here as uid L{NOBODY}, the
+        socket root's, in a directory of root's, mode 0700).
+        """
+        setpriv = shutil.which("setpriv")
+        if os.geteuid() != 0 or setpriv is None:
+            raise SkipTest("running openclawctl as another user needs root and setpriv (util-linux)")
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(str(self.path))
+        listening.listen()
+        out, err, code = yield getProcessOutputAndValue(
+            setpriv,
+            [
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                CTL,
+                "--url",
+                f"unix:{self.path}",
+                "--token",
+                "T",
+                "ping",
+            ],
+            env=BASE_ENV,
+            path="/",
+        )
+        self.assertEqual((out, code), (b"", 2))
+        self.assertEqual(
+            err.decode(),
+            f"openclawctl: error: cannot connect to unix:{self.path}: this user may not open the socket {self.path} "
+            "(its mode, or a directory above it); run openclawctl as a user the gateway's --listen "
+            "unix:PATH:mode= lets in\n",
+        )
+
+    @inlineCallbacks
+    def test_nothing_listens(self):
+        """
+        A socket file nothing listens on (left by a gateway that was
+        killed), or a file that is no socket.
+        """
+        left = socket.socket(socket.AF_UNIX)
+        left.bind(str(self.path))
+        left.close()
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: nothing listens on {self.path} (a socket "
+            "file left by a gateway that stopped?); is the gateway running, and is this its --listen unix: path?\n",
+        )
+        self.path.unlink()
+        self.path.write_text("")
+        out, err, code = yield run_ctl("--url", f"unix:{self.path}", "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: cannot connect to unix:{self.path}: {self.path} is a regular file, not a socket; "
+            "give the gateway's --listen unix: path\n",
+        )

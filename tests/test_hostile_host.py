@@ -13,6 +13,8 @@ import signal
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ from tests.test_cluster import ClusterCase, printed
 SECRET = "hostile-host-secret-hostile-host-secret-42"
 BYTES_SECRET = SECRET.encode()
 UNRELATED = b"root:x:0:0:root:/root:/bin/bash\n"
+#: Another user (nobody), for what only root can make.
+NOBODY = 65534
 
 
 def gateway_env(**extra: str) -> dict[str, str]:
@@ -256,6 +260,69 @@ class TokenFileLaterTests(SynchronousTestCase):
         self.assertEqual(self.path.read_bytes(), UNRELATED)
         self.assertEqual(self.authority.current, rotated)
         self.assertIn("was left as it is", self.logged())
+
+    @contextmanager
+    def unreadable(self) -> Iterator[None]:
+        """
+        The token file, within the block, is one the gateway may not read:
+        mode 0000 for a user other than root; for root, whom modes do not
+        stop, the block runs as uid and gid 65534, as a gateway under
+        another user does (the file stays root's, mode 0600, as root's
+        openclawctl used to leave it).
+        """
+        if os.geteuid() != 0:
+            self.path.chmod(0)
+            try:
+                yield
+            finally:
+                self.path.chmod(0o600)
+            return
+        # A directory that user may search (the test's own is under a
+        # 0700 one), with the token file in it.
+        searchable = Path(tempfile.mkdtemp(prefix="oc-token-"))
+        self.addCleanup(shutil.rmtree, searchable, True)
+        searchable.chmod(0o755)
+        moved = searchable / self.path.name
+        shutil.move(self.path, moved)
+        self.path = moved
+        self.authority = SessionAuthority(BYTES_SECRET, 3600, token_file=moved)
+        self.authority.adopt(self.first)
+        os.setegid(NOBODY)
+        os.seteuid(NOBODY)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+
+    def test_rotation_leaves_an_unreadable_file(self) -> None:
+        """
+        A token file the gateway may not read (trial s18 F1: root's
+        openclawctl left it root's, mode 0600, under a gateway running as
+        another user) may hold anything: the rotation leaves it, logs why
+        and what to do, and goes on (the client gets the new token), where
+        it failed with "internal error" and a traceback.
+        """
+        before = self.path.read_bytes()
+        with self.unreadable():
+            rotated = self.authority.issue()
+        self.assertEqual(self.authority.current, rotated)
+        self.assertEqual(self.path.read_bytes(), before)
+        user = NOBODY if os.geteuid() == 0 else os.geteuid()
+        self.assertIn(
+            f"TOKEN_FILE {self.path} was left as it is (this gateway's user (uid {user}) may not read it "
+            f"(Permission denied), so it may hold anything: give it back to that user (chown {user}) or remove "
+            f"it); session token {rotated.jti} is not in it",
+            self.logged(),
+        )
+
+    def test_stop_leaves_an_unreadable_file(self) -> None:
+        before = self.path.read_bytes()
+        with self.unreadable():
+            self.authority.discard_token_file()
+        self.assertEqual(self.path.read_bytes(), before)
+        self.assertIn(f"TOKEN_FILE {self.path} was left in place: this gateway's user (uid ", self.logged())
+        self.assertIn("may not read it (Permission denied)", self.logged())
 
     def test_rotation_replaces_its_own(self) -> None:
         rotated = self.authority.issue()
