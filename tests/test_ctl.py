@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -1312,6 +1313,22 @@ class AnotherUsersGatewayTests(TestCase):
         setpriv = shutil.which("setpriv")
         if os.geteuid() != 0 or setpriv is None:
             raise SkipTest("running a gateway as another user needs root and setpriv (util-linux)")
+        probe = subprocess.run(
+            [
+                setpriv,
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                "import openclaw",
+            ],
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+        )
+        if probe.returncode != 0:
+            raise SkipTest(f"uid {NOBODY} cannot run this Python with openclaw installed (its install is not readable)")
         # Under a directory that user may search (the test's own is under
         # a 0700 one).
         base = Path(tempfile.mkdtemp(prefix="oc-another-user-"))
