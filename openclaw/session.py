@@ -8,6 +8,7 @@ earlier token worthless, because its C{jti} is no longer the current one.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import re
@@ -322,7 +323,9 @@ class SessionAuthority:
         else:
             why = self._foreign_token_file(accept=None)
         if why is None:
-            self._token_file.unlink(missing_ok=True)
+            # Missing, or no directory there any more (a file in its place).
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                self._token_file.unlink()
         elif _present(self._token_file):
             self._log.warn("TOKEN_FILE {path} was left in place: {why}", path=str(self._token_file), why=why)
 

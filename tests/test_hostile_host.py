@@ -42,6 +42,7 @@ from tests.support import (
     exchange,
     free_port,
     make_ca,
+    open_client,
     spawn_gateway,
     start_gateway,
     start_metrics_listener,
@@ -203,6 +204,34 @@ class TokenFileCheckTests(SynchronousTestCase):
         ):
             self.path.write_bytes(content)
             self.assertRaises(UnsafeTokenFile, check_token_file, self.path)
+
+
+class TokenFileUnwritableTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_rotation_refused_cleanly(self):
+        """
+        A rotation whose token file cannot be written (its directory
+        gone, a file in its place) is refused with what to do, the current
+        token still valid; not an internal error with a traceback.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        run = directory / "run"
+        run.mkdir()
+        gateway = start_gateway(self, token_file=run / "token")
+        client = yield open_client(self, gateway.port)
+        (run / "token").unlink()
+        run.rmdir()
+        run.write_text("not a directory")  # even root cannot write there now
+        answer = yield client.command(gateway.token, "rotate_token")
+        self.assertFalse(answer["ok"])
+        self.assertIn("nothing was rotated", answer["error"])
+        self.assertIn("the current token stays valid", answer["error"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
 
 
 class TokenFileLaterTests(SynchronousTestCase):

@@ -267,7 +267,16 @@ class ControlCommands:
 
     def rotate_token(self, data: object) -> Answer:
         _fields(data, _NONE)
-        issued = self.rotate()
+        try:
+            issued = self.rotate()
+        except OSError as e:
+            # The file is written first (SessionAuthority.adopt): nothing
+            # was rotated, the current token stays valid.
+            raise CommandError(
+                f"nothing was rotated: the new token could not be written to TOKEN_FILE ({e.strerror or e}), so "
+                "the current token stays valid; make TOKEN_FILE's directory writable by the gateway's user, then "
+                "rotate again"
+            ) from None
         if isinstance(issued, Deferred):
             return issued.addCallbacks(_rotated, _refused)
         return _rotated(issued)
