@@ -48,8 +48,13 @@ def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None
         at C{path} (C{lstat}), when there is one, before the rename, as
         C{install(1)} and editors do: root replacing a file of the
         gateway's user leaves it the gateway's, which it can still read at
-        mode 0600.  A group this process may not give (one it is not in)
-        is left as it comes: at mode 0600 it reads nothing.
+        mode 0600.  Only when the directory belongs to that owner too (the
+        gateway's own, C{/run/openclaw}), where it could replace the file
+        anyway: another user's file in a directory not theirs (a sticky
+        C{/tmp}) is replaced by one of this process's, so that whoever
+        planted it is not handed the new content.  A group this process
+        may not give (one it is not in) is left as it comes: at mode 0600
+        it reads nothing.
     @raise OwnerNotKept: C{keep_owner}, and the owner cannot be kept (this
         process is not root, nor the file's owner); C{path} is then left
         as it was.
@@ -83,6 +88,12 @@ def _give_to_owner_of(path: Path, fd: int) -> None:
     except FileNotFoundError:
         return
     new = os.fstat(fd)
+    if old.st_uid != new.st_uid and os.stat(path.parent).st_uid != old.st_uid:
+        # Another user's file in a directory not theirs (a sticky /tmp):
+        # whoever planted it there would be handed the new content.  Kept
+        # only where that user could replace the file anyway (its own
+        # directory: the gateway's /run/openclaw).
+        return
     if old.st_uid != new.st_uid:
         try:
             os.fchown(fd, old.st_uid, old.st_gid)

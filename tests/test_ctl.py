@@ -973,7 +973,31 @@ class ConsoleScriptTests(TestCase):
         token_file.parent.mkdir(parents=True, exist_ok=True)
         write_token_file(token_file, token)
         os.chown(token_file, NOBODY, NOBODY)
+        # In that user's own directory (the gateway's /run/openclaw).
+        os.chown(token_file.parent, NOBODY, NOBODY)
         return token_file
+
+    @inlineCallbacks
+    def test_rotate_token_gives_nothing_to_a_planted_file(self):
+        """
+        Another user's token file in a directory not theirs (a sticky,
+        world-writable one, as /tmp) is not given the new token: root's
+        openclawctl replaces it with a file of its own, mode 0600, so
+        whoever planted the old one cannot read the new token.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("giving a file to another user needs root")
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        directory.chmod(0o1777)
+        token_file = directory / "token"
+        write_token_file(token_file, self.gateway.token)
+        os.chown(token_file, NOBODY, NOBODY)
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file))
+        self.assertEqual((err, code), ("", 0))
+        self.assertEqual(token_file.read_text(), self.gateway.token + "\n")
+        info = token_file.stat()
+        self.assertEqual((info.st_uid, stat.S_IMODE(info.st_mode)), (0, 0o600))
 
     @inlineCallbacks
     def test_rotate_token_keeps_the_owner(self):
