@@ -199,6 +199,9 @@ class SessionAuthority:
         Make C{issued} the current token (in a cluster: the one the cluster
         holds), every other one invalid at once, and write it to the token
         file when there is one.
+
+        @raise TokenFileUnwritable: it could not be written; the current
+            token is left as it was.
         """
         # The file first: if it cannot be written, the old token stays valid
         # rather than everyone being locked out by a token nobody has.
@@ -207,7 +210,10 @@ class SessionAuthority:
                 self._name_holder(self._lock)
             foreign = self._foreign_token_file(accept=issued)
             if foreign is None:
-                write_token_file(self._token_file, issued.token)
+                try:
+                    write_token_file(self._token_file, issued.token)
+                except OSError as e:
+                    raise TokenFileUnwritable(self._token_file, e) from None
             else:
                 self._log.warn(
                     "TOKEN_FILE {path} was left as it is ({why}); session token {jti} is not in it",
@@ -419,6 +425,20 @@ def lock_token_file(token_file: Path) -> PidLock:
     @raise OSError: the lock file cannot be created or opened.
     """
     return PidLock.acquire(token_file_lock_path(token_file))
+
+
+class TokenFileUnwritable(OSError):
+    """
+    A new token could not be written to C{TOKEN_FILE}, so it was not made
+    current: the token before it stays valid (L{SessionAuthority.adopt}).
+    An C{OSError} (with the write's C{errno}), as the write's own error was.
+
+    @ivar error: why, as the system said it (C{"No space left on device"}).
+    """
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.error = error.strerror or str(error)
+        super().__init__(error.errno, f"the new token could not be written to {path} ({self.error})")
 
 
 class UnsafeTokenFile(Exception):

@@ -15,7 +15,7 @@ from pathlib import Path
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.session import ISSUER, SessionAuthority, TokenRejected
+from openclaw.session import ISSUER, SessionAuthority, TokenFileUnwritable, TokenRejected
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"o" * 32
@@ -242,8 +242,9 @@ class TokenFileTests(SynchronousTestCase):
         directory.rmdir()
         directory.write_text("not a directory")
         self.authority = authority
-        with self.assertRaises(OSError):
+        with self.assertRaises(TokenFileUnwritable) as caught:
             self.authority.issue()
+        self.assertEqual(caught.exception.error, "Not a directory")
         self.assertEqual(self.authority.verify(old.token), old.jti)
 
     def test_discarded(self) -> None:

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.node import StoreUnavailable
 from openclaw.routing import ActiveRoute, Route, model_refusal
-from openclaw.session import SessionAuthority, SessionToken
+from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.timefmt import isoformat
 
 Result = dict[str, Any]
@@ -269,13 +269,13 @@ class ControlCommands:
         _fields(data, _NONE)
         try:
             issued = self.rotate()
-        except OSError as e:
+        except TokenFileUnwritable as e:
             # The file is written first (SessionAuthority.adopt): nothing
             # was rotated, the current token stays valid.
             raise CommandError(
-                f"nothing was rotated: the new token could not be written to TOKEN_FILE ({e.strerror or e}), so "
-                "the current token stays valid; make TOKEN_FILE's directory writable by the gateway's user, then "
-                "rotate again"
+                f"nothing was rotated: the new token could not be written to TOKEN_FILE ({e.error}), so the "
+                "current token stays valid; fix what stops the gateway's user writing there (a missing or "
+                "read-only directory, a full disk), then rotate again"
             ) from None
         if isinstance(issued, Deferred):
             return issued.addCallbacks(_rotated, _refused)
