@@ -576,7 +576,15 @@ def _log_format(text: str) -> str:
 
 
 def _log_level(text: str) -> str:
+    """
+    C{LOG_LEVEL}: C{debug}, C{info}, C{warn}, C{error} or C{critical},
+    case ignored; C{warning} (Python's and syslog's name) is C{warn}.
+
+    @raise ValueError: anything else.
+    """
     text = text.strip().lower()
+    if text == "warning":
+        return "warn"
     if text not in ("debug", "info", "warn", "error", "critical"):
         raise ValueError
     return text
@@ -1630,7 +1638,9 @@ def load_settings(
             defaults.health_check_timeout,
             f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
-        log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
+        log_level=read(
+            "LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn (or warning), error or critical"
+        ),
         api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
         gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
         upstream_timeout=read(

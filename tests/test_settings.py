@@ -98,6 +98,24 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((settings.state_dir, settings.token_file), (state, state / "token"))
         self.assertTrue(state.is_dir())
 
+    def test_log_level(self) -> None:
+        """
+        LOG_LEVEL's case is ignored, and C{warning} (Python's and syslog's
+        name) is C{warn}: it was refused while C{INFO} was taken.
+        """
+        for given, kept in (
+            ("INFO", "info"),
+            ("warning", "warn"),
+            ("WARNING", "warn"),
+            ("Warn", "warn"),
+            (" debug ", "debug"),
+            ("Critical", "critical"),
+        ):
+            self.environ["LOG_LEVEL"] = given
+            self.assertEqual(self.load().log_level, kept, given)
+        self.environ["LOG_LEVEL"] = "verbose"
+        self.assertConfigError("LOG_LEVEL='verbose'", "use debug, info, warn (or warning), error or critical")
+
     def test_defaults(self) -> None:
         settings = self.load()
         self.assertEqual(settings.port, 18789)
