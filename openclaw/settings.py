@@ -20,7 +20,8 @@ Files that hold secrets or settings are held to ssh's rule
 (L{check_private_file}): a secret file (C{JWT_SECRET_FILE}) or env file
 that anyone but its owner may write, or that belongs to neither the
 gateway's user nor root, is refused; a secret file others may read is a
-warning (L{Settings.warnings}, logged at start-up), as is an env-file key
+warning (L{Settings.warnings}, logged at start-up), and so is an env file
+that gives a secret setting (L{env_file_secrets}), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
 The directory of the consumers' SQLite database is held to the rule of
@@ -1422,29 +1423,67 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
 ENV_FILE_ENCODING = "utf-8-sig"
 
 
-def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
+@attrs.frozen
+class EnvFile:
+    """
+    The env file read (L{_open_repository}), as L{check_private_file}
+    names it.
+    """
+
+    path: Path
+    #: How refusals and warnings name it: C{"env file '/x' (--env-file)"}.
+    what: str
+
+
+def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, EnvFile | None]:
     """
     The env file to read: the one named, else C{.env} in the working
     directory if present.  (decouple's C{AutoConfig} would search from this
     module's directory, which is site-packages once installed.)  Read as
-    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.
+    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.  Held to
+    L{check_private_file}'s rule before it is read; whether others may
+    read it is told once its secrets are known (L{env_file_secrets}).
+
+    @return: its contents, and the file (L{None}: none is read).
     """
     if env_file is not None:
         path = Path(env_file)
         if not path.is_file():
             raise ConfigError(f"--env-file {env_file!r} does not exist or is not a file")
-        check_private_file(path, f"env file {env_file!r} (--env-file)", secret=False)
+        what = f"env file {env_file!r} (--env-file)"
     else:
         path = cwd / ".env"
         if not path.is_file():
-            return RepositoryEmpty()
-        check_private_file(path, f"env file {str(path)!r} (.env in the working directory)", secret=False)
+            return RepositoryEmpty(), None
+        what = f"env file {str(path)!r} (.env in the working directory)"
+    check_private_file(path, what, secret=False)
     try:
         # utf-8-sig: a byte-order mark some editors write first is no part
         # of the first name (it made GATEWAY_API_KEYS an unknown setting).
-        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING)
+        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING), EnvFile(path, what)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
+
+
+def env_file_secrets(values: Mapping[str, str], declared: Iterable[type[ProviderAdapter]]) -> list[str]:
+    """
+    The settings an env file (C{values}: its names and values) gives a
+    secret, in the file's order: a non-empty C{JWT_SECRET} or
+    C{GATEWAY_API_KEYS}, a key of one of the C{declared} providers (each of
+    its C{key_variables}, its C{<ID>_API_KEYS}), a C{REDIS_URL} or
+    C{DATABASE_URL} holding a password (L{url_passwords}).  Such a file is
+    held to the rule of a secret file: a warning when group or others may
+    read it (L{check_private_file}).
+    """
+    secret_names = {"JWT_SECRET", "GATEWAY_API_KEYS"}
+    for adapter in declared:
+        secret_names.update(adapter.key_variables)
+        secret_names.add(adapter.key_list_variable())
+    return [
+        name
+        for name, value in values.items()
+        if value.strip() and (name in secret_names or (name in ("REDIS_URL", "DATABASE_URL") and url_passwords(value)))
+    ]
 
 
 def load_settings(
@@ -1470,14 +1509,15 @@ def load_settings(
     @raise ConfigError: a value is invalid; the message names it.
     """
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    repository = _open_repository(env_file, cwd or Path.cwd())
+    base = cwd or Path.cwd()
+    repository, read_env_file = _open_repository(env_file, base)
     config = Config(repository)
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
     declared = tuple(builtin_providers() if providers is None else providers)
     #: Every setting name looked up, for the env file's misspellings.
     known: set[str] = set()
     warnings: list[str] = []
-    env_path = env_file or str((cwd or Path.cwd()) / ".env")
+    env_path = env_file or str(base / ".env")
 
     def source(name: str) -> str:
         """
@@ -1846,6 +1886,15 @@ def load_settings(
             warnings.append(state_warning)
     for adapter in declared:
         known.update(adapter.variables())
+    if read_env_file is not None:
+        held = env_file_secrets(_env_file_values(repository), declared)
+        if held:
+            names = " and ".join(", ".join(held).rsplit(", ", 1))
+            readable = check_private_file(
+                read_env_file.path, f"{read_env_file.what}, which holds {names},", secret=True
+            )
+            if readable is not None:
+                warnings.append(readable)
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
@@ -1878,8 +1927,16 @@ def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> No
 
 
 def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
+    return list(_env_file_values(repository))
+
+
+def _env_file_values(repository: RepositoryEmpty) -> dict[str, str]:
+    """
+    The names and values an env file holds, as decouple read them (none
+    for L{RepositoryEmpty}).
+    """
     data = getattr(repository, "data", None)
-    return list(data) if isinstance(data, dict) else []
+    return {str(name): str(value) for name, value in data.items()} if isinstance(data, dict) else {}
 
 
 def unread_lines(path: str) -> list[str]:
@@ -1959,12 +2016,14 @@ def default_interface() -> str:
 
 __all__ = [
     "ConfigError",
+    "EnvFile",
     "ProviderSettings",
     "Settings",
     "builtin_providers",
     "check_private_file",
     "check_state_directory",
     "default_state_dir",
+    "env_file_secrets",
     "load_settings",
     "misspelt_settings",
     "parse_network",

@@ -585,6 +585,7 @@ class FileSafetyTests(SynchronousTestCase):
     def test_misspelt_keys(self) -> None:
         env_file = self.cwd / "gw.env"
         env_file.write_text("GEMINI_MODLE=gemini-2.5-pro\nKIMI_APIKEY=k\nEDITOR=vi\nMOONSHOT_API_KEY=m\n")
+        env_file.chmod(0o600)
         settings = self.load(env_file=str(env_file))
         self.assertEqual(len(settings.warnings), 2, settings.warnings)
         self.assertIn("GEMINI_MODLE is not a setting", settings.warnings[0])
@@ -649,6 +650,7 @@ class FileSafetyTests(SynchronousTestCase):
             "=x\n"
             "\tnot one either"
         )
+        env_file.chmod(0o600)
         settings = self.load(env_file=str(env_file))
         self.assertEqual(settings.providers["gemini"].model, "gemini-2.5-pro")
         self.assertEqual(
