@@ -26,6 +26,12 @@ that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
 The directory of the consumers' SQLite database is held to the rule of
 those files' directories, and more strictly (L{check_state_directory}).
+
+The path settings used once the gateway runs (C{TOKEN_FILE}, C{STATE_DIR},
+a C{unix:} listener's socket) are made absolute as they are read, against
+the working directory at launch (L{_absolute}): twistd's C{-d DIR} changes
+it after.  The files read only here (C{JWT_SECRET_FILE}, C{PRICES_FILE},
+C{UPSTREAM_CA_FILE}, the env file) are read before it does.
 """
 
 from __future__ import annotations
@@ -569,6 +575,52 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _listener(text: str) -> str:
+    """
+    A listener's Twisted endpoint string (C{CONTROL_LISTEN},
+    C{API_LISTEN}, C{METRICS_LISTEN}), stripped, with a C{unix:} socket's
+    relative path made absolute (L{_absolute}): Twisted binds it (and
+    makes its C{.lock}) when the service starts, after twistd's C{-d DIR}
+    has changed the working directory.  The files of an C{ssl:} endpoint
+    are read as it is parsed, before that, and Twisted keeps them absolute.
+
+    @raise ValueError: it is empty.
+    """
+    from openclaw.listeners import endpoint_fields
+
+    text = _non_empty(text)
+    fields, named = endpoint_fields(text)
+    if fields[0] != "unix":
+        return text
+    if "address" in named:
+        address = named["address"]
+    elif len(fields) > 1:
+        address = fields[1]
+    else:
+        return text  # no address: Twisted's parser says so
+    if not address or address.startswith(("/", "\0")):
+        # Absolute already, or a Linux abstract socket's name (a NUL first).
+        return text
+    absolute = str(_absolute(address))
+    if "address" in named:
+        named["address"] = absolute
+    else:
+        fields[1] = absolute
+    return ":".join(
+        [fields[0], *(_endpoint_quoted(field) for field in fields[1:])]
+        + [f"{_endpoint_quoted(name)}={_endpoint_quoted(value)}" for name, value in named.items()]
+    )
+
+
+def _endpoint_quoted(text: str) -> str:
+    """
+    C{text} as one field of a Twisted endpoint string: C{\\}, C{:} and
+    C{=} escaped with C{\\} (C{serverFromString}'s grammar takes the
+    character after a C{\\} as it is).
+    """
+    return "".join("\\" + character if character in "\\:=" else character for character in text)
+
+
 def _log_format(text: str) -> str:
     text = text.strip().lower()
     if text not in ("text", "json"):
@@ -750,12 +802,28 @@ def _read_embedding_model(
     return embedding
 
 
+def _absolute(text: str | Path) -> Path:
+    """
+    A path setting as the gateway keeps it: a relative one taken against
+    the working directory now, at launch, as twistd makes its C{--pidfile}
+    absolute.  twistd's C{-d DIR}
+    (C{--rundir}) changes the working directory after the settings are
+    read: a path kept relative was checked in one directory and used in
+    another (daemon trial s18: a token file's lock left in the launch
+    directory, a consumers' database never usable).  Not normalised
+    (C{..} is left for the kernel to follow, through any link).
+    """
+    return Path(text).absolute()
+
+
 def _writable_file(path: str) -> Path:
     """
-    A file the gateway will write: its directory must exist and be
-    writable now, not at the first rotation.
+    A file the gateway will write (C{TOKEN_FILE}), made absolute
+    (L{_absolute}): its directory must exist and be writable now, not at
+    the first rotation.
     """
-    directory = Path(path).resolve().parent
+    absolute = _absolute(path)
+    directory = absolute.resolve().parent
     if not directory.is_dir():
         raise ConfigError(
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist; "
@@ -766,7 +834,7 @@ def _writable_file(path: str) -> Path:
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} is not writable by the gateway's user "
             "(its mode, owner, a read-only file system); make it so, or put TOKEN_FILE in a directory that is"
         )
-    return Path(path)
+    return absolute
 
 
 def _ca_file(path: str) -> bytes:
@@ -1129,10 +1197,11 @@ def _own_directory(path: Path) -> Path:
 
 def _state_dir(text: str) -> Path:
     """
-    An explicit C{STATE_DIR}: created like the default one (mode 0700,
-    parents as needed) and checked writable now, not at the first write.
+    An explicit C{STATE_DIR}, made absolute (L{_absolute}): created like
+    the default one (mode 0700, parents as needed) and checked writable
+    now, not at the first write.
     """
-    path = Path(text)
+    path = _absolute(text)
     problem = _make_state_directory(path)
     if problem:
         raise ConfigError(
@@ -1500,6 +1569,10 @@ def load_settings(
     @param options: plugin options already given on the command line, keyed by
         variable name (C{{"WS_CONTROL_PORT": "9000"}}); L{None} values are
         treated as not given.
+    @param cwd: where C{.env} is looked for, and the state directory of
+        a foreground run without C{STATE_DIR} (default: the working
+        directory).  Relative path settings are taken against the working
+        directory (L{_absolute}).
     @param providers: the provider declarations (adapter classes) whose
         variables are read, in order; by default L{builtin_providers}.
     @param daemon: the gateway runs as a daemon (twistd without C{-n}):
@@ -1638,11 +1711,11 @@ def load_settings(
         state_named = f"STATE_DIR={str(state_dir)!r} ({source('STATE_DIR')})"
         state_fix = "point STATE_DIR / --state-dir at a directory of the gateway's own"
     elif daemon or os.environ.get("STATE_DIRECTORY"):
-        state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
+        state_path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())))
         state_named = f"the state directory {str(state_path)!r}"
         state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     else:
-        state_path = cwd or Path.cwd()
+        state_path = base.absolute()
         state_named = f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)"
         state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     # After the state directory, which is made if missing: a token file
@@ -1704,9 +1777,9 @@ def load_settings(
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
-        control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
-        api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
-        metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),
+        control_listen=read("CONTROL_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18789"),
+        api_listen=read("API_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18790"),
+        metrics_listen=read("METRICS_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:9108"),
         state_dir=state_path,
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
