@@ -288,6 +288,15 @@ def _supervisor(
     """
     if not foreground(twistd_options):
         raise ConfigError("--workers above 1 runs in the foreground: add -n (as the systemd unit does)")
+    rundir = twistd_options.get("rundir") or "."
+    if os.path.abspath(rundir) != os.getcwd():
+        # The workers start in it, and would read their settings there:
+        # .env, and relative paths in the environment.
+        raise ConfigError(
+            f"--workers above 1 with twistd's -d/--rundir {rundir!r} is not supported: its workers would read "
+            "their settings (.env, relative paths) in that directory, not in this one; start twistd in the "
+            "directory you mean instead (systemd: WorkingDirectory=)"
+        )
     if settings.control_listen or settings.api_listen or settings.metrics_listen:
         raise ConfigError(
             "--workers above 1 shares TCP listeners only (--port, --api-port, --interface): "

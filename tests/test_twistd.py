@@ -193,6 +193,15 @@ class TwistdTests(TestCase):
                 ),
                 # The log file refused once the database is made too: both go.
                 ([], ["--logfile", "missing/twistd.log"], [*listen, "--token-file", "token"], {}, 2, "the log file"),
+                # --workers, whose workers would start in -d's directory.
+                (
+                    ["sub"],
+                    ["-d", "sub"],
+                    [*listen, "--workers", "2"],
+                    {"REDIS_URL": "redis://127.0.0.1:1/0"},
+                    2,
+                    "--workers above 1 with twistd's -d/--rundir 'sub' is not supported",
+                ),
             ]
             for directories, twistd, args, env, status, expected in cases:
                 run = Path(self.mktemp_dir()).resolve()
