@@ -193,6 +193,18 @@ class TwistdTests(TestCase):
                 ),
                 # The log file refused once the database is made too: both go.
                 ([], ["--logfile", "missing/twistd.log"], [*listen, "--token-file", "token"], {}, 2, "the log file"),
+                # twistd's --uid/--gid (as root: the files would be root's,
+                # the process nobody's), refused before anything is made
+                # (daemon trial s18).
+                (
+                    [],
+                    ["--uid", "65534", "--gid", "65534"],
+                    [*listen, "--token-file", "token"],
+                    {},
+                    2,
+                    "twistd's --uid/--gid are not supported: the gateway's files would be made by one user and "
+                    "used by another; start twistd as the gateway's user instead (systemd: User=",
+                ),
                 # --workers, whose workers would start in -d's directory.
                 (
                     ["sub"],
