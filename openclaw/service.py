@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import IO, Any
 
@@ -66,6 +67,23 @@ CONSUMERS_STOP_MIN_SECONDS = 1.0
 #: How often the usage rows older than USAGE_RETENTION_DAYS are deleted, in
 #: seconds.
 USAGE_PURGE_SECONDS = 3600.0
+
+#: Why twistd's C{--uid}/C{--gid} are refused, and what to do instead: the
+#: gateway checks and makes its files (the token file's lock, the
+#: consumers' database, the log) as the user twistd starts as, then would
+#: run as one that cannot use them (daemon trial s18).
+PRIVILEGE_SWITCH_FIX = (
+    "twistd's --uid/--gid are not supported: the gateway's files would be made by one user and used by another; "
+    "start twistd as the gateway's user instead (systemd: User=, as contrib/openclaw.service does), and for a "
+    "port below 1024 grant that user CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+)
+
+
+def effective_ids() -> tuple[int, int]:
+    """
+    This process's effective user and group ids (C{geteuid}, C{getegid}).
+    """
+    return os.geteuid(), os.getegid()
 
 
 def usage_purger(
@@ -190,6 +208,10 @@ class GatewayService(MultiService):
         application this service joins.
     @param metrics_endpoint: where C{/metrics} is served on its own; by
         default it is served on the API listener.
+    @param ids: this process's effective user and group ids, now
+        (L{effective_ids}): taken when the service is built and again at
+        L{startService}, which refuses to run when they changed in between
+        (twistd's C{--uid}/C{--gid}: L{PRIVILEGE_SWITCH_FIX}).
     """
 
     #: The process's exit status once the reactor has stopped: 1 after a
@@ -209,8 +231,13 @@ class GatewayService(MultiService):
         log_observer: ILogObserver | None = None,
         metrics_endpoint: IStreamServerEndpoint | None = None,
         worker: int = 0,
+        ids: Callable[[], tuple[int, int]] = effective_ids,
     ) -> None:
         super().__init__()
+        self._ids = ids
+        #: The effective user and group ids the service was built (and
+        #: its files checked and made) as.
+        self.built_as = ids()
         self.settings = settings
         self._stdout = stdout
         self._reactor = reactor
@@ -523,6 +550,10 @@ class GatewayService(MultiService):
             self.shared_consumers.instance = self.instance
 
     def startService(self) -> None:
+        running_as = self._ids()
+        if running_as != self.built_as:
+            self._refuse_switched_ids(running_as)
+            return
         self._name_instance()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
@@ -552,6 +583,28 @@ class GatewayService(MultiService):
         else:
             self._announce(self.sessions.issue())
         super().startService()
+
+    def _refuse_switched_ids(self, running_as: tuple[int, int]) -> None:
+        """
+        Refuse to run as another user or group than the one the service
+        was built as: twistd switches to its C{--uid}/C{--gid} between
+        L{privilegedStartService} and L{startService}, once the gateway's
+        files were checked and made as the user it started as.  One
+        critical line, nothing started (no token issued, no database
+        opened), the reactor stopped once running, and exit status 1
+        (L{exit_status}, which C{twistd openclaw} exits with).
+        """
+        (uid, gid), (built_uid, built_gid) = running_as, self.built_as
+        self._log.critical(
+            "the gateway was set up as uid {built_uid} gid {built_gid} but runs as uid {uid} gid {gid}: {fix}",
+            built_uid=built_uid,
+            built_gid=built_gid,
+            uid=uid,
+            gid=gid,
+            fix=PRIVILEGE_SWITCH_FIX,
+        )
+        self.exit_status = 1
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     def _open_consumers(self) -> None:
         """

@@ -20,11 +20,18 @@ Files that hold secrets or settings are held to ssh's rule
 (L{check_private_file}): a secret file (C{JWT_SECRET_FILE}) or env file
 that anyone but its owner may write, or that belongs to neither the
 gateway's user nor root, is refused; a secret file others may read is a
-warning (L{Settings.warnings}, logged at start-up), as is an env-file key
+warning (L{Settings.warnings}, logged at start-up), and so is an env file
+that gives a secret setting (L{env_file_secrets}), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
 The directory of the consumers' SQLite database is held to the rule of
 those files' directories, and more strictly (L{check_state_directory}).
+
+The path settings used once the gateway runs (C{TOKEN_FILE}, C{STATE_DIR},
+a C{unix:} listener's socket) are made absolute as they are read, against
+the working directory at launch (L{_absolute}): twistd's C{-d DIR} changes
+it after.  The files read only here (C{JWT_SECRET_FILE}, C{PRICES_FILE},
+C{UPSTREAM_CA_FILE}, the env file) are read before it does.
 """
 
 from __future__ import annotations
@@ -568,6 +575,52 @@ def _origins(text: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _listener(text: str) -> str:
+    """
+    A listener's Twisted endpoint string (C{CONTROL_LISTEN},
+    C{API_LISTEN}, C{METRICS_LISTEN}), stripped, with a C{unix:} socket's
+    relative path made absolute (L{_absolute}): Twisted binds it (and
+    makes its C{.lock}) when the service starts, after twistd's C{-d DIR}
+    has changed the working directory.  The files of an C{ssl:} endpoint
+    are read as it is parsed, before that, and Twisted keeps them absolute.
+
+    @raise ValueError: it is empty.
+    """
+    from openclaw.listeners import endpoint_fields
+
+    text = _non_empty(text)
+    fields, named = endpoint_fields(text)
+    if fields[0] != "unix":
+        return text
+    if "address" in named:
+        address = named["address"]
+    elif len(fields) > 1:
+        address = fields[1]
+    else:
+        return text  # no address: Twisted's parser says so
+    if not address or address.startswith(("/", "\0")):
+        # Absolute already, or a Linux abstract socket's name (a NUL first).
+        return text
+    absolute = str(_absolute(address))
+    if "address" in named:
+        named["address"] = absolute
+    else:
+        fields[1] = absolute
+    return ":".join(
+        [fields[0], *(_endpoint_quoted(field) for field in fields[1:])]
+        + [f"{_endpoint_quoted(name)}={_endpoint_quoted(value)}" for name, value in named.items()]
+    )
+
+
+def _endpoint_quoted(text: str) -> str:
+    """
+    C{text} as one field of a Twisted endpoint string: C{\\}, C{:} and
+    C{=} escaped with C{\\} (C{serverFromString}'s grammar takes the
+    character after a C{\\} as it is).
+    """
+    return "".join("\\" + character if character in "\\:=" else character for character in text)
+
+
 def _log_format(text: str) -> str:
     text = text.strip().lower()
     if text not in ("text", "json"):
@@ -576,7 +629,15 @@ def _log_format(text: str) -> str:
 
 
 def _log_level(text: str) -> str:
+    """
+    C{LOG_LEVEL}: C{debug}, C{info}, C{warn}, C{error} or C{critical},
+    case ignored; C{warning} (Python's and syslog's name) is C{warn}.
+
+    @raise ValueError: anything else.
+    """
     text = text.strip().lower()
+    if text == "warning":
+        return "warn"
     if text not in ("debug", "info", "warn", "error", "critical"):
         raise ValueError
     return text
@@ -741,12 +802,28 @@ def _read_embedding_model(
     return embedding
 
 
+def _absolute(text: str | Path) -> Path:
+    """
+    A path setting as the gateway keeps it: a relative one taken against
+    the working directory now, at launch, as twistd makes its C{--pidfile}
+    absolute.  twistd's C{-d DIR}
+    (C{--rundir}) changes the working directory after the settings are
+    read: a path kept relative was checked in one directory and used in
+    another (daemon trial s18: a token file's lock left in the launch
+    directory, a consumers' database never usable).  Not normalised
+    (C{..} is left for the kernel to follow, through any link).
+    """
+    return Path(text).absolute()
+
+
 def _writable_file(path: str) -> Path:
     """
-    A file the gateway will write: its directory must exist and be
-    writable now, not at the first rotation.
+    A file the gateway will write (C{TOKEN_FILE}), made absolute
+    (L{_absolute}): its directory must exist and be writable now, not at
+    the first rotation.
     """
-    directory = Path(path).resolve().parent
+    absolute = _absolute(path)
+    directory = absolute.resolve().parent
     if not directory.is_dir():
         raise ConfigError(
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist; "
@@ -757,7 +834,7 @@ def _writable_file(path: str) -> Path:
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} is not writable by the gateway's user "
             "(its mode, owner, a read-only file system); make it so, or put TOKEN_FILE in a directory that is"
         )
-    return Path(path)
+    return absolute
 
 
 def _ca_file(path: str) -> bytes:
@@ -1120,10 +1197,11 @@ def _own_directory(path: Path) -> Path:
 
 def _state_dir(text: str) -> Path:
     """
-    An explicit C{STATE_DIR}: created like the default one (mode 0700,
-    parents as needed) and checked writable now, not at the first write.
+    An explicit C{STATE_DIR}, made absolute (L{_absolute}): created like
+    the default one (mode 0700, parents as needed) and checked writable
+    now, not at the first write.
     """
-    path = Path(text)
+    path = _absolute(text)
     problem = _make_state_directory(path)
     if problem:
         raise ConfigError(
@@ -1414,29 +1492,67 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
 ENV_FILE_ENCODING = "utf-8-sig"
 
 
-def _open_repository(env_file: str | None, cwd: Path) -> RepositoryEmpty:
+@attrs.frozen
+class EnvFile:
+    """
+    The env file read (L{_open_repository}), as L{check_private_file}
+    names it.
+    """
+
+    path: Path
+    #: How refusals and warnings name it: C{"env file '/x' (--env-file)"}.
+    what: str
+
+
+def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, EnvFile | None]:
     """
     The env file to read: the one named, else C{.env} in the working
     directory if present.  (decouple's C{AutoConfig} would search from this
     module's directory, which is site-packages once installed.)  Read as
-    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.
+    L{ENV_FILE_ENCODING}: UTF-8, a byte-order mark ignored.  Held to
+    L{check_private_file}'s rule before it is read; whether others may
+    read it is told once its secrets are known (L{env_file_secrets}).
+
+    @return: its contents, and the file (L{None}: none is read).
     """
     if env_file is not None:
         path = Path(env_file)
         if not path.is_file():
             raise ConfigError(f"--env-file {env_file!r} does not exist or is not a file")
-        check_private_file(path, f"env file {env_file!r} (--env-file)", secret=False)
+        what = f"env file {env_file!r} (--env-file)"
     else:
         path = cwd / ".env"
         if not path.is_file():
-            return RepositoryEmpty()
-        check_private_file(path, f"env file {str(path)!r} (.env in the working directory)", secret=False)
+            return RepositoryEmpty(), None
+        what = f"env file {str(path)!r} (.env in the working directory)"
+    check_private_file(path, what, secret=False)
     try:
         # utf-8-sig: a byte-order mark some editors write first is no part
         # of the first name (it made GATEWAY_API_KEYS an unknown setting).
-        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING)
+        return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING), EnvFile(path, what)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
+
+
+def env_file_secrets(values: Mapping[str, str], declared: Iterable[type[ProviderAdapter]]) -> list[str]:
+    """
+    The settings an env file (C{values}: its names and values) gives a
+    secret, in the file's order: a non-empty C{JWT_SECRET} or
+    C{GATEWAY_API_KEYS}, a key of one of the C{declared} providers (each of
+    its C{key_variables}, its C{<ID>_API_KEYS}), a C{REDIS_URL} or
+    C{DATABASE_URL} holding a password (L{url_passwords}).  Such a file is
+    held to the rule of a secret file: a warning when group or others may
+    read it (L{check_private_file}).
+    """
+    secret_names = {"JWT_SECRET", "GATEWAY_API_KEYS"}
+    for adapter in declared:
+        secret_names.update(adapter.key_variables)
+        secret_names.add(adapter.key_list_variable())
+    return [
+        name
+        for name, value in values.items()
+        if value.strip() and (name in secret_names or (name in ("REDIS_URL", "DATABASE_URL") and url_passwords(value)))
+    ]
 
 
 def load_settings(
@@ -1453,6 +1569,10 @@ def load_settings(
     @param options: plugin options already given on the command line, keyed by
         variable name (C{{"WS_CONTROL_PORT": "9000"}}); L{None} values are
         treated as not given.
+    @param cwd: where C{.env} is looked for, and the state directory of
+        a foreground run without C{STATE_DIR} (default: the working
+        directory).  Relative path settings are taken against the working
+        directory (L{_absolute}).
     @param providers: the provider declarations (adapter classes) whose
         variables are read, in order; by default L{builtin_providers}.
     @param daemon: the gateway runs as a daemon (twistd without C{-n}):
@@ -1462,14 +1582,15 @@ def load_settings(
     @raise ConfigError: a value is invalid; the message names it.
     """
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    repository = _open_repository(env_file, cwd or Path.cwd())
+    base = cwd or Path.cwd()
+    repository, read_env_file = _open_repository(env_file, base)
     config = Config(repository)
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
     declared = tuple(builtin_providers() if providers is None else providers)
     #: Every setting name looked up, for the env file's misspellings.
     known: set[str] = set()
     warnings: list[str] = []
-    env_path = env_file or str((cwd or Path.cwd()) / ".env")
+    env_path = env_file or str(base / ".env")
 
     def source(name: str) -> str:
         """
@@ -1590,11 +1711,11 @@ def load_settings(
         state_named = f"STATE_DIR={str(state_dir)!r} ({source('STATE_DIR')})"
         state_fix = "point STATE_DIR / --state-dir at a directory of the gateway's own"
     elif daemon or os.environ.get("STATE_DIRECTORY"):
-        state_path = _own_directory(default_state_dir(os.environ, os.geteuid(), Path.home()))
+        state_path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())))
         state_named = f"the state directory {str(state_path)!r}"
         state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     else:
-        state_path = cwd or Path.cwd()
+        state_path = base.absolute()
         state_named = f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)"
         state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     # After the state directory, which is made if missing: a token file
@@ -1630,7 +1751,9 @@ def load_settings(
             defaults.health_check_timeout,
             f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
         ),
-        log_level=read("LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn or error"),
+        log_level=read(
+            "LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn (or warning), error or critical"
+        ),
         api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
         gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
         upstream_timeout=read(
@@ -1654,9 +1777,9 @@ def load_settings(
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
-        control_listen=read("CONTROL_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18789"),
-        api_listen=read("API_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:18790"),
-        metrics_listen=read("METRICS_LISTEN", _non_empty, None, "use a Twisted endpoint such as tcp:9108"),
+        control_listen=read("CONTROL_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18789"),
+        api_listen=read("API_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18790"),
+        metrics_listen=read("METRICS_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:9108"),
         state_dir=state_path,
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
@@ -1836,6 +1959,15 @@ def load_settings(
             warnings.append(state_warning)
     for adapter in declared:
         known.update(adapter.variables())
+    if read_env_file is not None:
+        held = env_file_secrets(_env_file_values(repository), declared)
+        if held:
+            names = " and ".join(", ".join(held).rsplit(", ", 1))
+            readable = check_private_file(
+                read_env_file.path, f"{read_env_file.what}, which holds {names},", secret=True
+            )
+            if readable is not None:
+                warnings.append(readable)
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
@@ -1868,8 +2000,16 @@ def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> No
 
 
 def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
+    return list(_env_file_values(repository))
+
+
+def _env_file_values(repository: RepositoryEmpty) -> dict[str, str]:
+    """
+    The names and values an env file holds, as decouple read them (none
+    for L{RepositoryEmpty}).
+    """
     data = getattr(repository, "data", None)
-    return list(data) if isinstance(data, dict) else []
+    return {str(name): str(value) for name, value in data.items()} if isinstance(data, dict) else {}
 
 
 def unread_lines(path: str) -> list[str]:
@@ -1949,12 +2089,14 @@ def default_interface() -> str:
 
 __all__ = [
     "ConfigError",
+    "EnvFile",
     "ProviderSettings",
     "Settings",
     "builtin_providers",
     "check_private_file",
     "check_state_directory",
     "default_state_dir",
+    "env_file_secrets",
     "load_settings",
     "misspelt_settings",
     "parse_network",

@@ -41,7 +41,7 @@ from openclaw.listeners import (
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import gateway_reactor, supervisor_reactor
-from openclaw.service import GatewayService
+from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
@@ -152,6 +152,8 @@ def makeService(
     # twistd's own options (a usage.Options, a dict); none outside twistd.
     twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
     try:
+        # First: reading the settings makes STATE_DIR.
+        _check_no_privilege_switch(twistd_options)
         settings = load_settings(
             options.settings_overrides(),
             env_file=options["env-file"],
@@ -288,6 +290,15 @@ def _supervisor(
     """
     if not foreground(twistd_options):
         raise ConfigError("--workers above 1 runs in the foreground: add -n (as the systemd unit does)")
+    rundir = twistd_options.get("rundir") or "."
+    if os.path.abspath(rundir) != os.getcwd():
+        # The workers start in it, and would read their settings there:
+        # .env, and relative paths in the environment.
+        raise ConfigError(
+            f"--workers above 1 with twistd's -d/--rundir {rundir!r} is not supported: its workers would read "
+            "their settings (.env, relative paths) in that directory, not in this one; start twistd in the "
+            "directory you mean instead (systemd: WorkingDirectory=)"
+        )
     if settings.control_listen or settings.api_listen or settings.metrics_listen:
         raise ConfigError(
             "--workers above 1 shares TCP listeners only (--port, --api-port, --interface): "
@@ -343,6 +354,24 @@ def _note_signals(
     hangup = handles_hangup(not foreground(twistd_options), sys.stdin)
     note_signals(IReactorThreads(reactor), logging_to, hangup)
     note_repeated_stops(reactor, IReactorThreads(reactor))
+
+
+def _check_no_privilege_switch(twistd_options: Mapping[str, Any]) -> None:
+    """
+    Refuse twistd's C{--uid}/C{--gid} (L{PRIVILEGE_SWITCH_FIX}): twistd
+    switches to them only once the service is built and listening, after
+    the gateway has checked and made its files (the token file's lock,
+    the consumers' database, the log, twistd's pidfile) as the user it
+    started as, which the other user then cannot use (daemon trial s18:
+    a root-owned database, C{/readyz} 503 for ever).  Here, before
+    anything is made: one line on the terminal, exit status 2.  (The
+    service refuses a switch it finds at start too:
+    L{GatewayService.startService}.)
+
+    @raise ConfigError: either is given.
+    """
+    if twistd_options.get("uid") is not None or twistd_options.get("gid") is not None:
+        raise ConfigError(PRIVILEGE_SWITCH_FIX)
 
 
 def _check_token_file(settings: Settings) -> None:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from openclaw.settings import ConfigError, check_private_file, load_settings
@@ -130,3 +131,103 @@ class ForeignSymlinkTests(SynchronousTestCase):
         self.patch(os, "environ", environ)
         with self.assertRaises(ConfigError):
             load_settings(cwd=self.sticky)
+
+
+#: A value of each secret setting, each holding "env-file-" (never shown).
+ENV_FILE_SECRETS = (
+    ("JWT_SECRET", "env-file-jwt-secret-of-at-least-32-bytes"),
+    ("KIMI_API_KEY", "sk-kimi-env-file-secret"),
+    ("MOONSHOT_API_KEY", "sk-moonshot-env-file-secret"),
+    ("GEMINI_API_KEYS", "gemini-env-file-secret-1,gemini-env-file-secret-2"),
+    ("GATEWAY_API_KEYS", "gw-env-file-secret"),
+    ("REDIS_URL", "redis://:redis-env-file-secret@127.0.0.1:6379/0"),
+    ("DATABASE_URL", "postgresql://gw:pg-env-file-secret@127.0.0.1:5432/gw"),
+)
+
+
+class EnvFileSecretTests(SynchronousTestCase):
+    """
+    An env file that gives a secret setting (JWT_SECRET, a provider's key
+    or key pool, GATEWAY_API_KEYS, a REDIS_URL or DATABASE_URL holding a
+    password) is held to the rule of a secret file: a warning when group
+    or others may read it (L{check_private_file}, as for JWT_SECRET_FILE),
+    naming the file, the settings and the fix, never a value.  It gave
+    none (daemon trial s18).
+    """
+
+    def setUp(self) -> None:
+        self.environ: dict[str, str] = {"JWT_SECRET": "e" * 40}
+        self.patch(os, "environ", self.environ)
+        self.base = Path(self.mktemp()).absolute()
+        self.base.mkdir(parents=True)
+        self.env_file = self.base / "gateway.env"
+
+    def warnings_for(self, text: str, mode: int, env_file: str | None = None) -> tuple[str, ...]:
+        self.env_file.write_text(text)
+        self.env_file.chmod(mode)
+        return load_settings(cwd=self.base, env_file=env_file or str(self.env_file)).warnings
+
+    def test_each_secret_setting(self) -> None:
+        for name, value in ENV_FILE_SECRETS:
+            (warning,) = self.warnings_for(f"DEFAULT_PROVIDER=kimi\n{name}={value}\n", 0o644)
+            self.assertEqual(
+                warning,
+                f"env file {str(self.env_file)!r} (--env-file), which holds {name}, may be read by group or others "
+                f"(mode 0644); run: chmod 600 {str(self.env_file)!r}",
+            )
+            self.assertNotIn("env-file-", warning)
+            # Its owner's alone, or its group's too: no warning, and a warning.
+            self.assertEqual(self.warnings_for(f"{name}={value}\n", 0o600), ())
+            (warning,) = self.warnings_for(f"{name}={value}\n", 0o640)
+            self.assertIn("(mode 0640)", warning)
+
+    def test_every_secret_named(self) -> None:
+        text = "".join(f"{name}={value}\n" for name, value in ENV_FILE_SECRETS)
+        (warning,) = self.warnings_for(text, 0o604)
+        self.assertIn(
+            "which holds JWT_SECRET, KIMI_API_KEY, MOONSHOT_API_KEY, GEMINI_API_KEYS, GATEWAY_API_KEYS, REDIS_URL "
+            "and DATABASE_URL, may be read by group or others (mode 0604)",
+            warning,
+        )
+
+    def test_no_secret_no_warning(self) -> None:
+        """
+        Settings that are no secret, an empty key, and URLs without a
+        password: a file anyone may read is fine.
+        """
+        text = (
+            "DEFAULT_PROVIDER=kimi\nKIMI_API_KEY=\nGEMINI_MODEL=gemini-2.5-pro\nJWT_SECRET_FILE=\n"
+            "REDIS_URL=redis://gw@127.0.0.1:6379/0\nDATABASE_URL=postgresql://gw@127.0.0.1:5432/gw\n"
+        )
+        self.assertEqual(self.warnings_for(text, 0o644), ())
+
+    def test_dotenv_in_working_directory(self) -> None:
+        dotenv = self.base / ".env"
+        dotenv.write_text("GEMINI_API_KEY=gemini-env-file-secret\n")
+        dotenv.chmod(0o644)
+        (warning,) = load_settings(cwd=self.base).warnings
+        self.assertIn(f"env file {str(dotenv)!r} (.env in the working directory), which holds GEMINI_API_KEY,", warning)
+        self.assertIn(f"chmod 600 {str(dotenv)!r}", warning)
+
+
+class EnvFileSecretLoggedTests(TestCase):
+    def test_logged_at_startup(self) -> None:
+        """
+        The warning is logged when the gateway starts, as every warning
+        found while reading the settings is.
+        """
+        from tests.support import capture_log_events, start_gateway
+
+        environ = {"JWT_SECRET": "e" * 40}
+        self.patch(os, "environ", environ)
+        base = Path(self.mktemp()).absolute()
+        base.mkdir(parents=True)
+        env_file = base / "gateway.env"
+        env_file.write_text("GATEWAY_API_KEYS=gw-env-file-secret\n")
+        env_file.chmod(0o644)
+        settings = load_settings(cwd=base, env_file=str(env_file))
+        events = capture_log_events(self)
+        start_gateway(self, warnings=settings.warnings)
+        (logged,) = [e for e in events if e.get("config_warning")]
+        self.assertEqual(logged["log_level"].name, "warn")
+        self.assertIn("which holds GATEWAY_API_KEYS, may be read by group or others (mode 0644)", formatEvent(logged))

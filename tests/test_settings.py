@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
@@ -95,8 +99,47 @@ class LoadTests(SynchronousTestCase):
         self.environ["STATE_DIR"] = str(state)
         self.environ["TOKEN_FILE"] = str(state / "token")
         settings = self.load()
-        self.assertEqual((settings.state_dir, settings.token_file), (state, state / "token"))
+        absolute = state.absolute()
+        self.assertEqual((settings.state_dir, settings.token_file), (absolute, absolute / "token"))
         self.assertTrue(state.is_dir())
+
+    def test_log_level(self) -> None:
+        """
+        LOG_LEVEL's case is ignored, and C{warning} (Python's and syslog's
+        name) is C{warn}: it was refused while C{INFO} was taken.
+        """
+        for given, kept in (
+            ("INFO", "info"),
+            ("warning", "warn"),
+            ("WARNING", "warn"),
+            ("Warn", "warn"),
+            (" debug ", "debug"),
+            ("Critical", "critical"),
+        ):
+            self.environ["LOG_LEVEL"] = given
+            self.assertEqual(self.load().log_level, kept, given)
+        self.environ["LOG_LEVEL"] = "verbose"
+        self.assertConfigError("LOG_LEVEL='verbose'", "use debug, info, warn (or warning), error or critical")
+
+    def test_unix_listeners_made_absolute(self) -> None:
+        """
+        A unix: listener's relative path is made absolute against the
+        working directory at launch: Twisted binds it when the service
+        starts, after twistd's -d DIR changed the working directory (daemon
+        trial s18).  The rest of the endpoint string is kept, its escapes
+        too; other endpoints are left as they are.
+        """
+        here = Path.cwd()
+        for given, kept in (
+            ("unix:run/control.sock:mode=600", f"unix:{here}/run/control.sock:mode=600"),
+            (" unix:address=c.sock:lockfile=1 ", f"unix:address={here}/c.sock:lockfile=1"),
+            ("unix:a\\:b\\=c.sock", f"unix:{here}/a\\:b\\=c.sock"),
+            ("unix:/run/openclaw/control.sock:mode=600", "unix:/run/openclaw/control.sock:mode=600"),
+            ("tcp:18789:interface=127.0.0.1", "tcp:18789:interface=127.0.0.1"),
+            ("ssl:443:privateKey=key.pem", "ssl:443:privateKey=key.pem"),
+        ):
+            for name in ("CONTROL_LISTEN", "API_LISTEN", "METRICS_LISTEN"):
+                self.assertEqual(getattr(self.load({name: given}), name.lower()), kept, (name, given))
 
     def test_defaults(self) -> None:
         settings = self.load()
@@ -211,7 +254,8 @@ class LoadTests(SynchronousTestCase):
 
     def test_token_file_directory_checked(self) -> None:
         self.assertConfigError("TOKEN_FILE", "does not exist", TOKEN_FILE=str(self.cwd / "missing" / "token"))
-        self.assertEqual(self.load({"TOKEN_FILE": str(self.cwd / "token")}).token_file, self.cwd / "token")
+        # Kept absolute (twistd's -d changes the working directory later).
+        self.assertEqual(self.load({"TOKEN_FILE": str(self.cwd / "token")}).token_file, self.cwd.absolute() / "token")
 
     def test_token_file_directory_not_writable(self) -> None:
         """
@@ -567,6 +611,7 @@ class FileSafetyTests(SynchronousTestCase):
     def test_misspelt_keys(self) -> None:
         env_file = self.cwd / "gw.env"
         env_file.write_text("GEMINI_MODLE=gemini-2.5-pro\nKIMI_APIKEY=k\nEDITOR=vi\nMOONSHOT_API_KEY=m\n")
+        env_file.chmod(0o600)
         settings = self.load(env_file=str(env_file))
         self.assertEqual(len(settings.warnings), 2, settings.warnings)
         self.assertIn("GEMINI_MODLE is not a setting", settings.warnings[0])
@@ -631,6 +676,7 @@ class FileSafetyTests(SynchronousTestCase):
             "=x\n"
             "\tnot one either"
         )
+        env_file.chmod(0o600)
         settings = self.load(env_file=str(env_file))
         self.assertEqual(settings.providers["gemini"].model, "gemini-2.5-pro")
         self.assertEqual(
@@ -652,14 +698,14 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertEqual(unread_lines(str(self.cwd / "gone.env")), [])
 
     def test_daemon_state_dir(self) -> None:
-        self.assertEqual(self.load().state_dir, self.cwd)
+        self.assertEqual(self.load().state_dir, self.cwd.absolute())
         state_home = self.cwd.absolute() / "state-home"
         self.environ["XDG_STATE_HOME"] = str(state_home)
         state_dir = self.load(daemon=True).state_dir
         self.assertEqual(state_dir, state_home / "openclaw")
         self.assertEqual(stat.S_IMODE(state_dir.stat().st_mode), 0o700)
         self.environ["STATE_DIRECTORY"] = str(self.cwd / "systemd")
-        self.assertEqual(self.load().state_dir, self.cwd / "systemd")
+        self.assertEqual(self.load().state_dir, self.cwd.absolute() / "systemd")
         explicit = self.cwd.absolute() / "explicit" / "state"
         self.assertEqual(self.load(options={"STATE_DIR": str(explicit)}, daemon=True).state_dir, explicit)
         self.assertEqual(stat.S_IMODE(explicit.stat().st_mode), 0o700)
@@ -668,6 +714,35 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertEqual(default_state_dir({}, 1000, home), home / ".local/state/openclaw")
         self.assertEqual(default_state_dir({"XDG_STATE_HOME": "/s"}, 1000, home), Path("/s/openclaw"))
         self.assertEqual(default_state_dir({"STATE_DIRECTORY": "/a:/b"}, 0, home), Path("/a"))
+
+
+class ListenerPathTests(TestCase):
+    def test_rebuilt_endpoint_listens_there(self) -> None:
+        """
+        The endpoint string a relative unix: path is rebuilt into is read
+        by Twisted's parser as meant, and binds where the operator named
+        it once the working directory changed (as twistd's -d DIR changes
+        it): a path holding C{:} and C{=} (escaped) included.
+        """
+        short = Path(tempfile.mkdtemp(prefix="oc"))  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, short, True)
+        self.patch(os, "environ", {})
+        relative = os.path.relpath(short / "a:b=c.sock")
+        escaped = relative.replace(":", "\\:").replace("=", "\\=")
+        settings = load_settings({"CONTROL_LISTEN": f"unix:{escaped}:mode=600"}, cwd=short)
+        assert settings.control_listen is not None
+        endpoint = serverFromString(reactor, settings.control_listen)
+        launch = os.getcwd()
+        (short / "run").mkdir()
+        os.chdir(short / "run")
+        try:
+            listening = endpoint.listen(Factory.forProtocol(Protocol))
+        finally:
+            os.chdir(launch)
+        port = self.successResultOf(listening)
+        self.addCleanup(port.stopListening)
+        self.assertTrue(stat.S_ISSOCK((short / "a:b=c.sock").stat().st_mode))
+        self.assertEqual(stat.S_IMODE((short / "a:b=c.sock").stat().st_mode), 0o600)
 
 
 class WarningsLoggedTests(TestCase):

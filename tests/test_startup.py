@@ -5,16 +5,23 @@ otherwise find out the hard way.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.components import proxyForInterface
 from twisted.trial.unittest import TestCase
 
+from openclaw.reactors import IGatewayReactor
 from openclaw.routing import Route
+from openclaw.service import GatewayService
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
-from tests.support import start_gateway
+from tests.support import RecordingEndpoint, capture_log_events, start_gateway
 
 
 class StartupWarningTests(TestCase):
@@ -79,3 +86,95 @@ class StartupWarningTests(TestCase):
 
         store.save(Route("gemini", Settings().default_model("gemini")))
         self.assertEqual(self.warnings_of(state_dir=state_dir, default_provider="gemini"), [])
+
+
+class PrivilegeSwitchTests(TestCase):
+    """
+    twistd's --uid/--gid switch the process to another user between
+    privilegedStartService and startService, once the gateway's files were
+    checked and made as the user it started as (daemon trial s18: a
+    root-owned database the dropped process could not open, /readyz 503
+    for ever): the service refuses to run then.
+    """
+
+    def test_switched_ids_refused(self):
+        """
+        Effective ids at startService other than those the service was
+        built with: one critical line saying what to do instead, exit
+        status 1, the reactor stopped once running, and nothing started:
+        no token issued or written, no listener, no database opened.
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        ids = iter([(0, 0), (65534, 65534)])
+        stops: list[None] = []
+        gateway_reactor = StopRecordingReactor(reactor, stops)
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        stdout = io.StringIO()
+        service = GatewayService(
+            Settings(jwt_secret=b"s" * 32, state_dir=state_dir, token_file=state_dir / "token"),
+            gateway_reactor,
+            endpoint,
+            stdout=stdout,
+            ids=lambda: next(ids),
+        )
+        self.addCleanup(service.consumer_store.close, 5.0)
+        events = capture_log_events(self)
+        service.startService()
+        self.addCleanup(service.stopService)
+        critical = [e for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertEqual(
+            [formatEvent(e) for e in critical],
+            [
+                "the gateway was set up as uid 0 gid 0 but runs as uid 65534 gid 65534: twistd's --uid/--gid "
+                "are not supported: the gateway's files would be made by one user and used by another; start "
+                "twistd as the gateway's user instead (systemd: User=, as contrib/openclaw.service does), and "
+                "for a port below 1024 grant that user CAP_NET_BIND_SERVICE (systemd: "
+                "AmbientCapabilities=CAP_NET_BIND_SERVICE)"
+            ],
+        )
+        self.assertEqual(service.exit_status, 1)
+        self.assertEqual(stops, [None])
+        self.assertIsNone(service.sessions.current_or_none)
+        self.assertEqual(stdout.getvalue(), "")
+        self.assertFalse((state_dir / "token").exists())
+        self.assertIsNone(endpoint.port)
+        self.assertFalse(hasattr(service, "consumers_ready"))
+        self.assertFalse(service.running)
+
+    def test_same_ids_start(self):
+        """
+        The same ids at both times: the gateway starts as usual.
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        endpoint = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            Settings(jwt_secret=b"s" * 32, state_dir=state_dir),
+            reactor,
+            endpoint,
+            stdout=io.StringIO(),
+            ids=lambda: (1000, 1000),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertIsNotNone(service.sessions.current_or_none)
+        self.assertIsNotNone(endpoint.port)
+        self.assertEqual(service.exit_status, 0)
+
+
+class StopRecordingReactor(proxyForInterface(IGatewayReactor)):  # type: ignore[misc]
+    """
+    The reactor, running (C{callWhenRunning} calls at once, as a running
+    reactor does), but for C{stop}, which is recorded in C{stops}.
+    """
+
+    def __init__(self, original: IGatewayReactor, stops: list[None]) -> None:
+        super().__init__(original)
+        self.stops = stops
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        callable(*args, **kwargs)
+
+    def stop(self) -> None:
+        self.stops.append(None)

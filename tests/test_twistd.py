@@ -6,18 +6,24 @@ package, in a subprocess.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-from tests.support import connect, free_port, spawn_gateway, twistd_path
+from tests.support import GatewayProcess, connect, free_port, spawn_gateway, twistd_path
 
 SECRET = "a-production-secret-of-at-least-32-bytes!"
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +193,27 @@ class TwistdTests(TestCase):
                 ),
                 # The log file refused once the database is made too: both go.
                 ([], ["--logfile", "missing/twistd.log"], [*listen, "--token-file", "token"], {}, 2, "the log file"),
+                # twistd's --uid/--gid (as root: the files would be root's,
+                # the process nobody's), refused before anything is made
+                # (daemon trial s18).
+                (
+                    [],
+                    ["--uid", "65534", "--gid", "65534"],
+                    [*listen, "--token-file", "token"],
+                    {},
+                    2,
+                    "twistd's --uid/--gid are not supported: the gateway's files would be made by one user and "
+                    "used by another; start twistd as the gateway's user instead (systemd: User=",
+                ),
+                # --workers, whose workers would start in -d's directory.
+                (
+                    ["sub"],
+                    ["-d", "sub"],
+                    [*listen, "--workers", "2"],
+                    {"REDIS_URL": "redis://127.0.0.1:1/0"},
+                    2,
+                    "--workers above 1 with twistd's -d/--rundir 'sub' is not supported",
+                ),
             ]
             for directories, twistd, args, env, status, expected in cases:
                 run = Path(self.mktemp_dir()).resolve()
@@ -205,10 +232,71 @@ class TwistdTests(TestCase):
                 self.assertNotIn(b"Traceback", out + err)
                 self.assertEqual(sorted(p.name for p in run.iterdir()), directories, expected)
 
+    @inlineCallbacks
+    def test_rundir_with_relative_paths(self):
+        """
+        twistd's -d DIR (--rundir) changes the working directory once the
+        settings are read: a relative --token-file, --state-dir and unix:
+        listener are where the operator meant them, in the directory twistd
+        was started in, as twistd's own --pidfile is, and the gateway
+        serves (daemon trial s18: the token file's lock was made there and
+        the token in DIR, and the database was never usable: /readyz 503
+        for ever).  The banner names the token file by its absolute path.
+        """
+        launch = Path(tempfile.mkdtemp(prefix="oc")).resolve()  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, launch, True)
+        (launch / "run").mkdir()
+        api_port = free_port()
+        argv = [twistd_path(), "-n", "--pidfile=", "-d", "run", "openclaw", "--interface", "127.0.0.1"]
+        argv += ["--api-port", str(api_port), "--listen", "unix:control.sock:mode=600"]
+        argv += ["--token-file", "token", "--state-dir", "state"]
+        process = GatewayProcess()
+        env = base_env(JWT_SECRET=SECRET, GEMINI_API_KEY="gemini-test-key-0123456789")
+        reactor.spawnProcess(process, argv[0], argv, env=env, path=str(launch))
+        self.addCleanup(process.stop)
+        deadline = time.monotonic() + 20
+        while True:
+            self.assertFalse(process.ended.called, process.stdout[-3000:])
+            status, body = yield deferToThread(http_get, f"http://127.0.0.1:{api_port}/readyz")
+            if status == 200 or time.monotonic() > deadline:
+                break
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(status, 200, body)
+        token = (launch / "token").read_text().strip()
+        self.assertTrue(token.startswith("eyJ"), token)
+        self.assertTrue((launch / "token.lock").is_file())
+        self.assertTrue((launch / "state" / "openclaw.db").is_file())
+        self.assertTrue(stat.S_ISSOCK((launch / "control.sock").stat().st_mode))
+        client = yield connect(0, unix=str(launch / "control.sock"))
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        client.sendClose()
+        yield client.closed
+        self.assertEqual(list((launch / "run").iterdir()), [])
+        self.assertIn(f"in {launch / 'token'} (never logged)".encode(), process.stdout)
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+        self.assertFalse((launch / "token").exists())
+        self.assertFalse((launch / "token.lock").exists())
+
     def mktemp_dir(self) -> str:
         path = Path(self.mktemp())
         path.mkdir(parents=True)
         return str(path)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """
+    GET C{url} (blocking: call it in a thread): its status and body; status
+    0 when nothing answers.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+    except OSError as error:
+        return 0, str(error).encode()
 
 
 class CleanInstallTests(TestCase):
