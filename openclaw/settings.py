@@ -1423,10 +1423,18 @@ def _jwt_secret(text: str) -> bytes:
     C{JWT_SECRET} as bytes (UTF-8); empty for none (a random secret for
     the process).
 
-    @raise ConfigError: it is shorter than L{MIN_SECRET_BYTES}; the line
-        never shows it.
+    @raise ConfigError: it is shorter than L{MIN_SECRET_BYTES}, or not
+        UTF-8; the line never shows it.
     """
-    secret = text.encode("utf-8")
+    try:
+        secret = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes the environment could not decode (os.environ's
+        # surrogateescape): never shown.
+        raise ConfigError(
+            "JWT_SECRET holds bytes that are not UTF-8; use a secret of printable characters, such as one made "
+            "with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        ) from None
     if secret:
         _check_secret_length(secret, "JWT_SECRET is")
     return secret
@@ -1534,6 +1542,20 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
 
 
+def secret_settings(declared: Iterable[type[ProviderAdapter]]) -> frozenset[str]:
+    """
+    The settings whose values are secrets: C{JWT_SECRET},
+    C{GATEWAY_API_KEYS}, and each of the C{declared} providers' key
+    variables (its C{key_variables}, its C{<ID>_API_KEYS}).  A refusal
+    never shows their values.
+    """
+    names = {"JWT_SECRET", "GATEWAY_API_KEYS"}
+    for adapter in declared:
+        names.update(adapter.key_variables)
+        names.add(adapter.key_list_variable())
+    return frozenset(names)
+
+
 def env_file_secrets(values: Mapping[str, str], declared: Iterable[type[ProviderAdapter]]) -> list[str]:
     """
     The settings an env file (C{values}: its names and values) gives a
@@ -1544,10 +1566,7 @@ def env_file_secrets(values: Mapping[str, str], declared: Iterable[type[Provider
     held to the rule of a secret file: a warning when group or others may
     read it (L{check_private_file}).
     """
-    secret_names = {"JWT_SECRET", "GATEWAY_API_KEYS"}
-    for adapter in declared:
-        secret_names.update(adapter.key_variables)
-        secret_names.add(adapter.key_list_variable())
+    secret_names = secret_settings(declared)
     return [
         name
         for name, value in values.items()
@@ -1587,6 +1606,7 @@ def load_settings(
     config = Config(repository)
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
     declared = tuple(builtin_providers() if providers is None else providers)
+    secret_names = secret_settings(declared)
     #: Every setting name looked up, for the env file's misspellings.
     known: set[str] = set()
     warnings: list[str] = []
@@ -1623,8 +1643,10 @@ def load_settings(
         except ConfigError as e:
             raise ConfigError(f"{e} (the value came {source(name)})") from None
         except ValueError as e:
-            # A URL's user, password and query are never shown (a
-            # provider's base URL refuses them).
+            # A secret is never shown, nor a URL's user, password and query
+            # (a provider's base URL refuses them).
+            if name in secret_names:
+                raise ConfigError(f"{name} ({source(name)}) is invalid: {hint or e}") from None
             shown = _without_credentials(str(raw))
             why = f"{e}; " if isinstance(e, InvalidValue) else ""
             raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None

@@ -273,6 +273,19 @@ class LoadTests(SynchronousTestCase):
     def test_short_secret(self) -> None:
         self.assertConfigError("JWT_SECRET", "32 bytes", JWT_SECRET="short")
 
+    def test_secret_not_utf8_never_shown(self) -> None:
+        """
+        A JWT_SECRET holding bytes the environment could not decode
+        (os.environ's surrogateescape, U+DCFF for a byte 0xff) is refused
+        without showing it: it was quoted whole in the refusal.
+        """
+        for options in ({"JWT_SECRET": "topsecret-value-\udcff-abcdefghijklmnopqrstuvwxyz"},):
+            with self.assertRaises(ConfigError) as caught:
+                self.load(options)
+            message = str(caught.exception)
+            self.assertIn("JWT_SECRET holds bytes that are not UTF-8", message)
+            self.assertNotIn("topsecret", message)
+
     def test_networks(self) -> None:
         settings = self.load({"TRUSTED_CLIENT_IPS": "203.0.113.42, 10.0.0.0/8,::1,::ffff:192.0.2.7"})
         self.assertEqual(
