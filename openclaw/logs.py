@@ -163,7 +163,7 @@ def log_destination(
     @param also_on_reopen: called (on the reactor's thread) after each
         reopen: C{--workers} passes SIGUSR1 on to its workers there.
     @raise ConfigError: for C{--logfile -} without C{-n}: a daemon has no
-        standard output; or the log file cannot be created.
+        standard output; or the log file cannot be created or opened.
     """
     if twistd_options.get("syslog"):
         return None
@@ -174,7 +174,15 @@ def log_destination(
         return stdout
     path = os.path.abspath(logfile or "twistd.log")
     _create_log_file(path, _future_umask(twistd_options))
-    log_file = ReopenedLogFile(path)
+    try:
+        log_file = ReopenedLogFile(path)
+    except OSError as error:
+        # There, but not a file this user may append to (a directory,
+        # another user's 0600 file).
+        raise ConfigError(
+            f"cannot open the log file {path} (--logfile) for appending: {error.strerror}; "
+            "name a file the gateway's user may write"
+        ) from None
 
     def reopened() -> None:
         log_file.reopen()

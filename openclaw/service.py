@@ -34,7 +34,13 @@ from openclaw.cluster.redis import RedisStore
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
-from openclaw.consumers.store import RETRY_MAX_SECONDS, ConsumerStore, Retrying, log_database_failure
+from openclaw.consumers.store import (
+    RETRY_MAX_SECONDS,
+    ConsumerStore,
+    Retrying,
+    log_database_failure,
+    sqlite_path,
+)
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
@@ -613,7 +619,7 @@ class GatewayService(MultiService):
         USAGE_RETENTION_DAYS (hourly).
         """
         settings = self.settings
-        where = "DATABASE_URL" if settings.database_url else str(self.settings.state_dir / "openclaw.db")
+        where = "DATABASE_URL" if settings.database_url else str(sqlite_path(self.settings.state_dir))
 
         def attempt() -> Deferred[int]:
             def migrated(version: int) -> Deferred[int]:
@@ -755,7 +761,7 @@ class GatewayService(MultiService):
                 "another host, or with another STATE_DIR) have consumers of their own, so a consumer's key works "
                 "only on the instances whose file it was created in; if the cluster has such instances and you "
                 "use consumers, set DATABASE_URL to one PostgreSQL database for every instance",
-                path=str(self.settings.state_dir / "openclaw.db"),
+                path=str(sqlite_path(self.settings.state_dir)),
                 sharing=f"which this gateway's {self.settings.workers} workers share"
                 if self.settings.workers > 1
                 else "this instance's own",

@@ -27,7 +27,7 @@ from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
-from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file
+from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock
 from openclaw.listeners import (
     MAX_TLS_FILE_BYTES,
@@ -407,25 +407,30 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> t
     @param open_log: L{log_destination}, given twistd's options.
     @return: the lock held (L{None}: no token file, or a cluster's) and
         the stream to log to (L{None}: syslog).
-    @raise ConfigError: one of them refused.
+    @raise ConfigError: one of them refused (any other exception takes
+        back what was made too).
     """
-    lock = _lock_token_file(settings)
-    try:
-        made = _check_database_file(settings)
-        try:
-            destination = open_log()
-        except ConfigError:
-            if made is not None:
-                _remove_new_database(made)
-            raise
-    except ConfigError:
+    with contextlib.ExitStack() as undo:
+        lock = _lock_token_file(settings)
         if lock is not None:
-            # The lock file stays if it cannot be removed: the refusal
-            # is the line to show.
-            with contextlib.suppress(OSError):
-                lock.release()
-        raise
+            undo.callback(_release_quietly, lock)
+        made = _check_database_file(settings)
+        if made is not None:
+            undo.callback(_remove_new_database, made)
+        destination = open_log()
+        # Made: kept.
+        undo.pop_all()
     return lock, destination
+
+
+def _release_quietly(lock: PidLock) -> None:
+    """
+    Release C{lock} taken at a start-up that is refused after all; its
+    lock file stays if it cannot be removed: the refusal is the line to
+    show.
+    """
+    with contextlib.suppress(OSError):
+        lock.release()
 
 
 def _check_database_file(settings: Settings) -> Path | None:
@@ -440,15 +445,14 @@ def _check_database_file(settings: Settings) -> Path | None:
     """
     if settings.database_url:
         return None
-    database = settings.state_dir / "openclaw.db"
+    database = sqlite_path(settings.state_dir)
     made = not os.path.lexists(database)
     try:
         sqlite_file(settings.state_dir)
     except UnusableDatabaseFile as e:
         if made:
             _remove_new_database(database)
-        source = settings.source("STATE_DIR")
-        named = f"STATE_DIR={str(settings.state_dir)!r}" + (f" ({source})" if source else "")
+        named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
         raise ConfigError(f"{named}: {e}; or point STATE_DIR / --state-dir at another directory") from None
     return database if made else None
 

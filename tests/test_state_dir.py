@@ -158,7 +158,7 @@ class StateDirTests(TestCase):
             self.assertEqual(len(lines), 1, err)
             self.assertIn("openclaw: configuration error: ", lines[0])
             self.assertIn(
-                f"STATE_DIR={str(state)!r} (from the command line): the consumers' database "
+                f"STATE_DIR (--state-dir)={str(state)!r} (from the command line): the consumers' database "
                 f"{str(state / 'openclaw.db')!r}",
                 lines[0],
             )

@@ -193,6 +193,16 @@ class TwistdTests(TestCase):
                 ),
                 # The log file refused once the database is made too: both go.
                 ([], ["--logfile", "missing/twistd.log"], [*listen, "--token-file", "token"], {}, 2, "the log file"),
+                # A log file there that cannot be appended to (a directory):
+                # one line, not a traceback, and nothing else left (review).
+                (
+                    ["logs"],
+                    ["--logfile", "logs"],
+                    [*listen, "--token-file", "token"],
+                    {},
+                    2,
+                    "cannot open the log file",
+                ),
                 # twistd's --uid/--gid (as root: the files would be root's,
                 # the process nobody's), refused before anything is made
                 # (daemon trial s18).

@@ -922,6 +922,18 @@ class UnusableDatabaseFile(OSError):
 COMPANION_SUFFIXES = ("-wal", "-shm")
 
 
+#: The consumers' SQLite database's name in C{STATE_DIR}.
+DATABASE_FILE = "openclaw.db"
+
+
+def sqlite_path(state_dir: Path) -> Path:
+    """
+    Where the consumers' SQLite database is: C{state_dir}'s
+    L{DATABASE_FILE} (whether or not it is there yet).
+    """
+    return state_dir / DATABASE_FILE
+
+
 def sqlite_file(state_dir: Path, euid: int | None = None) -> Path:
     """
     The SQLite database in C{state_dir} (C{openclaw.db}), created if
@@ -935,7 +947,7 @@ def sqlite_file(state_dir: Path, euid: int | None = None) -> Path:
         be opened for writing or have its mode set (permission denied,
         immutable).
     """
-    path = state_dir / "openclaw.db"
+    path = sqlite_path(state_dir)
     try:
         private(path, euid)
     except NotARegularFile as e:
