@@ -793,9 +793,23 @@ class GatewayService(MultiService):
         return issued
 
     def _announce(self, issued: SessionToken) -> None:
+        """
+        Print C{issued}'s banner (or log it, without the token, for a
+        daemon).  A standard output that is gone (a closed pipe, a full
+        disk) is logged: the token is in force all the same.
+        """
         if self._stdout is not None:
-            self._stdout.write(issued.banner())
-            self._stdout.flush()
+            try:
+                self._stdout.write(issued.banner())
+                self._stdout.flush()
+            except OSError as e:
+                self._log.warn(
+                    "the banner of session token {jti} could not be printed ({error}): the token is in force; "
+                    "read it from TOKEN_FILE, or rotate it where the answer can be read",
+                    jti=issued.jti,
+                    error=e.strerror or str(e),
+                )
+                return
             self._log.info("session token {jti} issued, expires {expires}", jti=issued.jti, expires=issued.expires)
         else:
             self._log.info(

@@ -234,6 +234,34 @@ class TokenFileUnwritableTests(TestCase):
         self.assertTrue(answer["ok"], answer)
 
 
+class ClosedStdoutTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_rotation_with_stdout_gone(self):
+        """
+        A rotation whose banner cannot be printed (standard output a
+        closed pipe) is answered with the new token, in force, and logged;
+        not an internal error, and not "nothing was rotated".
+        """
+        events = capture_log_events(self)
+        gateway = start_gateway(self)
+
+        def broken(data: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        gateway.stdout.write = broken  # type: ignore[method-assign]
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "rotate_token")
+        self.assertTrue(answer["ok"], answer)
+        new = answer["result"]["token"]
+        answer = yield client.command(new, "ping")
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        (warned,) = [e for e in events if "could not be printed" in e.get("log_format", "")]
+        self.assertIn("Broken pipe", formatEvent(warned))
+
+
 class TokenFileLaterTests(SynchronousTestCase):
     """
     At rotation and at stop the token file is replaced or removed only
