@@ -139,7 +139,11 @@ class HeaderInjectionTests(TestCase):
         answer = yield client.command(gateway.token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
         (audited,) = [e for e in events if e.get("cmd") == "switch_provider"]
-        self.assertRegex(audited["peer"], r"^10\.0\.0\.5 via 127\.0\.0\.1:\d+$")
+        self.assertEqual(audited["peer"], "10.0.0.5")
+        self.assertRegex(audited["proxy"], r"^127\.0\.0\.1:\d+$")
+        self.assertRegex(
+            formatEvent(audited), r"^switch_provider from 10\.0\.0\.5 \(token .*\): ok in .* proxy=127\.0\.0\.1:\d+"
+        )
 
 
 class ProxyNamingNoClientTests(TestCase):

@@ -29,8 +29,12 @@ class Connection:
     What the control plane remembers about one open connection.
     """
 
-    #: The client's address as logged ("203.0.113.9:51234").
+    #: The client's address as logged ("203.0.113.9:51234"; behind a
+    #: TRUSTED_PROXIES proxy, the address it named, "203.0.113.9").
     peer: str
+    #: Behind a TRUSTED_PROXIES proxy, the proxy's address and port
+    #: ("127.0.0.1:50412"), logged in the C{proxy} field; else None.
+    proxy: str | None = None
     #: Messages in a row that did not authenticate (bad token, or, before
     #: the connection authenticated, no well-formed message to carry one);
     #: reset by a good token.
@@ -181,6 +185,8 @@ class ControlPlane:
         started = self._clock() if audited else 0.0
         # Which consumer, key and fields a consumer command (all audited) concerns.
         fields = audit_fields(cmd, message.get("data")) if audited and cmd in CONSUMER_COMMANDS else None
+        if audited and connection.proxy is not None:
+            fields = {**(fields or {}), "proxy": connection.proxy}
         try:
             result = handler(message.get("data"))
         except Exception:

@@ -338,7 +338,7 @@ class ControlProtocol(WebSocketServerProtocol):
             self.client = client
             # The audit names the client a trusted proxy named, and the proxy.
             logged, proxy = factory.logged_peer(host, peer, client)
-            self.connection = Connection(logged if proxy is None else f"{logged} via {proxy}")
+            self.connection = Connection(logged, proxy)
             factory.connections.add(self)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
