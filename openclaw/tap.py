@@ -140,8 +140,11 @@ def makeService(
     """
     Read the configuration once and build the gateway service.  A bad value
     ends the process here, before anything starts, with one line that names
-    it; every refusal comes before anything is made on disk, or takes back
-    what was (L{_make_files}).
+    it; every refusal here comes before the token file's lock, the
+    consumers' database and the log file are made, or takes them back
+    (L{_make_files}).  Not covered: a C{STATE_DIR} that did not exist
+    (made while the settings are read), and a port of a C{--listen}
+    endpoint found taken only once listening (after this).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -161,7 +164,7 @@ def makeService(
             daemon=not foreground(twistd_options),
         )
         # Every check that needs nothing on disk comes first: a refusal
-        # leaves nothing behind (L{_make_files}).
+        # leaves no lock, database or log behind (L{_make_files}).
         _check_token_file(settings)
         _check_token_shown(settings, twistd_options, stdout)
         if options["worker"] is not None:
@@ -401,8 +404,8 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> t
     (L{_check_database_file}), then the log (C{open_log}, which creates
     the log file).  Each of them may still refuse to start; one that does
     takes back what was made before it (the lock file, a database made
-    empty here), so that a refusal leaves nothing on disk (README audit
-    s18 F3: a refusal left an empty C{openclaw.db}).
+    empty here), so that a refusal leaves none of them on disk (README
+    audit s18 F3: a refusal left an empty C{openclaw.db}).
 
     @param open_log: L{log_destination}, given twistd's options.
     @return: the lock held (L{None}: no token file, or a cluster's) and

@@ -1466,7 +1466,7 @@ MODE_HELP = MappingProxyType(
 
 def _retry_after(text: str) -> float:
     seconds = float(text)
-    if not 0 <= seconds < 86400:
+    if not 0 <= seconds <= 86400:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds from 0 to 86400")
     return seconds
 
