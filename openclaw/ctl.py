@@ -41,7 +41,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogBeginner
+from twisted.logger import ILogObserver, LogEvent, LogLevel, PredicateResult, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -53,7 +53,7 @@ from openclaw.control.closecodes import (
     UNTRUSTED_PEER_REASON,
 )
 from openclaw.files import OwnerNotKept, kind_of, read_regular_file
-from openclaw.logs import PEER_TLS_ERROR_PREFIX
+from openclaw.logs import PeerTLSErrors
 from openclaw.reactors import IClientReactor
 from openclaw.session import (
     MAX_TOKEN_FILE_BYTES,
@@ -1409,6 +1409,11 @@ def _exit(report: Report) -> NoReturn:
 AUTOBAHN_CLIENT_NAMESPACE = f"{WebSocketClientProtocol.__module__}.{WebSocketClientProtocol.__name__}"
 
 
+#: Autobahn's line for openclawctl's connection lost to a TLS error, as
+#: the gateway's log knows it for its own connections.
+_CLIENT_TLS_ERRORS = PeerTLSErrors((AUTOBAHN_CLIENT_NAMESPACE,))
+
+
 @implementer(ILogObserver)
 @attrs.frozen
 class OneLineLog:
@@ -1431,9 +1436,7 @@ class OneLineLog:
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_level") not in (LogLevel.error, LogLevel.critical):
             return
-        if event.get("log_namespace") == AUTOBAHN_CLIENT_NAMESPACE and str(event.get("log_format")).startswith(
-            PEER_TLS_ERROR_PREFIX
-        ):
+        if _CLIENT_TLS_ERRORS(event) is PredicateResult.no:
             return
         # log_failure in a twisted.logger event, failure in a legacy
         # twisted.python.log one (log.err, as a transport logs what its

@@ -333,16 +333,21 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
 
 
 @implementer(ILogFilterPredicate)
+@attrs.frozen
 class PeerTLSErrors:
     """
-    Drops Autobahn's error line for a control connection lost to a TLS
-    error (L{PEER_TLS_ERROR_PREFIX}); lets every other event through to
-    the next predicate.
+    Drops Autobahn's error line for a WebSocket connection lost to a TLS
+    error (L{PEER_TLS_ERROR_PREFIX}), logged under one of C{namespaces}
+    (by default the gateway's server protocols', L{QUIET_WEBSOCKET};
+    C{openclawctl} gives its client protocol's); lets every other event
+    through to the next predicate.
     """
+
+    namespaces: tuple[str, ...] = QUIET_WEBSOCKET
 
     def __call__(self, event: LogEvent) -> object:
         # A PredicateResult: object, as Twisted's constants are untyped.
-        if event.get("log_namespace") in QUIET_WEBSOCKET and str(event.get("log_format")).startswith(
+        if event.get("log_namespace") in self.namespaces and str(event.get("log_format")).startswith(
             PEER_TLS_ERROR_PREFIX
         ):
             return PredicateResult.no
