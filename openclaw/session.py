@@ -8,7 +8,6 @@ earlier token worthless, because its C{jti} is no longer the current one.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import os
 import re
@@ -329,9 +328,17 @@ class SessionAuthority:
         else:
             why = self._foreign_token_file(accept=None)
         if why is None:
-            # Missing, or no directory there any more (a file in its place).
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            try:
                 self._token_file.unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # missing, or no directory there any more (a file in its place)
+            except OSError as e:
+                self._log.warn(
+                    "TOKEN_FILE {path} could not be removed ({error}): it holds a token no longer valid; "
+                    "remove it, and let the gateway's user write in its directory",
+                    path=str(self._token_file),
+                    error=e.strerror or str(e),
+                )
         elif _present(self._token_file):
             self._log.warn("TOKEN_FILE {path} was left in place: {why}", path=str(self._token_file), why=why)
 

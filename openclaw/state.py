@@ -126,6 +126,7 @@ class RouteStore:
             )
             return (
                 f"the switch is made but could not be saved to {self.path} ({e.strerror or e}): a restart will go "
-                "back to the route saved before; make STATE_DIR writable by the gateway's user, then switch again"
+                "back to the route saved before; fix what stops the gateway's user writing it (a directory in its "
+                "place, STATE_DIR read-only or full), then switch again"
             )
         return None

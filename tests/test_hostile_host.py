@@ -352,6 +352,35 @@ class TokenFileLaterTests(SynchronousTestCase):
             os.seteuid(0)
             os.setegid(0)
 
+    def test_stop_says_when_it_cannot_remove(self) -> None:
+        """
+        A stop whose token file cannot be removed (its directory not
+        writable by the gateway's user) says so, where it left it without
+        a word (re-attack s18 F3).
+        """
+        searchable = Path(tempfile.mkdtemp(prefix="oc-token-"))
+        self.addCleanup(shutil.rmtree, searchable, True)
+        moved = searchable / self.path.name
+        shutil.move(self.path, moved)
+        self.authority = SessionAuthority(BYTES_SECRET, 3600, token_file=moved)
+        self.authority.adopt(self.first)
+        # Readable by that user (the gateway's), in a directory it may not write.
+        moved.chmod(0o644)
+        searchable.chmod(0o555)
+        self.addCleanup(searchable.chmod, 0o755)
+        if os.geteuid() == 0:
+            # Root is not stopped by modes: the stop runs as another user.
+            os.setegid(NOBODY)
+            os.seteuid(NOBODY)
+        try:
+            self.authority.discard_token_file()
+        finally:
+            if os.geteuid() != os.getuid():
+                os.seteuid(0)
+                os.setegid(0)
+        self.assertTrue(moved.exists())
+        self.assertIn(f"TOKEN_FILE {moved} could not be removed (Permission denied)", self.logged())
+
     def test_rotation_leaves_an_unreadable_file(self) -> None:
         """
         A token file the gateway may not read (trial s18 F1: root's
