@@ -22,6 +22,7 @@ even an operator, can connect).
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import socket
 from pathlib import Path
@@ -134,7 +135,9 @@ class NamedEndpoint:
 
     def _failed(self, failure: Failure) -> Failure:
         error = failure.value
-        if isinstance(error, CannotListenError):
+        if isinstance(error, (CannotListenError, OSError)):
+            # OSError: a unix: endpoint's lock file (twisted.python.lockfile)
+            # that cannot be made, past L{unix_socket_problem}'s checks.
             return Failure(CannotListen(self.listener.failure_line(error)))
         return failure
 
@@ -226,6 +229,43 @@ def tls_file_problem(description: str) -> tuple[str, str] | None:
             return parameter, f"its {parameter} {name!r} is refused: {e}"
         except OSError:
             continue
+    return None
+
+
+#: The longest path a UNIX socket's address holds (Linux's C{sun_path}:
+#: 108 bytes, its last a NUL; unix(7)).
+MAX_UNIX_PATH_BYTES = 107
+
+
+def unix_socket_problem(description: str) -> str | None:
+    """
+    What is wrong with the path of a C{unix:} server endpoint string, found
+    before anything is made at start-up (so a refusal leaves nothing), or
+    None: longer than a socket's address holds (L{MAX_UNIX_PATH_BYTES}),
+    in a directory that does not exist, or one this process may not create
+    a file in (the socket and Twisted's C{.lock} beside it).  Any other
+    endpoint: None.
+    """
+    fields, named = endpoint_fields(description)
+    if fields[0] != "unix":
+        return None
+    address = fields[1] if len(fields) > 1 else named.get("address")
+    if not address:
+        return None  # the parser says what is missing
+    size = len(os.fsencode(address))
+    if size > MAX_UNIX_PATH_BYTES:
+        return (
+            f"its path is {size} bytes long, and a UNIX socket's is at most {MAX_UNIX_PATH_BYTES} (unix(7)); "
+            "choose a shorter path"
+        )
+    directory = os.path.dirname(os.path.abspath(address))
+    if not os.path.isdir(directory):
+        return f"its directory {directory!r} does not exist; create it (writable by the gateway's user)"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (
+            f"the gateway's user may not create the socket in {directory!r}; choose a directory it may write "
+            "(such as /run/openclaw)"
+        )
     return None
 
 

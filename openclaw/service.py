@@ -50,7 +50,7 @@ from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, MetricsSite, build_site
-from openclaw.listeners import HANDSHAKE_HEADROOM, descriptor_shares
+from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderAdapter, ProviderRegistry
 from openclaw.reactors import IGatewayReactor
@@ -535,6 +535,19 @@ class GatewayService(MultiService):
         if self._log_observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self._log_observer)
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """
+        Listen (the listeners bind here, before twistd would drop
+        privileges).  A listener that cannot be had ends the process
+        (L{CannotListen}); the token file's lock, taken at start-up, is
+        released first, so that it is not left behind.
+        """
+        try:
+            super().privilegedStartService()
+        except CannotListen:
+            self.sessions.discard_token_file()
+            raise
 
     def _name_instance(self) -> None:
         """

@@ -37,6 +37,7 @@ from openclaw.listeners import (
     check_free,
     host_port,
     tls_file_problem,
+    unix_socket_problem,
 )
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
@@ -569,6 +570,9 @@ def _endpoint(
         description = tcp_endpoint_description(port, settings)
     else:
         listener = Listener(description, *endpoint_setting)
+        unusable = unix_socket_problem(description)
+        if unusable is not None:
+            raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")
         problem = tls_file_problem(description)
         if problem is not None:
             parameter, reason = problem

@@ -7,6 +7,7 @@ options, as twistd builds it.
 from __future__ import annotations
 
 import datetime
+import errno
 import http.client
 import io
 import ipaddress
@@ -25,16 +26,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
+from zope.interface import implementer
 
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
-from openclaw.listeners import CannotListen, Listener, check_free
+from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
 from openclaw.logs import make_observer
 from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
@@ -245,6 +249,60 @@ class ListenTests(TestCase):
                 f"openclaw: cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN): address already in use; "
                 "is another gateway running? choose another endpoint with --api-listen",
             )
+
+    def test_listen_failure_releases_the_token_file(self):
+        """
+        A listener that cannot be had when twistd binds them
+        (privilegedStartService) ends start-up with its one line, and the
+        token file's lock taken at start-up is released: its lock file
+        does not stay (re-attack s18).
+        """
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            options = Options()
+            options.parseOptions(
+                [
+                    "--listen",
+                    f"tcp:{port}:interface=127.0.0.1",
+                    "--api-port",
+                    str(free_port()),
+                    "--interface",
+                    "127.0.0.1",
+                    "--token-file",
+                    str(directory / "token"),
+                    "--state-dir",
+                    str(directory),
+                ]
+            )
+            service = makeService(options, reactor, stdout=io.StringIO())
+            self.assertTrue((directory / "token.lock").exists())
+            with self.assertRaises(CannotListen):
+                service.privilegedStartService()
+            self.assertFalse((directory / "token.lock").exists())
+
+    def test_any_listen_error_is_one_line(self):
+        """
+        An endpoint whose listen fails with an OSError rather than
+        Twisted's CannotListenError (a unix: socket's lock file that cannot
+        be made) ends start-up with the listener's one line too.
+        """
+
+        @implementer(IStreamServerEndpoint)
+        class Failing:
+            def listen(self, factory: Any) -> Any:
+                return fail(FileNotFoundError(errno.ENOENT, "No such file or directory"))
+
+        endpoint = NamedEndpoint(Failing(), Listener("unix:/proc/c.sock", "API_LISTEN", "--api-listen"))
+        failure = self.failureResultOf(endpoint.listen(Factory()), CannotListen)
+        self.assertEqual(
+            str(failure.value),
+            "openclaw: cannot listen on unix:/proc/c.sock (API_LISTEN): No such file or directory; choose another "
+            "endpoint with --api-listen",
+        )
 
     def test_bad_endpoint_is_one_line(self):
         options = Options()

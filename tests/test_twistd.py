@@ -215,6 +215,26 @@ class TwistdTests(TestCase):
                     "twistd's --uid/--gid are not supported: the gateway's files would be made by one user and "
                     "used by another; start twistd as the gateway's user instead (systemd: User=",
                 ),
+                # A unix: listener whose socket cannot be made: found before
+                # anything is made (re-attack s18: a traceback, and the lock
+                # and database left).
+                (
+                    [],
+                    [],
+                    [*listen, "--token-file", "token"],
+                    {"API_LISTEN": "unix:/nonexistent-oc/api.sock"},
+                    2,
+                    "API_LISTEN (--api-listen)='unix:/nonexistent-oc/api.sock' (from the environment) cannot be "
+                    "used: its directory '/nonexistent-oc' does not exist",
+                ),
+                (
+                    [],
+                    [],
+                    [*listen, "--token-file", "token"],
+                    {"API_LISTEN": "unix:" + "s" * 110},
+                    2,
+                    "and a UNIX socket's is at most 107 (unix(7))",
+                ),
                 # --workers, whose workers would start in -d's directory.
                 (
                     ["sub"],
