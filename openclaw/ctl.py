@@ -52,7 +52,7 @@ from openclaw.control.closecodes import (
     PROXY_NAMED_NO_CLIENT_REASON,
     UNTRUSTED_PEER_REASON,
 )
-from openclaw.files import OwnerNotKept, kind_of, read_regular_file
+from openclaw.files import MAX_UNIX_PATH_BYTES, OwnerNotKept, kind_of, read_regular_file
 from openclaw.logs import PeerTLSErrors
 from openclaw.reactors import IClientReactor
 from openclaw.session import (
@@ -724,9 +724,17 @@ def websocket_url(url: str) -> str:
 
 
 def _check_url(url: str) -> None:
-    if unix_socket_path(url) is not None:
-        if not unix_socket_path(url):
+    path = unix_socket_path(url)
+    if path is not None:
+        if not path:
             raise UsageError(f"--url {url!r} names no socket; use e.g. unix:/run/openclaw/control.sock")
+        size = len(os.fsencode(path))
+        if size > MAX_UNIX_PATH_BYTES:
+            raise UsageError(
+                f"--url {url!r}: the socket path is {size} bytes long, and a UNIX socket's is at most "
+                f"{MAX_UNIX_PATH_BYTES} (unix(7)); the gateway cannot be listening there: give its --listen "
+                "unix: path"
+            )
         return
     try:
         parse_url(url)

@@ -14,6 +14,11 @@ import stat
 import tempfile
 from pathlib import Path
 
+#: The longest path a UNIX socket's address holds (Linux's C{sun_path}:
+#: 108 bytes, its last a NUL; unix(7)): the gateway's C{unix:} listeners
+#: and C{openclawctl --url unix:PATH}.
+MAX_UNIX_PATH_BYTES = 107
+
 
 class OwnerNotKept(PermissionError):
     """

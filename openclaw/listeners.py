@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.files import NotARegularFile, read_regular_file
+from openclaw.files import MAX_UNIX_PATH_BYTES, NotARegularFile, read_regular_file
 from openclaw.settings import Settings
 
 
@@ -230,11 +230,6 @@ def tls_file_problem(description: str) -> tuple[str, str] | None:
         except OSError:
             continue
     return None
-
-
-#: The longest path a UNIX socket's address holds (Linux's C{sun_path}:
-#: 108 bytes, its last a NUL; unix(7)).
-MAX_UNIX_PATH_BYTES = 107
 
 
 def unix_socket_problem(description: str) -> str | None:

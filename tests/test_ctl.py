@@ -1641,6 +1641,19 @@ class UnixSocketTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_path_too_long(self):
+        """
+        A path longer than a UNIX socket's address holds: one line at once,
+        not a TypeError line and then the wait for --timeout (re-attack
+        s18).
+        """
+        path = "/tmp/" + "b" * 110
+        out, err, code = yield run_ctl("--timeout", "30", "--url", f"unix:{path}", "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertIn("the socket path is 115 bytes long, and a UNIX socket's is at most 107 (unix(7))", err)
+
+    @inlineCallbacks
     def test_not_allowed(self):
         """
         A socket this user may not open (run here as uid L{NOBODY}, the
