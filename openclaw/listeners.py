@@ -232,6 +232,25 @@ def tls_file_problem(description: str) -> tuple[str, str] | None:
     return None
 
 
+def tcp_address(description: str) -> tuple[str, int] | None:
+    """
+    The interface and port a C{tcp:} or C{tcp6:} server endpoint string
+    binds (Twisted's defaults: every IPv4 address, C{::} for C{tcp6}), for
+    L{check_free} before anything is made at start-up; None for another
+    endpoint, port 0 (any) or a port the parser will refuse.
+    """
+    fields, named = endpoint_fields(description)
+    if fields[0] not in ("tcp", "tcp6"):
+        return None
+    try:
+        port = int(fields[1] if len(fields) > 1 else named.get("port", ""))
+    except ValueError:
+        return None
+    if not 0 < port < 65536:
+        return None
+    return named.get("interface") or ("::" if fields[0] == "tcp6" else "0.0.0.0"), port
+
+
 def unix_socket_problem(description: str) -> str | None:
     """
     What is wrong with the path of a C{unix:} server endpoint string, found

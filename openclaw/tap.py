@@ -36,6 +36,7 @@ from openclaw.listeners import (
     NamedEndpoint,
     check_free,
     host_port,
+    tcp_address,
     tls_file_problem,
     unix_socket_problem,
 )
@@ -143,9 +144,10 @@ def makeService(
     ends the process here, before anything starts, with one line that names
     it; every refusal here comes before the token file's lock, the
     consumers' database and the log file are made, or takes them back
-    (L{_make_files}).  Not covered: a C{STATE_DIR} that did not exist
-    (made while the settings are read), and a port of a C{--listen}
-    endpoint found taken only once listening (after this).
+    (L{_make_files}); a C{tcp:} endpoint's port is tried here, as
+    C{--port}'s is.  Not covered: a C{STATE_DIR} that did not exist (made
+    while the settings are read), and a port taken between this check and
+    listening (its line then comes from listening, the lock released).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -570,6 +572,9 @@ def _endpoint(
         description = tcp_endpoint_description(port, settings)
     else:
         listener = Listener(description, *endpoint_setting)
+        address = tcp_address(description)
+        if address is not None:
+            check_free(listener, *address)
         unusable = unix_socket_problem(description)
         if unusable is not None:
             raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")

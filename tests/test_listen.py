@@ -17,6 +17,7 @@ import socket
 import ssl
 import stat
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,9 @@ class ListenTests(TestCase):
     def test_port_in_use_fails_start(self):
         """
         A port that cannot be bound stops start-up with the error, rather
-        than leaving a gateway running without that listener.
+        than leaving a gateway running without that listener: a tcp:
+        endpoint's port is tried before anything is made (as --port's), one
+        taken between then and listening when listening.
         """
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", 0))
@@ -240,15 +243,30 @@ class ListenTests(TestCase):
                     f"tcp:{port}:interface=127.0.0.1",
                 ]
             )
-            service = makeService(options, reactor, stdout=io.StringIO())
-            self.addCleanup(service.stopService)
-            with self.assertRaises(CannotListen) as raised:
-                service.startService()
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            with self.assertRaises(SystemExit) as raised:
+                makeService(options, reactor, stdout=io.StringIO())
+            self.assertEqual(raised.exception.code, 1)
             self.assertEqual(
-                str(raised.exception),
+                stderr.getvalue(),
                 f"openclaw: cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN): address already in use; "
-                "is another gateway running? choose another endpoint with --api-listen",
+                "is another gateway running? choose another endpoint with --api-listen\n",
             )
+        # Free when checked, taken when listening.
+        port = free_port()
+        options = Options()
+        options.parseOptions(
+            ["--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--api-listen", f"tcp:{port}:interface=127.0.0.1"]
+        )
+        service = makeService(options, reactor, stdout=io.StringIO())
+        self.addCleanup(service.stopService)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            with self.assertRaises(CannotListen) as caught:
+                service.startService()
+        self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN)", str(caught.exception))
 
     def test_listen_failure_releases_the_token_file(self):
         """
@@ -259,30 +277,31 @@ class ListenTests(TestCase):
         """
         directory = Path(self.mktemp()).resolve()
         directory.mkdir(parents=True)
+        port = free_port()
+        options = Options()
+        options.parseOptions(
+            [
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(directory / "token"),
+                "--state-dir",
+                str(directory),
+            ]
+        )
+        service = makeService(options, reactor, stdout=io.StringIO())
+        self.assertTrue((directory / "token.lock").exists())
+        # Taken once checked, before twistd binds.
         with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
+            taken.bind(("127.0.0.1", port))
             taken.listen()
-            port = taken.getsockname()[1]
-            options = Options()
-            options.parseOptions(
-                [
-                    "--listen",
-                    f"tcp:{port}:interface=127.0.0.1",
-                    "--api-port",
-                    str(free_port()),
-                    "--interface",
-                    "127.0.0.1",
-                    "--token-file",
-                    str(directory / "token"),
-                    "--state-dir",
-                    str(directory),
-                ]
-            )
-            service = makeService(options, reactor, stdout=io.StringIO())
-            self.assertTrue((directory / "token.lock").exists())
             with self.assertRaises(CannotListen):
                 service.privilegedStartService()
-            self.assertFalse((directory / "token.lock").exists())
+        self.assertFalse((directory / "token.lock").exists())
 
     def test_any_listen_error_is_one_line(self):
         """

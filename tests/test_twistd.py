@@ -173,6 +173,15 @@ class TwistdTests(TestCase):
                 ([], [], listen, {"LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a standard output that is not"),
                 ([], [], listen, {"CONTROL_LISTEN": "bogus:1"}, 2, "CONTROL_LISTEN (--listen)='bogus:1' (from the"),
                 ([], [], ["--interface", "127.0.0.1", "--api-port", str(port)], {}, 1, f"127.0.0.1:{port} (API_PORT)"),
+                # A tcp: endpoint's port taken: tried before anything is made.
+                (
+                    [],
+                    [],
+                    [*listen, "--listen", f"tcp:{port}:interface=127.0.0.1", "--token-file", "token"],
+                    {},
+                    1,
+                    f"cannot listen on tcp:{port}:interface=127.0.0.1 (CONTROL_LISTEN): address already in use",
+                ),
                 (
                     [],
                     [],
