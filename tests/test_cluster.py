@@ -1188,26 +1188,35 @@ class Workers(TestCase):
         self.addCleanup(self.redis.cleanup)
 
     @inlineCallbacks
-    def status_until(self, port: int, token: str, wanted: Any, tries: int = 80, pause: float = 0.0) -> Any:
+    def status_until(
+        self, port: int, token: str, wanted: Any, tries: int = 80, pause: float = 0.0, seconds: float = 20.0
+    ) -> Any:
         """
         Open control connections (kept open) until C{wanted(statuses)};
-        the connections and their statuses.
+        the connections and their statuses.  C{tries} of them C{pause}
+        apart, then more, 0.2 s apart, until C{seconds} have passed: a
+        worker still starting on a loaded host (two test runners at once)
+        is not there for the first ones.
         """
         seen: list[tuple[Any, dict[str, Any]]] = []
-        for _ in range(tries):
+        deadline = time.monotonic() + seconds
+        attempts = 0
+        while attempts < tries or time.monotonic() < deadline:
+            attempts += 1
+            gap = pause if attempts < tries else max(pause, 0.2)
             try:
                 client = yield open_client(self, port)
             except (ConnectionError, ConnectError):
                 # Queued on the socket of a worker just killed: reset.
-                yield sleep(pause)
+                yield sleep(gap)
                 continue
             answer = yield client.ask(token, "status")
             self.assertTrue(answer["ok"], answer)
             seen.append((client, answer["result"]))
             if wanted([status for _, status in seen]):
                 return seen
-            yield sleep(pause)
-        self.fail(f"not seen in {tries} connections: {[status['instance'] for _, status in seen]}")
+            yield sleep(gap)
+        self.fail(f"not seen in {attempts} connections: {[status['instance'] for _, status in seen]}")
 
     @inlineCallbacks
     def test_two_workers_heal_and_drain(self):
