@@ -856,6 +856,20 @@ def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
     return cafile, CertificateOptions(privateKey=server_key, certificate=server)
 
 
+def rotate_without_chown(url: str, token_file: Path) -> Any:
+    """
+    C{openclawctl --url URL --token-file TOKEN_FILE rotate-token} run by a
+    root without CAP_CHOWN (a container's root, NFS's root_squash): taken
+    from its bounding and inheritable sets (C{setpriv}; the test skips
+    without it).  Fires with (stdout, stderr, exit status) as bytes.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise SkipTest("taking CAP_CHOWN away needs setpriv (util-linux)")
+    argv = ["--inh-caps=-chown", "--bounding-set=-chown", CTL, "--url", url, "--token-file", str(token_file)]
+    return getProcessOutputAndValue(setpriv, [*argv, "rotate-token"], env=BASE_ENV)
+
+
 class ConsoleScriptTests(TestCase):
     timeout = 20
 
@@ -1023,25 +1037,9 @@ class ConsoleScriptTests(TestCase):
         token file is left as it was, not made root's; the new token is
         printed, and the error says to write it there as its owner.
         """
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            raise SkipTest("taking CAP_CHOWN away needs setpriv (util-linux)")
         old = self.gateway.token
         token_file = self.another_users_token_file(old)
-        out, err, code = yield getProcessOutputAndValue(
-            setpriv,
-            [
-                "--inh-caps=-chown",
-                "--bounding-set=-chown",
-                CTL,
-                "--url",
-                self.url,
-                "--token-file",
-                str(token_file),
-                "rotate-token",
-            ],
-            env=BASE_ENV,
-        )
+        out, err, code = yield rotate_without_chown(self.url, token_file)
         self.assertEqual(code, 1, err)
         new = self.gateway.token
         self.assertNotEqual(new, old)
@@ -1441,20 +1439,7 @@ class AnotherUsersGatewayTests(TestCase):
         container's) has nothing to fail at.
         """
         yield self.started()
-        out, err, code = yield getProcessOutputAndValue(
-            "setpriv",
-            [
-                "--inh-caps=-chown",
-                "--bounding-set=-chown",
-                CTL,
-                "--url",
-                self.url,
-                "--token-file",
-                str(self.token_file),
-                "rotate-token",
-            ],
-            env=BASE_ENV,
-        )
+        out, err, code = yield rotate_without_chown(self.url, self.token_file)
         self.assertEqual((err, code), (b"", 0))
         self.assertIn(f"new token written to {self.token_file}", out.decode())
         self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
