@@ -308,7 +308,14 @@ class ConsumersOnTwoInstances(TestCase):
                 break
             yield sleep(0.05)
         self.assertEqual(status, (200, None))
-        [key] = [k for k in redis_keys(self.redis.port, f"openclaw:consumer:cheap:*:spend:{today}") if k != old_key]
+        # The call's cost reaches Redis once answered: on a loaded host a
+        # moment after the answer.
+        for _ in range(100):
+            keys = [k for k in redis_keys(self.redis.port, f"openclaw:consumer:cheap:*:spend:{today}") if k != old_key]
+            if keys:
+                break
+            yield sleep(0.05)
+        [key] = keys
         self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), 0.00001, places=12)
         listed = yield self.command(on_b, token, "consumer_list", {"name": "cheap"})
         self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], 0.00001, places=12)
