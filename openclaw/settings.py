@@ -558,8 +558,40 @@ def _host_names(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+#: The fewest characters of a C{GATEWAY_API_KEYS} key: 16 of the bearer
+#: token alphabet are about 96 bits even if each is drawn at random, and
+#: a shorter key is a password someone chose, not a key.
+MIN_API_KEY_CHARS = 16
+#: A bearer token (RFC 6750 section 2.1, C{b64token}): letters, digits and
+#: C{- . _ ~ + /}, then C{=} at the end only.  Anything else (a space, a
+#: control character, a non-ASCII letter) cannot be sent as
+#: C{Authorization: Bearer <key>} by a client that follows the RFC.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z")
+#: How to make a key, for the refusals of a bad one.
+_MAKE_KEY = "make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
 def _keys(text: str) -> tuple[str, ...]:
-    return tuple(key.strip() for key in text.split(",") if key.strip())
+    """
+    C{GATEWAY_API_KEYS}: comma-separated keys, blanks around them dropped.
+
+    @raise ConfigError: a key is not a bearer token (RFC 6750 section
+        2.1) or is shorter than L{MIN_API_KEY_CHARS}.  The message names
+        the key by its place in the list, never by its value.
+    """
+    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    for number, key in enumerate(keys, 1):
+        which = f"GATEWAY_API_KEYS' key {number} of {len(keys)}"
+        if not _BEARER_TOKEN.match(key):
+            raise ConfigError(
+                f"{which} holds a character a bearer token cannot (RFC 6750 section 2.1: letters, digits and "
+                f"- . _ ~ + /, then = at the end only); {_MAKE_KEY}"
+            )
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ConfigError(
+                f"{which} is {len(key)} characters long; a key must be at least {MIN_API_KEY_CHARS}: {_MAKE_KEY}"
+            )
+    return keys
 
 
 def _origins(text: str) -> tuple[str, ...]:

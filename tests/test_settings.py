@@ -52,6 +52,36 @@ class LoadTests(SynchronousTestCase):
         for part in expected:
             self.assertIn(part, message)
 
+    def test_gateway_api_keys(self) -> None:
+        """
+        C{GATEWAY_API_KEYS} holds bearer tokens (RFC 6750 section 2.1) of
+        at least 16 characters: a short key, or one with a character an
+        C{Authorization: Bearer} header cannot carry (a space, a control
+        character, a non-ASCII letter, C{=} inside), is refused in one line
+        naming the key by its place, never by its value, with how to make
+        one.  Blanks around keys and empty entries are dropped.
+        """
+        good = "gw-key-0123456789abcdef"
+        self.environ["GATEWAY_API_KEYS"] = f" {good} ,, AbC+/_.~-0123456789== "
+        self.assertEqual(self.load().gateway_api_keys, (good, "AbC+/_.~-0123456789=="))
+        for bad, why in [
+            ("short-key-12345", "key 2 of 2 is 15 characters long; a key must be at least 16"),
+            ("gw-key 0123456789abcdef", "key 2 of 2 holds a character a bearer token cannot (RFC 6750 section 2.1"),
+            ("gw-key-0123456789\x01abcdef", "key 2 of 2 holds a character a bearer token cannot"),
+            ("gw-key-0123456789abcdéf", "key 2 of 2 holds a character a bearer token cannot"),
+            ("gw-key-01234=56789abcdef", "key 2 of 2 holds a character a bearer token cannot"),
+        ]:
+            self.environ["GATEWAY_API_KEYS"] = f"{good},{bad}"
+            with self.assertRaises(ConfigError) as caught:
+                self.load()
+            message = str(caught.exception)
+            self.assertIn(f"GATEWAY_API_KEYS' {why}", message)
+            self.assertIn("(the value came from the environment)", message)
+            self.assertIn("secrets.token_urlsafe(32)", message)
+            self.assertNotIn(bad, message)
+            self.assertNotIn(good, message)
+            self.assertNotIn("\n", message)
+
     def test_provider_base_urls(self) -> None:
         """
         A provider's base URL is checked whole at start-up: one line naming
@@ -643,10 +673,10 @@ class FileSafetyTests(SynchronousTestCase):
         refused), with no warning; the line numbers of unread lines hold.
         """
         env_file = self.cwd / "gw.env"
-        env_file.write_bytes(b"\xef\xbb\xbfGATEWAY_API_KEYS=gw-key-1\nnot a setting line\n")
+        env_file.write_bytes(b"\xef\xbb\xbfGATEWAY_API_KEYS=gw-key-0123456789abcdef\nnot a setting line\n")
         env_file.chmod(0o600)
         settings = self.load(env_file=str(env_file))
-        self.assertEqual(settings.gateway_api_keys, ("gw-key-1",))
+        self.assertEqual(settings.gateway_api_keys, ("gw-key-0123456789abcdef",))
         (warning,) = settings.warnings
         self.assertIn("line 2 is not NAME=VALUE", warning)
         # A mark alone on the first line is an empty line.
