@@ -339,6 +339,11 @@ class Settings:
     sources: Mapping[str, str] = attrs.field(
         factory=dict, converter=read_only_sources, hash=False, eq=False, repr=False
     )
+    #: The directories L{load_settings} made for the state (C{STATE_DIR}
+    #: or the default one, with any parents it made), the deepest first: a
+    #: start refused after the settings are read removes them again
+    #: (L{remove_made_directories}).
+    made_directories: tuple[Path, ...] = attrs.field(default=(), hash=False, eq=False, repr=False)
 
     # Consumers (issue #19, openclaw.consumers).
     #: C{postgresql://user:password@host:port/db}; None: SQLite in
@@ -1214,11 +1219,25 @@ def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path
     return home / ".local" / "state" / "openclaw"
 
 
-def _own_directory(path: Path) -> Path:
+def remove_made_directories(made: Iterable[Path]) -> None:
     """
-    Create the default state directory, mode 0700, if it is missing.
+    Remove the directories made for a start that was refused (the deepest
+    first), each only if it is still empty: a refusal leaves nothing behind,
+    and never removes what holds something.
     """
-    problem = _make_state_directory(path)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def _own_directory(path: Path, made: list[Path]) -> Path:
+    """
+    Create the default state directory, mode 0700, if it is missing
+    (adding what was made to C{made}).
+    """
+    problem = _make_state_directory(path, made)
     if problem:
         raise ConfigError(
             f"cannot use the state directory {str(path)!r} ({problem}); "
@@ -1227,14 +1246,14 @@ def _own_directory(path: Path) -> Path:
     return path
 
 
-def _state_dir(text: str) -> Path:
+def _state_dir(text: str, made: list[Path]) -> Path:
     """
     An explicit C{STATE_DIR}, made absolute (L{_absolute}): created like
-    the default one (mode 0700, parents as needed) and checked writable
-    now, not at the first write.
+    the default one (mode 0700, parents as needed, adding what was made to
+    C{made}) and checked writable now, not at the first write.
     """
     path = _absolute(text)
-    problem = _make_state_directory(path)
+    problem = _make_state_directory(path, made)
     if problem:
         raise ConfigError(
             f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
@@ -1243,17 +1262,28 @@ def _state_dir(text: str) -> Path:
     return path
 
 
-def _make_state_directory(path: Path) -> str:
+def _make_state_directory(path: Path, made: list[Path] | None = None) -> str:
     """
     Create C{path} (mode 0700, parents as needed) if it is missing; what is
     wrong with it for the gateway's state, or C{""} if nothing.
+
+    @param made: the directories created are added to it, the deepest
+        first (L{remove_made_directories} takes them back).
     """
+    missing = []
+    for directory in (path, *path.parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
         return "a file is in the way, not a directory"
     except OSError as e:
         return e.strerror or str(e)
+    finally:
+        if made is not None:
+            made.extend(directory for directory in missing if directory.is_dir())
     if not os.access(path, os.W_OK | os.X_OK):
         return "not writable"
     return ""
@@ -1630,7 +1660,29 @@ def load_settings(
         without C{STATE_DIR}, state goes to a directory of its own
         (L{default_state_dir}, created 0700), not the working directory;
         so it does under systemd (C{$STATE_DIRECTORY} set) too.
-    @raise ConfigError: a value is invalid; the message names it.
+    @raise ConfigError: a value is invalid; the message names it.  The
+        directories made for the state (L{Settings.made_directories}) are
+        removed again first, when still empty.
+    """
+    made: list[Path] = []
+    try:
+        return _load_settings(options, env_file, cwd, make_secret, providers, daemon, made)
+    except BaseException:
+        remove_made_directories(made)
+        raise
+
+
+def _load_settings(
+    options: Mapping[str, Any] | None,
+    env_file: str | None,
+    cwd: Path | None,
+    make_secret: Callable[[], bytes],
+    providers: Iterable[type[ProviderAdapter]] | None,
+    daemon: bool,
+    made: list[Path],
+) -> Settings:
+    """
+    L{load_settings}, adding the directories it makes to C{made}.
     """
     given = {k: v for k, v in (options or {}).items() if v is not None}
     base = cwd or Path.cwd()
@@ -1759,13 +1811,13 @@ def load_settings(
     ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_state_dir: Path | None = None
     no_prices: Mapping[str, Price] = {}
-    state_dir = read("STATE_DIR", lambda text: _state_dir(text) if text else None, no_state_dir, "")
+    state_dir = read("STATE_DIR", lambda text: _state_dir(text, made) if text else None, no_state_dir, "")
     if state_dir is not None:
         state_path = state_dir
         state_named = f"STATE_DIR={str(state_dir)!r} ({source('STATE_DIR')})"
         state_fix = "point STATE_DIR / --state-dir at a directory of the gateway's own"
     elif daemon or os.environ.get("STATE_DIRECTORY"):
-        state_path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())))
+        state_path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())), made)
         state_named = f"the state directory {str(state_path)!r}"
         state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
     else:
@@ -2025,7 +2077,7 @@ def load_settings(
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
-    return attrs.evolve(settings, warnings=tuple(warnings), sources=sources)
+    return attrs.evolve(settings, warnings=tuple(warnings), sources=sources, made_directories=tuple(made))
 
 
 def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> None:

@@ -45,7 +45,7 @@ from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import gateway_reactor, supervisor_reactor
 from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
-from openclaw.settings import ConfigError, Settings, load_settings
+from openclaw.settings import ConfigError, Settings, load_settings, remove_made_directories
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
 
 _log = Logger(namespace="openclaw")
@@ -145,9 +145,10 @@ def makeService(
     it; every refusal here comes before the token file's lock, the
     consumers' database and the log file are made, or takes them back
     (L{_make_files}); a C{tcp:} endpoint's port is tried here, as
-    C{--port}'s is.  Not covered: a C{STATE_DIR} that did not exist (made
-    while the settings are read), and a port taken between this check and
-    listening (its line then comes from listening, the lock released).
+    C{--port}'s is; a C{STATE_DIR} made while the settings were read is
+    removed again (L{Settings.made_directories}).  Not covered: a port
+    taken between this check and listening (its line then comes from
+    listening, the lock released).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -157,6 +158,7 @@ def makeService(
     stdout = stdout or sys.stdout
     # twistd's own options (a usage.Options, a dict); none outside twistd.
     twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
+    settings: Settings | None = None
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
@@ -213,8 +215,10 @@ def makeService(
         )
         _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
+        _remove_state_directories(settings)
         _fail(str(e))
     except CannotListen as e:
+        _remove_state_directories(settings)
         # Here, before twistd daemonizes: the line reaches the terminal.
         sys.stderr.write(e.line + "\n")
         sys.stderr.flush()
@@ -427,6 +431,15 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> t
         # Made: kept.
         undo.pop_all()
     return lock, destination
+
+
+def _remove_state_directories(settings: Settings | None) -> None:
+    """
+    Take back the state directories made while reading C{settings}, for a
+    start refused after they were read (L{remove_made_directories}).
+    """
+    if settings is not None:
+        remove_made_directories(settings.made_directories)
 
 
 def _release_quietly(lock: PidLock) -> None:

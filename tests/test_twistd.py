@@ -244,6 +244,20 @@ class TwistdTests(TestCase):
                     2,
                     "and a UNIX socket's is at most 107 (unix(7))",
                 ),
+                # A STATE_DIR that did not exist, made while the settings
+                # are read, goes too, parents and all: refused by a later
+                # setting, after the settings, and after its database was
+                # made (re-attack s18).
+                ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT='xml' (from the"),
+                ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a"),
+                (
+                    [],
+                    ["--logfile", "missing/twistd.log"],
+                    [*listen, "--token-file", "new/state/token"],
+                    {"STATE_DIR": "new/state"},
+                    2,
+                    "the log file",
+                ),
                 # --workers, whose workers would start in -d's directory.
                 (
                     ["sub"],
