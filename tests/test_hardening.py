@@ -18,6 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from openclaw.control.closecodes import PROXY_CLIENT_UNREADABLE_REASON, UNTRUSTED_PEER_REASON
 from tests.support import connect, open_client, start_gateway, still_open
 
 LOCALHOST = (ipaddress.ip_network("127.0.0.1/32"),)
@@ -229,17 +230,20 @@ class ProxyTests(TestCase):
         client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"Forwarded": 'for="127.0.0.1:5555"'})
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
-        for headers in (
-            {"X-Forwarded-For": "127.0.0.9"},
+        # A client the proxy named that is not allowed is told so; headers
+        # naming no client that can be believed ask for the proxy to be
+        # fixed, not for TRUSTED_CLIENT_IPS to be changed (re-attack s18).
+        for headers, reason in (
+            ({"X-Forwarded-For": "127.0.0.9"}, UNTRUSTED_PEER_REASON),
             # A client forged the left entry; the proxy appended the truth.
-            {"X-Forwarded-For": "127.0.0.1, 127.0.0.9"},
+            ({"X-Forwarded-For": "127.0.0.1, 127.0.0.9"}, UNTRUSTED_PEER_REASON),
             # The proxy manages one header; a forged other one disagrees.
-            {"X-Forwarded-For": "127.0.0.9", "Forwarded": "for=127.0.0.1"},
-            {"Forwarded": "for=unknown"},
+            ({"X-Forwarded-For": "127.0.0.9", "Forwarded": "for=127.0.0.1"}, PROXY_CLIENT_UNREADABLE_REASON),
+            ({"Forwarded": "for=unknown"}, PROXY_CLIENT_UNREADABLE_REASON),
+            ({"X-Forwarded-For": "not-an-address"}, PROXY_CLIENT_UNREADABLE_REASON),
         ):
             refused = yield connect(gateway.port, bind="127.0.0.3", headers=headers)
-            code, _ = yield refused.closed
-            self.assertEqual(code, 1008, headers)
+            self.assertEqual((yield refused.closed), (1008, reason), headers)
 
 
 class HandshakeFloodTests(TestCase):

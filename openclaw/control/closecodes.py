@@ -28,3 +28,9 @@ UNTRUSTED_PEER_REASON = "peer address is not in TRUSTED_CLIENT_IPS"
 PROXY_NAMED_NO_CLIENT_REASON = (
     "this address is in TRUSTED_PROXIES but named no client: the proxy must send X-Forwarded-For or Forwarded"
 )
+#: The reason of the 1008 closing a peer in TRUSTED_PROXIES whose
+#: X-Forwarded-For or Forwarded names no client that can be believed: not
+#: an IP address (garbage, C{unknown}, an obfuscated C{for=} of RFC 7239
+#: section 6.3), or the two fields naming different clients.  Like every
+#: reason here, at most 123 bytes (RFC 6455 section 5.5).
+PROXY_CLIENT_UNREADABLE_REASON = "this address is in TRUSTED_PROXIES but its X-Forwarded-For/Forwarded names no believable client: fix the proxy's headers"

@@ -35,6 +35,7 @@ from openclaw.control.admission import (
 from openclaw.control.closecodes import (
     GOING_AWAY,
     POLICY_VIOLATION,
+    PROXY_CLIENT_UNREADABLE_REASON,
     PROXY_NAMED_NO_CLIENT_REASON,
     UNSUPPORTED_DATA,
     UNTRUSTED_PEER_REASON,
@@ -620,8 +621,9 @@ class ControlFactory(WebSocketServerFactory):
             )
         if local:
             return None
-        names_client = "x-forwarded-for" in headers or "forwarded" in headers
-        if client is None and not names_client and host is not None and self.resolver.is_proxy(host):
+        if client is None and host is not None and self.resolver.is_proxy(host):
+            if "x-forwarded-for" in headers or "forwarded" in headers:
+                return self._refuse(logged, "proxy_client_unreadable", PROXY_CLIENT_UNREADABLE_REASON)
             return self._refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
         if client is None or not self.allowlist.allows(client):
             return self._refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
