@@ -7,6 +7,9 @@ connection caps.
 from __future__ import annotations
 
 import ipaddress
+import socket
+
+from twisted.internet.abstract import isIPv6Address
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -18,6 +21,31 @@ def host_of(address: object) -> str:
     """
     host = getattr(address, "host", None)
     return host if isinstance(host, str) and host else "-"
+
+
+def without_port(authority: str) -> str:
+    """
+    The host of an authority or a forwarding header's entry, without
+    brackets or port: C{"[2001:db8::1]:4711"} -> C{"2001:db8::1"},
+    C{"192.0.2.1:80"} -> C{"192.0.2.1"}, C{"gateway.example:443"} ->
+    C{"gateway.example"}; an IPv6 address without brackets (more than one
+    colon, as C{X-Forwarded-For} may carry one) is kept whole.
+    """
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    if authority.count(":") == 1:
+        return authority.partition(":")[0]
+    return authority
+
+
+def address_family(interface: str) -> socket.AddressFamily:
+    """
+    The socket family Twisted's TCP port takes for C{interface}
+    (C{--interface}): C{AF_INET6} for an IPv6 address, else C{AF_INET}
+    (L{twisted.internet.abstract.isIPv6Address}, as
+    L{twisted.internet.tcp.Port} decides).
+    """
+    return socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
 
 
 def normalise(host: str) -> IPAddress:

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.addresses import address_family
 from openclaw.files import MAX_UNIX_PATH_BYTES, NotARegularFile, read_regular_file
 from openclaw.settings import Settings
 
@@ -99,7 +100,7 @@ def host_port(interface: str, port: int) -> str:
     """
     An address as shown in messages: C{[::]:18790}, C{127.0.0.1:18790}.
     """
-    return f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+    return f"[{interface}]:{port}" if address_family(interface) == socket.AF_INET6 else f"{interface}:{port}"
 
 
 def check_free(listener: Listener, interface: str, port: int) -> None:
@@ -109,7 +110,7 @@ def check_free(listener: Listener, interface: str, port: int) -> None:
 
     @raise CannotListen: it cannot be bound.
     """
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    family = address_family(interface)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -14,7 +14,6 @@ L{MAX_MODEL_SERIES}), so are the children kept.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -33,6 +32,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from openclaw.addresses import IPAddress, normalise, without_port
 from openclaw.consumers.estimate import count_or_zero
 from openclaw.control.admission import PeerAllowlist
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
@@ -504,11 +504,9 @@ class MetricsResource(Resource):
         if name in self._allowed_hosts:
             return True
         try:
-            address = ipaddress.ip_address(name)
+            address = normalise(name)
         except ValueError:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if address.is_loopback:
             return True
         own = getattr(request.getHost(), "host", None)
@@ -526,22 +524,14 @@ def _host_name(header: str) -> str:
     The name in a C{Host} header value: lower-case, without its port or
     trailing dot, an IPv6 literal without brackets.
     """
-    header = header.strip().lower()
-    if header.startswith("["):
-        name = header[1:].partition("]")[0]
-    else:
-        name = header.rpartition(":")[0] if header.count(":") == 1 else header
-    return name.rstrip(".")
+    return without_port(header.strip().lower()).rstrip(".")
 
 
-def _same_address(own: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _same_address(own: str, address: IPAddress) -> bool:
     try:
-        mine = ipaddress.ip_address(own.partition("%")[0])
+        return normalise(own) == address
     except ValueError:
         return False
-    if isinstance(mine, ipaddress.IPv6Address) and mine.ipv4_mapped is not None:
-        mine = mine.ipv4_mapped
-    return mine == address
 
 
 #: URLs whose provider L{MeasuredAgent} remembers (a model's name may be

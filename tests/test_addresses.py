@@ -7,10 +7,12 @@ connections per address count under the same key.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import TestCase
 
-from openclaw.addresses import client_key, counted_key
+from openclaw.addresses import address_family, client_key, counted_key, without_port
 from openclaw.dataplane.site import client_address
 
 
@@ -46,3 +48,32 @@ class AddressKeyTests(TestCase):
         for host in ("2001:db8:1:2::1", "::ffff:192.0.2.7", "fe80::1%eth0"):
             self.assertEqual(key(host), client_key(host))
         self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))
+
+
+class AuthorityTests(TestCase):
+    """
+    One rule for a host without its port (the metrics listener's C{Host}
+    check, the control plane's forwarding headers) and one for the family
+    of C{--interface} (the port checks and the workers' shared sockets,
+    as Twisted's TCP port decides it).
+    """
+
+    def test_without_port(self) -> None:
+        for authority, host in [
+            ("[2001:db8::1]:4711", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("192.0.2.1:80", "192.0.2.1"),
+            ("192.0.2.1", "192.0.2.1"),
+            ("gateway.example:443", "gateway.example"),
+            ("[unclosed", "[unclosed"),
+        ]:
+            self.assertEqual(without_port(authority), host, authority)
+
+    def test_address_family(self) -> None:
+        self.assertEqual(address_family("::"), socket.AF_INET6)
+        self.assertEqual(address_family("::ffff:127.0.0.1"), socket.AF_INET6)
+        self.assertEqual(address_family("127.0.0.1"), socket.AF_INET)
+        self.assertEqual(address_family("0.0.0.0"), socket.AF_INET)
+        # A name is bound as IPv4, as twisted.internet.tcp.Port binds it.
+        self.assertEqual(address_family("localhost"), socket.AF_INET)

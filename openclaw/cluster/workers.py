@@ -51,6 +51,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.addresses import address_family
 from openclaw.listeners import CannotListen, Listener
 from openclaw.reactors import ISupervisorReactor
 
@@ -74,7 +75,7 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
 
     @raise CannotListen: it cannot be bound.
     """
-    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    family = address_family(interface)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -107,7 +108,7 @@ class ReusePortEndpoint:
         return execute(self._listen, protocolFactory)
 
     def _listen(self, factory: IProtocolFactory) -> IListeningPort:
-        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        family = address_family(self.interface)
         try:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

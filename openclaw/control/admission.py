@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from openclaw.addresses import IPAddress, client_key, normalise
+from openclaw.addresses import IPAddress, client_key, normalise, without_port
 from openclaw.settings import IPNetwork
 
 __all__ = [
@@ -158,12 +158,7 @@ def _strip_port(entry: str) -> str:
     An address from a forwarding header, without quotes, brackets or port:
     C{"[2001:db8::1]:4711"} -> C{2001:db8::1}, C{192.0.2.1:80} -> C{192.0.2.1}.
     """
-    entry = entry.strip().strip('"')
-    if entry.startswith("["):
-        return entry[1 : entry.find("]")] if "]" in entry else entry
-    if entry.count(":") == 1:
-        return entry.split(":", 1)[0]
-    return entry
+    return without_port(entry.strip().strip('"'))
 
 
 def _x_forwarded_for(value: str) -> list[str]:
