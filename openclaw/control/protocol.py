@@ -182,7 +182,7 @@ class ControlProtocol(WebSocketServerProtocol):
         if refused is None:
             refused = factory.budget.take(*slot)
         if refused is not None:
-            factory._refuse(peer, refused, None)
+            factory.refuse(peer, refused, None)
             self.tcp.abortConnection()
             return
         self.slot = slot
@@ -224,7 +224,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # counted here, as it arrives, not in Autobahn's own buffer.
             self.handshake_bytes += len(data)
             if self.handshake_bytes > MAX_HANDSHAKE_BYTES:
-                self.factory._refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
+                self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
                 self.tcp.abortConnection()
                 return
             if self.handshake_data is None:
@@ -255,7 +255,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # The peer's failure, not the gateway's: Autobahn's own line for
             # it (at error, with no peer) is not shown below LOG_LEVEL=debug
             # (openclaw.logs.PeerTLSErrors).
-            self.factory._log.info(
+            self.factory.events.info(
                 "control connection from {peer} ended by a TLS error: {tls_error}",
                 peer=_describe(self.tcp.getPeer())[1],
                 tls_error=describe_tls_error(error),
@@ -286,7 +286,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # Logged here: Autobahn's own line for it is not shown below
             # LOG_LEVEL=debug (openclaw.logs.QUIET_WEBSOCKET), and would
             # tell the peer the exception's text.
-            self.factory._log.failure(
+            self.factory.events.failure(
                 "control handshake from {peer} failed unexpectedly", peer=_describe(self.tcp.getPeer())[1]
             )
             raise ConnectionDeny(
@@ -309,7 +309,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # Autobahn split them (str.splitlines).
             headers = parse_header_block(self.request_head())
         except MalformedHeaderBlock as malformed:
-            raise factory._refuse(
+            raise factory.refuse(
                 peer, "malformed_headers", ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(malformed))
             ) from None
         local = isinstance(address, UNIXAddress)
@@ -325,7 +325,7 @@ class ControlProtocol(WebSocketServerProtocol):
             key = counted_key(client)
             if factory.unauthenticated.take(key, False) is not None:
                 logged, proxy = factory.logged_peer(host, peer, client)
-                raise factory._refuse(
+                raise factory.refuse(
                     logged,
                     "too_many_unauthenticated",
                     ConnectionDeny(
@@ -385,7 +385,7 @@ class ControlProtocol(WebSocketServerProtocol):
             self.authenticated = True
             self.release_slot()
         if connection.failed_auths and controlplane.too_many_failures(connection):
-            self.factory._log.warn(
+            self.factory.events.warn(
                 "closing control connection from {peer}: {failed_auths} failed authentications in a row "
                 "(reason={reason})",
                 peer=connection.peer,
@@ -402,7 +402,7 @@ class ControlProtocol(WebSocketServerProtocol):
         factory = self.factory
         if factory.metrics is not None:
             factory.metrics.refused.labels("auth_timeout").inc()
-        factory._log.warn(
+        factory.events.warn(
             "closing control connection from {peer}: no authenticated message within "
             "AUTH_TIMEOUT_SECONDS ({seconds:g} s) (reason={reason})",
             peer=self.connection.peer if self.connection is not None else "?",
@@ -470,7 +470,9 @@ class ControlFactory(WebSocketServerFactory):
     """
 
     protocol = ControlProtocol  # type: ignore[assignment]
-    _log = Logger(namespace="openclaw.controlplane")
+    #: The control plane's log (Autobahn's factory has its own C{log}):
+    #: refusals, connections opened and closed, handshake errors.
+    events = Logger(namespace="openclaw.controlplane")
 
     def __init__(
         self,
@@ -601,7 +603,7 @@ class ControlFactory(WebSocketServerFactory):
         """
         logged, proxy = self.logged_peer(host, peer, client)
         if len(self.connections) >= self.max_connections:
-            return self._refuse(
+            return self.refuse(
                 logged,
                 "too_many_connections",
                 ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"),
@@ -609,7 +611,7 @@ class ControlFactory(WebSocketServerFactory):
             )
         origin = headers.get("origin")
         if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
-            return self._refuse(
+            return self.refuse(
                 logged,
                 "origin_not_allowed",
                 ConnectionDeny(
@@ -623,15 +625,15 @@ class ControlFactory(WebSocketServerFactory):
             return None
         if client is None and host is not None and self.resolver.is_proxy(host):
             if "x-forwarded-for" in headers or "forwarded" in headers:
-                return self._refuse(logged, "proxy_client_unreadable", PROXY_CLIENT_UNREADABLE_REASON)
-            return self._refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
+                return self.refuse(logged, "proxy_client_unreadable", PROXY_CLIENT_UNREADABLE_REASON)
+            return self.refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
         if client is None or not self.allowlist.allows(client):
-            return self._refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
+            return self.refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
         until = self.lockout.locked_until(client)
         if until is not None:
             # Logged once, when the lockout began; counted every time.
             retry_after = retry_after_seconds(until - self.clock())
-            return self._refuse(logged, "locked_out", LockedOut(retry_after), log=False)
+            return self.refuse(logged, "locked_out", LockedOut(retry_after), log=False)
         return None
 
     def logged_peer(self, host: str | None, peer: str, client: str | None) -> tuple[str, str | None]:
@@ -667,7 +669,7 @@ class ControlFactory(WebSocketServerFactory):
         if self.metrics is not None:
             self.metrics.lockouts.inc()
         key = client_key(client)
-        self._log.warn(
+        self.events.warn(
             "locked out {client} for {seconds:.1f} s: too many failed authentications (reason={reason})",
             client=key,
             seconds=until - self.clock(),
@@ -698,7 +700,7 @@ class ControlFactory(WebSocketServerFactory):
             if not other.authenticated and other.client is not None and client_key(other.client) == key:
                 other.close_unheard(POLICY_VIOLATION, LOCKED_OUT_REASON)
 
-    def _refuse(
+    def refuse(
         self,
         peer: str,
         reason: str,
@@ -721,7 +723,7 @@ class ControlFactory(WebSocketServerFactory):
             fields["proxy"] = proxy
         # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
         # of them through a second (any client can cause thousands).
-        self._log.warn(
+        self.events.warn(
             "refused control connection from {peer}"
             + (" through proxy {proxy}" if proxy is not None else "")
             + ": {reason}",
