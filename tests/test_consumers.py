@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers.commands import ConsumerCommands, usage_total
 from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, prompt_tokens
 from openclaw.consumers.gateway_usage import GatewayUsage
-from openclaw.consumers.limits import SlidingWindow
+from openclaw.consumers.limits import SlidingWindow, duration, reset_after
 from openclaw.consumers.model import (
     MAX_BUDGET_USD,
     MAX_PER_MINUTE,
@@ -140,6 +140,43 @@ class RulesTests(TestCase):
         self.assertEqual(window.retry_after(40.0, 2), 20)
         self.assertEqual(window.used(60.0), 1)
         self.assertEqual(window.used(90.0), 0)
+
+    def test_rate_limits_headers(self) -> None:
+        """
+        The x-ratelimit-* durations are written as OpenAI writes them
+        (whole seconds, rounded up; minutes past one), and a window's
+        reset is the time until it is empty.
+        """
+        for seconds, text in [(0, "0s"), (0.2, "1s"), (59, "59s"), (59.5, "1m0s"), (60, "1m0s"), (61, "1m1s")]:
+            self.assertEqual(duration(seconds), text)
+        window = SlidingWindow()
+        self.assertEqual(reset_after(window.newest(), 10.0), 0.0)
+        window.add(0.0)
+        window.add(30.0)
+        self.assertEqual(reset_after(window.newest(), 40.0), 50.0)
+        counters = LocalCounters()
+        holder = Holder("a", "p")
+        self.assertIsNone(counters.admit(Consumer("a", rpm=3, tpm=100), 30.0, holder, 0.0, 40))
+        assert holder.rate_limits is not None
+        self.assertEqual(
+            holder.rate_limits.headers(),
+            [
+                (b"x-ratelimit-limit-requests", b"3"),
+                (b"x-ratelimit-remaining-requests", b"2"),
+                (b"x-ratelimit-reset-requests", b"1m0s"),
+                (b"x-ratelimit-limit-tokens", b"100"),
+                (b"x-ratelimit-remaining-tokens", b"60"),
+                (b"x-ratelimit-reset-tokens", b"1m0s"),
+            ],
+        )
+        # Only the limits a consumer has.
+        rpm_only = Holder("b", "p")
+        self.assertIsNone(counters.admit(Consumer("b", rpm=3), 30.0, rpm_only))
+        assert rpm_only.rate_limits is not None
+        self.assertEqual([name for name, _ in rpm_only.rate_limits.headers()][-1], b"x-ratelimit-reset-requests")
+        unlimited = Holder("c", "p")
+        self.assertIsNone(counters.admit(Consumer("c", budget_usd=1.0), 30.0, unlimited))
+        self.assertIsNone(unlimited.rate_limits)
 
     def test_limits_on_a_clock(self) -> None:
         clock = Clock()
@@ -1168,6 +1205,53 @@ class ConsumerGatewayTests(GatewayCase):
         yield self.command(gateway, client, "consumer_update", {"name": "old", "expires_at": "2000-01-01"})
         gone = yield self.refused(self.sdk(gateway, expired["key"]), "kimi/moonshot-v1-8k")
         self.assertEqual((gone.status_code, gone.code), (401, "expired_api_key"))
+
+    @inlineCallbacks
+    def test_rate_limit_headers(self) -> Any:
+        """
+        A consumer's admitted calls carry OpenAI's x-ratelimit-* headers
+        for each limit it has (its rpm, its tpm with the tokens reserved
+        by calls in flight taken away), on chat calls whole and streamed,
+        and listings (requests only); the reset is the time until the
+        sliding minute is empty again.  A consumer without limits, and a
+        GATEWAY_API_KEYS key, get none.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "paced", "rpm": 5, "tpm": 100000})
+        sdk = self.sdk(gateway, created["key"])
+        raw = yield deferToThread(
+            sdk.chat.completions.with_raw_response.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        headers = raw.headers
+        self.assertEqual(headers["x-ratelimit-limit-requests"], "5")
+        self.assertEqual(headers["x-ratelimit-remaining-requests"], "4")
+        self.assertEqual(headers["x-ratelimit-reset-requests"], "1m0s")
+        self.assertEqual(headers["x-ratelimit-limit-tokens"], "100000")
+        # The call's reservation (its prompt's estimate and the default
+        # completion reserve) is taken from what remains.
+        first_remaining = int(headers["x-ratelimit-remaining-tokens"])
+        self.assertLess(first_remaining, 100000)
+        self.assertEqual(headers["x-ratelimit-reset-tokens"], "1m0s")
+        raw.parse()
+        streamed = yield deferToThread(
+            sdk.chat.completions.with_raw_response.create, model="kimi/moonshot-v1-8k", messages=HELLO, stream=True
+        )
+        self.assertEqual(streamed.headers["x-ratelimit-remaining-requests"], "3")
+        # The first call's actual tokens, then this one's reservation.
+        self.assertLess(int(streamed.headers["x-ratelimit-remaining-tokens"]), first_remaining)
+        yield deferToThread(lambda: list(streamed.parse()))
+        listing = yield deferToThread(sdk.models.with_raw_response.list)
+        self.assertEqual(listing.headers["x-ratelimit-remaining-requests"], "2")
+        self.assertNotIn("x-ratelimit-limit-tokens", listing.headers)
+
+        unlimited = yield self.command(gateway, client, "consumer_create", {"name": "unlimited"})
+        for key in (unlimited["key"], GATEWAY_KEY):
+            raw = yield deferToThread(
+                self.sdk(gateway, key).chat.completions.with_raw_response.create,
+                model="kimi/moonshot-v1-8k",
+                messages=HELLO,
+            )
+            self.assertFalse([name for name in raw.headers if name.startswith("x-ratelimit")], key[:6])
 
     @inlineCallbacks
     def test_tpm_holds_against_a_parallel_burst(self) -> Any:

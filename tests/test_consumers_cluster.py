@@ -161,15 +161,24 @@ class ConsumersOnTwoInstances(TestCase):
     @inlineCallbacks
     def test_limits_are_the_clusters_and_changes_reach_every_instance(self) -> Any:
         """
-        10 rpm admits 10 calls in total across both instances, not 20; a
-        key revoked on one is refused on the other within 1 s.
+        10 rpm admits 10 calls in total across both instances, not 20, and
+        the x-ratelimit-* headers say what is left of the cluster's minute;
+        a key revoked on one is refused on the other within 1 s.
         """
         (_, token, on_a, api_a), (_, _, on_b, api_b) = yield self.two()
         created = yield self.command(on_a, token, "consumer_create", {"name": "team", "rpm": 10})
         yield self.reaches(on_b, token, "team")
         sdks = [self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])]
-        statuses = []
-        for i in range(20):
+        for remaining, sdk in (("9", sdks[0]), ("8", sdks[1])):
+            raw = yield deferToThread(sdk.chat.completions.with_raw_response.create, model=MODEL, messages=HELLO)
+            self.assertEqual(
+                (raw.headers["x-ratelimit-limit-requests"], raw.headers["x-ratelimit-remaining-requests"]),
+                ("10", remaining),
+            )
+            self.assertEqual(raw.headers["x-ratelimit-reset-requests"], "1m0s")
+            self.assertNotIn("x-ratelimit-limit-tokens", raw.headers)
+        statuses = [(200, None)] * 2
+        for i in range(18):
             status = yield self.status(sdks[i % 2])
             statuses.append(status)
         self.assertEqual(statuses.count((200, None)), 10, statuses)
@@ -369,6 +378,20 @@ class SharedTpmReservations(TestCase):
         holders = [Holder("a", "p", 5.0) for _ in range(6)]
         answers = yield gatherResults([counters.admit(consumer, now, h, 0.0, 14) for h in holders])
         self.assertEqual([a is None for a in answers], [True] * 3 + [False] * 3)
+        # What each admission left of the cluster's tpm, for its answer's
+        # x-ratelimit-* headers: 30 - 14, - 28, - 42 (reservations
+        # included), the window empty a minute after the last.
+        self.assertEqual(
+            [dict(h.rate_limits.headers()) for h in holders[:3] if h.rate_limits is not None],
+            [
+                {
+                    b"x-ratelimit-limit-tokens": b"30",
+                    b"x-ratelimit-remaining-tokens": remaining,
+                    b"x-ratelimit-reset-tokens": b"1m0s",
+                }
+                for remaining in (b"16", b"2", b"0")
+            ],
+        )
         refused = answers[3]
         self.assertEqual(refused.code, "rate_limit_exceeded")
         self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")

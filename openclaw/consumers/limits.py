@@ -11,6 +11,8 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
+import attrs
+
 WINDOW_SECONDS = 60.0
 
 
@@ -34,6 +36,14 @@ class SlidingWindow:
     def used(self, now: float) -> int:
         self._expire(now)
         return self.total
+
+    def newest(self) -> float | None:
+        """
+        When the latest amount in the window was counted (POSIX seconds),
+        or L{None} for an empty window; call L{used} first to expire old
+        ones.
+        """
+        return self._entries[-1][0] if self._entries else None
 
     def add(self, now: float, amount: int = 1) -> None:
         if amount > 0:
@@ -60,4 +70,65 @@ class SlidingWindow:
         return 1
 
 
-__all__ = ["WINDOW_SECONDS", "SlidingWindow"]
+def duration(seconds: float) -> str:
+    """
+    A duration as OpenAI's C{x-ratelimit-reset-*} headers write one
+    (C{"1s"}, C{"6m0s"}): whole seconds, rounded up.
+    """
+    minutes, rest = divmod(max(0, math.ceil(seconds)), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+def reset_after(newest: float | None, now: float) -> float:
+    """
+    Seconds until a window whose latest amount was counted at C{newest}
+    is empty again (0 for an empty one): what OpenAI calls the time until
+    the limit "resets to its initial state".
+    """
+    return 0.0 if newest is None else max(0.0, newest + WINDOW_SECONDS - now)
+
+
+@attrs.frozen
+class RateLimits:
+    """
+    A consumer's per-minute limits as an admitted call left them, for the
+    headers OpenAI's API sends with every answer
+    (U{https://platform.openai.com/docs/guides/rate-limits}, "Rate limits
+    in headers"): C{x-ratelimit-limit-requests},
+    C{x-ratelimit-remaining-requests}, C{x-ratelimit-reset-requests} and
+    the same three for C{-tokens}, each only for a limit the consumer has
+    (C{rpm}, C{tpm}).  The remaining tokens take away those reserved by
+    calls in flight, this one's included; the reset is the time until the
+    sliding window holds nothing again.
+    """
+
+    #: C{rpm}, or L{None}: no requests limit (and no C{-requests} headers).
+    requests: int | None = None
+    remaining_requests: int = 0
+    #: Seconds until the requests window is empty.
+    reset_requests: float = 0.0
+    #: C{tpm}, or L{None}: no tokens limit (and no C{-tokens} headers).
+    tokens: int | None = None
+    remaining_tokens: int = 0
+    #: Seconds until the tokens window (and the reservations) is empty.
+    reset_tokens: float = 0.0
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """
+        The C{x-ratelimit-*} header fields, as (name, value) pairs.
+        """
+        fields = []
+        for what, limit, remaining, reset in (
+            (b"requests", self.requests, self.remaining_requests, self.reset_requests),
+            (b"tokens", self.tokens, self.remaining_tokens, self.reset_tokens),
+        ):
+            if limit is not None:
+                fields += [
+                    (b"x-ratelimit-limit-" + what, b"%d" % limit),
+                    (b"x-ratelimit-remaining-" + what, b"%d" % max(0, remaining)),
+                    (b"x-ratelimit-reset-" + what, duration(reset).encode("ascii")),
+                ]
+        return fields
+
+
+__all__ = ["WINDOW_SECONDS", "RateLimits", "SlidingWindow", "duration", "reset_after"]

@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.consumers.limits import RateLimits, reset_after
 from openclaw.consumers.model import Consumer, period_key
 from openclaw.consumers.store import database_error
 from openclaw.consumers.table import (
@@ -61,6 +62,10 @@ if TYPE_CHECKING:
 #: token reservation lifetime (seconds).
 #: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
 #: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
+#: Admitted, it goes on with what the windows hold now, for the answer's
+#: x-ratelimit-* headers: the requests of the rpm window (-1 without
+#: rpm), the tokens of the tpm window plus those reserved (-1 without
+#: tpm), the second of the latest of those tokens (0: none).
 #: The tpm check counts the window's tokens plus the reserved tokens; its
 #: Retry-After takes each reservation as counted at its admission second
 #: (L{openclaw.consumers.limits.SlidingWindow.retry_after}).
@@ -89,7 +94,7 @@ local function retry(live, used, limit)
   end
   return 1
 end
-local spent = 0
+local spent, requests_used, tokens_used, tokens_newest = 0, -1, -1, 0
 if ARGV[2] ~= '' then
   if redis.call('EXISTS', KEYS[1]) == 0 then return {4, '0', '0'} end
   spent = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -103,6 +108,9 @@ if ARGV[3] ~= '' then
     for _, e in ipairs(pending) do live[#live + 1] = e end
     return {2, tostring(spent), tostring(retry(live, used + held, tonumber(ARGV[3])))}
   end
+  tokens_used = used + held
+  for _, e in ipairs(live) do tokens_newest = math.max(tokens_newest, e[1]) end
+  for _, e in ipairs(pending) do tokens_newest = math.max(tokens_newest, e[1]) end
 end
 if ARGV[4] ~= '' then
   local used, live = window(KEYS[5], now - 60)
@@ -111,6 +119,7 @@ if ARGV[4] ~= '' then
   end
   redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
   redis.call('EXPIRE', KEYS[5], 61)
+  requests_used = used + 1
 end
 if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], ARGV[5])
@@ -119,8 +128,10 @@ end
 if ARGV[3] ~= '' and tonumber(ARGV[7]) > 0 then
   redis.call('HINCRBY', KEYS[6], ARGV[1], ARGV[7])
   redis.call('EXPIRE', KEYS[6], tonumber(ARGV[8]) + 1)
+  tokens_used = tokens_used + tonumber(ARGV[7])
+  tokens_newest = now
 end
-return {0, tostring(spent), '0'}
+return {0, tostring(spent), '0', tostring(requests_used), tostring(tokens_used), tostring(tokens_newest)}
 """
 
 #: KEYS: spends.  Reply: their values (nil where none), as MGET gives them.
@@ -365,6 +376,8 @@ class SharedCounters:
             return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))
         # Admitted: counted here too, for when Redis goes away.
         self.local.admitted(consumer, now, holder, reserve, tokens)
+        if holder is not None and (consumer.rpm is not None or consumer.tpm is not None) and len(reply) >= 6:
+            holder.rate_limits = _rate_limits(consumer, now, reply)
         return None
 
     def _unanswered(
@@ -547,6 +560,24 @@ class SharedConsumers:
         # This instance's rows first: their spend is then in the database.
         seeding = self._seeding = table.flush().addCallback(load).addCallback(write)
         seeding.addCallbacks(seeded, failed).addBoth(done)
+
+
+def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
+    """
+    The cluster's rpm and tpm windows as an admission's reply (L{ADMIT})
+    gives them.
+    """
+    requests_used, tokens_used, tokens_newest = (int(float(value)) for value in reply[3:6])
+    return RateLimits(
+        consumer.rpm,
+        (consumer.rpm or 0) - requests_used,
+        # This call's request was counted in this second: the window is
+        # empty again a minute after it.
+        reset_after(int(now), now) if requests_used > 0 else 0.0,
+        consumer.tpm,
+        (consumer.tpm or 0) - tokens_used,
+        reset_after(tokens_newest or None, now),
+    )
 
 
 __all__ = ["ADMIT", "COUNT", "SEED", "SharedConsumers", "SharedCounters", "consumer_key", "seeded_key"]

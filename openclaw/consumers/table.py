@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from openclaw.consumers.estimate import count_or_zero
 from openclaw.consumers.gateway_usage import GatewayUsage
-from openclaw.consumers.limits import SlidingWindow
+from openclaw.consumers.limits import RateLimits, SlidingWindow, reset_after
 from openclaw.consumers.model import (
     NO_CONSUMER,
     Consumer,
@@ -89,6 +89,9 @@ class Holder:
     #: The answer to every request of this holder (an expired consumer's
     #: 401), given by the resource so the refusal names its consumer.
     refusal: APIError | None = None
+    #: What its admission left of the consumer's C{rpm} and C{tpm}, for
+    #: the answer's C{x-ratelimit-*} headers; L{None} with neither limit.
+    rate_limits: RateLimits | None = None
 
 
 GATEWAY = Holder(NO_CONSUMER, NO_CONSUMER)
@@ -305,7 +308,33 @@ class LocalCounters:
                 return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
             window.add(now)
         self._reserve(consumer, holder, reserve, tokens, now)
+        if holder is not None and (consumer.rpm is not None or consumer.tpm is not None):
+            holder.rate_limits = self.rate_limits(consumer, now)
         return None
+
+    def rate_limits(self, consumer: Consumer, now: float) -> RateLimits:
+        """
+        What this instance's windows hold of C{consumer}'s C{rpm} and
+        C{tpm} now (the tokens reserved by calls in flight counted as used).
+        """
+        name = consumer.name
+        requests = self.requests.get(name)
+        used_requests = 0 if requests is None else requests.used(now)
+        tokens = self.tokens.get(name)
+        used_tokens = 0 if tokens is None else tokens.used(now)
+        held = self.reserved_tokens(name, now)
+        latest = [
+            float(at) for at in (None if tokens is None else tokens.newest(), max(held, default=None)) if at is not None
+        ]
+        newest = max(latest, default=None)
+        return RateLimits(
+            consumer.rpm,
+            (consumer.rpm or 0) - used_requests,
+            reset_after(None if requests is None else requests.newest(), now),
+            consumer.tpm,
+            (consumer.tpm or 0) - used_tokens - sum(held.values()),
+            reset_after(newest, now),
+        )
 
     def _reserve(self, consumer: Consumer, holder: Holder | None, reserve: float, tokens: int, now: float) -> None:
         self.reserve(
@@ -707,7 +736,7 @@ class ConsumerTable:
             return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
         if consumer.rpm is None:
             return None
-        refusal = self.counters.admit(attrs.evolve(consumer, budget_usd=None, tpm=None), self.clock())
+        refusal = self.counters.admit(attrs.evolve(consumer, budget_usd=None, tpm=None), self.clock(), holder)
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, None, None)
         return self._limited(refusal, holder, None, None)

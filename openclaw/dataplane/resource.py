@@ -389,6 +389,7 @@ class _Authenticated(APIResource):
                 elif gone:
                     client_left()
                 else:
+                    _rate_limit_headers(request, holder)
                     proceed()
 
             def failed(reason: Failure) -> None:
@@ -409,6 +410,7 @@ class _Authenticated(APIResource):
             return NOT_DONE_YET
         if admission is not None:
             return self._refused(request, admission, started, route, holder, write=False)
+        _rate_limit_headers(request, holder)
         proceed()
         return NOT_DONE_YET
 
@@ -735,6 +737,18 @@ class ChatCompletions(_Authenticated):
             holder, route.provider_id, route.model, completion_limit(chat.body), lambda: prompt_tokens(chat.body)
         )
         return self.after_admission(request, admission, lambda: call.start(body), started, route, holder)
+
+
+def _rate_limit_headers(request: Request, holder: Holder) -> None:
+    """
+    The C{x-ratelimit-*} headers of an admitted call of a consumer with an
+    C{rpm} or C{tpm} (L{openclaw.consumers.limits.RateLimits}), on its
+    answer whatever it turns out to be, as OpenAI's API sends them.
+    """
+    limits = holder.rate_limits
+    if limits is not None:
+        for name, value in limits.headers():
+            request.setHeader(name, value)
 
 
 class APIRoot(Resource):
