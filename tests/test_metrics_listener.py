@@ -118,3 +118,58 @@ class MetricsListenerTests(TestCase):
             self.assertIn(b"Host", answer.partition(b"\r\n\r\n")[2])
         api_answer = yield deferToThread(exchange, gateway.api_port, cases[1][1])
         self.assertEqual(json.loads(api_answer.partition(b"\r\n\r\n")[2])["error"]["code"], "invalid_host")
+
+
+class AbsoluteFormTests(TestCase):
+    """
+    RFC 9112 section 3.2.2: a server must accept a request target in
+    absolute-form (C{GET http://host:port/path HTTP/1.1}), and take its
+    authority as the request's host, whatever the C{Host} field says.
+    twisted.web took the whole URL for the path: 404 on the API, and the
+    metrics listener judged the C{Host} field.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_api_and_metrics_listener(self):
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        metrics_port = start_metrics_listener(self, gateway.service.settings)
+        api = f"127.0.0.1:{gateway.api_port}".encode()
+        for target in (b"http://" + api + b"/healthz", b"HTTP://" + api + b"/healthz?verbose=1"):
+            answer = yield deferToThread(
+                exchange,
+                gateway.api_port,
+                b"GET " + target + b" HTTP/1.1\r\nHost: " + api + b"\r\nConnection: close\r\n\r\n",
+            )
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (target, answer[:300]))
+        answer = yield deferToThread(
+            exchange,
+            gateway.api_port,
+            b"GET http://"
+            + api
+            + b"/v1/models HTTP/1.1\r\nHost: "
+            + api
+            + b"\r\n"
+            + f"Authorization: Bearer {KEY}\r\nConnection: close\r\n\r\n".encode(),
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertNotIn(b" 404 ", head.split(b"\r\n")[0], body[:300])
+        self.assertNotIn(b"not_found", body)
+        # The authority is the host the metrics listener judges, not Host.
+        metrics = f"127.0.0.1:{metrics_port}".encode()
+        for authority, host, status in (
+            (metrics, b"rebind.example", b" 200 "),
+            (b"rebind.example", metrics, b" 403 "),
+        ):
+            answer = yield deferToThread(
+                exchange,
+                metrics_port,
+                b"GET http://" + authority + b"/metrics HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+            )
+            self.assertIn(status, answer.split(b"\r\n")[0], (authority, answer[:300]))
+        # An HTTP/1.1 request still needs a Host field (section 3.2).
+        answer = yield deferToThread(
+            exchange, gateway.api_port, b"GET http://" + api + b"/healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])

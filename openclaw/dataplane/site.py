@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -172,6 +173,25 @@ def http11_channel(request: Request) -> HTTPChannel | None:
     return channel if isinstance(channel, HTTPChannel) else None
 
 
+def origin_form(request: Request, target: bytes) -> bytes:
+    """
+    The path of a request target, taken in absolute-form too: a server
+    must accept C{http://host:port/path?query} (RFC 9112 section 3.2.2),
+    and then use its authority as the request's host, whatever the C{Host}
+    field said (section 3.2.2 again; the field's presence was checked
+    first, section 3.2).  An origin-form target (C{/path?query}), or one
+    whose authority is empty, is returned as it is (the latter then names
+    no resource: 404).
+    """
+    if target[:1] == b"/" or not target[:8].lower().startswith((b"http://", b"https://")):
+        return target
+    split = urlsplit(target)
+    if not split.netloc:
+        return target
+    request.requestHeaders.setRawHeaders(b"host", [split.netloc])
+    return (split.path or b"/") + (b"?" + split.query if split.query else b"")
+
+
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
@@ -199,7 +219,7 @@ class MetricsRequest(Request):
         if not self._refused and lacks_host(self, version) and channel is not None:
             self._refused = True
             self._bad_request(channel, self._NO_HOST)
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, origin_form(self, path), version)
 
     def _bad_request(self, channel: HTTPChannel, body: bytes) -> None:
         """
@@ -476,7 +496,7 @@ class APIRequest(Request):
         if self._refusal is None and lacks_host(self, version):
             # The version is known only now, with the whole request.
             self._refuse(_missing_host(), command, path)
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, origin_form(self, path), version)
 
     def process(self) -> None:
         # Whatever answers (a resource, twisted.web's own 404 or 500).
