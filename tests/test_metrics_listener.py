@@ -173,3 +173,37 @@ class AbsoluteFormTests(TestCase):
             exchange, gateway.api_port, b"GET http://" + api + b"/healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
+
+
+class InvalidHostTests(TestCase):
+    """
+    RFC 9112 section 3.2: a request whose C{Host} is not a host and
+    optional port is answered 400, on the API (OpenAI's shape,
+    C{invalid_host}) and on the metrics listener (plain text); the
+    metrics listener used to take C{127.0.0.1:abc} for 127.0.0.1.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_invalid_host_values(self):
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        metrics_port = start_metrics_listener(self, gateway.service.settings)
+        for host in (b"127.0.0.1:abc", b"user@127.0.0.1", b"exa mple", b"[::1", b"127.0.0.1:80:80"):
+            for port, path in ((gateway.api_port, b"/healthz"), (metrics_port, b"/metrics")):
+                answer = yield deferToThread(
+                    exchange, port, b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+                )
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (host, port, answer[:300]))
+                self.assertIn(b"Host header field is not a host", answer)
+            answer = yield deferToThread(
+                exchange,
+                gateway.api_port,
+                b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+            )
+            self.assertEqual(json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"], "invalid_host")
+        for host in (b"127.0.0.1", b"127.0.0.1:8080", b"[::1]:80", b"LOCALHOST.", b"localhost:"):
+            answer = yield deferToThread(
+                exchange, metrics_port, b"GET /metrics HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+            )
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), (host, answer[:300]))

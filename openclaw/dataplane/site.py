@@ -23,6 +23,7 @@ them (L{APIConnection.pauseProducing}).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -131,6 +132,33 @@ def _repeated_authorization() -> APIError:
     )
 
 
+def _invalid_host() -> APIError:
+    return APIError(
+        400,
+        "the Host header field is not a host and optional port (RFC 9112 section 3.2, RFC 3986 section 3.2.2); "
+        "send the server's host name or address, and a numeric port if any",
+        "invalid_request_error",
+        "invalid_host",
+    )
+
+
+#: A C{Host} field's value: C{uri-host [ ":" port ]} (RFC 9112 section 3.2,
+#: RFC 3986 section 3.2.2): an IP literal in brackets, or an IPv4 address
+#: or registered name (unreserved, sub-delims and %-escapes; empty too),
+#: then a port of digits.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
+
+
+def invalid_host(request: Request) -> bool:
+    """
+    Whether C{request}'s C{Host} field (if it has one) holds what is not
+    a host and optional port: a server must answer such a request 400
+    (RFC 9112 section 3.2).
+    """
+    host = request.getHeader(b"host")
+    return host is not None and _HOST.match(host) is None
+
+
 def _missing_host() -> APIError:
     return APIError(
         400,
@@ -180,13 +208,15 @@ def origin_form(request: Request, target: bytes) -> bytes:
     and then use its authority as the request's host, whatever the C{Host}
     field said (section 3.2.2 again; the field's presence was checked
     first, section 3.2).  An origin-form target (C{/path?query}), or one
-    whose authority is empty, is returned as it is (the latter then names
-    no resource: 404).
+    whose authority is empty or not a host and optional port, is returned
+    as it is (the latter then names no resource: 404).
     """
     if target[:1] == b"/" or not target[:8].lower().startswith((b"http://", b"https://")):
         return target
     split = urlsplit(target)
-    if not split.netloc:
+    if not split.netloc or _HOST.match(split.netloc) is None:
+        # No host, or not one (user information included: RFC 9110
+        # section 4.2.4): the URL names no resource here.
         return target
     request.requestHeaders.setRawHeaders(b"host", [split.netloc])
     return (split.path or b"/") + (b"?" + split.query if split.query else b"")
@@ -200,18 +230,20 @@ class MetricsRequest(Request):
     """
 
     def gotLength(self, length: int | None) -> None:
-        if repeated_field(self, b"host"):
+        repeated = repeated_field(self, b"host")
+        if repeated or invalid_host(self):
             super().gotLength(0)
             self._refused = True
             channel = http11_channel(self)
             if channel is not None:
                 self.requestHeaders.removeHeader(b"expect")
-                self._bad_request(channel, self._BODY)
+                self._bad_request(channel, self._BODY if repeated else self._INVALID_HOST)
             return
         super().gotLength(length)
 
     _refused = False
     _BODY = b"more than one Host header field (RFC 9112 section 3.2); send exactly one\n"
+    _INVALID_HOST = b"the Host header field is not a host and optional port (RFC 9112 section 3.2); send one\n"
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
@@ -436,6 +468,8 @@ class APIRequest(Request):
         for name, refusal in _SINGLE_FIELDS:
             if repeated_field(self, name):
                 return refusal()
+        if invalid_host(self):
+            return _invalid_host()
         context = self.api_site.context
         if has_body:
             if context is not None:
