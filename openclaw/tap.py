@@ -544,8 +544,10 @@ def _freeze_startup_objects() -> None:
     Move everything built at start-up (modules, services, settings: some
     hundreds of thousands of objects) out of the garbage collector's sight.
     They live as long as the process, yet every full collection would walk
-    them all again, on the reactor's one thread.  (C{gc.freeze}, as CPython's
-    documentation suggests for long-running servers.)
+    them all again, on the reactor's one thread.  C{gc.freeze} moves them
+    to the permanent generation, which collections ignore (CPython's
+    documentation describes it for a process about to C{fork()}; the
+    effect used here is the same one).
     """
     gc.collect()
     gc.freeze()
