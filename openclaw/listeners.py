@@ -63,17 +63,30 @@ class Listener:
         endpoint string).
     @ivar setting: the setting that chose it (C{"API_PORT"}).
     @ivar option: the command-line option that overrides it (C{"--api-port"}).
+    @ivar source: where the setting's value came from, as a refusal of a
+        bad value says it (C{"from the environment"},
+        L{openclaw.settings.Settings.sources}), or C{"the default"};
+        empty: not said.
     """
 
     where: str
     setting: str
     option: str
+    source: str = ""
+
+    @property
+    def named(self) -> str:
+        """
+        The setting and where its value came from: C{"API_PORT, from the
+        environment"}.
+        """
+        return f"{self.setting}, {self.source}" if self.source else self.setting
 
     def failure_line(self, error: BaseException) -> str:
         """
-        C{openclaw: cannot listen on [::]:18790 (API_PORT): address already
-        in use; is another gateway running? choose another port with
-        --api-port}.
+        C{openclaw: cannot listen on [::]:18790 (API_PORT, from the
+        environment): address already in use; is another gateway running?
+        choose another port with --api-port}.
         """
         cause = getattr(error, "socketError", None) or error
         code = getattr(cause, "errno", None)
@@ -82,7 +95,7 @@ class Listener:
             # The address, not the port: INTERFACE names no address of this host.
             what = "this host has no such address" if code == errno.EADDRNOTAVAIL else getattr(cause, "strerror", cause)
             return (
-                f"openclaw: cannot listen on {self.where} ({self.setting}): {what}; set INTERFACE "
+                f"openclaw: cannot listen on {self.where} ({self.named}): {what}; set INTERFACE "
                 "(--interface) to an address of this host (0.0.0.0 or :: for every address)"
             )
         if code == errno.EADDRINUSE:
@@ -93,7 +106,7 @@ class Listener:
             reason = "this host has no such address;"
         else:
             reason = f"{getattr(cause, 'strerror', None) or cause};"
-        return f"openclaw: cannot listen on {self.where} ({self.setting}): {reason} choose another {target} with {self.option}"
+        return f"openclaw: cannot listen on {self.where} ({self.named}): {reason} choose another {target} with {self.option}"
 
 
 def host_port(interface: str, port: int) -> str:

@@ -316,12 +316,12 @@ def _supervisor(
         )
     sockets = {
         "control": reserve(
-            Listener(host_port(settings.interface, settings.port), "WS_CONTROL_PORT", "--port"),
+            _listener(settings, host_port(settings.interface, settings.port), "WS_CONTROL_PORT", "--port"),
             settings.interface,
             settings.port,
         ),
         "api": reserve(
-            Listener(host_port(settings.interface, settings.api_port), "API_PORT", "--api-port"),
+            _listener(settings, host_port(settings.interface, settings.api_port), "API_PORT", "--api-port"),
             settings.interface,
             settings.api_port,
         ),
@@ -431,6 +431,14 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> t
         # Made: kept.
         undo.pop_all()
     return lock, destination
+
+
+def _listener(settings: Settings, where: str, setting: str, option: str) -> Listener:
+    """
+    A listener's description for its refusals, naming where the value of
+    C{setting} came from (L{Settings.sources}; else its default).
+    """
+    return Listener(where, setting, option, settings.sources.get(setting, "the default"))
 
 
 def _remove_state_directories(settings: Settings | None) -> None:
@@ -582,11 +590,11 @@ def _endpoint(
     """
     if description is None:
         assert port_setting is not None
-        listener = Listener(host_port(settings.interface, port), *port_setting)
+        listener = _listener(settings, host_port(settings.interface, port), *port_setting)
         check_free(listener, settings.interface, port)
         description = tcp_endpoint_description(port, settings)
     else:
-        listener = Listener(description, *endpoint_setting)
+        listener = _listener(settings, description, *endpoint_setting)
         address = tcp_address(description)
         if address is not None:
             check_free(listener, *address)

@@ -250,7 +250,8 @@ class ListenTests(TestCase):
             self.assertEqual(raised.exception.code, 1)
             self.assertEqual(
                 stderr.getvalue(),
-                f"openclaw: cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN): address already in use; "
+                f"openclaw: cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN, from the command line): address "
+                "already in use; "
                 "is another gateway running? choose another endpoint with --api-listen\n",
             )
         # Free when checked, taken when listening.
@@ -266,7 +267,53 @@ class ListenTests(TestCase):
             taken.listen()
             with self.assertRaises(CannotListen) as caught:
                 service.startService()
-        self.assertIn(f"cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN)", str(caught.exception))
+        self.assertIn(
+            f"cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN, from the command line)",
+            str(caught.exception),
+        )
+
+    def test_listen_failure_names_the_values_source(self):
+        """
+        The line of a listener that cannot listen says where the setting's
+        value came from, as a refused value's does: the environment, an
+        env file, or its default.
+        """
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            cwd = Path(self.mktemp())
+            cwd.mkdir()
+            env_file = cwd / "gw.env"
+            env_file.write_text(f"WS_CONTROL_PORT={port}\n")
+            env_file.chmod(0o600)
+            for environ, args, expected in (
+                (
+                    {"API_LISTEN": f"tcp:{port}:interface=127.0.0.1"},
+                    ["--port", str(free_port())],
+                    "(API_LISTEN, from the environment): address already in use",
+                ),
+                (
+                    {},
+                    ["--api-port", str(free_port()), "--env-file", str(env_file)],
+                    f"127.0.0.1:{port} (WS_CONTROL_PORT, from env file {str(env_file)!r}): address already in use",
+                ),
+            ):
+                self.patch(os, "environ", {**os.environ, "STATE_DIR": str(cwd), **environ})
+                options = Options()
+                options.parseOptions(["--interface", "127.0.0.1", *args])
+                stderr = io.StringIO()
+                self.patch(sys, "stderr", stderr)
+                with self.assertRaises(SystemExit):
+                    makeService(options, reactor, stdout=io.StringIO())
+                self.assertIn(expected, stderr.getvalue())
+        self.assertEqual(
+            Listener("[::]:18790", "API_PORT", "--api-port", "the default").failure_line(
+                OSError(errno.EADDRINUSE, "Address already in use")
+            ),
+            "openclaw: cannot listen on [::]:18790 (API_PORT, the default): address already in use; is another "
+            "gateway running? choose another port with --api-port",
+        )
 
     def test_listen_failure_releases_the_token_file(self):
         """

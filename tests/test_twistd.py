@@ -122,7 +122,7 @@ class TwistdTests(TestCase):
             cases = [
                 (
                     ["-n", "--pidfile=", "openclaw", "--interface", "127.0.0.1", "--api-port", str(port)],
-                    f"openclaw: cannot listen on 127.0.0.1:{port} (API_PORT): address already in use; "
+                    f"openclaw: cannot listen on 127.0.0.1:{port} (API_PORT, from the command line): address already in use; "
                     "is another gateway running? choose another port with --api-port",
                 ),
                 (
@@ -139,7 +139,8 @@ class TwistdTests(TestCase):
                         "--token-file",
                         f"{run}/token",
                     ],
-                    f"openclaw: cannot listen on 127.0.0.1:{port} (WS_CONTROL_PORT): address already in use; "
+                    f"openclaw: cannot listen on 127.0.0.1:{port} (WS_CONTROL_PORT, from the command line): address already in "
+                    "use; "
                     "is another gateway running? choose another port with --port",
                 ),
             ]
@@ -172,7 +173,14 @@ class TwistdTests(TestCase):
                 # Standard output is a pipe here, not a terminal.
                 ([], [], listen, {"LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a standard output that is not"),
                 ([], [], listen, {"CONTROL_LISTEN": "bogus:1"}, 2, "CONTROL_LISTEN (--listen)='bogus:1' (from the"),
-                ([], [], ["--interface", "127.0.0.1", "--api-port", str(port)], {}, 1, f"127.0.0.1:{port} (API_PORT)"),
+                (
+                    [],
+                    [],
+                    ["--interface", "127.0.0.1", "--api-port", str(port)],
+                    {},
+                    1,
+                    f"127.0.0.1:{port} (API_PORT, from the command line)",
+                ),
                 # A tcp: endpoint's port taken: tried before anything is made.
                 (
                     [],
@@ -180,7 +188,8 @@ class TwistdTests(TestCase):
                     [*listen, "--listen", f"tcp:{port}:interface=127.0.0.1", "--token-file", "token"],
                     {},
                     1,
-                    f"cannot listen on tcp:{port}:interface=127.0.0.1 (CONTROL_LISTEN): address already in use",
+                    f"cannot listen on tcp:{port}:interface=127.0.0.1 (CONTROL_LISTEN, from the command line): address already "
+                    "in use",
                 ),
                 (
                     [],
