@@ -578,13 +578,22 @@ _MAKE_KEY = "make one with: python3 -c 'import secrets; print(secrets.token_urls
 
 def _keys(text: str) -> tuple[str, ...]:
     """
-    C{GATEWAY_API_KEYS}: comma-separated keys, blanks around them dropped.
+    Comma-separated keys (a provider's C{<ID>_API_KEYS}), blanks around
+    them and empty entries dropped.
+    """
+    return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
+def _gateway_keys(text: str) -> tuple[str, ...]:
+    """
+    C{GATEWAY_API_KEYS}: comma-separated keys (L{_keys}), each a bearer
+    token of L{MIN_API_KEY_CHARS} or more.
 
     @raise ConfigError: a key is not a bearer token (RFC 6750 section
         2.1) or is shorter than L{MIN_API_KEY_CHARS}.  The message names
         the key by its place in the list, never by its value.
     """
-    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    keys = _keys(text)
     for number, key in enumerate(keys, 1):
         which = f"GATEWAY_API_KEYS' key {number} of {len(keys)}"
         if not _BEARER_TOKEN.match(key):
@@ -1861,7 +1870,7 @@ def _load_settings(
             "LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn (or warning), error or critical"
         ),
         api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
-        gateway_api_keys=read("GATEWAY_API_KEYS", _keys, (), "use comma-separated keys"),
+        gateway_api_keys=read("GATEWAY_API_KEYS", _gateway_keys, (), "use comma-separated keys"),
         upstream_timeout=read(
             "UPSTREAM_TIMEOUT",
             _seconds(MIN_DEADLINE_SECONDS),

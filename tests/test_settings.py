@@ -81,6 +81,9 @@ class LoadTests(SynchronousTestCase):
             self.assertNotIn(bad, message)
             self.assertNotIn(good, message)
             self.assertNotIn("\n", message)
+        # A provider's keys are the provider's: not held to this rule.
+        self.environ.update(GATEWAY_API_KEYS=good, KIMI_API_KEYS="k1, k2")
+        self.assertEqual(self.load().providers["kimi"].keys, ("k1", "k2"))
 
     def test_provider_base_urls(self) -> None:
         """
