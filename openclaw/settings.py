@@ -36,6 +36,7 @@ C{UPSTREAM_CA_FILE}, the env file) are read before it does.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import math
@@ -1232,13 +1233,13 @@ def remove_made_directories(made: Iterable[Path]) -> None:
     """
     Remove the directories made for a start that was refused (the deepest
     first), each only if it is still empty: a refusal leaves nothing behind,
-    and never removes what holds something.
+    and never removes what holds something.  One that is not empty is
+    passed over, not the end: through C{..}, one made may come before the
+    one made in it (C{new/b/../c} made C{new/b} as well as C{new/c}).
     """
     for directory in made:
-        try:
+        with contextlib.suppress(OSError):
             directory.rmdir()
-        except OSError:
-            return
 
 
 def _own_directory(path: Path, made: list[Path]) -> Path:

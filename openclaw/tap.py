@@ -162,6 +162,7 @@ def makeService(
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
+        _check_twistd_paths(twistd_options)
         settings = load_settings(
             options.settings_overrides(),
             env_file=options["env-file"],
@@ -382,6 +383,31 @@ def _check_no_privilege_switch(twistd_options: Mapping[str, Any]) -> None:
     """
     if twistd_options.get("uid") is not None or twistd_options.get("gid") is not None:
         raise ConfigError(PRIVILEGE_SWITCH_FIX)
+
+
+def _check_twistd_paths(twistd_options: Mapping[str, Any]) -> None:
+    """
+    Refuse twistd's C{-d DIR} (C{--rundir}) that is not a directory to
+    enter, and a C{--pidfile} in a directory that is not there or cannot
+    be written: twistd uses them only after the service is built (and the
+    gateway's files are made), and ends with a traceback, leaving those
+    files behind.  Here, before anything is made: one line, exit status 2.
+
+    @raise ConfigError: either cannot be used.
+    """
+    rundir = twistd_options.get("rundir")
+    if rundir and not (os.path.isdir(rundir) and os.access(rundir, os.X_OK)):
+        raise ConfigError(
+            f"twistd's -d/--rundir {rundir!r} is not a directory this user can enter; create it, or name one that is"
+        )
+    pidfile = twistd_options.get("pidfile")
+    if pidfile:
+        directory = os.path.dirname(os.path.abspath(pidfile))
+        if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
+            raise ConfigError(
+                f"twistd's --pidfile {pidfile!r} is in a directory that is not there or this user cannot write; "
+                "create it, or name a pidfile elsewhere (--pidfile= for none)"
+            )
 
 
 def _check_token_file(settings: Settings) -> None:

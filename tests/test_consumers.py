@@ -1441,12 +1441,14 @@ class ConsumerEndpointsTests(GatewayCase):
         """
         Until the consumers are loaded (here: their database is unreachable),
         a consumer key gets a retryable 503 with Retry-After, never a 401;
-        the gateway's own keys keep working.
+        the gateway's own keys keep working, one that looks like a
+        consumer's (C{ock-...}) too (re-attack s19: it got the 503).
         """
         self.database = f"postgresql://openclaw@127.0.0.1:{free_port()}/nowhere?connect_timeout=2"
         # The database's refusals are logged (run last: after the gateway's stop).
         self.addCleanup(self.flushLoggedErrors)
-        gateway, _ = yield self.gateway()
+        lookalike = NewKey.make().key
+        gateway, _ = yield self.gateway(gateway_api_keys=(GATEWAY_KEY, lookalike))
         self.assertFalse(gateway.service.consumers.loaded)
         key = NewKey.make().key
         try:
@@ -1458,9 +1460,10 @@ class ConsumerEndpointsTests(GatewayCase):
             self.assertEqual(e.response.headers["retry-after"], "2")
         else:
             self.fail("a consumer key was accepted before the table loaded")
-        yield deferToThread(
-            self.sdk(gateway, GATEWAY_KEY).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
-        )
+        for gateway_key in (GATEWAY_KEY, lookalike):
+            yield deferToThread(
+                self.sdk(gateway, gateway_key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+            )
         # Not ready for a balancer meanwhile: consumer traffic would get 503s.
         status, body = yield deferToThread(http_get, f"http://127.0.0.1:{gateway.api_port}/readyz")
         document = json.loads(body)

@@ -259,6 +259,27 @@ class TwistdTests(TestCase):
                 # made (re-attack s18).
                 ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT='xml' (from the"),
                 ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a"),
+                # Through "..", new/b is made as well as new/c (re-attack s19).
+                ([], [], listen, {"STATE_DIR": "new/b/../c", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT='xml' (from the"),
+                # twistd's -d and --pidfile, which twistd itself uses only
+                # once the files are made (re-attack s19: a traceback, and
+                # the state directory, database and lock left).
+                (
+                    [],
+                    ["-d", "missing"],
+                    [*listen, "--token-file", "token"],
+                    {"STATE_DIR": "new/state"},
+                    2,
+                    "twistd's -d/--rundir 'missing' is not a directory this user can enter",
+                ),
+                (
+                    [],
+                    ["--pidfile", "missing/twistd.pid"],
+                    [*listen, "--token-file", "token"],
+                    {"STATE_DIR": "new/state"},
+                    2,
+                    "missing/twistd.pid' is in a directory that is not there or this user cannot write",
+                ),
                 (
                     [],
                     ["--logfile", "missing/twistd.log"],
