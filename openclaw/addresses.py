@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
 
@@ -46,6 +47,23 @@ def address_family(interface: str) -> socket.AddressFamily:
     L{twisted.internet.tcp.Port} decides).
     """
     return socket.AF_INET6 if isIPv6Address(interface) else socket.AF_INET
+
+
+def bind_address(interface: str, port: int) -> tuple[Any, ...]:
+    """
+    The address to C{bind()} a socket of L{address_family}'s family to,
+    as Twisted's TCP port binds it: an IPv6 address with its zone
+    (C{fe80::1%eth0}) as the 4-tuple whose scope id names the interface
+    (RFC 3493 section 3.3, C{getaddrinfo} with C{AI_NUMERICHOST}), else
+    C{(interface, port)}.
+
+    @raise OSError: an IPv6 address with a zone no interface has.
+    """
+    if address_family(interface) == socket.AF_INET6:
+        return tuple(
+            socket.getaddrinfo(interface, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)[0][4]
+        )
+    return (interface, port)
 
 
 def normalise(host: str) -> IPAddress:

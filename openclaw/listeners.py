@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.addresses import address_family
+from openclaw.addresses import address_family, bind_address
 from openclaw.files import MAX_UNIX_PATH_BYTES, NotARegularFile, read_regular_file
 from openclaw.settings import Settings
 
@@ -127,7 +127,7 @@ def check_free(listener: Listener, interface: str, port: int) -> None:
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((interface, port))
+            probe.bind(bind_address(interface, port))
     except OSError as e:
         raise CannotListen(listener.failure_line(e)) from None
 

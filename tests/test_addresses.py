@@ -7,13 +7,16 @@ connections per address count under the same key.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from pathlib import Path
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from openclaw.addresses import address_family, client_key, counted_key, without_port
+from openclaw.addresses import address_family, bind_address, client_key, counted_key, without_port
 from openclaw.dataplane.site import client_address
+from openclaw.listeners import Listener, check_free
 
 
 class CountedKeyTests(TestCase):
@@ -77,3 +80,36 @@ class AuthorityTests(TestCase):
         self.assertEqual(address_family("0.0.0.0"), socket.AF_INET)
         # A name is bound as IPv4, as twisted.internet.tcp.Port binds it.
         self.assertEqual(address_family("localhost"), socket.AF_INET)
+
+    def test_bind_address_keeps_the_zone(self) -> None:
+        """
+        An IPv6 address with a zone binds to that interface, as Twisted's
+        TCP port binds it (re-attack s19: --interface fe80::...%eth0 was
+        refused, "Invalid argument", by the start-up check that Twisted
+        passes): the zone is the scope id of the address bound.
+        """
+        self.assertEqual(bind_address("127.0.0.1", 80), ("127.0.0.1", 80))
+        self.assertEqual(bind_address("::1", 80), ("::1", 80, 0, 0))
+        link_local = _link_local_address()
+        if link_local is None:
+            raise SkipTest("no IPv6 link-local address on this host")
+        address, name, index = link_local
+        self.assertEqual(bind_address(f"{address}%{name}", 80)[3], index)
+        check_free(Listener(f"[{address}%{name}]:0", "API_PORT", "--api-port"), f"{address}%{name}", 0)
+
+
+def _link_local_address() -> tuple[str, str, int] | None:
+    """
+    An IPv6 link-local address of this host (from /proc/net/if_inet6:
+    scope 0x20), its interface's name and index; L{None} if none.
+    """
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hexaddress, index, _, scope, _, name = line.split()
+        if scope == "20":
+            address = str(ipaddress.IPv6Address(bytes.fromhex(hexaddress)))
+            return address, name, int(index, 16)
+    return None

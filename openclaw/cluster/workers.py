@@ -51,7 +51,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.addresses import address_family
+from openclaw.addresses import address_family, bind_address
 from openclaw.listeners import CannotListen, Listener
 from openclaw.reactors import ISupervisorReactor
 
@@ -80,7 +80,7 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((interface, port))
+        sock.bind(bind_address(interface, port))
     except OSError as e:
         sock.close()
         raise CannotListen(
@@ -113,7 +113,7 @@ class ReusePortEndpoint:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((self.interface, self.port))
+                sock.bind(bind_address(self.interface, self.port))
                 sock.listen(self.backlog)
                 sock.setblocking(False)
                 # The reactor keeps its own descriptor: ours may be closed.
