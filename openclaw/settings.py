@@ -568,6 +568,10 @@ def _host_names(text: str) -> tuple[str, ...]:
 #: token alphabet are about 96 bits even if each is drawn at random, and
 #: a shorter key is a password someone chose, not a key.
 MIN_API_KEY_CHARS = 16
+#: The most characters of a C{GATEWAY_API_KEYS} key: its C{Authorization}
+#: header must fit the API's 16 KiB request head with the rest, and no
+#: key needs more.
+MAX_API_KEY_CHARS = 1024
 #: A bearer token (RFC 6750 section 2.1, C{b64token}): letters, digits and
 #: C{- . _ ~ + /}, then C{=} at the end only.  Anything else (a space, a
 #: control character, a non-ASCII letter) cannot be sent as
@@ -588,25 +592,36 @@ def _keys(text: str) -> tuple[str, ...]:
 def _gateway_keys(text: str) -> tuple[str, ...]:
     """
     C{GATEWAY_API_KEYS}: comma-separated keys (L{_keys}), each a bearer
-    token of L{MIN_API_KEY_CHARS} or more.
+    token of L{MIN_API_KEY_CHARS} to L{MAX_API_KEY_CHARS} characters,
+    C{=} padding not counted towards the least.
 
     @raise ConfigError: a key is not a bearer token (RFC 6750 section
-        2.1) or is shorter than L{MIN_API_KEY_CHARS}.  The message names
-        the key by its place in the list, never by its value.
+        2.1), or is too short or too long.  The message names the key by
+        its place in the comma-separated list, never by its value.
     """
-    keys = _keys(text)
-    for number, key in enumerate(keys, 1):
-        which = f"GATEWAY_API_KEYS' key {number} of {len(keys)}"
+    entries = text.split(",")
+    for number, entry in enumerate(entries, 1):
+        key = entry.strip()
+        if not key:
+            continue
+        which = f"GATEWAY_API_KEYS' entry {number} of {len(entries)}"
         if not _BEARER_TOKEN.match(key):
             raise ConfigError(
                 f"{which} holds a character a bearer token cannot (RFC 6750 section 2.1: letters, digits and "
-                f"- . _ ~ + /, then = at the end only); {_MAKE_KEY}"
+                f"- . _ ~ + /, then = at the end only; in an env file, a '# comment' after the value is part of "
+                f"it); {_MAKE_KEY}"
             )
-        if len(key) < MIN_API_KEY_CHARS:
+        if len(key.rstrip("=")) < MIN_API_KEY_CHARS:
             raise ConfigError(
-                f"{which} is {len(key)} characters long; a key must be at least {MIN_API_KEY_CHARS}: {_MAKE_KEY}"
+                f"{which} is {len(key.rstrip('='))} characters long (= padding aside); a key must be at least "
+                f"{MIN_API_KEY_CHARS}: {_MAKE_KEY}"
             )
-    return keys
+        if len(key) > MAX_API_KEY_CHARS:
+            raise ConfigError(
+                f"{which} is {len(key)} characters long; a key must be at most {MAX_API_KEY_CHARS}, or no request "
+                f"could carry it (the API reads at most 16 KiB of request head): {_MAKE_KEY}"
+            )
+    return _keys(text)
 
 
 def _origins(text: str) -> tuple[str, ...]:

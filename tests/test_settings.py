@@ -65,13 +65,16 @@ class LoadTests(SynchronousTestCase):
         self.environ["GATEWAY_API_KEYS"] = f" {good} ,, AbC+/_.~-0123456789== "
         self.assertEqual(self.load().gateway_api_keys, (good, "AbC+/_.~-0123456789=="))
         for bad, why in [
-            ("short-key-12345", "key 2 of 2 is 15 characters long; a key must be at least 16"),
-            ("gw-key 0123456789abcdef", "key 2 of 2 holds a character a bearer token cannot (RFC 6750 section 2.1"),
-            ("gw-key-0123456789\x01abcdef", "key 2 of 2 holds a character a bearer token cannot"),
-            ("gw-key-0123456789abcdéf", "key 2 of 2 holds a character a bearer token cannot"),
-            ("gw-key-01234=56789abcdef", "key 2 of 2 holds a character a bearer token cannot"),
+            ("short-key-12345", "entry 3 of 3 is 15 characters long (= padding aside); a key must be at least 16"),
+            ("a===============", "entry 3 of 3 is 1 characters long (= padding aside)"),
+            ("k" * 1025, "entry 3 of 3 is 1025 characters long; a key must be at most 1024"),
+            ("gw-key 0123456789abcdef", "entry 3 of 3 holds a character a bearer token cannot (RFC 6750 section 2.1"),
+            ("gw-key-0123456789\x01abcdef", "entry 3 of 3 holds a character a bearer token cannot"),
+            ("gw-key-0123456789abcdéf", "entry 3 of 3 holds a character a bearer token cannot"),
+            ("gw-key-01234=56789abcdef", "entry 3 of 3 holds a character a bearer token cannot"),
         ]:
-            self.environ["GATEWAY_API_KEYS"] = f"{good},{bad}"
+            # The place counts the empty entry too: what the operator sees.
+            self.environ["GATEWAY_API_KEYS"] = f"{good},,{bad}"
             with self.assertRaises(ConfigError) as caught:
                 self.load()
             message = str(caught.exception)
