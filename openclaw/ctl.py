@@ -1092,13 +1092,15 @@ def _policy_violation(reason: str | None, url: str) -> str:
     refused = f"the gateway at {url} refused this connection (close code 1008)"
     if not reason or reason == UNTRUSTED_PEER_REASON:
         return (
-            f"{refused}: this address is not in TRUSTED_CLIENT_IPS; add it to the gateway's "
-            "TRUSTED_CLIENT_IPS, or connect from an address that is"
+            f"{refused}: this address is not in TRUSTED_CLIENT_IPS (through a proxy in its TRUSTED_PROXIES, the "
+            "address the proxy named for this client); add it to the gateway's TRUSTED_CLIENT_IPS, or connect "
+            "from an address that is"
         )
     if reason == PROXY_NAMED_NO_CLIENT_REASON:
         return (
             f"{refused}: this address is in the gateway's TRUSTED_PROXIES, so its connections must name a "
-            "client (X-Forwarded-For or Forwarded), and openclawctl's do not; connect through the proxy, from an "
+            "client (X-Forwarded-For or Forwarded), and openclawctl's do not; connect through the proxy (one "
+            "that sends X-Forwarded-For: if openclawctl went through one, set the proxy to send it), from an "
             "address in TRUSTED_CLIENT_IPS that is not a proxy, or to a unix: control listener (--url unix:PATH)"
         )
     return f"{refused}: {printable(reason)}"

@@ -521,6 +521,20 @@ def _non_empty(text: str) -> str:
     return text.strip()
 
 
+def _interface(text: str) -> str:
+    """
+    C{INTERFACE}: an address (or name) to listen on, as Twisted's TCP port
+    takes it; an IPv6 address without the brackets a URL puts round it.
+
+    @raise InvalidValue: it is in brackets.
+    @raise ValueError: it is empty.
+    """
+    text = _non_empty(text)
+    if text.startswith("[") or text.endswith("]"):
+        raise InvalidValue("an IPv6 address is given without brackets (:: or ::1, not [::1])")
+    return text
+
+
 def _model_name(text: str) -> str:
     """
     A model name, without surrounding spaces, held to the rule both planes
@@ -1856,7 +1870,7 @@ def _load_settings(
 
     settings = Settings(
         port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
-        interface=read("INTERFACE", _non_empty, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
+        interface=read("INTERFACE", _interface, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
         session_ttl_hours=read(
             "SESSION_TTL_HOURS",
             _hours,

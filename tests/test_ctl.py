@@ -1210,8 +1210,9 @@ class ConsoleScriptTests(TestCase):
             err,
             f"openclawctl: error: the gateway at {url} refused this connection (close code 1008): this address is "
             "in the gateway's TRUSTED_PROXIES, so its connections must name a client (X-Forwarded-For or "
-            "Forwarded), and openclawctl's do not; connect through the proxy, from an address in TRUSTED_CLIENT_IPS "
-            "that is not a proxy, or to a unix: control listener (--url unix:PATH)\n",
+            "Forwarded), and openclawctl's do not; connect through the proxy (one that sends X-Forwarded-For: if "
+            "openclawctl went through one, set the proxy to send it), from an address in TRUSTED_CLIENT_IPS that is "
+            "not a proxy, or to a unix: control listener (--url unix:PATH)\n",
         )
 
     @inlineCallbacks

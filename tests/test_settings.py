@@ -52,6 +52,18 @@ class LoadTests(SynchronousTestCase):
         for part in expected:
             self.assertIn(part, message)
 
+    def test_interface_in_brackets(self) -> None:
+        """
+        C{--interface [::1]} (as a URL writes an IPv6 address) is refused
+        in one line saying to drop the brackets; it failed when listening,
+        "Name or service not known" (re-attack s19).
+        """
+        self.assertConfigError(
+            "INTERFACE='[::1]' (from the command line) is invalid: an IPv6 address is given without brackets",
+            INTERFACE="[::1]",
+        )
+        self.assertEqual(self.load({"INTERFACE": "::1"}).interface, "::1")
+
     def test_gateway_api_keys(self) -> None:
         """
         C{GATEWAY_API_KEYS} holds bearer tokens (RFC 6750 section 2.1) of
