@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
-from tests.support import exchange, start_gateway, start_metrics_listener
+from tests.support import capture_log_events, exchange, start_gateway, start_metrics_listener
 
 KEY = "gw-key-0123456789abcdef"
 
@@ -168,6 +168,33 @@ class AbsoluteFormTests(TestCase):
                 b"GET http://" + authority + b"/metrics HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
             )
             self.assertIn(status, answer.split(b"\r\n")[0], (authority, answer[:300]))
+        # A target that is a URL but names no host and optional port, or is
+        # not a URL at all: 400, never echoed nor logged (it may carry a
+        # password), no traceback (review s19: urlsplit's ValueError went
+        # unhandled, the client got no answer).
+        events = capture_log_events(self)
+        for target in (
+            b"http://[::1/healthz",
+            b"http://[::g]/",
+            b"http://a]b/",
+            b"http://alice:s3cret@127.0.0.1/v1/models",
+            b"http:///healthz",
+        ):
+            for port in (gateway.api_port, metrics_port):
+                answer = yield deferToThread(
+                    exchange,
+                    port,
+                    b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                )
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), (target, port, answer[:300]))
+                self.assertNotIn(target, answer)
+                self.assertNotIn(b"s3cret", answer)
+            answer = yield deferToThread(
+                exchange, gateway.api_port, b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+            self.assertEqual(error["code"], "invalid_request_target")
+        self.assertNotIn("s3cret", repr(events))
         # An HTTP/1.1 request still needs a Host field (section 3.2).
         answer = yield deferToThread(
             exchange, gateway.api_port, b"GET http://" + api + b"/healthz HTTP/1.1\r\nConnection: close\r\n\r\n"

@@ -201,25 +201,45 @@ def http11_channel(request: Request) -> HTTPChannel | None:
     return channel if isinstance(channel, HTTPChannel) else None
 
 
-def origin_form(request: Request, target: bytes) -> bytes:
+def origin_form(request: Request, target: bytes, version: bytes) -> bytes | None:
     """
-    The path of a request target, taken in absolute-form too: a server
-    must accept C{http://host:port/path?query} (RFC 9112 section 3.2.2),
-    and then use its authority as the request's host, whatever the C{Host}
-    field said (section 3.2.2 again; the field's presence was checked
-    first, section 3.2).  An origin-form target (C{/path?query}), or one
-    whose authority is empty or not a host and optional port, is returned
-    as it is (the latter then names no resource: 404).
+    The path of an HTTP/1.x request target, taken in absolute-form too: a
+    server must accept C{http://host:port/path?query} (RFC 9112 section
+    3.2.2), and then use its authority as the request's host, whatever the
+    C{Host} field said (section 3.2.2 again; the field's presence was
+    checked first, section 3.2).  An origin-form target (C{/path?query}),
+    or any target of another version (HTTP/2's C{:path} is never a URL,
+    RFC 9113 section 8.3.1), is returned as it is.
+
+    @return: the path; L{None} for an absolute-form target that is not
+        one: not a URL, or its authority not a host and optional port
+        (user information included, which RFC 9110 section 4.2.4 says to
+        treat as an error), to be answered 400 without echoing it.
     """
     if target[:1] == b"/" or not target[:8].lower().startswith((b"http://", b"https://")):
         return target
-    split = urlsplit(target)
-    if not split.netloc or _HOST.match(split.netloc) is None:
-        # No host, or not one (user information included: RFC 9110
-        # section 4.2.4): the URL names no resource here.
+    if not version.startswith(b"HTTP/1."):
         return target
+    try:
+        split = urlsplit(target)
+    except ValueError:
+        # A bracket that does not close, or an IPv6 literal that is not one.
+        return None
+    if not split.netloc or _HOST.match(split.netloc) is None:
+        return None
     request.requestHeaders.setRawHeaders(b"host", [split.netloc])
     return (split.path or b"/") + (b"?" + split.query if split.query else b"")
+
+
+def _invalid_target() -> APIError:
+    return APIError(
+        400,
+        "the request target is a URL (absolute-form) whose authority is not a host and optional port, or is not "
+        "a URL (RFC 9112 section 3.2.2; no user information, RFC 9110 section 4.2.4); send the path alone, "
+        "such as /v1/chat/completions",
+        "invalid_request_error",
+        "invalid_request_target",
+    )
 
 
 class MetricsRequest(Request):
@@ -246,12 +266,24 @@ class MetricsRequest(Request):
     _INVALID_HOST = b"the Host header field is not a host and optional port (RFC 9112 section 3.2); send one\n"
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
+    _INVALID_TARGET = (
+        b"the request target is a URL whose authority is not a host and optional port, or is not a URL "
+        b"(RFC 9112 section 3.2.2); send the path alone: /metrics\n"
+    )
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         channel = http11_channel(self)
         if not self._refused and lacks_host(self, version) and channel is not None:
             self._refused = True
             self._bad_request(channel, self._NO_HOST)
-        super().requestReceived(command, origin_form(self, path), version)
+        target = origin_form(self, path, version)
+        if target is None:
+            if not self._refused and channel is not None:
+                self._refused = True
+                self._bad_request(channel, self._INVALID_TARGET)
+            # Never routed (refused), nor echoed.
+            target = b"/"
+        super().requestReceived(command, target, version)
 
     def _bad_request(self, channel: HTTPChannel, body: bytes) -> None:
         """
@@ -530,7 +562,13 @@ class APIRequest(Request):
         if self._refusal is None and lacks_host(self, version):
             # The version is known only now, with the whole request.
             self._refuse(_missing_host(), command, path)
-        super().requestReceived(command, origin_form(self, path), version)
+        target = origin_form(self, path, version)
+        if target is None:
+            if self._refusal is None:
+                # Logged without the target: it may carry a password.
+                self._refuse(_invalid_target(), command, None)
+            target = b"/"
+        super().requestReceived(command, target, version)
 
     def process(self) -> None:
         # Whatever answers (a resource, twisted.web's own 404 or 500).
