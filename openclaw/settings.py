@@ -1306,26 +1306,49 @@ def _make_state_directory(path: Path, made: list[Path] | None = None) -> str:
     Create C{path} (mode 0700, parents as needed) if it is missing; what is
     wrong with it for the gateway's state, or C{""} if nothing.
 
-    @param made: the directories created are added to it, the deepest
-        first (L{remove_made_directories} takes them back).
+    @param made: the directories this call created are added to it, the
+        deepest first (L{remove_made_directories} takes them back): only
+        those whose own C{mkdir(2)} succeeded here, never one that was
+        there (through C{..}, a path can name one that was).
     """
-    missing = []
-    for directory in (path, *path.parents):
-        if os.path.lexists(directory):
-            break
-        missing.append(directory)
+    created: list[Path] = []
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_directories(path, 0o700, created)
     except FileExistsError:
         return "a file is in the way, not a directory"
     except OSError as e:
         return e.strerror or str(e)
     finally:
         if made is not None:
-            made.extend(directory for directory in missing if directory.is_dir())
+            made.extend(created)
     if not os.access(path, os.W_OK | os.X_OK):
         return "not writable"
     return ""
+
+
+def _make_directories(path: Path, mode: int, created: list[Path]) -> None:
+    """
+    C{path.mkdir(mode, parents=True, exist_ok=True)} (its parents with the
+    default mode, as C{mkdir -p}), adding each directory it creates to the
+    front of C{created}.
+
+    @raise FileExistsError: something that is not a directory is in the way.
+    @raise OSError: a directory cannot be made.
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _make_directories(path.parent, 0o777, created)
+        _make_directories(path, mode, created)
+    except OSError:
+        # There already (EEXIST, or, in a directory this user may not
+        # write, EACCES): as Path.mkdir's exist_ok takes it.
+        if not path.is_dir():
+            raise
+    else:
+        created.insert(0, path)
 
 
 #: A password this long is masked wherever it appears in libpq's words; a

@@ -259,8 +259,11 @@ class TwistdTests(TestCase):
                 # made (re-attack s18).
                 ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT='xml' (from the"),
                 ([], [], listen, {"STATE_DIR": "new/state", "LOG_FORMAT": "json"}, 2, "LOG_FORMAT=json on a"),
-                # Through "..", new/b is made as well as new/c (re-attack s19).
+                # Through "..", new/b is made as well as new/c (re-attack s19),
+                # and one that was there is not taken for one made (review
+                # s19: the operator's empty "prepared" was removed).
                 ([], [], listen, {"STATE_DIR": "new/b/../c", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT='xml' (from the"),
+                (["prepared"], [], listen, {"STATE_DIR": "nope/../prepared", "LOG_FORMAT": "xml"}, 2, "LOG_FORMAT="),
                 # twistd's -d and --pidfile, which twistd itself uses only
                 # once the files are made (re-attack s19: a traceback, and
                 # the state directory, database and lock left).
