@@ -117,4 +117,13 @@ def counted_key(host: str | None) -> str | None:
         return host
 
 
-__all__ = ["IPAddress", "client_key", "counted_key", "normalise"]
+__all__ = [
+    "IPAddress",
+    "address_family",
+    "bind_address",
+    "client_key",
+    "counted_key",
+    "host_of",
+    "normalise",
+    "without_port",
+]

@@ -98,6 +98,11 @@ class Listener:
                 f"openclaw: cannot listen on {self.where} ({self.named}): {what}; set INTERFACE "
                 "(--interface) to an address of this host (0.0.0.0 or :: for every address)"
             )
+        if code == errno.EINVAL and self.where.lower().startswith("[fe80:") and "%" not in self.where:
+            return (
+                f"openclaw: cannot listen on {self.where} ({self.named}): a link-local IPv6 address needs its "
+                "interface; set INTERFACE (--interface) to the address and its zone, such as fe80::1%eth0"
+            )
         if code == errno.EADDRINUSE:
             reason = "address already in use; is another gateway running?"
         elif code == errno.EACCES:

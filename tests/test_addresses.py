@@ -108,8 +108,10 @@ def _link_local_address() -> tuple[str, str, int] | None:
     except OSError:
         return None
     for line in lines:
-        hexaddress, index, _, scope, _, name = line.split()
-        if scope == "20":
+        hexaddress, index, _, scope, flags, name = line.split()
+        # Not one still tentative or whose duplicate detection failed
+        # (IFA_F_TENTATIVE, IFA_F_DADFAILED): it cannot be bound yet.
+        if scope == "20" and not int(flags, 16) & 0x48:
             address = str(ipaddress.IPv6Address(bytes.fromhex(hexaddress)))
             return address, name, int(index, 16)
     return None

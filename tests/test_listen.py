@@ -921,6 +921,21 @@ class InterfaceFailureTests(TestCase):
     the port's: the line says to set C{INTERFACE}.
     """
 
+    def test_link_local_without_zone(self) -> None:
+        """
+        A link-local IPv6 address without its zone cannot be bound
+        (EINVAL): the line says to add the zone, not to pick another port
+        (review s19).
+        """
+        listener = Listener("[fe80::1]:28795", "API_PORT", "--api-port", "from the command line")
+        line = listener.failure_line(OSError(errno.EINVAL, "Invalid argument"))
+        self.assertEqual(
+            line,
+            "openclaw: cannot listen on [fe80::1]:28795 (API_PORT, from the command line): a link-local IPv6 "
+            "address needs its interface; set INTERFACE (--interface) to the address and its zone, such as "
+            "fe80::1%eth0",
+        )
+
     def test_unknown_name(self) -> None:
         listener = Listener("bogus:28795", "WS_CONTROL_PORT", "--port")
         line = listener.failure_line(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))

@@ -209,8 +209,8 @@ def post(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> Deferred[I
     cookie agent, a gzip content decoder and, unless told otherwise, a
     redirect agent, and wraps the response; a model call wants none of
     them (no cookies, no redirect: one could carry the key header to
-    another host), and on the gateway's hot path they cost more than the
-    rest of its own work (bench/README.rst, "treq for the chat POST").
+    another host), and they would all be on its path (what they cost:
+    bench/README.rst, "treq for the chat POST").
     The body goes out with the request's head (L{BytesProducer}).
     Cancelling the result before the headers arrive closes the connection
     (or stops connecting).
