@@ -388,10 +388,13 @@ def _check_no_privilege_switch(twistd_options: Mapping[str, Any]) -> None:
 def _check_twistd_paths(twistd_options: Mapping[str, Any]) -> None:
     """
     Refuse twistd's C{-d DIR} (C{--rundir}) that is not a directory to
-    enter, and a C{--pidfile} in a directory that is not there or cannot
-    be written: twistd uses them only after the service is built (and the
-    gateway's files are made), and ends with a traceback, leaving those
-    files behind.  Here, before anything is made: one line, exit status 2.
+    enter, and a C{--pidfile} that is there but is not a regular file (a
+    dangling link, which twistd would unlink at stop; a directory or a
+    FIFO twistd meets first, when it reads the pidfile), whose name is
+    too long, or in a directory that is not there or cannot be written: twistd uses them only after the service
+    is built (and the gateway's files are made), and ends with a
+    traceback, leaving those files behind.  Here, before anything is
+    made: one line, exit status 2.
 
     @raise ConfigError: either cannot be used.
     """
@@ -402,11 +405,21 @@ def _check_twistd_paths(twistd_options: Mapping[str, Any]) -> None:
         )
     pidfile = twistd_options.get("pidfile")
     if pidfile:
+        elsewhere = "name a pidfile elsewhere (--pidfile= for none)"
+        if os.path.lexists(pidfile) and (os.path.islink(pidfile) or not os.path.isfile(pidfile)):
+            # A dangling link: twistd would write through it (failing, or
+            # somewhere unmeant) and unlink it at stop.
+            raise ConfigError(
+                f"twistd's --pidfile {pidfile!r} is there and is not a regular file (a link, a directory, a "
+                f"FIFO); {elsewhere}"
+            )
+        if len(os.path.basename(pidfile).encode()) > 255:
+            raise ConfigError(f"twistd's --pidfile {pidfile!r} has a name over 255 bytes (NAME_MAX); {elsewhere}")
         directory = os.path.dirname(os.path.abspath(pidfile))
         if not (os.path.isdir(directory) and os.access(directory, os.W_OK | os.X_OK)):
             raise ConfigError(
                 f"twistd's --pidfile {pidfile!r} is in a directory that is not there or this user cannot write; "
-                "create it, or name a pidfile elsewhere (--pidfile= for none)"
+                f"create it, or {elsewhere}"
             )
 
 

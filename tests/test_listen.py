@@ -527,13 +527,14 @@ class Http2Tests(TLSGateway):
     def test_http2_path_that_is_a_url(self):
         """
         HTTP/2's C{:path} is never a URL (RFC 9113 section 8.3.1): one that
-        looks like one names no resource (404), and a malformed one takes
-        nothing else down (review s19: it raised, and the TLS connection
-        was dropped with every stream on it).
+        looks like one is answered 400, neither echoed nor logged, and a
+        malformed one takes nothing else down (review s19: it raised, and
+        the TLS connection was dropped with every stream on it).
         """
-        for path in ("http://[::1/healthz", "http://127.0.0.1/healthz"):
+        for path in ("http://[::1/healthz", "http://127.0.0.1/healthz", "http://u:s3cret@h/healthz"):
             agreed, status, body = yield deferToThread(h2_request, self.port, self.ca, "GET", path, b"", H2_KEY)
-            self.assertEqual((agreed, status), ("h2", 404), (path, body[:300]))
+            self.assertEqual((agreed, status), ("h2", 400), (path, body[:300]))
+            self.assertNotIn(b"s3cret", body)
         agreed, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
         self.assertEqual((agreed, status), ("h2", 200))
 

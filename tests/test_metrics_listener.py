@@ -179,6 +179,11 @@ class AbsoluteFormTests(TestCase):
             b"http://a]b/",
             b"http://alice:s3cret@127.0.0.1/v1/models",
             b"http:///healthz",
+            # Re-check s19: another scheme, an escape that is not one, an
+            # empty host (RFC 9110 section 4.2.1).
+            b"ftp://alice:s3cret@127.0.0.1/",
+            b"http://h%zz/healthz",
+            b"http://:80/healthz",
         ):
             for port in (gateway.api_port, metrics_port):
                 answer = yield deferToThread(
@@ -194,6 +199,11 @@ class AbsoluteFormTests(TestCase):
             )
             error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
             self.assertEqual(error["code"], "invalid_request_target")
+        # Nor when the request is refused for its missing Host first.
+        answer = yield deferToThread(
+            exchange, gateway.api_port, b"GET http://alice:s3cret@127.0.0.1/healthz HTTP/1.1\r\n\r\n"
+        )
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:300])
         self.assertNotIn("s3cret", repr(events))
         # An HTTP/1.1 request still needs a Host field (section 3.2).
         answer = yield deferToThread(

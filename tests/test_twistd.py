@@ -275,6 +275,26 @@ class TwistdTests(TestCase):
                     2,
                     "twistd's -d/--rundir 'missing' is not a directory this user can enter",
                 ),
+                # Re-check s19: a dangling link (twistd failed with a
+                # traceback, files left, and unlinked it at stop), a name
+                # past NAME_MAX.  (A directory or a FIFO is twistd's to
+                # refuse: it reads the pidfile before the gateway starts.)
+                (
+                    ["pid.d"],
+                    ["--pidfile", "pid.d/dangling"],
+                    [*listen, "--token-file", "token"],
+                    {"STATE_DIR": "new/state"},
+                    2,
+                    "dangling' is there and is not a regular file",
+                ),
+                (
+                    [],
+                    ["--pidfile", "p" * 300],
+                    [*listen, "--token-file", "token"],
+                    {"STATE_DIR": "new/state"},
+                    2,
+                    "has a name over 255 bytes",
+                ),
                 (
                     [],
                     ["--pidfile", "missing/twistd.pid"],
@@ -305,6 +325,8 @@ class TwistdTests(TestCase):
                 run = Path(self.mktemp_dir()).resolve()
                 for name in directories:
                     (run / name).mkdir()
+                if "pid.d" in directories:
+                    (run / "pid.d" / "dangling").symlink_to(run / "missing" / "twistd.pid")
                 out, err, code = yield getProcessOutputAndValue(
                     twistd_path(),
                     ["-n", "--pidfile=", *twistd, "openclaw", *args],

@@ -144,9 +144,12 @@ def _invalid_host() -> APIError:
 
 #: A C{Host} field's value: C{uri-host [ ":" port ]} (RFC 9112 section 3.2,
 #: RFC 3986 section 3.2.2): an IP literal in brackets, or an IPv4 address
-#: or registered name (unreserved, sub-delims and %-escapes; empty too),
-#: then a port of digits.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?\Z")
+#: or registered name (unreserved, sub-delims and %-escapes of two hex
+#: digits; empty too), then a port of digits.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?\Z")
+#: The authority of an http or https URL: the same, with a host that is
+#: not empty (RFC 9110 section 4.2.1).
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?\Z")
 
 
 def invalid_host(request: Request) -> bool:
@@ -203,29 +206,30 @@ def http11_channel(request: Request) -> HTTPChannel | None:
 
 def origin_form(request: Request, target: bytes, version: bytes) -> bytes | None:
     """
-    The path of an HTTP/1.x request target, taken in absolute-form too: a
-    server must accept C{http://host:port/path?query} (RFC 9112 section
-    3.2.2), and then use its authority as the request's host, whatever the
-    C{Host} field said (section 3.2.2 again; the field's presence was
-    checked first, section 3.2).  An origin-form target (C{/path?query}),
-    or any target of another version (HTTP/2's C{:path} is never a URL,
-    RFC 9113 section 8.3.1), is returned as it is.
+    The path of a request target (C{/path?query}, or C{*}), taken from an
+    HTTP/1.x absolute-form target too: a server must accept
+    C{http://host:port/path?query} (RFC 9112 section 3.2.2), and then use
+    its authority as the request's host, whatever the C{Host} field said
+    (section 3.2.2 again; the field's presence was checked first, section
+    3.2).  HTTP/2's C{:path} is never a URL (RFC 9113 section 8.3.1).
 
-    @return: the path; L{None} for an absolute-form target that is not
-        one: not a URL, or its authority not a host and optional port
-        (user information included, which RFC 9110 section 4.2.4 says to
-        treat as an error), to be answered 400 without echoing it.
+    @return: the path; L{None} for any other target, to be answered 400
+        without echoing it: a URL whose authority is not a host (not
+        empty, RFC 9110 section 4.2.1) and optional port (user information
+        included, which RFC 9110 section 4.2.4 says to treat as an error),
+        one of another scheme, one that is not a URL (C{http://[::1/}),
+        an HTTP/2 C{:path} that is not a path.
     """
-    if target[:1] == b"/" or not target[:8].lower().startswith((b"http://", b"https://")):
+    if target[:1] == b"/" or target == b"*":
         return target
-    if not version.startswith(b"HTTP/1."):
-        return target
+    if not (version.startswith(b"HTTP/1.") and target[:8].lower().startswith((b"http://", b"https://"))):
+        return None
     try:
         split = urlsplit(target)
     except ValueError:
         # A bracket that does not close, or an IPv6 literal that is not one.
         return None
-    if not split.netloc or _HOST.match(split.netloc) is None:
+    if _AUTHORITY.match(split.netloc) is None:
         return None
     request.requestHeaders.setRawHeaders(b"host", [split.netloc])
     return (split.path or b"/") + (b"?" + split.query if split.query else b"")
@@ -234,9 +238,9 @@ def origin_form(request: Request, target: bytes, version: bytes) -> bytes | None
 def _invalid_target() -> APIError:
     return APIError(
         400,
-        "the request target is a URL (absolute-form) whose authority is not a host and optional port, or is not "
-        "a URL (RFC 9112 section 3.2.2; no user information, RFC 9110 section 4.2.4); send the path alone, "
-        "such as /v1/chat/completions",
+        "the request target is neither a path nor an http(s) URL whose authority is a host and optional port "
+        "(RFC 9112 section 3.2.2; no user information, RFC 9110 section 4.2.4); send the path alone, such as "
+        "/v1/chat/completions",
         "invalid_request_error",
         "invalid_request_target",
     )
@@ -267,7 +271,7 @@ class MetricsRequest(Request):
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
     _INVALID_TARGET = (
-        b"the request target is a URL whose authority is not a host and optional port, or is not a URL "
+        b"the request target is neither a path nor an http(s) URL whose authority is a host and optional port "
         b"(RFC 9112 section 3.2.2); send the path alone: /metrics\n"
     )
 
@@ -560,8 +564,10 @@ class APIRequest(Request):
         if self._head_unchecked is not None:
             self._check_whole_head()
         if self._refusal is None and lacks_host(self, version):
-            # The version is known only now, with the whole request.
-            self._refuse(_missing_host(), command, path)
+            # The version is known only now, with the whole request.  A
+            # target that is not a path is not logged: it may be a URL
+            # carrying a password.
+            self._refuse(_missing_host(), command, path if path[:1] == b"/" else None)
         target = origin_form(self, path, version)
         if target is None:
             if self._refusal is None:
