@@ -391,9 +391,10 @@ def _check_twistd_paths(twistd_options: Mapping[str, Any]) -> None:
     enter, and a C{--pidfile} that is there but is not a regular file (a
     dangling link, which twistd would unlink at stop; a directory or a
     FIFO twistd meets first, when it reads the pidfile), whose name is
-    too long, or in a directory that is not there or cannot be written: twistd uses them only after the service
-    is built (and the gateway's files are made), and ends with a
-    traceback, leaving those files behind.  Here, before anything is
+    too long, or in a directory that is not there or cannot be written:
+    twistd uses them only after the service is built (and the gateway's
+    files are made), and ends with a traceback, leaving those files
+    behind.  Here, before anything is
     made: one line, exit status 2.
 
     @raise ConfigError: either cannot be used.

@@ -142,14 +142,14 @@ def _invalid_host() -> APIError:
     )
 
 
-#: A C{Host} field's value: C{uri-host [ ":" port ]} (RFC 9112 section 3.2,
-#: RFC 3986 section 3.2.2): an IP literal in brackets, or an IPv4 address
-#: or registered name (unreserved, sub-delims and %-escapes of two hex
-#: digits; empty too), then a port of digits.
-#: A registered name's characters (RFC 3986 section 3.2.2: unreserved and
-#: sub-delims), then each %-escape followed by more of them: no
-#: alternation per character, as the field is read on every request.
+#: A registered name or IPv4 address (RFC 3986 section 3.2.2): runs of
+#: unreserved and sub-delims characters between %-escapes of two hex
+#: digits (no alternation per character: the field is read on every
+#: request); empty too.
 _NAME = rb"[A-Za-z0-9\-._~!$&'()*+,;=]*(?:%[0-9A-Fa-f]{2}[A-Za-z0-9\-._~!$&'()*+,;=]*)*"
+#: A C{Host} field's value: C{uri-host [ ":" port ]} (RFC 9112 section 3.2,
+#: RFC 3986 section 3.2.2): an IP literal in brackets or a name, then a
+#: port of digits.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|" + _NAME + rb")(?::[0-9]*)?\Z")
 #: The authority of an http or https URL: the same, with a host that is
 #: not empty (RFC 9110 section 4.2.1).
