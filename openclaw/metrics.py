@@ -534,58 +534,33 @@ def _same_address(own: str, address: IPAddress) -> bool:
         return False
 
 
-#: URLs whose provider L{MeasuredAgent} remembers (a model's name may be
-#: part of a URL, so the client could otherwise grow the memo).
-MAX_MEASURED_URLS = 256
-
-
 @implementer(IAgent)
 class MeasuredAgent:
     """
-    An agent that counts every provider request by provider and status and
-    times it to the response headers: wrapped around the one agent all
-    adapters share, it sees health probes and model calls alike without
-    either knowing.
+    An agent that counts every request it sends for one provider by status
+    and times it to the response headers: each provider's adapter is
+    given its own, around the one agent (and connection pool) they all
+    share, so health probes, models listings and model calls are counted
+    alike without the adapter knowing, and under the provider that sent
+    them whatever their URLs.
 
-    @param providers: C{(base URL, provider id)} pairs; a request is the
-        first provider's whose base URL it starts with.  The verdict is
-        kept per URL (for the first L{MAX_MEASURED_URLS} URLs: a chat call's
-        URL is the same call after call), so a call costs one dict lookup.
+    @param provider: the provider id the requests are counted under.
+    @param clock: seconds, as C{IReactorTime.seconds}.
     """
 
-    def __init__(
-        self,
-        agent: IAgent,
-        tally: RequestTally,
-        providers: Iterable[tuple[str, str]],
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, agent: IAgent, tally: RequestTally, provider: str, clock: Callable[[], float]) -> None:
         self._agent = agent
         self._tally = tally
-        self._prefixes = [(base.rstrip("/").encode(), provider) for base, provider in providers]
+        self.provider = provider
         self._clock = clock
-        #: URL -> provider id, for the URLs seen first.
-        self._providers: dict[bytes, str] = {}
-
-    def provider_of(self, uri: bytes) -> str:
-        """
-        The id of the provider C{uri} is under, else C{"other"}.
-        """
-        provider = self._providers.get(uri)
-        if provider is None:
-            provider = next((provider for prefix, provider in self._prefixes if uri.startswith(prefix)), "other")
-            if len(self._providers) < MAX_MEASURED_URLS:
-                self._providers[uri] = provider
-        return provider
 
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
-        provider, started = self.provider_of(uri), self._clock()
         d = self._agent.request(method, uri, headers, bodyProducer)
-        return d.addBoth(self._measured, provider, started)
+        return d.addBoth(self._measured, self._clock())
 
-    def _measured(self, result: Any, provider: str, started: float) -> Any:
+    def _measured(self, result: Any, started: float) -> Any:
         status = "error" if isinstance(result, Failure) else result.code
-        self._tally.record(provider, status, self._clock() - started)
+        self._tally.record(self.provider, status, self._clock() - started)
         return result
 
 

@@ -260,14 +260,15 @@ class GatewayService(MultiService):
             settings.provider_ids,
             unconfigured=[provider_id for provider_id, entry in settings.providers.items() if not entry.keys],
         )
-        base_urls = [(configured.base_url, provider_id) for provider_id, configured in settings.providers.items()]
         #: How the process's descriptors are shared between the listeners
         #: and the providers' idle pooled connections.
         self.descriptors = descriptor_shares(settings, api=api_endpoint is not None)
         self.providers = ProviderRegistry.from_settings(
             settings,
             reactor,
-            wrap_agent=lambda agent: MeasuredAgent(agent, self.metrics.upstream_requests, base_urls, reactor.seconds),
+            wrap_agent=lambda agent, provider_id: MeasuredAgent(
+                agent, self.metrics.upstream_requests, provider_id, reactor.seconds
+            ),
             pool_size=self.descriptors.pool_per_host or None,
         )
         self.metrics.watch_providers((adapter.id, partial(_serving, adapter)) for adapter in self.providers)

@@ -250,6 +250,22 @@ class GatewayTests(TestCase):
         self.assertIn('openclaw_api_requests_total{provider="acme",status="200"} 1.0', text)
 
     @inlineCallbacks
+    def test_upstream_requests_counted_by_sender(self):
+        """
+        A provider's requests are counted under it even when another
+        provider's base URL is a prefix of its URLs (one egress proxy for
+        both, C{/acme} and C{/acme/v1}): each adapter's agent counts what
+        it sends, not what its URL looks like.
+        """
+        acme = self.upstream.environment(DECLARED)["ACME_BASE_URL"]
+        gateway = self.gateway(KIMI_BASE_URL=acme.removesuffix("/v1"))
+        client = self.sdk(gateway)
+        yield deferToThread(client.chat.completions.create, model="acme/acme-chat", messages=HELLO)
+        text = yield self.get(gateway, "/metrics")
+        self.assertIn('openclaw_upstream_requests_total{provider="acme",status="200"} 1.0', text)
+        self.assertNotIn('openclaw_upstream_requests_total{provider="kimi"', text)
+
+    @inlineCallbacks
     def test_key_missing(self):
         """
         Without its key, calls are refused naming its variable, and nothing

@@ -1,7 +1,7 @@
 """
-The configured providers, the HTTP client they share (treq on Twisted's
-C{Agent}, over one pool of persistent connections), and the health check
-across all of them.
+The configured providers, the HTTP client under them (treq on Twisted's
+C{Agent}, over one pool of persistent connections they share), and the
+health check across all of them.
 
 Probes for one provider are coalesced: callers that ask while a probe is in
 flight wait for that probe instead of starting their own, so a burst of
@@ -51,12 +51,8 @@ class ProviderRegistry:
 
     _adapters: tuple[ProviderAdapter, ...]
     reactor: IReactorTime = attrs.field(repr=False)
-    #: The HTTP client every adapter's models listing uses.
-    http: HTTPClient | None = attrs.field(default=None, repr=False)
-    #: The agent under C{http} (perhaps wrapped): chat calls use it directly
-    #: (see L{openclaw.providers.fetch.post}).
-    agent: IAgent | None = attrs.field(default=None, repr=False)
-    #: The persistent connections under C{agent}, closed by L{close}.
+    #: The persistent connections under every adapter's agent, closed by
+    #: L{close}.
     pool: HTTPConnectionPool | None = attrs.field(default=None, repr=False)
     #: The providers failed-over calls go to, in the order tried
     #: (L{Settings.fallback_order <openclaw.settings.Settings.fallback_order>});
@@ -78,7 +74,7 @@ class ProviderRegistry:
         settings: Settings,
         reactor: IReactorTime,
         *,
-        wrap_agent: Callable[[IAgent], IAgent] | None = None,
+        wrap_agent: Callable[[IAgent, str], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
         pool_size: int | None = None,
     ) -> ProviderRegistry:
@@ -88,8 +84,10 @@ class ProviderRegistry:
         (C{UPSTREAM_POOL_SIZE} idle ones kept per host, each for at most
         C{UPSTREAM_IDLE_SECONDS}).
 
-        @param wrap_agent: wraps the one agent every provider request goes
-            through (models listings and chat calls alike), to measure them.
+        @param wrap_agent: called with the one agent every provider request
+            goes through and a provider's id, gives the agent that
+            provider's adapter uses (for its models listings and model
+            calls alike), to measure them.
         @param endpoints: where connections go; by default L{CachedEndpoints}
             checking https certificates against C{UPSTREAM_CA_FILE}, else
             the system's trust store.
@@ -103,22 +101,18 @@ class ProviderRegistry:
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
             endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_pem))
-        agent: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
-        if wrap_agent is not None:
-            agent = wrap_agent(agent)
-        # No cookies kept: a provider's cookie set on one listing would be
-        # sent back with the next (treq keeps a jar per client), and no
-        # provider API needs one.
-        http = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=())))
-        adapters = tuple(
-            configured.adapter.from_settings(settings, http, reactor, agent)
-            for configured in settings.providers.values()
-        )
+        shared: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
+        adapters = []
+        for provider_id, configured in settings.providers.items():
+            agent = shared if wrap_agent is None else wrap_agent(shared, provider_id)
+            # No cookies kept: a provider's cookie set on one listing would
+            # be sent back with the next (treq keeps a jar per client), and
+            # no provider API needs one.
+            http = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=())))
+            adapters.append(configured.adapter.from_settings(settings, http, reactor, agent))
         return cls(
-            adapters,
+            tuple(adapters),
             reactor,
-            http=http,
-            agent=agent,
             pool=pool,
             fallback_order=settings.fallback_order or (),
         )
