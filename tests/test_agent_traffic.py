@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 import openai
 from twisted.internet.defer import inlineCallbacks
@@ -346,6 +346,99 @@ class ParallelCallTests(DataPlaneTestCase):
         reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         self.assertEqual(reasons, [None, None, None, "stop"])
         self.assertTrue(text.endswith("data: [DONE]\n\n"))
+
+
+def ask_legacy(client: openai.OpenAI, model: str, stream: bool) -> dict[str, Any]:
+    """
+    One call declaring its functions in the legacy C{functions} field; the
+    answer's C{function_call} (streamed pieces joined), whether any
+    C{tool_calls} came, and every finish reason.
+    """
+    functions = [tool["function"] for tool in TOOLS]
+    if not stream:
+        completion = client.chat.completions.create(model=model, messages=QUESTION, functions=functions)
+        choice = completion.choices[0]
+        call = choice.message.function_call
+        return {
+            "function_call": None if call is None else {"name": call.name, "arguments": call.arguments},
+            "tool_calls": bool(choice.message.tool_calls),
+            "finishes": [choice.finish_reason],
+        }
+    joined: dict[str, str] | None = None
+    tool_calls, finishes = False, []
+    for chunk in client.chat.completions.create(model=model, messages=QUESTION, functions=functions, stream=True):
+        for choice in chunk.choices:
+            tool_calls = tool_calls or bool(choice.delta.tool_calls)
+            piece = choice.delta.function_call
+            if piece is not None:
+                joined = joined or {"name": "", "arguments": ""}
+                joined["name"] += piece.name or ""
+                joined["arguments"] += piece.arguments or ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    return {"function_call": joined, "tool_calls": tool_calls, "finishes": finishes}
+
+
+class LegacyFunctionsTests(DataPlaneTestCase):
+    """
+    A request with the legacy C{functions} is answered in the legacy shape
+    by either provider (so an old agent's loop survives switch_provider):
+    C{message.function_call} (or C{delta.function_call} pieces), the first
+    call only, finish reason C{function_call}, no C{tool_calls}.
+    """
+
+    KIMI_TWO_CALLS = OpenAIAnswer(
+        tool_calls=(
+            {"id": "get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"id": "get_time:1", "name": "get_time", "arguments": "{}"},
+        )
+    )
+    EXPECTED: ClassVar[dict[str, Any]] = {
+        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        "tool_calls": False,
+        "finishes": ["function_call"],
+    }
+
+    @inlineCallbacks
+    def check(self, stream: bool, usage_in_choice: bool = False) -> Any:
+        self.upstream.kimi.answers[:] = [self.KIMI_TWO_CALLS]
+        self.upstream.kimi.usage_in_choice = usage_in_choice
+        self.upstream.gemini.answers[:] = [GEMINI_CALL]
+        client = self.sdk(self.gateway())
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+            answer = yield deferToThread(ask_legacy, client, model, stream)
+            if model.startswith("gemini"):
+                answer["function_call"]["arguments"] = json.dumps(json.loads(answer["function_call"]["arguments"]))
+            self.assertEqual(answer, self.EXPECTED, model)
+        # Kimi was asked with tools, as it understands them.
+        self.assertEqual(self.upstream.kimi.last_body["tools"], TOOLS)
+
+    def test_whole(self):
+        return self.check(stream=False)
+
+    def test_streamed(self):
+        return self.check(stream=True)
+
+    def test_usage_in_choice(self):
+        """
+        Moonshot's usage inside the last chunk's choice, beside its finish
+        reason: that chunk is rewritten too.
+        """
+        return self.check(stream=True, usage_in_choice=True)
+
+    @inlineCallbacks
+    def test_tools_answered_as_tools(self):
+        """
+        A request with C{tools} gets Kimi's C{tool_calls} as they came.
+        """
+        self.upstream.kimi.answers[:] = [self.KIMI_TWO_CALLS]
+        client = self.sdk(self.gateway())
+        completion = yield deferToThread(
+            client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=QUESTION, tools=TOOLS
+        )
+        choice = completion.choices[0]
+        self.assertEqual([c.function.name for c in choice.message.tool_calls], ["get_weather", "get_time"])
+        self.assertEqual((choice.finish_reason, choice.message.function_call), ("tool_calls", None))
 
 
 class ModelFailureTests(DataPlaneTestCase):

@@ -39,9 +39,12 @@ from openclaw.providers.wire import (
 class OpenAIWire:
     """
     An OpenAI-compatible chat API: the caller's body with the model
-    substituted, and the answer passed back as it came, but for one
-    normalisation: usage reported inside C{choices[0].usage} (as Moonshot
-    does) is also given where OpenAI puts it, the top-level C{usage}.
+    substituted, and the answer passed back as it came, but for two
+    normalisations: usage reported inside C{choices[0].usage} (as Moonshot
+    does) is also given where OpenAI puts it, the top-level C{usage}; and
+    a request that declared its functions in the legacy C{functions} field
+    (sent upstream as C{tools}) is answered in the legacy shape, as OpenAI
+    answers it and as the Gemini translation does (L{legacy_choice}).
     """
 
     #: Ids are passed through as they came: none carries anything.
@@ -67,14 +70,58 @@ class OpenAIWire:
                 raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(error)}")
             raise MalformedAnswer('the answer has no "choices" list')
         usage = document.get("usage")
+        changed = None
         if usage is None:
             usage = _choice_usage(choices)
             if usage is not None:
-                return Completion(orjson.dumps({**document, "usage": usage}), usage)
-        return Completion(body, usage)
+                changed = {**document, "usage": usage}
+        if chat is not None and chat.legacy_functions and any(map(_calls_tools, choices)):
+            changed = {**(changed or document), "choices": [legacy_choice(choice) for choice in choices]}
+        return Completion(body if changed is None else orjson.dumps(changed), usage)
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
-        return OpenAIStream(include_usage=chat.include_usage)
+        return OpenAIStream(include_usage=chat.include_usage, legacy_functions=chat.legacy_functions)
+
+
+def _calls_tools(choice: Any) -> bool:
+    """
+    Whether a choice (whole or streamed) carries tool calls, or finished
+    for them.
+    """
+    if not isinstance(choice, dict):
+        return False
+    said = choice.get("message") or choice.get("delta")
+    return bool(isinstance(said, dict) and said.get("tool_calls")) or choice.get("finish_reason") == "tool_calls"
+
+
+def legacy_choice(choice: Any) -> Any:
+    """
+    A choice (C{message} or streamed C{delta}) in the shape OpenAI answers
+    a request that declared the legacy C{functions}
+    (U{https://platform.openai.com/docs/api-reference/chat/object}):
+    the first tool call as C{function_call} (C{{name, arguments}}; a
+    streamed delta's pieces of it as they come), later calls left out
+    (that shape holds one), and finish reason C{function_call} for
+    C{tool_calls}.
+    """
+    if not isinstance(choice, dict):
+        return choice
+    choice = dict(choice)
+    for field in ("message", "delta"):
+        said = choice.get(field)
+        if isinstance(said, dict) and "tool_calls" in said:
+            said = {name: value for name, value in said.items() if name != "tool_calls"}
+            calls = choice[field]["tool_calls"]
+            first = next((call for call in calls or () if isinstance(call, dict) and call.get("index", 0) == 0), None)
+            function = first.get("function") if first is not None else None
+            if isinstance(function, dict):
+                said["function_call"] = {
+                    name: function[name] for name in ("name", "arguments") if function.get(name) is not None
+                }
+            choice[field] = said
+    if choice.get("finish_reason") == "tool_calls":
+        choice["finish_reason"] = "function_call"
+    return choice
 
 
 def _with_kind(error: ReportedError) -> str:
@@ -110,6 +157,9 @@ class OpenAIStream:
 
     #: The client asked for the usage (C{stream_options.include_usage}).
     include_usage: bool = False
+    #: The request declared the legacy C{functions}: tool calls are sent
+    #: as C{function_call} (L{legacy_choice}).
+    legacy_functions: bool = False
     ended: bool = False
     usage: dict[str, Any] | None = None
     #: The usage chunk has gone to the client.
@@ -138,6 +188,7 @@ class OpenAIStream:
             raise StreamBroken(error.message)
         choices = document.get("choices")
         usage = document.get("usage")
+        rewritten = b"\n" in data  # a multi-line event, sent on one line
         if isinstance(usage, dict):
             self.usage = usage
             if not choices:
@@ -150,9 +201,11 @@ class OpenAIStream:
             if isinstance(usage, dict):
                 self.usage = usage
                 self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
-            return [orjson.dumps({**document, "choices": [first, *choices[1:]]})]
-        # A multi-line event re-encoded on one line; the usual one as it came.
-        return [orjson.dumps(document) if b"\n" in data else data]
+            choices = [first, *choices[1:]]
+            document, rewritten = {**document, "choices": choices}, True
+        if self.legacy_functions and isinstance(choices, list) and any(map(_calls_tools, choices)):
+            document, rewritten = {**document, "choices": [legacy_choice(choice) for choice in choices]}, True
+        return [orjson.dumps(document) if rewritten else data]
 
     def closing(self) -> list[bytes]:
         if not self.include_usage or self._usage_sent or self.usage is None:
