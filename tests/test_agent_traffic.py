@@ -441,6 +441,59 @@ class LegacyFunctionsTests(DataPlaneTestCase):
         self.assertEqual((choice.finish_reason, choice.message.function_call), ("tool_calls", None))
 
 
+class EmptyArgumentsTests(DataPlaneTestCase):
+    """
+    Moonshot calls a function without parameters with C{arguments: ""}
+    (MoonshotAI/kimi-cli PR #1764): the agent gets OpenAI's C{"{}"}, whole
+    or streamed, and a history holding C{""} (or no arguments at all) is
+    taken as C{"{}"} by either provider.
+    """
+
+    NO_ARGUMENTS = OpenAIAnswer(tool_calls=({"id": "get_time:0", "name": "get_time", "arguments": ""},))
+
+    @inlineCallbacks
+    def answered(self, stream: bool) -> Any:
+        self.upstream.kimi.answers[:] = [self.NO_ARGUMENTS, KIMI_SUNNY]
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        control = yield open_client(self, gateway.port)
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS)
+        self.assertEqual([(c["name"], c["arguments"]) for c in first["calls"]], [("get_time", "{}")])
+        self.assertEqual(first["finishes"], ["tool_calls"])
+        second = yield deferToThread(ask, client, [*QUESTION, echoed(first), *results(first)], stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+
+    def test_whole(self):
+        return self.answered(stream=False)
+
+    def test_streamed(self):
+        return self.answered(stream=True)
+
+    @inlineCallbacks
+    def test_history_with_empty_arguments(self):
+        self.upstream.kimi.answers[:] = [KIMI_SUNNY, KIMI_SUNNY]
+        self.upstream.gemini.answers[:] = [SUNNY, SUNNY]
+        gateway = self.gateway()
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+            for arguments in ({"arguments": ""}, {"arguments": None}, {}):
+                call = {"id": "get_time:0", "type": "function", "function": {"name": "get_time", **arguments}}
+                messages = [
+                    *QUESTION,
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "get_time:0", "content": "noon"},
+                ]
+                response, text = yield self.post(gateway, {"model": model, "messages": messages})
+                self.assertEqual(response.code, 200, (model, arguments, text))
+                self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+                self.upstream.gemini.answers[:] = [SUNNY]
+        sent = self.upstream.kimi.last_body["messages"][1]["tool_calls"][0]["function"]
+        self.assertEqual(sent["arguments"], "{}")
+        parts = self.upstream.gemini.last_body["contents"][1]["parts"]
+        self.assertEqual(parts[0]["functionCall"]["args"], {})
+
+
 class ModelFailureTests(DataPlaneTestCase):
     MALFORMED = GeminiAnswer((({"thoughtSignature": "sig-M"},),), finish_reason="MALFORMED_FUNCTION_CALL")
 

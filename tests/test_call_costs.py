@@ -316,6 +316,49 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(self.events(stream, *chunks), chunks)
         self.assertEqual(stream.usage, usage)
 
+    def test_calls_without_arguments_given_them(self) -> None:
+        """
+        Of parallel streamed calls, the one whose arguments never came
+        (Moonshot's C{""}) gets C{"{}"} before its choice's finish reason;
+        one with arguments is left as it came.  In the legacy shape, the
+        same as C{function_call} pieces.
+        """
+
+        def call(index: int, arguments: str, name: str | None = None) -> dict[str, Any]:
+            function = {"arguments": arguments, **({"name": name} if name else {})}
+            return {
+                "id": "c",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"tool_calls": [{"index": index, "function": function}]},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+
+        chunks = [
+            call(0, "", "get_time"),
+            call(1, "", "get_weather"),
+            call(1, '{"city": "Paris"}'),
+            call(0, ""),
+            {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        ]
+        out = self.events(OpenAIStream(), *chunks)
+        self.assertEqual(out, [*chunks[:4], call(0, "{}"), chunks[4]])
+        legacy = self.events(OpenAIStream(legacy_functions=True), *chunks)
+        self.assertEqual(
+            [choice for chunk in legacy for choice in chunk["choices"]],
+            [
+                {"index": 0, "delta": {"function_call": {"name": "get_time", "arguments": ""}}, "finish_reason": None},
+                {"index": 0, "delta": {}, "finish_reason": None},
+                {"index": 0, "delta": {}, "finish_reason": None},
+                {"index": 0, "delta": {"function_call": {"arguments": ""}}, "finish_reason": None},
+                {"index": 0, "delta": {"function_call": {"arguments": "{}"}}, "finish_reason": None},
+                {"index": 0, "delta": {}, "finish_reason": "function_call"},
+            ],
+        )
+
     def test_usage_in_choice(self) -> None:
         usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         last = {

@@ -768,6 +768,9 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
                 param=f"{at}.function.name",
             )
         arguments = function.get("arguments")
+        if no_arguments(arguments):
+            # Moonshot's call of a function without parameters, sent back.
+            arguments = function["arguments"] = "{}"
         try:
             parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
         except orjson.JSONDecodeError as e:
@@ -788,6 +791,15 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         calls[call_id] = name
         carried_ids = carried_ids or MARK in call_id
     return carried_ids
+
+
+def no_arguments(arguments: object) -> bool:
+    """
+    Whether a tool call's C{arguments} say nothing: missing, null, or a
+    blank string, which Moonshot sends for a function without parameters
+    (MoonshotAI/kimi-cli PR #1764) where OpenAI sends C{"{}"}.
+    """
+    return arguments is None or (isinstance(arguments, str) and not arguments.strip())
 
 
 def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:

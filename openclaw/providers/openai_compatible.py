@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.request import ChatRequest, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
@@ -75,8 +75,11 @@ class OpenAIWire:
             usage = _choice_usage(choices)
             if usage is not None:
                 changed = {**document, "usage": usage}
-        if chat is not None and chat.legacy_functions and any(map(_calls_tools, choices)):
-            changed = {**(changed or document), "choices": [legacy_choice(choice) for choice in choices]}
+        if any(map(_calls_tools, choices)):
+            if _fill_empty_arguments(choices):
+                changed = changed or document
+            if chat is not None and chat.legacy_functions:
+                changed = {**(changed or document), "choices": [legacy_choice(choice) for choice in choices]}
         return Completion(body if changed is None else orjson.dumps(changed), usage)
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
@@ -92,6 +95,26 @@ def _calls_tools(choice: Any) -> bool:
         return False
     said = choice.get("message") or choice.get("delta")
     return bool(isinstance(said, dict) and said.get("tool_calls")) or choice.get("finish_reason") == "tool_calls"
+
+
+def _fill_empty_arguments(choices: list[Any]) -> bool:
+    """
+    Give each whole answer's tool call that has L{no_arguments} OpenAI's
+    C{"{}"}, in place: an agent parses C{arguments} as JSON, and sends the
+    call back in its next turn.
+
+    @return: whether any call was given them.
+    """
+    filled = False
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and no_arguments(function.get("arguments")):
+                function["arguments"] = "{}"
+                filled = True
+    return filled
 
 
 def legacy_choice(choice: Any) -> Any:
@@ -167,6 +190,10 @@ class OpenAIStream:
     #: C{id}, C{created}, C{model} of the chunk that carried the usage in
     #: its choice, for the usage chunk made from it.
     _head: dict[str, Any] = attrs.field(factory=dict)
+    #: Per C{(choice index, tool call index)}, whether every piece of the
+    #: call's C{arguments} so far was empty (L{no_arguments}): such a call
+    #: is given C{"{}"} before its choice's finish reason.
+    _unargued: dict[tuple[Any, Any], bool] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -203,9 +230,48 @@ class OpenAIStream:
                 self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
             choices = [first, *choices[1:]]
             document, rewritten = {**document, "choices": choices}, True
-        if self.legacy_functions and isinstance(choices, list) and any(map(_calls_tools, choices)):
-            document, rewritten = {**document, "choices": [legacy_choice(choice) for choice in choices]}, True
-        return [orjson.dumps(document) if rewritten else data]
+        if not isinstance(choices, list) or not any(map(_calls_tools, choices)):
+            return [orjson.dumps(document) if rewritten else data]
+        filled = [self._encode(fill) for fill in self._fills(document, choices)]
+        if self.legacy_functions:
+            return [*filled, self._encode(document)]
+        return [*filled, orjson.dumps(document) if rewritten else data]
+
+    def _fills(self, document: dict[str, Any], choices: list[Any]) -> list[dict[str, Any]]:
+        """
+        Note which tool calls of C{choices} have had arguments; for each
+        choice that finishes here, the chunks giving C{"{}"} to those of
+        its calls that had none (L{no_arguments}), to be sent before.
+        """
+        unargued = self._unargued
+        fills: list[dict[str, Any]] = []
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    function = call.get("function")
+                    arguments = function.get("arguments") if isinstance(function, dict) else None
+                    key = (choice.get("index", 0), call.get("index", 0))
+                    unargued[key] = unargued.get(key, True) and no_arguments(arguments)
+            if choice.get("finish_reason") is None:
+                continue
+            index = choice.get("index", 0)
+            for key in [key for key in unargued if key[0] == index]:
+                if unargued.pop(key):
+                    head: dict[str, Any] = {
+                        name: document[name] for name in ("id", "object", "created", "model") if name in document
+                    }
+                    given = {"tool_calls": [{"index": key[1], "function": {"arguments": "{}"}}]}
+                    fills.append({**head, "choices": [{"index": index, "delta": given, "finish_reason": None}]})
+        return fills
+
+    def _encode(self, document: dict[str, Any]) -> bytes:
+        if self.legacy_functions:
+            document = {**document, "choices": [legacy_choice(choice) for choice in document["choices"]]}
+        return orjson.dumps(document)
 
     def closing(self) -> list[bytes]:
         if not self.include_usage or self._usage_sent or self.usage is None:
