@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThread
 
 from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
+from openclaw.providers.kimi import REASONING_PLACEHOLDER
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
 from tests.support import open_client
 from tests.test_dataplane import DataPlaneTestCase
@@ -266,6 +267,35 @@ class ToolLoopTests(DataPlaneTestCase):
     def test_gemini_then_kimi_streamed(self):
         yield self.switched_loop("gemini", stream=True)
         self.assertRegex(self.upstream.kimi.bodies[0]["messages"][1]["tool_calls"][0]["id"], r"^call_[0-9a-f]{24}$")
+
+    @inlineCallbacks
+    def test_gemini_then_kimi_thinking(self, stream: bool = False):
+        """
+        Moonshot's thinking models refuse an assistant message with tool
+        calls and no C{reasoning_content} (the stand-in too): one made by
+        Gemini gets L{REASONING_PLACEHOLDER}; one the client kept its
+        reasoning on goes as it is.
+        """
+        self.upstream.kimi.models.append("kimi-k2.5")
+        self.upstream.gemini.answers[:] = [GEMINI_CALL]
+        self.upstream.kimi.answers[:] = [KIMI_SUNNY, KIMI_SUNNY]
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        control = yield open_client(self, gateway.port)
+        first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS)
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": "kimi", "model": "kimi-k2.5"})
+        self.assertTrue(answer["ok"], answer)
+        messages = [*QUESTION, echoed(first), *results(first)]
+        second = yield deferToThread(ask, client, messages, stream, tools=TOOLS)
+        self.assertEqual(second["content"], "Sunny in Paris.")
+        sent = self.upstream.kimi.bodies[0]["messages"][1]
+        self.assertEqual(sent["reasoning_content"], REASONING_PLACEHOLDER)
+        kept = [*QUESTION, {**echoed(first), "reasoning_content": "Paris: ask the tool."}, *results(first)]
+        yield deferToThread(ask, client, kept, stream, tools=TOOLS)
+        self.assertEqual(self.upstream.kimi.bodies[1]["messages"][1]["reasoning_content"], "Paris: ask the tool.")
+
+    def test_gemini_then_kimi_thinking_streamed(self):
+        return self.test_gemini_then_kimi_thinking(stream=True)
 
     @inlineCallbacks
     def test_unsigned_history_refused_without_placeholder(self):

@@ -178,9 +178,9 @@ class ChatRequest:
     #: a provider whose wire does not read them gets it plain.
     carried_ids: bool = False
     #: The functions were declared in the legacy C{functions} field (not
-    #: C{tools}): a wire that writes the answer itself (Gemini's) answers
-    #: in the legacy shape, C{message.function_call} (one call) and finish
-    #: reason C{function_call}, as OpenAI does.
+    #: C{tools}): every wire answers in the legacy shape,
+    #: C{message.function_call} (one call) and finish reason
+    #: C{function_call}, as OpenAI does.
     legacy_functions: bool = False
 
     @property

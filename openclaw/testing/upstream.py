@@ -621,6 +621,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if model not in behaviour.models:
         raise Reject(404, f"Not found the model {model} or Permission denied")
     _check_openai_tool_ids(body["messages"])
+    if _KIMI_THINKING.search(model):
+        _check_kimi_reasoning(body["messages"])
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
     answer = behaviour.answers.pop(0) if behaviour.answers else OpenAIAnswer(behaviour.reply)
     pieces = re.findall(r"\s*\S+", answer.content) if answer.content else []
@@ -686,6 +688,30 @@ def _check_openai_tool_ids(messages: list[Any]) -> None:
             ids.add(call.get("id"))
         if message.get("role") == "tool" and message.get("tool_call_id") not in ids:
             raise Reject(400, f"Invalid request: tool_call_id {message.get('tool_call_id')} is not found")
+
+
+#: Moonshot's models that think by default (kimi-k2.5 and later, the
+#: kimi-k2-thinking models).
+_KIMI_THINKING = re.compile(r"^kimi-k\d\.\d|^kimi-.*thinking")
+
+
+def _check_kimi_reasoning(messages: list[Any]) -> None:
+    """
+    Refuse what Moonshot's thinking models refuse: an assistant message
+    with tool calls and no C{reasoning_content} (an empty one counts as
+    missing).
+    """
+    for index, message in enumerate(messages):
+        if (
+            isinstance(message, dict)
+            and message.get("role") == "assistant"
+            and message.get("tool_calls")
+            and not message.get("reasoning_content")
+        ):
+            raise Reject(
+                400,
+                f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {index}",
+            )
 
 
 def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int, Any]:
