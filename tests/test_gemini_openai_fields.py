@@ -472,6 +472,53 @@ class ImageTypeTests(SynchronousTestCase):
         # An @ after the host is no userinfo.
         self.assertEqual(self.sent_type("https://example.com/@me/a.png?by=a@b#c@d"), "image/png")
 
+    def test_url_that_cannot_be_fetched(self) -> None:
+        """
+        An image URL with no host, a port that is no port, or a space or
+        control character (RFC 3986 section 2) is refused at the door, for
+        every provider, saying what to fix.
+        """
+        for url, said in (
+            ("https:///a.png", "has no host"),
+            ("https://:443/a.png", "has no host"),
+            ("https://example.com:99999/a.png", "port"),
+            ("https://example.com:http/a.png", "port"),
+            ("https://exa mple.com/a.png", "percent-encode"),
+            ("https://example.com/a b.png", "%20"),
+            ("https://example.com/a\x00.png", "control character"),
+            ("https://example.com/a\n.png", "control character"),
+        ):
+            with self.assertRaises(APIError) as caught:
+                image(url)
+            self.assertEqual(caught.exception.param, "messages[0].content[0].image_url.url", url)
+            self.assertIn(said, caught.exception.message, url)
+        self.assertEqual(self.sent_type("https://example.com:8443/a%20b.png"), "image/png")
+
+    def test_base64_in_lines(self) -> None:
+        """
+        Base64 wrapped in lines (as C{base64} and MIME write it; RFC 2045
+        section 6.8) is taken without its line breaks; other junk is not.
+        """
+        wrapped = "iVBORw0KGgoAAAANSUhEUgAA\r\nAAEAAAABCAYAAAAfFcSJ\nAAAADUlEQVR42mNk\n"
+        part = gemini.to_gemini(image("data:image/png;base64," + wrapped))["contents"][0]["parts"][0]
+        self.assertEqual(part["inlineData"]["data"], wrapped.replace("\r", "").replace("\n", ""))
+        body = chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBE\nRi0x"}},
+                        {"type": "input_audio", "input_audio": {"data": "UklG\nRiQA", "format": "wav"}},
+                    ],
+                }
+            ]
+        )
+        parts = gemini.to_gemini(body)["contents"][0]["parts"]
+        self.assertEqual([p["inlineData"]["data"] for p in parts], ["JVBERi0x", "UklGRiQA"])
+        for junk in ("AAAA\n!!!!", "AAA\nA=", "\n"):
+            with self.assertRaises(APIError):
+                image("data:image/png;base64," + junk)
+
 
 def call_turn(call_id: str = "c1") -> list[dict[str, Any]]:
     """

@@ -74,6 +74,11 @@ IMAGE_DETAILS = frozenset({"auto", "low", "high"})
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII | re.IGNORECASE)
 #: Base64 as RFC 4648 section 4 has it (padded): checked, not decoded.
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
+#: What wraps base64 in lines: line breaks, and spaces or tabs around them.
+_WRAPPING = re.compile(r"[ \t]*\r?\n[ \t]*")
+#: What no URL holds (RFC 3986 section 2: percent-encoded if meant): space
+#: and the control characters.
+_NOT_IN_URLS = re.compile(r"[\x00-\x20\x7f]")
 #: URL schemes an image may be given by (the gateway never fetches them),
 #: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
@@ -839,13 +844,32 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
     return anything
 
 
-def _is_data_url(url: str) -> bool:
+def _data_url(url: str) -> str | None:
     """
-    A C{data:<type>;base64,<data>} URL whose data is base64 (RFC 2397,
-    RFC 4648): anything else would reach the provider as garbage.
+    C{url} if it is a C{data:<type>;base64,<data>} URL whose data is
+    base64 (RFC 2397, RFC 4648); its data without line breaks if it was
+    wrapped in lines (as C{base64} and MIME write it: RFC 2045 section 6.8
+    has decoders ignore them, which a provider may not); else L{None}:
+    anything else would reach the provider as garbage.
     """
     head = DATA_URL.match(url)
-    return head is not None and len(url) > head.end() and BASE64.fullmatch(url, head.end()) is not None
+    if head is None or len(url) <= head.end():
+        return None
+    if BASE64.fullmatch(url, head.end()) is not None:
+        return url
+    data = _unwrapped(url[head.end() :])
+    return None if data is None else url[: head.end()] + data
+
+
+def _unwrapped(data: str) -> str | None:
+    """
+    Base64 C{data} wrapped in lines, without its line breaks (and the
+    spaces and tabs around them); L{None} if it is not base64 then either.
+    """
+    if not _WRAPPING.search(data):
+        return None
+    data = _WRAPPING.sub("", data)
+    return data if data and BASE64.fullmatch(data) else None
 
 
 def is_image_url(url: str) -> bool:
@@ -861,20 +885,24 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
         raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
     if kind == "image_url":
         url = value.get("url")
-        linked = isinstance(url, str) and is_image_url(url)
-        if not isinstance(url, str) or not (linked or _is_data_url(url)):
-            raise bad_request(
-                f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
-                "or an http(s):// or gs:// URL",
-                param=f"{at}.image_url.url",
-            )
-        if linked:
+        if isinstance(url, str) and is_image_url(url):
             _check_image_url(url, f"{at}.image_url.url")
+        else:
+            data_url = _data_url(url) if isinstance(url, str) else None
+            if data_url is None:
+                raise bad_request(
+                    f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
+                    "or an http(s):// or gs:// URL",
+                    param=f"{at}.image_url.url",
+                )
+            value["url"] = data_url
         if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
     elif kind == "input_audio":
         data = value.get("data")
-        if not isinstance(data, str) or not data or not BASE64.fullmatch(data):
+        if isinstance(data, str) and data and not BASE64.fullmatch(data):
+            data = value["data"] = _unwrapped(data)
+        if not isinstance(data, str) or not data:
             raise bad_request(f"{at}.input_audio.data must be base64 audio", param=f"{at}.input_audio.data")
         if not isinstance(value.get("format"), str) or not value["format"].isalnum():
             raise bad_request(
@@ -882,7 +910,10 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
     else:
         data = value.get("file_data")
-        if not isinstance(data, str) or not _is_data_url(data):
+        data_url = _data_url(data) if isinstance(data, str) else None
+        if data_url is not None:
+            value["file_data"] = data_url
+        else:
             raise bad_request(
                 f"{at}.file.file_data must be a base64 data URL (data:application/pdf;base64,...); "
                 "uploaded file ids are not supported by this gateway",
@@ -902,15 +933,24 @@ def _check_image_url(url: str, where: str) -> None:
 
     @raise APIError: 400 naming C{where}.
     """
+    if _NOT_IN_URLS.search(url):
+        raise bad_request(
+            f"{where} holds a space or a control character, which no URL holds (RFC 3986 section 2): "
+            "percent-encode it (a space is %20)",
+            param=where,
+        )
     try:
-        authority = urlsplit(url).netloc
+        parts = urlsplit(url)
+        authority, host, _ = parts.netloc, parts.hostname, parts.port
     except ValueError:
         # Not quoted: Python's message may quote the host, userinfo and all.
         raise bad_request(
             f"{where} is not a valid URL (its host part does not parse: an unclosed [ of an IPv6 address, "
-            "characters a host cannot hold); fix the URL",
+            "characters a host cannot hold, a port that is not a number from 0 to 65535); fix the URL",
             param=where,
         ) from None
+    if not host:
+        raise bad_request(f"{where} has no host (https://host/path); fix the URL", param=where)
     if "@" in authority:
         raise bad_request(
             f"{where} carries a user name or password (user:pass@host), which the gateway would pass on to the "
