@@ -55,7 +55,10 @@ def model_refusal(model: str) -> str | None:
         carry terminal escapes or line breaks into logs, reports and the
         C{X-OpenClaw-Model} header;
       - an empty or blank one (only spaces);
-      - one over L{MAX_MODEL_CHARS} characters.
+      - one over L{MAX_MODEL_CHARS} characters;
+      - one holding a space between other characters, which no provider's
+        model ids hold either: most often an env file's C{# comment} read
+        as part of the value.
 
     The reason starts with C{"model "} (a caller may prefix it, as
     C{"data."}) and never quotes the name: it may be unprintable or
@@ -70,6 +73,11 @@ def model_refusal(model: str) -> str | None:
         return f"model must be a non-empty string: {_AS_LISTED}"
     if len(model) > MAX_MODEL_CHARS:
         return f"model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: {_AS_LISTED}"
+    if " " in model.strip():
+        return (
+            "model holds a space, which no model name has (in an env file, a # comment after the value is "
+            f"part of it: put comments on lines of their own): {_AS_LISTED}"
+        )
     return None
 
 

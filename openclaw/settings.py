@@ -1968,19 +1968,19 @@ def _load_settings(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.handshake_timeout_seconds,
-            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
+            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
         ),
         ping_interval_seconds=read(
             "PING_INTERVAL_SECONDS",
             _timer_seconds,
             defaults.ping_interval_seconds,
-            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
+            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
         ),
         ping_timeout_seconds=read(
             "PING_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.ping_timeout_seconds,
-            f"use a whole number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers count whole seconds)",
+            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
         ),
         max_auth_failures=read(
             "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"

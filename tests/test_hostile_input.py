@@ -46,6 +46,35 @@ class ModelNameTests(DataPlaneTestCase):
         self.assertEqual(response.code, 200)
 
     @inlineCallbacks
+    def test_space_inside(self):
+        """
+        A model name with a space between other characters (an env file's
+        comment pasted along) is refused by both planes, saying why; spaces
+        around a name are not part of it.
+        """
+        gateway = self.gateway()
+        model = "gemini/gemini-2.5-flash   # the cheap one"
+        for path, body in [
+            ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/embeddings", {"model": model, "input": "hi"}),
+        ]:
+            response, text = yield self.post(gateway, body, path=path)
+            self.assertEqual(response.code, 400, (path, text))
+            self.assertIn("model holds a space", self.assertOpenAIError(text)["message"])
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "switch_provider", {"provider": "gemini", "model": model[7:]})
+        self.assertIn("model holds a space", answer["error"])
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "gemini", "model": " gemini-2.5-flash "}
+        )
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(answer["result"]["model"], "gemini-2.5-flash")
+        response, text = yield self.post(
+            gateway, {"model": " gemini/gemini-2.5-flash ", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
     def test_blank_names_none(self):
         """
         An empty or blank C{model} names no model: the call goes to the

@@ -420,7 +420,9 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="ops.example")
         self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="null")
         self.assertConfigError("MAX_CONNECTIONS", MAX_CONNECTIONS="0")
-        self.assertConfigError("PING_TIMEOUT_SECONDS", "whole number of seconds", PING_TIMEOUT_SECONDS="0.5")
+        self.assertConfigError("PING_TIMEOUT_SECONDS", "1 or more", PING_TIMEOUT_SECONDS="0.5")
+        # Not a whole number, but 1 or more: taken.
+        self.assertEqual(self.load({"PING_TIMEOUT_SECONDS": "2.5"}).ping_timeout_seconds, 2.5)
         self.assertConfigError("TRUSTED_PROXIES", TRUSTED_PROXIES="nginx")
 
     def test_api_send_timeout(self) -> None:
