@@ -5,6 +5,7 @@ and stops, in order, when it stops.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, MetricsSite, build_site
+from openclaw.files import PidLock
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderAdapter, ProviderRegistry
@@ -241,6 +243,8 @@ class GatewayService(MultiService):
     ) -> None:
         super().__init__()
         self._ids = ids
+        #: The lock of STATE_DIR this gateway holds (L{hold_state_dir}).
+        self._state_lock: PidLock | None = None
         #: The effective user and group ids the service was built (and
         #: its files checked and made) as.
         self.built_as = ids()
@@ -575,6 +579,10 @@ class GatewayService(MultiService):
             self._refuse_switched_ids(running_as)
             return
         self._name_instance()
+        if self._state_lock is not None:
+            # After twistd daemonized: the daemon's pid, not its parent's.
+            with contextlib.suppress(OSError):
+                self._state_lock.record_pid()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
                 "JWT_SECRET is not set: tokens are signed with a random secret made "
@@ -873,6 +881,24 @@ class GatewayService(MultiService):
             yield self.cluster.stop()
             yield self._redis.stop()
         self.sessions.discard_token_file()
+        if self._state_lock is not None:
+            lock, self._state_lock = self._state_lock, None
+            try:
+                lock.release()
+            except OSError as e:
+                self._log.warn(
+                    "could not remove the lock file {path} of STATE_DIR: {reason}",
+                    path=str(lock.path),
+                    reason=e.strerror or str(e),
+                )
+
+    def hold_state_dir(self, lock: PidLock) -> None:
+        """
+        Keep C{lock}, the lock of C{STATE_DIR} (L{openclaw.state.lock_state_dir}),
+        taken before twistd daemonized, until the service stops; it is
+        released (its file removed) last.
+        """
+        self._state_lock = lock
 
 
 def _serving(adapter: ProviderAdapter) -> bool:

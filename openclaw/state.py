@@ -19,10 +19,12 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from openclaw.files import NotARegularFile, read_regular_file, write_atomically
+from openclaw.files import NotARegularFile, PidLock, read_regular_file, write_atomically
 from openclaw.routing import Route, model_refusal
 
 STATE_FILE = "openclaw-state.json"
+#: The lock file a gateway holds C{STATE_DIR} by (L{lock_state_dir}).
+STATE_LOCK = "openclaw.lock"
 
 #: The most bytes of the state file read: a route is a few dozen.
 MAX_STATE_BYTES = 64 * 1024
@@ -50,6 +52,24 @@ def read_state_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
         return read_regular_file(path, limit)
     except NotARegularFile as e:
         raise UnsafeStateFile(str(e)) from None
+
+
+def lock_state_dir(state_dir: Path) -> PidLock:
+    """
+    Hold C{state_dir} for this gateway, for as long as the process runs or
+    until L{PidLock.release}: L{PidLock} on its L{STATE_LOCK}, so that a
+    second gateway given the same C{STATE_DIR} is turned away instead of
+    keeping its own view of the consumers' database (keys revoked by one
+    served by the other, budgets counted apart) and writing over the other's
+    route.  (Not in a cluster: its instances share what they hold through
+    Redis, and may share the directory.)
+
+    @raise openclaw.files.LockHeld: another running gateway holds it.
+    @raise openclaw.files.NotALockFile: the lock file's path holds
+        something else.
+    @raise OSError: the lock file cannot be created or opened.
+    """
+    return PidLock.acquire(state_dir / STATE_LOCK)
 
 
 class RouteStore:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, ClassVar, NoReturn
 
+import attrs
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
 from twisted.internet.interfaces import (
     IReactorCore,
@@ -47,6 +48,7 @@ from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings, load_settings, remove_made_directories
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
+from openclaw.state import STATE_LOCK, lock_state_dir
 
 _log = Logger(namespace="openclaw")
 
@@ -211,9 +213,8 @@ def makeService(
         )
         # Before twistd daemonizes: the refusal reaches the terminal, and
         # the daemon inherits the lock (PidLock).
-        lock, destination = _make_files(
-            settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor))
-        )
+        made = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
+        destination = made.destination
         _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
         _remove_state_directories(settings)
@@ -236,8 +237,10 @@ def makeService(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
     )
-    if lock is not None:
-        service.sessions.hold_token_file(lock)
+    if made.token_lock is not None:
+        service.sessions.hold_token_file(made.token_lock)
+    if made.state_lock is not None:
+        service.hold_state_dir(made.state_lock)
     return _exit_with_status(service, twistd_options)
 
 
@@ -272,8 +275,11 @@ def _worker_service(
     except ValueError:
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
-    # Its cluster's (REDIS_URL): no lock of the token file.
-    _, destination = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
+    # Its cluster's (REDIS_URL): no lock of the state directory or the
+    # token file.
+    destination = _make_files(
+        settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor))
+    ).destination
     _note_signals(reactor, twistd_options, destination, stdout)
     # Started with SIGUSR1 blocked (L{openclaw.cluster.workers}): handled
     # from here on, one that came meanwhile is delivered now.
@@ -332,9 +338,9 @@ def _supervisor(
         # The workers log to the same file, each through its own handle.
         supervisor.reopen_logs()
 
-    _, destination = _make_files(
+    destination = _make_files(
         settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor), reopen_workers_logs)
-    )
+    ).destination
     _note_signals(reactor, twistd_options, destination, stdout)
     supervisor = WorkerSupervisor(
         supervisor_reactor(reactor),
@@ -443,34 +449,50 @@ def _check_token_file(settings: Settings) -> None:
         ) from None
 
 
-def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> tuple[PidLock | None, IO[Any] | None]:
+@attrs.frozen
+class MadeFiles:
+    """
+    What L{_make_files} made and holds.
+    """
+
+    #: The lock of C{STATE_DIR} (L{None}: a cluster's instance).
+    state_lock: PidLock | None
+    #: The lock of the token file (L{None}: no token file, or a cluster's).
+    token_lock: PidLock | None
+    #: The stream to log to (L{None}: syslog).
+    destination: IO[Any] | None
+
+
+def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> MadeFiles:
     """
     Make what the gateway keeps on disk from start-up, once every check
     that needs nothing there has passed, in this order: the token file's
-    lock (L{_lock_token_file}), the consumers' SQLite database
+    lock (L{_lock_token_file}), the lock of C{STATE_DIR}
+    (L{_lock_state_dir}), the consumers' SQLite database
     (L{_check_database_file}), then the log (C{open_log}, which creates
     the log file).  Each of them may still refuse to start; one that does
-    takes back what was made before it (the lock file, a database made
+    takes back what was made before it (the lock files, a database made
     empty here), so that a refusal leaves none of them on disk (README
     audit s18 F3: a refusal left an empty C{openclaw.db}).
 
     @param open_log: L{log_destination}, given twistd's options.
-    @return: the lock held (L{None}: no token file, or a cluster's) and
-        the stream to log to (L{None}: syslog).
     @raise ConfigError: one of them refused (any other exception takes
         back what was made too).
     """
     with contextlib.ExitStack() as undo:
-        lock = _lock_token_file(settings)
-        if lock is not None:
-            undo.callback(_release_quietly, lock)
+        token_lock = _lock_token_file(settings)
+        if token_lock is not None:
+            undo.callback(_release_quietly, token_lock)
+        state_lock = _lock_state_dir(settings)
+        if state_lock is not None:
+            undo.callback(_release_quietly, state_lock)
         made = _check_database_file(settings)
         if made is not None:
             undo.callback(_remove_new_database, made)
         destination = open_log()
         # Made: kept.
         undo.pop_all()
-    return lock, destination
+    return MadeFiles(state_lock, token_lock, destination)
 
 
 def _listener(settings: Settings, where: str, setting: str, option: str) -> Listener:
@@ -536,6 +558,34 @@ def _remove_new_database(path: Path) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _lock_state_dir(settings: Settings) -> PidLock | None:
+    """
+    Hold C{STATE_DIR} for this gateway (L{lock_state_dir}), unless it is
+    a cluster's instance (C{REDIS_URL}: its instances may share it).
+
+    @raise ConfigError: another running gateway holds it, or its lock
+        file cannot be used.
+    """
+    if settings.redis_url is not None:
+        return None
+    named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
+    try:
+        return lock_state_dir(settings.state_dir)
+    except LockHeld as e:
+        holder = "another running gateway" if e.pid is None else f"another running gateway (pid {e.pid})"
+        raise ConfigError(
+            f"{named} is in use by {holder}, which holds its lock {str(e.path)!r}: give each gateway its own "
+            "STATE_DIR (or make them one cluster with REDIS_URL), or stop the other gateway first"
+        ) from None
+    except OSError as e:
+        lock_path = settings.state_dir / STATE_LOCK
+        why = str(e) if isinstance(e, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({e.strerror})"
+        raise ConfigError(
+            f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
+            "STATE_DIR at a directory of the gateway's own"
+        ) from None
 
 
 def _lock_token_file(settings: Settings) -> PidLock | None:

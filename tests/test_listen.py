@@ -160,7 +160,9 @@ class ListenTests(TestCase):
         self.assertFalse([e for e in events if "HTTP/2" in e.get("log_format", "")])
         _, keyfile, certfile = write_certificates(self.dir)
         tls = f"ssl:{free_port()}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}"
-        self.start("--port", str(free_port()), "--api-listen", tls)
+        # A second gateway running beside the first: a STATE_DIR of its own.
+        state = Path(self.mktemp())
+        self.start("--port", str(free_port()), "--api-listen", tls, "--state-dir", str(state))
         lines = [e["log_format"] for e in events if "HTTP/2" in e.get("log_format", "")]
         self.assertEqual(len(lines), 1)
         self.assertIn("pip install 'openclaw[http2]'", lines[0])
