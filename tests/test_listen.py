@@ -33,7 +33,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
@@ -428,6 +428,54 @@ class MetricsTests(TestCase):
         self.assertEqual(status, 403)
 
 
+def h2_reset_then_request(port: int, ca: bytes, streams: list[tuple[str, str, str | None]]) -> tuple[int, bytes]:
+    """
+    Over one HTTP/2 connection, each of C{streams} (method, path, key or
+    L{None}) sent and reset at once (its HEADERS and RST_STREAM in the same
+    write: the server reads both together), then C{GET /healthz}: that
+    request's status and body.
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            for method, path, key in streams:
+                stream = connection.get_next_available_stream_id()
+                headers = [(":method", method), (":authority", "127.0.0.1")]
+                if path:
+                    # Not for CONNECT (RFC 9113 section 8.5).
+                    headers[1:1] = [(":path", path), (":scheme", "https")]
+                if key is not None:
+                    headers.append(("authorization", f"Bearer {key}"))
+                connection.send_headers(stream, headers, end_stream=True)
+                connection.reset_stream(stream)
+            last = connection.get_next_available_stream_id()
+            connection.send_headers(
+                last,
+                [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")],
+                end_stream=True,
+            )
+            sock.sendall(connection.data_to_send())
+            status, received = 0, b""
+            while chunk := sock.recv(65536):
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == last:
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        if event.stream_id == last:
+                            received += event.data
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == last:
+                        return status, received
+                sock.sendall(connection.data_to_send())
+            return status, received
+
+
 def h2_request(
     port: int,
     ca: bytes,
@@ -453,7 +501,10 @@ def h2_request(
             agreed = sock.selected_alpn_protocol() or ""
             connection = h2.connection.H2Connection()
             connection.initiate_connection()
-            headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "127.0.0.1")]
+            headers = [(":method", method), (":authority", "127.0.0.1")]
+            if path:
+                # Not for CONNECT (RFC 9113 section 8.5).
+                headers[1:1] = [(":path", path), (":scheme", "https")]
             if key is not None and not key_last:
                 headers.append(("authorization", f"Bearer {key}"))
             if body:
@@ -539,6 +590,45 @@ class Http2Tests(TLSGateway):
             self.assertNotIn(b"s3cret", body)
         agreed, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
         self.assertEqual((agreed, status), ("h2", 200))
+
+    @inlineCallbacks
+    def test_http2_streams_reset_as_sent(self):
+        """
+        Streams reset in the same read as their request (a client that
+        gives up at once, or a "rapid reset" flood), answered at once by
+        the gateway (a 401 for a wrong key, a listing no provider can
+        give): no error logged for any, the provider's breaker not charged,
+        and the connection's next request answered.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        streams = [("GET", "/v1/models", key) for key in (None, "wrong-key-0123456789", H2_KEY) for _ in range(5)]
+        streams += [("CONNECT", "", None), ("CONNECT", "", H2_KEY)]
+        status, body = yield deferToThread(h2_reset_then_request, self.port, self.ca, streams)
+        self.assertEqual(status, 200, body)
+        failures = [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(failures, [])
+        assert isinstance(self.service, GatewayService)
+        self.assertEqual(
+            {a.id: str(a.breaker.state) for a in self.service.providers}, {"kimi": "closed", "gemini": "closed"}
+        )
+
+    @inlineCallbacks
+    def test_http2_connect(self):
+        """
+        An HTTP/2 CONNECT (no C{:path}, RFC 9113 section 8.5) is answered
+        400 (401 without a key, as any request), not an unhandled error;
+        the connection serves on.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for key, wanted, code in ((None, 401, b"invalid_api_key"), (H2_KEY, 400, b"invalid_request_target")):
+            agreed, status, body = yield deferToThread(h2_request, self.port, self.ca, "CONNECT", "", b"", key)
+            self.assertEqual((agreed, status), ("h2", wanted), body[:300])
+            self.assertIn(code, body)
+        self.assertEqual([e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
 
     @inlineCallbacks
     def test_http2_body_too_large(self):

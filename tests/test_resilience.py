@@ -9,6 +9,7 @@ raw HTTP against a gateway in front of the stand-in upstream, on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -632,6 +633,38 @@ class BreakerEndToEndTests(ResilienceTestCase):
         self.assertEqual(status["result"]["providers"]["kimi"]["breaker"], "closed")
         logged = [e["log_format"] for e in self.events if "circuit breaker" in e.get("log_format", "")]
         self.assertEqual(len(logged), 2)
+
+
+class ClientLeavesTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_listing_left_does_not_charge_the_breaker(self):
+        """
+        A client that closes its connection while its models listing waits
+        on the provider is no fault of the provider's: any key holder
+        could otherwise open its breaker (for everyone) at will.
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="off", breaker_failures=2)
+        kimi = self.behaviour("kimi")
+        kimi.delay = 1.0
+        request = (
+            f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {GATEWAY_KEY}\r\n\r\n"
+        ).encode()
+
+        def ask_and_leave() -> None:
+            with socket.create_connection(("127.0.0.1", gateway.api_port)) as sock:
+                sock.sendall(request)
+
+        for _ in range(3):
+            yield deferToThread(ask_and_leave)
+        for _ in range(100):
+            if kimi.requests == 3:
+                break
+            yield deferLater(reactor, 0.02)
+        yield deferLater(reactor, 0.2)
+        self.assertEqual(str(gateway.service.providers.get("kimi").breaker.state), "closed")
+        kimi.delay = 0
+        response, _ = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 200)
 
 
 @inlineCallbacks

@@ -208,7 +208,7 @@ def http11_channel(request: Request) -> HTTPChannel | None:
     return channel if isinstance(channel, HTTPChannel) else None
 
 
-def origin_form(request: Request, target: bytes, version: bytes) -> bytes | None:
+def origin_form(request: Request, target: bytes | None, version: bytes) -> bytes | None:
     """
     The path of a request target (C{/path?query}, or C{*}), taken from an
     HTTP/1.x absolute-form target too: a server must accept
@@ -222,8 +222,11 @@ def origin_form(request: Request, target: bytes, version: bytes) -> bytes | None
         empty, RFC 9110 section 4.2.1) and optional port (user information
         included, which RFC 9110 section 4.2.4 says to treat as an error),
         one of another scheme, one that is not a URL (C{http://[::1/}),
-        an HTTP/2 C{:path} that is not a path.
+        an HTTP/2 C{:path} that is not a path, or none (an HTTP/2
+        C{CONNECT}, RFC 9113 section 8.5).
     """
+    if target is None:
+        return None
     if target[:1] == b"/" or target == b"*":
         return target
     if not (version.startswith(b"HTTP/1.") and target[:8].lower().startswith((b"http://", b"https://"))):
@@ -279,7 +282,7 @@ class MetricsRequest(Request):
         b"(RFC 9112 section 3.2.2); send the path alone: /metrics\n"
     )
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+    def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
         channel = http11_channel(self)
         if not self._refused and lacks_host(self, version) and channel is not None:
             self._refused = True
@@ -561,7 +564,7 @@ class APIRequest(Request):
             return
         super().handleContentChunk(data)
 
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+    def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
         connection = self._connection
         if connection is not None:
             connection.body_received()
@@ -571,7 +574,7 @@ class APIRequest(Request):
             # The version is known only now, with the whole request.  A
             # target that is not a path is not logged: it may be a URL
             # carrying a password.
-            self._refuse(_missing_host(), command, path if path[:1] == b"/" else None)
+            self._refuse(_missing_host(), command, path if path is not None and path[:1] == b"/" else None)
         target = origin_form(self, path, version)
         if target is None:
             if self._refusal is None:
@@ -580,7 +583,31 @@ class APIRequest(Request):
             target = b"/"
         super().requestReceived(command, target, version)
 
+    #: Over HTTP/2: L{process} waited for the reactor's next turn.
+    _turned = False
+    #: The connection (over HTTP/2: the stream) was lost.
+    _lost = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
     def process(self) -> None:
+        if not self._turned and http11_channel(self) is None:
+            # twisted.web's HTTP/2 hands over a whole stream as it reads
+            # it, before the frames read with it are seen: a RST_STREAM in
+            # the same read (a client that gave up at once, a "rapid reset"
+            # flood) reaches the request only after, and an answer written
+            # at once went to a stream h2 had closed (StreamIDTooLowError,
+            # logged as a failure for every such stream).  On the next
+            # turn the reset is known.
+            self._turned = True
+            self.api_site.reactor.callLater(0, self.process)
+            return
+        if self._lost:
+            # Reset before it was answered: nothing to answer, nothing to
+            # count (it never reached the gateway's code).
+            return
         # Whatever answers (a resource, twisted.web's own 404 or 500).
         self.setHeader(REQUEST_ID_HEADER, self.request_id.encode("ascii"))
         refusal = self._refusal

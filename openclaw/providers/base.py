@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Self
 import attrs
 from hyperlink import URL
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -669,7 +669,10 @@ class ProviderAdapter(abc.ABC):
                 self.note_refusal(call.key, value.refusal)
             if exchange.status is not None:
                 call.answered(exchange.status)
-            elif reason.check(CancelledError):
+            elif cancelled(reason):
+                # The client left (or the gateway is stopping): no fault of
+                # the provider's, whatever layer of Twisted's web client
+                # the cancellation came through.
                 call.abandoned()
             else:
                 call.failed()
