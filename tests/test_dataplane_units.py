@@ -331,6 +331,23 @@ class SSEDecoderTests(SynchronousTestCase):
         with self.assertRaises(SSEError):
             decoder.feed(b"data: " + b"x" * (MAX_EVENT_BYTES + 1))
 
+    def test_endless_empty_data_lines(self) -> None:
+        """
+        An event of empty C{data:} lines that never ends (a hostile
+        upstream) is refused once the lines as received pass the limit:
+        each took a list entry while counting for nothing.
+        """
+        decoder = SSEDecoder()
+        piece = b"data:\n" * 65536
+        with self.assertRaises(SSEError):
+            for _ in range(MAX_EVENT_BYTES // len(piece) + 1):
+                decoder.feed(piece)
+        # An event just under the limit is still one event.
+        decoder = SSEDecoder()
+        lines = (MAX_EVENT_BYTES - 16) // len(b"data: x\n")
+        (event,) = decoder.feed(b"data: x\n" * lines + b"\n")
+        self.assertEqual(len(event.data), 2 * lines - 1)
+
     def test_line_split_across_pieces(self) -> None:
         """
         A line ends in the middle of a piece after others that held none

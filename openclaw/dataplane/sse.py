@@ -100,7 +100,9 @@ class SSEDecoder:
                 value = value[1:]
             if field == b"data":
                 self._data.append(value)
-                self._size += len(value)
+                # The line as it came, its end included: empty data lines
+                # ("data:", endless) take room too, one list entry each.
+                self._size += len(line) + 1
             elif field == b"event":
                 self._name = value
             # "id" and "retry" mean nothing to a relay.
