@@ -50,7 +50,7 @@ from openclaw.control.lockout import AuthLockout
 from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
-from openclaw.dataplane.site import APISite, MetricsRoot, MetricsSite, build_site
+from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
 from openclaw.files import PidLock
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
@@ -391,7 +391,7 @@ class GatewayService(MultiService):
                 context.metrics_apart = True
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
-            self._listen(metrics_endpoint, MetricsSite(MetricsRoot(metrics_resource)))
+            self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings))
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway
+from openclaw.dataplane.site import METRICS_MAX_CONNECTIONS
+from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway, start_metrics_listener
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -233,3 +236,79 @@ class MetricsApartTests(TestCase):
             self.assertEqual(body, b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n")
         answer = yield deferToThread(exchange, metrics_port, b"GET /metrics" + get)
         self.assertEqual(status_of(answer), 200)
+
+
+def status_line(answer: bytes) -> bytes:
+    return answer.partition(b"\r\n")[0]
+
+
+class MetricsListenerLimitsTests(TestCase):
+    """
+    The metrics listener (C{--metrics-listen}) reads no request body, holds
+    at most L{METRICS_MAX_CONNECTIONS} connections and closes an idle one:
+    an unauthenticated client cannot fill the disk through it, nor take the
+    process's descriptors.
+    """
+
+    timeout = 30
+
+    def listener(self, **settings: Any) -> int:
+        gateway = start_gateway(self, **settings)
+        return start_metrics_listener(self, gateway.service.settings)
+
+    @inlineCallbacks
+    def test_no_body_read(self) -> Any:
+        port = self.listener()
+        head = b"POST /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        for request in (
+            # Only the head is sent: the answer comes before any body.
+            head + b"Content-Length: 100000000000\r\n\r\n",
+            head + b"Transfer-Encoding: chunked\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello",
+        ):
+            answer = yield deferToThread(exchange, port, request)
+            self.assertEqual(status_line(answer), b"HTTP/1.1 400 Bad Request", answer[:300])
+            self.assertIn(b"send no request body", answer)
+        answer = yield deferToThread(
+            exchange, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        self.assertEqual(status_line(answer), b"HTTP/1.1 200 OK")
+
+    @inlineCallbacks
+    def test_connections_capped(self) -> Any:
+        port = self.listener()
+
+        def hold() -> list[socket.socket]:
+            held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(METRICS_MAX_CONNECTIONS)]
+            # Each accepted before the next (the cap counts open ones).
+            for sock in held:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                sock.recv(65536)
+            return held
+
+        held = yield deferToThread(hold)
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        answer = yield deferToThread(exchange, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(answer, b"")
+        held.pop().close()
+        for _ in range(50):
+            answer = yield deferToThread(
+                exchange, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            if answer:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(status_line(answer), b"HTTP/1.1 200 OK")
+
+    @inlineCallbacks
+    def test_idle_connection_closed(self) -> Any:
+        port = self.listener(api_header_timeout_seconds=1)
+
+        def idle() -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                started = time.monotonic()
+                return sock.recv(65536), time.monotonic() - started
+
+        data, waited = yield deferToThread(idle)
+        self.assertEqual(data, b"")
+        self.assertLess(waited, 5)

@@ -38,6 +38,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     INegotiated,
     IProtocol,
+    IProtocolFactory,
     IPushProducer,
     IReactorTime,
     ISSLTransport,
@@ -45,6 +46,7 @@ from twisted.internet.interfaces import (
     ITransport,
 )
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -256,24 +258,42 @@ def _invalid_target() -> APIError:
 class MetricsRequest(Request):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
-    more than one C{Host} field is answered 400, as soon as its head is
-    in, and the connection closed.
+    more than one C{Host} field, a C{Host} that is not one, or a body (the
+    listener serves C{GET /metrics} only) is answered 400, as soon as its
+    head is in (over HTTP/2: once its stream ends), and the connection
+    closed; nothing of a body is kept.
     """
 
     def gotLength(self, length: int | None) -> None:
         repeated = repeated_field(self, b"host")
-        if repeated or invalid_host(self):
-            super().gotLength(0)
-            self._refused = True
-            channel = http11_channel(self)
-            if channel is not None:
-                self.requestHeaders.removeHeader(b"expect")
-                self._bad_request(channel, self._BODY if repeated else self._INVALID_HOST)
-            return
-        super().gotLength(length)
+        channel = http11_channel(self)
+        if repeated:
+            self._refuse(self._BODY)
+        elif invalid_host(self):
+            self._refuse(self._INVALID_HOST)
+        elif length or (length is None and channel is not None):
+            # A length, or (HTTP/1.1) chunked: a body.
+            self._refuse(self._NO_BODY)
+        # Nothing of a body is kept, refused or not (none is read).
+        super().gotLength(0)
 
-    _refused = False
+    def _refuse(self, body: bytes) -> None:
+        """
+        Answer 400 with C{body}: over HTTP/1.1 at once (the connection
+        closed); over HTTP/2 once the stream ends (L{process}).
+        """
+        if self._refused is not None:
+            return
+        self._refused = body
+        channel = http11_channel(self)
+        if channel is not None:
+            self.requestHeaders.removeHeader(b"expect")
+            self._bad_request(channel, body)
+
+    #: The body of the 400 the request is refused with, if it is.
+    _refused: bytes | None = None
     _BODY = b"more than one Host header field (RFC 9112 section 3.2); send exactly one\n"
+    _NO_BODY = b"this listener (--metrics-listen) serves GET /metrics only: send no request body\n"
     _INVALID_HOST = b"the Host header field is not a host and optional port (RFC 9112 section 3.2); send one\n"
     _NO_HOST = b"the HTTP/1.1 request has no Host header field (RFC 9112 section 3.2); send one\n"
 
@@ -283,15 +303,11 @@ class MetricsRequest(Request):
     )
 
     def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
-        channel = http11_channel(self)
-        if not self._refused and lacks_host(self, version) and channel is not None:
-            self._refused = True
-            self._bad_request(channel, self._NO_HOST)
+        if http11_channel(self) is not None and lacks_host(self, version):
+            self._refuse(self._NO_HOST)
         target = origin_form(self, path, version)
         if target is None:
-            if not self._refused and channel is not None:
-                self._refused = True
-                self._bad_request(channel, self._INVALID_TARGET)
+            self._refuse(self._INVALID_TARGET)
             # Never routed (refused), nor echoed.
             target = b"/"
         super().requestReceived(command, target, version)
@@ -313,18 +329,19 @@ class MetricsRequest(Request):
         )
 
     def process(self) -> None:
-        if not self._refused:
+        if self._refused is None:
             super().process()
         elif http11_channel(self) is None:
             # An HTTP/2 stream, now whole: answer it the usual way.
             self.setResponseCode(400)
             self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            self.write(self._BODY)
+            self.write(self._refused)
             self.finish()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if not self._refused:
-            super().handleContentChunk(data)
+        # A body: dropped (over HTTP/2 its length may not have been given).
+        if data:
+            self._refuse(self._NO_BODY)
 
 
 class MetricsRoot(Resource):
@@ -371,6 +388,10 @@ class MetricsSite(Site):
     """
 
     requestFactory = MetricsRequest
+
+    def __init__(self, resource: Resource, idle_timeout: float) -> None:
+        # A connection idle (no bytes from the client) this long is closed.
+        super().__init__(resource, timeout=idle_timeout)
 
     def log(self, request: http.Request) -> None:
         status = request.code
@@ -1707,6 +1728,47 @@ class APISite(Site):
     def _abort_all(self) -> None:
         for connection in self.connections:
             connection.tcp.abortConnection()
+
+
+#: Connections the C{/metrics} listener (C{--metrics-listen}) holds at
+#: once: scrapers are few (Prometheus keeps one connection per target), and
+#: the descriptors come out of those the process keeps for itself
+#: (L{openclaw.listeners.MIN_RESERVED_DESCRIPTORS} at least).
+METRICS_MAX_CONNECTIONS = 16
+
+
+class CappedFactory(WrappingFactory):
+    """
+    C{wrappedFactory}'s connections, at most C{limit} open at once: past
+    them a new connection is closed as it comes (no protocol built).
+    Twisted's L{WrappingFactory} keeps the open ones; its own
+    L{ThrottlingFactory <twisted.protocols.policies.ThrottlingFactory>}
+    would also log a line for every connection turned away, which a client
+    can cause at will.
+    """
+
+    def __init__(self, wrappedFactory: IProtocolFactory, limit: int) -> None:
+        super().__init__(wrappedFactory)
+        self.limit = limit
+
+    # IProtocolFactory.buildProtocol may return None to refuse a
+    # connection; Twisted's WrappingFactory annotates it as never None.
+    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
+        if len(self.protocols) >= self.limit:
+            return None
+        return super().buildProtocol(addr)
+
+
+def metrics_listener(resource: Resource, settings: Settings) -> CappedFactory:
+    """
+    The C{/metrics} listener's factory: a L{MetricsSite} serving
+    C{resource}, whose connections are closed after
+    C{API_HEADER_TIMEOUT_SECONDS} without a byte from the client, at most
+    L{METRICS_MAX_CONNECTIONS} of them open (L{CappedFactory}), so that
+    the listener can never take the descriptors the API and the control
+    plane need.
+    """
+    return CappedFactory(MetricsSite(resource, settings.api_header_timeout_seconds), METRICS_MAX_CONNECTIONS)
 
 
 def build_site(
