@@ -129,6 +129,28 @@ class ModelNameTests(DataPlaneTestCase):
             self.assertLess(len(formatEvent(event)), 4096)
 
     @inlineCallbacks
+    def test_huge_names_not_echoed(self):
+        """
+        A provider id, a field name or a command of 40,000 characters is
+        named cut short in the error (and so in the audit line), never
+        whole; nor are three thousand unknown fields listed.
+        """
+        gateway = self.gateway()
+        client = yield open_client(self, gateway.port)
+        huge = "p" * 40_000
+        for cmd, data in (
+            ("switch_provider", {"provider": huge}),
+            ("switch_provider", {"provider": "kimi", huge: 1}),
+            ("status", {f"f{i}": 1 for i in range(3_000)}),
+            (huge, None),
+        ):
+            answer = yield client.command(gateway.token, cmd, data)
+            self.assertFalse(answer["ok"])
+            self.assertLess(len(answer["error"]), 400, answer["error"][:200])
+        for event in self.events:
+            self.assertLess(len(formatEvent(event)), 4096)
+
+    @inlineCallbacks
     def test_switch_provider_refuses(self):
         gateway = self.gateway()
         client = yield open_client(self, gateway.port)

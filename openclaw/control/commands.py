@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
+import orjson
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -103,6 +104,35 @@ class Providers(Protocol):
     def health_check(self, active_id: str, active_model: str) -> Deferred[Result]: ...
 
 
+#: The most characters of a peer's C{cmd} an auth failure's log line quotes.
+MAX_LOGGED_CMD_CHARS = 80
+
+
+def summarise(value: object, limit: int = MAX_LOGGED_CMD_CHARS) -> str:
+    """
+    What a peer sent (as C{cmd}, a provider's id, a field's name), for a
+    log line or an error message: a string
+    cut to C{limit} characters, and quoted (C{repr}, control characters
+    as escapes) unless printable; a number, C{true}/C{false} or C{null} as JSON
+    writes it; a list or an object only by its type and length, never its
+    contents.  Never raises, however deep or large the value: a list
+    nested a thousand deep is C{"<list of 1 item>"}.
+    """
+    if isinstance(value, str):
+        head = value[:limit]
+        return (head if head.isprintable() else repr(head)) + ("…" if len(value) > limit else "")
+    if value is None or isinstance(value, bool):
+        return orjson.dumps(value).decode()
+    if isinstance(value, (int, float)):
+        # orjson parses no integer beyond 64 bits: repr is short.
+        return repr(value)[:limit]
+    if isinstance(value, list):
+        return f"<list of {len(value)} item{'' if len(value) == 1 else 's'}>"
+    if isinstance(value, dict):
+        return f"<object of {len(value)} key{'' if len(value) == 1 else 's'}>"
+    return f"<{type(value).__name__}>"
+
+
 def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
     """
     Check a command's C{data}: absent or an object with no fields other than
@@ -114,14 +144,19 @@ def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
         raise CommandError("data must be a JSON object")
     unknown = data.keys() - allowed
     if unknown:
+        named = sorted(unknown)
+        more = f" and {len(named) - MAX_NAMED_FIELDS} more" if len(named) > MAX_NAMED_FIELDS else ""
         raise CommandError(
             "unknown field(s) in data: "
-            + ", ".join(sorted(unknown))
+            + ", ".join(summarise(name) for name in named[:MAX_NAMED_FIELDS])
+            + more
             + (f"; allowed: {', '.join(sorted(allowed))}" if allowed else "; this command takes none")
         )
     return data
 
 
+#: Unknown fields an error names, before "and N more".
+MAX_NAMED_FIELDS = 5
 _NONE: frozenset[str] = frozenset()
 _SWITCH_FIELDS = frozenset({"provider", "model"})
 #: Consumers a switch_provider warning names, before "and N more".
@@ -199,7 +234,9 @@ class ControlCommands:
         if provider_id is None:
             raise CommandError("switch_provider needs data.provider: one of " + ", ".join(self.providers.ids))
         if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
-            raise CommandError(f"unknown provider {provider_id!r}; use one of " + ", ".join(self.providers.ids))
+            raise CommandError(
+                f"unknown provider {summarise(provider_id)!r}; use one of " + ", ".join(self.providers.ids)
+            )
         provider = self.providers.get(provider_id)
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str):

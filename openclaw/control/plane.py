@@ -18,7 +18,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.consumers.audit import audit_fields, note_result, without_keys
-from openclaw.control.commands import AUDITED, CONSUMER_COMMANDS, Audited, CommandError, ControlCommands, Result
+from openclaw.control.commands import (
+    AUDITED,
+    CONSUMER_COMMANDS,
+    Audited,
+    CommandError,
+    ControlCommands,
+    Result,
+    summarise,
+)
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import SessionAuthority, TokenRejected
 
@@ -49,34 +57,6 @@ class Connection:
 # most of the gateway's own work per message (bench/README.rst), and it is
 # stricter: invalid UTF-8, NaN and Infinity are refused (RFC 8259).
 _encode = orjson.dumps
-
-
-#: The most characters of a peer's C{cmd} an auth failure's log line quotes.
-MAX_LOGGED_CMD_CHARS = 80
-
-
-def summarise(value: object, limit: int = MAX_LOGGED_CMD_CHARS) -> str:
-    """
-    What an unauthenticated peer sent as C{cmd}, for a log line: a string
-    cut to C{limit} characters, and quoted (C{repr}, control characters
-    as escapes) unless printable; a number, C{true}/C{false} or C{null} as JSON
-    writes it; a list or an object only by its type and length, never its
-    contents.  Never raises, however deep or large the value: a list
-    nested a thousand deep is C{"<list of 1 item>"}.
-    """
-    if isinstance(value, str):
-        head = value[:limit]
-        return (head if head.isprintable() else repr(head)) + ("…" if len(value) > limit else "")
-    if value is None or isinstance(value, bool):
-        return orjson.dumps(value).decode()
-    if isinstance(value, (int, float)):
-        # orjson parses no integer beyond 64 bits: repr is short.
-        return repr(value)[:limit]
-    if isinstance(value, list):
-        return f"<list of {len(value)} item{'' if len(value) == 1 else 's'}>"
-    if isinstance(value, dict):
-        return f"<object of {len(value)} key{'' if len(value) == 1 else 's'}>"
-    return f"<{type(value).__name__}>"
 
 
 #: An answer to an authenticated command: the encoded answer, its outcome
@@ -175,7 +155,7 @@ class ControlPlane:
             return self._refuse(None, f"cmd must be a string: one of {self._names}")
         handler = self._table.get(cmd)
         if handler is None:
-            return self._refuse(cmd, f"unknown command {cmd!r}; use one of {self._names}")
+            return self._refuse(cmd, f"unknown command {summarise(cmd)!r}; use one of {self._names}")
         if self._draining:
             return self._refuse(cmd, "the gateway is shutting down; reconnect when it is back")
 
