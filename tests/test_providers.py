@@ -153,6 +153,21 @@ class HealthyTests(ProviderTestCase):
         self.assertEqual(gemini, self.upstream.gemini.models)
 
 
+class UnnameableIdsTests(ProviderTestCase):
+    @inlineCallbacks
+    def test_left_out(self) -> Any:
+        """
+        An id the API would refuse as a model name (a line break, U+2028,
+        over 256 characters) is left out of a listing: no client could
+        call it, and it would go into answers and logs.
+        """
+        good = ["moonshot-v1-8k", "kimi-k2.5"]
+        self.upstream.kimi.models = [*good, "evil\r\nX-Injected: 1", "a\u2028b", "m" * 5000]
+        registry = self.registry()
+        ids = yield registry.get("kimi").list_models()
+        self.assertEqual(ids, good)
+
+
 class FailureTests(ProviderTestCase):
     @inlineCallbacks
     def test_unauthorized(self) -> Any:

@@ -66,6 +66,7 @@ from openclaw.providers.event_errors import NO_STATUSES
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
 from openclaw.providers.keys import KeyPool, fingerprint
 from openclaw.providers.wire import Wire
+from openclaw.routing import model_refusal
 from openclaw.settings import Settings
 
 
@@ -751,8 +752,11 @@ class ProviderAdapter(abc.ABC):
         # The ids are text the provider sent like any other (README, "Every
         # text a provider sends passes one scrubber"): one holding a key
         # must not reach a client's listing, a health check or a warning.
+        # An id the API would refuse as a model name (control or invisible
+        # characters, a line break, over MAX_MODEL_CHARS) is left out: a
+        # client could not call it, and it would go into answers and logs.
         scrub = self.scrubber.text
-        models = [scrub(model) for model in models]
+        models = [scrub(model) for model in models if model_refusal(model) is None]
         self.listed_models = tuple(models)
         return models
 
