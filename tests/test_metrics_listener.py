@@ -184,6 +184,8 @@ class AbsoluteFormTests(TestCase):
             b"ftp://alice:s3cret@127.0.0.1/",
             b"http://h%zz/healthz",
             b"http://:80/healthz",
+            # The asterisk-form is for OPTIONS only (RFC 9112 section 3.2.4).
+            b"*",
         ):
             for port in (gateway.api_port, metrics_port):
                 answer = yield deferToThread(
@@ -199,6 +201,11 @@ class AbsoluteFormTests(TestCase):
             )
             error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
             self.assertEqual(error["code"], "invalid_request_target")
+        for port in (gateway.api_port, metrics_port):
+            answer = yield deferToThread(
+                exchange, port, b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
         # Nor when the request is refused for its missing Host first.
         answer = yield deferToThread(
             exchange, gateway.api_port, b"GET http://alice:s3cret@127.0.0.1/healthz HTTP/1.1\r\n\r\n"

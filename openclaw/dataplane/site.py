@@ -210,10 +210,10 @@ def http11_channel(request: Request) -> HTTPChannel | None:
     return channel if isinstance(channel, HTTPChannel) else None
 
 
-def origin_form(request: Request, target: bytes | None, version: bytes) -> bytes | None:
+def origin_form(request: Request, method: bytes, target: bytes | None, version: bytes) -> bytes | None:
     """
-    The path of a request target (C{/path?query}, or C{*}), taken from an
-    HTTP/1.x absolute-form target too: a server must accept
+    The path of a request target (C{/path?query}, or C{*} for C{OPTIONS}),
+    taken from an HTTP/1.x absolute-form target too: a server must accept
     C{http://host:port/path?query} (RFC 9112 section 3.2.2), and then use
     its authority as the request's host, whatever the C{Host} field said
     (section 3.2.2 again; the field's presence was checked first, section
@@ -229,7 +229,8 @@ def origin_form(request: Request, target: bytes | None, version: bytes) -> bytes
     """
     if target is None:
         return None
-    if target[:1] == b"/" or target == b"*":
+    if target[:1] == b"/" or (target == b"*" and method == b"OPTIONS"):
+        # C{*} is for OPTIONS only (RFC 9112 section 3.2.4).
         return target
     if not (version.startswith(b"HTTP/1.") and target[:8].lower().startswith((b"http://", b"https://"))):
         return None
@@ -305,7 +306,7 @@ class MetricsRequest(Request):
     def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
         if http11_channel(self) is not None and lacks_host(self, version):
             self._refuse(self._NO_HOST)
-        target = origin_form(self, path, version)
+        target = origin_form(self, command, path, version)
         if target is None:
             self._refuse(self._INVALID_TARGET)
             # Never routed (refused), nor echoed.
@@ -596,7 +597,7 @@ class APIRequest(Request):
             # target that is not a path is not logged: it may be a URL
             # carrying a password.
             self._refuse(_missing_host(), command, path if path is not None and path[:1] == b"/" else None)
-        target = origin_form(self, path, version)
+        target = origin_form(self, command, path, version)
         if target is None:
             if self._refusal is None:
                 # Logged without the target: it may carry a password.
