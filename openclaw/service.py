@@ -876,6 +876,8 @@ class GatewayService(MultiService):
         yield self.providers.close()
         if self._purger is not None and self._purger.running:
             self._purger.stop()
+        if self.shared_consumers is not None:
+            self.shared_consumers.stop()
         yield self._stop_consumers(stopping + self.settings.shutdown_grace_seconds)
         if self.cluster is not None and self._redis is not None:
             yield self.cluster.stop()

@@ -265,6 +265,35 @@ class ConsumersOnTwoInstances(TestCase):
             self.assertEqual(status, (429, "insufficient_quota"))
 
     @inlineCallbacks
+    def test_spend_missed_by_redis_raised_when_it_is_back(self) -> Any:
+        """
+        Costs the database has and Redis's running figure lacks (counted
+        while Redis was away, or not yet written when it was re-seeded)
+        reach Redis once the instances are back: each raises the figure to
+        the database's a few seconds after reconnecting, never lowers it.
+        """
+        (_, token, on_a, api_a), _ = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "drift"})
+        sdk = self.sdk(api_a, created["key"])
+        for _ in range(2):
+            status = yield self.status(sdk)
+            self.assertEqual(status, (200, None))
+        key = spend_key(self.redis.port, "drift", time.strftime("%Y-%m", time.gmtime()))
+        # Both calls' rows are in the database within a second.
+        yield sleep(1.2)
+        spent = float(redis_get(self.redis.port, key) or 0)
+        self.assertAlmostEqual(spent, 0.00002, places=12)
+        # Redis lost them (it stays seeded), and the instances reconnect.
+        yield deferToThread(redis_command, self.redis.port, "SET", key, "0")
+        for kind in ("normal", "pubsub"):
+            yield deferToThread(redis_command, self.redis.port, "CLIENT", "KILL", "TYPE", kind)
+        deadline = time.monotonic() + 15
+        while float(redis_get(self.redis.port, key) or 0) < spent * 0.99:
+            self.assertLess(time.monotonic(), deadline, "the spend was not raised to the database's")
+            yield sleep(0.2)
+        self.assertAlmostEqual(float(redis_get(self.redis.port, key) or 0), spent, places=12)
+
+    @inlineCallbacks
     def test_spent_is_the_clusters_without_a_budget(self) -> Any:
         """
         A consumer with no budget: 2 calls through A and 4 through B, and

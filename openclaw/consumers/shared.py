@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -178,6 +178,31 @@ end
 redis.call('SET', KEYS[1], '1')
 return 1
 """
+
+#: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
+#: 0) per spend.  Each spend Redis holds below the database's figure is
+#: raised to it; none is lowered (Redis may hold costs whose rows are not
+#: written yet).  The number raised.
+RAISE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local raised = 0
+for i = 2, #KEYS do
+  local known = ARGV[2 * i - 3]
+  if tonumber(known) > tonumber(redis.call('GET', KEYS[i]) or '0') then
+    redis.call('SET', KEYS[i], known)
+    local ttl = tonumber(ARGV[2 * i - 2])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+    raised = raised + 1
+  end
+end
+return raised
+"""
+
+#: Seconds after Redis comes back before an instance raises Redis's
+#: spends to the database's (L{SharedConsumers.reconcile}): long enough for
+#: the usage rows every instance counted meanwhile to be written (each
+#: writes its rows every second).
+RECONCILE_SECONDS = 5.0
 
 #: KEYS: a deleted consumer's windows, reservations and running spends.
 FORGET = "return redis.call('DEL', unpack(KEYS))"
@@ -431,6 +456,8 @@ class SharedConsumers:
         self.redis = redis
         self.instance = instance
         self._seeding: Deferred[Any] | None = None
+        #: The reconciliation to come (L{reconcile}), if any.
+        self._reconciling: IDelayedCall | None = None
         #: Consumers changed here while Redis was unreachable: announced
         #: when it is back (the other instances may never have lost it,
         #: and would not reload by themselves).
@@ -531,22 +558,16 @@ class SharedConsumers:
         def write(snapshot: Any) -> Deferred[Any]:
             # Meanwhile this instance checks budgets against the database's spends.
             self.counters.load(snapshot.spend)
-            keys = [seeded_key(self.redis)]
-            args: list[str] = []
-            now = table.clock()
-            for period in ("day", "month", "total"):
-                running = period_key(period, now)
-                for (name, key), usd in sorted(snapshot.spend.items()):
-                    consumer = snapshot.consumers.get(name)
-                    # A spend no consumer has (a deleted one's) is not seeded.
-                    if key == running and consumer is not None:
-                        keys.append(consumer_key(self.redis, name, consumer.created_at, "spend", key))
-                        args += [_usd(usd), str(SPEND_TTL[period])]
+            keys, args = self._spends(snapshot)
             return self.redis.script(SEED, keys, args)
 
         def seeded(written: Any) -> None:
             if int(written) == 1:
                 self._log.info("consumers' spends seeded in Redis from the database")
+            # Either way: costs counted while Redis was away (here, or on
+            # instances whose rows were not written yet when the seed read
+            # the database) reach its running figures.
+            self._reconcile_later()
 
         def failed(reason: Failure) -> None:
             self._log.warn(
@@ -560,6 +581,74 @@ class SharedConsumers:
         # This instance's rows first: their spend is then in the database.
         seeding = self._seeding = table.flush().addCallback(load).addCallback(write)
         seeding.addCallbacks(seeded, failed).addBoth(done)
+
+    def _spends(self, snapshot: Any) -> tuple[list[str], list[str]]:
+        """
+        The keys (the seeded marker first) and arguments of L{SEED} and
+        L{RAISE} for the spends of C{snapshot} (a database load) in the
+        running periods.
+        """
+        keys = [seeded_key(self.redis)]
+        args: list[str] = []
+        now = self.table.clock()
+        for period in ("day", "month", "total"):
+            running = period_key(period, now)
+            for (name, key), usd in sorted(snapshot.spend.items()):
+                consumer = snapshot.consumers.get(name)
+                # A spend no consumer has (a deleted one's) is not seeded.
+                if key == running and consumer is not None:
+                    keys.append(consumer_key(self.redis, name, consumer.created_at, "spend", key))
+                    args += [_usd(usd), str(SPEND_TTL[period])]
+        return keys, args
+
+    def _reconcile_later(self) -> None:
+        if self._reconciling is None or not self._reconciling.active():
+            self._reconciling = self.counters.reactor.callLater(RECONCILE_SECONDS, self.reconcile)
+
+    def reconcile(self) -> None:
+        """
+        Raise each running spend Redis holds below the database's figure to
+        it (L{RAISE}): after Redis came back, it lacks the costs this
+        instance counted while it could not reach it, and a Redis that came
+        back empty was seeded from a database that lacked the rows other
+        instances had not written yet.  (A spend is never lowered: Redis
+        holds costs whose rows are not written yet.)
+        """
+        self._reconciling = None
+        if not self.counters.up:
+            return
+        table = self.table
+
+        def load(_: None) -> Deferred[Any]:
+            return table.store.load(table.clock())
+
+        def write(snapshot: Any) -> Deferred[Any]:
+            keys, args = self._spends(snapshot)
+            return self.redis.script(RAISE, keys, args)
+
+        def raised(count: Any) -> None:
+            if int(count):
+                self._log.info(
+                    "raised {count} consumer spend(s) in Redis to the database's (costs counted while Redis was away)",
+                    count=int(count),
+                )
+
+        def failed(reason: Failure) -> None:
+            self._log.warn(
+                "could not bring the consumers' spends in Redis up to the database's ({error}); they are "
+                "tried again when Redis is next back",
+                error=database_error(reason),
+            )
+
+        table.flush().addCallback(load).addCallback(write).addCallbacks(raised, failed)
+
+    def stop(self) -> None:
+        """
+        Cancel a reconciliation still to come.
+        """
+        if self._reconciling is not None and self._reconciling.active():
+            self._reconciling.cancel()
+        self._reconciling = None
 
 
 def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
@@ -580,4 +669,4 @@ def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
     )
 
 
-__all__ = ["ADMIT", "COUNT", "SEED", "SharedConsumers", "SharedCounters", "consumer_key", "seeded_key"]
+__all__ = ["ADMIT", "COUNT", "RAISE", "SEED", "SharedConsumers", "SharedCounters", "consumer_key", "seeded_key"]
