@@ -346,6 +346,10 @@ class UsageTests(SynchronousTestCase):
         ]
         out = self.events(OpenAIStream(), *chunks)
         self.assertEqual(out, [*chunks[:4], call(0, "{}"), chunks[4]])
+        # Whatever the finish reason.
+        stopped = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        out = self.events(OpenAIStream(), chunks[0], stopped)
+        self.assertEqual(out, [chunks[0], call(0, "{}"), stopped])
         legacy = self.events(OpenAIStream(legacy_functions=True), *chunks)
         self.assertEqual(
             [choice for chunk in legacy for choice in chunk["choices"]],

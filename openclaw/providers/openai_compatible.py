@@ -230,7 +230,7 @@ class OpenAIStream:
                 self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
             choices = [first, *choices[1:]]
             document, rewritten = {**document, "choices": choices}, True
-        if not isinstance(choices, list) or not any(map(_calls_tools, choices)):
+        if not isinstance(choices, list) or not (self._unargued or any(map(_calls_tools, choices))):
             return [orjson.dumps(document) if rewritten else data]
         filled = [self._encode(fill) for fill in self._fills(document, choices)]
         if self.legacy_functions:
