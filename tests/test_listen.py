@@ -1044,3 +1044,126 @@ class InterfaceFailureTests(TestCase):
             check_free(listener, "192.0.2.1", 0)
         self.assertIn("this host has no such address; set INTERFACE (--interface)", str(caught.exception))
         self.assertNotIn("choose another port", str(caught.exception))
+
+
+def tls_get(port: int, ca: bytes, alpn: list[str] | None, path: str = "/metrics") -> tuple[int, str]:
+    """
+    C{GET path} over TLS (offering C{alpn}, or no ALPN at all), HTTP/1.1:
+    the status and the protocol agreed; 0 if the handshake or the request
+    failed.
+    """
+    context = ssl.create_default_context(cadata=ca.decode())
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                agreed = sock.selected_alpn_protocol() or ""
+                if agreed == "h2":
+                    return -1, agreed
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                return int(answer.split(b" ", 2)[1]), agreed
+    except (OSError, ValueError, IndexError):
+        return 0, ""
+
+
+class TLSCapsTests(TestCase):
+    """
+    A TLS listener's connection caps (the metrics listener's, the API's
+    per address): past them a connection is closed at once, with nothing
+    logged as an error; under the caps ALPN still negotiates (curl,
+    Prometheus and urllib3 offer it).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir(parents=True)
+        self.patch(
+            os,
+            "environ",
+            {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir), "API_MAX_CONNECTIONS_PER_ADDRESS": "2"},
+        )
+        self.ca, keyfile, certfile = write_certificates(self.dir)
+        self.tls = f"interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}"
+        self.metrics_port, self.api_port = free_port(), free_port()
+        options = Options()
+        options.parseOptions(
+            [
+                "--listen",
+                f"tcp:{free_port()}:interface=127.0.0.1",
+                "--api-listen",
+                f"ssl:{self.api_port}:{self.tls}",
+                "--metrics-listen",
+                f"ssl:{self.metrics_port}:{self.tls}",
+            ]
+        )
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+
+    def errors(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+
+    @inlineCallbacks
+    def test_metrics_over_tls_with_alpn(self):
+        for alpn in (None, ["http/1.1"], ["h2", "http/1.1"]):
+            status, agreed = yield deferToThread(tls_get, self.metrics_port, self.ca, alpn)
+            if H2_ENABLED and alpn and "h2" in alpn:
+                self.assertEqual((status, agreed), (-1, "h2"))
+            else:
+                self.assertEqual(status, 200, alpn)
+        if H2_ENABLED:
+            agreed, status, body = yield deferToThread(h2_request, self.metrics_port, self.ca, "GET", "/metrics")
+            self.assertEqual((agreed, status), ("h2", 200), body[:200])
+        self.assertEqual(self.errors(), [])
+
+    @inlineCallbacks
+    def test_caps_close_at_once(self):
+        from openclaw.dataplane.site import METRICS_MAX_CONNECTIONS
+
+        def hold(port: int, count: int) -> list[bool]:
+            """
+            Open C{count} TLS connections at once; whether each is still
+            open a moment later (closed: the server ended it).
+            """
+            context = ssl.create_default_context(cadata=self.ca.decode())
+            held, alive = [], []
+            for _ in range(count):
+                try:
+                    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+                except OSError:
+                    alive.append(False)
+                    continue
+                try:
+                    held.append(context.wrap_socket(raw, server_hostname="127.0.0.1"))
+                except (OSError, ssl.SSLError):
+                    raw.close()
+                    alive.append(False)
+            for sock in held:
+                sock.settimeout(0.5)
+                try:
+                    alive.append(sock.recv(1) == b"" and False)
+                except TimeoutError:
+                    alive.append(True)
+                except (OSError, ssl.SSLError):
+                    alive.append(False)
+                finally:
+                    sock.close()
+            return alive
+
+        alive = yield deferToThread(hold, self.metrics_port, METRICS_MAX_CONNECTIONS + 4)
+        self.assertEqual(alive.count(True), METRICS_MAX_CONNECTIONS, alive)
+        alive = yield deferToThread(hold, self.api_port, 4)
+        self.assertEqual(alive.count(True), 2, alive)
+        self.assertEqual(self.errors(), [])
+        # And the listeners still serve.
+        status, _ = yield deferToThread(tls_get, self.metrics_port, self.ca, ["http/1.1"])
+        self.assertEqual(status, 200)

@@ -38,15 +38,14 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     INegotiated,
     IProtocol,
-    IProtocolFactory,
     IPushProducer,
     IReactorTime,
     ISSLTransport,
     ITCPTransport,
     ITransport,
 )
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -390,9 +389,58 @@ class MetricsSite(Site):
 
     requestFactory = MetricsRequest
 
-    def __init__(self, resource: Resource, idle_timeout: float) -> None:
+    def __init__(self, resource: Resource, idle_timeout: float, max_connections: int) -> None:
         # A connection idle (no bytes from the client) this long is closed.
         super().__init__(resource, timeout=idle_timeout)
+        #: Connections open at most: past them a new one is closed at once.
+        self.max_connections = max_connections
+        #: Connections open now.
+        self.open_connections = 0
+
+    # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
+    # HTTPFactory annotates it with its own channel's type.
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
+        if self.open_connections >= self.max_connections:
+            return RefusedConnection()
+        self.open_connections += 1
+        return CountedConnection(super().buildProtocol(addr), self)
+
+    def connection_closed(self) -> None:
+        """
+        One of its connections is gone (L{CountedConnection}).
+        """
+        self.open_connections -= 1
+
+
+class CountedConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
+    """
+    A connection of a L{MetricsSite}: the protocol twisted.web built for it,
+    which it passes every event to, telling the site once it is gone.
+    """
+
+    def __init__(self, protocol: IProtocol, site: MetricsSite) -> None:
+        self.protocol = protocol
+        self.site = site
+
+    def connectionLost(self, reason: Failure) -> None:
+        try:
+            self.protocol.connectionLost(reason)
+        finally:
+            self.site.connection_closed()
+
+
+class RefusedConnection(Protocol):
+    """
+    The protocol of a connection turned away as it comes (past a cap):
+    closed at once.  A factory that returns L{None} instead would do the
+    same for a TCP listener, but a TLS listener's factory (Twisted's
+    L{TLSMemoryBIOFactory <twisted.protocols.tls.TLSMemoryBIOFactory>})
+    cannot wrap L{None}: it fails, and the connection stays open.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def log(self, request: http.Request) -> None:
         status = request.code
@@ -1526,9 +1574,11 @@ class APISite(Site):
         #: (L{http2_opened}).
         self._http2_by_addresses: dict[tuple[IAddress, IAddress], APIConnection] = {}
 
-    def buildProtocol(self, addr: IAddress | None) -> APIConnection | None:
+    # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
+    # HTTPFactory annotates it with its own channel's type.
+    def buildProtocol(self, addr: IAddress | None) -> APIConnection | RefusedConnection:  # type: ignore[override]
         """
-        The connection's protocol, or None (twisted closes the connection at
+        The connection's protocol, or a L{RefusedConnection} (closed at
         once) past C{max_connections_per_address} from the client's
         address, or past C{max_connections} in all when no keyless
         connection can make room (the oldest is closed if there is one).
@@ -1539,11 +1589,11 @@ class APISite(Site):
         address = client_address(addr)
         if address is not None and self.per_address.get(address, 0) >= self.limits.max_connections_per_address:
             self._refused("api_max_connections_per_address")
-            return None
+            return RefusedConnection()
         if len(self.connections) >= self.limits.max_connections:
             if not self._keyless_order:
                 self._refused("api_max_connections")
-                return None
+                return RefusedConnection()
             # Room for the newcomer: the oldest keyless one goes.
             self._evict(next(iter(self._keyless_order)))
         return APIConnection(super().buildProtocol(addr), self, address)
@@ -1738,38 +1788,15 @@ class APISite(Site):
 METRICS_MAX_CONNECTIONS = 16
 
 
-class CappedFactory(WrappingFactory):
-    """
-    C{wrappedFactory}'s connections, at most C{limit} open at once: past
-    them a new connection is closed as it comes (no protocol built).
-    Twisted's L{WrappingFactory} keeps the open ones; its own
-    L{ThrottlingFactory <twisted.protocols.policies.ThrottlingFactory>}
-    would also log a line for every connection turned away, which a client
-    can cause at will.
-    """
-
-    def __init__(self, wrappedFactory: IProtocolFactory, limit: int) -> None:
-        super().__init__(wrappedFactory)
-        self.limit = limit
-
-    # IProtocolFactory.buildProtocol may return None to refuse a
-    # connection; Twisted's WrappingFactory annotates it as never None.
-    def buildProtocol(self, addr: IAddress | None) -> ProtocolWrapper | None:  # type: ignore[override]
-        if len(self.protocols) >= self.limit:
-            return None
-        return super().buildProtocol(addr)
-
-
-def metrics_listener(resource: Resource, settings: Settings) -> CappedFactory:
+def metrics_listener(resource: Resource, settings: Settings) -> MetricsSite:
     """
     The C{/metrics} listener's factory: a L{MetricsSite} serving
     C{resource}, whose connections are closed after
     C{API_HEADER_TIMEOUT_SECONDS} without a byte from the client, at most
-    L{METRICS_MAX_CONNECTIONS} of them open (L{CappedFactory}), so that
-    the listener can never take the descriptors the API and the control
-    plane need.
+    L{METRICS_MAX_CONNECTIONS} of them open, so that the listener can
+    never take the descriptors the API and the control plane need.
     """
-    return CappedFactory(MetricsSite(resource, settings.api_header_timeout_seconds), METRICS_MAX_CONNECTIONS)
+    return MetricsSite(resource, settings.api_header_timeout_seconds, METRICS_MAX_CONNECTIONS)
 
 
 def build_site(
