@@ -411,6 +411,17 @@ class MetricsSite(Site):
         """
         self.open_connections -= 1
 
+    def log(self, request: http.Request) -> None:
+        status = request.code
+        _metrics_log.emit(
+            LogLevel.info if status >= 400 else LogLevel.debug,
+            "{method} {path} {status} for {peer}",
+            method=clipped(request.method.decode("ascii", "replace")),
+            path=clipped(request.path.decode("ascii", "replace")),
+            status=status,
+            peer=host_of(request.getClientAddress()),
+        )
+
 
 class CountedConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[misc]
     """
@@ -439,19 +450,13 @@ class RefusedConnection(Protocol):
     """
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        cast(ITCPTransport, self.transport).abortConnection()
-
-    def log(self, request: http.Request) -> None:
-        status = request.code
-        _metrics_log.emit(
-            LogLevel.info if status >= 400 else LogLevel.debug,
-            "{method} {path} {status} for {peer}",
-            method=clipped(request.method.decode("ascii", "replace")),
-            path=clipped(request.path.decode("ascii", "replace")),
-            status=status,
-            peer=host_of(request.getClientAddress()),
-        )
+        transport = self.transport
+        assert transport is not None
+        if ISSLTransport.providedBy(transport):
+            # Not waiting on a handshake the client may never finish.
+            cast(ITCPTransport, transport).abortConnection()
+        else:
+            transport.loseConnection()
 
 
 class APIRequest(Request):
