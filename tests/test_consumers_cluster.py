@@ -580,3 +580,68 @@ class OneInstanceAwayTests(TestCase):
         a_channel.connected = True
         a_table.changed("carol")
         self.assertEqual(b_table.refreshes, 3)
+
+
+class _Snapshot:
+    def __init__(self) -> None:
+        self.spend: dict[Any, float] = {}
+        self.consumers: dict[str, Any] = {}
+
+
+class _Store:
+    def load(self, now: float) -> Deferred[Any]:
+        return succeed(_Snapshot())
+
+
+class _SeedingTable(_Table):
+    """
+    A table whose rows are written at once, over a store that loads no
+    spend.
+    """
+
+    store = _Store()
+
+    def clock(self) -> float:
+        return 1000.0
+
+    def flush(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class _ScriptChannel(_Channel):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.scripts: list[str] = []
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        self.scripts.append(source)
+        return succeed(1)
+
+
+class ReconcileTests(TestCase):
+    def test_raised_after_a_reconnection_and_never_after_stop(self) -> None:
+        """
+        Each reconnection seeds (if Redis has no spends) and, RECONCILE_SECONDS
+        later, raises Redis's spends to the database's; once stopped, a
+        reconnection or a seed finishing schedules nothing (no timer left
+        for a stopped service, nor a reconciliation against a closed
+        database).
+        """
+        from openclaw.consumers.shared import RAISE, RECONCILE_SECONDS, SEED
+
+        clock = Clock()
+        channel = _ScriptChannel()
+        counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
+        shared = SharedConsumers(_SeedingTable(), counters, channel, "a")  # type: ignore[arg-type]
+        shared.up(True)
+        self.assertEqual(channel.scripts, [SEED])
+        clock.advance(RECONCILE_SECONDS)
+        self.assertEqual(channel.scripts, [SEED, RAISE])
+        shared.up(False)
+        shared.up(True)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        shared.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        shared.up(True)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(channel.scripts, [SEED, RAISE, SEED, SEED])

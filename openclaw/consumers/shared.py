@@ -458,6 +458,8 @@ class SharedConsumers:
         self._seeding: Deferred[Any] | None = None
         #: The reconciliation to come (L{reconcile}), if any.
         self._reconciling: IDelayedCall | None = None
+        #: L{stop} was called: no reconciliation is started.
+        self._stopped = False
         #: Consumers changed here while Redis was unreachable: announced
         #: when it is back (the other instances may never have lost it,
         #: and would not reload by themselves).
@@ -602,6 +604,8 @@ class SharedConsumers:
         return keys, args
 
     def _reconcile_later(self) -> None:
+        if self._stopped:
+            return
         if self._reconciling is None or not self._reconciling.active():
             self._reconciling = self.counters.reactor.callLater(RECONCILE_SECONDS, self.reconcile)
 
@@ -615,7 +619,7 @@ class SharedConsumers:
         holds costs whose rows are not written yet.)
         """
         self._reconciling = None
-        if not self.counters.up:
+        if self._stopped or not self.counters.up:
             return
         table = self.table
 
@@ -644,8 +648,10 @@ class SharedConsumers:
 
     def stop(self) -> None:
         """
-        Cancel a reconciliation still to come.
+        Cancel a reconciliation still to come, and start none from now on
+        (a seed or a reconnection finishing while the service stops).
         """
+        self._stopped = True
         if self._reconciling is not None and self._reconciling.active():
             self._reconciling.cancel()
         self._reconciling = None
