@@ -350,6 +350,19 @@ class UsageTests(SynchronousTestCase):
         stopped = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         out = self.events(OpenAIStream(), chunks[0], stopped)
         self.assertEqual(out, [chunks[0], call(0, "{}"), stopped])
+        # A call that begins in the finishing chunk: its "{}" after it (its
+        # id and name first), the finish reason last.
+        both = call(0, "", "get_time")
+        both["choices"][0]["finish_reason"] = "tool_calls"
+        out = self.events(OpenAIStream(), both)
+        self.assertEqual(
+            out,
+            [
+                call(0, "", "get_time"),
+                call(0, "{}"),
+                {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+            ],
+        )
         legacy = self.events(OpenAIStream(legacy_functions=True), *chunks)
         self.assertEqual(
             [choice for chunk in legacy for choice in chunk["choices"]],

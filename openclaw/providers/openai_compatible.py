@@ -232,10 +232,23 @@ class OpenAIStream:
             document, rewritten = {**document, "choices": choices}, True
         if not isinstance(choices, list) or not (self._unargued or any(map(_calls_tools, choices))):
             return [orjson.dumps(document) if rewritten else data]
-        filled = [self._encode(fill) for fill in self._fills(document, choices)]
-        if self.legacy_functions:
-            return [*filled, self._encode(document)]
-        return [*filled, orjson.dumps(document) if rewritten else data]
+        fills = self._fills(document, choices)
+        if not fills:
+            return [self._encode(document) if self.legacy_functions or rewritten else data]
+        # The "{}" pieces go after this chunk's deltas (a call may begin in
+        # it) and before its finish reasons, sent last in a chunk of their own.
+        head = {name: document[name] for name in ("id", "object", "created", "model") if name in document}
+        finishing = [c for c in choices if isinstance(c, dict) and c.get("finish_reason") is not None]
+        finished = {
+            **head,
+            "choices": [
+                {"index": c.get("index", 0), "delta": {}, "finish_reason": c["finish_reason"]} for c in finishing
+            ],
+        }
+        before = [{**c, "finish_reason": None} if c in finishing else c for c in choices]
+        said = "usage" in document or any(isinstance(c, dict) and (c.get("delta") or c.get("logprobs")) for c in before)
+        sent = [self._encode({**document, "choices": before})] if said else []
+        return [*sent, *map(self._encode, fills), self._encode(finished)]
 
     def _fills(self, document: dict[str, Any], choices: list[Any]) -> list[dict[str, Any]]:
         """
