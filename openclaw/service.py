@@ -391,7 +391,7 @@ class GatewayService(MultiService):
                 context.metrics_apart = True
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
-            self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings))
+            self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))
 
     def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
         """

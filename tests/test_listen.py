@@ -19,6 +19,7 @@ import stat
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -428,7 +429,9 @@ class MetricsTests(TestCase):
         self.assertEqual(status, 403)
 
 
-def h2_reset_then_request(port: int, ca: bytes, streams: list[tuple[str, str, str | None]]) -> tuple[int, bytes]:
+def h2_reset_then_request(
+    port: int, ca: bytes, streams: list[tuple[str, str, str | None]], last_path: str = "/healthz"
+) -> tuple[int, bytes]:
     """
     Over one HTTP/2 connection, each of C{streams} (method, path, key or
     L{None}) sent and reset at once (its HEADERS and RST_STREAM in the same
@@ -457,7 +460,7 @@ def h2_reset_then_request(port: int, ca: bytes, streams: list[tuple[str, str, st
             last = connection.get_next_available_stream_id()
             connection.send_headers(
                 last,
-                [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")],
+                [(":method", "GET"), (":path", last_path), (":scheme", "https"), (":authority", "127.0.0.1")],
                 end_stream=True,
             )
             sock.sendall(connection.data_to_send())
@@ -1167,3 +1170,58 @@ class TLSCapsTests(TestCase):
         # And the listeners still serve.
         status, _ = yield deferToThread(tls_get, self.metrics_port, self.ca, ["http/1.1"])
         self.assertEqual(status, 200)
+
+    @inlineCallbacks
+    def test_metrics_http2_resets_and_bodies(self):
+        """
+        On the metrics listener over HTTP/2: streams reset in the same read
+        as their request log no error and the connection's next request is
+        answered; a stream that sends a body is reset at once, not kept
+        open for as long as it sends.
+        """
+        if not H2_ENABLED:
+            raise SkipTest("h2 is not installed")
+        streams = [("GET", "/metrics", None) for _ in range(10)]
+        status, body = yield deferToThread(h2_reset_then_request, self.metrics_port, self.ca, streams, "/metrics")
+        self.assertEqual(status, 200, body[:200])
+        reset = yield deferToThread(h2_body_forever, self.metrics_port, self.ca)
+        self.assertTrue(reset)
+        self.assertEqual(self.errors(), [])
+
+
+def h2_body_forever(port: int, ca: bytes) -> bool:
+    """
+    A POST /metrics stream over HTTP/2 whose body never ends (a DATA frame
+    every 50 ms, for up to 3 s): whether the server reset the stream.
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            headers = [(":method", "POST"), (":path", "/metrics"), (":scheme", "https"), (":authority", "127.0.0.1")]
+            connection.send_headers(1, headers)
+            sock.sendall(connection.data_to_send())
+            sock.settimeout(0.05)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    connection.send_data(1, b"x" * 100)
+                except Exception:
+                    return True  # the stream is closed: reset by the server
+                sock.sendall(connection.data_to_send())
+                try:
+                    chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return False
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.StreamReset):
+                        return True
+                sock.sendall(connection.data_to_send())
+            return False

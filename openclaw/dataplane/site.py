@@ -328,7 +328,25 @@ class MetricsRequest(Request):
             reason=body.decode("ascii").rstrip("\n"),
         )
 
+    #: Over HTTP/2: L{process} waited for the reactor's next turn.
+    _turned = False
+    #: The connection (over HTTP/2: the stream) was lost.
+    _lost = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
     def process(self) -> None:
+        if not self._turned and http11_channel(self) is None:
+            # As an API request's (L{APIRequest.process}): a RST_STREAM
+            # read with the stream is known on the next turn.
+            self._turned = True
+            site: Site = self.channel.site  # type: ignore[attr-defined]
+            site.reactor.callLater(0, self.process)
+            return
+        if self._lost:
+            return
         if self._refused is None:
             super().process()
         elif http11_channel(self) is None:
@@ -342,6 +360,10 @@ class MetricsRequest(Request):
         # A body: dropped (over HTTP/2 its length may not have been given).
         if data:
             self._refuse(self._NO_BODY)
+            if http11_channel(self) is None:
+                # An HTTP/2 stream would be answered only once it ends,
+                # which a client sending for ever would put off: reset.
+                cast(ITCPTransport, self.channel).abortConnection()
 
 
 class MetricsRoot(Resource):
@@ -389,9 +411,11 @@ class MetricsSite(Site):
 
     requestFactory = MetricsRequest
 
-    def __init__(self, resource: Resource, idle_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, resource: Resource, idle_timeout: float, max_connections: int, reactor: IReactorTime | None = None
+    ) -> None:
         # A connection idle (no bytes from the client) this long is closed.
-        super().__init__(resource, timeout=idle_timeout)
+        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         #: Connections open at most: past them a new one is closed at once.
         self.max_connections = max_connections
         #: Connections open now.
@@ -1793,7 +1817,7 @@ class APISite(Site):
 METRICS_MAX_CONNECTIONS = 16
 
 
-def metrics_listener(resource: Resource, settings: Settings) -> MetricsSite:
+def metrics_listener(resource: Resource, settings: Settings, reactor: IReactorTime) -> MetricsSite:
     """
     The C{/metrics} listener's factory: a L{MetricsSite} serving
     C{resource}, whose connections are closed after
@@ -1801,7 +1825,7 @@ def metrics_listener(resource: Resource, settings: Settings) -> MetricsSite:
     L{METRICS_MAX_CONNECTIONS} of them open, so that the listener can
     never take the descriptors the API and the control plane need.
     """
-    return MetricsSite(resource, settings.api_header_timeout_seconds, METRICS_MAX_CONNECTIONS)
+    return MetricsSite(resource, settings.api_header_timeout_seconds, METRICS_MAX_CONNECTIONS, reactor)
 
 
 def build_site(

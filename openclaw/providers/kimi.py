@@ -29,10 +29,11 @@ REASONING_PLACEHOLDER = "(reasoning not kept)"
 
 def thinks(model: str) -> bool:
     """
-    Whether C{model} is one of Kimi's own models (C{kimi-k2.5},
-    C{kimi-k2.6}, C{kimi-k2-thinking}...), which think by default and
-    read C{reasoning_content} in a history; not the C{moonshot-v1-*}
-    models.
+    Whether C{model} is one of Kimi's own models (C{kimi-*}), which read
+    C{reasoning_content} in a history: the thinking ones (C{kimi-k2.5} and
+    later, C{kimi-k2-thinking}) require it on an assistant message with
+    tool calls, the others (C{kimi-k2-0905-preview}) take it; not the
+    C{moonshot-v1-*} models.
     """
     return model[:5].lower() == "kimi-"
 
