@@ -47,6 +47,12 @@ class ModelRetrieveTests(DataPlaneTestCase):
         document = yield response.json()
         self.assertEqual(response.code, 200)
         self.assertEqual(document, {"id": "kimi/moonshot-v1-8k", "object": "model", "created": 0, "owned_by": "kimi"})
+        # Spaces around the id are not part of it, as for a chat call.
+        response = yield self.http().get(
+            f"http://127.0.0.1:{gateway.api_port}/v1/models/%20kimi%2Fmoonshot-v1-8k%20",
+            headers={"Authorization": [f"Bearer {GATEWAY_KEY}"]},
+        )
+        self.assertEqual((response.code, (yield response.json())["id"]), (200, "kimi/moonshot-v1-8k"))
         for missing in ("kimi/gpt-4o", "gpt-4o", "gemini/moonshot-v1-8k"):
             failure = yield self.assertFailure(deferToThread(client.models.retrieve, missing), openai.NotFoundError)
             self.assertEqual(failure.code, "model_not_found")

@@ -663,7 +663,8 @@ class Model(Models):
         holder = self.authenticate(request, started)
         # APIRoot moved "v1/models" to prepath: the rest is the id.
         assert request.postpath is not None
-        wanted = b"/".join(request.postpath).decode("utf-8", "replace")
+        # Spaces around a name are not part of it, as for a chat call's.
+        wanted = b"/".join(request.postpath).decode("utf-8", "replace").strip(" ")
         refusal = model_refusal(wanted)
         if refusal is not None:
             # The name is not echoed: it may be unprintable, or fill the
