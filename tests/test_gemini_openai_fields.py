@@ -485,8 +485,14 @@ class ImageTypeTests(SynchronousTestCase):
             ("https://example.com:http/a.png", "port"),
             ("https://exa mple.com/a.png", "percent-encode"),
             ("https://example.com/a b.png", "%20"),
-            ("https://example.com/a\x00.png", "control character"),
-            ("https://example.com/a\n.png", "control character"),
+            ("https://example.com/a\x00.png", "invisible character"),
+            ("https://example.com/a\n.png", "invisible character"),
+            ("https://example.com/a\x85.png", "invisible character"),
+            ("https://example.com/a\u2028.png", "invisible character"),
+            ("https://example.com/a\u200b.png", "invisible character"),
+            ("https://example.com/a\u00a0.png", "invisible character"),
+            ("https://example.com:0/a.png", "port"),
+            ("https://h\\a.png", "backslash"),
         ):
             with self.assertRaises(APIError) as caught:
                 image(url)

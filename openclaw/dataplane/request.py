@@ -76,9 +76,6 @@ DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII 
 BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?", re.ASCII)
 #: What wraps base64 in lines: line breaks, and spaces or tabs around them.
 _WRAPPING = re.compile(r"[ \t]*\r?\n[ \t]*")
-#: What no URL holds (RFC 3986 section 2: percent-encoded if meant): space
-#: and the control characters.
-_NOT_IN_URLS = re.compile(r"[\x00-\x20\x7f]")
 #: URL schemes an image may be given by (the gateway never fetches them),
 #: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
@@ -933,24 +930,35 @@ def _check_image_url(url: str, where: str) -> None:
 
     @raise APIError: 400 naming C{where}.
     """
-    if _NOT_IN_URLS.search(url):
+    if " " in url or not url.isprintable():
         raise bad_request(
-            f"{where} holds a space or a control character, which no URL holds (RFC 3986 section 2): "
-            "percent-encode it (a space is %20)",
+            f"{where} holds a space, a control or an invisible character (such as U+2028 or U+200B), which no "
+            "URL holds (RFC 3986 section 2): percent-encode it (a space is %20)",
             param=where,
         )
     try:
         parts = urlsplit(url)
-        authority, host, _ = parts.netloc, parts.hostname, parts.port
+        authority, host = parts.netloc, parts.hostname
     except ValueError:
         # Not quoted: Python's message may quote the host, userinfo and all.
         raise bad_request(
             f"{where} is not a valid URL (its host part does not parse: an unclosed [ of an IPv6 address, "
-            "characters a host cannot hold, a port that is not a number from 0 to 65535); fix the URL",
+            "or characters a host cannot hold); fix the URL",
             param=where,
         ) from None
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        # Past 65535, not a number, or 0.
+        raise bad_request(f"{where} has a port that is not a number from 1 to 65535; fix the URL", param=where)
     if not host:
         raise bad_request(f"{where} has no host (https://host/path); fix the URL", param=where)
+    if "\\" in authority:
+        # WHATWG URL parsers (browsers, and some fetchers) read it as "/":
+        # the host would not be the one this one reads.
+        raise bad_request(f"{where} holds a backslash before its path; write / or %5C", param=where)
     if "@" in authority:
         raise bad_request(
             f"{where} carries a user name or password (user:pass@host), which the gateway would pass on to the "
