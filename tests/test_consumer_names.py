@@ -64,15 +64,17 @@ class KeyWhereANameGoesTests(GatewayCase):
     @inlineCallbacks
     def test_key_in_an_error_is_cut_in_the_log(self) -> Any:
         """
-        An error that quotes what was sent (here a key given as C{since})
-        is recorded in the audit line with the key cut as lists show keys.
+        An error about what was sent (here a key given as C{since}) is
+        recorded in the audit line without the key.
         """
         gateway, client = yield self.gateway()
         key = NewKey.make().key
         answer = yield client.ask(gateway.token, "usage", {"since": key})
         self.assertFalse(answer["ok"])
         [audited] = [event for event in self.events if event.get("cmd") == "usage" and "outcome" in event]
-        self.assertIn(f"since='{key[:12]}...' is not an ISO date", audited["error"])
+        # The value is not quoted at all now (it may be megabytes long).
+        self.assertIn("since is not an ISO date", audited["error"])
+        self.assertNotIn(key[4:13], audited["error"])
         self.assertNotIn(key[4:13], self.logged())
 
     @inlineCallbacks

@@ -22,6 +22,7 @@ from tests.test_cluster import ClusterCase, printed
 from tests.test_cluster_keyspace import redis_command
 from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
 from tests.test_logs import FORGED
+from tests.test_resilience import consumers_loaded
 
 HOSTILE_MODELS = [FORGED, "kimi/moonshot\r\nX: y", "gemini/x\u202egnp.exe", "x\x00", "a\x85b"]
 
@@ -136,6 +137,7 @@ class ModelNameTests(DataPlaneTestCase):
         whole; nor are three thousand unknown fields listed.
         """
         gateway = self.gateway()
+        yield consumers_loaded(gateway)
         client = yield open_client(self, gateway.port)
         huge = "p" * 40_000
         for cmd, data in (
@@ -143,9 +145,14 @@ class ModelNameTests(DataPlaneTestCase):
             ("switch_provider", {"provider": "kimi", huge: 1}),
             ("status", {f"f{i}": 1 for i in range(3_000)}),
             (huge, None),
+            ("usage", {"since": huge}),
+            ("consumer_create", {"name": "big", "expires_at": huge}),
+            ("consumer_create", {"name": "big", "models": [f"kimi/{huge}"]}),
+            ("consumer_create", {"name": "big", huge: 1}),
         ):
             answer = yield client.command(gateway.token, cmd, data)
             self.assertFalse(answer["ok"])
+            self.assertNotIn("not loaded", answer["error"])
             self.assertLess(len(answer["error"]), 400, answer["error"][:200])
         for event in self.events:
             self.assertLess(len(formatEvent(event)), 4096)

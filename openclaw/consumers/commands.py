@@ -236,7 +236,7 @@ class ConsumerCommands:
         if consumer.expired(self.clock()):
             # Born expired: a mistyped date, surely; its key would never work.
             raise CommandError(
-                f"data.expires_at {fields['expires_at']!r} is already past: give a future ISO date or UTC "
+                "data.expires_at is already past: give a future ISO date or UTC "
                 "datetime, or leave it out for a consumer that does not expire"
             )
 

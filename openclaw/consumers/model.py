@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from openclaw.routing import MAX_MODEL_CHARS
 from openclaw.timefmt import isoformat
 
 KEY_PREFIX = "ock-"
@@ -44,6 +45,8 @@ MIN_BUDGET_USD = 0.000001
 #: way to say "no limit", which null says); well within what the
 #: databases' BIGINT and Redis' numbers hold exactly.
 MAX_PER_MINUTE = 1_000_000_000_000
+#: The most C{models} patterns a consumer may have.
+MAX_MODEL_PATTERNS = 256
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: A deleted consumer's usage rows are kept under C{NAME@CREATED} (its
 #: creation, UTC): no consumer can be named so.
@@ -172,8 +175,9 @@ def parse_time(value: object, field: str) -> float:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
+        # Not quoted: it may be megabytes long.
         raise InvalidConsumer(
-            f"{field}={value!r} is not an ISO date or datetime; use e.g. 2026-11-01 or 2026-11-01T12:00:00Z"
+            f"{field} is not an ISO date or datetime; use e.g. 2026-11-01 or 2026-11-01T12:00:00Z"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
@@ -290,7 +294,8 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     """
     unknown = data.keys() - _FIELDS
     if unknown:
-        raise InvalidConsumer(f"unknown field(s): {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_FIELDS))}")
+        named = ", ".join(name[:40] for name in sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(_FIELDS))}")
     name = check_name(data.get("name"))
     current = base or Consumer(name)
     changes: dict[str, Any] = {}
@@ -327,11 +332,20 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
             raise InvalidConsumer(
                 'models must be a list of provider/model patterns, such as ["gemini/*", "kimi/moonshot-v1-8k"]'
             )
-        for pattern in models:
-            if not isinstance(pattern, str) or "/" not in pattern or pattern.strip() != pattern:
+        if len(models) > MAX_MODEL_PATTERNS:
+            raise InvalidConsumer(f"models holds {len(models)} patterns; give at most {MAX_MODEL_PATTERNS}")
+        for i, pattern in enumerate(models):
+            if (
+                not isinstance(pattern, str)
+                or "/" not in pattern
+                or pattern.strip() != pattern
+                or not pattern.isprintable()
+                or len(pattern) > MAX_MODEL_CHARS
+            ):
+                # Not quoted: it may be megabytes long, or unprintable.
                 raise InvalidConsumer(
-                    f"models: {pattern!r} is no pattern; each must be provider/model or provider/*, "
-                    "such as kimi/* or gemini/gemini-2.5-flash"
+                    f"models[{i}] is no pattern; each must be provider/model or provider/* (at most "
+                    f"{MAX_MODEL_CHARS} characters, as a model name), such as kimi/* or gemini/gemini-2.5-flash"
                 )
         changes["models"] = tuple(models)
     if "expires_at" in data:
