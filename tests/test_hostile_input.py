@@ -152,6 +152,7 @@ class ModelNameTests(DataPlaneTestCase):
         ):
             answer = yield client.command(gateway.token, cmd, data)
             self.assertFalse(answer["ok"])
+            self.assertLess(len(str(answer.get("cmd"))), 100)
             self.assertNotIn("not loaded", answer["error"])
             self.assertLess(len(answer["error"]), 400, answer["error"][:200])
         for event in self.events:

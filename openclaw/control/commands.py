@@ -133,6 +133,13 @@ def summarise(value: object, limit: int = MAX_LOGGED_CMD_CHARS) -> str:
     return f"<{type(value).__name__}>"
 
 
+def quoted(value: object) -> str:
+    """
+    L{summarise}, a string quoted as Python quotes it (C{'kimi'}).
+    """
+    return repr(summarise(value)) if isinstance(value, str) else summarise(value)
+
+
 def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
     """
     Check a command's C{data}: absent or an object with no fields other than
@@ -234,9 +241,7 @@ class ControlCommands:
         if provider_id is None:
             raise CommandError("switch_provider needs data.provider: one of " + ", ".join(self.providers.ids))
         if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
-            raise CommandError(
-                f"unknown provider {summarise(provider_id)!r}; use one of " + ", ".join(self.providers.ids)
-            )
+            raise CommandError(f"unknown provider {quoted(provider_id)}; use one of " + ", ".join(self.providers.ids))
         provider = self.providers.get(provider_id)
         model = fields.get("model", provider.default_model)
         if not isinstance(model, str):

@@ -21,10 +21,12 @@ from openclaw.consumers.audit import audit_fields, note_result, without_keys
 from openclaw.control.commands import (
     AUDITED,
     CONSUMER_COMMANDS,
+    MAX_LOGGED_CMD_CHARS,
     Audited,
     CommandError,
     ControlCommands,
     Result,
+    quoted,
     summarise,
 )
 from openclaw.metrics import INVALID, GatewayMetrics
@@ -155,7 +157,7 @@ class ControlPlane:
             return self._refuse(None, f"cmd must be a string: one of {self._names}")
         handler = self._table.get(cmd)
         if handler is None:
-            return self._refuse(cmd, f"unknown command {summarise(cmd)!r}; use one of {self._names}")
+            return self._refuse(cmd, f"unknown command {quoted(cmd)}; use one of {self._names}")
         if self._draining:
             return self._refuse(cmd, "the gateway is shutting down; reconnect when it is back")
 
@@ -192,8 +194,10 @@ class ControlPlane:
         return self._audit(answer, cmd, peer, jti, started, fields)
 
     def _refuse(self, cmd: object, message: str) -> bytes:
-        self._metrics.command(cmd if type(cmd) is str and cmd in self._table else INVALID, "error")
-        return _error(cmd, message)
+        self._metrics.command(cmd if isinstance(cmd, str) and cmd in self._table else INVALID, "error")
+        # Echoed back for the client to match the answer with, unless it
+        # is longer than any command (it may be megabytes long).
+        return _error(cmd if isinstance(cmd, str) and len(cmd) <= MAX_LOGGED_CMD_CHARS else None, message)
 
     def _track(self, pending: Deferred[bytes]) -> Deferred[bytes]:
         if pending.called:
