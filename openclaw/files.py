@@ -247,20 +247,27 @@ class PidLock:
     L{record_pid} there to name it).
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, shared: bool = False) -> None:
         self.path = path
         self._fd: int | None = fd
         self._pid: int | None = None
+        #: Held with others (C{LOCK_SH}): no pid written, the file left at
+        #: release (another holder may still hold it).
+        self.shared = shared
 
     @classmethod
-    def acquire(cls, path: Path) -> PidLock:
+    def acquire(cls, path: Path, shared: bool = False) -> PidLock:
         """
         Take the lock of C{path}, creating it (mode 0600) when missing, and
         write this process's id in it.  A symbolic link is not followed and
         nothing but a regular file holding nothing or a process id is used:
         anything else there is not a lock file, and is left as it was.
 
-        @raise LockHeld: another process holds it.
+        @param shared: take it with other processes that take it shared
+            (C{LOCK_SH}), each of which keeps an exclusive taker out, and
+            none of which writes its id.
+        @raise LockHeld: another process holds it (exclusively, or at all
+            for an exclusive lock).
         @raise NotALockFile: what is at C{path} is not a lock file.
         @raise OSError: it cannot be created or opened.
         """
@@ -271,7 +278,7 @@ class PidLock:
             fd = cls._open(path)
             try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 except BlockingIOError:
                     raise LockHeld(path, _pid_in(fd)) from None
                 held = os.fstat(fd)
@@ -283,7 +290,7 @@ class PidLock:
                     content = os.pread(fd, 64, 0)
                     if not _LOCK_FILE_CONTENT.fullmatch(content):
                         raise NotALockFile(f"{path} holds something other than a process id")
-                    lock = cls(path, fd)
+                    lock = cls(path, fd, shared)
                     lock.record_pid()
                     return lock
             except BaseException:
@@ -305,7 +312,7 @@ class PidLock:
         there (after a C{fork}: twistd's daemon).
         """
         pid = os.getpid()
-        if self._fd is None or pid == self._pid:
+        if self._fd is None or pid == self._pid or self.shared:
             return
         line = f"{pid}\n".encode("ascii")
         os.ftruncate(self._fd, 0)
@@ -323,6 +330,10 @@ class PidLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        if self.shared:
+            # Others may hold it still: only this one's hold goes.
+            os.close(fd)
+            return
         try:
             held = os.fstat(fd)
             try:

@@ -54,22 +54,23 @@ def read_state_file(path: Path, limit: int = MAX_STATE_BYTES) -> bytes:
         raise UnsafeStateFile(str(e)) from None
 
 
-def lock_state_dir(state_dir: Path) -> PidLock:
+def lock_state_dir(state_dir: Path, shared: bool = False) -> PidLock:
     """
     Hold C{state_dir} for this gateway, for as long as the process runs or
     until L{PidLock.release}: L{PidLock} on its L{STATE_LOCK}, so that a
     second gateway given the same C{STATE_DIR} is turned away instead of
     keeping its own view of the consumers' database (keys revoked by one
     served by the other, budgets counted apart) and writing over the other's
-    route.  (Not in a cluster: its instances share what they hold through
-    Redis, and may share the directory.)
+    route.  The instances of a cluster share what they hold through Redis
+    and may share the directory: each takes it C{shared}, which keeps a
+    standalone gateway out, and is kept out by one.
 
     @raise openclaw.files.LockHeld: another running gateway holds it.
     @raise openclaw.files.NotALockFile: the lock file's path holds
         something else.
     @raise OSError: the lock file cannot be created or opened.
     """
-    return PidLock.acquire(state_dir / STATE_LOCK)
+    return PidLock.acquire(state_dir / STATE_LOCK, shared)
 
 
 class RouteStore:

@@ -239,8 +239,7 @@ def makeService(
     )
     if made.token_lock is not None:
         service.sessions.hold_token_file(made.token_lock)
-    if made.state_lock is not None:
-        service.hold_state_dir(made.state_lock)
+    service.hold_state_dir(made.state_lock)
     return _exit_with_status(service, twistd_options)
 
 
@@ -275,17 +274,16 @@ def _worker_service(
     except ValueError:
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
-    # Its cluster's (REDIS_URL): no lock of the state directory or the
-    # token file.
-    destination = _make_files(
-        settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor))
-    ).destination
+    # Its cluster's (REDIS_URL): no lock of the token file, the state
+    # directory's shared with the other instances.
+    made = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
+    destination = made.destination
     _note_signals(reactor, twistd_options, destination, stdout)
     # Started with SIGUSR1 blocked (L{openclaw.cluster.workers}): handled
     # from here on, one that came meanwhile is delivered now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     reactor.callWhenRunning(_freeze_startup_objects)
-    return GatewayService(
+    service = GatewayService(
         settings,
         gateway_reactor(reactor),
         ReusePortEndpoint(tcp, settings.interface, settings.port),
@@ -296,6 +294,8 @@ def _worker_service(
         else make_observer(destination, settings.log_format, settings.log_level),
         worker=index,
     )
+    service.hold_state_dir(made.state_lock)
+    return service
 
 
 def _supervisor(
@@ -455,8 +455,8 @@ class MadeFiles:
     What L{_make_files} made and holds.
     """
 
-    #: The lock of C{STATE_DIR} (L{None}: a cluster's instance).
-    state_lock: PidLock | None
+    #: The lock of C{STATE_DIR} (shared by a cluster's instances).
+    state_lock: PidLock
     #: The lock of the token file (L{None}: no token file, or a cluster's).
     token_lock: PidLock | None
     #: The stream to log to (L{None}: syslog).
@@ -484,8 +484,7 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> M
         if token_lock is not None:
             undo.callback(_release_quietly, token_lock)
         state_lock = _lock_state_dir(settings)
-        if state_lock is not None:
-            undo.callback(_release_quietly, state_lock)
+        undo.callback(_release_quietly, state_lock)
         made = _check_database_file(settings)
         if made is not None:
             undo.callback(_remove_new_database, made)
@@ -560,20 +559,26 @@ def _remove_new_database(path: Path) -> None:
         pass
 
 
-def _lock_state_dir(settings: Settings) -> PidLock | None:
+def _lock_state_dir(settings: Settings) -> PidLock:
     """
-    Hold C{STATE_DIR} for this gateway (L{lock_state_dir}), unless it is
-    a cluster's instance (C{REDIS_URL}: its instances may share it).
+    Hold C{STATE_DIR} for this gateway (L{lock_state_dir}): alone for a
+    standalone gateway, with the other instances for a cluster's
+    (C{REDIS_URL}: they may share it, not with a standalone gateway).
 
     @raise ConfigError: another running gateway holds it, or its lock
         file cannot be used.
     """
-    if settings.redis_url is not None:
-        return None
+    cluster = settings.redis_url is not None
     named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
     try:
-        return lock_state_dir(settings.state_dir)
+        return lock_state_dir(settings.state_dir, shared=cluster)
     except LockHeld as e:
+        if cluster:
+            holder = "a standalone gateway" if e.pid is None else f"a standalone gateway (pid {e.pid})"
+            raise ConfigError(
+                f"{named} is in use by {holder} (no REDIS_URL), which holds its lock {str(e.path)!r}: give the "
+                "cluster its own STATE_DIR, or stop that gateway first"
+            ) from None
         holder = "another running gateway" if e.pid is None else f"another running gateway (pid {e.pid})"
         raise ConfigError(
             f"{named} is in use by {holder}, which holds its lock {str(e.path)!r}: give each gateway its own "

@@ -86,3 +86,60 @@ class OneGatewayPerStateDirTests(TestCase):
         after = self.spawn()
         yield running(after, after.token_file)
         self.assertEqual(self.lock_file.read_text(), f"{after.transport.pid}\n")
+
+
+class ClusterAndStandaloneTests(TestCase):
+    """
+    A cluster's instances share their STATE_DIR (each holds its lock
+    shared), but not with a standalone gateway, in either order: the
+    standalone one would keep its own view of the consumers' database.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from tests.redis_server import RedisServer
+
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.cleanup)
+        self.state = Path(self.mktemp()).resolve()
+        self.state.mkdir(parents=True)
+
+    def spawn(self, cluster: bool) -> GatewayProcess:
+        env = gateway_env()
+        if cluster:
+            env["REDIS_URL"] = self.redis.url
+        tokens = Path(self.mktemp()).resolve()
+        tokens.mkdir(parents=True)
+        process = spawn_gateway(
+            self,
+            ["--port", str(free_port()), "--interface", "127.0.0.1", "--state-dir", str(self.state)]
+            + ["--token-file", str(tokens / "token")],
+            env,
+        )
+        process.token_file = tokens / "token"
+        return process
+
+    @inlineCallbacks
+    def test_cluster_instances_share_standalone_refused(self) -> Any:
+        first, second = self.spawn(cluster=True), self.spawn(cluster=True)
+        for process in (first, second):
+            yield running(process, process.token_file)
+        standalone = self.spawn(cluster=False)
+        status = yield within(standalone.ended, 20, "the standalone gateway to exit")
+        self.assertEqual(status, 2, standalone.stderr)
+        self.assertIn(b"STATE_DIR (--state-dir)=", standalone.stderr)
+        self.assertIn(b"is in use by another running gateway", standalone.stderr)
+
+    @inlineCallbacks
+    def test_standalone_keeps_a_cluster_out(self) -> Any:
+        standalone = self.spawn(cluster=False)
+        yield running(standalone, standalone.token_file)
+        instance = self.spawn(cluster=True)
+        status = yield within(instance.ended, 20, "the cluster instance to exit")
+        self.assertEqual(status, 2, instance.stderr)
+        self.assertIn(
+            f"is in use by a standalone gateway (pid {standalone.transport.pid}) (no REDIS_URL)".encode(),
+            instance.stderr,
+        )
