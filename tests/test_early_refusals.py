@@ -278,8 +278,16 @@ class MetricsListenerLimitsTests(TestCase):
     def test_connections_capped(self) -> Any:
         port = self.listener()
 
+        per_address = METRICS_MAX_CONNECTIONS // 4
+
         def hold() -> list[socket.socket]:
-            held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(METRICS_MAX_CONNECTIONS)]
+            # A quarter of the cap from each of four addresses.
+            held = [
+                socket.create_connection(
+                    ("127.0.0.1", port), timeout=5, source_address=(f"127.0.0.{1 + i // per_address}", 0)
+                )
+                for i in range(METRICS_MAX_CONNECTIONS)
+            ]
             # Each accepted before the next (the cap counts open ones).
             for sock in held:
                 sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -291,14 +299,50 @@ class MetricsListenerLimitsTests(TestCase):
         answer = yield deferToThread(exchange, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertEqual(answer, b"")
         held.pop().close()
+
+        def scrape_from_the_last_address() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.4", 0)) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                answer = b""
+                try:
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+                return answer
+
         for _ in range(50):
-            answer = yield deferToThread(
-                exchange, port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-            )
+            answer = yield deferToThread(scrape_from_the_last_address)
             if answer:
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(status_line(answer), b"HTTP/1.1 200 OK")
+        # Served (a peer outside TRUSTED_CLIENT_IPS is told 403).
+        self.assertEqual(status_line(answer), b"HTTP/1.1 403 Forbidden")
+
+    @inlineCallbacks
+    def test_connections_capped_per_address(self) -> Any:
+        """
+        One address holds a quarter of the cap at most (a client trickling
+        its heads cannot take every slot); another still gets in.
+        """
+        port = self.listener()
+        per_address = METRICS_MAX_CONNECTIONS // 4
+
+        def hold() -> tuple[list[socket.socket], bytes, bytes]:
+            held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(per_address)]
+            for sock in held:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                sock.recv(65536)
+            refused = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
+                other.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                served = other.recv(65536)
+            return held, refused, served
+
+        held, refused, served = yield deferToThread(hold)
+        self.addCleanup(lambda: [sock.close() for sock in held])
+        self.assertEqual(refused, b"")
+        self.assertTrue(served.startswith(b"HTTP/1.1 "), served[:100])
 
     @inlineCallbacks
     def test_idle_connection_closed(self) -> Any:

@@ -418,22 +418,35 @@ class MetricsSite(Site):
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         #: Connections open at most: past them a new one is closed at once.
         self.max_connections = max_connections
+        #: Connections open at most from one client address (a quarter).
+        self.max_connections_per_address = max(1, max_connections // 4)
         #: Connections open now.
         self.open_connections = 0
+        #: Connections open now, per client address.
+        self.per_address: dict[str, int] = {}
 
     # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
     # HTTPFactory annotates it with its own channel's type.
     def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
-        if self.open_connections >= self.max_connections:
+        address = client_address(addr)
+        held = self.per_address.get(address, 0) if address is not None else 0
+        if self.open_connections >= self.max_connections or held >= self.max_connections_per_address:
             return RefusedConnection()
         self.open_connections += 1
-        return CountedConnection(super().buildProtocol(addr), self)
+        if address is not None:
+            self.per_address[address] = held + 1
+        return CountedConnection(super().buildProtocol(addr), self, address)
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, address: str | None) -> None:
         """
-        One of its connections is gone (L{CountedConnection}).
+        One of its connections, from C{address}, is gone
+        (L{CountedConnection}).
         """
         self.open_connections -= 1
+        if address is not None:
+            left = self.per_address.pop(address) - 1
+            if left:
+                self.per_address[address] = left
 
     def log(self, request: http.Request) -> None:
         status = request.code
@@ -453,15 +466,16 @@ class CountedConnection(proxyForInterface(IProtocol, "protocol")):  # type: igno
     which it passes every event to, telling the site once it is gone.
     """
 
-    def __init__(self, protocol: IProtocol, site: MetricsSite) -> None:
+    def __init__(self, protocol: IProtocol, site: MetricsSite, address: str | None) -> None:
         self.protocol = protocol
         self.site = site
+        self.address = address
 
     def connectionLost(self, reason: Failure) -> None:
         try:
             self.protocol.connectionLost(reason)
         finally:
-            self.site.connection_closed()
+            self.site.connection_closed(self.address)
 
 
 class RefusedConnection(Protocol):
