@@ -291,6 +291,10 @@ class PidLock:
                     if not _LOCK_FILE_CONTENT.fullmatch(content):
                         raise NotALockFile(f"{path} holds something other than a process id")
                     lock = cls(path, fd, shared)
+                    if shared and content:
+                        # Left by an exclusive holder gone since: its pid
+                        # would be named as the holder's.
+                        os.ftruncate(fd, 0)
                     lock.record_pid()
                     return lock
             except BaseException:

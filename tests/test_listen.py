@@ -1187,7 +1187,42 @@ class TLSCapsTests(TestCase):
         self.assertEqual(status, 200, body[:200])
         reset = yield deferToThread(h2_body_forever, self.metrics_port, self.ca)
         self.assertTrue(reset)
+        # A whole body in the same read as its head, and another stream.
+        status = yield deferToThread(h2_post_then_get, self.metrics_port, self.ca)
+        self.assertEqual(status, 200)
         self.assertEqual(self.errors(), [])
+
+
+def h2_post_then_get(port: int, ca: bytes) -> int:
+    """
+    Over one HTTP/2 connection, in one write: a POST /metrics with a whole
+    body, then a GET /metrics: the GET's status (0 if none came).
+    """
+    import h2.connection
+    import h2.events
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            head = [(":scheme", "https"), (":authority", "127.0.0.1"), (":path", "/metrics")]
+            connection.send_headers(1, [(":method", "POST"), *head, ("content-length", "3")])
+            connection.send_data(1, b"abc", end_stream=True)
+            connection.send_headers(3, [(":method", "GET"), *head], end_stream=True)
+            sock.sendall(connection.data_to_send())
+            status = 0
+            while chunk := sock.recv(65536):
+                for event in connection.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
+                        status = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 3:
+                        return status
+                sock.sendall(connection.data_to_send())
+            return status
 
 
 def h2_body_forever(port: int, ca: bytes) -> bool:

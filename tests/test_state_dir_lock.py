@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.state import STATE_LOCK
 from tests.support import GatewayProcess, free_port, spawn_gateway, within
@@ -143,3 +143,28 @@ class ClusterAndStandaloneTests(TestCase):
             f"is in use by a standalone gateway (pid {standalone.transport.pid}) (no REDIS_URL)".encode(),
             instance.stderr,
         )
+
+
+class SharedLockTests(SynchronousTestCase):
+    def test_shared_holders_clear_a_stale_pid(self) -> None:
+        """
+        A process id left in the lock file by an exclusive holder gone since
+        is cleared by a shared holder: a gateway turned away is not told
+        that the dead process holds it.
+        """
+        from openclaw.files import LockHeld, PidLock
+
+        path = Path(self.mktemp())
+        path.write_text("12345\n")
+        first = PidLock.acquire(path, shared=True)
+        second = PidLock.acquire(path, shared=True)
+        self.assertEqual(path.read_text(), "")
+        with self.assertRaises(LockHeld) as caught:
+            PidLock.acquire(path)
+        self.assertIsNone(caught.exception.pid)
+        first.release()
+        second.release()
+        # Left for the other holders, and taken alone once none is left.
+        self.assertTrue(path.exists())
+        PidLock.acquire(path).release()
+        self.assertFalse(path.exists())

@@ -294,7 +294,8 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     """
     unknown = data.keys() - _FIELDS
     if unknown:
-        named = ", ".join(name[:40] for name in sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+        named = ", ".join(name[:40] + ("…" if len(name) > 40 else "") for name in sorted(unknown)[:5])
+        named += ", ..." if len(unknown) > 5 else ""
         raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(_FIELDS))}")
     name = check_name(data.get("name"))
     current = base or Consumer(name)

@@ -260,8 +260,9 @@ class MetricsRequest(Request):
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
     more than one C{Host} field, a C{Host} that is not one, or a body (the
     listener serves C{GET /metrics} only) is answered 400, as soon as its
-    head is in (over HTTP/2: once its stream ends), and the connection
-    closed; nothing of a body is kept.
+    head is in, and the connection closed (over HTTP/2: answered once its
+    stream ends, but a stream whose body comes is reset); nothing of a
+    body is kept.
     """
 
     def gotLength(self, length: int | None) -> None:
@@ -321,6 +322,9 @@ class MetricsRequest(Request):
         assert transport is not None
         transport.write(raw_response(400, body, b"text/plain; charset=utf-8"))
         lose_connection(transport)
+        self._log_refusal(body)
+
+    def _log_refusal(self, body: bytes) -> None:
         _metrics_log.info(
             "refused a request with {status} for {peer}: {reason}",
             status=400,
@@ -345,7 +349,7 @@ class MetricsRequest(Request):
             site: Site = self.channel.site  # type: ignore[attr-defined]
             site.reactor.callLater(0, self.process)
             return
-        if self._lost:
+        if self._lost or self._reset:
             return
         if self._refused is None:
             super().process()
@@ -358,12 +362,26 @@ class MetricsRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         # A body: dropped (over HTTP/2 its length may not have been given).
-        if data:
-            self._refuse(self._NO_BODY)
-            if http11_channel(self) is None:
-                # An HTTP/2 stream would be answered only once it ends,
-                # which a client sending for ever would put off: reset.
-                cast(ITCPTransport, self.channel).abortConnection()
+        if not data or self._reset:
+            return
+        self._refuse(self._NO_BODY)
+        if http11_channel(self) is None:
+            # An HTTP/2 stream would be answered only once it ends, which a
+            # client sending for ever would put off: reset, on the next
+            # turn (twisted.web is still going through the frames read with
+            # this one, some of which may be the stream's), and logged.
+            self._reset = True
+            self._log_refusal(self._NO_BODY)
+            site: Site = self.channel.site  # type: ignore[attr-defined]
+            site.reactor.callLater(0, self._reset_stream, self.channel)
+
+    def _reset_stream(self, stream: object) -> None:
+        if not self._lost:
+            # The H2Stream: RST_STREAM.
+            cast(ITCPTransport, stream).abortConnection()
+
+    #: Over HTTP/2: the stream is reset for its body.
+    _reset = False
 
 
 class MetricsRoot(Resource):
