@@ -345,12 +345,12 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
             ):
                 # Quoted only when short and printable.
                 shown = (
-                    repr(pattern)
+                    f"models: {pattern!r}"
                     if isinstance(pattern, str) and len(pattern) <= 80 and pattern.isprintable()
                     else f"models[{i}]"
                 )
                 raise InvalidConsumer(
-                    f"models: {shown} is no pattern; each must be provider/model or provider/* (at most "
+                    f"{shown} is no pattern; each must be provider/model or provider/* (at most "
                     f"{MAX_MODEL_CHARS} characters, as a model name), such as kimi/* or gemini/gemini-2.5-flash"
                 )
         changes["models"] = tuple(models)
