@@ -371,6 +371,8 @@ ACCEPT_ERROR_INTERVAL_SECONDS = 60.0
 #: The namespace of the data plane's line for each finished API request
 #: (L{openclaw.dataplane.context.APIContext.completed}).
 DATAPLANE_NAMESPACE = "openclaw.dataplane"
+#: The metrics listener's log namespace (L{openclaw.dataplane.site}).
+METRICS_NAMESPACE = "openclaw.metrics"
 #: The field that marks the data plane's line for a request refused
 #: without an accepted key (C{True}; absent on every other line).
 KEYLESS_FIELD = "keyless"
@@ -486,6 +488,18 @@ PEER_CAUSED_LINES = (
         namespace=DATAPLANE_NAMESPACE,
         level=LogLevel.info,
         field=HTTP2_FLOOD_FIELD,
+    ),
+    PeerCausedLine(
+        # The metrics listener's lines at info: each refusal (a 400, a 403
+        # for a peer outside TRUSTED_CLIENT_IPS, a 404, a 405) names its
+        # peer; a client can cause them at will (many HTTP/2 streams on one
+        # connection).  Its scrapes are logged at debug.
+        "metrics_refusals",
+        namespace=METRICS_NAMESPACE,
+        level=LogLevel.info,
+        field="peer",
+        interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
+        burst=KEYLESS_REFUSAL_LINES,
     ),
     PeerCausedLine(
         "control_refusals",

@@ -73,6 +73,31 @@ class PeerLineLimiterTests(TestCase):
     without an accepted key, a few a second.
     """
 
+    def test_metrics_refusals(self) -> None:
+        """
+        The metrics listener's refusals (info, naming the peer): a few a
+        second; its scrapes (debug) are not counted.
+        """
+        from openclaw.logs import METRICS_NAMESPACE
+
+        def event(when: float, level: LogLevel = LogLevel.info) -> dict[str, Any]:
+            return {
+                "log_format": "refused a request with {status} for {peer}: {reason}",
+                "log_time": when,
+                "log_level": level,
+                "log_namespace": METRICS_NAMESPACE,
+                "status": 400,
+                "peer": "203.0.113.7",
+                "reason": "send no request body",
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(100):
+            observer(event(1000 + n * 0.005))
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(len(lines), KEYLESS_REFUSAL_LINES)
+
     def test_keyless_refusals(self) -> None:
         """
         Lines marked L{KEYLESS_FIELD}: L{KEYLESS_REFUSAL_LINES} a second,

@@ -62,7 +62,7 @@ from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, n
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
-from openclaw.logs import HTTP2_FLOOD_FIELD
+from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop, or after an
@@ -89,7 +89,7 @@ KEYLESS_GRACE_SECONDS = 1.0
 #: L{Logger} declared on a class takes the class's name as its namespace
 #: (L{Logger.__get__}), and an instance attribute of a twisted.web site
 #: would read like the site's own state.
-_metrics_log = Logger(namespace="openclaw.metrics")
+_metrics_log = Logger(namespace=METRICS_NAMESPACE)
 
 
 def client_address(addr: IAddress | None) -> str | None:
