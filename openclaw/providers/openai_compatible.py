@@ -39,12 +39,13 @@ from openclaw.providers.wire import (
 class OpenAIWire:
     """
     An OpenAI-compatible chat API: the caller's body with the model
-    substituted, and the answer passed back as it came, but for two
+    substituted, and the answer passed back as it came, but for three
     normalisations: usage reported inside C{choices[0].usage} (as Moonshot
-    does) is also given where OpenAI puts it, the top-level C{usage}; and
-    a request that declared its functions in the legacy C{functions} field
-    (sent upstream as C{tools}) is answered in the legacy shape, as OpenAI
-    answers it and as the Gemini translation does (L{legacy_choice}).
+    does) is also given where OpenAI puts it, the top-level C{usage}; a
+    tool call without arguments (Moonshot's C{""}) gets OpenAI's C{"{}"};
+    and a request that declared its functions in the legacy C{functions}
+    field (sent upstream as C{tools}) is answered in the legacy shape, as
+    OpenAI answers it and as the Gemini translation does (L{legacy_choice}).
     """
 
     #: Ids are passed through as they came: none carries anything.
