@@ -559,6 +559,20 @@ def _remove_new_database(path: Path) -> None:
         pass
 
 
+def _holder(held: LockHeld, who: str = "another running gateway") -> str:
+    """
+    Who holds a lock, for a refusal: C{who}, and its pid when known.
+    """
+    return who if held.pid is None else f"{who} (pid {held.pid})"
+
+
+def _unusable(error: OSError, lock_path: Path) -> str:
+    """
+    Why the lock file at C{lock_path} cannot be used, for a refusal.
+    """
+    return str(error) if isinstance(error, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({error.strerror})"
+
+
 def _lock_state_dir(settings: Settings) -> PidLock:
     """
     Hold C{STATE_DIR} for this gateway (L{lock_state_dir}): alone for a
@@ -574,19 +588,17 @@ def _lock_state_dir(settings: Settings) -> PidLock:
         return lock_state_dir(settings.state_dir, shared=cluster)
     except LockHeld as e:
         if cluster:
-            holder = "a standalone gateway" if e.pid is None else f"a standalone gateway (pid {e.pid})"
             raise ConfigError(
-                f"{named} is in use by {holder} (no REDIS_URL), which holds its lock {str(e.path)!r}: give the "
+                f"{named} is in use by {_holder(e, 'a standalone gateway')} (no REDIS_URL), which holds its lock {str(e.path)!r}: give the "
                 "cluster its own STATE_DIR, or stop that gateway first"
             ) from None
-        holder = "another running gateway" if e.pid is None else f"another running gateway (pid {e.pid})"
         raise ConfigError(
-            f"{named} is in use by {holder}, which holds its lock {str(e.path)!r}: give each gateway its own "
+            f"{named} is in use by {_holder(e)}, which holds its lock {str(e.path)!r}: give each gateway its own "
             "STATE_DIR (or make them one cluster with REDIS_URL), or stop the other gateway first"
         ) from None
     except OSError as e:
         lock_path = settings.state_dir / STATE_LOCK
-        why = str(e) if isinstance(e, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({e.strerror})"
+        why = _unusable(e, lock_path)
         raise ConfigError(
             f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
             "STATE_DIR at a directory of the gateway's own"
@@ -608,14 +620,13 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
     try:
         return lock_token_file(settings.token_file)
     except LockHeld as e:
-        holder = "another running gateway" if e.pid is None else f"another running gateway (pid {e.pid})"
         raise ConfigError(
-            f"{named} is in use by {holder}, which holds its lock {str(e.path)!r}: give each gateway its own "
+            f"{named} is in use by {_holder(e)}, which holds its lock {str(e.path)!r}: give each gateway its own "
             "TOKEN_FILE, or stop the other gateway first"
         ) from None
     except OSError as e:
         lock_path = token_file_lock_path(settings.token_file)
-        why = str(e) if isinstance(e, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({e.strerror})"
+        why = _unusable(e, lock_path)
         raise ConfigError(
             f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
             "TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
