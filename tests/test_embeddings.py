@@ -149,6 +149,9 @@ class EmbeddingsClientGoneTests(GatewayCase):
         usage = yield self.command(gateway, client, "usage", {"name": "emb", "group_by": "model"})
         [group] = usage["groups"]
         self.assertEqual((group["model"], group["requests"]), (EMBEDDING_MODEL, 1))
+        # Its batch was sent (and is billed): the estimate of its inputs is
+        # counted, as for a chat call left after it was sent.
+        self.assertEqual(group["prompt_tokens"], 3)
         response = yield deferToThread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{gateway.api_port}/metrics").read()
         )

@@ -254,6 +254,9 @@ class Embeddings(_Authenticated):
         #: The provider calls made, the last one perhaps still without a
         #: verdict for the breaker.
         calls: list[PooledCall] = []
+        wire = adapter.embeddings
+        assert wire is not None, "checked by parse_embedding_request"
+        batch_size = wire.batch_size
         call = Deferred.fromCoroutine(self._embed(adapter, parsed, calls))
         call.addTimeout(context.timeout, context.reactor)
         context.call_started()
@@ -278,6 +281,12 @@ class Embeddings(_Authenticated):
                 if answered is not None:
                     tokens = answered.prompt_tokens
                     usage = {"prompt_tokens": estimated_tokens(parsed.inputs) if tokens is None else tokens}
+                elif outcome == CLIENT_GONE and calls:
+                    # Its client left after batches were sent: they are
+                    # billed all the same, so counted as chat counts a call
+                    # left after it was sent (the estimate of what was sent).
+                    sent = parsed.inputs[: len(calls) * batch_size]
+                    usage = {"prompt_tokens": estimated_tokens(sent)}
                 context.consumers.account(
                     holder, adapter.id, parsed.model, status, usage, context.reactor.seconds() - started
                 )
