@@ -20,6 +20,8 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +431,23 @@ class MetricsTests(TestCase):
         self.assertEqual(status, 403)
 
 
+@contextmanager
+def h2_client(port: int, ca: bytes) -> Iterator[tuple[ssl.SSLSocket, Any]]:
+    """
+    A TLS connection to C{port} (trusting C{ca}) that agreed on HTTP/2, and
+    an h2 client connection on it whose preface is ready to send.
+    """
+    import h2.connection
+
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            connection = h2.connection.H2Connection()
+            connection.initiate_connection()
+            yield sock, connection
+
+
 def h2_reset_then_request(
     port: int, ca: bytes, streams: list[tuple[str, str, str | None]], last_path: str = "/healthz"
 ) -> tuple[int, bytes]:
@@ -438,45 +457,39 @@ def h2_reset_then_request(
     write: the server reads both together), then C{GET /healthz}: that
     request's status and body.
     """
-    import h2.connection
     import h2.events
 
-    context = ssl.create_default_context(cadata=ca.decode())
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            connection = h2.connection.H2Connection()
-            connection.initiate_connection()
-            for method, path, key in streams:
-                stream = connection.get_next_available_stream_id()
-                headers = [(":method", method), (":authority", "127.0.0.1")]
-                if path:
-                    # Not for CONNECT (RFC 9113 section 8.5).
-                    headers[1:1] = [(":path", path), (":scheme", "https")]
-                if key is not None:
-                    headers.append(("authorization", f"Bearer {key}"))
-                connection.send_headers(stream, headers, end_stream=True)
-                connection.reset_stream(stream)
-            last = connection.get_next_available_stream_id()
-            connection.send_headers(
-                last,
-                [(":method", "GET"), (":path", last_path), (":scheme", "https"), (":authority", "127.0.0.1")],
-                end_stream=True,
-            )
+    with h2_client(port, ca) as (sock, connection):
+        for method, path, key in streams:
+            stream = connection.get_next_available_stream_id()
+            headers = [(":method", method), (":authority", "127.0.0.1")]
+            if path:
+                # Not for CONNECT (RFC 9113 section 8.5).
+                headers[1:1] = [(":path", path), (":scheme", "https")]
+            if key is not None:
+                headers.append(("authorization", f"Bearer {key}"))
+            connection.send_headers(stream, headers, end_stream=True)
+            connection.reset_stream(stream)
+        last = connection.get_next_available_stream_id()
+        connection.send_headers(
+            last,
+            [(":method", "GET"), (":path", last_path), (":scheme", "https"), (":authority", "127.0.0.1")],
+            end_stream=True,
+        )
+        sock.sendall(connection.data_to_send())
+        status, received = 0, b""
+        while chunk := sock.recv(65536):
+            for event in connection.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == last:
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    if event.stream_id == last:
+                        received += event.data
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == last:
+                    return status, received
             sock.sendall(connection.data_to_send())
-            status, received = 0, b""
-            while chunk := sock.recv(65536):
-                for event in connection.receive_data(chunk):
-                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == last:
-                        status = int(dict(event.headers)[b":status"])
-                    elif isinstance(event, h2.events.DataReceived):
-                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                        if event.stream_id == last:
-                            received += event.data
-                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == last:
-                        return status, received
-                sock.sendall(connection.data_to_send())
-            return status, received
+        return status, received
 
 
 def h2_request(
@@ -1198,31 +1211,25 @@ def h2_post_then_get(port: int, ca: bytes) -> int:
     Over one HTTP/2 connection, in one write: a POST /metrics with a whole
     body, then a GET /metrics: the GET's status (0 if none came).
     """
-    import h2.connection
     import h2.events
 
-    context = ssl.create_default_context(cadata=ca.decode())
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            connection = h2.connection.H2Connection()
-            connection.initiate_connection()
-            head = [(":scheme", "https"), (":authority", "127.0.0.1"), (":path", "/metrics")]
-            connection.send_headers(1, [(":method", "POST"), *head, ("content-length", "3")])
-            connection.send_data(1, b"abc", end_stream=True)
-            connection.send_headers(3, [(":method", "GET"), *head], end_stream=True)
+    with h2_client(port, ca) as (sock, connection):
+        head = [(":scheme", "https"), (":authority", "127.0.0.1"), (":path", "/metrics")]
+        connection.send_headers(1, [(":method", "POST"), *head, ("content-length", "3")])
+        connection.send_data(1, b"abc", end_stream=True)
+        connection.send_headers(3, [(":method", "GET"), *head], end_stream=True)
+        sock.sendall(connection.data_to_send())
+        status = 0
+        while chunk := sock.recv(65536):
+            for event in connection.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 3:
+                    return status
             sock.sendall(connection.data_to_send())
-            status = 0
-            while chunk := sock.recv(65536):
-                for event in connection.receive_data(chunk):
-                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 3:
-                        status = int(dict(event.headers)[b":status"])
-                    elif isinstance(event, h2.events.DataReceived):
-                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 3:
-                        return status
-                sock.sendall(connection.data_to_send())
-            return status
+        return status
 
 
 def h2_body_forever(port: int, ca: bytes) -> bool:
@@ -1230,34 +1237,28 @@ def h2_body_forever(port: int, ca: bytes) -> bool:
     A POST /metrics stream over HTTP/2 whose body never ends (a DATA frame
     every 50 ms, for up to 3 s): whether the server reset the stream.
     """
-    import h2.connection
     import h2.events
 
-    context = ssl.create_default_context(cadata=ca.decode())
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            connection = h2.connection.H2Connection()
-            connection.initiate_connection()
-            headers = [(":method", "POST"), (":path", "/metrics"), (":scheme", "https"), (":authority", "127.0.0.1")]
-            connection.send_headers(1, headers)
+    with h2_client(port, ca) as (sock, connection):
+        headers = [(":method", "POST"), (":path", "/metrics"), (":scheme", "https"), (":authority", "127.0.0.1")]
+        connection.send_headers(1, headers)
+        sock.sendall(connection.data_to_send())
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                connection.send_data(1, b"x" * 100)
+            except Exception:
+                return True  # the stream is closed: reset by the server
             sock.sendall(connection.data_to_send())
-            sock.settimeout(0.05)
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                try:
-                    connection.send_data(1, b"x" * 100)
-                except Exception:
-                    return True  # the stream is closed: reset by the server
-                sock.sendall(connection.data_to_send())
-                try:
-                    chunk = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                if not chunk:
-                    return False
-                for event in connection.receive_data(chunk):
-                    if isinstance(event, h2.events.StreamReset):
-                        return True
-                sock.sendall(connection.data_to_send())
-            return False
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return False
+            for event in connection.receive_data(chunk):
+                if isinstance(event, h2.events.StreamReset):
+                    return True
+            sock.sendall(connection.data_to_send())
+        return False
