@@ -255,7 +255,40 @@ def _invalid_target() -> APIError:
     )
 
 
-class MetricsRequest(Request):
+class NextTurnRequest(Request):
+    """
+    A request that, over HTTP/2, is answered on the reactor's turn after
+    its stream is whole (L{ready}).  twisted.web's HTTP/2 hands over a
+    whole stream as it reads it, before the frames read with it are seen: a
+    RST_STREAM in the same read (a client that gave up at once, a "rapid
+    reset" flood) reaches the request only after, and an answer written at
+    once went to a stream h2 had closed (StreamIDTooLowError, logged as a
+    failure for every such stream).  On the next turn the reset is known.
+    """
+
+    #: Over HTTP/2: L{ready} put L{process} off to the next turn.
+    _turned = False
+    #: The connection (over HTTP/2: the stream) was lost.
+    _lost = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        super().connectionLost(reason)
+
+    def ready(self) -> bool:
+        """
+        Whether L{process} may answer now: not the first time over HTTP/2
+        (it is called again on the next turn), nor once the request is lost.
+        """
+        if not self._turned and http11_channel(self) is None:
+            self._turned = True
+            site: Site = self.channel.site  # type: ignore[attr-defined]
+            site.reactor.callLater(0, self.process)
+            return False
+        return not self._lost
+
+
+class MetricsRequest(NextTurnRequest):
     """
     A request of the C{/metrics} listener (C{--metrics-listen}): one with
     more than one C{Host} field, a C{Host} that is not one, or a body (the
@@ -332,24 +365,8 @@ class MetricsRequest(Request):
             reason=body.decode("ascii").rstrip("\n"),
         )
 
-    #: Over HTTP/2: L{process} waited for the reactor's next turn.
-    _turned = False
-    #: The connection (over HTTP/2: the stream) was lost.
-    _lost = False
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._lost = True
-        super().connectionLost(reason)
-
     def process(self) -> None:
-        if not self._turned and http11_channel(self) is None:
-            # As an API request's (L{APIRequest.process}): a RST_STREAM
-            # read with the stream is known on the next turn.
-            self._turned = True
-            site: Site = self.channel.site  # type: ignore[attr-defined]
-            site.reactor.callLater(0, self.process)
-            return
-        if self._lost or self._reset:
+        if not self.ready() or self._reset:
             return
         if self._refused is None:
             super().process()
@@ -515,7 +532,7 @@ class RefusedConnection(Protocol):
             transport.loseConnection()
 
 
-class APIRequest(Request):
+class APIRequest(NextTurnRequest):
     """
     A request whose body may not exceed the site's C{max_request_bytes},
     and is read only from a key holder.
@@ -714,28 +731,8 @@ class APIRequest(Request):
             target = b"/"
         super().requestReceived(command, target, version)
 
-    #: Over HTTP/2: L{process} waited for the reactor's next turn.
-    _turned = False
-    #: The connection (over HTTP/2: the stream) was lost.
-    _lost = False
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._lost = True
-        super().connectionLost(reason)
-
     def process(self) -> None:
-        if not self._turned and http11_channel(self) is None:
-            # twisted.web's HTTP/2 hands over a whole stream as it reads
-            # it, before the frames read with it are seen: a RST_STREAM in
-            # the same read (a client that gave up at once, a "rapid reset"
-            # flood) reaches the request only after, and an answer written
-            # at once went to a stream h2 had closed (StreamIDTooLowError,
-            # logged as a failure for every such stream).  On the next
-            # turn the reset is known.
-            self._turned = True
-            self.api_site.reactor.callLater(0, self.process)
-            return
-        if self._lost:
+        if not self.ready():
             # Reset before it was answered: nothing to answer, nothing to
             # count (it never reached the gateway's code).
             return
