@@ -189,6 +189,22 @@ class AccountTests(ResilienceTestCase):
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=account"])
 
 
+class NoStatusTests(ResilienceTestCase):
+    """
+    An answer without a status (C{HTTP/1.1 000}) is the provider's failure.
+    """
+
+    @inlineCallbacks
+    def test_fails_over(self):
+        gateway = self.gateway(default_provider="kimi", fallback="auto", breaker_failures=1)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 0
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=http_5xx"])
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "open")
+
+
 class ProviderUpTests(PoolTestCase):
     """
     C{openclaw_provider_up} is read when scraped.

@@ -51,6 +51,9 @@ class ClassifyTests(SynchronousTestCase):
             (500, RefusalKind.SERVER),
             (503, RefusalKind.SERVER),
             (302, RefusalKind.OTHER),
+            # No status: "HTTP/1.1 000" is read as 0 by twisted.web.
+            (0, RefusalKind.SERVER),
+            (99, RefusalKind.SERVER),
         ):
             self.assertEqual(classify(status, b'{"error": {"message": "x", "type": "t"}}').kind, kind, status)
 

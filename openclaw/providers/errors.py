@@ -502,7 +502,10 @@ def classify(
             retry_after = DEFAULT_REST_SECONDS
     elif status in REQUEST_STATUSES:
         kind = RefusalKind.REQUEST
-    elif status >= 500:
+    elif status >= 500 or status < 100:
+        # Below 100: no status at all (RFC 9110 section 15 defines three
+        # digits from 100 to 599; twisted.web reads "000" as 0): a broken
+        # provider, as a 5xx is.
         kind = RefusalKind.SERVER
     else:
         kind = RefusalKind.OTHER
