@@ -491,6 +491,10 @@ class ImageTypeTests(SynchronousTestCase):
             ("https://example.com/a\u2028.png", "invisible character"),
             ("https://example.com/a\u200b.png", "invisible character"),
             ("https://example.com/a\u00a0.png", "invisible character"),
+            # Printable to Python, shown as nothing: a Hangul filler, a
+            # variation selector.
+            ("https://example.com/a\u3164.png", "invisible character"),
+            ("https://exa\ufe0fmple.com/a.png", "invisible character"),
             ("https://example.com:0/a.png", "port"),
             ("https://h\\a.png", "backslash"),
         ):

@@ -79,6 +79,13 @@ _WRAPPING = re.compile(r"[ \t]*\r?\n[ \t]*")
 #: URL schemes an image may be given by (the gateway never fetches them),
 #: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
+#: Characters C{str.isprintable} takes that show as nothing: Unicode's
+#: Default_Ignorable_Code_Point (DerivedCoreProperties.txt) letters and
+#: marks (the Hangul fillers, the combining grapheme joiner, the
+#: variation selectors) and the blank Braille pattern.
+INVISIBLE_PRINTABLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u2800\u3164\ufe00-\ufe0f\uffa0\U000e0100-\U000e01ef]"
+)
 #: How many unanswered tool call ids a 400 names (the rest are counted), and
 #: how many characters of each: the message stays short however many calls
 #: the request holds, and however long their ids.
@@ -930,9 +937,9 @@ def _check_image_url(url: str, where: str) -> None:
 
     @raise APIError: 400 naming C{where}.
     """
-    if " " in url or not url.isprintable():
+    if " " in url or not url.isprintable() or INVISIBLE_PRINTABLE.search(url):
         raise bad_request(
-            f"{where} holds a space, a control or an invisible character (such as U+2028 or U+200B), which no "
+            f"{where} holds a space, a control or an invisible character (such as U+2028, U+200B or U+3164), which no "
             "URL holds (RFC 3986 section 2): percent-encode it (a space is %20)",
             param=where,
         )
