@@ -25,7 +25,6 @@ import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, TextIO, cast
@@ -45,7 +44,7 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, PredicateResult, fo
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD
+from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD, plain_decimal, usd
 from openclaw.control.closecodes import (
     GOING_AWAY,
     POLICY_VIOLATION,
@@ -555,33 +554,6 @@ def consumer_request(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
                 "--expires-at"
             )
     return cmd, data
-
-
-def plain_decimal(value: float) -> str:
-    """
-    C{value} in full (Python's shortest repr that reads back as it), never
-    an exponent: C{0.000013}, not C{1.3e-05}; C{12345678.12345679}, not
-    C{1.23457e+07}; so at most 17 significant digits and 24 characters for
-    a budget (0, or from L{MIN_BUDGET_USD} to L{MAX_BUDGET_USD}).  A value
-    outside that (a budget an earlier version took, such as C{1e-320}) is
-    shown as Python's repr, with its exponent, rather than as hundreds of
-    digits.
-    """
-    value = float(value)
-    if value and not MIN_BUDGET_USD <= abs(value) <= MAX_BUDGET_USD:
-        return repr(value)
-    return format(Decimal(repr(value)), "f")
-
-
-def usd(value: float) -> str:
-    """
-    US dollars spent, as every table shows them: to the cent at least, to
-    6 significant digits below that, never an exponent (C{12345.68};
-    C{0.0000032}, not C{0} or C{3.2e-06}).
-    """
-    if abs(value) >= 1000:
-        return f"{value:.2f}"
-    return format(Decimal(f"{value:.6g}"), "f")
 
 
 def format_consumers(result: Mapping[str, Any]) -> str:

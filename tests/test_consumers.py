@@ -204,6 +204,12 @@ class RulesTests(TestCase):
         assert refused is not None
         self.assertEqual(refused.code, "insufficient_quota")
         self.assertIn("1 USD in total", refused.message)
+        # Small sums as people write them, never with an exponent.
+        refused = counters.admit(Consumer("b", budget_usd=0.00001, budget_period="total"), clock.seconds())
+        counters.counted("b", 0, 0.0000123, clock.seconds())
+        refused = counters.admit(Consumer("b", budget_usd=0.00001, budget_period="total"), clock.seconds())
+        assert refused is not None
+        self.assertIn("budget of 0.00001 USD in total (spent 0.0000123 USD)", refused.message)
 
     def test_budget_reservations(self) -> None:
         """
@@ -1187,7 +1193,7 @@ class ConsumerGatewayTests(GatewayCase):
         yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         spent = yield self.refused(sdk, "kimi/moonshot-v1-8k")
         self.assertEqual((spent.status_code, spent.code), (429, "insufficient_quota"))
-        self.assertIn("budget of 1e-06 USD per UTC day", spent.message)
+        self.assertIn("budget of 0.000001 USD per UTC day", spent.message)
         # The openai SDK retries a 429 unless told not to: a retrying client
         # asks once, not three times.
         self.assertEqual(spent.response.headers.get("x-should-retry"), "false")

@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -362,6 +363,33 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     return attrs.evolve(current, **changes)
 
 
+def plain_decimal(value: float) -> str:
+    """
+    C{value} in full (Python's shortest repr that reads back as it), never
+    an exponent: C{0.000013}, not C{1.3e-05}; C{12345678.12345679}, not
+    C{1.23457e+07}; so at most 17 significant digits and 24 characters for
+    a budget (0, or from L{MIN_BUDGET_USD} to L{MAX_BUDGET_USD}).  A value
+    outside that (a budget an earlier version took, such as C{1e-320}) is
+    shown as Python's repr, with its exponent, rather than as hundreds of
+    digits.
+    """
+    value = float(value)
+    if value and not MIN_BUDGET_USD <= abs(value) <= MAX_BUDGET_USD:
+        return repr(value)
+    return format(Decimal(repr(value)), "f")
+
+
+def usd(value: float) -> str:
+    """
+    US dollars spent, as every table shows them: to the cent at least, to
+    6 significant digits below that, never an exponent (C{12345.68};
+    C{0.0000032}, not C{0} or C{3.2e-06}).
+    """
+    if abs(value) >= 1000:
+        return f"{value:.2f}"
+    return format(Decimal(f"{value:.6g}"), "f")
+
+
 __all__ = [
     "KEY_PREFIX",
     "MAX_BUDGET_USD",
@@ -381,6 +409,8 @@ __all__ = [
     "parse_time",
     "period_end",
     "period_key",
+    "plain_decimal",
     "retired_name",
     "shown_key",
+    "usd",
 ]

@@ -30,6 +30,7 @@ from openclaw.consumers.model import (
     period_end,
     period_key,
     retired_name,
+    usd,
 )
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow, database_error, log_database_failure
@@ -159,11 +160,11 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
     end = period_end(period, now)
     described = {"day": "per UTC day", "month": "per UTC calendar month", "total": "in total"}[period]
     renews = f"; it renews at {isoformat(end)}" if end is not None else ""
-    held = f", {reserved:.6g} USD more reserved by calls in flight" if reserved > 0 else ""
+    held = f", {usd(reserved)} USD more reserved by calls in flight" if reserved > 0 else ""
     return APIError(
         429,
-        f"consumer {consumer.name!r} has used its budget of {consumer.budget_usd:g} USD {described} "
-        f"(spent {spent:.6g} USD{held}){renews}; ask the operator to raise budget_usd with consumer_update",
+        f"consumer {consumer.name!r} has used its budget of {usd(consumer.budget_usd or 0)} USD "
+        f"{described} (spent {usd(spent)} USD{held}){renews}; ask the operator to raise budget_usd with consumer_update",
         "insufficient_quota",
         "insufficient_quota",
         # Not worth retrying before the operator acts: the openai SDKs
@@ -225,9 +226,9 @@ class LocalCounters:
     def load(self, spend: dict[tuple[str, str], float]) -> None:
         # The database's figure, unless this instance counted more (rows
         # not yet written).
-        for key, usd in spend.items():
-            if usd > self.spend.get(key, 0.0):
-                self.spend[key] = usd
+        for key, spent in spend.items():
+            if spent > self.spend.get(key, 0.0):
+                self.spend[key] = spent
 
     def spent(self, consumer: str, period: str, now: float) -> float:
         return self.spend.get((consumer, period_key(period, now)), 0.0)
