@@ -204,6 +204,21 @@ class NoStatusTests(ResilienceTestCase):
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=http_5xx"])
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "open")
 
+    @inlineCallbacks
+    def test_fallback_cannot_take_it(self):
+        """
+        A request the fallback would refuse (Gemini's C{n} is at most 8)
+        is not failed over, and the answer says so.
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 503
+        response, text = yield self.post(gateway, {"messages": HELLO, "n": 9})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text, "upstream_http_error")["message"]
+        self.assertIn("(not failed over to gemini: it cannot take this request: n must be from 1 to 8", message)
+        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+
 
 class ProviderUpTests(PoolTestCase):
     """

@@ -467,7 +467,7 @@ class ChatCall:
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         if not self._may_use(target.id, model):
-            return self._fail(error)
+            return self._fail(_not_failed_over(error, target.id, f"this key may not use {target.id}/{model}"))
         try:
             body = encode_request(target.wire, self.chat, model)
         except APIError as refused:
@@ -480,7 +480,7 @@ class ChatCall:
                 target=target.id,
                 why=refused.message,
             )
-            return self._fail(error)
+            return self._fail(_not_failed_over(error, target.id, f"it cannot take this request: {refused.message}"))
         self._fallback = (origin, target.id, reason)
         # Scrubbed of this provider's keys now: _fail scrubs with the
         # fallback's.
@@ -1098,3 +1098,11 @@ class _ClientSide:
     def stopProducing(self) -> None:
         if not self._call.reads_out():
             self._relay.producer.stopProducing()
+
+
+def _not_failed_over(error: APIError, target: str, why: str) -> APIError:
+    """
+    C{error}, saying why the call was not failed over to C{target}: the
+    client sees the failover that did not happen, not only the log.
+    """
+    return attrs.evolve(error, message=f"{error.message} (not failed over to {target}: {why})")
