@@ -325,6 +325,38 @@ class ToolLoopTests(DataPlaneTestCase):
         self.assertEqual(refused.code, 400)
         self.assertIn("missing a thought_signature", (yield refused.text()))
 
+    @inlineCallbacks
+    def test_result_holding_ref_goes_as_text(self):
+        """
+        A tool result holding a C{"$ref"} key (a JSON Schema, say) goes to
+        Gemini as text: Gemini reads C{$ref} in C{functionResponse.response}
+        as naming a media part and refuses the request (as the stand-in
+        does, below).
+        """
+        self.upstream.gemini.answers[:] = [SUNNY]
+        gateway = self.gateway()
+        schema = json.dumps({"$defs": {"Row": {"type": "string"}}, "items": {"$ref": "#/$defs/Row"}})
+        history = [
+            *QUESTION,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": schema},
+        ]
+        response, text = yield self.post(gateway, {"messages": history, "tools": TOOLS})
+        self.assertEqual(response.code, 200, text)
+        body = self.upstream.gemini.last_body
+        self.assertEqual(body["contents"][2]["parts"][0]["functionResponse"]["response"], {"result": schema})
+        body["contents"][2]["parts"][0]["functionResponse"]["response"] = json.loads(schema)
+        url = self.upstream.base_url("gemini") + "/models/gemini-flash-latest:generateContent"
+        refused = yield self.http().post(url, json=body, headers={"x-goog-api-key": [self.upstream.gemini.key]})
+        self.assertEqual(refused.code, 400)
+        self.assertIn("does not match to a display_name", (yield refused.text()))
+
 
 class ParallelCallTests(DataPlaneTestCase):
     PARALLEL = (

@@ -818,8 +818,8 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
     """
     Refuse what the real API refuses, in its words: empty text, a function
     response turn that does not answer the call turn right before it, a
-    Gemini 3 model turn whose first call is unsigned, JSON Schema keywords
-    in C{parameters}.
+    Gemini 3 model turn whose first call is unsigned, a C{"$ref"} in a
+    function response, JSON Schema keywords in C{parameters}.
     """
     previous: dict[str, Any] | None = None
     for turn in body["contents"]:
@@ -850,6 +850,14 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
                 )
             if [c.get("id") for c in asked] != [r.get("id") for r in responses]:
                 raise Reject(400, "function response ids must match the function call ids")
+            for response in responses:
+                reference = _first_ref(response.get("response"))
+                if reference is not None:
+                    raise Reject(
+                        400,
+                        f"The referenced name `{reference}` in function_response.response does not match to a "
+                        "display_name in the function_response.parts.",
+                    )
         previous = turn
     for tool in body.get("tools") or ():
         for declaration in tool.get("functionDeclarations") or ():
@@ -859,6 +867,24 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
                 raise Reject(
                     400, 'Invalid JSON payload received. Unknown name "additionalProperties": Cannot find field.'
                 )
+
+
+def _first_ref(value: Any) -> str | None:
+    """
+    The first C{"$ref"} value anywhere in C{value}: Gemini takes one in a
+    function response for a media part's C{displayName} (the stand-in has
+    no such parts, so any is refused).
+    """
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if "$ref" in value:
+                return str(value["$ref"])
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return None
 
 
 #: The most numbers a vector may have, as the providers' largest models

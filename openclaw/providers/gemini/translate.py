@@ -379,12 +379,34 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
             parsed = None
-        if nests_too_deep(parsed):
+        if nests_too_deep(parsed) or ("ref" in text and _holds_ref(parsed)):
             parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
         response["id"] = gemini_id
     return {"functionResponse": response}
+
+
+def _holds_ref(value: Any) -> bool:
+    """
+    Whether a C{"$ref"} key is anywhere in C{value} (parsed JSON, not
+    nested too deep).  Gemini reads one inside C{functionResponse.response}
+    as naming a media part of the response and refuses the request when no
+    part has that C{displayName} ("The referenced name `#/$defs/Row` in
+    function_response.response does not match to a display_name";
+    googleapis/python-genai #2792, vercel/ai #14369): such a result (a
+    JSON Schema, say) goes as text, C{{"result": "..."}}.
+    """
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if "$ref" in value:
+                return True
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def _declaration(function: dict[str, Any]) -> dict[str, Any]:
