@@ -357,6 +357,42 @@ class ToolLoopTests(DataPlaneTestCase):
         self.assertEqual(refused.code, 400)
         self.assertIn("does not match to a display_name", (yield refused.text()))
 
+    @inlineCallbacks
+    def test_ref_beside_other_keywords(self):
+        """
+        A schema node with C{"$ref"} and other keywords (Pydantic's
+        C{title}) reaches Gemini with the reference in an C{anyOf} of one,
+        in tools and in C{response_format}: Gemini refuses anything but
+        C{description} and C{default} beside C{$ref} (as the stand-in
+        does, below).
+        """
+        self.upstream.gemini.answers[:] = [SUNNY]
+        gateway = self.gateway()
+        schema = {
+            "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}},
+            "type": "object",
+            "properties": {"home": {"$ref": "#/$defs/Place", "title": "Home", "description": "Where"}},
+        }
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+        response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        response, text = yield self.post(
+            gateway,
+            {"messages": QUESTION, "tools": tools, "response_format": response_format},
+        )
+        self.assertEqual(response.code, 200, text)
+        body = self.upstream.gemini.last_body
+        home = {"title": "Home", "description": "Where", "anyOf": [{"$ref": "#/$defs/Place"}]}
+        self.assertEqual(
+            body["tools"][0]["functionDeclarations"][0]["parametersJsonSchema"]["properties"]["home"], home
+        )
+        self.assertEqual(body["generationConfig"]["responseJsonSchema"]["properties"]["home"], home)
+        self.assertEqual(body["generationConfig"]["responseJsonSchema"]["$defs"], schema["$defs"])
+        body["generationConfig"]["responseJsonSchema"] = schema
+        url = self.upstream.base_url("gemini") + "/models/gemini-flash-latest:generateContent"
+        refused = yield self.http().post(url, json=body, headers={"x-goog-api-key": [self.upstream.gemini.key]})
+        self.assertEqual(refused.code, 400)
+        self.assertIn("only description and default can be set alongside it", (yield refused.text()))
+
 
 class ParallelCallTests(DataPlaneTestCase):
     PARALLEL = (

@@ -729,6 +729,36 @@ class ToolNameTests(SynchronousTestCase):
         self.assertIn("fs_read", caught.exception.message)
 
 
+class RefAloneTests(SynchronousTestCase):
+    """
+    L{gemini.ref_alone}: a C{$ref} with other keywords beside it moves into
+    an C{anyOf} of one; names, data and C{description}/C{default} stay.
+    """
+
+    def test_rewrites(self) -> None:
+        place = {"type": "object"}
+        schema = {
+            "$ref": "#/$defs/Root",
+            "$defs": {"Root": {"properties": {"$ref": {"$ref": "#/$defs/P", "title": "T"}}}, "P": place},
+            "properties": {
+                "kept": {"$ref": "#/$defs/P", "description": "d", "default": {}},
+                "data": {"enum": [{"$ref": "x", "title": "data"}], "default": {"$ref": "y", "title": "data"}},
+                "either": {"$ref": "#/$defs/P", "anyOf": [{"type": "null"}], "title": "left"},
+            },
+        }
+        before = json.dumps(schema)
+        sent = gemini.ref_alone(schema)
+        self.assertEqual(json.dumps(schema), before)
+        self.assertEqual(sent["anyOf"], [{"$ref": "#/$defs/Root"}])
+        self.assertNotIn("$ref", sent)
+        self.assertEqual(sent["$defs"]["Root"]["properties"]["$ref"], {"title": "T", "anyOf": [{"$ref": "#/$defs/P"}]})
+        self.assertIs(sent["$defs"]["P"], place)
+        for name in ("kept", "data", "either"):
+            self.assertIs(sent["properties"][name], schema["properties"][name], name)
+        plain = {"type": "object", "properties": {"a": {"type": "string"}}}
+        self.assertIs(gemini.ref_alone(plain), plain)
+
+
 class GatewayTests(DataPlaneTestCase):
     """
     Through the gateway with the openai SDK, against the stand-in Gemini.

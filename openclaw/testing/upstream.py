@@ -819,7 +819,8 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
     Refuse what the real API refuses, in its words: empty text, a function
     response turn that does not answer the call turn right before it, a
     Gemini 3 model turn whose first call is unsigned, a C{"$ref"} in a
-    function response, JSON Schema keywords in C{parameters}.
+    function response, JSON Schema keywords in C{parameters}, a C{"$ref"}
+    with other keywords beside it in a JSON Schema.
     """
     previous: dict[str, Any] | None = None
     for turn in body["contents"]:
@@ -859,14 +860,24 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
                         "display_name in the function_response.parts.",
                     )
         previous = turn
+    schemas = [(body.get("generationConfig") or {}).get("responseJsonSchema")]
     for tool in body.get("tools") or ():
         for declaration in tool.get("functionDeclarations") or ():
+            schemas.append(declaration.get("parametersJsonSchema"))
             if "parameters" in declaration and "parametersJsonSchema" in declaration:
                 raise Reject(400, "parameters and parametersJsonSchema are mutually exclusive")
             if "additionalProperties" in json.dumps(declaration.get("parameters", {})):
                 raise Reject(
                     400, 'Invalid JSON payload received. Unknown name "additionalProperties": Cannot find field.'
                 )
+    for schema in schemas:
+        reference = _ref_with_others(schema)
+        if reference is not None:
+            raise Reject(
+                400,
+                f"$ref '{reference}' was set alongside unsupported fields. If a schema node has $ref set, then "
+                "only description and default can be set alongside it.",
+            )
 
 
 def _first_ref(value: Any) -> str | None:
@@ -884,6 +895,27 @@ def _first_ref(value: Any) -> str | None:
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
+    return None
+
+
+def _ref_with_others(schema: Any, names: bool = False) -> str | None:
+    """
+    The first C{"$ref"} in C{schema} with a keyword beside it other than
+    C{description} and C{default}, which Gemini refuses; C{names}: C{schema}
+    maps names to schemas (C{properties}, C{$defs}).
+    """
+    if isinstance(schema, list):
+        return next((found for item in schema if (found := _ref_with_others(item)) is not None), None)
+    if not isinstance(schema, dict):
+        return None
+    reference = schema.get("$ref")
+    if not names and isinstance(reference, str) and not schema.keys() <= {"$ref", "description", "default"}:
+        return reference
+    for key, value in schema.items():
+        if names or key not in ("enum", "const", "default", "examples"):
+            found = _ref_with_others(value, not names and key in ("properties", "$defs", "definitions"))
+            if found is not None:
+                return found
     return None
 
 

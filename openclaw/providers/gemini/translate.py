@@ -418,8 +418,63 @@ def _declaration(function: dict[str, Any]) -> dict[str, Any]:
     if parameters:
         # JSON Schema as the caller wrote it: no lossy conversion to the
         # OpenAPI subset that "parameters" takes.
-        declaration["parametersJsonSchema"] = parameters
+        declaration["parametersJsonSchema"] = ref_alone(parameters)
     return declaration
+
+
+#: What Gemini lets stand beside C{"$ref"} in a schema node.
+BESIDE_REF = frozenset({"$ref", "description", "default"})
+#: Keywords whose values are data, not schemas: never rewritten.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
+#: Keywords whose values map names to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def ref_alone(schema: Any) -> Any:
+    """
+    C{schema} (JSON Schema, as C{parametersJsonSchema} or
+    C{responseJsonSchema}) with each C{"$ref"} that has other keywords
+    beside it moved into an C{anyOf} of one: C{{"$ref": "#/$defs/A",
+    "title": "Home"}} becomes C{{"title": "Home", "anyOf": [{"$ref":
+    "#/$defs/A"}]}}, which validates the same (JSON Schema 2020-12 section
+    10.2.1.2).  Gemini refuses a node with C{$ref} and anything but
+    C{description} and C{default} ("If a schema node has $ref set, then
+    only description and default can be set alongside it"; its
+    C{responseJsonSchema} reference; anomalyco/opencode #12295), and
+    Pydantic's C{model_json_schema()} writes C{title} there.  A node that
+    already has an C{anyOf} is left as it is.  Unchanged parts are shared,
+    not copied; C{schema} itself is never changed.
+    """
+    if b'"$ref"' not in orjson.dumps(schema):
+        return schema
+    return _ref_alone(schema)
+
+
+def _ref_alone(schema: Any, names: bool = False) -> Any:
+    """
+    L{ref_alone} of C{schema}; C{names}: C{schema} maps names to schemas
+    (C{properties}, C{$defs}), so none of its keys is a keyword.
+    """
+    if isinstance(schema, list):
+        items = [_ref_alone(item) for item in schema]
+        return items if any(new is not old for new, old in zip(items, schema, strict=True)) else schema
+    if not isinstance(schema, dict):
+        return schema
+    changed = {
+        key: new
+        for key, value in schema.items()
+        if isinstance(value, (dict, list))
+        and (names or key not in _DATA_KEYWORDS)
+        and (new := _ref_alone(value, not names and key in _SCHEMA_MAPS)) is not value
+    }
+    node = {**schema, **changed} if changed else schema
+    if names:
+        return node
+    reference = node.get("$ref")
+    if isinstance(reference, str) and not node.keys() <= BESIDE_REF and "anyOf" not in node:
+        node = {key: value for key, value in node.items() if key != "$ref"}
+        node["anyOf"] = [{"$ref": reference}]
+    return node
 
 
 def _allowed_names(choice: Any) -> set[str] | None:
@@ -573,7 +628,7 @@ def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         spec = response_format.get("json_schema") if kind == "json_schema" else None
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema:
-            config["responseJsonSchema"] = schema
+            config["responseJsonSchema"] = ref_alone(schema)
     effort = body.get("reasoning_effort")
     if effort is not None:
         config["thinkingConfig"] = thinking_config(effort, model)
