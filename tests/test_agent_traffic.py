@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
 from openclaw.providers.gemini.callids import carried
+from openclaw.providers.gemini.embeddings import unit_length
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
 from openclaw.providers.kimi import REASONING_PLACEHOLDER
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
@@ -787,7 +789,12 @@ class EmbeddingTests(DataPlaneTestCase):
         floats = yield deferToThread(
             client.embeddings.create, model="x", input="ab", encoding_format="float", dimensions=4
         )
-        self.assertEqual(floats.data[0].embedding, first[:4])
+        # Unit length, as OpenAI's: Google normalises only the full 3072
+        # numbers of gemini-embedding-001, and the stand-in none.
+        for vector in (first, floats.data[0].embedding):
+            self.assertAlmostEqual(math.hypot(*vector), 1.0, places=6)
+        for got, want in zip(floats.data[0].embedding, unit_length(first[:4]), strict=True):
+            self.assertAlmostEqual(got, want, places=6)
         self.assertEqual((floats.usage.prompt_tokens, floats.usage.total_tokens), (0, 0))
         body = self.upstream.gemini.last_body
         self.assertEqual(
@@ -806,6 +813,11 @@ class EmbeddingTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.kimi.requests, 0)
         self.assertEqual(self.upstream.gemini.uris[-1], "/gemini/v1beta/models/gemini-embedding-001:batchEmbedContents")
 
+    def test_unit_length(self):
+        self.assertEqual(unit_length([3.0, 4.0]), [0.6, 0.8])
+        for kept in ([0.0, 0.0], [0.6, 0.8], [1.0, "x"], [math.inf, 1.0], []):
+            self.assertIs(unit_length(kept), kept)
+
     @inlineCallbacks
     def test_base64_is_little_endian_float32(self):
         gateway = self.gateway()
@@ -818,7 +830,8 @@ class EmbeddingTests(DataPlaneTestCase):
         document = json.loads(text)
         raw = base64.b64decode(document["data"][0]["embedding"])
         values = list(struct.unpack("<8f", raw))
-        self.assertEqual(values, [((2 + i) % 7) / 8 - 0.25 for i in range(8)])
+        expected = struct.unpack("<8f", struct.pack("<8f", *unit_length([((2 + i) % 7) / 8 - 0.25 for i in range(8)])))
+        self.assertEqual(values, list(expected))
         self.assertEqual(document["model"], "other-embedding")
 
     @inlineCallbacks

@@ -5,6 +5,7 @@ Gemini's embeddings: OpenAI's embeddings request as C{batchEmbedContents}
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +27,8 @@ class GeminiEmbeddings:
     C{POST {base}/models/<model>:batchEmbedContents} with one request per
     text (C{outputDimensionality} is OpenAI's C{dimensions}), answered
     C{{"embeddings": [{"values": [...]}, ...]}}.  The answer counts no
-    tokens.
+    tokens.  Its vectors are given unit length (L{unit_length}), as
+    OpenAI's are.
     """
 
     #: Requests per C{batchEmbedContents} call (Gemini's limit per batch).
@@ -67,7 +69,32 @@ class GeminiEmbeddings:
         found = None
         if isinstance(embeddings, list):
             found = [e.get("values") if isinstance(e, dict) else None for e in embeddings]
-        return EmbeddingsBatch(number_lists(found, expected, "embeddings", "values"), None)
+        vectors = number_lists(found, expected, "embeddings", "values")
+        return EmbeddingsBatch([unit_length(vector) for vector in vectors], None)
+
+
+#: How far from 1 a vector's length may be and still be taken as unit
+#: length (float rounding over thousands of numbers).
+UNIT_TOLERANCE = 1e-6
+
+
+def unit_length(vector: list[Any]) -> list[Any]:
+    """
+    C{vector} scaled to Euclidean length 1, as OpenAI's embeddings are (so
+    clients rank by dot product).  Google normalises only
+    gemini-embedding-001's full 3072 numbers; for a smaller
+    C{outputDimensionality} it says "you need to normalize the embeddings"
+    (U{https://ai.google.dev/gemini-api/docs/embeddings}).  A vector of
+    length 1 already, of length 0 or not finite, or holding what is not a
+    number (refused when encoded for the client) is returned as it is.
+    """
+    try:
+        length = math.hypot(*vector)
+    except TypeError:
+        return vector
+    if not length or not math.isfinite(length) or abs(length - 1.0) <= UNIT_TOLERANCE:
+        return vector
+    return [number / length for number in vector]
 
 
 def to_batch_embed(inputs: Sequence[str], model: str, dimensions: int | None) -> dict[str, Any]:
@@ -84,4 +111,4 @@ def to_batch_embed(inputs: Sequence[str], model: str, dimensions: int | None) ->
     return {"requests": requests}
 
 
-__all__ = ["GeminiEmbeddings", "to_batch_embed"]
+__all__ = ["GeminiEmbeddings", "to_batch_embed", "unit_length"]
