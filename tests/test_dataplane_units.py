@@ -232,6 +232,18 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertEqual(closing["choices"], [])
         self.assertEqual(closing["usage"], {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
 
+    def test_one_model_per_stream(self) -> None:
+        """
+        Every chunk names the model of the first, though C{modelVersion}
+        first comes with a later event.
+        """
+        stream = gemini.GeminiStream("gemini-flash-latest", "id", 0)
+        first = stream.chunk(self.event("Hel"))
+        later = stream.chunk(self.event("lo", "STOP", modelVersion="gemini-2.5-flash"))
+        assert first is not None and later is not None
+        models = {first["model"], later["model"], *(chunk["model"] for chunk in stream.closing())}
+        self.assertEqual(models, {"gemini-flash-latest"})
+
     def test_complete_needs_every_choice(self) -> None:
         stream = gemini.GeminiStream("m", "id", 0)
         stream.chunk(self.event("a", index=0))

@@ -1308,6 +1308,10 @@ class GeminiStream:
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
+    #: The chunks' C{model}, fixed by the first chunk made: one stream
+    #: names one model, as OpenAI's do, though C{modelVersion} may first
+    #: come with a later event.
+    _chunk_model: str | None = None
     #: An unknown finish reason has been logged (once per stream).
     _warned: bool = False
     #: Choices that have sent text or a tool call.
@@ -1436,6 +1440,10 @@ class GeminiStream:
             chunks.append({**self._chunk([]), "usage": self._usage})
         return chunks
 
+    def _first_chunk_model(self) -> str:
+        model = self._chunk_model = self._served_by or self.model
+        return model
+
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         """
         One C{chat.completion.chunk} of this answer.  With C{include_usage}
@@ -1448,7 +1456,7 @@ class GeminiStream:
             "id": self.completion_id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self._served_by or self.model,
+            "model": self._chunk_model or self._first_chunk_model(),
             "choices": choices,
         }
         if self.include_usage:
