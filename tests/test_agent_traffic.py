@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 
 from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.embeddings import unit_length
@@ -394,6 +395,45 @@ class ToolLoopTests(DataPlaneTestCase):
         refused = yield self.http().post(url, json=body, headers={"x-goog-api-key": [self.upstream.gemini.key]})
         self.assertEqual(refused.code, 400)
         self.assertIn("only description and default can be set alongside it", (yield refused.text()))
+
+
+class ForcedCallTests(DataPlaneTestCase):
+    """
+    The stand-in answers a C{tool_choice} that forces a call with that call
+    (README: a tool loop tried by hand), on each provider; C{log_bodies}
+    logs what it received.
+    """
+
+    @inlineCallbacks
+    def loop(self, provider: str, stream: bool) -> Any:
+        behaviour = getattr(self.upstream, provider)
+        behaviour.log_bodies = True
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        client = self.sdk(self.gateway(default_provider=provider))
+        for choice, name in (
+            ("required", "get_weather"),
+            ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+        ):
+            first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, tool_choice=choice)
+            self.assertEqual(first["finishes"], ["tool_calls"])
+            self.assertEqual([(c["name"], c["arguments"]) for c in first["calls"]], [(name, "{}")])
+            messages = [*QUESTION, echoed(first), *results(first)]
+            second = yield deferToThread(ask, client, messages, stream, tools=TOOLS, tool_choice="auto")
+            self.assertEqual((second["content"], second["finishes"]), ("Hello from the stand-in.", ["stop"]))
+        bodies = [e for e in logged if e.get("log_namespace") == "openclaw.testing.upstream.bodies"]
+        self.assertEqual(len(bodies), 4)
+        self.assertEqual(json.loads(bodies[-1]["body"]), behaviour.bodies[-1])
+
+    def test_kimi(self):
+        return self.loop("kimi", False)
+
+    def test_gemini(self):
+        return self.loop("gemini", False)
+
+    def test_gemini_streamed(self):
+        return self.loop("gemini", True)
 
 
 class ParallelCallTests(DataPlaneTestCase):

@@ -183,6 +183,8 @@ class ProviderBehaviour:
     #: Every chat (and embeddings) body received, in order, so that a test
     #: can assert on each translated request of a tool loop.
     bodies: list[Any] = attrs.field(factory=list)
+    #: Log each chat (and embeddings) body received (C{--log-bodies}).
+    log_bodies: bool = False
     #: Scripted chat answers (L{GeminiAnswer}, L{OpenAIAnswer}), each used
     #: by one call, first in first out; when none is left, the C{reply}.
     answers: list[Any] = attrs.field(factory=list)
@@ -598,6 +600,25 @@ class EventStream:
     separator: bytes = b"\n\n"
 
 
+#: Where C{--log-bodies} writes.
+_bodies_log = Logger(namespace="openclaw.testing.upstream.bodies")
+
+
+def _received(request: Request, behaviour: ProviderBehaviour, body: Any) -> None:
+    """
+    Keep C{body} (L{ProviderBehaviour.bodies}), and log it as JSON with
+    L{ProviderBehaviour.log_bodies}.
+    """
+    behaviour.bodies.append(body)
+    if behaviour.log_bodies:
+        _bodies_log.info(
+            "{method} {path} body: {body}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            body=json.dumps(body, ensure_ascii=False),
+        )
+
+
 def _json_body(request: Request) -> Any:
     assert request.content is not None
     try:
@@ -612,7 +633,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     C{"stream": true} as C{chat.completion.chunk} events ending C{[DONE]}.
     """
     body = behaviour.last_body = _json_body(request)
-    behaviour.bodies.append(body)
+    _received(request, behaviour, body)
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
         raise Reject(400, "Invalid request: messages must be a non-empty list")
     model = body.get("model")
@@ -624,7 +645,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if _KIMI_THINKING.search(model):
         _check_kimi_reasoning(body["messages"])
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
-    answer = behaviour.answers.pop(0) if behaviour.answers else OpenAIAnswer(behaviour.reply)
+    answer = behaviour.answers.pop(0) if behaviour.answers else _openai_default(body, behaviour)
     pieces = re.findall(r"\s*\S+", answer.content) if answer.content else []
     completion = len(pieces) + len(answer.tool_calls) + behaviour.reasoning_tokens
     usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 10 + completion}
@@ -673,6 +694,51 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if (body.get("stream_options") or {}).get("include_usage") and not behaviour.usage_in_choice:
         events.append({**chunk, "choices": [], "usage": usage})
     return 200, EventStream((*(json.dumps(e).encode() for e in events), b"[DONE]"))
+
+
+def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenAIAnswer:
+    """
+    The answer when none is scripted: a call of the function a
+    C{tool_choice} forces (C{"required"}: the first tool; a named
+    function; C{allowed_tools} with mode C{"required"}: the first of
+    them), with arguments C{{}}, so a tool loop can be tried by hand;
+    else the C{reply}.
+    """
+    tools = [t.get("function", {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    name = None
+    if choice == "required" and tools:
+        name = tools[0]
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools") or {}
+        if allowed.get("mode") == "required" and allowed.get("tools"):
+            name = (allowed["tools"][0].get("function") or {}).get("name")
+    if not isinstance(name, str):
+        return OpenAIAnswer(behaviour.reply)
+    call = {"id": f"call_standin_{len(behaviour.bodies)}", "name": name, "arguments": "{}"}
+    return OpenAIAnswer(None, (call,))
+
+
+def _gemini_forced(body: dict[str, Any], behaviour: ProviderBehaviour) -> GeminiAnswer | None:
+    """
+    A call of the function C{toolConfig.functionCallingConfig} forces
+    (mode C{ANY}: the first of C{allowedFunctionNames}, else the first
+    declared), with C{args} C{{}} and a signature of this server's, when
+    no answer is scripted; else None.
+    """
+    config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    if config.get("mode") != "ANY":
+        return None
+    names = list(config.get("allowedFunctionNames") or ())
+    for tool in body.get("tools") or ():
+        names += [d.get("name") for d in tool.get("functionDeclarations") or () if isinstance(d, dict)]
+    if not names or not isinstance(names[0], str):
+        return None
+    signature = base64.b64encode(f"stand-in signature {len(behaviour.bodies)}".encode()).decode("ascii")
+    call = {"name": names[0], "args": {}, "id": f"standin-{len(behaviour.bodies)}"}
+    return GeminiAnswer((({"functionCall": call, "thoughtSignature": signature},),))
 
 
 def _check_openai_tool_ids(messages: list[Any]) -> None:
@@ -727,7 +793,7 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     if method not in ("generateContent", "streamGenerateContent") or not model:
         raise Reject(404, f"Method {target!r} not found.")
     body = behaviour.last_body = _json_body(request)
-    behaviour.bodies.append(body)
+    _received(request, behaviour, body)
     if not isinstance(body, dict) or not body.get("contents"):
         raise Reject(400, "* GenerateContentRequest.contents: contents is not specified")
     if model in behaviour.private_models:
@@ -742,7 +808,7 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     if levels is not None and "thinkingLevel" in thinking and thinking["thinkingLevel"] not in levels:
         raise Reject(400, f"Thinking level {str(thinking['thinkingLevel']).upper()} is not supported for this model.")
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
-    answer = behaviour.answers.pop(0) if behaviour.answers else None
+    answer = behaviour.answers.pop(0) if behaviour.answers else _gemini_forced(body, behaviour)
     if answer is None:
         pieces = behaviour.reply_pieces()
         answer = GeminiAnswer(tuple(({"text": piece},) for piece in pieces))
@@ -939,7 +1005,7 @@ def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> 
     C{outputDimensionality} numbers (8 when not asked).
     """
     body = behaviour.last_body = _json_body(request)
-    behaviour.bodies.append(body)
+    _received(request, behaviour, body)
     requests = body.get("requests") if isinstance(body, dict) else None
     if not isinstance(requests, list) or not requests:
         raise Reject(400, "* BatchEmbedContentsRequest.requests: requests is not specified")
@@ -965,7 +1031,7 @@ def openai_embed(request: Request, behaviour: ProviderBehaviour) -> tuple[int, A
     gateway's estimate).
     """
     body = behaviour.last_body = _json_body(request)
-    behaviour.bodies.append(body)
+    _received(request, behaviour, body)
     given = body.get("input") if isinstance(body, dict) else None
     inputs = [given] if isinstance(given, str) else given
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) for text in inputs):
@@ -1614,6 +1680,11 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="the retry delay a 429 asks for (mode rate_limited; default 1)",
     )
     parser.add_argument("--quiet", action="store_true", help="no access log (for benchmarks)")
+    parser.add_argument(
+        "--log-bodies",
+        action="store_true",
+        help="log each chat and embeddings request body received, as JSON (what the gateway sent)",
+    )
     args = parser.parse_args(argv)
     for provider_id, _ in [*args.keys, *args.modes]:
         if provider_id not in ids:
@@ -1639,6 +1710,7 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
                 delay=args.delay,
                 chunk_interval=args.chunk_interval,
                 retry_after=args.retry_after,
+                log_bodies=args.log_bodies,
             )
             for adapter in builtin_providers()
         },
