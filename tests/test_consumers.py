@@ -1110,6 +1110,7 @@ class ConsumerGatewayTests(GatewayCase):
         )
         not_allowed = yield self.refused(sdk, "gemini/gemini-2.5-flash")
         self.assertEqual((not_allowed.status_code, not_allowed.code), (403, "model_not_allowed"))
+        self.assertIn("or ask the operator to add this one to its models with consumer_update", not_allowed.message)
 
         usage = yield self.command(gateway, client, "usage", {"name": "search"})
         total = usage["total"]

@@ -177,7 +177,8 @@ def model_not_allowed(consumer: Consumer, provider: str, model: str) -> APIError
     return APIError(
         403,
         f"consumer {consumer.name!r} may not use {provider}/{model}; its models are "
-        f"{', '.join(consumer.models)}: name one of those (as provider/model)",
+        f"{', '.join(consumer.models)}: name one of those (as provider/model), or ask the operator to add "
+        "this one to its models with consumer_update",
         "invalid_request_error",
         "model_not_allowed",
         "model",
