@@ -902,7 +902,8 @@ def format_health(result: Mapping[str, Any]) -> str:
     One line per provider, columns aligned: name (active marked), ok,
     FAILED or not configured (no key: not probed), latency, model count,
     then whether the model in use exists upstream or, for a failure, the
-    error.
+    error, and the pool's keys out of use, if any (C{keys 1/2 usable
+    (ab12cd34 set_aside)}).
     """
     active = result.get("active")
     rows = []
@@ -916,6 +917,12 @@ def format_health(result: Mapping[str, Any]) -> str:
             detail = {True: f"{which} available", False: f"{which} NOT LISTED", None: ""}.get(available, "")
         else:
             detail = entry.get("error") or "failed"
+        keys = entry.get("keys")
+        if isinstance(keys, Mapping) and any(state != "ok" for state in keys.values()):
+            # A pool's key out of use: the listing probed may still be ok.
+            usable = sum(1 for state in keys.values() if state == "ok")
+            out = ", ".join(f"{printable(str(k), 16)} {printable(str(v), 16)}" for k, v in keys.items() if v != "ok")
+            detail = f"{detail}; keys {usable}/{len(keys)} usable ({out})".lstrip("; ")
         rows.append(
             [
                 name,

@@ -508,6 +508,16 @@ class FormattingTests(TestCase):
         text = ctl.format_health({"active": "kimi", "providers": {"gemini": entry}})
         self.assertIn("default model NOT LISTED", text)
 
+    def test_health_key_out_of_use(self):
+        keys = {"ab12cd34": "set_aside", "9f8e7d6c": "ok", "01234567": "resting"}
+        entry = {**HEALTH["providers"]["gemini"], "keys": keys}
+        text = ctl.format_health({"active": "gemini", "providers": {"gemini": entry}})
+        self.assertTrue(
+            text.endswith("active model available; keys 1/3 usable (ab12cd34 set_aside, 01234567 resting)"), text
+        )
+        entry = {**HEALTH["providers"]["gemini"], "keys": {"9f8e7d6c": "ok"}}
+        self.assertNotIn("keys", ctl.format_health({"active": "gemini", "providers": {"gemini": entry}}))
+
     def test_rotation(self):
         result = {"token": "NEW", "jti": "J", "expires": "E"}
         self.assertIn("new token: NEW", ctl.format_rotation(result, None))
