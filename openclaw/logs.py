@@ -53,6 +53,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import attrs
@@ -76,7 +77,8 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from openclaw.addresses import host_of
-from openclaw.settings import ConfigError
+from openclaw.files import NotARegularFile, open_regular_file
+from openclaw.settings import ConfigError, untrusted_log_file
 from openclaw.timefmt import isoformat
 
 _log = Logger(namespace="openclaw")
@@ -179,8 +181,10 @@ def log_destination(
     except OSError as error:
         # There, but not a file this user may append to (a directory,
         # another user's 0600 file).
+        if isinstance(error, UnsafeLogFile):
+            raise ConfigError(f"the log file {path} (--logfile) is refused: {error}") from None
         raise ConfigError(
-            f"cannot open the log file {path} (--logfile) for appending: {error.strerror}; "
+            f"cannot open the log file {path} (--logfile) for appending: {error.strerror or error}; "
             "name a file the gateway's user may write"
         ) from None
 
@@ -253,6 +257,14 @@ class ReopenedLogFile:
         """
         try:
             reopened = _append_to(self.path)
+        except (UnsafeLogFile, NotARegularFile) as error:
+            _log.error(
+                "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
+                "it had (where it was moved to): remove what is at {path}, then send SIGUSR1 again",
+                path=self.path,
+                reason=str(error),
+            )
+            return
         except OSError as error:
             _log.error(
                 "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
@@ -267,16 +279,31 @@ class ReopenedLogFile:
             previous.close()
 
 
+class UnsafeLogFile(OSError):
+    """
+    The log file is not one the gateway may append to
+    (L{untrusted_log_file}); the message says why and what to do.
+    """
+
+
 def _append_to(path: str) -> BinaryIO:
     """
     C{path} opened for appending (C{O_APPEND}: each write lands at the
     file's end, whoever else writes to it), unbuffered (one C{write(2)}
     per write), created with the process's umask when it is not there;
-    one that is there keeps its mode.
+    one that is there keeps its mode.  It must be a regular file: opening
+    does not wait for a FIFO's reader (L{open_regular_file}), and neither
+    a link of another user's on the way nor a file of another user's is
+    written to (L{untrusted_log_file}).
 
-    @raise OSError: it cannot be opened.
+    @raise OSError: it cannot be opened, or may not be (L{UnsafeLogFile},
+        L{NotARegularFile}).
     """
-    return open(path, "ab", buffering=0)
+    refusal = untrusted_log_file(Path(path))
+    if refusal is not None:
+        raise UnsafeLogFile(refusal)
+    fd = open_regular_file(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:

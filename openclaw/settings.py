@@ -1025,6 +1025,37 @@ def _trusted_links(path: Path, what: str, euid: int, fix: str) -> list[tuple[Pat
     return links
 
 
+def untrusted_log_file(path: Path, euid: int | None = None) -> str | None:
+    """
+    Why the gateway may not append to C{path} as its log file (twistd's
+    C{--logfile}), or None: a symbolic link met on the way that belongs to
+    neither the gateway's user nor root (its owner chose where the log
+    lines go: say C{/tmp/openclaw.log -> /root/.bashrc}, as Linux's
+    C{fs.protected_symlinks} would refuse to follow in a sticky
+    directory), or a file there that belongs to another user.  (What is
+    there but is not a regular file, a FIFO say, is refused when it is
+    opened: L{openclaw.files.open_regular_file}.)
+
+    @param euid: the gateway's user id (default: this process's).
+    """
+    euid = os.geteuid() if euid is None else euid
+    fix = "name a log file of the gateway's own (--logfile)"
+    try:
+        _trusted_links(path, "the log file", euid, fix)
+    except ConfigError as e:
+        return str(e)
+    try:
+        info = path.stat()
+    except OSError:
+        return None  # opening it says why
+    if info.st_uid not in (euid, 0):
+        return (
+            f"the log file belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, so that "
+            f"user could read or change what is logged; {fix}, or chown {euid} it"
+        )
+    return None
+
+
 def check_private_file(path: Path, what: str, secret: bool, euid: int | None = None) -> str | None:
     """
     Hold a file that holds secrets or settings to ssh's rule for its

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer
+from openclaw.settings import untrusted_log_file
 from openclaw.settings import ConfigError
 
 WHEN = 1764043200.25
@@ -422,6 +423,80 @@ class DestinationTests(SynchronousTestCase):
             f"the file it had (where it was moved to): make {logs} exist and writable, then send SIGUSR1 again",
         )
         self.assertEqual(messages(path), ["after"])
+
+    def test_fifo_refused_not_waited_on(self):
+        """
+        A FIFO at the log's path is refused at start and at a SIGUSR1
+        reopen (which logs why and keeps the file it had); opening it
+        waited for a reader for ever, freezing the gateway.
+        """
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        path = directory / "gw.log"
+        os.mkfifo(path)
+        with self.assertRaises(ConfigError) as refused:
+            log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        self.assertIn("a FIFO, not a regular file", str(refused.exception))
+        path.unlink()
+        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        observer = make_observer(stream, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        path.rename(directory / "gw.log.1")
+        os.mkfifo(path)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        Logger(namespace="openclaw.test").info("still here")
+        lines = [json.loads(line)["message"] for line in (directory / "gw.log.1").read_text().splitlines()]
+        self.assertIn("it is a FIFO, not a regular file; logging goes on to the file it had", lines[0])
+        self.assertIn(f"remove what is at {path}", lines[0])
+        self.assertEqual(lines[1], "still here")
+
+    def test_other_users_link_or_file_refused(self):
+        """
+        A symbolic link on the way to the log that belongs to neither the
+        gateway's user nor root, or a log file of another user's, is
+        refused: its owner chose where the lines go (README: the rule for
+        links of secret files' paths).
+        """
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        target = directory / "roots-file"
+        target.write_text("")
+        link = directory / "gw.log"
+        link.symlink_to(target)
+        other = os.geteuid() + 1
+        real_lstat = os.lstat
+
+        def lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            found = real_lstat(path, *args, **kwargs)
+            if os.fspath(path) == str(link):
+                return os.stat_result((found.st_mode, *found[1:4], other, *found[5:]))
+            return found
+
+        self.patch(os, "lstat", lstat)
+        with self.assertRaises(ConfigError) as refused:
+            log_destination({"nodaemon": False, "logfile": str(link)}, io.StringIO(), self.Reactor())
+        self.assertIn(f"through the symbolic link {str(link)!r}, which belongs to uid {other}", str(refused.exception))
+        self.assertEqual(target.read_text(), "")
+
+    def test_other_users_file_refused(self):
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        owner = os.stat(path).st_uid
+        self.assertIsNone(untrusted_log_file(path, euid=owner))
+        if owner == 0:
+            # Root's file: taken by any user (as secret files are).
+            self.assertIsNone(untrusted_log_file(path, euid=12345))
+            os.chown(path, 12345, -1)
+            refusal = untrusted_log_file(path, euid=0)
+        else:
+            refusal = untrusted_log_file(path, euid=owner + 1)
+        self.assertIn("neither the gateway's user", refusal or "")
 
     def test_processes_sharing_the_file_append(self):
         """
