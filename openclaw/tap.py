@@ -115,6 +115,20 @@ class Options(usage.Options):
         "workers",
     )
 
+    def postOptions(self) -> None:
+        """
+        Refuse twistd's options the gateway cannot run with
+        (L{_check_no_privilege_switch}, L{_check_twistd_paths}) as they are
+        parsed: twistd reads C{--pidfile} before it builds the service, and
+        a directory there was a traceback, a FIFO a launcher waiting for
+        ever.
+        """
+        try:
+            _check_no_privilege_switch(self.parent or {})
+            _check_twistd_paths(self.parent or {})
+        except ConfigError as e:
+            _fail(str(e))
+
     def settings_overrides(self) -> dict[str, Any]:
         return {
             "WS_CONTROL_PORT": self["port"],
@@ -395,13 +409,12 @@ def _check_twistd_paths(twistd_options: Mapping[str, Any]) -> None:
     """
     Refuse twistd's C{-d DIR} (C{--rundir}) that is not a directory to
     enter, and a C{--pidfile} that is there but is not a regular file (a
-    dangling link, which twistd would unlink at stop; a directory or a
-    FIFO twistd meets first, when it reads the pidfile), whose name is
-    too long, or in a directory that is not there or cannot be written:
-    twistd uses them only after the service is built (and the gateway's
-    files are made), and ends with a traceback, leaving those files
-    behind.  Here, before anything is
-    made: one line, exit status 2.
+    dangling link, which twistd would unlink at stop; a directory, which
+    twistd's C{checkPID} reads with a traceback; a FIFO, on which it waits
+    for ever), whose name is too long, or in a directory that is not
+    there or cannot be written.  Run as twistd parses the options
+    (L{Options.postOptions}), before it reads the pidfile, and again when
+    the service is built: one line, exit status 2, nothing made.
 
     @raise ConfigError: either cannot be used.
     """

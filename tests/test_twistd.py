@@ -277,8 +277,14 @@ class TwistdTests(TestCase):
                 ),
                 # Re-check s19: a dangling link (twistd failed with a
                 # traceback, files left, and unlinked it at stop), a name
-                # past NAME_MAX.  (A directory or a FIFO is twistd's to
-                # refuse: it reads the pidfile before the gateway starts.)
+                # past NAME_MAX; host trial s21: a directory (a traceback
+                # from twistd's checkPID) and a FIFO (checkPID waited for
+                # ever), refused as the options are parsed.
+                (["pid.d"], ["--pidfile", "pid.d"], listen, {}, 2, "'pid.d' is there and is not a regular file"),
+                (["pid.fifo"], ["--pidfile", "pid.fifo"], listen, {}, 2, "'pid.fifo' is there and is not a regular"),
+                # Host trial s21: a FIFO as the log file (its open waited
+                # for a reader for ever, the lock and database made).
+                (["log.fifo"], ["--logfile", "log.fifo"], listen, {}, 2, "it is a FIFO, not a regular file"),
                 (
                     ["pid.d"],
                     ["--pidfile", "pid.d/dangling"],
@@ -324,7 +330,10 @@ class TwistdTests(TestCase):
             for directories, twistd, args, env, status, expected in cases:
                 run = Path(self.mktemp_dir()).resolve()
                 for name in directories:
-                    (run / name).mkdir()
+                    if name.endswith(".fifo"):
+                        os.mkfifo(run / name)
+                    else:
+                        (run / name).mkdir()
                 if "pid.d" in directories:
                     (run / "pid.d" / "dangling").symlink_to(run / "missing" / "twistd.pid")
                 out, err, code = yield getProcessOutputAndValue(
