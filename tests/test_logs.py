@@ -20,8 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer
-from openclaw.settings import untrusted_log_file
-from openclaw.settings import ConfigError
+from openclaw.settings import ConfigError, untrusted_log_file
 
 WHEN = 1764043200.25
 
