@@ -870,9 +870,13 @@ class GatewayService(MultiService):
                 "shutdown grace of {seconds} s is over; closing with commands or API calls still in flight",
                 seconds=self.settings.shutdown_grace_seconds,
             )
-        yield self.factory.close_all(GOING_AWAY)
+        # Both at once: a control client slow to answer its close frame
+        # (up to CLOSE_HANDSHAKE_SECONDS) must not keep the API's calls
+        # running past the grace period (host trial s21: 5 s more).
+        closing = [self.factory.close_all(GOING_AWAY)]
         if self.api_site is not None:
-            yield self.api_site.close_connections()
+            closing.append(self.api_site.close_connections())
+        yield from closing
         yield self.providers.close()
         if self._purger is not None and self._purger.running:
             self._purger.stop()

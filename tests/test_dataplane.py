@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import socket
 import time
 from typing import Any
 
@@ -419,6 +420,33 @@ class StreamFailureTests(DataPlaneTestCase):
     A stream that cannot finish never looks finished; a client that leaves
     releases the upstream.
     """
+
+    @inlineCallbacks
+    def test_stop_ends_calls_at_the_grace(self):
+        """
+        A stream still under way when SHUTDOWN_GRACE_SECONDS runs out ends
+        then, though a control client does not answer its close frame (up
+        to CLOSE_HANDSHAKE_SECONDS, 5 s): the API's calls were ended only
+        once the control plane's connections were gone (host trial s21).
+        """
+        self.upstream.kimi.mode = "stall"
+        gateway = self.gateway(shutdown_grace_seconds=0.5)
+        silent = socket.create_connection(("127.0.0.1", gateway.port))
+        self.addCleanup(silent.close)
+        silent.sendall(
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        site = gateway.service.api_site
+        stream = self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        while site.context.in_flight < 1 or not gateway.service.factory.protocols:
+            yield deferLater(reactor, 0.01, lambda: None)
+        started = time.monotonic()
+        stopped = gateway.service.stopService()
+        response, text = yield stream
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertIn('"code":"shutting_down"', text)
+        yield stopped
 
     @inlineCallbacks
     def test_stop_ends_calls_honestly(self):
