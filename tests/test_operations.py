@@ -13,6 +13,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from openclaw.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "contrib" / "openclaw.service"
 
@@ -62,6 +64,17 @@ class SystemdUnitTests(SynchronousTestCase):
         (limit,) = self.directive("LimitNOFILE")
         self.assertGreaterEqual(int(limit), 16384)
 
+    def test_portable_and_timely(self) -> None:
+        """
+        The credential's path is spelled out (systemd's C{%d} needs 251 or
+        later; Ubuntu 22.04 has 249: host trial s21), and systemd waits
+        for a stop longer than its default grace (else SIGKILL).
+        """
+        (secret_file,) = [e for e in self.directive("Environment") if e.startswith("JWT_SECRET_FILE=")]
+        self.assertEqual(secret_file, "JWT_SECRET_FILE=/run/credentials/openclaw.service/jwt_secret")
+        (timeout,) = self.directive("TimeoutStopSec")
+        self.assertGreaterEqual(int(timeout), Settings().shutdown_grace_seconds + 15)
+
     def test_install_comments_create_every_path(self) -> None:
         """
         Every file the unit reads is created by a command of its install
@@ -70,7 +83,7 @@ class SystemdUnitTests(SynchronousTestCase):
         """
         named = set(re.findall(r"(?<![\w%])/(?:etc|opt|var|run|usr)/[\w./-]+", "\n".join(self.directives)))
         self.assertTrue(named)
-        made_by_systemd = {"/run/openclaw", "/var/lib/openclaw"}
+        made_by_systemd = {"/run/openclaw", "/var/lib/openclaw", "/run/credentials/openclaw.service"}
         for path in named:
             if any(path == d or path.startswith(d + "/") for d in made_by_systemd):
                 continue
