@@ -603,6 +603,42 @@ def _keys(text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
+#: Why a provider key holding a space or a control character is refused.
+_KEY_WITH_SPACE = (
+    "holds a space or a control character, which no provider's key holds (in an env file, a '# comment' after "
+    "the value is part of it): give the key alone"
+)
+
+
+def _provider_key(text: str) -> str:
+    """
+    A provider's key (C{KIMI_API_KEY}, ...), blanks around it dropped.
+
+    @raise ValueError: it holds a space or a control character: every
+        call would be refused by the provider (a 502 for each, nothing at
+        start-up).  The message never shows the key.
+    """
+    key = text.strip()
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError(f"the key {_KEY_WITH_SPACE}")
+    return key
+
+
+def _provider_keys(text: str) -> tuple[str, ...]:
+    """
+    A provider's C{<ID>_API_KEYS} (L{_keys}), each key held to
+    L{_provider_key}'s rule.
+
+    @raise ValueError: naming the entry by its place, never its value.
+    """
+    entries = text.split(",")
+    for number, entry in enumerate(entries, 1):
+        key = entry.strip()
+        if any(c.isspace() or not c.isprintable() for c in key):
+            raise ValueError(f"entry {number} of {len(entries)} {_KEY_WITH_SPACE}")
+    return _keys(text)
+
+
 def _gateway_keys(text: str) -> tuple[str, ...]:
     """
     C{GATEWAY_API_KEYS}: comma-separated keys (L{_keys}), each a bearer
@@ -1843,11 +1879,11 @@ def _load_settings(
     def read_provider(adapter: type[ProviderAdapter]) -> ProviderSettings:
         key = ""
         for variable in adapter.key_variables:
-            key = read(variable, str, "", "")
+            key = read(variable, _provider_key, "", "")
             if key:
                 break
         no_keys: tuple[str, ...] = ()
-        more = read(adapter.key_list_variable(), _keys, no_keys, "use comma-separated keys")
+        more = read(adapter.key_list_variable(), _provider_keys, no_keys, "")
         pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
         return ProviderSettings(
             adapter=adapter,

@@ -100,6 +100,31 @@ class LoadTests(SynchronousTestCase):
         self.environ.update(GATEWAY_API_KEYS=good, KIMI_API_KEYS="k1, k2")
         self.assertEqual(self.load().providers["kimi"].keys, ("k1", "k2"))
 
+    def test_provider_key_with_a_space(self) -> None:
+        """
+        A provider key holding a space or a control character (an env
+        file's C{# comment} after it: host trial s21, every Kimi call then
+        a 502) is refused in one line, never showing the key; blanks
+        around it go.
+        """
+        self.environ["KIMI_API_KEY"] = " sk-kimi-0123 "
+        self.assertEqual(self.load().providers["kimi"].keys, ("sk-kimi-0123",))
+        for name, value, said in (
+            ("KIMI_API_KEY", "sk-kimi-0123 # prod", "KIMI_API_KEY (from the environment) is invalid: the key holds"),
+            ("KIMI_API_KEY", "sk-kimi\x010123", "the key holds a space or a control character"),
+            ("GEMINI_API_KEYS", "AIza-1,AIza-2 # spare", "is invalid: entry 2 of 2 holds a space or a control"),
+        ):
+            self.environ.pop("KIMI_API_KEY", None)
+            self.environ[name] = value
+            with self.assertRaises(ConfigError) as caught:
+                self.load()
+            message = str(caught.exception)
+            self.assertIn(said, message)
+            self.assertIn("a '# comment' after the value is part of it", message)
+            self.assertNotIn("0123", message)
+            self.assertNotIn("AIza", message)
+            del self.environ[name]
+
     def test_provider_base_urls(self) -> None:
         """
         A provider's base URL is checked whole at start-up: one line naming
