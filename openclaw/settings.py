@@ -2258,24 +2258,36 @@ def unread_lines(path: str) -> list[str]:
     C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
     warning gives the line's number, not its text, which may hold a secret.
     A file that cannot be read again (changed since decouple read it) gets
-    none.
+    none.  A name given on more than one line gets a warning too, naming
+    the lines: decouple keeps the last.
     """
+    numbers: list[int] = []
+    #: name -> the lines that give it.
+    given: dict[str, list[int]] = {}
     try:
         with open(path, encoding=ENV_FILE_ENCODING) as lines:
-            numbers = [
-                number
-                for number, line in enumerate(lines, 1)
-                if (text := line.strip())
-                and not text.startswith("#")
-                and ("=" not in text or not text.partition("=")[0].strip())
-            ]
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                name = text.partition("=")[0].strip()
+                if "=" not in text or not name:
+                    numbers.append(number)
+                else:
+                    given.setdefault(name, []).append(number)
     except (OSError, UnicodeDecodeError):
         return []
-    return [
+    warnings = [
         f"env file {path!r}: line {number} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
         "or start it with # to keep it as a comment"
         for number in numbers
     ]
+    warnings += [
+        f"env file {path!r}: {name} is set on lines {', '.join(map(str, found))}: only the last counts; keep one"
+        for name, found in given.items()
+        if len(found) > 1
+    ]
+    return warnings
 
 
 def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> list[str]:
@@ -2303,7 +2315,9 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
                     f"write it as {close[0]}=VALUE, without export"
                 )
             continue
-        close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+        # Names are upper case: gemini_model is GEMINI_MODEL's typo too.
+        upper = key.upper()
+        close = [upper] if upper in names else difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
         if close:
             warnings.append(f"env file {where!r}: {key} is not a setting and is ignored; did you mean {close[0]}?")
     return warnings

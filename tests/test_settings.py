@@ -708,6 +708,24 @@ class FileSafetyTests(SynchronousTestCase):
         self.assertIn("did you mean KIMI_API_KEY?", settings.warnings[1])
         (warning,) = misspelt_settings(["TRUSTED_CLIENT_IP"], ["TRUSTED_CLIENT_IPS"], "f")
         self.assertTrue(warning.endswith("did you mean TRUSTED_CLIENT_IPS?"), warning)
+        # Lower case (host trial s21: ignored without a word).
+        (warning,) = misspelt_settings(["gemini_model"], ["GEMINI_MODEL"], "f")
+        self.assertTrue(warning.endswith("gemini_model is not a setting and is ignored; did you mean GEMINI_MODEL?"))
+        (warning,) = misspelt_settings(["kimi_api_kee"], ["KIMI_API_KEY"], "f")
+        self.assertTrue(warning.endswith("did you mean KIMI_API_KEY?"), warning)
+
+    def test_repeated_names(self) -> None:
+        """
+        A name set on two lines of the env file is a warning naming them:
+        the last counts (host trial s21: no word said).
+        """
+        env_file = self.cwd / "gw.env"
+        env_file.write_text("DEFAULT_PROVIDER=gemini\n# DEFAULT_PROVIDER=x\nLOG_LEVEL=info\nDEFAULT_PROVIDER=kimi\n")
+        env_file.chmod(0o600)
+        settings = self.load(env_file=str(env_file))
+        self.assertEqual(settings.default_provider, "kimi")
+        (warning,) = settings.warnings
+        self.assertIn("DEFAULT_PROVIDER is set on lines 1, 4: only the last counts; keep one", warning)
 
     def test_byte_order_mark(self) -> None:
         """
