@@ -426,6 +426,9 @@ class Settings:
 
 
 def _port(text: str) -> int:
+    if not text.strip().isascii():
+        # int() takes any Unicode digit: "４２１９３" is no port anyone typed.
+        raise ValueError
     port = int(text)
     if not 1 <= port <= 65535:
         raise ValueError
@@ -2187,6 +2190,13 @@ def _load_settings(
         return "the default" if config.get(name, default=None) is None and name not in given else source(name)
 
     _distinct_ports(settings, given_where)
+    if not settings.trusted_clients and not (settings.control_listen or "").startswith("unix:"):
+        # Allowed (a unix: listener's clients need no address), but with
+        # a TCP control listener no client can ever connect.
+        warnings.append(
+            f"TRUSTED_CLIENT_IPS is empty ({source('TRUSTED_CLIENT_IPS')}): every control-plane connection over TCP "
+            "is refused; list the addresses that may connect (such as 127.0.0.1,::1), or unset it for the default"
+        )
     if settings.database_url is None:
         # SQLite: the consumers' database is created in it by name.
         state_warning = check_state_directory(state_path, state_named, state_fix)

@@ -322,6 +322,21 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("TRUSTED_CLIENT_IPS", "300.1.1.1", TRUSTED_CLIENT_IPS="300.1.1.1")
         self.assertConfigError("TRUSTED_CLIENT_IPS", TRUSTED_CLIENT_IPS="10.0.0.1/8")
 
+    def test_empty_allowlist_warned(self) -> None:
+        """
+        An empty TRUSTED_CLIENT_IPS with a TCP control listener is a
+        warning (host trial s21: it started, then refused every control
+        connection); with a unix: listener it is a choice.
+        """
+        (warning,) = self.load({"TRUSTED_CLIENT_IPS": ""}).warnings
+        self.assertIn("TRUSTED_CLIENT_IPS is empty (from the command line): every control-plane connection", warning)
+        socket_path = self.cwd / "control.sock"
+        self.assertEqual(self.load({"TRUSTED_CLIENT_IPS": "", "CONTROL_LISTEN": f"unix:{socket_path}"}).warnings, ())
+
+    def test_port_digits_ascii(self) -> None:
+        self.assertConfigError("API_PORT", API_PORT="\uff14\uff12\uff11\uff19\uff13")
+        self.assertEqual(self.load({"API_PORT": " 42193 "}).api_port, 42193)
+
     def test_ttl_upper_bound(self) -> None:
         self.assertConfigError("SESSION_TTL_HOURS", "87600", SESSION_TTL_HOURS="1e8")
 
