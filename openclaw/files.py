@@ -47,7 +47,9 @@ def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None
 
     The temporary file is created with mode 0600 (L{tempfile.mkstemp}), so
     what it holds (a session token) is never readable by others, not even
-    for an instant.
+    for an instant, and is given mode 0600 whatever the umask took away
+    (twistd's C{--umask 0777} made a token file of mode 0000, which not
+    even its owner's C{openclawctl} could read).
 
     @param keep_owner: give the new file the owner and group of the file
         at C{path} (C{lstat}), when there is one, before the rename, as
@@ -68,6 +70,7 @@ def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None
     """
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if keep_owner:
                 _give_to_owner_of(path, fd)

@@ -26,7 +26,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.files import NotARegularFile
+from openclaw.files import NotARegularFile, write_atomically
 from openclaw.listeners import tls_file_problem
 from openclaw.metrics import OUTCOMES
 from openclaw.routing import MAX_MODEL_CHARS
@@ -204,6 +204,24 @@ class TokenFileCheckTests(SynchronousTestCase):
         ):
             self.path.write_bytes(content)
             self.assertRaises(UnsafeTokenFile, check_token_file, self.path)
+
+
+class TokenFileModeTests(SynchronousTestCase):
+    def test_mode_whatever_the_umask(self):
+        """
+        A file written whole (the token file, the state file) has mode
+        0600 under any umask: twistd's --umask 0777 made it 0000 (host
+        trial s21), unreadable even by its owner.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        for umask in (0o777, 0o000):
+            previous = os.umask(umask)
+            try:
+                write_atomically(directory / "token", "x\n")
+            finally:
+                os.umask(previous)
+            self.assertEqual(stat.S_IMODE((directory / "token").stat().st_mode), 0o600, oct(umask))
 
 
 class TokenFileUnwritableTests(TestCase):
