@@ -1398,9 +1398,11 @@ def _make_state_directory(path: Path, made: list[Path] | None = None) -> str:
 
 def _make_directories(path: Path, mode: int, created: list[Path]) -> None:
     """
-    C{path.mkdir(mode, parents=True, exist_ok=True)} (its parents with the
-    default mode, as C{mkdir -p}), adding each directory it creates to the
-    front of C{created}.
+    C{path.mkdir(mode, parents=True, exist_ok=True)}, its parents made
+    with mode 0755 (which the umask may narrow: never writable by others,
+    which L{check_state_directory} refuses above the state, as a parent
+    made 0777 under umask 000 was: host trial s21), adding each directory
+    it creates to the front of C{created}.
 
     @raise FileExistsError: something that is not a directory is in the way.
     @raise OSError: a directory cannot be made.
@@ -1410,7 +1412,7 @@ def _make_directories(path: Path, mode: int, created: list[Path]) -> None:
     except FileNotFoundError:
         if path.parent == path:
             raise
-        _make_directories(path.parent, 0o777, created)
+        _make_directories(path.parent, 0o755, created)
         _make_directories(path, mode, created)
     except OSError:
         # There already (EEXIST, or, in a directory this user may not

@@ -176,6 +176,20 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual((settings.state_dir, settings.token_file), (absolute, absolute / "token"))
         self.assertTrue(state.is_dir())
 
+    def test_state_dir_parents_under_umask_000(self) -> None:
+        """
+        The parents of a STATE_DIR to be made are made 0755, not 0777
+        under umask 000, which the state directory's rule then refused
+        (host trial s21: "run: chmod o-w" on a directory it had removed).
+        """
+        previous = os.umask(0)
+        try:
+            settings = self.load({"STATE_DIR": str(self.cwd / "a" / "b" / "state")})
+        finally:
+            os.umask(previous)
+        self.assertEqual(stat.S_IMODE((self.cwd / "a").stat().st_mode), 0o755)
+        self.assertEqual(stat.S_IMODE(settings.state_dir.stat().st_mode), 0o700)
+
     def test_log_level(self) -> None:
         """
         LOG_LEVEL's case is ignored, and C{warning} (Python's and syslog's
