@@ -2218,6 +2218,9 @@ def _load_settings(
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
+    # The environment too: systemd's EnvironmentFile= hands an env file's
+    # lines over as variables (host trial s21: a typo there said nothing).
+    warnings.extend(misspelt_settings(os.environ, known, None))
     return attrs.evolve(settings, warnings=tuple(warnings), sources=sources, made_directories=tuple(made))
 
 
@@ -2302,7 +2305,7 @@ def unread_lines(path: str) -> list[str]:
     return warnings
 
 
-def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> list[str]:
+def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str | None) -> list[str]:
     """
     A warning for each of C{keys} (an env file's) that is no setting but
     close to one (L{difflib.get_close_matches}): C{GEMINI_MODLE} names
@@ -2310,7 +2313,11 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
     decouple reads as a key with C{export} in it) says to drop the
     C{export}.  Keys close to nothing are left alone: an env file may
     serve other programs too.
+
+    @param where: the env file's path; None for the environment (what
+        systemd's C{EnvironmentFile=} gives).
     """
+    origin = "environment" if where is None else f"env file {where!r}"
     names = sorted(set(known))
     warnings = []
     for key in keys:
@@ -2323,7 +2330,7 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
             close = [name] if name in names else difflib.get_close_matches(name, names, n=1, cutoff=0.8)
             if close:
                 warnings.append(
-                    f"env file {where!r}: export {name}= is ignored (the key read is {key!r}); "
+                    f"{origin}: export {name}= is ignored (the key read is {key!r}); "
                     f"write it as {close[0]}=VALUE, without export"
                 )
             continue
@@ -2331,7 +2338,7 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str) -> 
         upper = key.upper()
         close = [upper] if upper in names else difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
         if close:
-            warnings.append(f"env file {where!r}: {key} is not a setting and is ignored; did you mean {close[0]}?")
+            warnings.append(f"{origin}: {key} is not a setting and is ignored; did you mean {close[0]}?")
     return warnings
 
 

@@ -743,6 +743,22 @@ class FileSafetyTests(SynchronousTestCase):
         (warning,) = misspelt_settings(["kimi_api_kee"], ["KIMI_API_KEY"], "f")
         self.assertTrue(warning.endswith("did you mean KIMI_API_KEY?"), warning)
 
+    def test_misspelt_in_the_environment(self) -> None:
+        """
+        A setting's typo in the environment (systemd's EnvironmentFile=
+        hands an env file over as variables) is a warning as in an env
+        file; names close to no setting are left alone.
+        """
+        self.environ.update(GEMINI_MODLE="gemini-2.5-pro", kimi_api_key="k", EDITOR="vi", LANG="C")
+        warnings = self.load().warnings
+        self.assertEqual(
+            sorted(warnings),
+            [
+                "environment: GEMINI_MODLE is not a setting and is ignored; did you mean GEMINI_MODEL?",
+                "environment: kimi_api_key is not a setting and is ignored; did you mean KIMI_API_KEY?",
+            ],
+        )
+
     def test_repeated_names(self) -> None:
         """
         A name set on two lines of the env file is a warning naming them:
