@@ -328,7 +328,10 @@ def _create_log_file(path: str, umask: int | None) -> None:
     except FileExistsError:
         return
     except OSError as error:
-        raise ConfigError(f"cannot create the log file {path} (--logfile): {error.strerror}") from None
+        raise ConfigError(
+            f"cannot create the log file {path} (--logfile): {error.strerror}; create {os.path.dirname(path)} "
+            "(writable by the gateway's user), or name a log file in a directory it may write"
+        ) from None
     os.close(fd)
 
 

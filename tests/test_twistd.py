@@ -315,7 +315,7 @@ class TwistdTests(TestCase):
                     [*listen, "--token-file", "new/state/token"],
                     {"STATE_DIR": "new/state"},
                     2,
-                    "the log file",
+                    "missing/twistd.log (--logfile): No such file or directory; create ",
                 ),
                 # --workers, whose workers would start in -d's directory.
                 (
