@@ -613,7 +613,7 @@ def _lock_state_dir(settings: Settings) -> PidLock:
         lock_path = settings.state_dir / STATE_LOCK
         why = _unusable(e, lock_path)
         raise ConfigError(
-            f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
+            f"{named} cannot be locked: {why}; {_remove_if_there(lock_path)}point "
             "STATE_DIR at a directory of the gateway's own"
         ) from None
 
@@ -641,9 +641,20 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
         lock_path = token_file_lock_path(settings.token_file)
         why = _unusable(e, lock_path)
         raise ConfigError(
-            f"{named} cannot be locked: {why}; remove {str(lock_path)!r} if no gateway uses it, or point "
+            f"{named} cannot be locked: {why}; {_remove_if_there(lock_path)}point "
             "TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
+
+
+def _remove_if_there(lock_path: Path) -> str:
+    """
+    The first of a lock refusal's ways out: removing the lock file, when
+    there is one to remove (host trial s21: it was told for a directory
+    that could not hold one at all).
+    """
+    if os.path.lexists(lock_path):
+        return f"remove {str(lock_path)!r} if no gateway uses it, or "
+    return ""
 
 
 def _check_token_shown(settings: Settings, twistd_options: Mapping[str, Any], stdout: IO[str]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from openclaw import tap
 from openclaw.state import STATE_LOCK
 from tests.support import GatewayProcess, free_port, spawn_gateway, within
 from tests.test_token_file_lock import gateway_env, running
@@ -168,3 +169,18 @@ class SharedLockTests(SynchronousTestCase):
         self.assertTrue(path.exists())
         PidLock.acquire(path).release()
         self.assertFalse(path.exists())
+
+
+class LockRefusalAdviceTests(SynchronousTestCase):
+    def test_remove_only_what_is_there(self) -> None:
+        """
+        A lock that cannot be made is not followed by advice to remove a
+        lock file that is not there (host trial s21: --state-dir
+        /sys/kernel was told to remove /sys/kernel/openclaw.lock).
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        lock = directory / STATE_LOCK
+        self.assertEqual(tap._remove_if_there(lock), "")
+        lock.write_text("")
+        self.assertEqual(tap._remove_if_there(lock), f"remove {str(lock)!r} if no gateway uses it, or ")
