@@ -792,6 +792,107 @@ class Http2Tests(TLSGateway):
         self.assertIn("#info] HTTP/2 connection from 127.0.0.1 aborted", flood[0])
 
 
+def h2_held_streams(port: int, ca: bytes, held: int) -> dict[str, Any]:
+    """
+    Over one HTTP/2 connection, C{held} key holders' POSTs that declare a
+    200000-byte body and send one byte of it, then one whole small POST;
+    read until that one is answered and every held stream is reset (or
+    10 s), then C{GET /healthz} on the same connection.  What came back.
+    """
+    import h2.events
+
+    def post(connection: Any, length: int) -> int:
+        stream = connection.get_next_available_stream_id()
+        headers = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":scheme", "https"),
+            (":authority", "127.0.0.1"),
+            ("authorization", f"Bearer {H2_KEY}"),
+            ("content-type", "application/json"),
+            ("content-length", str(length)),
+        ]
+        connection.send_headers(stream, headers)
+        return int(stream)
+
+    found: dict[str, Any] = {"statuses": {}, "bodies": {}, "reset": set()}
+    with h2_client(port, ca) as (sock, connection):
+        started = time.monotonic()
+        ids = [post(connection, 200000) for _ in range(held)]
+        for stream in ids:
+            connection.send_data(stream, b"{")
+        last = post(connection, 2)
+        connection.send_data(last, b"{}", end_stream=True)
+        sock.sendall(connection.data_to_send())
+        healthz: int | None = None
+        sock.settimeout(10)
+        while time.monotonic() - started < 10:
+            if healthz is None and found["reset"] >= set(ids) and last in found["statuses"]:
+                found["reset_after"] = time.monotonic() - started
+                healthz = connection.get_next_available_stream_id()
+                get = [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")]
+                connection.send_headers(healthz, get, end_stream=True)
+                sock.sendall(connection.data_to_send())
+            if healthz is not None and healthz in found["statuses"]:
+                break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            for event in connection.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    found["statuses"][event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    found["bodies"][event.stream_id] = found["bodies"].get(event.stream_id, b"") + event.data
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamReset):
+                    found["reset"].add(event.stream_id)
+            sock.sendall(connection.data_to_send())
+        found["last"] = (found["statuses"].get(last), found["bodies"].get(last, b""))
+        found["healthz"] = found["statuses"].get(healthz) if healthz is not None else None
+        found["held"] = ids
+    return found
+
+
+class Http2StreamLimitsTests(TLSGateway):
+    """
+    Each HTTP/2 stream in flight counts as a connection against the API's
+    caps (the descriptors a body's temporary file and a provider
+    connection take), and must be whole within API_BODY_TIMEOUT_SECONDS
+    (hostile trial s21: 3 connections of 100 streams took every
+    descriptor, trickling one byte every 20 s).
+    """
+
+    environment = (
+        ("API_MAX_CONNECTIONS", "4"),
+        ("API_MAX_CONNECTIONS_PER_ADDRESS", "4"),
+        ("API_BODY_TIMEOUT_SECONDS", "1"),
+        ("MAX_REQUEST_BYTES", "1000000"),
+    )
+
+    @inlineCallbacks
+    def test_streams_take_slots_and_a_deadline(self):
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        found = yield deferToThread(h2_held_streams, self.port, self.ca, 3)
+        # The connection and its three held streams fill the four slots.
+        status, body = found["last"]
+        self.assertEqual(status, 503, body)
+        self.assertIn(b'"code":"too_many_requests_in_flight"', body)
+        self.assertIn(b"API_MAX_CONNECTIONS is reached", body)
+        # Held streams reset at their body deadline; their slots then free.
+        self.assertEqual(found["reset"] & set(found["held"]), set(found["held"]))
+        self.assertGreater(found["reset_after"], 0.9)
+        self.assertLess(found["reset_after"], 3)
+        self.assertEqual(found["healthz"], 200)
+        timeouts = [e for e in events if e.get("outcome") == "request_timeout" or e.get("code") == "request_timeout"]
+        self.assertEqual(len(timeouts), 3, [formatEvent(e) for e in events if "408" in formatEvent(e)])
+        assert isinstance(self.service, GatewayService)
+        site = self.service.api_site
+        assert site is not None
+        self.assertEqual((site.http2_streams, site.streams_per_address), (0, {}))
+
+
 class Http2KeylessTests(TLSGateway):
     """
     An HTTP/2 connection none of whose requests has carried an accepted

@@ -574,6 +574,13 @@ class APIRequest(NextTurnRequest):
     _head_unchecked: tuple[int | None, bool] | None = None
     #: The request's connection, looked up once its head is whole.
     _connection: APIConnection | None = None
+    #: Over HTTP/2: the stream's body deadline (L{_stream_late}), until
+    #: the request is whole; and the client address its slot (if it holds
+    #: one: L{APISite.admit_stream}) counts against.
+    _stream_deadline: IDelayedCall | None = None
+    #: Over HTTP/2: C{(client address,)} while the stream holds a slot
+    #: (L{APISite.admit_stream}).
+    holds_slot: tuple[str | None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -640,6 +647,11 @@ class APIRequest(NextTurnRequest):
             # is a temporary file past 100 KB, or with no length).
             self._head_unchecked = (length, has_body)
             super().gotLength(0)
+            site = self.api_site
+            self._stream_deadline = site.reactor.callLater(site.limits.body_timeout, self._stream_late)
+            busy = site.admit_stream(self)
+            if busy is not None:
+                self._refuse(busy)
             return
         refusal = self._check_head(length, has_body, connection)
         if refusal is not None:
@@ -712,7 +724,49 @@ class APIRequest(NextTurnRequest):
             return
         super().handleContentChunk(data)
 
+    def _stream_late(self) -> None:
+        """
+        An HTTP/2 stream's request is not whole within
+        C{API_BODY_TIMEOUT_SECONDS} of its head: logged and counted as the
+        408 an HTTP/1.1 connection gets, and the stream reset (nothing can
+        be answered on a stream before its request ends), its slot and any
+        buffer of its body let go.
+        """
+        self._stream_deadline = None
+        if self._lost:
+            return
+        site = self.api_site
+        seconds = site.limits.body_timeout
+        if site.context is not None:
+            error = APIError(
+                408,
+                f"the request did not arrive whole in time: its HTTP/2 stream took more than "
+                f"API_BODY_TIMEOUT_SECONDS ({seconds:g} s); send the whole request at once",
+                "invalid_request_error",
+                "request_timeout",
+            )
+            holder = self.holder
+            site.context.refused_early(
+                error,
+                peer=host_of(self.getClientAddress()),
+                consumer=None if holder is None else holder.consumer,
+                request_id=self.request_id,
+            )
+        # The H2Stream: RST_STREAM (of which twisted.web tells the request
+        # nothing: its slot goes here).
+        cast(ITCPTransport, self.channel).abortConnection()
+        site.stream_done(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        deadline, self._stream_deadline = self._stream_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        super().connectionLost(reason)
+
     def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
+        deadline, self._stream_deadline = self._stream_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         connection = self._connection
         if connection is not None:
             connection.body_received()
@@ -1631,6 +1685,10 @@ class APISite(Site):
         #: Open HTTP/2 connections by their local and peer addresses
         #: (L{http2_opened}).
         self._http2_by_addresses: dict[tuple[IAddress, IAddress], APIConnection] = {}
+        #: HTTP/2 streams holding a slot (L{admit_stream}), in all and per
+        #: client address.
+        self.http2_streams = 0
+        self.streams_per_address: dict[str, int] = {}
 
     # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
     # HTTPFactory annotates it with its own channel's type.
@@ -1655,6 +1713,60 @@ class APISite(Site):
             # Room for the newcomer: the oldest keyless one goes.
             self._evict(next(iter(self._keyless_order)))
         return APIConnection(super().buildProtocol(addr), self, address)
+
+    def admit_stream(self, request: APIRequest) -> APIError | None:
+        """
+        Give an HTTP/2 stream's C{request} a slot, or the 503 that refuses
+        it.  Each stream in flight may hold what an HTTP/1.1 connection's
+        request does (a temporary file for a body past 100 KB, a
+        connection to a provider) on the one connection: it counts as a
+        connection against C{max_connections} (the API's share of the
+        descriptors) and its address's C{max_connections_per_address}, so
+        that streams cannot take the descriptors the control plane and
+        the other clients need (twisted.web lets a client open 100 streams
+        on each connection).  The slot is let go when the request is
+        finished or its stream lost.
+        """
+        limits = self.limits
+        address = client_address(request.getClientAddress())
+        by_address = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
+        if len(self.connections) + self.http2_streams >= limits.max_connections:
+            setting = "API_MAX_CONNECTIONS"
+        elif address is not None and by_address >= limits.max_connections_per_address:
+            setting = "API_MAX_CONNECTIONS_PER_ADDRESS"
+        else:
+            self.http2_streams += 1
+            if address is not None:
+                self.streams_per_address[address] = self.streams_per_address.get(address, 0) + 1
+            request.holds_slot = (address,)
+            request.notifyFinish().addBoth(lambda _: self.stream_done(request))
+            return None
+        return APIError(
+            503,
+            f"too many requests in flight: each HTTP/2 stream counts as a connection, and {setting} "
+            "is reached; wait for an answer before sending more, or retry shortly",
+            "server_error",
+            "too_many_requests_in_flight",
+            headers=((b"Retry-After", b"1"),),
+        )
+
+    def stream_done(self, request: APIRequest) -> None:
+        """
+        Let go of C{request}'s slot (L{admit_stream}), if it holds one: once
+        finished, or lost, or reset by the gateway (twisted.web tells a
+        request nothing of a reset it sends).
+        """
+        held, request.holds_slot = request.holds_slot, None
+        if held is None:
+            return
+        (address,) = held
+        self.http2_streams -= 1
+        if address is not None:
+            left = self.streams_per_address.get(address, 1) - 1
+            if left > 0:
+                self.streams_per_address[address] = left
+            else:
+                self.streams_per_address.pop(address, None)
 
     def became_keyless(self, connection: APIConnection) -> None:
         """
