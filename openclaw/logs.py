@@ -416,6 +416,10 @@ KEYLESS_REFUSAL_INTERVAL_SECONDS = 1.0
 #: aborted for what its client sent after twisted.web had ended it
 #: (C{True}; L{openclaw.dataplane.site.APISite.http2_flooded}).
 HTTP2_FLOOD_FIELD = "http2_flood"
+#: The field that marks the data plane's line for a call that found no
+#: file descriptor free to reach its provider (C{True}): logged once a
+#: minute at most, the count of those left out with the next.
+DESCRIPTORS_FIELD = "out_of_descriptors"
 #: The namespace of the control plane's line for each refused connection:
 #: its factory's class (a L{Logger} read from a class attribute takes the
 #: class's name: L{openclaw.control.protocol.ControlFactory}).
@@ -518,6 +522,13 @@ PEER_CAUSED_LINES = (
         namespace=DATAPLANE_NAMESPACE,
         level=LogLevel.info,
         field=HTTP2_FLOOD_FIELD,
+    ),
+    PeerCausedLine(
+        # Every call finds none while the process is at its limit.
+        "out_of_descriptors",
+        namespace=DATAPLANE_NAMESPACE,
+        level=LogLevel.error,
+        field=DESCRIPTORS_FIELD,
     ),
     PeerCausedLine(
         # The metrics listener's lines at info: each refusal (a 400, a 403
@@ -689,6 +700,7 @@ def _null(value: Any) -> None:
 __all__ = [
     "CONTROLPLANE_NAMESPACE",
     "DATAPLANE_NAMESPACE",
+    "DESCRIPTORS_FIELD",
     "HTTP2_FLOOD_FIELD",
     "KEYLESS_FIELD",
     "KEYLESS_REFUSAL_INTERVAL_SECONDS",

@@ -9,9 +9,12 @@ The SDK is synchronous, so each call runs in a thread
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import resource
 import socket
 import time
 from typing import Any
@@ -24,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, inli
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -420,6 +423,64 @@ class StreamFailureTests(DataPlaneTestCase):
     A stream that cannot finish never looks finished; a client that leaves
     releases the upstream.
     """
+
+    @inlineCallbacks
+    def test_out_of_descriptors_is_the_gateways(self):
+        """
+        A call that finds no file descriptor free to reach its provider is
+        the gateway's 503 (gateway_overloaded), logged as such: not a 502
+        charged to the provider's breaker (hostile trial s21: the breaker
+        of a healthy provider opened), nor failed over.
+        """
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("counting open descriptors needs /proc")
+        gateway = self.gateway(breaker_failures=1)
+        # Every module a call imports, imported before the limit comes down.
+        response, _ = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 200)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        body = json.dumps({"model": "kimi/moonshot-v1-8k", "messages": HELLO}).encode()
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+            + GATEWAY_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        # No pooled provider connection to reuse: the call must make one.
+        pool = gateway.service.providers.pool
+        assert pool is not None
+        yield pool.closeCachedConnections()
+        client = socket.create_connection(("127.0.0.1", gateway.api_port))
+        self.addCleanup(client.close)
+        # Let the gateway accept it, and the pooled connections close on
+        # both sides (the stand-in is in this process), before the limit
+        # comes down.
+        yield deferLater(reactor, 0.3, lambda: None)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # The limit bounds descriptor numbers: at the lowest free one, no
+        # new descriptor can be had.
+        lowest = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+        try:
+            client.sendall(head + body)
+            answer = b""
+            deadline = time.monotonic() + 5
+            while b"}}" not in answer and time.monotonic() < deadline:
+                yield deferLater(reactor, 0.05, lambda: None)
+                client.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answer += client.recv(65536)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:300])
+        self.assertIn(b'"code":"gateway_overloaded"', answer)
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+        self.assertTrue(any(e.get("out_of_descriptors") for e in events))
+        # Served again once descriptors are free.
+        response, _ = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 200)
 
     @inlineCallbacks
     def test_stop_ends_calls_at_the_grace(self):

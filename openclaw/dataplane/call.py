@@ -53,8 +53,10 @@ from openclaw.dataplane.errors import (
     APIError,
     bad_request,
     breaker_open,
+    descriptors_exhausted,
     internal_error,
     no_usable_key,
+    out_of_descriptors,
     provider_not_configured,
     shutting_down,
     upstream_failed,
@@ -63,6 +65,7 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.dataplane.request import JSON_TOO_DEEP, MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
+from openclaw.logs import DESCRIPTORS_FIELD
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.errors import RefusalKind
@@ -418,6 +421,17 @@ class ChatCall:
     def _exchange_failed(self, reason: Failure, generation: int) -> None:
         if not self._current(generation):
             return
+        if self._waiting_for == _HEADERS and out_of_descriptors(reason):
+            # The gateway's own limit, not the provider's failure: no
+            # breaker charged, no failover (it would fail alike).
+            self._settle(CircuitBreaker.abandoned)
+            self.context.log.error(
+                "no file descriptor free to connect to {provider} (the process's limit: ulimit -n, systemd's "
+                "LimitNOFILE): the call is answered 503; raise the limit, or lower API_MAX_CONNECTIONS",
+                provider=self.route.provider_id,
+                **{DESCRIPTORS_FIELD: True},
+            )
+            return self._fail(descriptors_exhausted())
         error = upstream_failed(self.route.provider_id, self.adapter.describe(reason))
         if self._waiting_for == _HEADERS:
             # Refused, reset, unreachable: the provider's failure.  Twisted's

@@ -10,6 +10,7 @@ the operator can do something about it, what.
 
 from __future__ import annotations
 
+import errno
 import math
 from http import HTTPStatus
 from types import MappingProxyType
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 import orjson
+from twisted.internet.error import ConnectError
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 
 from openclaw.settings import MAX_DURATION_SECONDS
@@ -210,6 +213,33 @@ def upstream_failed(provider_id: str, reason: str, code: str = "upstream_unreach
     502 for an upstream that could not be reached or answered nonsense.
     """
     return APIError(502, f"{provider_id}: {reason}", "upstream_error", code)
+
+
+def out_of_descriptors(reason: Failure) -> bool:
+    """
+    Whether C{reason}, a provider request's failure, is this process out
+    of file descriptors (C{EMFILE}, or the system's C{ENFILE}): Twisted's
+    L{ConnectBindError} when the socket could not be made, or any
+    C{OSError} with that errno.
+    """
+    value = reason.value
+    code = value.osError if isinstance(value, ConnectError) else getattr(value, "errno", None)
+    return code in (errno.EMFILE, errno.ENFILE)
+
+
+def descriptors_exhausted() -> APIError:
+    """
+    503 for a call the gateway could not send for want of a file
+    descriptor (L{out_of_descriptors}).
+    """
+    return APIError(
+        503,
+        "the gateway has no file descriptor free to reach the provider (its limit is reached); "
+        "retry shortly, and tell the operator if it lasts",
+        "server_error",
+        "gateway_overloaded",
+        headers=((b"Retry-After", b"1"),),
+    )
 
 
 def upstream_timeout(
