@@ -425,6 +425,37 @@ class StreamFailureTests(DataPlaneTestCase):
     """
 
     @inlineCallbacks
+    def test_large_body_file_let_go_when_read(self):
+        """
+        A body past 100 KB (twisted.web's temporary file) gives its
+        descriptor back once read, not once answered: a call waiting on
+        its provider held three descriptors where the API's share counts
+        two (hostile trial s21).
+        """
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("listing open descriptors needs /proc")
+
+        def temporary_files() -> int:
+            names = []
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(OSError):
+                    names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return sum(1 for name in names if name.endswith("(deleted)"))
+
+        self.upstream.kimi.mode = "hang"
+        gateway = self.gateway(max_request_bytes=1_000_000, upstream_timeout=30)
+        before = temporary_files()
+        text = "x" * 200_000
+        call = self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": [{"role": "user", "content": text}]})
+        while not self.upstream.kimi.requests:
+            yield deferLater(reactor, 0.02, lambda: None)
+        # The stand-in's own (it runs in this process) holds the body it
+        # was sent; the gateway's is gone.
+        self.assertEqual(temporary_files(), before + 1)
+        yield gateway.service.api_site.close_connections()
+        yield call
+
+    @inlineCallbacks
     def test_out_of_descriptors_is_the_gateways(self):
         """
         A call that finds no file descriptor free to reach its provider is

@@ -39,7 +39,7 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body
-from openclaw.dataplane.resource import _Authenticated, answer_bug, error_response, pooled_call_error
+from openclaw.dataplane.resource import _Authenticated, answer_bug, error_response, pooled_call_error, request_body
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
@@ -216,7 +216,7 @@ class Embeddings(_Authenticated):
         holder = self.authenticate(request, started)
         try:
             parsed = parse_embedding_request(
-                request.content.read() if request.content is not None else b"",
+                request_body(request),
                 context.embedding_provider,
                 context.embedding_model,
                 context.providers,

@@ -7,6 +7,7 @@ the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from typing import Any
@@ -88,6 +89,22 @@ def _passing(effect: Any) -> Any:
         return result
 
     return callback
+
+
+def request_body(request: Request) -> bytes:
+    """
+    The whole body of C{request}, read once, its buffer let go: a body
+    past 100 KB is in a temporary file, whose descriptor twisted.web keeps
+    until the answer is finished, and the call is about to take another
+    for its provider connection.
+    """
+    content = request.content
+    if content is None:
+        return b""
+    body: bytes = content.read()
+    if not isinstance(content, io.BytesIO):
+        content.close()
+    return body
 
 
 def error_response(request: Request, error: APIError) -> bytes:
@@ -706,9 +723,7 @@ class ChatCompletions(_Authenticated):
         holder = self.authenticate(request, started)
         active = context.route.current
         try:
-            chat = parse_chat_request(
-                request.content.read() if request.content is not None else b"", request.requestHeaders
-            )
+            chat = parse_chat_request(request_body(request), request.requestHeaders)
             route = choose_route(chat.model, active, context.providers.ids)
             # choose_route gives the active route itself unless the model
             # named a provider: a call pinned that way is never failed over.
