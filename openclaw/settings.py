@@ -2336,7 +2336,19 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str | No
             continue
         # Names are upper case: gemini_model is GEMINI_MODEL's typo too.
         upper = key.upper()
-        close = [upper] if upper in names else difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
+        if upper in names:
+            close = [upper]
+        elif where is None:
+            # The environment holds other programs' variables too
+            # (OPENAI_BASE_URL, KIMI_API_BASE): only a near miss of the
+            # same first word is taken for a typo.
+            close = [
+                name
+                for name in difflib.get_close_matches(upper, names, n=1, cutoff=0.9)
+                if name.partition("_")[0] == upper.partition("_")[0]
+            ]
+        else:
+            close = difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
         if close:
             warnings.append(f"{origin}: {key} is not a setting and is ignored; did you mean {close[0]}?")
     return warnings

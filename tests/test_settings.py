@@ -750,6 +750,8 @@ class FileSafetyTests(SynchronousTestCase):
         file; names close to no setting are left alone.
         """
         self.environ.update(GEMINI_MODLE="gemini-2.5-pro", kimi_api_key="k", EDITOR="vi", LANG="C")
+        # Other programs' variables, near a setting's name (review s21).
+        self.environ.update(OPENAI_BASE_URL="u", KIMI_API_BASE="u", GEMINI_API_BASE="u")
         warnings = self.load().warnings
         self.assertEqual(
             sorted(warnings),
