@@ -872,11 +872,11 @@ class GatewayService(MultiService):
             )
         # Both at once: a control client slow to answer its close frame
         # (up to CLOSE_HANDSHAKE_SECONDS) must not keep the API's calls
-        # running past the grace period (host trial s21: 5 s more).
+        # running past the grace period.
         closing = [self.factory.close_all(GOING_AWAY)]
         if self.api_site is not None:
             closing.append(self.api_site.close_connections())
-        yield from closing
+        yield gatherResults(closing, consumeErrors=True)
         yield self.providers.close()
         if self._purger is not None and self._purger.running:
             self._purger.stop()
