@@ -172,6 +172,9 @@ def open_regular_file(path: Path, flags: int, mode: int = 0o600) -> int:
     if not stat.S_ISREG(found):
         os.close(fd)
         raise _not_regular(found)
+    # O_NONBLOCK was for the open only: a write to a file on FUSE or NFS
+    # could otherwise be cut short (EAGAIN).
+    os.set_blocking(fd, True)
     return fd
 
 

@@ -299,10 +299,28 @@ def _append_to(path: str) -> BinaryIO:
     @raise OSError: it cannot be opened, or may not be (L{UnsafeLogFile},
         L{NotARegularFile}).
     """
+    if os.path.realpath(path) == os.devnull:
+        # Logs thrown away on purpose (--logfile /dev/null).
+        return open(os.devnull, "ab", buffering=0)
     refusal = untrusted_log_file(Path(path))
     if refusal is not None:
         raise UnsafeLogFile(refusal)
     fd = open_regular_file(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        # Checked again, now that it is open: a link planted between the
+        # check and the open (another user's, in a sticky directory, as
+        # logrotate moves the log away) is found now, and the file opened
+        # must be the one the path names.
+        opened = os.fstat(fd)
+        refusal = untrusted_log_file(Path(path))
+        named = os.stat(path)
+        if refusal is None and (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            refusal = "it was replaced while it was being opened; name a log file of the gateway's own (--logfile)"
+        if refusal is not None:
+            raise UnsafeLogFile(refusal)
+    except BaseException:
+        os.close(fd)
+        raise
     return os.fdopen(fd, "ab", buffering=0)
 
 

@@ -6,6 +6,7 @@ knowing Twisted; the stream chosen as twistd would, reopened on SIGUSR1.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -481,6 +482,49 @@ class DestinationTests(SynchronousTestCase):
             log_destination({"nodaemon": False, "logfile": str(link)}, io.StringIO(), self.Reactor())
         self.assertIn(f"through the symbolic link {str(link)!r}, which belongs to uid {other}", str(refused.exception))
         self.assertEqual(target.read_text(), "")
+
+    def test_dev_null_and_blocking(self):
+        """
+        C{--logfile /dev/null} throws the log away, as before the checks
+        for regular files; a log file's descriptor is blocking (the open's
+        C{O_NONBLOCK} is not kept: review s21).
+        """
+        stream = log_destination({"nodaemon": False, "logfile": os.devnull}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        stream.write("thrown away\n")
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = ReopenedLogFile(str(path))
+        self.addCleanup(log.close)
+        for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                    self.assertTrue(os.get_blocking(int(fd)))
+
+    def test_checked_again_once_open(self):
+        """
+        What the log's path names is checked again once opened: a file put
+        in its place between the check and the open (a link planted as
+        logrotate moved the log away) is refused, not written to.
+        """
+        import openclaw.logs
+
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        opened_first = openclaw.logs.open_regular_file
+
+        def swapped_after_open(*args: Any, **kwargs: Any) -> int:
+            fd = opened_first(*args, **kwargs)
+            other = path.with_name("other")
+            other.write_text("")
+            os.replace(other, path)
+            return fd
+
+        self.patch(openclaw.logs, "open_regular_file", swapped_after_open)
+        with self.assertRaises(ConfigError) as refused:
+            log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        self.assertIn("it was replaced while it was being opened", str(refused.exception))
 
     def test_other_users_file_refused(self):
         path = Path(self.mktemp()).resolve()
