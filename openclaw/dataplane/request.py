@@ -191,6 +191,11 @@ class ChatRequest:
     #: C{message.function_call} (one call) and finish reason
     #: C{function_call}, as OpenAI does.
     legacy_functions: bool = False
+    #: The body may hold a JSON Schema reference (a C{"$ref"} key, or a
+    #: C{\\u} escape that could spell one): only then does a wire look
+    #: through its schemas for one (Gemini's
+    #: L{isolate_ref_siblings <openclaw.providers.gemini.translate.isolate_ref_siblings>}).
+    references: bool = True
 
     @property
     def model(self) -> Any:
@@ -348,7 +353,8 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
         raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
-    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions)
+    references = b'"$ref"' in raw or b"\\u" in raw
+    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions, references)
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:

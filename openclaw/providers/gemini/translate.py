@@ -224,10 +224,14 @@ class GeminiStreamError(Exception):
         self.code = code
 
 
-def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
+def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) -> dict[str, Any]:
     """
     The C{generateContent} request for a validated chat completion body
     (see L{openclaw.dataplane.request.parse_chat_request}).
+
+    @param references: the body may hold a C{"$ref"}
+        (L{ChatRequest.references}): the schemas are looked through
+        (L{isolate_ref_siblings}) only then.
 
     @param model: the model asked for (Gemini 2 and 3 take
         C{reasoning_effort} differently).
@@ -296,13 +300,15 @@ def to_gemini(body: dict[str, Any], model: str = "") -> dict[str, Any]:
     if tools:
         allowed = _allowed_names(body.get("tool_choice"))
         declarations = [
-            _declaration(tool["function"]) for tool in tools if allowed is None or tool["function"]["name"] in allowed
+            _declaration(tool["function"], references)
+            for tool in tools
+            if allowed is None or tool["function"]["name"] in allowed
         ]
         request["tools"] = [{"functionDeclarations": declarations}]
     choice = _tool_config(body.get("tool_choice"))
     if choice is not None:
         request["toolConfig"] = {"functionCallingConfig": choice}
-    config = generation_config(body, model)
+    config = generation_config(body, model, references)
     if config:
         request["generationConfig"] = config
     return request
@@ -409,7 +415,7 @@ def _holds_ref(value: Any) -> bool:
     return False
 
 
-def _declaration(function: dict[str, Any]) -> dict[str, Any]:
+def _declaration(function: dict[str, Any], references: bool = True) -> dict[str, Any]:
     declaration: dict[str, Any] = {"name": function["name"]}
     description = function.get("description")
     if description:
@@ -418,45 +424,60 @@ def _declaration(function: dict[str, Any]) -> dict[str, Any]:
     if parameters:
         # JSON Schema as the caller wrote it: no lossy conversion to the
         # OpenAPI subset that "parameters" takes.
-        declaration["parametersJsonSchema"] = ref_alone(parameters)
+        declaration["parametersJsonSchema"] = isolate_ref_siblings(parameters) if references else parameters
     return declaration
 
 
-#: What Gemini lets stand beside C{"$ref"} in a schema node.
-BESIDE_REF = frozenset({"$ref", "description", "default"})
+#: What Gemini lets stand beside C{"$ref"} in a schema node (its sibling
+#: keywords).
+REF_SIBLINGS_ALLOWED = frozenset({"$ref", "description", "default"})
 #: Keywords whose values are data, not schemas: never rewritten.
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
 #: Keywords whose values map names to schemas.
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+#: A C{$schema} naming a draft in which the siblings of C{$ref} are
+#: ignored (draft-07 section 8.3, and before it).
+_SIBLINGS_IGNORED = re.compile(r"draft-0[0-7]\b")
+#: What stays beside such a C{$ref}: Gemini's allowed siblings, and the
+#: keywords that are no constraint (where references point, the draft).
+_KEPT_BESIDE_IGNORED_REF = REF_SIBLINGS_ALLOWED | {"$schema", "$id", "$comment", "$defs", "definitions"}
 
 
-def ref_alone(schema: Any) -> Any:
+def isolate_ref_siblings(schema: Any) -> Any:
     """
     C{schema} (JSON Schema, as C{parametersJsonSchema} or
-    C{responseJsonSchema}) with each C{"$ref"} that has other keywords
-    beside it moved into an C{anyOf} of one: C{{"$ref": "#/$defs/A",
-    "title": "Home"}} becomes C{{"title": "Home", "anyOf": [{"$ref":
+    C{responseJsonSchema}) with each C{"$ref"} that has sibling keywords
+    moved into an C{anyOf} of one: C{{"$ref": "#/$defs/A", "title":
+    "Home"}} becomes C{{"title": "Home", "anyOf": [{"$ref":
     "#/$defs/A"}]}}, which validates the same (JSON Schema 2020-12 section
     10.2.1.2).  Gemini refuses a node with C{$ref} and anything but
     C{description} and C{default} ("If a schema node has $ref set, then
     only description and default can be set alongside it"; its
     C{responseJsonSchema} reference; anomalyco/opencode #12295), and
-    Pydantic's C{model_json_schema()} writes C{title} there.  A node that
-    already has an C{anyOf} is left as it is.  Unchanged parts are shared,
-    not copied; C{schema} itself is never changed.
+    Pydantic's C{model_json_schema()} writes C{title} there.  Under a
+    C{$schema} of draft-07 or before (zod-to-json-schema's default), where
+    the siblings of C{$ref} are ignored, they are dropped instead (but for
+    C{description}, C{default} and a root's definitions, which go in the
+    C{anyOf} way): moved, they would start to count.  A
+    node that already has an C{anyOf} is left as it is (Gemini refuses
+    it).  Unchanged parts are shared, not copied; C{schema} itself is
+    never changed.
     """
     if b'"$ref"' not in orjson.dumps(schema):
         return schema
-    return _ref_alone(schema)
+    declared = schema.get("$schema") if isinstance(schema, dict) else None
+    ignored = isinstance(declared, str) and _SIBLINGS_IGNORED.search(declared) is not None
+    return _isolated(schema, ignored)
 
 
-def _ref_alone(schema: Any, names: bool = False) -> Any:
+def _isolated(schema: Any, ignored: bool, names: bool = False) -> Any:
     """
-    L{ref_alone} of C{schema}; C{names}: C{schema} maps names to schemas
+    L{isolate_ref_siblings} of C{schema}; C{ignored}: siblings of C{$ref}
+    are dropped, not moved; C{names}: C{schema} maps names to schemas
     (C{properties}, C{$defs}), so none of its keys is a keyword.
     """
     if isinstance(schema, list):
-        items = [_ref_alone(item) for item in schema]
+        items = [_isolated(item, ignored) for item in schema]
         return items if any(new is not old for new, old in zip(items, schema, strict=True)) else schema
     if not isinstance(schema, dict):
         return schema
@@ -465,15 +486,20 @@ def _ref_alone(schema: Any, names: bool = False) -> Any:
         for key, value in schema.items()
         if isinstance(value, (dict, list))
         and (names or key not in _DATA_KEYWORDS)
-        and (new := _ref_alone(value, not names and key in _SCHEMA_MAPS)) is not value
+        and (new := _isolated(value, ignored, not names and key in _SCHEMA_MAPS)) is not value
     }
     node = {**schema, **changed} if changed else schema
     if names:
         return node
     reference = node.get("$ref")
-    if isinstance(reference, str) and not node.keys() <= BESIDE_REF and "anyOf" not in node:
-        node = {key: value for key, value in node.items() if key != "$ref"}
-        node["anyOf"] = [{"$ref": reference}]
+    if isinstance(reference, str) and not node.keys() <= REF_SIBLINGS_ALLOWED:
+        if ignored:
+            # Dropped, but for where references point (a root's
+            # definitions) and what says which draft.
+            node = {key: value for key, value in node.items() if key in _KEPT_BESIDE_IGNORED_REF}
+        if not node.keys() <= REF_SIBLINGS_ALLOWED and "anyOf" not in node:
+            node = {key: value for key, value in node.items() if key != "$ref"}
+            node["anyOf"] = [{"$ref": reference}]
     return node
 
 
@@ -595,7 +621,7 @@ def _budget_model(model: str) -> bool:
     return model.removeprefix("models/").startswith(_BUDGET_MODELS)
 
 
-def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
+def generation_config(body: dict[str, Any], model: str = "", references: bool = True) -> dict[str, Any]:
     """
     C{generationConfig} from the OpenAI sampling fields present in C{body},
     C{logprobs} and C{top_logprobs}, C{response_format} and
@@ -628,7 +654,7 @@ def generation_config(body: dict[str, Any], model: str = "") -> dict[str, Any]:
         spec = response_format.get("json_schema") if kind == "json_schema" else None
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema:
-            config["responseJsonSchema"] = ref_alone(schema)
+            config["responseJsonSchema"] = isolate_ref_siblings(schema) if references else schema
     effort = body.get("reasoning_effort")
     if effort is not None:
         config["thinkingConfig"] = thinking_config(effort, model)
@@ -1476,7 +1502,7 @@ class GeminiWire:
     reads_carried_ids: ClassVar[bool] = True
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
-        return orjson.dumps(to_gemini(chat.body, model))
+        return orjson.dumps(to_gemini(chat.body, model, chat.references))
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         parallel = chat is None or parallel_tool_calls(chat)
