@@ -425,9 +425,14 @@ class Settings:
         return attrs.evolve(self, providers={**self.providers, provider_id: entry})
 
 
+#: A port as people write it: ASCII digits only.
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _port(text: str) -> int:
-    if not text.strip().isascii():
-        # int() takes any Unicode digit: "４２１９３" is no port anyone typed.
+    if not _DIGITS.fullmatch(text.strip()):
+        # int() takes any Unicode digit, a sign and underscores: "４２１９３",
+        # "+42193" and "4_2193" are no port anyone meant.
         raise ValueError
     port = int(text)
     if not 1 <= port <= 65535:
@@ -1401,7 +1406,7 @@ def _make_directories(path: Path, mode: int, created: list[Path]) -> None:
     C{path.mkdir(mode, parents=True, exist_ok=True)}, its parents made
     with mode 0755 (which the umask may narrow: never writable by others,
     which L{check_state_directory} refuses above the state, as a parent
-    made 0777 under umask 000 was: host trial s21), adding each directory
+    made 0777 under umask 000 was), adding each directory
     it creates to the front of C{created}.
 
     @raise FileExistsError: something that is not a directory is in the way.
@@ -2219,7 +2224,7 @@ def _load_settings(
         warnings.extend(unread_lines(env_path))
     warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
     # The environment too: systemd's EnvironmentFile= hands an env file's
-    # lines over as variables (host trial s21: a typo there said nothing).
+    # lines over as variables.
     warnings.extend(misspelt_settings(os.environ, known, None))
     return attrs.evolve(settings, warnings=tuple(warnings), sources=sources, made_directories=tuple(made))
 

@@ -649,8 +649,7 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
 def _remove_if_there(lock_path: Path) -> str:
     """
     The first of a lock refusal's ways out: removing the lock file, when
-    there is one to remove (host trial s21: it was told for a directory
-    that could not hold one at all).
+    there is one to remove (not for a directory that cannot hold one).
     """
     if os.path.lexists(lock_path):
         return f"remove {str(lock_path)!r} if no gateway uses it, or "

@@ -425,9 +425,17 @@ class ForcedCallTests(DataPlaneTestCase):
         bodies = [e for e in logged if e.get("log_namespace") == "openclaw.testing.upstream.bodies"]
         self.assertEqual(len(bodies), 4)
         self.assertEqual(json.loads(bodies[-1]["body"]), behaviour.bodies[-1])
+        # Long strings (an image's data URL) are cut in the log.
+        long = [{"role": "user", "content": "x" * 1000}]
+        yield deferToThread(ask, client, long, stream)
+        (last,) = [e for e in logged if e.get("log_namespace") == "openclaw.testing.upstream.bodies"][-1:]
+        self.assertIn("... (1000 characters)", last["body"])
 
     def test_kimi(self):
         return self.loop("kimi", False)
+
+    def test_kimi_streamed(self):
+        return self.loop("kimi", True)
 
     def test_gemini(self):
         return self.loop("gemini", False)

@@ -33,7 +33,7 @@ class FailoverTests(GatewayCase):
         kimi_calls = self.upstream.kimi.requests
         refused = yield self.refused(self.sdk(gateway, gonly["key"]), active.model)
         self.assertEqual(refused.status_code, 502)
-        self.assertIn("(not failed over to kimi: this key may not use kimi/", refused.message)
+        self.assertIn("(not failed over to kimi: this key may not use kimi's model)", refused.message)
         self.assertEqual(refused.response.headers.get("x-openclaw-provider"), "gemini")
         self.assertIsNone(refused.response.headers.get("x-openclaw-fallback"))
         self.assertEqual(self.upstream.kimi.requests, kimi_calls)

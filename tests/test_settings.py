@@ -348,7 +348,8 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(self.load({"TRUSTED_CLIENT_IPS": "", "CONTROL_LISTEN": f"unix:{socket_path}"}).warnings, ())
 
     def test_port_digits_ascii(self) -> None:
-        self.assertConfigError("API_PORT", API_PORT="\uff14\uff12\uff11\uff19\uff13")
+        for written in ("\uff14\uff12\uff11\uff19\uff13", "+42193", "4_2193"):
+            self.assertConfigError("API_PORT", API_PORT=written)
         self.assertEqual(self.load({"API_PORT": " 42193 "}).api_port, 42193)
 
     def test_ttl_upper_bound(self) -> None:

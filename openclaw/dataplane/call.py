@@ -481,7 +481,8 @@ class ChatCall:
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         if not self._may_use(target.id, model):
-            return self._fail(_not_failed_over(error, target.id, f"this key may not use {target.id}/{model}"))
+            # The fallback's model is the operator's, not named to the key.
+            return self._fail(_not_failed_over(error, target.id, f"this key may not use {target.id}'s model"))
         try:
             body = encode_request(target.wire, self.chat, model)
         except APIError as refused:

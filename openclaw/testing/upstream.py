@@ -615,8 +615,27 @@ def _received(request: Request, behaviour: ProviderBehaviour, body: Any) -> None
             "{method} {path} body: {body}",
             method=request.method.decode("ascii", "replace"),
             path=request.uri.decode("ascii", "replace"),
-            body=json.dumps(body, ensure_ascii=False),
+            body=json.dumps(_clipped(body), ensure_ascii=False),
         )
+
+
+#: The characters of a string value a logged body shows (an image's data
+#: URL runs to megabytes).
+LOGGED_STRING_CHARS = 256
+
+
+def _clipped(value: Any) -> Any:
+    """
+    C{value} (parsed JSON) with each string past L{LOGGED_STRING_CHARS}
+    cut there, saying how long it was.
+    """
+    if isinstance(value, str) and len(value) > LOGGED_STRING_CHARS:
+        return f"{value[:LOGGED_STRING_CHARS]}... ({len(value)} characters)"
+    if isinstance(value, dict):
+        return {key: _clipped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_clipped(item) for item in value]
+    return value
 
 
 def _json_body(request: Request) -> Any:
@@ -644,6 +663,10 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     _check_openai_tool_ids(body["messages"])
     if _KIMI_THINKING.search(model):
         _check_kimi_reasoning(body["messages"])
+        forced = body.get("tool_choice")
+        if forced == "required" or isinstance(forced, dict):
+            # Moonshot's thinking models choose their calls themselves.
+            raise Reject(400, "tool_choice 'required' or a specified function is incompatible with thinking enabled")
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
     answer = behaviour.answers.pop(0) if behaviour.answers else _openai_default(body, behaviour)
     pieces = re.findall(r"\s*\S+", answer.content) if answer.content else []
@@ -704,7 +727,7 @@ def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenA
     them), with arguments C{{}}, so a tool loop can be tried by hand;
     else the C{reply}.
     """
-    tools = [t.get("function", {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
+    tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
     choice = body.get("tool_choice")
     name = None
     if choice == "required" and tools:
