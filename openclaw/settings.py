@@ -53,7 +53,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 from cryptography.x509 import load_pem_x509_certificates
-from decouple import Config, RepositoryEmpty, RepositoryEnv
+from decouple import Config, RepositoryEmpty, RepositoryEnv, strtobool
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import model_refusal
@@ -311,6 +311,9 @@ class Settings:
     #: (between two successive writes, as nginx's C{send_timeout}), not
     #: the whole transfer; past it its connection is aborted.
     api_send_timeout_seconds: float = 60.0
+    #: Offer HTTP/2 on a TLS API listener (ALPN), where the C{h2} package
+    #: is installed (C{API_HTTP2}); HTTP/1.1 only when off.
+    api_http2: bool = True
     #: Host names C{/metrics} also answers to, beyond localhost names and
     #: the listener's own address (a defence against DNS rebinding).
     metrics_allowed_hosts: tuple[str, ...] = ()
@@ -2123,6 +2126,7 @@ def _load_settings(
             defaults.api_send_timeout_seconds,
             f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
         ),
+        api_http2=read("API_HTTP2", strtobool, defaults.api_http2, "use on or off"),
         metrics_allowed_hosts=read(
             "METRICS_ALLOWED_HOSTS",
             _host_names,

@@ -215,7 +215,7 @@ def makeService(
             settings.api_port,
             settings,
         )
-        if speaks_tls(settings.api_listen) and not H2_ENABLED:
+        if speaks_tls(settings.api_listen) and settings.api_http2 and not H2_ENABLED:
             _log.info(
                 "API_LISTEN is TLS but HTTP/2 is not offered on it (HTTP/1.1 only): "
                 "install the http2 extra (pip install 'openclaw[http2]') to offer it",

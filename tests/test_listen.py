@@ -893,6 +893,25 @@ class Http2StreamLimitsTests(TLSGateway):
         self.assertEqual((site.http2_streams, site.streams_per_address), (0, {}))
 
 
+class Http2OffTests(TLSGateway):
+    """
+    C{API_HTTP2=off}: the TLS listener offers HTTP/1.1 only.
+    """
+
+    environment = (("API_HTTP2", "off"),)
+
+    @inlineCallbacks
+    def test_not_offered(self):
+        def agreed() -> str | None:
+            context = ssl.create_default_context(cadata=self.ca.decode())
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+                    return sock.selected_alpn_protocol()
+
+        self.assertEqual((yield deferToThread(agreed)), "http/1.1")
+
+
 class Http2KeylessTests(TLSGateway):
     """
     An HTTP/2 connection none of whose requests has carried an accepted

@@ -1621,6 +1621,8 @@ class APILimits:
     #: C{MAX_REQUEST_BYTES} if more, so that a body a little over the
     #: limit is read to its end.
     linger_bytes: int = LINGER_MIN_BYTES
+    #: Offer HTTP/2 on a TLS listener (C{API_HTTP2}).
+    http2: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
@@ -1654,6 +1656,7 @@ class APILimits:
             keyless_timeout=settings.api_keyless_timeout_seconds,
             http2_idle_timeout=max(60.0, 2 * settings.upstream_timeout + HTTP2_IDLE_MARGIN_SECONDS),
             linger_bytes=max(LINGER_MIN_BYTES, 2 * settings.max_request_bytes),
+            http2=settings.api_http2,
         )
 
 
@@ -1689,6 +1692,17 @@ class APISite(Site):
         #: client address.
         self.http2_streams = 0
         self.streams_per_address: dict[str, int] = {}
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        The protocols a TLS listener offers (ALPN,
+        L{IProtocolNegotiationFactory}): twisted.web's, without C{h2}
+        when C{API_HTTP2} is off.
+        """
+        offered: list[bytes] = super().acceptableProtocols()
+        if self.limits.http2:
+            return offered
+        return [protocol for protocol in offered if protocol != b"h2"]
 
     # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
     # HTTPFactory annotates it with its own channel's type.
