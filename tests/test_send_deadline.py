@@ -1008,6 +1008,9 @@ class Http2SendDeadlineTests(TestCase):
         assert large is not None
         self.assertEqual(self.successResultOf(large), SEND_TIMEOUT)
         self.assertIsNone(small)
+        # The reset stream's slot is let go (twisted.web tells its request
+        # nothing of a reset the gateway sends), as the finished one's is.
+        self.assertEqual((self.site.http2_streams, self.site.streams_per_address), (0, {}))
 
     @inlineCallbacks
     def test_client_leaving_ends_the_deadline(self):

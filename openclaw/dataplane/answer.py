@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
@@ -64,6 +64,19 @@ class Stream(Protocol):
         """
         Reset the stream (RST_STREAM): its connection and other streams go on.
         """
+
+
+def reset_stream(request: Request) -> None:
+    """
+    Reset C{request}'s HTTP/2 stream: through its own C{reset_stream}
+    (L{openclaw.dataplane.site.APIRequest.reset_stream}, which also lets
+    go of its slot), else the stream's C{abortConnection}.
+    """
+    reset = getattr(request, "reset_stream", None)
+    if reset is not None:
+        reset()
+    else:
+        cast(Any, request.channel).abortConnection()
 
 
 class StreamSendDeadline:
@@ -245,8 +258,11 @@ class WholeAnswer:
         telling its request, whose L{done} fires here.)
         """
         self.outcome = SEND_TIMEOUT
-        self.request = None
-        stream.abortConnection()
+        request, self.request = self.request, None
+        if request is not None:
+            reset_stream(request)
+        else:
+            stream.abortConnection()
         self._over(Failure(ConnectionError("the stream was reset: its client took no part within the deadline")))
 
     def shutting_down(self) -> None:

@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_bytes
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
-from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, send_whole
+from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, reset_stream, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -728,8 +728,9 @@ class ChatCall:
             if transport is not None:
                 cast(ITCPTransport, transport).abortConnection()
             else:
-                # An HTTP/2 stream (twisted.web's H2Stream): RST_STREAM.
-                cast(Any, request.channel).abortConnection()
+                # An HTTP/2 stream (twisted.web's H2Stream): RST_STREAM, its
+                # slot let go (APIRequest.reset_stream).
+                reset_stream(request)
         finally:
             self._ended(CUT_STATUS[SEND_TIMEOUT], SEND_TIMEOUT)
 

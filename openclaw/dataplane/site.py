@@ -752,8 +752,17 @@ class APIRequest(NextTurnRequest):
                 consumer=None if holder is None else holder.consumer,
                 request_id=self.request_id,
             )
-        # The H2Stream: RST_STREAM (of which twisted.web tells the request
-        # nothing: its slot goes here).
+        self.reset_stream()
+
+    def reset_stream(self) -> None:
+        """
+        Reset this request's HTTP/2 stream (RST_STREAM) and let go of its
+        slot (L{APISite.admit_stream}): twisted.web's
+        C{H2Stream.abortConnection} drops the stream without telling its
+        request, so that neither C{notifyFinish} nor C{connectionLost}
+        ever comes.  Every reset the gateway makes goes through here.
+        """
+        site = self.api_site
         cast(ITCPTransport, self.channel).abortConnection()
         site.stream_done(self)
 
