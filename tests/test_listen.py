@@ -853,6 +853,44 @@ def h2_held_streams(port: int, ca: bytes, held: int) -> dict[str, Any]:
     return found
 
 
+def h2_streams(
+    port: int, ca: bytes, streams: list[list[tuple[str, str]]], body: bytes | None, wait: float
+) -> dict[int, int]:
+    """
+    Over one HTTP/2 connection, a POST stream per header list of
+    C{streams} (after the pseudo-headers), each sending C{body} to its
+    end (None: nothing, the stream left open); read for C{wait} seconds.
+    The status each stream got.
+    """
+    import h2.events
+
+    statuses: dict[int, int] = {}
+    with h2_client(port, ca) as (sock, connection):
+        for extra in streams:
+            stream = connection.get_next_available_stream_id()
+            headers = [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "https")]
+            connection.send_headers(stream, [*headers, (":authority", "127.0.0.1"), *extra])
+            if body is not None:
+                connection.send_data(stream, body, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        sock.settimeout(0.2)
+        ended = time.monotonic() + wait
+        while time.monotonic() < ended:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                break
+            for event in connection.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            sock.sendall(connection.data_to_send())
+    return statuses
+
+
 class Http2StreamLimitsTests(TLSGateway):
     """
     Each HTTP/2 stream in flight counts as a connection against the API's
@@ -891,6 +929,65 @@ class Http2StreamLimitsTests(TLSGateway):
         site = self.service.api_site
         assert site is not None
         self.assertEqual((site.http2_streams, site.streams_per_address), (0, {}))
+
+    @inlineCallbacks
+    def test_repeated_length_holds_one_slot(self):
+        """
+        A stream with its content-length field twice (RFC 9110 section 8.6
+        allows a repeated equal value; twisted.web reads each) holds one
+        slot and lets it go when answered; its deadline, once, finds it
+        answered (re-attack s21: a slot leaked for good per such stream,
+        and a traceback at its deadline).
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        key = [("authorization", f"Bearer {H2_KEY}"), ("content-type", "application/json")]
+        twice = [*key, ("content-length", "2"), ("content-length", "2")]
+        statuses = yield deferToThread(h2_streams, self.port, self.ca, [twice, twice], b"{}", 1.5)
+        self.assertEqual(len(statuses), 2, statuses)
+        site = self.service.api_site
+        assert site is not None
+        self.assertEqual((site.http2_streams, site.streams_per_address), (0, {}))
+        self.assertEqual([e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
+
+    @inlineCallbacks
+    def test_keyless_streams_hold_no_slot(self):
+        """
+        Streams without a key that stay open (a head, no end) hold no slot:
+        they hold no descriptor either, and a key holder's stream still
+        gets one (re-attack s21: keyless streams took every slot).
+        """
+        keyless = [[("content-type", "application/json")] for _ in range(6)]
+        held = deferToThread(h2_streams, self.port, self.ca, keyless, None, 0.8)
+        yield deferLater(reactor, 0.3, lambda: None)
+        key = [("authorization", f"Bearer {H2_KEY}"), ("content-type", "application/json"), ("content-length", "2")]
+        statuses = yield deferToThread(h2_streams, self.port, self.ca, [key], b"{}", 0.5)
+        self.assertNotIn(503, statuses.values(), statuses)
+        yield held
+
+    @inlineCallbacks
+    def test_new_connections_count_the_streams(self):
+        """
+        While streams hold the slots, a new connection is refused, as past
+        API_MAX_CONNECTIONS (re-attack s21: streams and connections
+        together took twice the API's descriptors).
+        """
+        holding = deferToThread(h2_held_streams, self.port, self.ca, 3)
+        site = self.service.api_site
+        assert site is not None
+        while site.http2_streams < 3:
+            yield deferLater(reactor, 0.02, lambda: None)
+
+        def refused() -> bool:
+            try:
+                h2_request(self.port, self.ca, "GET", "/healthz")
+            except (OSError, ssl.SSLError):
+                return True
+            return False
+
+        self.assertTrue((yield deferToThread(refused)))
+        yield holding
 
 
 class Http2OffTests(TLSGateway):

@@ -647,11 +647,11 @@ class APIRequest(NextTurnRequest):
             # is a temporary file past 100 KB, or with no length).
             self._head_unchecked = (length, has_body)
             super().gotLength(0)
-            site = self.api_site
-            self._stream_deadline = site.reactor.callLater(site.limits.body_timeout, self._stream_late)
-            busy = site.admit_stream(self)
-            if busy is not None:
-                self._refuse(busy)
+            if self._stream_deadline is None:
+                # Once: twisted.web calls this again for each repeated
+                # content-length field.
+                site = self.api_site
+                self._stream_deadline = site.reactor.callLater(site.limits.body_timeout, self._stream_late)
             return
         refusal = self._check_head(length, has_body, connection)
         if refusal is not None:
@@ -707,10 +707,13 @@ class APIRequest(NextTurnRequest):
         if unchecked is not None and self._refusal is None:
             connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
             refusal = self._check_head(*unchecked, connection)
+            if refusal is None:
+                # Accepted (its key checked, if it has a body): a slot, then
+                # the body's buffer for its declared length.
+                refusal = self.api_site.admit_stream(self)
             if refusal is not None:
                 self._refuse(refusal)
             else:
-                # Accepted: the body's buffer for its declared length.
                 super().gotLength(unchecked[0])
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -733,7 +736,7 @@ class APIRequest(NextTurnRequest):
         buffer of its body let go.
         """
         self._stream_deadline = None
-        if self._lost:
+        if self._lost or self.finished:
             return
         site = self.api_site
         seconds = site.limits.body_timeout
@@ -818,6 +821,9 @@ class APIRequest(NextTurnRequest):
         # Over HTTP/1.1 the refusal went out already and the connection is closing.
 
     def finish(self) -> None:
+        deadline, self._stream_deadline = self._stream_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         connection = self._connection
         if connection is not None:
             # Before twisted.web goes on to a pipelined request's head.
@@ -1720,16 +1726,19 @@ class APISite(Site):
         The connection's protocol, or a L{RefusedConnection} (closed at
         once) past C{max_connections_per_address} from the client's
         address, or past C{max_connections} in all when no keyless
-        connection can make room (the oldest is closed if there is one).
+        connection can make room (the oldest is closed if there is one);
+        HTTP/2 streams in flight count as connections (L{admit_stream}).
 
         A new connection is not keyless yet: it counts against the caps
         only, until it has had its chance to send a key (L{became_keyless}).
         """
         address = client_address(addr)
-        if address is not None and self.per_address.get(address, 0) >= self.limits.max_connections_per_address:
+        held = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
+        if address is not None and held >= self.limits.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return RefusedConnection()
-        if len(self.connections) >= self.limits.max_connections:
+        # HTTP/2 streams in flight hold slots as connections do.
+        if len(self.connections) + self.http2_streams >= self.limits.max_connections:
             if not self._keyless_order:
                 self._refused("api_max_connections")
                 return RefusedConnection()
@@ -1750,6 +1759,8 @@ class APISite(Site):
         on each connection).  The slot is let go when the request is
         finished or its stream lost.
         """
+        if request.holds_slot is not None:
+            return None
         limits = self.limits
         address = client_address(request.getClientAddress())
         by_address = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
