@@ -21,6 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
 
+from openclaw.providers.gemini import translate as gemini_translate
 from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.embeddings import unit_length
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
@@ -339,6 +340,26 @@ class ToolLoopTests(DataPlaneTestCase):
         self.upstream.gemini.answers[:] = [SUNNY]
         gateway = self.gateway()
         schema = json.dumps({"$defs": {"Row": {"type": "string"}}, "items": {"$ref": "#/$defs/Row"}})
+        # Every character of "$ref" escaped: found all the same (re-attack s21).
+        escaped = '{"schema": {"\\u0024\\u0072\\u0065\\u0066": "#/x"}}'
+        self.assertEqual(
+            gemini_translate.to_gemini(
+                {
+                    "messages": [
+                        *QUESTION,
+                        {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                            ],
+                        },
+                        {"role": "tool", "tool_call_id": "c1", "content": escaped},
+                    ]
+                }
+            )["contents"][2]["parts"][0]["functionResponse"]["response"],
+            {"result": escaped},
+        )
         history = [
             *QUESTION,
             {

@@ -385,7 +385,8 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
             parsed = orjson.loads(text)
         except orjson.JSONDecodeError:
             parsed = None
-        if nests_too_deep(parsed) or ("ref" in text and _holds_ref(parsed)):
+        # "ref" may be written in \u escapes: looked for then too.
+        if nests_too_deep(parsed) or (("ref" in text or "\\u" in text) and _holds_ref(parsed)):
             parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
