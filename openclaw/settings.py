@@ -713,6 +713,12 @@ def _listener(text: str) -> str:
 
     text = _non_empty(text)
     fields, named = endpoint_fields(text)
+    if fields[0] in ("tcp", "tcp6", "ssl"):
+        # Twisted's parser takes int() of the port: "+18789", "18_789" or
+        # "１８７８９" are no port anyone meant.
+        port = fields[1] if len(fields) > 1 else named.get("port")
+        if port is not None and not _DIGITS.fullmatch(port):
+            raise InvalidValue(f"its port {port!r} is not a number of ASCII digits")
     if fields[0] != "unix":
         return text
     if "address" in named:

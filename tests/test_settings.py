@@ -350,6 +350,9 @@ class LoadTests(SynchronousTestCase):
     def test_port_digits_ascii(self) -> None:
         for written in ("\uff14\uff12\uff11\uff19\uff13", "+42193", "4_2193"):
             self.assertConfigError("API_PORT", API_PORT=written)
+            # And in a listener's endpoint string (re-attack s21).
+            self.assertConfigError("API_LISTEN", "is not a number of ASCII digits", API_LISTEN=f"tcp:{written}")
+            self.assertConfigError("CONTROL_LISTEN", "ASCII digits", CONTROL_LISTEN=f"tcp:port={written}")
         self.assertEqual(self.load({"API_PORT": " 42193 "}).api_port, 42193)
 
     def test_ttl_upper_bound(self) -> None:
