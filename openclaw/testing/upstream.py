@@ -1724,11 +1724,16 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
     """
     args = _parse_args(argv)
     keys, modes = dict(args.keys), dict(args.modes)
+    #: Served from the command line only (the tests' stand-in lists the
+    #: stock models): a thinking model, whose rules (reasoning_content on
+    #: tool call turns, no forced tool_choice) can then be tried by hand.
+    extra_models = {"kimi": ["kimi-k2.5"]}
     upstream = StandInUpstream(
         reactor,
         behaviours={
             adapter.id: attrs.evolve(
                 default_behaviour(adapter, keys.get(adapter.id)),
+                models=[*default_behaviour(adapter).models, *extra_models.get(adapter.id, [])],
                 mode=modes.get(adapter.id, Mode.OK),
                 delay=args.delay,
                 chunk_interval=args.chunk_interval,
