@@ -757,6 +757,11 @@ class APIRequest(NextTurnRequest):
             )
         self.reset_stream()
 
+    def _end_stream_deadline(self) -> None:
+        deadline, self._stream_deadline = self._stream_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
     def reset_stream(self) -> None:
         """
         Reset this request's HTTP/2 stream (RST_STREAM) and let go of its
@@ -770,15 +775,11 @@ class APIRequest(NextTurnRequest):
         site.stream_done(self)
 
     def connectionLost(self, reason: Failure) -> None:
-        deadline, self._stream_deadline = self._stream_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._end_stream_deadline()
         super().connectionLost(reason)
 
     def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
-        deadline, self._stream_deadline = self._stream_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._end_stream_deadline()
         connection = self._connection
         if connection is not None:
             connection.body_received()
@@ -821,9 +822,7 @@ class APIRequest(NextTurnRequest):
         # Over HTTP/1.1 the refusal went out already and the connection is closing.
 
     def finish(self) -> None:
-        deadline, self._stream_deadline = self._stream_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        self._end_stream_deadline()
         connection = self._connection
         if connection is not None:
             # Before twisted.web goes on to a pipelined request's head.
