@@ -6,6 +6,7 @@ options, as twistd builds it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import http.client
@@ -965,6 +966,80 @@ class Http2StreamLimitsTests(TLSGateway):
         statuses = yield deferToThread(h2_streams, self.port, self.ca, [key], b"{}", 0.5)
         self.assertNotIn(503, statuses.values(), statuses)
         yield held
+
+    @inlineCallbacks
+    def test_data_on_a_bodiless_stream_is_a_body(self):
+        """
+        DATA on a stream whose head declared no body is a body, which needs
+        a key: a keyless GET sending DATA without end held a slot (re-check
+        s21).  An empty DATA frame ending a GET is no body.
+        """
+
+        def get(data: bytes, end: bool) -> dict[int, int]:
+            import h2.events
+
+            statuses: dict[int, int] = {}
+            with h2_client(self.port, self.ca) as (sock, connection):
+                headers = [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")]
+                connection.send_headers(1, headers)
+                connection.send_data(1, data, end_stream=end)
+                sock.sendall(connection.data_to_send())
+                sock.settimeout(0.5)
+                with contextlib.suppress(TimeoutError):
+                    while chunk := sock.recv(65536):
+                        for event in connection.receive_data(chunk):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                                return statuses
+                        sock.sendall(connection.data_to_send())
+            return statuses
+
+        site = self.service.api_site
+        assert site is not None
+        held = deferToThread(get, b"x", False)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(site.http2_streams, 0)
+        self.assertEqual((yield held), {})
+        self.assertEqual((yield deferToThread(get, b"x", True)), {1: 401})
+        self.assertEqual((yield deferToThread(get, b"", True)), {1: 200})
+
+    @inlineCallbacks
+    def test_streams_after_the_reset_limit_are_not_answered(self):
+        """
+        twisted.web ends a connection at its rapid-reset limit in the middle
+        of a read, yet hands over the streams the rest of that read brings:
+        they are let go, not answered on a connection that can write
+        nothing (re-check s21: an h2 ProtocolError logged at critical for
+        each).
+        """
+        import h2.errors
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def flood() -> None:
+            with h2_client(self.port, self.ca) as (sock, connection):
+                get = [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")]
+                for _ in range(1040):
+                    stream = connection.get_next_available_stream_id()
+                    connection.send_headers(stream, get)
+                    connection.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+                for _ in range(20):
+                    connection.send_headers(connection.get_next_available_stream_id(), get, end_stream=True)
+                with contextlib.suppress(OSError):
+                    sock.sendall(connection.data_to_send())
+                    sock.settimeout(2)
+                    while sock.recv(65536):
+                        pass
+
+        yield deferToThread(flood)
+        yield deferLater(reactor, 0.3, lambda: None)
+        failures = [formatEvent(e) for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(failures, [])
+        site = self.service.api_site
+        assert site is not None
+        self.assertEqual(site.http2_streams, 0)
 
     @inlineCallbacks
     def test_new_connections_count_the_streams(self):

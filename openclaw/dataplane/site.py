@@ -718,6 +718,15 @@ class APIRequest(NextTurnRequest):
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._head_unchecked is not None:
+            length, has_body = self._head_unchecked
+            if not has_body:
+                if not data:
+                    # An empty DATA frame (some clients end a GET so): the
+                    # head is checked once the request is whole.
+                    return
+                # Data on a stream its head declared bodiless: a body, which
+                # needs a key as any (a keyless GET sending DATA held a slot).
+                self._head_unchecked = (length, True)
             self._check_whole_head()
         if self._refusal is not None:
             return
@@ -756,6 +765,22 @@ class APIRequest(NextTurnRequest):
                 request_id=self.request_id,
             )
         self.reset_stream()
+
+    def ready(self) -> bool:
+        """
+        L{NextTurnRequest.ready}, and not over an HTTP/2 connection
+        twisted.web has ended meanwhile: its rapid-reset limit ends a
+        connection in the middle of a read, and the streams that read
+        still brings are handed over all the same, to a connection that
+        can write no answer (each was an h2 C{ProtocolError} logged at
+        critical).  Such a stream is let go when the connection is.
+        """
+        if not super().ready():
+            return False
+        if http11_channel(self) is not None:
+            return True
+        connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
+        return connection is None or not connection.ended_by_http2
 
     def _end_stream_deadline(self) -> None:
         deadline, self._stream_deadline = self._stream_deadline, None
@@ -1024,6 +1049,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: An HTTP/2 connection's local and peer addresses, by which its
     #: streams' requests find it (L{APISite.http2_connection}).
     http2_key: tuple[IAddress, IAddress] | None = None
+
+    @property
+    def ended_by_http2(self) -> bool:
+        """
+        twisted.web's HTTP/2 connection has ended the connection
+        (L{_http2_ended}): its streams can be answered no more.
+        """
+        return self._ended_by_http2
 
     @property
     def tcp(self) -> ITCPTransport:
