@@ -1904,9 +1904,15 @@ def _load_settings(
         no_keys: tuple[str, ...] = ()
         more = read(adapter.key_list_variable(), _provider_keys, no_keys, "")
         pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
+        base_url = adapter.default_base_url
+        for variable in (adapter.base_url_variable, *adapter.base_url_aliases):
+            given = read(variable, _url, None, "use an http:// or https:// URL")
+            if given is not None:
+                base_url = given
+                break
         return ProviderSettings(
             adapter=adapter,
-            base_url=read(adapter.base_url_variable, _url, adapter.default_base_url, "use an http:// or https:// URL"),
+            base_url=base_url,
             model=read(
                 adapter.model_variable,
                 _model_name,

@@ -587,6 +587,14 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(self.load().providers["kimi"].api_key, "sk-alias")
         self.environ["KIMI_API_KEY"] = "sk-main"
         self.assertEqual(self.load().providers["kimi"].api_key, "sk-main")
+        # The base URL too (re-attack s21: a mainland account's URL given as
+        # MOONSHOT_BASE_URL was ignored, every call sent to api.moonshot.ai).
+        self.environ["MOONSHOT_BASE_URL"] = "https://api.moonshot.cn/v1"
+        self.assertEqual(self.load().providers["kimi"].base_url, "https://api.moonshot.cn/v1")
+        self.environ["KIMI_BASE_URL"] = "https://kimi.example/v1"
+        self.assertEqual(self.load().providers["kimi"].base_url, "https://kimi.example/v1")
+        del self.environ["KIMI_BASE_URL"]
+        self.assertConfigError("MOONSHOT_BASE_URL", MOONSHOT_BASE_URL="ftp://x")
 
     def test_embedding_model(self) -> None:
         self.assertEqual(self.load().embedding_model, "gemini-embedding-001")

@@ -204,6 +204,10 @@ class ProviderAdapter(abc.ABC):
     #: unset (an http:// or https:// URL, without a trailing slash).
     base_url_variable: ClassVar[str]
     default_base_url: ClassVar[str]
+    #: Other names the base URL may be given by, after
+    #: C{base_url_variable} (the provider's own SDKs' names:
+    #: C{("MOONSHOT_BASE_URL",)}), as C{key_variables} has for the key.
+    base_url_aliases: ClassVar[tuple[str, ...]] = ()
     #: The environment variable for the model served when an operator
     #: switches here without naming one, and its value when unset.
     model_variable: ClassVar[str]
@@ -327,6 +331,7 @@ class ProviderAdapter(abc.ABC):
             *cls.key_variables,
             cls.key_list_variable(),
             cls.base_url_variable,
+            *cls.base_url_aliases,
             cls.model_variable,
             cls.fallback_model_variable(),
         )

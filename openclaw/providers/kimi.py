@@ -78,6 +78,8 @@ class KimiAdapter(OpenAICompatibleAdapter):
     display_name: ClassVar[str] = "Kimi (Moonshot AI)"
     key_variables: ClassVar[tuple[str, ...]] = ("KIMI_API_KEY", "MOONSHOT_API_KEY")
     base_url_variable: ClassVar[str] = "KIMI_BASE_URL"
+    #: Beside MOONSHOT_API_KEY: a mainland account's https://api.moonshot.cn/v1.
+    base_url_aliases: ClassVar[tuple[str, ...]] = ("MOONSHOT_BASE_URL",)
     default_base_url: ClassVar[str] = "https://api.moonshot.ai/v1"
     model_variable: ClassVar[str] = "KIMI_MODEL"
     default_model_id: ClassVar[str] = "moonshot-v1-8k"
