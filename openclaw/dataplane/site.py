@@ -777,7 +777,8 @@ class APIRequest(NextTurnRequest):
         """
         if not super().ready():
             return False
-        if http11_channel(self) is not None:
+        if not self._turned:
+            # HTTP/1.1 (only an HTTP/2 stream is put off to the next turn).
             return True
         connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
         return connection is None or not connection.ended_by_http2
