@@ -766,22 +766,17 @@ class APIRequest(NextTurnRequest):
             )
         self.reset_stream()
 
-    def ready(self) -> bool:
+    def _ended_connection(self) -> bool:
         """
-        L{NextTurnRequest.ready}, and not over an HTTP/2 connection
-        twisted.web has ended meanwhile: its rapid-reset limit ends a
-        connection in the middle of a read, and the streams that read
-        still brings are handed over all the same, to a connection that
-        can write no answer (each was an h2 C{ProtocolError} logged at
-        critical).  Such a stream is let go when the connection is.
+        Whether this HTTP/2 stream's connection was ended by twisted.web
+        meanwhile: its rapid-reset limit ends a connection in the middle of
+        a read, and the streams that read still brings are handed over all
+        the same, to a connection that can write no answer (each was an h2
+        C{ProtocolError} logged at critical).  Such a stream is let go when
+        the connection is.
         """
-        if not super().ready():
-            return False
-        if not self._turned:
-            # HTTP/1.1 (only an HTTP/2 stream is put off to the next turn).
-            return True
         connection = self.api_site.http2_connection((self.getHost(), self.getClientAddress()))
-        return connection is None or not connection.ended_by_http2
+        return connection is not None and connection.ended_by_http2
 
     def _end_stream_deadline(self) -> None:
         deadline, self._stream_deadline = self._stream_deadline, None
@@ -801,11 +796,13 @@ class APIRequest(NextTurnRequest):
         site.stream_done(self)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._end_stream_deadline()
+        if self._stream_deadline is not None:
+            self._end_stream_deadline()
         super().connectionLost(reason)
 
     def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
-        self._end_stream_deadline()
+        if self._stream_deadline is not None:
+            self._end_stream_deadline()
         connection = self._connection
         if connection is not None:
             connection.body_received()
@@ -825,9 +822,10 @@ class APIRequest(NextTurnRequest):
         super().requestReceived(command, target, version)
 
     def process(self) -> None:
-        if not self.ready():
-            # Reset before it was answered: nothing to answer, nothing to
-            # count (it never reached the gateway's code).
+        if not self.ready() or (self._turned and self._ended_connection()):
+            # Reset before it was answered (or its HTTP/2 connection ended):
+            # nothing to answer, nothing to count (it never reached the
+            # gateway's code).  Only an HTTP/2 stream is turned.
             return
         # Whatever answers (a resource, twisted.web's own 404 or 500).
         self.setHeader(REQUEST_ID_HEADER, self.request_id.encode("ascii"))
@@ -848,7 +846,8 @@ class APIRequest(NextTurnRequest):
         # Over HTTP/1.1 the refusal went out already and the connection is closing.
 
     def finish(self) -> None:
-        self._end_stream_deadline()
+        if self._stream_deadline is not None:
+            self._end_stream_deadline()
         connection = self._connection
         if connection is not None:
             # Before twisted.web goes on to a pipelined request's head.
