@@ -349,6 +349,18 @@ class DestinationTests(SynchronousTestCase):
         def callFromThread(self, f: Any, *args: Any) -> None:
             f(*args)
 
+    def log_to(self, path: Path) -> None:
+        """
+        Log every event of this test as JSON lines to the daemon's log
+        file at C{path} (L{log_destination}), until the test ends.
+        """
+        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
+        assert stream is not None
+        self.addCleanup(stream.close)
+        observer = make_observer(stream, "json", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
     def test_foreground_stdout(self):
         stdout = io.StringIO()
         self.assertIs(log_destination({"nodaemon": True, "logfile": None}, stdout, self.Reactor()), stdout)
@@ -396,12 +408,7 @@ class DestinationTests(SynchronousTestCase):
         logs = Path(self.mktemp()).resolve() / "logs"
         logs.mkdir(parents=True)
         path = logs / "gw.log"
-        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
-        assert stream is not None
-        self.addCleanup(stream.close)
-        observer = make_observer(stream, "json", "info")
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.log_to(path)
         log = Logger(namespace="openclaw.test")
         log.info("before")
         moved = logs.with_name("logs.old")
@@ -440,12 +447,7 @@ class DestinationTests(SynchronousTestCase):
             log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
         self.assertIn("a FIFO, not a regular file", str(refused.exception))
         path.unlink()
-        stream = log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
-        assert stream is not None
-        self.addCleanup(stream.close)
-        observer = make_observer(stream, "json", "info")
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.log_to(path)
         path.rename(directory / "gw.log.1")
         os.mkfifo(path)
         os.kill(os.getpid(), signal.SIGUSR1)
