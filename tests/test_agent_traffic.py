@@ -761,6 +761,55 @@ class ContentTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.kimi.last_body["response_format"], response_format)
 
     @inlineCallbacks
+    def test_sdk_parse(self):
+        """
+        The openai SDK's C{.parse()} with a Pydantic model (nested, an
+        enum, a list) works against the stand-in through either provider,
+        whole and streamed: the stand-in answers a C{json_schema} (and
+        Gemini's C{responseJsonSchema}) with a document that follows it.
+        """
+        import enum
+
+        import pydantic
+
+        class Unit(enum.Enum):
+            metric = "metric"
+            imperial = "imperial"
+
+        class Place(pydantic.BaseModel):
+            city: str
+            population: int
+
+        class Answer(pydantic.BaseModel):
+            place: Place
+            unit: Unit
+            neighbours: list[Place]
+            confidence: float | None
+
+        client = self.sdk(self.gateway())
+        for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):
+            completion = yield deferToThread(
+                client.chat.completions.parse, model=model, messages=QUESTION, response_format=Answer
+            )
+            parsed = completion.choices[0].message.parsed
+            self.assertIsInstance(parsed, Answer, model)
+            self.assertEqual(parsed.unit, Unit.metric)
+
+            def streamed(model: str = model) -> Any:
+                with client.chat.completions.stream(model=model, messages=QUESTION, response_format=Answer) as stream:
+                    return stream.get_final_completion()
+
+            completion = yield deferToThread(streamed)
+            self.assertIsInstance(completion.choices[0].message.parsed, Answer, model)
+        json_object = yield deferToThread(
+            client.chat.completions.create,
+            model="kimi/moonshot-v1-8k",
+            messages=QUESTION,
+            response_format={"type": "json_object"},
+        )
+        self.assertEqual(json.loads(json_object.choices[0].message.content), {"reply": self.upstream.kimi.reply})
+
+    @inlineCallbacks
     def test_reasoning_usage(self):
         # Case 4 of the issue: thinking tokens are completion tokens.
         metadata = {

@@ -234,12 +234,13 @@ class ProviderBehaviour:
         self.answers.clear()
         self.streams_lost = 0
 
-    def reply_pieces(self) -> list[str]:
+    def reply_pieces(self, text: str | None = None) -> list[str]:
         """
-        The reply cut into words (each keeping its leading space), one per
-        stream event.
+        The reply (or C{text}) cut into words (each keeping its leading
+        space), one per stream event.
         """
-        return re.findall(r"\s*\S+", self.reply) or [self.reply]
+        text = self.reply if text is None else text
+        return re.findall(r"\s*\S+", text) or [text]
 
     def stream_lost(self) -> None:
         """
@@ -739,9 +740,122 @@ def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenA
         if allowed.get("mode") == "required" and allowed.get("tools"):
             name = (allowed["tools"][0].get("function") or {}).get("name")
     if not isinstance(name, str):
-        return OpenAIAnswer(behaviour.reply)
+        return OpenAIAnswer(_structured_reply(_openai_schema(body.get("response_format")), behaviour))
     call = {"id": f"call_standin_{len(behaviour.bodies)}", "name": name, "arguments": "{}"}
     return OpenAIAnswer(None, (call,))
+
+
+#: What L{_openai_schema} and L{_gemini_schema} return for JSON asked for
+#: with no schema (C{json_object}, C{responseMimeType} alone).
+ANY_JSON: dict[str, Any] = {}
+
+
+def _openai_schema(response_format: Any) -> dict[str, Any] | None:
+    """
+    The JSON Schema an OpenAI C{response_format} asks the answer to follow:
+    C{json_schema.schema}, L{ANY_JSON} for C{json_object}; None for text.
+    """
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        return ANY_JSON
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else ANY_JSON
+    return None
+
+
+def _gemini_schema(config: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    The schema a C{generationConfig} asks the answer to follow
+    (C{responseJsonSchema}, or the OpenAPI subset's C{responseSchema}),
+    L{ANY_JSON} for C{responseMimeType: application/json} alone; None for
+    text.
+    """
+    if config.get("responseMimeType") != "application/json":
+        return None
+    schema = config.get("responseJsonSchema") or config.get("responseSchema")
+    return schema if isinstance(schema, dict) else ANY_JSON
+
+
+def _structured_reply(schema: dict[str, Any] | None, behaviour: ProviderBehaviour) -> str:
+    """
+    The reply as text, or, when JSON was asked for, a JSON document that
+    follows C{schema} (L{schema_instance}; the reply itself where a
+    string is wanted), so that a client parsing structured output
+    (the openai SDK's C{.parse()}) can be tried against the stand-in.  A
+    reply that is a JSON document already (set by a test) is sent as it is.
+    """
+    if schema is None or _is_json(behaviour.reply):
+        return behaviour.reply
+    if schema is ANY_JSON:
+        return json.dumps({"reply": behaviour.reply})
+    return json.dumps(schema_instance(schema, schema, behaviour.reply))
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def schema_instance(schema: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:
+    """
+    A small value valid against C{schema} (JSON Schema, or Gemini's OpenAPI
+    subset with upper-case types): every property of an object, the fewest
+    items an array may have, the first C{enum} value or C{anyOf}/C{oneOf}
+    option, a number's C{minimum} (or 0), C{text} for a string (cut to its
+    C{maxLength}).  Local C{$ref}s (C{#/$defs/...}, C{#/definitions/...})
+    are followed; past 16 levels of nesting (a recursive schema) an
+    object's optional properties are left out, and any remaining value is
+    null.
+    """
+    if not isinstance(schema, dict) or depth > 32:
+        return None
+    reference = schema.get("$ref")
+    if isinstance(reference, str) and reference.startswith("#/"):
+        target: Any = root
+        for name in reference[2:].split("/"):
+            target = target.get(name.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+        return schema_instance(target, root, text, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            wanted = [o for o in options if not (isinstance(o, dict) and str(o.get("type")).lower() == "null")]
+            return schema_instance((wanted or options)[0], root, text, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    kind = str(kind).lower() if kind is not None else ("object" if "properties" in schema else None)
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        required = set(schema.get("required") or properties)
+        return {
+            name: schema_instance(value, root, text, depth + 1)
+            for name, value in properties.items()
+            if name in required or depth < 16
+        }
+    if kind == "array":
+        count = schema.get("minItems") or 0
+        return [schema_instance(schema.get("items"), root, text, depth + 1) for _ in range(int(count))]
+    if kind == "string":
+        limit = schema.get("maxLength")
+        return text[:limit] if isinstance(limit, int) else text
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        value = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 0
+        if "exclusiveMinimum" in schema and "minimum" not in schema:
+            value += 1
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return False
+    return None
 
 
 def _gemini_forced(body: dict[str, Any], behaviour: ProviderBehaviour) -> GeminiAnswer | None:
@@ -833,7 +947,9 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
     count = int((body.get("generationConfig") or {}).get("candidateCount") or 1)
     answer = behaviour.answers.pop(0) if behaviour.answers else _gemini_forced(body, behaviour)
     if answer is None:
-        pieces = behaviour.reply_pieces()
+        pieces = behaviour.reply_pieces(
+            _structured_reply(_gemini_schema(body.get("generationConfig") or {}), behaviour)
+        )
         answer = GeminiAnswer(tuple(({"text": piece},) for piece in pieces))
         usage = {"promptTokenCount": 10, "candidatesTokenCount": len(pieces)}
         if behaviour.reasoning_tokens:
