@@ -41,7 +41,7 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
+from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters, choice_count
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.embeddings import estimated_tokens
 from openclaw.dataplane.errors import APIError
@@ -323,6 +323,56 @@ class RulesTests(TestCase):
         assert isinstance(counters, LocalCounters)
         self.assertEqual(counters.reserved_tokens("t", clock.seconds()), {1000: 1010})
         self.assertEqual(counters.tokens["t"].used(clock.seconds()), 14)
+
+    def test_table_reserves_each_choice(self) -> None:
+        """
+        A call asking for C{n} choices reserves C{n} completions, of the
+        budget and of tpm: the provider bills each (10 concurrent calls
+        with n=8 spent 8 times the budget).
+        """
+        clock = Clock()
+        clock.advance(1000)
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=clock.seconds, reserve_tokens=1000)  # type: ignore[arg-type]
+        table.consumers["t"] = Consumer("t", tpm=100_000, budget_usd=1.0, budget_period="day")
+        holder = Holder("t", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 4, 10, choice_count({"n": 8})))
+        self.assertEqual(holder.reserved_tokens, 10 + 8 * 4)
+        self.assertAlmostEqual(holder.reserved, (10 * 0.20 + 32 * 2.00) / 1e6)
+        other = Holder("t", "p")
+        self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k", None, 10, choice_count({"n": 3})))
+        self.assertEqual(other.reserved_tokens, 10 + 3 * 1000)
+        self.assertEqual([choice_count(b) for b in ({}, {"n": 1}, {"n": None}, {"n": True}, {"n": 2})], [1, 1, 1, 1, 2])
+
+    def test_budget_needs_a_price(self) -> None:
+        """
+        A consumer with a budget may not call a model without a price (its
+        spend could not be counted: twelve such calls went through a 0.5
+        USD budget), nor be failed over to one; without a budget it may.
+        """
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=lambda: 1000.0)  # type: ignore[arg-type]
+        table.consumers["b"] = Consumer("b", budget_usd=0.5, budget_period="total")
+        table.consumers["free"] = Consumer("free", rpm=10)
+        refused = table.admit(Holder("b", "p"), "kimi", "kimi-k2-0905-preview", 10)
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.status, refused.code, refused.param), (403, "model_not_priced", "model"))
+        self.assertIn("kimi/kimi-k2-0905-preview has no price", refused.message)
+        self.assertIn("PRICES_FILE", refused.message)
+        self.assertIsNone(table.admit(Holder("b", "p"), "kimi", "moonshot-v1-8k", 10))
+        self.assertIsNone(table.admit(Holder("free", "p"), "kimi", "kimi-k2-0905-preview", 10))
+        priced = ConsumerTable(
+            None,  # type: ignore[arg-type]
+            PriceTable.with_overrides({"kimi/kimi-k2-0905-preview": Price(0.6, 2.5)}),
+            clock=lambda: 1000.0,
+        )
+        priced.consumers["b"] = table.consumers["b"]
+        self.assertIsNone(priced.admit(Holder("b", "p"), "kimi", "kimi-k2-0905-preview", 10))
+        self.assertEqual(
+            table.may_not_use(Holder("b", "p"), "kimi", "kimi-k2-0905-preview"),
+            "this key has a budget and kimi's model has no price",
+        )
+        self.assertIsNone(table.may_not_use(Holder("b", "p"), "kimi", "moonshot-v1-8k"))
+        self.assertIsNone(table.may_not_use(Holder("free", "p"), "kimi", "kimi-k2-0905-preview"))
+        self.assertIsNone(table.may_not_use(GATEWAY, "kimi", "kimi-k2-0905-preview"))
 
     def test_estimate_counts_utf8_bytes(self) -> None:
         """

@@ -142,6 +142,12 @@ class PriceTable:
         """
         return cls({**shipped_prices(adapters), **overrides})
 
+    def priced(self, provider: str, model: str) -> bool:
+        """
+        Whether C{provider/model} has a price.
+        """
+        return f"{provider}/{model}" in self.prices
+
     def cost(self, provider: str, model: str, prompt: int, completion: int, cached: int = 0) -> float | None:
         """
         US dollars, or None when C{provider/model} has no price.

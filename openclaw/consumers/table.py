@@ -137,6 +137,16 @@ def completion_limit(body: dict[str, Any]) -> int | None:
     return None
 
 
+def choice_count(body: dict[str, Any]) -> int:
+    """
+    How many choices a chat request asks for (OpenAI's C{n}, Gemini's
+    C{candidateCount}): each is a completion the provider bills, up to
+    L{completion_limit} tokens each.
+    """
+    n = body.get("n")
+    return n if type(n) is int and n > 1 else 1
+
+
 def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIError:
     """
     The 429 of a consumer over its C{rpm} or C{tpm} (C{what}), in the
@@ -170,6 +180,22 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
         # Not worth retrying before the operator acts: the openai SDKs
         # retry every 429 unless the answer says not to (x-should-retry).
         headers=((b"x-should-retry", b"false"),),
+    )
+
+
+def model_not_priced(consumer: Consumer, provider: str, model: str) -> APIError:
+    """
+    The 403 of a consumer with a budget calling a model the price table
+    does not know: its calls could not be counted against the budget.
+    """
+    return APIError(
+        403,
+        f"consumer {consumer.name!r} has a budget and {provider}/{model} has no price in the gateway's table, "
+        "so its calls could not be counted against that budget: name a priced model, or ask the operator "
+        "to add this model's price (PRICES_FILE) or to remove the budget with consumer_update",
+        "invalid_request_error",
+        "model_not_priced",
+        "model",
     )
 
 
@@ -677,17 +703,20 @@ class ConsumerTable:
         model: str,
         max_tokens: int | None = None,
         prompt_tokens: int | Callable[[], int] = 0,
+        choices: int = 1,
     ) -> APIError | Deferred[APIError | None] | None:
         """
         Whether the holder may call C{provider/model} now: None, or the
-        403/429 to answer (counted as limited).
+        403/429 to answer (counted as limited).  A consumer with a budget
+        may call only a model with a price (L{model_not_priced}).
 
         An admitted call of a consumer with a budget or C{tpm} reserves its
         expected tokens: C{prompt_tokens} (the estimate of
         L{openclaw.consumers.estimate}, or a function giving it, called at
         most once and only for such a consumer) plus C{max_tokens}
         completion tokens (L{reserve_tokens} when it sets none; 0 for a
-        call that completes nothing, as embeddings), until its answer is
+        call that completes nothing, as embeddings) for each of its
+        C{choices} (L{choice_count}), until its answer is
         counted (L{account}), or for L{RESERVATION_SECONDS} at most.
 
         The budget rule: a call is admitted while the period's spend plus
@@ -709,13 +738,16 @@ class ConsumerTable:
         if consumer is None:
             # Deleted since the key was looked up: as if unknown.
             return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
+        refusal: APIError | Deferred[APIError | None] | None
         if not consumer.allows(provider, model):
-            refusal: APIError | Deferred[APIError | None] | None = model_not_allowed(consumer, provider, model)
+            refusal = model_not_allowed(consumer, provider, model)
+        elif consumer.budget_usd is not None and not self.prices.priced(provider, model):
+            refusal = model_not_priced(consumer, provider, model)
         else:
             reserve, tokens = 0.0, 0
             if consumer.budget_usd is not None or consumer.tpm is not None:
                 prompt = prompt_tokens() if callable(prompt_tokens) else prompt_tokens
-                completion = self.reserve_tokens if max_tokens is None else max(0, max_tokens)
+                completion = (self.reserve_tokens if max_tokens is None else max(0, max_tokens)) * choices
                 if consumer.budget_usd is not None:
                     reserve = self.prices.cost(provider, model, prompt, completion) or 0.0
                 if consumer.tpm is not None:
@@ -743,16 +775,21 @@ class ConsumerTable:
             return refusal.addCallback(self._limited, holder, None, None)
         return self._limited(refusal, holder, None, None)
 
-    def may_use(self, holder: Holder, provider: str, model: str) -> bool:
+    def may_not_use(self, holder: Holder, provider: str, model: str) -> str | None:
         """
-        Whether the holder may call C{provider/model} (its C{models}): for
-        a call sent elsewhere than admitted, as a failover.  A deleted
-        consumer may use nothing.
+        Why the holder may not call C{provider/model}, for a call sent
+        elsewhere than admitted (a failover); None when it may.  A
+        consumer may use only its C{models}, and with a budget only a
+        priced model; a deleted consumer may use nothing.
         """
         if holder is GATEWAY:
-            return True
+            return None
         consumer = self.current(holder)
-        return consumer is not None and consumer.allows(provider, model)
+        if consumer is None or not consumer.allows(provider, model):
+            return f"this key may not use {provider}'s model"
+        if consumer.budget_usd is not None and not self.prices.priced(provider, model):
+            return f"this key has a budget and {provider}'s model has no price"
+        return None
 
     def excluding(self, provider: str, model: str) -> list[str]:
         """
@@ -1026,4 +1063,13 @@ class ConsumerTable:
         return document
 
 
-__all__ = ["GATEWAY", "ConsumerTable", "Counters", "Holder", "LocalCounters", "completion_limit", "usage_counts"]
+__all__ = [
+    "GATEWAY",
+    "ConsumerTable",
+    "Counters",
+    "Holder",
+    "LocalCounters",
+    "choice_count",
+    "completion_limit",
+    "usage_counts",
+]

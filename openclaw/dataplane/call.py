@@ -480,9 +480,10 @@ class ChatCall:
             return self._fail(error)
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
-        if not self._may_use(target.id, model):
+        why_not = self._may_not_use(target.id, model)
+        if why_not is not None:
             # The fallback's model is the operator's, not named to the key.
-            return self._fail(_not_failed_over(error, target.id, f"this key may not use {target.id}'s model"))
+            return self._fail(_not_failed_over(error, target.id, why_not))
         try:
             body = encode_request(target.wire, self.chat, model)
         except APIError as refused:
@@ -506,23 +507,25 @@ class ChatCall:
         self._tried = []
         return self._attempt(body)
 
-    def _may_use(self, provider_id: str, model: str) -> bool:
+    def _may_not_use(self, provider_id: str, model: str) -> str | None:
         """
-        Whether the call's key holder may be failed over to
-        C{provider_id/model}: a consumer only within its C{models}, so a
-        failover never answers it from a model it may not call.
+        Why the call's key holder may not be failed over to
+        C{provider_id/model} (L{ConsumerTable.may_not_use}: a consumer only
+        within its C{models}, and with a budget only to a priced model),
+        or None: a failover never answers a key from a model it may not
+        call, nor one its budget cannot count.
         """
         consumers = self.context.consumers
-        if consumers is None or consumers.may_use(self.holder, provider_id, model):
-            return True
-        self.context.log.info(
-            "call not failed over {origin} -> {target}: consumer {consumer} may not use {target}/{model}",
-            origin=self.route.provider_id,
-            target=provider_id,
-            model=model,
-            consumer=self.holder.consumer,
-        )
-        return False
+        why = None if consumers is None else consumers.may_not_use(self.holder, provider_id, model)
+        if why is not None:
+            self.context.log.info(
+                "call not failed over {origin} -> {target}: consumer {consumer}: {why}",
+                origin=self.route.provider_id,
+                target=provider_id,
+                why=why,
+                consumer=self.holder.consumer,
+            )
+        return why
 
     # -- streaming ----------------------------------------------------------
 

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import prompt_tokens
-from openclaw.consumers.table import GATEWAY, Holder, completion_limit
+from openclaw.consumers.table import GATEWAY, Holder, choice_count, completion_limit
 from openclaw.dataplane.answer import CLIENT_GONE
 from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
@@ -750,7 +750,12 @@ class ChatCompletions(_Authenticated):
             return NOT_DONE_YET
         # A cluster's shared windows: one round trip to Redis.
         admission = consumers.admit(
-            holder, route.provider_id, route.model, completion_limit(chat.body), lambda: prompt_tokens(chat.body)
+            holder,
+            route.provider_id,
+            route.model,
+            completion_limit(chat.body),
+            lambda: prompt_tokens(chat.body),
+            choice_count(chat.body),
         )
         return self.after_admission(request, admission, lambda: call.start(body), started, route, holder)
 
