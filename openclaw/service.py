@@ -354,6 +354,7 @@ class GatewayService(MultiService):
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
             instance=self.instance if self.cluster is not None else None,
+            max_answer_bytes=settings.max_message_bytes,
         )
         self.factory = ControlFactory(
             controlplane,

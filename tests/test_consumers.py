@@ -1129,6 +1129,26 @@ class GatewayCase(TestCase):
 
 class ConsumerGatewayTests(GatewayCase):
     @inlineCallbacks
+    def test_answer_longer_than_a_message(self) -> Any:
+        """
+        An answer longer than C{MAX_MESSAGE_BYTES} (Autobahn will not send
+        it) is an error saying how to ask for less, audited as one; it was
+        dropped without a word, the client waiting for it in vain.
+        """
+        gateway, client = yield self.gateway(max_message_bytes=2048)
+        models = [f"gemini/model-{i:03d}" for i in range(20)]
+        for i in range(6):
+            yield self.command(gateway, client, "consumer_create", {"name": f"team-{i}", "models": models})
+        answer = yield client.command(gateway.token, "consumer_list", None)
+        self.assertFalse(answer["ok"])
+        self.assertRegex(answer["error"], r"the answer \(\d+ bytes\) is longer than MAX_MESSAGE_BYTES \(2048\)")
+        self.assertIn("consumer_list {name}", answer["error"])
+        [audit] = [e for e in self.events if e.get("cmd") == "consumer_list"]
+        self.assertEqual(audit["outcome"], "error")
+        one = yield self.command(gateway, client, "consumer_list", {"name": "team-1"})
+        self.assertEqual([c["name"] for c in one["consumers"]], ["team-1"])
+
+    @inlineCallbacks
     def test_life_of_a_consumer(self) -> Any:
         """
         Create, call (whole and streamed), usage by consumer, model and day,

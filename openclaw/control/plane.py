@@ -67,6 +67,13 @@ _encode = orjson.dumps
 _Answered = tuple[bytes, str, Mapping[str, str] | None]
 
 
+#: How to ask a command for a shorter answer (L{ControlPlane._succeeded}).
+_ASK_FOR_LESS = {
+    "consumer_list": "one consumer at a time: consumer_list {name}",
+    "usage": "a narrower one: usage with name, since and until, or another group_by",
+}
+
+
 def _error(cmd: object, message: str) -> bytes:
     return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
 
@@ -83,6 +90,10 @@ class ControlPlane:
     @param instance: in a cluster, this instance's id: the audit line of a
         state-changing command names the instance that ran it (the others
         log that they applied the change).
+    @param max_answer_bytes: the longest answer a WebSocket message may
+        carry (C{MAX_MESSAGE_BYTES}: Autobahn refuses to send a longer
+        one); a longer answer is replaced by an error saying how to ask
+        for less, never dropped.
     """
 
     def __init__(
@@ -95,8 +106,10 @@ class ControlPlane:
         max_auth_failures: int = 5,
         metrics: GatewayMetrics | None = None,
         instance: str | None = None,
+        max_answer_bytes: int = 0,
     ) -> None:
         self.max_auth_failures = max_auth_failures
+        self._max_answer_bytes = max_answer_bytes
         #: In a cluster, this instance's id (L{None} outside one); the
         #: gateway sets it again once twistd has daemonized (its pid).
         self.instance = instance
@@ -225,11 +238,20 @@ class ControlPlane:
         """
         return connection.failed_auths >= self.max_auth_failures
 
-    @staticmethod
-    def _succeeded(result: Result | Audited, cmd: str) -> _Answered:
+    def _succeeded(self, result: Result | Audited, cmd: str) -> _Answered:
+        fields = None
         if isinstance(result, Audited):
-            return _encode({"ok": True, "cmd": cmd, "result": result.result}), "ok", result.fields
-        return _encode({"ok": True, "cmd": cmd, "result": result}), "ok", None
+            fields = result.fields
+            result = result.result
+        encoded = _encode({"ok": True, "cmd": cmd, "result": result})
+        if 0 < self._max_answer_bytes < len(encoded):
+            message = (
+                f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({self._max_answer_bytes}) "
+                f"allows; ask for less ({_ASK_FOR_LESS.get(cmd, 'narrow the command')}), or raise "
+                "MAX_MESSAGE_BYTES"
+            )
+            return _error(cmd, message), "error", {**(fields or {}), "error": message}
+        return encoded, "ok", fields
 
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
         """
