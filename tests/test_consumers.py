@@ -90,6 +90,10 @@ class RulesTests(TestCase):
             {"name": "a", "budget_usd": -1},
             {"name": "a", "models": "gemini/*"},
             {"name": "a", "expires_at": "soon"},
+            # Past 9999-12-31 in UTC, where it is stored: a consumer made,
+            # then every list an internal error.
+            {"name": "a", "expires_at": "9999-12-31T23:00:00-05:00"},
+            {"name": "a", "expires_at": "0001-01-01T00:00:00+01:00"},
             {"name": "a", "colour": "red"},
         ):
             self.assertRaises(InvalidConsumer, consumer_fields, bad)

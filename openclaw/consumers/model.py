@@ -182,6 +182,12 @@ def parse_time(value: object, field: str) -> float:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC, as it is stored and shown: 9999-12-31T23:00:00-05:00
+        # is past the last year a datetime holds.
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise InvalidConsumer(f"{field} is out of range; use a time from 0001-01-01 to 9999-12-31 (UTC)") from None
     return parsed.timestamp()
 
 
