@@ -846,6 +846,41 @@ class UsageRowsOutageTests(TestCase):
         self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 0)
         self.assertIn("usage rows written again after 150 s of failures (150 rows)", formatEvent(events[-1]))
 
+    def test_rows_being_written_are_pending(self) -> None:
+        """
+        Rows in a write the database holds (a SQLite locked by another
+        process, a stalled PostgreSQL) are pending until written: the
+        gauge read 0 through an 80 s lock.
+        """
+        store = HeldStore()
+        registry = CollectorRegistry()
+        table = ConsumerTable(
+            store,  # type: ignore[arg-type]
+            PriceTable.with_overrides({}),
+            clock=Clock().seconds,
+            metrics=ConsumerMetrics(registry),
+        )
+        table.consumers["team"] = Consumer("team")
+        for _ in range(3):
+            table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        table.flush()
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 4)
+        store.writing.callback(None)
+        self.assertEqual(registry.get_sample_value("openclaw_consumer_usage_rows_pending"), 1)
+
+
+class HeldStore:
+    """
+    A store whose write waits until the test lets it end.
+    """
+
+    def __init__(self) -> None:
+        self.writing: Deferred[None] = Deferred()
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        return self.writing
+
 
 #: What psycopg raises when PostgreSQL is down: libpq's text, on two lines.
 REFUSED = (

@@ -484,7 +484,7 @@ class ConsumerTable:
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
         self.gateway_usage = GatewayUsage(prices)
         if metrics is not None:
-            metrics.count_pending(lambda: len(self._pending))
+            metrics.count_pending(self.pending_rows)
         self._flusher: LoopingCall | None = None
         #: Since when (clock) writes of usage rows have failed, and when
         #: that was last logged: one line at the first failure, then one a
@@ -890,6 +890,14 @@ class ConsumerTable:
         )
 
     # -- writing usage ---------------------------------------------------------
+
+    def pending_rows(self) -> int:
+        """
+        Usage rows not yet in the database: waiting, and being written
+        (a write a locked SQLite or a stalled PostgreSQL holds for
+        minutes, while none is written, counts).
+        """
+        return len(self._pending) + self._writing
 
     def _add(self, row: UsageRow) -> None:
         pending = self._pending
