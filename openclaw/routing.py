@@ -4,6 +4,7 @@ Which provider and model answer the gateway's model calls right now.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 import attrs
@@ -36,6 +37,13 @@ FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 #: circuit breaker for everyone.
 MAX_MODEL_CHARS = 256
 
+#: How a consumer key starts (README, "Consumers"): defined here, where
+#: model names are refused when they hold one.
+KEY_PREFIX = "ock-"
+#: A consumer key within a text: C{ock-} with no key character before it
+#: (C{mock-...} is none), then at least 32 key characters (keys have 40).
+_CONSUMER_KEY = re.compile(r"(?<![A-Za-z0-9_-])ock-[A-Za-z0-9_-]{32}")
+
 #: What to do about a refused model name, closing every refusal.
 _AS_LISTED = "use the model's id as the provider lists it"
 
@@ -58,7 +66,9 @@ def model_refusal(model: str) -> str | None:
       - one over L{MAX_MODEL_CHARS} characters;
       - one holding a space between other characters, which no provider's
         model ids hold either: most often an env file's C{# comment} read
-        as part of the value.
+        as part of the value;
+      - one holding a consumer key (L{KEY_PREFIX}), pasted where the model
+        goes: it would be logged, written in usage rows and sent upstream.
 
     The reason starts with C{"model "} (a caller may prefix it, as
     C{"data."}) and never quotes the name: it may be unprintable or
@@ -77,6 +87,12 @@ def model_refusal(model: str) -> str | None:
         return (
             "model holds a space, which no model name has (in an env file, a # comment after the value is "
             f"part of it: put comments on lines of their own): {_AS_LISTED}"
+        )
+    if KEY_PREFIX in model and _CONSUMER_KEY.search(model):
+        return (
+            f"model holds one of this gateway's API keys ({KEY_PREFIX}...), which would be logged, recorded "
+            "and sent to the provider: send a key in the Authorization header only (and revoke one that was "
+            f"shared: openclawctl key revoke); {_AS_LISTED}"
         )
     return None
 

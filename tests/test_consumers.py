@@ -1188,6 +1188,38 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual([c["name"] for c in one["consumers"]], ["team-1"])
 
     @inlineCallbacks
+    def test_key_sent_as_model_or_path(self) -> Any:
+        """
+        A consumer key pasted where the model goes is a 400 (it was logged,
+        recorded in usage rows and sent to the provider as the model); one
+        sent as the path is logged as lists show keys.
+        """
+        gateway, client = yield self.gateway()
+        team = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        key = team["key"]
+        calls = self.upstream.kimi.requests
+        try:
+            yield deferToThread(self.sdk(gateway, key).chat.completions.create, model=f"kimi/{key}", messages=HELLO)
+        except openai.BadRequestError as e:
+            self.assertEqual(e.body["param"], "model")  # type: ignore[index]
+            self.assertIn("model holds one of this gateway's API keys", e.message)
+            self.assertNotIn(key, e.message)
+        else:
+            self.fail("the key as a model was not refused")
+        self.assertEqual(self.upstream.kimi.requests, calls)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway.api_port}/v1/{key}", b"{}", {"Authorization": f"Bearer {key}"}
+        )
+        with self.assertRaises(urllib.error.HTTPError) as raised:
+            yield deferToThread(urllib.request.urlopen, request, timeout=10)
+        self.assertEqual(raised.exception.code, 404)
+        said = [formatEvent(e) for e in self.events]
+        self.assertTrue(any(f"/v1/{key[:12]}..." in line for line in said), said)
+        self.assertFalse([line for line in said if key in line])
+        usage = yield self.command(gateway, client, "usage", {"group_by": "model"})
+        self.assertFalse([group for group in usage["groups"] if key in json.dumps(group)])
+
+    @inlineCallbacks
     def test_life_of_a_consumer(self) -> Any:
         """
         Create, call (whole and streamed), usage by consumer, model and day,

@@ -26,10 +26,9 @@ from typing import Any
 
 import attrs
 
-from openclaw.routing import MAX_MODEL_CHARS
+from openclaw.routing import KEY_PREFIX, MAX_MODEL_CHARS
 from openclaw.timefmt import isoformat
 
-KEY_PREFIX = "ock-"
 #: Random characters after C{ock-}.
 KEY_RANDOM_CHARS = 40
 #: Characters after C{ock-} a key is listed and logged by.

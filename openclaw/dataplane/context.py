@@ -17,12 +17,13 @@ from twisted.web.server import Request
 
 from openclaw.addresses import host_of
 from openclaw.connections import Outstanding
+from openclaw.consumers.audit import without_keys
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
 from openclaw.metrics import CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
-from openclaw.routing import ActiveRoute, Route
+from openclaw.routing import KEY_PREFIX, ActiveRoute, Route
 from openclaw.settings import Settings
 
 if TYPE_CHECKING:
@@ -37,9 +38,13 @@ LOGGED_CHARS = 256
 
 def clipped(text: str) -> str:
     """
-    C{text} as a log line holds it: at most L{LOGGED_CHARS} characters,
-    then how many there were.
+    C{text} as a log line holds it: any consumer key in it cut to what
+    lists show of one (L{without_keys}), then at most L{LOGGED_CHARS}
+    characters, then how many there were.
     """
+    if KEY_PREFIX in text:
+        # A consumer key sent as the path: logged as lists show keys.
+        text = without_keys(text)
     if len(text) <= LOGGED_CHARS:
         return text
     return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"
