@@ -637,6 +637,47 @@ class BreakerEndToEndTests(ResilienceTestCase):
         logged = [e["log_format"] for e in self.events if "circuit breaker" in e.get("log_format", "")]
         self.assertEqual(len(logged), 2)
 
+    @inlineCallbacks
+    def test_other_endpoints_do_not_judge_completions(self):
+        """
+        Answers of the models listing and of embeddings say nothing of
+        completions: chat calls failing between them open the breaker
+        (a listing after every other failure kept it closed), and in
+        half-open a listing neither takes the trial nor closes it.
+        """
+        gateway = self.gateway(
+            default_provider="gemini", fallback="off", breaker_failures=3, breaker_cooldown_seconds=1
+        )
+        gemini = self.behaviour("gemini")
+        embeddings = {"model": "gemini/gemini-embedding-001", "input": "ab"}
+        authorized = {"Authorization": [f"Bearer {GATEWAY_KEY}"]}
+        breaker = gateway.service.providers.get("gemini").breaker
+        for _ in range(2):
+            gemini.mode, gemini.error_status = "error", 503
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502)
+            gemini.mode = "ok"
+            response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/v1/models", headers=authorized)
+            self.assertEqual(response.code, 200)
+            response, text = yield self.post(gateway, embeddings, path="/v1/embeddings")
+            self.assertEqual(response.code, 200, text)
+            self.assertEqual(str(breaker.state), "closed")
+        gemini.mode = "error"
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertEqual(str(breaker.state), "open")
+        # While open, they are refused as chat calls are.
+        gemini.mode = "ok"
+        response, _ = yield self.post(gateway, embeddings, path="/v1/embeddings")
+        self.assertEqual(response.code, 503)
+        yield deferLater(reactor, 1.05)
+        response = yield self.http().get(f"http://127.0.0.1:{gateway.api_port}/v1/models", headers=authorized)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(str(breaker.state), "half_open")
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(str(breaker.state), "closed")
+
 
 class ClientLeavesTests(ResilienceTestCase):
     @inlineCallbacks

@@ -602,8 +602,10 @@ class ProviderAdapter(abc.ABC):
         """
         Begin a call other than chat (embeddings, a models listing) as a
         chat call begins: with the next usable key of L{keys} (round robin,
-        none of C{avoid}), if the L{breaker} lets a call through.  The
-        caller reports how it went on the L{PooledCall}.
+        none of C{avoid}), unless the L{breaker} is open.  It never takes
+        the half-open trial, which is a chat call's: the breaker judges
+        completions (L{PooledCall}).  The caller reports how it went on the
+        L{PooledCall}.
 
         @raise MissingKey: the pool holds no key.
         @raise NoUsableKey: every key (but those of C{avoid}) rests or was
@@ -619,10 +621,9 @@ class ProviderAdapter(abc.ABC):
                 f"no key of {self.keys_setting} may be used now ({keys.unusable_reason()})", keys.back_in()
             )
         breaker = self.breaker
-        trial = breaker.state is BreakerState.HALF_OPEN
-        if not breaker.allow():
+        if breaker.state is BreakerState.OPEN:
             raise BreakerOpen(f"the {self.id} circuit breaker is {breaker.state}", breaker.remaining())
-        return PooledCall(self, key, trial)
+        return PooledCall(self, key)
 
     def scrub(self, text: str) -> str:
         """
@@ -831,32 +832,32 @@ class ProviderAdapter(abc.ABC):
 class PooledCall:
     """
     One call other than chat (embeddings, a models listing) begun by
-    L{ProviderAdapter.pooled_call}: the key it goes with, and the breaker's
-    permission it took, which gets exactly one verdict as a chat call's
-    does (L{answered}, L{failed} or L{abandoned}; later ones do nothing).
+    L{ProviderAdapter.pooled_call}: the key it goes with, and what it tells
+    the provider's breaker, once (L{answered}, L{failed} or L{abandoned};
+    later ones do nothing).
+
+    The breaker judges completions: an answer of another endpoint, 2xx or
+    5xx, says nothing of them (a free listing or a working embeddings
+    endpoint kept a breaker closed while every chat call failed), so only
+    a provider that could not be reached at all (L{failed}) counts as its
+    failure.
     """
 
     adapter: ProviderAdapter
     #: The key of the pool to send the call with.
     key: str = attrs.field(repr=False)
-    #: The permission was the half-open breaker's trial.
-    trial: bool = False
     settled: bool = False
 
     def answered(self, status: int) -> None:
         """
-        The provider answered with C{status}: a 5xx is its failure; any
-        other answer shows it up.
+        The provider answered with C{status}: no verdict on its completions.
         """
-        if status >= 500:
-            self.failed()
-        elif not self.settled:
-            self.settled = True
-            self.adapter.breaker.succeeded()
+        self.settled = True
 
     def failed(self) -> None:
         """
-        No answer: connection refused or reset, no headers in time.
+        No answer: connection refused or reset, no headers in time; the
+        provider's failure.
         """
         if not self.settled:
             self.settled = True
@@ -864,13 +865,9 @@ class PooledCall:
 
     def abandoned(self) -> None:
         """
-        The call ended with no verdict on the provider (its client left):
-        a half-open trial is free again.
+        The call ended with no verdict on the provider (its client left).
         """
-        if not self.settled:
-            self.settled = True
-            if self.trial:
-                self.adapter.breaker.abandoned()
+        self.settled = True
 
     def refused(self, status: int, body: bytes, retry_after: str | None = None) -> UpstreamHTTPError:
         """
