@@ -891,14 +891,51 @@ class HalfOpenTrialTests(ResilienceTestCase):
 
     @inlineCallbacks
     def test_4xx_error_body_too_slow_closes(self):
-        # A 4xx answered: the provider is up, whatever its body did.
+        # A 4xx answered: the provider is up, whatever its body did; its
+        # status keeps its meaning.
         gateway = self.trial_gateway(upstream_timeout=0.3)
         yield self.open_breaker(gateway)
         kimi = self.behaviour("kimi")
         kimi.mode, kimi.error_status = "error_stall", 400
         response, text = yield self.post(gateway, {"messages": HELLO})
-        self.assertEqual(response.code, 504, text)
+        self.assertEqual(response.code, 400, text)
+        error = self.assertOpenAIError(text, "upstream_invalid_request")
+        self.assertIn("its error body did not come whole", error["message"])
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+    @inlineCallbacks
+    def test_4xx_whose_body_never_comes_keeps_its_meaning(self):
+        """
+        A 429 or a 401 whose error body is cut or stalls is read by its
+        status and Retry-After, which came whole: the 429 fails over (and,
+        pinned, is a 429 with the provider's Retry-After), the 401 is the
+        gateway's key refused; it was a 502 upstream_unreachable or a 504.
+        """
+        pinned = {"model": "kimi/moonshot-v1-8k", "messages": HELLO}
+        for mode in ("error_cut", "error_stall"):
+            for stream in (False, True):
+                for status, body, expected in (
+                    (429, {"messages": HELLO}, 200),
+                    (429, pinned, 429),
+                    (401, pinned, 502),
+                ):
+                    gateway = self.gateway(default_provider="kimi", upstream_timeout=0.3)
+                    kimi = self.behaviour("kimi")
+                    kimi.mode, kimi.error_status = mode, status
+                    kimi.error_headers = {"Retry-After": "7"} if status == 429 else {}
+                    response, text = yield self.post(gateway, {**body, "stream": stream})
+                    self.assertEqual(response.code, expected, (mode, stream, status, text))
+                    if expected == 200:
+                        self.assertEqual(
+                            response.headers.getRawHeaders("x-openclaw-fallback"),
+                            ["kimi->gemini; reason=rate_limited"],
+                        )
+                    elif status == 429:
+                        error = self.assertOpenAIError(text, "rate_limit_exceeded")
+                        self.assertIn("its error body did not come whole", error["message"])
+                        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["7"])
+                    else:
+                        self.assertOpenAIError(text, "upstream_auth_failed")
 
     @inlineCallbacks
     def test_client_leaves_while_error_body_read(self):

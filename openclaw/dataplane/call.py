@@ -192,6 +192,8 @@ class ChatCall:
     _permit_is_trial: bool = False
     #: The status of an upstream answer whose error body is being read.
     _error_status: int = 0
+    #: And its C{Retry-After}, if it had one.
+    _error_retry_after: str | None = None
     #: The status of the 2xx answer whose body is being read, for messages.
     _answer_status: int = 200
     #: The client's connection holds the stream back (L{client_paused}):
@@ -279,13 +281,8 @@ class ChatCall:
         if not 200 <= response.code < 300:
             self._error_status = response.code
             retry_after = response.headers.getRawHeaders(b"retry-after", [None])[0]
-            self._read(
-                response,
-                _ERROR_BODY,
-                self._got_error_body,
-                response.code,
-                None if retry_after is None else retry_after.decode("latin-1"),
-            )
+            self._error_retry_after = None if retry_after is None else retry_after.decode("latin-1")
+            self._read(response, _ERROR_BODY, self._got_error_body, response.code, self._error_retry_after)
             return
         # No verdict yet: the provider has answered only once its body is
         # read and accepted (a whole answer) or a stream's first event has
@@ -382,15 +379,20 @@ class ChatCall:
             return
         self._refused(status, body, retry_after)
 
-    def _refused(self, status: int, body: bytes, retry_after: str | None) -> None:
+    def _refused(self, status: int, body: bytes, retry_after: str | None, body_lost: str | None = None) -> None:
         """
         The provider refused the attempt under way with C{status} and
         C{body} (a non-2xx answer, or the error event a stream began with):
         another key, failover, or the mapped error, as L{classify} reads it.
+
+        @param body_lost: what became of an error body that never came
+            whole (C{body} is then empty): the message the client gets.
         """
         adapter, key = self.adapter, self._key
         assert key is not None
         refusal = adapter.refusal(status, body, retry_after)
+        if body_lost is not None:
+            refusal = attrs.evolve(refusal, message=f"its error body did not come whole: {body_lost}")
         error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting, names_model=True)
         if refusal.kind is RefusalKind.SERVER:
             self._settle(CircuitBreaker.failed)
@@ -450,19 +452,20 @@ class ChatCall:
     def _error_body_lost(self, error: APIError) -> None:
         """
         A non-2xx answer's body never came whole (cut, too large, too slow):
-        its status is all there is, and the answer says it
-        (C{X-OpenClaw-Upstream-Status}).  A 5xx is the provider's failure,
-        as one whose body came whole: counted by the breaker, and failed
-        over when the call may be.  Any other status is an answer from a
-        provider that is up (L{CircuitBreaker.succeeded}).
+        its status (and C{Retry-After}) is all there is, and the answer says
+        it (C{X-OpenClaw-Upstream-Status}).  A 5xx is the provider's
+        failure, as one whose body came whole: counted by the breaker, and
+        failed over when the call may be.  Any other status is read as the
+        provider meant it, as if its body had said nothing (L{_refused}: a
+        429 keeps its C{Retry-After}, rests the key and fails over; a 401
+        sets the key aside), with what became of the body as its message.
         """
         status = self._error_status
+        if status < 500:
+            self._drop_attempt()
+            return self._refused(status, b"", self._error_retry_after, body_lost=error.message)
         error = attrs.evolve(error, headers=(*error.headers, (UPSTREAM_STATUS_HEADER, b"%d" % status)))
-        if status >= 500:
-            return self._attempt_failed("http_5xx", error)
-        self._drop_attempt()
-        self._settle(CircuitBreaker.succeeded)
-        return self._fail(error)
+        return self._attempt_failed("http_5xx", error)
 
     # -- failover -------------------------------------------------------------
 

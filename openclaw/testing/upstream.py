@@ -1329,6 +1329,8 @@ class _Endpoint(Resource):
                 self._error(request, behaviour, behaviour.error_status, behaviour.error_message)
             return
         if mode in (Mode.ERROR_STALL, Mode.ERROR_CUT):
+            for name, value in behaviour.error_headers.items():
+                request.setHeader(name, value)
             error = self._dialect.error_document(behaviour.error_status, behaviour.error_message, behaviour.key)
             body = json.dumps(error).encode()
             _send(request, behaviour.error_status, body, stall=True, cut=mode is Mode.ERROR_CUT)
@@ -1745,8 +1747,8 @@ MODE_HELP = MappingProxyType(
         Mode.STALL: "headers and part of the body (a stream: its first two events), then nothing more",
         Mode.CUT: "headers and part of the body (a stream: its first two events), then the connection closed",
         Mode.STREAM_ERROR: "a stream: its first two events, then an error event in the provider's shape, and the end",
-        Mode.ERROR_STALL: "a 500 whose error body stops half-way, then nothing more",
-        Mode.ERROR_CUT: "a 500 whose error body stops half-way, then the connection closed",
+        Mode.ERROR_STALL: "an error (500) whose body stops half-way, then nothing more",
+        Mode.ERROR_CUT: "an error (500) whose body stops half-way, then the connection closed",
         Mode.TRICKLE: "a stream: its first two events, then only ': keepalive' comments, for ever",
         Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
     }
