@@ -1038,16 +1038,26 @@ class FailoverFailsTests(ResilienceTestCase):
     @inlineCallbacks
     def test_fallback_refuses_the_request(self):
         """
-        The fallback's own answer stands (its status and code), told after
-        the active provider's failure.
+        A fallback that refuses the request itself (a 400 for its smaller
+        context, a 404 for a retired FALLBACK_MODEL) does not turn the
+        active provider's passing failure into a request error the client
+        would not retry: the answer is the active provider's failure (its
+        status, code and Retry-After), telling the fallback's refusal
+        after it.  A fallback's 429 or 5xx stands, as its own failure.
         """
         gateway = self.gateway(default_provider="gemini")
         gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
-        gemini.mode, gemini.error_status = "error", 500
-        kimi.mode, kimi.error_status, kimi.error_message = "error", 400, "exceeded model token limit"
+        gemini.mode, gemini.error_status, gemini.error_headers = "error", 503, {"Retry-After": "2"}
+        for status, message in ((400, "exceeded model token limit"), (404, "Not found the model")):
+            kimi.mode, kimi.error_status, kimi.error_message = "error", status, message
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502, text)
+            self.assertEqual(response.headers.getRawHeaders("retry-after"), ["2"])
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=http_5xx"])
+            said = self.assertOpenAIError(text, "upstream_http_error")["message"]
+            self.assertTrue(said.startswith("gemini answered HTTP 503"), said)
+            self.assertIn(f"; failed over to kimi, which refused it: kimi refused the request: HTTP {status}", said)
+        kimi.error_status, kimi.error_message = 429, None
         response, text = yield self.post(gateway, {"messages": HELLO})
-        self.assertEqual(response.code, 400, text)
-        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=http_5xx"])
-        message = self.assertOpenAIError(text, "upstream_invalid_request")["message"]
-        self.assertTrue(message.startswith("gemini answered HTTP 500"), message)
-        self.assertIn("; failed over to kimi: kimi refused the request: HTTP 400 Bad Request: exceeded", message)
+        self.assertEqual(response.code, 429, text)

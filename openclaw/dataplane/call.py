@@ -165,6 +165,8 @@ class ChatCall:
     #: Once failed over, the first provider's failure (its error's message,
     #: scrubbed of its keys), told with the fallback's if that fails too.
     _origin_failure: str | None = None
+    #: And the error it was (its status, code and headers).
+    _origin_error: APIError | None = None
     #: The provider failed over from, if it was called (a key tried).
     _origin_called: str | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
@@ -504,6 +506,7 @@ class ChatCall:
         # Scrubbed of this provider's keys now: _fail scrubs with the
         # fallback's.
         self._origin_failure = self.adapter.scrubber.text(error.message)
+        self._origin_error = error
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer, request_id_of(self.request))
         self._origin_called = origin if self._tried else None
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
@@ -840,12 +843,23 @@ class ChatCall:
         the stream's last event.  A call failed over that fails again
         before its response started says both failures: the first
         provider's, then the fallback's (C{error}, whose status, code and
-        headers the answer keeps, with C{X-OpenClaw-Fallback}).
+        headers the answer keeps, with C{X-OpenClaw-Fallback}), unless the
+        fallback refused the request itself (a 4xx but 429: its model
+        retired, a request it does not take): then the first provider's
+        failure is the answer's status, code and headers (its
+        C{Retry-After}), which a client may retry, not a 400 or 404 for a
+        request the first provider took.
         """
         self._finish_call()
         request = self.request
         if self._origin_failure is not None and self._fallback is not None and not request.startedWriting:
             message = f"{self._origin_failure}; failed over to {self._fallback[1]}: {error.message}"
+            origin = self._origin_error
+            if origin is not None and 400 <= error.status < 500 and error.status != 429:
+                message = (
+                    f"{self._origin_failure}; failed over to {self._fallback[1]}, which refused it: {error.message}"
+                )
+                error = origin
             error = attrs.evolve(error, message=message)
         # Every error of a call may quote the provider (its message, a
         # stream's error event): scrubbed here, where none can be missed.
