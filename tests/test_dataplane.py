@@ -613,6 +613,38 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertIn("UPSTREAM_TIMEOUT", error["message"])
 
     @inlineCallbacks
+    def test_complete_stream_whose_body_lingers(self):
+        """
+        A Gemini stream whose every choice has finished is whole, even if
+        its body does not end (Gemini has no end marker): closed with its
+        finish reason and [DONE] after COMPLETE_STREAM_GRACE_SECONDS, not
+        failed at UPSTREAM_TIMEOUT (the SDK raised, and an agent ran its
+        tool call twice).  A stream cut short still fails.
+        """
+        self.upstream.gemini.mode = "linger"
+        gateway = self.gateway(upstream_timeout=30)
+        client = self.sdk(gateway)
+
+        def consume() -> list[Any]:
+            return list(
+                client.chat.completions.create(
+                    model="gemini/gemini-2.5-flash",
+                    messages=HELLO,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+
+        started = reactor.seconds()
+        chunks = yield deferToThread(consume)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        self.assertEqual(chunks[-1].usage.prompt_tokens, 10)
+        self.assertEqual(
+            "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), self.upstream.gemini.reply
+        )
+
+    @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
         self.upstream.kimi.chunk_interval = 0.2
         self.upstream.kimi.reply = "one two three four five six seven eight"

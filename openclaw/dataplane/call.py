@@ -89,6 +89,13 @@ _BODY = "the response body"
 _FIRST_EVENT = "the stream's first event"
 _NEXT_EVENT = "the stream's next event"
 
+#: Seconds a stream's body may go on once its answer is complete (every
+#: choice finished: Gemini's last C{finishReason}, which has no end marker
+#: after it), before the stream is closed as the whole answer it is and its
+#: upstream connection let go.  Events after it (a later usage) are rare
+#: and come at once.
+COMPLETE_STREAM_GRACE_SECONDS = 2.0
+
 #: A provider's answer nested deeper than L{MAX_JSON_DEPTH}: 502.
 ANSWER_TOO_DEEP = (
     f"the answer's JSON nests more than {MAX_JSON_DEPTH} levels of lists and objects, more than the gateway "
@@ -590,6 +597,10 @@ class ChatCall:
             self.request.write(events)
         if translation.ended:
             self._close_stream(translation)
+        elif decoded and translation.complete and not self._client_paused:
+            # Whole already: the body's end (Gemini's only end marker)
+            # is waited for a short while, not UPSTREAM_TIMEOUT.
+            self._timer.reset(min(self.context.timeout, COMPLETE_STREAM_GRACE_SECONDS))
 
     def stream_ended(self, reason: Failure, translation: StreamTranslation) -> None:
         """
@@ -747,6 +758,11 @@ class ChatCall:
         self._timer = None
         if self._client_paused:
             return self._send_timed_out()
+        translation = self._translation
+        if translation is not None and translation.complete:
+            # Every choice finished; only the body's end did not come
+            # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole.
+            return self._close_stream(translation)
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
         if self._waiting_for == _ERROR_BODY:
             return self._error_body_lost(error)

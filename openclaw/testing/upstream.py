@@ -124,6 +124,10 @@ class Mode(StrEnum):
     #: A stream: no event, only its end (C{[DONE]} where the provider sends
     #: one); a whole answer is answered normally.
     EMPTY = "empty"
+    #: A stream: every event (C{[DONE]} too, where the provider sends one),
+    #: then its body kept open, never ended; a whole answer is answered
+    #: normally.
+    LINGER = "linger"
 
 
 @attrs.define
@@ -1451,6 +1455,8 @@ class _Streamer:
             if interval > 0 and self._sent < len(self.stream.events):
                 self.upstream.open_requests.timers[self.request] = self.upstream.reactor.callLater(interval, self._next)
                 return
+        if self.mode is Mode.LINGER:
+            return
         self._over = True
         self.request.finish()
 
@@ -1751,6 +1757,7 @@ MODE_HELP = MappingProxyType(
         Mode.ERROR_CUT: "an error (500) whose body stops half-way, then the connection closed",
         Mode.TRICKLE: "a stream: its first two events, then only ': keepalive' comments, for ever",
         Mode.EMPTY: "a stream: no event, only its end ([DONE] where the provider sends one)",
+        Mode.LINGER: "a stream: every event, then its body kept open, never ended",
     }
 )
 
