@@ -22,7 +22,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
@@ -576,6 +577,32 @@ class SQLiteStoreTests(StoreTests, TestCase):
         self.assertEqual(version, 2)
         [total] = yield store.usage(None, None, None, None)
         self.assertEqual((total["requests"], total["prompt_tokens"], total["unpriced_tokens"]), (1, 3, 7))
+
+    @inlineCallbacks
+    def test_newer_schema_refused(self) -> Any:
+        """
+        A database a later openclaw upgraded (a downgrade) is not used,
+        with one line saying what to do: it was run without a word.
+        """
+        import sqlite3
+
+        from openclaw.consumers.store import NewerSchema, database_advice, log_database_failure
+
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        with contextlib.closing(sqlite3.connect(directory / "openclaw.db")) as connection:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version (version) VALUES (7)")
+            connection.commit()
+        store = ConsumerStore.open(None, directory, reactor)
+        self.addCleanup(store.close)
+        failure = yield self.assertFailure(store.migrate(), NewerSchema)
+        self.assertIn("schema version 7, which a later openclaw wrote", str(failure))
+        events: list[dict[str, Any]] = []
+        log_database_failure(Logger(observer=events.append), "cannot use it ({error}): {advice}", Failure(failure))
+        [event] = events
+        self.assertIsNone(event.get("log_failure"))
+        self.assertIn("run the later openclaw that upgraded it", database_advice(Failure(failure)))
 
 
 class RecordingStore:

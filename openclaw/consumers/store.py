@@ -288,6 +288,21 @@ class PooledConnection:
         return getattr(self.connection, name)
 
 
+class NewerSchema(Exception):
+    """
+    The database's schema is of a later version of openclaw than this one
+    (a downgrade): what this version would write or read there is not known
+    to be right, so it is not used.
+    """
+
+
+#: What to do about L{NewerSchema}.
+_NEWER_SCHEMA_ADVICE = (
+    "run the later openclaw that upgraded it, or point DATABASE_URL (or STATE_DIR) at a database of this "
+    "version (a backup made before the upgrade)"
+)
+
+
 def unreachable(reason: Failure) -> bool:
     """
     Whether C{reason} is the database's absence (PostgreSQL down,
@@ -349,6 +364,8 @@ def database_advice(reason: Failure) -> str:
     advice = _sqlite_file_advice(reason)
     if advice is not None:
         return advice
+    if reason.check(NewerSchema):
+        return _NEWER_SCHEMA_ADVICE
     if reason.check(psycopg.Error, adbapi.ConnectionLost, _DeadConnection):
         return "check DATABASE_URL (that PostgreSQL is running and reachable)"
     return "check DATABASE_URL (that PostgreSQL is running and reachable) or that STATE_DIR is writable"
@@ -366,7 +383,7 @@ def log_database_failure(
     (L{database_advice}).
     """
     fields.setdefault("advice", database_advice(reason))
-    if unreachable(reason) or _sqlite_file_advice(reason) is not None:
+    if unreachable(reason) or _sqlite_file_advice(reason) is not None or reason.check(NewerSchema):
         log.emit(log_level, format, error=database_error(reason), **fields)
     else:
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
@@ -561,6 +578,11 @@ class ConsumerStore:
         version = 0 if row is None else int(row[0])
         if row is None:
             cursor.execute("INSERT INTO schema_version (version) VALUES (0)")
+        if version > len(MIGRATIONS):
+            raise NewerSchema(
+                f"it is at schema version {version}, which a later openclaw wrote; this one knows versions up "
+                f"to {len(MIGRATIONS)}"
+            )
         for number, statements in enumerate(MIGRATIONS[version:], start=version + 1):
             for statement in statements:
                 cursor.execute(statement)
@@ -1049,6 +1071,7 @@ __all__ = [
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
     "ConsumerStore",
+    "NewerSchema",
     "PooledConnection",
     "Retrying",
     "Snapshot",
