@@ -30,7 +30,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
-from openclaw.cluster.node import ClusterNode
+from openclaw.cluster.node import ClusterClock, ClusterNode
 from openclaw.cluster.redis import RedisStore
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
@@ -252,10 +252,14 @@ class GatewayService(MultiService):
         self._stdout = stdout
         self._reactor = reactor
         self._log_observer = log_observer
+        #: In a cluster, Redis's clock (measured by the node), by which the
+        #: session token and the consumers' limits are judged.
+        self.cluster_clock = ClusterClock(reactor) if settings.redis_url else None
+        shared_clock = reactor.seconds if self.cluster_clock is None else self.cluster_clock.seconds
         self.sessions = SessionAuthority(
             settings.jwt_secret,
             settings.session_ttl_hours * 3600,
-            clock=reactor.seconds,
+            clock=shared_clock,
             token_file=settings.token_file,
             shared=settings.redis_url is not None,
         )
@@ -320,12 +324,12 @@ class GatewayService(MultiService):
             PriceTable.with_overrides(
                 settings.price_overrides, (entry.adapter for entry in settings.providers.values())
             ),
-            clock=reactor.seconds,
+            clock=shared_clock,
             metrics=ConsumerMetrics(self.metrics.registry),
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
         )
-        commands.extra = ConsumerCommands(self.consumers, reactor.seconds, self._consumers_unshared).handlers()
+        commands.extra = ConsumerCommands(self.consumers, shared_clock, self._consumers_unshared).handlers()
         commands.excluded_consumers = self.consumers.excluding
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
@@ -419,6 +423,8 @@ class GatewayService(MultiService):
             on_foreign_token=self._foreign_token,
             retry_max=settings.redis_reconnect_max_seconds,
             where=masked_url(settings.redis_url),
+            on_consumers=self.shared_consumers.missed,
+            clock=self.cluster_clock,
         )
         self.lockout = SharedLockout(
             AuthLockout.from_settings(settings, reactor.seconds),

@@ -196,10 +196,13 @@ class _HoldingServer(ProxyServer):
     clientProtocolFactory = _HoldingClientFactory
     #: Nothing Redis sends reaches the gateway (see L{DelayingProxy.mute_subscribes}).
     muted = False
+    #: The gateway asked to subscribe on this connection.
+    subscribed = False
 
     def dataReceived(self, data: bytes) -> None:
         proxy: DelayingProxy = self.factory.proxy
         if b"SUBSCRIBE" in data.upper():
+            self.subscribed = True
             proxy.subscribes += 1
             if proxy.mute_subscribes:
                 proxy.mute_subscribes -= 1
@@ -249,6 +252,17 @@ class DelayingProxy:
         """
         self.delay = delay
         self.hold_until = reactor.seconds() + window
+
+    def silence(self) -> None:
+        """
+        Nothing Redis sends on the connections subscribed so far reaches
+        the gateway from now on, and they stay open (a subscription gone
+        silent without closing: a NAT or firewall dropping an idle
+        connection's traffic).
+        """
+        for connection in self.connections:
+            if connection.subscribed:
+                connection.muted = True
 
     def stop(self) -> Any:
         for timer in self.timers:

@@ -14,10 +14,11 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, TOKEN, encode_token
+from openclaw.cluster.node import RENEW_AT, TOKEN, ClusterClock, encode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken, TokenRejected
+from tests.support import capture_log_events
 from tests.test_cluster import ClusterCase, sleep
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -87,6 +88,38 @@ class ExpiredToken(TestCase):
         a.connected()
         self.assertEqual(a.sessions.current.jti, old.jti)
         self.assertEqual(self.store.values[TOKEN].version, 3)
+
+    def test_host_clock_ahead_keeps_the_clusters_token(self) -> None:
+        """
+        An instance whose host's clock is 25 h ahead of the store's judges
+        the cluster's token by the store's clock: not expired, so adopted
+        rather than replaced on every instance; the offset is logged with
+        what to do.
+        """
+        events = capture_log_events(self)
+        old = self.stored_token(ttl=TTL)
+        ahead = Clock()
+        ahead.advance(self.clock.seconds() + 25 * 3600)
+        clock = ClusterClock(ahead)
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, TTL, clock=clock.seconds),
+            "ahead",
+            ahead,
+            1.0,
+            ("gemini", "kimi"),
+            clock=clock,
+        )
+        self.addCleanup(node.stop)
+        node.connected()
+        self.assertEqual(node.sessions.current.jti, old.jti)
+        self.assertEqual(self.store.values[TOKEN].version, 3)
+        self.assertEqual(clock.offset, -25 * 3600)
+        said = [e for e in events if "clock is" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("run NTP", said[0]["log_format"])
+        self.assertEqual((said[0]["seconds"], said[0]["direction"]), (90000.0, "ahead of"))
 
     def test_renewed_before_expiry_with_every_instance_up(self) -> None:
         """

@@ -37,6 +37,7 @@ class Nodes(TestCase):
         self.store = MemoryStore(self.clock.seconds)
         self.ups: dict[str, list[bool]] = {}
         self.locks: dict[str, list[tuple[str, float]]] = {}
+        self.rests: dict[str, list[tuple[str, str, float]]] = {}
         self.nodes = [self.node("a"), self.node("b")]
         for node in self.nodes:
             node.connected()
@@ -44,6 +45,7 @@ class Nodes(TestCase):
     def node(self, name: str) -> ClusterNode:
         ups = self.ups.setdefault(name, [])
         locks = self.locks.setdefault(name, [])
+        rests = self.rests.setdefault(name, [])
         node = ClusterNode(
             self.store,
             ActiveRoute(Route("gemini", "g-1")),
@@ -54,6 +56,7 @@ class Nodes(TestCase):
             ("gemini", "kimi"),
             on_up=ups.append,
             on_lock=lambda key, seconds: locks.append((key, seconds)),
+            on_rest=lambda provider, key, seconds: rests.append((provider, key, seconds)),
         )
         self.store.listeners.append(node.received)
         self.store.lock_listeners.append(lambda key, seconds: node.locked("elsewhere", key, seconds))
@@ -67,6 +70,21 @@ class Nodes(TestCase):
         self.assertEqual(b.route.current, Route("kimi", "k-1"))
         token = self.successResultOf(b.rotate(b.sessions.mint()))
         self.assertEqual(a.sessions.current.jti, token.jti)
+
+    def test_missed_rest_and_lockout_taken_at_the_next_heartbeat(self) -> None:
+        """
+        A key rest and a lockout whose messages a node missed (its
+        subscription gone silent without closing) are taken at its next
+        heartbeat: the store's count of them moved since the last one.
+        """
+        a, b = self.nodes
+        self.store.lock_listeners.clear()
+        b.beat()
+        a.rest("kimi", "abc123", 20.0)
+        self.assertTrue(self.successResultOf(a.count_failure("10.0.0.9", 60, 1, 30, False)))
+        self.assertEqual((self.rests["b"], self.locks["b"]), ([], []))
+        b.beat()
+        self.assertEqual((self.rests["b"], self.locks["b"]), ([("kimi", "abc123", 20.0)], [("10.0.0.9", 30.0)]))
 
     def test_switch_answers_the_route_it_replaced(self) -> None:
         a, b = self.nodes
@@ -378,13 +396,14 @@ class Healing(TestCase):
         a = self.node("a")
         self.store.up = False
         attempts: list[float] = []
-        ensure = self.store.ensure
+        # A reload's first call: the heartbeat's read (Redis's clock).
+        heartbeat = self.store.heartbeat
 
         def counted(*args: Any) -> Any:
             attempts.append(self.clock.seconds())
-            return ensure(*args)
+            return heartbeat(*args)
 
-        self.store.ensure = counted  # type: ignore[method-assign]
+        self.store.heartbeat = counted  # type: ignore[method-assign]
         a.connected()
         for _ in range(400):
             self.clock.advance(0.25)

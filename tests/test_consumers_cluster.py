@@ -18,12 +18,13 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
-from tests.redis_server import RedisServer
+from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
 from tests.test_consumers import burst_call
 from tests.test_twistd import SECRET, base_env
@@ -31,6 +32,9 @@ from tests.test_twistd import SECRET, base_env
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 HELLO = [{"role": "user", "content": "hi"}]
 MODEL = "kimi/moonshot-v1-8k"
+#: libfaketime (Debian's faketime package), to start an instance whose
+#: host's clock is off.
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 #: One call on the stand-in costs 0.00001 USD: the budget of one call a day.
 CHEAP = {"name": "cheap", "budget_usd": 0.00001, "budget_period": "day"}
 
@@ -88,7 +92,11 @@ class ConsumersOnTwoInstances(TestCase):
         self.database = postgres_database()
 
     @inlineCallbacks
-    def two(self) -> Any:
+    def two(self, *extra: dict[str, str]) -> Any:
+        """
+        Two instances, each with its C{extra} environment if given; fires
+        with (process, token, control client, API port) for each.
+        """
         env = base_env(
             JWT_SECRET=SECRET,
             REDIS_URL=self.redis.url,
@@ -99,10 +107,10 @@ class ConsumersOnTwoInstances(TestCase):
             **self.upstream.environment(),
         )
         instances = []
-        for _ in range(2):
+        for own in extra or ({}, {}):
             port, api_port = free_port(), free_port()
             process = spawn_gateway(
-                self, ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"], env
+                self, ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"], {**env, **own}
             )
             token = yield process.token
             control = yield open_client(self, port)
@@ -197,6 +205,73 @@ class ConsumersOnTwoInstances(TestCase):
                 break
             self.assertLess(time.monotonic() - revoked, 1.0, "the revoked key still works on the other instance")
             yield sleep(0.05)
+
+    @inlineCallbacks
+    def test_silent_subscription_misses_no_consumer_change(self) -> Any:
+        """
+        The second instance reaches Redis through a proxy that silences its
+        subscription without closing it (a NAT or firewall dropping an idle
+        connection's traffic).  A key revoked on the first is refused there
+        within a heartbeat (each reads the count of consumer changes), not
+        accepted until the next change or a restart; the silence itself is
+        noticed (its own heartbeat message never comes back on it), said,
+        and the subscription made afresh, after which changes reach it at
+        once again.
+        """
+        proxy = DelayingProxy(self.redis)
+        self.addCleanup(proxy.stop)
+        (_, token, on_a, _), (b, _, on_b, api_b) = yield self.two({}, {"REDIS_URL": proxy.url})
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team"})
+        yield self.reaches(on_b, token, "team")
+        on_b_sdk = self.sdk(api_b, created["key"])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (200, None))
+        subscribes = proxy.subscribes
+        proxy.silence()
+        yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
+        revoked = time.monotonic()
+        while True:
+            status = yield self.status(on_b_sdk)
+            if status[0] == 401:
+                break
+            self.assertLess(
+                time.monotonic() - revoked,
+                HEARTBEAT_INTERVAL_SECONDS + 2,
+                "the revoked key still works on the instance whose subscription went silent",
+            )
+            yield sleep(0.25)
+        deadline = time.monotonic() + 3 * HEARTBEAT_INTERVAL_SECONDS
+        while proxy.subscribes == subscribes:
+            self.assertLess(time.monotonic(), deadline, "the silent subscription was not made afresh")
+            yield sleep(0.25)
+        self.assertIn(b"the subscription to the cluster's channel went silent without closing", b.stdout)
+        yield sleep(1.0)
+        yield self.command(on_a, token, "consumer_create", {"name": "later"})
+        yield self.reaches(on_b, token, "later")
+
+    @inlineCallbacks
+    def test_clock_off_on_one_instance(self) -> Any:
+        """
+        An instance whose host's clock is 25 h ahead (libfaketime) judges
+        the cluster's state by Redis's clock: it adopts the operators'
+        token (expired by its own clock) rather than replacing it on every
+        instance, and a consumer's rpm window is the cluster's minute, not
+        one of its own; its log says how far off its clock is.
+        """
+        ahead = {"LD_PRELOAD": FAKETIME, "FAKETIME": "+25h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        (_, token, on_a, api_a), (d, token_d, on_d, api_d) = yield self.two({}, ahead)
+        self.assertEqual(token_d, token)
+        yield self.command(on_a, token, "ping")
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team", "rpm": 3})
+        yield self.reaches(on_d, token, "team")
+        on_a_sdk, on_d_sdk = self.sdk(api_a, created["key"]), self.sdk(api_d, created["key"])
+        for _ in range(3):
+            status = yield self.status(on_a_sdk)
+            self.assertEqual(status, (200, None))
+        status = yield self.status(on_d_sdk)
+        self.assertEqual(status, (429, "rate_limit_exceeded"))
+        self.assertIn(b"this host's clock is 9000", d.stdout)
+        self.assertIn(b"s ahead of the cluster store's (Redis's TIME)", d.stdout)
 
     @inlineCallbacks
     def test_tpm_holds_against_a_parallel_burst_on_both(self) -> Any:

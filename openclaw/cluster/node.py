@@ -43,7 +43,15 @@ the store lost it; the version it knows with a value it does not hold (a
 token of another C{jti}, another route record) means the store lost it
 and a newcomer that reached it first wrote its own at that version.
 Either way the instance reloads at once, writing back what it knows or
-adopting what the store holds by the same rule.
+adopting what the store holds by the same rule.  The heartbeat also reads
+the counters of the consumer changes and of the key rests and lockouts
+(L{openclaw.cluster.redis.CHANGES}): when one moved since the last beat
+the instance reloads its consumers, or the rests and lockouts in force,
+so that one whose subscription went silent misses none for longer than a
+heartbeat.  And it reads Redis's clock: the cluster's decisions (the
+session token's expiry and renewal, the records' C{at}, the consumers'
+windows, budget periods and key expiries) go by it
+(L{ClusterClock}), never by a host's clock that may be off.
 
 Plain object: the store (L{openclaw.cluster.store.SharedStore}) and a clock
 are given; no socket here.
@@ -84,6 +92,9 @@ HEARTBEAT_INTERVAL_SECONDS = 10.0
 #: Heartbeats failed in a row after which the store's connections are
 #: deemed dead and rebuilt (L{SharedStore.reconnect}).
 HEARTBEAT_MISSES = 2
+#: How far (seconds) this host's clock may be from Redis's before the log
+#: says so (L{ClusterClock}).
+CLOCK_SKEW_WARN_SECONDS = 2.0
 #: The first wait before a failed reload is tried again, in seconds (at
 #: most REDIS_TIMEOUT_SECONDS); it doubles up to the node's C{retry_max}.
 RELOAD_RETRY_SECONDS = 1.0
@@ -297,6 +308,52 @@ def renewal_time(token: SessionToken) -> float:
     return min(token.issued_at + RENEW_AT * (token.expires_at - token.issued_at), float(token.expires_at))
 
 
+class ClusterClock:
+    """
+    The cluster's clock: Redis's (C{TIME}), as this instance knows it: its
+    own (C{reactor.seconds}, POSIX seconds) plus the offset of Redis's from
+    it, measured at each heartbeat and reload (the last one kept while
+    Redis is away; 0 until measured).  Every instance judges the cluster's
+    shared state (its token's expiry, the consumers' windows and budget
+    periods) by it, so one whose clock is off (no NTP) does not see the
+    cluster's token as expired nor open a new minute or day of its own.
+    """
+
+    _log = Logger(namespace="openclaw.cluster")
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+        #: Redis's clock less this host's, in seconds.
+        self.offset = 0.0
+        self._skewed = False
+
+    def seconds(self) -> float:
+        """
+        Now, on the cluster's clock (POSIX seconds).
+        """
+        return self._reactor.seconds() + self.offset
+
+    def measured(self, sent: float, received: float, redis: float) -> None:
+        """
+        Redis said its clock read C{redis} between C{sent} and C{received}
+        (this host's clock): take the offset at the middle.  Logged when it
+        passes L{CLOCK_SKEW_WARN_SECONDS}, and when it is back within.
+        """
+        self.offset = redis - (sent + received) / 2
+        skewed = abs(self.offset) > CLOCK_SKEW_WARN_SECONDS
+        if skewed and not self._skewed:
+            self._log.warn(
+                "this host's clock is {seconds:.1f} s {direction} the cluster store's (Redis's TIME): the cluster's "
+                "limits, budgets and session token go by Redis's clock, this host's logs by its own; run NTP "
+                "(chrony, systemd-timesyncd) on every host of the cluster and on Redis's",
+                seconds=abs(self.offset),
+                direction="ahead of" if self.offset < 0 else "behind",
+            )
+        elif self._skewed and not skewed:
+            self._log.info("this host's clock is back within {limit:g} s of Redis's", limit=CLOCK_SKEW_WARN_SECONDS)
+        self._skewed = skewed
+
+
 class ClusterNode:
     """
     Keeps this instance in step with the cluster.
@@ -312,6 +369,11 @@ class ClusterNode:
         as logged; None while up.
     @param where: the store's address as an operator knows it (no
         password), for the refusals (L{unavailable}).
+    @param on_consumers: called when a heartbeat finds that consumers
+        changed since the last one (to reload them: their message may have
+        been missed).
+    @param clock: the cluster's clock, which the node keeps measured
+        (shared with whatever else judges the cluster's state by it).
     """
 
     _log = Logger(namespace="openclaw.cluster")
@@ -332,6 +394,8 @@ class ClusterNode:
         on_foreign_token: Callable[[str], None] = lambda error: None,
         retry_max: float = 5.0,
         where: str = "",
+        on_consumers: Callable[[], None] = lambda: None,
+        clock: ClusterClock | None = None,
     ) -> None:
         self.store = store
         self.where = where
@@ -346,6 +410,11 @@ class ClusterNode:
         self._on_rest = on_rest
         self._on_lock = on_lock
         self._on_foreign_token = on_foreign_token
+        self._on_consumers = on_consumers
+        self.clock = ClusterClock(reactor) if clock is None else clock
+        #: The counters of the changes published, as the last heartbeat
+        #: (or reload) read them (L{Heartbeat.changes}); None before.
+        self._changes: dict[str, int] | None = None
         self._retry_max = max(retry_max, min(timeout, RELOAD_RETRY_SECONDS))
         self.up = False
         self.up_since = reactor.seconds()
@@ -452,6 +521,13 @@ class ClusterNode:
     def _reload(self) -> Any:
         before = dict(self.versions)
         try:
+            # Redis's clock first, to judge the token by; and the counters
+            # of the changes, read before what they count is reloaded.
+            sent = self._reactor.seconds()
+            heartbeat = yield self._bounded(
+                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
+            )
+            self._heard(heartbeat, sent)
             mine = self._mine(ROUTE)
             route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
             if self._outranks(ROUTE, mine, route):
@@ -536,9 +612,10 @@ class ClusterNode:
 
     def _now(self) -> float:
         """
-        Now, as a record's C{at} (POSIX seconds, to the millisecond).
+        Now, as a record's C{at} (POSIX seconds on the cluster's clock, to
+        the millisecond).
         """
-        return round(self._reactor.seconds(), 3)
+        return round(self.clock.seconds(), 3)
 
     def _replaced(self, name: str, held: str) -> bool:
         """
@@ -663,7 +740,7 @@ class ClusterNode:
             self.sessions.check(token)
         except (ValueError, KeyError, TypeError):
             return False
-        return self._reactor.seconds() >= renewal_time(token)
+        return self.clock.seconds() >= renewal_time(token)
 
     def _replace(self, versioned: Versioned) -> Deferred[Versioned]:
         """
@@ -679,7 +756,7 @@ class ClusterNode:
         self._log.info(
             "the cluster's session token {jti} {state} (expires {expires}); proposing {fresh} in its place",
             jti=expired.jti,
-            state="has expired" if self._reactor.seconds() >= expired.expires_at else "is due for renewal",
+            state="has expired" if self.clock.seconds() >= expired.expires_at else "is due for renewal",
             expires=expired.expires,
             fresh=fresh.jti,
         )
@@ -692,7 +769,7 @@ class ClusterNode:
         self._cancel_renewal()
         if self._stopped:
             return  # a store's answer after stop(): nothing left on the reactor
-        delay = max(0.0, renewal_time(token) - self._reactor.seconds())
+        delay = max(0.0, renewal_time(token) - self.clock.seconds())
         self._renewal = self._reactor.callLater(delay, self._renewal_time)
 
     def _renewal_time(self) -> None:
@@ -1053,6 +1130,27 @@ class ClusterNode:
             )
             self._reload()
 
+    def _heard(self, heartbeat: Heartbeat, sent: float) -> None:
+        """
+        What any read of the heartbeat (asked at C{sent}) says besides the
+        versions: Redis's clock (L{ClusterClock.measured}), and whether
+        consumers, key rests or lockouts changed since the last read:
+        reloaded then (their message may have been lost on a subscription
+        gone silent), when up (the reload on coming up does it otherwise).
+        """
+        if heartbeat.now is not None:
+            self.clock.measured(sent, self._reactor.seconds(), heartbeat.now)
+        known, self._changes = self._changes, heartbeat.changes
+        if known is None or not self.up:
+            return
+        moved = sorted(name for name, count in heartbeat.changes.items() if count != known.get(name))
+        if moved:
+            self._log.debug("changes published since the last heartbeat ({names}); reloading", names=", ".join(moved))
+        if "consumers" in moved:
+            self._on_consumers()
+        if "expiring" in moved:
+            self._reload_expiring()
+
     def beat(self) -> None:
         """
         Say this instance is alive (only once in step with the cluster: an
@@ -1066,6 +1164,7 @@ class ClusterNode:
         def seen(heartbeat: Heartbeat) -> None:
             self._missed_beats = 0
             self.instances_seen = max(1, heartbeat.alive)
+            self._heard(heartbeat, sent)
             # A renewal that failed (or was due while the store was away)
             # is tried again here.
             self._renew()
@@ -1117,6 +1216,7 @@ class ClusterNode:
                 error = describe(failure.value, self._timeout)
                 self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
 
+        sent = self._reactor.seconds()
         self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)).addCallbacks(
             seen, missed
         )

@@ -8,7 +8,11 @@ comes and goes.
 Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
 C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
-after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count);
+after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count),
+C{changes} (a hash of counters each change published on the channel adds
+1 to: C{consumers} for a consumer changed, C{expiring} for a key rest or a
+lockout; each heartbeat reads them, so an instance whose subscription went
+silent without closing learns what it missed: L{CHANGES});
 three sorted sets scored with expiry times (milliseconds since the epoch,
 on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
 step with the cluster, each expiring 30 s after its last heartbeat and
@@ -28,6 +32,7 @@ on their own.)
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -117,11 +122,17 @@ _REST = (
     _EXPIRY
     + """
 expiring(KEYS[1], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'expiring', 1)
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
 )
 
+#: KEYS: instances, changes, channel, then the values' hashes.  ARGV: TTL
+#: (seconds), instance, mark ('1' or '0'), the probe to publish ('' for
+#: none), then the counters of C{changes} to read.  Reply: the instances
+#: alive, Redis's clock (milliseconds), the counters, then each value's
+#: version and value.
 _HEARTBEAT = (
     _EXPIRY
     + """
@@ -130,8 +141,14 @@ if ARGV[3] == '1' then
 else
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 end
-local found = {redis.call('ZCARD', KEYS[1])}
-for i = 2, #KEYS do
+if ARGV[4] ~= '' then
+  redis.call('PUBLISH', KEYS[3], ARGV[4])
+end
+local found = {redis.call('ZCARD', KEYS[1]), now}
+for i = 5, #ARGV do
+  table.insert(found, tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0'))
+end
+for i = 4, #KEYS do
   local held = redis.call('HMGET', KEYS[i], 'version', 'value')
   table.insert(found, tonumber(held[1] or '0'))
   table.insert(found, held[2] or '')
@@ -157,10 +174,28 @@ if n < tonumber(ARGV[2]) and ARGV[4] == '0' then
 end
 expiring(KEYS[2], ARGV[6], ARGV[3])
 redis.call('DEL', KEYS[1])
+redis.call('HINCRBY', KEYS[4], 'expiring', 1)
 redis.call('PUBLISH', KEYS[3], ARGV[5])
 return 1
 """
 )
+
+#: KEYS: changes, channel; ARGV: the message.  A consumer changed.
+_CONSUMER = """
+redis.call('HINCRBY', KEYS[1], 'consumers', 1)
+return redis.call('PUBLISH', KEYS[2], ARGV[1])
+"""
+
+#: The counters of the hash C{<CLUSTER_NAME>:changes} (see the module):
+#: C{consumers} (a consumer created, changed or deleted, a key added or
+#: revoked) and C{expiring} (a key rest or a lockout).
+CHANGES = ("consumers", "expiring")
+
+#: How long after it was published an instance's heartbeat message (a
+#: probe of its own subscription) must have come back on the cluster's
+#: channel, in seconds, before the next heartbeat deems the subscription
+#: silent.
+PROBE_SECONDS = 2.0
 
 #: The members of the sorted set KEYS[1] that have not expired, each
 #: followed by its milliseconds left.
@@ -527,6 +562,11 @@ class RedisStore:
         self._undiscarded: list[Any] = []
         self._discard_call: IDelayedCall | None = None
         self._discarding: set[Deferred[Any]] = set()
+        #: The current connections' subscription is confirmed.
+        self._subscribed = False
+        #: This instance's last heartbeat message not heard back yet on the
+        #: subscription, and when (C{reactor.seconds}) it was published.
+        self._probe: tuple[str, float] | None = None
 
     def start(self, node: ClusterNode) -> None:
         self.node = node
@@ -534,6 +574,8 @@ class RedisStore:
 
     def _connect(self) -> None:
         self._pending = None
+        self._subscribed = False
+        self._probe = None
         endpoint, options = redis_endpoint(self.url, self.reactor, self.timeout)
         factories: list[Any] = [_Commands(self, options), _Subscribers(self, options)]
         self._factories = factories
@@ -700,6 +742,7 @@ class RedisStore:
 
         def confirmed(_: Any) -> None:
             if self.node is not None and factory in self._factories:
+                self._subscribed = True
                 self.node.connected()
 
         def failed(failure: Failure) -> None:
@@ -730,8 +773,13 @@ class RedisStore:
                 node.locked(parts[1], parts[2], float(parts[3]))
             elif parts[0] == "c" and len(parts) == 3 and self.on_consumer is not None:
                 self.on_consumer(parts[1], parts[2])
+            elif parts[0] == "p" and len(parts) == 3 and parts[1] == node.instance and parts[2] == self._probe_nonce():
+                self._probe = None
         except ValueError:
             self._log.warn("ignoring a malformed cluster message")
+
+    def _probe_nonce(self) -> str | None:
+        return None if self._probe is None else self._probe[0]
 
     def _eval(self, script: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         if not self._factories:
@@ -773,12 +821,10 @@ class RedisStore:
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         """
         Tell every instance that consumer C{name} changed (C{c} messages
-        on the cluster's channel).
+        on the cluster's channel), and count the change (C{changes}'
+        C{consumers}) for the instances that miss the message.
         """
-        if not self._factories:
-            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
-        published: Deferred[Any] = self._redis.publish(self.channel, f"c\t{instance}\t{name}")
-        return published
+        return self._eval(_CONSUMER, [self._key("changes"), self.channel], [f"c\t{instance}\t{name}"])
 
     def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         return self._eval(
@@ -803,7 +849,7 @@ class RedisStore:
         message = f"r\t{self.node.instance}\t{provider}\t{key_fingerprint}\t{seconds}"
         return self._eval(
             _REST,
-            [self._key("rests"), self.channel],
+            [self._key("rests"), self.channel, self._key("changes")],
             [str(max(1, round(seconds * 1000))), message, f"{provider}:{key_fingerprint}"],
         ).addCallback(lambda _: None)
 
@@ -812,7 +858,7 @@ class RedisStore:
         message = f"l\t{self.node.instance}\t{key}\t{duration}"
         return self._eval(
             _FAILURE,
-            [self._key("failures", key), self._key("lockouts"), self.channel],
+            [self._key("failures", key), self._key("lockouts"), self.channel, self._key("changes")],
             [
                 str(max(1, round(window * 1000))),
                 str(failures),
@@ -851,20 +897,58 @@ class RedisStore:
         return self._expiring("rests").addCallback(split)
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
+        """
+        See L{SharedStore.heartbeat}; also checks that the subscription
+        hears: once subscribed, each heartbeat publishes a message of this
+        instance's (C{p}) unless the last one is still on its way; one not
+        heard back within L{PROBE_SECONDS} (a subscription gone silent
+        without closing: a NAT or firewall that drops an idle connection's
+        traffic) makes the store L{rebuild} its connections, which the node
+        sees as an outage and a reload of everything the channel carries.
+        """
+        probe = ""
+        if self._subscribed:
+            if self._probe is None:
+                nonce = uuid.uuid4().hex
+                self._probe = (nonce, self.reactor.seconds())
+                probe = f"p\t{instance}\t{nonce}"
+            elif self.reactor.seconds() - self._probe[1] >= PROBE_SECONDS:
+                since = self.reactor.seconds() - self._probe[1]
+                self.rebuild(
+                    f"the subscription to the cluster's channel went silent without closing: this instance's heartbeat "
+                    f"message of {since:.0f} s ago never came back on it (check the network path to Redis for a NAT "
+                    "or firewall that drops an idle connection's traffic)"
+                )
+        sent = self._probe
+
         def heard(reply: list[Any]) -> Heartbeat:
-            versions = reply[1::2]
-            values = [value.decode() if isinstance(value, bytes) else str(value) for value in reply[2::2]]
+            counters = reply[2 : 2 + len(CHANGES)]
+            held = reply[2 + len(CHANGES) :]
+            values = [value.decode() if isinstance(value, bytes) else str(value) for value in held[1::2]]
             return Heartbeat(
                 int(reply[0]),
-                {name: int(version) for name, version in zip(names, versions, strict=True)},
+                {name: int(version) for name, version in zip(names, held[::2], strict=True)},
                 dict(zip(names, values, strict=True)),
+                now=int(reply[1]) / 1000,
+                changes={name: int(count) for name, count in zip(CHANGES, counters, strict=True)},
             )
+
+        def failed(failure: Failure) -> Failure:
+            if probe and self._probe is sent:
+                # Published or not: not judged.
+                self._probe = None
+            return failure
 
         return self._eval(
             _HEARTBEAT,
-            [self._key("instances"), *(self._key("state", name) for name in names)],
-            [str(ttl_seconds), instance, "1" if mark else "0"],
-        ).addCallback(heard)
+            [
+                self._key("instances"),
+                self._key("changes"),
+                self.channel,
+                *(self._key("state", name) for name in names),
+            ],
+            [str(ttl_seconds), instance, "1" if mark else "0", probe, *CHANGES],
+        ).addCallbacks(heard, failed)
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self._factories:

@@ -46,12 +46,18 @@ class Heartbeat:
     published write this node missed; and each value (name -> value; ""
     for none), to notice one the store holds at the version this node
     knows but that is not the one it knows (the store lost the state and
-    another instance wrote its own meanwhile).
+    another instance wrote its own meanwhile); the store's clock (POSIX
+    seconds, C{None} when unknown), which the cluster's decisions judge
+    time by; and the counters of the changes published (name -> count:
+    C{consumers}, C{expiring}, for the key rests and lockouts), which
+    move with every change, to notice changes this node missed.
     """
 
     alive: int
     versions: dict[str, int]
     values: dict[str, str] = attrs.field(factory=dict)
+    now: float | None = None
+    changes: dict[str, int] = attrs.field(factory=dict)
 
 
 #: Called with (name, version, value, origin) for every write anyone makes.
@@ -181,6 +187,8 @@ class MemoryStore:
         self.held: list[tuple[str, str, str, str, int, Deferred[int]]] = []
         #: The reasons L{reconnect} was called with.
         self.reconnects: list[str] = []
+        #: The counters of the changes published (L{Heartbeat.changes}).
+        self.changes: dict[str, int] = {"consumers": 0, "expiring": 0}
 
     def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
         if not self.up:
@@ -242,6 +250,7 @@ class MemoryStore:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         self.rests[provider, key_fingerprint] = self.clock() + seconds
+        self.changes["expiring"] += 1
         for listener in list(self.rest_listeners):
             listener(provider, key_fingerprint, seconds)
         return succeed(None)
@@ -260,6 +269,7 @@ class MemoryStore:
             return succeed(False)
         self.locks[key] = now + duration
         self.failures.pop(key, None)
+        self.changes["expiring"] += 1
         for listener in list(self.lock_listeners):
             listener(key, duration)
         return succeed(True)
@@ -287,7 +297,8 @@ class MemoryStore:
             self.alive[instance] = now + ttl_seconds
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
         values = {name: self.values[name].value if name in self.values else "" for name in names}
-        return succeed(Heartbeat(sum(1 for until in self.alive.values() if until > now), versions, values))
+        alive = sum(1 for until in self.alive.values() if until > now)
+        return succeed(Heartbeat(alive, versions, values, now=now, changes=dict(self.changes)))
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self.up:

@@ -523,6 +523,16 @@ class SharedConsumers:
         if instance != self.instance and self.table.loaded:
             self.table.refresh()
 
+    def missed(self) -> None:
+        """
+        Consumers changed since the cluster's last heartbeat (its counter
+        moved): reload, as their message may have been lost on a
+        subscription gone silent without closing (a reload already due
+        absorbs this one).
+        """
+        if self.table.loaded:
+            self.table.refresh()
+
     def up(self, up: bool) -> None:
         """
         Redis came (back) or went: when back, changes may have been missed,

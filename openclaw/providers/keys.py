@@ -111,11 +111,17 @@ class KeyPool:
     def rest_shared(self, key_fingerprint: str, seconds: float) -> None:
         """
         Another instance of the cluster rested the key with this
-        fingerprint for C{seconds}: rest it here too (not told on).
+        fingerprint for C{seconds}: rest it here too (not told on).  Logged
+        only when that rests it longer than it rested here by a second or
+        more (the cluster's rests are read again after a reconnection and
+        when a heartbeat finds some changed: the ones known are not news).
         """
         for key in self.keys:
             if fingerprint(key) == key_fingerprint:
-                self._resting[key] = max(self._resting.get(key, 0.0), self.clock() + seconds)
+                known = self._resting.get(key, 0.0)
+                self._resting[key] = max(known, self.clock() + seconds)
+                if self._resting[key] < known + 1.0:
+                    continue
                 self._log.info(
                     "{provider} key {key} resting {seconds:g} s (rate limited on another instance)",
                     provider=self.provider,
