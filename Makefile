@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean redis-server postgres pgbouncer
+.PHONY: run test lint trial bench bench-data clean redis-server postgres pgbouncer faketime
 
 run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
@@ -21,7 +21,7 @@ run: $(RUN_STAMP)
 # tests mostly wait on processes and timers, so two workers halve the time
 # on two cores.  TEST_JOBS=1 runs each in one process.
 TEST_JOBS ?= 2
-test: $(STAMP) lint redis-server postgres pgbouncer
+test: $(STAMP) lint redis-server postgres pgbouncer faketime
 	$(BIN)/python -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
 	$(BIN)/python -m twisted.trial -j $(TEST_JOBS) tests
 
@@ -39,6 +39,17 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else \
 	    echo "make test needs redis-server for the cluster tests: run 'sudo apt-get install -y redis-server' (or put redis-server on PATH)"; exit 1; \
+	  fi; }
+
+# One cluster test runs an instance under libfaketime (its host's clock
+# off): installed when missing and we can; without it that test is skipped.
+faketime:
+	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } || \
+	      echo "could not install faketime: the clock-skew cluster test will be skipped"; \
+	  else \
+	    echo "faketime is not installed ('sudo apt-get install -y faketime'): the clock-skew cluster test will be skipped"; \
 	  fi; }
 
 # The consumer tests (#19) start their own postgres (initdb in a temporary
