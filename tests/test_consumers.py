@@ -603,6 +603,9 @@ class SQLiteStoreTests(StoreTests, TestCase):
         [event] = events
         self.assertIsNone(event.get("log_failure"))
         self.assertIn("run the later openclaw that upgraded it", database_advice(Failure(failure)))
+        # Nothing is written to it, nor purged from it, from then on.
+        yield self.assertFailure(store.record([UsageRow(time.time(), "-", "-", "kimi", "m", 200)]), NewerSchema)
+        yield self.assertFailure(store.purge(time.time()), NewerSchema)
 
 
 class RecordingStore:

@@ -35,7 +35,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from twisted.application.internet import backoffPolicy
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -401,6 +401,9 @@ class ConsumerStore:
         self.dialect = dialect
         #: The pool's reactor (L{close} needs its threads and triggers).
         self.reactor = reactor
+        #: Set once L{migrate} found a later openclaw's schema: every use
+        #: of the store then fails with it.
+        self.newer_schema: NewerSchema | None = None
         # ThreadPool's public hook for the threads it makes.
         pool.threadpool.threadFactory = _DaemonThread
         # L{close}'s callers, once it was called: each fires with its
@@ -461,6 +464,9 @@ class ConsumerStore:
         after that check is never retried: a write whose commit was cut
         may have been applied, and must not be applied twice.
         """
+        if self.newer_schema is not None:
+            # A later openclaw's database: nothing is read or written.
+            return fail(self.newer_schema)
         if self.dialect != "postgresql":
             return cast("Deferred[T]", self.pool.runInteraction(function, *args))
 
@@ -559,9 +565,17 @@ class ConsumerStore:
     def migrate(self) -> Deferred[int]:
         """
         Apply the migrations the database lacks; fires with the schema
-        version it is now at.
+        version it is now at.  Fails with L{NewerSchema} for a database a
+        later openclaw upgraded, and from then on every use of the store
+        fails with it (no usage row written, none purged).
         """
-        return self._interact(self._migrate)
+
+        def newer(reason: Failure) -> Failure:
+            if reason.check(NewerSchema):
+                self.newer_schema = cast(NewerSchema, reason.value)
+            return reason
+
+        return self._interact(self._migrate).addErrback(newer)
 
     def _migrate(self, cursor: Any) -> int:
         # Two gateways starting at once on one database: one migrates, the
