@@ -1055,6 +1055,11 @@ class FailoverFailsTests(ResilienceTestCase):
             self.assertEqual(response.headers.getRawHeaders("retry-after"), ["2"])
             self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
             self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=http_5xx"])
+            # The first provider's failure: its route, not the fallback's.
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["gemini"])
+            [line] = [e for e in self.events if e.get("status") == 502 and e.get("route")]
+            self.assertTrue(str(line["route"]).startswith("gemini/"), line)
+            self.events.clear()
             said = self.assertOpenAIError(text, "upstream_http_error")["message"]
             self.assertTrue(said.startswith("gemini answered HTTP 503"), said)
             self.assertIn(f"; failed over to kimi, which refused it: kimi refused the request: HTTP {status}", said)

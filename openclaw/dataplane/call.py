@@ -172,8 +172,10 @@ class ChatCall:
     #: Once failed over, the first provider's failure (its error's message,
     #: scrubbed of its keys), told with the fallback's if that fails too.
     _origin_failure: str | None = None
-    #: And the error it was (its status, code and headers).
+    #: And the error it was (its status, code and headers), its provider
+    #: and route: the answer's, should the fallback refuse the request.
     _origin_error: APIError | None = None
+    _origin: tuple[ProviderAdapter, Route] | None = None
     #: The provider failed over from, if it was called (a key tried).
     _origin_called: str | None = None
     #: Bumped by each attempt and timeout: answers to an older one are ignored.
@@ -514,6 +516,7 @@ class ChatCall:
         # fallback's.
         self._origin_failure = self.adapter.scrubber.text(error.message)
         self._origin_error = error
+        self._origin = (self.adapter, self.route)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer, request_id_of(self.request))
         self._origin_called = origin if self._tried else None
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
@@ -863,19 +866,24 @@ class ChatCall:
         fallback refused the request itself (a 4xx but 429: its model
         retired, a request it does not take): then the first provider's
         failure is the answer's status, code and headers (its
-        C{Retry-After}), which a client may retry, not a 400 or 404 for a
-        request the first provider took.
+        C{Retry-After}), and its route the answer's (headers, log line,
+        metrics, usage row), which a client may retry, not a 400 or 404
+        for a request the first provider took.
         """
         self._finish_call()
         request = self.request
         if self._origin_failure is not None and self._fallback is not None and not request.startedWriting:
             message = f"{self._origin_failure}; failed over to {self._fallback[1]}: {error.message}"
-            origin = self._origin_error
-            if origin is not None and 400 <= error.status < 500 and error.status != 429:
-                message = (
-                    f"{self._origin_failure}; failed over to {self._fallback[1]}, which refused it: {error.message}"
-                )
+            origin, first = self._origin_error, self._origin
+            if origin is not None and first is not None and 400 <= error.status < 500 and error.status != 429:
+                # The first provider's failure is the answer: its route in
+                # the headers, the log and the accounting; the fallback's
+                # words scrubbed of its own keys before they go.
+                said = self.adapter.scrubber.text(error.message)
+                message = f"{self._origin_failure}; failed over to {self._fallback[1]}, which refused it: {said}"
                 error = origin
+                self.adapter, self.route = first
+                self.wire = self.adapter.wire
             error = attrs.evolve(error, message=message)
         # Every error of a call may quote the provider (its message, a
         # stream's error event): scrubbed here, where none can be missed.
