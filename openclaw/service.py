@@ -331,6 +331,7 @@ class GatewayService(MultiService):
         )
         commands.extra = ConsumerCommands(self.consumers, shared_clock, self._consumers_unshared).handlers()
         commands.excluded_consumers = self.consumers.excluding
+        commands.unpriced_consumers = self.consumers.unpriced_budgets
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         #: This process's id in the cluster (host name and process id),

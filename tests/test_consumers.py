@@ -1592,6 +1592,30 @@ class ConsumerEndpointsTests(GatewayCase):
             self.fail("an embeddings model outside models was not refused")
 
     @inlineCallbacks
+    def test_budget_and_unpriced_models(self) -> Any:
+        """
+        A consumer with a budget lists only priced models (it may call no
+        other), and a switch to an unpriced model warns, naming it.
+        """
+        gateway, client = yield self.gateway()
+        capped = yield self.command(gateway, client, "consumer_create", {"name": "capped", "budget_usd": 5})
+        yield self.command(gateway, client, "consumer_create", {"name": "free"})
+        answer = yield self.command(gateway, client, "switch_provider", {"provider": "kimi", "model": "moonshot-v1-8k"})
+        self.assertNotIn("warning", answer)
+        answer = yield self.command(
+            gateway, client, "switch_provider", {"provider": "kimi", "model": "kimi-k2-0905-preview"}
+        )
+        self.assertIn(
+            "consumer(s) capped have a budget and kimi/kimi-k2-0905-preview has no price: their calls to the "
+            "active route get 403 model_not_priced",
+            answer["warning"],
+        )
+        everything = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, GATEWAY_KEY).models.list()])
+        self.assertIn("kimi-k2-0905-preview", everything)
+        mine = yield deferToThread(lambda: [m.id for m in self.sdk(gateway, capped["key"]).models.list()])
+        self.assertEqual(mine, [m for m in everything if m != "kimi-k2-0905-preview"])
+
+    @inlineCallbacks
     def test_models_listing(self) -> Any:
         """
         A consumer lists only the models it may call, within its rpm.

@@ -797,14 +797,29 @@ class ConsumerTable:
         """
         return sorted(name for name, consumer in self.consumers.items() if not consumer.allows(provider, model))
 
+    def unpriced_budgets(self, provider: str, model: str) -> list[str]:
+        """
+        The consumers, by name, with a budget, when C{provider/model} has no
+        price: their calls to it get 403 C{model_not_priced}.
+        """
+        if self.prices.priced(provider, model):
+            return []
+        return sorted(name for name, consumer in self.consumers.items() if consumer.budget_usd is not None)
+
     def allowed(self, holder: Holder, provider: str, models: list[str]) -> list[str]:
         """
-        Those of C{provider}'s C{models} the holder may call.
+        Those of C{provider}'s C{models} the holder may call: within its
+        C{models}, and with a budget only those with a price.
         """
         consumer = self.consumers.get(holder.consumer) if holder is not GATEWAY else None
-        if consumer is None or not consumer.models:
+        if consumer is None or (not consumer.models and consumer.budget_usd is None):
             return models
-        return [model for model in models if consumer.allows(provider, model)]
+        priced = self.prices.priced
+        return [
+            model
+            for model in models
+            if consumer.allows(provider, model) and (consumer.budget_usd is None or priced(provider, model))
+        ]
 
     def _limited(
         self, refusal: APIError | None, holder: Holder, provider: str | None, model: str | None

@@ -140,6 +140,16 @@ def quoted(value: object) -> str:
     return repr(summarise(value)) if isinstance(value, str) else summarise(value)
 
 
+def _named(names: list[str]) -> str:
+    """
+    The first L{MAX_NAMED_CONSUMERS} of C{names}, then how many more.
+    """
+    shown = ", ".join(names[:MAX_NAMED_CONSUMERS])
+    if len(names) > MAX_NAMED_CONSUMERS:
+        shown += f" and {len(names) - MAX_NAMED_CONSUMERS} more"
+    return shown
+
+
 def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
     """
     Check a command's C{data}: absent or an object with no fields other than
@@ -204,6 +214,9 @@ class ControlCommands:
     #: The consumers whose C{models} exclude a provider's model
     #: (L{openclaw.consumers.table.ConsumerTable.excluding}).
     excluded_consumers: Callable[[str, str], list[str]] = lambda provider, model: []
+    #: The consumers with a budget, when a provider's model has no price
+    #: (L{openclaw.consumers.table.ConsumerTable.unpriced_budgets}).
+    unpriced_consumers: Callable[[str, str], list[str]] = lambda provider, model: []
 
     def table(self) -> dict[str, Callable[[object], Answer]]:
         return {
@@ -279,12 +292,17 @@ class ControlCommands:
             ]
             excluded = self.excluded_consumers(provider_id, model)
             if excluded:
-                shown = ", ".join(excluded[:MAX_NAMED_CONSUMERS])
-                if len(excluded) > MAX_NAMED_CONSUMERS:
-                    shown += f" and {len(excluded) - MAX_NAMED_CONSUMERS} more"
                 warnings.append(
-                    f"the models of consumer(s) {shown} exclude {provider_id}/{model}: their calls to the active "
-                    "route get 403 model_not_allowed; widen their models with consumer_update, or switch back"
+                    f"the models of consumer(s) {_named(excluded)} exclude {provider_id}/{model}: their calls to "
+                    "the active route get 403 model_not_allowed; widen their models with consumer_update, or "
+                    "switch back"
+                )
+            unpriced = self.unpriced_consumers(provider_id, model)
+            if unpriced:
+                warnings.append(
+                    f"consumer(s) {_named(unpriced)} have a budget and {provider_id}/{model} has no price: their "
+                    "calls to the active route get 403 model_not_priced; add its price to PRICES_FILE, or switch "
+                    "back"
                 )
             if warnings:
                 result["warning"] = "; ".join(warnings)
