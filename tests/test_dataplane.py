@@ -619,7 +619,8 @@ class StreamFailureTests(DataPlaneTestCase):
         its body does not end (Gemini has no end marker): closed with its
         finish reason and [DONE] after COMPLETE_STREAM_GRACE_SECONDS, not
         failed at UPSTREAM_TIMEOUT (the SDK raised, and an agent ran its
-        tool call twice).  A stream cut short still fails.
+        tool call twice), and the provider's connection let go then, not
+        held until UPSTREAM_TIMEOUT.
         """
         self.upstream.gemini.mode = "linger"
         gateway = self.gateway(upstream_timeout=30)
@@ -640,6 +641,8 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertLess(reactor.seconds() - started, 10)
         self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
         self.assertEqual(chunks[-1].usage.prompt_tokens, 10)
+        yield self.upstream.gemini.when_streams_lost(1)
+        self.assertLess(reactor.seconds() - started, 10)
         self.assertEqual(
             "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), self.upstream.gemini.reply
         )

@@ -257,6 +257,21 @@ class GeminiStreamTests(SynchronousTestCase):
         self.assertEqual([chunk["choices"][0]["finish_reason"] for chunk in closing], ["stop", "content_filter"])
         self.assertNotIn("usage", closing[0])
 
+    def test_finished_needs_every_choice_asked(self) -> None:
+        """
+        With C{n} 2, a choice that finished before the other began makes
+        the stream complete (were its body to end now) but not finished:
+        its body's end is not waited for only briefly.
+        """
+        stream = gemini.GeminiStream("m", "id", 0, asked=2)
+        stream.chunk(self.event("a", "STOP", index=0))
+        self.assertEqual((stream.complete, stream.finished), (True, False))
+        stream.chunk(self.event("b", "STOP", index=1))
+        self.assertEqual((stream.complete, stream.finished), (True, True))
+        unasked = gemini.GeminiStream("m", "id", 0)
+        unasked.chunk(self.event("a", "STOP", index=0))
+        self.assertTrue(unasked.finished)
+
     def test_empty_event(self) -> None:
         stream = gemini.GeminiStream("m", "id", 0)
         self.assertIsNone(stream.chunk({"usageMetadata": {"promptTokenCount": 1}}))

@@ -850,8 +850,11 @@ class HalfOpenTrialTests(ResilienceTestCase):
             # The trial: a 503 whose body never comes whole.
             self.behaviour("kimi").mode = "error_stall"
             response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
-            self.assertEqual(response.code, 504, text)
-            self.assertIn("the error body", self.assertOpenAIError(text, "upstream_timeout")["message"])
+            # The provider's 503, whose body did not come in time.
+            self.assertEqual(response.code, 502, text)
+            said = self.assertOpenAIError(text, "upstream_http_error")["message"]
+            self.assertIn("HTTP 503", said)
+            self.assertIn("its error body did not come whole", said)
             # A 5xx: the provider's failure, the breaker opens again.
             self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "open")
             yield self.check_served_again(gateway)
@@ -873,10 +876,11 @@ class HalfOpenTrialTests(ResilienceTestCase):
         over when the call may be, and, pinned, answered with the status in
         X-OpenClaw-Upstream-Status.
         """
-        for mode, pinned_status in (("error_stall", 504), ("error_cut", 502)):
+        for mode, pinned_status in (("error_stall", 502), ("error_cut", 502)):
             for stream in (False, True):
                 gateway = self.gateway(default_provider="kimi", upstream_timeout=0.3)
                 self.behaviour("kimi").mode = mode
+                self.behaviour("kimi").error_headers = {"Retry-After": "7"}
                 response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
                 self.assertEqual(response.code, 200, (mode, stream, text))
                 self.assertEqual(
@@ -888,6 +892,8 @@ class HalfOpenTrialTests(ResilienceTestCase):
                 self.assertEqual(response.code, pinned_status, (mode, stream, text))
                 status = self.behaviour("kimi").error_status
                 self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), [str(status)])
+                # Its Retry-After came whole with its status: kept.
+                self.assertEqual(response.headers.getRawHeaders("retry-after"), ["7"])
 
     @inlineCallbacks
     def test_4xx_error_body_too_slow_closes(self):

@@ -49,7 +49,6 @@ from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
     PROVIDER_HEADER,
-    UPSTREAM_STATUS_HEADER,
     APIError,
     bad_request,
     breaker_open,
@@ -463,20 +462,16 @@ class ChatCall:
     def _error_body_lost(self, error: APIError) -> None:
         """
         A non-2xx answer's body never came whole (cut, too large, too slow):
-        its status (and C{Retry-After}) is all there is, and the answer says
-        it (C{X-OpenClaw-Upstream-Status}).  A 5xx is the provider's
-        failure, as one whose body came whole: counted by the breaker, and
-        failed over when the call may be.  Any other status is read as the
-        provider meant it, as if its body had said nothing (L{_refused}: a
-        429 keeps its C{Retry-After}, rests the key and fails over; a 401
-        sets the key aside), with what became of the body as its message.
+        its status and C{Retry-After} are all there is, read as the provider
+        meant them, as if its body had said nothing (L{_refused}: a 5xx is
+        the provider's failure, counted by the breaker and failed over when
+        the call may be; a 429 rests the key and fails over; a 401 sets the
+        key aside; each answer with its C{Retry-After} and
+        C{X-OpenClaw-Upstream-Status}), with what became of the body as its
+        message.
         """
-        status = self._error_status
-        if status < 500:
-            self._drop_attempt()
-            return self._refused(status, b"", self._error_retry_after, body_lost=error.message)
-        error = attrs.evolve(error, headers=(*error.headers, (UPSTREAM_STATUS_HEADER, b"%d" % status)))
-        return self._attempt_failed("http_5xx", error)
+        self._drop_attempt()
+        return self._refused(self._error_status, b"", self._error_retry_after, body_lost=error.message)
 
     # -- failover -------------------------------------------------------------
 
@@ -600,10 +595,10 @@ class ChatCall:
             self.request.write(events)
         if translation.ended:
             self._close_stream(translation)
-        elif decoded and translation.complete and not self._client_paused:
+        elif decoded and translation.finished and not self._client_paused:
             # Whole already: the body's end (Gemini's only end marker)
             # is waited for a short while, not UPSTREAM_TIMEOUT.
-            self._timer.reset(min(self.context.timeout, COMPLETE_STREAM_GRACE_SECONDS))
+            self._timer.reset(self._upstream_wait())
 
     def stream_ended(self, reason: Failure, translation: StreamTranslation) -> None:
         """
@@ -674,7 +669,14 @@ class ChatCall:
         self._settle(CircuitBreaker.failed)
         return self._upstream_failed(reason, error)
 
-    def _close_stream(self, translation: StreamTranslation) -> None:
+    def _close_stream(self, translation: StreamTranslation, drain: bool = True) -> None:
+        """
+        End the client's stream as whole: the closing chunks and C{[DONE]}.
+
+        @param drain: let the upstream body end by itself (it is about
+            over: its connection goes back to the pool), else drop its
+            connection now.
+        """
         try:
             closing = b"".join(encode(payload) for payload in translation.closing())
         except orjson.JSONEncodeError as e:
@@ -692,7 +694,7 @@ class ChatCall:
             self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
-        self._finish_call(drain=True)
+        self._finish_call(drain=drain)
         try:
             self.request.write(closing + _DONE_EVENT)
             self.request.finish()
@@ -723,7 +725,18 @@ class ChatCall:
             return
         self._client_paused = False
         if not self._over and self._timer is not None:
-            self._timer.reset(self.context.timeout)
+            self._timer.reset(self._upstream_wait())
+
+    def _upstream_wait(self) -> float:
+        """
+        How long the provider's stream may now go without an event:
+        UPSTREAM_TIMEOUT, or L{COMPLETE_STREAM_GRACE_SECONDS} once every
+        choice has finished (its body's end is all that may be missing).
+        """
+        translation = self._translation
+        if translation is not None and translation.finished:
+            return min(self.context.timeout, COMPLETE_STREAM_GRACE_SECONDS)
+        return self.context.timeout
 
     def _send_timeout(self) -> float:
         """
@@ -762,10 +775,11 @@ class ChatCall:
         if self._client_paused:
             return self._send_timed_out()
         translation = self._translation
-        if translation is not None and translation.complete:
+        if translation is not None and translation.finished:
             # Every choice finished; only the body's end did not come
-            # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole.
-            return self._close_stream(translation)
+            # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole,
+            # and the provider's connection is let go at once.
+            return self._close_stream(translation, drain=False)
         error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
         if self._waiting_for == _ERROR_BODY:
             return self._error_body_lost(error)

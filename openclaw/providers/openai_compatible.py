@@ -200,6 +200,10 @@ class OpenAIStream:
     def complete(self) -> bool:
         return self.ended
 
+    @property
+    def finished(self) -> bool:
+        return self.ended
+
     def payloads(self, event: Event) -> list[bytes]:
         data = event.data
         if data == DONE:

@@ -70,6 +70,14 @@ class StreamTranslation(Protocol):
         """
 
     @property
+    def finished(self) -> bool:
+        """
+        Every choice asked for has its finish reason: nothing more of the
+        answer can come (but a later usage), so a body that does not end
+        is not waited for long.
+        """
+
+    @property
     def usage(self) -> dict[str, Any] | None:
         """
         The last usage the upstream reported, in OpenAI's C{usage} shape

@@ -1355,6 +1355,15 @@ class GeminiStream:
         return bool(self._finished) and self._finished.keys() >= self._started
 
     @property
+    def finished(self) -> bool:
+        """
+        L{complete}, and every choice asked for (C{asked}) has finished:
+        with C{n} 2, one that finished before the other began is complete
+        but not finished.
+        """
+        return self.complete and (self.asked is None or len(self._finished) >= self.asked)
+
+    @property
     def usage(self) -> dict[str, Any] | None:
         """
         The usage of the latest event that carried C{usageMetadata}, as
@@ -1557,6 +1566,10 @@ class GeminiStreamTranslation:
     @property
     def complete(self) -> bool:
         return self.translation.complete
+
+    @property
+    def finished(self) -> bool:
+        return self.translation.finished
 
     @property
     def usage(self) -> dict[str, Any] | None:
