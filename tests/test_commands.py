@@ -87,6 +87,25 @@ class ControlPlaneTests(SynchronousTestCase):
             message["data"] = data
         return self.send(message)
 
+    def test_answer_longer_than_a_message(self) -> None:
+        """
+        An answer longer than MAX_MESSAGE_BYTES is an error saying so, on
+        the fast path (ping and status, not debug) too.
+        """
+        for debug in (False, True):
+            plane = ControlPlane(
+                self.sessions, self.commands, Logger(observer=self.events.append), debug=debug, max_answer_bytes=120
+            )
+            answer = json.loads(
+                plane.handle(json.dumps({"token": self.token, "cmd": "status"}).encode(), self.connection)
+            )  # type: ignore[arg-type]
+            self.assertFalse(answer["ok"], debug)
+            self.assertIn("is longer than MAX_MESSAGE_BYTES (120) allows", answer["error"])
+            answer = json.loads(
+                plane.handle(json.dumps({"token": self.token, "cmd": "ping"}).encode(), self.connection)
+            )  # type: ignore[arg-type]
+            self.assertTrue(answer["ok"])
+
     def test_ping(self) -> None:
         self.assertEqual(
             self.command("ping"), {"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1_800_000_000_000}}

@@ -144,6 +144,28 @@ class BreakerTests(SynchronousTestCase):
             ],
         )
 
+    def test_unreachable_keeps_the_trial(self):
+        """
+        Another endpoint's call that cannot reach the provider counts as a
+        failure (three open the breaker), and in half-open reopens it, but
+        the chat call's trial under way keeps its place: no second trial
+        is let through after the cooldown, and the trial's success closes
+        the breaker.
+        """
+        breaker = self.breaker
+        for _ in range(3):
+            breaker.unreachable()
+        self.assertEqual(breaker.state, "open")
+        self.clock.advance(30)
+        self.assertTrue(breaker.allow())  # the chat call's trial
+        breaker.unreachable()
+        self.assertEqual(breaker.state, "open")
+        self.clock.advance(30)
+        self.assertEqual(breaker.state, "half_open")
+        self.assertFalse(breaker.allow())
+        breaker.succeeded()
+        self.assertEqual(breaker.state, "closed")
+
 
 class KeyPoolTests(SynchronousTestCase):
     def setUp(self) -> None:

@@ -201,8 +201,10 @@ class ControlPlane:
             if not audited and not self._debug:
                 # The common case (ping, status): answered and counted, no
                 # log event to build.
-                self._metrics.command(cmd, "ok")
-                return _encode({"ok": True, "cmd": cmd, "result": result})
+                encoded = _encode({"ok": True, "cmd": cmd, "result": result})
+                if len(encoded) <= self._max_answer_bytes or not self._max_answer_bytes:
+                    self._metrics.command(cmd, "ok")
+                    return encoded
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started, fields)
 

@@ -861,7 +861,7 @@ class PooledCall:
         """
         if not self.settled:
             self.settled = True
-            self.adapter.breaker.failed()
+            self.adapter.breaker.unreachable()
 
     def abandoned(self) -> None:
         """

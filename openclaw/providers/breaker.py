@@ -108,6 +108,22 @@ class CircuitBreaker:
             self._open()
         return None
 
+    def unreachable(self) -> None:
+        """
+        A call that is not the half-open trial (embeddings, a models
+        listing) could not reach the provider at all: a failure, but the
+        trial under way, if any, keeps its place (only it may close the
+        breaker, and no second trial is let through meanwhile).
+        """
+        if self._state is BreakerState.HALF_OPEN:
+            return self._open()
+        if self._state is BreakerState.OPEN:
+            return None
+        self._failures += 1
+        if self._failures >= self.threshold:
+            self._open()
+        return None
+
     def abandoned(self) -> None:
         """
         A call let through ended with no verdict (its client went away):
