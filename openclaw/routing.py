@@ -40,9 +40,10 @@ MAX_MODEL_CHARS = 256
 #: How a consumer key starts (README, "Consumers"): defined here, where
 #: model names are refused when they hold one.
 KEY_PREFIX = "ock-"
-#: A consumer key within a text: C{ock-} with no key character before it
-#: (C{mock-...} is none), then at least 32 key characters (keys have 40).
-_CONSUMER_KEY = re.compile(r"(?<![A-Za-z0-9_-])ock-[A-Za-z0-9_-]{32}")
+#: A whole consumer key within a text: C{ock-} with no key character
+#: before it (C{mock-...} is none), then its 40 key characters and no more
+#: (C{tunedModels/ock-sentiment-classifier-2024-abcdefgh} is a name).
+_CONSUMER_KEY = re.compile(r"(?<![A-Za-z0-9_-])ock-[A-Za-z0-9_-]{40}(?![A-Za-z0-9_-])")
 
 #: What to do about a refused model name, closing every refusal.
 _AS_LISTED = "use the model's id as the provider lists it"

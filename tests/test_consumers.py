@@ -99,6 +99,23 @@ class RulesTests(TestCase):
         ):
             self.assertRaises(InvalidConsumer, consumer_fields, bad)
 
+    def test_keys_found_where_they_are_not_expected(self) -> None:
+        """
+        A whole key is refused as a model, and logged as lists show keys;
+        a name that only looks like one (a tuned model, C{mock-...}) is
+        neither.
+        """
+        from openclaw.dataplane.context import clipped
+        from openclaw.routing import model_refusal
+
+        key = NewKey.make().key
+        self.assertIsNotNone(model_refusal(f"kimi/{key}"))
+        self.assertIsNotNone(model_refusal(key))
+        for name in ("tunedModels/ock-sentiment-classifier-2024-abcdefgh", "mock-" + "a" * 40, f"{key}x"):
+            self.assertIsNone(model_refusal(name), name)
+        self.assertEqual(clipped("/v1/mock-abcdefghij"), "/v1/mock-abcdefghij")
+        self.assertEqual(clipped(f"/v1/{key}"), f"/v1/{key[:12]}...")
+
     def test_budget_bounds(self) -> None:
         """
         A budget is a number of US dollars from 0 to MAX_BUDGET_USD: not

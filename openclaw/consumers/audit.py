@@ -17,8 +17,9 @@ from typing import Any
 from openclaw.consumers.model import _FIELDS, KEY_PREFIX, SHOWN_CHARS, check_name, is_key_like, shown_key
 
 _PREFIX = re.compile(f"[A-Za-z0-9_-]{{{SHOWN_CHARS}}}")
-#: More of a key than lists and logs show.
-_KEY = re.compile(f"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{SHOWN_CHARS + 1},}}")
+#: More of a key than lists and logs show, starting where no key
+#: character comes before it (C{/v1/mock-abcdefghij} holds none).
+_KEY = re.compile(f"(?<![A-Za-z0-9_-]){re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{SHOWN_CHARS + 1},}}")
 _INVALID = "<invalid>"
 
 
