@@ -768,7 +768,9 @@ class ContentTests(DataPlaneTestCase):
         whole and streamed: the stand-in answers a C{json_schema} (and
         Gemini's C{responseJsonSchema}) with a document that follows it.
         """
+        import datetime
         import enum
+        import uuid
 
         import pydantic
 
@@ -785,6 +787,11 @@ class ContentTests(DataPlaneTestCase):
             unit: Unit
             neighbours: list[Place]
             confidence: float | None
+            when: datetime.datetime
+            id: uuid.UUID
+            debt: int = pydantic.Field(lt=0)
+            ratio: float = pydantic.Field(ge=0.5, le=1)
+            code: str = pydantic.Field(min_length=40)
 
         client = self.sdk(self.gateway())
         for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):

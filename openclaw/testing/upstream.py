@@ -797,6 +797,30 @@ def _structured_reply(schema: dict[str, Any] | None, behaviour: ProviderBehaviou
     return json.dumps(schema_instance(schema, schema, behaviour.reply))
 
 
+#: A value of each string C{format} the stand-in knows (JSON Schema's; the
+#: ones Pydantic writes for datetime, date, time, UUID, e-mail and URL).
+_FORMATTED = {
+    "date-time": "2026-01-01T00:00:00Z",
+    "date": "2026-01-01",
+    "time": "00:00:00Z",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "email": "stand-in@example.com",
+    "uri": "https://example.com/",
+}
+
+
+def _bound(schema: dict[str, Any], inclusive: str, exclusive: str, step: int) -> float | None:
+    """
+    A number's inclusive bound from C{inclusive}, or from C{exclusive}
+    moved by C{step} inside; None when neither is a number.
+    """
+    for name, move in ((inclusive, 0), (exclusive, step)):
+        value = schema.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value + move
+    return None
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -810,8 +834,10 @@ def schema_instance(schema: Any, root: dict[str, Any], text: str, depth: int = 0
     A small value valid against C{schema} (JSON Schema, or Gemini's OpenAPI
     subset with upper-case types): every property of an object, the fewest
     items an array may have, the first C{enum} value or C{anyOf}/C{oneOf}
-    option, a number's C{minimum} (or 0), C{text} for a string (cut to its
-    C{maxLength}).  Local C{$ref}s (C{#/$defs/...}, C{#/definitions/...})
+    option, a number within its bounds (its minimum, or 0), a string of a
+    known C{format} (L{_FORMATTED}), else C{text} (padded to its
+    C{minLength}, cut to its C{maxLength}; a C{pattern} is not followed).
+    Local C{$ref}s (C{#/$defs/...}, C{#/definitions/...})
     are followed; past 16 levels of nesting (a recursive schema) an
     object's optional properties are left out, and any remaining value is
     null.
@@ -849,13 +875,17 @@ def schema_instance(schema: Any, root: dict[str, Any], text: str, depth: int = 0
         count = schema.get("minItems") or 0
         return [schema_instance(schema.get("items"), root, text, depth + 1) for _ in range(int(count))]
     if kind == "string":
-        limit = schema.get("maxLength")
-        return text[:limit] if isinstance(limit, int) else text
+        if schema.get("format") in _FORMATTED:
+            return _FORMATTED[schema["format"]]
+        shortest, longest = schema.get("minLength"), schema.get("maxLength")
+        if isinstance(shortest, int) and len(text) < shortest:
+            text = text.ljust(shortest, ".")
+        return text[:longest] if isinstance(longest, int) else text
     if kind in ("integer", "number"):
-        low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        value = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 0
-        if "exclusiveMinimum" in schema and "minimum" not in schema:
-            value += 1
+        low, high = _bound(schema, "minimum", "exclusiveMinimum", 1), _bound(schema, "maximum", "exclusiveMaximum", -1)
+        value = low if low is not None else (0 if high is None or high >= 0 else high)
+        if high is not None and value > high:
+            value = high
         return int(value) if kind == "integer" else value
     if kind == "boolean":
         return False
