@@ -810,6 +810,23 @@ class ReadyzTests(ResilienceTestCase):
         response, _ = yield self.get(gateway, "/healthz")
         self.assertEqual(response.code, 200)
 
+    @inlineCallbacks
+    def test_half_open_names_the_fallback(self):
+        """
+        In half-open, one call tries the active provider and the others
+        fail over: the probe names where they go (it said null).
+        """
+        gateway = self.gateway(default_provider="gemini", breaker_cooldown_seconds=0.2)
+        yield consumers_loaded(gateway)
+        for _ in range(5):
+            gateway.service.providers.get("gemini").breaker.failed()
+        yield deferLater(reactor, 0.3, lambda: None)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(response.code, 200, text)
+        document = json.loads(text)
+        self.assertEqual((document["breaker"], document["fallback"]), ("half_open", "kimi"))
+        self.assertIn("the other calls fail over to kimi", document["reason"])
+
 
 class HalfOpenTrialTests(ResilienceTestCase):
     """

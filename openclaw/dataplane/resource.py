@@ -291,6 +291,15 @@ class Readyz(APIResource):
             "fallback": None,
         }
         if usable and breaker != "open":
+            if breaker == "half_open" and context.fallback != "off":
+                # One call tries the provider; the others fail over meanwhile.
+                target = context.providers.fallback_for(provider_id)
+                if target is not None:
+                    document["fallback"] = target.id
+                    document["reason"] = (
+                        f"{provider_id}: the circuit breaker is half_open (one call tries it); the other calls "
+                        f"fail over to {target.id}"
+                    )
             return json_response(request, document)
         if not adapter.keys.keys:
             why = f"{adapter.key_variable} is not set"
