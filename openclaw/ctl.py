@@ -146,6 +146,9 @@ class Request:
     as_json: bool
     timeout: float
     cafile: Path | None
+    #: The token was read from C{token_file} (not given by --token or the
+    #: environment).
+    token_from_file: bool = False
 
     def message(self) -> bytes:
         message: dict[str, Any] = {"token": self.token, "cmd": self.cmd}
@@ -825,6 +828,7 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         as_json=args.json,
         timeout=timeout,
         cafile=args.cafile,
+        token_from_file=not args.token and args.token_file is not None,
     )
 
 
@@ -987,6 +991,7 @@ def render(
     answer: Mapping[str, Any],
     saved_to: Path | None = None,
     save_error: str | None = None,
+    note: str | None = None,
 ) -> Report:
     """
     The output of one answered command.  stdout carries the answer (as is
@@ -1005,6 +1010,8 @@ def render(
     if save_error:
         errors.append(save_error)
         code = FAILED
+    if note:
+        errors.append(note)
     if request.as_json:
         out = printable_json(reply.payload.decode("utf-8"))
     elif code == OK or save_error:
@@ -1329,7 +1336,7 @@ def holds_token(token_file: Path, token: str) -> bool:
     return held is not None and held.rstrip(b"\n") == token.encode("utf-8")
 
 
-def save_token(token_file: Path, token: str) -> None:
+def save_token(token_file: Path, token: str, presented: str | None = None) -> bool:
     """
     Write a rotated C{token} to C{token_file}: nothing to do when it holds
     it already (the gateway's own C{TOKEN_FILE}, which the gateway rewrote
@@ -1339,12 +1346,21 @@ def save_token(token_file: Path, token: str) -> None:
     rotating with the C{TOKEN_FILE} of a gateway that runs as another user
     leaves that user able to read it.
 
+    @param presented: the token the rotation was asked with, when it was
+        read from C{token_file}: a file that holds neither it nor C{token}
+        now was rewritten since by the gateway, with a newer token (another
+        rotation, a cluster's renewal), and is left as it is.
+    @return: whether C{token_file} holds C{token} now (False: a newer one).
     @raise openclaw.files.OwnerNotKept: the file there is another user's
         and this user may not give the new one to it; it is left as it was.
     @raise OSError: it cannot be written; it is left as it was.
     """
-    if not holds_token(token_file, token):
-        write_token_file(token_file, token, keep_owner=True)
+    if holds_token(token_file, token):
+        return True
+    if presented is not None and not holds_token(token_file, presented) and token_file.exists():
+        return False
+    write_token_file(token_file, token, keep_owner=True)
+    return True
 
 
 def conclude(request: Request, reply: Reply) -> Report:
@@ -1355,13 +1371,20 @@ def conclude(request: Request, reply: Reply) -> Report:
     """
     answer = decode_answer(reply.payload)
     saved_to = None
-    save_error = None
+    save_error = note = None
     if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:
         failed = f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed"
         keep = "the new token is on stdout: keep it"
         try:
-            save_token(request.token_file, answer["result"]["token"])
-            saved_to = request.token_file
+            presented = request.token if request.token_from_file else None
+            if save_token(request.token_file, answer["result"]["token"], presented):
+                saved_to = request.token_file
+            else:
+                note = (
+                    f"{PROG}: note: {request.token_file} was rewritten since with a newer token (by the gateway: "
+                    "another rotation, or a renewal in a cluster), which replaced this one; it was left as it is: "
+                    "use the token it holds"
+                )
         except OwnerNotKept as e:
             save_error = (
                 f"{failed}: it belongs to uid {e.uid}, and this user cannot give the new file to that user, so it "
@@ -1369,7 +1392,7 @@ def conclude(request: Request, reply: Reply) -> Report:
             )
         except OSError as e:
             save_error = f"{failed}: {e.strerror or e}; {keep}"
-    return render(request, reply, answer, saved_to=saved_to, save_error=save_error)
+    return render(request, reply, answer, saved_to=saved_to, save_error=save_error, note=note)
 
 
 async def _run(reactor: IClientReactor, request: Request) -> None:

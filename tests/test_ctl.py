@@ -582,6 +582,31 @@ class RenderTests(TestCase):
         # In a cluster the usual cause is the token's renewal.
         self.assertIn("renewal", report.stderr)
 
+    def test_rotation_superseded_leaves_the_newer_token(self):
+        """
+        A token file read for the rotation that holds neither the token
+        presented nor the new one by the time the answer comes was rewritten
+        by the gateway with a newer token (another rotation, a cluster's
+        renewal): left as it is, with a note; it was overwritten with the
+        rotation's token, already replaced.  Given by --token, the file is
+        written whatever it held.
+        """
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        write_token_file(token_file, "newer")
+        answer = {"ok": True, "cmd": "rotate_token", "result": {"token": "rotated", "jti": "j", "expires": "e"}}
+        rotation = request(cmd="rotate_token", token="presented", token_file=token_file, token_from_file=True)
+        report = ctl.conclude(rotation, reply(answer))
+        self.assertEqual(token_file.read_text(), "newer\n")
+        self.assertEqual(report.code, 0)
+        self.assertIn("was rewritten since with a newer token", report.stderr)
+        write_token_file(token_file, "presented")
+        report = ctl.conclude(rotation, reply(answer))
+        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+        write_token_file(token_file, "another")
+        report = ctl.conclude(request(cmd="rotate_token", token="given", token_file=token_file), reply(answer))
+        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+
     def test_json_passes_the_answer_through(self):
         answer = {"ok": False, "cmd": "status", "error": "invalid token"}
         raw = reply(answer)
