@@ -15,9 +15,16 @@ def isoformat(timestamp: float, timespec: Literal["seconds", "milliseconds"] = "
     C{2026-11-25T02:39:29Z} to the second, or C{2026-11-25T02:39:29.250Z}
     with C{timespec="milliseconds"} (truncated, not rounded).  The token's
     expiry, C{status}'s C{started_at} and the C{time} of a JSON log line are
-    all written this way.
+    all written this way.  A timestamp past year 9999 (or before year 1)
+    is written as the last (or first) moment a datetime holds.
     """
-    moment = datetime.fromtimestamp(timestamp, UTC)
+    try:
+        moment = datetime.fromtimestamp(timestamp, UTC)
+    except (OverflowError, ValueError, OSError):
+        # Past what a datetime holds (a time stored by an earlier version
+        # that took 9999-12-31T23:59:59.99999Z): shown as the last or first
+        # second there is, never an error in the answer it is part of.
+        moment = datetime.max.replace(tzinfo=UTC) if timestamp > 0 else datetime.min.replace(tzinfo=UTC)
     return moment.isoformat(timespec=timespec).removesuffix("+00:00") + "Z"
 
 

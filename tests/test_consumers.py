@@ -99,6 +99,21 @@ class RulesTests(TestCase):
         ):
             self.assertRaises(InvalidConsumer, consumer_fields, bad)
 
+    def test_last_second(self) -> None:
+        """
+        A time in 9999's last second with a fraction is taken as that
+        second: as a float it rounded up to year 10000 (a consumer made,
+        then every consumer_list an internal error, even after a restart);
+        one already stored so is shown as that last second.
+        """
+        from openclaw.consumers.model import LAST_SECOND, parse_time
+        from openclaw.timefmt import isoformat
+
+        for text in ("9999-12-31T23:59:59.99999Z", "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59Z"):
+            self.assertEqual(parse_time(text, "expires_at"), LAST_SECOND)
+        self.assertEqual(isoformat(LAST_SECOND + 1), "9999-12-31T23:59:59Z")
+        self.assertEqual(isoformat(-1e13), "0001-01-01T00:00:00Z")
+
     def test_keys_found_where_they_are_not_expected(self) -> None:
         """
         A whole key is refused as a model, and logged as lists show keys;

@@ -162,6 +162,10 @@ class Consumer:
         return document
 
 
+#: 9999-12-31T23:59:59Z, the last second a time is shown to.
+LAST_SECOND = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+
 def parse_time(value: object, field: str) -> float:
     """
     An ISO date (C{2026-11-01}: its start, UTC) or datetime (naive: UTC) as
@@ -187,7 +191,9 @@ def parse_time(value: object, field: str) -> float:
         parsed.astimezone(UTC)
     except OverflowError:
         raise InvalidConsumer(f"{field} is out of range; use a time from 0001-01-01 to 9999-12-31 (UTC)") from None
-    return parsed.timestamp()
+    # As seconds (a float, as stored): 9999-12-31T23:59:59.99999Z rounds up
+    # to the first second of year 10000, which nothing can show.
+    return min(parsed.timestamp(), LAST_SECOND)
 
 
 def period_key(period: str, now: float) -> str:
