@@ -567,6 +567,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+#: The least C{MAX_MESSAGE_BYTES}: the answer of every state-changing
+#: command (C{rotate_token}'s token, C{consumer_create}'s key), cut to
+#: its short fields when need be, fits in it.
+MIN_MESSAGE_BYTES = 1024
+
+
+def _message_bytes(text: str) -> int:
+    value = int(text)
+    if value < MIN_MESSAGE_BYTES:
+        raise ValueError
+    return value
+
+
 def _timer_seconds(text: str) -> float:
     # Autobahn's connection timers are batched into whole seconds: a shorter
     # delay can fire at once and drop healthy connections.
@@ -2053,7 +2066,11 @@ def _load_settings(
             "TRUSTED_PROXIES", _networks, (), "use comma-separated IPv4/IPv6 addresses or CIDR networks"
         ),
         max_message_bytes=read(
-            "MAX_MESSAGE_BYTES", _positive_int, defaults.max_message_bytes, "use a whole number of bytes > 0"
+            "MAX_MESSAGE_BYTES",
+            _message_bytes,
+            defaults.max_message_bytes,
+            f"use a whole number of bytes, at least {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
+            "consumer_create must fit)",
         ),
         max_connections=read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"),
         handshake_timeout_seconds=read(

@@ -106,6 +106,26 @@ class ControlPlaneTests(SynchronousTestCase):
             )  # type: ignore[arg-type]
             self.assertTrue(answer["ok"])
 
+    def test_change_whose_answer_is_too_long(self) -> None:
+        """
+        A state-changing command is carried out before its answer is made:
+        one too long is cut to its fields that are not objects or lists,
+        with a warning, and audited as done; it was an error ("ask for
+        less") for a change that was made (a consumer's key never shown, a
+        rotated token lost).
+        """
+        plane = ControlPlane(
+            self.sessions, self.commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=40
+        )
+        message = {"token": self.token, "cmd": "switch_provider", "data": {"provider": "kimi"}}
+        answer = json.loads(plane.handle(json.dumps(message).encode(), self.connection))  # type: ignore[arg-type]
+        self.assertTrue(answer["ok"])
+        self.assertEqual(self.route.current.provider_id, "kimi")
+        self.assertEqual((answer["result"]["active"], answer["result"]["model"]), ("kimi", "moonshot-v1-8k"))
+        self.assertIn("allows: the change was made; left out: -", answer["result"]["warning"])
+        [audit] = [e for e in self.events if e.get("cmd") == "switch_provider"]
+        self.assertEqual((audit["outcome"], audit["answer"]), ("ok", "cut"))
+
     def test_ping(self) -> None:
         self.assertEqual(
             self.command("ping"), {"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1_800_000_000_000}}

@@ -478,6 +478,8 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="ops.example")
         self.assertConfigError("ALLOWED_ORIGINS", ALLOWED_ORIGINS="null")
         self.assertConfigError("MAX_CONNECTIONS", MAX_CONNECTIONS="0")
+        # A rotated token or a new key must fit in an answer.
+        self.assertConfigError("MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES="1023")
         self.assertConfigError("PING_TIMEOUT_SECONDS", "1 or more", PING_TIMEOUT_SECONDS="0.5")
         # Not a whole number, but 1 or more: taken.
         self.assertEqual(self.load({"PING_TIMEOUT_SECONDS": "2.5"}).ping_timeout_seconds, 2.5)

@@ -63,6 +63,19 @@ CONSUMER_COMMANDS = (
 )
 COMMANDS = COMMANDS + CONSUMER_COMMANDS
 AUDITED = AUDITED | frozenset(CONSUMER_COMMANDS)
+#: The commands that change the gateway's state: carried out once their
+#: answer is made, whatever becomes of it.
+STATE_CHANGING = frozenset(
+    {
+        "switch_provider",
+        "rotate_token",
+        "consumer_create",
+        "consumer_update",
+        "consumer_delete",
+        "key_create",
+        "key_revoke",
+    }
+)
 
 
 class CommandError(Exception):

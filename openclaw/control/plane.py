@@ -22,6 +22,7 @@ from openclaw.control.commands import (
     AUDITED,
     CONSUMER_COMMANDS,
     MAX_LOGGED_CMD_CHARS,
+    STATE_CHANGING,
     Audited,
     CommandError,
     ControlCommands,
@@ -246,14 +247,36 @@ class ControlPlane:
             fields = result.fields
             result = result.result
         encoded = _encode({"ok": True, "cmd": cmd, "result": result})
-        if 0 < self._max_answer_bytes < len(encoded):
+        limit = self._max_answer_bytes
+        if 0 < limit < len(encoded):
+            if cmd in STATE_CHANGING:
+                # Carried out already: never told as a failure.
+                return self._cut(result, cmd, len(encoded), fields)
             message = (
-                f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({self._max_answer_bytes}) "
+                f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({limit}) "
                 f"allows; ask for less ({_ASK_FOR_LESS.get(cmd, 'narrow the command')}), or raise "
                 "MAX_MESSAGE_BYTES"
             )
             return _error(cmd, message), "error", {**(fields or {}), "error": message}
         return encoded, "ok", fields
+
+    def _cut(self, result: Result, cmd: str, length: int, fields: Mapping[str, str] | None) -> _Answered:
+        """
+        The answer of a state-changing command, carried out, whose whole
+        answer (C{length} bytes) is longer than MAX_MESSAGE_BYTES: its
+        fields that are not objects or lists (a key, a token, a name; at
+        least 1024 bytes fit: L{openclaw.settings.MIN_MESSAGE_BYTES}), with
+        a warning naming those left out.
+        """
+        kept = {name: value for name, value in result.items() if not isinstance(value, (dict, list))}
+        left_out = ", ".join(sorted(result.keys() - kept.keys()))
+        said = (
+            f"the answer ({length} bytes) is longer than MAX_MESSAGE_BYTES ({self._max_answer_bytes}) allows: "
+            f"the change was made; left out: {left_out or '-'} (consumer_list shows a consumer)"
+        )
+        earlier = kept.get("warning")
+        kept["warning"] = said if not earlier else f"{earlier}; {said}"
+        return _encode({"ok": True, "cmd": cmd, "result": kept}), "ok", {**(fields or {}), "answer": "cut"}
 
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
         """
