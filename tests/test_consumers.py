@@ -130,6 +130,8 @@ class RulesTests(TestCase):
             self.assertIsNone(model_refusal(name), name)
         self.assertEqual(clipped("/v1/mock-abcdefghij"), "/v1/mock-abcdefghij")
         self.assertEqual(clipped(f"/v1/{key}"), f"/v1/{key[:12]}...")
+        # A path as sent: a key after an escaped slash is one too.
+        self.assertEqual(clipped(f"/v1/models/kimi%2F{key}"), f"/v1/models/kimi%2F{key[:12]}...")
 
     def test_budget_bounds(self) -> None:
         """

@@ -18,8 +18,11 @@ from openclaw.consumers.model import _FIELDS, KEY_PREFIX, SHOWN_CHARS, check_nam
 
 _PREFIX = re.compile(f"[A-Za-z0-9_-]{{{SHOWN_CHARS}}}")
 #: More of a key than lists and logs show, starting where no key
-#: character comes before it (C{/v1/mock-abcdefghij} holds none).
-_KEY = re.compile(f"(?<![A-Za-z0-9_-]){re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{SHOWN_CHARS + 1},}}")
+#: character comes before it (C{/v1/mock-abcdefghij} holds none) or right
+#: after a percent-escape (C{/v1/models/kimi%2Fock-...}, a path as sent).
+_KEY = re.compile(
+    f"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{{2}})){re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{SHOWN_CHARS + 1},}}"
+)
 _INVALID = "<invalid>"
 
 
