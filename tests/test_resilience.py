@@ -935,9 +935,9 @@ class HalfOpenTrialTests(ResilienceTestCase):
                 self.assertEqual(response.headers.getRawHeaders("retry-after"), ["7"])
 
     @inlineCallbacks
-    def test_4xx_error_body_too_slow_closes(self):
-        # A 4xx answered: the provider is up, whatever its body did; its
-        # status keeps its meaning.
+    def test_4xx_error_body_too_slow(self):
+        # A 4xx keeps its meaning, whatever its body did; a refusal of the
+        # request says nothing of completions: the trial is free again.
         gateway = self.trial_gateway(upstream_timeout=0.3)
         yield self.open_breaker(gateway)
         kimi = self.behaviour("kimi")
@@ -946,7 +946,36 @@ class HalfOpenTrialTests(ResilienceTestCase):
         self.assertEqual(response.code, 400, text)
         error = self.assertOpenAIError(text, "upstream_invalid_request")
         self.assertIn("its error body did not come whole", error["message"])
-        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+        breaker = gateway.service.providers.get("kimi").breaker
+        self.assertEqual(breaker.state, "half_open")
+        self.assertTrue(breaker.would_allow())
+
+    @inlineCallbacks
+    def test_refusals_do_not_hold_the_breaker_closed(self):
+        """
+        A key holder's calls of a model the provider does not have (404)
+        between failing calls neither reset the count of failures nor
+        close the breaker from half-open: they say nothing of completions.
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="off", breaker_failures=3, breaker_cooldown_seconds=1)
+        kimi = self.behaviour("kimi")
+        breaker = gateway.service.providers.get("kimi").breaker
+        bogus = {"model": "kimi/no-such-model", "messages": HELLO}
+        for _ in range(3):
+            kimi.mode, kimi.error_status = "error", 500
+            response, _ = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502)
+            kimi.mode = "ok"
+            response, _ = yield self.post(gateway, bogus)
+            self.assertIn(response.code, (404, 503))
+        self.assertEqual(breaker.state, "open")
+        yield deferLater(reactor, breaker.remaining() + 0.05)
+        response, _ = yield self.post(gateway, bogus)
+        self.assertEqual(response.code, 404)
+        self.assertEqual(breaker.state, "half_open")
+        response, _ = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(breaker.state, "closed")
 
     @inlineCallbacks
     def test_4xx_whose_body_never_comes_keeps_its_meaning(self):

@@ -407,8 +407,11 @@ class ChatCall:
         if refusal.kind is RefusalKind.SERVER:
             self._settle(CircuitBreaker.failed)
             return self._upstream_failed("http_5xx", error)
-        # Any other answer: the provider is up.
-        self._settle(CircuitBreaker.succeeded)
+        # Any other refusal (a bad request or model, a key refused or rate
+        # limited): no verdict on the provider's completions.  Counted a
+        # success, any key holder's bogus model kept the breaker closed
+        # (and closed it from half-open) while every real call failed.
+        self._settle(CircuitBreaker.abandoned)
         adapter.note_refusal(key, refusal)
         if refusal.kind is RefusalKind.RATE_LIMITED:
             return self._another_key("rate_limited", error)

@@ -83,9 +83,10 @@ class CircuitBreaker:
 
     def succeeded(self) -> None:
         """
-        A call got an answer from the provider (any but a 5xx): a whole
-        answer read and accepted, a stream's first event relayed, or a
-        refusal of the request or key.  2xx headers alone are not one.
+        A call got an answer from the provider: a whole answer read and
+        accepted, a stream's first event relayed (or its model's own
+        failure).  2xx headers alone are not one, nor a refusal of the
+        request or key (L{abandoned}: it says nothing of completions).
         """
         self._failures = 0
         self._trial = False
