@@ -648,6 +648,23 @@ class StreamFailureTests(DataPlaneTestCase):
         )
 
     @inlineCallbacks
+    def test_stream_whose_body_lingers_after_done(self):
+        """
+        A Kimi stream ends at [DONE]; a body kept open after it is let go
+        within COMPLETE_STREAM_GRACE_SECONDS, not held to UPSTREAM_TIMEOUT.
+        """
+        self.upstream.kimi.mode = "linger"
+        gateway = self.gateway(upstream_timeout=30)
+        client = self.sdk(gateway)
+        started = reactor.seconds()
+        chunks = yield deferToThread(
+            lambda: list(client.chat.completions.create(model="kimi/moonshot-v1-8k", messages=HELLO, stream=True))
+        )
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        yield self.upstream.kimi.when_streams_lost(1)
+        self.assertLess(reactor.seconds() - started, 10)
+
+    @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
         self.upstream.kimi.chunk_interval = 0.2
         self.upstream.kimi.reply = "one two three four five six seven eight"

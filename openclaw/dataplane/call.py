@@ -940,7 +940,9 @@ class ChatCall:
             pending.cancel()
         if self._relay is not None:
             if drain:
-                self._relay.drain(self.context.reactor, self.context.timeout)
+                # A body whose answer is whole ends at once; one that
+                # lingers (a connection kept open after [DONE]) is dropped.
+                self._relay.drain(self.context.reactor, min(self.context.timeout, COMPLETE_STREAM_GRACE_SECONDS))
             else:
                 self._relay.stop()
 
