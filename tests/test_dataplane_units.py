@@ -537,6 +537,32 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual(error.code, "gateway_api_keys_not_set")
         self.assertNotIn("alpha", repr(keys))
 
+    def test_consumer_keys_before_the_table_loads(self) -> None:
+        """
+        Before the consumers load, a consumer key is a retryable 503; when
+        their database is a later openclaw's, one no retry mends (it said
+        "starting, retry in 2 s" for ever).
+        """
+        from types import SimpleNamespace
+
+        from openclaw.consumers.prices import PriceTable
+        from openclaw.consumers.store import NewerSchema
+        from openclaw.consumers.table import ConsumerTable
+
+        store = SimpleNamespace(newer_schema=None)
+        table = ConsumerTable(store, PriceTable.with_overrides({}), clock=lambda: 0.0)  # type: ignore[arg-type]
+        keys = GatewayKeys.of(["alpha-key"], table)
+        key = b"Bearer ock-" + b"A" * 40
+        loading = keys.identify(key)
+        assert isinstance(loading, APIError)
+        self.assertEqual((loading.status, loading.code), (503, "consumers_loading"))
+        store.newer_schema = NewerSchema("at schema version 7")
+        unusable = keys.identify(key)
+        assert isinstance(unusable, APIError)
+        self.assertEqual((unusable.status, unusable.code), (503, "consumers_unavailable"))
+        self.assertIn((b"x-should-retry", b"false"), unusable.headers)
+        self.assertIsNone(keys.check(b"Bearer alpha-key"))
+
 
 class CallIdTests(SynchronousTestCase):
     """

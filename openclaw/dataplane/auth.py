@@ -38,6 +38,22 @@ def consumers_loading() -> APIError:
     )
 
 
+def consumers_unusable() -> APIError:
+    """
+    The answer to a consumer key while the consumers' database is one a
+    later openclaw upgraded (L{openclaw.consumers.store.NewerSchema}): 503,
+    which no retry mends (the operator must act: C{x-should-retry: false}).
+    """
+    return APIError(
+        503,
+        "the gateway cannot use its consumers' database (a later version of openclaw upgraded it), so this "
+        "consumer key cannot be checked; the operator must run that version or restore the database",
+        "server_error",
+        "consumers_unavailable",
+        headers=((b"x-should-retry", b"false"),),
+    )
+
+
 @attrs.frozen
 class GatewayKeys:
     """
@@ -81,7 +97,7 @@ class GatewayKeys:
             # meanwhile all the same (README).
             and not self._gateway_key(authorization[7:].strip())
         ):
-            return consumers_loading()
+            return consumers_unusable() if consumers.store.newer_schema is not None else consumers_loading()
         if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(
                 "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "
