@@ -100,14 +100,7 @@ class CircuitBreaker:
         malformed, a stream failing before its first event.
         """
         self._trial = False
-        if self._state is BreakerState.HALF_OPEN:
-            return self._open()
-        if self._state is BreakerState.OPEN:
-            return None
-        self._failures += 1
-        if self._failures >= self.threshold:
-            self._open()
-        return None
+        self.unreachable()
 
     def unreachable(self) -> None:
         """
