@@ -94,37 +94,48 @@ class ControlPlaneTests(SynchronousTestCase):
         """
         for debug in (False, True):
             plane = ControlPlane(
-                self.sessions, self.commands, Logger(observer=self.events.append), debug=debug, max_answer_bytes=120
+                self.sessions, self.commands, Logger(observer=self.events.append), debug=debug, max_answer_bytes=200
             )
             answer = json.loads(
                 plane.handle(json.dumps({"token": self.token, "cmd": "status"}).encode(), self.connection)
             )  # type: ignore[arg-type]
             self.assertFalse(answer["ok"], debug)
-            self.assertIn("is longer than MAX_MESSAGE_BYTES (120) allows", answer["error"])
+            self.assertIn("is longer than MAX_MESSAGE_BYTES (200) allows; raise MAX_MESSAGE_BYTES", answer["error"])
             answer = json.loads(
                 plane.handle(json.dumps({"token": self.token, "cmd": "ping"}).encode(), self.connection)
             )  # type: ignore[arg-type]
             self.assertTrue(answer["ok"])
 
-    def test_change_whose_answer_is_too_long(self) -> None:
+    def test_cut_answer_still_too_long(self) -> None:
         """
         A state-changing command is carried out before its answer is made:
         one too long is cut to its fields that are not objects or lists,
-        with a warning, and audited as done; it was an error ("ask for
-        less") for a change that was made (a consumer's key never shown, a
-        rotated token lost).
+        with a warning saying so first, audited as done (it was an error,
+        "ask for less", for a change that was made); one whose own fields
+        are still too long (a switch's warning naming consumers), and an
+        error longer than the limit (a refusal listing a consumer's key
+        prefixes), are cut to fit: Autobahn sent nothing.
         """
+        self.commands.excluded_consumers = lambda provider, model: [f"{'c' * 60}-{i}" for i in range(5)]
         plane = ControlPlane(
-            self.sessions, self.commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=40
+            self.sessions, self.commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=300
         )
         message = {"token": self.token, "cmd": "switch_provider", "data": {"provider": "kimi"}}
-        answer = json.loads(plane.handle(json.dumps(message).encode(), self.connection))  # type: ignore[arg-type]
+        encoded = plane.handle(json.dumps(message).encode(), self.connection)
+        assert isinstance(encoded, bytes)
+        self.assertLessEqual(len(encoded), 300)
+        answer = json.loads(encoded)
         self.assertTrue(answer["ok"])
-        self.assertEqual(self.route.current.provider_id, "kimi")
-        self.assertEqual((answer["result"]["active"], answer["result"]["model"]), ("kimi", "moonshot-v1-8k"))
-        self.assertIn("allows: the change was made; left out: -", answer["result"]["warning"])
+        self.assertEqual(answer["result"]["active"], "kimi")
+        warning = answer["result"]["warning"]
+        self.assertTrue(warning.startswith("the answer ("), warning)
+        self.assertIn("allows: the change was made", warning)
+        self.assertTrue(warning.endswith("...(cut)"), warning)
         [audit] = [e for e in self.events if e.get("cmd") == "switch_provider"]
         self.assertEqual((audit["outcome"], audit["answer"]), ("ok", "cut"))
+        error = plane._fitted(json.dumps({"ok": False, "cmd": "key_revoke", "error": "x" * 5000}).encode())
+        self.assertLessEqual(len(error), 300)
+        self.assertIn("cut to fit MAX_MESSAGE_BYTES", json.loads(error)["error"])
 
     def test_ping(self) -> None:
         self.assertEqual(

@@ -75,6 +75,14 @@ _ASK_FOR_LESS = {
 }
 
 
+#: Fields of a cut answer that are never cut themselves: a new key or
+#: token must reach the client whole (L{ControlPlane._fitted}).
+_SHORT = frozenset({"key", "token"})
+
+#: The answer when nothing of it fits MAX_MESSAGE_BYTES.
+_UNFIT = "the answer is longer than MAX_MESSAGE_BYTES allows, even cut; raise MAX_MESSAGE_BYTES"
+
+
 def _error(cmd: object, message: str) -> bytes:
     return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
 
@@ -252,10 +260,9 @@ class ControlPlane:
             if cmd in STATE_CHANGING:
                 # Carried out already: never told as a failure.
                 return self._cut(result, cmd, len(encoded), fields)
-            message = (
-                f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({limit}) "
-                f"allows; ask for less ({_ASK_FOR_LESS.get(cmd, 'narrow the command')}), or raise "
-                "MAX_MESSAGE_BYTES"
+            less = _ASK_FOR_LESS.get(cmd)
+            message = f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({limit}) allows; " + (
+                f"ask for less ({less}), or raise MAX_MESSAGE_BYTES" if less else "raise MAX_MESSAGE_BYTES"
             )
             return _error(cmd, message), "error", {**(fields or {}), "error": message}
         return encoded, "ok", fields
@@ -275,7 +282,8 @@ class ControlPlane:
             f"the change was made; left out: {left_out or '-'} (consumer_list shows a consumer)"
         )
         earlier = kept.get("warning")
-        kept["warning"] = said if not earlier else f"{earlier}; {said}"
+        # First, so that it stays should the warning be cut (L{_fitted}).
+        kept["warning"] = said if not earlier else f"{said}; {earlier}"
         return _encode({"ok": True, "cmd": cmd, "result": kept}), "ok", {**(fields or {}), "answer": "cut"}
 
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
@@ -328,4 +336,32 @@ class ControlPlane:
                 jti=jti,
                 outcome=outcome,
             )
-        return encoded
+        return self._fitted(encoded)
+
+    def _fitted(self, encoded: bytes) -> bytes:
+        """
+        C{encoded}, or, when it is longer than MAX_MESSAGE_BYTES (which
+        Autobahn will not send), the same answer with its long text cut to
+        fit: an error's message, a result's fields' texts (L{_cut} has
+        kept only those), never nothing.
+        """
+        limit = self._max_answer_bytes
+        if not 0 < limit < len(encoded):
+            return encoded
+        answer = orjson.loads(encoded)
+        room = max(limit // 4, 128)
+        if answer.get("ok"):
+            result = answer["result"]
+            answer["result"] = {
+                name: value[:room] + "...(cut)"
+                if isinstance(value, str) and len(value) > room and name not in _SHORT
+                else value
+                for name, value in result.items()
+                if not isinstance(value, (dict, list))
+            }
+        else:
+            answer["error"] = str(answer.get("error"))[: limit // 2] + "...(cut to fit MAX_MESSAGE_BYTES)"
+        fitted = _encode(answer)
+        if len(fitted) <= limit:
+            return fitted
+        return _encode({"ok": answer.get("ok", False), "cmd": answer.get("cmd"), "error": _UNFIT})
