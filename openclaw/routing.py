@@ -45,6 +45,10 @@ KEY_PREFIX = "ock-"
 #: (C{tunedModels/ock-sentiment-classifier-2024-abcdefgh} is a name).
 _CONSUMER_KEY = re.compile(r"(?<![A-Za-z0-9_-])ock-[A-Za-z0-9_-]{40}(?![A-Za-z0-9_-])")
 
+#: A percent-escape (RFC 3986 section 2.1), which no provider's model id
+#: holds: one in a model name hides what it holds (a key: C{kimi%2Fock-...}).
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
 #: What to do about a refused model name, closing every refusal.
 _AS_LISTED = "use the model's id as the provider lists it"
 
@@ -68,6 +72,7 @@ def model_refusal(model: str) -> str | None:
       - one holding a space between other characters, which no provider's
         model ids hold either: most often an env file's C{# comment} read
         as part of the value;
+      - one holding a percent-escape (C{%2F}), which hides what it holds;
       - one holding a consumer key (L{KEY_PREFIX}), pasted where the model
         goes: it would be logged, written in usage rows and sent upstream.
 
@@ -88,6 +93,11 @@ def model_refusal(model: str) -> str | None:
         return (
             "model holds a space, which no model name has (in an env file, a # comment after the value is "
             f"part of it: put comments on lines of their own): {_AS_LISTED}"
+        )
+    if "%" in model and _ESCAPE.search(model):
+        return (
+            "model holds a percent-escape (such as %2F), which no model name has: send the id unescaped "
+            f"(JSON needs no escaping; a URL path does, once): {_AS_LISTED}"
         )
     if KEY_PREFIX in model and _CONSUMER_KEY.search(model):
         return (

@@ -130,8 +130,23 @@ class RulesTests(TestCase):
             self.assertIsNone(model_refusal(name), name)
         self.assertEqual(clipped("/v1/mock-abcdefghij"), "/v1/mock-abcdefghij")
         self.assertEqual(clipped(f"/v1/{key}"), f"/v1/{key[:12]}...")
-        # A path as sent: a key after an escaped slash is one too.
+        # A path as sent: a key after an escaped slash is one too, and one
+        # hidden by escapes (its own characters, a slash escaped twice) is
+        # logged decoded, cut.
         self.assertEqual(clipped(f"/v1/models/kimi%2F{key}"), f"/v1/models/kimi%2F{key[:12]}...")
+        for hidden in (
+            f"kimi%252F{key}",
+            f"%6F{key[1:]}",
+            f"ock%2D{key[4:]}",
+            f"{key[:10]}%{ord(key[10]):02X}{key[11:]}",
+        ):
+            said = clipped(f"/v1/models/{hidden}")
+            self.assertNotIn(key[12:], said)
+            self.assertIn(f"{key[:12]}...", said)
+        self.assertEqual(clipped("/v1/a%20b"), "/v1/a%20b")
+        # As a model, an escape hides what the name holds: refused.
+        for name in (f"gemini/kimi%2F{key}", "gemini%2Fgemini-2.5-flash"):
+            self.assertIn("percent-escape", str(model_refusal(name)))
 
     def test_budget_bounds(self) -> None:
         """

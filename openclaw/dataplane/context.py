@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -45,6 +46,13 @@ def clipped(text: str) -> str:
     if KEY_PREFIX in text:
         # A consumer key sent as the path: logged as lists show keys.
         text = without_keys(text)
+    if "%" in text:
+        # One hidden by percent-escapes (ock%2D..., kimi%252Fock-...):
+        # the path is logged decoded then, with the key cut.
+        decoded = unquote(unquote(text))
+        masked = without_keys(decoded)
+        if masked != decoded:
+            text = masked
     if len(text) <= LOGGED_CHARS:
         return text
     return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"
