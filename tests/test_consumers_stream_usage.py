@@ -59,9 +59,36 @@ class StreamLeftEarlyTests(GatewayCase):
         text = yield deferToThread(leave_at_finish)
         self.assertEqual(text, self.upstream.kimi.reply)
         total = yield self.usage_of(gateway, client, "leaver")
+        self.check_counted(total)
+
+    def check_counted(self, total: dict[str, Any]) -> None:
         # The stand-in's usage: 10 prompt tokens, one completion token a word.
         self.assertEqual((total["prompt_tokens"], total["completion_tokens"]), (10, 4))
         self.assertGreater(total["cost_usd"], 0)
+
+    @inlineCallbacks
+    def test_left_after_finish_reason_body_lingers(self) -> Any:
+        """
+        Read out for its usage, a stream whose body stays open after
+        [DONE] is counted and let go within COMPLETE_STREAM_GRACE_SECONDS,
+        not held to UPSTREAM_TIMEOUT (its connection, and its count).
+        """
+        gateway, client = yield self.gateway(upstream_timeout=30)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 100000})
+        self.upstream.kimi.mode, self.upstream.kimi.chunk_interval = "linger", 0.2
+        sdk = self.sdk(gateway, created["key"])
+
+        def leave_at_finish() -> None:
+            stream = sdk.chat.completions.create(model="kimi/moonshot-v1-8k", messages=HELLO, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    break
+            stream.close()
+
+        yield deferToThread(leave_at_finish)
+        total = yield self.usage_of(gateway, client, "leaver")
+        self.check_counted(total)
+        yield self.upstream.kimi.when_streams_lost(1)
 
     @inlineCallbacks
     def test_no_usage_ever_is_estimated(self) -> Any:

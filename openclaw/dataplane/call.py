@@ -1089,6 +1089,11 @@ class _StreamRelay(Protocol):
             return
         # Only a whole event starts the wait for the next one again.
         self._call.stream_data(b"".join(out), translation, decoded=current is not None)
+        timer = self._drain_timer
+        if self._then is not None and translation.finished and timer is not None and timer.active():
+            # Read out for its usage (its client gone): the answer is whole,
+            # so its body's end is not waited for long.
+            timer.reset(COMPLETE_STREAM_GRACE_SECONDS)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._call.provider_wait.end()
