@@ -657,6 +657,40 @@ class SQLiteStoreTests(StoreTests, TestCase):
         yield self.assertFailure(store.purge(time.time()), NewerSchema)
 
 
+class NewerSchemaGatewayTests(TestCase):
+    @inlineCallbacks
+    def test_commands_and_probe_say_why(self) -> Any:
+        """
+        With a later openclaw's database, the consumer commands and
+        /readyz name the schema, not "not loaded yet, retry" for ever.
+        """
+        import sqlite3
+
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        state_dir.chmod(0o700)
+        with contextlib.closing(sqlite3.connect(state_dir / "openclaw.db")) as connection:
+            connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            connection.execute("INSERT INTO schema_version (version) VALUES (7)")
+            connection.commit()
+        (state_dir / "openclaw.db").chmod(0o600)
+        gateway = start_gateway(self, api=True, state_dir=state_dir, gateway_api_keys=(GATEWAY_KEY,))
+        self.addCleanup(gateway.service.api_site.close_connections)
+        yield gateway.service.consumers_ready
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(gateway.token, "consumer_list", None)
+        self.assertFalse(answer["ok"])
+        self.assertIn("cannot be used: it is at schema version 7", answer["error"])
+        try:
+            yield deferToThread(urllib.request.urlopen, f"http://127.0.0.1:{gateway.api_port}/readyz", timeout=10)
+        except urllib.error.HTTPError as e:
+            self.assertEqual(e.code, 503)
+            self.assertIn("schema version 7", json.loads(e.read())["reason"])
+        else:
+            self.fail("ready with a later openclaw's database")
+        self.flushLoggedErrors()
+
+
 class RecordingStore:
     """
     A store that keeps the usage rows it is given.

@@ -165,6 +165,11 @@ class ConsumerCommands:
         def checked(data: object) -> Result | Deferred[Result]:
             # Before the table is read, a name would look free and a list empty.
             if not self.table.loaded:
+                if self.table.store.newer_schema is not None:
+                    raise CommandError(
+                        f"the consumers' database cannot be used: {self.table.store.newer_schema}; run the later "
+                        "openclaw that upgraded it, or point DATABASE_URL (or STATE_DIR) at a database of this version"
+                    )
                 raise CommandError(
                     "the consumers are not loaded yet (the gateway is starting, or cannot reach their "
                     "database and is trying again every 30 s at most: see its log); retry in a few seconds"

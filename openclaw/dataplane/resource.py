@@ -271,14 +271,14 @@ class Readyz(APIResource):
         consumers = context.consumers
         if consumers is not None and not consumers.loaded:
             request.setResponseCode(503)
-            return json_response(
-                request,
-                {
-                    "ready": False,
-                    "reason": "the consumers have not loaded from their database yet: check DATABASE_URL "
-                    "(or STATE_DIR's openclaw.db) and the log",
-                },
+            newer = consumers.store.newer_schema
+            reason = (
+                "the consumers have not loaded from their database yet: check DATABASE_URL "
+                "(or STATE_DIR's openclaw.db) and the log"
+                if newer is None
+                else f"the consumers' database cannot be used: {newer}; see the log"
             )
+            return json_response(request, {"ready": False, "reason": reason})
         provider_id = context.route.current.provider_id
         adapter = context.providers.get(provider_id)
         breaker = adapter.breaker.state
