@@ -1333,7 +1333,9 @@ def holds_token(token_file: Path, token: str) -> bool:
         held = read_token_file(token_file)
     except (OSError, UnsafeTokenFile):
         return False
-    return held is not None and held.rstrip(b"\n") == token.encode("utf-8")
+    # Read as choose_token reads it (stripped: a CRLF or a trailing space
+    # of a file written by hand).
+    return held is not None and held.strip() == token.encode("utf-8")
 
 
 def save_token(token_file: Path, token: str, presented: str | None = None) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal, get_args
+from urllib.parse import unquote
 
 import attrs
 
@@ -94,16 +95,17 @@ def model_refusal(model: str) -> str | None:
             "model holds a space, which no model name has (in an env file, a # comment after the value is "
             f"part of it: put comments on lines of their own): {_AS_LISTED}"
         )
-    if "%" in model and _ESCAPE.search(model):
-        return (
-            "model holds a percent-escape (such as %2F), which no model name has: send the id unescaped "
-            f"(JSON needs no escaping; a URL path does, once): {_AS_LISTED}"
-        )
-    if KEY_PREFIX in model and _CONSUMER_KEY.search(model):
+    escaped = "%" in model and _ESCAPE.search(model) is not None
+    if KEY_PREFIX in model and _CONSUMER_KEY.search(unquote(model) if escaped else model):
         return (
             f"model holds one of this gateway's API keys ({KEY_PREFIX}...), which would be logged, recorded "
             "and sent to the provider: send a key in the Authorization header only (and revoke one that was "
             f"shared: openclawctl key revoke); {_AS_LISTED}"
+        )
+    if escaped:
+        return (
+            "model holds a percent-escape (such as %2F), which no model name has: send the id unescaped "
+            f"(JSON needs no escaping; a URL path does, once): {_AS_LISTED}"
         )
     return None
 

@@ -136,6 +136,16 @@ class ControlPlaneTests(SynchronousTestCase):
         error = plane._fitted(json.dumps({"ok": False, "cmd": "key_revoke", "error": "x" * 5000}).encode())
         self.assertLessEqual(len(error), 300)
         self.assertIn("cut to fit MAX_MESSAGE_BYTES", json.loads(error)["error"])
+        # Cut in bytes, not characters: a CJK model name of 256 characters.
+        long_ok = {"ok": True, "cmd": "switch_provider", "result": {"model": "模" * 256, "warning": "w" * 2000}}
+        fitted = plane._fitted(json.dumps(long_ok).encode())
+        self.assertLessEqual(len(fitted), 300)
+        self.assertIn("warning", json.loads(fitted)["result"])
+        # A refusal quoting what was sent, before any command ran.
+        refused = plane.handle(json.dumps({"token": self.token, "cmd": "\U000e0001" * 100}).encode(), self.connection)
+        assert isinstance(refused, bytes)
+        self.assertLessEqual(len(refused), 300)
+        self.assertFalse(json.loads(refused)["ok"])
 
     def test_ping(self) -> None:
         self.assertEqual(

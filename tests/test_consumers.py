@@ -144,9 +144,16 @@ class RulesTests(TestCase):
             self.assertNotIn(key[12:], said)
             self.assertIn(f"{key[:12]}...", said)
         self.assertEqual(clipped("/v1/a%20b"), "/v1/a%20b")
+        # Decoded to find the key, escaped again for the log: no line break
+        # or direction override of the client's reaches it; three escapes
+        # deep, a key is still found.
+        said = clipped(f"/v1/ock%2D{key[4:]}%0A%09FORGED%E2%80%AE")
+        self.assertTrue(said.endswith("%0A%09FORGED%E2%80%AE"), said)
+        self.assertNotIn(key[12:], clipped(f"/v1/ock%25252D{key[4:]}"))
+        self.assertIn("API keys", str(model_refusal(f"kimi%2F{key}")))
         # As a model, an escape hides what the name holds: refused.
-        for name in (f"gemini/kimi%2F{key}", "gemini%2Fgemini-2.5-flash"):
-            self.assertIn("percent-escape", str(model_refusal(name)))
+        self.assertIn("percent-escape", str(model_refusal("gemini%2Fgemini-2.5-flash")))
+        self.assertIn("API keys", str(model_refusal(f"gemini/kimi%2F{key}")))
 
     def test_budget_bounds(self) -> None:
         """

@@ -91,6 +91,28 @@ class StreamLeftEarlyTests(GatewayCase):
         yield self.upstream.kimi.when_streams_lost(1)
 
     @inlineCallbacks
+    def test_left_once_whole_body_lingers(self) -> Any:
+        """
+        A Gemini stream whole already (every choice finished) whose body
+        lingers, left by its client within the grace: read out for as long
+        as the grace, then counted, not held to UPSTREAM_TIMEOUT.
+        """
+        gateway, client = yield self.gateway(upstream_timeout=30)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 100000})
+        self.upstream.gemini.mode = "linger"
+        sdk = self.sdk(gateway, created["key"])
+
+        def leave_once_whole() -> None:
+            stream = sdk.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HELLO, stream=True)
+            next(iter(stream))
+            time.sleep(0.5)  # every event is in; the stream waits for its body's end
+            stream.close()
+
+        yield deferToThread(leave_once_whole)
+        total = yield self.usage_of(gateway, client, "leaver")
+        self.assertEqual(total["prompt_tokens"], 10)
+
+    @inlineCallbacks
     def test_no_usage_ever_is_estimated(self) -> Any:
         """
         A stream that breaks after some text, with no usage, is counted an

@@ -603,6 +603,11 @@ class RenderTests(TestCase):
         write_token_file(token_file, "presented")
         report = ctl.conclude(rotation, reply(answer))
         self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+        # Read for the rotation as written by hand (CRLF): it held the
+        # token presented, so it is rewritten.
+        token_file.write_bytes(b"presented\r\n")
+        report = ctl.conclude(rotation, reply(answer))
+        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
         write_token_file(token_file, "another")
         report = ctl.conclude(request(cmd="rotate_token", token="given", token_file=token_file), reply(answer))
         self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))

@@ -165,9 +165,9 @@ class ConsumerCommands:
         def checked(data: object) -> Result | Deferred[Result]:
             # Before the table is read, a name would look free and a list empty.
             if not self.table.loaded:
-                if self.table.store.newer_schema is not None:
+                if self.table.newer_schema is not None:
                     raise CommandError(
-                        f"the consumers' database cannot be used: {self.table.store.newer_schema}; run the later "
+                        f"the consumers' database cannot be used: {self.table.newer_schema}; run the later "
                         "openclaw that upgraded it, or point DATABASE_URL (or STATE_DIR) at a database of this version"
                     )
                 raise CommandError(

@@ -797,6 +797,14 @@ class ConsumerTable:
         """
         return sorted(name for name, consumer in self.consumers.items() if not consumer.allows(provider, model))
 
+    @property
+    def newer_schema(self) -> Exception | None:
+        """
+        Why the consumers' database cannot be used for good (a later
+        openclaw's schema: L{openclaw.consumers.store.NewerSchema}), or None.
+        """
+        return None if self.store is None else self.store.newer_schema
+
     def unpriced_budgets(self, provider: str, model: str) -> list[str]:
         """
         The consumers, by name, with a budget, when C{provider/model} has no

@@ -83,6 +83,17 @@ _SHORT = frozenset({"key", "token"})
 _UNFIT = "the answer is longer than MAX_MESSAGE_BYTES allows, even cut; raise MAX_MESSAGE_BYTES"
 
 
+def _cut_text(text: str, room: int) -> str:
+    """
+    C{text} cut to at most C{room} bytes of UTF-8 (never inside a
+    character), marked as cut when it was.
+    """
+    data = text.encode()
+    if len(data) <= room:
+        return text
+    return data[:room].decode(errors="ignore") + "...(cut)"
+
+
 def _error(cmd: object, message: str) -> bytes:
     return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
 
@@ -221,7 +232,7 @@ class ControlPlane:
         self._metrics.command(cmd if isinstance(cmd, str) and cmd in self._table else INVALID, "error")
         # Echoed back for the client to match the answer with, unless it
         # is longer than any command (it may be megabytes long).
-        return _error(cmd if isinstance(cmd, str) and len(cmd) <= MAX_LOGGED_CMD_CHARS else None, message)
+        return self._fitted(_error(cmd if isinstance(cmd, str) and len(cmd) <= MAX_LOGGED_CMD_CHARS else None, message))
 
     def _track(self, pending: Deferred[bytes]) -> Deferred[bytes]:
         if pending.called:
@@ -341,27 +352,31 @@ class ControlPlane:
     def _fitted(self, encoded: bytes) -> bytes:
         """
         C{encoded}, or, when it is longer than MAX_MESSAGE_BYTES (which
-        Autobahn will not send), the same answer with its long text cut to
-        fit: an error's message, a result's fields' texts (L{_cut} has
-        kept only those), never nothing.
+        Autobahn will not send), the same answer with its long texts cut to
+        fit, in bytes: an error's message, a result's fields (L{_cut} has
+        kept only those that are not objects or lists; a new key or token
+        is never cut).  Should even that not fit, a result keeps only its
+        key or token and the warning L{_UNFIT}; an error becomes L{_UNFIT}.
+        Never nothing.
         """
         limit = self._max_answer_bytes
         if not 0 < limit < len(encoded):
             return encoded
         answer = orjson.loads(encoded)
-        room = max(limit // 4, 128)
+        cmd = answer.get("cmd")
+        if not isinstance(cmd, str) or len(cmd.encode()) > MAX_LOGGED_CMD_CHARS:
+            cmd = None
         if answer.get("ok"):
-            result = answer["result"]
-            answer["result"] = {
-                name: value[:room] + "...(cut)"
-                if isinstance(value, str) and len(value) > room and name not in _SHORT
-                else value
-                for name, value in result.items()
+            room = max(limit // 4, 128)
+            result = {
+                name: value if name in _SHORT or not isinstance(value, str) else _cut_text(value, room)
+                for name, value in answer["result"].items()
                 if not isinstance(value, (dict, list))
             }
-        else:
-            answer["error"] = str(answer.get("error"))[: limit // 2] + "...(cut to fit MAX_MESSAGE_BYTES)"
-        fitted = _encode(answer)
-        if len(fitted) <= limit:
-            return fitted
-        return _encode({"ok": answer.get("ok", False), "cmd": answer.get("cmd"), "error": _UNFIT})
+            fitted = _encode({"ok": True, "cmd": cmd, "result": result})
+            if len(fitted) <= limit:
+                return fitted
+            kept = {name: value for name, value in result.items() if name in _SHORT}
+            return _encode({"ok": True, "cmd": cmd, "result": {**kept, "warning": _UNFIT}})
+        fitted = _error(cmd, _cut_text(str(answer.get("error")), limit // 2) + " (cut to fit MAX_MESSAGE_BYTES)")
+        return fitted if len(fitted) <= limit else _error(cmd, _UNFIT)

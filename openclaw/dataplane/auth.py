@@ -97,7 +97,7 @@ class GatewayKeys:
             # meanwhile all the same (README).
             and not self._gateway_key(authorization[7:].strip())
         ):
-            return consumers_unusable() if consumers.store.newer_schema is not None else consumers_loading()
+            return consumers_unusable() if consumers.newer_schema is not None else consumers_loading()
         if not self._keys and (consumers is None or not consumers.has_keys):
             return unauthorized(
                 "the gateway accepts no API calls because GATEWAY_API_KEYS is not set and no consumer has a key; "

@@ -813,7 +813,7 @@ class ChatCall:
             self._relay, self._reading_out = None, True
             self._finish_call()
             self._ended(499, "client gone")
-            relay.read_out(self.context.reactor, self.context.timeout, self._read_out)
+            relay.read_out(self.context.reactor, self._upstream_wait(), self._read_out)
             return
         self._finish_call()
         self._ended(499, "client gone")

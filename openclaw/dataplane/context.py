@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -37,6 +37,16 @@ _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 LOGGED_CHARS = 256
 
 
+#: How many times a path is unescaped to find a key hidden in it (a key
+#: escaped three times over, %25252D, is found).
+_UNESCAPES = 4
+
+#: The characters of a path logged as they are once a key was cut from it
+#: decoded (RFC 3986's unreserved and reserved ASCII characters); any other
+#: is escaped again.
+_SHOWN_AS_IS = "/:@!$&'()*+,;=-._~?#[]"
+
+
 def clipped(text: str) -> str:
     """
     C{text} as a log line holds it: any consumer key in it cut to what
@@ -48,11 +58,15 @@ def clipped(text: str) -> str:
         text = without_keys(text)
     if "%" in text:
         # One hidden by percent-escapes (ock%2D..., kimi%252Fock-...):
-        # the path is logged decoded then, with the key cut.
-        decoded = unquote(unquote(text))
+        # the path is logged decoded then, with the key cut, and escaped
+        # again but for the characters a path shows as they are (a decoded
+        # line break or right-to-left override must not reach the log).
+        decoded = text
+        for _ in range(_UNESCAPES):
+            decoded = unquote(decoded)
         masked = without_keys(decoded)
         if masked != decoded:
-            text = masked
+            text = quote(masked, safe=_SHOWN_AS_IS)
     if len(text) <= LOGGED_CHARS:
         return text
     return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"

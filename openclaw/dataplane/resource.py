@@ -271,7 +271,7 @@ class Readyz(APIResource):
         consumers = context.consumers
         if consumers is not None and not consumers.loaded:
             request.setResponseCode(503)
-            newer = consumers.store.newer_schema
+            newer = consumers.newer_schema
             reason = (
                 "the consumers have not loaded from their database yet: check DATABASE_URL "
                 "(or STATE_DIR's openclaw.db) and the log"
