@@ -93,9 +93,9 @@ class StreamLeftEarlyTests(GatewayCase):
     @inlineCallbacks
     def test_left_once_whole_body_lingers(self) -> Any:
         """
-        A Gemini stream whole already (every choice finished) whose body
-        lingers, left by its client within the grace: read out for as long
-        as the grace, then counted, not held to UPSTREAM_TIMEOUT.
+        A Gemini stream whole already (every choice finished, its usage
+        in) whose body lingers, left by its client within the grace: counted
+        at once, not held to UPSTREAM_TIMEOUT.
         """
         gateway, client = yield self.gateway(upstream_timeout=30)
         created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 100000})
