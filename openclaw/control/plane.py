@@ -112,8 +112,8 @@ class ControlPlane:
         log that they applied the change).
     @param max_answer_bytes: the longest answer a WebSocket message may
         carry (C{MAX_MESSAGE_BYTES}: Autobahn refuses to send a longer
-        one); a longer answer is replaced by an error saying how to ask
-        for less, never dropped.
+        one); a longer answer is an error saying how to ask for less, or,
+        for a change already made, cut (L{_cut}, L{_fitted}): never dropped.
     """
 
     def __init__(
