@@ -648,6 +648,27 @@ class StreamFailureTests(DataPlaneTestCase):
         )
 
     @inlineCallbacks
+    def test_finished_stream_whose_connection_is_cut(self):
+        """
+        A Gemini stream whose every choice has finished is whole even if
+        its connection is cut before its body's end: closed with its finish
+        reason and [DONE] (the held-back finish was lost and the SDK
+        raised); one cut before its finish still fails.
+        """
+        gemini = self.upstream.gemini
+        gemini.mode, gemini.cut_after = "cut", 100
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+
+        def consume() -> list[Any]:
+            return list(client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HELLO, stream=True))
+
+        chunks = yield deferToThread(consume)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        gemini.cut_after = 2
+        yield self.assertFailure(deferToThread(consume), openai.APIError)
+
+    @inlineCallbacks
     def test_stream_whose_body_lingers_after_done(self):
         """
         A Kimi stream ends at [DONE]; a body kept open after it is let go

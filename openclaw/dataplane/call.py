@@ -605,10 +605,14 @@ class ChatCall:
 
     def stream_ended(self, reason: Failure, translation: StreamTranslation) -> None:
         """
-        The upstream body is over, whole or not.
+        The upstream body is over, whole or not.  An answer every choice
+        of which has finished is whole however its body ended (Gemini's
+        connection cut after its last finishReason: the answer was all in).
         """
         if self._over:
             return
+        if translation.finished:
+            return self._close_stream(translation, drain=False)
         if reason.check(ResponseDone, PotentialDataLoss):
             if translation.complete:
                 return self._close_stream(translation)

@@ -175,7 +175,8 @@ class ProviderBehaviour:
     #: returns fires, so a test can hold each event until the client has
     #: the ones before it.
     chunk_gate: Callable[[int], Deferred[None]] | None = None
-    #: Events a stream sends before L{Mode.STALL} or L{Mode.CUT} strike.
+    #: Events a stream sends before L{Mode.STALL} or L{Mode.CUT} strike (past
+    #: the last: every event, then the stall or the cut instead of the end).
     cut_after: int = 2
     #: Tokens spent thinking that an answer's usage reports (OpenAI's
     #: C{completion_tokens_details.reasoning_tokens}, counted in
@@ -1488,6 +1489,11 @@ class _Streamer:
         if self.mode is Mode.LINGER:
             return
         self._over = True
+        if self.mode is Mode.CUT:
+            # C{cut_after} past the last event: every event, then the
+            # connection closed before the body's end.
+            _transport(self.request).loseConnection()
+            return
         self.request.finish()
 
     def _trickle(self) -> None:
