@@ -41,7 +41,13 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.store import GROUPS, database_error, unreachable
 from openclaw.consumers.table import ConsumerTable
-from openclaw.control.commands import CONSUMER_COMMANDS, MAX_NAMED_CONSUMERS, CommandError, Result
+from openclaw.control.commands import (
+    CONSUMER_COMMANDS,
+    MAX_NAMED_CONSUMERS,
+    STATE_CHANGING,
+    CommandError,
+    Result,
+)
 
 
 def _data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
@@ -109,7 +115,7 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 #: The commands that change consumers (their answers carry L{unshared}'s warning).
-_CHANGES = frozenset({"consumer_create", "consumer_update", "consumer_delete", "key_create", "key_revoke"})
+_CHANGES = STATE_CHANGING & frozenset(CONSUMER_COMMANDS)
 
 
 class ConsumerCommands:
