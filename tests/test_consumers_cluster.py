@@ -93,6 +93,20 @@ class ConsumersOnTwoInstances(TestCase):
         self.database = postgres_database()
 
     @inlineCallbacks
+    def refused_within(self, sdk: Any, seconds: float, message: str, step: float) -> Any:
+        """
+        Call with C{sdk} every C{step} seconds until its key is refused
+        (401), failing with C{message} if that takes C{seconds} or more.
+        """
+        revoked = time.monotonic()
+        while True:
+            status = yield self.status(sdk)
+            if status[0] == 401:
+                return
+            self.assertLess(time.monotonic() - revoked, seconds, message)
+            yield sleep(step)
+
+    @inlineCallbacks
     def two(self, *extra: dict[str, str]) -> Any:
         """
         Two instances, each with its C{extra} environment if given; fires
@@ -199,13 +213,7 @@ class ConsumersOnTwoInstances(TestCase):
         status = yield self.status(on_b_sdk)
         self.assertEqual(status, (200, None))
         yield self.command(on_a, token, "key_revoke", {"name": "other", "key_prefix": other["key_prefix"]})
-        revoked = time.monotonic()
-        while True:
-            status = yield self.status(on_b_sdk)
-            if status[0] == 401:
-                break
-            self.assertLess(time.monotonic() - revoked, 1.0, "the revoked key still works on the other instance")
-            yield sleep(0.05)
+        yield self.refused_within(on_b_sdk, 1.0, "the revoked key still works on the other instance", 0.05)
 
     @inlineCallbacks
     def test_silent_subscription_misses_no_consumer_change(self) -> Any:
@@ -230,17 +238,12 @@ class ConsumersOnTwoInstances(TestCase):
         subscribes = proxy.subscribes
         proxy.silence()
         yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
-        revoked = time.monotonic()
-        while True:
-            status = yield self.status(on_b_sdk)
-            if status[0] == 401:
-                break
-            self.assertLess(
-                time.monotonic() - revoked,
-                HEARTBEAT_INTERVAL_SECONDS + 2,
-                "the revoked key still works on the instance whose subscription went silent",
-            )
-            yield sleep(0.25)
+        yield self.refused_within(
+            on_b_sdk,
+            HEARTBEAT_INTERVAL_SECONDS + 2,
+            "the revoked key still works on the instance whose subscription went silent",
+            0.25,
+        )
         deadline = time.monotonic() + 3 * HEARTBEAT_INTERVAL_SECONDS
         while proxy.subscribes == subscribes:
             self.assertLess(time.monotonic(), deadline, "the silent subscription was not made afresh")
