@@ -25,7 +25,6 @@ from openclaw.control.admission import HandshakeBudget
 from openclaw.control.protocol import HANDSHAKE_HEADROOM
 from openclaw.logs import make_observer
 from tests.support import capture_log_events, connect, open_client, start_gateway
-from tests.test_lockout import SPLITLINES_BREAKS
 from tests.wsfuzz import server_frames
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -94,6 +93,11 @@ def ping_after_flood(port: int, flood: list[tuple[str, int]]) -> list[socket.soc
     return socks
 
 
+#: Every character other than CR and LF at which str.splitlines breaks a
+#: line once the head is decoded as ISO-8859-1 (as Autobahn did before 26.11).
+SPLITLINES_BREAKS = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x85")
+
+
 class HeaderInjectionTests(TestCase):
     """
     Item 1: a header hidden behind a line break only str.splitlines sees.
@@ -102,7 +106,12 @@ class HeaderInjectionTests(TestCase):
     timeout = 30
 
     @inlineCallbacks
-    def test_hidden_forwarded_for_refused_with_400(self):
+    def test_hidden_forwarded_for_refused_or_seen_as_a_proxy_sees_it(self):
+        """
+        A control character hiding a field from a proxy in front is a 400,
+        counted and audited; NEL (0x85) is text inside the field it is in,
+        as the proxy saw it (RFC 9110's obs-text), and hides nothing.
+        """
         events = capture_log_events(self)
         gateway = start_gateway(
             self,
@@ -117,11 +126,51 @@ class HeaderInjectionTests(TestCase):
                 gateway.port,
                 [b"X-Forwarded-For: 203.0.113.9", b"X-Note: hi" + char + b"X-Forwarded-For: 10.0.0.5"],
             )
-            self.assertIsInstance(outcome, str, char)
-            self.assertIn(" 400 ", outcome, char)
-        self.assertEqual(len([e for e in events if e.get("reason") == "malformed_headers"]), len(SPLITLINES_BREAKS))
+            if char == b"\x85":
+                self.assertEqual(outcome, 1008)
+            else:
+                self.assertIsInstance(outcome, str, char)
+                self.assertIn(" 400 ", outcome, char)
+        refusals = [e for e in events if e.get("reason") == "bad_handshake"]
+        self.assertEqual(len(refusals), len(SPLITLINES_BREAKS) - 1)
+        self.assertEqual({e["peer"].rsplit(":", 1)[0] for e in refusals}, {"127.0.0.1"})
+        self.assertIn("invalid character in HTTP header field value", refusals[0]["detail"])
+        registry = gateway.service.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "bad_handshake"}),
+            len(SPLITLINES_BREAKS) - 1,
+        )
         # The same client without the trick is who it is: refused with 1008.
         outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 203.0.113.9", b"X-Note: hi"])
+        self.assertEqual(outcome, 1008)
+
+    @inlineCallbacks
+    def test_folded_or_unnamed_fields_refused_with_400(self):
+        """
+        A folded line, a name with a space before its colon, a line without
+        a colon and a bare CR: each a field a proxy may read otherwise than
+        the gateway, so a 400, counted and audited, and the gateway serves
+        the next client.
+        """
+        events = capture_log_events(self)
+        gateway = start_gateway(
+            self,
+            trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
+            trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+        )
+        lines = (
+            [b"X-Forwarded-For: 203.0.113.9", b" X-Forwarded-For: 10.0.0.5"],
+            [b"X-Forwarded-For : 10.0.0.5"],
+            [b"X-Forwarded-For: 203.0.113.9", b"no colon"],
+            [b"X-Note: hi\rX-Forwarded-For: 10.0.0.5"],
+        )
+        for fields in lines:
+            outcome = yield deferToThread(close_code, gateway.port, fields)
+            self.assertIsInstance(outcome, str, fields)
+            self.assertIn(" 400 ", outcome, fields)
+        self.assertEqual(len([e for e in events if e.get("reason") == "bad_handshake"]), len(lines))
+        # A well-formed head is judged on who it names.
+        outcome = yield deferToThread(close_code, gateway.port, [b"X-Forwarded-For: 203.0.113.9"])
         self.assertEqual(outcome, 1008)
 
     @inlineCallbacks

@@ -1344,9 +1344,13 @@ class HostileServerTests(TestCase):
         )
         out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
         self.assertEqual((out, code), ("", 2))
+        # Control characters in a status line are not HTTP (RFC 9112
+        # section 4): Autobahn does not read it, and the line is shown.
         self.assertEqual(
             err,
-            f"openclawctl: error: {url} refused the WebSocket handshake with HTTP 429: \\x1b[31mRED\\x1b[0m "
+            f"openclawctl: error: {url} answered the WebSocket handshake with an HTTP response that did not "
+            'complete it (connection was closed uncleanly ("Error during parsing of HTTP status line / response '
+            'headers : invalid character in HTTP status line")): HTTP/1.1 429 \\x1b[31mRED\\x1b[0m '
             "\\x1b]0;pwned-title\\x07 retry\n",
         )
         out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")

@@ -6,7 +6,6 @@ handshakes one address may hold.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
 from openclaw.addresses import IPAddress, client_key, normalise, without_port
@@ -16,63 +15,10 @@ __all__ = [
     "ClientAddressResolver",
     "HandshakeBudget",
     "IPAddress",
-    "MalformedHeaderBlock",
     "PeerAllowlist",
     "client_key",
     "normalise",
-    "parse_header_block",
 ]
-
-
-class MalformedHeaderBlock(ValueError):
-    """
-    An opening handshake's header block is not well-formed HTTP/1.1; the
-    message says why (it is safe to send back: it quotes nothing).
-    """
-
-
-#: A field name is a token (RFC 9110 section 5.1).
-_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: Control characters other than HTAB are not allowed in a request line or
-#: field (RFC 9110 section 5.5, RFC 9112 section 3), and U+0085 (NEL, byte
-#: 0x85 as Autobahn decodes it, ISO-8859-1) is a line break to Python's
-#: str.splitlines, as are 0x0B, 0x0C and 0x1C-0x1E.
-_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x85]")
-
-
-def parse_header_block(data: bytes) -> dict[str, str]:
-    """
-    The header fields of an HTTP/1.1 request head (request line, fields,
-    and the empty line), split at CRLF only, as a proxy in front of the
-    gateway reads them (RFC 9112 section 2.2).  Names are lower-cased;
-    a field sent more than once is joined with C{", "}, in order (RFC 9110
-    section 5.3).  Values are ISO-8859-1 text without surrounding
-    whitespace.
-
-    @raise MalformedHeaderBlock: a bare CR or LF, any other control
-        character (0x0B, 0x0C and 0x1C-0x1E split lines for Autobahn's
-        parser, which would then see a field no proxy saw), byte 0x85, a
-        folded line (obsolete, RFC 9112 section 5.2), a line without a
-        colon or a field name that is not a token.  Refuse the request with
-        400.
-    """
-    head = data.removesuffix(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    fields: dict[str, str] = {}
-    for number, line in enumerate(lines):
-        if _FORBIDDEN.search(line):
-            raise MalformedHeaderBlock("the request head holds a control character or a line break other than CRLF")
-        if number == 0:
-            continue  # the request line; Autobahn checks it
-        if line[:1] in (b" ", b"\t"):
-            raise MalformedHeaderBlock("folded header lines (obs-fold) are not accepted")
-        name, colon, value = line.partition(b":")
-        if not colon or not _FIELD_NAME.fullmatch(name):
-            raise MalformedHeaderBlock("a header line is not 'name: value' with a token for its name")
-        key = name.decode("ascii").lower()
-        text = value.strip(b" \t").decode("iso-8859-1")
-        fields[key] = f"{fields[key]}, {text}" if key in fields else text
-    return fields
 
 
 class HandshakeBudget:
@@ -212,8 +158,8 @@ class ClientAddressResolver:
         without C{proxy_set_header}: believing it would admit every client
         as the proxy): such a connection is refused.
 
-        @param headers: the request's fields as L{parse_header_block}
-            reads them.
+        @param headers: the request's fields, names lower-cased, a repeated
+            field joined with C{", "} (Autobahn's C{ConnectionRequest.headers}).
         """
         if not self._proxies.allows(peer_host):
             return peer_host

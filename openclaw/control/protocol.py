@@ -27,10 +27,8 @@ from openclaw.connections import OpenConnections
 from openclaw.control.admission import (
     ClientAddressResolver,
     HandshakeBudget,
-    MalformedHeaderBlock,
     PeerAllowlist,
     client_key,
-    parse_header_block,
 )
 from openclaw.control.closecodes import (
     GOING_AWAY,
@@ -53,6 +51,9 @@ from openclaw.tls import describe_tls_error, is_tls_error
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
+#: The most characters of Autobahn's reason for refusing a handshake kept in
+#: the refusal's log line (it may quote a header field of the peer's).
+HANDSHAKE_DETAIL_MAX = 200
 #: Seconds a peer has to answer our close frame (Autobahn's default is 1).
 CLOSE_HANDSHAKE_SECONDS = 5
 #: Seconds a peer closed for who it is (outside TRUSTED_CLIENT_IPS, locked
@@ -210,10 +211,9 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
-    #: The bytes received while the opening handshake is under way (at
-    #: most MAX_HANDSHAKE_BYTES), kept to read the request head from;
-    #: L{None} once L{onConnect} has read it.
-    handshake_data: bytearray | None = None
+    #: Whether L{onConnect} was reached: a handshake failed before it was
+    #: refused by Autobahn's own checks (L{failHandshake}).
+    connect_seen = False
 
     def dataReceived(self, data: bytes) -> None:
         if self.unheard is not None:
@@ -227,25 +227,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
                 self.tcp.abortConnection()
                 return
-            if self.handshake_data is None:
-                self.handshake_data = bytearray()
-            self.handshake_data += data
         WebSocketServerProtocol.dataReceived(self, data)
-
-    def request_head(self) -> bytes:
-        """
-        The opening handshake's request head as received: the request line
-        and header fields up to and including the first empty line (CRLF
-        CRLF, RFC 9112 section 2.1), from the bytes L{dataReceived} kept.
-        The kept bytes are dropped: the head is read once, in L{onConnect}.
-
-        @return: the head; the empty string if none was received.
-        """
-        data, self.handshake_data = self.handshake_data, None
-        if data is None:
-            return b""
-        end = data.find(b"\r\n\r\n")
-        return bytes(data if end < 0 else data[: end + 4])
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
@@ -278,8 +260,9 @@ class ControlProtocol(WebSocketServerProtocol):
             self.factory.protocols.discard(self)
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        self.connect_seen = True
         try:
-            self.admit()
+            self.admit(request.headers)
         except ConnectionDeny:
             raise
         except Exception:
@@ -293,25 +276,23 @@ class ControlProtocol(WebSocketServerProtocol):
                 ConnectionDeny.INTERNAL_SERVER_ERROR, "internal error; the gateway log has the details"
             ) from None
 
-    def admit(self) -> None:
+    def admit(self, headers: dict[str, str]) -> None:
         """
-        Decide whether the opening handshake may complete, from the request
-        head as received (L{request_head}) and the peer's address.
+        Decide whether the opening handshake may complete, from the request's
+        header fields and the peer's address.
 
+        @param headers: the fields as Autobahn parsed them: names lower-cased,
+            a repeated field joined with C{", "}.  Since Autobahn 26.11 the
+            head is split at CRLF only and a head holding any other line
+            break or control character is refused before this (crossbario
+            autobahn-python#2034), so these are the fields a proxy in front
+            saw: none can be hidden from it behind a line break.
         @raise ConnectionDeny: refused with an HTTP status; the refusal is
             counted and audited (L{ControlFactory.refusal}).
         """
         factory = self.factory
         address = self.tcp.getPeer()
         host, peer = _describe(address)
-        try:
-            # The fields as a proxy in front saw them (CRLF only), not as
-            # Autobahn split them (str.splitlines).
-            headers = parse_header_block(self.request_head())
-        except MalformedHeaderBlock as malformed:
-            raise factory.refuse(
-                peer, "malformed_headers", ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(malformed))
-            ) from None
         local = isinstance(address, UNIXAddress)
         client = None if local or host is None else factory.resolver.resolve(host, headers)
         refusal = factory.refusal(host, peer, headers, local=local, client=client)
@@ -343,6 +324,14 @@ class ControlProtocol(WebSocketServerProtocol):
             factory.connections.add(self)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        if not self.connect_seen:
+            # Refused by Autobahn before onConnect: a head that is not
+            # well-formed HTTP/1.1 (a bare CR or LF, a control character, a
+            # folded line) or not a WebSocket opening handshake.
+            self.connect_seen = True
+            self.factory.refuse(
+                _describe(self.tcp.getPeer())[1], "bad_handshake", None, detail=reason[:HANDSHAKE_DETAIL_MAX]
+            )
         if code == TOO_MANY_REQUESTS and self.retry_after is not None:
             responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(self.retry_after))]
         super().failHandshake(reason, code, responseHeaders)
@@ -593,7 +582,7 @@ class ControlFactory(WebSocketServerFactory):
         connect, so C{TRUSTED_CLIENT_IPS} does not apply to it (forwarding
         headers are ignored there too).  The token is required all the same.
 
-        @param headers: the request's fields (L{parse_header_block}).
+        @param headers: the request's fields (L{ControlProtocol.admit}).
         @param client: the client's address as L{ClientAddressResolver}
             resolved it (L{None}: none to believe).
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
