@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # `make run` installs only what running needs (no test extras).
 RUN_STAMP := $(VENV)/.installed-run
-SOURCES := setup.cfg pyproject.toml $(shell find openclaw twisted -name '*.py' 2>/dev/null)
+SOURCES := setup.cfg pyproject.toml constraints.txt $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean redis-server postgres pgbouncer faketime
+.PHONY: run test lint trial bench bench-data clean upgrade redis-server postgres pgbouncer faketime
 
 run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
@@ -90,15 +90,25 @@ $(BIN)/python:
 # A real (not editable) install: the twistd plugin is found the way an
 # operator's install finds it.  build/ goes first: setuptools reuses it, and
 # a module deleted from the sources would be installed from it still.
+# The versions come from constraints.txt: the ones the suite last passed with.
 $(STAMP): $(BIN)/python $(SOURCES)
 	rm -rf build
-	$(BIN)/python -m pip install --quiet '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt '.[test]'
 	@touch $@
 
 $(RUN_STAMP): $(BIN)/python $(SOURCES)
 	rm -rf build
-	$(BIN)/python -m pip install --quiet '.[http2]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt '.[http2]'
 	@touch $@
+
+# The newest releases setup.cfg's ranges allow, written to constraints.txt
+# (its comment kept); then run `make test` and commit both.
+upgrade: $(BIN)/python
+	rm -rf build
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager '.[test,http2]'
+	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude openclaw; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	@touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp
