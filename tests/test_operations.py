@@ -31,11 +31,12 @@ class MakefileTests(SynchronousTestCase):
     def test_run_installs_no_test_extras(self) -> None:
         installs = [line for line in make_dry_run("run").splitlines() if "pip install" in line]
         # What running needs, HTTP/2 on a TLS listener included: no test extras.
-        self.assertIn(".venv/bin/python -m pip install --quiet '.[http2]'", installs)
+        self.assertIn(".venv/bin/python -m pip install --quiet -c constraints.txt '.[http2]'", installs)
         self.assertNotIn("[test]", "\n".join(installs))
 
     def test_test_installs_test_extras(self) -> None:
-        self.assertIn("pip install --quiet '.[test]'", make_dry_run("test"))
+        # The versions the suite last passed with (constraints.txt).
+        self.assertIn("pip install --quiet -c constraints.txt '.[test]'", make_dry_run("test"))
 
     def test_both_runners_run_in_two_workers(self) -> None:
         """
