@@ -984,6 +984,18 @@ class ErrorTests(DataPlaneTestCase):
         self.assertIn("KIMI_BASE_URL", error["message"])
 
     @inlineCallbacks
+    def test_whole_answer_cut(self):
+        """
+        A whole answer the provider began and cut is a 502 saying so
+        (upstream_answer_broken), not a provider that could not be reached.
+        """
+        self.upstream.kimi.mode, self.upstream.kimi.cut_after = "cut", 0
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502)
+        self.assertOpenAIError(text, "upstream_answer_broken")
+
+    @inlineCallbacks
     def test_upstream_timeout(self):
         self.upstream.gemini.mode = "hang"
         self.upstream.kimi.mode = "stall"  # headers and half a body

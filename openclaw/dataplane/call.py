@@ -47,6 +47,7 @@ from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, reset_stream, se
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
+    ANSWER_BROKEN,
     FALLBACK_HEADER,
     PROVIDER_HEADER,
     APIError,
@@ -447,17 +448,20 @@ class ChatCall:
                 **{DESCRIPTORS_FIELD: True},
             )
             return self._fail(descriptors_exhausted())
-        error = upstream_failed(self.route.provider_id, self.adapter.describe(reason))
+        why = self.adapter.describe(reason)
         if self._waiting_for == _HEADERS:
             # Refused, reset, unreachable: the provider's failure.  Twisted's
             # ResponseFailed: the answer began but was cut (its body, before
             # the headers were handed over).
             self._settle(CircuitBreaker.failed)
-            return self._upstream_failed("broken" if reason.check(ResponseFailed) else "connect", error)
+            if reason.check(ResponseFailed):
+                return self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, ANSWER_BROKEN))
+            return self._upstream_failed("connect", upstream_failed(self.route.provider_id, why))
         if self._waiting_for == _BODY:
             # A 2xx answer cut (or too large) before any of it was sent on.
             self._settle(CircuitBreaker.failed)
-            return self._upstream_failed("broken", error)
+            return self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, ANSWER_BROKEN))
+        error = upstream_failed(self.route.provider_id, why)
         if self._waiting_for == _ERROR_BODY:
             return self._error_body_lost(error)
         return self._fail(error)

@@ -208,6 +208,11 @@ def upstream_http_error(provider_id: str, status: int, reason: str) -> APIError:
     )
 
 
+#: The code of a 502 for a whole (not streamed) answer the provider began
+#: but did not finish: its connection cut, or its body over the limit.
+ANSWER_BROKEN = "upstream_answer_broken"
+
+
 def upstream_failed(provider_id: str, reason: str, code: str = "upstream_unreachable") -> APIError:
     """
     502 for an upstream that could not be reached or answered nonsense.
