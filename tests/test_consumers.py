@@ -42,10 +42,11 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters, choice_count
+from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.embeddings import estimated_tokens
 from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.request import choice_count
 from openclaw.metrics import ConsumerMetrics
 from openclaw.settings import ConfigError, load_settings
 from tests.postgres_server import postgres_database

@@ -686,6 +686,42 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertLess(reactor.seconds() - started, 10)
 
     @inlineCallbacks
+    def test_kimi_stream_without_done(self):
+        """
+        A Kimi stream every choice of which finished, its usage in, but no
+        [DONE]: whole when its body ends, and within
+        COMPLETE_STREAM_GRACE_SECONDS when the body stays open (it failed
+        at UPSTREAM_TIMEOUT).  Without its usage, a body that ends after
+        the finish reason is not whole: the usage was asked for.
+        """
+        kimi = self.upstream.kimi
+        kimi.send_done = False
+        gateway = self.gateway(upstream_timeout=30, fallback="off")
+        client = self.sdk(gateway)
+
+        def consume(n: int = 1) -> list[Any]:
+            return list(
+                client.chat.completions.create(
+                    model="kimi/moonshot-v1-8k",
+                    messages=HELLO,
+                    stream=True,
+                    n=n,
+                    stream_options={"include_usage": True},
+                )
+            )
+
+        for mode in ("ok", "linger"):
+            kimi.mode = mode
+            started = reactor.seconds()
+            chunks = yield deferToThread(consume)
+            self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop", mode)
+            self.assertEqual(chunks[-1].usage.prompt_tokens, 10, mode)
+            self.assertLess(reactor.seconds() - started, 10, mode)
+        # n 2: the stand-in finishes one choice only; the answer is not whole.
+        kimi.mode = "ok"
+        yield self.assertFailure(deferToThread(consume, 2), openai.APIError)
+
+    @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
         self.upstream.kimi.chunk_interval = 0.2
         self.upstream.kimi.reply = "one two three four five six seven eight"

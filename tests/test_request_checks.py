@@ -149,7 +149,11 @@ class ErrorNamingTests(DataPlaneTestCase):
         rewrite as tool_calls.
         """
         gateway = self.gateway()
-        call = {"role": "assistant", "content": None, "function_call": {"name": "get_w", "arguments": "notjson"}}
+        call = {
+            "role": "assistant",
+            "content": None,
+            "function_call": {"name": "get_w", "arguments": ["not", "a string"]},
+        }
         body = {"messages": [HELLO[0], call, {"role": "function", "name": "get_w", "content": "{}"}]}
         response, text = yield self.post(gateway, body)
         self.assertEqual(response.code, 400, text)

@@ -137,16 +137,6 @@ def completion_limit(body: dict[str, Any]) -> int | None:
     return None
 
 
-def choice_count(body: dict[str, Any]) -> int:
-    """
-    How many choices a chat request asks for (OpenAI's C{n}, Gemini's
-    C{candidateCount}): each is a completion the provider bills, up to
-    L{completion_limit} tokens each.
-    """
-    n = body.get("n")
-    return n if type(n) is int and n > 1 else 1
-
-
 def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIError:
     """
     The 429 of a consumer over its C{rpm} or C{tpm} (C{what}), in the
@@ -1100,7 +1090,6 @@ __all__ = [
     "Counters",
     "Holder",
     "LocalCounters",
-    "choice_count",
     "completion_limit",
     "usage_counts",
 ]

@@ -786,18 +786,22 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         if no_arguments(arguments):
             # Moonshot's call of a function without parameters, sent back.
             arguments = function["arguments"] = "{}"
+        if not isinstance(arguments, str):
+            raise bad_request(
+                f'{at}.function.arguments must be a string, the call\'s JSON object: \'{{"city": "Paris"}}\'',
+                param=f"{at}.function.arguments",
+            )
+        # Arguments that are not a JSON object (a model's answer cut at its
+        # token limit, '{"city": "Par') are history all the same: OpenAI
+        # takes them as the string they are, and the agent answers the call
+        # with the error; Kimi gets them as sent, Gemini as no arguments.
         try:
-            parsed = orjson.loads(arguments) if isinstance(arguments, str) else None
+            parsed = orjson.loads(arguments)
         except orjson.JSONDecodeError as e:
             # orjson reads at most 1024 levels.
             if "depth" in str(e):
                 raise value_too_deep(f"{at}.function.arguments") from None
             parsed = None
-        if not isinstance(parsed, dict):
-            raise bad_request(
-                f'{at}.function.arguments must be a JSON object in a string, such as \'{{"city": "Paris"}}\'',
-                param=f"{at}.function.arguments",
-            )
         if nests_too_deep(parsed):
             raise value_too_deep(f"{at}.function.arguments")
         if call_id in seen:
@@ -806,6 +810,16 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         calls[call_id] = name
         carried_ids = carried_ids or MARK in call_id
     return carried_ids
+
+
+def choice_count(body: dict[str, Any]) -> int:
+    """
+    How many choices a chat request asks for (OpenAI's C{n}, Gemini's
+    C{candidateCount}); 1 when absent or null (OpenAI's default).  Each is
+    a completion the provider bills, and answers.
+    """
+    n = body.get("n")
+    return n if type(n) is int and n > 1 else 1
 
 
 def no_arguments(arguments: object) -> bool:

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import prompt_tokens
-from openclaw.consumers.table import GATEWAY, Holder, choice_count, completion_limit
+from openclaw.consumers.table import GATEWAY, Holder, completion_limit
 from openclaw.dataplane.answer import CLIENT_GONE
 from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
@@ -41,7 +41,7 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
-from openclaw.dataplane.request import choose_route, parse_chat_request
+from openclaw.dataplane.request import choice_count, choose_route, parse_chat_request
 from openclaw.providers import (
     MissingKey,
     ProbeTimedOut,

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest, no_arguments
+from openclaw.dataplane.request import ChatRequest, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
@@ -84,7 +84,9 @@ class OpenAIWire:
         return Completion(body if changed is None else orjson.dumps(changed), usage)
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
-        return OpenAIStream(include_usage=chat.include_usage, legacy_functions=chat.legacy_functions)
+        return OpenAIStream(
+            include_usage=chat.include_usage, legacy_functions=chat.legacy_functions, asked=choice_count(chat.body)
+        )
 
 
 def _calls_tools(choice: Any) -> bool:
@@ -169,7 +171,9 @@ def _choice_usage(choices: list[Any]) -> Any:
 @attrs.define
 class OpenAIStream:
     """
-    Events passed on as they are; complete only once C{[DONE]} has come.
+    Events passed on as they are; complete once C{[DONE]} has come, or
+    once every choice asked for has its C{finish_reason} and the usage has
+    come (it is asked for, and comes after them: only C{[DONE]} is missing).
 
     The usage is always asked for upstream (see L{OpenAIWire.request_body})
     and kept in L{usage}: the usage-only chunk (C{"choices": []}) reaches
@@ -184,6 +188,8 @@ class OpenAIStream:
     #: The request declared the legacy C{functions}: tool calls are sent
     #: as C{function_call} (L{legacy_choice}).
     legacy_functions: bool = False
+    #: The number of choices asked for (C{n}).
+    asked: int = 1
     ended: bool = False
     usage: dict[str, Any] | None = None
     #: The usage chunk has gone to the client.
@@ -195,14 +201,16 @@ class OpenAIStream:
     #: call's C{arguments} so far was empty (L{no_arguments}): such a call
     #: is given C{"{}"} before its choice's finish reason.
     _unargued: dict[tuple[Any, Any], bool] = attrs.field(factory=dict)
+    #: The indexes of the choices that have had their C{finish_reason}.
+    _finished: set[Any] = attrs.field(factory=set)
 
     @property
     def complete(self) -> bool:
-        return self.ended
+        return self.ended or (self.usage is not None and len(self._finished) >= self.asked)
 
     @property
     def finished(self) -> bool:
-        return self.ended
+        return self.complete
 
     def payloads(self, event: Event) -> list[bytes]:
         data = event.data
@@ -221,6 +229,10 @@ class OpenAIStream:
         choices = document.get("choices")
         usage = document.get("usage")
         rewritten = b"\n" in data  # a multi-line event, sent on one line
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is dict and choice.get("finish_reason") is not None:
+                    self._finished.add(choice.get("index", 0))
         if isinstance(usage, dict):
             self.usage = usage
             if not choices:

@@ -197,6 +197,9 @@ class ProviderBehaviour:
     #: top level (whole answers; and the last stream chunk, asked for or not,
     #: with no usage chunk).
     usage_in_choice: bool = False
+    #: OpenAI's dialect: end a stream with C{[DONE]} (every OpenAI-shaped
+    #: provider does; off, a stream ends after its usage chunk).
+    send_done: bool = True
     #: Gemini 3's rule: the first C{functionCall} part of each model turn
     #: must carry a signature this server issued, or Google's placeholder.
     require_signatures: bool = True
@@ -722,7 +725,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     events.append({**chunk, "choices": [last]})
     if (body.get("stream_options") or {}).get("include_usage") and not behaviour.usage_in_choice:
         events.append({**chunk, "choices": [], "usage": usage})
-    return 200, EventStream((*(json.dumps(e).encode() for e in events), b"[DONE]"))
+    done = (b"[DONE]",) if behaviour.send_done else ()
+    return 200, EventStream((*(json.dumps(e).encode() for e in events), *done))
 
 
 def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenAIAnswer:

@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from openclaw.consumers.estimate import token_count
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.dataplane.request import DATA_URL, REASONING_EFFORTS, ChatRequest, nests_too_deep
+from openclaw.dataplane.request import DATA_URL, REASONING_EFFORTS, ChatRequest, choice_count, nests_too_deep
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.gemini.callids import carried, new_call_id
@@ -362,13 +362,27 @@ def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]
     function = call["function"]
     gemini_id, signature = carried(call["id"])
     calls[call["id"]] = (function["name"], gemini_id)
-    function_call: dict[str, Any] = {"name": function["name"], "args": orjson.loads(function["arguments"])}
+    function_call: dict[str, Any] = {"name": function["name"], "args": _arguments(function["arguments"])}
     if gemini_id is not None:
         function_call["id"] = gemini_id
     part: dict[str, Any] = {"functionCall": function_call}
     if signature is not None:
         part["thoughtSignature"] = signature
     return part
+
+
+def _arguments(arguments: str) -> dict[str, Any]:
+    """
+    A tool call's C{arguments} (checked: a string, not nested too deep)
+    as C{functionCall.args}, a JSON object: one that is no JSON object (a
+    call cut at its token limit, answered by the agent with the error) goes
+    as no arguments, C{{}}.
+    """
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
@@ -386,12 +400,44 @@ def _function_response(message: dict[str, Any], calls: dict[str, tuple[str, str 
         except orjson.JSONDecodeError:
             parsed = None
         # "ref" may be written in \u escapes: looked for then too.
-        if nests_too_deep(parsed) or (("ref" in text or "\\u" in text) and _holds_ref(parsed)):
+        if (
+            nests_too_deep(parsed)
+            or (("ref" in text or "\\u" in text) and _holds_ref(parsed))
+            or (_LONG_DIGITS.search(text) is not None and _holds_inexact_integer(parsed))
+        ):
             parsed = None
     response: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"result": text}}
     if gemini_id is not None:
         response["id"] = gemini_id
     return {"functionResponse": response}
+
+
+#: Sixteen digits in a row: the text may hold an integer past 2**53
+#: (9007199254740992, sixteen digits).
+_LONG_DIGITS = re.compile(r"[0-9]{16}")
+#: The largest integer magnitude a double holds exactly (IEEE 754).
+_EXACT_INTEGERS = 2**53
+
+
+def _holds_inexact_integer(value: Any) -> bool:
+    """
+    Whether an integer past 2**53 in magnitude is anywhere in C{value}
+    (parsed JSON, not nested too deep).  C{functionResponse.response} is a
+    protobuf C{Struct}, whose numbers are doubles: such an integer (an
+    order id, a snowflake id) would reach the model changed
+    (1234567890123456789 as 1234567890123456768), so the result goes as
+    its text, C{{"result": "..."}}, as Kimi gets it.
+    """
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif type(value) is int and abs(value) > _EXACT_INTEGERS:
+            return True
+    return False
 
 
 def _holds_ref(value: Any) -> bool:
@@ -1516,7 +1562,7 @@ class GeminiWire:
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
         parallel = chat is None or parallel_tool_calls(chat)
-        asked = None if chat is None else choices_asked(chat)
+        asked = None if chat is None else choice_count(chat.body)
         legacy = chat is not None and chat.legacy_functions
         completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy)
         return Completion(orjson.dumps(completion), completion.get("usage"))
@@ -1529,19 +1575,10 @@ class GeminiWire:
                 created,
                 chat.include_usage,
                 parallel_tool_calls(chat),
-                choices_asked(chat),
+                choice_count(chat.body),
                 chat.legacy_functions,
             )
         )
-
-
-def choices_asked(chat: ChatRequest) -> int:
-    """
-    The number of choices the request asks for: its C{n}, 1 when absent or
-    null (OpenAI's default).
-    """
-    n = chat.body.get("n")
-    return n if isinstance(n, int) else 1
 
 
 def parallel_tool_calls(chat: ChatRequest) -> bool:
