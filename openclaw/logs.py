@@ -681,7 +681,10 @@ def json_line(event: LogEvent) -> str | None:
     C{log_*} keys and not overriding the four above; a value JSON cannot
     hold inside a list or dict becomes C{null}.  With a failure, its
     traceback as C{traceback}.  An event with neither a message nor a
-    failure makes no line (L{None}), as in the text format.
+    failure makes no line (L{None}), as in the text format.  Every control
+    character is escaped (C{\\u001b}; orjson escapes C0, this also DEL,
+    C1 such as CSI C{\\u009b}, and U+2028/U+2029), so that a line shown on
+    a terminal (C{tail -f}) cannot rewrite it.
     """
     message = formatEvent(event)
     failure = event.get("log_failure")
@@ -708,7 +711,19 @@ def json_line(event: LogEvent) -> str | None:
         # A field JSON cannot hold even so (an integer beyond 64 bits):
         # the line keeps the message rather than being lost.
         encoded = orjson.dumps({key: record[key] for key in ("time", "level", "namespace", "message")})
-    return encoded.decode("utf-8") + "\n"
+    line = encoded.decode("utf-8")
+    if _JSON_UNESCAPED.search(line) is not None:
+        # Only inside strings (JSON's own syntax is ASCII): \uNNNN there.
+        line = _JSON_UNESCAPED.sub(_json_escape, line)
+    return line + "\n"
+
+
+#: The control characters orjson leaves as they are (it escapes C0).
+_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escape(found: re.Match[str]) -> str:
+    return f"\\u{ord(found.group()):04x}"
 
 
 def _null(value: Any) -> None:

@@ -244,7 +244,14 @@ class EscapingTests(SynchronousTestCase):
         assert text is not None
         self.assertEqual(text.count("\n"), 1)
         self.assertNotIn("\x1b", text)
+        # C1 (CSI, NEL), DEL and U+2028 escaped too: orjson escapes C0 only.
+        self.assertIsNone(re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", text[:-1]), repr(text))
+        self.assertIn("\\u0085 \\u2028 \\u007f \\u0000", text)
         self.assertEqual(json.loads(text)["model"], FORGED)
+        csi = json_line(event(log_format="{detail}", detail="\x9b2J"))
+        assert csi is not None
+        self.assertEqual(json.loads(csi)["detail"], "\x9b2J")
+        self.assertIn("\\u009b2J", csi)
 
 
 class JSONTests(SynchronousTestCase):
