@@ -561,6 +561,16 @@ PEER_CAUSED_LINES = (
         burst=KEYLESS_REFUSAL_LINES,
     ),
     PeerCausedLine(
+        # A TLS error ending a control connection (a plain HTTP client on
+        # a TLS listener, a CA the client does not trust), logged at info.
+        "control_tls_errors",
+        namespace=CONTROLPLANE_NAMESPACE,
+        level=LogLevel.info,
+        field="tls_error",
+        interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
+        burst=REFUSED_CONNECTION_LINES,
+    ),
+    PeerCausedLine(
         "control_refusals",
         namespace=CONTROLPLANE_NAMESPACE,
         level=LogLevel.warn,

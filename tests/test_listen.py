@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
-from openclaw.logs import make_observer
+from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
@@ -208,6 +208,47 @@ class ListenTests(TestCase):
             lines,
         )
         self.assertEqual([line for line in lines if "#error]" in line or "SSL error" in line], [])
+
+    @inlineCallbacks
+    def test_tls_errors_limited_and_counted(self):
+        """
+        Plain HTTP on the TLS control listener, many times: each is counted
+        (refused, reason tls_error), but the lines are at most
+        REFUSED_CONNECTION_LINES a second (any client can cause thousands).
+        """
+        _, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        service = self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        out = io.StringIO()
+        observer = make_observer(out, "text", "info")
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        count = 10 * REFUSED_CONNECTION_LINES
+        started = time.monotonic()
+
+        def plain_http() -> None:
+            for _ in range(count):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as tcp:
+                    tcp.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    while tcp.recv(4096):
+                        pass
+
+        yield deferToThread(plain_http)
+        seconds = time.monotonic() - started
+        registry = service.metrics.registry
+
+        def counted() -> float:
+            return registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "tls_error"}) or 0
+
+        for _ in range(100):
+            if counted() >= count:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(counted(), count)
+        lines = [line for line in out.getvalue().splitlines() if "ended by a TLS error" in line]
+        # A window's lines, in each second the connections took.
+        self.assertLessEqual(len(lines), REFUSED_CONNECTION_LINES * (seconds + 2), seconds)
+        self.assertGreater(len(lines), 0)
 
     @inlineCallbacks
     def test_unix_socket(self):

@@ -236,7 +236,11 @@ class ControlProtocol(WebSocketServerProtocol):
         if is_tls_error(error):
             # The peer's failure, not the gateway's: Autobahn's own line for
             # it (at error, with no peer) is not shown below LOG_LEVEL=debug
-            # (openclaw.logs.PeerTLSErrors).
+            # (openclaw.logs.PeerTLSErrors).  Any client can cause thousands
+            # a second: the line is limited (openclaw.logs.PEER_CAUSED_LINES),
+            # and one before the opening handshake completed is counted.
+            if self.state == _CONNECTING and self.factory.metrics is not None:
+                self.factory.metrics.refused.labels("tls_error").inc()
             self.factory.events.info(
                 "control connection from {peer} ended by a TLS error: {tls_error}",
                 peer=_describe(self.tcp.getPeer())[1],
