@@ -19,7 +19,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.closecodes import PROXY_CLIENT_UNREADABLE_REASON, UNTRUSTED_PEER_REASON
-from tests.support import connect, open_client, start_gateway, still_open
+from tests.support import capture_log_events, connect, open_client, start_gateway, still_open
 
 LOCALHOST = (ipaddress.ip_network("127.0.0.1/32"),)
 
@@ -131,18 +131,26 @@ class LimitTests(TestCase):
     @inlineCallbacks
     def test_slow_handshake_dropped(self):
         """
-        A peer that never finishes its opening handshake (slowloris) is
-        dropped after the handshake timeout.
+        A peer that never finishes its opening handshake (slowloris, or
+        lines ended by a bare LF, whose head never ends for Autobahn) is
+        dropped after the handshake timeout, counted and logged.
         """
+        events = capture_log_events(self)
         gateway = start_gateway(self, handshake_timeout_seconds=1)
 
-        def dribble() -> float:
+        def dribble(head: bytes) -> float:
             sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(head)
             return wait_closed(sock, 5)
 
-        took = yield deferToThread(dribble)
-        self.assertLess(took, 2.5)
+        for head in (b"GET / HTTP/1.1\r\nHost: x\r\n", b"GET / HTTP/1.1\nHost: x\nUpgrade: websocket\n\n"):
+            took = yield deferToThread(dribble, head)
+            self.assertLess(took, 2.5)
+        self.assertEqual(len([e for e in events if e.get("reason") == "handshake_timeout"]), 2)
+        registry = gateway.service.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "handshake_timeout"}), 2
+        )
 
     @inlineCallbacks
     def test_silent_peer_dropped_by_keepalive(self):
@@ -269,6 +277,18 @@ class HandshakeFloodTests(TestCase):
 
         took = yield deferToThread(flood)
         self.assertLess(took, 5)
+
+        def too_large() -> bytes:
+            # A client that waits for the answer once its head is sent.
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 17000 + b"\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+                return answer
+
+        answer = yield deferToThread(too_large)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 the request head is over 16384 bytes\r\n"), answer)
         client = yield open_client(self, gateway.port)
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])

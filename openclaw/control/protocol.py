@@ -224,10 +224,24 @@ class ControlProtocol(WebSocketServerProtocol):
             # counted here, as it arrives, not in Autobahn's own buffer.
             self.handshake_bytes += len(data)
             if self.handshake_bytes > MAX_HANDSHAKE_BYTES:
-                self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
-                self.tcp.abortConnection()
+                self.head_too_large()
                 return
         WebSocketServerProtocol.dataReceived(self, data)
+
+    def head_too_large(self) -> None:
+        """
+        The opening handshake passed L{MAX_HANDSHAKE_BYTES}: answered 431
+        (RFC 6585 section 5), counted and audited; nothing more is read,
+        and the connection is aborted L{UNHEARD_CLOSE_SECONDS} later if
+        the answer has not gone out by then.
+        """
+        self.connect_seen = True
+        self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
+        transport = self.tcp
+        cast(IConsumer, transport).unregisterProducer()
+        cast(IPushProducer, transport).pauseProducing()
+        self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
+        self.failHandshake(f"the request head is over {MAX_HANDSHAKE_BYTES} bytes", 431)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
@@ -326,6 +340,15 @@ class ControlProtocol(WebSocketServerProtocol):
             logged, proxy = factory.logged_peer(host, peer, client)
             self.connection = Connection(logged, proxy)
             factory.connections.add(self)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        if self.state == _CONNECTING and not self.connect_seen:
+            # A head that never ended (lines ended by a bare LF, a TLS
+            # ClientHello on a plain listener, a client too slow): dropped
+            # by Autobahn, counted and audited here.
+            self.connect_seen = True
+            self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_timeout", None)
+        super().onOpenHandshakeTimeout()
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if not self.connect_seen:
