@@ -135,6 +135,7 @@ class HeaderInjectionTests(TestCase):
         self.assertEqual(len(refusals), len(SPLITLINES_BREAKS) - 1)
         self.assertEqual({e["peer"].rsplit(":", 1)[0] for e in refusals}, {"127.0.0.1"})
         self.assertIn("invalid character in HTTP header field value", refusals[0]["detail"])
+        self.assertIn("bad_handshake (Error during parsing", formatEvent(refusals[0]))
         registry = gateway.service.metrics.registry
         self.assertEqual(
             registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "bad_handshake"}),
@@ -193,6 +194,13 @@ class HeaderInjectionTests(TestCase):
         self.assertRegex(
             formatEvent(audited), r"^switch_provider from 10\.0\.0\.5 \(token .*\): ok in .* proxy=127\.0\.0\.1:\d+"
         )
+        # An authentication failure names them both too.
+        answer = yield client.command("forged", "ping")
+        self.assertFalse(answer["ok"])
+        (failed,) = [e for e in events if e.get("outcome") == "auth_failed"]
+        self.assertEqual(failed["peer"], "10.0.0.5")
+        self.assertRegex(failed["proxy"], r"^127\.0\.0\.1:\d+$")
+        self.assertRegex(formatEvent(failed), r"^auth failure from 10\.0\.0\.5 through proxy 127\.0\.0\.1:\d+: ")
 
 
 class ProxyNamingNoClientTests(TestCase):

@@ -319,6 +319,33 @@ class AuthFailureTests(DataPlaneTestCase):
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
 
+    @inlineCallbacks
+    def test_messages_without_token_before_authentication(self):
+        """
+        Text that is not JSON, or JSON that is not an object, sent before
+        authenticating: an authentication failure like any other (it
+        counts toward the lockout), so logged and counted too (missing
+        token); after authenticating, only answered.
+        """
+        gateway = self.gateway(max_auth_failures=100)
+        client = yield open_client(self, gateway.port)
+        for payload in (b"not json", b"[1, 2]", b'"ping"'):
+            client.send(payload)
+            answer = yield client.received.get()
+            self.assertFalse(answer["ok"])
+        failures = [e for e in self.events if e.get("outcome") == "auth_failed"]
+        self.assertEqual(
+            [(e["reason"], e["failed_auths"]) for e in failures], [("missing token", n) for n in (1, 2, 3)]
+        )
+        exposition = generate_latest(gateway.service.metrics.registry).decode()
+        self.assertIn('openclaw_control_auth_failures_total{reason="missing token"} 3.0', exposition)
+        answer = yield client.command(gateway.token, "ping")
+        self.assertTrue(answer["ok"])
+        client.send(b"not json")
+        answer = yield client.received.get()
+        self.assertFalse(answer["ok"])
+        self.assertEqual(len([e for e in self.events if e.get("outcome") == "auth_failed"]), 3)
+
 
 class SummaryTests(SynchronousTestCase):
     def test_never_raises(self) -> None:

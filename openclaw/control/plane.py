@@ -31,7 +31,7 @@ from openclaw.control.commands import (
     summarise,
 )
 from openclaw.metrics import INVALID, GatewayMetrics
-from openclaw.session import SessionAuthority, TokenRejected
+from openclaw.session import MISSING, SessionAuthority, TokenRejected
 
 
 @attrs.define
@@ -160,28 +160,18 @@ class ControlPlane:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
             if not connection.authenticated:
-                connection.failed_auths += 1
+                # No token in it: an authentication failure like any other.
+                self._auth_failed(connection, MISSING, None)
             return self._refuse(None, "message is not valid JSON")
         if type(message) is not dict:
             if not connection.authenticated:
-                connection.failed_auths += 1
+                self._auth_failed(connection, MISSING, None)
             return self._refuse(None, 'message must be a JSON object: {"token", "cmd", "data"}')
         cmd = message.get("cmd")
         try:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
-            connection.failed_auths += 1
-            # Counted first, and logged with a summary that cannot raise:
-            # whatever the peer sent, the failure is accounted for.
-            self._metrics.auth_failed(rejected.reason)
-            self._log.warn(
-                "auth failure from {peer}: {reason} (cmd {cmd}, {failed_auths} in a row)",
-                peer=peer,
-                reason=rejected.reason,
-                cmd=summarise(cmd),
-                outcome="auth_failed",
-                failed_auths=connection.failed_auths,
-            )
+            self._auth_failed(connection, rejected.reason, cmd)
             return self._refuse(cmd, rejected.reason)
         if connection.failed_auths:
             connection.failed_auths = 0
@@ -227,6 +217,30 @@ class ControlPlane:
                     return encoded
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started, fields)
+
+    def _auth_failed(self, connection: Connection, reason: str, cmd: object) -> None:
+        """
+        Count and log one authentication failure of C{connection} (a
+        token refused for C{reason}, or a message before authentication
+        with no token at all), with the proxy it came through if any.
+        """
+        connection.failed_auths += 1
+        # Counted first, and logged with a summary that cannot raise:
+        # whatever the peer sent, the failure is accounted for.
+        self._metrics.auth_failed(reason)
+        proxy = connection.proxy
+        fields = {} if proxy is None else {"proxy": proxy}
+        self._log.warn(
+            "auth failure from {peer}"
+            + (" through proxy {proxy}" if proxy is not None else "")
+            + ": {reason} (cmd {cmd}, {failed_auths} in a row)",
+            peer=connection.peer,
+            reason=reason,
+            cmd=summarise(cmd),
+            outcome="auth_failed",
+            failed_auths=connection.failed_auths,
+            **fields,
+        )
 
     def _refuse(self, cmd: object, message: str) -> bytes:
         self._metrics.command(cmd if isinstance(cmd, str) and cmd in self._table else INVALID, "error")

@@ -742,7 +742,8 @@ class ControlFactory(WebSocketServerFactory):
         self.events.warn(
             "refused control connection from {peer}"
             + (" through proxy {proxy}" if proxy is not None else "")
-            + ": {reason}",
+            + ": {reason}"
+            + (" ({detail})" if "detail" in fields else ""),
             peer=peer,
             reason=reason,
             outcome="refused",
