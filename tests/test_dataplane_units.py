@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.dataplane.auth import GatewayKeys
@@ -616,9 +617,15 @@ class CallIdTests(SynchronousTestCase):
         self.assertEqual(contents[2]["parts"][0], {"functionResponse": {"name": "f", "response": {"result": "ok"}}})
 
     def test_bounded(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         call_id = new_call_id("fc-1", "s" * (MAX_PAYLOAD * 2))
         self.assertLess(len(call_id), 100)
         self.assertEqual(carried(call_id), ("fc-1", None))
+        # Said, once: the next turn gets Google's placeholder.
+        (warning,) = [e for e in events if "thought signature" in e.get("log_format", "")]
+        self.assertEqual(warning["length"], MAX_PAYLOAD * 2)
         # A Gemini id too long to carry, with or without a signature.
         for signature in ("sig-A", None):
             call_id = new_call_id("f" * (MAX_PAYLOAD * 2), signature)

@@ -19,8 +19,11 @@ import base64
 import binascii
 
 import orjson
+from twisted.logger import Logger
 
 from openclaw.dataplane import callids
+
+_log = Logger(namespace="openclaw.providers.gemini")
 
 #: The longest payload carried (encoded characters); a signature that would
 #: make a longer id is not carried (nor a Gemini id that would), and the call comes back to Gemini with
@@ -42,6 +45,14 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
     if len(payload) > MAX_PAYLOAD:
         # Without the signature, when it was what made it too long; with
         # nothing, when the id alone is.
+        if signature is not None:
+            _log.warn(
+                "a Gemini thought signature of {length} characters is too long to carry in the tool call id (at "
+                "most {limit} characters of payload): the call goes back to Gemini with Google's placeholder, "
+                "which Gemini accepts with less context",
+                length=len(signature),
+                limit=MAX_PAYLOAD,
+            )
         return callids.new_call_id() if gemini_id is None or signature is None else new_call_id(gemini_id)
     return callids.new_call_id(payload)
 
