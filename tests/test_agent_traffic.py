@@ -329,6 +329,27 @@ class ToolLoopTests(DataPlaneTestCase):
         self.assertEqual(refused.code, 400)
         self.assertIn("missing a thought_signature", (yield refused.text()))
 
+    def test_signature_in_googles_extra_content(self):
+        """
+        A history written through Google's OpenAI-compatible endpoint keeps
+        each call's signature in C{extra_content.google.thought_signature}:
+        sent to Gemini as the call's C{thoughtSignature}, not replaced by
+        the placeholder.
+        """
+        call = {
+            "id": "c1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"},
+            "extra_content": {"google": {"thought_signature": "c2lnLWZyb20tZ29vZ2xl"}},
+        }
+        history = [
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+        parts = gemini_translate.to_gemini({"messages": history})["contents"][1]["parts"]
+        self.assertEqual(parts[0]["thoughtSignature"], "c2lnLWZyb20tZ29vZ2xl")
+
     @inlineCallbacks
     def test_result_holding_ref_goes_as_text(self):
         """

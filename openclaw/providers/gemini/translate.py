@@ -361,6 +361,8 @@ def _sign(parts: list[dict[str, Any]]) -> None:
 def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
     function = call["function"]
     gemini_id, signature = carried(call["id"])
+    if signature is None:
+        signature = _google_signature(call)
     calls[call["id"]] = (function["name"], gemini_id)
     function_call: dict[str, Any] = {"name": function["name"], "args": _arguments(function["arguments"])}
     if gemini_id is not None:
@@ -369,6 +371,18 @@ def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]
     if signature is not None:
         part["thoughtSignature"] = signature
     return part
+
+
+def _google_signature(call: dict[str, Any]) -> str | None:
+    """
+    The signature a tool call carries where Google's own OpenAI-compatible
+    endpoint puts it, C{extra_content.google.thought_signature}: a history
+    written through that endpoint keeps its signatures here.
+    """
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, dict) else None
+    signature = google.get("thought_signature") if isinstance(google, dict) else None
+    return signature if isinstance(signature, str) and signature else None
 
 
 def _arguments(arguments: str) -> dict[str, Any]:
