@@ -43,6 +43,18 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: 64; U{https://platform.openai.com/docs/api-reference/chat/create}) and
 #: Gemini's (which also takes "." but starts with a letter or "_").
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+#: The type of Moonshot's built-in tools, which Kimi runs itself
+#: (U{https://platform.moonshot.ai/docs/guide/use-web-search}): declared as
+#: C{{"type": "builtin_function", "function": {"name": "$web_search"}}}
+#: (the name alone), and called by Kimi with a tool call of that type,
+#: whose C{arguments} the client sends back unchanged as the tool
+#: message's content.  Kimi's alone: Gemini cannot run them.
+BUILTIN_FUNCTION = "builtin_function"
+#: A built-in tool's name: Moonshot's start with "$" ("$web_search"), then
+#: the rule of L{FUNCTION_NAME}.
+BUILTIN_NAME = re.compile(r"\$[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+#: The documented declaration of one, for the 400 that refuses another shape.
+BUILTIN_SHAPE = '{"type": "builtin_function", "function": {"name": "$web_search"}}'
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: The message fields only one role carries, and which (OpenAI's message
 #: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
@@ -466,10 +478,18 @@ def _check_function_call(choice: Any, names: frozenset[str]) -> None:
 
 def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
     """
+    Functions (C{{"type": "function", "function": {name, description?,
+    parameters?, strict?}}}, OpenAI's shape), and Moonshot's built-in
+    tools in their documented shape (L{BUILTIN_FUNCTION}, checked by
+    L{_check_builtin_tool}), passed on as sent: only Kimi runs them
+    (Gemini's translation refuses them).
+
     @param legacy: C{tools} was rewritten from the legacy C{functions}
         (L{_legacy_functions}): a 400 names C{functions[<i>]}, the field
         the client sent.
-    @return: the names of the functions declared.
+    @return: the names of the tools declared (built-in ones included).
+    @raise APIError: 400 naming the field of the first tool that is
+        neither.
     """
     if tools is None:
         return frozenset()
@@ -478,13 +498,31 @@ def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
     names: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise bad_request(f'{where} must be {{"type": "function", "function": {{...}}}}', param=f"{where}.type")
+        if not isinstance(tool, dict) or tool.get("type") not in ("function", BUILTIN_FUNCTION):
+            raise bad_request(
+                f'{where} must be {{"type": "function", "function": {{...}}}} (or, for a kimi model, one of '
+                f"Moonshot's built-in tools: {BUILTIN_SHAPE})",
+                param=f"{where}.type",
+            )
+        if tool["type"] == BUILTIN_FUNCTION:
+            builtin = _check_builtin_tool(tool, where)
+            if builtin in names:
+                raise bad_request(
+                    f"{where}.function.name: {builtin!r} is declared twice", param=f"{where}.function.name"
+                )
+            names.add(builtin)
+            continue
         at = f"functions[{i}]" if legacy else f"{where}.function"
         function = tool.get("function")
         if not isinstance(function, dict):
             raise bad_request(f"{at} must be an object with a name", param=at)
         name = function.get("name")
+        if isinstance(name, str) and BUILTIN_NAME.fullmatch(name) and not legacy:
+            raise bad_request(
+                f"{at}.name {name!r} is one of Moonshot's built-in tools, not a function: declare it as "
+                f"{BUILTIN_SHAPE} (for a kimi model)",
+                param=f"{where}.type",
+            )
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise bad_request(
                 f"{at}.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
@@ -503,6 +541,46 @@ def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
             raise bad_request(f"{at}.strict must be true or false", param=f"{at}.strict")
     return frozenset(names)
+
+
+def _check_builtin_tool(tool: dict[str, Any], where: str) -> str:
+    """
+    A declaration of one of Moonshot's built-in tools, in the shape its
+    documentation gives (U{https://platform.moonshot.ai/docs/guide/use-web-search}):
+    L{BUILTIN_SHAPE}, a name of L{BUILTIN_NAME} and nothing else (Moonshot
+    describes its tools itself).
+
+    @return: the tool's name.
+    @raise APIError: 400 naming the field that is not of that shape.
+    """
+    for field in tool:
+        if field not in ("type", "function"):
+            raise bad_request(
+                f"{where}.{field} is not part of a built-in tool's declaration: Moonshot's is {BUILTIN_SHAPE}; "
+                f"remove {field}",
+                param=f"{where}.{field}",
+            )
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise bad_request(
+            f"{where}.function must be an object with the built-in tool's name: {BUILTIN_SHAPE}",
+            param=f"{where}.function",
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not BUILTIN_NAME.fullmatch(name):
+        raise bad_request(
+            f"{where}.function.name must name one of Moonshot's built-in tools, which start with $ "
+            f"(such as $web_search): {BUILTIN_SHAPE}",
+            param=f"{where}.function.name",
+        )
+    for field in function:
+        if field != "name":
+            raise bad_request(
+                f"{where}.function.{field} is not part of a built-in tool's declaration (Moonshot describes its "
+                f"built-in tools itself): send {BUILTIN_SHAPE}, the name alone",
+                param=f"{where}.function.{field}",
+            )
+    return name
 
 
 def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
@@ -757,6 +835,17 @@ def _legacy_result(message: dict[str, Any], where: str, legacy: dict[str, deque[
 
 
 def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> bool:
+    """
+    Check an assistant message's C{tool_calls}: calls of functions
+    (C{"type": "function"}, or no type) named by L{FUNCTION_NAME}'s rule,
+    and calls of Moonshot's built-in tools (L{BUILTIN_FUNCTION}) named by
+    L{BUILTIN_NAME}'s, as Kimi answered them; each with a string id used
+    once in the message and string C{arguments} (a blank or missing one
+    becomes C{"{}"}, in place), noted in C{calls} (id -> name).
+
+    @return: whether a call's id carries a payload (L{MARK}).
+    @raise APIError: 400 naming the field.
+    """
     if not isinstance(tool_calls, list) or not tool_calls:
         raise bad_request(f"{where} must be a non-empty list of tool calls", param=where)
     carried_ids = False
@@ -764,8 +853,13 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
     seen: set[str] = set()
     for j, call in enumerate(tool_calls):
         at = f"{where}[{j}]"
-        if not isinstance(call, dict) or call.get("type", "function") != "function":
-            raise bad_request(f'{at} must be {{"id", "type": "function", "function": {{...}}}}', param=at)
+        kind = call.get("type", "function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or (kind != "function" and kind != BUILTIN_FUNCTION):
+            raise bad_request(
+                f'{at} must be {{"id", "type": "function", "function": {{...}}}} (or, for a kimi model, a call of '
+                f'one of Moonshot\'s built-in tools, "type": "builtin_function", as Kimi answered it)',
+                param=at,
+            )
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             raise bad_request(f"{at}.id must be a non-empty string", param=f"{at}.id")
@@ -775,7 +869,21 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise bad_request(f"{at}.function.name must be the function's name", param=f"{at}.function.name")
-        if not FUNCTION_NAME.fullmatch(name):
+        if kind == BUILTIN_FUNCTION:
+            if not BUILTIN_NAME.fullmatch(name):
+                raise bad_request(
+                    f"{at}.function.name must name one of Moonshot's built-in tools, which start with $ "
+                    "(such as $web_search): send the call back as Kimi answered it",
+                    param=f"{at}.function.name",
+                )
+        elif BUILTIN_NAME.fullmatch(name):
+            # A client that wrote every call back as "function".
+            raise bad_request(
+                f"{at}.function.name {name!r} is one of Moonshot's built-in tools: send its call back with "
+                '"type": "builtin_function", as Kimi answered it',
+                param=f"{at}.type",
+            )
+        elif not FUNCTION_NAME.fullmatch(name):
             # The rule of tools[]: a history is sent on, to whichever provider.
             raise bad_request(
                 f"{at}.function.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
