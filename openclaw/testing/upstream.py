@@ -295,8 +295,10 @@ class GeminiAnswer:
 class OpenAIAnswer:
     """
     A scripted OpenAI-shaped answer: C{content} and C{tool_calls}
-    (C{{"id", "name", "arguments"}}); a stream sends each call's id and
-    name first, then its arguments in two fragments, as OpenAI does.
+    (C{{"id", "name", "arguments"}}, and C{"type"} when not
+    C{"function"}: Moonshot's C{"builtin_function"}); a stream sends each
+    call's id, type and name first, then its arguments in two fragments,
+    as OpenAI does.
     """
 
     content: str | None = None
@@ -670,6 +672,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     if model not in behaviour.models:
         raise Reject(404, f"Not found the model {model} or Permission denied")
     _check_openai_tool_ids(body["messages"])
+    _check_builtin_results(body["messages"])
     if _KIMI_THINKING.search(model):
         _check_kimi_reasoning(body["messages"])
         forced = body.get("tool_choice")
@@ -690,7 +693,11 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
         if answer.tool_calls:
             message["tool_calls"] = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                {
+                    "id": c["id"],
+                    "type": c.get("type", "function"),
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
                 for c in answer.tool_calls
             ]
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
@@ -708,7 +715,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         opening = {
             "index": i,
             "id": call["id"],
-            "type": "function",
+            "type": call.get("type", "function"),
             "function": {"name": call["name"], "arguments": ""},
         }
         half = len(call["arguments"]) // 2
@@ -731,14 +738,18 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
 
 def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenAIAnswer:
     """
-    The answer when none is scripted: a call of the function a
-    C{tool_choice} forces (C{"required"}: the first tool; a named
-    function; C{allowed_tools} with mode C{"required"}: the first of
-    them), with arguments C{{}}, so a tool loop can be tried by hand;
+    The answer when none is scripted: Moonshot's web search loop
+    (L{_web_search}) when C{$web_search} is declared; else a call of the
+    function a C{tool_choice} forces (C{"required"}: the first tool; a
+    named function; C{allowed_tools} with mode C{"required"}: the first
+    of them), with arguments C{{}}, so a tool loop can be tried by hand;
     else the C{reply}.
     """
-    tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
     choice = body.get("tool_choice")
+    searched = _web_search(body, behaviour) if choice != "none" else None
+    if searched is not None:
+        return searched
+    tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
     name = None
     if choice == "required" and tools:
         name = tools[0]
@@ -752,6 +763,74 @@ def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenA
         return OpenAIAnswer(_structured_reply(_openai_schema(body.get("response_format")), behaviour))
     call = {"id": f"call_standin_{len(behaviour.bodies)}", "name": name, "arguments": "{}"}
     return OpenAIAnswer(None, (call,))
+
+
+#: Moonshot's built-in web search tool, as a request declares it
+#: (U{https://platform.moonshot.ai/docs/guide/use-web-search}).
+WEB_SEARCH = "$web_search"
+#: What the stand-in's Kimi answers once a web search's result is back.
+WEB_SEARCH_REPLY = "Found on the web: {reply}"
+
+
+def _web_search(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenAIAnswer | None:
+    """
+    Moonshot's built-in web search, when the request declares it
+    (C{{"type": "builtin_function", "function": {"name": "$web_search"}}}),
+    as Moonshot documents it: the first answer is a call of type
+    C{builtin_function} named C{$web_search} (finish reason
+    C{tool_calls}) whose C{arguments} hold the search's id and its token
+    count; once the tool message giving them back unchanged ends the
+    conversation, the answer is text, L{WEB_SEARCH_REPLY}.  None when
+    C{$web_search} is not declared.
+    """
+    declared = any(
+        isinstance(tool, dict)
+        and tool.get("type") == "builtin_function"
+        and (tool.get("function") or {}).get("name") == WEB_SEARCH
+        for tool in body.get("tools") or ()
+    )
+    if not declared:
+        return None
+    last = body["messages"][-1]
+    if isinstance(last, dict) and last.get("role") == "tool" and last.get("tool_call_id") in _builtin_calls(body):
+        return OpenAIAnswer(WEB_SEARCH_REPLY.format(reply=behaviour.reply))
+    # This request's place among those received (it is the latest), from 0.
+    n = len(behaviour.bodies) - 1
+    arguments = json.dumps({"search_result": {"search_id": f"standin-search-{n}"}, "usage": {"total_tokens": 128}})
+    call = {"id": f"{WEB_SEARCH}:{n}", "type": "builtin_function", "name": WEB_SEARCH, "arguments": arguments}
+    return OpenAIAnswer(None, (call,))
+
+
+def _builtin_calls(body: dict[str, Any]) -> dict[Any, Any]:
+    """
+    The calls of Moonshot's built-in tools in a request's history: id ->
+    arguments.
+    """
+    return {
+        call.get("id"): (call.get("function") or {}).get("arguments")
+        for message in body["messages"]
+        if isinstance(message, dict)
+        for call in message.get("tool_calls") or ()
+        if isinstance(call, dict) and call.get("type") == "builtin_function"
+    }
+
+
+def _check_builtin_results(messages: list[Any]) -> None:
+    """
+    Refuse a tool message answering a call of one of Moonshot's built-in
+    tools that does not give the call's C{arguments} back unchanged, as
+    Moonshot's documentation asks: the stand-in's check that a loop
+    through the gateway carried them whole.
+    """
+    calls = _builtin_calls({"messages": messages})
+    for index, message in enumerate(messages):
+        answered = message.get("tool_call_id") if isinstance(message, dict) and message.get("role") == "tool" else None
+        if answered in calls and message.get("content") != calls[answered]:
+            raise Reject(
+                400,
+                f"Invalid request: the tool message at index {index} answers a builtin_function call: its "
+                "content must be the call's arguments, unchanged",
+            )
 
 
 #: What L{_openai_schema} and L{_gemini_schema} return for JSON asked for
