@@ -501,8 +501,9 @@ class PeerCausedLine:
 #: else, so shown at info; and the data plane's line for each request
 #: refused without an accepted key (L{KEYLESS_FIELD}: a 401, a 404 or 405,
 #: any 4xx answered before a key was accepted), L{KEYLESS_REFUSAL_LINES}
-#: a second; and the control plane's line for each refused connection
-#: (L{REFUSED_CONNECTION_FIELD}), L{REFUSED_CONNECTION_LINES} a second.
+#: a second; and the control plane's lines for each refused connection
+#: (L{REFUSED_CONNECTION_FIELD}) and each connection a TLS error ended
+#: (its C{tls_error} field), L{REFUSED_CONNECTION_LINES} a second each.
 PEER_CAUSED_LINES = (
     PeerCausedLine("accept_errors", formats=ACCEPT_ERROR_FORMATS),
     PeerCausedLine(
@@ -728,8 +729,9 @@ def json_line(event: LogEvent) -> str | None:
     return line + "\n"
 
 
-#: The control characters orjson leaves as they are (it escapes C0).
-_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+#: The control characters of L{_CONTROL} orjson leaves as they are (it
+#: escapes C0, and JSON's syntax is ASCII).
+_JSON_UNESCAPED = re.compile(_CONTROL.pattern.replace(r"\x00-\x08\x0a-\x1f", ""))
 
 
 def _json_escape(found: re.Match[str]) -> str:

@@ -272,7 +272,7 @@ class GatewayMetrics:
         )
         self.refused = Counter(
             "openclaw_control_refused_connections",
-            "Control connections refused, by reason",
+            "Control connections refused or failed before they opened, by reason",
             ["reason"],
             registry=registry,
         )

@@ -423,6 +423,8 @@ class ToolLoopTests(DataPlaneTestCase):
         for content in (
             '{"order_id": 1234567890123456789, "amount": 19.90}',
             '{"rows": [{"id": -9007199254740993}]}',
+            # Past 64 bits, which orjson reads as a float.
+            '{"id": 123456789012345678901234567890}',
         ):
             self.assertEqual(response(content), {"result": content})
         for content, parsed in (

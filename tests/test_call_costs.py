@@ -27,6 +27,7 @@ from openclaw.dataplane.sse import Event
 from openclaw.metrics import MAX_MODEL_SERIES, CallCosts
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIStream, OpenAIWire
+from openclaw.providers.wire import StreamBroken
 from tests.support import RunningGateway
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 
@@ -315,6 +316,26 @@ class UsageTests(SynchronousTestCase):
         stream = OpenAIStream(include_usage=True)
         self.assertEqual(self.events(stream, *chunks), chunks)
         self.assertEqual(stream.usage, usage)
+
+    def test_complete_without_done(self) -> None:
+        """
+        Complete once every choice asked for has its finish reason and the
+        usage is in, [DONE] or not; a finishing choice whose index is no
+        integer breaks the stream (it was a TypeError).
+        """
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        finished = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        stream = OpenAIStream(asked=2)
+        for document in (finished, {"id": "c", "choices": [], "usage": usage}):
+            stream.payloads(Event(b"", orjson.dumps(document)))
+        self.assertFalse(stream.complete)
+        stream.payloads(Event(b"", orjson.dumps({**finished, "choices": [{**finished["choices"][0], "index": 1}]})))
+        self.assertTrue(stream.complete)
+        self.assertFalse(stream.ended)
+        for index in ([0], {"a": 1}, "0", None, True):
+            with self.assertRaises(StreamBroken, msg=index):
+                broken = {"id": "c", "choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]}
+                OpenAIStream().payloads(Event(b"", orjson.dumps(broken)))
 
     def test_calls_without_arguments_given_them(self) -> None:
         """

@@ -691,8 +691,8 @@ class StreamFailureTests(DataPlaneTestCase):
         A Kimi stream every choice of which finished, its usage in, but no
         [DONE]: whole when its body ends, and within
         COMPLETE_STREAM_GRACE_SECONDS when the body stays open (it failed
-        at UPSTREAM_TIMEOUT).  Without its usage, a body that ends after
-        the finish reason is not whole: the usage was asked for.
+        at UPSTREAM_TIMEOUT).  With n 2 and one choice finished, a body that
+        ends without [DONE] is not whole.
         """
         kimi = self.upstream.kimi
         kimi.send_done = False

@@ -626,10 +626,13 @@ class CallIdTests(SynchronousTestCase):
         # Said, once: the next turn gets Google's placeholder.
         (warning,) = [e for e in events if "thought signature" in e.get("log_format", "")]
         self.assertEqual(warning["length"], MAX_PAYLOAD * 2)
+        del events[:]
         # A Gemini id too long to carry, with or without a signature.
         for signature in ("sig-A", None):
             call_id = new_call_id("f" * (MAX_PAYLOAD * 2), signature)
             self.assertRegex(call_id, r"^call_[0-9a-f]{24}$")
+        # The id was too long, not the signature: nothing said of it.
+        self.assertEqual([e for e in events if "thought signature" in e.get("log_format", "")], [])
 
     def test_plain_for_other_wires(self) -> None:
         """

@@ -211,9 +211,19 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
-    #: Whether L{onConnect} was reached: a handshake failed before it was
-    #: refused by Autobahn's own checks (L{failHandshake}).
-    connect_seen = False
+    #: Whether this handshake's outcome is accounted for: L{onConnect}
+    #: judged it (and counted any refusal), or a refusal before it was
+    #: counted (L{head_too_large}, L{onOpenHandshakeTimeout}, Autobahn's
+    #: own checks in L{failHandshake}).
+    handshake_counted = False
+
+    @property
+    def peer_label(self) -> str:
+        """
+        The TCP peer as logged (C{host:port}; the socket's path on a UNIX
+        socket): behind a proxy, the proxy.
+        """
+        return _describe(self.tcp.getPeer())[1]
 
     def dataReceived(self, data: bytes) -> None:
         if self.unheard is not None:
@@ -231,16 +241,11 @@ class ControlProtocol(WebSocketServerProtocol):
     def head_too_large(self) -> None:
         """
         The opening handshake passed L{MAX_HANDSHAKE_BYTES}: answered 431
-        (RFC 6585 section 5), counted and audited; nothing more is read,
-        and the connection is aborted L{UNHEARD_CLOSE_SECONDS} later if
-        the answer has not gone out by then.
+        (RFC 6585 section 5), counted and audited, and closed (as every
+        refused handshake is: L{failHandshake}).
         """
-        self.connect_seen = True
-        self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_too_large", None)
-        transport = self.tcp
-        cast(IConsumer, transport).unregisterProducer()
-        cast(IPushProducer, transport).pauseProducing()
-        self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
+        self.handshake_counted = True
+        self.factory.refuse(self.peer_label, "handshake_too_large", None)
         self.failHandshake(f"the request head is over {MAX_HANDSHAKE_BYTES} bytes", 431)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -257,7 +262,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.factory.metrics.refused.labels("tls_error").inc()
             self.factory.events.info(
                 "control connection from {peer} ended by a TLS error: {tls_error}",
-                peer=_describe(self.tcp.getPeer())[1],
+                peer=self.peer_label,
                 tls_error=describe_tls_error(error),
                 outcome="tls_error",
             )
@@ -278,7 +283,7 @@ class ControlProtocol(WebSocketServerProtocol):
             self.factory.protocols.discard(self)
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        self.connect_seen = True
+        self.handshake_counted = True
         try:
             self.admit(request.headers)
         except ConnectionDeny:
@@ -287,9 +292,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # Logged here: Autobahn's own line for it is not shown below
             # LOG_LEVEL=debug (openclaw.logs.QUIET_WEBSOCKET), and would
             # tell the peer the exception's text.
-            self.factory.events.failure(
-                "control handshake from {peer} failed unexpectedly", peer=_describe(self.tcp.getPeer())[1]
-            )
+            self.factory.events.failure("control handshake from {peer} failed unexpectedly", peer=self.peer_label)
             raise ConnectionDeny(
                 ConnectionDeny.INTERNAL_SERVER_ERROR, "internal error; the gateway log has the details"
             ) from None
@@ -300,7 +303,7 @@ class ControlProtocol(WebSocketServerProtocol):
         header fields and the peer's address.
 
         @param headers: the fields as Autobahn parsed them: names lower-cased,
-            a repeated field joined with C{", "}.  Since Autobahn 26.11 the
+            a repeated field joined with C{", "}.  Since Autobahn 26.11.1 the
             head is split at CRLF only and a head holding any other line
             break or control character is refused before this (crossbario
             autobahn-python#2034), so these are the fields a proxy in front
@@ -342,25 +345,29 @@ class ControlProtocol(WebSocketServerProtocol):
             factory.connections.add(self)
 
     def onOpenHandshakeTimeout(self) -> None:
-        if self.state == _CONNECTING and not self.connect_seen:
+        if self.state == _CONNECTING and not self.handshake_counted:
             # A head that never ended (lines ended by a bare LF, a TLS
             # ClientHello on a plain listener, a client too slow): dropped
             # by Autobahn, counted and audited here.
-            self.connect_seen = True
-            self.factory.refuse(_describe(self.tcp.getPeer())[1], "handshake_timeout", None)
+            self.handshake_counted = True
+            self.factory.refuse(self.peer_label, "handshake_timeout", None)
         super().onOpenHandshakeTimeout()
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
-        if not self.connect_seen:
+        if not self.handshake_counted:
             # Refused by Autobahn before onConnect: a head that is not
             # well-formed HTTP/1.1 (a bare CR or LF, a control character, a
             # folded line) or not a WebSocket opening handshake.
-            self.connect_seen = True
-            self.factory.refuse(
-                _describe(self.tcp.getPeer())[1], "bad_handshake", None, detail=reason[:HANDSHAKE_DETAIL_MAX]
-            )
+            self.handshake_counted = True
+            self.factory.refuse(self.peer_label, "bad_handshake", None, detail=reason[:HANDSHAKE_DETAIL_MAX])
         if code == TOO_MANY_REQUESTS and self.retry_after is not None:
             responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(self.retry_after))]
+        # Autobahn answers and closes the connection, but a TLS transport
+        # then waits for the peer's close_notify, which a peer may withhold
+        # for ever: what it sends is read only for that (dropped, see
+        # dataReceived), and the connection aborted UNHEARD_CLOSE_SECONDS
+        # later if still open.
+        self.stop_hearing(pause=False)
         super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
@@ -472,10 +479,26 @@ class ControlProtocol(WebSocketServerProtocol):
             return
         self.close_with(code, reason)
         transport = self.tcp
-        cast(IConsumer, transport).unregisterProducer()
-        cast(IPushProducer, transport).pauseProducing()
         if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
             transport.loseWriteConnection()
+        self.stop_hearing()
+
+    def stop_hearing(self, pause: bool = True) -> None:
+        """
+        Hear nothing more from the peer (what it sends is dropped by
+        L{dataReceived}), and abort the connection L{UNHEARD_CLOSE_SECONDS}
+        from now unless it is gone.
+
+        @param pause: also stop reading (C{pauseProducing}, after the
+            transport's producer is unregistered, so that nothing resumes
+            it); not while a TLS close_notify is still to be read.
+        """
+        if self.unheard is not None:
+            return
+        transport = self.tcp
+        if pause:
+            cast(IConsumer, transport).unregisterProducer()
+            cast(IPushProducer, transport).pauseProducing()
         self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
 
 

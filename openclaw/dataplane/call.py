@@ -50,6 +50,7 @@ from openclaw.dataplane.errors import (
     ANSWER_BROKEN,
     FALLBACK_HEADER,
     PROVIDER_HEADER,
+    STREAM_BROKEN,
     APIError,
     bad_request,
     breaker_open,
@@ -455,7 +456,8 @@ class ChatCall:
             # the headers were handed over).
             self._settle(CircuitBreaker.failed)
             if reason.check(ResponseFailed):
-                return self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, ANSWER_BROKEN))
+                code = STREAM_BROKEN if self.chat.stream else ANSWER_BROKEN
+                return self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, code))
             return self._upstream_failed("connect", upstream_failed(self.route.provider_id, why))
         if self._waiting_for == _BODY:
             # A 2xx answer cut (or too large) before any of it was sent on.
@@ -623,7 +625,7 @@ class ChatCall:
             why = "the stream ended before the answer was complete"
         else:
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
-        error = upstream_failed(self.route.provider_id, why, "upstream_stream_broken")
+        error = upstream_failed(self.route.provider_id, why, STREAM_BROKEN)
         if not self._first_chunk_sent:
             return self._attempt_failed("broken", error)
         self._fail(error)
@@ -699,9 +701,7 @@ class ChatCall:
                 # [DONE] and nothing before it: no answer at all, the
                 # provider's failure like any stream without a first event.
                 why = "the stream ended ([DONE]) without a single event"
-                return self._attempt_failed(
-                    "broken", upstream_failed(self.route.provider_id, why, "upstream_stream_broken")
-                )
+                return self._attempt_failed("broken", upstream_failed(self.route.provider_id, why, STREAM_BROKEN))
             self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.

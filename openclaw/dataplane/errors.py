@@ -211,6 +211,9 @@ def upstream_http_error(provider_id: str, status: int, reason: str) -> APIError:
 #: The code of a 502 for a whole (not streamed) answer the provider began
 #: but did not finish: its connection cut, or its body over the limit.
 ANSWER_BROKEN = "upstream_answer_broken"
+#: The code of the error that ends a stream the provider broke or ended
+#: before the answer was whole (a 502 when nothing of it was sent yet).
+STREAM_BROKEN = "upstream_stream_broken"
 
 
 def upstream_failed(provider_id: str, reason: str, code: str = "upstream_unreachable") -> APIError:

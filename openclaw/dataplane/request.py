@@ -568,11 +568,7 @@ def _check_builtin_tool(tool: dict[str, Any], where: str) -> str:
         )
     name = function.get("name")
     if not isinstance(name, str) or not BUILTIN_NAME.fullmatch(name):
-        raise bad_request(
-            f"{where}.function.name must name one of Moonshot's built-in tools, which start with $ "
-            f"(such as $web_search): {BUILTIN_SHAPE}",
-            param=f"{where}.function.name",
-        )
+        raise _not_builtin(f"{where}.function.name", BUILTIN_SHAPE)
     for field in function:
         if field != "name":
             raise bad_request(
@@ -581,6 +577,17 @@ def _check_builtin_tool(tool: dict[str, Any], where: str) -> str:
                 param=f"{where}.function.{field}",
             )
     return name
+
+
+def _not_builtin(where: str, advice: str) -> APIError:
+    """
+    The 400 for a name at C{where} that should name one of Moonshot's
+    built-in tools (L{BUILTIN_NAME}) and does not.
+    """
+    return bad_request(
+        f"{where} must name one of Moonshot's built-in tools, which start with $ (such as $web_search): {advice}",
+        param=where,
+    )
 
 
 def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
@@ -871,11 +878,7 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
             raise bad_request(f"{at}.function.name must be the function's name", param=f"{at}.function.name")
         if kind == BUILTIN_FUNCTION:
             if not BUILTIN_NAME.fullmatch(name):
-                raise bad_request(
-                    f"{at}.function.name must name one of Moonshot's built-in tools, which start with $ "
-                    "(such as $web_search): send the call back as Kimi answered it",
-                    param=f"{at}.function.name",
-                )
+                raise _not_builtin(f"{at}.function.name", "send the call back as Kimi answered it")
         elif BUILTIN_NAME.fullmatch(name):
             # A client that wrote every call back as "function".
             raise bad_request(

@@ -202,7 +202,7 @@ class OpenAIStream:
     #: is given C{"{}"} before its choice's finish reason.
     _unargued: dict[tuple[Any, Any], bool] = attrs.field(factory=dict)
     #: The indexes of the choices that have had their C{finish_reason}.
-    _finished: set[Any] = attrs.field(factory=set)
+    _finished: set[int] = attrs.field(factory=set)
 
     @property
     def complete(self) -> bool:
@@ -232,7 +232,10 @@ class OpenAIStream:
         if type(choices) is list:
             for choice in choices:
                 if type(choice) is dict and choice.get("finish_reason") is not None:
-                    self._finished.add(choice.get("index", 0))
+                    index = choice.get("index", 0)
+                    if type(index) is not int:
+                        raise StreamBroken("a choice's index is not an integer")
+                    self._finished.add(index)
         if isinstance(usage, dict):
             self.usage = usage
             if not choices:

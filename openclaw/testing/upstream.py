@@ -818,19 +818,30 @@ def _builtin_calls(body: dict[str, Any]) -> dict[Any, Any]:
 def _check_builtin_results(messages: list[Any]) -> None:
     """
     Refuse a tool message answering a call of one of Moonshot's built-in
-    tools that does not give the call's C{arguments} back unchanged, as
-    Moonshot's documentation asks: the stand-in's check that a loop
+    tools that does not give the call's C{arguments} back (the same JSON
+    document: Moonshot's own example sends C{json.dumps} of them parsed),
+    as Moonshot's documentation asks: the stand-in's check that a loop
     through the gateway carried them whole.
     """
     calls = _builtin_calls({"messages": messages})
     for index, message in enumerate(messages):
         answered = message.get("tool_call_id") if isinstance(message, dict) and message.get("role") == "tool" else None
-        if answered in calls and message.get("content") != calls[answered]:
+        if answered in calls and not _same_json(message.get("content"), calls[answered]):
             raise Reject(
                 400,
                 f"Invalid request: the tool message at index {index} answers a builtin_function call: its "
                 "content must be the call's arguments, unchanged",
             )
+
+
+def _same_json(content: Any, arguments: Any) -> bool:
+    """
+    Whether C{content} and C{arguments} are texts of the same JSON document.
+    """
+    try:
+        return isinstance(content, str) and json.loads(content) == json.loads(arguments)
+    except (TypeError, ValueError):
+        return False
 
 
 #: What L{_openai_schema} and L{_gemini_schema} return for JSON asked for

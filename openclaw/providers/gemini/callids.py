@@ -45,7 +45,7 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
     if len(payload) > MAX_PAYLOAD:
         # Without the signature, when it was what made it too long; with
         # nothing, when the id alone is.
-        if signature is not None:
+        if signature is not None and (gemini_id is None or _fits(gemini_id)):
             _log.warn(
                 "a Gemini thought signature of {length} characters is too long to carry in the tool call id (at "
                 "most {limit} characters of payload): the call goes back to Gemini with Google's placeholder, "
@@ -55,6 +55,14 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
             )
         return callids.new_call_id() if gemini_id is None or signature is None else new_call_id(gemini_id)
     return callids.new_call_id(payload)
+
+
+def _fits(gemini_id: str) -> bool:
+    """
+    Whether C{gemini_id} alone fits in L{MAX_PAYLOAD}: when it does, the
+    signature is what made a payload too long.
+    """
+    return len(base64.urlsafe_b64encode(orjson.dumps([gemini_id, None])).rstrip(b"=")) <= MAX_PAYLOAD
 
 
 def carried(call_id: str) -> tuple[str | None, str | None]:

@@ -443,8 +443,9 @@ _EXACT_INTEGERS = 2**53
 
 def _holds_inexact_integer(value: Any) -> bool:
     """
-    Whether an integer past 2**53 in magnitude is anywhere in C{value}
-    (parsed JSON, not nested too deep).  C{functionResponse.response} is a
+    Whether a number past 2**53 in magnitude is anywhere in C{value}
+    (parsed JSON, not nested too deep; an integer past 64 bits is parsed
+    as a float).  C{functionResponse.response} is a
     protobuf C{Struct}, whose numbers are doubles: such an integer (an
     order id, a snowflake id) would reach the model changed
     (1234567890123456789 as 1234567890123456768), so the result goes as
@@ -457,7 +458,8 @@ def _holds_inexact_integer(value: Any) -> bool:
             pending.extend(value.values())
         elif isinstance(value, list):
             pending.extend(value)
-        elif type(value) is int and abs(value) > _EXACT_INTEGERS:
+        elif type(value) in (int, float) and abs(value) > _EXACT_INTEGERS:
+            # orjson reads an integer past 64 bits as a float.
             return True
     return False
 
