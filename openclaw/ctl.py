@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import math
 import os
@@ -33,10 +34,14 @@ import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.util import parse_url
+from cryptography import x509
+from OpenSSL.SSL import Connection as TLSConnection
+from OpenSSL.SSL import Error as OpenSSLError
+from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ConnectionRefusedError, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
@@ -61,7 +66,7 @@ from openclaw.session import (
     read_token_file,
     write_token_file,
 )
-from openclaw.tls import describe_tls_error, is_tls_error, trust_root_from_file
+from openclaw.tls import describe_tls_error, is_tls_error, read_ca_file, trust_root_from_file
 
 PROG = "openclawctl"
 DEFAULT_URL = "ws://127.0.0.1:18789"
@@ -114,6 +119,9 @@ class ConnectionClosed(Exception):
     @ivar received: the first bytes the server sent before the handshake
         completed (at most L{HEAD_KEPT}): whether it answered in HTTP at
         all, when Autobahn could not say.
+    @ivar certificates: the certificates the server presented in a TLS
+        handshake (its own first), when it presented any: what to say
+        about a wrong host name or a CA that did not sign them.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class ConnectionClosed(Exception):
         cause: BaseException | None = None,
         opened: bool = False,
         received: bytes = b"",
+        certificates: Sequence[x509.Certificate] = (),
     ) -> None:
         super().__init__(code, reason)
         self.code = code
@@ -130,6 +139,7 @@ class ConnectionClosed(Exception):
         self.cause = cause
         self.opened = opened
         self.received = received
+        self.certificates = tuple(certificates)
 
 
 @attrs.frozen
@@ -1092,6 +1102,127 @@ def _policy_violation(reason: str | None, url: str) -> str:
     return f"{refused}: {printable(reason)}"
 
 
+#: OpenSSL's reasons for a TLS handshake answered with what is not TLS
+#: (a plain HTTP listener's C{HTTP/1.1 400 Bad Request}, read as a TLS
+#: record whose version is C{TP}).
+_NOT_TLS_REASONS = ("wrong version number", "packet length too long")
+
+#: The most host names of a certificate named in one line.
+NAMES_SHOWN = 5
+
+#: A host name that can be put in a suggested C{--url} as it is.
+_PLAIN_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
+
+
+def certificate_names(certificate: x509.Certificate) -> list[str]:
+    """
+    The host names and IP addresses a certificate is valid for: its
+    subjectAltName's DNS and IP entries, in its order (its CN is not one:
+    service_identity, which checks the name, goes by subjectAltName
+    only, RFC 6125 section 6.4.4).
+    """
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError):
+        return []
+    return [str(name.value) for name in names if isinstance(name, (x509.DNSName, x509.IPAddress))]
+
+
+def _plain_host(name: str) -> bool:
+    """
+    Whether C{name} (from a certificate) can be put in a suggested URL as
+    it is: an IP address, or a host name of letters, digits, dots and
+    dashes (not a wildcard).
+    """
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return _PLAIN_HOST_NAME.fullmatch(name) is not None
+    return True
+
+
+def _url_with_host(url: str, host: str) -> str:
+    """
+    C{url} (C{wss://...}) with C{host} in place of its host: its port and
+    path kept.
+    """
+    secure, _, port, resource = parse_url(url)[:4]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'wss' if secure else 'ws'}://{shown}:{port}{resource if resource != '/' else ''}"
+
+
+def _host_mismatch(certificates: Sequence[x509.Certificate], request: Request) -> str:
+    """
+    What to say when the server's certificate does not name the URL's
+    host (service_identity's C{VerificationError}): the names it holds,
+    and to connect by one of them or give the server a certificate for
+    this host; not C{--cafile}, which cannot help.
+    """
+    host = parse_url(request.url)[1]
+    names = certificate_names(certificates[0]) if certificates else None
+    fix = f"give the server a certificate that names {host}"
+    if names is None:
+        return f"the server's certificate does not name {host}; connect by a name it holds, or {fix}"
+    if not names:
+        return (
+            f"the server's certificate names no host (it has no subjectAltName, and a certificate's CN is not "
+            f"used); {fix}"
+        )
+    shown = ", ".join(printable(name, 100) for name in names[:NAMES_SHOWN])
+    if len(names) > NAMES_SHOWN:
+        shown += f" and {len(names) - NAMES_SHOWN} more"
+    usable = [name for name in names if _plain_host(name)]
+    by = f" (--url {_url_with_host(request.url, usable[0])}, where that name reaches this server)" if usable else ""
+    return (
+        f"the server's certificate does not name {host}, it names {shown}; connect by "
+        f"{'that name' if len(names) == 1 else 'one of them'}{by}, or {fix}"
+    )
+
+
+def _ca_file_subjects(cafile: Path) -> set[x509.Name] | None:
+    """
+    The subjects of the CA certificates in C{cafile}, None when it can no
+    longer be read.
+    """
+    try:
+        return {ca.subject for ca in x509.load_pem_x509_certificates(read_ca_file(cafile))}
+    except (OSError, ValueError):
+        return None
+
+
+def _tls_failure(error: BaseException, certificates: Sequence[x509.Certificate], request: Request) -> str:
+    """
+    Why the TLS handshake failed, and what to do: the server's
+    certificate does not name the host (L{_host_mismatch}); the server
+    did not speak TLS (a plain listener: use C{ws://}); the certificate
+    is not signed by the CA(s) of C{--cafile} (named, with the issuer the
+    certificate gives), or, without C{--cafile}, by one the system
+    trusts (pass C{--cafile}).
+    """
+    failed = f"TLS handshake with {request.url} failed"
+    if isinstance(error, VerificationError):
+        return f"{failed}: {_host_mismatch(certificates, request)}"
+    reason = printable(describe_tls_error(error))
+    if any(text in reason for text in _NOT_TLS_REASONS):
+        return (
+            f"{failed}: {reason}: the server did not answer in TLS; is the control listener TLS? (a plain "
+            "listener takes ws://)"
+        )
+    if request.cafile is None:
+        return f"{failed}: {reason}; if the gateway's certificate is signed by your own CA, pass --cafile CA.pem"
+    if isinstance(error, OpenSSLError) and "certificate verify failed" in reason:
+        subjects = _ca_file_subjects(request.cafile)
+        if subjects is None or not any(c.issuer in subjects or c.subject in subjects for c in certificates):
+            issuer = (
+                f" (it was issued by {printable(certificates[0].issuer.rfc4514_string(), 200)})" if certificates else ""
+            )
+            return (
+                f"{failed}: {reason}: the CA file {request.cafile} did not sign the server's certificate{issuer}; "
+                "pass --cafile the certificate of the CA that did"
+            )
+    return f"{failed}: {reason} (trusting the CA file {request.cafile})"
+
+
 def _unix_connect_failure(path: str, error: ConnectError) -> str:
     """
     Why a UNIX socket could not be connected to, by the C{connect(2)}
@@ -1148,10 +1279,7 @@ def explain_failure(error: BaseException, request: Request) -> str:
         if error.code == GOING_AWAY:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
         if is_tls_error(error.cause):
-            return (
-                f"TLS handshake with {url} failed: {describe_tls_error(error.cause)}; if the gateway's "
-                "certificate is signed by your own CA, pass --cafile CA.pem"
-            )
+            return _tls_failure(error.cause, error.certificates, request)
         status = _HTTP_REFUSAL.search(str(error.reason))
         if status is not None and status["status"] == "404":
             # An HTTP server, most likely the gateway's API.
@@ -1250,18 +1378,49 @@ class OneCommand(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.answer.called:
-            self.factory.answer.errback(ConnectionClosed(code, reason, self._lost, self._opened, self._received))
+            certificates = self.factory.tls.peer_certificates() if self.factory.tls is not None else []
+            self.factory.answer.errback(
+                ConnectionClosed(code, reason, self._lost, self._opened, self._received, certificates)
+            )
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class KeepsPeerCertificates:
+    """
+    Twisted's client TLS options (C{optionsForClientTLS}: they verify the
+    chain and the host name), keeping the TLS connection they make, so
+    that the certificates the server presented can be named after a
+    failed verification: Twisted's transport gives the peer's
+    certificate only once it is verified.
+    """
+
+    def __init__(self, options: IOpenSSLClientConnectionCreator) -> None:
+        self._options = options
+        self._connection: TLSConnection | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> TLSConnection:
+        self._connection = self._options.clientConnectionForTLS(tlsProtocol)
+        return self._connection
+
+    def peer_certificates(self) -> list[x509.Certificate]:
+        """
+        The certificates the server sent (its own first), as far as the
+        handshake got: none before its Certificate message.
+        """
+        chain = self._connection.get_peer_cert_chain() if self._connection is not None else None
+        return [certificate.to_cryptography() for certificate in chain or ()]
 
 
 class OneCommandFactory(WebSocketClientFactory):
     protocol = OneCommand  # type: ignore[assignment]
 
-    def __init__(self, url: str, payload: bytes) -> None:
+    def __init__(self, url: str, payload: bytes, tls: KeepsPeerCertificates | None = None) -> None:
         super().__init__(url)
         # The whole exchange is bounded by --timeout; Autobahn's own 5 s
         # handshake limit would only cut a longer --timeout short.
         self.setProtocolOptions(openHandshakeTimeout=0)
         self.payload = payload
+        self.tls = tls
         self.answer: Deferred[Reply] = Deferred(self._abort)
         self.connected: OneCommand | None = None
 
@@ -1282,22 +1441,26 @@ def _trust_root(cafile: Path) -> Any:
         ) from None
 
 
-def client_endpoint(reactor: IClientReactor, request: Request) -> IStreamClientEndpoint:
+def client_endpoint(
+    reactor: IClientReactor, request: Request
+) -> tuple[IStreamClientEndpoint, KeepsPeerCertificates | None]:
     """
     TCP to the URL's host (any of its addresses, IPv4 or IPv6), wrapped in
     TLS for C{wss://}: the host name is verified against the system's trust
     store, or against C{--cafile} when given.  For C{unix:PATH}, that
-    UNIX socket.
+    UNIX socket.  With it, for C{wss://}, the TLS options, which keep the
+    certificates the server presents.
     """
     path = unix_socket_path(request.url)
     if path is not None:
-        return UNIXClientEndpoint(reactor, path, timeout=request.timeout)
+        return UNIXClientEndpoint(reactor, path, timeout=request.timeout), None
     secure, host, port = parse_url(request.url)[:3]
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=request.timeout)
     if not secure:
-        return endpoint
+        return endpoint, None
     trust = _trust_root(request.cafile) if request.cafile is not None else None
-    return wrapClientTLS(optionsForClientTLS(host, trustRoot=trust), endpoint)
+    tls = KeepsPeerCertificates(optionsForClientTLS(host, trustRoot=trust))
+    return wrapClientTLS(tls, endpoint), tls
 
 
 async def exchange(reactor: IClientReactor, request: Request) -> Reply:
@@ -1309,8 +1472,8 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     @raise ConnectionClosed: the connection ended before an answer.
     @raise TimeoutError: no answer in time.
     """
-    factory = OneCommandFactory(websocket_url(request.url), request.message())
-    endpoint = client_endpoint(reactor, request)
+    endpoint, tls = client_endpoint(reactor, request)
+    factory = OneCommandFactory(websocket_url(request.url), request.message(), tls)
 
     async def answered() -> Reply:
         await endpoint.connect(factory)

@@ -860,10 +860,13 @@ class HTTPAnswersFactory(Factory):
         self.answers = answers
 
 
-def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
+def make_certificates(
+    directory: Path, names: list[x509.GeneralName] | None = None, ca_name: str = "openclaw test CA"
+) -> tuple[Path, CertificateOptions]:
     """
-    A throw-away CA (written to C{directory/ca.pem}) and the TLS server
-    options of a certificate it signed for 127.0.0.1 and localhost.
+    A throw-away CA named C{ca_name} (written to C{directory/ca.pem}) and
+    the TLS server options of a certificate it signed for C{names}
+    (default 127.0.0.1 and localhost).
     """
     now = datetime.datetime.now(datetime.UTC)
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(hours=1))
@@ -880,14 +883,14 @@ def make_certificates(directory: Path) -> tuple[Path, CertificateOptions]:
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         )
         if not ca:
-            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+            held = names or [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(held), critical=False)
         return builder.sign(signer, hashes.SHA256())
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("openclaw test CA", ca_key, "openclaw test CA", ca_key, ca=True)
+    ca = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = certificate("127.0.0.1", server_key, "openclaw test CA", ca_key, ca=False)
+    server = certificate("127.0.0.1", server_key, ca_name, ca_key, ca=False)
     directory.mkdir(parents=True, exist_ok=True)
     cafile = directory / "ca.pem"
     cafile.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -1,0 +1,129 @@
+"""
+openclawctl (the installed script) against servers on loopback that are
+not the gateway it expects, or not as it expects: a TLS certificate by
+another CA or for another name, a plain listener behind wss://, answers
+that do not match the command, a head that never ends, redirects and
+other HTTP answers, and servers that do not speak HTTP at all.  Each
+says what is the matter, and what to do, in one line.
+
+After changing C{openclaw/ctl.py}, reinstall (C{pip install .}, or
+C{make-overlay.sh}) before running these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from tests.test_ctl import HTTPAnswersFactory, make_certificates, run_ctl
+
+
+class TLSAdviceTests(TestCase):
+    """
+    A TLS handshake that fails says why, and what to do about that cause:
+    not always C{--cafile}.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def listen_tls(self, names: list[x509.GeneralName] | None = None) -> Any:
+        """
+        A TLS listener with a certificate for C{names} signed by a CA of
+        its own (C{self.signer}, its PEM file) that says nothing.
+        """
+        self.signer, options = make_certificates(Path(self.mktemp()), names, ca_name="openclaw signing CA")
+        endpoint = SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1")
+        port = yield endpoint.listen(Factory.forProtocol(Protocol))
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @inlineCallbacks
+    def test_cafile_of_another_ca(self) -> Any:
+        """
+        --cafile given, and the server's certificate signed by another CA:
+        the file named, and the CA that did sign it, not "pass --cafile".
+        """
+        port = yield self.listen_tls()
+        other, _ = make_certificates(Path(self.mktemp()), ca_name="another CA")
+        url = f"wss://127.0.0.1:{port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--cafile", str(other), "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: certificate verify failed: the CA file {other} "
+            "did not sign the server's certificate (it was issued by CN=openclaw signing CA); pass --cafile the "
+            "certificate of the CA that did\n",
+        )
+        # The right CA: the handshake passes (and the silent server times out).
+        out, err, code = yield run_ctl(
+            "--url", url, "--token", "T", "--cafile", str(self.signer), "--timeout", "0.5", "ping"
+        )
+        self.assertIn("no answer from", err)
+
+    @inlineCallbacks
+    def test_host_not_named(self) -> Any:
+        """
+        A certificate for another name than the URL's host: the names it
+        holds and the URL to use, not service_identity's repr nor
+        --cafile; with or without --cafile, with its own CA or another.
+        """
+        port = yield self.listen_tls([x509.DNSName("other.example")])
+        url = f"wss://127.0.0.1:{port}/control"
+        other, _ = make_certificates(Path(self.mktemp()), ca_name="another CA")
+        expected = (
+            f"openclawctl: error: TLS handshake with {url} failed: the server's certificate does not name "
+            f"127.0.0.1, it names other.example; connect by that name (--url wss://other.example:{port}/control, "
+            "where that name reaches this server), or give the server a certificate that names 127.0.0.1\n"
+        )
+        for cafile in ([], ["--cafile", str(self.signer)], ["--cafile", str(other)]):
+            out, err, code = yield run_ctl("--url", url, "--token", "T", *cafile, "ping")
+            self.assertEqual((out, err, code), ("", expected, 2), cafile)
+
+    @inlineCallbacks
+    def test_host_not_named_among_several(self) -> Any:
+        """
+        Several names, a wildcard among them: each shown, and a URL
+        suggested with the first that can be connected to.
+        """
+        port = yield self.listen_tls(
+            [x509.DNSName("*.gw.example"), x509.DNSName("gw\x1b.example"), x509.DNSName("gw.example")]
+        )
+        url = f"wss://localhost:{port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--cafile", str(self.signer), "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: the server's certificate does not name "
+            "localhost, it names *.gw.example, gw\\x1b.example, gw.example; connect by one of them (--url "
+            f"wss://gw.example:{port}, where that name reaches this server), or give the server a certificate "
+            "that names localhost\n",
+        )
+
+    @inlineCallbacks
+    def test_wss_to_a_plain_http_listener(self) -> Any:
+        """
+        wss:// to a plain HTTP listener that answers the TLS handshake in
+        HTTP (nginx's plain listener: a 400): OpenSSL's "wrong version
+        number", and the question whether the listener is TLS.
+        """
+        factory = HTTPAnswersFactory(
+            [b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"]
+        )
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"wss://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: wrong version number: the server did not "
+            "answer in TLS; is the control listener TLS? (a plain listener takes ws://)\n",
+        )
