@@ -982,6 +982,45 @@ def decode_answer(payload: bytes) -> dict[str, Any]:
     return answer
 
 
+#: What a session token is: a JWT, three base64url segments (RFC 7519
+#: section 3; the gateway's rule for what its TOKEN_FILE may hold,
+#: L{openclaw.session.check_token_file}).
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+#: The most characters of a server's unexpected value quoted in an error.
+QUOTED_MAX = 100
+
+
+def check_answer(request: Request, answer: Mapping[str, Any]) -> None:
+    """
+    Whether C{answer} (L{decode_answer}'s) answers C{request}: its
+    C{"cmd"} is the command asked (a refusal may have none: the gateway
+    gives none to a message it could not read); a C{ping}'s result says
+    C{"pong": true}; a C{rotate_token}'s C{"token"} is a token (a JWT,
+    at most L{MAX_TOKEN_FILE_BYTES}), as it is written to C{--token-file}
+    and read back from it.
+
+    @raise ValueError: it does not: whatever answered is not an OpenClaw
+        gateway, or not answering this command; nothing was written.
+    """
+    cmd = answer.get("cmd")
+    if cmd != request.cmd and (answer["ok"] or cmd is not None):
+        raise ValueError(f'the answer is to {printable(repr(cmd), QUOTED_MAX)}, not to {request.cmd!r} (its "cmd")')
+    if not answer["ok"]:
+        return
+    result = answer["result"]
+    if request.cmd == "ping" and result.get("pong") is not True:
+        raise ValueError(f'the answer to ping does not say "pong": true: {printable(repr(result), QUOTED_MAX)}')
+    if request.cmd == "rotate_token":
+        token = result.get("token")
+        if not (isinstance(token, str) and _TOKEN.fullmatch(token) and len(token) < MAX_TOKEN_FILE_BYTES):
+            kept = f"; nothing was written to {request.token_file}" if request.token_file is not None else ""
+            raise ValueError(
+                f'its new "token" is not a token (three base64url segments, as a JWT): '
+                f"{printable(repr(token), QUOTED_MAX)}{kept}"
+            )
+
+
 def exit_code(answer: Mapping[str, Any]) -> int:
     return OK if answer.get("ok") is True else FAILED
 
@@ -1533,8 +1572,12 @@ def conclude(request: Request, reply: Reply) -> Report:
     Judge the answer; for a rotation with a token file, save the new token
     there first (L{save_token}; and say so loudly if that fails: the old
     token is dead).
+
+    @raise ValueError: the answer is not one (L{decode_answer}), or not
+        to this command (L{check_answer}); nothing was saved.
     """
     answer = decode_answer(reply.payload)
+    check_answer(request, answer)
     saved_to = None
     save_error = note = None
     if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:

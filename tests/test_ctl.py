@@ -594,7 +594,8 @@ class RenderTests(TestCase):
         token_file = Path(self.mktemp())
         token_file.parent.mkdir(parents=True, exist_ok=True)
         write_token_file(token_file, "newer")
-        answer = {"ok": True, "cmd": "rotate_token", "result": {"token": "rotated", "jti": "j", "expires": "e"}}
+        # A new token is a JWT's three segments (check_answer).
+        answer = {"ok": True, "cmd": "rotate_token", "result": {"token": "x.y.rotated", "jti": "j", "expires": "e"}}
         rotation = request(cmd="rotate_token", token="presented", token_file=token_file, token_from_file=True)
         report = ctl.conclude(rotation, reply(answer))
         self.assertEqual(token_file.read_text(), "newer\n")
@@ -602,15 +603,15 @@ class RenderTests(TestCase):
         self.assertIn("was rewritten since with a newer token", report.stderr)
         write_token_file(token_file, "presented")
         report = ctl.conclude(rotation, reply(answer))
-        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+        self.assertEqual((token_file.read_text(), report.stderr), ("x.y.rotated\n", ""))
         # Read for the rotation as written by hand (CRLF): it held the
         # token presented, so it is rewritten.
         token_file.write_bytes(b"presented\r\n")
         report = ctl.conclude(rotation, reply(answer))
-        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+        self.assertEqual((token_file.read_text(), report.stderr), ("x.y.rotated\n", ""))
         write_token_file(token_file, "another")
         report = ctl.conclude(request(cmd="rotate_token", token="given", token_file=token_file), reply(answer))
-        self.assertEqual((token_file.read_text(), report.stderr), ("rotated\n", ""))
+        self.assertEqual((token_file.read_text(), report.stderr), ("x.y.rotated\n", ""))
 
     def test_json_passes_the_answer_through(self):
         answer = {"ok": False, "cmd": "status", "error": "invalid token"}

@@ -12,9 +12,11 @@ C{make-overlay.sh}) before running these.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from cryptography import x509
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -22,7 +24,8 @@ from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from tests.test_ctl import HTTPAnswersFactory, make_certificates, run_ctl
+from openclaw.session import write_token_file
+from tests.test_ctl import TOKEN_LIKE, HTTPAnswersFactory, make_certificates, run_ctl
 
 
 class TLSAdviceTests(TestCase):
@@ -127,3 +130,107 @@ class TLSAdviceTests(TestCase):
             f"openclawctl: error: TLS handshake with {url} failed: wrong version number: the server did not "
             "answer in TLS; is the control listener TLS? (a plain listener takes ws://)\n",
         )
+
+
+class CannedAnswer(WebSocketServerProtocol):
+    """
+    A WebSocket server that answers every message with its factory's
+    C{answer}, whatever was asked.
+    """
+
+    factory: CannedAnswerFactory
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.asked.append(json.loads(payload))
+        self.sendMessage(json.dumps(self.factory.answer).encode())
+
+
+class CannedAnswerFactory(WebSocketServerFactory):
+    protocol = CannedAnswer
+
+    def __init__(self, answer: dict[str, Any]) -> None:
+        super().__init__()
+        self.answer = answer
+        self.asked: list[dict[str, Any]] = []
+
+
+class AnswerMatchTests(TestCase):
+    """
+    An answer that does not answer the command asked (another "cmd", a
+    ping's result without its pong, a new token that is no token) is an
+    error, exit status 2 as for any answer that is not the gateway's;
+    nothing of it is written to --token-file.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def listen(self, answer: dict[str, Any]) -> Any:
+        factory = CannedAnswerFactory(answer)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        return f"ws://127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def test_rotation_to_what_is_no_token(self) -> Any:
+        """
+        A rotate_token answer whose "token" is no JWT (terminal control
+        characters): refused, the token file left as it was.
+        """
+        url = yield self.listen(
+            {"ok": True, "cmd": "rotate_token", "result": {"token": "\x1b[2J", "jti": "\x1b", "expires": "\n"}}
+        )
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        write_token_file(token_file, TOKEN_LIKE)
+        for json_option in ([], ["--json"]):
+            out, err, code = yield run_ctl("--url", url, "--token-file", str(token_file), *json_option, "rotate-token")
+            self.assertEqual((out, code), ("", 2), err)
+            self.assertEqual(
+                err,
+                f'openclawctl: error: {url} did not answer like an OpenClaw gateway: its new "token" is not a token '
+                f"(three base64url segments, as a JWT): '\\x1b[2J'; nothing was written to {token_file}\n",
+            )
+            self.assertEqual(token_file.read_text(), TOKEN_LIKE + "\n")
+        # Given by --token, printed rather than written: refused all the same.
+        out, err, code = yield run_ctl("--url", url, "--token", TOKEN_LIKE, "rotate-token")
+        self.assertEqual((out, code), ("", 2), err)
+        self.assertIn("is not a token", err)
+        self.assertNotIn("nothing was written", err)
+
+    @inlineCallbacks
+    def test_ping_answered_for_another_command(self) -> Any:
+        url = yield self.listen(
+            {"ok": True, "cmd": "rotate_token", "result": {"token": TOKEN_LIKE, "jti": "j", "expires": "e"}}
+        )
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} did not answer like an OpenClaw gateway: the answer is to 'rotate_token', "
+            "not to 'ping' (its \"cmd\")\n",
+        )
+        # A refusal to another command, too; one without a "cmd" (the
+        # gateway's to a message it could not read) is a refusal.
+        url = yield self.listen({"ok": False, "cmd": "status", "error": "invalid token"})
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("the answer is to 'status', not to 'ping'", err)
+        url = yield self.listen({"ok": False, "cmd": None, "error": "message is not valid JSON"})
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, err, code), ("", "openclawctl: ping failed: message is not valid JSON\n", 1))
+
+    @inlineCallbacks
+    def test_ping_without_pong(self) -> Any:
+        url = yield self.listen({"ok": True, "cmd": "ping", "result": {}})
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} did not answer like an OpenClaw gateway: the answer to ping does not say "
+            '"pong": true: {}\n',
+        )
+        url = yield self.listen({"ok": True, "cmd": "ping", "result": {"pong": True, "ts": 1}})
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((err, code), ("", 0))
+        self.assertTrue(out.startswith("pong ("), out)
