@@ -116,9 +116,10 @@ class ConnectionClosed(Exception):
     @ivar cause: why the transport was lost, when it says more than the code
         (a TLS verification error, for instance).
     @ivar opened: whether the WebSocket handshake had completed.
-    @ivar received: the first bytes the server sent before the handshake
-        completed (at most L{HEAD_KEPT}): whether it answered in HTTP at
-        all, when Autobahn could not say.
+    @ivar received: what the server sent before the handshake completed
+        (its answer's head, at most L{MAX_HEAD_BYTES}, and what came with
+        it): whether it answered in HTTP at all, when Autobahn could not
+        say, and the head's status and headers.
     @ivar certificates: the certificates the server presented in a TLS
         handshake (its own first), when it presented any: what to say
         about a wrong host name or a CA that did not sign them.
@@ -1088,9 +1089,29 @@ def render(
 #: the server gave.
 _HTTP_REFUSAL = re.compile(r'upgrade failed \[(?P<status>\d+)\]:? ?(?P<reason>.*?)(?:"\))?$', re.DOTALL)
 
-#: The most bytes of the server's answer to the handshake kept
-#: (L{ConnectionClosed.received}): its status line, to show.
-HEAD_KEPT = 1024
+#: The most bytes of the head (status line and headers) of the server's
+#: answer to the handshake read: the gateway's is some 200 bytes, and
+#: nginx and twisted.web take heads of 16 KiB.  Past it, openclawctl stops
+#: reading (L{AnswerHeadTooLarge}): Autobahn looks for the head's end
+#: anew in all it holds each time bytes come, so a server sending headers
+#: for ever would keep it at full CPU, its buffer growing, until
+#: C{--timeout}.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class AnswerHeadTooLarge(Exception):
+    """
+    The head of the server's answer to the handshake passed
+    L{MAX_HEAD_BYTES} before it ended; openclawctl stopped reading it.
+    """
+
+
+def _status_line(received: bytes) -> str:
+    """
+    The first line of what the server sent, as text (bytes that are not
+    UTF-8 shown as C{\\xff}), not yet L{printable}.
+    """
+    return received.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
 
 
 def _unread_http_answer(error: ConnectionClosed, url: str) -> str | None:
@@ -1103,7 +1124,7 @@ def _unread_http_answer(error: ConnectionClosed, url: str) -> str | None:
     """
     if error.opened or not error.received.startswith(b"HTTP/"):
         return None
-    line = error.received.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
+    line = _status_line(error.received)
     cause = error.cause
     if cause is not None and not isinstance(cause, (ConnectionDone, ConnectionLost)):
         return (
@@ -1319,6 +1340,12 @@ def explain_failure(error: BaseException, request: Request) -> str:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
         if is_tls_error(error.cause):
             return _tls_failure(error.cause, error.certificates, request)
+        if isinstance(error.cause, AnswerHeadTooLarge):
+            return (
+                f"{url} answered the WebSocket handshake with a head too large: its status line and headers "
+                f"passed {MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw gateway's is "
+                f"some 200 bytes: check the URL): {printable(_status_line(error.received))}"
+            )
         status = _HTTP_REFUSAL.search(str(error.reason))
         if status is not None and status["status"] == "404":
             # An HTTP server, most likely the gateway's API.
@@ -1371,6 +1398,8 @@ class OneCommand(WebSocketClientProtocol):
     _lost: BaseException | None = None
     _opened = False
     _received = b""
+    #: Where the head of the server's answer ends in C{_received}, once it has.
+    _head_end: int | None = None
     _failed: Exception | None = None
 
     def connectionMade(self) -> None:
@@ -1378,16 +1407,24 @@ class OneCommand(WebSocketClientProtocol):
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
-        # The head of the server's answer to the handshake, kept to tell an
-        # HTTP answer Autobahn could not read from no HTTP at all.
         if self._opened:
             # Past the handshake, what Autobahn raises is not about reading
             # the server's HTTP answer: Twisted reports it (one line).
             super().dataReceived(data)
             return
-        if len(self._received) < HEAD_KEPT:
-            self._received = (self._received + data)[:HEAD_KEPT]
         if self._failed is not None:
+            return
+        # The head of the server's answer to the handshake, kept to tell an
+        # HTTP answer Autobahn could not read from no HTTP at all, and to
+        # stop reading one that does not end (MAX_HEAD_BYTES).
+        searched = max(0, len(self._received) - 3)
+        self._received += data
+        if self._head_end is None:
+            end = self._received.find(b"\r\n\r\n", searched)
+            if end >= 0:
+                self._head_end = end + 4
+        if (self._head_end or len(self._received)) > MAX_HEAD_BYTES:
+            self._stop(AnswerHeadTooLarge())
             return
         try:
             super().dataReceived(data)
@@ -1396,8 +1433,15 @@ class OneCommand(WebSocketClientProtocol):
             # that is not UTF-8): that is why the connection ends, said in
             # openclawctl's one line rather than as Twisted's "Unhandled
             # Error" and its traceback.
-            self._failed = e
-            cast(ITCPTransport, self.transport).abortConnection()
+            self._stop(e)
+
+    def _stop(self, why: Exception) -> None:
+        """
+        Stop reading the server's answer, for C{why} (the cause
+        L{ConnectionClosed} gets): drop the connection at once.
+        """
+        self._failed = why
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def onOpen(self) -> None:
         self._opened = True

@@ -13,6 +13,7 @@ C{make-overlay.sh}) before running these.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from openclaw import ctl
 from openclaw.session import write_token_file
 from tests.test_ctl import TOKEN_LIKE, HTTPAnswersFactory, make_certificates, run_ctl
 
@@ -234,3 +238,46 @@ class AnswerMatchTests(TestCase):
         out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
         self.assertEqual((err, code), ("", 0))
         self.assertTrue(out.startswith("pong ("), out)
+
+
+class EndlessHead(Protocol):
+    """
+    Answers the handshake with a status line, then a 4,000-byte header
+    every millisecond for as long as the connection lasts.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport is None or hasattr(self, "sending"):
+            return
+        self.transport.write(b"HTTP/1.1 200 OK\r\n")
+        self.sending = LoopingCall(self.transport.write, b"X-Endless: " + b"v" * 4000 + b"\r\n")
+        self.sending.start(0.001)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if hasattr(self, "sending"):
+            self.sending.stop()
+
+
+class EndlessHeadTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_head_that_does_not_end(self) -> Any:
+        """
+        A server sending headers for ever: openclawctl stops reading once
+        the head passes MAX_HEAD_BYTES, and says the head was too large,
+        at once rather than at its timeout (at full CPU until then).
+        """
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(EndlessHead))
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        started = time.monotonic()
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "8", "ping")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: {url} answered the WebSocket handshake with a head too large: its status line "
+            f"and headers passed {ctl.MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw "
+            "gateway's is some 200 bytes: check the URL): HTTP/1.1 200 OK\n",
+        )
