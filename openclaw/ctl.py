@@ -25,6 +25,7 @@ import re
 import stat
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -1114,6 +1115,182 @@ def _status_line(received: bytes) -> str:
     return received.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
 
 
+class NotHTTP(Exception):
+    """
+    The server's first bytes in answer to the handshake are not
+    C{HTTP/}; openclawctl stopped reading.
+    """
+
+
+def may_be_http(received: bytes) -> bool:
+    """
+    Whether C{received}, the first bytes of an answer, can be the start
+    of an HTTP/1 answer: C{HTTP/}, or the first letters of it.
+    """
+    return b"HTTP/".startswith(received[:5])
+
+
+def _may_be_tls(received: bytes) -> bool:
+    """
+    Whether C{received} starts like a TLS record (RFC 8446 section 5.1: a
+    content type from 20 to 23, then a version 3.x): a TLS server's
+    answer (an alert) to a plain handshake.
+    """
+    return received[0] in range(20, 24) and received[1:2] in (b"", b"\x03")
+
+
+@attrs.frozen
+class AnswerHead:
+    """
+    The head of the server's HTTP answer to the handshake, read leniently
+    (to say what it was, not to act on it).  Its texts are as the server
+    sent them: UTF-8 where they are, the other bytes as C{\\xff}; not
+    yet L{printable}.
+    """
+
+    status: str
+    reason: str
+    #: (name in lower case, value) in their order.
+    headers: tuple[tuple[str, str], ...]
+    #: What came after the head, with it (as much of the body as there was).
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """
+        The first value of the header C{name} (lower case), None without one.
+        """
+        return next((value for key, value in self.headers if key == name), None)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def answer_head(received: bytes) -> AnswerHead | None:
+    """
+    The head of C{received}, the server's answer to the handshake, when
+    it is HTTP (it starts with C{HTTP/}); None otherwise.
+    """
+    if not received.startswith(b"HTTP/"):
+        return None
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if colon:
+            headers.append((_text(name.strip()).lower(), _text(value.strip(b" \t"))))
+    return AnswerHead(
+        status=_text(parts[1]) if len(parts) > 1 else "",
+        reason=_text(parts[2].strip(b" ")) if len(parts) > 2 else "",
+        headers=tuple(headers),
+        body=body,
+    )
+
+
+#: HTTP's redirects that name where with C{Location} (RFC 9110 section 15.4).
+_REDIRECTS = frozenset({"301", "302", "303", "307", "308"})
+
+#: The most characters of a redirect's C{Location} shown, and suggested.
+LOCATION_SHOWN = 300
+
+#: The WebSocket scheme for an HTTP one in a redirect's C{Location}.
+_WEBSOCKET_SCHEMES = MappingProxyType({"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"})
+
+
+def _redirect_url(url: str, location: str) -> str | None:
+    """
+    The C{--url} a redirect to C{location} (a URL or a path) suggests,
+    from C{url} (a C{ws://} or C{wss://} one): the same with C{http}
+    read as C{ws} and C{https} as C{wss}; None when the location is no
+    URL openclawctl can use as it is (not printable ASCII, spaces,
+    another scheme, longer than L{LOCATION_SHOWN}).
+    """
+    if (
+        not url.startswith(("ws:", "wss:"))
+        or len(location) > LOCATION_SHOWN
+        or not location.isascii()
+        or not location.isprintable()
+        or " " in location
+    ):
+        return None
+    try:
+        joined = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+        scheme = _WEBSOCKET_SCHEMES.get(joined.scheme.lower())
+        if scheme is None or not joined.netloc:
+            return None
+        suggested = urllib.parse.urlunsplit((scheme, *joined[1:]))
+        parse_url(suggested)
+    except ValueError:
+        return None
+    return suggested
+
+
+def _not_found(url: str, reason: str, body: bytes) -> str:
+    """
+    What to say about a 404 to the handshake: the gateway's API port
+    given for the control plane's, when the answer is the API's (its JSON
+    error: C{{"error": {"message", "type", ...}}}); else that nothing is
+    at that path there.
+    """
+    if _is_api_error(body):
+        return (
+            f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
+            "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
+        )
+    path = parse_url(websocket_url(url))[3]
+    return (
+        f"{url} answered the WebSocket handshake with HTTP 404 ({printable(reason, QUOTED_MAX) or 'no reason given'})"
+        f": the path {printable(path, QUOTED_MAX)} was not found there; check the URL's path (behind a proxy, the "
+        "location that leads to the gateway's control plane) and port"
+    )
+
+
+def _is_api_error(body: bytes) -> bool:
+    """
+    Whether C{body} is the gateway's API's error (its JSON error object,
+    L{openclaw.dataplane.errors.APIError.document}); a body sent in
+    chunks is read from its first C{{} to its last C{}}.
+    """
+    start, end = body.find(b"{"), body.rfind(b"}")
+    try:
+        document = json.loads(body[start : end + 1]) if 0 <= start < end else None
+    except ValueError:
+        return False
+    error = document.get("error") if isinstance(document, dict) else None
+    return isinstance(error, dict) and isinstance(error.get("message"), str) and isinstance(error.get("type"), str)
+
+
+def _http_answer(head: AnswerHead, url: str) -> str | None:
+    """
+    What to say about the server's HTTP answer to the handshake, when its
+    status says more than its reason: a success (it is no WebSocket
+    server), a redirect (where to), a 404 (L{_not_found}); None for any
+    other status.
+    """
+    said = f"{url} answered the WebSocket handshake with HTTP {printable(head.status, QUOTED_MAX)}"
+    if head.reason:
+        said += f" ({printable(head.reason, QUOTED_MAX)})"
+    if len(head.status) == 3 and head.status.startswith("2") and head.status.isdigit():
+        return (
+            f"{said}, not 101 Switching Protocols: it is not a WebSocket server; check the URL's host, port and "
+            "path (openclawctl talks to the gateway's control plane: WS_CONTROL_PORT, default 18789)"
+        )
+    location = head.header("location")
+    if head.status in _REDIRECTS and location is not None:
+        suggested = _redirect_url(url, location)
+        said = f"{said}, a redirect to {printable(location, LOCATION_SHOWN)}, which openclawctl does not follow"
+        if suggested is None:
+            return f"{said}; check the URL"
+        other = parse_url(suggested)[1] != parse_url(url)[1]
+        trust = " (another host: only if you trust it with the token)" if other else ""
+        return f"{said}: use --url {suggested}{trust}"
+    if head.status == "404":
+        return _not_found(url, head.reason, head.body)
+    return None
+
+
 def _unread_http_answer(error: ConnectionClosed, url: str) -> str | None:
     """
     What to say when the server answered the handshake in HTTP (its
@@ -1346,24 +1523,33 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"passed {MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw gateway's is "
                 f"some 200 bytes: check the URL): {printable(_status_line(error.received))}"
             )
+        head = None if error.opened else answer_head(error.received)
+        said = _http_answer(head, url) if head is not None else None
+        if said is not None:
+            return said
         status = _HTTP_REFUSAL.search(str(error.reason))
         if status is not None and status["status"] == "404":
-            # An HTTP server, most likely the gateway's API.
-            return (
-                f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port "
-                "(API_PORT)? openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)"
-            )
+            return _not_found(url, status["reason"], b"")
         if status is not None:
             # The server spoke HTTP, so TLS is not the matter; its reason
-            # (a lockout's "retry in N s", for instance) says what is.
+            # (a lockout's "retry in N s", for instance) says what is:
+            # as the server sent it (UTF-8), which Autobahn reads as Latin-1.
+            reason = head.reason if head is not None and head.status == status["status"] else status["reason"]
             return (
                 f"{url} refused the WebSocket handshake with HTTP {printable(status['status'])}: "
-                f"{printable(status['reason']) or 'no reason given'}"
+                f"{printable(reason) or 'no reason given'}"
             )
         unread = _unread_http_answer(error, url)
         if unread is not None:
             # HTTP too, so no question about TLS either.
             return unread
+        if not (error.opened or may_be_http(error.received) or _may_be_tls(error.received)):
+            shown = _status_line(error.received[:QUOTED_MAX])
+            return (
+                f"{url} answered the WebSocket handshake with what is not HTTP ({printable(shown, QUOTED_MAX)}): "
+                "the server does not speak HTTP or WebSocket; check the URL's port (the gateway's control plane: "
+                "WS_CONTROL_PORT, default 18789)"
+            )
         closed = f"the connection to {url} closed before an answer (code {error.code}: {printable(str(error.reason))})"
         if (
             error.code == WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
@@ -1425,6 +1611,11 @@ class OneCommand(WebSocketClientProtocol):
                 self._head_end = end + 4
         if (self._head_end or len(self._received)) > MAX_HEAD_BYTES:
             self._stop(AnswerHeadTooLarge())
+            return
+        if not may_be_http(self._received):
+            # An SSH banner, an HTTP/2 preface, a TLS alert: not to be read
+            # as HTTP, nor waited on until a head's end that will not come.
+            self._stop(NotHTTP())
             return
         try:
             super().dataReceived(data)

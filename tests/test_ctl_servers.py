@@ -281,3 +281,197 @@ class EndlessHeadTests(TestCase):
             f"and headers passed {ctl.MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw "
             "gateway's is some 200 bytes: check the URL): HTTP/1.1 200 OK\n",
         )
+
+
+class Banner(Protocol):
+    """
+    Says its factory's C{banner} on connecting, then nothing, and never
+    hangs up: an SSH server waiting for the client's banner.
+    """
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.factory.banner)  # type: ignore[attr-defined]
+
+
+class HTTPAnswerTests(TestCase):
+    """
+    The server answered the handshake in HTTP with what says more than
+    its reason phrase (a success, a redirect, a 404), or not in HTTP at
+    all: each said as what it is, in one line.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def listen(self, *answers: bytes) -> Any:
+        self.answers = HTTPAnswersFactory(list(answers))
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.answers)
+        self.addCleanup(port.stopListening)
+        self.port = port.getHost().port
+        return f"ws://127.0.0.1:{self.port}"
+
+    @inlineCallbacks
+    def ping(self, url: str) -> Any:
+        """
+        C{openclawctl --url URL ping}: its stderr, after checking it
+        printed nothing else, in one line, with exit status 2.
+        """
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "ping")
+        self.assertEqual((out, code), ("", 2), err)
+        self.assertEqual(err.count("\n"), 1, err)
+        return err.removeprefix("openclawctl: error: ").removesuffix("\n")
+
+    @inlineCallbacks
+    def test_reason_in_utf8(self) -> Any:
+        """
+        A reason phrase in UTF-8 is shown as such, not read as Latin-1
+        (as Autobahn reads it: "fÃ¼r"), its C1 and format characters
+        escaped all the same.
+        """
+        url = yield self.listen(
+            "HTTP/1.1 403 Zugriff für diese Adresse gesperrt — à bientôt\r\n\r\n".encode(),
+            "HTTP/1.1 403 Forbidden \u009b2J x\u202eevil\r\n\r\n".encode(),
+        )
+        said = yield self.ping(url)
+        self.assertEqual(
+            said, f"{url} refused the WebSocket handshake with HTTP 403: Zugriff für diese Adresse gesperrt — à bientôt"
+        )
+        said = yield self.ping(url)
+        self.assertEqual(said, f"{url} refused the WebSocket handshake with HTTP 403: Forbidden \\x9b2J x\\u202eevil")
+
+    @inlineCallbacks
+    def test_success_is_no_websocket_server(self) -> Any:
+        url = yield self.listen(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 18\r\n\r\n<html>hello</html>",
+            b"HTTP/1.0 200 OK\r\n\r\n",
+        )
+        expected = (
+            f"{url} answered the WebSocket handshake with HTTP 200 (OK), not 101 Switching Protocols: it is not a "
+            "WebSocket server; check the URL's host, port and path (openclawctl talks to the gateway's control "
+            "plane: WS_CONTROL_PORT, default 18789)"
+        )
+        for _ in range(2):
+            said = yield self.ping(url)
+            self.assertEqual(said, expected)
+
+    @inlineCallbacks
+    def test_redirect(self) -> Any:
+        """
+        A redirect: where to, escaped and capped, and the URL to use (an
+        http:// location as ws://; a path joined to the URL); none when
+        the location is no URL to use as it is.  nginx's 301 for a
+        location given without its trailing slash, first.
+        """
+        url = yield self.listen()
+        self.answers.answers.extend(
+            [
+                b"HTTP/1.1 301 Moved Permanently\r\nServer: nginx\r\nContent-Type: text/html\r\n"
+                b"Location: http://127.0.0.1:%d/openclaw/\r\nConnection: close\r\n\r\n<html></html>" % self.port,
+                b"HTTP/1.1 308 Permanent Redirect\r\nLocation: /control\r\n\r\n",
+                b"HTTP/1.1 302 Found\r\nLocation: https://gateway.example/openclaw/\r\n\r\n",
+                b"HTTP/1.1 301 Moved Permanently\r\nLocation: ws://evil.example/\x1b[2J\r\n\r\n",
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /" + b"a" * 5000 + b"\r\n\r\n",
+            ]
+        )
+        said = yield self.ping(f"{url}/openclaw")
+        self.assertEqual(
+            said,
+            f"{url}/openclaw answered the WebSocket handshake with HTTP 301 (Moved Permanently), a redirect to "
+            f"http://127.0.0.1:{self.port}/openclaw/, which openclawctl does not follow: use --url {url}/openclaw/",
+        )
+        said = yield self.ping(f"{url}/openclaw/")
+        self.assertEqual(
+            said,
+            f"{url}/openclaw/ answered the WebSocket handshake with HTTP 308 (Permanent Redirect), a redirect to "
+            f"/control, which openclawctl does not follow: use --url {url}/control",
+        )
+        said = yield self.ping(url)
+        self.assertEqual(
+            said,
+            f"{url} answered the WebSocket handshake with HTTP 302 (Found), a redirect to "
+            "https://gateway.example/openclaw/, which openclawctl does not follow: use --url "
+            "wss://gateway.example/openclaw/ (another host: only if you trust it with the token)",
+        )
+        said = yield self.ping(url)
+        self.assertEqual(
+            said,
+            f"{url} answered the WebSocket handshake with HTTP 301 (Moved Permanently), a redirect to "
+            "ws://evil.example/\\x1b[2J, which openclawctl does not follow; check the URL",
+        )
+        said = yield self.ping(url)
+        self.assertEqual(
+            said,
+            f"{url} answered the WebSocket handshake with HTTP 307 (Temporary Redirect), a redirect to /"
+            + "a" * (ctl.LOCATION_SHOWN - 1)
+            + "…, which openclawctl does not follow; check the URL",
+        )
+
+    @inlineCallbacks
+    def test_not_found(self) -> Any:
+        """
+        A 404 is blamed on the gateway's API port only when it is the
+        API's JSON error; any other says the path was not found there.
+        """
+        url = yield self.listen(
+            b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\nContent-Type: text/html\r\nContent-Length: 20\r\n\r\n"
+            b"<html>404</html>\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\r\n"
+            b'{"error":{"message":"no such endpoint: /","type":"invalid_request_error","param":null,'
+            b'"code":"unknown_url"}}',
+        )
+        said = yield self.ping(f"{url}/openclaw")
+        self.assertEqual(
+            said,
+            f"{url}/openclaw answered the WebSocket handshake with HTTP 404 (Not Found): the path /openclaw was not "
+            "found there; check the URL's path (behind a proxy, the location that leads to the gateway's control "
+            "plane) and port",
+        )
+        said = yield self.ping(url)
+        self.assertEqual(
+            said,
+            f"{url} answered the WebSocket handshake with HTTP 404: is that the gateway's API port (API_PORT)? "
+            "openclawctl talks to the control plane, on WS_CONTROL_PORT (default 18789)",
+        )
+
+    @inlineCallbacks
+    def test_not_http(self) -> Any:
+        """
+        An SSH banner, an HTTP/2 server's SETTINGS frame, terminal
+        controls: not HTTP, said so with their first bytes (escaped), not
+        asked whether the listener is TLS.
+        """
+        url = yield self.listen(
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+            b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64\x00\x04\x00\x01\x00\x00\x00\x05\x00\x00",
+            b"\x1b[2J\x1b]0;owned\x07garbage\r\n\r\n",
+        )
+        tail = (
+            ": the server does not speak HTTP or WebSocket; check the URL's port (the gateway's control plane: "
+            "WS_CONTROL_PORT, default 18789)"
+        )
+        for first in (
+            "SSH-2.0-OpenSSH_9.2p1 Debian-2",
+            "\\x00\\x00\\x12\\x04\\x00\\x00\\x00\\x00\\x00\\x00\\x03\\x00\\x00\\x00d\\x00\\x04\\x00\\x01\\x00\\x00"
+            "\\x00\\x05\\x00\\x00",
+            "\\x1b[2J\\x1b]0;owned\\x07garbage",
+        ):
+            said = yield self.ping(url)
+            self.assertEqual(said, f"{url} answered the WebSocket handshake with what is not HTTP ({first}){tail}")
+
+    @inlineCallbacks
+    def test_not_http_and_silent(self) -> Any:
+        """
+        A server that says something other than HTTP and waits (sshd for
+        the client's banner): said at once, not after --timeout.
+        """
+        factory = Factory.forProtocol(Banner)
+        factory.banner = b"SSH-2.0-OpenSSH_9.2p1\r\n"  # type: ignore[attr-defined]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        started = time.monotonic()
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "8", "ping")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("answered the WebSocket handshake with what is not HTTP (SSH-2.0-OpenSSH_9.2p1)", err)
