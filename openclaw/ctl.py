@@ -38,7 +38,8 @@ from autobahn.websocket.util import parse_url
 from cryptography import x509
 from OpenSSL.SSL import Connection as TLSConnection
 from OpenSSL.SSL import Error as OpenSSLError
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ConnectionRefusedError, DNSLookupError
@@ -1517,6 +1518,13 @@ def explain_failure(error: BaseException, request: Request) -> str:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
         if is_tls_error(error.cause):
             return _tls_failure(error.cause, error.certificates, request)
+        if isinstance(error.cause, CertificateError):
+            why = printable(str(error.cause).rstrip("."), QUOTED_MAX * 2)
+            return (
+                f"TLS handshake with {url} failed: the server's certificate cannot be checked for "
+                f"{parse_url(url)[1]}: {why}; give the server a certificate whose subjectAltName names are valid, "
+                "one of them this host; nothing was sent"
+            )
         if isinstance(error.cause, AnswerHeadTooLarge):
             return (
                 f"{url} answered the WebSocket handshake with a head too large: its status line and headers "
@@ -1635,6 +1643,11 @@ class OneCommand(WebSocketClientProtocol):
         cast(ITCPTransport, self.transport).abortConnection()
 
     def onOpen(self) -> None:
+        refused = self.factory.tls.identity_error() if self.factory.tls is not None else None
+        if refused is not None:
+            # The token is not sent to a server whose name is not checked.
+            self._stop(refused)
+            return
         self._opened = True
         self._sent_at = time.perf_counter()
         self.sendMessage(self.factory.payload)
@@ -1666,10 +1679,13 @@ class KeepsPeerCertificates:
     that the certificates the server presented can be named after a
     failed verification: Twisted's transport gives the peer's
     certificate only once it is verified.
+
+    @ivar host: the host name or IP address the certificate must name.
     """
 
-    def __init__(self, options: IOpenSSLClientConnectionCreator) -> None:
+    def __init__(self, options: IOpenSSLClientConnectionCreator, host: str) -> None:
         self._options = options
+        self.host = host
         self._connection: TLSConnection | None = None
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> TLSConnection:
@@ -1683,6 +1699,33 @@ class KeepsPeerCertificates:
         """
         chain = self._connection.get_peer_cert_chain() if self._connection is not None else None
         return [certificate.to_cryptography() for certificate in chain or ()]
+
+    def identity_error(self) -> Exception | None:
+        """
+        Why the server's certificate does not name L{host}, checked again
+        once the handshake is done, before anything secret is sent: None
+        when it does.  Twisted checks it in OpenSSL's verify callback, but
+        lets the handshake through when service_identity raises anything
+        but C{VerificationError} there (a C{CertificateError}, for a
+        wildcard such as C{*.example} it cannot use), after logging it.
+
+        @return: service_identity's C{VerificationError} or
+            C{CertificateError}, or C{CertificateError} when the server
+            presented no certificate.
+        """
+        certificates = self.peer_certificates()
+        if not certificates:
+            return CertificateError("the server presented no certificate")
+        try:
+            try:
+                address = ipaddress.ip_address(self.host)
+            except ValueError:
+                verify_certificate_hostname(certificates[0], self.host)
+            else:
+                verify_certificate_ip_address(certificates[0], str(address))
+        except (CertificateError, VerificationError) as e:
+            return e
+        return None
 
 
 class OneCommandFactory(WebSocketClientFactory):
@@ -1733,7 +1776,7 @@ def client_endpoint(
     if not secure:
         return endpoint, None
     trust = _trust_root(request.cafile) if request.cafile is not None else None
-    tls = KeepsPeerCertificates(optionsForClientTLS(host, trustRoot=trust))
+    tls = KeepsPeerCertificates(optionsForClientTLS(host, trustRoot=trust), host)
     return wrapClientTLS(tls, endpoint), tls
 
 
@@ -1883,7 +1926,9 @@ class OneLineLog:
     own line) is not shown, nor Autobahn's error for a connection lost to
     a TLS error (L{AUTOBAHN_CLIENT_NAMESPACE}, L{PEER_TLS_ERROR_PREFIX}:
     C{SSL error: certificate verify failed (in )}): openclawctl's own line
-    names the TLS error and what to do (L{explain_failure}).
+    names the TLS error and what to do (L{explain_failure}), nor Twisted's
+    for a certificate whose names service_identity cannot check (a
+    C{CertificateError}: openclawctl refuses that server and says so).
     """
 
     stream: TextIO
@@ -1897,6 +1942,10 @@ class OneLineLog:
         # twisted.python.log one (log.err, as a transport logs what its
         # protocol raised).
         failure = event.get("log_failure", event.get("failure"))
+        if isinstance(failure, Failure) and failure.check(CertificateError):
+            # Twisted's log of a certificate it could not check the host
+            # name against: openclawctl refuses it and says so itself.
+            return
         if isinstance(failure, Failure):
             name = failure.type.__name__ if isinstance(failure.type, type) else str(failure.type)
             text = f"unexpected error: {name}: {failure.getErrorMessage()}"

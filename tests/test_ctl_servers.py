@@ -115,6 +115,29 @@ class TLSAdviceTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_names_that_cannot_be_checked(self) -> Any:
+        """
+        A certificate, by a trusted CA, whose only name is a wildcard
+        service_identity cannot use (C{*.example}): Twisted logs that and
+        lets the handshake through; openclawctl checks the name again
+        before it sends the token, and refuses the server, in one line.
+        """
+        self.signer, options = make_certificates(Path(self.mktemp()), [x509.DNSName("*.example")])
+        factory = CannedAnswerFactory({"ok": True, "cmd": "ping", "result": {"pong": True}})
+        port = yield SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"wss://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", TOKEN_LIKE, "--cafile", str(self.signer), "ping")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: TLS handshake with {url} failed: the server's certificate cannot be checked for "
+            "127.0.0.1: Certificate's DNS-ID b'*.example' has too few host components for wildcard usage; give the "
+            "server a certificate whose subjectAltName names are valid, one of them this host; nothing was sent\n",
+        )
+        self.assertEqual(factory.asked, [])
+
+    @inlineCallbacks
     def test_wss_to_a_plain_http_listener(self) -> Any:
         """
         wss:// to a plain HTTP listener that answers the TLS handshake in
