@@ -10,7 +10,8 @@ protocol only sends the message and hands back what came back.
 
 Exit status: 0 when the gateway answered C{ok: true}, 1 when it answered
 C{ok: false} (its error goes to stderr), 2 when there was no answer to judge
-(bad usage, no token, no connection, refused peer, timeout).
+(bad usage, no token, no connection, refused peer, timeout, an answer
+that is not the gateway's answer to the command asked).
 """
 
 from __future__ import annotations
