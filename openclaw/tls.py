@@ -1,19 +1,28 @@
 """
-TLS helpers shared by the gateway's provider client and C{openclawctl}:
-trusting a CA file (read bounded: L{read_ca_file}), and saying why a TLS
-handshake failed.
+TLS helpers shared by the gateway's provider client, its Redis client
+and C{openclawctl}: trusting a CA file (read bounded: L{read_ca_file}),
+checking the server's host name whatever service_identity raises
+(L{HostnameChecked}), and saying why a TLS handshake failed.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import load_pem_x509_certificates
+from OpenSSL import SSL
 from OpenSSL.SSL import Error as OpenSSLError
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from openclaw.files import read_regular_file
 
@@ -66,9 +75,10 @@ def trust_root_from_file(path: Path) -> Any:
 def is_tls_error(error: BaseException | None) -> TypeGuard[BaseException]:
     """
     Whether C{error} is a failed TLS handshake: pyOpenSSL's error (bad
-    chain, protocol) or service_identity's (wrong host name).
+    chain, protocol) or service_identity's (wrong host name; names it
+    cannot read, C{CertificateError}).
     """
-    return isinstance(error, (OpenSSLError, VerificationError))
+    return isinstance(error, (OpenSSLError, VerificationError, CertificateError))
 
 
 def describe_tls_error(error: BaseException) -> str:
@@ -83,3 +93,40 @@ def describe_tls_error(error: BaseException) -> str:
     if isinstance(details, list) and details and isinstance(details[-1], tuple):
         return "; ".join(str(entry[-1]) for entry in details if isinstance(entry, tuple))
     return str(error) or type(error).__name__
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class HostnameChecked:
+    """
+    C{creator}'s TLS connections, with the server's certificate checked
+    against C{host} (a DNS name, or an IP address) once more when the
+    handshake is done, before any request (and its API key) is written:
+    Twisted's own check (C{optionsForClientTLS}'s verify callback) logs any
+    error of service_identity's but C{VerificationError} and lets the
+    handshake through, so a certificate whose names service_identity cannot
+    read (C{CertificateError}: a wildcard over one label, C{*.example})
+    from a trusted CA was never checked at all.  Here any error fails the
+    connection (L{TLSMemoryBIOProtocol.failVerification}).
+    """
+
+    def __init__(self, creator: IOpenSSLClientConnectionCreator, host: str) -> None:
+        self._creator = creator
+        self._host = host
+        self._verify = verify_ip_address if isIPAddress(host) or isIPv6Address(host) else verify_hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        connection.set_info_callback(partial(self._handshake_step, tlsProtocol))
+        return connection
+
+    def _handshake_step(
+        self, tlsProtocol: TLSMemoryBIOProtocol, connection: SSL.Connection, where: int, ret: int
+    ) -> None:
+        if not where & SSL.SSL_CB_HANDSHAKE_DONE:
+            return
+        try:
+            self._verify(connection, self._host)
+        except Exception:
+            # Raised in OpenSSL's callback it would be lost: the connection
+            # is failed instead, its reason this failure.
+            tlsProtocol.failVerification(Failure())

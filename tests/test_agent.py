@@ -755,5 +755,44 @@ class TLSTests(AgentTestCase):
         self.assertTrue(failure.reasons[0].check(VerificationError, TLSError), failure.reasons[0])
 
 
+class CountingModels(Models):
+    """
+    L{Models}, counting the requests it is sent.
+    """
+
+    requests = 0
+
+    def render(self, request: Any) -> bytes:
+        type(self).requests += 1
+        return super().render(request)
+
+
+class HostNameCheckTests(AgentTestCase):
+    trusting = TLSTests.trusting
+
+    @inlineCallbacks
+    def test_certificate_names_that_cannot_be_checked(self):
+        """
+        A certificate from a trusted CA whose names service_identity cannot
+        read (a wildcard over a single label, C{*.example}): refused before
+        the request (and its key) is sent.  Twisted's verify callback logs
+        any error but VerificationError and lets the handshake through.
+        """
+        CountingModels.requests = 0
+        self.ca = make_ca()
+        endpoint = SSL4ServerEndpoint(reactor, 0, self.ca.server_options("*.example"), interface="127.0.0.1")
+        site = Site(CountingModels())
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = yield endpoint.listen(site)
+        self.addCleanup(port.stopListening)
+        self.url = b"https://127.0.0.1:%d/v1/chat" % port.getHost().port
+        failure = yield self.assertFailure(self.post(self.trusting()), ResponseNeverReceived)
+        self.flushLoggedErrors()
+        self.assertEqual(CountingModels.requests, 0)
+        reason = describe_failure(Failure(failure), "127.0.0.1", port.getHost().port, "KIMI_BASE_URL")
+        self.assertIn("TLS handshake with 127.0.0.1:%d failed" % port.getHost().port, reason)
+        self.assertIn("too few host components for wildcard usage", reason)
+
+
 async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:
     return [await d for d in deferreds]

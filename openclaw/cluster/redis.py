@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
 from openclaw.reactors import IClientReactor
-from openclaw.tls import describe_tls_error, is_tls_error
+from openclaw.tls import HostnameChecked, describe_tls_error, is_tls_error
 from openclaw.urls import masked_url
 
 if TYPE_CHECKING:
@@ -271,7 +271,7 @@ def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[I
         host = parsed.hostname or "localhost"
         endpoint = HostnameEndpoint(reactor, host, parsed.port or 6379, timeout=timeout)
         if parsed.scheme == "rediss":
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            endpoint = wrapClientTLS(HostnameChecked(optionsForClientTLS(host), host), endpoint)
     return endpoint, {
         "dbid": redis_database(url),
         "username": unquote(parsed.username) if parsed.username else None,

@@ -12,13 +12,19 @@ from typing import cast
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTCP, IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTCP,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from openclaw.tls import trust_root_from_pem
+from openclaw.tls import HostnameChecked, trust_root_from_pem
 
 
 def https_policy(ca_pem: bytes | None = None) -> IPolicyForHTTPS:
@@ -63,7 +69,7 @@ class CachedEndpoints:
             endpoint = self._tcp(uri.host.decode("ascii"), uri.port)
             if uri.scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(creator, endpoint)
+                endpoint = wrapClientTLS(HostnameChecked(creator, uri.host.decode("ascii")), endpoint)
             self._endpoints[key] = endpoint
         return endpoint
 
