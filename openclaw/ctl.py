@@ -40,7 +40,6 @@ from cryptography import x509
 from OpenSSL.SSL import Connection as TLSConnection
 from OpenSSL.SSL import Error as OpenSSLError
 from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import verify_certificate_hostname, verify_certificate_ip_address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, ConnectionRefusedError, DNSLookupError
@@ -69,7 +68,7 @@ from openclaw.session import (
     read_token_file,
     write_token_file,
 )
-from openclaw.tls import describe_tls_error, is_tls_error, read_ca_file, trust_root_from_file
+from openclaw.tls import HostnameChecked, describe_tls_error, is_tls_error, read_ca_file, trust_root_from_file
 
 PROG = "openclawctl"
 DEFAULT_URL = "ws://127.0.0.1:18789"
@@ -1517,8 +1516,6 @@ def explain_failure(error: BaseException, request: Request) -> str:
             return _policy_violation(error.reason, url)
         if error.code == GOING_AWAY:
             return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
-        if is_tls_error(error.cause):
-            return _tls_failure(error.cause, error.certificates, request)
         if isinstance(error.cause, CertificateError):
             why = printable(str(error.cause).rstrip("."), QUOTED_MAX * 2)
             return (
@@ -1526,6 +1523,8 @@ def explain_failure(error: BaseException, request: Request) -> str:
                 f"{parse_url(url)[1]}: {why}; give the server a certificate whose subjectAltName names are valid, "
                 "one of them this host; nothing was sent"
             )
+        if is_tls_error(error.cause):
+            return _tls_failure(error.cause, error.certificates, request)
         if isinstance(error.cause, AnswerHeadTooLarge):
             return (
                 f"{url} answered the WebSocket handshake with a head too large: its status line and headers "
@@ -1644,11 +1643,6 @@ class OneCommand(WebSocketClientProtocol):
         cast(ITCPTransport, self.transport).abortConnection()
 
     def onOpen(self) -> None:
-        refused = self.factory.tls.identity_error() if self.factory.tls is not None else None
-        if refused is not None:
-            # The token is not sent to a server whose name is not checked.
-            self._stop(refused)
-            return
         self._opened = True
         self._sent_at = time.perf_counter()
         self.sendMessage(self.factory.payload)
@@ -1701,33 +1695,6 @@ class KeepsPeerCertificates:
         chain = self._connection.get_peer_cert_chain() if self._connection is not None else None
         return [certificate.to_cryptography() for certificate in chain or ()]
 
-    def identity_error(self) -> Exception | None:
-        """
-        Why the server's certificate does not name L{host}, checked again
-        once the handshake is done, before anything secret is sent: None
-        when it does.  Twisted checks it in OpenSSL's verify callback, but
-        lets the handshake through when service_identity raises anything
-        but C{VerificationError} there (a C{CertificateError}, for a
-        wildcard such as C{*.example} it cannot use), after logging it.
-
-        @return: service_identity's C{VerificationError} or
-            C{CertificateError}, or C{CertificateError} when the server
-            presented no certificate.
-        """
-        certificates = self.peer_certificates()
-        if not certificates:
-            return CertificateError("the server presented no certificate")
-        try:
-            try:
-                address = ipaddress.ip_address(self.host)
-            except ValueError:
-                verify_certificate_hostname(certificates[0], self.host)
-            else:
-                verify_certificate_ip_address(certificates[0], str(address))
-        except (CertificateError, VerificationError) as e:
-            return e
-        return None
-
 
 class OneCommandFactory(WebSocketClientFactory):
     protocol = OneCommand  # type: ignore[assignment]
@@ -1777,7 +1744,9 @@ def client_endpoint(
     if not secure:
         return endpoint, None
     trust = _trust_root(request.cafile) if request.cafile is not None else None
-    tls = KeepsPeerCertificates(optionsForClientTLS(host, trustRoot=trust), host)
+    # The host name checked again when the handshake is done, whatever
+    # service_identity raises (openclaw.tls.HostnameChecked).
+    tls = KeepsPeerCertificates(HostnameChecked(optionsForClientTLS(host, trustRoot=trust), host), host)
     return wrapClientTLS(tls, endpoint), tls
 
 
