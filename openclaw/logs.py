@@ -470,6 +470,9 @@ class PeerCausedLine:
     @ivar message: its message when shown at C{shown_at}: the event's own
         fields, and C{peer} (the host of its C{client} field,
         L{host_of}).
+    @ivar per_value: each value of C{field} is limited on its own (the
+        control plane's refusals, by reason: a flood of one reason does
+        not hide the lines of another).
     """
 
     name: str
@@ -481,6 +484,7 @@ class PeerCausedLine:
     message: str | None = None
     interval: float | None = None
     burst: int = 1
+    per_value: bool = False
 
     def matches(self, event: LogEvent) -> bool:
         if self.formats:
@@ -578,6 +582,7 @@ PEER_CAUSED_LINES = (
         field=REFUSED_CONNECTION_FIELD,
         interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
         burst=REFUSED_CONNECTION_LINES,
+        per_value=True,
     ),
 )
 
@@ -618,16 +623,17 @@ class PeerLineLimiter:
 
     def _limited(self, kind: PeerCausedLine, event: LogEvent) -> None:
         now = event.get("log_time") or 0.0
-        window = self._window.get(kind.name)
+        key = f"{kind.name}:{event.get(kind.field or '')}" if kind.per_value else kind.name
+        window = self._window.get(key)
         if window is not None and 0 <= now - window[0] < (kind.interval or self._interval):
             opened, shown = window
             if shown >= kind.burst:
-                self._suppressed[kind.name] = self._suppressed.get(kind.name, 0) + 1
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 return
-            self._window[kind.name] = (opened, shown + 1)
+            self._window[key] = (opened, shown + 1)
         else:
-            self._window[kind.name] = (now, 1)
-        suppressed = self._suppressed.pop(kind.name, 0)
+            self._window[key] = (now, 1)
+        suppressed = self._suppressed.pop(key, 0)
         log_format = event.get("log_format")
         if kind.shown_at is not None:
             event = {**event, "log_level": kind.shown_at, "peer": host_of(event.get("client"))}

@@ -203,6 +203,37 @@ class HeaderInjectionTests(TestCase):
         self.assertRegex(formatEvent(failed), r"^auth failure from 10\.0\.0\.5 through proxy 127\.0\.0\.1:\d+: ")
 
 
+class ProxiedClosingLinesTests(TestCase):
+    timeout = 20
+
+    @inlineCallbacks
+    def test_closing_lines_name_the_proxy(self):
+        """
+        A connection through a trusted proxy closed for failed
+        authentications, or for none within AUTH_TIMEOUT_SECONDS: the line
+        names the client and the proxy (field and text).
+        """
+        gateway = start_gateway(
+            self,
+            trusted_clients=(ipaddress.ip_network("10.0.0.5/32"),),
+            trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),),
+            auth_timeout_seconds=0.5,
+            max_auth_failures=1,
+        )
+        events = capture_log_events(self)
+        silent = yield open_client(self, gateway.port, headers={"X-Forwarded-For": "10.0.0.5"})
+        yield silent.closed
+        guesser = yield open_client(self, gateway.port, headers={"X-Forwarded-For": "10.0.0.5"})
+        guesser.send({"token": "forged", "cmd": "ping"})
+        yield guesser.closed
+        closing = [e for e in events if e.get("outcome") == "closed"]
+        self.assertEqual(sorted(e["reason"] for e in closing), ["auth_failures", "auth_timeout"])
+        for event in closing:
+            self.assertEqual(event["peer"], "10.0.0.5")
+            self.assertRegex(event["proxy"], r"^127\.0\.0\.1:\d+$")
+            self.assertRegex(formatEvent(event), r"^closing control connection from 10\.0\.0\.5 through proxy ")
+
+
 class ProxyNamingNoClientTests(TestCase):
     """
     Item 2: a trusted proxy that sends no forwarding header.

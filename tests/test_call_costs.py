@@ -332,7 +332,7 @@ class UsageTests(SynchronousTestCase):
         stream.payloads(Event(b"", orjson.dumps({**finished, "choices": [{**finished["choices"][0], "index": 1}]})))
         self.assertTrue(stream.complete)
         self.assertFalse(stream.ended)
-        for index in ([0], {"a": 1}, "0", None, True):
+        for index in ([0], {"a": 1}, "0", None, True, 1, -1):
             with self.assertRaises(StreamBroken, msg=index):
                 broken = {"id": "c", "choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]}
                 OpenAIStream().payloads(Event(b"", orjson.dumps(broken)))

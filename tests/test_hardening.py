@@ -288,7 +288,7 @@ class HandshakeFloodTests(TestCase):
                 return answer
 
         answer = yield deferToThread(too_large)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 431 the request head is over 16384 bytes\r\n"), answer)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 the opening handshake sent over 16384 bytes\r\n"), answer)
         client = yield open_client(self, gateway.port)
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])

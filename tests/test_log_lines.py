@@ -134,6 +134,35 @@ class PeerLineLimiterTests(TestCase):
             "in the last 2 s)",
         )
 
+    def test_control_refusals_per_reason(self) -> None:
+        """
+        The control plane's refusal lines: L{REFUSED_CONNECTION_LINES} a
+        second for each reason, so a flood of one (bad handshakes) does not
+        hide the lines of another (an untrusted peer).
+        """
+        from openclaw.logs import CONTROLPLANE_NAMESPACE, REFUSED_CONNECTION_FIELD, REFUSED_CONNECTION_LINES
+
+        def event(when: float, reason: str) -> dict[str, Any]:
+            return {
+                "log_format": "refused control connection from {peer}: {reason}",
+                "log_time": when,
+                "log_level": LogLevel.warn,
+                "log_namespace": CONTROLPLANE_NAMESPACE,
+                "peer": "203.0.113.7:4000",
+                "reason": reason,
+                REFUSED_CONNECTION_FIELD: reason,
+            }
+
+        out = io.StringIO()
+        observer = make_observer(out, "json", "info")
+        for n in range(100):
+            observer(event(1000 + n * 0.005, "bad_handshake"))
+        observer(event(1000.6, "untrusted_peer"))
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([line["reason"] for line in lines].count("bad_handshake"), REFUSED_CONNECTION_LINES)
+        self.assertEqual(lines[-1]["reason"], "untrusted_peer")
+        self.assertNotIn("control_refusals_suppressed", lines[-1])
+
     def test_http2_floods(self) -> None:
         """
         Lines marked L{HTTP2_FLOOD_FIELD} (an HTTP/2 connection aborted for

@@ -246,7 +246,7 @@ class ControlProtocol(WebSocketServerProtocol):
         """
         self.handshake_counted = True
         self.factory.refuse(self.peer_label, "handshake_too_large", None)
-        self.failHandshake(f"the request head is over {MAX_HANDSHAKE_BYTES} bytes", 431)
+        self.failHandshake(f"the opening handshake sent over {MAX_HANDSHAKE_BYTES} bytes", 431)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self not in self.factory.protocols:
@@ -364,10 +364,10 @@ class ControlProtocol(WebSocketServerProtocol):
             responseHeaders = [*(responseHeaders or ()), ("Retry-After", str(self.retry_after))]
         # Autobahn answers and closes the connection, but a TLS transport
         # then waits for the peer's close_notify, which a peer may withhold
-        # for ever: what it sends is read only for that (dropped, see
-        # dataReceived), and the connection aborted UNHEARD_CLOSE_SECONDS
-        # later if still open.
-        self.stop_hearing(pause=False)
+        # for ever (and reading on until it comes, a peer could make the
+        # gateway decrypt a flood): nothing more is read, and the
+        # connection is aborted UNHEARD_CLOSE_SECONDS later if still open.
+        self.stop_hearing()
         super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
@@ -409,12 +409,14 @@ class ControlProtocol(WebSocketServerProtocol):
             self.release_slot()
         if connection.failed_auths and controlplane.too_many_failures(connection):
             self.factory.events.warn(
-                "closing control connection from {peer}: {failed_auths} failed authentications in a row "
-                "(reason={reason})",
+                "closing control connection from {peer}"
+                + (" through proxy {proxy}" if connection.proxy is not None else "")
+                + ": {failed_auths} failed authentications in a row (reason={reason})",
                 peer=connection.peer,
                 failed_auths=connection.failed_auths,
                 outcome="closed",
                 reason="auth_failures",
+                **_proxy_field(connection),
             )
             self.close_unheard(POLICY_VIOLATION, "too many failed authentications")
 
@@ -425,13 +427,16 @@ class ControlProtocol(WebSocketServerProtocol):
         factory = self.factory
         if factory.metrics is not None:
             factory.metrics.refused.labels("auth_timeout").inc()
+        connection = self.connection
         factory.events.warn(
-            "closing control connection from {peer}: no authenticated message within "
-            "AUTH_TIMEOUT_SECONDS ({seconds:g} s) (reason={reason})",
-            peer=self.connection.peer if self.connection is not None else "?",
+            "closing control connection from {peer}"
+            + (" through proxy {proxy}" if connection is not None and connection.proxy is not None else "")
+            + ": no authenticated message within AUTH_TIMEOUT_SECONDS ({seconds:g} s) (reason={reason})",
+            peer=connection.peer if connection is not None else "?",
             seconds=factory.auth_timeout,
             outcome="closed",
             reason="auth_timeout",
+            **_proxy_field(connection),
         )
         self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
         # A failed authentication too, for the lockout: otherwise a client
@@ -483,23 +488,27 @@ class ControlProtocol(WebSocketServerProtocol):
             transport.loseWriteConnection()
         self.stop_hearing()
 
-    def stop_hearing(self, pause: bool = True) -> None:
+    def stop_hearing(self) -> None:
         """
-        Hear nothing more from the peer (what it sends is dropped by
-        L{dataReceived}), and abort the connection L{UNHEARD_CLOSE_SECONDS}
-        from now unless it is gone.
-
-        @param pause: also stop reading (C{pauseProducing}, after the
-            transport's producer is unregistered, so that nothing resumes
-            it); not while a TLS close_notify is still to be read.
+        Read nothing more from the peer (C{pauseProducing}, after the
+        transport's producer is unregistered, so that nothing resumes it;
+        bytes already read are dropped by L{dataReceived}), and abort the
+        connection L{UNHEARD_CLOSE_SECONDS} from now unless it is gone.
         """
         if self.unheard is not None:
             return
         transport = self.tcp
-        if pause:
-            cast(IConsumer, transport).unregisterProducer()
-            cast(IPushProducer, transport).pauseProducing()
+        cast(IConsumer, transport).unregisterProducer()
+        cast(IPushProducer, transport).pauseProducing()
         self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
+
+
+def _proxy_field(connection: Connection | None) -> dict[str, str]:
+    """
+    The C{proxy} field of a line about C{connection}: the trusted proxy it
+    came through, if any.
+    """
+    return {"proxy": connection.proxy} if connection is not None and connection.proxy is not None else {}
 
 
 class ControlFactory(WebSocketServerFactory):

@@ -233,8 +233,9 @@ class OpenAIStream:
             for choice in choices:
                 if type(choice) is dict and choice.get("finish_reason") is not None:
                     index = choice.get("index", 0)
-                    if type(index) is not int:
-                        raise StreamBroken("a choice's index is not an integer")
+                    if type(index) is not int or not 0 <= index < self.asked:
+                        # Only the choices asked for make the answer whole.
+                        raise StreamBroken(f"a choice's index is not one of the {self.asked} asked for (n)")
                     self._finished.add(index)
         if isinstance(usage, dict):
             self.usage = usage
