@@ -432,6 +432,9 @@ class UnknownModelTests(ResilienceTestCase):
                     (404, "invalid_request_error", "model_not_found", "model"),
                 )
                 self.assertIn(said, failure.message)
+                if provider == "gemini":
+                    # Google's status for a 404, as the stand-in gives it.
+                    self.assertIn("NOT_FOUND", failure.message)
                 self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "404")
                 self.assertIsNone(failure.response.headers.get("x-should-retry"))
                 self.assertEqual((behaviour.requests, other.requests), (1, 0), (provider, stream))

@@ -466,6 +466,7 @@ class GeminiDialect:
             401: ("API key not valid. Please pass a valid API key.", "UNAUTHENTICATED"),
             # The real message quotes the key; the gateway must scrub it.
             403: ("Permission denied: Consumer 'api_key:{key}' has been suspended.", "PERMISSION_DENIED"),
+            404: ("Requested entity was not found.", "NOT_FOUND"),
             429: ("Resource has been exhausted (e.g. check quota).", "RESOURCE_EXHAUSTED"),
             500: (
                 "An internal error has occurred. Please retry or report in "
@@ -473,6 +474,7 @@ class GeminiDialect:
                 "INTERNAL",
             ),
             503: ("The model is overloaded. Please try again later.", "UNAVAILABLE"),
+            504: ("Deadline expired before operation could complete.", "DEADLINE_EXCEEDED"),
         }
     )
 
