@@ -34,6 +34,19 @@ from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import MISSING, SessionAuthority, TokenRejected
 
 
+def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
+    """
+    How a log line names a connection's client: C{"from {peer}"}, and
+    C{" through proxy {proxy}"} with the C{proxy} field when it came
+    through a trusted proxy.
+
+    @return: the words (a format string) and the fields to log with them.
+    """
+    if proxy is None:
+        return "from {peer}", {}
+    return "from {peer} through proxy {proxy}", {"proxy": proxy}
+
+
 @attrs.define
 class Connection:
     """
@@ -228,12 +241,9 @@ class ControlPlane:
         # Counted first, and logged with a summary that cannot raise:
         # whatever the peer sent, the failure is accounted for.
         self._metrics.auth_failed(reason)
-        proxy = connection.proxy
-        fields = {} if proxy is None else {"proxy": proxy}
+        who, fields = from_peer(connection.proxy)
         self._log.warn(
-            "auth failure from {peer}"
-            + (" through proxy {proxy}" if proxy is not None else "")
-            + ": {reason} (cmd {cmd}, {failed_auths} in a row)",
+            "auth failure " + who + ": {reason} (cmd {cmd}, {failed_auths} in a row)",
             peer=connection.peer,
             reason=reason,
             cmd=summarise(cmd),

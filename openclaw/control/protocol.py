@@ -39,7 +39,7 @@ from openclaw.control.closecodes import (
     UNTRUSTED_PEER_REASON,
 )
 from openclaw.control.lockout import AuthLockout, LockoutStore
-from openclaw.control.plane import Connection, ControlPlane
+from openclaw.control.plane import Connection, ControlPlane, from_peer
 from openclaw.dataplane.errors import retry_after_seconds
 from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.logs import REFUSED_CONNECTION_FIELD
@@ -408,15 +408,15 @@ class ControlProtocol(WebSocketServerProtocol):
             self.authenticated = True
             self.release_slot()
         if connection.failed_auths and controlplane.too_many_failures(connection):
+            who, fields = from_peer(connection.proxy)
             self.factory.events.warn(
-                "closing control connection from {peer}"
-                + (" through proxy {proxy}" if connection.proxy is not None else "")
-                + ": {failed_auths} failed authentications in a row (reason={reason})",
+                "closing control connection " + who + ": {failed_auths} failed authentications in a row "
+                "(reason={reason})",
                 peer=connection.peer,
                 failed_auths=connection.failed_auths,
                 outcome="closed",
                 reason="auth_failures",
-                **_proxy_field(connection),
+                **fields,
             )
             self.close_unheard(POLICY_VIOLATION, "too many failed authentications")
 
@@ -428,15 +428,15 @@ class ControlProtocol(WebSocketServerProtocol):
         if factory.metrics is not None:
             factory.metrics.refused.labels("auth_timeout").inc()
         connection = self.connection
+        who, fields = from_peer(connection.proxy if connection is not None else None)
         factory.events.warn(
-            "closing control connection from {peer}"
-            + (" through proxy {proxy}" if connection is not None and connection.proxy is not None else "")
-            + ": no authenticated message within AUTH_TIMEOUT_SECONDS ({seconds:g} s) (reason={reason})",
+            "closing control connection " + who + ": no authenticated message within AUTH_TIMEOUT_SECONDS "
+            "({seconds:g} s) (reason={reason})",
             peer=connection.peer if connection is not None else "?",
             seconds=factory.auth_timeout,
             outcome="closed",
             reason="auth_timeout",
-            **_proxy_field(connection),
+            **fields,
         )
         self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
         # A failed authentication too, for the lockout: otherwise a client
@@ -501,14 +501,6 @@ class ControlProtocol(WebSocketServerProtocol):
         cast(IConsumer, transport).unregisterProducer()
         cast(IPushProducer, transport).pauseProducing()
         self.unheard = self.factory.reactor.callLater(UNHEARD_CLOSE_SECONDS, transport.abortConnection)
-
-
-def _proxy_field(connection: Connection | None) -> dict[str, str]:
-    """
-    The C{proxy} field of a line about C{connection}: the trusted proxy it
-    came through, if any.
-    """
-    return {"proxy": connection.proxy} if connection is not None and connection.proxy is not None else {}
 
 
 class ControlFactory(WebSocketServerFactory):
@@ -767,15 +759,12 @@ class ControlFactory(WebSocketServerFactory):
             self.metrics.refused.labels(reason).inc()
         if not log:
             return refusal
-        if proxy is not None:
-            fields["proxy"] = proxy
+        who, named = from_peer(proxy)
+        fields.update(named)
         # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
         # of them through a second (any client can cause thousands).
         self.events.warn(
-            "refused control connection from {peer}"
-            + (" through proxy {proxy}" if proxy is not None else "")
-            + ": {reason}"
-            + (" ({detail})" if "detail" in fields else ""),
+            "refused control connection " + who + ": {reason}" + (" ({detail})" if "detail" in fields else ""),
             peer=peer,
             reason=reason,
             outcome="refused",
