@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,6 +42,50 @@ from openclaw.routing import FALLBACK_REASONS
 INVALID = "_invalid"
 OUTCOMES = ("ok", "error")
 AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoked")
+
+#: Why a control connection was refused, or failed before it opened: the
+#: C{reason} label of C{openclaw_control_refused_connections_total}.  Before
+#: the handshake (the TCP connection dropped): C{too_many_handshakes},
+#: C{reserved_for_operators}, C{too_many_outsider_handshakes},
+#: C{too_many_handshakes_from_address}.  The handshake refused:
+#: C{too_many_connections}, C{too_many_unauthenticated},
+#: C{origin_not_allowed}, C{handshake_too_large}, C{handshake_timeout},
+#: C{bad_handshake} (Autobahn's own refusal), C{tls_error}.  Opened only
+#: to be closed with 1008: C{untrusted_peer}, C{proxy_client_unreadable},
+#: C{proxy_named_no_client}, C{locked_out}.  Closed for not
+#: authenticating in time: C{auth_timeout}.
+ControlRefusal = Literal[
+    "too_many_handshakes",
+    "reserved_for_operators",
+    "too_many_outsider_handshakes",
+    "too_many_handshakes_from_address",
+    "too_many_connections",
+    "too_many_unauthenticated",
+    "origin_not_allowed",
+    "handshake_too_large",
+    "handshake_timeout",
+    "bad_handshake",
+    "tls_error",
+    "untrusted_peer",
+    "proxy_client_unreadable",
+    "proxy_named_no_client",
+    "locked_out",
+    "auth_timeout",
+]
+CONTROL_REFUSALS: tuple[ControlRefusal, ...] = get_args(ControlRefusal)
+#: Why an API connection was closed as it opened, or to make room: the
+#: C{reason} label of C{openclaw_api_refused_connections_total}, each the
+#: limit it hit (C{API_MAX_CONNECTIONS}, C{API_MAX_CONNECTIONS_PER_ADDRESS},
+#: C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}, and C{api_keyless_share}: the
+#: oldest keyless connection closed when keyless ones hold half of
+#: C{API_MAX_CONNECTIONS}, or when the cap is full).
+APIRefusal = Literal[
+    "api_max_connections",
+    "api_max_connections_per_address",
+    "api_keyless_connections_per_address",
+    "api_keyless_share",
+]
+API_REFUSALS: tuple[APIRefusal, ...] = get_args(APIRefusal)
 
 
 #: Statuses are a small set in practice; this only bounds the series kept
@@ -270,12 +314,27 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
-        self.refused = Counter(
+        refused = Counter(
             "openclaw_control_refused_connections",
             "Control connections refused or failed before they opened, by reason",
             ["reason"],
             registry=registry,
         )
+        # Every reason's series exported (at 0) from the start: rate() and
+        # alerts see the first refusal, not the series appearing with it.
+        self._refused = {reason: refused.labels(reason) for reason in CONTROL_REFUSALS}
+        self.api_connections = Gauge(
+            "openclaw_api_connections",
+            "Open data-plane API connections (an HTTP/2 connection counts once)",
+            registry=registry,
+        )
+        api_refused = Counter(
+            "openclaw_api_refused_connections",
+            "Data-plane API connections closed as they opened, or to make room, by the limit they hit",
+            ["reason"],
+            registry=registry,
+        )
+        self._api_refused = {reason: api_refused.labels(reason) for reason in API_REFUSALS}
         #: Client addresses locked out after too many failed authentications.
         self.lockouts = Counter(
             "openclaw_control_lockouts",
@@ -345,6 +404,18 @@ class GatewayMetrics:
 
     def auth_failed(self, reason: str) -> None:
         self._auth_failures[reason].inc()
+
+    def refused_connection(self, reason: ControlRefusal) -> None:
+        """
+        Count one control connection refused, or failed before it opened.
+        """
+        self._refused[reason].inc()
+
+    def refused_api_connection(self, reason: APIRefusal) -> None:
+        """
+        Count one API connection closed as it opened, or to make room.
+        """
+        self._api_refused[reason].inc()
 
     def health(self, report: dict[str, Any]) -> dict[str, Any]:
         """

@@ -390,7 +390,9 @@ class GatewayService(MultiService):
                 count_fallback,
                 self.consumers,
             )
-            self.api_site = build_site(context, settings, reactor, self.descriptors.api)
+            context.count_refused_connection = self.metrics.refused_api_connection
+            self.api_site = api_site = build_site(context, settings, reactor, self.descriptors.api)
+            self.metrics.api_connections.set_function(lambda: len(api_site.connections))
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             else:

@@ -26,6 +26,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.listeners import DescriptorShares, share_descriptors
+from openclaw.metrics import API_REFUSALS
 from tests.support import (
     capture_log_events,
     free_port,
@@ -139,8 +140,17 @@ class ConnectionCapTests(TestCase):
         self.addCleanup(lambda: [sock.close() for sock in held])
         yield deferLater(reactor, 0.2)
         self.assertEqual(len(gateway.service.api_site.connections), 3)
+        registry = gateway.service.metrics.registry
+        self.assertEqual(registry.get_sample_value("openclaw_api_connections"), 3.0)
         refused = yield deferToThread(closed_at_once, gateway.api_port)
         self.assertTrue(refused)
+        # Counted under the first limit it hit (this address's share is the
+        # whole cap here), as the context counts it.
+        counted = {
+            reason: registry.get_sample_value("openclaw_api_refused_connections_total", {"reason": reason})
+            for reason in API_REFUSALS
+        }
+        self.assertEqual({reason: n for reason, n in counted.items() if n}, {"api_max_connections_per_address": 1.0})
         held.pop().close()
         yield deferLater(reactor, 0.2)
         answer = yield deferToThread(

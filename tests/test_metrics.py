@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.metrics import GatewayMetrics, RequestTally
+from openclaw.metrics import API_REFUSALS, CONTROL_REFUSALS, GatewayMetrics, RequestTally
 from openclaw.routing import FALLBACK_REASONS
 
 #: Every reason a call is failed over for (openclaw.dataplane.call): its
@@ -129,6 +129,41 @@ class GatewayMetricsTests(SynchronousTestCase):
         # the API never called.
         self.assertNotIn("reasoning", "\n".join(line for line in lines if line.startswith("openclaw_api_tokens")))
         self.assertFalse([line for line in lines if line.startswith("openclaw_api_request") and "gemini" in line])
+
+
+class RefusedConnectionsTests(SynchronousTestCase):
+    """
+    Every reason a connection is refused for has its series from the
+    start, at 0: a first refusal is an increase that C{rate()} and an
+    alert see, not a series appearing.
+    """
+
+    def test_every_reason_exported_at_zero(self) -> None:
+        registry = GatewayMetrics(("status",), ("kimi",)).registry
+        for reason in CONTROL_REFUSALS:
+            value = registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": reason})
+            self.assertEqual(value, 0.0, reason)
+        for reason in API_REFUSALS:
+            value = registry.get_sample_value("openclaw_api_refused_connections_total", {"reason": reason})
+            self.assertEqual(value, 0.0, reason)
+
+    def test_counted_under_its_reason(self) -> None:
+        metrics = GatewayMetrics(("status",), ("kimi",))
+        metrics.refused_connection("tls_error")
+        metrics.refused_api_connection("api_keyless_share")
+        metrics.refused_api_connection("api_keyless_share")
+        registry = metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": "tls_error"}), 1.0
+        )
+        self.assertEqual(
+            registry.get_sample_value("openclaw_api_refused_connections_total", {"reason": "api_keyless_share"}), 2.0
+        )
+
+    def test_readme_lists_every_api_reason(self) -> None:
+        readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+        for reason in API_REFUSALS:
+            self.assertIn(f"``{reason}``", readme)
 
 
 class MeasuredAgentTests(SynchronousTestCase):

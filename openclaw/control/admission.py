@@ -7,9 +7,14 @@ handshakes one address may hold.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from openclaw.addresses import IPAddress, client_key, normalise, without_port
 from openclaw.settings import IPNetwork
+
+if TYPE_CHECKING:
+    # Only a type: openclaw.metrics imports this module.
+    from openclaw.metrics import ControlRefusal
 
 __all__ = [
     "ClientAddressResolver",
@@ -42,7 +47,7 @@ class HandshakeBudget:
         self._by_address: dict[str, int] = {}
         self._outsiders = 0
 
-    def take(self, key: str | None, outsider: bool) -> str | None:
+    def take(self, key: str | None, outsider: bool) -> ControlRefusal | None:
         """
         Take a slot for a new connection from C{key} (L{None}: no address,
         as on a UNIX socket).

@@ -43,7 +43,7 @@ from openclaw.control.plane import Connection, ControlPlane, from_peer
 from openclaw.dataplane.errors import retry_after_seconds
 from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.logs import REFUSED_CONNECTION_FIELD
-from openclaw.metrics import GatewayMetrics
+from openclaw.metrics import ControlRefusal, GatewayMetrics
 from openclaw.settings import Settings
 from openclaw.tls import describe_tls_error, is_tls_error
 
@@ -259,7 +259,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # a second: the line is limited (openclaw.logs.PEER_CAUSED_LINES),
             # and one before the opening handshake completed is counted.
             if self.state == _CONNECTING and self.factory.metrics is not None:
-                self.factory.metrics.refused.labels("tls_error").inc()
+                self.factory.metrics.refused_connection("tls_error")
             self.factory.events.info(
                 "control connection from {peer} ended by a TLS error: {tls_error}",
                 peer=self.peer_label,
@@ -426,7 +426,7 @@ class ControlProtocol(WebSocketServerProtocol):
             return
         factory = self.factory
         if factory.metrics is not None:
-            factory.metrics.refused.labels("auth_timeout").inc()
+            factory.metrics.refused_connection("auth_timeout")
         connection = self.connection
         who, fields = from_peer(connection.proxy if connection is not None else None)
         factory.events.warn(
@@ -601,7 +601,7 @@ class ControlFactory(WebSocketServerFactory):
             return None, True
         return key, not (self.allowlist.allows(host) or self.proxies.allows(host))
 
-    def tcp_refusal(self, key: str | None, outsider: bool) -> str | None:
+    def tcp_refusal(self, key: str | None, outsider: bool) -> ControlRefusal | None:
         """
         Whether a new TCP connection (L{handshake_slot}) must be dropped
         at once, before its handshake: the listener is at its capacity, or
@@ -727,7 +727,7 @@ class ControlFactory(WebSocketServerFactory):
         if self.lockout.locked_until(client) is None:
             return False
         if metrics is not None:
-            metrics.refused.labels("locked_out").inc()
+            metrics.refused_connection("locked_out")
         return True
 
     def close_locked_out(self, key: str) -> None:
@@ -743,7 +743,7 @@ class ControlFactory(WebSocketServerFactory):
     def refuse(
         self,
         peer: str,
-        reason: str,
+        reason: ControlRefusal,
         refusal: _Refusal,
         log: bool = True,
         proxy: str | None = None,
@@ -756,7 +756,7 @@ class ControlFactory(WebSocketServerFactory):
         C{refusal}.
         """
         if self.metrics is not None:
-            self.metrics.refused.labels(reason).inc()
+            self.metrics.refused_connection(reason)
         if not log:
             return refusal
         who, named = from_peer(proxy)

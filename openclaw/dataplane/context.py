@@ -22,7 +22,7 @@ from openclaw.consumers.audit import without_keys
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
-from openclaw.metrics import CallCosts, RequestTally
+from openclaw.metrics import APIRefusal, CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
 from openclaw.routing import KEY_PREFIX, ActiveRoute, Route
 from openclaw.settings import Settings
@@ -31,6 +31,13 @@ if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
+#: The limit each API connection refusal hit, as the log line names it.
+_REFUSAL_LIMITS: dict[APIRefusal, str] = {
+    "api_max_connections": "API_MAX_CONNECTIONS",
+    "api_max_connections_per_address": "API_MAX_CONNECTIONS_PER_ADDRESS",
+    "api_keyless_connections_per_address": "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
+    "api_keyless_share": "the keyless connections' share (half of API_MAX_CONNECTIONS)",
+}
 #: The most of a request's method or path a log line holds (a client may
 #: send up to twisted.web's 16 KB line: one such line per request would
 #: fill the log).
@@ -160,6 +167,8 @@ class APIContext:
     chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
     #: API connections refused at once, by reason (the cap they hit).
     refused_connections: dict[str, int] = attrs.field(factory=dict)
+    #: Counts one of them (C{openclaw_api_refused_connections_total}).
+    count_refused_connection: Callable[[APIRefusal], None] = lambda reason: None
     _refusal_warned_at: float | None = attrs.field(default=None, repr=False)
     #: The consumers (issue #19): their keys, limits and accounting.
     consumers: ConsumerTable | None = None
@@ -227,19 +236,21 @@ class APIContext:
             context.count_fallback = count_fallback
         return context
 
-    def connection_refused(self, reason: str) -> None:
+    def connection_refused(self, reason: APIRefusal) -> None:
         """
-        A connection was closed at once for C{reason} (the setting whose cap
-        it hit): counted, and logged at warn at most once a minute (a flood
-        would otherwise flood the log).
+        A connection was closed at once, or to make room, for C{reason}
+        (the limit it hit): counted, and logged at warn at most once a
+        minute (a flood would otherwise flood the log).
         """
         self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
+        self.count_refused_connection(reason)
         now = self.reactor.seconds()
         if self._refusal_warned_at is None or now - self._refusal_warned_at >= 60:
             self._refusal_warned_at = now
             self.log.warn(
-                "API connection refused: {reason} reached ({refused} refused so far)",
-                reason=reason.upper(),
+                "API connection refused: {limit} reached ({refused} refused so far)",
+                limit=_REFUSAL_LIMITS[reason],
+                reason=reason,
                 refused=sum(self.refused_connections.values()),
             )
 

@@ -63,6 +63,7 @@ from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
+from openclaw.metrics import APIRefusal
 from openclaw.settings import Settings
 
 #: How long API connections get to close politely on a stop, or after an
@@ -1857,9 +1858,9 @@ class APISite(Site):
         oldest.counted_keyless = False
         oldest.keyless = False
         oldest.abort()
-        self._refused("api_keyless_connections")
+        self._refused("api_keyless_share")
 
-    def _refused(self, reason: str) -> None:
+    def _refused(self, reason: APIRefusal) -> None:
         if self.context is not None:
             self.context.connection_refused(reason)
 
