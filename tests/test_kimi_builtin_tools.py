@@ -100,6 +100,18 @@ class ShapeTests(DataPlaneTestCase):
                 "start with $",
             ),
             (history(type="function"), "messages[1].tool_calls[0].type", '"type": "builtin_function"'),
+            # The legacy field cannot carry the type: the field it sent is named.
+            (
+                {
+                    "messages": [
+                        *NEWS,
+                        {"role": "assistant", "content": None, "function_call": call["function"]},
+                        {"role": "function", "name": "$web_search", "content": ARGUMENTS},
+                    ]
+                },
+                "messages[1].function_call.name",
+                'in tool_calls with "type": "builtin_function"',
+            ),
             (history(type="custom"), "messages[1].tool_calls[0]", "builtin_function"),
             (
                 history(function={"name": "$web_search", "arguments": {}}),

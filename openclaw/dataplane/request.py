@@ -718,6 +718,13 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 except APIError as e:
                     if legacy_at != where:
                         raise
+                    if e.param == f"{where}.tool_calls[0].type":
+                        # A built-in tool's call, which has a type the legacy field cannot carry.
+                        raise bad_request(
+                            f"{where}.function_call names one of Moonshot's built-in tools: send its call back in "
+                            'tool_calls with "type": "builtin_function", as Kimi answered it',
+                            param=f"{where}.function_call.name",
+                        ) from None
                     # Name the legacy field the client sent, not its rewrite.
                     raise _renamed(e, f"{where}.tool_calls[0].function", f"{where}.function_call") from None
                 unanswered = dict.fromkeys(call["id"] for call in tool_calls)
