@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openclaw.consumers.model import _FIELDS, KEY_PREFIX, SHOWN_CHARS, check_name, is_key_like, shown_key
+from openclaw.consumers.model import FIELDS, KEY_PREFIX, SHOWN_CHARS, check_name, is_key_like, shown_key
 
 _PREFIX = re.compile(f"[A-Za-z0-9_-]{{{SHOWN_CHARS}}}")
 #: More of a key than lists and logs show, starting where no key
@@ -48,7 +48,7 @@ def audit_fields(cmd: str, data: object) -> dict[str, str]:
     if cmd == "key_revoke":
         fields["key_prefix"] = _prefix(data.get("key_prefix"))
     if cmd in ("consumer_create", "consumer_update"):
-        fields["changed"] = ",".join(sorted(data.keys() & (_FIELDS - {"name"}))) or "-"
+        fields["changed"] = ",".join(sorted(data.keys() & (FIELDS - {"name"}))) or "-"
     return fields
 
 

@@ -222,7 +222,8 @@ def period_end(period: str, now: float) -> float | None:
     return None
 
 
-_FIELDS = frozenset({"name", "budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at"})
+#: The fields of a consumer's definition (C{consumer_add}, C{consumer_update}).
+FIELDS = frozenset({"name", "budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at"})
 
 
 def _optional_positive_int(value: object, field: str) -> int | None:
@@ -304,11 +305,11 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
 
     @raise InvalidConsumer: a field is missing, unknown or invalid.
     """
-    unknown = data.keys() - _FIELDS
+    unknown = data.keys() - FIELDS
     if unknown:
         named = ", ".join(name[:40] + ("…" if len(name) > 40 else "") for name in sorted(unknown)[:5])
         named += ", ..." if len(unknown) > 5 else ""
-        raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(_FIELDS))}")
+        raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(FIELDS))}")
     name = check_name(data.get("name"))
     current = base or Consumer(name)
     changes: dict[str, Any] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -82,10 +83,12 @@ _Answered = tuple[bytes, str, Mapping[str, str] | None]
 
 
 #: How to ask a command for a shorter answer (L{ControlPlane._succeeded}).
-_ASK_FOR_LESS = {
-    "consumer_list": "one consumer at a time: consumer_list {name}",
-    "usage": "a narrower one: usage with name, since and until, or another group_by",
-}
+_ASK_FOR_LESS = MappingProxyType(
+    {
+        "consumer_list": "one consumer at a time: consumer_list {name}",
+        "usage": "a narrower one: usage with name, since and until, or another group_by",
+    }
+)
 
 
 #: Fields of a cut answer that are never cut themselves: a new key or

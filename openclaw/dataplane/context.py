@@ -6,7 +6,8 @@ keys, the time limit, and the accounting of each finished request.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote, unquote
 
@@ -32,12 +33,14 @@ if TYPE_CHECKING:
 
 _QUIET_LEVELS = frozenset({"warn", "error", "critical"})
 #: The limit each API connection refusal hit, as the log line names it.
-_REFUSAL_LIMITS: dict[APIRefusal, str] = {
-    "api_max_connections": "API_MAX_CONNECTIONS",
-    "api_max_connections_per_address": "API_MAX_CONNECTIONS_PER_ADDRESS",
-    "api_keyless_connections_per_address": "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
-    "api_keyless_share": "the keyless connections' share (half of API_MAX_CONNECTIONS)",
-}
+_REFUSAL_LIMITS: Mapping[APIRefusal, str] = MappingProxyType(
+    {
+        "api_max_connections": "API_MAX_CONNECTIONS",
+        "api_max_connections_per_address": "API_MAX_CONNECTIONS_PER_ADDRESS",
+        "api_keyless_connections_per_address": "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
+        "api_keyless_share": "the keyless connections' share (half of API_MAX_CONNECTIONS)",
+    }
+)
 #: The most of a request's method or path a log line holds (a client may
 #: send up to twisted.web's 16 KB line: one such line per request would
 #: fill the log).

@@ -39,7 +39,13 @@ from openclaw.dataplane.errors import (
     upstream_timeout,
 )
 from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body
-from openclaw.dataplane.resource import _Authenticated, answer_bug, error_response, pooled_call_error, request_body
+from openclaw.dataplane.resource import (
+    AuthenticatedResource,
+    answer_bug,
+    error_response,
+    pooled_call_error,
+    request_body,
+)
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
@@ -203,7 +209,7 @@ def embedding_list(
     }
 
 
-class Embeddings(_Authenticated):
+class Embeddings(AuthenticatedResource):
     """
     C{POST /v1/embeddings}, to EMBEDDING_MODEL's provider (see the module
     docstring), within UPSTREAM_TIMEOUT; inputs beyond one upstream batch

@@ -320,7 +320,7 @@ class Readyz(APIResource):
         return json_response(request, document)
 
 
-class _Authenticated(APIResource):
+class AuthenticatedResource(APIResource):
     def authenticate(self, request: Request, started: float) -> Holder:
         """
         Who holds the request's key: a consumer, or L{GATEWAY}.
@@ -453,7 +453,7 @@ class _Authenticated(APIResource):
         return adapter
 
 
-class Models(_Authenticated):
+class Models(AuthenticatedResource):
     """
     C{GET /v1/models}: in OpenAI's list shape, the active provider's models
     listing (the one the health check reads, so bounded by
@@ -720,7 +720,7 @@ class Model(Models):
         )
 
 
-class ChatCompletions(_Authenticated):
+class ChatCompletions(AuthenticatedResource):
     """
     C{POST /v1/chat/completions}, to the active provider or the one the
     request's C{"<provider>/<model>"} names.

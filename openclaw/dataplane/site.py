@@ -592,14 +592,17 @@ class APIRequest(NextTurnRequest):
         """
         The site's limit (the site every twisted.web channel is given).
         """
-        site: APISite = self.channel.site  # type: ignore[attr-defined]
-        return site.limits.max_request_bytes
+        return self.api_site.limits.max_request_bytes
 
     @property
     def api_site(self) -> APISite:
         """
-        The site (twisted.web sets C{site} only once the request is whole).
+        The site: the channel's (every channel of the API's site is given
+        it when made, by twisted.web's C{HTTPFactory.buildProtocol}), not
+        the request's own C{site}, which twisted.web sets only once the
+        request is whole.
         """
+        # twisted.web's channel classes have no annotation for the site.
         site: APISite = self.channel.site  # type: ignore[attr-defined]
         return site
 
