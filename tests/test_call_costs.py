@@ -317,6 +317,58 @@ class UsageTests(SynchronousTestCase):
         self.assertEqual(self.events(stream, *chunks), chunks)
         self.assertEqual(stream.usage, usage)
 
+    def test_usage_beside_choices(self) -> None:
+        """
+        The usage beside the finishing chunk's choices (as DeepSeek and
+        vLLM send it): OpenAI's shape all the same, that chunk's usage
+        null (or absent, unasked) and the usage in a chunk of its own,
+        last, with the stream's id, created and model.
+        """
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        head = {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+        chunks = [
+            {**head, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+            {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage},
+        ]
+        stream = OpenAIStream(include_usage=True)
+        self.assertEqual(
+            self.events(stream, *chunks),
+            [chunks[0], {**chunks[1], "usage": None}, {**head, "choices": [], "usage": usage}],
+        )
+        self.assertEqual(stream.usage, usage)
+        stream = OpenAIStream(include_usage=False)
+        finishing = {key: value for key, value in chunks[1].items() if key != "usage"}
+        self.assertEqual(self.events(stream, *chunks), [chunks[0], finishing])
+        self.assertEqual(stream.usage, usage)
+
+    def test_tool_calls_without_index_given_one(self) -> None:
+        """
+        Tool call deltas without an C{index} (absent or null) get one: a
+        delta with an id begins the next call, one without continues the
+        last; deltas with theirs are left as they came.
+        """
+
+        def chunk(*calls: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            delta = {"tool_calls": list(calls)} if calls else {}
+            return {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        weather = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+        time = {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": '{"tz":'}}
+        rest = {"function": {"arguments": ' "UTC"}'}}
+        for missing in ({}, {"index": None}):
+            chunks = [
+                chunk({**weather, **missing, "function": {**weather["function"], "arguments": '{"city": "Oslo"}'}}),
+                chunk({**time, **missing}),
+                chunk({**rest, **missing}),
+                chunk(finish="tool_calls"),
+            ]
+            out = self.events(OpenAIStream(), *chunks)
+            calls = [call for c in out for call in c["choices"][0]["delta"].get("tool_calls", ())]
+            self.assertEqual([call["index"] for call in calls], [0, 1, 1], missing)
+            self.assertEqual([call.get("id") for call in calls], ["call_1", "call_2", None])
+        indexed = chunk({**weather, "index": 0, "function": {**weather["function"], "arguments": "{}"}})
+        self.assertEqual(self.events(OpenAIStream(), indexed), [indexed])
+
     def test_complete_without_done(self) -> None:
         """
         Complete once every choice asked for has its finish reason and the

@@ -179,8 +179,10 @@ class OpenAIStream:
     and kept in L{usage}: the usage-only chunk (C{"choices": []}) reaches
     the client only when it asked for it (C{include_usage}).  Moonshot may
     put the usage inside the last chunk's C{choices[0].usage} instead
-    (higress PR #1568): it is taken from there, and sent to a client that
-    asked as OpenAI's usage chunk, last.
+    (higress PR #1568), or beside that chunk's choices (as DeepSeek and
+    vLLM do): it is taken from there, and sent to a client that asked as
+    OpenAI's usage chunk, last.  A tool call delta without an C{index}
+    is given one (L{_indexed}).
     """
 
     #: The client asked for the usage (C{stream_options.include_usage}).
@@ -203,6 +205,8 @@ class OpenAIStream:
     _unargued: dict[tuple[Any, Any], bool] = attrs.field(factory=dict)
     #: The indexes of the choices that have had their C{finish_reason}.
     _finished: set[int] = attrs.field(factory=set)
+    #: Per choice index, how many tool calls have begun (L{_indexed}).
+    _begun: dict[Any, int] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -243,6 +247,14 @@ class OpenAIStream:
                 if not self.include_usage:
                     return []
                 self._usage_sent = True
+            else:
+                # On a chunk with choices (its finish, as DeepSeek and vLLM
+                # send it): OpenAI's usage is null there, and comes last in
+                # a chunk of its own (L{closing}), made from this one.
+                self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
+                document, rewritten = {**document, "usage": None}, True
+                if not self.include_usage:
+                    del document["usage"]
         elif isinstance(choices, list) and choices and isinstance(choices[0], dict) and "usage" in choices[0]:
             first = dict(choices[0])
             usage = first.pop("usage")
@@ -253,6 +265,9 @@ class OpenAIStream:
             document, rewritten = {**document, "choices": choices}, True
         if not isinstance(choices, list) or not (self._unargued or any(map(_calls_tools, choices))):
             return [orjson.dumps(document) if rewritten else data]
+        indexed = self._indexed(choices)
+        if indexed is not None:
+            document, choices, rewritten = {**document, "choices": indexed}, indexed, True
         fills = self._fills(document, choices)
         if not fills:
             return [self._encode(document) if self.legacy_functions or rewritten else data]
@@ -270,6 +285,43 @@ class OpenAIStream:
         said = "usage" in document or any(isinstance(c, dict) and (c.get("delta") or c.get("logprobs")) for c in before)
         sent = [self._encode({**document, "choices": before})] if said else []
         return [*sent, *map(self._encode, fills), self._encode(finished)]
+
+    def _indexed(self, choices: list[Any]) -> list[Any] | None:
+        """
+        C{choices} with an C{index} given to each tool call delta that has
+        none (OpenAI's chunks always have one; the openai SDK's stream
+        helpers fail without it; Moonshot's API reference leaves it
+        optional): a delta with an C{id} begins the choice's next call,
+        one without continues its last.  L{None} when every delta has one.
+        """
+        if all(
+            type(call.get("index")) is int
+            for choice in choices
+            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
+            for call in (choice["delta"].get("tool_calls") or ())
+            if isinstance(call, dict)
+        ):
+            return None
+        indexed = []
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict) or not isinstance(calls, list):
+                indexed.append(choice)
+                continue
+            which = choice.get("index", 0)
+            given = []
+            for call in calls:
+                if isinstance(call, dict) and type(call.get("index")) is not int:
+                    begun = self._begun.get(which, 0)
+                    if call.get("id"):
+                        self._begun[which] = begun = begun + 1
+                    call = {**call, "index": max(begun - 1, 0)}
+                elif isinstance(call, dict) and call.get("id"):
+                    self._begun[which] = max(self._begun.get(which, 0), call["index"] + 1)
+                given.append(call)
+            indexed.append({**choice, "delta": {**delta, "tool_calls": given}})
+        return indexed
 
     def _fills(self, document: dict[str, Any], choices: list[Any]) -> list[dict[str, Any]]:
         """
