@@ -36,10 +36,18 @@ from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromC
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.providers import GeminiAdapter, KimiAdapter
 from openclaw.service import GatewayService
 from openclaw.settings import ProviderSettings, Settings, provider_table
 
 SECRET = b"s" * 32
+
+#: The providers the tests written about Kimi and Gemini pin (the stand-in
+#: of L{start_upstream} and the settings it gives), whatever else is built
+#: in: a built-in provider added later changes none of their expectations
+#: (C{FALLBACK=auto}'s order, C{health_check}'s entries, the provider a
+#: failing Gemini fails over to).
+KIMI_AND_GEMINI = (KimiAdapter, GeminiAdapter)
 
 #: How long L{Client.ask} waits for a command's answer: the slowest command
 #: a test sends (a health check, a cluster write bounded by
@@ -427,12 +435,13 @@ def spawn_gateway(
 
 def start_upstream(testcase: Any, kimi_key: str, gemini_key: str) -> Any:
     """
-    A stand-in upstream for both providers on a free loopback port,
-    expecting these keys; stopped when the test ends.
+    A stand-in upstream for Kimi and Gemini only (L{KIMI_AND_GEMINI}) on
+    a free loopback port, expecting these keys; stopped when the test ends.
+    Its C{provider_settings()} and C{environment()} configure those two.
     """
     from openclaw.testing.upstream import StandInUpstream
 
-    upstream = StandInUpstream(reactor)
+    upstream = StandInUpstream(reactor, providers=KIMI_AND_GEMINI)
     upstream.kimi.key = kimi_key
     upstream.gemini.key = gemini_key
     upstream.listen(0, "127.0.0.1")

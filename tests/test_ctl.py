@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
+from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.session import MAX_TOKEN_FILE_BYTES, write_token_file
 from tests.support import GatewayProcess, free_port, make_unwritable, start_gateway, twistd_path, within
 
@@ -982,14 +983,18 @@ class ConsoleScriptTests(TestCase):
     def test_health_check(self):
         """
         With no provider keys no provider is configured (none probed), but
-        the command itself succeeded: status 0.
+        the command itself succeeded: status 0.  One line per built-in
+        provider, however many there are.
         """
         out, err, code = yield self.ctl("health-check", token=self.gateway.token)
         self.assertEqual((err, code), ("", 0))
         lines = out.splitlines()
-        self.assertEqual(len(lines), 2, out)
+        self.assertEqual(len(lines), len(BUILTIN_PROVIDERS), out)
         self.assertRegex(out, r"(?m)^kimi +not configured +- +- +KIMI_API_KEY is not set$")
         self.assertRegex(out, r"(?m)^gemini \(active\) +not configured +- +- +GEMINI_API_KEY is not set$")
+        for adapter in BUILTIN_PROVIDERS:
+            variable = adapter.key_variables[0]
+            self.assertRegex(out, rf"(?m)^{adapter.id}( \(active\))? +not configured +- +- +{variable} is not set$")
         out, err, code = yield self.ctl("--json", "health-check", token=self.gateway.token)
         providers = json.loads(out)["result"]["providers"]
         self.assertEqual({entry["ok"] for entry in providers.values()}, {False})

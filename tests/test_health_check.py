@@ -17,8 +17,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from openclaw.providers import BUILTIN_PROVIDERS
-from tests.support import capture_log_events, changed_providers, open_client, start_gateway, start_upstream
+from tests.support import (
+    KIMI_AND_GEMINI,
+    capture_log_events,
+    changed_providers,
+    open_client,
+    start_gateway,
+    start_upstream,
+)
 from tests.test_ctl import run_ctl
 from tests.test_dataplane import GATEWAY_KEY, HELLO
 
@@ -50,7 +56,7 @@ class HealthCheckTests(UpstreamTestCase):
         self.assertTrue(answer["ok"], answer)
         result = answer["result"]
         self.assertEqual(result["active"], "gemini")
-        self.assertEqual(set(result["providers"]), {p.id for p in BUILTIN_PROVIDERS})
+        self.assertEqual(set(result["providers"]), {p.id for p in KIMI_AND_GEMINI})
         for entry in result["providers"].values():
             self.assertIs(entry["ok"], True)
             self.assertEqual(entry["status"], 200)

@@ -27,10 +27,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import openclaw
 from openclaw.consumers.prices import Price
 from openclaw.ctl import format_status
-from openclaw.providers import BUILTIN_PROVIDERS, OpenAICompatibleAdapter
+from openclaw.providers import OpenAICompatibleAdapter
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, default_kimi
 from tests.support import (
+    KIMI_AND_GEMINI,
     RunningGateway,
     capture_log_events,
     get_text,
@@ -56,8 +57,10 @@ class AcmeAdapter(OpenAICompatibleAdapter):
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType({"acme-chat": Price(0.5, 1.5)})
 
 
-#: What the gateway is built with: the built-in providers and this one.
-DECLARED = (*BUILTIN_PROVIDERS, AcmeAdapter)
+#: What the gateway is built with: Kimi, Gemini and this one, pinned
+#: (not read from BUILTIN_PROVIDERS) so that a built-in provider added
+#: later changes none of these expectations.
+DECLARED = (*KIMI_AND_GEMINI, AcmeAdapter)
 
 ACME_KEY = "sk-acme-SECRET-0123456789"
 GATEWAY_KEY = "gw-key-0123456789abcdef"

@@ -22,7 +22,6 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from openclaw.providers import (
-    BUILTIN_PROVIDERS,
     MissingKey,
     ProbeTimedOut,
     ProviderRegistry,
@@ -32,7 +31,7 @@ from openclaw.providers.errors import REDACTED, Scrubber, describe_failure
 from openclaw.providers.fetch import upstream_message
 from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
 from openclaw.settings import Settings
-from tests.support import changed_providers, start_upstream
+from tests.support import KIMI_AND_GEMINI, changed_providers, start_upstream
 
 KIMI_KEY = "sk-kimi-SECRET-0123456789abcdef"
 GEMINI_KEY = "AIza-gemini-SECRET-0123456789abcdef"
@@ -52,7 +51,7 @@ class ProviderTestCase(TestCase):
 
     def registry(self, **overrides: Any) -> ProviderRegistry:
         """
-        A registry of the built-in providers pointed at the stand-in;
+        A registry of Kimi and Gemini (L{KIMI_AND_GEMINI}) pointed at the stand-in;
         C{overrides} are settings, or changes to a provider's settings under
         its id (C{kimi={"api_key": None}}).
         """
@@ -93,7 +92,7 @@ class HealthyTests(ProviderTestCase):
         result = yield self.registry().health_check("gemini", "gemini-2.5-flash")
         self.assertEqual(result["active"], "gemini")
         self.assertRegex(result["checked_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-        self.assertEqual(set(result["providers"]), {p.id for p in BUILTIN_PROVIDERS})
+        self.assertEqual(set(result["providers"]), {p.id for p in KIMI_AND_GEMINI})
         for entry in result["providers"].values():
             self.assertEqual(
                 set(entry), {"ok", "latency_ms", "status", "models", "active_model_available", "breaker", "keys"}
@@ -334,7 +333,7 @@ class FailureTests(ProviderTestCase):
 
     def test_registry_lookup(self) -> None:
         registry = self.registry()
-        self.assertEqual(registry.ids, tuple(p.id for p in BUILTIN_PROVIDERS))
+        self.assertEqual(registry.ids, tuple(p.id for p in KIMI_AND_GEMINI))
         self.assertEqual(registry.get("kimi").display_name, "Kimi (Moonshot AI)")
         self.assertEqual(registry.get("gemini").display_name, "Google Gemini")
         self.assertEqual(registry.get("gemini").default_model, "gemini-flash-latest")

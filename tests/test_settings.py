@@ -29,7 +29,7 @@ from openclaw.settings import (
     misspelt_settings,
     unread_lines,
 )
-from tests.support import make_ca, make_unwritable
+from tests.support import KIMI_AND_GEMINI, make_ca, make_unwritable
 
 GOOD_SECRET = "x" * 32
 
@@ -374,7 +374,15 @@ class LoadTests(SynchronousTestCase):
         self.assertConfigError("TOKEN_FILE", "is not writable by the gateway's user", TOKEN_FILE=str(locked / "token"))
 
     def test_invalid_provider(self) -> None:
-        self.assertConfigError("DEFAULT_PROVIDER", "'openai'", "kimi or gemini", DEFAULT_PROVIDER="openai")
+        """
+        The refusal lists the providers declared (here pinned to two, not
+        read from BUILTIN_PROVIDERS).
+        """
+        with self.assertRaises(ConfigError) as caught:
+            load_settings({"DEFAULT_PROVIDER": "openai"}, cwd=self.cwd, providers=KIMI_AND_GEMINI)
+        message = str(caught.exception)
+        for part in ("DEFAULT_PROVIDER", "'openai'", "use kimi or gemini"):
+            self.assertIn(part, message)
 
     def test_short_secret(self) -> None:
         self.assertConfigError("JWT_SECRET", "32 bytes", JWT_SECRET="short")
