@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
@@ -52,6 +54,26 @@ class ZetaAdapter(GeminiAdapter):
     default_base_url: ClassVar[str] = "https://zeta.example/api/v1beta"
     model_variable: ClassVar[str] = "ZETA_MODEL"
     default_model_id: ClassVar[str] = "zeta-1"
+
+
+@attrs.define(kw_only=True)
+class BetaAdapter(OpenAICompatibleAdapter):
+    """
+    A made-up OpenAI-compatible provider pricing a model beside its
+    default one, as DeepSeek prices C{deepseek-reasoner} beside
+    C{deepseek-chat}; its API's base URL has no path.
+    """
+
+    id: ClassVar[str] = "beta"
+    display_name: ClassVar[str] = "Beta"
+    key_variables: ClassVar[tuple[str, ...]] = ("BETA_API_KEY",)
+    base_url_variable: ClassVar[str] = "BETA_BASE_URL"
+    default_base_url: ClassVar[str] = "https://api.beta.example"
+    model_variable: ClassVar[str] = "BETA_MODEL"
+    default_model_id: ClassVar[str] = "beta-chat"
+    prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
+        {"beta-chat": Price(0.5, 1.5), "beta-reasoner": Price(0.5, 1.5)}
+    )
 
 
 def _as_builtin(testcase: SynchronousTestCase, providers: tuple[Any, ...] = DECLARED) -> None:
@@ -124,6 +146,64 @@ class StandInTests(TestCase):
         self.assertEqual(standin._parse_args(["--retry-after", "7"]).retry_after, 7.0)
         for bad in (["--retry-after", "-1"], ["--retry-after", "soon"], ["--retry-after", "1e9"]):
             with self.assertRaises(SystemExit):
+                standin._parse_args(bad)
+
+    @inlineCallbacks
+    def test_command_line_models(self) -> Any:
+        """
+        From the command line every built-in lists its stand-in's models,
+        then every other model its adapter prices (Beta's second model,
+        Kimi's C{kimi-k2.5} as before), or the models C{--models ID=A,B}
+        gives; the stand-in serves what it lists and 404s the rest.
+        """
+        import json
+        import urllib.error
+        import urllib.request
+
+        _as_builtin(self, (*DECLARED, BetaAdapter))
+        upstream = standin.upstream_from_args(reactor, standin._parse_args([]))
+        self.assertEqual(upstream.behaviour("beta").models, ["beta-chat", "beta-reasoner"])
+        self.assertEqual(upstream.behaviour("acme").models, ["acme-chat"])
+        self.assertEqual(upstream.kimi.models, [*standin.default_kimi().models, "kimi-k2.5"])
+
+        args = standin._parse_args(["--models", "beta=beta-reasoner, beta-mini", "--models", "kimi=kimi-k2.5"])
+        upstream = standin.upstream_from_args(reactor, args)
+        self.assertEqual(upstream.behaviour("beta").models, ["beta-reasoner", "beta-mini"])
+        self.assertEqual(upstream.kimi.models, ["kimi-k2.5"])
+        self.assertEqual(upstream.behaviour("acme").models, ["acme-chat"])
+        port = upstream.listen(0, "127.0.0.1").getHost().port
+        self.addCleanup(upstream.stop)
+        key = upstream.behaviour("beta").key
+
+        def call(path: str, body: Any = None) -> tuple[int, Any]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}",
+                data=None if body is None else json.dumps(body).encode(),
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                with e:
+                    return e.code, json.loads(e.read())
+
+        status, listing = yield deferToThread(call, "/beta/models")
+        self.assertEqual((status, [m["id"] for m in listing["data"]]), (200, ["beta-reasoner", "beta-mini"]))
+        hello = [{"role": "user", "content": "Hello"}]
+        status, answer = yield deferToThread(call, "/beta/chat/completions", {"model": "beta-mini", "messages": hello})
+        self.assertEqual((status, answer["model"]), (200, "beta-mini"))
+        status, _ = yield deferToThread(call, "/beta/chat/completions", {"model": "beta-chat", "messages": hello})
+        self.assertEqual(status, 404)
+
+        self.patch(sys, "stderr", open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
+        for bad in (
+            ["--models", "openai=gpt-4o"],
+            ["--models", "beta"],
+            ["--models", "beta=a,,b"],
+            ["--models", "beta="],
+        ):
+            with self.assertRaises(SystemExit, msg=bad):
                 standin._parse_args(bad)
 
     @inlineCallbacks

@@ -36,6 +36,8 @@ stream sends one event per word, C{chunk_interval} seconds apart.
 Run it by hand::
 
     python -m openclaw.testing.upstream --port 8001 --key kimi=k --key gemini=g
+
+(C{--models ID=MODEL,...} for the models a provider lists; C{--help}.)
 """
 
 from __future__ import annotations
@@ -342,17 +344,35 @@ _STOCK_BEHAVIOURS: Mapping[str, Callable[[str], ProviderBehaviour]] = MappingPro
 )
 
 
-def default_behaviour(adapter: type[ProviderAdapter], key: str | None = None) -> ProviderBehaviour:
+def default_behaviour(
+    adapter: type[ProviderAdapter], key: str | None = None, models: Sequence[str] | None = None
+) -> ProviderBehaviour:
     """
     How the stand-in serves C{adapter}'s provider unless told otherwise:
-    accepting C{key} (by default C{"<id>-test-key"}) and listing its
-    default model (Kimi and Gemini: a few of their real model ids).
+    accepting C{key} (by default C{"<id>-test-key"}) and listing C{models}
+    (by default its default model; Kimi and Gemini: a few of their real
+    model ids).  A model not listed is answered 404, as a real provider
+    answers one it does not serve.
     """
     key = f"{adapter.id}-test-key" if key is None else key
     stock = _STOCK_BEHAVIOURS.get(adapter.id)
-    if stock is not None:
-        return stock(key)
-    return ProviderBehaviour(key=key, models=[adapter.default_model_id], owned_by=adapter.id)
+    behaviour = stock(key) if stock is not None else ProviderBehaviour(key=key, models=[], owned_by=adapter.id)
+    if models is not None:
+        behaviour.models = list(models)
+    elif not behaviour.models:
+        behaviour.models = [adapter.default_model_id]
+    return behaviour
+
+
+def command_line_models(adapter: type[ProviderAdapter]) -> list[str]:
+    """
+    What the stand-in started from the command line lists for C{adapter}'s
+    provider without C{--models}: its L{default_behaviour}'s models, then
+    every other model its adapter prices (C{prices}: Kimi's thinking
+    C{kimi-k2.5}, whose rules can then be tried by hand), in that order.
+    """
+    listed = default_behaviour(adapter).models
+    return [*listed, *(model for model in adapter.prices if model not in listed)]
 
 
 def standin_path(adapter: type[ProviderAdapter]) -> str:
@@ -1865,6 +1885,19 @@ def _pair(what: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def _models(text: str) -> tuple[str, list[str]]:
+    """
+    An argparse type reading C{ID=MODEL[,MODEL...]}.
+    """
+    provider_id, equals, value = text.partition("=")
+    models = [model.strip() for model in value.split(",")]
+    if not equals or not provider_id or not all(models):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ID=MODEL[,MODEL...], such as kimi=moonshot-v1-8k,kimi-k2.5 (no empty model id)"
+        )
+    return provider_id, models
+
+
 def _for(provider_id: str) -> Callable[[str], tuple[str, str]]:
     """
     The argparse type of a provider's own alias (C{--kimi-key KEY}).
@@ -1931,6 +1964,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="ID=MODE",
         help=f"how provider ID answers (repeatable): {', '.join(modes)}; default ok",
     )
+    parser.add_argument(
+        "--models",
+        dest="models",
+        action="append",
+        default=[],
+        type=_models,
+        metavar="ID=MODEL,...",
+        help="the models provider ID lists and serves, in place of its own (repeatable; "
+        "default: its stand-in's stock, then every model it prices)",
+    )
     for provider_id in ("kimi", "gemini"):
         if provider_id in ids:
             # The options of the two-provider days, kept as aliases.
@@ -1966,7 +2009,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="log each chat and embeddings request body received, as JSON (what the gateway sent)",
     )
     args = parser.parse_args(argv)
-    for provider_id, _ in [*args.keys, *args.modes]:
+    for provider_id, _ in [*args.keys, *args.modes, *args.models]:
         if provider_id not in ids:
             parser.error(f"unknown provider {provider_id!r}: use one of {', '.join(ids)}")
     for provider_id, value in args.modes:
@@ -1975,22 +2018,21 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def main(reactor: Any, *argv: str) -> Deferred[None]:
+def upstream_from_args(reactor: Any, args: argparse.Namespace) -> StandInUpstream:
     """
-    Serve until interrupted; print the settings that point a gateway here.
+    The stand-in the command line (read by L{_parse_args}) asks for, every
+    built-in provider served, not yet listening: each with its C{--key},
+    C{--mode} and C{--models} (by default L{command_line_models}), and the
+    timings given for all.
     """
-    args = _parse_args(argv)
-    keys, modes = dict(args.keys), dict(args.modes)
-    #: Served from the command line only (the tests' stand-in lists the
-    #: stock models): a thinking model, whose rules (reasoning_content on
-    #: tool call turns, no forced tool_choice) can then be tried by hand.
-    extra_models = {"kimi": ["kimi-k2.5"]}
-    upstream = StandInUpstream(
+    keys, modes, models = dict(args.keys), dict(args.modes), dict(args.models)
+    return StandInUpstream(
         reactor,
         behaviours={
             adapter.id: attrs.evolve(
-                default_behaviour(adapter, keys.get(adapter.id)),
-                models=[*default_behaviour(adapter).models, *extra_models.get(adapter.id, [])],
+                default_behaviour(
+                    adapter, keys.get(adapter.id), models.get(adapter.id) or command_line_models(adapter)
+                ),
                 mode=modes.get(adapter.id, Mode.OK),
                 delay=args.delay,
                 chunk_interval=args.chunk_interval,
@@ -2000,6 +2042,14 @@ def main(reactor: Any, *argv: str) -> Deferred[None]:
             for adapter in builtin_providers()
         },
     )
+
+
+def main(reactor: Any, *argv: str) -> Deferred[None]:
+    """
+    Serve until interrupted; print the settings that point a gateway here.
+    """
+    args = _parse_args(argv)
+    upstream = upstream_from_args(reactor, args)
     upstream.listen(args.port, args.interface, access_log=not args.quiet)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     print("Stand-in upstream listening. Point the gateway at it with:")
