@@ -37,7 +37,7 @@ from openclaw.providers.registry import ProviderRegistry
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing import upstream as standin
 from openclaw.testing.upstream import GeminiDialect, OpenAIDialect, StandInUpstream
-from tests.support import bare_adapter, changed_providers
+from tests.support import KIMI_AND_GEMINI, bare_adapter, changed_providers
 from tests.test_provider_plugin import DECLARED, AcmeAdapter
 
 
@@ -397,6 +397,35 @@ class DeclarationTests(SynchronousTestCase):
         self.assertIn("providers 'acme' and 'other' both read ACME_API_KEY", str(caught.exception))
         with self.assertRaises(ProviderDeclarationError):
             Settings(providers=[_defaults(AcmeAdapter), _defaults(Other)], default_provider="acme")
+
+
+class ListingHintTests(TestCase):
+    """
+    An OpenAI-compatible listing without its C{data} list is answered with
+    a hint naming the provider's own documented base URL, not a C{/v1}
+    that Beta's (as DeepSeek's) does not have.
+    """
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_names_the_documented_base_url(self) -> Any:
+        upstream = StandInUpstream(reactor, providers=(*KIMI_AND_GEMINI, BetaAdapter))
+        upstream.listen(0, "127.0.0.1")
+        self.addCleanup(upstream.stop)
+        registry = ProviderRegistry.from_settings(Settings(providers=upstream.provider_settings()), reactor)
+        self.addCleanup(registry.close)
+        for adapter in (BetaAdapter, KimiAdapter):
+            behaviour = upstream.behaviour(adapter.id)
+            behaviour.mode, behaviour.error_status, behaviour.error_body = "error", 200, {"object": "list"}
+            result = yield registry.probe(adapter.id)
+            self.assertFalse(result.ok)
+            self.assertIn(
+                f'models listing has no "data" list; does {adapter.base_url_variable} point at '
+                f"{adapter.display_name}'s API (such as {adapter.default_base_url})?",
+                result.error,
+            )
+            self.assertNotIn("ending in /v1", result.error)
 
 
 class RefusalTests(TestCase):

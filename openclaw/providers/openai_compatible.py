@@ -441,9 +441,12 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         document = await self.get_json("models", exchange)
         data = document.get("data") if isinstance(document, dict) else None
         if not isinstance(data, list):
+            # The hint names this provider's documented base URL: where
+            # OpenAI's paths start differs between providers (Moonshot's
+            # ends in /v1, DeepSeek's has no path at all).
             raise MalformedResponse(
                 f'models listing has no "data" list; does {self.base_url_variable} '
-                "point at an OpenAI-compatible API (ending in /v1)?"
+                f"point at {self.display_name}'s API (such as {self.default_base_url})?"
             )
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
