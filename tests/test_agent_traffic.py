@@ -25,7 +25,7 @@ from openclaw.providers.gemini import translate as gemini_translate
 from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.embeddings import unit_length
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
-from openclaw.providers.kimi import REASONING_PLACEHOLDER
+from openclaw.providers.openai_compatible import REASONING_PLACEHOLDER
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
 from tests.support import open_client
 from tests.test_dataplane import DataPlaneTestCase

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import MemoryReactorClock
@@ -29,10 +30,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import openclaw.providers
 from openclaw.consumers.prices import Price, PriceTable, shipped_prices
+from openclaw.dataplane.request import ChatRequest
 from openclaw.providers import BUILTIN_PROVIDERS, GeminiAdapter, KimiAdapter, OpenAICompatibleAdapter
 from openclaw.providers.base import ProviderDeclarationError
 from openclaw.providers.errors import MissingKey
 from openclaw.providers.fetch import Exchange
+from openclaw.providers.openai_compatible import REASONING_PLACEHOLDER, ReasoningKeptWire
 from openclaw.providers.registry import ProviderRegistry
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing import upstream as standin
@@ -397,6 +400,58 @@ class DeclarationTests(SynchronousTestCase):
         self.assertIn("providers 'acme' and 'other' both read ACME_API_KEY", str(caught.exception))
         with self.assertRaises(ProviderDeclarationError):
             Settings(providers=[_defaults(AcmeAdapter), _defaults(Other)], default_provider="acme")
+
+
+CALLED = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}],
+}
+TOOL_LOOP = [{"role": "user", "content": "weather?"}, CALLED, {"role": "tool", "tool_call_id": "c1", "content": "sun"}]
+
+
+class ReasoningKeptWireTests(SynchronousTestCase):
+    """
+    Kimi's rule for its thinking models (a C{reasoning_content} on every
+    assistant message with tool calls) is a wire another OpenAI-compatible
+    provider declares with its own list of thinking models, not a copy.
+    """
+
+    def sent(self, wire: Any, model: str, messages: list[Any]) -> list[Any]:
+        chat = ChatRequest(body={"model": model, "messages": messages}, stream=False, include_usage=False)
+        body = orjson.loads(wire.request_body(chat, model))
+        self.assertEqual(body["model"], model)
+        messages_sent: list[Any] = body["messages"]
+        return messages_sent
+
+    def test_another_providers_thinking_models(self) -> None:
+        wire = ReasoningKeptWire(thinks=lambda model: model.startswith("beta-reasoner"))
+        sent = self.sent(wire, "beta-reasoner", TOOL_LOOP)
+        self.assertEqual(sent[1], {**CALLED, "reasoning_content": REASONING_PLACEHOLDER})
+        self.assertEqual((sent[0], sent[2]), (TOOL_LOOP[0], TOOL_LOOP[2]))
+        self.assertNotIn("reasoning_content", CALLED)
+        # Kept reasoning goes as it is; whitespace only is none.
+        kept = {**CALLED, "reasoning_content": "I should call w."}
+        self.assertEqual(self.sent(wire, "beta-reasoner", [kept])[0], kept)
+        blank = {**CALLED, "reasoning_content": "  "}
+        self.assertEqual(self.sent(wire, "beta-reasoner", [blank])[0]["reasoning_content"], REASONING_PLACEHOLDER)
+        # Not a thinking model: untouched.
+        self.assertEqual(self.sent(wire, "beta-chat", TOOL_LOOP), TOOL_LOOP)
+        # A placeholder of the provider's own.
+        own = ReasoningKeptWire(thinks=lambda model: True, placeholder="(none)")
+        self.assertEqual(self.sent(own, "x", TOOL_LOOP)[1]["reasoning_content"], "(none)")
+
+    def test_kimi_declares_it(self) -> None:
+        """
+        Kimi's wire is this one with Kimi's rule: its C{kimi-*} models get
+        the placeholder, C{moonshot-v1-*} do not.
+        """
+        self.assertIsInstance(KimiAdapter.wire, ReasoningKeptWire)
+        for model in ("kimi-k2.5", "Kimi-K2-Thinking", "kimi-k2-0905-preview"):
+            self.assertEqual(
+                self.sent(KimiAdapter.wire, model, TOOL_LOOP)[1]["reasoning_content"], REASONING_PLACEHOLDER
+            )
+        self.assertEqual(self.sent(KimiAdapter.wire, "moonshot-v1-8k", TOOL_LOOP), TOOL_LOOP)
 
 
 class ListingHintTests(TestCase):

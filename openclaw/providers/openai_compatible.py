@@ -7,12 +7,14 @@ A provider of this kind is a declaration on top of
 L{OpenAICompatibleAdapter}: its id, display name, variables and defaults
 (see L{openclaw.providers.kimi}); one that also serves OpenAI's
 C{POST {base}/embeddings} declares it with
-C{embeddings = OpenAIEmbeddings(default_model=...)}.
+C{embeddings = OpenAIEmbeddings(default_model=...)}; one whose thinking
+models require the C{reasoning_content} of earlier tool-call turns
+declares C{wire = ReasoningKeptWire(thinks=...)}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -366,6 +368,52 @@ class OpenAIStream:
         return [orjson.dumps({**self._head, "object": "chat.completion.chunk", "choices": [], "usage": self.usage})]
 
 
+#: What L{ReasoningKeptWire} gives an assistant message with tool calls as
+#: its C{reasoning_content} when it has none (a history written by another
+#: provider, or by a client that did not keep the field): the equivalent
+#: of Gemini's placeholder thought signature.  Not empty: Moonshot takes an
+#: empty one as missing (earendil-works/pi #4251).
+REASONING_PLACEHOLDER = "(reasoning not kept)"
+
+
+def _with_reasoning(message: Any, placeholder: str) -> Any:
+    if (
+        isinstance(message, dict)
+        and message.get("role") == "assistant"
+        and message.get("tool_calls")
+        and not (isinstance(message.get("reasoning_content"), str) and message["reasoning_content"].strip())
+    ):
+        return {**message, "reasoning_content": placeholder}
+    return message
+
+
+@attrs.frozen(kw_only=True)
+class ReasoningKeptWire(OpenAIWire):
+    """
+    OpenAI's chat format (L{OpenAIWire}), for a provider whose thinking
+    models refuse a history in which an assistant message with tool calls
+    has no C{reasoning_content} (Moonshot's C{kimi-*}: "thinking is
+    enabled but reasoning_content is missing in assistant tool call
+    message at index N"): for a model C{thinks} says is one of those, each
+    such message without one (or with only whitespace) is sent with
+    C{placeholder}; one the client kept goes as it is.  The caller's
+    messages are not changed (a copy is sent).
+    """
+
+    #: Whether a model id (as sent upstream) is one of the provider's
+    #: thinking models: the provider's own rule, from its documentation.
+    thinks: Callable[[str], bool]
+    placeholder: str = REASONING_PLACEHOLDER
+
+    def request_body(self, chat: ChatRequest, model: str) -> bytes:
+        if self.thinks(model):
+            messages = chat.body["messages"]
+            filled = [_with_reasoning(message, self.placeholder) for message in messages]
+            if any(new is not old for new, old in zip(filled, messages, strict=True)):
+                chat = attrs.evolve(chat, body={**chat.body, "messages": filled})
+        return super().request_body(chat, model)
+
+
 @attrs.frozen(kw_only=True)
 class OpenAIEmbeddings:
     """
@@ -451,4 +499,11 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-__all__ = ["OpenAICompatibleAdapter", "OpenAIEmbeddings", "OpenAIStream", "OpenAIWire"]
+__all__ = [
+    "REASONING_PLACEHOLDER",
+    "OpenAICompatibleAdapter",
+    "OpenAIEmbeddings",
+    "OpenAIStream",
+    "OpenAIWire",
+    "ReasoningKeptWire",
+]
