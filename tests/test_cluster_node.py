@@ -181,7 +181,12 @@ class Nodes(TestCase):
         self.clock.advance(0.25)
         failure = self.failureResultOf(switched, StoreUnconfirmed)
         self.assertNotIn("nothing changed", str(failure.value))
-        self.assertTrue(str(failure.value).endswith("; run status before retrying"), failure.value)
+        self.assertTrue(
+            str(failure.value).endswith(
+                "; once the store is back (status's cluster_store up), run status before retrying: until then it shows the route as it was, and the switch may still be made"
+            ),
+            failure.value,
+        )
         self.assertNotIn("token", str(failure.value))
         self.assertEqual((a.route.current, b.route.current), (Route("kimi", "k-1"),) * 2)
 

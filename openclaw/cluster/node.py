@@ -125,7 +125,10 @@ UNCONFIRMED = "cluster store did not confirm the change in time: it may have bee
 #: instance writes the token it adopts to its TOKEN_FILE).
 UNCONFIRMED_HINTS = MappingProxyType(
     {
-        ROUTE: "run status before retrying",
+        ROUTE: (
+            "once the store is back (status's cluster_store up), run status before retrying: until then it shows "
+            "the route as it was, and the switch may still be made"
+        ),
         TOKEN: (
             "once the store is back, read the token in TOKEN_FILE (openclawctl --token-file) or the log's banner "
             "before any other command, as each instance puts a new one there: a command with a revoked token counts "
