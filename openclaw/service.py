@@ -453,7 +453,7 @@ class GatewayService(MultiService):
         self.exit_status = 1
         self._reactor.stop()
 
-    def _consumers_unshared(self) -> str | None:
+    def _consumers_unshared(self) -> str | Deferred[str | None] | None:
         """
         In a cluster whose store is unreachable, what a consumer change
         leaves undone on the other instances (L{SharedConsumers.unshared}).

@@ -7,6 +7,7 @@ the openai SDK, all on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.model import Consumer
-from openclaw.consumers.shared import SharedConsumers, SharedCounters
+from openclaw.consumers.shared import UNSHARED, UNTOLD, SharedConsumers, SharedCounters
 from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
@@ -252,6 +253,24 @@ class ConsumersOnTwoInstances(TestCase):
         yield sleep(1.0)
         yield self.command(on_a, token, "consumer_create", {"name": "later"})
         yield self.reaches(on_b, token, "later")
+
+    @inlineCallbacks
+    def test_revoked_as_redis_stops_answering(self) -> Any:
+        """
+        A key revoked just as Redis stops answering without closing its
+        connections (frozen, as in a partition): the revocation holds on
+        this instance, and its answer says the others may not have been
+        told (it said nothing: they went on taking the key).
+        """
+        (_, token, on_a, api_a), _ = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team"})
+        assert self.redis.process is not None
+        os.kill(self.redis.process.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, self.redis.process.pid, signal.SIGCONT)
+        revoked = yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
+        self.assertIn("restart them to apply it at once", revoked.get("warning", ""), revoked)
+        status = yield self.status(self.sdk(api_a, created["key"]))
+        self.assertEqual(status[0], 401)
 
     @inlineCallbacks
     def test_clock_off_on_one_instance(self) -> Any:
@@ -662,6 +681,35 @@ class OneInstanceAwayTests(TestCase):
         a_channel.connected = True
         a_table.changed("carol")
         self.assertEqual(b_table.refreshes, 3)
+
+    def test_answer_waits_for_the_announcement(self) -> None:
+        """
+        A change made while Redis looks up but has stopped answering (its
+        connection still open, as in a partition): the change's answer
+        waits for its announcement, and warns once it goes unconfirmed
+        (within the store's timeout); one Redis took has no warning.
+        """
+        table, channel, clock = _Table(), _Channel([]), Clock()
+        counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
+        counters.up = True
+        shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
+        table.changed("alice")
+        told = shared.unshared()
+        assert isinstance(told, Deferred)
+        self.assertIsNone(self.successResultOf(told))
+        # Nothing changed since: nothing to wait on.
+        self.assertIsNone(shared.unshared())
+        channel.connected = False  # silent: not noticed, counters.up stays true
+        table.changed("alice")
+        told = shared.unshared()
+        assert isinstance(told, Deferred)
+        self.assertNoResult(told)
+        clock.advance(1.0)
+        self.assertEqual(self.successResultOf(told), UNTOLD)
+        self.assertIn("did not confirm", UNTOLD)
+        # Known down: the warning at once.
+        shared.up(False)
+        self.assertEqual(shared.unshared(), UNSHARED)
 
 
 class _Snapshot:

@@ -123,12 +123,17 @@ class ConsumerCommands:
     The consumer commands of the control plane.
 
     @ivar unshared: in a cluster, what a change made now leaves undone on
-        the other instances (the cluster store is unreachable), for the
-        answer's C{warning}; None when they are told at once.
+        the other instances (the cluster store is unreachable, or did not
+        confirm telling them), for the answer's C{warning}; None when they
+        are told; a Deferred firing with either while its announcement is
+        under way.
     """
 
     def __init__(
-        self, table: ConsumerTable, clock: Callable[[], float], unshared: Callable[[], str | None] = lambda: None
+        self,
+        table: ConsumerTable,
+        clock: Callable[[], float],
+        unshared: Callable[[], str | Deferred[str | None] | None] = lambda: None,
     ) -> None:
         self.table = table
         self.clock = clock
@@ -152,12 +157,17 @@ class ConsumerCommands:
     def _told(
         self, handler: Callable[[object], Result | Deferred[Result]]
     ) -> Callable[[object], Result | Deferred[Result]]:
-        def warned(result: Result) -> Result:
-            unshared = self.unshared()
+        def with_warning(result: Result, unshared: str | None) -> Result:
             if unshared is not None:
                 earlier = result.get("warning")
                 result["warning"] = unshared if earlier is None else f"{earlier}; {unshared}"
             return result
+
+        def warned(result: Result) -> Result | Deferred[Result]:
+            unshared = self.unshared()
+            if isinstance(unshared, Deferred):
+                return unshared.addCallback(lambda settled: with_warning(result, settled))
+            return with_warning(result, unshared)
 
         def changed(data: object) -> Result | Deferred[Result]:
             answer = handler(data)

@@ -440,6 +440,22 @@ class SharedCounters:
         )
 
 
+#: A consumer change's warning while Redis is unreachable (L{SharedConsumers.unshared}).
+UNSHARED = (
+    "the cluster store (Redis) is unreachable: the change is in the database and holds on this "
+    "instance, but the other instances apply it only once Redis is back (until then a revoked key "
+    "or a deleted consumer still works there, and a new key is refused there); restart them to "
+    "apply it at once"
+)
+#: And when Redis did not confirm its announcement in time.
+UNTOLD = (
+    "the cluster store (Redis) did not confirm telling the other instances in time: the change is in the "
+    "database and holds on this instance; the others may apply it only once Redis answers again (until then "
+    "a revoked key or a deleted consumer may still work there, and a new key be refused there); restart them "
+    "to apply it at once"
+)
+
+
 class SharedConsumers:
     """
     Keeps an instance's consumer table in step with the cluster: publishes
@@ -464,23 +480,34 @@ class SharedConsumers:
         #: when it is back (the other instances may never have lost it,
         #: and would not reload by themselves).
         self._unannounced: set[str] = set()
+        #: The announcement of the last change, firing with whether Redis
+        #: took it: what the change's answer waits on (L{unshared}).
+        self._announcing: Deferred[bool] | None = None
         table.changed = self.publish
         counters.unseeded = self.seed
 
-    def unshared(self) -> str | None:
+    def unshared(self) -> str | Deferred[str | None] | None:
         """
-        What a consumer change made now leaves undone elsewhere: None while
-        Redis is up (the other instances are told at once); else a warning
-        for the command's answer.
+        What a consumer change made just now leaves undone elsewhere, for
+        the command's answer: a warning while Redis is unreachable; else,
+        once its announcement is settled (within C{REDIS_TIMEOUT_SECONDS}),
+        None when Redis took it (the other instances are told) and the
+        warning when it did not (a Redis that stopped answering without
+        closing its connection, as in a network partition, still looks up).
         """
-        if self.counters.up:
+        if not self.counters.up:
+            return UNSHARED
+        announcing, self._announcing = self._announcing, None
+        if announcing is None:
             return None
-        return (
-            "the cluster store (Redis) is unreachable: the change is in the database and holds on this "
-            "instance, but the other instances apply it only once Redis is back (until then a revoked key "
-            "or a deleted consumer still works there, and a new key is refused there); restart them to "
-            "apply it at once"
-        )
+        settled: Deferred[str | None] = Deferred()
+
+        def told(sent: bool) -> bool:
+            settled.callback(None if sent else UNTOLD)
+            return sent
+
+        announcing.addCallback(told)
+        return settled
 
     def publish(self, name: str) -> None:
         if not self.counters.up:
@@ -494,20 +521,21 @@ class SharedConsumers:
             )
             return
 
-        def unsent(reason: Failure) -> None:
+        def unsent(reason: Failure) -> bool:
             # Told again when this instance's Redis is back (L{up}): the
             # others may never have lost theirs, and would not reload.
             self._unannounced.add(name)
             self._log.warn(
-                "consumer {name} changed here but the other instances were not told ({error}); "
-                "they are told when this instance's Redis connection is back",
+                "consumer {name} changed here but Redis did not confirm telling the other instances ({error}); "
+                "they are told again when this instance's Redis connection is back",
                 name=name,
                 error=reason.getErrorMessage() or repr(reason.value),
             )
+            return False
 
         sent = self.redis.publish_consumer(self.instance, name)
         sent.addTimeout(self.counters.timeout, self.counters.reactor)
-        sent.addErrback(unsent)
+        self._announcing = sent.addCallbacks(lambda _: True, unsent)
         if self._unannounced:
             # Earlier changes whose announcement failed while Redis seemed
             # up: told with this one.
