@@ -59,6 +59,7 @@ from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
 from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, new_request_id
+from openclaw.dataplane.deadlines import SEND_TIMEOUT, ConnectionDeadlines
 from openclaw.dataplane.errors import APIError, reason_phrase
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
@@ -79,8 +80,6 @@ LINGER_QUIET_SECONDS = 1.0
 #: at L{CLOSE_DEADLINE_SECONDS} from the refusal (nginx's
 #: C{lingering_time}), whichever comes first.
 LINGER_MIN_BYTES = 16 * 1024 * 1024
-#: The setting a large answer's parts are each to be taken within.
-_SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
 #: Seconds a new API connection has to send its first request head before
 #: it counts as keyless (if that head carried no accepted key, it counts
 #: from then on): a client's first head arrives in one round trip, so a
@@ -977,11 +976,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     It keeps the deadlines of an HTTP/1.1 connection: from the moment it
     opens, and from the end of each answer, the next request's head must be
     whole within C{API_HEADER_TIMEOUT_SECONDS}; a body, once its head is
-    in, within C{API_BODY_TIMEOUT_SECONDS}.  Each is one timer of its own
-    (C{callLater}), started once and not restarted by the bytes that
-    trickle in.  Past a deadline the client gets a 408 (if it had begun a
-    request) and the connection is closed.  While a large answer goes out
-    part by part (L{WholeAnswer}), each part must be taken within
+    in, within C{API_BODY_TIMEOUT_SECONDS}.  Each starts once, not
+    restarted by the bytes that trickle in.  Past a deadline the client
+    gets a 408 (if it had begun a request) and the connection is closed.
+    While a large answer goes out part by part (L{WholeAnswer}), each
+    part must be taken within
     C{API_SEND_TIMEOUT_SECONDS} (L{sending}), else the connection is
     aborted.  The same holds for any answer of an HTTP/1.1 connection:
     from its first request it stands as the transport's producer in place
@@ -998,6 +997,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     holds for both: an HTTP/2 stream's head counts for its connection
     (L{APISite.http2_connection}).
 
+    The timers of these deadlines, and of its close, are kept by a plain
+    L{ConnectionDeadlines}: this connection passes its events on to it,
+    and acts at its callbacks (L{_expired}, L{_stalled}, L{_grace_over},
+    L{_keyless_due}).
+
     @ivar protocol: the protocol twisted.web built.
     @ivar transport: the connection's transport, once made.
     @ivar address: the client address it counts against (L{client_address}).
@@ -1011,17 +1015,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: sent none within L{KEYLESS_GRACE_SECONDS}, or speaks HTTP/2 over
     #: other than IP (L{APISite.http2_opened}).
     counted_keyless = False
-    #: The keyless timer is on the grace (then on the keyless deadline).
-    _in_grace = False
-    _keyless_deadline: IDelayedCall | None = None
-    #: The timer of the request's deadlines (L{_arm}).
-    _deadline: IDelayedCall | None = None
-    #: The abort at the end of a polite close (L{close_politely}); once
-    #: set, no other deadline of the connection runs.
-    _close_deadline: IDelayedCall | None = None
-    #: What the deadline in force is for, C{(seconds, setting, part)}; None:
-    #: no deadline (the timer, if any, fires to no effect).
-    _armed: tuple[float, str, str] | None = None
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
     #: The large answer going out, while its send deadline is in force.
@@ -1035,16 +1028,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     #: this connection (L{head_received}); and the transport's reading.
     _channel: IPushProducer | None = None
     _reading: IPushProducer | None = None
-    #: The transport has paused its producer: the client does not take
-    #: what was written.  The request's deadline in force then, if any,
-    #: waits meanwhile (C{(seconds, setting, part)}).
-    _send_paused = False
-    _suspended: tuple[float, str, str] | None = None
-    #: A lingering close (L{close_lingering}) under way: bytes read and
-    #: dropped since it began, when the last came, and its quiet timer.
+    #: A lingering close (L{close_lingering}) under way, or the HTTP/2
+    #: connection ended (L{_http2_ended}): bytes read and dropped since.
     _lingered: int | None = None
-    _last_read = 0.0
-    _quiet: IDelayedCall | None = None
     #: The gateway has begun to close the connection itself (L{_lose}).
     _closing = False
     #: twisted.web's HTTP/2 connection ended the connection, and what comes
@@ -1075,17 +1061,22 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         super().__init__(protocol)
         self._site = site
         self.address = address
+        #: Its timers (L{ConnectionDeadlines}): this connection passes its
+        #: events on, and acts at their callbacks.
+        self._deadlines = ConnectionDeadlines(
+            site.reactor,
+            late=self._expired,
+            stalled=self._stalled,
+            grace_over=self._grace_over,
+            keyless=self._keyless_due,
+        )
 
     def makeConnection(self, transport: ITransport) -> None:
         self.transport = transport
+        limits = self._site.limits
         self._site.opened(self)
-        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
-        # One timer: the grace first, then (moved on) the keyless deadline.
-        site = self._site
-        self._in_grace = site.limits.keyless_grace < site.limits.keyless_timeout
-        self._keyless_deadline = site.reactor.callLater(
-            min(site.limits.keyless_grace, site.limits.keyless_timeout), self._keyless_due
-        )
+        self._deadlines.arm(limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._deadlines.start_keyless(limits.keyless_grace, limits.keyless_timeout)
         # No idle timer for HTTP/1.1: the deadlines above take its place.
         self.protocol.timeOut = None
         self.protocol.makeConnection(transport)
@@ -1101,11 +1092,11 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 # twisted.web's idle timeout, which the HTTP/2 protocol
                 # twisted.web switches to now takes on.
                 self.protocol.timeOut = self._site.limits.http2_idle_timeout
-                self._disarm()
+                self._deadlines.end_request_deadlines()
                 if not self._site.http2_opened(self):
                     # Its requests cannot find it: their keys are not
                     # counted, and it is keyless for its whole life.
-                    self._stop_keyless_deadline()
+                    self._deadlines.stop_keyless()
                     self.count_keyless()
         self.protocol.dataReceived(data)
         if self._http2 and not self._closing and getattr(self.transport, "disconnecting", False):
@@ -1115,13 +1106,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         # First: an answer finished while the protocol handles the loss
         # arms no deadline.
         self._lost = True
-        self._disarm()
         self._sending = None
-        self._stop_keyless_deadline()
-        for deadline in (self._deadline, self._close_deadline, self._quiet):
-            if deadline is not None and deadline.active():
-                deadline.cancel()
-        self._deadline = self._close_deadline = self._quiet = None
+        self._deadlines.lost()
         try:
             self.protocol.connectionLost(reason)
         finally:
@@ -1134,7 +1120,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         """
         if self.keyless:
             self.keyless = False
-            self._stop_keyless_deadline()
+            self._deadlines.stop_keyless()
             if self.counted_keyless:
                 self.counted_keyless = False
                 self._site.key_accepted(self)
@@ -1150,35 +1136,31 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self.counted_keyless = True
             self._site.became_keyless(self)
 
-    def _stop_keyless_deadline(self) -> None:
-        deadline, self._keyless_deadline = self._keyless_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+    def _grace_over(self) -> bool:
+        """
+        L{KEYLESS_GRACE_SECONDS} passed without a head carrying a key: the
+        connection counts as keyless (L{count_keyless}).
 
-    def _keyless_due(self) -> None:
-        self._keyless_deadline = None
+        @return: whether its keyless deadline follows (it is still
+            counted, and open).
+        """
         if not self.keyless or self._sending is not None:
             # A large answer going out has its send deadline instead.
-            return
-        site = self._site
-        if self._in_grace:
-            # The grace is over without a head carrying a key.
-            self._in_grace = False
-            self.count_keyless()
-            if self.counted_keyless and self in site.connections:
-                self._keyless_deadline = site.reactor.callLater(
-                    site.limits.keyless_timeout - site.limits.keyless_grace, self._keyless_due
-                )
+            return False
+        self.count_keyless()
+        return self.counted_keyless and self in self._site.connections
+
+    def _keyless_due(self) -> None:
+        if not self.keyless or self._sending is not None:
+            # A large answer going out has its send deadline instead.
             return
         if self._http2:
             # No answer to write, as HTTP/1.1's 401: closed, with its streams.
             self._close_http2()
             return
-        if self._send_paused:
-            # The request's deadline is the one waiting for the resume.
-            armed, self._suspended = self._suspended, None
-        else:
-            armed, self._armed = self._armed, None
+        # The request's deadline (waiting for the resume, if paused) gives
+        # way to this one.
+        armed = self._deadlines.drop_request_deadline()
         seconds = self._site.limits.keyless_timeout
         if self._started and armed is not None and armed[1] == "API_HEADER_TIMEOUT_SECONDS":
             # A request head begun but not whole: it is late, not keyless
@@ -1211,16 +1193,17 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._channel is None:
             self._produce_for(cast(IPushProducer, channel))
         self._started = True
-        self._disarm()
         if has_body:
-            self._arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+            self._deadlines.arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
+        else:
+            self._deadlines.disarm()
 
     def body_received(self) -> None:
         """
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
-        self._disarm()
+        self._deadlines.disarm()
 
     def response_finished(self) -> None:
         """
@@ -1235,7 +1218,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._close_after_answer:
             self.close_politely()
             return
-        self._arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        self._deadlines.arm(self._site.limits.header_timeout, "API_HEADER_TIMEOUT_SECONDS", "its head")
 
     def _produce_for(self, channel: IPushProducer) -> None:
         """
@@ -1244,7 +1227,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         written to the transport since, so it has not paused it).
         """
         self._channel = channel
-        if self._lost or self._close_deadline is not None:
+        if self._lost or self._deadlines.closing:
             return
         transport = self.tcp
         self._reading = IPushProducer(transport, None)
@@ -1278,11 +1261,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self._channel.pauseProducing()
         if self._reading is not None:
             self._reading.pauseProducing()
-        if self._send_paused or self._lost or self._http2 or self._close_deadline is not None:
-            return
-        self._send_paused = True
-        self._suspended, self._armed = self._armed, None
-        self._set_timer(self._site.limits.send_timeout, _SEND_TIMEOUT, "the answers written")
+        # None over HTTP/2, nor once the connection closes.
+        self._deadlines.pause(self._site.limits.send_timeout, "the answers written")
 
     def resumeProducing(self) -> None:
         """
@@ -1291,13 +1271,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         afresh; twisted.web's channel is resumed (it reads again once no
         request is in hand).
         """
-        if self._send_paused:
-            self._send_paused = False
-            suspended, self._suspended = self._suspended, None
-            if suspended is None:
-                self._armed = None
-            else:
-                self._arm(*suspended)
+        self._deadlines.resume()
         assert self._channel is not None
         self._channel.resumeProducing()
 
@@ -1319,60 +1293,28 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._lost:
             return
         self._sending = answer
-        self._arm(self._site.limits.send_timeout, _SEND_TIMEOUT, "a part of the answer")
+        self._deadlines.arm(self._site.limits.send_timeout, SEND_TIMEOUT, "a part of the answer")
 
-    def _arm(self, seconds: float, setting: str, part: str) -> None:
+    def _stalled(self, seconds: float, setting: str, part: str) -> None:
         """
-        A deadline C{seconds} from now.  One timer per connection, moved
-        (C{IDelayedCall.reset}) rather than cancelled and made again at
-        every step of every request.  None over HTTP/2, nor once the
-        connection closes (L{close_politely}); while the transport has the
-        connection paused, it waits for the resume (L{resumeProducing}).
+        The send deadline passed (L{sending}, L{pauseProducing}): the
+        connection is aborted, the answer going out told.
         """
-        if self._http2 or self._close_deadline is not None:
-            return
-        if self._send_paused:
-            self._suspended = (seconds, setting, part)
-            return
-        self._set_timer(seconds, setting, part)
-
-    def _set_timer(self, seconds: float, setting: str, part: str) -> None:
-        self._armed = (seconds, setting, part)
-        deadline = self._deadline
-        if deadline is not None and deadline.active():
-            deadline.reset(seconds)
-        else:
-            self._deadline = self._site.reactor.callLater(seconds, self._due)
-
-    def _disarm(self) -> None:
-        if self._send_paused:
-            self._suspended = None
-        else:
-            self._armed = None
-
-    def _due(self) -> None:
-        self._deadline = None
-        armed, self._armed = self._armed, None
-        if armed is None:
-            return
-        if armed[1] == _SEND_TIMEOUT:
-            answer, self._sending = self._sending, None
-            if answer is not None:
-                answer.timed_out()
-            elif self._site.context is not None and not self._started:
-                # Answers finished and counted already: the abort is logged
-                # (a call under way, a stream, logs its own ending).
-                self._site.context.log.info(
-                    "API connection from {peer} aborted: its client had not taken all of {part} within "
-                    "{setting} ({seconds:g} s)",
-                    peer=host_of(self.tcp.getPeer()),
-                    part=armed[2],
-                    setting=armed[1],
-                    seconds=armed[0],
-                )
-            self.tcp.abortConnection()
-            return
-        self._expired(*armed)
+        answer, self._sending = self._sending, None
+        if answer is not None:
+            answer.timed_out()
+        elif self._site.context is not None and not self._started:
+            # Answers finished and counted already: the abort is logged
+            # (a call under way, a stream, logs its own ending).
+            self._site.context.log.info(
+                "API connection from {peer} aborted: its client had not taken all of {part} within "
+                "{setting} ({seconds:g} s)",
+                peer=host_of(self.tcp.getPeer()),
+                part=part,
+                setting=setting,
+                seconds=seconds,
+            )
+        self.tcp.abortConnection()
 
     def _expired(self, seconds: float, setting: str, part: str, outcome: str | None = None) -> None:
         self._refused_late(
@@ -1436,7 +1378,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         transport = self.transport
         if (
             self._http2
-            or self._close_deadline is not None
+            or self._deadlines.closing
             or ISSLTransport.providedBy(transport)
             or not ITCPTransport.providedBy(transport)
         ):
@@ -1451,7 +1393,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         connection aborted past L{APILimits.linger_bytes}.
         """
         lingered = self._lingered = (self._lingered or 0) + len(data)
-        self._last_read = self._site.reactor.seconds()
+        self._deadlines.heard()
         if lingered > self._site.limits.linger_bytes:
             if self._ended_by_http2:
                 self._site.http2_flooded(self)
@@ -1510,21 +1452,6 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         closed: reading on, as before.
         """
 
-    def _quiet_due(self) -> None:
-        """
-        L{LINGER_QUIET_SECONDS} after the last bytes of a lingering close
-        (or its start): closed if none came since, else checked again when
-        that much has passed since they did.  One timer, not moved at
-        every read.
-        """
-        reactor = self._site.reactor
-        left = self._last_read + LINGER_QUIET_SECONDS - reactor.seconds()
-        if left > 0:
-            self._quiet = reactor.callLater(left, self._quiet_due)
-            return
-        self._quiet = None
-        self.tcp.loseConnection()
-
     def close_politely(self, linger: bool = False) -> None:
         """
         Close the connection once what was written to it is sent, and abort
@@ -1535,18 +1462,13 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         @param linger: close only the sending side, and read on
             (L{close_lingering}, which checks the transport can).
         """
-        if self._close_deadline is not None:
+        if self._deadlines.closing:
             return
         transport = self.tcp
         if linger:
             self._linger()
         else:
             self._lose()
-        self._disarm()
-        self._stop_keyless_deadline()
-        pending, self._deadline = self._deadline, None
-        if pending is not None and pending.active():
-            pending.cancel()
         # A lingering client gets the time it had for a body it may still be
         # sending (nginx's lingering_time is 30 s too), one without a key
         # no more than any keyless connection; a polite close, the time to
@@ -1556,7 +1478,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             deadline = min(limits.keyless_timeout, limits.body_timeout) if self.keyless else limits.body_timeout
         else:
             deadline = CLOSE_DEADLINE_SECONDS
-        self._close_deadline = self._site.reactor.callLater(deadline, transport.abortConnection)
+        self._deadlines.close(deadline, transport.abortConnection)
 
     def shutting_down(self) -> None:
         """
@@ -1582,13 +1504,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         the transport have it paused), what comes dropped.
         """
         transport = self.tcp
-        reactor = self._site.reactor
         # The transport half-closes only once no producer is registered
         # (twisted.web's channel, or this connection in its place).
         cast(IConsumer, transport).unregisterProducer()
         self._lingered = 0
-        self._last_read = reactor.seconds()
-        self._quiet = reactor.callLater(LINGER_QUIET_SECONDS, self._quiet_due)
+        # Closed once the client sends nothing for LINGER_QUIET_SECONDS.
+        self._deadlines.start_quiet(LINGER_QUIET_SECONDS, transport.loseConnection)
         # The client's end of input is then read as that side's close
         # (readConnectionLost), not as the connection's loss, which would
         # drop an answer not yet all sent.
