@@ -18,6 +18,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from openclaw.consumers.commands import _database_failed
 from openclaw.consumers.store import database_advice, log_database_failure
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GatewayCase
@@ -95,3 +96,22 @@ class UnusableDatabaseTests(TestCase):
         [said] = events
         self.assertNotIn("log_failure", said)
         self.assertIn("attempt to write a readonly database", formatEvent(said))
+
+    def test_refused_change_says_what_to_do(self) -> None:
+        """
+        A change the database refuses for its own trouble (a full disk, an
+        I/O error) is answered with what to do; one refused by a rule of
+        the data (another instance's change just before) is not.
+        """
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorcode = sqlite3.SQLITE_FULL
+        broken = sqlite3.OperationalError("disk I/O error")
+        broken.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+        for error, advice in ((full, "free space on the filesystem"), (broken, "check the disk that holds STATE_DIR")):
+            said = str(_database_failed(Failure(error)).value)
+            self.assertIn(f"the consumers' database refused the change: {error}; nothing was changed", said)
+            self.assertIn(advice, said)
+            self.assertTrue(said.endswith(", and retry"), said)
+        said = str(_database_failed(Failure(sqlite3.IntegrityError("UNIQUE constraint failed: consumers.name"))).value)
+        self.assertEqual(said, "the consumers' database refused the change: UNIQUE constraint failed: consumers.name")
+

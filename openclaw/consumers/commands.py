@@ -18,9 +18,11 @@ as the others and audited like C{switch_provider}:
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import psycopg
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -39,7 +41,7 @@ from openclaw.consumers.model import (
     retired_name,
     shown_key,
 )
-from openclaw.consumers.store import GROUPS, database_error, unreachable
+from openclaw.consumers.store import GROUPS, database_advice, database_error, unreachable
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
@@ -88,7 +90,13 @@ def _database_failed(failure: Failure) -> Failure:
                 "(openclawctl consumer list: a connection lost at the commit may have made it) before retrying"
             )
         )
-    return Failure(CommandError(f"the consumers' database refused the change: {database_error(failure)}"))
+    refused = f"the consumers' database refused the change: {database_error(failure)}"
+    if failure.check(sqlite3.IntegrityError, psycopg.IntegrityError):
+        # A rule of the data's (another instance's change just before):
+        # nothing for the operator to mend.
+        return Failure(CommandError(refused))
+    # The database's own trouble (a full disk, a file it cannot write).
+    return Failure(CommandError(f"{refused}; nothing was changed: {database_advice(failure)}, and retry"))
 
 
 def _database_unread(failure: Failure) -> Failure:
