@@ -114,4 +114,3 @@ class UnusableDatabaseTests(TestCase):
             self.assertTrue(said.endswith(", and retry"), said)
         said = str(_database_failed(Failure(sqlite3.IntegrityError("UNIQUE constraint failed: consumers.name"))).value)
         self.assertEqual(said, "the consumers' database refused the change: UNIQUE constraint failed: consumers.name")
-
