@@ -459,7 +459,19 @@ class GatewayService(MultiService):
         leaves undone on the other instances (L{SharedConsumers.unshared}).
         """
         shared = self.shared_consumers
-        return None if shared is None else shared.unshared()
+        unshared = None if shared is None else shared.unshared()
+        if not (self.settings.redis_url and not self.settings.database_url):
+            return unshared
+        # A cluster without DATABASE_URL: the change is in this instance's
+        # SQLite file only (as L{_warn_about_setup} says at start), said with each change.
+        local = (
+            f"consumers are kept in the SQLite file {sqlite_path(self.settings.state_dir)} (REDIS_URL without "
+            "DATABASE_URL): this change holds only on the instances that use that file; set DATABASE_URL to one "
+            "PostgreSQL database for every instance to share consumers across the cluster"
+        )
+        if isinstance(unshared, Deferred):
+            return unshared.addCallback(lambda said: local if said is None else f"{local}; {said}")
+        return local if unshared is None else f"{local}; {unshared}"
 
     def instance_status(self) -> dict[str, Any]:
         """

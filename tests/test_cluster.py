@@ -192,6 +192,10 @@ class TwoInstances(ClusterCase):
         self.assertEqual(token_b, token)
         on_a = yield self.client(a.port)
         on_b = yield self.client(b.port)
+        # And with each consumer change: its key works where its file is.
+        created = yield on_a.ask(token, "consumer_create", {"name": "team"})
+        self.assertTrue(created["ok"], created)
+        self.assertIn("this change holds only on the instances that use that file", created["result"]["warning"])
         sdk_b = self.sdk(b.api_port)
         model = yield self.chat_model(sdk_b)
         self.assertIn("gemini", model)
