@@ -368,6 +368,24 @@ class UsageTests(SynchronousTestCase):
             self.assertEqual([call.get("id") for call in calls], ["call_1", "call_2", None])
         indexed = chunk({**weather, "index": 0, "function": {**weather["function"], "arguments": "{}"}})
         self.assertEqual(self.events(OpenAIStream(), indexed), [indexed])
+        # Each call's first delta with its index, the rest without: they
+        # continue the call named last; pieces repeating their call's id
+        # continue it too.
+        for rest_id in ({}, {"id": "call_2"}):
+            chunks = [
+                chunk({**weather, "index": 0}),
+                chunk({"function": {"arguments": '{"city": "Oslo"}'}}),
+                chunk({**time, "index": 1}),
+                chunk({**rest, **rest_id}),
+                chunk(finish="tool_calls"),
+            ]
+            out = self.events(OpenAIStream(), *chunks)
+            calls = [call for c in out for call in c["choices"][0]["delta"].get("tool_calls", ())]
+            self.assertEqual([call["index"] for call in calls], [0, 0, 1, 1], rest_id)
+            arguments = ["", "", "", ""]
+            for call in calls:
+                arguments[call["index"]] += call["function"]["arguments"]
+            self.assertEqual(arguments[:2], ['{"city": "Oslo"}', '{"tz": "UTC"}'])
 
     def test_complete_without_done(self) -> None:
         """

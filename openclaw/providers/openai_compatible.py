@@ -207,8 +207,9 @@ class OpenAIStream:
     _unargued: dict[tuple[Any, Any], bool] = attrs.field(factory=dict)
     #: The indexes of the choices that have had their C{finish_reason}.
     _finished: set[int] = attrs.field(factory=set)
-    #: Per choice index, how many tool calls have begun (L{_indexed}).
-    _begun: dict[Any, int] = attrs.field(factory=dict)
+    #: Per choice index: how many tool calls have begun, the index of the
+    #: current one and its id (L{_indexed}).
+    _calls: dict[Any, tuple[int, int, Any]] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -293,18 +294,14 @@ class OpenAIStream:
         C{choices} with an C{index} given to each tool call delta that has
         none (OpenAI's chunks always have one; the openai SDK's stream
         helpers fail without it; Moonshot's API reference leaves it
-        optional): a delta with an C{id} begins the choice's next call,
-        one without continues its last.  L{None} when every delta has one.
+        optional): a delta with an C{id} other than its choice's current
+        call's begins the choice's next call, any other continues the
+        current one.  Deltas with an index are left as they came, and make
+        the call they name the current one.  L{None} when every delta has
+        one.
         """
-        if all(
-            type(call.get("index")) is int
-            for choice in choices
-            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict)
-            for call in (choice["delta"].get("tool_calls") or ())
-            if isinstance(call, dict)
-        ):
-            return None
-        indexed = []
+        indexed: list[Any] = []
+        given = False
         for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             calls = delta.get("tool_calls") if isinstance(delta, dict) else None
@@ -312,18 +309,23 @@ class OpenAIStream:
                 indexed.append(choice)
                 continue
             which = choice.get("index", 0)
-            given = []
+            begun, current, current_id = self._calls.get(which, (0, 0, None))
+            out = []
             for call in calls:
-                if isinstance(call, dict) and type(call.get("index")) is not int:
-                    begun = self._begun.get(which, 0)
-                    if call.get("id"):
-                        self._begun[which] = begun = begun + 1
-                    call = {**call, "index": max(begun - 1, 0)}
-                elif isinstance(call, dict) and call.get("id"):
-                    self._begun[which] = max(self._begun.get(which, 0), call["index"] + 1)
-                given.append(call)
-            indexed.append({**choice, "delta": {**delta, "tool_calls": given}})
-        return indexed
+                if isinstance(call, dict):
+                    index, call_id = call.get("index"), call.get("id")
+                    if type(index) is not int:
+                        if (call_id and call_id != current_id) or not begun:
+                            current, begun = begun, begun + 1
+                        call, given = {**call, "index": current}, True
+                    else:
+                        current, begun = index, max(begun, index + 1)
+                    if call_id:
+                        current_id = call_id
+                out.append(call)
+            self._calls[which] = (begun, current, current_id)
+            indexed.append({**choice, "delta": {**delta, "tool_calls": out}})
+        return indexed if given else None
 
     def _fills(self, document: dict[str, Any], choices: list[Any]) -> list[dict[str, Any]]:
         """
