@@ -329,7 +329,9 @@ class GatewayService(MultiService):
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
         )
-        commands.extra = ConsumerCommands(self.consumers, shared_clock, self._consumers_unshared).handlers()
+        commands.extra = ConsumerCommands(
+            self.consumers, shared_clock, self._consumers_unshared, self._consumers_announced
+        ).handlers()
         commands.excluded_consumers = self.consumers.excluding
         commands.unpriced_consumers = self.consumers.unpriced_budgets
         self._purger: LoopingCall | None = None
@@ -453,14 +455,21 @@ class GatewayService(MultiService):
         self.exit_status = 1
         self._reactor.stop()
 
-    def _consumers_unshared(self) -> str | Deferred[str | None] | None:
+    def _consumers_announced(self) -> int:
+        shared = self.shared_consumers
+        return 0 if shared is None else shared.announced
+
+    def _consumers_unshared(self, since: int) -> str | Deferred[str | None] | None:
         """
         In a cluster whose store is unreachable, what a consumer change
         leaves undone on the other instances (L{SharedConsumers.unshared}).
         """
         shared = self.shared_consumers
-        unshared = None if shared is None else shared.unshared()
-        if not (self.settings.redis_url and not self.settings.database_url):
+        unshared = None if shared is None else shared.unshared(since)
+        cluster = self.cluster
+        if self.settings.database_url or cluster is None or cluster.instances_seen <= self.settings.workers:
+            # Consumers shared, or no instance seen but this gateway's own
+            # workers (which share its SQLite file).
             return unshared
         # A cluster without DATABASE_URL: the change is in this instance's
         # SQLite file only (as L{_warn_about_setup} says at start), said with each change.

@@ -192,8 +192,11 @@ class TwoInstances(ClusterCase):
         self.assertEqual(token_b, token)
         on_a = yield self.client(a.port)
         on_b = yield self.client(b.port)
-        # And with each consumer change: its key works where its file is.
-        created = yield on_a.ask(token, "consumer_create", {"name": "team"})
+        # And with each consumer change once other instances are seen (B
+        # saw A at its first heartbeat): its key works where its file is.
+        status = yield on_b.ask(token, "status")
+        self.assertEqual(status["result"]["instances_seen"], 2, status)
+        created = yield on_b.ask(token, "consumer_create", {"name": "team"})
         self.assertTrue(created["ok"], created)
         self.assertIn("this change holds only on the instances that use that file", created["result"]["warning"])
         sdk_b = self.sdk(b.api_port)
@@ -1332,6 +1335,12 @@ class Workers(TestCase):
         self.assertEqual(len(said), 1, said)
         self.assertIn(b"are kept in the SQLite file ", said[0])
         self.assertIn(b"which this gateway's 2 workers share; instances of the cluster that use another file", said[0])
+        # Both workers see each other, and no other instance: a consumer
+        # change, shared by both, carries no warning.
+        seen = yield self.status_until(port, token, lambda statuses: statuses[-1]["instances_seen"] == 2, pause=0.2)
+        created = yield seen[-1][0].ask(token, "consumer_create", {"name": "team"})
+        self.assertTrue(created["ok"], created)
+        self.assertNotIn("warning", created["result"])
         ended = yield process.stop()
         self.assertIn(ended, (0, -15))
 

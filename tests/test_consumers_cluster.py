@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.model import Consumer
-from openclaw.consumers.shared import UNSHARED, UNTOLD, SharedConsumers, SharedCounters
+from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
 from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
@@ -642,7 +642,7 @@ class OneInstanceAwayTests(TestCase):
         (a, a_table, a_channel), (_, b_table, _) = instances
         a_channel.connected = False
         a.up(False)
-        self.assertIsNotNone(a.unshared())
+        self.assertIsNotNone(a.unshared(a.announced))
         a_table.changed("alice")  # a key revoked on A
         self.assertEqual(b_table.refreshes, 0)
         a_channel.connected = True
@@ -693,15 +693,15 @@ class OneInstanceAwayTests(TestCase):
         counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
         counters.up = True
         shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
+        since = shared.announced
         table.changed("alice")
-        told = shared.unshared()
-        assert isinstance(told, Deferred)
-        self.assertIsNone(self.successResultOf(told))
+        self.assertIsNone(shared.unshared(since))
         # Nothing changed since: nothing to wait on.
-        self.assertIsNone(shared.unshared())
+        self.assertIsNone(shared.unshared(shared.announced))
         channel.connected = False  # silent: not noticed, counters.up stays true
+        since = shared.announced
         table.changed("alice")
-        told = shared.unshared()
+        told = shared.unshared(since)
         assert isinstance(told, Deferred)
         self.assertNoResult(told)
         clock.advance(1.0)
@@ -709,7 +709,47 @@ class OneInstanceAwayTests(TestCase):
         self.assertIn("did not confirm", UNTOLD)
         # Known down: the warning at once.
         shared.up(False)
-        self.assertEqual(shared.unshared(), UNSHARED)
+        self.assertEqual(shared.unshared(shared.announced), UNSHARED)
+
+    def test_no_change_missed(self) -> None:
+        """
+        Whatever else is announced meanwhile (earlier names told again
+        with a change, another command's change), each change's answer
+        warns when its own announcement went unconfirmed, and waits
+        ANSWER_WAIT_SECONDS at most.
+        """
+        table, channel, clock = _Table(), _Channel([]), Clock()
+        counters = SharedCounters(channel, clock, 30.0)  # type: ignore[arg-type]
+        counters.up = True
+        shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
+        channel.connected = False
+        table.changed("bob")
+        clock.advance(30.0)  # bob's announcement unconfirmed: told again with the next change
+        channel.connected = True
+        late: list[Deferred[Any]] = []
+        channel.publish_consumer = lambda instance, name: late.pop(0) if late else succeed(1)  # type: ignore[method-assign]
+        # carol's change: bob's (taken at once) is announced after carol's
+        # own, which Redis never takes.
+        late.append(Deferred())
+        since = shared.announced
+        table.changed("carol")
+        told = shared.unshared(since)
+        assert isinstance(told, Deferred)
+        clock.advance(ANSWER_WAIT_SECONDS)
+        self.assertEqual(self.successResultOf(told), UNTOLD)
+        clock.advance(30.0)
+        # Two commands interleaved: dave's answer waits on erin's too.
+        dave_since = shared.announced
+        late.append(Deferred())
+        table.changed("dave")
+        erin_since = shared.announced
+        table.changed("erin")
+        self.assertIsNone(shared.unshared(erin_since))
+        told = shared.unshared(dave_since)
+        assert isinstance(told, Deferred)
+        self.assertNoResult(told)
+        clock.advance(ANSWER_WAIT_SECONDS)
+        self.assertEqual(self.successResultOf(told), UNTOLD)
 
 
 class _Snapshot:

@@ -18,11 +18,9 @@ as the others and audited like C{switch_provider}:
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import psycopg
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -41,7 +39,7 @@ from openclaw.consumers.model import (
     retired_name,
     shown_key,
 )
-from openclaw.consumers.store import GROUPS, database_advice, database_error, unreachable
+from openclaw.consumers.store import GROUPS, database_error, sqlite_file_advice, unreachable
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
@@ -91,12 +89,12 @@ def _database_failed(failure: Failure) -> Failure:
             )
         )
     refused = f"the consumers' database refused the change: {database_error(failure)}"
-    if failure.check(sqlite3.IntegrityError, psycopg.IntegrityError):
-        # A rule of the data's (another instance's change just before):
-        # nothing for the operator to mend.
-        return Failure(CommandError(refused))
-    # The database's own trouble (a full disk, a file it cannot write).
-    return Failure(CommandError(f"{refused}; nothing was changed: {database_advice(failure)}, and retry"))
+    advice = sqlite_file_advice(failure)
+    if advice is not None:
+        # SQLite's file cannot take it (full, not writable): the
+        # transaction was rolled back.
+        return Failure(CommandError(f"{refused}; nothing was changed: {advice}, and retry"))
+    return Failure(CommandError(refused))
 
 
 def _database_unread(failure: Failure) -> Failure:
@@ -130,22 +128,26 @@ class ConsumerCommands:
     """
     The consumer commands of the control plane.
 
-    @ivar unshared: in a cluster, what a change made now leaves undone on
-        the other instances (the cluster store is unreachable, or did not
-        confirm telling them), for the answer's C{warning}; None when they
-        are told; a Deferred firing with either while its announcement is
-        under way.
+    @ivar unshared: in a cluster, what the changes made since
+        C{announced()} read its argument leave undone on the other
+        instances (the cluster store is unreachable, or did not confirm
+        telling them), for the answer's C{warning}; None when they are
+        told; a Deferred firing with either while an announcement is under
+        way (L{openclaw.consumers.shared.SharedConsumers.unshared}).
+    @ivar announced: how many changes this instance has announced so far.
     """
 
     def __init__(
         self,
         table: ConsumerTable,
         clock: Callable[[], float],
-        unshared: Callable[[], str | Deferred[str | None] | None] = lambda: None,
+        unshared: Callable[[int], str | Deferred[str | None] | None] = lambda since: None,
+        announced: Callable[[], int] = lambda: 0,
     ) -> None:
         self.table = table
         self.clock = clock
         self.unshared = unshared
+        self.announced = announced
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
         handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
@@ -171,15 +173,16 @@ class ConsumerCommands:
                 result["warning"] = unshared if earlier is None else f"{earlier}; {unshared}"
             return result
 
-        def warned(result: Result) -> Result | Deferred[Result]:
-            unshared = self.unshared()
+        def warned(result: Result, since: int) -> Result | Deferred[Result]:
+            unshared = self.unshared(since)
             if isinstance(unshared, Deferred):
                 return unshared.addCallback(lambda settled: with_warning(result, settled))
             return with_warning(result, unshared)
 
         def changed(data: object) -> Result | Deferred[Result]:
+            since = self.announced()
             answer = handler(data)
-            return answer.addCallback(warned) if isinstance(answer, Deferred) else warned(answer)
+            return answer.addCallback(warned, since) if isinstance(answer, Deferred) else warned(answer, since)
 
         return changed
 

@@ -447,6 +447,9 @@ UNSHARED = (
     "or a deleted consumer still works there, and a new key is refused there); restart them to "
     "apply it at once"
 )
+#: How long a change's answer waits for its announcement at most (an
+#: C{openclawctl} waits 10 s for an answer by default).
+ANSWER_WAIT_SECONDS = 5.0
 #: And when Redis did not confirm its announcement in time.
 UNTOLD = (
     "the cluster store (Redis) did not confirm telling the other instances in time: the change is in the "
@@ -482,32 +485,54 @@ class SharedConsumers:
         self._unannounced: set[str] = set()
         #: The announcement of the last change, firing with whether Redis
         #: took it: what the change's answer waits on (L{unshared}).
-        self._announcing: Deferred[bool] | None = None
+        #: How many announcements this instance has made (L{unshared}'s
+        #: C{since}), the serial of the last one Redis did not take, and
+        #: those under way.
+        self.announced = 0
+        self._untold = 0
+        self._in_flight: dict[Deferred[bool], int] = {}
         table.changed = self.publish
         counters.unseeded = self.seed
 
-    def unshared(self) -> str | Deferred[str | None] | None:
+    def unshared(self, since: int) -> str | Deferred[str | None] | None:
         """
-        What a consumer change made just now leaves undone elsewhere, for
-        the command's answer: a warning while Redis is unreachable; else,
-        once its announcement is settled (within C{REDIS_TIMEOUT_SECONDS}),
-        None when Redis took it (the other instances are told) and the
-        warning when it did not (a Redis that stopped answering without
-        closing its connection, as in a network partition, still looks up).
+        What the consumer changes made since L{announced} read C{since}
+        leave undone elsewhere, for the command's answer: a warning while
+        Redis is unreachable; else, once the announcements under way are
+        settled (each within C{REDIS_TIMEOUT_SECONDS}; the answer waits
+        L{ANSWER_WAIT_SECONDS} at most), None when Redis took every one
+        made since (the other instances are told) and a warning when it did
+        not take one (a Redis that stopped answering without closing its
+        connection, as in a network partition, still looks up).  A change
+        made meanwhile by another command may add its warning; none is missed.
         """
+        waiting = {announcing for announcing, serial in self._in_flight.items() if serial > since}
+        if not waiting or not self.counters.up:
+            return self._said(since, waiting)
+        answer: Deferred[str | None] = Deferred()
+
+        def settled(told: object) -> object:
+            if not answer.called and not waiting & self._in_flight.keys():
+                timer.cancel()
+                answer.callback(self._said(since, waiting))
+            return told
+
+        def late() -> None:
+            if not answer.called:
+                answer.callback(self._said(since, waiting))
+
+        timer = self.counters.reactor.callLater(min(self.counters.timeout, ANSWER_WAIT_SECONDS), late)
+        for announcing in waiting:
+            announcing.addBoth(settled)
+        return answer
+
+    def _said(self, since: int, waited: set[Deferred[bool]]) -> str | None:
         if not self.counters.up:
             return UNSHARED
-        announcing, self._announcing = self._announcing, None
-        if announcing is None:
-            return None
-        settled: Deferred[str | None] = Deferred()
-
-        def told(sent: bool) -> bool:
-            settled.callback(None if sent else UNTOLD)
-            return sent
-
-        announcing.addCallback(told)
-        return settled
+        if self._untold > since or waited & self._in_flight.keys():
+            # Not taken, or not known to be yet.
+            return UNTOLD
+        return None
 
     def publish(self, name: str) -> None:
         if not self.counters.up:
@@ -535,7 +560,18 @@ class SharedConsumers:
 
         sent = self.redis.publish_consumer(self.instance, name)
         sent.addTimeout(self.counters.timeout, self.counters.reactor)
-        self._announcing = sent.addCallbacks(lambda _: True, unsent)
+        self.announced += 1
+        serial = self.announced
+        announcing = sent.addCallbacks(lambda _: True, unsent)
+        self._in_flight[announcing] = serial
+
+        def settled(told: object) -> object:
+            self._in_flight.pop(announcing, None)
+            if told is not True:
+                self._untold = max(self._untold, serial)
+            return told
+
+        announcing.addBoth(settled)
         if self._unannounced:
             # Earlier changes whose announcement failed while Redis seemed
             # up: told with this one.
