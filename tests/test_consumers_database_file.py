@@ -99,9 +99,10 @@ class UnusableDatabaseTests(TestCase):
 
     def test_refused_change_says_what_to_do(self) -> None:
         """
-        A change the database refuses for its own trouble (a full disk, an
-        I/O error) is answered with what to do; one refused by a rule of
-        the data (another instance's change just before) is not.
+        A change SQLite refuses for its file's trouble (a full disk, an I/O
+        error) is answered with what to do, and as not made; one refused by
+        a rule of the data (another instance's change just before), or by
+        any other error, is not.
         """
         full = sqlite3.OperationalError("database or disk is full")
         full.sqlite_errorcode = sqlite3.SQLITE_FULL
@@ -112,5 +113,8 @@ class UnusableDatabaseTests(TestCase):
             self.assertIn(f"the consumers' database refused the change: {error}; nothing was changed", said)
             self.assertIn(advice, said)
             self.assertTrue(said.endswith(", and retry"), said)
+        # Nor one that may have come after the commit: not said to be undone.
+        said = str(_database_failed(Failure(RuntimeError("a fault after the commit"))).value)
+        self.assertNotIn("nothing was changed", said)
         said = str(_database_failed(Failure(sqlite3.IntegrityError("UNIQUE constraint failed: consumers.name"))).value)
         self.assertEqual(said, "the consumers' database refused the change: UNIQUE constraint failed: consumers.name")

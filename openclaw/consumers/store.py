@@ -348,7 +348,12 @@ _SQLITE_FILE_ADVICE: Mapping[int, str] = MappingProxyType(
 )
 
 
-def _sqlite_file_advice(reason: Failure) -> str | None:
+def sqlite_file_advice(reason: Failure) -> str | None:
+    """
+    What to do about C{reason} when it is SQLite's saying its file cannot
+    be used (L{_SQLITE_FILE_ADVICE}: full, not writable, corrupt, locked);
+    else None.
+    """
     # sqlite_errorcode: the extended result code, the primary in its low byte.
     code = getattr(reason.value, "sqlite_errorcode", None) if reason.check(sqlite3.Error) else None
     return None if code is None else _SQLITE_FILE_ADVICE.get(code & 0xFF)
@@ -361,7 +366,7 @@ def database_advice(reason: Failure) -> str:
     database, not writable, disk full: its result code), what fits it;
     else to check C{DATABASE_URL} or C{STATE_DIR}.
     """
-    advice = _sqlite_file_advice(reason)
+    advice = sqlite_file_advice(reason)
     if advice is not None:
         return advice
     if reason.check(NewerSchema):
@@ -383,7 +388,7 @@ def log_database_failure(
     (L{database_advice}).
     """
     fields.setdefault("advice", database_advice(reason))
-    if unreachable(reason) or _sqlite_file_advice(reason) is not None or reason.check(NewerSchema):
+    if unreachable(reason) or sqlite_file_advice(reason) is not None or reason.check(NewerSchema):
         log.emit(log_level, format, error=database_error(reason), **fields)
     else:
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
@@ -1096,5 +1101,6 @@ __all__ = [
     "log_database_failure",
     "postgres_conninfo",
     "sqlite_file",
+    "sqlite_file_advice",
     "unreachable",
 ]
