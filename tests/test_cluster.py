@@ -174,6 +174,20 @@ class ClusterCase(TestCase):
             yield sleep(0.05)
 
 
+@inlineCallbacks
+def consumer_created(client: Any, token: str, name: str, seconds: float = 15) -> Any:
+    """
+    C{consumer_create} of C{name} on C{client}, asked again while the
+    instance has not loaded its consumers yet (it answers so at start).
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = yield client.ask(token, "consumer_create", {"name": name})
+        if answer["ok"] or "not loaded yet" not in answer.get("error", "") or time.monotonic() > deadline:
+            return answer
+        yield sleep(0.1)
+
+
 class TwoInstances(ClusterCase):
     @inlineCallbacks
     def test_switch_and_rotate_reach_the_other_instance(self):
@@ -196,7 +210,7 @@ class TwoInstances(ClusterCase):
         # saw A at its first heartbeat): its key works where its file is.
         status = yield on_b.ask(token, "status")
         self.assertEqual(status["result"]["instances_seen"], 2, status)
-        created = yield on_b.ask(token, "consumer_create", {"name": "team"})
+        created = yield consumer_created(on_b, token, "team")
         self.assertTrue(created["ok"], created)
         self.assertIn("this change holds only on the instances that use that file", created["result"]["warning"])
         sdk_b = self.sdk(b.api_port)
@@ -1338,7 +1352,7 @@ class Workers(TestCase):
         # Both workers see each other, and no other instance: a consumer
         # change, shared by both, carries no warning.
         seen = yield self.status_until(port, token, lambda statuses: statuses[-1]["instances_seen"] == 2, pause=0.2)
-        created = yield seen[-1][0].ask(token, "consumer_create", {"name": "team"})
+        created = yield consumer_created(seen[-1][0], token, "team")
         self.assertTrue(created["ok"], created)
         self.assertNotIn("warning", created["result"])
         ended = yield process.stop()
