@@ -12,14 +12,19 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+import psycopg
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.commands import _database_failed
+from openclaw.consumers.commands import ConsumerCommands, _database_failed
+from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import database_advice, log_database_failure
+from openclaw.consumers.table import ConsumerTable
+from openclaw.control.commands import CommandError
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
@@ -113,8 +118,74 @@ class UnusableDatabaseTests(TestCase):
             self.assertIn(f"the consumers' database refused the change: {error}; nothing was changed", said)
             self.assertIn(advice, said)
             self.assertTrue(said.endswith(", and retry"), said)
+        said = str(_database_failed(Failure(psycopg.errors.ReadOnlySqlTransaction("read-only transaction"))).value)
+        self.assertIn("nothing was changed: DATABASE_URL names a database that takes no writes", said)
         # Nor one that may have come after the commit: not said to be undone.
         said = str(_database_failed(Failure(RuntimeError("a fault after the commit"))).value)
         self.assertNotIn("nothing was changed", said)
         said = str(_database_failed(Failure(sqlite3.IntegrityError("UNIQUE constraint failed: consumers.name"))).value)
         self.assertEqual(said, "the consumers' database refused the change: UNIQUE constraint failed: consumers.name")
+
+
+class _RefusingStore:
+    """
+    A store whose writes the database refuses (full), until C{full} is false.
+    """
+
+    def __init__(self) -> None:
+        self.full = True
+
+    def _written(self, value: Any) -> Deferred[Any]:
+        if self.full:
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorcode = sqlite3.SQLITE_FULL
+            return fail(error)
+        return succeed(value)
+
+    def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
+        return self._written(1)
+
+    def delete(self, name: str, retired: str) -> Deferred[None]:
+        return self._written(None)
+
+
+class RefusedChangeTests(TestCase):
+    """
+    A key revocation or a delete the database refuses changes nothing,
+    here as there: the key still works (it worked again at the next
+    restart, and the retry was refused as naming no key), and the retry
+    once the database can write does it.
+    """
+
+    def setUp(self) -> None:
+        self.store = _RefusingStore()
+        self.table = ConsumerTable(self.store, PriceTable.with_overrides({}), clock=lambda: 1000.0)  # type: ignore[arg-type]
+        self.table.loaded = True
+        self.table.consumers["team"] = Consumer("team", created_at=900.0)
+        self.key = NewKey.make()
+        self.table.keys[self.key.hash] = ("team", self.key.prefix)
+        self.commands = ConsumerCommands(self.table, clock=lambda: 1000.0).handlers()
+
+    def refused(self, cmd: str, data: dict[str, Any]) -> str:
+        failure = self.failureResultOf(self.commands[cmd](data), CommandError)
+        return str(failure.value)
+
+    def test_revoke(self) -> None:
+        said = self.refused("key_revoke", {"name": "team", "key_prefix": self.key.prefix})
+        self.assertIn("nothing was changed: free space", said)
+        self.assertIsNotNone(self.table.identify(self.key.key.encode()))
+        self.store.full = False
+        revoked = self.successResultOf(self.commands["key_revoke"]({"name": "team", "key_prefix": self.key.prefix}))
+        self.assertEqual(revoked["keys_left"], 0)
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+
+    def test_delete(self) -> None:
+        said = self.refused("consumer_delete", {"name": "team"})
+        self.assertIn("nothing was changed: free space", said)
+        self.assertIsNotNone(self.table.identify(self.key.key.encode()))
+        self.assertIn("team", self.table.consumers)
+        self.store.full = False
+        deleted = self.successResultOf(self.commands["consumer_delete"]({"name": "team"}))
+        self.assertEqual(deleted["deleted"], "team")
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+        self.assertNotIn("team", self.table.consumers)

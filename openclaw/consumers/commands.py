@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import psycopg
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -90,8 +91,13 @@ def _database_failed(failure: Failure) -> Failure:
         )
     refused = f"the consumers' database refused the change: {database_error(failure)}"
     advice = sqlite_file_advice(failure)
+    if advice is None and failure.check(psycopg.errors.ReadOnlySqlTransaction):
+        advice = (
+            "DATABASE_URL names a database that takes no writes (a standby, or one with "
+            "default_transaction_read_only on): point it at the primary, or make it writable"
+        )
     if advice is not None:
-        # SQLite's file cannot take it (full, not writable): the
+        # The database cannot take it (full, not writable): the
         # transaction was rolled back.
         return Failure(CommandError(f"{refused}; nothing was changed: {advice}, and retry"))
     return Failure(CommandError(refused))
@@ -251,16 +257,18 @@ class ConsumerCommands:
         if consumer is None:
             known = self._known("none yet; create one with consumer_create")
             raise CommandError(f"no consumer named {name!r}; consumers: {known}")
+        if name in self.table.deleting:
+            raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         return consumer
 
     def consumer_create(self, data: object) -> Deferred[Result]:
         fields = _data(data)
         name = _name(fields, check_new_name)
+        if name in self.table.deleting:
+            # Its delete waits for the database (and a write of usage rows under way).
+            raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         if name in self.table.consumers:
             raise CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
-        if name in self.table.deleting:
-            # Its delete waits for a write of usage rows under way.
-            raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         try:
             consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
         except InvalidConsumer as e:

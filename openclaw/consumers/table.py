@@ -508,6 +508,7 @@ class ConsumerTable:
             new = snapshot.consumers.get(name)
             if new is None or new.created_at != old.created_at:
                 self._retire(old)
+                self.counters.forget(name)
         self.consumers = snapshot.consumers
         self.keys = snapshot.keys
         self.counters.load(snapshot.spend)
@@ -645,7 +646,7 @@ class ConsumerTable:
             return None
         name, prefix = entry
         consumer = self.consumers.get(name)
-        if consumer is None:
+        if consumer is None or name in self.deleting:
             return None
         if consumer.expired(self.clock()):
             expired = APIError(
@@ -1014,27 +1015,35 @@ class ConsumerTable:
             else row
             for row in self._pending
         ]
-        self.counters.forget(name)
 
     def delete(self, name: str) -> Deferred[None]:
         """
         Delete a consumer: its keys, counters and spend go; its usage rows
         are kept under its retired name (L{retired_name}), so that one
-        created again under C{name} starts from nothing.
+        created again under C{name} starts from nothing.  Its keys are
+        refused from the start (L{deleting}); it leaves the table once the
+        database has the delete, and is served again if the database
+        refuses it (nothing changed, but its rows not written yet, which
+        go under the retired name).
         """
-        # Out of the table first: refused from now on, whatever the database says.
-        consumer = self.consumers.pop(name)
-        # The name is not free until the database has the delete.
+        consumer = self.consumers[name]
+        # Refused from now on (identify), and the name not free, until the
+        # database has the delete.
         self.deleting.add(name)
-        self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
         self._retire(consumer)
-        self.counters.deleted(consumer, self.clock())
         # After a write under way (its rows still carry the name).
         waiting = self._flushing if self._flushing is not None else succeed(None)
         writing: Deferred[None] = Deferred()
         waiting.addBoth(lambda _: writing.callback(None))
 
         def deleted(_: None) -> None:
+            # Rows of calls that were under way when the delete began too.
+            self._retire(consumer)
+            if self.consumers.get(name) is consumer:
+                del self.consumers[name]
+                self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
+            # Its counters (here, and in Redis) go with it.
+            self.counters.deleted(consumer, self.clock())
             self.changed(name)
 
         def written(result: object) -> object:
@@ -1055,13 +1064,17 @@ class ConsumerTable:
         return self.store.add_key(name, key.hash, key.prefix, self.clock()).addCallback(added)
 
     def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
-        before = len(self.keys)
-        self.keys = {h: entry for h, entry in self.keys.items() if entry != (name, prefix)}
-        revoked_here = before - len(self.keys)
+        """
+        Revoke the key of consumer C{name} whose prefix is C{prefix}: out
+        of the table once the database has it (refused by the database,
+        the key is left as it was, here as there).
+        """
 
         def revoked(count: int) -> int:
+            before = len(self.keys)
+            self.keys = {h: entry for h, entry in self.keys.items() if entry != (name, prefix)}
             self.changed(name)
-            return max(count, revoked_here)
+            return max(count, before - len(self.keys))
 
         return self.store.revoke_key(name, prefix).addCallback(revoked)
 
