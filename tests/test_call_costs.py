@@ -340,6 +340,9 @@ class UsageTests(SynchronousTestCase):
         finishing = {key: value for key, value in chunks[1].items() if key != "usage"}
         self.assertEqual(self.events(stream, *chunks), [chunks[0], finishing])
         self.assertEqual(stream.usage, usage)
+        # Beside the choices and inside the first too (Moonshot's copy): taken from both.
+        both = {**chunks[1], "choices": [{**chunks[1]["choices"][0], "usage": usage}]}
+        self.assertEqual(self.events(OpenAIStream(include_usage=False), chunks[0], both), [chunks[0], finishing])
 
     def test_tool_calls_without_index_given_one(self) -> None:
         """
@@ -386,6 +389,15 @@ class UsageTests(SynchronousTestCase):
             for call in calls:
                 arguments[call["index"]] += call["function"]["arguments"]
             self.assertEqual(arguments[:2], ['{"city": "Oslo"}', '{"tz": "UTC"}'])
+            # The id on the first piece of each call only, as OpenAI sends it
+            # (the SDK joins ids it gets again: "call_2call_2").
+            self.assertEqual([call.get("id") for call in calls], ["call_1", None, "call_2", None])
+        # Pieces with their index that repeat their call's id, type and name.
+        repeated = {**time, "index": 0, "function": {"name": "get_time", "arguments": ' "UTC"}'}}
+        out = self.events(OpenAIStream(), chunk({**time, "index": 0}), chunk(repeated))
+        self.assertEqual(
+            out[1]["choices"][0]["delta"]["tool_calls"], [{"index": 0, "function": {"arguments": ' "UTC"}'}}]
+        )
 
     def test_complete_without_done(self) -> None:
         """

@@ -102,6 +102,18 @@ def _calls_tools(choice: Any) -> bool:
     return bool(isinstance(said, dict) and said.get("tool_calls")) or choice.get("finish_reason") == "tool_calls"
 
 
+def _continued(call: dict[str, Any]) -> dict[str, Any]:
+    """
+    A streamed tool call delta that continues its call, without the
+    C{id}, C{type} and C{function.name} it repeated.
+    """
+    continued = {key: value for key, value in call.items() if key not in ("id", "type")}
+    function = call.get("function")
+    if isinstance(function, dict) and "name" in function:
+        continued["function"] = {key: value for key, value in function.items() if key != "name"}
+    return continued
+
+
 def _fill_empty_arguments(choices: list[Any]) -> bool:
     """
     Give each whole answer's tool call that has L{no_arguments} OpenAI's
@@ -258,6 +270,10 @@ class OpenAIStream:
                 document, rewritten = {**document, "usage": None}, True
                 if not self.include_usage:
                     del document["usage"]
+                if isinstance(choices, list) and isinstance(choices[0], dict) and "usage" in choices[0]:
+                    # Moonshot's copy inside the choice too: not OpenAI's.
+                    first = {key: value for key, value in choices[0].items() if key != "usage"}
+                    choices = document["choices"] = [first, *choices[1:]]
         elif isinstance(choices, list) and choices and isinstance(choices[0], dict) and "usage" in choices[0]:
             first = dict(choices[0])
             usage = first.pop("usage")
@@ -296,9 +312,10 @@ class OpenAIStream:
         helpers fail without it; Moonshot's API reference leaves it
         optional): a delta with an C{id} other than its choice's current
         call's begins the choice's next call, any other continues the
-        current one.  Deltas with an index are left as they came, and make
-        the call they name the current one.  L{None} when every delta has
-        one.
+        current one.  Deltas with an index keep it, and make the call they
+        name the current one.  A piece that repeats its call's C{id} loses
+        it (and the C{type} and name it repeats: L{_continued}).  L{None}
+        when nothing is changed.
         """
         indexed: list[Any] = []
         given = False
@@ -317,8 +334,15 @@ class OpenAIStream:
                     if type(index) is not int:
                         if (call_id and call_id != current_id) or not begun:
                             current, begun = begun, begun + 1
+                        elif call_id:
+                            # A piece repeating its call's id (and type,
+                            # name): OpenAI sends them on the first piece
+                            # only, and the SDK joins what it gets again.
+                            call = _continued(call)
                         call, given = {**call, "index": current}, True
                     else:
+                        if call_id and call_id == current_id and index == current and begun > index:
+                            call, given = _continued(call), True
                         current, begun = index, max(begun, index + 1)
                     if call_id:
                         current_id = call_id
