@@ -75,10 +75,11 @@ ControlRefusal = Literal[
 CONTROL_REFUSALS: tuple[ControlRefusal, ...] = get_args(ControlRefusal)
 #: Why an API connection was closed as it opened, or to make room: the
 #: C{reason} label of C{openclaw_api_refused_connections_total}, each the
-#: limit it hit (C{API_MAX_CONNECTIONS}, C{API_MAX_CONNECTIONS_PER_ADDRESS},
-#: C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}, and C{api_keyless_share}: the
+#: limit it hit (C{API_MAX_CONNECTIONS}: a newcomer refused, or the oldest
+#: keyless connection closed to make room for it; C{API_MAX_CONNECTIONS_PER_ADDRESS};
+#: C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}; and C{api_keyless_share}: the
 #: oldest keyless connection closed when keyless ones hold half of
-#: C{API_MAX_CONNECTIONS}, or when the cap is full).
+#: C{API_MAX_CONNECTIONS}).
 APIRefusal = Literal[
     "api_max_connections",
     "api_max_connections_per_address",

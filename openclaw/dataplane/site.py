@@ -1700,7 +1700,7 @@ class APISite(Site):
                 self._refused("api_max_connections")
                 return RefusedConnection()
             # Room for the newcomer: the oldest keyless one goes.
-            self._evict(next(iter(self._keyless_order)))
+            self._evict(next(iter(self._keyless_order)), "api_max_connections")
         return APIConnection(super().buildProtocol(addr), self, address)
 
     def admit_stream(self, request: APIRequest) -> APIError | None:
@@ -1774,15 +1774,19 @@ class APISite(Site):
             self._refused("api_keyless_connections_per_address")
             return
         if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
-            self._evict(next(iter(self._keyless_order)))
+            self._evict(next(iter(self._keyless_order)), "api_keyless_share")
         self._count_keyless(connection, 1)
 
-    def _evict(self, oldest: APIConnection) -> None:
+    def _evict(self, oldest: APIConnection, reason: APIRefusal) -> None:
+        """
+        Close C{oldest}, the oldest keyless connection, to make room:
+        counted and logged under C{reason}, the limit reached.
+        """
         self._count_keyless(oldest, -1)
         oldest.counted_keyless = False
         oldest.keyless = False
         oldest.abort()
-        self._refused("api_keyless_share")
+        self._refused(reason)
 
     def _refused(self, reason: APIRefusal) -> None:
         if self.context is not None:
