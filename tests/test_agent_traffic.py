@@ -26,7 +26,7 @@ from openclaw.providers.gemini.callids import carried
 from openclaw.providers.gemini.embeddings import unit_length
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
 from openclaw.providers.openai_compatible import REASONING_PLACEHOLDER
-from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
+from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer, schema_instance
 from tests.support import open_client
 from tests.test_dataplane import DataPlaneTestCase
 
@@ -485,13 +485,14 @@ class ForcedCallTests(DataPlaneTestCase):
         globalLogPublisher.addObserver(logged.append)
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         client = self.sdk(self.gateway(default_provider=provider))
-        for choice, name in (
-            ("required", "get_weather"),
-            ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+        for choice, name, arguments in (
+            # Arguments valid against the function's parameters.
+            ("required", "get_weather", schema_instance(WEATHER_SCHEMA, WEATHER_SCHEMA, "text")),
+            ({"type": "function", "function": {"name": "get_time"}}, "get_time", {}),
         ):
             first = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, tool_choice=choice)
             self.assertEqual(first["finishes"], ["tool_calls"])
-            self.assertEqual([(c["name"], c["arguments"]) for c in first["calls"]], [(name, "{}")])
+            self.assertEqual([(c["name"], json.loads(c["arguments"])) for c in first["calls"]], [(name, arguments)])
             messages = [*QUESTION, echoed(first), *results(first)]
             second = yield deferToThread(ask, client, messages, stream, tools=TOOLS, tool_choice="auto")
             self.assertEqual((second["content"], second["finishes"]), ("Hello from the stand-in.", ["stop"]))

@@ -764,14 +764,16 @@ def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenA
     (L{_web_search}) when C{$web_search} is declared; else a call of the
     function a C{tool_choice} forces (C{"required"}: the first tool; a
     named function; C{allowed_tools} with mode C{"required"}: the first
-    of them), with arguments C{{}}, so a tool loop can be tried by hand;
+    of them), with arguments valid against its C{parameters}
+    (L{schema_instance}; C{{}} without), so a tool loop can be tried by hand;
     else the C{reply}.
     """
     choice = body.get("tool_choice")
     searched = _web_search(body, behaviour) if choice != "none" else None
     if searched is not None:
         return searched
-    tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or () if isinstance(t, dict)]
+    functions = [t.get("function") or {} for t in body.get("tools") or () if isinstance(t, dict)]
+    tools = [function.get("name") for function in functions]
     name = None
     if choice == "required" and tools:
         name = tools[0]
@@ -783,7 +785,9 @@ def _openai_default(body: dict[str, Any], behaviour: ProviderBehaviour) -> OpenA
             name = (allowed["tools"][0].get("function") or {}).get("name")
     if not isinstance(name, str):
         return OpenAIAnswer(_structured_reply(_openai_schema(body.get("response_format")), behaviour))
-    call = {"id": f"call_standin_{len(behaviour.bodies)}", "name": name, "arguments": "{}"}
+    parameters = next((f.get("parameters") for f in functions if f.get("name") == name), None)
+    arguments = json.dumps(schema_instance(parameters, parameters, "text") or {}) if parameters else "{}"
+    call = {"id": f"call_standin_{len(behaviour.bodies)}", "name": name, "arguments": arguments}
     return OpenAIAnswer(None, (call,))
 
 
@@ -1013,19 +1017,25 @@ def _gemini_forced(body: dict[str, Any], behaviour: ProviderBehaviour) -> Gemini
     """
     A call of the function C{toolConfig.functionCallingConfig} forces
     (mode C{ANY}: the first of C{allowedFunctionNames}, else the first
-    declared), with C{args} C{{}} and a signature of this server's, when
+    declared), with C{args} valid against its parameters
+    (L{schema_instance}; C{{}} without) and a signature of this server's, when
     no answer is scripted; else None.
     """
     config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
     if config.get("mode") != "ANY":
         return None
     names = list(config.get("allowedFunctionNames") or ())
-    for tool in body.get("tools") or ():
-        names += [d.get("name") for d in tool.get("functionDeclarations") or () if isinstance(d, dict)]
+    declared = [
+        d for tool in body.get("tools") or () for d in tool.get("functionDeclarations") or () if isinstance(d, dict)
+    ]
+    names += [d.get("name") for d in declared]
     if not names or not isinstance(names[0], str):
         return None
     signature = base64.b64encode(f"stand-in signature {len(behaviour.bodies)}".encode()).decode("ascii")
-    call = {"name": names[0], "args": {}, "id": f"standin-{len(behaviour.bodies)}"}
+    declaration = next((d for d in declared if d.get("name") == names[0]), {})
+    parameters = declaration.get("parametersJsonSchema") or declaration.get("parameters")
+    args = schema_instance(parameters, parameters, "text") if parameters else None
+    call = {"name": names[0], "args": args if isinstance(args, dict) else {}, "id": f"standin-{len(behaviour.bodies)}"}
     return GeminiAnswer((({"functionCall": call, "thoughtSignature": signature},),))
 
 
