@@ -179,6 +179,22 @@ class RefusedChangeTests(TestCase):
         self.assertEqual(revoked["keys_left"], 0)
         self.assertIsNone(self.table.identify(self.key.key.encode()))
 
+    def test_delete_across_a_reload(self) -> None:
+        """
+        A reload (another instance's change) while the delete waits for
+        the database puts a copy of the consumer in the table: the delete,
+        once written, takes that copy out too.
+        """
+        self.store.full = False
+        waiting: Deferred[None] = Deferred()
+        self.store.delete = lambda name, retired: waiting  # type: ignore[method-assign]
+        deleting = self.commands["consumer_delete"]({"name": "team"})
+        self.table.consumers = {"team": Consumer("team", created_at=900.0)}
+        waiting.callback(None)
+        self.successResultOf(deleting)
+        self.assertNotIn("team", self.table.consumers)
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+
     def test_delete(self) -> None:
         said = self.refused("consumer_delete", {"name": "team"})
         self.assertIn("nothing was changed: free space", said)

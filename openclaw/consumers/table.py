@@ -1039,7 +1039,10 @@ class ConsumerTable:
         def deleted(_: None) -> None:
             # Rows of calls that were under way when the delete began too.
             self._retire(consumer)
-            if self.consumers.get(name) is consumer:
+            current = self.consumers.get(name)
+            # The same consumer, if a reload (another instance's change) put
+            # a copy of it in the table meanwhile; not one created again.
+            if current is not None and current.created_at == consumer.created_at:
                 del self.consumers[name]
                 self.keys = {h: entry for h, entry in self.keys.items() if entry[0] != name}
             # Its counters (here, and in Redis) go with it.
