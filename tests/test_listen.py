@@ -995,6 +995,11 @@ class Http2StreamLimitsTests(TLSGateway):
         self.assertEqual(status, 503, body)
         self.assertIn(b'"code":"too_many_requests_in_flight"', body)
         self.assertIn(b"API_MAX_CONNECTIONS is reached", body)
+        assert isinstance(self.service, GatewayService)
+        refused = self.service.metrics.registry.get_sample_value(
+            "openclaw_api_refused_connections_total", {"reason": "api_max_connections"}
+        )
+        self.assertEqual(refused, 1.0)
         # Held streams reset at their body deadline; their slots then free.
         self.assertEqual(found["reset"] & set(found["held"]), set(found["held"]))
         self.assertGreater(found["reset_after"], 0.9)

@@ -1723,8 +1723,10 @@ class APISite(Site):
         by_address = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
         if len(self.connections) + self.http2_streams >= limits.max_connections:
             setting = "API_MAX_CONNECTIONS"
+            self._refused("api_max_connections")
         elif address is not None and by_address >= limits.max_connections_per_address:
             setting = "API_MAX_CONNECTIONS_PER_ADDRESS"
+            self._refused("api_max_connections_per_address")
         else:
             self.http2_streams += 1
             if address is not None:
