@@ -38,7 +38,7 @@ from openclaw.dataplane.errors import (
     upstream_http_error,
     upstream_timeout,
 )
-from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body
+from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body, requested_model
 from openclaw.dataplane.resource import (
     AuthenticatedResource,
     answer_bug,
@@ -51,7 +51,7 @@ from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
 from openclaw.providers.wire import MalformedAnswer
-from openclaw.routing import Route, model_refusal
+from openclaw.routing import Route
 
 #: Inputs one request may hold (OpenAI's own limit).
 MAX_INPUTS = 2048
@@ -125,14 +125,7 @@ def parse_embedding_request(
         )
     if len(inputs) > MAX_INPUTS:
         raise bad_request(f"input holds {len(inputs)} texts; at most {MAX_INPUTS} per request", param="input")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string", param="model")
-    # An empty or blank model names none: the active route's, as any
-    # model that is not a provider's (README, "Routing").
-    refusal = model_refusal(model) if model is not None and model.strip() else None
-    if refusal is not None:
-        raise bad_request(refusal, param="model")
+    model = requested_model(body)
     provider_id, chosen = default_provider, default_model
     if model:
         prefix, slash, name = model.partition("/")

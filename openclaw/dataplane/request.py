@@ -224,6 +224,25 @@ class ChatRequest:
         return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
 
 
+def requested_model(body: dict[str, Any]) -> str | None:
+    """
+    The C{model} a request body names, checked: L{None} when absent.
+
+    An empty or blank model names none (the active route's is used, as
+    for any model that is not a provider's: README, "Routing").
+
+    @raise APIError: 400 (C{param} C{model}) when it is not a string, or
+        names a model no route may take (L{model_refusal}).
+    """
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    refusal = model_refusal(model) if model is not None and model.strip() else None
+    if refusal is not None:
+        raise bad_request(refusal, param="model")
+    return model
+
+
 def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
     """
     A request body that must be a JSON object (every C{POST /v1/...}),
@@ -329,14 +348,7 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     else:
         _check_tool_choice(body.get("tool_choice"), names)
     carried_ids = _check_messages(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string", param="model")
-    # An empty or blank model names none: the active route's, as any
-    # model that is not a provider's (README, "Routing").
-    refusal = model_refusal(model) if model is not None and model.strip() else None
-    if refusal is not None:
-        raise bad_request(refusal, param="model")
+    requested_model(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise bad_request("stream must be true or false", param="stream")
