@@ -27,7 +27,7 @@ from openclaw.dataplane.sse import Event
 from openclaw.metrics import MAX_MODEL_SERIES, CallCosts
 from openclaw.providers.gemini.translate import GeminiWire
 from openclaw.providers.openai_compatible import OpenAIStream, OpenAIWire
-from openclaw.providers.wire import StreamBroken
+from openclaw.providers.wire import MalformedAnswer, StreamBroken
 from tests.support import RunningGateway
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 
@@ -418,6 +418,34 @@ class UsageTests(SynchronousTestCase):
             with self.assertRaises(StreamBroken, msg=index):
                 broken = {"id": "c", "choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]}
                 OpenAIStream().payloads(Event(b"", orjson.dumps(broken)))
+
+    def test_choices_of_the_wrong_type(self) -> None:
+        """
+        A choice whose C{index} is no integer (on any chunk: its calls are
+        kept by it), or whose C{tool_calls} are not a list, is not
+        OpenAI's shape: the stream is broken, the whole answer malformed,
+        the provider's failure (review s25: a C{TypeError}, a 500 for a
+        whole answer and, in a stream, read as the connection cut).
+        """
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for legacy in (False, True):
+            for index in ({}, [0], "0"):
+                chunk = {"id": "c", "choices": [{"index": index, "delta": {"tool_calls": [call]}}]}
+                with self.assertRaises(StreamBroken, msg=(legacy, index)) as caught:
+                    OpenAIStream(legacy_functions=legacy).payloads(Event(b"", orjson.dumps(chunk)))
+                self.assertEqual(caught.exception.code, "upstream_malformed")
+            for calls in (True, 1.5, {"a": 1}, "call"):
+                chunk = {"id": "c", "choices": [{"index": 0, "delta": {"tool_calls": calls}}]}
+                with self.assertRaises(StreamBroken, msg=(legacy, calls)) as caught:
+                    OpenAIStream(legacy_functions=legacy).payloads(Event(b"", orjson.dumps(chunk)))
+                self.assertEqual(caught.exception.code, "upstream_malformed")
+                answer = {"choices": [{"index": 0, "message": {"tool_calls": calls}, "finish_reason": "tool_calls"}]}
+                chat = self.chat(functions=[{"name": "f", "parameters": {}}]) if legacy else self.chat()
+                with self.assertRaises(MalformedAnswer, msg=(legacy, calls)):
+                    OpenAIWire().completion(orjson.dumps(answer), "m", 0, chat)
+        # Null tool calls are no calls.
+        answer = {"choices": [{"index": 0, "message": {"content": "hi", "tool_calls": None}, "finish_reason": "stop"}]}
+        OpenAIWire().completion(orjson.dumps(answer), "m", 0, self.chat())
 
     def test_calls_without_arguments_given_them(self) -> None:
         """

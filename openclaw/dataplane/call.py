@@ -1014,6 +1014,15 @@ class ChatCall:
             origin, target, reason = self._fallback
             self.request.setHeader(FALLBACK_HEADER, f"{origin}->{target}; reason={reason}".encode())
 
+    def translation_failed(self, reason: Failure) -> None:
+        """
+        Translating the provider's stream raised (a bug of the gateway's,
+        L{_StreamRelay}): logged with its traceback, the attempt let go
+        with no verdict on the provider, and the call answered as any
+        other bug (L{_bug}).
+        """
+        self._bug(reason)
+
     def _bug(self, reason: Failure) -> None:
         self.context.log.failure("chat call failed unexpectedly", reason)
         if not self._over:
@@ -1088,12 +1097,17 @@ class _StreamRelay(Protocol):
             fault = e.code in ("upstream_stream_error", "upstream_malformed")
             self._call.stream_broken(str(e), e.code, current, fault)
             return
-        except orjson.JSONEncodeError as e:
-            if not too_deep(e):
-                raise
+        except Exception as e:
             if out:
                 self._call.stream_data(b"".join(out), translation)
-            self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
+            if isinstance(e, orjson.JSONEncodeError) and too_deep(e):
+                self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
+            else:
+                # The gateway's own fault, not the provider's: left to
+                # escape, Twisted's HTTP client would drop the connection
+                # and the call would read it as the stream cut short (no
+                # traceback, the provider's breaker counting it).
+                self._call.translation_failed(Failure())
             return
         # Only a whole event starts the wait for the next one again.
         self._call.stream_data(b"".join(out), translation, decoded=current is not None)

@@ -79,6 +79,8 @@ class OpenAIWire:
             if usage is not None:
                 changed = {**document, "usage": usage}
         if any(map(_calls_tools, choices)):
+            if not all(map(_listed_calls, choices)):
+                raise MalformedAnswer('a choice\'s "tool_calls" is not a list')
             if _fill_empty_arguments(choices):
                 changed = changed or document
             if chat is not None and chat.legacy_functions:
@@ -100,6 +102,16 @@ def _calls_tools(choice: Any) -> bool:
         return False
     said = choice.get("message") or choice.get("delta")
     return bool(isinstance(said, dict) and said.get("tool_calls")) or choice.get("finish_reason") == "tool_calls"
+
+
+def _listed_calls(choice: Any) -> bool:
+    """
+    Whether a choice's (whole or streamed) C{tool_calls}, if any, are a
+    list, as OpenAI's API reference has them.
+    """
+    said = (choice.get("message") or choice.get("delta")) if isinstance(choice, dict) else None
+    calls = said.get("tool_calls") if isinstance(said, dict) else None
+    return calls is None or isinstance(calls, list)
 
 
 def _continued(call: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +164,8 @@ def legacy_choice(choice: Any) -> Any:
         if isinstance(said, dict) and "tool_calls" in said:
             said = {name: value for name, value in said.items() if name != "tool_calls"}
             calls = choice[field]["tool_calls"]
-            first = next((call for call in calls or () if isinstance(call, dict) and call.get("index", 0) == 0), None)
+            listed = calls if isinstance(calls, list) else ()
+            first = next((call for call in listed if isinstance(call, dict) and call.get("index", 0) == 0), None)
             function = first.get("function") if first is not None else None
             if isinstance(function, dict):
                 said["function_call"] = {
@@ -250,12 +263,16 @@ class OpenAIStream:
         rewritten = b"\n" in data  # a multi-line event, sent on one line
         if type(choices) is list:
             for choice in choices:
-                if type(choice) is dict and choice.get("finish_reason") is not None:
+                if type(choice) is dict:
                     index = choice.get("index", 0)
                     if type(index) is not int or not 0 <= index < self.asked:
-                        # Only the choices asked for make the answer whole.
-                        raise StreamBroken(f"a choice's index is not one of the {self.asked} asked for (n)")
-                    self._finished.add(index)
+                        # Only the choices asked for make the answer (and
+                        # an index is what a choice's calls are kept by).
+                        raise StreamBroken(
+                            f"a choice's index is not one of the {self.asked} asked for (n)", "upstream_malformed"
+                        )
+                    if choice.get("finish_reason") is not None:
+                        self._finished.add(index)
         if isinstance(usage, dict):
             self.usage = usage
             if not choices:
@@ -284,6 +301,8 @@ class OpenAIStream:
             document, rewritten = {**document, "choices": choices}, True
         if not isinstance(choices, list) or not (self._unargued or any(map(_calls_tools, choices))):
             return [orjson.dumps(document) if rewritten else data]
+        if not all(map(_listed_calls, choices)):
+            raise StreamBroken('a choice\'s "tool_calls" is not a list', "upstream_malformed")
         indexed = self._indexed(choices)
         if indexed is not None:
             document, choices, rewritten = {**document, "choices": indexed}, indexed, True
