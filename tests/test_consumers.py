@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import attrs
 import openai
 import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
@@ -37,8 +38,10 @@ from openclaw.consumers.model import (
     InvalidConsumer,
     NewKey,
     consumer_fields,
+    creation_time,
     key_hash,
     period_key,
+    retired_name,
 )
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
@@ -531,11 +534,11 @@ class StoreTests:
         self.assertEqual((version, again), (2, 2))  # type: ignore[attr-defined]
         now = time.time()
         key = NewKey.make()
-        yield store.create(
-            Consumer("team", budget_usd=2.0, rpm=5, models=("kimi/*",), created_at=now), key.hash, key.prefix
-        )
+        team = Consumer("team", budget_usd=2.0, rpm=5, models=("kimi/*",), created_at=now)
+        yield store.create(team, key.hash, key.prefix)
         second = NewKey.make()
-        yield store.add_key("team", second.hash, second.prefix, now)
+        added = yield store.add_key(team, second.hash, second.prefix, now)
+        self.assertTrue(added)  # type: ignore[attr-defined]
         revoked = yield store.revoke_key("team", second.prefix)
         self.assertEqual(revoked, 1)  # type: ignore[attr-defined]
         yield store.record(
@@ -590,6 +593,37 @@ class StoreTests:
         self.assertGreater(kept[0]["requests"], 0)  # type: ignore[index]
         gone = yield store.usage("team", None, None, None)
         self.assertEqual(gone[0]["requests"], 0)  # type: ignore[index]
+
+    @inlineCallbacks
+    def test_changes_to_a_consumer_gone(self) -> Any:
+        """
+        A key or an update for a consumer the database no longer has
+        (deleted by another command or instance), or has again under its
+        name (created since), is not written (review s25: a key written
+        after the delete outlived it and opened the consumer created
+        again under the name).
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = creation_time(time.time())
+        team = Consumer("team", rpm=5, created_at=now)
+        yield store.create(team, NewKey.make().hash, "sk-oc-first")
+        yield store.delete("team", retired_name(team))
+        key = NewKey.make()
+        added = yield store.add_key(team, key.hash, key.prefix, now)
+        updated = yield store.update(attrs.evolve(team, rpm=6))
+        self.assertEqual((added, updated), (False, False))  # type: ignore[attr-defined]
+        again = Consumer("team", created_at=now + 1)
+        yield store.create(again, NewKey.make().hash, "sk-oc-again")
+        added = yield store.add_key(team, key.hash, key.prefix, now)
+        updated = yield store.update(attrs.evolve(team, rpm=6))
+        self.assertEqual((added, updated), (False, False))  # type: ignore[attr-defined]
+        snapshot = yield store.load(now)
+        self.assertEqual(list(snapshot.keys.values()), [("team", "sk-oc-again")])  # type: ignore[attr-defined]
+        self.assertIsNone(snapshot.consumers["team"].rpm)  # type: ignore[attr-defined]
+        added = yield store.add_key(again, key.hash, key.prefix, now)
+        self.assertTrue(added)  # type: ignore[attr-defined]
 
 
 class SQLiteStoreTests(StoreTests, TestCase):
@@ -1213,6 +1247,35 @@ class PostgresStoreTests(StoreTests, TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
+    def test_key_added_while_a_delete_commits(self) -> Any:
+        """
+        A key added while another instance's delete of its consumer is
+        under way (PostgreSQL runs them at once): the key's transaction
+        waits for the delete's, then finds the consumer gone and writes
+        nothing, so that no key outlives its consumer.
+        """
+        url = postgres_database()
+        store = ConsumerStore.open(url, Path("."), reactor)
+        self.addCleanup(store.close)
+        yield store.migrate()
+        team = Consumer("team", created_at=creation_time(time.time()))
+        yield store.create(team, NewKey.make().hash, "sk-oc-first")
+        deleting = psycopg.connect(url)
+        self.addCleanup(deleting.close)
+        # Another instance's delete, not committed yet (its row locks held).
+        deleting.execute("DELETE FROM consumer_keys WHERE consumer = 'team'")
+        deleting.execute("DELETE FROM consumers WHERE name = 'team'")
+        key = NewKey.make()
+        adding = store.add_key(team, key.hash, key.prefix, team.created_at)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(adding.called)
+        yield deferToThread(deleting.commit)
+        added = yield adding
+        self.assertFalse(added)
+        snapshot = yield store.load(time.time())
+        self.assertEqual(snapshot.keys, {})
+
+    @inlineCallbacks
     def test_failure_after_the_check_is_not_retried(self) -> Any:
         """
         A transaction that fails once it has begun (here: a statement
@@ -1288,6 +1351,26 @@ class GatewayCase(TestCase):
 
 
 class ConsumerGatewayTests(GatewayCase):
+    @inlineCallbacks
+    def test_changes_to_a_consumer_deleted_elsewhere(self) -> Any:
+        """
+        An update or a new key for a consumer another instance has deleted
+        (this one not told yet) says so and changes nothing: the update put
+        the consumer back in this instance's table (review s25), and the
+        key was written for a consumer the database no longer had.
+        """
+        gateway, client = yield self.gateway()
+        yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        store = gateway.service.consumer_store
+        snapshot = yield store.load(time.time())
+        yield store.delete("team", retired_name(snapshot.consumers["team"]))
+        for cmd, data in (("consumer_update", {"name": "team", "rpm": 9}), ("key_create", {"name": "team"})):
+            answer = yield client.command(gateway.token, cmd, data)
+            self.assertFalse(answer["ok"], cmd)
+            self.assertIn("consumer 'team' was deleted meanwhile", answer["error"])
+        snapshot = yield store.load(time.time())
+        self.assertEqual((snapshot.consumers, snapshot.keys), ({}, {}))
+
     @inlineCallbacks
     def test_answer_longer_than_a_message(self) -> Any:
         """

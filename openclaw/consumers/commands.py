@@ -41,7 +41,7 @@ from openclaw.consumers.model import (
     shown_key,
 )
 from openclaw.consumers.store import GROUPS, database_error, sqlite_file_advice, unreachable
-from openclaw.consumers.table import ConsumerTable
+from openclaw.consumers.table import ConsumerGone, ConsumerTable
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
     MAX_NAMED_CONSUMERS,
@@ -79,6 +79,13 @@ _CHECK_DATABASE = "check DATABASE_URL (or STATE_DIR) and the gateway's log, and 
 def _database_failed(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
+    if failure.check(ConsumerGone):
+        return Failure(
+            CommandError(
+                f"consumer {str(failure.value)!r} was deleted meanwhile (by another command, or on another "
+                "instance): the change was not made; see openclawctl consumer list"
+            )
+        )
     if unreachable(failure):
         # A connection lost at the commit may have made the change: retried
         # blindly, a key would be made twice (the first never shown).

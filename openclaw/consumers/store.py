@@ -156,10 +156,6 @@ class _DaemonThread(threading.Thread):
 T = TypeVar("T")
 
 
-def _operation(cursor: Any, query: str, params: tuple[Any, ...]) -> None:
-    cursor.execute(query, params)
-
-
 _USAGE_COLUMNS = (
     "ts, day, consumer, key_prefix, provider, model, status, prompt_tokens, completion_tokens, "
     "reasoning_tokens, cost_usd, duration_ms, limited, requests"
@@ -663,18 +659,41 @@ class ConsumerStore:
             ),
             _consumer_values(consumer),
         )
-        self._add_key(cursor, consumer.name, key_hash, prefix, consumer.created_at)
+        self._insert_key(cursor, consumer.name, key_hash, prefix, consumer.created_at)
 
-    def update(self, consumer: Consumer) -> Deferred[None]:
+    def update(self, consumer: Consumer) -> Deferred[bool]:
+        """
+        Write a consumer's changed fields; fires with whether it was there
+        to change (L{_live}: the same consumer, not deleted, perhaps
+        created again since, by another command or instance).
+        """
+        return self._interact(self._update, consumer)
+
+    def _update(self, cursor: Any, consumer: Consumer) -> bool:
+        if not self._live(cursor, consumer.name, consumer.created_at):
+            return False
         values = _consumer_values(consumer)
-        return self._interact(
-            _operation,
+        cursor.execute(
             self._sql(
                 "UPDATE consumers SET budget_usd = ?, budget_period = ?, rpm = ?, tpm = ?, models = ?, "
                 "expires_at = ? WHERE name = ?"
             ),
             (*values[1:7], consumer.name),
         )
+        return True
+
+    def _live(self, cursor: Any, name: str, created_at: float) -> bool:
+        """
+        Whether the database has consumer C{name} created at C{created_at}.
+        On PostgreSQL its row is read C{FOR KEY SHARE}: a delete waits for
+        this transaction (and then takes what it wrote, a key, with it); a
+        delete committed first leaves no row.  SQLite's writes are one at
+        a time.
+        """
+        lock = " FOR KEY SHARE" if self.dialect == "postgresql" else ""
+        cursor.execute(self._sql(f"SELECT created_at FROM consumers WHERE name = ?{lock}"), (name,))
+        row = cursor.fetchone()
+        return row is not None and creation_time(row[0]) == creation_time(created_at)
 
     def delete(self, name: str, retired: str) -> Deferred[None]:
         """
@@ -690,10 +709,21 @@ class ConsumerStore:
         cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (name,))
         cursor.execute(self._sql("UPDATE usage_rows SET consumer = ? WHERE consumer = ?"), (retired, name))
 
-    def add_key(self, name: str, key_hash: str, prefix: str, now: float) -> Deferred[None]:
-        return self._interact(self._add_key, name, key_hash, prefix, now)
+    def add_key(self, consumer: Consumer, key_hash: str, prefix: str, now: float) -> Deferred[bool]:
+        """
+        Give C{consumer} another key; fires with whether it was there to
+        take it (L{_live}).  A key written for a consumer deleted meanwhile
+        would outlive it, and open a consumer created again under its name.
+        """
+        return self._interact(self._add_key, consumer, key_hash, prefix, now)
 
-    def _add_key(self, cursor: Any, name: str, key_hash: str, prefix: str, now: float) -> None:
+    def _add_key(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str, now: float) -> bool:
+        if not self._live(cursor, consumer.name, consumer.created_at):
+            return False
+        self._insert_key(cursor, consumer.name, key_hash, prefix, now)
+        return True
+
+    def _insert_key(self, cursor: Any, name: str, key_hash: str, prefix: str, now: float) -> None:
         cursor.execute(
             self._sql("INSERT INTO consumer_keys (hash, prefix, consumer, created_at) VALUES (?, ?, ?, ?)"),
             (key_hash, prefix, name, now),

@@ -66,6 +66,13 @@ TOKEN_RESERVATION_SECONDS = 60
 _Amount = TypeVar("_Amount", int, float)
 
 
+class ConsumerGone(Exception):
+    """
+    A change to a consumer found it gone: deleted meanwhile, by another
+    command or on another instance.  C{str()} is its name.
+    """
+
+
 @attrs.define(eq=False)
 class Holder:
     """
@@ -998,8 +1005,26 @@ class ConsumerTable:
 
         return self.store.create(consumer, key.hash, key.prefix).addCallback(created)
 
+    def _still_here(self, consumer: Consumer, written: bool) -> None:
+        """
+        After a change to C{consumer} written (or not: C{written}) to the
+        database: raise L{ConsumerGone} when it was not there to change, or
+        has left the table since (a delete, a reload after another
+        instance's), rather than put it back.
+        """
+        current = self.consumers.get(consumer.name)
+        if not written or current is None or current.created_at != consumer.created_at:
+            raise ConsumerGone(consumer.name)
+
     def update(self, consumer: Consumer) -> Deferred[Consumer]:
-        def updated(_: None) -> Consumer:
+        """
+        Write C{consumer}'s changed fields, then take them here.
+
+        @raise ConsumerGone: (in the Deferred) it was deleted meanwhile.
+        """
+
+        def updated(written: bool) -> Consumer:
+            self._still_here(consumer, written)
             self.consumers[consumer.name] = consumer
             self.changed(consumer.name)
             return consumer
@@ -1057,14 +1082,21 @@ class ConsumerTable:
         return writing.addBoth(written)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
-        key = NewKey.make()
+        """
+        Give consumer C{name} a new key.
 
-        def added(_: None) -> NewKey:
+        @raise ConsumerGone: (in the Deferred) it was deleted meanwhile.
+        """
+        key = NewKey.make()
+        consumer = self.consumers[name]
+
+        def added(written: bool) -> NewKey:
+            self._still_here(consumer, written)
             self.keys[key.hash] = (name, key.prefix)
             self.changed(name)
             return key
 
-        return self.store.add_key(name, key.hash, key.prefix, self.clock()).addCallback(added)
+        return self.store.add_key(consumer, key.hash, key.prefix, self.clock()).addCallback(added)
 
     def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
         """
