@@ -682,6 +682,34 @@ class OneInstanceAwayTests(TestCase):
         a_table.changed("carol")
         self.assertEqual(b_table.refreshes, 3)
 
+    def test_announcement_failing_at_once_kept(self) -> None:
+        """
+        An announcement whose failure comes before the send returns (a
+        connection that refuses at once) is kept to be told again, even
+        when earlier ones go out with it (review s25: it was cleared with
+        them, and never told).
+        """
+        table, channel, clock = _Table(), _Channel([]), Clock()
+        counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
+        counters.up = True
+        SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]  # the table tells it
+        sent: list[str] = []
+        refusing = {"alice", "bob"}
+
+        def publish_consumer(instance: str, name: str) -> Deferred[Any]:
+            if name in refusing:
+                return fail(ConnectionRefusedError())
+            sent.append(name)
+            return succeed(1)
+
+        channel.publish_consumer = publish_consumer  # type: ignore[method-assign]
+        table.changed("alice")
+        table.changed("bob")  # alice told again with it; both refused at once
+        self.assertEqual(sent, [])
+        refusing.clear()
+        table.changed("carol")
+        self.assertEqual(sorted(sent), ["alice", "bob", "carol"])
+
     def test_answer_waits_for_the_announcement(self) -> None:
         """
         A change made while Redis looks up but has stopped answering (its

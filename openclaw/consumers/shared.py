@@ -545,6 +545,19 @@ class SharedConsumers:
                 name=name,
             )
             return
+        # Earlier changes whose announcement failed while Redis seemed up:
+        # told with this one.  Taken first: an announcement that fails at
+        # once (its failure handled before the send returns) is kept for
+        # the next time, not cleared with those.
+        earlier, self._unannounced = sorted(self._unannounced - {name}), set()
+        for each in (name, *earlier):
+            self._send(each)
+
+    def _send(self, name: str) -> None:
+        """
+        Announce that consumer C{name} changed, counted for L{unshared}; kept
+        in L{_unannounced} when Redis does not take it.
+        """
 
         def unsent(reason: Failure) -> bool:
             # Told again when this instance's Redis is back (L{up}): the
@@ -572,12 +585,6 @@ class SharedConsumers:
             return told
 
         announcing.addBoth(settled)
-        if self._unannounced:
-            # Earlier changes whose announcement failed while Redis seemed
-            # up: told with this one.
-            names, self._unannounced = sorted(self._unannounced - {name}), set()
-            for earlier in names:
-                self.publish(earlier)
 
     def received(self, instance: str, name: str) -> None:
         """
