@@ -157,3 +157,23 @@ class EmbeddingsClientGoneTests(GatewayCase):
         )
         self.assertIn(b'openclaw_api_requests_total{provider="gemini",status="499"} 1.0', response)
         self.assertIn(b'openclaw_consumer_requests_total{consumer="emb",status="499"} 1.0', response)
+
+
+class EmbeddingsTimeoutTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_no_answer_in_time(self) -> Any:
+        """
+        A provider that does not answer within UPSTREAM_TIMEOUT: 504
+        C{upstream_timeout}, as chat answers it (trial s25: 502 saying
+        the gateway was stopping, as Agent's cancelled request arrived
+        wrapped in ResponseNeverReceived).
+        """
+        gateway = self.gateway(fallback="off", upstream_timeout=0.5)
+        self.upstream.gemini.mode = "hang"
+        try:
+            yield deferToThread(self.sdk(gateway).embeddings.create, model=EMBEDDING_MODEL, input="hello")
+        except openai.APIStatusError as e:
+            self.assertEqual((e.status_code, e.body["code"]), (504, "upstream_timeout"))  # type: ignore[index]
+            self.assertNotIn("stopping", e.message)
+        else:
+            self.fail("the call succeeded")

@@ -257,7 +257,14 @@ class Embeddings(AuthenticatedResource):
         assert wire is not None, "checked by parse_embedding_request"
         batch_size = wire.batch_size
         call = Deferred.fromCoroutine(self._embed(adapter, parsed, calls))
-        call.addTimeout(context.timeout, context.reactor)
+
+        def timed_out(result: object, timeout: float) -> object:
+            # Cancelled for the deadline: a timeout, whatever the cancel
+            # became on its way out (Agent's ResponseNeverReceived around a
+            # CancelledError read as the gateway stopping).
+            return Failure(TimeoutError()) if isinstance(result, Failure) else result
+
+        call.addTimeout(context.timeout, context.reactor, onTimeoutCancel=timed_out)
         context.call_started()
         gone: list[bool] = []
 
