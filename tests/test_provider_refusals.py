@@ -188,6 +188,37 @@ class AccountTests(ResilienceTestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=account"])
 
+    @inlineCallbacks
+    def test_quota_spent(self):
+        """
+        Moonshot's 429 C{exceeded_current_quota_error} (and OpenAI's
+        C{insufficient_quota}) is the account out of balance, not a rate
+        limit: no retry mends it (trial s25: 429 "retry later", the key
+        rested and asked again every few seconds).
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        kimi = self.behaviour("kimi")
+        for field, value in (("type", "exceeded_current_quota_error"), ("code", "insufficient_quota")):
+            kimi.mode, kimi.error_status = "error", 429
+            kimi.error_body = {
+                "error": {
+                    field: value,
+                    "message": "You exceeded your current quota, please check your plan and billing details",
+                }
+            }
+            kimi.error_headers = {"Retry-After": "10"}
+            response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+            self.assertEqual(response.code, 502, value)
+            error = self.assertOpenAIError(text, "upstream_account_error")
+            self.assertIn("check your plan and billing details", error["message"])
+            self.assertEqual(response.headers.getRawHeaders("x-should-retry"), ["false"])
+            adapter = gateway.service.providers.get("kimi")
+            self.assertEqual(set(adapter.keys.states().values()), {"ok"})
+            # Unpinned: failed over.
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=account"])
+
 
 class NoStatusTests(ResilienceTestCase):
     """

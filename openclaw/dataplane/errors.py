@@ -338,7 +338,8 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
       - permission denied (403: often the model is not available to the
         gateway's key, as Moonshot's C{permission_denied_error}): 403
         C{permission_denied};
-      - the provider account cannot serve (Google's C{FAILED_PRECONDITION}):
+      - the provider account cannot serve (Google's C{FAILED_PRECONDITION},
+        an OpenAI-compatible API's 429 for a quota or balance spent):
         502 C{upstream_account_error}, with a hint for the operator;
       - anything else (5xx): 502 C{upstream_http_error}, with the
         provider's C{Retry-After} when it gave one (RFC 9110 section
@@ -387,7 +388,7 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         return APIError(
             502,
             f"{provider_id} cannot serve calls for the gateway's account ({said}); this is not about your "
-            f"request: the operator must fix the {provider_id} account (its location or billing)",
+            f"request: the operator must fix the {provider_id} account (its location, balance or billing)",
             "upstream_error",
             "upstream_account_error",
             headers=upstream,

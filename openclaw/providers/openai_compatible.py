@@ -24,7 +24,7 @@ from openclaw.dataplane.request import ChatRequest, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
-from openclaw.providers.errors import MalformedResponse, clip
+from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind, clip
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.wire import (
     Completion,
@@ -33,6 +33,7 @@ from openclaw.providers.wire import (
     StreamBroken,
     Wire,
     json_object,
+    json_or_none,
     reported_error,
 )
 
@@ -508,6 +509,15 @@ class OpenAIEmbeddings:
         return EmbeddingsBatch(number_lists(found, expected, "data", "embedding"), counted)
 
 
+#: The error C{type}s and C{code}s with which an OpenAI-compatible API
+#: answers 429 for an account that cannot pay for calls, not for a rate
+#: limit: Moonshot's C{exceeded_current_quota_error} ("You exceeded your
+#: current quota, please check your plan and billing details", or the
+#: account suspended), OpenAI's C{insufficient_quota}
+#: (U{https://platform.openai.com/docs/guides/error-codes}).
+QUOTA_ERRORS = frozenset({"exceeded_current_quota_error", "insufficient_quota"})
+
+
 @attrs.define(kw_only=True)
 class OpenAICompatibleAdapter(ProviderAdapter):
     """
@@ -525,6 +535,20 @@ class OpenAICompatibleAdapter(ProviderAdapter):
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
+
+    def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
+        """
+        As every provider's, and a 429 whose error is one of L{QUOTA_ERRORS}
+        is the account's (out of balance or suspended), not a rate limit:
+        L{RefusalKind.ACCOUNT}, which no retry mends.
+        """
+        refusal = super().refusal(status, body, retry_after)
+        if status == 429:
+            error = reported_error(json_or_none(body))
+            said = error.fields if error is not None else {}
+            if said.get("type") in QUOTA_ERRORS or said.get("code") in QUOTA_ERRORS:
+                return attrs.evolve(refusal, kind=RefusalKind.ACCOUNT)
+        return refusal
 
     def chat_url(self, model: str, stream: bool) -> bytes:
         # The model (and whether to stream) travels in the body.
