@@ -151,6 +151,25 @@ class ChatTests(DataPlaneTestCase):
     """
 
     @inlineCallbacks
+    def test_answers_asked_uncompressed(self):
+        """
+        Chat and embeddings calls ask for answers without a content coding
+        (C{Accept-Encoding: identity}): with none said, any coding is
+        acceptable (RFC 9110 section 12.5.3), and a gzipped answer (a
+        proxy's) was unreadable, failed over as the provider's fault
+        (trial s25).
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+            yield deferToThread(client.chat.completions.create, model=model, messages=HELLO)
+            chunks = yield deferToThread(client.chat.completions.create, model=model, messages=HELLO, stream=True)
+            yield deferToThread(list, chunks)
+        yield deferToThread(client.embeddings.create, model="gemini/gemini-embedding-001", input="hi")
+        self.assertEqual(self.upstream.kimi.accept_encodings, ["identity"] * 2)
+        self.assertEqual(self.upstream.gemini.accept_encodings, ["identity"] * 3)
+
+    @inlineCallbacks
     def test_gemini_completion(self):
         gateway = self.gateway()
         client = self.sdk(gateway)

@@ -467,13 +467,18 @@ class ProviderAdapter(abc.ABC):
     def post_headers(self, key: str) -> Headers:
         """
         The headers of a JSON C{POST} (a chat or embeddings call) sent with
-        C{key}: C{Content-Type} and L{auth_headers}, built once per key.
+        C{key}: C{Content-Type}, C{Accept-Encoding: identity} and
+        L{auth_headers}, built once per key.  The answer is read as it
+        comes, uncompressed: with no C{Accept-Encoding} any content coding
+        would be acceptable (RFC 9110 section 12.5.3), and a compressed
+        answer (a proxy's gzip) unreadable.
         """
         headers = self._post_headers.get(key)
         if headers is None:
             headers = self._post_headers[key] = Headers(
                 {
                     "Content-Type": ["application/json"],
+                    "Accept-Encoding": ["identity"],
                     **{name: [value] for name, value in self.auth_headers(key).items()},
                 }
             )

@@ -224,6 +224,8 @@ class ProviderBehaviour:
     retry_after_header: bytes | None = None
     #: The key of each request, in order (to check rotation).
     keys_seen: list[str | None] = attrs.field(factory=list)
+    #: The C{Accept-Encoding} of each request, in order (None: not sent).
+    accept_encodings: list[str | None] = attrs.field(factory=list)
     #: Gemini: model -> the C{thinkingLevel} values it takes; another is
     #: refused with a 400, as Google does.  A model not named takes any.
     thinking_levels: dict[str, frozenset[str]] = attrs.field(factory=dict)
@@ -238,6 +240,7 @@ class ProviderBehaviour:
         """
         self.requests = 0
         self.keys_seen.clear()
+        self.accept_encodings.clear()
         self.uris.clear()
         self.last_body = None
         self.bodies.clear()
@@ -1461,6 +1464,7 @@ class _Endpoint(Resource):
         self._upstream.open_requests.timers.pop(request, None)
         presented = self._dialect.presented_key(request)
         behaviour.keys_seen.append(presented)
+        behaviour.accept_encodings.append(request.getHeader("accept-encoding"))
         if presented in behaviour.invalid_keys:
             self._refuse(request, behaviour, 400, key_invalid=True)
             return
