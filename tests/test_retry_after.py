@@ -8,6 +8,7 @@ The gateway's own C{Retry-After} is a whole number from 1 to 30 days.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
@@ -102,3 +103,28 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             response, _ = yield self.post(gateway, {"messages": HELLO})
             self.assertEqual(response.code, 200)
         self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second])
+
+    @inlineCallbacks
+    def test_wait_for_the_route(self) -> Any:
+        """
+        When neither the provider nor its fallback can take the call, the
+        client is told to come back when the first of them can (trial
+        s25: Gemini's spent quota, an hour, was told while Kimi was back
+        in seconds, with x-should-retry: false); a call pinned to one
+        provider is told that provider's wait.
+        """
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        gemini.rate_limited_keys, gemini.retry_after = {self.upstream.gemini.key}, 3600
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 5
+        gateway = self.gateway(default_provider="gemini", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual((response.code, response.headers.getRawHeaders("retry-after")), (429, ["5"]), text)
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429)
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["5"], ["4"]))
+        self.assertIsNone(response.headers.getRawHeaders("x-should-retry"))
+        self.assertIn("kimi may take the call in", json.loads(text)["error"]["message"])
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-flash", "messages": HELLO})
+        self.assertEqual(response.code, 429)
+        self.assertGreater(int(response.headers.getRawHeaders("retry-after")[0]), 3000)
+        self.assertEqual(response.headers.getRawHeaders("x-should-retry"), ["false"])

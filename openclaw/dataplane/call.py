@@ -60,6 +60,7 @@ from openclaw.dataplane.errors import (
     out_of_descriptors,
     provider_not_configured,
     shutting_down,
+    sooner_elsewhere,
     upstream_failed,
     upstream_refused,
     upstream_timeout,
@@ -495,7 +496,7 @@ class ChatCall:
             return self._fail(error)
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:
-            return self._fail(error)
+            return self._fail(self._sooner_elsewhere(error))
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         why_not = self._may_not_use(target.id, model)
@@ -526,6 +527,24 @@ class ChatCall:
         self.adapter, self.wire, self.route = target, target.wire, Route(target.id, model)
         self._tried = []
         return self._attempt(body)
+
+    def _sooner_elsewhere(self, error: APIError) -> APIError:
+        """
+        C{error}, when no provider could take the call now, with the
+        soonest wait of those that could later (L{sooner_elsewhere}): the
+        ones the key holder may be failed over to.
+        """
+        consumers = self.context.consumers
+        waits = [
+            (adapter.id, wait)
+            for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id)
+            if consumers is None
+            or consumers.may_not_use(self.holder, adapter.id, adapter.fallback_model or adapter.default_model) is None
+        ]
+        if not waits:
+            return error
+        provider_id, wait = min(waits, key=lambda entry: entry[1])
+        return sooner_elsewhere(error, provider_id, wait)
 
     def _may_not_use(self, provider_id: str, model: str) -> str | None:
         """

@@ -427,6 +427,28 @@ def no_usable_key(provider_id: str, key_setting: str, back_in: float | None) -> 
     )
 
 
+def sooner_elsewhere(error: APIError, provider_id: str, seconds: float) -> APIError:
+    """
+    C{error} (a 429 or 503 whose C{Retry-After} says when its provider
+    takes calls again) told to come back in C{seconds}, when sooner: the
+    call could then fail over to C{provider_id}.  A client waits for
+    the route, not for one of its providers (a spent daily quota's hour
+    while the fallback rests for seconds).  Unchanged otherwise.
+    """
+    said = next((value for name, value in error.headers if name.lower() == b"retry-after"), None)
+    wait = retry_after_seconds(seconds)
+    if said is None or not said.isdigit() or int(said) <= wait:
+        return error
+    kept = tuple(
+        (name, value) for name, value in error.headers if name.lower() not in (b"retry-after", SHOULD_RETRY_HEADER)
+    )
+    return attrs.evolve(
+        error,
+        message=f"{error.message}; {provider_id} may take the call in {wait} s (failover)",
+        headers=(*kept, _retry_after(seconds)),
+    )
+
+
 def breaker_open(provider_id: str, remaining: float) -> APIError:
     """
     503: the provider's circuit breaker is open, so no call was sent; the

@@ -227,6 +227,28 @@ class ProviderRegistry:
                 return adapter
         return None
 
+    def fallback_waits(self, provider_id: str) -> list[tuple[ProviderAdapter, float]]:
+        """
+        The providers a call failing on C{provider_id} may go to, in
+        L{fallback_order}, each with the seconds until it may take one: its
+        breaker's cooldown left, or its keys' rest (L{KeyPool.back_in}),
+        whichever is longer; 0 when it may now.  Those that will not by
+        themselves (no key set, every key refused) are left out.
+        """
+        order = self._ids if self.fallback_order is None else self.fallback_order
+        waits = []
+        for candidate in order:
+            if candidate == provider_id:
+                continue
+            adapter = self.get(candidate)
+            keys = adapter.keys
+            if not keys.keys:
+                continue
+            rest = 0.0 if keys.available else keys.back_in()
+            if rest is not None:
+                waits.append((adapter, max(rest, adapter.breaker.remaining())))
+        return waits
+
     def share_rests(self, share: Callable[[str, str, float], None]) -> None:
         """
         Tell C{share} (provider id, key fingerprint, seconds) of every key
