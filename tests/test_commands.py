@@ -31,6 +31,9 @@ class FakeProvider:
     def missing_key_warning(self) -> str | None:
         return f"{self.id.upper()}_API_KEY is not set" if self.key_missing else None
 
+    def unavailable_warning(self) -> str | None:
+        return None
+
     def unlisted_model_warning(self, model: str) -> str | None:
         return None
 

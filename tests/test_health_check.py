@@ -84,6 +84,35 @@ class HealthCheckTests(UpstreamTestCase):
         self.assertEqual(switched["result"]["active"], "kimi")
 
     @inlineCallbacks
+    def test_switch_to_a_provider_that_takes_no_calls(self):
+        """
+        Switching to a provider whose breaker is open, or whose every key
+        rests or was refused, is made, and says its calls would not be sent
+        (trial s25: no word of it).
+        """
+        gateway = self.gateway()
+        client = yield open_client(self, gateway.port)
+        kimi = gateway.service.providers.get("kimi")
+        for _ in range(kimi.breaker.threshold):
+            kimi.breaker.allow()
+            kimi.breaker.failed()
+        switched = yield client.command(gateway.token, "switch_provider", {"provider": "kimi"})
+        self.assertEqual(switched["result"]["active"], "kimi")
+        self.assertRegex(switched["result"]["warning"], r"kimi's circuit breaker is open for \d+ s more")
+        gemini = gateway.service.providers.get("gemini")
+        gemini.keys.rest(GEMINI_KEY, 30.0)
+        switched = yield client.command(gateway.token, "switch_provider", {"provider": "gemini"})
+        self.assertIn(
+            "every key of GEMINI_API_KEY / GEMINI_API_KEYS rests after a 429 for 30 s more",
+            switched["result"]["warning"],
+        )
+        gemini.keys.set_aside(GEMINI_KEY)
+        switched = yield client.command(gateway.token, "switch_provider", {"provider": "gemini"})
+        self.assertIn(
+            "every key of GEMINI_API_KEY / GEMINI_API_KEYS was refused by gemini", switched["result"]["warning"]
+        )
+
+    @inlineCallbacks
     def test_hung_providers_bounded_and_concurrent(self):
         """
         Two providers that never answer, 1.5 s timeout: the answer comes

@@ -100,7 +100,10 @@ class Provider(Protocol):
 
     def missing_key_warning(self) -> str | None: ...
 
+    def unavailable_warning(self) -> str | None: ...
+
     def unlisted_model_warning(self, model: str) -> str | None: ...
+
     def normalize_model(self, model: str) -> str: ...
 
 
@@ -301,7 +304,14 @@ class ControlCommands:
             # The switch is made all the same: an operator may know better
             # than a listing (a model served but not listed, one just added).
             warnings = [
-                w for w in (unsaved, provider.missing_key_warning(), provider.unlisted_model_warning(model)) if w
+                w
+                for w in (
+                    unsaved,
+                    provider.missing_key_warning(),
+                    provider.unavailable_warning(),
+                    provider.unlisted_model_warning(model),
+                )
+                if w
             ]
             excluded = self.excluded_consumers(provider_id, model)
             if excluded:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import difflib
+import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from types import MappingProxyType
@@ -367,7 +368,8 @@ class ProviderAdapter(abc.ABC):
     def _breaker_changed(self, previous: BreakerState, state: BreakerState) -> None:
         if state is BreakerState.OPEN:
             self._log.warn(
-                "{provider} circuit breaker open: calls go elsewhere for {cooldown:g} s",
+                "{provider} circuit breaker open: no calls are sent to it for {cooldown:g} s (they fail over "
+                "where FALLBACK allows, else are answered 503)",
                 provider=self.id,
                 breaker=str(state),
                 cooldown=self.breaker.cooldown,
@@ -431,6 +433,29 @@ class ProviderAdapter(abc.ABC):
         "KIMI_API_KEY is not set" when no key is configured, else None.
         """
         return None if self.api_key else f"{self.key_variable} is not set"
+
+    def unavailable_warning(self) -> str | None:
+        """
+        Why calls to this provider would not be sent now, for an operator
+        making it the active one: its breaker open, or every key resting
+        after a 429 or refused.  None when they would be (or no key is
+        set: L{missing_key_warning}).
+        """
+        keys = self.keys
+        if not keys.keys:
+            return None
+        cooldown = self.breaker.remaining()
+        if cooldown > 0:
+            return (
+                f"{self.id}'s circuit breaker is open for {math.ceil(cooldown)} s more: its calls fail over where "
+                "FALLBACK allows, else are answered 503"
+            )
+        if keys.available:
+            return None
+        back_in = keys.back_in()
+        if back_in is not None:
+            return f"every key of {self.keys_setting} rests after a 429 for {math.ceil(back_in)} s more"
+        return f"every key of {self.keys_setting} was refused by {self.id}: fix them, then run health_check"
 
     def unlisted_model_warning(self, model: str) -> str | None:
         """
