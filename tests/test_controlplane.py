@@ -18,7 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNHEARD_CLOSE_SECONDS
+from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, MAX_MESSAGE_FRAMES, UNHEARD_CLOSE_SECONDS
 from tests.support import connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
@@ -313,6 +313,48 @@ class UnheardCloseTests(TestCase):
         client = yield open_client(self, gateway.port)
         answer = yield client.ask(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_message_in_too_many_frames(self):
+        """
+        A message that never ends, sent as empty continuation frames (which
+        MAX_MESSAGE_BYTES never counts) before authenticating, is closed
+        with 1009 at MAX_MESSAGE_FRAMES and read no further (trial s25: it
+        cost the reactor each frame until AUTH_TIMEOUT_SECONDS); a message
+        in a few frames is answered.
+        """
+        gateway = start_gateway(self)
+        fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (MAX_MESSAGE_FRAMES + 10)
+        close, sent, seconds = yield deferToThread(flood_after_close, gateway.port, "127.0.0.1", fragments)
+        self.assertEqual(
+            close, struct.pack("!H", 1009) + f"a message in over {MAX_MESSAGE_FRAMES} frames; send fewer".encode()
+        )
+        self.assert_unheard(sent, seconds)
+        message = json.dumps({"token": gateway.token, "cmd": "ping"}).encode()
+
+        def in_three_frames() -> list[tuple[int, bytes]]:
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+            with sock:
+                key = base64.b64encode(os.urandom(16)).decode()
+                sock.sendall(
+                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+                )
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += sock.recv(4096)
+                received = received.split(b"\r\n\r\n", 1)[1]
+                sock.sendall(
+                    frame(0x1, message[:5], fin=False) + frame(0x0, message[5:9], fin=False) + frame(0x0, message[9:])
+                )
+                while True:
+                    frames, rest = server_frames(received)
+                    if frames:
+                        return frames
+                    received += sock.recv(4096)
+
+        frames = yield deferToThread(in_three_frames)
+        self.assertTrue(json.loads(frames[0][1])["ok"])
 
     @inlineCallbacks
     def test_guesser_flood_after_1008_is_not_read(self):

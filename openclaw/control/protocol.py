@@ -32,6 +32,7 @@ from openclaw.control.admission import (
 )
 from openclaw.control.closecodes import (
     GOING_AWAY,
+    MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
     PROXY_CLIENT_UNREADABLE_REASON,
     PROXY_NAMED_NO_CLIENT_REASON,
@@ -61,6 +62,13 @@ CLOSE_HANDSHAKE_SECONDS = 5
 #: 1008, for the close frame to reach it, before the connection is aborted;
 #: nothing it sends is read meanwhile (L{ControlProtocol.close_unheard}).
 UNHEARD_CLOSE_SECONDS = 1.0
+#: The most frames one message may come in.  RFC 6455 (section 5.4) lets a
+#: sender fragment a message at will, even into frames with no payload,
+#: which MAX_MESSAGE_BYTES never counts: a message that never ends, sent
+#: as a flood of empty frames before authenticating, cost the reactor
+#: each frame until AUTH_TIMEOUT_SECONDS (trial s25).  Clients fragment
+#: into a few large frames, if at all.
+MAX_MESSAGE_FRAMES = 1024
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
@@ -211,6 +219,8 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
+    #: Frames of the message being received (L{MAX_MESSAGE_FRAMES}).
+    message_frames = 0
     #: Whether this handshake's outcome is accounted for: L{onConnect}
     #: judged it (and counted any refusal), or a refusal before it was
     #: counted (L{head_too_large}, L{onOpenHandshakeTimeout}, Autobahn's
@@ -380,6 +390,17 @@ class ControlProtocol(WebSocketServerProtocol):
             # An untrusted peer: 1008 must reach it, so the handshake is
             # completed first; nothing it sends is read.
             self.close_unheard(POLICY_VIOLATION, self.refused_with or UNTRUSTED_PEER_REASON)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self.message_frames = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        self.message_frames += 1
+        if self.message_frames > MAX_MESSAGE_FRAMES:
+            # Read no further: the rest of the flood is not parsed.
+            self.close_unheard(MESSAGE_TOO_BIG, f"a message in over {MAX_MESSAGE_FRAMES} frames; send fewer")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
