@@ -18,7 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, MAX_MESSAGE_FRAMES, UNHEARD_CLOSE_SECONDS
+from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, MAX_EMPTY_FRAMES, UNHEARD_CLOSE_SECONDS
 from tests.support import connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
@@ -315,19 +315,19 @@ class UnheardCloseTests(TestCase):
         self.assertTrue(answer["ok"])
 
     @inlineCallbacks
-    def test_message_in_too_many_frames(self):
+    def test_empty_frames_flood(self):
         """
         A message that never ends, sent as empty continuation frames (which
         MAX_MESSAGE_BYTES never counts) before authenticating, is closed
-        with 1009 at MAX_MESSAGE_FRAMES and read no further (trial s25: it
+        with 1009 at MAX_EMPTY_FRAMES and read no further (trial s25: it
         cost the reactor each frame until AUTH_TIMEOUT_SECONDS); a message
         in a few frames is answered.
         """
         gateway = start_gateway(self)
-        fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (MAX_MESSAGE_FRAMES + 10)
+        fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (MAX_EMPTY_FRAMES + 10)
         close, sent, seconds = yield deferToThread(flood_after_close, gateway.port, "127.0.0.1", fragments)
         self.assertEqual(
-            close, struct.pack("!H", 1009) + f"a message in over {MAX_MESSAGE_FRAMES} frames; send fewer".encode()
+            close, struct.pack("!H", 1009) + f"over {MAX_EMPTY_FRAMES} frames without payload; send fewer".encode()
         )
         self.assert_unheard(sent, seconds)
         message = json.dumps({"token": gateway.token, "cmd": "ping"}).encode()

@@ -62,13 +62,14 @@ CLOSE_HANDSHAKE_SECONDS = 5
 #: 1008, for the close frame to reach it, before the connection is aborted;
 #: nothing it sends is read meanwhile (L{ControlProtocol.close_unheard}).
 UNHEARD_CLOSE_SECONDS = 1.0
-#: The most frames one message may come in.  RFC 6455 (section 5.4) lets a
-#: sender fragment a message at will, even into frames with no payload,
-#: which MAX_MESSAGE_BYTES never counts: a message that never ends, sent
-#: as a flood of empty frames before authenticating, cost the reactor
-#: each frame until AUTH_TIMEOUT_SECONDS (trial s25).  Clients fragment
-#: into a few large frames, if at all.
-MAX_MESSAGE_FRAMES = 1024
+#: The most data frames without payload one connection may send.  RFC 6455
+#: (section 5.4) lets a sender fragment a message at will, even into empty
+#: frames, which MAX_MESSAGE_BYTES never counts (frames with payload are
+#: bounded by it): a message that never ends, sent as a flood of empty
+#: frames before authenticating, cost the reactor each frame until
+#: AUTH_TIMEOUT_SECONDS (trial s25).  No client needs them; counted per
+#: connection, so that a message's first frame costs nothing more.
+MAX_EMPTY_FRAMES = 1024
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
@@ -219,8 +220,8 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
-    #: Frames of the message being received (L{MAX_MESSAGE_FRAMES}).
-    message_frames = 0
+    #: Frames without payload received (L{MAX_EMPTY_FRAMES}).
+    empty_frames = 0
     #: Whether this handshake's outcome is accounted for: L{onConnect}
     #: judged it (and counted any refusal), or a refusal before it was
     #: counted (L{head_too_large}, L{onOpenHandshakeTimeout}, Autobahn's
@@ -391,16 +392,13 @@ class ControlProtocol(WebSocketServerProtocol):
             # completed first; nothing it sends is read.
             self.close_unheard(POLICY_VIOLATION, self.refused_with or UNTRUSTED_PEER_REASON)
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        self.message_frames = 0
-        super().onMessageBegin(isBinary)
-
     def onMessageFrameBegin(self, length: int) -> None:
         super().onMessageFrameBegin(length)
-        self.message_frames += 1
-        if self.message_frames > MAX_MESSAGE_FRAMES:
-            # Read no further: the rest of the flood is not parsed.
-            self.close_unheard(MESSAGE_TOO_BIG, f"a message in over {MAX_MESSAGE_FRAMES} frames; send fewer")
+        if not length:
+            self.empty_frames += 1
+            if self.empty_frames > MAX_EMPTY_FRAMES:
+                # Read no further: the rest of the flood is not parsed.
+                self.close_unheard(MESSAGE_TOO_BIG, f"over {MAX_EMPTY_FRAMES} frames without payload; send fewer")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
