@@ -14,6 +14,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+import attrs
+
 #: The longest path a UNIX socket's address holds (Linux's C{sun_path}:
 #: 108 bytes, its last a NUL; unix(7)): the gateway's C{unix:} listeners
 #: and C{openclawctl --url unix:PATH}.
@@ -146,6 +148,48 @@ def kind_of(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+@attrs.frozen
+class StickyHeld:
+    """
+    What is at a path that this process may not replace or remove, for
+    its directory's sticky bit (L{held_by_sticky_directory}).
+
+    @ivar owner: the user id the entry belongs to.
+    @ivar directory: its directory, as named.
+    @ivar mode: the directory's mode (permission bits and sticky bit).
+    """
+
+    owner: int
+    directory: Path
+    mode: int
+
+
+def held_by_sticky_directory(path: Path, euid: int | None = None) -> StickyHeld | None:
+    """
+    Whether what is at C{path} (a file, a link: C{lstat}) is kept from this
+    process by the sticky bit of its directory: in a sticky directory
+    (C{/tmp}, mode 1777) only the entry's owner, the directory's owner or
+    a privileged process may remove it or rename another file over it
+    (unlink(2) and rename(2), C{EPERM}; Linux's C{may_delete}), so a file
+    another user put there first cannot be replaced by the new one written
+    beside it (L{write_atomically}), nor removed at stop.  Root is taken
+    as privileged (C{CAP_FOWNER}).
+
+    @param euid: the user the question is for (default: this process's).
+    @return: who holds it, or L{None}: this user may replace or remove it,
+        nothing is there, or that cannot be told (its use then says why).
+    """
+    euid = os.geteuid() if euid is None else euid
+    try:
+        entry = os.lstat(path)
+        directory = os.stat(path.parent)
+    except OSError:
+        return None
+    if euid == 0 or euid in (entry.st_uid, directory.st_uid) or not directory.st_mode & stat.S_ISVTX:
+        return None
+    return StickyHeld(entry.st_uid, path.parent, stat.S_IMODE(directory.st_mode))
 
 
 def open_regular_file(path: Path, flags: int, mode: int = 0o600) -> int:

@@ -57,7 +57,7 @@ from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, Met
 from openclaw.providers import ProviderAdapter, ProviderRegistry
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
-from openclaw.session import SessionAuthority, SessionToken
+from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
 from openclaw.timefmt import isoformat
@@ -622,8 +622,19 @@ class GatewayService(MultiService):
         for line in self.settings.warnings:
             self._log.warn("{config_warning}", config_warning=line)
         self._warn_about_setup()
+        shared = self.cluster is not None and self._redis is not None
+        issued = None
+        if not shared:
+            # Before anything else starts: a token file that cannot be
+            # written stops the gateway with nothing else to take back.
+            try:
+                issued = self.sessions.issue()
+            except TokenFileUnwritable as e:
+                self._refuse_token_file(e)
+                return
         self._open_consumers()
-        if self.cluster is not None and self._redis is not None:
+        if shared:
+            assert self.cluster is not None and self._redis is not None
             # The token is the cluster's: issued by the first instance,
             # adopted by the others, announced once known.
             self._log.info(
@@ -640,8 +651,35 @@ class GatewayService(MultiService):
             self._redis.start(self.cluster)
             self.cluster.start()
         else:
-            self._announce(self.sessions.issue())
+            assert issued is not None
+            self._announce(issued)
         super().startService()
+
+    def _refuse_token_file(self, error: TokenFileUnwritable) -> None:
+        """
+        The first token could not be written to C{TOKEN_FILE}: a cause the
+        start-up checks could not foresee (L{openclaw.tap.makeService}
+        refuses, before listening, what they can: another user's file in
+        a sticky directory), such as a full disk or an immutable file.
+        One critical line, no traceback; the token file's lock and
+        C{STATE_DIR}'s released (their files removed), the reactor stopped
+        once running, exit status 1 (L{exit_status}).  The listeners,
+        bound already under twistd, close as the process ends.
+        """
+        euid = os.geteuid()
+        self._log.critical(
+            "the session token could not be written to TOKEN_FILE {path} ({error}), so the gateway stops: "
+            "make it writable by the gateway's user (uid {euid}): remove what is there or chown {euid} it, "
+            "free space on its disk, or point TOKEN_FILE at a new path in a directory of the gateway's own "
+            "(such as /run/openclaw/token)",
+            path=str(self.settings.token_file),
+            error=error.error,
+            euid=euid,
+        )
+        self.exit_status = 1
+        self.sessions.release_token_file()
+        self._release_state_dir()
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     def _refuse_switched_ids(self, running_as: tuple[int, int]) -> None:
         """
@@ -918,6 +956,13 @@ class GatewayService(MultiService):
             yield self.cluster.stop()
             yield self._redis.stop()
         self.sessions.discard_token_file()
+        self._release_state_dir()
+
+    def _release_state_dir(self) -> None:
+        """
+        Release the lock of C{STATE_DIR} (L{hold_state_dir}), its file
+        removed; again, nothing.
+        """
         if self._state_lock is not None:
             lock, self._state_lock = self._state_lock, None
             try:

@@ -300,17 +300,24 @@ class SessionAuthority:
         try:
             self._discard_token_file()
         finally:
-            if self._lock is not None:
-                lock, self._lock = self._lock, None
-                try:
-                    lock.release()
-                except OSError as e:
-                    # Released all the same: only the file is left.
-                    self._log.warn(
-                        "the lock file {path} could not be removed ({error}); it blocks no other gateway",
-                        path=str(lock.path),
-                        error=e.strerror,
-                    )
+            self.release_token_file()
+
+    def release_token_file(self) -> None:
+        """
+        Release the token file's lock (L{hold_token_file}), its lock file
+        removed, leaving the token file as it is; again, nothing.
+        """
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            try:
+                lock.release()
+            except OSError as e:
+                # Released all the same: only the file is left.
+                self._log.warn(
+                    "the lock file {path} could not be removed ({error}); it blocks no other gateway",
+                    path=str(lock.path),
+                    error=e.strerror,
+                )
 
     def _discard_token_file(self) -> None:
         if self._token_file is None:

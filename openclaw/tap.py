@@ -29,7 +29,7 @@ from twisted.web.http import H2_ENABLED
 
 from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
-from openclaw.files import LockHeld, NotALockFile, PidLock
+from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
 from openclaw.listeners import (
     MAX_TLS_FILE_BYTES,
     CannotListen,
@@ -452,14 +452,44 @@ def _check_token_file(settings: Settings) -> None:
     """
     if settings.token_file is None:
         return
+    named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
+    _check_sticky_held(settings, named)
     try:
         check_token_file(settings.token_file)
     except UnsafeTokenFile as e:
-        named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
         raise ConfigError(
             f"{named} is refused: {e.reason}, and the gateway never replaces or removes what it did not write; "
             "point TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
+
+
+def _check_sticky_held(settings: Settings, named: str) -> None:
+    """
+    Refuse a C{TOKEN_FILE} (or, standalone, its lock file) that another
+    user put in a sticky directory first (trial s25 F2: an empty
+    C{/tmp}-like token file of C{nobody}'s): the gateway could neither
+    replace it with its token nor remove it at stop
+    (L{held_by_sticky_directory}), and failed with a traceback once
+    listening.
+
+    @raise ConfigError: one is, naming its owner and what to do.
+    """
+    assert settings.token_file is not None
+    paths = [("it", settings.token_file)]
+    if settings.redis_url is None:
+        lock = token_file_lock_path(settings.token_file)
+        paths.append((f"its lock file {str(lock)!r}", lock))
+    euid = os.geteuid()
+    for what, path in paths:
+        held = held_by_sticky_directory(path, euid)
+        if held is not None:
+            raise ConfigError(
+                f"{named} is refused: {what} belongs to uid {held.owner}, not the gateway's user (uid {euid}), "
+                f"in the sticky directory {str(held.directory)!r} (mode {held.mode:04o}), where only its owner, "
+                f"the directory's or root may replace or remove it; have that user or root remove {str(path)!r} "
+                f"(or chown {euid} it), or point TOKEN_FILE at a new path in a directory of the gateway's own "
+                "(such as /run/openclaw/token)"
+            )
 
 
 @attrs.frozen

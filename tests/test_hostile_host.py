@@ -12,6 +12,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,9 +26,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from openclaw.files import NotARegularFile, write_atomically
+from openclaw.files import NotARegularFile, StickyHeld, held_by_sticky_directory, write_atomically
 from openclaw.listeners import tls_file_problem
 from openclaw.metrics import OUTCOMES
 from openclaw.routing import MAX_MODEL_CHARS
@@ -250,6 +252,234 @@ class TokenFileUnwritableTests(TestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+
+class StickyHeldTests(SynchronousTestCase):
+    """
+    L{held_by_sticky_directory}: what another user put in a sticky
+    directory first is kept from this one (unlink(2), rename(2): EPERM).
+    """
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir(parents=True)
+        self.path = self.dir / "token"
+        self.path.write_bytes(b"")
+        #: A user who owns neither the file nor the directory.
+        self.other = os.geteuid() + 4242
+
+    def test_held_in_a_sticky_directory(self) -> None:
+        self.dir.chmod(0o1777)
+        held = held_by_sticky_directory(self.path, self.other)
+        self.assertEqual(held, StickyHeld(self.path.stat().st_uid, self.dir, 0o1777))
+
+    def test_not_held(self) -> None:
+        """
+        Not sticky; this user's own file or directory; root; nothing there.
+        """
+        self.dir.chmod(0o777)
+        self.assertIsNone(held_by_sticky_directory(self.path, self.other))
+        self.dir.chmod(0o1777)
+        self.assertIsNone(held_by_sticky_directory(self.path, os.geteuid()))
+        self.assertIsNone(held_by_sticky_directory(self.path, 0))
+        self.assertIsNone(held_by_sticky_directory(self.dir / "missing", self.other))
+
+
+def _as_nobody() -> str:
+    """
+    setpriv, once it is known to run this Python with openclaw as uid
+    L{NOBODY}; skips the test otherwise (not root, no util-linux).
+    """
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        raise SkipTest("running a gateway as another user needs root and setpriv (util-linux)")
+    probe = subprocess.run(
+        [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", "import openclaw"],
+        capture_output=True,
+        timeout=30,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        raise SkipTest(f"uid {NOBODY} cannot run this Python with openclaw installed (its install is not readable)")
+    return setpriv
+
+
+class TokenFilePlantedTests(TestCase):
+    """
+    Trial s25 F2: a gateway running as one user (here L{NOBODY}) given a
+    C{TOKEN_FILE} in a sticky directory (C{/tmp}-like, mode 1777) where
+    another user put an empty file of their own first.  It exited 1 with a
+    traceback (TokenFileUnwritable, EPERM) once listening, its lock file
+    left behind; it refuses in one line, before anything listens or is
+    made, naming that user and what to do.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_planted_empty_token_file(self) -> Any:
+        setpriv = _as_nobody()
+        base = Path(tempfile.mkdtemp(prefix="oc-planted-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, NOBODY, NOBODY)
+        sticky = base / "sticky"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        token_file = sticky / "token"
+        token_file.write_bytes(b"")
+        token_file.chmod(0o666)
+        os.chown(token_file, 4242, 4242)
+        port = free_port()
+        out, err, code = yield getProcessOutputAndValue(
+            setpriv,
+            [
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                twistd_path(),
+                "-n",
+                "--pidfile=",
+                "openclaw",
+                "--port",
+                str(port),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(token_file),
+                "--state-dir",
+                str(state),
+            ],
+            env=gateway_env(HOME=str(base)),
+            path=str(base),
+        )
+        self.assertEqual(code, 2, (out, err))
+        self.assertNotIn(b"Traceback", out + err)
+        self.assertNotIn(b"starting on", out)
+        (line,) = err.decode().splitlines()
+        self.assertEqual(
+            line,
+            f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(token_file)!r} (from the command line) "
+            f"is refused: it belongs to uid 4242, not the gateway's user (uid {NOBODY}), in the sticky directory "
+            f"{str(sticky)!r} (mode 1777), where only its owner, the directory's or root may replace or remove it; "
+            f"have that user or root remove {str(token_file)!r} (or chown {NOBODY} it), or point TOKEN_FILE at a "
+            "new path in a directory of the gateway's own (such as /run/openclaw/token)",
+        )
+        self.assertEqual(sorted(p.name for p in sticky.iterdir()), ["token"])
+        self.assertEqual(os.lstat(token_file).st_uid, 4242)
+
+    @inlineCallbacks
+    def test_planted_lock_file(self) -> Any:
+        """
+        Another user's C{TOKEN_FILE.lock} there first: refused the same
+        way (the gateway could not remove it at stop, and its owner could
+        hold the lock).
+        """
+        setpriv = _as_nobody()
+        base = Path(tempfile.mkdtemp(prefix="oc-planted-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o755)
+        sticky = base / "sticky"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        lock = sticky / "token.lock"
+        lock.write_bytes(b"")
+        lock.chmod(0o666)
+        os.chown(lock, 4242, 4242)
+        out, err, code = yield getProcessOutputAndValue(
+            setpriv,
+            [
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                twistd_path(),
+                "-n",
+                "--pidfile=",
+                "openclaw",
+                "--port",
+                str(free_port()),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(sticky / "token"),
+                "--state-dir",
+                str(sticky / "state"),
+            ],
+            env=gateway_env(HOME=str(base)),
+            path=str(base),
+        )
+        self.assertEqual(code, 2, (out, err))
+        (line,) = err.decode().splitlines()
+        self.assertIn(f"is refused: its lock file {str(lock)!r} belongs to uid 4242", line)
+        self.assertEqual(sorted(p.name for p in sticky.iterdir()), ["token.lock"])
+
+
+class TokenFileUnwritableAtStartTests(TestCase):
+    """
+    A first token that cannot be written for a cause no start-up check
+    foresees (here a file size limit, RLIMIT_FSIZE: EFBIG) stops the
+    gateway with one critical line and status 1, its lock files removed;
+    it was a traceback (trial s25 F2).
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_first_token_unwritable(self) -> Any:
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        wrapper = base / "twistd-fsize"
+        wrapper.write_text(
+            f"#!{sys.executable}\n"
+            "import os, resource, sys\n"
+            "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+            # Room for a lock file's pid, not for a token.
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))\n"
+            f"os.execv({twistd_path()!r}, [{twistd_path()!r}, *sys.argv[1:]])\n"
+        )
+        wrapper.chmod(0o755)
+        state = base / "state"
+        state.mkdir()
+        token_file = base / "token"
+        out, err, code = yield getProcessOutputAndValue(
+            str(wrapper),
+            [
+                "-n",
+                "--pidfile=",
+                "openclaw",
+                "--port",
+                str(free_port()),
+                "--api-port",
+                str(free_port()),
+                "--interface",
+                "127.0.0.1",
+                "--token-file",
+                str(token_file),
+                "--state-dir",
+                str(state),
+            ],
+            env=gateway_env(),
+            path=str(base),
+        )
+        self.assertEqual(code, 1, (out, err))
+        self.assertNotIn(b"Traceback", out + err)
+        critical = [line for line in out.decode().splitlines() if "#critical]" in line]
+        self.assertEqual(len(critical), 1, out)
+        self.assertIn(
+            f"the session token could not be written to TOKEN_FILE {token_file} (File too large), so the gateway "
+            "stops: make it writable by the gateway's user",
+            critical[0],
+        )
+        self.assertFalse(os.path.lexists(token_file))
+        self.assertFalse(os.path.lexists(f"{token_file}.lock"))
+        self.assertFalse(os.path.lexists(state / "openclaw.lock"))
+        self.assertEqual([p.name for p in base.iterdir() if p.name.startswith(".token")], [])
 
 
 class ClosedStdoutTests(TestCase):
