@@ -24,8 +24,9 @@ warning (L{Settings.warnings}, logged at start-up), and so is an env file
 that gives a secret setting (L{env_file_secrets}), as is an env-file key
 that is no setting but close to one (C{GEMINI_MODLE}), and an env-file
 line that is neither blank, a comment nor C{NAME=VALUE} (L{unread_lines}).
-The directory of the consumers' SQLite database is held to the rule of
-those files' directories, and more strictly (L{check_state_directory}).
+The directories of C{TOKEN_FILE} are held to the rule of those files'
+directories (L{check_token_directory}); the directory of the consumers'
+SQLite database too, and more strictly (L{check_state_directory}).
 
 The path settings used once the gateway runs (C{TOKEN_FILE}, C{STATE_DIR},
 a C{unix:} listener's socket) are made absolute as they are read, against
@@ -961,11 +962,14 @@ def _absolute(text: str | Path) -> Path:
 def _writable_file(path: str) -> Path:
     """
     A file the gateway will write (C{TOKEN_FILE}), made absolute
-    (L{_absolute}): its directory must exist and be writable now, not at
-    the first rotation.
+    (L{_absolute}) and its directory resolved (links followed, C{..}
+    taken: the path it is written, locked and named at, as the banner
+    shows it): the directory must exist and be writable now, not at the
+    first rotation, and is held to the rule of secret files' directories
+    (L{check_token_directory}).
     """
     absolute = _absolute(path)
-    directory = absolute.resolve().parent
+    directory = absolute.parent.resolve()
     if not directory.is_dir():
         raise ConfigError(
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} does not exist; "
@@ -976,7 +980,8 @@ def _writable_file(path: str) -> Path:
             f"TOKEN_FILE={path!r}: the directory {str(directory)!r} is not writable by the gateway's user "
             "(its mode, owner, a read-only file system); make it so, or put TOKEN_FILE in a directory that is"
         )
-    return absolute
+    check_token_directory(absolute, f"TOKEN_FILE={path!r}")
+    return directory / absolute.name
 
 
 def _ca_file(path: str) -> bytes:
@@ -1164,7 +1169,27 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{what} may be written by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}")
-    for directory in _directories_of(path, [link for link, _ in links]):
+    _check_directories(path, [link for link, _ in links], what, euid, "move the file")
+    if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
+        return f"{what} may be read by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
+    return None
+
+
+def _check_directories(path: Path, links: Sequence[Path], what: str, euid: int, move: str) -> None:
+    """
+    The rule of secret files' directories (L{check_private_file}, after
+    sshd's C{StrictModes}): every directory C{path} is reached through
+    (L{_directories_of}: as named, through C{links}, and as resolved, up
+    to C{/}) must belong to the gateway's user or root, and no one else
+    may write it unless it has the sticky bit (C{/tmp}: others cannot
+    rename or remove an entry they do not own there).  Whoever can write
+    a directory can replace the file in it with their own.
+
+    @param what: how the operator named the file.
+    @param move: the other way out, in the refusal (C{"move the file"}).
+    @raise ConfigError: one line naming the directory and the fix.
+    """
+    for directory in _directories_of(path, links):
         try:
             held = directory.stat()
         except OSError:
@@ -1173,18 +1198,36 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
         if held.st_uid not in (euid, 0):
             raise ConfigError(
                 f"{what} is in directory {name!r}, which belongs to uid {held.st_uid}, neither the gateway's "
-                f"user (uid {euid}) nor root, so that user could replace the file; move the file, or "
+                f"user (uid {euid}) nor root, so that user could replace the file; {move}, or "
                 f"chown {euid} {name!r} (or root)"
             )
         dmode = stat.S_IMODE(held.st_mode)
         if dmode & (stat.S_IWGRP | stat.S_IWOTH) and not dmode & stat.S_ISVTX:
             raise ConfigError(
                 f"{what} is in directory {name!r}, which group or others may write (mode {dmode:04o}), so they "
-                f"could replace the file; run: chmod go-w {name!r}, or move the file"
+                f"could replace the file; run: chmod go-w {name!r}, or {move}"
             )
-    if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
-        return f"{what} may be read by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
-    return None
+
+
+def check_token_directory(path: Path, what: str, euid: int | None = None) -> None:
+    """
+    Hold the directories of C{TOKEN_FILE} to the rule of secret files'
+    directories (L{_check_directories}), and every symbolic link met on
+    the way to it to L{check_private_file}'s: the token file is a secret
+    the gateway writes there, beside its lock file (trial s25 F3: in a
+    0777 directory, anyone could remove the lock and let a second gateway
+    overwrite the first's token).  The file itself, which may not be
+    there yet, is checked when the gateway starts
+    (L{openclaw.session.check_token_file}).
+
+    @param what: how the operator named it (C{"TOKEN_FILE='/run/x/token'"}).
+    @param euid: the gateway's user id (default: this process's).
+    @raise ConfigError: one line naming the directory or link and the fix.
+    """
+    euid = os.geteuid() if euid is None else euid
+    fix = "point TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
+    links = _trusted_links(path, what, euid, fix)
+    _check_directories(path, [link for link, _ in links], what, euid, fix)
 
 
 def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> str | None:
@@ -2413,6 +2456,7 @@ __all__ = [
     "builtin_providers",
     "check_private_file",
     "check_state_directory",
+    "check_token_directory",
     "default_state_dir",
     "env_file_secrets",
     "load_settings",

@@ -274,6 +274,25 @@ class DaemonTests(TestCase):
         self.assertFalse(tokenfile.exists())
 
     @inlineCallbacks
+    def test_banner_names_the_token_file_resolved(self):
+        """
+        A token file named through C{..} (trial s25: C{gwD/../gwC/tok/token})
+        is named in the banner by the path it is at, as the lock beside it.
+        """
+        for name in ("a", "b"):
+            (self.dir / name).mkdir()
+        given = self.dir / "a" / ".." / "b" / "token"
+        process = spawn_gateway(
+            self,
+            ["--port", str(free_port()), "--interface", "127.0.0.1", "--token-file", str(given)],
+            env(JWT_SECRET=SECRET),
+        )
+        yield wait_for(lambda: b"SESSION TOKEN" in process.stdout and (self.dir / "b" / "token.lock").exists())
+        yield process.stop()
+        self.assertIn(f"in {self.dir / 'b' / 'token'} (never logged)".encode(), process.stdout)
+        self.assertNotIn(b"/../", process.stdout)
+
+    @inlineCallbacks
     def test_daemon_needs_token_file(self):
         out, err, code = yield getProcessOutputAndValue(
             twistd_path(),

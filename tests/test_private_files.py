@@ -84,6 +84,87 @@ class SecretDirectoryTests(TestCase):
         self.assertIn(str(self.folder), message)
 
 
+class TokenDirectoryTests(SynchronousTestCase):
+    """
+    C{TOKEN_FILE}'s directory is held to the rule of secret files'
+    directories (trial s25 F3: one made 0777 under umask 000 was taken,
+    and anyone could remove the token's lock there and let a second
+    gateway overwrite the first's token).
+    """
+
+    def setUp(self) -> None:
+        self.environ: dict[str, str] = {}
+        self.patch(os, "environ", self.environ)
+        self.base = Path(self.mktemp()).absolute()
+        self.run = self.base / "run"
+        self.run.mkdir(parents=True)
+        self.run.chmod(0o700)
+        self.environ["TOKEN_FILE"] = str(self.run / "token")
+
+    def refused(self) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            load_settings(cwd=self.base)
+        return str(caught.exception)
+
+    def test_writable_directory(self) -> None:
+        self.assertEqual(load_settings(cwd=self.base).token_file, self.run.resolve() / "token")
+        for mode in (0o777, 0o770, 0o707):
+            self.run.chmod(mode)
+            self.assertEqual(
+                self.refused(),
+                f"TOKEN_FILE={str(self.run / 'token')!r} is in directory {str(self.run)!r}, which group or others "
+                f"may write (mode {mode:04o}), so they could replace the file; run: chmod go-w {str(self.run)!r}, "
+                "or point TOKEN_FILE at a new path in a directory of the gateway's own (such as "
+                "/run/openclaw/token) (the value came from the environment)",
+            )
+        # Sticky, as /tmp: others can neither remove nor replace what is not theirs.
+        self.run.chmod(0o1777)
+        self.assertEqual(load_settings(cwd=self.base).token_file, self.run.resolve() / "token")
+
+    def test_directory_above(self) -> None:
+        self.base.chmod(0o777)
+        self.addCleanup(self.base.chmod, 0o755)
+        self.assertIn(f"is in directory {str(self.base)!r}, which group or others may write", self.refused())
+
+    def test_directory_owner(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to give a directory to another user")
+        os.chown(self.run, 4242, -1)
+        message = self.refused()
+        self.assertIn(f"is in directory {str(self.run)!r}, which belongs to uid 4242", message)
+        self.assertIn("point TOKEN_FILE at a new path", message)
+
+    def test_foreign_link(self) -> None:
+        """
+        A directory reached through another user's link in a sticky one
+        (which the directory rule lets be): that user chose where it points.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root, to give a link to another user (os.lchown)")
+        sticky = self.base / "sticky"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        link = sticky / "run"
+        link.symlink_to(self.run)
+        os.lchown(link, 4242, 4242)
+        self.environ["TOKEN_FILE"] = str(link / "token")
+        message = self.refused()
+        self.assertIn(f"is reached through the symbolic link {str(link)!r}, which belongs to uid 4242", message)
+
+    def test_resolved(self) -> None:
+        """
+        Kept with its directory resolved (C{..} taken, links followed):
+        the path it is written, locked and named at.
+        """
+        (self.base / "other").mkdir()
+        self.environ["TOKEN_FILE"] = str(self.base / "other" / ".." / "run" / "token")
+        self.assertEqual(load_settings(cwd=self.base).token_file, self.run.resolve() / "token")
+        link = self.base / "link"
+        link.symlink_to(self.run)
+        self.environ["TOKEN_FILE"] = str(link / "token")
+        self.assertEqual(load_settings(cwd=self.base).token_file, self.run.resolve() / "token")
+
+
 class ForeignSymlinkTests(SynchronousTestCase):
     """
     A secret file reached through a symbolic link that another user owns
