@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import IO, Any
@@ -367,7 +368,7 @@ class GatewayService(MultiService):
             controlplane,
             settings,
             self.metrics,
-            clock=reactor.seconds,
+            clock=time.monotonic,
             lockout=self.lockout,
             capacity=self.descriptors.control,
             reactor=reactor,
@@ -432,7 +433,9 @@ class GatewayService(MultiService):
             clock=self.cluster_clock,
         )
         self.lockout = SharedLockout(
-            AuthLockout.from_settings(settings, reactor.seconds),
+            # Monotonic, as the standalone one (ControlFactory's): the
+            # cluster shares durations, never this clock's times.
+            AuthLockout.from_settings(settings, time.monotonic),
             cluster,
             on_locked=lambda key: self.metrics.lockouts.inc(),
         )

@@ -12,19 +12,21 @@ import ipaddress
 import os
 import re
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.control.admission import HandshakeBudget
 from openclaw.control.protocol import HANDSHAKE_HEADROOM
 from openclaw.logs import make_observer
-from tests.support import capture_log_events, connect, open_client, start_gateway
+from tests.support import capture_log_events, connect, free_port, open_client, spawn_gateway, start_gateway
 from tests.wsfuzz import server_frames
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -376,6 +378,30 @@ class HandshakeBudgetTests(TestCase):
         self.assertGreaterEqual(HandshakeBudget(4096 + HANDSHAKE_HEADROOM).per_address, 1000)
 
 
+@inlineCallbacks
+def guess(port: int, times: int, bind: str = "127.0.0.1", **kwargs: Any) -> Any:
+    """
+    Send C{times} bad tokens, reconnecting every 4 as an attacker would;
+    the last connection's close code and reason.
+    """
+    result = None
+    while times > 0:
+        client = yield connect(port, bind=bind, **kwargs)
+        batch = min(4, times)
+        times -= batch
+        for _ in range(batch):
+            client.send({"token": "forged", "cmd": "ping"})
+        for _ in range(batch):
+            # The answer, unless the connection closes first.
+            yield DeferredList([client.received.get(), client.closed], fireOnOneCallback=True)
+            if client.closed.called:
+                break
+        if not client.closed.called:
+            client.sendClose()
+        result = yield client.closed
+    return result
+
+
 class LockoutTests(TestCase):
     """
     Item 4: failed authentications counted across connections.
@@ -383,28 +409,8 @@ class LockoutTests(TestCase):
 
     timeout = 30
 
-    @inlineCallbacks
     def guess(self, port: int, times: int, bind: str = "127.0.0.1", **kwargs: Any) -> Any:
-        """
-        Send C{times} bad tokens, reconnecting every 4 as an attacker
-        would; the last connection's close code and reason.
-        """
-        result = None
-        while times > 0:
-            client = yield connect(port, bind=bind, **kwargs)
-            batch = min(4, times)
-            times -= batch
-            for _ in range(batch):
-                client.send({"token": "forged", "cmd": "ping"})
-            for _ in range(batch):
-                # The answer, unless the connection closes first.
-                yield DeferredList([client.received.get(), client.closed], fireOnOneCallback=True)
-                if client.closed.called:
-                    break
-            if not client.closed.called:
-                client.sendClose()
-            result = yield client.closed
-        return result
+        return guess(port, times, bind, **kwargs)
 
     @inlineCallbacks
     def test_lockout_across_connections(self):
@@ -609,3 +615,58 @@ class LockoutTests(TestCase):
         client = yield open_client(self, gateway.port, bind="127.0.0.3", headers={"X-Forwarded-For": "127.0.0.8"})
         answer = yield client.command(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+
+
+#: libfaketime (Debian's faketime package, which make test installs).
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+class LockoutClockStepTests(TestCase):
+    """
+    Trial s25 F1: a gateway whose wall clock is stepped back an hour
+    (libfaketime; its monotonic clock left alone, as an NTP step or a
+    virtual machine's resume leaves it) 3 s into a lockout.  The lockout
+    went by the wall clock: "retry in 3597 s" for what was a 4 s lockout.
+    It goes by the monotonic clock, and ends on time.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_lockout_ends_on_time_after_a_step_back(self) -> Any:
+        if not os.path.exists(FAKETIME):
+            raise SkipTest(f"libfaketime is not installed ({FAKETIME}: 'apt-get install faketime', as make test does)")
+        offset = Path(self.mktemp())
+        offset.parent.mkdir(parents=True, exist_ok=True)
+        offset.write_text("+0\n")
+        port = free_port()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "JWT_SECRET": "clock-step-secret-clock-step-secret-4242",
+            "AUTH_LOCKOUT_FAILURES": "3",
+            "AUTH_LOCKOUT_SECONDS": "4",
+            "LD_PRELOAD": FAKETIME,
+            "FAKETIME_TIMESTAMP_FILE": str(offset.absolute()),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+        process = spawn_gateway(self, ["--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        yield guess(port, 3)
+        response, sock = yield deferToThread(send_head, port, [])
+        sock.close()
+        self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        locked_at = time.monotonic()
+        offset.write_text("-3600\n")
+        response, sock = yield deferToThread(send_head, port, [])
+        sock.close()
+        self.assertIn(b" 429 ", response.split(b"\r\n")[0])
+        (retry_after,) = re.findall(rb"\r\nRetry-After: (\d+)\r\n", response)
+        self.assertLessEqual(int(retry_after), 4, response)
+        yield task.deferLater(reactor, max(0.0, locked_at + 4.5 - time.monotonic()), lambda: None)
+        client = yield connect(port)
+        answer = yield client.command(token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        client.sendClose()
+        yield client.closed

@@ -71,7 +71,9 @@ class SharedLockout:
     def impose(self, key: str, seconds: float, decided: bool = False) -> None:
         """
         Lock C{key} out for C{seconds} (from the cluster's count, or from
-        another instance's message).
+        another instance's message): a duration, counted from now on the
+        local lockout's monotonic clock, as no instance's clock reading
+        means anything on another.
         """
         if self.local.impose(key, self.local.clock() + seconds):
             self._log.warn(

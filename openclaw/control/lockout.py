@@ -6,6 +6,14 @@ connections it spreads its guesses over.
 The policy (L{AuthLockout}) is a plain object on an injected clock; the
 gateway uses it through the two methods of L{LockoutStore}, so a store
 shared by several processes can take its place.
+
+The gateway gives it a monotonic clock (C{time.monotonic}, POSIX's
+C{CLOCK_MONOTONIC}), not the wall clock (the reactor's C{seconds()} is
+C{time.time}): its times are only compared within the process, and a
+wall clock stepped back (an NTP step, a virtual machine resumed) made a
+20 s lockout one of an hour, stepped forward it cut it short (trial s25
+F1).  A cluster shares lockouts as durations, never as these times
+(L{openclaw.cluster.lockout.SharedLockout}).
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ class LockoutStore(Protocol):
     """
     What the control plane needs of a lockout.  C{client} is the client's
     IP address as text (the TCP peer, or the client a trusted proxy named);
-    times are seconds on the store's clock.
+    times are seconds on the store's clock, a monotonic one whose readings
+    mean something only within this process (L{AuthLockout}): the caller
+    takes the time left from the same clock.
     """
 
     def record_failure(self, client: str) -> float | None:
@@ -55,6 +65,10 @@ class AuthLockout:
     counts as its /64 (one host's usual allocation, RFC 6177).  Addresses in
     C{exempt} are never locked out.  At most C{max_clients} clients are
     tracked in each table; the oldest entry is forgotten first.
+
+    @param clock: seconds on a monotonic clock (C{time.monotonic}; a
+        test's C{Clock().seconds}): a wall clock's step would stretch or
+        cut every lockout and window in force.
     """
 
     def __init__(
@@ -100,8 +114,9 @@ class AuthLockout:
 
     def impose(self, key: str, until: float) -> bool:
         """
-        Lock C{key} out until C{until} (a lockout decided elsewhere: another
-        instance of a cluster); L{True} if it was not locked out already.
+        Lock C{key} out until C{until}, on this lockout's clock (a lockout
+        decided elsewhere: another instance of a cluster, which tells its
+        duration); L{True} if it was not locked out already.
         """
         if until <= self.clock():
             return False

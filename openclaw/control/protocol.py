@@ -538,7 +538,7 @@ class ControlFactory(WebSocketServerFactory):
         controlplane: ControlPlane,
         settings: Settings,
         metrics: GatewayMetrics | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         lockout: LockoutStore | None = None,
         capacity: int | None = None,
         **kwargs: Any,
@@ -564,7 +564,9 @@ class ControlFactory(WebSocketServerFactory):
         self.reserved = min(max(2, self.capacity // 16), self.capacity // 2)
         #: AUTH_TIMEOUT_SECONDS.
         self.auth_timeout = settings.auth_timeout_seconds
-        #: The clock the lockout's times are on (the reactor's, by the service).
+        #: The clock the lockout's times are on: a monotonic one
+        #: (L{openclaw.control.lockout.AuthLockout}), which a step of the
+        #: wall clock does not move.
         self.clock = clock
         self.lockout: LockoutStore = lockout or AuthLockout.from_settings(settings, clock)
         #: TCP connections in their opening handshake, or open but not
