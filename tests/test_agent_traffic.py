@@ -771,6 +771,50 @@ class ModelFailureTests(DataPlaneTestCase):
         self.assertNotIn('"finish_reason": "stop"', text)
 
 
+class PrefixedNameTests(DataPlaneTestCase):
+    """
+    A call Gemini names with a prefix of its own (C{default_api.get_weather},
+    google-gemini/cookbook #1374) reaches the agent under the name its tool
+    was declared as, so that the history the agent sends back is taken
+    (trial s25: refused with a 400 on the next turn, on either provider);
+    a name no tool can be declared as is the model's failure.
+    """
+
+    def answer(self, name: str) -> GeminiAnswer:
+        return GeminiAnswer(
+            (({"functionCall": {"name": name, "args": PARIS, "id": "fc-1"}, "thoughtSignature": "sig-A"},),)
+        )
+
+    @inlineCallbacks
+    def test_prefix_dropped(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        for stream in (False, True):
+            self.upstream.gemini.answers[:] = [self.answer("default_api.get_weather")]
+            answer = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS)
+            self.assertEqual([call["name"] for call in answer["calls"]], ["get_weather"])
+            history = [*QUESTION, echoed(answer), *results(answer)]
+            for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):
+                self.upstream.gemini.answers[:] = [SUNNY]
+                completion = yield deferToThread(
+                    client.chat.completions.create, model=model, messages=history, tools=TOOLS
+                )
+                self.assertTrue(completion.choices[0].message.content)
+
+    @inlineCallbacks
+    def test_unusable_name(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        self.upstream.gemini.answers[:] = [self.answer("x" * 65)]
+        failure = yield self.assertFailure(
+            deferToThread(
+                client.chat.completions.create, model="gemini/gemini-2.5-flash", messages=QUESTION, tools=TOOLS
+            ),
+            openai.APIStatusError,
+        )
+        self.assertEqual((failure.status_code, failure.body["code"]), (502, "malformed_function_call"))
+
+
 class ContentTests(DataPlaneTestCase):
     PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
 

@@ -46,6 +46,7 @@ from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import (
     BUILTIN_FUNCTION,
     DATA_URL,
+    FUNCTION_NAME,
     REASONING_EFFORTS,
     ChatRequest,
     choice_count,
@@ -1240,13 +1241,17 @@ def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
     OpenAI's tool call (with its stream C{index}) for a C{functionCall}
     part (C{{name, args?, id?}}, U{https://ai.google.dev/api/caching#FunctionCall}).
 
-    @raise MalformedAnswer: not an object, no name, C{args} not an object.
+    @raise MalformedAnswer: not an object, no name, C{args} not an object;
+        L{ModelFailed} for a name no tool can be declared as
+        (L{_declared_name}).
     """
     if not isinstance(call, dict):
         raise MalformedAnswer("Gemini's functionCall is not a JSON object; retry")
     name = call.get("name")
     if not isinstance(name, str) or not name:
         raise MalformedAnswer("Gemini's functionCall has no name; retry")
+    if not FUNCTION_NAME.fullmatch(name):
+        name = _declared_name(name)
     args = call.get("args")
     if args is not None and not isinstance(args, dict):
         raise MalformedAnswer(f"Gemini's functionCall {clip(name)!r} has args that are not a JSON object; retry")
@@ -1261,6 +1266,27 @@ def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
         "type": "function",
         "function": {"name": name, "arguments": orjson.dumps(args or {}).decode()},
     }
+
+
+def _declared_name(name: str) -> str:
+    """
+    The name a tool was declared under (L{FUNCTION_NAME}: no dots, 64
+    characters at most) for a C{functionCall} name Gemini wrote otherwise:
+    with a prefix of its own before a dot or colon (C{default_api.get_time},
+    google-gemini/cookbook #1374), the part after it.  Passed on as
+    Gemini wrote it, the call would be refused when the agent sends it
+    back in its history (and by any other provider).
+
+    @raise ModelFailed: C{malformed_function_call}, no such part: the
+        model named no function a tool can declare.
+    """
+    last = max(name.rfind("."), name.rfind(":"))
+    if last >= 0 and FUNCTION_NAME.fullmatch(name[last + 1 :]):
+        return name[last + 1 :]
+    raise ModelFailed(
+        f"Gemini's model called a function named {clip(name)!r}, which no tool can be declared as; retry",
+        "malformed_function_call",
+    )
 
 
 def _candidates(document: dict[str, Any]) -> list[dict[str, Any]]:
