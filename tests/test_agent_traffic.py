@@ -1166,6 +1166,17 @@ class BadRequestTests(DataPlaneTestCase):
             ),
             (
                 {
+                    "model": "kimi/kimi-k2.5",
+                    "messages": [
+                        *QUESTION,
+                        {**assistant, "reasoning_content": 5},
+                        {"role": "tool", "tool_call_id": "c1", "content": "x"},
+                    ],
+                },
+                "messages[1].reasoning_content",
+            ),
+            (
+                {
                     "messages": QUESTION,
                     "tools": TOOLS,
                     "tool_choice": {"type": "function", "function": {"name": "nope"}},

@@ -745,6 +745,10 @@ def _check_messages(body: dict[str, Any]) -> bool:
             refusal = message.get("refusal")
             if refusal is not None and not isinstance(refusal, str):
                 raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
+            reasoning = message.get("reasoning_content")
+            if reasoning is not None and not isinstance(reasoning, str):
+                # Moonshot's field, as its answers give it back (text).
+                raise bad_request(f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content")
             anything = anything or bool(refusal)
             # OpenAI's assistant message: content may be null (or left out)
             # when it carries tool calls or a refusal.
