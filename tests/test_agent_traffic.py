@@ -1166,7 +1166,6 @@ class BadRequestTests(DataPlaneTestCase):
             ),
             (
                 {
-                    "model": "kimi/kimi-k2.5",
                     "messages": [
                         *QUESTION,
                         {**assistant, "reasoning_content": 5},
