@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.consumers.estimate import count_or_zero, known_counts, token_count
+from openclaw.consumers.prices import Price
 from openclaw.consumers.table import usage_counts
 from openclaw.testing.upstream import OpenAIAnswer
 from tests.test_consumers import GatewayCase
@@ -50,6 +51,27 @@ class CountsTests(SynchronousTestCase):
         self.assertEqual(known_counts("usage"), (None, None))
         # Read alike for the token metrics.
         self.assertEqual(usage_counts({"prompt_tokens": 10.0, "completion_tokens": "4"}), (10, 0, 0, 0))
+
+    def test_cached_tokens(self) -> None:
+        """
+        Cached prompt tokens: OpenAI's C{prompt_tokens_details.cached_tokens},
+        else Moonshot's top-level C{cached_tokens} (trial s25: ignored, a
+        Kimi cache hit charged the full prompt price); never the two summed.
+        """
+        base = {"prompt_tokens": 100, "completion_tokens": 20}
+        cases = [
+            ({"prompt_tokens_details": {"cached_tokens": 40}}, 40),
+            ({"cached_tokens": 40}, 40),
+            ({"cached_tokens": 40, "prompt_tokens_details": {"cached_tokens": 40}}, 40),
+            ({"cached_tokens": 30, "prompt_tokens_details": {"cached_tokens": 40}}, 40),
+            ({"cached_tokens": 40, "prompt_tokens_details": {"cached_tokens": "x"}}, 40),
+            ({"cached_tokens": 40, "prompt_tokens_details": None}, 40),
+            ({"cached_tokens": "40"}, 0),
+            ({"cached_tokens": -1}, 0),
+            ({}, 0),
+        ]
+        for extra, cached in cases:
+            self.assertEqual(usage_counts({**base, **extra}), (100, 20, 0, cached), extra)
 
 
 class UnreadableUsageTests(GatewayCase):
@@ -114,3 +136,29 @@ class UnreadableUsageTests(GatewayCase):
                 self.assertEqual(counted, {"prompt": prompt, "completion": completion}, what)
                 spend = registry.get_sample_value("openclaw_consumer_spend_usd_total", {"consumer": name})
                 self.assertAlmostEqual(spend, price(prompt, completion), msg=str(what))
+
+
+class CachedPromptTests(GatewayCase):
+    @inlineCallbacks
+    def test_kimi_cached_tokens_priced_at_the_cache_rate(self) -> Any:
+        """
+        A Kimi answer whose usage counts its cache hits as Moonshot does (a
+        top-level C{cached_tokens}) is charged those at the cached-prompt
+        rate, in the usage rows, the spend and the metrics alike.
+        """
+        gateway, client = yield self.gateway(price_overrides={MODEL: Price(0.20, 2.00, 0.05)})
+        created = yield self.command(gateway, client, "consumer_create", {"name": "cache", "budget_usd": 100})
+        usage = {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120, "cached_tokens": 40}
+        self.upstream.kimi.answers.append(OpenAIAnswer(REPLY, usage=usage))
+        sdk = self.sdk(gateway, created["key"])
+        yield deferToThread(sdk.chat.completions.create, model=MODEL, messages=HELLO)
+        cost = (60 * 0.20 + 40 * 0.05 + 20 * 2.00) / 1e6
+        total = (yield self.command(gateway, client, "usage", {"name": "cache"}))["total"]
+        self.assertEqual((total["prompt_tokens"], total["completion_tokens"]), (100, 20))
+        self.assertAlmostEqual(total["cost_usd"], cost)
+        registry = gateway.service.metrics.registry
+        self.assertAlmostEqual(
+            registry.get_sample_value("openclaw_consumer_spend_usd_total", {"consumer": "cache"}), cost
+        )
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "cache"})
+        self.assertAlmostEqual(listed["consumers"][0]["spent_usd"], cost)

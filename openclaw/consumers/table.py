@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.estimate import count_or_zero
+from openclaw.consumers.estimate import count_or_zero, token_count
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import RateLimits, SlidingWindow, reset_after
 from openclaw.consumers.model import (
@@ -119,16 +119,26 @@ def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     C{usage} object, each read by L{token_count} (0 for what is missing or
     no count).  Whether a consumer is charged these or an estimate is
     L{known_counts}' to say (see L{openclaw.dataplane.call}).
+
+    The cached prompt tokens are OpenAI's
+    C{usage.prompt_tokens_details.cached_tokens}; when that is absent (or
+    no count), Moonshot's C{usage.cached_tokens}, at the top level of the
+    usage: the prompt tokens its context cache served, billed at the
+    cache-hit rate (Moonshot's context caching, platform.moonshot.ai/docs;
+    the answers of moonshot-v1 and Kimi K2.5 quoted in openclaw/openclaw
+    pull request 25436 show the field, K2.5's with OpenAI's too, the same
+    count: so one is read, never the two summed).
     """
     if not isinstance(usage, dict):
         return 0, 0, 0, 0
     completion_details = usage.get("completion_tokens_details")
     prompt_details = usage.get("prompt_tokens_details")
+    cached = token_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else None
     return (
         count_or_zero(usage.get("prompt_tokens")),
         count_or_zero(usage.get("completion_tokens")),
         count_or_zero(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
-        count_or_zero(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        cached if cached is not None else count_or_zero(usage.get("cached_tokens")),
     )
 
 
