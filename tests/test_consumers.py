@@ -288,8 +288,14 @@ class RulesTests(TestCase):
         self.assertIsNone(counters.admit(consumer, 100.0, second, 0.6))
         refused = counters.admit(consumer, 100.0, third, 0.6)
         assert refused is not None
-        self.assertEqual(refused.code, "insufficient_quota")
-        self.assertIn("1.2 USD more reserved by calls in flight", refused.message)
+        # Nothing spent: the calls in flight hold the budget until counted,
+        # a refusal to retry (trial s25: "has used its budget", with
+        # x-should-retry false, and the SDK gave up).
+        self.assertEqual((refused.status, refused.code, refused.type), (429, "rate_limit_exceeded", "budget_reserved"))
+        self.assertEqual(dict(refused.headers), {b"Retry-After": b"2"})
+        self.assertIn("(spent 0 USD, 1.2 USD reserved by calls in flight until they are counted)", refused.message)
+        self.assertIn("retry after 2 s, once they end, or set max_tokens", refused.message)
+        self.assertNotIn("used its budget", refused.message)
         # Counted: the reservation goes, the real cost stays.
         counters.counted("a", 10, 0.1, 101.0, first)
         self.assertEqual((first.reserved, round(counters.reserved("a", 101.0), 6)), (0.0, 0.6))
@@ -301,6 +307,29 @@ class RulesTests(TestCase):
         self.assertIsNone(counters.admit(consumer, 200.0, Holder("a", "p"), 0.5))
         self.assertEqual(counters.reserved("a", 200.0 + 901), 0.0)
 
+    def test_budget_spent_with_calls_in_flight(self) -> None:
+        """
+        A budget spent is the final refusal (insufficient_quota, not to be
+        retried) with calls in flight too; spent but for what they hold, a
+        refusal to retry.
+        """
+        counters = LocalCounters()
+        consumer = Consumer("a", budget_usd=1.0, budget_period="day")
+        first = Holder("a", "p")
+        self.assertIsNone(counters.admit(consumer, 100.0, first, 0.3))
+        counters.counted("a", 10, 0.9, 100.0, first)
+        self.assertIsNone(counters.admit(consumer, 100.0, Holder("a", "p"), 0.3))
+        held = counters.admit(consumer, 100.0, Holder("a", "p"), 0.3)
+        assert held is not None
+        self.assertEqual((held.code, dict(held.headers)), ("rate_limit_exceeded", {b"Retry-After": b"2"}))
+        self.assertIn("(spent 0.9 USD, 0.3 USD reserved", held.message)
+        counters.counted("a", 10, 0.2, 101.0)
+        spent = counters.admit(consumer, 101.0, Holder("a", "p"), 0.3)
+        assert spent is not None
+        self.assertEqual((spent.code, spent.type), ("insufficient_quota", "insufficient_quota"))
+        self.assertEqual(dict(spent.headers), {b"x-should-retry": b"false"})
+        self.assertIn("has used its budget of 1 USD per UTC day (spent 1.1 USD, 0.3 USD more reserved", spent.message)
+
     def test_table_reserves_the_completion_price(self) -> None:
         clock = Clock()
         clock.advance(1000)
@@ -311,7 +340,7 @@ class RulesTests(TestCase):
         self.assertAlmostEqual(holder.reserved, 1.0)  # 500k completion tokens at 2 USD per million
         refused = table.admit(Holder("a", "p"), "kimi", "moonshot-v1-8k")
         assert isinstance(refused, APIError)
-        self.assertEqual(refused.code, "insufficient_quota")
+        self.assertEqual(refused.code, "rate_limit_exceeded")
         table.account(holder, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 10, "completion_tokens": 10}, 0.1)
         other = Holder("a", "p")
         self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k"))
@@ -1507,6 +1536,40 @@ class ConsumerGatewayTests(GatewayCase):
             self.assertNotIn(secret, logged)
             self.assertNotIn(key_hash(secret.encode()), logged)
         self.assertIn("'search'", logged)
+
+    @inlineCallbacks
+    def test_budget_held_by_a_call_in_flight(self) -> Any:
+        """
+        A call refused only because a call in flight holds the budget (its
+        worst case reserved, nothing spent) is answered a retryable 429
+        with a short Retry-After: the openai SDK retries it and gets
+        through once the first call is counted.  Trial s25: "has used its
+        budget", with x-should-retry false, and the SDK gave up.
+        """
+        gateway, client = yield self.gateway()
+        # A call without max_tokens reserves 1000 completion tokens (0.002 USD).
+        created = yield self.command(
+            gateway, client, "consumer_create", {"name": "held", "budget_usd": 0.001, "budget_period": "day"}
+        )
+        self.upstream.kimi.delay = 1.0
+        first = deferToThread(
+            self.sdk(gateway, created["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        counters = gateway.service.consumers.counters
+        while not counters.reserved("held", time.time()):
+            yield deferLater(reactor, 0.02, lambda: None)
+        held = yield self.refused(self.sdk(gateway, created["key"]), "kimi/moonshot-v1-8k")
+        self.assertEqual((held.status_code, held.code, held.type), (429, "rate_limit_exceeded", "budget_reserved"))
+        self.assertEqual(held.response.headers.get("retry-after"), "2")
+        self.assertNotIn("x-should-retry", held.response.headers)
+        self.assertIn("calls in flight hold the rest of its budget", held.message)
+        retrying = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=created["key"], max_retries=2, timeout=10
+        )
+        self.addCleanup(deferToThread, retrying.close)
+        answer = yield deferToThread(retrying.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        self.assertTrue(answer.choices)
+        yield first
 
     @inlineCallbacks
     def test_rpm_tpm_budget(self) -> Any:

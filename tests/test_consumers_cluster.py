@@ -542,6 +542,31 @@ class SharedTpmReservations(TestCase):
         )
         self.assertEqual([a is None for a in admitted], [True, True, True])
 
+    @inlineCallbacks
+    def test_budget_held_by_calls_in_flight_in_redis(self) -> Any:
+        """
+        In Redis as here: a budget refusal due to the reservations of calls
+        in flight only is to be retried (rate_limit_exceeded, Retry-After);
+        one with the budget spent is final (insufficient_quota,
+        x-should-retry false).
+        """
+        counters, redis = yield self.counters()
+        redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
+        consumer = Consumer("b", budget_usd=1.0, budget_period="total", created_at=5.0)
+        now = float(int(time.time()))
+        first = Holder("b", "p", 5.0)
+        holders = (first, Holder("b", "p", 5.0), Holder("b", "p", 5.0))
+        answers = yield gatherResults([counters.admit(consumer, now, h, 0.6) for h in holders])
+        self.assertEqual(answers[:2], [None, None])
+        held = answers[2]
+        self.assertEqual((held.code, held.type), ("rate_limit_exceeded", "budget_reserved"))
+        self.assertEqual(dict(held.headers), {b"Retry-After": b"2"})
+        counters.counted("b", 10, 1.0, now, first)
+        yield sleep(0.2)
+        spent = yield counters.admit(consumer, now, Holder("b", "p", 5.0), 0.6)
+        self.assertEqual((spent.code, dict(spent.headers)), ("insufficient_quota", {b"x-should-retry": b"false"}))
+        self.assertIn("has used its budget of 1 USD in total (spent 1 USD, 0.6 USD more reserved", spent.message)
+
 
 class Unreachable:
     """

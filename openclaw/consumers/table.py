@@ -57,6 +57,9 @@ GIVEN_UP = (
     "could not write the last {count} usage rows at stop ({error}); given up (usage and spend will not count "
     "them): check DATABASE_URL / STATE_DIR"
 )
+#: The C{Retry-After} (seconds) of a budget refusal due to calls in flight
+#: only (L{budget_spent}): a short wait, for them to end and be counted.
+BUDGET_RETRY_SECONDS = 2
 #: A C{tpm} reservation lapses after the window it counts in (60 s): a
 #: call never counted (its instance crashed) must not hold a consumer's
 #: tokens for longer than the limit's own memory; a call still running
@@ -173,14 +176,42 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
 
 
 def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float = 0.0) -> APIError:
+    """
+    The 429 of a consumer refused by its budget (the admission rule of
+    L{ConsumerTable.admit}: the period's C{spent} plus the US dollars
+    C{reserved} by its calls in flight reach C{budget_usd}).
+
+    With the budget spent (C{spent} alone reaches it): OpenAI's answer for
+    spent quota, code and type C{insufficient_quota}, with
+    C{x-should-retry: false}, as no retry helps before the operator acts
+    or the period renews.  Otherwise the calls in flight hold the rest of
+    it until they are counted, and a call admitted whatever it reserves
+    once they end (the rule) may pass then: a temporary refusal, closer to
+    OpenAI's rate limits, 429 code C{rate_limit_exceeded}, type
+    C{budget_reserved}, with C{Retry-After: }L{BUDGET_RETRY_SECONDS}
+    (retried by the openai SDKs), saying to retry or to set C{max_tokens}
+    so that each call reserves less.
+    """
     period = consumer.budget_period
-    end = period_end(period, now)
+    budget = consumer.budget_usd or 0
     described = {"day": "per UTC day", "month": "per UTC calendar month", "total": "in total"}[period]
+    if reserved > 0 and spent < budget:
+        return APIError(
+            429,
+            f"consumer {consumer.name!r}'s calls in flight hold the rest of its budget of {usd(budget)} USD "
+            f"{described} (spent {usd(spent)} USD, {usd(reserved)} USD reserved by calls in flight until they "
+            f"are counted); retry after {BUDGET_RETRY_SECONDS} s, once they end, or set max_tokens so that "
+            "each call reserves less",
+            "budget_reserved",
+            "rate_limit_exceeded",
+            headers=((b"Retry-After", b"%d" % BUDGET_RETRY_SECONDS),),
+        )
+    end = period_end(period, now)
     renews = f"; it renews at {isoformat(end)}" if end is not None else ""
     held = f", {usd(reserved)} USD more reserved by calls in flight" if reserved > 0 else ""
     return APIError(
         429,
-        f"consumer {consumer.name!r} has used its budget of {usd(consumer.budget_usd or 0)} USD "
+        f"consumer {consumer.name!r} has used its budget of {usd(budget)} USD "
         f"{described} (spent {usd(spent)} USD{held}){renews}; ask the operator to raise budget_usd with consumer_update",
         "insufficient_quota",
         "insufficient_quota",
