@@ -346,6 +346,28 @@ class RulesTests(TestCase):
         self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k"))
         self.assertAlmostEqual(other.reserved, 0.002)  # reserve_tokens at 2 USD per million
 
+    def test_rpm_set_later_counts_the_last_minute(self) -> None:
+        """
+        Requests made while a consumer had no rpm count when one is set:
+        the window is the last 60 s (trial s25: 5 calls, then rpm 3, and
+        the next passed with 2 requests remaining).  Listings too.
+        """
+        table = ConsumerTable(None, PriceTable(), clock=lambda: 1000.0)  # type: ignore[arg-type]
+        table.consumers["a"] = Consumer("a")
+        for _ in range(4):
+            self.assertIsNone(table.admit(Holder("a", "p"), "kimi", "moonshot-v1-8k"))
+        self.assertIsNone(table.admit_listing(Holder("a", "p")))
+        table.consumers["a"] = Consumer("a", rpm=3)
+        refused = table.admit(Holder("a", "p"), "kimi", "moonshot-v1-8k")
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.code, refused.type), ("rate_limit_exceeded", "requests"))
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        table.consumers["a"] = Consumer("a", rpm=6)
+        holder = Holder("a", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k"))
+        assert holder.rate_limits is not None
+        self.assertEqual(dict(holder.rate_limits.headers())[b"x-ratelimit-remaining-requests"], b"0")
+
     def test_tpm_reservations(self) -> None:
         """
         Calls in flight hold their expected tokens in the tpm window:
@@ -1536,6 +1558,22 @@ class ConsumerGatewayTests(GatewayCase):
             self.assertNotIn(secret, logged)
             self.assertNotIn(key_hash(secret.encode()), logged)
         self.assertIn("'search'", logged)
+
+    @inlineCallbacks
+    def test_rpm_set_later(self) -> Any:
+        """
+        5 calls without an rpm, then rpm 3: the next call is refused, the
+        5 being within the last 60 s (trial s25: it passed, 2 remaining).
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "later"})
+        sdk = self.sdk(gateway, created["key"])
+        for _ in range(4):
+            yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        yield deferToThread(lambda: list(sdk.models.list()))
+        yield self.command(gateway, client, "consumer_update", {"name": "later", "rpm": 3})
+        limited = yield self.refused(sdk, "kimi/moonshot-v1-8k")
+        self.assertEqual((limited.status_code, limited.code, limited.type), (429, "rate_limit_exceeded", "requests"))
 
     @inlineCallbacks
     def test_budget_held_by_a_call_in_flight(self) -> Any:

@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Any
 
+import attrs
 import openai
 import txredisapi
 from twisted.internet import reactor
@@ -566,6 +567,47 @@ class SharedTpmReservations(TestCase):
         spent = yield counters.admit(consumer, now, Holder("b", "p", 5.0), 0.6)
         self.assertEqual((spent.code, dict(spent.headers)), ("insufficient_quota", {b"x-should-retry": b"false"}))
         self.assertIn("has used its budget of 1 USD in total (spent 1 USD, 0.6 USD more reserved", spent.message)
+
+    @inlineCallbacks
+    def test_rpm_set_later_counts_the_clusters_last_minute(self) -> Any:
+        """
+        Requests made while a consumer had no rpm are in the cluster's
+        window when one is set: a consumer without limits makes no
+        admission round trip, and its request reaches Redis with the
+        call's count; one with a budget only is counted by the admission.
+        """
+        counters, redis = yield self.counters()
+        redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
+        now = float(int(time.time()))
+        free, budgeted = Consumer("f", created_at=5.0), Consumer("b", budget_usd=100.0, created_at=5.0)
+        for _ in range(3):
+            holder = Holder("f", "p", 5.0)
+            self.assertIsNone(counters.admit(free, now, holder))
+            self.assertEqual(holder.request_at, int(now))
+            counters.counted("f", 0, 0.0, now + 1, holder)
+            self.assertEqual(holder.request_at, 0)
+            admitted = yield counters.admit(budgeted, now, Holder("b", "p", 5.0), 0.001)
+            self.assertIsNone(admitted)
+        yield sleep(0.2)
+        for name, consumer in (("f", free), ("b", budgeted)):
+            [key] = redis_keys(redis.port, f"openclaw:consumer:{name}:*:rpm")
+            # Another instance, its own counts empty, judges the cluster's.
+            elsewhere = SharedCounters(counters.redis, reactor, 5.0)
+            elsewhere.up = True
+            refused = yield elsewhere.admit(attrs.evolve(consumer, rpm=3), now + 2, Holder(name, "p", 5.0))
+            self.assertEqual((refused.code, refused.type), ("rate_limit_exceeded", "requests"), name)
+            admitted = yield elsewhere.admit(attrs.evolve(consumer, rpm=4), now + 2, Holder(name, "p", 5.0))
+            self.assertIsNone(admitted, name)
+        # A window no admission reads is kept to the last minute all the
+        # same, not one field a second for as long as the consumer is busy.
+        [key] = redis_keys(redis.port, "openclaw:consumer:f:*:rpm")
+        for second in range(70):
+            redis_command(redis.port, "HSET", key, str(int(now) - 200 - second), "1")
+        holder = Holder("f", "p", 5.0)
+        counters.admit(free, now + 2, holder)
+        counters.counted("f", 10, 0.0, now + 2, holder)
+        yield sleep(0.2)
+        self.assertEqual(redis_command(redis.port, "HLEN", key), b":2\r\n")
 
 
 class Unreachable:

@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 #: token reservation lifetime (seconds).
 #: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
 #: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
-#: Admitted, it goes on with what the windows hold now, for the answer's
+#: Admitted, the request is counted in the rpm window, with an rpm or
+#: without (an rpm set later judges the last 60 s), and it goes on with
+#: what the windows hold now, for the answer's
 #: x-ratelimit-* headers: the requests of the rpm window (-1 without
 #: rpm), the tokens of the tpm window plus those reserved (-1 without
 #: tpm), the second of the latest of those tokens (0: none).
@@ -85,6 +87,9 @@ local function window(key, horizon)
   end
   if #old > 0 then redis.call('HDEL', key, unpack(old)) end
   return sum, live
+end
+local function trim(key, horizon)
+  if redis.call('HLEN', key) > 64 then window(key, horizon) end
 end
 local function retry(live, used, limit)
   table.sort(live, function(a, b) return a[1] < b[1] end)
@@ -117,10 +122,12 @@ if ARGV[4] ~= '' then
   if used >= tonumber(ARGV[4]) then
     return {3, tostring(spent), tostring(retry(live, used, tonumber(ARGV[4])))}
   end
-  redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-  redis.call('EXPIRE', KEYS[5], 61)
   requests_used = used + 1
+else
+  trim(KEYS[5], now - 60)
 end
+redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[5], 61)
 if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], ARGV[5])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]) + 1)
@@ -140,14 +147,33 @@ return redis.call('MGET', unpack(KEYS))
 """
 
 #: KEYS: seeded marker, tpm, reserved, day, month and total spends,
-#: reserved tokens.
+#: reserved tokens, rpm.
 #: ARGV: now, tokens, cost, US dollars reserved, second of the
-#: reservations, tokens reserved.  The tokens' reservation is replaced by
-#: the tokens counted in one step.
+#: reservations, tokens reserved, second of an admission the rpm window
+#: has yet to count (0: none; L{Holder.request_at}).  The tokens'
+#: reservation is replaced by the tokens counted in one step.  A window
+#: no admission reads (the consumer has no such limit) is kept to the
+#: last 60 s here, once it holds more than 64 seconds.
 COUNT = """
+local now = tonumber(ARGV[1])
+local function trim(key)
+  if redis.call('HLEN', key) > 64 then
+    local h, old = redis.call('HKEYS', key), {}
+    for _, at in ipairs(h) do
+      if tonumber(at) <= now - 60 then old[#old + 1] = at end
+    end
+    if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+  end
+end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
   redis.call('EXPIRE', KEYS[2], 61)
+  trim(KEYS[2])
+end
+if tonumber(ARGV[7] or '0') > now - 60 then
+  redis.call('HINCRBY', KEYS[8], ARGV[7], 1)
+  redis.call('EXPIRE', KEYS[8], 61)
+  trim(KEYS[8])
 end
 if tonumber(ARGV[4]) > 0 and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 1 then
   local left = tonumber(redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], '-' .. ARGV[4]))
@@ -345,6 +371,11 @@ class SharedCounters:
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | Deferred[APIError | None] | None:
         if consumer.budget_usd is None and consumer.tpm is None and consumer.rpm is None:
+            # No round trip to check nothing: the request is counted here,
+            # and in Redis's window with the call's tokens (L{counted}).
+            self.local.admitted(consumer, now, holder)
+            if holder is not None:
+                holder.request_at = int(now)
             return None
         if not self.up:
             return self.local.admit(consumer, now, holder, reserve, tokens)
@@ -415,11 +446,15 @@ class SharedCounters:
         return self.local.admit(consumer, now, holder, reserve, tokens)
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
-        reserved, reserved_tokens, reserved_at = (
-            (holder.reserved, holder.reserved_tokens, holder.reserved_at) if holder is not None else (0.0, 0, 0)
+        reserved, reserved_tokens, reserved_at, request_at = (
+            (holder.reserved, holder.reserved_tokens, holder.reserved_at, holder.request_at)
+            if holder is not None
+            else (0.0, 0, 0, 0)
         )
         self.local.counted(consumer, tokens, cost, now, holder)
-        if holder is None or not self.up or not (tokens or cost or reserved or reserved_tokens):
+        if holder is not None:
+            holder.request_at = 0
+        if holder is None or not self.up or not (tokens or cost or reserved or reserved_tokens or request_at):
             # No holder, no consumer to count for in Redis (which one of that name).
             return
         created = holder.created_at
@@ -429,8 +464,17 @@ class SharedCounters:
             self._keys(consumer, created, "reserved"),
             *(self._keys(consumer, created, "spend", period_key(period, now)) for period in ("day", "month", "total")),
             self._keys(consumer, created, "reserved_tokens"),
+            self._keys(consumer, created, "rpm"),
         ]
-        args = [str(int(now)), str(tokens), _usd(cost), _usd(reserved), str(reserved_at), str(reserved_tokens)]
+        args = [
+            str(int(now)),
+            str(tokens),
+            _usd(cost),
+            _usd(reserved),
+            str(reserved_at),
+            str(reserved_tokens),
+            str(request_at),
+        ]
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
         sent.addTimeout(self.timeout, self.reactor).addErrback(
             lambda reason: self._log.warn(

@@ -103,6 +103,12 @@ class Holder:
     #: What its admission left of the consumer's C{rpm} and C{tpm}, for
     #: the answer's C{x-ratelimit-*} headers; L{None} with neither limit.
     rate_limits: RateLimits | None = None
+    #: In a cluster, the second (POSIX, whole) of an admission the
+    #: cluster's requests window has yet to count: a consumer with no
+    #: limit makes no admission round trip to Redis, and its request is
+    #: counted there with the call's tokens (L{Counters.counted}); 0 once
+    #: counted, or when nothing is left to count.
+    request_at: int = 0
 
 
 GATEWAY = Holder(NO_CONSUMER, NO_CONSUMER)
@@ -366,13 +372,15 @@ class LocalCounters:
             if window.used(now) + sum(held.values()) >= consumer.tpm:
                 retry = window.retry_after(now, consumer.tpm, sorted(held.items()))
                 return rate_limited(name, "tpm", consumer.tpm, retry)
-        if consumer.rpm is not None:
-            window = self.requests.get(name)
-            if window is None:
-                window = self.requests[name] = SlidingWindow()
-            if window.used(now) >= consumer.rpm:
-                return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
-            window.add(now)
+        # Every consumer's requests are counted, with an rpm or without
+        # (as its tokens are, L{counted}): an rpm set later judges the
+        # last 60 s, not only the requests made since.
+        window = self.requests.get(name)
+        if window is None:
+            window = self.requests[name] = SlidingWindow()
+        if consumer.rpm is not None and window.used(now) >= consumer.rpm:
+            return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
+        window.add(now)
         self._reserve(consumer, holder, reserve, tokens, now)
         if holder is not None and (consumer.rpm is not None or consumer.tpm is not None):
             holder.rate_limits = self.rate_limits(consumer, now)
@@ -415,15 +423,15 @@ class LocalCounters:
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> None:
         """
-        Count a call admitted elsewhere (by Redis, for the cluster) without
-        checking it: this instance's figures stay close to the cluster's
-        for when Redis goes away.
+        Count a call admitted elsewhere (by Redis, for the cluster, or
+        without a check for a consumer with no limit) without checking it:
+        this instance's figures stay close to the cluster's for when Redis
+        goes away.
         """
-        if consumer.rpm is not None:
-            window = self.requests.get(consumer.name)
-            if window is None:
-                window = self.requests[consumer.name] = SlidingWindow()
-            window.add(now)
+        window = self.requests.get(consumer.name)
+        if window is None:
+            window = self.requests[consumer.name] = SlidingWindow()
+        window.add(now)
         self._reserve(consumer, holder, reserve, tokens, now)
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
@@ -807,9 +815,15 @@ class ConsumerTable:
         consumer = self.current(holder)
         if consumer is None:
             return APIError(401, "this key's consumer was deleted", "invalid_request_error", "invalid_api_key")
+        now = self.clock()
+        refusal = self.counters.admit(attrs.evolve(consumer, budget_usd=None, tpm=None), now, holder)
         if consumer.rpm is None:
+            # Counted in the requests window all the same (an rpm set later
+            # judges the last 60 s); in a cluster, sent now (no call's
+            # count will carry it).
+            if holder.request_at:
+                self.counters.counted(holder.consumer, 0, 0.0, now, holder)
             return None
-        refusal = self.counters.admit(attrs.evolve(consumer, budget_usd=None, tpm=None), self.clock(), holder)
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, None, None)
         return self._limited(refusal, holder, None, None)
