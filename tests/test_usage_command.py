@@ -12,9 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers.commands import ConsumerCommands
+from openclaw.consumers.model import Consumer
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.store import UsageRow
+from openclaw.consumers.table import ConsumerTable, Holder
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import GATEWAY_KEY, HELLO
 
@@ -98,3 +104,61 @@ class GatewayKeysUsageTests(GatewayCase):
             answer = yield client.command(gateway.token, cmd, {"name": "-"})
             self.assertFalse(answer["ok"], answer)
             self.assertIn("not '-' alone", json.dumps(answer))
+
+
+class _LockedStore:
+    """
+    A database whose writes fail (a SQLite file another process holds
+    locked) or hang (C{hold}), its reads answering the rows it has.
+    """
+
+    def __init__(self) -> None:
+        self.locked = True
+        self.hold: Deferred[None] | None = None
+        self.rows: list[UsageRow] = []
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        if self.hold is not None:
+            return self.hold
+        if self.locked:
+            return fail(RuntimeError("database is locked"))
+        self.rows.extend(rows)
+        return succeed(None)
+
+    def usage(self, name: Any, since: Any, until: Any, group_by: Any, retired: bool) -> Deferred[list[dict[str, Any]]]:
+        return succeed([{"requests": len(self.rows), "limited": 0, "cost_usd": 0.0}])
+
+
+class UsageBehindTests(SynchronousTestCase):
+    def test_warning_while_rows_wait(self) -> None:
+        """
+        Usage rows the database has not taken (its writes failing, or one
+        held) make the usage answer carry a warning saying how many and
+        that its figures may be behind (trial s25: 0 answered while the
+        consumer list showed the spend); none once they are written.
+        """
+        store = _LockedStore()
+        table = ConsumerTable(store, PriceTable(), clock=lambda: 1000.0)  # type: ignore[arg-type]
+        table.loaded = True
+        table.consumers["team"] = Consumer("team", created_at=900.0)
+        usage = ConsumerCommands(table, clock=lambda: 1000.0).handlers()["usage"]
+        self.assertNotIn("warning", self.successResultOf(usage({"name": "team"})))
+        for _ in range(4):
+            table.account(Holder("team", "p", 900.0), "kimi", "moonshot-v1-8k", 200, None, 0.1)
+        self.flushLoggedErrors()
+        answer = self.successResultOf(usage({"name": "team"}))
+        self.flushLoggedErrors()
+        self.assertEqual(answer["total"]["requests"], 0)
+        self.assertIn("4 usage rows counted on this instance are not in the database yet", answer["warning"])
+        self.assertIn("these figures may be behind", answer["warning"])
+        # A write held (a stalled PostgreSQL): the rows under way count.
+        store.hold = Deferred()
+        table.flush()
+        table.account(Holder("team", "p", 900.0), "kimi", "moonshot-v1-8k", 200, None, 0.1)
+        self.assertEqual(table.behind(), 5)
+        store.hold, held = None, store.hold
+        store.locked = False
+        held.callback(None)
+        answer = self.successResultOf(usage({"name": "team"}))
+        self.assertEqual(answer["total"]["requests"], 1)
+        self.assertNotIn("warning", answer)

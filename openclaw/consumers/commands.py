@@ -411,6 +411,12 @@ class ConsumerCommands:
                 result["group_by"] = group_by
                 result["groups"] = rows
                 result["total"] = usage_total(rows)
+            behind = self.table.behind()
+            if behind:
+                result["warning"] = (
+                    f"{behind} usage rows counted on this instance are not in the database yet (it has not taken "
+                    "them: see the gateway's log), so these figures may be behind; they are written once it does"
+                )
             return result
 
         return flushed.addCallback(query).addCallbacks(answered, _database_unread)

@@ -975,6 +975,18 @@ class ConsumerTable:
         """
         return len(self._pending) + self._writing
 
+    def behind(self) -> int:
+        """
+        Usage rows the database has not taken when it should have: the
+        rows not yet in it (L{pending_rows}) while its writes fail or one
+        is under way (held by a locked SQLite, a stalled PostgreSQL); 0
+        while writes succeed (the rows of calls since the last write, which
+        the next takes within L{flush_seconds}, are not behind).
+        """
+        if self._failing_since is None and self._flushing is None:
+            return 0
+        return self.pending_rows()
+
     def _add(self, row: UsageRow) -> None:
         pending = self._pending
         pending.append(row)
