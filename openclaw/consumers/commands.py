@@ -40,8 +40,15 @@ from openclaw.consumers.model import (
     retired_name,
     shown_key,
 )
-from openclaw.consumers.store import GROUPS, database_error, sqlite_file_advice, unreachable
-from openclaw.consumers.table import ConsumerGone, ConsumerTable
+from openclaw.consumers.store import (
+    COMMAND_SECONDS,
+    GROUPS,
+    CommandTimedOut,
+    database_error,
+    sqlite_file_advice,
+    unreachable,
+)
+from openclaw.consumers.table import USAGE_WAIT_SECONDS, ConsumerGone, ConsumerTable
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
     MAX_NAMED_CONSUMERS,
@@ -74,6 +81,28 @@ def _name(data: Mapping[str, Any], check: Callable[[object], str] = check_name) 
 
 #: What to do when the consumers' database cannot be used.
 _CHECK_DATABASE = "check DATABASE_URL (or STATE_DIR) and the gateway's log, and retry"
+#: What to do when the database held a command past its bound.
+_HELD = (
+    "another session holds a lock on the consumers' tables (a long transaction, a maintenance job), or the "
+    "database stopped answering: see what holds it (PostgreSQL: pg_stat_activity, pg_locks) and the gateway's "
+    "log, and retry"
+)
+
+
+def _held(failure: Failure) -> str | None:
+    """
+    What the database held a command's transaction past (its own
+    C{lock_timeout} or C{statement_timeout}, or the gateway's
+    L{COMMAND_SECONDS}), or None when it did not: the transaction was
+    rolled back (or will be), nothing was changed.
+    """
+    if failure.check(CommandTimedOut):
+        return f"the consumers' database did not take the change within {COMMAND_SECONDS:g} s"
+    if failure.check(psycopg.errors.LockNotAvailable):
+        return f"the consumers' database held the change waiting for a lock ({database_error(failure)})"
+    if failure.check(psycopg.errors.QueryCanceled):
+        return f"the consumers' database did not take the change in time ({database_error(failure)})"
+    return None
 
 
 def _database_failed(failure: Failure) -> Failure:
@@ -86,6 +115,9 @@ def _database_failed(failure: Failure) -> Failure:
                 "instance): the change was not made; see openclawctl consumer list"
             )
         )
+    held = _held(failure)
+    if held is not None:
+        return Failure(CommandError(f"{held}; nothing was changed: {_HELD}"))
     if unreachable(failure):
         # A connection lost at the commit may have made the change: retried
         # blindly, a key would be made twice (the first never shown).
@@ -113,6 +145,8 @@ def _database_failed(failure: Failure) -> Failure:
 def _database_unread(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
+    if failure.check(psycopg.errors.LockNotAvailable):
+        return Failure(CommandError(f"the consumers' database could not be read: {database_error(failure)}; {_HELD}"))
     return Failure(
         CommandError(f"the consumers' database could not be read: {database_error(failure)}; {_CHECK_DATABASE}")
     )
@@ -385,8 +419,10 @@ class ConsumerCommands:
                 f"since ({fields['since']}) must come before until ({fields['until']}): since is inclusive, "
                 "until exclusive"
             )
-        # What is counted but not yet written is part of the answer.
-        flushed = self.table.flush()
+        # What is counted but not yet written is part of the answer (a
+        # write the database holds is waited for a moment only: the answer
+        # then says how many rows it lacks).
+        flushed = self.table.settle(USAGE_WAIT_SECONDS)
 
         def query(_: None) -> Deferred[list[dict[str, Any]]]:
             return self.table.store.usage(name, since, until, group_by, retired)

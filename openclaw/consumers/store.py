@@ -15,7 +15,10 @@ connection attempt gives up after C{connect_timeout}, and a silent peer is
 found by TCP keepalives and C{tcp_user_timeout} (L{POSTGRES_DEFAULTS},
 unless C{DATABASE_URL} sets them).  The pool's threads are daemon threads, and
 L{ConsumerStore.close} never waits on the reactor thread for one still
-blocked in the database.
+blocked in the database.  A database that holds a transaction without an
+error (a lock another session holds, a server stopped outright) must not
+make a consumer command's change after the command was answered: each is
+bounded (L{COMMAND_SECONDS}, L{ConsumerStore._command}).
 """
 
 from __future__ import annotations
@@ -137,6 +140,26 @@ def postgres_conninfo(database_url: str) -> str:
 #: How long L{ConsumerStore.close} waits for the pool's threads by
 #: default, in seconds.
 CLOSE_SECONDS = 10.0
+
+#: How long a consumer command's transaction (a create, an update, a
+#: delete, a key made or revoked) has to reach its commit, in seconds,
+#: from when the command asks for it (a wait for a pool thread, and a
+#: delete's for the usage rows being written, included): past it the
+#: command fails saying nothing was changed, and the transaction is rolled
+#: back whenever the database answers (L{ConsumerStore._command}).  Below
+#: C{openclawctl}'s 10 s, with room for a cluster's announcement (5 s at
+#: most, L{openclaw.consumers.shared.ANSWER_WAIT_SECONDS}).
+COMMAND_SECONDS = 4.0
+#: On PostgreSQL, a command's C{lock_timeout} and C{statement_timeout}
+#: (C{SET LOCAL}: this transaction's only, which a pooler in transaction
+#: mode takes), in milliseconds: the server gives up a lock another
+#: session holds, or a statement, before L{COMMAND_SECONDS}, rolling the
+#: transaction back and freeing its pool thread (the lock's first, to say
+#: which).  The usage command's read gets the C{lock_timeout} only (a long
+#: report may take longer); the usage rows' writes get neither (they
+#: wait, and are kept meanwhile).
+COMMAND_LOCK_TIMEOUT_MS = 2500
+COMMAND_STATEMENT_TIMEOUT_MS = 3000
 
 #: The waits between attempts of L{Retrying}, in seconds: 1, 2, 4, ...
 #: up to 30 (plus up to 1 of jitter, so that gateways sharing a database
@@ -282,6 +305,51 @@ class PooledConnection:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.connection, name)
+
+
+class CommandTimedOut(Exception):
+    """
+    A consumer command's transaction did not reach its commit within
+    L{COMMAND_SECONDS} (the database held it: a lock another session
+    holds, a database that stopped answering): given up, nothing was
+    changed; it is rolled back whenever the database answers.
+    """
+
+
+@attrs.define
+class _Deadline:
+    """
+    Whether a command's transaction, run on a pool thread, may still
+    commit: given up (L{give_up}, on the reactor thread, at the deadline)
+    before its commit began, it raises L{CommandTimedOut} at its next
+    step (and is rolled back); once its commit began, the deadline waits
+    for it (a commit is the last round trip).
+    """
+
+    lock: threading.Lock = attrs.Factory(threading.Lock)
+    abandoned: bool = False
+    committing: bool = False
+
+    def begin(self) -> None:
+        with self.lock:
+            if self.abandoned:
+                raise CommandTimedOut()
+
+    def commit(self) -> None:
+        with self.lock:
+            if self.abandoned:
+                raise CommandTimedOut()
+            self.committing = True
+
+    def give_up(self) -> bool:
+        """
+        Give the transaction up unless its commit began: whether it was.
+        """
+        with self.lock:
+            if self.committing:
+                return False
+            self.abandoned = True
+            return True
 
 
 class NewerSchema(Exception):
@@ -490,6 +558,58 @@ class ConsumerStore:
         # may be dead: as many tries as there are connections.
         return done.addErrback(again, self.pool.max)
 
+    def _command(self, function: Callable[..., T], *args: Any, after: Deferred[None] | None = None) -> Deferred[T]:
+        """
+        L{_interact} for a consumer command's change, bounded: it fails
+        with L{CommandTimedOut} when the transaction has not reached its
+        commit within L{COMMAND_SECONDS} (nothing was changed: it is given
+        up, and rolled back when the database answers), and on PostgreSQL
+        the server gives up a lock wait or a statement after
+        L{COMMAND_LOCK_TIMEOUT_MS} and L{COMMAND_STATEMENT_TIMEOUT_MS}
+        (C{SET LOCAL}, this transaction's only).  A
+        commit under way at the deadline is waited for.
+
+        @param after: what the transaction must wait for first (a delete:
+            the usage rows being written), within the same deadline.
+        """
+        deadline = _Deadline()
+        answer: Deferred[T] = Deferred()
+
+        def bounded(cursor: Any, *args: Any) -> T:
+            deadline.begin()
+            if self.dialect == "postgresql":
+                cursor.execute(f"SET LOCAL lock_timeout = {COMMAND_LOCK_TIMEOUT_MS}")
+                cursor.execute(f"SET LOCAL statement_timeout = {COMMAND_STATEMENT_TIMEOUT_MS}")
+            result = function(cursor, *args)
+            deadline.commit()
+            return result
+
+        def start(_: object) -> Deferred[Any]:
+            if deadline.abandoned:
+                return succeed(None)
+            return self._interact(bounded, *args)
+
+        def late() -> None:
+            if deadline.give_up():
+                answer.errback(CommandTimedOut())
+
+        timer = self.reactor.callLater(COMMAND_SECONDS, late)
+
+        def ended(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if answer.called:
+                # Answered already: given up, and rolled back now.
+                return
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
+
+        waiting: Deferred[Any] = after if after is not None else succeed(None)
+        waiting.addCallback(start).addBoth(ended)
+        return answer
+
     def close(self, timeout: float = CLOSE_SECONDS) -> Deferred[bool]:
         """
         Close the pool's connections and stop its threads, off the reactor
@@ -646,7 +766,7 @@ class ConsumerStore:
         return Snapshot(consumers, keys, spend)
 
     def create(self, consumer: Consumer, key_hash: str, prefix: str) -> Deferred[None]:
-        return self._interact(self._create, consumer, key_hash, prefix)
+        return self._command(self._create, consumer, key_hash, prefix)
 
     def _create(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str) -> None:
         # A new consumer starts from nothing, whatever a deleted one of its
@@ -667,7 +787,7 @@ class ConsumerStore:
         to change (L{_live}: the same consumer, not deleted, perhaps
         created again since, by another command or instance).
         """
-        return self._interact(self._update, consumer)
+        return self._command(self._update, consumer)
 
     def _update(self, cursor: Any, consumer: Consumer) -> bool:
         if not self._live(cursor, consumer.name, consumer.created_at):
@@ -695,13 +815,16 @@ class ConsumerStore:
         row = cursor.fetchone()
         return row is not None and creation_time(row[0]) == creation_time(created_at)
 
-    def delete(self, name: str, retired: str) -> Deferred[None]:
+    def delete(self, name: str, retired: str, after: Deferred[None] | None = None) -> Deferred[None]:
         """
         Delete the consumer C{name}, its keys and its spend; its usage rows
         are kept, renamed C{retired} (L{openclaw.consumers.model.retired_name}),
         so that a consumer created again under C{name} starts from nothing.
+
+        @param after: a write of usage rows to wait for first, within the
+            command's deadline (L{_command}).
         """
-        return self._interact(self._delete, name, retired)
+        return self._command(self._delete, name, retired, after=after)
 
     def _delete(self, cursor: Any, name: str, retired: str) -> None:
         cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
@@ -715,7 +838,7 @@ class ConsumerStore:
         take it (L{_live}).  A key written for a consumer deleted meanwhile
         would outlive it, and open a consumer created again under its name.
         """
-        return self._interact(self._add_key, consumer, key_hash, prefix, now)
+        return self._command(self._add_key, consumer, key_hash, prefix, now)
 
     def _add_key(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str, now: float) -> bool:
         if not self._live(cursor, consumer.name, consumer.created_at):
@@ -733,7 +856,7 @@ class ConsumerStore:
         """
         Delete the consumer's keys listed by C{prefix}; fires with how many.
         """
-        return self._interact(self._revoke_key, name, prefix)
+        return self._command(self._revoke_key, name, prefix)
 
     def _revoke_key(self, cursor: Any, name: str, prefix: str) -> int:
         cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ? AND prefix = ?"), (name, prefix))
@@ -860,6 +983,10 @@ class ConsumerStore:
         group_by: str | None,
         retired: bool = False,
     ) -> list[dict[str, Any]]:
+        if self.dialect == "postgresql":
+            # A lock another session holds on the table is not waited for
+            # past the command's bound (L{COMMAND_LOCK_TIMEOUT_MS}).
+            cursor.execute(f"SET LOCAL lock_timeout = {COMMAND_LOCK_TIMEOUT_MS}")
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
@@ -1116,9 +1243,13 @@ def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:
 
 
 __all__ = [
+    "COMMAND_LOCK_TIMEOUT_MS",
+    "COMMAND_SECONDS",
+    "COMMAND_STATEMENT_TIMEOUT_MS",
     "GROUPS",
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
+    "CommandTimedOut",
     "ConsumerStore",
     "NewerSchema",
     "PooledConnection",

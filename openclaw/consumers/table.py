@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,6 +46,15 @@ MAX_PENDING_ROWS = 100_000
 RESERVATION_SECONDS = 900
 #: Seconds between the log lines of usage rows that still cannot be written.
 FAILURE_LOG_SECONDS = 60
+#: A write of usage rows the database has held this long, in seconds (a
+#: lock another session holds on its tables, a database that stopped
+#: answering: no error comes), is logged; then once every
+#: L{FAILURE_LOG_SECONDS} while it lasts, and once when it ends.
+HELD_LOG_SECONDS = 10
+#: How long the usage command waits for a write of usage rows under way,
+#: in seconds, before it reads what the database has (and says how many
+#: rows it lacks).
+USAGE_WAIT_SECONDS = 2.0
 #: At stop, a failed write of the last usage rows is tried again after
 #: this long, in seconds, then twice as long each time, up to
 #: L{STOP_RETRY_MAX_SECONDS}; the last try starts no later than this long
@@ -550,6 +559,10 @@ class ConsumerTable:
         self._writing = 0
         #: Called after every change a command made (cluster: announce it).
         self.changed: Callable[[str], None] = lambda name: None
+        #: The reactor of L{start}: times the writes the database holds.
+        self._reactor: IReactorTime | None = None
+        #: The next log line of a write the database holds (L{_watch}).
+        self._held: IDelayedCall | None = None
 
     # -- loading ---------------------------------------------------------------
 
@@ -596,6 +609,7 @@ class ConsumerTable:
         reloading.addErrback(failed).addBoth(done)
 
     def start(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
         flusher = self._flusher = LoopingCall(self.flush)
         flusher.clock = reactor
         flusher.start(self.flush_seconds, now=False).addErrback(lambda f: self._log.failure("usage flusher stopped", f))
@@ -628,7 +642,13 @@ class ConsumerTable:
         # No next try by the timer: from now on only this one writes, until
         # `until`.
         self._stopping = True
-        return Deferred.fromCoroutine(self._write_last(reactor, until))
+        writing = Deferred.fromCoroutine(self._write_last(reactor, until))
+
+        def written(_: None) -> None:
+            # A write given up at the deadline is not watched any longer.
+            self._unwatch()
+
+        return writing.addCallback(written)
 
     async def _write_last(self, reactor: IReactorTime | None, until: float | None) -> None:
         # A write under way first (its rows kept if it fails).
@@ -1056,8 +1076,75 @@ class ConsumerTable:
 
         self._writing = len(rows)
         flushing = self._flushing = self.store.record(rows)
+        self._watch(flushing)
         flushing.addCallbacks(written, failed).addBoth(done)
         return flushing
+
+    def _watch(self, writing: Deferred[None]) -> None:
+        """
+        Log a write of usage rows the database holds past
+        L{HELD_LOG_SECONDS} (no error comes, only the pending rows' metric
+        grows), then every L{FAILURE_LOG_SECONDS} while it lasts, and once
+        when it is written.
+        """
+        reactor = self._reactor
+        if reactor is None:
+            return
+        started = self.clock()
+        logged: list[float] = []
+
+        def held() -> None:
+            seconds = self.clock() - started
+            logged.append(seconds)
+            self._held = reactor.callLater(FAILURE_LOG_SECONDS, held)
+            self._log.warn(
+                "the consumers' database has held a write of {count} usage rows for {seconds:.0f} s, without an "
+                "error ({pending} more rows waiting): another session holds a lock on its tables, or it stopped "
+                "answering; see what holds it (PostgreSQL: pg_stat_activity, pg_locks), check DATABASE_URL / "
+                "STATE_DIR",
+                count=self._writing,
+                seconds=seconds,
+                pending=len(self._pending),
+            )
+
+        self._held = reactor.callLater(HELD_LOG_SECONDS, held)
+
+        def ended(result: object) -> object:
+            self._unwatch()
+            if logged and not isinstance(result, Failure):
+                self._log.info(
+                    "the consumers' database took the usage rows it held, after {seconds:.0f} s",
+                    seconds=self.clock() - started,
+                )
+            return result
+
+        writing.addBoth(ended)
+
+    def _unwatch(self) -> None:
+        if self._held is not None and self._held.active():
+            self._held.cancel()
+        self._held = None
+
+    def settle(self, seconds: float) -> Deferred[None]:
+        """
+        L{flush}, waited for C{seconds} at most (once L{start}ed; else
+        until it ends): the write goes on after that.  Never fails.
+        """
+        flushed = self.flush()
+        reactor = self._reactor
+        if reactor is None or flushed.called:
+            return flushed
+        settled: Deferred[None] = Deferred()
+
+        def done(_: object = None) -> None:
+            if timer.active():
+                timer.cancel()
+            if not settled.called:
+                settled.callback(None)
+
+        timer = reactor.callLater(seconds, done)
+        flushed.addBoth(done)
+        return settled
 
     # -- the commands ----------------------------------------------------------
 
@@ -1123,10 +1210,6 @@ class ConsumerTable:
         # database has the delete.
         self.deleting.add(name)
         self._retire(consumer)
-        # After a write under way (its rows still carry the name).
-        waiting = self._flushing if self._flushing is not None else succeed(None)
-        writing: Deferred[None] = Deferred()
-        waiting.addBoth(lambda _: writing.callback(None))
 
         def deleted(_: None) -> None:
             # Rows of calls that were under way when the delete began too.
@@ -1145,8 +1228,15 @@ class ConsumerTable:
             self.deleting.discard(name)
             return result
 
-        writing.addCallback(lambda _: self.store.delete(name, retired_name(consumer))).addCallback(deleted)
-        return writing.addBoth(written)
+        if self._flushing is None:
+            deleting = self.store.delete(name, retired_name(consumer))
+        else:
+            # After the write under way (its rows still carry the name),
+            # within the command's deadline (the database may hold it).
+            writing: Deferred[None] = Deferred()
+            self._flushing.addBoth(lambda _: writing.callback(None))
+            deleting = self.store.delete(name, retired_name(consumer), after=writing)
+        return deleting.addCallback(deleted).addBoth(written)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
         """

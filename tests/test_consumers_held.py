@@ -1,0 +1,216 @@
+"""
+A consumers' database that holds a command's transaction (a table another
+session LOCKed, a server that stopped answering) never has the change made
+after the command was answered: the command fails within its bound saying
+nothing was changed (PostgreSQL's C{lock_timeout}/C{statement_timeout},
+else the gateway's deadline, after which the transaction is rolled back
+whenever the database answers), well before C{openclawctl}'s 10 s.  The
+usage command answers within its bound too, and a write of usage rows the
+database holds is logged.  Trial s25: a key made 74 s after openclawctl
+gave up, never shown; 74 s of pending rows and no log line.  Real
+PostgreSQL; the control plane against a gateway in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers import store as store_module
+from openclaw.consumers import table as table_module
+from openclaw.consumers.model import Consumer, NewKey, retired_name
+from openclaw.consumers.store import CommandTimedOut, ConsumerStore, postgres_conninfo
+from tests.postgres_server import postgres_database
+from tests.test_consumers import GatewayCase
+from tests.test_consumers_cluster import MODEL, sleep
+from tests.test_consumers_recreated import usage_row
+from tests.test_dataplane import HELLO
+
+
+class Locker:
+    """
+    Another session that holds C{tables} locked (C{ACCESS EXCLUSIVE}, as a
+    migration or a maintenance job would) until L{release}.
+    """
+
+    def __init__(self, testcase: TestCase, database: str) -> None:
+        self.testcase = testcase
+        self.database = database
+        self.connection: psycopg.Connection[Any] | None = None
+
+    @inlineCallbacks
+    def lock(self, *tables: str) -> Any:
+        connection = self.connection = yield deferToThread(psycopg.connect, postgres_conninfo(self.database))
+        self.testcase.addCleanup(self.release)
+        yield deferToThread(connection.execute, f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> Deferred[None]:
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return Deferred.fromCoroutine(_nothing())
+
+        def end() -> None:
+            connection.rollback()
+            connection.close()
+
+        return deferToThread(end)
+
+
+async def _nothing() -> None:
+    return None
+
+
+@inlineCallbacks
+def failure_of(deferred: Deferred[Any]) -> Any:
+    """
+    The exception C{deferred} fails with, or None when it succeeds.
+    """
+    failures = yield deferred.addCallbacks(lambda _: [], lambda f: [f])
+    return failures[0].value if failures else None
+
+
+class HeldStoreTests(TestCase):
+    timeout = 60
+
+    @inlineCallbacks
+    def store(self) -> Any:
+        self.database = postgres_database()
+        store = ConsumerStore.open(self.database, Path("."), reactor)
+        self.addCleanup(store.close)
+        yield store.migrate()
+        self.team = Consumer("team", created_at=time.time() - 100)
+        yield store.create(self.team, NewKey.make().hash, "first000")
+        return store
+
+    @inlineCallbacks
+    def keys(self, store: ConsumerStore) -> Any:
+        snapshot = yield store.load(time.time())
+        return sorted(prefix for _, prefix in snapshot.keys.values())
+
+    @inlineCallbacks
+    def test_lock_timeout_rolls_the_change_back(self) -> Any:
+        """
+        A table another session holds: the server gives the lock up after
+        COMMAND_LOCK_TIMEOUT_MS, and the change is not made when it is released.
+        """
+        store = yield self.store()
+        locker = Locker(self, self.database)
+        yield locker.lock("consumer_keys")
+        started = time.monotonic()
+        adding = store.add_key(self.team, NewKey.make().hash, "second00", time.time())
+        failure = yield failure_of(adding)
+        self.assertIsInstance(failure, psycopg.errors.LockNotAvailable)
+        self.assertLess(time.monotonic() - started, store_module.COMMAND_SECONDS)
+        yield locker.release()
+        keys = yield self.keys(store)
+        self.assertEqual(keys, ["first000"])
+
+    @inlineCallbacks
+    def test_deadline_abandons_the_transaction(self) -> Any:
+        """
+        A database that holds the transaction without giving up (here a
+        lock, the server's own timeouts raised; a server stopped with
+        SIGSTOP looks the same from the gateway): the command fails at
+        COMMAND_SECONDS, and when the database answers the transaction is
+        rolled back, not committed.
+        """
+        self.patch(store_module, "COMMAND_LOCK_TIMEOUT_MS", 60_000)
+        self.patch(store_module, "COMMAND_STATEMENT_TIMEOUT_MS", 60_000)
+        self.patch(store_module, "COMMAND_SECONDS", 1.0)
+        store = yield self.store()
+        locker = Locker(self, self.database)
+        yield locker.lock("consumer_keys")
+        started = time.monotonic()
+        adding = store.add_key(self.team, NewKey.make().hash, "second00", time.time())
+        failure = yield failure_of(adding)
+        self.assertIsInstance(failure, CommandTimedOut)
+        self.assertLess(time.monotonic() - started, 2.0)
+        # The database answers: the INSERT goes through, the commit does not.
+        yield locker.release()
+        yield sleep(0.5)
+        keys = yield self.keys(store)
+        self.assertEqual(keys, ["first000"])
+        # And the store still works.
+        added = yield store.add_key(self.team, NewKey.make().hash, "third000", time.time())
+        self.assertTrue(added)
+
+    @inlineCallbacks
+    def test_delete_waits_for_a_held_write_within_the_deadline(self) -> Any:
+        """
+        A delete waits for the usage rows being written (they carry the
+        name), within the command's deadline: a write the database holds
+        fails the delete, and the consumer is not deleted later.
+        """
+        self.patch(store_module, "COMMAND_SECONDS", 1.0)
+        store = yield self.store()
+        locker = Locker(self, self.database)
+        yield locker.lock("usage_rows")
+        writing = store.record([usage_row(self.team, 0.5, time.time(), self.team.created_at)])
+        waiting: Deferred[None] = Deferred()
+        writing.addBoth(lambda _: waiting.callback(None))
+        deleting = store.delete("team", retired_name(self.team), after=waiting)
+        failure = yield failure_of(deleting)
+        self.assertIsInstance(failure, CommandTimedOut)
+        yield locker.release()
+        yield writing
+        yield sleep(0.3)
+        snapshot = yield store.load(time.time())
+        self.assertIn("team", snapshot.consumers)
+
+
+class HeldGatewayTests(GatewayCase):
+    timeout = 60
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.database = postgres_database()
+
+    @inlineCallbacks
+    def test_commands_while_the_tables_are_locked(self) -> Any:
+        """
+        The tables locked as in trial s25 (usage rows, keys, spend): a key
+        create fails within the bound saying nothing was changed, and none
+        is made once the lock goes; usage answers within the bound; the
+        write of usage rows the database holds is logged, and once it is
+        written.
+        """
+        self.patch(table_module, "HELD_LOG_SECONDS", 1)
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team", "budget_usd": 100})
+        locker = Locker(self, self.database)
+        yield locker.lock("usage_rows", "consumer_keys", "spend")
+        sdk = self.sdk(gateway, created["key"])
+        yield deferToThread(sdk.chat.completions.create, model=MODEL, messages=HELLO)
+        started = time.monotonic()
+        answer = yield client.command(gateway.token, "key_create", {"name": "team"})
+        self.assertLess(time.monotonic() - started, store_module.COMMAND_SECONDS + 0.5)
+        self.assertFalse(answer["ok"], answer)
+        self.assertIn("nothing was changed", answer["error"])
+        self.assertIn("holds a lock on the consumers' tables", answer["error"])
+        started = time.monotonic()
+        answer = yield client.command(gateway.token, "usage", {"name": "team"})
+        self.assertLess(time.monotonic() - started, 6.0)
+        self.assertFalse(answer["ok"], answer)
+        self.assertIn("could not be read", answer["error"])
+        self.assertIn("holds a lock", answer["error"])
+        held = [e for e in self.events if "has held a write of" in formatEvent(e)]
+        self.assertTrue(held, "the held write was not logged")
+        self.assertIn("pg_locks", formatEvent(held[0]))
+        yield locker.release()
+        yield sleep(1.5)
+        self.assertTrue(any("took the usage rows it held" in formatEvent(e) for e in self.events))
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "team"})
+        self.assertEqual(len(listed["consumers"][0]["keys"]), 1)
+        snapshot = yield gateway.service.consumer_store.load(time.time())
+        self.assertEqual(len(snapshot.keys), 1)
+        usage = yield self.command(gateway, client, "usage", {"name": "team"})
+        self.assertEqual(usage["total"]["requests"], 1)
+        self.assertNotIn("warning", usage)
