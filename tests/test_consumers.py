@@ -43,7 +43,7 @@ from openclaw.consumers.model import (
     period_key,
     retired_name,
 )
-from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices
+from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices, shipped_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
 from openclaw.control.commands import CommandError
@@ -564,6 +564,17 @@ class RulesTests(TestCase):
         self.assertAlmostEqual(table.cost("gemini", "gemini-2.5-flash", 1_000_000, 0, 1_000_000) or 0, 0.075)
         for bad in ({}, {"models": {"x": {"prompt": 1, "completion": 1}}}, {"models": {"a/b": {"prompt": 1}}}):
             self.assertRaises(PricesError, parse_prices, bad)
+
+    def test_readme_lists_the_shipped_prices(self) -> None:
+        """
+        The README names every model the shipped table prices, and no
+        other (trial s25: it said C{moonshot-v1-*}, and moonshot-v1-auto
+        and the vision previews were refused as unpriced).
+        """
+        readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text("utf-8")
+        said = " ".join(readme.split("The shipped table holds ", 1)[1].split(", no\n  other", 1)[0].split())
+        listed = {word.strip("`,") for word in said.split() if "/" in word}
+        self.assertEqual(listed, set(shipped_prices()))
 
 
 class StoreTests:
