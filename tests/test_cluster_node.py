@@ -6,6 +6,7 @@ restarts on a clock that pretends to spawn processes.
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 from unittest import mock
@@ -19,7 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
-from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, encode_token
+from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
 from openclaw.cluster.store import Versioned
 from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
@@ -226,6 +227,35 @@ class Nodes(TestCase):
         self.clock.advance(1)
         self.assertEqual(b.route.current, Route("kimi", "k-1"))
         self.assertEqual(b.sessions.current.jti, token.jti)
+
+    def test_change_by_a_node_behind_a_rotation_refused(self) -> None:
+        """
+        A node that has not applied the cluster's rotation yet (stalled,
+        its message late) may take a command signed with the token the
+        rotation revoked: its change is refused by the store, which holds
+        the new token, and nothing changes anywhere (trial s25: the stalled
+        instance's switch, on the revoked token, replaced a newer one on
+        every instance).
+        """
+        a, b = self.nodes
+        self.store.listeners.remove(b.received)
+        old = b.sessions.current.jti
+        token = self.successResultOf(a.rotate(a.sessions.mint()))
+        self.successResultOf(a.switch(Route("kimi", "k-1")))
+        self.assertEqual(b.sessions.current.jti, old)
+        for change in (b.switch(Route("gemini", "g-2")), b.rotate(b.sessions.mint())):
+            failure = self.failureResultOf(change, TokenBehind)
+            self.assertIn("has not applied the rotation yet; nothing changed", str(failure.value))
+        self.assertEqual(a.route.current, Route("kimi", "k-1"))
+        self.assertEqual(json.loads(self.store.values["token"].value)["jti"], token.jti)
+        # Caught up (its next heartbeat), it changes the route again.
+        b.start()
+        self.addCleanup(b.stop)
+        self.clock.advance(10)
+        self.clock.advance(1)
+        self.assertEqual(b.sessions.current.jti, token.jti)
+        self.successResultOf(b.switch(Route("gemini", "g-2")))
+        self.assertEqual(a.route.current, Route("gemini", "g-2"))
 
     def test_store_down_refuses_changes_and_logs_transitions(self) -> None:
         a, b = self.nodes

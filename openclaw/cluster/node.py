@@ -160,6 +160,20 @@ class StoreUnavailable(Exception):
         super().__init__(message)
 
 
+class TokenBehind(StoreUnavailable):
+    """
+    The cluster's session token is not the one this instance holds: it
+    has not applied a rotation yet (a stalled process, a late message), so
+    the token that authorised the change may be revoked; nothing changed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the cluster's session token has been rotated and this instance has not applied the rotation yet; "
+            "nothing changed: read the current token (TOKEN_FILE, or from whoever rotated it) and retry"
+        )
+
+
 class StoreUnconfirmed(StoreUnavailable):
     """
     A write of C{name} (L{ROUTE}, L{TOKEN}) timed out and whether it
@@ -1007,6 +1021,8 @@ class ClusterNode:
         receipt = uuid.uuid4().hex
 
         def written(version: int) -> None:
+            if version == -1:
+                raise TokenBehind()
             if version == 0:
                 raise StoreUnavailable(unavailable(self.where))
             if version > self.versions.get(name, 0):
@@ -1031,7 +1047,11 @@ class ClusterNode:
             self._log.warn("{name} not written: the cluster store is unreachable; nothing changed", name=name)
             return fail(StoreUnavailable(unavailable(self.where)))
         return (
-            self._bounded(self.store.write(name, value, self.instance, receipt, self.versions.get(name, 0)))
+            self._bounded(
+                self.store.write(
+                    name, value, self.instance, receipt, self.versions.get(name, 0), self.sessions.current.jti
+                )
+            )
             .addErrback(failed)
             .addCallback(written)
             .addErrback(refused)

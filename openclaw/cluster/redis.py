@@ -60,6 +60,15 @@ _WRITE = """
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
+if ARGV[6] ~= '' then
+  local held = redis.call('HGET', KEYS[4], 'value')
+  if held then
+    local ok, document = pcall(cjson.decode, held)
+    if not (ok and type(document) == 'table' and document['jti'] == ARGV[6]) then
+      return -1
+    end
+  end
+end
 local v = math.max(tonumber(redis.call('HGET', KEYS[1], 'version') or '0'), tonumber(ARGV[5])) + 1
 redis.call('HSET', KEYS[1], 'version', v, 'value', ARGV[2], 'origin', ARGV[3])
 redis.call('SET', KEYS[3], v, 'PX', ARGV[4])
@@ -826,11 +835,13 @@ class RedisStore:
         """
         return self._eval(_CONSUMER, [self._key("changes"), self.channel], [f"c\t{instance}\t{name}"])
 
-    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
+    def write(
+        self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
+    ) -> Deferred[int]:
         return self._eval(
             _WRITE,
-            [self._key("state", name), self.channel, self._key("write", receipt)],
-            [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known)],
+            [self._key("state", name), self.channel, self._key("write", receipt), self._key("state", "token")],
+            [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known), token_jti or ""],
         ).addCallback(int)
 
     def confirm(self, receipt: str) -> Deferred[int]:

@@ -75,12 +75,17 @@ class SharedStore(Protocol):
     time; nothing here retries.
     """
 
-    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
+    def write(
+        self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
+    ) -> Deferred[int]:
         """
         Replace C{name}'s value (written by instance C{origin}), publish
         it, remember C{receipt} with the new version, and fire with that
         version; 0 (nothing written) when C{receipt} was fenced by
-        L{confirm} first.  The new version is one above the greater of the
+        L{confirm} first; -1 (nothing written) when C{token_jti} is given
+        and the cluster's session token (C{token}'s value) is another's:
+        the writer has not applied a rotation yet, and the command it
+        writes for was authorised by a token the cluster has revoked.  The new version is one above the greater of the
         stored one and C{known} (the highest the caller knows), so the
         nodes apply it even if the store lost the value (a C{FLUSHALL})
         while they kept running.
@@ -190,13 +195,19 @@ class MemoryStore:
         #: The counters of the changes published (L{Heartbeat.changes}).
         self.changes: dict[str, int] = {"consumers": 0, "expiring": 0}
 
-    def write(self, name: str, value: str, origin: str, receipt: str, known: int) -> Deferred[int]:
+    def write(
+        self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
+    ) -> Deferred[int]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         if self.hold_writes:
             pending: Deferred[int] = Deferred()
             self.held.append((name, value, origin, receipt, known, pending))
             return pending
+        if token_jti is not None and receipt not in self.receipts:
+            held = self.values.get("token")
+            if held is not None and json.loads(held.value).get("jti") != token_jti:
+                return succeed(-1)
         version = self._write(name, value, origin, receipt, known)
         if self.lose_replies:
             self.lose_replies -= 1
