@@ -218,6 +218,12 @@ class AccountTests(ResilienceTestCase):
             response, text = yield self.post(gateway, {"messages": HELLO})
             self.assertEqual(response.code, 200)
             self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=account"])
+        # A type or code of another JSON type is no quota error (review s25: a list's TypeError was a 500).
+        for odd in (["exceeded_current_quota_error"], {"a": 1}):
+            kimi.error_body = {"error": {"type": odd, "code": odd, "message": "slow down"}}
+            response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+            self.assertEqual(response.code, 429, text)
+            self.assertOpenAIError(text, "rate_limit_exceeded")
 
 
 class NoStatusTests(ResilienceTestCase):

@@ -546,7 +546,7 @@ class OpenAICompatibleAdapter(ProviderAdapter):
         if status == 429:
             error = reported_error(json_or_none(body))
             said = error.fields if error is not None else {}
-            if said.get("type") in QUOTA_ERRORS or said.get("code") in QUOTA_ERRORS:
+            if any(isinstance(said.get(field), str) and said[field] in QUOTA_ERRORS for field in ("type", "code")):
                 return attrs.evolve(refusal, kind=RefusalKind.ACCOUNT)
         return refusal
 
