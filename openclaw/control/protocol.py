@@ -62,13 +62,15 @@ CLOSE_HANDSHAKE_SECONDS = 5
 #: 1008, for the close frame to reach it, before the connection is aborted;
 #: nothing it sends is read meanwhile (L{ControlProtocol.close_unheard}).
 UNHEARD_CLOSE_SECONDS = 1.0
-#: The most data frames without payload one connection may send.  RFC 6455
+#: The most data frames without payload one message may come in.  RFC 6455
 #: (section 5.4) lets a sender fragment a message at will, even into empty
 #: frames, which MAX_MESSAGE_BYTES never counts (frames with payload are
 #: bounded by it): a message that never ends, sent as a flood of empty
 #: frames before authenticating, cost the reactor each frame until
-#: AUTH_TIMEOUT_SECONDS (trial s25).  No client needs them; counted per
-#: connection, so that a message's first frame costs nothing more.
+#: AUTH_TIMEOUT_SECONDS (trial s25).  Some clients end a message with one
+#: (the C{websockets} library's fragmented sends).  Counted from the last
+#: message's end (L{ControlProtocol.onMessage}), so that a message of one
+#: frame costs nothing more.
 MAX_EMPTY_FRAMES = 1024
 
 #: RFC 6585 section 4.
@@ -220,7 +222,8 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
-    #: Frames without payload received (L{MAX_EMPTY_FRAMES}).
+    #: Frames without payload received since the last message ended
+    #: (L{MAX_EMPTY_FRAMES}).
     empty_frames = 0
     #: Whether this handshake's outcome is accounted for: L{onConnect}
     #: judged it (and counted any refusal), or a refusal before it was
@@ -401,6 +404,8 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.close_unheard(MESSAGE_TOO_BIG, f"over {MAX_EMPTY_FRAMES} frames without payload; send fewer")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        # A message ended: its empty frames were no flood.
+        self.empty_frames = 0
         connection = self.connection
         if connection is None or self.state != self.STATE_OPEN:
             # Untrusted, or closing: frames that arrived after our close
