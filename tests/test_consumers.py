@@ -686,6 +686,18 @@ class StoreTests:
         self.assertIsNone(snapshot.consumers["team"].rpm)  # type: ignore[attr-defined]
         added = yield store.add_key(again, key.hash, key.prefix, now)
         self.assertTrue(added)  # type: ignore[attr-defined]
+        # A key a deleted consumer left (an older version's delete) opens
+        # no consumer created again under its name.
+        orphan = NewKey.make()
+        yield store._interact(
+            lambda cursor: cursor.execute(
+                store._sql("INSERT INTO consumer_keys (hash, prefix, consumer, created_at) VALUES (?, ?, ?, ?)"),
+                (orphan.hash, "sk-oc-orphan", "other", now),
+            )
+        )
+        yield store.create(Consumer("other", created_at=now), NewKey.make().hash, "sk-oc-other")
+        snapshot = yield store.load(now)
+        self.assertNotIn(orphan.hash, snapshot.keys)  # type: ignore[attr-defined]
 
 
 class SQLiteStoreTests(StoreTests, TestCase):
@@ -1336,6 +1348,39 @@ class PostgresStoreTests(StoreTests, TestCase):
         self.assertFalse(added)
         snapshot = yield store.load(time.time())
         self.assertEqual(snapshot.keys, {})
+
+    @inlineCallbacks
+    def test_delete_while_a_key_is_added(self) -> Any:
+        """
+        A delete that begins while a key for its consumer is being added
+        (another instance's, not committed yet) takes that key with it
+        (review s25: the delete's first statement removed the keys it could
+        see, then waited, and the new key outlived the consumer).
+        """
+        url = postgres_database()
+        adding_store = ConsumerStore.open(url, Path("."), reactor)
+        deleting_store = ConsumerStore.open(url, Path("."), reactor)
+        self.addCleanup(adding_store.close)
+        self.addCleanup(deleting_store.close)
+        yield adding_store.migrate()
+        team = Consumer("team", created_at=creation_time(time.time()))
+        yield adding_store.create(team, NewKey.make().hash, "sk-oc-first")
+        key = NewKey.make()
+        # A session holding an insert of the same key: the add's own insert
+        # waits for it, its consumer read done already.
+        holding = psycopg.connect(url)
+        self.addCleanup(holding.close)
+        holding.execute(
+            "INSERT INTO consumer_keys (hash, prefix, consumer, created_at) VALUES (%s, 'x', 'x', 0)", (key.hash,)
+        )
+        adding = adding_store.add_key(team, key.hash, key.prefix, team.created_at)
+        yield deferLater(reactor, 0.3, lambda: None)
+        deleting = deleting_store.delete("team", retired_name(team))
+        yield deferLater(reactor, 0.3, lambda: None)
+        yield deferToThread(holding.rollback)
+        yield gatherResults([adding, deleting], consumeErrors=True)
+        snapshot = yield adding_store.load(time.time())
+        self.assertEqual((snapshot.consumers, snapshot.keys), ({}, {}))
 
     @inlineCallbacks
     def test_failure_after_the_check_is_not_retried(self) -> Any:

@@ -770,8 +770,10 @@ class ConsumerStore:
 
     def _create(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str) -> None:
         # A new consumer starts from nothing, whatever a deleted one of its
-        # name left (record adds spend only to a consumer that exists).
+        # name left (record adds spend only to a consumer that exists): no
+        # key of a deleted one opens it, even one an older version left.
         cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (consumer.name,))
+        cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (consumer.name,))
         cursor.execute(
             self._sql(
                 "INSERT INTO consumers (name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at) "
@@ -827,8 +829,12 @@ class ConsumerStore:
         return self._command(self._delete, name, retired, after=after)
 
     def _delete(self, cursor: Any, name: str, retired: str) -> None:
-        cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
+        # The consumer's row first: on PostgreSQL its delete waits for a
+        # key being added (L{_live}'s FOR KEY SHARE) to commit, so that the
+        # keys' delete sees that key too; the other way round, it outlived
+        # its consumer (review s25).
         cursor.execute(self._sql("DELETE FROM consumers WHERE name = ?"), (name,))
+        cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
         cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (name,))
         cursor.execute(self._sql("UPDATE usage_rows SET consumer = ? WHERE consumer = ?"), (retired, name))
 
