@@ -27,7 +27,9 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers import store as store_module
 from openclaw.consumers import table as table_module
 from openclaw.consumers.model import Consumer, NewKey, retired_name
+from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import CommandTimedOut, ConsumerStore, postgres_conninfo
+from openclaw.consumers.table import ConsumerTable, Holder
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
@@ -164,6 +166,38 @@ class HeldStoreTests(TestCase):
         yield sleep(0.3)
         snapshot = yield store.load(time.time())
         self.assertIn("team", snapshot.consumers)
+
+    @inlineCallbacks
+    def test_delete_given_up_keeps_the_usage(self) -> Any:
+        """
+        A delete given up at its deadline changes nothing: the consumer's
+        usage rows not written yet are written under its name, its spend
+        with them (review s25: they had been moved to its retired name as
+        the delete began, lost from its usage and, after a restart, from
+        its budget).
+        """
+        self.patch(store_module, "COMMAND_LOCK_TIMEOUT_MS", 60_000)
+        self.patch(store_module, "COMMAND_STATEMENT_TIMEOUT_MS", 60_000)
+        self.patch(store_module, "COMMAND_SECONDS", 1.0)
+        store = yield self.store()
+        table = ConsumerTable(store, PriceTable(), flush_seconds=3600)
+        table.adopt((yield store.load(time.time())))
+        holder = Holder("team", "first000", created_at=self.team.created_at)
+        table.account(
+            holder, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 100_000, "completion_tokens": 100_000}, 1.0
+        )
+        locker = Locker(self, self.database)
+        yield locker.lock("consumers")
+        failure = yield failure_of(table.delete("team"))
+        self.assertIsInstance(failure, CommandTimedOut)
+        yield locker.release()
+        yield table.flush()
+        [total] = yield store.usage("team", None, None, None)
+        self.assertEqual(total["requests"], 1)
+        self.assertGreater(total["cost_usd"], 0)
+        snapshot = yield store.load(time.time())
+        self.assertIn("team", snapshot.consumers)
+        self.assertGreater(snapshot.spend[("team", "total")], 0)
 
 
 class HeldGatewayTests(GatewayCase):

@@ -1202,17 +1202,20 @@ class ConsumerTable:
         created again under C{name} starts from nothing.  Its keys are
         refused from the start (L{deleting}); it leaves the table once the
         database has the delete, and is served again if the database
-        refuses it (nothing changed, but its rows not written yet, which
-        go under the retired name).
+        refuses it or the delete is given up: nothing changed, its usage
+        rows not written yet still its own.  Rows written before the delete
+        are renamed by it; those still here then are renamed here, and a
+        row of it written later goes under the retired name too
+        (L{openclaw.consumers.store.ConsumerStore.record}).
         """
         consumer = self.consumers[name]
         # Refused from now on (identify), and the name not free, until the
         # database has the delete.
         self.deleting.add(name)
-        self._retire(consumer)
 
         def deleted(_: None) -> None:
-            # Rows of calls that were under way when the delete began too.
+            # Its rows not written yet, those of calls under way when the
+            # delete began included.
             self._retire(consumer)
             current = self.consumers.get(name)
             # The same consumer, if a reload (another instance's change) put
