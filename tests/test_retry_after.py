@@ -128,3 +128,20 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         self.assertEqual(response.code, 429)
         self.assertGreater(int(response.headers.getRawHeaders("retry-after")[0]), 3000)
         self.assertEqual(response.headers.getRawHeaders("x-should-retry"), ["false"])
+
+    @inlineCallbacks
+    def test_wait_for_the_route_after_a_failover(self) -> Any:
+        """
+        The same when the call failed over and the fallback refused it for
+        longer than the first provider rests (review s25: the fallback's
+        hour was told, with x-should-retry: false).
+        """
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 5
+        gemini.rate_limited_keys, gemini.retry_after = {self.upstream.gemini.key}, 3600
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=rate_limited"])
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["5"], ["4"]))
+        self.assertIsNone(response.headers.getRawHeaders("x-should-retry"))

@@ -492,8 +492,12 @@ class ChatCall:
         C{error}.
         """
         context = self.context
-        if self.pinned or context.fallback == "off" or self._fallback is not None or self.request.startedWriting:
+        if self.pinned or context.fallback == "off" or self.request.startedWriting:
             return self._fail(error)
+        if self._fallback is not None:
+            # Failed over already: come back when the first of the route's
+            # providers can take the call.
+            return self._fail(self._sooner_elsewhere(error))
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:
             return self._fail(self._sooner_elsewhere(error))
