@@ -236,6 +236,16 @@ class TwoInstances(ClusterCase):
             b.stdout, rb"applied the cluster's route kimi/\S+ \(version \d+, switched on " + instance_a + rb"\)"
         )
         self.assertNotIn(b"applied the cluster's route", a.stdout)
+        # An instance started now serves the cluster's route, and says it is
+        # not its DEFAULT_PROVIDER's (trial s25: said at info only).
+        c = self.spawn()
+        yield c.token
+        yield printed(c, b"the active provider is kimi/")
+        self.assertRegex(
+            c.stdout,
+            rb"ClusterNode#warn\] the active provider is kimi/\S+, the cluster's .* rather than gemini/",
+        )
+        self.assertNotIn(b"the active provider is", a.stdout + b.stdout)
 
         adopted = b.stdout.count(b"adopted from the cluster")
         answer = yield on_a.ask(token, "rotate_token")

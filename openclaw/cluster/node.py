@@ -929,9 +929,20 @@ class ClusterNode:
                     raise ValueError(f"its {refusal}")
                 self._route_at = record_at(document)
                 self._route_restored = is_restored(document)
+                first = name not in self.versions
                 self.versions[name] = versioned.version
                 previous = self.route.switch(route)
-                if previous != route and not here:
+                if first and previous != route:
+                    # The configured route (DEFAULT_PROVIDER and its model)
+                    # gives way to the cluster's: said, as a standalone
+                    # gateway says its state file's.
+                    self._log.warn(
+                        "the active provider is {route}, the cluster's (its last switch_provider), rather than "
+                        "{previous} from DEFAULT_PROVIDER; switch_provider changes it",
+                        route=f"{route.provider_id}/{route.model}",
+                        previous=f"{previous.provider_id}/{previous.model}",
+                    )
+                elif previous != route and not here:
                     self._log.info(
                         "applied the cluster's route {route} (version {version}, switched on {origin}); was {previous}",
                         route=f"{route.provider_id}/{route.model}",
