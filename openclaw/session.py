@@ -349,6 +349,34 @@ class SessionAuthority:
         elif _present(self._token_file):
             self._log.warn("TOKEN_FILE {path} was left in place: {why}", path=str(self._token_file), why=why)
 
+    def _signed_elsewhere(self, held: bytes) -> bool:
+        """
+        Whether C{held}, a token file's content, is a token still in force
+        (its C{exp} not past) that this gateway's C{JWT_SECRET} did not
+        sign.  In a cluster the file is the cluster's: an instance started
+        with another secret (after Redis lost the cluster's token, so that
+        nothing refused it at start-up) replaced it with its own, and every
+        operator using the file was refused by the other instances (trial
+        s25).
+        """
+        text = held.rstrip(b"\n").decode("ascii")
+        if not text:
+            return False
+        try:
+            claims = jwt.decode(text, options={"verify_signature": False})
+        except jwt.InvalidTokenError:
+            return False
+        expires = claims.get("exp") if isinstance(claims, dict) else None
+        if not isinstance(expires, (int, float)) or expires <= self._clock():
+            return False
+        try:
+            jwt.decode(text, self._secret, algorithms=[ALGORITHM], options={"verify_exp": False, "verify_iat": False})
+        except jwt.InvalidSignatureError:
+            return True
+        except jwt.InvalidTokenError:
+            return False
+        return False
+
     def _foreign_token_file(self, accept: SessionToken | None) -> str | None:
         """
         Why the token file may not be replaced or removed now, or L{None}
@@ -379,6 +407,12 @@ class SessionAuthority:
             return None
         mine = [token.token.encode("ascii") for token in (self._current, accept) if token is not None]
         if self._current is None and _TOKEN_FILE_CONTENT.fullmatch(held):
+            if self._shared and self._signed_elsewhere(held):
+                return (
+                    "it holds a session token in force signed with another JWT_SECRET: the cluster's, if this "
+                    "instance's JWT_SECRET is not the cluster's, or another gateway's: check JWT_SECRET (and "
+                    "REDIS_URL, CLUSTER_NAME); remove the file if it is stale"
+                )
             return None
         if held.rstrip(b"\n") in mine:
             return None

@@ -502,6 +502,27 @@ class Healing(TestCase):
         self.assertIsNone(b.sessions.current_or_none)
         self.assertEqual(self.foreign, ["it is signed with another JWT_SECRET"])
 
+    def test_newcomer_of_another_secret_stops_when_the_token_is_written_back(self) -> None:
+        """
+        The store lost the cluster's token and an instance of another
+        JWT_SECRET reached it first, proposing its own: an instance in step
+        before writes the cluster's back, and the newcomer, which cannot
+        trust it, stops as it would have at start-up (trial s25: it stayed,
+        taking changes, while the others refused its token).
+        """
+        a = self.node("a")
+        a.connected()
+        good = a.sessions.current
+        self.store.values.clear()
+        b = self.node("b", secret=b"another-secret-of-at-least-32-bytes!")
+        b.connected()
+        self.assertEqual(self.foreign, [])
+        a.lost()
+        a.connected()
+        self.assertEqual(json.loads(self.store.values["token"].value)["jti"], good.jti)
+        self.assertEqual(self.foreign, ["it is signed with another JWT_SECRET"])
+        self.assertEqual(a.sessions.current, good)
+
     def test_reconnection_delay_capped(self) -> None:
         """
         txredisapi's jitter is a normal variate around the delay: capped

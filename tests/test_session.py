@@ -228,6 +228,33 @@ class TokenFileTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
         self.assertEqual([p.name for p in self.path.parent.iterdir()], [self.path.name])
 
+    def test_cluster_file_of_another_secret_kept(self) -> None:
+        """
+        In a cluster the token file is the cluster's: an instance's first
+        token does not replace one still in force that another JWT_SECRET
+        signed (trial s25: an instance started with a wrong secret while
+        Redis had lost the cluster's token replaced the shared file, and
+        every operator using it was refused by the other instances).  One
+        expired, or of this secret (a stale file), is replaced; a
+        standalone gateway's file is its own.
+        """
+        clock = Clock()
+        others = SessionAuthority(OTHER_SECRET, 3600, clock=clock).mint()
+        self.path.write_text(others.token + "\n")
+        ours = SessionAuthority(SECRET, 3600, clock=clock, token_file=self.path, shared=True)
+        issued = ours.issue()
+        self.assertEqual(self.path.read_text(), others.token + "\n")
+        self.assertEqual(ours.current.jti, issued.jti)
+        clock.now += 3601
+        ours = SessionAuthority(SECRET, 3600, clock=clock, token_file=self.path, shared=True)
+        issued = ours.issue()
+        self.assertEqual(self.path.read_text(), issued.token + "\n")
+        self.path.write_text(others.token + "\n")
+        clock.now -= 3601
+        standalone = SessionAuthority(SECRET, 3600, clock=clock, token_file=self.path)
+        issued = standalone.issue()
+        self.assertEqual(self.path.read_text(), issued.token + "\n")
+
     def test_failed_write_keeps_the_old_token(self) -> None:
         """
         If the token file cannot be written, the rotation does not happen:

@@ -963,6 +963,15 @@ class ClusterNode:
                     self.sessions.check(token)
                 except UntrustedToken as e:
                     self._foreign_token = str(e)
+                    if is_restored(document) and current is not None:
+                        # Written back by an instance in step with the
+                        # cluster before its store lost the token: the
+                        # cluster's, which this instance, another
+                        # JWT_SECRET's, proposed its own in place of (it
+                        # reached the emptied store first).  It stops, as
+                        # it would not have started (trial s25: it stayed,
+                        # the cluster's token refused).
+                        self._on_foreign_token(str(e))
                     self._log.error(
                         "refused the cluster's session token {jti} (version {version}, written by {origin}): {error}; "
                         "{kept}",
