@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
-from openclaw.cluster.workers import ReusePortEndpoint, WorkerSupervisor, reserve, worker_argv
+from openclaw.cluster.workers import ReusePortEndpoint, SupervisorWatch, WorkerSupervisor, reserve, worker_argv
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
 from openclaw.listeners import (
@@ -100,6 +100,7 @@ class Options(usage.Options):
             "Gateway processes sharing the listening sockets (WORKERS) [default: 1]; above 1 needs REDIS_URL and -n",
         ],
         ["worker", None, None, "(set by --workers for each worker process; not for operators)"],
+        ["supervisor", None, None, "(set by --workers: the pid of a worker's parent; not for operators)"],
     ]
 
     #: The options a worker is started with as the parent was.
@@ -285,7 +286,8 @@ def _worker_service(
     """
     try:
         index = int(options["worker"])
-    except ValueError:
+        supervisor = int(options["supervisor"])
+    except (TypeError, ValueError):
         raise ConfigError("--worker is set by --workers, not by hand") from None
     tcp = IReactorSocket(reactor)
     # Its cluster's (REDIS_URL): no lock of the token file, the state
@@ -309,6 +311,8 @@ def _worker_service(
         worker=index,
     )
     service.hold_state_dir(made.state_lock)
+    # Stops the worker once its parent has gone (even by SIGKILL).
+    SupervisorWatch(gateway_reactor(reactor), supervisor).setServiceParent(service)
     return service
 
 

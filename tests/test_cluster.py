@@ -1453,6 +1453,45 @@ class Workers(TestCase):
         ended = yield process.stop()
         self.assertIn(ended, (0, -15))
 
+    @inlineCallbacks
+    def test_workers_stop_when_their_parent_is_killed(self):
+        """
+        SIGKILL to the parent (twistd): each worker notices within a second
+        or so that its parent is gone and stops as on SIGTERM (1001 to its
+        control clients), so the port stops answering; they kept serving,
+        reparented, and a new start ran more workers beside them.
+        """
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        pids = {int(status["instance"].rsplit("-", 1)[1]) for _, status in seen}
+        self.assertEqual(len(pids), 2)
+        os.kill(process.transport.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        def alive(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    # A zombie (not reaped yet by whoever adopted it) has ended.
+                    return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        while any(alive(pid) for pid in pids) and time.monotonic() - killed_at < 10:
+            yield sleep(0.1)
+        self.assertEqual([pid for pid in pids if alive(pid)], [], process.stdout[-3000:])
+        self.assertLess(time.monotonic() - killed_at, 6)
+        codes = []
+        for client, status in seen:
+            code, _ = yield within(observed(client.closed), 5, f"the close of a client of worker {status['worker']}")
+            codes.append(code)
+        self.assertEqual(set(codes), {1001})
+        self.assertIn(b"has ended; stopping this worker (drained, as on SIGTERM)", process.stdout)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
     def test_workers_need_redis(self):
         from openclaw.settings import ConfigError, load_settings
 

@@ -23,6 +23,11 @@ master and nginx's do.  A worker starts with SIGUSR1 blocked (the mask
 is inherited across fork and exec) and unblocks it once its handler is
 installed (L{openclaw.tap}): one that comes while it is still starting
 is delivered then, not left to its default action, which would end it.
+
+A worker is given its parent's pid (C{--supervisor PID}) and stops, as on
+SIGTERM (drained), once its parent is no longer that process
+(L{SupervisorWatch}): a parent killed with SIGKILL left its workers
+serving, and a new parent on the same ports started more beside them.
 """
 
 from __future__ import annotations
@@ -47,13 +52,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.addresses import address_family, bind_address
 from openclaw.listeners import CannotListen, Listener
-from openclaw.reactors import ISupervisorReactor
+from openclaw.reactors import IStoreReactor, ISupervisorReactor
 
 #: A worker that ran this long before it ended is started again after
 #: L{RESTART_DELAY_SECONDS}; one that ended sooner waits twice as long as
@@ -62,6 +68,8 @@ from openclaw.reactors import ISupervisorReactor
 STABLE_SECONDS = 10.0
 RESTART_DELAY_SECONDS = 0.5
 MAX_RESTART_DELAY_SECONDS = 30.0
+#: How often a worker checks that its parent is still there (seconds).
+SUPERVISOR_CHECK_SECONDS = 1.0
 #: The wait before a worker's restart after C{n} quick ends in a row
 #: beyond the first (L{WorkerSupervisor._restart}).
 _restart_delay = backoffPolicy(RESTART_DELAY_SECONDS, MAX_RESTART_DELAY_SECONDS, factor=2.0, jitter=lambda: 0.0)
@@ -193,7 +201,7 @@ class WorkerSupervisor(Service):
             return
         worker = _Worker(self, index)
         worker.started_at = self.reactor.seconds()
-        argv = [*self.argv, "--worker", str(index)]
+        argv = [*self.argv, "--worker", str(index), "--supervisor", str(os.getpid())]
         # Blocked in the child until its handler is installed (see the
         # module's docstring); here only for as long as the spawn takes.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -294,6 +302,58 @@ class WorkerSupervisor(Service):
     def _close_sockets(self) -> None:
         for sock in self.sockets.values():
             sock.close()
+
+
+class SupervisorWatch(Service):
+    """
+    In a worker: every C{interval} seconds, compare C{getppid()} with
+    C{supervisor} (its parent's pid, given on its command line); once they
+    differ (the parent ended, even by SIGKILL, and the worker was
+    reparented, to pid 1 or a subreaper, see prctl(2)), log it and stop the
+    reactor, so the worker drains as on SIGTERM (1001 to its control
+    clients, calls in flight finished) and its sockets close: the
+    gateway's next start would otherwise run new workers beside it on the
+    same ports (C{SO_REUSEPORT}).
+    """
+
+    _log = Logger(namespace="openclaw.workers")
+
+    def __init__(
+        self,
+        reactor: IStoreReactor,
+        supervisor: int,
+        interval: float = SUPERVISOR_CHECK_SECONDS,
+        getppid: Any = os.getppid,
+    ) -> None:
+        self.reactor = reactor
+        self.supervisor = supervisor
+        self.interval = interval
+        self.getppid = getppid
+        self._check = LoopingCall(self.check)
+        self._check.clock = reactor
+        self.gone = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._check.start(self.interval, now=True)
+
+    def stopService(self) -> Any:
+        if self._check.running:
+            self._check.stop()
+        return super().stopService()
+
+    def check(self) -> None:
+        if self.gone or self.getppid() == self.supervisor:
+            return
+        self.gone = True
+        self._log.error(
+            "this worker's gateway process (pid {pid}) has ended; stopping this worker (drained, as on SIGTERM): "
+            "start the gateway again (systemd restarts it)",
+            pid=self.supervisor,
+        )
+        if self._check.running:
+            self._check.stop()
+        self.reactor.stop()
 
 
 def worker_argv(
