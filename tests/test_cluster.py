@@ -963,6 +963,63 @@ class ListenOnceSynced(TestCase):
         self.assertTrue(answer["ok"], answer)
 
 
+class StoreRefusals(ClusterCase):
+    @inlineCallbacks
+    def test_refused_writes_answer_at_once(self):
+        """
+        Redis refusing the write itself (out of memory, a read-only
+        replica, an ACL user without the scripting commands): the command
+        answers at once with Redis's words and what to do, nothing changed
+        and the store still up; it answered "did not confirm the change in
+        time" after the confirmation attempts, the cause in the log only.
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        where = f"cluster store at redis://127.0.0.1:{self.redis.port}/0 refused the change: "
+        cases = [
+            (
+                ("CONFIG", "SET", "maxmemory", "1"),
+                ("CONFIG", "SET", "maxmemory", "0"),
+                "OOM command not allowed when used memory > 'maxmemory'; nothing changed: free memory in that Redis "
+                "or raise its maxmemory, or set a maxmemory-policy that evicts other keys",
+            ),
+            (
+                ("REPLICAOF", "127.0.0.1", str(free_port())),
+                ("REPLICAOF", "NO", "ONE"),
+                "READONLY You can't write against a read only replica; nothing changed: "
+                "REDIS_URL points at a read-only replica: point it at the primary",
+            ),
+            (
+                ("ACL", "SETUSER", "default", "-evalsha", "-eval"),
+                ("ACL", "SETUSER", "default", "+@all"),
+                "; nothing changed: grant the Redis ACL user of REDIS_URL the scripting commands (EVAL, EVALSHA, "
+                "SCRIPT)",
+            ),
+        ]
+        for refuse, allow, said in cases:
+            self.assertTrue(redis_command(self.redis, *refuse).startswith(b"+OK"), refuse)
+            for command, args in (("switch_provider", {"provider": "kimi"}), ("rotate_token", None)):
+                began = time.monotonic()
+                answer = yield on_a.ask(token, command, args)
+                took = time.monotonic() - began
+                self.assertFalse(answer["ok"], answer)
+                self.assertTrue(answer["error"].startswith(where), answer)
+                self.assertTrue(answer["error"].endswith(said), answer)
+                self.assertNotIn("did not confirm", answer["error"])
+                # Under REDIS_TIMEOUT_SECONDS (0.5): no confirmation asked.
+                self.assertLess(took, 0.4, answer)
+            status = yield on_a.ask(token, "status")
+            self.assertEqual(status["result"]["cluster_store"], "up", status)
+            self.assertEqual(status["result"]["provider_id"], "gemini")
+            self.assertTrue(redis_command(self.redis, *allow).startswith(b"+OK"), allow)
+        self.assertIn(b"the cluster store refused to write route (OOM command not allowed", a.stdout)
+        self.assertNotIn(b"asking the store whether it was written", a.stdout)
+        # The token held is still the cluster's: nothing was rotated.
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+
+
 def redis_command(redis: RedisServer, *words: str) -> bytes:
     """
     One command to C{redis}, from a blocking socket (the reactor does not

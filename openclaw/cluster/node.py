@@ -80,7 +80,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.cluster.store import Heartbeat, SharedStore, Versioned
+from openclaw.cluster.store import Heartbeat, SharedStore, Versioned, WriteRefused
 from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
 
@@ -1049,6 +1049,19 @@ class ClusterNode:
                 self._apply(name, Versioned(version, value, self.instance), here=True)
 
         def failed(failure: Failure) -> Deferred[int]:
+            refusal = failure.value
+            if isinstance(refusal, WriteRefused):
+                # Refused before anything was written: nothing to confirm.
+                self._log.warn(
+                    "the cluster store refused to write {name} ({reason}); nothing changed: {advice}",
+                    name=name,
+                    reason=refusal.reason,
+                    advice=refusal.advice,
+                )
+                at = f" at {self.where}" if self.where else ""
+                raise StoreUnavailable(
+                    f"cluster store{at} refused the change: {refusal.reason}; nothing changed: {refusal.advice}"
+                )
             error = describe(failure.value, self._timeout)
             self._log.warn(
                 "writing {name} to the cluster store failed ({error}); asking the store whether it was written",

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned
+from openclaw.cluster.store import RECEIPT_SECONDS, Heartbeat, Versioned, WriteRefused
 from openclaw.reactors import IClientReactor
 from openclaw.tls import HostnameChecked, describe_tls_error, is_tls_error
 from openclaw.urls import masked_url
@@ -75,6 +75,47 @@ redis.call('SET', KEYS[3], v, 'PX', ARGV[4])
 redis.call('PUBLISH', KEYS[2], 'v\\t' .. ARGV[1] .. '\\t' .. v .. '\\t' .. ARGV[3] .. '\\t' .. ARGV[2])
 return v
 """
+
+#: Redis's error replies that refuse a write before any of it is made
+#: (their first word), and what to do about each.  OOM and READONLY come at
+#: the script's first write (Redis checks neither once a script has
+#: written; a replica writes nothing), NOPERM on the script command itself
+#: (a NOPERM from inside the script, which may come after its writes, is
+#: not one of these).  Redis's documentation: "Script flags" (OOM in
+#: scripts), ACL (NOPERM), replication (READONLY replicas).
+WRITE_REFUSALS = {
+    "OOM": "free memory in that Redis or raise its maxmemory, or set a maxmemory-policy that evicts other keys",
+    "READONLY": "REDIS_URL points at a read-only replica: point it at the primary",
+    "NOPERM": "grant the Redis ACL user of REDIS_URL the scripting commands (EVAL, EVALSHA, SCRIPT)",
+}
+#: How much of Redis's reply a refusal quotes (characters).
+REFUSAL_CHARACTERS = 160
+
+
+def _refused_write(failure: Failure) -> Failure:
+    if failure.check(txredisapi.ResponseError):
+        refusal = write_refusal(failure.getErrorMessage())
+        if refusal is not None:
+            return Failure(refusal)
+    return failure
+
+
+def write_refusal(message: str) -> WriteRefused | None:
+    """
+    The L{WriteRefused} for Redis's error reply C{message} when it is one
+    of L{WRITE_REFUSALS} (nothing of the write was made); C{None} for any
+    other (which may have come after part of it).
+    """
+    kind = message.split(" ", 1)[0]
+    advice = WRITE_REFUSALS.get(kind)
+    if advice is None or (kind == "NOPERM" and "@user_script" in message):
+        return None
+    # Redis's words without where in the script it stopped.
+    reason = message.split(" script: ", 1)[0].rstrip(". ")
+    if len(reason) > REFUSAL_CHARACTERS:
+        reason = reason[: REFUSAL_CHARACTERS - 3] + "..."
+    return WriteRefused(reason, advice)
+
 
 _CONFIRM = """
 local v = redis.call('GET', KEYS[1])
@@ -842,7 +883,7 @@ class RedisStore:
             _WRITE,
             [self._key("state", name), self.channel, self._key("write", receipt), self._key("state", "token")],
             [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known), token_jti or ""],
-        ).addCallback(int)
+        ).addCallbacks(int, _refused_write)
 
     def confirm(self, receipt: str) -> Deferred[int]:
         return self._eval(_CONFIRM, [self._key("write", receipt)], [str(RECEIPT_SECONDS * 1000)]).addCallback(int)

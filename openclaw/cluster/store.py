@@ -68,6 +68,23 @@ Listener = Callable[[str, int, str, str], None]
 RECEIPT_SECONDS = 3600
 
 
+class WriteRefused(Exception):
+    """
+    The store refused a write outright, before making any of it (Redis
+    out of memory, a read-only replica, an ACL without the scripting
+    commands): nothing changed, and retrying as it stands will not help.
+
+    @ivar reason: the store's own words, clipped (no secret: Redis does not
+        echo values in these replies).
+    @ivar advice: what the operator can do, in one clause.
+    """
+
+    def __init__(self, reason: str, advice: str) -> None:
+        super().__init__(f"{reason} ({advice})")
+        self.reason = reason
+        self.advice = advice
+
+
 class SharedStore(Protocol):
     """
     The operations a L{openclaw.cluster.node.ClusterNode} uses.  Every
@@ -89,6 +106,9 @@ class SharedStore(Protocol):
         stored one and C{known} (the highest the caller knows), so the
         nodes apply it even if the store lost the value (a C{FLUSHALL})
         while they kept running.
+
+        @raise WriteRefused: (as a failure) the store refused it before
+            writing anything.
         """
 
     def confirm(self, receipt: str) -> Deferred[int]:
