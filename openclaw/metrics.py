@@ -41,7 +41,10 @@ from openclaw.routing import FALLBACK_REASONS
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"
 OUTCOMES = ("ok", "error")
-AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoked")
+#: Why a token was refused (L{openclaw.session}): the C{reason} label of
+#: C{openclaw_control_auth_failures_total}.  C{token not known here yet} is
+#: not counted toward MAX_AUTH_FAILURES nor AUTH_LOCKOUT_FAILURES.
+AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoked", "token not known here yet")
 
 #: Why a control connection was refused, or failed before it opened: the
 #: C{reason} label of C{openclaw_control_refused_connections_total}.  Before

@@ -41,12 +41,14 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 class TokenRejected(Exception):
     """
     A presented token does not open the control plane.  The message is what
-    the client is told: C{missing token}, C{invalid token}, C{token expired}
-    or C{token revoked}; it never says more than that.
+    the client is told: C{missing token}, C{invalid token}, C{token expired},
+    C{token revoked} or C{token not known here yet} (L{NOT_KNOWN_YET}, with
+    what to do); it never says more than that.  C{reason} is the first
+    part, the label it is counted under.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(f"{reason}: {hint}" if hint else reason)
         self.reason = reason
 
 
@@ -65,6 +67,14 @@ MISSING = "missing token"
 INVALID = "invalid token"
 EXPIRED = "token expired"
 REVOKED = "token revoked"
+#: A token signed with this gateway's secret, not expired, issued after
+#: the current one (its C{iat} later): the cluster's newest, which this
+#: instance has not applied yet (catching up after a Redis outage, a
+#: message late).  Not a failed authentication (nor counted toward the
+#: lockout): a client told the token was revoked, or locked out for it,
+#: had done right.
+NOT_KNOWN_YET = "token not known here yet"
+NOT_KNOWN_YET_HINT = "this instance has not heard of the cluster's latest rotation; retry in a moment"
 
 
 @attrs.frozen
@@ -244,7 +254,10 @@ class SessionAuthority:
 
     def verify(self, presented: object) -> str:
         """
-        Check a presented token.
+        Check a presented token.  One with another C{jti} than the current
+        token's is revoked when issued before it (its C{iat} no later), and
+        not known here yet (L{NOT_KNOWN_YET}) when issued after it: a
+        rotation elsewhere in the cluster this instance has not applied.
 
         @return: the C{jti} of the token, for the audit log.
         @raise TokenRejected: it does not open the control plane.
@@ -281,6 +294,9 @@ class SessionAuthority:
         if self._clock() >= expires_at:
             raise TokenRejected(EXPIRED)
         if not hmac.compare_digest(jti.encode(), current.jti.encode()):
+            issued_at = claims.get("iat")
+            if isinstance(issued_at, int | float) and not isinstance(issued_at, bool) and issued_at > current.issued_at:
+                raise TokenRejected(NOT_KNOWN_YET, NOT_KNOWN_YET_HINT)
             raise TokenRejected(REVOKED)
         # Same jti and a good signature but not the same string: a token
         # re-encoded with other claims by someone holding the secret.

@@ -14,12 +14,13 @@ import socket
 import struct
 import time
 
+import jwt
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, MAX_EMPTY_FRAMES, UNHEARD_CLOSE_SECONDS
-from tests.support import connect, open_client, start_gateway
+from tests.support import SECRET, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
@@ -164,6 +165,46 @@ class CommandTests(TestCase):
         # The operator's open connection is not closed by the lockout.
         answer = yield operator.ask(gateway.token, "ping")
         self.assertTrue(answer["ok"])
+
+    @inlineCallbacks
+    def test_token_not_known_yet_is_no_failed_authentication(self):
+        """
+        A token signed with the gateway's secret and issued after its
+        current one (the cluster's newest, not applied here yet) is
+        answered "token not known here yet" with what to do, past
+        MAX_AUTH_FAILURES and AUTH_LOCKOUT_FAILURES, without closing the
+        connection or locking its address out; a token issued before the
+        current one is still revoked, and counted.
+        """
+        gateway = start_gateway(self, max_auth_failures=2, auth_lockout_failures=3)
+        current = gateway.service.sessions.current
+        claims = {"iss": "openclaw-gateway", "iat": current.issued_at, "exp": current.expires_at}
+        newer = jwt.encode({**claims, "jti": "newer", "iat": current.issued_at + 5}, SECRET, algorithm="HS256")
+        older = jwt.encode({**claims, "jti": "older", "iat": current.issued_at - 5}, SECRET, algorithm="HS256")
+        client = yield open_client(self, gateway.port)
+        for _ in range(6):
+            answer = yield client.ask(newer, "status")
+            self.assertEqual(
+                answer["error"],
+                "token not known here yet: this instance has not heard of the cluster's latest rotation; "
+                "retry in a moment",
+            )
+        self.assertFalse(client.closed.called)
+        answer = yield client.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        guesser = yield open_client(self, gateway.port)
+        for _ in range(2):
+            answer = yield guesser.ask(older, "ping")
+            self.assertEqual(answer["error"], "token revoked")
+        code, reason = yield guesser.closed
+        self.assertEqual((code, reason), (1008, "too many failed authentications"))
+        metrics = gateway.service.metrics.registry
+        self.assertEqual(
+            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token not known here yet"}), 6
+        )
+        self.assertEqual(
+            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token revoked"}), 2
+        )
 
     @inlineCallbacks
     def test_shutdown_says_going_away(self):

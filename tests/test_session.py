@@ -15,7 +15,7 @@ from pathlib import Path
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.session import ISSUER, SessionAuthority, TokenFileUnwritable, TokenRejected
+from openclaw.session import ISSUER, NOT_KNOWN_YET, SessionAuthority, TokenFileUnwritable, TokenRejected
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"o" * 32
@@ -162,6 +162,41 @@ class VerifyTests(SynchronousTestCase):
 
     def test_other_jti(self) -> None:
         self.assertRejected(jwt.encode(self.claims(jti=str(uuid.uuid4())), SECRET, algorithm="HS256"), "token revoked")
+
+    def test_newer_token_not_known_yet(self) -> None:
+        """
+        A token signed here, not expired, issued after the current one (a
+        rotation elsewhere in the cluster, not applied here yet) is not
+        known here yet, with what to do, rather than revoked; one issued
+        before (or in the same second as) the current one, or without an
+        iat, is revoked; once the newer one is current, the one it
+        replaced is revoked.
+        """
+        newer = jwt.encode(self.claims(jti=str(uuid.uuid4()), iat=int(NOW) + 5), SECRET, algorithm="HS256")
+        with self.assertRaises(TokenRejected) as caught:
+            self.authority.verify(newer)
+        self.assertEqual(caught.exception.reason, NOT_KNOWN_YET)
+        self.assertEqual(
+            str(caught.exception),
+            "token not known here yet: this instance has not heard of the cluster's latest rotation; retry in a moment",
+        )
+        older = jwt.encode(self.claims(jti=str(uuid.uuid4()), iat=int(NOW) - 5), SECRET, algorithm="HS256")
+        self.assertRejected(older, "token revoked")
+        with self.assertRaises(TokenRejected) as caught:
+            self.authority.verify(older)
+        self.assertEqual(str(caught.exception), "token revoked")
+        self.assertRejected(jwt.encode(self.claims(jti=str(uuid.uuid4())), SECRET, algorithm="HS256"), "token revoked")
+        no_iat = jwt.encode(self.claims(jti=str(uuid.uuid4()), iat=None), SECRET, algorithm="HS256")
+        self.assertRejected(no_iat, "token revoked")
+        # Expired, or signed with another secret: as before, whatever its iat.
+        expired = self.claims(jti=str(uuid.uuid4()), iat=int(NOW) + 5, exp=int(NOW) - 1)
+        self.assertRejected(jwt.encode(expired, SECRET, algorithm="HS256"), "token expired")
+        foreign = self.claims(jti=str(uuid.uuid4()), iat=int(NOW) + 5)
+        self.assertRejected(jwt.encode(foreign, OTHER_SECRET, algorithm="HS256"), "invalid token")
+        self.clock.now = NOW + 5
+        rotated = self.authority.issue()
+        self.assertRejected(self.issued.token, "token revoked")
+        self.assertEqual(self.authority.verify(rotated.token), rotated.jti)
 
     def test_alg_none(self) -> None:
         token = b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(json.dumps(self.claims()).encode()) + "."

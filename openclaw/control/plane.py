@@ -32,7 +32,7 @@ from openclaw.control.commands import (
     summarise,
 )
 from openclaw.metrics import INVALID, GatewayMetrics
-from openclaw.session import MISSING, SessionAuthority, TokenRejected
+from openclaw.session import MISSING, NOT_KNOWN_YET, SessionAuthority, TokenRejected
 
 
 def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
@@ -187,8 +187,19 @@ class ControlPlane:
         try:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
-            self._auth_failed(connection, rejected.reason, cmd)
-            return self._refuse(cmd, rejected.reason)
+            if rejected.reason == NOT_KNOWN_YET:
+                # The cluster's newest token, not applied here yet: the
+                # client did right, nothing toward its lockout.
+                self._metrics.auth_failed(rejected.reason)
+                self._log.info(
+                    "token not known here yet from {peer} (cmd {cmd}): issued after this instance's; "
+                    "not counted as a failed authentication",
+                    peer=connection.peer,
+                    cmd=summarise(cmd),
+                )
+            else:
+                self._auth_failed(connection, rejected.reason, cmd)
+            return self._refuse(cmd, str(rejected))
         if connection.failed_auths:
             connection.failed_auths = 0
         connection.authenticated = True

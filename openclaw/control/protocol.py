@@ -428,7 +428,7 @@ class ControlProtocol(WebSocketServerProtocol):
             answer.addCallback(self._answer)
         if connection.failed_auths > failed_before:
             self.factory.auth_failed(self)
-        elif not connection.failed_auths and not self.authenticated:
+        elif connection.authenticated and not self.authenticated:
             self.authenticated = True
             self.release_slot()
         if connection.failed_auths and controlplane.too_many_failures(connection):
