@@ -313,7 +313,12 @@ class TwoInstances(ClusterCase):
         self.assertEqual(answer["error"], refusal)
         status = yield on_a.ask(token, "status")
         self.assertEqual(status["result"]["cluster_store"], "down")
-        self.assertEqual(status["result"]["cluster_store_error"], "lost the connection to Redis")
+        # Why, as logged: the connection lost, then (once an attempt to
+        # connect again has failed) that attempt's reason.
+        self.assertRegex(
+            status["result"]["cluster_store_error"],
+            r"^(lost the connection to Redis|could not connect: .*Connection refused.*)$",
+        )
         self.assertLessEqual(
             status["result"]["cluster_store_since"], time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         )
@@ -1018,6 +1023,45 @@ class StoreRefusals(ClusterCase):
         # The token held is still the cluster's: nothing was rotated.
         answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+
+
+class StoreDownReasons(ClusterCase):
+    @inlineCallbacks
+    def error_becomes(self, client: Any, token: str, wanted: str, seconds: float = 15) -> Any:
+        deadline = time.monotonic() + seconds
+        while True:
+            status = yield client.ask(token, "status")
+            error = status["result"].get("cluster_store_error") or ""
+            if wanted in error or time.monotonic() > deadline:
+                return error
+            yield sleep(0.1)
+
+    @inlineCallbacks
+    def test_status_says_why_the_store_is_down(self):
+        """
+        While Redis wants a password it was not given, then refuses
+        connections, C{status}'s C{cluster_store_error} says so, as the log
+        does; it said that the subscription was not confirmed, or that no
+        answer came in time.
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "requirepass", "hunter2").startswith(b"+OK"))
+        for kind in ("normal", "pubsub"):
+            redis_command(self.redis, "AUTH", "hunter2\r\nCLIENT", "KILL", "TYPE", kind)
+        error = yield self.error_becomes(on_a, token, "NOAUTH")
+        self.assertIn("NOAUTH Authentication required", error)
+        yield sleep(1.5)
+        error = yield self.error_becomes(on_a, token, "NOAUTH", seconds=0)
+        self.assertIn("NOAUTH Authentication required", error)
+        self.redis.stop()
+        error = yield self.error_becomes(on_a, token, "Connection refused")
+        self.assertTrue(error.startswith("could not connect: "), error)
+        self.assertIn("Connection refused", error)
+        yield sleep(1.5)
+        error = yield self.error_becomes(on_a, token, "Connection refused", seconds=0)
+        self.assertIn("Connection refused", error)
 
 
 def redis_command(redis: RedisServer, *words: str) -> bytes:

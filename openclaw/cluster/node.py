@@ -505,6 +505,15 @@ class ClusterNode:
         self._cancel_retry()
         self._set_up(False, reason)
 
+    def still_down(self, reason: str) -> None:
+        """
+        While the store is down, why (C{reason}, as logged: a connection
+        refused, Redis's refusal): C{status}'s C{cluster_store_error}.
+        Nothing when it is up.
+        """
+        if not self.up:
+            self._set_up(False, reason)
+
     def _cancel_retry(self) -> None:
         retry, self._retry = self._retry, None
         if retry is not None and retry.active():

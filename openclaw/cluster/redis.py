@@ -617,6 +617,12 @@ class RedisStore:
         #: This instance's last heartbeat message not heard back yet on the
         #: subscription, and when (C{reactor.seconds}) it was published.
         self._probe: tuple[str, float] | None = None
+        #: Why the last connection attempt failed (refused, no such host,
+        #: Redis's refusal of the handshake), since the connections were
+        #: last in step: the node's reason while down (C{status}'s
+        #: C{cluster_store_error}), which a rebuild for a vaguer reason (a
+        #: heartbeat or subscription timed out meanwhile) keeps.
+        self._connection_failure: str | None = None
 
     def start(self, node: ClusterNode) -> None:
         self.node = node
@@ -689,7 +695,8 @@ class RedisStore:
         delay = self._rebuild_policy(self._attempts)
         self._attempts += 1
         self._pending = self.reactor.callLater(delay, self._connect)
-        node.lost(reason)
+        failure = self._connection_failure
+        node.lost(reason if failure is None or failure == reason else f"{failure} ({reason})")
 
     def reconnect(self, reason: str) -> None:
         """
@@ -716,6 +723,12 @@ class RedisStore:
         answer in time (C{timed_out}: logged as L{attempt_failed} is), or
         the connection was lost (said by the connection).
         """
+        if factory in self._factories:
+            self._connection_failure = (
+                f"Redis refused the connection: {refusal}"
+                if refusal
+                else "Redis did not answer the connection's set-up"
+            )
         if refusal is not None and refusal not in self._refusals:
             self._refusals.add(refusal)
             hint = next(
@@ -755,6 +768,7 @@ class RedisStore:
         else:
             reason = (str(error) or type(error).__name__).rstrip(". ")
             hint = "check that Redis is running and that REDIS_URL's host and port (or socket path) are right"
+        self._failed_to_connect(reason, factory)
         self._say_once(reason, hint, factory)
 
     def closed_unanswered(self, factory: Any) -> None:
@@ -763,7 +777,21 @@ class RedisStore:
         answer (an HTTP server, or a Redis that takes only TLS reached
         with C{redis://}): logged (L{_say_once}).
         """
-        self._say_once("the server closed the connection without a Redis answer", _NOT_REDIS_HINT, factory)
+        reason = "the server closed the connection without a Redis answer"
+        self._failed_to_connect(reason, factory)
+        self._say_once(reason, _NOT_REDIS_HINT, factory)
+
+    def _failed_to_connect(self, reason: str, factory: Any) -> None:
+        """
+        A connection attempt of the connections in use failed for
+        C{reason}: remembered, and the node's reason while down from now
+        on (L{ClusterNode.still_down}).
+        """
+        if factory not in self._factories:
+            return
+        self._connection_failure = f"could not connect: {reason}"
+        if self.node is not None:
+            self.node.still_down(self._connection_failure)
 
     def _say_once(self, reason: str, hint: str, factory: Any) -> None:
         """
@@ -793,6 +821,7 @@ class RedisStore:
         def confirmed(_: Any) -> None:
             if self.node is not None and factory in self._factories:
                 self._subscribed = True
+                self._connection_failure = None
                 self.node.connected()
 
         def failed(failure: Failure) -> None:
