@@ -364,6 +364,8 @@ class GatewayService(MultiService):
             instance=self.instance if self.cluster is not None else None,
             max_answer_bytes=settings.max_message_bytes,
         )
+        if self.cluster is not None:
+            controlplane.fence = self.cluster.fence
         self.factory = ControlFactory(
             controlplane,
             settings,

@@ -243,7 +243,9 @@ class Nodes(TestCase):
         token = self.successResultOf(a.rotate(a.sessions.mint()))
         self.successResultOf(a.switch(Route("kimi", "k-1")))
         self.assertEqual(b.sessions.current.jti, old)
-        for change in (b.switch(Route("gemini", "g-2")), b.rotate(b.sessions.mint())):
+        # Nor may it make any other change (consumers': the fence first).
+        self.successResultOf(a.fence())
+        for change in (b.switch(Route("gemini", "g-2")), b.rotate(b.sessions.mint()), b.fence()):
             failure = self.failureResultOf(change, TokenBehind)
             self.assertIn("has not applied the rotation yet; nothing changed", str(failure.value))
         self.assertEqual(a.route.current, Route("kimi", "k-1"))

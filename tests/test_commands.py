@@ -9,12 +9,14 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.cluster.node import TokenBehind
 from openclaw.control.commands import ControlCommands
 from openclaw.control.plane import Connection, ControlPlane
+from openclaw.metrics import GatewayMetrics
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 
@@ -255,6 +257,35 @@ class ControlPlaneTests(SynchronousTestCase):
         answer = self.command("ping", {"verbose": True})
         self.assertEqual(answer["ok"], False)
         self.assertIn("verbose", answer["error"])
+
+    def test_state_changing_commands_fenced(self) -> None:
+        """
+        In a cluster, a state-changing command waits for the store's word
+        that this instance holds the cluster's token, and changes nothing
+        when it does not (re-attack s25: an instance stalled through a
+        rotation made a consumer and a key on the revoked token); the
+        others do not wait.
+        """
+        asked: list[str] = []
+
+        def behind() -> Deferred[None]:
+            asked.append("fence")
+            return fail(TokenBehind())
+
+        self.plane._table["key_create"] = lambda data: asked.append("key_create") or {"key": "ock-x"}
+        self.plane._metrics = GatewayMetrics(self.plane._table, ())
+        self.plane.fence = behind
+        answer = self.command("key_create", {"name": "team"})
+        self.assertEqual(answer["ok"], False)
+        self.assertIn("has not applied the rotation yet; nothing changed", answer["error"])
+        self.assertEqual(asked, ["fence"])
+        # Not the reads, nor a switch (the store's write checks the token).
+        self.assertEqual(self.command("status")["ok"], True)
+        self.assertEqual(self.command("switch_provider", {"provider": "kimi"})["ok"], True)
+        self.assertEqual(asked, ["fence"])
+        self.plane.fence = lambda: succeed(None)
+        self.assertEqual(self.command("key_create", {"name": "team"})["result"], {"key": "ock-x"})
+        self.assertEqual(asked, ["fence", "key_create"])
 
     def test_internal_error_is_answered(self) -> None:
         def broken(data: object) -> Deferred[Any]:

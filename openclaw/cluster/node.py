@@ -1030,6 +1030,26 @@ class ClusterNode:
         previous = self.route.current
         return self._write(ROUTE, encode_route(route, self._now())).addCallback(lambda _: previous)
 
+    def fence(self) -> Deferred[None]:
+        """
+        Before a state-changing command: fire once the store says the
+        cluster's session token is the one this instance holds; fail with
+        L{TokenBehind} when it says another (a rotation this instance has
+        not applied: the command's token may be revoked).  While the store
+        is down or does not answer in time, fire all the same: the commands
+        that need it refuse then by themselves, and the others (consumers')
+        go on as they would without a cluster, saying so.
+        """
+        if not self.up:
+            return succeed(None)
+
+        def told(holds: bool) -> None:
+            if not holds:
+                raise TokenBehind()
+
+        asked: Deferred[bool] = self._bounded(self.store.holds_token(self.sessions.current.jti))
+        return asked.addCallbacks(told, lambda failure: None)
+
     def rotate(self, token: SessionToken) -> Deferred[SessionToken]:
         """
         Make C{token} the cluster's session token; fire with it once

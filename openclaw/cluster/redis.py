@@ -117,6 +117,20 @@ def write_refusal(message: str) -> WriteRefused | None:
     return WriteRefused(reason, advice)
 
 
+#: Whether the cluster's session token (C{KEYS[1]}'s value) is the one of
+#: jti C{ARGV[1]}, or none is held: 1, else 0.
+_HOLDS_TOKEN = """
+local held = redis.call('HGET', KEYS[1], 'value')
+if not held then
+  return 1
+end
+local ok, document = pcall(cjson.decode, held)
+if ok and type(document) == 'table' and document['jti'] == ARGV[1] then
+  return 1
+end
+return 0
+"""
+
 _CONFIRM = """
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -913,6 +927,9 @@ class RedisStore:
             [self._key("state", name), self.channel, self._key("write", receipt), self._key("state", "token")],
             [name, value, origin, str(RECEIPT_SECONDS * 1000), str(known), token_jti or ""],
         ).addCallbacks(int, _refused_write)
+
+    def holds_token(self, token_jti: str) -> Deferred[bool]:
+        return self._eval(_HOLDS_TOKEN, [self._key("state", "token")], [token_jti]).addCallback(lambda held: held == 1)
 
     def confirm(self, receipt: str) -> Deferred[int]:
         return self._eval(_CONFIRM, [self._key("write", receipt)], [str(RECEIPT_SECONDS * 1000)]).addCallback(int)

@@ -111,6 +111,12 @@ class SharedStore(Protocol):
             writing anything.
         """
 
+    def holds_token(self, token_jti: str) -> Deferred[bool]:
+        """
+        Whether the cluster's session token (C{token}'s value) is the one of
+        jti C{token_jti}, or none is held.
+        """
+
     def confirm(self, receipt: str) -> Deferred[int]:
         """
         The version the write with C{receipt} made; 0 when it has not
@@ -254,6 +260,12 @@ class MemoryStore:
         held, self.held = self.held, []
         for name, value, origin, receipt, known, _ in held:
             self._write(name, value, origin, receipt, known)
+
+    def holds_token(self, token_jti: str) -> Deferred[bool]:
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        held = self.values.get("token")
+        return succeed(held is None or json.loads(held.value).get("jti") == token_jti)
 
     def confirm(self, receipt: str) -> Deferred[int]:
         if not self.up:

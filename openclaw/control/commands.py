@@ -77,6 +77,13 @@ STATE_CHANGING = frozenset(
     }
 )
 
+#: The state-changing commands whose change the cluster's store does not
+#: write itself (the consumers' database does): in a cluster they are made
+#: only once the store says this instance holds the cluster's session
+#: token (L{openclaw.control.plane.ControlPlane.fence}); the store's write
+#: of a route or token checks that itself.
+FENCED = STATE_CHANGING - {"switch_provider", "rotate_token"}
+
 
 class CommandError(Exception):
     """
@@ -339,7 +346,7 @@ class ControlCommands:
             return Audited(result, changed)
 
         if self.share_switch is not None:
-            return self.share_switch(route).addCallbacks(switched, _refused)
+            return self.share_switch(route).addCallbacks(switched, cluster_refusal)
         previous = self.route.switch(route)
         return switched(previous, self.persist(route))
 
@@ -361,7 +368,7 @@ class ControlCommands:
                 "read-only directory, a full disk), then rotate again"
             ) from None
         if isinstance(issued, Deferred):
-            return issued.addCallbacks(_rotated, _refused)
+            return issued.addCallbacks(_rotated, cluster_refusal)
         return _rotated(issued)
 
 
@@ -369,7 +376,7 @@ def _rotated(issued: SessionToken) -> Result:
     return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
 
 
-def _refused(failure: Failure) -> Failure:
+def cluster_refusal(failure: Failure) -> Failure:
     """
     A change the cluster could not take: its reason, told to the client.
     """

@@ -22,12 +22,14 @@ from openclaw.consumers.audit import audit_fields, note_result, without_keys
 from openclaw.control.commands import (
     AUDITED,
     CONSUMER_COMMANDS,
+    FENCED,
     MAX_LOGGED_CMD_CHARS,
     STATE_CHANGING,
     Audited,
     CommandError,
     ControlCommands,
     Result,
+    cluster_refusal,
     quoted,
     summarise,
 )
@@ -154,6 +156,10 @@ class ControlPlane:
             if instance is None
             else "{cmd} from {peer} (token {jti}) on instance {instance}: {outcome} in {duration_ms:.1f} ms"
         )
+        #: In a cluster, what a state-changing command waits on first: the
+        #: store's word that this instance holds the cluster's session token
+        #: (L{openclaw.cluster.node.ClusterNode.fence}).
+        self.fence: Callable[[], Deferred[None]] | None = None
         self._in_flight: set[Deferred[bytes]] = set()
         self._draining = False
         self._sessions = sessions
@@ -220,7 +226,15 @@ class ControlPlane:
         if audited and connection.proxy is not None:
             fields = {**(fields or {}), "proxy": connection.proxy}
         try:
-            result = handler(message.get("data"))
+            if self.fence is not None and cmd in FENCED:
+                # In a cluster, only while this instance holds the cluster's
+                # token: one stalled through a rotation would take a change
+                # on the token it revoked.
+                data = message.get("data")
+                fenced: Deferred[Any] = self.fence().addCallbacks(lambda _: handler(data), cluster_refusal)
+                result: Any = fenced
+            else:
+                result = handler(message.get("data"))
         except Exception:
             answer = self._failed(Failure(), cmd)
         else:
