@@ -443,6 +443,19 @@ class UsageTests(SynchronousTestCase):
                 chat = self.chat(functions=[{"name": "f", "parameters": {}}]) if legacy else self.chat()
                 with self.assertRaises(MalformedAnswer, msg=(legacy, calls)):
                     OpenAIWire().completion(orjson.dumps(answer), "m", 0, chat)
+        # Choices that are not objects (or whose delta is not), a choices
+        # that is no list, and, whole, an index that is no integer
+        # (re-attack s25: dropped unsaid, or passed on).
+        for chunk in (
+            {"id": "c", "choices": {"index": 0}},
+            {"id": "c", "choices": ["x"]},
+            {"id": "c", "choices": [{"index": 0, "delta": ["x"]}]},
+        ):
+            with self.assertRaises(StreamBroken, msg=chunk):
+                OpenAIStream().payloads(Event(b"", orjson.dumps(chunk)))
+        for choice in ("x", {"index": "0", "message": {"content": "hi"}}, {"index": None, "message": {}}):
+            with self.assertRaises(MalformedAnswer, msg=choice):
+                OpenAIWire().completion(orjson.dumps({"choices": [choice]}), "m", 0, self.chat())
         # Null tool calls are no calls.
         answer = {"choices": [{"index": 0, "message": {"content": "hi", "tool_calls": None}, "finish_reason": "stop"}]}
         OpenAIWire().completion(orjson.dumps(answer), "m", 0, self.chat())

@@ -73,6 +73,10 @@ class OpenAIWire:
                 # the provider's own words, with its type and code.
                 raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(error)}")
             raise MalformedAnswer('the answer has no "choices" list')
+        for choice in choices:
+            if type(choice) is not dict or type(choice.get("index", 0)) is not int:
+                # As in a stream (OpenAIStream): OpenAI's choices are objects with an integer index.
+                raise MalformedAnswer("a choice of the answer is not an object with an integer index")
         usage = document.get("usage")
         changed = None
         if usage is None:
@@ -264,16 +268,22 @@ class OpenAIStream:
         rewritten = b"\n" in data  # a multi-line event, sent on one line
         if type(choices) is list:
             for choice in choices:
-                if type(choice) is dict:
-                    index = choice.get("index", 0)
-                    if type(index) is not int or not 0 <= index < self.asked:
-                        # Only the choices asked for make the answer (and
-                        # an index is what a choice's calls are kept by).
-                        raise StreamBroken(
-                            f"a choice's index is not one of the {self.asked} asked for (n)", "upstream_malformed"
-                        )
-                    if choice.get("finish_reason") is not None:
-                        self._finished.add(index)
+                if type(choice) is not dict or type(choice.get("delta", {})) is not dict:
+                    # Nothing of it could reach the client: not dropped unsaid.
+                    raise StreamBroken(
+                        "a choice of the stream is not an object with a delta object", "upstream_malformed"
+                    )
+                index = choice.get("index", 0)
+                if type(index) is not int or not 0 <= index < self.asked:
+                    # Only the choices asked for make the answer (and an
+                    # index is what a choice's calls are kept by).
+                    raise StreamBroken(
+                        f"a choice's index is not one of the {self.asked} asked for (n)", "upstream_malformed"
+                    )
+                if choice.get("finish_reason") is not None:
+                    self._finished.add(index)
+        elif choices is not None:
+            raise StreamBroken('the stream\'s "choices" is not a list', "upstream_malformed")
         if isinstance(usage, dict):
             self.usage = usage
             if not choices:
