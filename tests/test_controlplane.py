@@ -19,7 +19,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, MAX_EMPTY_FRAMES, UNHEARD_CLOSE_SECONDS
+from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNAUTHENTICATED_BYTES_REASON, UNHEARD_CLOSE_SECONDS
 from tests.support import SECRET, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
@@ -360,17 +360,17 @@ class UnheardCloseTests(TestCase):
         """
         A message that never ends, sent as empty continuation frames (which
         MAX_MESSAGE_BYTES never counts) before authenticating, is closed
-        with 1009 at MAX_EMPTY_FRAMES and read no further (trial s25: it
-        cost the reactor each frame until AUTH_TIMEOUT_SECONDS); messages
-        in a few frames are answered, however many end with an empty frame
-        (review s25: counted per connection, the 1025th was closed).
+        with 1008 once the connection has sent more than it may before
+        authenticating, and read no further (trial s25: it cost the
+        reactor each frame until AUTH_TIMEOUT_SECONDS); messages in a few
+        frames are answered, however many end with an empty frame (review
+        s25: counted per connection, the 1025th was closed).
         """
         gateway = start_gateway(self)
-        fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (MAX_EMPTY_FRAMES + 10)
+        limit = gateway.service.factory.unauthenticated_bytes
+        fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (limit // 6 + 10)
         close, sent, seconds = yield deferToThread(flood_after_close, gateway.port, "127.0.0.1", fragments)
-        self.assertEqual(
-            close, struct.pack("!H", 1009) + f"over {MAX_EMPTY_FRAMES} frames without payload; send fewer".encode()
-        )
+        self.assertEqual(close, struct.pack("!H", 1008) + UNAUTHENTICATED_BYTES_REASON.encode())
         self.assert_unheard(sent, seconds)
         message = json.dumps({"token": gateway.token, "cmd": "ping"}).encode()
 
@@ -402,7 +402,7 @@ class UnheardCloseTests(TestCase):
                         break
                 return answers
 
-        count = MAX_EMPTY_FRAMES + 10
+        count = 1100
         frames = yield deferToThread(in_three_frames, count)
         self.assertEqual([opcode for opcode, _ in frames], [0x1] * count)
         self.assertTrue(all(json.loads(payload)["ok"] for _, payload in frames))

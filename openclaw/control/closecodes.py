@@ -15,9 +15,6 @@ from autobahn.websocket.protocol import WebSocketProtocol
 GOING_AWAY: int = WebSocketProtocol.CLOSE_STATUS_CODE_GOING_AWAY
 #: 1003: a message of a kind the gateway does not take (binary).
 UNSUPPORTED_DATA: int = WebSocketProtocol.CLOSE_STATUS_CODE_UNSUPPORTED_DATA
-#: 1009: a message too big (Autobahn's own, past MAX_MESSAGE_BYTES), or in
-#: too many frames.
-MESSAGE_TOO_BIG: int = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
 #: 1008: the peer is not allowed: address not allowlisted, a trusted proxy
 #: that named no client, too many failed authentications.
 POLICY_VIOLATION: int = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION

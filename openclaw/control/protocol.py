@@ -32,7 +32,6 @@ from openclaw.control.admission import (
 )
 from openclaw.control.closecodes import (
     GOING_AWAY,
-    MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
     PROXY_CLIENT_UNREADABLE_REASON,
     PROXY_NAMED_NO_CLIENT_REASON,
@@ -62,16 +61,9 @@ CLOSE_HANDSHAKE_SECONDS = 5
 #: 1008, for the close frame to reach it, before the connection is aborted;
 #: nothing it sends is read meanwhile (L{ControlProtocol.close_unheard}).
 UNHEARD_CLOSE_SECONDS = 1.0
-#: The most data frames without payload one message may come in.  RFC 6455
-#: (section 5.4) lets a sender fragment a message at will, even into empty
-#: frames, which MAX_MESSAGE_BYTES never counts (frames with payload are
-#: bounded by it): a message that never ends, sent as a flood of empty
-#: frames before authenticating, cost the reactor each frame until
-#: AUTH_TIMEOUT_SECONDS (trial s25).  Some clients end a message with one
-#: (the C{websockets} library's fragmented sends).  Counted from the last
-#: message's end (L{ControlProtocol.onMessage}), so that a message of one
-#: frame costs nothing more.
-MAX_EMPTY_FRAMES = 1024
+#: The reason of the 1008 closing a connection that sent more than
+#: L{ControlFactory.unauthenticated_bytes} before authenticating.
+UNAUTHENTICATED_BYTES_REASON = "sent too much before authenticating: authenticate with the first message"
 
 #: RFC 6585 section 4.
 TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
@@ -222,9 +214,9 @@ class ControlProtocol(WebSocketServerProtocol):
 
     #: Bytes received before the opening handshake is done.
     handshake_bytes = 0
-    #: Frames without payload received since the last message ended
-    #: (L{MAX_EMPTY_FRAMES}).
-    empty_frames = 0
+    #: Bytes received since the opening handshake, until authenticated
+    #: (L{ControlFactory.unauthenticated_bytes}).
+    unauthenticated_bytes = 0
     #: Whether this handshake's outcome is accounted for: L{onConnect}
     #: judged it (and counted any refusal), or a refusal before it was
     #: counted (L{head_too_large}, L{onOpenHandshakeTimeout}, Autobahn's
@@ -249,6 +241,15 @@ class ControlProtocol(WebSocketServerProtocol):
             self.handshake_bytes += len(data)
             if self.handshake_bytes > MAX_HANDSHAKE_BYTES:
                 self.head_too_large()
+                return
+        elif not self.authenticated:
+            # Until it authenticates, a connection may send only so much:
+            # frames without payload, which no message's MAX_MESSAGE_BYTES
+            # counts, kept one that never authenticated costing the
+            # reactor each frame until AUTH_TIMEOUT_SECONDS (trial s25).
+            self.unauthenticated_bytes += len(data)
+            if self.unauthenticated_bytes > self.factory.unauthenticated_bytes:
+                self.close_unheard(POLICY_VIOLATION, UNAUTHENTICATED_BYTES_REASON)
                 return
         WebSocketServerProtocol.dataReceived(self, data)
 
@@ -395,17 +396,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # completed first; nothing it sends is read.
             self.close_unheard(POLICY_VIOLATION, self.refused_with or UNTRUSTED_PEER_REASON)
 
-    def onMessageFrameBegin(self, length: int) -> None:
-        super().onMessageFrameBegin(length)
-        if not length:
-            self.empty_frames += 1
-            if self.empty_frames > MAX_EMPTY_FRAMES:
-                # Read no further: the rest of the flood is not parsed.
-                self.close_unheard(MESSAGE_TOO_BIG, f"over {MAX_EMPTY_FRAMES} frames without payload; send fewer")
-
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        # A message ended: its empty frames were no flood.
-        self.empty_frames = 0
         connection = self.connection
         if connection is None or self.state != self.STATE_OPEN:
             # Untrusted, or closing: frames that arrived after our close
@@ -569,6 +560,10 @@ class ControlFactory(WebSocketServerFactory):
         self.reserved = min(max(2, self.capacity // 16), self.capacity // 2)
         #: AUTH_TIMEOUT_SECONDS.
         self.auth_timeout = settings.auth_timeout_seconds
+        #: The most bytes a connection may send before it authenticates: as
+        #: many messages of MAX_MESSAGE_BYTES as MAX_AUTH_FAILURES lets fail,
+        #: and one more, twice over for their frames' headers.
+        self.unauthenticated_bytes = 2 * (settings.max_auth_failures + 1) * settings.max_message_bytes
         #: The clock the lockout's times are on: a monotonic one
         #: (L{openclaw.control.lockout.AuthLockout}), which a step of the
         #: wall clock does not move.
