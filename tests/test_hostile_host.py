@@ -285,6 +285,38 @@ class StickyHeldTests(SynchronousTestCase):
         self.assertIsNone(held_by_sticky_directory(self.dir / "missing", self.other))
 
 
+def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) -> Any:
+    """
+    C{twistd -n openclaw} run as L{NOBODY} with C{token_file} and
+    C{state} as its TOKEN_FILE and STATE_DIR, in C{base}; fires with its
+    output, errors and exit status.
+    """
+    return getProcessOutputAndValue(
+        setpriv,
+        [
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            twistd_path(),
+            "-n",
+            "--pidfile=",
+            "openclaw",
+            "--port",
+            str(free_port()),
+            "--api-port",
+            str(free_port()),
+            "--interface",
+            "127.0.0.1",
+            "--token-file",
+            str(token_file),
+            "--state-dir",
+            str(state),
+        ],
+        env=gateway_env(HOME=str(base)),
+        path=str(base),
+    )
+
+
 def _as_nobody() -> str:
     """
     setpriv, once it is known to run this Python with openclaw as uid
@@ -332,31 +364,7 @@ class TokenFilePlantedTests(TestCase):
         token_file.write_bytes(b"")
         token_file.chmod(0o666)
         os.chown(token_file, 4242, 4242)
-        port = free_port()
-        out, err, code = yield getProcessOutputAndValue(
-            setpriv,
-            [
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "openclaw",
-                "--port",
-                str(port),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--token-file",
-                str(token_file),
-                "--state-dir",
-                str(state),
-            ],
-            env=gateway_env(HOME=str(base)),
-            path=str(base),
-        )
+        out, err, code = yield _gateway_as_nobody(setpriv, base, token_file, state)
         self.assertEqual(code, 2, (out, err))
         self.assertNotIn(b"Traceback", out + err)
         self.assertNotIn(b"starting on", out)
@@ -390,30 +398,7 @@ class TokenFilePlantedTests(TestCase):
         lock.write_bytes(b"")
         lock.chmod(0o666)
         os.chown(lock, 4242, 4242)
-        out, err, code = yield getProcessOutputAndValue(
-            setpriv,
-            [
-                f"--reuid={NOBODY}",
-                f"--regid={NOBODY}",
-                "--clear-groups",
-                twistd_path(),
-                "-n",
-                "--pidfile=",
-                "openclaw",
-                "--port",
-                str(free_port()),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--token-file",
-                str(sticky / "token"),
-                "--state-dir",
-                str(sticky / "state"),
-            ],
-            env=gateway_env(HOME=str(base)),
-            path=str(base),
-        )
+        out, err, code = yield _gateway_as_nobody(setpriv, base, sticky / "token", sticky / "state")
         self.assertEqual(code, 2, (out, err))
         (line,) = err.decode().splitlines()
         self.assertIn(f"is refused: its lock file {str(lock)!r} belongs to uid 4242", line)
