@@ -296,7 +296,7 @@ class ConsumerCommands:
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
         if consumer is None:
-            known = self._known("none yet; create one with consumer_create")
+            known = self._known("none yet; create one with consumer_create (openclawctl consumer create NAME)")
             raise CommandError(f"no consumer named {name!r}; consumers: {known}")
         if name in self.table.deleting:
             raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")

@@ -120,7 +120,8 @@ def parse_embedding_request(
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) and text for text in inputs):
         raise bad_request(
             "input must be a non-empty string or a non-empty list of non-empty strings "
-            "(token id arrays are not supported by this gateway)",
+            "(token id arrays are not supported by this gateway: send the texts themselves; LangChain's "
+            "OpenAIEmbeddings does with check_embedding_ctx_length=False)",
             param="input",
         )
     if len(inputs) > MAX_INPUTS:
