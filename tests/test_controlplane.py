@@ -282,6 +282,23 @@ class AllowlistTests(TestCase):
         self.assertEqual(code, 1008)
 
 
+def opening_handshake(sock: socket.socket, port: int) -> bytes:
+    """
+    A client's WebSocket opening handshake on C{sock} (connected to the
+    control plane on C{port}), checked for its 101; the bytes read past it.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096)
+    assert received.startswith(b"HTTP/1.1 101"), received
+    return received.split(b"\r\n\r\n", 1)[1]
+
+
 def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float = 10.0) -> tuple[bytes, int, float]:
     """
     From C{source}, with a small send buffer: a WebSocket handshake,
@@ -299,16 +316,7 @@ def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float
         sock.settimeout(5)
         sock.bind((source, 0))
         sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += sock.recv(4096)
-        assert received.startswith(b"HTTP/1.1 101"), received
-        received = received.split(b"\r\n\r\n", 1)[1]
+        received = opening_handshake(sock, port)
         sock.sendall(first)
         close = None
         while close is None:
@@ -377,15 +385,7 @@ class UnheardCloseTests(TestCase):
         def in_three_frames(count: int) -> list[tuple[int, bytes]]:
             sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
             with sock:
-                key = base64.b64encode(os.urandom(16)).decode()
-                sock.sendall(
-                    f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-                )
-                received = b""
-                while b"\r\n\r\n" not in received:
-                    received += sock.recv(4096)
-                received = received.split(b"\r\n\r\n", 1)[1]
+                received = opening_handshake(sock, gateway.port)
                 sock.sendall(
                     (frame(0x1, message[:5], fin=False) + frame(0x0, message[5:], fin=False) + frame(0x0, b"")) * count
                 )

@@ -285,6 +285,28 @@ class StickyHeldTests(SynchronousTestCase):
         self.assertIsNone(held_by_sticky_directory(self.dir / "missing", self.other))
 
 
+def _gateway_args(token_file: Path, state: Path) -> list[str]:
+    """
+    twistd's arguments for C{twistd -n openclaw} on free loopback ports,
+    with C{token_file} and C{state} as its TOKEN_FILE and STATE_DIR.
+    """
+    return [
+        "-n",
+        "--pidfile=",
+        "openclaw",
+        "--port",
+        str(free_port()),
+        "--api-port",
+        str(free_port()),
+        "--interface",
+        "127.0.0.1",
+        "--token-file",
+        str(token_file),
+        "--state-dir",
+        str(state),
+    ]
+
+
 def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) -> Any:
     """
     C{twistd -n openclaw} run as L{NOBODY} with C{token_file} and
@@ -298,19 +320,7 @@ def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) 
             f"--regid={NOBODY}",
             "--clear-groups",
             twistd_path(),
-            "-n",
-            "--pidfile=",
-            "openclaw",
-            "--port",
-            str(free_port()),
-            "--api-port",
-            str(free_port()),
-            "--interface",
-            "127.0.0.1",
-            "--token-file",
-            str(token_file),
-            "--state-dir",
-            str(state),
+            *_gateway_args(token_file, state),
         ],
         env=gateway_env(HOME=str(base)),
         path=str(base),
@@ -434,21 +444,7 @@ class TokenFileUnwritableAtStartTests(TestCase):
         token_file = base / "token"
         out, err, code = yield getProcessOutputAndValue(
             str(wrapper),
-            [
-                "-n",
-                "--pidfile=",
-                "openclaw",
-                "--port",
-                str(free_port()),
-                "--api-port",
-                str(free_port()),
-                "--interface",
-                "127.0.0.1",
-                "--token-file",
-                str(token_file),
-                "--state-dir",
-                str(state),
-            ],
+            _gateway_args(token_file, state),
             env=gateway_env(),
             path=str(base),
         )
