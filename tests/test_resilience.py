@@ -993,7 +993,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
                     (429, pinned, 429),
                     (401, pinned, 502),
                 ):
-                    gateway = self.gateway(default_provider="kimi", upstream_timeout=0.3)
+                    gateway = self.gateway(default_provider="kimi", upstream_timeout=1.0)
                     kimi = self.behaviour("kimi")
                     kimi.mode, kimi.error_status = mode, status
                     kimi.error_headers = {"Retry-After": "7"} if status == 429 else {}
