@@ -973,7 +973,8 @@ class StoreRefusals(ClusterCase):
     def test_refused_writes_answer_at_once(self):
         """
         Redis refusing the write itself (out of memory, a read-only
-        replica, an ACL user without the scripting commands): the command
+        replica, a failed RDB snapshot, an ACL user without the scripting
+        commands): the command
         answers at once with Redis's words and what to do, nothing changed
         and the store still up; it answered "did not confirm the change in
         time" after the confirmation attempts, the cause in the log only.
@@ -982,28 +983,43 @@ class StoreRefusals(ClusterCase):
         token = yield a.token
         on_a = yield self.client(a.port)
         where = f"cluster store at redis://127.0.0.1:{self.redis.port}/0 refused the change: "
+        # Redis's snapshot fails: a directory where its file goes.
+        snapshot = Path(self.redis.directory) / "dump.rdb"
         cases = [
             (
-                ("CONFIG", "SET", "maxmemory", "1"),
-                ("CONFIG", "SET", "maxmemory", "0"),
+                [("CONFIG", "SET", "maxmemory", "1")],
+                [("CONFIG", "SET", "maxmemory", "0")],
                 "OOM command not allowed when used memory > 'maxmemory'; nothing changed: free memory in that Redis "
                 "or raise its maxmemory, or set a maxmemory-policy that evicts other keys",
             ),
             (
-                ("REPLICAOF", "127.0.0.1", str(free_port())),
-                ("REPLICAOF", "NO", "ONE"),
+                [("REPLICAOF", "127.0.0.1", str(free_port()))],
+                [("REPLICAOF", "NO", "ONE")],
                 "READONLY You can't write against a read only replica; nothing changed: "
                 "REDIS_URL points at a read-only replica: point it at the primary",
             ),
             (
-                ("ACL", "SETUSER", "default", "-evalsha", "-eval"),
-                ("ACL", "SETUSER", "default", "+@all"),
+                [("CONFIG", "SET", "save", '"3600 1"'), ("BGSAVE",)],
+                # Back to no snapshots (a stop would try one and fail).
+                [("CONFIG", "SET", "stop-writes-on-bgsave-error", "no"), ("CONFIG", "SET", "save", '""')],
+                "...; nothing changed: that Redis cannot save its RDB snapshot (its log says why: a full disk, a "
+                "directory it cannot write): fix that, or set its stop-writes-on-bgsave-error no",
+            ),
+            (
+                [("ACL", "SETUSER", "default", "-evalsha", "-eval")],
+                [("ACL", "SETUSER", "default", "+@all")],
                 "; nothing changed: grant the Redis ACL user of REDIS_URL the scripting commands (EVAL, EVALSHA, "
                 "SCRIPT)",
             ),
         ]
+        snapshot.mkdir()
+        # Redis stops only once its snapshot is saved, unless none is asked.
+        self.addCleanup(redis_command, self.redis, "CONFIG", "SET", "save", '""')
         for refuse, allow, said in cases:
-            self.assertTrue(redis_command(self.redis, *refuse).startswith(b"+OK"), refuse)
+            for words in refuse:
+                self.assertTrue(redis_command(self.redis, *words).startswith(b"+"), words)
+            if refuse[-1] == ("BGSAVE",):
+                yield self.snapshot_failed()
             for command, args in (("switch_provider", {"provider": "kimi"}), ("rotate_token", None)):
                 began = time.monotonic()
                 answer = yield on_a.ask(token, command, args)
@@ -1017,12 +1033,24 @@ class StoreRefusals(ClusterCase):
             status = yield on_a.ask(token, "status")
             self.assertEqual(status["result"]["cluster_store"], "up", status)
             self.assertEqual(status["result"]["provider_id"], "gemini")
-            self.assertTrue(redis_command(self.redis, *allow).startswith(b"+OK"), allow)
+            for words in allow:
+                self.assertTrue(redis_command(self.redis, *words).startswith(b"+OK"), words)
         self.assertIn(b"the cluster store refused to write route (OOM command not allowed", a.stdout)
         self.assertNotIn(b"asking the store whether it was written", a.stdout)
         # The token held is still the cluster's: nothing was rotated.
         answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def snapshot_failed(self) -> Any:
+        """
+        Wait for Redis's background save to fail (it writes the snapshot in
+        a child process).
+        """
+        deadline = time.monotonic() + 10
+        while b"rdb_last_bgsave_status:err" not in redis_command(self.redis, "INFO", "persistence"):
+            self.assertLess(time.monotonic(), deadline, "Redis's snapshot did not fail")
+            yield sleep(0.05)
 
 
 class StoreDownReasons(ClusterCase):

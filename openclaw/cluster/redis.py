@@ -79,13 +79,20 @@ return v
 #: Redis's error replies that refuse a write before any of it is made
 #: (their first word), and what to do about each.  OOM and READONLY come at
 #: the script's first write (Redis checks neither once a script has
-#: written; a replica writes nothing), NOPERM on the script command itself
+#: written; a replica writes nothing), MISCONF at its first write too (its
+#: RDB snapshot failed: Redis refuses every write until one succeeds, and
+#: none ends while a script runs), NOPERM on the script command itself
 #: (a NOPERM from inside the script, which may come after its writes, is
 #: not one of these).  Redis's documentation: "Script flags" (OOM in
-#: scripts), ACL (NOPERM), replication (READONLY replicas).
+#: scripts), ACL (NOPERM), replication (READONLY replicas), persistence
+#: (C{stop-writes-on-bgsave-error}).
 WRITE_REFUSALS = {
     "OOM": "free memory in that Redis or raise its maxmemory, or set a maxmemory-policy that evicts other keys",
     "READONLY": "REDIS_URL points at a read-only replica: point it at the primary",
+    "MISCONF": (
+        "that Redis cannot save its RDB snapshot (its log says why: a full disk, a directory it cannot write): "
+        "fix that, or set its stop-writes-on-bgsave-error no"
+    ),
     "NOPERM": "grant the Redis ACL user of REDIS_URL the scripting commands (EVAL, EVALSHA, SCRIPT)",
 }
 #: How much of Redis's reply a refusal quotes (characters).
