@@ -1091,6 +1091,33 @@ class StoreDownReasons(ClusterCase):
         error = yield self.error_becomes(on_a, token, "Connection refused", seconds=0)
         self.assertIn("Connection refused", error)
 
+    @inlineCallbacks
+    def test_status_says_redis_refused_the_subscription(self):
+        """
+        An ACL user that may not subscribe to the cluster's channel: the
+        log and C{status} say that Redis refused the subscription and what
+        to grant; both said it was not confirmed in time (Redis had
+        answered at once).
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        self.assertTrue(redis_command(self.redis, "ACL", "SETUSER", "default", "resetchannels").startswith(b"+OK"))
+        self.addCleanup(redis_command, self.redis, "ACL", "SETUSER", "default", "allchannels")
+        redis_command(self.redis, "CLIENT", "KILL", "TYPE", "pubsub")
+        error = yield self.error_becomes(on_a, token, "refused the subscription")
+        self.assertTrue(error.startswith("Redis refused the subscription to the cluster's channel: NOPERM"), error)
+        self.assertNotIn("not confirmed", error)
+        yield printed(a, b"grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel")
+        self.assertTrue(redis_command(self.redis, "ACL", "SETUSER", "default", "allchannels").startswith(b"+OK"))
+        deadline = time.monotonic() + 30
+        while True:
+            status = yield on_a.ask(token, "status")
+            if status["result"]["cluster_store"] == "up" or time.monotonic() > deadline:
+                break
+            yield sleep(0.1)
+        self.assertEqual(status["result"]["cluster_store"], "up", status)
+
 
 def redis_command(redis: RedisServer, *words: str) -> bytes:
     """

@@ -835,7 +835,8 @@ class RedisStore:
     def subscribing(self, factory: Any, subscribed: Deferred[Any]) -> None:
         """
         The subscription of C{factory}'s connection was asked for: once
-        confirmed, the node is connected; not confirmed within
+        confirmed, the node is connected; refused by Redis (its error
+        reply, said with what to do) or not confirmed within
         C{REDIS_TIMEOUT_SECONDS}, the connections are rebuilt.
         """
 
@@ -846,6 +847,20 @@ class RedisStore:
                 self.node.connected()
 
         def failed(failure: Failure) -> None:
+            if failure.check(txredisapi.ResponseError):
+                # Redis answered, and said no (an ACL without SUBSCRIBE or
+                # without the channel): the node's reason while down.
+                refusal = failure.getErrorMessage()
+                if factory in self._factories:
+                    self._connection_failure = f"Redis refused the subscription to the cluster's channel: {refusal}"
+                self._say_once(
+                    f"Redis refused the subscription to the cluster's channel {self.channel!r}: {refusal}",
+                    "grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel "
+                    f"(ACL SETUSER <user> +subscribe &{self.channel})",
+                    factory,
+                )
+                self.rebuild(f"Redis refused the subscription: {refusal}", factory)
+                return
             if failure.check(DeferredTimeoutError):
                 # (Not a lost connection: that said why itself.)
                 self._say_once(
