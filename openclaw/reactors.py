@@ -13,6 +13,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorPluggableNameResolver,
     IReactorProcess,
+    IReactorSocket,
     IReactorTCP,
     IReactorThreads,
     IReactorTime,
@@ -54,6 +55,15 @@ class ISupervisorReactor(IReactorProcess, IReactorTime):
     """
 
 
+class ITapReactor(IGatewayReactor, ISupervisorReactor, IReactorSocket):
+    """
+    What L{openclaw.tap.makeService} asks of its reactor: what the
+    gateway asks (L{IGatewayReactor}), what C{--workers}' supervisor asks
+    (L{ISupervisorReactor}), and a worker's listening on the socket its
+    supervisor bound (C{IReactorSocket}, C{adoptStreamPort}).
+    """
+
+
 def _check(reactor: object, interface: type[Interface]) -> None:
     # A reactor provides Twisted's interfaces, not our combinations of them:
     # each one combined is checked.
@@ -66,21 +76,11 @@ def _check(reactor: object, interface: type[Interface]) -> None:
         raise TypeError(f"the reactor {reactor!r} does not provide {', '.join(lacking)}; run under a full reactor")
 
 
-def gateway_reactor(reactor: object) -> IGatewayReactor:
+def tap_reactor(reactor: object) -> ITapReactor:
     """
-    C{reactor}, checked to provide every interface of L{IGatewayReactor}.
+    C{reactor}, checked to provide every interface of L{ITapReactor}.
 
     @raise TypeError: it lacks one (named).
     """
-    _check(reactor, IGatewayReactor)
-    return cast(IGatewayReactor, reactor)
-
-
-def supervisor_reactor(reactor: object) -> ISupervisorReactor:
-    """
-    C{reactor}, checked to provide every interface of L{ISupervisorReactor}.
-
-    @raise TypeError: it lacks one (named).
-    """
-    _check(reactor, ISupervisorReactor)
-    return cast(ISupervisorReactor, reactor)
+    _check(reactor, ITapReactor)
+    return cast(ITapReactor, reactor)

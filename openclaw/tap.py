@@ -17,12 +17,7 @@ from typing import IO, Any, ClassVar, NoReturn
 
 import attrs
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
-from twisted.internet.interfaces import (
-    IReactorCore,
-    IReactorSocket,
-    IReactorThreads,
-    IStreamServerEndpoint,
-)
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
@@ -43,7 +38,7 @@ from openclaw.listeners import (
 )
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
 from openclaw.providers import BUILTIN_PROVIDERS
-from openclaw.reactors import gateway_reactor, supervisor_reactor
+from openclaw.reactors import ITapReactor, tap_reactor
 from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings, load_settings, remove_made_directories
@@ -154,7 +149,7 @@ def tcp_endpoint_description(port: int, settings: Settings) -> str:
 
 
 def makeService(
-    options: Options, reactor: IReactorCore | None = None, stdout: IO[str] | None = None
+    options: Options, reactor: ITapReactor | None = None, stdout: IO[str] | None = None
 ) -> GatewayService | WorkerSupervisor:
     """
     Read the configuration once and build the gateway service.  A bad value
@@ -170,7 +165,7 @@ def makeService(
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor
+        reactor = tap_reactor(default_reactor)
     # Taken now, before twistd redirects sys.stdout into the log.
     stdout = stdout or sys.stdout
     # twistd's own options (a usage.Options, a dict); none outside twistd.
@@ -228,7 +223,7 @@ def makeService(
         )
         # Before twistd daemonizes: the refusal reaches the terminal, and
         # the daemon inherits the lock (PidLock).
-        made = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
+        made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))
         destination = made.destination
         _note_signals(reactor, twistd_options, destination, stdout)
     except ConfigError as e:
@@ -243,7 +238,7 @@ def makeService(
     reactor.callWhenRunning(_freeze_startup_objects)
     service = GatewayService(
         settings,
-        gateway_reactor(reactor),
+        reactor,
         control,
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
         api_endpoint=api,
@@ -278,7 +273,7 @@ def _exit_with_status(service: GatewayService, twistd_options: Mapping[str, Any]
 
 
 def _worker_service(
-    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Mapping[str, Any]
+    options: Options, settings: Settings, reactor: ITapReactor, stdout: IO[str], twistd_options: Mapping[str, Any]
 ) -> GatewayService:
     """
     One worker of C{--workers}: the gateway on the ports its parent
@@ -289,10 +284,9 @@ def _worker_service(
         supervisor = int(options["supervisor"])
     except (TypeError, ValueError):
         raise ConfigError("--worker is set by --workers, not by hand") from None
-    tcp = IReactorSocket(reactor)
     # Its cluster's (REDIS_URL): no lock of the token file, the state
     # directory's shared with the other instances.
-    made = _make_files(settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor)))
+    made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))
     destination = made.destination
     _note_signals(reactor, twistd_options, destination, stdout)
     # Started with SIGUSR1 blocked (L{openclaw.cluster.workers}): handled
@@ -301,10 +295,10 @@ def _worker_service(
     reactor.callWhenRunning(_freeze_startup_objects)
     service = GatewayService(
         settings,
-        gateway_reactor(reactor),
-        ReusePortEndpoint(tcp, settings.interface, settings.port),
+        reactor,
+        ReusePortEndpoint(reactor, settings.interface, settings.port),
         stdout=stdout if _show_token(twistd_options, settings, stdout) else None,
-        api_endpoint=ReusePortEndpoint(tcp, settings.interface, settings.api_port),
+        api_endpoint=ReusePortEndpoint(reactor, settings.interface, settings.api_port),
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
@@ -312,12 +306,12 @@ def _worker_service(
     )
     service.hold_state_dir(made.state_lock)
     # Stops the worker once its parent has gone (even by SIGKILL).
-    SupervisorWatch(gateway_reactor(reactor), supervisor).setServiceParent(service)
+    SupervisorWatch(reactor, supervisor).setServiceParent(service)
     return service
 
 
 def _supervisor(
-    options: Options, settings: Settings, reactor: IReactorCore, stdout: IO[str], twistd_options: Mapping[str, Any]
+    options: Options, settings: Settings, reactor: ITapReactor, stdout: IO[str], twistd_options: Mapping[str, Any]
 ) -> WorkerSupervisor:
     """
     C{--workers N} above 1: reserve the ports here and run N workers
@@ -357,11 +351,11 @@ def _supervisor(
         supervisor.reopen_logs()
 
     destination = _make_files(
-        settings, lambda: log_destination(twistd_options, stdout, IReactorThreads(reactor), reopen_workers_logs)
+        settings, lambda: log_destination(twistd_options, stdout, reactor, reopen_workers_logs)
     ).destination
     _note_signals(reactor, twistd_options, destination, stdout)
     supervisor = WorkerSupervisor(
-        supervisor_reactor(reactor),
+        reactor,
         settings.workers,
         sockets,
         worker_argv(twistd_options, options, Options.passed_to_workers),
@@ -374,7 +368,7 @@ def _supervisor(
 
 
 def _note_signals(
-    reactor: IReactorCore, twistd_options: Mapping[str, Any], destination: IO[Any] | None, stdout: IO[str]
+    reactor: ITapReactor, twistd_options: Mapping[str, Any], destination: IO[Any] | None, stdout: IO[str]
 ) -> None:
     """
     Under twistd (not when a test calls L{makeService}), log and ignore
@@ -387,8 +381,8 @@ def _note_signals(
         return
     logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
     hangup = handles_hangup(not foreground(twistd_options), sys.stdin)
-    note_signals(IReactorThreads(reactor), logging_to, hangup)
-    note_repeated_stops(reactor, IReactorThreads(reactor))
+    note_signals(reactor, logging_to, hangup)
+    note_repeated_stops(reactor, reactor)
 
 
 def _check_no_privilege_switch(twistd_options: Mapping[str, Any]) -> None:
@@ -736,7 +730,7 @@ def _show_token(twistd_options: Mapping[str, Any], settings: Settings, stdout: I
 
 
 def _endpoint(
-    reactor: IReactorCore,
+    reactor: ITapReactor,
     endpoint_setting: tuple[str, str],
     port_setting: tuple[str, str] | None,
     description: str | None,
