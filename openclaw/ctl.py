@@ -48,6 +48,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import react
 from twisted.logger import ILogObserver, LogEvent, LogLevel, PredicateResult, formatEvent, globalLogBeginner
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -1683,7 +1684,7 @@ class KeepsPeerCertificates:
         self.host = host
         self._connection: TLSConnection | None = None
 
-    def clientConnectionForTLS(self, tlsProtocol: Any) -> TLSConnection:
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> TLSConnection:
         self._connection = self._options.clientConnectionForTLS(tlsProtocol)
         return self._connection
 

@@ -54,6 +54,7 @@ import signal
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, BinaryIO, cast
 
 import attrs
@@ -195,7 +196,7 @@ def log_destination(
 
     if not signal.getsignal(signal.SIGUSR1):
 
-        def reopen(signum: int, frame: Any) -> None:
+        def reopen(signum: int, frame: FrameType | None) -> None:
             reactor.callFromThread(reopened)
 
         signal.signal(signal.SIGUSR1, reopen)

@@ -26,8 +26,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -629,11 +631,13 @@ class MeasuredAgent:
         self.provider = provider
         self._clock = clock
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Any:
+    def request(
+        self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer: IBodyProducer | None = None
+    ) -> Deferred[IResponse]:
         d = self._agent.request(method, uri, headers, bodyProducer)
         return d.addBoth(self._measured, self._clock())
 
-    def _measured(self, result: Any, started: float) -> Any:
+    def _measured(self, result: IResponse | Failure, started: float) -> IResponse | Failure:
         status = "error" if isinstance(result, Failure) else result.code
         self._tally.record(self.provider, status, self._clock() - started)
         return result

@@ -24,8 +24,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
@@ -147,7 +146,7 @@ class ListeningService(Service):
 
     _log = Logger(namespace="openclaw")
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory) -> None:
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.port: IListeningPort | None = None
@@ -521,7 +520,7 @@ class GatewayService(MultiService):
                 origin=origin or "an unknown instance",
             )
 
-    def _listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> None:
+    def _listen(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         listener = ListeningService(endpoint, factory)
         if self.cluster is None:
             listener.setServiceParent(self)

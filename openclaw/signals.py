@@ -19,6 +19,8 @@ a signal still at its default action is taken here.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
+from types import FrameType
 from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
@@ -66,7 +68,7 @@ def note_signals(reactor: IReactorFromThreads, logging_to: str, hangup: bool) ->
         if signal.getsignal(signum) != signal.SIG_DFL:
             continue
 
-        def noted(number: int, frame: Any, line: str = line) -> None:
+        def noted(number: int, frame: FrameType | None, line: str = line) -> None:
             reactor.callFromThread(
                 _log.info, "received {signal}: {line}", signal=signal.Signals(number).name, line=line
             )
@@ -96,7 +98,11 @@ def note_repeated_stops(reactor: IReactorCore, threads: IReactorFromThreads) -> 
             if not callable(original):
                 continue
 
-            def handler(number: int, frame: Any, original: Any = original) -> None:
+            def handler(
+                number: int,
+                frame: FrameType | None,
+                original: Callable[[int, FrameType | None], object] = original,
+            ) -> None:
                 if not stopping[0]:
                     stopping[0] = True
                     original(number, frame)

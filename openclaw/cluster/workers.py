@@ -36,7 +36,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -45,6 +45,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, execute, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IProcessTransport,
     IProtocolFactory,
@@ -181,7 +182,7 @@ class WorkerSupervisor(Service):
         #: be started) within L{STABLE_SECONDS} of its start.
         self.quick_ends: dict[int, int] = {}
         #: Per worker index, its start again, while waiting.
-        self.restarts: dict[int, Any] = {}
+        self.restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
 
     def setServiceParent(self, parent: Any) -> None:
@@ -323,7 +324,7 @@ class SupervisorWatch(Service):
         reactor: IStoreReactor,
         supervisor: int,
         interval: float = SUPERVISOR_CHECK_SECONDS,
-        getppid: Any = os.getppid,
+        getppid: Callable[[], int] = os.getppid,
     ) -> None:
         self.reactor = reactor
         self.supervisor = supervisor

@@ -1069,7 +1069,7 @@ class _StreamRelay(Protocol):
         self._drain_timer: IDelayedCall | None = None
 
     #: Called once the body is over, when read after the client left.
-    _then: Any = None
+    _then: Callable[[], object] | None = None
     #: The events decoded so far, C{[DONE]} aside (whether or not their
     #: translation gave the client anything: a usage-only chunk is one).
     events = 0
@@ -1181,7 +1181,7 @@ class _StreamRelay(Protocol):
             self._stopped = True
             self._drain_timer = reactor.callLater(timeout, self.producer.stopProducing)
 
-    def read_out(self, reactor: IReactorTime, timeout: float, then: Any) -> None:
+    def read_out(self, reactor: IReactorTime, timeout: float, then: Callable[[], object]) -> None:
         """
         The client is gone but the call wants this body's usage: go on
         translating it (nothing is written) until it ends, or for
