@@ -5,12 +5,19 @@ histogram, the control-plane command counters, L{MeasuredAgent}.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 
+import treq
 from prometheus_client import CollectorRegistry, generate_latest
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from openclaw.metrics import API_REFUSALS, CONTROL_REFUSALS, GatewayMetrics, RequestTally
+from openclaw.metrics import API_REFUSALS, CONTROL_REFUSALS, GatewayMetrics, MeasuredAgent, RequestTally
 from openclaw.routing import FALLBACK_REASONS
 
 #: Every reason a call is failed over for (openclaw.dataplane.call): its
@@ -166,31 +173,46 @@ class RefusedConnectionsTests(SynchronousTestCase):
             self.assertIn(f"``{reason}``", readme)
 
 
-class MeasuredAgentTests(SynchronousTestCase):
-    def test_counts_under_its_provider(self) -> None:
+class MeasuredAgentTests(TestCase):
+    """
+    L{MeasuredAgent} around a real agent, counting what it sends to a
+    small twisted.web server on loopback.
+    """
+
+    @inlineCallbacks
+    def test_counts_under_its_provider(self) -> Generator[Deferred[object], object, None]:
         """
         Every request is counted under the agent's provider, by status
-        (C{"error"} for one that failed), whatever its URL.
+        (C{"error"} for one that failed: the connection closed before any
+        answer), whatever its URL.
         """
-        from twisted.internet.defer import Deferred, fail, succeed
-        from twisted.internet.task import Clock
 
-        from openclaw.metrics import MeasuredAgent
+        class Upstream(Resource):
+            isLeaf = True
 
-        class Answered:
-            code = 200
+            def render(self, request: Request) -> bytes | int:
+                if request.path == b"/refuse":
+                    request.loseConnection()
+                    return NOT_DONE_YET
+                if request.path == b"/busy":
+                    request.setResponseCode(429)
+                return b"{}"
 
-        class Agent:
-            def request(self, method: bytes, uri: bytes, headers: object = None, body: object = None) -> Deferred:
-                return fail(ValueError("refused")) if b"refuse" in uri else succeed(Answered())
-
-        clock = Clock()
+        port = reactor.listenTCP(0, Site(Upstream()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = b"http://127.0.0.1:%d" % (port.getHost().port,)
         tally = RequestTally(("t_requests", "r"), ("t_seconds", "s"))
-        agent = MeasuredAgent(Agent(), tally, "gemini", clock.seconds)
-        agent.request(b"POST", b"http://g/v1beta/models/m:generateContent")
-        agent.request(b"GET", b"http://k/v1/models")
-        agent.request(b"POST", b"http://g/refuse").addErrback(lambda f: None)
+        agent = MeasuredAgent(Agent(reactor), tally, "gemini", reactor.seconds)
+        for method, path in (
+            (b"POST", b"/v1beta/models/m:generateContent"),
+            (b"GET", b"/v1/models"),
+            (b"POST", b"/busy"),
+        ):
+            response = yield agent.request(method, base + path)
+            yield treq.content(response)
+        yield self.assertFailure(agent.request(b"POST", base + b"/refuse"), ResponseNeverReceived)
         self.assertEqual([tally.count("gemini", 200), tally.count("gemini", "error")], [2, 1])
+        self.assertEqual(tally.count("gemini", 429), 1)
         self.assertEqual(tally.count("kimi", 200), 0)
 
 
