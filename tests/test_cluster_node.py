@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Generator
 from typing import Any
 from unittest import mock
 
 import attrs
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel
@@ -547,46 +550,54 @@ class RedisTimeoutTests(TestCase):
     shuts down and its protocol sees a plain loss, not an abort.
     """
 
-    def reasons(self, loss: BaseException) -> list[str]:
+    @inlineCallbacks
+    def reasons(self, loss: BaseException) -> Generator[Deferred[object], object, list[str]]:
         """
         The reasons the store is told its connection went, when a GET goes
-        unanswered past the timeout on a transport whose abort is reported
-        as C{loss}.
+        unanswered past the timeout (0.3 s, on the reactor txredisapi
+        times its replies with) on a transport whose abort is reported as
+        C{loss}.
         """
         from twisted.internet.testing import StringTransport
 
         from openclaw.cluster.redis import RedisStore, _Commands
 
-        clock = Clock()
-        store = RedisStore("rediss://127.0.0.1:1/0", "p", 0.3, 5.0, clock)
+        store = RedisStore("rediss://127.0.0.1:1/0", "p", 0.3, 5.0, Clock())
         told: list[str] = []
-        self.patch(store, "rebuild", lambda reason, factory: told.append(reason))
+        rebuilt: Deferred[None] = Deferred()
+
+        def rebuild(reason: str, factory: object) -> None:
+            told.append(reason)
+            rebuilt.callback(None)
+
+        self.patch(store, "rebuild", rebuild)
         protocol = _Commands(store, {"dbid": None, "password": None, "username": None}).buildProtocol(None)
-        protocol.callLater = clock.callLater
 
         class Transport(StringTransport):
             def abortConnection(self) -> None:
                 protocol.connectionLost(Failure(loss))
 
-        protocol.transport = Transport()
-        protocol.connected = 1
+        protocol.makeConnection(Transport())
         protocol.execute_command("GET", "openclaw:route").addErrback(lambda failure: None)
-        clock.advance(0.3)
+        yield rebuilt.addTimeout(10, reactor)
         return told
 
-    def test_timeout_over_tls(self) -> None:
+    @inlineCallbacks
+    def test_timeout_over_tls(self) -> Generator[Deferred[object], object, None]:
         from twisted.internet.error import ConnectionLost
 
         self.assertEqual(
-            self.reasons(ConnectionLost("the TLS connection was shut down")),
+            (yield self.reasons(ConnectionLost("the TLS connection was shut down"))),
             ["Redis timed out: no answer within 0.3 s (REDIS_TIMEOUT_SECONDS)"],
         )
 
-    def test_timeout_over_tcp(self) -> None:
+    @inlineCallbacks
+    def test_timeout_over_tcp(self) -> Generator[Deferred[object], object, None]:
         from twisted.internet.error import ConnectionAborted
 
         self.assertEqual(
-            self.reasons(ConnectionAborted()), ["Redis timed out: no answer within 0.3 s (REDIS_TIMEOUT_SECONDS)"]
+            (yield self.reasons(ConnectionAborted())),
+            ["Redis timed out: no answer within 0.3 s (REDIS_TIMEOUT_SECONDS)"],
         )
 
     def test_loss_without_timeout(self) -> None:
