@@ -846,7 +846,8 @@ class Http2Tests(TLSGateway):
         A client with no key that floods PINGs and reads none of the
         answers: twisted.web aborts its connection and logs that at error;
         the gateway's log shows it at info, with the peer, once a minute
-        at most, however many connections do it.
+        at most, however many connections do it (L{PEER_CAUSED_LINES}
+        names twisted.web's logger: this fails if Twisted renames it).
         """
         out = io.StringIO()
         observer = make_observer(out, "text", "info")

@@ -229,7 +229,9 @@ class PeerLineLimiterTests(TestCase):
         """
 
         def event(when: float) -> dict[str, Any]:
-            # As Twisted's HTTPClientParser logs it.
+            # As Twisted's HTTPClientParser logs it (that it does, under
+            # this namespace, is proved through a real Agent by
+            # tests.test_agent's test_interim_answers_logged_once).
             return {
                 "log_format": "Ignoring unexpected {code} response",
                 "log_time": when,
@@ -249,7 +251,9 @@ class PeerLineLimiterTests(TestCase):
 
     def test_http2_control_frames(self) -> None:
         def event(when: float, port: int) -> dict[str, Any]:
-            # As twisted.web's H2Connection logs it.
+            # As twisted.web's H2Connection logs it (that it does, under
+            # this namespace, is proved over a real HTTP/2 connection by
+            # tests.test_listen's test_http2_ping_flood_is_no_error).
             return {
                 "log_format": "Maximum number of control frame bytes buffered: {bufferedControlFrameBytes} > = "
                 "{maxBufferedControlFrameBytes}. Aborting connection to client: {client} ",
