@@ -16,7 +16,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.cluster.node import TokenBehind
 from openclaw.control.commands import ControlCommands
 from openclaw.control.plane import Connection, ControlPlane
-from openclaw.metrics import GatewayMetrics
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 
@@ -78,6 +77,14 @@ class ControlPlaneTests(SynchronousTestCase):
         )
         self.plane = ControlPlane(self.sessions, self.commands, Logger(observer=self.events.append), debug=True)
         self.connection = Connection("127.0.0.1:5000")
+
+    def with_extra(self, extra: dict[str, Any]) -> ControlPlane:
+        """
+        A plane like L{setUp}'s whose commands add (or replace) C{extra}
+        (L{ControlCommands.extra}: the consumer commands' way in).
+        """
+        commands = attrs.evolve(self.commands, extra=extra)
+        return ControlPlane(self.sessions, commands, Logger(observer=self.events.append), debug=True)
 
     def send(self, message: Any) -> dict[str, Any]:
         payload = message if isinstance(message, bytes) else json.dumps(message).encode()
@@ -272,8 +279,7 @@ class ControlPlaneTests(SynchronousTestCase):
             asked.append("fence")
             return fail(TokenBehind())
 
-        self.plane._table["key_create"] = lambda data: asked.append("key_create") or {"key": "ock-x"}
-        self.plane._metrics = GatewayMetrics(self.plane._table, ())
+        self.plane = self.with_extra({"key_create": lambda data: asked.append("key_create") or {"key": "ock-x"}})
         self.plane.fence = behind
         answer = self.command("key_create", {"name": "team"})
         self.assertEqual(answer["ok"], False)
@@ -291,7 +297,7 @@ class ControlPlaneTests(SynchronousTestCase):
         def broken(data: object) -> Deferred[Any]:
             raise RuntimeError("boom")
 
-        self.plane._table["ping"] = broken
+        self.plane = self.with_extra({"ping": broken})
         answer = self.command("ping")
         self.assertEqual(answer["ok"], False)
         self.assertIn("internal error", answer["error"])
