@@ -36,13 +36,16 @@ CALLS = 20_000
 #: Bounds that linear work meets with a wide margin on a loaded machine,
 #: and that quadratic work misses many times over.
 ANSWER_WITHIN = 5.0
-HEALTHZ_WITHIN = 2.0
+HEALTHZ_WITHIN = 4.0
 #: For the Gemini path, more: the quadratic sort of the translation alone
 #: (without the checks) took 6 s for this many.
 GEMINI_CALLS = 30_000
-#: Calls translated in L{TranslationTests}, and the bound there.
+#: Calls translated in L{TranslationTests}, and the bound there: times
+#: the checks at the door on the same request (linear work too, measured
+#: in the same run, so a slower or busier host moves both), where linear
+#: translation takes 1-3 times as long and quadratic tens of times.
 TRANSLATED_CALLS = 40_000
-TRANSLATED_WITHIN = 2.0
+TRANSLATED_WITHIN_CHECKS = 10
 
 
 def tool_calls(count: int, prefix: str = "call_") -> list[dict[str, Any]]:
@@ -118,14 +121,17 @@ class TranslationTests(TestCase):
 
     def test_many_results(self) -> None:
         calls = tool_calls(TRANSLATED_CALLS)
-        chat = parse_chat_request(openai_body(answered(calls), model="gemini/gemini-2.5-flash"))
+        body = openai_body(answered(calls), model="gemini/gemini-2.5-flash")
+        started = time.monotonic()
+        chat = parse_chat_request(body)
+        checked = time.monotonic() - started
         started = time.monotonic()
         request = to_gemini(chat.body, "gemini-2.5-flash")
         elapsed = time.monotonic() - started
         results = request["contents"][-1]["parts"]
         self.assertEqual([p["functionResponse"]["name"] for p in results], [f"f{j}" for j in range(TRANSLATED_CALLS)])
         self.assertEqual(results[0]["functionResponse"]["response"], {"result": "sunny"})
-        self.assertLess(elapsed, TRANSLATED_WITHIN)
+        self.assertLess(elapsed, TRANSLATED_WITHIN_CHECKS * checked, f"checks took {checked:.3f} s")
 
     def test_object_results(self) -> None:
         """

@@ -39,7 +39,8 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 class TwistdTests(TestCase):
-    timeout = 60
+    # Each test starts twistd a few times (1-4 s each on a slow host).
+    timeout = 120
 
     @inlineCallbacks
     def test_run_ping_and_restart(self):
@@ -348,6 +349,9 @@ class TwistdTests(TestCase):
                 self.assertIn(expected, lines[0])
                 self.assertNotIn(b"Traceback", out + err)
                 self.assertEqual(sorted(p.name for p in run.iterdir()), directories, expected)
+
+    # Twelve twistd runs, one after another.
+    test_refusals_leave_nothing_on_disk.timeout = 300  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_rundir_with_relative_paths(self):
