@@ -364,6 +364,46 @@ class RefusedTests(SynchronousTestCase):
         gemini.to_gemini(chat(tools=TOOLS, response_format={"type": "text"}), "gemini-2.5-flash")
         gemini.to_gemini(chat(response_format={"type": "json_object"}), "gemini-2.5-flash")
 
+    def test_no_penalty_on_gemini_2_5_and_later(self) -> None:
+        # Google: "Penalty is not enabled for models/gemini-2.5-flash".
+        for model in (
+            "gemini-2.5-pro",
+            "models/gemini-2.5-flash",
+            "gemini-2.5-flash-lite",
+            "gemini-3-pro-preview",
+            "gemini-3.1-flash-lite",
+            "gemini-3.12-pro",
+            "gemini-10-flash",
+        ):
+            for penalty in ("presence_penalty", "frequency_penalty"):
+                for value in (0.5, -2, 2):
+                    error = refused(chat(**{penalty: value}), model)
+                    self.assertEqual(error.param, penalty, model)
+                    self.assertIn(f"{penalty} 0 or leave it out", error.message)
+                    self.assertIn(model.removeprefix("models/"), error.message)
+                # 0, which some SDKs send, is Gemini's default: not sent.
+                body = chat(**{penalty: 0, "temperature": 0.5})
+                self.assertEqual(gemini.to_gemini(body, model)["generationConfig"], {"temperature": 0.5})
+                self.assertNotIn("generationConfig", gemini.to_gemini(chat(**{penalty: 0.0}), model))
+        # The older models take them; names without a version are Google's
+        # to answer (an alias moves from model to model).
+        for model in ("gemini-2.0-flash", "models/gemini-1.5-pro", "gemini-flash-latest", "gemini-exp-1206", ""):
+            config = gemini.to_gemini(chat(presence_penalty=0.5, frequency_penalty=-1), model)["generationConfig"]
+            self.assertEqual((config["presencePenalty"], config["frequencyPenalty"]), (0.5, -1), model)
+
+    def test_one_candidate_on_gemini_3(self) -> None:
+        # Google: "Multiple candidates is not enabled for this model".
+        for model in ("gemini-3-pro-preview", "models/gemini-3-flash-preview", "gemini-3.1-flash-lite", "gemini-4"):
+            for n in (2, 8):
+                error = refused(chat(n=n), model)
+                self.assertEqual(error.param, "n", model)
+                self.assertIn("send n 1", error.message)
+            self.assertEqual(gemini.to_gemini(chat(n=1), model)["generationConfig"], {"candidateCount": 1})
+            self.assertNotIn("generationConfig", gemini.to_gemini(chat(n=None), model))
+        # Gemini 2.5 and older take up to 8; unversioned names are Google's.
+        for model in ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-pro-latest", ""):
+            self.assertEqual(gemini.to_gemini(chat(n=8), model)["generationConfig"], {"candidateCount": 8})
+
 
 def image(url: str) -> dict[str, Any]:
     return chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
@@ -869,6 +909,53 @@ class GatewayTests(DataPlaneTestCase):
                 yield deferToThread(client.chat.completions.create, **kwargs)
             self.assertEqual(caught.exception.body["param"], param, extra)
         self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_model_limits_refused_before_gemini(self):
+        """
+        A penalty on Gemini 2.5 and later, C{n} over 1 on Gemini 3: a 400
+        naming the field, whole and streamed, nothing sent; a penalty of 0
+        goes (left out).
+        """
+        client = self.sdk(self.gateway())
+        for stream in (False, True):
+            for extra, param in (
+                ({"presence_penalty": 0.5, "model": "gemini/gemini-2.5-flash"}, "presence_penalty"),
+                ({"frequency_penalty": -0.5, "model": "gemini/gemini-3-flash-preview"}, "frequency_penalty"),
+                ({"n": 2, "model": "gemini/gemini-3-flash-preview"}, "n"),
+            ):
+                kwargs = {"model": "gpt-4o", "messages": QUESTION, "stream": stream, **extra}
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    yield deferToThread(client.chat.completions.create, **kwargs)
+                self.assertEqual(caught.exception.body["param"], param, (extra, stream))
+        self.assertEqual(self.upstream.gemini.requests, 0)
+        answer = yield deferToThread(ask, client, QUESTION, True, presence_penalty=0, frequency_penalty=0.0)
+        self.assertEqual(answer["finishes"], ["stop"])
+        self.assertNotIn("presencePenalty", self.upstream.gemini.last_body.get("generationConfig", {}))
+
+    @inlineCallbacks
+    def test_stand_in_refuses_as_google(self):
+        # The stand-in refuses what Google refuses, so no test is passed
+        # by a request Google would not take.
+        self.upstream.gemini.models.append("gemini-3-flash-preview")
+        http, key = self.http(), {"x-goog-api-key": [self.upstream.gemini.key]}
+        for model, config, words in (
+            ("gemini-2.5-pro", {"presencePenalty": 0.5}, "Penalty is not enabled for models/gemini-2.5-pro"),
+            ("gemini-3-flash-preview", {"frequencyPenalty": 1}, "Penalty is not enabled"),
+            ("gemini-3-flash-preview", {"candidateCount": 2}, "Multiple candidates is not enabled for this model"),
+        ):
+            url = f"{self.upstream.base_url('gemini')}/models/{model}:generateContent"
+            body = {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}], "generationConfig": config}
+            answer = yield http.post(url, json=body, headers=key)
+            self.assertEqual(answer.code, 400, model)
+            error = json.loads((yield answer.text()))["error"]
+            self.assertEqual(error["status"], "INVALID_ARGUMENT")
+            self.assertIn(words, error["message"])
+        # A penalty of 0 passes, as on Google.
+        body["generationConfig"] = {"presencePenalty": 0.0, "candidateCount": 1}
+        answer = yield http.post(url, json=body, headers=key)
+        self.assertEqual(answer.code, 200)
+        yield answer.text()
 
     @inlineCallbacks
     def test_unfinished_candidate(self):

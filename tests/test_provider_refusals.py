@@ -256,6 +256,40 @@ class NoStatusTests(ResilienceTestCase):
         self.assertIn("(not failed over to gemini: it cannot take this request: n must be from 1 to 8", message)
         self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
 
+    @inlineCallbacks
+    def test_fallback_model_cannot_take_it(self):
+        """
+        What the fallback's model refuses (Gemini 3: penalties, C{n} over
+        1) is not failed over: Kimi's failure is the answer, whole or
+        streamed, saying why.
+        """
+        fallback = "gemini-3-flash-preview"
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"fallback_model": fallback})
+        # Six failures in a row: the breaker stays closed, to see each.
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="auto", breaker_failures=100)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 503
+        for stream in (False, True):
+            for extra, words in (
+                ({"presence_penalty": 0.5}, f"presence_penalty is 0.5: Gemini {fallback} takes no penalty"),
+                ({"frequency_penalty": 1}, f"frequency_penalty is 1: Gemini {fallback} takes no penalty"),
+                ({"n": 2}, f"n is 2: Gemini {fallback} answers one choice per call"),
+            ):
+                response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream, **extra})
+                self.assertEqual(response.code, 502, text)
+                message = self.assertOpenAIError(text, "upstream_http_error")["message"]
+                self.assertIn(f"(not failed over to gemini: it cannot take this request: {words}", message)
+                self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["kimi"])
+                self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        gemini = self.behaviour("gemini")
+        self.assertEqual(gemini.requests, 0)
+        # A penalty of 0 is failed over (Gemini's default: not sent).
+        gemini.models.append(fallback)
+        response, text = yield self.post(gateway, {"messages": HELLO, "presence_penalty": 0, "frequency_penalty": 0})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=http_5xx"])
+        self.assertNotIn("presencePenalty", gemini.last_body.get("generationConfig", {}))
+
 
 class ProviderUpTests(PoolTestCase):
     """

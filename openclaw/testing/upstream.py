@@ -1103,7 +1103,7 @@ def gemini_generate(request: Request, behaviour: ProviderBehaviour) -> tuple[int
         raise Reject(
             404, f"models/{model} is not found for API version v1beta, or is not supported for generateContent."
         )
-    _check_gemini_request(body, behaviour)
+    _check_gemini_request(body, behaviour, model)
     thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
     levels = behaviour.thinking_levels.get(model)
     if levels is not None and "thinkingLevel" in thinking and thinking["thinkingLevel"] not in levels:
@@ -1183,14 +1183,22 @@ def gemini_logprobs(parts: Sequence[dict[str, Any]], top: int | None) -> dict[st
     return result
 
 
-def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) -> None:
+def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, model: str) -> None:
     """
     Refuse what the real API refuses, in its words: empty text, a function
     response turn that does not answer the call turn right before it, a
     Gemini 3 model turn whose first call is unsigned, a C{"$ref"} in a
     function response, JSON Schema keywords in C{parameters}, a C{"$ref"}
-    with other keywords beside it in a JSON Schema.
+    with other keywords beside it in a JSON Schema, a penalty other than 0
+    on a model that takes none (L{NO_PENALTY_MODELS}), a C{candidateCount}
+    over 1 on one that gives one candidate (L{ONE_CANDIDATE_MODELS}).
     """
+    config = body.get("generationConfig") or {}
+    if NO_PENALTY_MODELS.match(model) and (config.get("presencePenalty") or config.get("frequencyPenalty")):
+        raise Reject(400, f"Penalty is not enabled for models/{model}")
+    count = config.get("candidateCount")
+    if ONE_CANDIDATE_MODELS.match(model) and isinstance(count, int) and count > 1:
+        raise Reject(400, "Multiple candidates is not enabled for this model")
     previous: dict[str, Any] | None = None
     for turn in body["contents"]:
         parts = turn.get("parts") or []
@@ -1247,6 +1255,17 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour) ->
                 f"$ref '{reference}' was set alongside unsupported fields. If a schema node has $ref set, then "
                 "only description and default can be set alongside it.",
             )
+
+
+#: The Gemini models Google refuses a C{presencePenalty} or
+#: C{frequencyPenalty} other than 0 ("Penalty is not enabled for
+#: models/<model>"): 2.5 and later (google-gemini/cookbook #1290,
+#: vercel/ai #8943, BerriAI/litellm #26108).
+NO_PENALTY_MODELS = re.compile(r"gemini-(?:2\.[5-9]|[3-9]|[1-9][0-9])(?![0-9])")
+#: The Gemini models Google refuses a C{candidateCount} over 1 ("Multiple
+#: candidates is not enabled for this model"): 3 and later
+#: (googleapis/js-genai #1609, googleapis/python-genai #1723).
+ONE_CANDIDATE_MODELS = re.compile(r"gemini-(?:[3-9]|[1-9][0-9])(?![0-9])")
 
 
 def _first_ref(value: Any) -> str | None:

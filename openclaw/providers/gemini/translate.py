@@ -165,6 +165,28 @@ _BUDGET_MODELS = ("gemini-2", "gemini-1")
 #: whose budget is 128 to 32768
 #: (U{https://ai.google.dev/gemini-api/docs/thinking#set-budget}).
 ALWAYS_THINKING = re.compile(r"gemini-2\.5-pro")
+#: C{presence_penalty} and C{frequency_penalty}, sent as C{presencePenalty}
+#: and C{frequencyPenalty}: Google refuses any but 0 ("Penalty is not
+#: enabled for models/...") on Gemini 2.5 and later; only the older models
+#: (Gemini 2.0, 1.5) take them.  Sources: google-gemini/cookbook #1290 (a
+#: non-zero value fails on every current model, 0.0 passes unchecked),
+#: vercel/ai #8943 and BerriAI/litellm #26108 (gemini-2.5-pro and -flash),
+#: litellm PR #32273, mnfst/modelparams.dev PR #16 (gemini-3.5-flash).
+PENALTIES = ("presence_penalty", "frequency_penalty")
+#: The models that refuse them, by name: Gemini 2.5, then 3 and any later
+#: version.  Names that say no version (the C{-latest} aliases, which
+#: Google moves from one model to the next; C{gemini-exp-*}) are not
+#: classified: Google's own answer stands for them, as refusing here could
+#: refuse what the model named today takes.
+PENALTY_REFUSED = re.compile(r"gemini-(?:2\.[5-9]|[3-9]|[1-9][0-9])(?![0-9])")
+#: The models that answer one candidate only: Google refuses a
+#: C{candidateCount} over 1 on Gemini 3 and later ("Multiple candidates is
+#: not enabled for this model": googleapis/js-genai #1609 on
+#: gemini-3.1-flash-lite, gemini-3-flash-preview and gemini-3.1-pro-preview;
+#: googleapis/python-genai #1723 on gemini-3-pro-preview); Gemini 2.5 takes
+#: up to L{MAX_CANDIDATES}.  Names without a version are left to Google's
+#: answer, as for L{PENALTY_REFUSED}.
+ONE_CANDIDATE = re.compile(r"gemini-(?:[3-9]|[1-9][0-9])(?![0-9])")
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
@@ -610,7 +632,10 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     """
     Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
     do or would refuse with its own 400: audio output (C{modalities} with
-    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}; an integer
+    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}, or over 1
+    on a model that answers one candidate (L{ONE_CANDIDATE}); a non-zero
+    C{presence_penalty} or C{frequency_penalty} on a model that takes none
+    (L{PENALTY_REFUSED}); an integer
     that becomes an int32 field of C{generationConfig} (L{INT32_FIELDS}:
     C{seed}, C{max_tokens} or C{max_completion_tokens}, whichever is sent
     as C{maxOutputTokens}) outside L{INT32_RANGE}, which Google would
@@ -638,6 +663,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "remove audio",
             param="audio",
         )
+    bare = model.removeprefix("models/")
     n = body.get("n")
     if isinstance(n, int) and n > MAX_CANDIDATES:
         raise bad_request(
@@ -645,6 +671,21 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send n of at most {MAX_CANDIDATES}, or make several calls",
             param="n",
         )
+    if isinstance(n, int) and n > 1 and ONE_CANDIDATE.match(bare):
+        raise bad_request(
+            f"n is {n}: Gemini {bare} answers one choice per call (Google refuses a candidateCount over 1 on "
+            "Gemini 3 models); send n 1 or leave it out and make several calls, or use a Gemini 2.5 model",
+            param="n",
+        )
+    for penalty in PENALTIES:
+        value = body.get(penalty)
+        if value and PENALTY_REFUSED.match(bare):
+            raise bad_request(
+                f"{penalty} is {value}: Gemini {bare} takes no penalty (Google refuses any but 0 on Gemini 2.5 "
+                f"and later models); send {penalty} 0 or leave it out, or use a model that takes it (a kimi "
+                "model, or gemini-2.0-*)",
+                param=penalty,
+            )
     for name, gemini_name, low in INT32_FIELDS:
         value = body.get(name)
         if name == "max_tokens" and body.get("max_completion_tokens") is not None:
@@ -663,11 +704,10 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send {MAX_STOP_SEQUENCES} or fewer",
             param="stop",
         )
-    name = model.removeprefix("models/")
-    if body.get("reasoning_effort") == "none" and ALWAYS_THINKING.match(name):
+    if body.get("reasoning_effort") == "none" and ALWAYS_THINKING.match(bare):
         efforts = ", ".join(effort for effort in REASONING_EFFORTS if effort != "none")
         raise bad_request(
-            f'reasoning_effort "none" turns thinking off, which Gemini {name} cannot do (Google refuses its '
+            f'reasoning_effort "none" turns thinking off, which Gemini {bare} cannot do (Google refuses its '
             f"thinking budget 0): send one of {efforts}, or leave reasoning_effort out",
             param="reasoning_effort",
         )
@@ -741,8 +781,11 @@ def generation_config(body: dict[str, Any], model: str = "", references: bool = 
     config: dict[str, Any] = {}
     for openai_name, gemini_name in _GENERATION_FIELDS:
         value = body.get(openai_name)
-        if value is not None:
-            config[gemini_name] = value
+        if value is None or (openai_name in PENALTIES and value == 0):
+            # A penalty of 0 is Gemini's default: not sent, so that the
+            # models that take no penalty (L{PENALTY_REFUSED}) take it.
+            continue
+        config[gemini_name] = value
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
