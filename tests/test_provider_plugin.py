@@ -5,7 +5,10 @@ a new provider module would define it.  Nothing under C{openclaw/} names
 it; declaring it is enough for its settings to be read, for the stand-in
 to serve it, for the gateway to route to it, fail over to it in the order
 FALLBACK gives, probe it, list its models and count its requests, and for
-a gateway without its key to treat it as not configured rather than broken.
+a gateway without its key to treat it as not configured rather than broken,
+and for a tool type of its own (C{acme_index}, declared by its wire) to be
+checked by its rules and taken by it alone, while it refuses Moonshot's
+built-in tools without knowing anything of them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import openclaw
 from openclaw.consumers.prices import Price
 from openclaw.ctl import format_status
+from openclaw.dataplane.errors import bad_request
 from openclaw.providers import OpenAICompatibleAdapter
+from openclaw.providers.openai_compatible import OpenAIWire
+from openclaw.providers.wire import Wire
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, default_kimi
 from tests.support import (
@@ -39,6 +45,41 @@ from tests.support import (
     openai_client,
     start_gateway_from,
 )
+
+
+@attrs.frozen
+class AcmeIndex:
+    """
+    Acme's own kind of tool, C{{"type": "acme_index", "acme_index":
+    {"name": "<index>"}}}: a search of one of its indexes, which Acme runs
+    itself, called as C{acme_index.<index>}.
+    """
+
+    name: ClassVar[str] = "acme_index"
+    described: ClassVar[str] = "one of Acme's index searches"
+    offered: ClassVar[str] = 'for an acme model, an Acme index: {"type": "acme_index", "acme_index": {"name": ...}}'
+    offered_call: ClassVar[str] = 'for an acme model, a call of an Acme index, "type": "acme_index"'
+
+    def check_declaration(self, tool: dict[str, Any], where: str) -> str:
+        index = tool.get("acme_index")
+        name = index.get("name") if isinstance(index, dict) else None
+        if not isinstance(name, str) or not name.isalnum():
+            raise bad_request(f"{where}.acme_index.name must name an Acme index", param=f"{where}.acme_index.name")
+        return f"acme_index.{name}"
+
+    def check_call_name(self, name: str, at: str) -> None:
+        if not name.startswith("acme_index."):
+            raise bad_request(f"{at}.function.name must name an Acme index", param=f"{at}.function.name")
+
+    def function_refusal(self, name: str, at: str, called: bool) -> str | None:
+        return None
+
+    def legacy_call_refusal(self, at: str) -> str:
+        return f"{at}: an Acme index's call goes in tool_calls"
+
+
+ACME_INDEX = {"type": "acme_index", "acme_index": {"name": "docs"}}
+WEB_SEARCH = {"type": "builtin_function", "function": {"name": "$web_search"}}
 
 
 @attrs.define(kw_only=True)
@@ -55,6 +96,8 @@ class AcmeAdapter(OpenAICompatibleAdapter):
     model_variable: ClassVar[str] = "ACME_MODEL"
     default_model_id: ClassVar[str] = "acme-chat"
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType({"acme-chat": Price(0.5, 1.5)})
+    #: OpenAI's format, with its own kind of tool beside functions.
+    wire: ClassVar[Wire] = OpenAIWire(tool_types=(AcmeIndex(),))
 
 
 #: What the gateway is built with: Kimi, Gemini and this one, pinned
@@ -349,3 +392,52 @@ class GatewayTests(TestCase):
         gateway = self.gateway()
         self.assertEqual(gateway.service.consumers.prices.prices["acme/acme-chat"], Price(0.5, 1.5))
         yield None
+
+    @inlineCallbacks
+    def test_tool_types(self):
+        """
+        Each provider takes the tool types its wire declares, checked by
+        their own rules at the door, and refuses the others with a 400
+        naming the field and the providers that take it: Acme refuses
+        Moonshot's built-in tools (nothing in its declaration names them),
+        Kimi and Gemini refuse Acme's indexes; nothing is sent.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        call = {"id": "c1", "type": "builtin_function", "function": {"name": "$web_search", "arguments": "{}"}}
+        searched = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        searched.append({"role": "tool", "tool_call_id": "c1", "content": "{}"})
+        moonshot = (
+            "$web_search, one of Moonshot's built-in tools (type builtin_function), which acme does not take: "
+            'send this conversation to a kimi model (model "kimi/<model>")'
+        )
+        index = (
+            "acme_index.docs, one of Acme's index searches (type acme_index), which {} does not take: send this "
+            'conversation to an acme model (model "acme/<model>")'
+        )
+        for model, body, param, words in (
+            ("acme/acme-chat", {"tools": [WEB_SEARCH]}, "tools[0]", f"tools[0] declares {moonshot}"),
+            ("acme/acme-chat", {"messages": searched}, "messages[1].tool_calls[0]", f"calls {moonshot}"),
+            ("kimi/moonshot-v1-8k", {"tools": [ACME_INDEX]}, "tools[0]", index.format("kimi")),
+            ("gemini/gemini-2.5-flash", {"tools": [ACME_INDEX]}, "tools[0]", index.format("gemini")),
+        ):
+            kwargs = {"model": model, "messages": HELLO, **body}
+            with self.assertRaises(openai.BadRequestError) as caught:
+                yield deferToThread(client.chat.completions.create, **kwargs)
+            error = caught.exception.body
+            self.assertEqual(error["param"], param, model)
+            self.assertIn(words, error["message"])
+        # The Acme index's own rules, at the door, whichever the model.
+        bad = {"type": "acme_index", "acme_index": {"name": "a b"}}
+        with self.assertRaises(openai.BadRequestError) as caught:
+            yield deferToThread(client.chat.completions.create, model="kimi/x", messages=HELLO, tools=[bad])
+        self.assertEqual(caught.exception.body["param"], "tools[0].acme_index.name")
+        # A type no provider declares names every one that is.
+        with self.assertRaises(openai.BadRequestError) as caught:
+            yield deferToThread(client.chat.completions.create, model="x", messages=HELLO, tools=[{"type": "x"}])
+        self.assertIn("for an acme model, an Acme index", caught.exception.body["message"])
+        self.assertIn("for a kimi model, one of Moonshot's built-in tools", caught.exception.body["message"])
+        self.assertEqual((self.acme.requests, self.upstream.kimi.requests, self.upstream.gemini.requests), (0, 0, 0))
+        # Acme takes its own, as sent.
+        yield deferToThread(client.chat.completions.create, model="acme/acme-chat", messages=HELLO, tools=[ACME_INDEX])
+        self.assertEqual(self.acme.last_body["tools"], [ACME_INDEX])

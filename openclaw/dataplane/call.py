@@ -76,12 +76,16 @@ from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
     MalformedAnswer,
     ModelFailed,
+    OfferedTools,
     StreamBroken,
     StreamTranslation,
     Wire,
+    refuse_tool_types,
 )
 from openclaw.routing import FallbackReason, Route
 
+#: No provider takes a tool type beside functions.
+NO_OFFERED_TOOLS = OfferedTools()
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
@@ -105,18 +109,28 @@ ANSWER_TOO_DEEP = (
 )
 
 
-def encode_request(wire: Wire, chat: ChatRequest, model: str) -> bytes:
+def encode_request(
+    wire: Wire, chat: ChatRequest, model: str, provider_id: str = "", offered: OfferedTools = NO_OFFERED_TOOLS
+) -> bytes:
     """
     The upstream body of C{chat} for C{model} in C{wire}'s format; with
     every tool call id plain when some id carries a payload and the wire
-    does not read carried ids (L{openclaw.dataplane.callids}).
+    does not read carried ids (L{openclaw.dataplane.callids}).  A tool of
+    a type the wire does not take is refused first (L{refuse_tool_types}).
+
+    @param provider_id: the provider whose format C{wire} is.
+    @param offered: the tool types the declared providers take
+        (L{ProviderRegistry.offered_tools
+        <openclaw.providers.registry.ProviderRegistry.offered_tools>}).
 
     Nothing walks the body to measure its depth beforehand: orjson's own
     refusal (L{too_deep}) is turned into the client's error.
 
     @raise APIError: 400 C{json_too_deep} when the request nests more than
-        L{MAX_JSON_DEPTH} levels; any 4xx the wire raises.
+        L{MAX_JSON_DEPTH} levels; 400 for a tool of a type the wire does not
+        take; any 4xx the wire raises.
     """
+    refuse_tool_types(chat, wire, provider_id, offered)
     if chat.carried_ids and not wire.reads_carried_ids:
         chat = chat.plain_ids()
     try:
@@ -508,7 +522,7 @@ class ChatCall:
             # The fallback's model is the operator's, not named to the key.
             return self._fail(_not_failed_over(error, target.id, why_not))
         try:
-            body = encode_request(target.wire, self.chat, model)
+            body = encode_request(target.wire, self.chat, model, target.id, context.providers.offered_tools)
         except APIError as refused:
             # A request the first provider takes but the fallback cannot
             # (one of Gemini's own limits): the first provider's failure is

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -43,18 +43,6 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: 64; U{https://platform.openai.com/docs/api-reference/chat/create}) and
 #: Gemini's (which also takes "." but starts with a letter or "_").
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
-#: The type of Moonshot's built-in tools, which Kimi runs itself
-#: (U{https://platform.moonshot.ai/docs/guide/use-web-search}): declared as
-#: C{{"type": "builtin_function", "function": {"name": "$web_search"}}}
-#: (the name alone), and called by Kimi with a tool call of that type,
-#: whose C{arguments} the client sends back unchanged as the tool
-#: message's content.  Kimi's alone: Gemini cannot run them.
-BUILTIN_FUNCTION = "builtin_function"
-#: A built-in tool's name: Moonshot's start with "$" ("$web_search"), then
-#: the rule of L{FUNCTION_NAME}.
-BUILTIN_NAME = re.compile(r"\$[A-Za-z_][A-Za-z0-9_\-]{0,63}")
-#: The documented declaration of one, for the 400 that refuses another shape.
-BUILTIN_SHAPE = '{"type": "builtin_function", "function": {"name": "$web_search"}}'
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: The message fields only one role carries, and which (OpenAI's message
 #: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
@@ -179,6 +167,79 @@ def value_too_deep(where: str) -> APIError:
         param=where,
         code="json_too_deep",
     )
+
+
+class ToolType(Protocol):
+    """
+    A kind of tool beside OpenAI's functions that a provider's wire takes
+    (L{Wire.tool_types <openclaw.providers.wire.Wire.tool_types>}): its
+    C{type}, as a declaration (C{tools[i]}) and a call in a history
+    (C{messages[i].tool_calls[j]}) carry it, and its checks, which are its
+    provider's own (Moonshot's built-in tools:
+    L{openclaw.providers.kimi.MoonshotBuiltinTools}).  This module knows
+    none: a type no declared provider takes is a 400 naming the field.
+    """
+
+    @property
+    def name(self) -> str:
+        """
+        The C{type} value (Moonshot's C{"builtin_function"}).
+        """
+
+    @property
+    def described(self) -> str:
+        """
+        What a tool of this type is, as a 400 names one ("one of Moonshot's
+        built-in tools").
+        """
+
+    @property
+    def offered(self) -> str:
+        """
+        How a 400 for a declaration of no known type offers this one ("for
+        a kimi model, one of Moonshot's built-in tools: <its shape>").
+        """
+
+    @property
+    def offered_call(self) -> str:
+        """
+        How a 400 for a call of no known type offers this one.
+        """
+
+    def check_declaration(self, tool: dict[str, Any], where: str) -> str:
+        """
+        Check a declaration of this type, C{tools[i]} at C{where}.
+
+        @return: the tool's name.
+        @raise APIError: 400 naming the field that is not of its shape.
+        """
+
+    def check_call_name(self, name: str, at: str) -> None:
+        """
+        Check the name (a non-empty string) of a call of this type in a
+        history, C{tool_calls[j]} at C{at}.
+
+        @raise APIError: 400 naming C{<at>.function.name}.
+        """
+
+    def function_refusal(self, name: str, at: str, called: bool) -> str | None:
+        """
+        The 400's message for a function (a declaration at C{at}, or when
+        C{called} a call at C{at}) named as a tool of this type is, which
+        should have been declared (or sent back) with this type; None for
+        any other name.
+        """
+
+    def legacy_call_refusal(self, at: str) -> str:
+        """
+        The 400's message for a legacy C{function_call} (the message at
+        C{at}) naming a tool of this type, whose type that field cannot
+        carry.
+        """
+
+
+#: No tool type beside functions.
+NO_TOOL_TYPES: Mapping[str, ToolType] = MappingProxyType({})
 
 
 @attrs.frozen
@@ -329,11 +390,18 @@ def unsupported_content_encoding(codings: list[bytes]) -> APIError:
     )
 
 
-def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatRequest:
+def parse_chat_request(
+    raw: bytes, headers: Headers | None = None, tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES
+) -> ChatRequest:
     """
     Parse and check a request body.
 
     @param headers: the request's headers (L{json_body}).
+    @param tool_types: the kinds of tool beside functions that some
+        provider takes, by type (L{ToolType}), each checked by its own
+        rules; any other type is a 400.  Whether the provider the call
+        goes to takes it is its wire's to say
+        (L{openclaw.providers.wire.refuse_tool_types}).
     @raise APIError: 400 naming the first problem found; 415 for a body
         sent with a content coding (L{json_body}).
     """
@@ -342,12 +410,12 @@ def parse_chat_request(raw: bytes, headers: Headers | None = None) -> ChatReques
     legacy_functions = body.get("functions") is not None
     if "functions" in body or "function_call" in body:
         legacy_choice = _legacy_functions(body)
-    names = _check_tools(body.get("tools"), legacy_functions)
+    names = _check_tools(body.get("tools"), tool_types, legacy_functions)
     if legacy_choice:
         _check_function_call(body["tool_choice"], names)
     else:
         _check_tool_choice(body.get("tool_choice"), names)
-    carried_ids = _check_messages(body)
+    carried_ids = _check_messages(body, tool_types)
     requested_model(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -488,18 +556,19 @@ def _check_function_call(choice: Any, names: frozenset[str]) -> None:
         )
 
 
-def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
+def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = False) -> frozenset[str]:
     """
     Functions (C{{"type": "function", "function": {name, description?,
-    parameters?, strict?}}}, OpenAI's shape), and Moonshot's built-in
-    tools in their documented shape (L{BUILTIN_FUNCTION}, checked by
-    L{_check_builtin_tool}), passed on as sent: only Kimi runs them
-    (Gemini's translation refuses them).
+    parameters?, strict?}}}, OpenAI's shape), and tools of the other types
+    some provider takes (C{tool_types}, each checked by its
+    L{ToolType.check_declaration}), passed on as sent: whether the
+    provider the call goes to takes them is its wire's to say.
 
     @param legacy: C{tools} was rewritten from the legacy C{functions}
         (L{_legacy_functions}): a 400 names C{functions[<i>]}, the field
         the client sent.
-    @return: the names of the tools declared (built-in ones included).
+    @return: the names of the tools declared (those of other types
+        included).
     @raise APIError: 400 naming the field of the first tool that is
         neither.
     """
@@ -510,31 +579,31 @@ def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
     names: set[str] = set()
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") not in ("function", BUILTIN_FUNCTION):
-            raise bad_request(
-                f'{where} must be {{"type": "function", "function": {{...}}}} (or, for a kimi model, one of '
-                f"Moonshot's built-in tools: {BUILTIN_SHAPE})",
-                param=f"{where}.type",
-            )
-        if tool["type"] == BUILTIN_FUNCTION:
-            builtin = _check_builtin_tool(tool, where)
-            if builtin in names:
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            # A str first: a list or object is unhashable (no lookup).
+            other = tool_types.get(kind) if isinstance(kind, str) else None
+            if other is None:
+                offers = "".join(f" (or, {t.offered})" for t in tool_types.values())
                 raise bad_request(
-                    f"{where}.function.name: {builtin!r} is declared twice", param=f"{where}.function.name"
+                    f'{where} must be {{"type": "function", "function": {{...}}}}{offers}', param=f"{where}.type"
                 )
-            names.add(builtin)
+            declared = other.check_declaration(tool, where)
+            if declared in names:
+                raise bad_request(
+                    f"{where}.function.name: {declared!r} is declared twice", param=f"{where}.function.name"
+                )
+            names.add(declared)
             continue
         at = f"functions[{i}]" if legacy else f"{where}.function"
         function = tool.get("function")
         if not isinstance(function, dict):
             raise bad_request(f"{at} must be an object with a name", param=at)
         name = function.get("name")
-        if isinstance(name, str) and BUILTIN_NAME.fullmatch(name) and not legacy:
-            raise bad_request(
-                f"{at}.name {name!r} is one of Moonshot's built-in tools, not a function: declare it as "
-                f"{BUILTIN_SHAPE} (for a kimi model)",
-                param=f"{where}.type",
-            )
+        if isinstance(name, str) and not legacy:
+            claimed = _claimed(tool_types, name, at, called=False)
+            if claimed is not None:
+                raise bad_request(claimed[1], param=f"{where}.type")
         if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
             raise bad_request(
                 f"{at}.name must be 1 to 64 letters, digits, _ or -, starting with a letter or _ "
@@ -555,51 +624,17 @@ def _check_tools(tools: Any, legacy: bool = False) -> frozenset[str]:
     return frozenset(names)
 
 
-def _check_builtin_tool(tool: dict[str, Any], where: str) -> str:
+def _claimed(tool_types: Mapping[str, ToolType], name: str, at: str, called: bool) -> tuple[ToolType, str] | None:
     """
-    A declaration of one of Moonshot's built-in tools, in the shape its
-    documentation gives (U{https://platform.moonshot.ai/docs/guide/use-web-search}):
-    L{BUILTIN_SHAPE}, a name of L{BUILTIN_NAME} and nothing else (Moonshot
-    describes its tools itself).
-
-    @return: the tool's name.
-    @raise APIError: 400 naming the field that is not of that shape.
+    The first of C{tool_types} that claims a function's C{name} as one of
+    its tools', and the message of its 400 (L{ToolType.function_refusal});
+    None when none does.
     """
-    for field in tool:
-        if field not in ("type", "function"):
-            raise bad_request(
-                f"{where}.{field} is not part of a built-in tool's declaration: Moonshot's is {BUILTIN_SHAPE}; "
-                f"remove {field}",
-                param=f"{where}.{field}",
-            )
-    function = tool.get("function")
-    if not isinstance(function, dict):
-        raise bad_request(
-            f"{where}.function must be an object with the built-in tool's name: {BUILTIN_SHAPE}",
-            param=f"{where}.function",
-        )
-    name = function.get("name")
-    if not isinstance(name, str) or not BUILTIN_NAME.fullmatch(name):
-        raise _not_builtin(f"{where}.function.name", BUILTIN_SHAPE)
-    for field in function:
-        if field != "name":
-            raise bad_request(
-                f"{where}.function.{field} is not part of a built-in tool's declaration (Moonshot describes its "
-                f"built-in tools itself): send {BUILTIN_SHAPE}, the name alone",
-                param=f"{where}.function.{field}",
-            )
-    return name
-
-
-def _not_builtin(where: str, advice: str) -> APIError:
-    """
-    The 400 for a name at C{where} that should name one of Moonshot's
-    built-in tools (L{BUILTIN_NAME}) and does not.
-    """
-    return bad_request(
-        f"{where} must name one of Moonshot's built-in tools, which start with $ (such as $web_search): {advice}",
-        param=where,
-    )
+    for tool_type in tool_types.values():
+        refusal = tool_type.function_refusal(name, at, called)
+        if refusal is not None:
+            return tool_type, refusal
+    return None
 
 
 def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
@@ -655,10 +690,11 @@ def _check_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
             )
 
 
-def _check_messages(body: dict[str, Any]) -> bool:
+def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES) -> bool:
     """
     Check C{body["messages"]}, rewriting developer and legacy function
-    messages in place.
+    messages in place; calls of the C{tool_types} in a history by their
+    own rules (L{_check_tool_calls}).
 
     @return: whether a tool call id carries Gemini's id or signature.
     """
@@ -726,16 +762,17 @@ def _check_messages(body: dict[str, Any]) -> bool:
                 )
             if tool_calls is not None:
                 try:
-                    carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls) or carried_ids
+                    carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls, tool_types) or carried_ids
                 except APIError as e:
                     if legacy_at != where:
                         raise
                     if e.param == f"{where}.tool_calls[0].type":
-                        # A built-in tool's call, which has a type the legacy field cannot carry.
+                        # A call of a tool of another type (L{_claimed}),
+                        # whose type the legacy field cannot carry.
+                        claimed = _claimed(tool_types, tool_calls[0]["function"]["name"], where, called=True)
+                        assert claimed is not None
                         raise bad_request(
-                            f"{where}.function_call names one of Moonshot's built-in tools: send its call back in "
-                            'tool_calls with "type": "builtin_function", as Kimi answered it',
-                            param=f"{where}.function_call.name",
+                            claimed[0].legacy_call_refusal(where), param=f"{where}.function_call.name"
                         ) from None
                     # Name the legacy field the client sent, not its rewrite.
                     raise _renamed(e, f"{where}.tool_calls[0].function", f"{where}.function_call") from None
@@ -864,14 +901,16 @@ def _legacy_result(message: dict[str, Any], where: str, legacy: dict[str, deque[
     return {"role": "tool", "tool_call_id": waiting.popleft(), "content": message.get("content", ...)}
 
 
-def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> bool:
+def _check_tool_calls(
+    tool_calls: Any, where: str, calls: dict[str, str], tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES
+) -> bool:
     """
     Check an assistant message's C{tool_calls}: calls of functions
     (C{"type": "function"}, or no type) named by L{FUNCTION_NAME}'s rule,
-    and calls of Moonshot's built-in tools (L{BUILTIN_FUNCTION}) named by
-    L{BUILTIN_NAME}'s, as Kimi answered them; each with a string id used
-    once in the message and string C{arguments} (a blank or missing one
-    becomes C{"{}"}, in place), noted in C{calls} (id -> name).
+    and calls of the other C{tool_types}, named by their own rules
+    (L{ToolType.check_call_name}); each with a string id used once in the
+    message and string C{arguments} (a blank or missing one becomes
+    C{"{}"}, in place), noted in C{calls} (id -> name).
 
     @return: whether a call's id carries a payload (L{MARK}).
     @raise APIError: 400 naming the field.
@@ -884,12 +923,11 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
     for j, call in enumerate(tool_calls):
         at = f"{where}[{j}]"
         kind = call.get("type", "function") if isinstance(call, dict) else None
-        if not isinstance(call, dict) or (kind != "function" and kind != BUILTIN_FUNCTION):
-            raise bad_request(
-                f'{at} must be {{"id", "type": "function", "function": {{...}}}} (or, for a kimi model, a call of '
-                f'one of Moonshot\'s built-in tools, "type": "builtin_function", as Kimi answered it)',
-                param=at,
-            )
+        # A str first: a list or object is unhashable (no lookup).
+        other = tool_types.get(kind) if isinstance(kind, str) and kind != "function" else None
+        if not isinstance(call, dict) or (kind != "function" and other is None):
+            offers = "".join(f" (or, {t.offered_call})" for t in tool_types.values())
+            raise bad_request(f'{at} must be {{"id", "type": "function", "function": {{...}}}}{offers}', param=at)
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             raise bad_request(f"{at}.id must be a non-empty string", param=f"{at}.id")
@@ -899,16 +937,12 @@ def _check_tool_calls(tool_calls: Any, where: str, calls: dict[str, str]) -> boo
         name = function.get("name")
         if not isinstance(name, str) or not name:
             raise bad_request(f"{at}.function.name must be the function's name", param=f"{at}.function.name")
-        if kind == BUILTIN_FUNCTION:
-            if not BUILTIN_NAME.fullmatch(name):
-                raise _not_builtin(f"{at}.function.name", "send the call back as Kimi answered it")
-        elif BUILTIN_NAME.fullmatch(name):
+        claimed = None if other is not None else _claimed(tool_types, name, at, called=True)
+        if other is not None:
+            other.check_call_name(name, at)
+        elif claimed is not None:
             # A client that wrote every call back as "function".
-            raise bad_request(
-                f"{at}.function.name {name!r} is one of Moonshot's built-in tools: send its call back with "
-                '"type": "builtin_function", as Kimi answered it',
-                param=f"{at}.type",
-            )
+            raise bad_request(claimed[1], param=f"{at}.type")
         elif not FUNCTION_NAME.fullmatch(name):
             # The rule of tools[]: a history is sent on, to whichever provider.
             raise bad_request(

@@ -732,7 +732,8 @@ class ChatCompletions(AuthenticatedResource):
         holder = self.authenticate(request, started)
         active = context.route.current
         try:
-            chat = parse_chat_request(request_body(request), request.requestHeaders)
+            offered = context.providers.offered_tools
+            chat = parse_chat_request(request_body(request), request.requestHeaders, offered.types)
             route = choose_route(chat.model, active, context.providers.ids)
             # choose_route gives the active route itself unless the model
             # named a provider: a call pinned that way is never failed over.
@@ -748,7 +749,7 @@ class ChatCompletions(AuthenticatedResource):
                     )
                 route = Route(route.provider_id, model)
             wire = adapter.wire
-            body = encode_request(wire, chat, route.model)
+            body = encode_request(wire, chat, route.model, route.provider_id, offered)
         except APIError as error:
             context.completed(request, started, error.status, consumer=holder.consumer, error=error)
             raise

@@ -1,19 +1,125 @@
 """
 Kimi, by Moonshot AI: an OpenAI-compatible API
-(U{https://platform.moonshot.ai/docs}).
+(U{https://platform.moonshot.ai/docs}), with Moonshot's built-in tools
+(L{MoonshotBuiltinTools}), which only Kimi takes.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
 from openclaw.consumers.prices import Price
+from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
 from openclaw.providers.wire import Wire
+
+#: The type of Moonshot's built-in tools, which Kimi runs itself
+#: (U{https://platform.moonshot.ai/docs/guide/use-web-search}): declared as
+#: C{{"type": "builtin_function", "function": {"name": "$web_search"}}}
+#: (the name alone), and called by Kimi with a tool call of that type,
+#: whose C{arguments} the client sends back unchanged as the tool
+#: message's content.
+BUILTIN_FUNCTION = "builtin_function"
+#: A built-in tool's name: Moonshot's start with "$" ("$web_search"), then
+#: the rule of L{FUNCTION_NAME <openclaw.dataplane.request.FUNCTION_NAME>}.
+BUILTIN_NAME = re.compile(r"\$[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+#: The documented declaration of one, for the 400 that refuses another shape.
+BUILTIN_SHAPE = '{"type": "builtin_function", "function": {"name": "$web_search"}}'
+
+
+@attrs.frozen
+class MoonshotBuiltinTools:
+    """
+    Moonshot's built-in tools (L{BUILTIN_FUNCTION}), the tool type Kimi's
+    wire takes beside functions
+    (L{ToolType <openclaw.dataplane.request.ToolType>}): a declaration in
+    the shape Moonshot documents (L{BUILTIN_SHAPE}), a call named by
+    L{BUILTIN_NAME}, as Kimi answered it; a function named so is one
+    declared (or sent back) with the wrong type.  A provider that does not
+    take them refuses them by the wire's rule
+    (L{refuse_tool_types <openclaw.providers.wire.refuse_tool_types>}).
+    """
+
+    name: ClassVar[str] = BUILTIN_FUNCTION
+    described: ClassVar[str] = "one of Moonshot's built-in tools"
+    offered: ClassVar[str] = f"for a kimi model, one of Moonshot's built-in tools: {BUILTIN_SHAPE}"
+    offered_call: ClassVar[str] = (
+        'for a kimi model, a call of one of Moonshot\'s built-in tools, "type": "builtin_function", as Kimi answered it'
+    )
+
+    def check_declaration(self, tool: dict[str, Any], where: str) -> str:
+        """
+        A declaration in the shape Moonshot documents
+        (U{https://platform.moonshot.ai/docs/guide/use-web-search}):
+        L{BUILTIN_SHAPE}, a name of L{BUILTIN_NAME} and nothing else
+        (Moonshot describes its tools itself).
+
+        @return: the tool's name.
+        @raise APIError: 400 naming the field that is not of that shape.
+        """
+        for field in tool:
+            if field not in ("type", "function"):
+                raise bad_request(
+                    f"{where}.{field} is not part of a built-in tool's declaration: Moonshot's is {BUILTIN_SHAPE}; "
+                    f"remove {field}",
+                    param=f"{where}.{field}",
+                )
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise bad_request(
+                f"{where}.function must be an object with the built-in tool's name: {BUILTIN_SHAPE}",
+                param=f"{where}.function",
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not BUILTIN_NAME.fullmatch(name):
+            raise _not_builtin(f"{where}.function.name", BUILTIN_SHAPE)
+        for field in function:
+            if field != "name":
+                raise bad_request(
+                    f"{where}.function.{field} is not part of a built-in tool's declaration (Moonshot describes "
+                    f"its built-in tools itself): send {BUILTIN_SHAPE}, the name alone",
+                    param=f"{where}.function.{field}",
+                )
+        return name
+
+    def check_call_name(self, name: str, at: str) -> None:
+        if not BUILTIN_NAME.fullmatch(name):
+            raise _not_builtin(f"{at}.function.name", "send the call back as Kimi answered it")
+
+    def function_refusal(self, name: str, at: str, called: bool) -> str | None:
+        if not BUILTIN_NAME.fullmatch(name):
+            return None
+        if called:
+            return (
+                f"{at}.function.name {name!r} is one of Moonshot's built-in tools: send its call back with "
+                '"type": "builtin_function", as Kimi answered it'
+            )
+        return (
+            f"{at}.name {name!r} is one of Moonshot's built-in tools, not a function: declare it as "
+            f"{BUILTIN_SHAPE} (for a kimi model)"
+        )
+
+    def legacy_call_refusal(self, at: str) -> str:
+        return (
+            f"{at}.function_call names one of Moonshot's built-in tools: send its call back in "
+            'tool_calls with "type": "builtin_function", as Kimi answered it'
+        )
+
+
+def _not_builtin(where: str, advice: str) -> APIError:
+    """
+    The 400 for a name at C{where} that should name one of Moonshot's
+    built-in tools (L{BUILTIN_NAME}) and does not.
+    """
+    return bad_request(
+        f"{where} must name one of Moonshot's built-in tools, which start with $ (such as $web_search): {advice}",
+        param=where,
+    )
 
 
 def thinks(model: str) -> bool:
@@ -46,7 +152,8 @@ class KimiAdapter(OpenAICompatibleAdapter):
     default_model_id: ClassVar[str] = "moonshot-v1-8k"
     #: OpenAI's format, but for Moonshot's thinking models' rule (L{thinks}):
     #: an assistant message with tool calls always has a reasoning_content.
-    wire: ClassVar[Wire] = ReasoningKeptWire(thinks=thinks)
+    #: It takes Moonshot's built-in tools beside functions.
+    wire: ClassVar[Wire] = ReasoningKeptWire(thinks=thinks, tool_types=(MoonshotBuiltinTools(),))
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
         {
@@ -58,4 +165,4 @@ class KimiAdapter(OpenAICompatibleAdapter):
     )
 
 
-__all__ = ["KimiAdapter"]
+__all__ = ["BUILTIN_FUNCTION", "KimiAdapter", "MoonshotBuiltinTools"]

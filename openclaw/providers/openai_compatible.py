@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest, choice_count, no_arguments
+from openclaw.dataplane.request import ChatRequest, ToolType, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
@@ -53,6 +53,10 @@ class OpenAIWire:
 
     #: Ids are passed through as they came: none carries anything.
     reads_carried_ids: ClassVar[bool] = False
+    #: The kinds of tool the API takes beside functions
+    #: (L{Wire.tool_types <openclaw.providers.wire.Wire.tool_types>});
+    #: none unless declared (Kimi's: Moonshot's built-in tools).
+    tool_types: tuple[ToolType, ...] = attrs.field(default=(), kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         body = {**chat.body, "model": model}

@@ -26,6 +26,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
+from openclaw.providers.wire import OfferedTools
 from openclaw.settings import Settings
 from openclaw.timefmt import isoformat
 
@@ -64,9 +65,13 @@ class ProviderRegistry:
     _running: set[Deferred[ProbeResult]] = attrs.field(factory=set, init=False, repr=False)
     #: The adapters' ids, read on every model call.
     _ids: tuple[str, ...] = attrs.field(init=False, repr=False)
+    #: The tool types beside functions their wires take, read on every
+    #: chat call (L{openclaw.providers.wire.Wire.tool_types}).
+    offered_tools: OfferedTools = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._ids = tuple(adapter.id for adapter in self._adapters)
+        self.offered_tools = OfferedTools.of((adapter.id, adapter.wire) for adapter in self._adapters)
 
     @classmethod
     def from_settings(

@@ -15,11 +15,15 @@ through) is in L{openclaw.providers.openai_compatible}, Gemini's
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
+import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest
+from openclaw.dataplane.errors import bad_request
+from openclaw.dataplane.request import ChatRequest, ToolType
 from openclaw.dataplane.sse import Event
 
 
@@ -127,6 +131,17 @@ class Wire(Protocol):
         payload it carried.
         """
 
+    @property
+    def tool_types(self) -> tuple[ToolType, ...]:
+        """
+        The kinds of tool it takes beside OpenAI's functions, each with
+        its checks (L{ToolType}: Kimi's takes Moonshot's built-in tools);
+        empty for most.  A request declaring or calling a tool of a type
+        its wire does not list is refused before anything is sent
+        (L{refuse_tool_types}), so a provider need know nothing of another
+        provider's tools to refuse them.
+        """
+
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The upstream request body for C{chat}, asking for C{model}.
@@ -147,6 +162,96 @@ class Wire(Protocol):
         """
         A translation for one streamed answer to C{chat}.
         """
+
+
+@attrs.frozen
+class OfferedTools:
+    """
+    The tool types beside functions that the declared providers take
+    (L{Wire.tool_types}): the checks of each (the first provider's to
+    declare it), and which providers take it, in their order.
+    """
+
+    #: Type -> its checks, for L{parse_chat_request
+    #: <openclaw.dataplane.request.parse_chat_request>}.
+    types: Mapping[str, ToolType] = MappingProxyType({})
+    #: Type -> the ids of the providers whose wire takes it.
+    takers: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+
+    @classmethod
+    def of(cls, providers: Iterable[tuple[str, Wire]]) -> OfferedTools:
+        """
+        The tool types of C{(provider id, wire)} pairs.
+        """
+        types: dict[str, ToolType] = {}
+        takers: dict[str, tuple[str, ...]] = {}
+        for provider_id, wire in providers:
+            for tool_type in wire.tool_types:
+                types.setdefault(tool_type.name, tool_type)
+                takers[tool_type.name] = (*takers.get(tool_type.name, ()), provider_id)
+        return cls(MappingProxyType(types), MappingProxyType(takers))
+
+
+def _typed_tools(chat: ChatRequest, types: Mapping[str, ToolType]) -> Iterator[tuple[str, str, str, str]]:
+    """
+    The tools of C{chat} of a type other than C{"function"}: C{(where,
+    "declares" or "calls", type, name)}, the declarations first (named by
+    their type's L{ToolType.check_declaration}), then the calls in the
+    history (OpenAI's tool call shape, whatever the type).
+    """
+    for i, tool in enumerate(chat.body.get("tools") or ()):
+        kind = tool.get("type")
+        if kind != "function":
+            where = f"tools[{i}]"
+            yield where, "declares", kind, types[kind].check_declaration(tool, where)
+    for i, message in enumerate(chat.body["messages"]):
+        if message.get("role") != "assistant":
+            continue
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            kind = call.get("type", "function")
+            if kind != "function":
+                yield f"messages[{i}].tool_calls[{j}]", "calls", kind, call["function"]["name"]
+
+
+def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: OfferedTools) -> None:
+    """
+    Refuse a request declaring a tool of a type C{wire} does not take
+    (L{Wire.tool_types}), or whose history holds a call of one: the
+    provider has nothing to run it with.  The 400 names the field, says
+    what the tool is (its L{ToolType.described}, from the provider that
+    takes it) and where to send the conversation: a model of a provider
+    that takes it.  A call failed over is refused the same way, so never
+    failed over to such a provider.
+
+    @param provider_id: the provider C{wire} is the format of, as the
+        message names it.
+    @param offered: every declared provider's tool types (a request
+        checked by L{parse_chat_request
+        <openclaw.dataplane.request.parse_chat_request>} holds no others).
+    @raise APIError: 400 naming C{tools[<i>]} or
+        C{messages[<i>].tool_calls[<j>]}.
+    """
+    taken = {tool_type.name for tool_type in wire.tool_types}
+    if taken >= offered.types.keys():
+        # Every type a checked request can hold: nothing to look for.
+        return
+    for where, does, kind, name in _typed_tools(chat, offered.types):
+        if kind in taken:
+            continue
+        takers = offered.takers[kind]
+        elsewhere = " or ".join(f'{_article(taker)} {taker} model (model "{taker}/<model>")' for taker in takers)
+        raise bad_request(
+            f"{where} {does} {name}, {offered.types[kind].described} (type {kind}), which "
+            f"{provider_id or 'this provider'} does not take: send this conversation to {elsewhere}",
+            param=where,
+        )
+
+
+def _article(word: str) -> str:
+    """
+    "an" before a vowel, else "a" (for a provider id: "an acme model").
+    """
+    return "an" if word[:1] in ("a", "e", "i", "o", "u") else "a"
 
 
 def completion_id() -> str:
@@ -234,6 +339,7 @@ __all__ = [
     "Completion",
     "MalformedAnswer",
     "ModelFailed",
+    "OfferedTools",
     "ReportedError",
     "StreamBroken",
     "StreamTranslation",
@@ -241,5 +347,6 @@ __all__ = [
     "completion_id",
     "json_object",
     "json_or_none",
+    "refuse_tool_types",
     "reported_error",
 ]

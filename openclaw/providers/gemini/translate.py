@@ -44,11 +44,11 @@ from twisted.logger import Logger
 from openclaw.consumers.estimate import token_count
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import (
-    BUILTIN_FUNCTION,
     DATA_URL,
     FUNCTION_NAME,
     REASONING_EFFORTS,
     ChatRequest,
+    ToolType,
     choice_count,
     nests_too_deep,
 )
@@ -308,7 +308,6 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
                 parts.append({"text": refusal})
             tool_calls = message.get("tool_calls")
             if tool_calls:
-                refuse_builtin_calls(tool_calls, f"messages[{i - 1}].tool_calls")
                 # Turns alternate: a user turn, if any, is first or second.
                 if not any(turn["role"] == "user" for turn in contents[:2]):
                     raise no_turn_before_calls(f"messages[{i - 1}]")
@@ -644,12 +643,12 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     Gemini 1.x or 2.x model (Google: "Function calling with a response mime
     type: 'application/json' is unsupported"; Gemini 3 takes both);
     C{reasoning_effort} "none" on a model that cannot turn thinking off
-    (L{ALWAYS_THINKING}); Moonshot's built-in tools in C{tools}
-    (L{refuse_builtin_tools}).  A field set to null is not set.
+    (L{ALWAYS_THINKING}).  A field set to null is not set.  (A tool of a
+    type beside functions, which Gemini takes none of, was refused before:
+    L{refuse_tool_types <openclaw.providers.wire.refuse_tool_types>}.)
 
     @raise APIError: 400 whose C{param} names the field.
     """
-    refuse_builtin_tools(body.get("tools"))
     modalities = body.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities:
         raise bad_request(
@@ -718,42 +717,6 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "turn after the tool loop",
             param="response_format",
         )
-
-
-def refuse_builtin_tools(tools: list[dict[str, Any]] | None) -> None:
-    """
-    Refuse a declaration of one of Moonshot's built-in tools
-    (L{BUILTIN_FUNCTION}, C{$web_search}): Kimi runs them itself, Gemini
-    has nothing to run them with.  A request Kimi takes and Gemini cannot:
-    refused on a Gemini route, and never failed over from Kimi to Gemini.
-
-    @raise APIError: 400 naming C{tools[<i>]}.
-    """
-    for i, tool in enumerate(tools or ()):
-        if tool.get("type") == BUILTIN_FUNCTION:
-            raise _moonshot_only(f"tools[{i}]", tool["function"]["name"], "declares")
-
-
-def refuse_builtin_calls(tool_calls: list[dict[str, Any]], where: str) -> None:
-    """
-    Refuse a history holding a call of one of Moonshot's built-in tools
-    (a tool call of type L{BUILTIN_FUNCTION}, made by Kimi): its result is
-    Moonshot's to read, and Gemini has no such tool (L{refuse_builtin_tools}).
-
-    @param where: the message's C{tool_calls}, as a 400 names them.
-    @raise APIError: 400 naming C{<where>[<j>]}.
-    """
-    for j, call in enumerate(tool_calls):
-        if call.get("type") == BUILTIN_FUNCTION:
-            raise _moonshot_only(f"{where}[{j}]", call["function"]["name"], "calls")
-
-
-def _moonshot_only(where: str, name: str, does: str) -> APIError:
-    return bad_request(
-        f"{where} {does} {name}, one of Moonshot's built-in tools (type builtin_function), which only Kimi runs: "
-        'Gemini cannot; send this conversation to a kimi model (model "kimi/<model>")',
-        param=where,
-    )
 
 
 def _response_format(body: dict[str, Any]) -> Any:
@@ -1687,6 +1650,8 @@ class GeminiWire:
     #: Tool call ids carry Gemini's call ids and signatures
     #: (L{openclaw.providers.gemini.callids}), read back by L{to_gemini}.
     reads_carried_ids: ClassVar[bool] = True
+    #: Functions only.
+    tool_types: ClassVar[tuple[ToolType, ...]] = ()
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model, chat.references))
