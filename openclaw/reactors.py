@@ -48,6 +48,22 @@ class IGatewayReactor(IStoreReactor, IClientReactor):
     """
 
 
+class IUpstreamReactor(IReactorTCP, IReactorTime):
+    """
+    What L{openclaw.testing.upstream.StandInUpstream} asks of its reactor:
+    a TCP port to listen on, and timers (an answer's delay, a stream's
+    chunk interval, a stalled body's end).
+    """
+
+
+class IStandInReactor(IUpstreamReactor, IReactorCore):
+    """
+    What the stand-in upstream's command line
+    (L{openclaw.testing.upstream.main}) asks of its reactor: what the
+    stand-in asks, and the shutdown trigger that stops it.
+    """
+
+
 class ISupervisorReactor(IReactorProcess, IReactorTime):
     """
     What L{openclaw.cluster.workers.WorkerSupervisor} asks of its reactor:

@@ -15,7 +15,6 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
-    IReactorTCP,
     IStreamClientEndpoint,
     ITCPTransport,
 )
@@ -24,6 +23,7 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from openclaw.reactors import IClientReactor
 from openclaw.tls import HostnameChecked, trust_root_from_pem
 
 
@@ -52,12 +52,15 @@ class CachedEndpoints:
     reuses a pooled connection.  The hosts come from the settings, so the
     cache stays as small as they are.
 
+    @param reactor: what the endpoints connect with: TCP to an address, a
+        host name's addresses tried in turn (C{HostnameEndpoint}: TCP,
+        timers and a name resolver, L{IClientReactor}).
     @param tls_policy: How https connections are checked; by default
         browser-like checks against the system's trust store (see
         L{https_policy}).
     """
 
-    def __init__(self, reactor: IReactorTCP, tls_policy: IPolicyForHTTPS | None = None) -> None:
+    def __init__(self, reactor: IClientReactor, tls_policy: IPolicyForHTTPS | None = None) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}

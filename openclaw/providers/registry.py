@@ -18,7 +18,7 @@ import attrs
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
@@ -27,6 +27,7 @@ from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
 from openclaw.providers.wire import OfferedTools
+from openclaw.reactors import IClientReactor
 from openclaw.settings import Settings
 from openclaw.timefmt import isoformat
 
@@ -77,7 +78,7 @@ class ProviderRegistry:
     def from_settings(
         cls,
         settings: Settings,
-        reactor: IReactorTime,
+        reactor: IClientReactor,
         *,
         wrap_agent: Callable[[IAgent, str], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
@@ -89,6 +90,8 @@ class ProviderRegistry:
         (C{UPSTREAM_POOL_SIZE} idle ones kept per host, each for at most
         C{UPSTREAM_IDLE_SECONDS}).
 
+        @param reactor: what the connections are made with (TCP, host
+            names resolved, timers: L{IClientReactor}).
         @param wrap_agent: called with the one agent every provider request
             goes through and a provider's id, gives the agent that
             provider's adapter uses (for its models listings and model
@@ -105,7 +108,7 @@ class ProviderRegistry:
         # Twisted annotates it as int; it is a callLater delay, any float.
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
-            endpoints = CachedEndpoints(IReactorTCP(reactor), https_policy(settings.upstream_ca_pem))
+            endpoints = CachedEndpoints(reactor, https_policy(settings.upstream_ca_pem))
         shared: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
         adapters = []
         for provider_id, configured in settings.providers.items():

@@ -67,6 +67,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openclaw.connections import OpenConnections
+from openclaw.reactors import IStandInReactor, IUpstreamReactor
 from openclaw.settings import ProviderSettings, builtin_providers, provider_table
 
 if TYPE_CHECKING:
@@ -1725,7 +1726,7 @@ class StandInUpstream:
     L{base_url} (or give it L{provider_settings}), and C{stop()} when done.
     """
 
-    reactor: Any = attrs.field(repr=False)
+    reactor: IUpstreamReactor = attrs.field(repr=False)
     #: The providers served from the start; by default the built-in ones.
     providers: tuple[type[ProviderAdapter], ...] = attrs.field(factory=builtin_providers, converter=tuple)
     #: Per provider id, how it answers; those not given get
@@ -1811,7 +1812,14 @@ class StandInUpstream:
         self._root = self.resource()
         site = Site(self._root, reactor=self.reactor) if access_log else _QuietSite(self._root, reactor=self.reactor)
         self._connections = _TrackedConnections(site)
-        self._port = self.reactor.listenTCP(port, self._connections, backlog=BACKLOG, interface=interface)
+        # Twisted annotates the factory as a ServerFactory; any protocol
+        # factory is taken (WrappingFactory is a ClientFactory).
+        self._port = self.reactor.listenTCP(
+            port,
+            self._connections,  # type: ignore[arg-type]
+            backlog=BACKLOG,
+            interface=interface,
+        )
         return self._port
 
     def _address(self) -> IPv4Address | IPv6Address:
@@ -2051,7 +2059,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def upstream_from_args(reactor: Any, args: argparse.Namespace) -> StandInUpstream:
+def upstream_from_args(reactor: IUpstreamReactor, args: argparse.Namespace) -> StandInUpstream:
     """
     The stand-in the command line (read by L{_parse_args}) asks for, every
     built-in provider served, not yet listening: each with its C{--key},
@@ -2077,7 +2085,7 @@ def upstream_from_args(reactor: Any, args: argparse.Namespace) -> StandInUpstrea
     )
 
 
-def main(reactor: Any, *argv: str) -> Deferred[None]:
+def main(reactor: IStandInReactor, *argv: str) -> Deferred[None]:
     """
     Serve until interrupted; print the settings that point a gateway here.
     """
