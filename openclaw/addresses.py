@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
@@ -117,7 +118,67 @@ def counted_key(host: str | None) -> str | None:
         return host
 
 
+class AddressSlots(Mapping[str, int]):
+    """
+    How many slots (connections, opening handshakes, HTTP/2 streams) each
+    client address holds now, by the names L{counted_key} gives: the one
+    count behind every per-address cap of the gateway (the control plane's
+    handshake budget, the API's and the metrics listener's connections).
+
+    A plain count, without a limit: the caller compares L{held} with its
+    own cap (and may add several counts up against one) before it
+    L{take}s.  L{None} stands for a peer without an address (a UNIX
+    socket), which is never counted.
+
+    As a mapping, read-only: address -> slots held (1 or more), the
+    addresses holding none left out, so that an empty one is equal to
+    C{{}}.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str | None) -> None:
+        """
+        Count one more slot for C{key} (nothing for L{None}).
+        """
+        if key is not None:
+            held = self._held
+            held[key] = held.get(key, 0) + 1
+
+    def release(self, key: str | None) -> None:
+        """
+        Give back one of C{key}'s slots (nothing for L{None}, or for an
+        address holding none: a count never goes below 0).
+        """
+        if key is not None:
+            left = self._held.pop(key, 0) - 1
+            if left > 0:
+                self._held[key] = left
+
+    def held(self, key: str | None) -> int:
+        """
+        Slots C{key} holds: 0 for L{None} and for an address holding none.
+        """
+        return self._held.get(key, 0) if key is not None else 0
+
+    def __getitem__(self, key: str) -> int:
+        return self._held[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __repr__(self) -> str:
+        return f"AddressSlots({self._held!r})"
+
+
 __all__ = [
+    "AddressSlots",
     "IPAddress",
     "address_family",
     "bind_address",

@@ -14,7 +14,7 @@ from pathlib import Path
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SkipTest, TestCase
 
-from openclaw.addresses import address_family, bind_address, client_key, counted_key, without_port
+from openclaw.addresses import AddressSlots, address_family, bind_address, client_key, counted_key, without_port
 from openclaw.dataplane.site import client_address
 from openclaw.listeners import Listener, check_free
 
@@ -31,6 +31,54 @@ class CountedKeyTests(TestCase):
         self.assertIsNone(counted_key(None))
         self.assertEqual(client_address(IPv6Address("TCP", "2001:db8::2", 1)), "2001:db8::/64")
         self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))
+
+
+class AddressSlotsTests(TestCase):
+    """
+    L{AddressSlots}, the count behind every per-address cap: slots taken
+    and given back per address, none for a peer without one.
+    """
+
+    def test_take_and_release(self) -> None:
+        """
+        Each L{AddressSlots.take} is one more slot for its address, each
+        L{AddressSlots.release} one fewer; an address holding none is left
+        out of the mapping, so that an empty one equals C{{}}.
+        """
+        slots = AddressSlots()
+        slots.take("192.0.2.1")
+        slots.take("192.0.2.1")
+        slots.take("2001:db8::/64")
+        self.assertEqual((slots.held("192.0.2.1"), slots.held("2001:db8::/64"), slots.held("192.0.2.2")), (2, 1, 0))
+        self.assertEqual(slots, {"192.0.2.1": 2, "2001:db8::/64": 1})
+        slots.release("192.0.2.1")
+        slots.release("2001:db8::/64")
+        self.assertEqual((dict(slots), len(slots), "2001:db8::/64" in slots), ({"192.0.2.1": 1}, 1, False))
+        slots.release("192.0.2.1")
+        self.assertEqual((slots, slots.held("192.0.2.1")), ({}, 0))
+
+    def test_no_address(self) -> None:
+        """
+        L{None} (a peer without an address, as on a UNIX socket) is never
+        counted: it holds 0 slots however many it takes.
+        """
+        slots = AddressSlots()
+        slots.take(None)
+        slots.take(None)
+        self.assertEqual((slots.held(None), slots), (0, {}))
+        slots.release(None)
+        self.assertEqual(slots, {})
+
+    def test_release_unheld(self) -> None:
+        """
+        Giving back a slot an address does not hold changes nothing: a
+        count never goes below 0, and a later take counts from 0.
+        """
+        slots = AddressSlots()
+        slots.release("192.0.2.1")
+        self.assertEqual((slots.held("192.0.2.1"), slots), (0, {}))
+        slots.take("192.0.2.1")
+        self.assertEqual(slots.held("192.0.2.1"), 1)
 
 
 class AddressKeyTests(TestCase):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from openclaw.addresses import IPAddress, client_key, normalise, without_port
+from openclaw.addresses import AddressSlots, IPAddress, client_key, normalise, without_port
 from openclaw.settings import IPNetwork
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class HandshakeBudget:
         self.whole = whole
         self.per_address = max(1, whole // 4)
         self.outsiders = max(1, whole // 2)
-        self._by_address: dict[str, int] = {}
+        self._by_address = AddressSlots()
         self._outsiders = 0
 
     def take(self, key: str | None, outsider: bool) -> ControlRefusal | None:
@@ -57,11 +57,9 @@ class HandshakeBudget:
         """
         if outsider and self._outsiders >= self.outsiders:
             return "too_many_outsider_handshakes"
-        if key is not None:
-            held = self._by_address.get(key, 0)
-            if held >= self.per_address:
-                return "too_many_handshakes_from_address"
-            self._by_address[key] = held + 1
+        if self._by_address.held(key) >= self.per_address:
+            return "too_many_handshakes_from_address"
+        self._by_address.take(key)
         if outsider:
             self._outsiders += 1
         return None
@@ -70,10 +68,7 @@ class HandshakeBudget:
         """
         Give back a slot L{take} gave.
         """
-        if key is not None:
-            held = self._by_address.pop(key, 0) - 1
-            if held > 0:
-                self._by_address[key] = held
+        self._by_address.release(key)
         if outsider:
             self._outsiders -= 1
 
@@ -81,7 +76,7 @@ class HandshakeBudget:
         """
         Slots C{key} holds.
         """
-        return self._by_address.get(key, 0)
+        return self._by_address.held(key)
 
 
 class PeerAllowlist:

@@ -54,7 +54,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import alsoProvides, implementer
 
-from openclaw.addresses import counted_key, host_of
+from openclaw.addresses import AddressSlots, counted_key, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
@@ -458,18 +458,19 @@ class MetricsSite(Site):
         #: Connections open now.
         self.open_connections = 0
         #: Connections open now, per client address.
-        self.per_address: dict[str, int] = {}
+        self.per_address = AddressSlots()
 
     # IProtocolFactory.buildProtocol gives any IProtocol; twisted.web's
     # HTTPFactory annotates it with its own channel's type.
     def buildProtocol(self, addr: IAddress | None) -> IProtocol:  # type: ignore[override]
         address = client_address(addr)
-        held = self.per_address.get(address, 0) if address is not None else 0
-        if self.open_connections >= self.max_connections or held >= self.max_connections_per_address:
+        if (
+            self.open_connections >= self.max_connections
+            or self.per_address.held(address) >= self.max_connections_per_address
+        ):
             return RefusedConnection()
         self.open_connections += 1
-        if address is not None:
-            self.per_address[address] = held + 1
+        self.per_address.take(address)
         return CountedConnection(super().buildProtocol(addr), self, address)
 
     def connection_closed(self, address: str | None) -> None:
@@ -478,10 +479,7 @@ class MetricsSite(Site):
         (L{CountedConnection}).
         """
         self.open_connections -= 1
-        if address is not None:
-            left = self.per_address.pop(address) - 1
-            if left:
-                self.per_address[address] = left
+        self.per_address.release(address)
 
     def log(self, request: http.Request) -> None:
         status = request.code
@@ -1648,10 +1646,10 @@ class APISite(Site):
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
-        self.per_address: dict[str, int] = {}
+        self.per_address = AddressSlots()
         #: Open keyless connections, per client address, and all of them,
         #: oldest first.
-        self.keyless: dict[str, int] = {}
+        self.keyless = AddressSlots()
         self._keyless_order: dict[APIConnection, None] = {}
         self._by_transport: dict[ITransport, APIConnection] = {}
         #: Large answers going out on HTTP/2 streams (L{StreamSendDeadline}):
@@ -1663,7 +1661,7 @@ class APISite(Site):
         #: HTTP/2 streams holding a slot (L{admit_stream}), in all and per
         #: client address.
         self.http2_streams = 0
-        self.streams_per_address: dict[str, int] = {}
+        self.streams_per_address = AddressSlots()
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -1690,8 +1688,7 @@ class APISite(Site):
         only, until it has had its chance to send a key (L{became_keyless}).
         """
         address = client_address(addr)
-        held = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
-        if address is not None and held >= self.limits.max_connections_per_address:
+        if self.slots_held(address) >= self.limits.max_connections_per_address:
             self._refused("api_max_connections_per_address")
             return RefusedConnection()
         # HTTP/2 streams in flight hold slots as connections do.
@@ -1720,17 +1717,15 @@ class APISite(Site):
             return None
         limits = self.limits
         address = client_address(request.getClientAddress())
-        by_address = self.per_address.get(address, 0) + self.streams_per_address.get(address, 0) if address else 0
         if len(self.connections) + self.http2_streams >= limits.max_connections:
             setting = "API_MAX_CONNECTIONS"
             self._refused("api_max_connections")
-        elif address is not None and by_address >= limits.max_connections_per_address:
+        elif self.slots_held(address) >= limits.max_connections_per_address:
             setting = "API_MAX_CONNECTIONS_PER_ADDRESS"
             self._refused("api_max_connections_per_address")
         else:
             self.http2_streams += 1
-            if address is not None:
-                self.streams_per_address[address] = self.streams_per_address.get(address, 0) + 1
+            self.streams_per_address.take(address)
             request.holds_slot = (address,)
             request.notifyFinish().addBoth(lambda _: self.stream_done(request))
             return None
@@ -1754,12 +1749,15 @@ class APISite(Site):
             return
         (address,) = held
         self.http2_streams -= 1
-        if address is not None:
-            left = self.streams_per_address.get(address, 1) - 1
-            if left > 0:
-                self.streams_per_address[address] = left
-            else:
-                self.streams_per_address.pop(address, None)
+        self.streams_per_address.release(address)
+
+    def slots_held(self, address: str | None) -> int:
+        """
+        The slots C{address} holds against C{max_connections_per_address}:
+        its open connections and its HTTP/2 streams in flight (0 for
+        L{None}, a peer without an address).
+        """
+        return self.per_address.held(address) + self.streams_per_address.held(address)
 
     def became_keyless(self, connection: APIConnection) -> None:
         """
@@ -1770,7 +1768,7 @@ class APISite(Site):
         make room.
         """
         address = connection.address
-        if address is not None and self.keyless.get(address, 0) >= self.limits.keyless_per_address:
+        if self.keyless.held(address) >= self.limits.keyless_per_address:
             connection.counted_keyless = False
             connection.abort()
             self._refused("api_keyless_connections_per_address")
@@ -1817,8 +1815,7 @@ class APISite(Site):
         self.connections.add(connection)
         assert connection.transport is not None
         self._by_transport[connection.transport] = connection
-        if connection.address is not None:
-            self.per_address[connection.address] = self.per_address.get(connection.address, 0) + 1
+        self.per_address.take(connection.address)
 
     def key_accepted(self, connection: APIConnection) -> None:
         """
@@ -1837,15 +1834,10 @@ class APISite(Site):
     def _count_keyless(self, connection: APIConnection, change: int) -> None:
         if change > 0:
             self._keyless_order[connection] = None
+            self.keyless.take(connection.address)
         else:
             self._keyless_order.pop(connection, None)
-        address = connection.address
-        if address is not None:
-            left = self.keyless.get(address, 0) + change
-            if left > 0:
-                self.keyless[address] = left
-            else:
-                self.keyless.pop(address, None)
+            self.keyless.release(connection.address)
 
     def http2_opened(self, connection: APIConnection) -> bool:
         """
@@ -1882,12 +1874,8 @@ class APISite(Site):
         address = connection.address
         if connection.counted_keyless and connection in self.connections:
             self._count_keyless(connection, -1)
-        if address is not None and connection in self.connections:
-            left = self.per_address.get(address, 1) - 1
-            if left > 0:
-                self.per_address[address] = left
-            else:
-                self.per_address.pop(address, None)
+        if connection in self.connections:
+            self.per_address.release(address)
         self.connections.discard(connection)
 
     def connection_of(self, transport: ITransport | None) -> APIConnection | None:
