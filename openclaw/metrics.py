@@ -39,6 +39,7 @@ from openclaw.consumers.estimate import count_or_zero
 from openclaw.control.admission import PeerAllowlist
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.routing import FALLBACK_REASONS
+from openclaw.web import head_or_body
 
 #: The label a message gets when it names no known command.
 INVALID = "_invalid"
@@ -550,13 +551,7 @@ class MetricsResource(Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"method not allowed: /metrics answers GET and HEAD\n"
-        body = self.render_GET(request)
-        if request.method == b"HEAD":
-            # Its length only: twisted.web logs a line (the request's whole
-            # URI in it) for a HEAD answered with a body.
-            request.setHeader(b"content-length", b"%d" % len(body))
-            return b""
-        return body
+        return head_or_body(request, self.render_GET(request))
 
     def render_GET(self, request: Request) -> bytes:
         host = getattr(request.getClientAddress(), "host", None)

@@ -51,6 +51,7 @@ from openclaw.providers import (
 )
 from openclaw.providers.errors import BreakerOpen, MalformedResponse, NoUsableKey
 from openclaw.routing import Route, model_refusal
+from openclaw.web import head_or_body
 
 _JSON = b"application/json"
 
@@ -168,13 +169,8 @@ class APIResource(Resource):
 
     def render(self, request: Request) -> Any:
         body = self._render(request)
-        if request.method == b"HEAD" and isinstance(body, bytes):
-            # The GET answer's length without its body (RFC 9110, section
-            # 9.3.2): twisted.web would log a line for every HEAD whose
-            # resource returned a body.
-            request.setHeader(b"Content-Length", b"%d" % len(body))
-            return b""
-        return body
+        # HEAD: the GET answer's length without its body.
+        return head_or_body(request, body) if isinstance(body, bytes) else body
 
     def _render(self, request: Request) -> Any:
         if not self.handlers:

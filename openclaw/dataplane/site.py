@@ -66,6 +66,7 @@ from openclaw.listeners import descriptor_shares
 from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
 from openclaw.metrics import APIRefusal
 from openclaw.settings import Settings
+from openclaw.web import head_or_body
 
 #: How long API connections get to close politely on a stop, or after an
 #: early refusal (L{APIConnection.close_politely}; a lingering close, too:
@@ -426,12 +427,7 @@ class _MetricsNotFound(Resource):
     def render(self, request: Request) -> bytes:
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        body = b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n"
-        if request.method == b"HEAD":
-            # Its length only: twisted.web logs a line for a HEAD answered with a body.
-            request.setHeader(b"content-length", b"%d" % len(body))
-            return b""
-        return body
+        return head_or_body(request, b"no such endpoint: this listener (--metrics-listen) serves GET /metrics only\n")
 
 
 class MetricsSite(Site):
