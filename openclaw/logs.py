@@ -75,6 +75,7 @@ from twisted.logger import (
     formatEvent,
     formatEventAsClassicLogText,
 )
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 from openclaw.addresses import host_of
@@ -379,6 +380,20 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
         # Before the level filter: a line's level may be lowered.
         return PeerLineLimiter(FilteringLogObserver(inner, [PeerTLSErrors(), predicate]))
     return PeerLineLimiter(FilteringLogObserver(inner, [predicate]))
+
+
+def offer_log_observer(parent: object, observer: ILogObserver | None) -> None:
+    """
+    Have twistd log to C{observer}: set it as the L{ILogObserver} component
+    of C{parent}, the application a service is joining
+    (C{setServiceParent}), where twistd's logger looks for the observer to
+    log to (L{twisted.application.app.AppLogger}).  Nothing for L{None},
+    nor for a C{parent} that is no application (not
+    L{twisted.python.components.Componentized}: a plain C{MultiService},
+    as in tests).
+    """
+    if observer is not None and isinstance(parent, Componentized):
+        parent.setComponent(ILogObserver, observer)
 
 
 @implementer(ILogFilterPredicate)
@@ -768,5 +783,6 @@ __all__ = [
     "log_destination",
     "logs_to_stdout",
     "make_observer",
+    "offer_log_observer",
     "text_line",
 ]

@@ -53,6 +53,7 @@ from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
 from openclaw.files import PidLock
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
+from openclaw.logs import offer_log_observer
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderAdapter, ProviderRegistry
 from openclaw.reactors import IGatewayReactor
@@ -572,8 +573,7 @@ class GatewayService(MultiService):
         )
 
     def setServiceParent(self, parent: Any) -> None:
-        if self._log_observer is not None and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self._log_observer)
+        offer_log_observer(parent, self._log_observer)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:

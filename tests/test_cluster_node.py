@@ -6,6 +6,7 @@ restarts on a clock that pretends to spawn processes.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from collections.abc import Generator
@@ -13,11 +14,12 @@ from typing import Any
 from unittest import mock
 
 import attrs
+from twisted.application.service import Application, IServiceCollection
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel
+from twisted.logger import ILogObserver, LogLevel, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -336,6 +338,24 @@ class _Processes(Clock):
         process = mock.Mock(pid=1000 + len(self.spawned))
         protocol.makeConnection(process)
         return process
+
+
+class SupervisorLogObserver(TestCase):
+    def test_offered_to_application(self) -> None:
+        """
+        The supervisor's log observer is the one twistd logs to: set on
+        the application it joins (L{openclaw.logs.offer_log_observer}).
+        """
+        observer = textFileLogObserver(io.StringIO())
+        sockets = {"control": socket.socket()}
+        self.addCleanup(sockets["control"].close)
+        supervisor = WorkerSupervisor(
+            _Processes(), 2, sockets, ["twistd"], stop_timeout=5, env={}, log_observer=observer
+        )
+        application = Application("openclaw")
+        supervisor.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+        self.assertEqual(list(IServiceCollection(application)), [supervisor])
 
 
 class Supervisor(TestCase):

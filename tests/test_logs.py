@@ -15,12 +15,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from twisted.application.service import Application, MultiService
 from twisted.internet.defer import inlineCallbacks
-from twisted.logger import Logger, LogLevel, globalLogPublisher, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer
+from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer, offer_log_observer
 from openclaw.settings import ConfigError, untrusted_log_file
 
 WHEN = 1764043200.25
@@ -168,6 +169,35 @@ class LevelTests(SynchronousTestCase):
         observer({"log_format": "no level", "log_namespace": "x", "log_time": WHEN})
         observer({"log_format": "no namespace", "log_level": LogLevel.error, "log_time": WHEN})
         self.assertEqual(out.getvalue(), "")
+
+
+class OfferedObserverTests(SynchronousTestCase):
+    """
+    L{offer_log_observer}: the observer twistd logs to, set on the
+    application a service joins.
+    """
+
+    def test_application(self) -> None:
+        """
+        On twistd's application (a L{Componentized}), the observer is its
+        L{ILogObserver} component, where twistd's logger looks.
+        """
+        application = Application("openclaw")
+        observer = textFileLogObserver(io.StringIO())
+        offer_log_observer(application, observer)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+
+    def test_nothing_to_offer(self) -> None:
+        """
+        No observer leaves the application as it is; a parent that is no
+        application (a plain L{MultiService}) is given nothing.
+        """
+        application = Application("openclaw")
+        offer_log_observer(application, None)
+        self.assertIsNone(application.getComponent(ILogObserver))
+        parent = MultiService()
+        offer_log_observer(parent, textFileLogObserver(io.StringIO()))
+        self.assertFalse(hasattr(parent, "getComponent"))
 
 
 class TextTests(SynchronousTestCase):

@@ -60,6 +60,7 @@ from zope.interface import implementer
 
 from openclaw.addresses import address_family, bind_address
 from openclaw.listeners import CannotListen, Listener
+from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
 
 #: A worker that ran this long before it ended is started again after
@@ -186,8 +187,7 @@ class WorkerSupervisor(Service):
         self._stopping = False
 
     def setServiceParent(self, parent: Any) -> None:
-        if self._log_observer is not None and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, self._log_observer)
+        offer_log_observer(parent, self._log_observer)
         super().setServiceParent(parent)
 
     def startService(self) -> None:
