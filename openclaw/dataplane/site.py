@@ -24,6 +24,7 @@ them (L{APIConnection.pauseProducing}).
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Iterable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -50,7 +51,7 @@ from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import alsoProvides, implementer
 
@@ -256,6 +257,15 @@ def _invalid_target() -> APIError:
     )
 
 
+class _SiteChannel(typing.Protocol):
+    """
+    A twisted.web channel as a request sees it: with the L{Site} that made
+    it (L{NextTurnRequest.channel_site}).
+    """
+
+    site: Site
+
+
 class NextTurnRequest(Request):
     """
     A request that, over HTTP/2, is answered on the reactor's turn after
@@ -276,6 +286,19 @@ class NextTurnRequest(Request):
         self._lost = True
         super().connectionLost(reason)
 
+    @property
+    def channel_site(self) -> Site:
+        """
+        The site of the request's channel, known from the start (the
+        request's own C{site} is set only once the request is whole):
+        twisted.web's L{Site.buildProtocol} gives every channel it makes
+        the site, and each HTTP/2 stream is given its connection's.
+        """
+        # The channel as twisted.web documents it there (its
+        # _GenericHTTPChannelProtocol's site, H2Stream's); HTTPChannel's
+        # class has no annotation for it.
+        return cast(_SiteChannel, self.channel).site
+
     def ready(self) -> bool:
         """
         Whether L{process} may answer now: not the first time over HTTP/2
@@ -283,8 +306,7 @@ class NextTurnRequest(Request):
         """
         if not self._turned and http11_channel(self) is None:
             self._turned = True
-            site: Site = self.channel.site  # type: ignore[attr-defined]
-            site.reactor.callLater(0, self.process)
+            self.channel_site.reactor.callLater(0, self.process)
             return False
         return not self._lost
 
@@ -390,8 +412,7 @@ class MetricsRequest(NextTurnRequest):
             # this one, some of which may be the stream's), and logged.
             self._reset = True
             self._log_refusal(self._NO_BODY)
-            site: Site = self.channel.site  # type: ignore[attr-defined]
-            site.reactor.callLater(0, self._reset_stream, self.channel)
+            self.channel_site.reactor.callLater(0, self._reset_stream, self.channel)
 
     def _reset_stream(self, stream: object) -> None:
         if not self._lost:
@@ -595,9 +616,7 @@ class APIRequest(NextTurnRequest):
         the request's own C{site}, which twisted.web sets only once the
         request is whole.
         """
-        # twisted.web's channel classes have no annotation for the site.
-        site: APISite = self.channel.site  # type: ignore[attr-defined]
-        return site
+        return cast(APISite, self.channel_site)
 
     @property
     def connection(self) -> APIConnection | None:
@@ -1081,7 +1100,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             return
         if not self._started:
             self._started = True
-            if INegotiated.providedBy(self.transport) and self.tcp.negotiatedProtocol == b"h2":  # type: ignore[attr-defined]
+            transport = self.transport
+            if INegotiated.providedBy(transport) and transport.negotiatedProtocol == b"h2":
                 self._http2 = True
                 # twisted.web's idle timeout, which the HTTP/2 protocol
                 # twisted.web switches to now takes on.
@@ -1636,7 +1656,7 @@ class APISite(Site):
 
     requestFactory = APIRequest
 
-    def __init__(self, resource: Any, limits: APILimits, context: APIContext, **kwargs: Any) -> None:
+    def __init__(self, resource: IResource, limits: APILimits, context: APIContext, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.limits = limits
         self.context = context
