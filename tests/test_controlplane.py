@@ -15,10 +15,13 @@ import struct
 import time
 
 import jwt
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.control import protocol
 from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNAUTHENTICATED_BYTES_REASON, UNHEARD_CLOSE_SECONDS
 from tests.support import SECRET, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
@@ -334,6 +337,99 @@ def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float
         except OSError:
             pass
         return close, sent, time.monotonic() - start
+
+
+def unanswered_close(port: int, first: bytes = b"") -> tuple[bytes, float]:
+    """
+    A client that sends C{first} (frames) after its opening handshake,
+    reads the server's close frame, and neither answers it nor closes.
+
+    @return: the close frame's payload, and the seconds from it until the
+        server ended the connection (10 if it did not).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        received = opening_handshake(sock, port)
+        sock.sendall(first)
+        close = None
+        while close is None:
+            frames, received = server_frames(received)
+            close = next((payload for opcode, payload in frames if opcode == 0x8), None)
+            if close is None:
+                more = sock.recv(4096)
+                assert more, "the connection ended without a close frame"
+                received += more
+        start = time.monotonic()
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        return close, time.monotonic() - start
+
+
+class UnansweredCloseTests(TestCase):
+    """
+    A peer that does not answer the gateway's close frame has its
+    connection aborted CLOSE_HANDSHAKE_SECONDS later, whether the gateway
+    closed it (a stop's 1001) or Autobahn did (a protocol error's 1002);
+    and, when the peer ends the connection without answering, nothing of
+    that wait is left on the reactor (trial's clean-reactor check).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.patch(protocol, "CLOSE_HANDSHAKE_SECONDS", 1.0)
+
+    @inlineCallbacks
+    def test_going_away_unanswered(self):
+        gateway = start_gateway(self)
+        factory = gateway.service.factory
+        client = deferToThread(unanswered_close, gateway.port)
+        for _ in range(500):
+            if factory.connections:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        closed = factory.close_all(1001, "bye")
+        close, seconds = yield client
+        yield closed
+        self.assertEqual(close, struct.pack("!H", 1001) + b"bye")
+        self.assertGreater(seconds, 0.8)
+        self.assertLess(seconds, 4)
+
+    @inlineCallbacks
+    def test_protocol_error_unanswered(self):
+        gateway = start_gateway(self)
+        # A reserved bit no extension gave a meaning: 1002 from Autobahn.
+        close, seconds = yield deferToThread(unanswered_close, gateway.port, frame(0x1, b"{}", rsv=1))
+        self.assertEqual(close[:2], struct.pack("!H", 1002))
+        self.assertGreater(seconds, 0.8)
+        self.assertLess(seconds, 4)
+
+    @inlineCallbacks
+    def test_peer_leaves_without_answer(self):
+        gateway = start_gateway(self)
+
+        def leave() -> bytes:
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+                received = opening_handshake(sock, gateway.port)
+                sock.sendall(frame(0x1, b"{}", rsv=1))
+                while True:
+                    frames, received = server_frames(received)
+                    for opcode, payload in frames:
+                        if opcode == 0x8:
+                            return payload
+                    received += sock.recv(4096)
+
+        close = yield deferToThread(leave)
+        self.assertEqual(close[:2], struct.pack("!H", 1002))
+        # Gone at once: the clean-reactor check after the test finds no
+        # abort still waiting for the answer.
+        for _ in range(500):
+            if not gateway.service.factory.protocols:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertFalse(gateway.service.factory.protocols)
 
 
 class UnheardCloseTests(TestCase):

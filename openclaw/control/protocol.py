@@ -54,7 +54,9 @@ _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
 #: The most characters of Autobahn's reason for refusing a handshake kept in
 #: the refusal's log line (it may quote a header field of the peer's).
 HANDSHAKE_DETAIL_MAX = 200
-#: Seconds a peer has to answer our close frame (Autobahn's default is 1).
+#: Seconds a peer has to answer our close frame, before its connection is
+#: aborted (L{ControlProtocol.await_close_answer}; Autobahn's own default
+#: is 1).
 CLOSE_HANDSHAKE_SECONDS = 5
 #: Seconds a peer closed for who it is (outside TRUSTED_CLIENT_IPS, locked
 #: out, too many failed authentications) keeps its connection after the
@@ -167,6 +169,9 @@ class ControlProtocol(WebSocketServerProtocol):
     #: The abort ending a connection closed by L{close_unheard}, from which
     #: nothing more is read.
     unheard: IDelayedCall | None = None
+    #: The abort ending a connection whose peer has not answered our close
+    #: frame (L{await_close_answer}).
+    unanswered: IDelayedCall | None = None
 
     @property
     def tcp(self) -> ITCPTransport:
@@ -252,6 +257,26 @@ class ControlProtocol(WebSocketServerProtocol):
                 self.close_unheard(POLICY_VIOLATION, UNAUTHENTICATED_BYTES_REASON)
                 return
         WebSocketServerProtocol.dataReceived(self, data)
+        # Autobahn's close frame for what it read (a protocol error, a
+        # message too big, bad UTF-8) is sent here.
+        self.await_close_answer()
+
+    def await_close_answer(self) -> None:
+        """
+        Once our close frame is out and its answer awaited (Autobahn's
+        C{STATE_CLOSING}: from L{close_with}, or Autobahn's own for what
+        the peer sent; Autobahn, a server, drops the connection at once
+        when it answers the peer's close frame), abort the connection if it
+        is not gone within L{CLOSE_HANDSHAKE_SECONDS}; cancelled by
+        L{connectionLost}.
+
+        Autobahn's own timer for this (C{closeHandshakeTimeout}) is off
+        (L{ControlFactory}): it leaves it pending past the end of a
+        connection whose peer closed TCP without answering, up to
+        L{CLOSE_HANDSHAKE_SECONDS} later, holding the protocol.
+        """
+        if self.unanswered is None and self.state == self.STATE_CLOSING:
+            self.unanswered = self.factory.reactor.callLater(CLOSE_HANDSHAKE_SECONDS, self.tcp.abortConnection)
 
     def head_too_large(self) -> None:
         """
@@ -283,14 +308,10 @@ class ControlProtocol(WebSocketServerProtocol):
             )
         self.release_slot()
         self.factory.connections.discard(self)
-        # Autobahn cancels its other timers here but not this one, which
-        # would otherwise outlive the connection by up to a second.
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
-        unheard, self.unheard = self.unheard, None
-        if unheard is not None and unheard.active():
-            unheard.cancel()
+        for timer in (self.unheard, self.unanswered):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.unheard = self.unanswered = None
         try:
             super().connectionLost(reason)
         finally:
@@ -474,6 +495,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # RFC 6455 section 5.5: a control frame's payload is at most 125
             # bytes, 2 of them the code; cut between characters.
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123))
+            self.await_close_answer()
 
     def close_unheard(self, code: int, reason: str) -> None:
         """
@@ -593,11 +615,14 @@ class ControlFactory(WebSocketServerFactory):
             # so it gets the same 403 as any other foreign origin.  Set in
             # this same call: every setProtocolOptions call resets it.
             allowNullOrigin=True,
-            # A busy client gets time to read our close frame and answer
-            # it: past this Autobahn drops the connection, and a reset can
-            # discard the close frame still unread in the client's buffer,
-            # which then sees 1006 rather than (say) 1001 going away.
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_SECONDS,
+            # Off (0): the wait for the answer to our close frame is
+            # ControlProtocol.await_close_answer's, CLOSE_HANDSHAKE_SECONDS
+            # (Autobahn's timer would outlive the connection when the peer
+            # closes TCP without answering).  A busy client gets time to
+            # read our close frame and answer it: a reset can discard the
+            # close frame still unread in the client's buffer, which then
+            # sees 1006 rather than (say) 1001 going away.
+            closeHandshakeTimeout=0,
             # RFC 6455 only (version 13): the older drafts (8) carry the
             # page's origin in Sec-WebSocket-Origin, which the Origin
             # check would not see; Autobahn answers them 400 with
