@@ -51,6 +51,7 @@ from openclaw.tls import describe_tls_error, is_tls_error
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
+_CLOSING = WebSocketServerProtocol.STATE_CLOSING
 #: The most characters of Autobahn's reason for refusing a handshake kept in
 #: the refusal's log line (it may quote a header field of the peer's).
 HANDSHAKE_DETAIL_MAX = 200
@@ -259,7 +260,8 @@ class ControlProtocol(WebSocketServerProtocol):
         WebSocketServerProtocol.dataReceived(self, data)
         # Autobahn's close frame for what it read (a protocol error, a
         # message too big, bad UTF-8) is sent here.
-        self.await_close_answer()
+        if self.state == _CLOSING:
+            self.await_close_answer()
 
     def await_close_answer(self) -> None:
         """
@@ -275,7 +277,7 @@ class ControlProtocol(WebSocketServerProtocol):
         connection whose peer closed TCP without answering, up to
         L{CLOSE_HANDSHAKE_SECONDS} later, holding the protocol.
         """
-        if self.unanswered is None and self.state == self.STATE_CLOSING:
+        if self.unanswered is None and self.state == _CLOSING:
             self.unanswered = self.factory.reactor.callLater(CLOSE_HANDSHAKE_SECONDS, self.tcp.abortConnection)
 
     def head_too_large(self) -> None:
