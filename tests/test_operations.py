@@ -38,16 +38,20 @@ class MakefileTests(SynchronousTestCase):
         # The versions the suite last passed with (constraints.txt).
         self.assertIn("pip install --quiet -c constraints.txt '.[test]'", make_dry_run("test"))
 
-    def test_both_runners_run_in_two_workers(self) -> None:
+    def test_runners_run_in_two_workers(self) -> None:
         """
-        make test runs the suite under pytest and under trial, each in two
-        worker processes (the 15 minutes CI allows on two cores);
-        TEST_JOBS=1 runs each in one.
+        make test runs the suite once, under pytest, in two worker
+        processes (the 15 minutes CI allows on two cores); make trial runs
+        it under trial, after setting up the same servers; TEST_JOBS=1 runs
+        each in one.
         """
-        lines = [line.strip() for line in make_dry_run("test").splitlines()]
+        lines = [line.strip() for line in make_dry_run("test", "PYTEST_ARGS=").splitlines()]
         self.assertIn(".venv/bin/python -m pytest -n 2", lines)
-        self.assertIn(".venv/bin/python -m twisted.trial -j 2 tests", lines)
-        self.assertIn(".venv/bin/python -m pytest -n 1", make_dry_run("test", "TEST_JOBS=1"))
+        self.assertNotIn("twisted.trial", "\n".join(lines))
+        trial = [line.strip() for line in make_dry_run("trial").splitlines()]
+        self.assertIn(".venv/bin/python -m twisted.trial -j 2 tests", trial)
+        self.assertTrue(any("redis-server" in line for line in trial), trial)
+        self.assertIn(".venv/bin/python -m pytest -n 1", make_dry_run("test", "TEST_JOBS=1", "PYTEST_ARGS="))
         self.assertIn(".venv/bin/python -m twisted.trial -j 1 tests", make_dry_run("trial", "TEST_JOBS=1"))
 
 
