@@ -302,6 +302,21 @@ def opening_handshake(sock: socket.socket, port: int) -> bytes:
     return received.split(b"\r\n\r\n", 1)[1]
 
 
+def close_frame(sock: socket.socket, received: bytes) -> bytes:
+    """
+    Read the frames the server sends (C{received} those read already) up
+    to its close frame: that frame's payload.
+    """
+    while True:
+        frames, received = server_frames(received)
+        close = next((payload for opcode, payload in frames if opcode == 0x8), None)
+        if close is not None:
+            return close
+        more = sock.recv(4096)
+        assert more, "the connection ended without a close frame"
+        received += more
+
+
 def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float = 10.0) -> tuple[bytes, int, float]:
     """
     From C{source}, with a small send buffer: a WebSocket handshake,
@@ -321,12 +336,7 @@ def flood_after_close(port: int, source: str, first: bytes = b"", seconds: float
         sock.connect(("127.0.0.1", port))
         received = opening_handshake(sock, port)
         sock.sendall(first)
-        close = None
-        while close is None:
-            frames, received = server_frames(received)
-            close = next((payload for opcode, payload in frames if opcode == 0x8), None)
-            if close is None:
-                received += sock.recv(4096)
+        close = close_frame(sock, received)
         blob = frame(0x9, b"x" * 10) * 5000
         sent = 0
         start = time.monotonic()
@@ -350,14 +360,7 @@ def unanswered_close(port: int, first: bytes = b"") -> tuple[bytes, float]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         received = opening_handshake(sock, port)
         sock.sendall(first)
-        close = None
-        while close is None:
-            frames, received = server_frames(received)
-            close = next((payload for opcode, payload in frames if opcode == 0x8), None)
-            if close is None:
-                more = sock.recv(4096)
-                assert more, "the connection ended without a close frame"
-                received += more
+        close = close_frame(sock, received)
         start = time.monotonic()
         try:
             while sock.recv(4096):
