@@ -850,6 +850,10 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
 
 
 def format_milliseconds(ms: float) -> str:
+    """
+    C{ms} milliseconds as printed: one decimal under 10 ("4.2 ms"), none
+    from 10 ("37 ms").
+    """
     return f"{ms:.1f} ms" if ms < 10 else f"{ms:.0f} ms"
 
 
@@ -869,6 +873,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_ping(result: Mapping[str, Any], round_trip: float) -> str:
+    """
+    The line for C{ping}'s answer, C{round_trip} the seconds from the
+    command sent to its answer read: "pong (4.2 ms round trip)".
+    """
     return f"pong ({format_milliseconds(round_trip * 1000)} round trip)"
 
 
@@ -912,6 +920,10 @@ def format_provider_states(providers: Mapping[str, Any]) -> str:
 
 
 def format_switch(result: Mapping[str, Any]) -> str:
+    """
+    The line for C{switch_provider}'s result (C{previous}, C{active},
+    C{model}): "gemini -> kimi (moonshot-v1-8k)".
+    """
     return f"{result.get('previous')} -> {result.get('active')} ({result.get('model')})"
 
 
@@ -960,6 +972,11 @@ def format_health(result: Mapping[str, Any]) -> str:
 
 
 def format_rotation(result: Mapping[str, Any], saved_to: Path | None) -> str:
+    """
+    The lines for C{rotate_token}'s result (C{jti}, C{expires}, C{token}):
+    the new token's id and expiry, then where it was written (C{saved_to})
+    or, with no file, the token itself.
+    """
     head = f"token rotated (id {result.get('jti')}, expires {result.get('expires')}); the old token no longer works"
     if saved_to is not None:
         return f"{head}\nnew token written to {saved_to}"
@@ -1026,6 +1043,10 @@ def check_answer(request: Request, answer: Mapping[str, Any]) -> None:
 
 
 def exit_code(answer: Mapping[str, Any]) -> int:
+    """
+    The exit status for a command's answer: L{OK} (0) when its C{ok} is
+    true, else L{FAILED}.
+    """
     return OK if answer.get("ok") is True else FAILED
 
 

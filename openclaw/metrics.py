@@ -407,9 +407,17 @@ class GatewayMetrics:
         self._commands[(cmd, outcome)].inc()
 
     def command_took(self, cmd: str, seconds: float) -> None:
+        """
+        A state-changing command C{cmd} took C{seconds}, from its message
+        read to its answer made.
+        """
         self._command_seconds[cmd].observe(seconds)
 
     def auth_failed(self, reason: str) -> None:
+        """
+        Count one failed authentication, C{reason} one of
+        L{AUTH_REASONS}.
+        """
         self._auth_failures[reason].inc()
 
     def refused_connection(self, reason: ControlRefusal) -> None:
@@ -463,6 +471,9 @@ class GatewayMetrics:
         )
 
     def count_connections(self, count: Callable[[], int]) -> None:
+        """
+        The control connections gauge reads C{count()} when scraped.
+        """
         self.connections.set_function(count)
 
     def watch_failover(self, breakers: Iterable[tuple[str, CircuitBreaker]]) -> Callable[[str, str, str], None]:

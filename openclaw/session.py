@@ -90,6 +90,9 @@ class SessionToken:
 
     @property
     def expires(self) -> str:
+        """
+        When the token expires, in UTC as ISO 8601 (L{isoformat}).
+        """
         return isoformat(self.expires_at)
 
     def banner(self, token: str | None = None) -> str:
@@ -152,6 +155,11 @@ class SessionAuthority:
 
     @property
     def current(self) -> SessionToken:
+        """
+        The token in force.
+
+        @raise RuntimeError: none has been issued yet.
+        """
         if self._current is None:
             raise RuntimeError("no session token has been issued yet")
         return self._current

@@ -42,6 +42,13 @@ class Price:
     cached_prompt: float | None = None
 
     def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """
+        What a call costs, in US dollars, at these prices (US dollars per
+        million tokens): C{cached_tokens} of the prompt (at most all of it)
+        at the cached rate when the model has one, the rest of the prompt
+        at the prompt rate, the completion (reasoning included) at the
+        completion rate.
+        """
         cached = min(max(cached_tokens, 0), prompt_tokens) if self.cached_prompt is not None else 0
         cached_rate = self.cached_prompt if self.cached_prompt is not None else self.prompt
         return (

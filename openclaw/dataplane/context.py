@@ -187,9 +187,15 @@ class APIContext:
         return len(self.calls)
 
     def call_started(self) -> None:
+        """
+        A model call began: a stop waits for it (L{calls}).
+        """
         self.calls.add()
 
     def call_ended(self) -> None:
+        """
+        A model call is over: its client has all it will get.
+        """
         self.calls.done()
 
     def shut_down_calls(self) -> None:

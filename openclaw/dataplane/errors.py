@@ -165,6 +165,10 @@ def shutting_down() -> APIError:
 
 
 def method_not_allowed(method: str, allowed: tuple[bytes, ...]) -> APIError:
+    """
+    405 C{method_not_allowed}, naming the methods the path takes
+    (C{allowed}, also its C{Allow} header: RFC 9110 section 15.5.6).
+    """
     names = ", ".join(m.decode() for m in allowed)
     return APIError(
         405,
@@ -176,6 +180,10 @@ def method_not_allowed(method: str, allowed: tuple[bytes, ...]) -> APIError:
 
 
 def unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
+    """
+    401 with C{WWW-Authenticate: Bearer} (RFC 6750 section 3), OpenAI's
+    C{invalid_request_error} type and C{code}.
+    """
     return APIError(401, message, "invalid_request_error", code, headers=((b"WWW-Authenticate", b"Bearer"),))
 
 
@@ -266,6 +274,10 @@ def upstream_timeout(
 
 
 def internal_error() -> APIError:
+    """
+    500 C{internal_error}: a bug of the gateway's (logged with its
+    traceback), never a provider's failure.
+    """
     return APIError(
         500,
         "the gateway failed to handle this request; the details are in its log",

@@ -66,6 +66,10 @@ class KeyPool:
         return key in self.keys
 
     def usable(self, key: str) -> bool:
+        """
+        Whether C{key} may be tried now: neither set aside (refused) nor
+        resting (rate limited, until its rest ends on L{clock}).
+        """
         if key in self._set_aside:
             return False
         resting = self._resting.get(key)
