@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
@@ -1656,9 +1656,11 @@ class APISite(Site):
 
     requestFactory = APIRequest
 
-    def __init__(self, resource: IResource, limits: APILimits, context: APIContext, **kwargs: Any) -> None:
+    def __init__(self, resource: IResource, limits: APILimits, context: APIContext | None, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.limits = limits
+        #: The API's context; None for a site of plain resources (no model
+        #: calls, no request log or metrics), as the tests build one.
         self.context = context
         self.connections: OpenConnections[APIConnection] = OpenConnections()
         #: Open connections per client address (L{client_address}).
@@ -1906,6 +1908,8 @@ class APISite(Site):
         is).  For a stop: after the listener is closed, bounded by the
         caller's grace period, before L{close_connections}.
         """
+        if self.context is None:
+            return succeed(None)
         self.context.draining = True
         return self.context.idle()
 
