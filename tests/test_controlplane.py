@@ -417,12 +417,7 @@ class UnansweredCloseTests(TestCase):
             with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
                 received = opening_handshake(sock, gateway.port)
                 sock.sendall(frame(0x1, b"{}", rsv=1))
-                while True:
-                    frames, received = server_frames(received)
-                    for opcode, payload in frames:
-                        if opcode == 0x8:
-                            return payload
-                    received += sock.recv(4096)
+                return close_frame(sock, received)
 
         close = yield deferToThread(leave)
         self.assertEqual(close[:2], struct.pack("!H", 1002))

@@ -42,12 +42,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
+from openclaw.control import protocol as control_protocol
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
+from tests.test_controlplane import close_frame, opening_handshake
+from tests.wsfuzz import frame
 
 SECRET = "listen-secret-listen-secret-listen-secret-1"
 H2_KEY = "h2-key-0123456789abcdef"
@@ -130,6 +133,39 @@ class ListenTests(TestCase):
         self.assertTrue(answer["ok"])
         client.sendClose()
         yield client.closed
+
+    @inlineCallbacks
+    def test_tls_peer_that_closes_first_then_keeps_its_end(self):
+        """
+        Over TLS, a peer that sends its close frame, reads the answer and
+        then neither sends TLS's close_notify nor closes TCP: its connection
+        (and its address's handshake slot) ends CLOSE_HANDSHAKE_SECONDS
+        later (it was kept until the peer left: Autobahn drops the
+        connection politely, which over TLS waits for the peer).
+        """
+        self.patch(control_protocol, "CLOSE_HANDSHAKE_SECONDS", 1.0)
+        ca, keyfile, certfile = write_certificates(self.dir)
+        port = free_port()
+        service = self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        context = ssl.create_default_context(cadata=ca.decode())
+
+        def close_first() -> tuple[ssl.SSLSocket, bytes]:
+            tls = context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1"
+            )
+            received = opening_handshake(tls, port)
+            tls.sendall(frame(0x8, struct.pack("!H", 1000)))
+            return tls, close_frame(tls, received)
+
+        tls, close = yield deferToThread(close_first)
+        self.addCleanup(tls.close)
+        self.assertEqual(close[:2], struct.pack("!H", 1000))
+        started = time.monotonic()
+        while service.factory.protocols and time.monotonic() - started < 10:
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(service.factory.protocols)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(service.factory.budget.held("127.0.0.1"), 0)
 
     @inlineCallbacks
     def test_tls_outsider_gets_1008(self):

@@ -51,7 +51,9 @@ from openclaw.tls import describe_tls_error, is_tls_error
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
-_CLOSING = WebSocketServerProtocol.STATE_CLOSING
+#: Our close frame sent and its answer awaited, or the closing handshake
+#: over and the connection being dropped (L{ControlProtocol.await_close_answer}).
+_ENDING = frozenset({WebSocketServerProtocol.STATE_CLOSING, WebSocketServerProtocol.STATE_CLOSED})
 #: The most characters of Autobahn's reason for refusing a handshake kept in
 #: the refusal's log line (it may quote a header field of the peer's).
 HANDSHAKE_DETAIL_MAX = 200
@@ -260,15 +262,17 @@ class ControlProtocol(WebSocketServerProtocol):
         WebSocketServerProtocol.dataReceived(self, data)
         # Autobahn's close frame for what it read (a protocol error, a
         # message too big, bad UTF-8) is sent here.
-        if self.state == _CLOSING:
+        if self.state in _ENDING:
             self.await_close_answer()
 
     def await_close_answer(self) -> None:
         """
         Once our close frame is out and its answer awaited (Autobahn's
         C{STATE_CLOSING}: from L{close_with}, or Autobahn's own for what
-        the peer sent; Autobahn, a server, drops the connection at once
-        when it answers the peer's close frame), abort the connection if it
+        the peer sent), or the closing handshake is over and the connection
+        being dropped (C{STATE_CLOSED}: Autobahn, a server, drops it at once
+        when it answers the peer's close frame, politely, which over TLS
+        waits for the peer's C{close_notify}), abort the connection if it
         is not gone within L{CLOSE_HANDSHAKE_SECONDS}; cancelled by
         L{connectionLost}.
 
@@ -277,7 +281,7 @@ class ControlProtocol(WebSocketServerProtocol):
         connection whose peer closed TCP without answering, up to
         L{CLOSE_HANDSHAKE_SECONDS} later, holding the protocol.
         """
-        if self.unanswered is None and self.state == _CLOSING:
+        if self.unanswered is None and self.state in _ENDING:
             self.unanswered = self.factory.reactor.callLater(CLOSE_HANDSHAKE_SECONDS, self.tcp.abortConnection)
 
     def head_too_large(self) -> None:
