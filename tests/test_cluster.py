@@ -1002,8 +1002,8 @@ class StoreRefusals(ClusterCase):
                 [("CONFIG", "SET", "save", '"3600 1"'), ("BGSAVE",)],
                 # Back to no snapshots (a stop would try one and fail).
                 [("CONFIG", "SET", "stop-writes-on-bgsave-error", "no"), ("CONFIG", "SET", "save", '""')],
-                "...; nothing changed: that Redis cannot save its RDB snapshot (its log says why: a full disk, a "
-                "directory it cannot write): fix that, or set its stop-writes-on-bgsave-error no",
+                "; nothing changed: that Redis cannot persist to disk (its RDB snapshot or its append-only file "
+                "failed; its log says why: a full disk, a directory it cannot write): fix that",
             ),
             (
                 [("ACL", "SETUSER", "default", "-evalsha", "-eval")],
@@ -1108,6 +1108,8 @@ class StoreDownReasons(ClusterCase):
         error = yield self.error_becomes(on_a, token, "refused the subscription")
         self.assertTrue(error.startswith("Redis refused the subscription to the cluster's channel: NOPERM"), error)
         self.assertNotIn("not confirmed", error)
+        # Said once, not again in brackets.
+        self.assertEqual(error.count("NOPERM"), 1, error)
         yield printed(a, b"grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel")
         self.assertTrue(redis_command(self.redis, "ACL", "SETUSER", "default", "allchannels").startswith(b"+OK"))
         deadline = time.monotonic() + 30

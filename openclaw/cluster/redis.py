@@ -33,7 +33,8 @@ on their own.)
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -80,21 +81,21 @@ return v
 #: (their first word), and what to do about each.  OOM and READONLY come at
 #: the script's first write (Redis checks neither once a script has
 #: written; a replica writes nothing), MISCONF at its first write too (its
-#: RDB snapshot failed: Redis refuses every write until one succeeds, and
-#: none ends while a script runs), NOPERM on the script command itself
+#: RDB snapshot or its append-only file failed: Redis refuses every write
+#: until one succeeds, and none ends while a script runs), NOPERM on the script command itself
 #: (a NOPERM from inside the script, which may come after its writes, is
 #: not one of these).  Redis's documentation: "Script flags" (OOM in
 #: scripts), ACL (NOPERM), replication (READONLY replicas), persistence
 #: (C{stop-writes-on-bgsave-error}).
-WRITE_REFUSALS = {
+WRITE_REFUSALS: Mapping[str, str] = MappingProxyType({
     "OOM": "free memory in that Redis or raise its maxmemory, or set a maxmemory-policy that evicts other keys",
     "READONLY": "REDIS_URL points at a read-only replica: point it at the primary",
     "MISCONF": (
-        "that Redis cannot save its RDB snapshot (its log says why: a full disk, a directory it cannot write): "
-        "fix that, or set its stop-writes-on-bgsave-error no"
+        "that Redis cannot persist to disk (its RDB snapshot or its append-only file failed; its log says why: "
+        "a full disk, a directory it cannot write): fix that"
     ),
     "NOPERM": "grant the Redis ACL user of REDIS_URL the scripting commands (EVAL, EVALSHA, SCRIPT)",
-}
+})  # fmt: skip
 #: How much of Redis's reply a refusal quotes (characters).
 REFUSAL_CHARACTERS = 160
 
@@ -851,15 +852,16 @@ class RedisStore:
                 # Redis answered, and said no (an ACL without SUBSCRIBE or
                 # without the channel): the node's reason while down.
                 refusal = failure.getErrorMessage()
+                reason = f"Redis refused the subscription to the cluster's channel: {refusal}"
                 if factory in self._factories:
-                    self._connection_failure = f"Redis refused the subscription to the cluster's channel: {refusal}"
+                    self._connection_failure = reason
                 self._say_once(
                     f"Redis refused the subscription to the cluster's channel {self.channel!r}: {refusal}",
                     "grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel "
                     f"(ACL SETUSER <user> +subscribe &{self.channel})",
                     factory,
                 )
-                self.rebuild(f"Redis refused the subscription: {refusal}", factory)
+                self.rebuild(reason, factory)
                 return
             if failure.check(DeferredTimeoutError):
                 # (Not a lost connection: that said why itself.)
