@@ -16,7 +16,7 @@ from unittest import mock
 import attrs
 from twisted.application.service import Application, IServiceCollection
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, textFileLogObserver
@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
-from openclaw.cluster.store import Versioned
+from openclaw.cluster.store import Versioned, WriteRefused
 from openclaw.cluster.workers import WorkerSupervisor
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
@@ -486,6 +486,28 @@ class Healing(TestCase):
         self.clock.advance(10)
         self.assertEqual(len(self.store.reconnects), 1)
         self.assertIn("no successful heartbeat in 2 intervals", self.store.reconnects[0])
+
+    def test_refused_heartbeats_are_no_outage(self) -> None:
+        """
+        A store that answers and refuses every write (Redis out of memory,
+        a read-only replica, its disk failing): the heartbeats it refuses
+        are said once, with what to do, and neither rebuild the connection
+        nor take the instance down (it did after two, and every command
+        then answered "unavailable", not Redis's refusal).
+        """
+        events = capture_log_events(self)
+        a = self.node("a")
+        a.connected()
+        a.start()
+        self.addCleanup(a.stop)
+        refusal = WriteRefused("OOM command not allowed when used memory > 'maxmemory'", "free memory")
+        self.store.heartbeat = lambda *args: fail(refusal)  # type: ignore[method-assign]
+        self.clock.advance(60)
+        self.assertEqual(self.store.reconnects, [])
+        self.assertTrue(a.up)
+        said = [e for e in events if "refuses this instance's heartbeat" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1, said)
+        self.assertEqual((said[0]["reason"], said[0]["advice"]), (refusal.reason, "free memory"))
 
     def test_foreign_token_refused_at_run_time(self) -> None:
         """

@@ -465,6 +465,9 @@ class ClusterNode:
         self._retries = 0
         #: Heartbeats failed in a row.
         self._missed_beats = 0
+        #: Why the store refuses this instance's heartbeats (a write it
+        #: refuses, L{WriteRefused}), while it does: said once.
+        self._heartbeat_refused: str | None = None
         #: Why the cluster's token was last refused (not signed with this
         #: instance's JWT_SECRET), if it was.
         self._foreign_token: str | None = None
@@ -1248,6 +1251,7 @@ class ClusterNode:
 
         def seen(heartbeat: Heartbeat) -> None:
             self._missed_beats = 0
+            self._heartbeat_refused = None
             self.instances_seen = max(1, heartbeat.alive)
             self._heard(heartbeat, sent)
             # A renewal that failed (or was due while the store was away)
@@ -1293,6 +1297,23 @@ class ClusterNode:
                 self._catching_up = self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)
 
         def missed(failure: Failure) -> None:
+            refusal = failure.value
+            if isinstance(refusal, WriteRefused):
+                # The store answers, and refuses every write (out of
+                # memory, read-only, its disk failing): no instance can
+                # change anything, and this one is not cut off from it.
+                # Said once, not taken for an outage: the instances whose
+                # heartbeats it refuses stop being counted meanwhile.
+                self._missed_beats = 0
+                if self._heartbeat_refused != refusal.reason:
+                    self._heartbeat_refused = refusal.reason
+                    self._log.warn(
+                        "the cluster store refuses this instance's heartbeat ({reason}): other instances stop "
+                        "counting it, and every change is refused until it takes writes again: {advice}",
+                        reason=refusal.reason,
+                        advice=refusal.advice,
+                    )
+                return
             self._missed_beats += 1
             if self._missed_beats >= HEARTBEAT_MISSES:
                 # A connection can stay dead without closing (a reconnection

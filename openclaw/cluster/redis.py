@@ -1059,7 +1059,8 @@ class RedisStore:
             if probe and self._probe is sent:
                 # Published or not: not judged.
                 self._probe = None
-            return failure
+            # A refusal of its first write (it writes before it reads).
+            return _refused_write(failure)
 
         return self._eval(
             _HEARTBEAT,

@@ -109,9 +109,7 @@ ANSWER_TOO_DEEP = (
 )
 
 
-def encode_request(
-    wire: Wire, chat: ChatRequest, model: str, provider_id: str = "", offered: OfferedTools = NO_OFFERED_TOOLS
-) -> bytes:
+def encode_request(wire: Wire, chat: ChatRequest, model: str, provider_id: str, offered: OfferedTools) -> bytes:
     """
     The upstream body of C{chat} for C{model} in C{wire}'s format; with
     every tool call id plain when some id carries a payload and the wire

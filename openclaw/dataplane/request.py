@@ -269,6 +269,12 @@ class ChatRequest:
     #: through its schemas for one (Gemini's
     #: L{isolate_ref_siblings <openclaw.providers.gemini.translate.isolate_ref_siblings>}).
     references: bool = True
+    #: The body may hold a tool (declared, or called in its history) of a
+    #: type other than C{"function"}: one of the types some provider takes
+    #: is named in it, or a C{\\u} escape could spell one.  Only then is
+    #: it looked for (L{refuse_tool_types
+    #: <openclaw.providers.wire.refuse_tool_types>}).
+    other_tools: bool = True
 
     @property
     def model(self) -> Any:
@@ -445,8 +451,10 @@ def parse_chat_request(
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
         # OpenAI's rule (and Gemini's: its logprobs needs responseLogprobs).
         raise bad_request("top_logprobs needs logprobs: true; send both, or neither", param="top_logprobs")
-    references = b'"$ref"' in raw or b"\\u" in raw
-    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions, references)
+    escaped = b"\\u" in raw
+    references = escaped or b'"$ref"' in raw
+    other_tools = bool(tool_types) and (escaped or any(f'"{name}"'.encode() in raw for name in tool_types))
+    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools)
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:

@@ -231,6 +231,9 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
     @raise APIError: 400 naming C{tools[<i>]} or
         C{messages[<i>].tool_calls[<j>]}.
     """
+    if not chat.other_tools:
+        # No type but functions is named in the body: nothing to look for.
+        return
     taken = {tool_type.name for tool_type in wire.tool_types}
     if taken >= offered.types.keys():
         # Every type a checked request can hold: nothing to look for.
