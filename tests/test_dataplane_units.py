@@ -19,13 +19,14 @@ from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.call import encode_request
 from openclaw.dataplane.callids import plain
 from openclaw.dataplane.errors import APIError
-from openclaw.dataplane.request import choose_route, parse_chat_request
+from openclaw.dataplane.request import ChatRequest, choose_route, parse_chat_request
 from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.gemini.callids import MAX_PAYLOAD, carried, new_call_id
 from openclaw.providers.gemini.translate import GeminiWire
+from openclaw.providers.kimi import KimiAdapter
 from openclaw.providers.openai_compatible import OpenAIWire
-from openclaw.providers.wire import MalformedAnswer, ModelFailed, StreamBroken
+from openclaw.providers.wire import MalformedAnswer, ModelFailed, OfferedTools, StreamBroken
 from openclaw.routing import Route
 
 
@@ -648,11 +649,13 @@ class CallIdTests(SynchronousTestCase):
         ]
         chat = parse_chat_request(orjson.dumps({"messages": messages}))
         self.assertTrue(chat.carried_ids)
-        sent = orjson.loads(encode_request(OpenAIWire(), chat, "kimi-k2"))["messages"]
+        sent = orjson.loads(encode_request(OpenAIWire(), chat, "kimi-k2", "kimi", OfferedTools()))["messages"]
         self.assertEqual(sent[1]["tool_calls"][0]["id"], plain(call_id))
         self.assertEqual(sent[2]["tool_call_id"], plain(call_id))
         self.assertEqual(chat.body["messages"], messages)
-        contents = orjson.loads(encode_request(GeminiWire(), chat, "gemini-2.5-pro"))["contents"]
+        contents = orjson.loads(encode_request(GeminiWire(), chat, "gemini-2.5-pro", "gemini", OfferedTools()))[
+            "contents"
+        ]
         self.assertEqual(contents[1]["parts"][0]["thoughtSignature"], "sig-A")
         self.assertEqual(contents[1]["parts"][0]["functionCall"]["id"], "fc-1")
 
@@ -744,3 +747,39 @@ class ToolTranslationTests(SynchronousTestCase):
         self.assertEqual([c["function"]["arguments"] for c in calls], ['{"a":1}', '{"a":2}'])
         self.assertNotEqual(calls[0]["id"], calls[1]["id"])
         self.assertEqual(completion["usage"]["prompt_tokens_details"], {"cached_tokens": 1})
+
+
+class OtherToolsTests(SynchronousTestCase):
+    """
+    A request's tools of types other than functions are looked for (and
+    refused where the provider does not take them) only when the body
+    names one of the types offered, or holds a \\u escape that could spell
+    one: a plain request costs Gemini's calls no walk of its history.
+    """
+
+    def setUp(self) -> None:
+        self.offered = OfferedTools.of([("kimi", KimiAdapter.wire), ("gemini", GeminiWire())])
+
+    def parsed(self, raw: bytes) -> ChatRequest:
+        return parse_chat_request(raw, tool_types=self.offered.types)
+
+    def test_flag(self) -> None:
+        plain = self.parsed(b'{"messages": [{"role": "user", "content": "hi"}]}')
+        self.assertFalse(plain.other_tools)
+        named = b'{"messages": [{"role": "user", "content": "hi"}], "tools": [%s]}'
+        builtin = self.parsed(named % b'{"type": "builtin_function", "function": {"name": "$web_search"}}')
+        self.assertTrue(builtin.other_tools)
+        escaped = self.parsed(named % b'{"type": "\\u0062uiltin_function", "function": {"name": "$web_search"}}')
+        self.assertTrue(escaped.other_tools)
+        self.assertFalse(parse_chat_request(named % b'{"type": "function", "function": {"name": "f"}}').other_tools)
+
+    def test_escaped_type_refused_for_gemini(self) -> None:
+        raw = (
+            b'{"messages": [{"role": "user", "content": "hi"}], '
+            b'"tools": [{"type": "\\u0062uiltin_function", "function": {"name": "$web_search"}}]}'
+        )
+        chat = self.parsed(raw)
+        with self.assertRaises(APIError) as caught:
+            encode_request(GeminiWire(), chat, "gemini-2.5-pro", "gemini", self.offered)
+        self.assertEqual(caught.exception.param, "tools[0]")
+        encode_request(KimiAdapter.wire, chat, "kimi-k2", "kimi", self.offered)

@@ -84,8 +84,6 @@ from openclaw.providers.wire import (
 )
 from openclaw.routing import FallbackReason, Route
 
-#: No provider takes a tool type beside functions.
-NO_OFFERED_TOOLS = OfferedTools()
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
 _DONE_EVENT = encode(DONE)
