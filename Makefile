@@ -16,8 +16,9 @@ run: $(RUN_STAMP)
 
 # The whole suite once, under pytest with pytest-twisted: the integration
 # tests are trial TestCases, and `make trial` runs the same suite under
-# Twisted's own runner (both must pass; once each in `make test` took 18 to
-# 20 minutes on a slow two-core host, past the 15 that CI allows).  Each
+# Twisted's own runner (both must pass; once under each in `make test` took
+# longer on a slow two-core host than the 15 minutes CI allows: see
+# bench/README.rst).  Each
 # runner runs them in TEST_JOBS worker processes (pytest-xdist's -n,
 # trial's -j; each test gets its own ports and temporary directories): the
 # tests mostly wait on processes and timers, so two workers halve the time

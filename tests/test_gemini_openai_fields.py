@@ -373,7 +373,9 @@ class RefusedTests(SynchronousTestCase):
             "gemini-3-pro-preview",
             "gemini-3.1-flash-lite",
             "gemini-3.12-pro",
+            "gemini-2.10-flash",
             "gemini-10-flash",
+            "gemini-100-flash",
         ):
             for penalty in ("presence_penalty", "frequency_penalty"):
                 for value in (0.5, -2, 2):
@@ -393,7 +395,13 @@ class RefusedTests(SynchronousTestCase):
 
     def test_one_candidate_on_gemini_3(self) -> None:
         # Google: "Multiple candidates is not enabled for this model".
-        for model in ("gemini-3-pro-preview", "models/gemini-3-flash-preview", "gemini-3.1-flash-lite", "gemini-4"):
+        for model in (
+            "gemini-3-pro-preview",
+            "models/gemini-3-flash-preview",
+            "gemini-3.1-flash-lite",
+            "gemini-4",
+            "gemini-100",
+        ):
             for n in (2, 8):
                 error = refused(chat(n=n), model)
                 self.assertEqual(error.param, "n", model)

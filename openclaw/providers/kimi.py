@@ -88,10 +88,21 @@ class MoonshotBuiltinTools:
         return name
 
     def check_call_name(self, name: str, at: str) -> None:
+        """
+        A call's name in a history must be one of L{BUILTIN_NAME}, as Kimi
+        answered it.
+
+        @raise APIError: 400 naming C{<at>.function.name}.
+        """
         if not BUILTIN_NAME.fullmatch(name):
             raise _not_builtin(f"{at}.function.name", "send the call back as Kimi answered it")
 
     def function_refusal(self, name: str, at: str, called: bool) -> str | None:
+        """
+        The 400's message for a function named as a built-in tool is
+        (L{BUILTIN_NAME}): declare it, or send its call back, with
+        C{"type": "builtin_function"}; None for any other name.
+        """
         if not BUILTIN_NAME.fullmatch(name):
             return None
         if called:
@@ -105,6 +116,10 @@ class MoonshotBuiltinTools:
         )
 
     def legacy_call_refusal(self, at: str) -> str:
+        """
+        The 400's message for a legacy C{function_call} naming a built-in
+        tool: its call goes back in C{tool_calls}, with its type.
+        """
         return (
             f"{at}.function_call names one of Moonshot's built-in tools: send its call back in "
             'tool_calls with "type": "builtin_function", as Kimi answered it'

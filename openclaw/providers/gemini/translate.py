@@ -178,7 +178,7 @@ PENALTIES = ("presence_penalty", "frequency_penalty")
 #: Google moves from one model to the next; C{gemini-exp-*}) are not
 #: classified: Google's own answer stands for them, as refusing here could
 #: refuse what the model named today takes.
-PENALTY_REFUSED = re.compile(r"gemini-(?:2\.[5-9]|[3-9]|[1-9][0-9])(?![0-9])")
+PENALTY_REFUSED = re.compile(r"gemini-(?:2\.(?:[5-9]|[1-9][0-9]+)|[3-9]|[1-9][0-9]+)(?![0-9])")
 #: The models that answer one candidate only: Google refuses a
 #: C{candidateCount} over 1 on Gemini 3 and later ("Multiple candidates is
 #: not enabled for this model": googleapis/js-genai #1609 on
@@ -186,7 +186,7 @@ PENALTY_REFUSED = re.compile(r"gemini-(?:2\.[5-9]|[3-9]|[1-9][0-9])(?![0-9])")
 #: googleapis/python-genai #1723 on gemini-3-pro-preview); Gemini 2.5 takes
 #: up to L{MAX_CANDIDATES}.  Names without a version are left to Google's
 #: answer, as for L{PENALTY_REFUSED}.
-ONE_CANDIDATE = re.compile(r"gemini-(?:[3-9]|[1-9][0-9])(?![0-9])")
+ONE_CANDIDATE = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
@@ -681,8 +681,8 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
         if value and PENALTY_REFUSED.match(bare):
             raise bad_request(
                 f"{penalty} is {value}: Gemini {bare} takes no penalty (Google refuses any but 0 on Gemini 2.5 "
-                f"and later models); send {penalty} 0 or leave it out, or use a model that takes it (a kimi "
-                "model, or gemini-2.0-*)",
+                f"and later models); send {penalty} 0 or leave it out, or use a model that takes it (gemini-2.0-*, "
+                "or another provider's)",
                 param=penalty,
             )
     for name, gemini_name, low in INT32_FIELDS:
