@@ -1042,6 +1042,30 @@ class StoreRefusals(ClusterCase):
         self.assertTrue(answer["ok"], answer)
 
     @inlineCallbacks
+    def test_refused_heartbeats_keep_the_store_up(self):
+        """
+        Redis refusing writes for a while (out of memory): its refusal of
+        the heartbeats is said once with what to do, and the instance
+        stays in step, its commands answered with Redis's refusal (after
+        two heartbeats it went down, and commands answered "unavailable").
+        """
+        a = self.spawn()
+        token = yield a.token
+        on_a = yield self.client(a.port)
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "maxmemory", "1").startswith(b"+OK"))
+        self.addCleanup(redis_command, self.redis, "CONFIG", "SET", "maxmemory", "0")
+        yield printed(a, b"the cluster store refuses this instance's heartbeat (OOM command not allowed", seconds=30)
+        yield printed(a, b"every change is refused until it takes writes again: free memory in that Redis")
+        status = yield on_a.ask(token, "status")
+        self.assertEqual(status["result"]["cluster_store"], "up", status)
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertIn("refused the change: OOM command not allowed", answer.get("error", ""), answer)
+        self.assertTrue(redis_command(self.redis, "CONFIG", "SET", "maxmemory", "0").startswith(b"+OK"))
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        self.assertEqual(a.stdout.count(b"refuses this instance's heartbeat"), 1)
+
+    @inlineCallbacks
     def snapshot_failed(self) -> Any:
         """
         Wait for Redis's background save to fail (it writes the snapshot in
