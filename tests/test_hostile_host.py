@@ -307,6 +307,27 @@ def _gateway_args(token_file: Path, state: Path) -> list[str]:
     ]
 
 
+def _sticky_directory(base: Path) -> Path:
+    """
+    C{base}/sticky, a world-writable sticky directory (as /tmp is).
+    """
+    sticky = base / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    return sticky
+
+
+def _planted(path: Path) -> Path:
+    """
+    An empty file at C{path} that another user (uid 4242) planted there,
+    writable by all.
+    """
+    path.write_bytes(b"")
+    path.chmod(0o666)
+    os.chown(path, 4242, 4242)
+    return path
+
+
 def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) -> Any:
     """
     C{twistd -n openclaw} run as L{NOBODY} with C{token_file} and
@@ -367,13 +388,8 @@ class TokenFilePlantedTests(TestCase):
         state = base / "state"
         state.mkdir(mode=0o700)
         os.chown(state, NOBODY, NOBODY)
-        sticky = base / "sticky"
-        sticky.mkdir()
-        sticky.chmod(0o1777)
-        token_file = sticky / "token"
-        token_file.write_bytes(b"")
-        token_file.chmod(0o666)
-        os.chown(token_file, 4242, 4242)
+        sticky = _sticky_directory(base)
+        token_file = _planted(sticky / "token")
         out, err, code = yield _gateway_as_nobody(setpriv, base, token_file, state)
         self.assertEqual(code, 2, (out, err))
         self.assertNotIn(b"Traceback", out + err)
@@ -401,13 +417,8 @@ class TokenFilePlantedTests(TestCase):
         base = Path(tempfile.mkdtemp(prefix="oc-planted-"))
         self.addCleanup(shutil.rmtree, base, True)
         base.chmod(0o755)
-        sticky = base / "sticky"
-        sticky.mkdir()
-        sticky.chmod(0o1777)
-        lock = sticky / "token.lock"
-        lock.write_bytes(b"")
-        lock.chmod(0o666)
-        os.chown(lock, 4242, 4242)
+        sticky = _sticky_directory(base)
+        lock = _planted(sticky / "token.lock")
         out, err, code = yield _gateway_as_nobody(setpriv, base, sticky / "token", sticky / "state")
         self.assertEqual(code, 2, (out, err))
         (line,) = err.decode().splitlines()
