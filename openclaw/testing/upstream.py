@@ -1262,11 +1262,11 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, mo
 #: C{frequencyPenalty} other than 0 ("Penalty is not enabled for
 #: models/<model>"): 2.5 and later (google-gemini/cookbook #1290,
 #: vercel/ai #8943, BerriAI/litellm #26108).
-NO_PENALTY_MODELS = re.compile(r"gemini-(?:2\.[5-9]|[3-9]|[1-9][0-9])(?![0-9])")
+NO_PENALTY_MODELS = re.compile(r"gemini-(?:2\.(?:[5-9]|[1-9][0-9]+)|[3-9]|[1-9][0-9]+)(?![0-9])")
 #: The Gemini models Google refuses a C{candidateCount} over 1 ("Multiple
 #: candidates is not enabled for this model"): 3 and later
 #: (googleapis/js-genai #1609, googleapis/python-genai #1723).
-ONE_CANDIDATE_MODELS = re.compile(r"gemini-(?:[3-9]|[1-9][0-9])(?![0-9])")
+ONE_CANDIDATE_MODELS = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
 
 
 def _first_ref(value: Any) -> str | None:
