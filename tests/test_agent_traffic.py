@@ -14,6 +14,8 @@ import base64
 import json
 import math
 import struct
+import urllib.error
+import urllib.request
 from typing import Any, ClassVar
 
 import openai
@@ -114,6 +116,21 @@ def ask(client: openai.OpenAI, messages: list[Any], stream: bool, **extra: Any) 
         "usage": completion.usage,
         "message": message,
     }
+
+
+def standin_post(url: str, body: Any, key: str) -> tuple[int, Any]:
+    """
+    POST C{body} to the stand-in directly (blocking: call in a thread);
+    its status and JSON answer.
+    """
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"x-goog-api-key": key, "content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 
 
 def echoed(answer: dict[str, Any]) -> dict[str, Any]:
@@ -861,6 +878,37 @@ class ContentTests(DataPlaneTestCase):
             ],
         )
         self.assertEqual(self.upstream.kimi.last_body["messages"][0]["content"], parts)
+
+    @inlineCallbacks
+    def test_cloud_storage_url(self):
+        """
+        A C{gs://} image URL: the Gemini API refuses it ("Invalid or
+        unsupported file uri", as the stand-in does), so a call to Gemini is
+        the gateway's 400 naming the part, nothing sent; Kimi (an
+        OpenAI-shaped provider judges its own URLs) gets it as sent.
+        """
+        client = self.sdk(self.gateway())
+        parts = [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "gs://my-bucket/cat.png"}},
+        ]
+        messages = [{"role": "user", "content": parts}]
+        with self.assertRaises(openai.BadRequestError) as caught:
+            yield deferToThread(client.chat.completions.create, model="gpt-4o", messages=messages)
+        self.assertEqual(caught.exception.body["param"], "messages[0].content[1].image_url.url")
+        self.assertIn("gs:// (Cloud Storage) URL, which the Gemini API does not read", caught.exception.message)
+        self.assertEqual(self.upstream.gemini.requests, 0)
+        yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=messages)
+        self.assertEqual(self.upstream.kimi.last_body["messages"][0]["content"], parts)
+        # The stand-in answers as Google does, were one sent.
+        sent = {"contents": [{"role": "user", "parts": [{"fileData": {"fileUri": "gs://b/c.png"}}]}]}
+        status, document = yield deferToThread(
+            standin_post,
+            self.upstream.base_url("gemini") + "/models/gemini-2.5-flash:generateContent",
+            sent,
+            self.upstream.gemini.key,
+        )
+        self.assertEqual((status, document["error"]["message"]), (400, "Invalid or unsupported file uri: gs://b/c.png"))
 
     @inlineCallbacks
     def test_json_schema(self):

@@ -425,7 +425,7 @@ class ImageTypeTests(SynchronousTestCase):
     def test_path_only(self) -> None:
         self.assertEqual(self.sent_type("https://example.com/a.webp#frag"), "image/webp")
         self.assertEqual(self.sent_type("https://example.com/a.PNG?x=1.html#y.gif"), "image/png")
-        self.assertEqual(self.sent_type("gs://bucket/dir/photo.heic"), "image/heic")
+        self.assertEqual(self.sent_type("https://storage.googleapis.com/bucket/dir/photo.heic"), "image/heic")
         self.assertEqual(self.sent_type("https://example.com/a.jpeg"), "image/jpeg")
 
     def test_scheme_in_any_case(self) -> None:
@@ -437,15 +437,31 @@ class ImageTypeTests(SynchronousTestCase):
         for url, sent in (
             ("HTTPS://Example.com/A.png", "https://Example.com/A.png"),
             ("Http://example.com/a", "http://example.com/a"),
-            ("GS://bucket/Photo.PNG", "gs://bucket/Photo.PNG"),
         ):
             part = gemini.to_gemini(image(url))["contents"][0]["parts"][0]
             self.assertEqual(part["fileData"]["fileUri"], sent)
+        # gs:// in any case is refused (CloudStorageTests).
+        self.assertIn("gs:// (Cloud Storage)", refused(image("GS://bucket/Photo.PNG")).message)
         with self.assertRaises(APIError) as caught:
             image("HTTPS://user:s3cret@example.com/a.png")
         self.assertIn("user name or password", caught.exception.message)
         with self.assertRaises(APIError):
             image("FTP://example.com/a.png")
+
+    def test_cloud_storage_refused(self) -> None:
+        """
+        A C{gs://} image URL, which the Gemini API does not read (Google:
+        "Invalid or unsupported file uri"; googleapis/python-genai #71), is
+        a 400 naming the part and saying what to send instead, before
+        anything is sent.
+        """
+        for url in ("gs://bucket/dir/photo.png", "GS://bucket/Photo.PNG", "gs://bucket/image"):
+            error = refused(image(url))
+            self.assertEqual(error.param, "messages[0].content[0].image_url.url", url)
+            self.assertIn("is a gs:// (Cloud Storage) URL, which the Gemini API does not read", error.message)
+            self.assertIn("https://storage.googleapis.com/<bucket>/<object>", error.message)
+            self.assertIn("base64 data URL", error.message)
+            self.assertNotIn("bucket/", error.message.replace("<bucket>/", ""))
 
     def test_no_extension(self) -> None:
         self.assertEqual(self.sent_type("https://example.com/image"), "image/jpeg")

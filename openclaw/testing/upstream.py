@@ -1186,7 +1186,8 @@ def gemini_logprobs(parts: Sequence[dict[str, Any]], top: int | None) -> dict[st
 
 def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, model: str) -> None:
     """
-    Refuse what the real API refuses, in its words: empty text, a function
+    Refuse what the real API refuses, in its words: empty text, a
+    C{gs://} C{fileUri} (which only Vertex AI reads), a function
     response turn that does not answer the call turn right before it, a
     Gemini 3 model turn whose first call is unsigned, a C{"$ref"} in a
     function response, JSON Schema keywords in C{parameters}, a C{"$ref"}
@@ -1207,6 +1208,12 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, mo
             raise Reject(400, "* GenerateContentRequest.contents.parts: contents.parts must not be empty.")
         if any(p.get("text") == "" for p in parts):
             raise Reject(400, "Unable to submit request because it has an empty text parameter.")
+        for part in parts:
+            uri = (part.get("fileData") or {}).get("fileUri")
+            if isinstance(uri, str) and uri.lower().startswith("gs://"):
+                # The Gemini API reads no Cloud Storage URL, only Vertex AI
+                # does (googleapis/python-genai #71).
+                raise Reject(400, f"Invalid or unsupported file uri: {uri}")
         calls = [p for p in parts if "functionCall" in p]
         if calls and behaviour.require_signatures:
             signature = calls[0].get("thoughtSignature")

@@ -267,7 +267,8 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
         C{reasoning_effort} differently).
     @raise APIError: 400 naming the field, for what Gemini cannot do or
         would refuse (L{refuse_unsupported}), for an image that is not
-        of a type Gemini takes (L{image_type}, L{data_image_type}), and
+        of a type Gemini takes (L{image_type}, L{data_image_type}) or
+        given by a C{gs://} URL (L{cloud_storage_refused}), and
         for an assistant message with tool calls that no user turn comes
         before (L{no_turn_before_calls}).
     """
@@ -839,11 +840,13 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
 def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     """
     C{inlineData} for a base64 data URL (its media type in lower case),
-    C{fileData} for an image URL, its scheme in lower case (the gateway
-    never fetches it: Gemini does, or refuses).
+    C{fileData} for an C{http(s)://} image URL, its scheme in lower case
+    (the gateway never fetches it: Gemini does, or refuses).
 
     @param image: the URL is an C{image_url}'s: a data URL's type is
         checked (L{data_image_type}).
+    @raise APIError: 400 naming C{where} for a C{gs://} URL
+        (L{cloud_storage_refused}).
     """
     match = DATA_URL.match(url)
     if match is not None:
@@ -852,7 +855,30 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
             media_type = data_image_type(media_type, where)
         return {"inlineData": {"mimeType": media_type, "data": url[match.end() :]}}
     scheme, colon, rest = url.partition(":")
+    if scheme.lower() == "gs":
+        raise cloud_storage_refused(where)
     return {"fileData": {"fileUri": scheme.lower() + colon + rest, "mimeType": image_type(url, where)}}
+
+
+def cloud_storage_refused(where: str) -> APIError:
+    """
+    400 naming C{where}, a C{gs://} (Cloud Storage) image URL: the Gemini
+    API does not read one, only Vertex AI does.  Google refuses it
+    ("Invalid or unsupported file uri: gs://...": googleapis/python-genai
+    #71, google-gemini/deprecated-generative-ai-python #357, whose own
+    tests expect a 400 for a C{gs://} C{file_uri} on the Gemini API), and
+    its Files API takes Cloud Storage objects only by registration
+    (C{files:register}, with OAuth credentials of the key's project:
+    U{https://ai.google.dev/gemini-api/docs/file-input-methods}), whose
+    file is then named by its own URI, not the C{gs://} one.  The Gemini
+    API fetches C{https://} URLs, public or signed.
+    """
+    return bad_request(
+        f"{where} is a gs:// (Cloud Storage) URL, which the Gemini API does not read (only Vertex AI does): send "
+        "an https:// URL Gemini can fetch (a public or signed URL of the object, such as "
+        "https://storage.googleapis.com/<bucket>/<object>), or the image itself as a base64 data URL",
+        param=where,
+    )
 
 
 def data_image_type(media_type: str, where: str = "image_url.url") -> str:
