@@ -1117,6 +1117,8 @@ class EmbeddingTests(DataPlaneTestCase):
 
     @inlineCallbacks
     def test_base64_is_little_endian_float32(self):
+        # Another embedding model the provider serves, named in the answer.
+        self.upstream.gemini.embedding_models.append("other-embedding")
         gateway = self.gateway()
         response, text = yield self.post(
             gateway,
@@ -1130,6 +1132,21 @@ class EmbeddingTests(DataPlaneTestCase):
         expected = struct.unpack("<8f", struct.pack("<8f", *unit_length([((2 + i) % 7) / 8 - 0.25 for i in range(8)])))
         self.assertEqual(values, list(expected))
         self.assertEqual(document["model"], "other-embedding")
+
+    @inlineCallbacks
+    def test_unknown_model(self):
+        """
+        An embedding model the provider does not serve (a chat model
+        included) is Google's 404 NOT_FOUND, as the stand-in answers it:
+        passed on as a 404 naming the model.
+        """
+        gateway = self.gateway()
+        for model in ("other-embedding", "gemini-2.5-flash"):
+            response, text = yield self.post(
+                gateway, {"input": "ab", "model": f"gemini/{model}"}, path="/v1/embeddings"
+            )
+            self.assertEqual(response.code, 404, text)
+            self.assertIn(f"models/{model} is not found", json.loads(text)["error"]["message"])
 
     @inlineCallbacks
     def test_many_inputs_in_batches(self):

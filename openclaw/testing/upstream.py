@@ -143,6 +143,9 @@ class ProviderBehaviour:
     key: str
     #: Model ids it lists (Gemini ones without the C{models/} prefix).
     models: list[str]
+    #: Gemini: the models C{batchEmbedContents} serves; another (a chat
+    #: model included) is answered 404 NOT_FOUND, as Google answers it.
+    embedding_models: list[str] = attrs.field(factory=lambda: ["gemini-embedding-001"])
     #: A L{Mode} or its string value.
     mode: str = Mode.OK
     #: Seconds to wait before answering (never blocks: C{callLater}).
@@ -1332,10 +1335,15 @@ def gemini_embed(request: Request, behaviour: ProviderBehaviour, model: str) -> 
     """
     C{POST /v1beta/models/<model>:batchEmbedContents}: a vector per text,
     made from the text (so equal texts get equal vectors), of
-    C{outputDimensionality} numbers (8 when not asked).
+    C{outputDimensionality} numbers (8 when not asked); a model not in
+    C{embedding_models} is a 404 NOT_FOUND in Google's words, as for chat.
     """
     body = behaviour.last_body = _json_body(request)
     _received(request, behaviour, body)
+    if model not in behaviour.embedding_models:
+        raise Reject(
+            404, f"models/{model} is not found for API version v1beta, or is not supported for batchEmbedContents."
+        )
     requests = body.get("requests") if isinstance(body, dict) else None
     if not isinstance(requests, list) or not requests:
         raise Reject(400, "* BatchEmbedContentsRequest.requests: requests is not specified")
