@@ -880,6 +880,29 @@ class ContentTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.kimi.last_body["messages"][0]["content"], parts)
 
     @inlineCallbacks
+    def test_image_detail(self):
+        """
+        An image's C{detail} reaches a Gemini 3 model as the part's
+        C{mediaResolution}; Gemini 2.5 gets the part without it.
+        """
+        self.upstream.gemini.models.append("gemini-3-flash-preview")
+        client = self.sdk(self.gateway())
+        parts = [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": "high"}},
+        ]
+        image = {"fileData": {"fileUri": "https://example.com/cat.png", "mimeType": "image/png"}}
+        for model, sent in (
+            ("gemini/gemini-3-flash-preview", {**image, "mediaResolution": {"level": "MEDIA_RESOLUTION_HIGH"}}),
+            ("gemini/gemini-2.5-flash", image),
+        ):
+            completion = yield deferToThread(
+                client.chat.completions.create, model=model, messages=[{"role": "user", "content": parts}]
+            )
+            self.assertEqual(completion.choices[0].message.content, "Hello from the stand-in.")
+            self.assertEqual(self.upstream.gemini.last_body["contents"][0]["parts"][1], sent, model)
+
+    @inlineCallbacks
     def test_cloud_storage_url(self):
         """
         A C{gs://} image URL: the Gemini API refuses it ("Invalid or

@@ -463,6 +463,47 @@ class ImageTypeTests(SynchronousTestCase):
             self.assertIn("base64 data URL", error.message)
             self.assertNotIn("bucket/", error.message.replace("<bucket>/", ""))
 
+    def test_detail_as_media_resolution(self) -> None:
+        """
+        An image's C{detail} is Gemini's per-part C{mediaResolution} on the
+        models that take one (Gemini 3 and later: Google's media resolution
+        guide), "auto" none; elsewhere (Gemini 2, 1, names without a
+        version) it is left out, never refused.
+        """
+
+        def sent(detail: str | None, model: str) -> dict[str, Any]:
+            url = {"url": "https://example.com/a.png", **({} if detail is None else {"detail": detail})}
+            body = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": url}]}])
+            return dict(gemini.to_gemini(body, model)["contents"][0]["parts"][0])
+
+        file_data = {"fileData": {"fileUri": "https://example.com/a.png", "mimeType": "image/png"}}
+        for model in ("gemini-3-flash-preview", "models/gemini-3.1-pro-preview", "gemini-4", "gemini-10-pro"):
+            for detail, level in (("low", "MEDIA_RESOLUTION_LOW"), ("high", "MEDIA_RESOLUTION_HIGH")):
+                self.assertEqual(sent(detail, model), {**file_data, "mediaResolution": {"level": level}}, model)
+            self.assertEqual(sent("auto", model), file_data)
+            self.assertEqual(sent(None, model), file_data)
+        for model in ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-flash-latest", "gemini-exp-1206", ""):
+            for detail in ("low", "high", "auto", None):
+                self.assertEqual(sent(detail, model), file_data, (model, detail))
+        # A data URL's part too.
+        body = chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+                    ],
+                }
+            ]
+        )
+        self.assertEqual(
+            gemini.to_gemini(body, "gemini-3-flash-preview")["contents"][0]["parts"][0],
+            {
+                "inlineData": {"mimeType": "image/png", "data": "AAAA"},
+                "mediaResolution": {"level": "MEDIA_RESOLUTION_LOW"},
+            },
+        )
+
     def test_no_extension(self) -> None:
         self.assertEqual(self.sent_type("https://example.com/image"), "image/jpeg")
         self.assertEqual(self.sent_type("https://example.com/"), "image/jpeg")

@@ -187,6 +187,16 @@ PENALTY_REFUSED = re.compile(r"gemini-(?:2\.(?:[5-9]|[1-9][0-9]+)|[3-9]|[1-9][0-
 #: up to L{MAX_CANDIDATES}.  Names without a version are left to Google's
 #: answer, as for L{PENALTY_REFUSED}.
 ONE_CANDIDATE = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
+#: The models that take a C{mediaResolution} per part (Gemini 3 and
+#: later, by name: U{https://ai.google.dev/gemini-api/docs/media-resolution},
+#: "Per part (Gemini 3 only)"; the google-genai SDK sends a part's
+#: C{media_resolution} to the Gemini API as C{mediaResolution: {level}}).
+#: Names without a version (the C{-latest} aliases) are not classified: an
+#: image's C{detail} is left out there, as on Gemini 2 and 1.
+PER_PART_RESOLUTION = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
+#: An image's C{detail} as Gemini's C{mediaResolution.level}; "auto" (and
+#: no detail) sends none, Gemini's default.
+MEDIA_RESOLUTIONS = MappingProxyType({"low": "MEDIA_RESOLUTION_LOW", "high": "MEDIA_RESOLUTION_HIGH"})
 #: An image URL whose type cannot be told from its name.
 DEFAULT_IMAGE_TYPE = "image/jpeg"
 #: The image types Gemini takes, by file extension
@@ -281,6 +291,7 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
     #: the results that follow it go in that order.
     order: dict[str, int] = {}
     messages = body["messages"]
+    resolution = PER_PART_RESOLUTION.match(model.removeprefix("models/")) is not None
     i = 0
     while i < len(messages):
         message = messages[i]
@@ -297,12 +308,12 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
         where = f"messages[{i}].content"
         i += 1
         if role == "system":
-            system.extend(_parts(message["content"], where))
+            system.extend(_parts(message["content"], where, resolution))
         elif role == "user":
-            _append(contents, "user", _parts(message["content"], where))
+            _append(contents, "user", _parts(message["content"], where, resolution))
         else:
             content = message.get("content")
-            parts = [] if content is None else _parts(content, where)
+            parts = [] if content is None else _parts(content, where, resolution)
             refusal = message.get("refusal")
             if refusal:
                 # The assistant's words, as a refusal content part is.
@@ -812,12 +823,17 @@ def thinking_level(effort: str, model: str) -> str:
     return next((level for level in higher if level in levels), "high")
 
 
-def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[dict[str, Any]]:
+def _parts(
+    content: str | list[dict[str, Any]], where: str = "content", resolution: bool = False
+) -> list[dict[str, Any]]:
     """
     Gemini parts for OpenAI content; empty text never reaches Gemini.
 
     @param where: the content's place in the request
         (C{messages[<i>].content}), for a 400.
+    @param resolution: the model takes a C{mediaResolution} per part
+        (L{PER_PART_RESOLUTION}): an image's C{detail} "low" or "high" is
+        sent as one (L{MEDIA_RESOLUTIONS}); otherwise it is left out.
     """
     if isinstance(content, str):
         return [{"text": content}] if content else []
@@ -828,7 +844,11 @@ def _parts(content: str | list[dict[str, Any]], where: str = "content") -> list[
             if part[kind]:
                 parts.append({"text": part[kind]})
         elif kind == "image_url":
-            parts.append(_media(part["image_url"]["url"], f"{where}[{j}].image_url.url", image=True))
+            media = _media(part["image_url"]["url"], f"{where}[{j}].image_url.url", image=True)
+            level = MEDIA_RESOLUTIONS.get(part["image_url"].get("detail")) if resolution else None
+            if level is not None:
+                media["mediaResolution"] = {"level": level}
+            parts.append(media)
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
