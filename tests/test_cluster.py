@@ -505,6 +505,30 @@ class SeparateDatabases(ClusterCase):
             self.assertEqual(redis_database(url), database, url)
         self.assertEqual(RedisStore("redis://h:1/05", "c", 1, 1, reactor).channel, "c:5:events")
 
+    def test_channel_database(self) -> None:
+        """
+        The database of a cluster's channel, read back for the look for
+        namesakes in other databases: only a channel L{cluster_channel}
+        makes for that name is one; the glob escapes what it must.
+        """
+        from openclaw.cluster.redis import channel_database, channel_pattern, cluster_channel
+
+        for database in (0, 1, 5, 15, 100):
+            self.assertEqual(channel_database("edge", cluster_channel("edge", database)), database)
+        for channel in (
+            "edge:x:events",
+            "edge:-1:events",
+            "edge:events:x",
+            "edge2:events",
+            "other:edge:3:events",
+            "edge:3:4:events",
+            "edge:\u0663:events",
+            "edge:",
+        ):
+            self.assertIsNone(channel_database("edge", channel), channel)
+        self.assertEqual(channel_pattern("edge.prod_1-a"), "edge.prod_1-a:*events")
+        self.assertEqual(channel_pattern("a*b?[c]"), "a\\*b\\?\\[c\\]:*events")
+
     @inlineCallbacks
     def test_clusters_in_two_databases_do_not_steer_each_other(self):
         """

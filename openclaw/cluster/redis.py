@@ -327,6 +327,33 @@ def cluster_channel(prefix: str, database: int | None) -> str:
     return f"{prefix}:{database}:events" if database else f"{prefix}:events"
 
 
+def channel_database(prefix: str, channel: str) -> int | None:
+    """
+    The database whose cluster C{prefix} (C{CLUSTER_NAME}) has the channel
+    C{channel} (L{cluster_channel}'s inverse: C{<prefix>:events} is 0,
+    C{<prefix>:<N>:events} is N); L{None} for a channel that is no
+    cluster's of that name.
+    """
+    if not channel.endswith(":events"):
+        return None
+    if channel == f"{prefix}:events":
+        return 0
+    head, _, middle = channel.removesuffix(":events").rpartition(":")
+    if head != prefix or not (middle.isascii() and middle.isdigit()):
+        return None
+    return int(middle)
+
+
+def channel_pattern(prefix: str) -> str:
+    """
+    The C{PUBSUB CHANNELS} glob of every channel of a cluster named
+    C{prefix}, whatever its database (its glob characters escaped: a
+    C{CLUSTER_NAME} has none, but the pattern does not rely on it).
+    """
+    escaped = "".join(f"\\{c}" if c in "*?[]\\^" else c for c in prefix)
+    return f"{escaped}:*events"
+
+
 def redis_endpoint(url: str, reactor: IClientReactor, timeout: float) -> tuple[IStreamClientEndpoint, dict[str, Any]]:
     """
     The client endpoint of a C{REDIS_URL} and the connection's C{dbid},
@@ -1072,6 +1099,29 @@ class RedisStore:
             ],
             [str(ttl_seconds), instance, "1" if mark else "0", probe, *CHANGES],
         ).addCallbacks(heard, failed)
+
+    def other_databases(self) -> Deferred[tuple[int, ...]]:
+        """
+        See L{SharedStore.other_databases}: Redis's C{PUBSUB CHANNELS} with
+        L{channel_pattern} (the channels with a subscriber, server-wide;
+        it goes over the server's channels, never its keys), this store's
+        own channel left out.
+        """
+        if not self._factories:
+            return fail(txredisapi.ConnectionError("reconnecting to the cluster store"))
+        own = redis_database(self.url) or 0
+
+        def databases(reply: Any) -> tuple[int, ...]:
+            found: set[int] = set()
+            for item in reply or ():
+                channel = item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+                database = channel_database(self.prefix, channel)
+                if database is not None and database != own:
+                    found.add(database)
+            return tuple(sorted(found))
+
+        listed: Deferred[Any] = self._redis.execute_command("PUBSUB", "CHANNELS", channel_pattern(self.prefix))
+        return listed.addCallback(databases)
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self._factories:

@@ -181,6 +181,18 @@ class SharedStore(Protocol):
         seconds left.
         """
 
+    def other_databases(self) -> Deferred[tuple[int, ...]]:
+        """
+        The other databases of the same Redis server in which instances of
+        this cluster's C{CLUSTER_NAME} are listening now (their channel,
+        L{openclaw.cluster.redis.cluster_channel}, has a subscriber), in
+        ascending order; C{()} for none.  Such instances are another
+        cluster: they share nothing with this one but the name.
+
+        @raise Exception: (as a failure) the store would not say (an ACL
+            without C{PUBSUB}, a proxy without it) or could not be reached.
+        """
+
     def reconnect(self, reason: str) -> None:
         """
         The store's connections seem dead (C{reason}: calls keep failing):
@@ -220,6 +232,11 @@ class MemoryStore:
         self.reconnects: list[str] = []
         #: The counters of the changes published (L{Heartbeat.changes}).
         self.changes: dict[str, int] = {"consumers": 0, "expiring": 0}
+        #: What L{other_databases} answers: databases, or an exception to
+        #: fail with (a refusal).
+        self.namesakes: tuple[int, ...] | Exception = ()
+        #: How many times L{other_databases} was asked.
+        self.namesake_looks = 0
 
     def write(
         self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
@@ -331,6 +348,14 @@ class MemoryStore:
 
     def reconnect(self, reason: str) -> None:
         self.reconnects.append(reason)
+
+    def other_databases(self) -> Deferred[tuple[int, ...]]:
+        self.namesake_looks += 1
+        if not self.up:
+            return fail(ConnectionError("the store is down"))
+        if isinstance(self.namesakes, Exception):
+            return fail(self.namesakes)
+        return succeed(self.namesakes)
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
         if not self.up:
