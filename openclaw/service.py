@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterClock, ClusterNode
-from openclaw.cluster.redis import RedisStore
+from openclaw.cluster.redis import RedisStore, redis_database
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
@@ -433,6 +433,8 @@ class GatewayService(MultiService):
             where=masked_url(settings.redis_url),
             on_consumers=self.shared_consumers.missed,
             clock=self.cluster_clock,
+            cluster_name=settings.cluster_name,
+            database=redis_database(settings.redis_url) or 0,
         )
         self.lockout = SharedLockout(
             # Monotonic, as the standalone one (ControlFactory's): the
@@ -492,7 +494,11 @@ class GatewayService(MultiService):
         C{status}'s C{instance}, C{worker} and C{instances_seen}; in a
         cluster, C{cluster_store} (C{up}: reachable, and this instance in
         step with it; else C{down}), C{cluster_store_since} (when it last
-        changed) and, while down, C{cluster_store_error} (why, as logged).
+        changed), while down, C{cluster_store_error} (why, as logged), and
+        C{cluster_name_in_other_databases} (a list of database numbers)
+        while instances of the same C{CLUSTER_NAME} listen in other
+        databases of the same Redis (L{ClusterNode.other_databases}: another
+        cluster, as the log warns).
         """
         fields: dict[str, Any] = {
             "instance": self.instance,
@@ -505,6 +511,8 @@ class GatewayService(MultiService):
             fields["cluster_store_since"] = isoformat(cluster.up_since)
             if not cluster.up:
                 fields["cluster_store_error"] = cluster.down_reason
+            if cluster.other_databases:
+                fields["cluster_name_in_other_databases"] = list(cluster.other_databases)
         return fields
 
     def _adopted(self, token: SessionToken, here: bool, origin: str) -> None:

@@ -565,6 +565,109 @@ class SeparateDatabases(ClusterCase):
         self.assertIn(b"openclaw:3:events", channels)
         self.assertIn(b"openclaw:5:events", channels)
 
+    @inlineCallbacks
+    def test_namesakes_in_another_database_warned_of(self):
+        """
+        A on database 0 and B, its REDIS_URL's database mistyped (1), of
+        one CLUSTER_NAME: B warns as it joins that instances of its name
+        listen in database 0, naming both databases and what to do, and
+        its C{status} lists database 0; it serves all the same.  A, which
+        joined first, looks again when it comes back after an outage
+        (here, Redis closing the subscribed connections) and warns too; B
+        does not warn twice.
+        """
+        base = self.redis.url.rsplit("/", 1)[0]
+        a = self.spawn(REDIS_URL=f"{base}/0")
+        token_a = yield a.token
+        b = self.spawn(REDIS_URL=f"{base}/1")
+        token_b = yield b.token
+        warning = (
+            rb"ClusterNode#warn\] another cluster named openclaw is on database 0 of this Redis \(its instances "
+            rb"listen on its channel\), while this instance uses database 1 \(redis://127\.0\.0\.1:\d+/1\): the two "
+            rb"share nothing but the name: each has its own session token and route, .*; if they are meant to be one "
+            rb"cluster, set the same database in every instance's REDIS_URL; if not, give them different "
+            rb"CLUSTER_NAMEs, which silences this"
+        )
+        yield printed(b, b"another cluster named openclaw is on database 0")
+        self.assertRegex(b.stdout, warning)
+        on_b = yield self.client(b.port)
+        status = yield on_b.ask(token_b, "status")
+        self.assertEqual(status["result"]["cluster_name_in_other_databases"], [0], status)
+        self.assertEqual(status["result"]["cluster_store"], "up", status)
+        self.assertNotIn(b"another cluster named", a.stdout)
+
+        redis_command(self.redis, "CLIENT", "KILL", "TYPE", "pubsub")
+        yield printed(
+            a,
+            b"another cluster named openclaw is on database 1 of this Redis (its instances listen on its channel), while this instance uses database 0",
+        )
+        on_a = yield self.client(a.port)
+        deadline = time.monotonic() + 15
+        while True:
+            status = yield on_a.ask(token_a, "status")
+            if status["result"]["cluster_store"] == "up" or time.monotonic() > deadline:
+                break
+            yield sleep(0.1)
+        self.assertEqual(status["result"]["cluster_name_in_other_databases"], [1], status)
+        yield printed(b, b"cluster store up", 2)
+        yield sleep(1)
+        self.assertEqual(b.stdout.count(b"another cluster named"), 1)
+        # Neither the warning nor the look stopped anything.
+        status = yield on_b.ask(token_b, "status")
+        self.assertTrue(status["ok"], status)
+
+    @inlineCallbacks
+    def test_no_namesake_warning_in_one_database_or_under_another_name(self):
+        """
+        Two instances on database 0, and a third on database 1 under
+        another CLUSTER_NAME (the way to keep two clusters on one Redis
+        apart, said by the warning): no warning, and no
+        C{cluster_name_in_other_databases} in C{status}.
+        """
+        base = self.redis.url.rsplit("/", 1)[0]
+        a = self.spawn(REDIS_URL=f"{base}/0")
+        token = yield a.token
+        b = self.spawn(REDIS_URL=f"{base}/0")
+        yield b.token
+        c = self.spawn(REDIS_URL=f"{base}/1", CLUSTER_NAME="other")
+        token_c = yield c.token
+        # Each looked as it joined (an answer within milliseconds).
+        yield sleep(1.5)
+        for process in (a, b, c):
+            self.assertNotIn(b"another cluster named", process.stdout)
+        on_b = yield self.client(b.port)
+        status = yield on_b.ask(token, "status")
+        self.assertEqual(status["result"]["instances_seen"], 2, status)
+        self.assertNotIn("cluster_name_in_other_databases", status["result"])
+        on_c = yield self.client(c.port)
+        status = yield on_c.ask(token_c, "status")
+        self.assertNotIn("cluster_name_in_other_databases", status["result"])
+
+    @inlineCallbacks
+    def test_namesakes_unknown_without_pubsub(self):
+        """
+        An ACL user without C{PUBSUB}: the instance joins and serves as
+        ever, saying at debug level, once, that it could not look.
+        """
+        self.assertTrue(redis_command(self.redis, "ACL", "SETUSER", "default", "-pubsub").startswith(b"+OK"))
+        self.addCleanup(redis_command, self.redis, "ACL", "SETUSER", "default", "+@all")
+        base = self.redis.url.rsplit("/", 1)[0]
+        a = self.spawn(REDIS_URL=f"{base}/0")
+        yield a.token
+        b = self.spawn(REDIS_URL=f"{base}/1", LOG_LEVEL="debug")
+        token_b = yield b.token
+        yield printed(b, b"could not look for instances of cluster openclaw in other databases")
+        self.assertRegex(b.stdout, rb"\(PUBSUB CHANNELS\): NOPERM")
+        on_b = yield self.client(b.port)
+        status = yield on_b.ask(token_b, "status")
+        self.assertEqual(status["result"]["cluster_store"], "up", status)
+        self.assertNotIn("cluster_name_in_other_databases", status["result"])
+        redis_command(self.redis, "CLIENT", "KILL", "TYPE", "pubsub")
+        yield printed(b, b"cluster store up", 2)
+        yield sleep(1)
+        self.assertEqual(b.stdout.count(b"could not look for instances"), 1)
+        self.assertNotIn(b"another cluster named", a.stdout + b.stdout)
+
 
 class StoreTroubleTests(ClusterCase):
     """

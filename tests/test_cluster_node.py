@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogLevel, textFileLogObserver
+from twisted.logger import ILogObserver, LogLevel, formatEvent, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -582,6 +582,160 @@ class Healing(TestCase):
         factory.maxDelay = 5.0
         delays = [factory.retryDelay(attempt) for attempt in range(1, 400)]
         self.assertLessEqual(max(delays), 5.0)
+
+
+class Namesakes(TestCase):
+    """
+    Instances of the same CLUSTER_NAME in another database of the same
+    Redis (a database mistyped in one REDIS_URL makes a second cluster of
+    that name): looked for when a node comes up and every
+    NAMESAKE_CHECK_SECONDS after, warned of once, never fatal.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+        self.events = capture_log_events(self)
+
+    def node(self, database: int = 0) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            "a",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            where=f"redis://r:6379/{database}",
+            cluster_name="edge",
+            database=database,
+        )
+        node.connected()
+        node.start()
+        self.addCleanup(node.stop)
+        return node
+
+    def advance(self, seconds: int) -> None:
+        """
+        C{seconds} in steps of 1 s: a heartbeat every 10 (a L{LoopingCall}
+        skips the beats one long step misses).
+        """
+        for _ in range(seconds):
+            self.clock.advance(1)
+
+    def said(self, text: str, level: LogLevel = LogLevel.warn) -> list[dict[str, Any]]:
+        return [e for e in self.events if text in e.get("log_format", "") and e["log_level"] == level]
+
+    def test_looked_for_on_joining_then_every_minute(self) -> None:
+        """
+        The node looks as it comes up (none found: nothing said), then at
+        the first heartbeat a minute later, not at every one; a database
+        found is warned of once, naming both databases, the store and what
+        to do, and listed in C{other_databases} (C{status}'s) until gone.
+        """
+        a = self.node(database=1)
+        self.assertEqual(self.store.namesake_looks, 1)
+        self.assertEqual(a.other_databases, ())
+        self.store.namesakes = (0, 3)
+        self.advance(50)
+        self.assertEqual(self.store.namesake_looks, 1)
+        self.assertEqual(self.said("another cluster named"), [])
+        self.advance(10)
+        self.assertEqual(self.store.namesake_looks, 2)
+        self.assertEqual(a.other_databases, (0, 3))
+        [warning] = self.said("another cluster named")
+        text = formatEvent(warning)
+        self.assertTrue(
+            text.startswith(
+                "another cluster named edge is on databases 0 and 3 of this Redis (its instances listen on its "
+                "channel), while this instance uses database 1 (redis://r:6379/1): the two share nothing but the "
+                "name: each has its own session token and route, and switch_provider, rotate_token, lockouts and "
+                "consumer changes on one do not reach the other (or instances of a version before the channel "
+                "named its database are still running: they listen on database 0's, edge:events, whatever their "
+                "database); "
+            ),
+            text,
+        )
+        self.assertTrue(
+            text.endswith(
+                "if they are meant to be one cluster, set the same database in every instance's REDIS_URL; if not, "
+                "give them different CLUSTER_NAMEs, which silences this"
+            ),
+            text,
+        )
+        self.assertTrue(a.up)
+        # Said once while it stays; again for a database new since.
+        self.advance(120)
+        self.assertEqual(len(self.said("another cluster named")), 1)
+        self.store.namesakes = (0, 3, 7)
+        self.advance(60)
+        self.assertEqual(len(self.said("another cluster named")), 2)
+        self.assertIn("on databases 0, 3 and 7 of this Redis", formatEvent(self.said("another cluster named")[-1]))
+        self.store.namesakes = ()
+        self.advance(60)
+        self.assertEqual(a.other_databases, ())
+        self.assertEqual(len(self.said("no other cluster named", LogLevel.info)), 1)
+
+    def test_database_0_of_its_own_without_the_upgrade_note(self) -> None:
+        """
+        On database 0, another database's cluster is said without the note
+        about earlier versions (whose channel is database 0's).
+        """
+        self.store.namesakes = (2,)
+        a = self.node(database=0)
+        self.assertEqual(a.other_databases, (2,))
+        [warning] = self.said("another cluster named")
+        self.assertIn("edge is on database 2 of this Redis", formatEvent(warning))
+        self.assertIn("while this instance uses database 0 (redis://r:6379/0)", formatEvent(warning))
+        self.assertNotIn("version before", formatEvent(warning))
+
+    def test_looked_for_again_when_back(self) -> None:
+        """
+        A node back after an outage looks again at once (Redis may be
+        another server now, or namesakes came meanwhile).
+        """
+        a = self.node()
+        self.store.namesakes = (4,)
+        a.lost("lost the connection to Redis")
+        a.connected()
+        self.assertEqual(self.store.namesake_looks, 2)
+        self.assertEqual(a.other_databases, (4,))
+        self.assertEqual(len(self.said("another cluster named")), 1)
+
+    def test_refusal_said_once_at_debug_and_nothing_stops(self) -> None:
+        """
+        A store that will not say (an ACL without PUBSUB): said once, at
+        debug level; the node stays up, its heartbeats go on and nothing
+        is rebuilt.
+        """
+        self.store.namesakes = Exception("NOPERM User default has no permissions to run the 'pubsub|channels' command")
+        a = self.node()
+        self.advance(300)
+        self.assertGreater(self.store.namesake_looks, 3)
+        self.assertTrue(a.up)
+        self.assertEqual(self.store.reconnects, [])
+        self.assertEqual(a.other_databases, ())
+        [said] = self.said("could not look for instances of cluster", LogLevel.debug)
+        self.assertIn("(PUBSUB CHANNELS): NOPERM User default", formatEvent(said))
+        self.assertEqual([e for e in self.events if e["log_level"] >= LogLevel.warn], [])
+
+    def test_not_looked_for_while_down(self) -> None:
+        """
+        A node that is not in step (the store down) does not look.
+        """
+        self.store.up = False
+        ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            "a",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        ).connected()
+        self.advance(120)
+        self.assertEqual(self.store.namesake_looks, 0)
 
 
 class RedisTimeoutTests(TestCase):

@@ -53,6 +53,13 @@ session token's expiry and renewal, the records' C{at}, the consumers'
 windows, budget periods and key expiries) go by it
 (L{ClusterClock}), never by a host's clock that may be off.
 
+When it comes up, and at a heartbeat once a minute
+(L{NAMESAKE_CHECK_SECONDS}), the instance also asks the store in which
+other databases of the same Redis instances of its C{CLUSTER_NAME} listen
+(L{ClusterNode.other_databases}): a database mistyped in one
+C{REDIS_URL} makes a second cluster of the same name, which nothing else
+would say.  A warning, never a refusal.
+
 Plain object: the store (L{openclaw.cluster.store.SharedStore}) and a clock
 are given; no socket here.
 """
@@ -95,6 +102,11 @@ HEARTBEAT_MISSES = 2
 #: How far (seconds) this host's clock may be from Redis's before the log
 #: says so (L{ClusterClock}).
 CLOCK_SKEW_WARN_SECONDS = 2.0
+#: How often (seconds) an instance in step looks for instances of its
+#: C{CLUSTER_NAME} in other databases of the same Redis
+#: (L{ClusterNode.other_databases}): when it comes up (starts, or is back
+#: after an outage), then at the first heartbeat after this long.
+NAMESAKE_CHECK_SECONDS = 60.0
 #: The first wait before a failed reload is tried again, in seconds (at
 #: most REDIS_TIMEOUT_SECONDS); it doubles up to the node's C{retry_max}.
 RELOAD_RETRY_SECONDS = 1.0
@@ -183,6 +195,16 @@ class StoreUnconfirmed(StoreUnavailable):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"{UNCONFIRMED}; {UNCONFIRMED_HINTS[name]}")
+
+
+def _databases(databases: tuple[int, ...]) -> str:
+    """
+    C{"database 1"}, C{"databases 1 and 3"}, C{"databases 1, 3 and 7"}.
+    """
+    if len(databases) == 1:
+        return f"database {databases[0]}"
+    *first, last = (str(database) for database in databases)
+    return f"databases {', '.join(first)} and {last}"
 
 
 def describe(error: object, timeout: float) -> str:
@@ -384,6 +406,11 @@ class ClusterNode:
         node was made.
     @ivar down_reason: why the store is down (C{up} false): the last error,
         as logged; None while up.
+    @ivar other_databases: the other databases of the store's Redis in
+        which instances of this C{CLUSTER_NAME} were listening when this
+        instance last looked (L{SharedStore.other_databases}, when it came
+        up and every L{NAMESAKE_CHECK_SECONDS} since), ascending; C{()}
+        for none, or when the store would not say.
     @param where: the store's address as an operator knows it (no
         password), for the refusals (L{unavailable}).
     @param on_consumers: called when a heartbeat finds that consumers
@@ -391,6 +418,9 @@ class ClusterNode:
         been missed).
     @param clock: the cluster's clock, which the node keeps measured
         (shared with whatever else judges the cluster's state by it).
+    @param cluster_name: C{CLUSTER_NAME}, and C{database} the store's
+        database (C{REDIS_URL}'s), for the warning about instances of the
+        same name in other databases.
     """
 
     _log = Logger(namespace="openclaw.cluster")
@@ -413,6 +443,8 @@ class ClusterNode:
         where: str = "",
         on_consumers: Callable[[], None] = lambda: None,
         clock: ClusterClock | None = None,
+        cluster_name: str = "openclaw",
+        database: int = 0,
     ) -> None:
         self.store = store
         self.where = where
@@ -437,6 +469,14 @@ class ClusterNode:
         self.up_since = reactor.seconds()
         self.down_reason: str | None = "not reached yet"
         self.instances_seen = 1
+        self.cluster_name = cluster_name
+        self.database = database
+        self.other_databases: tuple[int, ...] = ()
+        #: When (C{reactor.seconds}) this instance last looked for its
+        #: namesakes in other databases; None: at the next beat while up.
+        self._namesakes_looked: float | None = None
+        #: A look failed (an ACL without PUBSUB): said once, at debug.
+        self._namesakes_unknown = False
         self.versions: dict[str, int] = {}
         #: When the route this instance holds was set (its record's C{at}:
         #: L{encode_route}); C{None} for a record without one.
@@ -506,6 +546,8 @@ class ClusterNode:
         """
         self._connected = False
         self._cancel_retry()
+        # Back up, it looks again (Redis may be another server now).
+        self._namesakes_looked = None
         self._set_up(False, reason)
 
     def still_down(self, reason: str) -> None:
@@ -1208,6 +1250,68 @@ class ClusterNode:
         left: Deferred[None] = self._bounded(self.store.leave(self.instance)).addErrback(failed)
         return left
 
+    def _look_for_namesakes(self) -> None:
+        """
+        When up, and due (L{NAMESAKE_CHECK_SECONDS}), ask the store for
+        the other databases in which instances of this C{CLUSTER_NAME}
+        listen (L{other_databases}): a database mistyped in one instance's
+        C{REDIS_URL} makes a second cluster of the same name on the same
+        Redis, with its own token and route, and nothing else says so.
+        Warned when a database appears there; never more than a warning
+        (two clusters of one name in two databases may be meant).  A store
+        that will not say (an ACL without C{PUBSUB}) is said once, at
+        debug level.
+        """
+        now = self._reactor.seconds()
+        if (
+            self._stopped
+            or not self.up
+            or (self._namesakes_looked is not None and now - self._namesakes_looked < NAMESAKE_CHECK_SECONDS)
+        ):
+            return
+        self._namesakes_looked = now
+
+        def found(databases: tuple[int, ...]) -> None:
+            if self._stopped:
+                return
+            known, self.other_databases = self.other_databases, tuple(databases)
+            if set(databases) - set(known):
+                self._log.warn(
+                    "another cluster named {name} is on {others} of this Redis (its instances listen on its "
+                    "channel), while this instance uses database {database} ({where}): the two share nothing but "
+                    "the name: each has its own session token and route, and switch_provider, rotate_token, "
+                    "lockouts and consumer changes on one do not reach the other{upgrade}; if they are meant to "
+                    "be one cluster, set the same database in every instance's REDIS_URL; if not, give them "
+                    "different CLUSTER_NAMEs, which silences this",
+                    name=self.cluster_name,
+                    others=_databases(databases),
+                    database=self.database,
+                    where=self.where or "REDIS_URL",
+                    upgrade=(
+                        f" (or instances of a version before the channel named its database are still running: "
+                        f"they listen on database 0's, {self.cluster_name}:events, whatever their database)"
+                        if 0 in databases and self.database != 0
+                        else ""
+                    ),
+                )
+            elif known and not databases:
+                self._log.info(
+                    "no other cluster named {name} is on another database of this Redis any more",
+                    name=self.cluster_name,
+                )
+
+        def unknown(failure: Failure) -> None:
+            if not self._namesakes_unknown:
+                self._namesakes_unknown = True
+                self._log.debug(
+                    "could not look for instances of cluster {name} in other databases of this Redis "
+                    "(PUBSUB CHANNELS): {error}",
+                    name=self.cluster_name,
+                    error=describe(failure.value, self._timeout),
+                )
+
+        self._bounded(self.store.other_databases()).addCallbacks(found, unknown)
+
     def _catch_up(self, versions: dict[str, int]) -> None:
         self._catching_up = None
         missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
@@ -1254,6 +1358,7 @@ class ClusterNode:
             self._heartbeat_refused = None
             self.instances_seen = max(1, heartbeat.alive)
             self._heard(heartbeat, sent)
+            self._look_for_namesakes()
             # A renewal that failed (or was due while the store was away)
             # is tried again here.
             self._renew()
