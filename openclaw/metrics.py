@@ -305,12 +305,44 @@ class GatewayMetrics:
     Every metric the gateway exports.
     """
 
-    def __init__(self, commands: Iterable[str], providers: Iterable[str], unconfigured: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        commands: Iterable[str],
+        providers: Iterable[str],
+        unconfigured: Iterable[str] = (),
+        *,
+        serving: Callable[[str], bool] | None = None,
+        control_connections: Callable[[], int] | None = None,
+        api_connections: Callable[[], int] | None = None,
+        breaker: Callable[[str], CircuitBreaker] | None = None,
+        cluster: bool = False,
+    ) -> None:
         """
+        Every reader below is called when C{/metrics} is scraped, never
+        here: it may name an object built after this one (the gateway
+        passes late-binding lambdas: the providers and the listeners count
+        into these metrics, and these metrics read them).
+
         @param commands: every control command's name.
         @param providers: every provider's id.
         @param unconfigured: those without a key: no C{openclaw_provider_up}
             for them (not configured is not down).
+        @param serving: given a provider's id, whether it may be sent calls
+            now (L{ProviderAdapter.serving
+            <openclaw.providers.base.ProviderAdapter.serving>}):
+            C{openclaw_provider_up{provider}} for each configured provider.
+            L{None}: no such series.
+        @param control_connections: the open control connections, for
+            C{openclaw_control_connections} (L{None}: 0).
+        @param api_connections: the open API connections, for
+            C{openclaw_api_connections} (L{None}: 0).
+        @param breaker: given a provider's id, its circuit breaker: when
+            given (the API is served), C{openclaw_provider_breaker_open} and
+            C{openclaw_provider_breaker_state} for each provider and
+            C{openclaw_api_fallbacks_total} are exported, and
+            L{count_fallback} counts into the latter.
+        @param cluster: in a cluster (C{REDIS_URL}): export
+            L{cluster_store_up}.
         """
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -361,7 +393,7 @@ class GatewayMetrics:
             ["provider"],
             registry=registry,
         )
-        self._unconfigured = frozenset(unconfigured)
+        without_key = frozenset(unconfigured)
         providers = tuple(providers)
         self.upstream_requests = RequestTally(
             ("openclaw_upstream_requests", "HTTP requests to providers, by provider and status"),
@@ -397,6 +429,30 @@ class GatewayMetrics:
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
         #: Tokens, time to first token and overhead of model calls.
         self.call_costs = CallCosts(registry)
+        if control_connections is not None:
+            self.connections.set_function(control_connections)
+        if api_connections is not None:
+            self.api_connections.set_function(api_connections)
+        if serving is not None:
+            for provider in providers:
+                if provider not in without_key:
+                    self.provider_up.labels(provider).set_function(partial(_as_gauge, partial(serving, provider)))
+        #: C{openclaw_cluster_store_up}: 1 while the cluster's store (Redis)
+        #: is reachable and this instance has reloaded its state, else 0;
+        #: L{None} outside a cluster (C{cluster} false).
+        self.cluster_store_up: Gauge | None = None
+        if cluster:
+            self.cluster_store_up = Gauge(
+                "openclaw_cluster_store_up",
+                "1 while the cluster store (REDIS_URL) is reachable and this instance is in step with it",
+                registry=registry,
+            )
+        #: Counts one failover, C{(from, to, reason)}, into
+        #: C{openclaw_api_fallbacks_total}; L{None} unless C{breaker} was
+        #: given.
+        self.count_fallback: Callable[[str, str, str], None] | None = None
+        if breaker is not None:
+            self.count_fallback = self._watch_failover(providers, breaker)
 
     def command(self, cmd: str, outcome: str) -> None:
         """
@@ -446,42 +502,16 @@ class GatewayMetrics:
             self.health_check_ok.labels(provider).set(1 if entry.get("ok") else 0)
         return report
 
-    def watch_providers(self, providers: Iterable[tuple[str, Callable[[], bool]]]) -> None:
-        """
-        Export C{openclaw_provider_up{provider}}, read when scraped, for
-        each C{(provider id, serving)} pair, C{serving} saying whether the
-        provider may be sent calls now
-        (L{ProviderAdapter.serving <openclaw.providers.base.ProviderAdapter.serving>});
-        none for a provider without a key (not configured is not down).
-        """
-        for provider, serving in providers:
-            if provider not in self._unconfigured:
-                self.provider_up.labels(provider).set_function(partial(_as_gauge, serving))
-
-    def cluster_store_up(self) -> Gauge:
-        """
-        C{openclaw_cluster_store_up}: 1 while the cluster's store (Redis) is
-        reachable and this instance has reloaded its state, else 0.  Only
-        registered in a cluster (C{REDIS_URL}).
-        """
-        return Gauge(
-            "openclaw_cluster_store_up",
-            "1 while the cluster store (REDIS_URL) is reachable and this instance is in step with it",
-            registry=self.registry,
-        )
-
-    def count_connections(self, count: Callable[[], int]) -> None:
-        """
-        The control connections gauge reads C{count()} when scraped.
-        """
-        self.connections.set_function(count)
-
-    def watch_failover(self, breakers: Iterable[tuple[str, CircuitBreaker]]) -> Callable[[str, str, str], None]:
+    def _watch_failover(
+        self, providers: Iterable[str], breaker: Callable[[str], CircuitBreaker]
+    ) -> Callable[[str, str, str], None]:
         """
         Export C{openclaw_provider_breaker_open{provider}} (1 while the
-        provider's circuit breaker is open, read when scraped) for each
-        C{(provider id, breaker)} pair, and C{openclaw_api_fallbacks_total
-        {from,to,reason}}; returns the function that counts one failover.
+        provider's circuit breaker is open, read when scraped) and
+        C{openclaw_provider_breaker_state{provider,state}} for each of
+        C{providers}, their breakers found by C{breaker}, and
+        C{openclaw_api_fallbacks_total{from,to,reason}}; returns the
+        function that counts one failover.
         """
         gauge = Gauge(
             "openclaw_provider_breaker_open",
@@ -495,10 +525,10 @@ class GatewayMetrics:
             ["provider", "state"],
             registry=self.registry,
         )
-        for provider, breaker in breakers:
-            gauge.labels(provider).set_function(partial(_breaker_in, breaker, BreakerState.OPEN))
+        for provider in providers:
+            gauge.labels(provider).set_function(partial(_breaker_in, breaker, provider, BreakerState.OPEN))
             for state in BreakerState:
-                states.labels(provider, state).set_function(partial(_breaker_in, breaker, state))
+                states.labels(provider, state).set_function(partial(_breaker_in, breaker, provider, state))
         fallbacks = Counter(
             "openclaw_api_fallbacks",
             "Calls failed over to another provider, by the provider that failed, the one that took the call "
@@ -517,8 +547,8 @@ class GatewayMetrics:
         return count
 
 
-def _breaker_in(breaker: CircuitBreaker, state: BreakerState) -> float:
-    return 1.0 if breaker.state is state else 0.0
+def _breaker_in(breaker: Callable[[str], CircuitBreaker], provider: str, state: BreakerState) -> float:
+    return 1.0 if breaker(provider).state is state else 0.0
 
 
 def _as_gauge(test: Callable[[], bool]) -> float:

@@ -10,7 +10,6 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
@@ -55,7 +54,7 @@ from openclaw.files import PidLock
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
 from openclaw.logs import offer_log_observer
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
-from openclaw.providers import ProviderAdapter, ProviderRegistry
+from openclaw.providers import ProviderRegistry
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
@@ -264,10 +263,17 @@ class GatewayService(MultiService):
             token_file=settings.token_file,
             shared=settings.redis_url is not None,
         )
+        # The metrics read the providers and the listeners, which count
+        # into them: read through self, when scraped.
         self.metrics = GatewayMetrics(
             COMMANDS,
             settings.provider_ids,
             unconfigured=[provider_id for provider_id, entry in settings.providers.items() if not entry.keys],
+            serving=lambda provider_id: self.providers.get(provider_id).serving,
+            control_connections=lambda: len(self.factory.connections),
+            api_connections=None if api_endpoint is None else self._api_connections,
+            breaker=None if api_endpoint is None else lambda provider_id: self.providers.get(provider_id).breaker,
+            cluster=bool(settings.redis_url),
         )
         #: How the process's descriptors are shared between the listeners
         #: and the providers' idle pooled connections.
@@ -280,7 +286,6 @@ class GatewayService(MultiService):
             ),
             pool_size=self.descriptors.pool_per_host or None,
         )
-        self.metrics.watch_providers((adapter.id, partial(_serving, adapter)) for adapter in self.providers)
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
         configured = Route(provider, settings.default_model(provider))
@@ -375,7 +380,6 @@ class GatewayService(MultiService):
             capacity=self.descriptors.control,
             reactor=reactor,
         )
-        self.metrics.count_connections(lambda: len(self.factory.connections))
         if self.lockout is not None:
             self.lockout.on_imposed = self.factory.close_locked_out
         metrics_resource = MetricsResource(
@@ -384,7 +388,6 @@ class GatewayService(MultiService):
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:
-            count_fallback = self.metrics.watch_failover((adapter.id, adapter.breaker) for adapter in self.providers)
             context = APIContext.from_settings(
                 self.route,
                 self.providers,
@@ -392,12 +395,11 @@ class GatewayService(MultiService):
                 reactor,
                 self.metrics.api_requests,
                 self.metrics.call_costs,
-                count_fallback,
+                self.metrics.count_fallback,
                 self.consumers,
             )
             context.count_refused_connection = self.metrics.refused_api_connection
-            self.api_site = api_site = build_site(context, settings, reactor, self.descriptors.api)
-            self.metrics.api_connections.set_function(lambda: len(api_site.connections))
+            self.api_site = build_site(context, settings, reactor, self.descriptors.api)
             if metrics_endpoint is None:
                 self.api_site.resource.putChild(b"metrics", metrics_resource)
             else:
@@ -415,7 +417,6 @@ class GatewayService(MultiService):
         assert isinstance(self.consumers.counters, SharedCounters)
         self.shared_consumers = SharedConsumers(self.consumers, self.consumers.counters, self._redis, self.instance)
         self._redis.on_consumer = self.shared_consumers.received
-        self._store_up_gauge = self.metrics.cluster_store_up()
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -538,8 +539,16 @@ class GatewayService(MultiService):
             # (L{_synced}).
             self._waiting_listeners.append(listener)
 
+    def _api_connections(self) -> int:
+        """
+        The open API connections (C{openclaw_api_connections}).
+        """
+        return 0 if self.api_site is None else len(self.api_site.connections)
+
     def _store_up(self, up: bool) -> None:
-        self._store_up_gauge.set(1 if up else 0)
+        gauge = self.metrics.cluster_store_up
+        assert gauge is not None
+        gauge.set(1 if up else 0)
         if self.shared_consumers is not None:
             self.shared_consumers.up(up)
         if up:
@@ -993,13 +1002,6 @@ class GatewayService(MultiService):
         released (its file removed) last.
         """
         self._state_lock = lock
-
-
-def _serving(adapter: ProviderAdapter) -> bool:
-    """
-    Whether C{adapter} may be sent calls now (C{openclaw_provider_up}).
-    """
-    return adapter.serving
 
 
 def _instance_id() -> str:

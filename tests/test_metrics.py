@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openclaw.metrics import API_REFUSALS, CONTROL_REFUSALS, GatewayMetrics, MeasuredAgent, RequestTally
+from openclaw.providers.breaker import CircuitBreaker
 from openclaw.routing import FALLBACK_REASONS
 
 #: Every reason a call is failed over for (openclaw.dataplane.call): its
@@ -137,6 +138,48 @@ class GatewayMetricsTests(SynchronousTestCase):
         self.assertNotIn("reasoning", "\n".join(line for line in lines if line.startswith("openclaw_api_tokens")))
         self.assertFalse([line for line in lines if line.startswith("openclaw_api_request") and "gemini" in line])
 
+    def test_readers_given_at_construction(self) -> None:
+        """
+        The gauges read what the constructor was given, when scraped (not
+        when built: the gateway's readers name objects built later); a
+        provider without a key has no C{openclaw_provider_up}; without
+        C{breaker} or C{cluster}, their families are not registered.
+        """
+        readings = {"control": 0, "api": 0}
+        breakers = {"kimi": CircuitBreaker(lambda: 0.0, threshold=1), "gemini": CircuitBreaker(lambda: 0.0)}
+        metrics = GatewayMetrics(
+            ("status",),
+            ("kimi", "gemini"),
+            unconfigured=("gemini",),
+            serving=lambda provider: provider == "kimi",
+            control_connections=lambda: readings["control"],
+            api_connections=lambda: readings["api"],
+            breaker=breakers.__getitem__,
+            cluster=True,
+        )
+        readings.update(control=3, api=7)
+        breakers["kimi"].failed()
+        assert metrics.cluster_store_up is not None and metrics.count_fallback is not None
+        metrics.cluster_store_up.set(1)
+        metrics.count_fallback("kimi", "gemini", FALLBACK_REASONS[0])
+        lines = generate_latest(metrics.registry).decode().splitlines()
+        for line in (
+            "openclaw_control_connections 3.0",
+            "openclaw_api_connections 7.0",
+            'openclaw_provider_up{provider="kimi"} 1.0',
+            'openclaw_provider_breaker_open{provider="kimi"} 1.0',
+            'openclaw_provider_breaker_open{provider="gemini"} 0.0',
+            'openclaw_provider_breaker_state{provider="gemini",state="closed"} 1.0',
+            "openclaw_cluster_store_up 1.0",
+            f'openclaw_api_fallbacks_total{{from="kimi",reason="{FALLBACK_REASONS[0]}",to="gemini"}} 1.0',
+        ):
+            self.assertIn(line, lines)
+        self.assertFalse([line for line in lines if line.startswith("openclaw_provider_up") and "gemini" in line])
+        bare = generate_latest(GatewayMetrics(("status",), ("kimi",)).registry).decode()
+        for absent in ("openclaw_provider_up{", "openclaw_provider_breaker", "openclaw_api_fallbacks", "cluster"):
+            self.assertNotIn(absent, bare)
+        self.assertIn("openclaw_control_connections 0.0", bare)
+
 
 class RefusedConnectionsTests(SynchronousTestCase):
     """
@@ -223,8 +266,7 @@ class FallbackReasonsTests(SynchronousTestCase):
     """
 
     def test_help_lists_every_reason(self) -> None:
-        metrics = GatewayMetrics((), ("kimi", "gemini"))
-        metrics.watch_failover(())
+        metrics = GatewayMetrics((), (), breaker=lambda provider: CircuitBreaker(lambda: 0.0))
         (help_text,) = (
             line
             for line in generate_latest(metrics.registry).decode().splitlines()
