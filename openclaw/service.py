@@ -285,6 +285,9 @@ class GatewayService(MultiService):
                 agent, self.metrics.upstream_requests, provider_id, reactor.seconds
             ),
             pool_size=self.descriptors.pool_per_host or None,
+            # The cluster node is built later, and takes the providers'
+            # rest_key: shared through self.
+            on_rest=self._share_rest if settings.redis_url else None,
         )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
@@ -446,7 +449,14 @@ class GatewayService(MultiService):
         )
         commands.share_switch = cluster.switch
         commands.persist = lambda route: None
-        self.providers.share_rests(cluster.rest)
+
+    def _share_rest(self, provider_id: str, fingerprint: str, seconds: float) -> None:
+        """
+        A key rest decided here, shared with the cluster
+        (L{ClusterNode.rest}).
+        """
+        if self.cluster is not None:
+            self.cluster.rest(provider_id, fingerprint, seconds)
 
     def _foreign_token(self, error: str) -> None:
         """

@@ -30,6 +30,7 @@ from openclaw.providers import (
 from openclaw.providers.errors import REDACTED, Scrubber, describe_failure
 from openclaw.providers.fetch import upstream_message
 from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
+from openclaw.providers.keys import fingerprint
 from openclaw.settings import Settings
 from tests.support import KIMI_AND_GEMINI, changed_providers, start_upstream
 
@@ -517,3 +518,23 @@ class KeyHygieneTests(ProviderTestCase):
             self.assertNotIn(secret, dumped)
             self.assertNotIn(secret, uris)
         self.assertTrue(re.search(r"HTTP 403", dumped))
+
+
+class KeyRestTests(ProviderTestCase):
+    def test_rests_told_from_construction(self) -> None:
+        """
+        C{on_rest} given to L{ProviderRegistry.from_settings} is told of
+        every key rest of every provider (a cluster shares them), from the
+        moment the registry is built.
+        """
+        told: list[tuple[str, str, float]] = []
+        registry = ProviderRegistry.from_settings(
+            Settings(providers=self.upstream.provider_settings()),
+            reactor,
+            on_rest=lambda provider, key, seconds: told.append((provider, key, seconds)),
+        )
+        self.addCleanup(registry.close)
+        for adapter in registry:
+            adapter.keys.rest(adapter.keys.keys[0], 7.0)
+        self.assertEqual(told, [(adapter.id, fingerprint(adapter.keys.keys[0]), 7.0) for adapter in registry])
+        self.assertEqual([adapter.id for adapter in registry], ["kimi", "gemini"])

@@ -30,7 +30,7 @@ import abc
 import difflib
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Self
 
@@ -276,9 +276,21 @@ class ProviderAdapter(abc.ABC):
     _log: ClassVar[Logger] = Logger()
 
     @classmethod
-    def from_settings(cls, settings: Settings, http: HTTPClient, reactor: IReactorTime, agent: IAgent) -> Self:
+    def from_settings(
+        cls,
+        settings: Settings,
+        http: HTTPClient,
+        reactor: IReactorTime,
+        agent: IAgent,
+        *,
+        on_rest: Callable[[str, str, float], None] | None = None,
+    ) -> Self:
         """
         Build the adapter its entry in C{settings.providers} describes.
+
+        @param on_rest: told (provider id, key fingerprint, seconds) of
+            every key rest its key pool decides (L{KeyPool.on_rest}: a
+            cluster shares them); L{None}: kept here.
 
         @raise LookupError: C{settings} holds no entry for this provider (it
             was not among the declarations L{load_settings
@@ -298,7 +310,7 @@ class ProviderAdapter(abc.ABC):
             reactor=reactor,
             base_url=configured.base_url,
             api_key=configured.api_key,
-            keys=KeyPool(configured.keys, reactor.seconds, cls.id),
+            keys=KeyPool(configured.keys, reactor.seconds, cls.id, on_rest=on_rest),
             breaker=breaker,
             default_model=configured.model,
             fallback_model=configured.fallback_model,

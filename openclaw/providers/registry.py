@@ -83,6 +83,7 @@ class ProviderRegistry:
         wrap_agent: Callable[[IAgent, str], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
         pool_size: int | None = None,
+        on_rest: Callable[[str, str, float], None] | None = None,
     ) -> ProviderRegistry:
         """
         Every provider C{settings.providers} holds (in its order), sharing
@@ -102,6 +103,9 @@ class ProviderRegistry:
         @param pool_size: idle connections kept per host, when the
             process's descriptors allow fewer than C{UPSTREAM_POOL_SIZE}
             (L{openclaw.listeners.DescriptorShares.pool_per_host}).
+        @param on_rest: told (provider id, key fingerprint, seconds) of every
+            key rest any provider's key pool decides (a cluster's store
+            shares them: L{openclaw.cluster.node.ClusterNode.rest}).
         """
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = settings.upstream_pool_size if pool_size is None else pool_size
@@ -117,7 +121,7 @@ class ProviderRegistry:
             # be sent back with the next (treq keeps a jar per client), and
             # no provider API needs one.
             http = HTTPClient(agent, cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=())))
-            adapters.append(configured.adapter.from_settings(settings, http, reactor, agent))
+            adapters.append(configured.adapter.from_settings(settings, http, reactor, agent, on_rest=on_rest))
         return cls(
             tuple(adapters),
             reactor,
@@ -256,14 +260,6 @@ class ProviderRegistry:
             if rest is not None:
                 waits.append((adapter, max(rest, adapter.breaker.remaining())))
         return waits
-
-    def share_rests(self, share: Callable[[str, str, float], None]) -> None:
-        """
-        Tell C{share} (provider id, key fingerprint, seconds) of every key
-        rest (a cluster's store).
-        """
-        for adapter in self._adapters:
-            adapter.keys.on_rest = share
 
     def rest_key(self, provider_id: str, key_fingerprint: str, seconds: float) -> None:
         """
