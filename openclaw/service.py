@@ -301,19 +301,6 @@ class GatewayService(MultiService):
         #: Seconds since the epoch, by the reactor's clock (the real
         #: reactor's is wall-clock time: C{status} shows it as a date).
         self.started_at = reactor.seconds()
-        commands = ControlCommands(
-            route=self.route,
-            providers=self.providers,
-            sessions=self.sessions,
-            rotate=self.rotate_token,
-            connections=lambda: len(self.factory.connections),
-            started_at=self.started_at,
-            clock=reactor.seconds,
-            persist=self.store.save,
-            on_health=self.metrics.health,
-            provider_states=self.providers.states,
-            instance_status=self.instance_status,
-        )
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
         self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor)
@@ -338,11 +325,6 @@ class GatewayService(MultiService):
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
         )
-        commands.extra = ConsumerCommands(
-            self.consumers, shared_clock, self._consumers_unshared, self._consumers_announced
-        ).handlers()
-        commands.excluded_consumers = self.consumers.excluding
-        commands.unpriced_consumers = self.consumers.unpriced_budgets
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         #: This process's id in the cluster (host name and process id),
@@ -361,7 +343,28 @@ class GatewayService(MultiService):
         self._joined_at = 0.0
         self._unannounced: SessionToken | None = None
         if settings.redis_url:
-            self._join_cluster(commands, reactor)
+            self._join_cluster(reactor)
+        cluster = self.cluster
+        commands = ControlCommands(
+            route=self.route,
+            providers=self.providers,
+            sessions=self.sessions,
+            rotate=self.rotate_token,
+            connections=lambda: len(self.factory.connections),
+            started_at=self.started_at,
+            clock=reactor.seconds,
+            # In a cluster the route is kept in the store (share_switch).
+            persist=self.store.save if cluster is None else lambda route: None,
+            on_health=self.metrics.health,
+            provider_states=self.providers.states,
+            share_switch=None if cluster is None else cluster.switch,
+            instance_status=self.instance_status,
+            extra=ConsumerCommands(
+                self.consumers, shared_clock, self._consumers_unshared, self._consumers_announced
+            ).handlers(),
+            excluded_consumers=self.consumers.excluding,
+            unpriced_consumers=self.consumers.unpriced_budgets,
+        )
         self.controlplane = controlplane = ControlPlane(
             self.sessions,
             commands,
@@ -369,11 +372,10 @@ class GatewayService(MultiService):
             debug=settings.log_level == "debug",
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,
-            instance=self.instance if self.cluster is not None else None,
+            instance=self.instance if cluster is not None else None,
             max_answer_bytes=settings.max_message_bytes,
+            fence=None if cluster is None else cluster.fence,
         )
-        if self.cluster is not None:
-            controlplane.fence = self.cluster.fence
         self.factory = ControlFactory(
             controlplane,
             settings,
@@ -411,7 +413,7 @@ class GatewayService(MultiService):
         if metrics_endpoint is not None:
             self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))
 
-    def _join_cluster(self, commands: ControlCommands, reactor: IReactorTime) -> None:
+    def _join_cluster(self, reactor: IReactorTime) -> None:
         """
         Share the route, token and key rests through Redis (C{REDIS_URL}).
         """
@@ -447,8 +449,6 @@ class GatewayService(MultiService):
             cluster,
             on_locked=lambda key: self.metrics.lockouts.inc(),
         )
-        commands.share_switch = cluster.switch
-        commands.persist = lambda route: None
 
     def _share_rest(self, provider_id: str, fingerprint: str, seconds: float) -> None:
         """

@@ -6,6 +6,7 @@ each command's answer, through L{ControlPlane.handle}.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -78,13 +79,14 @@ class ControlPlaneTests(SynchronousTestCase):
         self.plane = ControlPlane(self.sessions, self.commands, Logger(observer=self.events.append), debug=True)
         self.connection = Connection("127.0.0.1:5000")
 
-    def with_extra(self, extra: dict[str, Any]) -> ControlPlane:
+    def with_extra(self, extra: dict[str, Any], fence: Callable[[], Deferred[None]] | None = None) -> ControlPlane:
         """
         A plane like L{setUp}'s whose commands add (or replace) C{extra}
-        (L{ControlCommands.extra}: the consumer commands' way in).
+        (L{ControlCommands.extra}: the consumer commands' way in), with
+        C{fence} (L{ControlPlane}'s: a cluster's).
         """
         commands = attrs.evolve(self.commands, extra=extra)
-        return ControlPlane(self.sessions, commands, Logger(observer=self.events.append), debug=True)
+        return ControlPlane(self.sessions, commands, Logger(observer=self.events.append), debug=True, fence=fence)
 
     def send(self, message: Any) -> dict[str, Any]:
         payload = message if isinstance(message, bytes) else json.dumps(message).encode()
@@ -128,9 +130,11 @@ class ControlPlaneTests(SynchronousTestCase):
         error longer than the limit (a refusal listing a consumer's key
         prefixes), are cut to fit: Autobahn sent nothing.
         """
-        self.commands.excluded_consumers = lambda provider, model: [f"{'c' * 60}-{i}" for i in range(5)]
+        commands = attrs.evolve(
+            self.commands, excluded_consumers=lambda provider, model: [f"{'c' * 60}-{i}" for i in range(5)]
+        )
         plane = ControlPlane(
-            self.sessions, self.commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=300
+            self.sessions, commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=300
         )
         message = {"token": self.token, "cmd": "switch_provider", "data": {"provider": "kimi"}}
         encoded = plane.handle(json.dumps(message).encode(), self.connection)
@@ -279,8 +283,8 @@ class ControlPlaneTests(SynchronousTestCase):
             asked.append("fence")
             return fail(TokenBehind())
 
-        self.plane = self.with_extra({"key_create": lambda data: asked.append("key_create") or {"key": "ock-x"}})
-        self.plane.fence = behind
+        extra = {"key_create": lambda data: asked.append("key_create") or {"key": "ock-x"}}
+        self.plane = self.with_extra(extra, fence=behind)
         answer = self.command("key_create", {"name": "team"})
         self.assertEqual(answer["ok"], False)
         self.assertIn("has not applied the rotation yet; nothing changed", answer["error"])
@@ -289,7 +293,7 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertEqual(self.command("status")["ok"], True)
         self.assertEqual(self.command("switch_provider", {"provider": "kimi"})["ok"], True)
         self.assertEqual(asked, ["fence"])
-        self.plane.fence = lambda: succeed(None)
+        self.plane = self.with_extra(extra, fence=lambda: succeed(None))
         self.assertEqual(self.command("key_create", {"name": "team"})["result"], {"key": "ock-x"})
         self.assertEqual(asked, ["fence", "key_create"])
 

@@ -80,7 +80,7 @@ STATE_CHANGING = frozenset(
 #: The state-changing commands whose change the cluster's store does not
 #: write itself (the consumers' database does): in a cluster they are made
 #: only once the store says this instance holds the cluster's session
-#: token (L{openclaw.control.plane.ControlPlane.fence}); the store's write
+#: token (the C{fence} of L{openclaw.control.plane.ControlPlane}); the store's write
 #: of a route or token checks that itself.
 FENCED = STATE_CHANGING - {"switch_provider", "rotate_token"}
 
@@ -203,12 +203,13 @@ _SWITCH_FIELDS = frozenset({"provider", "model"})
 MAX_NAMED_CONSUMERS = 5
 
 
-@attrs.define
+@attrs.frozen
 class ControlCommands:
     """
     The handlers of the five commands.  Each takes the message's C{data} and
     returns the C{result} object, or a Deferred firing with it, or raises
-    (or fails with) L{CommandError}.
+    (or fails with) L{CommandError}.  Everything they use is given at
+    construction (C{attrs.evolve} makes a changed copy).
     """
 
     route: ActiveRoute

@@ -132,6 +132,10 @@ class ControlPlane:
         carry (C{MAX_MESSAGE_BYTES}: Autobahn refuses to send a longer
         one); a longer answer is an error saying how to ask for less, or,
         for a change already made, cut (L{_cut}, L{_fitted}): never dropped.
+    @param fence: in a cluster, what a state-changing command the store
+        does not write itself (L{FENCED}) waits on first: the store's word
+        that this instance holds the cluster's session token
+        (L{openclaw.cluster.node.ClusterNode.fence}); L{None}: none.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class ControlPlane:
         metrics: GatewayMetrics | None = None,
         instance: str | None = None,
         max_answer_bytes: int = 0,
+        fence: Callable[[], Deferred[None]] | None = None,
     ) -> None:
         self.max_auth_failures = max_auth_failures
         self._max_answer_bytes = max_answer_bytes
@@ -156,10 +161,7 @@ class ControlPlane:
             if instance is None
             else "{cmd} from {peer} (token {jti}) on instance {instance}: {outcome} in {duration_ms:.1f} ms"
         )
-        #: In a cluster, what a state-changing command waits on first: the
-        #: store's word that this instance holds the cluster's session token
-        #: (L{openclaw.cluster.node.ClusterNode.fence}).
-        self.fence: Callable[[], Deferred[None]] | None = None
+        self._fence = fence
         self._in_flight: set[Deferred[bytes]] = set()
         self._draining = False
         self._sessions = sessions
@@ -226,12 +228,12 @@ class ControlPlane:
         if audited and connection.proxy is not None:
             fields = {**(fields or {}), "proxy": connection.proxy}
         try:
-            if self.fence is not None and cmd in FENCED:
+            if self._fence is not None and cmd in FENCED:
                 # In a cluster, only while this instance holds the cluster's
                 # token: one stalled through a rotation would take a change
                 # on the token it revoked.
                 data = message.get("data")
-                fenced: Deferred[Any] = self.fence().addCallbacks(lambda _: handler(data), cluster_refusal)
+                fenced: Deferred[Any] = self._fence().addCallbacks(lambda _: handler(data), cluster_refusal)
                 result: Any = fenced
             else:
                 result = handler(message.get("data"))
