@@ -313,6 +313,8 @@ class GatewayService(MultiService):
                 settings.redis_timeout_seconds,
                 settings.redis_reconnect_max_seconds,
                 reactor,
+                # SharedConsumers, built on this store: reached through self.
+                on_consumer=self._consumer_published,
             )
             shared = SharedCounters(self._redis, reactor, settings.redis_timeout_seconds)
         self.consumers = ConsumerTable(
@@ -385,8 +387,6 @@ class GatewayService(MultiService):
             capacity=self.descriptors.control,
             reactor=reactor,
         )
-        if self.lockout is not None:
-            self.lockout.on_imposed = self.factory.close_locked_out
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
         )
@@ -421,7 +421,6 @@ class GatewayService(MultiService):
         assert settings.redis_url is not None and self._redis is not None
         assert isinstance(self.consumers.counters, SharedCounters)
         self.shared_consumers = SharedConsumers(self.consumers, self.consumers.counters, self._redis, self.instance)
-        self._redis.on_consumer = self.shared_consumers.received
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -448,7 +447,17 @@ class GatewayService(MultiService):
             AuthLockout.from_settings(settings, time.monotonic),
             cluster,
             on_locked=lambda key: self.metrics.lockouts.inc(),
+            # The control factory, built on this lockout: reached through self.
+            on_imposed=lambda key: self.factory.close_locked_out(key),
         )
+
+    def _consumer_published(self, instance: str, consumer: str) -> None:
+        """
+        A consumer change an instance published (L{RedisStore}'s
+        C{on_consumer}): L{SharedConsumers.received}.
+        """
+        if self.shared_consumers is not None:
+            self.shared_consumers.received(instance, consumer)
 
     def _share_rest(self, provider_id: str, fingerprint: str, seconds: float) -> None:
         """

@@ -298,9 +298,12 @@ class Nodes(TestCase):
 
     def test_lockout_counted_across_nodes(self) -> None:
         a, b = self.nodes
+        imposed: list[list[str]] = [[], []]
         lockouts = [
-            SharedLockout(AuthLockout(self.clock.seconds, failures=4, window=60, duration=300), node)
-            for node in self.nodes
+            SharedLockout(
+                AuthLockout(self.clock.seconds, failures=4, window=60, duration=300), node, on_imposed=told.append
+            )
+            for node, told in zip(self.nodes, imposed, strict=True)
         ]
         for lockout in lockouts:
             self.assertIsNone(lockout.record_failure("192.0.2.7"))
@@ -309,8 +312,12 @@ class Nodes(TestCase):
         # counted it; the other was told.
         self.assertIsNotNone(lockouts[1].locked_until("192.0.2.7"))
         self.assertEqual(self.locks["a"], [("192.0.2.7", 300)])
+        # Imposed by the cluster's count (not its own): its connections
+        # are told to close (on_imposed, given at construction).
+        self.assertEqual(imposed, [[], ["192.0.2.7"]])
         lockouts[0].impose(*self.locks["a"][0])
         self.assertIsNotNone(lockouts[0].locked_until("192.0.2.7"))
+        self.assertEqual(imposed, [["192.0.2.7"], ["192.0.2.7"]])
         # Store away: each node counts alone.
         self.store.up = False
         a.lost()

@@ -30,7 +30,7 @@ class SharedLockout:
 
     @param on_locked: called with the client key when a lockout this
         instance did not decide itself arrives (to count and log it).
-    @ivar on_imposed: called with the client key when a lockout decided by
+    @param on_imposed: called with the client key when a lockout decided by
         the cluster (not by this instance's own count) is imposed here: the
         control plane closes that client's unauthenticated connections
         (L{openclaw.control.protocol.ControlFactory.close_locked_out}).
@@ -43,11 +43,12 @@ class SharedLockout:
         local: AuthLockout,
         node: ClusterNode,
         on_locked: Callable[[str], None] = lambda key: None,
+        on_imposed: Callable[[str], None] = lambda key: None,
     ) -> None:
         self.local = local
         self.node = node
         self._on_locked = on_locked
-        self.on_imposed: Callable[[str], None] = lambda key: None
+        self._on_imposed = on_imposed
 
     def record_failure(self, client: str) -> float | None:
         key = self.local.key(client)
@@ -87,4 +88,4 @@ class SharedLockout:
             )
             if decided:
                 self._on_locked(key)
-            self.on_imposed(key)
+            self._on_imposed(key)

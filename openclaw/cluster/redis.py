@@ -633,7 +633,20 @@ class RedisStore:
 
     _log = Logger(namespace="openclaw.cluster")
 
-    def __init__(self, url: str, prefix: str, timeout: float, reconnect_max: float, reactor: IClientReactor) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        timeout: float,
+        reconnect_max: float,
+        reactor: IClientReactor,
+        on_consumer: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """
+        @param on_consumer: called with (instance, consumer) for each
+            consumer change an instance published (L{publish_consumer});
+            see L{openclaw.consumers.shared.SharedConsumers.received}.
+        """
         self.url = url
         self.prefix = prefix
         self.channel = cluster_channel(prefix, redis_database(url))
@@ -641,9 +654,7 @@ class RedisStore:
         self.reconnect_max = reconnect_max
         self.reactor = reactor
         self.node: ClusterNode | None = None
-        #: Called with (instance, consumer) for each consumer change an
-        #: instance published (L{publish_consumer}); see openclaw.consumers.shared.
-        self.on_consumer: Callable[[str, str], None] | None = None
+        self.on_consumer = on_consumer
         #: The connections' factories in use (none while rebuilding).
         self._factories: list[Any] = []
         self._redis: Any = None
