@@ -402,13 +402,16 @@ class GatewayService(MultiService):
                 self.metrics.call_costs,
                 self.metrics.count_fallback,
                 self.consumers,
+                count_refused_connection=self.metrics.refused_api_connection,
+                metrics_apart=metrics_endpoint is not None,
             )
-            context.count_refused_connection = self.metrics.refused_api_connection
-            self.api_site = build_site(context, settings, reactor, self.descriptors.api)
-            if metrics_endpoint is None:
-                self.api_site.resource.putChild(b"metrics", metrics_resource)
-            else:
-                context.metrics_apart = True
+            self.api_site = build_site(
+                context,
+                settings,
+                reactor,
+                self.descriptors.api,
+                metrics=metrics_resource if metrics_endpoint is None else None,
+            )
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
             self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))

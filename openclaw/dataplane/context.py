@@ -116,6 +116,18 @@ def request_id_of(request: Request) -> str:
     return found if isinstance(found, str) else "-"
 
 
+def _uncounted_fallback(origin: str, target: str, reason: str) -> None:
+    """
+    L{APIContext.count_fallback} by default: counts nowhere.
+    """
+
+
+def _uncounted_refusal(reason: APIRefusal) -> None:
+    """
+    L{APIContext.count_refused_connection} by default: counts nowhere.
+    """
+
+
 class ShutDown(Protocol):
     def shut_down(self) -> None:
         """
@@ -161,7 +173,7 @@ class APIContext:
     #: L{fallback_for <openclaw.providers.registry.ProviderRegistry.fallback_for>} names.
     fallback: str | tuple[str, ...] = "auto"
     #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
-    count_fallback: Callable[[str, str, str], None] = lambda origin, target, reason: None
+    count_fallback: Callable[[str, str, str], None] = _uncounted_fallback
     #: EMBEDDING_MODEL: the provider (None: none has embeddings) and the
     #: model C{/v1/embeddings} uses when a request names none of its own.
     embedding_provider: str | None = None
@@ -171,7 +183,7 @@ class APIContext:
     #: API connections refused at once, by reason (the cap they hit).
     refused_connections: dict[str, int] = attrs.field(factory=dict)
     #: Counts one of them (C{openclaw_api_refused_connections_total}).
-    count_refused_connection: Callable[[APIRefusal], None] = lambda reason: None
+    count_refused_connection: Callable[[APIRefusal], None] = _uncounted_refusal
     _refusal_warned_at: float | None = attrs.field(default=None, repr=False)
     #: The consumers (issue #19): their keys, limits and accounting.
     consumers: ConsumerTable | None = None
@@ -225,8 +237,15 @@ class APIContext:
         costs: CallCosts | None = None,
         count_fallback: Callable[[str, str, str], None] | None = None,
         consumers: ConsumerTable | None = None,
+        count_refused_connection: Callable[[APIRefusal], None] | None = None,
+        metrics_apart: bool = False,
     ) -> APIContext:
-        context = cls(
+        """
+        The context C{settings} describe, with the gateway's collaborators:
+        L{count_fallback}, L{count_refused_connection} and L{metrics_apart}
+        as the fields of those names (L{None}: count nowhere).
+        """
+        return cls(
             route=route,
             providers=providers,
             keys=GatewayKeys.of(settings.gateway_api_keys, consumers),
@@ -240,10 +259,12 @@ class APIContext:
             fallback=settings.fallback,
             embedding_provider=settings.embedding_provider,
             embedding_model=settings.embedding_model,
+            count_fallback=_uncounted_fallback if count_fallback is None else count_fallback,
+            count_refused_connection=(
+                _uncounted_refusal if count_refused_connection is None else count_refused_connection
+            ),
+            metrics_apart=metrics_apart,
         )
-        if count_fallback is not None:
-            context.count_fallback = count_fallback
-        return context
 
     def connection_refused(self, reason: APIRefusal) -> None:
         """

@@ -1975,7 +1975,11 @@ def metrics_listener(resource: Resource, settings: Settings, reactor: IReactorTi
 
 
 def build_site(
-    context: APIContext, settings: Settings, reactor: IReactorTime, max_connections: int | None = None
+    context: APIContext,
+    settings: Settings,
+    reactor: IReactorTime,
+    max_connections: int | None = None,
+    metrics: IResource | None = None,
 ) -> APISite:
     """
     The API's C{twisted.web} site (a L{twisted.web.server.Site}) over
@@ -1984,6 +1988,8 @@ def build_site(
     @param max_connections: the API's share of the process's descriptors
         (L{openclaw.listeners.DescriptorShares.api}); by default computed
         from this process's C{RLIMIT_NOFILE} now.
+    @param metrics: served at C{/metrics} beside the API (the
+        L{openclaw.metrics.MetricsResource}); L{None}: not served there.
     """
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
@@ -2002,4 +2008,7 @@ def build_site(
         )
     # The API takes JSON only: twisted.web's form decoding (which parses the
     # Content-Type of every POST with the email package) would be waste.
-    return APISite(build_resource(context), limits, context, reactor=reactor, parsePOSTFormSubmission=False)
+    resource = build_resource(context)
+    if metrics is not None:
+        resource.putChild(b"metrics", metrics)
+    return APISite(resource, limits, context, reactor=reactor, parsePOSTFormSubmission=False)
