@@ -316,7 +316,9 @@ class GatewayService(MultiService):
                 # SharedConsumers, built on this store: reached through self.
                 on_consumer=self._consumer_published,
             )
-            shared = SharedCounters(self._redis, reactor, settings.redis_timeout_seconds)
+            shared = SharedCounters(
+                self._redis, reactor, settings.redis_timeout_seconds, unseeded=self._consumers_unseeded
+            )
         self.consumers = ConsumerTable(
             self.consumer_store,
             PriceTable.with_overrides(
@@ -326,6 +328,7 @@ class GatewayService(MultiService):
             metrics=ConsumerMetrics(self.metrics.registry),
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
+            changed=self._consumer_changed,
         )
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
@@ -453,6 +456,22 @@ class GatewayService(MultiService):
             # The control factory, built on this lockout: reached through self.
             on_imposed=lambda key: self.factory.close_locked_out(key),
         )
+
+    def _consumer_changed(self, name: str) -> None:
+        """
+        A command changed consumer C{name} here (L{ConsumerTable}'s
+        C{changed}): in a cluster, L{SharedConsumers.publish}.
+        """
+        if self.shared_consumers is not None:
+            self.shared_consumers.publish(name)
+
+    def _consumers_unseeded(self) -> None:
+        """
+        Redis's spends are not seeded (L{SharedCounters}' C{unseeded}):
+        L{SharedConsumers.seed}.
+        """
+        if self.shared_consumers is not None:
+            self.shared_consumers.seed()
 
     def _consumer_published(self, instance: str, consumer: str) -> None:
         """

@@ -660,7 +660,6 @@ class _Table:
     def __init__(self) -> None:
         self.loaded = True
         self.refreshes = 0
-        self.changed: Any = None
 
     def refresh(self) -> None:
         self.refreshes += 1
@@ -710,7 +709,7 @@ class OneInstanceAwayTests(TestCase):
         a_channel.connected = False
         a.up(False)
         self.assertIsNotNone(a.unshared(a.announced))
-        a_table.changed("alice")  # a key revoked on A
+        a.publish("alice")  # a key revoked on A
         self.assertEqual(b_table.refreshes, 0)
         a_channel.connected = True
         a.up(True)
@@ -734,7 +733,7 @@ class OneInstanceAwayTests(TestCase):
             instances.append((shared, table, channel, clock))
         (a, a_table, a_channel, a_clock), (_, b_table, _, _) = instances
         a_channel.connected = False  # not noticed yet: counters.up stays true
-        a_table.changed("alice")
+        a.publish("alice")
         a_clock.advance(1.0)  # the announcement times out
         self.assertEqual(b_table.refreshes, 0)
         a.up(False)
@@ -743,10 +742,10 @@ class OneInstanceAwayTests(TestCase):
         self.assertEqual(b_table.refreshes, 1)
         # Or with the next change, when the connection never looked down.
         a_channel.connected = False
-        a_table.changed("bob")
+        a.publish("bob")
         a_clock.advance(1.0)
         a_channel.connected = True
-        a_table.changed("carol")
+        a.publish("carol")
         self.assertEqual(b_table.refreshes, 3)
 
     def test_announcement_failing_at_once_kept(self) -> None:
@@ -759,7 +758,7 @@ class OneInstanceAwayTests(TestCase):
         table, channel, clock = _Table(), _Channel([]), Clock()
         counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
         counters.up = True
-        SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]  # the table tells it
+        shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
         sent: list[str] = []
         refusing = {"alice", "bob"}
 
@@ -770,11 +769,11 @@ class OneInstanceAwayTests(TestCase):
             return succeed(1)
 
         channel.publish_consumer = publish_consumer  # type: ignore[method-assign]
-        table.changed("alice")
-        table.changed("bob")  # alice told again with it; both refused at once
+        shared.publish("alice")
+        shared.publish("bob")  # alice told again with it; both refused at once
         self.assertEqual(sent, [])
         refusing.clear()
-        table.changed("carol")
+        shared.publish("carol")
         self.assertEqual(sorted(sent), ["alice", "bob", "carol"])
 
     def test_answer_waits_for_the_announcement(self) -> None:
@@ -789,13 +788,13 @@ class OneInstanceAwayTests(TestCase):
         counters.up = True
         shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
         since = shared.announced
-        table.changed("alice")
+        shared.publish("alice")
         self.assertIsNone(shared.unshared(since))
         # Nothing changed since: nothing to wait on.
         self.assertIsNone(shared.unshared(shared.announced))
         channel.connected = False  # silent: not noticed, counters.up stays true
         since = shared.announced
-        table.changed("alice")
+        shared.publish("alice")
         told = shared.unshared(since)
         assert isinstance(told, Deferred)
         self.assertNoResult(told)
@@ -818,7 +817,7 @@ class OneInstanceAwayTests(TestCase):
         counters.up = True
         shared = SharedConsumers(table, counters, channel, "a")  # type: ignore[arg-type]
         channel.connected = False
-        table.changed("bob")
+        shared.publish("bob")
         clock.advance(30.0)  # bob's announcement unconfirmed: told again with the next change
         channel.connected = True
         late: list[Deferred[Any]] = []
@@ -827,7 +826,7 @@ class OneInstanceAwayTests(TestCase):
         # own, which Redis never takes.
         late.append(Deferred())
         since = shared.announced
-        table.changed("carol")
+        shared.publish("carol")
         told = shared.unshared(since)
         assert isinstance(told, Deferred)
         clock.advance(ANSWER_WAIT_SECONDS)
@@ -836,9 +835,9 @@ class OneInstanceAwayTests(TestCase):
         # Two commands interleaved: dave's answer waits on erin's too.
         dave_since = shared.announced
         late.append(Deferred())
-        table.changed("dave")
+        shared.publish("dave")
         erin_since = shared.announced
-        table.changed("erin")
+        shared.publish("erin")
         self.assertIsNone(shared.unshared(erin_since))
         told = shared.unshared(dave_since)
         assert isinstance(told, Deferred)

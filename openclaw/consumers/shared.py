@@ -31,6 +31,7 @@ limits hold per instance then, and nobody is refused for Redis's absence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -281,15 +282,20 @@ class SharedCounters:
 
     _log = Logger(namespace="openclaw.consumers")
 
-    def __init__(self, redis: ScriptRunner, reactor: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self, redis: ScriptRunner, reactor: IReactorTime, timeout: float, unseeded: Callable[[], None] = lambda: None
+    ) -> None:
+        """
+        @param unseeded: called when Redis answers that its spends are not
+            seeded (L{SharedConsumers.seed} seeds them).
+        """
         self.redis = redis
         self.reactor = reactor
         self.timeout = timeout
         self.local = LocalCounters()
         #: Redis is reachable (set by the cluster node's up/down).
         self.up = False
-        #: Called when Redis answers that its spends are not seeded.
-        self.unseeded: Any = lambda: None
+        self.unseeded = unseeded
         #: (consumer, period key) -> the spend Redis last reported.
         self.seen: dict[tuple[str, str], float] = {}
 
@@ -509,6 +515,10 @@ class SharedConsumers:
     its changes, reloads the table from the shared database on another
     instance's, and seeds Redis's spends from the database when Redis has
     none (first start, or a Redis that came back empty).
+
+    The table and the counters are built first, and told of it at their
+    construction: the table's C{changed} calls L{publish}, the counters'
+    C{unseeded} calls L{seed} (late-binding, as these are built on them).
     """
 
     _log = Logger(namespace="openclaw.consumers")
@@ -535,8 +545,6 @@ class SharedConsumers:
         self.announced = 0
         self._untold = 0
         self._in_flight: dict[Deferred[bool], int] = {}
-        table.changed = self.publish
-        counters.unseeded = self.seed
 
     def unshared(self, since: int) -> str | Deferred[str | None] | None:
         """

@@ -503,6 +503,9 @@ class ConsumerTable:
     @param reserve_tokens: completion tokens a call without C{max_tokens}
         reserves of its consumer's budget and C{tpm} while in flight
         (C{CONSUMER_RESERVE_TOKENS}).
+    @param changed: called with a consumer's name after every change a
+        command made to it (in a cluster: announce it,
+        L{openclaw.consumers.shared.SharedConsumers.publish}).
     """
 
     _log = Logger(namespace="openclaw.consumers")
@@ -516,6 +519,7 @@ class ConsumerTable:
         counters: Counters | None = None,
         flush_seconds: float = 1.0,
         reserve_tokens: int = 1000,
+        changed: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.store = store
         self.prices = prices
@@ -557,8 +561,7 @@ class ConsumerTable:
         self._given_up = False
         #: How many rows the write under way (L{_flushing}) holds.
         self._writing = 0
-        #: Called after every change a command made (cluster: announce it).
-        self.changed: Callable[[str], None] = lambda name: None
+        self.changed = changed
         #: The reactor of L{start}: times the writes the database holds.
         self._reactor: IReactorTime | None = None
         #: The next log line of a write the database holds (L{_watch}).
