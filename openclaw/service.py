@@ -220,6 +220,13 @@ class GatewayService(MultiService):
         (L{effective_ids}): taken when the service is built and again at
         L{startService}, which refuses to run when they changed in between
         (twistd's C{--uid}/C{--gid}: L{PRIVILEGE_SWITCH_FIX}).
+    @param state_lock: the lock of C{STATE_DIR}
+        (L{openclaw.state.lock_state_dir}), taken before twistd daemonized:
+        kept until the service stops, and released (its file removed)
+        last.  L{None}: none.
+    @param token_lock: the lock of C{TOKEN_FILE}
+        (L{openclaw.session.lock_token_file}), held by the session
+        authority (L{SessionAuthority}'s C{token_lock}).  L{None}: none.
     """
 
     #: The process's exit status once the reactor has stopped: 1 after a
@@ -240,11 +247,13 @@ class GatewayService(MultiService):
         metrics_endpoint: IStreamServerEndpoint | None = None,
         worker: int = 0,
         ids: Callable[[], tuple[int, int]] = effective_ids,
+        state_lock: PidLock | None = None,
+        token_lock: PidLock | None = None,
     ) -> None:
         super().__init__()
         self._ids = ids
-        #: The lock of STATE_DIR this gateway holds (L{hold_state_dir}).
-        self._state_lock: PidLock | None = None
+        #: The lock of STATE_DIR this gateway holds (C{state_lock}).
+        self._state_lock = state_lock
         #: The effective user and group ids the service was built (and
         #: its files checked and made) as.
         self.built_as = ids()
@@ -262,6 +271,7 @@ class GatewayService(MultiService):
             clock=shared_clock,
             token_file=settings.token_file,
             shared=settings.redis_url is not None,
+            token_lock=token_lock,
         )
         # The metrics read the providers and the listeners, which count
         # into them: read through self, when scraped.
@@ -1022,7 +1032,7 @@ class GatewayService(MultiService):
 
     def _release_state_dir(self) -> None:
         """
-        Release the lock of C{STATE_DIR} (L{hold_state_dir}), its file
+        Release the lock of C{STATE_DIR} (C{state_lock}), its file
         removed; again, nothing.
         """
         if self._state_lock is not None:
@@ -1035,14 +1045,6 @@ class GatewayService(MultiService):
                     path=str(lock.path),
                     reason=e.strerror or str(e),
                 )
-
-    def hold_state_dir(self, lock: PidLock) -> None:
-        """
-        Keep C{lock}, the lock of C{STATE_DIR} (L{openclaw.state.lock_state_dir}),
-        taken before twistd daemonized, until the service stops; it is
-        released (its file removed) last.
-        """
-        self._state_lock = lock
 
 
 def _instance_id() -> str:

@@ -131,11 +131,16 @@ class SessionAuthority:
         clock: Callable[[], float] = time.time,
         token_file: Path | None = None,
         shared: bool = False,
+        token_lock: PidLock | None = None,
     ) -> None:
         """
         @param shared: the token is a cluster's (C{REDIS_URL}): other
             instances, perhaps sharing C{token_file}, go on with it after
             this one stops, so the file is left at stop.
+        @param token_lock: the lock of C{token_file} (L{lock_token_file}'s,
+            taken at start-up, before twistd daemonizes), kept until
+            L{discard_token_file} releases it; the first token written
+            names this process in it (the daemon's pid).  L{None}: none.
         """
         self._secret = secret
         self._ttl = ttl_seconds
@@ -143,15 +148,7 @@ class SessionAuthority:
         self._token_file = token_file
         self._shared = shared
         self._current: SessionToken | None = None
-        self._lock: PidLock | None = None
-
-    def hold_token_file(self, lock: PidLock) -> None:
-        """
-        Keep C{lock} (L{lock_token_file}'s, taken at start-up, before
-        twistd daemonizes) until L{discard_token_file} releases it; the
-        first token written names this process in it (the daemon's pid).
-        """
-        self._lock = lock
+        self._lock = token_lock
 
     @property
     def current(self) -> SessionToken:
@@ -318,7 +315,7 @@ class SessionAuthority:
         left, and the log says why.  In a cluster it is left: the token stays
         valid for the other instances, which may read the same file.
 
-        Then the token file's lock (L{hold_token_file}) is released, its
+        Then the token file's lock (C{token_lock}) is released, its
         lock file removed.
         """
         try:
@@ -328,7 +325,7 @@ class SessionAuthority:
 
     def release_token_file(self) -> None:
         """
-        Release the token file's lock (L{hold_token_file}), its lock file
+        Release the token file's lock (C{token_lock}), its lock file
         removed, leaving the token file as it is; again, nothing.
         """
         if self._lock is not None:

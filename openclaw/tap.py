@@ -246,10 +246,9 @@ def makeService(
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
+        state_lock=made.state_lock,
+        token_lock=made.token_lock,
     )
-    if made.token_lock is not None:
-        service.sessions.hold_token_file(made.token_lock)
-    service.hold_state_dir(made.state_lock)
     return _exit_with_status(service, twistd_options)
 
 
@@ -303,8 +302,8 @@ def _worker_service(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
         worker=index,
+        state_lock=made.state_lock,
     )
-    service.hold_state_dir(made.state_lock)
     # Stops the worker once its parent has gone (even by SIGKILL).
     SupervisorWatch(reactor, supervisor).setServiceParent(service)
     return service

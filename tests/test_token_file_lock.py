@@ -238,8 +238,7 @@ class HeldTokenFileTests(SynchronousTestCase):
         self.assertEqual(token_file_lock_path(self.path), self.path.parent / "token.lock")
 
     def test_discard_releases(self) -> None:
-        authority = SessionAuthority(SECRET.encode(), 3600, token_file=self.path)
-        authority.hold_token_file(lock_token_file(self.path))
+        authority = SessionAuthority(SECRET.encode(), 3600, token_file=self.path, token_lock=lock_token_file(self.path))
         authority.issue()
         self.assertRaises(LockHeld, lock_token_file, self.path)
         authority.discard_token_file()
@@ -248,8 +247,7 @@ class HeldTokenFileTests(SynchronousTestCase):
         lock_token_file(self.path).release()
 
     def test_discard_releases_when_the_file_is_left(self) -> None:
-        authority = SessionAuthority(SECRET.encode(), 3600, token_file=self.path)
-        authority.hold_token_file(lock_token_file(self.path))
+        authority = SessionAuthority(SECRET.encode(), 3600, token_file=self.path, token_lock=lock_token_file(self.path))
         authority.issue()
         self.path.write_text("someone else's\n")
         authority.discard_token_file()
