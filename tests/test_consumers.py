@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import attrs
 import openai
 import psycopg
 from prometheus_client import CollectorRegistry, generate_latest
@@ -674,13 +673,13 @@ class StoreTests:
         yield store.delete("team", retired_name(team))
         key = NewKey.make()
         added = yield store.add_key(team, key.hash, key.prefix, now)
-        updated = yield store.update(attrs.evolve(team, rpm=6))
-        self.assertEqual((added, updated), (False, False))  # type: ignore[attr-defined]
+        updated = yield store.update(team, {"name": "team", "rpm": 6})
+        self.assertEqual((added, updated is not None), (False, False))  # type: ignore[attr-defined]
         again = Consumer("team", created_at=now + 1)
         yield store.create(again, NewKey.make().hash, "sk-oc-again")
         added = yield store.add_key(team, key.hash, key.prefix, now)
-        updated = yield store.update(attrs.evolve(team, rpm=6))
-        self.assertEqual((added, updated), (False, False))  # type: ignore[attr-defined]
+        updated = yield store.update(team, {"name": "team", "rpm": 6})
+        self.assertEqual((added, updated is not None), (False, False))  # type: ignore[attr-defined]
         snapshot = yield store.load(now)
         self.assertEqual(list(snapshot.keys.values()), [("team", "sk-oc-again")])  # type: ignore[attr-defined]
         self.assertIsNone(snapshot.consumers["team"].rpm)  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ from openclaw.consumers.model import (
     NewKey,
     check_name,
     check_new_name,
+    consumer_changes,
     consumer_fields,
     is_key_like,
     is_retired_name,
@@ -108,6 +109,9 @@ def _held(failure: Failure) -> str | None:
 def _database_failed(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
+    if failure.check(InvalidConsumer):
+        # Fields that do not go with the consumer as the database has it.
+        return Failure(CommandError(str(failure.value)))
     if failure.check(ConsumerGone):
         return Failure(
             CommandError(
@@ -327,17 +331,24 @@ class ConsumerCommands:
         return self.table.create(consumer).addCallbacks(created, _database_failed)
 
     def consumer_update(self, data: object) -> Deferred[Result]:
+        """
+        Change the fields C{data} names, and those only: each is checked
+        here, and with the others as the database holds them in the
+        update's transaction (a C{budget_period} needs a budget); the
+        answer is the consumer as the database holds it after the change.
+        """
         fields = _data(data)
         current = self._existing(self._address(fields))
         try:
-            consumer = consumer_fields(fields, current)
+            consumer_changes(fields)
         except InvalidConsumer as e:
             raise CommandError(str(e)) from None
 
-        def spends(_: object) -> Deferred[None]:
-            return self.table.read_spends([consumer.name])
+        def spends(consumer: Consumer) -> Deferred[Consumer]:
+            # The consumer as the database holds it after the change.
+            return self.table.read_spends([consumer.name]).addCallback(lambda _: consumer)
 
-        def updated(_: object) -> Result:
+        def updated(consumer: Consumer) -> Result:
             result: Result = {"consumer": self.table.describe(consumer.name)}
             if "expires_at" in fields and consumer.expired(self.clock()):
                 # Allowed: it suspends a consumer, keeping its keys and usage.
@@ -347,7 +358,7 @@ class ConsumerCommands:
                 )
             return result
 
-        updating: Deferred[Any] = self.table.update(consumer)
+        updating: Deferred[Any] = self.table.update(current, fields)
         return updating.addCallback(spends).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:

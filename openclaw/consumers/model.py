@@ -301,17 +301,36 @@ def check_new_name(value: object) -> str:
 def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Consumer:
     """
     A consumer from a command's C{data}: a new one (C{base} None; C{name}
-    required) or C{base} with the fields C{data} gives changed.
+    required) or C{base} with the fields C{data} gives changed
+    (L{consumer_changes}), checked as a whole (a C{budget_period} needs a
+    budget, given or C{base}'s).
 
-    @raise InvalidConsumer: a field is missing, unknown or invalid.
+    @raise InvalidConsumer: a field is missing, unknown or invalid, or the
+        fields given and C{base}'s do not go together.
+    """
+    changes = consumer_changes(data)
+    current = base or Consumer(check_name(data.get("name")))
+    if changes.get("budget_period") is not None and changes.get("budget_usd", current.budget_usd) is None:
+        raise InvalidConsumer("budget_period needs budget_usd: give the budget it applies to (--budget-usd)")
+    return attrs.evolve(current, **changes)
+
+
+def consumer_changes(data: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The fields a command's C{data} sets, each checked on its own, as
+    L{Consumer}'s attributes (C{budget_usd} a float or None, C{models} a
+    tuple, C{expires_at} POSIX seconds or None); not C{name}, which is
+    checked.  Whether they go together with the fields C{data} leaves as
+    they are is L{consumer_fields}' to say.
+
+    @raise InvalidConsumer: a field is missing (C{name}), unknown or invalid.
     """
     unknown = data.keys() - FIELDS
     if unknown:
         named = ", ".join(name[:40] + ("…" if len(name) > 40 else "") for name in sorted(unknown)[:5])
         named += ", ..." if len(unknown) > 5 else ""
         raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(FIELDS))}")
-    name = check_name(data.get("name"))
-    current = base or Consumer(name)
+    check_name(data.get("name"))
     changes: dict[str, Any] = {}
     if "budget_usd" in data:
         budget = data["budget_usd"]
@@ -370,9 +389,7 @@ def consumer_fields(data: Mapping[str, Any], base: Consumer | None = None) -> Co
     if "expires_at" in data:
         expires = data["expires_at"]
         changes["expires_at"] = None if expires is None else parse_time(expires, "expires_at")
-    if changes.get("budget_period") is not None and changes.get("budget_usd", current.budget_usd) is None:
-        raise InvalidConsumer("budget_period needs budget_usd: give the budget it applies to (--budget-usd)")
-    return attrs.evolve(current, **changes)
+    return changes
 
 
 def plain_decimal(value: float) -> str:
@@ -414,6 +431,7 @@ __all__ = [
     "NewKey",
     "check_name",
     "check_new_name",
+    "consumer_changes",
     "consumer_fields",
     "is_key_like",
     "is_retired_name",

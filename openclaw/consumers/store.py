@@ -44,7 +44,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from openclaw.consumers.model import NO_CONSUMER, Consumer, creation_time, is_retired_name, period_key, retired_name
+from openclaw.consumers.model import (
+    NO_CONSUMER,
+    Consumer,
+    consumer_fields,
+    creation_time,
+    is_retired_name,
+    period_key,
+    retired_name,
+)
 from openclaw.files import NotARegularFile, open_regular_file
 from openclaw.reactors import IStoreReactor
 
@@ -735,22 +743,8 @@ class ConsumerStore:
         return self._interact(self._load, now)
 
     def _load(self, cursor: Any, now: float) -> Snapshot:
-        cursor.execute(
-            "SELECT name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at FROM consumers"
-        )
-        consumers = {
-            row[0]: Consumer(
-                name=row[0],
-                budget_usd=row[1],
-                budget_period=row[2],
-                rpm=row[3],
-                tpm=row[4],
-                models=tuple(orjson.loads(row[5])),
-                expires_at=row[6],
-                created_at=row[7],
-            )
-            for row in cursor.fetchall()
-        }
+        cursor.execute(f"SELECT {_CONSUMER_COLUMNS} FROM consumers")
+        consumers = {row[0]: _consumer(row) for row in cursor.fetchall()}
         cursor.execute("SELECT hash, consumer, prefix FROM consumer_keys")
         keys = {row[0]: (row[1], row[2]) for row in cursor.fetchall()}
         periods = tuple({period_key(p, now) for p in ("day", "month", "total")})
@@ -783,26 +777,65 @@ class ConsumerStore:
         )
         self._insert_key(cursor, consumer.name, key_hash, prefix, consumer.created_at)
 
-    def update(self, consumer: Consumer) -> Deferred[bool]:
+    def update(self, consumer: Consumer, fields: Mapping[str, Any]) -> Deferred[Consumer | None]:
         """
-        Write a consumer's changed fields; fires with whether it was there
-        to change (L{_live}: the same consumer, not deleted, perhaps
-        created again since, by another command or instance).
-        """
-        return self._command(self._update, consumer)
+        Change the fields a command's C{fields} names (its C{data}:
+        C{name} and any of C{budget_usd}, C{budget_period}, C{rpm},
+        C{tpm}, C{models}, C{expires_at}, as
+        L{openclaw.consumers.model.consumer_fields} reads them) of
+        C{consumer} (its name and C{created_at}: which one), in one
+        transaction that reads its row as the database holds it now
+        (locked: on PostgreSQL C{FOR NO KEY UPDATE}, on SQLite the write
+        lock from the read on), checks the fields against it and writes
+        those fields only: another instance's change of other fields,
+        which this instance's copy may not show yet, is kept.
 
-    def _update(self, cursor: Any, consumer: Consumer) -> bool:
-        if not self._live(cursor, consumer.name, consumer.created_at):
-            return False
-        values = _consumer_values(consumer)
+        Fires with the consumer as the database holds it after the
+        change, or None when it was not there to change (deleted
+        meanwhile, perhaps created again since, by another command or
+        instance).
+
+        @raise InvalidConsumer: (in the Deferred) C{fields} do not go with
+            the fields the database has (a C{budget_period} for a consumer
+            whose budget another change removed); nothing was written.
+        """
+        return self._command(self._update, consumer, dict(fields))
+
+    def _update(self, cursor: Any, consumer: Consumer, fields: Mapping[str, Any]) -> Consumer | None:
+        if self.dialect == "sqlite":
+            # The read and the write atomically (the write lock from the
+            # read on: another process on the file waits, busy_timeout).
+            cursor.execute("BEGIN IMMEDIATE")
+        # NO KEY UPDATE: the lock an UPDATE of these columns takes, taken at
+        # the read; a concurrent update waits for this one's commit and
+        # reads what it wrote, a delete waits too, and the usage rows'
+        # writes (FOR KEY SHARE, L{_identified}) do not.
+        lock = " FOR NO KEY UPDATE" if self.dialect == "postgresql" else ""
+        current = self._read_consumer(cursor, consumer.name, lock)
+        if current is None or current.created_at != creation_time(consumer.created_at):
+            return None
+        changed = _consumer_values(consumer_fields(fields, current))
+        columns = [
+            (column, value)
+            for column, value in zip(_CONSUMER_FIELDS, changed, strict=True)
+            if column in fields and column != "name"
+        ]
+        if not columns:
+            return current
         cursor.execute(
-            self._sql(
-                "UPDATE consumers SET budget_usd = ?, budget_period = ?, rpm = ?, tpm = ?, models = ?, "
-                "expires_at = ? WHERE name = ?"
-            ),
-            (*values[1:7], consumer.name),
+            self._sql(f"UPDATE consumers SET {', '.join(f'{c} = ?' for c, _ in columns)} WHERE name = ?"),
+            (*(value for _, value in columns), consumer.name),
         )
-        return True
+        return self._read_consumer(cursor, consumer.name)
+
+    def _read_consumer(self, cursor: Any, name: str, lock: str = "") -> Consumer | None:
+        """
+        Consumer C{name} as the database holds it, None when it has no
+        such row; C{lock} is a locking clause (PostgreSQL's C{FOR ...}).
+        """
+        cursor.execute(self._sql(f"SELECT {_CONSUMER_COLUMNS} FROM consumers WHERE name = ?{lock}"), (name,))
+        row = cursor.fetchone()
+        return None if row is None else _consumer(row)
 
     def _live(self, cursor: Any, name: str, created_at: float) -> bool:
         """
@@ -1233,6 +1266,27 @@ def private(path: Path, euid: int | None = None) -> None:
                 raise
         finally:
             os.close(fd)
+
+
+#: The columns of a consumer's row, in L{_consumer_values}' order.
+_CONSUMER_FIELDS = ("name", "budget_usd", "budget_period", "rpm", "tpm", "models", "expires_at", "created_at")
+_CONSUMER_COLUMNS = ", ".join(_CONSUMER_FIELDS)
+
+
+def _consumer(row: Sequence[Any]) -> Consumer:
+    """
+    A consumer from its row's L{_CONSUMER_COLUMNS}.
+    """
+    return Consumer(
+        name=row[0],
+        budget_usd=row[1],
+        budget_period=row[2],
+        rpm=row[3],
+        tpm=row[4],
+        models=tuple(orjson.loads(row[5])),
+        expires_at=row[6],
+        created_at=row[7],
+    )
 
 
 def _consumer_values(consumer: Consumer) -> tuple[Any, ...]:

@@ -8,7 +8,7 @@ counted after each answer and written to the database in batches.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import attrs
@@ -33,7 +33,13 @@ from openclaw.consumers.model import (
     usd,
 )
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.store import ConsumerStore, Snapshot, UsageRow, database_error, log_database_failure
+from openclaw.consumers.store import (
+    ConsumerStore,
+    Snapshot,
+    UsageRow,
+    database_error,
+    log_database_failure,
+)
 from openclaw.dataplane.errors import APIError
 from openclaw.timefmt import isoformat
 
@@ -533,6 +539,9 @@ class ConsumerTable:
         self.loaded = False
         self._reloading: Deferred[None] | None = None
         self._reload_again = False
+        #: How many snapshots L{adopt} has taken (L{update} reads the
+        #: table again after one taken while it ran).
+        self._adopted = 0
         self.consumers: dict[str, Consumer] = {}
         #: SHA-256 hex of a key -> (consumer, prefix).
         self.keys: dict[str, tuple[str, str]] = {}
@@ -585,6 +594,7 @@ class ConsumerTable:
         self.keys = snapshot.keys
         self.counters.load(snapshot.spend)
         self.loaded = True
+        self._adopted += 1
 
     def reload(self) -> Deferred[None]:
         return self.store.load(self.clock()).addCallback(self.adopt)
@@ -1173,20 +1183,38 @@ class ConsumerTable:
         if not written or current is None or current.created_at != consumer.created_at:
             raise ConsumerGone(consumer.name)
 
-    def update(self, consumer: Consumer) -> Deferred[Consumer]:
+    def update(self, consumer: Consumer, fields: Mapping[str, Any]) -> Deferred[Consumer]:
         """
-        Write C{consumer}'s changed fields, then take them here.
+        Change the fields a command's C{fields} names of C{consumer} (this
+        table's copy: which consumer) in the database, checked against its
+        row there and leaving the others as the database has them
+        (L{ConsumerStore.update}), then take the row as the database
+        holds it after the change, not this table's copy changed: another
+        instance's change this table has not heard of yet is kept.  A
+        reload under way or made meanwhile (another instance's change) may
+        hold the row as it was before or after this change: the table is
+        read again, once.
 
+        @return: (a Deferred firing with) the consumer as the database
+            holds it now.
         @raise ConsumerGone: (in the Deferred) it was deleted meanwhile.
+        @raise InvalidConsumer: (in the Deferred) C{fields} do not go with
+            the database's row (a C{budget_period} where another change
+            removed the budget).
         """
+        adopted = self._adopted
 
-        def updated(written: bool) -> Consumer:
-            self._still_here(consumer, written)
-            self.consumers[consumer.name] = consumer
+        def updated(row: Consumer | None) -> Consumer:
+            if row is None:
+                raise ConsumerGone(consumer.name)
+            self._still_here(consumer, True)
+            self.consumers[consumer.name] = row
             self.changed(consumer.name)
-            return consumer
+            if self._reloading is not None or self._adopted != adopted:
+                self.refresh()
+            return row
 
-        return self.store.update(consumer).addCallback(updated)
+        return self.store.update(consumer, fields).addCallback(updated)
 
     def _retire(self, consumer: Consumer) -> None:
         # Its rows not yet written go under its retired name, as those written will.
