@@ -3,7 +3,8 @@ Two instances changing one consumer at once, each table over the same
 database (real SQLite, real PostgreSQL): an update writes the fields its
 command names and those only, checked against the row as the database
 holds it, and answers (and keeps) that row, so another instance's change
-this one has not heard of yet is kept.
+this one has not heard of yet is kept; a create that loses a race for its
+name is answered as a name that exists.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from openclaw.consumers.store import ConsumerStore, Snapshot
 from openclaw.consumers.table import ConsumerTable
 from openclaw.control.commands import CommandError
 from tests.postgres_server import postgres_database
+
+EXISTS = "a consumer named 'dup' exists; change it with consumer_update"
 
 
 class Instance:
@@ -150,6 +153,49 @@ class ConcurrentChangesTests:
         shown = (answer["consumer"]["budget_usd"], answer["consumer"]["budget_period"])
         self.assertEqual(shown, (7.0, "day"))  # type: ignore[attr-defined]
 
+    @inlineCallbacks
+    def test_create_of_a_name_the_database_has(self) -> Any:
+        """
+        A consumer inserted behind this instance's back (another's create,
+        not heard of yet): a create of its name is answered as one of a
+        name this table has, the other's row and key are kept, and the
+        table is read again, so that it has it.
+        """
+        a, b = yield self.instances()
+        created = yield b.command("consumer_create", {"name": "dup", "rpm": 3})
+        self.assertNotIn("dup", a.table.consumers)  # type: ignore[attr-defined]
+        refused = yield self.assertFailure(a.command("consumer_create", {"name": "dup"}), CommandError)  # type: ignore[attr-defined]
+        self.assertEqual(str(refused), EXISTS)  # type: ignore[attr-defined]
+        snapshot = yield a.store.load(time.time())
+        self.assertEqual(snapshot.consumers["dup"].rpm, 3)  # type: ignore[attr-defined]
+        self.assertEqual(list(snapshot.keys.values()), [("dup", created["key_prefix"])])  # type: ignore[attr-defined]
+        for _ in range(100):
+            if "dup" in a.table.consumers:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(a.table.consumers["dup"].rpm, 3)  # type: ignore[attr-defined]
+        # Now known here: the same answer, without the database.
+        refused = yield self.assertFailure(a.command("consumer_create", {"name": "dup"}), CommandError)  # type: ignore[attr-defined]
+        self.assertEqual(str(refused), EXISTS)  # type: ignore[attr-defined]
+
+    @inlineCallbacks
+    def test_creates_at_once(self) -> Any:
+        """
+        The same name created on A and B at the same moment: one is made,
+        the other answered as a name that exists (not with the database's
+        own words for its constraint).
+        """
+        a, b = yield self.instances()
+        results = yield DeferredList(
+            [a.command("consumer_create", {"name": "dup"}), b.command("consumer_create", {"name": "dup"})],
+            consumeErrors=True,
+        )
+        made = [answer for ok, answer in results if ok]
+        refused = [str(failure.value) for ok, failure in results if not ok]
+        self.assertEqual((len(made), refused), (1, [EXISTS]))  # type: ignore[attr-defined]
+        snapshot = yield a.store.load(time.time())
+        self.assertEqual(list(snapshot.keys.values()), [("dup", made[0]["key_prefix"])])  # type: ignore[attr-defined]
+
 
 class SQLiteConcurrentChangesTests(ConcurrentChangesTests, TestCase):
     def database(self) -> str | None:
@@ -187,6 +233,33 @@ class PostgresConcurrentChangesTests(ConcurrentChangesTests, TestCase):
         snapshot = yield store.load(time.time())
         row = snapshot.consumers["team"]
         self.assertEqual((row.budget_usd, row.budget_period), (None, "month"))
+
+    @inlineCallbacks
+    def test_create_waits_for_a_create_under_way(self) -> Any:
+        """
+        A create of a name another session is inserting (not committed
+        yet): it waits, then fails as a name that exists, the other's
+        row kept.
+        """
+        url = self.database()
+        store = ConsumerStore.open(url, Path("."), reactor)
+        self.addCleanup(store.close)
+        yield store.migrate()
+        instance = Instance(store)
+        yield instance.table.reload()
+        other = psycopg.connect(url)
+        self.addCleanup(other.close)
+        other.execute(
+            "INSERT INTO consumers (name, budget_period, rpm, models, created_at) VALUES ('dup', 'month', 9, '[]', 1)"
+        )
+        creating = instance.command("consumer_create", {"name": "dup"})
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(creating.called)
+        yield deferToThread(other.commit)
+        refused = yield self.assertFailure(creating, CommandError)
+        self.assertEqual(str(refused), EXISTS)
+        snapshot = yield store.load(time.time())
+        self.assertEqual(snapshot.consumers["dup"].rpm, 9)
 
 
 class _ControlledStore:

@@ -45,6 +45,7 @@ from openclaw.consumers.store import (
     COMMAND_SECONDS,
     GROUPS,
     CommandTimedOut,
+    ConsumerExists,
     database_error,
     sqlite_file_advice,
     unreachable,
@@ -106,9 +107,20 @@ def _held(failure: Failure) -> str | None:
     return None
 
 
+def _exists(name: str) -> CommandError:
+    """
+    The refusal of a create of a name a consumer has: in this instance's
+    table, or in the database only (another command's or instance's
+    create committed first).
+    """
+    return CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
+
+
 def _database_failed(failure: Failure) -> Failure:
     if failure.check(CommandError):
         return failure
+    if failure.check(ConsumerExists):
+        return Failure(_exists(str(failure.value)))
     if failure.check(InvalidConsumer):
         # Fields that do not go with the consumer as the database has it.
         return Failure(CommandError(str(failure.value)))
@@ -313,7 +325,7 @@ class ConsumerCommands:
             # Its delete waits for the database (and a write of usage rows under way).
             raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         if name in self.table.consumers:
-            raise CommandError(f"a consumer named {name!r} exists; change it with consumer_update")
+            raise _exists(name)
         try:
             consumer = consumer_fields(fields, Consumer(name, created_at=self.clock()))
         except InvalidConsumer as e:

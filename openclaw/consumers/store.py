@@ -360,6 +360,20 @@ class _Deadline:
             return True
 
 
+class ConsumerExists(Exception):
+    """
+    A create found a consumer of its name in the database already: created
+    meanwhile by another command or instance (its announcement not heard
+    yet), or put there behind the gateway's back.  Nothing was written.
+    C{str()} is its name.
+    """
+
+
+#: The DB-API C{IntegrityError}s of the two databases (PEP 249): a row a
+#: constraint refuses, such as a consumer's name taken already.
+_INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
+
+
 class NewerSchema(Exception):
     """
     The database's schema is of a later version of openclaw than this one
@@ -760,21 +774,31 @@ class ConsumerStore:
         return Snapshot(consumers, keys, spend)
 
     def create(self, consumer: Consumer, key_hash: str, prefix: str) -> Deferred[None]:
+        """
+        Write a new consumer and its first key.
+
+        @raise ConsumerExists: (in the Deferred) the database has a
+            consumer of its name already (another command's or instance's,
+            committed first, or one it was waiting for: the loser of two
+            creates at once); nothing was written.
+        """
         return self._command(self._create, consumer, key_hash, prefix)
 
     def _create(self, cursor: Any, consumer: Consumer, key_hash: str, prefix: str) -> None:
+        try:
+            cursor.execute(
+                self._sql(f"INSERT INTO consumers ({_CONSUMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                _consumer_values(consumer),
+            )
+        except _INTEGRITY_ERRORS as e:
+            # Its name, the one key: the transaction is rolled back.
+            raise ConsumerExists(consumer.name) from e
         # A new consumer starts from nothing, whatever a deleted one of its
         # name left (record adds spend only to a consumer that exists): no
         # key of a deleted one opens it, even one an older version left.
+        # After the insert: one of a consumer that exists is never touched.
         cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (consumer.name,))
         cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (consumer.name,))
-        cursor.execute(
-            self._sql(
-                "INSERT INTO consumers (name, budget_usd, budget_period, rpm, tpm, models, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            _consumer_values(consumer),
-        )
         self._insert_key(cursor, consumer.name, key_hash, prefix, consumer.created_at)
 
     def update(self, consumer: Consumer, fields: Mapping[str, Any]) -> Deferred[Consumer | None]:
@@ -1310,6 +1334,7 @@ __all__ = [
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
     "CommandTimedOut",
+    "ConsumerExists",
     "ConsumerStore",
     "NewerSchema",
     "PooledConnection",

@@ -34,6 +34,7 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import (
+    ConsumerExists,
     ConsumerStore,
     Snapshot,
     UsageRow,
@@ -1162,6 +1163,14 @@ class ConsumerTable:
     # -- the commands ----------------------------------------------------------
 
     def create(self, consumer: Consumer) -> Deferred[NewKey]:
+        """
+        Write a new consumer and its first key, then take them here.
+
+        @raise ConsumerExists: (in the Deferred) the database has a
+            consumer of that name already, which this table lacks (another
+            command's or instance's create, committed first): the table is
+            reloaded, so that it has it.
+        """
         key = NewKey.make()
 
         def created(_: None) -> NewKey:
@@ -1170,7 +1179,14 @@ class ConsumerTable:
             self.changed(consumer.name)
             return key
 
-        return self.store.create(consumer, key.hash, key.prefix).addCallback(created)
+        def exists(reason: Failure) -> Failure:
+            reason.trap(ConsumerExists)
+            # Its announcement may come later, or (Redis away) not before
+            # Redis is back.
+            self.refresh()
+            return reason
+
+        return self.store.create(consumer, key.hash, key.prefix).addCallbacks(created, exists)
 
     def _still_here(self, consumer: Consumer, written: bool) -> None:
         """
