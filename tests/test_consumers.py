@@ -27,7 +27,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.commands import ConsumerCommands, usage_total
-from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, prompt_tokens
+from openclaw.consumers.estimate import (
+    IMAGE_LOW_TOKENS,
+    IMAGE_TOKENS,
+    MESSAGE_TOKENS,
+    REPLY_TOKENS,
+    answer_bytes,
+    chunk_bytes,
+    estimated_usage,
+    prompt_bytes,
+    prompt_tokens,
+)
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import SlidingWindow, duration, reset_after
 from openclaw.consumers.model import (
@@ -500,10 +510,12 @@ class RulesTests(TestCase):
         english = "Say hello to the world, please!!"
         chinese = "你好世界" * 100
         self.assertEqual((len(english), len(chinese)), (32, 400))
-        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": english}]}), 8)
-        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": chinese}]}), 300)
+        # Each text's share, plus one message's and the reply's template tokens.
+        template = MESSAGE_TOKENS + REPLY_TOKENS
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": english}]}), 8 + template)
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": chinese}]}), 300 + template)
         parts = [{"type": "text", "text": chinese}, {"type": "text", "text": english}]
-        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": parts}]}), 308)
+        self.assertEqual(prompt_tokens({"messages": [{"role": "user", "content": parts}]}), 308 + template)
         self.assertEqual(estimated_tokens((english, chinese, "é")), 8 + 300 + 1)
         answer = {"choices": [{"message": {"role": "assistant", "content": chinese}}]}
         self.assertEqual(answer_bytes(json.dumps(answer).encode()), 1200)
@@ -515,7 +527,47 @@ class RulesTests(TestCase):
         holder = Holder("t", "p")
         body = {"messages": [{"role": "user", "content": chinese}]}
         self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 4, lambda: prompt_tokens(body)))
-        self.assertEqual(holder.reserved_tokens, 304)
+        self.assertEqual(holder.reserved_tokens, 304 + template)
+
+    def test_estimate_counts_what_providers_bill(self) -> None:
+        """
+        The prompt's estimate counts what providers bill as prompt: the
+        tools declared and a response_format's schema (as JSON), tool
+        calls and results, names, each message's and the reply's template
+        tokens, and images at a flat estimate.  Trial s27: 40 KB in tools
+        or in a json_schema reserved 5 tokens (max_tokens 4 and 'hi'),
+        so megabytes of tools passed any budget or tpm.
+        """
+        blob = "x" * 40_000
+        hi = [{"role": "user", "content": "hi"}]
+        plain = prompt_tokens({"messages": hi})
+        self.assertEqual(plain, 1 + MESSAGE_TOKENS + REPLY_TOKENS)
+        tool = {"type": "function", "function": {"name": "f", "description": blob, "parameters": {"type": "object"}}}
+        self.assertGreater(prompt_tokens({"messages": hi, "tools": [tool]}), plain + 10_000)
+        schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": blob}}}
+        self.assertGreater(prompt_tokens({"messages": hi, "response_format": schema}), plain + 10_000)
+        # A response_format without a schema adds nothing.
+        self.assertEqual(prompt_tokens({"messages": hi, "response_format": {"type": "json_object"}}), plain)
+        history = [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": blob}}],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": blob},
+        ]
+        self.assertEqual(prompt_bytes({"messages": history}), 2 + 1 + 40_000 + len("call_1") + 40_000)
+        self.assertEqual(prompt_tokens({"messages": history}), 20_003 + 3 * MESSAGE_TOKENS + REPLY_TOKENS)
+        # Images: flat, whatever the size of their data URL.
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
+        low = {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}}
+        content = [{"type": "text", "text": "hi"}, image, low]
+        self.assertEqual(
+            prompt_tokens({"messages": [{"role": "user", "content": content}]}),
+            plain + IMAGE_TOKENS + IMAGE_LOW_TOKENS,
+        )
+        self.assertEqual(prompt_tokens({"messages": []}), 0)
 
     def test_usage_total(self) -> None:
         groups = [
@@ -1762,6 +1814,39 @@ class ConsumerGatewayTests(GatewayCase):
             self.assertFalse([name for name in raw.headers if name.startswith("x-ratelimit")], key[:6])
 
     @inlineCallbacks
+    def test_tools_and_schemas_are_reserved(self) -> Any:
+        """
+        40 KB in tools or in a response_format's json_schema reserves its
+        tokens as 40 KB in a message does (trial s27: 5 tokens, as for
+        'hi'), read from x-ratelimit-remaining-tokens through the openai SDK.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "big", "tpm": 1_000_000})
+        sdk = self.sdk(gateway, created["key"])
+        blob = "x" * 40_000
+        tool = {"type": "function", "function": {"name": "f", "description": blob, "parameters": {"type": "object"}}}
+        schema = {
+            "type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"type": "object", "description": blob}},
+        }
+        reserved = []
+        for extra in ({"tools": [tool]}, {"response_format": schema}):
+            raw = yield deferToThread(
+                sdk.chat.completions.with_raw_response.create,
+                model="kimi/moonshot-v1-8k",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=4,
+                **extra,
+            )
+            raw.parse()
+            used = yield self.command(gateway, client, "usage", {"name": "big"})
+            counted = used["total"]["prompt_tokens"] + used["total"]["completion_tokens"]
+            # What remains: the limit less the calls counted before and this one's reservation.
+            reserved.append(1_000_000 - int(raw.headers["x-ratelimit-remaining-tokens"]) - (counted - 14))
+        for tokens in reserved:
+            self.assertGreater(tokens, 10_000, reserved)
+
+    @inlineCallbacks
     def test_tpm_holds_against_a_parallel_burst(self) -> Any:
         """
         tpm 30, 20 parallel calls of 14 tokens (a prompt estimated at 10,
@@ -2004,8 +2089,9 @@ class ConsumerEndpointsTests(GatewayCase):
         self.assertIn("the consumers have not loaded", document["reason"])
 
 
-#: 40 characters: a prompt estimated at 10 tokens (the stand-in counts 10).
-BURST_PROMPT = [{"role": "user", "content": "Say hello to the forty-character prompt!"}]
+#: 12 characters: a prompt estimated at 10 tokens (3 for its text, MESSAGE_TOKENS and
+#: REPLY_TOKENS for the chat template; the stand-in counts 10).
+BURST_PROMPT = [{"role": "user", "content": "Hello there!"}]
 
 
 def burst_call(sdk: openai.OpenAI, model: str = "kimi/moonshot-v1-8k") -> tuple[int, str | None, str | None]:

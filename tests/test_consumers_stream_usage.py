@@ -14,6 +14,7 @@ import openai
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from openclaw.consumers.estimate import MESSAGE_TOKENS, REPLY_TOKENS
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -116,7 +117,8 @@ class StreamLeftEarlyTests(GatewayCase):
     def test_no_usage_ever_is_estimated(self) -> Any:
         """
         A stream that breaks after some text, with no usage, is counted an
-        estimate (characters / 4, rounded up), never 0 tokens.
+        estimate (characters / 4, rounded up, and the prompt's chat
+        template tokens), never 0 tokens.
         """
         gateway, client = yield self.gateway()
         created = yield self.command(gateway, client, "consumer_create", {"name": "cut"})
@@ -138,5 +140,5 @@ class StreamLeftEarlyTests(GatewayCase):
         self.assertTrue(text)
         total = yield self.usage_of(gateway, client, "cut")
         prompt = HELLO[0]["content"]
-        self.assertEqual(total["prompt_tokens"], -(-len(prompt) // 4))
+        self.assertEqual(total["prompt_tokens"], -(-len(prompt) // 4) + MESSAGE_TOKENS + REPLY_TOKENS)
         self.assertEqual(total["completion_tokens"], -(-len(text) // 4))

@@ -15,7 +15,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.consumers.estimate import count_or_zero, known_counts, token_count
+from openclaw.consumers.estimate import MESSAGE_TOKENS, REPLY_TOKENS, count_or_zero, known_counts, token_count
 from openclaw.consumers.prices import Price
 from openclaw.consumers.table import usage_counts
 from openclaw.testing.upstream import OpenAIAnswer
@@ -23,9 +23,10 @@ from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
 
 MODEL = "kimi/moonshot-v1-8k"
-#: 24 characters: 6 tokens estimated; the prompt ("Say hello.", 10) 3.
+#: 24 characters: 6 tokens estimated; the prompt ("Say hello.", 10) 3, and
+#: the chat template's tokens (one message, the reply's priming).
 REPLY = "Bonjour from the standin"
-PROMPT_ESTIMATE, REPLY_ESTIMATE = 3, 6
+PROMPT_ESTIMATE, REPLY_ESTIMATE = 3 + MESSAGE_TOKENS + REPLY_TOKENS, 6
 
 
 def price(prompt: int, completion: int) -> float:

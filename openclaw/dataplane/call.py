@@ -41,7 +41,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_bytes
+from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, reset_stream, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
@@ -910,7 +910,11 @@ class ChatCall:
             return usage
         if prompt is None and completion is None and not self._completion_bytes and not (status == 499 and self._tried):
             return None
-        estimate = estimated_usage(prompt_bytes(self.chat.body), self._completion_bytes, prompt, completion)
+        if prompt is None:
+            # What it reserved for its prompt: its text, tools, schema and
+            # the chat template's tokens (L{prompt_tokens}).
+            prompt = prompt_tokens(self.chat.body)
+        estimate = estimated_usage(0, self._completion_bytes, prompt, completion)
         # The details the provider gave (reasoning, cached prompt) still count.
         return {**usage, **estimate} if isinstance(usage, dict) else estimate
 
