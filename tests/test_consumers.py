@@ -54,7 +54,7 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices, shipped_prices
 from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters
+from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters, budget_spent, tpm_refused
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.embeddings import estimated_tokens
 from openclaw.dataplane.errors import APIError
@@ -395,8 +395,12 @@ class RulesTests(TestCase):
         self.assertEqual(refused.code, "rate_limit_exceeded")
         self.assertIn("tpm", refused.message)
         # Room once the reservations would leave the window, were their
-        # calls counted as admitted (at 100).
-        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        # calls counted as admitted (at 100); but nothing is used yet, so
+        # the calls in flight make it all: a short wait, for them to end.
+        window = counters.tokens["a"]
+        self.assertEqual(window.retry_after(100.0, 30, sorted(counters.reserved_tokens("a", 100.0).items())), 60)
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"2")
+        self.assertEqual(refused.type, "tokens_reserved")
         self.assertEqual(fourth.reserved_tokens, 0)
         # Counted with fewer tokens than reserved: 5 + 28 still refuses.
         counters.counted("a", 5, 0.0, 102.0, first)
@@ -408,12 +412,55 @@ class RulesTests(TestCase):
         # one admitted at 100 would leave the window.
         refused = counters.admit(consumer, 103.0, Holder("a", "p"), 0.0, 14)
         assert refused is not None
-        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"57")
+        self.assertEqual(window.retry_after(103.0, 30, sorted(counters.reserved_tokens("a", 103.0).items())), 57)
+        self.assertEqual((dict(refused.headers)[b"Retry-After"], refused.type), (b"2", "tokens_reserved"))
         # Reservations never counted (their instance went away) expire.
         # A tpm reservation lapses after the window (60 s), a budget's later.
         self.assertEqual(counters.reserved_tokens("a", 100.0 + 61), {102: 14})
         self.assertEqual(counters.reserved_tokens("a", 102.0 + 61), {})
         self.assertIsNone(counters.admit(consumer, 102.0 + 61, Holder("a", "p"), 0.0, 14))
+        # The window's own tokens at tpm: over the limit, its Retry-After
+        # when the window has room.
+        counters.counted("a", 30, 0.0, 170.0)
+        refused = counters.admit(consumer, 171.0, Holder("a", "p"), 0.0, 14)
+        assert refused is not None
+        self.assertEqual((refused.type, dict(refused.headers)[b"Retry-After"]), ("tokens", b"59"))
+        self.assertIn("is over its tpm limit of 30 per minute", refused.message)
+
+    def test_tpm_held_by_calls_in_flight(self) -> None:
+        """
+        A tpm refusal made only by the reservations of calls in flight (the
+        window's tokens under tpm) says so, with a short Retry-After and
+        what to do (set max_tokens), as the budget's budget_reserved does.
+        Trial s27: tpm 1000, one call in flight without max_tokens (1001
+        reserved), 14 used: "over its tpm limit", Retry-After 59.
+        """
+        counters = LocalCounters()
+        consumer = Consumer("leaver", tpm=1000)
+        counters.counted("leaver", 14, 0.0, 100.0)
+        self.assertIsNone(counters.admit(consumer, 101.0, Holder("leaver", "p"), 0.0, 1001))
+        refused = counters.admit(consumer, 102.0, Holder("leaver", "p"), 0.0, 1001)
+        assert refused is not None
+        self.assertEqual((refused.status, refused.code, refused.type), (429, "rate_limit_exceeded", "tokens_reserved"))
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"2")
+        self.assertEqual(
+            refused.message,
+            "consumer 'leaver': calls in flight hold 1001 tokens of its tpm limit of 1000 per minute (14 used in "
+            "the last 60 s, 1001 reserved by calls in flight until they are counted); retry after 2 s, once they "
+            "end, or set max_tokens so that each call reserves less",
+        )
+        # Room sooner than 2 s (the reservation lapses, 60 s on): that.
+        refused = tpm_refused("leaver", 1000, 14, 1001, 1)
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"1")
+
+    def test_budget_held_wording(self) -> None:
+        """
+        The budget_reserved answer names its consumer once, quoted (trial
+        s27: "consumer 'crash''s calls").
+        """
+        refused = budget_spent(Consumer("crash", budget_usd=1.0, budget_period="day"), 0.5, 1000.0, 0.6)
+        self.assertIn("consumer 'crash': calls in flight hold the rest of its budget", refused.message)
+        self.assertNotIn("''s", refused.message)
 
     def test_table_reserves_prompt_and_completion_tokens(self) -> None:
         """
@@ -1714,6 +1761,40 @@ class ConsumerGatewayTests(GatewayCase):
         self.addCleanup(deferToThread, retrying.close)
         answer = yield deferToThread(retrying.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         self.assertTrue(answer.choices)
+        yield first
+
+    @inlineCallbacks
+    def test_tpm_held_by_a_call_in_flight(self) -> Any:
+        """
+        tpm 1000 and a call in flight without max_tokens (its reservation,
+        1000 completion tokens and its prompt's estimate, is over tpm): a
+        second call is answered 429 tokens_reserved saying so, with a short
+        Retry-After, and the openai SDK gets through once the first is
+        counted.  Trial s27: "over its tpm limit", Retry-After 59, and the
+        SDK waited 59.6 s.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 1000})
+        self.upstream.kimi.delay = 1.0
+        first = deferToThread(
+            self.sdk(gateway, created["key"]).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        counters = gateway.service.consumers.counters
+        while not counters.reserved_tokens("leaver", time.time()):
+            yield deferLater(reactor, 0.02, lambda: None)
+        held = yield self.refused(self.sdk(gateway, created["key"]), "kimi/moonshot-v1-8k")
+        self.assertEqual((held.status_code, held.code, held.type), (429, "rate_limit_exceeded", "tokens_reserved"))
+        self.assertEqual(held.response.headers.get("retry-after"), "2")
+        self.assertIn("consumer 'leaver': calls in flight hold 1010 tokens of its tpm limit of 1000", held.message)
+        self.assertIn("set max_tokens", held.message)
+        retrying = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=created["key"], max_retries=2, timeout=10
+        )
+        self.addCleanup(deferToThread, retrying.close)
+        started = time.monotonic()
+        answer = yield deferToThread(retrying.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        self.assertTrue(answer.choices)
+        self.assertLess(time.monotonic() - started, 10)
         yield first
 
     @inlineCallbacks

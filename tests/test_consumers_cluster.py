@@ -525,7 +525,12 @@ class SharedTpmReservations(TestCase):
         )
         refused = answers[3]
         self.assertEqual(refused.code, "rate_limit_exceeded")
-        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"60")
+        # Nothing used yet: the calls in flight hold it all (trial s27:
+        # "over its tpm limit", Retry-After 60), a short wait for them.
+        self.assertEqual((refused.type, dict(refused.headers)[b"Retry-After"]), ("tokens_reserved", b"2"))
+        self.assertIn(
+            "consumer 'a': calls in flight hold 42 tokens of its tpm limit of 30 per minute (0 used", refused.message
+        )
         [reserved_key] = redis_keys(redis.port, "openclaw:consumer:a:*:reserved_tokens")
         self.assertEqual(redis_command(redis.port, "HGET", reserved_key, str(int(now))), b"$2\r\n42\r\n")
         # Counted with 5 of its 14 tokens, then another: 10 + 14 < 30 admits.
@@ -542,6 +547,12 @@ class SharedTpmReservations(TestCase):
             [counters.admit(consumer, later, Holder("a", "p", 5.0), 0.0, 14) for _ in range(3)]
         )
         self.assertEqual([a is None for a in admitted], [True, True, True])
+        # The window's own tokens at tpm: over it, until they leave the window.
+        counters.counted("a", 30, 0.0, later, Holder("a", "p", 5.0))
+        yield sleep(0.2)
+        over = yield counters.admit(consumer, later + 1, Holder("a", "p", 5.0), 0.0, 14)
+        self.assertEqual((over.type, dict(over.headers)[b"Retry-After"]), ("tokens", b"59"))
+        self.assertIn("is over its tpm limit of 30", over.message)
 
     @inlineCallbacks
     def test_budget_held_by_calls_in_flight_in_redis(self) -> Any:

@@ -50,6 +50,7 @@ from openclaw.consumers.table import (
     LocalCounters,
     budget_spent,
     rate_limited,
+    tpm_refused,
 )
 from openclaw.dataplane.errors import APIError
 
@@ -62,7 +63,9 @@ if TYPE_CHECKING:
 #: dollars to reserve, reservation lifetime (seconds), tokens to reserve,
 #: token reservation lifetime (seconds).
 #: Reply: {code, spent, extra}: 0 admitted, 1 budget spent (extra: the
-#: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded.
+#: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded;
+#: 2 goes on with the tokens of the window and those reserved (whether
+#: calls in flight make the rest, L{tpm_refused}).
 #: Admitted, the request is counted in the rpm window, with an rpm or
 #: without (an rpm set later judges the last 60 s), and it goes on with
 #: what the windows hold now, for the answer's
@@ -112,7 +115,7 @@ if ARGV[3] ~= '' then
   local held, pending = window(KEYS[6], now - tonumber(ARGV[8]))
   if used + held >= tonumber(ARGV[3]) then
     for _, e in ipairs(pending) do live[#live + 1] = e end
-    return {2, tostring(spent), tostring(retry(live, used + held, tonumber(ARGV[3])))}
+    return {2, tostring(spent), tostring(retry(live, used + held, tonumber(ARGV[3]))), tostring(used), tostring(held)}
   end
   tokens_used = used + held
   for _, e in ipairs(live) do tokens_newest = math.max(tokens_newest, e[1]) end
@@ -432,7 +435,8 @@ class SharedCounters:
             return budget_spent(consumer, spent, now, float(reply[2]))
         if code == 2:
             assert consumer.tpm is not None
-            return rate_limited(name, "tpm", consumer.tpm, int(float(reply[2])))
+            used, held = (int(float(value)) for value in reply[3:5])
+            return tpm_refused(name, consumer.tpm, used, held, int(float(reply[2])))
         if code == 3:
             assert consumer.rpm is not None
             return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))

@@ -76,6 +76,9 @@ GIVEN_UP = (
 #: The C{Retry-After} (seconds) of a budget refusal due to calls in flight
 #: only (L{budget_spent}): a short wait, for them to end and be counted.
 BUDGET_RETRY_SECONDS = 2
+#: The C{Retry-After} (seconds) at most of a C{tpm} refusal due to calls in
+#: flight only (L{tpm_refused}): as a budget's, a short wait for them to end.
+TOKENS_RETRY_SECONDS = BUDGET_RETRY_SECONDS
 #: A C{tpm} reservation lapses after the window it counts in (60 s): a
 #: call never counted (its instance crashed) must not hold a consumer's
 #: tokens for longer than the limit's own memory; a call still running
@@ -197,6 +200,41 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     )
 
 
+def tpm_refused(consumer: str, limit: int, used: int, held: int, retry_after: int) -> APIError:
+    """
+    The 429 of a consumer refused by its C{tpm} (the admission rule of
+    L{ConsumerTable.admit}: the C{used} tokens of the last 60 s plus those
+    C{held} by its calls in flight reach C{limit}).
+
+    With the window's own tokens at the limit: L{rate_limited}, its
+    C{Retry-After} when the window has room.  Otherwise the calls in
+    flight's reservations make the rest (their prompt's estimate and their
+    C{max_tokens}, or C{CONSUMER_RESERVE_TOKENS} without one): a refusal
+    that says so, type C{tokens_reserved} (code C{rate_limit_exceeded}, as
+    the budget's C{budget_reserved}), with a C{Retry-After} of
+    L{TOKENS_RETRY_SECONDS} at most (retried by the openai SDKs; a call is
+    admitted whatever it reserves once they end), saying to retry or to set
+    C{max_tokens} so that each call reserves less.  Trial s27: a C{tpm} of
+    1000, one call in flight without C{max_tokens} (1001 reserved, 14 used):
+    "over its tpm limit", C{Retry-After: 59}.
+
+    @param retry_after: seconds until the window has room were each call
+        in flight counted as it was admitted (L{SlidingWindow.retry_after}).
+    """
+    if used >= limit or held <= 0:
+        return rate_limited(consumer, "tpm", limit, retry_after)
+    retry = min(TOKENS_RETRY_SECONDS, retry_after)
+    return APIError(
+        429,
+        f"consumer {consumer!r}: calls in flight hold {held} tokens of its tpm limit of {limit} per minute "
+        f"({used} used in the last 60 s, {held} reserved by calls in flight until they are counted); "
+        f"retry after {retry} s, once they end, or set max_tokens so that each call reserves less",
+        "tokens_reserved",
+        "rate_limit_exceeded",
+        headers=((b"Retry-After", b"%d" % retry),),
+    )
+
+
 def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float = 0.0) -> APIError:
     """
     The 429 of a consumer refused by its budget (the admission rule of
@@ -220,7 +258,7 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
     if reserved > 0 and spent < budget:
         return APIError(
             429,
-            f"consumer {consumer.name!r}'s calls in flight hold the rest of its budget of {usd(budget)} USD "
+            f"consumer {consumer.name!r}: calls in flight hold the rest of its budget of {usd(budget)} USD "
             f"{described} (spent {usd(spent)} USD, {usd(reserved)} USD reserved by calls in flight until they "
             f"are counted); retry after {BUDGET_RETRY_SECONDS} s, once they end, or set max_tokens so that "
             "each call reserves less",
@@ -385,9 +423,10 @@ class LocalCounters:
             if window is None:
                 window = self.tokens[name] = SlidingWindow()
             held = self.reserved_tokens(name, now)
-            if window.used(now) + sum(held.values()) >= consumer.tpm:
+            used, reserved_tokens = window.used(now), sum(held.values())
+            if used + reserved_tokens >= consumer.tpm:
                 retry = window.retry_after(now, consumer.tpm, sorted(held.items()))
-                return rate_limited(name, "tpm", consumer.tpm, retry)
+                return tpm_refused(name, consumer.tpm, used, reserved_tokens, retry)
         # Every consumer's requests are counted, with an rpm or without
         # (as its tokens are, L{counted}): an rpm set later judges the
         # last 60 s, not only the requests made since.
@@ -1346,5 +1385,6 @@ __all__ = [
     "Holder",
     "LocalCounters",
     "completion_limit",
+    "tpm_refused",
     "usage_counts",
 ]
