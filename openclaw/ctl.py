@@ -590,14 +590,23 @@ def format_consumers(result: Mapping[str, Any]) -> str:
         if result.get("key"):
             lines.append(f"key (shown once, keep it now): {result['key']}")
         return "\n".join(lines)
-    rows: list[tuple[str, ...]] = [("NAME", "BUDGET", "SPENT", "RPM", "TPM", "MODELS", "EXPIRES", "KEYS")]
+    # What calls in flight hold, shown only when some consumer's do.
+    held = any(c.get("reserved_usd") or c.get("reserved_tokens") for c in result["consumers"])
+    rows: list[tuple[str, ...]] = [
+        ("NAME", "BUDGET", "SPENT", *(("RESERVED",) if held else ()), "RPM", "TPM", "MODELS", "EXPIRES", "KEYS")
+    ]
     for c in result["consumers"]:
         budget = "-" if c["budget_usd"] is None else f"{plain_decimal(c['budget_usd'])}/{c['budget_period']}"
+        reserved = [
+            f"{usd(c['reserved_usd'])} USD" if c.get("reserved_usd") else "",
+            f"{c['reserved_tokens']} tokens" if c.get("reserved_tokens") else "",
+        ]
         rows.append(
             (
                 c["name"],
                 budget,
                 usd(c.get("spent_usd", 0)),
+                *((",".join(part for part in reserved if part) or "-",) if held else ()),
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",

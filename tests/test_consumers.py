@@ -453,6 +453,31 @@ class RulesTests(TestCase):
         refused = tpm_refused("leaver", 1000, 14, 1001, 1)
         self.assertEqual(dict(refused.headers)[b"Retry-After"], b"1")
 
+    def test_described_with_what_calls_in_flight_hold(self) -> None:
+        """
+        consumer_list's description of a consumer carries what its calls in
+        flight hold (reserved_usd, reserved_tokens) when any, until they are
+        counted or lapse.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=clock.seconds, reserve_tokens=1000)  # type: ignore[arg-type]
+        table.consumers["t"] = Consumer("t", tpm=100_000, budget_usd=1.0, budget_period="day")
+        self.assertNotIn("reserved_usd", table.describe("t"))
+        self.assertNotIn("reserved_tokens", table.describe("t"))
+        holder = Holder("t", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 4, 10))
+        described = table.describe("t")
+        self.assertEqual(described["reserved_tokens"], 14)
+        self.assertAlmostEqual(described["reserved_usd"], (10 * 0.20 + 4 * 2.00) / 1e6)
+        # A tpm reservation never counted lapses after 60 s, a budget's after 15 minutes.
+        clock.advance(61)
+        self.assertEqual(
+            (table.describe("t").get("reserved_tokens"), "reserved_usd" in table.describe("t")), (None, True)
+        )
+        table.account(holder, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 10, "completion_tokens": 4}, 0.1)
+        self.assertNotIn("reserved_usd", table.describe("t"))
+
     def test_budget_held_wording(self) -> None:
         """
         The budget_reserved answer names its consumer once, quoted (trial
@@ -1787,6 +1812,9 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual(held.response.headers.get("retry-after"), "2")
         self.assertIn("consumer 'leaver': calls in flight hold 1010 tokens of its tpm limit of 1000", held.message)
         self.assertIn("set max_tokens", held.message)
+        # consumer_list shows what the call in flight holds.
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "leaver"})
+        self.assertEqual(listed["consumers"][0]["reserved_tokens"], 1010)
         retrying = openai.OpenAI(
             base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=created["key"], max_retries=2, timeout=10
         )

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
-from openclaw.consumers.table import TOKEN_RESERVATION_SECONDS, Holder
+from openclaw.consumers.table import RESERVATION_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
 from tests.redis_server import DelayingProxy, RedisServer
@@ -578,6 +578,30 @@ class SharedTpmReservations(TestCase):
         spent = yield counters.admit(consumer, now, Holder("b", "p", 5.0), 0.6)
         self.assertEqual((spent.code, dict(spent.headers)), ("insufficient_quota", {b"x-should-retry": b"false"}))
         self.assertIn("has used its budget of 1 USD in total (spent 1 USD, 0.6 USD more reserved", spent.message)
+
+    @inlineCallbacks
+    def test_held_read_from_redis(self) -> Any:
+        """
+        What a consumer's calls in flight hold is read from Redis with its
+        spend (consumer_list): the cluster's reservations, those another
+        instance made (one that died: trial s27, the list showed nothing
+        while they locked the consumer out) included, and only live ones.
+        """
+        counters, redis = yield self.counters()
+        redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
+        consumer = Consumer("crash", budget_usd=1.0, budget_period="total", tpm=10_000, created_at=5.0)
+        now = float(int(time.time()))
+        other = SharedCounters(counters.redis, reactor, 5.0)
+        other.up = True
+        self.assertIsNone((yield other.admit(consumer, now, Holder("crash", "p", 5.0), 0.25, 1010)))
+        self.assertEqual(counters.held("crash", now), (0.0, 0))
+        yield counters.read_spends([consumer], now)
+        self.assertEqual(counters.held("crash", now), (0.25, 1010))
+        # The tpm reservation lapses after 60 s, the budget's after 15 minutes.
+        yield counters.read_spends([consumer], now + TOKEN_RESERVATION_SECONDS + 1)
+        self.assertEqual(counters.held("crash", now), (0.25, 0))
+        yield counters.read_spends([consumer], now + RESERVATION_SECONDS + 1)
+        self.assertEqual(counters.held("crash", now), (0.0, 0))
 
     @inlineCallbacks
     def test_rpm_set_later_counts_the_clusters_last_minute(self) -> Any:

@@ -217,6 +217,22 @@ class ParseRequestTests(TestCase):
                     "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
         self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +0\.0000032 +- +- +\*")
 
+    def test_reserved_shown_when_any(self):
+        """
+        consumer list shows what calls in flight hold (a RESERVED column)
+        when some consumer's do, and no such column otherwise (trial s27:
+        a dead instance's reservations locked a consumer out and the list
+        showed nothing).
+        """
+        consumer = {"name": "a", "budget_usd": 0.0001, "budget_period": "day", "rpm": None, "tpm": 1000,
+                    "models": [], "expires_at": None, "keys": [], "spent_usd": 0.00002}  # fmt: skip
+        held = {**consumer, "name": "crash", "reserved_usd": 0.0002, "reserved_tokens": 1010}
+        table = ctl.format_consumers({"consumers": [consumer, held]})
+        self.assertRegex(table, r"^NAME +BUDGET +SPENT +RESERVED +RPM +TPM ")
+        self.assertRegex(table, r"\ncrash +0\.0001/day +0\.00002 +0\.0002 USD,1010 tokens +- +1000 ")
+        self.assertRegex(table, r"\na +0\.0001/day +0\.00002 +- +- +1000 ")
+        self.assertNotIn("RESERVED", ctl.format_consumers({"consumers": [consumer]}))
+
     def test_budget_shown_as_set(self):
         """
         A budget shows as it was set (no rounding, no exponent); a spend

@@ -145,9 +145,29 @@ end
 return {0, tostring(spent), '0', tostring(requests_used), tostring(tokens_used), tostring(tokens_newest)}
 """
 
-#: KEYS: spends.  Reply: their values (nil where none), as MGET gives them.
+#: KEYS: per consumer, its spend, reserved and reserved tokens.
+#: ARGV: now (whole seconds), reservation lifetime, token reservation
+#: lifetime (seconds).
+#: Reply: per consumer, its spend (nil where none), the US dollars and the
+#: tokens its calls in flight hold (the reservations made within their
+#: lifetime, as L{ADMIT} counts them).  Reads only.
 SPENDS = """
-return redis.call('MGET', unpack(KEYS))
+local now = tonumber(ARGV[1])
+local function held(key, horizon)
+  local h = redis.call('HGETALL', key)
+  local sum = 0
+  for i = 1, #h, 2 do
+    if tonumber(h[i]) > horizon then sum = sum + tonumber(h[i + 1]) end
+  end
+  return tostring(sum)
+end
+local out = {}
+for i = 1, #KEYS, 3 do
+  out[#out + 1] = redis.call('GET', KEYS[i])
+  out[#out + 1] = held(KEYS[i + 1], now - tonumber(ARGV[2]))
+  out[#out + 1] = held(KEYS[i + 2], now - tonumber(ARGV[3]))
+end
+return out
 """
 
 #: KEYS: seeded marker, tpm, reserved, day, month and total spends,
@@ -301,6 +321,9 @@ class SharedCounters:
         self.unseeded = unseeded
         #: (consumer, period key) -> the spend Redis last reported.
         self.seen: dict[tuple[str, str], float] = {}
+        #: consumer -> (US dollars, tokens) its calls in flight hold in
+        #: Redis, as the last L{read_spends} read them (for L{held}).
+        self.held_seen: dict[str, tuple[float, int]] = {}
 
     def _keys(self, name: str, created_at: float, *parts: str) -> str:
         return consumer_key(self.redis, name, created_at, *parts)
@@ -311,6 +334,7 @@ class SharedCounters:
     def forget(self, consumer: str) -> None:
         self.local.forget(consumer)
         self.seen = {key: usd for key, usd in self.seen.items() if key[0] != consumer}
+        self.held_seen.pop(consumer, None)
 
     def deleted(self, deleted: Consumer, now: float) -> None:
         """
@@ -359,15 +383,29 @@ class SharedCounters:
         """
         if not self.up or not consumers:
             return succeed(None)
-        keys = [self._keys(c.name, c.created_at, "spend", period_key(c.budget_period, now)) for c in consumers]
+        keys = [
+            key
+            for c in consumers
+            for key in (
+                self._keys(c.name, c.created_at, "spend", period_key(c.budget_period, now)),
+                self._keys(c.name, c.created_at, "reserved"),
+                self._keys(c.name, c.created_at, "reserved_tokens"),
+            )
+        ]
+
+        def number(value: Any) -> float:
+            return float(value.decode() if isinstance(value, bytes) else value)
 
         def read(values: list[Any]) -> None:
-            for consumer, value in zip(consumers, values, strict=False):
+            for n, consumer in enumerate(consumers):
+                value, reserved, tokens = values[3 * n : 3 * n + 3]
                 if value is not None:
-                    usd = float(value.decode() if isinstance(value, bytes) else value)
-                    self.seen[(consumer.name, period_key(consumer.budget_period, now))] = usd
+                    self.seen[(consumer.name, period_key(consumer.budget_period, now))] = number(value)
+                self.held_seen[consumer.name] = (number(reserved), int(number(tokens)))
 
-        asked: Deferred[Any] = self.redis.script(SPENDS, keys, [])
+        self.held_seen = {}
+        args = [str(int(now)), str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
+        asked: Deferred[Any] = self.redis.script(SPENDS, keys, args)
         asked.addTimeout(self.timeout, self.reactor)
         return asked.addCallback(read).addErrback(
             lambda reason: self._log.debug(
@@ -375,6 +413,15 @@ class SharedCounters:
                 error=reason.getErrorMessage() or repr(reason.value),
             )
         )
+
+    def held(self, consumer: str, now: float) -> tuple[float, int]:
+        """
+        What C{consumer}'s calls in flight hold: the cluster's figure as
+        L{read_spends} last read it from Redis (every instance's calls,
+        those of an instance that died included), else this instance's.
+        """
+        seen = self.held_seen.get(consumer)
+        return seen if seen is not None else self.local.held(consumer, now)
 
     def admit(
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0

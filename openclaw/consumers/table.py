@@ -331,6 +331,8 @@ class Counters(Protocol):
 
     def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]: ...
 
+    def held(self, consumer: str, now: float) -> tuple[float, int]: ...
+
 
 @attrs.define
 class LocalCounters:
@@ -523,6 +525,13 @@ class LocalCounters:
     def read_spends(self, consumers: list[Consumer], now: float) -> Deferred[None]:
         # This instance's spends are the whole of them.
         return succeed(None)
+
+    def held(self, consumer: str, now: float) -> tuple[float, int]:
+        """
+        What C{consumer}'s calls in flight hold now: C{(US dollars of its
+        budget, tokens of its tpm)} (L{reserved}, L{reserved_tokens}).
+        """
+        return self.reserved(consumer, now), sum(self.reserved_tokens(consumer, now).values())
 
 
 def _live(
@@ -1375,6 +1384,14 @@ class ConsumerTable:
         now = self.clock()
         document = consumer.describe([{"prefix": prefix} for prefix in self.key_prefixes(name)])
         document["spent_usd"] = round(self.counters.spent(name, consumer.budget_period, now), 10)
+        # What calls in flight hold, when any (those of an instance that
+        # died hold until they lapse: RESERVATION_SECONDS for the budget,
+        # TOKEN_RESERVATION_SECONDS for tpm).
+        reserved, tokens = self.counters.held(name, now)
+        if reserved > 0:
+            document["reserved_usd"] = round(reserved, 10)
+        if tokens > 0:
+            document["reserved_tokens"] = tokens
         return document
 
 
