@@ -21,9 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.control import protocol
 from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNAUTHENTICATED_BYTES_REASON, UNHEARD_CLOSE_SECONDS
-from tests.support import SECRET, connect, open_client, start_gateway
+from tests.support import SECRET, RunningGateway, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
@@ -381,12 +380,18 @@ class UnansweredCloseTests(TestCase):
 
     timeout = 30
 
-    def setUp(self) -> None:
-        self.patch(protocol, "CLOSE_HANDSHAKE_SECONDS", 1.0)
+    def gateway(self) -> RunningGateway:
+        """
+        A gateway whose peers have 1 s, not CLOSE_HANDSHAKE_SECONDS, to
+        answer its close frame.
+        """
+        gateway = start_gateway(self)
+        gateway.service.factory.close_handshake_seconds = 1.0
+        return gateway
 
     @inlineCallbacks
     def test_going_away_unanswered(self):
-        gateway = start_gateway(self)
+        gateway = self.gateway()
         factory = gateway.service.factory
         client = deferToThread(unanswered_close, gateway.port)
         for _ in range(500):
@@ -402,7 +407,7 @@ class UnansweredCloseTests(TestCase):
 
     @inlineCallbacks
     def test_protocol_error_unanswered(self):
-        gateway = start_gateway(self)
+        gateway = self.gateway()
         # A reserved bit no extension gave a meaning: 1002 from Autobahn.
         close, seconds = yield deferToThread(unanswered_close, gateway.port, frame(0x1, b"{}", rsv=1))
         self.assertEqual(close[:2], struct.pack("!H", 1002))
@@ -411,7 +416,7 @@ class UnansweredCloseTests(TestCase):
 
     @inlineCallbacks
     def test_peer_leaves_without_answer(self):
-        gateway = start_gateway(self)
+        gateway = self.gateway()
 
         def leave() -> bytes:
             with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:

@@ -42,7 +42,6 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
-from openclaw.control import protocol as control_protocol
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
@@ -143,10 +142,11 @@ class ListenTests(TestCase):
         later (it was kept until the peer left: Autobahn drops the
         connection politely, which over TLS waits for the peer).
         """
-        self.patch(control_protocol, "CLOSE_HANDSHAKE_SECONDS", 1.0)
         ca, keyfile, certfile = write_certificates(self.dir)
         port = free_port()
         service = self.start("--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}")
+        # 1 s to answer, not CLOSE_HANDSHAKE_SECONDS.
+        service.factory.close_handshake_seconds = 1.0
         context = ssl.create_default_context(cadata=ca.decode())
 
         def close_first() -> tuple[ssl.SSLSocket, bytes]:

@@ -273,16 +273,19 @@ class ControlProtocol(WebSocketServerProtocol):
         being dropped (C{STATE_CLOSED}: Autobahn, a server, drops it at once
         when it answers the peer's close frame, politely, which over TLS
         waits for the peer's C{close_notify}), abort the connection if it
-        is not gone within L{CLOSE_HANDSHAKE_SECONDS}; cancelled by
+        is not gone within the factory's C{close_handshake_seconds}
+        (L{CLOSE_HANDSHAKE_SECONDS} by default); cancelled by
         L{connectionLost}.
 
         Autobahn's own timer for this (C{closeHandshakeTimeout}) is off
         (L{ControlFactory}): it leaves it pending past the end of a
         connection whose peer closed TCP without answering, up to
-        L{CLOSE_HANDSHAKE_SECONDS} later, holding the protocol.
+        that many seconds later, holding the protocol.
         """
         if self.unanswered is None and self.state in _ENDING:
-            self.unanswered = self.factory.reactor.callLater(CLOSE_HANDSHAKE_SECONDS, self.tcp.abortConnection)
+            self.unanswered = self.factory.reactor.callLater(
+                self.factory.close_handshake_seconds, self.tcp.abortConnection
+            )
 
     def head_too_large(self) -> None:
         """
@@ -565,6 +568,7 @@ class ControlFactory(WebSocketServerFactory):
         clock: Callable[[], float] = time.monotonic,
         lockout: LockoutStore | None = None,
         capacity: int | None = None,
+        close_handshake_seconds: float = CLOSE_HANDSHAKE_SECONDS,
         **kwargs: Any,
     ) -> None:
         # A neutral Server field: Autobahn's default names its version.
@@ -588,6 +592,10 @@ class ControlFactory(WebSocketServerFactory):
         self.reserved = min(max(2, self.capacity // 16), self.capacity // 2)
         #: AUTH_TIMEOUT_SECONDS.
         self.auth_timeout = settings.auth_timeout_seconds
+        #: Seconds a peer has to answer our close frame before its
+        #: connection is aborted (L{ControlProtocol.await_close_answer});
+        #: L{CLOSE_HANDSHAKE_SECONDS} by default.
+        self.close_handshake_seconds = close_handshake_seconds
         #: The most bytes a connection may send before it authenticates: as
         #: many messages of MAX_MESSAGE_BYTES as MAX_AUTH_FAILURES lets fail,
         #: and one more, twice over for their frames' headers.
