@@ -83,9 +83,14 @@ class HeldStoreTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def store(self) -> Any:
+    def store(self, **bounds: Any) -> Any:
+        """
+        A store on a fresh PostgreSQL database holding the consumer
+        C{team} with one key; C{bounds} are L{ConsumerStore.open}'s
+        command bounds.
+        """
         self.database = postgres_database()
-        store = ConsumerStore.open(self.database, Path("."), reactor)
+        store = ConsumerStore.open(self.database, Path("."), reactor, **bounds)
         self.addCleanup(store.close)
         yield store.migrate()
         self.team = Consumer("team", created_at=time.time() - 100)
@@ -124,10 +129,9 @@ class HeldStoreTests(TestCase):
         COMMAND_SECONDS, and when the database answers the transaction is
         rolled back, not committed.
         """
-        self.patch(store_module, "COMMAND_LOCK_TIMEOUT_MS", 60_000)
-        self.patch(store_module, "COMMAND_STATEMENT_TIMEOUT_MS", 60_000)
-        self.patch(store_module, "COMMAND_SECONDS", 1.0)
-        store = yield self.store()
+        store = yield self.store(
+            command_seconds=1.0, command_lock_timeout_ms=60_000, command_statement_timeout_ms=60_000
+        )
         locker = Locker(self, self.database)
         yield locker.lock("consumer_keys")
         started = time.monotonic()
@@ -151,8 +155,7 @@ class HeldStoreTests(TestCase):
         name), within the command's deadline: a write the database holds
         fails the delete, and the consumer is not deleted later.
         """
-        self.patch(store_module, "COMMAND_SECONDS", 1.0)
-        store = yield self.store()
+        store = yield self.store(command_seconds=1.0)
         locker = Locker(self, self.database)
         yield locker.lock("usage_rows")
         writing = store.record([usage_row(self.team, 0.5, time.time(), self.team.created_at)])
@@ -176,10 +179,9 @@ class HeldStoreTests(TestCase):
         the delete began, lost from its usage and, after a restart, from
         its budget).
         """
-        self.patch(store_module, "COMMAND_LOCK_TIMEOUT_MS", 60_000)
-        self.patch(store_module, "COMMAND_STATEMENT_TIMEOUT_MS", 60_000)
-        self.patch(store_module, "COMMAND_SECONDS", 1.0)
-        store = yield self.store()
+        store = yield self.store(
+            command_seconds=1.0, command_lock_timeout_ms=60_000, command_statement_timeout_ms=60_000
+        )
         table = ConsumerTable(store, PriceTable(), flush_seconds=3600)
         table.adopt((yield store.load(time.time())))
         holder = Holder("team", "first000", created_at=self.team.created_at)

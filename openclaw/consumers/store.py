@@ -484,14 +484,35 @@ class ConsumerStore:
     """
     The consumers, their keys' hashes, usage rows and spend, in a database.
     Every method returns a Deferred; none blocks the reactor.
+
+    @param command_seconds: how long a consumer command's transaction has
+        to reach its commit, in seconds (L{COMMAND_SECONDS} by default).
+    @param command_lock_timeout_ms: on PostgreSQL, a command's (and the
+        usage command's read's) C{lock_timeout}, in milliseconds
+        (L{COMMAND_LOCK_TIMEOUT_MS} by default).
+    @param command_statement_timeout_ms: on PostgreSQL, a command's
+        C{statement_timeout}, in milliseconds
+        (L{COMMAND_STATEMENT_TIMEOUT_MS} by default).
     """
 
-    def __init__(self, pool: adbapi.ConnectionPool, dialect: str, reactor: IStoreReactor) -> None:
+    def __init__(
+        self,
+        pool: adbapi.ConnectionPool,
+        dialect: str,
+        reactor: IStoreReactor,
+        *,
+        command_seconds: float = COMMAND_SECONDS,
+        command_lock_timeout_ms: int = COMMAND_LOCK_TIMEOUT_MS,
+        command_statement_timeout_ms: int = COMMAND_STATEMENT_TIMEOUT_MS,
+    ) -> None:
         self.pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
         #: The pool's reactor (L{close} needs its threads and triggers).
         self.reactor = reactor
+        self.command_seconds = command_seconds
+        self.command_lock_timeout_ms = command_lock_timeout_ms
+        self.command_statement_timeout_ms = command_statement_timeout_ms
         #: Set once L{migrate} found a later openclaw's schema: every use
         #: of the store then fails with it.
         self.newer_schema: NewerSchema | None = None
@@ -503,10 +524,19 @@ class ConsumerStore:
         self._closed: bool | Failure | None = None
 
     @classmethod
-    def open(cls, database_url: str | None, state_dir: Path, reactor: IStoreReactor) -> ConsumerStore:
+    def open(
+        cls,
+        database_url: str | None,
+        state_dir: Path,
+        reactor: IStoreReactor,
+        *,
+        command_seconds: float = COMMAND_SECONDS,
+        command_lock_timeout_ms: int = COMMAND_LOCK_TIMEOUT_MS,
+        command_statement_timeout_ms: int = COMMAND_STATEMENT_TIMEOUT_MS,
+    ) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
-        in C{state_dir/openclaw.db}.
+        in C{state_dir/openclaw.db}; the command bounds are the class's.
 
         @raise UnusableDatabaseFile: that SQLite file cannot be used
             (L{sqlite_file}).
@@ -527,18 +557,27 @@ class ConsumerStore:
             )
             # Documented as any callable; mypy infers it from the default's type.
             pool.connectionFactory = PooledConnection  # type: ignore[assignment]
-            return cls(pool, "postgresql", reactor)
-        path = sqlite_file(state_dir)
-        pool = adbapi.ConnectionPool(
-            "sqlite3",
-            str(path),
-            check_same_thread=False,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_open_sqlite,
-            cp_reactor=reactor,
+            dialect = "postgresql"
+        else:
+            path = sqlite_file(state_dir)
+            pool = adbapi.ConnectionPool(
+                "sqlite3",
+                str(path),
+                check_same_thread=False,
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=_open_sqlite,
+                cp_reactor=reactor,
+            )
+            dialect = "sqlite"
+        return cls(
+            pool,
+            dialect,
+            reactor,
+            command_seconds=command_seconds,
+            command_lock_timeout_ms=command_lock_timeout_ms,
+            command_statement_timeout_ms=command_statement_timeout_ms,
         )
-        return cls(pool, "sqlite", reactor)
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -584,10 +623,10 @@ class ConsumerStore:
         """
         L{_interact} for a consumer command's change, bounded: it fails
         with L{CommandTimedOut} when the transaction has not reached its
-        commit within L{COMMAND_SECONDS} (nothing was changed: it is given
+        commit within C{command_seconds} (nothing was changed: it is given
         up, and rolled back when the database answers), and on PostgreSQL
         the server gives up a lock wait or a statement after
-        L{COMMAND_LOCK_TIMEOUT_MS} and L{COMMAND_STATEMENT_TIMEOUT_MS}
+        C{command_lock_timeout_ms} and C{command_statement_timeout_ms}
         (C{SET LOCAL}, this transaction's only).  A
         commit under way at the deadline is waited for.
 
@@ -600,8 +639,8 @@ class ConsumerStore:
         def bounded(cursor: Any, *args: Any) -> T:
             deadline.begin()
             if self.dialect == "postgresql":
-                cursor.execute(f"SET LOCAL lock_timeout = {COMMAND_LOCK_TIMEOUT_MS}")
-                cursor.execute(f"SET LOCAL statement_timeout = {COMMAND_STATEMENT_TIMEOUT_MS}")
+                cursor.execute(f"SET LOCAL lock_timeout = {int(self.command_lock_timeout_ms)}")
+                cursor.execute(f"SET LOCAL statement_timeout = {int(self.command_statement_timeout_ms)}")
             result = function(cursor, *args)
             deadline.commit()
             return result
@@ -615,7 +654,7 @@ class ConsumerStore:
             if deadline.give_up():
                 answer.errback(CommandTimedOut())
 
-        timer = self.reactor.callLater(COMMAND_SECONDS, late)
+        timer = self.reactor.callLater(self.command_seconds, late)
 
         def ended(result: Any) -> None:
             if timer.active():
@@ -1048,8 +1087,8 @@ class ConsumerStore:
     ) -> list[dict[str, Any]]:
         if self.dialect == "postgresql":
             # A lock another session holds on the table is not waited for
-            # past the command's bound (L{COMMAND_LOCK_TIMEOUT_MS}).
-            cursor.execute(f"SET LOCAL lock_timeout = {COMMAND_LOCK_TIMEOUT_MS}")
+            # past the command's bound (C{command_lock_timeout_ms}).
+            cursor.execute(f"SET LOCAL lock_timeout = {int(self.command_lock_timeout_ms)}")
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
