@@ -25,7 +25,6 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers import store as store_module
-from openclaw.consumers import table as table_module
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import CommandTimedOut, ConsumerStore, postgres_conninfo
@@ -218,8 +217,9 @@ class HeldGatewayTests(GatewayCase):
         write of usage rows the database holds is logged, and once it is
         written.
         """
-        self.patch(table_module, "HELD_LOG_SECONDS", 1)
         gateway, client = yield self.gateway()
+        # A held write said after 1 s, not HELD_LOG_SECONDS.
+        gateway.service.consumers.held_log_seconds = 1
         created = yield self.command(gateway, client, "consumer_create", {"name": "team", "budget_usd": 100})
         locker = Locker(self, self.database)
         yield locker.lock("usage_rows", "consumer_keys", "spend")

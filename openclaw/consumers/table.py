@@ -561,6 +561,8 @@ class ConsumerTable:
     @param changed: called with a consumer's name after every change a
         command made to it (in a cluster: announce it,
         L{openclaw.consumers.shared.SharedConsumers.publish}).
+    @param held_log_seconds: how long a write of usage rows the database
+        holds goes unsaid, in seconds (L{HELD_LOG_SECONDS} by default).
     """
 
     _log = Logger(namespace="openclaw.consumers")
@@ -575,6 +577,7 @@ class ConsumerTable:
         flush_seconds: float = 1.0,
         reserve_tokens: int = 1000,
         changed: Callable[[str], None] = lambda name: None,
+        held_log_seconds: float = HELD_LOG_SECONDS,
     ) -> None:
         self.store = store
         self.prices = prices
@@ -620,6 +623,7 @@ class ConsumerTable:
         #: How many rows the write under way (L{_flushing}) holds.
         self._writing = 0
         self.changed = changed
+        self.held_log_seconds = held_log_seconds
         #: The reactor of L{start}: times the writes the database holds.
         self._reactor: IReactorTime | None = None
         #: The next log line of a write the database holds (L{_watch}).
@@ -1145,7 +1149,7 @@ class ConsumerTable:
     def _watch(self, writing: Deferred[None]) -> None:
         """
         Log a write of usage rows the database holds past
-        L{HELD_LOG_SECONDS} (no error comes, only the pending rows' metric
+        C{held_log_seconds} (no error comes, only the pending rows' metric
         grows), then every L{FAILURE_LOG_SECONDS} while it lasts, and once
         when it is written.
         """
@@ -1169,7 +1173,7 @@ class ConsumerTable:
                 pending=len(self._pending),
             )
 
-        self._held = reactor.callLater(HELD_LOG_SECONDS, held)
+        self._held = reactor.callLater(self.held_log_seconds, held)
 
         def ended(result: object) -> object:
             self._unwatch()
