@@ -149,7 +149,10 @@ def tcp_endpoint_description(port: int, settings: Settings) -> str:
 
 
 def makeService(
-    options: Options, reactor: ITapReactor | None = None, stdout: IO[str] | None = None
+    options: Options,
+    reactor: ITapReactor | None = None,
+    stdout: IO[str] | None = None,
+    http2_available: bool = H2_ENABLED,
 ) -> GatewayService | WorkerSupervisor:
     """
     Read the configuration once and build the gateway service.  A bad value
@@ -161,6 +164,10 @@ def makeService(
     removed again (L{Settings.made_directories}).  Not covered: a port
     taken between this check and listening (its line then comes from
     listening, the lock released).
+
+    @param http2_available: whether twisted.web can speak HTTP/2 here
+        (C{twisted.web.http.H2_ENABLED}: the C{h2} package is installed);
+        when not, a TLS API listener's start-up says how to get it.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -211,7 +218,7 @@ def makeService(
             settings.api_port,
             settings,
         )
-        if speaks_tls(settings.api_listen) and settings.api_http2 and not H2_ENABLED:
+        if speaks_tls(settings.api_listen) and settings.api_http2 and not http2_available:
             _log.info(
                 "API_LISTEN is TLS but HTTP/2 is not offered on it (HTTP/1.1 only): "
                 "install the http2 extra (pip install 'openclaw[http2]') to offer it",

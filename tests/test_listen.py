@@ -110,10 +110,10 @@ class ListenTests(TestCase):
         self.dir.mkdir(parents=True)
         self.patch(os, "environ", {"JWT_SECRET": SECRET, "STATE_DIR": str(self.dir)})
 
-    def start(self, *argv: str) -> Any:
+    def start(self, *argv: str, http2_available: bool = H2_ENABLED) -> Any:
         options = Options()
         options.parseOptions(["--api-listen", f"tcp:{free_port()}:interface=127.0.0.1", *argv])
-        service = makeService(options, reactor, stdout=io.StringIO())
+        service = makeService(options, reactor, stdout=io.StringIO(), http2_available=http2_available)
         service.startService()
         self.addCleanup(service.stopService)
         return service
@@ -190,19 +190,16 @@ class ListenTests(TestCase):
         C{h2}): start-up says so, and how to get it; a plain one says
         nothing of it.
         """
-        from openclaw import tap
-
-        self.patch(tap, "H2_ENABLED", False)
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.start("--port", str(free_port()))
+        self.start("--port", str(free_port()), http2_available=False)
         self.assertFalse([e for e in events if "HTTP/2" in e.get("log_format", "")])
         _, keyfile, certfile = write_certificates(self.dir)
         tls = f"ssl:{free_port()}:interface=127.0.0.1:privateKey={keyfile}:certKey={certfile}"
         # A second gateway running beside the first: a STATE_DIR of its own.
         state = Path(self.mktemp())
-        self.start("--port", str(free_port()), "--api-listen", tls, "--state-dir", str(state))
+        self.start("--port", str(free_port()), "--api-listen", tls, "--state-dir", str(state), http2_available=False)
         lines = [e["log_format"] for e in events if "HTTP/2" in e.get("log_format", "")]
         self.assertEqual(len(lines), 1)
         self.assertIn("pip install 'openclaw[http2]'", lines[0])
