@@ -9,6 +9,8 @@ real C{redis-server}.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -37,7 +39,11 @@ class ExpiredToken(TestCase):
         self.clock.advance(1_800_000_000)
         self.store = MemoryStore(self.clock.seconds)
 
-    def node(self, name: str, secret: bytes = SECRET) -> ClusterNode:
+    def node(self, name: str, secret: bytes = SECRET, **options: Any) -> ClusterNode:
+        """
+        A node named C{name} on the test's store and clock; C{options} are
+        L{ClusterNode}'s keyword arguments (C{on_foreign_token}, ...).
+        """
         node = ClusterNode(
             self.store,
             ActiveRoute(Route("gemini", "g-1")),
@@ -46,6 +52,7 @@ class ExpiredToken(TestCase):
             self.clock,
             1.0,
             ("gemini", "kimi"),
+            **options,
         )
         self.store.listeners.append(node.received)
         self.addCleanup(node.stop)
@@ -170,8 +177,7 @@ class ExpiredToken(TestCase):
         other = self.stored_token(secret=b"another-secret-of-at-least-32-bytes!!")
         self.clock.advance(11)
         refused: list[str] = []
-        a = self.node("a")
-        a._on_foreign_token = refused.append
+        a = self.node("a", on_foreign_token=refused.append)
         a.connected()
         self.assertEqual(self.store.values[TOKEN].value, encode_token(other))
         self.assertEqual(len(refused), 1)
