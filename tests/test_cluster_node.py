@@ -745,6 +745,28 @@ class Namesakes(TestCase):
         self.assertEqual(self.store.namesake_looks, 0)
 
 
+def rebuild_recording_store(url: str) -> Any:
+    """
+    A RedisStore on C{url} (replies timed out after 0.3 s, on a L{Clock})
+    that, told to rebuild its connections, records the reason (in C{told})
+    and fires C{rebuilt} the first time, instead of reconnecting.
+    """
+    from openclaw.cluster.redis import RedisStore
+
+    class RebuildRecordingStore(RedisStore):
+        def __init__(self) -> None:
+            super().__init__(url, "p", 0.3, 5.0, Clock())
+            self.told: list[str] = []
+            self.rebuilt: Deferred[None] = Deferred()
+
+        def rebuild(self, reason: str, factory: Any = None) -> None:
+            self.told.append(reason)
+            if not self.rebuilt.called:
+                self.rebuilt.callback(None)
+
+    return RebuildRecordingStore()
+
+
 class RedisTimeoutTests(TestCase):
     """
     A reply that takes longer than REDIS_TIMEOUT_SECONDS is said as a
@@ -763,17 +785,9 @@ class RedisTimeoutTests(TestCase):
         """
         from twisted.internet.testing import StringTransport
 
-        from openclaw.cluster.redis import RedisStore, _Commands
+        from openclaw.cluster.redis import _Commands
 
-        store = RedisStore("rediss://127.0.0.1:1/0", "p", 0.3, 5.0, Clock())
-        told: list[str] = []
-        rebuilt: Deferred[None] = Deferred()
-
-        def rebuild(reason: str, factory: object) -> None:
-            told.append(reason)
-            rebuilt.callback(None)
-
-        self.patch(store, "rebuild", rebuild)
+        store = rebuild_recording_store("rediss://127.0.0.1:1/0")
         protocol = _Commands(store, {"dbid": None, "password": None, "username": None}).buildProtocol(None)
 
         class Transport(StringTransport):
@@ -782,8 +796,8 @@ class RedisTimeoutTests(TestCase):
 
         protocol.makeConnection(Transport())
         protocol.execute_command("GET", "openclaw:route").addErrback(lambda failure: None)
-        yield rebuilt.addTimeout(10, reactor)
-        return told
+        yield store.rebuilt.addTimeout(10, reactor)
+        return store.told
 
     @inlineCallbacks
     def test_timeout_over_tls(self) -> Generator[Deferred[object], object, None]:
@@ -809,11 +823,9 @@ class RedisTimeoutTests(TestCase):
         """
         from twisted.internet.error import ConnectionLost
 
-        from openclaw.cluster.redis import RedisStore, _Commands
+        from openclaw.cluster.redis import _Commands
 
-        store = RedisStore("redis://127.0.0.1:1/0", "p", 0.3, 5.0, Clock())
-        told: list[str] = []
-        self.patch(store, "rebuild", lambda reason, factory: told.append(reason))
+        store = rebuild_recording_store("redis://127.0.0.1:1/0")
         protocol = _Commands(store, {"dbid": None, "password": None, "username": None}).buildProtocol(None)
         protocol.connectionLost(Failure(ConnectionLost()))
-        self.assertEqual(told, ["lost the connection to Redis"])
+        self.assertEqual(store.told, ["lost the connection to Redis"])
