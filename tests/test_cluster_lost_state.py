@@ -10,7 +10,6 @@ instances.
 from __future__ import annotations
 
 import time
-from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -33,11 +32,26 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 GEMINI = Route("gemini", "g-1")
 
 
+class UnansweredEnsures(MemoryStore):
+    """
+    A L{MemoryStore} whose C{ensure} calls go unanswered while
+    C{unanswered} is set (their replies lost, or late past
+    REDIS_TIMEOUT_SECONDS).
+    """
+
+    unanswered = False
+
+    def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
+        if self.unanswered:
+            return Deferred()
+        return super().ensure(name, value, version, origin)
+
+
 class LostState(TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        self.store = MemoryStore(self.clock.seconds)
+        self.store = UnansweredEnsures(self.clock.seconds)
         self.a, self.b = self.node("a"), self.node("b")
         for node in (self.a, self.b):
             node.connected()
@@ -545,9 +559,10 @@ class LostState(TestCase):
         """
         self.a.lost()
         events = capture_log_events(self)
-        with mock.patch.object(self.store, "ensure", return_value=Deferred()):
-            self.a.connected()
-            self.clock.advance(1.0)
+        self.store.unanswered = True
+        self.a.connected()
+        self.clock.advance(1.0)
+        self.store.unanswered = False
         said = [formatEvent(e) for e in events if "could not reload" in formatEvent(e)]
         self.assertEqual(
             said,
