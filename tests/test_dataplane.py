@@ -789,19 +789,10 @@ class StreamFailureTests(DataPlaneTestCase):
         An error the upstream reports inside its stream ends the client's
         stream the same way.
         """
-
-        openai_chat = standin.openai_chat
-
-        def failing_chat(request: Any, behaviour: Any) -> Any:
-            status, stream = openai_chat(request, behaviour)
-            error = b'{"error": {"message": "overloaded", "type": "engine_overloaded_error"}}'
-            return status, standin.EventStream(stream.events[:1] + (error,))
-
-        # The stand-in's resource tree is built when it listens: patch, and
-        # listen again.
-        self.patch(standin, "openai_chat", failing_chat)
-        yield self.upstream.stop()
-        self.upstream.listen(0, "127.0.0.1")
+        # The first event, then {"error": {"message": "overloaded", "type":
+        # "engine_overloaded_error"}} (Moonshot's shape for a 503).
+        kimi = self.upstream.kimi
+        kimi.mode, kimi.cut_after, kimi.error_status, kimi.error_message = "stream_error", 1, 503, "overloaded"
         gateway = self.gateway()
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
         self.assertEqual(response.code, 200)
