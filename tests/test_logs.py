@@ -547,20 +547,23 @@ class DestinationTests(SynchronousTestCase):
         in its place between the check and the open (a link planted as
         logrotate moved the log away) is refused, not written to.
         """
-        import openclaw.logs
-
         path = Path(self.mktemp()).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        opened_first = openclaw.logs.open_regular_file
+        opened_first = os.open
+        swapped: list[int] = []
 
-        def swapped_after_open(*args: Any, **kwargs: Any) -> int:
-            fd = opened_first(*args, **kwargs)
-            other = path.with_name("other")
-            other.write_text("")
-            os.replace(other, path)
+        def swapped_after_open(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            # Another process replaces the file just after the gateway's
+            # open for appending (not the O_EXCL one that creates it).
+            fd = opened_first(file, flags, *args, **kwargs)
+            if os.fspath(file) == str(path) and not flags & os.O_EXCL and not swapped:
+                swapped.append(fd)
+                other = path.with_name("other")
+                other.write_text("")
+                os.replace(other, path)
             return fd
 
-        self.patch(openclaw.logs, "open_regular_file", swapped_after_open)
+        self.patch(os, "open", swapped_after_open)
         with self.assertRaises(ConfigError) as refused:
             log_destination({"nodaemon": False, "logfile": str(path)}, io.StringIO(), self.Reactor())
         self.assertIn("it was replaced while it was being opened", str(refused.exception))
