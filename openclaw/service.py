@@ -375,7 +375,11 @@ class GatewayService(MultiService):
             share_switch=None if cluster is None else cluster.switch,
             instance_status=self.instance_status,
             extra=ConsumerCommands(
-                self.consumers, shared_clock, self._consumers_unshared, self._consumers_announced
+                self.consumers,
+                shared_clock,
+                self._consumers_unshared,
+                self._consumers_announced,
+                provider_ids=self.providers.ids,
             ).handlers(),
             excluded_consumers=self.consumers.excluding,
             unpriced_consumers=self.consumers.unpriced_budgets,

@@ -18,7 +18,7 @@ as the others and audited like C{switch_provider}:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import psycopg
@@ -37,6 +37,7 @@ from openclaw.consumers.model import (
     consumer_fields,
     is_key_like,
     is_retired_name,
+    models_warning,
     parse_time,
     retired_name,
     shown_key,
@@ -168,6 +169,15 @@ def _database_unread(failure: Failure) -> Failure:
     )
 
 
+def _warn(result: Result, warning: str | None) -> None:
+    """
+    Add C{warning} to C{result}'s (after one it has, with C{; }).
+    """
+    if warning is not None:
+        earlier = result.get("warning")
+        result["warning"] = warning if earlier is None else f"{earlier}; {warning}"
+
+
 _COUNTS = ("requests", "limited", "prompt_tokens", "completion_tokens", "reasoning_tokens", "unpriced_tokens")
 
 
@@ -198,6 +208,9 @@ class ConsumerCommands:
         told; a Deferred firing with either while an announcement is under
         way (L{openclaw.consumers.shared.SharedConsumers.unshared}).
     @ivar announced: how many changes this instance has announced so far.
+    @ivar provider_ids: the gateway's providers (their ids): a create or
+        update whose C{models} patterns allow none of their models is
+        answered with a C{warning} (L{models_warning}); empty: not checked.
     """
 
     def __init__(
@@ -206,11 +219,13 @@ class ConsumerCommands:
         clock: Callable[[], float],
         unshared: Callable[[int], str | Deferred[str | None] | None] = lambda since: None,
         announced: Callable[[], int] = lambda: 0,
+        provider_ids: Iterable[str] = (),
     ) -> None:
         self.table = table
         self.clock = clock
         self.unshared = unshared
         self.announced = announced
+        self.provider_ids = tuple(provider_ids)
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
         handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
@@ -338,7 +353,9 @@ class ConsumerCommands:
             )
 
         def created(key: NewKey) -> Result:
-            return {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
+            result: Result = {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
+            _warn(result, models_warning(consumer.models, self.provider_ids))
+            return result
 
         return self.table.create(consumer).addCallbacks(created, _database_failed)
 
@@ -368,6 +385,8 @@ class ConsumerCommands:
                     f"expires_at is past: the keys of {consumer.name!r} are refused (401 expired_api_key) from now on; "
                     "set a future expires_at, or none, to let them in again"
                 )
+            if "models" in fields:
+                _warn(result, models_warning(consumer.models, self.provider_ids))
             return result
 
         updating: Deferred[Any] = self.table.update(current, fields)

@@ -19,7 +19,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -385,11 +385,94 @@ def consumer_changes(data: Mapping[str, Any]) -> dict[str, Any]:
                     f"{shown} is no pattern; each must be provider/model or provider/* (at most "
                     f"{MAX_MODEL_CHARS} characters, as a model name), such as kimi/* or gemini/gemini-2.5-flash"
                 )
+        for pattern in models:
+            if unclosed_bracket(pattern):
+                shown = repr(pattern) if len(pattern) <= 80 else f"{pattern[:77]!r}..."
+                raise InvalidConsumer(
+                    f"models: {shown} holds a '[' with no closing ']', which would match a literal '[' only: close "
+                    "the set (kimi/moonshot-v1-[0-9]*k), or write [[] for a literal '['"
+                )
         changes["models"] = tuple(models)
     if "expires_at" in data:
         expires = data["expires_at"]
         changes["expires_at"] = None if expires is None else parse_time(expires, "expires_at")
     return changes
+
+
+def unclosed_bracket(pattern: str) -> bool:
+    """
+    Whether C{pattern} holds a C{[} that L{fnmatch} takes literally as no
+    C{]} closes it (C{kimi/[}, C{kimi/moonshot-v1-[8k}): the same scan as
+    L{fnmatch.translate} (after C{[} and an optional C{!}, a first C{]}
+    belongs to the set).
+    """
+    i, n = 0, len(pattern)
+    while i < n:
+        i += 1
+        if pattern[i - 1] == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                return True
+            i = j + 1
+    return False
+
+
+def pattern_providers(pattern: str, provider_ids: Iterable[str]) -> list[str]:
+    """
+    The ids among C{provider_ids} whose models C{pattern} may allow: those
+    C{id} for which some C{id/model} matches it (L{Consumer.allows}).
+
+    Exact for ids without glob characters (provider ids are lower-case
+    letters, digits and C{-}): C{id/} then matches a leading part of the
+    pattern that ends with the token consuming its C{/} (a C{/}, C{?},
+    C{*} or a set C{[...]}), and any rest of a pattern matches some model
+    name.
+    """
+    head, slash, _ = pattern.partition("/")
+    if slash and not any(c in head for c in "*?["):
+        return [provider for provider in provider_ids if provider == head]
+    cuts = [i + 1 for i, c in enumerate(pattern) if c in "/*?]"]
+    return [
+        provider for provider in provider_ids if any(fnmatch.fnmatchcase(provider + "/", pattern[:cut]) for cut in cuts)
+    ]
+
+
+def models_warning(models: Iterable[str], provider_ids: Iterable[str]) -> str | None:
+    """
+    What a consumer's C{models} patterns allow nothing of, for a command's
+    C{warning}: each pattern no provider of C{provider_ids} (the
+    gateway's) can match, with the right spelling when an id differs only
+    in case (C{KIMI/*}: C{kimi/*}); None when each may match one.
+    """
+    known = sorted(provider_ids)
+    if not known:
+        return None
+    unmatched = []
+    for pattern in models:
+        if pattern_providers(pattern, known):
+            continue
+        said = f"{pattern!r}" if len(pattern) <= 80 else f"{pattern[:77]!r}..."
+        cased = pattern_providers(pattern.lower(), known)
+        head, slash, rest = pattern.partition("/")
+        if cased and slash and not any(c in head for c in "*?["):
+            said += f" (did you mean {cased[0] + '/' + rest!r}? provider ids are lower-case)"
+        elif cased:
+            said += f" (provider ids are lower-case: {', '.join(cased)})"
+        unmatched.append(said)
+    if not unmatched:
+        return None
+    return (
+        f"models: {', '.join(unmatched)} {'names' if len(unmatched) == 1 else 'name'} no provider of this "
+        f"gateway ({', '.join(known)}; patterns are provider/model, case-sensitive), so "
+        f"{'it allows' if len(unmatched) == 1 else 'they allow'} no model; correct "
+        f"{'it' if len(unmatched) == 1 else 'them'} with consumer_update (--model)"
+    )
 
 
 def plain_decimal(value: float) -> str:
@@ -436,11 +519,14 @@ __all__ = [
     "is_key_like",
     "is_retired_name",
     "key_hash",
+    "models_warning",
     "parse_time",
+    "pattern_providers",
     "period_end",
     "period_key",
     "plain_decimal",
     "retired_name",
     "shown_key",
+    "unclosed_bracket",
     "usd",
 ]
