@@ -699,7 +699,7 @@ class _Table:
     def refresh(self) -> None:
         self.refreshes += 1
 
-    def flush(self) -> Deferred[None]:
+    def load_unwritten(self) -> Deferred[Any]:
         return Deferred()  # the re-seeding after a reconnection: not the point here
 
 
@@ -887,24 +887,17 @@ class _Snapshot:
         self.consumers: dict[str, Any] = {}
 
 
-class _Store:
-    def load(self, now: float) -> Deferred[Any]:
-        return succeed(_Snapshot())
-
-
 class _SeedingTable(_Table):
     """
-    A table whose rows are written at once, over a store that loads no
+    A table whose rows are written at once, over a database that holds no
     spend.
     """
-
-    store = _Store()
 
     def clock(self) -> float:
         return 1000.0
 
-    def flush(self) -> Deferred[None]:
-        return succeed(None)
+    def load_unwritten(self) -> Deferred[Any]:
+        return succeed((_Snapshot(), {}))
 
 
 class _ScriptChannel(_Channel):

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 
 from openclaw.consumers.limits import RateLimits, reset_after
 from openclaw.consumers.model import Consumer, period_key
-from openclaw.consumers.store import database_error
+from openclaw.consumers.store import Snapshot, database_error
 from openclaw.consumers.table import (
     RESERVATION_SECONDS,
     TOKEN_RESERVATION_SECONDS,
@@ -230,8 +230,9 @@ return 1
 """
 
 #: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
-#: 0) per spend.  Each spend Redis holds below the database's figure is
-#: raised to it; none is lowered (Redis may hold costs whose rows are not
+#: 0) per spend.  Each spend Redis holds below the figure given (the
+#: database's, with the instance's rows not yet written) is raised to it;
+#: none is lowered (Redis may hold costs of other instances' rows not
 #: written yet).  The number raised.
 RAISE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -738,13 +739,14 @@ class SharedConsumers:
             return
         table = self.table
 
-        def load(_: None) -> Deferred[Any]:
-            return table.store.load(table.clock())
-
-        def write(snapshot: Any) -> Deferred[Any]:
-            # Meanwhile this instance checks budgets against the database's spends.
+        def write(loaded: tuple[Snapshot, dict[tuple[str, str], float]]) -> Deferred[Any]:
+            snapshot, unwritten = loaded
+            # Meanwhile this instance checks budgets against the database's
+            # spends (its own counts already hold its unwritten rows).
             self.counters.load(snapshot.spend)
-            keys, args = self._spends(snapshot)
+            # With this instance's rows not written yet: their counts
+            # reached a Redis not seeded (sent before this), which took none.
+            keys, args = self._spends(snapshot, unwritten)
             return self.redis.script(SEED, keys, args)
 
         def seeded(written: Any) -> None:
@@ -765,21 +767,25 @@ class SharedConsumers:
             self._seeding = None
 
         # This instance's rows first: their spend is then in the database.
-        seeding = self._seeding = table.flush().addCallback(load).addCallback(write)
+        seeding = self._seeding = table.load_unwritten().addCallback(write)
         seeding.addCallbacks(seeded, failed).addBoth(done)
 
-    def _spends(self, snapshot: Any) -> tuple[list[str], list[str]]:
+    def _spends(self, snapshot: Snapshot, unwritten: dict[tuple[str, str], float]) -> tuple[list[str], list[str]]:
         """
         The keys (the seeded marker first) and arguments of L{SEED} and
         L{RAISE} for the spends of C{snapshot} (a database load) in the
-        running periods.
+        running periods, with the C{unwritten} costs of this instance's
+        rows it lacks (L{ConsumerTable.load_unwritten}) added.
         """
         keys = [seeded_key(self.redis)]
         args: list[str] = []
         now = self.table.clock()
+        spend = dict(snapshot.spend)
+        for counted, usd in unwritten.items():
+            spend[counted] = spend.get(counted, 0.0) + usd
         for period in ("day", "month", "total"):
             running = period_key(period, now)
-            for (name, key), usd in sorted(snapshot.spend.items()):
+            for (name, key), usd in sorted(spend.items()):
                 consumer = snapshot.consumers.get(name)
                 # A spend no consumer has (a deleted one's) is not seeded.
                 if key == running and consumer is not None:
@@ -795,23 +801,30 @@ class SharedConsumers:
 
     def reconcile(self) -> None:
         """
-        Raise each running spend Redis holds below the database's figure to
-        it (L{RAISE}): after Redis came back, it lacks the costs this
-        instance counted while it could not reach it, and a Redis that came
-        back empty was seeded from a database that lacked the rows other
-        instances had not written yet.  (A spend is never lowered: Redis
-        holds costs whose rows are not written yet.)
+        Raise each running spend Redis holds below the database's figure
+        plus this instance's rows not written yet
+        (L{ConsumerTable.load_unwritten}) to it (L{RAISE}): after Redis
+        came back, it lacks the costs this instance counted while it could
+        not reach it, and a Redis that came back empty was seeded from a
+        database that lacked the rows other instances had not written yet.
+        The rows this instance has not written are in the figure (Redis
+        counted them: without them, the raise would undo them); those of
+        the other instances are not, and each instance's own
+        reconciliation counts its own.  (A spend is never lowered: Redis
+        holds costs of rows not written yet.)
         """
+        if self._reconciling is not None and self._reconciling.active():
+            # Called before its time: this one does it.
+            self._reconciling.cancel()
         self._reconciling = None
         if self._stopped or not self.counters.up:
             return
         table = self.table
 
-        def load(_: None) -> Deferred[Any]:
-            return table.store.load(table.clock())
-
-        def write(snapshot: Any) -> Deferred[Any]:
-            keys, args = self._spends(snapshot)
+        def write(loaded: tuple[Snapshot, dict[tuple[str, str], float]]) -> Deferred[Any]:
+            # With this instance's rows not written yet, which Redis
+            # counted (a figure without them would undo them).
+            keys, args = self._spends(*loaded)
             return self.redis.script(RAISE, keys, args)
 
         def raised(count: Any) -> None:
@@ -828,7 +841,7 @@ class SharedConsumers:
                 error=database_error(reason),
             )
 
-        table.flush().addCallback(load).addCallback(write).addCallbacks(raised, failed)
+        table.load_unwritten().addCallback(write).addCallbacks(raised, failed)
 
     def stop(self) -> None:
         """

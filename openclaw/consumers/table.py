@@ -612,6 +612,9 @@ class ConsumerTable:
         self._failing_since: float | None = None
         self._failure_logged_at = 0.0
         self._flushing: Deferred[None] | None = None
+        #: A load of the spends under way (L{load_unwritten}): no write
+        #: starts meanwhile.
+        self._loading: Deferred[Snapshot] | None = None
         #: L{stop} was called: a failed write is not tried again by the
         #: timer, only by L{stop} until its deadline.
         self._stopping = False
@@ -1085,10 +1088,17 @@ class ConsumerTable:
         Write the pending rows in one transaction; on failure they wait for
         the next flush.  Fires once written (or failed and kept).
         """
-        if self._flushing is not None:
-            # One write at a time: wait for the one under way.
+        busy: Deferred[Any] | None = self._flushing if self._flushing is not None else self._loading
+        if busy is not None:
+            # One write at a time, and none while load_unwritten reads:
+            # wait for the one under way (its result passed on as it is).
             waiting: Deferred[None] = Deferred()
-            self._flushing.addBoth(lambda result: waiting.callback(None))
+
+            def ended(result: object) -> object:
+                waiting.callback(None)
+                return result
+
+            busy.addBoth(ended)
             return waiting
         rows, self._pending = self._pending, []
         rows.extend(self.gateway_usage.take())
@@ -1145,6 +1155,44 @@ class ConsumerTable:
         self._watch(flushing)
         flushing.addCallbacks(written, failed).addBoth(done)
         return flushing
+
+    async def _load_unwritten(self) -> tuple[Snapshot, dict[tuple[str, str], float]]:
+        while True:
+            await self.flush()
+            if self._flushing is None and self._loading is None:
+                break
+        loading = self._loading = self.store.load(self.clock())
+        try:
+            snapshot = await loading
+        finally:
+            self._loading = None
+        # Read now: the rows counted during the load are not in it either.
+        unwritten: dict[tuple[str, str], float] = {}
+        for row in self._pending:
+            consumer = snapshot.consumers.get(row.consumer)
+            if not row.cost_usd or consumer is None or consumer.created_at != row.created_at:
+                # No cost, or not a running consumer's: the database adds
+                # it to no spend of a consumer it has.
+                continue
+            for period in ("day", "month", "total"):
+                key = (row.consumer, period_key(period, row.ts))
+                unwritten[key] = unwritten.get(key, 0.0) + row.cost_usd
+        return snapshot, unwritten
+
+    def load_unwritten(self) -> Deferred[tuple[Snapshot, dict[tuple[str, str], float]]]:
+        """
+        This instance's usage rows written (L{flush}), then the database
+        read (L{ConsumerStore.load}) with no write of them under way, and
+        the costs of this instance's rows that read lacks: those counted
+        since the write (or kept by a failed one), as C{{(consumer, period
+        key): US dollars}} for their day, month and total, of the consumers
+        the read holds (the same C{created_at}).  No row is both in the
+        read and in those costs: none is written while it reads.
+
+        @return: fires with (snapshot, unwritten costs); fails as the
+            read does.
+        """
+        return Deferred.fromCoroutine(self._load_unwritten())
 
     def _watch(self, writing: Deferred[None]) -> None:
         """
