@@ -137,6 +137,8 @@ class HeldStoreTests(TestCase):
         adding = store.add_key(self.team, NewKey.make().hash, "second00", time.time())
         failure = yield failure_of(adding)
         self.assertIsInstance(failure, CommandTimedOut)
+        # The store's own deadline, which the command's refusal names.
+        self.assertEqual(failure.seconds, 1.0)
         self.assertLess(time.monotonic() - started, 2.0)
         # The database answers: the INSERT goes through, the commit does not.
         yield locker.release()

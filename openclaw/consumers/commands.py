@@ -43,7 +43,6 @@ from openclaw.consumers.model import (
     shown_key,
 )
 from openclaw.consumers.store import (
-    COMMAND_SECONDS,
     GROUPS,
     CommandTimedOut,
     ConsumerExists,
@@ -96,11 +95,11 @@ def _held(failure: Failure) -> str | None:
     """
     What the database held a command's transaction past (its own
     C{lock_timeout} or C{statement_timeout}, or the gateway's
-    L{COMMAND_SECONDS}), or None when it did not: the transaction was
+    C{command_seconds}), or None when it did not: the transaction was
     rolled back (or will be), nothing was changed.
     """
-    if failure.check(CommandTimedOut):
-        return f"the consumers' database did not take the change within {COMMAND_SECONDS:g} s"
+    if isinstance(failure.value, CommandTimedOut):
+        return f"the consumers' database did not take the change within {failure.value.seconds:g} s"
     if failure.check(psycopg.errors.LockNotAvailable):
         return f"the consumers' database held the change waiting for a lock ({database_error(failure)})"
     if failure.check(psycopg.errors.QueryCanceled):

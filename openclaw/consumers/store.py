@@ -318,10 +318,16 @@ class PooledConnection:
 class CommandTimedOut(Exception):
     """
     A consumer command's transaction did not reach its commit within
-    L{COMMAND_SECONDS} (the database held it: a lock another session
-    holds, a database that stopped answering): given up, nothing was
-    changed; it is rolled back whenever the database answers.
+    C{seconds} (the store's C{command_seconds}, L{COMMAND_SECONDS} by
+    default; the database held it: a lock another session holds, a
+    database that stopped answering): given up, nothing was changed; it is
+    rolled back whenever the database answers.
     """
+
+    def __init__(self, seconds: float = COMMAND_SECONDS) -> None:
+        super().__init__(seconds)
+        #: The deadline it missed, in seconds.
+        self.seconds = seconds
 
 
 @attrs.define
@@ -652,7 +658,7 @@ class ConsumerStore:
 
         def late() -> None:
             if deadline.give_up():
-                answer.errback(CommandTimedOut())
+                answer.errback(CommandTimedOut(self.command_seconds))
 
         timer = self.reactor.callLater(self.command_seconds, late)
 
