@@ -512,6 +512,91 @@ class RequestTests(SynchronousTestCase):
                 self.assertEqual(caught.exception.status, 400)
                 self.assertTrue(caught.exception.param.startswith(name), (name, value, caught.exception.param))
 
+    def test_every_field_of_every_type(self) -> None:
+        """
+        Each value of a full chat request (every field an agent sends, at
+        every depth) replaced by a value of each JSON type is refused with
+        a 400 (L{APIError}) or taken, and the request taken is encoded for
+        Kimi and Gemini alike (or refused with a 400): no other exception,
+        which the gateway would answer with a 500.  (A list as an image's
+        C{detail} or C{response_format}'s C{type} was looked up in a set:
+        C{TypeError}, unhashable.)
+        """
+        full: dict[str, Any] = {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "s"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hi"},
+                        {"type": "image_url", "image_url": {"url": "https://e.com/a.png", "detail": "low"}},
+                        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "r"},
+            ],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {}}},
+                }
+            ],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}},
+            "reasoning_effort": "low",
+            "temperature": 0.5,
+            "top_p": 0.5,
+            "max_tokens": 10,
+            "max_completion_tokens": 5,
+            "stop": ["x"],
+            "n": 1,
+            "seed": 1,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "user": "u",
+            "parallel_tool_calls": True,
+            "presence_penalty": 0,
+            "frequency_penalty": 0,
+            "logit_bias": {"1": 1},
+            "metadata": {"a": "b"},
+        }
+
+        def paths(value: Any, path: tuple[Any, ...] = ()) -> Any:
+            if path:
+                yield path
+            children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, child in children:
+                yield from paths(child, (*path, key))
+
+        odd: list[Any] = [[], {}, [[]], {"a": []}, None, True, 1.5, "x", -1, 2**63 - 1]
+        wires = ((OpenAIWire(), "kimi-k2", "kimi"), (GeminiWire(), "gemini-3-flash-preview", "gemini"))
+        for path in list(paths(full)):
+            for value in odd:
+                body = orjson.loads(orjson.dumps(full))
+                holder = body
+                for key in path[:-1]:
+                    holder = holder[key]
+                holder[path[-1]] = value
+                try:
+                    chat = parse_chat_request(orjson.dumps(body))
+                    for wire, model, provider in wires:
+                        try:
+                            encode_request(wire, chat, model, provider, OfferedTools())
+                        except APIError:
+                            pass
+                except APIError as e:
+                    self.assertEqual(e.status, 400, (path, value))
+                except Exception as e:
+                    self.fail(f"{path} = {value!r}: {type(e).__name__}: {e}")
+
     def test_routes(self) -> None:
         active = Route("gemini", "gemini-flash-latest")
         ids = ("kimi", "gemini")

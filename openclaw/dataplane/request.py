@@ -1096,7 +1096,8 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
                     param=f"{at}.image_url.url",
                 )
             value["url"] = data_url
-        if value.get("detail") is not None and value["detail"] not in IMAGE_DETAILS:
+        detail = value.get("detail")
+        if detail is not None and (not isinstance(detail, str) or detail not in IMAGE_DETAILS):
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
     elif kind == "input_audio":
         data = value.get("data")
@@ -1175,7 +1176,7 @@ def _check_response_format(response_format: Any) -> None:
     if response_format is None:
         return
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind not in RESPONSE_FORMATS:
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
         raise bad_request("response_format.type must be text, json_object or json_schema", param="response_format.type")
     if kind != "json_schema":
         return
