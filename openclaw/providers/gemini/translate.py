@@ -179,21 +179,22 @@ PENALTIES = ("presence_penalty", "frequency_penalty")
 #: classified: Google's own answer stands for them, as refusing here could
 #: refuse what the model named today takes.
 PENALTY_REFUSED = re.compile(r"gemini-(?:2\.(?:[5-9]|[1-9][0-9]+)|[3-9]|[1-9][0-9]+)(?![0-9])")
-#: The models that answer one candidate only: Google refuses a
-#: C{candidateCount} over 1 on Gemini 3 and later ("Multiple candidates is
-#: not enabled for this model": googleapis/js-genai #1609 on
-#: gemini-3.1-flash-lite, gemini-3-flash-preview and gemini-3.1-pro-preview;
-#: googleapis/python-genai #1723 on gemini-3-pro-preview); Gemini 2.5 takes
-#: up to L{MAX_CANDIDATES}.  Names without a version are left to Google's
-#: answer, as for L{PENALTY_REFUSED}.
-ONE_CANDIDATE = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
-#: The models that take a C{mediaResolution} per part (Gemini 3 and
-#: later, by name: U{https://ai.google.dev/gemini-api/docs/media-resolution},
-#: "Per part (Gemini 3 only)"; the google-genai SDK sends a part's
-#: C{media_resolution} to the Gemini API as C{mediaResolution: {level}}).
-#: Names without a version (the C{-latest} aliases) are not classified: an
-#: image's C{detail} is left out there, as on Gemini 2 and 1.
-PER_PART_RESOLUTION = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
+#: A model name of Gemini 3 or later (C{gemini-3*}, C{gemini-4}, ...,
+#: C{gemini-10}); names without a version (the C{-latest} aliases) do not
+#: match.  Two of Gemini's limits start there:
+#:  - one candidate only: Google refuses a C{candidateCount} over 1 ("Multiple
+#:    candidates is not enabled for this model": googleapis/js-genai #1609 on
+#:    gemini-3.1-flash-lite, gemini-3-flash-preview and
+#:    gemini-3.1-pro-preview; googleapis/python-genai #1723 on
+#:    gemini-3-pro-preview); Gemini 2.5 takes up to L{MAX_CANDIDATES};
+#:  - a C{mediaResolution} per part
+#:    (U{https://ai.google.dev/gemini-api/docs/media-resolution}, "Per part
+#:    (Gemini 3 only)"; the google-genai SDK sends a part's
+#:    C{media_resolution} to the Gemini API as C{mediaResolution: {level}}):
+#:    elsewhere an image's C{detail} is left out.
+#: A name without a version is left to Google's answer, as for
+#: L{PENALTY_REFUSED}.
+GEMINI_3_OR_LATER = re.compile(r"gemini-(?:[3-9]|[1-9][0-9]+)(?![0-9])")
 #: An image's C{detail} as Gemini's C{mediaResolution.level}; "auto" (and
 #: no detail) sends none, Gemini's default.
 MEDIA_RESOLUTIONS = MappingProxyType({"low": "MEDIA_RESOLUTION_LOW", "high": "MEDIA_RESOLUTION_HIGH"})
@@ -291,7 +292,7 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
     #: the results that follow it go in that order.
     order: dict[str, int] = {}
     messages = body["messages"]
-    resolution = PER_PART_RESOLUTION.match(model.removeprefix("models/")) is not None
+    resolution = GEMINI_3_OR_LATER.match(model.removeprefix("models/")) is not None
     i = 0
     while i < len(messages):
         message = messages[i]
@@ -644,7 +645,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
     do or would refuse with its own 400: audio output (C{modalities} with
     "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}, or over 1
-    on a model that answers one candidate (L{ONE_CANDIDATE}); a non-zero
+    on a model that answers one candidate (L{GEMINI_3_OR_LATER}); a non-zero
     C{presence_penalty} or C{frequency_penalty} on a model that takes none
     (L{PENALTY_REFUSED}); an integer
     that becomes an int32 field of C{generationConfig} (L{INT32_FIELDS}:
@@ -682,7 +683,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             f"send n of at most {MAX_CANDIDATES}, or make several calls",
             param="n",
         )
-    if isinstance(n, int) and n > 1 and ONE_CANDIDATE.match(bare):
+    if isinstance(n, int) and n > 1 and GEMINI_3_OR_LATER.match(bare):
         raise bad_request(
             f"n is {n}: Gemini {bare} answers one choice per call (Google refuses a candidateCount over 1 on "
             "Gemini 3 models); send n 1 or leave it out and make several calls, or use a Gemini 2.5 model",
@@ -832,7 +833,7 @@ def _parts(
     @param where: the content's place in the request
         (C{messages[<i>].content}), for a 400.
     @param resolution: the model takes a C{mediaResolution} per part
-        (L{PER_PART_RESOLUTION}): an image's C{detail} "low" or "high" is
+        (L{GEMINI_3_OR_LATER}): an image's C{detail} "low" or "high" is
         sent as one (L{MEDIA_RESOLUTIONS}); otherwise it is left out.
     """
     if isinstance(content, str):
