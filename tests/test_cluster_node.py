@@ -727,6 +727,20 @@ class Namesakes(TestCase):
         self.assertIn("(PUBSUB CHANNELS): NOPERM User default", formatEvent(said))
         self.assertEqual([e for e in self.events if e["log_level"] >= LogLevel.warn], [])
 
+    def test_forgotten_when_no_longer_known(self) -> None:
+        """
+        Namesakes found, then a look that fails (a timeout, an ACL changed
+        to refuse PUBSUB): C{other_databases} (C{status}'s) no longer
+        names them, as nobody knows they are still there.
+        """
+        self.store.namesakes = (2,)
+        a = self.node()
+        self.assertEqual(a.other_databases, (2,))
+        self.store.namesakes = Exception("NOPERM User default has no permissions to run the 'pubsub|channels' command")
+        self.advance(60)
+        self.assertEqual(self.store.namesake_looks, 2)
+        self.assertEqual(a.other_databases, ())
+
     def test_not_looked_for_while_down(self) -> None:
         """
         A node that is not in step (the store down) does not look.

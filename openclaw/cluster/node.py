@@ -410,7 +410,7 @@ class ClusterNode:
         which instances of this C{CLUSTER_NAME} were listening when this
         instance last looked (L{SharedStore.other_databases}, when it came
         up and every L{NAMESAKE_CHECK_SECONDS} since), ascending; C{()}
-        for none, or when the store would not say.
+        for none, or when the store would not say at the last look.
     @param where: the store's address as an operator knows it (no
         password), for the refusals (L{unavailable}).
     @param on_consumers: called when a heartbeat finds that consumers
@@ -1301,6 +1301,8 @@ class ClusterNode:
                 )
 
         def unknown(failure: Failure) -> None:
+            # Not known any more: status does not go on naming them.
+            self.other_databases = ()
             if not self._namesakes_unknown:
                 self._namesakes_unknown = True
                 self._log.debug(
