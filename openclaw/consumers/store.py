@@ -375,9 +375,21 @@ class ConsumerExists(Exception):
     """
 
 
-#: The DB-API C{IntegrityError}s of the two databases (PEP 249): a row a
-#: constraint refuses, such as a consumer's name taken already.
-_INTEGRITY_ERRORS = (sqlite3.IntegrityError, psycopg.IntegrityError)
+#: The errors of the two databases for a row a unique constraint refuses
+#: (a consumer's name taken already): PostgreSQL's C{unique_violation}
+#: (SQLSTATE 23505), SQLite's C{SQLITE_CONSTRAINT_PRIMARYKEY} and
+#: C{SQLITE_CONSTRAINT_UNIQUE} (C{sqlite3.IntegrityError.sqlite_errorname},
+#: Python 3.11).  Another constraint (a C{CHECK}, C{NOT NULL}) is not one.
+_UNIQUE_SQLITE_ERRORS = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
+
+
+def _taken(error: Exception) -> bool:
+    """
+    Whether C{error} is a unique constraint's refusal (L{_UNIQUE_SQLITE_ERRORS}).
+    """
+    if isinstance(error, sqlite3.IntegrityError):
+        return getattr(error, "sqlite_errorname", None) in _UNIQUE_SQLITE_ERRORS
+    return isinstance(error, psycopg.errors.UniqueViolation)
 
 
 class NewerSchema(Exception):
@@ -835,7 +847,9 @@ class ConsumerStore:
                 self._sql(f"INSERT INTO consumers ({_CONSUMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
                 _consumer_values(consumer),
             )
-        except _INTEGRITY_ERRORS as e:
+        except (sqlite3.IntegrityError, psycopg.IntegrityError) as e:
+            if not _taken(e):
+                raise
             # Its name, the one key: the transaction is rolled back.
             raise ConsumerExists(consumer.name) from e
         # A new consumer starts from nothing, whatever a deleted one of its
