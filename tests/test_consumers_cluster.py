@@ -604,6 +604,30 @@ class SharedTpmReservations(TestCase):
         self.assertEqual(counters.held("crash", now), (0.0, 0))
 
     @inlineCallbacks
+    def test_held_read_again_or_local(self) -> Any:
+        """
+        A read of one consumer's reservations leaves the others' as read;
+        one made while Redis is away gives this instance's own figure, not
+        the cluster's from before the outage (review s27).
+        """
+        counters, redis = yield self.counters()
+        redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
+        now = float(int(time.time()))
+        a = Consumer("a", budget_usd=1.0, budget_period="total", created_at=5.0)
+        b = Consumer("b", budget_usd=1.0, budget_period="total", created_at=5.0)
+        other = SharedCounters(counters.redis, reactor, 5.0)
+        other.up = True
+        for consumer in (a, b):
+            self.assertIsNone((yield other.admit(consumer, now, Holder(consumer.name, "p", 5.0), 0.25)))
+        yield counters.read_spends([a, b], now)
+        yield counters.read_spends([a], now)
+        self.assertEqual(counters.held("b", now), (0.25, 0))
+        counters.up = False
+        yield counters.read_spends([a], now)
+        self.assertEqual(counters.held("a", now), (0.0, 0))
+        self.assertEqual(counters.held("b", now), (0.25, 0))
+
+    @inlineCallbacks
     def test_rpm_set_later_counts_the_clusters_last_minute(self) -> Any:
         """
         Requests made while a consumer had no rpm are in the cluster's

@@ -382,6 +382,11 @@ class SharedCounters:
         instance's last sight of them.  Never fails: without Redis,
         L{spent} keeps what it had.
         """
+        # What their calls in flight hold is read again, or (Redis away, the
+        # read failed) this instance's own figure answers: never one read
+        # before an outage.  Other consumers' figures stay.
+        for c in consumers:
+            self.held_seen.pop(c.name, None)
         if not self.up or not consumers:
             return succeed(None)
         keys = [
@@ -404,7 +409,6 @@ class SharedCounters:
                     self.seen[(consumer.name, period_key(consumer.budget_period, now))] = number(value)
                 self.held_seen[consumer.name] = (number(reserved), int(number(tokens)))
 
-        self.held_seen = {}
         args = [str(int(now)), str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
         asked: Deferred[Any] = self.redis.script(SPENDS, keys, args)
         asked.addTimeout(self.timeout, self.reactor)
@@ -419,7 +423,8 @@ class SharedCounters:
         """
         What C{consumer}'s calls in flight hold: the cluster's figure as
         L{read_spends} last read it from Redis (every instance's calls,
-        those of an instance that died included), else this instance's.
+        those of an instance that died included), else (Redis away at the
+        last read, or the read failed) this instance's.
         """
         seen = self.held_seen.get(consumer)
         return seen if seen is not None else self.local.held(consumer, now)
