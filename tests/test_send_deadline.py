@@ -459,15 +459,16 @@ class StreamSendDeadlineTests(GatewayCase):
     @inlineCallbacks
     def held_back_stream(self) -> Any:
         """
-        A stream whose client holds it back 2 s (past UPSTREAM_TIMEOUT, 1 s
-        here, within API_SEND_TIMEOUT_SECONDS, 10 s) and then reads on over
-        a slow link; fire with the reader and the body it got.
+        A stream whose client holds it back 4 s (past UPSTREAM_TIMEOUT, 2 s
+        here: a busy host's stand-in may take over 1 s to answer the
+        headers; within API_SEND_TIMEOUT_SECONDS, 10 s) and then reads on
+        over a slow link; fire with the reader and the body it got.
         """
         gateway = self.gateway(
-            api_send_timeout_seconds=10.0, upstream_timeout=1.0, fallback="off", api_header_timeout_seconds=30.0
+            api_send_timeout_seconds=10.0, upstream_timeout=2.0, fallback="off", api_header_timeout_seconds=30.0
         )
         assert gateway.api_port is not None
-        reader = StreamReader(gateway.api_port, pause=2.0)
+        reader = StreamReader(gateway.api_port, pause=4.0)
         self.addCleanup(reader.resume.set)
         reading = deferToThread(reader.read)
         yield self.slow_link(gateway.service.api_site)
@@ -477,7 +478,7 @@ class StreamSendDeadlineTests(GatewayCase):
     def test_client_that_resumes_gets_the_whole_stream(self):
         """
         A client that holds a stream back longer than UPSTREAM_TIMEOUT
-        (1 s here), but within API_SEND_TIMEOUT_SECONDS, then reads on,
+        (2 s here), but within API_SEND_TIMEOUT_SECONDS, then reads on,
         gets the whole stream: the provider was not waited on meanwhile.
         """
         reader, body = yield self.held_back_stream()
@@ -491,7 +492,7 @@ class StreamSendDeadlineTests(GatewayCase):
     def test_provider_limit_runs_again_once_resumed(self):
         """
         Once the client reads on, the provider's time limit runs again: a
-        stream that then brings no whole event within UPSTREAM_TIMEOUT (1 s
+        stream that then brings no whole event within UPSTREAM_TIMEOUT (2 s
         here; only comments) ends with the upstream_timeout error event,
         after every event that came before it.
         """
