@@ -513,9 +513,16 @@ class SeparateDatabases(ClusterCase):
         """
         from openclaw.cluster.redis import channel_database, channel_pattern, cluster_channel
 
-        for database in (0, 1, 5, 15, 100):
+        for database in (0, 1, 5, 15, 100, 2**31 - 1):
             self.assertEqual(channel_database("edge", cluster_channel("edge", database)), database)
         for channel in (
+            # No Redis database has such an index; anyone who may SUBSCRIBE
+            # can make the channel (trial s27: past 2**64 it broke status,
+            # past 4,300 digits every look).
+            "edge:2147483648:events",
+            "edge:18446744073709551616:events",
+            "edge:" + "9" * 5000 + ":events",
+            "edge:00000000000000000001:events",
             "edge:x:events",
             "edge:-1:events",
             "edge:events:x",

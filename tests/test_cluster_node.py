@@ -656,7 +656,7 @@ class Namesakes(TestCase):
         self.assertTrue(
             text.startswith(
                 "another cluster named edge is on databases 0 and 3 of this Redis (its instances listen on its "
-                "channel), while this instance uses database 1 (redis://r:6379/1): the two share nothing but the "
+                "channel), while this instance uses database 1 (redis://r:6379/1): the clusters share nothing but the "
                 "name: each has its own session token and route, and switch_provider, rotate_token, lockouts and "
                 "consumer changes on one do not reach the other (or instances of a version before the channel "
                 "named its database are still running: they listen on database 0's, edge:events, whatever their "

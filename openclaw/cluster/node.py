@@ -1278,7 +1278,7 @@ class ClusterNode:
             if set(databases) - set(known):
                 self._log.warn(
                     "another cluster named {name} is on {others} of this Redis (its instances listen on its "
-                    "channel), while this instance uses database {database} ({where}): the two share nothing but "
+                    "channel), while this instance uses database {database} ({where}): the clusters share nothing but "
                     "the name: each has its own session token and route, and switch_provider, rotate_token, "
                     "lockouts and consumer changes on one do not reach the other{upgrade}; if they are meant to "
                     "be one cluster, set the same database in every instance's REDIS_URL; if not, give them "

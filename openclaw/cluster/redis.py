@@ -327,21 +327,29 @@ def cluster_channel(prefix: str, database: int | None) -> str:
     return f"{prefix}:{database}:events" if database else f"{prefix}:events"
 
 
+#: The largest database index Redis takes (its C{databases} setting is a
+#: C int): a channel naming a larger one is no instance's (anyone who may
+#: SUBSCRIBE can make one, with any digits).
+MAX_DATABASE = 2**31 - 1
+
+
 def channel_database(prefix: str, channel: str) -> int | None:
     """
     The database whose cluster C{prefix} (C{CLUSTER_NAME}) has the channel
     C{channel} (L{cluster_channel}'s inverse: C{<prefix>:events} is 0,
     C{<prefix>:<N>:events} is N); L{None} for a channel that is no
-    cluster's of that name.
+    cluster's of that name, such as one naming a database past
+    L{MAX_DATABASE}.
     """
     if not channel.endswith(":events"):
         return None
     if channel == f"{prefix}:events":
         return 0
     head, _, middle = channel.removesuffix(":events").rpartition(":")
-    if head != prefix or not (middle.isascii() and middle.isdigit()):
+    if head != prefix or not (middle.isascii() and middle.isdigit()) or len(middle) > len(str(MAX_DATABASE)):
         return None
-    return int(middle)
+    database = int(middle)
+    return database if database <= MAX_DATABASE else None
 
 
 def channel_pattern(prefix: str) -> str:
