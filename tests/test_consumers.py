@@ -30,6 +30,7 @@ from openclaw.consumers.commands import ConsumerCommands, usage_total
 from openclaw.consumers.estimate import (
     IMAGE_LOW_TOKENS,
     IMAGE_TOKENS,
+    MAX_TOKEN_COUNT,
     MESSAGE_TOKENS,
     REPLY_TOKENS,
     answer_bytes,
@@ -539,6 +540,22 @@ class RulesTests(TestCase):
         self.assertIsNone(table.admit(other, "kimi", "moonshot-v1-8k", None, 10, choice_count({"n": 3})))
         self.assertEqual(other.reserved_tokens, 10 + 3 * 1000)
         self.assertEqual([choice_count(b) for b in ({}, {"n": 1}, {"n": None}, {"n": True}, {"n": 2})], [1, 1, 1, 1, 2])
+
+    def test_reservation_bounded(self) -> None:
+        """
+        A C{max_tokens} and C{n} as large as JSON's integers reserve
+        MAX_TOKEN_COUNT tokens, not their product: past int64, Redis's
+        counters refused the admission script (re-attack s27), and the call
+        went by this instance's limits only.
+        """
+        clock = Clock()
+        clock.advance(1000)
+        table = ConsumerTable(None, PriceTable.with_overrides({}), clock=clock.seconds)  # type: ignore[arg-type]
+        table.consumers["t"] = Consumer("t", tpm=20_000, budget_usd=1.0, budget_period="day")
+        holder = Holder("t", "p")
+        self.assertIsNone(table.admit(holder, "kimi", "moonshot-v1-8k", 2**63 - 1, 10, choice_count({"n": 2**62})))
+        self.assertEqual(holder.reserved_tokens, MAX_TOKEN_COUNT)
+        self.assertLess(holder.reserved, 1e7)
 
     def test_budget_needs_a_price(self) -> None:
         """

@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
+from openclaw.consumers.estimate import MAX_TOKEN_COUNT
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
 from openclaw.consumers.table import RESERVATION_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
@@ -578,6 +579,21 @@ class SharedTpmReservations(TestCase):
         spent = yield counters.admit(consumer, now, Holder("b", "p", 5.0), 0.6)
         self.assertEqual((spent.code, dict(spent.headers)), ("insufficient_quota", {b"x-should-retry": b"false"}))
         self.assertIn("has used its budget of 1 USD in total (spent 1 USD, 0.6 USD more reserved", spent.message)
+
+    @inlineCallbacks
+    def test_largest_reservation_admitted_in_redis(self) -> Any:
+        """
+        The largest reservation an admission makes (MAX_TOKEN_COUNT tokens,
+        and the price of as many) goes through Redis's script: admitted,
+        and the next call told the calls in flight hold the rest (past
+        int64 the script failed, re-attack s27).
+        """
+        counters, redis = yield self.counters()
+        consumer = Consumer("a", tpm=20_000, budget_usd=1e9, budget_period="total", created_at=5.0)
+        now = float(int(time.time()))
+        self.assertIsNone((yield counters.admit(consumer, now, Holder("a", "p", 5.0), 2e6, MAX_TOKEN_COUNT)))
+        refused = yield counters.admit(consumer, now, Holder("a", "p", 5.0), 0.0, 14)
+        self.assertEqual(refused.type, "tokens_reserved")
 
     @inlineCallbacks
     def test_held_read_from_redis(self) -> Any:

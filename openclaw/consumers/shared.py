@@ -503,7 +503,7 @@ class SharedCounters:
         self, reason: Failure, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
     ) -> APIError | None:
         self._log.warn(
-            "Redis did not answer a consumer's admission ({error}): counted on this instance only",
+            "a consumer's admission failed in Redis (no answer, or an error: {error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
         return self.local.admit(consumer, now, holder, reserve, tokens)

@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.estimate import count_or_zero, token_count
+from openclaw.consumers.estimate import MAX_TOKEN_COUNT, count_or_zero, token_count
 from openclaw.consumers.gateway_usage import GatewayUsage
 from openclaw.consumers.limits import RateLimits, SlidingWindow, reset_after
 from openclaw.consumers.model import (
@@ -852,7 +852,8 @@ class ConsumerTable:
         most once and only for such a consumer) plus C{max_tokens}
         completion tokens (L{reserve_tokens} when it sets none; 0 for a
         call that completes nothing, as embeddings) for each of its
-        C{choices} (L{choice_count}), until its answer is
+        C{choices} (L{choice_count}), at most L{MAX_TOKEN_COUNT} in all
+        (a count past it is no call's), until its answer is
         counted (L{account}), or for L{RESERVATION_SECONDS} at most.
 
         The budget rule: a call is admitted while the period's spend plus
@@ -883,11 +884,15 @@ class ConsumerTable:
             reserve, tokens = 0.0, 0
             if consumer.budget_usd is not None or consumer.tpm is not None:
                 prompt = prompt_tokens() if callable(prompt_tokens) else prompt_tokens
-                completion = (self.reserve_tokens if max_tokens is None else max(0, max_tokens)) * choices
+                # At most MAX_TOKEN_COUNT: max_tokens and n may be as large as
+                # JSON's integers, past what Redis's counters hold (int64).
+                completion = min(
+                    (self.reserve_tokens if max_tokens is None else max(0, max_tokens)) * choices, MAX_TOKEN_COUNT
+                )
                 if consumer.budget_usd is not None:
                     reserve = self.prices.cost(provider, model, prompt, completion) or 0.0
                 if consumer.tpm is not None:
-                    tokens = prompt + completion
+                    tokens = min(prompt + completion, MAX_TOKEN_COUNT)
             refusal = self.counters.admit(consumer, self.clock(), holder, reserve, tokens)
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, provider, model)
