@@ -606,7 +606,7 @@ def format_consumers(result: Mapping[str, Any]) -> str:
                 c["name"],
                 budget,
                 usd(c.get("spent_usd", 0)),
-                *((",".join(part for part in reserved if part) or "-",) if held else ()),
+                *((", ".join(part for part in reserved if part) or "-",) if held else ()),
                 str(c["rpm"] or "-"),
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",

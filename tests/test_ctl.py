@@ -229,7 +229,7 @@ class ParseRequestTests(TestCase):
         held = {**consumer, "name": "crash", "reserved_usd": 0.0002, "reserved_tokens": 1010}
         table = ctl.format_consumers({"consumers": [consumer, held]})
         self.assertRegex(table, r"^NAME +BUDGET +SPENT +RESERVED +RPM +TPM ")
-        self.assertRegex(table, r"\ncrash +0\.0001/day +0\.00002 +0\.0002 USD,1010 tokens +- +1000 ")
+        self.assertRegex(table, r"\ncrash +0\.0001/day +0\.00002 +0\.0002 USD, 1010 tokens +- +1000 ")
         self.assertRegex(table, r"\na +0\.0001/day +0\.00002 +- +- +1000 ")
         self.assertNotIn("RESERVED", ctl.format_consumers({"consumers": [consumer]}))
 
