@@ -1172,6 +1172,36 @@ class EmbeddingTests(DataPlaneTestCase):
             self.assertIn(f"models/{model} is not found", json.loads(text)["error"]["message"])
 
     @inlineCallbacks
+    def test_configured_model_not_served(self):
+        """
+        EMBEDDING_MODEL naming a model the provider does not serve (an
+        operator's typo) is said as the operator's setting, with what to
+        do, not as the client's C{model}, which the gateway did not use
+        (re-attack s27); a model the request names stays the client's.
+        """
+        gateway = self.gateway(embedding_model="gemini-embedding-2")
+        response, text = yield self.post(
+            gateway, {"input": "ab", "model": "text-embedding-3-small"}, path="/v1/embeddings"
+        )
+        self.assertEqual(response.code, 404, text)
+        error = json.loads(text)["error"]
+        self.assertIsNone(error["param"])
+        self.assertEqual(error["code"], "model_not_found")
+        self.assertTrue(
+            error["message"].startswith(
+                "EMBEDDING_MODEL (gemini/gemini-embedding-2), the model this gateway sends embeddings to when a "
+                "request names no <provider>/<model>, is not served: "
+            ),
+            error["message"],
+        )
+        self.assertIn("ask the gateway's operator to set EMBEDDING_MODEL", error["message"])
+        response, text = yield self.post(
+            gateway, {"input": "ab", "model": "gemini/other-embedding"}, path="/v1/embeddings"
+        )
+        self.assertEqual(response.code, 404, text)
+        self.assertNotIn("EMBEDDING_MODEL", json.loads(text)["error"]["message"])
+
+    @inlineCallbacks
     def test_many_inputs_in_batches(self):
         gateway = self.gateway()
         texts = [f"text {i}" for i in range(250)]

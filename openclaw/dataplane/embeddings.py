@@ -77,6 +77,9 @@ class EmbeddingRequest:
     dimensions: int | None
     #: "float" (a list of numbers) or "base64" (little-endian float32 bytes).
     encoding_format: str
+    #: The model is EMBEDDING_MODEL's (the request named no
+    #: C{<provider>/<model>}): the operator's choice, not the client's.
+    configured: bool = False
 
 
 class EmbeddingsAnswer(NamedTuple):
@@ -158,7 +161,27 @@ def parse_embedding_request(
         encoding = "float"
     if encoding not in ENCODINGS:
         raise bad_request("encoding_format must be float or base64", param="encoding_format")
-    return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding)
+    configured = (provider_id, chosen) == (default_provider, default_model)
+    return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding, configured)
+
+
+def configured_model_not_found(error: APIError, parsed: EmbeddingRequest) -> APIError:
+    """
+    C{error}, the provider's C{model_not_found} for EMBEDDING_MODEL (a
+    request that named no C{<provider>/<model>}), said as the operator's
+    setting, not the client's C{model}: the same status, no C{param}, and
+    what to do.
+    """
+    return APIError(
+        error.status,
+        f"EMBEDDING_MODEL ({parsed.provider}/{parsed.model}), the model this gateway sends embeddings to when "
+        f"a request names no <provider>/<model>, is not served: {error.message}; ask the gateway's operator to "
+        f"set EMBEDDING_MODEL to a model {parsed.provider} serves, or name <provider>/<model> in the request",
+        error.type,
+        error.code,
+        None,
+        error.headers,
+    )
 
 
 def estimated_tokens(inputs: tuple[str, ...]) -> int:
@@ -313,6 +336,8 @@ class Embeddings(AuthenticatedResource):
                 return None
             if isinstance(result, Failure):
                 error = self._error(result, adapter)
+                if parsed.configured and error.code == "model_not_found":
+                    error = configured_model_not_found(error, parsed)
                 body = error_response(request, error)
                 status, outcome, answered = error.status, error.code, None
             else:
