@@ -131,6 +131,7 @@ def parse_embedding_request(
         raise bad_request(f"input holds {len(inputs)} texts; at most {MAX_INPUTS} per request", param="input")
     model = requested_model(body)
     provider_id, chosen = default_provider, default_model
+    configured = True
     if model:
         prefix, slash, name = model.partition("/")
         if slash and prefix in providers.ids:
@@ -147,6 +148,7 @@ def parse_embedding_request(
             except ValueError:
                 raise bad_request(f"model {model!r} names no model; use {prefix}/<model>", param="model") from None
             provider_id = prefix
+            configured = False
     if provider_id not in providers.ids or providers.get(provider_id).embeddings is None:
         raise bad_request(
             f"no declared provider serves EMBEDDING_MODEL ({default_provider}/{default_model}); "
@@ -161,7 +163,6 @@ def parse_embedding_request(
         encoding = "float"
     if encoding not in ENCODINGS:
         raise bad_request("encoding_format must be float or base64", param="encoding_format")
-    configured = (provider_id, chosen) == (default_provider, default_model)
     return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding, configured)
 
 
