@@ -590,7 +590,7 @@ class SeparateDatabases(ClusterCase):
         token_b = yield b.token
         warning = (
             rb"ClusterNode#warn\] another cluster named openclaw is on database 0 of this Redis \(its instances "
-            rb"listen on its channel\), while this instance uses database 1 \(redis://127\.0\.0\.1:\d+/1\): the two "
+            rb"listen on its channel\), while this instance uses database 1 \(redis://127\.0\.0\.1:\d+/1\): the clusters "
             rb"share nothing but the name: each has its own session token and route, .*; if they are meant to be one "
             rb"cluster, set the same database in every instance's REDIS_URL; if not, give them different "
             rb"CLUSTER_NAMEs, which silences this"
