@@ -512,6 +512,20 @@ class RequestTests(SynchronousTestCase):
                 self.assertEqual(caught.exception.status, 400)
                 self.assertTrue(caught.exception.param.startswith(name), (name, value, caught.exception.param))
 
+    def test_message_name(self) -> None:
+        """
+        A message's C{name} is a string (OpenAI's participant name), null
+        or left out; another type is a 400 naming it, on every role (it
+        went to Kimi as sent: re-attack s27).
+        """
+        for role in ("user", "system", "assistant", "developer"):
+            for name in ("ann", None):
+                parse_chat_request(orjson.dumps({"messages": [{"role": role, "content": "x", "name": name}]}))
+            for name in (5, [1], {"a": 1}, True):
+                with self.assertRaises(APIError) as caught:
+                    parse_chat_request(orjson.dumps({"messages": [{"role": role, "content": "x", "name": name}]}))
+                self.assertEqual((caught.exception.status, caught.exception.param), (400, "messages[0].name"))
+
     def test_every_field_of_every_type(self) -> None:
         """
         Each value of a full chat request (every field an agent sends, at

@@ -53,8 +53,9 @@ ROLE_FIELDS = MappingProxyType({"tool_calls": "assistant", "function_call": "ass
 #: Those of L{ROLE_FIELDS} each role may not carry (a tuple: the first
 #: found is the one a 400 names, whatever the hash seed).
 NOT_CARRIED = MappingProxyType({role: tuple(f for f, owner in ROLE_FIELDS.items() if owner != role) for role in ROLES})
-#: Any of them: a message holding none needs no check of its fields.
-ROLE_FIELD_NAMES = frozenset(ROLE_FIELDS)
+#: Any of them, or a C{name}: a user or system message of text holding
+#: none needs no check of its fields.
+CHECKED_FIELD_NAMES = frozenset({*ROLE_FIELDS, "name"})
 #: OpenAI's values, "xhigh" its newest
 #: (U{https://platform.openai.com/docs/api-reference/chat/create}).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -729,7 +730,7 @@ def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = N
             type(message) is dict
             and not unanswered
             and message.get("role") in ("user", "system")
-            and message.keys().isdisjoint(ROLE_FIELD_NAMES)
+            and message.keys().isdisjoint(CHECKED_FIELD_NAMES)
         ):
             content = message.get("content")
             if type(content) is str:
@@ -747,6 +748,10 @@ def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = N
                 f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
                 param=f"{where}.role",
             )
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            # OpenAI's participant name: a string (its API refuses another).
+            raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
         if not message.keys().isdisjoint(NOT_CARRIED[role]):
             message = messages[i] = _role_fields(message, role, where)
         if role == "developer":
