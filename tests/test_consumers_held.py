@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers import store as store_module
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.store import CommandTimedOut, ConsumerStore, postgres_conninfo
+from openclaw.consumers.store import CommandBounds, CommandTimedOut, ConsumerStore, postgres_conninfo
 from openclaw.consumers.table import ConsumerTable, Holder
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
@@ -82,14 +82,14 @@ class HeldStoreTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def store(self, **bounds: Any) -> Any:
+    def store(self, bounds: CommandBounds | None = None) -> Any:
         """
         A store on a fresh PostgreSQL database holding the consumer
-        C{team} with one key; C{bounds} are L{ConsumerStore.open}'s
-        command bounds.
+        C{team} with one key, its commands within C{bounds} (the default
+        ones for None).
         """
         self.database = postgres_database()
-        store = ConsumerStore.open(self.database, Path("."), reactor, **bounds)
+        store = ConsumerStore.open(self.database, Path("."), reactor, bounds or CommandBounds())
         self.addCleanup(store.close)
         yield store.migrate()
         self.team = Consumer("team", created_at=time.time() - 100)
@@ -128,9 +128,7 @@ class HeldStoreTests(TestCase):
         COMMAND_SECONDS, and when the database answers the transaction is
         rolled back, not committed.
         """
-        store = yield self.store(
-            command_seconds=1.0, command_lock_timeout_ms=60_000, command_statement_timeout_ms=60_000
-        )
+        store = yield self.store(CommandBounds(seconds=1.0, lock_timeout_ms=60_000, statement_timeout_ms=60_000))
         locker = Locker(self, self.database)
         yield locker.lock("consumer_keys")
         started = time.monotonic()
@@ -156,7 +154,7 @@ class HeldStoreTests(TestCase):
         name), within the command's deadline: a write the database holds
         fails the delete, and the consumer is not deleted later.
         """
-        store = yield self.store(command_seconds=1.0)
+        store = yield self.store(CommandBounds(seconds=1.0))
         locker = Locker(self, self.database)
         yield locker.lock("usage_rows")
         writing = store.record([usage_row(self.team, 0.5, time.time(), self.team.created_at)])
@@ -180,9 +178,7 @@ class HeldStoreTests(TestCase):
         the delete began, lost from its usage and, after a restart, from
         its budget).
         """
-        store = yield self.store(
-            command_seconds=1.0, command_lock_timeout_ms=60_000, command_statement_timeout_ms=60_000
-        )
+        store = yield self.store(CommandBounds(seconds=1.0, lock_timeout_ms=60_000, statement_timeout_ms=60_000))
         table = ConsumerTable(store, PriceTable(), flush_seconds=3600)
         table.adopt((yield store.load(time.time())))
         holder = Holder("team", "first000", created_at=self.team.created_at)

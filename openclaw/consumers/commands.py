@@ -95,7 +95,7 @@ def _held(failure: Failure) -> str | None:
     """
     What the database held a command's transaction past (its own
     C{lock_timeout} or C{statement_timeout}, or the gateway's
-    C{command_seconds}), or None when it did not: the transaction was
+    C{bounds.seconds}), or None when it did not: the transaction was
     rolled back (or will be), nothing was changed.
     """
     if isinstance(failure.value, CommandTimedOut):

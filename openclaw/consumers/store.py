@@ -169,6 +169,22 @@ COMMAND_SECONDS = 4.0
 COMMAND_LOCK_TIMEOUT_MS = 2500
 COMMAND_STATEMENT_TIMEOUT_MS = 3000
 
+
+@attrs.frozen
+class CommandBounds:
+    """
+    How long a consumer command may take (L{ConsumerStore._command}).
+    """
+
+    #: Seconds a command's transaction has to reach its commit.
+    seconds: float = COMMAND_SECONDS
+    #: On PostgreSQL, a command's (and the usage command's read's)
+    #: C{lock_timeout}, in milliseconds.
+    lock_timeout_ms: int = COMMAND_LOCK_TIMEOUT_MS
+    #: On PostgreSQL, a command's C{statement_timeout}, in milliseconds.
+    statement_timeout_ms: int = COMMAND_STATEMENT_TIMEOUT_MS
+
+
 #: The waits between attempts of L{Retrying}, in seconds: 1, 2, 4, ...
 #: up to 30 (plus up to 1 of jitter, so that gateways sharing a database
 #: do not retry in step).
@@ -318,7 +334,7 @@ class PooledConnection:
 class CommandTimedOut(Exception):
     """
     A consumer command's transaction did not reach its commit within
-    C{seconds} (the store's C{command_seconds}, L{COMMAND_SECONDS} by
+    C{seconds} (the store's C{bounds.seconds}, L{COMMAND_SECONDS} by
     default; the database held it: a lock another session holds, a
     database that stopped answering): given up, nothing was changed; it is
     rolled back whenever the database answers.
@@ -503,14 +519,7 @@ class ConsumerStore:
     The consumers, their keys' hashes, usage rows and spend, in a database.
     Every method returns a Deferred; none blocks the reactor.
 
-    @param command_seconds: how long a consumer command's transaction has
-        to reach its commit, in seconds (L{COMMAND_SECONDS} by default).
-    @param command_lock_timeout_ms: on PostgreSQL, a command's (and the
-        usage command's read's) C{lock_timeout}, in milliseconds
-        (L{COMMAND_LOCK_TIMEOUT_MS} by default).
-    @param command_statement_timeout_ms: on PostgreSQL, a command's
-        C{statement_timeout}, in milliseconds
-        (L{COMMAND_STATEMENT_TIMEOUT_MS} by default).
+    @param bounds: how long a consumer command may take.
     """
 
     def __init__(
@@ -518,19 +527,14 @@ class ConsumerStore:
         pool: adbapi.ConnectionPool,
         dialect: str,
         reactor: IStoreReactor,
-        *,
-        command_seconds: float = COMMAND_SECONDS,
-        command_lock_timeout_ms: int = COMMAND_LOCK_TIMEOUT_MS,
-        command_statement_timeout_ms: int = COMMAND_STATEMENT_TIMEOUT_MS,
+        bounds: CommandBounds = CommandBounds(),
     ) -> None:
         self.pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
         #: The pool's reactor (L{close} needs its threads and triggers).
         self.reactor = reactor
-        self.command_seconds = command_seconds
-        self.command_lock_timeout_ms = command_lock_timeout_ms
-        self.command_statement_timeout_ms = command_statement_timeout_ms
+        self.bounds = bounds
         #: Set once L{migrate} found a later openclaw's schema: every use
         #: of the store then fails with it.
         self.newer_schema: NewerSchema | None = None
@@ -547,14 +551,11 @@ class ConsumerStore:
         database_url: str | None,
         state_dir: Path,
         reactor: IStoreReactor,
-        *,
-        command_seconds: float = COMMAND_SECONDS,
-        command_lock_timeout_ms: int = COMMAND_LOCK_TIMEOUT_MS,
-        command_statement_timeout_ms: int = COMMAND_STATEMENT_TIMEOUT_MS,
+        bounds: CommandBounds = CommandBounds(),
     ) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
-        in C{state_dir/openclaw.db}; the command bounds are the class's.
+        in C{state_dir/openclaw.db}, its commands within C{bounds}.
 
         @raise UnusableDatabaseFile: that SQLite file cannot be used
             (L{sqlite_file}).
@@ -588,14 +589,7 @@ class ConsumerStore:
                 cp_reactor=reactor,
             )
             dialect = "sqlite"
-        return cls(
-            pool,
-            dialect,
-            reactor,
-            command_seconds=command_seconds,
-            command_lock_timeout_ms=command_lock_timeout_ms,
-            command_statement_timeout_ms=command_statement_timeout_ms,
-        )
+        return cls(pool, dialect, reactor, bounds)
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -641,10 +635,10 @@ class ConsumerStore:
         """
         L{_interact} for a consumer command's change, bounded: it fails
         with L{CommandTimedOut} when the transaction has not reached its
-        commit within C{command_seconds} (nothing was changed: it is given
+        commit within C{bounds.seconds} (nothing was changed: it is given
         up, and rolled back when the database answers), and on PostgreSQL
         the server gives up a lock wait or a statement after
-        C{command_lock_timeout_ms} and C{command_statement_timeout_ms}
+        C{bounds.lock_timeout_ms} and C{bounds.statement_timeout_ms}
         (C{SET LOCAL}, this transaction's only).  A
         commit under way at the deadline is waited for.
 
@@ -657,8 +651,8 @@ class ConsumerStore:
         def bounded(cursor: Any, *args: Any) -> T:
             deadline.begin()
             if self.dialect == "postgresql":
-                cursor.execute(f"SET LOCAL lock_timeout = {int(self.command_lock_timeout_ms)}")
-                cursor.execute(f"SET LOCAL statement_timeout = {int(self.command_statement_timeout_ms)}")
+                cursor.execute(f"SET LOCAL lock_timeout = {int(self.bounds.lock_timeout_ms)}")
+                cursor.execute(f"SET LOCAL statement_timeout = {int(self.bounds.statement_timeout_ms)}")
             result = function(cursor, *args)
             deadline.commit()
             return result
@@ -670,9 +664,9 @@ class ConsumerStore:
 
         def late() -> None:
             if deadline.give_up():
-                answer.errback(CommandTimedOut(self.command_seconds))
+                answer.errback(CommandTimedOut(self.bounds.seconds))
 
-        timer = self.reactor.callLater(self.command_seconds, late)
+        timer = self.reactor.callLater(self.bounds.seconds, late)
 
         def ended(result: Any) -> None:
             if timer.active():
@@ -1107,8 +1101,8 @@ class ConsumerStore:
     ) -> list[dict[str, Any]]:
         if self.dialect == "postgresql":
             # A lock another session holds on the table is not waited for
-            # past the command's bound (C{command_lock_timeout_ms}).
-            cursor.execute(f"SET LOCAL lock_timeout = {int(self.command_lock_timeout_ms)}")
+            # past the command's bound (C{bounds.lock_timeout_ms}).
+            cursor.execute(f"SET LOCAL lock_timeout = {int(self.bounds.lock_timeout_ms)}")
         where: list[str] = []
         params: list[Any] = []
         if name is not None and retired:
