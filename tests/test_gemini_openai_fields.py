@@ -453,9 +453,17 @@ class ImageTypeTests(SynchronousTestCase):
         A C{gs://} image URL, which the Gemini API does not read (Google:
         "Invalid or unsupported file uri"; googleapis/python-genai #71), is
         a 400 naming the part and saying what to send instead, before
-        anything is sent.
+        anything is sent; so is one with no bucket (not "has no host").
         """
-        for url in ("gs://bucket/dir/photo.png", "GS://bucket/Photo.PNG", "gs://bucket/image"):
+        for url in (
+            "gs://bucket/dir/photo.png",
+            "GS://bucket/Photo.PNG",
+            "gs://bucket/image",
+            "gs://",
+            "gs:///x",
+            "GS:///x.png",
+            "gs://:443/x.png",
+        ):
             error = refused(image(url))
             self.assertEqual(error.param, "messages[0].content[0].image_url.url", url)
             self.assertIn("is a gs:// (Cloud Storage) URL, which the Gemini API does not read", error.message)

@@ -1137,6 +1137,12 @@ def _check_image_url(url: str, where: str) -> None:
     C{https://user:pass@host/...}): the provider fetches the image, so the
     credential would be passed on to it.  The URL is not quoted back.
 
+    A C{gs://} URL's bucket is not asked for: the Gemini API reads no Cloud
+    Storage URL, whatever follows C{gs://}, and says so itself
+    (L{openclaw.providers.gemini.translate.cloud_storage_refused}), not
+    that an https:// host is missing; Kimi and other OpenAI-shaped
+    providers get it as sent, as any C{gs://} URL, to judge.
+
     @raise APIError: 400 naming C{where}.
     """
     if " " in url or not url.isprintable() or INVISIBLE_PRINTABLE.search(url):
@@ -1162,7 +1168,7 @@ def _check_image_url(url: str, where: str) -> None:
     if port == 0:
         # Past 65535, not a number, or 0.
         raise bad_request(f"{where} has a port that is not a number from 1 to 65535; fix the URL", param=where)
-    if not host:
+    if not host and parts.scheme.lower() != "gs":
         raise bad_request(f"{where} has no host (https://host/path); fix the URL", param=where)
     if "\\" in authority:
         # WHATWG URL parsers (browsers, and some fetchers) read it as "/":
