@@ -306,6 +306,8 @@ class RulesTests(TestCase):
         self.assertIn("(spent 0 USD, 1.2 USD reserved by calls in flight until they are counted)", refused.message)
         self.assertIn("retry after 2 s, once they end, or set max_tokens", refused.message)
         self.assertNotIn("used its budget", refused.message)
+        # A single gateway's own reservations: no other instance holds any.
+        self.assertNotIn("another instance", refused.message)
         # Counted: the reservation goes, the real cost stays.
         counters.counted("a", 10, 0.1, 101.0, first)
         self.assertEqual((first.reserved, round(counters.reserved("a", 101.0), 6)), (0.0, 0.6))

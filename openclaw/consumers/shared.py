@@ -485,11 +485,11 @@ class SharedCounters:
             # The cluster's figure, for when Redis goes away.
             self.local.load({key: spent})
         if code == 1:
-            return budget_spent(consumer, spent, now, float(reply[2]))
+            return budget_spent(consumer, spent, now, float(reply[2]), cluster=True)
         if code == 2:
             assert consumer.tpm is not None
             used, held = (int(float(value)) for value in reply[3:5])
-            return tpm_refused(name, consumer.tpm, used, held, int(float(reply[2])))
+            return tpm_refused(name, consumer.tpm, used, held, int(float(reply[2])), cluster=True)
         if code == 3:
             assert consumer.rpm is not None
             return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))

@@ -200,7 +200,28 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     )
 
 
-def tpm_refused(consumer: str, limit: int, used: int, held: int, retry_after: int) -> APIError:
+def _held_in_cluster(lapse_seconds: int) -> str:
+    """
+    What a refusal due to calls in flight (C{tokens_reserved},
+    C{budget_reserved}) decided from the cluster's figures in Redis adds at
+    its end: calls in flight on another instance may hold the
+    reservations, and a crashed one's hold until they lapse after
+    C{lapse_seconds} (L{TOKEN_RESERVATION_SECONDS} of C{tpm},
+    L{RESERVATION_SECONDS} of a budget), unless the operator releases them
+    (README: "A crashed instance's reservations"); C{openclawctl consumer
+    list} shows what is held.
+    """
+    lapse = f"{lapse_seconds // 60} minutes" if lapse_seconds % 60 == 0 and lapse_seconds > 60 else f"{lapse_seconds} s"
+    return (
+        f". Some of those calls may be another instance's of the cluster: if it crashed, its reservations lapse "
+        f"after {lapse}, or the operator can release them at once (README: A crashed instance's reservations); "
+        "openclawctl consumer list shows what is held"
+    )
+
+
+def tpm_refused(
+    consumer: str, limit: int, used: int, held: int, retry_after: int, *, cluster: bool = False
+) -> APIError:
     """
     The 429 of a consumer refused by its C{tpm} (the admission rule of
     L{ConsumerTable.admit}: the C{used} tokens of the last 60 s plus those
@@ -220,22 +241,27 @@ def tpm_refused(consumer: str, limit: int, used: int, held: int, retry_after: in
 
     @param retry_after: seconds until the window has room were each call
         in flight counted as it was admitted (L{SlidingWindow.retry_after}).
+    @param cluster: the figures are the cluster's, from Redis: the
+        C{tokens_reserved} message ends with L{_held_in_cluster}.
     """
     if used >= limit or held <= 0:
         return rate_limited(consumer, "tpm", limit, retry_after)
     retry = min(TOKENS_RETRY_SECONDS, retry_after)
+    hint = _held_in_cluster(TOKEN_RESERVATION_SECONDS) if cluster else ""
     return APIError(
         429,
         f"consumer {consumer!r}: calls in flight hold {held} tokens of its tpm limit of {limit} per minute "
         f"({used} used in the last 60 s, {held} reserved by calls in flight until they are counted); "
-        f"retry after {retry} s, once they end, or set max_tokens so that each call reserves less",
+        f"retry after {retry} s, once they end, or set max_tokens so that each call reserves less{hint}",
         "tokens_reserved",
         "rate_limit_exceeded",
         headers=((b"Retry-After", b"%d" % retry),),
     )
 
 
-def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float = 0.0) -> APIError:
+def budget_spent(
+    consumer: Consumer, spent: float, now: float, reserved: float = 0.0, *, cluster: bool = False
+) -> APIError:
     """
     The 429 of a consumer refused by its budget (the admission rule of
     L{ConsumerTable.admit}: the period's C{spent} plus the US dollars
@@ -251,6 +277,9 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
     C{budget_reserved}, with C{Retry-After: }L{BUDGET_RETRY_SECONDS}
     (retried by the openai SDKs), saying to retry or to set C{max_tokens}
     so that each call reserves less.
+
+    @param cluster: the figures are the cluster's, from Redis: the
+        C{budget_reserved} message ends with L{_held_in_cluster}.
     """
     period = consumer.budget_period
     budget = consumer.budget_usd or 0
@@ -261,7 +290,7 @@ def budget_spent(consumer: Consumer, spent: float, now: float, reserved: float =
             f"consumer {consumer.name!r}: calls in flight hold the rest of its budget of {usd(budget)} USD "
             f"{described} (spent {usd(spent)} USD, {usd(reserved)} USD reserved by calls in flight until they "
             f"are counted); retry after {BUDGET_RETRY_SECONDS} s, once they end, or set max_tokens so that "
-            "each call reserves less",
+            f"each call reserves less{_held_in_cluster(RESERVATION_SECONDS) if cluster else ''}",
             "budget_reserved",
             "rate_limit_exceeded",
             headers=((b"Retry-After", b"%d" % BUDGET_RETRY_SECONDS),),
