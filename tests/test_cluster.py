@@ -629,7 +629,9 @@ class SeparateDatabases(ClusterCase):
         Two instances on database 0, and a third on database 1 under
         another CLUSTER_NAME (the way to keep two clusters on one Redis
         apart, said by the warning): no warning, and no
-        C{cluster_name_in_other_databases} in C{status}.
+        C{cluster_name_in_other_databases} in C{status}, though each looked
+        (Redis counts the C{PUBSUB CHANNELS} commands it answered: none
+        would pass the rest of this test too).
         """
         base = self.redis.url.rsplit("/", 1)[0]
         a = self.spawn(REDIS_URL=f"{base}/0")
@@ -640,6 +642,7 @@ class SeparateDatabases(ClusterCase):
         token_c = yield c.token
         # Each looked as it joined (an answer within milliseconds).
         yield sleep(1.5)
+        self.assertGreaterEqual(pubsub_channels_answered(self.redis), 3)
         for process in (a, b, c):
             self.assertNotIn(b"another cluster named", process.stdout)
         on_b = yield self.client(b.port)
@@ -1287,6 +1290,25 @@ def redis_command(redis: RedisServer, *words: str) -> bytes:
     with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
         s.sendall(" ".join(words).encode() + b"\r\n")
         return s.recv(65536)
+
+
+def pubsub_channels_answered(redis: RedisServer) -> int:
+    """
+    How many C{PUBSUB CHANNELS} commands C{redis} has answered since it
+    started (C{INFO commandstats}, Redis 7's C{cmdstat_pubsub|channels}).
+    """
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
+        s.sendall(b"INFO commandstats\r\n")
+        info = s.recv(65536)
+        # A bulk string: $<length>\r\n<length bytes>\r\n.
+        header, _, _ = info.partition(b"\r\n")
+        while len(info) < len(header) + int(header[1:]) + 4:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            info += chunk
+    found = re.search(rb"^cmdstat_pubsub\|channels:calls=(\d+),", info, re.MULTILINE)
+    return int(found.group(1)) if found else 0
 
 
 class _Node:
