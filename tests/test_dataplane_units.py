@@ -687,6 +687,35 @@ class CallIdTests(SynchronousTestCase):
         self.assertEqual(plain("get_weather:0"), "get_weather:0")
         self.assertEqual(plain("_gs1_abc"), "_gs1_abc")
 
+    def test_client_ids_holding_the_mark_stay_whole(self) -> None:
+        """
+        Only an id of the gateway's making (C{call_<24 hex>}, the mark, a
+        payload) is cut for a provider that does not read carried ids: two
+        of a client's own ids that hold the mark stay two ids, not one
+        (trial s28: both went to Kimi as C{call_abc}).
+        """
+        for call_id in ("call_abc_gs1_AAA", "x_gs1_abc", "call_0123456789abcdef01234567_gs1_", "call_ABCDEF_gs1_e30"):
+            self.assertEqual(plain(call_id), call_id)
+        self.assertEqual(plain("call_0123456789abcdef01234567_gs1_e30"), "call_0123456789abcdef01234567")
+        calls = [
+            {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            for call_id in ("call_abc_gs1_AAA", "call_abc_gs1_BBB")
+        ]
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_abc_gs1_BBB", "content": "b"},
+                {"role": "tool", "tool_call_id": "call_abc_gs1_AAA", "content": "a"},
+            ],
+        }
+        messages = parse_chat_request(orjson.dumps(body)).plain_ids().body["messages"]
+        self.assertEqual([call["id"] for call in messages[1]["tool_calls"]], ["call_abc_gs1_AAA", "call_abc_gs1_BBB"])
+        self.assertEqual(
+            [message["tool_call_id"] for message in messages[2:]], ["call_abc_gs1_BBB", "call_abc_gs1_AAA"]
+        )
+
     def test_empty_strings_are_none(self) -> None:
         """
         A crafted payload of empty strings carries nothing: Gemini gets no

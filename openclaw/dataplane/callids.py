@@ -24,11 +24,16 @@ the default) is sent every id L{plain}
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
 #: Joins the plain id and the carried payload.  ("gs1": the first carried
 #: payload was Gemini's signature; kept, as ids already given out carry it.)
 MARK = "_gs1_"
+#: An id the gateway made that carries a payload: the plain id, L{MARK},
+#: the payload.  Any other id (a client's own, even one holding L{MARK}) is
+#: just an id, sent as it is.
+_CARRYING = re.compile(r"(call_[0-9a-f]{24})" + MARK + r"([A-Za-z0-9_-]+)")
 
 
 def new_call_id(payload: str | None = None) -> str:
@@ -43,19 +48,21 @@ def new_call_id(payload: str | None = None) -> str:
 
 def payload(call_id: str) -> str | None:
     """
-    The payload C{call_id} carries; None for an id that carries none.
+    The payload C{call_id} carries; None for an id that carries none (one
+    not of the gateway's making: L{new_call_id}).
     """
-    _, mark, carried = call_id.partition(MARK)
-    return carried if mark and carried else None
+    carrying = _CARRYING.fullmatch(call_id)
+    return None if carrying is None else carrying[2]
 
 
 def plain(call_id: str) -> str:
     """
     C{call_id} without what it carries: the short id a provider that does
-    not read carried ids is given.
+    not read carried ids is given.  An id not of the gateway's making is
+    left whole: a client's C{"a_gs1_x"} and C{"a_gs1_y"} stay two ids.
     """
-    head, mark, _ = call_id.partition(MARK)
-    return head if mark and head else call_id
+    carrying = _CARRYING.fullmatch(call_id)
+    return call_id if carrying is None else carrying[1]
 
 
 def plain_message(message: dict[str, Any]) -> dict[str, Any]:
