@@ -956,6 +956,37 @@ class ContentTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.kimi.last_body["response_format"], response_format)
 
     @inlineCallbacks
+    def test_invalid_schema_refused_as_providers_do(self):
+        """
+        A schema the stand-in cannot follow (C{properties} not an object,
+        C{required} not a list of names, a C{minItems} that is not a count,
+        or one asking for millions of values) is refused with a 400, as the
+        providers refuse an invalid schema: the client gets the provider's
+        400, not a 502 counted against the provider (trial s28: the
+        stand-in raised, answered 500, and the breaker counted it).
+        """
+        import openai
+
+        client = self.sdk(self.gateway())
+        schemas = (
+            {"type": "object", "properties": True},
+            {"type": "object", "properties": {"a": {"type": "string"}}, "required": "a"},
+            {"type": "array", "minItems": "3", "items": {"type": "string"}},
+            {"type": "array", "minItems": 1000, "items": {"type": "array", "minItems": 1000}},
+        )
+        for schema in schemas:
+            response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            for model in ("gemini/gemini-2.5-flash", "kimi/moonshot-v1-8k"):
+                with self.assertRaises(openai.BadRequestError) as raised:
+                    yield deferToThread(
+                        client.with_options(max_retries=0).chat.completions.create,
+                        model=model,
+                        messages=QUESTION,
+                        response_format=response_format,
+                    )
+                self.assertIn("Invalid schema", str(raised.exception), (schema, model))
+
+    @inlineCallbacks
     def test_sdk_parse(self):
         """
         The openai SDK's C{.parse()} with a Pydantic model (nested, an

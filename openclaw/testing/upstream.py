@@ -957,7 +957,15 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def schema_instance(schema: Any, root: dict[str, Any], text: str, depth: int = 0) -> Any:
+#: The most values (objects, items, strings, ...) L{schema_instance} builds
+#: for one schema, and the longest string it pads to: a schema asking for
+#: more (a large C{minItems} nested, a huge C{minLength}) is refused, not
+#: built in the stand-in's memory.
+MAX_INSTANCE_VALUES = 10_000
+MAX_INSTANCE_STRING = 100_000
+
+
+def schema_instance(schema: Any, root: dict[str, Any], text: str) -> Any:
     """
     A small value valid against C{schema} (JSON Schema, or Gemini's OpenAPI
     subset with upper-case types): every property of an object, the fewest
@@ -969,55 +977,80 @@ def schema_instance(schema: Any, root: dict[str, Any], text: str, depth: int = 0
     are followed; past 16 levels of nesting (a recursive schema) an
     object's optional properties are left out, and any remaining value is
     null.
+
+    @raise Reject: 400, as the providers refuse an invalid schema: a
+        C{properties} that is not an object, a C{required} that is not a
+        list of names, a C{minItems} that is not a count; or one asking for
+        more than L{MAX_INSTANCE_VALUES} values or a string longer than
+        L{MAX_INSTANCE_STRING}.
     """
-    if not isinstance(schema, dict) or depth > 32:
+    built = 0
+
+    def count(values: int) -> None:
+        nonlocal built
+        built += values
+        if built > MAX_INSTANCE_VALUES:
+            raise Reject(400, f"Invalid schema: the stand-in builds at most {MAX_INSTANCE_VALUES} values for one")
+
+    def instance(schema: Any, depth: int) -> Any:
+        if not isinstance(schema, dict) or depth > 32:
+            return None
+        count(1)
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#/"):
+            target: Any = root
+            for name in reference[2:].split("/"):
+                target = target.get(name.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
+            return instance(target, depth + 1)
+        if "const" in schema:
+            return schema["const"]
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return schema["enum"][0]
+        for key in ("anyOf", "oneOf", "allOf"):
+            options = schema.get(key)
+            if isinstance(options, list) and options:
+                wanted = [o for o in options if not (isinstance(o, dict) and str(o.get("type")).lower() == "null")]
+                return instance((wanted or options)[0], depth + 1)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if str(k).lower() != "null"), "null")
+        kind = str(kind).lower() if kind is not None else ("object" if "properties" in schema else None)
+        if kind == "object":
+            properties = schema.get("properties") or {}
+            if not isinstance(properties, dict):
+                raise Reject(400, "Invalid schema: 'properties' must be an object")
+            required = schema.get("required") or list(properties)
+            if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+                raise Reject(400, "Invalid schema: 'required' must be an array of property names")
+            return {
+                name: instance(value, depth + 1) for name, value in properties.items() if name in required or depth < 16
+            }
+        if kind == "array":
+            items = schema.get("minItems") or 0
+            if type(items) is not int or items < 0:
+                raise Reject(400, "Invalid schema: 'minItems' must be a non-negative integer")
+            count(items)
+            return [instance(schema.get("items"), depth + 1) for _ in range(items)]
+        if kind == "string":
+            if schema.get("format") in _FORMATTED:
+                return _FORMATTED[schema["format"]]
+            shortest, longest = schema.get("minLength"), schema.get("maxLength")
+            if isinstance(shortest, int) and shortest > MAX_INSTANCE_STRING:
+                raise Reject(400, f"Invalid schema: the stand-in pads a string to at most {MAX_INSTANCE_STRING}")
+            filled = text.ljust(shortest, ".") if isinstance(shortest, int) and len(text) < shortest else text
+            return filled[:longest] if isinstance(longest, int) else filled
+        if kind in ("integer", "number"):
+            low = _bound(schema, "minimum", "exclusiveMinimum", 1)
+            high = _bound(schema, "maximum", "exclusiveMaximum", -1)
+            value = low if low is not None else (0 if high is None or high >= 0 else high)
+            if high is not None and value > high:
+                value = high
+            return int(value) if kind == "integer" else value
+        if kind == "boolean":
+            return False
         return None
-    reference = schema.get("$ref")
-    if isinstance(reference, str) and reference.startswith("#/"):
-        target: Any = root
-        for name in reference[2:].split("/"):
-            target = target.get(name.replace("~1", "/").replace("~0", "~")) if isinstance(target, dict) else None
-        return schema_instance(target, root, text, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        options = schema.get(key)
-        if isinstance(options, list) and options:
-            wanted = [o for o in options if not (isinstance(o, dict) and str(o.get("type")).lower() == "null")]
-            return schema_instance((wanted or options)[0], root, text, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if str(k).lower() != "null"), "null")
-    kind = str(kind).lower() if kind is not None else ("object" if "properties" in schema else None)
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        required = set(schema.get("required") or properties)
-        return {
-            name: schema_instance(value, root, text, depth + 1)
-            for name, value in properties.items()
-            if name in required or depth < 16
-        }
-    if kind == "array":
-        count = schema.get("minItems") or 0
-        return [schema_instance(schema.get("items"), root, text, depth + 1) for _ in range(int(count))]
-    if kind == "string":
-        if schema.get("format") in _FORMATTED:
-            return _FORMATTED[schema["format"]]
-        shortest, longest = schema.get("minLength"), schema.get("maxLength")
-        if isinstance(shortest, int) and len(text) < shortest:
-            text = text.ljust(shortest, ".")
-        return text[:longest] if isinstance(longest, int) else text
-    if kind in ("integer", "number"):
-        low, high = _bound(schema, "minimum", "exclusiveMinimum", 1), _bound(schema, "maximum", "exclusiveMaximum", -1)
-        value = low if low is not None else (0 if high is None or high >= 0 else high)
-        if high is not None and value > high:
-            value = high
-        return int(value) if kind == "integer" else value
-    if kind == "boolean":
-        return False
-    return None
+
+    return instance(schema, 0)
 
 
 def _gemini_forced(body: dict[str, Any], behaviour: ProviderBehaviour) -> GeminiAnswer | None:
