@@ -19,7 +19,7 @@ from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.call import encode_request
 from openclaw.dataplane.callids import plain
 from openclaw.dataplane.errors import APIError
-from openclaw.dataplane.request import ChatRequest, choose_route, parse_chat_request
+from openclaw.dataplane.request import ChatRequest, choose_route, is_base64, parse_chat_request
 from openclaw.dataplane.sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError, encode
 from openclaw.providers.gemini import translate as gemini
 from openclaw.providers.gemini.callids import MAX_PAYLOAD, carried, new_call_id
@@ -663,6 +663,36 @@ class KeyTests(SynchronousTestCase):
         self.assertEqual((unusable.status, unusable.code), (503, "consumers_unavailable"))
         self.assertIn((b"x-should-retry", b"false"), unusable.headers)
         self.assertIsNone(keys.check(b"Bearer alpha-key"))
+
+
+class Base64Tests(SynchronousTestCase):
+    """
+    Base64 as RFC 4648 section 4 has it, the rule image, file and audio
+    data are held to.
+    """
+
+    def test_rfc_4648(self) -> None:
+        for data in ("", "QUJD", "QUI=", "QQ==", "ABC=", "QUJDQQ==", "a+/9", "QUJD" * 1000):
+            self.assertTrue(is_base64(data), data)
+        not_base64 = (
+            "Q",
+            "QQ=",
+            "QUJDRA",
+            "QUJD\n",
+            "QU JD",
+            "QUJD====",  # padding past the data: the strict decoder alone takes it
+            "QUJD=",  # likewise
+            "A===",
+            "=QUJD",
+            "QQ==QUJD",
+            "QQ=A",
+            "QUJ-",  # the URL-safe alphabet is not base64's
+            "QUJ_",
+            "QUJ\u00e9",
+            "\u00e9\u00e9\u00e9\u00e9",
+        )
+        for data in not_base64:
+            self.assertFalse(is_base64(data), data)
 
 
 class CallIdTests(SynchronousTestCase):
