@@ -27,16 +27,18 @@ from prometheus_client import (
     generate_latest,
 )
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from openclaw.addresses import IPAddress, normalise, without_port
 from openclaw.consumers.estimate import count_or_zero
 from openclaw.control.admission import PeerAllowlist
+from openclaw.logs import METRICS_NAMESPACE
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.routing import FALLBACK_REASONS
 from openclaw.web import head_or_body
@@ -94,6 +96,10 @@ APIRefusal = Literal[
 ]
 API_REFUSALS: tuple[APIRefusal, ...] = get_args(APIRefusal)
 
+
+#: The scrapes' events (a L{Logger} on a class would take its name as
+#: namespace: L{Logger.__get__}).
+_log = Logger(namespace=METRICS_NAMESPACE)
 
 #: Statuses are a small set in practice; this only bounds the series kept
 #: should an upstream invent many (the rest are counted under "other").
@@ -572,17 +578,29 @@ class MetricsResource(Resource):
 
     @param allowed_hosts: further host names or addresses, lower-case,
         without a port.
+    @param exposition: under C{--workers}, what a scrape is answered with
+        once the checks passed: every worker's series
+        (L{openclaw.cluster.scrape.WorkersExposition.exposition}, in the
+        text format); L{None} (one process): C{metrics}' registry, at
+        once.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: GatewayMetrics, allowlist: PeerAllowlist, allowed_hosts: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        allowlist: PeerAllowlist,
+        allowed_hosts: Iterable[str] = (),
+        exposition: Callable[[], Deferred[bytes]] | None = None,
+    ) -> None:
         super().__init__()
         self._metrics = metrics
         self._allowlist = allowlist
         self._allowed_hosts = frozenset(("localhost", *allowed_hosts))
+        self._exposition = exposition
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         """
         C{GET} and C{HEAD}; any other method gets a plain 405 with C{Allow}
         (RFC 9110 section 15.5.6), not twisted.web's HTML 405 or 501.
@@ -592,9 +610,10 @@ class MetricsResource(Resource):
             request.setHeader(b"allow", b"GET, HEAD")
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"method not allowed: /metrics answers GET and HEAD\n"
-        return head_or_body(request, self.render_GET(request))
+        answer = self.render_GET(request)
+        return answer if isinstance(answer, int) else head_or_body(request, answer)
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         host = getattr(request.getClientAddress(), "host", None)
         if host is not None and not self._allowlist.allows(host):
             return self._refuse(request, b"metrics are only served to TRUSTED_CLIENT_IPS\n")
@@ -606,8 +625,40 @@ class MetricsResource(Resource):
                 b"metrics are only served under localhost, the listener's own address or a name in "
                 b"METRICS_ALLOWED_HOSTS (the Host header names another)\n",
             )
+        if self._exposition is not None:
+            return self._answer_later(request, self._exposition())
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self._metrics.registry)
+
+    def _answer_later(self, request: Request, exposition: Deferred[bytes]) -> int:
+        """
+        Answer C{request} with C{exposition} once it fires (C{HEAD}: its
+        length only), unless the client has gone by then; a failure (a bug:
+        a sibling's absence is not one) is a plain 500, logged.
+        """
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(body: bytes) -> None:
+            if gone:
+                return
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+            # Its length, as the single process's answer has (not chunked).
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(head_or_body(request, body))
+            request.finish()
+
+        def failed(reason: Failure) -> None:
+            _log.failure("could not gather the workers' metrics", reason)
+            if gone:
+                return
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(head_or_body(request, b"the workers' metrics could not be gathered: see the gateway's log\n"))
+            request.finish()
+
+        exposition.addCallbacks(answer, failed)
+        return NOT_DONE_YET
 
     def _host_allowed(self, request: Request) -> bool:
         header = request.getHeader(b"host")

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterClock, ClusterNode
 from openclaw.cluster.redis import RedisStore, redis_database
+from openclaw.cluster.scrape import OwnMetrics, PrivateSocketEndpoint, WorkersExposition, WorkerSockets
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
@@ -216,6 +217,12 @@ class GatewayService(MultiService):
         application this service joins.
     @param metrics_endpoint: where C{/metrics} is served on its own; by
         default it is served on the API listener.
+    @param worker: its index among C{--workers} (0 for a single process).
+    @param worker_sockets: under C{--workers} (above 1), where each worker
+        serves its own series (L{openclaw.cluster.scrape}): this one
+        listens on its socket there, and answers C{/metrics} with every
+        worker's series, each labelled C{worker}; L{None} (one process):
+        its own, without that label.
     @param ids: this process's effective user and group ids, now
         (L{effective_ids}): taken when the service is built and again at
         L{startService}, which refuses to run when they changed in between
@@ -246,6 +253,7 @@ class GatewayService(MultiService):
         log_observer: ILogObserver | None = None,
         metrics_endpoint: IStreamServerEndpoint | None = None,
         worker: int = 0,
+        worker_sockets: WorkerSockets | None = None,
         ids: Callable[[], tuple[int, int]] = effective_ids,
         state_lock: PidLock | None = None,
         token_lock: PidLock | None = None,
@@ -404,8 +412,18 @@ class GatewayService(MultiService):
             capacity=self.descriptors.control,
             reactor=reactor,
         )
+        exposition = None
+        if worker_sockets is not None:
+            # --workers: this worker's own series on its private socket,
+            # listening at once (while waiting for the cluster store, too:
+            # its metrics say so), and every worker's on /metrics.
+            exposition = WorkersExposition(reactor, self.metrics.registry, worker_sockets, worker).exposition
+            ListeningService(
+                PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
+                metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
+            ).setServiceParent(self)
         metrics_resource = MetricsResource(
-            self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts
+            self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts, exposition
         )
         self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
+from openclaw.cluster.scrape import WorkerSockets, make_socket_directory, socket_directory_problem
 from openclaw.cluster.workers import ReusePortEndpoint, SupervisorWatch, WorkerSupervisor, reserve, worker_argv
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
@@ -96,6 +97,12 @@ class Options(usage.Options):
         ],
         ["worker", None, None, "(set by --workers for each worker process; not for operators)"],
         ["supervisor", None, None, "(set by --workers: the pid of a worker's parent; not for operators)"],
+        [
+            "metrics-sockets",
+            None,
+            None,
+            "(set by --workers: the directory of the workers' private metrics sockets; not for operators)",
+        ],
     ]
 
     #: The options a worker is started with as the parent was.
@@ -290,6 +297,13 @@ def _worker_service(
         supervisor = int(options["supervisor"])
     except (TypeError, ValueError):
         raise ConfigError("--worker is set by --workers, not by hand") from None
+    worker_sockets = None
+    if options["metrics-sockets"] is not None:
+        directory = Path(options["metrics-sockets"])
+        problem = socket_directory_problem(directory)
+        if problem is not None:
+            raise ConfigError(f"--metrics-sockets {str(directory)!r} cannot be used: {problem}; it is set by --workers")
+        worker_sockets = WorkerSockets(directory, settings.workers)
     # Its cluster's (REDIS_URL): no lock of the token file, the state
     # directory's shared with the other instances.
     made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))
@@ -309,6 +323,7 @@ def _worker_service(
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
         worker=index,
+        worker_sockets=worker_sockets,
         state_lock=made.state_lock,
     )
     # Stops the worker once its parent has gone (even by SIGKILL).
@@ -369,6 +384,8 @@ def _supervisor(
         log_observer=None
         if destination is None
         else make_observer(destination, settings.log_format, settings.log_level),
+        # Last: nothing refuses the start after it is made.
+        worker_sockets=make_socket_directory(settings.workers),
     )
     return supervisor
 

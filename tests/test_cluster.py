@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import stat
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError
@@ -1829,6 +1833,125 @@ class Workers(TestCase):
         self.assertIn(b"has ended; stopping this worker (drained, as on SIGTERM)", process.stdout)
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    @inlineCallbacks
+    def test_metrics_hold_every_workers_series(self):
+        """
+        C{/metrics} under C{--workers 2}, on the API port: whichever worker
+        a scrape reaches, it holds both workers' series, each labelled
+        C{worker}, and C{openclaw_api_requests_total} summed over workers
+        is the calls made.  Worker 1 killed: the scrapes go on without its
+        series, counted and logged once; started again (its socket left
+        behind stands in the way of nothing), it is back.  The sockets'
+        directory (mode 0700 in TMPDIR, sockets 0600) goes at stop.
+        """
+        upstream = start_upstream(self, "kimi-key", "gemini-key")
+        # Short: a UNIX socket's path is at most 107 bytes.
+        tmp = Path(tempfile.mkdtemp(prefix="ocw-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port, api_port = free_port(), free_port()
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=self.redis.url,
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+            TMPDIR=str(tmp),
+            **upstream.environment(),
+        )
+        args = ["--workers", "2", "--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
+        process = spawn_gateway(self, args, env)
+        token = yield process.token
+        seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        directory = next(tmp.iterdir())
+        self.assertTrue(directory.name.startswith("openclaw-workers-"), directory)
+        self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700)
+        self.assertEqual(sorted(path.name for path in directory.iterdir()), ["0.sock", "1.sock"])
+        for path in directory.iterdir():
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+
+        def call() -> None:
+            # A connection of its own each: the kernel spreads them.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{api_port}/v1/chat/completions",
+                data=json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                headers={"Authorization": f"Bearer {GATEWAY_KEY}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                self.assertEqual(response.status, 200)
+
+        def scrape() -> dict[str, Any]:
+            for attempt in range(20):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10) as response:
+                        text = response.read().decode()
+                    break
+                except OSError:
+                    # Queued on the socket of the worker just killed: reset.
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.1)
+            families = list(text_string_to_metric_families(text))
+            names = [family.name for family in families]
+            self.assertEqual(len(names), len(set(names)), "a family given twice")
+            samples = [sample for family in families for sample in family.samples]
+            requests: dict[str, float] = {}
+            for sample in samples:
+                if sample.name == "openclaw_api_requests_total":
+                    worker = sample.labels["worker"]
+                    requests[worker] = requests.get(worker, 0.0) + sample.value
+            single = {sample.name: sample.value for sample in samples if not sample.labels}
+            return {
+                "workers": {sample.labels.get("worker") for sample in samples} - {None},
+                "requests": requests,
+                "scraped": single.get("openclaw_workers_scraped"),
+                "failures": sum(
+                    sample.value for sample in samples if sample.name == "openclaw_worker_scrape_failures_total"
+                ),
+                "text": text,
+            }
+
+        calls = 0
+        deadline = time.monotonic() + 30
+        while True:
+            for _ in range(4):
+                yield deferToThread(call)
+                calls += 1
+            scraped = yield deferToThread(scrape)
+            if all(scraped["requests"].get(worker) for worker in ("0", "1")) or time.monotonic() > deadline:
+                break
+        self.assertEqual(set(scraped["requests"]), {"0", "1"}, (calls, scraped["requests"]))
+        for _ in range(8):
+            # Each on a new connection: either worker may answer it.
+            scraped = yield deferToThread(scrape)
+            self.assertEqual(scraped["workers"], {"0", "1"})
+            self.assertEqual(scraped["scraped"], 2.0)
+            self.assertEqual(sum(scraped["requests"].values()), calls, scraped["requests"])
+            self.assertTrue(all(scraped["requests"].values()), scraped["requests"])
+
+        # Worker 1 killed: its series are left out, each scrape counted.
+        killed = next(status["instance"] for _, status in seen if status["worker"] == 1)
+        os.kill(int(killed.rsplit("-", 1)[1]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            scraped = yield deferToThread(scrape)
+            if scraped["scraped"] == 1.0 or time.monotonic() > deadline:
+                break
+            yield sleep(0.05)
+        self.assertEqual(scraped["scraped"], 1.0)
+        self.assertEqual(scraped["workers"], {"0"})
+        self.assertGreaterEqual(scraped["failures"], 1.0)
+        # Started again on the socket's path its predecessor left.
+        deadline = time.monotonic() + 30
+        while scraped["workers"] != {"0", "1"} and time.monotonic() < deadline:
+            yield sleep(0.2)
+            scraped = yield deferToThread(scrape)
+        self.assertEqual(scraped["workers"], {"0", "1"}, process.stdout[-3000:])
+        self.assertEqual(scraped["scraped"], 2.0)
+        said = re.findall(rb"worker 1's series are left out of the scrapes", process.stdout)
+        self.assertEqual(len(said), 1, process.stdout[-3000:])
+
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+        self.assertEqual(list(tmp.iterdir()), [])
 
     def test_workers_need_redis(self):
         from openclaw.settings import ConfigError, load_settings

@@ -59,6 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.addresses import address_family, bind_address
+from openclaw.cluster.scrape import WorkerSockets, remove_socket_directory
 from openclaw.listeners import CannotListen, Listener
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
@@ -157,6 +158,10 @@ class WorkerSupervisor(Service):
     @param argv: a worker's command line without C{--worker N}.
     @param stop_timeout: how long a stop waits for the workers to drain
         before it kills them (seconds).
+    @param worker_sockets: the directory of the workers' private metrics
+        sockets (L{openclaw.cluster.scrape.make_socket_directory}), given
+        to each (C{--metrics-sockets}) and removed once they have all
+        stopped; L{None}: none.
     """
 
     _log = Logger(namespace="openclaw.workers")
@@ -170,8 +175,10 @@ class WorkerSupervisor(Service):
         stop_timeout: float,
         env: dict[str, str] | None = None,
         log_observer: ILogObserver | None = None,
+        worker_sockets: WorkerSockets | None = None,
     ) -> None:
         self.reactor = reactor
+        self.worker_sockets = worker_sockets
         self._log_observer = log_observer
         self.count = count
         self.sockets = sockets
@@ -203,6 +210,8 @@ class WorkerSupervisor(Service):
         worker = _Worker(self, index)
         worker.started_at = self.reactor.seconds()
         argv = [*self.argv, "--worker", str(index), "--supervisor", str(os.getpid())]
+        if self.worker_sockets is not None:
+            argv += ["--metrics-sockets", str(self.worker_sockets.directory)]
         # Blocked in the child until its handler is installed (see the
         # module's docstring); here only for as long as the spawn takes.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -303,6 +312,8 @@ class WorkerSupervisor(Service):
     def _close_sockets(self) -> None:
         for sock in self.sockets.values():
             sock.close()
+        if self.worker_sockets is not None:
+            remove_socket_directory(self.worker_sockets)
 
 
 class SupervisorWatch(Service):

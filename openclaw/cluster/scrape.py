@@ -1,0 +1,463 @@
+"""
+C{/metrics} of a C{--workers N} gateway: every worker's series in each
+scrape, whichever worker the kernel gave the scrape's connection to.
+
+Each worker serves its own exposition (its registry, as a single gateway
+serves it at C{/metrics}) on a UNIX socket of its own, C{<index>.sock} in
+a directory the supervisor made for this run (L{make_socket_directory}:
+mode 0700, in the temporary directory; each socket mode 0600), so that
+only the gateway's user can reach it, and never over the network.  The
+worker a scrape reaches reads its siblings' expositions over those
+sockets, in parallel, each within L{SIBLING_SCRAPE_TIMEOUT_SECONDS}
+(L{WorkersExposition}), and answers with them all, every series labelled
+C{worker="<index>"}, each family's series together under its C{# HELP}
+and C{# TYPE} (L{families}).
+Counters and histograms are not summed: a worker started again resets
+only its own series, which Prometheus' C{rate()} takes as a reset of
+that series, while a sum over workers would drop.
+
+A sibling that does not answer in time (starting, stopping, stuck) is left
+out of that scrape, which is answered all the same: C{openclaw_workers_scraped}
+says how many workers' series it holds (C{openclaw_workers}: how many
+run), C{openclaw_worker_scrape_failures_total{worker,sibling}} counts the
+scrapes worker C{worker} answered without C{sibling}'s, and a warning is
+logged at most once a minute per sibling (L{FAILURE_LOG_SECONDS}).
+
+The private socket answers with its worker's own series only: it never
+asks the siblings (no scrape fans out twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Metric, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorUNIX,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from openclaw.providers.fetch import read_body
+from openclaw.reactors import IClientReactor
+from openclaw.settings import ConfigError
+from openclaw.web import head_or_body
+
+#: How long the worker a scrape reached waits for each sibling's series
+#: (connection and whole answer, in seconds) before it answers without
+#: them.  Well within Prometheus' default C{scrape_timeout} (10 s).
+SIBLING_SCRAPE_TIMEOUT_SECONDS = 2.0
+#: A sibling left out of scrapes is logged at most once in this many
+#: seconds (each scrape is counted: C{openclaw_worker_scrape_failures_total}).
+FAILURE_LOG_SECONDS = 60.0
+#: The name of the run's socket directory begins with this (then
+#: C{mkdtemp}'s random part).
+SOCKET_DIRECTORY_PREFIX = "openclaw-workers-"
+#: The longest path a UNIX socket may be bound to on Linux: C{sun_path}'s
+#: 108 bytes less the terminating NUL (unix(7)).
+MAX_SOCKET_PATH_BYTES = 107
+#: The label every worker's series carry in a C{--workers} scrape.
+WORKER_LABEL = "worker"
+#: The workers' events (as L{openclaw.cluster.workers}'); not on a class,
+#: whose name a L{Logger} there would take as namespace (L{Logger.__get__}).
+_log = Logger(namespace="openclaw.workers")
+
+
+@attrs.frozen
+class WorkerSockets:
+    """
+    Where the workers of one C{--workers} run serve their own series:
+    C{<directory>/<index>.sock} for each of the C{count} workers.
+    """
+
+    directory: Path
+    count: int
+
+    def path(self, index: int) -> Path:
+        """
+        Worker C{index}'s socket (0 to C{count - 1}).
+        """
+        return self.directory / f"{index}.sock"
+
+
+def make_socket_directory(count: int, parent: str | None = None) -> WorkerSockets:
+    """
+    Make this run's socket directory for C{count} workers: a new one
+    (C{tempfile.mkdtemp}: mode 0700, a name no other run has, so that a
+    directory left by a run that was killed never stands in the way) in
+    C{parent}, by default the temporary directory (C{TMPDIR}, else
+    C{/tmp}; under the systemd unit's C{PrivateTmp=yes} the service's
+    own).  Not under C{STATE_DIR}: a socket's path is limited to
+    L{MAX_SOCKET_PATH_BYTES}, which a deep state directory would pass.
+
+    @raise ConfigError: it cannot be made, or its sockets' paths would be
+        too long (the line says to point C{TMPDIR} elsewhere).
+    """
+    try:
+        directory = Path(tempfile.mkdtemp(prefix=SOCKET_DIRECTORY_PREFIX, dir=parent))
+    except OSError as e:
+        where = parent or tempfile.gettempdir()
+        raise ConfigError(
+            f"--workers cannot make the directory of its workers' metrics sockets in {where!r} ({e.strerror}); "
+            "set TMPDIR to a directory the gateway's user may write"
+        ) from None
+    sockets = WorkerSockets(directory, count)
+    longest = sockets.path(count - 1)
+    if len(os.fsencode(longest)) > MAX_SOCKET_PATH_BYTES:
+        directory.rmdir()
+        raise ConfigError(
+            f"--workers would bind its workers' metrics sockets at paths such as {str(longest)!r}, longer than "
+            f"a UNIX socket's {MAX_SOCKET_PATH_BYTES} bytes; set TMPDIR to a shorter directory (such as /tmp)"
+        )
+    return sockets
+
+
+def remove_socket_directory(sockets: WorkerSockets) -> None:
+    """
+    Remove the run's socket directory once its workers have stopped: the
+    sockets a worker killed left behind (one that stops removes its own),
+    then the directory, unless something else is in it.
+    """
+    for index in range(sockets.count):
+        path = sockets.path(index)
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                path.unlink()
+    with contextlib.suppress(OSError):
+        sockets.directory.rmdir()
+
+
+def socket_directory_problem(directory: Path, euid: int | None = None) -> str | None:
+    """
+    What makes C{directory} unfit for a worker's private socket, or
+    L{None}: it must be a directory (not a link) of the gateway's user
+    that no one else may read, write or enter (mode 0700 or narrower), as
+    L{make_socket_directory} makes it.
+    """
+    euid = os.geteuid() if euid is None else euid
+    try:
+        held = os.lstat(directory)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISDIR(held.st_mode):
+        return "not a directory"
+    if held.st_uid != euid:
+        return f"it belongs to uid {held.st_uid}, not the gateway's user (uid {euid})"
+    mode = stat.S_IMODE(held.st_mode)
+    if mode & 0o077:
+        return f"others than its owner may use it (mode {mode:04o})"
+    return None
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.define
+class PrivateSocketEndpoint:
+    """
+    A worker's private metrics socket: a UNIX socket, mode 0600, at
+    C{path} in the run's directory (L{make_socket_directory}).  A socket
+    left there by this worker's predecessor (killed: its socket was not
+    removed) is removed first; only this worker binds this path while it
+    runs, its predecessor has ended before it was started.
+    """
+
+    reactor: IReactorUNIX
+    path: Path
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            return fail(CannotListenError(None, str(self.path), e))
+        endpoint = UNIXServerEndpoint(self.reactor, str(self.path), mode=0o600, wantPID=False)
+        listening: Deferred[IListeningPort] = endpoint.listen(protocolFactory)
+        return listening
+
+
+class OwnMetrics(Resource):
+    """
+    A worker's own series (C{registry}'s exposition), on its private socket
+    only: C{GET} and C{HEAD}.  Never its siblings': the scrape that reads
+    it is already fanning out.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return b""
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return head_or_body(request, generate_latest(self._registry))
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class _SocketOf:
+    """
+    The endpoint of every request of one sibling's agent: its socket.
+    """
+
+    reactor: IReactorUNIX
+    path: Path
+    timeout: float
+
+    def endpointForURI(self, uri: object) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = UNIXClientEndpoint(self.reactor, str(self.path), timeout=self.timeout)
+        return endpoint
+
+
+class _Families:
+    """
+    A collector of metric families already made (for L{generate_latest}).
+    """
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class WorkersExposition:
+    """
+    The exposition worker C{index} answers a C{/metrics} scrape with under
+    C{--workers}: its own series and each sibling's, read over the
+    siblings' private sockets (C{sockets}) in parallel, each series
+    labelled C{worker="<index>"} (L{WORKER_LABEL}); plus
+    C{openclaw_workers_scraped} and C{openclaw_workers}, without that
+    label.
+
+    Registers C{openclaw_worker_scrape_failures_total{sibling}} in
+    C{registry} (the worker's own: exported with its C{worker} label),
+    every sibling's series at 0 from the start.
+
+    @param reactor: UNIX sockets to the siblings, and the timeout of their
+        answers.
+    @param timeout: how long each sibling's answer is waited for, in
+        seconds.
+    """
+
+    def __init__(
+        self,
+        reactor: IClientReactor,
+        registry: CollectorRegistry,
+        sockets: WorkerSockets,
+        index: int,
+        timeout: float = SIBLING_SCRAPE_TIMEOUT_SECONDS,
+    ) -> None:
+        self._reactor = reactor
+        self._registry = registry
+        self.sockets = sockets
+        self.index = index
+        self.timeout = timeout
+        self.siblings = [sibling for sibling in range(sockets.count) if sibling != index]
+        failures = Counter(
+            "openclaw_worker_scrape_failures",
+            "Scrapes of /metrics this worker answered without a sibling's series (no answer within "
+            f"{timeout:g} s), by sibling",
+            ["sibling"],
+            registry=registry,
+        )
+        self._failures = {sibling: failures.labels(str(sibling)) for sibling in self.siblings}
+        self._agents = {
+            sibling: Agent.usingEndpointFactory(reactor, _SocketOf(reactor, sockets.path(sibling), timeout))
+            for sibling in self.siblings
+        }
+        #: Sibling -> when (reactor seconds) its absence was last logged.
+        self._logged: dict[int, float] = {}
+
+    def exposition(self) -> Deferred[bytes]:
+        """
+        Every worker's series that could be read, in the Prometheus text
+        format (C{CONTENT_TYPE_LATEST}); never fails for a sibling's sake.
+        """
+        reads = [self._read(sibling) for sibling in self.siblings]
+        return gatherResults(reads).addCallback(self._merged)
+
+    def _read(self, sibling: int) -> Deferred[tuple[int, list[Family] | None]]:
+        """
+        C{sibling}'s metric families, or L{None} when it did not answer
+        within L{timeout} (counted and logged: L{_missed}).
+        """
+        reading: Deferred[IResponse] = self._agents[sibling].request(b"GET", b"http://localhost/metrics")
+        found: Deferred[list[Family]] = reading.addCallback(_body).addCallback(families, sibling)
+        found.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_no_answer)
+
+        def read(found: list[Family]) -> tuple[int, list[Family] | None]:
+            return sibling, found
+
+        def missed(reason: Failure) -> tuple[int, list[Family] | None]:
+            self._missed(sibling, reason)
+            return sibling, None
+
+        return found.addCallbacks(read, missed)
+
+    def _missed(self, sibling: int, reason: Failure) -> None:
+        self._failures[sibling].inc()
+        now = self._reactor.seconds()
+        last = self._logged.get(sibling)
+        if last is not None and now - last < FAILURE_LOG_SECONDS:
+            return
+        self._logged[sibling] = now
+        _log.warn(
+            "worker {sibling}'s series are left out of the scrapes this worker ({index}) answers: its metrics "
+            "socket {path} gave no answer within {timeout:g} s ({error}); each such scrape is counted in "
+            "openclaw_worker_scrape_failures_total, and said here at most once a minute per worker.  A worker "
+            "starting, or started again, is missing for a moment; if it lasts, see worker {sibling}'s lines in the log",
+            sibling=sibling,
+            path=str(self.sockets.path(sibling)),
+            timeout=self.timeout,
+            error=_why(reason),
+            index=self.index,
+        )
+
+    def _merged(self, read: list[tuple[int, list[Family] | None]]) -> bytes:
+        # Its own series last: the failures just counted are in them.
+        own = families(generate_latest(self._registry), self.index)
+        workers = sorted([(self.index, own), *((sibling, found) for sibling, found in read if found is not None)])
+        merged: dict[str, Family] = {}
+        for _, found in workers:
+            for family in found:
+                into = merged.get(family.name)
+                if into is None:
+                    merged[family.name] = family
+                else:
+                    into.samples.extend(family.samples)
+        lines = [line for family in merged.values() for line in (*family.head, *family.samples)]
+        scraped = GaugeMetricFamily(
+            "openclaw_workers_scraped",
+            "How many workers' series this scrape holds (fewer than openclaw_workers: some did not answer in time)",
+            value=len(workers),
+        )
+        running = GaugeMetricFamily("openclaw_workers", "The gateway's workers (--workers)", value=self.sockets.count)
+        return "\n".join(lines).encode() + b"\n" + generate_latest(_Families([scraped, running]))
+
+
+def _no_answer(result: object, timeout: float) -> Failure:
+    """
+    A sibling's read cancelled for its timeout: whatever the cancel made
+    of it (Twisted's Agent wraps it in C{ResponseNeverReceived}), a
+    C{TimeoutError}.
+    """
+    return Failure(DeferredTimeoutError(timeout, "no answer in time"))
+
+
+def _why(reason: Failure) -> str:
+    """
+    Why a sibling's read failed, for the log: C{no answer in time}, else
+    the error's message, else its type's name.
+    """
+    if reason.check(DeferredTimeoutError):
+        return "no answer in time"
+    return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
+
+
+def _body(response: IResponse) -> Deferred[bytes]:
+    """
+    The body of a sibling's answer, which must be a 200; cancelling the
+    result closes the connection, headers in or not
+    (L{openclaw.providers.fetch.read_body}, bounded too).
+    """
+    body = read_body(response)
+    if response.code == 200:
+        return body
+
+    def refused(_: bytes) -> bytes:
+        raise ValueError(f"answered {response.code}, not 200")
+
+    return body.addCallback(refused)
+
+
+@attrs.define
+class Family:
+    """
+    One metric family of a worker's exposition, as text: its C{# HELP}
+    and C{# TYPE} lines (C{head}) and its sample lines (C{samples}), each
+    labelled with its worker.
+    """
+
+    name: str
+    head: list[str]
+    samples: list[str]
+
+
+def families(exposition: bytes, worker: int) -> list[Family]:
+    """
+    The metric families of a worker's exposition (its C{generate_latest},
+    the text format 0.0.4), in order, each sample labelled
+    C{worker="<worker>"} (L{labelled}).  Read as text rather than with
+    C{prometheus_client.parser}, which takes some 60 microseconds a line
+    (tens of milliseconds per worker, on the reactor's thread, at each
+    scrape); the format makes it safe (L{labelled}).  Comments other than
+    C{# HELP} and C{# TYPE}, and blank lines, are dropped.
+
+    @raise ValueError: it is not UTF-8, or a sample comes before any
+        family's C{# HELP} or C{# TYPE} line or is not named after the
+        family it follows (not an exposition of the gateway's).
+    """
+    label = f'{WORKER_LABEL}="{worker}"'
+    found: list[Family] = []
+    family: Family | None = None
+    for line in exposition.decode("utf-8").splitlines():
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                if family is None or parts[2] != family.name:
+                    family = Family(parts[2], [], [])
+                    found.append(family)
+                family.head.append(line)
+            continue
+        if family is None or not line.startswith(family.name):
+            raise ValueError(f"a sample outside its family: {line[:100]!r}")
+        family.samples.append(labelled(line, label))
+    return found
+
+
+def labelled(sample: str, label: str) -> str:
+    """
+    A sample line of the text format 0.0.4 (C{name{labels} value
+    [timestamp]}, or C{name value [timestamp]}) with C{label} (C{name="value"},
+    escaped already) added to its labels.  The labels' closing brace is
+    the line's last: a label value may hold one, but inside its quotes,
+    and nothing after the labels (a number, C{+Inf}, C{NaN}) does.
+
+    @raise ValueError: it is not a sample line.
+    """
+    end = sample.rfind("}")
+    if end >= 0:
+        comma = "" if sample[end - 1] == "{" else ","
+        return f"{sample[:end]}{comma}{label}{sample[end:]}"
+    name, space, value = sample.partition(" ")
+    if not space:
+        raise ValueError(f"not a sample: {sample[:100]!r}")
+    return f"{name}{{{label}}} {value}"

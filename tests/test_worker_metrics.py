@@ -1,0 +1,387 @@
+"""
+C{/metrics} under C{--workers}, in one process (L{openclaw.cluster.scrape}):
+each worker's own series on its private UNIX socket, every worker's in a
+scrape, labelled C{worker}; a sibling that does not answer is left out,
+counted and logged, the scrape answered all the same.  (The real
+C{twistd --workers 2}: L{tests.test_cluster.Workers}.)
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from openclaw.cluster.scrape import (
+    FAILURE_LOG_SECONDS,
+    MAX_SOCKET_PATH_BYTES,
+    OwnMetrics,
+    PrivateSocketEndpoint,
+    WorkersExposition,
+    WorkerSockets,
+    families,
+    labelled,
+    make_socket_directory,
+    remove_socket_directory,
+    socket_directory_problem,
+)
+from openclaw.dataplane.site import MetricsRoot, MetricsSite
+from openclaw.providers.fetch import read_body
+from openclaw.service import GatewayService
+from openclaw.settings import ConfigError, Settings
+from tests.support import SECRET, RecordingEndpoint, capture_log_events, exchange
+
+KEY = "gw-key-0123456789abcdef"
+
+
+def series(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """
+    Every sample of an exposition, read with C{prometheus_client}'s own
+    parser (which refuses what Prometheus would), by name and labels;
+    a family given twice fails the test's assertion.
+    """
+    found = list(text_string_to_metric_families(text))
+    twice = [name for name, count in collections.Counter(family.name for family in found).items() if count > 1]
+    assert not twice, f"families given twice (Prometheus refuses the scrape): {twice}"
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value for family in found for sample in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return series(text).get((name, frozenset(labels.items())))
+
+
+def socket_directory(testcase: Any, count: int) -> WorkerSockets:
+    sockets = make_socket_directory(count)
+    testcase.addCleanup(remove_socket_directory, sockets)
+    return sockets
+
+
+def serve_own(testcase: Any, registry: CollectorRegistry, path: Path) -> Any:
+    """
+    A worker's private socket at C{path}, serving C{registry}.
+    """
+    site = MetricsSite(MetricsRoot(OwnMetrics(registry)), 5.0, 16, reactor)
+    listening = PrivateSocketEndpoint(reactor, path).listen(site)
+    listening.addCallback(lambda port: testcase.addCleanup(port.stopListening))
+    return listening
+
+
+class _Silent(Protocol):
+    """
+    Takes a connection and never answers (a worker stuck on a long task).
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.held.append(self.transport)
+
+
+def serve_nothing(testcase: Any, path: Path) -> Any:
+    factory = Factory.forProtocol(_Silent)
+    factory.held = []
+
+    def listened(port: Any) -> None:
+        testcase.addCleanup(port.stopListening)
+        testcase.addCleanup(lambda: [transport.abortConnection() for transport in factory.held])
+
+    return UNIXServerEndpoint(reactor, str(path)).listen(factory).addCallback(listened)
+
+
+@inlineCallbacks
+def get_over(path: Path, uri: bytes = b"http://localhost/metrics") -> Any:
+    """
+    GET C{uri} over the UNIX socket at C{path}: the answer's status and text.
+    """
+    from twisted.internet.endpoints import UNIXClientEndpoint
+
+    class Endpoints:
+        def endpointForURI(self, uri: Any) -> Any:
+            return UNIXClientEndpoint(reactor, str(path))
+
+    agent = Agent.usingEndpointFactory(reactor, Endpoints(), HTTPConnectionPool(reactor, persistent=False))
+    response = yield agent.request(b"GET", uri)
+    body = yield read_body(response)
+    return response.code, body.decode()
+
+
+class ExpositionTests(TestCase):
+    """
+    L{WorkersExposition}: worker 0's answer, its siblings served on real
+    UNIX sockets.
+    """
+
+    timeout = 30
+
+    def registry(self, calls: float) -> CollectorRegistry:
+        registry = CollectorRegistry()
+        counter = Counter("demo_calls", "Calls, by status", ["status"], registry=registry)
+        counter.labels("200").inc(calls)
+        # A label value holding what the text format quotes and escapes.
+        counter.labels('odd}"\\\nvalue').inc()
+        Gauge("demo_open", "Open connections", registry=registry).set(calls * 10)
+        return registry
+
+    @inlineCallbacks
+    def test_sibling_not_answering_is_left_out(self):
+        """
+        Worker 2 takes the connection and never answers: each scrape
+        answers within the bound with workers 0 and 1, counts the miss
+        (C{openclaw_worker_scrape_failures_total{sibling="2"}}, in worker
+        0's own series) and says how many workers it holds; the miss is
+        logged once, not at every scrape.
+        """
+        sockets = socket_directory(self, 3)
+        own = self.registry(3)
+        yield serve_own(self, self.registry(5), sockets.path(1))
+        yield serve_nothing(self, sockets.path(2))
+        events = capture_log_events(self)
+        exposition = WorkersExposition(reactor, own, sockets, 0, timeout=0.5)
+        texts = []
+        for _ in range(2):
+            began = time.monotonic()
+            body = yield exposition.exposition()
+            self.assertLess(time.monotonic() - began, 2.0)
+            texts.append(body.decode())
+        for scrape, text in enumerate(texts, start=1):
+            self.assertEqual(value(text, "demo_calls_total", status="200", worker="0"), 3.0)
+            self.assertEqual(value(text, "demo_calls_total", status="200", worker="1"), 5.0)
+            self.assertEqual(value(text, "demo_calls_total", status='odd}"\\\nvalue', worker="1"), 1.0)
+            self.assertEqual(value(text, "demo_open", worker="1"), 50.0)
+            self.assertNotIn('worker="2"', text)
+            self.assertEqual(value(text, "openclaw_workers_scraped"), 2.0)
+            self.assertEqual(value(text, "openclaw_workers"), 3.0)
+            self.assertEqual(
+                value(text, "openclaw_worker_scrape_failures_total", sibling="2", worker="0"), float(scrape)
+            )
+            self.assertEqual(value(text, "openclaw_worker_scrape_failures_total", sibling="1", worker="0"), 0.0)
+            # Every series but the two about the scrape carries its worker.
+            unlabelled = {name for name, labels in series(text) if "worker" not in dict(labels)}
+            self.assertEqual(unlabelled, {"openclaw_workers_scraped", "openclaw_workers"})
+        warnings = [event for event in events if event.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertEqual(warnings[0]["sibling"], 2)
+        self.assertEqual(warnings[0]["error"], "no answer in time")
+        self.assertIn("at most once a minute per worker", warnings[0]["log_format"])
+
+    @inlineCallbacks
+    def test_sibling_without_socket(self):
+        """
+        A sibling not listening (starting, or killed and not started again
+        yet): left out at once, counted; logged again only once
+        L{FAILURE_LOG_SECONDS} have passed.
+        """
+        from twisted.internet.task import Clock
+
+        sockets = socket_directory(self, 2)
+        events = capture_log_events(self)
+
+        class Reactor:
+            """The real reactor's sockets, a clock of the test's."""
+
+            def __init__(self) -> None:
+                self.clock = Clock()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.clock if name in ("seconds", "callLater") else reactor, name)
+
+        clocked = Reactor()
+        exposition = WorkersExposition(clocked, self.registry(1), sockets, 1)
+        for step in (0.0, FAILURE_LOG_SECONDS - 1, 1.0):
+            clocked.clock.advance(step)
+            text = (yield exposition.exposition()).decode()
+            self.assertEqual(value(text, "demo_calls_total", status="200", worker="1"), 1.0)
+            self.assertNotIn('worker="0"', text)
+            self.assertEqual(value(text, "openclaw_workers_scraped"), 1.0)
+        self.assertEqual(value(text, "openclaw_worker_scrape_failures_total", sibling="0", worker="1"), 3.0)
+        warnings = [event for event in events if event.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("No such file or directory", warnings[0]["error"])
+
+    @inlineCallbacks
+    def test_private_socket_serves_its_own_series(self):
+        """
+        The private socket answers with its worker's series only, as a
+        single gateway's /metrics does: no C{worker} label, no sibling
+        asked.
+        """
+        sockets = socket_directory(self, 2)
+        yield serve_own(self, self.registry(2), sockets.path(0))
+        code, text = yield get_over(sockets.path(0))
+        self.assertEqual(code, 200)
+        self.assertEqual(value(text, "demo_calls_total", status="200"), 2.0)
+        self.assertNotIn("worker", text)
+        self.assertEqual(stat.S_IMODE(os.stat(sockets.path(0)).st_mode), 0o600)
+
+
+class GatewayWorkerTests(TestCase):
+    """
+    A gateway service built as worker 0 of 2 (C{worker_sockets}), its
+    sibling a second service in this process as worker 1.
+    """
+
+    timeout = 30
+
+    def worker(self, sockets: WorkerSockets, index: int) -> tuple[GatewayService, int]:
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir(parents=True)
+        settings = Settings(
+            jwt_secret=SECRET, jwt_secret_is_ephemeral=False, state_dir=state_dir, gateway_api_keys=(KEY,)
+        )
+        api = RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+        service = GatewayService(
+            settings,
+            reactor,
+            RecordingEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+            stdout=io.StringIO(),
+            api_endpoint=api,
+            worker=index,
+            worker_sockets=sockets,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        assert api.port is not None
+        return service, api.port.getHost().port
+
+    @inlineCallbacks
+    def test_scrape_holds_both_workers(self):
+        from twisted.internet.threads import deferToThread
+
+        sockets = socket_directory(self, 2)
+        zero, port = self.worker(sockets, 0)
+        one, _ = self.worker(sockets, 1)
+        zero.metrics.api_requests.record("kimi", 200, 0.1)
+        one.metrics.api_requests.record("kimi", 200, 0.1)
+        one.metrics.api_requests.record("kimi", 200, 0.1)
+        request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        answer = yield deferToThread(exchange, port, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"Content-Type: text/plain; version=", head)
+        text = body.decode()
+        for worker, calls in (("0", 1.0), ("1", 2.0)):
+            self.assertEqual(
+                value(text, "openclaw_api_requests_total", provider="kimi", status="200", worker=worker), calls
+            )
+        self.assertEqual(value(text, "openclaw_workers_scraped"), 2.0)
+        # HEAD: the length of the answer, no body.
+        answer = yield deferToThread(exchange, port, b"HEAD" + request[3:])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(body, b"")
+        self.assertRegex(head, rb"Content-Length: [1-9]\d+")
+        # The access rules of /metrics stand: a web page's request is refused.
+        answer = yield deferToThread(exchange, port, request.replace(b"\r\n\r\n", b"\r\nOrigin: http://x\r\n\r\n"))
+        self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), answer[:200])
+        self.assertNotIn(b"openclaw_", answer)
+        # Worker 1's private socket: its own series, without the label.
+        code, text = yield get_over(sockets.path(1))
+        self.assertEqual(code, 200)
+        self.assertEqual(value(text, "openclaw_api_requests_total", provider="kimi", status="200"), 2.0)
+        self.assertNotIn("worker=", text)
+        self.assertNotIn("openclaw_workers_scraped", text)
+
+    @inlineCallbacks
+    def test_single_process_unchanged(self):
+        """
+        Without C{worker_sockets}: no C{worker} label, no scrape counters.
+        """
+        from tests.support import get_text, start_gateway
+
+        gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        text = yield get_text(gateway.api_port, "/metrics")
+        self.assertRegex(text, r"(?m)^openclaw_api_connections \d")
+        self.assertNotIn("worker", text)
+
+
+class SocketFileTests(SynchronousTestCase):
+    def test_directory_is_private(self):
+        sockets = make_socket_directory(4)
+        self.addCleanup(remove_socket_directory, sockets)
+        self.assertEqual(stat.S_IMODE(os.stat(sockets.directory).st_mode), 0o700)
+        self.assertIsNone(socket_directory_problem(sockets.directory))
+        self.assertEqual(sockets.path(3), sockets.directory / "3.sock")
+        other = make_socket_directory(4)
+        self.addCleanup(remove_socket_directory, other)
+        self.assertNotEqual(other.directory, sockets.directory)
+
+    def test_directory_others_may_use_is_refused(self):
+        directory = Path(self.mktemp())
+        directory.mkdir(mode=0o755)
+        directory.chmod(0o755)
+        self.assertEqual(socket_directory_problem(directory), "others than its owner may use it (mode 0755)")
+        self.assertEqual(socket_directory_problem(directory / "none"), "No such file or directory")
+
+    def test_path_too_long(self):
+        parent = Path(self.mktemp()).resolve()
+        deep = parent / ("d" * (MAX_SOCKET_PATH_BYTES - len(str(parent)) - 10))
+        deep.mkdir(parents=True)
+        with self.assertRaises(ConfigError) as raised:
+            make_socket_directory(2, str(deep))
+        self.assertIn("set TMPDIR to a shorter directory", str(raised.exception))
+        self.assertEqual(list(deep.iterdir()), [])
+
+    def test_removed_with_sockets_left(self):
+        sockets = make_socket_directory(2)
+        with socket.socket(socket.AF_UNIX) as left:
+            left.bind(str(sockets.path(1)))
+        remove_socket_directory(sockets)
+        self.assertFalse(sockets.directory.exists())
+
+
+class PrivateSocketTests(TestCase):
+    @inlineCallbacks
+    def test_stale_socket_replaced(self):
+        """
+        A socket left by a worker killed (never removed) does not keep the
+        next one from listening; anything else at the path is left alone.
+        """
+        sockets = socket_directory(self, 1)
+        path = sockets.path(0)
+        with socket.socket(socket.AF_UNIX) as left:
+            left.bind(str(path))
+        yield serve_own(self, CollectorRegistry(), path)
+        code, _ = yield get_over(path)
+        self.assertEqual(code, 200)
+
+        other = sockets.directory / "other.sock"
+        other.write_text("not a socket")
+        with self.assertRaises(CannotListenError):
+            yield PrivateSocketEndpoint(reactor, other).listen(Factory.forProtocol(Protocol))
+        self.assertEqual(other.read_text(), "not a socket")
+        other.unlink()
+
+
+class LabelledTests(SynchronousTestCase):
+    def test_labelled(self):
+        label = 'worker="3"'
+        self.assertEqual(labelled("a 1.0", label), 'a{worker="3"} 1.0')
+        self.assertEqual(labelled('a{b="c"} 1.0', label), 'a{b="c",worker="3"} 1.0')
+        self.assertEqual(labelled('a{b="}{"} +Inf', label), 'a{b="}{",worker="3"} +Inf')
+        self.assertEqual(labelled("a{} NaN", label), 'a{worker="3"} NaN')
+        with self.assertRaises(ValueError):
+            labelled("a", label)
+
+    def test_sample_outside_a_family(self):
+        with self.assertRaises(ValueError):
+            families(b"a 1.0\n", 0)
+        with self.assertRaises(ValueError):
+            families(b"# TYPE a gauge\nb 1.0\n", 0)
+        with self.assertRaises(UnicodeDecodeError):
+            families(b'# TYPE a gauge\na{b="\xff"} 1.0\n', 0)
