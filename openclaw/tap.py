@@ -22,7 +22,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
-from openclaw.cluster.scrape import WorkerSockets, make_socket_directory, socket_directory_problem
+from openclaw.cluster.scrape import (
+    WorkerSockets,
+    make_socket_directory,
+    remove_empty_directory,
+    socket_directory_problem,
+)
 from openclaw.cluster.workers import ReusePortEndpoint, SupervisorWatch, WorkerSupervisor, reserve, worker_argv
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
@@ -327,7 +332,16 @@ def _worker_service(
         state_lock=made.state_lock,
     )
     # Stops the worker once its parent has gone (even by SIGKILL).
-    SupervisorWatch(reactor, supervisor).setServiceParent(service)
+    watch = SupervisorWatch(reactor, supervisor)
+    watch.setServiceParent(service)
+    if worker_sockets is not None:
+        # Its parent, which removes the sockets' directory at its stop, is
+        # gone: the last of its workers to stop does (each has removed its
+        # own socket by then).
+        sockets = worker_sockets
+        reactor.addSystemEventTrigger(
+            "after", "shutdown", lambda: remove_empty_directory(sockets) if watch.gone else None
+        )
     return service
 
 

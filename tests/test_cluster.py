@@ -1801,10 +1801,13 @@ class Workers(TestCase):
         SIGKILL to the parent (twistd): each worker notices within a second
         or so that its parent is gone and stops as on SIGTERM (1001 to its
         control clients), so the port stops answering; they kept serving,
-        reparented, and a new start ran more workers beside them.
+        reparented, and a new start ran more workers beside them.  The
+        last of them removes the directory of their metrics sockets.
         """
         port = free_port()
-        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        tmp = Path(tempfile.mkdtemp(prefix="ocw-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, TMPDIR=str(tmp))
         process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
         token = yield process.token
         seen = yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
@@ -1833,6 +1836,9 @@ class Workers(TestCase):
         self.assertIn(b"has ended; stopping this worker (drained, as on SIGTERM)", process.stdout)
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        # The metrics sockets' directory, which the parent would have
+        # removed, is removed by the last worker to stop.
+        self.assertEqual(list(tmp.iterdir()), [])
 
     @inlineCallbacks
     def test_metrics_hold_every_workers_series(self):

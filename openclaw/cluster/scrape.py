@@ -147,6 +147,17 @@ def remove_socket_directory(sockets: WorkerSockets) -> None:
         sockets.directory.rmdir()
 
 
+def remove_empty_directory(sockets: WorkerSockets) -> None:
+    """
+    Remove the run's socket directory if it is empty: by a worker stopping
+    after its parent, which would have removed it, was killed; the last
+    worker to stop removes it (the others find their siblings' sockets
+    in it still).
+    """
+    with contextlib.suppress(OSError):
+        sockets.directory.rmdir()
+
+
 def socket_directory_problem(directory: Path, euid: int | None = None) -> str | None:
     """
     What makes C{directory} unfit for a worker's private socket, or
