@@ -10,8 +10,10 @@ only the gateway's user can reach it, and never over the network.  The
 worker a scrape reaches reads its siblings' expositions over those
 sockets, in parallel, each within L{SIBLING_SCRAPE_TIMEOUT_SECONDS}
 (L{WorkersExposition}), and answers with them all, every series labelled
-C{worker="<index>"}, each family's series together under its C{# HELP}
-and C{# TYPE} (L{families}).
+C{worker="<index>"}, each family's series together: a sibling answers with
+its registry's metric families as JSON (L{encode_families}), rebuilt as
+C{prometheus_client} metric families (L{decode_families}), and
+C{prometheus_client} writes the exposition of them all.
 Counters and histograms are not summed: a worker started again resets
 only its own series, which Prometheus' C{rate()} takes as a reset of
 that series, while a sum over workers would drop.
@@ -30,6 +32,7 @@ asks the siblings (no scrape fans out twice).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import tempfile
@@ -37,7 +40,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Metric, generate_latest
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Metric, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily
 from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
@@ -207,11 +211,67 @@ class PrivateSocketEndpoint:
         return listening
 
 
+def encode_families(registry: CollectorRegistry) -> bytes:
+    """
+    C{registry}'s metric families (its C{collect()}) as JSON, for a sibling
+    to rebuild (L{decode_families}): a list of C{[name, documentation,
+    type, unit, samples]}, each sample C{[name, labels, value, timestamp]}
+    (the value a number, or its Python spelling when not finite:
+    C{"inf"}, C{"-inf"}, C{"nan"}; the timestamp seconds or null).
+    Exemplars and native histograms, which the gateway's metrics have
+    none of, are left out.
+    """
+    return orjson.dumps(
+        [
+            [
+                family.name,
+                family.documentation,
+                family.type,
+                family.unit,
+                [
+                    [
+                        sample.name,
+                        sample.labels,
+                        sample.value if math.isfinite(sample.value) else repr(sample.value),
+                        None if sample.timestamp is None else float(sample.timestamp),
+                    ]
+                    for sample in family.samples
+                ],
+            ]
+            for family in registry.collect()
+        ]
+    )
+
+
+def decode_families(encoded: bytes, worker: int) -> list[Metric]:
+    """
+    The metric families of L{encode_families}' JSON, each sample labelled
+    C{worker="<worker>"} (L{WORKER_LABEL}).
+
+    @raise ValueError: it is not such JSON (not a worker of this
+        gateway's).
+    """
+    label = str(worker)
+    found = []
+    try:
+        document = orjson.loads(encoded)
+        if not isinstance(document, list):
+            raise TypeError("not a list")
+        for name, documentation, kind, unit, samples in document:
+            family = Metric(name, documentation, kind, unit)
+            for sample_name, labels, value, timestamp in samples:
+                family.add_sample(sample_name, {**labels, WORKER_LABEL: label}, float(value), timestamp)
+            found.append(family)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a worker's metric families: {e}") from None
+    return found
+
+
 class OwnMetrics(Resource):
     """
-    A worker's own series (C{registry}'s exposition), on its private socket
-    only: C{GET} and C{HEAD}.  Never its siblings': the scrape that reads
-    it is already fanning out.
+    A worker's own series (C{registry}'s metric families, as JSON:
+    L{encode_families}), on its private socket only: C{GET} and C{HEAD}.
+    Never its siblings': the scrape that reads it is already fanning out.
     """
 
     isLeaf = True
@@ -225,8 +285,8 @@ class OwnMetrics(Resource):
             request.setResponseCode(405)
             request.setHeader(b"allow", b"GET, HEAD")
             return b""
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return head_or_body(request, generate_latest(self._registry))
+        request.setHeader(b"content-type", b"application/json")
+        return head_or_body(request, encode_families(self._registry))
 
 
 @implementer(IAgentEndpointFactory)
@@ -313,19 +373,19 @@ class WorkersExposition:
         reads = [self._read(sibling) for sibling in self.siblings]
         return gatherResults(reads).addCallback(self._merged)
 
-    def _read(self, sibling: int) -> Deferred[tuple[int, list[Family] | None]]:
+    def _read(self, sibling: int) -> Deferred[tuple[int, list[Metric] | None]]:
         """
         C{sibling}'s metric families, or L{None} when it did not answer
         within L{timeout} (counted and logged: L{_missed}).
         """
         reading: Deferred[IResponse] = self._agents[sibling].request(b"GET", b"http://localhost/metrics")
-        found: Deferred[list[Family]] = reading.addCallback(_body).addCallback(families, sibling)
+        found: Deferred[list[Metric]] = reading.addCallback(_body).addCallback(decode_families, sibling)
         found.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_no_answer)
 
-        def read(found: list[Family]) -> tuple[int, list[Family] | None]:
+        def read(found: list[Metric]) -> tuple[int, list[Metric] | None]:
             return sibling, found
 
-        def missed(reason: Failure) -> tuple[int, list[Family] | None]:
+        def missed(reason: Failure) -> tuple[int, list[Metric] | None]:
             self._missed(sibling, reason)
             return sibling, None
 
@@ -350,26 +410,24 @@ class WorkersExposition:
             index=self.index,
         )
 
-    def _merged(self, read: list[tuple[int, list[Family] | None]]) -> bytes:
+    def _merged(self, read: list[tuple[int, list[Metric] | None]]) -> bytes:
         # Its own series last: the failures just counted are in them.
-        own = families(generate_latest(self._registry), self.index)
+        own = decode_families(encode_families(self._registry), self.index)
         workers = sorted([(self.index, own), *((sibling, found) for sibling, found in read if found is not None)])
-        merged: dict[str, Family] = {}
+        merged: dict[str, Metric] = {}
         for _, found in workers:
             for family in found:
-                into = merged.get(family.name)
-                if into is None:
-                    merged[family.name] = family
-                else:
-                    into.samples.extend(family.samples)
-        lines = [line for family in merged.values() for line in (*family.head, *family.samples)]
+                into = merged.setdefault(family.name, family)
+                if into is not family:
+                    for sample in family.samples:
+                        into.add_sample(sample.name, sample.labels, sample.value, sample.timestamp)
         scraped = GaugeMetricFamily(
             "openclaw_workers_scraped",
             "How many workers' series this scrape holds (fewer than openclaw_workers: some did not answer in time)",
             value=len(workers),
         )
         running = GaugeMetricFamily("openclaw_workers", "The gateway's workers (--workers)", value=self.sockets.count)
-        return "\n".join(lines).encode() + b"\n" + generate_latest(_Families([scraped, running]))
+        return generate_latest(_Families([*merged.values(), scraped, running]))
 
 
 def _no_answer(result: object, timeout: float) -> Failure:
@@ -405,70 +463,3 @@ def _body(response: IResponse) -> Deferred[bytes]:
         raise ValueError(f"answered {response.code}, not 200")
 
     return body.addCallback(refused)
-
-
-@attrs.define
-class Family:
-    """
-    One metric family of a worker's exposition, as text: its C{# HELP}
-    and C{# TYPE} lines (C{head}) and its sample lines (C{samples}), each
-    labelled with its worker.
-    """
-
-    name: str
-    head: list[str]
-    samples: list[str]
-
-
-def families(exposition: bytes, worker: int) -> list[Family]:
-    """
-    The metric families of a worker's exposition (its C{generate_latest},
-    the text format 0.0.4), in order, each sample labelled
-    C{worker="<worker>"} (L{labelled}).  Read as text rather than with
-    C{prometheus_client.parser}, which takes some 60 microseconds a line
-    (tens of milliseconds per worker, on the reactor's thread, at each
-    scrape); the format makes it safe (L{labelled}).  Comments other than
-    C{# HELP} and C{# TYPE}, and blank lines, are dropped.
-
-    @raise ValueError: it is not UTF-8, or a sample comes before any
-        family's C{# HELP} or C{# TYPE} line or is not named after the
-        family it follows (not an exposition of the gateway's).
-    """
-    label = f'{WORKER_LABEL}="{worker}"'
-    found: list[Family] = []
-    family: Family | None = None
-    for line in exposition.decode("utf-8").splitlines():
-        if not line:
-            continue
-        if line.startswith("#"):
-            parts = line.split(" ", 3)
-            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                if family is None or parts[2] != family.name:
-                    family = Family(parts[2], [], [])
-                    found.append(family)
-                family.head.append(line)
-            continue
-        if family is None or not line.startswith(family.name):
-            raise ValueError(f"a sample outside its family: {line[:100]!r}")
-        family.samples.append(labelled(line, label))
-    return found
-
-
-def labelled(sample: str, label: str) -> str:
-    """
-    A sample line of the text format 0.0.4 (C{name{labels} value
-    [timestamp]}, or C{name value [timestamp]}) with C{label} (C{name="value"},
-    escaped already) added to its labels.  The labels' closing brace is
-    the line's last: a label value may hold one, but inside its quotes,
-    and nothing after the labels (a number, C{+Inf}, C{NaN}) does.
-
-    @raise ValueError: it is not a sample line.
-    """
-    end = sample.rfind("}")
-    if end >= 0:
-        comma = "" if sample[end - 1] == "{" else ","
-        return f"{sample[:end]}{comma}{label}{sample[end:]}"
-    name, space, value = sample.partition(" ")
-    if not space:
-        raise ValueError(f"not a sample: {sample[:100]!r}")
-    return f"{name}{{{label}}} {value}"
