@@ -24,7 +24,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.estimate import MAX_TOKEN_COUNT
 from openclaw.consumers.model import Consumer
-from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
+from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, SEED, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
 from openclaw.consumers.table import RESERVATION_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
@@ -83,6 +83,19 @@ def spend_key(port: int, name: str, period: str) -> str:
     """
     [key] = redis_keys(port, f"openclaw:consumer:{name}:*:spend:{period}")
     return key
+
+
+def window_total(port: int, name: str, what: str) -> int:
+    """
+    What consumer C{name}'s C{what} window (C{rpm}, C{tpm}) holds in Redis,
+    whatever the seconds (0 without one).
+    """
+    keys = redis_keys(port, f"openclaw:consumer:{name}:*:{what}")
+    if not keys:
+        return 0
+    [key] = keys
+    lines = redis_command(port, "HVALS", key).split(b"\r\n")
+    return sum(int(line) for line in lines[1:] if line and not line.startswith((b"$", b"*")))
 
 
 class ConsumersOnTwoInstances(TestCase):
@@ -366,6 +379,44 @@ class ConsumersOnTwoInstances(TestCase):
         for sdk in (on_a_sdk, on_b_sdk):
             status = yield self.status(sdk)
             self.assertEqual(status, (429, "insufficient_quota"))
+
+    @inlineCallbacks
+    def test_rpm_after_redis_restarted_empty(self) -> Any:
+        """
+        The README's example: --rpm 10, two instances, Redis stopped: each
+        admits 10 calls on its own (and refuses the 11th); Redis restarted
+        empty: each adds its 10 to the cluster's window as it reconnects,
+        so the next call within the minute is refused on either (it was
+        admitted: the window started empty, 10 more in the minute).
+        """
+        (a, token, on_a, api_a), (b, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team", "rpm": 10})
+        yield self.reaches(on_b, token, "team")
+        sdks = [self.sdk(api_a, created["key"]), self.sdk(api_b, created["key"])]
+        self.redis.stop()
+        for sdk in sdks:
+            for _ in range(10):
+                status = yield self.status(sdk)
+                self.assertEqual(status, (200, None))
+            status = yield self.status(sdk)
+            self.assertEqual(status, (429, "rate_limit_exceeded"))
+        ups = [process.stdout.count(b"cluster store up:") for process in (a, b)]
+        self.redis.start()
+        deadline = time.monotonic() + 15
+        while any(p.stdout.count(b"cluster store up:") <= up for p, up in zip((a, b), ups, strict=True)):
+            self.assertLess(time.monotonic(), deadline, "the instances did not reconnect to Redis within 15 s")
+            yield sleep(0.1)
+        # The merges follow the reconnections (no failure here if they
+        # never come: the calls below say what the window holds).
+        deadline = time.monotonic() + 5
+        while window_total(self.redis.port, "team", "rpm") < 20 and time.monotonic() < deadline:
+            yield sleep(0.1)
+        for sdk in sdks:
+            status = yield self.status(sdk)
+            self.assertEqual(status, (429, "rate_limit_exceeded"))
+        self.assertEqual(window_total(self.redis.port, "team", "rpm"), 20)
+        for process in (a, b):
+            self.assertIn(b"added 10 request(s) and ", process.stdout)
 
     @inlineCallbacks
     def test_spend_missed_by_redis_raised_when_it_is_back(self) -> Any:
@@ -974,7 +1025,8 @@ class _ScriptChannel(_Channel):
 
     def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         self.scripts.append(source)
-        return succeed(1)
+        # SEED: seeded, and the marker's value.
+        return succeed([1, "1"] if source == SEED else 1)
 
 
 class ReconcileTests(TestCase):

@@ -22,25 +22,31 @@ days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded:2} says the spends
 were seeded from the database: a Redis that comes back empty has no such
 key, so spends are not counted there (they still reach the database) and
 budgets are checked per instance until an instance re-seeds them from the
-database (L{SharedConsumers.seed}).
+database (L{SharedConsumers.seed}).  Its value, new at each seed, says
+which Redis an instance's counts went to (L{MERGE}).
 
 While Redis is unreachable, each instance counts on its own
 (L{openclaw.consumers.table.LocalCounters}, kept up to date all along):
 limits hold per instance then, and nobody is refused for Redis's absence.
+When Redis is back, each instance adds what it counted meanwhile to the
+rpm and tpm windows, and what it counted into Redis in the last minute if
+Redis came back without it (L{MERGE}, L{SharedCounters.merge_windows}).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from openclaw.consumers.limits import RateLimits, reset_after
+from openclaw.consumers.limits import WINDOW_SECONDS, RateLimits, reset_after
 from openclaw.consumers.model import Consumer, period_key
 from openclaw.consumers.store import Snapshot, database_error
 from openclaw.consumers.table import (
@@ -217,16 +223,61 @@ end
 return 1
 """
 
-#: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or 0) per spend.
+#: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
+#: 0) per spend, then the marker's value if it seeds (a token new at each
+#: seed: which Redis the windows were counted in, L{MERGE}).
+#: Reply: {1 seeded or 0 seeded already, the marker's value}.
 SEED = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local marker = redis.call('GET', KEYS[1])
+if marker then return {0, marker} end
 for i = 2, #KEYS do
   redis.call('SET', KEYS[i], ARGV[2 * i - 3])
   local ttl = tonumber(ARGV[2 * i - 2])
   if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
 end
-redis.call('SET', KEYS[1], '1')
-return 1
+redis.call('SET', KEYS[1], ARGV[#ARGV])
+return {1, ARGV[#ARGV]}
+"""
+
+#: KEYS: seeded marker, then per consumer its rpm and tpm windows.
+#: ARGV: now (whole seconds); the marker's value this instance last saw,
+#: after '=' ('' when it saw none); then per consumer the requests and
+#: the tokens it counted while Redis was away, and those it counted into
+#: Redis before, each as 'second:amount second:amount ...'.
+#: Each amount of a second within the last 60 s is added to the window's
+#: field of that second (HINCRBY, as L{ADMIT} and L{COUNT} count): those
+#: counted while Redis was away always, those counted into Redis only
+#: when Redis lost them (the marker is gone, or another: a Redis that came
+#: back empty, seeded again since).
+#: Reply: {1 Redis lost them or 0, the marker's value ('' none), requests
+#: added, tokens added}.
+MERGE = """
+local now = tonumber(ARGV[1])
+local marker = redis.call('GET', KEYS[1])
+local lost
+if ARGV[2] == '' then lost = not marker else lost = ('=' .. (marker or '')) ~= ARGV[2] end
+local added = {0, 0}
+local function merge(key, counts, which)
+  local any = false
+  for at, amount in string.gmatch(counts, '(%d+):(%d+)') do
+    if tonumber(at) > now - 60 then
+      redis.call('HINCRBY', key, at, amount)
+      added[which] = added[which] + tonumber(amount)
+      any = true
+    end
+  end
+  if any then redis.call('EXPIRE', key, 61) end
+end
+for i = 2, #KEYS, 2 do
+  local a = i + 1 + (i - 2)
+  merge(KEYS[i], ARGV[a], 1)
+  merge(KEYS[i + 1], ARGV[a + 1], 2)
+  if lost then
+    merge(KEYS[i], ARGV[a + 2], 1)
+    merge(KEYS[i + 1], ARGV[a + 3], 2)
+  end
+end
+return {lost and 1 or 0, marker or '', tostring(added[1]), tostring(added[2])}
 """
 
 #: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
@@ -284,6 +335,78 @@ def _usd(value: float) -> str:
     return f"{value:.15f}"
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: A consumer in Redis's keys: its name and its C{created_at}.
+_Whose = tuple[str, float]
+
+
+@attrs.define
+class WindowLog:
+    """
+    Requests and tokens this instance counted for each consumer in each
+    second of the last minute: C{{(name, created_at): {POSIX second
+    (whole, Redis's clock): [requests, tokens]}}}, for L{MERGE}.  Memory:
+    about 60 entries per consumer counted (older seconds are dropped as
+    newer ones come, and by L{take}).
+    """
+
+    counts: dict[_Whose, dict[int, list[int]]] = attrs.Factory(dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def add(self, whose: _Whose, second: int, requests: int = 0, tokens: int = 0) -> None:
+        seconds = self.counts.get(whose)
+        if seconds is None:
+            seconds = self.counts[whose] = {}
+        counted = seconds.get(second)
+        if counted is None:
+            if len(seconds) > WINDOW_SECONDS + 4:
+                horizon = second - WINDOW_SECONDS
+                for old in [at for at in seconds if at <= horizon]:
+                    del seconds[old]
+            counted = seconds[second] = [0, 0]
+        counted[0] += requests
+        counted[1] += tokens
+
+    def absorb(self, other: WindowLog) -> None:
+        """
+        Add what C{other} holds to this log.
+        """
+        for whose, seconds in other.counts.items():
+            for second, (requests, tokens) in seconds.items():
+                self.add(whose, second, requests, tokens)
+
+    def take(self, now: int) -> WindowLog:
+        """
+        Empty this log: what it held of the seconds after C{now - 60}.
+        """
+        horizon = now - WINDOW_SECONDS
+        taken = WindowLog(
+            {
+                whose: live
+                for whose, seconds in self.counts.items()
+                if (live := {at: counted for at, counted in seconds.items() if at > horizon})
+            }
+        )
+        self.counts = {}
+        return taken
+
+    def forget(self, name: str) -> None:
+        self.counts = {whose: seconds for whose, seconds in self.counts.items() if whose[0] != name}
+
+    def field(self, whose: _Whose, which: int) -> str:
+        """
+        C{whose} requests (C{which} 0) or tokens (1), as L{MERGE} reads
+        them: C{'second:amount ...'}.
+        """
+        seconds = self.counts.get(whose, {})
+        return " ".join(f"{at}:{counted[which]}" for at, counted in sorted(seconds.items()) if counted[which] > 0)
+
+
 class ScriptRunner(Protocol):
     """
     What this module needs of L{openclaw.cluster.redis.RedisStore}.
@@ -325,6 +448,16 @@ class SharedCounters:
         #: consumer -> (US dollars, tokens) its calls in flight hold in
         #: Redis, as the last L{read_spends} read them (for L{held}).
         self.held_seen: dict[str, tuple[float, int]] = {}
+        #: The requests and tokens of the last minute this instance
+        #: counted only here (Redis away, or failing the call), those it
+        #: counted into Redis since it last came back, and those it
+        #: counted into Redis before that, not yet merged (L{merge_windows}).
+        self.away = WindowLog()
+        self.sent = WindowLog()
+        self.before = WindowLog()
+        #: The seeded marker's value (L{SEED}) this instance last saw:
+        #: which Redis its counts went to; L{None} before it saw one.
+        self.generation: str | None = None
 
     def _keys(self, name: str, created_at: float, *parts: str) -> str:
         return consumer_key(self.redis, name, created_at, *parts)
@@ -334,6 +467,8 @@ class SharedCounters:
 
     def forget(self, consumer: str) -> None:
         self.local.forget(consumer)
+        for log in (self.away, self.sent, self.before):
+            log.forget(consumer)
         self.seen = {key: usd for key, usd in self.seen.items() if key[0] != consumer}
         self.held_seen.pop(consumer, None)
 
@@ -440,7 +575,7 @@ class SharedCounters:
                 holder.request_at = int(now)
             return None
         if not self.up:
-            return self.local.admit(consumer, now, holder, reserve, tokens)
+            return self._here(consumer, now, holder, reserve, tokens)
         name, created = consumer.name, consumer.created_at
         second = int(now)
         keys = [
@@ -476,7 +611,7 @@ class SharedCounters:
         code = int(reply[0])
         if code == 4:
             self.unseeded()
-            return self.local.admit(consumer, now, holder, reserve, tokens)
+            return self._here(consumer, now, holder, reserve, tokens)
         name = consumer.name
         spent = float(reply[1])
         if consumer.budget_usd is not None:
@@ -493,8 +628,10 @@ class SharedCounters:
         if code == 3:
             assert consumer.rpm is not None
             return rate_limited(name, "rpm", consumer.rpm, int(float(reply[2])))
-        # Admitted: counted here too, for when Redis goes away.
+        # Admitted: counted here too, for when Redis goes away, and for
+        # when it comes back without it.
         self.local.admitted(consumer, now, holder, reserve, tokens)
+        self.sent.add((name, consumer.created_at), int(now), requests=1)
         if holder is not None and (consumer.rpm is not None or consumer.tpm is not None) and len(reply) >= 6:
             holder.rate_limits = _rate_limits(consumer, now, reply)
         return None
@@ -506,7 +643,21 @@ class SharedCounters:
             "a consumer's admission failed in Redis (no answer, or an error: {error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
-        return self.local.admit(consumer, now, holder, reserve, tokens)
+        return self._here(consumer, now, holder, reserve, tokens)
+
+    def _here(
+        self, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
+    ) -> APIError | None:
+        """
+        Decide on this instance's own counts; an admitted request is kept
+        for Redis's window (L{merge_windows}).  (One whose script failed
+        for want of an answer in time may be in Redis too: merged, it
+        counts twice there for the rest of its minute.)
+        """
+        refused = self.local.admit(consumer, now, holder, reserve, tokens)
+        if refused is None:
+            self.away.add((consumer.name, consumer.created_at), int(now), requests=1)
+        return refused
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
         reserved, reserved_tokens, reserved_at, request_at = (
@@ -517,10 +668,24 @@ class SharedCounters:
         self.local.counted(consumer, tokens, cost, now, holder)
         if holder is not None:
             holder.request_at = 0
-        if holder is None or not self.up or not (tokens or cost or reserved or reserved_tokens or request_at):
+        if holder is None or not (tokens or cost or reserved or reserved_tokens or request_at):
             # No holder, no consumer to count for in Redis (which one of that name).
             return
         created = holder.created_at
+        second = int(now)
+        # What the script adds to Redis's windows (L{COUNT}).
+        requests = 1 if request_at > second - WINDOW_SECONDS else 0
+
+        def window(log: WindowLog) -> None:
+            whose = (consumer, created)
+            if tokens > 0:
+                log.add(whose, second, tokens=tokens)
+            if requests:
+                log.add(whose, request_at, requests=1)
+
+        if not self.up:
+            window(self.away)
+            return
         keys = [
             seeded_key(self.redis),
             self._keys(consumer, created, "tpm"),
@@ -538,12 +703,94 @@ class SharedCounters:
             str(reserved_tokens),
             str(request_at),
         ]
-        sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
-        sent.addTimeout(self.timeout, self.reactor).addErrback(
-            lambda reason: self._log.warn(
+
+        def unsent(reason: Failure) -> None:
+            window(self.away)
+            self._log.warn(
                 "a consumer's usage was not counted in Redis ({error}); the database has it",
                 error=reason.getErrorMessage() or repr(reason.value),
             )
+
+        sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
+        sent.addTimeout(self.timeout, self.reactor).addCallbacks(lambda _: window(self.sent), unsent)
+
+    def reconnected(self) -> None:
+        """
+        Redis is back: what this instance counted into it before may be
+        lost (a Redis that came back empty), until L{merge_windows} knows.
+        """
+        self.before.absorb(self.sent)
+        self.sent = WindowLog()
+
+    def unmerged(self) -> bool:
+        """
+        Whether L{merge_windows} has anything to add.
+        """
+        return bool(self.away or self.before)
+
+    def learned(self, marker: Any) -> None:
+        """
+        Redis's seeded marker has value C{marker} (L{SEED}, L{MERGE}; ''
+        or None: none).
+        """
+        if marker:
+            self.generation = _text(marker)
+
+    def merge_windows(self, now: float) -> Deferred[None]:
+        """
+        Add to the cluster's rpm and tpm windows in Redis, per second (one
+        L{MERGE} for every consumer, atomically), the requests and tokens of
+        the last minute that this instance counted while Redis was away,
+        and those it counted into Redis before, if Redis lost them (it came
+        back empty: its seeded marker is gone, or another since).  Each is
+        merged once; a merge that fails keeps them for the next (Redis
+        back again, or its spends seeded), until they are a minute old.
+        Merged, they count as counted into this Redis (L{sent}): merged
+        again if it too comes back empty.  Never fails; logs what it did.
+
+        @param now: POSIX seconds, Redis's clock (the table's).
+        """
+        second = int(now)
+        away, before = self.away.take(second), self.before.take(second)
+        consumers = sorted(away.counts.keys() | before.counts.keys())
+        if not consumers:
+            return succeed(None)
+        keys = [seeded_key(self.redis)]
+        args = [str(second), "" if self.generation is None else "=" + self.generation]
+        for name, created in consumers:
+            keys += [self._keys(name, created, "rpm"), self._keys(name, created, "tpm")]
+            args += [away.field((name, created), 0), away.field((name, created), 1)]
+            args += [before.field((name, created), 0), before.field((name, created), 1)]
+
+        def merged(reply: Any) -> None:
+            lost, marker, requests, tokens = (_text(value) for value in reply[:4])
+            self.learned(marker)
+            # All in this Redis now (merged, or kept by it): lost with it
+            # if it comes back empty again within the minute.
+            self.sent.absorb(away)
+            self.sent.absorb(before)
+            if int(requests) or int(tokens):
+                self._log.info(
+                    "added {requests} request(s) and {tokens} token(s) of the last minute to the cluster's rpm/tpm "
+                    "windows in Redis: counted on this instance while Redis was away{lost}",
+                    requests=int(requests),
+                    tokens=int(tokens),
+                    lost=", or before (Redis came back without them)" if lost == "1" else "",
+                )
+
+        def failed(reason: Failure) -> None:
+            self.away.absorb(away)
+            self.before.absorb(before)
+            self._log.warn(
+                "could not add the calls this instance counted while Redis was away to the cluster's rpm/tpm "
+                "windows ({error}); tried again when Redis is next back, while they are in the last minute",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+
+        merging: Deferred[Any] = self.redis.script(MERGE, keys, args)
+        merging.addTimeout(self.timeout, self.reactor).addCallbacks(merged, failed)
+        return merging.addErrback(
+            lambda reason: self._log.failure("the merge of this instance's rpm/tpm counts into Redis failed", reason)
         )
 
 
@@ -716,17 +963,30 @@ class SharedConsumers:
     def up(self, up: bool) -> None:
         """
         Redis came (back) or went: when back, changes may have been missed,
-        and Redis may have come back empty.  (Before the table's first load,
-        that load does both.)
+        and Redis may have come back empty; the calls counted here
+        meanwhile go to its windows first (L{SharedCounters.merge_windows}),
+        then its spends are seeded if it has none.  (Before the table's
+        first load, that load does both.)
         """
         self.counters.up = up
+        if up:
+            self.counters.reconnected()
         if up and self._unannounced:
             names, self._unannounced = sorted(self._unannounced), set()
             for name in names:
                 self.publish(name)
         if up and self.table.loaded:
             self.table.refresh()
+            self.merge_windows()
             self.seed()
+
+    def merge_windows(self) -> None:
+        """
+        Add the calls this instance counted that Redis's rpm and tpm
+        windows lack to them (L{SharedCounters.merge_windows}), if any.
+        """
+        if self.counters.unmerged():
+            self.counters.merge_windows(self.table.clock())
 
     def loaded(self) -> None:
         """
@@ -752,11 +1012,17 @@ class SharedConsumers:
             # With this instance's rows not written yet: their counts
             # reached a Redis not seeded (sent before this), which took none.
             keys, args = self._spends(snapshot, unwritten)
-            return self.redis.script(SEED, keys, args)
+            # The marker's value if this seeds: any other than the one an
+            # instance saw says Redis lost its windows since (L{MERGE}).
+            return self.redis.script(SEED, keys, [*args, secrets.token_hex(8)])
 
         def seeded(written: Any) -> None:
-            if int(written) == 1:
+            if int(written[0]) == 1:
                 self._log.info("consumers' spends seeded in Redis from the database")
+            self.counters.learned(written[1])
+            # Calls admitted here while Redis had no spends (and those of
+            # a merge that failed) reach its windows.
+            self.merge_windows()
             # Either way: costs counted while Redis was away (here, or on
             # instances whose rows were not written yet when the seed read
             # the database) reach its running figures.
@@ -877,4 +1143,15 @@ def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
     )
 
 
-__all__ = ["ADMIT", "COUNT", "RAISE", "SEED", "SharedConsumers", "SharedCounters", "consumer_key", "seeded_key"]
+__all__ = [
+    "ADMIT",
+    "COUNT",
+    "MERGE",
+    "RAISE",
+    "SEED",
+    "SharedConsumers",
+    "SharedCounters",
+    "WindowLog",
+    "consumer_key",
+    "seeded_key",
+]

@@ -1,0 +1,217 @@
+"""
+The cluster's rpm and tpm windows after an outage of Redis: the calls an
+instance counted on its own while Redis was away, and, when Redis came
+back empty, those it had counted into it in the last minute, are added to
+Redis's windows when the instance reconnects (L{SharedCounters.merge_windows}),
+never twice.  Instances in this process (consumer table, counters and
+cluster sync each) on one real C{redis-server} and one SQLite database;
+the README's own example through two gateways is in
+L{tests.test_consumers_cluster}.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import txredisapi
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.shared import SharedConsumers, SharedCounters
+from openclaw.consumers.store import ConsumerStore
+from openclaw.consumers.table import ConsumerTable, Holder
+from openclaw.dataplane.errors import APIError
+from tests.redis_server import RedisServer
+from tests.test_consumers_cluster import RedisScripts, redis_command, redis_get
+from tests.test_consumers_outage import wait_for
+
+MARKER = "openclaw:consumers:seeded:2"
+CREATED = 1000.0
+
+
+def window(port: int, what: str) -> dict[int, int]:
+    """
+    Consumer C{team}'s C{what} window (C{rpm}, C{tpm}) in Redis: {second: amount}.
+    """
+    reply = redis_command(port, "HGETALL", f"openclaw:consumer:team:{CREATED!r}:{what}")
+    items = [line for line in reply.split(b"\r\n")[1:] if line and not line.startswith((b"$", b"*"))]
+    return {int(at): int(amount) for at, amount in zip(items[::2], items[1::2], strict=True)}
+
+
+class Instance:
+    """
+    One instance: its table, counters and cluster sync.
+    """
+
+    def __init__(self, table: ConsumerTable, counters: SharedCounters, shared: SharedConsumers) -> None:
+        self.table = table
+        self.counters = counters
+        self.shared = shared
+
+    def admit(self, tokens: int = 0) -> Any:
+        """
+        One call of C{team} admitted (or refused) now, as the data plane
+        asks: fires with the refusal or None, and the holder.
+        """
+        holder = Holder("team", "p", CREATED)
+        decided = self.counters.admit(self.table.consumers["team"], self.table.clock(), holder, 0.0, tokens)
+        return decided, holder
+
+
+class MergedWindowsTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def cluster(self, count: int, **limits: int) -> Any:
+        """
+        C{count} instances of one cluster, consumer C{team} with C{limits}
+        loaded on each and Redis seeded (every instance has seen its
+        marker); fires with (instances, Redis server).
+        """
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.cleanup)
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        store = ConsumerStore.open(None, directory, reactor)
+        self.addCleanup(store.close)
+        yield store.migrate()
+        key = NewKey.make()
+        yield store.create(Consumer("team", created_at=CREATED, **limits), key.hash, key.prefix)
+        instances = []
+        for n in range(count):
+            connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+            self.addCleanup(connection.disconnect)
+            scripts = RedisScripts(connection)
+            counters = SharedCounters(scripts, reactor, 5.0)
+            table = ConsumerTable(store, PriceTable.with_overrides({}), counters=counters)
+            shared = SharedConsumers(table, counters, scripts, f"i{n}")
+            self.addCleanup(shared.stop)
+            yield table.reload()
+            shared.up(True)
+            yield wait_for(lambda counters=counters: counters.generation is not None, 5)
+            instances.append(Instance(table, counters, shared))
+        self.assertIsNotNone(redis_get(redis.port, MARKER))
+        return instances, redis
+
+    @inlineCallbacks
+    def calls(self, instance: Instance, count: int, tokens: int = 0) -> Any:
+        """
+        C{count} calls admitted on C{instance}, each counted with C{tokens}
+        (what Redis took of them has landed when this fires).
+        """
+        for _ in range(count):
+            decided, holder = instance.admit(tokens)
+            refused = yield decided
+            self.assertIsNone(refused)
+            if tokens:
+                instance.counters.counted("team", tokens, 0.0, instance.table.clock(), holder)
+        # The counts' scripts answered (one connection: in order).
+        yield instance.counters.read_spends([instance.table.consumers["team"]], instance.table.clock())
+
+    @inlineCallbacks
+    def back(self, instance: Instance, redis: RedisServer, what: str, total: int) -> Any:
+        """
+        C{instance} reconnects; fires once Redis's C{what} window holds
+        C{total}, or fails if it does not within 5 s.
+        """
+        instance.shared.up(True)
+        yield wait_for(lambda: sum(window(redis.port, what).values()) >= total, 5)
+
+    @inlineCallbacks
+    def test_redis_back_empty_after_two_instances_counted_alone(self) -> Any:
+        """
+        rpm 10: 3 calls on each instance into Redis, then Redis away and 2
+        more on each alone, then Redis back empty (FLUSHALL, as a restart
+        without persistence): each instance, reconnecting one after the
+        other, adds its 2 and its 3 lost (the second finds the marker the
+        first one's seed wrote: not the one it saw, so Redis lost them
+        too).  The window holds the 10 calls; the next is refused (it was
+        admitted: the window started empty).
+        """
+        (a, b), redis = yield self.cluster(2, rpm=10)
+        for instance in (a, b):
+            yield self.calls(instance, 3)
+        self.assertEqual(sum(window(redis.port, "rpm").values()), 6)
+        for instance in (a, b):
+            instance.shared.up(False)
+            yield self.calls(instance, 2)
+        redis_command(redis.port, "FLUSHALL")
+        yield self.back(a, redis, "rpm", 5)
+        yield wait_for(lambda: redis_get(redis.port, MARKER) is not None, 5)
+        yield self.back(b, redis, "rpm", 10)
+        self.assertEqual(sum(window(redis.port, "rpm").values()), 10)
+        refused, _ = b.admit()
+        refused = yield refused
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.status, refused.type), (429, "requests"))
+        # Once only: a reconnection with nothing new merges nothing more.
+        a.shared.up(False)
+        a.shared.up(True)
+        yield self.calls(a, 0)
+        self.assertEqual(sum(window(redis.port, "rpm").values()), 10)
+
+    @inlineCallbacks
+    def test_redis_back_with_its_data_counts_nothing_twice(self) -> Any:
+        """
+        rpm 10, Redis away from both instances but not emptied (a network
+        outage): the 3 calls each counted into it before are not added
+        again, only the 2 and 1 they counted alone; a second of more than
+        a minute ago is never added.  9 of 10 used: one more call, then a
+        refusal.
+        """
+        (a, b), redis = yield self.cluster(2, rpm=10)
+        for instance in (a, b):
+            yield self.calls(instance, 3)
+        for instance in (a, b):
+            instance.shared.up(False)
+        yield self.calls(a, 2)
+        yield self.calls(b, 1)
+        a.counters.away.add(("team", CREATED), int(time.time()) - 61, requests=5)
+        yield self.back(a, redis, "rpm", 8)
+        yield self.back(b, redis, "rpm", 9)
+        yield self.calls(a, 0)
+        self.assertEqual(sum(window(redis.port, "rpm").values()), 9)
+        decided, holder = a.admit()
+        self.assertIsNone((yield decided))
+        # The answer's x-ratelimit-* headers read the merged window.
+        assert holder.rate_limits is not None
+        self.assertEqual(holder.rate_limits.remaining_requests, 0)
+        refused, _ = b.admit()
+        refused = yield refused
+        assert isinstance(refused, APIError)
+        self.assertEqual(refused.type, "requests")
+
+    @inlineCallbacks
+    def test_tokens_merged_likewise(self) -> Any:
+        """
+        tpm 100: 30 tokens counted into Redis, then 40 counted alone while
+        it was away.  Redis back with its data: 70 in its window (the 30
+        not twice).  Then 30 more counted alone, and Redis back empty: the
+        30 added, and the 70 Redis had in the minute (counted into it, or
+        merged into it), lost with it: 100 of 100, the next call refused.
+        """
+        [a], redis = yield self.cluster(1, tpm=100)
+        yield self.calls(a, 1, tokens=30)
+        self.assertEqual(sum(window(redis.port, "tpm").values()), 30)
+        a.shared.up(False)
+        yield self.calls(a, 1, tokens=40)
+        yield self.back(a, redis, "tpm", 70)
+        # The merge's answer is in (a read after it, on one connection).
+        yield self.calls(a, 0)
+        self.assertEqual(sum(window(redis.port, "tpm").values()), 70)
+        a.shared.up(False)
+        yield self.calls(a, 1, tokens=30)
+        redis_command(redis.port, "FLUSHALL")
+        yield self.back(a, redis, "tpm", 100)
+        yield self.calls(a, 0)
+        self.assertEqual(sum(window(redis.port, "tpm").values()), 100)
+        refused, _ = a.admit(10)
+        refused = yield refused
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.status, refused.type), (429, "tokens"))
