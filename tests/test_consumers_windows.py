@@ -17,12 +17,14 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer, NewKey
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.shared import SharedConsumers, SharedCounters
+from openclaw.consumers.shared import MERGE, SEED, SharedConsumers, SharedCounters
 from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.errors import APIError
@@ -215,3 +217,79 @@ class MergedWindowsTests(TestCase):
         refused = yield refused
         assert isinstance(refused, APIError)
         self.assertEqual((refused.status, refused.type), (429, "tokens"))
+
+
+class _FailingOnce:
+    """
+    A Redis whose first L{MERGE} fails (its connection lost meanwhile);
+    every script is recorded as (source, keys, args).
+    """
+
+    def __init__(self) -> None:
+        self.scripts: list[tuple[str, list[str], list[str]]] = []
+        self.merges = 0
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Any:
+        self.scripts.append((source, keys, args))
+        if source == MERGE:
+            self.merges += 1
+            if self.merges == 1:
+                return fail(ConnectionDone("lost"))
+            return succeed([0, "g1", "2", "0"])
+        return succeed([0, "g1"] if source == SEED else 1)
+
+    def publish_consumer(self, instance: str, name: str) -> Any:
+        return succeed(1)
+
+
+class _Table:
+    loaded = True
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock.seconds
+
+    def refresh(self) -> None:
+        pass
+
+    def load_unwritten(self) -> Any:
+        return Deferred()  # the seed: not the point here
+
+
+class MergeFailsTests(TestCase):
+    def test_failed_merge_tried_again_when_redis_is_back(self) -> None:
+        """
+        A merge that fails keeps its calls, merged with the next
+        reconnection's (the seconds still within the minute only, never
+        one older); once merged, a call is counted as in Redis, added
+        again only if Redis loses it.
+        """
+        clock = Clock()
+        clock.advance(10_000)
+        redis = _FailingOnce()
+        counters = SharedCounters(redis, clock, 1.0)  # type: ignore[arg-type]
+        shared = SharedConsumers(_Table(clock), counters, redis, "a")  # type: ignore[arg-type]
+        team = Consumer("team", rpm=10, created_at=CREATED)
+        shared.up(False)
+        self.assertIsNone(counters.admit(team, clock.seconds(), Holder("team", "p", CREATED)))
+        clock.advance(30)
+        self.assertIsNone(counters.admit(team, clock.seconds(), Holder("team", "p", CREATED)))
+        shared.up(True)
+        self.assertEqual(redis.merges, 1)
+        self.assertTrue(counters.unmerged())
+        shared.up(False)
+        clock.advance(40)  # the first call is now 70 s old
+        shared.up(True)
+        self.assertEqual(redis.merges, 2)
+        merge = [args for source, _, args in redis.scripts if source == MERGE]
+        self.assertEqual(merge[0][2:], ["10000:1 10030:1", "", "", ""])
+        self.assertEqual(merge[1][2:], ["10030:1", "", "", ""])
+        self.assertFalse(counters.unmerged())
+        # Merged, it is in Redis: on the next reconnection, added again
+        # only if Redis lost it (the script's choice, by its marker).
+        shared.up(False)
+        shared.up(True)
+        merge = [args for source, _, args in redis.scripts if source == MERGE]
+        self.assertEqual(merge[2][1:], ["=g1", "", "", "10030:1", ""])
