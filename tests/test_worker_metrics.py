@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import stat
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from openclaw.cluster.scrape import (
     WorkerSockets,
     decode_families,
     encode_families,
+    ensure_socket_directory,
     make_socket_directory,
     remove_socket_directory,
     socket_directory_problem,
@@ -345,6 +347,43 @@ class SocketFileTests(SynchronousTestCase):
         directory.chmod(0o755)
         self.assertEqual(socket_directory_problem(directory), "others than its owner may use it (mode 0755)")
         self.assertEqual(socket_directory_problem(directory / "none"), "No such file or directory")
+
+    def test_parent_others_may_write_is_refused(self):
+        """
+        The directory is not made where another user could rename it away
+        and put their own in its place (a worker reads its siblings by
+        path): a parent others may write, unless sticky as /tmp is.
+        """
+        # Short: the sockets' paths must fit (MAX_SOCKET_PATH_BYTES).
+        parent = Path(tempfile.mkdtemp(dir="/tmp"))
+        self.addCleanup(parent.rmdir)
+        parent.chmod(0o777)
+        with self.assertRaises(ConfigError) as raised:
+            make_socket_directory(2, str(parent))
+        self.assertIn("others may write it and it is not sticky (mode 0777)", str(raised.exception))
+        self.assertIn("set TMPDIR to a directory only the gateway's user may write", str(raised.exception))
+        self.assertEqual(list(parent.iterdir()), [])
+        parent.chmod(0o1777)
+        sockets = make_socket_directory(2, str(parent))
+        self.addCleanup(remove_socket_directory, sockets)
+        self.assertEqual(sockets.directory.parent, parent)
+
+    def test_made_again_when_gone(self):
+        """
+        A directory a temporary-files cleaner removed is made again (mode
+        0700) before a worker is started, which would refuse to start
+        without it; one still there is left as it is.
+        """
+        sockets = make_socket_directory(2)
+        self.addCleanup(remove_socket_directory, sockets)
+        sockets.directory.rmdir()
+        ensure_socket_directory(sockets)
+        self.assertEqual(stat.S_IMODE(os.stat(sockets.directory).st_mode), 0o700)
+        self.assertIsNone(socket_directory_problem(sockets.directory))
+        (sockets.directory / "kept").write_text("")
+        ensure_socket_directory(sockets)
+        self.assertTrue((sockets.directory / "kept").exists())
+        (sockets.directory / "kept").unlink()
 
     def test_path_too_long(self):
         parent = Path(self.mktemp()).resolve()

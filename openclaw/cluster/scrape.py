@@ -27,6 +27,15 @@ logged at most once a minute per sibling (L{FAILURE_LOG_SECONDS}).
 
 The private socket answers with its worker's own series only: it never
 asks the siblings (no scrape fans out twice).
+
+Not C{prometheus_client}'s multiprocess mode: it reads values the
+processes write to shared files, which the gateway's gauges computed when
+scraped (C{Gauge.set_function}: connections, breakers, pending rows) do
+not do.  A sibling's families are rebuilt as C{prometheus_client.Metric}s
+(exported by the library, and what its own parser and multiprocess
+collector build), samples added with C{Metric.add_sample}: the typed
+families (C{CounterMetricFamily}, ...) take whole series, not the samples
+a registry's C{collect()} gives.
 """
 
 from __future__ import annotations
@@ -114,13 +123,26 @@ def make_socket_directory(count: int, parent: str | None = None) -> WorkerSocket
     own).  Not under C{STATE_DIR}: a socket's path is limited to
     L{MAX_SOCKET_PATH_BYTES}, which a deep state directory would pass.
 
-    @raise ConfigError: it cannot be made, or its sockets' paths would be
-        too long (the line says to point C{TMPDIR} elsewhere).
+    The directory it is made in must keep others from renaming it away
+    and putting their own in its place (a worker connects to its
+    siblings by path): not writable by others than its owner (root or
+    the gateway's user), unless sticky as C{/tmp} is (rename(2): only an
+    entry's owner may move it out of a sticky directory).
+
+    @raise ConfigError: it cannot be made, its parent lets others replace
+        it, or its sockets' paths would be too long (the line says to
+        point C{TMPDIR} elsewhere).
     """
+    where = parent or tempfile.gettempdir()
+    problem = _parent_problem(Path(where))
+    if problem is not None:
+        raise ConfigError(
+            f"--workers would make the directory of its workers' metrics sockets in {where!r}, where {problem}; "
+            "set TMPDIR to a directory only the gateway's user may write, or a sticky one such as /tmp"
+        )
     try:
         directory = Path(tempfile.mkdtemp(prefix=SOCKET_DIRECTORY_PREFIX, dir=parent))
     except OSError as e:
-        where = parent or tempfile.gettempdir()
         raise ConfigError(
             f"--workers cannot make the directory of its workers' metrics sockets in {where!r} ({e.strerror}); "
             "set TMPDIR to a directory the gateway's user may write"
@@ -134,6 +156,34 @@ def make_socket_directory(count: int, parent: str | None = None) -> WorkerSocket
             f"a UNIX socket's {MAX_SOCKET_PATH_BYTES} bytes; set TMPDIR to a shorter directory (such as /tmp)"
         )
     return sockets
+
+
+def _parent_problem(parent: Path, euid: int | None = None) -> str | None:
+    """
+    What lets others than root and the gateway's user replace an entry of
+    C{parent}, or L{None}: it is theirs to write and not sticky.
+    """
+    euid = os.geteuid() if euid is None else euid
+    try:
+        held = os.stat(parent)
+    except OSError:
+        return None  # mkdtemp says why
+    mode = stat.S_IMODE(held.st_mode)
+    if held.st_uid not in (0, euid) and not mode & stat.S_ISVTX:
+        return f"uid {held.st_uid} owns it (not sticky)"
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        return f"others may write it and it is not sticky (mode {mode:04o})"
+    return None
+
+
+def ensure_socket_directory(sockets: WorkerSockets) -> None:
+    """
+    Make the run's socket directory again (mode 0700) if it has gone (a
+    cleaner of the temporary directory removed it), before a worker is
+    started: the worker refuses to start without it.
+    """
+    with contextlib.suppress(FileExistsError):
+        sockets.directory.mkdir(mode=0o700)
 
 
 def remove_socket_directory(sockets: WorkerSockets) -> None:
@@ -400,7 +450,7 @@ class WorkersExposition:
         self._logged[sibling] = now
         _log.warn(
             "worker {sibling}'s series are left out of the scrapes this worker ({index}) answers: its metrics "
-            "socket {path} gave no answer within {timeout:g} s ({error}); each such scrape is counted in "
+            "socket {path} could not be read within {timeout:g} s ({error}); each such scrape is counted in "
             "openclaw_worker_scrape_failures_total, and said here at most once a minute per worker.  A worker "
             "starting, or started again, is missing for a moment; if it lasts, see worker {sibling}'s lines in the log",
             sibling=sibling,

@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from openclaw.addresses import address_family, bind_address
-from openclaw.cluster.scrape import WorkerSockets, remove_socket_directory
+from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
 from openclaw.listeners import CannotListen, Listener
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
@@ -211,6 +211,7 @@ class WorkerSupervisor(Service):
         worker.started_at = self.reactor.seconds()
         argv = [*self.argv, "--worker", str(index), "--supervisor", str(os.getpid())]
         if self.worker_sockets is not None:
+            ensure_socket_directory(self.worker_sockets)
             argv += ["--metrics-sockets", str(self.worker_sockets.directory)]
         # Blocked in the child until its handler is installed (see the
         # module's docstring); here only for as long as the spawn takes.
