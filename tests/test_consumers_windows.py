@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer, NewKey
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.shared import MERGE, SEED, SharedConsumers, SharedCounters
+from openclaw.consumers.shared import MERGE, SEED, SharedConsumers, SharedCounters, WindowLog
 from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.errors import APIError
@@ -293,3 +293,80 @@ class MergeFailsTests(TestCase):
         shared.up(True)
         merge = [args for source, _, args in redis.scripts if source == MERGE]
         self.assertEqual(merge[2][1:], ["=g1", "", "", "10030:1", ""])
+
+
+class MergeScriptTests(TestCase):
+    """
+    L{MERGE} itself, on a real C{redis-server}: every consumer's arguments
+    read at its own place, and what an instance that never saw the marker
+    adds.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def scripts(self) -> Any:
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.cleanup)
+        connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False, convertNumbers=False)
+        self.addCleanup(connection.disconnect)
+        return RedisScripts(connection), redis
+
+    @inlineCallbacks
+    def test_two_consumers(self) -> Any:
+        """
+        Two consumers' requests and tokens, counted while Redis was away
+        and before (lost: the marker is another), each land in their own
+        windows.
+        """
+        scripts, redis = yield self.scripts()
+        now = int(time.time())
+        redis_command(redis.port, "SET", MARKER, "new")
+        keys = [MARKER, "w:a:rpm", "w:a:tpm", "w:b:rpm", "w:b:tpm"]
+        args = [str(now), "=old", f"{now}:1", f"{now}:10", f"{now - 1}:2", "", f"{now}:3", "", "", f"{now - 2}:40"]
+        reply = yield scripts.script(MERGE, keys, args)
+        lost, marker, requests, tokens = (value.decode() if isinstance(value, bytes) else str(value) for value in reply)
+        self.assertEqual((lost, marker, requests, tokens), ("1", "new", "6", "50"))
+        for key, expected in (
+            ("w:a:rpm", {now: 1, now - 1: 2}),
+            ("w:a:tpm", {now: 10}),
+            ("w:b:rpm", {now: 3}),
+            ("w:b:tpm", {now - 2: 40}),
+        ):
+            found = yield scripts.connection.hgetall(key)
+            self.assertEqual({int(at): int(amount) for at, amount in found.items()}, expected, key)
+
+    @inlineCallbacks
+    def test_never_saw_a_marker(self) -> Any:
+        """
+        An instance that never saw the marker (its seed never ran) cannot
+        tell whether Redis lost what it counted into it: it adds only what
+        Redis never had, marker or none.
+        """
+        scripts, redis = yield self.scripts()
+        now = int(time.time())
+        for marker in (None, "some"):
+            if marker is not None:
+                redis_command(redis.port, "SET", MARKER, marker)
+            key = f"w:{marker}:rpm"
+            reply = yield scripts.script(
+                MERGE, [MARKER, key, key + "t"], [str(now), "", f"{now}:1", "", f"{now}:5", ""]
+            )
+            self.assertEqual(int(reply[0]), 0)
+            found = yield scripts.connection.hgetall(key)
+            self.assertEqual({int(at): int(amount) for at, amount in found.items()}, {now: 1})
+
+
+class WindowLogTests(TestCase):
+    def test_idle_consumers_dropped(self) -> None:
+        """
+        A consumer no longer called keeps nothing past a minute: the log
+        drops every consumer's older seconds as new ones come.
+        """
+        log = WindowLog()
+        log.add(("idle", CREATED), 1000, requests=1)
+        log.add(("busy", CREATED), 1030, requests=1)
+        self.assertEqual(set(log.counts), {("idle", CREATED), ("busy", CREATED)})
+        log.add(("busy", CREATED), 1061, requests=1)
+        self.assertEqual(log.counts, {("busy", CREATED): {1030: [1, 0], 1061: [1, 0]}})

@@ -248,14 +248,15 @@ return {1, ARGV[#ARGV]}
 #: field of that second (HINCRBY, as L{ADMIT} and L{COUNT} count): those
 #: counted while Redis was away always, those counted into Redis only
 #: when Redis lost them (the marker is gone, or another: a Redis that came
-#: back empty, seeded again since).
+#: back empty, seeded again since).  An instance that never saw a marker
+#: (its seed never ran: the database was away) cannot tell, and adds only
+#: what Redis never had.
 #: Reply: {1 Redis lost them or 0, the marker's value ('' none), requests
 #: added, tokens added}.
 MERGE = """
 local now = tonumber(ARGV[1])
 local marker = redis.call('GET', KEYS[1])
-local lost
-if ARGV[2] == '' then lost = not marker else lost = ('=' .. (marker or '')) ~= ARGV[2] end
+local lost = ARGV[2] ~= '' and ('=' .. (marker or '')) ~= ARGV[2]
 local added = {0, 0}
 local function merge(key, counts, which)
   local any = false
@@ -354,11 +355,18 @@ class WindowLog:
     """
 
     counts: dict[_Whose, dict[int, list[int]]] = attrs.Factory(dict)
+    #: The second up to which every consumer's older seconds were last
+    #: dropped (L{add}): a consumer no longer called keeps none past a
+    #: minute.
+    pruned_at: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
     def add(self, whose: _Whose, second: int, requests: int = 0, tokens: int = 0) -> None:
+        if second - self.pruned_at > WINDOW_SECONDS:
+            self.pruned_at = second
+            self.counts = self._after(second - WINDOW_SECONDS)
         seconds = self.counts.get(whose)
         if seconds is None:
             seconds = self.counts[whose] = {}
@@ -384,16 +392,20 @@ class WindowLog:
         """
         Empty this log: what it held of the seconds after C{now - 60}.
         """
-        horizon = now - WINDOW_SECONDS
-        taken = WindowLog(
-            {
-                whose: live
-                for whose, seconds in self.counts.items()
-                if (live := {at: counted for at, counted in seconds.items() if at > horizon})
-            }
-        )
+        taken = WindowLog(self._after(now - WINDOW_SECONDS))
         self.counts = {}
         return taken
+
+    def _after(self, horizon: float) -> dict[_Whose, dict[int, list[int]]]:
+        """
+        What this log holds of the seconds after C{horizon}, by consumer
+        (those with none left out).
+        """
+        return {
+            whose: live
+            for whose, seconds in self.counts.items()
+            if (live := {at: counted for at, counted in seconds.items() if at > horizon})
+        }
 
     def forget(self, name: str) -> None:
         self.counts = {whose: seconds for whose, seconds in self.counts.items() if whose[0] != name}
@@ -763,12 +775,12 @@ class SharedCounters:
             args += [before.field((name, created), 0), before.field((name, created), 1)]
 
         def merged(reply: Any) -> None:
-            lost, marker, requests, tokens = (_text(value) for value in reply[:4])
-            self.learned(marker)
             # All in this Redis now (merged, or kept by it): lost with it
             # if it comes back empty again within the minute.
             self.sent.absorb(away)
             self.sent.absorb(before)
+            lost, marker, requests, tokens = (_text(value) for value in reply[:4])
+            self.learned(marker)
             if int(requests) or int(tokens):
                 self._log.info(
                     "added {requests} request(s) and {tokens} token(s) of the last minute to the cluster's rpm/tpm "
