@@ -30,10 +30,13 @@ from typing import Any
 #: Joins the plain id and the carried payload.  ("gs1": the first carried
 #: payload was Gemini's signature; kept, as ids already given out carry it.)
 MARK = "_gs1_"
+#: The random bits of an id the gateway makes (as completion ids: see
+#: L{openclaw.providers.wire}), written as hex digits after C{call_}.
+ID_BITS = 96
 #: An id the gateway made that carries a payload: the plain id, L{MARK},
 #: the payload.  Any other id (a client's own, even one holding L{MARK}) is
 #: just an id, sent as it is.
-_CARRYING = re.compile(r"(call_[0-9a-f]{24})" + MARK + r"([A-Za-z0-9_-]+)")
+_CARRYING = re.compile(rf"(call_[0-9a-f]{{{ID_BITS // 4}}}){MARK}([A-Za-z0-9_-]+)")
 
 
 def new_call_id(payload: str | None = None) -> str:
@@ -41,8 +44,7 @@ def new_call_id(payload: str | None = None) -> str:
     A fresh tool call id, carrying C{payload} (letters, digits, C{_} and
     C{-} only) when given.
     """
-    # 96 random bits, as for completion ids (see openclaw.providers.wire).
-    call_id = f"call_{random.getrandbits(96):024x}"
+    call_id = f"call_{random.getrandbits(ID_BITS):0{ID_BITS // 4}x}"
     return call_id if payload is None else call_id + MARK + payload
 
 

@@ -28,7 +28,7 @@ import attrs
 import orjson
 from twisted.web.http_headers import Headers
 
-from openclaw.dataplane.callids import MARK, plain_message
+from openclaw.dataplane.callids import payload, plain_message
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.routing import Route, model_refusal
 
@@ -924,7 +924,8 @@ def _check_tool_calls(
     message and string C{arguments} (a blank or missing one becomes
     C{"{}"}, in place), noted in C{calls} (id -> name).
 
-    @return: whether a call's id carries a payload (L{MARK}).
+    @return: whether a call's id carries a payload
+        (L{openclaw.dataplane.callids.payload}).
     @raise APIError: 400 naming the field.
     """
     if not isinstance(tool_calls, list) or not tool_calls:
@@ -988,7 +989,7 @@ def _check_tool_calls(
             raise bad_request(f"{at}.id {_clipped(call_id)!r} is used twice in this message", param=f"{at}.id")
         seen.add(call_id)
         calls[call_id] = name
-        carried_ids = carried_ids or MARK in call_id
+        carried_ids = carried_ids or payload(call_id) is not None
     return carried_ids
 
 
@@ -1053,9 +1054,8 @@ def is_base64(data: str) -> bool:
     Whether C{data} is base64 as RFC 4648 section 4 has it: its alphabet
     only, padded to whole groups of four, C{=} only at the end of the last
     one (at most two).  Checked by the standard library's strict decoder
-    (C{binascii.a2b_base64(strict_mode=True)}, in C: an 8 MiB image in a
-    few milliseconds), which alone would also take padding past the data
-    (C{"QUJD=="}).
+    (C{binascii.a2b_base64(strict_mode=True)}), which alone would also
+    take padding past the data (C{"QUJD=="}).
     """
     if len(data) % 4 or data.endswith("==="):
         return False
