@@ -973,6 +973,7 @@ class ContentTests(DataPlaneTestCase):
             {"type": "object", "properties": {"a": {"type": "string"}}, "required": "a"},
             {"type": "array", "minItems": "3", "items": {"type": "string"}},
             {"type": "array", "minItems": 1000, "items": {"type": "array", "minItems": 1000}},
+            {"type": "array", "minItems": 4999, "items": {"type": "string", "minLength": 100000}},
         )
         for schema in schemas:
             response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}

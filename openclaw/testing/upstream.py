@@ -958,11 +958,12 @@ def _is_json(text: str) -> bool:
 
 
 #: The most values (objects, items, strings, ...) L{schema_instance} builds
-#: for one schema, and the longest string it pads to: a schema asking for
-#: more (a large C{minItems} nested, a huge C{minLength}) is refused, not
-#: built in the stand-in's memory.
+#: for one schema, and the most characters its strings pad to in all: a
+#: schema asking for more (a large C{minItems} nested, a huge
+#: C{minLength}, many long strings) is refused, not built in the
+#: stand-in's memory.
 MAX_INSTANCE_VALUES = 10_000
-MAX_INSTANCE_STRING = 100_000
+MAX_INSTANCE_CHARACTERS = 1_000_000
 
 
 def schema_instance(schema: Any, root: dict[str, Any], text: str) -> Any:
@@ -981,16 +982,24 @@ def schema_instance(schema: Any, root: dict[str, Any], text: str) -> Any:
     @raise Reject: 400, as the providers refuse an invalid schema: a
         C{properties} that is not an object, a C{required} that is not a
         list of names, a C{minItems} that is not a count; or one asking for
-        more than L{MAX_INSTANCE_VALUES} values or a string longer than
-        L{MAX_INSTANCE_STRING}.
+        more than L{MAX_INSTANCE_VALUES} values or strings of more than
+        L{MAX_INSTANCE_CHARACTERS} characters in all.
     """
-    built = 0
+    built = characters = 0
 
     def count(values: int) -> None:
         nonlocal built
         built += values
         if built > MAX_INSTANCE_VALUES:
             raise Reject(400, f"Invalid schema: the stand-in builds at most {MAX_INSTANCE_VALUES} values for one")
+
+    def padded(length: int) -> None:
+        nonlocal characters
+        characters += length
+        if characters > MAX_INSTANCE_CHARACTERS:
+            raise Reject(
+                400, f"Invalid schema: the stand-in pads strings to at most {MAX_INSTANCE_CHARACTERS} characters in all"
+            )
 
     def instance(schema: Any, depth: int) -> Any:
         if not isinstance(schema, dict) or depth > 32:
@@ -1029,15 +1038,19 @@ def schema_instance(schema: Any, root: dict[str, Any], text: str) -> Any:
             items = schema.get("minItems") or 0
             if type(items) is not int or items < 0:
                 raise Reject(400, "Invalid schema: 'minItems' must be a non-negative integer")
-            count(items)
+            if not isinstance(schema.get("items"), dict):
+                # Items without a schema (nulls) are counted here; those with one count themselves.
+                count(items)
             return [instance(schema.get("items"), depth + 1) for _ in range(items)]
         if kind == "string":
             if schema.get("format") in _FORMATTED:
                 return _FORMATTED[schema["format"]]
             shortest, longest = schema.get("minLength"), schema.get("maxLength")
-            if isinstance(shortest, int) and shortest > MAX_INSTANCE_STRING:
-                raise Reject(400, f"Invalid schema: the stand-in pads a string to at most {MAX_INSTANCE_STRING}")
-            filled = text.ljust(shortest, ".") if isinstance(shortest, int) and len(text) < shortest else text
+            if isinstance(shortest, int) and len(text) < shortest:
+                padded(shortest)
+                filled = text.ljust(shortest, ".")
+            else:
+                filled = text
             return filled[:longest] if isinstance(longest, int) else filled
         if kind in ("integer", "number"):
             low = _bound(schema, "minimum", "exclusiveMinimum", 1)
