@@ -87,7 +87,7 @@ class MergedWindowsTests(TestCase):
         yield store.create(Consumer("team", created_at=CREATED, **limits), key.hash, key.prefix)
         instances = []
         for n in range(count):
-            connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
+            connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False, convertNumbers=False)
             self.addCleanup(connection.disconnect)
             scripts = RedisScripts(connection)
             counters = SharedCounters(scripts, reactor, 5.0)
