@@ -3,11 +3,13 @@ Instructions per model call, gateway against relay: bench/data_plane_cpu.py's
 in-memory harness run under valgrind's callgrind (with --control-plane,
 instructions per ping, gateway against the bare Autobahn floor:
 bench/control_plane_cpu.py's), which counts the machine
-instructions the process executes instead of timing them.  The count is the
-same run after run whatever else the machine is doing (a shared two-core
-host's timings vary by +-10 % between rounds of the same code), so two trees,
-or a change and its absence, compare exactly, and small steps add up where
-timings would hide them.
+instructions the process executes instead of timing them.  The count
+varies by 1 or 2 % between runs of the same code, whatever else the
+machine is doing (timestamps, request ids, memory layout; the hash seed
+is fixed), where a shared two-core host's timings vary by +-10 % between
+rounds: two trees, or a change and its absence, compare more closely
+than timings allow, and the ratio of two sides counted in one run more
+closely still.
 
 Each side runs twice, with FEW and MANY calls; the difference divided by
 MANY - FEW is the count per call, start-up and imports cancelled out.
