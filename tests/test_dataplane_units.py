@@ -694,6 +694,40 @@ class Base64Tests(SynchronousTestCase):
         for data in not_base64:
             self.assertFalse(is_base64(data), data)
 
+    def test_spaces_without_line_breaks_cost_linear_time(self) -> None:
+        """
+        Base64 with a long run of spaces (and no line break) is refused at
+        once: the search for line breaks wrapped in spaces took time in the
+        square of the run (re-attack s28: 20,000 spaces held the event loop
+        4 s; 50,000 would take half a minute).
+        """
+        for kind, part in (
+            ("image_url", lambda data: {"url": "data:image/png;base64," + data}),
+            ("input_audio", lambda data: {"data": data, "format": "wav"}),
+        ):
+            data = "QUJD" + " " * 50_000 + "QUJD"
+            body = {"model": "m", "messages": [{"role": "user", "content": [{"type": kind, kind: part(data)}]}]}
+            started = time.process_time()
+            with self.assertRaises(APIError):
+                parse_chat_request(orjson.dumps(body))
+            self.assertLess(time.process_time() - started, 1.0, kind)
+        # Wrapped in lines, with spaces, tabs and CR around the breaks: unwrapped.
+        body = {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD \r\n\tQUJD\nQQ=="}}
+                    ],
+                }
+            ],
+        }
+        parsed = parse_chat_request(orjson.dumps(body))
+        self.assertEqual(
+            parsed.body["messages"][0]["content"][0]["image_url"]["url"], "data:image/png;base64,QUJDQUJDQQ=="
+        )
+
 
 class CallIdTests(SynchronousTestCase):
     """
