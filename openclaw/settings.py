@@ -1209,6 +1209,24 @@ def _check_directories(path: Path, links: Sequence[Path], what: str, euid: int, 
             )
 
 
+def check_private_directories(path: Path, what: str, fix: str, euid: int | None = None) -> None:
+    """
+    Hold the directories C{path} is reached through to the rule of secret
+    files' directories (L{_check_directories}), and every symbolic link
+    met on the way to L{check_private_file}'s: for a file (or directory)
+    the gateway makes at C{path}, which may not be there yet, that others
+    must not be able to replace.
+
+    @param what: how the operator named it.
+    @param fix: the other way out, in the refusal.
+    @param euid: the gateway's user id (default: this process's).
+    @raise ConfigError: one line naming the directory or link and the fix.
+    """
+    euid = os.geteuid() if euid is None else euid
+    links = _trusted_links(path, what, euid, fix)
+    _check_directories(path, [link for link, _ in links], what, euid, fix)
+
+
 def check_token_directory(path: Path, what: str, euid: int | None = None) -> None:
     """
     Hold the directories of C{TOKEN_FILE} to the rule of secret files'
@@ -1224,10 +1242,8 @@ def check_token_directory(path: Path, what: str, euid: int | None = None) -> Non
     @param euid: the gateway's user id (default: this process's).
     @raise ConfigError: one line naming the directory or link and the fix.
     """
-    euid = os.geteuid() if euid is None else euid
     fix = "point TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
-    links = _trusted_links(path, what, euid, fix)
-    _check_directories(path, [link for link, _ in links], what, euid, fix)
+    check_private_directories(path, what, fix, euid)
 
 
 def check_state_directory(path: Path, what: str, fix: str, euid: int | None = None) -> str | None:

@@ -358,11 +358,18 @@ class SocketFileTests(SynchronousTestCase):
         parent = Path(tempfile.mkdtemp(dir="/tmp"))
         self.addCleanup(parent.rmdir)
         parent.chmod(0o777)
-        with self.assertRaises(ConfigError) as raised:
-            make_socket_directory(2, str(parent))
-        self.assertIn("others may write it and it is not sticky (mode 0777)", str(raised.exception))
-        self.assertIn("set TMPDIR to a directory only the gateway's user may write", str(raised.exception))
-        self.assertEqual(list(parent.iterdir()), [])
+        nested = parent / "sub"
+        nested.mkdir(mode=0o755)
+        self.addCleanup(nested.rmdir)
+        # The directory it is made in, or any above it (re-attack s28: one
+        # level up was not looked at).
+        for where in (parent, nested):
+            with self.assertRaises(ConfigError) as raised:
+                make_socket_directory(2, str(where))
+            self.assertIn(f"{str(parent)!r}, which group or others may write (mode 0777)", str(raised.exception))
+            self.assertIn("set TMPDIR to a directory only the gateway's user may write", str(raised.exception))
+            self.assertEqual(list(nested.iterdir()), [])
+        self.assertEqual(list(parent.iterdir()), [nested])
         parent.chmod(0o1777)
         sockets = make_socket_directory(2, str(parent))
         self.addCleanup(remove_socket_directory, sockets)

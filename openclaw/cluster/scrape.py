@@ -73,7 +73,7 @@ from zope.interface import implementer
 
 from openclaw.providers.fetch import read_body
 from openclaw.reactors import IClientReactor
-from openclaw.settings import ConfigError
+from openclaw.settings import ConfigError, check_private_directories
 from openclaw.web import head_or_body
 
 #: How long the worker a scrape reached waits for each sibling's series
@@ -123,23 +123,23 @@ def make_socket_directory(count: int, parent: str | None = None) -> WorkerSocket
     own).  Not under C{STATE_DIR}: a socket's path is limited to
     L{MAX_SOCKET_PATH_BYTES}, which a deep state directory would pass.
 
-    The directory it is made in must keep others from renaming it away
-    and putting their own in its place (a worker connects to its
-    siblings by path): not writable by others than its owner (root or
-    the gateway's user), unless sticky as C{/tmp} is (rename(2): only an
-    entry's owner may move it out of a sticky directory).
+    The directories it is made in must keep others from renaming it
+    away and putting their own in its place (a worker connects to its
+    siblings by path): each, up to C{/}, held to the rule of secret
+    files' directories (L{openclaw.settings.check_private_directories}:
+    the gateway's user's or root's, written by no one else unless sticky
+    as C{/tmp} is).
 
     @raise ConfigError: it cannot be made, its parent lets others replace
         it, or its sockets' paths would be too long (the line says to
         point C{TMPDIR} elsewhere).
     """
     where = parent or tempfile.gettempdir()
-    problem = _parent_problem(Path(where))
-    if problem is not None:
-        raise ConfigError(
-            f"--workers would make the directory of its workers' metrics sockets in {where!r}, where {problem}; "
-            "set TMPDIR to a directory only the gateway's user may write, or a sticky one such as /tmp"
-        )
+    check_private_directories(
+        Path(where) / SOCKET_DIRECTORY_PREFIX,
+        f"the directory of --workers' metrics sockets (made in {where!r}: TMPDIR)",
+        "set TMPDIR to a directory only the gateway's user may write, or a sticky one such as /tmp",
+    )
     try:
         directory = Path(tempfile.mkdtemp(prefix=SOCKET_DIRECTORY_PREFIX, dir=parent))
     except OSError as e:
@@ -156,24 +156,6 @@ def make_socket_directory(count: int, parent: str | None = None) -> WorkerSocket
             f"a UNIX socket's {MAX_SOCKET_PATH_BYTES} bytes; set TMPDIR to a shorter directory (such as /tmp)"
         )
     return sockets
-
-
-def _parent_problem(parent: Path, euid: int | None = None) -> str | None:
-    """
-    What lets others than root and the gateway's user replace an entry of
-    C{parent}, or L{None}: it is theirs to write and not sticky.
-    """
-    euid = os.geteuid() if euid is None else euid
-    try:
-        held = os.stat(parent)
-    except OSError:
-        return None  # mkdtemp says why
-    mode = stat.S_IMODE(held.st_mode)
-    if held.st_uid not in (0, euid) and not mode & stat.S_ISVTX:
-        return f"uid {held.st_uid} owns it (not sticky)"
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        return f"others may write it and it is not sticky (mode {mode:04o})"
-    return None
 
 
 def ensure_socket_directory(sockets: WorkerSockets) -> None:
