@@ -65,7 +65,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent
+from twisted.web.client import Agent, ResponseFailed
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -396,14 +396,31 @@ class WorkersExposition:
         }
         #: Sibling -> when (reactor seconds) its absence was last logged.
         self._logged: dict[int, float] = {}
+        #: The scrapes waiting for the siblings' read in progress, if one is.
+        self._waiting: list[Deferred[bytes]] | None = None
 
     def exposition(self) -> Deferred[bytes]:
         """
         Every worker's series that could be read, in the Prometheus text
         format (C{CONTENT_TYPE_LATEST}); never fails for a sibling's sake.
         """
-        reads = [self._read(sibling) for sibling in self.siblings]
-        return gatherResults(reads).addCallback(self._merged)
+        if self._waiting is None:
+            # Scrapes that come while the siblings are being read share
+            # that read: one connection per sibling, however many scrape.
+            self._waiting = []
+            reads = [self._read(sibling) for sibling in self.siblings]
+            gatherResults(reads).addCallback(self._merged).addBoth(self._answer_waiting)
+        answer: Deferred[bytes] = Deferred()
+        self._waiting.append(answer)
+        return answer
+
+    def _answer_waiting(self, result: bytes | Failure) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for answer in waiting:
+            if isinstance(result, Failure):
+                answer.errback(result)
+            else:
+                answer.callback(result)
 
     def _read(self, sibling: int) -> Deferred[tuple[int, list[Metric] | None]]:
         """
@@ -478,6 +495,13 @@ def _why(reason: Failure) -> str:
     """
     if reason.check(DeferredTimeoutError):
         return "no answer in time"
+    failed = reason.value
+    if isinstance(failed, ResponseFailed):
+        # Twisted's Agent: the failures (a refused or dropped connection)
+        # are in its reasons.
+        causes = [_why(cause) for cause in failed.reasons if isinstance(cause, Failure)]
+        if causes:
+            return "; ".join(causes)
     return reason.getErrorMessage() or getattr(reason.type, "__name__", "error")
 
 
