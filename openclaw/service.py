@@ -475,6 +475,7 @@ class GatewayService(MultiService):
             retry_max=settings.redis_reconnect_max_seconds,
             where=masked_url(settings.redis_url),
             on_consumers=self.shared_consumers.missed,
+            on_lost=self.shared_consumers.lost,
             clock=self.cluster_clock,
             cluster_name=settings.cluster_name,
             database=redis_database(settings.redis_url) or 0,

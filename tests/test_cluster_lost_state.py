@@ -225,6 +225,35 @@ class LostState(TestCase):
         c.connected()
         self.assert_agree(Route("kimi", "k-1"), token.jti, self.a, self.b, c)
 
+    def test_flushed_state_told(self) -> None:
+        """
+        A heartbeat that finds the state flushed in place tells
+        C{on_lost} (the consumers' windows went with it), once.
+        """
+        told: list[None] = []
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(GEMINI),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            "c",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_lost=lambda: told.append(None),
+        )
+        self.store.listeners.append(node.received)
+        node.connected()
+        node.start()
+        self.addCleanup(node.stop)
+        self.clock.advance(10)
+        self.assertEqual(told, [])
+        self.successResultOf(node.switch(Route("kimi", "k-1")))
+        self.store.values.clear()
+        self.clock.advance(10)
+        self.assertEqual(told, [None])
+        self.clock.advance(10)
+        self.assertEqual(told, [None])
+
     def test_flushed_in_place_newcomer_first_at_the_same_version(self) -> None:
         """
         The maintainer's case: never switched nor rotated (route and token

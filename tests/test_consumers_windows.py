@@ -159,6 +159,31 @@ class MergedWindowsTests(TestCase):
         self.assertEqual(sum(window(redis.port, "rpm").values()), 10)
 
     @inlineCallbacks
+    def test_redis_emptied_in_place(self) -> Any:
+        """
+        rpm 10: 4 calls on each instance into Redis, then Redis emptied in
+        place (FLUSHALL, no disconnection), which a heartbeat finds
+        (L{SharedConsumers.lost}, re-attack s28: the windows stayed empty,
+        and a later plain reconnection, finding no marker, added the
+        minute again).  Each instance's 4 go back: 8 in the window, the
+        spends seeded again (a marker), and a later reconnection adds
+        nothing.
+        """
+        (a, b), redis = yield self.cluster(2, rpm=10)
+        for instance in (a, b):
+            yield self.calls(instance, 4)
+        redis_command(redis.port, "FLUSHALL")
+        for instance in (a, b):
+            instance.shared.lost()
+            yield wait_for(lambda instance=instance: redis_get(redis.port, MARKER) is not None, 5)
+        yield wait_for(lambda: sum(window(redis.port, "rpm").values()) >= 8, 5)
+        for instance in (a, b):
+            instance.shared.up(False)
+            instance.shared.up(True)
+            yield self.calls(instance, 0)
+        self.assertEqual(sum(window(redis.port, "rpm").values()), 8)
+
+    @inlineCallbacks
     def test_redis_back_with_its_data_counts_nothing_twice(self) -> Any:
         """
         rpm 10, Redis away from both instances but not emptied (a network

@@ -416,6 +416,10 @@ class ClusterNode:
     @param on_consumers: called when a heartbeat finds that consumers
         changed since the last one (to reload them: their message may have
         been missed).
+    @param on_lost: called when a heartbeat finds that the store lost the
+        state this instance knows in place (flushed, evicted, restarted
+        under the connection), once it writes that state back: the store's
+        other keys went with it.
     @param clock: the cluster's clock, which the node keeps measured
         (shared with whatever else judges the cluster's state by it).
     @param cluster_name: C{CLUSTER_NAME}, and C{database} the store's
@@ -442,6 +446,7 @@ class ClusterNode:
         retry_max: float = 5.0,
         where: str = "",
         on_consumers: Callable[[], None] = lambda: None,
+        on_lost: Callable[[], None] = lambda: None,
         clock: ClusterClock | None = None,
         cluster_name: str = "openclaw",
         database: int = 0,
@@ -460,6 +465,7 @@ class ClusterNode:
         self._on_lock = on_lock
         self._on_foreign_token = on_foreign_token
         self._on_consumers = on_consumers
+        self._on_lost = on_lost
         self.clock = ClusterClock(reactor) if clock is None else clock
         #: The counters of the changes published, as the last heartbeat
         #: (or reload) read them (L{Heartbeat.changes}); None before.
@@ -1376,6 +1382,8 @@ class ClusterNode:
                     names=" and ".join(lost),
                 )
                 self._reload()
+                # The rest of its keys went with them (the consumers' windows).
+                self._on_lost()
                 return
             replaced = sorted(
                 name

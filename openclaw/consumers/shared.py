@@ -992,6 +992,23 @@ class SharedConsumers:
             self.merge_windows()
             self.seed()
 
+    def lost(self) -> None:
+        """
+        Redis lost its keys in place (a heartbeat found the cluster's state
+        gone: C{FLUSHALL}, an eviction, a restart under the connection):
+        as when it comes back empty, this instance's last minute goes back
+        into the rpm and tpm windows and the spends are seeded again.
+        (The calls admitted between the loss and the heartbeat that found
+        it are in the new windows already: added again, they count twice
+        for the rest of their minute.)
+        """
+        if not self.counters.up:
+            return
+        self.counters.reconnected()
+        if self.table.loaded:
+            self.merge_windows()
+            self.seed()
+
     def merge_windows(self) -> None:
         """
         Add the calls this instance counted that Redis's rpm and tpm
