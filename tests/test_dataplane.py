@@ -900,11 +900,15 @@ class ErrorTests(DataPlaneTestCase):
             ),
             (
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": BAD_DATA}}]}]},
-                "must be a base64 data URL",
+                "image_url.url is a data URL whose data is not base64 (RFC 4648",
             ),
             (
                 {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": BAD_DATA}}]}]},
-                "must be a base64 data URL",
+                "file.file_data is a data URL whose data is not base64 (RFC 4648",
+            ),
+            (
+                {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "file-abc"}}]}]},
+                "file.file_data must be a base64 data URL",
             ),
             (
                 {

@@ -1103,6 +1103,22 @@ def is_image_url(url: str) -> bool:
     return url[:8].lower().startswith(IMAGE_URL_SCHEMES)
 
 
+def _not_data_url(value: object, where: str, wanted: str) -> APIError:
+    """
+    The 400 for C{value} at C{where}, not a data URL L{_data_url} takes:
+    one whose head is a data URL's but whose data is not base64 is told
+    so (the rest of the rule would not say what is wrong); else C{where}
+    and C{wanted}.
+    """
+    if isinstance(value, str) and DATA_URL.match(value) is not None:
+        return bad_request(
+            f"{where} is a data URL whose data is not base64 (RFC 4648: A-Z, a-z, 0-9, + and /, padded with = to "
+            "a multiple of 4 characters; lines may be wrapped); encode the data again",
+            param=where,
+        )
+    return bad_request(f"{where} {wanted}", param=where)
+
+
 def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
     value = part.get(kind)
     if not isinstance(value, dict):
@@ -1114,10 +1130,10 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
         else:
             data_url = _data_url(url) if isinstance(url, str) else None
             if data_url is None:
-                raise bad_request(
-                    f"{at}.image_url.url must be a base64 data URL (data:image/png;base64,...) "
-                    "or an http(s):// or gs:// URL",
-                    param=f"{at}.image_url.url",
+                raise _not_data_url(
+                    url,
+                    f"{at}.image_url.url",
+                    "must be a base64 data URL (data:image/png;base64,...) or an http(s):// or gs:// URL",
                 )
             value["url"] = data_url
         detail = value.get("detail")
@@ -1139,10 +1155,11 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
         if data_url is not None:
             value["file_data"] = data_url
         else:
-            raise bad_request(
-                f"{at}.file.file_data must be a base64 data URL (data:application/pdf;base64,...); "
+            raise _not_data_url(
+                data,
+                f"{at}.file.file_data",
+                "must be a base64 data URL (data:application/pdf;base64,...); "
                 "uploaded file ids are not supported by this gateway",
-                param=f"{at}.file.file_data",
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
             raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
