@@ -145,7 +145,7 @@ class ListeningService(Service):
         after.
     """
 
-    _log = Logger(namespace="openclaw")
+    _log = Logger()
 
     def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         self.endpoint = endpoint
@@ -241,7 +241,7 @@ class GatewayService(MultiService):
     #: cannot trust), so that a unit manager sees a failure, not a stop.
     exit_status = 0
 
-    _log = Logger(namespace="openclaw")
+    _log = Logger()
 
     def __init__(
         self,

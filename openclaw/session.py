@@ -122,7 +122,7 @@ class SessionAuthority:
     precisely why it failed.
     """
 
-    _log = Logger(namespace="openclaw.session")
+    _log = Logger()
 
     def __init__(
         self,

@@ -78,7 +78,7 @@ class RouteStore:
     Reads and writes the active route as a small JSON file.
     """
 
-    _log = Logger(namespace="openclaw.state")
+    _log = Logger()
 
     def __init__(self, directory: Path, provider_ids: Iterable[str]) -> None:
         self.path = directory / STATE_FILE

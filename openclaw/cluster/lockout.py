@@ -36,7 +36,7 @@ class SharedLockout:
         (L{openclaw.control.protocol.ControlFactory.close_locked_out}).
     """
 
-    _log = Logger(namespace="openclaw.controlplane")
+    _log = Logger()
 
     def __init__(
         self,

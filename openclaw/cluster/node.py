@@ -358,7 +358,7 @@ class ClusterClock:
     cluster's token as expired nor open a new minute or day of its own.
     """
 
-    _log = Logger(namespace="openclaw.cluster")
+    _log = Logger()
 
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
@@ -427,7 +427,7 @@ class ClusterNode:
         same name in other databases.
     """
 
-    _log = Logger(namespace="openclaw.cluster")
+    _log = Logger()
 
     def __init__(
         self,

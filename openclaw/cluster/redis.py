@@ -639,7 +639,7 @@ class RedisStore:
     once the new subscription is confirmed.
     """
 
-    _log = Logger(namespace="openclaw.cluster")
+    _log = Logger()
 
     def __init__(
         self,

@@ -164,7 +164,7 @@ class WorkerSupervisor(Service):
         stopped; L{None}: none.
     """
 
-    _log = Logger(namespace="openclaw.workers")
+    _log = Logger()
 
     def __init__(
         self,
@@ -329,7 +329,7 @@ class SupervisorWatch(Service):
     same ports (C{SO_REUSEPORT}).
     """
 
-    _log = Logger(namespace="openclaw.workers")
+    _log = Logger()
 
     def __init__(
         self,

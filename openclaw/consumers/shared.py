@@ -439,7 +439,7 @@ class SharedCounters:
     C{timeout} seconds.
     """
 
-    _log = Logger(namespace="openclaw.consumers")
+    _log = Logger()
 
     def __init__(
         self, redis: ScriptRunner, reactor: IReactorTime, timeout: float, unseeded: Callable[[], None] = lambda: None
@@ -837,7 +837,7 @@ class SharedConsumers:
     C{unseeded} calls L{seed} (late-binding, as these are built on them).
     """
 
-    _log = Logger(namespace="openclaw.consumers")
+    _log = Logger()
 
     def __init__(self, table: ConsumerTable, counters: SharedCounters, redis: ScriptRunner, instance: str) -> None:
         self.table = table

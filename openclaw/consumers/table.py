@@ -594,7 +594,7 @@ class ConsumerTable:
         holds goes unsaid, in seconds (L{HELD_LOG_SECONDS} by default).
     """
 
-    _log = Logger(namespace="openclaw.consumers")
+    _log = Logger()
 
     def __init__(
         self,

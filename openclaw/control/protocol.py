@@ -558,7 +558,7 @@ class ControlFactory(WebSocketServerFactory):
     protocol = ControlProtocol  # type: ignore[assignment]
     #: The control plane's log (Autobahn's factory has its own C{log}):
     #: refusals, connections opened and closed, handshake errors.
-    events = Logger(namespace="openclaw.controlplane")
+    events = Logger()
 
     def __init__(
         self,

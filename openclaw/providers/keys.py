@@ -60,7 +60,7 @@ class KeyPool:
     #: cluster can share it (L{openclaw.cluster.node.ClusterNode.rest}).
     on_rest: Callable[[str, str, float], None] | None = attrs.field(default=None, repr=False)
 
-    _log = Logger(namespace="openclaw.providers")
+    _log = Logger()
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
