@@ -270,7 +270,8 @@ local function merge(key, counts, which)
   if any then redis.call('EXPIRE', key, 61) end
 end
 for i = 2, #KEYS, 2 do
-  local a = i + 1 + (i - 2)
+  -- Consumer (i - 2) / 2 + 1: its four arguments start at ARGV[2i - 1].
+  local a = 2 * i - 1
   merge(KEYS[i], ARGV[a], 1)
   merge(KEYS[i + 1], ARGV[a + 1], 2)
   if lost then
