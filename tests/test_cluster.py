@@ -1643,6 +1643,43 @@ class Workers(TestCase):
         self.assertIn(b"all workers stopped", process.stdout)
 
     @inlineCallbacks
+    def test_second_gateway_on_the_same_ports_refused(self):
+        """
+        A second C{twistd -n openclaw --workers 2} of the same user (another
+        directory, so another pidfile) on the ports of one running: refused
+        with one line saying what to do, where it started and joined the
+        first one's C{SO_REUSEPORT} group (the kernel spreading connections
+        over both gateways); a single-process gateway there is refused as
+        ever.  The first one serves on with both workers.
+        """
+        port, api_port = free_port(), free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url)
+        args = ["--workers", "2", "--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
+        first = spawn_gateway(self, args, env)
+        token = yield first.token
+        yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+        second = spawn_gateway(self, args, env)
+        status = yield within(observed(second.ended), 30, "the second gateway's refusal")
+        self.assertEqual(status, 1, (second.stderr, second.stdout[-3000:]))
+        self.assertEqual(
+            second.stderr.decode().splitlines(),
+            [
+                f"openclaw: cannot listen on 127.0.0.1:{port} (WS_CONTROL_PORT, from the command line): another "
+                f"gateway (or another program) is already listening on 127.0.0.1:{port}; stop it, or choose another "
+                "port with --port"
+            ],
+        )
+        single = spawn_gateway(self, args[2:], base_env(JWT_SECRET=SECRET))
+        status = yield within(observed(single.ended), 30, "the single gateway's refusal")
+        self.assertEqual(status, 1, (single.stderr, single.stdout[-3000:]))
+        self.assertIn(b"address already in use; is another gateway running?", single.stderr)
+        self.assertFalse(first.ended.called)
+        # Every connection still reaches one of its two workers (its token).
+        yield self.status_until(port, token, lambda statuses: len(statuses) == 8, pause=0.05)
+        ended = yield first.stop()
+        self.assertIn(ended, (0, -15))
+
+    @inlineCallbacks
     def test_crash_loop_backs_off(self):
         """
         Worker 1 dies at once, again and again (killed as soon as it is

@@ -32,6 +32,7 @@ serving, and a new parent on the same ports started more beside them.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -84,14 +85,48 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
     C{SO_REUSEADDR} and C{SO_REUSEPORT} that never listens (so the kernel
     hands it no connection), kept open while the gateway runs.
 
-    @raise CannotListen: it cannot be bound.
+    Only if no socket listens there yet: a socket of the gateway's user
+    bound with C{SO_REUSEPORT} may join the sockets of another process of
+    that user listening on the port (Linux, socket(7)), so a second
+    C{--workers} gateway on the same port (another pidfile, another
+    directory) would start, and the kernel would spread the connections
+    over both gateways (maybe of other versions, tokens and settings).  So
+    a plain socket (C{SO_REUSEADDR}, which the C{TIME_WAIT} of connections
+    of an earlier run does not stand in the way of; no C{SO_REUSEPORT}) is
+    bound first and closed again: it cannot be while any socket listens
+    there (another gateway's workers, a single-process gateway, another
+    program).  A worker started again binds its own socket
+    (L{ReusePortEndpoint}): this reservation, not listening, is no
+    obstacle to it.
+
+    Not seen: another C{--workers} gateway none of whose workers listens
+    yet, or at that moment (its reservation, bound but not listening, is
+    not in the way of the plain socket): two gateways started within the
+    second or so their workers take to listen, or one started while all of
+    another's workers are being started again, may still share the port.
+
+    @raise CannotListen: a socket listens there already (the line says to
+        stop that gateway or choose another port), or it cannot be bound.
     """
     family = address_family(interface)
+    address = bind_address(interface, port)
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"openclaw: cannot listen on {listener.where} ({listener.named}): another gateway (or another "
+                f"program) is already listening on {listener.where}; stop it, or choose another port with "
+                f"{listener.option}"
+            ) from None
+        raise CannotListen(listener.failure_line(e)) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(bind_address(interface, port))
+        sock.bind(address)
     except OSError as e:
         sock.close()
         raise CannotListen(
