@@ -31,7 +31,13 @@ from twisted.python.failure import Failure
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import ClusterClock, ClusterNode
 from openclaw.cluster.redis import RedisStore, redis_database
-from openclaw.cluster.scrape import OwnMetrics, PrivateSocketEndpoint, WorkersExposition, WorkerSockets
+from openclaw.cluster.scrape import (
+    OwnMetrics,
+    PrivateSocketEndpoint,
+    PrivateSocketWatch,
+    WorkersExposition,
+    WorkerSockets,
+)
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
@@ -418,10 +424,14 @@ class GatewayService(MultiService):
             # listening at once (while waiting for the cluster store, too:
             # its metrics say so), and every worker's on /metrics.
             exposition = WorkersExposition(reactor, self.metrics.registry, worker_sockets, worker).exposition
-            ListeningService(
+            private = ListeningService(
                 PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
                 metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
-            ).setServiceParent(self)
+            )
+            private.setServiceParent(self)
+            # Listening again on it if a cleaner of the temporary directory
+            # removes it.
+            PrivateSocketWatch(reactor, worker_sockets, worker, private).setServiceParent(self)
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts, exposition
         )

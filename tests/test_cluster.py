@@ -1878,6 +1878,66 @@ class Workers(TestCase):
         self.assertEqual(list(tmp.iterdir()), [])
 
     @inlineCallbacks
+    def test_metrics_sockets_removed_by_a_cleaner(self):
+        """
+        The directory of the workers' metrics sockets removed while the
+        gateway runs (a cleaner of the temporary directory): within a few
+        seconds every worker listens on its socket again (the directory
+        made again, mode 0700), so a scrape holds every worker's series
+        again, each worker saying once that it did; they stayed missing
+        until their worker was started again.
+        """
+        tmp = Path(tempfile.mkdtemp(prefix="ocw-", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        port, api_port = free_port(), free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, GATEWAY_API_KEYS=GATEWAY_KEY, TMPDIR=str(tmp))
+        args = ["--workers", "2", "--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
+        process = spawn_gateway(self, args, env)
+        token = yield process.token
+        yield self.status_until(port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1})
+
+        def scrape() -> tuple[float | None, set[str]]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10) as response:
+                families = list(text_string_to_metric_families(response.read().decode()))
+            samples = [sample for family in families for sample in family.samples]
+            scraped = next((s.value for s in samples if s.name == "openclaw_workers_scraped"), None)
+            return scraped, {sample.labels["worker"] for sample in samples if "worker" in sample.labels}
+
+        @inlineCallbacks
+        def scraped_until(wanted: float, seconds: float) -> Any:
+            deadline = time.monotonic() + seconds
+            while True:
+                # A new connection each: either worker may answer it.
+                found = yield deferToThread(scrape)
+                if found[0] == wanted or time.monotonic() > deadline:
+                    return found
+                yield sleep(0.1)
+
+        found = yield scraped_until(2.0, 20)
+        self.assertEqual(found, (2.0, {"0", "1"}))
+        directory = next(tmp.iterdir())
+        shutil.rmtree(directory)
+        removed = time.monotonic()
+        # Each worker looks once a second: both listen again within a few.
+        while not all(os.path.lexists(directory / f"{index}.sock") for index in (0, 1)):
+            self.assertLess(time.monotonic() - removed, 5, process.stdout[-3000:])
+            yield sleep(0.1)
+        self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700)
+        self.assertEqual(sorted(path.name for path in directory.iterdir()), ["0.sock", "1.sock"])
+        for _ in range(6):
+            found = yield deferToThread(scrape)
+            self.assertEqual(found, (2.0, {"0", "1"}), process.stdout[-3000:])
+        for index in (0, 1):
+            said = re.findall(
+                rf"worker {index}'s metrics socket \S+ (and its directory )?had gone".encode(), process.stdout
+            )
+            self.assertEqual(len(said), 1, process.stdout[-3000:])
+        self.assertNotIn(b"Traceback", process.stdout)
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
+        self.assertEqual(list(tmp.iterdir()), [])
+
+    @inlineCallbacks
     def test_metrics_hold_every_workers_series(self):
         """
         C{/metrics} under C{--workers 2}, on the API port: whichever worker

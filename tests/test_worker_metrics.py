@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -27,7 +28,8 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogLevel
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -36,6 +38,7 @@ from openclaw.cluster.scrape import (
     MAX_SOCKET_PATH_BYTES,
     OwnMetrics,
     PrivateSocketEndpoint,
+    PrivateSocketWatch,
     WorkersExposition,
     WorkerSockets,
     decode_families,
@@ -47,7 +50,7 @@ from openclaw.cluster.scrape import (
 )
 from openclaw.dataplane.site import MetricsRoot, MetricsSite
 from openclaw.providers.fetch import read_body
-from openclaw.service import GatewayService
+from openclaw.service import GatewayService, ListeningService
 from openclaw.settings import ConfigError, Settings
 from tests.support import SECRET, RecordingEndpoint, capture_log_events, exchange
 
@@ -449,6 +452,71 @@ class PrivateSocketTests(TestCase):
             yield PrivateSocketEndpoint(reactor, other).listen(Factory.forProtocol(Protocol))
         self.assertEqual(other.read_text(), "not a socket")
         other.unlink()
+
+
+class PrivateSocketWatchTests(TestCase):
+    """
+    L{PrivateSocketWatch}: a worker's private socket removed while it runs
+    (a cleaner of the temporary directory), alone or with its directory,
+    is listened on again at the next check.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def until_listening(self, path: Path) -> Any:
+        deadline = time.monotonic() + 5
+        while not os.path.lexists(path) or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            self.assertLess(time.monotonic(), deadline, f"{path} not listened on again")
+            yield deferLater(reactor, 0.02, lambda: None)
+        code, _ = yield get_over(path)
+        self.assertEqual(code, 200)
+
+    @inlineCallbacks
+    def test_listened_on_again(self):
+        sockets = socket_directory(self, 2)
+        path = sockets.path(1)
+        site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
+        listening = ListeningService(PrivateSocketEndpoint(reactor, path), site)
+        listening.startService()
+        self.addCleanup(listening.stopService)
+        watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=0.05)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        events = capture_log_events(self)
+
+        def warnings() -> list[str]:
+            return [formatEvent(event) for event in events if event.get("log_level") == LogLevel.warn]
+
+        # The whole directory removed: made again (0700), the socket 0600.
+        shutil.rmtree(sockets.directory)
+        yield self.until_listening(path)
+        self.assertEqual(stat.S_IMODE(os.stat(sockets.directory).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.lstat(path).st_mode), 0o600)
+        self.assertEqual(len(warnings()), 1, warnings())
+        self.assertIn("and its directory had gone; made the directory again (mode 0700) and listening", warnings()[0])
+        # The socket alone.
+        path.unlink()
+        yield self.until_listening(path)
+        self.assertEqual(len(warnings()), 2, warnings())
+        self.assertIn(f"metrics socket {path} had gone; listening on it again", warnings()[1])
+        # A directory others may use in its place: not listened in, said once.
+        shutil.rmtree(sockets.directory)
+        sockets.directory.mkdir()
+        sockets.directory.chmod(0o755)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(os.path.lexists(path))
+        errors = [formatEvent(event) for event in events if event.get("log_level") == LogLevel.error]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("its directory cannot be used again (others than its owner may use it (mode 0755))", errors[0])
+        sockets.directory.chmod(0o700)
+        yield self.until_listening(path)
+        # Stopped: its socket goes, and it is not made again.
+        yield watch.stopService()
+        yield listening.stopService()
+        self.assertFalse(os.path.lexists(path))
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(os.path.lexists(path))
 
 
 class FamiliesTests(SynchronousTestCase):

@@ -26,7 +26,9 @@ scrapes worker C{worker} answered without C{sibling}'s, and a warning is
 logged at most once a minute per sibling (L{FAILURE_LOG_SECONDS}).
 
 The private socket answers with its worker's own series only: it never
-asks the siblings (no scrape fans out twice).
+asks the siblings (no scrape fans out twice).  A worker whose socket (or
+the whole directory) a cleaner of the temporary directory removed listens
+on it again within a second or so (L{PrivateSocketWatch}).
 
 Not C{prometheus_client}'s multiprocess mode: it reads values the
 processes write to shared files, which the gateway's gauges computed when
@@ -47,22 +49,26 @@ import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Metric, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
+    IReactorTime,
     IReactorUNIX,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseFailed
@@ -89,6 +95,9 @@ SOCKET_DIRECTORY_PREFIX = "openclaw-workers-"
 #: The longest path a UNIX socket may be bound to on Linux: C{sun_path}'s
 #: 108 bytes less the terminating NUL (unix(7)).
 MAX_SOCKET_PATH_BYTES = 107
+#: How often a worker looks that its private socket is still there
+#: (L{PrivateSocketWatch}), in seconds.
+SOCKET_CHECK_SECONDS = 1.0
 #: The label every worker's series carry in a C{--workers} scrape.
 WORKER_LABEL = "worker"
 #: The workers' events (as L{openclaw.cluster.workers}'); not on a class,
@@ -241,6 +250,125 @@ class PrivateSocketEndpoint:
         endpoint = UNIXServerEndpoint(self.reactor, str(self.path), mode=0o600, wantPID=False)
         listening: Deferred[IListeningPort] = endpoint.listen(protocolFactory)
         return listening
+
+
+class PrivateSocketWatch(Service):
+    """
+    In a worker: every C{interval} seconds, look that its private socket
+    (C{sockets.path(index)}) is still there.  A cleaner of the temporary
+    directory (C{systemd-tmpfiles}, C{tmpreaper}) may remove it, or the
+    whole directory, while the gateway runs: the siblings could then no
+    longer read this worker's series, missing from every scrape until the
+    worker was started again.  Once it has gone: the directory is made
+    again if it has gone (L{ensure_socket_directory}: mode 0700) and
+    checked (L{socket_directory_problem}: else the error is logged once,
+    nothing listens, and it is looked at again at the next check), and
+    C{listening} (the service listening on the socket: L{PrivateSocketEndpoint},
+    which binds it mode 0600) is stopped and started again; logged once
+    each time, a warning.
+
+    Twisted's UNIX port removes its path when it stops listening, and
+    fails if the path has gone (its C{connectionLost}): an empty file is
+    put there first, for it to remove.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        sockets: WorkerSockets,
+        index: int,
+        listening: IService,
+        interval: float = SOCKET_CHECK_SECONDS,
+    ) -> None:
+        self.sockets = sockets
+        self.index = index
+        self.listening = listening
+        self.interval = interval
+        self._check = LoopingCall(self.check)
+        self._check.clock = reactor
+        #: The problem last logged (the directory refused, or the listen
+        #: failing): not logged again while it lasts.
+        self._problem: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._check.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._check.running:
+            self._check.stop()
+        return super().stopService()
+
+    def check(self) -> Deferred[None] | None:
+        """
+        Listen again if the socket has gone; fires once listening again
+        (never fails: a problem is logged).
+        """
+        path = self.sockets.path(self.index)
+        if os.path.lexists(path):
+            return None
+        made = not self.sockets.directory.exists()
+        try:
+            ensure_socket_directory(self.sockets)
+            problem = socket_directory_problem(self.sockets.directory)
+        except OSError as e:
+            problem = e.strerror or str(e)
+        if problem is not None:
+            self._failed(
+                "worker {index}'s metrics socket {path} has gone and its directory cannot be used again ({problem}): "
+                "its series are missing from every scrape until it is started again; if something else took "
+                "the directory's name, stop the gateway, look at it and start the gateway again",
+                problem,
+                path,
+            )
+            return None
+        with contextlib.suppress(OSError):
+            # For the port that stops to remove (not a socket: a sibling
+            # connecting meanwhile is refused, as when it is missing).
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        stopped: Deferred[object] = maybeDeferred(self.listening.stopService)
+
+        def listen(result: object) -> None:
+            if isinstance(result, Failure):
+                # The file taken away in between: the old socket is not
+                # closed (Twisted's port stopped before it closes it).
+                _log.debug("stopping the listen on {path}: {error}", path=str(path), error=result.getErrorMessage())
+            if not self.running:
+                return
+            try:
+                self.listening.startService()
+            except Exception as e:
+                self._failed(
+                    "worker {index}'s metrics socket {path} has gone and it cannot listen on it again ({problem}): "
+                    "its series are missing from every scrape until it is started again",
+                    str(e),
+                    path,
+                )
+                return
+            self._problem = None
+            gone = "and its directory had gone; made the directory again (mode 0700) and" if made else "had gone;"
+            _log.warn(
+                "worker {index}'s metrics socket {path} " + gone + " listening on it again: its series are in every "
+                "scrape again.  Something removed it while the gateway ran: if a cleaner of the temporary "
+                "directory (tmpreaper, a tmpfiles.d age), keep it off directories named "
+                + SOCKET_DIRECTORY_PREFIX
+                + "* ({directory})",
+                index=self.index,
+                path=str(path),
+                directory=str(self.sockets.directory),
+                directory_made=made,
+            )
+
+        return stopped.addBoth(listen)
+
+    def _failed(self, line: str, problem: str, path: Path) -> None:
+        """
+        Log C{line} (an error) unless C{problem} was the last one logged.
+        """
+        if problem == self._problem:
+            return
+        self._problem = problem
+        _log.error(line, index=self.index, path=str(path), problem=problem)
 
 
 def encode_families(registry: CollectorRegistry) -> bytes:
