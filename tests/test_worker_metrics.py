@@ -32,6 +32,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openclaw.cluster.scrape import (
     FAILURE_LOG_SECONDS,
@@ -234,6 +236,37 @@ class ExpositionTests(TestCase):
         self.assertIn("No such file or directory", warnings[0]["error"])
 
     @inlineCallbacks
+    def test_sibling_of_odd_families_is_left_out(self):
+        """
+        A sibling answering families prometheus_client could not write (a
+        label value that is a number: a sibling of another version, or a
+        bug) is left out of the scrape, counted and logged, as one that
+        does not answer; the scrape holds the others' series (the whole
+        exposition failed: a 500 for every scrape).
+        """
+        sockets = socket_directory(self, 3)
+        yield serve_own(self, self.registry(5), sockets.path(1))
+
+        class Odd(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                return b'[["demo_odd", "Odd", "gauge", "", [["demo_odd", {"label": 1}, 1, null]]]]'
+
+        listening = yield UNIXServerEndpoint(reactor, str(sockets.path(2))).listen(Site(Odd()))
+        self.addCleanup(listening.stopListening)
+        events = capture_log_events(self)
+        exposition = WorkersExposition(reactor, self.registry(3), sockets, 0)
+        text = (yield exposition.exposition()).decode()
+        self.assertEqual(value(text, "demo_calls_total", status="200", worker="1"), 5.0)
+        self.assertNotIn("demo_odd", text)
+        self.assertEqual(value(text, "openclaw_workers_scraped"), 2.0)
+        self.assertEqual(value(text, "openclaw_worker_scrape_failures_total", sibling="2", worker="0"), 1.0)
+        warnings = [event for event in events if event.get("log_level") == LogLevel.warn]
+        self.assertEqual([event["sibling"] for event in warnings], [2])
+        self.assertEqual(warnings[0]["error"], "not a worker's metric families: 1 is not a string")
+
+    @inlineCallbacks
     def test_concurrent_scrapes_share_one_read(self):
         """
         Scrapes that come together share one read of each sibling: 40 at
@@ -338,6 +371,57 @@ class GatewayWorkerTests(TestCase):
         )
         self.assertFalse([labels for _, labels in own if "worker" in dict(labels)])
         self.assertFalse([name for name, _ in own if name.startswith("openclaw_workers")])
+
+    @inlineCallbacks
+    def test_own_series_failing(self):
+        """
+        A collector of a worker failing (a bug: no sibling's doing): a
+        scrape that reaches that worker is a plain 500 saying where to
+        look, logged with its traceback; one that reaches its sibling
+        leaves it out (its socket answered 500), counted.  Both serve on:
+        the next scrapes, the collector mended, hold both workers' series.
+        """
+        from twisted.internet.threads import deferToThread
+
+        class Failing:
+            failing = True
+
+            def describe(self) -> list[Any]:
+                return []
+
+            def collect(self) -> list[Any]:
+                if self.failing:
+                    raise RuntimeError("a collector's bug")
+                return []
+
+        sockets = socket_directory(self, 2)
+        zero, zero_port = self.worker(sockets, 0)
+        one, one_port = self.worker(sockets, 1)
+        failing = Failing()
+        zero.metrics.registry.register(failing)
+        events = capture_log_events(self)
+        request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        answer = yield deferToThread(exchange, zero_port, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 500 "), head)
+        self.assertIn(b"Content-Type: text/plain; charset=utf-8", head)
+        self.assertIn(b"\r\nthe workers' metrics could not be gathered: see the gateway's log\n\r\n", body)
+        failures = [event for event in events if event.get("log_failure") is not None]
+        self.assertEqual([event["log_format"] for event in failures], ["could not gather the workers' metrics"])
+        self.assertTrue(failures[0]["log_failure"].check(RuntimeError))
+        answer = yield deferToThread(exchange, one_port, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertEqual(value(body.decode(), "openclaw_workers_scraped"), 1.0)
+        self.assertEqual(value(body.decode(), "openclaw_worker_scrape_failures_total", sibling="0", worker="1"), 1.0)
+        failing.failing = False
+        for port in (zero_port, one_port):
+            answer = yield deferToThread(exchange, port, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+            self.assertEqual(value(body.decode(), "openclaw_workers_scraped"), 2.0)
+        # Logged: by worker 0's scrape and its private socket's answer.
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     @inlineCallbacks
     def test_single_process_unchanged(self):
@@ -554,6 +638,14 @@ class FamiliesTests(SynchronousTestCase):
             b"[1]",
             b'[["a", "b", "no such type", "", []]]',
             b'[["a", "b", "gauge", "", [["a", {}, "x", null]]]]',
+            # What prometheus_client could not write (the whole scrape's
+            # exposition failing): labels, names and texts that are not
+            # strings, a timestamp that is not a number.
+            b'[["a", "b", "gauge", "", [["a", {"l": 1}, 1, null]]]]',
+            b'[["a", "b", "gauge", "", [["a", {}, 1, "x"]]]]',
+            b'[["a", 5, "gauge", "", [["a", {}, 1, null]]]]',
+            b'[["a", "b", "gauge", "", [[5, {}, 1, null]]]]',
+            b'[["a", "b", "gauge", "", [["a", [], 1, null]]]]',
         ):
             with self.assertRaises(ValueError):
                 decode_families(encoded, 0)

@@ -408,6 +408,11 @@ def decode_families(encoded: bytes, worker: int) -> list[Metric]:
     The metric families of L{encode_families}' JSON, each sample labelled
     C{worker="<worker>"} (L{WORKER_LABEL}).
 
+    Every part is checked to be of the shape L{encode_families} gives
+    (texts, labels of text, numbers): one that is not (a sibling of
+    another version, or a bug) would make C{prometheus_client} fail to
+    write the whole scrape's exposition, not only this worker's series.
+
     @raise ValueError: it is not such JSON (not a worker of this
         gateway's).
     """
@@ -418,13 +423,31 @@ def decode_families(encoded: bytes, worker: int) -> list[Metric]:
         if not isinstance(document, list):
             raise TypeError("not a list")
         for name, documentation, kind, unit, samples in document:
-            family = Metric(name, documentation, kind, unit)
+            family = Metric(_text(name), _text(documentation), _text(kind), _text(unit))
             for sample_name, labels, value, timestamp in samples:
-                family.add_sample(sample_name, {**labels, WORKER_LABEL: label}, float(value), timestamp)
+                if not isinstance(labels, dict):
+                    raise TypeError(f"labels {labels!r} are not an object")
+                family.add_sample(
+                    _text(sample_name),
+                    {_text(key): _text(text) for key, text in labels.items()} | {WORKER_LABEL: label},
+                    float(value),
+                    None if timestamp is None else float(timestamp),
+                )
             found.append(family)
     except (ValueError, TypeError) as e:
         raise ValueError(f"not a worker's metric families: {e}") from None
     return found
+
+
+def _text(value: object) -> str:
+    """
+    C{value}, which must be a string (a part of L{decode_families}' JSON).
+
+    @raise TypeError: it is not.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
 
 
 class OwnMetrics(Resource):
