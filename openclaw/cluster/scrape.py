@@ -350,10 +350,9 @@ class PrivateSocketWatch(Service):
             _log.warn(
                 "worker {index}'s metrics socket {path} " + gone + " listening on it again: its series are in every "
                 "scrape again.  Something removed it while the gateway ran: if a cleaner of the temporary "
-                "directory (tmpreaper, a tmpfiles.d age), keep it off directories named "
-                + SOCKET_DIRECTORY_PREFIX
-                + "* ({directory})",
+                "directory (tmpreaper, a tmpfiles.d age), keep it off directories named {prefix}* ({directory})",
                 index=self.index,
+                prefix=SOCKET_DIRECTORY_PREFIX,
                 path=str(path),
                 directory=str(self.sockets.directory),
                 directory_made=made,
