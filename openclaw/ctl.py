@@ -683,7 +683,11 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
                 "the gateway writes it when started with TOKEN_FILE / --token-file"
             ) from None
         if not content:
-            raise UsageError(f"the token file {token_file} is empty")
+            raise UsageError(
+                f"the token file {token_file} is empty; name the file the gateway was started with "
+                "(TOKEN_FILE / --token-file: it writes the token there at start and at each rotate_token), "
+                "or pass --token TOKEN"
+            )
         return content
     from_environment = environ.get(TOKEN_VARIABLE, "").strip()
     if from_environment:

@@ -1000,7 +1000,10 @@ def _ca_file(path: str) -> bytes:
             f"at most {MAX_CA_FILE_BYTES // 1024 // 1024} MiB"
         ) from None
     except OSError as e:
-        raise ConfigError(f"UPSTREAM_CA_FILE={path!r} cannot be read: {e.strerror}") from None
+        raise ConfigError(
+            f"UPSTREAM_CA_FILE={path!r} cannot be read: {e.strerror}; make it readable by the gateway's user, "
+            "or point UPSTREAM_CA_FILE at another PEM file"
+        ) from None
     try:
         load_pem_x509_certificates(data)
     except ValueError:
@@ -1760,7 +1763,9 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     try:
         info = os.stat(path)
     except OSError as e:
-        raise ConfigError(f"{what} cannot be read: {e.strerror}") from None
+        raise ConfigError(
+            f"{what} cannot be read: {e.strerror}; make it readable by the gateway's user, or {fix}"
+        ) from None
     if not stat.S_ISREG(info.st_mode):
         raise ConfigError(f"{what} is {kind_of(info.st_mode)}, not a regular file; {fix}")
     warning = check_private_file(Path(path), what, secret=True)
@@ -1771,7 +1776,9 @@ def _read_secret_file(path: str, warnings: list[str] | None = None) -> bytes:
     except NotARegularFile as e:
         raise ConfigError(f"{what} is refused: {e}; {fix} (a secret is a few dozen bytes)") from None
     except OSError as e:
-        raise ConfigError(f"{what} cannot be read: {e.strerror}") from None
+        raise ConfigError(
+            f"{what} cannot be read: {e.strerror}; make it readable by the gateway's user, or {fix}"
+        ) from None
     if not secret:
         raise ConfigError(f"{what} is empty; put a secret of 32 bytes or more in it")
     _check_secret_length(secret, f"the secret in {what} is")
@@ -2003,7 +2010,10 @@ def _load_settings(
 
     ids = [adapter.id for adapter in declared]
     if not ids:
-        raise ConfigError("no provider is declared")
+        raise ConfigError(
+            "no provider is declared: pass load_settings at least one ProviderAdapter class "
+            "(openclaw.settings.builtin_providers() lists the built-in ones)"
+        )
     from openclaw.providers.base import ProviderDeclarationError, check_declarations
 
     try:

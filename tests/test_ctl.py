@@ -282,6 +282,7 @@ class ParseRequestTests(TestCase):
         empty.write_text("\n")
         error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, empty, {})
         self.assertIn("empty", str(error))
+        self.assertIn("pass --token TOKEN", str(error))
 
     def test_token_file_too_large(self):
         """

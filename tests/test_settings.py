@@ -422,7 +422,7 @@ class LoadTests(SynchronousTestCase):
         path.write_bytes(b"short\n")
         self.assertConfigError(f"the secret in JWT_SECRET_FILE={str(path)!r} is 5 bytes long")
         self.environ["JWT_SECRET_FILE"] = str(self.cwd / "missing")
-        self.assertConfigError("JWT_SECRET_FILE", "cannot be read")
+        self.assertConfigError("JWT_SECRET_FILE", "cannot be read", "make it readable by the gateway's user")
         self.environ["JWT_SECRET"] = GOOD_SECRET
         self.assertConfigError("both set")
 
@@ -588,7 +588,12 @@ class LoadTests(SynchronousTestCase):
         path.unlink()
         registry = ProviderRegistry.from_settings(settings, reactor)
         self.addCleanup(registry.close)
-        self.assertConfigError("UPSTREAM_CA_FILE", "cannot be read", UPSTREAM_CA_FILE=str(self.cwd / "missing.pem"))
+        self.assertConfigError(
+            "UPSTREAM_CA_FILE",
+            "cannot be read",
+            "point UPSTREAM_CA_FILE at another PEM file",
+            UPSTREAM_CA_FILE=str(self.cwd / "missing.pem"),
+        )
         path.write_bytes(b"not a certificate\n")
         self.assertConfigError("UPSTREAM_CA_FILE", "no readable PEM certificate", UPSTREAM_CA_FILE=str(path))
 

@@ -225,8 +225,6 @@ MAX_STOP_SEQUENCES = 5
 #: C{maxOutputTokens}, C{candidateCount}, C{logprobs}; C{ThinkingConfig}'s
 #: C{thinkingBudget}; C{EmbedContentRequest}'s C{outputDimensionality}).
 INT32_RANGE = (-(2**31), 2**31 - 1)
-#: C{seed} is one of them.
-SEED_RANGE = INT32_RANGE
 #: OpenAI's integer fields that become an int32 field of C{generationConfig}:
 #: (OpenAI name, Gemini name, OpenAI's own lower bound).  C{n} and
 #: C{top_logprobs} have tighter limits of their own (L{MAX_CANDIDATES},
