@@ -30,7 +30,11 @@ While Redis is unreachable, each instance counts on its own
 limits hold per instance then, and nobody is refused for Redis's absence.
 When Redis is back, each instance adds what it counted meanwhile to the
 rpm and tpm windows, and what it counted into Redis in the last minute if
-Redis came back without it (L{MERGE}, L{SharedCounters.merge_windows}).
+Redis came back without it (L{MERGE}, L{SharedCounters.merge_windows}); and
+the reservations of its calls still in flight that it made on its own go
+to Redis's, while those its calls admitted through Redis hold there are
+released for the calls that ended meanwhile (L{CARRY},
+L{SharedCounters.carry}).
 """
 
 from __future__ import annotations
@@ -282,6 +286,58 @@ end
 return {lost and 1 or 0, marker or '', tostring(added[1]), tostring(added[2])}
 """
 
+#: KEYS: per consumer its reserved and reserved tokens.
+#: ARGV: reservation lifetime, token reservation lifetime (seconds); then
+#: per consumer the US dollars and the tokens to reserve, and the US
+#: dollars and the tokens to release, each as 'second:amount ...' (the
+#: second of the call's admission: the field L{ADMIT} reserves in and
+#: L{COUNT} releases from).
+#: Reserved: added to the field of that second (as L{ADMIT} reserves:
+#: L{COUNT} releases them when their calls end).  Released: taken from the
+#: field of that second if Redis has it (as L{COUNT} releases), the field
+#: gone once nothing is left.
+#: Reply: {US dollars reserved, tokens reserved, US dollars released,
+#: tokens released}.
+CARRY = """
+local done = {0, 0, 0, 0}
+local function reserve(key, held, lifetime, which, float)
+  local any = false
+  for at, amount in string.gmatch(held, '(%d+):([%d.]+)') do
+    if float then
+      redis.call('HINCRBYFLOAT', key, at, amount)
+    else
+      redis.call('HINCRBY', key, at, amount)
+    end
+    done[which] = done[which] + tonumber(amount)
+    any = true
+  end
+  if any then redis.call('EXPIRE', key, lifetime + 1) end
+end
+local function release(key, held, which, float)
+  for at, amount in string.gmatch(held, '(%d+):([%d.]+)') do
+    if redis.call('HEXISTS', key, at) == 1 then
+      local left
+      if float then
+        left = tonumber(redis.call('HINCRBYFLOAT', key, at, '-' .. amount))
+      else
+        left = redis.call('HINCRBY', key, at, '-' .. amount)
+      end
+      if left <= 1e-12 then redis.call('HDEL', key, at) end
+      done[which] = done[which] + tonumber(amount)
+    end
+  end
+end
+for i = 1, #KEYS, 2 do
+  -- Consumer (i + 1) / 2: its four arguments start at ARGV[2i + 1].
+  local a = 2 * i + 1
+  reserve(KEYS[i], ARGV[a], tonumber(ARGV[1]), 1, true)
+  reserve(KEYS[i + 1], ARGV[a + 1], tonumber(ARGV[2]), 2, false)
+  release(KEYS[i], ARGV[a + 2], 3, true)
+  release(KEYS[i + 1], ARGV[a + 3], 4, false)
+end
+return {tostring(done[1]), tostring(done[2]), tostring(done[3]), tostring(done[4])}
+"""
+
 #: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
 #: 0) per spend.  Each spend Redis holds below the figure given (the
 #: database's, with the instance's rows not yet written) is raised to it;
@@ -420,6 +476,71 @@ class WindowLog:
         return " ".join(f"{at}:{counted[which]}" for at, counted in sorted(seconds.items()) if counted[which] > 0)
 
 
+@attrs.define
+class ReservationLog:
+    """
+    Reservations of each consumer's calls, by the second (POSIX, whole,
+    Redis's clock) of their admission: C{{(name, created_at): {second:
+    [US dollars, tokens]}}}, for L{CARRY}.  Memory: one entry per consumer
+    and second of admission, for L{RESERVATION_SECONDS} at most (older
+    ones are dropped by L{take}).
+    """
+
+    held: dict[_Whose, dict[int, list[float]]] = attrs.Factory(dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def add(self, whose: _Whose, second: int, usd: float, tokens: int) -> None:
+        if usd <= 0 and tokens <= 0:
+            return
+        amounts = self.held.setdefault(whose, {}).setdefault(second, [0.0, 0])
+        amounts[0] += max(0.0, usd)
+        amounts[1] += max(0, tokens)
+
+    def absorb(self, other: ReservationLog) -> None:
+        """
+        Add what C{other} holds to this log.
+        """
+        for whose, seconds in other.held.items():
+            for second, (usd, tokens) in seconds.items():
+                self.add(whose, second, usd, int(tokens))
+
+    def take(self, now: int) -> ReservationLog:
+        """
+        Empty this log: what it held that has not lapsed at C{now} (US
+        dollars admitted after C{now - }L{RESERVATION_SECONDS}, tokens
+        after C{now - }L{TOKEN_RESERVATION_SECONDS}), as L{ADMIT} counts
+        them.
+        """
+        taken = ReservationLog()
+        for whose, seconds in self.held.items():
+            for second, (usd, tokens) in seconds.items():
+                taken.add(
+                    whose,
+                    second,
+                    usd if second > now - RESERVATION_SECONDS else 0.0,
+                    int(tokens) if second > now - TOKEN_RESERVATION_SECONDS else 0,
+                )
+        self.held = {}
+        return taken
+
+    def forget(self, name: str) -> None:
+        self.held = {whose: seconds for whose, seconds in self.held.items() if whose[0] != name}
+
+    def field(self, whose: _Whose, which: int) -> str:
+        """
+        C{whose} US dollars (C{which} 0) or tokens (1), as L{CARRY} reads
+        them: C{'second:amount ...'}.
+        """
+        seconds = self.held.get(whose, {})
+        return " ".join(
+            f"{at}:{_usd(amounts[0]) if which == 0 else int(amounts[1])}"
+            for at, amounts in sorted(seconds.items())
+            if amounts[which] > 0
+        )
+
+
 class ScriptRunner(Protocol):
     """
     What this module needs of L{openclaw.cluster.redis.RedisStore}.
@@ -430,6 +551,11 @@ class ScriptRunner(Protocol):
     def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]: ...
 
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]: ...
+
+
+#: L{SharedCounters.unshared} is pruned of lapsed reservations once it
+#: holds this many calls (and then twice as many as it kept).
+UNSHARED_PRUNED_AT = 1024
 
 
 class SharedCounters:
@@ -471,6 +597,22 @@ class SharedCounters:
         #: The seeded marker's value (L{SEED}) this instance last saw:
         #: which Redis its counts went to; L{None} before it saw one.
         self.generation: str | None = None
+        #: The calls in flight whose reservations (of the budget, of tpm)
+        #: this instance made on its own (Redis away, or its spends not
+        #: seeded): held in its memory only, until carried into Redis
+        #: (L{carry}); their holders, in order of admission.
+        self.unshared: dict[Holder, None] = {}
+        #: How many it may hold before those lapsed are dropped (L{_unshared}).
+        self._prune_unshared_at = UNSHARED_PRUNED_AT
+        #: Those of them being carried (L{CARRY} sent, not answered yet):
+        #: holder -> None while its call runs, what it reserved (US dollars,
+        #: tokens, second of admission) once it ended (released in Redis
+        #: once carried there).
+        self.carrying: dict[Holder, tuple[float, int, int] | None] = {}
+        #: What Redis holds of the reservations of calls that ended while
+        #: Redis was away (admitted through it before), to release there
+        #: when it is back (L{carry}).
+        self.unreleased = ReservationLog()
 
     def _keys(self, name: str, created_at: float, *parts: str) -> str:
         return consumer_key(self.redis, name, created_at, *parts)
@@ -482,6 +624,9 @@ class SharedCounters:
         self.local.forget(consumer)
         for log in (self.away, self.sent, self.before):
             log.forget(consumer)
+        self.unreleased.forget(consumer)
+        self.unshared = {holder: None for holder in self.unshared if holder.consumer != consumer}
+        self.carrying = {holder: ended for holder, ended in self.carrying.items() if holder.consumer != consumer}
         self.seen = {key: usd for key, usd in self.seen.items() if key[0] != consumer}
         self.held_seen.pop(consumer, None)
 
@@ -624,7 +769,8 @@ class SharedCounters:
         code = int(reply[0])
         if code == 4:
             self.unseeded()
-            return self._here(consumer, now, holder, reserve, tokens)
+            # Nothing reserved in Redis: carried there once it is seeded.
+            return self._here(consumer, now, holder, reserve, tokens, shared=False)
         name = consumer.name
         spent = float(reply[1])
         if consumer.budget_usd is not None:
@@ -656,21 +802,50 @@ class SharedCounters:
             "a consumer's admission failed in Redis (no answer, or an error: {error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
-        return self._here(consumer, now, holder, reserve, tokens)
+        # Its script may have run (its answer came too late): its
+        # reservations are taken as in Redis, released there when the call
+        # ends, as before; not carried (they would be held twice).
+        return self._here(consumer, now, holder, reserve, tokens, shared=True)
 
     def _here(
-        self, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
+        self,
+        consumer: Consumer,
+        now: float,
+        holder: Holder | None,
+        reserve: float,
+        tokens: int,
+        shared: bool = False,
     ) -> APIError | None:
         """
         Decide on this instance's own counts; an admitted request is kept
-        for Redis's window (L{merge_windows}).  (One whose script failed
-        for want of an answer in time may be in Redis too: merged, it
-        counts twice there for the rest of its minute.)
+        for Redis's window (L{merge_windows}), and its reservations, unless
+        C{shared} (they may be in Redis already), for Redis's (L{carry}).
+        (One whose script failed for want of an answer in time may be in
+        Redis too: merged, it counts twice there for the rest of its minute.)
         """
         refused = self.local.admit(consumer, now, holder, reserve, tokens)
         if refused is None:
             self.away.add((consumer.name, consumer.created_at), int(now), requests=1)
+            if not shared and holder is not None and (holder.reserved > 0 or holder.reserved_tokens > 0):
+                self._unshared(holder, int(now))
         return refused
+
+    def _unshared(self, holder: Holder, second: int) -> None:
+        """
+        Keep C{holder}'s reservations for L{carry}.  Those of calls never
+        counted (a client gone before its call started) are dropped once
+        lapsed, as their number doubles: the memory held is that of the
+        calls in flight admitted here while Redis is away, whatever its
+        outage lasts.
+        """
+        self.unshared[holder] = None
+        if len(self.unshared) >= self._prune_unshared_at:
+            self.unshared = {
+                held: None
+                for held in self.unshared
+                if held.reserved_at > second - (RESERVATION_SECONDS if held.reserved > 0 else TOKEN_RESERVATION_SECONDS)
+            }
+            self._prune_unshared_at = max(UNSHARED_PRUNED_AT, 2 * len(self.unshared))
 
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None:
         reserved, reserved_tokens, reserved_at, request_at = (
@@ -681,6 +856,11 @@ class SharedCounters:
         self.local.counted(consumer, tokens, cost, now, holder)
         if holder is not None:
             holder.request_at = 0
+            if (reserved > 0 or reserved_tokens > 0) and not self._shared(
+                holder, reserved, reserved_tokens, reserved_at
+            ):
+                # Not in Redis (yet): nothing to release there now.
+                reserved, reserved_tokens = 0.0, 0
         if holder is None or not (tokens or cost or reserved or reserved_tokens or request_at):
             # No holder, no consumer to count for in Redis (which one of that name).
             return
@@ -698,6 +878,8 @@ class SharedCounters:
 
         if not self.up:
             window(self.away)
+            # Released in Redis once it is back (L{carry}).
+            self.unreleased.add((consumer, created), reserved_at, reserved, reserved_tokens)
             return
         keys = [
             seeded_key(self.redis),
@@ -726,6 +908,121 @@ class SharedCounters:
 
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
         sent.addTimeout(self.timeout, self.reactor).addCallbacks(lambda _: window(self.sent), unsent)
+
+    def _shared(self, holder: Holder, reserved: float, tokens: int, at: int) -> bool:
+        """
+        Whether Redis holds the reservations of C{holder}'s call, which has
+        just ended (C{reserved} US dollars and C{tokens} tokens, made in
+        second C{at}), so that its count releases them there: not those
+        this instance made on its own and never carried (forgotten now),
+        nor those being carried (released once they are there, L{carry}).
+        """
+        if holder in self.unshared:
+            del self.unshared[holder]
+            return False
+        if holder in self.carrying:
+            self.carrying[holder] = (reserved, tokens, at)
+            return False
+        return True
+
+    def uncarried(self) -> bool:
+        """
+        Whether L{carry} has anything to carry into Redis or release there.
+        """
+        return bool(self.unshared or self.unreleased)
+
+    def carry(self, now: float) -> Deferred[None]:
+        """
+        Bring the cluster's reservations in Redis up to this instance's
+        calls, in one L{CARRY} for every consumer: add the reservations of
+        its calls still in flight that it made on its own (Redis away, or
+        its spends not seeded: L{unshared}), so that every instance counts
+        them, and take away those Redis holds of its calls that ended while
+        Redis was away (L{unreleased}).  Each carried reservation is
+        released in Redis once, when its call ends (L{COUNT}; once carried,
+        if it ends while the carry is under way).  A reservation that has
+        lapsed (L{RESERVATION_SECONDS} of the budget,
+        L{TOKEN_RESERVATION_SECONDS} of tpm) is neither carried nor
+        released.  A carry that fails keeps them for the next (Redis back
+        again, or its spends seeded).  Never fails; logs what it did.
+
+        @param now: POSIX seconds, Redis's clock (the table's).
+        """
+        second = int(now)
+        holders, self.unshared = list(self.unshared), {}
+        reserving = ReservationLog()
+        running: list[Holder] = []
+        for holder in holders:
+            at = holder.reserved_at
+            # What has lapsed is no longer reserved, here as in Redis.
+            if at <= second - RESERVATION_SECONDS:
+                holder.reserved = 0.0
+            if at <= second - TOKEN_RESERVATION_SECONDS:
+                holder.reserved_tokens = 0
+            if holder.reserved > 0 or holder.reserved_tokens > 0:
+                running.append(holder)
+                reserving.add((holder.consumer, holder.created_at), at, holder.reserved, holder.reserved_tokens)
+        releasing = self.unreleased.take(second)
+        consumers = sorted(reserving.held.keys() | releasing.held.keys())
+        if not consumers:
+            return succeed(None)
+        for holder in running:
+            self.carrying[holder] = None
+        keys: list[str] = []
+        args = [str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
+        for whose in consumers:
+            keys += [self._keys(*whose, "reserved"), self._keys(*whose, "reserved_tokens")]
+            args += [reserving.field(whose, 0), reserving.field(whose, 1)]
+            args += [releasing.field(whose, 0), releasing.field(whose, 1)]
+
+        def ended() -> list[tuple[Holder, tuple[float, int, int]]]:
+            # The calls carried, out of L{carrying}: those that ended meanwhile.
+            done = []
+            for holder in running:
+                end = self.carrying.pop(holder, None)
+                if end is not None:
+                    done.append((holder, end))
+            return done
+
+        def carried(reply: Any) -> None:
+            usd, tokens, usd_released, tokens_released = (float(_text(value)) for value in reply[:4])
+            if usd or tokens or usd_released or tokens_released:
+                self._log.info(
+                    "the cluster's reservations in Redis brought up to this instance's calls: added {usd} USD and "
+                    "{tokens} tokens reserved by its calls in flight admitted while Redis was away, released "
+                    "{usd_released} USD and {tokens_released} tokens of its calls that ended meanwhile",
+                    usd=round(usd, 10),
+                    tokens=int(tokens),
+                    usd_released=round(usd_released, 10),
+                    tokens_released=int(tokens_released),
+                )
+            done = ended()
+            for holder, (reserved, reserved_tokens, at) in done:
+                # Its count found it not in Redis yet: released now.
+                self.unreleased.add((holder.consumer, holder.created_at), at, reserved, reserved_tokens)
+            if done and self.up:
+                self.carry(now)
+
+        def failed(reason: Failure) -> None:
+            # Those still running are carried next time; those that ended
+            # are in Redis only if it ran the script (its answer lost):
+            # they lapse there.
+            ended()
+            for holder in running:
+                if holder.reserved > 0 or holder.reserved_tokens > 0:
+                    self.unshared[holder] = None
+            self.unreleased.absorb(releasing)
+            self._log.warn(
+                "could not carry the reservations of this instance's calls in flight into the cluster's in Redis "
+                "({error}); tried again when Redis is next back, while they last",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+
+        carrying: Deferred[Any] = self.redis.script(CARRY, keys, args)
+        carrying.addTimeout(self.timeout, self.reactor).addCallbacks(carried, failed)
+        return carrying.addErrback(
+            lambda reason: self._log.failure("carrying this instance's reservations into Redis failed", reason)
+        )
 
     def reconnected(self) -> None:
         """
@@ -978,7 +1275,9 @@ class SharedConsumers:
         Redis came (back) or went: when back, changes may have been missed,
         and Redis may have come back empty; the calls counted here
         meanwhile go to its windows first (L{SharedCounters.merge_windows}),
-        then its spends are seeded if it has none.  (Before the table's
+        and the reservations of the calls in flight admitted here meanwhile
+        to its reservations (L{SharedCounters.carry}), then its spends are
+        seeded if it has none.  (Before the table's
         first load, that load does both.)
         """
         self.counters.up = up
@@ -1013,10 +1312,14 @@ class SharedConsumers:
     def merge_windows(self) -> None:
         """
         Add the calls this instance counted that Redis's rpm and tpm
-        windows lack to them (L{SharedCounters.merge_windows}), if any.
+        windows lack to them (L{SharedCounters.merge_windows}), and the
+        reservations of its calls in flight that Redis lacks to Redis's
+        (L{SharedCounters.carry}), if any.
         """
         if self.counters.unmerged():
             self.counters.merge_windows(self.table.clock())
+        if self.counters.uncarried():
+            self.counters.carry(self.table.clock())
 
     def loaded(self) -> None:
         """
@@ -1175,10 +1478,12 @@ def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
 
 __all__ = [
     "ADMIT",
+    "CARRY",
     "COUNT",
     "MERGE",
     "RAISE",
     "SEED",
+    "ReservationLog",
     "SharedConsumers",
     "SharedCounters",
     "WindowLog",
