@@ -501,8 +501,8 @@ def _consumer_fields(sub: argparse.ArgumentParser) -> None:
 
 def _consumer_commands(command: Any) -> None:
     """
-    C{consumer create|update|delete|list}, C{key create|revoke}, C{usage}
-    (issue #19).
+    C{consumer create|update|delete|list|release}, C{key create|revoke},
+    C{usage} (issue #19).
     """
 
     def action(actions: Any, name: str, help: str) -> argparse.ArgumentParser:
@@ -523,6 +523,12 @@ def _consumer_commands(command: Any) -> None:
     _consumer_fields(update)
     action(actions, "delete", "delete a consumer and its keys").add_argument("name")
     action(actions, "list", "list consumers and their key prefixes").add_argument("name", nargs="?")
+    action(
+        actions,
+        "release",
+        "release what a consumer's calls in flight reserve of its budget and tpm (a crashed instance's hold "
+        "until they lapse)",
+    ).add_argument("name")
     key = command("key", "make or revoke a consumer's keys")
     key_actions = key.add_subparsers(dest="action", metavar="ACTION", required=True)
     action(key_actions, "create", "a new key for a consumer (shown once)").add_argument("name")
@@ -585,6 +591,11 @@ def format_consumers(result: Mapping[str, Any]) -> str:
         if result.get("deleted"):
             kept = result.get("usage_kept_as")
             lines.append(f"deleted {result['deleted']}" + (f"; its usage is kept as {kept}" if kept else ""))
+        if "released_usd" in result:
+            lines.append(
+                f"released the reservations of {result['name']}'s calls in flight: "
+                f"{usd(result['released_usd'])} USD, {result['released_tokens']} tokens"
+            )
         if result.get("revoked"):
             lines.append(f"revoked {result['name']}'s key ock-{result['revoked']}...; {result['keys_left']} left")
         if result.get("key"):

@@ -1,8 +1,9 @@
 """
 What the audit line of a consumer command says besides who ran it and
 how it went: the consumer's C{name}, the key prefix made or revoked (the
-8 characters after C{ock-}, never a key) and the fields a create or
-update set (C{changed}).  Field values are never logged: a budget or a
+8 characters after C{ock-}, never a key), the fields a create or
+update set (C{changed}) and what a release released (C{released_usd},
+C{released_tokens}).  Field values are never logged: a budget or a
 pattern says nothing an operator needs in the audit trail, and C{name}
 and the prefix are checked to be what they claim before they are logged.
 A key typed where a name goes is logged as lists show keys (L{shown_key}),
@@ -62,11 +63,15 @@ def without_keys(text: str) -> str:
 
 def note_result(result: Any, fields: dict[str, str]) -> Any:
     """
-    Add what the answer adds to C{fields} (the prefix of a key just made),
-    and pass C{result} on.
+    Add what the answer adds to C{fields} (the prefix of a key just made;
+    the US dollars and tokens a release released), and pass C{result} on.
     """
-    if isinstance(result, dict) and "key_prefix" in result:
-        fields["key_prefix"] = _prefix(result["key_prefix"])
+    if isinstance(result, dict):
+        if "key_prefix" in result:
+            fields["key_prefix"] = _prefix(result["key_prefix"])
+        for name in ("released_usd", "released_tokens"):
+            if name in result:
+                fields[name] = str(result[name])
     return result
 
 

@@ -13,7 +13,11 @@ as the others and audited like C{switch_provider}:
    C{limited}, C{prompt_tokens}, C{completion_tokens},
    C{reasoning_tokens}, C{cost_usd} (the priced calls' cost; None only
    when tokens were counted and none of them had a price; 0 when nothing
-   was counted), C{unpriced_tokens}.
+   was counted), C{unpriced_tokens};
+ - C{consumer_release} C{{name}} -> C{released_usd}, C{released_tokens}:
+   the reservations of its calls in flight released (in a cluster the
+   cluster's, in Redis: a crashed instance's included; on a single
+   gateway those in its memory).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from openclaw.consumers.store import (
     sqlite_file_advice,
     unreachable,
 )
-from openclaw.consumers.table import USAGE_WAIT_SECONDS, ConsumerGone, ConsumerTable
+from openclaw.consumers.table import USAGE_WAIT_SECONDS, ConsumerGone, ConsumerTable, NotReleased
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
     MAX_NAMED_CONSUMERS,
@@ -192,8 +196,9 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-#: The commands that change consumers (their answers carry L{unshared}'s warning).
-_CHANGES = STATE_CHANGING & frozenset(CONSUMER_COMMANDS)
+#: The commands that change consumers (their answers carry L{unshared}'s
+#: warning); a release changes none (it has nothing to announce).
+_CHANGES = (STATE_CHANGING & frozenset(CONSUMER_COMMANDS)) - {"consumer_release"}
 
 
 class ConsumerCommands:
@@ -235,6 +240,7 @@ class ConsumerCommands:
             "key_create": self.key_create,
             "key_revoke": self.key_revoke,
             "usage": self.usage,
+            "consumer_release": self.consumer_release,
         }
         return {
             name: self._once_loaded(self._told(handler) if name in _CHANGES else handler)
@@ -413,6 +419,28 @@ class ConsumerCommands:
 
         # The spends as the cluster counts them, not as this instance last saw them.
         return self.table.read_spends(names).addCallback(listed)
+
+    def consumer_release(self, data: object) -> Deferred[Result]:
+        """
+        Release the reservations of consumer C{data.name}'s calls in
+        flight (L{ConsumerTable.release_reservations}), for a crashed
+        instance's that would hold its budget and C{tpm} until they lapse:
+        answers the US dollars and the tokens released.  The calls still
+        running are counted when they end, as any other, but are no longer
+        reserved until then.
+        """
+        name = self._address(_data(data, frozenset({"name"})))
+        self._existing(name)
+
+        def released(held: tuple[float, int]) -> Result:
+            usd, tokens = held
+            return {"name": name, "released_usd": round(usd, 10), "released_tokens": tokens}
+
+        def refused(failure: Failure) -> Failure:
+            failure.trap(NotReleased)
+            return Failure(CommandError(f"the reservations of {name!r} were not released: {failure.value}"))
+
+        return self.table.release_reservations(name).addCallbacks(released, refused)
 
     def key_create(self, data: object) -> Deferred[Result]:
         name = self._address(_data(data, frozenset({"name"})))

@@ -45,7 +45,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +58,7 @@ from openclaw.consumers.table import (
     TOKEN_RESERVATION_SECONDS,
     Holder,
     LocalCounters,
+    NotReleased,
     budget_spent,
     rate_limited,
     tpm_refused,
@@ -366,6 +367,28 @@ RECONCILE_SECONDS = 5.0
 
 #: KEYS: a deleted consumer's windows, reservations and running spends.
 FORGET = "return redis.call('DEL', unpack(KEYS))"
+
+#: KEYS: a consumer's reserved and reserved tokens.
+#: ARGV: now (whole seconds), reservation lifetime, token reservation
+#: lifetime (seconds).
+#: Both are deleted (the operator's C{consumer_release}); the reply is
+#: what they held: {US dollars, tokens} of the reservations made within
+#: their lifetime (as L{ADMIT} and L{SPENDS} count them).
+RELEASE = """
+local now = tonumber(ARGV[1])
+local function held(key, horizon)
+  local h = redis.call('HGETALL', key)
+  local sum = 0
+  for i = 1, #h, 2 do
+    if tonumber(h[i]) > horizon then sum = sum + tonumber(h[i + 1]) end
+  end
+  return sum
+end
+local usd = held(KEYS[1], now - tonumber(ARGV[2]))
+local tokens = held(KEYS[2], now - tonumber(ARGV[3]))
+redis.call('DEL', KEYS[1], KEYS[2])
+return {tostring(usd), tostring(tokens)}
+"""
 
 #: How long a period's spend is kept in Redis, in seconds (0: always).
 SPEND_TTL = MappingProxyType({"day": 3 * 86400, "month": 40 * 86400, "total": 0})
@@ -721,6 +744,56 @@ class SharedCounters:
         """
         seen = self.held_seen.get(consumer)
         return seen if seen is not None else self.local.held(consumer, now)
+
+    def release_held(self, consumer: Consumer, now: float) -> Deferred[tuple[float, int]]:
+        """
+        Release every reservation the cluster holds in Redis of
+        C{consumer}'s calls in flight (the operator's C{consumer_release},
+        L{RELEASE}): those of every instance's calls, a crashed one's
+        included.  The calls still running are counted when they end, as
+        any other (their count then finds nothing to release); until then
+        the cluster judges the consumer's budget and C{tpm} without them.
+        This instance's own figures (what it judges by while Redis is
+        away) keep its calls' reservations: they are running.
+
+        @return: (a Deferred firing with) the US dollars and the tokens
+            released (those made within their lifetime).
+        @raise NotReleased: (in the Deferred) Redis is unreachable, or
+            failed or did not answer the script within the timeout (then
+            it may have run).
+        """
+        name = consumer.name
+        if not self.up:
+            return fail(
+                NotReleased(
+                    "the cluster store (Redis) is unreachable, and the cluster's reservations are there (while it is "
+                    "away each instance judges by its own calls only): nothing was released; retry once it is back "
+                    "(openclawctl status shows cluster_store)"
+                )
+            )
+        keys = [
+            self._keys(name, consumer.created_at, "reserved"),
+            self._keys(name, consumer.created_at, "reserved_tokens"),
+        ]
+        args = [str(int(now)), str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
+
+        def released(reply: Any) -> tuple[float, int]:
+            # Read again from Redis by the next list.
+            self.held_seen.pop(name, None)
+            return float(_text(reply[0])), int(float(_text(reply[1])))
+
+        def failed(reason: Failure) -> Failure:
+            return Failure(
+                NotReleased(
+                    f"the cluster store (Redis) did not release them ({reason.getErrorMessage() or repr(reason.value)}"
+                    "); it may have, if its answer was lost: see what is held (openclawctl consumer list "
+                    f"{'-- ' if name.startswith('-') else ''}{name}) before retrying, as a release also drops the "
+                    "reservations of calls admitted since"
+                )
+            )
+
+        releasing: Deferred[Any] = self.redis.script(RELEASE, keys, args)
+        return releasing.addTimeout(self.timeout, self.reactor).addCallbacks(released, failed)
 
     def admit(
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
@@ -1482,6 +1555,7 @@ __all__ = [
     "COUNT",
     "MERGE",
     "RAISE",
+    "RELEASE",
     "SEED",
     "ReservationLog",
     "SharedConsumers",

@@ -88,6 +88,14 @@ TOKEN_RESERVATION_SECONDS = 60
 _Amount = TypeVar("_Amount", int, float)
 
 
+class NotReleased(Exception):
+    """
+    A consumer's reservations could not be released
+    (L{ConsumerTable.release_reservations}): C{str()} says why, and what
+    to do.
+    """
+
+
 class ConsumerGone(Exception):
     """
     A change to a consumer found it gone: deleted meanwhile, by another
@@ -116,6 +124,11 @@ class Holder:
     reserved_tokens: int = 0
     #: The second (POSIX, whole) the reservations were made in.
     reserved_at: int = 0
+    #: How many times the operator had released its consumer's
+    #: reservations on this instance when it made its own
+    #: (L{LocalCounters.release_held}): released since, they are no longer
+    #: its to release (another call's of the same second may be there).
+    reserved_epoch: int = 0
     #: The answer to every request of this holder (an expired consumer's
     #: 401), given by the resource so the refusal names its consumer.
     refusal: APIError | None = None
@@ -362,6 +375,8 @@ class Counters(Protocol):
 
     def held(self, consumer: str, now: float) -> tuple[float, int]: ...
 
+    def release_held(self, consumer: Consumer, now: float) -> Deferred[tuple[float, int]]: ...
+
 
 @attrs.define
 class LocalCounters:
@@ -378,6 +393,9 @@ class LocalCounters:
     reservations: dict[str, dict[int, float]] = attrs.Factory(dict)
     #: consumer -> {second of admission: tokens reserved by calls in flight}.
     token_reservations: dict[str, dict[int, int]] = attrs.Factory(dict)
+    #: consumer -> how many times its reservations were released
+    #: (L{release_held}; absent: never).
+    releases: dict[str, int] = attrs.Factory(dict)
 
     def load(self, spend: dict[tuple[str, str], float]) -> None:
         # The database's figure, unless this instance counted more (rows
@@ -409,6 +427,7 @@ class LocalCounters:
             return
         at = int(now)
         holder.reserved_at = at
+        holder.reserved_epoch = self.releases.get(consumer, 0)
         if reserve > 0:
             held = self.reservations.setdefault(consumer, {})
             held[at] = held.get(at, 0.0) + reserve
@@ -420,6 +439,11 @@ class LocalCounters:
 
     def release(self, consumer: str, holder: Holder | None) -> None:
         if holder is None:
+            return
+        if holder.reserved_epoch != self.releases.get(consumer, 0):
+            # Released by the operator since (L{release_held}): nothing of
+            # its is left here.
+            holder.reserved, holder.reserved_tokens = 0.0, 0
             return
         if holder.reserved > 0:
             held = self.reservations.get(consumer)
@@ -546,6 +570,7 @@ class LocalCounters:
         self.tokens.pop(consumer, None)
         self.reservations.pop(consumer, None)
         self.token_reservations.pop(consumer, None)
+        self.releases.pop(consumer, None)
         self.spend = {key: usd for key, usd in self.spend.items() if key[0] != consumer}
 
     def deleted(self, consumer: Consumer, now: float) -> None:
@@ -561,6 +586,24 @@ class LocalCounters:
         budget, tokens of its tpm)} (L{reserved}, L{reserved_tokens}).
         """
         return self.reserved(consumer, now), sum(self.reserved_tokens(consumer, now).values())
+
+    def release_held(self, consumer: Consumer, now: float) -> Deferred[tuple[float, int]]:
+        """
+        Release every reservation of C{consumer}'s calls in flight (the
+        operator's C{consumer_release}): its budget and C{tpm} are judged
+        without them from now on; the calls are counted when they end, as
+        any other (their count then releases nothing).
+
+        @return: (a Deferred firing at once with) the US dollars and the
+            tokens released: those L{held} counted.
+        """
+        name = consumer.name
+        released = self.held(name, now)
+        self.reservations.pop(name, None)
+        self.token_reservations.pop(name, None)
+        # The calls reserved before are not to release anything now.
+        self.releases[name] = self.releases.get(name, 0) + 1
+        return succeed(released)
 
 
 def _live(
@@ -1465,6 +1508,20 @@ class ConsumerTable:
         consumers = [self.consumers[name] for name in names if name in self.consumers]
         return self.counters.read_spends(consumers, self.clock())
 
+    def release_reservations(self, name: str) -> Deferred[tuple[float, int]]:
+        """
+        Release the reservations of consumer C{name}'s calls in flight
+        (L{Counters.release_held}): in a cluster, the cluster's in Redis
+        (every instance's calls, a crashed one's included); on a single
+        gateway, those in its memory (its own calls').
+
+        @return: (a Deferred firing with) the US dollars and the tokens
+            released.
+        @raise NotReleased: (in the Deferred) in a cluster, Redis could not
+            be reached, or did not answer in time.
+        """
+        return self.counters.release_held(self.consumers[name], self.clock())
+
     def describe(self, name: str) -> dict[str, Any]:
         consumer = self.consumers[name]
         now = self.clock()
@@ -1487,6 +1544,7 @@ __all__ = [
     "Counters",
     "Holder",
     "LocalCounters",
+    "NotReleased",
     "completion_limit",
     "tpm_refused",
     "usage_counts",

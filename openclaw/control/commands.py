@@ -60,6 +60,7 @@ CONSUMER_COMMANDS = (
     "key_create",
     "key_revoke",
     "usage",
+    "consumer_release",
 )
 COMMANDS = COMMANDS + CONSUMER_COMMANDS
 AUDITED = AUDITED | frozenset(CONSUMER_COMMANDS)
@@ -74,6 +75,7 @@ STATE_CHANGING = frozenset(
         "consumer_delete",
         "key_create",
         "key_revoke",
+        "consumer_release",
     }
 )
 
