@@ -593,8 +593,7 @@ class SharedTpmReservations(TestCase):
             refused.message.endswith(
                 "or set max_tokens so that each call reserves less. Some of those calls may be another instance's "
                 "of the cluster: if it crashed, its reservations lapse after 60 s, or the operator can release "
-                "them at once (README: A crashed instance's reservations); openclawctl consumer list shows what "
-                "is held"
+                "them at once (openclawctl consumer release a); openclawctl consumer list shows what is held"
             ),
             refused.message,
         )
@@ -649,7 +648,7 @@ class SharedTpmReservations(TestCase):
                 "reserved by calls in flight until they are counted); retry after 2 s, once they end, or set "
                 "max_tokens so that each call reserves less. Some of those calls may be another instance's of the "
                 "cluster: if it crashed, its reservations lapse after 15 minutes, or the operator can release them "
-                "at once (README: A crashed instance's reservations); openclawctl consumer list shows what is held"
+                "at once (openclawctl consumer release b); openclawctl consumer list shows what is held"
             ),
         )
         counters.counted("b", 10, 1.0, now, first)

@@ -213,7 +213,7 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     )
 
 
-def _held_in_cluster(lapse_seconds: int) -> str:
+def _held_in_cluster(consumer: str, lapse_seconds: int) -> str:
     """
     What a refusal due to calls in flight (C{tokens_reserved},
     C{budget_reserved}) decided from the cluster's figures in Redis adds at
@@ -221,13 +221,14 @@ def _held_in_cluster(lapse_seconds: int) -> str:
     reservations, and a crashed one's hold until they lapse after
     C{lapse_seconds} (L{TOKEN_RESERVATION_SECONDS} of C{tpm},
     L{RESERVATION_SECONDS} of a budget), unless the operator releases them
-    (README: "A crashed instance's reservations"); C{openclawctl consumer
-    list} shows what is held.
+    (C{openclawctl consumer release NAME}: C{consumer_release});
+    C{openclawctl consumer list} shows what is held.
     """
     lapse = f"{lapse_seconds // 60} minutes" if lapse_seconds % 60 == 0 and lapse_seconds > 60 else f"{lapse_seconds} s"
     return (
         f". Some of those calls may be another instance's of the cluster: if it crashed, its reservations lapse "
-        f"after {lapse}, or the operator can release them at once (README: A crashed instance's reservations); "
+        f"after {lapse}, or the operator can release them at once (openclawctl consumer release "
+        f"{'-- ' if consumer.startswith('-') else ''}{consumer}); "
         "openclawctl consumer list shows what is held"
     )
 
@@ -260,7 +261,7 @@ def tpm_refused(
     if used >= limit or held <= 0:
         return rate_limited(consumer, "tpm", limit, retry_after)
     retry = min(TOKENS_RETRY_SECONDS, retry_after)
-    hint = _held_in_cluster(TOKEN_RESERVATION_SECONDS) if cluster else ""
+    hint = _held_in_cluster(consumer, TOKEN_RESERVATION_SECONDS) if cluster else ""
     return APIError(
         429,
         f"consumer {consumer!r}: calls in flight hold {held} tokens of its tpm limit of {limit} per minute "
@@ -303,7 +304,7 @@ def budget_spent(
             f"consumer {consumer.name!r}: calls in flight hold the rest of its budget of {usd(budget)} USD "
             f"{described} (spent {usd(spent)} USD, {usd(reserved)} USD reserved by calls in flight until they "
             f"are counted); retry after {BUDGET_RETRY_SECONDS} s, once they end, or set max_tokens so that "
-            f"each call reserves less{_held_in_cluster(RESERVATION_SECONDS) if cluster else ''}",
+            f"each call reserves less{_held_in_cluster(consumer.name, RESERVATION_SECONDS) if cluster else ''}",
             "budget_reserved",
             "rate_limit_exceeded",
             headers=((b"Retry-After", b"%d" % BUDGET_RETRY_SECONDS),),
