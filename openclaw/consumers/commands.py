@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from openclaw.consumers.model import (
+    FIELDS,
     KEY_PREFIX,
     NO_CONSUMER,
     Consumer,
@@ -61,21 +62,8 @@ from openclaw.control.commands import (
     STATE_CHANGING,
     CommandError,
     Result,
+    command_data,
 )
-
-
-def _data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise CommandError("data must be a JSON object")
-    if allowed is not None:
-        unknown = data.keys() - allowed
-        if unknown:
-            raise CommandError(
-                f"unknown field(s) in data: {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
-            )
-    return data
 
 
 def _name(data: Mapping[str, Any], check: Callable[[object], str] = check_name) -> str:
@@ -339,7 +327,7 @@ class ConsumerCommands:
         return consumer
 
     def consumer_create(self, data: object) -> Deferred[Result]:
-        fields = _data(data)
+        fields = command_data(data, FIELDS)
         name = _name(fields, check_new_name)
         if name in self.table.deleting:
             # Its delete waits for the database (and a write of usage rows under way).
@@ -371,7 +359,7 @@ class ConsumerCommands:
         update's transaction (a C{budget_period} needs a budget); the
         answer is the consumer as the database holds it after the change.
         """
-        fields = _data(data)
+        fields = command_data(data, FIELDS)
         current = self._existing(self._address(fields))
         try:
             consumer_changes(fields)
@@ -398,14 +386,14 @@ class ConsumerCommands:
         return updating.addCallback(spends).addCallbacks(updated, _database_failed)
 
     def consumer_delete(self, data: object) -> Deferred[Result]:
-        name = self._address(_data(data, frozenset({"name"})))
+        name = self._address(command_data(data, frozenset({"name"})))
         retired = retired_name(self._existing(name))
         return self.table.delete(name).addCallbacks(
             lambda _: {"deleted": name, "usage_kept_as": retired}, _database_failed
         )
 
     def consumer_list(self, data: object) -> Deferred[Result]:
-        fields = _data(data, frozenset({"name"}))
+        fields = command_data(data, frozenset({"name"}))
         if "name" in fields:
             name = self._address(fields)
             self._existing(name)
@@ -429,7 +417,7 @@ class ConsumerCommands:
         running are counted when they end, as any other, but are no longer
         reserved until then.
         """
-        name = self._address(_data(data, frozenset({"name"})))
+        name = self._address(command_data(data, frozenset({"name"})))
         self._existing(name)
 
         def released(held: tuple[float, int]) -> Result:
@@ -443,14 +431,14 @@ class ConsumerCommands:
         return self.table.release_reservations(name).addCallbacks(released, refused)
 
     def key_create(self, data: object) -> Deferred[Result]:
-        name = self._address(_data(data, frozenset({"name"})))
+        name = self._address(command_data(data, frozenset({"name"})))
         self._existing(name)
         return self.table.add_key(name).addCallbacks(
             lambda key: {"name": name, "key": key.key, "key_prefix": key.prefix}, _database_failed
         )
 
     def key_revoke(self, data: object) -> Deferred[Result]:
-        fields = _data(data, frozenset({"name", "key_prefix"}))
+        fields = command_data(data, frozenset({"name", "key_prefix"}))
         name = self._address(fields)
         self._existing(name)
         prefix = fields.get("key_prefix")
@@ -467,7 +455,7 @@ class ConsumerCommands:
         return self.table.revoke_key(name, prefix).addCallbacks(revoked, _database_failed)
 
     def usage(self, data: object) -> Deferred[Result]:
-        fields = _data(data, frozenset({"name", "since", "until", "group_by"}))
+        fields = command_data(data, frozenset({"name", "since", "until", "group_by"}))
         name = fields.get("name")
         if name is not None and name != NO_CONSUMER and not is_retired_name(name):
             # NO_CONSUMER ("-"): the calls made with GATEWAY_API_KEYS' keys;

@@ -43,12 +43,8 @@ class Audited:
 #: answer at once, with no Deferred on the hot path.
 Answer = Result | Audited | Deferred[Result] | Deferred[Audited]
 
-#: Every command, in the order errors list them.
-COMMANDS: tuple[str, ...] = ("ping", "status", "switch_provider", "health_check", "rotate_token")
-
-#: Commands that change something: each is written to the audit log.
-#: The others (ping, status) are read-only and high-rate: debug level only.
-AUDITED = frozenset({"switch_provider", "health_check", "rotate_token"})
+#: The gateway's own commands (L{ControlCommands}).
+GATEWAY_COMMANDS: tuple[str, ...] = ("ping", "status", "switch_provider", "health_check", "rotate_token")
 
 #: The consumer commands (issue #19, L{openclaw.consumers.commands}); each
 #: is audited like switch_provider.
@@ -62,8 +58,12 @@ CONSUMER_COMMANDS = (
     "usage",
     "consumer_release",
 )
-COMMANDS = COMMANDS + CONSUMER_COMMANDS
-AUDITED = AUDITED | frozenset(CONSUMER_COMMANDS)
+#: Every command, in the order errors list them.
+COMMANDS = GATEWAY_COMMANDS + CONSUMER_COMMANDS
+#: Commands that change something or read consumers' data: each is written
+#: to the audit log.  The others (ping, status) are read-only and
+#: high-rate: debug level only.
+AUDITED = frozenset({"switch_provider", "health_check", "rotate_token", *CONSUMER_COMMANDS})
 #: The commands that change the gateway's state: carried out once their
 #: answer is made, whatever becomes of it.
 STATE_CHANGING = frozenset(
@@ -175,16 +175,21 @@ def _named(names: list[str]) -> str:
     return shown
 
 
-def _fields(data: object, allowed: frozenset[str]) -> Mapping[str, Any]:
+def command_data(data: object, allowed: frozenset[str] | None = None) -> Mapping[str, Any]:
     """
-    Check a command's C{data}: absent or an object with no fields other than
-    C{allowed}.
+    Check a command's C{data}: absent (as C{{}}) or a JSON object, and,
+    when C{allowed} is given, with no fields other than C{allowed}.  An
+    error names at most L{MAX_NAMED_FIELDS} unknown fields, each
+    L{summarise}d (cut, control characters escaped): a peer's field names
+    are never echoed whole.
+
+    @raise CommandError: it is not an object, or has an unknown field.
     """
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise CommandError("data must be a JSON object")
-    unknown = data.keys() - allowed
+    unknown = data.keys() - allowed if allowed is not None else ()
     if unknown:
         named = sorted(unknown)
         more = f" and {len(named) - MAX_NAMED_FIELDS} more" if len(named) > MAX_NAMED_FIELDS else ""
@@ -208,7 +213,7 @@ MAX_NAMED_CONSUMERS = 5
 @attrs.frozen
 class ControlCommands:
     """
-    The handlers of the five commands.  Each takes the message's C{data} and
+    The handlers of the gateway's own commands (L{GATEWAY_COMMANDS}).  Each takes the message's C{data} and
     returns the C{result} object, or a Deferred firing with it, or raises
     (or fails with) L{CommandError}.  Everything they use is given at
     construction (C{attrs.evolve} makes a changed copy).
@@ -235,7 +240,7 @@ class ControlCommands:
     share_switch: Callable[[Route], Deferred[Route]] | None = None
     #: Extra fields of C{status}: C{instance}, C{worker}, C{instances_seen}.
     instance_status: Callable[[], dict[str, Any]] | None = None
-    #: More commands by name (the consumer commands), after the five.
+    #: More commands by name (the consumer commands), after the gateway's own.
     extra: Mapping[str, Callable[[object], Result | Deferred[Result]]] = attrs.Factory(dict)
     #: The consumers whose C{models} exclude a provider's model
     #: (L{openclaw.consumers.table.ConsumerTable.excluding}).
@@ -255,11 +260,11 @@ class ControlCommands:
         }
 
     def ping(self, data: object) -> Result:
-        _fields(data, _NONE)
+        command_data(data, _NONE)
         return {"pong": True, "ts": int(self.clock() * 1000)}
 
     def status(self, data: object) -> Result:
-        _fields(data, _NONE)
+        command_data(data, _NONE)
         route = self.route.current
         now = self.clock()
         return {
@@ -275,7 +280,7 @@ class ControlCommands:
         }
 
     def switch_provider(self, data: object) -> Answer:
-        fields = _fields(data, _SWITCH_FIELDS)
+        fields = command_data(data, _SWITCH_FIELDS)
         provider_id = fields.get("provider")
         if provider_id is None:
             raise CommandError("switch_provider needs data.provider: one of " + ", ".join(self.providers.ids))
@@ -354,12 +359,12 @@ class ControlCommands:
         return switched(previous, self.persist(route))
 
     def health_check(self, data: object) -> Deferred[Result]:
-        _fields(data, _NONE)
+        command_data(data, _NONE)
         route = self.route.current
         return self.providers.health_check(route.provider_id, route.model).addCallback(self.on_health)
 
     def rotate_token(self, data: object) -> Answer:
-        _fields(data, _NONE)
+        command_data(data, _NONE)
         try:
             issued = self.rotate()
         except TokenFileUnwritable as e:
