@@ -28,7 +28,14 @@ from openclaw.cluster.scrape import (
     remove_empty_directory,
     socket_directory_problem,
 )
-from openclaw.cluster.workers import ReusePortEndpoint, SupervisorWatch, WorkerSupervisor, reserve, worker_argv
+from openclaw.cluster.workers import (
+    ReusePortEndpoint,
+    SupervisorWatch,
+    WorkerSupervisor,
+    read_settings,
+    reserve,
+    worker_argv,
+)
 from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
 from openclaw.listeners import (
@@ -110,19 +117,6 @@ class Options(usage.Options):
         ],
     ]
 
-    #: The options a worker is started with as the parent was.
-    passed_to_workers: ClassVar[tuple[str, ...]] = (
-        "port",
-        "api-port",
-        "interface",
-        "token-file",
-        "env-file",
-        "log-format",
-        "state-dir",
-        # A worker knows it is one of N (the setup warning says what they share).
-        "workers",
-    )
-
     def postOptions(self) -> None:
         """
         Refuse twistd's options the gateway cannot run with
@@ -167,7 +161,9 @@ def makeService(
     http2_available: bool = H2_ENABLED,
 ) -> GatewayService | WorkerSupervisor:
     """
-    Read the configuration once and build the gateway service.  A bad value
+    Read the configuration once and build the gateway service (a worker
+    of C{--workers} reads none: it takes its parent's settings,
+    L{read_settings}).  A bad value
     ends the process here, before anything starts, with one line that names
     it; every refusal here comes before the token file's lock, the
     consumers' database and the log file are made, or takes them back
@@ -194,12 +190,19 @@ def makeService(
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
         _check_twistd_paths(twistd_options)
-        settings = load_settings(
-            options.settings_overrides(),
-            env_file=options["env-file"],
-            providers=BUILTIN_PROVIDERS,
-            daemon=not foreground(twistd_options),
-        )
+        if options["worker"] is not None:
+            # Its parent's, read once at its start: a worker started again
+            # runs as its siblings do, whatever was changed since.  The
+            # state directories its parent made are not a worker's to
+            # take back at a refusal.
+            settings = attrs.evolve(read_settings(), made_directories=())
+        else:
+            settings = load_settings(
+                options.settings_overrides(),
+                env_file=options["env-file"],
+                providers=BUILTIN_PROVIDERS,
+                daemon=not foreground(twistd_options),
+            )
         # Every check that needs nothing on disk comes first: a refusal
         # leaves no lock, database or log behind (L{_make_files}).
         _check_token_file(settings)
@@ -393,7 +396,8 @@ def _supervisor(
         reactor,
         settings.workers,
         sockets,
-        worker_argv(twistd_options, options, Options.passed_to_workers),
+        worker_argv(twistd_options),
+        settings,
         stop_timeout=settings.shutdown_grace_seconds + 10,
         log_observer=None
         if destination is None

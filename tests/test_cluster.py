@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from openclaw.providers.keys import fingerprint
 from openclaw.urls import masked_url
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import (
@@ -1641,6 +1642,52 @@ class Workers(TestCase):
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
         self.assertIn(b"all workers stopped", process.stdout)
+
+    @inlineCallbacks
+    def test_worker_started_again_keeps_the_settings_read_at_start(self):
+        """
+        The operator edits the env file (another KIMI_API_KEY) and the
+        JWT_SECRET_FILE while a C{--workers 2} gateway runs, then worker 1
+        is killed: started again, it runs with the settings the twistd
+        process read at its start, as worker 0 does (the first key; the
+        cluster's token, signed with the first secret, accepted), not the
+        files as they are by then: it read them again, and with the other
+        secret refused the cluster's token and ended again and again.
+        """
+        conf = Path(self.mktemp()).resolve()
+        conf.mkdir(parents=True)
+        secret_file, env_file = conf / "jwt.secret", conf / "openclaw.env"
+        secret_file.write_text("a" * 40)
+        secret_file.chmod(0o600)
+        env_file.write_text(f"JWT_SECRET_FILE={secret_file}\nKIMI_API_KEY=key-one-{'1' * 20}\n")
+        env_file.chmod(0o600)
+        first_key = fingerprint(f"key-one-{'1' * 20}")
+        port = free_port()
+        env = base_env(REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        args = ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1", "--env-file", str(env_file)]
+        process = spawn_gateway(self, args, env)
+        token = yield process.token
+        seen = yield self.status_until(
+            port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1}, pause=0.05
+        )
+        self.assertEqual({tuple(status["providers"]["kimi"]["keys"]) for _, status in seen}, {(first_key,)})
+        killed = next(status["instance"] for _, status in seen if status["worker"] == 1)
+
+        # The operator's edits, then worker 1 killed (a crash, the OOM killer).
+        env_file.write_text(f"JWT_SECRET_FILE={secret_file}\nKIMI_API_KEY=key-two-{'2' * 20}\n")
+        secret_file.write_text("b" * 40)
+        os.kill(int(killed.rsplit("-", 1)[1]), signal.SIGKILL)
+        seen = yield self.status_until(
+            port,
+            token,
+            lambda statuses: any(s["worker"] == 1 and s["instance"] != killed for s in statuses),
+            pause=0.1,
+        )
+        again = [status for _, status in seen if status["worker"] == 1 and status["instance"] != killed]
+        self.assertEqual(list(again[-1]["providers"]["kimi"]["keys"]), [first_key])
+        self.assertEqual(process.stdout.count(b"worker 1 ended"), 1, process.stdout[-3000:])
+        ended = yield process.stop()
+        self.assertIn(ended, (0, -15))
 
     @inlineCallbacks
     def test_second_gateway_on_the_same_ports_refused(self):

@@ -27,10 +27,11 @@ from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
 from openclaw.cluster.store import Versioned, WriteRefused
-from openclaw.cluster.workers import WorkerSupervisor
+from openclaw.cluster.workers import SETTINGS_FD, WorkerSupervisor, settings_bytes
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
+from openclaw.settings import Settings
 from tests.support import capture_log_events
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -336,6 +337,8 @@ class _Processes(Clock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[Any] = []
+        #: Per spawn: its command line, environment, descriptors and process.
+        self.spawns: list[tuple[Any, Any, Any, Any]] = []
         self.refuse = False
 
     def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, childFDs: Any = None) -> Any:
@@ -343,6 +346,7 @@ class _Processes(Clock):
             raise OSError(11, "Resource temporarily unavailable")
         self.spawned.append(protocol)
         process = mock.Mock(pid=1000 + len(self.spawned))
+        self.spawns.append((args, env, childFDs, process))
         protocol.makeConnection(process)
         return process
 
@@ -357,7 +361,7 @@ class SupervisorLogObserver(TestCase):
         sockets = {"control": socket.socket()}
         self.addCleanup(sockets["control"].close)
         supervisor = WorkerSupervisor(
-            _Processes(), 2, sockets, ["twistd"], stop_timeout=5, env={}, log_observer=observer
+            _Processes(), 2, sockets, ["twistd"], Settings(), stop_timeout=5, env={}, log_observer=observer
         )
         application = Application("openclaw")
         supervisor.setServiceParent(application)
@@ -369,7 +373,10 @@ class Supervisor(TestCase):
     def setUp(self) -> None:
         self.reactor = _Processes()
         self.sockets = {"control": socket.socket()}
-        self.supervisor = WorkerSupervisor(self.reactor, 2, self.sockets, ["twistd"], stop_timeout=5, env={})
+        self.settings = Settings(jwt_secret=SECRET, jwt_secret_is_ephemeral=False)
+        self.supervisor = WorkerSupervisor(
+            self.reactor, 2, self.sockets, ["twistd"], self.settings, stop_timeout=5, env={"PATH": "/bin"}
+        )
         self.supervisor.startService()
 
     def end(self, index: int) -> None:
@@ -399,6 +406,29 @@ class Supervisor(TestCase):
         self.end(1)
         self.reactor.advance(0.5)
         self.assertEqual(len(self.reactor.spawned), 11)
+
+    def test_settings_through_a_pipe(self) -> None:
+        """
+        Every worker, started and started again, is given this process's
+        settings, pickled once (L{settings_bytes}): written into a pipe
+        on its descriptor L{SETTINGS_FD}, which is closed then; never on
+        its command line or in its environment (the secret would show in
+        C{ps} and C{/proc/PID/environ}).
+        """
+        self.end(1)
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawns), 3)
+        for args, env, child_fds, process in self.reactor.spawns:
+            self.assertEqual(child_fds, {0: 0, 1: 1, 2: 2, SETTINGS_FD: "w"})
+            self.assertEqual(
+                process.method_calls,
+                [
+                    mock.call.writeToChild(SETTINGS_FD, settings_bytes(self.settings)),
+                    mock.call.closeChildFD(SETTINGS_FD),
+                ],
+            )
+            self.assertEqual(env, {"PATH": "/bin"})
+            self.assertNotIn(SECRET.decode(), " ".join(args))
 
     def test_spawn_failure_tried_again(self) -> None:
         """

@@ -1,21 +1,35 @@
 """
 L{openclaw.cluster.workers.reserve} on real sockets of a free loopback
 port: the reservation of a C{--workers} gateway's ports, refused while
-another gateway listens there.  (Two real C{twistd --workers 2}:
-L{tests.test_cluster.Workers}.)
+another gateway listens there; the settings a worker takes from its
+parent through a pipe (L{settings_bytes}, L{read_settings}).  (Two real
+C{twistd --workers 2}: L{tests.test_cluster.Workers}.)
 """
 
 from __future__ import annotations
 
+import copyreg
 import errno
+import io
+import json
+import os
+import pickle
 import socket
+import sys
 import time
+from pathlib import Path
+from types import MappingProxyType
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.cluster.workers import reserve
+from openclaw import tap
+from openclaw.cluster.workers import read_settings, reserve, settings_bytes
+from openclaw.consumers.prices import Price
 from openclaw.listeners import CannotListen, Listener
+from openclaw.settings import ConfigError, Settings, load_settings
 from tests.support import free_port
+from tests.test_twistd import SECRET
 
 
 def worker_socket(port: int) -> socket.socket:
@@ -131,3 +145,138 @@ class ReserveTests(SynchronousTestCase):
                 time.sleep(0.01)
             sock = reserve(self.listener, "127.0.0.1", self.port)
             sock.close()
+
+
+class SettingsPipeTests(SynchronousTestCase):
+    """
+    A worker's settings: its parent's, pickled (L{settings_bytes}) into a
+    pipe and read back from it (L{read_settings}).
+    """
+
+    def setUp(self) -> None:
+        self.patch(os, "environ", {})
+        self.cwd = Path(self.mktemp()).resolve()
+        self.cwd.mkdir(parents=True)
+
+    def settings(self) -> Settings:
+        """
+        Settings as C{twistd openclaw --workers 2} reads them: secrets, keys,
+        a price file, networks, their sources and a state directory made.
+        """
+        secret = self.cwd / "jwt.secret"
+        secret.write_text("j" * 40)
+        secret.chmod(0o600)
+        prices = self.cwd / "prices.json"
+        prices.write_text(json.dumps({"models": {"kimi/k2": {"prompt": 1.5, "completion": 6}}}))
+        env = self.cwd / "openclaw.env"
+        env.write_text(
+            f"JWT_SECRET_FILE={secret}\nPRICES_FILE={prices}\nKIMI_API_KEY=key-one\nGEMINI_API_KEYS=g-1,g-2\n"
+            "REDIS_URL=redis://:pw@127.0.0.1:6379/0\nTRUSTED_CLIENTS=127.0.0.1,10.0.0.0/8\nFALLBACK=gemini\n"
+            "GATEWAY_API_KEYS=sk-aaaaaaaaaaaaaaaa,sk-bbbbbbbbbbbbbbbb\n"
+        )
+        env.chmod(0o600)
+        return load_settings(
+            {"WORKERS": "2", "STATE_DIR": str(self.cwd / "state" / "new")}, env_file=str(env), cwd=self.cwd
+        )
+
+    def through_pipe(self, data: bytes) -> Settings:
+        reading, writing = os.pipe()
+        with open(writing, "wb") as pipe:
+            pipe.write(data)
+        return read_settings(reading)
+
+    def test_round_trip(self) -> None:
+        """
+        The settings read back from the pipe are equal to the parent's (C{==}),
+        the fields left out of C{==} (C{sources}, C{made_directories}) too,
+        and read-only as the parent's are; the pipe is closed once read.
+        """
+        settings = self.settings()
+        self.assertEqual(settings.price_overrides, {"kimi/k2": Price(1.5, 6.0)})
+        self.assertNotEqual(settings.made_directories, ())
+        reading, writing = os.pipe()
+        with open(writing, "wb") as pipe:
+            pipe.write(settings_bytes(settings))
+        read = read_settings(reading)
+        self.assertEqual(read, settings)
+        self.assertEqual(read.jwt_secret, b"j" * 40)
+        self.assertEqual(read.providers["kimi"].api_key, "key-one")
+        self.assertEqual(read.redis_url, settings.redis_url)
+        self.assertEqual(dict(read.sources), dict(settings.sources))
+        self.assertEqual(read.source("PRICES_FILE"), settings.source("PRICES_FILE"))
+        self.assertEqual(read.made_directories, settings.made_directories)
+        for mapping in (read.providers, read.price_overrides, read.sources):
+            self.assertIsInstance(mapping, MappingProxyType)
+        with self.assertRaises(OSError):
+            os.fstat(reading)
+
+    def test_no_global_registration(self) -> None:
+        """
+        Only this pickler pickles a C{MappingProxyType}: pickle elsewhere in
+        the process still refuses one (no C{copyreg} registration).
+        """
+        settings_bytes(Settings())
+        self.assertNotIn(MappingProxyType, copyreg.dispatch_table)
+        with self.assertRaises(TypeError):
+            pickle.dumps(MappingProxyType({}))
+
+    def test_cut_short(self) -> None:
+        """
+        Settings cut short (the parent ended while writing them), or a
+        pipe that holds none: one line saying so.
+        """
+        data = settings_bytes(Settings())
+        for written in (data[: len(data) // 2], b"", pickle.dumps({"port": 1})):
+            with self.assertRaises(ConfigError) as caught:
+                self.through_pipe(written)
+            self.assertIn("its parent ended while writing them, or --worker is set by --workers", str(caught.exception))
+
+    def test_no_pipe(self) -> None:
+        """
+        C{--worker} by hand (no pipe from a parent on the descriptor): one
+        line saying it is set by C{--workers}.
+        """
+        reading, writing = os.pipe()
+        os.close(reading)
+        os.close(writing)
+        with self.assertRaises(ConfigError) as caught:
+            read_settings(reading)
+        self.assertEqual(
+            str(caught.exception),
+            f"a worker reads its settings from its parent on descriptor {reading}, which cannot be read "
+            "(Bad file descriptor); --worker is set by --workers, not by hand",
+        )
+
+
+class WorkerStartTests(SynchronousTestCase):
+    def test_refusal_leaves_the_parents_state_directory(self) -> None:
+        """
+        A worker refused at its start (here an unusable C{--metrics-sockets})
+        leaves the state directory its parent made while reading the
+        settings (L{Settings.made_directories}): its parent and siblings
+        use it; only the parent's own refusal takes it back.
+        """
+        state = Path(self.mktemp()).resolve() / "state"
+        state.mkdir(parents=True)
+        settings = Settings(
+            jwt_secret=SECRET.encode(),
+            jwt_secret_is_ephemeral=False,
+            redis_url="redis://127.0.0.1:1/0",
+            workers=2,
+            state_dir=state,
+            made_directories=(state,),
+        )
+        reading, writing = os.pipe()
+        with open(writing, "wb") as pipe:
+            pipe.write(settings_bytes(settings))
+        self.patch(tap, "read_settings", lambda: read_settings(reading))
+        options = tap.Options()
+        missing = state.parent / "no-sockets"
+        options.parseOptions(["--worker", "1", "--supervisor", "1", "--metrics-sockets", str(missing)])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            tap.makeService(options, reactor, stdout=io.StringIO())
+        self.assertEqual(raised.exception.code, 2)
+        self.assertIn(f"--metrics-sockets {str(missing)!r} cannot be used", stderr.getvalue())
+        self.assertTrue(state.is_dir())

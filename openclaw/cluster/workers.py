@@ -28,16 +28,30 @@ A worker is given its parent's pid (C{--supervisor PID}) and stops, as on
 SIGTERM (drained), once its parent is no longer that process
 (L{SupervisorWatch}): a parent killed with SIGKILL left its workers
 serving, and a new parent on the same ports started more beside them.
+
+A worker runs with its parent's L{Settings}, read once at the parent's
+start, not its own reading of the configuration: the parent writes them
+(L{settings_bytes}) into a pipe, the worker's descriptor L{SETTINGS_FD},
+and the worker reads them from it (L{read_settings}) before it builds its
+gateway.  A worker started again after a crash thus runs as its siblings
+do, whatever the operator has changed since in C{.env}, C{JWT_SECRET_FILE}
+or C{PRICES_FILE} (a changed secret made it refuse the cluster's token and
+end again and again).  Never on its command line or in its environment:
+they hold secrets, which C{ps} and C{/proc/PID/environ} would show.
 """
 
 from __future__ import annotations
 
+import copyreg
 import errno
+import io
 import os
+import pickle
 import signal
 import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -64,6 +78,7 @@ from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remo
 from openclaw.listeners import CannotListen, Listener
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
+from openclaw.settings import ConfigError, Settings
 
 #: A worker that ran this long before it ended is started again after
 #: L{RESTART_DELAY_SECONDS}; one that ended sooner waits twice as long as
@@ -77,6 +92,82 @@ SUPERVISOR_CHECK_SECONDS = 1.0
 #: The wait before a worker's restart after C{n} quick ends in a row
 #: beyond the first (L{WorkerSupervisor._restart}).
 _restart_delay = backoffPolicy(RESTART_DELAY_SECONDS, MAX_RESTART_DELAY_SECONDS, factor=2.0, jitter=lambda: 0.0)
+#: The descriptor a worker reads its parent's settings from: the reading
+#: end of a pipe its parent writes them into (L{settings_bytes}), then
+#: closes.
+SETTINGS_FD = 3
+
+
+def settings_bytes(settings: Settings) -> bytes:
+    """
+    C{settings} as bytes a worker reads back (L{read_settings}): a pickle
+    (the highest protocol).  Its read-only mappings (C{MappingProxyType},
+    which pickle refuses) are pickled as a copy made read-only again
+    (L{mapping_proxy}), by this pickler's own C{dispatch_table} (no global
+    C{copyreg} registration); everything else as pickle does (provider
+    adapters and other classes by their import path, which the worker, of
+    the same installation, imports).
+
+    @return: bytes holding the secrets C{settings} hold (C{JWT_SECRET},
+        keys, passwords): written to a worker's pipe only.
+    """
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, MappingProxyType: _reduce_mapping_proxy}
+    pickler.dump(settings)
+    return buffer.getvalue()
+
+
+def _reduce_mapping_proxy(
+    mapping: MappingProxyType[Any, Any],
+) -> tuple[Callable[[dict[Any, Any]], MappingProxyType[Any, Any]], tuple[dict[Any, Any]]]:
+    # The type itself cannot be pickled by name (builtins.mappingproxy is
+    # no attribute of builtins): it is made by a function that can.
+    return mapping_proxy, (dict(mapping),)
+
+
+def mapping_proxy(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
+    """
+    A read-only view of C{items}: what a C{MappingProxyType} pickled by
+    L{settings_bytes} is unpickled as.
+    """
+    return MappingProxyType(items)
+
+
+def read_settings(fd: int = SETTINGS_FD) -> Settings:
+    """
+    In a worker: its parent's settings, read from descriptor C{fd} to its
+    end (the parent writes them, L{settings_bytes}, and closes its end),
+    which is closed then.  Unpickled, which runs what the bytes say: safe
+    only because they come from a pipe the worker inherited from its own
+    parent (the twistd process that started it, of the same user), which
+    only that parent wrote; never read settings from anywhere else this
+    way.
+
+    @raise ConfigError: C{fd} cannot be read (not a worker started by
+        C{--workers}: C{--worker} given by hand), or does not hold
+        settings (the parent ended while writing them).
+    """
+    by_hand = "--worker is set by --workers, not by hand"
+    try:
+        with open(fd, "rb") as pipe:
+            data = pipe.read()
+    except OSError as e:
+        raise ConfigError(
+            f"a worker reads its settings from its parent on descriptor {fd}, which cannot be read "
+            f"({e.strerror}); {by_hand}"
+        ) from None
+    try:
+        settings = pickle.loads(data)
+    except Exception:
+        # Cut short (EOFError, UnpicklingError), or not this version's.
+        settings = None
+    if not isinstance(settings, Settings):
+        raise ConfigError(
+            f"a worker's settings from its parent (descriptor {fd}, {len(data)} bytes) are not settings: "
+            f"its parent ended while writing them, or {by_hand}"
+        )
+    return settings
 
 
 def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
@@ -191,6 +282,9 @@ class WorkerSupervisor(Service):
     socket, closed once the workers have stopped).
 
     @param argv: a worker's command line without C{--worker N}.
+    @param settings: the settings every worker runs with, this process's
+        (read once at its start): handed to each worker started, and
+        started again, through a pipe (L{SETTINGS_FD}, L{settings_bytes}).
     @param stop_timeout: how long a stop waits for the workers to drain
         before it kills them (seconds).
     @param worker_sockets: the directory of the workers' private metrics
@@ -207,6 +301,7 @@ class WorkerSupervisor(Service):
         count: int,
         sockets: dict[str, socket.socket],
         argv: Sequence[str],
+        settings: Settings,
         stop_timeout: float,
         env: dict[str, str] | None = None,
         log_observer: ILogObserver | None = None,
@@ -218,6 +313,8 @@ class WorkerSupervisor(Service):
         self.count = count
         self.sockets = sockets
         self.argv = list(argv)
+        # Pickled once: every worker gets the same bytes.
+        self._settings = settings_bytes(settings)
         self.stop_timeout = stop_timeout
         self.env = dict(os.environ) if env is None else env
         self.workers: dict[int, _Worker] = {}
@@ -252,7 +349,9 @@ class WorkerSupervisor(Service):
         # module's docstring); here only for as long as the spawn takes.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
         try:
-            process = self.reactor.spawnProcess(worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2})
+            process = self.reactor.spawnProcess(
+                worker, argv[0], argv, env=self.env, childFDs={0: 0, 1: 1, 2: 2, SETTINGS_FD: "w"}
+            )
         except Exception as e:
             # Out of processes or memory (fork failed): tried again later,
             # as for a worker that ended at once.
@@ -260,6 +359,10 @@ class WorkerSupervisor(Service):
             return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # Buffered by the reactor and written as the pipe takes them; the
+        # worker reads to the end, which comes once they are all written.
+        process.writeToChild(SETTINGS_FD, self._settings)
+        process.closeChildFD(SETTINGS_FD)
         worker.process = process
         self.workers[index] = worker
         self._log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
@@ -404,21 +507,16 @@ class SupervisorWatch(Service):
         self.reactor.stop()
 
 
-def worker_argv(
-    twistd_options: Mapping[str, Any], openclaw_options: Mapping[str, Any], names: Sequence[str]
-) -> list[str]:
+def worker_argv(twistd_options: Mapping[str, Any]) -> list[str]:
     """
     The command line that runs one worker: this Python's twistd in the
     foreground, no pidfile (the parent's is the gateway's), the same log
-    file and the same openclaw options (C{names}) as the parent.
+    file as the parent; no setting (the worker takes its parent's,
+    L{read_settings}).
     """
     argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     logfile = twistd_options.get("logfile") if twistd_options else None
     if logfile:
         argv += ["--logfile", logfile]
     argv.append("openclaw")
-    for name in names:
-        value = openclaw_options[name]
-        if value is not None:
-            argv += [f"--{name}", str(value)]
     return argv
