@@ -359,12 +359,12 @@ def _supervisor(
         raise ConfigError("--workers above 1 runs in the foreground: add -n (as the systemd unit does)")
     rundir = twistd_options.get("rundir") or "."
     if os.path.abspath(rundir) != os.getcwd():
-        # The workers start in it, and would read their settings there:
-        # .env, and relative paths in the environment.
+        # The workers start in it (their settings are the parent's, read
+        # here), and would open twistd's relative paths (--logfile) there.
         raise ConfigError(
-            f"--workers above 1 with twistd's -d/--rundir {rundir!r} is not supported: its workers would read "
-            "their settings (.env, relative paths) in that directory, not in this one; start twistd in the "
-            "directory you mean instead (systemd: WorkingDirectory=)"
+            f"--workers above 1 with twistd's -d/--rundir {rundir!r} is not supported: its workers would start "
+            "in that directory and open twistd's relative paths (--logfile) there, not in this one; start twistd "
+            "in the directory you mean instead (systemd: WorkingDirectory=)"
         )
     if settings.control_listen or settings.api_listen or settings.metrics_listen:
         raise ConfigError(
