@@ -319,3 +319,66 @@ class IntegerFieldTests(DataPlaneTestCase):
                 response, text = yield self.post(gateway, body)
                 self.assertEqual(response.code, 200, (name, value, text))
                 self.assertEqual(self.upstream.kimi.last_body[name], value)
+
+
+class OpenAIFieldTypeTests(DataPlaneTestCase):
+    """
+    OpenAI's fields that the gateway passes on (to Kimi) or drops (for
+    Gemini) are of OpenAI's types, as its API reference has them: a
+    malformed one is the same 400 naming it on either provider, before
+    either sees the call (OpenAI answers 400; Kimi took them, Gemini
+    dropped them, both answering 200: trial s29).  Null is not set.
+    """
+
+    @inlineCallbacks
+    def test_refused(self):
+        gateway = self.gateway()
+        for name, value, words in (
+            ("metadata", "x", "metadata must be an object of at most 16 keys"),
+            ("metadata", ["a"], "metadata must be an object"),
+            ("metadata", {f"k{i}": "v" for i in range(17)}, "it has 17 keys"),
+            ("metadata", {"k" * 65: "v"}, "characters; shorten it"),
+            ("metadata", {"job": 42}, "the value of 'job' is not a string"),
+            ("metadata", {"job": "x" * 513}, "the value of 'job' has 513 characters"),
+            ("service_tier", 5, "service_tier must be a string"),
+            ("user", 7, "user must be a string"),
+            ("user", {"id": "u"}, "user must be a string"),
+            ("store", "yes", "store must be true or false"),
+            ("prediction", 5, "prediction must be an object"),
+            ("prediction", "text", "prediction must be an object"),
+            ("web_search_options", True, "web_search_options must be an object"),
+            ("logit_bias", [1], "logit_bias must be an object mapping token ids"),
+            ("logit_bias", {"50256": 101}, "must be a number from -100 to 100"),
+            ("logit_bias", {"50256": "x"}, "must be a number from -100 to 100"),
+            ("logit_bias", {"50256": True}, "must be a number from -100 to 100"),
+        ):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                body = {"model": model, "messages": HELLO, name: value}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (name, value, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], name, (name, value))
+                self.assertIn(words, error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_taken(self):
+        """
+        OpenAI's shapes (and null, at the limits) pass; Kimi gets them as
+        sent.
+        """
+        gateway = self.gateway()
+        fields = {
+            "metadata": {**{f"k{i}": "v" for i in range(15)}, "k" * 64: "x" * 512},
+            "service_tier": "auto",
+            "user": "user-1",
+            "store": False,
+            "prediction": {"type": "content", "content": "Hello."},
+            "logit_bias": {"50256": -100, "1": 100, "2": 0.5},
+        }
+        for sent in (fields, dict.fromkeys(fields)):
+            response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, **sent})
+            self.assertEqual(response.code, 200, text)
+            self.assertEqual({name: self.upstream.kimi.last_body[name] for name in sent}, sent)
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "metadata": {}})
+        self.assertEqual(response.code, 200, text)

@@ -123,6 +123,11 @@ COUNT_WHY = " (the most a 64-bit integer holds)"
 #: significand), so it was written with a fraction or exponent: orjson
 #: reads an integer this small written without either as an int.
 FLOAT_INTEGERS = 2**53
+#: OpenAI's limits on C{metadata}: pairs, a key's characters, a value's
+#: (U{https://platform.openai.com/docs/api-reference/chat/create}).
+METADATA_KEYS = 16
+METADATA_KEY_CHARS = 64
+METADATA_VALUE_CHARS = 512
 #: A token (RFC 9110 section 5.6.2), as a content coding is named; a
 #: longer or odd one is not quoted back.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
@@ -494,6 +499,80 @@ def _reasoning_effort(name: str, value: Any) -> None:
         raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param=name)
 
 
+def _string(name: str, value: Any) -> None:
+    """
+    A string field (C{user}, C{service_tier}).
+    """
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{name} must be a string", param=name)
+
+
+def _object(shape: str) -> Callable[[str, Any], None]:
+    """
+    The check of a field that is an object (C{prediction},
+    C{web_search_options}); C{shape}, what it holds, ends the 400's
+    message.
+    """
+
+    def check(name: str, value: Any) -> None:
+        if value is not None and not isinstance(value, dict):
+            raise bad_request(f"{name} must be an object: {shape}", param=name)
+
+    return check
+
+
+def _metadata(name: str, value: Any) -> None:
+    """
+    OpenAI's C{metadata}: at most L{METADATA_KEYS} pairs of a string key
+    of at most L{METADATA_KEY_CHARS} characters and a string value of at
+    most L{METADATA_VALUE_CHARS} (its API reference,
+    U{https://platform.openai.com/docs/api-reference/chat/create}, which
+    refuses any other with a 400).
+    """
+    if value is None:
+        return
+    rule = (
+        f"metadata must be an object of at most {METADATA_KEYS} keys of at most {METADATA_KEY_CHARS} characters, "
+        f"each with a string value of at most {METADATA_VALUE_CHARS} characters (OpenAI's rule)"
+    )
+    if not isinstance(value, dict):
+        raise bad_request(f'{rule}; send an object such as {{"job": "42"}}, or leave metadata out', param=name)
+    if len(value) > METADATA_KEYS:
+        raise bad_request(f"{rule}: it has {len(value)} keys; keep {METADATA_KEYS} at most", param=name)
+    for key, item in value.items():
+        if len(key) > METADATA_KEY_CHARS:
+            raise bad_request(f"{rule}: the key {_clipped(key)!r} has {len(key)} characters; shorten it", param=name)
+        if not isinstance(item, str):
+            raise bad_request(
+                f'{rule}: the value of {_clipped(key)!r} is not a string; send it as a string ("7", not 7)', param=name
+            )
+        if len(item) > METADATA_VALUE_CHARS:
+            raise bad_request(
+                f"{rule}: the value of {_clipped(key)!r} has {len(item)} characters; shorten it", param=name
+            )
+
+
+def _logit_bias(name: str, value: Any) -> None:
+    """
+    OpenAI's C{logit_bias}: an object mapping token ids to a bias from
+    -100 to 100 (its API reference,
+    U{https://platform.openai.com/docs/api-reference/chat/create}).
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad_request(
+            'logit_bias must be an object mapping token ids to a bias from -100 to 100, such as {"50256": -100}',
+            param=name,
+        )
+    for token, bias in value.items():
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise bad_request(
+                f"logit_bias: the bias of token {_clipped(token)!r} must be a number from -100 to 100 (OpenAI's range)",
+                param=name,
+            )
+
+
 #: The checks of the optional fields, by name: C{check(name, value)}
 #: raises L{APIError} (400 naming the field) for a value OpenAI's API
 #: would refuse; null is accepted as "not set".
@@ -513,6 +592,13 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "seed": integer_field(INT64_MIN, INT64_MAX, SEED_WHY),
         "reasoning_effort": _reasoning_effort,
         "response_format": lambda name, value: _check_response_format(value),
+        "user": _string,
+        "service_tier": _string,
+        "store": _bool,
+        "metadata": _metadata,
+        "logit_bias": _logit_bias,
+        "prediction": _object('{"type": "content", "content": ...}, the text the answer is expected to be close to'),
+        "web_search_options": _object('{"search_context_size": ..., "user_location": ...}, or {}'),
     }
 )
 
