@@ -2,7 +2,8 @@
 OpenAI's request fields and answer parts on the Gemini path: a field sent
 as null hides no other; C{parallel_tool_calls: false} gives one tool
 call; log probabilities are asked for and passed on; audio output, and
-values Gemini would refuse, are a gateway 400 naming the field; an image
+values Gemini would refuse, a web search and a token bias, are a gateway
+400 naming the field; an image
 URL's type is read from its path, a data URL's from its media type (in
 any case), and a URL with a password is refused; tool names with dots are
 refused; a history whose tool calls no user turn comes before is refused;
@@ -308,6 +309,38 @@ class RefusedTests(SynchronousTestCase):
         self.assertEqual(error.param, "audio")
         # Text only, and the harmless fields, still go.
         gemini.to_gemini(chat(modalities=["text"], audio=None, store=True, metadata={"a": "b"}, user="u"))
+
+    def test_web_search_and_token_bias(self) -> None:
+        """
+        A web search (C{web_search_options}, even empty: OpenAI's own way
+        to ask for one) and a C{logit_bias} that biases a token change the
+        answer, and Gemini would do neither: a 400 naming the field saying
+        what to do, never dropped (trial s29).  Null, an empty
+        C{logit_bias}, and the hints and bookkeeping go.
+        """
+        for options in ({}, {"search_context_size": "low"}):
+            error = refused(chat(web_search_options=options))
+            self.assertEqual(error.param, "web_search_options")
+            self.assertIn("web search, which is not available through Gemini on this gateway", error.message)
+            self.assertIn("remove web_search_options", error.message)
+        error = refused(chat(logit_bias={"50256": -100}))
+        self.assertEqual(error.param, "logit_bias")
+        self.assertIn("Gemini cannot do", error.message)
+        self.assertIn("remove logit_bias", error.message)
+        sent = gemini.to_gemini(
+            chat(
+                web_search_options=None,
+                logit_bias={},
+                prediction={"type": "content", "content": "Hi"},
+                service_tier="auto",
+                verbosity="low",
+                store=False,
+                metadata={"a": "b"},
+                user="u",
+            )
+        )
+        self.assertEqual(sent, {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]})
+        gemini.to_gemini(chat(logit_bias=None))
 
     def test_limits(self) -> None:
         for body, param, words in (
@@ -975,6 +1008,8 @@ class GatewayTests(DataPlaneTestCase):
             ),
             (image("data:image/gif;base64,R0lG"), "messages[0].content[0].image_url.url"),
             ({"reasoning_effort": "none", "model": "gemini/gemini-2.5-pro"}, "reasoning_effort"),
+            ({"web_search_options": {}}, "web_search_options"),
+            ({"logit_bias": {"50256": -100}}, "logit_bias"),
             ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}

@@ -257,6 +257,33 @@ class NoStatusTests(ResilienceTestCase):
         self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
 
     @inlineCallbacks
+    def test_fallback_cannot_honour_it(self):
+        """
+        A Kimi call asking for what Gemini would not do (a web search, a
+        token bias) is not failed over to Gemini, whole or streamed: Kimi's
+        failure is the answer, saying why, rather than Gemini's answer
+        without the search or the bias (trial s29).  Without them the same
+        call is failed over.
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="auto", breaker_failures=100)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 503
+        for stream in (False, True):
+            for extra, words in (
+                ({"web_search_options": {}}, "web_search_options asks for a web search"),
+                ({"logit_bias": {"50256": -100}}, "logit_bias asks for tokens to be favoured or banned"),
+            ):
+                response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream, **extra})
+                self.assertEqual(response.code, 502, text)
+                message = self.assertOpenAIError(text, "upstream_http_error")["message"]
+                self.assertIn(f"(not failed over to gemini: it cannot take this request: {words}", message)
+                self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(self.behaviour("gemini").requests, 0)
+        response, text = yield self.post(gateway, {"messages": HELLO, "logit_bias": {}, "web_search_options": None})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=http_5xx"])
+
+    @inlineCallbacks
     def test_fallback_model_cannot_take_it(self):
         """
         What the fallback's model refuses (Gemini 3: penalties, C{n} over

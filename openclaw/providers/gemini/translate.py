@@ -642,7 +642,14 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     """
     Refuse, before anything is sent, what OpenAI accepts but Gemini cannot
     do or would refuse with its own 400: audio output (C{modalities} with
-    "audio", an C{audio} object); C{n} over L{MAX_CANDIDATES}, or over 1
+    "audio", an C{audio} object); a web search (C{web_search_options}, even
+    C{{}}: OpenAI's guide, U{https://platform.openai.com/docs/guides/tools-web-search?api-mode=chat},
+    asks for a search with it; the gateway sends no C{googleSearch} tool,
+    so the answer would come ungrounded, without a word); a C{logit_bias}
+    that biases some token (Gemini's C{GenerationConfig},
+    U{https://ai.google.dev/api/generate-content#generationconfig}, has no
+    token bias: a ban would not be applied; an empty one, which SDKs and
+    frameworks send, is none); C{n} over L{MAX_CANDIDATES}, or over 1
     on a model that answers one candidate (L{GEMINI_3_OR_LATER}); a non-zero
     C{presence_penalty} or C{frequency_penalty} on a model that takes none
     (L{PENALTY_REFUSED}); an integer
@@ -672,6 +679,21 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "audio asks for audio output, which is not available through Gemini on this gateway (text is); "
             "remove audio",
             param="audio",
+        )
+    if body.get("web_search_options") is not None:
+        raise bad_request(
+            "web_search_options asks for a web search, which is not available through Gemini on this gateway (it "
+            "does not offer Gemini's Google Search grounding): the answer would not be grounded; remove "
+            "web_search_options, or give the model a search function of your own in tools (or, on a kimi model, "
+            "Moonshot's $web_search built-in tool)",
+            param="web_search_options",
+        )
+    if body.get("logit_bias"):
+        raise bad_request(
+            "logit_bias asks for tokens to be favoured or banned, which Gemini cannot do (its generateContent has "
+            "no token bias): the bias would not be applied; remove logit_bias (or send it empty), or send this call "
+            "to another provider's model",
+            param="logit_bias",
         )
     bare = model.removeprefix("models/")
     n = body.get("n")
