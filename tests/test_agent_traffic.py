@@ -574,6 +574,47 @@ class ParallelCallTests(DataPlaneTestCase):
     def test_whole(self):
         return self.parallel(GeminiAnswer((self.PARALLEL,)), stream=False)
 
+    #: Kimi calling two functions at once, the second without arguments
+    #: (Moonshot's "").
+    KIMI_TWO_CALLS = OpenAIAnswer(
+        tool_calls=(
+            {"id": "get_weather:0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"id": "get_time:1", "name": "get_time", "arguments": ""},
+        )
+    )
+
+    @inlineCallbacks
+    def test_one_call_on_either_provider(self):
+        """
+        C{parallel_tool_calls: false} holds on Kimi as on Gemini, whole and
+        streamed: a choice keeps its first call (index 0), later ones are
+        left out (none given a "{}" either), finish reason C{tool_calls};
+        so an agent's contract holds across switch_provider, where Kimi's
+        two calls reached the agent (trial s29).  Without it, or with
+        null or true, Kimi's calls all come.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        control = yield open_client(self, gateway.port)
+        for provider in ("kimi", "gemini"):
+            answer = yield control.command(gateway.token, "switch_provider", {"provider": provider})
+            self.assertTrue(answer["ok"], answer)
+            self.upstream.kimi.answers[:] = [self.KIMI_TWO_CALLS] * 2
+            self.upstream.gemini.answers[:] = [GeminiAnswer((self.PARALLEL,))] * 2
+            for stream in (False, True):
+                answer = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, parallel_tool_calls=False)
+                self.assertEqual([c["name"] for c in answer["calls"]], ["get_weather"], (provider, stream))
+                self.assertEqual(json.loads(answer["calls"][0]["arguments"]), {"city": "Paris"})
+                self.assertEqual((answer["indexes"], answer["finishes"]), ([0], ["tool_calls"]), (provider, stream))
+        answer = yield control.command(gateway.token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        self.upstream.kimi.answers[:] = [self.KIMI_TWO_CALLS] * 6
+        for stream in (False, True):
+            for extra in ({}, {"parallel_tool_calls": None}, {"parallel_tool_calls": True}):
+                answer = yield deferToThread(ask, client, QUESTION, stream, tools=TOOLS, **extra)
+                self.assertEqual([c["name"] for c in answer["calls"]], ["get_weather", "get_time"], (stream, extra))
+                self.assertEqual((answer["indexes"], answer["calls"][1]["arguments"]), ([0, 1], "{}"))
+
     @inlineCallbacks
     def test_finish_reason_once_and_last(self):
         self.upstream.gemini.answers[:] = [

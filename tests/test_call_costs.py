@@ -399,6 +399,50 @@ class UsageTests(SynchronousTestCase):
             out[1]["choices"][0]["delta"]["tool_calls"], [{"index": 0, "function": {"arguments": ' "UTC"}'}}]
         )
 
+    def test_one_call_without_indexes(self) -> None:
+        """
+        C{parallel_tool_calls: false}: a stream whose tool call deltas
+        carry no index (Moonshot's API reference leaves it optional) keeps
+        the first call's pieces only, those of the second left out (and no
+        "{}" made for it), the finish reason kept; a whole answer keeps its
+        first call.
+        """
+        chat = self.chat(parallel_tool_calls=False)
+        weather = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":'}}
+        time = {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+
+        def chunk(*calls: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            delta = {"tool_calls": list(calls)} if calls else {}
+            return {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        stream = OpenAIWire().stream(chat, "m", 0)
+        out = self.events(
+            stream,
+            chunk(weather),
+            chunk({"function": {"arguments": ' "Oslo"}'}}, time),
+            chunk({"function": {"arguments": ""}}),
+            chunk(finish="tool_calls"),
+        )
+        calls = [call for c in out for call in c["choices"][0]["delta"].get("tool_calls", ())]
+        self.assertEqual([call["index"] for call in calls], [0, 0])
+        self.assertEqual("".join(call["function"]["arguments"] for call in calls), '{"city": "Oslo"}')
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in out][-1], "tool_calls")
+        self.assertNotIn("get_time", json.dumps(out))
+        # Without it, both calls (the second given "{}").
+        out = self.events(
+            OpenAIWire().stream(self.chat(), "m", 0), chunk(weather), chunk(time), chunk(finish="tool_calls")
+        )
+        self.assertIn("get_time", json.dumps(out))
+        answer = {
+            "choices": [
+                {"index": 0, "message": {"content": None, "tool_calls": [weather, time]}, "finish_reason": "tool_calls"}
+            ]
+        }
+        message = json.loads(OpenAIWire().completion(orjson.dumps(answer), "m", 0, chat).body)["choices"][0]["message"]
+        self.assertEqual([call["id"] for call in message["tool_calls"]], ["call_1"])
+        message = json.loads(OpenAIWire().completion(orjson.dumps(answer), "m", 0, self.chat()).body)["choices"][0]
+        self.assertEqual([call["id"] for call in message["message"]["tool_calls"]], ["call_1", "call_2"])
+
     def test_complete_without_done(self) -> None:
         """
         Complete once every choice asked for has its finish reason and the

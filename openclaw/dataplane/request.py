@@ -283,6 +283,20 @@ class ChatRequest:
     def model(self) -> Any:
         return self.body.get("model")
 
+    @property
+    def one_call(self) -> bool:
+        """
+        Each choice of the answer carries at most one tool call: the
+        request said C{parallel_tool_calls: false} (OpenAI's switch, U{https://platform.openai.com/docs/api-reference/chat/create};
+        null or absent: calls may come in parallel), or declared the legacy
+        C{functions} (L{legacy_functions}), whose answer shape holds one.
+        No provider's API is relied on for it (Gemini has no such switch;
+        a Kimi model may answer two calls all the same): every wire keeps
+        a choice's first call and leaves out later ones, whole and
+        streamed, so an agent's contract holds across C{switch_provider}.
+        """
+        return self.legacy_functions or self.body.get("parallel_tool_calls") is False
+
     def plain_ids(self) -> ChatRequest:
         """
         This request with every tool call id plain

@@ -42,13 +42,16 @@ from openclaw.providers.wire import (
 class OpenAIWire:
     """
     An OpenAI-compatible chat API: the caller's body with the model
-    substituted, and the answer passed back as it came, but for three
+    substituted, and the answer passed back as it came, but for four
     normalisations: usage reported inside C{choices[0].usage} (as Moonshot
     does) is also given where OpenAI puts it, the top-level C{usage}; a
     tool call without arguments (Moonshot's C{""}) gets OpenAI's C{"{}"};
-    and a request that declared its functions in the legacy C{functions}
-    field (sent upstream as C{tools}) is answered in the legacy shape, as
-    OpenAI answers it and as the Gemini translation does (L{legacy_choice}).
+    a request that said C{parallel_tool_calls: false} gets a choice's
+    first tool call only, whatever the model answered (L{first_call_only}),
+    as from Gemini; and a request that declared its functions in the legacy
+    C{functions} field (sent upstream as C{tools}) is answered in the
+    legacy shape, as OpenAI answers it and as the Gemini translation does
+    (L{legacy_choice}).
     """
 
     #: Ids are passed through as they came: none carries anything.
@@ -92,13 +95,17 @@ class OpenAIWire:
                 raise MalformedAnswer('a choice\'s "tool_calls" is not a list')
             if _fill_empty_arguments(choices):
                 changed = changed or document
-            if chat is not None and chat.legacy_functions:
-                changed = {**(changed or document), "choices": [legacy_choice(choice) for choice in choices]}
+            if chat is not None and chat.one_call:
+                shape = legacy_choice if chat.legacy_functions else first_call_only
+                changed = {**(changed or document), "choices": [shape(choice) for choice in choices]}
         return Completion(body if changed is None else orjson.dumps(changed), usage)
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> OpenAIStream:
         return OpenAIStream(
-            include_usage=chat.include_usage, legacy_functions=chat.legacy_functions, asked=choice_count(chat.body)
+            include_usage=chat.include_usage,
+            legacy_functions=chat.legacy_functions,
+            asked=choice_count(chat.body),
+            one_call=chat.one_call,
         )
 
 
@@ -155,16 +162,47 @@ def _fill_empty_arguments(choices: list[Any]) -> bool:
     return filled
 
 
+def first_call_only(choice: Any) -> Any:
+    """
+    A choice (C{message} or streamed C{delta}) with its first tool call
+    only, later ones left out (L{ChatRequest.one_call
+    <openclaw.dataplane.request.ChatRequest.one_call>}): a whole message
+    keeps the first call listed, a streamed delta the pieces of the call
+    of index 0 (every piece has an index by then: L{OpenAIStream._indexed}),
+    and a delta left with none of them has no C{tool_calls}.  The choice
+    itself when nothing is left out.
+    """
+    if not isinstance(choice, dict):
+        return choice
+    kept_choice = choice
+    for field in ("message", "delta"):
+        said = choice.get(field)
+        calls = said.get("tool_calls") if isinstance(said, dict) else None
+        if not isinstance(calls, list):
+            continue
+        if field == "message":
+            kept = calls[:1]
+        else:
+            kept = [call for call in calls if isinstance(call, dict) and call.get("index", 0) == 0]
+        if len(kept) == len(calls):
+            continue
+        assert isinstance(said, dict)
+        said = {**said, "tool_calls": kept} if kept else {name: v for name, v in said.items() if name != "tool_calls"}
+        kept_choice = {**kept_choice, field: said}
+    return kept_choice
+
+
 def legacy_choice(choice: Any) -> Any:
     """
     A choice (C{message} or streamed C{delta}) in the shape OpenAI answers
     a request that declared the legacy C{functions}
     (U{https://platform.openai.com/docs/api-reference/chat/object}):
-    the first tool call as C{function_call} (C{{name, arguments}}; a
-    streamed delta's pieces of it as they come), later calls left out
-    (that shape holds one), and finish reason C{function_call} for
-    C{tool_calls}.
+    the first tool call (L{first_call_only}) as C{function_call}
+    (C{{name, arguments}}; a streamed delta's pieces of it as they come),
+    later calls left out (that shape holds one), and finish reason
+    C{function_call} for C{tool_calls}.
     """
+    choice = first_call_only(choice)
     if not isinstance(choice, dict):
         return choice
     choice = dict(choice)
@@ -173,8 +211,7 @@ def legacy_choice(choice: Any) -> Any:
         if isinstance(said, dict) and "tool_calls" in said:
             said = {name: value for name, value in said.items() if name != "tool_calls"}
             calls = choice[field]["tool_calls"]
-            listed = calls if isinstance(calls, list) else ()
-            first = next((call for call in listed if isinstance(call, dict) and call.get("index", 0) == 0), None)
+            first = calls[0] if isinstance(calls, list) and calls and isinstance(calls[0], dict) else None
             function = first.get("function") if first is not None else None
             if isinstance(function, dict):
                 said["function_call"] = {
@@ -218,7 +255,8 @@ class OpenAIStream:
     (higress PR #1568), or beside that chunk's choices (as DeepSeek and
     vLLM do): it is taken from there, and sent to a client that asked as
     OpenAI's usage chunk, last.  A tool call delta without an C{index}
-    is given one (L{_indexed}).
+    is given one (L{_indexed}); with L{one_call}, the pieces of a
+    choice's later calls are left out.
     """
 
     #: The client asked for the usage (C{stream_options.include_usage}).
@@ -228,6 +266,10 @@ class OpenAIStream:
     legacy_functions: bool = False
     #: The number of choices asked for (C{n}).
     asked: int = 1
+    #: At most one tool call per choice (L{ChatRequest.one_call
+    #: <openclaw.dataplane.request.ChatRequest.one_call>}): the pieces of
+    #: a choice's later calls are left out (L{first_call_only}).
+    one_call: bool = False
     ended: bool = False
     usage: dict[str, Any] | None = None
     #: The usage chunk has gone to the client.
@@ -321,6 +363,11 @@ class OpenAIStream:
         indexed = self._indexed(choices)
         if indexed is not None:
             document, choices, rewritten = {**document, "choices": indexed}, indexed, True
+        if self.one_call:
+            # Before _fills: a call left out is given no "{}" either.
+            firsts = [first_call_only(choice) for choice in choices]
+            if any(first is not choice for first, choice in zip(firsts, choices, strict=True)):
+                document, choices, rewritten = {**document, "choices": firsts}, firsts, True
         fills = self._fills(document, choices)
         if not fills:
             return [self._encode(document) if self.legacy_functions or rewritten else data]

@@ -1403,7 +1403,8 @@ def from_gemini(
     @param model: the model asked for, reported when the answer does not
         name its C{modelVersion}.
     @param parallel_tool_calls: false when the request said
-        C{parallel_tool_calls: false}: Gemini has no such switch, so each
+        C{parallel_tool_calls: false} (L{ChatRequest.one_call}, the rule
+        every wire keeps): Gemini has no such switch, so each
         choice keeps only its first call (on Gemini 3 the one carrying the
         thought signature).
     @param asked: the number of choices asked for (C{n}); None: as many as
@@ -1525,7 +1526,7 @@ class GeminiStream:
     created: int
     include_usage: bool = False
     #: False: at most one tool call per choice (the request's
-    #: C{parallel_tool_calls: false}).
+    #: C{parallel_tool_calls: false}: L{ChatRequest.one_call}).
     parallel_tool_calls: bool = True
     #: The number of choices asked for (C{n}): each event's candidates
     #: are checked against it (L{check_indexes}); None: not checked but
@@ -1724,7 +1725,7 @@ class GeminiWire:
         return orjson.dumps(to_gemini(chat.body, model, chat.references))
 
     def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
-        parallel = chat is None or parallel_tool_calls(chat)
+        parallel = chat is None or not chat.one_call
         asked = None if chat is None else choice_count(chat.body)
         legacy = chat is not None and chat.legacy_functions
         completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy)
@@ -1737,19 +1738,11 @@ class GeminiWire:
                 completion_id(),
                 created,
                 chat.include_usage,
-                parallel_tool_calls(chat),
+                not chat.one_call,
                 choice_count(chat.body),
                 chat.legacy_functions,
             )
         )
-
-
-def parallel_tool_calls(chat: ChatRequest) -> bool:
-    """
-    Whether the answer may carry several tool calls per choice: unless the
-    request says C{parallel_tool_calls: false} (null or absent: it may).
-    """
-    return chat.body.get("parallel_tool_calls") is not False
 
 
 @attrs.define
