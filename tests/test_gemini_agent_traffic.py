@@ -286,7 +286,12 @@ class MalformedAnswerTests(DataPlaneTestCase):
         with self.assertRaises(ModelFailed) as caught:
             gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
         self.assertEqual(caught.exception.code, "unsupported_output")
-        self.assertIn("inlineData part (image/png)", str(caught.exception))
+        self.assertIn("Gemini answered with an inlineData part (image/png)", str(caught.exception))
+        other = {"fileData": {"mimeType": "image/png", "fileUri": "https://a.b/c.png"}}
+        candidate = {"content": {"parts": [other]}, "finishReason": "STOP", "index": 0}
+        with self.assertRaises(ModelFailed) as caught:
+            gemini.from_gemini({"candidates": [candidate]}, "m", "id", 0)
+        self.assertIn("Gemini answered with a fileData part (image/png)", str(caught.exception))
         stream = gemini.GeminiStream("m", "id", 0)
         self.assertIsNotNone(stream.chunk({"candidates": [{"content": {"parts": [{"text": "Here:"}]}, "index": 0}]}))
         with self.assertRaises(gemini.GeminiStreamError) as streamed:
@@ -305,7 +310,7 @@ class MalformedAnswerTests(DataPlaneTestCase):
         response, text = yield self.post(gateway, {"messages": QUESTION})
         self.assertEqual(response.code, 502, text)
         error = self.assertOpenAIError(text, "unsupported_output")
-        self.assertIn("inlineData part (image/png)", error["message"])
+        self.assertIn("Gemini answered with an inlineData part (image/png)", error["message"])
         # Not failed over: Gemini answered.
         self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
         self.assertEqual(self.upstream.kimi.requests, 0)

@@ -1244,9 +1244,11 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
         if kind is not None and not part.get("thought"):
             media = part[kind]
             mime = media.get("mimeType") if isinstance(media, dict) else None
+            # "an inlineData part", "a fileData part".
+            article = "an" if kind[0] in "aeiou" else "a"
             raise ModelFailed(
-                f"Gemini answered with a {kind} part ({clip(mime) if isinstance(mime, str) else 'media'}), which "
-                "OpenAI's chat completions cannot carry: use a model that answers in text (not an image "
+                f"Gemini answered with {article} {kind} part ({clip(mime) if isinstance(mime, str) else 'media'}), "
+                "which OpenAI's chat completions cannot carry: use a model that answers in text (not an image "
                 "model such as gemini-2.5-flash-image), or ask for text only",
                 "unsupported_output",
             )
