@@ -52,6 +52,23 @@ class ReadingTests(SynchronousTestCase):
         self.assertEqual(classify(403, body).kind, RefusalKind.FORBIDDEN)
         self.assertEqual(classify(401, body).kind, RefusalKind.AUTH)
 
+    def test_403_hint(self):
+        """
+        A 403 is the model not available to the key, or the key or its
+        account not allowed at all ("Your account is suspended": trial
+        s29, whose hint spoke of the model alone); the hint says both, and
+        who can fix the second.
+        """
+        refusal = Refusal(403, RefusalKind.FORBIDDEN, "Your account org-1 is suspended")
+        error = upstream_refused("kimi", refusal, "KIMI_API_KEY", names_model=True)
+        self.assertEqual((error.status, error.code), (403, "permission_denied"))
+        self.assertIn(
+            "Your account org-1 is suspended; the key this gateway holds for kimi is not allowed", error.message
+        )
+        self.assertIn("the model may not be available to it", error.message)
+        self.assertIn("no access (suspended, or not enabled for this API)", error.message)
+        self.assertIn("ask the operator to check the kimi key and account", error.message)
+
     def test_retry_after_on_5xx(self):
         self.assertEqual(classify(503, b"{}", "30").retry_after, 30.0)
         date = email.utils.formatdate(1_000_060, usegmt=True)

@@ -347,9 +347,10 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         502 C{upstream_auth_failed} naming C{key_setting} (and, as
         C{upstream_account_error} and a C{Retry-After} over a minute,
         C{x-should-retry: false}: L{APIError});
-      - permission denied (403: often the model is not available to the
-        gateway's key, as Moonshot's C{permission_denied_error}): 403
-        C{permission_denied};
+      - permission denied (403: the model not available to the gateway's
+        key, as Moonshot's C{permission_denied_error} says, or the key or
+        its account not allowed at all: suspended, or without access to
+        the API): 403 C{permission_denied}, whose hint names both;
       - the provider account cannot serve (Google's C{FAILED_PRECONDITION},
         an OpenAI-compatible API's 429 for a quota or balance spent):
         502 C{upstream_account_error}, with a hint for the operator;
@@ -390,8 +391,10 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
     if kind == "forbidden":
         return APIError(
             403,
-            f"{provider_id} denied permission: {said}; the model may not be available to the key this gateway "
-            f"holds for {provider_id}: GET /v1/models lists the models it serves, or ask the operator",
+            f"{provider_id} denied permission: {said}; the key this gateway holds for {provider_id} is not allowed "
+            "this call: the model may not be available to it (GET /v1/models lists the models it serves), or the "
+            "key or its account may have no access (suspended, or not enabled for this API); use another model, or "
+            f"ask the operator to check the {provider_id} key and account",
             "permission_denied_error",
             "permission_denied",
             headers=upstream,
