@@ -145,3 +145,48 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=rate_limited"])
         self.assertIn(response.headers.getRawHeaders("retry-after"), (["5"], ["4"]))
         self.assertIsNone(response.headers.getRawHeaders("x-should-retry"))
+
+    @inlineCallbacks
+    def test_every_key_resting_on_both(self) -> Any:
+        """
+        When every key of the call's provider rests and so does every key
+        of its fallback, the 429 says so of both, each provider's wait
+        named, and says to retry when the first can take the call (its
+        Retry-After): it said "every key the gateway holds for kimi is rate
+        limited; retry in 75 s" alone, as if Gemini could take the call
+        (trial s29).  A call pinned to one provider, or with failover off,
+        is told of that provider alone.
+        """
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        for kimi_wait, gemini_wait, told in ((75, 120, 75), (75, 30, 30)):
+            kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, kimi_wait
+            gemini.rate_limited_keys, gemini.retry_after = {self.upstream.gemini.key}, gemini_wait
+            gateway = self.gateway(default_provider="kimi", fallback="auto")
+            # Kimi's 429, then Gemini's: both providers' keys rest.
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 429, text)
+            requests = (kimi.requests, gemini.requests)
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 429, text)
+            self.assertEqual((kimi.requests, gemini.requests), requests)
+            message = json.loads(text)["error"]["message"]
+            self.assertIn(
+                "every key the gateway holds for kimi is rate limited, and so is every key it holds for gemini, "
+                "where the call would fail over (",
+                message,
+            )
+            self.assertIn(f"); retry in {told} s", message)
+            self.assertNotIn(f"retry in {max(kimi_wait, gemini_wait)} s", message)
+            self.assertIn(response.headers.getRawHeaders("retry-after"), ([str(told)], [str(told - 1)]))
+            first, second = ("kimi", "gemini") if kimi_wait < gemini_wait else ("gemini", "kimi")
+            self.assertRegex(message, rf"\({first} may take the call in \d+ s, {second} in \d+ s\)")
+            # Pinned to Kimi: Kimi's wait alone.
+            response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+            self.assertEqual(response.code, 429, text)
+            message = json.loads(text)["error"]["message"]
+            self.assertTrue(
+                message.startswith("every key the gateway holds for kimi is rate limited; retry in"), message
+            )
+            self.assertNotIn("gemini", message)
+            kimi.reset()
+            gemini.reset()

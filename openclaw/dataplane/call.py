@@ -55,6 +55,7 @@ from openclaw.dataplane.errors import (
     bad_request,
     breaker_open,
     descriptors_exhausted,
+    every_key_resting,
     internal_error,
     no_usable_key,
     out_of_descriptors,
@@ -246,8 +247,9 @@ class ChatCall:
             return self._upstream_failed("no_key", provider_not_configured(provider_id, adapter.key_variable))
         key = keys.pick(avoid=self._tried)
         if key is None:
+            back_in = keys.back_in()
             return self._upstream_failed(
-                keys.unusable_reason(), no_usable_key(provider_id, adapter.keys_setting, keys.back_in())
+                keys.unusable_reason(), no_usable_key(provider_id, adapter.keys_setting, back_in), resting=back_in
             )
         breaker = adapter.breaker
         trial = breaker.state is BreakerState.HALF_OPEN
@@ -495,11 +497,16 @@ class ChatCall:
 
     # -- failover -------------------------------------------------------------
 
-    def _upstream_failed(self, reason: FallbackReason, error: APIError) -> None:
+    def _upstream_failed(self, reason: FallbackReason, error: APIError, resting: float | None = None) -> None:
         """
         This provider could not answer (C{reason}, a label of
         C{openclaw_api_fallbacks_total}): fail over if allowed, else answer
         C{error}.
+
+        @param resting: C{error} is that every key of this provider rests,
+            for so many seconds more (L{no_usable_key}): when the call
+            could fail over but the fallback's keys rest too, the answer
+            says so (L{_sooner_elsewhere}).
         """
         context = self.context
         if self.pinned or context.fallback == "off" or self.request.startedWriting:
@@ -510,7 +517,7 @@ class ChatCall:
             return self._fail(self._sooner_elsewhere(error))
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:
-            return self._fail(self._sooner_elsewhere(error))
+            return self._fail(self._sooner_elsewhere(error, resting))
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         why_not = self._may_not_use(target.id, model)
@@ -542,23 +549,34 @@ class ChatCall:
         self._tried = []
         return self._attempt(body)
 
-    def _sooner_elsewhere(self, error: APIError) -> APIError:
+    def _sooner_elsewhere(self, error: APIError, resting: float | None = None) -> APIError:
         """
         C{error}, when no provider could take the call now, with the
         soonest wait of those that could later (L{sooner_elsewhere}): the
         ones the key holder may be failed over to.
+
+        @param resting: C{error} is that every key of the call's provider
+            rests, for so many seconds more: when every key of a fallback
+            rests too, the answer says so of both, with the earliest wait
+            (L{every_key_resting}), not the first provider's alone.
         """
         consumers = self.context.consumers
         waits = [
-            (adapter.id, wait)
+            (adapter, wait)
             for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id)
             if consumers is None
             or consumers.may_not_use(self.holder, adapter.id, adapter.fallback_model or adapter.default_model) is None
         ]
+        if resting is not None:
+            rested = [(adapter.id, wait) for adapter, wait in waits if not adapter.keys.available]
+            if rested:
+                error = every_key_resting(self.route.provider_id, resting, rested)
+                # Those that wait for another reason (an open breaker).
+                waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available]
         if not waits:
             return error
-        provider_id, wait = min(waits, key=lambda entry: entry[1])
-        return sooner_elsewhere(error, provider_id, wait)
+        adapter, wait = min(waits, key=lambda entry: entry[1])
+        return sooner_elsewhere(error, adapter.id, wait)
 
     def _may_not_use(self, provider_id: str, model: str) -> str | None:
         """
