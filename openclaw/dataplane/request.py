@@ -35,8 +35,10 @@ from openclaw.routing import Route, model_refusal
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
-#: Content part types, by role (OpenAI's: assistants may also send refusals).
-USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
+#: Content part types, by role (OpenAI's: assistants may also send
+#: refusals; users also Moonshot's C{video_url}, for Kimi's vision models:
+#: U{https://platform.moonshot.ai/docs/api/chat}).
+USER_PARTS = frozenset({"text", "image_url", "input_audio", "file", "video_url"})
 TEXT_PARTS = frozenset({"text"})
 ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: A function name every provider accepts, so that a tool loop survives
@@ -77,6 +79,24 @@ DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII 
 #: URL schemes an image may be given by (the gateway never fetches them),
 #: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
+#: Moonshot's own URL of a file uploaded to it (C{POST /v1/files} with
+#: purpose C{image} or C{video}), "ms" for Moonshot storage: the C{url} of
+#: an C{image_url} or C{video_url} part, for Kimi's vision models
+#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}; its
+#: chat reference: "The url field of image_url and video_url supports
+#: base64 format and ms://<file_id> format").  A file id is letters,
+#: digits, C{-} and C{_} (Moonshot's are 20 lowercase letters and digits).
+MOONSHOT_FILE_URL = re.compile(r"ms://[A-Za-z0-9_-]{1,128}", re.ASCII)
+#: What an C{image_url}'s C{url} may be, as a 400 says it.
+IMAGE_URL_FORMS = (
+    "a base64 data URL (data:image/png;base64,...), an http(s):// or gs:// URL, or, for a kimi model, "
+    "ms://<file_id> (an image uploaded to Moonshot)"
+)
+#: What a C{video_url}'s C{url} may be (Moonshot's forms), as a 400 says it.
+VIDEO_URL_FORMS = (
+    "a base64 data URL (data:video/mp4;base64,...) or ms://<file_id> (a video uploaded to Moonshot), the forms "
+    "Moonshot documents for Kimi's vision models"
+)
 #: Characters C{str.isprintable} takes that show as nothing: Unicode's
 #: Default_Ignorable_Code_Point (DerivedCoreProperties.txt) letters and
 #: marks (the Hangul fillers, the combining grapheme joiner, the
@@ -1135,7 +1155,10 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
             kinds = ", ".join(sorted(allowed))
             if kind is None:
                 raise bad_request(f"{at} has no type: give its type, one of {kinds}", param=f"{at}.type")
-            raise bad_request(f"{at}.type must be one of {kinds} here (got {kind!r})", param=f"{at}.type")
+            raise bad_request(
+                f"{at}.type must be one of {kinds} here, the part types the gateway carries (got {kind!r})",
+                param=f"{at}.type",
+            )
         if kind in ("text", "refusal"):
             text = part.get(kind)
             if not isinstance(text, str):
@@ -1220,22 +1243,39 @@ def _not_data_url(value: object, where: str, wanted: str) -> APIError:
 
 
 def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
+    """
+    Check a media part of a user message (C{kind}: C{image_url},
+    C{video_url}, C{input_audio} or C{file}) at C{at}; a data URL wrapped
+    in lines is unwrapped in place (L{_data_url}).  An C{ms://<file_id>}
+    URL (L{MOONSHOT_FILE_URL}) and a C{video_url} part are Moonshot's,
+    for Kimi: whether the provider the call goes to takes them is its
+    wire's to say (Gemini's refuses them,
+    L{openclaw.providers.gemini.translate.moonshot_only}).
+
+    @raise APIError: 400 naming the field that is not of its shape.
+    """
     value = part.get(kind)
     if not isinstance(value, dict):
         raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
-    if kind == "image_url":
+    if kind in ("image_url", "video_url"):
         url = value.get("url")
-        if isinstance(url, str) and is_image_url(url):
-            _check_image_url(url, f"{at}.image_url.url")
+        where = f"{at}.{kind}.url"
+        if isinstance(url, str) and url[:3].lower() == "ms:":
+            if not MOONSHOT_FILE_URL.fullmatch(url):
+                raise bad_request(
+                    f"{where} is not ms://<file_id>, Moonshot's URL of an uploaded file (the file id letters, "
+                    "digits, - and _); give the id Moonshot's POST /v1/files answered",
+                    param=where,
+                )
+        elif kind == "image_url" and isinstance(url, str) and is_image_url(url):
+            _check_image_url(url, where)
         else:
             data_url = _data_url(url) if isinstance(url, str) else None
             if data_url is None:
-                raise _not_data_url(
-                    url,
-                    f"{at}.image_url.url",
-                    "must be a base64 data URL (data:image/png;base64,...) or an http(s):// or gs:// URL",
-                )
+                forms = IMAGE_URL_FORMS if kind == "image_url" else VIDEO_URL_FORMS
+                raise _not_data_url(url, where, f"must be {forms}; the gateway takes no other kind of URL here")
             value["url"] = data_url
+    if kind == "image_url":
         detail = value.get("detail")
         if detail is not None and (not isinstance(detail, str) or detail not in IMAGE_DETAILS):
             raise bad_request(f"{at}.image_url.detail must be auto, low or high", param=f"{at}.image_url.detail")
@@ -1249,7 +1289,7 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             raise bad_request(
                 f"{at}.input_audio.format must name the format, such as wav or mp3", param=f"{at}.input_audio.format"
             )
-    else:
+    elif kind == "file":
         data = value.get("file_data")
         data_url = _data_url(data) if isinstance(data, str) else None
         if data_url is not None:

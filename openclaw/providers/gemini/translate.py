@@ -277,7 +277,8 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
     @raise APIError: 400 naming the field, for what Gemini cannot do or
         would refuse (L{refuse_unsupported}), for an image that is not
         of a type Gemini takes (L{image_type}, L{data_image_type}) or
-        given by a C{gs://} URL (L{cloud_storage_refused}), and
+        given by a C{gs://} URL (L{cloud_storage_refused}), for Moonshot's
+        C{video_url} parts and C{ms://} file URLs (L{moonshot_only}), and
         for an assistant message with tool calls that no user turn comes
         before (L{no_turn_before_calls}).
     """
@@ -873,6 +874,8 @@ def _parts(
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
+        elif kind == "video_url":
+            raise moonshot_only(f"{where}[{j}]", "a video_url part (Moonshot's video input)")
         else:
             parts.append(_media(part["file"]["file_data"], f"{where}[{j}].file.file_data"))
     return parts
@@ -887,7 +890,7 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     @param image: the URL is an C{image_url}'s: a data URL's type is
         checked (L{data_image_type}).
     @raise APIError: 400 naming C{where} for a C{gs://} URL
-        (L{cloud_storage_refused}).
+        (L{cloud_storage_refused}) or an C{ms://} one (L{moonshot_only}).
     """
     match = DATA_URL.match(url)
     if match is not None:
@@ -898,7 +901,27 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     scheme, colon, rest = url.partition(":")
     if scheme.lower() == "gs":
         raise cloud_storage_refused(where)
+    if scheme.lower() == "ms":
+        raise moonshot_only(where, "an ms:// URL (a file uploaded to Moonshot)")
     return {"fileData": {"fileUri": scheme.lower() + colon + rest, "mimeType": image_type(url, where)}}
+
+
+def moonshot_only(where: str, what: str) -> APIError:
+    """
+    400 naming C{where}, C{what} only Moonshot reads: its C{video_url}
+    content part, or an C{ms://<file_id>} URL of a file uploaded to it
+    (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}).
+    Gemini cannot fetch Moonshot's files, and this gateway sends it no
+    video (Gemini's own video input, C{inlineData} of a video type, is not
+    translated): before anything is sent, as for Moonshot's built-in
+    tools, so a Kimi call holding one is not failed over to Gemini either.
+    """
+    return bad_request(
+        f"{where} is {what}, which only Kimi's vision models take, not Gemini on this gateway: send this "
+        'conversation to a kimi model (model "kimi/<model>", such as kimi/kimi-k2.5), or, for Gemini, give an '
+        "image as a base64 data URL or an https:// URL and leave videos out",
+        param=where,
+    )
 
 
 def cloud_storage_refused(where: str) -> APIError:
