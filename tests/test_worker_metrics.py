@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import fail, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
@@ -601,6 +601,45 @@ class PrivateSocketWatchTests(TestCase):
         self.assertFalse(os.path.lexists(path))
         yield deferLater(reactor, 0.2, lambda: None)
         self.assertFalse(os.path.lexists(path))
+
+    @inlineCallbacks
+    def test_listened_on_again_after_a_failed_listen(self):
+        """
+        A listen again that fails (out of descriptors, say) leaves the
+        empty file the watch put there for Twisted's port to remove, and no
+        port to remove it: the next check listens all the same (review
+        s29: the file stood in for the socket, and it never listened again).
+        """
+        sockets = socket_directory(self, 2)
+        path = sockets.path(1)
+        site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
+        endpoint = _FailingOnce(reactor, path)
+        listening = ListeningService(endpoint, site)
+        listening.startService()
+        self.addCleanup(listening.stopService)
+        watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=0.05)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        capture_log_events(self)
+        endpoint.failures = 1
+        path.unlink()
+        yield self.until_listening(path)
+        self.assertEqual(endpoint.failures, 0)
+
+
+class _FailingOnce(PrivateSocketEndpoint):
+    """
+    A private socket's endpoint whose next C{failures} listens fail as out
+    of descriptors.
+    """
+
+    failures = 0
+
+    def listen(self, protocolFactory: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            return fail(CannotListenError(None, str(self.path), OSError(24, "Too many open files")))
+        return super().listen(protocolFactory)
 
 
 class FamiliesTests(SynchronousTestCase):

@@ -267,9 +267,16 @@ class PrivateSocketWatch(Service):
     which binds it mode 0600) is stopped and started again; logged once
     each time, a warning.
 
+    Gone means no socket at the path: nothing, or anything else (the
+    empty file below, left by a listen that failed, EMFILE say): the next
+    check listens again, whatever the last one met.
+
     Twisted's UNIX port removes its path when it stops listening, and
-    fails if the path has gone (its C{connectionLost}): an empty file is
-    put there first, for it to remove.
+    fails if the path has gone, before it closes its socket
+    (C{twisted.internet.unix.Port.connectionLost}, Twisted 26.10: not a
+    documented contract, so the watch's tests stop a real port): an empty
+    file is put there first, for it to remove, and removed before
+    listening if it is still there (no port was listening to remove it).
     """
 
     def __init__(
@@ -305,7 +312,7 @@ class PrivateSocketWatch(Service):
         (never fails: a problem is logged).
         """
         path = self.sockets.path(self.index)
-        if os.path.lexists(path):
+        if _socket_at(path):
             return None
         made = not self.sockets.directory.exists()
         try:
@@ -336,6 +343,11 @@ class PrivateSocketWatch(Service):
             if not self.running:
                 return
             try:
+                if not _socket_at(path):
+                    # The empty file above, if no port was listening to
+                    # remove it (its last listen failed): a bind fails on it.
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
                 self.listening.startService()
             except Exception as e:
                 self._failed(
@@ -368,6 +380,21 @@ class PrivateSocketWatch(Service):
             return
         self._problem = problem
         _log.error(line, index=self.index, path=str(path), problem=problem)
+
+
+def _socket_at(path: Path) -> bool:
+    """
+    Whether a socket is at C{path} (what a listening UNIX port binds):
+    False when nothing, or something else, is.  When it cannot be told (a
+    directory above it this user may not search), True: nothing is done
+    about it.
+    """
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
 
 
 def encode_families(registry: CollectorRegistry) -> bytes:
