@@ -231,6 +231,44 @@ class SettingsPipeTests(SynchronousTestCase):
                 self.through_pipe(written)
             self.assertIn("its parent ended while writing them, or --worker is set by --workers", str(caught.exception))
 
+    def test_another_installation(self) -> None:
+        """
+        Settings written by another installation of openclaw (upgraded in
+        place while the twistd process ran: another version, or settings
+        of another shape) are refused with one line saying to restart it,
+        not unpickled into settings that lack fields (review s29).
+        """
+        data = settings_bytes(Settings())
+        header, _, pickled = data.partition(b"\n")
+        mark, version, fingerprint = header.decode().split(" ")
+        for written in (
+            f"{mark} 0.0.1 {fingerprint}\n".encode() + pickled,
+            f"{mark} {version} 0123456789abcdef\n".encode() + pickled,
+        ):
+            with self.assertRaises(ConfigError) as caught:
+                self.through_pipe(written)
+            self.assertIn(
+                "openclaw was installed again since the twistd process started; restart it", str(caught.exception)
+            )
+
+    def test_not_a_pipe(self) -> None:
+        """
+        C{--worker} by hand with another file open on the descriptor: it
+        is not read (a terminal would wait for ever), one line says why.
+        """
+        path = Path(self.mktemp())
+        path.write_bytes(settings_bytes(Settings()))
+        fd = os.open(path, os.O_RDONLY)
+        with self.assertRaises(ConfigError) as caught:
+            read_settings(fd)
+        self.assertEqual(
+            str(caught.exception),
+            f"a worker reads its settings from its parent on descriptor {fd}, which is not a pipe; "
+            "--worker is set by --workers, not by hand",
+        )
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
     def test_no_pipe(self) -> None:
         """
         C{--worker} by hand (no pipe from a parent on the descriptor): one

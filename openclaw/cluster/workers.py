@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import copyreg
 import errno
+import hashlib
 import io
 import os
 import pickle
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -73,6 +75,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw import __version__
 from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
 from openclaw.listeners import CannotListen, Listener
@@ -108,10 +111,16 @@ def settings_bytes(settings: Settings) -> bytes:
     adapters and other classes by their import path, which the worker, of
     the same installation, imports).
 
+    The pickle follows a line naming what wrote it (L{settings_header}),
+    so that a worker of another installation (openclaw upgraded in place
+    while the twistd process runs) refuses them rather than run with
+    settings of another shape.
+
     @return: bytes holding the secrets C{settings} hold (C{JWT_SECRET},
         keys, passwords): written to a worker's pipe only.
     """
     buffer = io.BytesIO()
+    buffer.write(settings_header())
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
     pickler.dispatch_table = {**copyreg.dispatch_table, MappingProxyType: _reduce_mapping_proxy}
     pickler.dump(settings)
@@ -134,6 +143,21 @@ def mapping_proxy(items: dict[Any, Any]) -> MappingProxyType[Any, Any]:
     return MappingProxyType(items)
 
 
+def settings_header() -> bytes:
+    """
+    The line L{settings_bytes} begins with: C{openclaw-settings}, this
+    installation's version of openclaw and a fingerprint of L{Settings}'
+    fields (their names), ended by a newline.
+    """
+    names = ",".join(field.name for field in attrs.fields(Settings))
+    fingerprint = hashlib.sha256(names.encode()).hexdigest()[:16]
+    return f"{_SETTINGS_MARK} {__version__} {fingerprint}\n".encode()
+
+
+#: The first word of L{settings_header}.
+_SETTINGS_MARK = "openclaw-settings"
+
+
 def read_settings(fd: int = SETTINGS_FD) -> Settings:
     """
     In a worker: its parent's settings, read from descriptor C{fd} to its
@@ -144,12 +168,19 @@ def read_settings(fd: int = SETTINGS_FD) -> Settings:
     only that parent wrote; never read settings from anywhere else this
     way.
 
-    @raise ConfigError: C{fd} cannot be read (not a worker started by
-        C{--workers}: C{--worker} given by hand), or does not hold
-        settings (the parent ended while writing them).
+    @raise ConfigError: C{fd} is not a pipe or cannot be read (not a
+        worker started by C{--workers}: C{--worker} given by hand), does
+        not hold settings (the parent ended while writing them), or holds
+        those of another installation (L{settings_header}: openclaw
+        upgraded since the twistd process started).
     """
     by_hand = "--worker is set by --workers, not by hand"
     try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(
+                f"a worker reads its settings from its parent on descriptor {fd}, which is not a pipe; {by_hand}"
+            )
         with open(fd, "rb") as pipe:
             data = pipe.read()
     except OSError as e:
@@ -157,8 +188,17 @@ def read_settings(fd: int = SETTINGS_FD) -> Settings:
             f"a worker reads its settings from its parent on descriptor {fd}, which cannot be read "
             f"({e.strerror}); {by_hand}"
         ) from None
+    header, _, data = data.partition(b"\n")
+    words = header.decode("ascii", "replace").split(" ")
+    expected = settings_header().decode().rstrip("\n").split(" ")
+    if words[0] == _SETTINGS_MARK and len(words) == len(expected) and words != expected:
+        raise ConfigError(
+            f"a worker's settings come from openclaw {words[1]} (settings {words[2]}), and this worker is "
+            f"openclaw {expected[1]} (settings {expected[2]}): openclaw was installed again since the twistd "
+            "process started; restart it (systemctl restart openclaw)"
+        )
     try:
-        settings = pickle.loads(data)
+        settings = pickle.loads(data) if words == expected else None
     except Exception:
         # Cut short (EOFError, UnpicklingError), or not this version's.
         settings = None
@@ -314,7 +354,7 @@ class WorkerSupervisor(Service):
         self.sockets = sockets
         self.argv = list(argv)
         # Pickled once: every worker gets the same bytes.
-        self._settings = settings_bytes(settings)
+        self._settings_pickle = settings_bytes(settings)
         self.stop_timeout = stop_timeout
         self.env = dict(os.environ) if env is None else env
         self.workers: dict[int, _Worker] = {}
@@ -361,7 +401,7 @@ class WorkerSupervisor(Service):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         # Buffered by the reactor and written as the pipe takes them; the
         # worker reads to the end, which comes once they are all written.
-        process.writeToChild(SETTINGS_FD, self._settings)
+        process.writeToChild(SETTINGS_FD, self._settings_pickle)
         process.closeChildFD(SETTINGS_FD)
         worker.process = process
         self.workers[index] = worker
