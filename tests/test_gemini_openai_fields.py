@@ -341,6 +341,8 @@ class RefusedTests(SynchronousTestCase):
         )
         self.assertEqual(sent, {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]})
         gemini.to_gemini(chat(logit_bias=None))
+        # Biases of 0 bias nothing (review s29: refused as a bias).
+        gemini.to_gemini(chat(logit_bias={"50256": 0, "42": 0.0}))
 
     def test_limits(self) -> None:
         for body, param, words in (

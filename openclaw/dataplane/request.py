@@ -1263,8 +1263,9 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
         if isinstance(url, str) and url[:3].lower() == "ms:":
             if not MOONSHOT_FILE_URL.fullmatch(url):
                 raise bad_request(
-                    f"{where} is not ms://<file_id>, Moonshot's URL of an uploaded file (the file id letters, "
-                    "digits, - and _); give the id Moonshot's POST /v1/files answered",
+                    f"{where} is not ms://<file_id>, Moonshot's URL of an uploaded file (ms:// in lower case, as "
+                    "Moonshot writes it; the file id letters, digits, - and _); give the id Moonshot's POST /v1/files "
+                    "answered",
                     param=where,
                 )
         elif kind == "image_url" and isinstance(url, str) and is_image_url(url):

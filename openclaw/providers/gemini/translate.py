@@ -689,10 +689,11 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "Moonshot's $web_search built-in tool)",
             param="web_search_options",
         )
-    if body.get("logit_bias"):
+    # Checked before (openclaw.dataplane.request): an object of numbers.
+    if any(bias != 0 for bias in (body.get("logit_bias") or {}).values()):
         raise bad_request(
             "logit_bias asks for tokens to be favoured or banned, which Gemini cannot do (its generateContent has "
-            "no token bias): the bias would not be applied; remove logit_bias (or send it empty), or send this call "
+            "no token bias): the bias would not be applied; remove logit_bias (or send it empty, or with biases of 0), or send this call "
             "to another provider's model",
             param="logit_bias",
         )
