@@ -428,9 +428,9 @@ class GatewayService(MultiService):
                 PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
                 metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
             )
-            private.setServiceParent(self)
-            # Listening again on it if a cleaner of the temporary directory
-            # removes it.
+            # Listens on it (not a child of its own: its directory's fault
+            # does not end the worker), and again if a cleaner of the
+            # temporary directory removes it.
             PrivateSocketWatch(reactor, worker_sockets, worker, private).setServiceParent(self)
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts, exposition

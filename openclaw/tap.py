@@ -26,7 +26,6 @@ from openclaw.cluster.scrape import (
     WorkerSockets,
     make_socket_directory,
     remove_empty_directory,
-    socket_directory_problem,
 )
 from openclaw.cluster.workers import (
     ReusePortEndpoint,
@@ -307,11 +306,10 @@ def _worker_service(
         raise ConfigError("--worker is set by --workers, not by hand") from None
     worker_sockets = None
     if options["metrics-sockets"] is not None:
-        directory = Path(options["metrics-sockets"])
-        problem = socket_directory_problem(directory)
-        if problem is not None:
-            raise ConfigError(f"--metrics-sockets {str(directory)!r} cannot be used: {problem}; it is set by --workers")
-        worker_sockets = WorkerSockets(directory, settings.workers)
+        # Checked by the worker's watch (PrivateSocketWatch), which listens
+        # there only once it can be used: a worker started again is not
+        # ended by its metrics directory's fault.
+        worker_sockets = WorkerSockets(Path(options["metrics-sockets"]), settings.workers)
     # Its cluster's (REDIS_URL): no lock of the token file, the state
     # directory's shared with the other instances.
     made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))

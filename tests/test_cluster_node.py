@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -26,6 +28,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
+from openclaw.cluster.scrape import WorkerSockets
 from openclaw.cluster.store import Versioned, WriteRefused
 from openclaw.cluster.workers import SETTINGS_FD, WorkerSupervisor, settings_bytes
 from openclaw.control.lockout import AuthLockout
@@ -429,6 +432,29 @@ class Supervisor(TestCase):
             )
             self.assertEqual(env, {"PATH": "/bin"})
             self.assertNotIn(SECRET.decode(), " ".join(args))
+
+    def test_socket_directory_not_made(self) -> None:
+        """
+        A worker started again while its metrics directory cannot be made
+        (the temporary directory above it removed) is started all the same
+        (its watch listens there once it can), where the error escaped the
+        timed call and the worker was never started again (re-attack s29).
+        """
+        parent = Path(self.mktemp())
+        parent.mkdir()
+        sockets = WorkerSockets(parent / "openclaw-workers-x", 2)
+        supervisor = WorkerSupervisor(
+            self.reactor, 2, {}, ["twistd"], self.settings, stop_timeout=5, env={}, worker_sockets=sockets
+        )
+        supervisor.startService()
+        self.assertEqual(len(self.reactor.spawned), 4)
+        supervisor.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
+        shutil.rmtree(parent)
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 5)
+        self.assertIn(1, supervisor.workers)
+        args = self.reactor.spawns[-1][0]
+        self.assertEqual(args[args.index("--metrics-sockets") + 1], str(sockets.directory))
 
     def test_spawn_failure_tried_again(self) -> None:
         """

@@ -592,7 +592,10 @@ class PrivateSocketWatchTests(TestCase):
         self.assertFalse(os.path.lexists(path))
         errors = [formatEvent(event) for event in events if event.get("log_level") == LogLevel.error]
         self.assertEqual(len(errors), 1, errors)
-        self.assertIn("its directory cannot be used again (others than its owner may use it (mode 0755))", errors[0])
+        self.assertIn(
+            "its directory cannot be used (others than its owner may use it (mode 0755)); its series are missing",
+            errors[0],
+        )
         sockets.directory.chmod(0o700)
         yield self.until_listening(path)
         # Stopped: its socket goes, and it is not made again.
@@ -625,6 +628,36 @@ class PrivateSocketWatchTests(TestCase):
         path.unlink()
         yield self.until_listening(path)
         self.assertEqual(endpoint.failures, 0)
+
+    @inlineCallbacks
+    def test_directory_unusable_at_start(self):
+        """
+        A worker whose metrics directory cannot be used when it starts (of
+        another mode, here) starts all the same: its watch says so once
+        and listens once the directory is fit, where the worker refused to
+        start and, started again after a crash, ended again and again,
+        serving no API call either (re-attack s29).
+        """
+        sockets = socket_directory(self, 2)
+        sockets.directory.chmod(0o755)
+        path = sockets.path(0)
+        site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
+        listening = ListeningService(PrivateSocketEndpoint(reactor, path), site)
+        watch = PrivateSocketWatch(reactor, sockets, 0, listening, interval=0.05)
+        events = capture_log_events(self)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(os.path.lexists(path))
+        errors = [formatEvent(event) for event in events if event.get("log_level") == LogLevel.error]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn("the worker serves on, and looks again every second", errors[0])
+        sockets.directory.chmod(0o700)
+        yield self.until_listening(path)
+        # Its first listen is no socket "gone": no warning.
+        self.assertEqual([event for event in events if event.get("log_level") == LogLevel.warn], [])
+        yield watch.stopService()
+        self.assertFalse(os.path.lexists(path))
 
 
 class _FailingOnce(PrivateSocketEndpoint):

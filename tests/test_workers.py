@@ -289,7 +289,8 @@ class SettingsPipeTests(SynchronousTestCase):
 class WorkerStartTests(SynchronousTestCase):
     def test_refusal_leaves_the_parents_state_directory(self) -> None:
         """
-        A worker refused at its start (here an unusable C{--metrics-sockets})
+        A worker refused at its start (here a C{--supervisor} that is not a
+        process id)
         leaves the state directory its parent made while reading the
         settings (L{Settings.made_directories}): its parent and siblings
         use it; only the parent's own refusal takes it back.
@@ -309,12 +310,11 @@ class WorkerStartTests(SynchronousTestCase):
             pipe.write(settings_bytes(settings))
         self.patch(tap, "read_settings", lambda: read_settings(reading))
         options = tap.Options()
-        missing = state.parent / "no-sockets"
-        options.parseOptions(["--worker", "1", "--supervisor", "1", "--metrics-sockets", str(missing)])
+        options.parseOptions(["--worker", "1", "--supervisor", "one"])
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         with self.assertRaises(SystemExit) as raised:
             tap.makeService(options, reactor, stdout=io.StringIO())
         self.assertEqual(raised.exception.code, 2)
-        self.assertIn(f"--metrics-sockets {str(missing)!r} cannot be used", stderr.getvalue())
+        self.assertIn("--worker is set by --workers, not by hand", stderr.getvalue())
         self.assertTrue(state.is_dir())

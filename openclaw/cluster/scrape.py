@@ -49,7 +49,6 @@ import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import attrs
 import orjson
@@ -254,18 +253,25 @@ class PrivateSocketEndpoint:
 
 class PrivateSocketWatch(Service):
     """
-    In a worker: every C{interval} seconds, look that its private socket
-    (C{sockets.path(index)}) is still there.  A cleaner of the temporary
-    directory (C{systemd-tmpfiles}, C{tmpreaper}) may remove it, or the
-    whole directory, while the gateway runs: the siblings could then no
-    longer read this worker's series, missing from every scrape until the
-    worker was started again.  Once it has gone: the directory is made
-    again if it has gone (L{ensure_socket_directory}: mode 0700) and
-    checked (L{socket_directory_problem}: else the error is logged once,
-    nothing listens, and it is looked at again at the next check), and
-    C{listening} (the service listening on the socket: L{PrivateSocketEndpoint},
-    which binds it mode 0600) is stopped and started again; logged once
-    each time, a warning.
+    In a worker: listen on its private socket (C{sockets.path(index)},
+    through C{listening}, the service listening there:
+    L{PrivateSocketEndpoint}, which binds it mode 0600) while running, and
+    every C{interval} seconds look that it is still there.
+
+    The worker's API does not wait on it: a directory that cannot be used
+    when the worker starts (its parent could not make it again, or it is
+    of another owner or mode, as L{socket_directory_problem} says) is
+    logged once, an error, and looked at again at every check; the worker
+    serves meanwhile (a worker started again after a crash is not ended by
+    a fault of its metrics' directory), only its series missing from the
+    scrapes.
+
+    A cleaner of the temporary directory (C{systemd-tmpfiles},
+    C{tmpreaper}) may remove the socket, or the whole directory, while the
+    gateway runs: the siblings could then no longer read this worker's
+    series.  Once it has gone: the directory is made again if it has gone
+    (L{ensure_socket_directory}: mode 0700) and checked, and C{listening}
+    is stopped and started again; logged once each time, a warning.
 
     Gone means no socket at the path: nothing, or anything else (the
     empty file below, left by a listen that failed, EMFILE say): the next
@@ -296,23 +302,30 @@ class PrivateSocketWatch(Service):
         #: The problem last logged (the directory refused, or the listen
         #: failing): not logged again while it lasts.
         self._problem: str | None = None
+        #: The socket has been there since it started: one gone since is
+        #: said to have gone (a warning).
+        self._listened = False
 
     def startService(self) -> None:
         super().startService()
-        self._check.start(self.interval, now=False)
+        self._listened = False
+        self._check.start(self.interval, now=True)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         if self._check.running:
             self._check.stop()
-        return super().stopService()
+        super().stopService()
+        stopped: Deferred[None] = maybeDeferred(self.listening.stopService)
+        return stopped
 
     def check(self) -> Deferred[None] | None:
         """
-        Listen again if the socket has gone; fires once listening again
+        Listen (again) if the socket is not there; fires once listening
         (never fails: a problem is logged).
         """
         path = self.sockets.path(self.index)
         if _socket_at(path):
+            self._listened = True
             return None
         made = not self.sockets.directory.exists()
         try:
@@ -322,9 +335,9 @@ class PrivateSocketWatch(Service):
             problem = e.strerror or str(e)
         if problem is not None:
             self._failed(
-                "worker {index}'s metrics socket {path} has gone and its directory cannot be used again ({problem}): "
-                "its series are missing from every scrape until it is started again; if something else took "
-                "the directory's name, stop the gateway, look at it and start the gateway again",
+                "worker {index}'s metrics socket {path}: its directory cannot be used ({problem}); its series are "
+                "missing from every scrape meanwhile (the worker serves on, and looks again every second); if "
+                "something else took the directory's name, stop the gateway, look at it and start the gateway again",
                 problem,
                 path,
             )
@@ -351,13 +364,16 @@ class PrivateSocketWatch(Service):
                 self.listening.startService()
             except Exception as e:
                 self._failed(
-                    "worker {index}'s metrics socket {path} has gone and it cannot listen on it again ({problem}): "
-                    "its series are missing from every scrape until it is started again",
+                    "worker {index}'s metrics socket {path}: it cannot listen on it ({problem}); its series are "
+                    "missing from every scrape meanwhile (the worker serves on, and tries again every second)",
                     str(e),
                     path,
                 )
                 return
             self._problem = None
+            again, self._listened = self._listened, True
+            if not again:
+                return
             gone = "and its directory had gone; made the directory again (mode 0700) and" if made else "had gone;"
             _log.warn(
                 "worker {index}'s metrics socket {path} " + gone + " listening on it again: its series are in every "

@@ -383,7 +383,18 @@ class WorkerSupervisor(Service):
         worker.started_at = self.reactor.seconds()
         argv = [*self.argv, "--worker", str(index), "--supervisor", str(os.getpid())]
         if self.worker_sockets is not None:
-            ensure_socket_directory(self.worker_sockets)
+            try:
+                ensure_socket_directory(self.worker_sockets)
+            except OSError as e:
+                # Its TMPDIR removed, say: the worker serves all the same,
+                # and its watch makes the directory once it can.
+                self._log.warn(
+                    "could not make the workers' metrics directory {directory} again before starting worker "
+                    "{index} ({error}): it starts all the same, and listens there once the directory can be made",
+                    directory=str(self.worker_sockets.directory),
+                    index=index,
+                    error=e.strerror or str(e),
+                )
             argv += ["--metrics-sockets", str(self.worker_sockets.directory)]
         # Blocked in the child until its handler is installed (see the
         # module's docstring); here only for as long as the spawn takes.
