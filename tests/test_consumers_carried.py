@@ -65,6 +65,28 @@ class _Gated(RedisScripts):
             gate.callback(None)
 
 
+class _Lost(RedisScripts):
+    """
+    A Redis that runs the next L{CARRY} once L{lose} is set, but whose
+    answer never comes back (a timeout, a connection lost after Redis ran
+    it): the carry fails at its timeout.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        super().__init__(connection)
+        self.lose = False
+        #: What the lost carry's caller got: failed by its timeout.
+        self.unanswered: Deferred[Any] = Deferred()
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        sent = super().script(source, keys, args)
+        if source == CARRY and self.lose:
+            self.lose = False
+            sent.addErrback(lambda _: None)
+            return self.unanswered
+        return sent
+
+
 class CarriedReservationsTests(TestCase):
     timeout = 30
 
@@ -72,13 +94,15 @@ class CarriedReservationsTests(TestCase):
     # imported by name, or its tests would run here too).
     cluster = test_consumers_windows.MergedWindowsTests.cluster
 
-    def admit(self, instance: Instance, usd: float = 0.0, tokens: int = 0) -> Any:
+    def admit(self, instance: Instance, usd: float = 0.0, tokens: int = 0, now: float | None = None) -> Any:
         """
-        One call of C{team} admitted (or refused) on C{instance}, reserving
-        C{usd} and C{tokens}: fires with (refusal or None, holder).
+        One call of C{team} admitted (or refused) on C{instance} at C{now}
+        (the table's clock by default), reserving C{usd} and C{tokens}:
+        fires with (refusal or None, holder).
         """
         holder = Holder("team", "p", CREATED)
-        decided = instance.counters.admit(instance.table.consumers["team"], instance.table.clock(), holder, usd, tokens)
+        at = instance.table.clock() if now is None else now
+        decided = instance.counters.admit(instance.table.consumers["team"], at, holder, usd, tokens)
         if not isinstance(decided, Deferred):
             return succeed((decided, holder))
         return decided.addCallback(lambda refusal: (refusal, holder))
@@ -202,6 +226,38 @@ class CarriedReservationsTests(TestCase):
         a.shared.up(True)
         yield self.settled(a)
         self.assertAlmostEqual(sum(held(redis.port, RESERVED).values()), 0.6)
+
+    @inlineCallbacks
+    def test_release_of_a_lost_carry_not_sent_again(self) -> Any:
+        """
+        A's call X (900 tokens) and B's call Y (50) admitted through Redis
+        in the same second; X ends while Redis is away.  Back, A's carry
+        releases X's 900 in Redis, but its answer is lost (it ran): the
+        release is not sent again at the next carry (review s29: it took
+        Y's 50, held in the field of that second too).  Y's 50 are held.
+        """
+        (a, b), redis = yield self.cluster(2, tpm=10_000)
+        lost = _Lost(a.counters.redis.connection)  # type: ignore[attr-defined]
+        a.counters.redis = lost
+        a.counters.timeout = 0.5
+        now = a.table.clock()
+        refused, x = yield self.admit(a, tokens=900, now=now)
+        self.assertIsNone(refused)
+        refused, y = yield self.admit(b, tokens=50, now=now)
+        self.assertIsNone(refused)
+        self.assertEqual(held(redis.port, RESERVED_TOKENS), {y.reserved_at: 950})
+        a.shared.up(False)
+        a.counters.counted("team", 10, 0.0, a.table.clock(), x)
+        lost.lose = True
+        a.shared.up(True)
+        yield wait_for(lambda: lost.unanswered.called, 5)
+        yield self.settled(a)
+        self.assertEqual(held(redis.port, RESERVED_TOKENS), {y.reserved_at: 50})
+        a.shared.up(False)
+        a.shared.up(True)
+        yield self.settled(a)
+        self.assertEqual(held(redis.port, RESERVED_TOKENS), {y.reserved_at: 50})
+        self.assertFalse(a.counters.unreleased)
 
     @inlineCallbacks
     def test_refused_and_lapsed_not_carried(self) -> Any:

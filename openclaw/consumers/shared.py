@@ -1012,12 +1012,20 @@ class SharedCounters:
         its spends not seeded: L{unshared}), so that every instance counts
         them, and take away those Redis holds of its calls that ended while
         Redis was away (L{unreleased}).  Each carried reservation is
-        released in Redis once, when its call ends (L{COUNT}; once carried,
-        if it ends while the carry is under way).  A reservation that has
-        lapsed (L{RESERVATION_SECONDS} of the budget,
+        released in Redis once at most, when its call ends (L{COUNT}; once
+        carried, if it ends while the carry is under way).  A reservation
+        that has lapsed (L{RESERVATION_SECONDS} of the budget,
         L{TOKEN_RESERVATION_SECONDS} of tpm) is neither carried nor
-        released.  A carry that fails keeps them for the next (Redis back
-        again, or its spends seeded).  Never fails; logs what it did.
+        released.  A carry that fails (an error, or no answer within the
+        timeout: Redis may have run it) keeps the reservations of the calls
+        still running for the next (Redis back again, or its spends
+        seeded): if it had run, they are held twice until one is released
+        when the call ends and the other lapses.  Its releases are not
+        sent again (a release sent twice would take the reservations of
+        other calls admitted in the same second): if it had not run, those
+        reservations are held in Redis until they lapse, as are, if it had,
+        those it carried of calls that ended while it was under way.
+        Never fails; logs what it did.
 
         @param now: POSIX seconds, Redis's clock (the table's).
         """
@@ -1079,16 +1087,26 @@ class SharedCounters:
         def failed(reason: Failure) -> None:
             # Those still running are carried next time; those that ended
             # are in Redis only if it ran the script (its answer lost):
-            # they lapse there.
+            # they lapse there.  The releases are not sent again: Redis may
+            # have made them, and a release takes its amount from the field
+            # of its second, which other calls admitted then share (sent
+            # twice, it would take theirs).  If Redis did not, those
+            # reservations lapse there too.
             ended()
             for holder in running:
                 if holder.reserved > 0 or holder.reserved_tokens > 0:
                     self.unshared[holder] = None
-            self.unreleased.absorb(releasing)
             self._log.warn(
                 "could not carry the reservations of this instance's calls in flight into the cluster's in Redis "
-                "({error}); tried again when Redis is next back, while they last",
+                "({error}); tried again when Redis is next back, while they last{unreleased}",
                 error=reason.getErrorMessage() or repr(reason.value),
+                unreleased=(
+                    "; the release of what its calls that ended hold there is not (Redis may have made it): if "
+                    f"not, that holds until it lapses ({RESERVATION_SECONDS // 60} minutes of a budget, "
+                    f"{TOKEN_RESERVATION_SECONDS} s of tpm)"
+                    if releasing
+                    else ""
+                ),
             )
 
         carrying: Deferred[Any] = self.redis.script(CARRY, keys, args)
