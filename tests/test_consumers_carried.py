@@ -260,6 +260,35 @@ class CarriedReservationsTests(TestCase):
         self.assertFalse(a.counters.unreleased)
 
     @inlineCallbacks
+    def test_reservation_made_while_not_seeded_carried(self) -> Any:
+        """
+        Budget 1 USD, Redis emptied (its spends not seeded): A admits a call
+        reserving 0.9 USD on its own (Redis answers it cannot judge the
+        budget), which seeds Redis.  The reservation is then carried into
+        Redis's: B sees it held (consumer_list's figure) and refuses a call
+        that would pass the budget by it (budget_reserved).
+        """
+        (a, b), redis = yield self.cluster(2, budget_usd=1.0, budget_period="total")
+        redis_command(redis.port, "FLUSHALL")
+        seen = a.counters.generation
+        refused, running = yield self.admit(a, usd=0.9)
+        self.assertIsNone(refused)
+        # Told Redis is not seeded, the service seeds it (its unseeded).
+        a.shared.seed()
+        # Seeded again (a new marker), and carried in the same step.
+        yield wait_for(lambda: a.counters.generation != seen, 5)
+        yield self.settled(a)
+        self.assertAlmostEqual(held(redis.port, RESERVED).get(running.reserved_at, 0.0), 0.9)
+        team = b.table.consumers["team"]
+        yield b.counters.read_spends([team], b.table.clock())
+        self.assertAlmostEqual(b.counters.held("team", b.table.clock())[0], 0.9)
+        first, _ = yield self.admit(b, usd=0.2)
+        self.assertIsNone(first)
+        second, _ = yield self.admit(b, usd=0.2)
+        assert isinstance(second, APIError)
+        self.assertEqual(second.type, "budget_reserved")
+
+    @inlineCallbacks
     def test_refused_and_lapsed_not_carried(self) -> Any:
         """
         Only the reservations still held are carried: a call refused
