@@ -751,8 +751,15 @@ class SharedCounters:
         C{consumer}'s calls in flight (the operator's C{consumer_release},
         L{RELEASE}): those of every instance's calls, a crashed one's
         included.  The calls still running are counted when they end, as
-        any other (their count then finds nothing to release); until then
-        the cluster judges the consumer's budget and C{tpm} without them.
+        any other, and until then the cluster judges the consumer's budget
+        and C{tpm} without them.  Their count releases their reservation
+        from the field of their second of admission if Redis has one
+        (L{COUNT}): one admitted before the release's second finds none,
+        but one admitted in that second, before the release, takes its
+        amount from that second's field, which by then holds the
+        reservations of the calls admitted after the release in that
+        second: those are held short by up to that amount (until they end,
+        or lapse).
         This instance's own figures (what it judges by while Redis is
         away) keep its calls' reservations: they are running.
 
