@@ -352,6 +352,56 @@ class CarryScriptTests(TestCase):
         self.assertGreater(ttl, RESERVATION_SECONDS - 5)
 
 
+class _Answered:
+    """
+    A Redis whose L{CARRY} scripts wait for the test to answer them
+    (L{carries}: the arguments and the Deferred of each).
+    """
+
+    def __init__(self) -> None:
+        self.carries: list[tuple[list[str], Deferred[Any]]] = []
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        answer: Deferred[Any] = Deferred()
+        if source == CARRY:
+            self.carries.append((args, answer))
+        return answer
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        return succeed(None)
+
+
+class ChainedCarryTests(TestCase):
+    def test_chained_carry_judges_lapses_by_its_own_second(self) -> None:
+        """
+        A call ends while its reservation is being carried; the carry's
+        answer comes a while later, and the carry that releases it reads
+        the clock again (review s29: it took the first carry's second): a
+        reservation of tokens lapsed by then is not released.
+        """
+        clock = Clock()
+        clock.advance(10_000)
+        redis = _Answered()
+        counters = SharedCounters(redis, clock, 600.0)
+        team = Consumer("team", tpm=10_000, created_at=CREATED)
+        holder = Holder("team", "p", CREATED)
+        self.assertIsNone(counters.admit(team, clock.seconds(), holder, 0.0, 50))
+        counters.up = True
+        counters.carry(clock.seconds)
+        [(args, answer)] = redis.carries
+        self.assertEqual(args[2:], ["", "10000:50", "", ""])
+        counters.counted("team", 10, 0.0, clock.seconds(), holder)
+        clock.advance(TOKEN_RESERVATION_SECONDS + 5)
+        answer.callback([b"0", b"50", b"0", b"0"])
+        # Its reservation has lapsed (in Redis too): nothing to release.
+        self.assertEqual(len(redis.carries), 1)
+        self.assertFalse(counters.carrying)
+        self.assertFalse(counters.unreleased)
+
+
 class UnsharedPrunedTests(TestCase):
     def test_calls_never_counted_dropped_once_lapsed(self) -> None:
         """

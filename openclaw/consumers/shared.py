@@ -1011,7 +1011,7 @@ class SharedCounters:
         """
         return bool(self.unshared or self.unreleased)
 
-    def carry(self, now: float) -> Deferred[None]:
+    def carry(self, clock: Callable[[], float]) -> Deferred[None]:
         """
         Bring the cluster's reservations in Redis up to this instance's
         calls, in one L{CARRY} for every consumer: add the reservations of
@@ -1034,9 +1034,12 @@ class SharedCounters:
         those it carried of calls that ended while it was under way.
         Never fails; logs what it did.
 
-        @param now: POSIX seconds, Redis's clock (the table's).
+        @param clock: the time now, POSIX seconds, Redis's clock (the
+            table's C{clock}): read when the carry starts, and again by
+            the carry that follows it for the calls that ended meanwhile,
+            each judging what has lapsed by its own second.
         """
-        second = int(now)
+        second = int(clock())
         holders, self.unshared = list(self.unshared), {}
         reserving = ReservationLog()
         running: list[Holder] = []
@@ -1089,7 +1092,7 @@ class SharedCounters:
                 # Its count found it not in Redis yet: released now.
                 self.unreleased.add((holder.consumer, holder.created_at), at, reserved, reserved_tokens)
             if done and self.up:
-                self.carry(now)
+                self.carry(clock)
 
         def failed(reason: Failure) -> None:
             # Those still running are carried next time; those that ended
@@ -1417,7 +1420,7 @@ class SharedConsumers:
         if self.counters.unmerged():
             self.counters.merge_windows(self.table.clock())
         if self.counters.uncarried():
-            self.counters.carry(self.table.clock())
+            self.counters.carry(self.table.clock)
 
     def loaded(self) -> None:
         """
