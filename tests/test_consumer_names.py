@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent
+from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.model import Consumer, NewKey, ctl_arguments
+from openclaw.consumers.shared import SharedCounters
+from openclaw.consumers.table import NotReleased, tpm_refused
 from tests.test_consumers import GatewayCase
 
 
@@ -149,3 +154,54 @@ class NewNameTests(GatewayCase):
         self.assertEqual(
             (request.cmd, request.data), ("key_revoke", {"name": "-team", "key_prefix": created["key_prefix"]})
         )
+
+
+class DashedNameHintsTests(TestCase):
+    """
+    The openclawctl commands messages name for a consumer an earlier
+    version let be named C{-team} (L{ctl_arguments}): C{--} before it, so
+    that openclawctl reads it as a value; a plain name as it is.
+    """
+
+    def test_arguments(self) -> None:
+        self.assertEqual(ctl_arguments("team"), "team")
+        self.assertEqual(ctl_arguments("-team"), "-- -team")
+        self.assertEqual(ctl_arguments("team", "-x1"), "-- team -x1")
+        self.assertEqual(ctl_arguments("team", "ock-x1"), "team ock-x1")
+
+    def test_release_hint_of_a_cluster_refusal_parses(self) -> None:
+        """
+        A cluster's C{tokens_reserved} 429 names the release command.
+        """
+        from openclaw.ctl import parse_request
+
+        refusal = tpm_refused("-team", 100, 10, 95, 2, cluster=True)
+        hint = refusal.message.split("release them at once (", 1)[1].split(")", 1)[0]
+        self.assertEqual(hint, "openclawctl consumer release -- -team")
+        request = parse_request(hint.split()[1:], {"OPENCLAW_TOKEN": "t"})
+        self.assertEqual((request.cmd, request.data), ("consumer_release", {"name": "-team"}))
+
+    def test_list_hint_of_a_release_not_answered(self) -> None:
+        """
+        A release Redis did not answer says to see what is held first.
+        """
+        counters = SharedCounters(_Failing(), Clock(), 1.0)
+        counters.up = True
+        released = counters.release_held(Consumer("-team"), 10_000.0)
+        failure = self.failureResultOf(released, NotReleased)
+        self.assertIn("(openclawctl consumer list -- -team)", str(failure.value))
+
+
+class _Failing:
+    """
+    A Redis whose every script fails.
+    """
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+    def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+        return fail(ConnectionDone())
+
+    def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
+        return succeed(None)

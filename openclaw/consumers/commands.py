@@ -40,6 +40,7 @@ from openclaw.consumers.model import (
     check_new_name,
     consumer_changes,
     consumer_fields,
+    ctl_arguments,
     is_key_like,
     is_retired_name,
     models_warning,
@@ -291,11 +292,8 @@ class ConsumerCommands:
                     "consumer's name nor a key of one: give the consumer's name (openclawctl consumer list shows "
                     "each with its keys' prefixes)"
                 )
-            # An earlier consumer's name or key's prefix may start with '-':
-            # openclawctl reads what follows -- as values, not options.
-            values = f"{holder.consumer} {holder.prefix}"
-            if holder.consumer.startswith("-") or holder.prefix.startswith("-"):
-                values = f"-- {values}"
+            # An earlier consumer's name or key's prefix may start with '-'.
+            values = ctl_arguments(holder.consumer, holder.prefix)
             raise CommandError(
                 f"data.name is a key of consumer {holder.consumer!r} ({shown_key(name)}), not a consumer's name: "
                 f"give the name, {holder.consumer}; to revoke that key: openclawctl key revoke {values}"

@@ -277,6 +277,17 @@ def shown_key(value: str) -> str:
     return value[:shown] + ("..." if len(value) > shown else "")
 
 
+def ctl_arguments(*values: str) -> str:
+    """
+    C{values} (consumer names, key prefixes) as openclawctl's arguments in
+    a command a message names: joined by spaces, after C{--} when one
+    starts with C{-} (which openclawctl would read as an option; names of
+    consumers created before L{check_new_name} refused them may).
+    """
+    joined = " ".join(values)
+    return f"-- {joined}" if any(value.startswith("-") for value in values) else joined
+
+
 def check_new_name(value: object) -> str:
     """
     The name of a consumer being created: L{check_name}, and neither
@@ -516,6 +527,7 @@ __all__ = [
     "check_new_name",
     "consumer_changes",
     "consumer_fields",
+    "ctl_arguments",
     "is_key_like",
     "is_retired_name",
     "key_hash",

@@ -51,7 +51,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.consumers.limits import WINDOW_SECONDS, RateLimits, reset_after
-from openclaw.consumers.model import Consumer, period_key
+from openclaw.consumers.model import Consumer, ctl_arguments, period_key
 from openclaw.consumers.store import Snapshot, database_error
 from openclaw.consumers.table import (
     RESERVATION_SECONDS,
@@ -794,7 +794,7 @@ class SharedCounters:
                 NotReleased(
                     f"the cluster store (Redis) did not release them ({reason.getErrorMessage() or repr(reason.value)}"
                     "); it may have, if its answer was lost: see what is held (openclawctl consumer list "
-                    f"{'-- ' if name.startswith('-') else ''}{name}) before retrying, as a release also drops the "
+                    f"{ctl_arguments(name)}) before retrying, as a release also drops the "
                     "reservations of calls admitted since"
                 )
             )

@@ -26,6 +26,7 @@ from openclaw.consumers.model import (
     NO_CONSUMER,
     Consumer,
     NewKey,
+    ctl_arguments,
     key_hash,
     period_end,
     period_key,
@@ -228,7 +229,7 @@ def _held_in_cluster(consumer: str, lapse_seconds: int) -> str:
     return (
         f". Some of those calls may be another instance's of the cluster: if it crashed, its reservations lapse "
         f"after {lapse}, or the operator can release them at once (openclawctl consumer release "
-        f"{'-- ' if consumer.startswith('-') else ''}{consumer}); "
+        f"{ctl_arguments(consumer)}); "
         "openclawctl consumer list shows what is held"
     )
 
