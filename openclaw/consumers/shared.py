@@ -156,30 +156,60 @@ end
 return {0, tostring(spent), '0', tostring(requests_used), tostring(tokens_used), tostring(tokens_newest)}
 """
 
-#: KEYS: per consumer, its spend, reserved and reserved tokens.
-#: ARGV: now (whole seconds), reservation lifetime, token reservation
-#: lifetime (seconds).
-#: Reply: per consumer, its spend (nil where none), the US dollars and the
-#: tokens its calls in flight hold (the reservations made within their
-#: lifetime, as L{ADMIT} counts them).  Reads only.
-SPENDS = """
-local now = tonumber(ARGV[1])
+#: Lua, composed into the scripts that read what calls in flight hold
+#: (L{SPENDS}, L{RELEASE}): C{held(key, horizon)}, the sum of the amounts
+#: of reservations hash C{key} (second of admission -> amount) made after
+#: second C{horizon} (those within their lifetime, as L{ADMIT} counts them).
+_HELD = """
 local function held(key, horizon)
   local h = redis.call('HGETALL', key)
   local sum = 0
   for i = 1, #h, 2 do
     if tonumber(h[i]) > horizon then sum = sum + tonumber(h[i + 1]) end
   end
-  return tostring(sum)
+  return sum
 end
+"""
+
+#: Lua, composed into the scripts that release a call's reservation
+#: (L{COUNT}, L{CARRY}): C{release(key, at, amount, float)} takes C{amount}
+#: (a string; US dollars with C{float}, else tokens) from the field
+#: C{at} (the call's second of admission) of reservations hash C{key} if
+#: Redis has it, the field gone once nothing is left (at most 1e-12 US
+#: dollars: the floats' rounding); true if it had it.
+_RELEASE = """
+local function release(key, at, amount, float)
+  if redis.call('HEXISTS', key, at) == 0 then return false end
+  local left
+  if float then
+    left = tonumber(redis.call('HINCRBYFLOAT', key, at, '-' .. amount))
+  else
+    left = redis.call('HINCRBY', key, at, '-' .. amount)
+  end
+  if left <= 1e-12 then redis.call('HDEL', key, at) end
+  return true
+end
+"""
+
+#: KEYS: per consumer, its spend, reserved and reserved tokens.
+#: ARGV: now (whole seconds), reservation lifetime, token reservation
+#: lifetime (seconds).
+#: Reply: per consumer, its spend (nil where none), the US dollars and the
+#: tokens its calls in flight hold (the reservations made within their
+#: lifetime, as L{ADMIT} counts them).  Reads only.
+SPENDS = (
+    _HELD
+    + """
+local now = tonumber(ARGV[1])
 local out = {}
 for i = 1, #KEYS, 3 do
   out[#out + 1] = redis.call('GET', KEYS[i])
-  out[#out + 1] = held(KEYS[i + 1], now - tonumber(ARGV[2]))
-  out[#out + 1] = held(KEYS[i + 2], now - tonumber(ARGV[3]))
+  out[#out + 1] = tostring(held(KEYS[i + 1], now - tonumber(ARGV[2])))
+  out[#out + 1] = tostring(held(KEYS[i + 2], now - tonumber(ARGV[3])))
 end
 return out
 """
+)
 
 #: KEYS: seeded marker, tpm, reserved, day, month and total spends,
 #: reserved tokens, rpm.
@@ -189,7 +219,9 @@ return out
 #: reservation is replaced by the tokens counted in one step.  A window
 #: no admission reads (the consumer has no such limit) is kept to the
 #: last 60 s here, once it holds more than 64 seconds.
-COUNT = """
+COUNT = (
+    _RELEASE
+    + """
 local now = tonumber(ARGV[1])
 local function trim(key)
   if redis.call('HLEN', key) > 64 then
@@ -210,14 +242,8 @@ if tonumber(ARGV[7] or '0') > now - 60 then
   redis.call('EXPIRE', KEYS[8], 61)
   trim(KEYS[8])
 end
-if tonumber(ARGV[4]) > 0 and redis.call('HEXISTS', KEYS[3], ARGV[5]) == 1 then
-  local left = tonumber(redis.call('HINCRBYFLOAT', KEYS[3], ARGV[5], '-' .. ARGV[4]))
-  if left <= 1e-12 then redis.call('HDEL', KEYS[3], ARGV[5]) end
-end
-if tonumber(ARGV[6]) > 0 and redis.call('HEXISTS', KEYS[7], ARGV[5]) == 1 then
-  local left = redis.call('HINCRBY', KEYS[7], ARGV[5], '-' .. ARGV[6])
-  if left <= 0 then redis.call('HDEL', KEYS[7], ARGV[5]) end
-end
+if tonumber(ARGV[4]) > 0 then release(KEYS[3], ARGV[5], ARGV[4], true) end
+if tonumber(ARGV[6]) > 0 then release(KEYS[7], ARGV[5], ARGV[6], false) end
 if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('INCRBYFLOAT', KEYS[4], ARGV[3])
   redis.call('EXPIRE', KEYS[4], 259200)
@@ -227,6 +253,7 @@ if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 1
 """
+)
 
 #: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
 #: 0) per spend, then the marker's value if it seeds (a token new at each
@@ -299,7 +326,9 @@ return {lost and 1 or 0, marker or '', tostring(added[1]), tostring(added[2])}
 #: gone once nothing is left.
 #: Reply: {US dollars reserved, tokens reserved, US dollars released,
 #: tokens released}.
-CARRY = """
+CARRY = (
+    _RELEASE
+    + """
 local done = {0, 0, 0, 0}
 local function reserve(key, held, lifetime, which, float)
   local any = false
@@ -314,18 +343,9 @@ local function reserve(key, held, lifetime, which, float)
   end
   if any then redis.call('EXPIRE', key, lifetime + 1) end
 end
-local function release(key, held, which, float)
+local function release_each(key, held, which, float)
   for at, amount in string.gmatch(held, '(%d+):([%d.]+)') do
-    if redis.call('HEXISTS', key, at) == 1 then
-      local left
-      if float then
-        left = tonumber(redis.call('HINCRBYFLOAT', key, at, '-' .. amount))
-      else
-        left = redis.call('HINCRBY', key, at, '-' .. amount)
-      end
-      if left <= 1e-12 then redis.call('HDEL', key, at) end
-      done[which] = done[which] + tonumber(amount)
-    end
+    if release(key, at, amount, float) then done[which] = done[which] + tonumber(amount) end
   end
 end
 for i = 1, #KEYS, 2 do
@@ -333,11 +353,12 @@ for i = 1, #KEYS, 2 do
   local a = 2 * i + 1
   reserve(KEYS[i], ARGV[a], tonumber(ARGV[1]), 1, true)
   reserve(KEYS[i + 1], ARGV[a + 1], tonumber(ARGV[2]), 2, false)
-  release(KEYS[i], ARGV[a + 2], 3, true)
-  release(KEYS[i + 1], ARGV[a + 3], 4, false)
+  release_each(KEYS[i], ARGV[a + 2], 3, true)
+  release_each(KEYS[i + 1], ARGV[a + 3], 4, false)
 end
 return {tostring(done[1]), tostring(done[2]), tostring(done[3]), tostring(done[4])}
 """
+)
 
 #: KEYS: seeded marker, then spends; ARGV: (US dollars, seconds to keep or
 #: 0) per spend.  Each spend Redis holds below the figure given (the
@@ -374,21 +395,16 @@ FORGET = "return redis.call('DEL', unpack(KEYS))"
 #: Both are deleted (the operator's C{consumer_release}); the reply is
 #: what they held: {US dollars, tokens} of the reservations made within
 #: their lifetime (as L{ADMIT} and L{SPENDS} count them).
-RELEASE = """
+RELEASE = (
+    _HELD
+    + """
 local now = tonumber(ARGV[1])
-local function held(key, horizon)
-  local h = redis.call('HGETALL', key)
-  local sum = 0
-  for i = 1, #h, 2 do
-    if tonumber(h[i]) > horizon then sum = sum + tonumber(h[i + 1]) end
-  end
-  return sum
-end
 local usd = held(KEYS[1], now - tonumber(ARGV[2]))
 local tokens = held(KEYS[2], now - tonumber(ARGV[3]))
 redis.call('DEL', KEYS[1], KEYS[2])
 return {tostring(usd), tostring(tokens)}
 """
+)
 
 #: How long a period's spend is kept in Redis, in seconds (0: always).
 SPEND_TTL = MappingProxyType({"day": 3 * 86400, "month": 40 * 86400, "total": 0})
