@@ -64,10 +64,11 @@ class IStandInReactor(IUpstreamReactor, IReactorCore):
     """
 
 
-class ISupervisorReactor(IReactorProcess, IReactorTime):
+class ISupervisorReactor(IReactorCore, IReactorProcess, IReactorTime):
     """
     What L{openclaw.cluster.workers.WorkerSupervisor} asks of its reactor:
-    spawning workers and timing their restarts and stop.
+    spawning workers and timing their restarts and stop, and stopping
+    (a worker of another installation, L{openclaw.cluster.workers.InstalledAgain}).
     """
 
 

@@ -13,7 +13,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, ClassVar, NoReturn
+from typing import IO, Any, ClassVar, NoReturn, TypeVar
 
 import attrs
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
@@ -28,6 +28,8 @@ from openclaw.cluster.scrape import (
     remove_empty_directory,
 )
 from openclaw.cluster.workers import (
+    INSTALLED_AGAIN_STATUS,
+    InstalledAgain,
     ReusePortEndpoint,
     SupervisorWatch,
     WorkerSupervisor,
@@ -210,7 +212,7 @@ def makeService(
             worker = _worker_service(options, settings, reactor, stdout, twistd_options)
             return _exit_with_status(worker, twistd_options)
         if settings.workers > 1:
-            return _supervisor(options, settings, reactor, stdout, twistd_options)
+            return _exit_with_status(_supervisor(options, settings, reactor, stdout, twistd_options), twistd_options)
         if not foreground(twistd_options) and settings.token_file is None:
             raise ConfigError(
                 "running as a daemon (without -n) needs --token-file PATH (or TOKEN_FILE): "
@@ -247,6 +249,9 @@ def makeService(
         made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))
         destination = made.destination
         _note_signals(reactor, twistd_options, destination, stdout)
+    except InstalledAgain as e:
+        # A worker's: its parent stops the gateway on this status.
+        _fail(str(e), INSTALLED_AGAIN_STATUS)
     except ConfigError as e:
         _remove_state_directories(settings)
         _fail(str(e))
@@ -273,10 +278,16 @@ def makeService(
     return _exit_with_status(service, twistd_options)
 
 
-def _exit_with_status(service: GatewayService, twistd_options: Mapping[str, Any]) -> GatewayService:
+#: A service C{twistd openclaw} ends with the exit status of (its
+#: C{exit_status}): the gateway's, or C{--workers}' supervisor's.
+_Service = TypeVar("_Service", GatewayService, WorkerSupervisor)
+
+
+def _exit_with_status(service: _Service, twistd_options: Mapping[str, Any]) -> _Service:
     """
     Under twistd (not when a test calls L{makeService}), end the process
-    with C{service}'s L{GatewayService.exit_status} once twistd is done
+    with C{service}'s C{exit_status} (L{GatewayService.exit_status},
+    L{WorkerSupervisor.exit_status}) once twistd is done
     (its pidfile removed): twistd ends every stop that no signal caused
     with status 0.
     """
@@ -832,7 +843,7 @@ def speaks_tls(description: str | None) -> bool:
     return description is not None and description.partition(":")[0].strip().lower() == "ssl"
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 2) -> NoReturn:
     sys.stderr.write(f"openclaw: configuration error: {message}\n")
     sys.stderr.flush()
-    raise SystemExit(2)
+    raise SystemExit(status)

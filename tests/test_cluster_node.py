@@ -30,7 +30,7 @@ from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
 from openclaw.cluster.scrape import WorkerSockets
 from openclaw.cluster.store import Versioned, WriteRefused
-from openclaw.cluster.workers import SETTINGS_FD, WorkerSupervisor, settings_bytes
+from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, SETTINGS_FD, WorkerSupervisor, settings_bytes
 from openclaw.control.lockout import AuthLockout
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -343,6 +343,10 @@ class _Processes(Clock):
         #: Per spawn: its command line, environment, descriptors and process.
         self.spawns: list[tuple[Any, Any, Any, Any]] = []
         self.refuse = False
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def spawnProcess(self, protocol: Any, executable: str, args: Any, env: Any = None, childFDs: Any = None) -> Any:
         if self.refuse:
@@ -432,6 +436,26 @@ class Supervisor(TestCase):
             )
             self.assertEqual(env, {"PATH": "/bin"})
             self.assertNotIn(SECRET.decode(), " ".join(args))
+
+    def test_installed_again(self) -> None:
+        """
+        A worker that refused this process's settings as another
+        installation's (openclaw upgraded in place, L{INSTALLED_AGAIN_STATUS})
+        is not started again, for ever ending at once: the gateway stops,
+        with exit status 1, for its unit manager to start it again on the
+        new installation (re-attack s29: the twistd process stayed up,
+        nothing listening once every worker had been started again).
+        """
+        worker = self.supervisor.workers[1]
+        worker.processEnded(Failure(ProcessTerminated(exitCode=INSTALLED_AGAIN_STATUS)))
+        self.assertTrue(self.reactor.stopped)
+        self.assertEqual(self.supervisor.exit_status, 1)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        # Any other end is a crash: started again.
+        self.supervisor.workers[0].processEnded(Failure(ProcessTerminated(exitCode=2)))
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 3)
 
     def test_socket_directory_not_made(self) -> None:
         """

@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw import tap
-from openclaw.cluster.workers import read_settings, reserve, settings_bytes
+from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, read_settings, reserve, settings_bytes
 from openclaw.consumers.prices import Price
 from openclaw.listeners import CannotListen, Listener
 from openclaw.settings import ConfigError, Settings, load_settings
@@ -250,6 +250,28 @@ class SettingsPipeTests(SynchronousTestCase):
             self.assertIn(
                 "openclaw was installed again since the twistd process started; restart it", str(caught.exception)
             )
+
+    def test_another_installation_ends_the_worker_with_its_status(self) -> None:
+        """
+        A worker given another installation's settings ends with
+        L{INSTALLED_AGAIN_STATUS}, which its parent stops the gateway on,
+        its line saying why.
+        """
+        data = settings_bytes(Settings())
+        header, _, pickled = data.partition(b"\n")
+        mark, _, fingerprint = header.decode().split(" ")
+        reading, writing = os.pipe()
+        with open(writing, "wb") as pipe:
+            pipe.write(f"{mark} 0.0.1 {fingerprint}\n".encode() + pickled)
+        self.patch(tap, "read_settings", lambda: read_settings(reading))
+        options = tap.Options()
+        options.parseOptions(["--worker", "1", "--supervisor", "1"])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            tap.makeService(options, reactor, stdout=io.StringIO())
+        self.assertEqual(raised.exception.code, INSTALLED_AGAIN_STATUS)
+        self.assertIn("openclaw was installed again since the twistd process started", stderr.getvalue())
 
     def test_not_a_pipe(self) -> None:
         """

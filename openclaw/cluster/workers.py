@@ -60,7 +60,7 @@ import attrs
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, execute, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ProcessTerminated
 from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
@@ -95,10 +95,24 @@ SUPERVISOR_CHECK_SECONDS = 1.0
 #: The wait before a worker's restart after C{n} quick ends in a row
 #: beyond the first (L{WorkerSupervisor._restart}).
 _restart_delay = backoffPolicy(RESTART_DELAY_SECONDS, MAX_RESTART_DELAY_SECONDS, factor=2.0, jitter=lambda: 0.0)
+#: The exit status of a worker that refused its parent's settings as
+#: those of another installation of openclaw (L{InstalledAgain}): its
+#: parent then stops the whole gateway, with exit status 1, for its unit
+#: manager to start it again on the installation now in place.
+INSTALLED_AGAIN_STATUS = 3
 #: The descriptor a worker reads its parent's settings from: the reading
 #: end of a pipe its parent writes them into (L{settings_bytes}), then
 #: closes.
 SETTINGS_FD = 3
+
+
+class InstalledAgain(ConfigError):
+    """
+    A worker's settings were written by another installation of openclaw
+    (L{settings_header}): openclaw was installed again (upgraded in place)
+    since its twistd process started.  The worker ends with
+    L{INSTALLED_AGAIN_STATUS}.
+    """
 
 
 def settings_bytes(settings: Settings) -> bytes:
@@ -192,10 +206,10 @@ def read_settings(fd: int = SETTINGS_FD) -> Settings:
     words = header.decode("ascii", "replace").split(" ")
     expected = settings_header().decode().rstrip("\n").split(" ")
     if words[0] == _SETTINGS_MARK and len(words) == len(expected) and words != expected:
-        raise ConfigError(
+        raise InstalledAgain(
             f"a worker's settings come from openclaw {words[1]} (settings {words[2]}), and this worker is "
             f"openclaw {expected[1]} (settings {expected[2]}): openclaw was installed again since the twistd "
-            "process started; restart it (systemctl restart openclaw)"
+            "process started; restart it (systemctl restart openclaw): it is stopping"
         )
     try:
         settings = pickle.loads(data) if words == expected else None
@@ -334,6 +348,9 @@ class WorkerSupervisor(Service):
     """
 
     _log = Logger()
+    #: The status C{twistd openclaw} ends with (L{openclaw.tap}): 1 once
+    #: it stopped for a worker of another installation (L{_installed_again}).
+    exit_status = 0
 
     def __init__(
         self,
@@ -432,8 +449,31 @@ class WorkerSupervisor(Service):
             del self.workers[worker.index]
         if self._stopping:
             return
+        ended = reason.value
+        if isinstance(ended, ProcessTerminated) and ended.exitCode == INSTALLED_AGAIN_STATUS:
+            self._installed_again(worker.index)
+            return
         ran = self.reactor.seconds() - worker.started_at
         self._restart(worker.index, ran, f"ended ({reason.getErrorMessage()}) after {ran:.1f} s")
+
+    def _installed_again(self, index: int) -> None:
+        """
+        Worker C{index} refused this process's settings as another
+        installation's (L{InstalledAgain}): no worker started again can
+        serve until the twistd process is started again on the new
+        installation.  Stop the gateway (the other workers drain), with
+        exit status 1 (L{exit_status}): a unit manager starts it again
+        (the shipped unit's C{Restart=on-failure}); started by hand, the
+        log line says to.
+        """
+        self._log.critical(
+            "worker {index} refused to start: openclaw was installed again since this gateway started (its line "
+            "above); stopping the gateway, with exit status 1, so that it is started again on the new installation "
+            "(systemd: Restart=on-failure, as in the shipped unit; by hand: start it again)",
+            index=index,
+        )
+        self.exit_status = 1
+        self.reactor.stop()
 
     def _restart(self, index: int, ran: float, what: str) -> None:
         """
