@@ -190,3 +190,54 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             self.assertNotIn("gemini", message)
             kimi.reset()
             gemini.reset()
+
+    @inlineCallbacks
+    def test_no_wait_told_for_a_fallback_that_cannot_take_the_call(self) -> Any:
+        """
+        A fallback whose wire cannot take the request (Gemini and a
+        C{video_url} part, Moonshot's) is not a provider the call could
+        later go to: neither its keys' rest nor its open breaker is told,
+        only the call's provider's wait (trial s29: "gemini may take the
+        call in 45 s ... retry in 45 s", and then "not failed over to
+        gemini: it cannot take this request").  A call the fallback can
+        take is still told its shorter wait.
+        """
+        video = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What happens here?"},
+                    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAIGZ0eXA="}},
+                ],
+            }
+        ]
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 75
+        gemini.rate_limited_keys, gemini.retry_after = {self.upstream.gemini.key}, 45
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        # Kimi's 429, then Gemini's: both providers' keys rest.
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        response, text = yield self.post(gateway, {"messages": video})
+        self.assertEqual(response.code, 429, text)
+        message = json.loads(text)["error"]["message"]
+        self.assertTrue(message.startswith("every key the gateway holds for kimi is rate limited; retry in"), message)
+        self.assertNotIn("gemini", message)
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["75"], ["74"]))
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["45"], ["44"]), text)
+        # Gemini's breaker open (its 500 after a failover), Kimi's keys resting.
+        gemini.rate_limited_keys, gemini.mode = set(), "error"
+        gateway = self.gateway(
+            default_provider="kimi", fallback="auto", breaker_failures=1, breaker_cooldown_seconds=45
+        )
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        response, text = yield self.post(gateway, {"messages": video})
+        self.assertEqual(response.code, 429, text)
+        message = json.loads(text)["error"]["message"]
+        self.assertNotIn("gemini", message)
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["75"], ["74"]))
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertIn("gemini may take the call in", json.loads(text)["error"]["message"])
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["45"], ["44"]), text)

@@ -553,19 +553,18 @@ class ChatCall:
         """
         C{error}, when no provider could take the call now, with the
         soonest wait of those that could later (L{sooner_elsewhere}): the
-        ones the key holder may be failed over to.
+        ones the call could be failed over to (L{_could_take}: the key
+        holder may use them, and they can take the request).
 
         @param resting: C{error} is that every key of the call's provider
             rests, for so many seconds more: when every key of a fallback
             rests too, the answer says so of both, with the earliest wait
             (L{every_key_resting}), not the first provider's alone.
         """
-        consumers = self.context.consumers
         waits = [
             (adapter, wait)
             for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id)
-            if consumers is None
-            or consumers.may_not_use(self.holder, adapter.id, adapter.fallback_model or adapter.default_model) is None
+            if self._could_take(adapter)
         ]
         if resting is not None:
             rested = [(adapter.id, wait) for adapter, wait in waits if not adapter.keys.available]
@@ -577,6 +576,32 @@ class ChatCall:
             return error
         adapter, wait = min(waits, key=lambda entry: entry[1])
         return sooner_elsewhere(error, adapter.id, wait)
+
+    def _could_take(self, adapter: ProviderAdapter) -> bool:
+        """
+        Whether the call could be failed over to C{adapter} once it takes
+        calls again: its key holder may use its fallback model
+        (L{ConsumerTable.may_not_use}), and its wire can encode the request
+        (L{encode_request}, as L{_upstream_failed} checks before failing
+        over: Gemini refuses a C{video_url} part, an C{ms://} image,
+        Moonshot's built-in tools, a non-zero C{logit_bias},
+        C{web_search_options}).  A wait told for a provider that could not
+        take the call would only get the client the same refusal then
+        (trial s29: "gemini may take the call in 45 s", then "not failed
+        over to gemini: it cannot take this request").
+
+        Only asked while a 429 or 503 is being built (L{_sooner_elsewhere}):
+        the request is not encoded again on the way of a call that goes.
+        """
+        model = adapter.fallback_model or adapter.default_model
+        consumers = self.context.consumers
+        if consumers is not None and consumers.may_not_use(self.holder, adapter.id, model) is not None:
+            return False
+        try:
+            encode_request(adapter.wire, self.chat, model, adapter.id, self.context.providers.offered_tools)
+        except APIError:
+            return False
+        return True
 
     def _may_not_use(self, provider_id: str, model: str) -> str | None:
         """
