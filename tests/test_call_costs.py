@@ -443,6 +443,78 @@ class UsageTests(SynchronousTestCase):
         message = json.loads(OpenAIWire().completion(orjson.dumps(answer), "m", 0, self.chat()).body)["choices"][0]
         self.assertEqual([call["id"] for call in message["message"]["tool_calls"]], ["call_1", "call_2"])
 
+    def test_one_call_numbered_oddly(self) -> None:
+        """
+        C{parallel_tool_calls: false} keeps the first call the model gave,
+        whole and streamed, however the stream numbers its calls: a stream
+        whose calls are numbered from 1 kept none (the pieces of index 0
+        only), ending with finish reason tool_calls and no call; one that
+        sent the call of index 1 first kept another call than the whole
+        answer, which keeps the first listed (re-attack s29).  Per choice:
+        each keeps the first call it began.  So do legacy C{functions}.
+        """
+        weather = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":'}}
+        time = {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": ""}}
+
+        def chunk(*calls: dict[str, Any], choice: int = 0, finish: str | None = None) -> dict[str, Any]:
+            delta = {"tool_calls": list(calls)} if calls else {}
+            return {"id": "c", "choices": [{"index": choice, "delta": delta, "finish_reason": finish}]}
+
+        for first, second in ((1, 2), (1, 0), (0, 1)):
+            chunks = [
+                chunk({**weather, "index": first}),
+                chunk({"index": first, "function": {"arguments": ' "Oslo"}'}}, {**time, "index": second}),
+                chunk({"index": second, "function": {"arguments": ""}}),
+                chunk(finish="tool_calls"),
+            ]
+            out = self.events(OpenAIWire().stream(self.chat(parallel_tool_calls=False), "m", 0), *chunks)
+            calls = [call for c in out for call in c["choices"][0]["delta"].get("tool_calls", ())]
+            self.assertEqual([call["index"] for call in calls], [first, first], (first, second))
+            self.assertEqual([call.get("id") for call in calls], ["call_1", None])
+            self.assertEqual("".join(call["function"]["arguments"] for call in calls), '{"city": "Oslo"}')
+            self.assertEqual(out[-1]["choices"][0]["finish_reason"], "tool_calls")
+            self.assertNotIn("get_time", json.dumps(out))
+            # Legacy functions: the same call, as function_call.
+            legacy = self.chat(functions=[{"name": "get_weather", "parameters": {}}, {"name": "get_time"}])
+            out = self.events(OpenAIWire().stream(legacy, "m", 0), *chunks)
+            said = [c["choices"][0]["delta"].get("function_call") for c in out]
+            self.assertEqual(said[0]["name"], "get_weather", out)
+            self.assertEqual("".join(piece["arguments"] for piece in said if piece), '{"city": "Oslo"}')
+            self.assertEqual(out[-1]["choices"][0]["finish_reason"], "function_call")
+            self.assertNotIn("get_time", json.dumps(out))
+            # The whole answer keeps the same call: the first listed.
+            listed = [
+                {**weather, "index": first, "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                {**time, "index": second},
+            ]
+            answer = {
+                "choices": [
+                    {"index": 0, "message": {"content": None, "tool_calls": listed}, "finish_reason": "tool_calls"}
+                ]
+            }
+            whole = OpenAIWire().completion(orjson.dumps(answer), "m", 0, self.chat(parallel_tool_calls=False))
+            message = json.loads(whole.body)["choices"][0]["message"]
+            self.assertEqual([call["id"] for call in message["tool_calls"]], ["call_1"])
+        # Two choices, each numbering its calls its own way.
+        stream = OpenAIWire().stream(self.chat(parallel_tool_calls=False, n=2), "m", 0)
+        out = self.events(
+            stream,
+            chunk({**weather, "index": 1}, choice=0),
+            chunk({**time, "index": 0}, choice=1),
+            chunk({**time, "index": 0}, choice=0),
+            chunk({**weather, "index": 1}, choice=1),
+            chunk(finish="tool_calls", choice=0),
+            chunk(finish="tool_calls", choice=1),
+        )
+        kept: dict[int, list[tuple[int, str | None]]] = {0: [], 1: []}
+        for c in out:
+            for choice in c["choices"]:
+                kept[choice["index"]] += [
+                    (call["index"], call.get("id")) for call in choice["delta"].get("tool_calls", ())
+                ]
+        # Choice 1's call had no arguments: given "{}" (a piece without an id).
+        self.assertEqual(kept, {0: [(1, "call_1")], 1: [(0, "call_2"), (0, None)]})
+
     def test_complete_without_done(self) -> None:
         """
         Complete once every choice asked for has its finish reason and the

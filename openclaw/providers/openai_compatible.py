@@ -162,15 +162,17 @@ def _fill_empty_arguments(choices: list[Any]) -> bool:
     return filled
 
 
-def first_call_only(choice: Any) -> Any:
+def first_call_only(choice: Any, first: int = 0) -> Any:
     """
     A choice (C{message} or streamed C{delta}) with its first tool call
     only, later ones left out (L{ChatRequest.one_call
     <openclaw.dataplane.request.ChatRequest.one_call>}): a whole message
     keeps the first call listed, a streamed delta the pieces of the call
-    of index 0 (every piece has an index by then: L{OpenAIStream._indexed}),
-    and a delta left with none of them has no C{tool_calls}.  The choice
-    itself when nothing is left out.
+    of index C{first} (every piece has an index by then:
+    L{OpenAIStream._indexed}; the stream passes the index of the choice's
+    first call, L{OpenAIStream._first_calls}), and a delta left with none
+    of them has no C{tool_calls}.  The choice itself when nothing is left
+    out.
     """
     if not isinstance(choice, dict):
         return choice
@@ -183,7 +185,7 @@ def first_call_only(choice: Any) -> Any:
         if field == "message":
             kept = calls[:1]
         else:
-            kept = [call for call in calls if isinstance(call, dict) and call.get("index", 0) == 0]
+            kept = [call for call in calls if isinstance(call, dict) and call.get("index", 0) == first]
         if len(kept) == len(calls):
             continue
         assert isinstance(said, dict)
@@ -192,17 +194,18 @@ def first_call_only(choice: Any) -> Any:
     return kept_choice
 
 
-def legacy_choice(choice: Any) -> Any:
+def legacy_choice(choice: Any, first_index: int = 0) -> Any:
     """
     A choice (C{message} or streamed C{delta}) in the shape OpenAI answers
     a request that declared the legacy C{functions}
     (U{https://platform.openai.com/docs/api-reference/chat/object}):
-    the first tool call (L{first_call_only}) as C{function_call}
+    the first tool call (L{first_call_only}; in a stream, C{first_index}
+    is the index of the choice's first call) as C{function_call}
     (C{{name, arguments}}; a streamed delta's pieces of it as they come),
     later calls left out (that shape holds one), and finish reason
     C{function_call} for C{tool_calls}.
     """
-    choice = first_call_only(choice)
+    choice = first_call_only(choice, first_index)
     if not isinstance(choice, dict):
         return choice
     choice = dict(choice)
@@ -256,7 +259,10 @@ class OpenAIStream:
     vLLM do): it is taken from there, and sent to a client that asked as
     OpenAI's usage chunk, last.  A tool call delta without an C{index}
     is given one (L{_indexed}); with L{one_call}, the pieces of a
-    choice's later calls are left out.
+    choice's later calls are left out: those of any call but the first
+    the choice began (whatever its index: a model may number its calls
+    from 1, or send the call of index 1 first), as a whole answer keeps
+    the first call listed.
     """
 
     #: The client asked for the usage (C{stream_options.include_usage}).
@@ -286,6 +292,10 @@ class OpenAIStream:
     #: Per choice index: how many tool calls have begun, the index of the
     #: current one and its id (L{_indexed}).
     _calls: dict[Any, tuple[int, int, Any]] = attrs.field(factory=dict)
+    #: Per choice index, with L{one_call}: the index of the first tool
+    #: call the choice began, the only one whose pieces are kept
+    #: (L{first_call_only}).
+    _first_calls: dict[Any, int] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -365,7 +375,7 @@ class OpenAIStream:
             document, choices, rewritten = {**document, "choices": indexed}, indexed, True
         if self.one_call:
             # Before _fills: a call left out is given no "{}" either.
-            firsts = [first_call_only(choice) for choice in choices]
+            firsts = [first_call_only(choice, self._first_call(choice)) for choice in choices]
             if any(first is not choice for first, choice in zip(firsts, choices, strict=True)):
                 document, choices, rewritten = {**document, "choices": firsts}, firsts, True
         fills = self._fills(document, choices)
@@ -432,6 +442,22 @@ class OpenAIStream:
             indexed.append({**choice, "delta": {**delta, "tool_calls": out}})
         return indexed if given else None
 
+    def _first_call(self, choice: Any) -> int:
+        """
+        The index of the first tool call C{choice}'s choice began (noted in
+        L{_first_calls} from the first delta that carries one; its pieces
+        have their index by then: L{_indexed}); 0 until one has.
+        """
+        which = choice.get("index", 0) if isinstance(choice, dict) else 0
+        if which not in self._first_calls:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict) and type(call.get("index")) is int:
+                    self._first_calls[which] = call["index"]
+                    break
+        return self._first_calls.get(which, 0)
+
     def _fills(self, document: dict[str, Any], choices: list[Any]) -> list[dict[str, Any]]:
         """
         Note which tool calls of C{choices} have had arguments; for each
@@ -465,7 +491,7 @@ class OpenAIStream:
 
     def _encode(self, document: dict[str, Any]) -> bytes:
         if self.legacy_functions:
-            document = {**document, "choices": [legacy_choice(choice) for choice in document["choices"]]}
+            document = {**document, "choices": [legacy_choice(c, self._first_call(c)) for c in document["choices"]]}
         return orjson.dumps(document)
 
     def closing(self) -> list[bytes]:
