@@ -43,8 +43,13 @@ class KimiTests(DataPlaneTestCase):
     @inlineCallbacks
     def test_passed_on(self):
         gateway = self.gateway()
+        # A video's data URL of any video type, in any case (RFC 2045).
+        videos = [
+            {"type": "video_url", "video_url": {"url": f"data:{media_type};base64,AAAAIGZ0eXBpc29t"}}
+            for media_type in ("video/webm", "video/quicktime", "Video/X-FLV", "video/3gpp")
+        ]
         for stream in (False, True):
-            for part in (IMAGE_FILE, VIDEO_FILE, VIDEO_DATA):
+            for part in (IMAGE_FILE, VIDEO_FILE, VIDEO_DATA, *videos):
                 messages = asking(part)
                 response, text = yield self.post(gateway, {"model": KIMI, "messages": messages, "stream": stream})
                 self.assertEqual(response.code, 200, text)
@@ -66,6 +71,24 @@ class KimiTests(DataPlaneTestCase):
                 {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,not base64!"}},
                 "messages[0].content[1].video_url.url",
                 "whose data is not base64",
+            ),
+            *(
+                (
+                    {"type": "video_url", "video_url": {"url": f"data:{media_type};base64,AAAAIGZ0eXBpc29t"}},
+                    "messages[0].content[1].video_url.url",
+                    f"messages[0].content[1].video_url.url is a data URL of {shown}, not a video: a video_url part "
+                    "takes a video (Moonshot's vision guide lists mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv and "
+                    "3gpp, as data:video/mp4;base64,...); send an image in an image_url part",
+                )
+                # Any media type but a video's (re-attack s29: Kimi was
+                # passed an image and text as a video), named back clipped.
+                for media_type, shown in (
+                    ("image/png", "'image/png'"),
+                    ("text/plain", "'text/plain'"),
+                    ("application/octet-stream", "'application/octet-stream'"),
+                    ("videos/mp4", "'videos/mp4'"),
+                    ("x/" + "v" * 200, "'x/" + "v" * 61 + "…'"),
+                )
             ),
             *(
                 (

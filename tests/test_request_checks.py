@@ -382,3 +382,45 @@ class OpenAIFieldTypeTests(DataPlaneTestCase):
             self.assertEqual({name: self.upstream.kimi.last_body[name] for name in sent}, sent)
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "metadata": {}})
         self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
+    def test_logit_bias_keys(self):
+        """
+        C{logit_bias}'s keys are token ids (OpenAI's API reference): whole
+        numbers in decimal digits, from 0 to 2**31 - 1.  Any other key is a
+        400 naming logit_bias and the key, clipped and escaped (Kimi was
+        passed "hello", "-1" and a 5000-digit key: re-attack s29); on
+        either provider, before either sees the call.
+        """
+        gateway = self.gateway()
+        for key, shown in (
+            ("hello", "'hello'"),
+            ("", "''"),
+            ("-1", "'-1'"),
+            ("+1", "'+1'"),
+            (" 1", "' 1'"),
+            ("1.0", "'1.0'"),
+            ("\u00b2", "'\u00b2'"),
+            ("\u0661", "'\u0661'"),
+            ("2147483648", "'2147483648'"),
+            ("9" * 5000, "'" + "9" * 63 + "…'"),
+            ("1\n2\x00\x1b[31m", "'1\\n2\\x00\\x1b[31m'"),
+        ):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                body = {"model": model, "messages": HELLO, "logit_bias": {"50256": -100, key: 1}}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (key[:20], text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "logit_bias")
+                self.assertIn(
+                    f"logit_bias: the key {shown} is not a token id; its keys are token ids", error["message"]
+                )
+                self.assertIn("from 0 to 2147483647 written in decimal digits", error["message"])
+                self.assertLess(len(error["message"]), 300)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        bias = {"0": 1, "007": -1, "2147483647": 0.5}
+        response, text = yield self.post(
+            gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": bias}
+        )
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(self.upstream.kimi.last_body["logit_bias"], bias)

@@ -97,6 +97,10 @@ VIDEO_URL_FORMS = (
     "a base64 data URL (data:video/mp4;base64,...) or ms://<file_id> (a video uploaded to Moonshot), the forms "
     "Moonshot documents for Kimi's vision models"
 )
+#: The video formats Moonshot's vision guide lists
+#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}), as
+#: a 400 names them: a C{video_url}'s data URL is of a C{video/*} type.
+VIDEO_FORMATS = "Moonshot's vision guide lists mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv and 3gpp"
 #: Characters C{str.isprintable} takes that show as nothing: Unicode's
 #: Default_Ignorable_Code_Point (DerivedCoreProperties.txt) letters and
 #: marks (the Hangul fillers, the combining grapheme joiner, the
@@ -148,6 +152,16 @@ FLOAT_INTEGERS = 2**53
 METADATA_KEYS = 16
 METADATA_KEY_CHARS = 64
 METADATA_VALUE_CHARS = 512
+#: A C{logit_bias} key: a token id, written in decimal digits (OpenAI's API
+#: reference: "Maps tokens (specified by their token ID in the tokenizer)
+#: to an associated bias value"; its example, C{{"50256": -100}}), from 0
+#: to L{MAX_TOKEN_ID}.  A tokenizer's ids index its vocabulary (OpenAI's
+#: o200k and Kimi's hold some 200,000 and 160,000 tokens): no sign, no
+#: other digits (C{str.isdigit} takes "²"), no spaces.
+TOKEN_ID = re.compile(r"[0-9]{1,10}", re.ASCII)
+#: The largest token id taken (a 32-bit integer's), far past any
+#: vocabulary.
+MAX_TOKEN_ID = 2**31 - 1
 #: A token (RFC 9110 section 5.6.2), as a content coding is named; a
 #: longer or odd one is not quoted back.
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9a-z-]{1,32}")
@@ -588,9 +602,10 @@ def _metadata(name: str, value: Any) -> None:
 
 def _logit_bias(name: str, value: Any) -> None:
     """
-    OpenAI's C{logit_bias}: an object mapping token ids to a bias from
-    -100 to 100 (its API reference,
-    U{https://platform.openai.com/docs/api-reference/chat/create}).
+    OpenAI's C{logit_bias}: an object mapping token ids (L{TOKEN_ID}) to
+    a bias from -100 to 100 (its API reference,
+    U{https://platform.openai.com/docs/api-reference/chat/create}).  A
+    key quoted back is clipped and escaped (L{_clipped}, C{repr}).
     """
     if value is None:
         return
@@ -600,6 +615,12 @@ def _logit_bias(name: str, value: Any) -> None:
             param=name,
         )
     for token, bias in value.items():
+        if not TOKEN_ID.fullmatch(token) or int(token) > MAX_TOKEN_ID:
+            raise bad_request(
+                f"logit_bias: the key {_clipped(token)!r} is not a token id; its keys are token ids of the model's "
+                f'tokenizer, whole numbers from 0 to {MAX_TOKEN_ID} written in decimal digits, such as {{"50256": -100}}',
+                param=name,
+            )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise bad_request(
                 f"logit_bias: the bias of token {_clipped(token)!r} must be a number from -100 to 100 (OpenAI's range)",
@@ -1275,6 +1296,8 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             if data_url is None:
                 forms = IMAGE_URL_FORMS if kind == "image_url" else VIDEO_URL_FORMS
                 raise _not_data_url(url, where, f"must be {forms}; the gateway takes no other kind of URL here")
+            if kind == "video_url":
+                _check_video_type(data_url, where)
             value["url"] = data_url
     if kind == "image_url":
         detail = value.get("detail")
@@ -1304,6 +1327,29 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
             raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
+
+
+def _check_video_type(data_url: str, where: str) -> None:
+    """
+    Refuse a C{video_url} part's data URL (L{_data_url}) whose media type
+    is not a video's (C{video/*}, in any case): Moonshot's vision guide
+    (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model})
+    takes videos of its formats there (mp4, mpeg, mov, avi, x-flv, mpg,
+    webm, wmv, 3gpp), images in C{image_url} parts.  Its media type is
+    named back, clipped.
+
+    @raise APIError: 400 naming C{where}.
+    """
+    head = DATA_URL.match(data_url)
+    assert head is not None
+    media_type = head.group(1)
+    if media_type[:6].lower() != "video/":
+        raise bad_request(
+            f"{where} is a data URL of {_clipped(media_type)!r}, not a video: a video_url part takes a video "
+            f"({VIDEO_FORMATS}, as data:video/mp4;base64,...); send an image in an image_url part, other files "
+            "in a file part",
+            param=where,
+        )
 
 
 def _check_image_url(url: str, where: str) -> None:
