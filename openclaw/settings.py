@@ -467,6 +467,26 @@ MIN_REDIS_SECONDS = 0.1
 #: How the bound reads in a hint.
 _AT_MOST = f"at most {MAX_DURATION_SECONDS:.0f} (30 days)"
 
+# The hints a refused value's message ends with (L{load_settings}) that
+# several settings share; some add an example (", such as 5") or what
+# leaving the setting unset means.
+#: A TCP port (C{WS_CONTROL_PORT}, C{API_PORT}).
+_PORT_HINT = "use a whole number from 1 to 65535"
+#: A count above 0 (L{_positive_int}).
+_WHOLE_NUMBER_HINT = "use a whole number > 0"
+#: A deadline for an exchange over the network (L{MIN_DEADLINE_SECONDS}).
+_DEADLINE_HINT = f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}"
+#: A duration that must be above 0 (C{_seconds(0, above=True)}).
+_ABOVE_ZERO_SECONDS_HINT = f"use a number of seconds greater than 0 and {_AT_MOST}"
+#: A bound on Redis calls or reconnections (L{MIN_REDIS_SECONDS}).
+_REDIS_SECONDS_HINT = f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}"
+#: One of Autobahn's connection timers (L{_timer_seconds}).
+_TIMER_HINT = f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)"
+#: Addresses and networks (L{_networks}).
+_NETWORKS_HINT = "use comma-separated IPv4/IPv6 addresses or CIDR networks"
+#: A listener (L{_listener}); each setting names its default port.
+_ENDPOINT_HINT = "use a Twisted endpoint such as"
+
 
 def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS) -> Callable[[str], float]:
     """
@@ -2066,7 +2086,7 @@ def _load_settings(
     token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
 
     settings = Settings(
-        port=read("WS_CONTROL_PORT", _port, defaults.port, "use a whole number from 1 to 65535"),
+        port=read("WS_CONTROL_PORT", _port, defaults.port, _PORT_HINT),
         interface=read("INTERFACE", _interface, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
         session_ttl_hours=read(
             "SESSION_TTL_HOURS",
@@ -2082,7 +2102,7 @@ def _load_settings(
             "TRUSTED_CLIENT_IPS",
             _networks,
             defaults.trusted_clients,
-            "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1,10.0.0.0/8",
+            f"{_NETWORKS_HINT}, such as 127.0.0.1,::1,10.0.0.0/8",
         ),
         default_provider=read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
         providers=[read_provider(adapter) for adapter in declared],
@@ -2091,37 +2111,35 @@ def _load_settings(
             "HEALTH_CHECK_TIMEOUT",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.health_check_timeout,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
+            f"{_DEADLINE_HINT}, such as 5",
         ),
         log_level=read(
             "LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn (or warning), error or critical"
         ),
-        api_port=read("API_PORT", _port, defaults.api_port, "use a whole number from 1 to 65535"),
+        api_port=read("API_PORT", _port, defaults.api_port, _PORT_HINT),
         gateway_api_keys=read("GATEWAY_API_KEYS", _gateway_keys, (), "use comma-separated keys"),
         upstream_timeout=read(
             "UPSTREAM_TIMEOUT",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.upstream_timeout,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
+            f"{_DEADLINE_HINT}, such as 60",
         ),
         max_request_bytes=read(
             "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
         ),
-        upstream_pool_size=read(
-            "UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, "use a whole number > 0"
-        ),
+        upstream_pool_size=read("UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, _WHOLE_NUMBER_HINT),
         upstream_idle_seconds=read(
             "UPSTREAM_IDLE_SECONDS",
             _seconds(0, above=True),
             defaults.upstream_idle_seconds,
-            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 50",
+            f"{_ABOVE_ZERO_SECONDS_HINT}, such as 50",
         ),
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
-        control_listen=read("CONTROL_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18789"),
-        api_listen=read("API_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:18790"),
-        metrics_listen=read("METRICS_LISTEN", _listener, None, "use a Twisted endpoint such as tcp:9108"),
+        control_listen=read("CONTROL_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18789"),
+        api_listen=read("API_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18790"),
+        metrics_listen=read("METRICS_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:9108"),
         state_dir=state_path,
         log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
         shutdown_grace_seconds=read(
@@ -2131,9 +2149,7 @@ def _load_settings(
             f"use a number of seconds, 0 or more and {_AT_MOST}",
         ),
         allowed_origins=read("ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"),
-        trusted_proxies=read(
-            "TRUSTED_PROXIES", _networks, (), "use comma-separated IPv4/IPv6 addresses or CIDR networks"
-        ),
+        trusted_proxies=read("TRUSTED_PROXIES", _networks, (), _NETWORKS_HINT),
         max_message_bytes=read(
             "MAX_MESSAGE_BYTES",
             _message_bytes,
@@ -2141,28 +2157,26 @@ def _load_settings(
             f"use a whole number of bytes, at least {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
             "consumer_create must fit)",
         ),
-        max_connections=read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, "use a whole number > 0"),
+        max_connections=read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, _WHOLE_NUMBER_HINT),
         handshake_timeout_seconds=read(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.handshake_timeout_seconds,
-            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
+            _TIMER_HINT,
         ),
         ping_interval_seconds=read(
             "PING_INTERVAL_SECONDS",
             _timer_seconds,
             defaults.ping_interval_seconds,
-            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
+            _TIMER_HINT,
         ),
         ping_timeout_seconds=read(
             "PING_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.ping_timeout_seconds,
-            f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)",
+            _TIMER_HINT,
         ),
-        max_auth_failures=read(
-            "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, "use a whole number > 0"
-        ),
+        max_auth_failures=read("MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, _WHOLE_NUMBER_HINT),
         fallback=read(
             "FALLBACK",
             _fallback(ids),
@@ -2171,13 +2185,13 @@ def _load_settings(
             "list of provider ids giving the order",
         ),
         breaker_failures=read(
-            "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, "use a whole number > 0, such as 5"
+            "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, f"{_WHOLE_NUMBER_HINT}, such as 5"
         ),
         breaker_cooldown_seconds=read(
             "BREAKER_COOLDOWN_SECONDS",
             _seconds(0, above=True),
             defaults.breaker_cooldown_seconds,
-            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 30",
+            f"{_ABOVE_ZERO_SECONDS_HINT}, such as 30",
         ),
         redis_url=redis_url,
         cluster_name=read("CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"),
@@ -2185,44 +2199,44 @@ def _load_settings(
             "REDIS_TIMEOUT_SECONDS",
             _seconds(MIN_REDIS_SECONDS),
             defaults.redis_timeout_seconds,
-            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 1",
+            f"{_REDIS_SECONDS_HINT}, such as 1",
         ),
         redis_reconnect_max_seconds=read(
             "REDIS_RECONNECT_MAX_SECONDS",
             _seconds(MIN_REDIS_SECONDS),
             defaults.redis_reconnect_max_seconds,
-            f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}, such as 5",
+            f"{_REDIS_SECONDS_HINT}, such as 5",
         ),
         workers=workers,
         api_max_connections=read(
             "API_MAX_CONNECTIONS",
             _positive_int,
             defaults.api_max_connections,
-            "use a whole number > 0, such as 4096",
+            f"{_WHOLE_NUMBER_HINT}, such as 4096",
         ),
         api_max_connections_per_address=read(
             "API_MAX_CONNECTIONS_PER_ADDRESS",
             _positive_int,
             defaults.api_max_connections_per_address,
-            "use a whole number > 0, or leave it unset for a quarter of API_MAX_CONNECTIONS",
+            f"{_WHOLE_NUMBER_HINT}, or leave it unset for a quarter of API_MAX_CONNECTIONS",
         ),
         api_header_timeout_seconds=read(
             "API_HEADER_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_header_timeout_seconds,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
+            f"{_DEADLINE_HINT}, such as 10",
         ),
         api_body_timeout_seconds=read(
             "API_BODY_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_body_timeout_seconds,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 30",
+            f"{_DEADLINE_HINT}, such as 30",
         ),
         api_send_timeout_seconds=read(
             "API_SEND_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_send_timeout_seconds,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 60",
+            f"{_DEADLINE_HINT}, such as 60",
         ),
         api_http2=read("API_HTTP2", strtobool, defaults.api_http2, "use on or off"),
         metrics_allowed_hosts=read(
@@ -2241,19 +2255,19 @@ def _load_settings(
             "AUTH_LOCKOUT_WINDOW_SECONDS",
             _seconds(0, above=True),
             defaults.auth_lockout_window_seconds,
-            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 60",
+            f"{_ABOVE_ZERO_SECONDS_HINT}, such as 60",
         ),
         auth_lockout_seconds=read(
             "AUTH_LOCKOUT_SECONDS",
             _seconds(0, above=True),
             defaults.auth_lockout_seconds,
-            f"use a number of seconds greater than 0 and {_AT_MOST}, such as 300",
+            f"{_ABOVE_ZERO_SECONDS_HINT}, such as 300",
         ),
         auth_lockout_exempt=read(
             "AUTH_LOCKOUT_EXEMPT",
             _networks,
             defaults.auth_lockout_exempt,
-            "use comma-separated IPv4/IPv6 addresses or CIDR networks, such as 127.0.0.1,::1",
+            f"{_NETWORKS_HINT}, such as 127.0.0.1,::1",
         ),
         database_url=read(
             "DATABASE_URL",
@@ -2269,19 +2283,19 @@ def _load_settings(
             "AUTH_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.auth_timeout_seconds,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 10",
+            f"{_DEADLINE_HINT}, such as 10",
         ),
         api_keyless_connections_per_address=read(
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
             _positive_int,
             defaults.api_keyless_connections_per_address,
-            "use a whole number > 0, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
+            f"{_WHOLE_NUMBER_HINT}, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
         ),
         api_keyless_timeout_seconds=read(
             "API_KEYLESS_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_keyless_timeout_seconds,
-            f"use a number of seconds of at least {MIN_DEADLINE_SECONDS:g} and {_AT_MOST}, such as 5",
+            f"{_DEADLINE_HINT}, such as 5",
         ),
         consumer_reserve_tokens=read(
             "CONSUMER_RESERVE_TOKENS",
