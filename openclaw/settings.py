@@ -1919,6 +1919,232 @@ def load_settings(
         raise
 
 
+@attrs.define
+class _Reader:
+    """
+    Reads settings by name, for L{load_settings}: from the command line
+    (plugin options), else the environment, else the env file, as
+    decouple's L{Config} looks them up; and keeps what it read.
+
+    @ivar given: the options given on the command line, by variable name
+        (none L{None}).
+    @ivar config: the environment and the env file.
+    @ivar env_path: the env file, as a message names it.
+    @ivar secret_names: the settings whose value a refusal never shows
+        (L{secret_settings}).
+    @ivar known: every setting name looked up, for the env file's
+        misspellings (L{misspelt_settings}).
+    @ivar sources: where each value read came from, by name
+        (L{Settings.sources}), in the order read.
+    """
+
+    given: Mapping[str, Any]
+    config: Config
+    env_path: str
+    secret_names: frozenset[str]
+    known: set[str] = attrs.Factory(set)
+    sources: dict[str, str] = attrs.Factory(dict)
+
+    def source(self, name: str) -> str:
+        """
+        Where the value of C{name} came from, for an error message.
+        """
+        if name in self.given:
+            return "from the command line"
+        if name in os.environ:
+            return "from the environment"
+        return f"from env file {self.env_path!r}"
+
+    def given_where(self, name: str) -> str:
+        """
+        Where the value of C{name} came from, for an error message, the
+        default included.
+        """
+        if self.config.get(name, default=None) is None and name not in self.given:
+            return "the default"
+        return self.source(name)
+
+    def read(self, name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
+        """
+        The value of setting C{name} given C{cast}, else C{default}.  A
+        bad one is refused in one line that says where it came from: the
+        L{ConfigError} C{cast} raises, else C{name}, the value and C{hint}.
+        """
+        self.known.add(name)
+        raw = self.given.get(name)
+        if raw is None:
+            raw = self.config.get(name, default=None)
+        if raw is None:
+            return default
+        self.sources[name] = self.source(name)
+        try:
+            return cast(str(raw))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (the value came {self.source(name)})") from None
+        except ValueError as e:
+            # A secret is never shown, nor a URL's user, password and query
+            # (a provider's base URL refuses them).
+            if name in self.secret_names:
+                raise ConfigError(f"{name} ({self.source(name)}) is invalid: {hint or e}") from None
+            shown = _without_credentials(str(raw))
+            why = f"{e}; " if isinstance(e, InvalidValue) else ""
+            raise ConfigError(f"{name}={shown!r} ({self.source(name)}) is invalid: {why}{hint}") from None
+
+
+def _read_jwt_secret(reader: _Reader, warnings: list[str]) -> bytes:
+    """
+    The secret tokens are signed with: C{JWT_SECRET}, or what the file
+    C{JWT_SECRET_FILE} names holds; C{b""} when neither is set.
+
+    @param warnings: where a warning about the file is added
+        (L{_read_secret_file}).
+    @raise ConfigError: both are set, or the one set is refused.
+    """
+    no_secret = b""
+    secret_file = reader.read("JWT_SECRET_FILE", str, "", "")
+    if secret_file and reader.read("JWT_SECRET", str, "", ""):
+        raise ConfigError(
+            f"JWT_SECRET ({reader.source('JWT_SECRET')}) and JWT_SECRET_FILE ({reader.source('JWT_SECRET_FILE')}) "
+            "are both set; keep only one"
+        )
+    if secret_file:
+        return reader.read("JWT_SECRET_FILE", lambda path: _read_secret_file(path, warnings), no_secret, "")
+    return reader.read("JWT_SECRET", _jwt_secret, no_secret, "")
+
+
+def _declared_ids(declared: tuple[type[ProviderAdapter], ...]) -> list[str]:
+    """
+    The ids of the declared providers, in order.
+
+    @raise ConfigError: none is declared, or a declaration is refused
+        (L{openclaw.providers.base.check_declarations}).
+    """
+    ids = [adapter.id for adapter in declared]
+    if not ids:
+        raise ConfigError(
+            "no provider is declared: pass load_settings at least one ProviderAdapter class "
+            "(openclaw.settings.builtin_providers() lists the built-in ones)"
+        )
+    from openclaw.providers.base import ProviderDeclarationError, check_declarations
+
+    try:
+        check_declarations(declared)
+    except ProviderDeclarationError as e:
+        raise ConfigError(str(e)) from None
+    return ids
+
+
+def _read_provider(reader: _Reader, adapter: type[ProviderAdapter]) -> ProviderSettings:
+    """
+    One provider's settings, from the variables its adapter declares: its
+    key (the first of C{key_variables} set) and more keys (its
+    C{key_list_variable}), one pool without repeats; its base URL (the
+    first of C{base_url_variable} and its aliases set), its model and its
+    fallback model.
+    """
+    key = ""
+    for variable in adapter.key_variables:
+        key = reader.read(variable, _provider_key, "", "")
+        if key:
+            break
+    no_keys: tuple[str, ...] = ()
+    more = reader.read(adapter.key_list_variable(), _provider_keys, no_keys, "")
+    pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
+    base_url = adapter.default_base_url
+    for variable in (adapter.base_url_variable, *adapter.base_url_aliases):
+        url = reader.read(variable, _url, None, "use an http:// or https:// URL")
+        if url is not None:
+            base_url = url
+            break
+    return ProviderSettings(
+        adapter=adapter,
+        base_url=base_url,
+        model=reader.read(
+            adapter.model_variable,
+            _model_name,
+            adapter.default_model_id,
+            f"or unset it for the default, {adapter.default_model_id}",
+        ),
+        api_key=pool[0] if pool else None,
+        api_keys=pool[1:],
+        fallback_model=reader.read(
+            adapter.fallback_model_variable(),
+            _model_name,
+            None,
+            f"or unset it to fail over to {adapter.model_variable}'s model",
+        ),
+    )
+
+
+def _read_cluster_size(reader: _Reader, secret: bytes, defaults: Settings) -> tuple[str | None, int]:
+    """
+    C{REDIS_URL} and C{WORKERS}, each held to the setting it needs as soon
+    as it is read: several instances share tokens, which they must all
+    sign with the same secret, and several workers share state through
+    Redis.
+
+    @param secret: the secret read (L{_read_jwt_secret}); C{b""}: none.
+    @return: the Redis URL (L{None}: unset) and the number of workers.
+    @raise ConfigError: either is refused; C{REDIS_URL} is set without
+        C{JWT_SECRET} (or C{JWT_SECRET_FILE}); C{WORKERS} is above 1
+        without C{REDIS_URL}.
+    """
+    no_url: str | None = None
+    redis_url = reader.read("REDIS_URL", lambda text: _checked_redis_url(text) if text else None, no_url, "")
+    if redis_url and not secret:
+        raise ConfigError(
+            f"REDIS_URL is set ({reader.source('REDIS_URL')}) but JWT_SECRET (or JWT_SECRET_FILE) is not: every "
+            "instance of a cluster must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or "
+            "more on each"
+        )
+    workers = reader.read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
+    if workers > 1 and not redis_url:
+        raise ConfigError(
+            f"WORKERS (--workers)={workers} ({reader.source('WORKERS')}) needs REDIS_URL: the workers share the "
+            "token, route and lockouts through Redis; set REDIS_URL or use --workers 1"
+        )
+    return redis_url, workers
+
+
+@attrs.frozen
+class _StateDirectory:
+    """
+    The state directory, as L{check_state_directory} is told of it.
+    """
+
+    path: Path
+    #: How a message names it: C{"STATE_DIR='/x' (from the environment)"}.
+    named: str
+    #: What to do when it is refused.
+    fix: str
+
+
+def _read_state_dir(reader: _Reader, cwd: Path, daemon: bool, made: list[Path]) -> _StateDirectory:
+    """
+    The state directory: C{STATE_DIR}, made if missing; else a daemon's
+    own (L{default_state_dir}, made if missing) when C{daemon} or under
+    systemd (C{$STATE_DIRECTORY} set); else C{cwd}.
+
+    @param made: where the directories made are added.
+    @raise ConfigError: it cannot be used or made.
+    """
+    no_state_dir: Path | None = None
+    state_dir = reader.read("STATE_DIR", lambda text: _state_dir(text, made) if text else None, no_state_dir, "")
+    if state_dir is not None:
+        return _StateDirectory(
+            path=state_dir,
+            named=f"STATE_DIR={str(state_dir)!r} ({reader.source('STATE_DIR')})",
+            fix="point STATE_DIR / --state-dir at a directory of the gateway's own",
+        )
+    fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
+    if daemon or os.environ.get("STATE_DIRECTORY"):
+        path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())), made)
+        return _StateDirectory(path=path, named=f"the state directory {str(path)!r}", fix=fix)
+    path = cwd.absolute()
+    named = f"the state directory {str(path)!r} (the working directory: STATE_DIR is unset)"
+    return _StateDirectory(path=path, named=named, fix=fix)
+
+
 def _load_settings(
     options: Mapping[str, Any] | None,
     env_file: str | None,
@@ -1934,112 +2160,13 @@ def _load_settings(
     given = {k: v for k, v in (options or {}).items() if v is not None}
     base = cwd or Path.cwd()
     repository, read_env_file = _open_repository(env_file, base)
-    config = Config(repository)
     defaults = Settings(jwt_secret=b"", jwt_secret_is_ephemeral=True)
     declared = tuple(builtin_providers() if providers is None else providers)
-    secret_names = secret_settings(declared)
-    #: Every setting name looked up, for the env file's misspellings.
-    known: set[str] = set()
-    warnings: list[str] = []
     env_path = env_file or str(base / ".env")
-
-    def source(name: str) -> str:
-        """
-        Where the value of C{name} came from, for an error message.
-        """
-        if name in given:
-            return "from the command line"
-        if name in os.environ:
-            return "from the environment"
-        return f"from env file {env_path!r}"
-
-    #: Where each value read came from (L{Settings.sources}).
-    sources: dict[str, str] = {}
-
-    def read(name: str, cast: Callable[[str], T], default: T, hint: str) -> T:
-        """
-        The value of setting C{name} given C{cast}, else C{default}.  A
-        bad one is refused in one line that says where it came from: the
-        L{ConfigError} C{cast} raises, else C{name}, the value and C{hint}.
-        """
-        known.add(name)
-        raw = given.get(name)
-        if raw is None:
-            raw = config.get(name, default=None)
-        if raw is None:
-            return default
-        sources[name] = source(name)
-        try:
-            return cast(str(raw))
-        except ConfigError as e:
-            raise ConfigError(f"{e} (the value came {source(name)})") from None
-        except ValueError as e:
-            # A secret is never shown, nor a URL's user, password and query
-            # (a provider's base URL refuses them).
-            if name in secret_names:
-                raise ConfigError(f"{name} ({source(name)}) is invalid: {hint or e}") from None
-            shown = _without_credentials(str(raw))
-            why = f"{e}; " if isinstance(e, InvalidValue) else ""
-            raise ConfigError(f"{name}={shown!r} ({source(name)}) is invalid: {why}{hint}") from None
-
-    no_secret = b""
-    secret_file = read("JWT_SECRET_FILE", str, "", "")
-    if secret_file and read("JWT_SECRET", str, "", ""):
-        raise ConfigError(
-            f"JWT_SECRET ({source('JWT_SECRET')}) and JWT_SECRET_FILE ({source('JWT_SECRET_FILE')}) "
-            "are both set; keep only one"
-        )
-    if secret_file:
-        secret = read("JWT_SECRET_FILE", lambda path: _read_secret_file(path, warnings), no_secret, "")
-    else:
-        secret = read("JWT_SECRET", _jwt_secret, no_secret, "")
-
-    def read_provider(adapter: type[ProviderAdapter]) -> ProviderSettings:
-        key = ""
-        for variable in adapter.key_variables:
-            key = read(variable, _provider_key, "", "")
-            if key:
-                break
-        no_keys: tuple[str, ...] = ()
-        more = read(adapter.key_list_variable(), _provider_keys, no_keys, "")
-        pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
-        base_url = adapter.default_base_url
-        for variable in (adapter.base_url_variable, *adapter.base_url_aliases):
-            given = read(variable, _url, None, "use an http:// or https:// URL")
-            if given is not None:
-                base_url = given
-                break
-        return ProviderSettings(
-            adapter=adapter,
-            base_url=base_url,
-            model=read(
-                adapter.model_variable,
-                _model_name,
-                adapter.default_model_id,
-                f"or unset it for the default, {adapter.default_model_id}",
-            ),
-            api_key=pool[0] if pool else None,
-            api_keys=pool[1:],
-            fallback_model=read(
-                adapter.fallback_model_variable(),
-                _model_name,
-                None,
-                f"or unset it to fail over to {adapter.model_variable}'s model",
-            ),
-        )
-
-    ids = [adapter.id for adapter in declared]
-    if not ids:
-        raise ConfigError(
-            "no provider is declared: pass load_settings at least one ProviderAdapter class "
-            "(openclaw.settings.builtin_providers() lists the built-in ones)"
-        )
-    from openclaw.providers.base import ProviderDeclarationError, check_declarations
-
-    try:
-        check_declarations(declared)
-    except ProviderDeclarationError as e:
-        raise ConfigError(str(e)) from None
+    reader = _Reader(given, Config(repository), env_path, secret_settings(declared))
+    warnings: list[str] = []
+    secret = _read_jwt_secret(reader, warnings)
+    ids = _declared_ids(declared)
     # The built-in default when declared, else the first declared.
     default_provider = defaults.default_provider if defaults.default_provider in ids else ids[0]
     id_list = " or ".join(", ".join(ids).rsplit(", ", 1))
@@ -2049,46 +2176,22 @@ def _load_settings(
             raise ValueError
         return text
 
-    no_url: str | None = None
-    redis_url = read("REDIS_URL", lambda text: _checked_redis_url(text) if text else None, no_url, "")
-    if redis_url and not secret:
-        raise ConfigError(
-            f"REDIS_URL is set ({source('REDIS_URL')}) but JWT_SECRET (or JWT_SECRET_FILE) is not: every instance "
-            "of a cluster must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or more on each"
-        )
-    workers = read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
-    if workers > 1 and not redis_url:
-        raise ConfigError(
-            f"WORKERS (--workers)={workers} ({source('WORKERS')}) needs REDIS_URL: the workers share the token, "
-            "route and lockouts through Redis; set REDIS_URL or use --workers 1"
-        )
-    embedding = _read_embedding_model(read, declared, defaults)
+    redis_url, workers = _read_cluster_size(reader, secret, defaults)
+    embedding = _read_embedding_model(reader.read, declared, defaults)
     no_pem: bytes | None = None
-    ca_pem = read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
-    no_state_dir: Path | None = None
+    ca_pem = reader.read("UPSTREAM_CA_FILE", lambda text: _ca_file(text) if text else None, no_pem, "")
     no_prices: Mapping[str, Price] = {}
-    state_dir = read("STATE_DIR", lambda text: _state_dir(text, made) if text else None, no_state_dir, "")
-    if state_dir is not None:
-        state_path = state_dir
-        state_named = f"STATE_DIR={str(state_dir)!r} ({source('STATE_DIR')})"
-        state_fix = "point STATE_DIR / --state-dir at a directory of the gateway's own"
-    elif daemon or os.environ.get("STATE_DIRECTORY"):
-        state_path = _own_directory(_absolute(default_state_dir(os.environ, os.geteuid(), Path.home())), made)
-        state_named = f"the state directory {str(state_path)!r}"
-        state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
-    else:
-        state_path = base.absolute()
-        state_named = f"the state directory {str(state_path)!r} (the working directory: STATE_DIR is unset)"
-        state_fix = "set STATE_DIR / --state-dir to a directory of the gateway's own"
+    state = _read_state_dir(reader, base, daemon, made)
     # After the state directory, which is made if missing: a token file
     # in it is then in a directory that exists.
     no_path: Path | None = None
-    token_file = read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
+    token_file = reader.read("TOKEN_FILE", lambda text: _writable_file(text) if text else None, no_path, "")
 
     settings = Settings(
-        port=read("WS_CONTROL_PORT", _port, defaults.port, _PORT_HINT),
-        interface=read("INTERFACE", _interface, "", "use an IP address such as :: or 127.0.0.1") or default_interface(),
-        session_ttl_hours=read(
+        port=reader.read("WS_CONTROL_PORT", _port, defaults.port, _PORT_HINT),
+        interface=reader.read("INTERFACE", _interface, "", "use an IP address such as :: or 127.0.0.1")
+        or default_interface(),
+        session_ttl_hours=reader.read(
             "SESSION_TTL_HOURS",
             _hours,
             defaults.session_ttl_hours,
@@ -2098,37 +2201,39 @@ def _load_settings(
         ),
         jwt_secret=secret or make_secret(),
         jwt_secret_is_ephemeral=not secret,
-        trusted_clients=read(
+        trusted_clients=reader.read(
             "TRUSTED_CLIENT_IPS",
             _networks,
             defaults.trusted_clients,
             f"{_NETWORKS_HINT}, such as 127.0.0.1,::1,10.0.0.0/8",
         ),
-        default_provider=read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
-        providers=[read_provider(adapter) for adapter in declared],
+        default_provider=reader.read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
+        providers=[_read_provider(reader, adapter) for adapter in declared],
         token_file=token_file,
-        health_check_timeout=read(
+        health_check_timeout=reader.read(
             "HEALTH_CHECK_TIMEOUT",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.health_check_timeout,
             f"{_DEADLINE_HINT}, such as 5",
         ),
-        log_level=read(
+        log_level=reader.read(
             "LOG_LEVEL", _log_level, defaults.log_level, "use debug, info, warn (or warning), error or critical"
         ),
-        api_port=read("API_PORT", _port, defaults.api_port, _PORT_HINT),
-        gateway_api_keys=read("GATEWAY_API_KEYS", _gateway_keys, (), "use comma-separated keys"),
-        upstream_timeout=read(
+        api_port=reader.read("API_PORT", _port, defaults.api_port, _PORT_HINT),
+        gateway_api_keys=reader.read("GATEWAY_API_KEYS", _gateway_keys, (), "use comma-separated keys"),
+        upstream_timeout=reader.read(
             "UPSTREAM_TIMEOUT",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.upstream_timeout,
             f"{_DEADLINE_HINT}, such as 60",
         ),
-        max_request_bytes=read(
+        max_request_bytes=reader.read(
             "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
         ),
-        upstream_pool_size=read("UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, _WHOLE_NUMBER_HINT),
-        upstream_idle_seconds=read(
+        upstream_pool_size=reader.read(
+            "UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, _WHOLE_NUMBER_HINT
+        ),
+        upstream_idle_seconds=reader.read(
             "UPSTREAM_IDLE_SECONDS",
             _seconds(0, above=True),
             defaults.upstream_idle_seconds,
@@ -2137,167 +2242,173 @@ def _load_settings(
         upstream_ca_pem=ca_pem,
         embedding_provider=embedding[0],
         embedding_model=embedding[1],
-        control_listen=read("CONTROL_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18789"),
-        api_listen=read("API_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18790"),
-        metrics_listen=read("METRICS_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:9108"),
-        state_dir=state_path,
-        log_format=read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
-        shutdown_grace_seconds=read(
+        control_listen=reader.read("CONTROL_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18789"),
+        api_listen=reader.read("API_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:18790"),
+        metrics_listen=reader.read("METRICS_LISTEN", _listener, None, f"{_ENDPOINT_HINT} tcp:9108"),
+        state_dir=state.path,
+        log_format=reader.read("LOG_FORMAT", _log_format, defaults.log_format, "use text or json"),
+        shutdown_grace_seconds=reader.read(
             "SHUTDOWN_GRACE_SECONDS",
             _seconds(0),
             defaults.shutdown_grace_seconds,
             f"use a number of seconds, 0 or more and {_AT_MOST}",
         ),
-        allowed_origins=read("ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"),
-        trusted_proxies=read("TRUSTED_PROXIES", _networks, (), _NETWORKS_HINT),
-        max_message_bytes=read(
+        allowed_origins=reader.read(
+            "ALLOWED_ORIGINS", _origins, (), "use comma-separated scheme://host[:port] origins"
+        ),
+        trusted_proxies=reader.read("TRUSTED_PROXIES", _networks, (), _NETWORKS_HINT),
+        max_message_bytes=reader.read(
             "MAX_MESSAGE_BYTES",
             _message_bytes,
             defaults.max_message_bytes,
             f"use a whole number of bytes, at least {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
             "consumer_create must fit)",
         ),
-        max_connections=read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, _WHOLE_NUMBER_HINT),
-        handshake_timeout_seconds=read(
+        max_connections=reader.read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, _WHOLE_NUMBER_HINT),
+        handshake_timeout_seconds=reader.read(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.handshake_timeout_seconds,
             _TIMER_HINT,
         ),
-        ping_interval_seconds=read(
+        ping_interval_seconds=reader.read(
             "PING_INTERVAL_SECONDS",
             _timer_seconds,
             defaults.ping_interval_seconds,
             _TIMER_HINT,
         ),
-        ping_timeout_seconds=read(
+        ping_timeout_seconds=reader.read(
             "PING_TIMEOUT_SECONDS",
             _timer_seconds,
             defaults.ping_timeout_seconds,
             _TIMER_HINT,
         ),
-        max_auth_failures=read("MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, _WHOLE_NUMBER_HINT),
-        fallback=read(
+        max_auth_failures=reader.read(
+            "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, _WHOLE_NUMBER_HINT
+        ),
+        fallback=reader.read(
             "FALLBACK",
             _fallback(ids),
             defaults.fallback,
             f"use auto (fail over to the next provider in the order {', '.join(ids)}), off, or a comma-separated "
             "list of provider ids giving the order",
         ),
-        breaker_failures=read(
+        breaker_failures=reader.read(
             "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, f"{_WHOLE_NUMBER_HINT}, such as 5"
         ),
-        breaker_cooldown_seconds=read(
+        breaker_cooldown_seconds=reader.read(
             "BREAKER_COOLDOWN_SECONDS",
             _seconds(0, above=True),
             defaults.breaker_cooldown_seconds,
             f"{_ABOVE_ZERO_SECONDS_HINT}, such as 30",
         ),
         redis_url=redis_url,
-        cluster_name=read("CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"),
-        redis_timeout_seconds=read(
+        cluster_name=reader.read(
+            "CLUSTER_NAME", _cluster_name, defaults.cluster_name, "use letters, digits, '-', '_' or '.'"
+        ),
+        redis_timeout_seconds=reader.read(
             "REDIS_TIMEOUT_SECONDS",
             _seconds(MIN_REDIS_SECONDS),
             defaults.redis_timeout_seconds,
             f"{_REDIS_SECONDS_HINT}, such as 1",
         ),
-        redis_reconnect_max_seconds=read(
+        redis_reconnect_max_seconds=reader.read(
             "REDIS_RECONNECT_MAX_SECONDS",
             _seconds(MIN_REDIS_SECONDS),
             defaults.redis_reconnect_max_seconds,
             f"{_REDIS_SECONDS_HINT}, such as 5",
         ),
         workers=workers,
-        api_max_connections=read(
+        api_max_connections=reader.read(
             "API_MAX_CONNECTIONS",
             _positive_int,
             defaults.api_max_connections,
             f"{_WHOLE_NUMBER_HINT}, such as 4096",
         ),
-        api_max_connections_per_address=read(
+        api_max_connections_per_address=reader.read(
             "API_MAX_CONNECTIONS_PER_ADDRESS",
             _positive_int,
             defaults.api_max_connections_per_address,
             f"{_WHOLE_NUMBER_HINT}, or leave it unset for a quarter of API_MAX_CONNECTIONS",
         ),
-        api_header_timeout_seconds=read(
+        api_header_timeout_seconds=reader.read(
             "API_HEADER_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_header_timeout_seconds,
             f"{_DEADLINE_HINT}, such as 10",
         ),
-        api_body_timeout_seconds=read(
+        api_body_timeout_seconds=reader.read(
             "API_BODY_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_body_timeout_seconds,
             f"{_DEADLINE_HINT}, such as 30",
         ),
-        api_send_timeout_seconds=read(
+        api_send_timeout_seconds=reader.read(
             "API_SEND_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_send_timeout_seconds,
             f"{_DEADLINE_HINT}, such as 60",
         ),
-        api_http2=read("API_HTTP2", strtobool, defaults.api_http2, "use on or off"),
-        metrics_allowed_hosts=read(
+        api_http2=reader.read("API_HTTP2", strtobool, defaults.api_http2, "use on or off"),
+        metrics_allowed_hosts=reader.read(
             "METRICS_ALLOWED_HOSTS",
             _host_names,
             defaults.metrics_allowed_hosts,
             "use comma-separated host names or IP addresses without ports, such as gw.internal,10.0.0.5",
         ),
-        auth_lockout_failures=read(
+        auth_lockout_failures=reader.read(
             "AUTH_LOCKOUT_FAILURES",
             _positive_int,
             defaults.auth_lockout_failures,
             "use a whole number of failed authentications > 0, such as 10",
         ),
-        auth_lockout_window_seconds=read(
+        auth_lockout_window_seconds=reader.read(
             "AUTH_LOCKOUT_WINDOW_SECONDS",
             _seconds(0, above=True),
             defaults.auth_lockout_window_seconds,
             f"{_ABOVE_ZERO_SECONDS_HINT}, such as 60",
         ),
-        auth_lockout_seconds=read(
+        auth_lockout_seconds=reader.read(
             "AUTH_LOCKOUT_SECONDS",
             _seconds(0, above=True),
             defaults.auth_lockout_seconds,
             f"{_ABOVE_ZERO_SECONDS_HINT}, such as 300",
         ),
-        auth_lockout_exempt=read(
+        auth_lockout_exempt=reader.read(
             "AUTH_LOCKOUT_EXEMPT",
             _networks,
             defaults.auth_lockout_exempt,
             f"{_NETWORKS_HINT}, such as 127.0.0.1,::1",
         ),
-        database_url=read(
+        database_url=reader.read(
             "DATABASE_URL",
             _database_url,
             None,
             "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR",
         ),
-        usage_retention_days=read(
+        usage_retention_days=reader.read(
             "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
         ),
-        price_overrides=read("PRICES_FILE", lambda path: _prices(path) if path else no_prices, no_prices, ""),
-        auth_timeout_seconds=read(
+        price_overrides=reader.read("PRICES_FILE", lambda path: _prices(path) if path else no_prices, no_prices, ""),
+        auth_timeout_seconds=reader.read(
             "AUTH_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.auth_timeout_seconds,
             f"{_DEADLINE_HINT}, such as 10",
         ),
-        api_keyless_connections_per_address=read(
+        api_keyless_connections_per_address=reader.read(
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
             _positive_int,
             defaults.api_keyless_connections_per_address,
             f"{_WHOLE_NUMBER_HINT}, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
         ),
-        api_keyless_timeout_seconds=read(
+        api_keyless_timeout_seconds=reader.read(
             "API_KEYLESS_TIMEOUT_SECONDS",
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.api_keyless_timeout_seconds,
             f"{_DEADLINE_HINT}, such as 5",
         ),
-        consumer_reserve_tokens=read(
+        consumer_reserve_tokens=reader.read(
             "CONSUMER_RESERVE_TOKENS",
             _positive_int,
             defaults.consumer_reserve_tokens,
@@ -2305,28 +2416,21 @@ def _load_settings(
         ),
     )
 
-    def given_where(name: str) -> str:
-        """
-        Where the value of C{name} came from, for an error message, the
-        default included.
-        """
-        return "the default" if config.get(name, default=None) is None and name not in given else source(name)
-
-    _distinct_ports(settings, given_where)
+    _distinct_ports(settings, reader.given_where)
     if not settings.trusted_clients and not (settings.control_listen or "").startswith("unix:"):
         # Allowed (a unix: listener's clients need no address), but with
         # a TCP control listener no client can ever connect.
         warnings.append(
-            f"TRUSTED_CLIENT_IPS is empty ({source('TRUSTED_CLIENT_IPS')}): every control-plane connection over TCP "
+            f"TRUSTED_CLIENT_IPS is empty ({reader.source('TRUSTED_CLIENT_IPS')}): every control-plane connection over TCP "
             "is refused; list the addresses that may connect (such as 127.0.0.1,::1), or unset it for the default"
         )
     if settings.database_url is None:
         # SQLite: the consumers' database is created in it by name.
-        state_warning = check_state_directory(state_path, state_named, state_fix)
+        state_warning = check_state_directory(state.path, state.named, state.fix)
         if state_warning is not None:
             warnings.append(state_warning)
     for adapter in declared:
-        known.update(adapter.variables())
+        reader.known.update(adapter.variables())
     if read_env_file is not None:
         held = env_file_secrets(_env_file_values(repository), declared)
         if held:
@@ -2338,11 +2442,11 @@ def _load_settings(
                 warnings.append(readable)
     if isinstance(repository, RepositoryEnv):
         warnings.extend(unread_lines(env_path))
-    warnings.extend(misspelt_settings(_env_file_keys(repository), known, env_path))
+    warnings.extend(misspelt_settings(_env_file_keys(repository), reader.known, env_path))
     # The environment too: systemd's EnvironmentFile= hands an env file's
     # lines over as variables.
-    warnings.extend(misspelt_settings(os.environ, known, None))
-    return attrs.evolve(settings, warnings=tuple(warnings), sources=sources, made_directories=tuple(made))
+    warnings.extend(misspelt_settings(os.environ, reader.known, None))
+    return attrs.evolve(settings, warnings=tuple(warnings), sources=reader.sources, made_directories=tuple(made))
 
 
 def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> None:
