@@ -24,6 +24,7 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.store import ConsumerStore, UsageRow, postgres_conninfo
 from tests.postgres_server import postgres_database
+from tests.support import open_client
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
 from tests.test_dataplane import HELLO
@@ -338,10 +339,16 @@ class DeletingTests(GatewayCase):
         yield sleep(1.5)
         deleting = client.command(gateway.token, "consumer_delete", {"name": "team"})
         yield sleep(0.2)
-        reactor.callLater(1.0, blocker.execute, "ROLLBACK")
-        out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
-        self.assertNotEqual(code, 0)
-        self.assertIn("consumer 'team' is being deleted; retry in a moment", err)
+        # Asked in-process (on a connection of its own: one connection's
+        # answers come in order), then the blocker let go at once: an
+        # openclawctl started here took over a second to send it on a
+        # loaded machine, when the blocker was let go after a fixed second
+        # (CI, s29).
+        other = yield open_client(self, gateway.port)
+        refused = yield other.command(gateway.token, "consumer_create", {"name": "team"})
+        blocker.execute("ROLLBACK")
+        self.assertFalse(refused["ok"], refused)
+        self.assertIn("consumer 'team' is being deleted; retry in a moment", refused["error"])
         deleted = yield deleting
         self.assertTrue(deleted["ok"], deleted)
         out, err, code = yield run_ctl(*ctl, "consumer", "create", "team")
