@@ -837,36 +837,66 @@ def _check_allowed_tools(allowed: Any, names: frozenset[str]) -> None:
             )
 
 
+@attrs.define
+class _History:
+    """
+    What a request's messages carry from one to the next, as
+    L{_check_messages} reads them in order: the calls a later message
+    answers (tool calls awaiting a tool message, legacy function calls
+    awaiting a function message), and whether a call id carries a
+    payload.  One per request, made at its first message other than text
+    from the user or the system (those need none).
+    """
+
+    #: The kinds of tool beside functions that some provider takes
+    #: (L{parse_chat_request}'s C{tool_types}).
+    tool_types: Mapping[str, ToolType]
+    #: Tool call ids seen so far -> the function's name.
+    calls: dict[str, str] = attrs.Factory(dict)
+    #: The latest assistant message's tool calls not answered yet (a dict
+    #: for constant-time lookup and removal that keeps the calls' order for
+    #: the error message).
+    unanswered: dict[str, None] = attrs.Factory(dict)
+    #: Where that assistant message is (C{messages[<i>]}).
+    asked_at: str = ""
+    #: Legacy function calls not yet answered: name -> their ids, in order
+    #: (L{_legacy_call}, L{_legacy_result}).
+    legacy: dict[str, deque[str]] = attrs.Factory(dict)
+    #: Where the message rewritten last from a legacy function_call is.
+    legacy_at: str = ""
+    #: Whether a tool call id carries a payload
+    #: (L{openclaw.dataplane.callids.payload}): Gemini's id or signature.
+    carried_ids: bool = False
+
+
 def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES) -> bool:
     """
-    Check C{body["messages"]}, rewriting developer and legacy function
-    messages in place; calls of the C{tool_types} in a history by their
-    own rules (L{_check_tool_calls}).
+    Check C{body["messages"]}, a non-empty list of OpenAI's messages
+    (C{{"role": ..., "content": ...}}, at least one holding some content),
+    in order: each is rewritten in place as every wire takes it
+    (L{_rewritten_message}: developer and legacy function messages), then
+    checked by its role's rules (L{_check_assistant_message},
+    L{_check_tool_message}, L{_check_user_or_system_message}) against what
+    the messages before it said (L{_History}); calls of the C{tool_types}
+    in a history by their own rules (L{_check_tool_calls}).
 
     @return: whether a tool call id carries Gemini's id or signature.
+    @raise APIError: 400 naming the first field found wrong; C{messages}
+        when it is missing, not a list, empty or holds no content;
+        C{messages[<i>].tool_calls} when a tool call is not answered by a
+        tool message right after its assistant message (L{_unanswered}).
     """
     messages = body.get("messages")
     if messages is None:
         raise bad_request("messages is required: a non-empty list of {role, content}", param="messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list of {role, content}", param="messages")
-    #: Tool call ids seen so far -> the function's name.
-    calls: dict[str, str] = {}
-    #: The latest assistant message's tool calls not answered yet (a dict
-    #: for constant-time lookup and removal that keeps the calls' order for
-    #: the error message), and where it is.
-    unanswered: dict[str, None] = {}
-    asked_at = ""
-    #: Legacy function calls not yet answered: name -> their ids, in order.
-    legacy: dict[str, deque[str]] = {}
-    #: Where the message rewritten last from a legacy function_call is.
-    legacy_at = ""
-    carried_ids = False
+    history: _History | None = None
     anything = False
     for i, message in enumerate(messages):
         if (
             type(message) is dict
-            and not unanswered
+            and (history is None or not history.unanswered)
             and message.get("role") in ("user", "system")
             and message.keys().isdisjoint(CHECKED_FIELD_NAMES)
         ):
@@ -876,102 +906,183 @@ def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = N
                 # nothing more to check.
                 anything = anything or bool(content)
                 continue
+        if history is None:
+            # Made for the first other message: a request of text from the
+            # user and the system alone makes none.
+            history = _History(tool_types)
         where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise bad_request(f"{where} must be an object with role and content", param=where)
-        role = message.get("role")
-        # A str first: a list or object is unhashable (no set lookup).
-        if not isinstance(role, str) or role not in ROLES:
-            raise bad_request(
-                f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
-                param=f"{where}.role",
-            )
-        name = message.get("name")
-        if name is not None and not isinstance(name, str):
-            # OpenAI's participant name: a string (its API refuses another).
-            raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
-        if not message.keys().isdisjoint(NOT_CARRIED[role]):
-            message = messages[i] = _role_fields(message, role, where)
-        if role == "developer":
-            message = messages[i] = {**message, "role": "system"}
-        elif role == "function":
-            message = messages[i] = _legacy_result(message, where, legacy)
-        elif role == "assistant" and message.get("function_call") is not None and message.get("tool_calls") is None:
-            # Null is not set: the openai SDK's message.model_dump() of a
-            # legacy answer holds "tool_calls": null.
-            message = messages[i] = _legacy_call(message, i, where, legacy)
-            legacy_at = where
+        message = _rewritten_message(messages, i, where, history)
         role = message["role"]
-        content = message.get("content", ...)
-        if role != "tool" and unanswered:
-            raise _unanswered(asked_at, unanswered)
+        if role != "tool" and history.unanswered:
+            raise _unanswered(history.asked_at, history.unanswered)
         if role == "assistant":
-            tool_calls = message.get("tool_calls")
-            if tool_calls is not None and message.get("function_call") is not None:
-                raise bad_request(
-                    f"{where}: send tool_calls or the legacy function_call, not both", param=f"{where}.function_call"
-                )
-            if tool_calls is not None:
-                try:
-                    carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", calls, tool_types) or carried_ids
-                except APIError as e:
-                    if legacy_at != where:
-                        raise
-                    if e.param == f"{where}.tool_calls[0].type":
-                        # A call of a tool of another type (L{_claimed}),
-                        # whose type the legacy field cannot carry.
-                        claimed = _claimed(tool_types, tool_calls[0]["function"]["name"], where, called=True)
-                        assert claimed is not None
-                        raise bad_request(
-                            claimed[0].legacy_call_refusal(where), param=f"{where}.function_call.name"
-                        ) from None
-                    # Name the legacy field the client sent, not its rewrite.
-                    raise _renamed(e, f"{where}.tool_calls[0].function", f"{where}.function_call") from None
-                unanswered = dict.fromkeys(call["id"] for call in tool_calls)
-                asked_at = where
-                anything = True
-            refusal = message.get("refusal")
-            if refusal is not None and not isinstance(refusal, str):
-                raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
-            reasoning = message.get("reasoning_content")
-            if reasoning is not None and not isinstance(reasoning, str):
-                # Moonshot's field, as its answers give it back (text).
-                raise bad_request(f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content")
-            anything = anything or bool(refusal)
-            # OpenAI's assistant message: content may be null (or left out)
-            # when it carries tool calls or a refusal.
-            if (content is None or content is ...) and (tool_calls or refusal is not None):
-                continue
-            anything = _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
+            anything = _check_assistant_message(message, where, history) or anything
         elif role == "tool":
-            call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise bad_request(f"{where}.tool_call_id must be the id of a tool call", param=f"{where}.tool_call_id")
-            if call_id not in calls:
-                raise bad_request(
-                    f"{where}.tool_call_id {_clipped(call_id)!r} matches no tool call of an earlier assistant message",
-                    param=f"{where}.tool_call_id",
-                )
-            if call_id not in unanswered:
-                raise bad_request(
-                    f"{where}.tool_call_id {_clipped(call_id)!r} answers no open call: tool messages answer the tool "
-                    "calls of the assistant message right before them, once each",
-                    param=f"{where}.tool_call_id",
-                )
-            del unanswered[call_id]
-            _check_content(content, f"{where}.content", TEXT_PARTS)
+            _check_tool_message(message, where, history)
             anything = True
-        elif isinstance(content, str):
-            # Text, the usual case: nothing more to check.
-            anything = anything or bool(content)
         else:
-            parts = USER_PARTS if role == "user" else TEXT_PARTS
-            anything = _check_content(content, f"{where}.content", parts) or anything
-    if unanswered:
-        raise _unanswered(asked_at, unanswered)
+            anything = _check_user_or_system_message(message, role, where) or anything
+    if history is not None and history.unanswered:
+        raise _unanswered(history.asked_at, history.unanswered)
     if not anything:
         raise bad_request("messages hold no content: at least one message needs some", param="messages")
-    return carried_ids
+    return history is not None and history.carried_ids
+
+
+def _rewritten_message(messages: list[Any], i: int, where: str, history: _History) -> dict[str, Any]:
+    """
+    Check C{messages[i]} (at C{where}) is an object with one of L{ROLES}
+    and, if any, a string C{name}, and rewrite it in place as every wire
+    takes it: C{messages[i]} replaced by a new object (the one sent is not
+    changed) without the fields of L{ROLE_FIELDS} set to null that its
+    role does not carry (L{_role_fields}); a developer message (OpenAI's
+    newer name) as a system message; a legacy function message as the tool
+    message answering the legacy call of that name (L{_legacy_result}); an
+    assistant message's legacy C{function_call} as its one tool call
+    (L{_legacy_call}), the message noted as C{history.legacy_at}.
+
+    @return: C{messages[i]} as rewritten, a message of role system, user,
+        assistant or tool.
+    @raise APIError: 400 naming C{messages[<i>]}, its C{role}, its
+        C{name} or the field its role does not carry.
+    """
+    sent = messages[i]
+    if not isinstance(sent, dict):
+        raise bad_request(f"{where} must be an object with role and content", param=where)
+    message: dict[str, Any] = sent
+    role = message.get("role")
+    # A str first: a list or object is unhashable (no set lookup).
+    if not isinstance(role, str) or role not in ROLES:
+        raise bad_request(
+            f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
+            param=f"{where}.role",
+        )
+    name = message.get("name")
+    if name is not None and not isinstance(name, str):
+        # OpenAI's participant name: a string (its API refuses another).
+        raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
+    if not message.keys().isdisjoint(NOT_CARRIED[role]):
+        message = messages[i] = _role_fields(message, role, where)
+    if role == "developer":
+        message = messages[i] = {**message, "role": "system"}
+    elif role == "function":
+        message = messages[i] = _legacy_result(message, where, history.legacy)
+    elif role == "assistant" and message.get("function_call") is not None and message.get("tool_calls") is None:
+        # Null is not set: the openai SDK's message.model_dump() of a
+        # legacy answer holds "tool_calls": null.
+        message = messages[i] = _legacy_call(message, i, where, history.legacy)
+        history.legacy_at = where
+    return message
+
+
+def _check_assistant_message(message: dict[str, Any], where: str, history: _History) -> bool:
+    """
+    Check an assistant message at C{where} (as L{_rewritten_message} gives
+    it): OpenAI's C{content} (a string or a list of text and refusal
+    parts; null or left out when it carries tool calls or a refusal),
+    C{refusal} (a string) and C{tool_calls}
+    (L{_check_assistant_tool_calls}), and Moonshot's C{reasoning_content}
+    (text, as its answers give it back).
+
+    @return: whether it holds anything (text, a refusal or tool calls).
+    @raise APIError: 400 naming the field.
+    """
+    anything = False
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and message.get("function_call") is not None:
+        raise bad_request(
+            f"{where}: send tool_calls or the legacy function_call, not both", param=f"{where}.function_call"
+        )
+    if tool_calls is not None:
+        _check_assistant_tool_calls(tool_calls, where, history)
+        anything = True
+    refusal = message.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
+    reasoning = message.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        # Moonshot's field, as its answers give it back (text).
+        raise bad_request(f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content")
+    anything = anything or bool(refusal)
+    content = message.get("content", ...)
+    # OpenAI's assistant message: content may be null (or left out) when it
+    # carries tool calls or a refusal.
+    if (content is None or content is ...) and (tool_calls or refusal is not None):
+        return anything
+    return _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
+
+
+def _check_assistant_tool_calls(tool_calls: Any, where: str, history: _History) -> None:
+    """
+    Check the C{tool_calls} of the assistant message at C{where}
+    (L{_check_tool_calls}, which notes them in C{history.calls}) and make
+    them the calls the tool messages right after it answer
+    (C{history.unanswered}).  A 400 for a call rewritten from a legacy
+    C{function_call} (L{_rewritten_message}) names that field, the one the
+    client sent.
+
+    @raise APIError: 400 naming the field.
+    """
+    try:
+        carried_ids = _check_tool_calls(tool_calls, f"{where}.tool_calls", history.calls, history.tool_types)
+    except APIError as e:
+        if history.legacy_at != where:
+            raise
+        if e.param == f"{where}.tool_calls[0].type":
+            # A call of a tool of another type (L{_claimed}), whose type
+            # the legacy field cannot carry.
+            claimed = _claimed(history.tool_types, tool_calls[0]["function"]["name"], where, called=True)
+            assert claimed is not None
+            raise bad_request(claimed[0].legacy_call_refusal(where), param=f"{where}.function_call.name") from None
+        # Name the legacy field the client sent, not its rewrite.
+        raise _renamed(e, f"{where}.tool_calls[0].function", f"{where}.function_call") from None
+    history.carried_ids = carried_ids or history.carried_ids
+    history.unanswered = dict.fromkeys(call["id"] for call in tool_calls)
+    history.asked_at = where
+
+
+def _check_tool_message(message: dict[str, Any], where: str, history: _History) -> None:
+    """
+    Check a tool message at C{where} (as L{_rewritten_message} gives it):
+    its C{tool_call_id} answers one of the calls of the assistant message
+    right before it not answered yet (C{history.unanswered}), which it
+    takes off; its C{content} is text (a string or a list of text parts).
+
+    @raise APIError: 400 naming its C{tool_call_id} or C{content}.
+    """
+    call_id = message.get("tool_call_id")
+    if not isinstance(call_id, str) or not call_id:
+        raise bad_request(f"{where}.tool_call_id must be the id of a tool call", param=f"{where}.tool_call_id")
+    if call_id not in history.calls:
+        raise bad_request(
+            f"{where}.tool_call_id {_clipped(call_id)!r} matches no tool call of an earlier assistant message",
+            param=f"{where}.tool_call_id",
+        )
+    if call_id not in history.unanswered:
+        raise bad_request(
+            f"{where}.tool_call_id {_clipped(call_id)!r} answers no open call: tool messages answer the tool "
+            "calls of the assistant message right before them, once each",
+            param=f"{where}.tool_call_id",
+        )
+    del history.unanswered[call_id]
+    _check_content(message.get("content", ...), f"{where}.content", TEXT_PARTS)
+
+
+def _check_user_or_system_message(message: dict[str, Any], role: str, where: str) -> bool:
+    """
+    Check a user or system message (C{role}) at C{where} (as
+    L{_rewritten_message} gives it): its C{content} is a string or a list
+    of content parts, of L{USER_PARTS} for a user, of text for the system.
+
+    @return: whether it holds anything (text or media).
+    @raise APIError: 400 naming the content or its part.
+    """
+    content = message.get("content", ...)
+    if isinstance(content, str):
+        # Text, the usual case: nothing more to check.
+        return bool(content)
+    parts = USER_PARTS if role == "user" else TEXT_PARTS
+    return _check_content(content, f"{where}.content", parts)
 
 
 def _role_fields(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
