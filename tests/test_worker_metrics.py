@@ -562,11 +562,11 @@ class PrivateSocketWatchTests(TestCase):
         path = sockets.path(1)
         site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
         listening = ListeningService(PrivateSocketEndpoint(reactor, path), site)
-        listening.startService()
-        self.addCleanup(listening.stopService)
+        # The watch listens (the worker's service starts no other way).
         watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=0.05)
         watch.startService()
         self.addCleanup(watch.stopService)
+        yield self.until_listening(path)
         events = capture_log_events(self)
 
         def warnings() -> list[str]:
@@ -618,11 +618,10 @@ class PrivateSocketWatchTests(TestCase):
         site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
         endpoint = _FailingOnce(reactor, path)
         listening = ListeningService(endpoint, site)
-        listening.startService()
-        self.addCleanup(listening.stopService)
         watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=0.05)
         watch.startService()
         self.addCleanup(watch.stopService)
+        yield self.until_listening(path)
         capture_log_events(self)
         endpoint.failures = 1
         path.unlink()
@@ -651,13 +650,34 @@ class PrivateSocketWatchTests(TestCase):
         self.assertFalse(os.path.lexists(path))
         errors = [formatEvent(event) for event in events if event.get("log_level") == LogLevel.error]
         self.assertEqual(len(errors), 1, errors)
-        self.assertIn("the worker serves on, and looks again every second", errors[0])
+        self.assertIn("the worker serves on, and looks again every 0.05 s", errors[0])
         sockets.directory.chmod(0o700)
         yield self.until_listening(path)
         # Its first listen is no socket "gone": no warning.
         self.assertEqual([event for event in events if event.get("log_level") == LogLevel.warn], [])
         yield watch.stopService()
         self.assertFalse(os.path.lexists(path))
+
+    @inlineCallbacks
+    def test_predecessors_socket_replaced(self):
+        """
+        A worker started again after its predecessor was killed finds the
+        socket that one left (not removed: killed): its watch listens in
+        its place, where it took the dead socket for its own and never
+        listened (review s29).
+        """
+        sockets = socket_directory(self, 2)
+        path = sockets.path(1)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+            dead.bind(str(path))
+        site = MetricsSite(MetricsRoot(OwnMetrics(CollectorRegistry())), 5.0, 16, reactor)
+        listening = ListeningService(PrivateSocketEndpoint(reactor, path), site)
+        watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=0.05)
+        capture_log_events(self)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        yield self.until_listening(path)
+        self.assertIsNotNone(listening.port)
 
 
 class _FailingOnce(PrivateSocketEndpoint):

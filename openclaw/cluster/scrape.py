@@ -170,7 +170,8 @@ def ensure_socket_directory(sockets: WorkerSockets) -> None:
     """
     Make the run's socket directory again (mode 0700) if it has gone (a
     cleaner of the temporary directory removed it), before a worker is
-    started: the worker refuses to start without it.
+    started (it serves without it all the same, its watch listening
+    there once it can: L{PrivateSocketWatch}).
     """
     with contextlib.suppress(FileExistsError):
         sockets.directory.mkdir(mode=0o700)
@@ -302,8 +303,10 @@ class PrivateSocketWatch(Service):
         #: The problem last logged (the directory refused, or the listen
         #: failing): not logged again while it lasts.
         self._problem: str | None = None
-        #: The socket has been there since it started: one gone since is
-        #: said to have gone (a warning).
+        #: It has listened on the socket since it started: a socket there
+        #: before is not its own (a killed predecessor's, which the
+        #: endpoint replaces), and one gone since is said to have gone (a
+        #: warning).
         self._listened = False
 
     def startService(self) -> None:
@@ -324,8 +327,7 @@ class PrivateSocketWatch(Service):
         (never fails: a problem is logged).
         """
         path = self.sockets.path(self.index)
-        if _socket_at(path):
-            self._listened = True
+        if self._listened and _socket_at(path):
             return None
         made = not self.sockets.directory.exists()
         try:
@@ -336,7 +338,7 @@ class PrivateSocketWatch(Service):
         if problem is not None:
             self._failed(
                 "worker {index}'s metrics socket {path}: its directory cannot be used ({problem}); its series are "
-                "missing from every scrape meanwhile (the worker serves on, and looks again every second); if "
+                "missing from every scrape meanwhile (the worker serves on, and looks again every {interval:g} s); if "
                 "something else took the directory's name, stop the gateway, look at it and start the gateway again",
                 problem,
                 path,
@@ -365,7 +367,7 @@ class PrivateSocketWatch(Service):
             except Exception as e:
                 self._failed(
                     "worker {index}'s metrics socket {path}: it cannot listen on it ({problem}); its series are "
-                    "missing from every scrape meanwhile (the worker serves on, and tries again every second)",
+                    "missing from every scrape meanwhile (the worker serves on, and tries again every {interval:g} s)",
                     str(e),
                     path,
                 )
@@ -395,7 +397,7 @@ class PrivateSocketWatch(Service):
         if problem == self._problem:
             return
         self._problem = problem
-        _log.error(line, index=self.index, path=str(path), problem=problem)
+        _log.error(line, index=self.index, path=str(path), problem=problem, interval=self.interval)
 
 
 def _socket_at(path: Path) -> bool:

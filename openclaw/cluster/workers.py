@@ -466,6 +466,10 @@ class WorkerSupervisor(Service):
         (the shipped unit's C{Restart=on-failure}); started by hand, the
         log line says to.
         """
+        if self.exit_status:
+            # Another worker's end said so first: the stop is under way
+            # (a second reactor.stop() would raise ReactorNotRunning).
+            return
         self._log.critical(
             "worker {index} refused to start: openclaw was installed again since this gateway started (its line "
             "above); stopping the gateway, with exit status 1, so that it is started again on the new installation "
