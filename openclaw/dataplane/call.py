@@ -561,21 +561,27 @@ class ChatCall:
             rests too, the answer says so of both, with the earliest wait
             (L{every_key_resting}), not the first provider's alone.
         """
-        waits = [
-            (adapter, wait)
-            for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id)
-            if self._could_take(adapter)
-        ]
+        said = next((value for name, value in error.headers if name.lower() == b"retry-after"), None)
+        if resting is None and (said is None or not said.isdigit()):
+            # No wait to shorten (a 502, a timeout): no request encoded
+            # for a fallback (L{_could_take}).
+            return error
+        # Soonest first: the first that could take the call is the answer.
+        waits = sorted(self.context.providers.fallback_waits(self.route.provider_id), key=lambda entry: entry[1])
         if resting is not None:
-            rested = [(adapter.id, wait) for adapter, wait in waits if not adapter.keys.available]
+            rested = [
+                (adapter.id, wait)
+                for adapter, wait in waits
+                if not adapter.keys.available and self._could_take(adapter)
+            ]
             if rested:
                 error = every_key_resting(self.route.provider_id, resting, rested)
-                # Those that wait for another reason (an open breaker).
-                waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available]
-        if not waits:
-            return error
-        adapter, wait = min(waits, key=lambda entry: entry[1])
-        return sooner_elsewhere(error, adapter.id, wait)
+            # Those that wait for another reason (an open breaker).
+            waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available]
+        for adapter, wait in waits:
+            if self._could_take(adapter):
+                return sooner_elsewhere(error, adapter.id, wait)
+        return error
 
     def _could_take(self, adapter: ProviderAdapter) -> bool:
         """
@@ -590,8 +596,10 @@ class ChatCall:
         (trial s29: "gemini may take the call in 45 s", then "not failed
         over to gemini: it cannot take this request").
 
-        Only asked while a 429 or 503 is being built (L{_sooner_elsewhere}):
-        the request is not encoded again on the way of a call that goes.
+        Only asked while a 429 or 503 with a wait to shorten is being
+        built (L{_sooner_elsewhere}), soonest provider first, until one
+        could: the request is not encoded again on the way of a call that
+        goes, nor for an answer no wait changes.
         """
         model = adapter.fallback_model or adapter.default_model
         consumers = self.context.consumers
