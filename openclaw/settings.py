@@ -1522,7 +1522,15 @@ def _make_directories(path: Path, mode: int, created: list[Path]) -> None:
         if path.parent == path:
             raise
         _make_directories(path.parent, 0o755, created)
-        _make_directories(path, mode, created)
+        # Once, not again through this function: a parent that is there
+        # and still answers ENOENT (procfs, /proc/x) would recurse for ever.
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+        else:
+            created.insert(0, path)
     except OSError:
         # There already (EEXIST, or, in a directory this user may not
         # write, EACCES): as Path.mkdir's exist_ok takes it.

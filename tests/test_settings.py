@@ -190,6 +190,16 @@ class LoadTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE((self.cwd / "a").stat().st_mode), 0o755)
         self.assertEqual(stat.S_IMODE(settings.state_dir.stat().st_mode), 0o700)
 
+    def test_state_dir_under_procfs(self) -> None:
+        """
+        A STATE_DIR whose parent is there and still answers ENOENT (procfs)
+        is refused in one line, where making it recursed until Python's
+        RecursionError (review s29).
+        """
+        self.assertConfigError(
+            "STATE_DIR='/proc/x/state' cannot be used (No such file or directory)", STATE_DIR="/proc/x/state"
+        )
+
     def test_log_level(self) -> None:
         """
         LOG_LEVEL's case is ignored, and C{warning} (Python's and syslog's
