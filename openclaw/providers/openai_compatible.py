@@ -170,8 +170,8 @@ def first_call_only(choice: Any, first: int = 0) -> Any:
     keeps the first call listed, a streamed delta the pieces of the call
     of index C{first} (every piece has an index by then:
     L{OpenAIStream._indexed}; the stream passes the index of the choice's
-    first call, L{OpenAIStream._first_calls}), and a delta left with none
-    of them has no C{tool_calls}.  The choice itself when nothing is left
+    first call, L{OpenAIStream._first_calls}) renumbered 0, and a delta
+    left with none of them has no C{tool_calls}.  The choice itself when nothing is left
     out.
     """
     if not isinstance(choice, dict):
@@ -185,8 +185,14 @@ def first_call_only(choice: Any, first: int = 0) -> Any:
         if field == "message":
             kept = calls[:1]
         else:
-            kept = [call for call in calls if isinstance(call, dict) and call.get("index", 0) == first]
-        if len(kept) == len(calls):
+            # Its pieces numbered 0, as OpenAI numbers a lone call (the
+            # openai SDK's stream helper reads tool_calls[index]).
+            kept = [
+                call if call.get("index", 0) == 0 else {**call, "index": 0}
+                for call in calls
+                if isinstance(call, dict) and call.get("index", 0) == first
+            ]
+        if len(kept) == len(calls) and all(mine is theirs for mine, theirs in zip(kept, calls, strict=True)):
             continue
         assert isinstance(said, dict)
         said = {**said, "tool_calls": kept} if kept else {name: v for name, v in said.items() if name != "tool_calls"}
@@ -194,18 +200,18 @@ def first_call_only(choice: Any, first: int = 0) -> Any:
     return kept_choice
 
 
-def legacy_choice(choice: Any, first_index: int = 0) -> Any:
+def legacy_choice(choice: Any) -> Any:
     """
     A choice (C{message} or streamed C{delta}) in the shape OpenAI answers
     a request that declared the legacy C{functions}
     (U{https://platform.openai.com/docs/api-reference/chat/object}):
-    the first tool call (L{first_call_only}; in a stream, C{first_index}
-    is the index of the choice's first call) as C{function_call}
+    the first tool call (L{first_call_only}; a stream's pieces of it are
+    numbered 0 by then, L{OpenAIStream}) as C{function_call}
     (C{{name, arguments}}; a streamed delta's pieces of it as they come),
     later calls left out (that shape holds one), and finish reason
     C{function_call} for C{tool_calls}.
     """
-    choice = first_call_only(choice, first_index)
+    choice = first_call_only(choice)
     if not isinstance(choice, dict):
         return choice
     choice = dict(choice)
@@ -491,7 +497,8 @@ class OpenAIStream:
 
     def _encode(self, document: dict[str, Any]) -> bytes:
         if self.legacy_functions:
-            document = {**document, "choices": [legacy_choice(c, self._first_call(c)) for c in document["choices"]]}
+            # Its choices' calls are one each, numbered 0, by now (one_call).
+            document = {**document, "choices": [legacy_choice(c) for c in document["choices"]]}
         return orjson.dumps(document)
 
     def closing(self) -> list[bytes]:
