@@ -47,6 +47,7 @@ from openclaw.cluster.scrape import (
     encode_families,
     ensure_socket_directory,
     make_socket_directory,
+    remove_empty_directory,
     remove_socket_directory,
     socket_directory_problem,
 )
@@ -512,6 +513,27 @@ class SocketFileTests(SynchronousTestCase):
         with socket.socket(socket.AF_UNIX) as left:
             left.bind(str(sockets.path(1)))
         remove_socket_directory(sockets)
+        self.assertFalse(sockets.directory.exists())
+
+    def test_refused_directory_left_alone(self):
+        """
+        A directory at the run's name that the workers refuse to listen in
+        (here of another mode: put there once a cleaner removed the run's)
+        is not the run's: its sockets and itself are left at stop
+        (re-attack s29: they were removed).
+        """
+        sockets = make_socket_directory(2)
+        self.addCleanup(shutil.rmtree, sockets.directory, True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+            left.bind(str(sockets.path(0)))
+        sockets.directory.chmod(0o755)
+        remove_socket_directory(sockets)
+        self.assertTrue(stat.S_ISSOCK(os.lstat(sockets.path(0)).st_mode))
+        os.unlink(sockets.path(0))
+        remove_empty_directory(sockets)
+        self.assertTrue(sockets.directory.is_dir())
+        sockets.directory.chmod(0o700)
+        remove_empty_directory(sockets)
         self.assertFalse(sockets.directory.exists())
 
 

@@ -181,8 +181,13 @@ def remove_socket_directory(sockets: WorkerSockets) -> None:
     """
     Remove the run's socket directory once its workers have stopped: the
     sockets a worker killed left behind (one that stops removes its own),
-    then the directory, unless something else is in it.
+    then the directory, unless something else is in it.  Not a directory
+    it would refuse to listen in (L{socket_directory_problem}: another
+    owner's, or a link, put at its name once a cleaner removed it): that
+    is not the run's, and nothing in it is removed.
     """
+    if socket_directory_problem(sockets.directory) is not None:
+        return
     for index in range(sockets.count):
         path = sockets.path(index)
         with contextlib.suppress(OSError):
@@ -197,8 +202,11 @@ def remove_empty_directory(sockets: WorkerSockets) -> None:
     Remove the run's socket directory if it is empty: by a worker stopping
     after its parent, which would have removed it, was killed; the last
     worker to stop removes it (the others find their siblings' sockets
-    in it still).
+    in it still).  Not a directory it would refuse to listen in
+    (L{remove_socket_directory}).
     """
+    if socket_directory_problem(sockets.directory) is not None:
+        return
     with contextlib.suppress(OSError):
         sockets.directory.rmdir()
 
