@@ -36,6 +36,8 @@ from twisted.internet.ssl import Certificate, CertificateOptions, trustRootFromC
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.consumers.model import NewKey
+from openclaw.consumers.store import ConsumerStore
 from openclaw.providers import GeminiAdapter, KimiAdapter
 from openclaw.service import GatewayService
 from openclaw.settings import ProviderSettings, Settings, provider_table
@@ -59,6 +61,22 @@ class WaitedTooLong(AssertionError):
     """
     A test waited longer than its bound for an event (L{within}).
     """
+
+
+@inlineCallbacks
+def sqlite_store_with(testcase: Any, consumer: Any) -> Any:
+    """
+    A consumers' store on a new SQLite file (migrated, closed at the
+    test's end) holding C{consumer} with a new key: fires with the store.
+    """
+    directory = Path(testcase.mktemp())
+    directory.mkdir(parents=True)
+    store = ConsumerStore.open(None, directory, reactor)
+    testcase.addCleanup(store.close)
+    yield store.migrate()
+    key = NewKey.make()
+    yield store.create(consumer, key.hash, key.prefix)
+    return store
 
 
 def within(waiting: Deferred[Any], seconds: float, what: str) -> Deferred[Any]:

@@ -108,6 +108,19 @@ class CarriedReservationsTests(TestCase):
         return decided.addCallback(lambda refusal: (refusal, holder))
 
     @inlineCallbacks
+    def held_elsewhere(self, instance: Instance) -> Any:
+        """
+        Check that C{instance} sees 0.9 USD of C{team}'s budget of 1 USD
+        held: it admits one call reserving 0.2 USD and refuses the next
+        (C{budget_reserved}).
+        """
+        first, _ = yield self.admit(instance, usd=0.2)
+        self.assertIsNone(first)
+        second, _ = yield self.admit(instance, usd=0.2)
+        assert isinstance(second, APIError)
+        self.assertEqual(second.type, "budget_reserved")
+
+    @inlineCallbacks
     def settled(self, instance: Instance) -> Any:
         """
         Fire once the scripts C{instance} sent so far are answered (one
@@ -167,11 +180,7 @@ class CarriedReservationsTests(TestCase):
         a.shared.up(True)
         yield wait_for(lambda: held(redis.port, RESERVED), 5)
         self.assertAlmostEqual(held(redis.port, RESERVED)[running.reserved_at], 0.9)
-        first, _ = yield self.admit(b, usd=0.2)
-        self.assertIsNone(first)
-        second, _ = yield self.admit(b, usd=0.2)
-        assert isinstance(second, APIError)
-        self.assertEqual(second.type, "budget_reserved")
+        yield self.held_elsewhere(b)
 
     @inlineCallbacks
     def test_call_ending_while_carried(self) -> Any:
@@ -282,11 +291,7 @@ class CarriedReservationsTests(TestCase):
         team = b.table.consumers["team"]
         yield b.counters.read_spends([team], b.table.clock())
         self.assertAlmostEqual(b.counters.held("team", b.table.clock())[0], 0.9)
-        first, _ = yield self.admit(b, usd=0.2)
-        self.assertIsNone(first)
-        second, _ = yield self.admit(b, usd=0.2)
-        assert isinstance(second, APIError)
-        self.assertEqual(second.type, "budget_reserved")
+        yield self.held_elsewhere(b)
 
     @inlineCallbacks
     def test_refused_and_lapsed_not_carried(self) -> Any:

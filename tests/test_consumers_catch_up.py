@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import txredisapi
@@ -19,12 +18,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.model import Consumer
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
-from openclaw.consumers.store import ConsumerStore, Snapshot
+from openclaw.consumers.store import Snapshot
 from openclaw.consumers.table import ConsumerTable, Holder
 from tests.redis_server import RedisServer
+from tests.support import sqlite_store_with
 from tests.test_consumers_cluster import RedisScripts, redis_command, redis_get, sleep
 from tests.test_consumers_outage import wait_for
 
@@ -48,13 +48,7 @@ class CatchUpTests(TestCase):
         connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False)
         self.addCleanup(connection.disconnect)
         scripts = RedisScripts(connection)
-        directory = Path(self.mktemp())
-        directory.mkdir(parents=True)
-        store = ConsumerStore.open(None, directory, reactor)
-        self.addCleanup(store.close)
-        yield store.migrate()
-        key = NewKey.make()
-        yield store.create(Consumer("c", budget_usd=1.0, created_at=CREATED), key.hash, key.prefix)
+        store = yield sqlite_store_with(self, Consumer("c", budget_usd=1.0, created_at=CREATED))
         counters = SharedCounters(scripts, reactor, 5.0)
         table = ConsumerTable(store, PriceTable.with_overrides({}), counters=counters)
         shared = SharedConsumers(table, counters, scripts, "a")

@@ -11,7 +11,6 @@ a real C{redis-server} for the cluster's.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import txredisapi
@@ -22,14 +21,14 @@ from twisted.trial.unittest import TestCase
 
 from openclaw import ctl
 from openclaw.consumers.commands import ConsumerCommands
-from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.model import Consumer
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedCounters
-from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.errors import APIError
 from tests.redis_server import RedisServer
+from tests.support import sqlite_store_with
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import RedisScripts, redis_command, redis_keys
 
@@ -127,14 +126,8 @@ class ReleaseInAClusterTests(TestCase):
         redis.start()
         self.addCleanup(redis.cleanup)
         redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
-        directory = Path(self.mktemp())
-        directory.mkdir(parents=True)
-        store = ConsumerStore.open(None, directory, reactor)
-        self.addCleanup(store.close)
-        yield store.migrate()
-        key = NewKey.make()
-        yield store.create(
-            Consumer("team", created_at=CREATED, budget_usd=1.0, budget_period="total", tpm=1000), key.hash, key.prefix
+        store = yield sqlite_store_with(
+            self, Consumer("team", created_at=CREATED, budget_usd=1.0, budget_period="total", tpm=1000)
         )
         counters = []
         for _ in range(2):

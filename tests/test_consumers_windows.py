@@ -12,7 +12,6 @@ L{tests.test_consumers_cluster}.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import txredisapi
@@ -22,13 +21,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.model import Consumer
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import MERGE, SEED, SharedConsumers, SharedCounters, WindowLog
-from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.errors import APIError
 from tests.redis_server import RedisServer
+from tests.support import sqlite_store_with
 from tests.test_consumers_cluster import RedisScripts, redis_command, redis_get
 from tests.test_consumers_outage import wait_for
 
@@ -78,13 +77,7 @@ class MergedWindowsTests(TestCase):
         redis = RedisServer()
         redis.start()
         self.addCleanup(redis.cleanup)
-        directory = Path(self.mktemp())
-        directory.mkdir(parents=True)
-        store = ConsumerStore.open(None, directory, reactor)
-        self.addCleanup(store.close)
-        yield store.migrate()
-        key = NewKey.make()
-        yield store.create(Consumer("team", created_at=CREATED, **limits), key.hash, key.prefix)
+        store = yield sqlite_store_with(self, Consumer("team", created_at=CREATED, **limits))
         instances = []
         for n in range(count):
             connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False, convertNumbers=False)
