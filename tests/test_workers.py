@@ -24,7 +24,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw import tap
-from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, read_settings, reserve, settings_bytes
+from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, Reservation, read_settings, reserve, settings_bytes
 from openclaw.consumers.prices import Price
 from openclaw.listeners import CannotListen, Listener
 from openclaw.settings import ConfigError, Settings, load_settings
@@ -50,10 +50,10 @@ class ReserveTests(SynchronousTestCase):
         self.port = free_port()
         self.listener = Listener(f"127.0.0.1:{self.port}", "WS_CONTROL_PORT", "--port", "from the command line")
 
-    def reserve(self) -> socket.socket:
-        sock = reserve(self.listener, "127.0.0.1", self.port)
-        self.addCleanup(sock.close)
-        return sock
+    def reserve(self) -> Reservation:
+        reservation = reserve(self.listener, "127.0.0.1", self.port)
+        self.addCleanup(reservation.close)
+        return reservation
 
     def held(self, sock: socket.socket) -> socket.socket:
         self.addCleanup(sock.close)
@@ -80,6 +80,36 @@ class ReserveTests(SynchronousTestCase):
         self.held(worker_socket(self.port))
         self.held(worker_socket(self.port))
         self.assertRefused()
+
+    def test_refused_beside_another_gateway_starting(self) -> None:
+        """
+        A second C{--workers} gateway on the ports of one none of whose
+        workers listens yet (both started within a second, or all of the
+        first one's workers being started again): refused by the first
+        one's lock, where nothing listens for the plain socket to see.
+        Once the first one has ended, the ports are free again.
+        """
+        first = reserve(self.listener, "127.0.0.1", self.port)
+        with self.assertRaises(CannotListen) as raised:
+            self.reserve()
+        self.assertEqual(
+            str(raised.exception),
+            f"openclaw: cannot listen on 127.0.0.1:{self.port} (WS_CONTROL_PORT, from the command line): another "
+            f"--workers gateway is starting on 127.0.0.1:{self.port}; stop it, or choose another port with --port",
+        )
+        first.close()
+        self.reserve()
+
+    def test_lock_names_the_address(self) -> None:
+        """
+        The lock is the address's: a gateway on another port, or the same
+        port at another address, is not refused by it.
+        """
+        self.reserve()
+        other = Listener(f"127.0.0.2:{self.port}", "WS_CONTROL_PORT", "--port", "from the command line")
+        reserve(other, "127.0.0.2", self.port).close()
+        port = free_port()
+        reserve(Listener(f"127.0.0.1:{port}", "API_PORT", "--api-port", "default"), "127.0.0.1", port).close()
 
     def test_refused_beside_a_single_gateway(self) -> None:
         """
@@ -143,8 +173,7 @@ class ReserveTests(SynchronousTestCase):
                         break
                 self.assertLess(time.monotonic(), deadline, "no TIME_WAIT seen on the port")
                 time.sleep(0.01)
-            sock = reserve(self.listener, "127.0.0.1", self.port)
-            sock.close()
+            reserve(self.listener, "127.0.0.1", self.port).close()
 
 
 class SettingsPipeTests(SynchronousTestCase):

@@ -224,7 +224,29 @@ def read_settings(fd: int = SETTINGS_FD) -> Settings:
     return settings
 
 
-def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
+@attrs.frozen
+class Reservation:
+    """
+    A port held for C{--workers}'s workers (L{reserve}) while the gateway
+    runs: closed once they have all stopped.
+
+    @ivar sock: the TCP socket bound to the port with C{SO_REUSEADDR} and
+        C{SO_REUSEPORT}, never listening.
+    @ivar lock: the UNIX socket bound to the address's name in Linux's
+        abstract namespace (unix(7)), which no other C{--workers} gateway
+        can bind while this one holds it; L{None} elsewhere.
+    """
+
+    sock: socket.socket
+    lock: socket.socket | None
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.lock is not None:
+            self.lock.close()
+
+
+def reserve(listener: Listener, interface: str, port: int) -> Reservation:
     """
     Hold C{interface}:C{port} for the workers: a TCP socket bound with
     C{SO_REUSEADDR} and C{SO_REUSEPORT} that never listens (so the kernel
@@ -244,14 +266,18 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
     (L{ReusePortEndpoint}): this reservation, not listening, is no
     obstacle to it.
 
-    Not seen: another C{--workers} gateway none of whose workers listens
-    yet, or at that moment (its reservation, bound but not listening, is
-    not in the way of the plain socket): two gateways started within the
-    second or so their workers take to listen, or one started while all of
-    another's workers are being started again, may still share the port.
+    A C{--workers} gateway none of whose workers listens yet, or at that
+    moment (at its start, or while all its workers are started again),
+    is seen by its lock: on Linux the reservation also binds a UNIX socket
+    to a name made of the address (C{"\\0openclaw --workers 127.0.0.1
+    8080"}) in the abstract namespace, which, as a port, only one socket
+    can hold (unix(7)) and the kernel frees when the gateway ends, however
+    it ends.  Not seen: a gateway on the same port at another address
+    (C{0.0.0.0} beside C{127.0.0.1}) until its workers listen.
 
-    @raise CannotListen: a socket listens there already (the line says to
-        stop that gateway or choose another port), or it cannot be bound.
+    @raise CannotListen: a socket listens there already, or another
+        C{--workers} gateway holds it (the line says to stop that gateway
+        or choose another port), or it cannot be bound.
     """
     family = address_family(interface)
     address = bind_address(interface, port)
@@ -267,6 +293,7 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
                 f"{listener.option}"
             ) from None
         raise CannotListen(listener.failure_line(e)) from None
+    lock = _lock(listener, address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -274,10 +301,36 @@ def reserve(listener: Listener, interface: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
+        if lock is not None:
+            lock.close()
         raise CannotListen(
             f"openclaw: cannot listen on {listener.where} ({listener.setting}, {listener.option}): {e.strerror}"
         ) from None
-    return sock
+    return Reservation(sock, lock)
+
+
+def _lock(listener: Listener, address: tuple[Any, ...]) -> socket.socket | None:
+    """
+    The lock of L{reserve} on C{address} (L{bind_address}'s tuple): a UNIX
+    socket bound to its name in Linux's abstract namespace; L{None} on
+    other systems.
+
+    @raise CannotListen: another C{--workers} gateway holds it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind("\0openclaw --workers " + " ".join(str(part) for part in address))
+    except OSError as e:
+        lock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"openclaw: cannot listen on {listener.where} ({listener.named}): another --workers gateway is "
+                f"starting on {listener.where}; stop it, or choose another port with {listener.option}"
+            ) from None
+        raise CannotListen(listener.failure_line(e)) from None
+    return lock
 
 
 @implementer(IStreamServerEndpoint)
@@ -333,7 +386,7 @@ class _Worker(ProcessProtocol):
 class WorkerSupervisor(Service):
     """
     Runs C{count} worker processes on the ports C{sockets} reserve (name ->
-    socket, closed once the workers have stopped).
+    L{Reservation}, closed once the workers have stopped).
 
     @param argv: a worker's command line without C{--worker N}.
     @param settings: the settings every worker runs with, this process's
@@ -356,7 +409,7 @@ class WorkerSupervisor(Service):
         self,
         reactor: ISupervisorReactor,
         count: int,
-        sockets: dict[str, socket.socket],
+        sockets: Mapping[str, Reservation],
         argv: Sequence[str],
         settings: Settings,
         stop_timeout: float,
