@@ -16,13 +16,34 @@ from twisted.internet.abstract import isIPv6Address
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def host_of(address: object) -> str:
+def peer_host(address: object) -> str | None:
     """
-    The host of a peer's address, for a log line: an L{IPv4Address} or
-    L{IPv6Address}'s C{host}; C{-} for one without a host (a UNIX socket).
+    The host of a Twisted address (a transport's C{getPeer()} or
+    C{getHost()}, a request's C{getClientAddress()}): an L{IPv4Address} or
+    L{IPv6Address}'s C{host}, an IP address as text (C{"192.0.2.7"},
+    C{"2001:db8::1"}); L{None} for an address without one (a
+    L{UNIXAddress}, or no address).
     """
     host = getattr(address, "host", None)
-    return host if isinstance(host, str) and host else "-"
+    return host if isinstance(host, str) else None
+
+
+def host_of(address: object) -> str:
+    """
+    The host of a peer's address, for a log line: L{peer_host}; C{-} for
+    one without a host (a UNIX socket).
+    """
+    return peer_host(address) or "-"
+
+
+def host_port(host: str, port: int) -> str:
+    """
+    A host and port as messages, logs and URLs show them (RFC 3986
+    section 3.2.2): C{"[::]:18790"}, C{"[2001:db8::1]:51234"} for an IPv6
+    address (L{isIPv6Address}, a zone C{%eth0} too), C{"127.0.0.1:18790"},
+    C{"gateway.example:443"} otherwise.
+    """
+    return f"[{host}]:{port}" if isIPv6Address(host) else f"{host}:{port}"
 
 
 def without_port(authority: str) -> str:
@@ -185,6 +206,8 @@ __all__ = [
     "client_key",
     "counted_key",
     "host_of",
+    "host_port",
     "normalise",
+    "peer_host",
     "without_port",
 ]

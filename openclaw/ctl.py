@@ -52,6 +52,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from openclaw.addresses import host_port
 from openclaw.consumers.model import MAX_BUDGET_USD, MAX_PER_MINUTE, MIN_BUDGET_USD, plain_decimal, usd
 from openclaw.control.closecodes import (
     GOING_AWAY,
@@ -1431,8 +1432,7 @@ def _url_with_host(url: str, host: str) -> str:
     path kept.
     """
     secure, _, port, resource = parse_url(url)[:4]
-    shown = f"[{host}]" if ":" in host else host
-    return f"{'wss' if secure else 'ws'}://{shown}:{port}{resource if resource != '/' else ''}"
+    return f"{'wss' if secure else 'ws'}://{host_port(host, port)}{resource if resource != '/' else ''}"
 
 
 def _host_mismatch(certificates: Sequence[x509.Certificate], request: Request) -> str:

@@ -114,13 +114,6 @@ class Listener:
         return f"openclaw: cannot listen on {self.where} ({self.named}): {reason} choose another {target} with {self.option}"
 
 
-def host_port(interface: str, port: int) -> str:
-    """
-    An address as shown in messages: C{[::]:18790}, C{127.0.0.1:18790}.
-    """
-    return f"[{interface}]:{port}" if address_family(interface) == socket.AF_INET6 else f"{interface}:{port}"
-
-
 def check_free(listener: Listener, interface: str, port: int) -> None:
     """
     Try to bind C{interface}:C{port} as the gateway's TCP listener will

@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from openclaw.addresses import IPAddress, normalise, without_port
+from openclaw.addresses import IPAddress, normalise, peer_host, without_port
 from openclaw.consumers.estimate import count_or_zero
 from openclaw.control.admission import PeerAllowlist
 from openclaw.logs import METRICS_NAMESPACE
@@ -614,7 +614,7 @@ class MetricsResource(Resource):
         return answer if isinstance(answer, int) else head_or_body(request, answer)
 
     def render_GET(self, request: Request) -> bytes | int:
-        host = getattr(request.getClientAddress(), "host", None)
+        host = peer_host(request.getClientAddress())
         if host is not None and not self._allowlist.allows(host):
             return self._refuse(request, b"metrics are only served to TRUSTED_CLIENT_IPS\n")
         if request.getHeader(b"origin") is not None:
@@ -673,8 +673,8 @@ class MetricsResource(Resource):
             return False
         if address.is_loopback:
             return True
-        own = getattr(request.getHost(), "host", None)
-        return isinstance(own, str) and _same_address(own, address)
+        own = peer_host(request.getHost())
+        return own is not None and _same_address(own, address)
 
     @staticmethod
     def _refuse(request: Request, text: bytes) -> bytes:

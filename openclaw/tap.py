@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
+from openclaw.addresses import host_port
 from openclaw.cluster.scrape import (
     WorkerSockets,
     make_socket_directory,
@@ -45,7 +46,6 @@ from openclaw.listeners import (
     Listener,
     NamedEndpoint,
     check_free,
-    host_port,
     tcp_address,
     tls_file_problem,
     unix_socket_problem,

@@ -14,7 +14,17 @@ from pathlib import Path
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SkipTest, TestCase
 
-from openclaw.addresses import AddressSlots, address_family, bind_address, client_key, counted_key, without_port
+from openclaw.addresses import (
+    AddressSlots,
+    address_family,
+    bind_address,
+    client_key,
+    counted_key,
+    host_of,
+    host_port,
+    peer_host,
+    without_port,
+)
 from openclaw.dataplane.site import client_address
 from openclaw.listeners import Listener, check_free
 
@@ -31,6 +41,36 @@ class CountedKeyTests(TestCase):
         self.assertIsNone(counted_key(None))
         self.assertEqual(client_address(IPv6Address("TCP", "2001:db8::2", 1)), "2001:db8::/64")
         self.assertIsNone(client_address(UNIXAddress("/run/x.sock")))
+
+
+class PeerHostTests(TestCase):
+    """
+    One reading of a Twisted address's host (L{peer_host}, L{host_of}) and
+    one label of a host and port (L{host_port}) for every listener, log
+    line and message.
+    """
+
+    def test_peer_host(self) -> None:
+        """
+        An IP address's host as it is; L{None} for a UNIX socket or no
+        address; C{-} in a log line (L{host_of}).
+        """
+        self.assertEqual(peer_host(IPv4Address("TCP", "192.0.2.7", 1)), "192.0.2.7")
+        self.assertEqual(peer_host(IPv6Address("TCP", "2001:db8::1", 1)), "2001:db8::1")
+        self.assertIsNone(peer_host(UNIXAddress("/run/x.sock")))
+        self.assertIsNone(peer_host(None))
+        self.assertEqual(host_of(IPv6Address("TCP", "2001:db8::1", 1)), "2001:db8::1")
+        self.assertEqual(host_of(UNIXAddress("/run/x.sock")), "-")
+
+    def test_host_port(self) -> None:
+        """
+        An IPv6 address (with a zone too) in brackets, anything else as it
+        is (RFC 3986 section 3.2.2).
+        """
+        self.assertEqual(host_port("127.0.0.1", 18790), "127.0.0.1:18790")
+        self.assertEqual(host_port("::", 18790), "[::]:18790")
+        self.assertEqual(host_port("fe80::1%eth0", 1), "[fe80::1%eth0]:1")
+        self.assertEqual(host_port("gateway.example", 443), "gateway.example:443")
 
 
 class AddressSlotsTests(TestCase):

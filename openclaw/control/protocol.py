@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from openclaw.addresses import counted_key
+from openclaw.addresses import counted_key, host_port
 from openclaw.connections import OpenConnections
 from openclaw.control.admission import (
     ClientAddressResolver,
@@ -102,8 +102,7 @@ def _describe(address: Any) -> tuple[str | None, str]:
     socket) and a short label for logs.
     """
     if isinstance(address, (IPv4Address, IPv6Address)):
-        label = f"[{address.host}]:{address.port}" if ":" in address.host else f"{address.host}:{address.port}"
-        return address.host, label
+        return address.host, host_port(address.host, address.port)
     if isinstance(address, UNIXAddress):
         return None, "unix"
     return None, str(address)

@@ -55,7 +55,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import alsoProvides, implementer
 
-from openclaw.addresses import AddressSlots, counted_key, host_of
+from openclaw.addresses import AddressSlots, counted_key, host_of, peer_host
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
@@ -102,8 +102,7 @@ def client_address(addr: IAddress | None) -> str | None:
     for a peer with no IP address (a UNIX socket), which no per-address
     cap applies to.
     """
-    host = getattr(addr, "host", None)
-    return counted_key(host if isinstance(host, str) else None)
+    return counted_key(peer_host(addr))
 
 
 def repeated_field(request: Request, name: bytes) -> bool:

@@ -66,6 +66,7 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from openclaw.addresses import host_port
 from openclaw.connections import OpenConnections
 from openclaw.reactors import IStandInReactor, IUpstreamReactor
 from openclaw.settings import ProviderSettings, builtin_providers, provider_table
@@ -1903,9 +1904,7 @@ class StandInUpstream:
         host = self._address().host
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}/{self.mounted[provider_id].path}"
+        return f"http://{host_port(host, self.port)}/{self.mounted[provider_id].path}"
 
     def provider_settings(
         self, adapters: Iterable[type[ProviderAdapter]] | None = None
