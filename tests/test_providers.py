@@ -284,6 +284,9 @@ class FailureTests(ProviderTestCase):
         tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
         text = describe_failure(Failure(ResponseNeverReceived([tls])), "api.example", 443, "GEMINI_BASE_URL")
         self.assertEqual(text, "TLS handshake with api.example:443 failed (certificate verify failed)")
+        # An IPv6 base URL's host in brackets, as in the URL: "::1:8000" read as an address.
+        refused = describe_failure(Failure(neterror.ConnectionRefusedError()), "::1", 8000, "KIMI_BASE_URL")
+        self.assertEqual(refused, "connection refused by [::1]:8000; is KIMI_BASE_URL right and the service up?")
 
     def test_scrub(self) -> None:
         """

@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
+from openclaw.addresses import host_port
 from openclaw.consumers.prices import Price
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.embeddings import EmbeddingsWire
@@ -811,7 +812,9 @@ class ProviderAdapter(abc.ABC):
     def _timed_out(self, exchange: Exchange, timeout: float) -> Failure:
         host, port = self._address()
         return Failure(
-            ProbeTimedOut(f"timed out after {timeout:g} s waiting for {exchange.waiting_for} from {host}:{port}")
+            ProbeTimedOut(
+                f"timed out after {timeout:g} s waiting for {exchange.waiting_for} from {host_port(host, port)}"
+            )
         )
 
     def _probe_succeeded(self, models: list[str], exchange: Exchange) -> ProbeResult:

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import RESPONSES, stringToDatetime
 
+from openclaw.addresses import host_port
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.tls import describe_tls_error, is_tls_error
 
@@ -152,12 +153,13 @@ def http_hint(status: int, key_refused: bool, key_variable: str, base_url_variab
 
 def describe_failure(reason: Failure, host: str, port: int, base_url_variable: str) -> str:
     """
-    One line saying why an exchange with C{host:port} failed.
+    One line saying why an exchange with C{host:port} failed
+    (L{host_port}: an IPv6 address in brackets).
 
     Twisted's web client wraps transport errors (L{ResponseNeverReceived},
     L{ResponseFailed}); the first wrapped reason is the telling one.
     """
-    where = f"{host}:{port}"
+    where = host_port(host, port)
     value = reason.value
     if isinstance(value, (ResponseNeverReceived, ResponseFailed)) and value.reasons:
         inner = value.reasons[0]
