@@ -149,12 +149,12 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertTrue(warning.endswith("...(cut)"), warning)
         [audit] = [e for e in self.events if e.get("cmd") == "switch_provider"]
         self.assertEqual((audit["outcome"], audit["answer"]), ("ok", "cut"))
-        error = plane._fitted(json.dumps({"ok": False, "cmd": "key_revoke", "error": "x" * 5000}).encode())
+        error = plane._error("key_revoke", "x" * 5000)
         self.assertLessEqual(len(error), 300)
         self.assertIn("cut to fit MAX_MESSAGE_BYTES", json.loads(error)["error"])
         # Cut in bytes, not characters: a CJK model name of 256 characters.
-        long_ok = {"ok": True, "cmd": "switch_provider", "result": {"model": "模" * 256, "warning": "w" * 2000}}
-        fitted = plane._fitted(json.dumps(long_ok).encode())
+        long_ok = {"model": "模" * 256, "warning": "w" * 2000}
+        fitted = plane._cut(long_ok, "switch_provider", 5000)
         self.assertLessEqual(len(fitted), 300)
         self.assertIn("warning", json.loads(fitted)["result"])
         # A refusal quoting what was sent, before any command ran.
@@ -162,6 +162,33 @@ class ControlPlaneTests(SynchronousTestCase):
         assert isinstance(refused, bytes)
         self.assertLessEqual(len(refused), 300)
         self.assertFalse(json.loads(refused)["ok"])
+
+    def test_cut_answer_keeps_its_key_whatever_else_goes(self) -> None:
+        """
+        A state-changing command's answer whose texts do not fit even cut
+        keeps its new key or token whole, with the warning that nothing
+        else fits; an error cut to fit says so.
+        """
+        plane = ControlPlane(
+            self.sessions, self.commands, Logger(observer=self.events.append), debug=True, max_answer_bytes=300
+        )
+        result = {"key": "k" * 120, **{f"field{i}": "x" * 200 for i in range(8)}, "limits": {"rpm": 1}}
+        encoded = plane._cut(result, "key_create", 5000)
+        self.assertLessEqual(len(encoded), 300)
+        self.assertEqual(
+            json.loads(encoded),
+            {
+                "ok": True,
+                "cmd": "key_create",
+                "result": {
+                    "key": "k" * 120,
+                    "warning": "the answer is longer than MAX_MESSAGE_BYTES allows, even cut; raise MAX_MESSAGE_BYTES",
+                },
+            },
+        )
+        error = json.loads(plane._error("c" * 81, "x" * 5000))
+        self.assertIsNone(error["cmd"])
+        self.assertEqual(error["error"], "x" * 150 + "...(cut) (cut to fit MAX_MESSAGE_BYTES)")
 
     def test_ping(self) -> None:
         self.assertEqual(

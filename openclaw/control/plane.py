@@ -94,7 +94,7 @@ _ASK_FOR_LESS = MappingProxyType(
 
 
 #: Fields of a cut answer that are never cut themselves: a new key or
-#: token must reach the client whole (L{ControlPlane._fitted}).
+#: token must reach the client whole (L{ControlPlane._cut}).
 _SHORT = frozenset({"key", "token"})
 
 #: The answer when nothing of it fits MAX_MESSAGE_BYTES.
@@ -112,10 +112,6 @@ def _cut_text(text: str, room: int) -> str:
     return data[:room].decode(errors="ignore") + "...(cut)"
 
 
-def _error(cmd: object, message: str) -> bytes:
-    return _encode({"ok": False, "cmd": cmd if isinstance(cmd, str) else None, "error": message})
-
-
 class ControlPlane:
     """
     The path of one control message: parse, authenticate, dispatch, answer,
@@ -131,7 +127,8 @@ class ControlPlane:
     @param max_answer_bytes: the longest answer a WebSocket message may
         carry (C{MAX_MESSAGE_BYTES}: Autobahn refuses to send a longer
         one); a longer answer is an error saying how to ask for less, or,
-        for a change already made, cut (L{_cut}, L{_fitted}): never dropped.
+        for a change already made, cut (L{_cut}); a longer error is cut
+        (L{_error}): never dropped.
     @param fence: in a cluster, what a state-changing command the store
         does not write itself (L{FENCED}) waits on first: the store's word
         that this instance holds the cluster's session token
@@ -286,7 +283,7 @@ class ControlPlane:
         self._metrics.command(cmd if isinstance(cmd, str) and cmd in self._table else INVALID, "error")
         # Echoed back for the client to match the answer with, unless it
         # is longer than any command (it may be megabytes long).
-        return self._fitted(_error(cmd if isinstance(cmd, str) and len(cmd) <= MAX_LOGGED_CMD_CHARS else None, message))
+        return self._error(cmd if isinstance(cmd, str) and len(cmd) <= MAX_LOGGED_CMD_CHARS else None, message)
 
     def _track(self, pending: Deferred[bytes]) -> Deferred[bytes]:
         if pending.called:
@@ -320,25 +317,35 @@ class ControlPlane:
             fields = result.fields
             result = result.result
         encoded = _encode({"ok": True, "cmd": cmd, "result": result})
-        limit = self._max_answer_bytes
-        if 0 < limit < len(encoded):
-            if cmd in STATE_CHANGING:
-                # Carried out already: never told as a failure.
-                return self._cut(result, cmd, len(encoded), fields)
-            less = _ASK_FOR_LESS.get(cmd)
-            message = f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({limit}) allows; " + (
-                f"ask for less ({less}), or raise MAX_MESSAGE_BYTES" if less else "raise MAX_MESSAGE_BYTES"
-            )
-            return _error(cmd, message), "error", {**(fields or {}), "error": message}
-        return encoded, "ok", fields
+        if not self._too_long(encoded):
+            return encoded, "ok", fields
+        if cmd in STATE_CHANGING:
+            # Carried out already: never told as a failure.
+            return self._cut(result, cmd, len(encoded)), "ok", {**(fields or {}), "answer": "cut"}
+        less = _ASK_FOR_LESS.get(cmd)
+        message = (
+            f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({self._max_answer_bytes}) allows; "
+            + (f"ask for less ({less}), or raise MAX_MESSAGE_BYTES" if less else "raise MAX_MESSAGE_BYTES")
+        )
+        return self._error(cmd, message), "error", {**(fields or {}), "error": message}
 
-    def _cut(self, result: Result, cmd: str, length: int, fields: Mapping[str, str] | None) -> _Answered:
+    def _too_long(self, encoded: bytes) -> bool:
+        """
+        Whether an encoded answer is longer than MAX_MESSAGE_BYTES (never,
+        without a limit).
+        """
+        return 0 < self._max_answer_bytes < len(encoded)
+
+    def _cut(self, result: Result, cmd: str, length: int) -> bytes:
         """
         The answer of a state-changing command, carried out, whose whole
-        answer (C{length} bytes) is longer than MAX_MESSAGE_BYTES: its
-        fields that are not objects or lists (a key, a token, a name; at
-        least 1024 bytes fit: L{openclaw.settings.MIN_MESSAGE_BYTES}), with
-        a warning naming those left out.
+        answer (C{length} bytes) is longer than MAX_MESSAGE_BYTES, cut to
+        fit it, in bytes: its fields that are not objects or lists (a key,
+        a token, a name; at least 1024 bytes fit:
+        L{openclaw.settings.MIN_MESSAGE_BYTES}), with a warning naming
+        those left out, first; should they not fit, their texts cut too (a
+        new key or token never); should even that not fit, only its key or
+        token and the warning L{_UNFIT}.  Never nothing.
         """
         kept = {name: value for name, value in result.items() if not isinstance(value, (dict, list))}
         left_out = ", ".join(sorted(result.keys() - kept.keys()))
@@ -347,9 +354,40 @@ class ControlPlane:
             f"the change was made; left out: {left_out or '-'} (consumer_list shows a consumer)"
         )
         earlier = kept.get("warning")
-        # First, so that it stays should the warning be cut (L{_fitted}).
+        # First, so that it stays should the warning be cut.
         kept["warning"] = said if not earlier else f"{said}; {earlier}"
-        return _encode({"ok": True, "cmd": cmd, "result": kept}), "ok", {**(fields or {}), "answer": "cut"}
+        encoded = _encode({"ok": True, "cmd": cmd, "result": kept})
+        if not self._too_long(encoded):
+            return encoded
+        room = max(self._max_answer_bytes // 4, 128)
+        cut = {
+            name: value if name in _SHORT or not isinstance(value, str) else _cut_text(value, room)
+            for name, value in kept.items()
+            # A tuple is a JSON array too.
+            if not isinstance(value, tuple)
+        }
+        encoded = _encode({"ok": True, "cmd": cmd, "result": cut})
+        if not self._too_long(encoded):
+            return encoded
+        short = {name: value for name, value in cut.items() if name in _SHORT}
+        return _encode({"ok": True, "cmd": cmd, "result": {**short, "warning": _UNFIT}})
+
+    def _error(self, cmd: str | None, message: str) -> bytes:
+        """
+        The encoded error answer C{{"ok": false, "cmd": cmd, "error":
+        message}}, cut to fit MAX_MESSAGE_BYTES, in bytes: then C{cmd} is
+        L{None} if longer than L{MAX_LOGGED_CMD_CHARS} bytes, and the
+        message cut to half the limit, saying so; should even that not fit,
+        the message is L{_UNFIT}.  Never nothing.
+        """
+        encoded = _encode({"ok": False, "cmd": cmd, "error": message})
+        if not self._too_long(encoded):
+            return encoded
+        if cmd is not None and len(cmd.encode()) > MAX_LOGGED_CMD_CHARS:
+            cmd = None
+        cut = _cut_text(message, self._max_answer_bytes // 2) + " (cut to fit MAX_MESSAGE_BYTES)"
+        encoded = _encode({"ok": False, "cmd": cmd, "error": cut})
+        return encoded if not self._too_long(encoded) else _encode({"ok": False, "cmd": cmd, "error": _UNFIT})
 
     def _failed(self, failure: Failure, cmd: str) -> _Answered:
         """
@@ -362,7 +400,7 @@ class ControlPlane:
         else:
             self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
             message = "internal error; the gateway log has the details"
-        return _error(cmd, message), "error", {"error": without_keys(message)}
+        return self._error(cmd, message), "error", {"error": without_keys(message)}
 
     def _audit(
         self,
@@ -401,36 +439,4 @@ class ControlPlane:
                 jti=jti,
                 outcome=outcome,
             )
-        return self._fitted(encoded)
-
-    def _fitted(self, encoded: bytes) -> bytes:
-        """
-        C{encoded}, or, when it is longer than MAX_MESSAGE_BYTES (which
-        Autobahn will not send), the same answer with its long texts cut to
-        fit, in bytes: an error's message, a result's fields (L{_cut} has
-        kept only those that are not objects or lists; a new key or token
-        is never cut).  Should even that not fit, a result keeps only its
-        key or token and the warning L{_UNFIT}; an error becomes L{_UNFIT}.
-        Never nothing.
-        """
-        limit = self._max_answer_bytes
-        if not 0 < limit < len(encoded):
-            return encoded
-        answer = orjson.loads(encoded)
-        cmd = answer.get("cmd")
-        if not isinstance(cmd, str) or len(cmd.encode()) > MAX_LOGGED_CMD_CHARS:
-            cmd = None
-        if answer.get("ok"):
-            room = max(limit // 4, 128)
-            result = {
-                name: value if name in _SHORT or not isinstance(value, str) else _cut_text(value, room)
-                for name, value in answer["result"].items()
-                if not isinstance(value, (dict, list))
-            }
-            fitted = _encode({"ok": True, "cmd": cmd, "result": result})
-            if len(fitted) <= limit:
-                return fitted
-            kept = {name: value for name, value in result.items() if name in _SHORT}
-            return _encode({"ok": True, "cmd": cmd, "result": {**kept, "warning": _UNFIT}})
-        fitted = _error(cmd, _cut_text(str(answer.get("error")), limit // 2) + " (cut to fit MAX_MESSAGE_BYTES)")
-        return fitted if len(fitted) <= limit else _error(cmd, _UNFIT)
+        return encoded
