@@ -24,7 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.control.admission import HandshakeBudget
-from openclaw.control.protocol import HANDSHAKE_HEADROOM
+from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.logs import make_observer
 from tests.support import capture_log_events, connect, free_port, open_client, spawn_gateway, start_gateway
 from tests.wsfuzz import server_frames

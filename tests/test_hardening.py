@@ -300,7 +300,7 @@ class HandshakeFloodTests(TestCase):
         new TCP connections from it are dropped at once instead of waiting
         in their handshake.
         """
-        from openclaw.control.protocol import HANDSHAKE_HEADROOM
+        from openclaw.listeners import HANDSHAKE_HEADROOM
 
         # Half-open handshakes must outlive a slow machine's accepting them.
         gateway = start_gateway(self, max_connections=1, handshake_timeout_seconds=30)

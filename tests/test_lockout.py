@@ -20,7 +20,7 @@ from openclaw.control.admission import (
     client_key,
 )
 from openclaw.control.lockout import AuthLockout
-from openclaw.control.protocol import HANDSHAKE_HEADROOM
+from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.settings import ConfigError, load_settings
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -25,23 +24,20 @@ from zope.interface import implementer
 from openclaw.addresses import counted_key, host_port
 from openclaw.connections import OpenConnections
 from openclaw.control.admission import (
-    ClientAddressResolver,
+    TOO_MANY_REQUESTS,
+    Admission,
     HandshakeBudget,
-    PeerAllowlist,
+    LockedOut,
     client_key,
 )
 from openclaw.control.closecodes import (
     GOING_AWAY,
     POLICY_VIOLATION,
-    PROXY_CLIENT_UNREADABLE_REASON,
-    PROXY_NAMED_NO_CLIENT_REASON,
     UNSUPPORTED_DATA,
     UNTRUSTED_PEER_REASON,
 )
 from openclaw.control.lockout import AuthLockout, LockoutStore
 from openclaw.control.plane import Connection, ControlPlane, from_peer
-from openclaw.dataplane.errors import retry_after_seconds
-from openclaw.listeners import HANDSHAKE_HEADROOM
 from openclaw.logs import REFUSED_CONNECTION_FIELD
 from openclaw.metrics import ControlRefusal, GatewayMetrics
 from openclaw.settings import Settings
@@ -70,30 +66,13 @@ UNHEARD_CLOSE_SECONDS = 1.0
 #: L{ControlFactory.unauthenticated_bytes} before authenticating.
 UNAUTHENTICATED_BYTES_REASON = "sent too much before authenticating: authenticate with the first message"
 
-#: RFC 6585 section 4.
-TOO_MANY_REQUESTS = HTTPStatus.TOO_MANY_REQUESTS.value
-
 #: The C{Server} field of the control plane's HTTP answers.
 SERVER_NAME = "openclaw"
 
-_Refusal = TypeVar("_Refusal", ConnectionDeny, str, None)
+_Refusal = TypeVar("_Refusal", bound=ConnectionDeny | str | None)
 
 #: The reason of the 1008 closing a locked-out client's connections.
 LOCKED_OUT_REASON = "too many failed authentications from this address; try again later"
-
-
-class LockedOut(ConnectionDeny):
-    """
-    A handshake refused because its client is locked out: HTTP 429 with
-    C{Retry-After} (RFC 6585 section 4, RFC 9110 section 10.2.3).
-    """
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(
-            TOO_MANY_REQUESTS,
-            f"too many failed authentications from this address; retry in {retry_after} s",
-        )
-        self.retry_after = retry_after
 
 
 def _describe(address: Any) -> tuple[str | None, str]:
@@ -161,7 +140,7 @@ class ControlProtocol(WebSocketServerProtocol):
     #: once its handshake completes (L{ControlFactory.refusal}).
     refused_with: str | None = None
     #: The client key an accepted connection counts against among the
-    #: unauthenticated ones (L{ControlFactory.unauthenticated}), until it
+    #: unauthenticated ones (L{Admission.unauthenticated}), until it
     #: authenticates; L{None} when it does not count.
     pending: str | None = None
     #: AUTH_TIMEOUT_SECONDS, from the moment an accepted connection opens.
@@ -187,11 +166,12 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         factory = self.factory
+        admission = factory.admission
         host, peer = _describe(self.tcp.getPeer())
-        slot = factory.handshake_slot(host)
-        refused = factory.tcp_refusal(*slot)
+        slot = admission.handshake_slot(host)
+        refused = admission.tcp_refusal(*slot, held=len(factory.protocols))
         if refused is None:
-            refused = factory.budget.take(*slot)
+            refused = admission.budget.take(*slot)
         if refused is not None:
             factory.refuse(peer, refused, None)
             self.tcp.abortConnection()
@@ -209,11 +189,12 @@ class ControlProtocol(WebSocketServerProtocol):
         unauthenticated connections, if it still holds them, and stop its
         authentication deadline.
         """
+        admission = self.factory.admission
         if self.slot is not None:
-            self.factory.budget.release(*self.slot)
+            admission.budget.release(*self.slot)
             self.slot = None
         if self.pending is not None:
-            self.factory.unauthenticated.release(self.pending, False)
+            admission.release_unauthenticated(self.pending)
             self.pending = None
         deadline, self.auth_deadline = self.auth_deadline, None
         if deadline is not None and deadline.active():
@@ -359,7 +340,7 @@ class ControlProtocol(WebSocketServerProtocol):
         address = self.tcp.getPeer()
         host, peer = _describe(address)
         local = isinstance(address, UNIXAddress)
-        client = None if local or host is None else factory.resolver.resolve(host, headers)
+        client = factory.admission.client(host, headers, local)
         refusal = factory.refusal(host, peer, headers, local=local, client=client)
         if isinstance(refusal, LockedOut):
             self.retry_after = refusal.retry_after
@@ -369,22 +350,13 @@ class ControlProtocol(WebSocketServerProtocol):
             self.refused_with = refusal
         if refusal is None:
             key = counted_key(client)
-            if factory.unauthenticated.take(key, False) is not None:
-                logged, proxy = factory.logged_peer(host, peer, client)
-                raise factory.refuse(
-                    logged,
-                    "too_many_unauthenticated",
-                    ConnectionDeny(
-                        ConnectionDeny.SERVICE_UNAVAILABLE,
-                        "too many connections from this address have not authenticated; "
-                        "authenticate or close them first",
-                    ),
-                    proxy=proxy,
-                )
+            # The audit names the client a trusted proxy named, and the proxy.
+            logged, proxy = factory.admission.logged_peer(host, peer, client)
+            refused = factory.admission.take_unauthenticated(key)
+            if refused is not None:
+                raise factory.refuse(logged, refused.reason, cast(ConnectionDeny, refused.answer), proxy=proxy)
             self.pending = key
             self.client = client
-            # The audit names the client a trusted proxy named, and the proxy.
-            logged, proxy = factory.logged_peer(host, peer, client)
             self.connection = Connection(logged, proxy)
             factory.connections.add(self)
 
@@ -550,7 +522,8 @@ class ControlProtocol(WebSocketServerProtocol):
 
 class ControlFactory(WebSocketServerFactory):
     """
-    Builds L{ControlProtocol}s, decides who may connect, and knows the
+    Builds L{ControlProtocol}s, asks its L{Admission} who may connect
+    (counting, logging and answering each refusal), and knows the
     connections that are open.
     """
 
@@ -575,20 +548,11 @@ class ControlFactory(WebSocketServerFactory):
         super().__init__(**kwargs)
         self.controlplane = controlplane
         self.metrics = metrics
-        self.allowlist = PeerAllowlist(settings.trusted_clients)
-        self.proxies = PeerAllowlist(settings.trusted_proxies)
-        self.resolver = ClientAddressResolver(self.proxies)
-        self.allowed_origins = frozenset(settings.allowed_origins)
-        wanted = settings.max_connections + HANDSHAKE_HEADROOM
-        #: TCP connections held at most, of every kind: the listener's
-        #: share of the process's descriptors (C{capacity},
-        #: L{openclaw.listeners.share_descriptors}), at most
-        #: MAX_CONNECTIONS plus L{HANDSHAKE_HEADROOM}.
-        self.capacity = wanted if capacity is None else max(1, min(wanted, capacity))
-        self.max_connections = min(settings.max_connections, self.capacity)
-        #: The last slots of the capacity, kept for an allowlisted address
-        #: that holds no handshake or unauthenticated connection yet.
-        self.reserved = min(max(2, self.capacity // 16), self.capacity // 2)
+        #: Who may connect (L{Admission}): asked here, its refusals counted,
+        #: logged and answered here.
+        self.admission = Admission(
+            settings, lockout or AuthLockout.from_settings(settings, clock), clock, capacity=capacity
+        )
         #: AUTH_TIMEOUT_SECONDS.
         self.auth_timeout = settings.auth_timeout_seconds
         #: Seconds a peer has to answer our close frame before its
@@ -599,17 +563,6 @@ class ControlFactory(WebSocketServerFactory):
         #: many messages of MAX_MESSAGE_BYTES as MAX_AUTH_FAILURES lets fail,
         #: and one more, twice over for their frames' headers.
         self.unauthenticated_bytes = 2 * (settings.max_auth_failures + 1) * settings.max_message_bytes
-        #: The clock the lockout's times are on: a monotonic one
-        #: (L{openclaw.control.lockout.AuthLockout}), which a step of the
-        #: wall clock does not move.
-        self.clock = clock
-        self.lockout: LockoutStore = lockout or AuthLockout.from_settings(settings, clock)
-        #: TCP connections in their opening handshake, or open but not
-        #: authenticated, per address of the TCP peer.
-        self.budget = HandshakeBudget(self.capacity)
-        #: Accepted connections not authenticated yet, per client (as
-        #: resolved behind a proxy): a quarter of MAX_CONNECTIONS each.
-        self.unauthenticated = HandshakeBudget(self.max_connections)
         #: Accepted control connections (the ones status counts).
         self.connections: set[ControlProtocol] = set()
         #: Every live TCP connection, handshakes and refusals included.
@@ -646,35 +599,26 @@ class ControlFactory(WebSocketServerFactory):
             webStatus=False,
         )
 
-    def handshake_slot(self, host: str | None) -> tuple[str | None, bool]:
+    @property
+    def capacity(self) -> int:
         """
-        The budget a new TCP connection from C{host} counts against: its
-        address key (L{None} without an IP) and whether it is an outsider
-        (neither allowlisted nor a trusted proxy).
+        TCP connections held at most, of every kind (L{Admission.capacity}).
         """
-        if host is None:
-            return None, False
-        try:
-            key = client_key(host)
-        except ValueError:
-            return None, True
-        return key, not (self.allowlist.allows(host) or self.proxies.allows(host))
+        return self.admission.capacity
 
-    def tcp_refusal(self, key: str | None, outsider: bool) -> ControlRefusal | None:
+    @property
+    def budget(self) -> HandshakeBudget:
         """
-        Whether a new TCP connection (L{handshake_slot}) must be dropped
-        at once, before its handshake: the listener is at its capacity, or
-        in its reserve and this peer is an outsider or an address that
-        already holds a slot in L{budget}.
+        The handshake slots per address of the TCP peer (L{Admission.budget}).
+        """
+        return self.admission.budget
 
-        @return: the reason, for the log and metrics; or L{None}.
+    @property
+    def lockout(self) -> LockoutStore:
         """
-        held = len(self.protocols)
-        if held >= self.capacity:
-            return "too_many_handshakes"
-        if held >= self.capacity - self.reserved and (outsider or (key is not None and self.budget.held(key))):
-            return "reserved_for_operators"
-        return None
+        The lockout (L{Admission.lockout}).
+        """
+        return self.admission.lockout
 
     def refusal(
         self,
@@ -685,69 +629,27 @@ class ControlFactory(WebSocketServerFactory):
         client: str | None = None,
     ) -> ConnectionDeny | str | None:
         """
-        Whether a connection asking to open must be refused.
+        Whether a connection asking to open must be refused
+        (L{Admission.refusal}); a refusal is counted and logged (naming,
+        behind a trusted proxy, the client it named, and the proxy:
+        L{Admission.logged_peer}).
 
-        A peer on a UNIX socket (C{local}) has no address to check: the
-        socket file's permissions (C{unix:PATH:mode=600}) decide who can
-        connect, so C{TRUSTED_CLIENT_IPS} does not apply to it (forwarding
-        headers are ignored there too).  The token is required all the same.
-
+        @param host: the TCP peer's IP address (L{None} without one).
+        @param peer: the TCP peer as logged (C{address:port}).
         @param headers: the request's fields (L{ControlProtocol.admit}).
-        @param client: the client's address as L{ClientAddressResolver}
+        @param local: whether the peer is on a UNIX socket.
+        @param client: the client's address as L{Admission.client}
             resolved it (L{None}: none to believe).
         @return: L{None} to accept it; a L{ConnectionDeny} to refuse the
             handshake with an HTTP status; or the reason for accepting the
             handshake only to close it at once with 1008 (an untrusted peer,
             a trusted proxy that named no client), sent as the close reason.
         """
-        logged, proxy = self.logged_peer(host, peer, client)
-        if len(self.connections) >= self.max_connections:
-            return self.refuse(
-                logged,
-                "too_many_connections",
-                ConnectionDeny(ConnectionDeny.SERVICE_UNAVAILABLE, "too many control connections; try again later"),
-                proxy=proxy,
-            )
-        origin = headers.get("origin")
-        if origin is not None and origin.lower().rstrip("/") not in self.allowed_origins:
-            return self.refuse(
-                logged,
-                "origin_not_allowed",
-                ConnectionDeny(
-                    ConnectionDeny.FORBIDDEN,
-                    "cross-origin WebSocket refused: this Origin is not in ALLOWED_ORIGINS",
-                ),
-                origin=origin,
-                proxy=proxy,
-            )
-        if local:
+        refused = self.admission.refusal(host, headers, len(self.connections), local=local, client=client)
+        if refused is None:
             return None
-        if client is None and host is not None and self.resolver.is_proxy(host):
-            if "x-forwarded-for" in headers or "forwarded" in headers:
-                return self.refuse(logged, "proxy_client_unreadable", PROXY_CLIENT_UNREADABLE_REASON)
-            return self.refuse(logged, "proxy_named_no_client", PROXY_NAMED_NO_CLIENT_REASON)
-        if client is None or not self.allowlist.allows(client):
-            return self.refuse(logged, "untrusted_peer", UNTRUSTED_PEER_REASON, proxy=proxy, client=client)
-        until = self.lockout.locked_until(client)
-        if until is not None:
-            # Logged once, when the lockout began; counted every time.
-            retry_after = retry_after_seconds(until - self.clock())
-            return self.refuse(logged, "locked_out", LockedOut(retry_after), log=False)
-        return None
-
-    def logged_peer(self, host: str | None, peer: str, client: str | None) -> tuple[str, str | None]:
-        """
-        Who a refused connection's log line names: the client a trusted
-        proxy named (its address, as L{ClientAddressResolver} resolved it,
-        without a port), and the proxy (C{peer}, the TCP peer's
-        C{address:port}); else the TCP peer, and L{None}.
-
-        @param host: the TCP peer's IP address (L{None} without one).
-        @param client: the resolved client (L{None}: none to believe).
-        """
-        if client is not None and host is not None and self.resolver.is_proxy(host):
-            return client, peer
-        return peer, None
+        logged, proxy = self.admission.logged_peer(host, peer, client)
+        return self.refuse(logged, refused.reason, refused.answer, log=refused.log, proxy=proxy, **refused.fields)
 
     def auth_failed(self, protocol: ControlProtocol) -> None:
         """
@@ -771,7 +673,7 @@ class ControlFactory(WebSocketServerFactory):
         self.events.warn(
             "locked out {client} for {seconds:.1f} s: too many failed authentications (reason={reason})",
             client=key,
-            seconds=until - self.clock(),
+            seconds=until - self.admission.clock(),
             outcome="locked_out",
             reason="auth_lockout",
         )
@@ -782,11 +684,10 @@ class ControlFactory(WebSocketServerFactory):
         """
         Whether C{client} (an address) is locked out now.
         """
-        metrics = self.metrics
-        if self.lockout.locked_until(client) is None:
+        if not self.admission.locked_out(client):
             return False
-        if metrics is not None:
-            metrics.refused_connection("locked_out")
+        if self.metrics is not None:
+            self.metrics.refused_connection("locked_out")
         return True
 
     def close_locked_out(self, key: str) -> None:
