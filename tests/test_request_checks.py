@@ -418,9 +418,34 @@ class OpenAIFieldTypeTests(DataPlaneTestCase):
                 self.assertIn("from 0 to 2147483647 written in decimal digits", error["message"])
                 self.assertLess(len(error["message"]), 300)
         self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
-        bias = {"0": 1, "007": -1, "2147483647": 0.5}
+        bias = {"0": 1, "7": -1, "2147483647": 0.5}
         response, text = yield self.post(
             gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": bias}
         )
         self.assertEqual(response.code, 200, text)
         self.assertEqual(self.upstream.kimi.last_body["logit_bias"], bias)
+
+    @inlineCallbacks
+    def test_logit_bias_leading_zeros(self):
+        """
+        A C{logit_bias} key with leading zeros ("007") names the token "7"
+        names, so a map could hold both with two biases: a 400 naming
+        logit_bias, the key, and how to write it, on either provider,
+        before either sees the call (both were passed on: data s30).  "0"
+        itself is a token id.
+        """
+        gateway = self.gateway()
+        for key, written in (("007", "'7'"), ("00", "'0'"), ("0" * 12 + "1", "'1'")):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                body = {"model": model, "messages": HELLO, "logit_bias": {"7": -100, key: 0}}
+                response, text = yield self.post(gateway, body)
+                self.assertEqual(response.code, 400, (key, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], "logit_bias")
+                self.assertIn(f"the key {key!r} is a token id written with leading zeros", error["message"])
+                self.assertIn(f"write it as {written}", error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        response, text = yield self.post(
+            gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": {"0": 0, "10": 0}}
+        )
+        self.assertEqual(response.code, 200, text)

@@ -157,8 +157,14 @@ METADATA_VALUE_CHARS = 512
 #: to an associated bias value"; its example, C{{"50256": -100}}), from 0
 #: to L{MAX_TOKEN_ID}.  A tokenizer's ids index its vocabulary (OpenAI's
 #: o200k and Kimi's hold some 200,000 and 160,000 tokens): no sign, no
-#: other digits (C{str.isdigit} takes "²"), no spaces.
-TOKEN_ID = re.compile(r"[0-9]{1,10}", re.ASCII)
+#: other digits (C{str.isdigit} takes "²"), no spaces, and no leading
+#: zeros but the id 0's own: a map holding "7" and "007" would name one
+#: token twice, with two biases (JSON objects' names should be unique,
+#: RFC 8259 section 4, and the provider's choice of one is its own).
+TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}", re.ASCII)
+#: Digits alone, with leading zeros: a token id written so is told how to
+#: write it (L{TOKEN_ID}).
+ZERO_PADDED = re.compile(r"0[0-9]+", re.ASCII)
 #: The largest token id taken (a 32-bit integer's), far past any
 #: vocabulary.
 MAX_TOKEN_ID = 2**31 - 1
@@ -606,6 +612,10 @@ def _logit_bias(name: str, value: Any) -> None:
     a bias from -100 to 100 (its API reference,
     U{https://platform.openai.com/docs/api-reference/chat/create}).  A
     key quoted back is clipped and escaped (L{_clipped}, C{repr}).
+
+    @raise APIError: 400 naming C{logit_bias} for a value that is not an
+        object, a key that is not a token id in canonical decimal (C{"7"},
+        not C{"007"}, C{"+7"} or C{" 7"}), or a bias out of range.
     """
     if value is None:
         return
@@ -615,10 +625,16 @@ def _logit_bias(name: str, value: Any) -> None:
             param=name,
         )
     for token, bias in value.items():
+        if ZERO_PADDED.fullmatch(token):
+            raise bad_request(
+                f"logit_bias: the key {_clipped(token)!r} is a token id written with leading zeros, which the "
+                f"same id written without them would also name: write it as {_clipped(token.lstrip('0') or '0')!r}",
+                param=name,
+            )
         if not TOKEN_ID.fullmatch(token) or int(token) > MAX_TOKEN_ID:
             raise bad_request(
                 f"logit_bias: the key {_clipped(token)!r} is not a token id; its keys are token ids of the model's "
-                f'tokenizer, whole numbers from 0 to {MAX_TOKEN_ID} written in decimal digits, such as {{"50256": -100}}',
+                f'tokenizer, whole numbers from 0 to {MAX_TOKEN_ID} written in decimal digits (no sign, no leading zeros), such as {{"50256": -100}}',
                 param=name,
             )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
