@@ -16,7 +16,7 @@ import attrs
 from openclaw.consumers.prices import Price
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
-from openclaw.providers.wire import Wire
+from openclaw.providers.wire import ImageTypes, Wire
 
 #: The type of Moonshot's built-in tools, which Kimi runs itself
 #: (U{https://platform.moonshot.ai/docs/guide/use-web-search}): declared as
@@ -30,6 +30,20 @@ BUILTIN_FUNCTION = "builtin_function"
 BUILTIN_NAME = re.compile(r"\$[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 #: The documented declaration of one, for the 400 that refuses another shape.
 BUILTIN_SHAPE = '{"type": "builtin_function", "function": {"name": "$web_search"}}'
+
+#: The image formats Moonshot's vision guide lists
+#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model},
+#: "Supported Formats": png, jpeg, webp, gif), each also as C{image/jpg}
+#: (a common misspelling) and with a leading dot (C{image/.png}): the
+#: guide's own example builds its data URL as
+#: C{f"data:image/{os.path.splitext(image_path)[1]};base64,..."}, whose
+#: extension keeps its dot, so an agent written from it sends that.
+MOONSHOT_IMAGE_SUBTYPES = frozenset({"png", "jpeg", "jpg", "webp", "gif"})
+MOONSHOT_IMAGE_TYPES = ImageTypes(
+    MOONSHOT_IMAGE_SUBTYPES | {"." + subtype for subtype in MOONSHOT_IMAGE_SUBTYPES},
+    "PNG, JPEG, WEBP or GIF",
+    "Kimi takes (Moonshot's vision guide)",
+)
 
 
 @attrs.frozen
@@ -168,7 +182,10 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: OpenAI's format, but for Moonshot's thinking models' rule (L{thinks}):
     #: an assistant message with tool calls always has a reasoning_content.
     #: It takes Moonshot's built-in tools beside functions.
-    wire: ClassVar[Wire] = ReasoningKeptWire(thinks=thinks, tool_types=(MoonshotBuiltinTools(),))
+    #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES}).
+    wire: ClassVar[Wire] = ReasoningKeptWire(
+        thinks=thinks, tool_types=(MoonshotBuiltinTools(),), image_types=MOONSHOT_IMAGE_TYPES
+    )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
         {
@@ -180,4 +197,4 @@ class KimiAdapter(OpenAICompatibleAdapter):
     )
 
 
-__all__ = ["BUILTIN_FUNCTION", "KimiAdapter", "MoonshotBuiltinTools"]
+__all__ = ["BUILTIN_FUNCTION", "MOONSHOT_IMAGE_TYPES", "KimiAdapter", "MoonshotBuiltinTools"]

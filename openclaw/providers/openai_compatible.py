@@ -27,13 +27,16 @@ from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
 from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind, clip
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.wire import (
+    OPENAI_IMAGE_TYPES,
     Completion,
+    ImageTypes,
     MalformedAnswer,
     ReportedError,
     StreamBroken,
     Wire,
     json_object,
     json_or_none,
+    refuse_image_types,
     reported_error,
 )
 
@@ -60,8 +63,20 @@ class OpenAIWire:
     #: (L{Wire.tool_types <openclaw.providers.wire.Wire.tool_types>});
     #: none unless declared (Kimi's: Moonshot's built-in tools).
     tool_types: tuple[ToolType, ...] = attrs.field(default=(), kw_only=True)
+    #: The image types the API takes in a data URL; a request holding
+    #: another is refused (L{refuse_image_types}).  OpenAI's unless
+    #: declared (Kimi's: Moonshot's).
+    image_types: ImageTypes = attrs.field(default=OPENAI_IMAGE_TYPES, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
+        """
+        The caller's body with C{model}, and C{stream_options.include_usage}
+        on a stream.
+
+        @raise APIError: 400 for an image data URL of a type the API does
+            not take (L{image_types}).
+        """
+        refuse_image_types(chat, self.image_types)
         body = {**chat.body, "model": model}
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple, Protocol
 import attrs
 import orjson
 
-from openclaw.dataplane.errors import bad_request
-from openclaw.dataplane.request import ChatRequest, ToolType
+from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.request import DATA_URL, ChatRequest, ToolType
 from openclaw.dataplane.sse import Event
 
 
@@ -250,6 +250,84 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
         )
 
 
+@attrs.frozen
+class ImageTypes:
+    """
+    The media types of the images a provider takes in an C{image_url}
+    part's base64 data URL (C{data:<type>;base64,...}): a wire that passes
+    the body through (L{openclaw.providers.openai_compatible.OpenAIWire})
+    refuses any other before anything is sent (L{refuse_image_types}), so
+    a call holding one is not sent, nor failed over, to a provider that
+    cannot read it (as Gemini's translation refuses the types it does not
+    take, L{openclaw.providers.gemini.translate.data_image_type}).
+
+    A media type is matched in any case (RFC 2045 section 5.1, which RFC
+    2397's data URLs use: C{IMAGE/PNG} is C{image/png}).
+    """
+
+    #: The subtypes of C{image/} taken, in lower case (C{"png"}).
+    subtypes: frozenset[str]
+    #: The types as a 400 names them ("PNG, JPEG, WEBP or GIF").
+    names: str
+    #: Who takes them and whose list it is, as a 400 says it
+    #: ("Kimi takes (Moonshot's vision guide)").
+    taker: str
+
+    def takes(self, media_type: str) -> bool:
+        """
+        Whether C{media_type} (C{image/png}, in any case) is one of these.
+        """
+        kind, _, subtype = media_type.lower().partition("/")
+        return kind == "image" and subtype in self.subtypes
+
+    def refusal(self, media_type: str, where: str) -> APIError:
+        """
+        The 400 naming C{where}, a data URL of C{media_type}, not one of
+        these (its type named back, clipped).
+        """
+        shown = media_type if len(media_type) <= 64 else media_type[:63] + "…"
+        return bad_request(
+            f"{where} is a data URL of type {shown!r}, not an image {self.taker}: an image must be {self.names}; "
+            "convert it to one of those",
+            param=where,
+        )
+
+
+#: OpenAI's image input types
+#: (U{https://platform.openai.com/docs/guides/images-vision}, "Image input
+#: requirements": PNG, JPEG, WEBP, non-animated GIF), and C{image/jpg}, a
+#: common misspelling of C{image/jpeg}: the default of an OpenAI-shaped
+#: provider (whether a GIF is animated is not looked into).
+OPENAI_IMAGE_TYPES = ImageTypes(
+    frozenset({"png", "jpeg", "jpg", "webp", "gif"}),
+    "PNG, JPEG, WEBP or non-animated GIF",
+    "this provider takes (OpenAI's supported image types)",
+)
+
+
+def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> None:
+    """
+    Refuse a request whose user messages hold an C{image_url} part whose
+    URL is a data URL of a type not of C{types} (L{ImageTypes.takes}):
+    the provider would refuse or misread it (C{text/html},
+    C{image/svg+xml}).  Other URLs (C{https://}, Moonshot's C{ms://}) are
+    the provider's to fetch and judge.
+
+    @raise APIError: 400 naming C{messages[<i>].content[<j>].image_url.url}
+        and the types taken.
+    """
+    for i, message in enumerate(chat.body["messages"]):
+        content = message.get("content")
+        if message.get("role") != "user" or not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            if part.get("type") != "image_url":
+                continue
+            head = DATA_URL.match(part["image_url"]["url"])
+            if head is not None and not types.takes(head.group(1)):
+                raise types.refusal(head.group(1), f"messages[{i}].content[{j}].image_url.url")
+
+
 def _article(word: str) -> str:
     """
     "an" before a vowel, else "a" (for a provider id: "an acme model").
@@ -339,7 +417,9 @@ def reported_error(document: Any) -> ReportedError | None:
 
 
 __all__ = [
+    "OPENAI_IMAGE_TYPES",
     "Completion",
+    "ImageTypes",
     "MalformedAnswer",
     "ModelFailed",
     "OfferedTools",
@@ -350,6 +430,7 @@ __all__ = [
     "completion_id",
     "json_object",
     "json_or_none",
+    "refuse_image_types",
     "refuse_tool_types",
     "reported_error",
 ]
