@@ -588,12 +588,14 @@ class UsageTests(SynchronousTestCase):
 
         def call(index: int, arguments: str, name: str | None = None) -> dict[str, Any]:
             function = {"arguments": arguments, **({"name": name} if name else {})}
+            # A call's first piece names it: its id and name (as OpenAI's).
+            named = {"id": f"call_{index}"} if name else {}
             return {
                 "id": "c",
                 "choices": [
                     {
                         "index": 0,
-                        "delta": {"tool_calls": [{"index": index, "function": function}]},
+                        "delta": {"tool_calls": [{"index": index, **named, "function": function}]},
                         "finish_reason": None,
                     }
                 ],

@@ -110,6 +110,7 @@ class OpenAIWire:
                 raise MalformedAnswer('a choice\'s "tool_calls" is not a list')
             if _fill_empty_arguments(choices):
                 changed = changed or document
+            _check_calls(choices)
             if chat is not None and chat.one_call:
                 shape = legacy_choice if chat.legacy_functions else first_call_only
                 changed = {**(changed or document), "choices": [shape(choice) for choice in choices]}
@@ -143,6 +144,95 @@ def _listed_calls(choice: Any) -> bool:
     said = (choice.get("message") or choice.get("delta")) if isinstance(choice, dict) else None
     calls = said.get("tool_calls") if isinstance(said, dict) else None
     return calls is None or isinstance(calls, list)
+
+
+#: OpenAI's tool call, as a 502 for another shape names it
+#: (U{https://platform.openai.com/docs/api-reference/chat/object}).
+CALL_SHAPE = '{"id": "...", "type": "function", "function": {"name": "...", "arguments": "..."}}'
+
+
+def _call_fault(call: Any) -> str | None:
+    """
+    What keeps a whole answer's tool call (after L{_fill_empty_arguments})
+    from being OpenAI's (L{CALL_SHAPE}; U{https://platform.openai.com/docs/api-reference/chat/object}:
+    C{id}, C{type}, C{function.name} and C{function.arguments} are
+    strings, the arguments JSON as text), or None when nothing does: an
+    agent's SDK reads the call as it comes (the openai SDK does not check
+    the types; an agent then fails on C{call.function.name} of a string
+    function, or C{json.loads} of arguments that are an object), and the
+    gateway refuses a history whose call has no id or name.  Moonshot's
+    built-in tool calls (C{"type": "builtin_function"}) have the same shape.
+    """
+    if not isinstance(call, dict):
+        return "is not an object"
+    if not isinstance(call.get("id"), str) or not call["id"]:
+        return "has no id (a non-empty string)"
+    if "type" in call and not isinstance(call["type"], str):
+        return "has a type that is not a string"
+    function = call.get("function")
+    if function is None:
+        return "has no function ({name, arguments})"
+    if not isinstance(function, dict):
+        return "has a function that is not an object ({name, arguments})"
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        return "has no function name (a non-empty string)"
+    if not isinstance(function.get("arguments"), str):
+        return "has arguments that are not a string (OpenAI's are the JSON object as text)"
+    return None
+
+
+def _check_calls(choices: list[Any]) -> None:
+    """
+    Refuse a whole answer with a tool call that is not OpenAI's shape
+    (L{_call_fault}): passed on, the agent's SDK would hand it over broken.
+
+    @raise MalformedAnswer: naming the call and what is wrong (a 502,
+        the provider's failure, as any answer not of its API's shape).
+    """
+    for i, choice in enumerate(choices):
+        message = choice.get("message")
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        for j, call in enumerate(calls if isinstance(calls, list) else ()):
+            fault = _call_fault(call)
+            if fault is not None:
+                raise MalformedAnswer(
+                    f"the answer's choices[{i}].message.tool_calls[{j}] {fault}, not OpenAI's tool call {CALL_SHAPE}"
+                )
+
+
+def _delta_fault(call: Any, begins: bool) -> str | None:
+    """
+    What keeps a streamed tool call delta from being OpenAI's
+    (U{https://platform.openai.com/docs/api-reference/chat-streaming}:
+    C{index} an integer from 0, C{id}, C{type}, C{function.name} and
+    C{function.arguments} strings, each piece of the arguments a piece of
+    text), or None: null or absent fields are none (the openai SDK reads
+    them so; an absent or null C{index} is given one,
+    L{OpenAIStream._indexed}).  The first piece of a call (C{begins})
+    names it: its C{id} and C{function.name}, as OpenAI's does and as a
+    whole answer's call has them (L{_call_fault}).
+    """
+    if not isinstance(call, dict):
+        return "is not an object"
+    index = call.get("index")
+    if index is not None and (type(index) is not int or index < 0):
+        return "has an index that is not a whole number from 0 (the openai SDK's stream helper lists calls by it)"
+    for field in ("id", "type"):
+        if call.get(field) is not None and not isinstance(call[field], str):
+            return f"has {'an' if field == 'id' else 'a'} {field} that is not a string"
+    function = call.get("function")
+    if function is not None and not isinstance(function, dict):
+        return "has a function that is not an object"
+    function = function or {}
+    if function.get("name") is not None and not isinstance(function["name"], str):
+        return "has a function name that is not a string"
+    if function.get("arguments") is not None and not isinstance(function["arguments"], str):
+        return "has arguments that are not a string (OpenAI's are the JSON object as text, in pieces)"
+    if begins and not (isinstance(call.get("id"), str) and call["id"]):
+        return "begins a call without its id (a non-empty string)"
+    if begins and not (isinstance(function.get("name"), str) and function["name"]):
+        return "begins a call without its function name (a non-empty string)"
+    return None
 
 
 def _continued(call: dict[str, Any]) -> dict[str, Any]:
@@ -317,6 +407,9 @@ class OpenAIStream:
     #: call the choice began, the only one whose pieces are kept
     #: (L{first_call_only}).
     _first_calls: dict[Any, int] = attrs.field(factory=dict)
+    #: The C{(choice index, call index)} of the tool calls begun: the
+    #: first piece of another must name it (L{_check_deltas}).
+    _begun: set[tuple[int, int]] = attrs.field(factory=set)
 
     @property
     def complete(self) -> bool:
@@ -391,9 +484,12 @@ class OpenAIStream:
             return [orjson.dumps(document) if rewritten else data]
         if not all(map(_listed_calls, choices)):
             raise StreamBroken('a choice\'s "tool_calls" is not a list', "upstream_malformed")
+        # Before _indexed, which gives an index to a piece without one.
+        self._check_deltas(choices, begun=None)
         indexed = self._indexed(choices)
         if indexed is not None:
             document, choices, rewritten = {**document, "choices": indexed}, indexed, True
+        self._check_deltas(choices, begun=self._begun)
         if self.one_call:
             # Before _fills: a call left out is given no "{}" either.
             firsts = [first_call_only(choice, self._first_call(choice)) for choice in choices]
@@ -416,6 +512,35 @@ class OpenAIStream:
         said = "usage" in document or any(isinstance(c, dict) and (c.get("delta") or c.get("logprobs")) for c in before)
         sent = [self._encode({**document, "choices": before})] if said else []
         return [*sent, *map(self._encode, fills), self._encode(finished)]
+
+    def _check_deltas(self, choices: list[Any], begun: set[tuple[int, int]] | None) -> None:
+        """
+        Refuse a tool call delta of C{choices} that is not OpenAI's
+        (L{_delta_fault}): the stream is broken, not passed on for the
+        agent's SDK to fail on (or to read a call with no name).
+
+        @param begun: None to check each piece's own shape (before
+            L{_indexed}); else the C{(choice index, call index)} of the
+            calls begun before these pieces, each piece's by then, to
+            check that the first piece of each call names it (noted in
+            it).
+        @raise StreamBroken: C{upstream_malformed}, naming the piece.
+        """
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                which = (choice.get("index", 0), call.get("index", 0) if isinstance(call, dict) else 0)
+                begins = begun is not None and which not in begun
+                fault = _delta_fault(call, begins)
+                if fault is not None:
+                    raise StreamBroken(
+                        f"a tool call piece of choice {which[0]} of the stream {fault}, not OpenAI's tool call "
+                        f"delta ({CALL_SHAPE}, with its index)",
+                        "upstream_malformed",
+                    )
+                if begun is not None:
+                    begun.add(which)
 
     def _indexed(self, choices: list[Any]) -> list[Any] | None:
         """

@@ -318,6 +318,13 @@ class OpenAIAnswer:
     #: is, in place of the one counted: a provider's odd shapes (C{"10"},
     #: C{10.0}, a field missing).
     usage: dict[str, Any] | None = None
+    #: When set, the C{tool_calls} entries sent as they are, in place of
+    #: those made from C{tool_calls}: a whole answer lists them, a stream
+    #: sends each as the one tool call delta of an event.  For a
+    #: provider's odd shapes (a C{function} that is not an object, an
+    #: C{index} that is not an integer); the finish reason is
+    #: C{tool_calls} unless C{finish_reason} says otherwise.
+    raw_tool_calls: tuple[Any, ...] | None = None
 
 
 #: Google's documented placeholder for a call Gemini did not sign.
@@ -718,10 +725,12 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         usage["completion_tokens_details"] = {"reasoning_tokens": behaviour.reasoning_tokens}
     if answer.usage is not None:
         usage = answer.usage
-    finish = answer.finish_reason or ("tool_calls" if answer.tool_calls else "stop")
+    finish = answer.finish_reason or ("tool_calls" if answer.tool_calls or answer.raw_tool_calls else "stop")
     if not body.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
-        if answer.tool_calls:
+        if answer.raw_tool_calls is not None:
+            message["tool_calls"] = list(answer.raw_tool_calls)
+        elif answer.tool_calls:
             message["tool_calls"] = [
                 {
                     "id": c["id"],
@@ -756,6 +765,10 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         events += [
             {**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}]} for d in deltas
         ]
+    events += [
+        {**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [d]}, "finish_reason": None}]}
+        for d in answer.raw_tool_calls or ()
+    ]
     last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
     if behaviour.usage_in_choice:
         last["usage"] = usage
