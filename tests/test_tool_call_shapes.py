@@ -116,6 +116,57 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(json.loads(out[0])["choices"][0]["delta"]["tool_calls"], [{**CALL, "index": 0}])
 
 
+class NumberingTests(SynchronousTestCase):
+    """
+    A stream's calls numbered otherwise than OpenAI numbers them (0, 1, 2
+    in the order they begin) are renumbered so: the openai SDK's stream
+    helper failed with C{IndexError} on calls numbered from 1, or with a
+    gap (data s30), and joined two calls' arguments when the call of
+    index 1 began first.
+    """
+
+    def indexes(self, stream: OpenAIStream, *pieces: dict[str, Any]) -> list[Any]:
+        out = []
+        for piece in pieces:
+            for payload in stream.payloads(chunk(piece)):
+                out += [call["index"] for call in json.loads(payload)["choices"][0]["delta"].get("tool_calls", ())]
+        return out
+
+    def test_renumbered(self) -> None:
+        second = {**CALL, "id": "call_2"}
+        more = {"function": {"arguments": "{}"}}
+        for given, told in (
+            ((1, 2, 1, 2), [0, 1, 0, 1]),
+            ((0, 2, 2, 0), [0, 1, 1, 0]),
+            ((1, 0, 0, 1), [0, 1, 1, 0]),
+            ((0, 1, 1, 0), [0, 1, 1, 0]),
+        ):
+            first_call, second_call, third, fourth = given
+            pieces = (
+                {"index": first_call, **CALL},
+                {"index": second_call, **second},
+                {"index": third, **more},
+                {"index": fourth, **more},
+            )
+            self.assertEqual(self.indexes(OpenAIStream(), *pieces), told, given)
+        # OpenAI's numbering, as it came.
+        piece = chunk({"index": 0, **CALL})
+        self.assertEqual(OpenAIStream().payloads(piece), [piece.data])
+
+    def test_one_call(self) -> None:
+        """
+        With C{parallel_tool_calls: false}, the first call begun is kept,
+        numbered 0, as before.
+        """
+        stream = OpenAIWire().stream(chat(parallel_tool_calls=False), "m", 0)
+        pieces = (
+            {"index": 2, **CALL},
+            {"index": 1, **CALL, "id": "call_2"},
+            {"index": 2, "function": {"arguments": "{}"}},
+        )
+        self.assertEqual(self.indexes(stream, *pieces), [0, 0])
+
+
 class GatewayTests(DataPlaneTestCase):
     """
     Through the gateway, with the openai SDK: a 502 (whole) or the
@@ -153,3 +204,10 @@ class GatewayTests(DataPlaneTestCase):
             message = yield deferToThread(self.sdk_call, client, stream)
             call = message.tool_calls[0]
             self.assertEqual((call.id, call.function.name, call.function.arguments), ("call_1", *FUNCTION.values()))
+        # Calls numbered from 1: the SDK's stream helper reads both.
+        pieces = ({"index": 1, **CALL}, {"index": 2, **CALL, "id": "call_2", "function": {**FUNCTION, "name": "f"}})
+        self.upstream.kimi.answers[:] = [OpenAIAnswer(raw_tool_calls=pieces)]
+        message = yield deferToThread(self.sdk_call, client, True)
+        self.assertEqual(
+            [(c.id, c.function.name) for c in message.tool_calls], [("call_1", "get_weather"), ("call_2", "f")]
+        )

@@ -407,9 +407,13 @@ class OpenAIStream:
     #: call the choice began, the only one whose pieces are kept
     #: (L{first_call_only}).
     _first_calls: dict[Any, int] = attrs.field(factory=dict)
-    #: The C{(choice index, call index)} of the tool calls begun: the
-    #: first piece of another must name it (L{_check_deltas}).
-    _begun: set[tuple[int, int]] = attrs.field(factory=set)
+    #: The C{(choice index, call index)} of the tool calls begun (the
+    #: first piece of another must name it: L{_check_deltas}), each with
+    #: its number among its choice's calls, in the order they began
+    #: (L{_numbered}).
+    _begun: dict[tuple[int, int], int] = attrs.field(factory=dict)
+    #: Per choice index, how many tool calls it has begun (L{_begun}).
+    _counts: dict[int, int] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -490,6 +494,9 @@ class OpenAIStream:
         if indexed is not None:
             document, choices, rewritten = {**document, "choices": indexed}, indexed, True
         self._check_deltas(choices, begun=self._begun)
+        numbered = self._numbered(choices)
+        if numbered is not None:
+            document, choices, rewritten = {**document, "choices": numbered}, numbered, True
         if self.one_call:
             # Before _fills: a call left out is given no "{}" either.
             firsts = [first_call_only(choice, self._first_call(choice)) for choice in choices]
@@ -513,7 +520,7 @@ class OpenAIStream:
         sent = [self._encode({**document, "choices": before})] if said else []
         return [*sent, *map(self._encode, fills), self._encode(finished)]
 
-    def _check_deltas(self, choices: list[Any], begun: set[tuple[int, int]] | None) -> None:
+    def _check_deltas(self, choices: list[Any], begun: dict[tuple[int, int], int] | None) -> None:
         """
         Refuse a tool call delta of C{choices} that is not OpenAI's
         (L{_delta_fault}): the stream is broken, not passed on for the
@@ -523,7 +530,7 @@ class OpenAIStream:
             L{_indexed}); else the C{(choice index, call index)} of the
             calls begun before these pieces, each piece's by then, to
             check that the first piece of each call names it (noted in
-            it).
+            it, with its number: L{_numbered}).
         @raise StreamBroken: C{upstream_malformed}, naming the piece.
         """
         for choice in choices:
@@ -539,8 +546,40 @@ class OpenAIStream:
                         f"delta ({CALL_SHAPE}, with its index)",
                         "upstream_malformed",
                     )
-                if begun is not None:
-                    begun.add(which)
+                if begins:
+                    assert begun is not None
+                    begun[which] = self._counts.get(which[0], 0)
+                    self._counts[which[0]] = begun[which] + 1
+
+    def _numbered(self, choices: list[Any]) -> list[Any] | None:
+        """
+        C{choices} with each tool call piece's C{index} (its own, or the
+        one L{_indexed} gave it) made its call's number among its
+        choice's calls, in the order they began (L{_begun}): 0, 1, 2, as
+        OpenAI numbers them.  The openai SDK's stream helper lists a
+        choice's calls by index, inserting a new one at the end: a stream
+        numbering its calls from 1, skipping a number, or beginning the
+        call of index 1 first failed there (C{IndexError}, or two calls'
+        arguments joined in one).  L{None} when every index is already
+        its call's number (any stream of OpenAI's).
+        """
+        numbered: list[Any] = []
+        changed = False
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict) or not isinstance(calls, list):
+                numbered.append(choice)
+                continue
+            which = choice.get("index", 0)
+            out = []
+            for call in calls:
+                number = self._begun[(which, call["index"])]
+                if number != call["index"]:
+                    call, changed = {**call, "index": number}, True
+                out.append(call)
+            numbered.append({**choice, "delta": {**delta, "tool_calls": out}})
+        return numbered if changed else None
 
     def _indexed(self, choices: list[Any]) -> list[Any] | None:
         """
