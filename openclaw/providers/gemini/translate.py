@@ -17,8 +17,9 @@ C{reasoning_effort} go to C{generationConfig}.
 Answers: C{candidates} become C{choices}, in C{index} order
 (C{functionCall} parts become
 C{tool_calls} whose ids carry Gemini's call id and thought signature, see
-L{openclaw.providers.gemini.callids}; thought summaries become
-C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
+L{openclaw.providers.gemini.callids}; an answer text part's signature
+rides in the message's C{extra_content}, L{text_signature}; thought
+summaries become C{reasoning_content}), C{finishReason} becomes C{finish_reason}, a model
 failure (C{MALFORMED_FUNCTION_CALL}, ...) an error, and so is a part the
 chat shape cannot carry (an image) or a malformed one, and a candidate
 whose parts are all of kinds not translated (C{executableCode}, ...; left
@@ -318,6 +319,11 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
             if refusal:
                 # The assistant's words, as a refusal content part is.
                 parts.append({"text": refusal})
+            signature = text_signature(message)
+            if signature is not None and parts:
+                # On its text's last part, as Gemini answered it (an
+                # assistant's parts are text); none for no text.
+                parts[-1]["thoughtSignature"] = signature
             tool_calls = message.get("tool_calls")
             if tool_calls:
                 # Turns alternate: a user turn, if any, is first or second.
@@ -417,14 +423,48 @@ def _function_call(call: dict[str, Any], calls: dict[str, tuple[str, str | None]
 
 def _google_signature(call: dict[str, Any]) -> str | None:
     """
-    The signature a tool call carries where Google's own OpenAI-compatible
-    endpoint puts it, C{extra_content.google.thought_signature}: a history
-    written through that endpoint keeps its signatures here.
+    The signature a tool call (or an assistant message: L{text_signature})
+    carries where Google's own OpenAI-compatible endpoint puts it,
+    C{extra_content.google.thought_signature}: a history written through
+    that endpoint keeps its signatures here.
     """
     extra = call.get("extra_content")
     google = extra.get("google") if isinstance(extra, dict) else None
     signature = google.get("thought_signature") if isinstance(google, dict) else None
     return signature if isinstance(signature, str) and signature else None
+
+
+def signed(signature: str) -> dict[str, Any]:
+    """
+    The C{extra_content} of an assistant message (whole, or a streamed
+    delta) whose text carries C{signature} (L{text_signature}).
+    """
+    return {"google": {"thought_signature": signature}}
+
+
+def text_signature(message: dict[str, Any]) -> str | None:
+    """
+    The thought signature of an assistant message's text, which goes back
+    to Gemini on the last text part of its model turn; None when it has
+    none.
+
+    Gemini 3 puts a C{thoughtSignature} on an answer's last part when it
+    calls no function, a text part, and Google asks for it back on that
+    part, exactly as received: not enforced, as it is on function call
+    parts (a 400 without it), but "to maintain reasoning quality"
+    (U{https://ai.google.dev/gemini-api/docs/thought-signatures}).  The
+    gateway joins an answer's text parts into one C{content} string, and
+    gives the last text part's signature (L{_read}) in
+    C{extra_content.google.thought_signature} of the message (or of the
+    streamed choice's finishing delta, once: the openai SDK's stream helper
+    joins the strings of deltas it accumulates), where Google's own
+    OpenAI-compatible endpoint puts it: an extra field, which the openai SDK
+    keeps on the message it reads (C{message.model_extra}) and sends back
+    with it; an agent that writes its history itself (not the message as
+    it came) leaves it out, and Gemini gets that text unsigned, as before.
+    A history written through Google's endpoint reads the same.
+    """
+    return _google_signature(message)
 
 
 def _arguments(arguments: str) -> dict[str, Any]:
@@ -1201,6 +1241,9 @@ class _Reading:
     #: once, in the order met (the keys; at most L{MAX_KINDS_NAMED} + 1,
     #: L{_note}).
     skipped: dict[str, None] = attrs.field(factory=dict)
+    #: The C{thoughtSignature} of the last answer text part that has one
+    #: (L{text_signature}), or None.
+    signature: str | None = None
 
     @property
     def said(self) -> bool:
@@ -1259,6 +1302,11 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
             reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls)))
             continue
         said = part.get("text")
+        signature = part.get("thoughtSignature")
+        if isinstance(signature, str) and signature and not part.get("thought") and _text_like(part, said):
+            # An answer text part's (an empty one's too, as Gemini 3
+            # streams it, or a lone signature's): L{text_signature}.
+            reading.signature = signature
         if said is not None:
             if not isinstance(said, str):
                 raise MalformedAnswer("a text part of Gemini's answer is not a string; retry")
@@ -1284,6 +1332,16 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
     reading.text = "".join(text)
     reading.reasoning = "".join(reasoning)
     return reading
+
+
+def _text_like(part: dict[str, Any], said: Any) -> bool:
+    """
+    Whether C{part} is a text part (C{said}, its C{text}, a string), or
+    carries nothing but L{PART_METADATA} (a lone C{thoughtSignature}):
+    a part whose signature L{text_signature} carries.  Its fields are
+    looked at only when they are few.
+    """
+    return isinstance(said, str) or (len(part) <= len(PART_METADATA) and all(key in PART_METADATA for key in part))
 
 
 def _note(kinds: dict[str, None], met: Iterable[str]) -> None:
@@ -1475,6 +1533,8 @@ def from_gemini(
         message: dict[str, Any] = {"role": "assistant", "content": reading.text, "refusal": None}
         if reading.reasoning:
             message["reasoning_content"] = reading.reasoning
+        if reading.signature is not None:
+            message["extra_content"] = signed(reading.signature)
         if reading.tool_calls:
             calls = reading.tool_calls if parallel_tool_calls and not legacy_functions else reading.tool_calls[:1]
             for call in calls:
@@ -1541,7 +1601,8 @@ class GeminiStream:
     C{function_call}.  A candidate's C{logprobsResult} becomes the
     chunk's C{logprobs} (the tokens of that event, L{logprobs}).  A choice's
     C{finish_reason} is held back and sent once, in the last chunk of the
-    choice (L{closing}), whatever Gemini repeats on earlier events.
+    choice (L{closing}), whatever Gemini repeats on earlier events, with
+    the signature of its text, if any (L{text_signature}).
 
     The stream is L{complete} once every choice has a finish reason: Gemini
     has no end marker, so a stream that stops before that was cut short.
@@ -1583,6 +1644,9 @@ class GeminiStream:
     #: Skipped parts have been logged (once per stream, however many
     #: kinds the upstream sends: each event may bring a new one).
     _warned_skipped: bool = False
+    #: choice index -> the signature of its last answer text part that
+    #: had one, sent with its finish reason (L{text_signature}).
+    _signatures: dict[int, str] = attrs.field(factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -1656,6 +1720,8 @@ class GeminiStream:
                 delta["reasoning_content"] = reading.reasoning
             if reading.text:
                 delta["content"] = reading.text
+            if reading.signature is not None:
+                self._signatures[index] = reading.signature
             calls = reading.tool_calls
             sent = self._calls.get(index, 0)
             if not self.parallel_tool_calls or self.legacy_functions:
@@ -1705,7 +1771,9 @@ class GeminiStream:
             reason = self._finished[index]
             if reason == "stop" and self._calls.get(index):
                 reason = "function_call" if self.legacy_functions else "tool_calls"
-            chunks.append(self._chunk([{"index": index, "delta": {}, "finish_reason": reason, "logprobs": None}]))
+            signature = self._signatures.get(index)
+            delta = {} if signature is None else {"extra_content": signed(signature)}
+            chunks.append(self._chunk([{"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}]))
         if self.include_usage and self._usage is not None:
             chunks.append({**self._chunk([]), "usage": self._usage})
         return chunks

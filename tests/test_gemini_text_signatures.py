@@ -1,0 +1,147 @@
+"""
+Gemini's thought signature on an answer's text part (Gemini 3 puts one on
+the last part of an answer that calls no function, and Google asks for it
+back on that part: U{https://ai.google.dev/gemini-api/docs/thought-signatures}).
+It was dropped, whole and streamed (data s30); it now rides in the
+message's C{extra_content.google.thought_signature}, where Google's own
+OpenAI-compatible endpoint puts it, and goes back to Gemini on the last
+text part of the model turn when the agent sends the message back.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.providers.gemini import translate
+from openclaw.testing.upstream import GeminiAnswer
+from tests.test_dataplane import DataPlaneTestCase
+
+SIGNATURE = "c2lnbmVkLXRleHQ="
+QUESTION = [{"role": "user", "content": "Hello?"}]
+MODEL = "gemini/gemini-flash-latest"
+
+
+def candidate(*parts: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"role": "model", "parts": list(parts)}, "finishReason": "STOP", "index": 0}
+
+
+class TranslationTests(SynchronousTestCase):
+    def test_whole(self) -> None:
+        """
+        The last signed text part's signature, in the message's
+        C{extra_content}; a thought's, or a call's, is not it; an answer
+        without one keeps OpenAI's shape.
+        """
+        document = {
+            "candidates": [
+                candidate(
+                    {"text": "thinking", "thought": True, "thoughtSignature": "dGhvdWdodA=="},
+                    {"text": "Hello", "thoughtSignature": "Zmlyc3Q="},
+                    {"text": " there.", "thoughtSignature": SIGNATURE},
+                )
+            ]
+        }
+        message = translate.from_gemini(document, "m", "id", 0)["choices"][0]["message"]
+        self.assertEqual(message["content"], "Hello there.")
+        self.assertEqual(message["extra_content"], {"google": {"thought_signature": SIGNATURE}})
+        # A lone signature part, as Gemini may end an answer.
+        document = {"candidates": [candidate({"text": "Hi."}, {"thoughtSignature": SIGNATURE})]}
+        message = translate.from_gemini(document, "m", "id", 0)["choices"][0]["message"]
+        self.assertEqual(message["extra_content"], {"google": {"thought_signature": SIGNATURE}})
+        for parts in (
+            ({"text": "Hi."},),
+            ({"text": "Hi.", "thoughtSignature": ""},),
+            ({"text": "Hi."}, {"text": "x", "thought": True, "thoughtSignature": SIGNATURE}),
+        ):
+            message = translate.from_gemini({"candidates": [candidate(*parts)]}, "m", "id", 0)["choices"][0]["message"]
+            self.assertNotIn("extra_content", message, parts)
+
+    def test_streamed(self) -> None:
+        """
+        Held until the choice's finish, and sent once with it: Gemini 3
+        streams it on a last, empty text part, and the openai SDK's stream
+        helper would join two signatures into one string.
+        """
+        stream = translate.GeminiStream("m", "id", 0)
+        chunks = [
+            stream.chunk({"candidates": [{**candidate({"text": "Hel"}), "finishReason": None}]}),
+            stream.chunk(
+                {"candidates": [{**candidate({"text": "lo", "thoughtSignature": "Zmlyc3Q="}), "finishReason": None}]}
+            ),
+            stream.chunk({"candidates": [candidate({"text": "", "thoughtSignature": SIGNATURE})]}),
+            *stream.closing(),
+        ]
+        deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk is not None]
+        self.assertEqual(deltas[:2], [{"role": "assistant", "content": "Hel"}, {"content": "lo"}])
+        self.assertEqual(deltas[-1], {"extra_content": {"google": {"thought_signature": SIGNATURE}}})
+        self.assertEqual(json.dumps(deltas).count("thought_signature"), 1)
+        # None without one.
+        stream = translate.GeminiStream("m", "id", 0)
+        stream.chunk({"candidates": [candidate({"text": "Hi."})]})
+        self.assertEqual(stream.closing()[0]["choices"][0]["delta"], {})
+
+    def test_sent_back(self) -> None:
+        """
+        An assistant message's signature goes on the last text part of its
+        model turn; a message with no text has no part for it.
+        """
+        extra = {"extra_content": {"google": {"thought_signature": SIGNATURE}}}
+        for content in ("Hello there.", [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there."}]):
+            history = [*QUESTION, {"role": "assistant", "content": content, **extra}, *QUESTION]
+            parts = translate.to_gemini({"messages": history})["contents"][1]["parts"]
+            self.assertEqual(parts[-1]["thoughtSignature"], SIGNATURE)
+            self.assertTrue(all("thoughtSignature" not in part for part in parts[:-1]))
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        history = [
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call], **extra},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        ]
+        parts = translate.to_gemini({"messages": history})["contents"][1]["parts"]
+        self.assertEqual(
+            parts, [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"}]
+        )
+        # Not a string, or empty: none.
+        for value in (5, "", None, {"a": 1}):
+            bad = {"extra_content": {"google": {"thought_signature": value}}}
+            history = [*QUESTION, {"role": "assistant", "content": "Hi.", **bad}, *QUESTION]
+            self.assertEqual(translate.to_gemini({"messages": history})["contents"][1]["parts"], [{"text": "Hi."}])
+
+
+class AgentTests(DataPlaneTestCase):
+    """
+    With the openai SDK: the message as the SDK read it, sent back in the
+    history, takes the signature back to Gemini on the same part.
+    """
+
+    def turn(self, client: openai.OpenAI, stream: bool) -> Any:
+        if not stream:
+            first = client.chat.completions.create(model=MODEL, messages=QUESTION).choices[0].message
+        else:
+            with client.chat.completions.stream(model=MODEL, messages=QUESTION) as events:
+                for _ in events:
+                    pass
+                first = events.get_final_completion().choices[0].message
+        client.chat.completions.create(model=MODEL, messages=[*QUESTION, first, *QUESTION])
+        return first
+
+    @inlineCallbacks
+    def test_round_trip(self) -> Any:
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        for stream in (False, True):
+            events = (({"text": "Hello"},), ({"text": " there."},), ({"text": "", "thoughtSignature": SIGNATURE},))
+            self.upstream.gemini.answers[:] = [GeminiAnswer(events)]
+            message = yield deferToThread(self.turn, client, stream)
+            self.assertEqual(message.content, "Hello there.")
+            self.assertEqual(message.model_extra["extra_content"], {"google": {"thought_signature": SIGNATURE}})
+            turn = self.upstream.gemini.last_body["contents"][1]
+            self.assertEqual(
+                turn, {"role": "model", "parts": [{"text": "Hello there.", "thoughtSignature": SIGNATURE}]}
+            )
