@@ -596,6 +596,32 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertNotIn('status="499"', metrics)
 
     @inlineCallbacks
+    def test_stop_ends_a_whole_stream_as_whole(self):
+        """
+        A stream whose answer is whole (its finish and usage relayed, only
+        [DONE] still to come) when a stop's grace is over ends with [DONE]
+        and is counted a 200: not a shutting_down event after the whole
+        answer, which told the client to retry what its consumer was
+        charged for (trial s30).
+        """
+        self.upstream.kimi.mode = "linger"
+        self.upstream.kimi.send_done = False
+        gateway = self.gateway(shutdown_grace_seconds=0.5)
+        site = gateway.service.api_site
+        stream = self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        while site.context.in_flight < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.2, lambda: None)
+        yield gateway.service.stopService()
+        response, text = yield stream
+        self.assertEqual(response.code, 200)
+        events = [e for e in text.split("\n\n") if e]
+        self.assertEqual(events[-1], "data: [DONE]")
+        self.assertNotIn("shutting_down", text)
+        metrics = generate_latest(gateway.service.metrics.registry).decode()
+        self.assertIn('openclaw_api_requests_total{provider="kimi",status="200"} 1.0', metrics)
+
+    @inlineCallbacks
     def test_cut_mid_answer(self):
         for behaviour in (self.upstream.kimi, self.upstream.gemini):
             behaviour.mode = "cut"

@@ -890,9 +890,18 @@ class ChatCall:
         """
         The gateway is stopping and its grace period is over: answer 503
         C{shutting_down} (as the stream's last event once it has started).
+        A stream whose answer is whole already (every choice finished, its
+        usage in: only the body's end, C{[DONE]}, is still to come) ends as
+        whole instead, as L{stream_ended} ends it: the client has the whole
+        answer, and a consumer is charged for it, so it is not told to
+        retry it.
         """
-        if not self._over:
-            self._fail(shutting_down())
+        if self._over:
+            return
+        translation = self._translation
+        if translation is not None and self._first_chunk_sent and translation.finished:
+            return self._close_stream(translation, drain=False)
+        self._fail(shutting_down())
 
     def _client_gone(self, reason: Failure) -> None:
         if self._over:
