@@ -23,7 +23,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.estimate import MAX_TOKEN_COUNT
-from openclaw.consumers.model import Consumer
+from openclaw.consumers.model import Consumer, period_key
 from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, SEED, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
 from openclaw.consumers.table import RESERVATION_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
@@ -719,6 +719,31 @@ class SharedTpmReservations(TestCase):
         yield counters.read_spends([a], now)
         self.assertEqual(counters.held("a", now), (0.0, 0))
         self.assertEqual(counters.held("b", now), (0.25, 0))
+
+    @inlineCallbacks
+    def test_spend_lost_by_redis_not_shown(self) -> Any:
+        """
+        A spend Redis no longer has (a restart lost it, and the database
+        never had it: its instance was killed before writing its rows) is
+        not shown from an earlier read: consumer_list shows what every
+        other instance shows, and what admissions go by (trial s30).
+        """
+        counters, redis = yield self.counters()
+        redis_command(redis.port, "SET", "openclaw:consumers:seeded:2", "1")
+        now = float(int(time.time()))
+        consumer = Consumer("lost", budget_usd=1.0, budget_period="month", created_at=5.0)
+        other = SharedCounters(counters.redis, reactor, 5.0)
+        other.up = True
+        holder = Holder("lost", "p", 5.0)
+        self.assertIsNone((yield other.admit(consumer, now, holder, 0.25)))
+        other.counted("lost", 10, 0.125, now, holder)
+        yield sleep(0.2)
+        yield counters.read_spends([consumer], now)
+        self.assertEqual(counters.spent("lost", "month", now), 0.125)
+        [spend_key] = redis_keys(redis.port, "openclaw:consumer:lost:*:spend:" + period_key("month", now))
+        redis_command(redis.port, "DEL", spend_key)
+        yield counters.read_spends([consumer], now)
+        self.assertEqual(counters.spent("lost", "month", now), 0.0)
 
     @inlineCallbacks
     def test_rpm_set_later_counts_the_clusters_last_minute(self) -> Any:

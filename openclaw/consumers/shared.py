@@ -737,8 +737,14 @@ class SharedCounters:
         def read(values: list[Any]) -> None:
             for n, consumer in enumerate(consumers):
                 value, reserved, tokens = values[3 * n : 3 * n + 3]
+                key = (consumer.name, period_key(consumer.budget_period, now))
                 if value is not None:
-                    self.seen[(consumer.name, period_key(consumer.budget_period, now))] = number(value)
+                    self.seen[key] = number(value)
+                else:
+                    # Redis has none (lost with a restart, not seeded yet):
+                    # not a figure from before, which every other instance
+                    # no longer shows.
+                    self.seen.pop(key, None)
                 self.held_seen[consumer.name] = (number(reserved), int(number(tokens)))
 
         args = [str(int(now)), str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
