@@ -496,7 +496,10 @@ def _consumer_fields(sub: argparse.ArgumentParser) -> None:
         "--expires-at",
         type=_when_or_none,
         metavar="WHEN",
-        help="ISO date or UTC datetime after which its keys are refused (none: never)",
+        help=(
+            "ISO date or UTC datetime from which its keys are refused (a date alone: its start, 00:00 UTC, "
+            "so give the day after the last day of use; none: never)"
+        ),
     )
 
 

@@ -339,8 +339,9 @@ class ConsumerCommands:
         if consumer.expired(self.clock()):
             # Born expired: a mistyped date, surely; its key would never work.
             raise CommandError(
-                "data.expires_at is already past: give a future ISO date or UTC "
-                "datetime, or leave it out for a consumer that does not expire"
+                "data.expires_at is already past (a date alone is its day's start, 00:00 UTC): give a "
+                "later ISO date or UTC datetime (the day after the last day its keys may be used), or "
+                "leave it out for a consumer that does not expire"
             )
 
         def created(key: NewKey) -> Result:
