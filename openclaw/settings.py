@@ -648,6 +648,13 @@ def _keys(text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
+#: What a value refused for a C{#} after a blank is told: python-decouple
+#: reads an env file's C{NAME=VALUE  # note} whole, the note included.
+_COMMENT_IS_VALUE = "in an env file, a '# comment' after the value is part of it: put the comment on a line of its own"
+
+#: A C{#} after a blank: what L{_COMMENT_IS_VALUE} explains.
+_TRAILING_COMMENT = re.compile(r"\s#")
+
 #: Why a provider key holding a space or a control character is refused.
 _KEY_WITH_SPACE = (
     "holds a space or a control character, which no provider's key holds (in an env file, a '# comment' after "
@@ -1996,6 +2003,8 @@ class _Reader:
                 raise ConfigError(f"{name} ({self.source(name)}) is invalid: {hint or e}") from None
             shown = _without_credentials(str(raw))
             why = f"{e}; " if isinstance(e, InvalidValue) else ""
+            if _TRAILING_COMMENT.search(str(raw)):
+                hint = f"{hint} ({_COMMENT_IS_VALUE})"
             raise ConfigError(f"{name}={shown!r} ({self.source(name)}) is invalid: {why}{hint}") from None
 
 

@@ -293,6 +293,25 @@ class LoadTests(SynchronousTestCase):
         (self.cwd / ".env").write_text("# comment\nDEFAULT_PROVIDER=kimi\n")
         self.assertEqual(self.load().default_provider, "kimi")
 
+    def test_comment_after_a_value_said_so(self) -> None:
+        """
+        A number refused for the '# comment' an env file's line holds after
+        it (python-decouple reads it as part of the value) is told so, as
+        a key or model is (trial s30).
+        """
+        (self.cwd / ".env").write_text("USAGE_RETENTION_DAYS=30 # keep a month\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.load()
+        self.assertIn(
+            "use a whole number of days > 0 (in an env file, a '# comment' after the value is part of it: "
+            "put the comment on a line of its own)",
+            str(caught.exception),
+        )
+        (self.cwd / ".env").write_text("USAGE_RETENTION_DAYS=thirty\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.load()
+        self.assertNotIn("# comment", str(caught.exception))
+
     def test_missing_env_file(self) -> None:
         with self.assertRaises(ConfigError) as caught:
             self.load(env_file=str(self.cwd / "nope.env"))
