@@ -54,7 +54,7 @@ _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _AS_LISTED = "use the model's id as the provider lists it"
 
 
-def model_refusal(model: str) -> str | None:
+def model_refusal(model: str, setting: bool = False) -> str | None:
     """
     Why C{model} is refused as a model name, in one line that says what to
     do, or None when it is taken.  The one rule for model names wherever
@@ -80,6 +80,9 @@ def model_refusal(model: str) -> str | None:
     The reason starts with C{"model "} (a caller may prefix it, as
     C{"data."}) and never quotes the name: it may be unprintable or
     megabytes long.  Callers decide whether to strip C{model} first.
+
+    @param setting: C{model} is a setting's value, which may come from an
+        env file: a space is said to be maybe a comment read as part of it.
     """
     if not model.isprintable():
         return (
@@ -91,10 +94,12 @@ def model_refusal(model: str) -> str | None:
     if len(model) > MAX_MODEL_CHARS:
         return f"model is {len(model)} characters long; model names are at most {MAX_MODEL_CHARS}: {_AS_LISTED}"
     if " " in model.strip():
-        return (
-            "model holds a space, which no model name has (in an env file, a # comment after the value is "
-            f"part of it: put comments on lines of their own): {_AS_LISTED}"
+        comment = (
+            " (in an env file, a # comment after the value is part of it: put comments on lines of their own)"
+            if setting
+            else ""
         )
+        return f"model holds a space, which no model name has{comment}: {_AS_LISTED}"
     escaped = "%" in model and _ESCAPE.search(model) is not None
     if KEY_PREFIX in model and _CONSUMER_KEY.search(unquote(model) if escaped else model):
         return (

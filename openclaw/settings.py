@@ -575,7 +575,7 @@ def _model_name(text: str) -> str:
     @raise InvalidValue: it is refused, for the reason given.
     """
     model = text.strip()
-    refusal = model_refusal(model)
+    refusal = model_refusal(model, setting=True)
     if refusal is not None:
         raise InvalidValue(refusal)
     return model
@@ -930,7 +930,7 @@ def _read_embedding_model(
     having = ", ".join(providers) or "none of the declared providers"
 
     def parse(text: str) -> tuple[str | None, str]:
-        refusal = model_refusal(text.strip())
+        refusal = model_refusal(text.strip(), setting=True)
         if refusal is not None:
             raise InvalidValue(refusal)
         provider_id, slash, model = text.strip().partition("/")

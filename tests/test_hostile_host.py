@@ -1138,7 +1138,12 @@ class ModelSettingTests(TestCase):
             ("FALLBACK_MODEL_GEMINI", "g\x1b[2J", "model holds control or invisible characters"),
             ("EMBEDDING_MODEL", "gemini/e\x1b[2J", "model holds control or invisible characters"),
             ("EMBEDDING_MODEL", "e" * too_long, f"model is {too_long} characters long"),
-            ("GEMINI_MODEL", "gemini-2.5-flash   # the cheap one", "model holds a space"),
+            (
+                "GEMINI_MODEL",
+                "gemini-2.5-flash   # the cheap one",
+                "model holds a space, which no model name has "
+                "(in an env file, a # comment after the value is part of it",
+            ),
         ]:
             with self.assertRaises(ConfigError) as caught:
                 load_settings({name: value}, cwd=cwd)

@@ -62,9 +62,12 @@ class ModelNameTests(DataPlaneTestCase):
             response, text = yield self.post(gateway, body, path=path)
             self.assertEqual(response.code, 400, (path, text))
             self.assertIn("model holds a space", self.assertOpenAIError(text)["message"])
+            # No env file in sight: not told about one (trial s30).
+            self.assertNotIn("env file", self.assertOpenAIError(text)["message"])
         client = yield open_client(self, gateway.port)
         answer = yield client.command(gateway.token, "switch_provider", {"provider": "gemini", "model": model[7:]})
         self.assertIn("model holds a space", answer["error"])
+        self.assertNotIn("env file", answer["error"])
         answer = yield client.command(
             gateway.token, "switch_provider", {"provider": "gemini", "model": " gemini-2.5-flash "}
         )
