@@ -164,3 +164,18 @@ class OpenAIWireTests(TestCase):
                 "types): an image must be PNG, JPEG, WEBP or non-animated GIF",
                 error.message,
             )
+
+    def test_looked_for_only_where_named(self) -> None:
+        """
+        A request that names no image_url part (every plain chat) is not
+        looked through for one; one that names it, or whose \\u escapes
+        could spell it, is.
+        """
+        plain = parse_chat_request(orjson.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+        self.assertFalse(plain.images)
+        self.assertTrue(parse_chat_request(orjson.dumps({"messages": asking("image/png")})).images)
+        escaped = orjson.dumps({"messages": asking("text/html")}).replace(b'"image_url"', b'"image\\u005furl"')
+        chat = parse_chat_request(escaped)
+        self.assertTrue(chat.images)
+        error = self.assertRaises(APIError, OpenAIWire().request_body, chat, "m")
+        self.assertEqual(error.param, WHERE)

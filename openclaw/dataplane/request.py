@@ -318,6 +318,11 @@ class ChatRequest:
     #: it looked for (L{refuse_tool_types
     #: <openclaw.providers.wire.refuse_tool_types>}).
     other_tools: bool = True
+    #: The body may hold an C{image_url} part: the name is in it, or a
+    #: C{\\u} escape could spell it.  Only then are its parts looked
+    #: through for an image type the provider does not take
+    #: (L{refuse_image_types <openclaw.providers.wire.refuse_image_types>}).
+    images: bool = True
 
     @property
     def model(self) -> Any:
@@ -511,7 +516,10 @@ def parse_chat_request(
     escaped = b"\\u" in raw
     references = escaped or b'"$ref"' in raw
     other_tools = bool(tool_types) and (escaped or any(f'"{name}"'.encode() in raw for name in tool_types))
-    return ChatRequest(body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools)
+    images = escaped or b'"image_url"' in raw
+    return ChatRequest(
+        body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools, images
+    )
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:

@@ -316,6 +316,8 @@ def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> None:
     @raise APIError: 400 naming C{messages[<i>].content[<j>].image_url.url}
         and the types taken.
     """
+    if not chat.images:
+        return
     for i, message in enumerate(chat.body["messages"]):
         content = message.get("content")
         if message.get("role") != "user" or not isinstance(content, list):
