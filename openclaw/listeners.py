@@ -25,7 +25,9 @@ import errno
 import os
 import resource
 import socket
+import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -117,17 +119,48 @@ class Listener:
 def check_free(listener: Listener, interface: str, port: int) -> None:
     """
     Try to bind C{interface}:C{port} as the gateway's TCP listener will
-    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once.
+    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once; and its
+    lock (L{lock_address}), which a C{--workers} gateway holds from its
+    start, before its workers listen.
 
-    @raise CannotListen: it cannot be bound.
+    @raise CannotListen: it cannot be bound, or a C{--workers} gateway is
+        starting there.
     """
     family = address_family(interface)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(bind_address(interface, port))
+            lock = lock_address(listener, probe.getsockname())
     except OSError as e:
         raise CannotListen(listener.failure_line(e)) from None
+    if lock is not None:
+        lock.close()
+
+
+def lock_address(listener: Listener, address: tuple[Any, ...]) -> socket.socket | None:
+    """
+    The lock of L{reserve} on C{address} (a bound socket's C{getsockname()}:
+    the kernel's form of the address, however it was written): a UNIX
+    socket bound to its name in Linux's abstract namespace; L{None} on
+    other systems.  Closed, it is free again.
+
+    @raise CannotListen: another C{--workers} gateway holds it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind("\0openclaw --workers " + " ".join(str(part) for part in address))
+    except OSError as e:
+        lock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CannotListen(
+                f"openclaw: cannot listen on {listener.where} ({listener.named}): another --workers gateway is "
+                f"starting on {listener.where}; stop it, or choose another port with {listener.option}"
+            ) from None
+        raise CannotListen(listener.failure_line(e)) from None
+    return lock
 
 
 @implementer(IStreamServerEndpoint)

@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw import tap
 from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, Reservation, read_settings, reserve, settings_bytes
 from openclaw.consumers.prices import Price
-from openclaw.listeners import CannotListen, Listener
+from openclaw.listeners import CannotListen, Listener, check_free
 from openclaw.settings import ConfigError, Settings, load_settings
 from tests.support import free_port
 from tests.test_twistd import SECRET
@@ -110,6 +110,33 @@ class ReserveTests(SynchronousTestCase):
         reserve(other, "127.0.0.2", self.port).close()
         port = free_port()
         reserve(Listener(f"127.0.0.1:{port}", "API_PORT", "--api-port", "default"), "127.0.0.1", port).close()
+
+    def test_lock_named_as_the_kernel_bound_it(self) -> None:
+        """
+        The lock is the address as bound, however written: 127.1 and
+        localhost are 127.0.0.1 (review s30: they took locks of their own).
+        """
+        self.reserve()
+        for spelling in ("127.1", "localhost"):
+            with self.assertRaises(CannotListen) as raised:
+                reserve(self.listener, spelling, self.port)
+            self.assertIn("another --workers gateway is starting", str(raised.exception))
+
+    def test_single_gateway_refused_while_workers_start(self) -> None:
+        """
+        A single-process gateway's check of its port (L{check_free}) sees
+        a --workers gateway none of whose workers listens yet: refused,
+        where it took the port and the workers could not bind it (review
+        s30).  Its lock is let go at once: the port stays its own to take
+        otherwise.
+        """
+        reservation = self.reserve()
+        with self.assertRaises(CannotListen) as raised:
+            check_free(self.listener, "127.0.0.1", self.port)
+        self.assertIn("another --workers gateway is starting", str(raised.exception))
+        reservation.close()
+        check_free(self.listener, "127.0.0.1", self.port)
+        self.reserve()
 
     def test_refused_beside_a_single_gateway(self) -> None:
         """

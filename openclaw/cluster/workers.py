@@ -78,7 +78,7 @@ from zope.interface import implementer
 from openclaw import __version__
 from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
-from openclaw.listeners import CannotListen, Listener
+from openclaw.listeners import CannotListen, Listener, lock_address
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
 from openclaw.settings import ConfigError, Settings
@@ -241,6 +241,9 @@ class Reservation:
     lock: socket.socket | None
 
     def close(self) -> None:
+        """
+        Let the port go: the socket and the lock closed.
+        """
         self.sock.close()
         if self.lock is not None:
             self.lock.close()
@@ -293,7 +296,6 @@ def reserve(listener: Listener, interface: str, port: int) -> Reservation:
                 f"{listener.option}"
             ) from None
         raise CannotListen(listener.failure_line(e)) from None
-    lock = _lock(listener, address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -301,36 +303,16 @@ def reserve(listener: Listener, interface: str, port: int) -> Reservation:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        if lock is not None:
-            lock.close()
         raise CannotListen(
             f"openclaw: cannot listen on {listener.where} ({listener.setting}, {listener.option}): {e.strerror}"
         ) from None
-    return Reservation(sock, lock)
-
-
-def _lock(listener: Listener, address: tuple[Any, ...]) -> socket.socket | None:
-    """
-    The lock of L{reserve} on C{address} (L{bind_address}'s tuple): a UNIX
-    socket bound to its name in Linux's abstract namespace; L{None} on
-    other systems.
-
-    @raise CannotListen: another C{--workers} gateway holds it.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        lock.bind("\0openclaw --workers " + " ".join(str(part) for part in address))
-    except OSError as e:
-        lock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise CannotListen(
-                f"openclaw: cannot listen on {listener.where} ({listener.named}): another --workers gateway is "
-                f"starting on {listener.where}; stop it, or choose another port with {listener.option}"
-            ) from None
-        raise CannotListen(listener.failure_line(e)) from None
-    return lock
+        # Named as the kernel bound it: 127.1 and localhost are 127.0.0.1.
+        lock = lock_address(listener, sock.getsockname())
+    except CannotListen:
+        sock.close()
+        raise
+    return Reservation(sock, lock)
 
 
 @implementer(IStreamServerEndpoint)
