@@ -444,6 +444,13 @@ class OpenAIFieldTypeTests(DataPlaneTestCase):
                 self.assertEqual(error["param"], "logit_bias")
                 self.assertIn(f"the key {key!r} is a token id written with leading zeros", error["message"])
                 self.assertIn(f"write it as {written}", error["message"])
+        # Padded past the largest token id: not told a key it would refuse
+        # next (review s30).
+        for key in ("0" + "9" * 11, "0" * 3 + "9" * 40):
+            body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": {key: 0}}
+            response, text = yield self.post(gateway, body)
+            self.assertEqual(response.code, 400, (key, text))
+            self.assertIn("is not a token id", self.assertOpenAIError(text)["message"])
         self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
         response, text = yield self.post(
             gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": {"0": 0, "10": 0}}

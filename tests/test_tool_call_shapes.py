@@ -85,6 +85,9 @@ class WireTests(SynchronousTestCase):
         builtin = {"id": "s", "type": "builtin_function", "function": {"name": "$web_search", "arguments": "{}"}}
         body = whole(CALL, builtin)
         self.assertIs(OpenAIWire().completion(body, "m", 0, chat()).body, body)
+        # A null type is none, as in a stream (review s30).
+        body = whole({**CALL, "type": None})
+        self.assertIs(OpenAIWire().completion(body, "m", 0, chat()).body, body)
         unargued = {**CALL, "function": {"name": "now", "arguments": ""}}
         message = json.loads(OpenAIWire().completion(whole(unargued), "m", 0, chat()).body)["choices"][0]["message"]
         self.assertEqual(message["tool_calls"][0]["function"]["arguments"], "{}")
@@ -102,7 +105,9 @@ class WireTests(SynchronousTestCase):
                 OpenAIStream().payloads(chunk({"index": index, **CALL}))
             self.assertIn("has an index that is not a whole number from 0", str(caught.exception))
         # A later piece of a call begun: no id nor name needed; a new
-        # call's first piece names it.
+        # call's first piece names it (the openai SDK's stream helper reads
+        # function.name of every piece of a call whose type it has: a first
+        # piece with its type but no function failed there, AttributeError).
         stream = OpenAIStream()
         begun = {"index": 0, **CALL, "function": {**FUNCTION, "arguments": ""}}
         for piece in (begun, {"index": 0, "function": {"arguments": "{}"}}, {"index": 0, "id": None, "type": None}):

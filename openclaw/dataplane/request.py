@@ -633,10 +633,12 @@ def _logit_bias(name: str, value: Any) -> None:
             param=name,
         )
     for token, bias in value.items():
-        if ZERO_PADDED.fullmatch(token):
+        unpadded = token.lstrip("0") or "0"
+        if ZERO_PADDED.fullmatch(token) and TOKEN_ID.fullmatch(unpadded) and int(unpadded) <= MAX_TOKEN_ID:
+            # Told how to write it only where that is a token id.
             raise bad_request(
                 f"logit_bias: the key {_clipped(token)!r} is a token id written with leading zeros, which the "
-                f"same id written without them would also name: write it as {_clipped(token.lstrip('0') or '0')!r}",
+                f"same id written without them would also name: write it as {unpadded!r}",
                 param=name,
             )
         if not TOKEN_ID.fullmatch(token) or int(token) > MAX_TOKEN_ID:

@@ -167,7 +167,7 @@ def _call_fault(call: Any) -> str | None:
         return "is not an object"
     if not isinstance(call.get("id"), str) or not call["id"]:
         return "has no id (a non-empty string)"
-    if "type" in call and not isinstance(call["type"], str):
+    if call.get("type") is not None and not isinstance(call["type"], str):
         return "has a type that is not a string"
     function = call.get("function")
     if function is None:
