@@ -158,6 +158,10 @@ class ListeningService(Service):
         self.factory = factory
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
+        #: While the port stopped last is closing: the Deferreds a later
+        #: L{stopService} returned, fired (as the closing did) once it is
+        #: closed.
+        self._closing: list[Deferred[None]] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -195,16 +199,38 @@ class ListeningService(Service):
     def stopService(self) -> Deferred[None]:
         """
         Stop listening; fires once the port is closed (at once if it never
-        opened; a listen still under way is cancelled).
+        opened; a listen still under way is cancelled).  Stopped again
+        while the port is still closing: fires once it is closed too (as
+        the first stop's does, with its failure if closing failed), not
+        at once.
         """
         super().stopService()
         listening, self._listening = self._listening, None
         port, self.port = self.port, None
         if port is not None:
             stopped = port.stopListening()
-            return stopped if stopped is not None else succeed(None)
+            if stopped is None:
+                return succeed(None)
+            waiters: list[Deferred[None]] = []
+            self._closing = waiters
+
+            def closed(result: object) -> object:
+                if self._closing is waiters:
+                    self._closing = None
+                for waiter in waiters:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(None)
+                return result
+
+            return stopped.addBoth(closed)
         if listening is not None and not listening.called:
             listening.cancel()
+        if self._closing is not None:
+            waiter: Deferred[None] = Deferred()
+            self._closing.append(waiter)
+            return waiter
         return succeed(None)
 
 
