@@ -234,7 +234,244 @@ class ListeningService(Service):
         return succeed(None)
 
 
-class GatewayService(MultiService):
+class SequentialMultiService(MultiService):
+    """
+    A L{MultiService} whose children stop one at a time, the last added
+    first, each stop waited for (its Deferred) before the next begins:
+    Twisted's calls every child's C{stopService} at once, and only waits
+    for them all together.  A child whose stop fails is logged, and the
+    next is stopped all the same; the returned Deferred never fails.
+    """
+
+    _log = Logger()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:
+                self._log.failure("could not stop {service}", service=service, log_level=LogLevel.critical)
+
+
+class ClusterService(Service):
+    """
+    This instance's membership of its cluster (C{REDIS_URL}) while
+    running: the connections to Redis (L{RedisStore}) and the node
+    (L{ClusterNode}: heartbeat, reloads) started, and at stop the node
+    stopped (it leaves the count of instances), then the connections
+    closed; the stop's Deferred fires once they are (within
+    C{REDIS_TIMEOUT_SECONDS} each) and never fails.
+    """
+
+    def __init__(self, redis: RedisStore, node: ClusterNode) -> None:
+        self._redis = redis
+        self._node = node
+
+    def startService(self) -> None:
+        super().startService()
+        self._redis.start(self._node)
+        self._node.start()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        yield self._node.stop()
+        yield self._redis.stop()
+
+
+class ConsumersService(Service):
+    """
+    The consumers' database while running: at start its schema brought up
+    to date and the table loaded (tried again with back-off while the
+    database cannot be used: L{Retrying}), the usage writer started, and
+    the usage rows older than USAGE_RETENTION_DAYS purged hourly
+    (L{usage_purger}); at stop the purge and the reconciliations of a
+    cluster's consumers stopped, the usage rows still pending written and
+    the database closed, by the end of SHUTDOWN_GRACE_SECONDS
+    (L{stopService}).
+
+    @ivar ready: fires once the consumers are loaded (or the first attempt
+        failed: L{Retrying} goes on trying).
+    """
+
+    def __init__(
+        self,
+        store: ConsumerStore,
+        table: ConsumerTable,
+        shared: SharedConsumers | None,
+        settings: Settings,
+        reactor: IGatewayReactor,
+        log: Logger,
+        deadline: Callable[[], float],
+    ) -> None:
+        """
+        @param log: the gateway's logger (its lines are the gateway's).
+        @param deadline: when the gateway's stop must be over (the end of
+            SHUTDOWN_GRACE_SECONDS since it began), in the reactor's
+            seconds; read at stop.
+        """
+        self._store = store
+        self._table = table
+        self._shared = shared
+        self._settings = settings
+        self._reactor = reactor
+        self._log = log
+        self._deadline = deadline
+        self._purger: LoopingCall | None = None
+        self._opening: Retrying[int] | None = None
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        """
+        Bring the consumers' database up to date, load the table, and start
+        the usage writer and the purge of rows older than
+        USAGE_RETENTION_DAYS (hourly).
+        """
+        super().startService()
+        settings = self._settings
+        where = "DATABASE_URL" if settings.database_url else str(sqlite_path(settings.state_dir))
+
+        def attempt() -> Deferred[int]:
+            def migrated(version: int) -> Deferred[int]:
+                return self._table.reload().addCallback(lambda _: version)
+
+            return self._store.migrate().addCallback(migrated)
+
+        def loaded(version: int, failures: int) -> None:
+            self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
+            self._log.info(
+                "{count} consumer(s) loaded{after}",
+                count=len(self._table.consumers),
+                after=f" (the database answered after {failures} failed attempt(s))" if failures else "",
+            )
+            if self._shared is not None:
+                self._shared.loaded()
+            if not self.ready.called:
+                self.ready.callback(None)
+
+        def failed(reason: Failure, failures: int, delay: float) -> None:
+            # Once per outage: the retries after it say nothing until one
+            # succeeds.
+            if failures == 1:
+                log_database_failure(
+                    self._log,
+                    "the consumers' database {where} cannot be used ({error}): consumer keys are refused (503) "
+                    "and the consumer commands answer 'not loaded yet' until it can; trying again with back-off "
+                    "(every {cap:.0f} s at most): {advice}",
+                    reason,
+                    where=where,
+                    cap=RETRY_MAX_SECONDS,
+                )
+                self.ready.callback(None)
+
+        self._opening = Retrying(attempt, self._reactor, failed, loaded)
+        self._opening.start()
+        self._table.start(self._reactor)
+        self._purger = usage_purger(
+            self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log
+        )
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        Stop the purge, a cluster's reconciliations and the retries of the
+        consumers' database, write the usage rows still pending, and close
+        the database, by the C{deadline} (each step gets at least
+        L{CONSUMERS_STOP_MIN_SECONDS}): a database that does not answer
+        must not keep the process from exiting.  What is given up is
+        logged (the rows by L{ConsumerTable.stop}).  Never fails.
+        """
+        super().stopService()
+        if self._purger is not None and self._purger.running:
+            self._purger.stop()
+        if self._shared is not None:
+            self._shared.stop()
+        if self._opening is not None:
+            self._opening.stop()
+        deadline = self._deadline()
+
+        def left() -> float:
+            return max(deadline - self._reactor.seconds(), CONSUMERS_STOP_MIN_SECONDS)
+
+        seconds = left()
+        # The table's deadline is the only one: by then it has written the
+        # rows or given them up (one line), and tries no more; only then
+        # is the store closed.
+        yield self._table.stop(self._reactor, self._reactor.seconds() + seconds)
+        seconds = left()
+        closed = yield self._store.close(seconds)
+        if not closed:
+            self._log.warn(
+                "the consumers' database connections did not close within {seconds:.1f} s (a connection "
+                "attempt or query still waiting on it): left to end with the process",
+                seconds=seconds,
+            )
+
+
+class ServingService(MultiService):
+    """
+    What answers clients: the listeners (its children, and a worker's
+    metrics socket watch), and at stop, once they stopped accepting, the
+    commands and API calls in flight let finish (for up to
+    C{SHUTDOWN_GRACE_SECONDS}), goodbye (1001) said to every control
+    client and the API's connections closed, then the providers' probes
+    and pooled connections let go of.
+
+    @ivar api_site: the API's site (L{None}: no API listener).
+    """
+
+    def __init__(
+        self,
+        controlplane: ControlPlane,
+        factory: ControlFactory,
+        api_site: APISite | None,
+        providers: ProviderRegistry,
+        grace_seconds: float,
+        reactor: IReactorTime,
+        log: Logger,
+    ) -> None:
+        """
+        @param grace_seconds: C{SHUTDOWN_GRACE_SECONDS}.
+        @param log: the gateway's logger (its lines are the gateway's).
+        """
+        super().__init__()
+        self._controlplane = controlplane
+        self._factory = factory
+        self.api_site = api_site
+        self._providers = providers
+        self._grace = grace_seconds
+        self._reactor = reactor
+        self._log = log
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()
+        drains = [self._controlplane.drain()]
+        if self.api_site is not None:
+            drains.append(self.api_site.drain())
+        drained = gatherResults(drains, consumeErrors=True)
+        try:
+            yield drained.addTimeout(self._grace, self._reactor)
+        except (DeferredTimeoutError, FirstError):
+            # Twisted's TimeoutError is not the builtin one; and a gathered
+            # wait cancelled at the deadline fails with FirstError.
+            self._log.warn(
+                "shutdown grace of {seconds} s is over; closing with commands or API calls still in flight",
+                seconds=self._grace,
+            )
+        # Both at once: a control client slow to answer its close frame
+        # (up to CLOSE_HANDSHAKE_SECONDS) must not keep the API's calls
+        # running past the grace period.
+        closing = [self._factory.close_all(GOING_AWAY)]
+        if self.api_site is not None:
+            closing.append(self.api_site.close_connections())
+        yield gatherResults(closing, consumeErrors=True)
+        yield self._providers.close()
+
+
+class GatewayService(SequentialMultiService):
     """
     The whole gateway: session token, control plane listener, providers.
 
@@ -380,8 +617,6 @@ class GatewayService(MultiService):
             reserve_tokens=settings.consumer_reserve_tokens,
             changed=self._consumer_changed,
         )
-        self._purger: LoopingCall | None = None
-        self._opening: Retrying[int] | None = None
         #: This process's id in the cluster (host name and process id),
         #: taken again at start (L{_name_instance}).
         self.instance = _instance_id()
@@ -400,6 +635,26 @@ class GatewayService(MultiService):
         if settings.redis_url:
             self._join_cluster(reactor)
         cluster = self.cluster
+        # Children, started in this order and stopped in the reverse, each
+        # stop waited for (SequentialMultiService): the cluster's
+        # membership, the consumers' database, then what answers clients;
+        # twistd's stop thus stops listening and drains the calls in flight
+        # first, writes their usage rows, and leaves the cluster last.
+        if cluster is not None:
+            assert self._redis is not None
+            ClusterService(self._redis, cluster).setServiceParent(self)
+        #: When the stop began (L{stopService}), in the reactor's seconds.
+        self._stopping_at = 0.0
+        self._consumers_service = ConsumersService(
+            self.consumer_store,
+            self.consumers,
+            self.shared_consumers,
+            settings,
+            reactor,
+            self._log,
+            deadline=lambda: self._stopping_at + settings.shutdown_grace_seconds,
+        )
+        self._consumers_service.setServiceParent(self)
         commands = ControlCommands(
             route=self.route,
             providers=self.providers,
@@ -446,22 +701,11 @@ class GatewayService(MultiService):
         )
         exposition = None
         if worker_sockets is not None:
-            # --workers: this worker's own series on its private socket,
-            # listening at once (while waiting for the cluster store, too:
-            # its metrics say so), and every worker's on /metrics.
+            # --workers: every worker's series on /metrics.
             exposition = WorkersExposition(reactor, self.metrics.registry, worker_sockets, worker).exposition
-            private = ListeningService(
-                PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
-                metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
-            )
-            # Listens on it (not a child of its own: its directory's fault
-            # does not end the worker), and again if a cleaner of the
-            # temporary directory removes it.
-            PrivateSocketWatch(reactor, worker_sockets, worker, private).setServiceParent(self)
         metrics_resource = MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts, exposition
         )
-        self._listen(control_endpoint, self.factory)
         self.api_site: APISite | None = None
         if api_endpoint is not None:
             context = APIContext.from_settings(
@@ -483,6 +727,32 @@ class GatewayService(MultiService):
                 self.descriptors.api,
                 metrics=metrics_resource if metrics_endpoint is None else None,
             )
+        #: The listeners (its children) and what stops the calls in flight.
+        self._serving = ServingService(
+            controlplane,
+            self.factory,
+            self.api_site,
+            self.providers,
+            settings.shutdown_grace_seconds,
+            reactor,
+            self._log,
+        )
+        self._serving.setServiceParent(self)
+        if worker_sockets is not None:
+            # --workers: this worker's own series on its private socket,
+            # listening at once (while waiting for the cluster store, too:
+            # its metrics say so).
+            private = ListeningService(
+                PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
+                metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
+            )
+            # Listens on it (not a child of its own: its directory's fault
+            # does not end the worker), and again if a cleaner of the
+            # temporary directory removes it.
+            PrivateSocketWatch(reactor, worker_sockets, worker, private).setServiceParent(self._serving)
+        self._listen(control_endpoint, self.factory)
+        if self.api_site is not None:
+            assert api_endpoint is not None
             self._listen(api_endpoint, self.api_site)
         if metrics_endpoint is not None:
             self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))
@@ -643,7 +913,7 @@ class GatewayService(MultiService):
     def _listen(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:
         listener = ListeningService(endpoint, factory)
         if self.cluster is None:
-            listener.setServiceParent(self)
+            listener.setServiceParent(self._serving)
         else:
             # Started once the cluster's token and route are known
             # (L{_synced}).
@@ -676,7 +946,7 @@ class GatewayService(MultiService):
         listeners, self._waiting_listeners = self._waiting_listeners, []
         try:
             for listener in listeners:
-                listener.setServiceParent(self)
+                listener.setServiceParent(self._serving)
         except Exception:
             self._log.failure("could not listen once in step with the cluster", log_level=LogLevel.critical)
             self._reactor.stop()
@@ -763,7 +1033,9 @@ class GatewayService(MultiService):
             except TokenFileUnwritable as e:
                 self._refuse_token_file(e)
                 return
-        self._open_consumers()
+        #: Fires once the consumers are loaded (or the first attempt failed:
+        #: L{Retrying} goes on trying); set once they start.
+        self.consumers_ready: Deferred[None] = self._consumers_service.ready
         if shared:
             assert self.cluster is not None and self._redis is not None
             # The token is the cluster's: issued by the first instance,
@@ -779,11 +1051,11 @@ class GatewayService(MultiService):
                 self._waiting_for_store = LoopingCall(self._still_waiting)
                 self._waiting_for_store.clock = self._reactor
                 self._waiting_for_store.start(WAITING_LOG_SECONDS, now=False)
-            self._redis.start(self.cluster)
-            self.cluster.start()
         else:
             assert issued is not None
             self._announce(issued)
+        # The cluster's membership (ClusterService), the consumers
+        # (ConsumersService), then the listeners (ServingService).
         super().startService()
 
     def _refuse_token_file(self, error: TokenFileUnwritable) -> None:
@@ -833,88 +1105,6 @@ class GatewayService(MultiService):
         )
         self.exit_status = 1
         self._reactor.callWhenRunning(self._reactor.stop)
-
-    def _open_consumers(self) -> None:
-        """
-        Bring the consumers' database up to date, load the table, and start
-        the usage writer and the purge of rows older than
-        USAGE_RETENTION_DAYS (hourly).
-        """
-        settings = self.settings
-        where = "DATABASE_URL" if settings.database_url else str(sqlite_path(self.settings.state_dir))
-
-        def attempt() -> Deferred[int]:
-            def migrated(version: int) -> Deferred[int]:
-                return self.consumers.reload().addCallback(lambda _: version)
-
-            return self.consumer_store.migrate().addCallback(migrated)
-
-        def loaded(version: int, failures: int) -> None:
-            self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
-            self._log.info(
-                "{count} consumer(s) loaded{after}",
-                count=len(self.consumers.consumers),
-                after=f" (the database answered after {failures} failed attempt(s))" if failures else "",
-            )
-            if self.shared_consumers is not None:
-                self.shared_consumers.loaded()
-            if not self.consumers_ready.called:
-                self.consumers_ready.callback(None)
-
-        def failed(reason: Failure, failures: int, delay: float) -> None:
-            # Once per outage: the retries after it say nothing until one
-            # succeeds.
-            if failures == 1:
-                log_database_failure(
-                    self._log,
-                    "the consumers' database {where} cannot be used ({error}): consumer keys are refused (503) "
-                    "and the consumer commands answer 'not loaded yet' until it can; trying again with back-off "
-                    "(every {cap:.0f} s at most): {advice}",
-                    reason,
-                    where=where,
-                    cap=RETRY_MAX_SECONDS,
-                )
-                self.consumers_ready.callback(None)
-
-        #: Fires once the consumers are loaded (or the first attempt failed:
-        #: L{Retrying} goes on trying).
-        self.consumers_ready: Deferred[None] = Deferred()
-        self._opening = Retrying(attempt, self._reactor, failed, loaded)
-        self._opening.start()
-        self.consumers.start(self._reactor)
-        self._purger = usage_purger(
-            self.consumer_store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log
-        )
-
-    @inlineCallbacks
-    def _stop_consumers(self, deadline: float) -> Any:
-        """
-        Stop retrying the consumers' database, write the usage rows still
-        pending, and close the database, by C{deadline} (the end of
-        SHUTDOWN_GRACE_SECONDS; each step gets at least
-        L{CONSUMERS_STOP_MIN_SECONDS}): a database that does not answer
-        must not keep the process from exiting.  What is given up is
-        logged (the rows by L{ConsumerTable.stop}).
-        """
-        if self._opening is not None:
-            self._opening.stop()
-
-        def left() -> float:
-            return max(deadline - self._reactor.seconds(), CONSUMERS_STOP_MIN_SECONDS)
-
-        seconds = left()
-        # The table's deadline is the only one: by then it has written the
-        # rows or given them up (one line), and tries no more; only then
-        # is the store closed.
-        yield self.consumers.stop(self._reactor, self._reactor.seconds() + seconds)
-        seconds = left()
-        closed = yield self.consumer_store.close(seconds)
-        if not closed:
-            self._log.warn(
-                "the consumers' database connections did not close within {seconds:.1f} s (a connection "
-                "attempt or query still waiting on it): left to end with the process",
-                seconds=seconds,
-            )
 
     def _warn_about_setup(self) -> None:
         """
@@ -1046,46 +1236,25 @@ class GatewayService(MultiService):
         """
         Stop accepting, let the commands and API calls in flight finish (for
         up to C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
-        client, close the API's connections, then let go of the providers
-        and the token file.
+        client, close the API's connections, let go of the providers
+        (L{ServingService}), write the usage rows still pending and close
+        the consumers' database (L{ConsumersService}), leave the cluster
+        (L{ClusterService}), then remove the token file and release
+        C{STATE_DIR}.  Not started (a refused start): nothing.
         """
         if not self.running:
             return
-        stopping = self._reactor.seconds()
+        self._stopping_at = self._reactor.seconds()
         if self._waiting_for_store is not None:
             self._waiting_for_store.stop()
             self._waiting_for_store = None
         self._waiting_listeners = []
+        # Its children one at a time (SequentialMultiService), the last
+        # started first: a --workers worker's watch of its parent, the
+        # listeners and the calls in flight (ServingService), the
+        # consumers' usage rows and database (ConsumersService), the
+        # cluster's membership (ClusterService).
         yield super().stopService()
-        drains = [self.controlplane.drain()]
-        if self.api_site is not None:
-            drains.append(self.api_site.drain())
-        drained = gatherResults(drains, consumeErrors=True)
-        try:
-            yield drained.addTimeout(self.settings.shutdown_grace_seconds, self._reactor)
-        except (DeferredTimeoutError, FirstError):
-            # Twisted's TimeoutError is not the builtin one; and a gathered
-            # wait cancelled at the deadline fails with FirstError.
-            self._log.warn(
-                "shutdown grace of {seconds} s is over; closing with commands or API calls still in flight",
-                seconds=self.settings.shutdown_grace_seconds,
-            )
-        # Both at once: a control client slow to answer its close frame
-        # (up to CLOSE_HANDSHAKE_SECONDS) must not keep the API's calls
-        # running past the grace period.
-        closing = [self.factory.close_all(GOING_AWAY)]
-        if self.api_site is not None:
-            closing.append(self.api_site.close_connections())
-        yield gatherResults(closing, consumeErrors=True)
-        yield self.providers.close()
-        if self._purger is not None and self._purger.running:
-            self._purger.stop()
-        if self.shared_consumers is not None:
-            self.shared_consumers.stop()
-        yield self._stop_consumers(stopping + self.settings.shutdown_grace_seconds)
-        if self.cluster is not None and self._redis is not None:
-            yield self.cluster.stop()
-            yield self._redis.stop()
         self.sessions.discard_token_file()
         self._release_state_dir()
 
