@@ -45,7 +45,9 @@ from openclaw.consumers.store import (
     RETRY_MAX_SECONDS,
     ConsumerStore,
     Retrying,
+    UnusableDatabaseFile,
     log_database_failure,
+    sqlite_file,
     sqlite_path,
 )
 from openclaw.consumers.table import ConsumerTable
@@ -578,19 +580,20 @@ class GatewayService(SequentialMultiService):
         )
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
-        configured = Route(provider, settings.default_model(provider))
         #: The route the state file held, when it replaced the configured one
-        #: (in a cluster the Redis copy replaces the state file).
-        self.restored_route = None if settings.redis_url else self.store.load()
-        self.route = ActiveRoute(self.restored_route or configured)
-        if self.restored_route == configured:
-            self.restored_route = None
+        #: (in a cluster the Redis copy replaces the state file): read at
+        #: start (L{_restore_route}).
+        self.restored_route: Route | None = None
+        #: The route in force: the configured one until the state file is
+        #: read at start.
+        self.route = ActiveRoute(Route(provider, settings.default_model(provider)))
         #: Seconds since the epoch, by the reactor's clock (the real
         #: reactor's is wall-clock time: C{status} shows it as a date).
         self.started_at = reactor.seconds()
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
-        self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor)
+        # Its SQLite file is checked (and made) at start (L{startService}).
+        self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor, check_file=False)
         self._redis: RedisStore | None = None
         shared: SharedCounters | None = None
         if settings.redis_url:
@@ -1005,6 +1008,21 @@ class GatewayService(SequentialMultiService):
         if self.shared_consumers is not None:
             self.shared_consumers.instance = self.instance
 
+    def _restore_route(self) -> None:
+        """
+        Make the route the state file holds (L{RouteStore.load}: the last
+        C{switch_provider} of an earlier run) the one in force, when it is
+        not the configured one (L{restored_route}); a state file that
+        cannot be trusted is logged as a warning and ignored.  In a
+        cluster, nothing: the Redis copy is the cluster's route.
+        """
+        if self.cluster is not None:
+            return
+        restored = self.store.load()
+        if restored is not None and restored != self.route.current:
+            self.restored_route = restored
+            self.route.switch(restored)
+
     def startService(self) -> None:
         running_as = self._ids()
         if running_as != self.built_as:
@@ -1015,6 +1033,7 @@ class GatewayService(SequentialMultiService):
             # After twistd daemonized: the daemon's pid, not its parent's.
             with contextlib.suppress(OSError):
                 self._state_lock.record_pid()
+        self._restore_route()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
                 "JWT_SECRET is not set: tokens are signed with a random secret made "
@@ -1023,6 +1042,8 @@ class GatewayService(SequentialMultiService):
         for line in self.settings.warnings:
             self._log.warn("{config_warning}", config_warning=line)
         self._warn_about_setup()
+        if not self._check_database_file():
+            return
         shared = self.cluster is not None and self._redis is not None
         issued = None
         if not shared:
@@ -1083,6 +1104,39 @@ class GatewayService(SequentialMultiService):
         self.sessions.release_token_file()
         self._release_state_dir()
         self._reactor.callWhenRunning(self._reactor.stop)
+
+    def _check_database_file(self) -> bool:
+        """
+        Check (and make, private) the consumers' SQLite file in
+        C{STATE_DIR} (L{sqlite_file}; with C{DATABASE_URL}, nothing) before
+        the store first uses it.  C{twistd openclaw} refused an unusable
+        one already, before daemonizing (L{openclaw.tap.makeService}): one
+        made unusable in between (a directory put in its place) is refused
+        here as there, in one critical line saying what to do; then, as
+        for the token file (L{_refuse_token_file}), nothing is started,
+        the locks are released, the reactor stopped once running, and the
+        exit status is 1.
+
+        @return: whether the gateway may start.
+        """
+        if self.settings.database_url:
+            return True
+        try:
+            sqlite_file(self.settings.state_dir)
+        except UnusableDatabaseFile as e:
+            # Worded as the tap's refusal (openclaw.tap._check_database_file).
+            source = self.settings.source("STATE_DIR")
+            self._log.critical(
+                "{named}: {error}; or point STATE_DIR / --state-dir at another directory",
+                named=f"STATE_DIR (--state-dir)={str(self.settings.state_dir)!r}" + (f" ({source})" if source else ""),
+                error=str(e),
+            )
+            self.exit_status = 1
+            self.sessions.release_token_file()
+            self._release_state_dir()
+            self._reactor.callWhenRunning(self._reactor.stop)
+            return False
+        return True
 
     def _refuse_switched_ids(self, running_as: tuple[int, int]) -> None:
         """

@@ -7,17 +7,22 @@ gateway's children in their order (L{openclaw.service.GatewayService}).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from openclaw.routing import Route
 from openclaw.service import (
     ClusterService,
     ConsumersService,
@@ -27,7 +32,9 @@ from openclaw.service import (
     ServingService,
 )
 from openclaw.settings import Settings
+from openclaw.state import RouteStore
 from tests.support import capture_log_events
+from tests.test_startup import StopRecordingReactor
 
 
 @implementer(IListeningPort)
@@ -192,8 +199,6 @@ class GatewayChildrenTests(TestCase):
     """
 
     def test_standalone(self) -> None:
-        from twisted.internet import reactor
-
         state_dir = Path(self.mktemp())
         state_dir.mkdir()
         service = GatewayService(
@@ -211,8 +216,6 @@ class GatewayChildrenTests(TestCase):
         In a cluster the membership comes first (stopped last, once the
         usage rows are written); the listeners wait for the first reload.
         """
-        from twisted.internet import reactor
-
         state_dir = Path(self.mktemp())
         state_dir.mkdir()
         service = GatewayService(
@@ -224,3 +227,75 @@ class GatewayChildrenTests(TestCase):
         children = list(service)
         self.assertEqual([type(child) for child in children], [ClusterService, ConsumersService, ServingService])
         self.assertEqual(list(children[2]), [])
+
+
+class NothingDoneWhenBuiltTests(TestCase):
+    """
+    Building the gateway's service reads, opens and makes nothing (task
+    s30: its constructor read the state file and made the consumers'
+    database): that is done when it starts.
+    """
+
+    def build(self, state_dir: Path, gateway_reactor: Any = None, **settings: Any) -> GatewayService:
+        service = GatewayService(
+            Settings(jwt_secret=b"s" * 32, jwt_secret_is_ephemeral=False, state_dir=state_dir, **settings),
+            gateway_reactor or reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            stdout=io.StringIO(),
+        )
+        self.addCleanup(service.consumer_store.close, 5.0)
+        return service
+
+    def test_nothing_made(self) -> None:
+        """
+        Built, the service has made nothing in STATE_DIR (the consumers'
+        database is made at start).
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        self.build(state_dir)
+        self.assertEqual(list(state_dir.iterdir()), [])
+
+    def test_state_file_read_at_start(self) -> None:
+        """
+        The route a state file holds is in force once started, not before.
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        RouteStore(state_dir, ("kimi", "gemini")).save(Route("kimi", "moonshot-v1-32k"))
+        service = self.build(state_dir, default_provider="gemini")
+        self.assertEqual(service.route.current.provider_id, "gemini")
+        self.assertIsNone(service.restored_route)
+        self.assertFalse((state_dir / "openclaw.db").exists())
+        events = capture_log_events(self)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(service.route.current, Route("kimi", "moonshot-v1-32k"))
+        self.assertEqual(service.restored_route, Route("kimi", "moonshot-v1-32k"))
+        self.assertTrue((state_dir / "openclaw.db").exists())
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertIn("the active provider is kimi/moonshot-v1-32k, restored from", warnings[-1])
+
+    def test_unusable_database_file_refused_at_start(self) -> None:
+        """
+        A consumers' database made unusable after the tap checked it (a
+        directory in its place): one critical line saying what to do, exit
+        status 1, the reactor stopped, and nothing started (no token).
+        """
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        stops: list[None] = []
+        service = self.build(state_dir, StopRecordingReactor(reactor, stops), token_file=state_dir / "token")
+        (state_dir / "openclaw.db").mkdir()
+        events = capture_log_events(self)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [critical] = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertIn(f"STATE_DIR (--state-dir)={str(state_dir)!r}: the consumers' database", critical)
+        self.assertIn("a directory is in the way", critical)
+        self.assertIn("or point STATE_DIR / --state-dir at another directory", critical)
+        self.assertEqual(service.exit_status, 1)
+        self.assertEqual(stops, [None])
+        self.assertIsNone(service.sessions.current_or_none)
+        self.assertFalse((state_dir / "token").exists())
+        self.assertFalse(service.running)

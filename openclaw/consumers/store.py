@@ -552,13 +552,18 @@ class ConsumerStore:
         state_dir: Path,
         reactor: IStoreReactor,
         bounds: CommandBounds = CommandBounds(),
+        check_file: bool = True,
     ) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
         in C{state_dir/openclaw.db}, its commands within C{bounds}.
 
+        @param check_file: check that SQLite file now, creating it (private)
+            if missing (L{sqlite_file}); C{False}: only name it, nothing
+            read or made, for a caller that checks it itself before the
+            store's first use (the gateway, at start).
         @raise UnusableDatabaseFile: that SQLite file cannot be used
-            (L{sqlite_file}).
+            (L{sqlite_file}; only with C{check_file}).
         """
         if database_url:
             pool = adbapi.ConnectionPool(
@@ -578,7 +583,7 @@ class ConsumerStore:
             pool.connectionFactory = PooledConnection  # type: ignore[assignment]
             dialect = "postgresql"
         else:
-            path = sqlite_file(state_dir)
+            path = sqlite_file(state_dir) if check_file else sqlite_path(state_dir)
             pool = adbapi.ConnectionPool(
                 "sqlite3",
                 str(path),
