@@ -1555,6 +1555,12 @@ def explain_failure(error: BaseException, request: Request) -> str:
         )
     if isinstance(error, DNSLookupError):
         return f"cannot connect to {url}: the host name does not resolve"
+    if isinstance(error, Unanswered):
+        return (
+            f"the gateway at {url} took the command but did not answer within {request.timeout:g} s; it may be "
+            "waiting on its consumers' database (a long usage report, or a database that stopped answering: see "
+            "the gateway's log), or raise --timeout"
+        )
     if isinstance(error, (TimeoutError, CancelledError)):
         return (
             f"no answer from {url} within {request.timeout:g} s; "
@@ -1638,6 +1644,8 @@ class OneCommand(WebSocketClientProtocol):
 
     factory: OneCommandFactory
     _sent_at = 0.0
+    #: The command was sent, on the open WebSocket connection.
+    sent = False
     _lost: BaseException | None = None
     _opened = False
     _received = b""
@@ -1695,6 +1703,7 @@ class OneCommand(WebSocketClientProtocol):
         self._opened = True
         self._sent_at = time.perf_counter()
         self.sendMessage(self.factory.payload)
+        self.sent = True
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self.factory.answer.called:
@@ -1799,6 +1808,13 @@ def client_endpoint(
     return wrapClientTLS(tls, endpoint), tls
 
 
+class Unanswered(TimeoutError):
+    """
+    The gateway took the connection and the command (its WebSocket
+    handshake done, the command sent), and did not answer in time.
+    """
+
+
 async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     """
     Send the request and wait for its answer, within C{request.timeout};
@@ -1806,7 +1822,8 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     handshake timeout) so the gateway sees a clean goodbye.
 
     @raise ConnectionClosed: the connection ended before an answer.
-    @raise TimeoutError: no answer in time.
+    @raise Unanswered: the command was sent, and no answer came in time.
+    @raise TimeoutError: the connection did not open in time.
     """
     endpoint, tls = client_endpoint(reactor, request)
     factory = OneCommandFactory(websocket_url(request.url), request.message(), tls)
@@ -1815,7 +1832,12 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
         await endpoint.connect(factory)
         return await factory.answer
 
-    reply = await Deferred.fromCoroutine(answered()).addTimeout(request.timeout, reactor)
+    try:
+        reply = await Deferred.fromCoroutine(answered()).addTimeout(request.timeout, reactor)
+    except (TimeoutError, CancelledError):
+        if factory.connected is not None and factory.connected.sent:
+            raise Unanswered() from None
+        raise
     if factory.connected is not None:
         await factory.connected.is_closed
     return reply

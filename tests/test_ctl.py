@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -1292,6 +1293,27 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "0.5", "ping")
         self.assertEqual((out, code), ("", 2))
         self.assertIn(f"no answer from {url} within 0.5 s", err)
+
+    @inlineCallbacks
+    def test_taken_and_unanswered(self):
+        """
+        A gateway that opened the connection and took the command but sent
+        no answer (waiting on its consumers' database): said so, not "check
+        the gateway is running" (trial s30).
+        """
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "1", "usage")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: the gateway at {url} took the command but did not answer within 1 s; it may be "
+            "waiting on its consumers' database (a long usage report, or a database that stopped answering: see "
+            "the gateway's log), or raise --timeout\n",
+        )
 
     @inlineCallbacks
     def test_wss(self):
