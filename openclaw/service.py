@@ -950,8 +950,16 @@ class GatewayService(SequentialMultiService):
         try:
             for listener in listeners:
                 listener.setServiceParent(self._serving)
+        except CannotListen as e:
+            # A SystemExit (its one line ends a start-up): here, in a Redis
+            # callback, it was lost, and the gateway ran on without it.
+            self._log.critical("{line}; the gateway stops", line=str(e))
+            self.exit_status = 1
+            self._reactor.stop()
+            return
         except Exception:
             self._log.failure("could not listen once in step with the cluster", log_level=LogLevel.critical)
+            self.exit_status = 1
             self._reactor.stop()
             return
         if listeners:

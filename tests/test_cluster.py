@@ -1109,6 +1109,42 @@ class ListenOnceSynced(TestCase):
         answer = yield client.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
 
+    @inlineCallbacks
+    def test_port_taken_meanwhile_ends_it(self):
+        """
+        A port taken while the instance waited for Redis: once in step, it
+        cannot listen there, says so in one critical line and ends with
+        status 1 (so that a unit's Restart=on-failure starts it again),
+        where it ran on without its API listener, silently, and stopped
+        with status 0 (review s30).
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        port, api_port = free_port(), free_port()
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+        )
+        args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
+        process = spawn_gateway(self, args, env)
+        yield printed(process, b"not listening yet: waiting for the cluster store at " + redis.url.encode())
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", api_port))
+        taken.listen()
+        redis.start()
+        status = yield process.ended.addTimeout(30, reactor)
+        self.assertEqual(status, 1)
+        self.assertIn(
+            f"openclaw: cannot listen on 127.0.0.1:{api_port} (API_PORT, from the command line): address already "
+            "in use".encode(),
+            process.stdout + process.stderr,
+        )
+        self.assertIn(b"; the gateway stops", process.stdout + process.stderr)
+
 
 class StoreRefusals(ClusterCase):
     @inlineCallbacks
