@@ -343,11 +343,14 @@ class ConsumersService(Service):
 
         def loaded(version: int, failures: int) -> None:
             self._log.info("consumers' database {where} at schema version {version}", where=where, version=version)
-            self._log.info(
-                "{count} consumer(s) loaded{after}",
-                count=len(self._table.consumers),
-                after=f" (the database answered after {failures} failed attempt(s))" if failures else "",
-            )
+            if failures:
+                self._log.info(
+                    "{count} consumer(s) loaded (the database answered after {failures} failed attempt(s))",
+                    count=len(self._table.consumers),
+                    failures=failures,
+                )
+            else:
+                self._log.info("{count} consumer(s) loaded", count=len(self._table.consumers))
             if self._shared is not None:
                 self._shared.loaded()
             if not self.ready.called:
