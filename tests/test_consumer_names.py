@@ -205,3 +205,25 @@ class _Failing:
 
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         return succeed(None)
+
+
+class CaseAloneTests(GatewayCase):
+    @inlineCallbacks
+    def test_name_told_apart_by_case_alone_warned(self) -> Any:
+        """
+        Names are case-sensitive: a consumer created under a name another
+        has but for case is made (both are used so), with a warning saying
+        so, as a likely typo (trial s30); one of another name is not.
+        """
+        gateway, client = yield self.gateway()
+        first = yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
+        self.assertNotIn("warning", first)
+        second = yield self.command(gateway, client, "consumer_create", {"name": "Alpha"})
+        self.assertEqual(second["consumer"]["name"], "Alpha")
+        self.assertEqual(
+            second["warning"],
+            "consumer names are case-sensitive: 'Alpha' is another consumer than 'alpha' (delete one with "
+            "consumer_delete if it is a typo)",
+        )
+        other = yield self.command(gateway, client, "consumer_create", {"name": "beta"})
+        self.assertNotIn("warning", other)

@@ -344,9 +344,19 @@ class ConsumerCommands:
                 "leave it out for a consumer that does not expire"
             )
 
+        # Names are case-sensitive (as the database compares them): one
+        # told apart from another by case alone is likely a typo.
+        alike = sorted(other for other in self.table.consumers if other.casefold() == name.casefold())
+
         def created(key: NewKey) -> Result:
             result: Result = {"consumer": self.table.describe(name), "key": key.key, "key_prefix": key.prefix}
             _warn(result, models_warning(consumer.models, self.provider_ids))
+            if alike:
+                _warn(
+                    result,
+                    f"consumer names are case-sensitive: {name!r} is another consumer than {', '.join(map(repr, alike))}"
+                    " (delete one with consumer_delete if it is a typo)",
+                )
             return result
 
         return self.table.create(consumer).addCallbacks(created, _database_failed)
