@@ -27,7 +27,6 @@ import resource
 import socket
 import sys
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -116,48 +115,57 @@ class Listener:
         return f"openclaw: cannot listen on {self.where} ({self.named}): {reason} choose another {target} with {self.option}"
 
 
-def check_free(listener: Listener, interface: str, port: int) -> None:
+def check_free(listener: Listener, interface: str, port: int) -> socket.socket | None:
     """
     Try to bind C{interface}:C{port} as the gateway's TCP listener will
-    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once; and its
-    lock (L{lock_address}), which a C{--workers} gateway holds from its
-    start, before its workers listen.
+    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once; then
+    take the port's lock (L{lock_port}), which the caller holds for as
+    long as the gateway runs.
 
-    @raise CannotListen: it cannot be bound, or a C{--workers} gateway is
-        starting there.
+    @return: the lock (L{None}: none on this system, or port 0).
+    @raise CannotListen: it cannot be bound, or another gateway holds its
+        lock.
     """
     family = address_family(interface)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(bind_address(interface, port))
-            lock = lock_address(listener, probe.getsockname())
     except OSError as e:
         raise CannotListen(listener.failure_line(e)) from None
-    if lock is not None:
-        lock.close()
+    return lock_port(listener, port)
 
 
-def lock_address(listener: Listener, address: tuple[Any, ...]) -> socket.socket | None:
+def lock_port(listener: Listener, port: int) -> socket.socket | None:
     """
-    The lock of L{reserve} on C{address} (a bound socket's C{getsockname()}:
-    the kernel's form of the address, however it was written): a UNIX
-    socket bound to its name in Linux's abstract namespace; L{None} on
-    other systems.  Closed, it is free again.
+    The lock of TCP port C{port} on this host (its network namespace),
+    which an openclaw gateway holds from its start to its end, however it
+    ends: a UNIX socket bound to C{"\\0openclaw port PORT"} in Linux's
+    abstract namespace, which only one socket can hold (unix(7)) and the
+    kernel frees with the last process holding it.  A port's listening
+    socket alone does not tell a gateway whose listener is not up yet (a
+    C{--workers} gateway's workers starting, a single one between its
+    checks and its listen, a cluster's instance waiting for Redis): two
+    started together took the same port, or a C{--workers} gateway's
+    C{SO_REUSEPORT} workers joined another's, each port's address its own
+    (C{::} beside C{127.0.0.1}).  So one gateway per port number per host,
+    whatever the addresses.  L{None} on other systems, and for port 0 (the
+    kernel's choice, made later).
 
-    @raise CannotListen: another C{--workers} gateway holds it.
+    @raise CannotListen: another gateway holds it.
     """
-    if not sys.platform.startswith("linux"):
+    if port == 0 or not sys.platform.startswith("linux"):
         return None
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        lock.bind("\0openclaw --workers " + " ".join(str(part) for part in address))
+        lock.bind(f"\0openclaw port {port}")
     except OSError as e:
         lock.close()
         if e.errno == errno.EADDRINUSE:
             raise CannotListen(
-                f"openclaw: cannot listen on {listener.where} ({listener.named}): another --workers gateway is "
-                f"starting on {listener.where}; stop it, or choose another port with {listener.option}"
+                f"openclaw: cannot listen on {listener.where} ({listener.named}): another openclaw gateway holds "
+                f"port {port} on this host (starting, or listening at another of its addresses); stop it, or "
+                f"choose another port with {listener.option}"
             ) from None
         raise CannotListen(listener.failure_line(e)) from None
     return lock

@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
@@ -508,6 +508,9 @@ class GatewayService(SequentialMultiService):
     @param token_lock: the lock of C{TOKEN_FILE}
         (L{openclaw.session.lock_token_file}), held by the session
         authority (L{SessionAuthority}'s C{token_lock}).  L{None}: none.
+    @param port_locks: the locks of its TCP ports
+        (L{openclaw.listeners.lock_port}), taken before twistd daemonized:
+        closed when the service stops, with C{state_lock}.
     """
 
     #: The process's exit status once the reactor has stopped: 1 after a
@@ -531,11 +534,14 @@ class GatewayService(SequentialMultiService):
         ids: Callable[[], tuple[int, int]] = effective_ids,
         state_lock: PidLock | None = None,
         token_lock: PidLock | None = None,
+        port_locks: Sequence[socket.socket] = (),
     ) -> None:
         super().__init__()
         self._ids = ids
         #: The lock of STATE_DIR this gateway holds (C{state_lock}).
         self._state_lock = state_lock
+        #: The locks of its TCP ports (C{port_locks}).
+        self._port_locks = tuple(port_locks)
         #: The effective user and group ids the service was built (and
         #: its files checked and made) as.
         self.built_as = ids()
@@ -1113,7 +1119,7 @@ class GatewayService(SequentialMultiService):
         )
         self.exit_status = 1
         self.sessions.release_token_file()
-        self._release_state_dir()
+        self._release_locks()
         self._reactor.callWhenRunning(self._reactor.stop)
 
     def _check_database_file(self) -> bool:
@@ -1144,7 +1150,7 @@ class GatewayService(SequentialMultiService):
             )
             self.exit_status = 1
             self.sessions.release_token_file()
-            self._release_state_dir()
+            self._release_locks()
             self._reactor.callWhenRunning(self._reactor.stop)
             return False
         return True
@@ -1321,13 +1327,17 @@ class GatewayService(SequentialMultiService):
         # cluster's membership (ClusterService).
         yield super().stopService()
         self.sessions.discard_token_file()
-        self._release_state_dir()
+        self._release_locks()
 
-    def _release_state_dir(self) -> None:
+    def _release_locks(self) -> None:
         """
-        Release the lock of C{STATE_DIR} (C{state_lock}), its file
+        Release the locks this gateway holds: its ports'
+        (C{port_locks}), and C{STATE_DIR}'s (C{state_lock}), its file
         removed; again, nothing.
         """
+        ports, self._port_locks = self._port_locks, ()
+        for port in ports:
+            port.close()
         if self._state_lock is not None:
             lock, self._state_lock = self._state_lock, None
             try:

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Mapping
@@ -187,6 +188,8 @@ def makeService(
     # twistd's own options (a usage.Options, a dict); none outside twistd.
     twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
     settings: Settings | None = None
+    # The locks of the TCP ports checked (L{_endpoint}), held by the gateway.
+    port_locks: list[socket.socket] = []
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
@@ -225,6 +228,7 @@ def makeService(
             settings.control_listen,
             settings.port,
             settings,
+            port_locks,
         )
         api = _endpoint(
             reactor,
@@ -233,6 +237,7 @@ def makeService(
             settings.api_listen,
             settings.api_port,
             settings,
+            port_locks,
         )
         if speaks_tls(settings.api_listen) and settings.api_http2 and not http2_available:
             _log.info(
@@ -240,7 +245,9 @@ def makeService(
                 "install the http2 extra (pip install 'openclaw[http2]') to offer it",
             )
         metrics = (
-            _endpoint(reactor, ("METRICS_LISTEN", "--metrics-listen"), None, settings.metrics_listen, 0, settings)
+            _endpoint(
+                reactor, ("METRICS_LISTEN", "--metrics-listen"), None, settings.metrics_listen, 0, settings, port_locks
+            )
             if settings.metrics_listen
             else None
         )
@@ -253,9 +260,11 @@ def makeService(
         # A worker's: its parent stops the gateway on this status.
         _fail(str(e), INSTALLED_AGAIN_STATUS)
     except ConfigError as e:
+        _close(port_locks)
         _remove_state_directories(settings)
         _fail(str(e))
     except CannotListen as e:
+        _close(port_locks)
         _remove_state_directories(settings)
         # Here, before twistd daemonizes: the line reaches the terminal.
         sys.stderr.write(e.line + "\n")
@@ -274,8 +283,22 @@ def makeService(
         else make_observer(destination, settings.log_format, settings.log_level),
         state_lock=made.state_lock,
         token_lock=made.token_lock,
+        port_locks=port_locks,
     )
     return _exit_with_status(service, twistd_options)
+
+
+def _held(locks: list[socket.socket], lock: socket.socket | None) -> None:
+    if lock is not None:
+        locks.append(lock)
+
+
+def _close(locks: list[socket.socket]) -> None:
+    """
+    Let ports' locks (L{lock_port}) go: the start was refused.
+    """
+    for lock in locks:
+        lock.close()
 
 
 #: A service C{twistd openclaw} ends with the exit status of (its
@@ -786,11 +809,14 @@ def _endpoint(
     description: str | None,
     port: int,
     settings: Settings,
+    port_locks: list[socket.socket],
 ) -> IStreamServerEndpoint:
     """
     The endpoint an operator described (C{endpoint_setting}: the setting
     and option that take an endpoint string), else TCP on C{port} of the
-    configured interface (C{port_setting}), which must be free now.
+    configured interface (C{port_setting}), which must be free now; a TCP
+    port's lock (L{lock_port}) is added to C{port_locks}, for the gateway
+    to hold.
 
     @raise ConfigError: the endpoint string is not usable.
     @raise CannotListen: the port is taken (or not ours to take).
@@ -798,13 +824,13 @@ def _endpoint(
     if description is None:
         assert port_setting is not None
         listener = _listener(settings, host_port(settings.interface, port), *port_setting)
-        check_free(listener, settings.interface, port)
+        _held(port_locks, check_free(listener, settings.interface, port))
         description = tcp_endpoint_description(port, settings)
     else:
         listener = _listener(settings, description, *endpoint_setting)
         address = tcp_address(description)
         if address is not None:
-            check_free(listener, *address)
+            _held(port_locks, check_free(listener, *address))
         unusable = unix_socket_problem(description)
         if unusable is not None:
             raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")

@@ -86,56 +86,47 @@ class ReserveTests(SynchronousTestCase):
         A second C{--workers} gateway on the ports of one none of whose
         workers listens yet (both started within a second, or all of the
         first one's workers being started again): refused by the first
-        one's lock, where nothing listens for the plain socket to see.
-        Once the first one has ended, the ports are free again.
+        one's lock of the port, where nothing listens for the plain socket
+        to see; at any address of the host (C{::} beside C{127.0.0.1}, and
+        C{127.1} or C{localhost} for C{127.0.0.1}: re-attack and review
+        s30).  Once the first one has ended, the port is free again.
         """
         first = reserve(self.listener, "127.0.0.1", self.port)
-        with self.assertRaises(CannotListen) as raised:
-            self.reserve()
-        self.assertEqual(
-            str(raised.exception),
-            f"openclaw: cannot listen on 127.0.0.1:{self.port} (WS_CONTROL_PORT, from the command line): another "
-            f"--workers gateway is starting on 127.0.0.1:{self.port}; stop it, or choose another port with --port",
-        )
-        first.close()
-        self.reserve()
-
-    def test_lock_names_the_address(self) -> None:
-        """
-        The lock is the address's: a gateway on another port, or the same
-        port at another address, is not refused by it.
-        """
-        self.reserve()
-        other = Listener(f"127.0.0.2:{self.port}", "WS_CONTROL_PORT", "--port", "from the command line")
-        reserve(other, "127.0.0.2", self.port).close()
+        for interface in ("127.0.0.1", "127.1", "localhost", "::", "0.0.0.0", "127.0.0.2"):
+            with self.assertRaises(CannotListen, msg=interface) as raised:
+                reserve(self.listener, interface, self.port)
+            self.assertEqual(
+                str(raised.exception),
+                f"openclaw: cannot listen on 127.0.0.1:{self.port} (WS_CONTROL_PORT, from the command line): "
+                f"another openclaw gateway holds port {self.port} on this host (starting, or listening at another "
+                "of its addresses); stop it, or choose another port with --port",
+            )
+        # Another port is another lock.
         port = free_port()
         reserve(Listener(f"127.0.0.1:{port}", "API_PORT", "--api-port", "default"), "127.0.0.1", port).close()
-
-    def test_lock_named_as_the_kernel_bound_it(self) -> None:
-        """
-        The lock is the address as bound, however written: 127.1 and
-        localhost are 127.0.0.1 (review s30: they took locks of their own).
-        """
+        first.close()
         self.reserve()
-        for spelling in ("127.1", "localhost"):
-            with self.assertRaises(CannotListen) as raised:
-                reserve(self.listener, spelling, self.port)
-            self.assertIn("another --workers gateway is starting", str(raised.exception))
 
     def test_single_gateway_refused_while_workers_start(self) -> None:
         """
         A single-process gateway's check of its port (L{check_free}) sees
         a --workers gateway none of whose workers listens yet: refused,
         where it took the port and the workers could not bind it (review
-        s30).  Its lock is let go at once: the port stays its own to take
-        otherwise.
+        s30); and the other way round, the single one holding the port's
+        lock from its check on, until its listener is up and after.
         """
         reservation = self.reserve()
         with self.assertRaises(CannotListen) as raised:
             check_free(self.listener, "127.0.0.1", self.port)
-        self.assertIn("another --workers gateway is starting", str(raised.exception))
+        self.assertIn("another openclaw gateway holds port", str(raised.exception))
         reservation.close()
-        check_free(self.listener, "127.0.0.1", self.port)
+        lock = check_free(self.listener, "127.0.0.1", self.port)
+        self.assertIsNotNone(lock)
+        with self.assertRaises(CannotListen) as raised:
+            reserve(self.listener, "::", self.port)
+        self.assertIn("another openclaw gateway holds port", str(raised.exception))
+        assert lock is not None
+        lock.close()
         self.reserve()
 
     def test_refused_beside_a_single_gateway(self) -> None:

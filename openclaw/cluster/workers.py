@@ -78,7 +78,7 @@ from zope.interface import implementer
 from openclaw import __version__
 from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
-from openclaw.listeners import CannotListen, Listener, lock_address
+from openclaw.listeners import CannotListen, Listener, lock_port
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
 from openclaw.settings import ConfigError, Settings
@@ -232,9 +232,8 @@ class Reservation:
 
     @ivar sock: the TCP socket bound to the port with C{SO_REUSEADDR} and
         C{SO_REUSEPORT}, never listening.
-    @ivar lock: the UNIX socket bound to the address's name in Linux's
-        abstract namespace (unix(7)), which no other C{--workers} gateway
-        can bind while this one holds it; L{None} elsewhere.
+    @ivar lock: the port's lock (L{lock_port}); L{None} where there is
+        none.
     """
 
     sock: socket.socket
@@ -269,17 +268,12 @@ def reserve(listener: Listener, interface: str, port: int) -> Reservation:
     (L{ReusePortEndpoint}): this reservation, not listening, is no
     obstacle to it.
 
-    A C{--workers} gateway none of whose workers listens yet, or at that
-    moment (at its start, or while all its workers are started again),
-    is seen by its lock: on Linux the reservation also binds a UNIX socket
-    to a name made of the address (C{"\\0openclaw --workers 127.0.0.1
-    8080"}) in the abstract namespace, which, as a port, only one socket
-    can hold (unix(7)) and the kernel frees when the gateway ends, however
-    it ends.  Not seen: a gateway on the same port at another address
-    (C{0.0.0.0} beside C{127.0.0.1}) until its workers listen.
+    A gateway none of whose listeners is up yet (a C{--workers} one's
+    workers starting, or all started again) is seen by the port's lock,
+    which this reservation holds (L{lock_port}).
 
     @raise CannotListen: a socket listens there already, or another
-        C{--workers} gateway holds it (the line says to stop that gateway
+        gateway holds the port's lock (the line says to stop that gateway
         or choose another port), or it cannot be bound.
     """
     family = address_family(interface)
@@ -307,8 +301,7 @@ def reserve(listener: Listener, interface: str, port: int) -> Reservation:
             f"openclaw: cannot listen on {listener.where} ({listener.setting}, {listener.option}): {e.strerror}"
         ) from None
     try:
-        # Named as the kernel bound it: 127.1 and localhost are 127.0.0.1.
-        lock = lock_address(listener, sock.getsockname())
+        lock = lock_port(listener, port)
     except CannotListen:
         sock.close()
         raise
