@@ -1639,6 +1639,15 @@ class ConsumerGatewayTests(GatewayCase):
         self.assertEqual(audit["outcome"], "error")
         one = yield self.command(gateway, client, "consumer_list", {"name": "team-1"})
         self.assertEqual([c["name"] for c in one["consumers"]], ["team-1"])
+        # One consumer too long alone: told to raise the limit only, not
+        # to ask for the one consumer it asked for (re-attack s30).
+        many = [f"gemini/a-much-longer-model-name-{i:03d}" for i in range(30)]
+        yield self.command(gateway, client, "consumer_create", {"name": "big", "models": many})
+        for _ in range(60):
+            yield self.command(gateway, client, "key_create", {"name": "big"})
+        answer = yield client.command(gateway.token, "consumer_list", {"name": "big"})
+        self.assertFalse(answer["ok"])
+        self.assertTrue(answer["error"].endswith("allows; raise MAX_MESSAGE_BYTES"), answer["error"])
 
     @inlineCallbacks
     def test_key_sent_as_model_or_path(self) -> Any:

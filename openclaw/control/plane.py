@@ -323,6 +323,9 @@ class ControlPlane:
             # Carried out already: never told as a failure.
             return self._cut(result, cmd, len(encoded)), "ok", {**(fields or {}), "answer": "cut"}
         less = _ASK_FOR_LESS.get(cmd)
+        if cmd == "consumer_list" and len(result.get("consumers") or ()) <= 1:
+            # One consumer already: there is no less to ask for.
+            less = None
         message = (
             f"the answer ({len(encoded)} bytes) is longer than MAX_MESSAGE_BYTES ({self._max_answer_bytes}) allows; "
             + (f"ask for less ({less}), or raise MAX_MESSAGE_BYTES" if less else "raise MAX_MESSAGE_BYTES")
