@@ -122,7 +122,9 @@ class BodyReader(Protocol):
         if self._over:
             return
         self._over = True
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # The exception itself (Failure.check would spell out the qualified
+        # names of its classes, at every body's end).
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self._done(b"".join(self._chunks))
         else:
             self._failed(reason)
