@@ -15,6 +15,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
+    IPushProducer,
     IStreamClientEndpoint,
     ITCPTransport,
 )
@@ -166,6 +167,19 @@ class _HeadLimitedProtocol(ProtocolWrapper):
     def _expect_head(self) -> None:
         if self._seen is None:
             self._seen, self._first, self._last = 0, b"", b""
+
+    # Twisted's HTTP client pauses and resumes its transport (this wrapper)
+    # around every response: passed on here, where ProtocolWrapper would
+    # look each up through __getattr__, after a failed lookup, at every call.
+
+    def pauseProducing(self) -> None:
+        cast(IPushProducer, self.transport).pauseProducing()
+
+    def resumeProducing(self) -> None:
+        cast(IPushProducer, self.transport).resumeProducing()
+
+    def stopProducing(self) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._seen is None or self._within_limit(data):
