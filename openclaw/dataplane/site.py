@@ -576,6 +576,11 @@ class APIRequest(NextTurnRequest):
     #: The request's id (L{openclaw.dataplane.context.new_request_id}):
     #: its answer's C{x-request-id} and its log lines' C{request_id}.
     request_id: str
+    #: The site: the channel's (every channel of the API's site is given it
+    #: when made, by twisted.web's C{HTTPFactory.buildProtocol}), not the
+    #: request's own C{site}, which twisted.web sets only once the request
+    #: is whole.  Looked up once, as the request is made.
+    api_site: APISite
 
     #: Who holds the request's key, once its head was checked (requests
     #: with a body); None until then.
@@ -599,6 +604,7 @@ class APIRequest(NextTurnRequest):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_id = new_request_id()
+        self.api_site = cast(APISite, self.channel_site)
 
     @property
     def max_request_bytes(self) -> int:
@@ -606,16 +612,6 @@ class APIRequest(NextTurnRequest):
         The site's limit (the site every twisted.web channel is given).
         """
         return self.api_site.limits.max_request_bytes
-
-    @property
-    def api_site(self) -> APISite:
-        """
-        The site: the channel's (every channel of the API's site is given
-        it when made, by twisted.web's C{HTTPFactory.buildProtocol}), not
-        the request's own C{site}, which twisted.web sets only once the
-        request is whole.
-        """
-        return cast(APISite, self.channel_site)
 
     @property
     def connection(self) -> APIConnection | None:
