@@ -121,7 +121,7 @@ def _interim(head: bytes) -> bool:
     without a CR before its LF, its status code the C{int()} of the second
     of up to three space-separated parts.
     """
-    if head[:9] == b"HTTP/1.1 " and head[9:10] in b"2345":
+    if head.startswith((b"HTTP/1.1 2", b"HTTP/1.1 3", b"HTTP/1.1 4", b"HTTP/1.1 5")):
         # The usual final head: a status from 200 up (no int() of a part
         # beginning so is from 100 to 199).
         return False
@@ -188,7 +188,8 @@ class _HeadLimitedProtocol(ProtocolWrapper):
     def _within_limit(self, data: bytes) -> bool:
         at = 0
         while self._seen is not None and at < len(data):
-            if b"\n" not in self._first:
+            if not self._first.endswith(b"\n"):
+                # Its first line is not whole yet (_first ends at its LF).
                 newline = data.find(b"\n", at)
                 self._first += data[at : newline + 1 if newline >= 0 else len(data)]
             # An empty line begun in the last read and ended in this one
