@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.defer import fail, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
@@ -577,6 +578,26 @@ class PrivateSocketWatchTests(TestCase):
             yield deferLater(reactor, 0.02, lambda: None)
         code, _ = yield get_over(path)
         self.assertEqual(code, 200)
+
+    def test_stop_never_fails(self):
+        """
+        A stop of the listener that fails (its socket file removed as it
+        closed) is logged, and the watch's stop succeeds: its parent, a
+        MultiService, does not consume its children's failures (an
+        "Unhandled error in Deferred" at garbage collection: review s30).
+        """
+        sockets = socket_directory(self, 2)
+
+        class Failing(Service):
+            def stopService(self) -> Any:
+                super().stopService()
+                return fail(OSError("the socket file has gone"))
+
+        listening = Failing()
+        watch = PrivateSocketWatch(reactor, sockets, 1, listening, interval=60)
+        events = capture_log_events(self)
+        self.assertIsNone(self.successResultOf(watch.stopService()))
+        self.assertIn("the socket file has gone", " ".join(formatEvent(e) for e in events))
 
     @inlineCallbacks
     def test_listened_on_again(self):

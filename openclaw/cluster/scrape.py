@@ -327,7 +327,15 @@ class PrivateSocketWatch(Service):
             self._check.stop()
         super().stopService()
         stopped: Deferred[None] = maybeDeferred(self.listening.stopService)
-        return stopped
+        # Its parent (a MultiService) does not consume its children's
+        # failures: one is logged here, the stop goes on.
+        return stopped.addErrback(
+            lambda reason: _log.debug(
+                "stopping the listen on {path}: {error}",
+                path=str(self.sockets.path(self.index)),
+                error=reason.getErrorMessage(),
+            )
+        )
 
     def check(self) -> Deferred[None] | None:
         """
