@@ -88,6 +88,11 @@ def main() -> None:
     parser.add_argument("--many", type=int, help="calls (or pings) of the longer run: 600 (6000)")
     parser.add_argument("--provider", default="kimi", choices=("kimi", "gemini"))
     parser.add_argument("--without", default="", help="pieces stubbed out (bench/data_plane_cpu.py --without)")
+    parser.add_argument(
+        "--only",
+        choices=("gateway",),
+        help="count the gateway's side only (half the time: to compare two trees' gateways, or a change)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         parser.exit(2, "valgrind is not installed (Debian: apt-get install valgrind)\n")
@@ -97,6 +102,9 @@ def main() -> None:
         parser.error("--many must be larger than --few")
     if args.control_plane:
         gateway = per_call(CONTROL_PLANE, "--messages", few, many, ["--only", "gateway"])
+        if args.only:
+            print(f"instructions per ping ({few} and {many} pings under callgrind), gateway: {gateway:,.0f}")
+            return
         floor = per_call(CONTROL_PLANE, "--messages", few, many, ["--only", "floor"])
         print(f"instructions per ping ({few} and {many} pings under callgrind):")
         print(f"  gateway: {gateway:,.0f}")
@@ -105,8 +113,11 @@ def main() -> None:
         return
     gateway_args = ["--provider", args.provider] + (["--without", args.without] if args.without else [])
     gateway = per_call(DATA_PLANE, "--calls", few, many, gateway_args)
-    relay = per_call(DATA_PLANE, "--calls", few, many, ["--relay"])
     what = args.provider + (f" without {args.without}" if args.without else "")
+    if args.only:
+        print(f"instructions per call ({few} and {many} calls under callgrind), gateway ({what}): {gateway:,.0f}")
+        return
+    relay = per_call(DATA_PLANE, "--calls", few, many, ["--relay"])
     print(f"instructions per call ({few} and {many} calls under callgrind):")
     print(f"  gateway ({what}): {gateway:,.0f}")
     print(f"  relay: {relay:,.0f}")
