@@ -145,3 +145,45 @@ class AgentTests(DataPlaneTestCase):
             self.assertEqual(
                 turn, {"role": "model", "parts": [{"text": "Hello there.", "thoughtSignature": SIGNATURE}]}
             )
+
+    @inlineCallbacks
+    def test_not_sent_to_kimi(self) -> Any:
+        """
+        The same history sent to Kimi (after a switch_provider, or failed
+        over): without Google's extra_content, on the message or on a tool
+        call (a field Moonshot's API does not know, and a signature no use
+        to its model: review s30); anything else in it kept.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        self.upstream.gemini.answers[:] = [GeminiAnswer((({"text": "Hi.", "thoughtSignature": SIGNATURE},),))]
+        first = yield deferToThread(
+            lambda: client.chat.completions.create(model=MODEL, messages=QUESTION).choices[0].message
+        )
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "f", "arguments": "{}"},
+            "extra_content": {"google": {"thought_signature": SIGNATURE}, "other": 1},
+        }
+        history = [
+            *QUESTION,
+            first,
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "ok"},
+        ]
+        yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=history)
+        sent = self.upstream.kimi.last_body["messages"]
+        self.assertEqual((sent[1]["content"], "extra_content" in sent[1]), ("Hi.", False))
+        self.assertEqual(
+            sent[3]["tool_calls"],
+            [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": "{}"},
+                    "extra_content": {"other": 1},
+                }
+            ],
+        )

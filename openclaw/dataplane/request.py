@@ -323,6 +323,11 @@ class ChatRequest:
     #: through for an image type the provider does not take
     #: (L{refuse_image_types <openclaw.providers.wire.refuse_image_types>}).
     images: bool = True
+    #: The body may hold an C{extra_content} field (Google's, on an
+    #: assistant message or a tool call: a Gemini thought signature): the
+    #: name is in it, or a C{\\u} escape could spell it.  Only then is it
+    #: looked for (L{without_google_extras}).
+    extra_content: bool = True
 
     @property
     def model(self) -> Any:
@@ -342,6 +347,20 @@ class ChatRequest:
         """
         return self.legacy_functions or self.body.get("parallel_tool_calls") is False
 
+    def without_google_extras(self) -> ChatRequest:
+        """
+        This request without Google's C{extra_content.google} (a Gemini
+        thought signature, where Google's OpenAI-compatible endpoint and
+        this gateway's Gemini answers put it) on its assistant messages and
+        their tool calls: for an API that does not read it (Kimi's), to
+        which it is a field it does not know; the rest of an
+        C{extra_content}, if any, kept.
+        """
+        if not self.extra_content:
+            return self
+        messages = [_without_google(message) for message in self.body["messages"]]
+        return attrs.evolve(self, body={**self.body, "messages": messages}, extra_content=False)
+
     def plain_ids(self) -> ChatRequest:
         """
         This request with every tool call id plain
@@ -351,6 +370,30 @@ class ChatRequest:
             return self
         messages = [plain_message(message) for message in self.body["messages"]]
         return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
+
+
+def _without_google(message: dict[str, Any]) -> dict[str, Any]:
+    """
+    An assistant message without C{extra_content.google}, on it and on its
+    tool calls (L{ChatRequest.without_google_extras}); any other message,
+    and one without, as it is.
+    """
+    if message.get("role") != "assistant":
+        return message
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and any(isinstance(call, dict) and "extra_content" in call for call in calls):
+        message = {**message, "tool_calls": [_no_google(call) if isinstance(call, dict) else call for call in calls]}
+    return _no_google(message)
+
+
+def _no_google(item: dict[str, Any]) -> dict[str, Any]:
+    extra = item.get("extra_content")
+    if not isinstance(extra, dict) or "google" not in extra:
+        return item
+    rest = {name: value for name, value in extra.items() if name != "google"}
+    if rest:
+        return {**item, "extra_content": rest}
+    return {name: value for name, value in item.items() if name != "extra_content"}
 
 
 def requested_model(body: dict[str, Any]) -> str | None:
@@ -517,8 +560,9 @@ def parse_chat_request(
     references = escaped or b'"$ref"' in raw
     other_tools = bool(tool_types) and (escaped or any(f'"{name}"'.encode() in raw for name in tool_types))
     images = escaped or b'"image_url"' in raw
+    extra_content = escaped or b'"extra_content"' in raw
     return ChatRequest(
-        body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools, images
+        body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools, images, extra_content
     )
 
 

@@ -67,6 +67,12 @@ class OpenAIWire:
     #: another is refused (L{refuse_image_types}).  OpenAI's unless
     #: declared (Kimi's: Moonshot's).
     image_types: ImageTypes = attrs.field(default=OPENAI_IMAGE_TYPES, kw_only=True)
+    #: The API reads Google's C{extra_content.google} (Google's own
+    #: OpenAI-compatible endpoint's thought signatures): a history's is
+    #: sent.  Else (Kimi's) it is taken out
+    #: (L{ChatRequest.without_google_extras}): a Gemini answer's signature
+    #: is no use to another model, and an unknown field to its API.
+    google_extras: bool = attrs.field(default=False, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
@@ -77,6 +83,8 @@ class OpenAIWire:
             not take (L{image_types}).
         """
         refuse_image_types(chat, self.image_types)
+        if chat.extra_content and not self.google_extras:
+            chat = chat.without_google_extras()
         body = {**chat.body, "model": model}
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
