@@ -703,7 +703,7 @@ class ChatCall:
             return
         if translation.finished:
             return self._close_stream(translation, drain=False)
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             if translation.complete:
                 return self._close_stream(translation)
             why = "the stream ended before the answer was complete"
