@@ -1311,9 +1311,11 @@ class GatewayService(SequentialMultiService):
         (L{ServingService}), write the usage rows still pending and close
         the consumers' database (L{ConsumersService}), leave the cluster
         (L{ClusterService}), then remove the token file and release
-        C{STATE_DIR}.  Not started (a refused start): nothing.
+        C{STATE_DIR}.  Not started (a refused start): its ports' locks let
+        go, nothing more.
         """
         if not self.running:
+            self._release_ports()
             return
         self._stopping_at = self._reactor.seconds()
         if self._waiting_for_store is not None:
@@ -1329,15 +1331,21 @@ class GatewayService(SequentialMultiService):
         self.sessions.discard_token_file()
         self._release_locks()
 
+    def _release_ports(self) -> None:
+        """
+        Let the locks of its TCP ports (C{port_locks}) go; again, nothing.
+        """
+        ports, self._port_locks = self._port_locks, ()
+        for port in ports:
+            port.close()
+
     def _release_locks(self) -> None:
         """
         Release the locks this gateway holds: its ports'
         (C{port_locks}), and C{STATE_DIR}'s (C{state_lock}), its file
         removed; again, nothing.
         """
-        ports, self._port_locks = self._port_locks, ()
-        for port in ports:
-            port.close()
+        self._release_ports()
         if self._state_lock is not None:
             lock, self._state_lock = self._state_lock, None
             try:

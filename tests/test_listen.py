@@ -334,6 +334,7 @@ class ListenTests(TestCase):
         client.sendClose()
         yield client.closed
 
+    @inlineCallbacks
     def test_port_in_use_fails_start(self):
         """
         A port that cannot be bound stops start-up with the error, rather
@@ -382,6 +383,16 @@ class ListenTests(TestCase):
             f"cannot listen on tcp:{port}:interface=127.0.0.1 (API_LISTEN, from the command line)",
             str(caught.exception),
         )
+        # The port's lock, held from the check (another gateway starting
+        # on it meanwhile is refused), is let go by the refused start's
+        # stop: another gateway may take the port then.
+        listener = Listener(f"127.0.0.1:{port}", "API_PORT", "--api-port", "default")
+        with self.assertRaises(CannotListen):
+            check_free(listener, "127.0.0.1", port)
+        yield service.stopService()
+        lock = check_free(listener, "127.0.0.1", port)
+        assert lock is not None
+        lock.close()
 
     def test_listen_failure_names_the_values_source(self):
         """
