@@ -826,7 +826,16 @@ class StreamFailureTests(DataPlaneTestCase):
         events = [e for e in text.split("\n\n") if e]
         self.assertEqual(len(events), 2, text)
         error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_error")
-        self.assertIn("overloaded", error["message"])
+        # The provider's words, and what kind of error it said it was (trial
+        # s30: the kind was dropped, which other errors keep).
+        self.assertEqual(error["message"], "kimi: overloaded [type=engine_overloaded_error]")
+        gemini = self.upstream.gemini
+        gemini.mode, gemini.cut_after, gemini.error_status, gemini.error_message = "stream_error", 1, 503, "overloaded"
+        body = {"model": "gemini/gemini-2.5-flash", "messages": HELLO, "stream": True}
+        response, text = yield self.post(gateway, body)
+        events = [e for e in text.split("\n\n") if e]
+        error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_error")
+        self.assertEqual(error["message"], "gemini: overloaded [status=UNAVAILABLE, code=503]")
 
 
 class ErrorTests(DataPlaneTestCase):

@@ -24,20 +24,20 @@ from openclaw.dataplane.request import ChatRequest, ToolType, choice_count, no_a
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
-from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind, clip
+from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.wire import (
     OPENAI_IMAGE_TYPES,
     Completion,
     ImageTypes,
     MalformedAnswer,
-    ReportedError,
     StreamBroken,
     Wire,
     json_object,
     json_or_none,
     refuse_image_types,
     reported_error,
+    with_kind,
 )
 
 
@@ -101,7 +101,7 @@ class OpenAIWire:
             if error is not None:
                 # A 200 carrying an error ("Your account is suspended"):
                 # the provider's own words, with its type and code.
-                raise MalformedAnswer(f"the provider answered 200 with an error: {_with_kind(error)}")
+                raise MalformedAnswer(f"the provider answered 200 with an error: {with_kind(error)}")
             raise MalformedAnswer('the answer has no "choices" list')
         for choice in choices:
             if type(choice) is not dict or type(choice.get("index", 0)) is not int:
@@ -345,16 +345,6 @@ def legacy_choice(choice: Any) -> Any:
     return choice
 
 
-def _with_kind(error: ReportedError) -> str:
-    """
-    The error's message clipped, followed by its C{type} and C{code} when
-    it has them ("Your account is suspended [type=permission_denied_error]").
-    """
-    fields = error.fields
-    kinds = [f"{name}={fields[name]}" for name in ("type", "code") if isinstance(fields.get(name), (str, int))]
-    return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
-
-
 def _choice_usage(choices: list[Any]) -> Any:
     """
     The usage Moonshot puts in C{choices[0].usage}, or None.
@@ -444,7 +434,7 @@ class OpenAIStream:
             raise StreamBroken("an event of the stream is not a JSON object")
         error = reported_error(document)
         if error is not None:
-            raise StreamBroken(error.message)
+            raise StreamBroken(with_kind(error))
         choices = document.get("choices")
         usage = document.get("usage")
         rewritten = b"\n" in data  # a multi-line event, sent on one line

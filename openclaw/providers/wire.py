@@ -25,6 +25,7 @@ import orjson
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, ChatRequest, ToolType
 from openclaw.dataplane.sse import Event
+from openclaw.providers.errors import clip
 
 
 class MalformedAnswer(ValueError):
@@ -405,6 +406,20 @@ class ReportedError(NamedTuple):
         """
         stated = self.stated
         return str(self.value) if stated is None else stated
+
+
+def with_kind(error: ReportedError) -> str:
+    """
+    The error's message clipped, followed by what kind it is when it says:
+    OpenAI's and Moonshot's C{type} and C{code}, Google's C{status} and
+    C{code} ("Your account is suspended [type=permission_denied_error]",
+    "Internal error [status=INTERNAL, code=500]").
+    """
+    fields = error.fields
+    kinds = [
+        f"{name}={fields[name]}" for name in ("type", "status", "code") if isinstance(fields.get(name), (str, int))
+    ]
+    return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
 
 
 def reported_error(document: Any) -> ReportedError | None:

@@ -64,6 +64,7 @@ from openclaw.providers.wire import (
     completion_id,
     json_object,
     reported_error,
+    with_kind,
 )
 
 _log = Logger(namespace="openclaw.providers.gemini")
@@ -1685,7 +1686,7 @@ class GeminiStream:
             raise GeminiStreamError("an event of the stream is not a JSON object")
         error = reported_error(document)
         if error is not None:
-            raise GeminiStreamError(error.message)
+            raise GeminiStreamError(with_kind(error))
         reported = usage(document.get("usageMetadata"))
         if reported is not None:
             self._usage = reported
