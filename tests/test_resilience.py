@@ -1140,3 +1140,28 @@ class FailoverFailsTests(ResilienceTestCase):
         kimi.error_status, kimi.error_message = 429, None
         response, text = yield self.post(gateway, {"messages": HELLO})
         self.assertEqual(response.code, 429, text)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class DocumentForStreamTests(ResilienceTestCase):
+    """
+    A stream asked for, a JSON document answered (trial s30: said to be a
+    stream that "ended before the answer was complete").
+    """
+
+    @inlineCallbacks
+    def test_said_and_failed_over(self) -> Any:
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        self.upstream.kimi.mode = "malformed"
+        response, text = yield self.post(gateway, {"messages": HI, "stream": True})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text, "upstream_malformed")["message"]
+        self.assertEqual(
+            message, "kimi: the provider answered a stream request with a JSON document, not an event stream (HTTP 200)"
+        )
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HI, "stream": True})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=broken"])

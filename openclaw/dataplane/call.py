@@ -81,12 +81,26 @@ from openclaw.providers.wire import (
     StreamBroken,
     StreamTranslation,
     Wire,
+    json_or_none,
     refuse_tool_types,
+    reported_error,
+    with_kind,
 )
 from openclaw.routing import FallbackReason, Route
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
+
+
+def _media_type(response: IResponse) -> bytes:
+    """
+    The media type of C{response}'s C{Content-Type}, lower-case, without
+    its parameters (RFC 9110 section 8.3.1); C{b""} without one.
+    """
+    value: bytes = response.headers.getRawHeaders(b"content-type", [b""])[0]
+    return value.partition(b";")[0].strip().lower()
+
+
 _DONE_EVENT = encode(DONE)
 _HEADERS = "the response headers"
 _ERROR_BODY = "the error body"
@@ -313,10 +327,33 @@ class ChatCall:
         # read and accepted (a whole answer) or a stream's first event has
         # been relayed.
         self._answer_status = response.code
-        if self.chat.stream:
-            self._start_stream(response)
-        else:
+        if not self.chat.stream:
             self._read(response, _BODY, self._got_body)
+        elif _media_type(response) == _JSON:
+            self._read(response, _BODY, self._got_document_for_stream)
+        else:
+            self._start_stream(response)
+
+    def _got_document_for_stream(self, body: bytes, generation: int) -> None:
+        """
+        A stream was asked for and a JSON document came (C{Content-Type:
+        application/json}), not an event stream: the provider's failure,
+        failed over, as a whole answer not of its API's shape is; the
+        error it reports, if any, named (a 200 saying "your account is
+        suspended"), where the stream was said to have ended before the
+        answer was complete.
+        """
+        self.provider_wait.end()
+        if not self._current(generation):
+            return
+        document = json_or_none(body)
+        error = reported_error(document) if isinstance(document, dict) else None
+        why = (
+            f"the provider answered a stream request with a JSON document, not an event stream "
+            f"(HTTP {self._answer_status})" + ("" if error is None else f": {with_kind(error)}")
+        )
+        self._settle(CircuitBreaker.failed)
+        self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, "upstream_malformed"))
 
     def _read(self, response: IResponse, what: str, then: Any, *args: Any) -> None:
         """
