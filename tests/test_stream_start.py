@@ -279,6 +279,28 @@ class StandInHelpTests(TestCase):
             self.assertRegex(out.getvalue(), rf"\n  {mode.value} +\S")
 
 
+class StandInStatusTests(TestCase):
+    def test_error_status_from_the_command_line(self) -> None:
+        """
+        C{--status ID=STATUS} sets the status of a provider's errors: a 502,
+        a 503 or a 429 without a script (trial s30); anything but an error
+        status is refused.
+        """
+        import contextlib
+        import io
+
+        from twisted.internet import reactor
+
+        from openclaw.testing.upstream import _parse_args, upstream_from_args
+
+        args = _parse_args(["--mode", "kimi=error", "--status", "kimi=503"])
+        upstream = upstream_from_args(reactor, args)
+        self.assertEqual((upstream.kimi.error_status, upstream.gemini.error_status), (503, 500))
+        for wrong in ("kimi=200", "kimi=5xx", "kimi", "nobody=503"):
+            with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit):
+                _parse_args(["--status", wrong])
+
+
 class _Translation:
     """
     A translation that gives the client nothing (as a usage-only chunk the

@@ -1999,6 +1999,18 @@ def _pair(what: str) -> Callable[[str], tuple[str, str]]:
     return parse
 
 
+def _status(text: str) -> tuple[str, int]:
+    """
+    An argparse type reading C{ID=STATUS}, an HTTP error status (400-599).
+    """
+    provider_id, status = _pair("STATUS")(text)
+    if not status.isdigit() or not 400 <= int(status) <= 599:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ID=STATUS with an error status from 400 to 599, such as kimi=503"
+        )
+    return provider_id, int(status)
+
+
 def _models(text: str) -> tuple[str, list[str]]:
     """
     An argparse type reading C{ID=MODEL[,MODEL...]}.
@@ -2079,6 +2091,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help=f"how provider ID answers (repeatable): {', '.join(modes)}; default ok",
     )
     parser.add_argument(
+        "--status",
+        dest="statuses",
+        action="append",
+        default=[],
+        type=_status,
+        metavar="ID=STATUS",
+        help="the status provider ID's errors have in modes error, error_stall, error_cut and stream_error "
+        "(repeatable; default 500): 502, 503, or 429 (with --retry-after), say",
+    )
+    parser.add_argument(
         "--models",
         dest="models",
         action="append",
@@ -2123,7 +2145,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="log each chat and embeddings request body received, as JSON (what the gateway sent)",
     )
     args = parser.parse_args(argv)
-    for provider_id, _ in [*args.keys, *args.modes, *args.models]:
+    for provider_id, _ in [*args.keys, *args.modes, *args.models, *args.statuses]:
         if provider_id not in ids:
             parser.error(f"unknown provider {provider_id!r}: use one of {', '.join(ids)}")
     for provider_id, value in args.modes:
@@ -2139,7 +2161,7 @@ def upstream_from_args(reactor: IUpstreamReactor, args: argparse.Namespace) -> S
     C{--mode} and C{--models} (by default L{command_line_models}), and the
     timings given for all.
     """
-    keys, modes, models = dict(args.keys), dict(args.modes), dict(args.models)
+    keys, modes, models, statuses = dict(args.keys), dict(args.modes), dict(args.models), dict(args.statuses)
     return StandInUpstream(
         reactor,
         behaviours={
@@ -2148,6 +2170,7 @@ def upstream_from_args(reactor: IUpstreamReactor, args: argparse.Namespace) -> S
                     adapter, keys.get(adapter.id), models.get(adapter.id) or command_line_models(adapter)
                 ),
                 mode=modes.get(adapter.id, Mode.OK),
+                error_status=statuses.get(adapter.id, 500),
                 delay=args.delay,
                 chunk_interval=args.chunk_interval,
                 retry_after=args.retry_after,
