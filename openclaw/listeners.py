@@ -115,16 +115,13 @@ class Listener:
         return f"openclaw: cannot listen on {self.where} ({self.named}): {reason} choose another {target} with {self.option}"
 
 
-def check_free(listener: Listener, interface: str, port: int) -> socket.socket | None:
+def check_free(listener: Listener, interface: str, port: int) -> None:
     """
     Try to bind C{interface}:C{port} as the gateway's TCP listener will
-    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once; then
-    take the port's lock (L{lock_port}), which the caller holds for as
-    long as the gateway runs.
+    (C{SO_REUSEADDR}, as Twisted sets it), and let it go at once.  Its
+    port's lock (L{lock_port}) is the caller's to take, once per port.
 
-    @return: the lock (L{None}: none on this system, or port 0).
-    @raise CannotListen: it cannot be bound, or another gateway holds its
-        lock.
+    @raise CannotListen: it cannot be bound.
     """
     family = address_family(interface)
     try:
@@ -133,7 +130,6 @@ def check_free(listener: Listener, interface: str, port: int) -> socket.socket |
             probe.bind(bind_address(interface, port))
     except OSError as e:
         raise CannotListen(listener.failure_line(e)) from None
-    return lock_port(listener, port)
 
 
 def lock_port(listener: Listener, port: int) -> socket.socket | None:
@@ -287,13 +283,14 @@ def tls_file_problem(description: str) -> tuple[str, str] | None:
 
 def tcp_address(description: str) -> tuple[str, int] | None:
     """
-    The interface and port a C{tcp:} or C{tcp6:} server endpoint string
-    binds (Twisted's defaults: every IPv4 address, C{::} for C{tcp6}), for
-    L{check_free} before anything is made at start-up; None for another
-    endpoint, port 0 (any) or a port the parser will refuse.
+    The interface and port a C{tcp:}, C{tcp6:} or C{ssl:} server endpoint
+    string binds (Twisted's defaults: every IPv4 address, C{::} for
+    C{tcp6}), for L{check_free} and L{lock_port} before anything is made at
+    start-up; None for another endpoint, port 0 (any) or a port the parser
+    will refuse.
     """
     fields, named = endpoint_fields(description)
-    if fields[0] not in ("tcp", "tcp6"):
+    if fields[0] not in ("tcp", "tcp6", "ssl"):
         return None
     try:
         port = int(fields[1] if len(fields) > 1 else named.get("port", ""))

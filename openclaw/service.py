@@ -997,13 +997,14 @@ class GatewayService(SequentialMultiService):
         """
         Listen (the listeners bind here, before twistd would drop
         privileges).  A listener that cannot be had ends the process
-        (L{CannotListen}); the token file's lock, taken at start-up, is
-        released first, so that it is not left behind.
+        (L{CannotListen}); the token file's lock and the ports' locks, taken
+        at start-up, are released first, so that they are not left behind.
         """
         try:
             super().privilegedStartService()
         except CannotListen:
             self.sessions.discard_token_file()
+            self._release_ports()
             raise
 
     def _name_instance(self) -> None:

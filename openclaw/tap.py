@@ -47,6 +47,7 @@ from openclaw.listeners import (
     Listener,
     NamedEndpoint,
     check_free,
+    lock_port,
     tcp_address,
     tls_file_problem,
     unix_socket_problem,
@@ -189,7 +190,7 @@ def makeService(
     twistd_options: Mapping[str, Any] = getattr(options, "parent", None) or {}
     settings: Settings | None = None
     # The locks of the TCP ports checked (L{_endpoint}), held by the gateway.
-    port_locks: list[socket.socket] = []
+    port_locks: dict[int, socket.socket] = {}
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
@@ -270,6 +271,10 @@ def makeService(
         sys.stderr.write(e.line + "\n")
         sys.stderr.flush()
         raise SystemExit(1) from None
+    except BaseException:
+        # Anything else refusing the start (the process ends with it).
+        _close(port_locks)
+        raise
     reactor.callWhenRunning(_freeze_startup_objects)
     service = GatewayService(
         settings,
@@ -283,22 +288,31 @@ def makeService(
         else make_observer(destination, settings.log_format, settings.log_level),
         state_lock=made.state_lock,
         token_lock=made.token_lock,
-        port_locks=port_locks,
+        port_locks=tuple(port_locks.values()),
     )
     return _exit_with_status(service, twistd_options)
 
 
-def _held(locks: list[socket.socket], lock: socket.socket | None) -> None:
-    if lock is not None:
-        locks.append(lock)
+def _lock(locks: dict[int, socket.socket], listener: Listener, port: int) -> None:
+    """
+    Take C{port}'s lock (L{lock_port}) into C{locks}, unless this gateway
+    holds it already (its listeners on one port at two addresses).
+
+    @raise CannotListen: another gateway holds it.
+    """
+    if port not in locks:
+        lock = lock_port(listener, port)
+        if lock is not None:
+            locks[port] = lock
 
 
-def _close(locks: list[socket.socket]) -> None:
+def _close(locks: dict[int, socket.socket]) -> None:
     """
     Let ports' locks (L{lock_port}) go: the start was refused.
     """
-    for lock in locks:
+    for lock in locks.values():
         lock.close()
+    locks.clear()
 
 
 #: A service C{twistd openclaw} ends with the exit status of (its
@@ -809,7 +823,7 @@ def _endpoint(
     description: str | None,
     port: int,
     settings: Settings,
-    port_locks: list[socket.socket],
+    port_locks: dict[int, socket.socket],
 ) -> IStreamServerEndpoint:
     """
     The endpoint an operator described (C{endpoint_setting}: the setting
@@ -824,13 +838,15 @@ def _endpoint(
     if description is None:
         assert port_setting is not None
         listener = _listener(settings, host_port(settings.interface, port), *port_setting)
-        _held(port_locks, check_free(listener, settings.interface, port))
+        check_free(listener, settings.interface, port)
+        _lock(port_locks, listener, port)
         description = tcp_endpoint_description(port, settings)
     else:
         listener = _listener(settings, description, *endpoint_setting)
         address = tcp_address(description)
         if address is not None:
-            _held(port_locks, check_free(listener, *address))
+            check_free(listener, *address)
+            _lock(port_locks, listener, address[1])
         unusable = unix_socket_problem(description)
         if unusable is not None:
             raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")

@@ -43,7 +43,7 @@ from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
-from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free
+from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService
 from openclaw.tap import Options, makeService
@@ -388,11 +388,30 @@ class ListenTests(TestCase):
         # stop: another gateway may take the port then.
         listener = Listener(f"127.0.0.1:{port}", "API_PORT", "--api-port", "default")
         with self.assertRaises(CannotListen):
-            check_free(listener, "127.0.0.1", port)
+            lock_port(listener, port)
         yield service.stopService()
-        lock = check_free(listener, "127.0.0.1", port)
+        lock = lock_port(listener, port)
         assert lock is not None
         lock.close()
+
+    @inlineCallbacks
+    def test_one_port_at_two_addresses(self):
+        """
+        A gateway's own listeners on one port at two addresses (endpoint
+        strings) take its lock once: it starts, where it was refused as
+        "another openclaw gateway" (review s30).  An ssl: endpoint's port
+        is locked as a tcp: one's.
+        """
+        port = free_port()
+        options = Options()
+        options.parseOptions(
+            ["--listen", f"tcp:{port}:interface=127.0.0.1", "--api-listen", f"tcp:{port}:interface=127.0.0.2"]
+        )
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        yield service.stopService()
+        self.assertEqual(tcp_address("ssl:8443:interface=127.0.0.1:privateKey=k.pem"), ("127.0.0.1", 8443))
+        self.assertEqual(tcp_address("ssl:8443:privateKey=k.pem"), ("0.0.0.0", 8443))
 
     def test_listen_failure_names_the_values_source(self):
         """

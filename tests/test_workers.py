@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw import tap
 from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, Reservation, read_settings, reserve, settings_bytes
 from openclaw.consumers.prices import Price
-from openclaw.listeners import CannotListen, Listener, check_free
+from openclaw.listeners import CannotListen, Listener, check_free, lock_port
 from openclaw.settings import ConfigError, Settings, load_settings
 from tests.support import free_port
 from tests.test_twistd import SECRET
@@ -116,11 +116,12 @@ class ReserveTests(SynchronousTestCase):
         lock from its check on, until its listener is up and after.
         """
         reservation = self.reserve()
+        check_free(self.listener, "127.0.0.1", self.port)
         with self.assertRaises(CannotListen) as raised:
-            check_free(self.listener, "127.0.0.1", self.port)
+            lock_port(self.listener, self.port)
         self.assertIn("another openclaw gateway holds port", str(raised.exception))
         reservation.close()
-        lock = check_free(self.listener, "127.0.0.1", self.port)
+        lock = lock_port(self.listener, self.port)
         self.assertIsNotNone(lock)
         with self.assertRaises(CannotListen) as raised:
             reserve(self.listener, "::", self.port)
