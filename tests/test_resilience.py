@@ -1159,9 +1159,21 @@ class DocumentForStreamTests(ResilienceTestCase):
         self.assertEqual(response.code, 502, text)
         message = self.assertOpenAIError(text, "upstream_malformed")["message"]
         self.assertEqual(
-            message, "kimi: the provider answered a stream request with a JSON document, not an event stream (HTTP 200)"
+            message, "kimi: the provider answered a stream request with a JSON document, not an event stream"
         )
         gateway = self.gateway(default_provider="kimi", fallback="auto")
         response, text = yield self.post(gateway, {"messages": HI, "stream": True})
         self.assertEqual(response.code, 200, text)
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=broken"])
+
+    @inlineCallbacks
+    def test_event_stream_called_json_streams(self) -> Any:
+        """
+        An event stream a provider (or a proxy) calls application/json is
+        streamed as any other (review s30: it was read whole, then refused).
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        self.upstream.kimi.stream_content_type = "application/json; charset=utf-8"
+        response, text = yield self.post(gateway, {"messages": HI, "stream": True})
+        self.assertEqual(response.code, 200, text)
+        self.assertTrue(text.rstrip().endswith("data: [DONE]"), text)

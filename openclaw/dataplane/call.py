@@ -81,10 +81,7 @@ from openclaw.providers.wire import (
     StreamBroken,
     StreamTranslation,
     Wire,
-    json_or_none,
     refuse_tool_types,
-    reported_error,
-    with_kind,
 )
 from openclaw.routing import FallbackReason, Route
 
@@ -234,6 +231,8 @@ class ChatCall:
     _error_retry_after: str | None = None
     #: The status of the 2xx answer whose body is being read, for messages.
     _answer_status: int = 200
+    #: A stream's media type as its answer said it (L{_media_type}).
+    _answer_type: bytes = b""
     #: The client's connection holds the stream back (L{client_paused}):
     #: the timer runs the client's send deadline, not the provider's.
     _client_paused: bool = False
@@ -327,33 +326,13 @@ class ChatCall:
         # read and accepted (a whole answer) or a stream's first event has
         # been relayed.
         self._answer_status = response.code
-        if not self.chat.stream:
-            self._read(response, _BODY, self._got_body)
-        elif _media_type(response) == _JSON:
-            self._read(response, _BODY, self._got_document_for_stream)
-        else:
+        if self.chat.stream:
+            # Streamed whatever it says it is (a proxy may call its event
+            # stream JSON); said, if it ends without an event (stream_ended).
+            self._answer_type = _media_type(response)
             self._start_stream(response)
-
-    def _got_document_for_stream(self, body: bytes, generation: int) -> None:
-        """
-        A stream was asked for and a JSON document came (C{Content-Type:
-        application/json}), not an event stream: the provider's failure,
-        failed over, as a whole answer not of its API's shape is; the
-        error it reports, if any, named (a 200 saying "your account is
-        suspended"), where the stream was said to have ended before the
-        answer was complete.
-        """
-        self.provider_wait.end()
-        if not self._current(generation):
-            return
-        document = json_or_none(body)
-        error = reported_error(document) if isinstance(document, dict) else None
-        why = (
-            f"the provider answered a stream request with a JSON document, not an event stream "
-            f"(HTTP {self._answer_status})" + ("" if error is None else f": {with_kind(error)}")
-        )
-        self._settle(CircuitBreaker.failed)
-        self._upstream_failed("broken", upstream_failed(self.route.provider_id, why, "upstream_malformed"))
+        else:
+            self._read(response, _BODY, self._got_body)
 
     def _read(self, response: IResponse, what: str, then: Any, *args: Any) -> None:
         """
@@ -740,13 +719,18 @@ class ChatCall:
             return
         if translation.finished:
             return self._close_stream(translation, drain=False)
+        code = STREAM_BROKEN
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             if translation.complete:
                 return self._close_stream(translation)
             why = "the stream ended before the answer was complete"
+            if self._answer_type == _JSON and (self._relay is None or not self._relay.events):
+                # No event at all, and a JSON document said it was one.
+                why = "the provider answered a stream request with a JSON document, not an event stream"
+                code = "upstream_malformed"
         else:
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
-        error = upstream_failed(self.route.provider_id, why, STREAM_BROKEN)
+        error = upstream_failed(self.route.provider_id, why, code)
         if not self._first_chunk_sent:
             return self._attempt_failed("broken", error)
         self._fail(error)

@@ -207,6 +207,9 @@ class ProviderBehaviour:
     #: OpenAI's dialect: end a stream with C{[DONE]} (every OpenAI-shaped
     #: provider does; off, a stream ends after its usage chunk).
     send_done: bool = True
+    #: The C{Content-Type} of a streamed answer (a proxy may call an event
+    #: stream C{application/json}).
+    stream_content_type: str = "text/event-stream"
     #: Gemini 3's rule: the first C{functionCall} part of each model turn
     #: must carry a signature this server issued, or Google's placeholder.
     require_signatures: bool = True
@@ -1681,7 +1684,7 @@ class _Streamer:
 
     def start(self) -> int:
         self.request.setResponseCode(200)
-        self.request.setHeader("content-type", "text/event-stream")
+        self.request.setHeader("content-type", self.behaviour.stream_content_type)
         self.request.setHeader("cache-control", "no-cache")
         self.request.notifyFinish().addErrback(self._lost)
         self._next()
