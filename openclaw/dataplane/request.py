@@ -358,7 +358,11 @@ class ChatRequest:
         """
         if not self.extra_content:
             return self
-        messages = [_without_google(message) for message in self.body["messages"]]
+        given = self.body["messages"]
+        messages = [_without_google(message) for message in given]
+        if all(new is old for new, old in zip(messages, given, strict=True)):
+            # None held one (the name spelled by an escape elsewhere).
+            return self
         return attrs.evolve(self, body={**self.body, "messages": messages}, extra_content=False)
 
     def plain_ids(self) -> ChatRequest:
@@ -387,6 +391,10 @@ def _without_google(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _no_google(item: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{item} (a message or a tool call) without C{extra_content.google},
+    and without an C{extra_content} left empty; itself when it has none.
+    """
     extra = item.get("extra_content")
     if not isinstance(extra, dict) or "google" not in extra:
         return item

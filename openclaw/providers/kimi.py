@@ -184,7 +184,12 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: It takes Moonshot's built-in tools beside functions.
     #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES}).
     wire: ClassVar[Wire] = ReasoningKeptWire(
-        thinks=thinks, tool_types=(MoonshotBuiltinTools(),), image_types=MOONSHOT_IMAGE_TYPES
+        thinks=thinks,
+        tool_types=(MoonshotBuiltinTools(),),
+        image_types=MOONSHOT_IMAGE_TYPES,
+        # A Gemini answer's signature is no use to Kimi's model, and a
+        # field Moonshot's API does not document.
+        google_extras=False,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(

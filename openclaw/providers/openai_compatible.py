@@ -67,12 +67,11 @@ class OpenAIWire:
     #: another is refused (L{refuse_image_types}).  OpenAI's unless
     #: declared (Kimi's: Moonshot's).
     image_types: ImageTypes = attrs.field(default=OPENAI_IMAGE_TYPES, kw_only=True)
-    #: The API reads Google's C{extra_content.google} (Google's own
-    #: OpenAI-compatible endpoint's thought signatures): a history's is
-    #: sent.  Else (Kimi's) it is taken out
-    #: (L{ChatRequest.without_google_extras}): a Gemini answer's signature
-    #: is no use to another model, and an unknown field to its API.
-    google_extras: bool = attrs.field(default=False, kw_only=True)
+    #: A history's Google C{extra_content.google} (a Gemini answer's
+    #: thought signature, where Google's own OpenAI-compatible endpoint
+    #: puts it) is sent, as every field of a message is; off (Kimi's), it
+    #: is taken out (L{ChatRequest.without_google_extras}).
+    google_extras: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
