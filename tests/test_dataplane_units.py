@@ -282,7 +282,8 @@ class GeminiStreamTests(SynchronousTestCase):
         stream = gemini.GeminiStream("m", "id", 0)
         with self.assertRaises(gemini.GeminiStreamError) as caught:
             stream.chunk({"error": {"code": 500, "message": "Internal error", "status": "INTERNAL"}})
-        self.assertEqual(str(caught.exception), "Internal error")
+        # The provider's words and the kind of error it said it was (trial s30).
+        self.assertEqual(str(caught.exception), "Internal error [status=INTERNAL, code=500]")
         with self.assertRaises(gemini.GeminiStreamError):
             stream.chunk([1])
 
