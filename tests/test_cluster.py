@@ -33,6 +33,7 @@ from openclaw.urls import masked_url
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import (
     TOKEN_LINE,
+    GatewayProcess,
     WaitedTooLong,
     free_port,
     make_ca,
@@ -1078,6 +1079,22 @@ class LockoutBeforeTheToken(TestCase):
 class ListenOnceSynced(TestCase):
     timeout = 60
 
+    def waiting(self, args: list[str]) -> tuple[RedisServer, GatewayProcess]:
+        """
+        A Redis not started yet, and an instance of its cluster started on
+        C{args}, which waits for it.
+        """
+        redis = RedisServer()
+        self.addCleanup(redis.cleanup)
+        env = base_env(
+            JWT_SECRET=SECRET,
+            REDIS_URL=redis.url,
+            REDIS_TIMEOUT_SECONDS="0.5",
+            REDIS_RECONNECT_MAX_SECONDS="0.5",
+            GATEWAY_API_KEYS=GATEWAY_KEY,
+        )
+        return redis, spawn_gateway(self, args, env)
+
     @inlineCallbacks
     def test_listens_only_once_in_step(self):
         """
@@ -1086,17 +1103,8 @@ class ListenOnceSynced(TestCase):
         few seconds; once Redis is there it reloads, prints the cluster's
         token and listens.
         """
-        redis = RedisServer()
-        self.addCleanup(redis.cleanup)
         port = free_port()
-        env = base_env(
-            JWT_SECRET=SECRET,
-            REDIS_URL=redis.url,
-            REDIS_TIMEOUT_SECONDS="0.5",
-            REDIS_RECONNECT_MAX_SECONDS="0.5",
-            GATEWAY_API_KEYS=GATEWAY_KEY,
-        )
-        process = spawn_gateway(self, ["--port", str(port), "--interface", "127.0.0.1"], env)
+        redis, process = self.waiting(["--port", str(port), "--interface", "127.0.0.1"])
         yield sleep(5.8)
         yield printed(process, b"not listening yet: waiting for the cluster store at " + redis.url.encode())
         self.assertFalse(process.token.called)
@@ -1118,18 +1126,8 @@ class ListenOnceSynced(TestCase):
         where it ran on without its API listener, silently, and stopped
         with status 0 (review s30).
         """
-        redis = RedisServer()
-        self.addCleanup(redis.cleanup)
         port, api_port = free_port(), free_port()
-        env = base_env(
-            JWT_SECRET=SECRET,
-            REDIS_URL=redis.url,
-            REDIS_TIMEOUT_SECONDS="0.5",
-            REDIS_RECONNECT_MAX_SECONDS="0.5",
-            GATEWAY_API_KEYS=GATEWAY_KEY,
-        )
-        args = ["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"]
-        process = spawn_gateway(self, args, env)
+        redis, process = self.waiting(["--port", str(port), "--api-port", str(api_port), "--interface", "127.0.0.1"])
         yield printed(process, b"not listening yet: waiting for the cluster store at " + redis.url.encode())
         taken = socket.socket()
         self.addCleanup(taken.close)

@@ -242,6 +242,16 @@ def _delta_fault(call: Any, begins: bool) -> str | None:
     return None
 
 
+def _delta_calls(choice: Any) -> tuple[dict[str, Any], list[Any]]:
+    """
+    A streamed choice's C{delta} and the C{tool_calls} list it holds;
+    C{({}, [])} for a choice without one (or one not of OpenAI's shape).
+    """
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+    return (delta, calls) if isinstance(delta, dict) and isinstance(calls, list) else ({}, [])
+
+
 def _continued(call: dict[str, Any]) -> dict[str, Any]:
     """
     A streamed tool call delta that continues its call, without the
@@ -531,9 +541,8 @@ class OpenAIStream:
         @raise StreamBroken: C{upstream_malformed}, naming the piece.
         """
         for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            for call in calls if isinstance(calls, list) else ():
+            _, calls = _delta_calls(choice)
+            for call in calls:
                 which = (choice.get("index", 0), call.get("index", 0) if isinstance(call, dict) else 0)
                 begins = begun is not None and which not in begun
                 fault = _delta_fault(call, begins)
@@ -563,9 +572,8 @@ class OpenAIStream:
         numbered: list[Any] = []
         changed = False
         for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            if not isinstance(delta, dict) or not isinstance(calls, list):
+            delta, calls = _delta_calls(choice)
+            if not calls:
                 numbered.append(choice)
                 continue
             which = choice.get("index", 0)
@@ -593,9 +601,8 @@ class OpenAIStream:
         indexed: list[Any] = []
         given = False
         for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            if not isinstance(delta, dict) or not isinstance(calls, list):
+            delta, calls = _delta_calls(choice)
+            if not calls:
                 indexed.append(choice)
                 continue
             which = choice.get("index", 0)
@@ -632,9 +639,8 @@ class OpenAIStream:
         """
         which = choice.get("index", 0) if isinstance(choice, dict) else 0
         if which not in self._first_calls:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
-            for call in calls if isinstance(calls, list) else ():
+            _, calls = _delta_calls(choice)
+            for call in calls:
                 if isinstance(call, dict) and type(call.get("index")) is int:
                     self._first_calls[which] = call["index"]
                     break
