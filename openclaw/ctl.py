@@ -227,15 +227,6 @@ def printable(text: str, limit: int | None = PRINTED_MAX) -> str:
     return "".join(shown)
 
 
-def _json_escaped(character: str) -> str:
-    # JSON's escape (RFC 8259 section 7): a UTF-16 surrogate pair past U+FFFF.
-    code = ord(character)
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    code -= 0x10000
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
-
-
 def printable_json(text: str) -> str:
     """
     A JSON text (already parsed, so with no raw C0 control but the
@@ -253,7 +244,8 @@ def printable_json(text: str) -> str:
         # escaped): left out, as a terminal would move back over the line.
         else ""
         if character == "\r"
-        else _json_escaped(character)
+        # JSON's own escape (RFC 8259 section 7), a surrogate pair past U+FFFF.
+        else json.dumps(character)[1:-1]
         for character in text
     )
 
