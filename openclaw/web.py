@@ -1,12 +1,40 @@
 """
-What the API's resources and the C{/metrics} ones answer alike, on
-twisted.web: imported by L{openclaw.dataplane} and L{openclaw.metrics}
-both, so it imports neither.
+What the API's resources, the C{/metrics} ones and the providers' errors
+say of HTTP alike, on twisted.web: imported by L{openclaw.dataplane},
+L{openclaw.metrics} and L{openclaw.providers}, so it imports none of them.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
+from types import MappingProxyType
+
+from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
+
+#: Reason phrases by status, as the IANA registry of RFC 9110 section
+#: 16.2.1 names them (L{HTTPStatus}): twisted.web's table lacks some (429
+#: Too Many Requests, RFC 6585) and keeps RFC 2616's older wording for
+#: others ("Gateway Time-out").
+REASON_PHRASES = MappingProxyType({status.value: status.phrase.encode("ascii") for status in HTTPStatus})
+
+
+def reason_phrase(status: int) -> bytes | None:
+    """
+    The reason phrase of an HTTP status line: the standard one
+    (L{REASON_PHRASES}), else twisted.web's; L{None} for a status with
+    none.
+    """
+    return REASON_PHRASES.get(status) or RESPONSES.get(status)
+
+
+def status_line(status: int) -> str:
+    """
+    A status as people read it in a message: C{"HTTP 429 Too Many
+    Requests"}, or C{"HTTP 599"} for a status with no phrase.
+    """
+    phrase = reason_phrase(status)
+    return f"HTTP {status}{' ' + phrase.decode('ascii', 'replace') if phrase else ''}"
 
 
 def head_or_body(request: IRequest, body: bytes) -> bytes:
@@ -24,4 +52,4 @@ def head_or_body(request: IRequest, body: bytes) -> bytes:
     return body
 
 
-__all__ = ["head_or_body"]
+__all__ = ["REASON_PHRASES", "head_or_body", "reason_phrase", "status_line"]

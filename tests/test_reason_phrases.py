@@ -11,9 +11,12 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase as SyncTestCase
 
-from openclaw.dataplane.errors import APIError, reason_phrase
+from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.site import raw_error_response
+from openclaw.providers.errors import UpstreamHTTPError
+from openclaw.web import reason_phrase
 from tests.support import exchange
 from tests.test_dataplane import GATEWAY_KEY, HELLO, KIMI_KEY
 from tests.test_resilience import ResilienceTestCase
@@ -44,3 +47,16 @@ class ReasonPhraseTests(ResilienceTestCase):
             self.assertEqual(reason_phrase(status), phrase)
             line = raw_error_response(APIError(status, "x", "server_error", "x")).split(b"\r\n")[0]
             self.assertEqual(line, b"HTTP/1.1 %d %s" % (status, phrase))
+
+
+class StatusLineTests(SyncTestCase):
+    def test_provider_errors_alike(self) -> None:
+        """
+        A provider's failure (a probe's, in C{status} and C{/healthz}) names
+        its status as the API's own answers do: C{"HTTP 429 Too Many
+        Requests"}, where twisted.web's table alone named no phrase, and
+        RFC 9110's C{"Gateway Timeout"}.
+        """
+        self.assertEqual(str(UpstreamHTTPError(429, "slow down")), "HTTP 429 Too Many Requests: slow down")
+        self.assertEqual(str(UpstreamHTTPError(504, "late")), "HTTP 504 Gateway Timeout: late")
+        self.assertEqual(str(UpstreamHTTPError(599, "odd")), "HTTP 599: odd")

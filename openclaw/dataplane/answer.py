@@ -19,8 +19,9 @@ from typing import Any, Protocol, cast
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -64,6 +65,29 @@ class Stream(Protocol):
         """
         Reset the stream (RST_STREAM): its connection and other streams go on.
         """
+
+
+def http11_channel(request: Request) -> HTTPChannel | None:
+    """
+    The HTTP/1.1 connection C{request} came on (twisted.web's
+    L{HTTPChannel}), or None if it came as an HTTP/2 stream.
+    """
+    channel = request.channel
+    return channel if isinstance(channel, HTTPChannel) else None
+
+
+def abort(request: Request) -> None:
+    """
+    Drop what carries C{request} with no more said: its HTTP/1.1
+    connection (the transport's C{abortConnection}), or its HTTP/2 stream
+    alone (L{reset_stream}: RST_STREAM, the connection's other streams go
+    on).
+    """
+    channel = http11_channel(request)
+    if channel is not None:
+        cast(ITCPTransport, channel.transport).abortConnection()
+    else:
+        reset_stream(request)
 
 
 def reset_stream(request: Request) -> None:

@@ -32,7 +32,7 @@ from typing import Any, cast
 import attrs
 import orjson
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
-from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, reset_stream, send_whole
+from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, abort, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -876,13 +876,7 @@ class ChatCall:
         self._finish_call()
         request = self.request
         try:
-            transport = request.transport
-            if transport is not None:
-                cast(ITCPTransport, transport).abortConnection()
-            else:
-                # An HTTP/2 stream (twisted.web's H2Stream): RST_STREAM, its
-                # slot let go (APIRequest.reset_stream).
-                reset_stream(request)
+            abort(request)
         finally:
             self._ended(CUT_STATUS[SEND_TIMEOUT], SEND_TIMEOUT)
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 import errno
 import math
 from collections.abc import Sequence
-from http import HTTPStatus
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import attrs
 import orjson
 from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 
 from openclaw.settings import MAX_DURATION_SECONDS
+from openclaw.web import status_line
 
 if TYPE_CHECKING:
     # Not at run time: the providers import this package.
@@ -306,27 +304,6 @@ def _retry_after(seconds: float) -> tuple[bytes, bytes]:
     return (b"Retry-After", b"%d" % retry_after_seconds(seconds))
 
 
-#: Reason phrases by status, as the IANA registry of RFC 9110 section
-#: 16.2.1 names them (L{HTTPStatus}): twisted.web's table lacks some (429
-#: Too Many Requests, RFC 6585) and keeps RFC 2616's older wording for
-#: others ("Gateway Time-out").
-REASON_PHRASES = MappingProxyType({status.value: status.phrase.encode("ascii") for status in HTTPStatus})
-
-
-def reason_phrase(status: int) -> bytes | None:
-    """
-    The reason phrase of an HTTP status line: the standard one
-    (L{REASON_PHRASES}), else twisted.web's; L{None} for a status with
-    none.
-    """
-    return REASON_PHRASES.get(status) or RESPONSES.get(status)
-
-
-def _status_line(status: int) -> str:
-    phrase = reason_phrase(status)
-    return f"HTTP {status}{' ' + phrase.decode('ascii', 'replace') if phrase else ''}"
-
-
 def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool) -> APIError:
     """
     The client's answer when a provider refused a chat call; the status
@@ -359,7 +336,7 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         provider's C{Retry-After} when it gave one (RFC 9110 section
         10.2.3: a 503 may say when to come back).
     """
-    said = f"{_status_line(refusal.status)}: {refusal.message}"
+    said = f"{status_line(refusal.status)}: {refusal.message}"
     upstream = ((UPSTREAM_STATUS_HEADER, b"%d" % refusal.status),)
     kind = refusal.kind
     if kind == "request":

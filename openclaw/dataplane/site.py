@@ -58,16 +58,16 @@ from zope.interface import alsoProvides, implementer
 from openclaw.addresses import AddressSlots, counted_key, host_of, peer_host
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
-from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer
+from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer, http11_channel
 from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, new_request_id
 from openclaw.dataplane.deadlines import SEND_TIMEOUT, ConnectionDeadlines
-from openclaw.dataplane.errors import APIError, reason_phrase
+from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
 from openclaw.metrics import APIRefusal
 from openclaw.settings import Settings
-from openclaw.web import head_or_body
+from openclaw.web import head_or_body, reason_phrase
 
 #: How long API connections get to close politely on a stop, or after an
 #: early refusal (L{APIConnection.close_politely}; a lingering close, too:
@@ -201,15 +201,6 @@ def lose_connection(transport: ITransport) -> None:
     transport.loseConnection()
 
 
-def http11_channel(request: Request) -> HTTPChannel | None:
-    """
-    The HTTP/1.1 connection C{request} came on (twisted.web's
-    L{HTTPChannel}), or None if it came as an HTTP/2 stream.
-    """
-    channel = request.channel
-    return channel if isinstance(channel, HTTPChannel) else None
-
-
 def origin_form(request: Request, method: bytes, target: bytes | None, version: bytes) -> bytes | None:
     """
     The path of a request target (C{/path?query}, or C{*} for C{OPTIONS}),
@@ -293,9 +284,10 @@ class NextTurnRequest(Request):
         twisted.web's L{Site.buildProtocol} gives every channel it makes
         the site, and each HTTP/2 stream is given its connection's.
         """
-        # The channel as twisted.web documents it there (its
-        # _GenericHTTPChannelProtocol's site, H2Stream's); HTTPChannel's
-        # class has no annotation for it.
+        # Set by Site.buildProtocol on the channel it makes (its code, not
+        # its documented API: HTTPChannel's class has no annotation for it)
+        # and by H2Connection on each H2Stream; every API request reads it,
+        # so a Twisted that stopped setting it fails every test.
         return cast(_SiteChannel, self.channel).site
 
     def ready(self) -> bool:
@@ -618,7 +610,8 @@ class APIRequest(NextTurnRequest):
         """
         The HTTP/1.1 connection this request came on (None over HTTP/2).
         """
-        return self.api_site.connection_of(self.transport)
+        channel = http11_channel(self)
+        return self.api_site.connection_of(channel.transport) if channel is not None else None
 
     @property
     def stream_send_deadline(self) -> StreamSendDeadline | None:
@@ -926,8 +919,9 @@ class APIRequest(NextTurnRequest):
         limit = self.max_request_bytes
         return APIError(
             413,
-            f"the request body is larger than this gateway's limit ({limit} bytes): send large images by "
-            "https:// URL instead of an inline data: URL, or ask the operator to raise MAX_REQUEST_BYTES",
+            f"the request body is larger than this gateway's limit ({limit} bytes): shorten the request "
+            "(send large images by https:// URL instead of an inline data: URL), or ask the operator to "
+            "raise MAX_REQUEST_BYTES",
             "invalid_request_error",
             "request_too_large",
         )

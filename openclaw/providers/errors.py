@@ -19,11 +19,12 @@ from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http import RESPONSES, stringToDatetime
+from twisted.web.http import stringToDatetime
 
 from openclaw.addresses import host_port
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.tls import describe_tls_error, is_tls_error
+from openclaw.web import status_line
 
 #: Longest upstream message quoted in a reason; error bodies can be pages of HTML.
 MAX_MESSAGE_CHARS = 200
@@ -83,8 +84,7 @@ class UpstreamHTTPError(ProviderError):
     """
 
     def __init__(self, status: int, message: str, hint: str | None = None, refusal: Refusal | None = None) -> None:
-        phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
-        text = f"HTTP {status}{' ' + phrase if phrase else ''}: {message}"
+        text = f"{status_line(status)}: {message}"
         if hint:
             text += f" ({hint})"
         super().__init__(text)
