@@ -70,14 +70,63 @@ class KimiTests(ResilienceTestCase):
     def test_taken(self) -> Any:
         """
         Moonshot's types, in any case, as C{image/jpg} and as its vision
-        guide's example writes them (C{image/.png}), are passed on as sent.
+        guide's example writes them (C{image/.png}), are passed on, in lower
+        case (L{test_lower_case}).
         """
         gateway = self.gateway()
         for media_type in ("image/png", "IMAGE/JPEG", "image/jpg", "image/WebP", "image/gif", "image/.png"):
             messages = asking(media_type)
             response, text = yield self.post(gateway, {"model": KIMI, "messages": messages})
             self.assertEqual(response.code, 200, (media_type, text))
-            self.assertEqual(self.upstream.kimi.last_body["messages"], messages)
+            self.assertEqual(self.upstream.kimi.last_body["messages"], asking(media_type.lower()))
+
+    @inlineCallbacks
+    def test_lower_case(self) -> Any:
+        """
+        An image data URL written in upper case (C{DATA:IMAGE/PNG;BASE64,},
+        as RFC 2045 and RFC 2397 allow) reaches Kimi in lower case, the form
+        Moonshot documents, whole and streamed; its parameters and data as
+        written, and the rest of the body as sent (it was passed on as
+        written: trial s31).
+        """
+        gateway = self.gateway()
+        for stream in (False, True):
+            url = f"DATA:Image/PNG;Name=A.PNG;BASE64,{DATA}"
+            messages = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url, "detail": "low"}}]},
+                {"role": "assistant", "content": "A picture."},
+                asking("IMAGE/JPEG")[0],
+            ]
+            response, text = yield self.post(gateway, {"model": KIMI, "messages": messages, "stream": stream})
+            self.assertEqual(response.code, 200, text)
+            sent = self.upstream.kimi.last_body["messages"]
+            self.assertEqual(
+                sent[1]["content"],
+                [
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": f"data:image/png;Name=A.PNG;base64,{DATA}", "detail": "low"},
+                    }
+                ],
+            )
+            self.assertEqual(sent[3], asking("image/jpeg")[0])
+            self.assertEqual(sent[:1] + sent[2:3], messages[:1] + messages[2:3])
+            # The caller's body is not changed: a fallback gets it as sent.
+            self.assertEqual(messages[1]["content"][0]["image_url"]["url"], url)
+
+    @inlineCallbacks
+    def test_gemini_lower_case(self) -> Any:
+        """
+        Gemini's translation already sends a data URL's type in lower case
+        (C{image/jpg} as C{image/jpeg}, Gemini's name).
+        """
+        gateway = self.gateway()
+        for media_type, sent in (("IMAGE/PNG", "image/png"), ("Image/JPG", "image/jpeg"), ("image/WEBP", "image/webp")):
+            response, text = yield self.post(gateway, {"model": GEMINI, "messages": asking(media_type)})
+            self.assertEqual(response.code, 200, text)
+            part = self.upstream.gemini.last_body["contents"][0]["parts"][1]
+            self.assertEqual(part, {"inlineData": {"mimeType": sent, "data": DATA}})
 
     @inlineCallbacks
     def test_gemini_takes_its_own(self) -> Any:
@@ -147,14 +196,14 @@ class KimiTests(ResilienceTestCase):
 class OpenAIWireTests(TestCase):
     """
     An OpenAI-shaped provider that declares no image types takes
-    OpenAI's.
+    OpenAI's, sent in lower case.
     """
 
     def test_openai_types(self) -> None:
         wire = OpenAIWire()
         for media_type in ("image/png", "image/JPEG", "image/webp", "image/gif"):
             chat = parse_chat_request(orjson.dumps({"messages": asking(media_type)}))
-            self.assertEqual(orjson.loads(wire.request_body(chat, "m"))["messages"], asking(media_type))
+            self.assertEqual(orjson.loads(wire.request_body(chat, "m"))["messages"], asking(media_type.lower()))
         for media_type in ("image/heic", "image/.png", "text/html"):
             chat = parse_chat_request(orjson.dumps({"messages": asking(media_type)}))
             error = self.assertRaises(APIError, wire.request_body, chat, "m")

@@ -76,12 +76,13 @@ class OpenAIWire:
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The caller's body with C{model}, and C{stream_options.include_usage}
-        on a stream.
+        on a stream; an image data URL's type in lower case
+        (L{refuse_image_types}).
 
         @raise APIError: 400 for an image data URL of a type the API does
             not take (L{image_types}).
         """
-        refuse_image_types(chat, self.image_types)
+        chat = refuse_image_types(chat, self.image_types)
         if chat.extra_content and not self.google_extras:
             chat = chat.without_google_extras()
         body = {**chat.body, "model": model}

@@ -263,7 +263,8 @@ class ImageTypes:
     take, L{openclaw.providers.gemini.translate.data_image_type}).
 
     A media type is matched in any case (RFC 2045 section 5.1, which RFC
-    2397's data URLs use: C{IMAGE/PNG} is C{image/png}).
+    2397's data URLs use: C{IMAGE/PNG} is C{image/png}), and sent in lower
+    case (L{refuse_image_types}).
     """
 
     #: The subtypes of C{image/} taken, in lower case (C{"png"}).
@@ -306,7 +307,7 @@ OPENAI_IMAGE_TYPES = ImageTypes(
 )
 
 
-def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> None:
+def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> ChatRequest:
     """
     Refuse a request whose user messages hold an C{image_url} part whose
     URL is a data URL of a type not of C{types} (L{ImageTypes.takes}):
@@ -314,21 +315,55 @@ def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> None:
     C{image/svg+xml}).  Other URLs (C{https://}, Moonshot's C{ms://}) are
     the provider's to fetch and judge.
 
+    @return: C{chat}, each image data URL in its canonical form
+        (L{canonical_data_url}: C{DATA:IMAGE/PNG;BASE64,...} becomes
+        C{data:image/png;base64,...}, the only form Moonshot and OpenAI
+        document; a media type is case-insensitive, RFC 2045 section 5.1,
+        but a provider need not know it); C{chat} itself when none was
+        written otherwise, or the request names no C{image_url} part
+        (L{ChatRequest.images}: no walk through a plain chat).
     @raise APIError: 400 naming C{messages[<i>].content[<j>].image_url.url}
-        and the types taken.
+        and the types taken (the type as the client wrote it).
     """
     if not chat.images:
-        return
-    for i, message in enumerate(chat.body["messages"]):
+        return chat
+    given = chat.body["messages"]
+    messages: list[dict[str, Any]] | None = None
+    for i, message in enumerate(given):
         content = message.get("content")
         if message.get("role") != "user" or not isinstance(content, list):
             continue
+        parts: list[Any] | None = None
         for j, part in enumerate(content):
             if part.get("type") != "image_url":
                 continue
-            head = DATA_URL.match(part["image_url"]["url"])
-            if head is not None and not types.takes(head.group(1)):
+            url = part["image_url"]["url"]
+            head = DATA_URL.match(url)
+            if head is None:
+                continue
+            if not types.takes(head.group(1)):
                 raise types.refusal(head.group(1), f"messages[{i}].content[{j}].image_url.url")
+            canonical = canonical_data_url(url)
+            if canonical is not url:
+                parts = parts or list(content)
+                parts[j] = {**part, "image_url": {**part["image_url"], "url": canonical}}
+        if parts is not None:
+            messages = messages or list(given)
+            messages[i] = {**message, "content": parts}
+    return chat if messages is None else attrs.evolve(chat, body={**chat.body, "messages": messages})
+
+
+def canonical_data_url(url: str) -> str:
+    """
+    C{url}, a data URL L{DATA_URL} matches, with its scheme, media type
+    and C{;base64,} in lower case (its parameters, C{;name=A.png}, and its
+    data as written): C{url} itself if they are already.
+    """
+    head = DATA_URL.match(url)
+    assert head is not None
+    end = head.end()
+    canonical = f"data:{head.group(1).lower()}{url[head.end(1) : end - len(';base64,')]};base64,"
+    return url if url.startswith(canonical) else canonical + url[end:]
 
 
 def _article(word: str) -> str:
@@ -444,6 +479,7 @@ __all__ = [
     "StreamBroken",
     "StreamTranslation",
     "Wire",
+    "canonical_data_url",
     "completion_id",
     "json_object",
     "json_or_none",
