@@ -55,6 +55,15 @@ class CannotListen(SystemExit):
         return self.line
 
 
+class PortTaken(CannotListen):
+    """
+    A C{--workers} worker cannot listen on a port of the gateway: another
+    program (not this gateway's workers, which share the port) listens
+    there (L{openclaw.cluster.workers.ReusePortEndpoint}).  The worker
+    ends with L{openclaw.cluster.workers.PORT_TAKEN_STATUS}.
+    """
+
+
 @attrs.frozen
 class Listener:
     """

@@ -38,6 +38,7 @@ from openclaw.cluster.scrape import (
     WorkersExposition,
     WorkerSockets,
 )
+from openclaw.cluster.workers import PORT_TAKEN_STATUS
 from openclaw.consumers.commands import ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
@@ -60,7 +61,7 @@ from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
 from openclaw.files import PidLock
-from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, descriptor_shares
+from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
 from openclaw.logs import offer_log_observer
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
@@ -963,7 +964,9 @@ class GatewayService(SequentialMultiService):
             # A SystemExit (its one line ends a start-up): here, in a Redis
             # callback, it was lost, and the gateway ran on without it.
             self._log.critical("{line}; the gateway stops", line=str(e))
-            self.exit_status = 1
+            # A worker's port taken by another program: its parent knows
+            # it by this status (it stops once no worker can listen).
+            self.exit_status = PORT_TAKEN_STATUS if isinstance(e, PortTaken) else 1
             self._reactor.stop()
             return
         except Exception:

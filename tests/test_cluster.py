@@ -5,6 +5,7 @@ real C{redis-server}, the stand-in providers and the openai SDK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -1676,6 +1677,47 @@ class Workers(TestCase):
                 codes.append((status["worker"], status["instance"], code, reason))
         self.assertEqual({code for _, _, code, _ in codes}, {1001}, (codes, process.stdout[-4000:]))
         self.assertIn(b"all workers stopped", process.stdout)
+
+    @inlineCallbacks
+    def test_port_taken_by_another_program(self):
+        """
+        Both workers end and another program listens on the port before
+        they are started again: each says which port and who to look for,
+        and once neither can listen the gateway stops with exit status 1,
+        not started again and again while it serves nothing (trial s31:
+        restarted with back-off for as long as the port stayed taken).
+        """
+        port = free_port()
+        env = base_env(JWT_SECRET=SECRET, REDIS_URL=self.redis.url, REDIS_RECONNECT_MAX_SECONDS="0.5")
+        process = spawn_gateway(self, ["--workers", "2", "--port", str(port), "--interface", "127.0.0.1"], env)
+        token = yield process.token
+        seen = yield self.status_until(
+            port, token, lambda statuses: {s["worker"] for s in statuses} == {0, 1}, tries=300, pause=0.05
+        )
+        for _, status in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(status["instance"].rsplit("-", 1)[1]), signal.SIGKILL)
+        other = socket.socket()
+        self.addCleanup(other.close)
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                other.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                # Until both workers' sockets are closed.
+                self.assertLess(time.monotonic(), deadline, "the workers' sockets stayed open")
+                yield sleep(0.01)
+        other.listen(5)
+        status = yield within(process.ended, 60, "the gateway's stop")
+        self.assertEqual(status, 1, process.stdout[-4000:])
+        self.assertIn(
+            f"cannot listen on 127.0.0.1:{port}: another program is listening there (not this gateway's workers); "
+            f"find it (ss -ltnp 'sport = :{port}')".encode(),
+            process.stdout,
+        )
+        self.assertIn(b"no worker can listen: another program listens on a port of this gateway", process.stdout)
 
     @inlineCallbacks
     def test_worker_started_again_keeps_the_settings_read_at_start(self):

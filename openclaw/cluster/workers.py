@@ -78,7 +78,7 @@ from zope.interface import implementer
 from openclaw import __version__
 from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
-from openclaw.listeners import CannotListen, Listener, lock_port
+from openclaw.listeners import CannotListen, Listener, PortTaken, lock_port
 from openclaw.logs import offer_log_observer
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
 from openclaw.settings import ConfigError, Settings
@@ -100,6 +100,11 @@ _restart_delay = backoffPolicy(RESTART_DELAY_SECONDS, MAX_RESTART_DELAY_SECONDS,
 #: parent then stops the whole gateway, with exit status 1, for its unit
 #: manager to start it again on the installation now in place.
 INSTALLED_AGAIN_STATUS = 3
+#: The exit status of a worker that could not listen because another
+#: program listens on a port of the gateway (L{PortTaken}): once every
+#: worker's last end was this, none can serve, and the parent stops the
+#: gateway with exit status 1 (L{WorkerSupervisor._port_taken}).
+PORT_TAKEN_STATUS = 4
 #: The descriptor a worker reads its parent's settings from: the reading
 #: end of a pipe its parent writes them into (L{settings_bytes}), then
 #: closes.
@@ -338,6 +343,15 @@ class ReusePortEndpoint:
                 # The reactor keeps its own descriptor: ours may be closed.
                 return self.reactor.adoptStreamPort(sock.fileno(), family, factory)  # type: ignore[arg-type]
         except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                # Not the workers' sockets (SO_REUSEPORT, of this user):
+                # another program's, which took the port while no worker
+                # listened there.
+                raise PortTaken(
+                    f"openclaw: cannot listen on {self.interface}:{self.port}: another program is listening there "
+                    f"(not this gateway's workers); find it (ss -ltnp 'sport = :{self.port}') and stop it, or "
+                    "choose another port"
+                ) from None
             raise CannotListenError(self.interface, self.port, e) from None
 
 
@@ -408,6 +422,9 @@ class WorkerSupervisor(Service):
         self.quick_ends: dict[int, int] = {}
         #: Per worker index, its start again, while waiting.
         self.restarts: dict[int, IDelayedCall] = {}
+        #: The indexes of the workers whose last end was for a port another
+        #: program listens on (L{PORT_TAKEN_STATUS}, L{_port_taken}).
+        self.port_taken: set[int] = set()
         self._stopping = False
 
     def setServiceParent(self, parent: Any) -> None:
@@ -481,6 +498,12 @@ class WorkerSupervisor(Service):
         if isinstance(ended, ProcessTerminated) and ended.exitCode == INSTALLED_AGAIN_STATUS:
             self._installed_again(worker.index)
             return
+        if isinstance(ended, ProcessTerminated) and ended.exitCode == PORT_TAKEN_STATUS:
+            self.port_taken.add(worker.index)
+            if self._port_taken(worker.index):
+                return
+        else:
+            self.port_taken.discard(worker.index)
         ran = self.reactor.seconds() - worker.started_at
         self._restart(worker.index, ran, f"ended ({reason.getErrorMessage()}) after {ran:.1f} s")
 
@@ -506,6 +529,40 @@ class WorkerSupervisor(Service):
         )
         self.exit_status = 1
         self.reactor.stop()
+
+    def _port_taken(self, index: int) -> bool:
+        """
+        Worker C{index} could not listen: another program listens on a
+        port of the gateway (L{PortTaken}, its line above), which it took
+        while no worker listened there (all had ended).  While it does, no
+        worker can listen there (a worker needs all the ports), so once
+        every worker's last end was this one (L{port_taken}), stop the
+        gateway with exit status 1 (L{exit_status}) rather than start them
+        again and again while it serves nothing: a unit manager sees the
+        failure (the shipped unit's C{Restart=on-failure} starts it again,
+        which refuses at once, saying so, while the port stays taken).
+        Until then, a critical line, and the worker is started again.
+
+        @return: whether the gateway stops.
+        """
+        if len(self.port_taken) < self.count:
+            self._log.critical(
+                "worker {index} cannot listen: another program listens on a port of this gateway ({listeners}; "
+                "its line above); starting it again, and stopping the gateway if no worker can listen",
+                index=index,
+                listeners=", ".join(self.sockets),
+            )
+            return False
+        if not self.exit_status:
+            self._log.critical(
+                "no worker can listen: another program listens on a port of this gateway ({listeners}; the "
+                "workers' lines above say which); stopping the gateway, with exit status 1: stop that program "
+                "(ss -ltnp shows it) or choose another port, then start the gateway again",
+                listeners=", ".join(self.sockets),
+            )
+            self.exit_status = 1
+            self.reactor.stop()
+        return True
 
     def _restart(self, index: int, ran: float, what: str) -> None:
         """
