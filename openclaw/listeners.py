@@ -295,8 +295,8 @@ def tcp_address(description: str) -> tuple[str, int] | None:
     The interface and port a C{tcp:}, C{tcp6:} or C{ssl:} server endpoint
     string binds (Twisted's defaults: every IPv4 address, C{::} for
     C{tcp6}), for L{check_free} and L{lock_port} before anything is made at
-    start-up; None for another endpoint, port 0 (any) or a port the parser
-    will refuse.
+    start-up; port 0 (any: its interface checked, no port locked) too;
+    None for another endpoint or a port the parser will refuse.
     """
     fields, named = endpoint_fields(description)
     if fields[0] not in ("tcp", "tcp6", "ssl"):
@@ -305,7 +305,7 @@ def tcp_address(description: str) -> tuple[str, int] | None:
         port = int(fields[1] if len(fields) > 1 else named.get("port", ""))
     except ValueError:
         return None
-    if not 0 < port < 65536:
+    if not 0 <= port < 65536:
         return None
     return named.get("interface") or ("::" if fields[0] == "tcp6" else "0.0.0.0"), port
 

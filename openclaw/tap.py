@@ -845,8 +845,11 @@ def _endpoint(
         listener = _listener(settings, description, *endpoint_setting)
         address = tcp_address(description)
         if address is not None:
+            # Port 0 too: an address this host does not have is refused
+            # here, before twistd daemonizes, like a taken port.
             check_free(listener, *address)
-            _lock(port_locks, listener, address[1])
+            if address[1]:
+                _lock(port_locks, listener, address[1])
         unusable = unix_socket_problem(description)
         if unusable is not None:
             raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")

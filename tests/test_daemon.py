@@ -312,6 +312,34 @@ class DaemonTests(TestCase):
         self.assertIn(b"--token-file", err)
         self.assertNotIn(b"Traceback", err)
 
+    @inlineCallbacks
+    def test_listen_endpoint_on_no_such_address(self):
+        """
+        An endpoint string on port 0 (any) at an address this host does not
+        have is refused before twistd daemonizes, like a taken port: one
+        line, exit status 1, no pidfile.  It was bound only in the daemon,
+        whose refusal (a SystemExit) never reached twistd's status pipe:
+        the starting process waited on it for ever (trial s31).
+        """
+        pidfile = self.dir / "gw.pid"
+        self.addCleanup(self._kill, pidfile)
+        argv = [twistd_path(), "--pidfile", str(pidfile), "--logfile", str(self.dir / "gw.log"), "openclaw"]
+        argv += ["--token-file", str(self.dir / "token"), "--state-dir", str(self.dir)]
+        argv += ["--port", str(free_port()), "--api-port", str(free_port()), "--interface", "127.0.0.1"]
+        # TEST-NET-1 (RFC 5737): no host has it.
+        listen = "tcp:0:interface=192.0.2.1"
+        # A hang shows as timeout's status, 124, rather than a test left waiting.
+        _out, err, code = yield getProcessOutputAndValue(
+            "timeout", ["20", *argv], env=env(JWT_SECRET=SECRET, METRICS_LISTEN=listen), path=str(self.dir)
+        )
+        self.assertEqual(code, 1, err)
+        self.assertEqual(
+            err.decode(),
+            f"openclaw: cannot listen on {listen} (METRICS_LISTEN, from the environment): this host has no such "
+            "address; choose another endpoint with --metrics-listen\n",
+        )
+        self.assertFalse(pidfile.exists())
+
     @staticmethod
     def _kill(pidfile: Path) -> None:
         try:
