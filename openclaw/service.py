@@ -600,6 +600,7 @@ class GatewayService(SequentialMultiService):
         #: Seconds since the epoch, by the reactor's clock (the real
         #: reactor's is wall-clock time: C{status} shows it as a date).
         self.started_at = reactor.seconds()
+        self.started_monotonic = time.monotonic()
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
         # Its SQLite file is checked (and made) at start (L{startService}).
@@ -675,6 +676,7 @@ class GatewayService(SequentialMultiService):
             rotate=self.rotate_token,
             connections=lambda: len(self.factory.connections),
             started_at=self.started_at,
+            started_monotonic=self.started_monotonic,
             clock=reactor.seconds,
             # In a cluster the route is kept in the store (share_switch).
             persist=self.store.save if cluster is None else lambda route: None,

@@ -209,6 +209,18 @@ class ControlPlaneTests(SynchronousTestCase):
             },
         )
 
+    def test_uptime_by_the_monotonic_clock(self) -> None:
+        """
+        With the monotonic clock's reading at the start, the uptime goes by
+        it: the wall clock set back an hour since does not make it
+        negative (trial s31: "uptime: -3578.6s").
+        """
+        self.commands = attrs.evolve(
+            self.commands, clock=lambda: 1_800_000_000.0 - 3600, started_monotonic=500.0, monotonic=lambda: 512.5
+        )
+        self.plane = ControlPlane(self.sessions, self.commands, Logger(observer=self.events.append))
+        self.assertEqual(self.command("status")["result"]["uptime"], 12.5)
+
     def test_switch_provider(self) -> None:
         answer = self.command("switch_provider", {"provider": "kimi", "model": "moonshot-v1-32k"})
         self.assertEqual(

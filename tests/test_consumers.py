@@ -216,6 +216,28 @@ class RulesTests(TestCase):
         self.assertEqual(window.used(60.0), 1)
         self.assertEqual(window.used(90.0), 0)
 
+    def test_sliding_window_clock_set_back(self) -> None:
+        """
+        The wall clock set back an hour (README, "The host's clock"): what
+        the window counted "later" still counts, as counted now, and leaves
+        it 60 s on; a per-minute limit is never an hour's lockout (trial
+        s31: "retry after 3647 s").
+        """
+        window = SlidingWindow()
+        for at in (7200.0, 7210.0, 7220.0):
+            window.add(at)
+        back = 3600.0
+        self.assertEqual(window.used(back), 3)
+        self.assertEqual(window.retry_after(back, 3), 60)
+        self.assertEqual(window.retry_after(back, 1, held=[(7230.0, 1)]), 60)
+        self.assertEqual(reset_after(window.newest(), back), 60.0)
+        window.add(back + 10)
+        self.assertEqual(window.used(back + 59), 4)
+        self.assertEqual(window.used(back + 60), 1)
+        self.assertEqual(window.used(back + 70), 0)
+        # No later count, but the newest one is ahead of the clock.
+        self.assertEqual(reset_after(7220.0, back), 60.0)
+
     def test_rate_limits_headers(self) -> None:
         """
         The x-ratelimit-* durations are written as OpenAI writes them

@@ -29,6 +29,13 @@ class SlidingWindow:
 
     def _expire(self, now: float) -> None:
         entries = self._entries
+        if entries and entries[-1][0] > now:
+            # The wall clock was set back (README, "The host's clock"):
+            # what was counted "later" than now counts as counted now, so
+            # the window still holds it for L{WINDOW_SECONDS}, not for as
+            # long as the clock went back (an hour's lockout of a
+            # per-minute limit).
+            self._entries = entries = deque((min(at, now), amount) for at, amount in entries)
         horizon = now - WINDOW_SECONDS
         while entries and entries[0][0] <= horizon:
             self.total -= entries.popleft()[1]
@@ -61,7 +68,9 @@ class SlidingWindow:
             60 s after it), sorted by time.
         """
         self._expire(now)
-        held = list(held)
+        # A reservation admitted "later" than now (the clock set back)
+        # leaves as one admitted now would.
+        held = [(min(at, now), amount) for at, amount in held]
         remaining = self.total + sum(amount for _, amount in held)
         for at, amount in heapq.merge(self._entries, held):
             remaining -= amount
@@ -85,7 +94,7 @@ def reset_after(newest: float | None, now: float) -> float:
     is empty again (0 for an empty one): what OpenAI calls the time until
     the limit "resets to its initial state".
     """
-    return 0.0 if newest is None else max(0.0, newest + WINDOW_SECONDS - now)
+    return 0.0 if newest is None else min(WINDOW_SECONDS, max(0.0, newest + WINDOW_SECONDS - now))
 
 
 @attrs.frozen

@@ -226,6 +226,11 @@ class ControlCommands:
     connections: Callable[[], int]
     started_at: float
     clock: Callable[[], float] = time.time
+    #: The monotonic clock's reading at C{started_at}, and that clock: the
+    #: uptime goes by them, so that a step of the wall clock does not
+    #: make it jump (or go below 0); None: by the wall clock.
+    started_monotonic: float | None = None
+    monotonic: Callable[[], float] = time.monotonic
     #: Called with the new route after every switch, to keep it: None once
     #: kept, else why not (a warning for the answer).
     persist: Callable[[Route], str | None] = lambda route: None
@@ -271,7 +276,10 @@ class ControlCommands:
             "provider": self.providers.get(route.provider_id).display_name,
             "provider_id": route.provider_id,
             "model": route.model,
-            "uptime": round(now - self.started_at, 3),
+            "uptime": round(
+                now - self.started_at if self.started_monotonic is None else self.monotonic() - self.started_monotonic,
+                3,
+            ),
             "started_at": isoformat(self.started_at),
             "token_expires": self.sessions.current.expires,
             "connections": self.connections(),
