@@ -326,6 +326,7 @@ class PidLock:
         # open, so the lock is taken again on the file now at the path.
         for _ in range(100):
             fd = cls._open(path)
+            won = False
             try:
                 try:
                     fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -340,6 +341,7 @@ class PidLock:
                     content = os.pread(fd, 64, 0)
                     if not _LOCK_FILE_CONTENT.fullmatch(content):
                         raise NotALockFile(f"{path} holds something other than a process id")
+                    won = not shared
                     lock = cls(path, fd, shared)
                     if shared and content:
                         # Left by an exclusive holder gone since: its pid
@@ -348,6 +350,12 @@ class PidLock:
                     lock.record_pid()
                     return lock
             except BaseException:
+                if won:
+                    # Held alone, and this process's id could not be written
+                    # (a full disk): the file is not left behind (it may be
+                    # this call's own, empty).
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
                 os.close(fd)
                 raise
             os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import gc
 import os
 import signal
@@ -698,7 +699,10 @@ def _unusable(error: OSError, lock_path: Path) -> str:
     """
     Why the lock file at C{lock_path} cannot be used, for a refusal.
     """
-    return str(error) if isinstance(error, NotALockFile) else f"{str(lock_path)!r} cannot be opened ({error.strerror})"
+    if isinstance(error, NotALockFile):
+        return str(error)
+    done = "written" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "opened"
+    return f"{str(lock_path)!r} cannot be {done} ({error.strerror})"
 
 
 def _lock_state_dir(settings: Settings) -> PidLock:
@@ -728,7 +732,7 @@ def _lock_state_dir(settings: Settings) -> PidLock:
         lock_path = settings.state_dir / STATE_LOCK
         why = _unusable(e, lock_path)
         raise ConfigError(
-            f"{named} cannot be locked: {why}; {_remove_if_there(lock_path)}point "
+            f"{named} cannot be locked: {why}; {_lock_fix(e, lock_path)}point "
             "STATE_DIR at a directory of the gateway's own"
         ) from None
 
@@ -756,16 +760,20 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
         lock_path = token_file_lock_path(settings.token_file)
         why = _unusable(e, lock_path)
         raise ConfigError(
-            f"{named} cannot be locked: {why}; {_remove_if_there(lock_path)}point "
+            f"{named} cannot be locked: {why}; {_lock_fix(e, lock_path)}point "
             "TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
 
 
-def _remove_if_there(lock_path: Path) -> str:
+def _lock_fix(error: OSError, lock_path: Path) -> str:
     """
-    The first of a lock refusal's ways out: removing the lock file, when
-    there is one to remove (not for a directory that cannot hold one).
+    The first of a lock refusal's ways out: freeing space when its file
+    system is full (C{ENOSPC}, C{EDQUOT}); else removing the lock file,
+    when there is one to remove (not for a directory that cannot hold
+    one).
     """
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on the file system of {str(lock_path)!r}, or "
     if os.path.lexists(lock_path):
         return f"remove {str(lock_path)!r} if no gateway uses it, or "
     return ""

@@ -10,6 +10,8 @@ lock file.  Real C{twistd -n openclaw} processes.
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,7 @@ class LockRefusalAdviceTests(SynchronousTestCase):
         directory = Path(self.mktemp())
         directory.mkdir()
         lock = directory / STATE_LOCK
-        self.assertEqual(tap._remove_if_there(lock), "")
+        denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        self.assertEqual(tap._lock_fix(denied, lock), "")
         lock.write_text("")
-        self.assertEqual(tap._remove_if_there(lock), f"remove {str(lock)!r} if no gateway uses it, or ")
+        self.assertEqual(tap._lock_fix(denied, lock), f"remove {str(lock)!r} if no gateway uses it, or ")

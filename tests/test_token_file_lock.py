@@ -8,16 +8,20 @@ the token file.  Real C{twistd -n openclaw} processes, and the lock itself.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from openclaw import tap
 from openclaw.files import LockHeld, NotALockFile, PidLock
 from openclaw.session import SessionAuthority, lock_token_file, token_file_lock_path
+from openclaw.settings import ConfigError, Settings
 from tests.support import GatewayProcess, close_client, connect, free_port, spawn_gateway, within
 
 SECRET = "token-file-lock-secret-token-file-lock-42"
@@ -168,6 +172,31 @@ class PidLockTests(SynchronousTestCase):
         lock = PidLock.acquire(self.path)
         self.addCleanup(lock.release)
         return lock
+
+    def test_disk_full(self) -> None:
+        """
+        The process's id cannot be written (a full file system): the lock
+        file it made is not left behind, and the refusal says to free
+        space, not to remove the lock file (trial s31: an empty lock file
+        left, and "remove it if no gateway uses it").
+        """
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch("openclaw.files.os.pwrite", side_effect=full):
+            with self.assertRaises(OSError):
+                PidLock.acquire(self.path)
+            self.assertFalse(self.path.exists())
+            settings = Settings(token_file=self.dir / "token")
+            with self.assertRaises(ConfigError) as caught:
+                tap._lock_token_file(settings)
+        self.assertIn(f"{str(self.path)!r} cannot be written (No space left on device)", str(caught.exception))
+        self.assertIn(
+            f"; free space on the file system of {str(self.path)!r}, or point TOKEN_FILE", str(caught.exception)
+        )
+        self.assertNotIn("remove", str(caught.exception))
+        self.assertFalse(self.path.exists())
+        # Another's lock file (a stale pid in it) is taken as before.
+        self.path.write_text("999999\n")
+        self.acquire()
 
     def test_held(self) -> None:
         self.acquire()
