@@ -60,6 +60,20 @@ from openclaw.control.closecodes import (
     PROXY_NAMED_NO_CLIENT_REASON,
     UNTRUSTED_PEER_REASON,
 )
+from openclaw.ctl.request import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    HEALTH_CHECK_TIMEOUT,
+    PROG,
+    TOKEN_VARIABLE,
+    UNIX_SCHEME,
+    UNIX_WEBSOCKET_URL,
+    Reply,
+    Request,
+    UsageError,
+    unix_socket_path,
+    websocket_url,
+)
 from openclaw.files import MAX_UNIX_PATH_BYTES, OwnerNotKept, kind_of, read_regular_file
 from openclaw.logs import PeerTLSErrors
 from openclaw.reactors import IClientReactor
@@ -72,13 +86,77 @@ from openclaw.session import (
 )
 from openclaw.tls import HostnameChecked, describe_tls_error, is_tls_error, read_ca_file, trust_root_from_file
 
-PROG = "openclawctl"
-DEFAULT_URL = "ws://127.0.0.1:18789"
-DEFAULT_TIMEOUT = 10.0
-#: health_check waits for every provider's probe (HEALTH_CHECK_TIMEOUT each,
-#: 5 s by default, plus queueing behind a probe already in flight).
-HEALTH_CHECK_TIMEOUT = 30.0
-TOKEN_VARIABLE = "OPENCLAW_TOKEN"
+__all__ = [
+    "AUTOBAHN_CLIENT_NAMESPACE",
+    "CLEAR",
+    "CLEARED",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_URL",
+    "FAILED",
+    "HEALTH_CHECK_TIMEOUT",
+    "LOCATION_SHOWN",
+    "MAX_HEAD_BYTES",
+    "NAMES_SHOWN",
+    "NO_ANSWER",
+    "OK",
+    "PRINTED_MAX",
+    "PROG",
+    "QUOTED_MAX",
+    "TOKEN_VARIABLE",
+    "UNIX_SCHEME",
+    "UNIX_WEBSOCKET_URL",
+    "AnswerHead",
+    "AnswerHeadTooLarge",
+    "CommandLineParser",
+    "ConnectionClosed",
+    "KeepsPeerCertificates",
+    "NotHTTP",
+    "OneCommand",
+    "OneCommandFactory",
+    "OneLineLog",
+    "Reply",
+    "Report",
+    "Request",
+    "Unanswered",
+    "UsageError",
+    "answer_head",
+    "build_parser",
+    "certificate_names",
+    "check_answer",
+    "choose_token",
+    "client_endpoint",
+    "conclude",
+    "consumer_request",
+    "dash_hint",
+    "decode_answer",
+    "describe_error",
+    "exchange",
+    "exit_code",
+    "explain_failure",
+    "format_consumers",
+    "format_duration",
+    "format_health",
+    "format_milliseconds",
+    "format_ping",
+    "format_provider_states",
+    "format_rotation",
+    "format_status",
+    "format_switch",
+    "format_usage",
+    "holds_token",
+    "main",
+    "may_be_http",
+    "parse_request",
+    "printable",
+    "printable_json",
+    "printable_tree",
+    "render",
+    "save_token",
+    "unix_socket_path",
+    "usd",
+    "websocket_url",
+]
+
 #: The most characters of a server's text (an HTTP reason phrase, a close
 #: reason, an error in an answer) put in one of openclawctl's lines: the
 #: gateway's longest errors, which quote a model name (up to
@@ -103,12 +181,6 @@ _TOKEN_HINTS = MappingProxyType(
         ),
     }
 )
-
-
-class UsageError(Exception):
-    """
-    The command line cannot be acted on; the message says what to change.
-    """
 
 
 class ConnectionClosed(Exception):
@@ -145,41 +217,6 @@ class ConnectionClosed(Exception):
         self.opened = opened
         self.received = received
         self.certificates = tuple(certificates)
-
-
-@attrs.frozen
-class Request:
-    """
-    One fully resolved invocation: what to send where, and how to report it.
-    """
-
-    url: str
-    cmd: str
-    data: dict[str, Any] | None
-    token: str = attrs.field(repr=False)
-    token_file: Path | None
-    as_json: bool
-    timeout: float
-    cafile: Path | None
-    #: The token was read from C{token_file} (not given by --token or the
-    #: environment).
-    token_from_file: bool = False
-
-    def message(self) -> bytes:
-        message: dict[str, Any] = {"token": self.token, "cmd": self.cmd}
-        if self.data is not None:
-            message["data"] = self.data
-        return json.dumps(message).encode("utf-8")
-
-
-@attrs.frozen
-class Reply:
-    """
-    The gateway's answer as received, and how long it took to come.
-    """
-
-    payload: bytes
-    round_trip: float
 
 
 @attrs.frozen
@@ -703,33 +740,6 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
         "no token: pass --token TOKEN or --token-file FILE, or set OPENCLAW_TOKEN; "
         "the gateway prints its token at start-up (and writes it to TOKEN_FILE when set)"
     )
-
-
-#: The scheme of C{--url unix:/run/openclaw/control.sock}: the gateway's
-#: C{--listen unix:PATH} listener.
-UNIX_SCHEME = "unix:"
-#: The WebSocket URL spoken over a UNIX socket (RFC 6455 needs one: its
-#: host becomes the C{Host} header).
-UNIX_WEBSOCKET_URL = "ws://localhost"
-
-
-def unix_socket_path(url: str) -> str | None:
-    """
-    The socket path of a C{unix:PATH} URL (C{unix:///PATH} too), None for
-    any other URL.
-    """
-    if not url.startswith(UNIX_SCHEME):
-        return None
-    path = url[len(UNIX_SCHEME) :]
-    return path[2:] if path.startswith("///") else path
-
-
-def websocket_url(url: str) -> str:
-    """
-    The URL the WebSocket handshake names: C{--url} itself, or
-    L{UNIX_WEBSOCKET_URL} over a UNIX socket.
-    """
-    return UNIX_WEBSOCKET_URL if unix_socket_path(url) is not None else url
 
 
 def _check_url(url: str) -> None:
