@@ -418,14 +418,14 @@ def _unix_connect_failure(path: str, error: ConnectError) -> str:
     return f"{reason}; is the gateway running, and is {path} its --listen unix: path?"
 
 
-def explain_failure(error: BaseException, request: Request) -> str:
+def _unreached(error: BaseException, request: Request) -> str | None:
     """
-    Why no answer came, and what to check: the operator's next step.
+    What to say when the gateway was not reached, or did not answer in
+    time: the connection refused, a host name that does not resolve, a
+    command sent and not answered (L{Unanswered}), or no connection within
+    C{--timeout}; None for any other error.
     """
     url = request.url
-    path = unix_socket_path(url)
-    if path is not None and isinstance(error, ConnectError):
-        return f"cannot connect to {url}: {_unix_connect_failure(path, error)}"
     if isinstance(error, ConnectionRefusedError):
         return (
             f"cannot connect to {url}: connection refused; is the gateway running, "
@@ -444,65 +444,114 @@ def explain_failure(error: BaseException, request: Request) -> str:
             f"no answer from {url} within {request.timeout:g} s; "
             "check the gateway is running and reachable, or raise --timeout"
         )
+    return None
+
+
+def _closed_early(error: ConnectionClosed, request: Request) -> str:
+    """
+    Why the connection ended before an answer: the gateway's close code
+    (a refusal, L{_policy_violation}; a shutdown), a TLS handshake that
+    failed (L{_tls_failure}), a head too large (L{AnswerHeadTooLarge}),
+    the server's answer to the handshake (L{_handshake_answer}), or else
+    how it closed (L{_dropped}).
+    """
+    url = request.url
+    if error.code == POLICY_VIOLATION:
+        return _policy_violation(error.reason, url)
+    if error.code == GOING_AWAY:
+        return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
+    if isinstance(error.cause, CertificateError):
+        why = printable(str(error.cause).rstrip("."), QUOTED_MAX * 2)
+        return (
+            f"TLS handshake with {url} failed: the server's certificate cannot be checked for "
+            f"{parse_url(url)[1]}: {why}; give the server a certificate whose subjectAltName names are valid, "
+            "one of them this host; nothing was sent"
+        )
+    if is_tls_error(error.cause):
+        return _tls_failure(error.cause, error.certificates, request)
+    if isinstance(error.cause, AnswerHeadTooLarge):
+        return (
+            f"{url} answered the WebSocket handshake with a head too large: its status line and headers "
+            f"passed {MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw gateway's is "
+            f"some 200 bytes: check the URL): {printable(_status_line(error.received))}"
+        )
+    said = _handshake_answer(error, url)
+    if said is not None:
+        return said
+    return _dropped(error, url)
+
+
+def _handshake_answer(error: ConnectionClosed, url: str) -> str | None:
+    """
+    What to say about what the server sent in answer to the handshake,
+    when it was not the gateway's: an HTTP answer (L{_http_answer}, a
+    status Autobahn refused with, L{_unread_http_answer}), or what is not
+    HTTP (nor TLS); None when it sent nothing, or no more than may be
+    the start of an HTTP answer or of a TLS record.
+    """
+    head = None if error.opened else answer_head(error.received)
+    said = _http_answer(head, url) if head is not None else None
+    if said is not None:
+        return said
+    status = _HTTP_REFUSAL.search(str(error.reason))
+    if status is not None and status["status"] == "404":
+        return _not_found(url, status["reason"], b"")
+    if status is not None:
+        # The server spoke HTTP, so TLS is not the matter; its reason
+        # (a lockout's "retry in N s", for instance) says what is:
+        # as the server sent it (UTF-8), which Autobahn reads as Latin-1.
+        reason = head.reason if head is not None and head.status == status["status"] else status["reason"]
+        return (
+            f"{url} refused the WebSocket handshake with HTTP {printable(status['status'])}: "
+            f"{printable(reason) or 'no reason given'}"
+        )
+    unread = _unread_http_answer(error, url)
+    if unread is not None:
+        # HTTP too, so no question about TLS either.
+        return unread
+    if not (error.opened or may_be_http(error.received) or _may_be_tls(error.received)):
+        shown = _status_line(error.received[:QUOTED_MAX])
+        return (
+            f"{url} answered the WebSocket handshake with what is not HTTP ({printable(shown, QUOTED_MAX)}): "
+            "the server does not speak HTTP or WebSocket; check the URL's port (the gateway's control plane: "
+            "WS_CONTROL_PORT, default 18789)"
+        )
+    return None
+
+
+def _dropped(error: ConnectionClosed, url: str) -> str:
+    """
+    The connection's close code and reason, and, when it was dropped
+    before the WebSocket handshake completed with no more said, whether
+    the URL's scheme matches the listener (TLS or plain).
+    """
+    closed = f"the connection to {url} closed before an answer (code {error.code}: {printable(str(error.reason))})"
+    if (
+        error.code == WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
+        and not error.opened
+        and url.startswith(("ws:", "wss:"))
+    ):
+        # Dropped before the WebSocket handshake completed, with no HTTP
+        # answer and no TLS error named: most likely TLS spoken to a
+        # plain listener, or the reverse.
+        other = "a plain listener takes ws://" if url.startswith("wss:") else "then use wss://"
+        return f"{closed}, before the WebSocket handshake completed: is the control listener TLS? ({other})"
+    return closed
+
+
+def explain_failure(error: BaseException, request: Request) -> str:
+    """
+    Why no answer came, and what to check: the operator's next step.
+    """
+    url = request.url
+    path = unix_socket_path(url)
+    if path is not None and isinstance(error, ConnectError):
+        return f"cannot connect to {url}: {_unix_connect_failure(path, error)}"
+    unreached = _unreached(error, request)
+    if unreached is not None:
+        return unreached
     if isinstance(error, ConnectionClosed):
-        if error.code == POLICY_VIOLATION:
-            return _policy_violation(error.reason, url)
-        if error.code == GOING_AWAY:
-            return f"the gateway at {url} is shutting down (close code 1001); try again once it is back"
-        if isinstance(error.cause, CertificateError):
-            why = printable(str(error.cause).rstrip("."), QUOTED_MAX * 2)
-            return (
-                f"TLS handshake with {url} failed: the server's certificate cannot be checked for "
-                f"{parse_url(url)[1]}: {why}; give the server a certificate whose subjectAltName names are valid, "
-                "one of them this host; nothing was sent"
-            )
-        if is_tls_error(error.cause):
-            return _tls_failure(error.cause, error.certificates, request)
-        if isinstance(error.cause, AnswerHeadTooLarge):
-            return (
-                f"{url} answered the WebSocket handshake with a head too large: its status line and headers "
-                f"passed {MAX_HEAD_BYTES // 1024} KiB, and openclawctl stopped reading (an OpenClaw gateway's is "
-                f"some 200 bytes: check the URL): {printable(_status_line(error.received))}"
-            )
-        head = None if error.opened else answer_head(error.received)
-        said = _http_answer(head, url) if head is not None else None
-        if said is not None:
-            return said
-        status = _HTTP_REFUSAL.search(str(error.reason))
-        if status is not None and status["status"] == "404":
-            return _not_found(url, status["reason"], b"")
-        if status is not None:
-            # The server spoke HTTP, so TLS is not the matter; its reason
-            # (a lockout's "retry in N s", for instance) says what is:
-            # as the server sent it (UTF-8), which Autobahn reads as Latin-1.
-            reason = head.reason if head is not None and head.status == status["status"] else status["reason"]
-            return (
-                f"{url} refused the WebSocket handshake with HTTP {printable(status['status'])}: "
-                f"{printable(reason) or 'no reason given'}"
-            )
-        unread = _unread_http_answer(error, url)
-        if unread is not None:
-            # HTTP too, so no question about TLS either.
-            return unread
-        if not (error.opened or may_be_http(error.received) or _may_be_tls(error.received)):
-            shown = _status_line(error.received[:QUOTED_MAX])
-            return (
-                f"{url} answered the WebSocket handshake with what is not HTTP ({printable(shown, QUOTED_MAX)}): "
-                "the server does not speak HTTP or WebSocket; check the URL's port (the gateway's control plane: "
-                "WS_CONTROL_PORT, default 18789)"
-            )
-        closed = f"the connection to {url} closed before an answer (code {error.code}: {printable(str(error.reason))})"
-        if (
-            error.code == WebSocketProtocol.CLOSE_STATUS_CODE_ABNORMAL_CLOSE
-            and not error.opened
-            and url.startswith(("ws:", "wss:"))
-        ):
-            # Dropped before the WebSocket handshake completed, with no HTTP
-            # answer and no TLS error named: most likely TLS spoken to a
-            # plain listener, or the reverse.
-            other = "a plain listener takes ws://" if url.startswith("wss:") else "then use wss://"
-            return f"{closed}, before the WebSocket handshake completed: is the control listener TLS? ({other})"
-        return closed
+        return _closed_early(error, request)
     if isinstance(error, ConnectError):
         return f"cannot connect to {url}: {error}"
     if isinstance(error, ValueError):
