@@ -4,7 +4,7 @@ codes) directly, and the installed console script as a subprocess against a
 real gateway on loopback, while this reactor keeps serving it.
 
 The subprocess runs the I{installed} C{openclawctl}; after changing
-C{openclaw/ctl.py}, reinstall (C{pip install .}) before running these.
+C{openclaw/ctl/}, reinstall (C{pip install .}) before running these.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ that do not match the command, a head that never ends, redirects and
 other HTTP answers, and servers that do not speak HTTP at all.  Each
 says what is the matter, and what to do, in one line.
 
-After changing C{openclaw/ctl.py}, reinstall (C{pip install .}, or
+After changing C{openclaw/ctl/}, reinstall (C{pip install .}, or
 C{make-overlay.sh}) before running these.
 """
 
