@@ -286,13 +286,16 @@ class ClusterService(Service):
 
 class ConsumersService(Service):
     """
-    The consumers' database while running: at start its schema brought up
-    to date and the table loaded (tried again with back-off while the
-    database cannot be used: L{Retrying}), the usage writer started, and
-    the usage rows older than USAGE_RETENTION_DAYS purged hourly
-    (L{usage_purger}); at stop the purge and the reconciliations of a
-    cluster's consumers stopped, the usage rows still pending written and
-    the database closed, by the end of SHUTDOWN_GRACE_SECONDS
+    The consumers' database while running: at start its pool of
+    connections made (L{ConsumerStore.start}: adbapi's threads start with
+    it, not before, and its reactor triggers are asked for then), its
+    schema brought up to date and the table loaded (tried again with
+    back-off while the database cannot be used: L{Retrying}), the usage
+    writer started, and the usage rows older than USAGE_RETENTION_DAYS
+    purged hourly (L{usage_purger}); at stop the purge and the
+    reconciliations of a cluster's consumers stopped, the usage rows still
+    pending written, then the pool closed (its threads joined, its
+    reactor trigger taken back), by the end of SHUTDOWN_GRACE_SECONDS
     (L{stopService}).
 
     @ivar ready: fires once the consumers are loaded (or the first attempt
@@ -310,6 +313,9 @@ class ConsumersService(Service):
         deadline: Callable[[], float],
     ) -> None:
         """
+        @param store: the consumers' store, its pool not made yet
+            (C{ConsumerStore.open}'s C{start=False}): made at
+            L{startService}.
         @param log: the gateway's logger (its lines are the gateway's).
         @param deadline: when the gateway's stop must be over (the end of
             SHUTDOWN_GRACE_SECONDS since it began), in the reactor's
@@ -328,11 +334,13 @@ class ConsumersService(Service):
 
     def startService(self) -> None:
         """
-        Bring the consumers' database up to date, load the table, and start
-        the usage writer and the purge of rows older than
+        Make the consumers' pool of connections (its threads start now, or
+        once the reactor runs), bring the database up to date, load the
+        table, and start the usage writer and the purge of rows older than
         USAGE_RETENTION_DAYS (hourly).
         """
         super().startService()
+        self._store.start()
         settings = self._settings
         where = "DATABASE_URL" if settings.database_url else str(sqlite_path(settings.state_dir))
 
@@ -603,8 +611,12 @@ class GatewayService(SequentialMultiService):
         self.started_monotonic = time.monotonic()
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
-        # Its SQLite file is checked (and made) at start (L{startService}).
-        self.consumer_store = ConsumerStore.open(settings.database_url, settings.state_dir, reactor, check_file=False)
+        # Its SQLite file is checked (and made) at start (L{startService}),
+        # its pool of connections made (its threads) when the consumers
+        # start (L{ConsumersService}).
+        self.consumer_store = ConsumerStore.open(
+            settings.database_url, settings.state_dir, reactor, check_file=False, start=False
+        )
         self._redis: RedisStore | None = None
         shared: SharedCounters | None = None
         if settings.redis_url:

@@ -8,6 +8,8 @@ gateway's children in their order (L{openclaw.service.GatewayService}).
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,11 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, formatEvent
+from twisted.python.components import proxyForInterface
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from openclaw.reactors import IGatewayReactor
 from openclaw.routing import Route
 from openclaw.service import (
     ClusterService,
@@ -299,3 +303,124 @@ class NothingDoneWhenBuiltTests(TestCase):
         self.assertIsNone(service.sessions.current_or_none)
         self.assertFalse((state_dir / "token").exists())
         self.assertFalse(service.running)
+
+
+class TriggerRecordingReactor(proxyForInterface(IGatewayReactor)):  # type: ignore[misc]
+    """
+    The reactor, recording what it is asked to call once running
+    (C{callWhenRunning}) and at its events (C{addSystemEventTrigger}):
+    C{pending} holds the triggers added and not removed yet (handle and
+    callable), C{asked} every callable given.  C{running=False}: a reactor not running yet
+    (twistd's, when the services start), whose C{callWhenRunning} calls
+    nothing, a trigger L{removeSystemEventTrigger} takes back.
+    """
+
+    def __init__(self, original: IGatewayReactor, running: bool = True) -> None:
+        super().__init__(original)
+        self.running = running
+        self.asked: list[Callable[..., Any]] = []
+        self.pending: list[tuple[object, Callable[..., Any]]] = []
+        #: The handles of C{callWhenRunning}'s calls kept here (not running).
+        self.unsent: list[object] = []
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> object:
+        self.asked.append(callable)
+        if self.running:
+            self.original.callWhenRunning(callable, *args, **kwargs)
+            return None
+        handle = object()
+        self.pending.append((handle, callable))
+        self.unsent.append(handle)
+        return handle
+
+    def addSystemEventTrigger(
+        self, phase: str, eventType: str, callable: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> object:
+        self.asked.append(callable)
+        handle = self.original.addSystemEventTrigger(phase, eventType, callable, *args, **kwargs)
+        self.pending.append((handle, callable))
+        return handle
+
+    def removeSystemEventTrigger(self, triggerID: object) -> None:
+        self.pending = [(handle, callable) for handle, callable in self.pending if handle is not triggerID]
+        if not any(handle is triggerID for handle in self.unsent):
+            self.original.removeSystemEventTrigger(triggerID)
+
+
+def pool_threads() -> set[threading.Thread]:
+    """
+    The threads of adbapi's pools alive now (Twisted's ThreadPool names
+    them C{PoolThread-...}).
+    """
+    return {thread for thread in threading.enumerate() if thread.name.startswith("PoolThread-")}
+
+
+class ConsumersPoolLifeTests(TestCase):
+    """
+    The consumers' pool of connections (adbapi's C{ConnectionPool}) is made
+    when the consumers start (L{ConsumersService}), and closed when they
+    stop: building the gateway asks nothing of the reactor for it and
+    starts none of its threads (task s31: its constructor made the pool,
+    whose threads then started with the reactor, started or not).
+    """
+
+    def build(self, gateway_reactor: TriggerRecordingReactor) -> GatewayService:
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        service = GatewayService(
+            Settings(jwt_secret=b"s" * 32, jwt_secret_is_ephemeral=False, state_dir=state_dir),
+            gateway_reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            stdout=io.StringIO(),
+        )
+        self.addCleanup(service.consumer_store.close, 5.0)
+        return service
+
+    def test_built_never_started(self) -> None:
+        """
+        Built and never started, the gateway has no thread of the pool,
+        and has asked the reactor for no trigger (nothing to start once
+        it runs, nothing to close at its shutdown).
+        """
+        before = pool_threads()
+        recording = TriggerRecordingReactor(reactor)
+        self.build(recording)
+        self.assertEqual(pool_threads() - before, set())
+        self.assertEqual(recording.asked, [])
+        self.assertEqual(recording.pending, [])
+
+    async def test_pool_lives_with_the_consumers(self) -> None:
+        """
+        Started, the pool's thread runs (a daemon thread) and its shutdown
+        trigger is set; stopped, the thread is gone and every trigger
+        taken back.
+        """
+        before = pool_threads()
+        recording = TriggerRecordingReactor(reactor)
+        service = self.build(recording)
+        service.startService()
+        started = pool_threads() - before
+        self.assertEqual(len(started), 1)
+        # Made once the reactor runs: a daemon thread all the same (one
+        # blocked in the database must not keep the process alive).
+        self.assertTrue(all(thread.daemon for thread in started))
+        self.assertNotEqual(recording.pending, [])
+        await service.stopService()
+        self.assertEqual([thread for thread in started if thread.is_alive()], [])
+        self.assertEqual(recording.pending, [])
+
+    async def test_started_before_the_reactor_runs(self) -> None:
+        """
+        Started before the reactor runs (twistd starts its services, then
+        runs the reactor) and stopped before it does: the pool's start
+        once running is taken back, and no thread was started.
+        """
+        before = pool_threads()
+        recording = TriggerRecordingReactor(reactor, running=False)
+        service = self.build(recording)
+        service.startService()
+        self.assertEqual(pool_threads() - before, set())
+        self.assertEqual(len(recording.pending), 1)
+        await service.stopService()
+        self.assertEqual(recording.pending, [])
+        self.assertEqual(pool_threads() - before, set())

@@ -200,6 +200,20 @@ class _DaemonThread(threading.Thread):
         self.daemon = True
 
 
+class _DaemonPool(adbapi.ConnectionPool):
+    """
+    adbapi's pool, its threads daemon threads (L{_DaemonThread}) from the
+    first: its constructor starts them at once when the reactor is
+    running already (C{callWhenRunning}), before a caller could set the
+    thread pool's C{threadFactory}; L{start} (public, what that call runs)
+    sets it first.
+    """
+
+    def start(self) -> None:
+        self.threadpool.threadFactory = _DaemonThread
+        super().start()
+
+
 T = TypeVar("T")
 
 
@@ -514,22 +528,38 @@ def log_database_failure(
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
 
 
+class StoreNotStarted(Exception):
+    """
+    The consumers' store was used before its pool was made
+    (L{ConsumerStore.start}; the gateway's: when its consumers start,
+    L{openclaw.service.ConsumersService}), or started again once closed.
+    """
+
+
 class ConsumerStore:
     """
     The consumers, their keys' hashes, usage rows and spend, in a database.
     Every method returns a Deferred; none blocks the reactor.
 
+    @param pool: the pool of connections (made already: its threads start
+        once the reactor runs), or what makes it, called by L{start}
+        (nothing is started before: L{ConsumerStore.open}'s C{start}).
     @param bounds: how long a consumer command may take.
     """
 
     def __init__(
         self,
-        pool: adbapi.ConnectionPool,
+        pool: adbapi.ConnectionPool | Callable[[], adbapi.ConnectionPool],
         dialect: str,
         reactor: IStoreReactor,
         bounds: CommandBounds = CommandBounds(),
     ) -> None:
-        self.pool = pool
+        self._pool: adbapi.ConnectionPool | None = None
+        self._make_pool: Callable[[], adbapi.ConnectionPool] | None = None
+        if isinstance(pool, adbapi.ConnectionPool):
+            self._take(pool)
+        else:
+            self._make_pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
         self.dialect = dialect
         #: The pool's reactor (L{close} needs its threads and triggers).
@@ -538,12 +568,52 @@ class ConsumerStore:
         #: Set once L{migrate} found a later openclaw's schema: every use
         #: of the store then fails with it.
         self.newer_schema: NewerSchema | None = None
-        # ThreadPool's public hook for the threads it makes.
-        pool.threadpool.threadFactory = _DaemonThread
         # L{close}'s callers, once it was called: each fires with its
         # result (L{None}: never called).
         self._closing: list[Deferred[bool]] | None = None
         self._closed: bool | Failure | None = None
+
+    def _take(self, pool: adbapi.ConnectionPool) -> None:
+        # ThreadPool's public hook for the threads it makes.
+        pool.threadpool.threadFactory = _DaemonThread
+        self._pool = pool
+
+    @property
+    def pool(self) -> adbapi.ConnectionPool:
+        """
+        The pool of connections (L{twisted.enterprise.adbapi}).
+
+        @raise StoreNotStarted: not made yet (L{start}).
+        """
+        if self._pool is None:
+            raise StoreNotStarted("the consumers' database is not opened yet (ConsumerStore.start)")
+        return self._pool
+
+    @property
+    def started(self) -> bool:
+        """
+        Whether the pool is made (L{start}, or given made).
+        """
+        return self._pool is not None
+
+    def start(self) -> None:
+        """
+        Make the pool, when this store was given what makes it.  adbapi's
+        C{ConnectionPool} asks its reactor, when made, to start it once
+        running (at once when it runs already: its C{cp_min} threads) and
+        to close it at the reactor's shutdown (a trigger L{close} takes
+        back): so nothing of it may be made before the store is to be
+        used.  Again, or given a pool made already: nothing.
+
+        @raise StoreNotStarted: closed already (L{close}): a closed store
+            is not opened again.
+        """
+        if self._pool is not None:
+            return
+        if self._closing is not None or self._closed is not None:
+            raise StoreNotStarted("the consumers' database was closed: it is not opened again")
+        assert self._make_pool is not None
+        self._take(self._make_pool())
 
     @classmethod
     def open(
@@ -553,6 +623,7 @@ class ConsumerStore:
         reactor: IStoreReactor,
         bounds: CommandBounds = CommandBounds(),
         check_file: bool = True,
+        start: bool = True,
     ) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
@@ -562,39 +633,55 @@ class ConsumerStore:
             if missing (L{sqlite_file}); C{False}: only name it, nothing
             read or made, for a caller that checks it itself before the
             store's first use (the gateway, at start).
+        @param start: make its pool of connections now (L{start}: its
+            threads start once the reactor runs); C{False}: nothing is
+            made, or asked of the reactor, until L{start} (the gateway's,
+            when its consumers start: L{openclaw.service.ConsumersService}).
         @raise UnusableDatabaseFile: that SQLite file cannot be used
             (L{sqlite_file}; only with C{check_file}).
         """
+        make: Callable[[], adbapi.ConnectionPool]
         if database_url:
-            pool = adbapi.ConnectionPool(
-                "psycopg",
-                conninfo=postgres_conninfo(database_url),
-                # No server-side prepared statements: behind a pooler in
-                # transaction mode (PgBouncer before 1.21) the next
-                # transaction may run on another server connection
-                # (https://www.psycopg.org/psycopg3/docs/advanced/prepare.html).
-                prepare_threshold=None,
-                cp_min=1,
-                cp_max=4,
-                cp_reconnect=True,
-                cp_reactor=reactor,
-            )
-            # Documented as any callable; mypy infers it from the default's type.
-            pool.connectionFactory = PooledConnection  # type: ignore[assignment]
+            conninfo = postgres_conninfo(database_url)
+
+            def make() -> adbapi.ConnectionPool:
+                pool = _DaemonPool(
+                    "psycopg",
+                    conninfo=conninfo,
+                    # No server-side prepared statements: behind a pooler in
+                    # transaction mode (PgBouncer before 1.21) the next
+                    # transaction may run on another server connection
+                    # (https://www.psycopg.org/psycopg3/docs/advanced/prepare.html).
+                    prepare_threshold=None,
+                    cp_min=1,
+                    cp_max=4,
+                    cp_reconnect=True,
+                    cp_reactor=reactor,
+                )
+                # Documented as any callable; mypy infers it from the default's type.
+                pool.connectionFactory = PooledConnection  # type: ignore[assignment]
+                return pool
+
             dialect = "postgresql"
         else:
             path = sqlite_file(state_dir) if check_file else sqlite_path(state_dir)
-            pool = adbapi.ConnectionPool(
-                "sqlite3",
-                str(path),
-                check_same_thread=False,
-                cp_min=1,
-                cp_max=1,
-                cp_openfun=_open_sqlite,
-                cp_reactor=reactor,
-            )
+
+            def make() -> adbapi.ConnectionPool:
+                return _DaemonPool(
+                    "sqlite3",
+                    str(path),
+                    check_same_thread=False,
+                    cp_min=1,
+                    cp_max=1,
+                    cp_openfun=_open_sqlite,
+                    cp_reactor=reactor,
+                )
+
             dialect = "sqlite"
-        return cls(pool, dialect, reactor, bounds)
+        store = cls(make, dialect, reactor, bounds)
+        if start:
+            store.start()
+        return store
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -614,6 +701,8 @@ class ConsumerStore:
         if self.newer_schema is not None:
             # A later openclaw's database: nothing is read or written.
             return fail(self.newer_schema)
+        if self._pool is None:
+            return fail(StoreNotStarted("the consumers' database is not opened yet (ConsumerStore.start)"))
         if self.dialect != "postgresql":
             return cast("Deferred[T]", self.pool.runInteraction(function, *args))
 
@@ -733,9 +822,13 @@ class ConsumerStore:
             waiting.callback(result)
 
     def _close(self, timeout: float) -> Deferred[bool]:
-        pool = self.pool
+        pool = self._pool
+        if pool is None:
+            # Never made (L{start}): nothing to close.
+            return succeed(True)
         if not pool.running:
-            # Never started (the reactor never ran): no thread to join.
+            # Never started (the reactor never ran): no thread to join;
+            # its start once running is taken back.
             pool.close()
             return succeed(True)
         reactor = self.reactor
@@ -1398,6 +1491,7 @@ __all__ = [
     "PooledConnection",
     "Retrying",
     "Snapshot",
+    "StoreNotStarted",
     "UnusableDatabaseFile",
     "UsageRow",
     "database_advice",
