@@ -258,6 +258,102 @@ class SequentialMultiService(MultiService):
                 self._log.failure("could not stop {service}", service=service, log_level=LogLevel.critical)
 
 
+class HeldLocks(Service):
+    """
+    What the gateway holds for its whole life, taken by C{twistd openclaw}
+    before it daemonized (L{openclaw.tap.makeService}): the lock of
+    C{STATE_DIR} (L{openclaw.state.lock_state_dir}), the lock of
+    C{TOKEN_FILE} (L{openclaw.session.lock_token_file}, held by the session
+    authority) with the token file written at start, and the locks of its
+    TCP ports (L{openclaw.listeners.lock_port}).  The gateway's first
+    child: started first (the lock of C{STATE_DIR} then names the daemon's
+    pid), stopped last (L{SequentialMultiService}), once the listeners, the
+    consumers' database and the cluster's membership are stopped, whether
+    or not their stops failed; a start refused lets them go at once
+    (L{release}).
+    """
+
+    def __init__(
+        self,
+        sessions: SessionAuthority,
+        state_lock: PidLock | None,
+        port_locks: Sequence[socket.socket],
+        log: Logger,
+    ) -> None:
+        """
+        @param sessions: the session authority, holding the token file's
+            lock and writing the token file.
+        @param state_lock: the lock of C{STATE_DIR}; L{None}: none.
+        @param port_locks: the locks of the TCP ports (abstract UNIX
+            sockets, one per port number).
+        @param log: the gateway's logger (its lines are the gateway's).
+        """
+        self._sessions = sessions
+        self._state_lock = state_lock
+        self._port_locks = tuple(port_locks)
+        self._log = log
+
+    def startService(self) -> None:
+        """
+        Name this process in the lock of C{STATE_DIR}: after twistd
+        daemonized, the daemon's pid, not its parent's (a file that cannot
+        be written keeps the parent's: the lock holds all the same).
+        """
+        super().startService()
+        if self._state_lock is not None:
+            with contextlib.suppress(OSError):
+                self._state_lock.record_pid()
+
+    def stopService(self) -> None:
+        """
+        Remove the token file (L{SessionAuthority.discard_token_file}: only
+        when it still holds this gateway's token, never a cluster's), then
+        let go of the locks (L{release}); the locks are let go even when
+        the token file's removal fails (which then fails this stop, logged
+        by the gateway: L{SequentialMultiService}).
+        """
+        super().stopService()
+        try:
+            self._sessions.discard_token_file()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """
+        Let go of the token file's lock (the token file left as it is), the
+        ports' locks and the lock of C{STATE_DIR}, the lock files removed
+        (one that cannot be removed is logged as a warning: let go all the
+        same); again, nothing.
+        """
+        try:
+            self._sessions.release_token_file()
+        finally:
+            self.release_ports()
+            self._release_state_dir()
+
+    def release_ports(self) -> None:
+        """
+        Let go of the ports' locks alone (the gateway never started, or
+        could not listen); again, nothing.
+        """
+        ports, self._port_locks = self._port_locks, ()
+        for port in ports:
+            port.close()
+
+    def _release_state_dir(self) -> None:
+        if self._state_lock is None:
+            return
+        lock, self._state_lock = self._state_lock, None
+        try:
+            lock.release()
+        except OSError as e:
+            self._log.warn(
+                "could not remove the lock file {path} of STATE_DIR: {reason}",
+                path=str(lock.path),
+                reason=e.strerror or str(e),
+            )
+
+
 class ClusterService(Service):
     """
     This instance's membership of its cluster (C{REDIS_URL}) while
@@ -513,13 +609,14 @@ class GatewayService(SequentialMultiService):
     @param state_lock: the lock of C{STATE_DIR}
         (L{openclaw.state.lock_state_dir}), taken before twistd daemonized:
         kept until the service stops, and released (its file removed)
-        last.  L{None}: none.
+        last (L{HeldLocks}).  L{None}: none.
     @param token_lock: the lock of C{TOKEN_FILE}
         (L{openclaw.session.lock_token_file}), held by the session
-        authority (L{SessionAuthority}'s C{token_lock}).  L{None}: none.
+        authority (L{SessionAuthority}'s C{token_lock}), released last
+        with the token file (L{HeldLocks}).  L{None}: none.
     @param port_locks: the locks of its TCP ports
         (L{openclaw.listeners.lock_port}), taken before twistd daemonized:
-        closed when the service stops, with C{state_lock}.
+        closed when the service stops, with C{state_lock} (L{HeldLocks}).
     """
 
     #: The process's exit status once the reactor has stopped: 1 after a
@@ -547,10 +644,6 @@ class GatewayService(SequentialMultiService):
     ) -> None:
         super().__init__()
         self._ids = ids
-        #: The lock of STATE_DIR this gateway holds (C{state_lock}).
-        self._state_lock = state_lock
-        #: The locks of its TCP ports (C{port_locks}).
-        self._port_locks = tuple(port_locks)
         #: The effective user and group ids the service was built (and
         #: its files checked and made) as.
         self.built_as = ids()
@@ -570,6 +663,10 @@ class GatewayService(SequentialMultiService):
             shared=settings.redis_url is not None,
             token_lock=token_lock,
         )
+        #: Its first child (started first, stopped last): the locks of
+        #: STATE_DIR, TOKEN_FILE and its ports, and the token file.
+        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log)
+        self._held.setServiceParent(self)
         # The metrics read the providers and the listeners, which count
         # into them: read through self, when scraped.
         self.metrics = GatewayMetrics(
@@ -662,10 +759,12 @@ class GatewayService(SequentialMultiService):
             self._join_cluster(reactor)
         cluster = self.cluster
         # Children, started in this order and stopped in the reverse, each
-        # stop waited for (SequentialMultiService): the cluster's
-        # membership, the consumers' database, then what answers clients;
-        # twistd's stop thus stops listening and drains the calls in flight
-        # first, writes their usage rows, and leaves the cluster last.
+        # stop waited for (SequentialMultiService): the locks and the token
+        # file (HeldLocks, added above), the cluster's membership, the
+        # consumers' database, then what answers clients; twistd's stop
+        # thus stops listening and drains the calls in flight first, writes
+        # their usage rows, leaves the cluster, and lets go of the locks
+        # last.
         if cluster is not None:
             assert self._redis is not None
             ClusterService(self._redis, cluster).setServiceParent(self)
@@ -1021,7 +1120,7 @@ class GatewayService(SequentialMultiService):
             super().privilegedStartService()
         except CannotListen:
             self.sessions.discard_token_file()
-            self._release_ports()
+            self._held.release_ports()
             raise
 
     def _name_instance(self) -> None:
@@ -1064,10 +1163,6 @@ class GatewayService(SequentialMultiService):
             self._refuse_switched_ids(running_as)
             return
         self._name_instance()
-        if self._state_lock is not None:
-            # After twistd daemonized: the daemon's pid, not its parent's.
-            with contextlib.suppress(OSError):
-                self._state_lock.record_pid()
         self._restore_route()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
@@ -1110,8 +1205,10 @@ class GatewayService(SequentialMultiService):
         else:
             assert issued is not None
             self._announce(issued)
-        # The cluster's membership (ClusterService), the consumers
-        # (ConsumersService), then the listeners (ServingService).
+        # The locks' holder (HeldLocks: STATE_DIR's lock names this
+        # process), the cluster's membership (ClusterService), the
+        # consumers (ConsumersService), then the listeners
+        # (ServingService).
         super().startService()
 
     def _refuse_token_file(self, error: TokenFileUnwritable) -> None:
@@ -1120,10 +1217,11 @@ class GatewayService(SequentialMultiService):
         start-up checks could not foresee (L{openclaw.tap.makeService}
         refuses, before listening, what they can: another user's file in
         a sticky directory), such as a full disk or an immutable file.
-        One critical line, no traceback; the token file's lock and
-        C{STATE_DIR}'s released (their files removed), the reactor stopped
-        once running, exit status 1 (L{exit_status}).  The listeners,
-        bound already under twistd, close as the process ends.
+        One critical line, no traceback; the token file's lock, the ports'
+        and C{STATE_DIR}'s released (their files removed: L{HeldLocks}),
+        the reactor stopped once running, exit status 1 (L{exit_status}).
+        The listeners, bound already under twistd, close as the process
+        ends.
         """
         euid = os.geteuid()
         self._log.critical(
@@ -1136,8 +1234,7 @@ class GatewayService(SequentialMultiService):
             euid=euid,
         )
         self.exit_status = 1
-        self.sessions.release_token_file()
-        self._release_locks()
+        self._held.release()
         self._reactor.callWhenRunning(self._reactor.stop)
 
     def _check_database_file(self) -> bool:
@@ -1167,8 +1264,7 @@ class GatewayService(SequentialMultiService):
                 error=str(e),
             )
             self.exit_status = 1
-            self.sessions.release_token_file()
-            self._release_locks()
+            self._held.release()
             self._reactor.callWhenRunning(self._reactor.stop)
             return False
         return True
@@ -1328,12 +1424,13 @@ class GatewayService(SequentialMultiService):
         client, close the API's connections, let go of the providers
         (L{ServingService}), write the usage rows still pending and close
         the consumers' database (L{ConsumersService}), leave the cluster
-        (L{ClusterService}), then remove the token file and release
-        C{STATE_DIR}.  Not started (a refused start): its ports' locks let
-        go, nothing more.
+        (L{ClusterService}), then remove the token file and let go of the
+        locks of C{TOKEN_FILE}, the ports and C{STATE_DIR} (L{HeldLocks}),
+        whether or not a stop before failed.  Not started (a refused
+        start): its ports' locks let go, nothing more.
         """
         if not self.running:
-            self._release_ports()
+            self._held.release_ports()
             return
         self._stopping_at = self._reactor.seconds()
         if self._waiting_for_store is not None:
@@ -1344,36 +1441,9 @@ class GatewayService(SequentialMultiService):
         # started first: a --workers worker's watch of its parent, the
         # listeners and the calls in flight (ServingService), the
         # consumers' usage rows and database (ConsumersService), the
-        # cluster's membership (ClusterService).
+        # cluster's membership (ClusterService), then the token file and
+        # the locks (HeldLocks).
         yield super().stopService()
-        self.sessions.discard_token_file()
-        self._release_locks()
-
-    def _release_ports(self) -> None:
-        """
-        Let the locks of its TCP ports (C{port_locks}) go; again, nothing.
-        """
-        ports, self._port_locks = self._port_locks, ()
-        for port in ports:
-            port.close()
-
-    def _release_locks(self) -> None:
-        """
-        Release the locks this gateway holds: its ports'
-        (C{port_locks}), and C{STATE_DIR}'s (C{state_lock}), its file
-        removed; again, nothing.
-        """
-        self._release_ports()
-        if self._state_lock is not None:
-            lock, self._state_lock = self._state_lock, None
-            try:
-                lock.release()
-            except OSError as e:
-                self._log.warn(
-                    "could not remove the lock file {path} of STATE_DIR: {reason}",
-                    path=str(lock.path),
-                    reason=e.strerror or str(e),
-                )
 
 
 def _instance_id() -> str:

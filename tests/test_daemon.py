@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from openclaw.state import STATE_LOCK
 from tests.support import connect, free_port, spawn_gateway, start_upstream, twistd_path
 
 SECRET = "daemon-secret-daemon-secret-daemon-secret-42"
@@ -109,6 +110,9 @@ class DaemonTests(TestCase):
         # started it (the lock is taken before twistd daemonizes).
         lockfile = self.dir / "token.lock"
         self.assertEqual(lockfile.read_text(), pidfile.read_text() + "\n")
+        # So does STATE_DIR's (named again once started: HeldLocks).
+        state_lock = self.dir / STATE_LOCK
+        self.assertEqual(state_lock.read_text(), pidfile.read_text() + "\n")
 
         os.kill(int(pidfile.read_text()), signal.SIGTERM)
         code, _ = yield client.closed
@@ -116,6 +120,7 @@ class DaemonTests(TestCase):
         yield wait_for(lambda: not pidfile.exists())
         self.assertFalse(tokenfile.exists())
         self.assertFalse(lockfile.exists())
+        self.assertFalse(state_lock.exists())
 
     @inlineCallbacks
     def test_instance_is_the_daemons(self):

@@ -31,12 +31,14 @@ from openclaw.service import (
     ClusterService,
     ConsumersService,
     GatewayService,
+    HeldLocks,
     ListeningService,
     SequentialMultiService,
     ServingService,
 )
+from openclaw.session import lock_token_file, token_file_lock_path
 from openclaw.settings import Settings
-from openclaw.state import RouteStore
+from openclaw.state import STATE_LOCK, RouteStore, lock_state_dir
 from tests.support import capture_log_events
 from tests.test_startup import StopRecordingReactor
 
@@ -210,15 +212,16 @@ class GatewayChildrenTests(TestCase):
         )
         self.addCleanup(service.consumer_store.close, 5.0)
         children = list(service)
-        self.assertEqual([type(child) for child in children], [ConsumersService, ServingService])
-        [listener] = list(children[1])
+        self.assertEqual([type(child) for child in children], [HeldLocks, ConsumersService, ServingService])
+        [listener] = list(children[2])
         self.assertIsInstance(listener, ListeningService)
         self.assertFalse(hasattr(service, "consumers_ready"))
 
     def test_cluster(self) -> None:
         """
-        In a cluster the membership comes first (stopped last, once the
-        usage rows are written); the listeners wait for the first reload.
+        In a cluster the membership comes first but for the locks (stopped
+        last but for them, once the usage rows are written); the listeners
+        wait for the first reload.
         """
         state_dir = Path(self.mktemp())
         state_dir.mkdir()
@@ -229,8 +232,10 @@ class GatewayChildrenTests(TestCase):
         )
         self.addCleanup(service.consumer_store.close, 5.0)
         children = list(service)
-        self.assertEqual([type(child) for child in children], [ClusterService, ConsumersService, ServingService])
-        self.assertEqual(list(children[2]), [])
+        self.assertEqual(
+            [type(child) for child in children], [HeldLocks, ClusterService, ConsumersService, ServingService]
+        )
+        self.assertEqual(list(children[3]), [])
 
 
 class NothingDoneWhenBuiltTests(TestCase):
@@ -424,3 +429,89 @@ class ConsumersPoolLifeTests(TestCase):
         await service.stopService()
         self.assertEqual(recording.pending, [])
         self.assertEqual(pool_threads() - before, set())
+
+
+class Broken(Service):
+    """
+    A child whose stop fails with C{RuntimeError}, having recorded in
+    C{seen} what C{present} said then.
+    """
+
+    def __init__(self, present: Callable[[], object]) -> None:
+        self.present = present
+        self.seen: list[object] = []
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.seen.append(self.present())
+        raise RuntimeError("broken")
+
+
+class HeldLocksTests(TestCase):
+    """
+    The token file and the locks of C{STATE_DIR}, C{TOKEN_FILE} and the
+    ports are the gateway's first child's (L{HeldLocks}): let go last,
+    once every other child has stopped, whether or not their stops (or the
+    token file's removal) failed (task s31: the gateway let go of them
+    itself, after its children, and not at all when the token file's
+    removal failed).
+    """
+
+    def build(self) -> tuple[GatewayService, Path]:
+        state_dir = Path(self.mktemp())
+        state_dir.mkdir()
+        token_file = state_dir / "token"
+        service = GatewayService(
+            Settings(jwt_secret=b"s" * 32, jwt_secret_is_ephemeral=False, state_dir=state_dir, token_file=token_file),
+            reactor,
+            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"),
+            stdout=io.StringIO(),
+            state_lock=lock_state_dir(state_dir),
+            token_lock=lock_token_file(token_file),
+        )
+        return service, state_dir
+
+    @staticmethod
+    def held(state_dir: Path) -> list[bool]:
+        """
+        Whether the token file, its lock file and C{STATE_DIR}'s are there.
+        """
+        token_file = state_dir / "token"
+        return [path.exists() for path in (token_file, token_file_lock_path(token_file), state_dir / STATE_LOCK)]
+
+    async def test_let_go_last_after_a_failed_stop(self) -> None:
+        """
+        A child whose stop fails (stopped first here, the last added): the
+        files are still there while it stops, and gone once the gateway
+        has stopped; C{STATE_DIR} may be taken again.
+        """
+        service, state_dir = self.build()
+        broken = Broken(lambda: self.held(state_dir))
+        broken.setServiceParent(service)
+        service.startService()
+        self.assertEqual(self.held(state_dir), [True, True, True])
+        await service.stopService()
+        self.assertEqual(broken.seen, [[True, True, True]])
+        self.assertEqual(self.held(state_dir), [False, False, False])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        lock_state_dir(state_dir).release()
+
+    async def test_locks_let_go_when_the_token_file_removal_fails(self) -> None:
+        """
+        A fault removing the token file is logged (critical, the gateway's
+        stop does not fail), and the locks are let go all the same.
+        """
+        service, state_dir = self.build()
+        service.startService()
+
+        def broken() -> None:
+            raise RuntimeError("broken")
+
+        service.sessions.discard_token_file = broken  # type: ignore[method-assign]
+        events = capture_log_events(self)
+        await service.stopService()
+        self.assertEqual(self.held(state_dir), [True, False, False])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [said] = [event for event in events if "log_failure" in event]
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        lock_state_dir(state_dir).release()
