@@ -30,6 +30,7 @@ from openclaw.consumers.store import (
     RETRY_MAX_SECONDS,
     ConsumerStore,
     Retrying,
+    StoreNotStarted,
     postgres_conninfo,
 )
 from tests.postgres_server import PostgresServer
@@ -169,6 +170,56 @@ class CloseTests(TestCase):
         again = yield store.close(5.0)
         self.assertTrue(again)
         self.assertEqual(pool.final_closes, 1)
+
+
+class NotStartedTests(TestCase):
+    """
+    A store opened with C{start=False} (the gateway's) makes nothing until
+    L{ConsumerStore.start} (task s31).
+    """
+
+    def open(self) -> ConsumerStore:
+        state = Path(self.mktemp())
+        state.mkdir()
+        return ConsumerStore.open(None, state, reactor, check_file=False, start=False)
+
+    def test_used_before_start(self) -> None:
+        """
+        Used before it is started, it fails (a Deferred's failure, not an
+        exception), and its pool is not there.
+        """
+        store = self.open()
+        self.assertFalse(store.started)
+        self.failureResultOf(store.migrate(), StoreNotStarted)
+        with self.assertRaises(StoreNotStarted):
+            getattr(store, "pool")  # noqa: B009 (a property read for its exception)
+
+    def test_closed_before_start(self) -> None:
+        """
+        Closed before it was started: nothing to close (C{True} at once),
+        and it is not started after.
+        """
+        store = self.open()
+        self.assertTrue(self.successResultOf(store.close(5.0)))
+        with self.assertRaises(StoreNotStarted):
+            store.start()
+        self.assertFalse(store.started)
+
+    @inlineCallbacks
+    def test_started(self) -> Any:
+        """
+        Started (again: nothing more), it is used and closed as one opened
+        started.
+        """
+        store = self.open()
+        store.start()
+        pool = store.pool
+        store.start()
+        self.assertIs(store.pool, pool)
+        version = yield store.migrate()
+        self.assertGreater(version, 0)
+        closed = yield store.close(5.0)
+        self.assertTrue(closed)
 
 
 class RetryingTests(TestCase):
