@@ -39,7 +39,7 @@ from openclaw.cluster.scrape import (
     WorkerSockets,
 )
 from openclaw.cluster.workers import PORT_TAKEN_STATUS
-from openclaw.consumers.commands import ConsumerCommands
+from openclaw.consumers.commands import LIST_ENVELOPE_BYTES, ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import (
@@ -801,6 +801,7 @@ class GatewayService(SequentialMultiService):
                 self._consumers_unshared,
                 self._consumers_announced,
                 provider_ids=self.providers.ids,
+                list_bytes=max(1, settings.max_message_bytes - LIST_ENVELOPE_BYTES),
             ).handlers(),
             excluded_consumers=self.consumers.excluding,
             unpriced_consumers=self.consumers.unpriced_budgets,

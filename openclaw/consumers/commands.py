@@ -22,9 +22,11 @@ as the others and audited like C{switch_provider}:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
 import psycopg
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -190,6 +192,27 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
 _CHANGES = (STATE_CHANGING & frozenset(CONSUMER_COMMANDS)) - {"consumer_release"}
 
 
+#: What an answer to C{consumer_list} holds besides its consumers (the
+#: envelope, C{next} and a name in it), in bytes at most: a page is cut
+#: to leave this much of C{MAX_MESSAGE_BYTES}.
+LIST_ENVELOPE_BYTES = 512
+
+
+def _page(described: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """
+    The first of C{described} whose JSON together is at most C{limit}
+    bytes (at least one, so that a page always moves on; 0: no limit).
+    """
+    if not limit:
+        return described
+    size = 0
+    for count, consumer in enumerate(described):
+        size += len(orjson.dumps(consumer)) + 1
+        if size > limit and count:
+            return described[:count]
+    return described
+
+
 class ConsumerCommands:
     """
     The consumer commands of the control plane.
@@ -213,12 +236,14 @@ class ConsumerCommands:
         unshared: Callable[[int], str | Deferred[str | None] | None] = lambda since: None,
         announced: Callable[[], int] = lambda: 0,
         provider_ids: Iterable[str] = (),
+        list_bytes: int = 0,
     ) -> None:
         self.table = table
         self.clock = clock
         self.unshared = unshared
         self.announced = announced
         self.provider_ids = tuple(provider_ids)
+        self.list_bytes = list_bytes
 
     def handlers(self) -> dict[str, Callable[[object], Result | Deferred[Result]]]:
         handlers: dict[str, Callable[[object], Result | Deferred[Result]]] = {
@@ -402,17 +427,35 @@ class ConsumerCommands:
         )
 
     def consumer_list(self, data: object) -> Deferred[Result]:
-        fields = command_data(data, frozenset({"name"}))
+        """
+        The consumer C{data.name}, or every consumer by name, in pages: an
+        answer that would be longer than C{list_bytes} (the control
+        plane's C{MAX_MESSAGE_BYTES}, less room for the envelope) holds
+        the first consumers that fit and, as C{next}, the name to give
+        as C{data.after} for the rest (C{openclawctl consumer list} asks
+        for every page); C{next} is null on the last page.
+        """
+        fields = command_data(data, frozenset({"name", "after"}))
         if "name" in fields:
             name = self._address(fields)
             self._existing(name)
             names = [name]
         else:
             names = sorted(self.table.consumers)
+            after = fields.get("after")
+            if after is not None:
+                if not isinstance(after, str):
+                    raise CommandError("data.after must be a consumer's name: the next of the page before")
+                names = names[bisect.bisect_right(names, after) :]
 
         def listed(_: None) -> Result:
             # A consumer deleted meanwhile is left out.
-            return {"consumers": [self.table.describe(name) for name in names if name in self.table.consumers]}
+            described = [self.table.describe(name) for name in names if name in self.table.consumers]
+            if "name" in fields:
+                return {"consumers": described}
+            page = _page(described, self.list_bytes)
+            rest = page[-1]["name"] if len(page) < len(described) and page else None
+            return {"consumers": page, "next": rest}
 
         # The spends as the cluster counts them, not as this instance last saw them.
         return self.table.read_spends(names).addCallback(listed)

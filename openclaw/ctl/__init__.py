@@ -67,6 +67,7 @@ from openclaw.ctl.client import (
     Unanswered,
     client_endpoint,
     exchange,
+    exchange_pages,
     may_be_http,
 )
 from openclaw.ctl.diagnose import (
@@ -163,6 +164,7 @@ __all__ = [
     "decode_answer",
     "describe_error",
     "exchange",
+    "exchange_pages",
     "exit_code",
     "explain_failure",
     "format_consumers",
@@ -192,7 +194,7 @@ __all__ = [
 
 async def _run(reactor: IClientReactor, request: Request) -> None:
     try:
-        reply = await exchange(reactor, request)
+        reply = await exchange_pages(reactor, request)
         report = conclude(request, reply)
     except UsageError as e:
         _exit(Report("", f"{PROG}: error: {e}\n", NO_ANSWER))

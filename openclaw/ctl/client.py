@@ -10,11 +10,13 @@ within C{--timeout}.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import attrs
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.util import parse_url
 from cryptography import x509
@@ -307,3 +309,38 @@ async def exchange(reactor: IClientReactor, request: Request) -> Reply:
     if factory.connected is not None:
         await factory.connected.is_closed
     return reply
+
+
+async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
+    """
+    L{exchange}, and for C{consumer_list} of every consumer, each page
+    after the first (the gateway's answer names the next in
+    C{result.next}, asked for as C{data.after}, on a new connection):
+    one reply whose C{result.consumers} holds them all, its round trip
+    the pages' together.  A page that is not a list (an error, an older
+    gateway's answer without C{next}) ends it, as it is.
+    """
+    reply = await exchange(reactor, request)
+    if request.cmd != "consumer_list" or (request.data or {}).get("name") is not None:
+        return reply
+    consumers: list[Any] = []
+    round_trip = 0.0
+    after = ""
+    while True:
+        round_trip += reply.round_trip
+        try:
+            answer = json.loads(reply.payload)
+        except ValueError:
+            return reply
+        result = answer.get("result") if isinstance(answer, dict) and answer.get("ok") is True else None
+        if not isinstance(result, dict) or not isinstance(result.get("consumers"), list):
+            return reply
+        consumers += result["consumers"]
+        page_end = result.get("next")
+        # Each page moves on (the gateway's pages hold one consumer at least).
+        if not isinstance(page_end, str) or page_end <= after:
+            break
+        after = page_end
+        reply = await exchange(reactor, attrs.evolve(request, data={**(request.data or {}), "after": after}))
+    whole = {**answer, "result": {**result, "consumers": consumers, "next": None}}
+    return Reply(json.dumps(whole).encode("utf-8"), round_trip)
