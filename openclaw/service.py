@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
@@ -25,7 +25,7 @@ from twisted.internet.defer import (
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
@@ -95,6 +95,22 @@ PRIVILEGE_SWITCH_FIX = (
     "start twistd as the gateway's user instead (systemd: User=, as contrib/openclaw.service does), and for a "
     "port below 1024 grant that user CAP_NET_BIND_SERVICE (systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE)"
 )
+
+
+class StartRefused(SystemExit, Exception):
+    """
+    The gateway refuses to start for a cause found once twistd had
+    daemonized (its C{privilegedStartService} or C{startService}): a
+    listener that cannot be had, a first token that cannot be written.
+    Its argument is the refusal's line (C{openclaw: ...}).
+
+    An L{Exception}, so that twistd's C{postApplication} tells the
+    process that started it through its status pipe (which takes nothing
+    else): that process prints twistd's "An error has occurred" with the
+    line's start and exits with status 1, where it waited for ever or
+    exited 0 (trial s31).  A L{SystemExit}, so that C{twistd -n} ends with
+    the line alone and status 1, no traceback.
+    """
 
 
 def effective_ids() -> tuple[int, int]:
@@ -1113,16 +1129,16 @@ class GatewayService(SequentialMultiService):
     def privilegedStartService(self) -> None:
         """
         Listen (the listeners bind here, before twistd would drop
-        privileges).  A listener that cannot be had ends the process
-        (L{CannotListen}); the token file's lock and the ports' locks, taken
-        at start-up, are released first, so that they are not left behind.
+        privileges).  A listener that cannot be had (L{CannotListen}) ends
+        the process: every lock taken at start-up is released first (their
+        files removed: L{HeldLocks}), then L{StartRefused} with the
+        listener's line.
         """
         try:
             super().privilegedStartService()
-        except CannotListen:
-            self.sessions.discard_token_file()
-            self._held.release_ports()
-            raise
+        except CannotListen as e:
+            self._held.release()
+            raise StartRefused(e.line) from None
 
     def _name_instance(self) -> None:
         """
@@ -1162,7 +1178,6 @@ class GatewayService(SequentialMultiService):
         running_as = self._ids()
         if running_as != self.built_as:
             self._refuse_switched_ids(running_as)
-            return
         self._name_instance()
         self._restore_route()
         if self.settings.jwt_secret_is_ephemeral:
@@ -1173,8 +1188,7 @@ class GatewayService(SequentialMultiService):
         for line in self.settings.warnings:
             self._log.warn("{config_warning}", config_warning=line)
         self._warn_about_setup()
-        if not self._check_database_file():
-            return
+        self._check_database_file()
         shared = self.cluster is not None and self._redis is not None
         issued = None
         if not shared:
@@ -1184,7 +1198,6 @@ class GatewayService(SequentialMultiService):
                 issued = self.sessions.issue()
             except TokenFileUnwritable as e:
                 self._refuse_token_file(e)
-                return
         #: Fires once the consumers are loaded (or the first attempt failed:
         #: L{Retrying} goes on trying); set once they start.
         self.consumers_ready: Deferred[None] = self._consumers_service.ready
@@ -1212,20 +1225,18 @@ class GatewayService(SequentialMultiService):
         # (ServingService).
         super().startService()
 
-    def _refuse_token_file(self, error: TokenFileUnwritable) -> None:
+    def _refuse_token_file(self, error: TokenFileUnwritable) -> NoReturn:
         """
         The first token could not be written to C{TOKEN_FILE}: a cause the
         start-up checks could not foresee (L{openclaw.tap.makeService}
         refuses, before listening, what they can: another user's file in
         a sticky directory), such as a full disk or an immutable file.
-        One critical line, no traceback; the token file's lock, the ports'
-        and C{STATE_DIR}'s released (their files removed: L{HeldLocks}),
-        the reactor stopped once running, exit status 1 (L{exit_status}).
-        The listeners, bound already under twistd, close as the process
-        ends.
+        Refused (L{_refuse}): one critical line, no traceback.
+
+        @raise StartRefused: always.
         """
         euid = os.geteuid()
-        self._log.critical(
+        self._refuse(
             "the session token could not be written to TOKEN_FILE {path} ({error}), so the gateway stops: "
             "make it writable by the gateway's user (uid {euid}): remove what is there or chown {euid} it, "
             "free space on its disk, or point TOKEN_FILE at a new path in a directory of the gateway's own "
@@ -1234,51 +1245,57 @@ class GatewayService(SequentialMultiService):
             error=error.error,
             euid=euid,
         )
-        self.exit_status = 1
-        self._held.release()
-        self._reactor.callWhenRunning(self._reactor.stop)
 
-    def _check_database_file(self) -> bool:
+    def _check_database_file(self) -> None:
         """
         Check (and make, private) the consumers' SQLite file in
         C{STATE_DIR} (L{sqlite_file}; with C{DATABASE_URL}, nothing) before
         the store first uses it.  C{twistd openclaw} refused an unusable
         one already, before daemonizing (L{openclaw.tap.makeService}): one
         made unusable in between (a directory put in its place) is refused
-        here as there, in one critical line saying what to do; then, as
-        for the token file (L{_refuse_token_file}), nothing is started,
-        the locks are released, the reactor stopped once running, and the
-        exit status is 1.
+        here as there, in one critical line saying what to do, and the
+        start refused (L{_refuse}).
 
-        @return: whether the gateway may start.
+        @raise StartRefused: it cannot be used.
         """
         if self.settings.database_url:
-            return True
+            return
         try:
             sqlite_file(self.settings.state_dir)
         except UnusableDatabaseFile as e:
             # Worded as the tap's refusal (openclaw.tap._check_database_file).
             source = self.settings.source("STATE_DIR")
-            self._log.critical(
+            self._refuse(
                 "{named}: {error}; or point STATE_DIR / --state-dir at another directory",
                 named=f"STATE_DIR (--state-dir)={str(self.settings.state_dir)!r}" + (f" ({source})" if source else ""),
                 error=str(e),
             )
-            self.exit_status = 1
-            self._held.release()
-            self._reactor.callWhenRunning(self._reactor.stop)
-            return False
-        return True
 
-    def _refuse_switched_ids(self, running_as: tuple[int, int]) -> None:
+    def _refuse(self, line: str, **fields: object) -> NoReturn:
+        """
+        Refuse to start, once daemonized: one critical line (C{line}, a
+        L{Logger} format, with C{fields}), exit status 1 (L{exit_status}),
+        the locks released (their files removed: L{HeldLocks}), nothing
+        started; then L{StartRefused}, which tells twistd (and, through
+        it, the process that started it).  The listeners, bound already
+        under twistd, close as the process ends.
+        """
+        self._log.critical(line, **fields)
+        self.exit_status = 1
+        self._held.release()
+        raise StartRefused("openclaw: " + formatEvent({"log_format": line, **fields}))
+
+    def _refuse_switched_ids(self, running_as: tuple[int, int]) -> NoReturn:
         """
         Refuse to run as another user or group than the one the service
         was built as: twistd switches to its C{--uid}/C{--gid} between
         L{privilegedStartService} and L{startService}, once the gateway's
         files were checked and made as the user it started as.  One
         critical line, nothing started (no token issued, no database
-        opened), the reactor stopped once running, and exit status 1
-        (L{exit_status}, which C{twistd openclaw} exits with).
+        opened), and exit status 1 (L{exit_status}, which C{twistd openclaw}
+        exits with).
+
+        @raise StartRefused: always.
         """
         (uid, gid), (built_uid, built_gid) = running_as, self.built_as
         self._log.critical(
@@ -1290,7 +1307,10 @@ class GatewayService(SequentialMultiService):
             fix=PRIVILEGE_SWITCH_FIX,
         )
         self.exit_status = 1
-        self._reactor.callWhenRunning(self._reactor.stop)
+        raise StartRefused(
+            f"openclaw: the gateway was set up as uid {built_uid} gid {built_gid} but runs as uid {uid} gid {gid}: "
+            + PRIVILEGE_SWITCH_FIX
+        )
 
     def _warn_about_setup(self) -> None:
         """

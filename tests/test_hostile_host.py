@@ -436,10 +436,10 @@ class TokenFileUnwritableAtStartTests(TestCase):
 
     timeout = 60
 
-    @inlineCallbacks
-    def test_first_token_unwritable(self) -> Any:
-        base = Path(self.mktemp()).resolve()
-        base.mkdir(parents=True)
+    def fsize_limited(self, base: Path) -> Path:
+        """
+        twistd, run with a file size limit (RLIMIT_FSIZE) of 64 bytes.
+        """
         wrapper = base / "twistd-fsize"
         wrapper.write_text(
             f"#!{sys.executable}\n"
@@ -447,9 +447,19 @@ class TokenFileUnwritableAtStartTests(TestCase):
             "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
             # Room for a lock file's pid, not for a token.
             "resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))\n"
+            # No bytecode written under the limit: CPython would leave it cut
+            # short ("marshal data too short" for the next process).
+            "os.environ['PYTHONDONTWRITEBYTECODE'] = '1'\n"
             f"os.execv({twistd_path()!r}, [{twistd_path()!r}, *sys.argv[1:]])\n"
         )
         wrapper.chmod(0o755)
+        return wrapper
+
+    @inlineCallbacks
+    def test_first_token_unwritable(self) -> Any:
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        wrapper = self.fsize_limited(base)
         state = base / "state"
         state.mkdir()
         token_file = base / "token"
@@ -472,6 +482,32 @@ class TokenFileUnwritableAtStartTests(TestCase):
         self.assertFalse(os.path.lexists(f"{token_file}.lock"))
         self.assertFalse(os.path.lexists(state / "openclaw.lock"))
         self.assertEqual([p.name for p in base.iterdir() if p.name.startswith(".token")], [])
+
+    @inlineCallbacks
+    def test_daemon_first_token_unwritable(self) -> Any:
+        """
+        The same refusal of a daemon (twistd without C{-n}) reaches the
+        process that started it: exit status 1 and twistd's "An error has
+        occurred" with the refusal's start, where it exited 0 with nothing
+        said (trial s31), the refusal's line in the log only.
+        """
+        base = Path(self.mktemp()).resolve()
+        base.mkdir(parents=True)
+        state = base / "state"
+        state.mkdir()
+        token_file, pidfile = base / "token", base / "gw.pid"
+        args = _gateway_args(token_file, state)
+        args = ["--pidfile", str(pidfile), "--logfile", "/dev/null", *args[args.index("openclaw") :]]
+        out, err, code = yield getProcessOutputAndValue(
+            "timeout", ["20", str(self.fsize_limited(base)), *args], env=gateway_env(), path=str(base)
+        )
+        self.assertEqual(code, 1, (out, err))
+        self.assertIn(b"An error has occurred: ", err)
+        self.assertIn(b"the session token could not be written to TOKEN_FILE", err)
+        self.assertNotIn(b"Traceback", out + err)
+        self.assertFalse(pidfile.exists())
+        self.assertFalse(os.path.lexists(token_file))
+        self.assertFalse(os.path.lexists(f"{token_file}.lock"))
 
 
 class ClosedStdoutTests(TestCase):

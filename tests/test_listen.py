@@ -45,7 +45,7 @@ from zope.interface import implementer
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
-from openclaw.service import GatewayService
+from openclaw.service import GatewayService, StartRefused
 from openclaw.tap import Options, makeService
 from tests.support import connect, free_port, open_client
 from tests.test_controlplane import close_frame, opening_handshake
@@ -487,9 +487,10 @@ class ListenTests(TestCase):
         with socket.socket() as taken:
             taken.bind(("127.0.0.1", port))
             taken.listen()
-            with self.assertRaises(CannotListen):
+            with self.assertRaises(StartRefused):
                 service.privilegedStartService()
         self.assertFalse((directory / "token.lock").exists())
+        self.assertFalse((directory / "openclaw.lock").exists())
 
     def test_any_listen_error_is_one_line(self):
         """

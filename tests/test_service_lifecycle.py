@@ -35,6 +35,7 @@ from openclaw.service import (
     ListeningService,
     SequentialMultiService,
     ServingService,
+    StartRefused,
 )
 from openclaw.session import lock_token_file, token_file_lock_path
 from openclaw.settings import Settings
@@ -289,7 +290,7 @@ class NothingDoneWhenBuiltTests(TestCase):
         """
         A consumers' database made unusable after the tap checked it (a
         directory in its place): one critical line saying what to do, exit
-        status 1, the reactor stopped, and nothing started (no token).
+        status 1, L{StartRefused}, and nothing started (no token).
         """
         state_dir = Path(self.mktemp())
         state_dir.mkdir()
@@ -297,14 +298,14 @@ class NothingDoneWhenBuiltTests(TestCase):
         service = self.build(state_dir, StopRecordingReactor(reactor, stops), token_file=state_dir / "token")
         (state_dir / "openclaw.db").mkdir()
         events = capture_log_events(self)
-        service.startService()
+        self.assertRaises(StartRefused, service.startService)
         self.addCleanup(service.stopService)
         [critical] = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.critical]
         self.assertIn(f"STATE_DIR (--state-dir)={str(state_dir)!r}: the consumers' database", critical)
         self.assertIn("a directory is in the way", critical)
         self.assertIn("or point STATE_DIR / --state-dir at another directory", critical)
         self.assertEqual(service.exit_status, 1)
-        self.assertEqual(stops, [None])
+        self.assertEqual(stops, [])
         self.assertIsNone(service.sessions.current_or_none)
         self.assertFalse((state_dir / "token").exists())
         self.assertFalse(service.running)

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import Route
-from openclaw.service import GatewayService
+from openclaw.service import GatewayService, StartRefused
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
 from tests.support import RecordingEndpoint, capture_log_events, start_gateway
@@ -101,8 +101,9 @@ class PrivilegeSwitchTests(TestCase):
         """
         Effective ids at startService other than those the service was
         built with: one critical line saying what to do instead, exit
-        status 1, the reactor stopped once running, and nothing started:
-        no token issued or written, no listener, no database opened.
+        status 1 and L{StartRefused} (twistd's, and its starting
+        process's, through its status pipe), and nothing started: no token
+        issued or written, no listener, no database opened.
         """
         state_dir = Path(self.mktemp())
         state_dir.mkdir()
@@ -120,8 +121,10 @@ class PrivilegeSwitchTests(TestCase):
         )
         self.addCleanup(service.consumer_store.close, 5.0)
         events = capture_log_events(self)
-        service.startService()
+        with self.assertRaises(StartRefused) as refused:
+            service.startService()
         self.addCleanup(service.stopService)
+        self.assertEqual(refused.exception.code, f"openclaw: {formatEvent(events[-1])}")
         critical = [e for e in events if e.get("log_level") == LogLevel.critical]
         self.assertEqual(
             [formatEvent(e) for e in critical],
@@ -134,7 +137,7 @@ class PrivilegeSwitchTests(TestCase):
             ],
         )
         self.assertEqual(service.exit_status, 1)
-        self.assertEqual(stops, [None])
+        self.assertEqual(stops, [])
         self.assertIsNone(service.sessions.current_or_none)
         self.assertEqual(stdout.getvalue(), "")
         self.assertFalse((state_dir / "token").exists())
