@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from openclaw.consumers.estimate import text_bytes, tokens_of
 from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.answer import CLIENT_GONE, CUT_STATUS, send_whole
+from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     APIError,
     bad_request,
@@ -274,113 +275,199 @@ class Embeddings(AuthenticatedResource):
         started: float,
         holder: Holder,
     ) -> Any:
-        context = self.context
-        #: The provider calls made, the last one perhaps still without a
-        #: verdict for the breaker.
-        calls: list[PooledCall] = []
-        wire = adapter.embeddings
-        assert wire is not None, "checked by parse_embedding_request"
-        batch_size = wire.batch_size
-        call = Deferred.fromCoroutine(self._embed(adapter, parsed, calls))
-
-        def timed_out(result: object, timeout: float) -> object:
-            # Cancelled for the deadline: a timeout, whatever the cancel
-            # became on its way out (Agent's ResponseNeverReceived around a
-            # CancelledError read as the gateway stopping).
-            return Failure(TimeoutError()) if isinstance(result, Failure) else result
-
-        call.addTimeout(context.timeout, context.reactor, onTimeoutCancel=timed_out)
-        context.call_started()
-        gone: list[bool] = []
-
-        def client_gone(reason: Failure) -> None:
-            gone.append(True)
-            if not call.called:
-                # Still waiting on the provider; once answered, the answer
-                # going out (send_whole) counts a client gone itself.
-                call.cancel()
-
-        def counted(status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
-            # No provider was called when its keys or its breaker let no call through.
-            called = route.provider_id if calls else "-"
-            context.completed(
-                request, started, status, route, outcome=outcome, consumer=holder.consumer, provider=called
-            )
-            if context.consumers is not None:
-                # Accounting also releases what the admission reserved.
-                usage = None
-                if answered is not None:
-                    tokens = answered.prompt_tokens
-                    usage = {"prompt_tokens": estimated_tokens(parsed.inputs) if tokens is None else tokens}
-                elif outcome == CLIENT_GONE and calls:
-                    # Its client left after batches were sent: they are
-                    # billed all the same, so counted as chat counts a call
-                    # left after it was sent (the estimate of what was sent).
-                    sent = parsed.inputs[: len(calls) * batch_size]
-                    usage = {"prompt_tokens": estimated_tokens(sent)}
-                context.consumers.account(
-                    holder, adapter.id, parsed.model, status, usage, context.reactor.seconds() - started
-                )
-
-        def answer(result: EmbeddingsAnswer | Failure) -> Deferred[None] | None:
-            if calls:
-                # A call cut short with no verdict: its client left (no
-                # verdict), else no answer in time or no connection.
-                if gone:
-                    calls[-1].abandoned()
-                else:
-                    calls[-1].failed()
-            if gone:
-                # Counted as chat counts a client that left: 499, with the
-                # provider's count when it had answered.
-                counted(499, CLIENT_GONE, None if isinstance(result, Failure) else result)
-                return None
-            if isinstance(result, Failure):
-                error = self._error(result, adapter)
-                if parsed.configured and error.code == "model_not_found":
-                    error = configured_model_not_found(error, parsed)
-                body = error_response(request, error)
-                status, outcome, answered = error.status, error.code, None
-            else:
-                request.setHeader(b"Content-Type", _JSON)
-                body = result.body
-                status, outcome, answered = 200, None, result
-            request.setHeader(b"Content-Length", b"%d" % len(body))
-            request.setHeader(b"X-OpenClaw-Provider", adapter.id.encode())
-            request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
-            sent = send_whole(request, body)
-            if sent is None:
-                counted(status, outcome, answered)
-                return None
-            # A large answer goes out part by part: counted (and, by
-            # ended below, counted out of the calls a stop waits for) once
-            # it was all handed over, or cut short.
-            return sent.addCallback(
-                lambda cut: (
-                    counted(status, outcome, answered) if cut is None else counted(CUT_STATUS[cut], cut, answered)
-                )
-            )
-
-        def ended(result: object) -> None:
-            context.call_ended()
-
-        request.notifyFinish().addErrback(client_gone)
-        call.addBoth(answer)
-        call.addErrback(
-            lambda reason: answer_bug(context.log, request, "embeddings call failed unexpectedly", reason, bool(gone))
-        )
-        call.addBoth(ended)
+        EmbeddingsCall(self.context, request, adapter, parsed, route, started, holder).start()
         return NOT_DONE_YET
 
-    async def _embed(
-        self, adapter: ProviderAdapter, parsed: EmbeddingRequest, calls: list[PooledCall]
-    ) -> EmbeddingsAnswer:
+
+def _timeout_failure(result: object, timeout: float) -> object:
+    """
+    An embeddings call cancelled for its deadline (C{addTimeout}'s
+    C{onTimeoutCancel}): a timeout, whatever the cancel became on its way
+    out (Agent's C{ResponseNeverReceived} around a C{CancelledError} would
+    read as the gateway stopping).
+    """
+    return Failure(TimeoutError()) if isinstance(result, Failure) else result
+
+
+@attrs.define(eq=False)
+class EmbeddingsCall:
+    """
+    One C{POST /v1/embeddings} call past its admission: its batches sent
+    one after the other within UPSTREAM_TIMEOUT (L{embed}), its answer or
+    error written (L{answer}), and the call counted -- its status in the
+    metrics and log line, a consumer's usage -- once its client has all it
+    will get (L{count}).  L{start} it and forget it, as a chat call
+    (L{ChatCall <openclaw.dataplane.call.ChatCall>}).
+
+    A client that leaves cancels the batch under way: the call is counted
+    499 C{client gone}, its consumer billed for the batches sent
+    (L{billed}).
+    """
+
+    context: APIContext
+    request: Request
+    adapter: ProviderAdapter
+    parsed: EmbeddingRequest
+    route: Route
+    started: float
+    holder: Holder = GATEWAY
+    #: The provider calls made (a batch refused on one key is made once
+    #: more on another), the last one perhaps still without a verdict for
+    #: the breaker.
+    calls: list[PooledCall] = attrs.field(factory=list)
+    #: The client's connection was lost (C{notifyFinish} failed).
+    client_gone: bool = False
+    #: The batches under way (L{embed}), cancelled when the client leaves.
+    _embedding: Deferred[EmbeddingsAnswer] | None = None
+
+    def start(self) -> None:
+        """
+        Send the batches, answer, and count the call out once answered (a
+        stop waits for it: L{APIContext.call_started}).
+        """
+        context = self.context
+        embedding = self._embedding = Deferred.fromCoroutine(self.embed())
+        embedding.addTimeout(context.timeout, context.reactor, onTimeoutCancel=_timeout_failure)
+        context.call_started()
+        self.request.notifyFinish().addErrback(self.left)
+        embedding.addBoth(self.answer)
+        embedding.addErrback(self._bug)
+        embedding.addBoth(self._ended)
+
+    def left(self, reason: Failure) -> None:
+        """
+        The client's connection was lost: the batch under way is cancelled.
+        Once answered, the answer going out (L{send_whole}) counts a client
+        gone itself.
+        """
+        self.client_gone = True
+        embedding = self._embedding
+        if embedding is not None and not embedding.called:
+            embedding.cancel()
+
+    def settle_last_call(self) -> None:
+        """
+        Give the last provider call its breaker's verdict if it has none
+        yet (cut short before the provider answered): none when its client
+        left, else a failure (no answer in time, or no connection).
+        """
+        if self.calls:
+            if self.client_gone:
+                self.calls[-1].abandoned()
+            else:
+                self.calls[-1].failed()
+
+    def answer(self, result: EmbeddingsAnswer | Failure) -> Deferred[None] | None:
+        """
+        Write C{result} (the vectors, or the error a failure is) and count
+        the call; a client gone gets nothing and is counted 499.
+
+        @return: None once counted, or, for a large answer going out part
+            by part, a Deferred that fires once it was counted (all handed
+            over, or cut short).
+        """
+        self.settle_last_call()
+        answered = None if isinstance(result, Failure) else result
+        if self.client_gone:
+            # With the provider's count when it had answered.
+            self.count(499, CLIENT_GONE, answered)
+            return None
+        request, parsed = self.request, self.parsed
+        if isinstance(result, Failure):
+            error = self._error(result)
+            if parsed.configured and error.code == "model_not_found":
+                error = configured_model_not_found(error, parsed)
+            body = error_response(request, error)
+            status, outcome = error.status, error.code
+        else:
+            request.setHeader(b"Content-Type", _JSON)
+            body = result.body
+            status, outcome = 200, None
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.setHeader(b"X-OpenClaw-Provider", self.adapter.id.encode())
+        request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
+        sent = send_whole(request, body)
+        if sent is None:
+            self.count(status, outcome, answered)
+            return None
+        # A large answer goes out part by part: counted (and, by _ended,
+        # counted out of the calls a stop waits for) once it was all handed
+        # over, or cut short.
+        return sent.addCallback(self._sent, status, outcome, answered)
+
+    def _sent(self, cut: str | None, status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
+        """
+        A large answer (L{send_whole}) is over: counted with C{status} and
+        C{outcome} when all handed over (C{cut} None), else as cut short
+        (L{CUT_STATUS}).
+        """
+        if cut is None:
+            self.count(status, outcome, answered)
+        else:
+            self.count(CUT_STATUS[cut], cut, answered)
+
+    def count(self, status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
+        """
+        Count the call (its metrics and log line) and, for a consumer, its
+        usage (L{billed}), which also releases what its admission reserved.
+
+        @param answered: the provider's answer, if all its batches were.
+        """
+        context = self.context
+        # No provider was called when its keys or its breaker let no call through.
+        called = self.route.provider_id if self.calls else "-"
+        context.completed(
+            self.request,
+            self.started,
+            status,
+            self.route,
+            outcome=outcome,
+            consumer=self.holder.consumer,
+            provider=called,
+        )
+        if context.consumers is not None:
+            context.consumers.account(
+                self.holder,
+                self.adapter.id,
+                self.parsed.model,
+                status,
+                self.billed(outcome, answered),
+                context.reactor.seconds() - self.started,
+            )
+
+    def billed(self, outcome: str | None, answered: EmbeddingsAnswer | None) -> dict[str, int] | None:
+        """
+        The usage a consumer is billed, C{{"prompt_tokens": n}}: the
+        provider's count when it answered every batch (the estimate of the
+        inputs, L{estimated_tokens}, when it counts none); for a call whose
+        client left after batches were sent, the estimate of the inputs
+        sent (the provider bills them all the same, as chat counts a call
+        left after it was sent); else None (nothing sent, or a failure).
+        """
+        if answered is not None:
+            tokens = answered.prompt_tokens
+            return {"prompt_tokens": estimated_tokens(self.parsed.inputs) if tokens is None else tokens}
+        if outcome == CLIENT_GONE and self.calls:
+            wire = self.adapter.embeddings
+            assert wire is not None, "checked by parse_embedding_request"
+            sent = self.parsed.inputs[: len(self.calls) * wire.batch_size]
+            return {"prompt_tokens": estimated_tokens(sent)}
+        return None
+
+    def _bug(self, reason: Failure) -> None:
+        answer_bug(self.context.log, self.request, "embeddings call failed unexpectedly", reason, self.client_gone)
+
+    def _ended(self, result: object) -> None:
+        self.context.call_ended()
+
+    async def embed(self) -> EmbeddingsAnswer:
         """
         The client's answer: the vectors of every batch, in OpenAI's list
         shape, and the input tokens the provider counted (None unless every
         batch's answer counted them).
         """
-        wire = adapter.embeddings
+        parsed = self.parsed
+        wire = self.adapter.embeddings
         assert wire is not None, "checked by parse_embedding_request"
         found: list[list[float]] = []
         counts: list[int | None] = []
@@ -389,7 +476,7 @@ class Embeddings(AuthenticatedResource):
         for start in range(0, len(inputs), wire.batch_size):
             batch = inputs[start : start + wire.batch_size]
             body = wire.request_body(batch, parsed.model, parsed.dimensions)
-            status, answer = await self._batch(adapter, parsed.model, body, calls)
+            status, answer = await self._batch(body)
             try:
                 read = wire.answer(answer, len(batch))
             except MalformedAnswer as e:
@@ -405,9 +492,7 @@ class Embeddings(AuthenticatedResource):
             # a TypeError, as array's refusal of a value that is no number.
             raise MalformedAnswer(f"an embedding's values are not all numbers (HTTP {status})") from None
 
-    async def _batch(
-        self, adapter: ProviderAdapter, model: str, body: bytes, calls: list[PooledCall]
-    ) -> tuple[int, bytes]:
+    async def _batch(self, body: bytes) -> tuple[int, bytes]:
         """
         One upstream embeddings call with the next usable key, under the
         breaker, as a chat call is made (L{ProviderAdapter.pooled_call}):
@@ -417,12 +502,13 @@ class Embeddings(AuthenticatedResource):
         @raise UpstreamHTTPError: a non-2xx answer (its C{refusal} read).
         @raise ProviderError: no usable key, the breaker open.
         """
+        adapter = self.adapter
         tried: list[str] = []
         while True:
             call = adapter.pooled_call(avoid=tried)
-            calls.append(call)
+            self.calls.append(call)
             tried.append(call.key)
-            response = await adapter.post_embeddings(model, body, call.key)
+            response = await adapter.post_embeddings(self.parsed.model, body, call.key)
             call.answered(response.code)
             answer = await read_body(response)
             if 200 <= response.code < 300:
@@ -441,8 +527,13 @@ class Embeddings(AuthenticatedResource):
                 continue
             raise error
 
-    def _error(self, reason: Failure, adapter: ProviderAdapter) -> APIError:
+    def _error(self, reason: Failure) -> APIError:
+        """
+        The client's error for the call's failure C{reason}; a bug
+        (C{AssertionError}, C{TypeError}, ...) logged and a 500.
+        """
         value = reason.value
+        adapter = self.adapter
         provider_id = adapter.id
         if isinstance(value, APIError):
             # The wire refused the request before sending it (a 400 naming
