@@ -219,3 +219,18 @@ class EmbeddingsCallTests(SynchronousTestCase):
         self.assertEqual(self.agent.held, [])
         self.assertEqual(self.context.completed_calls, [(499, CLIENT_GONE, "-")])
         self.assertEqual(self.context.consumers.rows, [("acme", 499, None)])
+
+    def test_client_leaves_during_a_retry(self) -> None:
+        """
+        A batch refused with 429 on one key and made once more on another
+        was sent once: a client that leaves meanwhile is billed the
+        estimate of that batch's two texts, not of two batches' four (the
+        count of provider calls is not the count of batches).
+        """
+        self.call.start()
+        self.agent.held[0].callback(Answer(429, b'{"error": {"message": "slow down"}}'))
+        self.assertEqual(len(self.agent.held), 2)
+        self.assertEqual(len(self.call.calls), 2)
+        self.request.leave()
+        self.assertEqual(self.context.completed_calls, [(499, CLIENT_GONE, "acme")])
+        self.assertEqual(self.context.consumers.rows, [("acme", 499, {"prompt_tokens": estimated_tokens(INPUTS[:2])})])

@@ -315,6 +315,9 @@ class EmbeddingsCall:
     #: more on another), the last one perhaps still without a verdict for
     #: the breaker.
     calls: list[PooledCall] = attrs.field(factory=list)
+    #: How many of the inputs went to the provider: those of every batch
+    #: whose call was made, once however many keys it took.
+    sent: int = 0
     #: The client's connection was lost (C{notifyFinish} failed).
     client_gone: bool = False
     #: The batches under way (L{embed}), cancelled when the client leaves.
@@ -386,14 +389,14 @@ class EmbeddingsCall:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.setHeader(b"X-OpenClaw-Provider", self.adapter.id.encode())
         request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
-        sent = send_whole(request, body)
-        if sent is None:
+        going_out = send_whole(request, body)
+        if going_out is None:
             self.count(status, outcome, answered)
             return None
         # A large answer goes out part by part: counted (and, by _ended,
         # counted out of the calls a stop waits for) once it was all handed
         # over, or cut short.
-        return sent.addCallback(self._sent, status, outcome, answered)
+        return going_out.addCallback(self._sent, status, outcome, answered)
 
     def _sent(self, cut: str | None, status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
         """
@@ -447,11 +450,8 @@ class EmbeddingsCall:
         if answered is not None:
             tokens = answered.prompt_tokens
             return {"prompt_tokens": estimated_tokens(self.parsed.inputs) if tokens is None else tokens}
-        if outcome == CLIENT_GONE and self.calls:
-            wire = self.adapter.embeddings
-            assert wire is not None, "checked by parse_embedding_request"
-            sent = self.parsed.inputs[: len(self.calls) * wire.batch_size]
-            return {"prompt_tokens": estimated_tokens(sent)}
+        if outcome == CLIENT_GONE and self.sent:
+            return {"prompt_tokens": estimated_tokens(self.parsed.inputs[: self.sent])}
         return None
 
     def _bug(self, reason: Failure) -> None:
@@ -476,7 +476,7 @@ class EmbeddingsCall:
         for start in range(0, len(inputs), wire.batch_size):
             batch = inputs[start : start + wire.batch_size]
             body = wire.request_body(batch, parsed.model, parsed.dimensions)
-            status, answer = await self._batch(body)
+            status, answer = await self._batch(body, start + len(batch))
             try:
                 read = wire.answer(answer, len(batch))
             except MalformedAnswer as e:
@@ -492,13 +492,15 @@ class EmbeddingsCall:
             # a TypeError, as array's refusal of a value that is no number.
             raise MalformedAnswer(f"an embedding's values are not all numbers (HTTP {status})") from None
 
-    async def _batch(self, body: bytes) -> tuple[int, bytes]:
+    async def _batch(self, body: bytes, sent: int) -> tuple[int, bytes]:
         """
         One upstream embeddings call with the next usable key, under the
         breaker, as a chat call is made (L{ProviderAdapter.pooled_call}):
         refused with 429 or as an invalid key, it is made once more with
         another usable key.  The 2xx status and body.
 
+        @param sent: L{sent} once its call is made: the inputs up to the
+            batch's last.
         @raise UpstreamHTTPError: a non-2xx answer (its C{refusal} read).
         @raise ProviderError: no usable key, the breaker open.
         """
@@ -507,6 +509,7 @@ class EmbeddingsCall:
         while True:
             call = adapter.pooled_call(avoid=tried)
             self.calls.append(call)
+            self.sent = sent
             tried.append(call.key)
             response = await adapter.post_embeddings(self.parsed.model, body, call.key)
             call.answered(response.code)
