@@ -26,8 +26,11 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 #: The outcome of a call whose client left before its answer, or before
-#: a large answer was all handed over (status 499).
+#: a large answer was all handed over (status L{CLIENT_GONE_STATUS}).
 CLIENT_GONE = "client gone"
+#: The status a call whose client left is counted and logged with
+#: (nginx's 499, "client closed request"), whatever went out before.
+CLIENT_GONE_STATUS = 499
 #: The outcome of a call whose client took no part of its answer within
 #: C{API_SEND_TIMEOUT_SECONDS} (its connection aborted).
 SEND_TIMEOUT = "send_timeout"
@@ -38,7 +41,9 @@ SHUTTING_DOWN = "shutting_down"
 #: logged with, by outcome (as a stream cut short is, whatever status
 #: line went out): 499 when its client left, 408 when it took too long
 #: to read, 503 when a stop closed its connection.
-CUT_STATUS: Mapping[str, int] = MappingProxyType({CLIENT_GONE: 499, SEND_TIMEOUT: 408, SHUTTING_DOWN: 503})
+CUT_STATUS: Mapping[str, int] = MappingProxyType(
+    {CLIENT_GONE: CLIENT_GONE_STATUS, SEND_TIMEOUT: 408, SHUTTING_DOWN: 503}
+)
 
 
 class SendDeadline(Protocol):

@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from openclaw.consumers.estimate import answer_bytes, chunk_bytes, estimated_usage, known_counts, prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, usage_counts
-from openclaw.dataplane.answer import CUT_STATUS, SEND_TIMEOUT, abort, send_whole
+from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS, CUT_STATUS, SEND_TIMEOUT, abort, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
 from openclaw.dataplane.errors import (
@@ -928,11 +928,11 @@ class ChatCall:
             # The relay goes on (see _read_out); _finish_call leaves it be.
             self._relay, self._reading_out = None, True
             self._finish_call()
-            self._ended(499, "client gone")
+            self._ended(CLIENT_GONE_STATUS, CLIENT_GONE)
             relay.read_out(self.context.reactor, self._upstream_wait(), self._read_out)
             return
         self._finish_call()
-        self._ended(499, "client gone")
+        self._ended(CLIENT_GONE_STATUS, CLIENT_GONE)
 
     def reads_out(self) -> bool:
         """
@@ -963,8 +963,8 @@ class ChatCall:
                 self.holder,
                 self.route.provider_id,
                 self.route.model,
-                499,
-                self._consumer_usage(usage, 499),
+                CLIENT_GONE_STATUS,
+                self._consumer_usage(usage, CLIENT_GONE_STATUS),
                 self.context.reactor.seconds() - self.started,
             )
 
@@ -983,7 +983,12 @@ class ChatCall:
         prompt, completion = known_counts(usage)
         if prompt is not None and completion is not None:
             return usage
-        if prompt is None and completion is None and not self._completion_bytes and not (status == 499 and self._tried):
+        if (
+            prompt is None
+            and completion is None
+            and not self._completion_bytes
+            and not (status == CLIENT_GONE_STATUS and self._tried)
+        ):
             return None
         if prompt is None:
             # What it reserved for its prompt: its text, tools, schema and

@@ -29,7 +29,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import text_bytes, tokens_of
 from openclaw.consumers.table import GATEWAY, Holder
-from openclaw.dataplane.answer import CLIENT_GONE, CUT_STATUS, send_whole
+from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS, CUT_STATUS, send_whole
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
     APIError,
@@ -373,7 +373,7 @@ class EmbeddingsCall:
         answered = None if isinstance(result, Failure) else result
         if self.client_gone:
             # With the provider's count when it had answered.
-            self.count(499, CLIENT_GONE, answered)
+            self.count(CLIENT_GONE_STATUS, CLIENT_GONE, answered)
             return None
         request, parsed = self.request, self.parsed
         if isinstance(result, Failure):
