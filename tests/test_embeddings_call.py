@@ -142,11 +142,28 @@ class Context:
 
 class ClientRequest:
     """
-    The client's request, as far as a call whose client leaves uses it.
+    The client's request, as far as an embeddings call uses it for an
+    answer that fits one write.
     """
 
     def __init__(self) -> None:
         self.finished: Deferred[None] = Deferred()
+        self.code = 200
+        self.headers: dict[bytes, bytes] = {}
+        self.written = b""
+        self.done = False
+
+    def setResponseCode(self, code: int) -> None:
+        self.code = code
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name] = value
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def finish(self) -> None:
+        self.done = True
 
     def notifyFinish(self) -> Deferred[None]:
         return self.finished
@@ -234,3 +251,20 @@ class EmbeddingsCallTests(SynchronousTestCase):
         self.request.leave()
         self.assertEqual(self.context.completed_calls, [(499, CLIENT_GONE, "acme")])
         self.assertEqual(self.context.consumers.rows, [("acme", 499, {"prompt_tokens": estimated_tokens(INPUTS[:2])})])
+
+    def test_no_answer_in_time(self) -> None:
+        """
+        A provider that does not answer the second batch within
+        UPSTREAM_TIMEOUT: its call is the provider's failure (the breaker
+        opens at its threshold of one), the client answered 504
+        C{upstream_timeout} and the consumer billed nothing (a failure).
+        """
+        self.call.start()
+        self.agent.held[0].callback(vectors(2, 7))
+        self.context.reactor.advance(self.context.timeout)
+        self.assertIs(self.breaker.state, BreakerState.OPEN)
+        self.assertEqual((self.request.code, self.request.done), (504, True))
+        self.assertIn(b"upstream_timeout", self.request.written)
+        self.assertEqual(self.context.completed_calls, [(504, "upstream_timeout", "acme")])
+        self.assertEqual(self.context.consumers.rows, [("acme", 504, None)])
+        self.assertEqual(self.context.in_flight, 0)

@@ -355,10 +355,7 @@ class EmbeddingsCall:
         left, else a failure (no answer in time, or no connection).
         """
         if self.calls:
-            if self.client_gone:
-                self.calls[-1].abandoned()
-            else:
-                self.calls[-1].failed()
+            self.calls[-1].unanswered(client_left=self.client_gone)
 
     def answer(self, result: EmbeddingsAnswer | Failure) -> Deferred[None] | None:
         """

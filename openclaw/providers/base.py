@@ -719,13 +719,11 @@ class ProviderAdapter(abc.ABC):
                 self.note_refusal(call.key, value.refusal)
             if exchange.status is not None:
                 call.answered(exchange.status)
-            elif cancelled(reason):
-                # The client left (or the gateway is stopping): no fault of
-                # the provider's, whatever layer of Twisted's web client
-                # the cancellation came through.
-                call.abandoned()
             else:
-                call.failed()
+                # Cancelled, whatever layer of Twisted's web client the
+                # cancellation came through: the client left (or the gateway
+                # is stopping), no fault of the provider's.
+                call.unanswered(client_left=cancelled(reason))
             return reason
 
         d = self._bounded_listing(exchange).addCallbacks(listed, failed)
@@ -913,6 +911,18 @@ class PooledCall:
         The call ended with no verdict on the provider (its client left).
         """
         self.settled = True
+
+    def unanswered(self, client_left: bool) -> None:
+        """
+        The call was cut short before the provider answered (nothing, if it
+        has its verdict already): L{abandoned} when C{client_left} (or the
+        gateway stops: no fault of the provider's), else L{failed} (no
+        answer in time, no connection).
+        """
+        if client_left:
+            self.abandoned()
+        else:
+            self.failed()
 
     def refused(self, status: int, body: bytes, retry_after: str | None = None) -> UpstreamHTTPError:
         """
