@@ -353,9 +353,9 @@ class PidLock:
                 if won:
                     # Held alone, and this process's id could not be written
                     # (a full disk): the file is not left behind (it may be
-                    # this call's own, empty).
+                    # this call's own, empty), if still the one held.
                     with contextlib.suppress(OSError):
-                        os.unlink(path)
+                        _unlink_if_held(path, fd)
                 os.close(fd)
                 raise
             os.close(fd)
@@ -397,15 +397,25 @@ class PidLock:
             os.close(fd)
             return
         try:
-            held = os.fstat(fd)
-            try:
-                there = os.stat(self.path, follow_symlinks=False)
-            except FileNotFoundError:
-                return
-            if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
-                os.unlink(self.path)
+            _unlink_if_held(self.path, fd)
         finally:
             os.close(fd)
+
+
+def _unlink_if_held(path: Path, fd: int) -> None:
+    """
+    Remove C{path} if it is the file open at C{fd} (the same device and
+    inode): a lock file its holder lets go of, never one put in its place.
+
+    @raise OSError: it cannot be removed.
+    """
+    held = os.fstat(fd)
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+        os.unlink(path)
 
 
 def _pid_in(fd: int) -> int | None:

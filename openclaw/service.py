@@ -25,7 +25,7 @@ from twisted.internet.defer import (
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
@@ -1237,6 +1237,7 @@ class GatewayService(SequentialMultiService):
         """
         euid = os.geteuid()
         self._refuse(
+            f"TOKEN_FILE cannot be written ({error.error})",
             "the session token could not be written to TOKEN_FILE {path} ({error}), so the gateway stops: "
             "make it writable by the gateway's user (uid {euid}): remove what is there or chown {euid} it, "
             "free space on its disk, or point TOKEN_FILE at a new path in a directory of the gateway's own "
@@ -1266,24 +1267,27 @@ class GatewayService(SequentialMultiService):
             # Worded as the tap's refusal (openclaw.tap._check_database_file).
             source = self.settings.source("STATE_DIR")
             self._refuse(
+                "the consumers' database in STATE_DIR cannot be used",
                 "{named}: {error}; or point STATE_DIR / --state-dir at another directory",
                 named=f"STATE_DIR (--state-dir)={str(self.settings.state_dir)!r}" + (f" ({source})" if source else ""),
                 error=str(e),
             )
 
-    def _refuse(self, line: str, **fields: object) -> NoReturn:
+    def _refuse(self, short: str, line: str, **fields: object) -> NoReturn:
         """
         Refuse to start, once daemonized: one critical line (C{line}, a
-        L{Logger} format, with C{fields}), exit status 1 (L{exit_status}),
-        the locks released (their files removed: L{HeldLocks}), nothing
-        started; then L{StartRefused}, which tells twistd (and, through
-        it, the process that started it).  The listeners, bound already
-        under twistd, close as the process ends.
+        L{Logger} format, with C{fields}: what to do), exit status 1
+        (L{exit_status}), the locks released (their files removed:
+        L{HeldLocks}), nothing started; then L{StartRefused} with
+        C{short}, which tells twistd (and, through it, the process that
+        started it: twistd shows that process some 65 characters, so
+        C{short} names the cause first and points to the log).  The
+        listeners, bound already under twistd, close as the process ends.
         """
         self._log.critical(line, **fields)
         self.exit_status = 1
         self._held.release()
-        raise StartRefused("openclaw: " + formatEvent({"log_format": line, **fields}))
+        raise StartRefused(f"openclaw: {short}; the log says what to do")
 
     def _refuse_switched_ids(self, running_as: tuple[int, int]) -> NoReturn:
         """
@@ -1298,18 +1302,14 @@ class GatewayService(SequentialMultiService):
         @raise StartRefused: always.
         """
         (uid, gid), (built_uid, built_gid) = running_as, self.built_as
-        self._log.critical(
+        self._refuse(
+            "twistd's --uid/--gid are not supported",
             "the gateway was set up as uid {built_uid} gid {built_gid} but runs as uid {uid} gid {gid}: {fix}",
             built_uid=built_uid,
             built_gid=built_gid,
             uid=uid,
             gid=gid,
             fix=PRIVILEGE_SWITCH_FIX,
-        )
-        self.exit_status = 1
-        raise StartRefused(
-            f"openclaw: the gateway was set up as uid {built_uid} gid {built_gid} but runs as uid {uid} gid {gid}: "
-            + PRIVILEGE_SWITCH_FIX
         )
 
     def _warn_about_setup(self) -> None:

@@ -707,6 +707,50 @@ class RulesTests(TestCase):
         table.loaded = True
         self.assertEqual(self.successResultOf(handlers["consumer_list"]({})), {"consumers": [], "next": None})
 
+    def test_list_pages(self) -> None:
+        """
+        consumer_list's pages: only a page's consumers are described and
+        have their spends read (review s31: every consumer left, on every
+        page); a page whose consumers were all deleted meanwhile still
+        names the next; name and after are not given together.
+        """
+        table = ConsumerTable(None, PriceTable.with_overrides({}))  # type: ignore[arg-type]
+        table.loaded = True
+        names = [f"c{i:03d}" for i in range(300)]
+        table.consumers = {name: Consumer(name) for name in names}
+        described: list[str] = []
+        read: list[list[str]] = []
+        describe, read_spends = table.describe, table.read_spends
+        self.patch(table, "describe", lambda name: described.append(name) or describe(name))
+        self.patch(table, "read_spends", lambda page: read.append(list(page)) or read_spends(page))
+        handlers = ConsumerCommands(table, time.time, list_bytes=2048).handlers()
+        listed: list[str] = []
+        data: dict[str, Any] = {}
+        while True:
+            page = self.successResultOf(handlers["consumer_list"](data))
+            listed += [c["name"] for c in page["consumers"]]
+            if page["next"] is None:
+                break
+            data = {"after": page["next"]}
+        self.assertEqual(listed, names)
+        self.assertEqual(sum(len(names) for names in read), 300)
+        # Each page sizes a bounded few more than it holds (quadratic: 3,900).
+        self.assertLess(len(described), 5 * 300)
+        # Deleted meanwhile: the page is empty, and names the next all the same.
+        del table.consumers["c000"], table.consumers["c001"]
+        spends: Deferred[None] = Deferred()
+        self.patch(table, "read_spends", lambda page: spends)
+        first = handlers["consumer_list"]({})
+        for name in names[2:20]:
+            del table.consumers[name]
+        spends.callback(None)
+        page = self.successResultOf(first)
+        self.assertEqual(page["consumers"], [])
+        self.assertGreater(page["next"], "c001")
+        with self.assertRaises(CommandError) as caught:
+            handlers["consumer_list"]({"name": "c100", "after": "c050"})
+        self.assertIn("not both", str(caught.exception))
+
     def test_reserve_tokens_setting(self) -> None:
         self.patch(os, "environ", {"CONSUMER_RESERVE_TOKENS": "250"})
         cwd = Path(self.mktemp())

@@ -503,7 +503,7 @@ class TokenFileUnwritableAtStartTests(TestCase):
         )
         self.assertEqual(code, 1, (out, err))
         self.assertIn(b"An error has occurred: ", err)
-        self.assertIn(b"the session token could not be written to TOKEN_FILE", err)
+        self.assertIn(b"StartRefused: openclaw: TOKEN_FILE cannot be written (File too large)", err)
         self.assertNotIn(b"Traceback", out + err)
         self.assertFalse(pidfile.exists())
         self.assertFalse(os.path.lexists(token_file))

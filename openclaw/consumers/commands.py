@@ -198,6 +198,20 @@ _CHANGES = (STATE_CHANGING & frozenset(CONSUMER_COMMANDS)) - {"consumer_release"
 LIST_ENVELOPE_BYTES = 512
 
 
+#: The least size of a consumer's description in JSON, in bytes: what
+#: bounds the consumers a page may hold (L{_head}).
+MIN_DESCRIPTION_BYTES = 64
+
+
+def _head(names: list[str], limit: int) -> list[str]:
+    """
+    The first of C{names} that a page of C{limit} bytes could hold at most
+    (every description is L{MIN_DESCRIPTION_BYTES} or longer), so that a
+    page describes a bounded number of consumers, not every one left.
+    """
+    return names if not limit else names[: limit // MIN_DESCRIPTION_BYTES + 1]
+
+
 def _page(described: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """
     The first of C{described} whose JSON together is at most C{limit}
@@ -433,10 +447,16 @@ class ConsumerCommands:
         plane's C{MAX_MESSAGE_BYTES}, less room for the envelope) holds
         the first consumers that fit and, as C{next}, the name to give
         as C{data.after} for the rest (C{openclawctl consumer list} asks
-        for every page); C{next} is null on the last page.
+        for every page); C{next} is null on the last page.  Pages go by
+        name, not by a snapshot: a consumer created meanwhile with a name
+        before C{after} is on no later page.  Only a page's consumers are
+        described and have their spends read (in a cluster, from Redis).
         """
         fields = command_data(data, frozenset({"name", "after"}))
+        more = False
         if "name" in fields:
+            if "after" in fields:
+                raise CommandError("give data.name (one consumer) or data.after (the next page of all), not both")
             name = self._address(fields)
             self._existing(name)
             names = [name]
@@ -447,14 +467,21 @@ class ConsumerCommands:
                 if not isinstance(after, str):
                     raise CommandError("data.after must be a consumer's name: the next of the page before")
                 names = names[bisect.bisect_right(names, after) :]
+            # Sized by the spends as this instance last saw them.
+            fitting = len(_page([self.table.describe(name) for name in _head(names, self.list_bytes)], self.list_bytes))
+            names, more = names[:fitting], fitting < len(names)
 
         def listed(_: None) -> Result:
             # A consumer deleted meanwhile is left out.
             described = [self.table.describe(name) for name in names if name in self.table.consumers]
             if "name" in fields:
                 return {"consumers": described}
+            # The spends just read may have made the page longer.
             page = _page(described, self.list_bytes)
-            rest = page[-1]["name"] if len(page) < len(described) and page else None
+            if len(page) < len(described):
+                rest: str | None = page[-1]["name"]
+            else:
+                rest = names[-1] if more and names else None
             return {"consumers": page, "next": rest}
 
         # The spends as the cluster counts them, not as this instance last saw them.

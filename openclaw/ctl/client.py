@@ -319,6 +319,8 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
     one reply whose C{result.consumers} holds them all, its round trip
     the pages' together.  A page that is not a list (an error, an older
     gateway's answer without C{next}) ends it, as it is.
+
+    @raise ValueError: a page's C{next} is not after the one before.
     """
     reply = await exchange(reactor, request)
     if request.cmd != "consumer_list" or (request.data or {}).get("name") is not None:
@@ -337,9 +339,12 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
             return reply
         consumers += result["consumers"]
         page_end = result.get("next")
-        # Each page moves on (the gateway's pages hold one consumer at least).
-        if not isinstance(page_end, str) or page_end <= after:
+        if not isinstance(page_end, str):
             break
+        if page_end <= after:
+            # The gateway's pages move on by name (each holds one consumer
+            # at least): not an answer of a gateway's to trust.
+            raise ValueError(f"consumer_list's next page ({page_end!r}) is not after the one before ({after!r})")
         after = page_end
         reply = await exchange(reactor, attrs.evolve(request, data={**(request.data or {}), "after": after}))
     whole = {**answer, "result": {**result, "consumers": consumers, "next": None}}

@@ -314,14 +314,14 @@ class EmbeddingsCall:
     #: The provider calls made (a batch refused on one key is made once
     #: more on another), the last one perhaps still without a verdict for
     #: the breaker.
-    calls: list[PooledCall] = attrs.field(factory=list)
+    calls: list[PooledCall] = attrs.field(init=False, factory=list)
     #: How many of the inputs went to the provider: those of every batch
     #: whose call was made, once however many keys it took.
-    sent: int = 0
+    sent: int = attrs.field(init=False, default=0)
     #: The client's connection was lost (C{notifyFinish} failed).
-    client_gone: bool = False
+    client_gone: bool = attrs.field(init=False, default=False)
     #: The batches under way (L{embed}), cancelled when the client leaves.
-    _embedding: Deferred[EmbeddingsAnswer] | None = None
+    _embedding: Deferred[EmbeddingsAnswer] | None = attrs.field(init=False, default=None)
 
     def start(self) -> None:
         """
@@ -335,7 +335,7 @@ class EmbeddingsCall:
         self.request.notifyFinish().addErrback(self.left)
         embedding.addBoth(self.answer)
         embedding.addErrback(self._bug)
-        embedding.addBoth(self._ended)
+        embedding.addBoth(self._call_over)
 
     def left(self, reason: Failure) -> None:
         """
@@ -390,7 +390,7 @@ class EmbeddingsCall:
         if going_out is None:
             self.count(status, outcome, answered)
             return None
-        # A large answer goes out part by part: counted (and, by _ended,
+        # A large answer goes out part by part: counted (and, by _call_over,
         # counted out of the calls a stop waits for) once it was all handed
         # over, or cut short.
         return going_out.addCallback(self._sent, status, outcome, answered)
@@ -454,7 +454,7 @@ class EmbeddingsCall:
     def _bug(self, reason: Failure) -> None:
         answer_bug(self.context.log, self.request, "embeddings call failed unexpectedly", reason, self.client_gone)
 
-    def _ended(self, result: object) -> None:
+    def _call_over(self, result: object) -> None:
         self.context.call_ended()
 
     async def embed(self) -> EmbeddingsAnswer:
