@@ -588,17 +588,74 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """
+    A whole-number setting from C{low} to C{high}, both taken.
+
+    @return: its parser, raising L{ValueError} for anything else (not a
+        whole number, below C{low}, above C{high}).
+    """
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    return parse
+
+
 #: The least C{MAX_MESSAGE_BYTES}: the answer of every state-changing
 #: command (C{rotate_token}'s token, C{consumer_create}'s key), cut to
 #: its short fields when need be, fits in it.
 MIN_MESSAGE_BYTES = 1024
 
-
-def _message_bytes(text: str) -> int:
-    value = int(text)
-    if value < MIN_MESSAGE_BYTES:
-        raise ValueError
-    return value
+# The upper bounds of the whole-number settings: each refuses more (one
+# line, as any bad value), where more is meaningless or broke something;
+# 99999999999999999999999 was taken by each (trial s31).
+#: C{MAX_MESSAGE_BYTES}, 64 MiB: a thousand times the default.  Autobahn
+#: holds a message whole in memory, before it authenticates too (each
+#: connection may send 2 x (C{MAX_AUTH_FAILURES} + 1) of them), and an
+#: answer that would be longer is asked for in parts (C{consumer_list}
+#: pages, C{usage} with C{since} and C{until}).
+MAX_CONTROL_MESSAGE_BYTES = 64 * 1024 * 1024
+#: C{MAX_REQUEST_BYTES}, 1 GiB: a body is held whole (in memory or a
+#: temporary file), parsed as JSON in memory and sent on whole, and a
+#: lingering close reads twice as much; no provider takes an inline
+#: request of that size (large files go by URL or a provider's file API).
+MAX_REQUEST_BODY_BYTES = 1024 * 1024 * 1024
+#: C{MAX_AUTH_FAILURES} and C{AUTH_LOCKOUT_FAILURES}: a thousand failed
+#: authentications is guessing, not a typo.  The lockout keeps the time
+#: of each failure within its window for every address it tracks (a
+#: count past what a C{deque} holds broke the control plane: the first
+#: failed authentication dropped its connection with an OverflowError);
+#: an address never to be locked out goes in C{AUTH_LOCKOUT_EXEMPT}.
+MAX_AUTH_FAILURE_COUNT = 1000
+#: C{BREAKER_FAILURES}: a billion consecutive failures, which no provider
+#: fails without one success in between: the value that turns the
+#: breaker off in practice (at 1000 failed calls a second, 11 days).
+MAX_BREAKER_FAILURES = 1_000_000_000
+#: C{API_MAX_CONNECTIONS_PER_ADDRESS} and
+#: C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}: 2**31 - 1, the most file
+#: descriptors a process can have (a descriptor is a C int: Linux's
+#: C{fs.nr_open}, and so C{RLIMIT_NOFILE}, is at most that).  Each is
+#: also held to C{API_MAX_CONNECTIONS} where the limits are made
+#: (L{openclaw.dataplane.site.APILimits}).
+MAX_CONNECTION_COUNT = 2**31 - 1
+#: How the bound reads in a hint.
+_CONNECTIONS_HINT = f"use a whole number of connections from 1 to {MAX_CONNECTION_COUNT}"
+#: C{USAGE_RETENTION_DAYS}: 36500 days (100 years), rows kept for good in
+#: practice; a huge one stopped start-up with a traceback (days in
+#: seconds past what a float holds), and a cut-off before 1970 purges
+#: nothing a shorter one would.
+MAX_USAGE_RETENTION_DAYS = 36500
+#: C{CONSUMER_RESERVE_TOKENS}: a million completion tokens, more than any
+#: model completes in one call.  A reservation is a price held of the
+#: consumer's budget (and tokens of its C{tpm}) while the call is in
+#: flight: a larger one admits a call only when nothing else is in
+#: flight, as the reservation of 99999999999999999999999 tokens did
+#: (held to 10**12, L{openclaw.consumers.estimate.MAX_TOKEN_COUNT}).
+MAX_RESERVE_TOKENS = 1_000_000
 
 
 def _timer_seconds(text: str) -> float:
@@ -2245,7 +2302,10 @@ def _load_settings(
             f"{_DEADLINE_HINT}, such as 60",
         ),
         max_request_bytes=reader.read(
-            "MAX_REQUEST_BYTES", _positive_int, defaults.max_request_bytes, "use a whole number of bytes > 0"
+            "MAX_REQUEST_BYTES",
+            _whole_number(1, MAX_REQUEST_BODY_BYTES),
+            defaults.max_request_bytes,
+            f"use a whole number of bytes from 1 to {MAX_REQUEST_BODY_BYTES} (1 GiB)",
         ),
         upstream_pool_size=reader.read(
             "UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, _WHOLE_NUMBER_HINT
@@ -2276,10 +2336,10 @@ def _load_settings(
         trusted_proxies=reader.read("TRUSTED_PROXIES", _networks, (), _NETWORKS_HINT),
         max_message_bytes=reader.read(
             "MAX_MESSAGE_BYTES",
-            _message_bytes,
+            _whole_number(MIN_MESSAGE_BYTES, MAX_CONTROL_MESSAGE_BYTES),
             defaults.max_message_bytes,
-            f"use a whole number of bytes, at least {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
-            "consumer_create must fit)",
+            f"use a whole number of bytes from {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
+            f"consumer_create must fit) to {MAX_CONTROL_MESSAGE_BYTES} (64 MiB)",
         ),
         max_connections=reader.read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, _WHOLE_NUMBER_HINT),
         handshake_timeout_seconds=reader.read(
@@ -2301,7 +2361,10 @@ def _load_settings(
             _TIMER_HINT,
         ),
         max_auth_failures=reader.read(
-            "MAX_AUTH_FAILURES", _positive_int, defaults.max_auth_failures, _WHOLE_NUMBER_HINT
+            "MAX_AUTH_FAILURES",
+            _whole_number(1, MAX_AUTH_FAILURE_COUNT),
+            defaults.max_auth_failures,
+            f"use a whole number of failed authentications from 1 to {MAX_AUTH_FAILURE_COUNT}, such as 5",
         ),
         fallback=reader.read(
             "FALLBACK",
@@ -2311,7 +2374,10 @@ def _load_settings(
             "list of provider ids giving the order",
         ),
         breaker_failures=reader.read(
-            "BREAKER_FAILURES", _positive_int, defaults.breaker_failures, f"{_WHOLE_NUMBER_HINT}, such as 5"
+            "BREAKER_FAILURES",
+            _whole_number(1, MAX_BREAKER_FAILURES),
+            defaults.breaker_failures,
+            f"use a whole number of consecutive failures from 1 to {MAX_BREAKER_FAILURES}, such as 5",
         ),
         breaker_cooldown_seconds=reader.read(
             "BREAKER_COOLDOWN_SECONDS",
@@ -2344,9 +2410,9 @@ def _load_settings(
         ),
         api_max_connections_per_address=reader.read(
             "API_MAX_CONNECTIONS_PER_ADDRESS",
-            _positive_int,
+            _whole_number(1, MAX_CONNECTION_COUNT),
             defaults.api_max_connections_per_address,
-            f"{_WHOLE_NUMBER_HINT}, or leave it unset for a quarter of API_MAX_CONNECTIONS",
+            f"{_CONNECTIONS_HINT}, or leave it unset for a quarter of API_MAX_CONNECTIONS",
         ),
         api_header_timeout_seconds=reader.read(
             "API_HEADER_TIMEOUT_SECONDS",
@@ -2375,9 +2441,10 @@ def _load_settings(
         ),
         auth_lockout_failures=reader.read(
             "AUTH_LOCKOUT_FAILURES",
-            _positive_int,
+            _whole_number(1, MAX_AUTH_FAILURE_COUNT),
             defaults.auth_lockout_failures,
-            "use a whole number of failed authentications > 0, such as 10",
+            f"use a whole number of failed authentications from 1 to {MAX_AUTH_FAILURE_COUNT}, such as 10 (list "
+            "an address never to be locked out in AUTH_LOCKOUT_EXEMPT)",
         ),
         auth_lockout_window_seconds=reader.read(
             "AUTH_LOCKOUT_WINDOW_SECONDS",
@@ -2404,7 +2471,10 @@ def _load_settings(
             "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR",
         ),
         usage_retention_days=reader.read(
-            "USAGE_RETENTION_DAYS", _positive_int, defaults.usage_retention_days, "use a whole number of days > 0"
+            "USAGE_RETENTION_DAYS",
+            _whole_number(1, MAX_USAGE_RETENTION_DAYS),
+            defaults.usage_retention_days,
+            f"use a whole number of days from 1 to {MAX_USAGE_RETENTION_DAYS} (100 years), such as 90",
         ),
         price_overrides=reader.read("PRICES_FILE", lambda path: _prices(path) if path else no_prices, no_prices, ""),
         auth_timeout_seconds=reader.read(
@@ -2415,9 +2485,9 @@ def _load_settings(
         ),
         api_keyless_connections_per_address=reader.read(
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS",
-            _positive_int,
+            _whole_number(1, MAX_CONNECTION_COUNT),
             defaults.api_keyless_connections_per_address,
-            f"{_WHOLE_NUMBER_HINT}, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
+            f"{_CONNECTIONS_HINT}, or leave it unset for a sixteenth of API_MAX_CONNECTIONS",
         ),
         api_keyless_timeout_seconds=reader.read(
             "API_KEYLESS_TIMEOUT_SECONDS",
@@ -2427,9 +2497,10 @@ def _load_settings(
         ),
         consumer_reserve_tokens=reader.read(
             "CONSUMER_RESERVE_TOKENS",
-            _positive_int,
+            _whole_number(1, MAX_RESERVE_TOKENS),
             defaults.consumer_reserve_tokens,
-            "use a whole number of completion tokens > 0 (reserved of a consumer's budget per call in flight)",
+            f"use a whole number of completion tokens from 1 to {MAX_RESERVE_TOKENS} (reserved of a consumer's "
+            "budget per call in flight), such as 1000",
         ),
     )
 

@@ -303,8 +303,8 @@ class LoadTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             self.load()
         self.assertIn(
-            "use a whole number of days > 0 (in an env file, a '# comment' after the value is part of it: "
-            "put the comment on a line of its own)",
+            "use a whole number of days from 1 to 36500 (100 years), such as 90 (in an env file, a '# comment' "
+            "after the value is part of it: put the comment on a line of its own)",
             str(caught.exception),
         )
         (self.cwd / ".env").write_text("USAGE_RETENTION_DAYS=thirty\n")
@@ -521,6 +521,47 @@ class LoadTests(SynchronousTestCase):
         # Not a whole number, but 1 or more: taken.
         self.assertEqual(self.load({"PING_TIMEOUT_SECONDS": "2.5"}).ping_timeout_seconds, 2.5)
         self.assertConfigError("TRUSTED_PROXIES", TRUSTED_PROXIES="nginx")
+
+    def test_count_bounds(self) -> None:
+        """
+        The whole-number settings that took 99999999999999999999999 (trial
+        s31: AUTH_LOCKOUT_FAILURES dropped the connection of the first
+        failed authentication with an OverflowError, USAGE_RETENTION_DAYS
+        far larger stopped start-up with a traceback) each have an upper
+        bound, itself taken: above it, or below 1, is one line naming the
+        setting, the value, where it came from and the range.  The
+        defaults are unchanged.
+        """
+        defaults = Settings()
+        bounds = {
+            "MAX_REQUEST_BYTES": (1, 1024**3),
+            "MAX_MESSAGE_BYTES": (1024, 64 * 1024**2),
+            "MAX_AUTH_FAILURES": (1, 1000),
+            "AUTH_LOCKOUT_FAILURES": (1, 1000),
+            "BREAKER_FAILURES": (1, 10**9),
+            "API_MAX_CONNECTIONS_PER_ADDRESS": (1, 2**31 - 1),
+            "API_KEYLESS_CONNECTIONS_PER_ADDRESS": (1, 2**31 - 1),
+            "USAGE_RETENTION_DAYS": (1, 36500),
+            "CONSUMER_RESERVE_TOKENS": (1, 10**6),
+        }
+        loaded = self.load()
+        for name, (low, high) in bounds.items():
+            attribute = name.lower()
+            self.assertEqual(getattr(loaded, attribute), getattr(defaults, attribute), name)
+            self.assertEqual(getattr(self.load({name: str(low)}), attribute), low, name)
+            self.assertEqual(getattr(self.load({name: str(high)}), attribute), high, name)
+            for value in (str(high + 1), "99999999999999999999999", str(low - 1)):
+                self.assertConfigError(
+                    f"{name}={value!r} (from the command line) is invalid: use a whole number",
+                    f"from {low}",
+                    f"to {high}",
+                    **{name: value},
+                )
+        self.environ["USAGE_RETENTION_DAYS"] = "36501"
+        self.assertConfigError(
+            "USAGE_RETENTION_DAYS='36501' (from the environment) is invalid: use a whole number of days from 1 to "
+            "36500 (100 years), such as 90"
+        )
 
     def test_api_send_timeout(self) -> None:
         """
