@@ -482,6 +482,11 @@ _ABOVE_ZERO_SECONDS_HINT = f"use a number of seconds greater than 0 and {_AT_MOS
 _REDIS_SECONDS_HINT = f"use a number of seconds of at least {MIN_REDIS_SECONDS:g} and {_AT_MOST}"
 #: One of Autobahn's connection timers (L{_timer_seconds}).
 _TIMER_HINT = f"use a number of seconds, 1 or more and {_AT_MOST} (Autobahn's timers tick in whole seconds)"
+#: The address to listen on (L{_interface}).
+_INTERFACE_HINT = (
+    "use an IP address such as :: (every address), 127.0.0.1 or fe80::1%eth0 (link-local, with its zone), "
+    "not a host name"
+)
 #: Addresses and networks (L{_networks}).
 _NETWORKS_HINT = "use comma-separated IPv4/IPv6 addresses or CIDR networks"
 #: A listener (L{_listener}); each setting names its default port.
@@ -555,15 +560,21 @@ def _non_empty(text: str) -> str:
 
 def _interface(text: str) -> str:
     """
-    C{INTERFACE}: an address (or name) to listen on, as Twisted's TCP port
-    takes it; an IPv6 address without the brackets a URL puts round it.
+    C{INTERFACE}: the IP address to listen on, as Twisted's TCP port takes
+    it: IPv4, or IPv6 without the brackets a URL puts round it (a
+    link-local one with its zone, C{fe80::1%eth0}).  A host name is
+    refused here, as an empty value is: it was looked up only when the
+    gateway came to listen, and one that did not resolve (C{999.1.1.1}
+    too) stopped it there with "Name or service not known" and exit
+    status 1 (trial s31).
 
     @raise InvalidValue: it is in brackets.
-    @raise ValueError: it is empty.
+    @raise ValueError: it is empty, or not an IP address.
     """
     text = _non_empty(text)
     if text.startswith("[") or text.endswith("]"):
         raise InvalidValue("an IPv6 address is given without brackets (:: or ::1, not [::1])")
+    ipaddress.ip_address(text)
     return text
 
 
@@ -2263,8 +2274,7 @@ def _load_settings(
 
     settings = Settings(
         port=reader.read("WS_CONTROL_PORT", _port, defaults.port, _PORT_HINT),
-        interface=reader.read("INTERFACE", _interface, "", "use an IP address such as :: or 127.0.0.1")
-        or default_interface(),
+        interface=reader.read("INTERFACE", _interface, "", _INTERFACE_HINT) or default_interface(),
         session_ttl_hours=reader.read(
             "SESSION_TTL_HOURS",
             _hours,

@@ -64,6 +64,23 @@ class LoadTests(SynchronousTestCase):
         )
         self.assertEqual(self.load({"INTERFACE": "::1"}).interface, "::1")
 
+    def test_interface_not_an_address(self) -> None:
+        """
+        An C{INTERFACE} that is no IP address (C{999.1.1.1}, a host name)
+        is refused as an empty one is, in one line saying to use an IP
+        address (trial s31: it was looked up when listening, "Name or
+        service not known", exit status 1).  IPv4, IPv6 and an IPv6
+        address with its zone are taken as given.
+        """
+        for bad in ("999.1.1.1", "localhost", "127.0.0.1%lo", "::1/128", "1.2.3", ""):
+            self.assertConfigError(
+                f"INTERFACE={bad!r} (from the command line) is invalid: use an IP address such as :: (every "
+                "address), 127.0.0.1 or fe80::1%eth0 (link-local, with its zone), not a host name",
+                INTERFACE=bad,
+            )
+        for good in ("127.0.0.1", "0.0.0.0", "::", "::1", "::ffff:127.0.0.1", "fe80::1%eth0", "fe80::1%2"):
+            self.assertEqual(self.load({"INTERFACE": f" {good} "}).interface, good)
+
     def test_gateway_api_keys(self) -> None:
         """
         C{GATEWAY_API_KEYS} holds bearer tokens (RFC 6750 section 2.1) of
