@@ -1266,11 +1266,33 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
             f"so that user could change it; chown {euid} {str(path)!r} (or root) and chmod 600 it"
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"{what} may be written by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}")
+        raise ConfigError(open_to_others(path, mode, what))
     _check_directories(path, [link for link, _ in links], what, euid, "move the file")
     if secret and mode & (stat.S_IRGRP | stat.S_IROTH):
-        return f"{what} may be read by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
+        return open_to_others(path, mode, what)
     return None
+
+
+def open_to_others(path: Path, mode: int, what: str) -> str:
+    """
+    The line saying that group or others may read or write a private
+    file, and to C{chmod 600} it: the rule of L{check_private_file}
+    (which refuses a secret file others may write, and warns of one they
+    may read), and of C{openclawctl --token-file}'s warning.
+
+    @param mode: the file's permission bits (C{stat.S_IMODE}).
+    @param what: how the operator named it (C{"JWT_SECRET_FILE='/etc/x'"}).
+    @return: C{"<what> may be read by group or others (mode 0644); run:
+        chmod 600 '<path>'"}; C{written}, or C{read and written}, as
+        C{mode} has it; an empty string when C{mode} gives group and
+        others neither.
+    """
+    readable = mode & (stat.S_IRGRP | stat.S_IROTH)
+    writable = mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if not (readable or writable):
+        return ""
+    may = "read and written" if readable and writable else "written" if writable else "read"
+    return f"{what} may be {may} by group or others (mode {mode:04o}); run: chmod 600 {str(path)!r}"
 
 
 def _check_directories(path: Path, links: Sequence[Path], what: str, euid: int, move: str) -> None:
@@ -2703,6 +2725,7 @@ __all__ = [
     "env_file_secrets",
     "load_settings",
     "misspelt_settings",
+    "open_to_others",
     "parse_network",
     "provider_table",
     "unread_lines",

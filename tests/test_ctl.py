@@ -305,6 +305,38 @@ class ParseRequestTests(TestCase):
         (directory / "link").symlink_to("token")
         self.assertEqual(ctl.choose_token(None, directory / "link", {}), TOKEN_LIKE)
 
+    def test_token_file_others_may_read(self):
+        """
+        A token file group or others may read or write is read all the
+        same, with one warning saying so and to chmod 600 it, in the
+        gateway's words for its secret files (trial s31: a 0666 token file
+        was read without a word); a private one (0600, 0400) gets none,
+        nor does a file that cannot be looked at.  Links are followed:
+        the file read is judged.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        token_file = directory / "token"
+        token_file.write_text(f"{TOKEN_LIKE}\n")
+        (directory / "link").symlink_to("token")
+        for mode, may in ((0o666, "read and written"), (0o644, "read"), (0o640, "read"), (0o620, "written")):
+            token_file.chmod(mode)
+            for named in (token_file, directory / "link"):
+                parsed = self.parse("--token-file", str(named), "ping")
+                self.assertEqual(parsed.token, TOKEN_LIKE)
+                self.assertEqual(
+                    parsed.warnings,
+                    (
+                        f"the token file {named} may be {may} by group or others (mode {mode:04o}); run: "
+                        f"chmod 600 {str(named)!r}",
+                    ),
+                )
+        for mode in (0o600, 0o400):
+            token_file.chmod(mode)
+            self.assertEqual(self.parse("--token-file", str(token_file), "ping").warnings, ())
+        self.assertEqual(self.parse("--token", "T", "ping").warnings, ())
+        self.assertIsNone(ctl.token_file_warning(directory / "missing"))
+
     def test_rotation_refused_when_the_token_cannot_be_saved(self):
         nowhere = Path(self.mktemp()) / "missing-directory" / "token"
         error = self.assertRaises(
@@ -952,6 +984,30 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield self.ctl("ping", token=self.gateway.token)
         self.assertEqual((err, code), ("", 0))
         self.assertRegex(out, r"^pong \(\d+(\.\d)? ms round trip\)\n$")
+
+    @inlineCallbacks
+    def test_token_file_others_may_read(self):
+        """
+        C{--token-file} naming a file others may read and write: one
+        warning line on stderr before the exchange, which goes on as
+        without it (exit status 0).
+        """
+        token_file = Path(self.mktemp())
+        token_file.write_text(f"{self.gateway.token}\n")
+        token_file.chmod(0o666)
+        out, err, code = yield self.ctl("--token-file", str(token_file), "ping")
+        self.assertEqual(
+            (err, code),
+            (
+                f"openclawctl: warning: the token file {token_file} may be read and written by group or others "
+                f"(mode 0666); run: chmod 600 {str(token_file)!r}\n",
+                0,
+            ),
+        )
+        self.assertRegex(out, r"^pong ")
+        token_file.chmod(0o600)
+        out, err, code = yield self.ctl("--token-file", str(token_file), "ping")
+        self.assertEqual((err, code), ("", 0))
 
     @inlineCallbacks
     def test_ping_json(self):
@@ -1641,6 +1697,8 @@ class TokenFileReadingTests(TestCase):
         token_file = Path(self.mktemp())
         token_file.parent.mkdir(parents=True, exist_ok=True)
         token_file.write_text(f"{TOKEN_LIKE}\n")
+        # Private, as a token file should be: else its warning comes first.
+        token_file.chmod(0o600)
         fifo = token_file.parent / "ca-fifo"
         os.mkfifo(fifo)
         url = f"wss://127.0.0.1:{free_port()}"

@@ -55,6 +55,7 @@ from openclaw.ctl.cli import (
     consumer_request,
     dash_hint,
     parse_request,
+    token_file_warning,
 )
 from openclaw.ctl.client import (
     MAX_HEAD_BYTES,
@@ -186,6 +187,7 @@ __all__ = [
     "printable_tree",
     "render",
     "save_token",
+    "token_file_warning",
     "unix_socket_path",
     "usd",
     "websocket_url",
@@ -221,5 +223,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         raise SystemExit(NO_ANSWER) from None
+    for warning in request.warnings:
+        sys.stderr.write(f"{PROG}: warning: {warning}\n")
     globalLogBeginner.beginLoggingTo([OneLineLog(sys.stderr)], redirectStandardIO=False)
     react(_run, (request,))

@@ -31,6 +31,7 @@ from openclaw.ctl.request import (
 )
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
 from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file
+from openclaw.settings import open_to_others
 
 
 def _positive_seconds(text: str) -> float:
@@ -380,6 +381,26 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
     )
 
 
+def token_file_warning(token_file: Path) -> str | None:
+    """
+    The warning C{--token-file} gets when group or others may read or
+    write the file (links followed, as it is read), in the words of the
+    gateway's rule for its secret files (L{open_to_others}): whoever may
+    read it may drive the gateway with its token.  Only a warning, as
+    openclawctl may run as another user than the gateway, whose file it
+    is: the command goes on.
+
+    @return: the line (without C{openclawctl: warning:}), or None: the
+        file is private, or cannot be looked at (reading or writing it
+        says why).
+    """
+    try:
+        mode = stat.S_IMODE(token_file.stat().st_mode)
+    except OSError:
+        return None
+    return open_to_others(token_file, mode, f"the token file {token_file}") or None
+
+
 def _check_url(url: str) -> None:
     path = unix_socket_path(url)
     if path is not None:
@@ -490,6 +511,7 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
     if args.cafile is not None and not args.url.startswith("wss:"):
         raise UsageError("--cafile is only for wss:// URLs")
     token = choose_token(args.token, args.token_file, environ)
+    warning = None if args.token_file is None else token_file_warning(args.token_file)
     cmd = args.command.replace("-", "_")
     data: dict[str, Any] | None = None
     if cmd in ("consumer", "key", "usage"):
@@ -511,4 +533,5 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         timeout=timeout,
         cafile=args.cafile,
         token_from_file=not args.token and args.token_file is not None,
+        warnings=() if warning is None else (warning,),
     )

@@ -46,6 +46,10 @@ class Request:
     #: The token was read from C{token_file} (not given by --token or the
     #: environment).
     token_from_file: bool = False
+    #: Lines for stderr before the exchange (C{openclawctl: warning: ...}),
+    #: about the command line: a token file others may read
+    #: (L{openclaw.ctl.cli.token_file_warning}).
+    warnings: tuple[str, ...] = ()
 
     def message(self) -> bytes:
         message: dict[str, Any] = {"token": self.token, "cmd": self.cmd}
