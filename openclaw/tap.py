@@ -258,6 +258,7 @@ def makeService(
         made = _make_files(settings, lambda: log_destination(twistd_options, stdout, reactor))
         destination = made.destination
         _note_signals(reactor, twistd_options, destination, stdout)
+        _say_warnings(settings, twistd_options)
     except InstalledAgain as e:
         # A worker's: its parent stops the gateway on this status.
         _fail(str(e), INSTALLED_AGAIN_STATUS)
@@ -439,6 +440,7 @@ def _supervisor(
         settings, lambda: log_destination(twistd_options, stdout, reactor, reopen_workers_logs)
     ).destination
     _note_signals(reactor, twistd_options, destination, stdout)
+    _say_warnings(settings, twistd_options)
     supervisor = WorkerSupervisor(
         reactor,
         settings.workers,
@@ -453,6 +455,26 @@ def _supervisor(
         worker_sockets=make_socket_directory(settings.workers),
     )
     return supervisor
+
+
+def _say_warnings(settings: Settings, twistd_options: Mapping[str, Any]) -> None:
+    """
+    Write each of C{settings.warnings} (a lower-case or misspelt name, a
+    name an env file sets twice, a world-readable env file holding
+    secrets...) on stderr, as C{openclaw: warning: ...} lines, once the
+    start is accepted and before twistd daemonizes, when the log does not
+    go to standard output (L{logs_to_stdout}): a daemon, or C{-n} with
+    C{--logfile} or C{--syslog}.  The gateway logs them too when it
+    starts (L{GatewayService.startService}); without this, a daemon's
+    were in its log only, and its terminal showed nothing (trial s31).
+    In the foreground with the log on standard output they reach it
+    through the log: not said twice.
+    """
+    if logs_to_stdout(twistd_options):
+        return
+    for line in settings.warnings:
+        sys.stderr.write(f"openclaw: warning: {line}\n")
+    sys.stderr.flush()
 
 
 def _note_signals(

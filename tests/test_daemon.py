@@ -138,6 +138,51 @@ class DaemonTests(TestCase):
         yield client.closed
 
     @inlineCallbacks
+    def test_config_warnings_on_the_terminal(self):
+        """
+        A daemon's configuration warnings (a misspelt name in the env file)
+        are said on the terminal that started it, before it daemonizes, as
+        C{openclaw: warning: ...} lines, and logged too (trial s31: they
+        were in the log only, the terminal silent).
+        """
+        (self.dir / ".env").write_text("GEMINI_MODLE=gemini-2.5-flash\n")
+        warning = (
+            f"env file {str(self.dir / '.env')!r}: GEMINI_MODLE is not a setting and is ignored; did you mean "
+            "GEMINI_MODEL?"
+        )
+        pidfile, logfile, tokenfile = self.dir / "gw.pid", self.dir / "gw.log", self.dir / "token"
+        self.addCleanup(self._kill, pidfile)
+        out, err, code = yield self.start_daemon(pidfile, logfile, tokenfile, free_port())
+        self.assertEqual((out, err, code), (b"", f"openclaw: warning: {warning}\n".encode(), 0))
+        yield wait_for(lambda: tokenfile.exists() and warning in logfile.read_text())
+
+    @inlineCallbacks
+    def test_config_warnings_in_the_foreground(self):
+        """
+        In the foreground, logging to standard output, a configuration
+        warning reaches the terminal through the log, once: not on stderr
+        as well.  With -n --logfile the log is elsewhere: it is said on
+        stderr.
+        """
+        warning = "environment: gemini_model is not a setting and is ignored; did you mean GEMINI_MODEL?"
+        args = ["--port", str(free_port()), "--interface", "127.0.0.1", "--state-dir", str(self.dir)]
+        process = spawn_gateway(self, args, env(JWT_SECRET=SECRET, gemini_model="gemini-2.5-flash"))
+        yield process.token
+        yield wait_for(lambda: warning.encode() in process.stdout)
+        self.assertEqual(process.stdout.count(warning.encode()), 1)
+        self.assertNotIn(b"openclaw: warning:", process.stdout + process.stderr)
+        yield process.stop()
+        logfile = self.dir / "gw.log"
+        process = spawn_gateway(
+            self,
+            [*args, "--token-file", str(self.dir / "token")],
+            env(JWT_SECRET=SECRET, gemini_model="gemini-2.5-flash"),
+            twistd_args=["--logfile", str(logfile)],
+        )
+        yield wait_for(lambda: logfile.exists() and warning in logfile.read_text())
+        self.assertEqual(process.stderr, f"openclaw: warning: {warning}\n".encode())
+
+    @inlineCallbacks
     def test_second_daemon_with_the_same_token_file(self):
         """
         A second daemon given the running one's token file is refused
