@@ -51,6 +51,7 @@ import math
 import os
 import re
 import signal
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -157,10 +158,12 @@ def log_destination(
 
     A log file that does not exist yet is created with the mode the
     process's umask will give once twistd has set it (C{--umask}, C{0077}
-    for a daemon by default): the file is opened here, before twistd
-    daemonizes and applies that umask, and would otherwise get the mode of
-    the shell's umask (0644 under the usual 022).  An existing file keeps
-    its mode (logrotate's C{create} sets it).
+    for a daemon by default; else the process's own), never writable by
+    group or others (L{log_file_mode}): the file is opened here, before
+    twistd daemonizes and applies that umask, and would otherwise get the
+    mode of the shell's umask (0644 under the usual 022).  The file a
+    SIGUSR1 makes gets the same mode (L{ReopenedLogFile.reopen}).  An
+    existing file keeps its mode (logrotate's C{create} sets it).
 
     @param reactor: the reactor the reopen is handed to (from the signal
         handler, as twistd does).
@@ -177,9 +180,16 @@ def log_destination(
     if logs_to_stdout(twistd_options):
         return stdout
     path = os.path.abspath(logfile or "twistd.log")
-    _create_log_file(path, _future_umask(twistd_options))
+    mode = log_file_mode(twistd_options)
     try:
-        log_file = ReopenedLogFile(path)
+        _create_log_file(path, mode)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the log file {path} (--logfile): {error.strerror}; create {os.path.dirname(path)} "
+            "(writable by the gateway's user), or name a log file in a directory it may write"
+        ) from None
+    try:
+        log_file = ReopenedLogFile(path, mode)
     except OSError as error:
         # There, but not a file this user may append to (a directory,
         # another user's 0600 file).
@@ -211,7 +221,8 @@ class ReopenedLogFile:
     The gateway's log file at C{path}, opened for appending and
     unbuffered (L{_append_to}), never rotated by itself, replaced by a new
     one at the same path on L{reopen} (SIGUSR1) only once that one is
-    open.
+    open.  A file it makes there gets C{mode} (L{log_file_mode}, the mode
+    the first one was made with).
 
     Not Twisted's L{twisted.python.logfile.LogFile}: it writes from the
     offset it opened at, not at the file's end, so processes sharing the
@@ -223,8 +234,10 @@ class ReopenedLogFile:
     failure), and a later C{reopen} fails too.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mode: int = 0o600) -> None:
         self.path = path
+        #: The permission bits a log file it makes gets.
+        self.mode = mode
         self._file = _append_to(path)
         # Events may be logged from other threads (adbapi's): none writes
         # to a file being let go.
@@ -251,13 +264,15 @@ class ReopenedLogFile:
 
     def reopen(self) -> None:
         """
-        Open C{path} again (creating it with the process's umask when it
-        is not there; one that is there keeps its mode) and log to it from
-        now on.  If it cannot be opened, say so in the log (still the
-        file it had, wherever that was moved) and go on writing there: a
-        later SIGUSR1 tries again.
+        Open C{path} again (creating it with L{mode} when it is not there,
+        as the first one was, whatever the umask: under twistd's
+        C{--umask 000} the new one was 0666, for anyone to write; one that
+        is there keeps its mode) and log to it from now on.  If it cannot
+        be opened, say so in the log (still the file it had, wherever that
+        was moved) and go on writing there: a later SIGUSR1 tries again.
         """
         try:
+            _create_log_file(self.path, self.mode)
             reopened = _append_to(self.path)
         except (UnsafeLogFile, NotARegularFile) as error:
             _log.error(
@@ -337,22 +352,47 @@ def _future_umask(twistd_options: Mapping[str, Any]) -> int | None:
     return None if foreground(twistd_options) else 0o077
 
 
-def _create_log_file(path: str, umask: int | None) -> None:
+def log_file_mode(twistd_options: Mapping[str, Any]) -> int:
     """
-    Create C{path}, empty, with the mode C{umask} gives (and the process's
-    current umask takes away), unless it exists.
+    The permission bits of a log file the gateway makes (its first one
+    and each one a SIGUSR1 makes): C{0666} less the umask twistd will set
+    (L{_future_umask}), else the process's own, and never writable by
+    group or others (a log anyone may write is a log anyone may forge
+    lines in): C{0600} for a daemon by default, C{0644} under C{--umask
+    000} or the usual 022.
     """
-    mode = 0o666 if umask is None else 0o666 & ~umask
+    umask = _future_umask(twistd_options)
+    if umask is None:
+        umask = _current_umask()
+    return 0o666 & ~umask & ~(stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _current_umask() -> int:
+    """
+    The process's umask, read by setting it (set to C{0077} meanwhile:
+    a file another thread makes then is only the more private).
+    """
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def _create_log_file(path: str, mode: int) -> None:
+    """
+    Create C{path}, empty, with exactly C{mode} (whatever the process's
+    umask is now: the first log file is made before twistd sets its
+    own), unless something is there (a link too: C{O_EXCL}).
+
+    @raise OSError: it cannot be created.
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, mode)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, mode)
     except FileExistsError:
         return
-    except OSError as error:
-        raise ConfigError(
-            f"cannot create the log file {path} (--logfile): {error.strerror}; create {os.path.dirname(path)} "
-            "(writable by the gateway's user), or name a log file in a directory it may write"
-        ) from None
-    os.close(fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
@@ -781,6 +821,7 @@ __all__ = [
     "foreground",
     "json_line",
     "log_destination",
+    "log_file_mode",
     "logs_to_stdout",
     "make_observer",
     "offer_log_observer",

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,14 @@ from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher, t
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.logs import ReopenedLogFile, json_line, log_destination, make_observer, offer_log_observer
+from openclaw.logs import (
+    ReopenedLogFile,
+    json_line,
+    log_destination,
+    log_file_mode,
+    make_observer,
+    offer_log_observer,
+)
 from openclaw.settings import ConfigError, untrusted_log_file
 
 WHEN = 1764043200.25
@@ -433,6 +441,50 @@ class DestinationTests(SynchronousTestCase):
         self.assertTrue(moved.startswith("earlier\n"))
         self.assertEqual([json.loads(line)["message"] for line in moved.splitlines()[1:]], ["before"])
         self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["after"])
+
+    def test_reopened_file_has_the_first_files_mode(self):
+        """
+        The log file a SIGUSR1 makes gets the mode the first one was made
+        with, before twistd set its umask: under C{--umask 000} both are
+        0644 (the reopened one was 0666, anyone could write it; trial
+        s31), a daemon's 0600 by default, whatever the shell's umask; group
+        and others never write them.
+        """
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.addCleanup(os.umask, os.umask(0o022))
+        for options, shell, expected in (
+            ({"nodaemon": False, "umask": 0}, 0o022, 0o644),
+            ({"nodaemon": False, "umask": 0}, 0o077, 0o644),
+            ({"nodaemon": False}, 0o022, 0o600),
+            ({"nodaemon": True, "umask": 0o002}, 0o022, 0o644),
+        ):
+            path = Path(self.mktemp())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # The shell's umask, then the one twistd sets before the
+            # service starts.
+            os.umask(shell)
+            stream = log_destination({**options, "logfile": str(path)}, io.StringIO(), self.Reactor())
+            assert stream is not None
+            self.addCleanup(stream.close)
+            os.umask(options.get("umask", 0o077))
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), expected, options)
+            path.rename(path.with_name("moved"))
+            os.kill(os.getpid(), signal.SIGUSR1)
+            self.assertEqual(stat.S_IMODE(path.stat().st_mode), expected, options)
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def test_log_file_mode(self):
+        """
+        C{0666} less twistd's umask (C{--umask}, else C{0077} for a
+        daemon, else the process's), group and others never writing.
+        """
+        self.addCleanup(os.umask, os.umask(0o002))
+        self.assertEqual(log_file_mode({"nodaemon": False}), 0o600)
+        self.assertEqual(log_file_mode({"nodaemon": False, "umask": 0}), 0o644)
+        self.assertEqual(log_file_mode({"nodaemon": True, "umask": 0o027}), 0o640)
+        self.assertEqual(log_file_mode({"nodaemon": True}), 0o644)
+        self.assertEqual(os.umask(0o002), 0o002)
 
     def test_failed_reopen_keeps_the_file(self):
         """
