@@ -667,6 +667,64 @@ class GatewayService(SequentialMultiService):
         self._stdout = stdout
         self._reactor = reactor
         self._log_observer = log_observer
+        shared_clock = self._build_sessions(token_lock)
+        #: Its first child (started first, stopped last): the locks of
+        #: STATE_DIR, TOKEN_FILE and its ports, and the token file.
+        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log)
+        self._held.setServiceParent(self)
+        # The metrics read the providers and the listeners, which count
+        # into them: read through self, when scraped.
+        self.metrics = self._build_metrics(api=api_endpoint is not None)
+        self._build_providers(api=api_endpoint is not None)
+        self._build_route()
+        #: Seconds since the epoch, by the reactor's clock (the real
+        #: reactor's is wall-clock time: C{status} shows it as a date).
+        self.started_at = reactor.seconds()
+        self.started_monotonic = time.monotonic()
+        self._build_consumers(shared_clock)
+        #: This process's id in the cluster (host name and process id),
+        #: taken again at start (L{_name_instance}).
+        self.instance = _instance_id()
+        #: Its index among C{--workers} (0 for a single process).
+        self.worker = worker
+        self._build_cluster()
+        # Children, started in this order and stopped in the reverse, each
+        # stop waited for (SequentialMultiService): the locks and the token
+        # file (HeldLocks, added above), the cluster's membership, the
+        # consumers' database, then what answers clients; twistd's stop
+        # thus stops listening and drains the calls in flight first, writes
+        # their usage rows, leaves the cluster, and lets go of the locks
+        # last.
+        if self.cluster is not None:
+            assert self._redis is not None
+            ClusterService(self._redis, self.cluster).setServiceParent(self)
+        #: When the stop began (L{stopService}), in the reactor's seconds.
+        self._stopping_at = 0.0
+        self._consumers_service = self._build_consumers_service()
+        self._consumers_service.setServiceParent(self)
+        self._build_control_plane(shared_clock)
+        metrics_resource = self._build_metrics_resource(worker_sockets)
+        #: The data plane's site; L{None} without an API listener.
+        self.api_site = self._build_api_site(api_endpoint, metrics_endpoint, metrics_resource)
+        self._build_serving(worker_sockets)
+        self._listen(control_endpoint, self.factory)
+        if self.api_site is not None:
+            assert api_endpoint is not None
+            self._listen(api_endpoint, self.api_site)
+        if metrics_endpoint is not None:
+            self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))
+
+    def _build_sessions(self, token_lock: PidLock | None) -> Callable[[], float]:
+        """
+        Set C{cluster_clock} and C{sessions} (the session authority, which
+        holds C{token_lock}).
+
+        @return: the clock the session token and the consumers' limits are
+            judged by, in seconds since the epoch: Redis's in a cluster
+            (C{cluster_clock}), else the reactor's.
+        """
+        settings = self.settings
+        reactor = self._reactor
         #: In a cluster, Redis's clock (measured by the node), by which the
         #: session token and the consumers' limits are judged.
         self.cluster_clock = ClusterClock(reactor) if settings.redis_url else None
@@ -679,25 +737,36 @@ class GatewayService(SequentialMultiService):
             shared=settings.redis_url is not None,
             token_lock=token_lock,
         )
-        #: Its first child (started first, stopped last): the locks of
-        #: STATE_DIR, TOKEN_FILE and its ports, and the token file.
-        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log)
-        self._held.setServiceParent(self)
-        # The metrics read the providers and the listeners, which count
-        # into them: read through self, when scraped.
-        self.metrics = GatewayMetrics(
+        return shared_clock
+
+    def _build_metrics(self, api: bool) -> GatewayMetrics:
+        """
+        The gateway's metrics, reading (when scraped) the providers and the
+        listeners built after them; with C{api} (an API listener), its
+        connections and the providers' breakers too.
+        """
+        settings = self.settings
+        return GatewayMetrics(
             COMMANDS,
             settings.provider_ids,
             unconfigured=[provider_id for provider_id, entry in settings.providers.items() if not entry.keys],
             serving=lambda provider_id: self.providers.get(provider_id).serving,
             control_connections=lambda: len(self.factory.connections),
-            api_connections=None if api_endpoint is None else self._api_connections,
-            breaker=None if api_endpoint is None else lambda provider_id: self.providers.get(provider_id).breaker,
+            api_connections=self._api_connections if api else None,
+            breaker=(lambda provider_id: self.providers.get(provider_id).breaker) if api else None,
             cluster=bool(settings.redis_url),
         )
+
+    def _build_providers(self, api: bool) -> None:
+        """
+        Set C{descriptors} (with C{api}: shared with an API listener) and
+        C{providers}, whose upstream requests count into C{metrics}.
+        """
+        settings = self.settings
+        reactor = self._reactor
         #: How the process's descriptors are shared between the listeners
         #: and the providers' idle pooled connections.
-        self.descriptors = descriptor_shares(settings, api=api_endpoint is not None)
+        self.descriptors = descriptor_shares(settings, api=api)
         self.providers = ProviderRegistry.from_settings(
             settings,
             reactor,
@@ -709,6 +778,14 @@ class GatewayService(SequentialMultiService):
             # rest_key: shared through self.
             on_rest=self._share_rest if settings.redis_url else None,
         )
+
+    def _build_route(self) -> None:
+        """
+        Set C{store} (the state file), C{restored_route} and C{route}, the
+        configured route (C{DEFAULT_PROVIDER} and its model) until the state
+        file is read at start.
+        """
+        settings = self.settings
         self.store = RouteStore(settings.state_dir, self.providers.ids)
         provider = settings.default_provider
         #: The route the state file held, when it replaced the configured one
@@ -718,10 +795,15 @@ class GatewayService(SequentialMultiService):
         #: The route in force: the configured one until the state file is
         #: read at start.
         self.route = ActiveRoute(Route(provider, settings.default_model(provider)))
-        #: Seconds since the epoch, by the reactor's clock (the real
-        #: reactor's is wall-clock time: C{status} shows it as a date).
-        self.started_at = reactor.seconds()
-        self.started_monotonic = time.monotonic()
+
+    def _build_consumers(self, shared_clock: Callable[[], float]) -> None:
+        """
+        Set C{consumer_store}, C{_redis} (the cluster's store, L{None}
+        outside a cluster) and C{consumers}, whose limits are judged by
+        C{shared_clock} (seconds since the epoch); nothing is opened.
+        """
+        settings = self.settings
+        reactor = self._reactor
         #: The consumers (issue #19): their database, and the table the
         #: data plane checks, loaded at start.
         # Its SQLite file is checked (and made) at start (L{startService}),
@@ -756,11 +838,13 @@ class GatewayService(SequentialMultiService):
             reserve_tokens=settings.consumer_reserve_tokens,
             changed=self._consumer_changed,
         )
-        #: This process's id in the cluster (host name and process id),
-        #: taken again at start (L{_name_instance}).
-        self.instance = _instance_id()
-        #: Its index among C{--workers} (0 for a single process).
-        self.worker = worker
+
+    def _build_cluster(self) -> None:
+        """
+        Set C{cluster}, C{shared_consumers} and C{lockout} (in a cluster,
+        by L{_join_cluster}; else L{None}), and the state of the wait for
+        the cluster's store at start.
+        """
         self.cluster: ClusterNode | None = None
         #: Consumers kept in step across the cluster (L{None}: one instance).
         self.shared_consumers: SharedConsumers | None = None
@@ -771,31 +855,34 @@ class GatewayService(SequentialMultiService):
         self._waiting_for_store: LoopingCall | None = None
         self._joined_at = 0.0
         self._unannounced: SessionToken | None = None
-        if settings.redis_url:
-            self._join_cluster(reactor)
-        cluster = self.cluster
-        # Children, started in this order and stopped in the reverse, each
-        # stop waited for (SequentialMultiService): the locks and the token
-        # file (HeldLocks, added above), the cluster's membership, the
-        # consumers' database, then what answers clients; twistd's stop
-        # thus stops listening and drains the calls in flight first, writes
-        # their usage rows, leaves the cluster, and lets go of the locks
-        # last.
-        if cluster is not None:
-            assert self._redis is not None
-            ClusterService(self._redis, cluster).setServiceParent(self)
-        #: When the stop began (L{stopService}), in the reactor's seconds.
-        self._stopping_at = 0.0
-        self._consumers_service = ConsumersService(
+        if self.settings.redis_url:
+            self._join_cluster(self._reactor)
+
+    def _build_consumers_service(self) -> ConsumersService:
+        """
+        The service of the consumers' database: opened at start, closed
+        at stop within C{SHUTDOWN_GRACE_SECONDS} of its beginning.
+        """
+        settings = self.settings
+        return ConsumersService(
             self.consumer_store,
             self.consumers,
             self.shared_consumers,
             settings,
-            reactor,
+            self._reactor,
             self._log,
             deadline=lambda: self._stopping_at + settings.shutdown_grace_seconds,
         )
-        self._consumers_service.setServiceParent(self)
+
+    def _build_control_plane(self, shared_clock: Callable[[], float]) -> None:
+        """
+        Set C{controlplane} (its commands, the consumers' judged by
+        C{shared_clock}, in seconds since the epoch) and C{factory}, its
+        WebSocket factory.
+        """
+        settings = self.settings
+        reactor = self._reactor
+        cluster = self.cluster
         commands = ControlCommands(
             route=self.route,
             providers=self.providers,
@@ -822,7 +909,7 @@ class GatewayService(SequentialMultiService):
             excluded_consumers=self.consumers.excluding,
             unpriced_consumers=self.consumers.unpriced_budgets,
         )
-        self.controlplane = controlplane = ControlPlane(
+        self.controlplane = ControlPlane(
             self.sessions,
             commands,
             Logger(namespace="openclaw.controlplane"),
@@ -834,7 +921,7 @@ class GatewayService(SequentialMultiService):
             fence=None if cluster is None else cluster.fence,
         )
         self.factory = ControlFactory(
-            controlplane,
+            self.controlplane,
             settings,
             self.metrics,
             clock=time.monotonic,
@@ -842,37 +929,67 @@ class GatewayService(SequentialMultiService):
             capacity=self.descriptors.control,
             reactor=reactor,
         )
+
+    def _build_metrics_resource(self, worker_sockets: WorkerSockets | None) -> MetricsResource:
+        """
+        C{/metrics}: this process's series, or under C{--workers}
+        (C{worker_sockets}), every worker's, each labelled C{worker}.
+        """
+        settings = self.settings
         exposition = None
         if worker_sockets is not None:
             # --workers: every worker's series on /metrics.
-            exposition = WorkersExposition(reactor, self.metrics.registry, worker_sockets, worker).exposition
-        metrics_resource = MetricsResource(
+            exposition = WorkersExposition(self._reactor, self.metrics.registry, worker_sockets, self.worker).exposition
+        return MetricsResource(
             self.metrics, PeerAllowlist(settings.trusted_clients), settings.metrics_allowed_hosts, exposition
         )
-        self.api_site: APISite | None = None
-        if api_endpoint is not None:
-            context = APIContext.from_settings(
-                self.route,
-                self.providers,
-                settings,
-                reactor,
-                self.metrics.api_requests,
-                self.metrics.call_costs,
-                self.metrics.count_fallback,
-                self.consumers,
-                count_refused_connection=self.metrics.refused_api_connection,
-                metrics_apart=metrics_endpoint is not None,
-            )
-            self.api_site = build_site(
-                context,
-                settings,
-                reactor,
-                self.descriptors.api,
-                metrics=metrics_resource if metrics_endpoint is None else None,
-            )
+
+    def _build_api_site(
+        self,
+        api_endpoint: IStreamServerEndpoint | None,
+        metrics_endpoint: IStreamServerEndpoint | None,
+        metrics_resource: MetricsResource,
+    ) -> APISite | None:
+        """
+        The data plane's site (L{None} without C{api_endpoint}), serving
+        C{metrics_resource} too unless C{metrics_endpoint} serves it apart.
+        """
+        if api_endpoint is None:
+            return None
+        settings = self.settings
+        reactor = self._reactor
+        context = APIContext.from_settings(
+            self.route,
+            self.providers,
+            settings,
+            reactor,
+            self.metrics.api_requests,
+            self.metrics.call_costs,
+            self.metrics.count_fallback,
+            self.consumers,
+            count_refused_connection=self.metrics.refused_api_connection,
+            metrics_apart=metrics_endpoint is not None,
+        )
+        return build_site(
+            context,
+            settings,
+            reactor,
+            self.descriptors.api,
+            metrics=metrics_resource if metrics_endpoint is None else None,
+        )
+
+    def _build_serving(self, worker_sockets: WorkerSockets | None) -> None:
+        """
+        Set C{_serving}, the last child: the listeners (added by
+        L{_listen}) and what stops the calls in flight; under C{--workers}
+        (C{worker_sockets}), with this worker's private socket of its own
+        series.
+        """
+        settings = self.settings
+        reactor = self._reactor
         #: The listeners (its children) and what stops the calls in flight.
         self._serving = ServingService(
-            controlplane,
+            self.controlplane,
             self.factory,
             self.api_site,
             self.providers,
@@ -886,19 +1003,13 @@ class GatewayService(SequentialMultiService):
             # listening at once (while waiting for the cluster store, too:
             # its metrics say so).
             private = ListeningService(
-                PrivateSocketEndpoint(reactor, worker_sockets.path(worker)),
+                PrivateSocketEndpoint(reactor, worker_sockets.path(self.worker)),
                 metrics_listener(MetricsRoot(OwnMetrics(self.metrics.registry)), settings, reactor),
             )
             # Listens on it (not a child of its own: its directory's fault
             # does not end the worker), and again if a cleaner of the
             # temporary directory removes it.
-            PrivateSocketWatch(reactor, worker_sockets, worker, private).setServiceParent(self._serving)
-        self._listen(control_endpoint, self.factory)
-        if self.api_site is not None:
-            assert api_endpoint is not None
-            self._listen(api_endpoint, self.api_site)
-        if metrics_endpoint is not None:
-            self._listen(metrics_endpoint, metrics_listener(MetricsRoot(metrics_resource), settings, reactor))
+            PrivateSocketWatch(reactor, worker_sockets, self.worker, private).setServiceParent(self._serving)
 
     def _join_cluster(self, reactor: IReactorTime) -> None:
         """
