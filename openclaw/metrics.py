@@ -351,6 +351,38 @@ class GatewayMetrics:
             L{cluster_store_up}.
         """
         self.registry = CollectorRegistry()
+        providers = tuple(providers)
+        self._build_connections(control_connections, api_connections)
+        self._build_providers(providers, frozenset(unconfigured), serving)
+        self._build_commands(commands)
+        #: Tokens, time to first token and overhead of model calls.
+        self.call_costs = CallCosts(self.registry)
+        #: C{openclaw_cluster_store_up}: 1 while the cluster's store (Redis)
+        #: is reachable and this instance has reloaded its state, else 0;
+        #: L{None} outside a cluster (C{cluster} false).
+        self.cluster_store_up: Gauge | None = None
+        if cluster:
+            self.cluster_store_up = Gauge(
+                "openclaw_cluster_store_up",
+                "1 while the cluster store (REDIS_URL) is reachable and this instance is in step with it",
+                registry=self.registry,
+            )
+        #: Counts one failover, C{(from, to, reason)}, into
+        #: C{openclaw_api_fallbacks_total}; L{None} unless C{breaker} was
+        #: given.
+        self.count_fallback: Callable[[str, str, str], None] | None = None
+        if breaker is not None:
+            self.count_fallback = self._watch_failover(providers, breaker)
+
+    def _build_connections(
+        self, control_connections: Callable[[], int] | None, api_connections: Callable[[], int] | None
+    ) -> None:
+        """
+        The connections' series: C{connections} and C{api_connections}
+        (the open ones, read from C{control_connections} and
+        C{api_connections} when scraped, as L{__init__} says), the
+        connections refused, the failed authentications and C{lockouts}.
+        """
         registry = self.registry
         self.connections = Gauge("openclaw_control_connections", "Open control-plane connections", registry=registry)
         auth_failures = Counter(
@@ -359,6 +391,7 @@ class GatewayMetrics:
             ["reason"],
             registry=registry,
         )
+        self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         refused = Counter(
             "openclaw_control_refused_connections",
             "Control connections refused or failed before they opened, by reason",
@@ -386,6 +419,21 @@ class GatewayMetrics:
             "Client addresses locked out after AUTH_LOCKOUT_FAILURES failed authentications",
             registry=registry,
         )
+        if control_connections is not None:
+            self.connections.set_function(control_connections)
+        if api_connections is not None:
+            self.api_connections.set_function(api_connections)
+
+    def _build_providers(
+        self, providers: tuple[str, ...], without_key: frozenset[str], serving: Callable[[str], bool] | None
+    ) -> None:
+        """
+        The providers' series: C{provider_up} (for those of C{providers}
+        not C{without_key}, read from C{serving} when scraped, as
+        L{__init__} says), C{health_check_ok}, and the requests to them
+        (C{upstream_requests}) and to the data plane (C{api_requests}).
+        """
+        registry = self.registry
         self.provider_up = Gauge(
             "openclaw_provider_up",
             "1 while the provider may be sent calls (at least one usable key, circuit breaker not open), else 0; "
@@ -399,8 +447,6 @@ class GatewayMetrics:
             ["provider"],
             registry=registry,
         )
-        without_key = frozenset(unconfigured)
-        providers = tuple(providers)
         self.upstream_requests = RequestTally(
             ("openclaw_upstream_requests", "HTTP requests to providers, by provider and status"),
             ("openclaw_upstream_request_seconds", "Time to the response headers of provider requests"),
@@ -416,6 +462,17 @@ class GatewayMetrics:
             ("openclaw_api_request_seconds", "Time to answer data-plane API requests, by the provider called"),
             registry=registry,
         )
+        if serving is not None:
+            for provider in providers:
+                if provider not in without_key:
+                    self.provider_up.labels(provider).set_function(partial(_as_gauge, partial(serving, provider)))
+
+    def _build_commands(self, commands: Iterable[str]) -> None:
+        """
+        The control commands' series: those answered, by outcome, and the
+        time taken, for each of C{commands} and L{INVALID}.
+        """
+        registry = self.registry
         command_seconds = Histogram(
             "openclaw_control_command_seconds",
             "Time to answer state-changing control commands",
@@ -431,34 +488,7 @@ class GatewayMetrics:
         names = [*commands, INVALID]
         # Every command's children made now: each series is exported (at 0) from the start.
         self._commands = {(cmd, outcome): answered.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
-        self._auth_failures = {reason: auth_failures.labels(reason) for reason in AUTH_REASONS}
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
-        #: Tokens, time to first token and overhead of model calls.
-        self.call_costs = CallCosts(registry)
-        if control_connections is not None:
-            self.connections.set_function(control_connections)
-        if api_connections is not None:
-            self.api_connections.set_function(api_connections)
-        if serving is not None:
-            for provider in providers:
-                if provider not in without_key:
-                    self.provider_up.labels(provider).set_function(partial(_as_gauge, partial(serving, provider)))
-        #: C{openclaw_cluster_store_up}: 1 while the cluster's store (Redis)
-        #: is reachable and this instance has reloaded its state, else 0;
-        #: L{None} outside a cluster (C{cluster} false).
-        self.cluster_store_up: Gauge | None = None
-        if cluster:
-            self.cluster_store_up = Gauge(
-                "openclaw_cluster_store_up",
-                "1 while the cluster store (REDIS_URL) is reachable and this instance is in step with it",
-                registry=registry,
-            )
-        #: Counts one failover, C{(from, to, reason)}, into
-        #: C{openclaw_api_fallbacks_total}; L{None} unless C{breaker} was
-        #: given.
-        self.count_fallback: Callable[[str, str, str], None] | None = None
-        if breaker is not None:
-            self.count_fallback = self._watch_failover(providers, breaker)
 
     def command(self, cmd: str, outcome: str) -> None:
         """
