@@ -977,87 +977,19 @@ class ClusterNode:
         return counted.addErrback(lambda failure: False)
 
     def _apply(self, name: str, versioned: Versioned, here: bool = False) -> None:
+        """
+        Apply the cluster's C{name} (L{ROUTE}: L{_apply_route}; L{TOKEN}:
+        L{_apply_token}) at C{versioned}, written by this instance if
+        C{here}.  One that is not a record of its kind, or a route this
+        instance refuses (C{ValueError}, C{KeyError}, C{TypeError}), is
+        logged and ignored.
+        """
         try:
             document = json.loads(versioned.value)
             if name == ROUTE:
-                route = Route(str(document["provider"]), str(document["model"]))
-                if route.provider_id not in self._provider_ids:
-                    raise ValueError(f"unknown provider {route.provider_id!r}")
-                # The reason only, never the name (unprintable, or long).
-                refusal = model_refusal(route.model)
-                if refusal is not None:
-                    raise ValueError(f"its {refusal}")
-                self._route_at = record_at(document)
-                self._route_restored = is_restored(document)
-                first = name not in self.versions
-                self.versions[name] = versioned.version
-                previous = self.route.switch(route)
-                if first and previous != route:
-                    # The configured route (DEFAULT_PROVIDER and its model)
-                    # gives way to the cluster's: said, as a standalone
-                    # gateway says its state file's.
-                    self._log.warn(
-                        "the active provider is {route}, the cluster's (its last switch_provider), rather than "
-                        "{previous} from DEFAULT_PROVIDER; switch_provider changes it",
-                        route=f"{route.provider_id}/{route.model}",
-                        previous=f"{previous.provider_id}/{previous.model}",
-                    )
-                elif previous != route and not here:
-                    self._log.info(
-                        "applied the cluster's route {route} (version {version}, switched on {origin}); was {previous}",
-                        route=f"{route.provider_id}/{route.model}",
-                        previous=f"{previous.provider_id}/{previous.model}",
-                        version=versioned.version,
-                        origin=versioned.origin or "an unknown instance",
-                    )
+                self._apply_route(document, versioned, here)
             elif name == TOKEN:
-                token = decode_token(versioned.value)
-                at = record_at(document)
-                current = self.sessions.current_or_none
-                if current is not None and current.token == token.token:
-                    self.versions[name] = versioned.version
-                    self._token_restored = is_restored(document)
-                    self._token_at = at
-                    return
-                try:
-                    self.sessions.check(token)
-                except UntrustedToken as e:
-                    self._foreign_token = str(e)
-                    if is_restored(document) and current is not None:
-                        # Written back by an instance in step with the
-                        # cluster before its store lost the token: the
-                        # cluster's, which this instance, another
-                        # JWT_SECRET's, proposed its own in place of (it
-                        # reached the emptied store first).  It stops, as
-                        # it would not have started (trial s25: it stayed,
-                        # the cluster's token refused).
-                        self._on_foreign_token(str(e))
-                    self._log.error(
-                        "refused the cluster's session token {jti} (version {version}, written by {origin}): {error}; "
-                        "{kept}",
-                        jti=token.jti,
-                        version=versioned.version,
-                        origin=versioned.origin or "an unknown instance",
-                        error=str(e),
-                        kept="keeping token " + current.jti if current is not None else "no token adopted",
-                    )
-                    self.versions[name] = versioned.version
-                    return
-                self._foreign_token = None
-                if current is None or current.jti != token.jti:
-                    # May raise (the token file cannot be written): the
-                    # version is then not recorded, so a later message,
-                    # reload or heartbeat applies this token again.
-                    self.sessions.adopt(token)
-                    self.versions[name] = versioned.version
-                    self._token_restored = is_restored(document)
-                    self._token_at = at
-                    self._schedule_renewal(token)
-                    self._on_token(token, here, versioned.origin)
-                else:
-                    self.versions[name] = versioned.version
-                    self._token_restored = is_restored(document)
-                    self._token_at = at
+                self._apply_token(document, versioned, here)
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
@@ -1065,6 +997,124 @@ class ClusterNode:
                 version=versioned.version,
                 error=str(e),
             )
+
+    def _apply_route(self, document: dict[str, Any], versioned: Versioned, here: bool) -> None:
+        """
+        Switch to the cluster's route, C{document} decoded from
+        C{versioned}, and record its version; said in the log when it
+        replaces the configured route, or another instance's switch
+        changed it.
+
+        @raise ValueError: it names a provider not configured here, or a
+            model refused; (or L{KeyError}, L{TypeError}) it is not a
+            route record.  Nothing changed.
+        """
+        route = Route(str(document["provider"]), str(document["model"]))
+        if route.provider_id not in self._provider_ids:
+            raise ValueError(f"unknown provider {route.provider_id!r}")
+        # The reason only, never the name (unprintable, or long).
+        refusal = model_refusal(route.model)
+        if refusal is not None:
+            raise ValueError(f"its {refusal}")
+        self._route_at = record_at(document)
+        self._route_restored = is_restored(document)
+        first = ROUTE not in self.versions
+        self.versions[ROUTE] = versioned.version
+        previous = self.route.switch(route)
+        if first and previous != route:
+            # The configured route (DEFAULT_PROVIDER and its model)
+            # gives way to the cluster's: said, as a standalone
+            # gateway says its state file's.
+            self._log.warn(
+                "the active provider is {route}, the cluster's (its last switch_provider), rather than "
+                "{previous} from DEFAULT_PROVIDER; switch_provider changes it",
+                route=f"{route.provider_id}/{route.model}",
+                previous=f"{previous.provider_id}/{previous.model}",
+            )
+        elif previous != route and not here:
+            self._log.info(
+                "applied the cluster's route {route} (version {version}, switched on {origin}); was {previous}",
+                route=f"{route.provider_id}/{route.model}",
+                previous=f"{previous.provider_id}/{previous.model}",
+                version=versioned.version,
+                origin=versioned.origin or "an unknown instance",
+            )
+
+    def _apply_token(self, document: dict[str, Any], versioned: Versioned, here: bool) -> None:
+        """
+        Adopt the cluster's session token, C{versioned} (C{document}
+        decoded from it), unless it is the current one or one this
+        instance cannot trust (L{_refuse_token}), and record its version.
+
+        @raise ValueError: (or L{KeyError}, L{TypeError}) it is not a
+            token record (L{decode_token}): nothing changed.
+        @raise openclaw.session.TokenFileUnwritable: the token file could
+            not be written (L{SessionAuthority.adopt}): the token is not
+            adopted, its version not recorded.
+        """
+        token = decode_token(versioned.value)
+        at = record_at(document)
+        current = self.sessions.current_or_none
+        if current is not None and current.token == token.token:
+            self.versions[TOKEN] = versioned.version
+            self._token_restored = is_restored(document)
+            self._token_at = at
+            return
+        try:
+            self.sessions.check(token)
+        except UntrustedToken as e:
+            self._refuse_token(token, document, versioned, current, e)
+            return
+        self._foreign_token = None
+        if current is None or current.jti != token.jti:
+            # May raise (the token file cannot be written): the
+            # version is then not recorded, so a later message,
+            # reload or heartbeat applies this token again.
+            self.sessions.adopt(token)
+            self.versions[TOKEN] = versioned.version
+            self._token_restored = is_restored(document)
+            self._token_at = at
+            self._schedule_renewal(token)
+            self._on_token(token, here, versioned.origin)
+        else:
+            self.versions[TOKEN] = versioned.version
+            self._token_restored = is_restored(document)
+            self._token_at = at
+
+    def _refuse_token(
+        self,
+        token: SessionToken,
+        document: dict[str, Any],
+        versioned: Versioned,
+        current: SessionToken | None,
+        error: UntrustedToken,
+    ) -> None:
+        """
+        The cluster's session token C{token} (C{versioned}, C{document}
+        decoded from it) is not one this instance can trust (C{error}):
+        keep C{current} (L{None}: none adopted), say so in the log, and
+        record its version; stop (C{on_foreign_token}) if it was written
+        back after the store lost it while this instance has a token.
+        """
+        self._foreign_token = str(error)
+        if is_restored(document) and current is not None:
+            # Written back by an instance in step with the
+            # cluster before its store lost the token: the
+            # cluster's, which this instance, another
+            # JWT_SECRET's, proposed its own in place of (it
+            # reached the emptied store first).  It stops, as
+            # it would not have started (trial s25: it stayed,
+            # the cluster's token refused).
+            self._on_foreign_token(str(error))
+        self._log.error(
+            "refused the cluster's session token {jti} (version {version}, written by {origin}): {error}; {kept}",
+            jti=token.jti,
+            version=versioned.version,
+            origin=versioned.origin or "an unknown instance",
+            error=str(error),
+            kept="keeping token " + current.jti if current is not None else "no token adopted",
+        )
+        self.versions[TOKEN] = versioned.version
 
     # State-changing commands.
 
