@@ -21,6 +21,7 @@ even an operator, can connect).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -34,6 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.python.failure import Failure
+from twisted.python.lockfile import FilesystemLock
 from zope.interface import implementer
 
 from openclaw.addresses import address_family, bind_address
@@ -113,7 +115,15 @@ class Listener:
                 f"openclaw: cannot listen on {self.where} ({self.named}): a link-local IPv6 address needs its "
                 "interface; set INTERFACE (--interface) to the address and its zone, such as fe80::1%eth0"
             )
-        if code == errno.EADDRINUSE:
+        lock = unix_lock_file(self.where)
+        if lock is not None and str(cause) == "Cannot acquire lock":
+            # Twisted's lock beside the socket (twisted.python.lockfile),
+            # held by a live process: a gateway there, or one still ending.
+            reason = (
+                f"another process holds its lock {lock!r} (a gateway listening there, or one still ending: "
+                "retry in a moment);"
+            )
+        elif code == errno.EADDRINUSE:
             reason = "address already in use; is another gateway running?"
         elif code == errno.EACCES:
             reason = "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE);"
@@ -196,8 +206,40 @@ class NamedEndpoint:
         if isinstance(error, (CannotListenError, OSError)):
             # OSError: a unix: endpoint's lock file (twisted.python.lockfile)
             # that cannot be made, past L{unix_socket_problem}'s checks.
+            _let_go_of_unix_lock(self.listener.where)
             return Failure(CannotListen(self.listener.failure_line(error)))
         return failure
+
+
+def _let_go_of_unix_lock(description: str) -> None:
+    """
+    Remove the lock a C{unix:} endpoint that failed to listen took beside
+    its socket, when this process holds it: Twisted's UNIX port keeps it
+    when its C{bind} fails, and the next start, finding it held by a dead
+    process, removes whatever socket is at the path (another program's,
+    live: re-attack s31) before binding there.
+    """
+    lock = unix_lock_file(description)
+    if lock is not None:
+        # ValueError: not this process's (another's, held: left alone).
+        with contextlib.suppress(OSError, ValueError):
+            FilesystemLock(lock).unlock()
+
+
+def unix_lock_file(description: str) -> str | None:
+    """
+    The lock file Twisted's C{unix:} server endpoint takes beside its
+    socket (C{<path>.lock}, unless C{lockfile=0}); None for another
+    endpoint.
+    """
+    fields, named = endpoint_fields(description)
+    if fields[0] != "unix":
+        return None
+    address = fields[1] if len(fields) > 1 else named.get("address")
+    wanted = fields[4] if len(fields) > 4 else named.get("lockfile", "1")
+    if not address or wanted == "0":
+        return None
+    return address + ".lock"
 
 
 #: The most bytes of each file a TLS listener (C{ssl:}) reads at start-up:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor
 from twisted.internet.defer import fail, inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -454,6 +455,52 @@ class ListenTests(TestCase):
             ),
             "openclaw: cannot listen on [::]:18790 (API_PORT, the default): address already in use; is another "
             "gateway running? choose another port with --api-port",
+        )
+
+    def test_unix_socket_of_another_program_left_alone(self):
+        """
+        A unix: listener whose path another program listens on is refused,
+        again and again: Twisted's lock beside the socket, taken before its
+        bind failed, is not left behind, where the next start took it as a
+        dead gateway's and removed the other program's live socket to
+        listen there itself (re-attack s31).
+        """
+        directory = Path(tempfile.mkdtemp(prefix="oc-unix-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = directory / "ctl.sock"
+        other = socket.socket(socket.AF_UNIX)
+        self.addCleanup(other.close)
+        other.bind(str(path))
+        other.listen()
+        for _ in range(2):
+            options = Options()
+            options.parseOptions(
+                ["--listen", f"unix:{path}", "--api-port", str(free_port()), "--interface", "127.0.0.1"]
+                + ["--state-dir", str(directory)]
+            )
+            service = makeService(options, reactor, stdout=io.StringIO())
+            with self.assertRaises(StartRefused) as caught:
+                service.privilegedStartService()
+            self.assertIn(f"cannot listen on unix:{path}", str(caught.exception))
+            self.assertIn("address already in use", str(caught.exception))
+            self.assertFalse(os.path.lexists(f"{path}.lock"))
+            self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+
+    def test_unix_lock_held_said_so(self) -> None:
+        """
+        A unix: socket's lock held by a live process (a gateway there, or
+        one still ending after a refused start) is said so, not as a port
+        to change.
+        """
+        listener = Listener("unix:/run/openclaw/ctl.sock", "CONTROL_LISTEN", "--listen")
+        line = listener.failure_line(CannotListenError(None, "/run/openclaw/ctl.sock", "Cannot acquire lock"))
+        self.assertEqual(
+            line,
+            "openclaw: cannot listen on unix:/run/openclaw/ctl.sock (CONTROL_LISTEN): another process holds its "
+            "lock '/run/openclaw/ctl.sock.lock' (a gateway listening there, or one still ending: retry in a "
+            "moment); choose another endpoint with --listen",
         )
 
     def test_listen_failure_releases_the_token_file(self):
