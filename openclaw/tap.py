@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import errno
 import gc
+import ipaddress
 import os
 import signal
 import socket
@@ -192,6 +193,8 @@ def makeService(
     settings: Settings | None = None
     # The locks of the TCP ports checked (L{_endpoint}), held by the gateway.
     port_locks: dict[int, socket.socket] = {}
+    # The TCP ports checked, and at which addresses (L{_own_clash}).
+    bound: dict[int, list[tuple[str, Listener]]] = {}
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
@@ -231,6 +234,7 @@ def makeService(
             settings.port,
             settings,
             port_locks,
+            bound,
         )
         api = _endpoint(
             reactor,
@@ -240,6 +244,7 @@ def makeService(
             settings.api_port,
             settings,
             port_locks,
+            bound,
         )
         if speaks_tls(settings.api_listen) and settings.api_http2 and not http2_available:
             _log.info(
@@ -248,7 +253,14 @@ def makeService(
             )
         metrics = (
             _endpoint(
-                reactor, ("METRICS_LISTEN", "--metrics-listen"), None, settings.metrics_listen, 0, settings, port_locks
+                reactor,
+                ("METRICS_LISTEN", "--metrics-listen"),
+                None,
+                settings.metrics_listen,
+                0,
+                settings,
+                port_locks,
+                bound,
             )
             if settings.metrics_listen
             else None
@@ -854,20 +866,23 @@ def _endpoint(
     port: int,
     settings: Settings,
     port_locks: dict[int, socket.socket],
+    bound: dict[int, list[tuple[str, Listener]]],
 ) -> IStreamServerEndpoint:
     """
     The endpoint an operator described (C{endpoint_setting}: the setting
     and option that take an endpoint string), else TCP on C{port} of the
     configured interface (C{port_setting}), which must be free now; a TCP
     port's lock (L{lock_port}) is added to C{port_locks}, for the gateway
-    to hold.
+    to hold, and its address to C{bound} (L{_own_clash}).
 
-    @raise ConfigError: the endpoint string is not usable.
+    @raise ConfigError: the endpoint string is not usable, or another of
+        the gateway's listeners takes the same port and address.
     @raise CannotListen: the port is taken (or not ours to take).
     """
     if description is None:
         assert port_setting is not None
         listener = _listener(settings, host_port(settings.interface, port), *port_setting)
+        _own_clash(bound, listener, settings.interface, port)
         check_free(listener, settings.interface, port)
         _lock(port_locks, listener, port)
         description = tcp_endpoint_description(port, settings)
@@ -875,6 +890,7 @@ def _endpoint(
         listener = _listener(settings, description, *endpoint_setting)
         address = tcp_address(description)
         if address is not None:
+            _own_clash(bound, listener, *address)
             # Port 0 too: an address this host does not have is refused
             # here, before twistd daemonizes, like a taken port.
             check_free(listener, *address)
@@ -897,6 +913,38 @@ def _endpoint(
             f"{_named(settings, *endpoint_setting, description)} is not a usable Twisted endpoint: {e}"
         ) from None
     return NamedEndpoint(endpoint, listener)
+
+
+def _own_clash(bound: dict[int, list[tuple[str, Listener]]], listener: Listener, interface: str, port: int) -> None:
+    """
+    Refuse a listener on the TCP port and address of another of this
+    gateway's (each is free when checked alone, so the daemon found it,
+    as another gateway's: re-attack s31); note it in C{bound} otherwise.
+    Addresses meet when equal, when either is C{::} (dual-stack: every
+    IPv4 address too), or when either is its family's every-address one.
+
+    @raise ConfigError: they meet.
+    """
+    if not port:
+        return
+    for other_interface, other in bound.get(port, []):
+        if _addresses_meet(interface, other_interface):
+            raise ConfigError(
+                f"{listener.where} ({listener.named}) and {other.where} ({other.named}) both listen on port {port}: "
+                f"give each its own port ({other.option} or {listener.option})"
+            )
+    bound.setdefault(port, []).append((interface, listener))
+
+
+def _addresses_meet(first: str, second: str) -> bool:
+    try:
+        a, b = ipaddress.ip_address(first.partition("%")[0]), ipaddress.ip_address(second.partition("%")[0])
+    except ValueError:
+        # A host name (an endpoint string's): judged by name.
+        return first == second
+    if a == b or ipaddress.ip_address("::") in (a, b):
+        return True
+    return a.version == b.version and (a.is_unspecified or b.is_unspecified)
 
 
 def _named(settings: Settings, name: str, option: str, value: str) -> str:

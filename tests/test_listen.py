@@ -43,6 +43,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
+from openclaw import tap
 from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
@@ -487,6 +488,38 @@ class ListenTests(TestCase):
             self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(path))
+
+    def test_own_listeners_on_one_port(self) -> None:
+        """
+        Two of the gateway's own listeners on one port and address are
+        refused before twistd daemonizes, naming both; the daemon found it,
+        as "is another gateway running?" (re-attack s31).  At two addresses
+        of one port they listen (test_own_ports_at_two_addresses).
+        """
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        api = free_port()
+        for metrics in (f"tcp:{api}:interface=127.0.0.1", f"tcp:{api}", f"tcp6:{api}"):
+            options = Options()
+            options.parseOptions(
+                ["--port", str(free_port()), "--api-port", str(api), "--interface", "127.0.0.1"]
+                + ["--metrics-listen", metrics, "--state-dir", str(directory)]
+            )
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            with self.assertRaises(SystemExit) as raised:
+                makeService(options, reactor, stdout=io.StringIO())
+            self.assertEqual(raised.exception.code, 2)
+            self.assertEqual(
+                stderr.getvalue(),
+                f"openclaw: configuration error: {metrics} (METRICS_LISTEN, from the command line) and "
+                f"127.0.0.1:{api} (API_PORT, from the command line) both listen on port {api}: give each its own "
+                "port (--api-port or --metrics-listen)\n",
+            )
+        self.assertFalse(tap._addresses_meet("127.0.0.1", "127.0.0.2"))
+        self.assertFalse(tap._addresses_meet("0.0.0.0", "::1"))
+        self.assertTrue(tap._addresses_meet("::", "127.0.0.1"))
+        self.assertTrue(tap._addresses_meet("::1", "0:0::1"))
 
     def test_unix_lock_held_said_so(self) -> None:
         """
