@@ -1726,6 +1726,17 @@ class ConsumerGatewayTests(GatewayCase):
         answer = yield client.command(gateway.token, "consumer_list", {"name": "big"})
         self.assertFalse(answer["ok"])
         self.assertTrue(answer["error"].endswith("allows; raise MAX_MESSAGE_BYTES"), answer["error"])
+        # In the list of all, it is named, and the others listed (re-attack
+        # s31: the whole list failed with it).
+        listed, too_long, data = [], [], None
+        while True:
+            page = yield self.command(gateway, client, "consumer_list", data)
+            listed += [c["name"] for c in page["consumers"]]
+            too_long += page.get("too_long", [])
+            if page["next"] is None:
+                break
+            data = {"after": page["next"]}
+        self.assertEqual((listed, too_long), ([f"team-{i}" for i in range(6)], ["big"]))
 
     @inlineCallbacks
     def test_key_sent_as_model_or_path(self) -> Any:

@@ -233,6 +233,15 @@ class ParseRequestTests(TestCase):
         self.assertRegex(table, r"\ncrash +0\.0001/day +0\.00002 +0\.0002 USD, 1010 tokens +- +1000 ")
         self.assertRegex(table, r"\na +0\.0001/day +0\.00002 +- +- +1000 ")
         self.assertNotIn("RESERVED", ctl.format_consumers({"consumers": [consumer]}))
+        # A consumer too long for an answer alone is named below the table.
+        table = ctl.format_consumers({"consumers": [consumer], "too_long": ["big", "bigger"]})
+        self.assertTrue(
+            table.endswith(
+                "\nnot listed, each longer than MAX_MESSAGE_BYTES allows alone: big, bigger (raise the gateway's "
+                "MAX_MESSAGE_BYTES to see them)"
+            ),
+            table,
+        )
 
     def test_budget_shown_as_set(self):
         """

@@ -26,6 +26,7 @@ import bisect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import attrs
 import orjson
 import psycopg
 from twisted.internet.defer import Deferred
@@ -212,19 +213,51 @@ def _head(names: list[str], limit: int) -> list[str]:
     return names if not limit else names[: limit // MIN_DESCRIPTION_BYTES + 1]
 
 
-def _page(described: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+@attrs.frozen
+class Page:
     """
-    The first of C{described} whose JSON together is at most C{limit}
-    bytes (at least one, so that a page always moves on; 0: no limit).
+    What of a list of consumers' descriptions one answer holds
+    (L{paged}).
+
+    @ivar consumers: the descriptions that fit, in order.
+    @ivar too_long: the names of those longer than a whole answer alone,
+        left out (each is listed by name, for the operator to raise
+        C{MAX_MESSAGE_BYTES}).
+    @ivar taken: how many of the descriptions the page went through
+        (held or left out): the next page starts after them.
+    """
+
+    consumers: list[dict[str, Any]]
+    too_long: list[str]
+    taken: int
+
+
+def paged(described: list[dict[str, Any]], limit: int) -> Page:
+    """
+    The first of C{described} whose JSON together (with the names of
+    those left out) is at most C{limit} bytes; 0: no limit.  A page
+    always moves on: it goes through one description at least.
     """
     if not limit:
-        return described
+        return Page(described, [], len(described))
+    held: list[dict[str, Any]] = []
+    too_long: list[str] = []
     size = 0
     for count, consumer in enumerate(described):
-        size += len(orjson.dumps(consumer)) + 1
-        if size > limit and count:
-            return described[:count]
-    return described
+        length = len(orjson.dumps(consumer)) + 1
+        if length > limit:
+            # Its name instead (quoted, and a comma).
+            length, alone = len(orjson.dumps(consumer["name"])) + 1, True
+        else:
+            alone = False
+        if size + length > limit and count:
+            return Page(held, too_long, count)
+        size += length
+        if alone:
+            too_long.append(consumer["name"])
+        else:
+            held.append(consumer)
+    return Page(held, too_long, len(described))
 
 
 class ConsumerCommands:
@@ -447,7 +480,8 @@ class ConsumerCommands:
         plane's C{MAX_MESSAGE_BYTES}, less room for the envelope) holds
         the first consumers that fit and, as C{next}, the name to give
         as C{data.after} for the rest (C{openclawctl consumer list} asks
-        for every page); C{next} is null on the last page.  Pages go by
+        for every page); C{next} is null on the last page.  A consumer
+        longer than a whole answer alone is named in C{too_long} instead.  Pages go by
         name, not by a snapshot: a consumer created meanwhile with a name
         before C{after} is on no later page.  Only a page's consumers are
         described and have their spends read (in a cluster, from Redis).
@@ -468,8 +502,8 @@ class ConsumerCommands:
                     raise CommandError("data.after must be a consumer's name: the next of the page before")
                 names = names[bisect.bisect_right(names, after) :]
             # Sized by the spends as this instance last saw them.
-            fitting = len(_page([self.table.describe(name) for name in _head(names, self.list_bytes)], self.list_bytes))
-            names, more = names[:fitting], fitting < len(names)
+            taken = paged([self.table.describe(name) for name in _head(names, self.list_bytes)], self.list_bytes).taken
+            names, more = names[:taken], taken < len(names)
 
         def listed(_: None) -> Result:
             # A consumer deleted meanwhile is left out.
@@ -477,12 +511,15 @@ class ConsumerCommands:
             if "name" in fields:
                 return {"consumers": described}
             # The spends just read may have made the page longer.
-            page = _page(described, self.list_bytes)
-            if len(page) < len(described):
-                rest: str | None = page[-1]["name"]
+            page = paged(described, self.list_bytes)
+            if page.taken < len(described):
+                rest: str | None = described[page.taken - 1]["name"]
             else:
                 rest = names[-1] if more and names else None
-            return {"consumers": page, "next": rest}
+            answer: Result = {"consumers": page.consumers, "next": rest}
+            if page.too_long:
+                answer["too_long"] = page.too_long
+            return answer
 
         # The spends as the cluster counts them, not as this instance last saw them.
         return self.table.read_spends(names).addCallback(listed)

@@ -326,6 +326,7 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
     if request.cmd != "consumer_list" or (request.data or {}).get("name") is not None:
         return reply
     consumers: list[Any] = []
+    too_long: list[Any] = []
     round_trip = 0.0
     after = ""
     while True:
@@ -338,6 +339,8 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
         if not isinstance(result, dict) or not isinstance(result.get("consumers"), list):
             return reply
         consumers += result["consumers"]
+        if isinstance(result.get("too_long"), list):
+            too_long += result["too_long"]
         page_end = result.get("next")
         if not isinstance(page_end, str):
             break
@@ -348,4 +351,6 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
         after = page_end
         reply = await exchange(reactor, attrs.evolve(request, data={**(request.data or {}), "after": after}))
     whole = {**answer, "result": {**result, "consumers": consumers, "next": None}}
+    if too_long:
+        whole["result"]["too_long"] = too_long
     return Reply(json.dumps(whole).encode("utf-8"), round_trip)

@@ -177,6 +177,13 @@ def format_consumers(result: Mapping[str, Any]) -> str:
                 ",".join(k["prefix"] for k in c.get("keys", [])) or "-",
             )
         )
+    too_long = result.get("too_long")
+    if too_long:
+        # Names from the gateway, made safe for a terminal as any of its text.
+        return _table(rows) + (
+            f"\nnot listed, each longer than MAX_MESSAGE_BYTES allows alone: {printable(', '.join(map(str, too_long)))}"
+            " (raise the gateway's MAX_MESSAGE_BYTES to see them)"
+        )
     return _table(rows)
 
 
