@@ -116,9 +116,9 @@ class Listener:
                 "interface; set INTERFACE (--interface) to the address and its zone, such as fe80::1%eth0"
             )
         lock = unix_lock_file(self.where)
-        if lock is not None and str(cause) == "Cannot acquire lock":
-            # Twisted's lock beside the socket (twisted.python.lockfile),
-            # held by a live process: a gateway there, or one still ending.
+        if lock is not None and not isinstance(cause, OSError):
+            # The one failure of Twisted's UNIX port that is no socket
+            # error: its lock beside the socket held (twisted.python.lockfile).
             reason = (
                 f"another process holds its lock {lock!r} (a gateway listening there, or one still ending: "
                 "retry in a moment);"
@@ -206,7 +206,11 @@ class NamedEndpoint:
         if isinstance(error, (CannotListenError, OSError)):
             # OSError: a unix: endpoint's lock file (twisted.python.lockfile)
             # that cannot be made, past L{unix_socket_problem}'s checks.
-            _let_go_of_unix_lock(self.listener.where)
+            if isinstance(getattr(error, "socketError", None), OSError):
+                # Its bind failed, once it took the lock beside the socket:
+                # that lock is this listen's own (one held already, even by
+                # another listener of this process, fails before the bind).
+                _let_go_of_unix_lock(self.listener.where)
             return Failure(CannotListen(self.listener.failure_line(error)))
         return failure
 
@@ -226,18 +230,27 @@ def _let_go_of_unix_lock(description: str) -> None:
             FilesystemLock(lock).unlock()
 
 
+def unix_socket_address(description: str) -> str | None:
+    """
+    The socket path of a C{unix:} server endpoint string, as given; None
+    for another endpoint (or one naming none: the parser says so).
+    """
+    fields, named = endpoint_fields(description)
+    if fields[0] != "unix":
+        return None
+    return (fields[1] if len(fields) > 1 else named.get("address")) or None
+
+
 def unix_lock_file(description: str) -> str | None:
     """
     The lock file Twisted's C{unix:} server endpoint takes beside its
     socket (C{<path>.lock}, unless C{lockfile=0}); None for another
     endpoint.
     """
+    address = unix_socket_address(description)
     fields, named = endpoint_fields(description)
-    if fields[0] != "unix":
-        return None
-    address = fields[1] if len(fields) > 1 else named.get("address")
     wanted = fields[4] if len(fields) > 4 else named.get("lockfile", "1")
-    if not address or wanted == "0":
+    if address is None or wanted == "0":
         return None
     return address + ".lock"
 

@@ -646,6 +646,7 @@ MAX_AUTH_FAILURE_COUNT = 1000
 #: fails without one success in between: the value that turns the
 #: breaker off in practice (at 1000 failed calls a second, 11 days).
 MAX_BREAKER_FAILURES = 1_000_000_000
+#: C{MAX_CONNECTIONS}, C{API_MAX_CONNECTIONS}, C{UPSTREAM_POOL_SIZE},
 #: C{API_MAX_CONNECTIONS_PER_ADDRESS} and
 #: C{API_KEYLESS_CONNECTIONS_PER_ADDRESS}: 2**31 - 1, the most file
 #: descriptors a process can have (a descriptor is a C int: Linux's
@@ -653,6 +654,9 @@ MAX_BREAKER_FAILURES = 1_000_000_000
 #: also held to C{API_MAX_CONNECTIONS} where the limits are made
 #: (L{openclaw.dataplane.site.APILimits}).
 MAX_CONNECTION_COUNT = 2**31 - 1
+#: C{WORKERS}: 1024 processes, more than any host has cores to give them
+#: (each a whole gateway: its connections, its Redis link, its memory).
+MAX_WORKERS = 1024
 #: How the bound reads in a hint.
 _CONNECTIONS_HINT = f"use a whole number of connections from 1 to {MAX_CONNECTION_COUNT}"
 #: C{USAGE_RETENTION_DAYS}: 36500 days (100 years), rows kept for good in
@@ -2204,7 +2208,12 @@ def _read_cluster_size(reader: _Reader, secret: bytes, defaults: Settings) -> tu
             "instance of a cluster must sign tokens with the same secret; set JWT_SECRET to the same 32 bytes or "
             "more on each"
         )
-    workers = reader.read("WORKERS", _positive_int, defaults.workers, "use a whole number of processes > 0, such as 2")
+    workers = reader.read(
+        "WORKERS",
+        _whole_number(1, MAX_WORKERS),
+        defaults.workers,
+        f"use a whole number of processes from 1 to {MAX_WORKERS}, such as 2",
+    )
     if workers > 1 and not redis_url:
         raise ConfigError(
             f"WORKERS (--workers)={workers} ({reader.source('WORKERS')}) needs REDIS_URL: the workers share the "
@@ -2340,7 +2349,7 @@ def _load_settings(
             f"use a whole number of bytes from 1 to {MAX_REQUEST_BODY_BYTES} (1 GiB)",
         ),
         upstream_pool_size=reader.read(
-            "UPSTREAM_POOL_SIZE", _positive_int, defaults.upstream_pool_size, _WHOLE_NUMBER_HINT
+            "UPSTREAM_POOL_SIZE", _whole_number(1, MAX_CONNECTION_COUNT), defaults.upstream_pool_size, _CONNECTIONS_HINT
         ),
         upstream_idle_seconds=reader.read(
             "UPSTREAM_IDLE_SECONDS",
@@ -2373,7 +2382,9 @@ def _load_settings(
             f"use a whole number of bytes from {MIN_MESSAGE_BYTES} (the answers of rotate_token and "
             f"consumer_create must fit) to {MAX_CONTROL_MESSAGE_BYTES} (64 MiB)",
         ),
-        max_connections=reader.read("MAX_CONNECTIONS", _positive_int, defaults.max_connections, _WHOLE_NUMBER_HINT),
+        max_connections=reader.read(
+            "MAX_CONNECTIONS", _whole_number(1, MAX_CONNECTION_COUNT), defaults.max_connections, _CONNECTIONS_HINT
+        ),
         handshake_timeout_seconds=reader.read(
             "HANDSHAKE_TIMEOUT_SECONDS",
             _timer_seconds,
@@ -2436,9 +2447,9 @@ def _load_settings(
         workers=workers,
         api_max_connections=reader.read(
             "API_MAX_CONNECTIONS",
-            _positive_int,
+            _whole_number(1, MAX_CONNECTION_COUNT),
             defaults.api_max_connections,
-            f"{_WHOLE_NUMBER_HINT}, such as 4096",
+            f"{_CONNECTIONS_HINT}, such as 4096",
         ),
         api_max_connections_per_address=reader.read(
             "API_MAX_CONNECTIONS_PER_ADDRESS",

@@ -52,6 +52,7 @@ from openclaw.listeners import (
     lock_port,
     tcp_address,
     tls_file_problem,
+    unix_socket_address,
     unix_socket_problem,
 )
 from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
@@ -194,7 +195,7 @@ def makeService(
     # The locks of the TCP ports checked (L{_endpoint}), held by the gateway.
     port_locks: dict[int, socket.socket] = {}
     # The TCP ports checked, and at which addresses (L{_own_clash}).
-    bound: dict[int, list[tuple[str, Listener]]] = {}
+    bound: dict[int | str, list[tuple[str, Listener]]] = {}
     try:
         # First: reading the settings makes STATE_DIR.
         _check_no_privilege_switch(twistd_options)
@@ -866,7 +867,7 @@ def _endpoint(
     port: int,
     settings: Settings,
     port_locks: dict[int, socket.socket],
-    bound: dict[int, list[tuple[str, Listener]]],
+    bound: dict[int | str, list[tuple[str, Listener]]],
 ) -> IStreamServerEndpoint:
     """
     The endpoint an operator described (C{endpoint_setting}: the setting
@@ -888,6 +889,9 @@ def _endpoint(
         description = tcp_endpoint_description(port, settings)
     else:
         listener = _listener(settings, description, *endpoint_setting)
+        path = unix_socket_address(description)
+        if path is not None:
+            _own_clash(bound, listener, "", os.path.abspath(path))
         address = tcp_address(description)
         if address is not None:
             _own_clash(bound, listener, *address)
@@ -915,9 +919,12 @@ def _endpoint(
     return NamedEndpoint(endpoint, listener)
 
 
-def _own_clash(bound: dict[int, list[tuple[str, Listener]]], listener: Listener, interface: str, port: int) -> None:
+def _own_clash(
+    bound: dict[int | str, list[tuple[str, Listener]]], listener: Listener, interface: str, port: int | str
+) -> None:
     """
-    Refuse a listener on the TCP port and address of another of this
+    Refuse a listener on the TCP port and address, or the UNIX socket
+    path (C{port}, absolute; C{interface} empty), of another of this
     gateway's (each is free when checked alone, so the daemon found it,
     as another gateway's: re-attack s31); note it in C{bound} otherwise.
     Addresses meet when equal, when either is C{::} (dual-stack: every
@@ -927,24 +934,33 @@ def _own_clash(bound: dict[int, list[tuple[str, Listener]]], listener: Listener,
     """
     if not port:
         return
+    what = f"port {port}" if isinstance(port, int) else port
     for other_interface, other in bound.get(port, []):
-        if _addresses_meet(interface, other_interface):
+        if isinstance(port, str) or _addresses_meet(interface, other_interface):
             raise ConfigError(
-                f"{listener.where} ({listener.named}) and {other.where} ({other.named}) both listen on port {port}: "
-                f"give each its own port ({other.option} or {listener.option})"
+                f"{listener.where} ({listener.named}) and {other.where} ({other.named}) both listen on {what}: "
+                f"give each its own {'port' if isinstance(port, int) else 'path'} ({other.option} or "
+                f"{listener.option})"
             )
     bound.setdefault(port, []).append((interface, listener))
 
 
 def _addresses_meet(first: str, second: str) -> bool:
     try:
-        a, b = ipaddress.ip_address(first.partition("%")[0]), ipaddress.ip_address(second.partition("%")[0])
+        # A zone is kept: fe80::1%eth0 and fe80::1%eth1 are two addresses.
+        a, b = (_unmapped(ipaddress.ip_address(address)) for address in (first, second))
     except ValueError:
         # A host name (an endpoint string's): judged by name.
         return first == second
     if a == b or ipaddress.ip_address("::") in (a, b):
         return True
     return a.version == b.version and (a.is_unspecified or b.is_unspecified)
+
+
+def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # ::ffff:127.0.0.1 is 127.0.0.1 to a dual-stack socket.
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def _named(settings: Settings, name: str, option: str, value: str) -> str:

@@ -516,6 +516,26 @@ class ListenTests(TestCase):
                 f"127.0.0.1:{api} (API_PORT, from the command line) both listen on port {api}: give each its own "
                 "port (--api-port or --metrics-listen)\n",
             )
+        # Two unix: listeners on one path: refused so too (review s31: the
+        # second's failed lock was this process's own, let go of, and the
+        # socket left blocked every later start).
+        short = Path(tempfile.mkdtemp(prefix="oc-"))
+        self.addCleanup(shutil.rmtree, short, True)
+        path = short / "s.sock"
+        options = Options()
+        options.parseOptions(
+            ["--listen", f"unix:{path}", "--api-listen", f"unix:{short}/../{short.name}/s.sock"]
+            + ["--state-dir", str(directory)]
+        )
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as raised:
+            makeService(options, reactor, stdout=io.StringIO())
+        self.assertEqual(raised.exception.code, 2)
+        self.assertIn(f"both listen on {path}: give each its own path (--listen or --api-listen)", stderr.getvalue())
+        self.assertFalse(path.exists())
+        self.assertFalse(tap._addresses_meet("fe80::1%eth0", "fe80::1%eth1"))
+        self.assertTrue(tap._addresses_meet("::ffff:127.0.0.1", "127.0.0.1"))
         self.assertFalse(tap._addresses_meet("127.0.0.1", "127.0.0.2"))
         self.assertFalse(tap._addresses_meet("0.0.0.0", "::1"))
         self.assertTrue(tap._addresses_meet("::", "127.0.0.1"))

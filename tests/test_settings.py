@@ -560,6 +560,10 @@ class LoadTests(SynchronousTestCase):
             "API_KEYLESS_CONNECTIONS_PER_ADDRESS": (1, 2**31 - 1),
             "USAGE_RETENTION_DAYS": (1, 36500),
             "CONSUMER_RESERVE_TOKENS": (1, 10**6),
+            # And these, from the review of the bounds (s31).
+            "MAX_CONNECTIONS": (1, 2**31 - 1),
+            "API_MAX_CONNECTIONS": (1, 2**31 - 1),
+            "UPSTREAM_POOL_SIZE": (1, 2**31 - 1),
         }
         loaded = self.load()
         for name, (low, high) in bounds.items():
@@ -574,6 +578,10 @@ class LoadTests(SynchronousTestCase):
                     f"to {high}",
                     **{name: value},
                 )
+        self.environ.update(REDIS_URL="redis://127.0.0.1:6379", JWT_SECRET="j" * 32)
+        self.assertEqual(self.load({"WORKERS": "1024"}).workers, 1024)
+        self.assertConfigError("WORKERS='1025' (from the command line) is invalid", "from 1 to 1024", WORKERS="1025")
+        del self.environ["REDIS_URL"], self.environ["JWT_SECRET"]
         self.environ["USAGE_RETENTION_DAYS"] = "36501"
         self.assertConfigError(
             "USAGE_RETENTION_DAYS='36501' (from the environment) is invalid: use a whole number of days from 1 to "

@@ -193,9 +193,10 @@ def usage_total(groups: list[dict[str, Any]]) -> dict[str, Any]:
 _CHANGES = (STATE_CHANGING & frozenset(CONSUMER_COMMANDS)) - {"consumer_release"}
 
 
-#: What an answer to C{consumer_list} holds besides its consumers (the
-#: envelope, C{next} and a name in it), in bytes at most: a page is cut
-#: to leave this much of C{MAX_MESSAGE_BYTES}.
+#: What an answer to C{consumer_list} holds besides its consumers and the
+#: names in C{too_long} (the envelope, C{next} and a name in it, the
+#: C{too_long} key), in bytes at most: a page is cut to leave this much of
+#: C{MAX_MESSAGE_BYTES}.
 LIST_ENVELOPE_BYTES = 512
 
 
