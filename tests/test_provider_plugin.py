@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import attrs
 import openai
+import orjson
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -30,10 +31,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 import openclaw
 from openclaw.consumers.prices import Price
 from openclaw.ctl import format_status
-from openclaw.dataplane.errors import bad_request
-from openclaw.providers import OpenAICompatibleAdapter
+from openclaw.dataplane.call import encode_request
+from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.request import ChatRequest, parse_chat_request
+from openclaw.providers import GeminiAdapter, KimiAdapter, OpenAICompatibleAdapter
+from openclaw.providers.kimi import MoonshotVideo
 from openclaw.providers.openai_compatible import OpenAIWire
-from openclaw.providers.wire import Wire
+from openclaw.providers.wire import OfferedTools, Wire
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import ProviderBehaviour, StandInUpstream, default_kimi
 from tests.support import (
@@ -108,6 +112,105 @@ DECLARED = (*KIMI_AND_GEMINI, AcmeAdapter)
 ACME_KEY = "sk-acme-SECRET-0123456789"
 GATEWAY_KEY = "gw-key-0123456789abcdef"
 HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@attrs.frozen
+class AcmeDoc:
+    """
+    Acme's own kind of content part, C{{"type": "acme_doc", "acme_doc":
+    {"id": "<document>"}}}: a document in Acme's store, which Acme reads
+    itself.
+    """
+
+    name: ClassVar[str] = "acme_doc"
+    described: ClassVar[str] = "an acme_doc part (a document in Acme's store)"
+    taken_by: ClassVar[str] = "Acme's models"
+    instead: ClassVar[str] = "send the document as a file part"
+
+    def check(self, value: dict[str, Any], where: str) -> None:
+        if not isinstance(value.get("id"), str) or not value["id"].isalnum():
+            raise bad_request(f"{where}.id must name an Acme document", param=f"{where}.id")
+
+
+#: A made-up OpenAI-compatible provider's wire that takes Moonshot's
+#: video_url parts too (its declaration's, not Kimi's), and one with a part
+#: type of its own.
+VIDEO_WIRE = OpenAIWire(part_types=(MoonshotVideo(),))
+DOC_WIRE = OpenAIWire(part_types=(AcmeDoc(),))
+VIDEO = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAIGZ0eXBpc29t"}}
+
+
+class MediaKindsTests(SynchronousTestCase):
+    """
+    The content part types and URL schemes a wire declares
+    (L{Wire.part_types}, L{Wire.url_schemes}) are checked at the door by
+    their own rules and taken by the providers that declare them; any
+    other provider refuses them with a 400 naming the part and the
+    providers that take them, knowing nothing of them.
+    """
+
+    def setUp(self) -> None:
+        self.offered = OfferedTools.of(
+            [("kimi", KimiAdapter.wire), ("gemini", GeminiAdapter.wire), ("acme", DOC_WIRE), ("vidi", VIDEO_WIRE)]
+        )
+
+    def chat(self, *parts: dict[str, Any]) -> ChatRequest:
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, *parts]}]
+        return parse_chat_request(orjson.dumps({"messages": messages}), None, self.offered.types, self.offered.media)
+
+    def refusal(self, wire: Wire, provider_id: str, chat: ChatRequest) -> dict[str, Any]:
+        with self.assertRaises(APIError) as caught:
+            encode_request(wire, chat, "m-1", provider_id, self.offered)
+        error: dict[str, Any] = orjson.loads(caught.exception.body())["error"]
+        return error
+
+    def test_declared_video_taken(self) -> None:
+        """
+        A provider declaring video_url takes it, as sent, as Kimi does;
+        those that do not name both.
+        """
+        chat = self.chat(VIDEO)
+        for provider_id, wire in (("vidi", VIDEO_WIRE), ("kimi", KimiAdapter.wire)):
+            body = orjson.loads(encode_request(wire, chat, "m-1", provider_id, self.offered))
+            self.assertEqual(body["messages"][0]["content"][1], VIDEO)
+        for provider_id, wire in (("acme", DOC_WIRE), ("gemini", GeminiAdapter.wire)):
+            error = self.refusal(wire, provider_id, chat)
+            self.assertEqual(error["param"], "messages[0].content[1]")
+            self.assertIn(
+                "is a video_url part (Moonshot's video input), which only kimi models and vidi models take, not "
+                f'{provider_id} on this gateway: send this conversation to a kimi model (model "kimi/<model>") or '
+                'a vidi model (model "vidi/<model>")',
+                error["message"],
+            )
+        # An ms:// URL is Kimi's alone: the video provider refuses it.
+        error = self.refusal(VIDEO_WIRE, "vidi", self.chat({"type": "video_url", "video_url": {"url": "ms://abc"}}))
+        self.assertEqual(error["param"], "messages[0].content[1].video_url.url")
+        self.assertIn("is an ms:// URL (a file uploaded to Moonshot), which only Kimi's", error["message"])
+
+    def test_own_part_type(self) -> None:
+        """
+        A part type of Acme's own: checked by its rules at the door, taken
+        by Acme, refused by Kimi and Gemini; unknown when no provider
+        declares it.
+        """
+        doc = {"type": "acme_doc", "acme_doc": {"id": "report7"}}
+        chat = self.chat(doc)
+        body = orjson.loads(encode_request(DOC_WIRE, chat, "m-1", "acme", self.offered))
+        self.assertEqual(body["messages"][0]["content"][1], doc)
+        for provider_id, wire in (("kimi", KimiAdapter.wire), ("gemini", GeminiAdapter.wire)):
+            error = self.refusal(wire, provider_id, chat)
+            self.assertEqual(
+                error["message"],
+                "messages[0].content[1] is an acme_doc part (a document in Acme's store), which only Acme's models "
+                f"take, not {provider_id} on this gateway: send this conversation to an acme model (model "
+                f'"acme/<model>"), or, for {provider_id}, send the document as a file part',
+            )
+        with self.assertRaises(APIError) as caught:
+            self.chat({"type": "acme_doc", "acme_doc": {"id": "a b"}})
+        self.assertIn("messages[0].content[1].acme_doc.id must name an Acme document", caught.exception.message)
+        with self.assertRaises(APIError) as caught:
+            parse_chat_request(orjson.dumps({"messages": [{"role": "user", "content": [doc]}]}))
+        self.assertIn("must be one of file, image_url, input_audio, text here", caught.exception.message)
 
 
 class SettingsTests(SynchronousTestCase):
@@ -392,6 +495,61 @@ class GatewayTests(TestCase):
         gateway = self.gateway()
         self.assertEqual(gateway.service.consumers.prices.prices["acme/acme-chat"], Price(0.5, 1.5))
         yield None
+
+    @inlineCallbacks
+    def test_media_kinds(self):
+        """
+        Moonshot's media inputs, a C{video_url} part and an C{ms://} image
+        URL (declared by Kimi's wire alone), are refused by Acme, whose
+        declaration names none of them, with a 400 naming the part and the
+        provider that takes them, whole and streamed, before anything is
+        sent (they were forwarded to Acme, whose API would answer a
+        confusing 400 of its own, or fetch nothing); Kimi takes them as
+        sent; and a Kimi call holding one is not failed over to Acme.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAIGZ0eXBpc29t"}}
+        file_image = {"type": "image_url", "image_url": {"url": "ms://cn0787ce2sgfp2q3ckl0"}}
+        for part, param, words in (
+            (
+                video,
+                "messages[0].content[1]",
+                "messages[0].content[1] is a video_url part (Moonshot's video input), which only Kimi's vision "
+                'models take, not acme on this gateway: send this conversation to a kimi model (model "kimi/<model>"), '
+                "or, for acme, leave videos out",
+            ),
+            (
+                file_image,
+                "messages[0].content[1].image_url.url",
+                "messages[0].content[1].image_url.url is an ms:// URL (a file uploaded to Moonshot), which only "
+                "Kimi's vision models take, not acme on this gateway: send this conversation to a kimi model",
+            ),
+        ):
+            messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+            for stream in (False, True):
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    yield deferToThread(
+                        client.chat.completions.create, model="acme/acme-chat", messages=messages, stream=stream
+                    )
+                error = caught.exception.body
+                self.assertEqual(error["param"], param)
+                self.assertIn(words, error["message"])
+            self.assertEqual(self.acme.requests, 0)
+            yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=messages)
+            self.assertEqual(self.upstream.kimi.last_body["messages"], messages)
+        # Not failed over from Kimi to Acme: Kimi's failure is the answer.
+        self.upstream.kimi.mode = "error"
+        failing = self.gateway(DEFAULT_PROVIDER="kimi", FALLBACK="kimi,acme")
+        messages = [{"role": "user", "content": [{"type": "text", "text": "What happens here?"}, video]}]
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield deferToThread(self.sdk(failing).chat.completions.create, model="gpt-4o", messages=messages)
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertIn(
+            "(not failed over to acme: it cannot take this request: messages[0].content[1] is a video_url part",
+            caught.exception.body["message"],
+        )
+        self.assertEqual(self.acme.requests, 0)
 
     @inlineCallbacks
     def test_tool_types(self):

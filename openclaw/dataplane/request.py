@@ -36,9 +36,9 @@ from openclaw.routing import Route, model_refusal
 #: "function" (legacy) is rewritten as "tool".
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool", "function"})
 #: Content part types, by role (OpenAI's: assistants may also send
-#: refusals; users also Moonshot's C{video_url}, for Kimi's vision models:
-#: U{https://platform.moonshot.ai/docs/api/chat}).
-USER_PARTS = frozenset({"text", "image_url", "input_audio", "file", "video_url"})
+#: refusals; users also the part types some declared provider's wire takes
+#: beside these, L{MediaKinds}: Kimi's C{video_url}).
+USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
 TEXT_PARTS = frozenset({"text"})
 ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: A function name every provider accepts, so that a tool loop survives
@@ -79,28 +79,12 @@ DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^;,]*)*;base64,", re.ASCII 
 #: URL schemes an image may be given by (the gateway never fetches them),
 #: in any case (RFC 3986 section 3.1: C{HTTPS://} is C{https://}).
 IMAGE_URL_SCHEMES = ("http://", "https://", "gs://")
-#: Moonshot's own URL of a file uploaded to it (C{POST /v1/files} with
-#: purpose C{image} or C{video}), "ms" for Moonshot storage: the C{url} of
-#: an C{image_url} or C{video_url} part, for Kimi's vision models
-#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}; its
-#: chat reference: "The url field of image_url and video_url supports
-#: base64 format and ms://<file_id> format").  A file id is letters,
-#: digits, C{-} and C{_} (Moonshot's are 20 lowercase letters and digits).
-MOONSHOT_FILE_URL = re.compile(r"ms://[A-Za-z0-9_-]{1,128}", re.ASCII)
-#: What an C{image_url}'s C{url} may be, as a 400 says it.
-IMAGE_URL_FORMS = (
-    "a base64 data URL (data:image/png;base64,...), an http(s):// or gs:// URL, or, for a kimi model, "
-    "ms://<file_id> (an image uploaded to Moonshot)"
-)
-#: What a C{video_url}'s C{url} may be (Moonshot's forms), as a 400 says it.
-VIDEO_URL_FORMS = (
-    "a base64 data URL (data:video/mp4;base64,...) or ms://<file_id> (a video uploaded to Moonshot), the forms "
-    "Moonshot documents for Kimi's vision models"
-)
-#: The video formats Moonshot's vision guide lists
-#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}), as
-#: a 400 names them: a C{video_url}'s data URL is of a C{video/*} type.
-VIDEO_FORMATS = "Moonshot's vision guide lists mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv and 3gpp"
+#: What an C{image_url}'s C{url} may be, as a 400 says it, before the URL
+#: schemes some declared provider takes (L{MediaKinds.image_url_forms}).
+IMAGE_URL_FORMS = "a base64 data URL (data:image/png;base64,...), an http(s):// or gs:// URL"
+#: The longest URL scheme looked for among the declared ones
+#: (L{MediaKinds.scheme_of}), before its ":".
+MAX_SCHEME_CHARS = 32
 #: Characters C{str.isprintable} takes that show as nothing: Unicode's
 #: Default_Ignorable_Code_Point (DerivedCoreProperties.txt) letters and
 #: marks (the Hangul fillers, the combining grapheme joiner, the
@@ -285,6 +269,160 @@ class ToolType(Protocol):
 NO_TOOL_TYPES: Mapping[str, ToolType] = MappingProxyType({})
 
 
+class MediaKind(Protocol):
+    """
+    A kind of media input beside OpenAI's that a provider's wire takes: a
+    content part type (L{PartType}) or a media URL scheme (L{UrlScheme}),
+    declared by its provider's module (Kimi's: Moonshot's C{video_url}
+    part and C{ms://} file URLs, L{openclaw.providers.kimi}).  A provider
+    whose wire does not declare it refuses a request holding one, by the
+    wire's rule (L{refuse_media_kinds
+    <openclaw.providers.wire.refuse_media_kinds>}), knowing nothing of it.
+    """
+
+    @property
+    def name(self) -> str:
+        """
+        The part's C{type} (C{"video_url"}), or the scheme in lower case,
+        without its ":" (C{"ms"}).
+        """
+
+    @property
+    def described(self) -> str:
+        """
+        What one is, as a 400 names it ("a video_url part (Moonshot's
+        video input)", "an ms:// URL (a file uploaded to Moonshot)").
+        """
+
+    @property
+    def taken_by(self) -> str:
+        """
+        Who takes it, as a 400 says "which only <taken_by> take" ("Kimi's
+        vision models").
+        """
+
+    @property
+    def instead(self) -> str:
+        """
+        What to do instead on a provider that does not take it, as a 400
+        says it after "or, for <provider>," ("leave the video out").
+        """
+
+
+class PartType(MediaKind, Protocol):
+    """
+    A content part type of a user message beside OpenAI's (text,
+    C{image_url}, C{input_audio}, C{file}) that a provider's wire takes
+    (L{Wire.part_types <openclaw.providers.wire.Wire.part_types>}),
+    C{{"type": <name>, <name>: {...}}}, with its provider's checks.
+    """
+
+    def check(self, value: dict[str, Any], where: str) -> None:
+        """
+        Check the part's object, C{part[<name>]} at C{where}
+        (C{messages[<i>].content[<j>].<name>}); it may be rewritten in
+        place into the form sent (a data URL unwrapped,
+        L{checked_data_url}).
+
+        @raise APIError: 400 naming the field that is not of its shape.
+        """
+
+
+class UrlScheme(MediaKind, Protocol):
+    """
+    A media URL scheme beside C{data:}, C{http(s)://} and C{gs://} that a
+    provider's wire takes in an C{image_url} part's C{url}
+    (L{Wire.url_schemes <openclaw.providers.wire.Wire.url_schemes>}),
+    with its provider's checks.  A scheme is matched in any case (RFC 3986
+    section 3.1), and is at most L{MAX_SCHEME_CHARS} long.
+    """
+
+    @property
+    def offered(self) -> str:
+        """
+        How a 400 for an image URL of no known form offers this one, after
+        "or," ("for a kimi model, ms://<file_id> (an image uploaded to
+        Moonshot)").
+        """
+
+    def check_url(self, url: str, where: str) -> None:
+        """
+        Check C{url}, of this scheme, at C{where}.
+
+        @raise APIError: 400 naming C{where}.
+        """
+
+
+@attrs.frozen
+class MediaKinds:
+    """
+    The content part types and media URL schemes beside OpenAI's that the
+    declared providers' wires take (L{openclaw.providers.wire.OfferedTools.of}),
+    each checked by its own rules at the door (L{parse_chat_request}):
+    any other part type is a 400, a URL of any other scheme is checked as
+    OpenAI's forms are.  Whether the provider the call goes to takes them
+    is its wire's to say (L{refuse_media_kinds
+    <openclaw.providers.wire.refuse_media_kinds>}).
+    """
+
+    #: Part type -> its checks (the first provider's to declare it).
+    part_types: Mapping[str, PartType] = MappingProxyType({})
+    #: Scheme (lower case, no ":") -> its checks (the first provider's).
+    url_schemes: Mapping[str, UrlScheme] = MappingProxyType({})
+    #: The part types a user message may hold: OpenAI's and L{part_types}.
+    user_parts: frozenset[str] = attrs.field(
+        init=False, default=attrs.Factory(lambda self: USER_PARTS | self.part_types.keys(), takes_self=True)
+    )
+    #: What an C{image_url}'s C{url} may be, as a 400 says it: OpenAI's
+    #: forms, then each scheme's L{UrlScheme.offered}.
+    image_url_forms: str = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: (
+                "".join([IMAGE_URL_FORMS, *(f", or, {s.offered}" for s in self.url_schemes.values())])
+                if self.url_schemes
+                else IMAGE_URL_FORMS.replace(", an http", " or an http")
+            ),
+            takes_self=True,
+        ),
+    )
+    #: Finds a part type's name (quoted) or a scheme (a string's start, in
+    #: any case) in a raw body; None when there are none to find.
+    _named: re.Pattern[bytes] | None = attrs.field(
+        init=False, default=attrs.Factory(lambda self: _names_pattern(self), takes_self=True), repr=False
+    )
+
+    def scheme_of(self, url: str) -> UrlScheme | None:
+        """
+        The declared scheme C{url} is of (its scheme in any case), or None.
+        """
+        if not self.url_schemes:
+            return None
+        scheme, colon, _ = url[: MAX_SCHEME_CHARS + 1].partition(":")
+        return self.url_schemes.get(scheme.lower()) if colon else None
+
+    def named_in(self, raw: bytes) -> bool:
+        """
+        Whether the raw body C{raw} names one of these (a C{\\u} escape
+        aside, which the caller looks for).
+        """
+        return self._named is not None and self._named.search(raw) is not None
+
+
+def _names_pattern(kinds: MediaKinds) -> re.Pattern[bytes] | None:
+    """
+    L{MediaKinds}' pattern: C{"<part type>"} or C{"<scheme>:}, the latter
+    in any case.
+    """
+    names = [re.escape(f'"{name}"'.encode()) for name in kinds.part_types]
+    names += [b'"(?i:' + re.escape(name.encode()) + b"):" for name in kinds.url_schemes]
+    return re.compile(b"|".join(names)) if names else None
+
+
+#: No media kind beside OpenAI's.
+NO_MEDIA_KINDS = MediaKinds()
+
+
 @attrs.frozen
 class ChatRequest:
     """
@@ -328,6 +466,11 @@ class ChatRequest:
     #: name is in it, or a C{\\u} escape could spell it.  Only then is it
     #: looked for (L{without_google_extras}).
     extra_content: bool = True
+    #: The body may hold a part type or media URL scheme beside OpenAI's
+    #: that some provider's wire takes (L{MediaKinds}): one is named in
+    #: it, or a C{\\u} escape could spell one.  Only then is it looked
+    #: for (L{refuse_media_kinds <openclaw.providers.wire.refuse_media_kinds>}).
+    other_media: bool = True
 
     @property
     def model(self) -> Any:
@@ -510,7 +653,10 @@ def unsupported_content_encoding(codings: list[bytes]) -> APIError:
 
 
 def parse_chat_request(
-    raw: bytes, headers: Headers | None = None, tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES
+    raw: bytes,
+    headers: Headers | None = None,
+    tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES,
+    media_kinds: MediaKinds = NO_MEDIA_KINDS,
 ) -> ChatRequest:
     """
     Parse and check a request body.
@@ -521,6 +667,11 @@ def parse_chat_request(
         rules; any other type is a 400.  Whether the provider the call
         goes to takes it is its wire's to say
         (L{openclaw.providers.wire.refuse_tool_types}).
+    @param media_kinds: the content part types and media URL schemes
+        beside OpenAI's that some provider takes, each checked by its own
+        rules; any other part type is a 400.  Whether the provider the call
+        goes to takes them is its wire's to say
+        (L{openclaw.providers.wire.refuse_media_kinds}).
     @raise APIError: 400 naming the first problem found; 415 for a body
         sent with a content coding (L{json_body}).
     """
@@ -534,7 +685,7 @@ def parse_chat_request(
         _check_function_call(body["tool_choice"], names)
     else:
         _check_tool_choice(body.get("tool_choice"), names)
-    carried_ids = _check_messages(body, tool_types)
+    carried_ids = _check_messages(body, tool_types, media_kinds)
     requested_model(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -569,8 +720,18 @@ def parse_chat_request(
     other_tools = bool(tool_types) and (escaped or any(f'"{name}"'.encode() in raw for name in tool_types))
     images = escaped or b'"image_url"' in raw
     extra_content = escaped or b'"extra_content"' in raw
+    other_media = escaped or media_kinds.named_in(raw)
     return ChatRequest(
-        body, bool(stream), include_usage, carried_ids, legacy_functions, references, other_tools, images, extra_content
+        body,
+        bool(stream),
+        include_usage,
+        carried_ids,
+        legacy_functions,
+        references,
+        other_tools,
+        images,
+        extra_content,
+        other_media,
     )
 
 
@@ -947,7 +1108,11 @@ class _History:
     carried_ids: bool = False
 
 
-def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES) -> bool:
+def _check_messages(
+    body: dict[str, Any],
+    tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES,
+    media_kinds: MediaKinds = NO_MEDIA_KINDS,
+) -> bool:
     """
     Check C{body["messages"]}, a non-empty list of OpenAI's messages
     (C{{"role": ..., "content": ...}}, at least one holding some content),
@@ -956,7 +1121,8 @@ def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = N
     checked by its role's rules (L{_check_assistant_message},
     L{_check_tool_message}, L{_check_user_or_system_message}) against what
     the messages before it said (L{_History}); calls of the C{tool_types}
-    in a history by their own rules (L{_check_tool_calls}).
+    in a history by their own rules (L{_check_tool_calls}), the parts of
+    the C{media_kinds} in a user message by theirs (L{_check_media}).
 
     @return: whether a tool call id carries Gemini's id or signature.
     @raise APIError: 400 naming the first field found wrong; C{messages}
@@ -999,7 +1165,7 @@ def _check_messages(body: dict[str, Any], tool_types: Mapping[str, ToolType] = N
             _check_tool_message(message, where, history)
             anything = True
         else:
-            anything = _check_user_or_system_message(message, role, where) or anything
+            anything = _check_user_or_system_message(message, role, where, media_kinds) or anything
     if history is not None and history.unanswered:
         raise _unanswered(history.asked_at, history.unanswered)
     if not anything:
@@ -1146,11 +1312,14 @@ def _check_tool_message(message: dict[str, Any], where: str, history: _History) 
     _check_content(message.get("content", ...), f"{where}.content", TEXT_PARTS)
 
 
-def _check_user_or_system_message(message: dict[str, Any], role: str, where: str) -> bool:
+def _check_user_or_system_message(
+    message: dict[str, Any], role: str, where: str, media_kinds: MediaKinds = NO_MEDIA_KINDS
+) -> bool:
     """
     Check a user or system message (C{role}) at C{where} (as
     L{_rewritten_message} gives it): its C{content} is a string or a list
-    of content parts, of L{USER_PARTS} for a user, of text for the system.
+    of content parts, of L{USER_PARTS} and C{media_kinds}' part types for
+    a user (L{MediaKinds.user_parts}), of text for the system.
 
     @return: whether it holds anything (text or media).
     @raise APIError: 400 naming the content or its part.
@@ -1159,8 +1328,9 @@ def _check_user_or_system_message(message: dict[str, Any], role: str, where: str
     if isinstance(content, str):
         # Text, the usual case: nothing more to check.
         return bool(content)
-    parts = USER_PARTS if role == "user" else TEXT_PARTS
-    return _check_content(content, f"{where}.content", parts)
+    if role != "user":
+        return _check_content(content, f"{where}.content", TEXT_PARTS)
+    return _check_content(content, f"{where}.content", media_kinds.user_parts, media_kinds)
 
 
 def _role_fields(message: dict[str, Any], role: str, where: str) -> dict[str, Any]:
@@ -1340,8 +1510,11 @@ def no_arguments(arguments: object) -> bool:
     return arguments is None or (isinstance(arguments, str) and not arguments.strip())
 
 
-def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
+def _check_content(content: Any, where: str, allowed: frozenset[str], media_kinds: MediaKinds = NO_MEDIA_KINDS) -> bool:
     """
+    @param allowed: the part types it may hold.
+    @param media_kinds: the declared part types and URL schemes, checked
+        by their own rules (L{_check_media}).
     @return: whether the content holds anything (text or media).
     """
     if isinstance(content, str):
@@ -1376,7 +1549,7 @@ def _check_content(content: Any, where: str, allowed: frozenset[str]) -> bool:
             anything = anything or bool(text)
             continue
         anything = True
-        _check_media(part, kind, at)
+        _check_media(part, kind, at, media_kinds)
     return anything
 
 
@@ -1398,7 +1571,7 @@ def is_base64(data: str) -> bool:
     return True
 
 
-def _data_url(url: str) -> str | None:
+def checked_data_url(url: str) -> str | None:
     """
     C{url} if it is a C{data:<type>;base64,<data>} URL whose data is
     base64 (RFC 2397, RFC 4648); its data without line breaks if it was
@@ -1436,9 +1609,9 @@ def is_image_url(url: str) -> bool:
     return url[:8].lower().startswith(IMAGE_URL_SCHEMES)
 
 
-def _not_data_url(value: object, where: str, wanted: str) -> APIError:
+def not_data_url(value: object, where: str, wanted: str) -> APIError:
     """
-    The 400 for C{value} at C{where}, not a data URL L{_data_url} takes:
+    The 400 for C{value} at C{where}, not a data URL L{checked_data_url} takes:
     one whose head is a data URL's but whose data is not base64 is told
     so (the rest of the rule would not say what is wrong); else C{where}
     and C{wanted}.
@@ -1452,41 +1625,41 @@ def _not_data_url(value: object, where: str, wanted: str) -> APIError:
     return bad_request(f"{where} {wanted}", param=where)
 
 
-def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
+def _check_media(part: dict[str, Any], kind: str, at: str, media_kinds: MediaKinds = NO_MEDIA_KINDS) -> None:
     """
     Check a media part of a user message (C{kind}: C{image_url},
-    C{video_url}, C{input_audio} or C{file}) at C{at}; a data URL wrapped
-    in lines is unwrapped in place (L{_data_url}).  An C{ms://<file_id>}
-    URL (L{MOONSHOT_FILE_URL}) and a C{video_url} part are Moonshot's,
-    for Kimi: whether the provider the call goes to takes them is its
-    wire's to say (Gemini's refuses them,
-    L{openclaw.providers.gemini.translate.moonshot_only}).
+    C{input_audio}, C{file}, or one of C{media_kinds}' part types, by its
+    own rules, L{PartType.check}) at C{at}; a data URL wrapped in lines is
+    unwrapped in place (L{checked_data_url}).  An image URL of one of
+    C{media_kinds}' schemes is checked by its rules
+    (L{UrlScheme.check_url}).  Whether the provider the call goes to takes
+    a part type or a scheme beside OpenAI's is its wire's to say
+    (L{refuse_media_kinds <openclaw.providers.wire.refuse_media_kinds>}).
 
     @raise APIError: 400 naming the field that is not of its shape.
     """
     value = part.get(kind)
     if not isinstance(value, dict):
         raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
-    if kind in ("image_url", "video_url"):
+    declared = media_kinds.part_types.get(kind)
+    if declared is not None:
+        declared.check(value, f"{at}.{kind}")
+        return
+    if kind == "image_url":
         url = value.get("url")
         where = f"{at}.{kind}.url"
-        if isinstance(url, str) and url[:3].lower() == "ms:":
-            if not MOONSHOT_FILE_URL.fullmatch(url):
-                raise bad_request(
-                    f"{where} is not ms://<file_id>, Moonshot's URL of an uploaded file (ms:// in lower case, as "
-                    "Moonshot writes it; the file id letters, digits, - and _); give the id Moonshot's POST /v1/files "
-                    "answered",
-                    param=where,
-                )
-        elif kind == "image_url" and isinstance(url, str) and is_image_url(url):
+        scheme = media_kinds.scheme_of(url) if isinstance(url, str) else None
+        if scheme is not None:
+            assert isinstance(url, str)
+            scheme.check_url(url, where)
+        elif isinstance(url, str) and is_image_url(url):
             _check_image_url(url, where)
         else:
-            data_url = _data_url(url) if isinstance(url, str) else None
+            data_url = checked_data_url(url) if isinstance(url, str) else None
             if data_url is None:
-                forms = IMAGE_URL_FORMS if kind == "image_url" else VIDEO_URL_FORMS
-                raise _not_data_url(url, where, f"must be {forms}; the gateway takes no other kind of URL here")
-            if kind == "video_url":
-                _check_video_type(data_url, where)
+                raise not_data_url(
+                    url, where, f"must be {media_kinds.image_url_forms}; the gateway takes no other kind of URL here"
+                )
             value["url"] = data_url
     if kind == "image_url":
         detail = value.get("detail")
@@ -1504,11 +1677,11 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
     elif kind == "file":
         data = value.get("file_data")
-        data_url = _data_url(data) if isinstance(data, str) else None
+        data_url = checked_data_url(data) if isinstance(data, str) else None
         if data_url is not None:
             value["file_data"] = data_url
         else:
-            raise _not_data_url(
+            raise not_data_url(
                 data,
                 f"{at}.file.file_data",
                 "must be a base64 data URL (data:application/pdf;base64,...); "
@@ -1516,29 +1689,6 @@ def _check_media(part: dict[str, Any], kind: str, at: str) -> None:
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
             raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
-
-
-def _check_video_type(data_url: str, where: str) -> None:
-    """
-    Refuse a C{video_url} part's data URL (L{_data_url}) whose media type
-    is not a video's (C{video/*}, in any case): Moonshot's vision guide
-    (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model})
-    takes videos of its formats there (mp4, mpeg, mov, avi, x-flv, mpg,
-    webm, wmv, 3gpp), images in C{image_url} parts.  Its media type is
-    named back, clipped.
-
-    @raise APIError: 400 naming C{where}.
-    """
-    head = DATA_URL.match(data_url)
-    assert head is not None
-    media_type = head.group(1)
-    if media_type[:6].lower() != "video/":
-        raise bad_request(
-            f"{where} is a data URL of {_clipped(media_type)!r}, not a video: a video_url part takes a video "
-            f"({VIDEO_FORMATS}, as data:video/mp4;base64,...); send an image in an image_url part, other files "
-            "in a file part",
-            param=where,
-        )
 
 
 def _check_image_url(url: str, where: str) -> None:

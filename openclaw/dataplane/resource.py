@@ -729,7 +729,7 @@ class ChatCompletions(AuthenticatedResource):
         active = context.route.current
         try:
             offered = context.providers.offered_tools
-            chat = parse_chat_request(request_body(request), request.requestHeaders, offered.types)
+            chat = parse_chat_request(request_body(request), request.requestHeaders, offered.types, offered.media)
             route = choose_route(chat.model, active, context.providers.ids)
             # choose_route gives the active route itself unless the model
             # named a provider: a call pinned that way is never failed over.

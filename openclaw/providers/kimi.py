@@ -1,7 +1,9 @@
 """
 Kimi, by Moonshot AI: an OpenAI-compatible API
 (U{https://platform.moonshot.ai/docs}), with Moonshot's built-in tools
-(L{MoonshotBuiltinTools}), which only Kimi takes.
+(L{MoonshotBuiltinTools}), its C{video_url} content part
+(L{MoonshotVideo}) and its C{ms://} file URLs (L{MoonshotFiles}), which
+only Kimi takes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import attrs
 
 from openclaw.consumers.prices import Price
 from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.request import DATA_URL, checked_data_url, not_data_url
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
 from openclaw.providers.wire import ImageTypes, Wire
 
@@ -44,6 +47,115 @@ MOONSHOT_IMAGE_TYPES = ImageTypes(
     "PNG, JPEG, WEBP or GIF",
     "Kimi takes (Moonshot's vision guide)",
 )
+
+
+#: Moonshot's own URL of a file uploaded to it (C{POST /v1/files} with
+#: purpose C{image} or C{video}), "ms" for Moonshot storage: the C{url} of
+#: an C{image_url} or C{video_url} part, for Kimi's vision models
+#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}; its
+#: chat reference: "The url field of image_url and video_url supports
+#: base64 format and ms://<file_id> format").  A file id is letters,
+#: digits, C{-} and C{_} (Moonshot's are 20 lowercase letters and digits).
+MOONSHOT_FILE_URL = re.compile(r"ms://[A-Za-z0-9_-]{1,128}", re.ASCII)
+#: What a C{video_url}'s C{url} may be (Moonshot's forms), as a 400 says it.
+VIDEO_URL_FORMS = (
+    "a base64 data URL (data:video/mp4;base64,...) or ms://<file_id> (a video uploaded to Moonshot), the forms "
+    "Moonshot documents for Kimi's vision models"
+)
+#: The video formats Moonshot's vision guide lists
+#: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}), as
+#: a 400 names them: a C{video_url}'s data URL is of a C{video/*} type.
+VIDEO_FORMATS = "Moonshot's vision guide lists mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv and 3gpp"
+#: The longest media type a 400 names back whole.
+SHOWN_TYPE_CHARS = 64
+#: Who takes Moonshot's media inputs, as a 400 says "which only ... take".
+KIMI_VISION = "Kimi's vision models"
+
+
+@attrs.frozen
+class MoonshotFiles:
+    """
+    Moonshot's C{ms://<file_id>} URLs (L{MOONSHOT_FILE_URL}), the URL
+    scheme Kimi's wire takes beside OpenAI's
+    (L{UrlScheme <openclaw.dataplane.request.UrlScheme>}): in an
+    C{image_url} part, and in Moonshot's C{video_url} part
+    (L{MoonshotVideo}).  A provider that does not take them refuses them
+    by the wire's rule
+    (L{refuse_media_kinds <openclaw.providers.wire.refuse_media_kinds>}).
+    """
+
+    name: ClassVar[str] = "ms"
+    described: ClassVar[str] = "an ms:// URL (a file uploaded to Moonshot)"
+    taken_by: ClassVar[str] = KIMI_VISION
+    instead: ClassVar[str] = "give an image as a base64 data URL or an https:// URL"
+    offered: ClassVar[str] = "for a kimi model, ms://<file_id> (an image uploaded to Moonshot)"
+
+    def check_url(self, url: str, where: str) -> None:
+        """
+        An C{ms://<file_id>} URL as Moonshot writes it
+        (L{MOONSHOT_FILE_URL}: C{ms://} in lower case).
+
+        @raise APIError: 400 naming C{where}.
+        """
+        if not MOONSHOT_FILE_URL.fullmatch(url):
+            raise bad_request(
+                f"{where} is not ms://<file_id>, Moonshot's URL of an uploaded file (ms:// in lower case, as "
+                "Moonshot writes it; the file id letters, digits, - and _); give the id Moonshot's POST /v1/files "
+                "answered",
+                param=where,
+            )
+
+
+@attrs.frozen
+class MoonshotVideo:
+    """
+    Moonshot's C{video_url} content part,
+    C{{"type": "video_url", "video_url": {"url": ...}}}, the part type
+    Kimi's wire takes beside OpenAI's
+    (L{PartType <openclaw.dataplane.request.PartType>}): its C{url} a
+    base64 data URL of a video, or an C{ms://<file_id>} (L{MoonshotFiles})
+    (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}).
+    A provider that does not take it refuses it by the wire's rule
+    (L{refuse_media_kinds <openclaw.providers.wire.refuse_media_kinds>}).
+    """
+
+    name: ClassVar[str] = "video_url"
+    described: ClassVar[str] = "a video_url part (Moonshot's video input)"
+    taken_by: ClassVar[str] = KIMI_VISION
+    instead: ClassVar[str] = "leave videos out"
+
+    def check(self, value: dict[str, Any], where: str) -> None:
+        """
+        C{value}, the part's C{video_url} at C{where}: its C{url} an
+        C{ms://<file_id>} (L{MoonshotFiles.check_url}) or a base64 data
+        URL (unwrapped in place,
+        L{checked_data_url <openclaw.dataplane.request.checked_data_url>})
+        of a video's type (C{video/*}, in any case): Moonshot's vision
+        guide takes videos of its formats there (L{VIDEO_FORMATS}), images
+        in C{image_url} parts.  A media type is named back, clipped.
+
+        @raise APIError: 400 naming C{<where>.url}.
+        """
+        url = value.get("url")
+        at = f"{where}.url"
+        if isinstance(url, str) and url[:3].lower() == "ms:":
+            MoonshotFiles().check_url(url, at)
+            return
+        data_url = checked_data_url(url) if isinstance(url, str) else None
+        if data_url is None:
+            raise not_data_url(url, at, f"must be {VIDEO_URL_FORMS}; the gateway takes no other kind of URL here")
+        head = DATA_URL.match(data_url)
+        assert head is not None
+        media_type = head.group(1)
+        if media_type[:6].lower() != "video/":
+            shown = media_type if len(media_type) <= SHOWN_TYPE_CHARS else media_type[: SHOWN_TYPE_CHARS - 1] + "…"
+            raise bad_request(
+                f"{at} is a data URL of {shown!r}, not a video: a video_url part takes a video "
+                f"({VIDEO_FORMATS}, as data:video/mp4;base64,...); send an image in an image_url part, other files "
+                "in a file part",
+                param=at,
+            )
+        value["url"] = data_url
 
 
 @attrs.frozen
@@ -182,10 +294,13 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: OpenAI's format, but for Moonshot's thinking models' rule (L{thinks}):
     #: an assistant message with tool calls always has a reasoning_content.
     #: It takes Moonshot's built-in tools beside functions.
-    #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES}).
+    #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES});
+    #: it takes Moonshot's video_url parts and ms:// file URLs.
     wire: ClassVar[Wire] = ReasoningKeptWire(
         thinks=thinks,
         tool_types=(MoonshotBuiltinTools(),),
+        part_types=(MoonshotVideo(),),
+        url_schemes=(MoonshotFiles(),),
         image_types=MOONSHOT_IMAGE_TYPES,
         # A Gemini answer's signature is no use to Kimi's model, and a
         # field Moonshot's API does not document.
@@ -202,4 +317,12 @@ class KimiAdapter(OpenAICompatibleAdapter):
     )
 
 
-__all__ = ["BUILTIN_FUNCTION", "MOONSHOT_IMAGE_TYPES", "KimiAdapter", "MoonshotBuiltinTools"]
+__all__ = [
+    "BUILTIN_FUNCTION",
+    "MOONSHOT_FILE_URL",
+    "MOONSHOT_IMAGE_TYPES",
+    "KimiAdapter",
+    "MoonshotBuiltinTools",
+    "MoonshotFiles",
+    "MoonshotVideo",
+]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
-from openclaw.dataplane.request import ChatRequest, ToolType, choice_count, no_arguments
+from openclaw.dataplane.request import ChatRequest, PartType, ToolType, UrlScheme, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsBatch, number_lists
@@ -63,6 +63,12 @@ class OpenAIWire:
     #: (L{Wire.tool_types <openclaw.providers.wire.Wire.tool_types>});
     #: none unless declared (Kimi's: Moonshot's built-in tools).
     tool_types: tuple[ToolType, ...] = attrs.field(default=(), kw_only=True)
+    #: The content part types and media URL schemes the API takes beside
+    #: OpenAI's (L{Wire.part_types <openclaw.providers.wire.Wire.part_types>},
+    #: L{Wire.url_schemes <openclaw.providers.wire.Wire.url_schemes>}); none
+    #: unless declared (Kimi's: Moonshot's video_url parts and ms:// URLs).
+    part_types: tuple[PartType, ...] = attrs.field(default=(), kw_only=True)
+    url_schemes: tuple[UrlScheme, ...] = attrs.field(default=(), kw_only=True)
     #: The image types the API takes in a data URL; a request holding
     #: another is refused (L{refuse_image_types}).  OpenAI's unless
     #: declared (Kimi's: Moonshot's).

@@ -23,7 +23,16 @@ import attrs
 import orjson
 
 from openclaw.dataplane.errors import APIError, bad_request
-from openclaw.dataplane.request import DATA_URL, ChatRequest, ToolType
+from openclaw.dataplane.request import (
+    DATA_URL,
+    NO_MEDIA_KINDS,
+    ChatRequest,
+    MediaKind,
+    MediaKinds,
+    PartType,
+    ToolType,
+    UrlScheme,
+)
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 
@@ -143,6 +152,27 @@ class Wire(Protocol):
         provider's tools to refuse them.
         """
 
+    @property
+    def part_types(self) -> tuple[PartType, ...]:
+        """
+        The content part types of a user message it takes beside OpenAI's
+        (text, C{image_url}, C{input_audio}, C{file}), each with its checks
+        (L{PartType}: Kimi's takes Moonshot's C{video_url}); empty for
+        most.  A request holding a part of a type its wire does not list is
+        refused before anything is sent (L{refuse_media_kinds}).
+        """
+
+    @property
+    def url_schemes(self) -> tuple[UrlScheme, ...]:
+        """
+        The media URL schemes it takes in an C{image_url} part beside
+        OpenAI's forms (C{data:}, C{http(s)://}; and C{gs://}, as sent),
+        each with its checks (L{UrlScheme}: Kimi's takes Moonshot's
+        C{ms://}); empty for most.  A request holding a URL of a scheme
+        its wire does not list (in any part) is refused before anything is
+        sent (L{refuse_media_kinds}).
+        """
+
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The upstream request body for C{chat}, asking for C{model}.
@@ -169,8 +199,10 @@ class Wire(Protocol):
 class OfferedTools:
     """
     The tool types beside functions that the declared providers take
-    (L{Wire.tool_types}): the checks of each (the first provider's to
-    declare it), and which providers take it, in their order.
+    (L{Wire.tool_types}), and the content part types and media URL schemes
+    beside OpenAI's (L{Wire.part_types}, L{Wire.url_schemes}): the checks
+    of each (the first provider's to declare it), and which providers take
+    it, in their order.
     """
 
     #: Type -> its checks, for L{parse_chat_request
@@ -178,19 +210,43 @@ class OfferedTools:
     types: Mapping[str, ToolType] = MappingProxyType({})
     #: Type -> the ids of the providers whose wire takes it.
     takers: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    #: The part types and URL schemes, for L{parse_chat_request
+    #: <openclaw.dataplane.request.parse_chat_request>}.
+    media: MediaKinds = NO_MEDIA_KINDS
+    #: Part type -> the ids of the providers whose wire takes it.
+    part_takers: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    #: Scheme (lower case) -> the ids of the providers whose wire takes it.
+    scheme_takers: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 
     @classmethod
     def of(cls, providers: Iterable[tuple[str, Wire]]) -> OfferedTools:
         """
-        The tool types of C{(provider id, wire)} pairs.
+        The tool types, part types and URL schemes of C{(provider id,
+        wire)} pairs.
         """
         types: dict[str, ToolType] = {}
         takers: dict[str, tuple[str, ...]] = {}
+        parts: dict[str, PartType] = {}
+        part_takers: dict[str, tuple[str, ...]] = {}
+        schemes: dict[str, UrlScheme] = {}
+        scheme_takers: dict[str, tuple[str, ...]] = {}
         for provider_id, wire in providers:
             for tool_type in wire.tool_types:
                 types.setdefault(tool_type.name, tool_type)
                 takers[tool_type.name] = (*takers.get(tool_type.name, ()), provider_id)
-        return cls(MappingProxyType(types), MappingProxyType(takers))
+            for part_type in wire.part_types:
+                parts.setdefault(part_type.name, part_type)
+                part_takers[part_type.name] = (*part_takers.get(part_type.name, ()), provider_id)
+            for scheme in wire.url_schemes:
+                schemes.setdefault(scheme.name, scheme)
+                scheme_takers[scheme.name] = (*scheme_takers.get(scheme.name, ()), provider_id)
+        return cls(
+            MappingProxyType(types),
+            MappingProxyType(takers),
+            MediaKinds(MappingProxyType(parts), MappingProxyType(schemes)),
+            MappingProxyType(part_takers),
+            MappingProxyType(scheme_takers),
+        )
 
 
 def _typed_tools(chat: ChatRequest, types: Mapping[str, ToolType]) -> Iterator[tuple[str, str, str, str]]:
@@ -222,7 +278,10 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
     what the tool is (its L{ToolType.described}, from the provider that
     takes it) and where to send the conversation: a model of a provider
     that takes it.  A call failed over is refused the same way, so never
-    failed over to such a provider.
+    failed over to such a provider.  Then refuse a content part or media
+    URL C{wire} does not take, the same way (L{refuse_media_kinds}):
+    every kind of input beside OpenAI's that the wire does not declare is
+    refused here, before anything is sent.
 
     @param provider_id: the provider C{wire} is the format of, as the
         message names it.
@@ -231,6 +290,14 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
         <openclaw.dataplane.request.parse_chat_request>} holds no others).
     @raise APIError: 400 naming C{tools[<i>]} or
         C{messages[<i>].tool_calls[<j>]}.
+    """
+    _refuse_tools(chat, wire, provider_id, offered)
+    refuse_media_kinds(chat, wire, provider_id, offered)
+
+
+def _refuse_tools(chat: ChatRequest, wire: Wire, provider_id: str, offered: OfferedTools) -> None:
+    """
+    L{refuse_tool_types}' refusal of tools.
     """
     if not chat.other_tools:
         # No type but functions is named in the body: nothing to look for.
@@ -249,6 +316,71 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
             f"{provider_id or 'this provider'} does not take: send this conversation to {elsewhere}",
             param=where,
         )
+
+
+def refuse_media_kinds(chat: ChatRequest, wire: Wire, provider_id: str, offered: OfferedTools) -> None:
+    """
+    Refuse a request whose user messages hold a content part of a type
+    beside OpenAI's that C{wire} does not take (L{Wire.part_types}:
+    Moonshot's C{video_url}, which Kimi's takes), or a part whose C{url}
+    is of a scheme it does not take (L{Wire.url_schemes}: Moonshot's
+    C{ms://}): the provider could not read it (a confusing 400 of its own,
+    or nothing fetched).  The 400 names the part (or its C{url}), says
+    what it is and who takes it (from the provider that declares it), and
+    what to do: send the conversation to a model of a provider that takes
+    it, or, for this one, do without it.  A call failed over is refused
+    the same way (L{refuse_tool_types}), so never failed over to such a
+    provider.
+
+    @param provider_id: the provider C{wire} is the format of, as the
+        message names it.
+    @param offered: every declared provider's part types and URL schemes
+        (a request checked by L{parse_chat_request
+        <openclaw.dataplane.request.parse_chat_request>} holds no other
+        part types).
+    @raise APIError: 400 naming C{messages[<i>].content[<j>]} (a part
+        type) or C{messages[<i>].content[<j>].<type>.url} (a scheme).
+    """
+    media = offered.media
+    if not chat.other_media or not (media.part_types or media.url_schemes):
+        # None of them is named in the body: nothing to look for.
+        return
+    parts_taken = {part_type.name for part_type in wire.part_types}
+    schemes_taken = {scheme.name for scheme in wire.url_schemes}
+    if parts_taken >= media.part_types.keys() and schemes_taken >= media.url_schemes.keys():
+        # Every kind a checked request can hold: nothing to look for.
+        return
+    for i, message in enumerate(chat.body["messages"]):
+        content = message.get("content")
+        if message.get("role") != "user" or not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part["type"]
+            if kind in media.part_types and kind not in parts_taken:
+                raise _media_refusal(
+                    f"messages[{i}].content[{j}]", media.part_types[kind], offered.part_takers[kind], provider_id
+                )
+            value = part.get(kind)
+            url = value.get("url") if isinstance(value, dict) else None
+            scheme = media.scheme_of(url) if isinstance(url, str) else None
+            if scheme is not None and scheme.name not in schemes_taken:
+                where = f"messages[{i}].content[{j}].{kind}.url"
+                raise _media_refusal(where, scheme, offered.scheme_takers[scheme.name], provider_id)
+
+
+def _media_refusal(where: str, kind: MediaKind, takers: tuple[str, ...], provider_id: str) -> APIError:
+    """
+    L{refuse_media_kinds}' 400 for C{kind} at C{where}, which the
+    providers C{takers} take and C{provider_id} does not.
+    """
+    provider = provider_id or "this provider"
+    only = kind.taken_by if len(takers) == 1 else " and ".join(f"{taker} models" for taker in takers)
+    elsewhere = " or ".join(f'{_article(taker)} {taker} model (model "{taker}/<model>")' for taker in takers)
+    return bad_request(
+        f"{where} is {kind.described}, which only {only} take, not {provider} on this gateway: send this "
+        f"conversation to {elsewhere}, or, for {provider}, {kind.instead}",
+        param=where,
+    )
 
 
 @attrs.frozen
@@ -312,8 +444,9 @@ def refuse_image_types(chat: ChatRequest, types: ImageTypes) -> ChatRequest:
     Refuse a request whose user messages hold an C{image_url} part whose
     URL is a data URL of a type not of C{types} (L{ImageTypes.takes}):
     the provider would refuse or misread it (C{text/html},
-    C{image/svg+xml}).  Other URLs (C{https://}, Moonshot's C{ms://}) are
-    the provider's to fetch and judge.
+    C{image/svg+xml}).  Other URLs (C{https://}, and a scheme the wire
+    declares, L{Wire.url_schemes}, one it does not being refused by
+    L{refuse_media_kinds}) are the provider's to fetch and judge.
 
     @return: C{chat}, each image data URL in its canonical form
         (L{canonical_data_url}: C{DATA:IMAGE/PNG;BASE64,...} becomes
@@ -484,6 +617,7 @@ __all__ = [
     "json_object",
     "json_or_none",
     "refuse_image_types",
+    "refuse_media_kinds",
     "refuse_tool_types",
     "reported_error",
 ]

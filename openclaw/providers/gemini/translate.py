@@ -49,7 +49,9 @@ from openclaw.dataplane.request import (
     FUNCTION_NAME,
     REASONING_EFFORTS,
     ChatRequest,
+    PartType,
     ToolType,
+    UrlScheme,
     choice_count,
     nests_too_deep,
 )
@@ -279,9 +281,12 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
     @raise APIError: 400 naming the field, for what Gemini cannot do or
         would refuse (L{refuse_unsupported}), for an image that is not
         of a type Gemini takes (L{image_type}, L{data_image_type}) or
-        given by a C{gs://} URL (L{cloud_storage_refused}), for Moonshot's
-        C{video_url} parts and C{ms://} file URLs (L{moonshot_only}), and
-        for an assistant message with tool calls that no user turn comes
+        given by a C{gs://} URL (L{cloud_storage_refused}), for a part of
+        another provider's type or a URL of another scheme (L{not_taken}:
+        refused before, with the provider that takes it named, when the
+        body is encoded for a call, L{refuse_media_kinds
+        <openclaw.providers.wire.refuse_media_kinds>}), and for an
+        assistant message with tool calls that no user turn comes
         before (L{no_turn_before_calls}).
     """
     refuse_unsupported(body, model)
@@ -916,10 +921,10 @@ def _parts(
         elif kind == "input_audio":
             audio = part["input_audio"]
             parts.append({"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}})
-        elif kind == "video_url":
-            raise moonshot_only(f"{where}[{j}]", "a video_url part (Moonshot's video input)")
-        else:
+        elif kind == "file":
             parts.append(_media(part["file"]["file_data"], f"{where}[{j}].file.file_data"))
+        else:
+            raise not_taken(f"{where}[{j}]", f"a {kind} part")
     return parts
 
 
@@ -932,7 +937,7 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     @param image: the URL is an C{image_url}'s: a data URL's type is
         checked (L{data_image_type}).
     @raise APIError: 400 naming C{where} for a C{gs://} URL
-        (L{cloud_storage_refused}) or an C{ms://} one (L{moonshot_only}).
+        (L{cloud_storage_refused}) or one of another scheme (L{not_taken}).
     """
     match = DATA_URL.match(url)
     if match is not None:
@@ -943,25 +948,22 @@ def _media(url: str, where: str, image: bool = False) -> dict[str, Any]:
     scheme, colon, rest = url.partition(":")
     if scheme.lower() == "gs":
         raise cloud_storage_refused(where)
-    if scheme.lower() == "ms":
-        raise moonshot_only(where, "an ms:// URL (a file uploaded to Moonshot)")
+    if scheme.lower() not in ("http", "https"):
+        raise not_taken(where, f"a {scheme}: URL")
     return {"fileData": {"fileUri": scheme.lower() + colon + rest, "mimeType": image_type(url, where)}}
 
 
-def moonshot_only(where: str, what: str) -> APIError:
+def not_taken(where: str, what: str) -> APIError:
     """
-    400 naming C{where}, C{what} only Moonshot reads: its C{video_url}
-    content part, or an C{ms://<file_id>} URL of a file uploaded to it
-    (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}).
-    Gemini cannot fetch Moonshot's files, and this gateway sends it no
-    video (Gemini's own video input, C{inlineData} of a video type, is not
-    translated): before anything is sent, as for Moonshot's built-in
-    tools, so a Kimi call holding one is not failed over to Gemini either.
+    400 naming C{where}, C{what} (a content part of a type, or a URL of a
+    scheme, beside OpenAI's) Gemini does not read.  Only for a body
+    translated without its call's checks: a call's body is checked first
+    (L{refuse_media_kinds <openclaw.providers.wire.refuse_media_kinds>},
+    whose 400 names the provider that takes it).
     """
     return bad_request(
-        f"{where} is {what}, which only Kimi's vision models take, not Gemini on this gateway: send this "
-        'conversation to a kimi model (model "kimi/<model>", such as kimi/kimi-k2.5), or, for Gemini, give an '
-        "image as a base64 data URL or an https:// URL and leave videos out",
+        f"{where} is {what}, which Gemini does not take: give an image as a base64 data URL or an https:// URL, "
+        "and leave other media out",
         param=where,
     )
 
@@ -1815,6 +1817,11 @@ class GeminiWire:
     reads_carried_ids: ClassVar[bool] = True
     #: Functions only.
     tool_types: ClassVar[tuple[ToolType, ...]] = ()
+    #: OpenAI's parts and image URLs only (a video_url part, an ms:// URL,
+    #: is refused before the translation: L{refuse_media_kinds
+    #: <openclaw.providers.wire.refuse_media_kinds>}).
+    part_types: ClassVar[tuple[PartType, ...]] = ()
+    url_schemes: ClassVar[tuple[UrlScheme, ...]] = ()
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model, chat.references))
