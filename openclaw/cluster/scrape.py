@@ -38,6 +38,15 @@ not do.  A sibling's families are rebuilt as C{prometheus_client.Metric}s
 collector build), samples added with C{Metric.add_sample}: the typed
 families (C{CounterMetricFamily}, ...) take whole series, not the samples
 a registry's C{collect()} gives.
+
+Nor the text exposition read back by C{prometheus_client.parser}: the
+parser is pure Python, many times slower than JSON, and runs on the
+reading worker's reactor thread, where a scrape of several siblings with
+many consumers' series would hold every call on that worker; and the
+text does not round-trip exactly (a HELP text's trailing blanks are
+stripped; some values it reads, such as an infinite timestamp, its own
+writer refuses).  The JSON carries C{prometheus_client}'s own families
+and samples as they are.
 """
 
 from __future__ import annotations
