@@ -63,6 +63,7 @@ from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_li
 from openclaw.files import PidLock
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
 from openclaw.logs import offer_log_observer
+from openclaw.loops import LoggedStep
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
 from openclaw.reactors import IGatewayReactor
@@ -148,7 +149,7 @@ def usage_purger(
 
         return maybeDeferred(store.purge, clock.seconds() - retention_seconds).addCallbacks(lambda _: None, failed)
 
-    purger = LoopingCall(purge)
+    purger = LoopingCall(LoggedStep(purge, log, "the purge of old usage rows"))
     purger.clock = clock
     purger.start(USAGE_PURGE_SECONDS, now=False)
     return purger
@@ -1324,7 +1325,9 @@ class GatewayService(SequentialMultiService):
             )
             self._joined_at = self._reactor.seconds()
             if self._waiting_listeners:
-                self._waiting_for_store = LoopingCall(self._still_waiting)
+                self._waiting_for_store = LoopingCall(
+                    LoggedStep(self._still_waiting, self._log, "the log line of the wait for the cluster store")
+                )
                 self._waiting_for_store.clock = self._reactor
                 self._waiting_for_store.start(WAITING_LOG_SECONDS, now=False)
         else:

@@ -85,6 +85,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from openclaw.loops import LoggedStep
 from openclaw.providers.fetch import read_body
 from openclaw.reactors import IClientReactor
 from openclaw.settings import ConfigError, check_private_directories
@@ -315,7 +316,9 @@ class PrivateSocketWatch(Service):
         self.index = index
         self.listening = listening
         self.interval = interval
-        self._check = LoopingCall(self.check)
+        self._check = LoopingCall(
+            LoggedStep(self.check, _log, f"the check of worker {index}'s metrics socket {sockets.path(index)}")
+        )
         self._check.clock = reactor
         #: The problem last logged (the directory refused, or the listen
         #: failing): not logged again while it lasts.
@@ -354,8 +357,11 @@ class PrivateSocketWatch(Service):
         path = self.sockets.path(self.index)
         if self._listened and _socket_at(path):
             return None
-        made = not self.sockets.directory.exists()
+        made = False
         try:
+            # exists() raises too: a directory above it this user may not
+            # search.
+            made = not self.sockets.directory.exists()
             ensure_socket_directory(self.sockets)
             problem = socket_directory_problem(self.sockets.directory)
         except OSError as e:

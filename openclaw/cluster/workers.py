@@ -80,6 +80,7 @@ from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
 from openclaw.listeners import CannotListen, Listener, PortTaken, lock_port
 from openclaw.logs import offer_log_observer
+from openclaw.loops import LoggedStep
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
 from openclaw.settings import ConfigError, Settings
 
@@ -660,7 +661,11 @@ class SupervisorWatch(Service):
         self.supervisor = supervisor
         self.interval = interval
         self.getppid = getppid
-        self._check = LoopingCall(self.check)
+        self._check = LoopingCall(
+            LoggedStep(
+                self.check, self._log, f"the check that this worker's gateway process (pid {supervisor}) still runs"
+            )
+        )
         self._check.clock = reactor
         self.gone = False
 
