@@ -749,13 +749,24 @@ class SharedCounters:
 
         args = [str(int(now)), str(RESERVATION_SECONDS), str(TOKEN_RESERVATION_SECONDS)]
         asked: Deferred[Any] = self.redis.script(SPENDS, keys, args)
-        asked.addTimeout(self.timeout, self.reactor)
-        return asked.addCallback(read).addErrback(
-            lambda reason: self._log.debug(
+
+        def unanswered(reason: Failure) -> None:
+            self._log.debug(
                 "consumers' spends not read from Redis ({error}); this instance's view answers",
                 error=reason.getErrorMessage() or repr(reason.value),
             )
-        )
+
+        def fault(reason: Failure) -> None:
+            # Not Redis away: a fault of ours reading its answer.
+            self._log.failure(
+                "consumers' spends read from Redis could not be used ({error}); this instance's view answers for "
+                "those not read: report it with this traceback",
+                reason,
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+
+        asked.addTimeout(self.timeout, self.reactor)
+        return asked.addCallbacks(read, unanswered).addErrback(fault)
 
     def held(self, consumer: str, now: float) -> tuple[float, int]:
         """
@@ -1490,8 +1501,17 @@ class SharedConsumers:
                 error=database_error(reason),
             )
 
-        def done(_: Any) -> None:
+        def done(result: object) -> None:
             self._seeding = None
+            if isinstance(result, Failure):
+                # A fault of ours in seeded or failed (a Redis away is
+                # failed's).
+                self._log.failure(
+                    "a fault of the gateway handling the seed of the consumers' spends in Redis ({error}); the next "
+                    "reconnection to Redis seeds again: report it with this traceback",
+                    result,
+                    error=result.getErrorMessage() or repr(result.value),
+                )
 
         # This instance's rows first: their spend is then in the database.
         seeding = self._seeding = table.load_unwritten().addCallback(write)

@@ -742,8 +742,16 @@ class ConsumerTable:
         def failed(reason: Failure) -> None:
             log_database_failure(self._log, "could not reload the consumers after a change elsewhere ({error})", reason)
 
-        def done(_: None) -> None:
+        def done(result: object) -> None:
             self._reloading = None
+            if isinstance(result, Failure):
+                # A fault of ours in failed (the reload's own are failed's).
+                self._log.failure(
+                    "a fault of the gateway handling the reload of the consumers ({error}): report it with this "
+                    "traceback",
+                    result,
+                    error=result.getErrorMessage() or repr(result.value),
+                )
             if self._reload_again:
                 self._reload_again = False
                 self.refresh()
@@ -1217,17 +1225,27 @@ class ConsumerTable:
                 )
 
         def written(result: None) -> None:
-            if self._failing_since is not None:
+            failing_since, self._failing_since = self._failing_since, None
+            if failing_since is not None:
                 self._log.info(
                     "usage rows written again after {seconds:.0f} s of failures ({count} rows)",
-                    seconds=self.clock() - self._failing_since,
+                    seconds=self.clock() - failing_since,
                     count=len(rows),
                 )
-                self._failing_since = None
 
-        def done(result: None) -> None:
+        def done(result: object) -> None:
             self._flushing = None
             self._writing = 0
+            if isinstance(result, Failure):
+                # A fault of ours in written or failed (the write's own
+                # failure is failed's).
+                self._log.failure(
+                    "a fault of the gateway handling the end of a write of {count} usage rows ({error}): report it "
+                    "with this traceback",
+                    result,
+                    count=len(rows),
+                    error=result.getErrorMessage() or repr(result.value),
+                )
 
         self._writing = len(rows)
         flushing = self._flushing = self.store.record(rows)

@@ -1,0 +1,225 @@
+"""
+Faults of ours in the consumers' asynchronous paths are logged, with their
+traceback, and leave the table working (review s32: a callback's exception
+ended in a C{done} returning None and vanished; a bug reading Redis's
+spends was logged at debug, like Redis away).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.consumers import table as table_module
+from openclaw.consumers.model import Consumer
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.shared import SEED, SharedConsumers, SharedCounters
+from openclaw.consumers.store import Snapshot, UsageRow
+from openclaw.consumers.table import ConsumerTable, Holder
+from tests.support import capture_log_events
+from tests.test_consumers_cluster import _ScriptChannel, _SeedingTable
+
+CREATED = 1000.0
+
+
+class Bug(Exception):
+    """
+    A fault of ours, simulated.
+    """
+
+
+def failures(events: list[dict[str, Any]]) -> list[str]:
+    """
+    The log lines of C{events} that carry a traceback.
+    """
+    return [formatEvent(event) for event in events if "log_failure" in event]
+
+
+class Store:
+    """
+    A consumers' store whose writes of usage rows the test answers
+    (C{writes}: each one's rows and Deferred), as its loads.
+    """
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[list[UsageRow], Deferred[None]]] = []
+        self.loads: list[Deferred[Snapshot]] = []
+        self.deletes: list[str] = []
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        written: Deferred[None] = Deferred()
+        self.writes.append((rows, written))
+        return written
+
+    def load(self, now: float) -> Deferred[Snapshot]:
+        loaded: Deferred[Snapshot] = Deferred()
+        self.loads.append(loaded)
+        return loaded
+
+    def delete(self, name: str, retired: str, after: Deferred[None] | None = None) -> Deferred[None]:
+        waited = after if after is not None else succeed(None)
+
+        def deleting(_: object) -> None:
+            self.deletes.append(name)
+
+        return waited.addCallback(deleting)
+
+
+class Keys:
+    """
+    Redis's keys, as the gateway names them.
+    """
+
+    def key(self, *parts: str) -> str:
+        return ":".join(("openclaw", *parts))
+
+
+class Faulty:
+    """
+    A clock that raises L{Bug} once told to (C{fault}).
+    """
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(CREATED + 10)
+        self.fault = False
+
+    def __call__(self) -> float:
+        if self.fault:
+            self.fault = False
+            raise Bug("a fault of ours")
+        return self.clock.seconds()
+
+
+class TableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.events = capture_log_events(self)
+        self.store = Store()
+        self.clock = Faulty()
+        self.table = ConsumerTable(self.store, PriceTable.with_overrides({}), clock=self.clock)  # type: ignore[arg-type]
+        self.table.consumers["team"] = Consumer("team", created_at=CREATED)
+
+    def account(self) -> None:
+        self.table.account(Holder("team", "oc_t", CREATED), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+
+    def test_fault_after_a_write_logged_and_the_table_goes_on(self) -> None:
+        """
+        A write fails (the database), the next one succeeds, but its
+        C{written} raises (a fault of ours): logged with its traceback,
+        the failures' state cleared as the write did succeed, and the next
+        write goes as usual.
+        """
+        self.account()
+        self.table.flush()
+        self.store.writes[-1][1].errback(OSError("the database refused the write"))
+        self.assertEqual(self.table.behind(), 1)
+        flushed = self.table.flush()
+        self.clock.fault = True
+        self.store.writes[-1][1].callback(None)
+        self.assertIsNone(self.successResultOf(flushed))
+        logged = [line for line in failures(self.events) if "a fault of the gateway" in line]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("a fault of the gateway handling the end of a write of 1 usage rows (a fault of ours)", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(Bug)), 1)
+        self.flushLoggedErrors(OSError)
+        # Writes succeed: a row since is not behind.
+        self.account()
+        self.assertEqual(self.table.behind(), 0)
+        flushed = self.table.flush()
+        self.store.writes[-1][1].callback(None)
+        self.assertIsNone(self.successResultOf(flushed))
+        self.assertEqual(len(self.store.writes), 3)
+        self.assertEqual(self.table.pending_rows(), 0)
+
+    def test_fault_after_a_reload_logged(self) -> None:
+        """
+        A reload that fails, and whose logging of it raises (a fault of
+        ours): the fault is logged with its traceback, and the next reload
+        goes as usual.
+        """
+
+        def raising(*args: Any, **kwargs: Any) -> None:
+            raise Bug("a fault of ours")
+
+        self.patch(table_module, "log_database_failure", raising)
+        self.table.refresh()
+        self.store.loads[-1].errback(OSError("the database is away"))
+        logged = failures(self.events)
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("a fault of the gateway handling the reload of the consumers (a fault of ours)", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(Bug)), 1)
+        self.table.refresh()
+        self.store.loads[-1].callback(Snapshot({"other": Consumer("other", created_at=CREATED)}, {}, {}))
+        self.assertEqual(list(self.table.consumers), ["other"])
+
+
+class SharedTests(SynchronousTestCase):
+    def test_fault_reading_spends_logged_with_its_traceback(self) -> None:
+        """
+        Redis answers, but reading its answer raises (a fault of ours): an
+        error with its traceback, not Redis away's debug line; the read
+        still never fails.
+        """
+        events = capture_log_events(self)
+
+        class Answering(Keys):
+            def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+                return succeed([b"not a number", b"0", b"0"])
+
+        counters = SharedCounters(Answering(), Clock(), 1.0)  # type: ignore[arg-type]
+        counters.up = True
+        read = counters.read_spends([Consumer("team", created_at=CREATED)], CREATED + 10)
+        self.assertIsNone(self.successResultOf(read))
+        logged = failures(events)
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("consumers' spends read from Redis could not be used", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_redis_away_reading_spends_is_debug(self) -> None:
+        events = capture_log_events(self)
+
+        class Away(Keys):
+            def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+                return fail(ConnectionError("connection refused"))
+
+        counters = SharedCounters(Away(), Clock(), 1.0)  # type: ignore[arg-type]
+        counters.up = True
+        read = counters.read_spends([Consumer("team", created_at=CREATED)], CREATED + 10)
+        self.assertIsNone(self.successResultOf(read))
+        self.assertEqual(failures(events), [])
+        said = [formatEvent(e) for e in events if "not read from Redis" in e.get("log_format", "")]
+        self.assertEqual(
+            said, ["consumers' spends not read from Redis (connection refused); this instance's view answers"]
+        )
+
+    def test_fault_after_a_seed_logged_and_seeded_again(self) -> None:
+        """
+        Redis's answer to the seed cannot be read (a fault of ours): logged
+        with its traceback, and the next reconnection seeds again.
+        """
+        events = capture_log_events(self)
+
+        class Garbled(_ScriptChannel):
+            def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]:
+                if source == SEED and not self.scripts:
+                    self.scripts.append(source)
+                    return succeed([b"garbled", "1"])
+                return super().script(source, keys, args)
+
+        clock = Clock()
+        channel = Garbled()
+        counters = SharedCounters(channel, clock, 1.0)  # type: ignore[arg-type]
+        shared = SharedConsumers(_SeedingTable(), counters, channel, "a")  # type: ignore[arg-type]
+        self.addCleanup(shared.stop)
+        shared.up(True)
+        logged = failures(events)
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("a fault of the gateway handling the seed of the consumers' spends in Redis", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        shared.up(False)
+        shared.up(True)
+        self.assertEqual(channel.scripts, [SEED, SEED])
