@@ -2,7 +2,8 @@
 Faults of ours in the consumers' asynchronous paths are logged, with their
 traceback, and leave the table working (review s32: a callback's exception
 ended in a C{done} returning None and vanished; a bug reading Redis's
-spends was logged at debug, like Redis away).
+spends was logged at debug, like Redis away); each caller of a write of
+usage rows under way waits on a Deferred of its own (L{InFlight}).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.consumers import table as table_module
@@ -20,6 +22,7 @@ from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SEED, SharedConsumers, SharedCounters
 from openclaw.consumers.store import Snapshot, UsageRow
 from openclaw.consumers.table import ConsumerTable, Holder
+from openclaw.deferreds import InFlight
 from tests.support import capture_log_events
 from tests.test_consumers_cluster import _ScriptChannel, _SeedingTable
 
@@ -155,6 +158,80 @@ class TableTests(SynchronousTestCase):
         self.table.refresh()
         self.store.loads[-1].callback(Snapshot({"other": Consumer("other", created_at=CREATED)}, {}, {}))
         self.assertEqual(list(self.table.consumers), ["other"])
+
+    def test_callers_of_one_write_each_have_their_own_deferred(self) -> None:
+        """
+        The first caller of a write (the one that started it) adds a
+        callback that raises, then one that waits on something else; a
+        delete waits for the write meanwhile, and a second caller: each
+        fires when the write ends, as its own (review s32: every caller's
+        callbacks were on one chain, the first caller's errback lost its
+        failure to the delete's wait, and its pause held the others up).
+        """
+        self.account()
+        first = self.table.flush()
+        seen: list[object] = []
+
+        def raising(_: None) -> None:
+            raise Bug("the first caller's")
+
+        first.addCallback(raising)
+        deleting = self.table.delete("team")
+        paused: Deferred[None] = Deferred()
+        first.addErrback(lambda reason: seen.append(reason.value) or paused)
+        second = self.table.flush()
+        self.assertNoResult(second)
+        self.assertEqual(self.store.deletes, [])
+        self.store.writes[-1][1].callback(None)
+        # The first caller's own chain: its errback got its failure, and
+        # waits for what it returned.
+        self.assertEqual([type(value) for value in seen], [Bug])
+        self.assertNoResult(first)
+        # The others are not held up by it.
+        self.assertIsNone(self.successResultOf(second))
+        self.successResultOf(deleting)
+        self.assertEqual(self.store.deletes, ["team"])
+        self.assertNotIn("team", self.table.consumers)
+        paused.callback(None)
+        self.assertIsNone(self.successResultOf(first))
+
+    def test_load_unwritten_not_held_up_by_a_caller(self) -> None:
+        """
+        A caller of a write under way that waits on something else in its
+        callback does not hold up L{ConsumerTable.load_unwritten}, which
+        waits for that write.
+        """
+        self.account()
+        self.table.flush().addCallback(lambda _: Deferred())
+        loading = self.table.load_unwritten()
+        self.store.writes[-1][1].callback(None)
+        self.assertEqual(len(self.store.loads), 1)
+        self.store.loads[-1].callback(Snapshot({}, {}, {}))
+        snapshot, unwritten = self.successResultOf(loading)
+        self.assertEqual(unwritten, {})
+
+
+class InFlightTests(SynchronousTestCase):
+    def test_each_observer_its_own(self) -> None:
+        """
+        What an observer's callbacks return or raise is its own: the
+        others see the operation's result; an observer asked for once it
+        has ended fires at once.
+        """
+        inflight: InFlight[str] = InFlight()
+        first, second = inflight.observe(), inflight.observe()
+        first.addCallback(lambda _: 1 / 0)
+        inflight.end("result")
+        self.failureResultOf(first, ZeroDivisionError)
+        self.assertEqual(self.successResultOf(second), "result")
+        self.assertEqual(self.successResultOf(inflight.observe()), "result")
+
+    def test_failure_to_each(self) -> None:
+        inflight: InFlight[str] = InFlight()
+        first = inflight.observe()
+        inflight.end(Failure(Bug("failed")))
+        self.failureResultOf(first, Bug)
+        self.failureResultOf(inflight.observe(), Bug)
 
 
 class SharedTests(SynchronousTestCase):

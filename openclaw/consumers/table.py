@@ -43,6 +43,7 @@ from openclaw.consumers.store import (
     log_database_failure,
 )
 from openclaw.dataplane.errors import APIError
+from openclaw.deferreds import InFlight
 from openclaw.timefmt import isoformat
 
 #: Rows kept waiting for the database at most (when it is down): past it
@@ -685,10 +686,12 @@ class ConsumerTable:
         #: minute, then one when they are written again.
         self._failing_since: float | None = None
         self._failure_logged_at = 0.0
-        self._flushing: Deferred[None] | None = None
+        #: A write of usage rows under way (L{flush}): each of its callers
+        #: waits on a Deferred of its own.
+        self._flushing: InFlight[None] | None = None
         #: A load of the spends under way (L{load_unwritten}): no write
         #: starts meanwhile.
-        self._loading: Deferred[Snapshot] | None = None
+        self._loading: InFlight[Snapshot] | None = None
         #: L{stop} was called: a failed write is not tried again by the
         #: timer, only by L{stop} until its deadline.
         self._stopping = False
@@ -1173,20 +1176,18 @@ class ConsumerTable:
     def flush(self) -> Deferred[None]:
         """
         Write the pending rows in one transaction; on failure they wait for
-        the next flush.  Fires once written (or failed and kept).
+        the next flush.  Fires (with None; never fails) once written (or
+        failed and kept).  While a write, or L{load_unwritten}'s read, is
+        under way: writes nothing, fires once that has ended.  Each call's
+        Deferred is its own (what its callbacks return or raise is no
+        other caller's).
         """
-        busy: Deferred[Any] | None = self._flushing if self._flushing is not None else self._loading
+        busy: InFlight[Any] | None = self._flushing if self._flushing is not None else self._loading
         if busy is not None:
             # One write at a time, and none while load_unwritten reads:
-            # wait for the one under way (its result passed on as it is).
-            waiting: Deferred[None] = Deferred()
-
-            def ended(result: object) -> object:
-                waiting.callback(None)
-                return result
-
-            busy.addBoth(ended)
-            return waiting
+            # wait for the one under way (a read that fails is its own
+            # caller's).
+            return busy.observe().addBoth(lambda _: None)
         rows, self._pending = self._pending, []
         rows.extend(self.gateway_usage.take())
         if not rows:
@@ -1236,6 +1237,9 @@ class ConsumerTable:
         def done(result: object) -> None:
             self._flushing = None
             self._writing = 0
+            # Its callers' Deferreds fire once it is over (L{_flushing}
+            # unset, for L{_load_unwritten}).
+            flushing.end(None)
             if isinstance(result, Failure):
                 # A fault of ours in written or failed (the write's own
                 # failure is failed's).
@@ -1248,19 +1252,22 @@ class ConsumerTable:
                 )
 
         self._writing = len(rows)
-        flushing = self._flushing = self.store.record(rows)
-        self._watch(flushing)
-        flushing.addCallbacks(written, failed).addBoth(done)
-        return flushing
+        recording = self.store.record(rows)
+        flushing = self._flushing = InFlight[None]()
+        self._watch(recording)
+        recording.addCallbacks(written, failed).addBoth(done)
+        return flushing.observe()
 
     async def _load_unwritten(self) -> tuple[Snapshot, dict[tuple[str, str], float]]:
         while True:
             await self.flush()
             if self._flushing is None and self._loading is None:
                 break
-        loading = self._loading = self.store.load(self.clock())
+        loaded = self.store.load(self.clock())
+        loading = self._loading = InFlight[Snapshot]()
+        loaded.addBoth(loading.end)
         try:
-            snapshot = await loading
+            snapshot = await loading.observe()
         finally:
             self._loading = None
         # Read now: the rows counted during the load are not in it either.
@@ -1480,9 +1487,7 @@ class ConsumerTable:
         else:
             # After the write under way (its rows still carry the name),
             # within the command's deadline (the database may hold it).
-            writing: Deferred[None] = Deferred()
-            self._flushing.addBoth(lambda _: writing.callback(None))
-            deleting = self.store.delete(name, retired_name(consumer), after=writing)
+            deleting = self.store.delete(name, retired_name(consumer), after=self._flushing.observe())
         return deleting.addCallback(deleted).addBoth(written)
 
     def add_key(self, name: str) -> Deferred[NewKey]:
