@@ -11,6 +11,8 @@ Each against a gateway in this process, over real sockets.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import io
 import json
 import socket
@@ -26,6 +28,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
+from twisted.web import http
 
 from openclaw.dataplane.site import METRICS_MAX_CONNECTIONS
 from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway, start_metrics_listener
@@ -122,6 +125,29 @@ class EarlyRefusalTests(TestCase):
         self.assertEqual((status_of(answer), code_of(answer)), (401, "invalid_api_key"))
         answer = yield self.send(head + b"\r\nAuthorization: Bearer " + KEY.encode())
         self.assertEqual((status_of(answer), code_of(answer)), (413, "request_too_large"))
+
+    @inlineCallbacks
+    def test_refusals_carry_a_date(self) -> Any:
+        """
+        An answer written before twisted.web has a request (the 413 of a
+        Content-Length past the limit, the 400 of another Host) has a
+        C{Date}, as twisted.web's answers have (RFC 9110 section 6.6.1):
+        one, now, in IMF-fixdate.
+        """
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        for head in (
+            post + b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 5000",
+            post + b"Host: other\r\nContent-Length: 2",
+        ):
+            before = int(time.time())
+            answer = yield self.send(head)
+            after = time.time()
+            lines = answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+            dates = [line.partition(b":")[2].strip() for line in lines if line.lower().startswith(b"date:")]
+            self.assertEqual(len(dates), 1, answer)
+            self.assertTrue(before <= http.stringToDatetime(dates[0]) <= after, dates)
+            parsed = email.utils.parsedate_to_datetime(dates[0].decode("ascii"))
+            self.assertEqual(parsed.utcoffset(), datetime.timedelta(0))
 
     @inlineCallbacks
     def test_chunked_body_past_the_limit_logged(self) -> Any:

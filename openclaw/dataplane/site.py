@@ -935,7 +935,9 @@ def raw_response(
 ) -> bytes:
     """
     A whole HTTP/1.1 response (RFC 9112), closing the connection: for
-    answers written before twisted.web has a request to answer with.
+    answers written before twisted.web has a request to answer with.  Its
+    C{Date} (RFC 9110 section 6.6.1, as twisted.web's answers have) is
+    now, in IMF-fixdate (L{http.datetimeToString}).
 
     @param status: its status code; the reason phrase is L{reason_phrase}'s.
     @param body: its body, sent with its C{Content-Length}.
@@ -944,14 +946,8 @@ def raw_response(
     """
     reason = reason_phrase(status) or b"Error"
     fields = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
-    return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
-        status,
-        reason,
-        content_type,
-        fields,
-        len(body),
-        body,
-    )
+    head = b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n"
+    return head % (status, reason, http.datetimeToString(), content_type, fields, len(body)) + body
 
 
 def raw_error_response(error: APIError, request_id: str | None = None) -> bytes:
