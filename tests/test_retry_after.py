@@ -11,10 +11,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from openclaw.dataplane.errors import breaker_open, no_usable_key, retry_after_seconds
+from openclaw.dataplane.errors import (
+    MAX_SLEPT_RETRY_AFTER_SECONDS,
+    SHOULD_RETRY_HEADER,
+    APIError,
+    breaker_open,
+    no_usable_key,
+    retry_after_seconds,
+    sooner_elsewhere,
+)
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.settings import MAX_DURATION_SECONDS
@@ -83,6 +92,57 @@ class WrittenRetryAfterTests(TestCase):
             for error in (breaker_open("kimi", seconds), no_usable_key("kimi", "KIMI_API_KEY", seconds)):
                 self.assertIn((b"Retry-After", b"2592000"), error.headers)
                 self.assertIn(" 2592000 s", error.message)
+
+
+class RetryAfterFieldTests(TestCase):
+    """
+    L{APIError.retry_after} is the one source of the C{Retry-After} an
+    error is answered with (and of its C{x-should-retry: false} for a wait
+    too long to sleep).
+    """
+
+    def test_header_written_from_the_field(self) -> None:
+        error = APIError(503, "x", "server_error", "x", headers=((b"Allow", b"GET"),), retry_after=7)
+        self.assertEqual(error.headers, ((b"Allow", b"GET"), (b"Retry-After", b"7")))
+        long = APIError(429, "x", "rate_limit_error", "x", retry_after=MAX_SLEPT_RETRY_AFTER_SECONDS + 1)
+        self.assertEqual(long.headers, ((b"Retry-After", b"61"), (SHOULD_RETRY_HEADER, b"false")))
+        self.assertEqual(APIError(503, "x").headers, ())
+
+    def test_evolved_once(self) -> None:
+        """
+        An error evolved keeps one C{Retry-After}, the new field's.
+        """
+        error = APIError(429, "x", "rate_limit_error", "x", retry_after=90)
+        self.assertEqual(attrs.evolve(error, message="y").headers, error.headers)
+        shorter = attrs.evolve(error, retry_after=5)
+        self.assertEqual(shorter.headers, ((b"Retry-After", b"5"), (SHOULD_RETRY_HEADER, b"false")))
+
+    def test_header_alone_read(self) -> None:
+        """
+        A C{Retry-After} given in the headers alone (a provider plugin's):
+        delay-seconds read into the field; anything else kept as it is,
+        and no wait.
+        """
+        error = APIError(429, "x", headers=((b"retry-after", b"120"),))
+        self.assertEqual(error.retry_after, 120)
+        self.assertEqual(error.headers, ((b"Retry-After", b"120"), (SHOULD_RETRY_HEADER, b"false")))
+        dated = APIError(503, "x", headers=((b"Retry-After", b"Wed, 21 Oct 2099 07:28:00 GMT"),))
+        self.assertIsNone(dated.retry_after)
+        self.assertEqual(dated.headers, ((b"Retry-After", b"Wed, 21 Oct 2099 07:28:00 GMT"),))
+
+    def test_sooner_elsewhere(self) -> None:
+        """
+        A wait shortened for a fallback: one C{Retry-After}, the shorter,
+        and no C{x-should-retry: false} left of the longer one.
+        """
+        error = breaker_open("kimi", 3600.0)
+        self.assertEqual(error.retry_after, 3600)
+        self.assertIn((SHOULD_RETRY_HEADER, b"false"), error.headers)
+        sooner = sooner_elsewhere(error, "gemini", 4.5)
+        self.assertEqual((sooner.retry_after, sooner.headers), (5, ((b"Retry-After", b"5"),)))
+        self.assertIs(sooner_elsewhere(error, "gemini", 7200.0), error)
+        unsaid = APIError(502, "x")
+        self.assertIs(sooner_elsewhere(unsaid, "gemini", 1.0), unsaid)
 
 
 class RetryAfterEndToEndTests(ResilienceTestCase):

@@ -211,7 +211,7 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
         f"retry after {retry_after} s, or ask the operator to raise {what} with consumer_update",
         "tokens" if what == "tpm" else "requests",
         "rate_limit_exceeded",
-        headers=((b"Retry-After", b"%d" % retry_after),),
+        retry_after=retry_after,
     )
 
 
@@ -271,7 +271,7 @@ def tpm_refused(
         f"retry after {retry} s, once they end, or set max_tokens so that each call reserves less{hint}",
         "tokens_reserved",
         "rate_limit_exceeded",
-        headers=((b"Retry-After", b"%d" % retry),),
+        retry_after=retry,
     )
 
 
@@ -309,7 +309,7 @@ def budget_spent(
             f"each call reserves less{_held_in_cluster(consumer.name, RESERVATION_SECONDS) if cluster else ''}",
             "budget_reserved",
             "rate_limit_exceeded",
-            headers=((b"Retry-After", b"%d" % BUDGET_RETRY_SECONDS),),
+            retry_after=BUDGET_RETRY_SECONDS,
         )
     end = period_end(period, now)
     renews = f"; it renews at {isoformat(end)}" if end is not None else ""

@@ -34,7 +34,7 @@ def consumers_loading() -> APIError:
         f"so this consumer key cannot be checked; retry in {LOADING_RETRY_SECONDS} s",
         "server_error",
         "consumers_loading",
-        headers=((b"Retry-After", b"%d" % LOADING_RETRY_SECONDS),),
+        retry_after=LOADING_RETRY_SECONDS,
     )
 
 

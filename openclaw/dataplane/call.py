@@ -577,8 +577,7 @@ class ChatCall:
             rests too, the answer says so of both, with the earliest wait
             (L{every_key_resting}), not the first provider's alone.
         """
-        said = next((value for name, value in error.headers if name.lower() == b"retry-after"), None)
-        if resting is None and (said is None or not said.isdigit()):
+        if resting is None and error.retry_after is None:
             # No wait to shorten (a 502, a timeout): no request encoded
             # for a fallback (L{_could_take}).
             return error

@@ -55,7 +55,15 @@ class APIError(Exception):
     """
     An answer other than success; raise it anywhere under a resource.
 
-    @ivar headers: extra response headers (C{Allow}, C{WWW-Authenticate}).
+    @ivar headers: extra response headers (C{Allow}, C{WWW-Authenticate}),
+        its C{Retry-After} among them when C{retry_after} is set.
+    @ivar retry_after: the seconds the client is told to wait before it
+        retries (a whole number, L{retry_after_seconds}), or None: the one
+        source of its C{Retry-After} header, which construction (and
+        C{attrs.evolve}) puts in C{headers} (replacing any other there),
+        last but for an C{x-should-retry}.  A C{Retry-After} given in C{headers} alone (by a provider
+        plugin) is read into it when it is delay-seconds (RFC 9110 section
+        10.2.3), else left as it is, and this None.
     """
 
     status: int
@@ -64,22 +72,35 @@ class APIError(Exception):
     code: str | None = None
     param: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    retry_after: int | None = None
 
     def __attrs_post_init__(self) -> None:
         """
-        Add C{x-should-retry: false} (L{SHOULD_RETRY_HEADER}) to an answer
-        no retry within the call can help: a code of
-        L{NOT_RETRYABLE_CODES}, or a C{Retry-After} over
-        L{MAX_SLEPT_RETRY_AFTER_SECONDS}, which an SDK would otherwise
-        sleep through (openai-node) or ignore and retry at once
-        (openai-python 1.x, 2.x).  Never C{true}: the SDKs' own defaults
-        stand elsewhere.  Kept as is when the header is already there.
+        Write C{retry_after} as the C{Retry-After} header, and add
+        C{x-should-retry: false} (L{SHOULD_RETRY_HEADER}) to an answer no
+        retry within the call can help: a code of L{NOT_RETRYABLE_CODES},
+        or a C{retry_after} over L{MAX_SLEPT_RETRY_AFTER_SECONDS}, which an
+        SDK would otherwise sleep through (openai-node) or ignore and retry
+        at once (openai-python 1.x, 2.x).  Never C{true}: the SDKs' own
+        defaults stand elsewhere.  Kept as is when the header is already
+        there.
         """
-        if not (self.code in NOT_RETRYABLE_CODES or _retry_after_too_long(self.headers)):
-            return
-        if any(name.lower() == SHOULD_RETRY_HEADER for name, _ in self.headers):
-            return
-        object.__setattr__(self, "headers", (*self.headers, (SHOULD_RETRY_HEADER, b"false")))
+        headers = self.headers
+        if self.retry_after is None:
+            said = next((value for name, value in headers if name.lower() == b"retry-after"), None)
+            if said is not None and said.isdigit():
+                object.__setattr__(self, "retry_after", int(said))
+        if self.retry_after is not None:
+            # Before an x-should-retry (added last), else last.
+            others = [(name, value) for name, value in headers if name.lower() != b"retry-after"]
+            at = next((n for n, (name, _) in enumerate(others) if name.lower() == SHOULD_RETRY_HEADER), len(others))
+            headers = (*others[:at], (b"Retry-After", b"%d" % self.retry_after), *others[at:])
+        too_long = self.retry_after is not None and self.retry_after > MAX_SLEPT_RETRY_AFTER_SECONDS
+        if (self.code in NOT_RETRYABLE_CODES or too_long) and not any(
+            name.lower() == SHOULD_RETRY_HEADER for name, _ in headers
+        ):
+            headers = (*headers, (SHOULD_RETRY_HEADER, b"false"))
+        object.__setattr__(self, "headers", headers)
 
     def document(self) -> dict[str, object]:
         """
@@ -89,18 +110,6 @@ class APIError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps(self.document())
-
-
-def _retry_after_too_long(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
-    """
-    Whether C{headers} hold a C{Retry-After} of more than
-    L{MAX_SLEPT_RETRY_AFTER_SECONDS} (delay-seconds, as the gateway writes
-    it: L{_retry_after}).
-    """
-    for name, value in headers:
-        if name.lower() == b"retry-after" and value.isdigit() and int(value) > MAX_SLEPT_RETRY_AFTER_SECONDS:
-            return True
-    return False
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -159,7 +168,7 @@ def shutting_down() -> APIError:
         "the gateway is shutting down and ended this call; retry it",
         "server_error",
         "shutting_down",
-        headers=((b"Retry-After", b"1"),),
+        retry_after=1,
     )
 
 
@@ -253,7 +262,7 @@ def descriptors_exhausted() -> APIError:
         "retry shortly, and tell the operator if it lasts",
         "server_error",
         "gateway_overloaded",
-        headers=((b"Retry-After", b"1"),),
+        retry_after=1,
     )
 
 
@@ -300,10 +309,6 @@ def retry_after_seconds(seconds: float) -> int:
     return math.ceil(seconds)
 
 
-def _retry_after(seconds: float) -> tuple[bytes, bytes]:
-    return (b"Retry-After", b"%d" % retry_after_seconds(seconds))
-
-
 def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool) -> APIError:
     """
     The client's answer when a provider refused a chat call; the status
@@ -338,6 +343,7 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
     """
     said = f"{status_line(refusal.status)}: {refusal.message}"
     upstream = ((UPSTREAM_STATUS_HEADER, b"%d" % refusal.status),)
+    retry_after = None if refusal.retry_after is None else retry_after_seconds(refusal.retry_after)
     kind = refusal.kind
     if kind == "request":
         refused = f"{provider_id} refused the request: {said}"
@@ -349,13 +355,13 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
             return APIError(404, refused, "invalid_request_error", "model_not_found", "model", headers=upstream)
         return APIError(404, refused, "not_found_error", "upstream_not_found", headers=upstream)
     if kind == "rate_limited":
-        headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
         return APIError(
             429,
             f"{provider_id} is rate limiting the gateway: {said}; retry later",
             "rate_limit_error",
             "rate_limit_exceeded",
-            headers=headers,
+            headers=upstream,
+            retry_after=retry_after,
         )
     if kind == "auth":
         return APIError(
@@ -387,14 +393,19 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
             headers=upstream,
         )
     hint = "; the provider is failing, try again later" if refusal.status >= 500 else ""
-    headers = upstream if refusal.retry_after is None else (*upstream, _retry_after(refusal.retry_after))
+    headers: tuple[tuple[bytes, bytes], ...] = upstream
     if refusal.status < 500 and refusal.status not in (408, 409):
         # A refusal of another kind (402, 405, a redirect...): the same call
         # would be refused again; 408 and 409 may pass on a retry (the SDKs
         # retry them).
         headers = (*headers, (SHOULD_RETRY_HEADER, b"false"))
     return APIError(
-        502, f"{provider_id} answered {said}{hint}", "upstream_error", "upstream_http_error", headers=headers
+        502,
+        f"{provider_id} answered {said}{hint}",
+        "upstream_error",
+        "upstream_http_error",
+        headers=headers,
+        retry_after=retry_after,
     )
 
 
@@ -409,7 +420,7 @@ def no_usable_key(provider_id: str, key_setting: str, back_in: float | None) -> 
             f"every key the gateway holds for {provider_id} is rate limited; retry in {retry_after_seconds(back_in)} s",
             "rate_limit_error",
             "rate_limit_exceeded",
-            headers=(_retry_after(back_in),),
+            retry_after=retry_after_seconds(back_in),
         )
     return APIError(
         502,
@@ -443,7 +454,7 @@ def every_key_resting(provider_id: str, seconds: float, fallbacks: Sequence[tupl
         f"where the call would fail over ({told}); retry in {retry_after_seconds(soonest)} s",
         "rate_limit_error",
         "rate_limit_exceeded",
-        headers=(_retry_after(soonest),),
+        retry_after=retry_after_seconds(soonest),
     )
 
 
@@ -455,17 +466,17 @@ def sooner_elsewhere(error: APIError, provider_id: str, seconds: float) -> APIEr
     the route, not for one of its providers (a spent daily quota's hour
     while the fallback rests for seconds).  Unchanged otherwise.
     """
-    said = next((value for name, value in error.headers if name.lower() == b"retry-after"), None)
     wait = retry_after_seconds(seconds)
-    if said is None or not said.isdigit() or int(said) <= wait:
+    if error.retry_after is None or error.retry_after <= wait:
         return error
-    kept = tuple(
-        (name, value) for name, value in error.headers if name.lower() not in (b"retry-after", SHOULD_RETRY_HEADER)
-    )
+    # Its x-should-retry: false for a wait too long to sleep, if any, is
+    # decided again.
+    kept = tuple((name, value) for name, value in error.headers if name.lower() != SHOULD_RETRY_HEADER)
     return attrs.evolve(
         error,
         message=f"{error.message}; {provider_id} may take the call in {wait} s (failover)",
-        headers=(*kept, _retry_after(seconds)),
+        headers=kept,
+        retry_after=wait,
     )
 
 
@@ -489,5 +500,5 @@ def breaker_open(provider_id: str, remaining: float) -> APIError:
         message,
         "server_error",
         "provider_unavailable",
-        headers=(_retry_after(remaining),),
+        retry_after=retry_after_seconds(remaining),
     )

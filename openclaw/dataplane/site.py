@@ -1738,7 +1738,7 @@ class APISite(Site):
             "is reached; wait for an answer before sending more, or retry shortly",
             "server_error",
             "too_many_requests_in_flight",
-            headers=((b"Retry-After", b"1"),),
+            retry_after=1,
         )
 
     def stream_done(self, request: APIRequest) -> None:
