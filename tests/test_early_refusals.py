@@ -15,6 +15,7 @@ import datetime
 import email.utils
 import io
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -148,6 +149,32 @@ class EarlyRefusalTests(TestCase):
             self.assertTrue(before <= http.stringToDatetime(dates[0]) <= after, dates)
             parsed = email.utils.parsedate_to_datetime(dates[0].decode("ascii"))
             self.assertEqual(parsed.utcoffset(), datetime.timedelta(0))
+
+    @inlineCallbacks
+    def test_transfer_codings_not_chunked_alone_refused(self) -> Any:
+        """
+        C{Transfer-Encoding} fields other than one C{chunked} (RFC 9112
+        section 6.3): 400 and the connection closed, and the request
+        smuggled behind never answered.  twisted.web ignores C{identity},
+        framing the body by C{Content-Length} or as empty, where a proxy in
+        front may take it as chunked.
+        """
+        post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+        smuggled = b"0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for codings in (
+            b"\r\nTransfer-Encoding: identity\r\nContent-Length: 5",
+            b"\r\nContent-Length: 5\r\nTransfer-Encoding: identity",
+            b"\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity",
+            b"\r\nTransfer-Encoding: identity",
+        ):
+            answer = yield self.send(post + codings, smuggled)
+            self.assertEqual(re.findall(rb"HTTP/1\.1 \d{3}", answer), [b"HTTP/1.1 400"], codings)
+            self.assertEqual(code_of(answer), "invalid_transfer_encoding", answer)
+            self.assertIn(b"Transfer-Encoding: chunked only", answer)
+        # Chunked alone is the one transfer coding taken.
+        body = json.dumps({"messages": HELLO}).encode()
+        answer = yield self.send(post + b"\r\nTransfer-Encoding: Chunked", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        self.assertNotEqual(code_of(answer), "invalid_transfer_encoding", answer)
 
     @inlineCallbacks
     def test_chunked_body_past_the_limit_logged(self) -> Any:
@@ -291,6 +318,10 @@ class MetricsListenerLimitsTests(TestCase):
             head + b"Content-Length: 100000000000\r\n\r\n",
             head + b"Transfer-Encoding: chunked\r\n\r\n",
             b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello",
+            # A transfer coding twisted.web ignores (the body taken as
+            # empty): a body all the same (RFC 9112 section 6.3).
+            b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: identity\r\n\r\n"
+            b"0\r\n\r\nGET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
         ):
             answer = yield deferToThread(exchange, port, request)
             self.assertEqual(status_line(answer), b"HTTP/1.1 400 Bad Request", answer[:300])

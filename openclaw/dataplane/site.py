@@ -189,6 +189,32 @@ def lacks_host(request: Request, version: bytes) -> bool:
 _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
 
+def unframed_body(request: Request) -> bool:
+    """
+    Whether C{request} has C{Transfer-Encoding} fields other than exactly
+    one C{chunked}: RFC 9112 section 6.3 has a server answer a request
+    whose final transfer coding is not chunked 400 and close the
+    connection, as its body's length cannot be told.  twisted.web ignores a
+    field of C{identity} (or one line of C{chunked}, another of
+    C{identity}) and frames the body by C{Content-Length}, or as empty,
+    where a proxy in front may take it as chunked: the rest of the body
+    would be read as another request (request smuggling).
+    """
+    codings = request.requestHeaders.getRawHeaders(b"transfer-encoding")
+    return codings is not None and (len(codings) != 1 or codings[0].strip().lower() != b"chunked")
+
+
+def _unframed_body() -> APIError:
+    return APIError(
+        400,
+        "the request's Transfer-Encoding is not chunked alone (RFC 9112 section 6.3: a body whose final transfer "
+        "coding is not chunked has no length to read it by); send the body with a Content-Length, or with "
+        "Transfer-Encoding: chunked only",
+        "invalid_request_error",
+        "invalid_transfer_encoding",
+    )
+
+
 def lose_connection(transport: ITransport) -> None:
     """
     Close C{transport} once what was written to it is sent.  twisted.web's
@@ -319,8 +345,8 @@ class MetricsRequest(NextTurnRequest):
             self._refuse(self._BODY)
         elif invalid_host(self):
             self._refuse(self._INVALID_HOST)
-        elif length or (length is None and channel is not None):
-            # A length, or (HTTP/1.1) chunked: a body.
+        elif length or (length is None and channel is not None) or unframed_body(self):
+            # A length, or (HTTP/1.1) chunked, or another transfer coding: a body.
             self._refuse(self._NO_BODY)
         # Nothing of a body is kept, refused or not (none is read).
         super().gotLength(0)
@@ -670,8 +696,11 @@ class APIRequest(NextTurnRequest):
         or C{Authorization} (400), a body without an accepted key (401,
         whatever its size: README, "No body without a key"), a declared
         length over C{MAX_REQUEST_BYTES} (413).  A key found is kept
-        (L{holder}), and the connection told.
+        (L{holder}), and the connection told.  First, C{Transfer-Encoding}
+        fields other than one C{chunked} (400, L{unframed_body}).
         """
+        if unframed_body(self):
+            return _unframed_body()
         for name, refusal in _SINGLE_FIELDS:
             if repeated_field(self, name):
                 return refusal()
