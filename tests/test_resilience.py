@@ -660,6 +660,33 @@ class BreakerEndToEndTests(ResilienceTestCase):
         self.assertEqual(len(logged), 2)
 
     @inlineCallbacks
+    def test_every_breaker_open_said_of_every_provider(self):
+        """
+        The breakers of the call's provider and of its fallback both open:
+        the 503 names both, each with its wait, and tells the client to
+        retry when the first can take the call, not to have the operator
+        switch to the other, failing, provider (trial s32).
+        """
+        gateway = self.gateway(default_provider="kimi", breaker_failures=1, breaker_cooldown_seconds=30)
+        providers = gateway.service.providers
+        providers.get("kimi").breaker.failed()
+        yield deferLater(reactor, 0.2)
+        providers.get("gemini").breaker.failed()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 503, text)
+        self.assertOpenAIError(text, "provider_unavailable")
+        message = json.loads(text)["error"]["message"]
+        self.assertIn("kimi has been failing, and so has gemini, where the call would fail over", message)
+        self.assertIn("(BREAKER_COOLDOWN_SECONDS: kimi in 30 s, gemini in 30 s)", message)
+        self.assertNotIn("switch_provider", message)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
+        self.assertEqual((self.behaviour("kimi").requests, self.behaviour("gemini").requests), (0, 0))
+        # Only the call's own breaker open: failed over, as before.
+        providers.get("gemini").breaker.succeeded()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
     def test_other_endpoints_do_not_judge_completions(self):
         """
         Answers of the models listing and of embeddings say nothing of

@@ -55,6 +55,7 @@ from openclaw.dataplane.errors import (
     bad_request,
     breaker_open,
     descriptors_exhausted,
+    every_breaker_open,
     every_key_resting,
     internal_error,
     no_usable_key,
@@ -533,7 +534,8 @@ class ChatCall:
             return self._fail(self._sooner_elsewhere(error))
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:
-            return self._fail(self._sooner_elsewhere(error, resting))
+            breaker = self.adapter.breaker.remaining() if reason == "breaker_open" else None
+            return self._fail(self._sooner_elsewhere(error, resting, breaker))
         origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         why_not = self._may_not_use(target.id, model)
@@ -565,7 +567,9 @@ class ChatCall:
         self._tried = []
         return self._attempt(body)
 
-    def _sooner_elsewhere(self, error: APIError, resting: float | None = None) -> APIError:
+    def _sooner_elsewhere(
+        self, error: APIError, resting: float | None = None, breaker: float | None = None
+    ) -> APIError:
         """
         C{error}, when no provider could take the call now, with the
         soonest wait of those that could later (L{sooner_elsewhere}): the
@@ -576,6 +580,10 @@ class ChatCall:
             rests, for so many seconds more: when every key of a fallback
             rests too, the answer says so of both, with the earliest wait
             (L{every_key_resting}), not the first provider's alone.
+        @param breaker: C{error} is that the breaker of the call's provider
+            is open, for so many seconds more: when the breaker of every
+            provider it could fail over to is open too, the answer says so
+            of them all, with the earliest wait (L{every_breaker_open}).
         """
         if resting is None and error.retry_after is None:
             # No wait to shorten (a 502, a timeout): no request encoded
@@ -593,6 +601,12 @@ class ChatCall:
                 error = every_key_resting(self.route.provider_id, resting, rested)
             # Those that wait for another reason (an open breaker).
             waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available]
+        elif breaker is not None and waits and all(adapter.keys.available for adapter, _ in waits):
+            # Every provider the call could go to waits for its breaker too
+            # (none rests for a 429): said of them all.
+            failing = [(adapter.id, wait) for adapter, wait in waits if self._could_take(adapter)]
+            if failing:
+                return every_breaker_open(self.route.provider_id, breaker, failing)
         for adapter, wait in waits:
             if self._could_take(adapter):
                 return sooner_elsewhere(error, adapter.id, wait)

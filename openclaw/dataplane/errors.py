@@ -458,6 +458,32 @@ def every_key_resting(provider_id: str, seconds: float, fallbacks: Sequence[tupl
     )
 
 
+def every_breaker_open(provider_id: str, seconds: float, fallbacks: Sequence[tuple[str, float]]) -> APIError:
+    """
+    503: the breaker of the call's provider (C{provider_id}, open for
+    C{seconds} more) is open, and so is the breaker of each provider the
+    call could fail over to (C{fallbacks}: their ids, each with the seconds
+    until it may take the call), so no provider can take it now.  Said as
+    such, each provider's wait named, soonest first, and the client told to
+    retry (C{Retry-After}) when the first of them can; not the call's
+    provider's alone with "ask the operator to switch_provider", which
+    would only move the call to another failing provider (trial s32).
+    """
+    waits = sorted([(provider_id, seconds), *fallbacks], key=lambda entry: entry[1])
+    soonest = retry_after_seconds(waits[0][1])
+    others = " and ".join(fallback for fallback, _ in fallbacks)
+    told = ", ".join(f"{provider} in {retry_after_seconds(wait)} s" for provider, wait in waits)
+    return APIError(
+        503,
+        f"{provider_id} has been failing, and so has {others}, where the call would fail over, so the gateway "
+        f"sends them no calls for a while (BREAKER_COOLDOWN_SECONDS: {told}); retry in {soonest} s, and if "
+        "every provider keeps failing, ask the operator to look at them (openclawctl status)",
+        "server_error",
+        "provider_unavailable",
+        retry_after=soonest,
+    )
+
+
 def sooner_elsewhere(error: APIError, provider_id: str, seconds: float) -> APIError:
     """
     C{error} (a 429 or 503 whose C{Retry-After} says when its provider
