@@ -278,7 +278,27 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertTrue(self.command("ping", token=result["token"])["ok"])
 
     def test_bad_json(self) -> None:
-        self.assertEqual(self.send(b"{not json"), {"ok": False, "cmd": None, "error": "message is not valid JSON"})
+        answer = self.send(b"{not json")
+        self.assertEqual((answer["ok"], answer["cmd"]), (False, None))
+        # orjson's reason and where: line 1 column 2 (char 1).
+        self.assertTrue(answer["error"].startswith("message is not valid JSON ("), answer)
+        self.assertIn("(char 1)", answer["error"])
+
+    def test_json_past_what_is_read(self) -> None:
+        """
+        JSON orjson does not read (too deep, a number past a double, a lone
+        surrogate) is said as such, with orjson's reason and what to send,
+        not as "not valid JSON" (re-attack s32).
+        """
+        for payload, reason in [
+            (b'{"cmd": "ping", "data": {"n": 1e999}}', "number is infinity"),
+            (b"[" * 2000 + b"]" * 2000, "depth limit exceeded"),
+            (b'{"cmd": "ping", "data": {"name": "\\ud800"}}', "surrogate"),
+        ]:
+            error = self.send(payload)["error"]
+            self.assertTrue(error.startswith("message is JSON past what the gateway reads ("), error)
+            self.assertIn(reason, error)
+            self.assertIn("nest at most 1024 levels", error)
 
     def test_not_an_object(self) -> None:
         for payload in [b"[]", b"1", b'"ping"', b"null"]:
@@ -424,7 +444,7 @@ class ControlPlaneTests(SynchronousTestCase):
         """
         self.assertTrue(self.command("ping")["ok"])
         for _ in range(5):
-            self.assertEqual(self.send(b"NaN")["error"], "message is not valid JSON")
+            self.assertTrue(self.send(b"NaN")["error"].startswith("message is not valid JSON ("))
             self.assertIn("must be a JSON object", self.send(b"[]")["error"])
         self.assertEqual(self.connection.failed_auths, 0)
         self.assertFalse(self.plane.too_many_failures(self.connection))

@@ -50,6 +50,22 @@ def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
     return "from {peer} through proxy {proxy}", {"proxy": proxy}
 
 
+def unreadable_json(error: orjson.JSONDecodeError) -> str:
+    """
+    What a message that does not parse is told: not JSON, or JSON past what
+    the gateway reads (orjson's limits: 1024 levels of nesting, numbers
+    within a double, no lone UTF-16 surrogate), with orjson's reason and
+    where it is (C{line 1 column 6 (char 5)}), never the message itself.
+    """
+    reason = str(error)
+    if "depth limit" in reason or "infinity" in reason or "surrogate" in reason:
+        return (
+            f"message is JSON past what the gateway reads ({reason}): nest at most 1024 levels, keep numbers "
+            "within a double's range, and escape a character past U+FFFF as its whole surrogate pair"
+        )
+    return f"message is not valid JSON ({reason})"
+
+
 @attrs.define
 class Connection:
     """
@@ -179,11 +195,11 @@ class ControlPlane:
         peer = connection.peer
         try:
             message = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+        except orjson.JSONDecodeError as e:
             if not connection.authenticated:
                 # No token in it: an authentication failure like any other.
                 self._auth_failed(connection, MISSING, None)
-            return self._refuse(None, "message is not valid JSON")
+            return self._refuse(None, unreadable_json(e))
         if type(message) is not dict:
             if not connection.authenticated:
                 self._auth_failed(connection, MISSING, None)
