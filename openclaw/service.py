@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from twisted.application.service import MultiService, Service
@@ -60,7 +61,7 @@ from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
-from openclaw.files import PidLock
+from openclaw.files import PidLock, write_atomically
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
 from openclaw.logs import offer_log_observer
 from openclaw.loops import LoggedStep
@@ -73,6 +74,7 @@ from openclaw.settings import Settings
 from openclaw.state import RouteStore
 from openclaw.timefmt import isoformat
 from openclaw.urls import masked_url
+from openclaw.writer import FileWriter
 
 #: How often an instance that is not listening yet (waiting for the
 #: cluster store at start-up) says so in the log, in seconds.
@@ -288,6 +290,11 @@ class HeldLocks(Service):
     consumers' database and the cluster's membership are stopped, whether
     or not their stops failed; a start refused lets them go at once
     (L{release}).
+
+    It starts and stops the gateway's file writer (L{FileWriter}) too: at
+    stop its writes under way finish (none is taken after) before the
+    token file is removed, so that none lands once it is, and the locks
+    are let go of last.
     """
 
     def __init__(
@@ -296,16 +303,23 @@ class HeldLocks(Service):
         state_lock: PidLock | None,
         port_locks: Sequence[socket.socket],
         log: Logger,
+        writer: FileWriter | None = None,
     ) -> None:
         """
+        Reactor thread (or before the reactor runs).
+
         @param sessions: the session authority, holding the token file's
             lock and writing the token file.
         @param state_lock: the lock of C{STATE_DIR}; L{None}: none.
         @param port_locks: the locks of the TCP ports (abstract UNIX
             sockets, one per port number).
         @param log: the gateway's logger (its lines are the gateway's).
+        @param writer: the gateway's file writer (the state file's and the
+            token file's writes after start-up), started and stopped with
+            this service; L{None}: none.
         """
         self._sessions = sessions
+        self._writer = writer
         self._state_lock = state_lock
         self._port_locks = tuple(port_locks)
         self._log = log
@@ -314,26 +328,39 @@ class HeldLocks(Service):
         """
         Name this process in the lock of C{STATE_DIR}: after twistd
         daemonized, the daemon's pid, not its parent's (a file that cannot
-        be written keeps the parent's: the lock holds all the same).
+        be written keeps the parent's: the lock holds all the same), and
+        start the file writer.  Reactor thread.
         """
         super().startService()
         if self._state_lock is not None:
             with contextlib.suppress(OSError):
                 self._state_lock.record_pid()
+        if self._writer is not None:
+            self._writer.startService()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
         """
-        Remove the token file (L{SessionAuthority.discard_token_file}: only
-        when it still holds this gateway's token, never a cluster's), then
-        let go of the locks (L{release}); the locks are let go even when
-        the token file's removal fails (which then fails this stop, logged
-        by the gateway: L{SequentialMultiService}).
+        Let the file writer's writes under way finish (or fail, logged by
+        who asked them), taking none after (L{FileWriter.stopService}:
+        however long a slow disk takes); then remove the token file
+        (L{SessionAuthority.discard_token_file}: only when it still holds
+        this gateway's token, never a cluster's), then let go of the locks
+        (L{release}); the locks are let go even when the token file's
+        removal fails (which then fails this stop, logged by the gateway:
+        L{SequentialMultiService}).  Reactor thread.
         """
         super().stopService()
-        try:
-            self._sessions.discard_token_file()
-        finally:
-            self.release()
+        writes: Deferred[None] = (
+            succeed(None) if self._writer is None or not self._writer.running else self._writer.stopService()
+        )
+
+        def written(_: object) -> None:
+            try:
+                self._sessions.discard_token_file()
+            finally:
+                self.release()
+
+        return writes.addCallback(written)
 
     def release(self) -> None:
         """
@@ -634,6 +661,10 @@ class GatewayService(SequentialMultiService):
     @param port_locks: the locks of its TCP ports
         (L{openclaw.listeners.lock_port}), taken before twistd daemonized:
         closed when the service stops, with C{state_lock} (L{HeldLocks}).
+    @param write_file: the blocking write of a whole file (path, text)
+        its L{FileWriter} calls in its thread for the state file and the
+        token file after start-up (L{write_atomically}; a test gives one
+        that blocks).
     """
 
     #: The process's exit status once the reactor has stopped: 1 after a
@@ -658,6 +689,7 @@ class GatewayService(SequentialMultiService):
         state_lock: PidLock | None = None,
         token_lock: PidLock | None = None,
         port_locks: Sequence[socket.socket] = (),
+        write_file: Callable[[Path, str], None] = write_atomically,
     ) -> None:
         super().__init__()
         self._ids = ids
@@ -668,10 +700,14 @@ class GatewayService(SequentialMultiService):
         self._stdout = stdout
         self._reactor = reactor
         self._log_observer = log_observer
+        #: Writes the state file and the token file after start-up, in a
+        #: thread of its own: started and stopped by HeldLocks (its writes
+        #: finished just before it removes the token file).
+        self.writer = FileWriter(reactor, write_file)
         shared_clock = self._build_sessions(token_lock)
         #: Its first child (started first, stopped last): the locks of
         #: STATE_DIR, TOKEN_FILE and its ports, and the token file.
-        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log)
+        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log, self.writer)
         self._held.setServiceParent(self)
         # The metrics read the providers and the listeners, which count
         # into them: read through self, when scraped.
@@ -690,12 +726,13 @@ class GatewayService(SequentialMultiService):
         self.worker = worker
         self._build_cluster()
         # Children, started in this order and stopped in the reverse, each
-        # stop waited for (SequentialMultiService): the locks and the token
-        # file (HeldLocks, added above), the cluster's membership, the
-        # consumers' database, then what answers clients; twistd's stop
-        # thus stops listening and drains the calls in flight first, writes
-        # their usage rows, leaves the cluster, and lets go of the locks
-        # last.
+        # stop waited for (SequentialMultiService): the locks, the token
+        # file and the file writer (HeldLocks, added above), the cluster's
+        # membership, the consumers' database, then what answers clients;
+        # twistd's stop thus stops listening and drains the calls in
+        # flight first, writes their usage rows, leaves the cluster, lets
+        # the state and token files' writes finish (no more taken), then
+        # removes the token file and lets go of the locks last.
         if self.cluster is not None:
             assert self._redis is not None
             ClusterService(self._redis, self.cluster).setServiceParent(self)
@@ -737,6 +774,7 @@ class GatewayService(SequentialMultiService):
             token_file=settings.token_file,
             shared=settings.redis_url is not None,
             token_lock=token_lock,
+            writer=self.writer,
         )
         return shared_clock
 
@@ -893,8 +931,11 @@ class GatewayService(SequentialMultiService):
             started_at=self.started_at,
             started_monotonic=self.started_monotonic,
             clock=reactor.seconds,
-            # In a cluster the route is kept in the store (share_switch).
-            persist=self.store.save if cluster is None else lambda route: None,
+            # In a cluster the route is kept in the store (share_switch);
+            # standalone, in the state file, written in the writer's thread.
+            persist=(lambda route: self.store.save_later(route, self.writer))
+            if cluster is None
+            else lambda route: None,
             on_health=self.metrics.health,
             provider_states=self.providers.states,
             share_switch=None if cluster is None else cluster.switch,
@@ -1516,7 +1557,9 @@ class GatewayService(SequentialMultiService):
         if self.cluster is not None:
             # Announced when adopted (ClusterNode's on_token).
             return self.cluster.rotate(self.sessions.mint()).addCallback(self._rotated, announce=False)
-        return self._rotated(self.sessions.issue())
+        # Its token file written in the writer's thread: answered once
+        # written (or refused: the current token stays valid).
+        return self.sessions.issue_later().addCallback(self._rotated)
 
     def _rotated(self, issued: SessionToken, announce: bool = True) -> SessionToken:
         if announce:
@@ -1559,8 +1602,10 @@ class GatewayService(SequentialMultiService):
         client, close the API's connections, let go of the providers
         (L{ServingService}), write the usage rows still pending and close
         the consumers' database (L{ConsumersService}), leave the cluster
-        (L{ClusterService}), then remove the token file and let go of the
-        locks of C{TOKEN_FILE}, the ports and C{STATE_DIR} (L{HeldLocks}),
+        (L{ClusterService}), then let the writes of the state and token
+        files under way finish, none taken after (L{FileWriter}), remove
+        the token file and let go of the locks of C{TOKEN_FILE}, the ports
+        and C{STATE_DIR} (L{HeldLocks}),
         whether or not a stop before failed.  Not started (a refused
         start): its ports' locks let go, nothing more.
         """
@@ -1576,8 +1621,9 @@ class GatewayService(SequentialMultiService):
         # started first: a --workers worker's watch of its parent, the
         # listeners and the calls in flight (ServingService), the
         # consumers' usage rows and database (ConsumersService), the
-        # cluster's membership (ClusterService), then the token file and
-        # the locks (HeldLocks).
+        # cluster's membership (ClusterService), then the writes of the
+        # state and token files under way (none taken after), the token
+        # file and the locks (HeldLocks).
         yield super().stopService()
 
 

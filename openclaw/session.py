@@ -19,10 +19,13 @@ from pathlib import Path
 
 import attrs
 import jwt
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
+from openclaw.writer import FileWriter
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
@@ -132,8 +135,11 @@ class SessionAuthority:
         token_file: Path | None = None,
         shared: bool = False,
         token_lock: PidLock | None = None,
+        writer: FileWriter | None = None,
     ) -> None:
         """
+        Reactor thread (or before the reactor runs).
+
         @param shared: the token is a cluster's (C{REDIS_URL}): other
             instances, perhaps sharing C{token_file}, go on with it after
             this one stops, so the file is left at stop.
@@ -141,6 +147,9 @@ class SessionAuthority:
             taken at start-up, before twistd daemonizes), kept until
             L{discard_token_file} releases it; the first token written
             names this process in it (the daemon's pid).  L{None}: none.
+        @param writer: where the token file is written after start-up
+            (L{adopt_later}), off the reactor thread; L{None}: on the
+            calling thread (a test, a tool).
         """
         self._secret = secret
         self._ttl = ttl_seconds
@@ -149,6 +158,10 @@ class SessionAuthority:
         self._shared = shared
         self._current: SessionToken | None = None
         self._lock = token_lock
+        self._writer = writer
+        #: The tokens whose adoption (L{adopt_later}) is on its way to the
+        #: token file, in the order asked.  Reactor thread only.
+        self._adopting: list[SessionToken] = []
 
     @property
     def current(self) -> SessionToken:
@@ -212,7 +225,10 @@ class SessionAuthority:
         """
         Make C{issued} the current token (in a cluster: the one the cluster
         holds), every other one invalid at once, and write it to the token
-        file when there is one.
+        file when there is one.  Blocking (it fsyncs), on the calling
+        thread: the gateway's first token, at start-up before anything is
+        served (its refusal: L{openclaw.service.StartRefused}); after
+        start-up the gateway adopts through L{adopt_later}.
 
         @raise TokenFileUnwritable: it could not be written; the current
             token is left as it was.
@@ -236,6 +252,92 @@ class SessionAuthority:
                     jti=issued.jti,
                 )
         self._current = issued
+
+    def adopt_later(self, issued: SessionToken) -> Deferred[None]:
+        """
+        L{adopt}, its token file checked and written in the writer's thread
+        (L{FileWriter.run}), after every write asked of it before: the
+        reactor thread is never blocked by the disk, and of two adoptions
+        asked back to back the second is the one on disk and in force.
+        C{issued} is made current once its file is written (on the reactor
+        thread, when the returned Deferred fires): until then the token
+        before it stays valid.  Without a writer or a token file, as
+        L{adopt} (at once).  Called on the reactor thread.
+
+        @return: a Deferred firing with None once C{issued} is current.
+        @raise TokenFileUnwritable: (as a failure) it could not be written
+            (the writer stopped included: L{WriterStopped}); the current
+            token is left as it was.
+        """
+        writer, path = self._writer, self._token_file
+        if writer is None or path is None:
+            try:
+                self.adopt(issued)
+            except TokenFileUnwritable:
+                return fail()
+            return succeed(None)
+        if self._lock is not None:
+            # Its pid, once (a pwrite, no fsync; nothing after the first).
+            self._name_holder(self._lock)
+        # The tokens this gateway may find in the file when the job runs:
+        # the current one, the ones asked before (written by then, or not),
+        # and this one.  Taken now, on the reactor thread: the job reads
+        # no state of the authority's.
+        mine = tuple(
+            token.token.encode("ascii") for token in (self._current, *self._adopting, issued) if token is not None
+        )
+        first = self._current is None
+        write_file = writer.write_file
+
+        def job() -> str | None:
+            # In the writer's thread.
+            foreign = self._judge_token_file(path, mine, first)
+            if foreign is None:
+                try:
+                    write_file(path, issued.token + "\n")
+                except OSError as e:
+                    raise TokenFileUnwritable(path, e) from None
+            return foreign
+
+        def done(result: object) -> object:
+            self._adopting.remove(issued)
+            return result
+
+        def written(foreign: str | None) -> None:
+            if foreign is not None:
+                self._log.warn(
+                    "TOKEN_FILE {path} was left as it is ({why}); session token {jti} is not in it",
+                    path=str(path),
+                    why=foreign,
+                    jti=issued.jti,
+                )
+            self._current = issued
+
+        def refused(reason: Failure) -> Failure:
+            # The writer stopped (or a job failed as no write does): said
+            # as a write that failed.
+            if isinstance(reason.value, OSError) and not isinstance(reason.value, TokenFileUnwritable):
+                return Failure(TokenFileUnwritable(path, reason.value))
+            return reason
+
+        self._adopting.append(issued)
+        running = writer.run(job)
+        running.addBoth(done)
+        running.addErrback(refused)
+        adopted: Deferred[None] = running.addCallback(written)
+        return adopted
+
+    def issue_later(self) -> Deferred[SessionToken]:
+        """
+        L{issue}, its token file written in the writer's thread
+        (L{adopt_later}).  Called on the reactor thread.
+
+        @return: a Deferred firing with the new token once it is current.
+        @raise TokenFileUnwritable: (as a failure) it could not be
+            written; the current token is left as it was.
+        """
+        issued = self.mint()
+        return self.adopt_later(issued).addCallback(lambda _: issued)
 
     def _name_holder(self, lock: PidLock) -> None:
         try:
@@ -408,8 +510,20 @@ class SessionAuthority:
         anything: it is not replaced, and the reason says what to do.
         """
         assert self._token_file is not None
+        mine = tuple(token.token.encode("ascii") for token in (self._current, accept) if token is not None)
+        return self._judge_token_file(self._token_file, mine, self._current is None)
+
+    def _judge_token_file(self, path: Path, mine: tuple[bytes, ...], first: bool) -> str | None:
+        """
+        Why the token file at C{path} may not be replaced or removed now,
+        or L{None} when it may (L{_foreign_token_file}): C{mine} are the
+        tokens (ASCII) it may hold, C{first} that no token is current yet.
+        Reads the file and nothing of the authority's state but its secret,
+        clock and C{shared}, none of which changes: runs on the reactor
+        thread (L{adopt}, at stop) or the writer's (L{adopt_later}).
+        """
         try:
-            held = read_token_file(self._token_file)
+            held = read_token_file(path)
         except UnsafeTokenFile as e:
             return e.reason
         except NotADirectoryError:
@@ -426,8 +540,7 @@ class SessionAuthority:
             return f"it cannot be read ({e.strerror or e})"
         if held is None:
             return None
-        mine = [token.token.encode("ascii") for token in (self._current, accept) if token is not None]
-        if self._current is None and _TOKEN_FILE_CONTENT.fullmatch(held):
+        if first and _TOKEN_FILE_CONTENT.fullmatch(held):
             if self._shared and self._signed_elsewhere(held):
                 return (
                     "it holds a session token in force signed with another JWT_SECRET: the cluster's, if this "
@@ -461,10 +574,10 @@ def write_token_file(path: Path, token: str, *, keep_owner: bool = False) -> Non
     of the file it replaces (openclawctl's, run as root on the gateway's
     C{TOKEN_FILE}).
 
-    Blocking (it fsyncs), and called on the reactor thread whenever the
-    token changes (start-up, C{rotate_token}, in a cluster a peer's
-    rotation): rare operator events; a slow disk stalls the reactor for
-    the length of this write.
+    Blocking (it fsyncs), on the calling thread: the gateway's first
+    token at start-up, before anything is served (L{SessionAuthority.adopt}),
+    and C{openclawctl}'s; after start-up the gateway writes it in its
+    writer's thread (L{SessionAuthority.adopt_later}).
 
     @raise openclaw.files.OwnerNotKept: C{keep_owner}, and this process
         may not give the file to that owner.

@@ -17,10 +17,13 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from openclaw.files import NotARegularFile, PidLock, read_regular_file, write_atomically
 from openclaw.routing import Route, model_refusal
+from openclaw.writer import FileWriter
 
 STATE_FILE = "openclaw-state.json"
 #: The lock file a gateway holds C{STATE_DIR} by (L{lock_state_dir}).
@@ -130,24 +133,57 @@ class RouteStore:
         crash leaves the old route or the new one, never half of either.
         A failure is logged: the switch itself has happened.
 
-        Blocking, on the reactor thread: a switch is a rare operator event,
-        and the file is written before the switch is answered; a slow disk
-        stalls the reactor for the length of this write.
+        Blocking, on the calling thread: for a caller with no reactor
+        running (a test, a tool); the gateway's switches save through
+        L{save_later}, off the reactor thread.
 
         @return: None once saved; else why not, for the operator who
             switched (C{switch_provider}'s C{warning}).
         """
         try:
-            write_atomically(self.path, json.dumps({"provider": route.provider_id, "model": route.model}))
+            write_atomically(self.path, self._document(route))
         except OSError as e:
-            self._log.error(
-                "could not save the active provider to {path}: {error}; it will not survive a restart",
-                path=str(self.path),
-                error=str(e),
-            )
-            return (
-                f"the switch is made but could not be saved to {self.path} ({e.strerror or e}): a restart will go "
-                "back to the route saved before; fix what stops the gateway's user writing it (a directory in its "
-                "place, STATE_DIR read-only or full), then switch again"
-            )
+            return self._unsaved(e)
         return None
+
+    def save_later(self, route: Route, writer: FileWriter) -> Deferred[str | None]:
+        """
+        L{save}, in C{writer}'s thread (L{FileWriter.write}): after every
+        write asked of it before, so that the last switch asked is the
+        route on disk; the reactor thread is never blocked by the disk.
+        Called on the reactor thread; fires there once the file is written
+        (or the write failed, logged as L{save}'s).
+
+        @return: a Deferred firing with None once saved; else why not
+            (C{switch_provider}'s C{warning}).  Never fails.
+        """
+
+        def failed(reason: Failure) -> str:
+            reason.trap(OSError)
+            assert isinstance(reason.value, OSError)
+            return self._unsaved(reason.value)
+
+        return writer.write(self.path, self._document(route)).addCallbacks(lambda _: None, failed)
+
+    @staticmethod
+    def _document(route: Route) -> str:
+        """
+        What the state file holds for C{route}: a JSON object.
+        """
+        return json.dumps({"provider": route.provider_id, "model": route.model})
+
+    def _unsaved(self, e: OSError) -> str:
+        """
+        Log that the route could not be saved (C{e}), and say why and what
+        to do, for C{switch_provider}'s C{warning}.  Reactor thread.
+        """
+        self._log.error(
+            "could not save the active provider to {path}: {error}; it will not survive a restart",
+            path=str(self.path),
+            error=str(e),
+        )
+        return (
+            f"the switch is made but could not be saved to {self.path} ({e.strerror or e}): a restart will go "
+            "back to the route saved before; fix what stops the gateway's user writing it (a directory in its "
+            "place, STATE_DIR read-only or full), then switch again"
+        )

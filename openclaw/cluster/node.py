@@ -528,6 +528,10 @@ class ClusterNode:
         #: L{stop} was called: nothing more is scheduled on the reactor
         #: (a store's answer arriving afterwards included).
         self._stopped = False
+        #: The cluster's tokens being adopted (their token file written off
+        #: the reactor thread: L{_apply_token}), by jti: what waits for
+        #: each besides its first asker.
+        self._adopting: dict[str, list[Deferred[None]]] = {}
 
     def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
         return pending.addTimeout(self._timeout, self._reactor)
@@ -652,7 +656,9 @@ class ClusterNode:
                 known = self.versions.get(name)
                 if known != before.get(name) and known is not None and known > versioned.version:
                     continue  # a newer write arrived while reloading
-                self._apply(name, versioned, here=versioned.origin == self.instance)
+                # The token's file written off the reactor thread: in step
+                # (and listening, at start) once it is.
+                yield self._apply(name, versioned, here=versioned.origin == self.instance)
         except Exception:
             # The cluster's token could not be adopted (its version is not
             # recorded): not in step, so retried as a failed reload is.
@@ -878,9 +884,10 @@ class ClusterNode:
             return
         self._renewing = True
 
-        def replaced(versioned: Versioned) -> None:
+        def replaced(versioned: Versioned) -> Deferred[None] | None:
             if versioned.version > self.versions.get(TOKEN, 0):
-                self._apply(TOKEN, versioned, here=versioned.origin == self.instance)
+                return self._apply(TOKEN, versioned, here=versioned.origin == self.instance)
+            return None
 
         def failed(failure: Failure) -> None:
             self._log.warn(
@@ -902,6 +909,8 @@ class ClusterNode:
         def done(_: object) -> None:
             self._renewing = False
 
+        # Its adoption is not bounded: a token file slow to write is not the
+        # store's failure.
         self._bounded(self._replace(held)).addCallbacks(replaced, failed).addErrback(not_adopted).addBoth(done)
 
     def _reload_expiring(self) -> Deferred[Any]:
@@ -949,7 +958,23 @@ class ClusterNode:
         C{origin}) was published.
         """
         if version > self.versions.get(name, 0):
-            self._apply(name, Versioned(version, value, origin), here=origin == self.instance)
+            self._apply(name, Versioned(version, value, origin), here=origin == self.instance).addErrback(
+                self._not_adopted, version
+            )
+
+    def _not_adopted(self, reason: Failure, version: int) -> None:
+        """
+        The cluster's token of C{version}, published, could not be adopted
+        (C{reason}: its token file could not be written): logged; its
+        version is not recorded, so the next heartbeat or reload adopts
+        it.  Reactor thread.
+        """
+        self._log.failure(
+            "could not adopt the cluster's session token (version {version}); trying again at the next "
+            "heartbeat: check that TOKEN_FILE's directory is writable and its disk not full",
+            reason,
+            version=version,
+        )
 
     def rested(self, origin: str, provider: str, key_fingerprint: str, seconds: float) -> None:
         """
@@ -976,20 +1001,25 @@ class ClusterNode:
         counted: Deferred[bool] = self._bounded(self.store.count_failure(key, window, failures, duration, lock))
         return counted.addErrback(lambda failure: False)
 
-    def _apply(self, name: str, versioned: Versioned, here: bool = False) -> None:
+    def _apply(self, name: str, versioned: Versioned, here: bool = False) -> Deferred[None]:
         """
         Apply the cluster's C{name} (L{ROUTE}: L{_apply_route}; L{TOKEN}:
         L{_apply_token}) at C{versioned}, written by this instance if
         C{here}.  One that is not a record of its kind, or a route this
         instance refuses (C{ValueError}, C{KeyError}, C{TypeError}), is
-        logged and ignored.
+        logged and ignored.  Reactor thread.
+
+        @return: a Deferred firing once applied (a token: once its token
+            file is written, off the reactor thread), or ignored.
+        @raise openclaw.session.TokenFileUnwritable: (as a failure) the
+            token could not be adopted (L{_apply_token}).
         """
         try:
             document = json.loads(versioned.value)
             if name == ROUTE:
                 self._apply_route(document, versioned, here)
             elif name == TOKEN:
-                self._apply_token(document, versioned, here)
+                return self._apply_token(document, versioned, here)
         except (ValueError, KeyError, TypeError) as e:
             self._log.error(
                 "ignoring the cluster's {name} (version {version}): {error}",
@@ -997,6 +1027,7 @@ class ClusterNode:
                 version=versioned.version,
                 error=str(e),
             )
+        return succeed(None)
 
     def _apply_route(self, document: dict[str, Any], versioned: Versioned, here: bool) -> None:
         """
@@ -1040,17 +1071,23 @@ class ClusterNode:
                 origin=versioned.origin or "an unknown instance",
             )
 
-    def _apply_token(self, document: dict[str, Any], versioned: Versioned, here: bool) -> None:
+    def _apply_token(self, document: dict[str, Any], versioned: Versioned, here: bool) -> Deferred[None]:
         """
         Adopt the cluster's session token, C{versioned} (C{document}
         decoded from it), unless it is the current one or one this
         instance cannot trust (L{_refuse_token}), and record its version.
+        Its token file is written off the reactor thread
+        (L{SessionAuthority.adopt_later}): the token is current, its
+        version recorded, once it is.  The same token asked again while
+        its adoption is under way (its publication and its write's answer
+        both) waits for that adoption, not written twice.  Reactor thread.
 
+        @return: a Deferred firing once adopted (or nothing to adopt).
         @raise ValueError: (or L{KeyError}, L{TypeError}) it is not a
             token record (L{decode_token}): nothing changed.
-        @raise openclaw.session.TokenFileUnwritable: the token file could
-            not be written (L{SessionAuthority.adopt}): the token is not
-            adopted, its version not recorded.
+        @raise openclaw.session.TokenFileUnwritable: (as a failure) the
+            token file could not be written: the token is not adopted,
+            its version not recorded.
         """
         token = decode_token(versioned.value)
         at = record_at(document)
@@ -1059,27 +1096,46 @@ class ClusterNode:
             self.versions[TOKEN] = versioned.version
             self._token_restored = is_restored(document)
             self._token_at = at
-            return
+            return succeed(None)
         try:
             self.sessions.check(token)
         except UntrustedToken as e:
             self._refuse_token(token, document, versioned, current, e)
-            return
+            return succeed(None)
         self._foreign_token = None
-        if current is None or current.jti != token.jti:
-            # May raise (the token file cannot be written): the
-            # version is then not recorded, so a later message,
-            # reload or heartbeat applies this token again.
-            self.sessions.adopt(token)
+        if current is not None and current.jti == token.jti:
             self.versions[TOKEN] = versioned.version
+            self._token_restored = is_restored(document)
+            self._token_at = at
+            return succeed(None)
+        waiters = self._adopting.get(token.jti)
+        if waiters is not None:
+            waiter: Deferred[None] = Deferred()
+            waiters.append(waiter)
+            return waiter
+        waiters = self._adopting[token.jti] = []
+
+        def adopted(_: object) -> None:
+            # Not recorded below a version recorded meanwhile (the same
+            # token written back): the reload that follows puts it right.
+            self.versions[TOKEN] = max(versioned.version, self.versions.get(TOKEN, 0))
             self._token_restored = is_restored(document)
             self._token_at = at
             self._schedule_renewal(token)
             self._on_token(token, here, versioned.origin)
-        else:
-            self.versions[TOKEN] = versioned.version
-            self._token_restored = is_restored(document)
-            self._token_at = at
+
+        def settled(result: object) -> object:
+            # Not recorded on failure: a later message, reload or
+            # heartbeat applies this token again.
+            del self._adopting[token.jti]
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            return result
+
+        return self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled)
 
     def _refuse_token(
         self,
@@ -1170,13 +1226,15 @@ class ClusterNode:
         """
         receipt = uuid.uuid4().hex
 
-        def written(version: int) -> None:
+        def written(version: int) -> Deferred[None]:
             if version == -1:
                 raise TokenBehind()
             if version == 0:
                 raise StoreUnavailable(unavailable(self.where))
             if version > self.versions.get(name, 0):
-                self._apply(name, Versioned(version, value, self.instance), here=True)
+                # Answered once applied: a token once its file is written.
+                return self._apply(name, Versioned(version, value, self.instance), here=True)
+            return succeed(None)
 
         def failed(failure: Failure) -> Deferred[int]:
             refusal = failure.value

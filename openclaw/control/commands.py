@@ -232,8 +232,10 @@ class ControlCommands:
     started_monotonic: float | None = None
     monotonic: Callable[[], float] = time.monotonic
     #: Called with the new route after every switch, to keep it: None once
-    #: kept, else why not (a warning for the answer).
-    persist: Callable[[Route], str | None] = lambda route: None
+    #: kept, else why not (a warning for the answer); or a Deferred firing
+    #: with that once the write (off the reactor thread) is done, the
+    #: switch answered only then.
+    persist: Callable[[Route], str | Deferred[str | None] | None] = lambda route: None
     #: Sees every health report (the provider-up gauges).
     on_health: Callable[[Result], Result] = lambda report: report
     #: Per provider id, its circuit breaker and keys now
@@ -364,7 +366,11 @@ class ControlCommands:
         if self.share_switch is not None:
             return self.share_switch(route).addCallbacks(switched, cluster_refusal)
         previous = self.route.switch(route)
-        return switched(previous, self.persist(route))
+        saved = self.persist(route)
+        if isinstance(saved, Deferred):
+            # Answered once written (or not: the answer's warning says so).
+            return saved.addCallback(lambda unsaved: switched(previous, unsaved))
+        return switched(previous, saved)
 
     def health_check(self, data: object) -> Deferred[Result]:
         command_data(data, _NONE)
@@ -376,20 +382,38 @@ class ControlCommands:
         try:
             issued = self.rotate()
         except TokenFileUnwritable as e:
-            # The file is written first (SessionAuthority.adopt): nothing
-            # was rotated, the current token stays valid.
-            raise CommandError(
-                f"nothing was rotated: the new token could not be written to TOKEN_FILE ({e.error}), so the "
-                "current token stays valid; fix what stops the gateway's user writing there (a missing or "
-                "read-only directory, a full disk), then rotate again"
-            ) from None
+            raise _unwritable(e) from None
         if isinstance(issued, Deferred):
-            return issued.addCallbacks(_rotated, cluster_refusal)
+            return issued.addCallbacks(_rotated, _rotation_refused)
         return _rotated(issued)
 
 
 def _rotated(issued: SessionToken) -> Result:
     return {"token": issued.token, "jti": issued.jti, "expires": issued.expires}
+
+
+def _unwritable(error: TokenFileUnwritable) -> CommandError:
+    """
+    C{rotate_token}'s refusal when the new token could not be written: the
+    file is written first (L{SessionAuthority.adopt}, C{adopt_later}), so
+    nothing was rotated and the current token stays valid.
+    """
+    return CommandError(
+        f"nothing was rotated: the new token could not be written to TOKEN_FILE ({error.error}), so the "
+        "current token stays valid; fix what stops the gateway's user writing there (a missing or "
+        "read-only directory, a full disk), then rotate again"
+    )
+
+
+def _rotation_refused(failure: Failure) -> Failure:
+    """
+    A rotation that failed once asked (its token file written off the
+    reactor thread, or the cluster's store): L{_unwritable}, or
+    L{cluster_refusal}.  Reactor thread.
+    """
+    if isinstance(failure.value, TokenFileUnwritable):
+        return Failure(_unwritable(failure.value))
+    return cluster_refusal(failure)
 
 
 def cluster_refusal(failure: Failure) -> Failure:

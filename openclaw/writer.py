@@ -1,0 +1,183 @@
+"""
+The gateway's file writes after start-up, off the reactor thread.
+
+A write of the state file (C{switch_provider}) or of C{TOKEN_FILE}
+(C{rotate_token}, a cluster's token adopted) fsyncs: on a loaded disk, NFS
+or a full journal that takes seconds, during which a write on the reactor
+thread stalled every agent's call and every control connection.
+L{FileWriter} runs them in a thread of its own, one at a time, in the
+order they were asked.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from openclaw.files import write_atomically
+
+T = TypeVar("T")
+
+#: The name of the writer's thread (in a thread dump: C{py-spy}, C{gdb}).
+THREAD_NAME = "openclaw-file-writer"
+
+
+class WriterStopped(OSError):
+    """
+    A write asked once the gateway's stop had closed the writer
+    (L{FileWriter.stopService}): not made, so that nothing lands after the
+    token file is removed.  An C{OSError} (C{ESHUTDOWN}), as a write that
+    failed is: its callers log it and answer as for one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(errno.ESHUTDOWN, "the gateway is stopping: no more files are written")
+
+
+class FileWriter(Service):
+    """
+    Runs the gateway's blocking file jobs (a write, with the reads that
+    decide it) in one thread of its own, one at a time, in the order they
+    were asked, and fires each job's Deferred on the reactor thread.
+
+    Why a pool of its own, of one thread (L{ThreadPool}, C{maxthreads=1}),
+    and not the reactor's: one thread and the pool's first-in first-out
+    queue put the writes of a file on disk in the order they were asked
+    (the last switch or rotation wins, always) with no lock to take; a
+    blocked disk holds this one thread, never one of the reactor's pool
+    (name resolution of the providers' hosts); and the gateway's stop can
+    wait for exactly these writes (L{stopService}) before the token file
+    is removed.  The pool's thread is started with the service (after
+    twistd's fork), not when it is built.
+
+    A job asked before L{startService} waits in the pool's queue until it
+    starts; one asked after L{stopService} fails with L{WriterStopped}.
+
+    @ivar write_file: the blocking write of a file's whole text (C{path},
+        C{text}; L{write_atomically} unless given): the jobs call it, in
+        the writer's thread.  A test gives one that blocks.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        write_file: Callable[[Path, str], None] = write_atomically,
+    ) -> None:
+        """
+        Reactor thread (or before the reactor runs).
+
+        @param reactor: the reactor the jobs' Deferreds fire on.
+        @param write_file: see L{write_file}.
+        """
+        self._reactor = reactor
+        self.write_file = write_file
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
+        #: The jobs asked and not finished, in the order asked.
+        self._pending: list[Deferred[Any]] = []
+        #: L{stopService} was called: no job is taken any more.
+        self._closed = False
+        self._pool_started = False
+
+    @property
+    def pending(self) -> int:
+        """
+        How many jobs were asked and have not finished (the one running
+        included).  Reactor thread.
+        """
+        return len(self._pending)
+
+    def startService(self) -> None:
+        """
+        Start the pool (its thread is made when the first job comes).
+        Reactor thread.
+        """
+        super().startService()
+        if not self._pool_started and not self._closed:
+            self._pool_started = True
+            self._pool.start()
+
+    def run(self, job: Callable[[], T]) -> Deferred[T]:
+        """
+        Run C{job} in the writer's thread after every job asked before it;
+        fire with what it returns, or fail with what it raises, on the
+        reactor thread.  Reactor thread.
+
+        @raise WriterStopped: (as a failure) the writer was stopped; the
+            job is not run.
+        """
+        if self._closed:
+            return fail(WriterStopped())
+        running: Deferred[T] = deferToThreadPool(self._reactor, self._pool, job)
+        self._pending.append(running)
+
+        def finished(result: object) -> object:
+            self._pending.remove(running)
+            return result
+
+        running.addBoth(finished)
+        return running
+
+    def write(self, path: Path, text: str) -> Deferred[None]:
+        """
+        Replace C{path} with C{text} (L{write_file}) in the writer's
+        thread, after every job asked before it.  Reactor thread.
+
+        @raise OSError: (as a failure) the write failed (L{write_atomically}),
+            or the writer was stopped (L{WriterStopped}).
+        """
+        write_file = self.write_file
+        return self.run(lambda: write_file(path, text))
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Take no more jobs (a job asked from now on fails with
+        L{WriterStopped}), let those asked finish (or fail: each job's
+        caller logs its own failure), then stop the pool (its thread, idle
+        by then, joined).  Fires once they have, never fails: a disk that
+        takes seconds to write keeps the gateway's stop waiting, before
+        the token file is removed (L{openclaw.service.HeldLocks}), so that
+        no write lands after it.  Reactor thread.
+        """
+        super().stopService()
+        self._closed = True
+        waiting = list(self._pending)
+        if waiting:
+            self._log.info("waiting for {count} file write(s) to finish before stopping", count=len(waiting))
+
+        def stopped(_: object) -> None:
+            if self._pool_started:
+                self._pool_started = False
+                self._pool.stop()
+
+        # Each job's Deferred is its caller's: waited for through a copy
+        # of its result, never consuming it.
+        copies: list[Deferred[None]] = []
+        for running in waiting:
+            copy: Deferred[None] = Deferred()
+            running.addBoth(_fire_copy(copy))
+            copies.append(copy)
+        return gatherResults(copies).addCallback(stopped)
+
+
+def _fire_copy(copy: Deferred[None]) -> Callable[[object], object]:
+    """
+    A callback that fires C{copy} with None (whatever the result) and
+    passes the result on unchanged.  Reactor thread.
+    """
+
+    def fire(result: object) -> object:
+        copy.callback(None)
+        return result
+
+    return fire
