@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
-from openclaw.writer import FileWriter
+from openclaw.writer import FileWriter, shielded
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
@@ -325,7 +325,9 @@ class SessionAuthority:
         running.addBoth(done)
         running.addErrback(refused)
         adopted: Deferred[None] = running.addCallback(written)
-        return adopted
+        # Made current once written, even if who asked gave up (a command
+        # cut short at stop): the file and the token in force agree.
+        return shielded(adopted)
 
     def issue_later(self) -> Deferred[SessionToken]:
         """

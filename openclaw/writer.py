@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from openclaw.files import write_atomically
@@ -126,7 +127,10 @@ class FileWriter(Service):
             return result
 
         running.addBoth(finished)
-        return running
+        # A job cannot be stopped once asked: a caller that cancels its
+        # Deferred (a command cut short at stop) leaves it pending here,
+        # waited for by stopService, until its thread is done with it.
+        return shielded(running)
 
     def write(self, path: Path, text: str) -> Deferred[None]:
         """
@@ -168,6 +172,29 @@ class FileWriter(Service):
             running.addBoth(_fire_copy(copy))
             copies.append(copy)
         return gatherResults(copies).addCallback(stopped)
+
+
+def shielded(pending: Deferred[T]) -> Deferred[T]:
+    """
+    A Deferred firing as C{pending} does (with its result or its failure),
+    whose cancellation does not reach C{pending}: what C{pending} stands
+    for (a write under way in another thread, the state it changes once
+    done) runs to its end and its callbacks run.  Once the returned
+    Deferred is cancelled, C{pending}'s result is dropped (a failure
+    included: who asked gave up on it).  Reactor thread.
+    """
+    given: Deferred[T] = Deferred()
+
+    def fire(result: object) -> None:
+        # Ignored once given was cancelled (a Deferred without a canceller
+        # suppresses the later call).
+        if isinstance(result, Failure):
+            given.errback(result)
+        else:
+            given.callback(result)  # type: ignore[arg-type]
+
+    pending.addBoth(fire)
+    return given
 
 
 def _fire_copy(copy: Deferred[None]) -> Callable[[object], object]:

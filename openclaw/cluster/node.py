@@ -90,6 +90,7 @@ from twisted.python.failure import Failure
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned, WriteRefused
 from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
+from openclaw.writer import shielded
 
 ROUTE = "route"
 TOKEN = "token"
@@ -1135,7 +1136,9 @@ class ClusterNode:
                     waiter.callback(None)
             return result
 
-        return self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled)
+        # Recorded once adopted, even if who asked gave up (a rotation cut
+        # short at stop).
+        return shielded(self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled))
 
     def _refuse_token(
         self,
