@@ -318,10 +318,17 @@ def openai_client(testcase: Any, api_port: int, key: str, timeout: float = 10) -
     return client
 
 
-def start_gateway(testcase: Any, interface: str = "127.0.0.1", api: bool = False, **settings: Any) -> RunningGateway:
+def start_gateway(
+    testcase: Any,
+    interface: str = "127.0.0.1",
+    api: bool = False,
+    service_options: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> RunningGateway:
     """
     Start a gateway on a free port of C{interface} (and its API on another
-    when C{api} is true); it is stopped when the test ends.
+    when C{api} is true), with L{GatewayService}'s C{service_options} (its
+    C{write_file}, say); it is stopped when the test ends.
     """
     settings.setdefault("jwt_secret", SECRET)
     if "state_dir" not in settings:
@@ -333,7 +340,9 @@ def start_gateway(testcase: Any, interface: str = "127.0.0.1", api: bool = False
     endpoint = RecordingEndpoint(endpoint_type(reactor, 0, interface=interface))
     api_endpoint = RecordingEndpoint(endpoint_type(reactor, 0, interface=interface)) if api else None
     stdout = io.StringIO()
-    service = GatewayService(config, reactor, endpoint, stdout=stdout, api_endpoint=api_endpoint)
+    service = GatewayService(
+        config, reactor, endpoint, stdout=stdout, api_endpoint=api_endpoint, **dict(service_options or {})
+    )
     service.startService()
     testcase.addCleanup(service.stopService)
     assert endpoint.port is not None
