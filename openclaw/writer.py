@@ -22,9 +22,9 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from openclaw.files import write_atomically
+from openclaw.threads import DaemonThreadPool
 
 T = TypeVar("T")
 
@@ -58,7 +58,9 @@ class FileWriter(Service):
     (name resolution of the providers' hosts); and the gateway's stop can
     wait for exactly these writes (L{stopService}) before the token file
     is removed.  The pool's thread is started with the service (after
-    twistd's fork), not when it is built.
+    twistd's fork), not when it is built, and is a daemon thread
+    (L{DaemonThreadPool}): the stop waits for the writes, the interpreter
+    need not (a writer never stopped kept the process from exiting).
 
     A job asked before L{startService} waits in the pool's queue until it
     starts; one asked after L{stopService} fails with L{WriterStopped}.
@@ -83,7 +85,7 @@ class FileWriter(Service):
         """
         self._reactor = reactor
         self.write_file = write_file
-        self._pool = ThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
+        self._pool = DaemonThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
         #: The jobs asked and not finished, in the order asked.
         self._pending: list[Deferred[Any]] = []
         #: L{stopService} was called: no job is taken any more.

@@ -271,9 +271,12 @@ class FileWriterTests(TestCase):
         writer.startService()
         self.addCleanup(lambda: writer.stopService() if writer.running else None)
         ran: list[tuple[int, str]] = []
+        daemon: list[bool] = []
 
         def job(n: int) -> int:
             ran.append((n, threading.current_thread().name))
+            # Never one that keeps the process from exiting.
+            daemon.append(threading.current_thread().daemon)
             if n == 2:
                 raise OSError(errno.ENOSPC, "full")
             return n
@@ -284,6 +287,7 @@ class FileWriterTests(TestCase):
             self.assertEqual((yield results[n]), n)
         self.assertEqual([n for n, _ in ran], [0, 1, 2, 3, 4])
         self.assertEqual({name for _, name in ran}, {"PoolThread-openclaw-file-writer-0"})
+        self.assertEqual(set(daemon), {True})
         yield writer.stopService()
         self.assertEqual(writer.pending, 0)
         yield self.assertFailure(writer.run(lambda: 1), WriterStopped)

@@ -55,6 +55,7 @@ from openclaw.consumers.model import (
 )
 from openclaw.files import NotARegularFile, open_regular_file
 from openclaw.reactors import IStoreReactor
+from openclaw.threads import DaemonThread
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -192,17 +193,9 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
 
 
-class _DaemonThread(threading.Thread):
-    # A pool thread blocked in the database must not keep the process
-    # from exiting (the interpreter joins every non-daemon thread).
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.daemon = True
-
-
 class _DaemonPool(adbapi.ConnectionPool):
     """
-    adbapi's pool, its threads daemon threads (L{_DaemonThread}) from the
+    adbapi's pool, its threads daemon threads (L{DaemonThread}) from the
     first: its constructor starts them at once when the reactor is
     running already (C{callWhenRunning}), before a caller could set the
     thread pool's C{threadFactory}; L{start} (public, what that call runs)
@@ -210,7 +203,7 @@ class _DaemonPool(adbapi.ConnectionPool):
     """
 
     def start(self) -> None:
-        self.threadpool.threadFactory = _DaemonThread
+        self.threadpool.threadFactory = DaemonThread
         super().start()
 
 
@@ -575,7 +568,7 @@ class ConsumerStore:
 
     def _take(self, pool: adbapi.ConnectionPool) -> None:
         # ThreadPool's public hook for the threads it makes.
-        pool.threadpool.threadFactory = _DaemonThread
+        pool.threadpool.threadFactory = DaemonThread
         self._pool = pool
 
     @property
