@@ -49,6 +49,7 @@ from openclaw.consumers.store import (
     Retrying,
     UnusableDatabaseFile,
     log_database_failure,
+    remove_new_database,
     sqlite_file,
     sqlite_path,
 )
@@ -690,8 +691,13 @@ class GatewayService(SequentialMultiService):
         token_lock: PidLock | None = None,
         port_locks: Sequence[socket.socket] = (),
         write_file: Callable[[Path, str], None] = write_atomically,
+        made_database: Path | None = None,
     ) -> None:
         super().__init__()
+        #: The consumers' SQLite database C{twistd openclaw} made, empty,
+        #: before daemonizing: removed again if the start is refused
+        #: (L{_refuse}), so that a refusal leaves none on disk.
+        self._made_database = made_database
         self._ids = ids
         #: The effective user and group ids the service was built (and
         #: its files checked and made) as.
@@ -1442,6 +1448,8 @@ class GatewayService(SequentialMultiService):
         self._log.critical(line, **fields)
         self.exit_status = 1
         self._held.release()
+        if self._made_database is not None:
+            remove_new_database(self._made_database)
         raise StartRefused(f"openclaw: {short}; the log says what to do")
 
     def _refuse_switched_ids(self, running_as: tuple[int, int]) -> NoReturn:

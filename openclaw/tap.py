@@ -12,7 +12,6 @@ import ipaddress
 import os
 import signal
 import socket
-import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,7 +40,7 @@ from openclaw.cluster.workers import (
     reserve,
     worker_argv,
 )
-from openclaw.consumers.store import UnusableDatabaseFile, sqlite_file, sqlite_path
+from openclaw.consumers.store import UnusableDatabaseFile, remove_new_database, sqlite_file, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
 from openclaw.listeners import (
     MAX_TLS_FILE_BYTES,
@@ -304,6 +303,7 @@ def makeService(
         state_lock=made.state_lock,
         token_lock=made.token_lock,
         port_locks=tuple(port_locks.values()),
+        made_database=made.database,
     )
     return _exit_with_status(service, twistd_options)
 
@@ -625,6 +625,8 @@ class MadeFiles:
     token_lock: PidLock | None
     #: The stream to log to (L{None}: syslog).
     destination: IO[Any] | None
+    #: The consumers' SQLite database made here, empty (L{None}: none made).
+    database: Path | None = None
 
 
 def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> MadeFiles:
@@ -651,11 +653,11 @@ def _make_files(settings: Settings, open_log: Callable[[], IO[Any] | None]) -> M
         undo.callback(_release_quietly, state_lock)
         made = _check_database_file(settings)
         if made is not None:
-            undo.callback(_remove_new_database, made)
+            undo.callback(remove_new_database, made)
         destination = open_log()
         # Made: kept.
         undo.pop_all()
-    return MadeFiles(state_lock, token_lock, destination)
+    return MadeFiles(state_lock, token_lock, destination, made)
 
 
 def _listener(settings: Settings, where: str, setting: str, option: str) -> Listener:
@@ -703,24 +705,10 @@ def _check_database_file(settings: Settings) -> Path | None:
         sqlite_file(settings.state_dir)
     except UnusableDatabaseFile as e:
         if made:
-            _remove_new_database(database)
+            remove_new_database(database)
         named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
         raise ConfigError(f"{named}: {e}; or point STATE_DIR / --state-dir at another directory") from None
     return database if made else None
-
-
-def _remove_new_database(path: Path) -> None:
-    """
-    Remove the consumers' database made at start-up (L{sqlite_file})
-    when start-up is refused after all: a regular file still empty (no
-    other process has begun to use it), not followed if a link.
-    """
-    try:
-        info = os.lstat(path)
-        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def _holder(held: LockHeld, who: str = "another running gateway") -> str:

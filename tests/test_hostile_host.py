@@ -481,6 +481,7 @@ class TokenFileUnwritableAtStartTests(TestCase):
         self.assertFalse(os.path.lexists(token_file))
         self.assertFalse(os.path.lexists(f"{token_file}.lock"))
         self.assertFalse(os.path.lexists(state / "openclaw.lock"))
+        self.assertFalse(os.path.lexists(state / "openclaw.db"))
         self.assertEqual([p.name for p in base.iterdir() if p.name.startswith(".token")], [])
 
     @inlineCallbacks
@@ -508,6 +509,8 @@ class TokenFileUnwritableAtStartTests(TestCase):
         self.assertFalse(pidfile.exists())
         self.assertFalse(os.path.lexists(token_file))
         self.assertFalse(os.path.lexists(f"{token_file}.lock"))
+        # Nor the consumers' database made empty before twistd daemonized.
+        self.assertEqual(sorted(p.name for p in state.iterdir()), [])
 
 
 class ClosedStdoutTests(TestCase):

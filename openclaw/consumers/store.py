@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -1337,6 +1338,21 @@ def sqlite_path(state_dir: Path) -> Path:
     L{DATABASE_FILE} (whether or not it is there yet).
     """
     return state_dir / DATABASE_FILE
+
+
+def remove_new_database(path: Path) -> None:
+    """
+    Remove the consumers' database made at start-up (L{sqlite_file}) when
+    start-up is refused after all: a regular file still empty (no process
+    has begun to use it), not followed if a link.  Nothing is said of one
+    that cannot be removed: the refusal is the line to show.
+    """
+    try:
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def sqlite_file(state_dir: Path, euid: int | None = None) -> Path:
