@@ -10,17 +10,26 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import orjson
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.cluster.node import TokenBehind
 from openclaw.control.commands import ControlCommands
-from openclaw.control.plane import Connection, ControlPlane
+from openclaw.control.plane import Connection, ControlPlane, unreadable_json
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 
 SECRET = b"c" * 32
+
+
+def orjson_error(payload: bytes) -> orjson.JSONDecodeError:
+    try:
+        orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        return e
+    raise AssertionError(f"{payload!r} parses")
 
 
 @attrs.define
@@ -299,6 +308,11 @@ class ControlPlaneTests(SynchronousTestCase):
             self.assertTrue(error.startswith("message is JSON past what the gateway reads ("), error)
             self.assertIn(reason, error)
             self.assertIn("nest at most 1024 levels", error)
+        # Not UTF-8 (orjson's reason names surrogates too): said as such.
+        self.assertEqual(
+            unreadable_json(b'{"cmd": "caf\xe9"}', orjson_error(b'{"cmd": "caf\xe9"}')),
+            "message is not UTF-8 (an invalid byte at offset 12): send JSON encoded as UTF-8",
+        )
 
     def test_not_an_object(self) -> None:
         for payload in [b"[]", b"1", b'"ping"', b"null"]:

@@ -1204,3 +1204,22 @@ class DocumentForStreamTests(ResilienceTestCase):
         response, text = yield self.post(gateway, {"messages": HI, "stream": True})
         self.assertEqual(response.code, 200, text)
         self.assertTrue(text.rstrip().endswith("data: [DONE]"), text)
+
+
+class EveryBreakerOpenTests(SynchronousTestCase):
+    def test_two_fallbacks(self) -> None:
+        """
+        Each provider named with its wait, soonest first, in grammar for
+        one fallback or more; Retry-After the soonest.
+        """
+        from openclaw.dataplane.errors import every_breaker_open
+
+        error = every_breaker_open("kimi", 20.5, [("gemini", 4.2), ("acme", 9)])
+        self.assertEqual((error.status, error.code, error.retry_after), (503, "provider_unavailable", 5))
+        self.assertIn(
+            "kimi has been failing, and so have gemini and acme, where the call would fail over", error.message
+        )
+        self.assertIn(
+            "(BREAKER_COOLDOWN_SECONDS: gemini in 5 s, acme in 9 s, kimi in 21 s); retry in 5 s", error.message
+        )
+        self.assertIn("and so has gemini,", every_breaker_open("kimi", 1, [("gemini", 2)]).message)

@@ -50,13 +50,20 @@ def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
     return "from {peer} through proxy {proxy}", {"proxy": proxy}
 
 
-def unreadable_json(error: orjson.JSONDecodeError) -> str:
+def unreadable_json(payload: bytes, error: orjson.JSONDecodeError) -> str:
     """
-    What a message that does not parse is told: not JSON, or JSON past what
-    the gateway reads (orjson's limits: 1024 levels of nesting, numbers
-    within a double, no lone UTF-16 surrogate), with orjson's reason and
-    where it is (C{line 1 column 6 (char 5)}), never the message itself.
+    What a message (C{payload}) that does not parse is told: not UTF-8
+    (Autobahn refuses such a text message before it comes here: checked
+    all the same), not JSON, or JSON past what the gateway reads (orjson's
+    limits: 1024 levels of nesting, numbers within a double, no lone UTF-16
+    surrogate), with orjson's reason and where it is (C{line 1 column 6
+    (char 5)}), never the message itself.  orjson's reasons are told apart
+    by their words, which the tests pin.
     """
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"message is not UTF-8 (an invalid byte at offset {bad.start}): send JSON encoded as UTF-8"
     reason = str(error)
     if "depth limit" in reason or "infinity" in reason or "surrogate" in reason:
         return (
@@ -199,7 +206,7 @@ class ControlPlane:
             if not connection.authenticated:
                 # No token in it: an authentication failure like any other.
                 self._auth_failed(connection, MISSING, None)
-            return self._refuse(None, unreadable_json(e))
+            return self._refuse(None, unreadable_json(payload, e))
         if type(message) is not dict:
             if not connection.authenticated:
                 self._auth_failed(connection, MISSING, None)

@@ -475,7 +475,8 @@ def every_breaker_open(provider_id: str, seconds: float, fallbacks: Sequence[tup
     told = ", ".join(f"{provider} in {retry_after_seconds(wait)} s" for provider, wait in waits)
     return APIError(
         503,
-        f"{provider_id} has been failing, and so has {others}, where the call would fail over, so the gateway "
+        f"{provider_id} has been failing, and so {'has' if len(fallbacks) == 1 else 'have'} {others}, where the "
+        "call would fail over, so the gateway "
         f"sends them no calls for a while (BREAKER_COOLDOWN_SECONDS: {told}); retry in {soonest} s, and if "
         "every provider keeps failing, ask the operator to look at them (openclawctl status)",
         "server_error",
