@@ -22,6 +22,7 @@ from openclaw.connections import Outstanding
 from openclaw.consumers.audit import without_keys
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.offload import BodyWorkers
 from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
 from openclaw.metrics import APIRefusal, CallCosts, RequestTally
 from openclaw.providers import ProviderRegistry
@@ -190,6 +191,12 @@ class APIContext:
     #: C{/metrics} is served on a listener of its own (C{--metrics-listen}),
     #: not on the API's: the API's 404s say so.
     metrics_apart: bool = False
+    #: The threads that parse, check and encode large chat bodies
+    #: (L{BodyWorkers}): the reactor's, when it has threads (a test's
+    #: C{Clock} has none: every body is worked on in its thread).
+    bodies: BodyWorkers = attrs.field(
+        default=attrs.Factory(lambda self: BodyWorkers.of(self.reactor), takes_self=True), repr=False
+    )
 
     @property
     def in_flight(self) -> int:

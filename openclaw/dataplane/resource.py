@@ -10,18 +10,19 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import prompt_tokens
 from openclaw.consumers.table import GATEWAY, Holder, completion_limit
-from openclaw.dataplane.answer import CLIENT_GONE
+from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS
 from openclaw.dataplane.call import ChatCall, encode_request
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
@@ -41,15 +42,17 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
-from openclaw.dataplane.request import choice_count, choose_route, parse_chat_request
+from openclaw.dataplane.request import ChatRequest, choice_count, choose_route, parse_chat_request
 from openclaw.providers import (
     MissingKey,
     ProbeTimedOut,
     ProviderAdapter,
     ProviderError,
+    ProviderRegistry,
     UpstreamHTTPError,
 )
 from openclaw.providers.errors import BreakerOpen, MalformedResponse, NoUsableKey
+from openclaw.providers.wire import Wire
 from openclaw.routing import Route, model_refusal
 from openclaw.web import head_or_body
 
@@ -716,10 +719,82 @@ class Model(Models):
         )
 
 
+class PreparedChat(NamedTuple):
+    """
+    A chat request checked, routed and encoded for its provider
+    (L{prepare_chat}).  A tuple: made for every chat call, it costs the
+    least to build.
+    """
+
+    chat: ChatRequest
+    route: Route
+    #: The request named its provider (C{"kimi/..."}): never failed over.
+    pinned: bool
+    adapter: ProviderAdapter
+    wire: Wire
+    #: The upstream body, in C{wire}'s format.
+    body: bytes
+
+
+def prepare_chat(raw: bytes, headers: Headers, active: Route, providers: ProviderRegistry) -> PreparedChat:
+    """
+    Parse and check the chat request body C{raw}
+    (L{parse_chat_request}), route it (C{"<provider>/<model>"}, else
+    C{active}) and encode it for its provider's wire (L{encode_request}).
+
+    Runs in the reactor's thread for a body of at most
+    L{OFFLOAD_BYTES <openclaw.dataplane.offload.OFFLOAD_BYTES>}, in a
+    thread of L{BodyWorkers} for a longer one: it reads only the
+    request's own data (C{raw}, C{headers}: C{Content-Encoding}, for a
+    body that does not parse) and what does not change once the gateway
+    runs (C{active}, a frozen route read beforehand; C{providers}' ids,
+    offered tools, and its adapters' wires and model names); it logs
+    nothing, counts nothing.
+
+    @raise APIError: 400 (415) naming the first problem found, as
+        L{parse_chat_request}, L{choose_route} and L{encode_request} do.
+    """
+    offered = providers.offered_tools
+    chat = parse_chat_request(raw, headers, offered.types, offered.media)
+    route = choose_route(chat.model, active, providers.ids)
+    # choose_route gives the active route itself unless the model
+    # named a provider: a call pinned that way is never failed over.
+    pinned = route is not active
+    adapter = providers.get(route.provider_id)
+    if pinned:
+        # As the provider lists it (Gemini's "models/" prefix
+        # dropped), for prices, model patterns and usage.
+        model = adapter.normalize_model(route.model)
+        if not model:
+            raise bad_request(f"model {chat.model!r} names no model; use {route.provider_id}/<model>", param="model")
+        route = Route(route.provider_id, model)
+    wire = adapter.wire
+    body = encode_request(wire, chat, route.model, route.provider_id, offered)
+    return PreparedChat(chat, route, pinned, adapter, wire, body)
+
+
+def write_answer(request: Request, body: bytes) -> None:
+    """
+    Write C{body}, the whole answer C{request} was set up with
+    (L{error_response}), and finish: for an answer decided after
+    C{render} returned C{NOT_DONE_YET}.
+    """
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
 class ChatCompletions(AuthenticatedResource):
     """
     C{POST /v1/chat/completions}, to the active provider or the one the
     request's C{"<provider>/<model>"} names.
+
+    A body longer than L{OFFLOAD_BYTES
+    <openclaw.dataplane.offload.OFFLOAD_BYTES>} is parsed, checked and
+    encoded in a thread (L{prepare_chat}, L{BodyWorkers}): the other
+    clients are served meanwhile.  Everything else, before and after (the
+    key, the counts, the log, a consumer's admission, the call), is done
+    in the reactor's thread, in the same order as for a short body.
     """
 
     def render_POST(self, request: Request) -> Any:
@@ -727,29 +802,89 @@ class ChatCompletions(AuthenticatedResource):
         started = context.reactor.seconds()
         holder = self.authenticate(request, started)
         active = context.route.current
+        raw = request_body(request)
+        if len(raw) > context.bodies.above:
+            return self._prepare_apart(request, raw, active, started, holder)
         try:
-            offered = context.providers.offered_tools
-            chat = parse_chat_request(request_body(request), request.requestHeaders, offered.types, offered.media)
-            route = choose_route(chat.model, active, context.providers.ids)
-            # choose_route gives the active route itself unless the model
-            # named a provider: a call pinned that way is never failed over.
-            pinned = route is not active
-            adapter = context.providers.get(route.provider_id)
-            if pinned:
-                # As the provider lists it (Gemini's "models/" prefix
-                # dropped), for prices, model patterns and usage.
-                model = adapter.normalize_model(route.model)
-                if not model:
-                    raise bad_request(
-                        f"model {chat.model!r} names no model; use {route.provider_id}/<model>", param="model"
-                    )
-                route = Route(route.provider_id, model)
-            wire = adapter.wire
-            body = encode_request(wire, chat, route.model, route.provider_id, offered)
+            prepared = prepare_chat(raw, request.requestHeaders, active, context.providers)
         except APIError as error:
             context.completed(request, started, error.status, consumer=holder.consumer, error=error)
             raise
-        call = ChatCall(context, request, adapter, route, wire, chat, started, pinned=pinned, holder=holder)
+        return self._call(request, prepared, started, holder)
+
+    def _prepare_apart(self, request: Request, raw: bytes, active: Route, started: float, holder: Holder) -> Any:
+        """
+        L{prepare_chat} in a thread of L{BodyWorkers} (the reactor's thread
+        waits for nothing), then, back in the reactor's thread, the call
+        (L{_call}), or the refusal counted and answered as in
+        L{render_POST}.  Meanwhile the request counts as a call in flight
+        (a stop waits for it).  A client that leaves before the work is
+        done (or begun: it is then skipped) has no call made: it is
+        counted as 499 (C{client gone}), its refusal as the refusal it
+        was, and nothing is written.  A bug is logged and answered 500
+        (L{answer_bug}), as C{render} does.
+        """
+        context = self.context
+        context.call_started()
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        headers = request.requestHeaders
+        providers = context.providers
+
+        def work() -> PreparedChat | None:
+            # In a BodyWorkers thread: gone is this request's own flag.
+            return None if gone else prepare_chat(raw, headers, active, providers)
+
+        def prepared(result: PreparedChat | None) -> None:
+            context.call_ended()
+            if result is None or gone:
+                context.completed(
+                    request,
+                    started,
+                    CLIENT_GONE_STATUS,
+                    None if result is None else result.route,
+                    outcome=CLIENT_GONE,
+                    consumer=holder.consumer,
+                    provider="-",
+                )
+                return
+            answer = self._call(request, result, started, holder)
+            if isinstance(answer, bytes):
+                write_answer(request, answer)
+
+        def refused(reason: Failure) -> None:
+            context.call_ended()
+            reason.trap(APIError)
+            error = cast(APIError, reason.value)
+            context.completed(request, started, error.status, consumer=holder.consumer, error=error)
+            if not gone:
+                write_answer(request, error_response(request, error))
+
+        context.bodies.run(work).addCallbacks(prepared, refused).addErrback(
+            lambda f: answer_bug(context.log, request, "API request failed unexpectedly", f, bool(gone))
+        )
+        return NOT_DONE_YET
+
+    def _call(self, request: Request, prepared: PreparedChat, started: float, holder: Holder) -> Any:
+        """
+        Make the call L{prepare_chat} made ready, once a consumer's limits
+        admit it (L{after_admission}); in the reactor's thread.  C{render}'s
+        answer: C{NOT_DONE_YET}, or the bytes of a refusal by the limits.
+        """
+        context = self.context
+        chat, route = prepared.chat, prepared.route
+        call = ChatCall(
+            context,
+            request,
+            prepared.adapter,
+            route,
+            prepared.wire,
+            chat,
+            started,
+            pinned=prepared.pinned,
+            holder=holder,
+        )
+        body = prepared.body
         consumers = context.consumers
         if consumers is None or holder is GATEWAY:
             call.start(body)

@@ -1,0 +1,138 @@
+"""
+Work on a large request body done in a thread of a small pool of its own
+(L{BodyWorkers}), not on the reactor's thread: parsing and checking a chat
+request (L{parse_chat_request <openclaw.dataplane.request.parse_chat_request>})
+and encoding it for its provider (L{encode_request
+<openclaw.dataplane.call.encode_request>}, Gemini's translation) cost
+50-200 ns a byte of a body of many messages or tool calls, 1.4 s for 6.5 MB
+of 45,000 tool calls and their results, during which no other client of
+the process was served (trial s32: C{/healthz} took 5 s under four such
+bodies).  A body of at most L{OFFLOAD_BYTES} is still worked on in the
+reactor's thread, as before: the thread's round trip (a few tens of
+microseconds, and a wait for the interpreter's lock) would cost more than
+the work it saves.
+
+The pool is the gateway's own rather than the reactor's
+(C{reactor.getThreadPool()}), which resolves host names (Twisted's
+C{GAIResolver}, for every call's provider connection): bodies that keep
+its threads busy for seconds would hold up every call's name lookup; and
+its size (L{OFFLOAD_THREADS}) is chosen for this work.  What runs there
+holds the interpreter's lock as it works (the parse and the encoding are
+Python and orjson, which keeps the lock), so the reactor's thread gets it
+back every C{sys.getswitchinterval()} (5 ms): the other clients wait a few
+of those, not the whole body.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+#: A request body longer than this (bytes) is parsed, checked and encoded
+#: for its provider in a thread (L{BodyWorkers}); a shorter one in the
+#: reactor's thread.  256 KiB: the work on such a body is from 1 ms (one
+#: long string, 3 ns a byte) to 50 ms (tool calls sent to Gemini, 200 ns a
+#: byte), against the thread's round trip of some 0.1 ms; a body of this
+#: size holds up the other clients for at most that 50 ms.
+OFFLOAD_BYTES = 256 * 1024
+
+#: Threads that work on large bodies at once (L{BodyWorkers}); more bodies
+#: wait their turn.  Two: the interpreter runs one thread's Python at a
+#: time, so more threads would not work faster, only take the
+#: interpreter's lock from the reactor's thread more often; two let a
+#: second large body start while another is being worked on.
+OFFLOAD_THREADS = 2
+
+T = TypeVar("T")
+
+
+class _DaemonThread(threading.Thread):
+    # A process whose reactor never shuts down (one embedding the gateway,
+    # a test run) must not be kept from exiting by idle workers (the
+    # interpreter joins every non-daemon thread).
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class IBodyWorkersReactor(IReactorCore, IReactorFromThreads):
+    """
+    What L{BodyWorkers} asks of its reactor: the results of its threads
+    handed back (C{IReactorFromThreads}, C{callFromThread}) and the
+    shutdown trigger that stops the pool (C{IReactorCore}).
+    """
+
+
+@attrs.define(eq=False)
+class BodyWorkers:
+    """
+    The threads that work on request bodies longer than L{above} bytes
+    (at most L{size} at once; more wait their turn in the pool's queue).
+    The pool starts at the first such body, and stops (L{stop}: its
+    threads finish the work they have, then end) at the reactor's shutdown
+    (C{"during", "shutdown"}), as Twisted's own pool does; its threads are
+    daemon threads (as the consumers' database pool's), so that a process
+    whose reactor never shuts down still exits.
+
+    Built on the reactor's thread, and used only from there: L{run} is
+    called in the reactor's thread, and its Deferred fires there.
+    """
+
+    #: None: no threads (a test's C{Clock}), every body worked on in the
+    #: caller's thread, L{above} infinite.
+    reactor: IBodyWorkersReactor | None
+    #: Bodies longer than this (bytes) go to a thread.
+    above: float = OFFLOAD_BYTES
+    size: int = OFFLOAD_THREADS
+    _pool: ThreadPool | None = attrs.field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of(cls, reactor: object) -> BodyWorkers:
+        """
+        The workers of C{reactor}: threads when it provides
+        L{IBodyWorkersReactor}'s interfaces (the real reactor), else none
+        (L{above} infinite: every body is worked on where it is read).
+        """
+        if IReactorCore.providedBy(reactor) and IReactorFromThreads.providedBy(reactor):
+            return cls(cast(IBodyWorkersReactor, reactor))
+        return cls(None, above=math.inf)
+
+    def run(self, work: Callable[[], T]) -> Deferred[T]:
+        """
+        C{work()} in one of the pool's threads (after the works queued
+        before it, when all L{size} threads are busy): C{work} must touch
+        only its request's own data and immutable objects (no log, no
+        metrics, no shared state).  Called in the reactor's thread; the
+        Deferred fires there, with C{work}'s result or its exception.
+
+        @raise RuntimeError: this has no threads (L{reactor} None).
+        """
+        reactor = self.reactor
+        if reactor is None:
+            raise RuntimeError("these body workers have no threads: work on the body where it is read")
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
+            pool.threadFactory = _DaemonThread
+            pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        return deferToThreadPool(reactor, pool, work)
+
+    def stop(self) -> None:
+        """
+        Stop the pool, if it runs: its threads finish the work they have
+        (this waits for them), then end.  Once stopped, it starts again
+        at the next L{run}.  Run at the reactor's shutdown
+        (C{"during", "shutdown"}), in its thread.
+        """
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
