@@ -252,6 +252,28 @@ class CountedWorkers(BodyWorkers):
         return super().run(work)
 
 
+@attrs.define(eq=False)
+class HeldWorkers(CountedWorkers):
+    """
+    L{CountedWorkers} whose C{held}-th work's result is held back until
+    L{release}.
+    """
+
+    held: int = 2
+    _release: Deferred[None] | None = None
+
+    def run(self, work: Callable[[], T]) -> Deferred[T]:
+        done = super().run(work)
+        if self.runs != self.held:
+            return done
+        self._release = Deferred()
+        return self._release.addCallback(lambda _: done)
+
+    def release(self) -> None:
+        assert self._release is not None
+        self._release.callback(None)
+
+
 class SameAnswerTests(DataPlaneTestCase):
     """
     A body past L{OFFLOAD_BYTES} gets the answer, the refusal and the log
@@ -260,14 +282,15 @@ class SameAnswerTests(DataPlaneTestCase):
 
     timeout = 60
 
-    def both_ways(self, body: bytes, headers: bytes = b"") -> Any:
+    def both_ways(self, body: bytes, headers: bytes = b"", runs: int = 1, **settings: Any) -> Any:
         """
         POST C{body} once worked on in the reactor's thread, once in a
-        thread of the pool (each checked to be so); fire with both
-        C{(status line, answer, log event of the request)}.
+        thread of the pool (each checked to be so: C{runs} works in the
+        pool); fire with both C{(status line, answer, log event of the
+        request, whether it was failed over)}.  C{settings}: the gateway's.
         """
         # Debug: successes are logged too.
-        gateway = self.gateway(log_level="debug")
+        gateway = self.gateway(log_level="debug", **settings)
         context = gateway.service.api_site.context
         context.bodies = workers = CountedWorkers.of(reactor)
         self.addCleanup(workers.stop)
@@ -285,7 +308,7 @@ class SameAnswerTests(DataPlaneTestCase):
                 head, _, answer = rest.partition(b"\r\n\r\n")
                 line = {name: lines[0][name] for name in ("status", "outcome", "param", "route", "provider")}
                 found.append((status, answer, line, b"x-openclaw-fallback" in head.lower()))
-            self.assertEqual(workers.runs, 1)
+            self.assertEqual(workers.runs, runs)
             return found
 
         return answers()
@@ -325,11 +348,30 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(inline[2], apart[2])
 
     @inlineCallbacks
-    def each_with_upstream_body(self, body: bytes) -> Any:
+    def test_failover(self):
         """
-        L{both_ways}, each answer with the body the stand-in got.
+        A large request failed over (Kimi answers 500) is encoded for
+        Gemini in a thread too, and Gemini gets the same body, the client
+        the same answer.
         """
-        found = yield self.both_ways(body)
+        self.upstream.kimi.mode = "error"
+        body = json.dumps(tool_loop(3000, model="moonshot-v1-8k")).encode()
+        (inline, upstream_inline), (apart, upstream_apart) = yield self.each_with_upstream_body(
+            body, runs=2, default_provider="kimi"
+        )
+        self.assertEqual(inline[0], b"HTTP/1.1 200 OK")
+        self.assertTrue(inline[3])
+        self.assertEqual(upstream_inline, upstream_apart)
+        self.assertEqual(_same(json.loads(inline[1])), _same(json.loads(apart[1])))
+        self.assertEqual(inline[2:], apart[2:])
+        self.assertEqual(self.upstream.kimi.requests, 2)
+
+    @inlineCallbacks
+    def each_with_upstream_body(self, body: bytes, runs: int = 1, **settings: Any) -> Any:
+        """
+        L{both_ways}, each answer with the body Gemini's stand-in got.
+        """
+        found = yield self.both_ways(body, runs=runs, **settings)
         bodies = self.upstream.gemini.bodies
         self.assertEqual(len(bodies), 2)
         return list(zip(found, bodies, strict=True))
@@ -385,6 +427,43 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual([(e["status"], e["outcome"], e["provider"]) for e in lines], [(499, "client gone", "-")])
         self.assertEqual(self.upstream.gemini.requests, 0)
         self.assertEqual(gateway.service.api_site.context.in_flight, 0)
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
+    def test_client_gone_during_failover_encoding(self):
+        """
+        A client that leaves while its large request is encoded again for
+        the fallback: the fallback is not called, the call is counted
+        once, as 499, and nothing is logged as an error.
+        """
+        self.upstream.kimi.mode = "error"
+        gateway = self.gateway(default_provider="kimi")
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        self.addCleanup(workers.stop)
+        body = json.dumps(tool_loop(3000, model="moonshot-v1-8k")).encode()
+        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
+        self.addCleanup(sock.close)
+        yield deferToThread(
+            sock.sendall,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            + GATEWAY_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body,
+        )
+        for _ in range(400):
+            if workers.runs == 2:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(workers.runs, 2)
+        sock.close()
+        lines = yield self.request_lines()
+        workers.release()
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([(e["status"], e["outcome"]) for e in lines], [(499, "client gone")])
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 0))
+        self.assertEqual(context.in_flight, 0)
         errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
         self.assertEqual(errors, [])
 

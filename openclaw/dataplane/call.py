@@ -234,12 +234,17 @@ class ChatCall:
     _answer_status: int = 200
     #: A stream's media type as its answer said it (L{_media_type}).
     _answer_type: bytes = b""
+    #: The size of the first upstream body (bytes, L{start}): a failover
+    #: encodes the request again in a thread when it is past
+    #: L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>}.
+    _request_bytes: int = 0
     #: The client's connection holds the stream back (L{client_paused}):
     #: the timer runs the client's send deadline, not the provider's.
     _client_paused: bool = False
 
     def start(self, body: bytes) -> None:
         context = self.context
+        self._request_bytes = len(body)
         context.call_started()
         context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self._client_gone)
@@ -524,6 +529,14 @@ class ChatCall:
             for so many seconds more (L{no_usable_key}): when the call
             could fail over but the fallback's keys rest too, the answer
             says so (L{_sooner_elsewhere}).
+
+        The request is encoded for the fallback's wire (L{encode_request})
+        in the reactor's thread, or, for a request past
+        L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>},
+        in a thread of L{BodyWorkers <openclaw.dataplane.offload.BodyWorkers>}
+        (it reads only the request and the wire); all the rest in the
+        reactor's thread.  (L{_could_take}'s encodings, for a wait to
+        shorten, are still done in the reactor's thread.)
         """
         context = self.context
         if self.pinned or context.fallback == "off" or self.request.startedWriting:
@@ -536,25 +549,65 @@ class ChatCall:
         if target is None:
             breaker = self.adapter.breaker.remaining() if reason == "breaker_open" else None
             return self._fail(self._sooner_elsewhere(error, resting, breaker))
-        origin = self.route.provider_id
         model = target.fallback_model or target.default_model
         why_not = self._may_not_use(target.id, model)
         if why_not is not None:
             # The fallback's model is the operator's, not named to the key.
             return self._fail(_not_failed_over(error, target.id, why_not))
+        chat, offered = self.chat, context.providers.offered_tools
+        if self._request_bytes > context.bodies.above:
+            # A large request is encoded again in a thread (as it was
+            # first, L{ChatCompletions <openclaw.dataplane.resource.ChatCompletions>}):
+            # Gemini's translation of 6.5 MB of tool calls takes 0.8 s.
+            # No timer runs meanwhile (the failed attempt's is cancelled);
+            # a client gone or a stop meanwhile has ended the call (_over).
+            self._cancel_timer()
+            encoded = context.bodies.run(lambda: encode_request(target.wire, chat, model, target.id, offered))
+            encoded.addCallbacks(
+                lambda body: None if self._over else self._fail_over(reason, error, target, model, body),
+                lambda failure: None if self._over else self._not_encoded(failure, error, target),
+            ).addErrback(self._bug)
+            return None
         try:
-            body = encode_request(target.wire, self.chat, model, target.id, context.providers.offered_tools)
+            body = encode_request(target.wire, chat, model, target.id, offered)
         except APIError as refused:
-            # A request the first provider takes but the fallback cannot
-            # (one of Gemini's own limits): the first provider's failure is
-            # the answer, and no failover happened.
-            context.log.info(
-                "call not failed over {origin} -> {target}: {target} cannot take the request ({why})",
-                origin=origin,
-                target=target.id,
-                why=refused.message,
-            )
-            return self._fail(_not_failed_over(error, target.id, f"it cannot take this request: {refused.message}"))
+            return self._not_taken(refused, error, target)
+        return self._fail_over(reason, error, target, model, body)
+
+    def _not_encoded(self, failure: Failure, error: APIError, target: ProviderAdapter) -> None:
+        """
+        The fallback's encoding, done in a thread, failed: L{_not_taken}
+        for its refusal (an L{APIError}); anything else is raised again (a
+        bug).
+        """
+        failure.trap(APIError)
+        return self._not_taken(cast(APIError, failure.value), error, target)
+
+    def _not_taken(self, refused: APIError, error: APIError, target: ProviderAdapter) -> None:
+        """
+        A request the first provider takes but the fallback C{target}
+        cannot (C{refused}: one of Gemini's own limits): the first
+        provider's failure C{error} is the answer, and no failover
+        happened.
+        """
+        self.context.log.info(
+            "call not failed over {origin} -> {target}: {target} cannot take the request ({why})",
+            origin=self.route.provider_id,
+            target=target.id,
+            why=refused.message,
+        )
+        return self._fail(_not_failed_over(error, target.id, f"it cannot take this request: {refused.message}"))
+
+    def _fail_over(
+        self, reason: FallbackReason, error: APIError, target: ProviderAdapter, model: str, body: bytes
+    ) -> None:
+        """
+        Send the call to C{target}'s C{model}, C{body} its request in
+        C{target}'s wire (L{_upstream_failed}), this provider's failure
+        C{error} (for C{reason}) kept to be told if that fails too.
+        """
+        context = self.context
+        origin = self.route.provider_id
         self._fallback = (origin, target.id, reason)
         # Scrubbed of this provider's keys now: _fail scrubs with the
         # fallback's.
