@@ -558,7 +558,7 @@ class ChatCall:
         if self._request_bytes > context.bodies.above:
             # A large request is encoded again in a thread (as it was
             # first, L{ChatCompletions <openclaw.dataplane.resource.ChatCompletions>}):
-            # Gemini's translation of 6.5 MB of tool calls takes 0.8 s.
+            # Gemini's translation of many tool calls is long.
             # No timer runs meanwhile (the failed attempt's is cancelled);
             # a client gone or a stop meanwhile has ended the call (_over).
             self._cancel_timer()

@@ -3,32 +3,31 @@ Work on a large request body done in a thread of a small pool of its own
 (L{BodyWorkers}), not on the reactor's thread: parsing and checking a chat
 request (L{parse_chat_request <openclaw.dataplane.request.parse_chat_request>})
 and encoding it for its provider (L{encode_request
-<openclaw.dataplane.call.encode_request>}, Gemini's translation) cost
-50-200 ns a byte of a body of many messages or tool calls, 1.4 s for 6.5 MB
-of 45,000 tool calls and their results, during which no other client of
-the process was served (trial s32: C{/healthz} took 5 s under four such
-bodies).  A body of at most L{OFFLOAD_BYTES} is still worked on in the
-reactor's thread, as before: the thread's round trip (a few tens of
-microseconds, and a wait for the interpreter's lock) would cost more than
-the work it saves.
+<openclaw.dataplane.call.encode_request>}, Gemini's translation) is
+Python work per message and per tool call, linear in the body but long
+for a body of many of them, during which no other client of the process
+would be served (re-attack s32: one key holder's bodies held up
+C{/healthz} and the control plane for seconds).  A body of at most
+L{OFFLOAD_BYTES} is still worked on in the reactor's thread, as before:
+the thread's round trip (and a wait for the interpreter's lock) would
+cost more than the work it saves.
 
 The pool is the gateway's own rather than the reactor's
 (C{reactor.getThreadPool()}), which resolves host names (Twisted's
 C{GAIResolver}, for every call's provider connection): bodies that keep
-its threads busy for seconds would hold up every call's name lookup; and
-its size (L{OFFLOAD_THREADS}) is chosen for this work.  What runs there
-holds the interpreter's lock as it works (the parse and the encoding are
-Python and orjson, which keeps the lock), so the reactor's thread gets it
-back every C{sys.getswitchinterval()} (5 ms): the other clients wait a few
-of those, not the whole body.
+its threads busy would hold up every call's name lookup; and its size
+(L{OFFLOAD_THREADS}) is chosen for this work.  What runs there holds the
+interpreter's lock as it works (the parse and the encoding are Python and
+orjson, which keeps the lock), so the reactor's thread gets it back every
+C{sys.getswitchinterval()}: the other clients wait a few of those, not
+the whole body.  Measurements: C{bench/README.rst}.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -36,12 +35,13 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from openclaw.threads import DaemonThreadPool
+
 #: A request body longer than this (bytes) is parsed, checked and encoded
 #: for its provider in a thread (L{BodyWorkers}); a shorter one in the
-#: reactor's thread.  256 KiB: the work on such a body is from 1 ms (one
-#: long string, 3 ns a byte) to 50 ms (tool calls sent to Gemini, 200 ns a
-#: byte), against the thread's round trip of some 0.1 ms; a body of this
-#: size holds up the other clients for at most that 50 ms.
+#: reactor's thread: the longest it then holds up the other clients is
+#: small against a provider's answer, and a thread's round trip is small
+#: against the work on a longer one (figures: C{bench/README.rst}).
 OFFLOAD_BYTES = 256 * 1024
 
 #: Threads that work on large bodies at once (L{BodyWorkers}); more bodies
@@ -52,15 +52,6 @@ OFFLOAD_BYTES = 256 * 1024
 OFFLOAD_THREADS = 2
 
 T = TypeVar("T")
-
-
-class _DaemonThread(threading.Thread):
-    # A process whose reactor never shuts down (one embedding the gateway,
-    # a test run) must not be kept from exiting by idle workers (the
-    # interpreter joins every non-daemon thread).
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.daemon = True
 
 
 class IBodyWorkersReactor(IReactorCore, IReactorFromThreads):
@@ -120,8 +111,7 @@ class BodyWorkers:
             raise RuntimeError("these body workers have no threads: work on the body where it is read")
         pool = self._pool
         if pool is None:
-            pool = self._pool = ThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
-            pool.threadFactory = _DaemonThread
+            pool = self._pool = DaemonThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
             pool.start()
             reactor.addSystemEventTrigger("during", "shutdown", self.stop)
         return deferToThreadPool(reactor, pool, work)
