@@ -82,6 +82,7 @@ from openclaw.providers.wire import (
     StreamBroken,
     StreamTranslation,
     Wire,
+    refuse_media_kinds,
     refuse_tool_types,
 )
 from openclaw.routing import FallbackReason, Route
@@ -125,7 +126,9 @@ def encode_request(wire: Wire, chat: ChatRequest, model: str, provider_id: str, 
     The upstream body of C{chat} for C{model} in C{wire}'s format; with
     every tool call id plain when some id carries a payload and the wire
     does not read carried ids (L{openclaw.dataplane.callids}).  A tool of
-    a type the wire does not take is refused first (L{refuse_tool_types}).
+    a type the wire does not take is refused first (L{refuse_tool_types}),
+    then a content part or media URL it does not take
+    (L{refuse_media_kinds}).
 
     @param provider_id: the provider whose format C{wire} is.
     @param offered: the tool types the declared providers take
@@ -136,10 +139,11 @@ def encode_request(wire: Wire, chat: ChatRequest, model: str, provider_id: str, 
     refusal (L{too_deep}) is turned into the client's error.
 
     @raise APIError: 400 C{json_too_deep} when the request nests more than
-        L{MAX_JSON_DEPTH} levels; 400 for a tool of a type the wire does not
-        take; any 4xx the wire raises.
+        L{MAX_JSON_DEPTH} levels; 400 for a tool, a content part or a media
+        URL of a kind the wire does not take; any 4xx the wire raises.
     """
     refuse_tool_types(chat, wire, provider_id, offered)
+    refuse_media_kinds(chat, wire, provider_id, offered)
     if chat.carried_ids and not wire.reads_carried_ids:
         chat = chat.plain_ids()
     try:

@@ -278,10 +278,8 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
     what the tool is (its L{ToolType.described}, from the provider that
     takes it) and where to send the conversation: a model of a provider
     that takes it.  A call failed over is refused the same way, so never
-    failed over to such a provider.  Then refuse a content part or media
-    URL C{wire} does not take, the same way (L{refuse_media_kinds}):
-    every kind of input beside OpenAI's that the wire does not declare is
-    refused here, before anything is sent.
+    failed over to such a provider.  (Content parts and media URLs the
+    wire does not take: L{refuse_media_kinds}.)
 
     @param provider_id: the provider C{wire} is the format of, as the
         message names it.
@@ -290,14 +288,6 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
         <openclaw.dataplane.request.parse_chat_request>} holds no others).
     @raise APIError: 400 naming C{tools[<i>]} or
         C{messages[<i>].tool_calls[<j>]}.
-    """
-    _refuse_tools(chat, wire, provider_id, offered)
-    refuse_media_kinds(chat, wire, provider_id, offered)
-
-
-def _refuse_tools(chat: ChatRequest, wire: Wire, provider_id: str, offered: OfferedTools) -> None:
-    """
-    L{refuse_tool_types}' refusal of tools.
     """
     if not chat.other_tools:
         # No type but functions is named in the body: nothing to look for.
@@ -329,8 +319,8 @@ def refuse_media_kinds(chat: ChatRequest, wire: Wire, provider_id: str, offered:
     what it is and who takes it (from the provider that declares it), and
     what to do: send the conversation to a model of a provider that takes
     it, or, for this one, do without it.  A call failed over is refused
-    the same way (L{refuse_tool_types}), so never failed over to such a
-    provider.
+    the same way (L{openclaw.dataplane.call.encode_request} refuses both),
+    so never failed over to such a provider.
 
     @param provider_id: the provider C{wire} is the format of, as the
         message names it.
