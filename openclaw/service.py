@@ -1341,8 +1341,9 @@ class GatewayService(SequentialMultiService):
         self._restore_route()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
-                "JWT_SECRET is not set: tokens are signed with a random secret made "
-                "for this process only. Set JWT_SECRET (32 bytes or more) in production."
+                "JWT_SECRET is not set: tokens are signed with a random secret made for this process only "
+                "(a single gateway issues a new token at every start, whatever the secret); set JWT_SECRET "
+                "(32 bytes or more) in production, as a cluster (REDIS_URL) requires"
             )
         for line in self.settings.warnings:
             self._log.warn("{config_warning}", config_warning=line)

@@ -14,6 +14,7 @@ import email.utils
 import time
 from typing import Any
 
+import attrs
 import openai
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -553,6 +554,28 @@ class UnknownModelTests(ResilienceTestCase):
                 self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "404")
                 self.assertIsNone(failure.response.headers.get("x-should-retry"))
                 self.assertEqual((behaviour.requests, other.requests), (1, 0), (provider, stream))
+
+    @inlineCallbacks
+    def test_base_url_without_the_api(self):
+        """
+        A base URL with no API behind it (C{KIMI_BASE_URL} without its
+        C{/v1}): the server's own 404 page, not the provider's error
+        document, tells the operator to check the base URL, as well as
+        the model (new-operator trial s32: "model not found" only).
+        """
+        providers = dict(self.upstream.provider_settings())
+        kimi = providers["kimi"]
+        providers["kimi"] = attrs.evolve(kimi, base_url=kimi.base_url.removesuffix("/v1"))
+        gateway = self.gateway(default_provider="kimi", fallback="off", providers=providers)
+        failure = yield self.assertFailure(deferToThread(chat, self.sdk(gateway)), openai.NotFoundError)
+        self.assertEqual((failure.code, failure.param), ("model_not_found", "model"))
+        self.assertIn("ask the operator to check KIMI_BASE_URL (openclawctl health-check)", failure.message)
+        # The provider's own 404 for a model: no such hint.
+        failure = yield self.assertFailure(
+            deferToThread(chat, self.sdk(self.gateway(default_provider="kimi")), "kimi/no-such-model"),
+            openai.NotFoundError,
+        )
+        self.assertNotIn("BASE_URL", failure.message)
 
     @inlineCallbacks
     def test_unpinned_not_failed_over(self):

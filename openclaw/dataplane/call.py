@@ -444,7 +444,13 @@ class ChatCall:
         refusal = adapter.refusal(status, body, retry_after)
         if body_lost is not None:
             refusal = attrs.evolve(refusal, message=f"its error body did not come whole: {body_lost}")
-        error = upstream_refused(self.route.provider_id, refusal, adapter.keys_setting, names_model=True)
+        error = upstream_refused(
+            self.route.provider_id,
+            refusal,
+            adapter.keys_setting,
+            names_model=True,
+            base_url_setting=adapter.base_url_variable,
+        )
         if refusal.kind is RefusalKind.SERVER:
             self._settle(CircuitBreaker.failed)
             return self._upstream_failed("http_5xx", error)

@@ -309,7 +309,9 @@ def retry_after_seconds(seconds: float) -> int:
     return math.ceil(seconds)
 
 
-def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool) -> APIError:
+def upstream_refused(
+    provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool, base_url_setting: str | None = None
+) -> APIError:
     """
     The client's answer when a provider refused a chat call; the status
     follows what the provider said (the table in the README's "When a
@@ -323,7 +325,10 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         "Not found the model ..." and Gemini's 404 C{NOT_FOUND} "models/...
         is not found" are how both say so), any other 404 (a models
         listing: C{names_model} false) C{not_found_error}
-        C{upstream_not_found};
+        C{upstream_not_found}; a 404 whose body is not the provider's
+        error document (L{Refusal.stated}: a web server's page, no API at
+        that path) also tells the operator to check C{base_url_setting}
+        (C{KIMI_BASE_URL}), the likelier cause when every call gets it;
       - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
         provider said how long;
       - the gateway's own key refused (401, Google's C{API_KEY_INVALID}):
@@ -350,6 +355,12 @@ def upstream_refused(provider_id: str, refusal: Refusal, key_setting: str, *, na
         if refusal.status != 404:
             return APIError(
                 refusal.status, refused, "invalid_request_error", "upstream_invalid_request", headers=upstream
+            )
+        if not refusal.stated and base_url_setting is not None:
+            refused += (
+                f"; that answer is not {provider_id}'s own error document, so its API may not be at the URL the "
+                f"gateway uses: if every call gets it, ask the operator to check {base_url_setting} "
+                "(openclawctl health-check)"
             )
         if names_model:
             return APIError(404, refused, "invalid_request_error", "model_not_found", "model", headers=upstream)

@@ -73,7 +73,13 @@ def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None, *, 
     """
     provider_id = adapter.id
     if isinstance(value, UpstreamHTTPError) and value.refusal is not None:
-        return upstream_refused(provider_id, value.refusal, adapter.keys_setting, names_model=names_model)
+        return upstream_refused(
+            provider_id,
+            value.refusal,
+            adapter.keys_setting,
+            names_model=names_model,
+            base_url_setting=adapter.base_url_variable,
+        )
     if isinstance(value, NoUsableKey):
         return no_usable_key(provider_id, adapter.keys_setting, value.back_in)
     if isinstance(value, BreakerOpen):

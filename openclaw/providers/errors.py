@@ -425,6 +425,10 @@ class Refusal:
     #: L{retry_delay <openclaw.providers.base.ProviderAdapter.retry_delay>});
     #: None when it said nothing.
     retry_after: float | None = None
+    #: The body was the provider's own error document (OpenAI's or
+    #: Google's C{{"error": ...}}); not so for a web server's page for a
+    #: path with no API behind it (a base URL set wrong).
+    stated: bool = True
 
 
 #: A provider's wait (C{Retry-After}, or one its error body states) is followed for
@@ -486,6 +490,7 @@ def classify(
     """
     # fetch imports this module's errors: imported here, not at the top.
     from openclaw.providers.fetch import upstream_message
+    from openclaw.providers.wire import json_or_none, reported_error
 
     message = clip(upstream_message(body))
     retry_after = parse_retry_after(retry_after_header, now)
@@ -511,4 +516,5 @@ def classify(
         kind = RefusalKind.SERVER
     else:
         kind = RefusalKind.OTHER
-    return Refusal(status, kind, message, retry_after)
+    stated = status != 404 or reported_error(json_or_none(body)) is not None
+    return Refusal(status, kind, message, retry_after, stated)

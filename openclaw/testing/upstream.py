@@ -63,7 +63,8 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from openclaw.addresses import host_port
@@ -1871,7 +1872,7 @@ class StandInUpstream:
         The resource tree: each mounted provider's endpoints under its path
         (C{/kimi/v1/...}, C{/gemini/v1beta/...}, ...).
         """
-        root = Resource()
+        root = _Node()
         for mounted in self.mounted.values():
             self._put(root, mounted)
         return root
@@ -1974,6 +1975,17 @@ class StandInUpstream:
         return gatherResults(waits).addCallback(lambda _: None)
 
 
+class _Node(Resource):
+    """
+    A node of the stand-in's tree: a path it does not serve is a plain 404
+    page (twisted.web's L{notFound}), as a web server's is where no API
+    is: not the provider's error document (a base URL set wrong).
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound()
+
+
 def _mount(root: Resource, *path: bytes) -> Resource:
     """
     The node at C{path} under C{root}, made (or reused) segment by segment.
@@ -1982,7 +1994,7 @@ def _mount(root: Resource, *path: bytes) -> Resource:
     for segment in path:
         child = node.getStaticEntity(segment)
         if child is None:
-            child = Resource()
+            child = _Node()
             node.putChild(segment, child)
         node = child
     return node
