@@ -23,9 +23,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.deferreds import shielded
 from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
-from openclaw.writer import FileWriter, shielded
+from openclaw.writer import FileWriter
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
@@ -257,12 +258,17 @@ class SessionAuthority:
         """
         L{adopt}, its token file checked and written in the writer's thread
         (L{FileWriter.run}), after every write asked of it before: the
-        reactor thread is never blocked by the disk, and of two adoptions
+        reactor thread is never blocked by the disk (the lock file's pid,
+        when first named, is written there too), and of two adoptions
         asked back to back the second is the one on disk and in force.
         C{issued} is made current once its file is written (on the reactor
         thread, when the returned Deferred fires): until then the token
         before it stays valid.  Without a writer or a token file, as
         L{adopt} (at once).  Called on the reactor thread.
+
+        Made current once written even if who asked gave up (cancelled
+        the returned Deferred: a command cut short at stop); a failure
+        then is logged here, as nothing else would say it.
 
         @return: a Deferred firing with None once C{issued} is current.
         @raise TokenFileUnwritable: (as a failure) it could not be written
@@ -276,9 +282,7 @@ class SessionAuthority:
             except TokenFileUnwritable:
                 return fail()
             return succeed(None)
-        if self._lock is not None:
-            # Its pid, once (a pwrite, no fsync; nothing after the first).
-            self._name_holder(self._lock)
+        lock = self._lock
         # The tokens this gateway may find in the file when the job runs:
         # the current one, the ones asked before (written by then, or not),
         # and this one.  Taken now, on the reactor thread: the job reads
@@ -289,21 +293,31 @@ class SessionAuthority:
         first = self._current is None
         write_file = writer.write_file
 
-        def job() -> str | None:
-            # In the writer's thread.
+        def job() -> tuple[str | None, OSError | None]:
+            # In the writer's thread, as every job: one at a time.
+            unnamed = None
+            if lock is not None:
+                # Its pid, once (a pwrite, no fsync; nothing after the first).
+                try:
+                    lock.record_pid()
+                except OSError as e:
+                    unnamed = e
             foreign = self._judge_token_file(path, mine, first)
             if foreign is None:
                 try:
                     write_file(path, issued.token + "\n")
                 except OSError as e:
                     raise TokenFileUnwritable(path, e) from None
-            return foreign
+            return foreign, unnamed
 
         def done(result: object) -> object:
             self._adopting.remove(issued)
             return result
 
-        def written(foreign: str | None) -> None:
+        def written(outcome: tuple[str | None, OSError | None]) -> None:
+            foreign, unnamed = outcome
+            if unnamed is not None and lock is not None:
+                self._pid_unwritten(lock, unnamed)
             if foreign is not None:
                 self._log.warn(
                     "TOKEN_FILE {path} was left as it is ({why}); session token {jti} is not in it",
@@ -320,14 +334,21 @@ class SessionAuthority:
                 return Failure(TokenFileUnwritable(path, reason.value))
             return reason
 
+        def dropped(reason: Failure) -> None:
+            self._log.failure(
+                "session token {jti} was not made current, and token {kept} stays valid (the command that "
+                "asked for it was cut short meanwhile)",
+                reason,
+                jti=issued.jti,
+                kept=self._current.jti if self._current is not None else "(none)",
+            )
+
         self._adopting.append(issued)
         running = writer.run(job)
         running.addBoth(done)
         running.addErrback(refused)
         adopted: Deferred[None] = running.addCallback(written)
-        # Made current once written, even if who asked gave up (a command
-        # cut short at stop): the file and the token in force agree.
-        return shielded(adopted)
+        return shielded(adopted, dropped)
 
     def issue_later(self) -> Deferred[SessionToken]:
         """
@@ -345,12 +366,19 @@ class SessionAuthority:
         try:
             lock.record_pid()
         except OSError as e:
-            self._log.warn(
-                "this gateway's pid could not be written to {path} ({error}): a gateway turned away "
-                "from TOKEN_FILE will not say which process holds it",
-                path=str(lock.path),
-                error=e.strerror,
-            )
+            self._pid_unwritten(lock, e)
+
+    def _pid_unwritten(self, lock: PidLock, e: OSError) -> None:
+        """
+        Log that this process's id could not be written to C{lock}'s file
+        (C{e}).  Reactor thread.
+        """
+        self._log.warn(
+            "this gateway's pid could not be written to {path} ({error}): a gateway turned away "
+            "from TOKEN_FILE will not say which process holds it",
+            path=str(lock.path),
+            error=e.strerror,
+        )
 
     def issue(self) -> SessionToken:
         """

@@ -155,7 +155,9 @@ class RouteStore:
         (or the write failed, logged as L{save}'s).
 
         @return: a Deferred firing with None once saved; else why not
-            (C{switch_provider}'s C{warning}).  Never fails.
+            (C{switch_provider}'s C{warning}).  Never fails.  Cancelled
+            (its switch cut short at the stop), the write goes on, and
+            its failure is logged all the same.
         """
 
         def failed(reason: Failure) -> str:
@@ -163,7 +165,15 @@ class RouteStore:
             assert isinstance(reason.value, OSError)
             return self._unsaved(reason.value)
 
-        return writer.write(self.path, self._document(route)).addCallbacks(lambda _: None, failed)
+        def dropped(reason: Failure) -> None:
+            # Its switch was cut short meanwhile (at the stop): logged all
+            # the same.
+            if isinstance(reason.value, OSError):
+                self._unsaved(reason.value)
+            else:
+                self._log.failure("could not save the active provider to {path}", reason, path=str(self.path))
+
+        return writer.write(self.path, self._document(route), dropped).addCallbacks(lambda _: None, failed)
 
     @staticmethod
     def _document(route: Route) -> str:

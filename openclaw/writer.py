@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.deferreds import InFlight, shielded
 from openclaw.files import write_atomically
 from openclaw.threads import DaemonThreadPool
 
@@ -87,7 +88,7 @@ class FileWriter(Service):
         self.write_file = write_file
         self._pool = DaemonThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
         #: The jobs asked and not finished, in the order asked.
-        self._pending: list[Deferred[Any]] = []
+        self._pending: list[InFlight[Any]] = []
         #: L{stopService} was called: no job is taken any more.
         self._closed = False
         self._pool_started = False
@@ -110,40 +111,50 @@ class FileWriter(Service):
             self._pool_started = True
             self._pool.start()
 
-    def run(self, job: Callable[[], T]) -> Deferred[T]:
+    def run(self, job: Callable[[], T], dropped: Callable[[Failure], object] | None = None) -> Deferred[T]:
         """
         Run C{job} in the writer's thread after every job asked before it;
         fire with what it returns, or fail with what it raises, on the
         reactor thread.  Reactor thread.
+
+        A job cannot be stopped once asked: cancelling the returned
+        Deferred (a command cut short at the stop) leaves the job to run
+        (waited for by L{stopService}); should it fail then, its failure
+        goes to C{dropped} (L{shielded}), or, without one, is logged.
 
         @raise WriterStopped: (as a failure) the writer was stopped; the
             job is not run.
         """
         if self._closed:
             return fail(WriterStopped())
-        running: Deferred[T] = deferToThreadPool(self._reactor, self._pool, job)
-        self._pending.append(running)
+        flight: InFlight[T] = InFlight()
+        self._pending.append(flight)
 
-        def finished(result: object) -> object:
-            self._pending.remove(running)
-            return result
+        def finished(result: T | Failure) -> None:
+            self._pending.remove(flight)
+            flight.end(result)
 
-        running.addBoth(finished)
-        # A job cannot be stopped once asked: a caller that cancels its
-        # Deferred (a command cut short at stop) leaves it pending here,
-        # waited for by stopService, until its thread is done with it.
-        return shielded(running)
+        deferToThreadPool(self._reactor, self._pool, job).addBoth(finished)
+        return shielded(flight.observe(), self._dropped if dropped is None else dropped)
 
-    def write(self, path: Path, text: str) -> Deferred[None]:
+    def _dropped(self, reason: Failure) -> None:
+        """
+        A job failed (C{reason}) once who asked for it had given up: said,
+        as nothing else would.  Reactor thread.
+        """
+        self._log.failure("a file write failed after the command that asked for it was cut short", reason)
+
+    def write(self, path: Path, text: str, dropped: Callable[[Failure], object] | None = None) -> Deferred[None]:
         """
         Replace C{path} with C{text} (L{write_file}) in the writer's
-        thread, after every job asked before it.  Reactor thread.
+        thread, after every job asked before it (C{dropped}: as
+        L{run}'s).  Reactor thread.
 
         @raise OSError: (as a failure) the write failed (L{write_atomically}),
             or the writer was stopped (L{WriterStopped}).
         """
         write_file = self.write_file
-        return self.run(lambda: write_file(path, text))
+        return self.run(lambda: write_file(path, text), dropped)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -166,47 +177,6 @@ class FileWriter(Service):
                 self._pool_started = False
                 self._pool.stop()
 
-        # Each job's Deferred is its caller's: waited for through a copy
-        # of its result, never consuming it.
-        copies: list[Deferred[None]] = []
-        for running in waiting:
-            copy: Deferred[None] = Deferred()
-            running.addBoth(_fire_copy(copy))
-            copies.append(copy)
-        return gatherResults(copies).addCallback(stopped)
-
-
-def shielded(pending: Deferred[T]) -> Deferred[T]:
-    """
-    A Deferred firing as C{pending} does (with its result or its failure),
-    whose cancellation does not reach C{pending}: what C{pending} stands
-    for (a write under way in another thread, the state it changes once
-    done) runs to its end and its callbacks run.  Once the returned
-    Deferred is cancelled, C{pending}'s result is dropped (a failure
-    included: who asked gave up on it).  Reactor thread.
-    """
-    given: Deferred[T] = Deferred()
-
-    def fire(result: object) -> None:
-        # Ignored once given was cancelled (a Deferred without a canceller
-        # suppresses the later call).
-        if isinstance(result, Failure):
-            given.errback(result)
-        else:
-            given.callback(result)  # type: ignore[arg-type]
-
-    pending.addBoth(fire)
-    return given
-
-
-def _fire_copy(copy: Deferred[None]) -> Callable[[object], object]:
-    """
-    A callback that fires C{copy} with None (whatever the result) and
-    passes the result on unchanged.  Reactor thread.
-    """
-
-    def fire(result: object) -> object:
-        copy.callback(None)
-        return result
-
-    return fire
+        # Each job's caller has a Deferred of its own (InFlight): this
+        # waits through another, whatever the job's result.
+        return gatherResults([flight.observe().addErrback(lambda _: None) for flight in waiting]).addCallback(stopped)

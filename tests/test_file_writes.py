@@ -17,12 +17,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.files import write_atomically
-from openclaw.state import STATE_FILE
+from openclaw.routing import Route
+from openclaw.session import SessionAuthority
+from openclaw.state import STATE_FILE, RouteStore
 from openclaw.writer import FileWriter, WriterStopped
-from tests.support import RunningGateway, get_text, open_client, start_gateway, within
+from tests.support import RunningGateway, capture_log_events, get_text, open_client, start_gateway, within
 
 #: How long a blocked write waits to be let go before it fails, in
 #: seconds: a write made on the reactor thread (the fault these tests
@@ -291,3 +294,57 @@ class FileWriterTests(TestCase):
         yield writer.stopService()
         self.assertEqual(writer.pending, 0)
         yield self.assertFailure(writer.run(lambda: 1), WriterStopped)
+
+    def failing_writer(self) -> tuple[FileWriter, threading.Event]:
+        """
+        A started writer whose writes fail (ENOSPC) once let go (the
+        event), stopped at the test's end.
+        """
+        release = threading.Event()
+
+        def write_file(path: Path, text: str) -> None:
+            release.wait(BLOCKED_SECONDS)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        writer = FileWriter(reactor, write_file)
+        writer.startService()
+        self.addCleanup(lambda: writer.stopService() if writer.running else None)
+        return writer, release
+
+    @inlineCallbacks
+    def test_cancelled_write_failure_logged(self):
+        """
+        A write whose asker gave up (a command cut short at the stop) and
+        that then fails is logged, by its asker's own words when it gives
+        them (the state file's, the token's) and the writer's otherwise:
+        never lost.
+        """
+        writer, release = self.failing_writer()
+        events = capture_log_events(self)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        sessions = SessionAuthority(
+            b"0123456789abcdef0123456789abcdef", 3600, token_file=directory / "token", writer=writer
+        )
+        asked = [
+            writer.write(directory / "other", "x"),
+            RouteStore(directory, ("gemini",)).save_later(Route("gemini", "g-1"), writer),
+            sessions.issue_later(),
+        ]
+        for pending in asked:
+            pending.cancel()
+            yield self.assertFailure(pending, CancelledError)
+        release.set()
+        yield writer.stopService()
+        texts = [formatEvent(event) for event in events]
+        self.assertTrue(
+            any(text.startswith("a file write failed after the command that asked for it") for text in texts), texts
+        )
+        self.assertTrue(
+            any(text.startswith(f"could not save the active provider to {directory / STATE_FILE}: ") for text in texts),
+            texts,
+        )
+        self.assertTrue(
+            any(text.startswith("session token ") and "was not made current" in text for text in texts), texts
+        )
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)

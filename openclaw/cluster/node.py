@@ -88,9 +88,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned, WriteRefused
+from openclaw.deferreds import shielded
 from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
-from openclaw.writer import shielded
 
 ROUTE = "route"
 TOKEN = "token"
@@ -1138,7 +1138,10 @@ class ClusterNode:
 
         # Recorded once adopted, even if who asked gave up (a rotation cut
         # short at stop).
-        return shielded(self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled))
+        return shielded(
+            self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled),
+            lambda failure: self._not_adopted(failure, versioned.version),
+        )
 
     def _refuse_token(
         self,
