@@ -9,18 +9,24 @@ instances.
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.node import ROUTE, TOKEN, decode_token, encode_route, encode_token
 from openclaw.cluster.store import Versioned
+from openclaw.files import write_atomically
 from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route
 from openclaw.session import SessionAuthority
 from tests.redis_server import DelayingProxy
@@ -602,6 +608,206 @@ class LostState(TestCase):
                 "until it works"
             ],
         )
+
+
+class HeldWriter:
+    """
+    A L{openclaw.writer.FileWriter} stand-in on the test's thread: its
+    jobs run at once, or, while C{hold} is set, at L{release} (a slow
+    disk), in the order asked.
+    """
+
+    def __init__(self) -> None:
+        self.write_file = write_atomically
+        self.hold = False
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def run(self, job: Callable[[], Any]) -> Deferred[Any]:
+        if self.hold:
+            held: Deferred[Any] = Deferred()
+            self.jobs.append((job, held))
+            return held
+        try:
+            return succeed(job())
+        except Exception:
+            return fail(Failure())
+
+    def release(self) -> None:
+        self.hold = False
+        jobs, self.jobs = self.jobs, []
+        for job, held in jobs:
+            self.run(job).chainDeferred(held)
+
+
+class LateEnsures(MemoryStore):
+    """
+    A L{MemoryStore} whose next C{ensure} of C{late} (once set) is made
+    at once and answered only at L{answer}: a reconnecting instance's
+    reload whose read is answered late.
+    """
+
+    late: str | None = None
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.held: tuple[Versioned, Deferred[Versioned]] | None = None
+
+    def ensure(self, name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
+        made = super().ensure(name, value, version, origin)
+        if name != self.late:
+            return made
+        self.late = None
+        read = self.successResultOf(made)
+        self.held = (read, Deferred())
+        return self.held[1]
+
+    @staticmethod
+    def successResultOf(made: Deferred[Versioned]) -> Versioned:
+        results: list[Versioned] = []
+        made.addCallback(results.append)
+        return results[0]
+
+    def answer(self) -> None:
+        assert self.held is not None
+        read, late = self.held
+        self.held = None
+        late.callback(read)
+
+
+class LateReads(TestCase):
+    """
+    A reconnecting instance's reload whose read of the store is answered
+    after a newer change reached it (a message published meanwhile):
+    the stale read never undoes the change, here or cluster-wide (trial
+    s32: a finished rotation rolled back on every instance).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = LateEnsures(self.clock.seconds)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        self.token_file = directory / "token"
+        self.writer = HeldWriter()
+        self.a = self.node("a", token_file=self.token_file, writer=self.writer)
+        self.b = self.node("b")
+        for node in (self.a, self.b):
+            self.store.listeners.append(node.received)
+            node.connected()
+
+    def node(self, name: str, **sessions: Any) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(GEMINI),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds, **sessions),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        self.addCleanup(node.stop)
+        return node
+
+    def reconnect_late(self, name: str) -> None:
+        """
+        Node a, cut off from the store, missed a change; it reconnects, and
+        its reload's read of C{name} is answered late (L{LateEnsures}).
+        """
+        self.store.listeners.remove(self.a.received)
+        self.a.lost("test")
+        self.clock.advance(10)
+        if name == TOKEN:
+            self.b.rotate(self.b.sessions.mint())
+        else:
+            self.b.switch(Route("kimi", "k-1"))
+        self.clock.advance(10)
+        self.store.late = name
+        self.store.listeners.append(self.a.received)
+        self.a.connected()
+        self.assertIsNotNone(self.store.held)
+
+    def assert_token_kept(self, token: Any) -> None:
+        """
+        After a heartbeat, C{token} is the cluster's, held by a and b, in
+        a's token file.
+        """
+        self.a.beat()
+        self.writer.release()
+        self.clock.advance(2)
+        self.assertEqual(decode_token(self.store.values[TOKEN].value).jti, token.jti)
+        self.assertEqual(self.b.sessions.current, token)
+        self.assertEqual(self.a.sessions.current, token)
+        self.assertEqual(self.token_file.read_text().strip(), token.token)
+        self.assertTrue(self.a.up)
+
+    def test_late_read_while_adopting_a_newer_token(self) -> None:
+        """
+        The reload's read answers the rotation a missed (version 2) once a
+        newer rotation (version 3) is being adopted (its token file being
+        written): neither the version-2 token nor a's first one is
+        adopted or written back; version 3 stays the cluster's.
+        """
+        self.reconnect_late(TOKEN)
+        self.writer.hold = True
+        newest = self.successResultOf(self.b.rotate(self.b.sessions.mint()))
+        self.assertEqual(len(self.writer.jobs), 1)  # a adopting it
+        self.store.answer()
+        self.writer.release()
+        self.assertEqual(self.a.sessions.current, newest)
+        self.assertEqual(self.a.versions[TOKEN], 3)
+        self.assert_token_kept(newest)
+
+    def test_late_read_after_a_newer_token_adopted(self) -> None:
+        """
+        The same, the newer token's file written at once: a's first token
+        (its record taken before the read) is not written back over it.
+        """
+        self.reconnect_late(TOKEN)
+        newest = self.successResultOf(self.b.rotate(self.b.sessions.mint()))
+        self.assertEqual(self.a.sessions.current, newest)
+        self.store.answer()
+        self.assertEqual(self.a.sessions.current, newest)
+        self.assert_token_kept(newest)
+
+    def test_adoption_failure_logged_once_its_rotation_cut_short(self) -> None:
+        """
+        A rotation cut short (its command cancelled at the stop) while the
+        token file is written, whose write then fails: logged, as nothing
+        else would say it; the previous token stays.
+        """
+        first = self.a.sessions.current
+        # Its directory gone, a file in its place: the write fails.
+        shutil.rmtree(self.token_file.parent)
+        self.token_file.parent.write_text("not a directory")
+        self.writer.hold = True
+        events = capture_log_events(self)
+        rotating = self.a.rotate(self.a.sessions.mint())
+        rotating.cancel()
+        self.failureResultOf(rotating, CancelledError)
+        self.writer.release()
+        self.assertEqual(self.a.sessions.current, first)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        said = [formatEvent(event) for event in events]
+        self.assertTrue(any(text.startswith("could not adopt the cluster's session token") for text in said), said)
+
+    def test_late_read_after_a_newer_route_applied(self) -> None:
+        """
+        The reload's read answers the switch a missed (version 2) once a
+        newer switch (version 3) was applied: a's first route is not
+        written back over it.
+        """
+        self.reconnect_late(ROUTE)
+        newest = Route("kimi", "k-2")
+        self.successResultOf(self.b.switch(newest))
+        self.assertEqual(self.a.route.current, newest)
+        self.store.answer()
+        self.a.beat()
+        self.clock.advance(2)
+        self.assertEqual(self.store.values[ROUTE].version, 3)
+        for node in (self.a, self.b):
+            self.assertEqual((node.instance, node.route.current), (node.instance, newest))
+        self.assertTrue(self.a.up)
 
 
 class LostStateOnRedis(ClusterCase):

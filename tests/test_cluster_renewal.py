@@ -20,7 +20,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, decode_token
+from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, TokenNotAdoptedHere, decode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -123,6 +123,47 @@ class Renewal(TestCase):
         self.assertEqual(a.sessions.current, renewed)
         self.assertEqual(token_file.read_text().strip(), renewed.token)
         self.assertEqual(a.versions[TOKEN], self.store.values[TOKEN].version)
+
+    def test_rotation_not_adopted_here_said_as_made(self) -> None:
+        """
+        A rotate_token written to the store that this instance cannot adopt
+        (its TOKEN_FILE cannot be written) is answered as made cluster-wide,
+        never as "nothing changed" (trial s32): the other instances refuse
+        the previous token already.  The answer says why, what to do and
+        where to read the new token (never the token itself: errors are
+        audited); this instance adopts it at a heartbeat once it can.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "run" / "token"
+        token_file.parent.mkdir()
+        a, b = self.node("a", token_file), self.node("b")
+        a.connected()
+        b.connected()
+        first = a.sessions.current
+        shutil.rmtree(token_file.parent)
+        token_file.parent.write_text("not a directory")
+        rotated = a.sessions.mint()
+        failure = self.failureResultOf(a.rotate(rotated), TokenNotAdoptedHere)
+        message = str(failure.value)
+        self.assertIn("rotated cluster-wide", message)
+        self.assertIn(rotated.jti, message)
+        self.assertIn("(Not a directory)", message)
+        self.assertIn("do not rotate again", message)
+        self.assertIn("TOKEN_FILE", message)
+        self.assertNotIn(rotated.token, message)
+        self.assertNotIn("nothing changed", message)
+        self.assertEqual(decode_token(self.store.values[TOKEN].value).jti, rotated.jti)
+        self.assertEqual(b.sessions.current, rotated)
+        self.assertEqual(a.sessions.current, first)
+        self.flushLoggedErrors(OSError)
+        # Fixed: adopted at the next heartbeat (its catch-up).
+        token_file.parent.unlink()
+        token_file.parent.mkdir()
+        a.beat()
+        self.clock.advance(1.0)
+        self.assertEqual(a.sessions.current, rotated)
+        self.assertEqual(token_file.read_text().strip(), rotated.token)
 
     def test_adopt_failure_on_reconnection_retried(self) -> None:
         """

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.cluster.node import TokenBehind
+from openclaw.cluster.node import TokenBehind, TokenNotAdoptedHere
 from openclaw.control.commands import ControlCommands
 from openclaw.control.plane import Connection, ControlPlane, unreadable_json
 from openclaw.routing import ActiveRoute, Route
@@ -285,6 +285,29 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertEqual(result["jti"], self.sessions.current.jti)
         self.assertEqual(self.command("ping", token=old)["error"], "token revoked")
         self.assertTrue(self.command("ping", token=result["token"])["ok"])
+
+    def test_rotation_made_and_not_adopted_here(self) -> None:
+        """
+        A cluster's rotation written to the store that this instance could
+        not adopt (L{TokenNotAdoptedHere}) is refused with its own message
+        (made cluster-wide, what to do), not "nothing was rotated" nor an
+        internal error.
+        """
+        plane = ControlPlane(
+            self.sessions,
+            attrs.evolve(self.commands, rotate=lambda: fail(TokenNotAdoptedHere("new-jti", "Not a directory"))),
+            Logger(observer=self.events.append),
+            debug=True,
+        )
+        answer = json.loads(
+            self.successResultOf(
+                plane.handle(json.dumps({"token": self.token, "cmd": "rotate_token"}).encode(), self.connection)
+            )
+        )  # type: ignore[arg-type]
+        self.assertFalse(answer["ok"])
+        self.assertIn("the session token was rotated cluster-wide (new token id new-jti", answer["error"])
+        self.assertIn("(Not a directory)", answer["error"])
+        self.assertNotIn("nothing was rotated", answer["error"])
 
     def test_bad_json(self) -> None:
         answer = self.send(b"{not json")

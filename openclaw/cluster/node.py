@@ -69,6 +69,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -88,9 +89,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned, WriteRefused
-from openclaw.deferreds import shielded
+from openclaw.deferreds import InFlight
 from openclaw.routing import ActiveRoute, Route, model_refusal
-from openclaw.session import SessionAuthority, SessionToken, UntrustedToken
+from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable, UntrustedToken
 
 ROUTE = "route"
 TOKEN = "token"
@@ -157,6 +158,10 @@ UNCONFIRMED_HINTS = MappingProxyType(
 #: restart would replace.
 RENEW_AT = 0.8
 
+#: What to check when the cluster's token cannot be adopted here (its
+#: TOKEN_FILE cannot be written: L{TokenFileUnwritable}).
+TOKEN_FILE_ADVICE = "check that TOKEN_FILE's directory is writable and its disk not full"
+
 #: How many times a node asks the store whether a write that timed out
 #: happened, each bounded by REDIS_TIMEOUT_SECONDS, before it answers
 #: L{UNCONFIRMED}.
@@ -196,6 +201,48 @@ class StoreUnconfirmed(StoreUnavailable):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"{UNCONFIRMED}; {UNCONFIRMED_HINTS[name]}")
+
+
+class TokenNotAdoptedHere(Exception):
+    """
+    A C{rotate_token} written to the store (so in force on the cluster's
+    other instances, the previous token refused there), which this
+    instance could not adopt: its TOKEN_FILE could not be written
+    (C{error}).  It keeps the previous token until it can, and adopts the
+    new one at a heartbeat once it can (L{ClusterNode.beat}).  The message
+    says so, and what to do, for the operator who rotated; it never holds
+    the token (an error is recorded in the audit log).
+    """
+
+    def __init__(self, jti: str, error: str) -> None:
+        super().__init__(
+            f"the session token was rotated cluster-wide (new token id {jti}: the cluster store holds it, the other "
+            f"instances adopt it and refuse the previous one), but this instance could not write it to TOKEN_FILE "
+            f"({error}), so it keeps accepting the previous token until it can; do not rotate again: fix what stops "
+            "the gateway's user writing TOKEN_FILE (a missing or read-only directory, a full disk), and within a "
+            f"heartbeat ({HEARTBEAT_INTERVAL_SECONDS:g} s) this instance adopts the new token and writes it there: "
+            "read it from TOKEN_FILE then (openclawctl --token-file), or now from another instance's TOKEN_FILE"
+        )
+
+
+@dataclass
+class _Adoption:
+    """
+    The cluster's token of one C{jti} being adopted (its token file
+    written off the reactor thread: L{ClusterNode._apply_token}).
+
+    @ivar flight: what its askers wait for (each on a Deferred of its own).
+    @ivar version: the highest version it was asked at: recorded once
+        adopted, and counted meanwhile as known (L{ClusterNode._known}).
+    @ivar at: that version's record's C{at} (L{record_at}).
+    @ivar restored: whether that version's record was written back
+        (L{is_restored}).
+    """
+
+    flight: InFlight[None]
+    version: int
+    at: float | None
+    restored: bool
 
 
 def _databases(databases: tuple[int, ...]) -> str:
@@ -530,12 +577,54 @@ class ClusterNode:
         #: (a store's answer arriving afterwards included).
         self._stopped = False
         #: The cluster's tokens being adopted (their token file written off
-        #: the reactor thread: L{_apply_token}), by jti: what waits for
-        #: each besides its first asker.
-        self._adopting: dict[str, list[Deferred[None]]] = {}
+        #: the reactor thread: L{_apply_token}), by jti.
+        self._adopting: dict[str, _Adoption] = {}
 
     def _bounded(self, pending: Deferred[Any]) -> Deferred[Any]:
         return pending.addTimeout(self._timeout, self._reactor)
+
+    def _known(self, name: str) -> int | None:
+        """
+        The highest version of C{name} this instance knows: the one it
+        applied (C{versions}) or, for the token, one it is adopting (its
+        token file being written: L{_apply_token}); None for one it has
+        never been in step with.  What every comparison with the store's
+        versions goes by, so that a token being adopted is never undone by
+        an older one arriving meanwhile (a late reply, a late message).
+        """
+        known = self.versions.get(name)
+        if name == TOKEN and self._adopting:
+            adopting = max(adoption.version for adoption in self._adopting.values())
+            return adopting if known is None else max(known, adopting)
+        return known
+
+    def _held(self, name: str) -> tuple[object, ...]:
+        """
+        What this instance holds of C{name}, and is adopting (the token):
+        when it changed while the store was read (a message applied
+        meanwhile), the read is stale, and so is what it was compared with.
+        """
+        if name == ROUTE:
+            return (self.versions.get(ROUTE), self.route.current, self._route_at, self._route_restored)
+        adopting = tuple(sorted((jti, adoption.version) for jti, adoption in self._adopting.items()))
+        return (
+            self.versions.get(TOKEN),
+            self.sessions.current_or_none,
+            self._token_at,
+            self._token_restored,
+            self._foreign_token,
+            adopting,
+        )
+
+    def _adopted(self) -> Deferred[None]:
+        """
+        Fire once no adoption of the cluster's token is under way (each
+        asker of one says its failure, if it fails); at once if none.
+        """
+        if not self._adopting:
+            return succeed(None)
+        waits = [adoption.flight.observe().addErrback(lambda _: None) for adoption in self._adopting.values()]
+        return gatherResults(waits).addCallback(lambda _: None)
 
     # The store's connection.
 
@@ -601,7 +690,22 @@ class ClusterNode:
 
     @inlineCallbacks
     def _reload(self) -> Any:
-        before = dict(self.versions)
+        """
+        Read the cluster's route and token (L{SharedStore.ensure}:
+        proposing this instance's to a store that holds none), write back
+        this instance's where the store lost them (L{_outranks}), replace
+        a token due for renewal, and apply what the store holds; then take
+        the key rests and lockouts, and be up.
+
+        A read answered after this instance applied (or began adopting) a
+        newer value meanwhile (a message, a command's write) is stale, and
+        so is what this instance had to compare it with: read again, never
+        written back nor applied (trial s32: a late read rolled a finished
+        rotation back cluster-wide).  A read of the token waits for any
+        adoption under way first (its token file being written), so that
+        what it is compared with is the token in force.
+        """
+        before = {name: self._known(name) for name in (ROUTE, TOKEN)}
         try:
             # Redis's clock first, to judge the token by; and the counters
             # of the changes, read before what they count is reloaded.
@@ -610,21 +714,35 @@ class ClusterNode:
                 self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
             )
             self._heard(heartbeat, sent)
-            mine = self._mine(ROUTE)
-            route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
+            while True:
+                held = self._held(ROUTE)
+                mine = self._mine(ROUTE)
+                route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
+                if self._held(ROUTE) == held:
+                    break
+                # Another route applied meanwhile: this read is stale.  (A
+                # loop only as long as changes keep coming, one per read.)
             if self._outranks(ROUTE, mine, route):
                 route = yield self._bounded(self._write_back(ROUTE, mine, route))
-            current = self.sessions.current_or_none
-            if current is None:
-                # Proposed as the cluster's first token; kept only if the
-                # cluster has none (set-if-absent): an instance never
-                # replaces the cluster's token on its own.
-                current = self.sessions.mint()
-            if TOKEN in self.versions:
-                mine = encode_token(current, self._token_at, self._token_restored)
-            else:
-                mine = encode_token(current, self._now())
-            token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
+            # Proposed as the cluster's first token if this instance holds
+            # none; kept only if the cluster has none (set-if-absent): an
+            # instance never replaces the cluster's token on its own.
+            proposal: SessionToken | None = None
+            while True:
+                yield self._adopted()
+                held = self._held(TOKEN)
+                current = self.sessions.current_or_none
+                if current is None:
+                    proposal = current = self.sessions.mint() if proposal is None else proposal
+                if TOKEN in self.versions:
+                    mine = encode_token(current, self._token_at, self._token_restored)
+                else:
+                    mine = encode_token(current, self._now())
+                token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
+                if self._held(TOKEN) == held:
+                    break
+                # A token applied, or its adoption begun, meanwhile: this
+                # read is stale (trial s32).
             if self._outranks(TOKEN, mine, token):
                 token = yield self._bounded(self._write_back(TOKEN, mine, token))
             if self._due(token):
@@ -654,9 +772,9 @@ class ClusterNode:
             return
         try:
             for name, versioned in ((ROUTE, route), (TOKEN, token)):
-                known = self.versions.get(name)
-                if known != before.get(name) and known is not None and known > versioned.version:
-                    continue  # a newer write arrived while reloading
+                known = self._known(name)
+                if known != before[name] and known is not None and known > versioned.version:
+                    continue  # a newer write arrived (or is being adopted) while reloading
                 # The token's file written off the reactor thread: in step
                 # (and listening, at start) once it is.
                 yield self._apply(name, versioned, here=versioned.origin == self.instance)
@@ -666,8 +784,7 @@ class ClusterNode:
             if not self._reload_failing:
                 self._reload_failing = True
                 self._log.failure(
-                    "could not adopt the cluster's session token; retrying: "
-                    "check that TOKEN_FILE's directory is writable and its disk not full"
+                    "could not adopt the cluster's session token; retrying: {advice}", advice=TOKEN_FILE_ADVICE
                 )
             self._retry_later()
             return
@@ -725,9 +842,10 @@ class ClusterNode:
         replace C{held}, what the store holds for C{name}: the store lost
         the state and holds one this instance did not know (see the
         module's docstring for the rule).  Never for an instance that has
-        not been in step with the cluster yet.
+        not been in step with the cluster yet.  The version it knows
+        counts a token being adopted (L{_known}).
         """
-        known = self.versions.get(name)
+        known = self._known(name)
         if known is None or held.version > known:
             return False
         try:
@@ -791,7 +909,7 @@ class ClusterNode:
         Write C{mine} back as C{name} in place of C{held} (L{_outranks}),
         one version above both; fires with what was written.
         """
-        known = self.versions.get(name, 0)
+        known = self._known(name) or 0
         self._log.warn(
             "the cluster store holds {name} version {version} (written by {origin}) where this instance knew "
             "version {known}: the store lost the cluster's state (restarted empty, flushed or evicted); "
@@ -835,7 +953,7 @@ class ClusterNode:
         that it is applied even if the store lost the token meanwhile.
         """
         expired = decode_token(versioned.value)
-        known = max(versioned.version, self.versions.get(TOKEN, 0))
+        known = max(versioned.version, self._known(TOKEN) or 0)
         fresh = self.sessions.mint()
         self._log.info(
             "the cluster's session token {jti} {state} (expires {expires}); proposing {fresh} in its place",
@@ -886,7 +1004,7 @@ class ClusterNode:
         self._renewing = True
 
         def replaced(versioned: Versioned) -> Deferred[None] | None:
-            if versioned.version > self.versions.get(TOKEN, 0):
+            if versioned.version > (self._known(TOKEN) or 0):
                 return self._apply(TOKEN, versioned, here=versioned.origin == self.instance)
             return None
 
@@ -902,9 +1020,10 @@ class ClusterNode:
             # is adopted (L{_apply}), so the next heartbeat tries again.
             self._log.failure(
                 "could not adopt the cluster's renewed session token; keeping {jti} and trying again at the next "
-                "heartbeat: check that TOKEN_FILE's directory is writable and its disk not full",
+                "heartbeat: {advice}",
                 failure,
                 jti=current.jti,
+                advice=TOKEN_FILE_ADVICE,
             )
 
         def done(_: object) -> None:
@@ -956,9 +1075,10 @@ class ClusterNode:
     def received(self, name: str, version: int, value: str, origin: str = "") -> None:
         """
         Another write (from any instance, this one included: instance
-        C{origin}) was published.
+        C{origin}) was published: applied if newer than what this instance
+        knows (a token being adopted included: L{_known}).
         """
-        if version > self.versions.get(name, 0):
+        if version > (self._known(name) or 0):
             self._apply(name, Versioned(version, value, origin), here=origin == self.instance).addErrback(
                 self._not_adopted, version
             )
@@ -972,9 +1092,10 @@ class ClusterNode:
         """
         self._log.failure(
             "could not adopt the cluster's session token (version {version}); trying again at the next "
-            "heartbeat: check that TOKEN_FILE's directory is writable and its disk not full",
+            "heartbeat: {advice}",
             reason,
             version=version,
+            advice=TOKEN_FILE_ADVICE,
         )
 
     def rested(self, origin: str, provider: str, key_fingerprint: str, seconds: float) -> None:
@@ -1079,9 +1200,14 @@ class ClusterNode:
         instance cannot trust (L{_refuse_token}), and record its version.
         Its token file is written off the reactor thread
         (L{SessionAuthority.adopt_later}): the token is current, its
-        version recorded, once it is.  The same token asked again while
-        its adoption is under way (its publication and its write's answer
-        both) waits for that adoption, not written twice.  Reactor thread.
+        version recorded, once it is; meanwhile its version counts as known
+        (L{_known}).  The same token asked again while its adoption is
+        under way (its publication and its write's answer both) waits for
+        that adoption, not written twice (the highest version asked is
+        recorded).  Each asker waits on a Deferred of its own
+        (L{InFlight}), which it may cancel: the adoption goes on, and its
+        failure, had every asker given up, is logged here.  Reactor
+        thread.
 
         @return: a Deferred firing once adopted (or nothing to adopt).
         @raise ValueError: (or L{KeyError}, L{TypeError}) it is not a
@@ -1109,39 +1235,39 @@ class ClusterNode:
             self._token_restored = is_restored(document)
             self._token_at = at
             return succeed(None)
-        waiters = self._adopting.get(token.jti)
-        if waiters is not None:
-            waiter: Deferred[None] = Deferred()
-            waiters.append(waiter)
-            return waiter
-        waiters = self._adopting[token.jti] = []
+        adoption = self._adopting.get(token.jti)
+        if adoption is not None:
+            if versioned.version > adoption.version:
+                # The same token written back (one version above): the
+                # version recorded once adopted.
+                adoption.version, adoption.at, adoption.restored = versioned.version, at, is_restored(document)
+            return adoption.flight.observe()
+        adoption = self._adopting[token.jti] = _Adoption(InFlight(), versioned.version, at, is_restored(document))
 
         def adopted(_: object) -> None:
-            # Not recorded below a version recorded meanwhile (the same
-            # token written back): the reload that follows puts it right.
-            self.versions[TOKEN] = max(versioned.version, self.versions.get(TOKEN, 0))
-            self._token_restored = is_restored(document)
-            self._token_at = at
+            # Not recorded below a version recorded meanwhile: the reload
+            # that follows puts it right.
+            self.versions[TOKEN] = max(adoption.version, self.versions.get(TOKEN, 0))
+            self._token_restored = adoption.restored
+            self._token_at = adoption.at
             self._schedule_renewal(token)
             self._on_token(token, here, versioned.origin)
 
-        def settled(result: object) -> object:
+        def settled(result: object) -> None:
             # Not recorded on failure: a later message, reload or
             # heartbeat applies this token again.
             del self._adopting[token.jti]
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-            return result
+            given = adoption.flight.end(result if isinstance(result, Failure) else None)
+            if isinstance(result, Failure) and not given:
+                # Every asker gave up (a rotation cut short at stop).
+                self._not_adopted(result, adoption.version)
 
-        # Recorded once adopted, even if who asked gave up (a rotation cut
-        # short at stop).
-        return shielded(
-            self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled),
-            lambda failure: self._not_adopted(failure, versioned.version),
-        )
+        # Adopted (and recorded) even if who asked gave up: its
+        # Deferred is its own, asked for before the adoption (which may
+        # end at once: no writer).
+        asker = adoption.flight.observe()
+        self.sessions.adopt_later(token).addCallback(adopted).addBoth(settled)
+        return asker
 
     def _refuse_token(
         self,
@@ -1217,6 +1343,10 @@ class ClusterNode:
         """
         Make C{token} the cluster's session token; fire with it once
         written and adopted here (failures as for L{switch}).
+
+        @raise TokenNotAdoptedHere: (as a failure) written (in force on
+            the other instances), but its TOKEN_FILE here could not be
+            written: this instance keeps the previous token until it can.
         """
         return self._write(TOKEN, encode_token(token, self._now())).addCallback(lambda _: token)
 
@@ -1237,10 +1367,29 @@ class ClusterNode:
                 raise TokenBehind()
             if version == 0:
                 raise StoreUnavailable(unavailable(self.where))
-            if version > self.versions.get(name, 0):
-                # Answered once applied: a token once its file is written.
-                return self._apply(name, Versioned(version, value, self.instance), here=True)
+            if version >= (self._known(name) or 0):
+                # Answered once applied: a token once its file is written
+                # (its adoption joined if its publication began it).
+                applied = self._apply(name, Versioned(version, value, self.instance), here=True)
+                return applied.addErrback(not_adopted, version)
             return succeed(None)
+
+        def not_adopted(failure: Failure, version: int) -> None:
+            # Written: in force on the other instances, whatever this
+            # one's TOKEN_FILE; never answered as a change not made.
+            failure.trap(TokenFileUnwritable)
+            assert isinstance(failure.value, TokenFileUnwritable)
+            jti = decode_token(value).jti
+            self._log.error(
+                "rotated the cluster's session token to {jti} (version {version}), but could not adopt it here "
+                "({error}): keeping token {kept} until it can be; adopted at a heartbeat once it can: {advice}",
+                jti=jti,
+                version=version,
+                error=failure.value.error,
+                kept=self.sessions.current.jti,
+                advice=TOKEN_FILE_ADVICE,
+            )
+            raise TokenNotAdoptedHere(jti, failure.value.error)
 
         def failed(failure: Failure) -> Deferred[int]:
             refusal = failure.value
@@ -1265,7 +1414,7 @@ class ClusterNode:
             return self._confirm(name, receipt)
 
         def refused(failure: Failure) -> Failure:
-            if not failure.check(StoreUnavailable):
+            if not failure.check(StoreUnavailable, TokenNotAdoptedHere, CancelledError):
                 self._log.failure("writing {name} to the cluster store failed unexpectedly", failure, name=name)
                 return Failure(StoreUnavailable(unavailable(self.where)))
             return failure
@@ -1275,9 +1424,7 @@ class ClusterNode:
             return fail(StoreUnavailable(unavailable(self.where)))
         return (
             self._bounded(
-                self.store.write(
-                    name, value, self.instance, receipt, self.versions.get(name, 0), self.sessions.current.jti
-                )
+                self.store.write(name, value, self.instance, receipt, self._known(name) or 0, self.sessions.current.jti)
             )
             .addErrback(failed)
             .addCallback(written)
@@ -1436,7 +1583,7 @@ class ClusterNode:
 
     def _catch_up(self, versions: dict[str, int]) -> None:
         self._catching_up = None
-        missed = {name: version for name, version in versions.items() if version > self.versions.get(name, 0)}
+        missed = {name: version for name, version in versions.items() if version > (self._known(name) or 0)}
         if missed and self.up:
             self._log.warn(
                 "missed a change published by the cluster store ({missed}); reloading",
@@ -1520,7 +1667,7 @@ class ClusterNode:
                 )
                 self._reload()
                 return
-            if any(version > self.versions.get(name, 0) for name, version in heartbeat.versions.items()):
+            if any(version > (self._known(name) or 0) for name, version in heartbeat.versions.items()):
                 # Its publication may be on its way still: look again in a
                 # moment.
                 self._catching_up = self._reactor.callLater(1.0, self._catch_up, heartbeat.versions)

@@ -16,7 +16,7 @@ import orjson
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from openclaw.cluster.node import StoreUnavailable
+from openclaw.cluster.node import StoreUnavailable, TokenNotAdoptedHere
 from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.timefmt import isoformat
@@ -409,7 +409,9 @@ def _rotation_refused(failure: Failure) -> Failure:
     """
     A rotation that failed once asked (its token file written off the
     reactor thread, or the cluster's store): L{_unwritable}, or
-    L{cluster_refusal}.  Reactor thread.
+    L{cluster_refusal} (a cluster's rotation made, and not adopted here,
+    included: L{TokenNotAdoptedHere}, never "nothing was rotated").
+    Reactor thread.
     """
     if isinstance(failure.value, TokenFileUnwritable):
         return Failure(_unwritable(failure.value))
@@ -418,8 +420,11 @@ def _rotation_refused(failure: Failure) -> Failure:
 
 def cluster_refusal(failure: Failure) -> Failure:
     """
-    A change the cluster could not take: its reason, told to the client.
+    A change the cluster could not take (L{StoreUnavailable}), or a
+    rotation it took that this instance could not adopt
+    (L{TokenNotAdoptedHere}): its reason, and what to do, told to the
+    client.
     """
-    if failure.check(StoreUnavailable):
+    if failure.check(StoreUnavailable, TokenNotAdoptedHere):
         return Failure(CommandError(str(failure.value)))
     return failure
