@@ -214,7 +214,9 @@ class ConsumersOnTwoInstances(TestCase):
                 (raw.headers["x-ratelimit-limit-requests"], raw.headers["x-ratelimit-remaining-requests"]),
                 ("10", remaining),
             )
-            self.assertEqual(raw.headers["x-ratelimit-reset-requests"], "1m0s")
+            # The cluster counts whole seconds: the call's for 61 s from
+            # its second's start.
+            self.assertEqual(raw.headers["x-ratelimit-reset-requests"], "1m1s")
             self.assertNotIn("x-ratelimit-limit-tokens", raw.headers)
         statuses = [(200, None)] * 2
         for i in range(18):
@@ -563,14 +565,15 @@ class SharedTpmReservations(TestCase):
         self.assertEqual([a is None for a in answers], [True] * 3 + [False] * 3)
         # What each admission left of the cluster's tpm, for its answer's
         # x-ratelimit-* headers: 30 - 14, - 28, - 42 (reservations
-        # included), the window empty a minute after the last.
+        # included), the window empty once the last one's second leaves it
+        # (61 s after that second's start: a cluster counts whole seconds).
         self.assertEqual(
             [dict(h.rate_limits.headers()) for h in holders[:3] if h.rate_limits is not None],
             [
                 {
                     b"x-ratelimit-limit-tokens": b"30",
                     b"x-ratelimit-remaining-tokens": remaining,
-                    b"x-ratelimit-reset-tokens": b"1m0s",
+                    b"x-ratelimit-reset-tokens": b"1m1s",
                 }
                 for remaining in (b"16", b"2", b"0")
             ],
@@ -613,11 +616,12 @@ class SharedTpmReservations(TestCase):
             [counters.admit(consumer, later, Holder("a", "p", 5.0), 0.0, 14) for _ in range(3)]
         )
         self.assertEqual([a is None for a in admitted], [True, True, True])
-        # The window's own tokens at tpm: over it, until they leave the window.
+        # The window's own tokens at tpm: over it, until they leave the
+        # window (their second's field, 61 s after its start).
         counters.counted("a", 30, 0.0, later, Holder("a", "p", 5.0))
         yield sleep(0.2)
         over = yield counters.admit(consumer, later + 1, Holder("a", "p", 5.0), 0.0, 14)
-        self.assertEqual((over.type, dict(over.headers)[b"Retry-After"]), ("tokens", b"59"))
+        self.assertEqual((over.type, dict(over.headers)[b"Retry-After"]), ("tokens", b"60"))
         self.assertIn("is over its tpm limit of 30", over.message)
 
     @inlineCallbacks

@@ -16,14 +16,14 @@ from typing import Any
 
 import txredisapi
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openclaw.consumers.model import Consumer
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.shared import MERGE, SEED, SharedConsumers, SharedCounters, WindowLog
+from openclaw.consumers.shared import COUNT, MERGE, SEED, SharedConsumers, SharedCounters, WindowLog
 from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.errors import APIError
 from tests.redis_server import RedisServer
@@ -388,3 +388,113 @@ class WindowLogTests(TestCase):
         self.assertEqual(set(log.counts), {("idle", CREATED), ("busy", CREATED)})
         log.add(("busy", CREATED), 1061, requests=1)
         self.assertEqual(log.counts, {("busy", CREATED): {1030: [1, 0], 1061: [1, 0]}})
+
+
+class WindowSpanTests(TestCase):
+    """
+    How long a cluster's windows count a call, on a real C{redis-server},
+    the second each admission runs at given (L{ADMIT}'s C{now}): the
+    field of second K holds the calls made in [K, K + 1), so it counts
+    until K + 61, never less than 60 s after any of its calls (trial s32:
+    the field left at K + 60, so calls made at K.3 and at K + 60.05, 59.75
+    s apart, were each admitted up to C{rpm}: twice it within a minute).
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def counters(self) -> Any:
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.cleanup)
+        connection = yield txredisapi.Connection("127.0.0.1", redis.port, reconnect=False, convertNumbers=False)
+        self.addCleanup(connection.disconnect)
+        counters = SharedCounters(RedisScripts(connection), reactor, 5.0)
+        counters.up = True
+        return counters
+
+    @inlineCallbacks
+    def burst(self, counters: SharedCounters, consumer: Consumer, now: float, count: int = 12) -> Any:
+        """
+        C{count} calls of C{consumer} at once at C{now}: fires with their
+        refusals (None: admitted) and holders.
+        """
+        holders = [Holder(consumer.name, "p", CREATED) for _ in range(count)]
+        answers = yield gatherResults([counters.admit(consumer, now, holder) for holder in holders])
+        return answers, holders
+
+    @inlineCallbacks
+    def test_rpm_burst_a_minute_later(self) -> Any:
+        """
+        rpm 10, 12 calls at K.3 (10 admitted) and 12 more at K + 60.05:
+        all refused, Retry-After 1 (the field of K leaves at K + 61); at
+        K + 30, Retry-After 31; at K + 61 the next 10 are admitted, the
+        11th told 61 s, and an admitted call's reset is the 61 s its
+        second counts.
+        """
+        counters = yield self.counters()
+        team = Consumer("team", rpm=10, created_at=CREATED)
+        second = int(time.time())
+        answers, holders = yield self.burst(counters, team, second + 0.3)
+        self.assertEqual([answer is None for answer in answers], [True] * 10 + [False] * 2)
+        rate_limits = holders[0].rate_limits
+        assert rate_limits is not None
+        # The window is empty again once the field of K leaves, at K + 61.
+        self.assertAlmostEqual(rate_limits.reset_requests, 60.7)
+        self.assertIn((b"x-ratelimit-reset-requests", b"1m1s"), rate_limits.headers())
+        for at, retry in ((second + 30.5, b"31"), (second + 60.05, b"1"), (second + 60.95, b"1")):
+            answers, _ = yield self.burst(counters, team, at)
+            self.assertEqual([answer is None for answer in answers], [False] * 12, at - second)
+            refused = answers[0]
+            assert isinstance(refused, APIError)
+            self.assertEqual((refused.status, refused.type), (429, "requests"))
+            self.assertEqual(dict(refused.headers)[b"Retry-After"], retry, at - second)
+        answers, _ = yield self.burst(counters, team, second + 61.0)
+        self.assertEqual([answer is None for answer in answers], [True] * 10 + [False] * 2)
+        refused = answers[-1]
+        assert isinstance(refused, APIError)
+        self.assertEqual(dict(refused.headers)[b"Retry-After"], b"61")
+
+    @inlineCallbacks
+    def test_tpm_tokens_a_minute_later(self) -> Any:
+        """
+        tpm 100: 100 tokens counted at K.9; a call at K + 60 is refused
+        (Retry-After 1), one at K + 61 admitted.
+        """
+        counters = yield self.counters()
+        team = Consumer("team", tpm=100, created_at=CREATED)
+        second = int(time.time())
+        holder = Holder("team", "p", CREATED)
+        self.assertIsNone((yield counters.admit(team, second + 0.9, holder, 0.0, 10)))
+        counters.counted("team", 100, 0.0, second + 0.9, holder)
+        # The count's script has run (one connection: in order).
+        yield counters.read_spends([team], second + 0.9)
+        refused = yield counters.admit(team, second + 60.2, Holder("team", "p", CREATED), 0.0, 10)
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.type, dict(refused.headers)[b"Retry-After"]), ("tokens", b"1"))
+        admitted = yield counters.admit(team, second + 61.0, Holder("team", "p", CREATED), 0.0, 10)
+        self.assertIsNone(admitted)
+
+    @inlineCallbacks
+    def test_merge_and_count_keep_what_the_window_counts(self) -> Any:
+        """
+        What an instance adds to a window after an outage (L{MERGE}) and a
+        request a count brings (L{COUNT}) go in while the window still
+        counts their second (60 s ago: yes; 61 s ago: no), and the key
+        lives past its newest field's 61 s.
+        """
+        counters = yield self.counters()
+        redis = counters.redis
+        now = int(time.time())
+        keys = [MARKER, "w:rpm", "w:tpm"]
+        args = [str(now), "", f"{now - 61}:1 {now - 60}:2", f"{now - 61}:10 {now - 60}:20", "", ""]
+        reply = yield redis.script(MERGE, keys, args)
+        self.assertEqual([int(value) for value in reply[2:4]], [2, 20])
+        connection = redis.connection  # type: ignore[attr-defined]
+        self.assertEqual((yield connection.hgetall("w:rpm")), {str(now - 60): "2"})
+        self.assertEqual(int((yield connection.ttl("w:rpm"))), 62)
+        count = [MARKER, "c:tpm", "c:r", "c:d", "c:m", "c:t", "c:rt", "c:rpm"]
+        for request_at in (now - 61, now - 60):
+            yield redis.script(COUNT, count, [str(now), "0", "0", "0", "0", "0", str(request_at)])
+        self.assertEqual((yield connection.hgetall("c:rpm")), {str(now - 60): "1"})
+        self.assertEqual(int((yield connection.ttl("c:rpm"))), 62)

@@ -88,13 +88,18 @@ def duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-def reset_after(newest: float | None, now: float) -> float:
+def reset_after(newest: float | None, now: float, window: float = WINDOW_SECONDS) -> float:
     """
     Seconds until a window whose latest amount was counted at C{newest}
     is empty again (0 for an empty one): what OpenAI calls the time until
     the limit "resets to its initial state".
+
+    @param window: how long the window counts an amount, in seconds
+        (a cluster's, counting whole seconds:
+        L{openclaw.consumers.shared.CLUSTER_WINDOW_SECONDS} from the
+        start of C{newest}'s second).
     """
-    return 0.0 if newest is None else min(WINDOW_SECONDS, max(0.0, newest + WINDOW_SECONDS - now))
+    return 0.0 if newest is None else min(window, max(0.0, newest + window - now))
 
 
 @attrs.frozen

@@ -14,8 +14,9 @@ Redis keys (C{<CLUSTER_NAME>:consumer:<name>:<created>:...}, C{created}
 the consumer's C{created_at}: a consumer deleted and created again under
 its name is another, whose counters a late count of the deleted one's
 calls, on any instance, cannot reach): C{rpm} and C{tpm}
-(hashes of whole POSIX seconds -> amount, expiring after 61 s; a sliding
-60 s window at 1 s resolution), C{reserved} (second of admission -> US
+(hashes of whole POSIX seconds -> amount, expiring after
+L{WINDOW_KEY_SECONDS}; a sliding window at 1 s resolution, each second
+counted for L{CLUSTER_WINDOW_SECONDS}: a call for 60 to 61 s), C{reserved} (second of admission -> US
 dollars) and C{reserved_tokens} (second of admission -> tokens), both
 expiring after L{RESERVATION_SECONDS}, C{spend:<period>} (US dollars, C{INCRBYFLOAT}; a day's kept 3
 days, a month's 40).  C{<CLUSTER_NAME>:consumers:seeded:2} says the spends
@@ -68,6 +69,27 @@ from openclaw.dataplane.errors import APIError
 if TYPE_CHECKING:
     from openclaw.consumers.table import ConsumerTable
 
+#: How long, in whole seconds, a cluster's rpm and tpm windows count a
+#: second: the field of second K (POSIX, Redis's clock) holds the calls
+#: made in [K, K + 1), so it is counted while the second now is at most
+#: K + 60 and dropped once it is K + 61 or later.  A call is thus counted
+#: for 60 to 61 s, never less than a single gateway's exact
+#: L{WINDOW_SECONDS} (with 60, a call made at K.9 left at K + 60.0: the
+#: window was 59 to 60 s, and up to twice C{rpm} passed within 60 s).
+CLUSTER_WINDOW_SECONDS = int(WINDOW_SECONDS) + 1
+#: The lifetime (seconds) of a window's key, set at each write: past its
+#: newest field's L{CLUSTER_WINDOW_SECONDS}, with a second to spare for an
+#: instance's view of Redis's clock.
+WINDOW_KEY_SECONDS = CLUSTER_WINDOW_SECONDS + 1
+
+#: Lua, composed into the scripts that count into or read the windows
+#: (L{ADMIT}, L{COUNT}, L{MERGE}): C{WINDOW} (L{CLUSTER_WINDOW_SECONDS}: the
+#: field of second C{at} counts while C{at > now - WINDOW}) and
+#: C{WINDOW_TTL} (L{WINDOW_KEY_SECONDS}).
+_WINDOW = f"""
+local WINDOW, WINDOW_TTL = {CLUSTER_WINDOW_SECONDS}, {WINDOW_KEY_SECONDS}
+"""
+
 #: KEYS: seeded marker, spend (the budget's period), reserved, tpm, rpm,
 #: reserved tokens.
 #: ARGV: now (whole seconds), budget or '', tpm or '', rpm or '', US
@@ -77,8 +99,11 @@ if TYPE_CHECKING:
 #: reservations), 2 tpm, 3 rpm (extra: Retry-After), 4 spends not seeded;
 #: 2 goes on with the tokens of the window and those reserved (whether
 #: calls in flight make the rest, L{tpm_refused}).
+#: A window counts the fields of the seconds after C{now - WINDOW}
+#: (L{CLUSTER_WINDOW_SECONDS}); a refusal's Retry-After is when enough of
+#: them will have left, a field of second C{at} leaving at C{at + WINDOW}.
 #: Admitted, the request is counted in the rpm window, with an rpm or
-#: without (an rpm set later judges the last 60 s), and it goes on with
+#: without (an rpm set later judges the last minute), and it goes on with
 #: what the windows hold now, for the answer's
 #: x-ratelimit-* headers: the requests of the rpm window (-1 without
 #: rpm), the tokens of the tpm window plus those reserved (-1 without
@@ -86,7 +111,9 @@ if TYPE_CHECKING:
 #: The tpm check counts the window's tokens plus the reserved tokens; its
 #: Retry-After takes each reservation as counted at its admission second
 #: (L{openclaw.consumers.limits.SlidingWindow.retry_after}).
-ADMIT = """
+ADMIT = (
+    _WINDOW
+    + """
 local now = tonumber(ARGV[1])
 local function window(key, horizon)
   local h = redis.call('HGETALL', key)
@@ -110,7 +137,7 @@ local function retry(live, used, limit)
   table.sort(live, function(a, b) return a[1] < b[1] end)
   for _, e in ipairs(live) do
     used = used - e[2]
-    if used < limit then return math.max(1, e[1] + 60 - now) end
+    if used < limit then return math.max(1, e[1] + WINDOW - now) end
   end
   return 1
 end
@@ -122,7 +149,7 @@ if ARGV[2] ~= '' then
   if spent + reserved >= tonumber(ARGV[2]) then return {1, tostring(spent), tostring(reserved)} end
 end
 if ARGV[3] ~= '' then
-  local used, live = window(KEYS[4], now - 60)
+  local used, live = window(KEYS[4], now - WINDOW)
   local held, pending = window(KEYS[6], now - tonumber(ARGV[8]))
   if used + held >= tonumber(ARGV[3]) then
     for _, e in ipairs(pending) do live[#live + 1] = e end
@@ -133,16 +160,16 @@ if ARGV[3] ~= '' then
   for _, e in ipairs(pending) do tokens_newest = math.max(tokens_newest, e[1]) end
 end
 if ARGV[4] ~= '' then
-  local used, live = window(KEYS[5], now - 60)
+  local used, live = window(KEYS[5], now - WINDOW)
   if used >= tonumber(ARGV[4]) then
     return {3, tostring(spent), tostring(retry(live, used, tonumber(ARGV[4])))}
   end
   requests_used = used + 1
 else
-  trim(KEYS[5], now - 60)
+  trim(KEYS[5], now - WINDOW)
 end
 redis.call('HINCRBY', KEYS[5], ARGV[1], 1)
-redis.call('EXPIRE', KEYS[5], 61)
+redis.call('EXPIRE', KEYS[5], WINDOW_TTL)
 if ARGV[2] ~= '' and tonumber(ARGV[5]) > 0 then
   redis.call('HINCRBYFLOAT', KEYS[3], ARGV[1], ARGV[5])
   redis.call('EXPIRE', KEYS[3], tonumber(ARGV[6]) + 1)
@@ -155,6 +182,7 @@ if ARGV[3] ~= '' and tonumber(ARGV[7]) > 0 then
 end
 return {0, tostring(spent), '0', tostring(requests_used), tostring(tokens_used), tostring(tokens_newest)}
 """
+)
 
 #: Lua, composed into the scripts that read what calls in flight hold
 #: (L{SPENDS}, L{RELEASE}): C{held(key, horizon)}, the sum of the amounts
@@ -217,29 +245,30 @@ return out
 #: reservations, tokens reserved, second of an admission the rpm window
 #: has yet to count (0: none; L{Holder.request_at}).  The tokens'
 #: reservation is replaced by the tokens counted in one step.  A window
-#: no admission reads (the consumer has no such limit) is kept to the
-#: last 60 s here, once it holds more than 64 seconds.
+#: no admission reads (the consumer has no such limit) is kept to its
+#: last L{CLUSTER_WINDOW_SECONDS} here, once it holds more than 64 seconds.
 COUNT = (
-    _RELEASE
+    _WINDOW
+    + _RELEASE
     + """
 local now = tonumber(ARGV[1])
 local function trim(key)
   if redis.call('HLEN', key) > 64 then
     local h, old = redis.call('HKEYS', key), {}
     for _, at in ipairs(h) do
-      if tonumber(at) <= now - 60 then old[#old + 1] = at end
+      if tonumber(at) <= now - WINDOW then old[#old + 1] = at end
     end
     if #old > 0 then redis.call('HDEL', key, unpack(old)) end
   end
 end
 if tonumber(ARGV[2]) > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], 61)
+  redis.call('EXPIRE', KEYS[2], WINDOW_TTL)
   trim(KEYS[2])
 end
-if tonumber(ARGV[7] or '0') > now - 60 then
+if tonumber(ARGV[7] or '0') > now - WINDOW then
   redis.call('HINCRBY', KEYS[8], ARGV[7], 1)
-  redis.call('EXPIRE', KEYS[8], 61)
+  redis.call('EXPIRE', KEYS[8], WINDOW_TTL)
   trim(KEYS[8])
 end
 if tonumber(ARGV[4]) > 0 then release(KEYS[3], ARGV[5], ARGV[4], true) end
@@ -276,7 +305,8 @@ return {1, ARGV[#ARGV]}
 #: after '=' ('' when it saw none); then per consumer the requests and
 #: the tokens it counted while Redis was away, and those it counted into
 #: Redis before, each as 'second:amount second:amount ...'.
-#: Each amount of a second within the last 60 s is added to the window's
+#: Each amount of a second the window still counts (after C{now - WINDOW},
+#: L{CLUSTER_WINDOW_SECONDS}) is added to the window's
 #: field of that second (HINCRBY, as L{ADMIT} and L{COUNT} count): those
 #: counted while Redis was away always, those counted into Redis only
 #: when Redis lost them (the marker is gone, or another: a Redis that came
@@ -285,7 +315,9 @@ return {1, ARGV[#ARGV]}
 #: what Redis never had.
 #: Reply: {1 Redis lost them or 0, the marker's value ('' none), requests
 #: added, tokens added}.
-MERGE = """
+MERGE = (
+    _WINDOW
+    + """
 local now = tonumber(ARGV[1])
 local marker = redis.call('GET', KEYS[1])
 local lost = ARGV[2] ~= '' and ('=' .. (marker or '')) ~= ARGV[2]
@@ -293,13 +325,13 @@ local added = {0, 0}
 local function merge(key, counts, which)
   local any = false
   for at, amount in string.gmatch(counts, '(%d+):(%d+)') do
-    if tonumber(at) > now - 60 then
+    if tonumber(at) > now - WINDOW then
       redis.call('HINCRBY', key, at, amount)
       added[which] = added[which] + tonumber(amount)
       any = true
     end
   end
-  if any then redis.call('EXPIRE', key, 61) end
+  if any then redis.call('EXPIRE', key, WINDOW_TTL) end
 end
 for i = 2, #KEYS, 2 do
   -- Consumer (i - 2) / 2 + 1: its four arguments start at ARGV[2i - 1].
@@ -313,6 +345,7 @@ for i = 2, #KEYS, 2 do
 end
 return {lost and 1 or 0, marker or '', tostring(added[1]), tostring(added[2])}
 """
+)
 
 #: KEYS: per consumer its reserved and reserved tokens.
 #: ARGV: reservation lifetime, token reservation lifetime (seconds); then
@@ -444,9 +477,10 @@ _Whose = tuple[str, float]
 class WindowLog:
     """
     Requests and tokens this instance counted for each consumer in each
-    second of the last minute: C{{(name, created_at): {POSIX second
+    second Redis's windows still count (the last
+    L{CLUSTER_WINDOW_SECONDS}): C{{(name, created_at): {POSIX second
     (whole, Redis's clock): [requests, tokens]}}}, for L{MERGE}.  Memory:
-    about 60 entries per consumer counted (older seconds are dropped as
+    about 61 entries per consumer counted (older seconds are dropped as
     newer ones come, and by L{take}).
     """
 
@@ -460,16 +494,16 @@ class WindowLog:
         return bool(self.counts)
 
     def add(self, whose: _Whose, second: int, requests: int = 0, tokens: int = 0) -> None:
-        if second - self.pruned_at > WINDOW_SECONDS:
+        if second - self.pruned_at >= CLUSTER_WINDOW_SECONDS:
             self.pruned_at = second
-            self.counts = self._after(second - WINDOW_SECONDS)
+            self.counts = self._after(second - CLUSTER_WINDOW_SECONDS)
         seconds = self.counts.get(whose)
         if seconds is None:
             seconds = self.counts[whose] = {}
         counted = seconds.get(second)
         if counted is None:
-            if len(seconds) > WINDOW_SECONDS + 4:
-                horizon = second - WINDOW_SECONDS
+            if len(seconds) > CLUSTER_WINDOW_SECONDS + 4:
+                horizon = second - CLUSTER_WINDOW_SECONDS
                 for old in [at for at in seconds if at <= horizon]:
                     del seconds[old]
             counted = seconds[second] = [0, 0]
@@ -486,9 +520,10 @@ class WindowLog:
 
     def take(self, now: int) -> WindowLog:
         """
-        Empty this log: what it held of the seconds after C{now - 60}.
+        Empty this log: what it held of the seconds after C{now - }
+        L{CLUSTER_WINDOW_SECONDS} (those Redis's windows still count).
         """
-        taken = WindowLog(self._after(now - WINDOW_SECONDS))
+        taken = WindowLog(self._after(now - CLUSTER_WINDOW_SECONDS))
         self.counts = {}
         return taken
 
@@ -980,7 +1015,7 @@ class SharedCounters:
         created = holder.created_at
         second = int(now)
         # What the script adds to Redis's windows (L{COUNT}).
-        requests = 1 if request_at > second - WINDOW_SECONDS else 0
+        requests = 1 if request_at > second - CLUSTER_WINDOW_SECONDS else 0
 
         def window(log: WindowLog) -> None:
             whose = (consumer, created)
@@ -1610,23 +1645,26 @@ def _rate_limits(consumer: Consumer, now: float, reply: Any) -> RateLimits:
     return RateLimits(
         consumer.rpm,
         (consumer.rpm or 0) - requests_used,
-        # This call's request was counted in this second: the window is
-        # empty again a minute after it.
-        reset_after(int(now), now) if requests_used > 0 else 0.0,
+        # This call's request was counted in this second's field: the
+        # window is empty again once that field leaves it, 61 s after the
+        # second's start (L{CLUSTER_WINDOW_SECONDS}).
+        reset_after(int(now), now, CLUSTER_WINDOW_SECONDS) if requests_used > 0 else 0.0,
         consumer.tpm,
         (consumer.tpm or 0) - tokens_used,
-        reset_after(tokens_newest or None, now),
+        reset_after(tokens_newest or None, now, CLUSTER_WINDOW_SECONDS),
     )
 
 
 __all__ = [
     "ADMIT",
     "CARRY",
+    "CLUSTER_WINDOW_SECONDS",
     "COUNT",
     "MERGE",
     "RAISE",
     "RELEASE",
     "SEED",
+    "WINDOW_KEY_SECONDS",
     "ReservationLog",
     "SharedConsumers",
     "SharedCounters",
