@@ -38,7 +38,6 @@ C{UPSTREAM_CA_FILE}, the env file) are read before it does.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import ipaddress
 import math
 import os
@@ -58,6 +57,7 @@ from decouple import Config, RepositoryEmpty, RepositoryEnv, strtobool
 
 from openclaw.files import NotARegularFile, kind_of, read_regular_file
 from openclaw.routing import model_refusal
+from openclaw.spelling import CLOSE_CUTOFF, meant
 from openclaw.tls import MAX_CA_FILE_BYTES, read_ca_file
 from openclaw.urls import masked_fields, masked_url, url_passwords
 
@@ -2664,7 +2664,7 @@ def unread_lines(path: str) -> list[str]:
 def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str | None) -> list[str]:
     """
     A warning for each of C{keys} (an env file's) that is no setting but
-    close to one (L{difflib.get_close_matches}): C{GEMINI_MODLE} names
+    close to one (L{openclaw.spelling.meant}): C{GEMINI_MODLE} names
     C{GEMINI_MODEL}, and C{export GEMINI_MODEL} (a shell's line, which
     decouple reads as a key with C{export} in it) says to drop the
     C{export}.  Keys close to nothing are left alone: an env file may
@@ -2683,30 +2683,29 @@ def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str | No
         if word == "export" and rest.strip():
             # A shell's "export NAME=VALUE": decouple reads the key as "export NAME".
             name = rest.strip()
-            close = [name] if name in names else difflib.get_close_matches(name, names, n=1, cutoff=0.8)
-            if close:
+            close = meant(name, names)
+            if close is not None:
                 warnings.append(
                     f"{origin}: export {name}= is ignored (the key read is {key!r}); "
-                    f"write it as {close[0]}=VALUE, without export"
+                    f"write it as {close}=VALUE, without export"
                 )
             continue
-        # Names are upper case: gemini_model is GEMINI_MODEL's typo too.
+        # Names are upper case: gemini_model is GEMINI_MODEL's typo too
+        # (L{meant} ignores case).
         upper = key.upper()
-        if upper in names:
-            close = [upper]
-        elif where is None:
+        close = meant(key, names, cutoff=0.9 if where is None else CLOSE_CUTOFF)
+        if (
+            close is not None
+            and where is None
+            and close != upper
+            and close.partition("_")[0] != upper.partition("_")[0]
+        ):
             # The environment holds other programs' variables too
             # (OPENAI_BASE_URL, KIMI_API_BASE): only a near miss of the
             # same first word is taken for a typo.
-            close = [
-                name
-                for name in difflib.get_close_matches(upper, names, n=1, cutoff=0.9)
-                if name.partition("_")[0] == upper.partition("_")[0]
-            ]
-        else:
-            close = difflib.get_close_matches(upper, names, n=1, cutoff=0.8)
-        if close:
-            warnings.append(f"{origin}: {key} is not a setting and is ignored; did you mean {close[0]}?")
+            close = None
+        if close is not None:
+            warnings.append(f"{origin}: {key} is not a setting and is ignored; did you mean {close}?")
     return warnings
 
 

@@ -76,6 +76,49 @@ class UsageCommandTests(GatewayCase):
         for error in errors:
             self.assertTrue(error.endswith(shown), error)
 
+    @inlineCallbacks
+    def test_unknown_name_says_which_was_meant(self) -> Any:
+        """
+        A name that differs from a consumer's only in case is answered with
+        that name (trial s32: "consumer update T01" listed t01 among the
+        consumers without saying it was the one); a close one likewise; a
+        name close to none, without.  Through openclawctl as an operator
+        sees it.
+        """
+        from tests.test_ctl import run_ctl
+
+        gateway, client = yield self.gateway()
+        for name in ("t01", "team0", "burst"):
+            yield self.command(gateway, client, "consumer_create", {"name": name})
+        for cmd in ("consumer_update", "consumer_delete", "key_create", "usage"):
+            for name, hint in (
+                ("T01", " (did you mean 't01'? names are case-sensitive)"),
+                ("teamm0", " (did you mean 'team0'?)"),
+                ("nobody", ""),
+            ):
+                answer = yield client.command(gateway.token, cmd, {"name": name})
+                self.assertFalse(answer["ok"], cmd)
+                self.assertTrue(
+                    answer["error"].startswith(f"no consumer named {name!r}{hint}" + ("," if cmd == "usage" else ";")),
+                    answer["error"],
+                )
+        out, err, code = yield run_ctl(
+            "--url",
+            f"ws://127.0.0.1:{gateway.port}",
+            "--token",
+            gateway.token,
+            "consumer",
+            "update",
+            "T01",
+            "--rpm",
+            "5",
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn(
+            "no consumer named 'T01' (did you mean 't01'? names are case-sensitive); consumers: burst, t01, team0",
+            out + err,
+        )
+
 
 class GatewayKeysUsageTests(GatewayCase):
     """

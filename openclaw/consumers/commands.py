@@ -68,6 +68,7 @@ from openclaw.control.commands import (
     Result,
     command_data,
 )
+from openclaw.spelling import meant
 
 
 def _name(data: Mapping[str, Any], check: Callable[[object], str] = check_name) -> str:
@@ -388,11 +389,25 @@ class ConsumerCommands:
             shown += f" and {len(names) - MAX_NAMED_CONSUMERS} more (openclawctl consumer list shows them all)"
         return shown
 
+    def _meant(self, name: str) -> str:
+        """
+        What an answer to C{name}, no consumer's, suggests: C{" (did you
+        mean 't01'? names are case-sensitive)"} when a consumer's name
+        differs from it only in case, C{" (did you mean 'team01'?)"} when
+        one is close (L{openclaw.spelling.meant}), else C{""}.
+        """
+        close = meant(name, self.table.consumers)
+        if close is None:
+            return ""
+        if close.casefold() == name.casefold():
+            return f" (did you mean {close!r}? names are case-sensitive)"
+        return f" (did you mean {close!r}?)"
+
     def _existing(self, name: str) -> Consumer:
         consumer = self.table.consumers.get(name)
         if consumer is None:
             known = self._known("none yet; create one with consumer_create (openclawctl consumer create NAME)")
-            raise CommandError(f"no consumer named {name!r}; consumers: {known}")
+            raise CommandError(f"no consumer named {name!r}{self._meant(name)}; consumers: {known}")
         if name in self.table.deleting:
             raise CommandError(f"consumer {name!r} is being deleted; retry in a moment")
         return consumer
@@ -611,8 +626,8 @@ class ConsumerCommands:
                 # A deleted consumer's usage is still answered; a name never used is a mistake.
                 known = self._known("none yet")
                 raise CommandError(
-                    f"no consumer named {name!r}, and no usage recorded under that name (a deleted consumer's is "
-                    f"kept as NAME@CREATED: see usage --group-by consumer); consumers: {known}"
+                    f"no consumer named {name!r}{self._meant(name)}, and no usage recorded under that name (a "
+                    f"deleted consumer's is kept as NAME@CREATED: see usage --group-by consumer); consumers: {known}"
                 )
             result: Result = {"name": name, "since": fields.get("since"), "until": fields.get("until")}
             if group_by is None:
