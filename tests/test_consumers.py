@@ -2384,6 +2384,29 @@ class ConsumerCtlTests(GatewayCase):
         self.assertGreater(len(pages), 2)
 
     @inlineCallbacks
+    def test_ctl_json_is_compact_alike(self) -> Any:
+        """
+        C{--json} prints every answer as compact JSON, as the gateway
+        writes it: C{consumer list} (its pages put together by openclawctl)
+        as C{usage} and the others (trial s32: the list was spaced, the
+        usage compact).
+        """
+        gateway, client = yield self.gateway(max_message_bytes=2048)
+        for i in range(12):
+            yield self.command(gateway, client, "consumer_create", {"name": f"t{i:02d}", "rpm": 5})
+        for args in (
+            ("consumer", "list", "--json"),
+            ("consumer", "list", "t01", "--json"),
+            ("usage", "--json"),
+            ("usage", "--group-by", "consumer", "--json"),
+            ("status", "--json"),
+        ):
+            out, err, code = yield self.ctl(gateway, *args)
+            self.assertEqual((err, code), ("", 0), args)
+            compact = json.dumps(json.loads(out), ensure_ascii=False, separators=(",", ":"))
+            self.assertEqual(out, compact + "\n", args)
+
+    @inlineCallbacks
     def test_ctl_life(self) -> Any:
         gateway, _ = yield self.gateway()
         out, err, code = yield self.ctl(gateway, "consumer", "create", "app", "--rpm", "5", "--model", "kimi/*")

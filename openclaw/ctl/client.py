@@ -317,7 +317,8 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
     after the first (the gateway's answer names the next in
     C{result.next}, asked for as C{data.after}, on a new connection):
     one reply whose C{result.consumers} holds them all, its round trip
-    the pages' together.  A page that is not a list (an error, an older
+    the pages' together, written as compact JSON as the gateway writes
+    its answers (C{--json} prints every command's alike).  A page that is not a list (an error, an older
     gateway's answer without C{next}) ends it, as it is.
 
     @raise ValueError: a page's C{next} is not after the one before.
@@ -353,4 +354,6 @@ async def exchange_pages(reactor: IClientReactor, request: Request) -> Reply:
     whole = {**answer, "result": {**result, "consumers": consumers, "next": None}}
     if too_long:
         whole["result"]["too_long"] = too_long
-    return Reply(json.dumps(whole).encode("utf-8"), round_trip)
+    # Compact, as the gateway writes every answer (orjson): --json prints
+    # this one as it prints the others, the usage's included.
+    return Reply(json.dumps(whole, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), round_trip)
