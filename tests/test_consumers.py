@@ -7,6 +7,7 @@ in front of the stand-in upstream, all on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -783,6 +784,27 @@ class RulesTests(TestCase):
         said = " ".join(readme.split("The shipped table holds ", 1)[1].split(", no\n  other", 1)[0].split())
         listed = {word.strip("`,") for word in said.split() if "/" in word}
         self.assertEqual(listed, set(shipped_prices()))
+
+    def test_readme_price_table_is_the_shipped_one(self) -> None:
+        """
+        README's table of the shipped prices (model, prompt, completion,
+        cached_prompt, US dollars per million tokens; C{\\-}: none) is
+        shipped_prices(), every price of every model (trial s32: operators
+        sizing budgets had to read the code).
+        """
+        readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text("utf-8")
+        lines = readme.split("\n  model ", 1)[1].splitlines()
+        self.assertEqual(lines[0].split(), ["prompt", "completion", "cached_prompt"])
+        rows = list(itertools.takewhile(lambda line: not line.strip().startswith("="), lines[2:]))
+        table = {}
+        for row in rows:
+            model, prompt, completion, cached = row.split()
+            self.assertRegex(model, r"^``[a-z0-9./-]+``$")
+            table[model.strip("`")] = Price(
+                float(prompt), float(completion), None if cached == "\\-" else float(cached)
+            )
+        self.assertEqual(len(table), len(rows))
+        self.assertEqual(table, shipped_prices())
 
 
 class StoreTests:
