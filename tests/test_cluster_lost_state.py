@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import ROUTE, TOKEN, decode_token, encode_route, encode_token
+from openclaw.cluster.node import MAX_STALE_READS, ROUTE, TOKEN, decode_token, encode_route, encode_token
 from openclaw.cluster.store import Versioned
 from openclaw.files import write_atomically
 from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route
@@ -808,6 +808,59 @@ class LateReads(TestCase):
         for node in (self.a, self.b):
             self.assertEqual((node.instance, node.route.current), (node.instance, newest))
         self.assertTrue(self.a.up)
+
+
+class EverStale(TestCase):
+    """
+    A reload whose every read of the route is answered after another
+    switch was applied here (switches faster than the store answers):
+    it gives up after L{MAX_STALE_READS} reads, says so, and tries again
+    later, rather than read for ever with nothing logged (review s32).
+    """
+
+    def test_gives_up_and_tries_again(self) -> None:
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        store = MemoryStore(clock.seconds)
+        nodes = []
+        for name in ("a", "b"):
+            node = ClusterNode(
+                store,
+                ActiveRoute(GEMINI),
+                SessionAuthority(SECRET, 3600, clock=clock.seconds),
+                name,
+                clock,
+                1.0,
+                ("gemini", "kimi"),
+            )
+            self.addCleanup(node.stop)
+            store.listeners.append(node.received)
+            node.connected()
+            nodes.append(node)
+        a, b = nodes
+        events = capture_log_events(self)
+        reads = []
+        ensure = store.ensure
+
+        def changing(name: str, value: str, version: int, origin: str) -> Deferred[Versioned]:
+            read = ensure(name, value, version, origin)
+            if name == ROUTE and origin == "a" and len(reads) < MAX_STALE_READS:
+                # A newer switch reaches a before its read is answered.
+                reads.append(version)
+                b.switch(Route("kimi", f"k-{len(reads)}"))
+            return read
+
+        store.ensure = changing  # type: ignore[method-assign]
+        a.lost("test")
+        a.connected()
+        self.assertEqual(len(reads), MAX_STALE_READS)
+        warned = [formatEvent(e) for e in events if "could not reload" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn(f"changed during each of {MAX_STALE_READS} reads in a row", warned[0])
+        # Its next try, once the switches stop, brings it up to date.
+        clock.advance(60)
+        self.assertEqual(a.route.current, b.route.current)
+        self.assertTrue(a.up)
 
 
 class LostStateOnRedis(ClusterCase):

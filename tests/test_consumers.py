@@ -472,7 +472,7 @@ class RulesTests(TestCase):
         self.assertEqual(
             refused.message,
             "consumer 'leaver': calls in flight hold 1001 tokens of its tpm limit of 1000 per minute (14 used in "
-            "the last 60 s, 1001 reserved by calls in flight until they are counted); retry after 2 s, once they "
+            "the last minute, 1001 reserved by calls in flight until they are counted); retry after 2 s, once they "
             "end, or set max_tokens so that each call reserves less",
         )
         # Room sooner than 2 s (the reservation lapses, 60 s on): that.

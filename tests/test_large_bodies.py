@@ -431,6 +431,37 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(errors, [])
 
     @inlineCallbacks
+    def test_stop_during_the_work(self):
+        """
+        A stop begun while a large body is worked on waits for the call it
+        makes (within the grace), which is answered: the end of the work
+        left no call in flight for a moment, and the stop closed the
+        connection of the call about to start, which was made all the same
+        (review s32: the client got nothing, logged 499).
+        """
+        gateway = self.gateway(shutdown_grace_seconds=20)
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        body = json.dumps(tool_loop(3000)).encode()
+        self.assertGreater(len(body), OFFLOAD_BYTES)
+        answer = deferToThread(http_post, gateway.api_port, body)
+        for _ in range(400):
+            if workers.runs == 1:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(workers.runs, 1)
+        stopped = gateway.service.stopService()
+        yield deferLater(reactor, 0.2, lambda: None)
+        workers.release()
+        status, _, _ = yield answer
+        yield stopped
+        self.assertIn(b" 200 ", status)
+        self.assertEqual(self.upstream.gemini.requests, 1)
+        self.assertEqual(context.in_flight, 0)
+
+    @inlineCallbacks
     def test_client_gone_during_failover_encoding(self):
         """
         A client that leaves while its large request is encoded again for

@@ -1019,6 +1019,7 @@ class HalfOpenTrialTests(ResilienceTestCase):
                     (429, {"messages": HELLO}, 200),
                     (429, pinned, 429),
                     (401, pinned, 502),
+                    (404, pinned, 404),
                 ):
                     gateway = self.gateway(default_provider="kimi", upstream_timeout=1.0)
                     kimi = self.behaviour("kimi")
@@ -1035,6 +1036,12 @@ class HalfOpenTrialTests(ResilienceTestCase):
                         error = self.assertOpenAIError(text, "rate_limit_exceeded")
                         self.assertIn("its error body did not come whole", error["message"])
                         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["7"])
+                    elif status == 404:
+                        # A body not read is not known to be a web server's
+                        # page: no word of the base URL (review s32).
+                        error = self.assertOpenAIError(text, "model_not_found")
+                        self.assertIn("its error body did not come whole", error["message"])
+                        self.assertNotIn("BASE_URL", error["message"])
                     else:
                         self.assertOpenAIError(text, "upstream_auth_failed")
 

@@ -69,10 +69,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import attrs
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import (
     CancelledError,
@@ -98,6 +98,10 @@ TOKEN = "token"
 #: An instance counts in C{instances_seen} for this long after its last heartbeat.
 HEARTBEAT_TTL_SECONDS = 30
 HEARTBEAT_INTERVAL_SECONDS = 10.0
+#: Reads of the route (or the token) L{ClusterNode._reload} makes in a row
+#: while each is answered after a change applied meanwhile (stale); past
+#: them it gives up until its next try (L{StaleReads}).
+MAX_STALE_READS = 5
 #: Heartbeats failed in a row after which the store's connections are
 #: deemed dead and rebuilt (L{SharedStore.reconnect}).
 HEARTBEAT_MISSES = 2
@@ -168,6 +172,21 @@ TOKEN_FILE_ADVICE = "check that TOKEN_FILE's directory is writable and its disk 
 CONFIRM_ATTEMPTS = 3
 
 
+class StaleReads(Exception):
+    """
+    L{ClusterNode._reload} read the cluster's C{name} L{MAX_STALE_READS}
+    times, and each read was answered after another change of it was
+    applied here (changes coming faster than a read's round trip): given
+    up until its next try, rather than read for ever.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"the cluster's {name} changed during each of {MAX_STALE_READS} reads in a row (changes faster than "
+            "the cluster store answers)"
+        )
+
+
 class StoreUnavailable(Exception):
     """
     The shared store could not take a change (down, slow, or this instance
@@ -225,7 +244,7 @@ class TokenNotAdoptedHere(Exception):
         )
 
 
-@dataclass
+@attrs.define
 class _Adoption:
     """
     The cluster's token of one C{jti} being adopted (its token file
@@ -714,21 +733,22 @@ class ClusterNode:
                 self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
             )
             self._heard(heartbeat, sent)
-            while True:
+            for _ in range(MAX_STALE_READS):
                 held = self._held(ROUTE)
                 mine = self._mine(ROUTE)
                 route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
                 if self._held(ROUTE) == held:
                     break
-                # Another route applied meanwhile: this read is stale.  (A
-                # loop only as long as changes keep coming, one per read.)
+                # Another route applied meanwhile: this read is stale.
+            else:
+                raise StaleReads(ROUTE)
             if self._outranks(ROUTE, mine, route):
                 route = yield self._bounded(self._write_back(ROUTE, mine, route))
             # Proposed as the cluster's first token if this instance holds
             # none; kept only if the cluster has none (set-if-absent): an
             # instance never replaces the cluster's token on its own.
             proposal: SessionToken | None = None
-            while True:
+            for _ in range(MAX_STALE_READS):
                 yield self._adopted()
                 held = self._held(TOKEN)
                 current = self.sessions.current_or_none
@@ -743,6 +763,8 @@ class ClusterNode:
                     break
                 # A token applied, or its adoption begun, meanwhile: this
                 # read is stale (trial s32).
+            else:
+                raise StaleReads(TOKEN)
             if self._outranks(TOKEN, mine, token):
                 token = yield self._bounded(self._write_back(TOKEN, mine, token))
             if self._due(token):

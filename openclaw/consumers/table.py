@@ -207,7 +207,7 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     """
     return APIError(
         429,
-        f"consumer {consumer!r} is over its {what} limit of {limit} per minute (a sliding 60 s window); "
+        f"consumer {consumer!r} is over its {what} limit of {limit} per minute (a sliding window of a minute); "
         f"retry after {retry_after} s, or ask the operator to raise {what} with consumer_update",
         "tokens" if what == "tpm" else "requests",
         "rate_limit_exceeded",
@@ -267,7 +267,7 @@ def tpm_refused(
     return APIError(
         429,
         f"consumer {consumer!r}: calls in flight hold {held} tokens of its tpm limit of {limit} per minute "
-        f"({used} used in the last 60 s, {held} reserved by calls in flight until they are counted); "
+        f"({used} used in the last minute, {held} reserved by calls in flight until they are counted); "
         f"retry after {retry} s, once they end, or set max_tokens so that each call reserves less{hint}",
         "tokens_reserved",
         "rate_limit_exceeded",

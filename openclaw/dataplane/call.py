@@ -443,7 +443,8 @@ class ChatCall:
         assert key is not None
         refusal = adapter.refusal(status, body, retry_after)
         if body_lost is not None:
-            refusal = attrs.evolve(refusal, message=f"its error body did not come whole: {body_lost}")
+            # Not read, so not known to be anything but the provider's own.
+            refusal = attrs.evolve(refusal, message=f"its error body did not come whole: {body_lost}", stated=True)
         error = upstream_refused(
             self.route.provider_id,
             refusal,

@@ -412,16 +412,22 @@ class AuthenticatedResource(APIResource):
                     )
 
             def decided(refusal: APIError | None) -> None:
-                context.call_ended()
-                if refusal is not None:
-                    # Counted as limited already (ConsumerTable.admit): a
-                    # client gone meanwhile is not a 499 besides.
-                    self._refused(request, refusal, started, route, holder, write=not gone)
-                elif gone:
-                    client_left()
-                else:
-                    _rate_limit_headers(request, holder)
-                    proceed()
+                try:
+                    if refusal is not None:
+                        # Counted as limited already (ConsumerTable.admit): a
+                        # client gone meanwhile is not a 499 besides.
+                        self._refused(request, refusal, started, route, holder, write=not gone)
+                    elif gone:
+                        client_left()
+                    else:
+                        _rate_limit_headers(request, holder)
+                        proceed()
+                finally:
+                    # Once the call is under way (counted in flight by
+                    # itself): a stop waiting for the calls in flight never
+                    # finds none in between, and closes no connection whose
+                    # call is about to start.
+                    context.call_ended()
 
             def failed(reason: Failure) -> None:
                 # A bug or an unexpected reply of the cluster's store: the
@@ -842,21 +848,25 @@ class ChatCompletions(AuthenticatedResource):
             return None if gone else prepare_chat(raw, headers, active, providers)
 
         def prepared(result: PreparedChat | None) -> None:
-            context.call_ended()
-            if result is None or gone:
-                context.completed(
-                    request,
-                    started,
-                    CLIENT_GONE_STATUS,
-                    None if result is None else result.route,
-                    outcome=CLIENT_GONE,
-                    consumer=holder.consumer,
-                    provider="-",
-                )
-                return
-            answer = self._call(request, result, started, holder)
-            if isinstance(answer, bytes):
-                write_answer(request, answer)
+            try:
+                if result is None or gone:
+                    context.completed(
+                        request,
+                        started,
+                        CLIENT_GONE_STATUS,
+                        None if result is None else result.route,
+                        outcome=CLIENT_GONE,
+                        consumer=holder.consumer,
+                        provider="-",
+                    )
+                    return
+                answer = self._call(request, result, started, holder)
+                if isinstance(answer, bytes):
+                    write_answer(request, answer)
+            finally:
+                # Once the call is under way (as in after_admission): a stop
+                # begun during the work waits for the call it makes.
+                context.call_ended()
 
         def refused(reason: Failure) -> None:
             context.call_ended()
