@@ -26,6 +26,7 @@ import attrs
 from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
@@ -175,6 +176,40 @@ class EarlyRefusalTests(TestCase):
         body = json.dumps({"messages": HELLO}).encode()
         answer = yield self.send(post + b"\r\nTransfer-Encoding: Chunked", b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
         self.assertNotEqual(code_of(answer), "invalid_transfer_encoding", answer)
+
+    @inlineCallbacks
+    def test_body_still_arriving_at_a_stop(self) -> Any:
+        """
+        A request whose body is still arriving when the gateway stops is
+        answered 503 C{shutting_down}, logged and counted, while the rest of
+        its body is read and dropped: the stop closed its connection with
+        nothing said, nor logged (re-check s32).
+        """
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Length: 600\r\n\r\n"
+        )
+        sock = socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(head + b"x" * 100)
+        yield deferLater(reactor, 0.3, lambda: None)
+        stopped = self.gateway.service.stopService()
+        yield deferLater(reactor, 0.3, lambda: None)
+
+        def rest() -> bytes:
+            sock.sendall(b"x" * 500)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+        answer = yield deferToThread(rest)
+        yield stopped
+        self.assertEqual((status_of(answer), code_of(answer)), (503, "shutting_down"), answer)
+        self.assertIn(b"its request's body was still arriving", answer)
+        (event,) = self.request_events()
+        self.assertEqual((event["status"], event["outcome"]), (503, "shutting_down"))
 
     @inlineCallbacks
     def test_chunked_body_past_the_limit_logged(self) -> Any:

@@ -61,7 +61,7 @@ from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer, http11_channel
 from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, clipped, new_request_id
 from openclaw.dataplane.deadlines import SEND_TIMEOUT, ConnectionDeadlines
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import APIError, shutting_down
 from openclaw.dataplane.resource import build_resource
 from openclaw.listeners import descriptor_shares
 from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
@@ -1044,6 +1044,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     counted_keyless = False
     #: Bytes arrived since the last answer: a request is under way.
     _started = False
+    #: A request's head is whole and its body is still to come (HTTP/1.1).
+    _awaiting_body = False
     #: The large answer going out, while its send deadline is in force.
     _sending: WholeAnswer | None = None
     #: A stop closes the connection once that answer is all handed over.
@@ -1221,6 +1223,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._channel is None:
             self._produce_for(cast(IPushProducer, channel))
         self._started = True
+        self._awaiting_body = has_body
         if has_body:
             self._deadlines.arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
         else:
@@ -1231,6 +1234,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         A request is whole: no deadline while it is answered (calls have
         UPSTREAM_TIMEOUT).
         """
+        self._awaiting_body = False
         self._deadlines.disarm()
 
     def response_finished(self) -> None:
@@ -1522,6 +1526,24 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         if self._sending is not None:
             self._sending.shutting_down()
             self._close_after_answer = True
+        elif self._awaiting_body and not self._http2 and not self._deadlines.closing:
+            # A request whose body was still coming when the stop began
+            # (re-check s32: closed with nothing said, nor logged): 503
+            # shutting_down, logged and counted, and the close lingers,
+            # for the client may still be sending.
+            self._awaiting_body = False
+            error = attrs.evolve(
+                shutting_down(),
+                message="the gateway is shutting down and its request's body was still arriving; retry it",
+            )
+            transport = self.tcp
+            request_id = new_request_id()
+            if self._site.context is not None:
+                self._site.context.refused_early(
+                    error, None, host_of(transport.getPeer()), request_id=request_id, keyless=self.keyless
+                )
+            transport.write(raw_error_response(error, request_id))
+            self.close_lingering()
         else:
             self._lose()
 
