@@ -681,6 +681,13 @@ class BreakerEndToEndTests(ResilienceTestCase):
         self.assertNotIn("switch_provider", message)
         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["30"])
         self.assertEqual((self.behaviour("kimi").requests, self.behaviour("gemini").requests), (0, 0))
+        # A call that named its provider is not moved by a switch: told to
+        # name another provider's model (re-check s32).
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 503, text)
+        message = json.loads(text)["error"]["message"]
+        self.assertIn("retry after that, or name another provider's model", message)
+        self.assertNotIn("switch_provider", message)
         # Only the call's own breaker open: failed over, as before.
         providers.get("gemini").breaker.succeeded()
         response, text = yield self.post(gateway, {"messages": HELLO})

@@ -277,7 +277,9 @@ class ChatCall:
         breaker = adapter.breaker
         trial = breaker.state is BreakerState.HALF_OPEN
         if not breaker.allow():
-            return self._upstream_failed("breaker_open", breaker_open(provider_id, breaker.remaining()))
+            return self._upstream_failed(
+                "breaker_open", breaker_open(provider_id, breaker.remaining(), pinned=self.pinned)
+            )
         self._permit, self._permit_is_trial = breaker, trial
         self._body, self._key = body, key
         self._tried.append(key)

@@ -518,20 +518,25 @@ def sooner_elsewhere(error: APIError, provider_id: str, seconds: float) -> APIEr
     )
 
 
-def breaker_open(provider_id: str, remaining: float) -> APIError:
+def breaker_open(provider_id: str, remaining: float, pinned: bool = False) -> APIError:
     """
     503: the provider's circuit breaker is open, so no call was sent; the
     client may come back when the cooldown is over.
+
+    @param pinned: the call named its provider (C{"kimi/<model>"}), which
+        a C{switch_provider} does not move: the client is told to name
+        another provider's model instead.
     """
+    instead = "name another provider's model" if pinned else "ask the operator to switch_provider"
     if remaining > 0:
         message = (
             f"{provider_id} has been failing, so the gateway sends it no calls for {retry_after_seconds(remaining)} s more "
-            "(BREAKER_COOLDOWN_SECONDS); retry after that, or ask the operator to switch_provider"
+            f"(BREAKER_COOLDOWN_SECONDS); retry after that, or {instead}"
         )
     else:
         message = (
             f"{provider_id} has been failing and one trial call is under way to see whether it is back; "
-            "retry in a second, or ask the operator to switch_provider"
+            f"retry in a second, or {instead}"
         )
     return APIError(
         503,
