@@ -1368,15 +1368,23 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         @param outcome: the log's C{outcome} when not C{error}'s code
             (L{APIContext.refused_early}).
         """
-        transport = self.tcp
         if self._started:
-            request_id = new_request_id()
-            if self._site.context is not None:
-                self._site.context.refused_early(
-                    error, outcome, host_of(transport.getPeer()), request_id=request_id, keyless=self.keyless
-                )
-            transport.write(raw_error_response(error, request_id))
+            self._answer_raw(error, outcome)
         self.close_politely()
+
+    def _answer_raw(self, error: APIError, outcome: str | None = None) -> None:
+        """
+        Answer the request under way with C{error}, written as it is
+        (L{raw_error_response}: twisted.web is not answering it), logged
+        and counted (L{APIContext.refused_early}); the caller closes.
+        """
+        transport = self.tcp
+        request_id = new_request_id()
+        if self._site.context is not None:
+            self._site.context.refused_early(
+                error, outcome, host_of(transport.getPeer()), request_id=request_id, keyless=self.keyless
+            )
+        transport.write(raw_error_response(error, request_id))
 
     def close_lingering(self) -> None:
         """
@@ -1532,17 +1540,12 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             # shutting_down, logged and counted, and the close lingers,
             # for the client may still be sending.
             self._awaiting_body = False
-            error = attrs.evolve(
-                shutting_down(),
-                message="the gateway is shutting down and its request's body was still arriving; retry it",
-            )
-            transport = self.tcp
-            request_id = new_request_id()
-            if self._site.context is not None:
-                self._site.context.refused_early(
-                    error, None, host_of(transport.getPeer()), request_id=request_id, keyless=self.keyless
+            self._answer_raw(
+                attrs.evolve(
+                    shutting_down(),
+                    message="the gateway is shutting down and its request's body was still arriving; retry it",
                 )
-            transport.write(raw_error_response(error, request_id))
+            )
             self.close_lingering()
         else:
             self._lose()
