@@ -81,7 +81,8 @@ from zope.interface import implementer
 
 from openclaw.addresses import host_of
 from openclaw.files import NotARegularFile, open_regular_file
-from openclaw.settings import ConfigError, untrusted_log_file
+from openclaw.settings import ConfigError
+from openclaw.settings.permissions import untrusted_log_file
 from openclaw.timefmt import isoformat
 
 _log = Logger(namespace="openclaw")

@@ -59,7 +59,8 @@ from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import ITapReactor, tap_reactor
 from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
-from openclaw.settings import ConfigError, Settings, load_settings, remove_made_directories
+from openclaw.settings import ConfigError, Settings, load_settings
+from openclaw.settings.directories import remove_made_directories
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
 from openclaw.state import STATE_LOCK, lock_state_dir
 

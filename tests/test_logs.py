@@ -30,7 +30,8 @@ from openclaw.logs import (
     make_observer,
     offer_log_observer,
 )
-from openclaw.settings import ConfigError, untrusted_log_file
+from openclaw.settings import ConfigError
+from openclaw.settings.permissions import untrusted_log_file
 
 WHEN = 1764043200.25
 

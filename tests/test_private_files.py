@@ -3,7 +3,7 @@ A secret or env file is refused when others could replace it: its
 directory writable by others (sshd's StrictModes; sticky directories
 excepted) or owned by another user, or a symbolic link to it owned by
 another user (as C{fs.protected_symlinks} refuses to follow it).
-L{openclaw.settings.check_private_file} and L{load_settings} on real
+L{openclaw.settings.permissions.check_private_file} and L{load_settings} on real
 files.
 """
 
@@ -16,7 +16,8 @@ from typing import Any
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from openclaw.settings import ConfigError, check_private_file, load_settings
+from openclaw.settings import ConfigError, load_settings
+from openclaw.settings.permissions import check_private_file
 
 
 class SecretDirectoryTests(TestCase):

@@ -26,7 +26,7 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
-from openclaw.settings import MAX_DURATION_SECONDS
+from openclaw.settings.values import MAX_DURATION_SECONDS
 from tests.support import changed_providers
 from tests.test_dataplane import HELLO, KIMI_KEY
 from tests.test_resilience import ResilienceTestCase

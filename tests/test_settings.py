@@ -20,15 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.providers import BUILTIN_PROVIDERS, ProviderRegistry
-from openclaw.settings import (
-    ConfigError,
-    Settings,
-    check_private_file,
-    default_state_dir,
-    load_settings,
-    misspelt_settings,
-    unread_lines,
-)
+from openclaw.settings import ConfigError, Settings, load_settings, misspelt_settings, unread_lines
+from openclaw.settings.directories import default_state_dir
+from openclaw.settings.permissions import check_private_file
 from tests.support import KIMI_AND_GEMINI, make_ca, make_unwritable
 
 GOOD_SECRET = "x" * 32

@@ -88,7 +88,8 @@ from zope.interface import implementer
 from openclaw.loops import LoggedStep
 from openclaw.providers.fetch import read_body
 from openclaw.reactors import IClientReactor
-from openclaw.settings import ConfigError, check_private_directories
+from openclaw.settings import ConfigError
+from openclaw.settings.permissions import check_private_directories
 from openclaw.web import head_or_body
 
 #: How long the worker a scrape reached waits for each sibling's series
@@ -144,7 +145,7 @@ def make_socket_directory(count: int, parent: str | None = None) -> WorkerSocket
     The directories it is made in must keep others from renaming it
     away and putting their own in its place (a worker connects to its
     siblings by path): each, up to C{/}, held to the rule of secret
-    files' directories (L{openclaw.settings.check_private_directories}:
+    files' directories (L{openclaw.settings.permissions.check_private_directories}:
     the gateway's user's or root's, written by no one else unless sticky
     as C{/tmp} is).
 

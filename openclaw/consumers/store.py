@@ -1414,7 +1414,7 @@ def private(path: Path, euid: int | None = None) -> None:
     (and without waiting on a FIFO, L{openclaw.files.open_regular_file}),
     and its mode set through that descriptor (C{fchmod}), never by name; a
     file there that belongs to neither the gateway's user nor root is
-    refused, as a secret file is (L{openclaw.settings.check_private_file}):
+    refused, as a secret file is (L{openclaw.settings.permissions.check_private_file}):
     its owner could have put it there, and a database's consumers' keys
     work.
 

@@ -25,7 +25,8 @@ from openclaw.control.closecodes import (
 )
 from openclaw.dataplane.errors import retry_after_seconds
 from openclaw.listeners import HANDSHAKE_HEADROOM
-from openclaw.settings import IPNetwork, Settings
+from openclaw.settings import Settings
+from openclaw.settings.values import IPNetwork
 
 if TYPE_CHECKING:
     # Only types: openclaw.metrics imports this module, and

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from openclaw.control.admission import client_key, normalise
-from openclaw.settings import IPNetwork, Settings
+from openclaw.settings import Settings
+from openclaw.settings.values import IPNetwork
 
 #: Client addresses tracked at most, in each of the failure and lockout
 #: tables; past it the oldest entry is forgotten, so an attacker with many

@@ -368,7 +368,7 @@ class ControlPlane:
         answer (C{length} bytes) is longer than MAX_MESSAGE_BYTES, cut to
         fit it, in bytes: its fields that are not objects or lists (a key,
         a token, a name; at least 1024 bytes fit:
-        L{openclaw.settings.MIN_MESSAGE_BYTES}), with a warning naming
+        L{openclaw.settings.values.MIN_MESSAGE_BYTES}), with a warning naming
         those left out, first; should they not fit, their texts cut too (a
         new key or token never); should even that not fit, only its key or
         token and the warning L{_UNFIT}.  Never nothing.

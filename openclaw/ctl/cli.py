@@ -31,7 +31,7 @@ from openclaw.ctl.request import (
 )
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
 from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file
-from openclaw.settings import open_to_others
+from openclaw.settings.permissions import open_to_others
 
 
 def _positive_seconds(text: str) -> float:

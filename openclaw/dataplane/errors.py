@@ -20,7 +20,7 @@ import orjson
 from twisted.internet.error import ConnectError
 from twisted.python.failure import Failure
 
-from openclaw.settings import MAX_DURATION_SECONDS
+from openclaw.settings.values import MAX_DURATION_SECONDS
 from openclaw.web import status_line
 
 if TYPE_CHECKING:
