@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import attrs
 
+from openclaw.consumers.estimate import token_count
 from openclaw.consumers.prices import Price
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, checked_data_url, not_data_url
@@ -263,6 +264,32 @@ def _not_builtin(where: str, advice: str) -> APIError:
     )
 
 
+def moonshot_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """
+    A Kimi answer's C{usage} as OpenAI's clients read it: Moonshot counts
+    the prompt tokens its context cache served in a top-level
+    C{cached_tokens} (platform.moonshot.ai/docs, context caching; the
+    moonshot-v1 and Kimi K2.5 answers quoted in openclaw/openclaw pull
+    request 25436 carry it, K2.5's with OpenAI's field too, the same
+    count), where OpenAI's is C{prompt_tokens_details.cached_tokens}
+    (U{https://platform.openai.com/docs/api-reference/chat/object}), which
+    the openai SDK reads and Gemini's answers through the gateway carry.
+    That count (a whole number from 0, L{token_count
+    <openclaw.consumers.estimate.token_count>}: C{80.0} is 80) is also
+    given there; Moonshot's own field stays.  A C{prompt_tokens_details}
+    the provider sent is not overwritten: one that is an object without a
+    C{cached_tokens} gets it, one that has it (or is not an object) is
+    left as it is; null is not sent.
+
+    @return: C{usage} itself when nothing is added, else a new object.
+    """
+    cached = token_count(usage.get("cached_tokens"))
+    details = usage.get("prompt_tokens_details")
+    if cached is None or (details is not None and (not isinstance(details, dict) or "cached_tokens" in details)):
+        return usage
+    return {**usage, "prompt_tokens_details": {**(details or {}), "cached_tokens": cached}}
+
+
 def thinks(model: str) -> bool:
     """
     Whether C{model} is one of Kimi's own models (C{kimi-*}), which read
@@ -295,7 +322,9 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: an assistant message with tool calls always has a reasoning_content.
     #: It takes Moonshot's built-in tools beside functions.
     #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES});
-    #: it takes Moonshot's video_url parts and ms:// file URLs.
+    #: it takes Moonshot's video_url parts and ms:// file URLs.  Its usage's
+    #: cached prompt tokens are also given where OpenAI has them
+    #: (L{moonshot_usage}).
     wire: ClassVar[Wire] = ReasoningKeptWire(
         thinks=thinks,
         tool_types=(MoonshotBuiltinTools(),),
@@ -305,6 +334,7 @@ class KimiAdapter(OpenAICompatibleAdapter):
         # A Gemini answer's signature is no use to Kimi's model, and a
         # field Moonshot's API does not document.
         google_extras=False,
+        usage_shape=moonshot_usage,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
@@ -325,4 +355,5 @@ __all__ = [
     "MoonshotBuiltinTools",
     "MoonshotFiles",
     "MoonshotVideo",
+    "moonshot_usage",
 ]

@@ -47,7 +47,8 @@ class OpenAIWire:
     An OpenAI-compatible chat API: the caller's body with the model
     substituted, and the answer passed back as it came, but for four
     normalisations: usage reported inside C{choices[0].usage} (as Moonshot
-    does) is also given where OpenAI puts it, the top-level C{usage}; a
+    does) is also given where OpenAI puts it, the top-level C{usage} (and
+    a provider's own usage fields made OpenAI's, L{usage_shape}); a
     tool call without arguments (Moonshot's C{""}) gets OpenAI's C{"{}"};
     a request that said C{parallel_tool_calls: false} gets a choice's
     first tool call only, whatever the model answered (L{first_call_only}),
@@ -78,6 +79,13 @@ class OpenAIWire:
     #: puts it) is sent, as every field of a message is; off (Kimi's), it
     #: is taken out (L{ChatRequest.without_google_extras}).
     google_extras: bool = attrs.field(default=True, kw_only=True)
+    #: The provider's own usage shape made OpenAI's: given an answer's
+    #: C{usage} object (whole, or a stream's), the object the client gets,
+    #: or the same object when nothing is added; None for a provider whose
+    #: usage is OpenAI's (Kimi's: Moonshot's top-level C{cached_tokens} also
+    #: given as C{prompt_tokens_details.cached_tokens},
+    #: L{moonshot_usage <openclaw.providers.kimi.moonshot_usage>}).
+    usage_shape: Callable[[dict[str, Any]], dict[str, Any]] | None = attrs.field(default=None, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
@@ -119,6 +127,10 @@ class OpenAIWire:
             usage = _choice_usage(choices)
             if usage is not None:
                 changed = {**document, "usage": usage}
+        if isinstance(usage, dict) and self.usage_shape is not None:
+            shaped = self.usage_shape(usage)
+            if shaped is not usage:
+                usage, changed = shaped, {**(changed or document), "usage": shaped}
         if any(map(_calls_tools, choices)):
             if not all(map(_listed_calls, choices)):
                 raise MalformedAnswer('a choice\'s "tool_calls" is not a list')
@@ -136,6 +148,7 @@ class OpenAIWire:
             legacy_functions=chat.legacy_functions,
             asked=choice_count(chat.body),
             one_call=chat.one_call,
+            usage_shape=self.usage_shape,
         )
 
 
@@ -382,7 +395,8 @@ class OpenAIStream:
     put the usage inside the last chunk's C{choices[0].usage} instead
     (higress PR #1568), or beside that chunk's choices (as DeepSeek and
     vLLM do): it is taken from there, and sent to a client that asked as
-    OpenAI's usage chunk, last.  A tool call delta without an C{index}
+    OpenAI's usage chunk, last; wherever it comes, it is given the
+    wire's L{usage_shape} first.  A tool call delta without an C{index}
     is given one (L{_indexed}); with L{one_call}, the pieces of a
     choice's later calls are left out: those of any call but the first
     the choice began (whatever its index: a model may number its calls
@@ -397,6 +411,9 @@ class OpenAIStream:
     legacy_functions: bool = False
     #: The number of choices asked for (C{n}).
     asked: int = 1
+    #: The provider's usage made OpenAI's (L{OpenAIWire.usage_shape}):
+    #: applied to the usage wherever it comes, before it is kept and sent.
+    usage_shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     #: At most one tool call per choice (L{ChatRequest.one_call
     #: <openclaw.dataplane.request.ChatRequest.one_call>}): the pieces of
     #: a choice's later calls are left out (L{first_call_only}).
@@ -454,6 +471,10 @@ class OpenAIStream:
         choices = document.get("choices")
         usage = document.get("usage")
         rewritten = b"\n" in data  # a multi-line event, sent on one line
+        if isinstance(usage, dict) and self.usage_shape is not None:
+            shaped = self.usage_shape(usage)
+            if shaped is not usage:
+                usage, document, rewritten = shaped, {**document, "usage": shaped}, True
         if type(choices) is list:
             for choice in choices:
                 if type(choice) is not dict or type(choice.get("delta", {})) is not dict:
@@ -494,7 +515,7 @@ class OpenAIStream:
             first = dict(choices[0])
             usage = first.pop("usage")
             if isinstance(usage, dict):
-                self.usage = usage
+                self.usage = usage if self.usage_shape is None else self.usage_shape(usage)
                 self._head = {name: document[name] for name in ("id", "created", "model") if name in document}
             choices = [first, *choices[1:]]
             document, rewritten = {**document, "choices": choices}, True
