@@ -498,7 +498,7 @@ class RequestTests(SynchronousTestCase):
             "logprobs": ([True, False], [0, "true"]),
             "top_logprobs": ([0, 20], [21, -1, 1.5, True]),
             "seed": ([0, -5, 123456789], [1.5, "1", True]),
-            "reasoning_effort": (["low", "medium", "high"], ["max", 3, ""]),
+            "reasoning_effort": (["low", "medium", "high", "xhigh", "max"], ["maximum", 3, ""]),
             "response_format": ([{"type": "text"}, {"type": "json_object"}], [{"type": "xml"}, "json", 1]),
         }
         # What a field needs alongside it (OpenAI's rule).

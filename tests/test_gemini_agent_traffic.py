@@ -72,6 +72,8 @@ class ThinkingLevelTests(SynchronousTestCase):
         efforts = ("none", "minimal", "low", "medium", "high", "xhigh")
         for model, levels in expected.items():
             self.assertEqual(tuple(self.level(effort, model) for effort in efforts), levels, model)
+            # OpenAI's "max" (the openai SDK's ReasoningEffort): the highest, as xhigh.
+            self.assertEqual(self.level("max", model), "high", model)
 
     def test_xhigh(self) -> None:
         self.assertEqual(
@@ -82,10 +84,28 @@ class ThinkingLevelTests(SynchronousTestCase):
         )
         config = gemini.generation_config(chat(reasoning_effort="xhigh"), "gemini-2.5-flash")
         self.assertEqual(config["thinkingConfig"], {"thinkingBudget": 24576, "includeThoughts": True})
-        # OpenAI's other new value stays refused, with the list that is accepted.
+        # A value OpenAI does not have stays refused, with the list that is accepted.
         with self.assertRaises(APIError) as caught:
-            chat(reasoning_effort="max")
+            chat(reasoning_effort="maximum")
         self.assertIn("xhigh", str(caught.exception.message))
+        self.assertIn("none, minimal, low, medium, high, xhigh, max", str(caught.exception.message))
+
+    def test_max(self) -> None:
+        """
+        OpenAI's C{"max"} (a value of the openai SDK's C{ReasoningEffort},
+        3.57) is taken (it was refused, "must be one of none, minimal,
+        low, medium, high, xhigh": trial s33), and Gemini gets the highest
+        thinking, as for C{"xhigh"}: the largest budget, or C{"high"}.
+        """
+        body = parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"}').body
+        self.assertEqual(body["reasoning_effort"], "max")
+        for model, thinking in (
+            ("gemini-2.5-flash", {"thinkingBudget": 24576, "includeThoughts": True}),
+            ("gemini-2.5-pro", {"thinkingBudget": 24576, "includeThoughts": True}),
+            ("gemini-3-pro-preview", {"thinkingLevel": "high", "includeThoughts": True}),
+            ("gemini-flash-latest", {"thinkingLevel": "high", "includeThoughts": True}),
+        ):
+            self.assertEqual(gemini.generation_config(body, model)["thinkingConfig"], thinking, model)
 
 
 class ThinkingLevelGatewayTests(DataPlaneTestCase):
@@ -113,6 +133,30 @@ class ThinkingLevelGatewayTests(DataPlaneTestCase):
             client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=QUESTION, reasoning_effort="xhigh"
         )
         self.assertEqual(self.upstream.kimi.last_body["reasoning_effort"], "xhigh")
+
+    @inlineCallbacks
+    def test_max_through_the_gateway(self):
+        """
+        C{reasoning_effort="max"} from the openai SDK: Kimi gets it as
+        sent, Gemini the highest thinking; whole and streamed.
+        """
+        client = self.sdk(self.gateway())
+
+        def call(model: str, stream: bool) -> list[Any]:
+            if not stream:
+                completion = client.chat.completions.create(model=model, messages=QUESTION, reasoning_effort="max")
+                return [choice.finish_reason for choice in completion.choices]
+            chunks = client.chat.completions.create(model=model, messages=QUESTION, reasoning_effort="max", stream=True)
+            return [choice.finish_reason for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+
+        for stream in (False, True):
+            finishes = yield deferToThread(call, "kimi/moonshot-v1-8k", stream)
+            self.assertEqual(finishes, ["stop"])
+            self.assertEqual(self.upstream.kimi.last_body["reasoning_effort"], "max")
+            finishes = yield deferToThread(call, "gemini/gemini-2.5-flash", stream)
+            self.assertEqual(finishes, ["stop"])
+            thinking = self.upstream.gemini.last_body["generationConfig"]["thinkingConfig"]
+            self.assertEqual(thinking, {"thinkingBudget": 24576, "includeThoughts": True})
 
 
 class ThoughtSummaryTests(DataPlaneTestCase):

@@ -377,7 +377,7 @@ class RefusedTests(SynchronousTestCase):
         for model in ("gemini-2.5-pro", "models/gemini-2.5-pro", "gemini-2.5-pro-preview-06-05"):
             error = refused(chat(reasoning_effort="none"), model)
             self.assertEqual(error.param, "reasoning_effort")
-            self.assertIn("minimal, low, medium, high, xhigh", error.message)
+            self.assertIn("minimal, low, medium, high, xhigh, max", error.message)
             self.assertIn(model.removeprefix("models/"), error.message)
             config = gemini.to_gemini(chat(reasoning_effort="minimal"), model)["generationConfig"]
             self.assertEqual(config["thinkingConfig"]["thinkingBudget"], 1024)

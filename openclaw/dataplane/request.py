@@ -59,9 +59,13 @@ NOT_CARRIED = MappingProxyType({role: tuple(f for f, owner in ROLE_FIELDS.items(
 #: Any of them, or a C{name}: a user or system message of text holding
 #: none needs no check of its fields.
 CHECKED_FIELD_NAMES = frozenset({*ROLE_FIELDS, "name"})
-#: OpenAI's values, "xhigh" its newest
-#: (U{https://platform.openai.com/docs/api-reference/chat/create}).
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+#: OpenAI's values, "xhigh" and "max" its newest
+#: (U{https://platform.openai.com/docs/api-reference/chat/create}; the
+#: openai SDK's C{ReasoningEffort}, 3.57: none, minimal, low, medium, high,
+#: xhigh, max), least effort first.  Kimi gets the value as sent (Moonshot's
+#: Kimi K3 models take low, high and max, by third-party reports); Gemini's
+#: translation maps each.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 #: The modes of an C{allowed_tools} tool choice (OpenAI's).
 ALLOWED_TOOLS_MODES = frozenset({"auto", "required"})
 #: What C{tool_choice} may be, for the 400 that refuses another value.

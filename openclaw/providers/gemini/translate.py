@@ -129,13 +129,15 @@ _GENERATION_FIELDS = (
 #: C{reasoning_effort} for Gemini 2.x: C{thinkingBudget} in tokens, Google's
 #: own mapping in its OpenAI compatibility layer
 #: (U{https://ai.google.dev/gemini-api/docs/openai}); 0 turns thinking off.
-#: OpenAI's "xhigh" gets the "high" budget, the largest of that mapping.
+#: OpenAI's "xhigh" and "max" get the "high" budget, the largest of that
+#: mapping (and the most Gemini 2.5 Flash takes).
 THINKING_BUDGETS = MappingProxyType(
-    {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576}
+    {"none": 0, "minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 24576, "max": 24576}
 )
 #: C{reasoning_effort} for Gemini 3 and later: the C{thinkingLevel} asked
 #: for (U{https://ai.google.dev/gemini-api/docs/thinking}); thinking cannot
-#: be turned off there, and "minimal" is the closest to none.  A model that
+#: be turned off there, and "minimal" is the closest to none; "high" is the
+#: most there is, for OpenAI's "xhigh" and "max" too.  A model that
 #: lacks the level gets the next one up (L{thinking_level}).
 THINKING_LEVELS = MappingProxyType(
     {
@@ -145,6 +147,7 @@ THINKING_LEVELS = MappingProxyType(
         "medium": "medium",
         "high": "high",
         "xhigh": "high",
+        "max": "high",
     }
 )
 #: Gemini 3's thinking levels, least thinking first.
