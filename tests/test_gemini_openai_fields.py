@@ -310,6 +310,18 @@ class RefusedTests(SynchronousTestCase):
         # Text only, and the harmless fields, still go.
         gemini.to_gemini(chat(modalities=["text"], audio=None, store=True, metadata={"a": "b"}, user="u"))
 
+    def test_moderation(self) -> None:
+        """
+        OpenAI's C{moderation} (its block mode changes the answer): Gemini
+        runs none, so a 400 naming it saying what to do, never dropped
+        (trial s33); null goes.
+        """
+        for policy in ({"input": {"mode": "block"}}, {"output": {"mode": "score"}}, None):
+            error = refused(chat(moderation={"model": "omni-moderation-latest", "policy": policy}))
+            self.assertEqual(error.param, "moderation")
+            self.assertIn("remove moderation", error.message)
+        gemini.to_gemini(chat(moderation=None))
+
     def test_web_search_and_token_bias(self) -> None:
         """
         A web search (C{web_search_options}, even empty: OpenAI's own way
@@ -1012,6 +1024,7 @@ class GatewayTests(DataPlaneTestCase):
             ({"reasoning_effort": "none", "model": "gemini/gemini-2.5-pro"}, "reasoning_effort"),
             ({"web_search_options": {}}, "web_search_options"),
             ({"logit_bias": {"50256": -100}}, "logit_bias"),
+            ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
             ({"messages": [{"role": "system", "content": "s"}, *call_turn()], "tools": TOOLS}, "messages[1]"),
         ):
             kwargs = {"model": "gpt-4o", "messages": QUESTION, **extra}

@@ -456,3 +456,73 @@ class OpenAIFieldTypeTests(DataPlaneTestCase):
             gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "logit_bias": {"0": 0, "10": 0}}
         )
         self.assertEqual(response.code, 200, text)
+
+
+#: OpenAI's C{moderation}, as the openai SDK's C{Moderation} types it.
+MODERATION = {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}, "output": {"mode": "block"}}}
+
+
+class ModerationTests(DataPlaneTestCase):
+    """
+    OpenAI's C{moderation} (its block mode changes the answer): of OpenAI's
+    shape on either provider, a 400 naming the field before either sees
+    the call (C{"on"} was taken); Kimi gets it as sent; Gemini, which runs
+    no moderation, refuses it with a 400 saying what to do, as README's
+    rule has it for the fields that would change what the answer is (it
+    was dropped: trial s33).
+    """
+
+    @inlineCallbacks
+    def test_shape(self):
+        gateway = self.gateway()
+        for value, param, words in (
+            ("on", "moderation", "moderation must be an object"),
+            (True, "moderation", "moderation must be an object"),
+            ({}, "moderation.model", "moderation.model must be the moderation model's name"),
+            ({"model": 1}, "moderation.model", "a string"),
+            ({"model": "m", "policy": "block"}, "moderation.policy", "moderation.policy must be an object"),
+            ({"model": "m", "policy": {"input": "block"}}, "moderation.policy.input", '"score" or "block"'),
+            ({"model": "m", "policy": {"output": {"mode": "warn"}}}, "moderation.policy.output", "whose mode is"),
+            ({"model": "m", "policy": {"input": {}}}, "moderation.policy.input", "whose mode is"),
+        ):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                response, text = yield self.post(gateway, {"model": model, "messages": HELLO, "moderation": value})
+                self.assertEqual(response.code, 400, (value, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], param, value)
+                self.assertIn(words, error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_kimi_gets_it_gemini_refuses_it(self):
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        for stream in (False, True):
+            for sent in (MODERATION, {"model": "omni-moderation-latest"}, {**MODERATION, "policy": None}):
+                answer = yield deferToThread(
+                    sdk.chat.completions.create,
+                    model="kimi/moonshot-v1-8k",
+                    messages=HELLO,
+                    moderation=sent,
+                    stream=stream,
+                )
+                if stream:
+                    yield deferToThread(list, answer)
+                self.assertEqual(self.upstream.kimi.last_body["moderation"], sent)
+            with self.assertRaises(openai.BadRequestError) as caught:
+                yield deferToThread(
+                    sdk.chat.completions.create,
+                    model="gemini/gemini-flash-latest",
+                    messages=HELLO,
+                    moderation=MODERATION,
+                    stream=stream,
+                )
+            self.assertEqual(caught.exception.param, "moderation")
+            self.assertIn("which Gemini does not run", caught.exception.message)
+            self.assertIn("remove moderation", caught.exception.message)
+        self.assertEqual(self.upstream.gemini.requests, 0)
+        # Null is not set: Gemini answers.
+        response, text = yield self.post(
+            gateway, {"model": "gemini/gemini-flash-latest", "messages": HELLO, "moderation": None}
+        )
+        self.assertEqual(response.code, 200, text)

@@ -831,6 +831,52 @@ def _metadata(name: str, value: Any) -> None:
             )
 
 
+#: OpenAI's C{moderation}, as a 400 for another shape shows it (the
+#: openai SDK's C{completion_create_params.Moderation}, 3.57: C{model}
+#: required, C{policy} optional, each of its C{input} and C{output} a
+#: C{mode} of L{MODERATION_MODES}).
+MODERATION_SHAPE = (
+    '{"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}, "output": {"mode": "score"}}}'
+)
+#: What a moderation policy's C{mode} may be (OpenAI's).
+MODERATION_MODES = ("score", "block")
+
+
+def _moderation(name: str, value: Any) -> None:
+    """
+    OpenAI's C{moderation} (L{MODERATION_SHAPE}): an object whose C{model}
+    is a string, and whose C{policy}, if set, is an object whose C{input}
+    and C{output}, if set, are objects of a C{mode} of
+    L{MODERATION_MODES}; null is not set at any level.  Fields OpenAI may
+    add are not judged.
+
+    @raise APIError: 400 naming the field that is not of that shape.
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad_request(f"{name} must be an object: {MODERATION_SHAPE}, or null", param=name)
+    if not isinstance(value.get("model"), str):
+        raise bad_request(
+            f"{name}.model must be the moderation model's name, a string (such as omni-moderation-latest): "
+            f"{MODERATION_SHAPE}",
+            param=f"{name}.model",
+        )
+    policy = value.get("policy")
+    if policy is None:
+        return
+    if not isinstance(policy, dict):
+        raise bad_request(f"{name}.policy must be an object: {MODERATION_SHAPE}", param=f"{name}.policy")
+    modes = " or ".join(f'"{mode}"' for mode in MODERATION_MODES)
+    for side in ("input", "output"):
+        at = f"{name}.policy.{side}"
+        rule = policy.get(side)
+        if rule is None:
+            continue
+        if not isinstance(rule, dict) or rule.get("mode") not in MODERATION_MODES:
+            raise bad_request(f'{at} must be an object whose mode is {modes}: {{"mode": "block"}}', param=at)
+
+
 def _logit_bias(name: str, value: Any) -> None:
     """
     OpenAI's C{logit_bias}: an object mapping token ids (L{TOKEN_ID}) to
@@ -897,6 +943,7 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "logit_bias": _logit_bias,
         "prediction": _object('{"type": "content", "content": ...}, the text the answer is expected to be close to'),
         "web_search_options": _object('{"search_context_size": ..., "user_location": ...}, or {}'),
+        "moderation": _moderation,
     }
 )
 

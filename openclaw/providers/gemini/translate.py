@@ -695,7 +695,9 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
     "audio", an C{audio} object); a web search (C{web_search_options}, even
     C{{}}: OpenAI's guide, U{https://platform.openai.com/docs/guides/tools-web-search?api-mode=chat},
     asks for a search with it; the gateway sends no C{googleSearch} tool,
-    so the answer would come ungrounded, without a word); a C{logit_bias}
+    so the answer would come ungrounded, without a word); OpenAI's
+    C{moderation} (its block mode changes the answer to a flagged request;
+    Gemini runs no such check, and the gateway none of its own); a C{logit_bias}
     that biases some token (Gemini's C{GenerationConfig},
     U{https://ai.google.dev/api/generate-content#generationconfig}, has no
     token bias: a ban would not be applied; an empty one, which SDKs and
@@ -737,6 +739,15 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
             "web_search_options, or give the model a search function of your own in tools (or, on a kimi model, "
             "Moonshot's $web_search built-in tool)",
             param="web_search_options",
+        )
+    if body.get("moderation") is not None:
+        # Checked before (openclaw.dataplane.request): OpenAI's shape.
+        raise bad_request(
+            "moderation asks for OpenAI's moderation of the request and the answer (its block mode changes the "
+            "answer to a flagged one), which Gemini does not run: the answer would come unmoderated, and nothing "
+            "would say so; remove moderation, and moderate the text yourself before and after the call (with "
+            "a moderation model of your own)",
+            param="moderation",
         )
     # Checked before (openclaw.dataplane.request): an object of numbers.
     if any(bias != 0 for bias in (body.get("logit_bias") or {}).values()):
