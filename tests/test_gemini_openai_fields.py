@@ -942,10 +942,62 @@ class IsolateRefSiblingsTests(SynchronousTestCase):
         self.assertIs(gemini.isolate_ref_siblings(plain), plain)
 
 
+class SchemaDescriptionTests(SynchronousTestCase):
+    """
+    A C{json_schema} C{response_format}'s C{description} reaches Gemini as
+    the schema's top-level C{description} (it was dropped: trial s33).
+    """
+
+    def test_given_to_the_schema(self) -> None:
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        spec = {"name": "thing", "description": "A thing to extract", "schema": schema}
+        config = gemini.generation_config(chat(response_format={"type": "json_schema", "json_schema": spec}))
+        self.assertEqual(config["responseJsonSchema"], {**schema, "description": "A thing to extract"})
+        self.assertNotIn("description", schema)
+
+    def test_schema_s_own_kept(self) -> None:
+        schema = {"type": "object", "description": "Its own"}
+        for description in ("Another", "", None, 5):
+            spec = {"name": "thing", "description": description, "schema": schema}
+            config = gemini.generation_config(chat(response_format={"type": "json_schema", "json_schema": spec}))
+            self.assertEqual(config["responseJsonSchema"], schema, description)
+        # No description, or an empty one: nothing added.
+        for spec in ({"name": "t", "schema": {"type": "object"}}, {"name": "t", "description": "", "schema": {}}):
+            config = gemini.generation_config(chat(response_format={"type": "json_schema", "json_schema": spec}))
+            self.assertNotIn("description", config.get("responseJsonSchema", {}))
+
+
 class GatewayTests(DataPlaneTestCase):
     """
     Through the gateway with the openai SDK, against the stand-in Gemini.
     """
+
+    @inlineCallbacks
+    def test_schema_description(self):
+        """
+        Gemini gets C{json_schema.description} in its schema, whole and
+        streamed; Kimi gets the format as sent.
+        """
+        client = self.sdk(self.gateway())
+        schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "thing", "description": "A thing to extract", "schema": schema},
+        }
+        for stream in (False, True):
+            answer = yield deferToThread(ask, client, QUESTION, stream, response_format=response_format)
+            self.assertEqual(json.loads(answer["content"]), {"a": "Hello from the stand-in."})
+            self.assertEqual(
+                self.upstream.gemini.last_body["generationConfig"]["responseJsonSchema"],
+                {**schema, "description": "A thing to extract"},
+            )
+        yield deferToThread(
+            client.chat.completions.create,
+            model="kimi/moonshot-v1-8k",
+            messages=QUESTION,
+            response_format=response_format,
+        )
+        self.assertEqual(self.upstream.kimi.last_body["response_format"], response_format)
 
     @inlineCallbacks
     def test_max_tokens_with_null(self):

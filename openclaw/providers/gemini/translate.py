@@ -865,11 +865,29 @@ def generation_config(body: dict[str, Any], model: str = "", references: bool = 
         spec = response_format.get("json_schema") if kind == "json_schema" else None
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema:
-            config["responseJsonSchema"] = isolate_ref_siblings(schema) if references else schema
+            schema = isolate_ref_siblings(schema) if references else schema
+            config["responseJsonSchema"] = described_schema(schema, spec)
     effort = body.get("reasoning_effort")
     if effort is not None:
         config["thinkingConfig"] = thinking_config(effort, model)
     return config
+
+
+def described_schema(schema: Any, spec: Any) -> Any:
+    """
+    A C{json_schema} C{response_format}'s C{schema} with the format's
+    C{description} (OpenAI's: what the answer is for, which the model reads
+    to answer in it) as its top-level C{description}, the keyword Gemini's
+    C{responseJsonSchema} takes for it (Google's structured output guide,
+    U{https://ai.google.dev/gemini-api/docs/structured-output}); Gemini's
+    C{generationConfig} has no other place for it.  A schema that has a
+    C{description} of its own keeps it; the caller's schema is not changed
+    (a copy is sent).
+    """
+    description = spec.get("description") if isinstance(spec, dict) else None
+    if not (isinstance(description, str) and description) or not isinstance(schema, dict) or "description" in schema:
+        return schema
+    return {**schema, "description": description}
 
 
 def thinking_config(effort: str, model: str) -> dict[str, Any]:
