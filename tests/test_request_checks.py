@@ -526,3 +526,51 @@ class ModerationTests(DataPlaneTestCase):
             gateway, {"model": "gemini/gemini-flash-latest", "messages": HELLO, "moderation": None}
         )
         self.assertEqual(response.code, 200, text)
+
+
+class AudioAnswerTests(DataPlaneTestCase):
+    """
+    An assistant message that refers to an earlier audio answer
+    (OpenAI's C{"audio": {"id": ...}} with a null content, as the openai
+    SDK writes an audio answer back): a 400 naming C{audio} saying it
+    cannot be sent back through the gateway and what to do, on either
+    provider, before either sees the call (it was "messages[1].content is
+    required": trial s33).
+    """
+
+    @inlineCallbacks
+    def test_refused_saying_what_to_do(self):
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        for message in (
+            {"role": "assistant", "content": None, "audio": {"id": "audio_abc"}},
+            {"role": "assistant", "audio": {"id": "audio_abc"}},
+        ):
+            messages = [HELLO[0], message, {"role": "user", "content": "And?"}]
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                with self.assertRaises(openai.BadRequestError) as caught:
+                    yield deferToThread(sdk.chat.completions.create, model=model, messages=messages)
+                self.assertEqual(caught.exception.param, "messages[1].audio")
+                self.assertIn("earlier audio answer", caught.exception.message)
+                self.assertIn("neither of its providers answers with audio", caught.exception.message)
+                self.assertIn("transcript", caught.exception.message)
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+        # With its transcript as content, it goes; null audio is not set.
+        for audio in ({"id": "audio_abc"}, None):
+            message = {"role": "assistant", "content": "Hello.", "audio": audio}
+            yield deferToThread(
+                sdk.chat.completions.create,
+                model="gemini/gemini-flash-latest",
+                messages=[HELLO[0], message, {"role": "user", "content": "And?"}],
+            )
+            self.assertEqual(self.upstream.gemini.last_body["contents"][1]["parts"], [{"text": "Hello."}])
+        # Null content and null audio: content is required, as before.
+        response, text = yield self.post(
+            gateway,
+            {
+                "model": "kimi/moonshot-v1-8k",
+                "messages": [HELLO[0], {"role": "assistant", "content": None, "audio": None}],
+            },
+        )
+        self.assertEqual(response.code, 400, text)
+        self.assertEqual(self.assertOpenAIError(text)["param"], "messages[1].content")

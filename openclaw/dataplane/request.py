@@ -1277,7 +1277,9 @@ def _check_assistant_message(message: dict[str, Any], where: str, history: _Hist
     parts; null or left out when it carries tool calls or a refusal),
     C{refusal} (a string) and C{tool_calls}
     (L{_check_assistant_tool_calls}), and Moonshot's C{reasoning_content}
-    (text, as its answers give it back).
+    (text, as its answers give it back).  OpenAI's C{audio} (C{{"id": ...}},
+    an earlier audio answer kept by OpenAI) in place of content is refused,
+    saying to send the answer's transcript as content.
 
     @return: whether it holds anything (text, a refusal or tool calls).
     @raise APIError: 400 naming the field.
@@ -1304,6 +1306,16 @@ def _check_assistant_message(message: dict[str, Any], where: str, history: _Hist
     # carries tool calls or a refusal.
     if (content is None or content is ...) and (tool_calls or refusal is not None):
         return anything
+    if (content is None or content is ...) and message.get("audio") is not None:
+        # OpenAI's reference to an earlier audio answer ({"id": ...}), with
+        # no content: its words are in OpenAI's keeping, which neither
+        # provider can read (nor did either answer it: no audio output).
+        raise bad_request(
+            f"{where}.audio refers to an earlier audio answer (OpenAI keeps its audio by id), which cannot be "
+            "sent back through the gateway: neither of its providers answers with audio or reads such an id; "
+            "send that answer's transcript (its audio.transcript) as this message's content, without audio",
+            param=f"{where}.audio",
+        )
     return _check_content(content, f"{where}.content", ASSISTANT_PARTS) or anything
 
 
