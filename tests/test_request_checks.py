@@ -574,3 +574,50 @@ class AudioAnswerTests(DataPlaneTestCase):
         )
         self.assertEqual(response.code, 400, text)
         self.assertEqual(self.assertOpenAIError(text)["param"], "messages[1].content")
+
+
+class ModalitiesAndVerbosityTests(DataPlaneTestCase):
+    """
+    C{modalities} lists OpenAI's output types (text, audio), C{verbosity}
+    is one of low, medium, high: another value is a 400 naming the field
+    and the values it takes, on either provider, before either sees the
+    call (both were answered 200: trial s33).  Null is not set.
+    """
+
+    @inlineCallbacks
+    def test_refused(self):
+        gateway = self.gateway()
+        for name, value, words in (
+            ("modalities", ["image"], "each one of text, audio"),
+            ("modalities", ["text", "video"], "each one of text, audio"),
+            ("modalities", "text", "modalities must be a list"),
+            ("modalities", [1], "each one of text, audio"),
+            ("verbosity", "extreme", "verbosity must be one of low, medium, high"),
+            ("verbosity", "LOW", "verbosity must be one of low, medium, high"),
+            ("verbosity", 2, "verbosity must be one of low, medium, high"),
+        ):
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                response, text = yield self.post(gateway, {"model": model, "messages": HELLO, name: value})
+                self.assertEqual(response.code, 400, (name, value, text))
+                error = self.assertOpenAIError(text)
+                self.assertEqual(error["param"], name, (name, value))
+                self.assertIn(words, error["message"])
+        self.assertEqual(self.upstream.gemini.requests + self.upstream.kimi.requests, 0)
+
+    @inlineCallbacks
+    def test_taken(self):
+        sdk = self.sdk(self.gateway())
+        for fields in (
+            {"modalities": ["text"], "verbosity": "low"},
+            {"modalities": ["text", "audio"], "verbosity": "high"},
+            {"modalities": None, "verbosity": None},
+        ):
+            yield deferToThread(sdk.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO, **fields)
+            self.assertEqual({name: self.upstream.kimi.last_body[name] for name in fields}, fields)
+        yield deferToThread(
+            sdk.chat.completions.create,
+            model="gemini/gemini-flash-latest",
+            messages=HELLO,
+            modalities=["text"],
+            verbosity="medium",
+        )

@@ -66,6 +66,11 @@ CHECKED_FIELD_NAMES = frozenset({*ROLE_FIELDS, "name"})
 #: Kimi K3 models take low, high and max, by third-party reports); Gemini's
 #: translation maps each.
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+#: What C{modalities} may list, and what C{verbosity} may be (OpenAI's,
+#: U{https://platform.openai.com/docs/api-reference/chat/create}; the
+#: openai SDK's C{completion_create_params}, 3.57).
+MODALITIES = ("text", "audio")
+VERBOSITIES = ("low", "medium", "high")
 #: The modes of an C{allowed_tools} tool choice (OpenAI's).
 ALLOWED_TOOLS_MODES = frozenset({"auto", "required"})
 #: What C{tool_choice} may be, for the 400 that refuses another value.
@@ -778,6 +783,34 @@ def _reasoning_effort(name: str, value: Any) -> None:
         raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param=name)
 
 
+def _one_of(values: tuple[str, ...]) -> Callable[[str, Any], None]:
+    """
+    The check of a field that is one of C{values} (C{verbosity}).
+    """
+
+    def check(name: str, value: Any) -> None:
+        if value is not None and (not isinstance(value, str) or value not in values):
+            raise bad_request(f"{name} must be one of {', '.join(values)}", param=name)
+
+    return check
+
+
+def _modalities(name: str, value: Any) -> None:
+    """
+    OpenAI's C{modalities}: a list of L{MODALITIES} (whether the audio
+    output it asks for is taken is the provider's to say: Gemini's
+    translation refuses it).
+    """
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(item, str) and item in MODALITIES for item in value):
+        raise bad_request(
+            f"{name} must be a list of the output types asked for, each one of {', '.join(MODALITIES)} "
+            '(OpenAI\'s), such as ["text"]',
+            param=name,
+        )
+
+
 def _string(name: str, value: Any) -> None:
     """
     A string field (C{user}, C{service_tier}).
@@ -944,6 +977,8 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "prediction": _object('{"type": "content", "content": ...}, the text the answer is expected to be close to'),
         "web_search_options": _object('{"search_context_size": ..., "user_location": ...}, or {}'),
         "moderation": _moderation,
+        "modalities": _modalities,
+        "verbosity": _one_of(VERBOSITIES),
     }
 )
 
