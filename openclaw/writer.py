@@ -91,7 +91,6 @@ class FileWriter(Service):
         self._pending: list[InFlight[Any]] = []
         #: L{stopService} was called: no job is taken any more.
         self._closed = False
-        self._pool_started = False
 
     @property
     def pending(self) -> int:
@@ -107,8 +106,7 @@ class FileWriter(Service):
         Reactor thread.
         """
         super().startService()
-        if not self._pool_started and not self._closed:
-            self._pool_started = True
+        if not self._pool.started and not self._closed:
             self._pool.start()
 
     def run(self, job: Callable[[], T], dropped: Callable[[Failure], object] | None = None) -> Deferred[T]:
@@ -173,8 +171,7 @@ class FileWriter(Service):
             self._log.info("waiting for {count} file write(s) to finish before stopping", count=len(waiting))
 
         def stopped(_: object) -> None:
-            if self._pool_started:
-                self._pool_started = False
+            if self._pool.started:
                 self._pool.stop()
 
         # Each job's caller has a Deferred of its own (InFlight): this

@@ -22,11 +22,13 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from openclaw.dataplane.offload import OFFLOAD_BYTES, BodyWorkers
 from tests.support import free_port, spawn_gateway, within
@@ -499,6 +501,37 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(errors, [])
 
 
+@implementer(IReactorCore, IReactorFromThreads)
+class TriggerReactor:
+    """
+    The real reactor's C{callFromThread}, and system event triggers of its
+    own: only C{("during", "shutdown")} ones, kept in L{during_shutdown}
+    by handle, which L{shut_down} runs as Twisted does (each taken out of
+    the list before it runs: removing it then is a C{ValueError}).
+    """
+
+    def __init__(self) -> None:
+        self.during_shutdown: dict[object, Callable[[], object]] = {}
+
+    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        reactor.callFromThread(f, *args, **kwargs)
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Callable[[], object]) -> object:
+        assert (phase, event) == ("during", "shutdown")
+        handle = object()
+        self.during_shutdown[handle] = f
+        return handle
+
+    def removeSystemEventTrigger(self, handle: object) -> None:
+        if handle not in self.during_shutdown:
+            raise ValueError("no such trigger")
+        del self.during_shutdown[handle]
+
+    def shut_down(self) -> None:
+        while self.during_shutdown:
+            self.during_shutdown.pop(next(iter(self.during_shutdown)))()
+
+
 class BodyWorkersTests(TestCase):
     """
     The pool's bound: more bodies than threads wait their turn.
@@ -525,6 +558,28 @@ class BodyWorkersTests(TestCase):
         self.assertEqual(most[0], workers.size)
         # As at the reactor's shutdown; once more does nothing.
         workers.stop()
+        workers.stop()
+
+    @inlineCallbacks
+    def test_shutdown_trigger_taken_back(self):
+        """
+        Each start of the pool adds the shutdown trigger that stops it, and
+        each stop takes it back (s33: every restart added one more, none
+        removed); at the reactor's shutdown the trigger stops the pool
+        (without removing itself, which the reactor refuses as it runs it).
+        """
+        triggers = TriggerReactor()
+        workers = BodyWorkers(triggers)
+        for _ in range(3):
+            result = yield workers.run(lambda: 1)
+            self.assertEqual(result, 1)
+            self.assertEqual(len(triggers.during_shutdown), 1)
+            workers.stop()
+            self.assertEqual(triggers.during_shutdown, {})
+        yield workers.run(lambda: 2)
+        triggers.shut_down()
+        self.assertEqual(triggers.during_shutdown, {})
+        # Stopped: once more does nothing (no trigger left to remove).
         workers.stop()
 
     def test_no_threads_without_a_threaded_reactor(self):

@@ -71,7 +71,10 @@ class BodyWorkers:
     threads finish the work they have, then end) at the reactor's shutdown
     (C{"during", "shutdown"}), as Twisted's own pool does; its threads are
     daemon threads (as the consumers' database pool's), so that a process
-    whose reactor never shuts down still exits.
+    whose reactor never shuts down still exits.  Each start adds that
+    shutdown trigger, and each L{stop} takes it back (as adbapi's
+    C{ConnectionPool} its C{shutdownID}): a pool started and stopped
+    again and again leaves the reactor one trigger at most.
 
     Built on the reactor's thread, and used only from there: L{run} is
     called in the reactor's thread, and its Deferred fires there.
@@ -84,6 +87,9 @@ class BodyWorkers:
     above: float = OFFLOAD_BYTES
     size: int = OFFLOAD_THREADS
     _pool: ThreadPool | None = attrs.field(default=None, init=False, repr=False)
+    #: The handle of the shutdown trigger that stops the pool
+    #: (C{addSystemEventTrigger}'s), while the pool runs.
+    _shutdown_trigger: object = attrs.field(default=None, init=False, repr=False)
 
     @classmethod
     def of(cls, reactor: object) -> BodyWorkers:
@@ -113,16 +119,28 @@ class BodyWorkers:
         if pool is None:
             pool = self._pool = DaemonThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
             pool.start()
-            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+            self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
         return deferToThreadPool(reactor, pool, work)
 
     def stop(self) -> None:
         """
         Stop the pool, if it runs: its threads finish the work they have
-        (this waits for them), then end.  Once stopped, it starts again
-        at the next L{run}.  Run at the reactor's shutdown
-        (C{"during", "shutdown"}), in its thread.
+        (this waits for them), then end; its shutdown trigger is removed.
+        Once stopped, it starts again at the next L{run}.  Reactor thread.
         """
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None and self.reactor is not None:
+            self.reactor.removeSystemEventTrigger(trigger)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """
+        Stop the pool, if it runs (L{stop}'s work): the reactor's shutdown
+        trigger (C{"during", "shutdown"}), which the reactor has taken out
+        of its list as it runs it (removing it again would fail: the
+        C{ValueError} of C{removeSystemEventTrigger}).  Reactor thread.
+        """
+        self._shutdown_trigger = None
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.stop()
