@@ -22,10 +22,11 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from openclaw.deferreds import InFlight, shielded
 from openclaw.files import write_atomically
-from openclaw.threads import DaemonThreadPool
+from openclaw.threads import DaemonThread
 
 T = TypeVar("T")
 
@@ -60,7 +61,7 @@ class FileWriter(Service):
     wait for exactly these writes (L{stopService}) before the token file
     is removed.  The pool's thread is started with the service (after
     twistd's fork), not when it is built, and is a daemon thread
-    (L{DaemonThreadPool}): the stop waits for the writes, the interpreter
+    (L{DaemonThread}): the stop waits for the writes, the interpreter
     need not (a writer never stopped kept the process from exiting).
 
     A job asked before L{startService} waits in the pool's queue until it
@@ -86,7 +87,8 @@ class FileWriter(Service):
         """
         self._reactor = reactor
         self.write_file = write_file
-        self._pool = DaemonThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
+        self._pool = ThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
+        self._pool.threadFactory = DaemonThread
         #: The jobs asked and not finished, in the order asked.
         self._pending: list[InFlight[Any]] = []
         #: L{stopService} was called: no job is taken any more.

@@ -556,6 +556,9 @@ class BodyWorkersTests(TestCase):
         results = yield gatherResults([workers.run(work) for _ in range(8)])
         self.assertEqual(results, [1] * 8)
         self.assertEqual(most[0], workers.size)
+        # Never threads that keep the process from exiting.
+        daemon = yield workers.run(lambda: threading.current_thread().daemon)
+        self.assertTrue(daemon)
         # As at the reactor's shutdown; once more does nothing.
         workers.stop()
         workers.stop()

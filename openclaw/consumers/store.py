@@ -536,8 +536,10 @@ class ConsumerStore:
     Every method returns a Deferred; none blocks the reactor.
 
     @param pool: the pool of connections (made already: its threads start
-        once the reactor runs), or what makes it, called by L{start}
-        (nothing is started before: L{ConsumerStore.open}'s C{start}).
+        once the reactor runs, made as its maker chose), or what makes it,
+        called by L{start} (nothing is started before:
+        L{ConsumerStore.open}'s C{start}, whose pools' threads are daemon
+        threads: L{_DaemonPool}).
     @param bounds: how long a consumer command may take.
     """
 
@@ -551,7 +553,7 @@ class ConsumerStore:
         self._pool: adbapi.ConnectionPool | None = None
         self._make_pool: Callable[[], adbapi.ConnectionPool] | None = None
         if isinstance(pool, adbapi.ConnectionPool):
-            self._take(pool)
+            self._pool = pool
         else:
             self._make_pool = pool
         #: C{"sqlite"} or C{"postgresql"}.
@@ -566,11 +568,6 @@ class ConsumerStore:
         # result (L{None}: never called).
         self._closing: list[Deferred[bool]] | None = None
         self._closed: bool | Failure | None = None
-
-    def _take(self, pool: adbapi.ConnectionPool) -> None:
-        # ThreadPool's public hook for the threads it makes.
-        pool.threadpool.threadFactory = DaemonThread
-        self._pool = pool
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -607,7 +604,7 @@ class ConsumerStore:
         if self._closing is not None or self._closed is not None:
             raise StoreNotStarted("the consumers' database was closed: it is not opened again")
         assert self._make_pool is not None
-        self._take(self._make_pool())
+        self._pool = self._make_pool()
 
     @classmethod
     def open(

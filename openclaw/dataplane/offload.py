@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from openclaw.threads import DaemonThreadPool
+from openclaw.threads import DaemonThread
 
 #: A request body longer than this (bytes) is parsed, checked and encoded
 #: for its provider in a thread (L{BodyWorkers}); a shorter one in the
@@ -117,7 +117,8 @@ class BodyWorkers:
             raise RuntimeError("these body workers have no threads: work on the body where it is read")
         pool = self._pool
         if pool is None:
-            pool = self._pool = DaemonThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
+            pool = self._pool = ThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
+            pool.threadFactory = DaemonThread
             pool.start()
             self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
         return deferToThreadPool(reactor, pool, work)
