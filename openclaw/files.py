@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -41,11 +42,43 @@ class OwnerNotKept(PermissionError):
         self.gid = gid
 
 
-def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None:
+class RenameNotSynced(OSError):
+    """
+    L{write_atomically} renamed the new file over C{path} (readers see the
+    new content), but the directory's C{fsync} after it failed (its
+    C{errno}: C{EIO}, a failing disk): the rename may be lost at a power
+    failure, the old content back.  Check the disk (C{dmesg}), then write
+    the file again.
+
+    @ivar path: the file replaced.
+    """
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(
+            error.errno,
+            f"{path} was replaced, but its directory could not be flushed to disk ({error.strerror}): "
+            "the new content may be lost at a power failure; check the disk, then write it again",
+        )
+        self.path = path
+
+
+def write_atomically(
+    path: Path,
+    text: str,
+    *,
+    keep_owner: bool = False,
+    fsync: Callable[[int], None] = os.fsync,
+) -> None:
     """
     Replace C{path} with C{text} (UTF-8) so that a reader or a crash sees the
     old content or the new, never half of either: a temporary file in the
-    same directory, flushed to disk (C{fsync}), then renamed over C{path}.
+    same directory, flushed to disk (C{fsync}), then renamed over C{path},
+    and the directory flushed to disk (C{fsync} of it, opened C{O_RDONLY |
+    O_DIRECTORY} before the temporary file is made): once this returns the
+    rename survives a power failure too (rename(2) changes the directory,
+    which without its own C{fsync} may reach the disk long after).  A
+    file system that cannot flush a directory (C{EINVAL}) is taken as it
+    is.
 
     The temporary file is created with mode 0600 (L{tempfile.mkstemp}), so
     what it holds (a session token) is never readable by others, not even
@@ -64,25 +97,39 @@ def write_atomically(path: Path, text: str, *, keep_owner: bool = False) -> None
         planted it is not handed the new content.  A group this process
         may not give (one it is not in) is left as it comes: at mode 0600
         it reads nothing.
+    @param fsync: flushes an open descriptor to disk (C{os.fsync}), for
+        the new file and its directory; a test gives one that counts or
+        fails.
     @raise OwnerNotKept: C{keep_owner}, and the owner cannot be kept (this
         process is not root, nor the file's owner); C{path} is then left
         as it was.
-    @raise OSError: the directory is missing or not writable, or the disk is
-        full; C{path} is then left as it was.
+    @raise RenameNotSynced: C{path} was replaced, but the directory could
+        not be flushed after (not C{EINVAL}).
+    @raise OSError: the directory is missing, not readable or not
+        writable, or the disk is full; C{path} is then left as it was.
     """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if keep_owner:
-                _give_to_owner_of(path, fd)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                if keep_owner:
+                    _give_to_owner_of(path, fd)
+                f.write(text)
+                f.flush()
+                fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        try:
+            fsync(directory)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise RenameNotSynced(path, e) from e
+    finally:
+        os.close(directory)
 
 
 def _give_to_owner_of(path: Path, fd: int) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,9 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, inli
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from openclaw.files import write_atomically
+from openclaw.files import RenameNotSynced, write_atomically
 from openclaw.routing import Route
 from openclaw.session import SessionAuthority
 from openclaw.state import STATE_FILE, RouteStore
@@ -348,3 +350,95 @@ class FileWriterTests(TestCase):
             any(text.startswith("session token ") and "was not made current" in text for text in texts), texts
         )
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 2)
+
+
+class Flushes:
+    """
+    An C{fsync} (L{write_atomically}'s) that records what each call
+    flushed (C{"directory"} or C{"file"}, and what C{path} held then),
+    then flushes it, or fails with C{directory_errno} for a directory.
+    """
+
+    def __init__(self, path: Path, directory_errno: int | None = None) -> None:
+        self.path = path
+        self.directory_errno = directory_errno
+        self.calls: list[tuple[str, str | None]] = []
+
+    def __call__(self, fd: int) -> None:
+        info = os.fstat(fd)
+        held = self.path.read_text() if self.path.exists() else None
+        if stat.S_ISDIR(info.st_mode):
+            self.assertSameDirectory(info)
+            self.calls.append(("directory", held))
+            if self.directory_errno is not None:
+                raise OSError(self.directory_errno, os.strerror(self.directory_errno))
+        else:
+            self.calls.append(("file", held))
+        os.fsync(fd)
+
+    def assertSameDirectory(self, info: os.stat_result) -> None:
+        there = os.stat(self.path.parent)
+        assert (info.st_dev, info.st_ino) == (there.st_dev, there.st_ino), "not the file's directory"
+
+
+class AtomicWriteTests(SynchronousTestCase):
+    """
+    L{write_atomically} flushes the directory after the rename (review
+    s33 R5b: only the new file was flushed, so the rename itself could be
+    lost at a power failure after the command had said done).
+    """
+
+    def replaced(self, directory_errno: int | None = None) -> tuple[Path, Flushes]:
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "token"
+        path.write_text("old\n")
+        return path, Flushes(path, directory_errno)
+
+    def test_directory_flushed_after_rename(self):
+        path, flushes = self.replaced()
+        write_atomically(path, "new\n", fsync=flushes)
+        # The new file before the rename, the directory after it.
+        self.assertEqual(flushes.calls, [("file", "old\n"), ("directory", "new\n")])
+        self.assertEqual(sorted(p.name for p in path.parent.iterdir()), ["token"])
+
+    def test_directory_flush_unsupported(self):
+        """
+        A file system that cannot flush a directory (C{EINVAL}): the
+        write is made all the same.
+        """
+        path, flushes = self.replaced(errno.EINVAL)
+        write_atomically(path, "new\n", fsync=flushes)
+        self.assertEqual(flushes.calls[-1], ("directory", "new\n"))
+        self.assertEqual(path.read_text(), "new\n")
+
+    def test_directory_flush_failed(self):
+        """
+        The directory's flush failed (C{EIO}): said, as a rename that may
+        be lost, the file replaced (readers see the new content) and no
+        temporary file left.
+        """
+        path, flushes = self.replaced(errno.EIO)
+        e = self.assertRaises(RenameNotSynced, write_atomically, path, "new\n", fsync=flushes)
+        self.assertEqual(e.errno, errno.EIO)
+        self.assertEqual(e.path, path)
+        self.assertIn(f"{path} was replaced, but its directory could not be flushed to disk", str(e))
+        self.assertEqual(path.read_text(), "new\n")
+        self.assertEqual(sorted(p.name for p in path.parent.iterdir()), ["token"])
+
+    def test_unreadable_directory(self):
+        """
+        A directory that cannot be opened to be flushed (write and search
+        permission only): refused before anything is written, the file
+        left as it was.
+        """
+        if os.geteuid() == 0:
+            raise SkipTest("root opens any directory")
+        path, flushes = self.replaced()
+        path.parent.chmod(0o300)
+        self.addCleanup(path.parent.chmod, 0o700)
+        self.assertRaises(PermissionError, write_atomically, path, "new\n", fsync=flushes)
+        self.assertEqual(flushes.calls, [])
+        path.parent.chmod(0o700)
+        self.assertEqual(path.read_text(), "old\n")
+        self.assertEqual(sorted(p.name for p in path.parent.iterdir()), ["token"])
