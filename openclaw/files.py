@@ -42,26 +42,6 @@ class OwnerNotKept(PermissionError):
         self.gid = gid
 
 
-class RenameNotSynced(OSError):
-    """
-    L{write_atomically} renamed the new file over C{path} (readers see the
-    new content), but the directory's C{fsync} after it failed (its
-    C{errno}: C{EIO}, a failing disk): the rename may be lost at a power
-    failure, the old content back.  Check the disk (C{dmesg}), then write
-    the file again.
-
-    @ivar path: the file replaced.
-    """
-
-    def __init__(self, path: Path, error: OSError) -> None:
-        super().__init__(
-            error.errno,
-            f"{path} was replaced, but its directory could not be flushed to disk ({error.strerror}): "
-            "the new content may be lost at a power failure; check the disk, then write it again",
-        )
-        self.path = path
-
-
 def write_atomically(
     path: Path,
     text: str,
@@ -73,12 +53,10 @@ def write_atomically(
     Replace C{path} with C{text} (UTF-8) so that a reader or a crash sees the
     old content or the new, never half of either: a temporary file in the
     same directory, flushed to disk (C{fsync}), then renamed over C{path},
-    and the directory flushed to disk (C{fsync} of it, opened C{O_RDONLY |
-    O_DIRECTORY} before the temporary file is made): once this returns the
-    rename survives a power failure too (rename(2) changes the directory,
-    which without its own C{fsync} may reach the disk long after).  A
-    file system that cannot flush a directory (C{EINVAL}) is taken as it
-    is.
+    and the directory flushed to disk (C{fsync} of it, L{_sync_directory}):
+    once this returns the rename survives a power failure too (rename(2)
+    changes the directory, which without its own C{fsync} may reach the
+    disk long after).
 
     The temporary file is created with mode 0600 (L{tempfile.mkstemp}), so
     what it holds (a session token) is never readable by others, not even
@@ -103,33 +81,45 @@ def write_atomically(
     @raise OwnerNotKept: C{keep_owner}, and the owner cannot be kept (this
         process is not root, nor the file's owner); C{path} is then left
         as it was.
-    @raise RenameNotSynced: C{path} was replaced, but the directory could
-        not be flushed after (not C{EINVAL}).
-    @raise OSError: the directory is missing, not readable or not
-        writable, or the disk is full; C{path} is then left as it was.
+    @raise OSError: the directory is missing or not writable, or the disk
+        is full; C{path} is then left as it was.
     """
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                if keep_owner:
-                    _give_to_owner_of(path, fd)
-                f.write(text)
-                f.flush()
-                fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
-        try:
-            fsync(directory)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise RenameNotSynced(path, e) from e
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if keep_owner:
+                _give_to_owner_of(path, fd)
+            f.write(text)
+            f.flush()
+            fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    _sync_directory(path.parent, fsync)
+
+
+def _sync_directory(directory: Path, fsync: Callable[[int], None]) -> None:
+    """
+    Flush C{directory} to disk (C{fsync} of it, opened C{O_RDONLY |
+    O_DIRECTORY}), after a rename in it.  Best effort, as PostgreSQL's
+    C{fsync_fname} and SQLite's C{unixSync} take a directory: one that
+    cannot be opened (a directory of write and search permission only) or
+    flushed (C{EINVAL}: a file system that cannot; C{EIO}) is left to the
+    kernel, which writes it back within seconds: the rename is made,
+    readers see the new content, and a caller that said so is not wrong.
+    """
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fsync(descriptor)
+    except OSError:
+        pass
     finally:
-        os.close(directory)
+        os.close(descriptor)
 
 
 def _give_to_owner_of(path: Path, fd: int) -> None:
