@@ -464,6 +464,45 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(context.in_flight, 0)
 
     @inlineCallbacks
+    def test_grace_over_during_the_work(self):
+        """
+        A stop whose grace runs out while a large body is still worked on
+        answers it 503 C{shutting_down}, logged and counted once as such,
+        as a call still under way then is; no call is made once the work
+        is done (review s33: the client got nothing, no status line, and
+        the request was logged as 499 C{client gone}).
+        """
+        gateway = self.gateway(shutdown_grace_seconds=0.5)
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        body = json.dumps(tool_loop(3000)).encode()
+        self.assertGreater(len(body), OFFLOAD_BYTES)
+        answer = deferToThread(http_post, gateway.api_port, body)
+        for _ in range(400):
+            if workers.runs == 1:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(workers.runs, 1)
+        stopped = gateway.service.stopService()
+        status, rest, _ = yield answer
+        yield self.request_lines()
+        workers.release()
+        yield stopped
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertIn(b" 503 ", status)
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        self.assertEqual(error["code"], "shutting_down")
+        self.assertIn("retry it", error["message"])
+        lines = [e for e in self.events if e.get("path") == "/v1/chat/completions"]
+        self.assertEqual([(e["status"], e["outcome"], e["provider"]) for e in lines], [(503, "shutting_down", "-")])
+        self.assertEqual(self.upstream.gemini.requests, 0)
+        self.assertEqual((context.in_flight, context.chat_calls), (0, set()))
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
     def test_client_gone_during_failover_encoding(self):
         """
         A client that leaves while its large request is encoded again for

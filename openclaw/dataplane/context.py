@@ -179,7 +179,10 @@ class APIContext:
     #: model C{/v1/embeddings} uses when a request names none of its own.
     embedding_provider: str | None = None
     embedding_model: str = ""
-    #: Chat calls under way, told when the grace period of a stop is over.
+    #: Chat calls under way, and requests waiting before theirs (a large
+    #: body worked on, a consumer's admission asked of the cluster:
+    #: L{openclaw.dataplane.resource.PendingRequest}), told when the grace
+    #: period of a stop is over.
     chat_calls: set[ShutDown] = attrs.field(factory=set, repr=False)
     #: API connections refused at once, by reason (the cap they hit).
     refused_connections: dict[str, int] = attrs.field(factory=dict)
@@ -220,8 +223,9 @@ class APIContext:
     def shut_down_calls(self) -> None:
         """
         The stop's grace period is over: every chat call still under way
-        answers 503 C{shutting_down} (a stream: as its last event), rather
-        than being cut with nothing said.
+        answers 503 C{shutting_down} (a stream: as its last event), and so
+        does every request still waiting before its call (L{chat_calls}),
+        rather than being cut with nothing said.
         """
         for call in list(self.chat_calls):
             call.shut_down()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from fnmatch import fnmatchcase
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
+import attrs
 import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -154,6 +155,132 @@ def answer_bug(log: Logger, request: Request, what: str, reason: Failure, gone: 
 def json_response(request: Request, document: Any) -> bytes:
     request.setHeader(b"Content-Type", _JSON)
     return orjson.dumps(document)
+
+
+#: What accounts, for a consumer, a request its admission admitted but
+#: that was not served (L{PendingRequest.admitted}): a call (its usage
+#: row, which releases what the admission reserved of its budget) or a
+#: models listing (its count).
+Admitted = Literal["call", "listing"]
+
+
+@attrs.define(eq=False)
+class PendingRequest:
+    """
+    A request waiting before its call: its large body worked on in
+    L{BodyWorkers <openclaw.dataplane.offload.BodyWorkers>}
+    (L{ChatCompletions._prepare_apart}), or a consumer's admission decided
+    by the cluster (L{AuthenticatedResource.after_admission}).
+
+    From L{begin} to L{end} (both in the reactor's thread) it counts as a
+    call in flight (a stop waits for it: L{APIContext.call_started}) and is
+    among L{APIContext.chat_calls}: a stop whose grace runs out meanwhile
+    answers it 503 C{shutting_down}, logged and counted (L{shut_down}), as
+    it answers a L{ChatCall} still under way; it was closed with nothing
+    said and logged as 499 C{client gone} (review s33).  Its client leaving
+    is noted (L{left}); either way the caller makes no call, and counts the
+    request with L{unserved} once the wait is over.
+    """
+
+    context: APIContext
+    request: Request
+    #: When the request began (C{reactor.seconds()}), for its duration.
+    started: float
+    holder: Holder
+    #: Where the request goes, once known (the log line's C{route}).
+    route: Route | None = None
+    #: The consumer's admission was asked for: what accounts the request
+    #: if it was admitted but not served (L{Admitted}); None before (the
+    #: body work), when there is nothing to account.
+    admitted: Admitted | None = None
+    #: The client's connection was lost (C{notifyFinish} failed).
+    left: bool = False
+    #: A stop answered it 503 (L{shut_down}).
+    stopped: bool = False
+
+    @classmethod
+    def begin(
+        cls,
+        context: APIContext,
+        request: Request,
+        started: float,
+        holder: Holder,
+        route: Route | None = None,
+        admitted: Admitted | None = None,
+    ) -> PendingRequest:
+        """
+        The wait of C{request} begins: counted in flight, told at a stop's
+        grace, its client's leaving noted.
+        """
+        pending = cls(context, request, started, holder, route, admitted)
+        context.call_started()
+        context.chat_calls.add(pending)
+        request.notifyFinish().addErrback(pending._left)
+        return pending
+
+    @property
+    def gone(self) -> bool:
+        """
+        Whether nothing more is to be written: the client left, or a stop
+        answered it.  Read in a L{BodyWorkers} thread too (a bool, set once
+        in the reactor's thread).
+        """
+        return self.left or self.stopped
+
+    def _left(self, reason: Failure) -> None:
+        self.left = True
+
+    def end(self) -> None:
+        """
+        The wait is over: the call under way (counted in flight by itself,
+        before this, so that a stop waiting for the calls never finds none
+        in between), or the request answered or counted.
+        """
+        self.context.chat_calls.discard(self)
+        self.context.call_ended()
+
+    def shut_down(self) -> None:
+        """
+        The stop's grace is over while the request still waits: answer 503
+        C{shutting_down}, logged and counted (provider C{-}: none was
+        called), unless its client left.  A consumer's accounting waits for
+        the admission's answer (L{unserved}).
+        """
+        if self.gone:
+            return
+        self.stopped = True
+        error = attrs.evolve(
+            shutting_down(),
+            message="the gateway is shutting down and this request had not reached a provider yet; retry it",
+        )
+        request = self.request
+        self.context.completed(
+            request, self.started, error.status, self.route, consumer=self.holder.consumer, provider="-", error=error
+        )
+        write_answer(request, error_response(request, error))
+
+    def unserved(self) -> None:
+        """
+        The wait is over, and the request is not served (L{gone}): counted
+        as 499 C{client gone} if its client left (a stop's 503 was counted
+        by L{shut_down}), and, once its consumer's admission admitted it,
+        accounted for the consumer with that status (L{admitted}).
+        """
+        context, holder, route = self.context, self.holder, self.route
+        status = shutting_down().status if self.stopped else CLIENT_GONE_STATUS
+        if not self.stopped:
+            context.completed(
+                self.request, self.started, status, route, outcome=CLIENT_GONE, consumer=holder.consumer, provider="-"
+            )
+        consumers = context.consumers
+        if consumers is None or self.admitted is None:
+            return
+        if self.admitted == "listing":
+            consumers.listed(holder, status)
+        elif route is not None:
+            consumers.account(
+                holder, route.provider_id, route.model, status, None, context.reactor.seconds() - self.started
+            )
 
 
 class APIResource(Resource):
@@ -376,7 +503,7 @@ class AuthenticatedResource(APIResource):
         started: float,
         route: Route,
         holder: Holder,
-        left: Callable[[], object] | None = None,
+        admitted: Admitted = "call",
     ) -> Any:
         """
         Go on with C{proceed} once a consumer's limits admit the call
@@ -387,38 +514,29 @@ class AuthenticatedResource(APIResource):
         that fails (a bug, an unexpected reply of the cluster's store) is
         logged and answered with a 500 (C{internal_error}).
 
-        A client that left while the cluster decided is counted as 499
-        (C{left()}, by default as a call that reached no provider: logged,
-        in the metrics, and for a consumer accounted, which releases what
-        its admission reserved of the budget), unless the cluster refused
-        the call: it is then counted once, as the refusal it was.
+        While the cluster decides, the request waits as a
+        L{PendingRequest}: a stop whose grace runs out meanwhile answers it
+        503 C{shutting_down}.  A client that left meanwhile is counted as
+        499 (logged, in the metrics, and accounted for the consumer as
+        C{admitted} says: a call's usage row, which releases what its
+        admission reserved of the budget, or a listing's count), a request
+        a stop answered likewise with its 503, unless the cluster refused
+        the call: it is then counted once, as the refusal it was (the
+        stop's 503 still the only answer logged).
         """
         context = self.context
         if isinstance(admission, Deferred):
-            context.call_started()
-            gone: list[bool] = []
-            request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-            def client_left() -> None:
-                if left is not None:
-                    left()
-                    return
-                context.completed(
-                    request, started, 499, route, outcome=CLIENT_GONE, consumer=holder.consumer, provider="-"
-                )
-                if context.consumers is not None:
-                    context.consumers.account(
-                        holder, route.provider_id, route.model, 499, None, context.reactor.seconds() - started
-                    )
+            pending = PendingRequest.begin(context, request, started, holder, route, admitted)
 
             def decided(refusal: APIError | None) -> None:
                 try:
                     if refusal is not None:
                         # Counted as limited already (ConsumerTable.admit): a
                         # client gone meanwhile is not a 499 besides.
-                        self._refused(request, refusal, started, route, holder, write=not gone)
-                    elif gone:
-                        client_left()
+                        if not pending.stopped:
+                            self._refused(request, refusal, started, route, holder, write=not pending.left)
+                    elif pending.gone:
+                        pending.unserved()
                     else:
                         _rate_limit_headers(request, holder)
                         proceed()
@@ -427,21 +545,21 @@ class AuthenticatedResource(APIResource):
                     # itself): a stop waiting for the calls in flight never
                     # finds none in between, and closes no connection whose
                     # call is about to start.
-                    context.call_ended()
+                    pending.end()
 
             def failed(reason: Failure) -> None:
                 # A bug or an unexpected reply of the cluster's store: the
                 # client still gets an answer (500), and the call is no
                 # longer in flight for the shutdown's drain.
                 context.log.failure("consumer admission failed unexpectedly", reason)
-                context.call_ended()
-                if gone:
-                    return client_left()
+                pending.end()
+                if pending.gone:
+                    return pending.unserved()
                 self._refused(request, internal_error(), started, route, holder)
 
             admission.addCallbacks(decided, failed).addErrback(
                 lambda f: answer_bug(
-                    context.log, request, "answering an admitted consumer's call failed unexpectedly", f, bool(gone)
+                    context.log, request, "answering an admitted consumer's call failed unexpectedly", f, pending.gone
                 )
             )
             return NOT_DONE_YET
@@ -526,7 +644,7 @@ class Models(AuthenticatedResource):
             started,
             route,
             holder,
-            left=lambda: self._count_listing(request, started, 499, route, holder, CLIENT_GONE, called=False),
+            admitted="listing",
         )
 
     def fetch(
@@ -829,36 +947,29 @@ class ChatCompletions(AuthenticatedResource):
         L{prepare_chat} in a thread of L{BodyWorkers} (the reactor's thread
         waits for nothing), then, back in the reactor's thread, the call
         (L{_call}), or the refusal counted and answered as in
-        L{render_POST}.  Meanwhile the request counts as a call in flight
-        (a stop waits for it).  A client that leaves before the work is
-        done (or begun: it is then skipped) has no call made: it is
-        counted as 499 (C{client gone}), its refusal as the refusal it
-        was, and nothing is written.  A bug is logged and answered 500
+        L{render_POST}.  Meanwhile the request waits as a
+        L{PendingRequest}: a stop waits for it, and, should its grace run
+        out first, answers it 503 C{shutting_down}.  A client that leaves
+        before the work is done (or begun: it is then skipped) has no call
+        made: it is counted as 499 (C{client gone}), its refusal as the
+        refusal it was, and nothing is written; a request the stop answered
+        is counted once, as that 503.  A bug is logged and answered 500
         (L{answer_bug}), as C{render} does.
         """
         context = self.context
-        context.call_started()
-        gone: list[bool] = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        pending = PendingRequest.begin(context, request, started, holder)
         headers = request.requestHeaders
         providers = context.providers
 
         def work() -> PreparedChat | None:
-            # In a BodyWorkers thread: gone is this request's own flag.
-            return None if gone else prepare_chat(raw, headers, active, providers)
+            # In a BodyWorkers thread: pending.gone is this request's own flag.
+            return None if pending.gone else prepare_chat(raw, headers, active, providers)
 
         def prepared(result: PreparedChat | None) -> None:
             try:
-                if result is None or gone:
-                    context.completed(
-                        request,
-                        started,
-                        CLIENT_GONE_STATUS,
-                        None if result is None else result.route,
-                        outcome=CLIENT_GONE,
-                        consumer=holder.consumer,
-                        provider="-",
-                    )
+                if result is None or pending.gone:
+                    pending.route = None if result is None else result.route
+                    pending.unserved()
                     return
                 answer = self._call(request, result, started, holder)
                 if isinstance(answer, bytes):
@@ -866,18 +977,21 @@ class ChatCompletions(AuthenticatedResource):
             finally:
                 # Once the call is under way (as in after_admission): a stop
                 # begun during the work waits for the call it makes.
-                context.call_ended()
+                pending.end()
 
         def refused(reason: Failure) -> None:
-            context.call_ended()
+            pending.end()
             reason.trap(APIError)
+            if pending.stopped:
+                # Answered 503 and counted so by the stop.
+                return
             error = cast(APIError, reason.value)
             context.completed(request, started, error.status, consumer=holder.consumer, error=error)
-            if not gone:
+            if not pending.left:
                 write_answer(request, error_response(request, error))
 
         context.bodies.run(work).addCallbacks(prepared, refused).addErrback(
-            lambda f: answer_bug(context.log, request, "API request failed unexpectedly", f, bool(gone))
+            lambda f: answer_bug(context.log, request, "API request failed unexpectedly", f, pending.gone)
         )
         return NOT_DONE_YET
 
