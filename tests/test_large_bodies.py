@@ -30,6 +30,7 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from openclaw.dataplane import call
 from openclaw.dataplane.offload import OFFLOAD_BYTES, BodyWorkers
 from tests.support import free_port, spawn_gateway, within
 from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
@@ -503,11 +504,12 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(errors, [])
 
     @inlineCallbacks
-    def test_client_gone_during_failover_encoding(self):
+    def leave_during_failover_encoding(self) -> Any:
         """
-        A client that leaves while its large request is encoded again for
-        the fallback: the fallback is not called, the call is counted
-        once, as 499, and nothing is logged as an error.
+        Send a large request to Kimi, which answers 500, and leave while
+        it is encoded again for the fallback (Gemini); fire with the
+        request's log lines once the encoding is let go on, and the API's
+        context.
         """
         self.upstream.kimi.mode = "error"
         gateway = self.gateway(default_provider="kimi")
@@ -533,11 +535,42 @@ class SameAnswerTests(DataPlaneTestCase):
         lines = yield self.request_lines()
         workers.release()
         yield deferLater(reactor, 0.1, lambda: None)
+        return lines, context
+
+    @inlineCallbacks
+    def test_client_gone_during_failover_encoding(self):
+        """
+        A client that leaves while its large request is encoded again for
+        the fallback: the fallback is not called, the call is counted
+        once, as 499, and nothing is logged as an error.
+        """
+        lines, context = yield self.leave_during_failover_encoding()
         self.assertEqual([(e["status"], e["outcome"]) for e in lines], [(499, "client gone")])
         self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 0))
         self.assertEqual(context.in_flight, 0)
         errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
         self.assertEqual(errors, [])
+
+    @inlineCallbacks
+    def test_bug_in_failover_encoding_after_client_gone(self):
+        """
+        A bug in the fallback's encoding (an exception other than an
+        L{APIError}) is logged as the call's bug even when the call is
+        over by then (its client gone): it was swallowed (review s33).
+        The call is still counted once, as 499.
+        """
+
+        def broken(*args: Any) -> bytes:
+            raise RuntimeError("a bug in the encoding")
+
+        self.patch(call, "encode_request", broken)
+        lines, context = yield self.leave_during_failover_encoding()
+        self.assertEqual([(e["status"], e["outcome"]) for e in lines], [(499, "client gone")])
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 0))
+        self.assertEqual(context.in_flight, 0)
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual([e["log_format"] for e in errors], ["chat call failed unexpectedly"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 @implementer(IReactorCore, IReactorFromThreads)

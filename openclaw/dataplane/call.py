@@ -578,7 +578,8 @@ class ChatCall:
             encoded = context.bodies.run(lambda: encode_request(target.wire, chat, model, target.id, offered))
             encoded.addCallbacks(
                 lambda body: None if self._over else self._fail_over(reason, error, target, model, body),
-                lambda failure: None if self._over else self._not_encoded(failure, error, target),
+                self._not_encoded,
+                errbackArgs=(error, target),
             ).addErrback(self._bug)
             return None
         try:
@@ -590,10 +591,14 @@ class ChatCall:
     def _not_encoded(self, failure: Failure, error: APIError, target: ProviderAdapter) -> None:
         """
         The fallback's encoding, done in a thread, failed: L{_not_taken}
-        for its refusal (an L{APIError}); anything else is raised again (a
-        bug).
+        for its refusal (an L{APIError}), unless the call is over meanwhile
+        (its client gone, a stop); anything else is raised again, over or
+        not, for L{_bug} to log (a bug of the encoding, which was swallowed
+        once the call was over: review s33).
         """
         failure.trap(APIError)
+        if self._over:
+            return None
         return self._not_taken(cast(APIError, failure.value), error, target)
 
     def _not_taken(self, refused: APIError, error: APIError, target: ProviderAdapter) -> None:
