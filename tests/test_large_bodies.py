@@ -28,6 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from openclaw.dataplane import call
@@ -405,6 +406,29 @@ class SameAnswerTests(DataPlaneTestCase):
             self.assertTrue(inline[0].startswith(b"HTTP/1.1 %d " % code), inline[0])
             self.assertEqual(inline, apart)
             self.assertEqual(self.upstream.gemini.requests, 0)
+
+    @inlineCallbacks
+    def test_headers_read_in_the_reactors_thread(self):
+        """
+        A large body sent with a content coding is refused (415) as a short
+        one is, its C{Content-Encoding} read in the reactor's thread: the
+        request's C{Headers} (which share twisted.web's cache of header
+        names) are not touched by the body's worker thread (review s33).
+        """
+        threads = []
+        read = Headers.getRawHeaders
+
+        def recorded(headers: Headers, name: bytes, default: Any = None) -> Any:
+            threads.append(threading.current_thread())
+            return read(headers, name, default)
+
+        self.patch(Headers, "getRawHeaders", recorded)
+        body = json.dumps(tool_loop(3000)).encode()[:-1]
+        (inline, apart) = yield self.both_ways(body, b"Content-Encoding: gzip\r\n")
+        self.assertTrue(apart[0].startswith(b"HTTP/1.1 415 "), apart[0])
+        self.assertEqual(inline, apart)
+        self.assertTrue(threads)
+        self.assertEqual(set(threads), {threading.main_thread()})
 
     @inlineCallbacks
     def test_client_gone(self):

@@ -18,13 +18,13 @@ from __future__ import annotations
 import base64
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import attrs
 import orjson
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request
 
 from openclaw.consumers.estimate import text_bytes, tokens_of
@@ -39,7 +39,14 @@ from openclaw.dataplane.errors import (
     upstream_http_error,
     upstream_timeout,
 )
-from openclaw.dataplane.request import COUNT_WHY, INT64_MAX, integer_field, json_body, requested_model
+from openclaw.dataplane.request import (
+    COUNT_WHY,
+    INT64_MAX,
+    content_encoding,
+    integer_field,
+    json_body,
+    requested_model,
+)
 from openclaw.dataplane.resource import (
     AuthenticatedResource,
     answer_bug,
@@ -106,7 +113,7 @@ def parse_embedding_request(
     default_provider: str | None,
     default_model: str,
     providers: ProviderRegistry,
-    headers: Headers | None = None,
+    codings: Sequence[bytes] = (),
 ) -> EmbeddingRequest:
     """
     Parse and check a request body.
@@ -114,11 +121,12 @@ def parse_embedding_request(
     @param default_provider: EMBEDDING_MODEL's provider (None: no declared
         provider has embeddings).
     @param default_model: EMBEDDING_MODEL's model.
-    @param headers: the request's headers (L{json_body}).
+    @param codings: the request's C{Content-Encoding} field values
+        (L{json_body}).
     @raise APIError: 400 naming the first problem found; 415 for a body
         sent with a content coding (L{json_body}).
     """
-    body = json_body(raw, headers)
+    body = json_body(raw, codings)
     given = body.get("input")
     inputs = [given] if isinstance(given, str) else given
     if not isinstance(inputs, list) or not inputs or not all(isinstance(text, str) and text for text in inputs):
@@ -245,7 +253,7 @@ class Embeddings(AuthenticatedResource):
                 context.embedding_provider,
                 context.embedding_model,
                 context.providers,
-                request.requestHeaders,
+                content_encoding(request.requestHeaders),
             )
         except APIError as error:
             context.completed(request, started, error.status, consumer=holder.consumer, error=error)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -575,7 +575,18 @@ def requested_model(body: dict[str, Any]) -> str | None:
     return model
 
 
-def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
+def content_encoding(headers: Headers) -> tuple[bytes, ...]:
+    """
+    The C{Content-Encoding} field values of a request's C{headers}, as
+    sent (none: C{()}), for L{json_body}.  Read in the reactor's thread:
+    C{Headers} shares twisted.web's cache of header names, not to be
+    touched from another thread (L{BodyWorkers
+    <openclaw.dataplane.offload.BodyWorkers>}).
+    """
+    return tuple(headers.getRawHeaders(b"content-encoding", ()))
+
+
+def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
     """
     A request body that must be a JSON object (every C{POST /v1/...}),
     read as sent: the gateway decodes no content coding.
@@ -584,7 +595,8 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
     to one that does): one that declares a content coding gets a 415, one
     that is not UTF-8 a 400 that says so.
 
-    @param headers: the request's headers, for its C{Content-Encoding}.
+    @param codings: the request's C{Content-Encoding} field values
+        (L{content_encoding}), as bytes.
     @raise APIError: 415 C{unsupported_content_encoding} when the body is
         not JSON and C{Content-Encoding} names a coding other than
         C{identity} (RFC 9110 sections 8.4 and 15.5.16); 400
@@ -596,8 +608,7 @@ def json_body(raw: bytes, headers: Headers | None = None) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        codings = None if headers is None else headers.getRawHeaders(b"content-encoding")
-        if codings is not None:
+        if codings:
             encoded = content_codings(codings)
             if encoded:
                 raise unsupported_content_encoding(encoded) from None
@@ -663,14 +674,15 @@ def unsupported_content_encoding(codings: list[bytes]) -> APIError:
 
 def parse_chat_request(
     raw: bytes,
-    headers: Headers | None = None,
+    codings: Sequence[bytes] = (),
     tool_types: Mapping[str, ToolType] = NO_TOOL_TYPES,
     media_kinds: MediaKinds = NO_MEDIA_KINDS,
 ) -> ChatRequest:
     """
     Parse and check a request body.
 
-    @param headers: the request's headers (L{json_body}).
+    @param codings: the request's C{Content-Encoding} field values
+        (L{json_body}).
     @param tool_types: the kinds of tool beside functions that some
         provider takes, by type (L{ToolType}), each checked by its own
         rules; any other type is a 400.  Whether the provider the call
@@ -684,7 +696,7 @@ def parse_chat_request(
     @raise APIError: 400 naming the first problem found; 415 for a body
         sent with a content coding (L{json_body}).
     """
-    body = json_body(raw, headers)
+    body = json_body(raw, codings)
     legacy_choice = False
     legacy_functions = body.get("functions") is not None
     if "functions" in body or "function_call" in body:

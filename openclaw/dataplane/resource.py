@@ -8,7 +8,7 @@ the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Literal, NamedTuple, cast
 
@@ -17,7 +17,6 @@ import orjson
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -43,7 +42,13 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
-from openclaw.dataplane.request import ChatRequest, choice_count, choose_route, parse_chat_request
+from openclaw.dataplane.request import (
+    ChatRequest,
+    choice_count,
+    choose_route,
+    content_encoding,
+    parse_chat_request,
+)
 from openclaw.providers import (
     MissingKey,
     ProbeTimedOut,
@@ -866,7 +871,7 @@ class PreparedChat(NamedTuple):
     body: bytes
 
 
-def prepare_chat(raw: bytes, headers: Headers, active: Route, providers: ProviderRegistry) -> PreparedChat:
+def prepare_chat(raw: bytes, codings: Sequence[bytes], active: Route, providers: ProviderRegistry) -> PreparedChat:
     """
     Parse and check the chat request body C{raw}
     (L{parse_chat_request}), route it (C{"<provider>/<model>"}, else
@@ -875,8 +880,9 @@ def prepare_chat(raw: bytes, headers: Headers, active: Route, providers: Provide
     Runs in the reactor's thread for a body of at most
     L{OFFLOAD_BYTES <openclaw.dataplane.offload.OFFLOAD_BYTES>}, in a
     thread of L{BodyWorkers} for a longer one: it reads only the
-    request's own data (C{raw}, C{headers}: C{Content-Encoding}, for a
-    body that does not parse) and what does not change once the gateway
+    request's own data (C{raw}; C{codings}, its C{Content-Encoding} field
+    values read beforehand in the reactor's thread, L{content_encoding},
+    for a body that does not parse) and what does not change once the gateway
     runs (C{active}, a frozen route read beforehand; C{providers}' ids,
     offered tools, and its adapters' wires and model names); it logs
     nothing, counts nothing.
@@ -885,7 +891,7 @@ def prepare_chat(raw: bytes, headers: Headers, active: Route, providers: Provide
         L{parse_chat_request}, L{choose_route} and L{encode_request} do.
     """
     offered = providers.offered_tools
-    chat = parse_chat_request(raw, headers, offered.types, offered.media)
+    chat = parse_chat_request(raw, codings, offered.types, offered.media)
     route = choose_route(chat.model, active, providers.ids)
     # choose_route gives the active route itself unless the model
     # named a provider: a call pinned that way is never failed over.
@@ -936,7 +942,7 @@ class ChatCompletions(AuthenticatedResource):
         if len(raw) > context.bodies.above:
             return self._prepare_apart(request, raw, active, started, holder)
         try:
-            prepared = prepare_chat(raw, request.requestHeaders, active, context.providers)
+            prepared = prepare_chat(raw, content_encoding(request.requestHeaders), active, context.providers)
         except APIError as error:
             context.completed(request, started, error.status, consumer=holder.consumer, error=error)
             raise
@@ -958,12 +964,13 @@ class ChatCompletions(AuthenticatedResource):
         """
         context = self.context
         pending = PendingRequest.begin(context, request, started, holder)
-        headers = request.requestHeaders
+        # Read here: Headers is not to be touched from another thread.
+        codings = content_encoding(request.requestHeaders)
         providers = context.providers
 
         def work() -> PreparedChat | None:
             # In a BodyWorkers thread: pending.gone is this request's own flag.
-            return None if pending.gone else prepare_chat(raw, headers, active, providers)
+            return None if pending.gone else prepare_chat(raw, codings, active, providers)
 
         def prepared(result: PreparedChat | None) -> None:
             try:
