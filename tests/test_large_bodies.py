@@ -371,6 +371,31 @@ class SameAnswerTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.kimi.requests, 2)
 
     @inlineCallbacks
+    def test_failover_measured_as_the_body(self):
+        """
+        A request whose client body is past the threshold (its work done in
+        a thread) has its failover encoded in a thread too, though its
+        upstream body is under the threshold: the one measure is the
+        client's body (review s33: the failover measured the upstream
+        body, which an indented request's is far shorter than).
+        """
+        self.upstream.kimi.mode = "error"
+        gateway = self.gateway(default_provider="kimi")
+        context = gateway.service.api_site.context
+        context.bodies = workers = CountedWorkers.of(reactor)
+        self.addCleanup(workers.stop)
+        body = json.dumps(tool_loop(3000, model="moonshot-v1-8k"), indent=8).encode()
+        compact = len(json.dumps(json.loads(body), separators=(",", ":")))
+        self.assertGreater(len(body), 2 * compact)
+        context.bodies.above = (len(body) + compact) // 2
+        status, rest, _ = yield deferToThread(http_post, gateway.api_port, body)
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertIn(b"x-openclaw-fallback", rest.partition(b"\r\n\r\n")[0].lower())
+        self.assertLess(len(self.upstream.gemini.bodies[0]), context.bodies.above)
+        self.assertEqual((self.upstream.kimi.requests, self.upstream.gemini.requests), (1, 1))
+        self.assertEqual(workers.runs, 2)
+
+    @inlineCallbacks
     def each_with_upstream_body(self, body: bytes, runs: int = 1, **settings: Any) -> Any:
         """
         L{both_ways}, each answer with the body Gemini's stand-in got.

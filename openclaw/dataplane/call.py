@@ -180,6 +180,13 @@ class ChatCall:
     pinned: bool = False
     #: Who holds the call's key (a consumer, or GATEWAY's C{-}).
     holder: Holder = GATEWAY
+    #: The length of the client's request body (bytes): a failover encodes
+    #: the request again in a thread when it is past L{BodyWorkers.above
+    #: <openclaw.dataplane.offload.BodyWorkers.above>}, as its first
+    #: encoding was (L{ChatCompletions
+    #: <openclaw.dataplane.resource.ChatCompletions>} measures the same
+    #: body: one that was worked on in a thread is encoded again in one).
+    request_bytes: int = 0
     #: A whole answer's C{usage}, for the consumer's accounting.
     _usage: Any = None
     #: What the call waits for now, for the timeout message.
@@ -238,17 +245,12 @@ class ChatCall:
     _answer_status: int = 200
     #: A stream's media type as its answer said it (L{_media_type}).
     _answer_type: bytes = b""
-    #: The size of the first upstream body (bytes, L{start}): a failover
-    #: encodes the request again in a thread when it is past
-    #: L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>}.
-    _request_bytes: int = 0
     #: The client's connection holds the stream back (L{client_paused}):
     #: the timer runs the client's send deadline, not the provider's.
     _client_paused: bool = False
 
     def start(self, body: bytes) -> None:
         context = self.context
-        self._request_bytes = len(body)
         context.call_started()
         context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self._client_gone)
@@ -544,8 +546,9 @@ class ChatCall:
             says so (L{_sooner_elsewhere}).
 
         The request is encoded for the fallback's wire (L{encode_request})
-        in the reactor's thread, or, for a request past
-        L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>},
+        in the reactor's thread, or, for a request whose client body was
+        past L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>}
+        (L{request_bytes}),
         in a thread of L{BodyWorkers <openclaw.dataplane.offload.BodyWorkers>}
         (it reads only the request and the wire); all the rest in the
         reactor's thread.  (L{_could_take}'s encodings, for a wait to
@@ -568,7 +571,7 @@ class ChatCall:
             # The fallback's model is the operator's, not named to the key.
             return self._fail(_not_failed_over(error, target.id, why_not))
         chat, offered = self.chat, context.providers.offered_tools
-        if self._request_bytes > context.bodies.above:
+        if self.request_bytes > context.bodies.above:
             # A large request is encoded again in a thread (as it was
             # first, L{ChatCompletions <openclaw.dataplane.resource.ChatCompletions>}):
             # Gemini's translation of many tool calls is long.

@@ -869,6 +869,10 @@ class PreparedChat(NamedTuple):
     wire: Wire
     #: The upstream body, in C{wire}'s format.
     body: bytes
+    #: The length of the client's body (C{raw}, bytes): the one measure of
+    #: a request's size against L{BodyWorkers.above} (its work in a thread
+    #: or not), for its failover's encoding too (L{ChatCall.request_bytes}).
+    raw_bytes: int
 
 
 def prepare_chat(raw: bytes, codings: Sequence[bytes], active: Route, providers: ProviderRegistry) -> PreparedChat:
@@ -906,7 +910,7 @@ def prepare_chat(raw: bytes, codings: Sequence[bytes], active: Route, providers:
         route = Route(route.provider_id, model)
     wire = adapter.wire
     body = encode_request(wire, chat, route.model, route.provider_id, offered)
-    return PreparedChat(chat, route, pinned, adapter, wire, body)
+    return PreparedChat(chat, route, pinned, adapter, wire, body, len(raw))
 
 
 def write_answer(request: Request, body: bytes) -> None:
@@ -1020,6 +1024,7 @@ class ChatCompletions(AuthenticatedResource):
             started,
             pinned=prepared.pinned,
             holder=holder,
+            request_bytes=prepared.raw_bytes,
         )
         body = prepared.body
         consumers = context.consumers
