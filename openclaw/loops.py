@@ -13,47 +13,49 @@ L{LoggedStep} logs a failed step and runs its next step as usual.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 
-class LoggedStep:
+class LoggedFailures:
     """
-    A step for a L{LoopingCall} (C{LoopingCall(LoggedStep(step, log,
-    what))}) that never fails: C{step} (called with no argument; it may
-    return a Deferred, which the loop waits for) failing is logged on
-    C{log}, an error with its traceback naming C{what}, and the loop goes
-    on: its next step comes at its next interval.
+    The failures of a piece of work done again and again (a loop's step,
+    or work a step starts and does not wait for: L{watch}), logged on
+    C{log}, an error with its traceback naming C{what}; the work is done
+    again at its next interval all the same.
 
-    A step failing again the same way (the same exception type and message)
-    is not logged again until it succeeds or fails otherwise, so that a
-    loop of a second failing for good logs one traceback, not one a second;
-    the first step that succeeds after failures logs one line saying so.
+    A failure again the same way (the same exception type and message) is
+    not logged again until the work succeeds or fails otherwise, so that
+    work failing for good every second logs one traceback, not one a
+    second; the first success after failures logs one line saying so.
 
-    @ivar failures: the steps that failed since the last that succeeded.
+    @ivar failures: the times the work failed since it last succeeded.
     """
 
-    def __init__(self, step: Callable[[], object], log: Logger, what: str) -> None:
+    def __init__(self, log: Logger, what: str) -> None:
         """
-        @param what: the loop's work, as an operator knows it, for the log
-            lines ("the check that this worker's gateway process still
-            runs").
+        @param what: the work, as an operator knows it, for the log lines
+            ("the check that this worker's gateway process still runs").
         """
-        self.step = step
         self.log = log
         self.what = what
         self.failures = 0
         #: The failure last logged (its exception type and message), while
-        #: the step fails.
+        #: the work fails.
         self._logged: tuple[object, str] | None = None
 
-    def __call__(self) -> Deferred[None]:
+    def watch(self, outcome: Deferred[Any]) -> Deferred[None]:
         """
-        Run the step; fires once it has ended (never fails).
+        Log C{outcome}'s failure (as above); its success counts as the
+        work's.  Reactor thread.
+
+        @return: C{outcome}, which then fires with None once it has, and
+            never fails.
         """
-        return maybeDeferred(self.step).addCallbacks(self._succeeded, self._failed)
+        return outcome.addCallbacks(self._succeeded, self._failed)
 
     def _succeeded(self, _: object) -> None:
         if self.failures:
@@ -81,3 +83,28 @@ class LoggedStep:
             what=self.what,
             error=error,
         )
+
+
+class LoggedStep(LoggedFailures):
+    """
+    A step for a L{LoopingCall} (C{LoopingCall(LoggedStep(step, log,
+    what))}) that never fails: C{step} (called with no argument; it may
+    return a Deferred, which the loop waits for) failing is logged on
+    C{log} (L{LoggedFailures}: once while it fails the same way), and the
+    loop goes on: its next step comes at its next interval.
+    """
+
+    def __init__(self, step: Callable[[], object], log: Logger, what: str) -> None:
+        """
+        @param what: the loop's work, as an operator knows it, for the log
+            lines ("the check that this worker's gateway process still
+            runs").
+        """
+        super().__init__(log, what)
+        self.step = step
+
+    def __call__(self) -> Deferred[None]:
+        """
+        Run the step; fires once it has ended (never fails).
+        """
+        return self.watch(maybeDeferred(self.step))

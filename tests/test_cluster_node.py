@@ -27,7 +27,14 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore, StoreUnavailable
 from openclaw.cluster.lockout import SharedLockout
-from openclaw.cluster.node import UNAVAILABLE, StoreUnconfirmed, TokenBehind, encode_token
+from openclaw.cluster.node import (
+    HEARTBEAT_INTERVAL_SECONDS,
+    HEARTBEAT_TTL_SECONDS,
+    UNAVAILABLE,
+    StoreUnconfirmed,
+    TokenBehind,
+    encode_token,
+)
 from openclaw.cluster.scrape import WorkerSockets
 from openclaw.cluster.store import Versioned, WriteRefused
 from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, SETTINGS_FD, WorkerSupervisor, settings_bytes
@@ -95,6 +102,78 @@ class Nodes(TestCase):
         self.assertEqual((self.rests["b"], self.locks["b"]), ([], []))
         b.beat()
         self.assertEqual((self.rests["b"], self.locks["b"]), ([("kimi", "abc123", 20.0)], [("10.0.0.9", 30.0)]))
+
+    def test_heartbeat_that_raises_goes_on(self) -> None:
+        """
+        A beat that raises (here the store's heartbeat call, a fault of
+        ours) is logged, naming the heartbeat, and the next beat comes at
+        its interval (review s33: the loop stopped for good after one
+        line, the instance dropped out of instances_seen and its token's
+        renewals stopped).
+        """
+        events = capture_log_events(self)
+        a, b = self.nodes
+        heartbeat = self.store.heartbeat
+        calls: list[str] = []
+
+        def flaky(instance: str, *args: Any) -> Deferred[Any]:
+            if instance == "a":
+                calls.append(instance)
+                if len(calls) == 2:
+                    raise RuntimeError("a fault of ours")
+            return heartbeat(instance, *args)
+
+        self.patch(self.store, "heartbeat", flaky)
+        a.start()
+        self.addCleanup(a.stop)
+        for _ in range(3):
+            self.clock.advance(HEARTBEAT_INTERVAL_SECONDS)
+        self.assertEqual(len(calls), 4)
+        self.assertTrue(a._heartbeat.running)
+        logged = [formatEvent(e) for e in events if "log_failure" in e]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("the cluster heartbeat (this instance counted in instances_seen", logged[0])
+        self.assertIn("failed (a fault of ours); it goes on", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # Still counted by the others past the heartbeat's time to live.
+        self.clock.advance(HEARTBEAT_TTL_SECONDS)
+        b.beat()
+        self.assertEqual(b.instances_seen, 2)
+
+    def test_fault_handling_a_heartbeat_answer_logged_with_its_context(self) -> None:
+        """
+        A fault in the handling of the store's answer to a heartbeat (here
+        the token's renewal raising) is logged naming what it was doing,
+        not left to an "Unhandled error in Deferred" with no context
+        (review s33); the next heartbeat handles its answer as usual.
+        """
+        events = capture_log_events(self)
+        a, b = self.nodes
+        renew = a._renew
+        faults = [RuntimeError("a fault in the renewal")]
+        renewals: list[None] = []
+
+        def faulty() -> None:
+            if faults:
+                raise faults.pop()
+            renewals.append(None)
+            renew()
+
+        self.patch(a, "_renew", faulty)
+        a.beat()
+        logged = [formatEvent(e) for e in events if "log_failure" in e]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("the handling of the cluster store's answer to a heartbeat", logged[0])
+        self.assertIn("failed (a fault in the renewal)", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        a.beat()
+        self.assertEqual(len(renewals), 1)
+        again = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.info]
+        self.assertIn(
+            "the handling of the cluster store's answer to a heartbeat (this instance counted, the token's renewal, "
+            "a reload of what the store lost or changed): succeeded again, after 1 failed attempts",
+            again,
+        )
 
     def test_switch_answers_the_route_it_replaced(self) -> None:
         a, b = self.nodes

@@ -210,6 +210,69 @@ class TableTests(SynchronousTestCase):
         snapshot, unwritten = self.successResultOf(loading)
         self.assertEqual(unwritten, {})
 
+    def test_flusher_whose_step_raises_goes_on(self) -> None:
+        """
+        A flush that raises (here the take of the gateway's own rows, a
+        fault of ours) is logged, naming the loop, the rows pending stay
+        pending, and the next flush, at its interval, writes them (review
+        s33: the loop stopped for good after one line, and the usage rows
+        piled up unwritten).
+        """
+        clock = Clock()
+        self.table.start(clock)
+        flusher = self.table._flusher
+        assert flusher is not None
+        self.addCleanup(lambda: flusher.stop() if flusher.running else None)
+        take = self.table.gateway_usage.take
+        faults = [Bug("a fault taking the gateway's rows")]
+
+        def faulty() -> list[UsageRow]:
+            if faults:
+                raise faults.pop()
+            return take()
+
+        self.patch(self.table.gateway_usage, "take", faulty)
+        self.account()
+        clock.advance(self.table.flush_seconds)
+        self.assertEqual(self.store.writes, [])
+        self.assertEqual(self.table.pending_rows(), 1)
+        logged = failures(self.events)
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("the write of the usage rows every 1 s failed (a fault taking the gateway's rows)", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(Bug)), 1)
+        clock.advance(self.table.flush_seconds)
+        self.assertTrue(flusher.running)
+        self.assertEqual(len(self.store.writes), 1)
+        self.store.writes[-1][1].callback(None)
+        self.assertEqual(self.table.pending_rows(), 0)
+
+    def test_store_that_raises_keeps_the_rows(self) -> None:
+        """
+        A store whose write raises at once (a fault of ours) fails the
+        write as one failing later does: logged, its rows kept for the
+        next flush, which writes them.
+        """
+        record = self.store.record
+        faults = [Bug("a fault starting the write")]
+
+        def faulty(rows: list[UsageRow]) -> Deferred[None]:
+            if faults:
+                raise faults.pop()
+            return record(rows)
+
+        self.patch(self.store, "record", faulty)
+        self.account()
+        self.assertIsNone(self.successResultOf(self.table.flush()))
+        self.assertEqual(self.table.pending_rows(), 1)
+        logged = failures(self.events)
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("could not write 1 usage rows (", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(Bug)), 1)
+        flushed = self.table.flush()
+        self.store.writes[-1][1].callback(None)
+        self.assertIsNone(self.successResultOf(flushed))
+        self.assertEqual(self.table.pending_rows(), 0)
+
 
 class InFlightTests(SynchronousTestCase):
     def test_each_observer_its_own(self) -> None:

@@ -90,6 +90,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.store import Heartbeat, SharedStore, Versioned, WriteRefused
 from openclaw.deferreds import InFlight
+from openclaw.loops import LoggedFailures, LoggedStep
 from openclaw.routing import ActiveRoute, Route, model_refusal
 from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable, UntrustedToken
 
@@ -584,8 +585,27 @@ class ClusterNode:
         #: Why the cluster's token was last refused (not signed with this
         #: instance's JWT_SECRET), if it was.
         self._foreign_token: str | None = None
-        self._heartbeat = LoopingCall(self.beat)
+        #: The heartbeat, every HEARTBEAT_INTERVAL_SECONDS: a beat that
+        #: raises is logged and the next one comes all the same (not on
+        #: LoggedStep, the loop stopped for good after one line: this
+        #: instance dropped out of instances_seen and its token's renewals
+        #: stopped; review s33).
+        self._heartbeat = LoopingCall(
+            LoggedStep(
+                self.beat,
+                self._log,
+                "the cluster heartbeat (this instance counted in instances_seen, the token's renewal, the changes "
+                "it missed caught up)",
+            )
+        )
         self._heartbeat.clock = reactor
+        #: The handling of the store's answers to the heartbeats (L{beat}
+        #: does not wait for them): a fault there logged with its context.
+        self._heartbeat_answers = LoggedFailures(
+            self._log,
+            "the handling of the cluster store's answer to a heartbeat (this instance counted, the token's "
+            "renewal, a reload of what the store lost or changed)",
+        )
         #: The renewal of the cluster's token, when due (L{_renew}); and
         #: whether a renewal is on its way to the store.
         self._renewal: IDelayedCall | None = None
@@ -1721,6 +1741,12 @@ class ClusterNode:
                 self.store.reconnect(f"no successful heartbeat in {HEARTBEAT_MISSES} intervals ({error})")
 
         sent = self._reactor.seconds()
-        self._bounded(self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)).addCallbacks(
-            seen, missed
+        # Not waited for by the loop (a store slower than the interval
+        # delays no beat); a fault in seen or missed (_renew, _reload, ...)
+        # is logged with its context, not left to "Unhandled error in
+        # Deferred" (review s33).
+        self._heartbeat_answers.watch(
+            self._bounded(
+                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
+            ).addCallbacks(seen, missed)
         )

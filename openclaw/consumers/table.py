@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
@@ -44,6 +44,7 @@ from openclaw.consumers.store import (
 )
 from openclaw.dataplane.errors import APIError
 from openclaw.deferreds import InFlight
+from openclaw.loops import LoggedStep
 from openclaw.timefmt import isoformat
 
 #: Rows kept waiting for the database at most (when it is down): past it
@@ -764,7 +765,12 @@ class ConsumerTable:
 
     def start(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
-        flusher = self._flusher = LoopingCall(self.flush)
+        # On LoggedStep: a flush that raises is logged and the next one
+        # comes all the same (the loop stopped for good otherwise, and the
+        # usage rows piled up unwritten; review s33).
+        flusher = self._flusher = LoopingCall(
+            LoggedStep(self.flush, self._log, f"the write of the usage rows every {self.flush_seconds:g} s")
+        )
         flusher.clock = reactor
         flusher.start(self.flush_seconds, now=False).addErrback(lambda f: self._log.failure("usage flusher stopped", f))
 
@@ -1188,8 +1194,11 @@ class ConsumerTable:
             # wait for the one under way (a read that fails is its own
             # caller's).
             return busy.observe().addBoth(lambda _: None)
+        # The gateway's rows taken first: should that raise, the rows
+        # pending stay pending.
+        taken = self.gateway_usage.take()
         rows, self._pending = self._pending, []
-        rows.extend(self.gateway_usage.take())
+        rows.extend(taken)
         if not rows:
             return succeed(None)
 
@@ -1252,7 +1261,9 @@ class ConsumerTable:
                 )
 
         self._writing = len(rows)
-        recording = self.store.record(rows)
+        # A store that raises (a fault of ours) fails the write as one
+        # that fails later: its rows kept for the next flush.
+        recording: Deferred[None] = maybeDeferred(self.store.record, rows)
         flushing = self._flushing = InFlight[None]()
         self._watch(recording)
         recording.addCallbacks(written, failed).addBoth(done)
