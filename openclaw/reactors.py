@@ -11,6 +11,7 @@ from typing import cast
 
 from twisted.internet.interfaces import (
     IReactorCore,
+    IReactorFromThreads,
     IReactorPluggableNameResolver,
     IReactorProcess,
     IReactorSocket,
@@ -30,6 +31,14 @@ class IStoreReactor(IReactorCore, IReactorTime, IReactorThreads):
     """
 
 
+class IWriterReactor(IReactorTime, IReactorFromThreads):
+    """
+    What L{openclaw.writer.FileWriter} asks of its reactor: its jobs'
+    results back from its thread (C{IReactorFromThreads}) and the clock of
+    the stop's lines while it waits for them (C{IReactorTime}).
+    """
+
+
 class IClientReactor(IReactorTCP, IReactorUNIX, IReactorTime, IReactorPluggableNameResolver):
     """
     What a client endpoint of a URL asks of its reactor (the cluster
@@ -40,7 +49,7 @@ class IClientReactor(IReactorTCP, IReactorUNIX, IReactorTime, IReactorPluggableN
     """
 
 
-class IGatewayReactor(IStoreReactor, IClientReactor):
+class IGatewayReactor(IStoreReactor, IClientReactor, IWriterReactor):
     """
     What L{openclaw.service.GatewayService} asks of its reactor: timers,
     C{stop} on a fatal cluster error, what its consumer store asks and

@@ -344,7 +344,7 @@ class SessionAuthority:
             )
 
         self._adopting.append(issued)
-        running = writer.run(job)
+        running = writer.run(job, what=f"TOKEN_FILE {path}")
         running.addBoth(done)
         running.addErrback(refused)
         adopted: Deferred[None] = running.addCallback(written)

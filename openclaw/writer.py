@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,12 +26,18 @@ from twisted.python.threadpool import ThreadPool
 
 from openclaw.deferreds import InFlight, shielded
 from openclaw.files import write_atomically
+from openclaw.loops import LoggedStep
+from openclaw.reactors import IWriterReactor
 from openclaw.threads import DaemonThread
 
 T = TypeVar("T")
 
 #: The name of the writer's thread (in a thread dump: C{py-spy}, C{gdb}).
 THREAD_NAME = "openclaw-file-writer"
+
+#: How often, in seconds, a stop waiting for a file write says it still
+#: waits (L{FileWriter.stopService}).
+STILL_WAITING_SECONDS = 10.0
 
 
 class WriterStopped(OSError):
@@ -76,21 +82,27 @@ class FileWriter(Service):
 
     def __init__(
         self,
-        reactor: IReactorFromThreads,
+        reactor: IWriterReactor,
         write_file: Callable[[Path, str], None] = write_atomically,
+        still_waiting_seconds: float = STILL_WAITING_SECONDS,
     ) -> None:
         """
         Reactor thread (or before the reactor runs).
 
-        @param reactor: the reactor the jobs' Deferreds fire on.
+        @param reactor: the reactor the jobs' Deferreds fire on, and the
+            clock of the stop's lines while it waits for them.
         @param write_file: see L{write_file}.
+        @param still_waiting_seconds: how often, in seconds, a stop
+            waiting for a write says so again (L{stopService}).
         """
         self._reactor = reactor
         self.write_file = write_file
+        self._still_waiting_seconds = still_waiting_seconds
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
         self._pool.threadFactory = DaemonThread
-        #: The jobs asked and not finished, in the order asked.
-        self._pending: list[InFlight[Any]] = []
+        #: The jobs asked and not finished, in the order asked (the first
+        #: one is running), each with what it writes (L{run}'s C{what}).
+        self._pending: list[tuple[InFlight[Any], str]] = []
         #: L{stopService} was called: no job is taken any more.
         self._closed = False
 
@@ -111,7 +123,9 @@ class FileWriter(Service):
         if not self._pool.started and not self._closed:
             self._pool.start()
 
-    def run(self, job: Callable[[], T], dropped: Callable[[Failure], object] | None = None) -> Deferred[T]:
+    def run(
+        self, job: Callable[[], T], dropped: Callable[[Failure], object] | None = None, what: str = "a file"
+    ) -> Deferred[T]:
         """
         Run C{job} in the writer's thread after every job asked before it;
         fire with what it returns, or fail with what it raises, on the
@@ -122,16 +136,20 @@ class FileWriter(Service):
         (waited for by L{stopService}); should it fail then, its failure
         goes to C{dropped} (L{shielded}), or, without one, is logged.
 
+        @param what: what the job writes, for the stop's lines while it
+            waits for it ("the write of C{what}"): a path, or a file's
+            name and path.
         @raise WriterStopped: (as a failure) the writer was stopped; the
             job is not run.
         """
         if self._closed:
             return fail(WriterStopped())
         flight: InFlight[T] = InFlight()
-        self._pending.append(flight)
+        entry = (flight, what)
+        self._pending.append(entry)
 
         def finished(result: T | Failure) -> None:
-            self._pending.remove(flight)
+            self._pending.remove(entry)
             flight.end(result)
 
         deferToThreadPool(self._reactor, self._pool, job).addBoth(finished)
@@ -154,7 +172,7 @@ class FileWriter(Service):
             or the writer was stopped (L{WriterStopped}).
         """
         write_file = self.write_file
-        return self.run(lambda: write_file(path, text), dropped)
+        return self.run(lambda: write_file(path, text), dropped, str(path))
 
     def stopService(self) -> Deferred[None]:
         """
@@ -165,17 +183,57 @@ class FileWriter(Service):
         takes seconds to write keeps the gateway's stop waiting, before
         the token file is removed (L{openclaw.service.HeldLocks}), so that
         no write lands after it.  Reactor thread.
+
+        The wait has no bound of its own (a file is never left half
+        written; a supervisor's stop timeout, systemd's C{TimeoutStopSec},
+        bounds it): it is logged when it begins, then again every
+        C{still_waiting_seconds} while it lasts, naming the write under
+        way and how long the stop has waited.
         """
         super().stopService()
         self._closed = True
-        waiting = list(self._pending)
+        waiting = [flight for flight, _ in self._pending]
+        reminder: LoopingCall | None = None
         if waiting:
-            self._log.info("waiting for {count} file write(s) to finish before stopping", count=len(waiting))
+            self._log.info(
+                "waiting for {count} file write(s) to finish before stopping ({what})",
+                count=len(waiting),
+                what=", ".join(dict.fromkeys(what for _, what in self._pending)),
+            )
+            since = self._reactor.seconds()
+            reminder = LoopingCall(
+                LoggedStep(
+                    lambda: self._still_waiting(since),
+                    self._log,
+                    "the log line of the stop's wait for the file writes",
+                )
+            )
+            reminder.clock = self._reactor
+            reminder.start(self._still_waiting_seconds, now=False)
 
         def stopped(_: object) -> None:
+            if reminder is not None and reminder.running:
+                reminder.stop()
             if self._pool.started:
                 self._pool.stop()
 
         # Each job's caller has a Deferred of its own (InFlight): this
         # waits through another, whatever the job's result.
         return gatherResults([flight.observe().addErrback(lambda _: None) for flight in waiting]).addCallback(stopped)
+
+    def _still_waiting(self, since: float) -> None:
+        """
+        Say that the stop still waits (since C{since}, in the reactor's
+        seconds) for the write under way.  Reactor thread.
+        """
+        if not self._pending:
+            return
+        _, what = self._pending[0]
+        self._log.warn(
+            "still waiting for the write of {what}, {seconds:.0f} s ({count} file write(s) left): the stop waits "
+            "for it so that no file is left half written; if its disk (or NFS server) does not answer, a "
+            "supervisor's stop timeout (systemd's TimeoutStopSec) ends the process",
+            what=what,
+            seconds=self._reactor.seconds() - since,
+            count=len(self._pending),
+        )

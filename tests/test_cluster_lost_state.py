@@ -622,7 +622,9 @@ class HeldWriter:
         self.hold = False
         self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
 
-    def run(self, job: Callable[[], Any]) -> Deferred[Any]:
+    def run(
+        self, job: Callable[[], Any], dropped: Callable[[Failure], object] | None = None, what: str = ""
+    ) -> Deferred[Any]:
         if self.hold:
             held: Deferred[Any] = Deferred()
             self.jobs.append((job, held))

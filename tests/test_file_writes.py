@@ -297,6 +297,45 @@ class FileWriterTests(TestCase):
         self.assertEqual(writer.pending, 0)
         yield self.assertFailure(writer.run(lambda: 1), WriterStopped)
 
+    @inlineCallbacks
+    def test_stop_says_it_still_waits_for_a_blocked_write(self):
+        """
+        A stop waiting for a blocked write says so when it begins, then
+        again every C{still_waiting_seconds} (10 by default) while it
+        waits, naming the file and how long it has waited (review s33: one
+        line, then nothing however long the disk held it); the wait itself
+        has no bound (the file is never left half written), and once the
+        write ends the lines stop.
+        """
+        events = capture_log_events(self)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "state.json"
+        writes = BlockingWrites(path)
+        self.addCleanup(writes.release.set)
+        writer = FileWriter(reactor, writes, still_waiting_seconds=0.2)
+        writer.startService()
+        written = writer.write(path, "{}")
+        began = yield entered(writes)
+        self.assertTrue(began)
+        stopped = writer.stopService()
+        yield settle(0.5)
+        self.assertFalse(stopped.called)
+        texts = [formatEvent(event) for event in events]
+        self.assertIn(f"waiting for 1 file write(s) to finish before stopping ({path})", texts)
+        still = [text for text in texts if text.startswith("still waiting for the write of ")]
+        self.assertGreaterEqual(len(still), 2, texts)
+        self.assertTrue(
+            still[0].startswith(f"still waiting for the write of {path}, 0 s (1 file write(s) left): "), still[0]
+        )
+        writes.release.set()
+        yield within(stopped, 10.0, "the stop")
+        yield written
+        self.assertEqual(writes.written, ["{}"])
+        count = len([event for event in events if formatEvent(event).startswith("still waiting")])
+        yield settle(0.5)
+        self.assertEqual(len([event for event in events if formatEvent(event).startswith("still waiting")]), count)
+
     def failing_writer(self) -> tuple[FileWriter, threading.Event]:
         """
         A started writer whose writes fail (ENOSPC) once let go (the
