@@ -831,7 +831,7 @@ class GatewayService(SequentialMultiService):
         file is read at start.
         """
         settings = self.settings
-        self.store = RouteStore(settings.state_dir, self.providers.ids)
+        self.store = RouteStore(settings.state_dir, self.providers.ids, self.writer)
         provider = settings.default_provider
         #: The route the state file held, when it replaced the configured one
         #: (in a cluster the Redis copy replaces the state file): read at
@@ -939,9 +939,7 @@ class GatewayService(SequentialMultiService):
             clock=reactor.seconds,
             # In a cluster the route is kept in the store (share_switch);
             # standalone, in the state file, written in the writer's thread.
-            persist=(lambda route: self.store.save_later(route, self.writer))
-            if cluster is None
-            else lambda route: None,
+            persist=self.store.save_later if cluster is None else lambda route: None,
             on_health=self.metrics.health,
             provider_states=self.providers.states,
             share_switch=None if cluster is None else cluster.switch,

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -83,9 +83,18 @@ class RouteStore:
 
     _log = Logger()
 
-    def __init__(self, directory: Path, provider_ids: Iterable[str]) -> None:
+    def __init__(self, directory: Path, provider_ids: Iterable[str], writer: FileWriter | None = None) -> None:
+        """
+        @param directory: where the file is (C{STATE_DIR}).
+        @param provider_ids: the providers declared: a file naming
+            another is not trusted (L{load}).
+        @param writer: where L{save_later} writes the file, off the
+            reactor thread; L{None}: on the calling thread (a test, a
+            tool).
+        """
         self.path = directory / STATE_FILE
         self._provider_ids = frozenset(provider_ids)
+        self._writer = writer
 
     def load(self) -> Route | None:
         """
@@ -146,24 +155,41 @@ class RouteStore:
             return self._unsaved(e)
         return None
 
-    def save_later(self, route: Route, writer: FileWriter) -> Deferred[str | None]:
+    def save_later(self, route: Route) -> Deferred[str | None]:
         """
-        L{save}, in C{writer}'s thread (L{FileWriter.write}): after every
+        L{save}, in the writer's thread (L{FileWriter.write}): after every
         write asked of it before, so that the last switch asked is the
         route on disk; the reactor thread is never blocked by the disk.
         Called on the reactor thread; fires there once the file is written
-        (or the write failed, logged as L{save}'s).
+        (or the write failed, logged as L{save}'s).  Without a writer, as
+        L{save} (at once).
 
         @return: a Deferred firing with None once saved; else why not
-            (C{switch_provider}'s C{warning}).  Never fails.  Cancelled
-            (its switch cut short at the stop), the write goes on, and
-            its failure is logged all the same.
+            (C{switch_provider}'s C{warning}).  Never fails but when
+            cancelled: a failure that is no C{OSError} (a fault of ours)
+            is logged with its traceback and answered as one that is.
+            Cancelled (its switch cut short at the stop: C{CancelledError}),
+            the write goes on, and its failure is logged all the same.
         """
+        writer = self._writer
+        if writer is None:
+            return succeed(self.save(route))
 
-        def failed(reason: Failure) -> str:
-            reason.trap(OSError)
-            assert isinstance(reason.value, OSError)
-            return self._unsaved(reason.value)
+        def failed(reason: Failure) -> str | Failure:
+            if reason.check(CancelledError):
+                return reason  # its asker gave up on it: dropped says the rest
+            if isinstance(reason.value, OSError):
+                return self._unsaved(reason.value)
+            self._log.failure(
+                "could not save the active provider to {path} (a fault of the gateway): report it with this traceback",
+                reason,
+                path=str(self.path),
+            )
+            return (
+                f"the switch is made but could not be saved to {self.path} (a fault of the gateway: "
+                f"{reason.getErrorMessage() or type(reason.value).__name__}): a restart will go back to the route "
+                "saved before; switch again, and report it with the traceback the gateway logged"
+            )
 
         def dropped(reason: Failure) -> None:
             # Its switch was cut short meanwhile (at the stop): logged all

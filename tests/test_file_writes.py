@@ -336,6 +336,36 @@ class FileWriterTests(TestCase):
         yield settle(0.5)
         self.assertEqual(len([event for event in events if formatEvent(event).startswith("still waiting")]), count)
 
+    @inlineCallbacks
+    def test_route_save_that_fails_otherwise_never_fails(self):
+        """
+        L{RouteStore.save_later} never fails, as it says: a write that
+        fails with something other than an C{OSError} (a fault of ours) is
+        logged with its traceback and answered as a warning (review s33:
+        it failed the switch's Deferred).  Without a writer, it saves at
+        once.
+        """
+        events = capture_log_events(self)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+
+        def faulty(path: Path, text: str) -> None:
+            raise RuntimeError("a fault of ours")
+
+        writer = FileWriter(reactor, faulty)
+        writer.startService()
+        self.addCleanup(lambda: writer.stopService() if writer.running else None)
+        warning = yield RouteStore(directory, ("gemini",), writer).save_later(Route("gemini", "g-1"))
+        self.assertIsInstance(warning, str)
+        self.assertIn(f"the switch is made but could not be saved to {directory / STATE_FILE} (a fault", warning)
+        logged = [formatEvent(event) for event in events if "log_failure" in event]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn(f"could not save the active provider to {directory / STATE_FILE} (a fault", logged[0])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        saved = yield RouteStore(directory, ("gemini",)).save_later(Route("gemini", "g-2"))
+        self.assertIsNone(saved)
+        self.assertEqual(json.loads((directory / STATE_FILE).read_text()), {"provider": "gemini", "model": "g-2"})
+
     def failing_writer(self) -> tuple[FileWriter, threading.Event]:
         """
         A started writer whose writes fail (ENOSPC) once let go (the
@@ -369,7 +399,7 @@ class FileWriterTests(TestCase):
         )
         asked = [
             writer.write(directory / "other", "x"),
-            RouteStore(directory, ("gemini",)).save_later(Route("gemini", "g-1"), writer),
+            RouteStore(directory, ("gemini",), writer).save_later(Route("gemini", "g-1")),
             sessions.issue_later(),
         ]
         for pending in asked:
