@@ -753,38 +753,24 @@ class ClusterNode:
                 self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
             )
             self._heard(heartbeat, sent)
-            for _ in range(MAX_STALE_READS):
-                held = self._held(ROUTE)
-                mine = self._mine(ROUTE)
-                route = yield self._bounded(self.store.ensure(ROUTE, mine, self.versions.get(ROUTE, 1), self.instance))
-                if self._held(ROUTE) == held:
-                    break
-                # Another route applied meanwhile: this read is stale.
-            else:
-                raise StaleReads(ROUTE)
+            mine, route = yield self._read_fresh(ROUTE, lambda: self._mine(ROUTE))
             if self._outranks(ROUTE, mine, route):
                 route = yield self._bounded(self._write_back(ROUTE, mine, route))
             # Proposed as the cluster's first token if this instance holds
             # none; kept only if the cluster has none (set-if-absent): an
             # instance never replaces the cluster's token on its own.
             proposal: SessionToken | None = None
-            for _ in range(MAX_STALE_READS):
-                yield self._adopted()
-                held = self._held(TOKEN)
+
+            def my_token() -> str:
+                nonlocal proposal
                 current = self.sessions.current_or_none
                 if current is None:
                     proposal = current = self.sessions.mint() if proposal is None else proposal
                 if TOKEN in self.versions:
-                    mine = encode_token(current, self._token_at, self._token_restored)
-                else:
-                    mine = encode_token(current, self._now())
-                token = yield self._bounded(self.store.ensure(TOKEN, mine, self.versions.get(TOKEN, 1), self.instance))
-                if self._held(TOKEN) == held:
-                    break
-                # A token applied, or its adoption begun, meanwhile: this
-                # read is stale (trial s32).
-            else:
-                raise StaleReads(TOKEN)
+                    return encode_token(current, self._token_at, self._token_restored)
+                return encode_token(current, self._now())
+
+            mine, token = yield self._read_fresh(TOKEN, my_token)
             if self._outranks(TOKEN, mine, token):
                 token = yield self._bounded(self._write_back(TOKEN, mine, token))
             if self._due(token):
@@ -842,6 +828,39 @@ class ClusterNode:
         if self._connected:
             self._set_up(True)
             self.beat()
+
+    @inlineCallbacks
+    def _read_fresh(self, name: str, mine: Callable[[], str]) -> Any:
+        """
+        Read the cluster's C{name} (L{SharedStore.ensure}: proposing
+        C{mine()}, this instance's record of it, to a store that holds
+        none) until a read is not stale: this instance applied (or began
+        adopting) no other C{name} while it was on its way (L{_held});
+        else it is read again, C{mine()} taken again.  A read of the token
+        waits for any adoption under way first (L{_adopted}), so that what
+        it is compared with is the token in force.  Each read bounded by
+        the node's timeout.  For L{_reload}.
+
+        @return: a Deferred firing with C{(mine, versioned)}: the record
+            proposed and the store's answer (L{Versioned}).
+        @raise StaleReads: (as a failure) L{MAX_STALE_READS} reads in a
+            row were stale.
+        @raise Exception: (as a failure) the store's failure, or its
+            timeout, as L{_bounded}'s.
+        """
+        for _ in range(MAX_STALE_READS):
+            if name == TOKEN:
+                yield self._adopted()
+            held = self._held(name)
+            proposed = mine()
+            versioned = yield self._bounded(
+                self.store.ensure(name, proposed, self.versions.get(name, 1), self.instance)
+            )
+            if self._held(name) == held:
+                return proposed, versioned
+            # Another value applied, or a token's adoption begun, meanwhile:
+            # this read is stale (trial s32).
+        raise StaleReads(name)
 
     def _mine(self, name: str) -> str:
         """
