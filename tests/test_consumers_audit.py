@@ -11,8 +11,26 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import formatEvent
+from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers.audit import audit_fields
 from tests.test_consumers import GatewayCase
+
+
+class AuditFieldsTests(SynchronousTestCase):
+    def test_names_usage_reads_are_logged_as_given(self) -> None:
+        """
+        The names C{usage} reads besides a consumer's, C{-} (the calls
+        made with GATEWAY_API_KEYS' keys) and a deleted consumer's
+        C{NAME@CREATED}, are logged as given, not as C{<invalid>}
+        (trial s33 F7); what no name can be still is.
+        """
+        retired = "search@2026-11-25T02:39:29Z"
+        self.assertEqual(audit_fields("usage", {"name": "-"}), {"consumer": "-"})
+        self.assertEqual(audit_fields("usage", {"name": retired}), {"consumer": retired})
+        self.assertEqual(audit_fields("usage", {"name": "search"}), {"consumer": "search"})
+        for junk in ("a b", "x\x1b[2J", "search@yesterday", "-@2026-11-25T02:39:29", 7, None, "x" * 65):
+            self.assertEqual(audit_fields("usage", {"name": junk}), {"consumer": "<invalid>"}, junk)
 
 
 class AuditTests(GatewayCase):
@@ -48,6 +66,9 @@ class AuditTests(GatewayCase):
         self.assertEqual(audits["consumer_update"][1]["error"], refused["error"])
         self.assertTrue(lines["key_create"][0].endswith(f"consumer=search key_prefix={made['key_prefix']}"))
         self.assertTrue(lines["key_revoke"][0].endswith(f"consumer=search key_prefix={made['key_prefix']}"))
+        yield self.command(gateway, client, "usage", {"name": "-"})
+        (usage,) = [event for event in self.events if event.get("cmd") == "usage" and "outcome" in event]
+        self.assertEqual(usage["consumer"], "-")
         every = "\n".join(formatEvent(e) + repr(e) for e in self.events)
         for key in (created["key"], made["key"]):
             self.assertNotIn(key, every)

@@ -6,8 +6,11 @@ update set (C{changed}) and what a release released (C{released_usd},
 C{released_tokens}).  Field values are never logged: a budget or a
 pattern says nothing an operator needs in the audit trail, and C{name}
 and the prefix are checked to be what they claim before they are logged.
-A key typed where a name goes is logged as lists show keys (L{shown_key}),
-and so is any key in the C{error} an audit line records (L{without_keys}).
+The names C{usage} also reads, C{-} (the calls made with GATEWAY_API_KEYS'
+keys) and a deleted consumer's C{NAME@CREATED}, are logged as given; any
+other value no name can be is logged as C{<invalid>}.  A key typed where a
+name goes is logged as lists show keys (L{shown_key}), and so is any key in
+the C{error} an audit line records (L{without_keys}).
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from openclaw.consumers.model import FIELDS, KEY_PREFIX, SHOWN_CHARS, check_name, is_key_like, shown_key
+from openclaw.consumers.model import (
+    FIELDS,
+    KEY_PREFIX,
+    NO_CONSUMER,
+    SHOWN_CHARS,
+    check_name,
+    is_key_like,
+    is_retired_name,
+    shown_key,
+)
 
 _PREFIX = re.compile(f"[A-Za-z0-9_-]{{{SHOWN_CHARS}}}")
 #: More of a key than lists and logs show, starting where no key
@@ -41,10 +53,15 @@ def audit_fields(cmd: str, data: object) -> dict[str, str]:
         return {}
     fields: dict[str, str] = {}
     if "name" in data:
-        try:
-            name = check_name(data["name"])
-        except ValueError:
-            name = _INVALID
+        given = data["name"]
+        if given == NO_CONSUMER or is_retired_name(given):
+            # Checked to be what they claim (usage reads them).
+            name = given
+        else:
+            try:
+                name = check_name(given)
+            except ValueError:
+                name = _INVALID
         fields["consumer"] = shown_key(name) if is_key_like(name) else name
     if cmd == "key_revoke":
         fields["key_prefix"] = _prefix(data.get("key_prefix"))
