@@ -47,12 +47,16 @@ would write over each other's lines.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import math
 import os
 import re
 import signal
 import stat
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
@@ -233,48 +237,161 @@ class ReopenedLogFile:
     writable, no descriptor left) it is left with no file at all, every
     later write fails (so nothing is logged any more, not even the
     failure), and a later C{reopen} fails too.
+
+    A write that fails (a full disk, C{ENOSPC}; a file made immutable or
+    append-only, C{EPERM}; an I/O error) never raises into the logging
+    system, which would drop the error with the line: the lines are
+    counted, and the first write that works again is preceded by one line
+    saying how many were lost and why (L{LOST_LINES_FORMAT}, formatted as
+    every other line: L{format_event}).
+
+    @ivar format_event: how the line about lost lines is formatted (a
+        log event to a line, or L{None} for none): twistd's text lines
+        (L{text_line}) unless L{make_observer} sets its own formatter.
     """
 
-    def __init__(self, path: str, mode: int = 0o600) -> None:
+    def __init__(self, path: str, mode: int = 0o600, open_file: Callable[[str], BinaryIO] | None = None) -> None:
+        """
+        @param open_file: opens C{path} for appending, unbuffered
+            (L{_append_to} when L{None}): each C{write} of what it returns
+            makes one C{write(2)} and returns the bytes written.
+        @raise OSError: C{path} cannot be opened (L{_append_to}).
+        """
         self.path = path
         #: The permission bits a log file it makes gets.
         self.mode = mode
-        self._file = _append_to(path)
+        self.format_event: Callable[[LogEvent], str | None] = text_line
+        self._open = open_file or _append_to
+        self._file = self._open(path)
         # Events may be logged from other threads (adbapi's): none writes
         # to a file being let go.
         self._lock = threading.Lock()
+        #: Lines not written since the last write that worked, and why the
+        #: last of them was not.
+        self._lost = 0
+        self._lost_reason = ""
+        #: Whether the last write that failed had written part of a line.
+        self._torn = False
+        #: Whether faulthandler writes to the file (L{report_fatal_signals}).
+        self._fatal_signals = False
 
     def write(self, data: str | bytes) -> None:
         """
-        Append C{data} (text is encoded as UTF-8, as twistd's log file does) in
-        one C{write(2)}: with C{O_APPEND}, at the file's end as it is
-        then, whichever process wrote last.
+        Append C{data} (text is encoded as UTF-8, as twistd's log file
+        does): with C{O_APPEND}, each C{write(2)} lands at the file's end
+        as it is then, whichever process wrote last; one that writes part
+        of C{data} only (a disk filling up) is followed by another for the
+        rest.  Never raises: the lines that could not be written are
+        counted, and said (L{LOST_LINES_FORMAT}) before the first write
+        that works again.
         """
         if isinstance(data, str):
             data = data.encode("utf-8")
         with self._lock:
-            self._file.write(data)
+            if self._lost:
+                failed = self._append(self._lost_lines())
+                if failed is not None:
+                    self._lost += max(1, data.count(b"\n"))
+                    self._lost_reason = failed[1]
+                    return
+                self._lost = 0
+            failed = self._append(data)
+            if failed is not None:
+                self._lost += failed[0]
+                self._lost_reason = failed[1]
+
+    def _append(self, data: bytes) -> tuple[int, str] | None:
+        """
+        Write all of C{data}, a short write followed by another for the
+        rest.
+
+        @return: L{None} once all is written; else how many lines of
+            C{data} were not written in full (at least 1) and why.
+        """
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                count = self._file.write(view[written:])
+                if not count:
+                    return self._failed(data, written, "the file took none of the bytes written")
+                written += count
+        except Exception as error:
+            return self._failed(data, written, getattr(error, "strerror", None) or str(error) or repr(error))
+        if data:
+            self._torn = not data.endswith(b"\n")
+        return None
+
+    def _failed(self, data: bytes, written: int, reason: str) -> tuple[int, str]:
+        if written:
+            self._torn = data[written - 1 : written] != b"\n"
+        return max(1, data.count(b"\n", written)), reason
+
+    def _lost_lines(self) -> bytes:
+        """
+        The line saying how many lines were lost and why, after a newline
+        ending the line a failed write left torn.
+        """
+        line = None
+        with contextlib.suppress(Exception):
+            line = self.format_event(
+                {
+                    "log_format": LOST_LINES_FORMAT,
+                    "log_level": LogLevel.error,
+                    "log_namespace": _log.namespace,
+                    "log_time": time.time(),
+                    "lost": self._lost,
+                    "reason": self._lost_reason,
+                }
+            )
+        if not line:
+            line = LOST_LINES_FORMAT.format(lost=self._lost, reason=self._lost_reason) + "\n"
+        return (b"\n" if self._torn else b"") + line.encode("utf-8")
 
     def flush(self) -> None:
-        with self._lock:
+        """
+        Nothing to flush (the file is unbuffered); never raises.
+        """
+        with self._lock, contextlib.suppress(Exception):
             self._file.flush()
 
     def close(self) -> None:
         with self._lock:
+            if self._fatal_signals:
+                # Not to a descriptor closed, or reused for another file.
+                faulthandler.disable()
+                self._fatal_signals = False
             self._file.close()
+
+    def report_fatal_signals(self) -> None:
+        """
+        Have a fatal signal (C{SIGSEGV}, C{SIGBUS}, C{SIGFPE}, C{SIGABRT},
+        C{SIGILL}) write Python's C{Fatal Python error} and every thread's
+        traceback to the file before the process dies of it (the standard
+        library's L{faulthandler}), and to each file L{reopen} opens from
+        then on; until L{close}.  Without it the process dies with nothing
+        logged (a SIGBUS from SQLite's memory-mapped C{-shm} file made
+        immutable: trial s33), its pidfile left behind.
+
+        @raise OSError: faulthandler cannot use the file's descriptor.
+        """
+        with self._lock:
+            faulthandler.enable(self._file)
+            self._fatal_signals = True
 
     def reopen(self) -> None:
         """
         Open C{path} again (creating it with L{mode} when it is not there,
         as the first one was, whatever the umask: under twistd's
         C{--umask 000} the new one was 0666, for anyone to write; one that
-        is there keeps its mode) and log to it from now on.  If it cannot
+        is there keeps its mode) and log to it from now on (and report
+        fatal signals there, L{report_fatal_signals}).  If it cannot
         be opened, say so in the log (still the file it had, wherever that
         was moved) and go on writing there: a later SIGUSR1 tries again.
         """
         try:
             _create_log_file(self.path, self.mode)
-            reopened = _append_to(self.path)
+            reopened = self._open(self.path)
         except (UnsafeLogFile, NotARegularFile) as error:
             _log.error(
                 "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
@@ -294,7 +411,37 @@ class ReopenedLogFile:
             return
         with self._lock:
             previous, self._file = self._file, reopened
+            if self._fatal_signals:
+                # Before the file it wrote to is closed.
+                faulthandler.enable(reopened)
             previous.close()
+
+
+#: The line written before the first line that could be written after
+#: some could not (L{ReopenedLogFile.write}): how many, and the error of
+#: the last (C{strerror}: "No space left on device").
+LOST_LINES_FORMAT = "({lost} log lines could not be written: {reason})"
+
+
+def report_fatal_signals(destination: IO[Any] | None, twistd_options: Mapping[str, Any]) -> None:
+    """
+    Have a fatal signal (C{SIGSEGV}, C{SIGBUS}, C{SIGFPE}, C{SIGABRT},
+    C{SIGILL}) leave Python's C{Fatal Python error} and every thread's
+    traceback where the operator looks (the standard library's
+    L{faulthandler}, which takes one file): in the log file when the
+    gateway logs to one (L{log_destination}; followed across SIGUSR1's
+    reopen, L{ReopenedLogFile.report_fatal_signals}); else, in the
+    foreground (C{-n}: standard output, C{--syslog}), on the process's
+    standard error (a terminal, systemd's journal).  A daemon logging to
+    syslog has none (its standard error is C{/dev/null}).
+
+    @param destination: L{log_destination}'s stream for C{twistd_options}.
+    """
+    if isinstance(destination, ReopenedLogFile):
+        destination.report_fatal_signals()
+    elif foreground(twistd_options) and sys.__stderr__ is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            faulthandler.enable(sys.__stderr__)
 
 
 class UnsafeLogFile(OSError):
@@ -409,7 +556,11 @@ def make_observer(stream: IO[Any], log_format: str, level: str) -> ILogObserver:
     L{QUIET_RECONNECTS}, L{QUIET_WEBSOCKET}) but for its line for a peer's
     TLS error, not shown (L{PeerTLSErrors}).
     """
-    inner = FileLogObserver(stream, json_line if log_format == "json" else text_line)
+    formatter = json_line if log_format == "json" else text_line
+    if isinstance(stream, ReopenedLogFile):
+        # Its line about lost lines is one of the file's format.
+        stream.format_event = formatter
+    inner = FileLogObserver(stream, formatter)
     threshold = LogLevel.levelWithName(level)
     predicate = LogLevelFilterPredicate(defaultLogLevel=threshold)
     if threshold != LogLevel.debug:
@@ -813,6 +964,7 @@ __all__ = [
     "KEYLESS_FIELD",
     "KEYLESS_REFUSAL_INTERVAL_SECONDS",
     "KEYLESS_REFUSAL_LINES",
+    "LOST_LINES_FORMAT",
     "PEER_CAUSED_LINES",
     "REFUSED_CONNECTION_FIELD",
     "PeerCausedLine",
@@ -826,5 +978,6 @@ __all__ = [
     "logs_to_stdout",
     "make_observer",
     "offer_log_observer",
+    "report_fatal_signals",
     "text_line",
 ]

@@ -54,7 +54,7 @@ from openclaw.listeners import (
     unix_socket_address,
     unix_socket_problem,
 )
-from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer
+from openclaw.logs import foreground, log_destination, logs_to_stdout, make_observer, report_fatal_signals
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.reactors import ITapReactor, tap_reactor
 from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
@@ -499,10 +499,13 @@ def _note_signals(
     SIGUSR1 when no log file is reopened on it, and SIGHUP unless the
     gateway runs in the foreground on a terminal (L{handles_hangup}); note
     a SIGTERM or SIGINT that comes while the gateway stops
-    (L{note_repeated_stops}).
+    (L{note_repeated_stops}); and have a fatal signal (SIGSEGV, SIGBUS)
+    leave its traceback in the log file, or on standard error in the
+    foreground (L{report_fatal_signals}).
     """
     if not twistd_options:
         return
+    report_fatal_signals(destination, twistd_options)
     logging_to = "syslog" if destination is None else "stdout" if destination is stdout else "a file"
     hangup = handles_hangup(not foreground(twistd_options), sys.stdin)
     note_signals(reactor, logging_to, hangup)

@@ -267,6 +267,24 @@ class DaemonTests(TestCase):
         yield client.closed
 
     @inlineCallbacks
+    def test_fatal_signal_leaves_a_traceback(self):
+        """
+        A daemon killed by a fatal signal (SIGBUS: SQLite's memory-mapped
+        C{-shm} file made immutable, trial s33 F3) leaves Python's
+        traceback in its log file, the one SIGUSR1 reopened.
+        """
+        logfile = self.dir / "gw.log"
+        port, pidfile, tokenfile = yield self.daemon(logfile)
+        pid = int(pidfile.read_text())
+        logfile.rename(self.dir / "gw.log.1")
+        os.kill(pid, signal.SIGUSR1)
+        yield wait_for(logfile.exists)
+        os.kill(pid, signal.SIGBUS)
+        yield wait_for(lambda: "Fatal Python error: Bus error" in logfile.read_text())
+        yield wait_for(lambda: "most recent call first" in logfile.read_text())
+        self.assertNotIn("Fatal Python error", (self.dir / "gw.log.1").read_text())
+
+    @inlineCallbacks
     def test_failed_reopen_keeps_logging(self):
         """
         SIGUSR1 with the log's directory moved away: the daemon goes on

@@ -7,14 +7,17 @@ knowing Twisted; the stream chosen as twistd would, reopened on SIGUSR1.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
 import re
 import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Application, MultiService
 from twisted.internet.defer import inlineCallbacks
@@ -706,3 +709,178 @@ class UpstreamPoolNamespaceTests(TestCase):
         yield pool.closeCachedConnections()
         # The pool's factory is named after its class, in the quiet module.
         self.assertTrue([namespace for namespace in namespaces if namespace.startswith(QUIET_NAMESPACES[0] + ".")])
+
+
+class FillingFile:
+    """
+    A log file (what L{ReopenedLogFile}'s C{open_file} returns) on a disk
+    that fills: each write takes at most C{chunk} bytes, and once C{room}
+    bytes are taken, fails with C{error} (C{ENOSPC}) until given room again.
+    """
+
+    def __init__(self, chunk: int = 1 << 20) -> None:
+        self.data = bytearray()
+        self.chunk = chunk
+        self.room: int | None = None
+        self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.writes = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.writes += 1
+        taken = min(len(data), self.chunk, len(data) if self.room is None else self.room)
+        if not taken and len(data):
+            raise self.error
+        if self.room is not None:
+            self.room -= taken
+        self.data += bytes(data[:taken])
+        return taken
+
+    def flush(self) -> None:
+        if self.room == 0:
+            raise self.error
+
+    def close(self) -> None:
+        pass
+
+
+class LostLinesTests(SynchronousTestCase):
+    """
+    A log file that takes part of a write, or none (a full disk): the
+    rest is written, or the lines lost are counted and said once writing
+    works again; nothing raises into the logging system (trial s33 F4).
+    """
+
+    def log_file(self, file: FillingFile) -> ReopenedLogFile:
+        path = Path(self.mktemp())
+        return ReopenedLogFile(str(path), open_file=lambda opened: file)
+
+    def test_short_writes_are_finished(self):
+        """
+        A write that takes part of a line is followed by writes of the
+        rest: no line is torn.
+        """
+        file = FillingFile(chunk=3)
+        log = self.log_file(file)
+        log.write("one line\n")
+        log.write(b"another \xe2\x80\x94\n")
+        self.assertEqual(bytes(file.data), "one line\nanother \u2014\n".encode())
+        self.assertGreater(file.writes, 2)
+
+    def test_lost_lines_are_counted_and_said(self):
+        """
+        Writes that fail (ENOSPC) raise nothing; the first that works
+        again is preceded by one line saying how many were lost and why,
+        as a line of the log's format (twistd's text here).
+        """
+        file = FillingFile()
+        log = self.log_file(file)
+        observer = make_observer(cast(Any, log), "text", "info")
+        observer(event(log_format="first"))
+        file.room = 0
+        observer(event(log_format="lost"))
+        observer(event(log_format="lost too\nover two lines"))
+        log.flush()
+        self.assertNotIn(b"lost", bytes(file.data))
+        file.room = None
+        observer(event(log_format="after"))
+        lines = bytes(file.data).decode().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertTrue(lines[0].endswith("first"), lines)
+        self.assertRegex(
+            lines[1], r"^\S+ \[openclaw#error\] \(3 log lines could not be written: No space left on device\)$"
+        )
+        self.assertTrue(lines[2].endswith("after"), lines)
+        observer(event(log_format="and on"))
+        self.assertEqual(bytes(file.data).decode().count("could not be written"), 1)
+
+    def test_torn_line_ended_first(self):
+        """
+        A line the disk filled in the middle of is ended before the line
+        saying it was lost, which is a JSON line in a JSON log; a failure
+        while saying so is counted too.
+        """
+        file = FillingFile()
+        log = self.log_file(file)
+        observer = make_observer(cast(Any, log), "json", "info")
+        file.room = 10
+        observer(event(log_format="torn apart"))
+        file.room = 0
+        file.error = OSError(errno.EPERM, os.strerror(errno.EPERM))
+        log.write("gone\n")
+        file.room = None
+        log.write("back\n")
+        lines = bytes(file.data).decode().split("\n")
+        self.assertEqual(len(lines[0]), 10)
+        said = json.loads(lines[1])
+        self.assertEqual(said["level"], "error")
+        self.assertEqual(said["message"], "(2 log lines could not be written: Operation not permitted)")
+        self.assertEqual(lines[2:], ["back", ""])
+
+    def test_closed_file(self):
+        """
+        A write to a file closed under it (a bug elsewhere) raises nothing
+        either, and is counted.
+        """
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = ReopenedLogFile(str(path))
+        log.write("one\n")
+        log.close()
+        log.write("two\n")
+        log.flush()
+        self.assertEqual(path.read_text(), "one\n")
+
+
+#: A process logging as the gateway does (L{log_destination},
+#: L{report_fatal_signals}) to the file it is given, which dies of the
+#: signal it is given, after a SIGUSR1's reopen with C{reopen}.
+FATAL_SCRIPT = """
+import io, os, signal, sys
+from openclaw.logs import log_destination, report_fatal_signals
+class Reactor:
+    def callFromThread(self, f, *args):
+        f(*args)
+path, signum, reopen = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reopen"
+options = {"nodaemon": False, "logfile": path}
+stream = log_destination(options, io.StringIO(), Reactor())
+report_fatal_signals(stream, options)
+stream.write("started\\n")
+if reopen:
+    os.rename(path, path + ".1")
+    os.kill(os.getpid(), signal.SIGUSR1)
+    stream.write("reopened\\n")
+os.kill(os.getpid(), signum)
+"""
+
+
+class FatalSignalTests(SynchronousTestCase):
+    """
+    A fatal signal (SIGBUS, SIGSEGV) leaves Python's traceback in the log
+    file, the one a SIGUSR1 reopened included (trial s33 F3: a SIGBUS
+    from SQLite's memory-mapped file killed the daemon with no line).
+    """
+
+    def die(self, signum: int, reopen: bool) -> Path:
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        died = subprocess.run(
+            [sys.executable, "-c", FATAL_SCRIPT, str(path), str(signum), "reopen" if reopen else "-"],
+            capture_output=True,
+            timeout=30,
+        )
+        self.assertEqual(died.returncode, -signum, died.stderr)
+        return path
+
+    def test_sigbus_leaves_a_traceback(self):
+        path = self.die(signal.SIGBUS, reopen=False)
+        log = path.read_text()
+        self.assertTrue(log.startswith("started\n"), log)
+        self.assertIn("Fatal Python error: Bus error", log)
+        self.assertIn("Current thread", log)
+
+    def test_reopened_file_gets_it(self):
+        path = self.die(signal.SIGSEGV, reopen=True)
+        log = path.read_text()
+        self.assertTrue(log.startswith("reopened\n"), log)
+        self.assertIn("Fatal Python error: Segmentation fault", log)
+        self.assertNotIn("Fatal Python error", Path(f"{path}.1").read_text())
