@@ -124,12 +124,158 @@ def effective_ids() -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
+#: How far the wall clock may run ahead of the monotonic clock between two
+#: purges of the usage rows (or the start and the first) before the purge
+#: goes by the monotonic clock instead (L{UsagePurge}), in seconds; and how
+#: far ahead of the clock the newest usage row may be dated at start
+#: before the clock is said to be behind (L{check_usage_dates}).
+CLOCK_STEP_SECONDS = 3600.0
+
+
+def _duration(seconds: float) -> str:
+    """
+    C{seconds} for a log line: C{"400.0 days"}, C{"2.5 h"}, C{"90 s"}.
+    """
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds:.0f} s"
+
+
+class UsagePurge:
+    """
+    One purge of the usage rows older than USAGE_RETENTION_DAYS, called
+    every L{USAGE_PURGE_SECONDS} (L{usage_purger}); fires with L{None},
+    never fails (a purge that fails is logged, and the next one tries
+    again).  A purge that deletes rows says how many and the cutoff.
+
+    The rows' C{ts} are the wall clock's, and so is the cutoff, unless
+    the wall clock has run more than L{CLOCK_STEP_SECONDS} ahead of the
+    monotonic clock since the last purge (or the start): set forward by
+    hand or by NTP, or the host was suspended (Linux's monotonic clock
+    stops meanwhile).  A purge by that clock would delete every row
+    younger than USAGE_RETENTION_DAYS by the real time (trial s33: all of
+    them, with no word).  The cutoff then goes by the monotonic clock
+    (the last purge's time plus the monotonic seconds since), and one
+    warning says so and what to do; once the two clocks agree again (the
+    wall clock set right) the purge follows the wall clock again, and
+    says so (but Twisted's timers go by the wall clock: one set back holds
+    the next purge until it reads again the time it read when set
+    forward, so the warning says to restart the gateway).  So no row is deleted before it is USAGE_RETENTION_DAYS old
+    by the monotonic clock (for rows dated by a clock right when they were
+    written); a wall clock set forward because it was behind (right now)
+    makes the rows be kept that much longer, until the gateway restarts.
+
+    A wall clock that was already far ahead when the gateway started is
+    not seen so: nothing on the host tells it from a long pause of the
+    gateway's use.
+    """
+
+    def __init__(
+        self,
+        store: ConsumerStore,
+        clock: IReactorTime,
+        retention_seconds: float,
+        where: str,
+        log: Logger,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """
+        @param clock: the wall clock (POSIX seconds; the reactor's).
+        @param retention_seconds: USAGE_RETENTION_DAYS, in seconds.
+        @param where: the database, as the operator knows it (for the log).
+        @param monotonic: the monotonic clock, in seconds (L{time.monotonic}).
+        """
+        self._store = store
+        self._clock = clock
+        self._retention = retention_seconds
+        self._where = where
+        self._log = log
+        self._monotonic = monotonic
+        #: The time the last purge (or the start) went by, wall clock's
+        #: seconds, and the monotonic clock then.
+        self._last = (clock.seconds(), monotonic())
+        #: Whether the purges go by the monotonic clock (the wall clock ran
+        #: ahead of it).
+        self._by_monotonic = False
+
+    def __call__(self) -> Deferred[None]:
+        wall = self._clock.seconds()
+        monotonic = self._monotonic()
+        last, last_monotonic = self._last
+        elapsed = monotonic - last_monotonic
+        expected = last + elapsed
+        ahead = wall - expected
+        if ahead > CLOCK_STEP_SECONDS:
+            now = expected
+            if not self._by_monotonic:
+                self._log.warn(
+                    "the wall clock ran {ahead} ahead of the monotonic clock in the {elapsed} since the last purge "
+                    "of the usage rows (it was set forward, by hand or by NTP, or the host was suspended; it reads "
+                    "{wall}): the usage rows are purged by the monotonic clock from now on (those dated before "
+                    "{cutoff}), not by the wall clock, which would delete rows younger than USAGE_RETENTION_DAYS; "
+                    "set the host's clock right (NTP), then restart the gateway: the purge follows the wall clock "
+                    "again once the two agree, but the gateway's timers go by the wall clock, and one set back "
+                    "holds them (this purge's included) until it reads {wall} again; if the wall clock is right "
+                    "now (it was behind), restart the gateway as well, to purge by it (until then the usage rows "
+                    "are kept {ahead} longer)",
+                    ahead=_duration(ahead),
+                    elapsed=_duration(max(elapsed, 0.0)),
+                    wall=isoformat(wall),
+                    cutoff=isoformat(now - self._retention),
+                    ahead_seconds=round(ahead, 3),
+                )
+            self._by_monotonic = True
+        else:
+            now = wall
+            if self._by_monotonic:
+                self._log.info(
+                    "the wall clock agrees with the monotonic clock again (it reads {wall}): the usage rows are "
+                    "purged by it again",
+                    wall=isoformat(wall),
+                )
+            self._by_monotonic = False
+        self._last = (now, monotonic)
+        cutoff = now - self._retention
+
+        def purged(count: int) -> None:
+            if count:
+                self._log.info(
+                    "deleted {count} usage row(s) dated before {cutoff} (older than USAGE_RETENTION_DAYS) "
+                    "from the consumers' database {where}",
+                    count=count,
+                    cutoff=isoformat(cutoff),
+                    where=self._where,
+                )
+
+        def failed(reason: Failure) -> None:
+            log_database_failure(
+                self._log,
+                "could not delete the usage rows older than USAGE_RETENTION_DAYS from the consumers' "
+                "database {where} ({error}); trying again in {seconds} s: check that the database is reachable "
+                "and not locked by another process",
+                reason,
+                where=self._where,
+                seconds=USAGE_PURGE_SECONDS,
+            )
+
+        return maybeDeferred(self._store.purge, cutoff).addCallbacks(purged, failed)
+
+
 def usage_purger(
-    store: ConsumerStore, clock: IReactorTime, retention_seconds: float, where: str, log: Logger
+    store: ConsumerStore,
+    clock: IReactorTime,
+    retention_seconds: float,
+    where: str,
+    log: Logger,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> LoopingCall:
     """
     A started L{LoopingCall} deleting, every L{USAGE_PURGE_SECONDS}, the
-    usage rows older than C{retention_seconds} (USAGE_RETENTION_DAYS).
+    usage rows older than C{retention_seconds} (USAGE_RETENTION_DAYS), by
+    the wall clock C{clock} unless it ran ahead of the C{monotonic} clock
+    (L{UsagePurge}).
 
     A purge that fails (SQLite's "database is locked", a PostgreSQL
     restarting) is logged and tried again at the next interval: a
@@ -137,25 +283,51 @@ def usage_purger(
 
     @param where: the database, as the operator knows it (for the log).
     """
-
-    def purge() -> Deferred[None]:
-        def failed(reason: Failure) -> None:
-            log_database_failure(
-                log,
-                "could not delete the usage rows older than USAGE_RETENTION_DAYS from the consumers' "
-                "database {where} ({error}); trying again in {seconds} s: check that the database is reachable "
-                "and not locked by another process",
-                reason,
-                where=where,
-                seconds=USAGE_PURGE_SECONDS,
-            )
-
-        return maybeDeferred(store.purge, clock.seconds() - retention_seconds).addCallbacks(lambda _: None, failed)
-
+    purge = UsagePurge(store, clock, retention_seconds, where, log, monotonic)
     purger = LoopingCall(LoggedStep(purge, log, "the purge of old usage rows"))
     purger.clock = clock
     purger.start(USAGE_PURGE_SECONDS, now=False)
     return purger
+
+
+def check_usage_dates(store: ConsumerStore, clock: IReactorTime, where: str, log: Logger) -> Deferred[None]:
+    """
+    Warn once when usage rows are dated more than L{CLOCK_STEP_SECONDS}
+    after the wall clock C{clock}: the clock is behind (a host started
+    without a working real-time clock, or one set back).  Reads the rows
+    after that time only (an index's range: none, as a rule).  Fires with
+    L{None}, never fails (a failed read is logged, at warn).
+
+    @param where: the database, as the operator knows it (for the log).
+    """
+    now = clock.seconds()
+
+    def checked(days: list[dict[str, Any]]) -> None:
+        if not days:
+            return
+        log.warn(
+            "this host's clock reads {now}, but usage rows of {requests} request(s) in the consumers' database "
+            "{where} are dated more than {ahead} later, up to {day}: the clock is behind (a host started without "
+            "a working real-time clock, or a clock set back); set it right (NTP): rows are dated by it, and "
+            "once it is set forward the usage rows are purged by the monotonic clock until the gateway restarts",
+            now=isoformat(now),
+            requests=sum(int(day["requests"]) + int(day["limited"]) for day in days),
+            where=where,
+            ahead=_duration(CLOCK_STEP_SECONDS),
+            day=days[-1]["day"],
+        )
+
+    def failed(reason: Failure) -> None:
+        log_database_failure(
+            log,
+            "could not compare the usage rows' dates with this host's clock in the consumers' database {where} "
+            "({error}): {advice}",
+            reason,
+            LogLevel.warn,
+            where=where,
+        )
+
+    return maybeDeferred(store.usage, None, now + CLOCK_STEP_SECONDS, None, "day").addCallbacks(checked, failed)
 
 
 class ListeningService(Service):
@@ -452,6 +624,7 @@ class ConsumersService(Service):
         reactor: IGatewayReactor,
         log: Logger,
         deadline: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """
         @param store: the consumers' store, its pool not made yet
@@ -461,6 +634,8 @@ class ConsumersService(Service):
         @param deadline: when the gateway's stop must be over (the end of
             SHUTDOWN_GRACE_SECONDS since it began), in the reactor's
             seconds; read at stop.
+        @param monotonic: the monotonic clock, in seconds, against which
+            the purge checks the reactor's wall clock (L{UsagePurge}).
         """
         self._store = store
         self._table = table
@@ -469,6 +644,7 @@ class ConsumersService(Service):
         self._reactor = reactor
         self._log = log
         self._deadline = deadline
+        self._monotonic = monotonic
         self._purger: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         self.ready: Deferred[None] = Deferred()
@@ -505,6 +681,7 @@ class ConsumersService(Service):
                 self._shared.loaded()
             if not self.ready.called:
                 self.ready.callback(None)
+            check_usage_dates(self._store, self._reactor, where, self._log)
 
         def failed(reason: Failure, failures: int, delay: float) -> None:
             # Once per outage: the retries after it say nothing until one
@@ -525,7 +702,7 @@ class ConsumersService(Service):
         self._opening.start()
         self._table.start(self._reactor)
         self._purger = usage_purger(
-            self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log
+            self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log, self._monotonic
         )
 
     @inlineCallbacks
