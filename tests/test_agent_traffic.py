@@ -1396,7 +1396,7 @@ class BadRequestTests(DataPlaneTestCase):
             ),
             ({"messages": QUESTION, "response_format": {"type": "xml"}}, "response_format.type"),
             ({"messages": QUESTION, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-            ({"messages": QUESTION, "reasoning_effort": "max"}, "reasoning_effort"),
+            ({"messages": QUESTION, "reasoning_effort": "maximum"}, "reasoning_effort"),
             ({"messages": QUESTION, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
             ({"messages": QUESTION, "top_logprobs": 21}, "top_logprobs"),
             ({"messages": [{"role": "user", "content": ""}]}, "messages"),

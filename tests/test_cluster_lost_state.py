@@ -953,7 +953,15 @@ class LostStateOnRedis(ClusterCase):
         yield deferToThread(redis_command, self.redis.port, "FLUSHALL")
         c = self.spawn(DEFAULT_PROVIDER="kimi")
         yield c.token
-        yield printed(c, b"applied the cluster's route gemini/", seconds=30)
+        # Either c wrote its own route first and then applied the
+        # operators', or a or b wrote theirs back before c read the store
+        # (a loaded host: c then starts on it).
+        deadline = time.monotonic() + 30
+        while b"applied the cluster's route gemini/" not in c.stdout and (
+            b"the active provider is gemini/" not in c.stdout
+        ):
+            self.assertLess(time.monotonic(), deadline, c.stdout[-3000:].decode(errors="replace"))
+            yield sleep(0.2)
         deadline = time.monotonic() + 30
         while token not in (
             held := (yield deferToThread(redis_command, self.redis.port, "HGET", "openclaw:state:token", "value")) or ""
