@@ -815,16 +815,19 @@ class StreamFailureTests(DataPlaneTestCase):
         An error the upstream reports inside its stream ends the client's
         stream the same way.
         """
-        # The first event, then {"error": {"message": "overloaded", "type":
-        # "engine_overloaded_error"}} (Moonshot's shape for a 503).
+        # The role chunk and the first word, then {"error": {"message":
+        # "overloaded", "type": "engine_overloaded_error"}} (Moonshot's
+        # shape for a 503).  (After the role chunk alone, the stream has
+        # not begun its answer: test_stream_start.EmptyFirstEventTests.)
         kimi = self.upstream.kimi
-        kimi.mode, kimi.cut_after, kimi.error_status, kimi.error_message = "stream_error", 1, 503, "overloaded"
+        kimi.mode, kimi.cut_after, kimi.error_status, kimi.error_message = "stream_error", 2, 503, "overloaded"
         gateway = self.gateway()
         response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
         self.assertEqual(response.code, 200)
         self.assertNotIn("[DONE]", text)
         events = [e for e in text.split("\n\n") if e]
-        self.assertEqual(len(events), 2, text)
+        self.assertEqual(len(events), 3, text)
+        self.assertEqual(json.loads(events[1][len("data: ") :])["choices"][0]["delta"], {"content": "Hello"})
         error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_error")
         # The provider's words, and what kind of error it said it was (trial
         # s30: the kind was dropped, which other errors keep).

@@ -25,6 +25,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from openclaw.dataplane.call import _StreamRelay
+from openclaw.dataplane.sse import Event
+from openclaw.providers.gemini.translate import GeminiStream, GeminiStreamTranslation
+from openclaw.providers.openai_compatible import OpenAIStream
+from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
 from tests.test_dataplane import HELLO
 from tests.test_resilience import OTHER, ResilienceTestCase
 
@@ -138,10 +142,12 @@ class BodyFailureTests(ResilienceTestCase):
     @inlineCallbacks
     def test_mid_stream_failure_keeps_the_stream(self):
         # Once the first event went out: an error event, no [DONE], and the
-        # breaker had its success at that first event.
+        # breaker had its success at that first event.  The role chunk
+        # alone is held back (EmptyFirstEventTests): cut after the first
+        # word.
         gateway = self.gateway(default_provider="kimi", breaker_failures=1)
         kimi = self.behaviour("kimi")
-        kimi.mode, kimi.cut_after = "cut", 1
+        kimi.mode, kimi.cut_after = "cut", 2
         response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), None)
@@ -174,9 +180,11 @@ class IdleDeadlineTests(ResilienceTestCase):
     def test_comments_do_not_hold_a_stream_open(self):
         # A provider sends one event, then only keep-alive comments, more
         # often than UPSTREAM_TIMEOUT: the stream still ends at its deadline.
+        # (The role chunk, then the first word: a role alone is held back,
+        # and a stall after it is a 504, EmptyFirstEventTests.)
         gateway = self.gateway(default_provider="kimi", fallback="off", upstream_timeout=0.6)
         kimi = self.behaviour("kimi")
-        kimi.mode, kimi.cut_after, kimi.chunk_interval = "trickle", 1, 0.1
+        kimi.mode, kimi.cut_after, kimi.chunk_interval = "trickle", 2, 0.1
         started = time.monotonic()
         response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
         self.assertEqual(response.code, 200)
@@ -333,3 +341,174 @@ class RelayEventCountTests(TestCase):
         empty = _StreamRelay(_CountingCall(_Request()), _Translation())  # type: ignore[arg-type]
         empty.dataReceived(b"data: [DONE]\n\n")
         self.assertEqual(empty.events, 0)
+
+
+def _gemini_empty_first(behaviour: Any) -> None:
+    """
+    Script C{behaviour}'s next Gemini stream to begin as Gemini's often
+    do: an event whose one part is C{{"text": ""}} (with its
+    C{usageMetadata}, as the stand-in sends on every event).
+    """
+    behaviour.answers.append(GeminiAnswer(events=(({"text": ""},), ({"text": "Hello"},), ({"text": " there."},))))
+
+
+class EmptyFirstEventTests(ResilienceTestCase):
+    """
+    A stream whose first event carries nothing of the answer (Moonshot's
+    role chunk C{{"role": "assistant", "content": ""}}, Gemini's
+    C{{"text": ""}} part) and then fails has not started its answer: it
+    is failed over and counted by the breaker as a stream whose first
+    event is the error (trial s33: 200, a role chunk, then
+    C{upstream_stream_error}; the breaker counted it a success).
+    """
+
+    def empty_then(self, provider: str, mode: str, status: int = 503) -> None:
+        behaviour = self.behaviour(provider)
+        behaviour.mode, behaviour.cut_after, behaviour.error_status = mode, 1, status
+        if provider == "gemini":
+            _gemini_empty_first(behaviour)
+
+    @inlineCallbacks
+    def test_error_after_it_fails_over_and_counts_for_the_breaker(self):
+        for origin in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=origin, breaker_failures=2)
+            target = OTHER[origin]
+            for _ in range(2):
+                self.empty_then(origin, "stream_error")
+                response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+                self.assertEqual(response.code, 200, (origin, text))
+                self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), [target])
+                self.assertEqual(
+                    response.headers.getRawHeaders("x-openclaw-fallback"), [f"{origin}->{target}; reason=http_5xx"]
+                )
+                # Nothing of the failed attempt: the fallback's stream alone.
+                self.assertEqual(text.count('"role"'), 1, text)
+                self.assertNotIn('"error"', text)
+                self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+                self.assertEqual(_content(text), "Hello from the stand-in.")
+            self.assertEqual(gateway.service.providers.get(origin).breaker.state, "open")
+            self.behaviour(origin).mode = "ok"
+            self.behaviour(origin).answers.clear()
+
+    @inlineCallbacks
+    def test_cut_or_stall_after_it_fails_over(self):
+        gateway = self.gateway(default_provider="kimi", upstream_timeout=0.5, breaker_failures=100)
+        # Keep-alive comments after it do not count: a stall all the same.
+        for mode, reason in (("cut", "broken"), ("stall", "timeout"), ("trickle", "timeout")):
+            self.empty_then("kimi", mode)
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 200, (mode, text))
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), [f"kimi->gemini; reason={reason}"])
+            self.assertEqual(_content(text), "Hello from the stand-in.")
+
+    @inlineCallbacks
+    def test_pinned_gets_the_mapped_status_as_json(self):
+        for provider in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=provider)
+            self.empty_then(provider, "stream_error")
+            response, text = yield self.post(gateway, {"model": PINNED[provider], "messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 502, (provider, text))
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
+            self.assertIn("overloaded", self.assertOpenAIError(text, "upstream_http_error")["message"])
+            self.behaviour(provider).mode = "ok"
+            self.behaviour(provider).answers.clear()
+
+    @inlineCallbacks
+    def test_held_back_bytes_go_first_unchanged(self):
+        """
+        A stream that goes well is sent as it was: Moonshot's role chunk
+        (held back until the first text) reaches the client first, byte
+        for byte as Moonshot sent it, then the rest.
+        """
+        gateway = self.gateway(default_provider="kimi")
+        body = {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 200, text)
+        kimi = self.behaviour("kimi")
+        direct = yield self.http().post(
+            f"{self.upstream.base_url('kimi')}/chat/completions",
+            data=json.dumps(kimi.last_body).encode(),
+            headers={"Content-Type": ["application/json"], "Authorization": [f"Bearer {kimi.key}"]},
+        )
+        sent = yield direct.text("utf-8")
+        self.assertEqual(text, sent)
+        self.assertTrue(text.startswith('data: {"id"'), text)
+        first = json.loads(text.split("\n\n")[0][6:])
+        self.assertEqual(first["choices"][0]["delta"], {"role": "assistant", "content": ""})
+
+    @inlineCallbacks
+    def test_nothing_but_it_is_an_answer(self):
+        """
+        A stream whose only events carry nothing (a role, empty text) and
+        that ends whole is answered with them, as before: an empty answer.
+        """
+        for provider in ("kimi", "gemini"):
+            gateway = self.gateway(default_provider=provider)
+            behaviour = self.behaviour(provider)
+            if provider == "kimi":
+                behaviour.answers.append(OpenAIAnswer(content=""))
+            else:
+                behaviour.answers.append(GeminiAnswer(events=(({"text": ""},),)))
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 200, (provider, text))
+            self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), [provider])
+            self.assertIn('"role": "assistant"' if provider == "kimi" else '"role":"assistant"', text)
+            self.assertIn('"finish_reason":"stop"' if provider == "gemini" else '"finish_reason": "stop"', text)
+            self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+
+
+class BegunTests(TestCase):
+    """
+    L{StreamTranslation.answer_begun}: an event has carried something of the answer.
+    """
+
+    def openai(self, *documents: Any) -> bool:
+        stream = OpenAIStream()
+        for document in documents:
+            stream.payloads(Event(b"", json.dumps(document).encode()))
+        return stream.answer_begun
+
+    def test_openai(self):
+        def chunk(delta: Any, **choice: Any) -> dict[str, Any]:
+            return {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": None, **choice}]}
+
+        role = chunk({"role": "assistant", "content": ""})
+        for nothing in (
+            role,
+            chunk({"role": "assistant", "content": None, "refusal": None, "tool_calls": []}),
+            chunk({"role": "assistant", "reasoning_content": ""}, logprobs={"content": [], "refusal": None}),
+            {"id": "c", "choices": [], "usage": {"prompt_tokens": 3}},
+            {"id": "c", "choices": [], "prompt_filter_results": []},
+        ):
+            self.assertFalse(self.openai(nothing), nothing)
+        for something in (
+            chunk({"content": "Hi"}),
+            chunk({"reasoning_content": "Hm"}),
+            chunk({"refusal": "No"}),
+            chunk({"tool_calls": [{"index": 0, "id": "t", "type": "function", "function": {"name": "f"}}]}),
+            chunk({}, finish_reason="stop"),
+            chunk({"role": "assistant"}, logprobs={"content": [{"token": "a", "logprob": 0}]}),
+        ):
+            self.assertTrue(self.openai(role, something), something)
+
+    def test_gemini(self):
+        def event(*parts: Any, **candidate: Any) -> Event:
+            document = {
+                "candidates": [{"content": {"parts": list(parts), "role": "model"}, **candidate}],
+                "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4},
+            }
+            return Event(b"", json.dumps(document).encode())
+
+        def begun(*events: Event) -> bool:
+            stream = GeminiStreamTranslation(GeminiStream("gemini-2.5-pro", "c", 0))
+            for e in events:
+                stream.payloads(e)
+            return stream.answer_begun
+
+        self.assertFalse(begun(event({"text": ""})))
+        self.assertFalse(begun(event({"text": ""}), event()))
+        self.assertTrue(begun(event({"text": ""}), event({"text": "Hi"})))
+        self.assertTrue(begun(event({"text": "Hm", "thought": True})))
+        self.assertTrue(begun(event({"functionCall": {"name": "f", "args": {}}})))
+        self.assertTrue(begun(event({"text": ""}, finishReason="STOP")))

@@ -4,9 +4,11 @@ or not.
 
 The client's response is committed (status line sent) only once the
 upstream's answer is read whole and accepted, or, for a stream, with its
-first translated event (or its end): every failure before that -- a 5xx, a
-body cut, stalled or malformed, a stream whose first event is an error --
-is a proper HTTP error (502, 504, or the status the provider's error stands
+first translated event that begins the answer (or its end; events before
+it that carry nothing of it, a role alone or empty text, are held back and
+sent ahead of it): every failure before that -- a 5xx, a body cut, stalled
+or malformed, a stream whose first event is an error, or whose error comes
+after such empty events -- is a proper HTTP error (502, 504, or the status the provider's error stands
 for), failed over when the route allows.  After that, in a stream, a
 failure can only be told in the stream itself: an error event, and no
 C{[DONE]}.
@@ -164,7 +166,7 @@ class ChatCall:
     (not C{pinned}) that fails before the client's response has started --
     connection refused or reset, no headers in time, 5xx, 429, auth, no
     usable key, breaker open, a 2xx body cut, stalled or malformed, a
-    stream that fails before its first event -- is sent once to the next provider
+    stream that fails before its answer begins (L{stream_data}) -- is sent once to the next provider
     (L{ProviderRegistry.fallback_for}) when C{FALLBACK=auto}: re-encoded for
     that provider's wire, its answer carrying C{X-OpenClaw-Fallback}.
     """
@@ -225,6 +227,10 @@ class ChatCall:
     #: A stream's first chunk (and with it the status line and headers) has
     #: gone to the client.
     _first_chunk_sent: bool = False
+    #: A stream's chunks held back until one begins the answer
+    #: (L{StreamTranslation.answer_begun}): a role alone, empty text, a usage.
+    #: Kept as the bytes they are, sent ahead of it.
+    _held: bytes = b""
     #: Completion text seen (a consumer's call), in UTF-8 bytes, for an
     #: estimate when no usage ever comes (L{openclaw.consumers.estimate}).
     _completion_bytes: int = 0
@@ -739,9 +745,9 @@ class ChatCall:
     def _start_stream(self, response: IResponse) -> None:
         """
         Read the 2xx stream; the client's status line and headers wait for
-        its first translated event (L{_open_stream}), so that a stream that
-        fails before it is answered, and failed over, like any failed
-        attempt.
+        its first translated event that begins the answer (L{stream_data},
+        L{_open_stream}), so that a stream that fails before it is
+        answered, and failed over, like any failed attempt.
         """
         self._waiting_for = _FIRST_EVENT
         created = int(self.context.reactor.seconds())
@@ -752,9 +758,9 @@ class ChatCall:
 
     def _open_stream(self) -> None:
         """
-        The stream's first event (or its end) has come: the provider has
-        answered (the breaker's verdict), and the client's status line and
-        headers go out with it.
+        The stream's first event that begins the answer (L{stream_data}),
+        or its end, has come: the provider has answered (the breaker's
+        verdict), and the client's status line and headers go out with it.
         """
         self._first_chunk_sent = True
         self._waiting_for = _NEXT_EVENT
@@ -770,8 +776,16 @@ class ChatCall:
 
     def stream_data(self, events: bytes, translation: StreamTranslation, decoded: bool = True) -> None:
         """
-        The relay has events for the client.  Written at once: nothing of a
-        stream is held back but its headers, until its first event.
+        The relay has events for the client.  Written at once, once the
+        stream has begun its answer (L{StreamTranslation.answer_begun}: text,
+        reasoning, a tool call, a finish reason).  Until then they are held
+        back (L{_held}: Moonshot's first chunk, a role and C{""}; Gemini's
+        C{{"text": ""}}), with the status line and headers, and sent ahead
+        of the first chunk that has, or at the stream's end
+        (L{_close_stream}): an error, a cut or a stall after them is a
+        stream that failed before its answer started (L{stream_broken},
+        L{stream_ended}, L{_timed_out}), answered, failed over and
+        counted by the breaker like any failed attempt.
 
         @param decoded: at least one whole upstream event was decoded: only
             then does the wait for the next one start again (a trickle of
@@ -787,8 +801,14 @@ class ChatCall:
         if events:
             events = self.adapter.scrubber.data(events)
             if not self._first_chunk_sent:
-                self._open_stream()
-            self.request.write(events)
+                if not translation.answer_begun:
+                    self._held += events
+                    events = b""
+                else:
+                    events, self._held = self._held + events, b""
+                    self._open_stream()
+            if events:
+                self.request.write(events)
         if translation.ended:
             self._close_stream(translation)
         elif decoded and translation.finished and not self._client_paused:
@@ -861,6 +881,8 @@ class ChatCall:
         if relay is not None:
             relay.stop()
         self._translation = None
+        # What it held back is not the next attempt's answer.
+        self._held = b""
         # The next attempt's stream starts unpaused.
         self._client_paused = False
 
@@ -898,8 +920,10 @@ class ChatCall:
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=drain)
+        # What was held back (a role alone: an answer with no text) goes first.
+        held, self._held = self._held, b""
         try:
-            self.request.write(closing + _DONE_EVENT)
+            self.request.write(held + closing + _DONE_EVENT)
             self.request.finish()
         finally:
             self._ended(200)

@@ -163,6 +163,34 @@ def _calls_tools(choice: Any) -> bool:
     return bool(isinstance(said, dict) and said.get("tool_calls")) or choice.get("finish_reason") == "tool_calls"
 
 
+def _empty(value: Any) -> bool:
+    """
+    Whether a field of a streamed choice says nothing: null, C{""}, C{[]}
+    or C{{}}.
+    """
+    return value is None or value == "" or value == [] or value == {}
+
+
+def _begins_answer(choice: dict[str, Any]) -> bool:
+    """
+    Whether a streamed choice (an object whose C{delta}, if any, is one)
+    carries something of the answer (L{StreamTranslation.answer_begun
+    <openclaw.providers.wire.StreamTranslation.answer_begun>}): a finish reason,
+    logprobs with a token, or a delta field but C{role} that is not
+    L{_empty} (text, C{reasoning_content}, a refusal, tool calls, a legacy
+    C{function_call}, or a field the gateway does not know).  Moonshot's
+    first chunk C{{"role": "assistant", "content": ""}} does not, nor
+    OpenAI's C{{"role": "assistant", "content": "", "refusal": null}}.
+    """
+    if choice.get("finish_reason") is not None:
+        return True
+    logprobs = choice.get("logprobs")
+    if not (_empty(logprobs) or (isinstance(logprobs, dict) and all(map(_empty, logprobs.values())))):
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and any(key != "role" and not _empty(value) for key, value in delta.items())
+
+
 def _listed_calls(choice: Any) -> bool:
     """
     Whether a choice's (whole or streamed) C{tool_calls}, if any, are a
@@ -420,6 +448,9 @@ class OpenAIStream:
     one_call: bool = False
     ended: bool = False
     usage: dict[str, Any] | None = None
+    #: A choice has carried something of the answer (L{_begins_answer};
+    #: L{StreamTranslation.answer_begun <openclaw.providers.wire.StreamTranslation.answer_begun>}).
+    answer_begun: bool = False
     #: The usage chunk has gone to the client.
     _usage_sent: bool = False
     #: C{id}, C{created}, C{model} of the chunk that carried the usage in
@@ -491,6 +522,8 @@ class OpenAIStream:
                     )
                 if choice.get("finish_reason") is not None:
                     self._finished.add(index)
+                if not self.answer_begun and _begins_answer(choice):
+                    self.answer_begun = True
         elif choices is not None:
             raise StreamBroken('the stream\'s "choices" is not a list', "upstream_malformed")
         if isinstance(usage, dict):

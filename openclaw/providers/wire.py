@@ -100,6 +100,22 @@ class StreamTranslation(Protocol):
         come.  Counted whether or not the client asked to see it.
         """
 
+    @property
+    def answer_begun(self) -> bool:
+        """
+        Some event so far carried something of the answer: text, reasoning,
+        a refusal, a tool call, logprobs, a finish reason (any delta field
+        but C{role} that is not null or empty).  Not a role alone, empty
+        text (Moonshot's usual first chunk C{{"role": "assistant",
+        "content": ""}}, Gemini's C{{"text": ""}} part), a usage (Gemini
+        repeats its prompt's on every event) nor an event with no choice:
+        the call holds such events back, with the client's status line,
+        until one that has begun the answer (or the stream's end), so that
+        an error after them is a stream that failed before its answer
+        started (L{ChatCall.stream_data
+        <openclaw.dataplane.call.ChatCall.stream_data>}).
+        """
+
     def payloads(self, event: Event) -> list[bytes]:
         """
         The C{chat.completion.chunk} JSON payloads for one upstream event.

@@ -1682,6 +1682,12 @@ class GeminiStream:
     #: choice index -> the signature of its last answer text part that
     #: had one, sent with its finish reason (L{text_signature}).
     _signatures: dict[int, str] = attrs.field(factory=dict)
+    #: An event has carried something of the answer: a delta field but
+    #: C{role} (text, reasoning, a call), logprobs with a token, or a
+    #: finish reason (L{StreamTranslation.answer_begun
+    #: <openclaw.providers.wire.StreamTranslation.answer_begun>}); not a
+    #: C{{"text": ""}} part alone, nor C{usageMetadata}.
+    answer_begun: bool = False
 
     @property
     def complete(self) -> bool:
@@ -1783,11 +1789,16 @@ class GeminiStream:
             if reason is not None:
                 self._finished[index] = reason
             tokens = logprobs(candidate)
+            if not self.answer_begun and (
+                reason is not None or len(delta) > ("role" in delta) or (tokens is not None and tokens["content"])
+            ):
+                self.answer_begun = True
             if delta or (tokens is not None and tokens["content"]):
                 choices.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": tokens})
         if not choices and _blocked(document) and not self._started:
             self._started.add(0)
             self._finished[0] = "content_filter"
+            self.answer_begun = True
             choices = [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None}]
         if not choices:
             return None
@@ -1901,6 +1912,10 @@ class GeminiStreamTranslation:
     @property
     def usage(self) -> dict[str, Any] | None:
         return self.translation.usage
+
+    @property
+    def answer_begun(self) -> bool:
+        return self.translation.answer_begun
 
     def payloads(self, event: Event) -> list[bytes]:
         try:
