@@ -694,6 +694,54 @@ class BreakerEndToEndTests(ResilienceTestCase):
         self.assertEqual(response.code, 200, text)
 
     @inlineCallbacks
+    def test_failover_skipped_for_a_breaker_is_said(self):
+        """
+        The call's provider fails (a 500) while its fallback's breaker is
+        open (or its keys rest): the 502 says why the fallback was not
+        tried, not the first failure alone (trial s33), as the 503 of
+        L{test_every_breaker_open_said_of_every_provider} does.
+        """
+        gateway = self.gateway(default_provider="kimi", breaker_failures=1, breaker_cooldown_seconds=30)
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 500
+        gemini = gateway.service.providers.get("gemini")
+        gemini.breaker.failed()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text, "upstream_http_error")["message"]
+        self.assertTrue(message.startswith("kimi answered HTTP 500"), message)
+        self.assertTrue(
+            message.endswith(
+                "(not failed over to gemini: it has been failing too, and its breaker is open for 30 s more "
+                "(BREAKER_COOLDOWN_SECONDS))"
+            ),
+            message,
+        )
+        self.assertIsNone(response.headers.getRawHeaders("x-openclaw-fallback"))
+        self.assertEqual(self.behaviour("gemini").requests, 0)
+        # Its cooldown over, and its half-open trial under way.
+        gemini.breaker.cooldown = 0
+        self.assertTrue(gemini.breaker.allow())
+        gateway.service.providers.get("kimi").breaker.succeeded()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        self.assertIn(
+            "(not failed over to gemini: it has been failing too, and its breaker's one trial call (half-open) "
+            "is under way)",
+            json.loads(text)["error"]["message"],
+        )
+        # Its breaker closed, but every key of its resting after a 429.
+        gemini.breaker.succeeded()
+        gemini.keys.rest(gemini.keys.keys[0], 20)
+        gateway.service.providers.get("kimi").breaker.succeeded()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        self.assertIn(
+            "(not failed over to gemini: every key the gateway holds for it is rate limited for 20 s more)",
+            json.loads(text)["error"]["message"],
+        )
+
+    @inlineCallbacks
     def test_other_endpoints_do_not_judge_completions(self):
         """
         Answers of the models listing and of embeddings say nothing of

@@ -63,6 +63,7 @@ from openclaw.dataplane.errors import (
     no_usable_key,
     out_of_descriptors,
     provider_not_configured,
+    retry_after_seconds,
     shutting_down,
     sooner_elsewhere,
     upstream_failed,
@@ -570,7 +571,11 @@ class ChatCall:
         target = context.providers.fallback_for(self.route.provider_id)
         if target is None:
             breaker = self.adapter.breaker.remaining() if reason == "breaker_open" else None
-            return self._fail(self._sooner_elsewhere(error, resting, breaker))
+            answer = self._sooner_elsewhere(error, resting, breaker)
+            if answer is error:
+                # No wait told of the fallbacks: why none was tried is.
+                answer = self._not_tried(error)
+            return self._fail(answer)
         model = target.fallback_model or target.default_model
         why_not = self._may_not_use(target.id, model)
         if why_not is not None:
@@ -692,6 +697,36 @@ class ChatCall:
                 return sooner_elsewhere(error, adapter.id, wait)
         return error
 
+    def _not_tried(self, error: APIError) -> APIError:
+        """
+        C{error}, saying of each provider the call could have failed over
+        to (L{ProviderRegistry.fallback_waits}, L{_could_take}) why it was
+        not tried: its breaker open (for so many seconds more) or its
+        half-open trial under way, or every key it holds rate limited
+        (for so many seconds more).  A 502 that named the first
+        provider's failure alone read as if no failover were set up
+        (trial s33); a 429 or 503 with a wait says so already
+        (L{_sooner_elsewhere}).  Only asked once no provider could take
+        the call (L{_upstream_failed}), never on the way of a call that
+        goes.
+        """
+        for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id):
+            if adapter.keys.available and adapter.breaker.would_allow():
+                continue
+            if not self._could_take(adapter):
+                continue
+            if not adapter.keys.available:
+                why = f"every key the gateway holds for it is rate limited for {retry_after_seconds(wait)} s more"
+            elif adapter.breaker.state is BreakerState.OPEN:
+                why = (
+                    f"it has been failing too, and its breaker is open for {retry_after_seconds(wait)} s more "
+                    "(BREAKER_COOLDOWN_SECONDS)"
+                )
+            else:
+                why = "it has been failing too, and its breaker's one trial call (half-open) is under way"
+            error = _not_failed_over(error, adapter.id, why)
+        return error
+
     def _could_take(self, adapter: ProviderAdapter) -> bool:
         """
         Whether the call could be failed over to C{adapter} once it takes
@@ -707,8 +742,9 @@ class ChatCall:
 
         Only asked while a 429 or 503 with a wait to shorten is being
         built (L{_sooner_elsewhere}), soonest provider first, until one
-        could: the request is not encoded again on the way of a call that
-        goes, nor for an answer no wait changes.
+        could, or once no provider could take the call and the answer
+        says why none was tried (L{_not_tried}): the request is not
+        encoded again on the way of a call that goes.
         """
         model = adapter.fallback_model or adapter.default_model
         consumers = self.context.consumers
