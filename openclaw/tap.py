@@ -275,6 +275,12 @@ def makeService(
     except InstalledAgain as e:
         # A worker's: its parent stops the gateway on this status.
         _fail(str(e), INSTALLED_AGAIN_STATUS)
+    except HostTrouble as e:
+        _close(port_locks)
+        _remove_state_directories(settings)
+        sys.stderr.write(f"openclaw: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     except ConfigError as e:
         _close(port_locks)
         _remove_state_directories(settings)
@@ -715,6 +721,23 @@ def _check_database_file(settings: Settings) -> Path | None:
     return database if made else None
 
 
+#: The errors of a lock file that are the host's, not the configuration's:
+#: its file system full or over quota, an I/O error (L{HostTrouble}).
+HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+
+class HostTrouble(ConfigError):
+    """
+    A file the gateway makes at start-up (a lock file) cannot be made for
+    the host's trouble (L{HOST_ERRNOS}: a full disk, a quota, an I/O
+    error), not its configuration: C{twistd openclaw} ends with one line
+    (C{openclaw: } and C{str()}) and exit status 1, which a unit manager
+    restarts (the shipped unit's C{RestartPreventExitStatus=2} is for
+    configuration errors only), as it does for a first token that cannot
+    be written.  A L{ConfigError} for callers that only refuse.
+    """
+
+
 def _holder(held: LockHeld, who: str = "another running gateway") -> str:
     """
     Who holds a lock, for a refusal: C{who}, and its pid when known.
@@ -758,7 +781,8 @@ def _lock_state_dir(settings: Settings) -> PidLock:
     except OSError as e:
         lock_path = settings.state_dir / STATE_LOCK
         why = _unusable(e, lock_path)
-        raise ConfigError(
+        refusal = HostTrouble if e.errno in HOST_ERRNOS else ConfigError
+        raise refusal(
             f"{named} cannot be locked: {why}; {_lock_fix(e, lock_path)}point "
             "STATE_DIR at a directory of the gateway's own"
         ) from None
@@ -786,7 +810,8 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
     except OSError as e:
         lock_path = token_file_lock_path(settings.token_file)
         why = _unusable(e, lock_path)
-        raise ConfigError(
+        refusal = HostTrouble if e.errno in HOST_ERRNOS else ConfigError
+        raise refusal(
             f"{named} cannot be locked: {why}; {_lock_fix(e, lock_path)}point "
             "TOKEN_FILE at a new path in a directory of the gateway's own (such as /run/openclaw/token)"
         ) from None
@@ -801,6 +826,8 @@ def _lock_fix(error: OSError, lock_path: Path) -> str:
     """
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"free space on the file system of {str(lock_path)!r}, or "
+    if error.errno == errno.EIO:
+        return f"check the disk of {str(lock_path)!r} (dmesg), or "
     if os.path.lexists(lock_path):
         return f"remove {str(lock_path)!r} if no gateway uses it, or "
     return ""

@@ -9,7 +9,9 @@ the token file.  Real C{twistd -n openclaw} processes, and the lock itself.
 from __future__ import annotations
 
 import errno
+import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -22,6 +24,7 @@ from openclaw import tap
 from openclaw.files import LockHeld, NotALockFile, PidLock
 from openclaw.session import SessionAuthority, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings
+from openclaw.tap import Options, makeService
 from tests.support import GatewayProcess, close_client, connect, free_port, spawn_gateway, within
 
 SECRET = "token-file-lock-secret-token-file-lock-42"
@@ -315,3 +318,58 @@ class LockFileAtStartTests(TestCase):
         self.assertTrue(lock_file.is_symlink())
         self.assertEqual(target.read_text(), "")
         self.assertFalse((directory / "token").exists())
+
+
+class LockFileHostTroubleTests(SynchronousTestCase):
+    def test_full_disk_is_not_a_configuration_error(self) -> None:
+        """
+        TOKEN_FILE's lock that cannot be written for a full disk at start
+        ends the start with exit status 1 (a unit manager restarts it; its
+        RestartPreventExitStatus=2 is for configuration errors), its line
+        saying to free space; other refusals stay configuration errors.
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        settings = Settings(token_file=directory / "token", state_dir=directory)
+        for number in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            with mock.patch("openclaw.files.os.pwrite", side_effect=OSError(number, os.strerror(number))):
+                refusal = self.assertRaises(tap.HostTrouble, tap._lock_token_file, settings)
+                self.assertRaises(tap.HostTrouble, tap._lock_state_dir, settings)
+            self.assertIn(os.strerror(number), str(refusal))
+        self.assertIn("check the disk", str(refusal))
+        with mock.patch("openclaw.files.os.pwrite", side_effect=OSError(errno.ENOSPC, "full")):
+            refusal = self.assertRaises(tap.HostTrouble, tap._lock_token_file, settings)
+        self.assertIn("free space on the file system", str(refusal))
+        with mock.patch("openclaw.files.os.pwrite", side_effect=PermissionError(errno.EACCES, "denied")):
+            refusal = self.assertRaises(ConfigError, tap._lock_token_file, settings)
+        self.assertNotIsInstance(refusal, tap.HostTrouble)
+
+    def test_start_ends_with_status_1(self) -> None:
+        """
+        C{twistd openclaw} whose TOKEN_FILE's lock cannot be written (a full
+        disk) ends with one line that is no "configuration error", exit
+        status 1, nothing left behind.
+        """
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        self.patch(
+            os,
+            "environ",
+            {"JWT_SECRET": "full-disk-secret-full-disk-secret-full-disk", "STATE_DIR": str(directory / "state")},
+        )
+        options = Options()
+        options.parseOptions(
+            ["--listen", f"tcp:{free_port()}:interface=127.0.0.1", "--token-file", str(directory / "token")]
+        )
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch("openclaw.files.os.pwrite", side_effect=full), self.assertRaises(SystemExit) as raised:
+            makeService(options, reactor, stdout=io.StringIO())
+        self.assertEqual(raised.exception.code, 1)
+        line = stderr.getvalue()
+        self.assertTrue(line.startswith("openclaw: TOKEN_FILE (--token-file)="), line)
+        self.assertIn("cannot be written (No space left on device); free space on the file system of", line)
+        self.assertNotIn("configuration error", line)
+        self.assertEqual(line.count("\n"), 1, line)
+        self.assertEqual(sorted(path.name for path in directory.iterdir()), [])
