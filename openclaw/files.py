@@ -418,6 +418,42 @@ class PidLock:
         os.pwrite(self._fd, line, 0)
         self._pid = pid
 
+    def displaced(self) -> str | None:
+        """
+        Whether the lock file is still at its path (L{displaced}, the file
+        this lock holds open): L{None} while it is (or once released),
+        else what became of it (C{"removed"}: a C{rm}, a C{rm -rf} of its
+        directory, a cleaner of C{/tmp} or C{/run}; C{"replaced by another
+        file"}).  A lock file gone from its path keeps out no other
+        process: the next one to take the lock makes a new file there,
+        and takes it.
+        """
+        if self._fd is None:
+            return None
+        return displaced(self.path, os.fstat(self._fd))
+
+    def retake(self) -> None:
+        """
+        Take the lock again on the file at its path (made if missing), as
+        L{acquire} does, after that file was removed or replaced
+        (L{displaced}), and let go of the file held before: no other
+        process can take the lock from now on.
+
+        @raise LockHeld: another process holds the file now at the path
+            (a second gateway started on it meanwhile); the lock held
+            before is kept.
+        @raise NotALockFile: what is at the path now is not a lock file.
+        @raise OSError: it cannot be made (its directory removed, a full
+            disk); the lock held before is kept.
+        """
+        if self._fd is None:
+            return
+        again = PidLock.acquire(self.path, self.shared)
+        fd, self._fd = self._fd, again._fd
+        self._pid = again._pid
+        again._fd = None
+        os.close(fd)
+
     def release(self) -> None:
         """
         Remove the lock file (if it is still the one locked), then let go
@@ -437,6 +473,31 @@ class PidLock:
             _unlink_if_held(self.path, fd)
         finally:
             os.close(fd)
+
+
+def displaced(path: Path, held: os.stat_result) -> str | None:
+    """
+    What became of a file this process holds open (C{held}: its
+    C{fstat}, or the C{stat} of its path taken when it was opened) at
+    C{path}: L{None} while the file there is that one (the same device
+    and inode; a symbolic link there is not followed: another file),
+    C{"removed"} when nothing is there (its directory removed too),
+    C{"replaced by another file"} otherwise.  A path that cannot be
+    looked at (permission denied) is taken as unchanged: L{None}.
+
+    A file removed under a process that holds it open is not gone: the
+    process reads and writes it still, and nobody else can open it; what
+    it writes there is lost when it closes it.
+    """
+    try:
+        there = os.stat(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return "removed"
+    except OSError:
+        return None
+    if (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+        return None
+    return "replaced by another file"
 
 
 def _unlink_if_held(path: Path, fd: int) -> None:

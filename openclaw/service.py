@@ -44,8 +44,10 @@ from openclaw.consumers.commands import LIST_ENVELOPE_BYTES, ConsumerCommands
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import (
+    DATABASE_FILE_LOST,
     RETRY_MAX_SECONDS,
     ConsumerStore,
+    DatabaseFileLost,
     Retrying,
     UnusableDatabaseFile,
     log_database_failure,
@@ -62,7 +64,7 @@ from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
-from openclaw.files import PidLock, write_atomically
+from openclaw.files import LockHeld, PidLock, write_atomically
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
 from openclaw.logs import offer_log_observer
 from openclaw.loops import LoggedStep
@@ -89,6 +91,12 @@ CONSUMERS_STOP_MIN_SECONDS = 1.0
 #: How often the usage rows older than USAGE_RETENTION_DAYS are deleted, in
 #: seconds.
 USAGE_PURGE_SECONDS = 3600.0
+
+#: How often the files the gateway holds open in STATE_DIR (and its token
+#: file's lock) are checked to be still at their paths, in seconds: the
+#: lock files (L{HeldLocks}), the consumers' SQLite database
+#: (L{ConsumersService}).
+FILES_CHECK_SECONDS = 2.0
 
 #: Why twistd's C{--uid}/C{--gid} are refused, and what to do instead: the
 #: gateway checks and makes its files (the token file's lock, the
@@ -477,6 +485,8 @@ class HeldLocks(Service):
         port_locks: Sequence[socket.socket],
         log: Logger,
         writer: FileWriter | None = None,
+        token_lock: PidLock | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         Reactor thread (or before the reactor runs).
@@ -490,12 +500,23 @@ class HeldLocks(Service):
         @param writer: the gateway's file writer (the state file's and the
             token file's writes after start-up), started and stopped with
             this service; L{None}: none.
+        @param token_lock: the lock of C{TOKEN_FILE} the session authority
+            holds (and lets go of), watched here with C{state_lock}
+            (L{check_lock_files}); L{None}: none.
+        @param clock: runs the check of the lock files every
+            L{FILES_CHECK_SECONDS} while started; L{None}: never run.
         """
         self._sessions = sessions
         self._writer = writer
         self._state_lock = state_lock
+        self._token_lock = token_lock
         self._port_locks = tuple(port_locks)
         self._log = log
+        self._clock = clock
+        self._checking: LoopingCall | None = None
+        #: The lock files whose loss was said (critical) and not mended
+        #: since: said once, not every check.
+        self._lost_said: set[Path] = set()
 
     def startService(self) -> None:
         """
@@ -510,6 +531,72 @@ class HeldLocks(Service):
                 self._state_lock.record_pid()
         if self._writer is not None:
             self._writer.startService()
+        if self._clock is not None and (self._state_lock is not None or self._token_lock is not None):
+            checking = self._checking = LoopingCall(
+                LoggedStep(self.check_lock_files, self._log, "the check that the lock files are in place")
+            )
+            checking.clock = self._clock
+            checking.start(FILES_CHECK_SECONDS, now=False)
+
+    def check_lock_files(self) -> None:
+        """
+        Check that the lock files held (C{STATE_DIR}'s, C{TOKEN_FILE}'s)
+        are still at their paths (L{PidLock.displaced}): one removed (an
+        C{rm}, a C{rm -rf} of its directory, a cleaner of C{/tmp} or
+        C{/run} removing files left untouched) or replaced keeps no second
+        gateway out any longer, which would start on the same directory or
+        token file.  It is taken again at once (L{PidLock.retake}; a
+        warning says so); when it cannot be (another process holds the
+        file now there, or its directory is gone), one critical line says
+        what happened and what to do, and the next checks try again
+        without saying it again.  Reactor thread (two C{stat} calls per
+        lock).
+        """
+        for lock, setting in ((self._state_lock, "STATE_DIR"), (self._token_lock, "TOKEN_FILE")):
+            if lock is None:
+                continue
+            what = lock.displaced()
+            if what is None:
+                continue
+            try:
+                lock.retake()
+            except LockHeld as e:
+                if lock.path not in self._lost_said:
+                    self._lost_said.add(lock.path)
+                    holder = "another process" if e.pid is None else f"process {e.pid}"
+                    self._log.critical(
+                        "the lock file {path} of {setting} was {what} while the gateway ran, and {holder} holds the "
+                        "one there now: a second gateway started on the same {setting}, and both use it (the same "
+                        "consumers' database, token file): stop one of them (this one is pid {pid}), then restart "
+                        "the other",
+                        path=str(lock.path),
+                        setting=setting,
+                        what=what,
+                        holder=holder,
+                        pid=os.getpid(),
+                    )
+            except OSError as e:
+                if lock.path not in self._lost_said:
+                    self._lost_said.add(lock.path)
+                    self._log.critical(
+                        "the lock file {path} of {setting} was {what} while the gateway ran, and cannot be made "
+                        "again ({error}): a second gateway may now start on the same {setting}; make its directory "
+                        "again (or the gateway's files in it: see the other lines), and restart the gateway",
+                        path=str(lock.path),
+                        setting=setting,
+                        what=what,
+                        error=e.strerror or str(e),
+                    )
+            else:
+                self._lost_said.discard(lock.path)
+                self._log.warn(
+                    "the lock file {path} of {setting} was {what} while the gateway ran (an rm, a cleaner of old "
+                    "files in /tmp or /run): made again and locked, so that no second gateway starts on the same "
+                    "{setting}; keep cleaners away from it",
+                    path=str(lock.path),
+                    setting=setting,
+                    what=what,
+                )
 
     def stopService(self) -> Deferred[None]:
         """
@@ -523,6 +610,9 @@ class HeldLocks(Service):
         L{SequentialMultiService}).  Reactor thread.
         """
         super().stopService()
+        if self._checking is not None and self._checking.running:
+            self._checking.stop()
+        self._checking = None
         writes: Deferred[None] = (
             succeed(None) if self._writer is None or not self._writer.running else self._writer.stopService()
         )
@@ -646,6 +736,7 @@ class ConsumersService(Service):
         self._deadline = deadline
         self._monotonic = monotonic
         self._purger: LoopingCall | None = None
+        self._checking: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         self.ready: Deferred[None] = Deferred()
 
@@ -658,6 +749,14 @@ class ConsumersService(Service):
         """
         super().startService()
         self._store.start()
+        if self._store.database_path is not None:
+            checking = self._checking = LoopingCall(
+                LoggedStep(
+                    self.check_database_file, self._log, "the check that the consumers' database is in STATE_DIR"
+                )
+            )
+            checking.clock = self._reactor
+            checking.start(FILES_CHECK_SECONDS, now=False)
         settings = self._settings
         where = "DATABASE_URL" if settings.database_url else str(sqlite_path(settings.state_dir))
 
@@ -705,6 +804,21 @@ class ConsumersService(Service):
             self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log, self._monotonic
         )
 
+    def check_database_file(self) -> Deferred[None]:
+        """
+        Check that the consumers' SQLite database is still at its path
+        (L{ConsumerStore.check_file}); the first time it is not, log one
+        critical line that says what happened and what to do
+        (L{DatabaseFileLost}), from then on the consumer commands' changes
+        being refused.
+        """
+
+        def checked(lost: DatabaseFileLost | None) -> None:
+            if lost is not None:
+                self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
+
+        return self._store.check_file().addCallback(checked)
+
     @inlineCallbacks
     def stopService(self) -> Any:
         """
@@ -722,6 +836,8 @@ class ConsumersService(Service):
             self._shared.stop()
         if self._opening is not None:
             self._opening.stop()
+        if self._checking is not None and self._checking.running:
+            self._checking.stop()
         deadline = self._deadline()
 
         def left() -> float:
@@ -890,7 +1006,9 @@ class GatewayService(SequentialMultiService):
         shared_clock = self._build_sessions(token_lock)
         #: Its first child (started first, stopped last): the locks of
         #: STATE_DIR, TOKEN_FILE and its ports, and the token file.
-        self._held = HeldLocks(self.sessions, state_lock, port_locks, self._log, self.writer)
+        self._held = HeldLocks(
+            self.sessions, state_lock, port_locks, self._log, self.writer, token_lock=token_lock, clock=reactor
+        )
         self._held.setServiceParent(self)
         # The metrics read the providers and the listeners, which count
         # into them: read through self, when scraped.

@@ -55,6 +55,7 @@ from openclaw.consumers.store import (
     GROUPS,
     CommandTimedOut,
     ConsumerExists,
+    DatabaseFileLost,
     database_error,
     sqlite_file_advice,
     unreachable,
@@ -118,6 +119,9 @@ def _database_failed(failure: Failure) -> Failure:
         return failure
     if failure.check(ConsumerExists):
         return Failure(_exists(str(failure.value)))
+    if failure.check(DatabaseFileLost):
+        # Refused before anything was written: what happened, and what to do.
+        return Failure(CommandError(str(failure.value)))
     if failure.check(InvalidConsumer):
         # Fields that do not go with the consumer as the database has it.
         return Failure(CommandError(str(failure.value)))

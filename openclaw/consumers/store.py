@@ -42,6 +42,7 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
@@ -54,7 +55,7 @@ from openclaw.consumers.model import (
     period_key,
     retired_name,
 )
-from openclaw.files import NotARegularFile, open_regular_file
+from openclaw.files import NotARegularFile, displaced, open_regular_file
 from openclaw.reactors import IStoreReactor
 from openclaw.threads import DaemonThread
 
@@ -522,6 +523,37 @@ def log_database_failure(
         log.failure(format, reason, log_level, error=database_error(reason), **fields)
 
 
+#: The critical line of a SQLite database file removed (or replaced) under
+#: the running gateway (L{DatabaseFileLost}), and the answer to each
+#: consumer command that would change the database from then on.
+DATABASE_FILE_LOST = (
+    "the consumers' database {path} was {what} while the gateway runs (an rm, a cleaner of old files, a "
+    "restore over it): the gateway still uses the file it opened, which nothing else can open and which is "
+    "gone when it stops, so the consumer commands that change consumers or keys are refused from now on "
+    "(nothing is changed: a restart would lose it); calls are still served and counted, their usage rows "
+    "written to that file only (lost at the restart); put the database back from a backup (or leave it "
+    "missing for a new, empty one: every consumer and key is then gone), then restart the gateway"
+)
+
+
+class DatabaseFileLost(Exception):
+    """
+    The consumers' SQLite database (or its C{-wal} or C{-shm} file) is no
+    longer at its path while the gateway uses it (L{ConsumerStore.check_file}):
+    removed, or replaced by another file.  C{str()} is L{DATABASE_FILE_LOST},
+    said.
+
+    @ivar path: the file that went, as named.
+    @ivar what: what became of it (L{openclaw.files.displaced}: C{"removed"},
+        C{"replaced by another file"}).
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(DATABASE_FILE_LOST.format(path=str(path), what=what))
+        self.path = path
+        self.what = what
+
+
 class StoreNotStarted(Exception):
     """
     The consumers' store was used before its pool was made
@@ -568,6 +600,17 @@ class ConsumerStore:
         # result (L{None}: never called).
         self._closing: list[Deferred[bool]] | None = None
         self._closed: bool | Failure | None = None
+        #: The SQLite database's path, whose file L{check_file} watches
+        #: (L{open}'s; L{None}: none watched, PostgreSQL).
+        self.database_path: Path | None = None
+        #: The files of the SQLite database the pool's connection opened
+        #: (the database, and its C{-wal} and C{-shm} once seen) and their
+        #: C{stat}; read and written on the pool's only thread
+        #: (C{cp_max=1}: L{_opened_sqlite}, L{_check_file}).
+        self._held_files: dict[Path, os.stat_result] = {}
+        #: Set once L{check_file} found the SQLite file gone from its
+        #: path: every consumer command's change then fails with it.
+        self.lost: DatabaseFileLost | None = None
 
     @property
     def pool(self) -> adbapi.ConnectionPool:
@@ -664,15 +707,93 @@ class ConsumerStore:
                     check_same_thread=False,
                     cp_min=1,
                     cp_max=1,
-                    cp_openfun=_open_sqlite,
+                    cp_openfun=store._opened_sqlite,
                     cp_reactor=reactor,
                 )
 
             dialect = "sqlite"
         store = cls(make, dialect, reactor, bounds)
+        if dialect == "sqlite":
+            store.database_path = path
         if start:
             store.start()
         return store
+
+    def _companions(self) -> tuple[Path, ...]:
+        """
+        The SQLite database's file and its C{-wal} and C{-shm} files (none
+        without L{database_path}).
+        """
+        path = self.database_path
+        if path is None:
+            return ()
+        return (path, *(path.with_name(path.name + suffix) for suffix in COMPANION_SUFFIXES))
+
+    def _opened_sqlite(self, connection: sqlite3.Connection) -> None:
+        """
+        The pool's C{cp_openfun} for SQLite (the pool's thread): the
+        connection set up (L{_open_sqlite}), and the files it opened
+        noted, for L{check_file}.
+        """
+        _open_sqlite(connection)
+        self._held_files.clear()
+        self._note_files()
+
+    def _note_files(self) -> None:
+        # Those there and not noted yet: the -wal and -shm files are made
+        # at the first use of the database in WAL mode.
+        for name in self._companions():
+            if name not in self._held_files:
+                with contextlib.suppress(OSError):
+                    self._held_files[name] = os.stat(name, follow_symlinks=False)
+
+    def _check_file(self) -> DatabaseFileLost | None:
+        """
+        On the pool's thread: whether a file the connection opened
+        (L{_held_files}) is no longer at its path (L{displaced}); the
+        first found.
+        """
+        for name, held in self._held_files.items():
+            what = displaced(name, held)
+            if what is not None:
+                return DatabaseFileLost(name, what)
+        self._note_files()
+        return None
+
+    def check_file(self) -> Deferred[DatabaseFileLost | None]:
+        """
+        Check, on the pool's thread, that the SQLite database's files the
+        connection opened (the database, its C{-wal} and C{-shm}) are
+        still at their paths: one removed (an C{rm}, a C{rm -rf} of
+        C{STATE_DIR}, a cleaner of old files) or replaced (a restore moved
+        over it) leaves the gateway writing to a file that is gone at its
+        stop, every change then lost.  The first time one is found, it is
+        L{lost}, and every consumer command's change fails with it from
+        then on (L{_command}); the usage rows are still written (to the
+        file the gateway holds).
+
+        @return: fires with the loss when this check found it (for the
+            caller to log, once), else with L{None} (SQLite's files in
+            place; found before; PostgreSQL; no connection yet; closing).
+        """
+        pool = self._pool
+        if (
+            self.lost is not None
+            or self.database_path is None
+            or pool is None
+            or not pool.running
+            or self._closing is not None
+        ):
+            return succeed(None)
+
+        def found(lost: DatabaseFileLost | None) -> DatabaseFileLost | None:
+            if lost is None or self.lost is not None or self._closing is not None:
+                # Closing: SQLite removes its -wal and -shm files as it closes.
+                return None
+            self.lost = lost
+            return lost
+
+        return deferToThreadPool(self.reactor, pool.threadpool, self._check_file).addCallback(found)
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -730,6 +851,10 @@ class ConsumerStore:
         @param after: what the transaction must wait for first (a delete:
             the usage rows being written), within the same deadline.
         """
+        if self.lost is not None:
+            # Its file gone from STATE_DIR: a change made now is lost at
+            # the restart.
+            return fail(self.lost)
         deadline = _Deadline()
         answer: Deferred[T] = Deferred()
 
@@ -1487,12 +1612,14 @@ __all__ = [
     "COMMAND_LOCK_TIMEOUT_MS",
     "COMMAND_SECONDS",
     "COMMAND_STATEMENT_TIMEOUT_MS",
+    "DATABASE_FILE_LOST",
     "GROUPS",
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
     "CommandTimedOut",
     "ConsumerExists",
     "ConsumerStore",
+    "DatabaseFileLost",
     "NewerSchema",
     "PooledConnection",
     "Retrying",

@@ -1,0 +1,200 @@
+"""
+The files the gateway holds open in STATE_DIR (its consumers' SQLite
+database, the lock files of STATE_DIR and TOKEN_FILE) removed or replaced
+under a running gateway (an C{rm}, a C{rm -rf} of the directory, a cleaner
+of old files in C{/tmp} or C{/run}): noticed within seconds, said in one
+critical line, and no consumer change answered "ok" that the restart would
+lose (careless-host trial s33, F1).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.consumers.store import DATABASE_FILE_LOST
+from openclaw.files import PidLock
+from openclaw.service import FILES_CHECK_SECONDS, HeldLocks
+from tests.support import capture_log_events
+from tests.test_consumers import GatewayCase
+from tests.test_dataplane import HELLO
+
+
+def _said(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    return [event for event in events if text in event.get("log_format", "")]
+
+
+class DatabaseRemovedTests(GatewayCase):
+    @inlineCallbacks
+    def wait_for(self, text: str, seconds: float) -> Any:
+        """
+        The first log event whose format holds C{text}, waited for up to
+        C{seconds}.
+        """
+        for _ in range(int(seconds * 10)):
+            said = _said(self.events, text)
+            if said:
+                return said[0]
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.fail(f"no line holding {text!r} within {seconds} s")
+
+    @inlineCallbacks
+    def test_database_removed_under_the_gateway(self) -> Any:
+        """
+        openclaw.db and its -wal and -shm files removed while the gateway
+        runs: within seconds one critical line (no traceback) says so and
+        what to do, and a consumer_create is refused with it, where it was
+        answered ok and lost at the restart; calls are still served.
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        for name in (database, *(database.with_name(database.name + tail) for tail in ("-wal", "-shm"))):
+            name.unlink(missing_ok=True)
+        said = yield self.wait_for("while the gateway runs", FILES_CHECK_SECONDS * 3)
+        self.assertEqual(said["log_format"], DATABASE_FILE_LOST)
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        self.assertNotIn("log_failure", said)
+        line = formatEvent(said)
+        self.assertIn(f"the consumers' database {database!s} was removed", line)
+        self.assertIn("restart the gateway", line)
+        self.assertIn("from a backup", line)
+        answer = yield client.command(gateway.token, "consumer_create", {"name": "beta"})
+        self.assertFalse(answer["ok"], answer)
+        self.assertIn("was removed while the gateway runs", answer["error"])
+        self.assertIn("refused", answer["error"])
+        self.assertNotIn("beta", gateway.service.consumers.consumers)
+        answer = yield client.command(gateway.token, "key_create", {"name": "alpha"})
+        self.assertFalse(answer["ok"], answer)
+        # Said once, not at every check.
+        yield deferLater(reactor, FILES_CHECK_SECONDS * 1.5, lambda: None)
+        self.assertEqual(len(_said(self.events, "while the gateway runs")), 1)
+        # Calls are served still, with the keys the gateway has.
+        completion = yield self.call(gateway, created["key"])
+        self.assertTrue(completion.choices)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
+    def call(self, gateway: Any, key: str) -> Any:
+        result = yield deferToThread(
+            self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+        return result
+
+    @inlineCallbacks
+    def test_database_replaced_under_the_gateway(self) -> Any:
+        """
+        openclaw.db replaced by another file (a backup moved over it) while
+        the gateway runs: said, and the changes refused, as when removed.
+        """
+        gateway, client = yield self.gateway()
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        other = database.with_name("restored.db")
+        sqlite3.connect(other).close()
+        os.replace(other, database)
+        said = yield self.wait_for("while the gateway runs", FILES_CHECK_SECONDS * 3)
+        self.assertIn("was replaced by another file", formatEvent(said))
+        answer = yield client.command(gateway.token, "consumer_create", {"name": "beta"})
+        self.assertFalse(answer["ok"], answer)
+        self.assertIn("replaced by another file", answer["error"])
+
+    @inlineCallbacks
+    def test_files_in_place_say_nothing(self) -> Any:
+        """
+        While the files stay, the checks say nothing, the changes are made,
+        and the gateway's stop (which removes the -wal and -shm files)
+        is not taken for their loss.
+        """
+        gateway, client = yield self.gateway()
+        yield deferLater(reactor, FILES_CHECK_SECONDS * 1.5, lambda: None)
+        yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
+        yield gateway.service.stopService()
+        self.assertEqual(_said(self.events, "while the gateway runs"), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class LockFilesTests(SynchronousTestCase):
+    """
+    The lock files of STATE_DIR and TOKEN_FILE removed or replaced while
+    the gateway holds them (L{HeldLocks.check_lock_files}).
+    """
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        self.events = capture_log_events(self)
+        self.state_lock = PidLock.acquire(self.dir / "openclaw.lock")
+        self.token_lock = PidLock.acquire(self.dir / "token.lock")
+        self.addCleanup(self.state_lock.release)
+        self.addCleanup(self.token_lock.release)
+        sessions = mock.Mock()
+        self.held = HeldLocks(sessions, self.state_lock, (), Logger(), token_lock=self.token_lock)
+
+    def test_in_place(self) -> None:
+        self.held.check_lock_files()
+        self.assertEqual(self.events, [])
+
+    def test_removed_is_made_again(self) -> None:
+        """
+        A lock file removed (a cleaner of old files): said, and taken again
+        at its path, so that a second gateway is refused as before.
+        """
+        self.state_lock.path.unlink()
+        self.assertEqual(self.state_lock.displaced(), "removed")
+        self.held.check_lock_files()
+        [said] = self.events
+        self.assertEqual(said["log_level"], LogLevel.warn)
+        line = formatEvent(said)
+        self.assertIn(f"the lock file {self.state_lock.path} of STATE_DIR was removed", line)
+        self.assertIn("made again and locked", line)
+        self.assertEqual(self.state_lock.path.read_text(), f"{os.getpid()}\n")
+        self.assertIsNone(self.state_lock.displaced())
+        self.assertRaises(Exception, PidLock.acquire, self.state_lock.path)
+        self.held.check_lock_files()
+        self.assertEqual(len(self.events), 1)
+
+    def test_taken_by_another(self) -> None:
+        """
+        A lock file removed, and a second gateway holding the one made
+        since: one critical line naming it, not repeated.
+        """
+        self.token_lock.path.unlink()
+        other = PidLock.acquire(self.token_lock.path)
+        self.addCleanup(other.release)
+        self.held.check_lock_files()
+        self.held.check_lock_files()
+        [said] = self.events
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        line = formatEvent(said)
+        self.assertIn(f"the lock file {self.token_lock.path} of TOKEN_FILE was replaced by another file", line)
+        self.assertIn(f"process {os.getpid()} holds the one there now", line)
+        self.assertIn("stop one of them", line)
+
+    def test_directory_removed(self) -> None:
+        """
+        The whole directory removed: one critical line, saying a second
+        gateway may start; taken again once the directory is back.
+        """
+        for name in self.dir.iterdir():
+            name.unlink()
+        self.dir.rmdir()
+        self.held.check_lock_files()
+        self.held.check_lock_files()
+        self.assertEqual([e["log_level"] for e in self.events], [LogLevel.critical, LogLevel.critical])
+        line = formatEvent(self.events[0])
+        self.assertIn("was removed while the gateway ran, and cannot be made again", line)
+        self.assertIn("a second gateway may now start on the same STATE_DIR", line)
+        self.dir.mkdir()
+        self.held.check_lock_files()
+        self.assertEqual([e["log_level"] for e in self.events[2:]], [LogLevel.warn, LogLevel.warn])
+        self.assertTrue(self.state_lock.path.exists())
