@@ -1177,6 +1177,7 @@ class GatewayService(SequentialMultiService):
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
             changed=self._consumer_changed,
+            hold_until_loaded=True,
         )
 
     def _build_cluster(self) -> None:

@@ -4,7 +4,8 @@ database, the lock files of STATE_DIR and TOKEN_FILE) removed or replaced
 under a running gateway (an C{rm}, a C{rm -rf} of the directory, a cleaner
 of old files in C{/tmp} or C{/run}): noticed within seconds, said in one
 critical line, and no consumer change answered "ok" that the restart would
-lose (careless-host trial s33, F1).
+lose (careless-host trial s33, F1).  A database that could not be used at
+start holds its usage rows until its schema is made (F5).
 """
 
 from __future__ import annotations
@@ -16,22 +17,31 @@ from typing import Any
 from unittest import mock
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.consumers.store import DATABASE_FILE_LOST
+from openclaw.consumers.store import DATABASE_FILE_LOST, ConsumerStore
 from openclaw.files import PidLock
 from openclaw.service import FILES_CHECK_SECONDS, HeldLocks
 from tests.support import capture_log_events
-from tests.test_consumers import GatewayCase
+from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO
 
 
 def _said(events: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     return [event for event in events if text in event.get("log_format", "")]
+
+
+def _full() -> sqlite3.OperationalError:
+    """
+    SQLite's error for a full disk.
+    """
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    return error
 
 
 class DatabaseRemovedTests(GatewayCase):
@@ -120,6 +130,71 @@ class DatabaseRemovedTests(GatewayCase):
         yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
         yield gateway.service.stopService()
         self.assertEqual(_said(self.events, "while the gateway runs"), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class UsageHeldUntilLoadedTests(GatewayCase):
+    @inlineCallbacks
+    def test_rows_wait_for_the_schema(self) -> Any:
+        """
+        The consumers' database cannot be used at start (a full STATE_DIR:
+        its schema not made): the gateway keys' usage rows are not written
+        to it (a critical line with a traceback, "no such table: usage_rows",
+        trial s33 F5), but kept, and written once the schema is made.
+        """
+        migrate = ConsumerStore.migrate
+        failures = []
+
+        def full_at_first(store: ConsumerStore) -> Any:
+            if not failures:
+                failures.append(_full())
+                return fail(failures[0])
+            return migrate(store)
+
+        self.patch(ConsumerStore, "migrate", full_at_first)
+        gateway, _ = yield self.gateway()
+        table = gateway.service.consumers
+        self.assertFalse(table.loaded)
+        yield self.call(gateway)
+        yield table.flush()
+        self.assertEqual(table.pending_rows(), 1)
+        self.assertEqual(_said(self.events, "could not write"), [])
+        for _ in range(100):
+            if table.loaded:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(table.loaded)
+        yield table.flush()
+        self.assertEqual(table.pending_rows(), 0)
+        [usage] = yield gateway.service.consumer_store.usage(None, None, None, None)
+        self.assertEqual(usage["requests"], 1, usage)
+        self.assertEqual(_said(self.events, "could not write"), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
+    def call(self, gateway: Any) -> Any:
+        yield deferToThread(
+            self.sdk(gateway, GATEWAY_KEY).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
+        )
+
+    @inlineCallbacks
+    def test_never_loaded_given_up_at_stop(self) -> Any:
+        """
+        Never loaded by the stop (its schema never made): the rows held are
+        tried at stop, and given up in one critical line, without a
+        traceback ("no such table" is the database's trouble, said at the
+        start).
+        """
+        self.patch(ConsumerStore, "migrate", lambda store: fail(_full()))
+        gateway, _ = yield self.gateway(shutdown_grace_seconds=1.0)
+        yield self.call(gateway)
+        yield gateway.service.stopService()
+        [said] = _said(self.events, "given up")
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        self.assertNotIn("log_failure", said)
+        self.assertIn(
+            "could not write the last 1 usage rows at stop (no such table: usage_rows); given up", formatEvent(said)
+        )
         self.assertEqual(self.flushLoggedErrors(), [])
 
 

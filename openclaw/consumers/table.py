@@ -639,6 +639,12 @@ class ConsumerTable:
         L{openclaw.consumers.shared.SharedConsumers.publish}).
     @param held_log_seconds: how long a write of usage rows the database
         holds goes unsaid, in seconds (L{HELD_LOG_SECONDS} by default).
+    @param hold_until_loaded: write no usage rows until the table is
+        L{loaded} (the gateway's: its schema is made, or found, first; a
+        database that could not be used at start has no table to write
+        them to): they wait, and are written by the first flush after the
+        load; at stop they are tried all the same, and given up in one
+        line, without a traceback, if the database still cannot take them.
     """
 
     _log = Logger()
@@ -654,8 +660,10 @@ class ConsumerTable:
         reserve_tokens: int = 1000,
         changed: Callable[[str], None] = lambda name: None,
         held_log_seconds: float = HELD_LOG_SECONDS,
+        hold_until_loaded: bool = False,
     ) -> None:
         self.store = store
+        self.hold_until_loaded = hold_until_loaded
         self.prices = prices
         self.clock = clock
         self.metrics = metrics
@@ -829,7 +837,12 @@ class ConsumerTable:
             if reactor is None or left <= 0:
                 self._given_up = True
                 rows, self._pending = self._pending, []
-                log_database_failure(self._log, GIVEN_UP, failure, count=len(rows))
+                if self.hold_until_loaded and not self.loaded:
+                    # Never loaded (its schema perhaps never made: "no such
+                    # table"): the database's trouble, said at the start.
+                    self._log.critical(GIVEN_UP, count=len(rows), error=database_error(failure))
+                else:
+                    log_database_failure(self._log, GIVEN_UP, failure, count=len(rows))
                 return None
             await deferLater(reactor, min(delay, left))
             delay = min(delay * 2, STOP_RETRY_MAX_SECONDS)
@@ -1194,6 +1207,13 @@ class ConsumerTable:
             # wait for the one under way (a read that fails is its own
             # caller's).
             return busy.observe().addBoth(lambda _: None)
+        if self.hold_until_loaded and not self.loaded and not self._stopping:
+            # No schema yet, perhaps (a full disk, a database away at
+            # start): the rows wait for the load (the gateway's keys' sums
+            # among them, bounded as the others).
+            for row in self.gateway_usage.take():
+                self._add(row)
+            return succeed(None)
         # The gateway's rows taken first: should that raise, the rows
         # pending stay pending.
         taken = self.gateway_usage.take()
