@@ -911,6 +911,29 @@ class SharedCounters:
             errbackArgs=(consumer, now, holder, reserve, tokens),
         )
 
+    def refusal(self, consumer: Consumer, now: float) -> APIError | None:
+        """
+        The 429 L{admit} surely answers C{consumer} now whatever its call
+        would reserve, or None (L{LocalCounters.refusal}, for a request
+        whose body is not read yet).  While Redis is away, this instance
+        decides alone (L{_here}): its own counters' refusal.  With Redis,
+        the cluster decides, from every instance's counts; this instance
+        knows for sure only a budget spent (a period's spend only grows,
+        and the cluster's is at least what this instance counted or last
+        read from Redis): that 429 C{insufficient_quota}, whose figures
+        are this instance's last sight of the cluster's.  Its C{rpm} and
+        C{tpm} windows hold only its own calls, and the cluster's
+        reservations may have been released since: those are left to
+        Redis's admission.
+        """
+        if not self.up:
+            return self.local.refusal(consumer, now)
+        budget = consumer.budget_usd
+        if budget is None:
+            return None
+        spent = self.spent(consumer.name, consumer.budget_period, now)
+        return budget_spent(consumer, spent, now, cluster=True) if spent >= budget else None
+
     def _decided(
         self, reply: Any, consumer: Consumer, now: float, holder: Holder | None, reserve: float, tokens: int
     ) -> APIError | None:

@@ -87,6 +87,9 @@ TOKENS_RETRY_SECONDS = BUDGET_RETRY_SECONDS
 #: tokens for longer than the limit's own memory; a call still running
 #: then is counted when it ends, like any other.
 TOKEN_RESERVATION_SECONDS = 60
+#: The provider and model of the usage row of a call refused before its
+#: body was read (L{ConsumerTable.refused_unread}): none was named yet.
+UNREAD = "-"
 
 _Amount = TypeVar("_Amount", int, float)
 
@@ -365,6 +368,8 @@ class Counters(Protocol):
         self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
     ) -> APIError | Deferred[APIError | None] | None: ...
 
+    def refusal(self, consumer: Consumer, now: float) -> APIError | None: ...
+
     def counted(self, consumer: str, tokens: int, cost: float, now: float, holder: Holder | None = None) -> None: ...
 
     def spent(self, consumer: str, period: str, now: float) -> float: ...
@@ -468,9 +473,14 @@ class LocalCounters:
                     del tokens_held[holder.reserved_at]
             holder.reserved_tokens = 0
 
-    def admit(
-        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
-    ) -> APIError | None:
+    def refusal(self, consumer: Consumer, now: float) -> APIError | None:
+        """
+        The 429 L{admit} answers C{consumer} now whatever its call would
+        reserve (its budget spent or held by calls in flight, its C{tpm}
+        or C{rpm} window full), or None; counts nothing.  The same
+        refusal, in the same order, as L{admit}'s: L{admit} decides with
+        it first.
+        """
         name = consumer.name
         if consumer.budget_usd is not None:
             spent = self.spent(name, consumer.budget_period, now)
@@ -478,22 +488,37 @@ class LocalCounters:
             if spent + reserved >= consumer.budget_usd:
                 return budget_spent(consumer, spent, now, reserved)
         if consumer.tpm is not None:
-            window = self.tokens.get(name)
+            # No window yet: nothing counted (and none made for a refusal).
+            window = self.tokens.get(name, None)
             if window is None:
-                window = self.tokens[name] = SlidingWindow()
+                window = SlidingWindow()
             held = self.reserved_tokens(name, now)
             used, reserved_tokens = window.used(now), sum(held.values())
             if used + reserved_tokens >= consumer.tpm:
                 retry = window.retry_after(now, consumer.tpm, sorted(held.items()))
                 return tpm_refused(name, consumer.tpm, used, reserved_tokens, retry)
+        if consumer.rpm is not None:
+            requests = self.requests.get(name, None)
+            if requests is None:
+                requests = SlidingWindow()
+            if requests.used(now) >= consumer.rpm:
+                return rate_limited(name, "rpm", consumer.rpm, requests.retry_after(now, consumer.rpm))
+        return None
+
+    def admit(
+        self, consumer: Consumer, now: float, holder: Holder | None = None, reserve: float = 0.0, tokens: int = 0
+    ) -> APIError | None:
+        if consumer.tpm is not None and consumer.name not in self.tokens:
+            self.tokens[consumer.name] = SlidingWindow()
+        refused = self.refusal(consumer, now)
+        if refused is not None:
+            return refused
         # Every consumer's requests are counted, with an rpm or without
         # (as its tokens are, L{counted}): an rpm set later judges the
         # last 60 s, not only the requests made since.
-        window = self.requests.get(name)
+        window = self.requests.get(consumer.name)
         if window is None:
-            window = self.requests[name] = SlidingWindow()
-        if consumer.rpm is not None and window.used(now) >= consumer.rpm:
-            return rate_limited(name, "rpm", consumer.rpm, window.retry_after(now, consumer.rpm))
+            window = self.requests[consumer.name] = SlidingWindow()
         window.add(now)
         self._reserve(consumer, holder, reserve, tokens, now)
         if holder is not None and (consumer.rpm is not None or consumer.tpm is not None):
@@ -1001,6 +1026,32 @@ class ConsumerTable:
         if isinstance(refusal, Deferred):
             return refusal.addCallback(self._limited, holder, provider, model)
         return self._limited(refusal, holder, provider, model)
+
+    def refused_unread(self, holder: Holder) -> APIError | None:
+        """
+        The 429 L{admit} would answer the holder's call now whatever it
+        asks (its budget spent, its C{tpm} or C{rpm} window full: the
+        counters' L{refusal <LocalCounters.refusal>}), for a request
+        whose body is not read yet; None when its body may decide (or it
+        is admitted).  A refusal is counted as L{admit}'s are (the
+        metrics, a usage row marked limited), under provider and model
+        C{-}: none was read.  The caller answers it (its log line);
+        L{admit} is not asked.
+
+        A large body's work (L{openclaw.dataplane.offload}) is not done for
+        a consumer refused whatever it sends (hostile trial s33: 150 bodies
+        of 8 MB from a consumer with an C{rpm} of 1 were each parsed
+        before its admission refused 149 of them).  A refusal that depends
+        on the body (the model it names, what it would reserve) is still
+        decided by L{admit} once it is read.
+        """
+        if holder is GATEWAY:
+            return None
+        consumer = self.current(holder)
+        if consumer is None:
+            # Deleted since its key was looked up: L{admit} answers it.
+            return None
+        return self._limited(self.counters.refusal(consumer, self.clock()), holder, UNREAD, UNREAD)
 
     def admit_listing(self, holder: Holder) -> APIError | Deferred[APIError | None] | None:
         """

@@ -123,6 +123,19 @@ def request_body(request: Request) -> bytes:
     return body
 
 
+def body_length(request: Request) -> int:
+    """
+    The length of the body of C{request} (bytes), without reading it
+    (L{request_body} reads it).
+    """
+    content = request.content
+    if content is None:
+        return 0
+    length = content.seek(0, io.SEEK_END)
+    content.seek(0)
+    return int(length)
+
+
 def error_response(request: Request, error: APIError) -> bytes:
     """
     Set C{request} up to answer with C{error}; the body to return.
@@ -482,6 +495,28 @@ class AuthenticatedResource(APIResource):
         if self.context.consumers is not None:
             self.context.consumers.refused(holder, refusal)
         raise refusal
+
+    def refuse_unread(self, request: Request, started: float, holder: Holder) -> None:
+        """
+        Before a large request body is read: refuse a consumer whose limits
+        refuse its call whatever it asks (L{ConsumerTable.refused_unread
+        <openclaw.consumers.table.ConsumerTable.refused_unread>}: its
+        budget spent, its C{rpm} or C{tpm} window full), with the 429 its
+        admission would answer, logged and counted once (no route, no
+        provider: C{-}), without the body's work (a large one's in
+        L{BodyWorkers <openclaw.dataplane.offload.BodyWorkers>}).
+
+        @raise APIError: that refusal.
+        """
+        consumers = self.context.consumers
+        if consumers is None or holder is GATEWAY:
+            return
+        refusal = consumers.refused_unread(holder)
+        if refusal is not None:
+            self.context.completed(
+                request, started, refusal.status, consumer=holder.consumer, provider="-", error=refusal
+            )
+            raise refusal
 
     def _refused(
         self, request: Request, refusal: APIError, started: float, route: Route, holder: Holder, write: bool = True
@@ -942,9 +977,11 @@ class ChatCompletions(AuthenticatedResource):
         started = context.reactor.seconds()
         holder = self.authenticate(request, started)
         active = context.route.current
+        if body_length(request) > context.bodies.above:
+            # Not worked on for a consumer refused whatever it sends.
+            self.refuse_unread(request, started, holder)
+            return self._prepare_apart(request, request_body(request), active, started, holder)
         raw = request_body(request)
-        if len(raw) > context.bodies.above:
-            return self._prepare_apart(request, raw, active, started, holder)
         try:
             prepared = prepare_chat(raw, content_encoding(request.requestHeaders), active, context.providers)
         except APIError as error:
