@@ -16,25 +16,25 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar, cast
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from openclaw.dataplane import call
+from openclaw.dataplane import call, resource
 from openclaw.dataplane.offload import OFFLOAD_BYTES, BodyWorkers
 from tests.support import free_port, spawn_gateway, within
-from tests.test_dataplane import GATEWAY_KEY, DataPlaneTestCase
+from tests.test_dataplane import GATEWAY_KEY, OTHER_GATEWAY_KEY, DataPlaneTestCase
 from tests.test_twistd import base_env
 
 GEMINI_MODEL = "gemini/gemini-flash-latest"
@@ -64,15 +64,15 @@ def tool_loop(calls: int, model: str = GEMINI_MODEL, **fields: Any) -> dict[str,
     }
 
 
-def http_post(port: int, body: bytes, headers: bytes = b"") -> tuple[bytes, bytes, float]:
+def http_post(port: int, body: bytes, headers: bytes = b"", key: str = GATEWAY_KEY) -> tuple[bytes, bytes, float]:
     """
     POST C{body} to the chat completions of the API on C{port} with a
-    blocking socket (call it in a thread); the status line, the rest of
-    the answer, and the seconds it took.
+    blocking socket (call it in a thread), with C{key}; the status line,
+    the rest of the answer, and the seconds it took.
     """
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
-        + GATEWAY_KEY.encode()
+        + key.encode()
         + b"\r\nContent-Type: application/json\r\nConnection: close\r\n"
         + headers
         + b"Content-Length: %d\r\n\r\n" % len(body)
@@ -251,9 +251,9 @@ class CountedWorkers(BodyWorkers):
 
     runs: int = 0
 
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
+    def run(self, work: Callable[[], T], whose: Hashable | None = None) -> Deferred[T]:
         self.runs += 1
-        return super().run(work)
+        return super().run(work, whose)
 
 
 @attrs.define(eq=False)
@@ -266,8 +266,8 @@ class HeldWorkers(CountedWorkers):
     held: int = 2
     _release: Deferred[None] | None = None
 
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
-        done = super().run(work)
+    def run(self, work: Callable[[], T], whose: Hashable | None = None) -> Deferred[T]:
+        done = super().run(work, whose)
         if self.runs != self.held:
             return done
         self._release = Deferred()
@@ -707,8 +707,109 @@ class BodyWorkersTests(TestCase):
         workers.stop()
 
     def test_no_threads_without_a_threaded_reactor(self):
-        from twisted.internet.task import Clock
-
         workers = BodyWorkers.of(Clock())
         self.assertEqual(workers.above, math.inf)
         self.assertRaises(RuntimeError, workers.run, lambda: None)
+
+
+class BoundTests(DataPlaneTestCase):
+    """
+    The large bodies in the pool are bounded, overall and per key holder
+    (hostile trial s33: 200 bodies of 8 MB from one key holder queued
+    without a bound took the process to 1.7 GB, and held every client up
+    for 6-11 s): past either bound, a body is refused at once, with
+    C{Retry-After}, logged and counted, and not worked on.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_bounds(self):
+        gateway = self.gateway()
+        context = gateway.service.api_site.context
+        # One thread, no place to wait: the first body fills the pool.
+        context.bodies = workers = CountedWorkers(reactor, size=1, queue=0, per_holder=1)
+        self.addCleanup(workers.stop)
+        go_on = threading.Event()
+        self.addCleanup(go_on.set)
+        prepare = resource.prepare_chat
+
+        def held(*args: Any) -> Any:
+            # The first body's work waits for the test.
+            go_on.wait(30)
+            return prepare(*args)
+
+        self.patch(resource, "prepare_chat", held)
+        body = json.dumps(tool_loop(3000)).encode()
+        first = deferToThread(http_post, gateway.api_port, body)
+        for _ in range(400):
+            if workers.runs == 1:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((workers.runs, workers.given), (1, 1))
+        before = len(self.events)
+        answers = []
+        # The same key again: its holder's bound; another key: the pool's.
+        for key in (GATEWAY_KEY, OTHER_GATEWAY_KEY):
+            status, rest, _ = yield deferToThread(http_post, gateway.api_port, body, b"", key)
+            head, _, answer = rest.partition(b"\r\n\r\n")
+            self.assertIn(b"retry-after: 1\r\n", head.lower() + b"\r\n")
+            answers.append((status, json.loads(answer)["error"]))
+        (held_status, held_error), (full_status, full_error) = answers
+        self.assertEqual(held_status, b"HTTP/1.1 429 Too Many Requests")
+        self.assertEqual(held_error["code"], "too_many_large_requests")
+        self.assertIn("wait for their answers", held_error["message"])
+        self.assertEqual(full_status, b"HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(full_error["code"], "gateway_overloaded")
+        self.assertIn("send smaller requests", full_error["message"])
+        self.assertEqual(workers.runs, 1)
+        lines = [e for e in self.events[before:] if e.get("path") == "/v1/chat/completions"]
+        self.assertEqual(
+            [(e["status"], e["outcome"], e["provider"]) for e in lines],
+            [(429, "too_many_large_requests", "-"), (503, "gateway_overloaded", "-")],
+        )
+        go_on.set()
+        status, _, _ = yield first
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual(workers.given, 0)
+        # Bodies are taken again.
+        status, _, _ = yield deferToThread(http_post, gateway.api_port, body, b"", OTHER_GATEWAY_KEY)
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual((workers.runs, workers.given), (2, 0))
+
+
+class BodyWorkersBoundTests(TestCase):
+    """
+    L{BodyWorkers.full}: per holder first, then the pool's queue; a work
+    given without a holder (a failover's encoding) counts in the pool but
+    is never refused; every count is given back with the result.
+    """
+
+    @inlineCallbacks
+    def test_full(self):
+        workers = BodyWorkers(cast(Any, reactor), size=1, queue=1, per_holder=2)
+        self.addCleanup(workers.stop)
+        go_on = threading.Event()
+        self.addCleanup(go_on.set)
+
+        def work() -> int:
+            go_on.wait(30)
+            return 1
+
+        self.assertIsNone(workers.full("a"))
+        done = [workers.run(work, "a")]
+        self.assertIsNone(workers.full("a"))
+        done.append(workers.run(work, "a"))
+        self.assertEqual(workers.full("a"), "holder")
+        self.assertEqual(workers.full("b"), "pool")
+        done.append(workers.run(work))
+        self.assertEqual(workers.given, 3)
+        go_on.set()
+        results = yield gatherResults(done)
+        self.assertEqual(results, [1, 1, 1])
+        self.assertEqual((workers.given, workers.full("a"), workers.full("b")), (0, None, None))
+        # A work that fails gives its count back too.
+        with self.assertRaises(ZeroDivisionError):
+            yield workers.run(lambda: 1 // 0, "a")
+        self.assertEqual((workers.given, workers.full("a")), (0, None))
+        self.assertIsNone(BodyWorkers.of(Clock()).full("a"))

@@ -26,8 +26,8 @@ the whole body.  Measurements: C{bench/README.rst}.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeVar, cast
+from collections.abc import Callable, Hashable
+from typing import Literal, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -51,7 +51,28 @@ OFFLOAD_BYTES = 256 * 1024
 #: second large body start while another is being worked on.
 OFFLOAD_THREADS = 2
 
+#: Large bodies that may wait for a thread at once, besides the
+#: L{OFFLOAD_THREADS} being worked on: a body past them is refused at once
+#: (L{BodyWorkers.full}).  Each waits holding its bytes (up to
+#: C{MAX_REQUEST_BYTES}), and for the bodies ahead of it (some 0.35 s for
+#: one of 8 MB on a slow two-core host): 16 bound both, with the default
+#: 8 MiB to some 150 MB (the two worked on with them) and a few seconds
+#: (hostile trial s33: 200 bodies of 8 MB from one key holder, queued
+#: without a bound, took the process to 1.7 GB and held up every client
+#: for 6-11 s).
+QUEUE_BODIES = 16
+
+#: Large bodies one key holder (a consumer, a C{GATEWAY_API_KEYS} key) may
+#: have in the pool at once, worked on or waiting: one holder cannot take
+#: the whole queue (L{QUEUE_BODIES}) from the others.  An agent sends one
+#: large body per conversation turn; four let a few run at once.
+HOLDER_BODIES = 4
+
 T = TypeVar("T")
+
+#: Why a body is not taken now (L{BodyWorkers.full}): the pool's queue is
+#: full, or the holder has L{BodyWorkers.per_holder} bodies in it already.
+Full = Literal["pool", "holder"]
 
 
 class IBodyWorkersReactor(IReactorCore, IReactorFromThreads):
@@ -66,7 +87,9 @@ class IBodyWorkersReactor(IReactorCore, IReactorFromThreads):
 class BodyWorkers:
     """
     The threads that work on request bodies longer than L{above} bytes
-    (at most L{size} at once; more wait their turn in the pool's queue).
+    (at most L{size} at once; more wait their turn in the pool's queue,
+    L{queue} of them at most, L{per_holder} of one key holder's in all:
+    the caller asks L{full} first, and refuses the body past them).
     The pool starts at the first such body, and stops (L{stop}: its
     threads finish the work they have, then end) at the reactor's shutdown
     (C{"during", "shutdown"}), as Twisted's own pool does; its threads are
@@ -86,6 +109,14 @@ class BodyWorkers:
     #: Bodies longer than this (bytes) go to a thread.
     above: float = OFFLOAD_BYTES
     size: int = OFFLOAD_THREADS
+    #: Bodies that may wait for a thread besides the L{size} worked on.
+    queue: int = QUEUE_BODIES
+    #: Bodies of one holder that may be in the pool, worked on or waiting.
+    per_holder: int = HOLDER_BODIES
+    #: Works given (L{run}) whose result has not come back yet.
+    _given: int = attrs.field(default=0, init=False, repr=False)
+    #: Of those, the works of each holder given with one (L{run}'s C{whose}).
+    _holders: dict[Hashable, int] = attrs.field(factory=dict, init=False, repr=False)
     _pool: ThreadPool | None = attrs.field(default=None, init=False, repr=False)
     #: The handle of the shutdown trigger that stops the pool
     #: (C{addSystemEventTrigger}'s), while the pool runs.
@@ -102,7 +133,29 @@ class BodyWorkers:
             return cls(cast(IBodyWorkersReactor, reactor))
         return cls(None, above=math.inf)
 
-    def run(self, work: Callable[[], T]) -> Deferred[T]:
+    @property
+    def given(self) -> int:
+        """
+        Works in the pool (L{run}), worked on or waiting for a thread.
+        """
+        return self._given
+
+    def full(self, whose: Hashable) -> Full | None:
+        """
+        Why a body of the holder C{whose} (L{run}'s) is not to be given now,
+        or None: C{"holder"} when it has L{per_holder} in the pool already,
+        else C{"pool"} when L{size} are worked on and L{queue} wait.
+        Never full without threads (L{reactor} None).  Reactor thread.
+        """
+        if self.reactor is None:
+            return None
+        if self._holders.get(whose, 0) >= self.per_holder:
+            return "holder"
+        if self._given >= self.size + self.queue:
+            return "pool"
+        return None
+
+    def run(self, work: Callable[[], T], whose: Hashable | None = None) -> Deferred[T]:
         """
         C{work()} in one of the pool's threads (after the works queued
         before it, when all L{size} threads are busy): C{work} must touch
@@ -110,18 +163,36 @@ class BodyWorkers:
         metrics, no shared state).  Called in the reactor's thread; the
         Deferred fires there, with C{work}'s result or its exception.
 
+        It is counted in the pool (L{full}) until then, among C{whose}'s
+        works when given (a request's key holder); a work given without
+        (a call's encoding again for its failover) is never refused.
+
         @raise RuntimeError: this has no threads (L{reactor} None).
         """
         reactor = self.reactor
         if reactor is None:
             raise RuntimeError("these body workers have no threads: work on the body where it is read")
+        self._given += 1
+        if whose is not None:
+            self._holders[whose] = self._holders.get(whose, 0) + 1
         pool = self._pool
         if pool is None:
             pool = self._pool = ThreadPool(minthreads=0, maxthreads=self.size, name="openclaw-bodies")
             pool.threadFactory = DaemonThread
             pool.start()
             self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
-        return deferToThreadPool(reactor, pool, work)
+
+        def back(result: object) -> object:
+            self._given -= 1
+            if whose is not None:
+                left = self._holders.pop(whose) - 1
+                if left:
+                    self._holders[whose] = left
+            return result
+
+        done = deferToThreadPool(reactor, pool, work)
+        done.addBoth(back)
+        return done
 
     def stop(self) -> None:
         """

@@ -8,7 +8,7 @@ the wrong method a 405 with C{Allow}, both in OpenAI's error shape.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any, Literal, NamedTuple, cast
 
@@ -42,6 +42,7 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
+from openclaw.dataplane.offload import BodyWorkers, Full
 from openclaw.dataplane.request import (
     ChatRequest,
     choice_count,
@@ -959,6 +960,48 @@ def write_answer(request: Request, body: bytes) -> None:
     request.finish()
 
 
+def holder_of_body(request: Request, holder: Holder) -> Hashable:
+    """
+    Whose large body C{request} holds, for L{BodyWorkers}' bound per
+    holder (L{BodyWorkers.full}): its consumer, whatever key of it is
+    presented; for a C{GATEWAY_API_KEYS} key (every one is L{GATEWAY}),
+    the key presented itself.
+    """
+    if holder is not GATEWAY:
+        return ("consumer", holder.consumer)
+    return ("key", request.getHeader(b"authorization") or b"")
+
+
+def bodies_refused(full: Full, bodies: BodyWorkers) -> APIError:
+    """
+    The answer to a large body L{BodyWorkers} do not take now (C{full},
+    L{BodyWorkers.full}): 429 when its key holder has
+    L{BodyWorkers.per_holder} of them in the pool already (its own
+    requests are to end first), else 503 C{gateway_overloaded} (the
+    pool's queue full: every holder's), each with C{Retry-After}.
+    """
+    above = f"over {int(bodies.above) // 1024} KiB"
+    if full == "holder":
+        return APIError(
+            429,
+            f"this key's holder (its consumer, or this gateway key) has {bodies.per_holder} large requests ({above}) "
+            "being worked on or waiting already, the most one holder may at once; wait for their answers before "
+            "sending more, or retry after 1 s",
+            "requests",
+            "too_many_large_requests",
+            retry_after=1,
+        )
+    return APIError(
+        503,
+        f"the gateway is working on as many large requests ({above}) as it takes at once ({bodies.size} being "
+        f"worked on, {bodies.queue} waiting); retry after 1 s, or send smaller requests; tell the operator if it "
+        "lasts (more instances, or --workers)",
+        "server_error",
+        "gateway_overloaded",
+        retry_after=1,
+    )
+
+
 class ChatCompletions(AuthenticatedResource):
     """
     C{POST /v1/chat/completions}, to the active provider or the one the
@@ -969,7 +1012,11 @@ class ChatCompletions(AuthenticatedResource):
     encoded in a thread (L{prepare_chat}, L{BodyWorkers}): the other
     clients are served meanwhile.  Everything else, before and after (the
     key, the counts, the log, a consumer's admission, the call), is done
-    in the reactor's thread, in the same order as for a short body.
+    in the reactor's thread, in the same order as for a short body.  Two
+    things are decided before such a body is read: a consumer its limits
+    refuse whatever it asks is refused (L{refuse_unread}: its work would
+    be wasted), and a body past L{BodyWorkers}' bounds (its holder's, the
+    queue's) is refused (L{bodies_refused}).
     """
 
     def render_POST(self, request: Request) -> Any:
@@ -1002,8 +1049,20 @@ class ChatCompletions(AuthenticatedResource):
         refusal it was, and nothing is written; a request the stop answered
         is counted once, as that 503.  A bug is logged and answered 500
         (L{answer_bug}), as C{render} does.
+
+        A body the workers do not take now (L{BodyWorkers.full}: its key
+        holder's bodies, or the queue, at their bound) is refused at once,
+        logged and counted (L{bodies_refused}).
+
+        @raise APIError: that refusal.
         """
         context = self.context
+        whose = holder_of_body(request, holder)
+        full = context.bodies.full(whose)
+        if full is not None:
+            error = bodies_refused(full, context.bodies)
+            context.completed(request, started, error.status, consumer=holder.consumer, provider="-", error=error)
+            raise error
         pending = PendingRequest.begin(context, request, started, holder)
         # Read here: Headers is not to be touched from another thread.
         codings = content_encoding(request.requestHeaders)
@@ -1038,7 +1097,7 @@ class ChatCompletions(AuthenticatedResource):
             if not pending.left:
                 write_answer(request, error_response(request, error))
 
-        context.bodies.run(work).addCallbacks(prepared, refused).addErrback(
+        context.bodies.run(work, whose).addCallbacks(prepared, refused).addErrback(
             lambda f: answer_bug(context.log, request, "API request failed unexpectedly", f, pending.gone)
         )
         return NOT_DONE_YET
