@@ -125,6 +125,8 @@ class Context:
     consumers: Accounting = attrs.field(factory=Accounting)
     log: Logger = attrs.field(factory=Logger)
     in_flight: int = 0
+    #: The calls a stop's grace tells (L{APIContext.chat_calls}).
+    chat_calls: set[Any] = attrs.field(factory=set)
     #: C{(status, outcome, provider)} of each request counted.
     completed_calls: list[tuple[int, str | None, str | None]] = attrs.field(factory=list)
 
@@ -223,6 +225,31 @@ class EmbeddingsCallTests(SynchronousTestCase):
         self.assertNotEqual(sent, {"prompt_tokens": estimated_tokens(INPUTS)})
         self.assertEqual(self.context.in_flight, 0)
         self.assertIs(self.breaker.state, BreakerState.CLOSED)
+
+    def test_stop_after_two_of_three_batches(self) -> None:
+        """
+        A stop whose grace runs out while the second of three batches is
+        with the provider: the client is answered 503 C{shutting_down}, the
+        call cancelled (the third batch never sent, no verdict to the
+        breaker), counted once as 503 and billed the four texts sent, as
+        for a client gone; the call is no longer among those a stop tells.
+        """
+        self.call.start()
+        self.assertEqual(self.context.chat_calls, {self.call})
+        self.agent.held[0].callback(vectors(2, 7))
+        self.call.shut_down()
+        self.assertEqual((self.request.code, self.request.done), (503, True))
+        self.assertIn(b"shutting_down", self.request.written)
+        self.assertEqual(self.request.headers[b"Retry-After"], b"1")
+        self.assertEqual(len(self.agent.held), 2)
+        self.assertEqual(self.context.completed_calls, [(503, "shutting_down", "acme")])
+        self.assertEqual(self.context.consumers.rows, [("acme", 503, {"prompt_tokens": estimated_tokens(INPUTS[:4])})])
+        self.assertEqual((self.context.in_flight, self.context.chat_calls), (0, set()))
+        self.assertIs(self.breaker.state, BreakerState.CLOSED)
+        # Told again, or its client leaving then: nothing more.
+        self.call.shut_down()
+        self.request.leave()
+        self.assertEqual(len(self.context.completed_calls), 1)
 
     def test_client_leaves_before_any_call(self) -> None:
         """

@@ -103,3 +103,69 @@ class StopDuringAdmissionTests(GatewayCase):
         return self.stopped_while_admitting(
             b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n", "/v1/models"
         )
+
+
+class StopWhileProviderWaitedTests(GatewayCase):
+    """
+    An embeddings call, or a models listing, still waiting on its provider
+    when a stop's grace runs out: answered 503 C{shutting_down}, logged and
+    counted once as such, as a chat call is (review s33: it counted in
+    flight but was not told, so it was just closed, no status line, and
+    logged as 499 C{client gone}).
+    """
+
+    @inlineCallbacks
+    def stopped_while_waiting(self, request: bytes, path: str, provider: str) -> Any:
+        gateway, client = yield self.gateway(shutdown_grace_seconds=0.5, health_check_timeout=30.0)
+        created = yield self.command(gateway, client, "consumer_create", {"name": "c", "rpm": 100})
+        upstream = getattr(self.upstream, provider)
+        upstream.mode = "hang"
+        answer = deferToThread(exchange, gateway.api_port, request.replace(b"{key}", created["key"].encode()))
+        for _ in range(200):
+            if upstream.requests:
+                break
+            yield deferLater(reactor, 0.02)
+        context = gateway.service.api_site.context
+        self.assertEqual(upstream.requests, 1)
+        self.assertEqual(len(context.chat_calls), 1)
+        stopped = gateway.service.stopService()
+        answered = yield answer
+        head, _, body = answered.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertIn(b"retry-after: 1\r\n", head.lower() + b"\r\n")
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "shutting_down")
+        yield stopped
+        self.assertEqual((context.in_flight, context.chat_calls), (0, set()))
+        lines = [e for e in self.events if e.get("path") == path]
+        self.assertEqual(
+            [(e["status"], e["outcome"], e["provider"], e["consumer"]) for e in lines],
+            [(503, "shutting_down", provider, "c")],
+        )
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
+        registry = gateway.service.metrics.registry
+        self.assertEqual(
+            registry.get_sample_value("openclaw_consumer_requests_total", {"consumer": "c", "status": "503"}), 1
+        )
+        self.assertIsNone(
+            registry.get_sample_value("openclaw_consumer_requests_total", {"consumer": "c", "status": "499"})
+        )
+        return gateway
+
+    def test_embeddings(self) -> Any:
+        body = json.dumps({"model": "gemini/gemini-embedding-001", "input": "hello"}).encode()
+        return self.stopped_while_waiting(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+            "/v1/embeddings",
+            "gemini",
+        )
+
+    def test_listing(self) -> Any:
+        # The active provider's listing (the gateway's default: Gemini).
+        return self.stopped_while_waiting(
+            b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n",
+            "/v1/models",
+            "gemini",
+        )

@@ -35,6 +35,7 @@ from openclaw.dataplane.errors import (
     APIError,
     bad_request,
     internal_error,
+    shutting_down,
     upstream_failed,
     upstream_http_error,
     upstream_timeout,
@@ -65,6 +66,8 @@ from openclaw.routing import Route
 MAX_INPUTS = 2048
 ENCODINGS = ("float", "base64")
 _JSON = b"application/json"
+#: The outcome of a call a stop ended (L{EmbeddingsCall.shut_down}).
+STOPPED = "shutting_down"
 
 #: OpenAI's C{dimensions}: a count, at most what a 64-bit integer holds.
 _check_dimensions = integer_field(1, INT64_MAX, COUNT_WHY)
@@ -309,7 +312,11 @@ class EmbeddingsCall:
 
     A client that leaves cancels the batch under way: the call is counted
     499 C{client gone}, its consumer billed for the batches sent
-    (L{billed}).
+    (L{billed}).  So does a stop whose grace runs out before the provider
+    answered (L{shut_down}), but the client is answered 503
+    C{shutting_down}, counted so, as a chat call is: the call is among
+    L{APIContext.chat_calls} while it runs (it was closed with nothing
+    said, and logged 499 C{client gone}: review s33).
     """
 
     context: APIContext
@@ -328,6 +335,8 @@ class EmbeddingsCall:
     sent: int = attrs.field(init=False, default=0)
     #: The client's connection was lost (C{notifyFinish} failed).
     client_gone: bool = attrs.field(init=False, default=False)
+    #: A stop's grace ran out before the answer: answered 503 (L{shut_down}).
+    stopped: bool = attrs.field(init=False, default=False)
     #: The batches under way (L{embed}), cancelled when the client leaves.
     _embedding: Deferred[EmbeddingsAnswer] | None = attrs.field(init=False, default=None)
 
@@ -340,6 +349,7 @@ class EmbeddingsCall:
         embedding = self._embedding = Deferred.fromCoroutine(self.embed())
         embedding.addTimeout(context.timeout, context.reactor, onTimeoutCancel=_timeout_failure)
         context.call_started()
+        context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self.left)
         embedding.addBoth(self.answer)
         embedding.addErrback(self._bug)
@@ -356,14 +366,39 @@ class EmbeddingsCall:
         if embedding is not None and not embedding.called:
             embedding.cancel()
 
+    def shut_down(self) -> None:
+        """
+        The gateway is stopping and its grace period is over, the provider
+        has not answered yet: answer 503 C{shutting_down} and count it
+        (the consumer billed as for a client gone, L{billed}), then cancel
+        the batch under way.  Nothing once the answer is going out, or the
+        client left.
+        """
+        embedding = self._embedding
+        if embedding is None or embedding.called or self.client_gone or self.stopped:
+            return
+        self.stopped = True
+        self.settle_last_call()
+        error = shutting_down()
+        request = self.request
+        body = error_response(request, error)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        request.setHeader(b"X-OpenClaw-Provider", self.adapter.id.encode())
+        request.setHeader(b"X-OpenClaw-Model", self.parsed.model.encode())
+        request.write(body)
+        request.finish()
+        self.count(error.status, error.code, None)
+        embedding.cancel()
+
     def settle_last_call(self) -> None:
         """
         Give the last provider call its breaker's verdict if it has none
         yet (cut short before the provider answered): none when its client
-        left, else a failure (no answer in time, or no connection).
+        left or the gateway stopped it, else a failure (no answer in time,
+        or no connection).
         """
         if self.calls:
-            self.calls[-1].unanswered(client_left=self.client_gone)
+            self.calls[-1].unanswered(client_left=self.client_gone or self.stopped)
 
     def answer(self, result: EmbeddingsAnswer | Failure) -> Deferred[None] | None:
         """
@@ -374,6 +409,9 @@ class EmbeddingsCall:
             by part, a Deferred that fires once it was counted (all handed
             over, or cut short).
         """
+        if self.stopped:
+            # Answered and counted by the stop (shut_down).
+            return None
         self.settle_last_call()
         answered = None if isinstance(result, Failure) else result
         if self.client_gone:
@@ -450,12 +488,13 @@ class EmbeddingsCall:
         inputs, L{estimated_tokens}, when it counts none); for a call whose
         client left after batches were sent, the estimate of the inputs
         sent (the provider bills them all the same, as chat counts a call
-        left after it was sent); else None (nothing sent, or a failure).
+        left after it was sent), and so for a call a stop ended
+        (L{shut_down}); else None (nothing sent, or a failure).
         """
         if answered is not None:
             tokens = answered.prompt_tokens
             return {"prompt_tokens": estimated_tokens(self.parsed.inputs) if tokens is None else tokens}
-        if outcome == CLIENT_GONE and self.sent:
+        if outcome in (CLIENT_GONE, STOPPED) and self.sent:
             return {"prompt_tokens": estimated_tokens(self.parsed.inputs[: self.sent])}
         return None
 
@@ -463,6 +502,7 @@ class EmbeddingsCall:
         answer_bug(self.context.log, self.request, "embeddings call failed unexpectedly", reason, self.client_gone)
 
     def _call_over(self, result: object) -> None:
+        self.context.chat_calls.discard(self)
         self.context.call_ended()
 
     async def embed(self) -> EmbeddingsAnswer:

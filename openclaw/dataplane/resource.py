@@ -302,6 +302,21 @@ class PendingRequest:
             )
 
 
+@attrs.define(eq=False)
+class OnShutDown:
+    """
+    A request waiting on a provider other than a chat call's (a models
+    listing), among L{APIContext.chat_calls} while it waits: at a stop's
+    grace, L{shut_down} calls C{stop}, which answers it 503
+    C{shutting_down}.
+    """
+
+    stop: Callable[[], None]
+
+    def shut_down(self) -> None:
+        self.stop()
+
+
 class APIResource(Resource):
     """
     Dispatches on the method like C{Resource}, but answers a wrong method
@@ -701,18 +716,38 @@ class Models(AuthenticatedResource):
         Ask each of C{providers} for its listing; then C{answer} with
         C{(provider, model ids it lists that the holder may call)} for each
         that answered, or, when none did, the first's error.
+
+        Meanwhile the listing counts in flight and is among
+        L{APIContext.chat_calls}: a stop whose grace runs out before the
+        providers answered answers it 503 C{shutting_down}, counted so,
+        and cancels the listings, as a chat call is ended (it was closed
+        with nothing said, and logged 499 C{client gone}: review s33).
         """
         context = self.context
         adapters = [context.providers.get(provider_id) for provider_id in providers]
         listings = DeferredList([adapter.list_models() for adapter in adapters], consumeErrors=True)
         context.call_started()
         gone: list[bool] = []
+        stopped: list[bool] = []
 
         def client_gone(reason: Failure) -> None:
             gone.append(True)
             listings.cancel()
 
+        def shut_down() -> None:
+            if gone or stopped or listings.called:
+                return
+            stopped.append(True)
+            self._error(request, shutting_down(), route, started, holder)
+            listings.cancel()
+
+        waiting = OnShutDown(shut_down)
+        context.chat_calls.add(waiting)
+
         def answered(results: list[tuple[bool, Any]]) -> None:
+            if stopped:
+                # Answered and counted by the stop.
+                return None
             if gone:
                 return self._count_listing(request, started, 499, route, holder, CLIENT_GONE)
             found = [
@@ -741,6 +776,7 @@ class Models(AuthenticatedResource):
             lambda reason: answer_bug(context.log, request, "models listing failed unexpectedly", reason, bool(gone))
         )
         # Counted out once the answer is written: see APISite.drain.
+        listings.addBoth(_passing(lambda: context.chat_calls.discard(waiting)))
         listings.addBoth(_passing(context.call_ended))
 
     def _list(self, request: Request, route: Route, providers: tuple[str, ...], started: float, holder: Holder) -> None:
