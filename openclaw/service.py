@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import (
     DATABASE_FILE_LOST,
+    DATABASE_RESCUED,
     RETRY_MAX_SECONDS,
     ConsumerStore,
     DatabaseFileLost,
@@ -810,14 +812,34 @@ class ConsumersService(Service):
         (L{ConsumerStore.check_file}); the first time it is not, log one
         critical line that says what happened and what to do
         (L{DatabaseFileLost}), from then on the consumer commands' changes
-        being refused.
+        being refused; then copy what the gateway holds beside it
+        (L{ConsumerStore.rescue}) and say where (L{DATABASE_RESCUED}), or
+        that it could not be copied.
         """
 
-        def checked(lost: DatabaseFileLost | None) -> None:
-            if lost is not None:
-                self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
+        store = self._store
 
-        return self._store.check_file().addCallback(checked)
+        def checked(lost: DatabaseFileLost | None) -> Deferred[None] | None:
+            if lost is None:
+                return None
+            self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
+            when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._reactor.seconds()))
+            return store.rescue(when).addCallbacks(rescued, not_rescued)
+
+        def rescued(copy: Path | None) -> None:
+            if copy is not None and store.database_path is not None:
+                self._log.critical(
+                    DATABASE_RESCUED, copy=shlex.quote(str(copy)), path=shlex.quote(str(store.database_path))
+                )
+
+        def not_rescued(reason: Failure) -> None:
+            self._log.critical(
+                "the consumers' database the gateway holds could not be copied beside where it was ({error}): put it "
+                "back from a backup, or leave it missing for a new, empty one, then restart the gateway",
+                error=reason.getErrorMessage(),
+            )
+
+        return store.check_file().addCallback(checked)
 
     @inlineCallbacks
     def stopService(self) -> Any:

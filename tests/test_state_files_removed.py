@@ -10,6 +10,7 @@ start holds its usage rows until its schema is made (F5).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -23,7 +24,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.consumers.store import DATABASE_FILE_LOST, ConsumerStore
+from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
 from openclaw.files import PidLock
 from openclaw.service import FILES_CHECK_SECONDS, HeldLocks
 from tests.support import capture_log_events
@@ -77,8 +78,19 @@ class DatabaseRemovedTests(GatewayCase):
         self.assertNotIn("log_failure", said)
         line = formatEvent(said)
         self.assertIn(f"the consumers' database {database!s} was removed", line)
-        self.assertIn("restart the gateway", line)
+        self.assertIn("then start it", line)
         self.assertIn("from a backup", line)
+        # What the gateway held is copied beside it, alpha with it, and said.
+        said = yield self.wait_for("a copy of the consumers' database", FILES_CHECK_SECONDS * 3)
+        self.assertEqual(said["log_format"], DATABASE_RESCUED)
+        copy = Path(said["copy"])
+        self.assertTrue(copy.name.startswith("openclaw.db.rescued-"), copy)
+        self.assertEqual(copy.stat().st_mode & 0o777, 0o600)
+        self.assertIn(f"mv {copy} {database}", formatEvent(said))
+        with contextlib.closing(sqlite3.connect(copy)) as rescued:
+            names = [row[0] for row in rescued.execute("SELECT name FROM consumers")]
+        self.assertEqual(names, ["alpha"])
+        self.assertEqual([p.name for p in database.parent.iterdir() if p.name.startswith(".openclaw")], [])
         answer = yield client.command(gateway.token, "consumer_create", {"name": "beta"})
         self.assertFalse(answer["ok"], answer)
         self.assertIn("was removed while the gateway runs", answer["error"])

@@ -27,6 +27,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -531,8 +532,16 @@ DATABASE_FILE_LOST = (
     "restore over it): the gateway still uses the file it opened, which nothing else can open and which is "
     "gone when it stops, so the consumer commands that change consumers or keys are refused from now on "
     "(nothing is changed: a restart would lose it); calls are still served and counted, their usage rows "
-    "written to that file only (lost at the restart); put the database back from a backup (or leave it "
-    "missing for a new, empty one: every consumer and key is then gone), then restart the gateway"
+    "written to that file only (lost at the restart); the gateway copies what it holds beside it (the next "
+    "line says where): stop the gateway, move that copy to {path} (or put the database back from a backup, "
+    "or leave it missing for a new, empty one: every consumer and key is then gone), then start it"
+)
+#: The line after L{DATABASE_FILE_LOST}: where the copy of what the gateway
+#: held is (L{ConsumerStore.rescue}).
+DATABASE_RESCUED = (
+    "a copy of the consumers' database as the gateway holds it (every consumer, key and usage row written so "
+    "far) is in {copy}: stop the gateway, then run: mv {copy} {path}, and start it; consumers changed from now "
+    "on are refused, usage rows from now on are not in the copy"
 )
 
 
@@ -794,6 +803,50 @@ class ConsumerStore:
             return lost
 
         return deferToThreadPool(self.reactor, pool.threadpool, self._check_file).addCallback(found)
+
+    def rescue(self, when: str) -> Deferred[Path | None]:
+        """
+        Once the SQLite database's file is lost (L{lost}), copy the
+        database the gateway still holds (every consumer, key and usage
+        row written so far) to C{openclaw.db.rescued-<when>} beside where
+        it was: SQLite's online backup (U{https://www.sqlite.org/backup.html},
+        C{sqlite3.Connection.backup}) from the pool's connection, into a
+        temporary file (mode 0600, C{mkstemp}) renamed into place; the
+        directory made again (mode 0700) if it went with the file.  The
+        operator moves it to C{openclaw.db} with the gateway stopped: the
+        consumers and keys are not lost with the file.
+
+        @param when: the time of the loss, as the copy's name ends
+            (C{20261202T135900Z}).
+        @return: fires with the copy's path, or L{None} (no loss, not
+            SQLite, no pool); fails with the error of a copy that could not
+            be made (nothing is left of it).
+        """
+        path, pool = self.database_path, self._pool
+        if self.lost is None or path is None or pool is None or not pool.running:
+            return succeed(None)
+        target = path.with_name(f"{path.name}.rescued-{when}")
+
+        def copy(connection: Any) -> Path:
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            os.close(descriptor)
+            try:
+                rescued = sqlite3.connect(temporary)
+                try:
+                    # adbapi's Connection hands the DB-API connection's
+                    # methods on (sqlite3's backup among them).
+                    connection.backup(rescued)
+                finally:
+                    rescued.close()
+                os.replace(temporary, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            return target
+
+        return cast("Deferred[Path | None]", pool.runWithConnection(copy))
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -1613,6 +1666,7 @@ __all__ = [
     "COMMAND_SECONDS",
     "COMMAND_STATEMENT_TIMEOUT_MS",
     "DATABASE_FILE_LOST",
+    "DATABASE_RESCUED",
     "GROUPS",
     "MIGRATIONS",
     "POSTGRES_DEFAULTS",
