@@ -103,12 +103,14 @@ def write_atomically(
 def _sync_directory(directory: Path, fsync: Callable[[int], None]) -> None:
     """
     Flush C{directory} to disk (C{fsync} of it, opened C{O_RDONLY |
-    O_DIRECTORY}), after a rename in it.  Best effort, as PostgreSQL's
-    C{fsync_fname} and SQLite's C{unixSync} take a directory: one that
-    cannot be opened (a directory of write and search permission only) or
-    flushed (C{EINVAL}: a file system that cannot; C{EIO}) is left to the
-    kernel, which writes it back within seconds: the rename is made,
-    readers see the new content, and a caller that said so is not wrong.
+    O_DIRECTORY}), after a rename in it.  Best effort: one that cannot be
+    opened (a directory of write and search permission only) or flushed
+    (C{EINVAL}: a file system that cannot, as SQLite's C{unixSync} and
+    PostgreSQL's C{fsync_fname} ignore; also C{EIO}, which PostgreSQL
+    reports) is left to the kernel, which writes it back within seconds:
+    the rename is made and readers see the new content, and this
+    function's callers take an C{OSError} to mean the file was left as it
+    was, which it was not.
     """
     try:
         descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

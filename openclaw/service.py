@@ -134,6 +134,19 @@ def effective_ids() -> tuple[int, int]:
     return os.geteuid(), os.getegid()
 
 
+def boot_clock() -> float:
+    """
+    Seconds on a clock that never steps and goes on while the host is
+    suspended (Linux's C{CLOCK_BOOTTIME}, clock_gettime(2)), else
+    L{time.monotonic}: a suspended host's wall clock, right when it
+    resumes, is then not taken for one stepped forward (L{UsagePurge}).
+    """
+    return time.clock_gettime(BOOT_CLOCK)
+
+
+#: The clock of L{boot_clock}: C{CLOCK_BOOTTIME} where there is one.
+BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
 #: How far the wall clock may run ahead of the monotonic clock between two
 #: purges of the usage rows (or the start and the first) before the purge
 #: goes by the monotonic clock instead (L{UsagePurge}), in seconds; and how
@@ -163,8 +176,8 @@ class UsagePurge:
     The rows' C{ts} are the wall clock's, and so is the cutoff, unless
     the wall clock has run more than L{CLOCK_STEP_SECONDS} ahead of the
     monotonic clock since the last purge (or the start): set forward by
-    hand or by NTP, or the host was suspended (Linux's monotonic clock
-    stops meanwhile).  A purge by that clock would delete every row
+    hand or by NTP (the host's suspension is not: the clock compared is
+    L{boot_clock}, which goes on meanwhile).  A purge by that clock would delete every row
     younger than USAGE_RETENTION_DAYS by the real time (trial s33: all of
     them, with no word).  The cutoff then goes by the monotonic clock
     (the last purge's time plus the monotonic seconds since), and one
@@ -189,13 +202,13 @@ class UsagePurge:
         retention_seconds: float,
         where: str,
         log: Logger,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boot_clock,
     ) -> None:
         """
         @param clock: the wall clock (POSIX seconds; the reactor's).
         @param retention_seconds: USAGE_RETENTION_DAYS, in seconds.
         @param where: the database, as the operator knows it (for the log).
-        @param monotonic: the monotonic clock, in seconds (L{time.monotonic}).
+        @param monotonic: the monotonic clock, in seconds (L{boot_clock}).
         """
         self._store = store
         self._clock = clock
@@ -279,7 +292,7 @@ def usage_purger(
     retention_seconds: float,
     where: str,
     log: Logger,
-    monotonic: Callable[[], float] = time.monotonic,
+    monotonic: Callable[[], float] = boot_clock,
 ) -> LoopingCall:
     """
     A started L{LoopingCall} deleting, every L{USAGE_PURGE_SECONDS}, the
@@ -716,7 +729,7 @@ class ConsumersService(Service):
         reactor: IGatewayReactor,
         log: Logger,
         deadline: Callable[[], float],
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boot_clock,
     ) -> None:
         """
         @param store: the consumers' store, its pool not made yet

@@ -316,6 +316,7 @@ class _Translation:
     """
 
     ended = False
+    answer_begun = False
 
     def payloads(self, event: Any) -> list[Any]:
         if event.data == b"[DONE]":
@@ -326,6 +327,53 @@ class _Translation:
 class _CountingCall(_Call):
     def stream_data(self, data: bytes, translation: Any, decoded: bool = False) -> None:
         pass
+
+
+class _BeginningCall(_Call):
+    """
+    What the relay hands on: whether the answer had begun for each batch
+    of events (as L{ChatCall.stream_data <openclaw.dataplane.call.ChatCall.stream_data>}
+    takes it), and the stream's breaks.
+    """
+
+    def __init__(self, request: _Request) -> None:
+        super().__init__(request)
+        self.begun: list[bool] = []
+        self.broken: list[str] = []
+
+    def stream_data(self, data: bytes, translation: Any, decoded: bool = True, begun: bool | None = None) -> None:
+        self.begun.append(translation.answer_begun if begun is None else begun)
+
+    def stream_broken(self, message: str, *args: Any, **kwargs: Any) -> None:
+        self.broken.append(message)
+
+
+class HeldThenBrokenInOneReadTests(TestCase):
+    """
+    Moonshot's role chunk and a tool call piece that is not OpenAI's (no
+    id, no name) in one read (a proxy, gzip or TCP put them together):
+    the event that fails its checks does not count as the answer begun,
+    so the call still takes the stream as failed before its answer and
+    fails it over (review s33: it said begun, and the role chunk went out
+    with a 200 before the in-stream error).
+    """
+
+    def test_failed_event_does_not_begin_the_answer(self) -> None:
+        call = _BeginningCall(_Request())
+        relay = _StreamRelay(call, OpenAIStream())  # type: ignore[arg-type]
+        role = {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        bad = {
+            "id": "c",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"tool_calls": [{"index": 0, "type": "function", "function": {"arguments": "{}"}}]},
+                }
+            ],
+        }
+        relay.dataReceived(b"".join(b"data: " + json.dumps(d).encode() + b"\n\n" for d in (role, bad)))
+        self.assertEqual(len(call.broken), 1, call.broken)
+        self.assertEqual(call.begun, [False])
 
 
 class RelayEventCountTests(TestCase):
@@ -456,6 +504,20 @@ class EmptyFirstEventTests(ResilienceTestCase):
             self.assertIn('"role": "assistant"' if provider == "kimi" else '"role":"assistant"', text)
             self.assertIn('"finish_reason":"stop"' if provider == "gemini" else '"finish_reason": "stop"', text)
             self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+
+    @inlineCallbacks
+    def test_stall_after_it_names_the_wait(self):
+        """
+        A pinned stream whose role chunk came, then nothing: the 504 says
+        the wait was for the first event of the answer, not the stream's
+        first event, which came (review s33).
+        """
+        gateway = self.gateway(default_provider="kimi", upstream_timeout=0.5)
+        self.empty_then("kimi", "stall")
+        response, text = yield self.post(gateway, {"model": PINNED["kimi"], "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 504, text)
+        message = self.assertOpenAIError(text, "upstream_timeout")["message"]
+        self.assertIn("the stream's first event of the answer", message)
 
 
 class BegunTests(TestCase):

@@ -9,6 +9,8 @@ after the clock at start say the clock is behind.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.consumers.model import NO_CONSUMER
 from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.service import (
+    BOOT_CLOCK,
     CLOCK_STEP_SECONDS,
     USAGE_PURGE_SECONDS,
     UsagePurge,
+    boot_clock,
     check_usage_dates,
     usage_purger,
 )
@@ -291,3 +295,15 @@ class StoredRowsTests(TestCase):
             ),
             text,
         )
+
+
+class BootClockTests(SynchronousTestCase):
+    def test_counts_a_suspension(self) -> None:
+        """
+        The purge's clock is Linux's C{CLOCK_BOOTTIME}, which goes on while
+        the host is suspended: a resumed host's wall clock is not taken
+        for one stepped forward (review s33: C{CLOCK_MONOTONIC} stops).
+        """
+        if sys.platform.startswith("linux"):
+            self.assertEqual(BOOT_CLOCK, time.CLOCK_BOOTTIME)
+        self.assertLess(abs(boot_clock() - time.clock_gettime(BOOT_CLOCK)), 1)

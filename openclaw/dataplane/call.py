@@ -109,6 +109,12 @@ _ERROR_BODY = "the error body"
 _BODY = "the response body"
 _FIRST_EVENT = "the stream's first event"
 _NEXT_EVENT = "the stream's next event"
+#: After events that carried nothing of the answer (L{ChatCall._held}).
+_ANSWER_START = "the stream's first event of the answer (those before it carried none of it)"
+#: The most bytes of events held back before the answer begins
+#: (L{ChatCall._held}): past it the stream is opened all the same, as a
+#: provider that sends nothing but roles and empty text is answering.
+MAX_HELD_BYTES = 64 * 1024
 
 #: Seconds a stream's body may go on once its answer is complete (every
 #: choice finished: Gemini's last C{finishReason}, which has no end marker
@@ -708,12 +714,16 @@ class ChatCall:
         (trial s33); a 429 or 503 with a wait says so already
         (L{_sooner_elsewhere}).  Only asked once no provider could take
         the call (L{_upstream_failed}), never on the way of a call that
-        goes.
+        goes.  A request past L{BodyWorkers.above
+        <openclaw.dataplane.offload.BodyWorkers.above>} is not encoded for
+        each to ask (in the reactor's thread, a long translation): each
+        whose breaker or keys kept it out is named.
         """
+        large = self.request_bytes > self.context.bodies.above
         for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id):
             if adapter.keys.available and adapter.breaker.would_allow():
                 continue
-            if not self._could_take(adapter):
+            if not large and not self._could_take(adapter):
                 continue
             if not adapter.keys.available:
                 why = f"every key the gateway holds for it is rate limited for {retry_after_seconds(wait)} s more"
@@ -792,16 +802,21 @@ class ChatCall:
         self.provider_wait.begin()
         response.deliverBody(self._relay)
 
-    def _open_stream(self) -> None:
+    def _open_stream(self, answered: bool = True) -> None:
         """
         The stream's first event that begins the answer (L{stream_data}),
         or its end, has come: the provider has answered (the breaker's
         verdict), and the client's status line and headers go out with it.
+
+        @param answered: the answer has begun (its time is the time to the
+            first token); not for a stream that ended, or held too much,
+            before it did.
         """
         self._first_chunk_sent = True
         self._waiting_for = _NEXT_EVENT
         self._settle(CircuitBreaker.succeeded)
-        self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
+        if answered:
+            self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
         request = self.request
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", _EVENT_STREAM)
@@ -810,7 +825,9 @@ class ChatCall:
         request.setHeader(b"X-Accel-Buffering", b"no")
         self._route_headers()
 
-    def stream_data(self, events: bytes, translation: StreamTranslation, decoded: bool = True) -> None:
+    def stream_data(
+        self, events: bytes, translation: StreamTranslation, decoded: bool = True, begun: bool | None = None
+    ) -> None:
         """
         The relay has events for the client.  Written at once, once the
         stream has begun its answer (L{StreamTranslation.answer_begun}: text,
@@ -837,9 +854,15 @@ class ChatCall:
         if events:
             events = self.adapter.scrubber.data(events)
             if not self._first_chunk_sent:
-                if not translation.answer_begun:
+                if not (translation.answer_begun if begun is None else begun):
                     self._held += events
+                    self._waiting_for = _ANSWER_START
                     events = b""
+                    if len(self._held) > MAX_HELD_BYTES:
+                        # Nothing but roles and empty text, and more than a
+                        # stream's start holds: a provider answering.
+                        events, self._held = self._held, b""
+                        self._open_stream(answered=False)
                 else:
                     events, self._held = self._held + events, b""
                     self._open_stream()
@@ -952,7 +975,7 @@ class ChatCall:
                 # provider's failure like any stream without a first event.
                 why = "the stream ended ([DONE]) without a single event"
                 return self._attempt_failed("broken", upstream_failed(self.route.provider_id, why, STREAM_BROKEN))
-            self._open_stream()
+            self._open_stream(answered=translation.answer_begun)
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=drain)
@@ -1340,22 +1363,27 @@ class _StreamRelay(Protocol):
         out: list[bytes] = []
         #: The event being translated, for an error it turns out to be.
         current: bytes | None = None
+        #: Whether the answer had begun before it: an event that fails its
+        #: checks may have said it did (a choice's text, then a bad tool
+        #: call), and the events before it are handed on as they were.
+        begun = translation.answer_begun
         try:
             for event in self._decoder.feed(data):
                 current = event.data
                 if current != DONE:
                     self.events += 1
+                begun = translation.answer_begun
                 out.extend(encode(payload) for payload in translation.payloads(event))
                 if translation.ended:
                     break
         except SSEError as e:
             if out:
-                self._call.stream_data(b"".join(out), translation)
+                self._call.stream_data(b"".join(out), translation, begun=begun)
             self._call.stream_broken(str(e))
             return
         except StreamBroken as e:
             if out:
-                self._call.stream_data(b"".join(out), translation)
+                self._call.stream_data(b"".join(out), translation, begun=begun)
             # An unreadable stream is the provider's failure; any other
             # code is its model's (Gemini's MALFORMED_FUNCTION_CALL).
             fault = e.code in ("upstream_stream_error", "upstream_malformed")
@@ -1363,7 +1391,7 @@ class _StreamRelay(Protocol):
             return
         except Exception as e:
             if out:
-                self._call.stream_data(b"".join(out), translation)
+                self._call.stream_data(b"".join(out), translation, begun=begun)
             if isinstance(e, orjson.JSONEncodeError) and too_deep(e):
                 self._call.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
             else:
