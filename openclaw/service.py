@@ -74,7 +74,7 @@ from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, Met
 from openclaw.providers import ProviderRegistry
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
-from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
+from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
 from openclaw.timefmt import isoformat
@@ -1074,6 +1074,8 @@ class GatewayService(SequentialMultiService):
             ClusterService(self._redis, self.cluster).setServiceParent(self)
         #: When the stop began (L{stopService}), in the reactor's seconds.
         self._stopping_at = 0.0
+        #: A rotation (L{rotate_token}) is under way: asked, not answered.
+        self._rotating = False
         self._consumers_service = self._build_consumers_service()
         self._consumers_service.setServiceParent(self)
         self._build_control_plane(shared_clock)
@@ -1890,14 +1892,33 @@ class GatewayService(SequentialMultiService):
         """
         Replace the session token: every earlier token stops working at once,
         for every connection (in a cluster: on every instance, once written
-        to the store; L{StoreUnavailable} when it cannot be).
+        to the store; L{StoreUnavailable} when it cannot be).  One at a
+        time: while one is under way (its token being written, to the
+        store and TOKEN_FILE), another is refused at once.  A cluster's
+        token adopted from another instance is never refused: it is the
+        cluster's (L{openclaw.cluster.node.ClusterNode}).
+
+        @raise RotationUnderWay: another rotation is under way; nothing
+            changed.
         """
+        if self._rotating:
+            raise RotationUnderWay()
         if self.cluster is not None:
             # Announced when adopted (ClusterNode's on_token).
-            return self.cluster.rotate(self.sessions.mint()).addCallback(self._rotated, announce=False)
-        # Its token file written in the writer's thread: answered once
-        # written (or refused: the current token stays valid).
-        return self.sessions.issue_later().addCallback(self._rotated)
+            rotation = self.cluster.rotate(self.sessions.mint()).addCallback(self._rotated, announce=False)
+        else:
+            # Its token file written in the writer's thread: answered once
+            # written (or refused: the current token stays valid).
+            rotation = self.sessions.issue_later().addCallback(self._rotated)
+        if rotation.called:
+            return rotation
+        self._rotating = True
+
+        def over(result: object) -> object:
+            self._rotating = False
+            return result
+
+        return rotation.addBoth(over)
 
     def _rotated(self, issued: SessionToken, announce: bool = True) -> SessionToken:
         if announce:
@@ -1935,13 +1956,15 @@ class GatewayService(SequentialMultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         """
-        Stop accepting, let the commands and API calls in flight finish (for
-        up to C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
+        Drop the file writes not begun (L{FileWriter.close}: their commands
+        answered what was not saved), stop accepting, let the commands
+        and API calls in flight finish (for up to
+        C{SHUTDOWN_GRACE_SECONDS}), say goodbye (1001) to every control
         client, close the API's connections, let go of the providers
         (L{ServingService}), write the usage rows still pending and close
         the consumers' database (L{ConsumersService}), leave the cluster
-        (L{ClusterService}), then let the writes of the state and token
-        files under way finish, none taken after (L{FileWriter}), remove
+        (L{ClusterService}), then let the write of the state or token
+        file under way finish, none taken after (L{FileWriter}), remove
         the token file and let go of the locks of C{TOKEN_FILE}, the ports
         and C{STATE_DIR} (L{HeldLocks}),
         whether or not a stop before failed.  Not started (a refused
@@ -1951,6 +1974,10 @@ class GatewayService(SequentialMultiService):
             self._held.release_ports()
             return
         self._stopping_at = self._reactor.seconds()
+        # First: the file writes not begun are dropped (their commands
+        # answered what was not saved), none taken after; the one under
+        # way is waited for, last (HeldLocks).
+        self.writer.close()
         if self._waiting_for_store is not None:
             self._waiting_for_store.stop()
             self._waiting_for_store = None

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from openclaw.deferreds import shielded
 from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
-from openclaw.writer import FileWriter
+from openclaw.writer import FileWriter, WriterStopped
 
 ISSUER = "openclaw-gateway"
 ALGORITHM = "HS256"
@@ -160,9 +160,14 @@ class SessionAuthority:
         self._current: SessionToken | None = None
         self._lock = token_lock
         self._writer = writer
-        #: The tokens whose adoption (L{adopt_later}) is on its way to the
-        #: token file, in the order asked.  Reactor thread only.
-        self._adopting: list[SessionToken] = []
+        #: The last token (ASCII) this gateway wrote to the token file, or
+        #: L{None}: what the file holds, unless someone else wrote it
+        #: since.  Written by L{adopt} at start-up, then only by
+        #: L{adopt_later}'s jobs, in the writer's thread (one at a time),
+        #: and read there: a job finds the file holding it, or the current
+        #: token, or its own, and replaces it (O(1) however many adoptions
+        #: wait: review s33, a list of them made each rotation O(N)).
+        self._written: bytes | None = None
 
     @property
     def current(self) -> SessionToken:
@@ -245,6 +250,7 @@ class SessionAuthority:
                     write_token_file(self._token_file, issued.token)
                 except OSError as e:
                     raise TokenFileUnwritable(self._token_file, e) from None
+                self._written = issued.token.encode("ascii")
             else:
                 self._log.warn(
                     "TOKEN_FILE {path} was left as it is ({why}); session token {jti} is not in it",
@@ -284,12 +290,10 @@ class SessionAuthority:
             return succeed(None)
         lock = self._lock
         # The tokens this gateway may find in the file when the job runs:
-        # the current one, the ones asked before (written by then, or not),
-        # and this one.  Taken now, on the reactor thread: the job reads
-        # no state of the authority's.
-        mine = tuple(
-            token.token.encode("ascii") for token in (self._current, *self._adopting, issued) if token is not None
-        )
+        # the current one and this one, taken now on the reactor thread,
+        # and the last one written (by a job asked before: _written, the
+        # writer thread's alone).
+        mine = tuple(token.token.encode("ascii") for token in (self._current, issued) if token is not None)
         first = self._current is None
         write_file = writer.write_file
 
@@ -302,17 +306,15 @@ class SessionAuthority:
                     lock.record_pid()
                 except OSError as e:
                     unnamed = e
-            foreign = self._judge_token_file(path, mine, first)
+            written = self._written
+            foreign = self._judge_token_file(path, mine if written is None else (*mine, written), first)
             if foreign is None:
                 try:
                     write_file(path, issued.token + "\n")
                 except OSError as e:
                     raise TokenFileUnwritable(path, e) from None
+                self._written = issued.token.encode("ascii")
             return foreign, unnamed
-
-        def done(result: object) -> object:
-            self._adopting.remove(issued)
-            return result
 
         def written(outcome: tuple[str | None, OSError | None]) -> None:
             foreign, unnamed = outcome
@@ -335,6 +337,14 @@ class SessionAuthority:
             return reason
 
         def dropped(reason: Failure) -> None:
+            if isinstance(reason.value, TokenFileUnwritable) and reason.value.stopping:
+                self._log.info(
+                    "session token {jti} was not made current: the gateway is stopping and its write to "
+                    "TOKEN_FILE had not begun; token {kept} stays valid until the gateway stops",
+                    jti=issued.jti,
+                    kept=self._current.jti if self._current is not None else "(none)",
+                )
+                return
             self._log.failure(
                 "session token {jti} was not made current, and token {kept} stays valid (the command that "
                 "asked for it was cut short meanwhile)",
@@ -343,9 +353,7 @@ class SessionAuthority:
                 kept=self._current.jti if self._current is not None else "(none)",
             )
 
-        self._adopting.append(issued)
         running = writer.run(job, what=f"TOKEN_FILE {path}")
-        running.addBoth(done)
         running.addErrback(refused)
         adopted: Deferred[None] = running.addCallback(written)
         return shielded(adopted, dropped)
@@ -646,11 +654,31 @@ class TokenFileUnwritable(OSError):
     An C{OSError} (with the write's C{errno}), as the write's own error was.
 
     @ivar error: why, as the system said it (C{"No space left on device"}).
+    @ivar stopping: it was not written because the gateway is stopping
+        (L{WriterStopped}: asked once its file writer closed, or dropped
+        then, not begun), not because it could not be.
     """
 
     def __init__(self, path: Path, error: OSError) -> None:
         self.error = error.strerror or str(error)
+        self.stopping = isinstance(error, WriterStopped)
         super().__init__(error.errno, f"the new token could not be written to {path} ({self.error})")
+
+
+class RotationUnderWay(Exception):
+    """
+    A rotation asked while another is under way (its new token being
+    written: to TOKEN_FILE, in a cluster to the store first): refused at
+    once, nothing changed.  At most one rotation is written at a time, so
+    that pipelined C{rotate_token}s on a slow disk cannot pile up (review
+    s33: 4,936 of them waiting, 3.3 GB).  The message says what to do.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "nothing was rotated: another rotate_token is under way (its new token being written); "
+            "the current token stays valid: retry once that rotate_token is answered"
+        )
 
 
 class UnsafeTokenFile(Exception):

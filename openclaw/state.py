@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from openclaw.files import NotARegularFile, PidLock, read_regular_file, write_atomically
 from openclaw.routing import Route, model_refusal
-from openclaw.writer import FileWriter
+from openclaw.writer import FileWriter, WriterStopped
 
 STATE_FILE = "openclaw-state.json"
 #: The lock file a gateway holds C{STATE_DIR} by (L{lock_state_dir}).
@@ -170,6 +170,10 @@ class RouteStore:
             is logged with its traceback and answered as one that is.
             Cancelled (its switch cut short at the stop: C{CancelledError}),
             the write goes on, and its failure is logged all the same.
+            Dropped at the gateway's stop, not begun (L{WriterStopped}):
+            answered that the switch holds for this run only.  A write of
+            the file asked while this one waits, not begun, replaces it
+            (L{FileWriter.write}): this one fires once that one is saved.
         """
         writer = self._writer
         if writer is None:
@@ -178,6 +182,8 @@ class RouteStore:
         def failed(reason: Failure) -> str | Failure:
             if reason.check(CancelledError):
                 return reason  # its asker gave up on it: dropped says the rest
+            if isinstance(reason.value, WriterStopped):
+                return self._stopping(route)
             if isinstance(reason.value, OSError):
                 return self._unsaved(reason.value)
             self._log.failure(
@@ -194,7 +200,9 @@ class RouteStore:
         def dropped(reason: Failure) -> None:
             # Its switch was cut short meanwhile (at the stop): logged all
             # the same.
-            if isinstance(reason.value, OSError):
+            if isinstance(reason.value, WriterStopped):
+                self._stopping(route)
+            elif isinstance(reason.value, OSError):
                 self._unsaved(reason.value)
             else:
                 self._log.failure("could not save the active provider to {path}", reason, path=str(self.path))
@@ -207,6 +215,25 @@ class RouteStore:
         What the state file holds for C{route}: a JSON object.
         """
         return json.dumps({"provider": route.provider_id, "model": route.model})
+
+    def _stopping(self, route: Route) -> str:
+        """
+        Log (at warn, once) that the switch to C{route} was not saved
+        because the gateway is stopping (its write not begun, dropped:
+        L{WriterStopped}), and say so, for C{switch_provider}'s
+        C{warning}.  Reactor thread.
+        """
+        self._log.warn(
+            "the switch to {route} was not saved to {path}: the gateway is stopping and its write had not begun; "
+            "it holds for this run only",
+            route=f"{route.provider_id}/{route.model}",
+            path=str(self.path),
+        )
+        return (
+            f"the switch is made for this run only: the gateway is stopping, and its save to {self.path} had not "
+            "begun (a stop finishes only the write under way); once started again the gateway goes back to the "
+            "route saved before: switch again then"
+        )
 
     def _unsaved(self, e: OSError) -> str:
         """

@@ -6,13 +6,16 @@ A write of the state file (C{switch_provider}) or of C{TOKEN_FILE}
 or a full journal that takes seconds, during which a write on the reactor
 thread stalled every agent's call and every control connection.
 L{FileWriter} runs them in a thread of its own, one at a time, in the
-order they were asked.
+order they were asked; a write of a file asked while another of the same
+file waits, not begun, takes its place (only the last one need be
+written); at the gateway's stop, the writes not begun are dropped.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,13 +46,38 @@ STILL_WAITING_SECONDS = 10.0
 class WriterStopped(OSError):
     """
     A write asked once the gateway's stop had closed the writer
-    (L{FileWriter.stopService}): not made, so that nothing lands after the
-    token file is removed.  An C{OSError} (C{ESHUTDOWN}), as a write that
-    failed is: its callers log it and answer as for one.
+    (L{FileWriter.close}), or asked before and not begun then (dropped):
+    not made, so that nothing lands after the token file is removed, and
+    a stop waits for no queue of writes.  An C{OSError} (C{ESHUTDOWN}),
+    as a write that failed is: its callers answer that the gateway is
+    stopping and what was not saved.
+
+    @ivar dropped: it was asked before the stop, and dropped then.
     """
 
-    def __init__(self) -> None:
-        super().__init__(errno.ESHUTDOWN, "the gateway is stopping: no more files are written")
+    def __init__(self, dropped: bool = False) -> None:
+        super().__init__(
+            errno.ESHUTDOWN,
+            "the gateway is stopping: the write had not begun, and was dropped"
+            if dropped
+            else "the gateway is stopping: no more files are written",
+        )
+        self.dropped = dropped
+
+
+class _Job:
+    """
+    A job asked of L{FileWriter} and not finished: what it runs, what it
+    writes (for the stop's lines), the key writes of one file are merged
+    by (L{None}: never merged), and its callers, waiting (C{flight}).
+    Reactor thread only.
+    """
+
+    def __init__(self, job: Callable[[], Any], what: str, key: Hashable | None) -> None:
+        self.job = job
+        self.what = what
+        self.key = key
+        self.flight: InFlight[Any] = InFlight()
 
 
 class FileWriter(Service):
@@ -58,20 +86,31 @@ class FileWriter(Service):
     decide it) in one thread of its own, one at a time, in the order they
     were asked, and fires each job's Deferred on the reactor thread.
 
+    Writes of one file are merged (L{write}; L{run}'s C{merge}): one asked
+    while another of the same file waits, not begun, takes its place, and
+    the callers of both are answered by it, once on disk (or failed): the
+    file ends as the last value asked, each caller is answered once its
+    value or a later one is on disk, and a flood of writes of one file
+    (C{switch_provider} over and over on a slow disk) queues one write,
+    not one per command.
+
     Why a pool of its own, of one thread (L{ThreadPool}, C{maxthreads=1}),
-    and not the reactor's: one thread and the pool's first-in first-out
-    queue put the writes of a file on disk in the order they were asked
-    (the last switch or rotation wins, always) with no lock to take; a
-    blocked disk holds this one thread, never one of the reactor's pool
-    (name resolution of the providers' hosts); and the gateway's stop can
-    wait for exactly these writes (L{stopService}) before the token file
-    is removed.  The pool's thread is started with the service (after
+    and not the reactor's: one thread, given one job at a time from the
+    writer's first-in first-out queue (on the reactor thread, where a
+    job not begun can be merged or dropped), puts the writes of a file on
+    disk in the order they were asked (the last switch or rotation wins,
+    always) with no lock to take; a blocked disk holds this one thread,
+    never one of the reactor's pool (name resolution of the providers'
+    hosts); and the gateway's stop can wait for exactly the write under
+    way (L{stopService}) before the token file is removed.  The pool's thread is started with the service (after
     twistd's fork), not when it is built, and is a daemon thread
     (L{DaemonThread}): the stop waits for the writes, the interpreter
     need not (a writer never stopped kept the process from exiting).
 
-    A job asked before L{startService} waits in the pool's queue until it
-    starts; one asked after L{stopService} fails with L{WriterStopped}.
+    A job asked before L{startService} waits in the writer's queue until
+    it starts.  At the gateway's stop (L{close}, then L{stopService}) the
+    jobs not begun are dropped (failing with L{WriterStopped}) and those
+    asked after fail with it; the one under way is waited for, never cut.
 
     @ivar write_file: the blocking write of a file's whole text (C{path},
         C{text}; L{write_atomically} unless given): the jobs call it, in
@@ -100,19 +139,22 @@ class FileWriter(Service):
         self._still_waiting_seconds = still_waiting_seconds
         self._pool = ThreadPool(minthreads=0, maxthreads=1, name=THREAD_NAME)
         self._pool.threadFactory = DaemonThread
-        #: The jobs asked and not finished, in the order asked (the first
-        #: one is running), each with what it writes (L{run}'s C{what}).
-        self._pending: list[tuple[InFlight[Any], str]] = []
-        #: L{stopService} was called: no job is taken any more.
+        #: The job in the writer's thread, if any.
+        self._running: _Job | None = None
+        #: The jobs asked and not begun, in the order asked.
+        self._queue: deque[_Job] = deque()
+        #: The jobs of L{_queue} that merge (L{run}'s C{merge}), by key.
+        self._mergeable: dict[Hashable, _Job] = {}
+        #: L{close} was called: no job is taken any more.
         self._closed = False
 
     @property
     def pending(self) -> int:
         """
         How many jobs were asked and have not finished (the one running
-        included).  Reactor thread.
+        included; writes merged count as one).  Reactor thread.
         """
-        return len(self._pending)
+        return len(self._queue) + (self._running is not None)
 
     def startService(self) -> None:
         """
@@ -122,38 +164,68 @@ class FileWriter(Service):
         super().startService()
         if not self._pool.started and not self._closed:
             self._pool.start()
+            self._next()
 
     def run(
-        self, job: Callable[[], T], dropped: Callable[[Failure], object] | None = None, what: str = "a file"
+        self,
+        job: Callable[[], T],
+        dropped: Callable[[Failure], object] | None = None,
+        what: str = "a file",
+        merge: Hashable | None = None,
     ) -> Deferred[T]:
         """
         Run C{job} in the writer's thread after every job asked before it;
         fire with what it returns, or fail with what it raises, on the
         reactor thread.  Reactor thread.
 
+        With C{merge} (a file's path): should a job asked with the same
+        C{merge} wait, not begun, C{job} takes its place (and its C{what}),
+        and its callers are answered as this one, by C{job}'s result; the
+        job it replaced never runs.  O(1).
+
         A job cannot be stopped once asked: cancelling the returned
         Deferred (a command cut short at the stop) leaves the job to run
-        (waited for by L{stopService}); should it fail then, its failure
+        (waited for by L{stopService}; dropped by L{close} if not begun
+        then); should it fail then, its failure
         goes to C{dropped} (L{shielded}), or, without one, is logged.
 
         @param what: what the job writes, for the stop's lines while it
             waits for it ("the write of C{what}"): a path, or a file's
             name and path.
-        @raise WriterStopped: (as a failure) the writer was stopped; the
-            job is not run.
+        @raise WriterStopped: (as a failure) the writer was closed (the
+            gateway's stop) before the job began; it is not run.
         """
         if self._closed:
             return fail(WriterStopped())
-        flight: InFlight[T] = InFlight()
-        entry = (flight, what)
-        self._pending.append(entry)
+        entry = self._mergeable.get(merge) if merge is not None else None
+        if entry is not None:
+            entry.job, entry.what = job, what
+        else:
+            entry = _Job(job, what, merge)
+            self._queue.append(entry)
+            if merge is not None:
+                self._mergeable[merge] = entry
+        observed: Deferred[T] = entry.flight.observe()
+        self._next()
+        return shielded(observed, self._dropped if dropped is None else dropped)
 
-        def finished(result: T | Failure) -> None:
-            self._pending.remove(entry)
-            flight.end(result)
+    def _next(self) -> None:
+        """
+        Begin the first job waiting, unless one runs or the pool is not
+        started.  Reactor thread.
+        """
+        if self._running is not None or not self._queue or not self._pool.started:
+            return
+        entry = self._running = self._queue.popleft()
+        if entry.key is not None:
+            del self._mergeable[entry.key]
 
-        deferToThreadPool(self._reactor, self._pool, job).addBoth(finished)
-        return shielded(flight.observe(), self._dropped if dropped is None else dropped)
+        def finished(result: object) -> None:
+            self._running = None
+            entry.flight.end(result)
+            self._next()
+
+        deferToThreadPool(self._reactor, self._pool, entry.job).addBoth(finished)
 
     def _dropped(self, reason: Failure) -> None:
         """
@@ -166,20 +238,48 @@ class FileWriter(Service):
         """
         Replace C{path} with C{text} (L{write_file}) in the writer's
         thread, after every job asked before it (C{dropped}: as
-        L{run}'s).  Reactor thread.
+        L{run}'s); merged with a write of C{path} waiting, not begun
+        (L{run}'s C{merge}): fires once C{text}, or a text asked after
+        it, is on disk.  Reactor thread.
 
         @raise OSError: (as a failure) the write failed (L{write_atomically}),
             or the writer was stopped (L{WriterStopped}).
         """
         write_file = self.write_file
-        return self.run(lambda: write_file(path, text), dropped, str(path))
+        return self.run(lambda: write_file(path, text), dropped, str(path), merge=path)
+
+    def close(self) -> int:
+        """
+        At the gateway's stop, first thing: take no more jobs (a job asked
+        from now on fails with L{WriterStopped}) and drop those not begun,
+        each failing with L{WriterStopped} (C{dropped}), its callers
+        answering what was not saved; the one under way goes on
+        (L{stopService} waits for it).  Logged once, when any was dropped.
+        Again, nothing.  Reactor thread.
+
+        @return: how many jobs were dropped (merged writes as one).
+        """
+        self._closed = True
+        dropped = list(self._queue)
+        self._queue.clear()
+        self._mergeable.clear()
+        if dropped:
+            self._log.info(
+                "the stop dropped {count} file write(s) not begun ({what}): nothing of them is saved, and their "
+                "commands are told so; the write under way, if any, is finished",
+                count=len(dropped),
+                what=", ".join(dict.fromkeys(entry.what for entry in dropped)),
+            )
+        for entry in dropped:
+            entry.flight.end(Failure(WriterStopped(dropped=True)))
+        return len(dropped)
 
     def stopService(self) -> Deferred[None]:
         """
-        Take no more jobs (a job asked from now on fails with
-        L{WriterStopped}), let those asked finish (or fail: each job's
-        caller logs its own failure), then stop the pool (its thread, idle
-        by then, joined).  Fires once they have, never fails: a disk that
+        Take no more jobs and drop those not begun (L{close}), let the one
+        under way finish (or fail: its caller logs its own failure), then
+        stop the pool (its thread, idle by then, joined).  Fires once it
+        has, never fails: a disk that
         takes seconds to write keeps the gateway's stop waiting, before
         the token file is removed (L{openclaw.service.HeldLocks}), so that
         no write lands after it.  Reactor thread.
@@ -191,14 +291,15 @@ class FileWriter(Service):
         way and how long the stop has waited.
         """
         super().stopService()
-        self._closed = True
-        waiting = [flight for flight, _ in self._pending]
+        self.close()
+        running = self._running
+        waiting = [] if running is None else [running.flight]
         reminder: LoopingCall | None = None
-        if waiting:
+        if running is not None:
             self._log.info(
                 "waiting for {count} file write(s) to finish before stopping ({what})",
                 count=len(waiting),
-                what=", ".join(dict.fromkeys(what for _, what in self._pending)),
+                what=running.what,
             )
             since = self._reactor.seconds()
             reminder = LoopingCall(
@@ -226,14 +327,14 @@ class FileWriter(Service):
         Say that the stop still waits (since C{since}, in the reactor's
         seconds) for the write under way.  Reactor thread.
         """
-        if not self._pending:
+        running = self._running
+        if running is None:
             return
-        _, what = self._pending[0]
         self._log.warn(
             "still waiting for the write of {what}, {seconds:.0f} s ({count} file write(s) left): the stop waits "
             "for it so that no file is left half written; if its disk (or NFS server) does not answer, a "
             "supervisor's stop timeout (systemd's TimeoutStopSec) ends the process",
-            what=what,
+            what=running.what,
             seconds=self._reactor.seconds() - since,
-            count=len(self._pending),
+            count=self.pending,
         )

@@ -234,7 +234,16 @@ class TokenNotAdoptedHere(Exception):
     the token (an error is recorded in the audit log).
     """
 
-    def __init__(self, jti: str, error: str) -> None:
+    def __init__(self, jti: str, error: str, stopping: bool = False) -> None:
+        if stopping:
+            # Its write dropped at the stop (or asked after): nothing to fix.
+            super().__init__(
+                f"the session token was rotated cluster-wide (new token id {jti}: the cluster store holds it, the "
+                "other instances adopt it and refuse the previous one), but this instance is stopping and did not "
+                "write it to its TOKEN_FILE (the write had not begun when the stop came); do not rotate again: read "
+                "the new token from another instance's TOKEN_FILE (openclawctl --token-file)"
+            )
+            return
         super().__init__(
             f"the session token was rotated cluster-wide (new token id {jti}: the cluster store holds it, the other "
             f"instances adopt it and refuse the previous one), but this instance could not write it to TOKEN_FILE "
@@ -806,7 +815,11 @@ class ClusterNode:
                 # The token's file written off the reactor thread: in step
                 # (and listening, at start) once it is.
                 yield self._apply(name, versioned, here=versioned.origin == self.instance)
-        except Exception:
+        except Exception as e:
+            if isinstance(e, TokenFileUnwritable) and e.stopping:
+                # Its write refused by the gateway's stop: nothing to retry.
+                self._log.info("did not adopt the cluster's session token at a reload: the gateway is stopping")
+                return
             # The cluster's token could not be adopted (its version is not
             # recorded): not in step, so retried as a failed reload is.
             if not self._reload_failing:
@@ -1149,8 +1162,15 @@ class ClusterNode:
         The cluster's token of C{version}, published, could not be adopted
         (C{reason}: its token file could not be written): logged; its
         version is not recorded, so the next heartbeat or reload adopts
-        it.  Reactor thread.
+        it; said at info, without a traceback, when it was because the
+        gateway is stopping.  Reactor thread.
         """
+        if isinstance(reason.value, TokenFileUnwritable) and reason.value.stopping:
+            self._log.info(
+                "did not adopt the cluster's session token (version {version}): the gateway is stopping",
+                version=version,
+            )
+            return
         self._log.failure(
             "could not adopt the cluster's session token (version {version}); trying again at the next "
             "heartbeat: {advice}",
@@ -1441,6 +1461,14 @@ class ClusterNode:
             failure.trap(TokenFileUnwritable)
             assert isinstance(failure.value, TokenFileUnwritable)
             jti = decode_token(value).jti
+            if failure.value.stopping:
+                self._log.info(
+                    "rotated the cluster's session token to {jti} (version {version}); not adopted here: the "
+                    "gateway is stopping",
+                    jti=jti,
+                    version=version,
+                )
+                raise TokenNotAdoptedHere(jti, failure.value.error, stopping=True)
             self._log.error(
                 "rotated the cluster's session token to {jti} (version {version}), but could not adopt it here "
                 "({error}): keeping token {kept} until it can be; adopted at a heartbeat once it can: {advice}",

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from openclaw.cluster.node import StoreUnavailable, TokenNotAdoptedHere
 from openclaw.routing import ActiveRoute, Route, model_refusal
-from openclaw.session import SessionAuthority, SessionToken, TokenFileUnwritable
+from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.timefmt import isoformat
 
 Result = dict[str, Any]
@@ -383,6 +383,8 @@ class ControlCommands:
             issued = self.rotate()
         except TokenFileUnwritable as e:
             raise _unwritable(e) from None
+        except RotationUnderWay as e:
+            raise CommandError(str(e)) from None
         if isinstance(issued, Deferred):
             return issued.addCallbacks(_rotated, _rotation_refused)
         return _rotated(issued)
@@ -396,8 +398,15 @@ def _unwritable(error: TokenFileUnwritable) -> CommandError:
     """
     C{rotate_token}'s refusal when the new token could not be written: the
     file is written first (L{SessionAuthority.adopt}, C{adopt_later}), so
-    nothing was rotated and the current token stays valid.
+    nothing was rotated and the current token stays valid.  Its write
+    dropped at the gateway's stop (or asked after it began): said so.
     """
+    if error.stopping:
+        return CommandError(
+            "nothing was rotated: the gateway is stopping, and the new token's write to TOKEN_FILE had not begun "
+            "(a stop finishes only the write under way): the current token stays valid until the stop ends; "
+            "the gateway, once started again, issues a new token (in TOKEN_FILE)"
+        )
     return CommandError(
         f"nothing was rotated: the new token could not be written to TOKEN_FILE ({error.error}), so the "
         "current token stays valid; fix what stops the gateway's user writing there (a missing or "

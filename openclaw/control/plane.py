@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 import orjson
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -122,6 +122,29 @@ _SHORT = frozenset({"key", "token"})
 
 #: The answer when nothing of it fits MAX_MESSAGE_BYTES.
 _UNFIT = "the answer is longer than MAX_MESSAGE_BYTES allows, even cut; raise MAX_MESSAGE_BYTES"
+
+
+#: What a command cut short by the stop is told (L{ControlPlane._failed}):
+#: its wait outlasted SHUTDOWN_GRACE_SECONDS (a file write on a slow
+#: disk, the consumers' database, a provider).
+_CUT_SHORT_ANY = (
+    "the gateway is stopping and {cmd} was not answered within SHUTDOWN_GRACE_SECONDS: whether it took effect "
+    "is not known; check once the gateway is back"
+)
+_CUT_SHORT = MappingProxyType(
+    {
+        "switch_provider": (
+            "the gateway is stopping and switch_provider was not answered within SHUTDOWN_GRACE_SECONDS: the "
+            "switch holds for this run; its save to the state file goes on (the stop waits for it), and if it "
+            "fails the gateway, started again, goes back to the route saved before: check with status then"
+        ),
+        "rotate_token": (
+            "the gateway is stopping and rotate_token was not answered within SHUTDOWN_GRACE_SECONDS: its new "
+            "token's write to TOKEN_FILE goes on (the stop waits for it), and the gateway, started again, issues "
+            "a new token (in TOKEN_FILE)"
+        ),
+    }
+)
 
 
 def _cut_text(text: str, room: int) -> str:
@@ -423,6 +446,13 @@ class ControlPlane:
         """
         if failure.check(CommandError):
             message = str(failure.value)
+        elif self._draining and failure.check(CancelledError):
+            # Cut short by the stop (SHUTDOWN_GRACE_SECONDS over): no fault
+            # of the gateway's; its audit line (every command that waits is
+            # audited) says it, else this one.
+            message = _CUT_SHORT.get(cmd, _CUT_SHORT_ANY).format(cmd=cmd)
+            if cmd not in AUDITED:
+                self._log.warn("command {cmd} was cut short by the gateway's stop: {error}", cmd=cmd, error=message)
         else:
             self._log.failure("command {cmd} failed unexpectedly", failure, cmd=cmd)
             message = "internal error; the gateway log has the details"
