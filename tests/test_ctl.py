@@ -1381,6 +1381,31 @@ class ConsoleScriptTests(TestCase):
         )
 
     @inlineCallbacks
+    def test_taken_and_unanswered_file_write(self):
+        """
+        A switch_provider or rotate_token taken and not answered: said to
+        wait on the state file's or TOKEN_FILE's write (a slow disk), not
+        on the consumers' database (review s33).
+        """
+        factory = WebSocketServerFactory()
+        factory.protocol = WebSocketServerProtocol
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        url = f"ws://127.0.0.1:{port.getHost().port}"
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "1", "switch-provider", "kimi")
+        self.assertEqual((out, code), ("", 2))
+        self.assertEqual(
+            err,
+            f"openclawctl: error: the gateway at {url} took the command but did not answer within 1 s; it may be "
+            "waiting on the write of its state file (STATE_DIR's, on a slow disk: a stalled fsync or NFS server), "
+            "one at a time behind its other file writes (see the gateway's log), or raise --timeout\n",
+        )
+        out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "1", "rotate-token")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("waiting on the write of its TOKEN_FILE (on a slow disk", err)
+        self.assertNotIn("database", err)
+
+    @inlineCallbacks
     def test_wss(self):
         """
         Over TLS: with --cafile the test CA is trusted; without it the

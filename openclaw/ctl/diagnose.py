@@ -418,6 +418,38 @@ def _unix_connect_failure(path: str, error: ConnectError) -> str:
     return f"{reason}; is the gateway running, and is {path} its --listen unix: path?"
 
 
+#: What a command the gateway took and did not answer may wait on
+#: (L{_awaited}): its writes of the state file (switch_provider) and
+#: of TOKEN_FILE (rotate_token) are made one at a time, each fsynced.
+_FILE_WAIT = MappingProxyType(
+    {
+        "switch_provider": "the write of its state file (STATE_DIR's, on a slow disk: a stalled fsync or NFS server)",
+        "rotate_token": (
+            "the write of its TOKEN_FILE (on a slow disk: a stalled fsync or NFS server; the current token stays "
+            "valid until the new one is written)"
+        ),
+    }
+)
+
+
+def _awaited(cmd: str) -> str:
+    """
+    What the gateway may be waiting on before it answers C{cmd}: a file
+    write for C{switch_provider} and C{rotate_token}, either that or the
+    consumers' database for the gateway's other commands, the database
+    for the consumer commands (review s33: a switch behind a slow disk
+    was said to wait on the database).
+    """
+    if cmd in _FILE_WAIT:
+        return _FILE_WAIT[cmd] + ", one at a time behind its other file writes (see the gateway's log)"
+    database = (
+        "its consumers' database (a long usage report, or a database that stopped answering: see the gateway's log)"
+    )
+    if cmd in ("ping", "status", "health_check"):
+        return f"{database} or a write of its state or token file (a slow disk)"
+    return database
+
+
 def _unreached(error: BaseException, request: Request) -> str | None:
     """
     What to say when the gateway was not reached, or did not answer in
@@ -436,8 +468,7 @@ def _unreached(error: BaseException, request: Request) -> str | None:
     if isinstance(error, Unanswered):
         return (
             f"the gateway at {url} took the command but did not answer within {request.timeout:g} s; it may be "
-            "waiting on its consumers' database (a long usage report, or a database that stopped answering: see "
-            "the gateway's log), or raise --timeout"
+            f"waiting on {_awaited(request.cmd)}, or raise --timeout"
         )
     if isinstance(error, (TimeoutError, CancelledError)):
         return (
