@@ -179,6 +179,11 @@ class FromGeminiTests(SynchronousTestCase):
         completion = gemini.from_gemini({"promptFeedback": {"blockReason": "SAFETY"}}, "m", "id", 0)
         self.assertEqual(completion["choices"][0]["finish_reason"], "content_filter")
         self.assertEqual(completion["choices"][0]["message"]["content"], "")
+        # Why, so that it is not taken for an answer blocked (trial s33).
+        self.assertEqual(
+            completion["choices"][0]["message"]["refusal"],
+            "Gemini blocked the prompt (promptFeedback.blockReason SAFETY): no answer was generated",
+        )
 
     def test_usage(self) -> None:
         self.assertIsNone(gemini.usage(None))
@@ -291,7 +296,14 @@ class GeminiStreamTests(SynchronousTestCase):
         stream = gemini.GeminiStream("m", "id", 0)
         chunk = stream.chunk({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
         assert chunk is not None
-        self.assertEqual(chunk["choices"][0]["delta"], {"role": "assistant"})
+        self.assertEqual(
+            chunk["choices"][0]["delta"],
+            {
+                "role": "assistant",
+                "refusal": "Gemini blocked the prompt (promptFeedback.blockReason PROHIBITED_CONTENT): "
+                "no answer was generated",
+            },
+        )
         self.assertTrue(stream.complete)
         (finish,) = stream.closing()
         self.assertEqual(finish["choices"][0]["finish_reason"], "content_filter")

@@ -1494,6 +1494,20 @@ def _blocked(document: dict[str, Any]) -> bool:
     return isinstance(feedback, dict) and bool(feedback.get("blockReason"))
 
 
+def blocked_refusal(document: dict[str, Any]) -> str:
+    """
+    The C{refusal} of the answer to a prompt Gemini blocked (L{_blocked}):
+    its C{promptFeedback.blockReason} (C{SAFETY}, C{PROHIBITED_CONTENT},
+    C{BLOCKLIST}, C{OTHER}: U{https://ai.google.dev/api/generate-content#BlockReason})
+    said, so that an agent can tell a blocked prompt from a blocked
+    answer (a candidate's C{finishReason} C{SAFETY}, whose content it
+    keeps), both C{finish_reason: "content_filter"}.
+    """
+    reason = document["promptFeedback"]["blockReason"]
+    shown = reason if isinstance(reason, str) and reason.isidentifier() else "given"
+    return f"Gemini blocked the prompt (promptFeedback.blockReason {shown}): no answer was generated"
+
+
 def _failed(candidate: dict[str, Any]) -> str | None:
     """
     The finish reason, checked: the model failing raises.
@@ -1601,7 +1615,7 @@ def from_gemini(
         choices = [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": "", "refusal": None},
+                "message": {"role": "assistant", "content": "", "refusal": blocked_refusal(document)},
                 "finish_reason": "content_filter",
                 "logprobs": None,
             }
@@ -1799,7 +1813,8 @@ class GeminiStream:
             self._started.add(0)
             self._finished[0] = "content_filter"
             self.answer_begun = True
-            choices = [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None, "logprobs": None}]
+            delta = {"role": "assistant", "refusal": blocked_refusal(document)}
+            choices = [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]
         if not choices:
             return None
         return self._chunk(choices)
