@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import openai
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, inlineCallbacks
 from twisted.internet.error import ConnectionDone
@@ -22,13 +23,17 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
 
+from openclaw.dataplane import call
 from openclaw.dataplane.call import _StreamRelay
 from openclaw.dataplane.sse import Event
 from openclaw.providers.gemini.translate import GeminiStream, GeminiStreamTranslation
 from openclaw.providers.openai_compatible import OpenAIStream
+from openclaw.settings import Settings
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
+from tests.support import start_gateway
+from tests.test_agent import AgentTestCase
 from tests.test_dataplane import HELLO
 from tests.test_resilience import OTHER, ResilienceTestCase
 
@@ -458,7 +463,10 @@ class EmptyFirstEventTests(ResilienceTestCase):
             self.assertEqual(response.code, 502, (provider, text))
             self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
             self.assertEqual(response.headers.getRawHeaders("x-openclaw-upstream-status"), ["503"])
-            self.assertIn("overloaded", self.assertOpenAIError(text, "upstream_http_error")["message"])
+            message = self.assertOpenAIError(text, "upstream_http_error")["message"]
+            self.assertIn("overloaded", message)
+            # The provider answered 200: its stream's error event is said as one.
+            self.assertIn("(an error event in its 200 stream, read as HTTP 503)", message)
             self.behaviour(provider).mode = "ok"
             self.behaviour(provider).answers.clear()
 
@@ -518,6 +526,11 @@ class EmptyFirstEventTests(ResilienceTestCase):
         self.assertEqual(response.code, 504, text)
         message = self.assertOpenAIError(text, "upstream_timeout")["message"]
         self.assertIn("the stream's first event of the answer", message)
+        self.empty_then("kimi", "cut")
+        response, text = yield self.post(gateway, {"model": PINNED["kimi"], "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text, "upstream_stream_broken")["message"]
+        self.assertIn("the stream broke before its answer began", message)
 
 
 class BegunTests(TestCase):
@@ -574,3 +587,76 @@ class BegunTests(TestCase):
         self.assertTrue(begun(event({"text": "Hm", "thought": True})))
         self.assertTrue(begun(event({"functionCall": {"name": "f", "args": {}}})))
         self.assertTrue(begun(event({"text": ""}, finishReason="STOP")))
+
+
+def _kimi_events(server: Any, events: list[tuple[float, dict[str, Any] | None]]) -> None:
+    """
+    Answer a Moonshot stream on C{server}'s connection: each of C{events}
+    (seconds from now, a chunk; None: C{[DONE]} and the body's end) in
+    chunked encoding.
+    """
+    transport = server.transport
+    transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+    def send(document: dict[str, Any] | None) -> None:
+        data = b"data: [DONE]\n\n" if document is None else b"data: " + json.dumps(document).encode() + b"\n\n"
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if document is None:
+            transport.write(b"0\r\n\r\n")
+
+    for delay, document in events:
+        reactor.callLater(delay, send, document)
+
+
+class HeldTooLongTests(AgentTestCase):
+    """
+    A stream whose first events carry nothing of the answer for longer
+    than L{call.MAX_HELD_SECONDS} is opened at the next one all the same
+    (re-check s33: a provider sending empty deltas every 3 s held the
+    client's status line for 21 s, and the openai SDK's read timeout cut
+    three live calls, each billed).
+    """
+
+    @inlineCallbacks
+    def test_opened_after_a_while(self) -> Any:
+        self.patch(call, "MAX_HELD_SECONDS", 0.2)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1764000000,
+                "model": "moonshot-v1-8k",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        events: list[tuple[float, dict[str, Any] | None]] = [
+            (0, chunk({"role": "assistant", "content": ""})),
+            (0.4, chunk({"content": ""})),
+            (1.5, chunk({"content": "Hi."})),
+            (1.6, chunk({}, "stop")),
+            (1.7, None),
+        ]
+        yield self.serve(lambda server: _kimi_events(server, events))
+        gateway = start_gateway(
+            self,
+            api=True,
+            default_provider="kimi",
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
+            gateway_api_keys=("gateway-key-0123456789",),
+        )
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        asked = time.monotonic()
+        response = yield client.post(
+            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
+            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
+            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
+        )
+        # Its status line with the empty event at 0.4 s, not with the text.
+        self.assertLess(time.monotonic() - asked, 1.2)
+        self.assertEqual(response.code, 200)
+        text = yield response.text("utf-8")
+        self.assertEqual(_content(text), "Hi.")
+        self.assertTrue(text.endswith("data: [DONE]\n\n"), text)

@@ -115,6 +115,12 @@ _ANSWER_START = "the stream's first event of the answer (those before it carried
 #: (L{ChatCall._held}): past it the stream is opened all the same, as a
 #: provider that sends nothing but roles and empty text is answering.
 MAX_HELD_BYTES = 64 * 1024
+#: The longest a stream's events are held back before its answer begins
+#: (seconds, L{ChatCall._held}): past it the stream is opened at the next
+#: event all the same, so that a client's read timeout (the openai SDK
+#: times each read) is not run out by a provider that keeps sending empty
+#: events (a thinking model's empty deltas) while the call is alive.
+MAX_HELD_SECONDS = 5.0
 
 #: Seconds a stream's body may go on once its answer is complete (every
 #: choice finished: Gemini's last C{finishReason}, which has no end marker
@@ -238,6 +244,8 @@ class ChatCall:
     #: (L{StreamTranslation.answer_begun}): a role alone, empty text, a usage.
     #: Kept as the bytes they are, sent ahead of it.
     _held: bytes = b""
+    #: When the first of L{_held} came (C{reactor.seconds()}).
+    _held_since: float = 0.0
     #: Completion text seen (a consumer's call), in UTF-8 bytes, for an
     #: estimate when no usage ever comes (L{openclaw.consumers.estimate}).
     _completion_bytes: int = 0
@@ -447,7 +455,9 @@ class ChatCall:
             return
         self._refused(status, body, retry_after)
 
-    def _refused(self, status: int, body: bytes, retry_after: str | None, body_lost: str | None = None) -> None:
+    def _refused(
+        self, status: int, body: bytes, retry_after: str | None, body_lost: str | None = None, in_stream: bool = False
+    ) -> None:
         """
         The provider refused the attempt under way with C{status} and
         C{body} (a non-2xx answer, or the error event a stream began with):
@@ -455,10 +465,17 @@ class ChatCall:
 
         @param body_lost: what became of an error body that never came
             whole (C{body} is then empty): the message the client gets.
+        @param in_stream: C{body} is an error event of a 2xx stream, read
+            as the status it stands for: the message says so (the provider
+            answered 200).
         """
         adapter, key = self.adapter, self._key
         assert key is not None
         refusal = adapter.refusal(status, body, retry_after)
+        if in_stream:
+            refusal = attrs.evolve(
+                refusal, message=f"{refusal.message} (an error event in its 200 stream, read as HTTP {status})"
+            )
         if body_lost is not None:
             # Not read, so not known to be anything but the provider's own.
             refusal = attrs.evolve(refusal, message=f"its error body did not come whole: {body_lost}", stated=True)
@@ -855,12 +872,15 @@ class ChatCall:
             events = self.adapter.scrubber.data(events)
             if not self._first_chunk_sent:
                 if not (translation.answer_begun if begun is None else begun):
+                    now = self.context.reactor.seconds()
+                    if not self._held:
+                        self._held_since = now
                     self._held += events
                     self._waiting_for = _ANSWER_START
                     events = b""
-                    if len(self._held) > MAX_HELD_BYTES:
-                        # Nothing but roles and empty text, and more than a
-                        # stream's start holds: a provider answering.
+                    if len(self._held) > MAX_HELD_BYTES or now - self._held_since > MAX_HELD_SECONDS:
+                        # Nothing but roles and empty text, more or longer
+                        # than a stream's start: a provider answering.
                         events, self._held = self._held, b""
                         self._open_stream(answered=False)
                 else:
@@ -894,8 +914,10 @@ class ChatCall:
                 # No event at all, and a JSON document said it was one.
                 why = "the provider answered a stream request with a JSON document, not an event stream"
                 code = "upstream_malformed"
-        else:
+        elif self._first_chunk_sent:
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
+        else:
+            why = f"the stream broke before its answer began: {self.adapter.describe(reason)}"
         error = upstream_failed(self.route.provider_id, why, code)
         if not self._first_chunk_sent:
             return self._attempt_failed("broken", error)
@@ -921,7 +943,7 @@ class ChatCall:
         if status is not None:
             assert event is not None
             self._drop_attempt()
-            return self._refused(status, event, None)
+            return self._refused(status, event, None, in_stream=True)
         if provider_fault:
             return self._attempt_failed("broken", error)
         self._settle(CircuitBreaker.succeeded)
