@@ -47,6 +47,7 @@ from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import (
     DATABASE_FILE_LOST,
     DATABASE_RESCUED,
+    RESCUED_INFIX,
     RETRY_MAX_SECONDS,
     ConsumerStore,
     DatabaseFileLost,
@@ -132,6 +133,31 @@ def effective_ids() -> tuple[int, int]:
     This process's effective user and group ids (C{geteuid}, C{getegid}).
     """
     return os.geteuid(), os.getegid()
+
+
+def warn_rescued_copies(database: Path, consumers: int, log: Logger) -> None:
+    """
+    At start, warn of the copies beside the consumers' SQLite C{database}
+    that a gateway made of it when its file was lost
+    (L{ConsumerStore.rescue <openclaw.consumers.store.ConsumerStore.rescue>},
+    C{openclaw.db.rescued-<time>}), the newest named: one started without
+    the copy moved back (a restart by systemd, a reboot) has a new, empty
+    database, and nothing else would say where the consumers went.
+    """
+    copies = sorted(database.parent.glob(f"{database.name}{RESCUED_INFIX}*"))
+    if not copies:
+        return
+    log.warn(
+        "{count} cop{ies} of the consumers' database made when its file was lost {are} beside it, the newest "
+        "{newest}; this database holds {consumers} consumer(s): if the copy is what it should hold, stop the "
+        "gateway, run: mv {newest} {database}, and start it; otherwise remove the copies",
+        count=len(copies),
+        ies="y" if len(copies) == 1 else "ies",
+        are="is" if len(copies) == 1 else "are",
+        newest=shlex.quote(str(copies[-1])),
+        database=shlex.quote(str(database)),
+        consumers=consumers,
+    )
 
 
 def boot_clock() -> float:
@@ -235,7 +261,7 @@ class UsagePurge:
             if not self._by_monotonic:
                 self._log.warn(
                     "the wall clock ran {ahead} ahead of the monotonic clock in the {elapsed} since the last purge "
-                    "of the usage rows (it was set forward, by hand or by NTP, or the host was suspended; it reads "
+                    "of the usage rows (it was set forward, by hand or by NTP; it reads "
                     "{wall}): the usage rows are purged by the monotonic clock from now on (those dated before "
                     "{cutoff}), not by the wall clock, which would delete rows younger than USAGE_RETENTION_DAYS; "
                     "set the host's clock right (NTP), then restart the gateway: the purge follows the wall clock "
@@ -330,9 +356,10 @@ def check_usage_dates(store: ConsumerStore, clock: IReactorTime, where: str, log
             return
         log.warn(
             "this host's clock reads {now}, but usage rows of {requests} request(s) in the consumers' database "
-            "{where} are dated more than {ahead} later, up to {day}: the clock is behind (a host started without "
-            "a working real-time clock, or a clock set back); set it right (NTP): rows are dated by it, and "
-            "once it is set forward the usage rows are purged by the monotonic clock until the gateway restarts",
+            "{where} are dated more than {ahead} later, up to {day}: either the clock is behind (a host started "
+            "without a working real-time clock, or a clock set back): set it right (NTP), rows are dated by it; or "
+            "they were dated while the clock was ahead, and it is right now: nothing to do, but this is said at each "
+            "start until {day}",
             now=isoformat(now),
             requests=sum(int(day["requests"]) + int(day["limited"]) for day in days),
             where=where,
@@ -750,6 +777,8 @@ class ConsumersService(Service):
         self._log = log
         self._deadline = deadline
         self._monotonic = monotonic
+        #: A rescue copy failed and was said (L{check_database_file}): not again.
+        self._rescue_failed = False
         self._purger: LoopingCall | None = None
         self._checking: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
@@ -796,6 +825,8 @@ class ConsumersService(Service):
             if not self.ready.called:
                 self.ready.callback(None)
             check_usage_dates(self._store, self._reactor, where, self._log)
+            if not settings.database_url:
+                warn_rescued_copies(sqlite_path(settings.state_dir), len(self._table.consumers), self._log)
 
         def failed(reason: Failure, failures: int, delay: float) -> None:
             # Once per outage: the retries after it say nothing until one
@@ -826,18 +857,22 @@ class ConsumersService(Service):
         critical line that says what happened and what to do
         (L{DatabaseFileLost}), from then on the consumer commands' changes
         being refused; then copy what the gateway holds beside it
-        (L{ConsumerStore.rescue}) and say where (L{DATABASE_RESCUED}), or
-        that it could not be copied.
+        (L{ConsumerStore.rescue}) and say where (L{DATABASE_RESCUED}).  A
+        copy that cannot be made (a full disk, the usual company of files
+        removed) is said once and tried again at each check until it is:
+        the gateway may hold the only copy of every consumer and key.
         """
-
         store = self._store
+
+        def rescue() -> Deferred[None]:
+            when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._reactor.seconds()))
+            return store.rescue(when).addCallbacks(rescued, not_rescued)
 
         def checked(lost: DatabaseFileLost | None) -> Deferred[None] | None:
             if lost is None:
                 return None
             self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
-            when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._reactor.seconds()))
-            return store.rescue(when).addCallbacks(rescued, not_rescued)
+            return rescue()
 
         def rescued(copy: Path | None) -> None:
             if copy is not None and store.database_path is not None:
@@ -846,12 +881,19 @@ class ConsumersService(Service):
                 )
 
         def not_rescued(reason: Failure) -> None:
+            if self._rescue_failed:
+                return
+            self._rescue_failed = True
             self._log.critical(
-                "the consumers' database the gateway holds could not be copied beside where it was ({error}): put it "
-                "back from a backup, or leave it missing for a new, empty one, then restart the gateway",
+                "the consumers' database the gateway holds could not be copied beside where it was ({error}); "
+                "the gateway tries again every {interval:g} s: free space on (or make writable) the file system of "
+                "STATE_DIR, or put the database back from a backup with the gateway stopped",
                 error=reason.getErrorMessage(),
+                interval=FILES_CHECK_SECONDS,
             )
 
+        if store.lost is not None:
+            return rescue() if store.rescued is None else succeed(None)
         return store.check_file().addCallback(checked)
 
     @inlineCallbacks

@@ -77,6 +77,14 @@ class DatabaseURLTests(TestCase):
             said = self.said(url)
             self.assertNotIn("cdefg", said)
             self.assertIn("password=***", said)
+        # libpq's keyword form is refused (a URI is asked for) without its
+        # password (re-check s33: it was shown as given).
+        for value in ("host=127.0.0.1 port=1 password=Q6SECRET dbname=x", "host=h PASSWORD = 'Q6 \\'SECRET' x=1"):
+            said = self.said(value)
+            self.assertNotIn("Q6", said)
+            self.assertNotIn("SECRET", said)
+            self.assertRegex(said.lower(), r"password *= *\*\*\*")
+            self.assertIn("use postgresql://", said)
         good = "postgresql://u:p%40ss@127.0.0.1:5433/db?connect_timeout=3"
         self.assertEqual(load_settings({"DATABASE_URL": good}, cwd=cwd).database_url, good)
 

@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
 from openclaw.files import PidLock
-from openclaw.service import FILES_CHECK_SECONDS, HeldLocks
+from openclaw.service import FILES_CHECK_SECONDS, HeldLocks, warn_rescued_copies
 from tests.support import capture_log_events
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO
@@ -129,6 +129,43 @@ class DatabaseRemovedTests(GatewayCase):
         answer = yield client.command(gateway.token, "consumer_create", {"name": "beta"})
         self.assertFalse(answer["ok"], answer)
         self.assertIn("replaced by another file", answer["error"])
+        # The lost database's -wal and -shm, still at their paths, go at the
+        # stop: the next open of the file put there would replay them onto
+        # it (re-check s33: a restored backup came back with the lost
+        # database's consumers).
+        wal = database.with_name("openclaw.db-wal")
+        self.assertTrue(wal.exists())
+        yield gateway.service.stopService()
+        self.assertEqual(sorted(p.name for p in database.parent.glob("openclaw.db-*")), [])
+        self.assertTrue(database.exists())
+
+    @inlineCallbacks
+    def test_rescue_tried_again(self) -> Any:
+        """
+        A copy that cannot be made (a full disk) is said once and tried
+        again at each check until it is (re-check s33: it was tried once,
+        and the gateway held the only copy of every consumer).
+        """
+        gateway, client = yield self.gateway()
+        yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
+        store = gateway.service.consumers.store
+        rescue, failures = store.rescue, []
+
+        def full_once(when: str) -> Any:
+            if not failures:
+                failures.append(when)
+                return fail(OSError(28, "No space left on device"))
+            return rescue(when)
+
+        self.patch(store, "rescue", full_once)
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        database.unlink()
+        said = yield self.wait_for("could not be copied", FILES_CHECK_SECONDS * 3)
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        self.assertIn("tries again", formatEvent(said))
+        said = yield self.wait_for("a copy of the consumers' database", FILES_CHECK_SECONDS * 3)
+        self.assertTrue(Path(said["copy"]).exists())
+        self.assertEqual(len(_said(self.events, "could not be copied")), 1)
 
     @inlineCallbacks
     def test_files_in_place_say_nothing(self) -> Any:
@@ -285,3 +322,28 @@ class LockFilesTests(SynchronousTestCase):
         self.held.check_lock_files()
         self.assertEqual([e["log_level"] for e in self.events[2:]], [LogLevel.warn, LogLevel.warn])
         self.assertTrue(self.state_lock.path.exists())
+
+
+class RescuedCopiesTests(SynchronousTestCase):
+    def test_said_at_start(self) -> None:
+        """
+        Copies of a lost database beside the one a gateway starts on are
+        said, the newest named with the mv that puts it back (re-check
+        s33: a restart without it said only "0 consumer(s) loaded").
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        database = directory / "openclaw.db"
+        events: list[dict[str, Any]] = []
+        log = Logger(observer=events.append)
+        warn_rescued_copies(database, 0, log)
+        self.assertEqual(events, [])
+        for when in ("20261202T120000Z", "20261202T140000Z"):
+            (directory / f"openclaw.db.rescued-{when}").write_bytes(b"")
+        warn_rescued_copies(database, 0, log)
+        (event,) = events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        line = formatEvent(event)
+        self.assertIn("2 copies", line)
+        self.assertIn(f"mv {directory}/openclaw.db.rescued-20261202T140000Z {database}", line)
+        self.assertIn("holds 0 consumer(s)", line)

@@ -291,10 +291,13 @@ class StoredRowsTests(TestCase):
         self.assertTrue(
             text.startswith(
                 "this host's clock reads 2026-11-25T04:40:00Z, but usage rows of 2 request(s) in the consumers' "
-                "database openclaw.db are dated more than 3600 s later, up to 2026-11-28: the clock is behind"
+                "database openclaw.db are dated more than 3600 s later, up to 2026-11-28: either the clock is behind"
             ),
             text,
         )
+        # Or the rows were dated while it was ahead: a right clock is not
+        # to be "fixed" (re-check s33).
+        self.assertIn("dated while the clock was ahead, and it is right now: nothing to do", text)
 
 
 class BootClockTests(SynchronousTestCase):

@@ -532,8 +532,8 @@ DATABASE_FILE_LOST = (
     "restore over it): the gateway still uses the file it opened, which nothing else can open and which is "
     "gone when it stops, so the consumer commands that change consumers or keys are refused from now on "
     "(nothing is changed: a restart would lose it); calls are still served and counted, their usage rows "
-    "written to that file only (lost at the restart); the gateway copies what it holds beside it (the next "
-    "line says where): stop the gateway, move that copy to {path} (or put the database back from a backup, "
+    "written to that file only (lost at the restart); the gateway copies what it holds beside it (its log "
+    "says where): stop the gateway, move that copy to {path} (or put the database back from a backup, "
     "or leave it missing for a new, empty one: every consumer and key is then gone), then start it"
 )
 #: The line after L{DATABASE_FILE_LOST}: where the copy of what the gateway
@@ -617,6 +617,8 @@ class ConsumerStore:
         #: C{stat}; read and written on the pool's only thread
         #: (C{cp_max=1}: L{_opened_sqlite}, L{_check_file}).
         self._held_files: dict[Path, os.stat_result] = {}
+        #: The copy L{rescue} made of the database whose file was lost.
+        self.rescued: Path | None = None
         #: Set once L{check_file} found the SQLite file gone from its
         #: path: every consumer command's change then fails with it.
         self.lost: DatabaseFileLost | None = None
@@ -762,11 +764,15 @@ class ConsumerStore:
         (L{_held_files}) is no longer at its path (L{displaced}); the
         first found.
         """
+        # Those the connection made since (the -wal and -shm at its first
+        # use) first: nothing else opens them, so those at their paths are
+        # its own, to be removed once it is closed should the database's
+        # file be lost (L{_remove_lost_companions}).
+        self._note_files()
         for name, held in self._held_files.items():
             what = displaced(name, held)
             if what is not None:
                 return DatabaseFileLost(name, what)
-        self._note_files()
         return None
 
     def check_file(self) -> Deferred[DatabaseFileLost | None]:
@@ -804,6 +810,28 @@ class ConsumerStore:
 
         return deferToThreadPool(self.reactor, pool.threadpool, self._check_file).addCallback(found)
 
+    def _remove_lost_companions(self) -> None:
+        """
+        Once the pool is closed (its thread), after the database's file
+        was lost (L{lost}): remove the C{-wal} and C{-shm} files still at
+        their paths that are the lost database's (the same files the
+        connection opened, L{_held_files}).  SQLite leaves them when it
+        closes a database whose file was moved or removed, and the next
+        open of whatever is then at the path (a backup or the rescued copy
+        put back, a new database) would replay the lost one's pages onto
+        it (re-check s33: a restored backup came back with the lost
+        database's consumers).
+        """
+        path = self.database_path
+        if self.lost is None or path is None:
+            return
+        for suffix in COMPANION_SUFFIXES:
+            name = path.with_name(path.name + suffix)
+            held = self._held_files.get(name)
+            if held is not None and displaced(name, held) is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+
     def rescue(self, when: str) -> Deferred[Path | None]:
         """
         Once the SQLite database's file is lost (L{lost}), copy the
@@ -823,9 +851,9 @@ class ConsumerStore:
             be made (nothing is left of it).
         """
         path, pool = self.database_path, self._pool
-        if self.lost is None or path is None or pool is None or not pool.running:
+        if self.lost is None or self.rescued is not None or path is None or pool is None or not pool.running:
             return succeed(None)
-        target = path.with_name(f"{path.name}.rescued-{when}")
+        target = path.with_name(f"{path.name}{RESCUED_INFIX}{when}")
 
         def copy(connection: Any) -> Path:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -846,7 +874,11 @@ class ConsumerStore:
                 raise
             return target
 
-        return cast("Deferred[Path | None]", pool.runWithConnection(copy))
+        def made(copy: Path) -> Path:
+            self.rescued = copy
+            return copy
+
+        return cast("Deferred[Path | None]", pool.runWithConnection(copy).addCallback(made))
 
     def _sql(self, query: str) -> str:
         # Written with qmark parameters (sqlite3's); psycopg takes %s.
@@ -1008,6 +1040,7 @@ class ConsumerStore:
         def close_pool() -> None:
             try:
                 pool.finalClose()
+                self._remove_lost_companions()
             except BaseException:
                 reactor.callFromThread(closed.errback, Failure())
             else:
@@ -1501,6 +1534,9 @@ class UnusableDatabaseFile(OSError):
 #: What SQLite adds to the database's name for its write-ahead log and
 #: shared-memory index (U{https://www.sqlite.org/tempfiles.html}).
 COMPANION_SUFFIXES = ("-wal", "-shm")
+#: Between the database's name and the time in a rescued copy's name
+#: (L{ConsumerStore.rescue}): C{openclaw.db.rescued-20261202T135900Z}.
+RESCUED_INFIX = ".rescued-"
 
 
 #: The consumers' SQLite database's name in C{STATE_DIR}.

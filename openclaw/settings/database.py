@@ -38,6 +38,12 @@ def _masked(text: str, secrets: Iterable[str], quoted: Iterable[str] = ()) -> st
     return text
 
 
+#: A C{password} in libpq's keyword/value form
+#: (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-KEYWORD-VALUE}):
+#: the keyword and its value, bare or single-quoted.
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
 def _database_url(text: str) -> str:
     """
     C{DATABASE_URL}, a libpq connection URI
@@ -52,7 +58,9 @@ def _database_url(text: str) -> str:
 
     hidden = url_passwords(text)
     fields = masked_fields(text)
-    masked = masked_url(text)
+    # libpq's keyword form (host=... password=...), which is no URI and
+    # refused below, shown without its password too (re-check s33).
+    masked = _KEYWORD_PASSWORD.sub(r"\1***", masked_url(text))
     shown = f"DATABASE_URL={masked!r}"
     form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
     try:
