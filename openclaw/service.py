@@ -100,6 +100,9 @@ USAGE_PURGE_SECONDS = 3600.0
 #: lock files (L{HeldLocks}), the consumers' SQLite database
 #: (L{ConsumersService}).
 FILES_CHECK_SECONDS = 2.0
+#: The longest wait before a failed copy of a lost database is tried again
+#: (L{ConsumersService.check_database_file}), in seconds.
+MAX_RESCUE_WAIT_SECONDS = 64.0
 
 #: Why twistd's C{--uid}/C{--gid} are refused, and what to do instead: the
 #: gateway checks and makes its files (the token file's lock, the
@@ -779,6 +782,9 @@ class ConsumersService(Service):
         self._monotonic = monotonic
         #: A rescue copy failed and was said (L{check_database_file}): not again.
         self._rescue_failed = False
+        #: When a failed rescue copy is tried again, and the wait before it.
+        self._rescue_next = 0.0
+        self._rescue_wait = FILES_CHECK_SECONDS / 2
         self._purger: LoopingCall | None = None
         self._checking: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
@@ -886,14 +892,20 @@ class ConsumersService(Service):
             self._rescue_failed = True
             self._log.critical(
                 "the consumers' database the gateway holds could not be copied beside where it was ({error}); "
-                "the gateway tries again every {interval:g} s: free space on (or make writable) the file system of "
+                "the gateway tries again (every {interval:g} s, then less often): free space on (or make writable) the file system of "
                 "STATE_DIR, or put the database back from a backup with the gateway stopped",
                 error=reason.getErrorMessage(),
                 interval=FILES_CHECK_SECONDS,
             )
 
         if store.lost is not None:
-            return rescue() if store.rescued is None else succeed(None)
+            if store.rescued is not None or self._reactor.seconds() < self._rescue_next:
+                return succeed(None)
+            # Each try copies the whole database on the store's one thread:
+            # tried again after 2, 4, ... 64 s.
+            self._rescue_wait = min(self._rescue_wait * 2, MAX_RESCUE_WAIT_SECONDS)
+            self._rescue_next = self._reactor.seconds() + self._rescue_wait
+            return rescue()
         return store.check_file().addCallback(checked)
 
     @inlineCallbacks

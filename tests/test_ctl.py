@@ -1398,7 +1398,8 @@ class ConsoleScriptTests(TestCase):
             err,
             f"openclawctl: error: the gateway at {url} took the command but did not answer within 1 s; it may be "
             "waiting on the write of its state file (STATE_DIR's, on a slow disk: a stalled fsync or NFS server), "
-            "one at a time behind its other file writes (see the gateway's log), or raise --timeout\n",
+            "one at a time behind its other file writes, or in a cluster on the cluster store (Redis): see the "
+            "gateway's log, or raise --timeout\n",
         )
         out, err, code = yield run_ctl("--url", url, "--token", "T", "--timeout", "1", "rotate-token")
         self.assertEqual((out, code), ("", 2))

@@ -79,7 +79,11 @@ class DatabaseURLTests(TestCase):
             self.assertIn("password=***", said)
         # libpq's keyword form is refused (a URI is asked for) without its
         # password (re-check s33: it was shown as given).
-        for value in ("host=127.0.0.1 port=1 password=Q6SECRET dbname=x", "host=h PASSWORD = 'Q6 \\'SECRET' x=1"):
+        for value in (
+            "host=127.0.0.1 port=1 password=Q6SECRET dbname=x",
+            "host=h PASSWORD = 'Q6 \\'SECRET' x=1",
+            "host=h sslpassword=Q6SECRET dbname=x",
+        ):
             said = self.said(value)
             self.assertNotIn("Q6", said)
             self.assertNotIn("SECRET", said)

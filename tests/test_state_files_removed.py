@@ -129,14 +129,16 @@ class DatabaseRemovedTests(GatewayCase):
         answer = yield client.command(gateway.token, "consumer_create", {"name": "beta"})
         self.assertFalse(answer["ok"], answer)
         self.assertIn("replaced by another file", answer["error"])
-        # The lost database's -wal and -shm, still at their paths, go at the
+        # The lost database's -wal and -shm, still at their paths, are moved aside at the
         # stop: the next open of the file put there would replay them onto
         # it (re-check s33: a restored backup came back with the lost
         # database's consumers).
         wal = database.with_name("openclaw.db-wal")
         self.assertTrue(wal.exists())
         yield gateway.service.stopService()
-        self.assertEqual(sorted(p.name for p in database.parent.glob("openclaw.db-*")), [])
+        left = sorted(p.name for p in database.parent.glob("openclaw.db-*"))
+        self.assertEqual([name.split(".lost-")[0] for name in left], ["openclaw.db-shm", "openclaw.db-wal"], left)
+        self.assertTrue(all(".lost-" in name for name in left), left)
         self.assertTrue(database.exists())
 
     @inlineCallbacks

@@ -29,6 +29,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -764,15 +765,11 @@ class ConsumerStore:
         (L{_held_files}) is no longer at its path (L{displaced}); the
         first found.
         """
-        # Those the connection made since (the -wal and -shm at its first
-        # use) first: nothing else opens them, so those at their paths are
-        # its own, to be removed once it is closed should the database's
-        # file be lost (L{_remove_lost_companions}).
-        self._note_files()
         for name, held in self._held_files.items():
             what = displaced(name, held)
             if what is not None:
                 return DatabaseFileLost(name, what)
+        self._note_files()
         return None
 
     def check_file(self) -> Deferred[DatabaseFileLost | None]:
@@ -813,24 +810,28 @@ class ConsumerStore:
     def _remove_lost_companions(self) -> None:
         """
         Once the pool is closed (its thread), after the database's file
-        was lost (L{lost}): remove the C{-wal} and C{-shm} files still at
-        their paths that are the lost database's (the same files the
-        connection opened, L{_held_files}).  SQLite leaves them when it
-        closes a database whose file was moved or removed, and the next
-        open of whatever is then at the path (a backup or the rescued copy
-        put back, a new database) would replay the lost one's pages onto
-        it (re-check s33: a restored backup came back with the lost
-        database's consumers).
+        was lost (L{lost}): move aside the C{-wal} and C{-shm} files still
+        at their paths that are the lost database's (the same files the
+        connection opened, L{_held_files}), to C{openclaw.db-wal.lost-<time>}.
+        SQLite leaves them when it closes a database whose file was moved
+        or removed, and the next open of whatever is then at the path (a
+        backup or the rescued copy put back, a new database) would replay
+        the lost one's pages onto it (re-check s33: a restored backup came
+        back with the lost database's consumers).  Moved, not removed: a
+        database moved away and never copied (a full disk) has its latest
+        pages there only, which SQLite reads again once the three are put
+        back together.
         """
         path = self.database_path
         if self.lost is None or path is None:
             return
+        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         for suffix in COMPANION_SUFFIXES:
             name = path.with_name(path.name + suffix)
             held = self._held_files.get(name)
             if held is not None and displaced(name, held) is None:
                 with contextlib.suppress(OSError):
-                    os.unlink(name)
+                    os.replace(name, name.with_name(f"{name.name}.lost-{when}"))
 
     def rescue(self, when: str) -> Deferred[Path | None]:
         """
@@ -1096,6 +1097,10 @@ class ConsumerStore:
                 cursor.execute(statement)
             cursor.execute(self._sql("UPDATE schema_version SET version = ?"), (number,))
             version = number
+        if self.database_path is not None:
+            # The -wal and -shm this connection made at its first write,
+            # noted as its own (L{_remove_lost_companions}).
+            self._note_files()
         return version
 
     # -- consumers and keys ---------------------------------------------------

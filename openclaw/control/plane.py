@@ -134,14 +134,14 @@ _CUT_SHORT_ANY = (
 _CUT_SHORT = MappingProxyType(
     {
         "switch_provider": (
-            "the gateway is stopping and switch_provider was not answered within SHUTDOWN_GRACE_SECONDS: the "
-            "switch holds for this run; its save to the state file goes on (the stop waits for it), and if it "
-            "fails the gateway, started again, goes back to the route saved before: check with status then"
+            "the gateway is stopping and switch_provider was not answered within SHUTDOWN_GRACE_SECONDS: its save "
+            "(to the state file, or in a cluster to the cluster store) may not have been made, and the gateway, "
+            "started again, may go back to the route saved before: check with status then"
         ),
         "rotate_token": (
             "the gateway is stopping and rotate_token was not answered within SHUTDOWN_GRACE_SECONDS: its new "
-            "token's write to TOKEN_FILE goes on (the stop waits for it), and the gateway, started again, issues "
-            "a new token (in TOKEN_FILE)"
+            "token may not have been written (to TOKEN_FILE, or in a cluster to the cluster store); the gateway, "
+            "started again, issues or adopts a token (in TOKEN_FILE)"
         ),
     }
 )

@@ -441,13 +441,16 @@ def _awaited(cmd: str) -> str:
     was said to wait on the database).
     """
     if cmd in _FILE_WAIT:
-        return _FILE_WAIT[cmd] + ", one at a time behind its other file writes (see the gateway's log)"
-    database = (
-        "its consumers' database (a long usage report, or a database that stopped answering: see the gateway's log)"
-    )
-    if cmd in ("ping", "status", "health_check"):
-        return f"{database} or a write of its state or token file (a slow disk)"
-    return database
+        return (
+            _FILE_WAIT[cmd]
+            + ", one at a time behind its other file writes, or in a cluster on the cluster store (Redis): see the "
+            "gateway's log"
+        )
+    if cmd == "health_check":
+        return "the providers' health checks (each bounded by HEALTH_CHECK_TIMEOUT; see the gateway's log)"
+    if cmd in ("ping", "status"):
+        return "nothing but itself: it answers these at once, so its event loop may be stalled (see the gateway's log)"
+    return "its consumers' database (a long usage report, or a database that stopped answering: see the gateway's log)"
 
 
 def _unreached(error: BaseException, request: Request) -> str | None:

@@ -246,6 +246,9 @@ class ChatCall:
     _held: bytes = b""
     #: When the first of L{_held} came (C{reactor.seconds()}).
     _held_since: float = 0.0
+    #: The stream was opened before its answer began (held too long): its
+    #: time to the first token is counted when it does.
+    _first_token_due: bool = False
     #: Completion text seen (a consumer's call), in UTF-8 bytes, for an
     #: estimate when no usage ever comes (L{openclaw.consumers.estimate}).
     _completion_bytes: int = 0
@@ -742,6 +745,7 @@ class ChatCall:
                 continue
             if not large and not self._could_take(adapter):
                 continue
+            unchecked = "; whether it could take this request was not checked" if large else ""
             if not adapter.keys.available:
                 why = f"every key the gateway holds for it is rate limited for {retry_after_seconds(wait)} s more"
             elif adapter.breaker.state is BreakerState.OPEN:
@@ -751,7 +755,7 @@ class ChatCall:
                 )
             else:
                 why = "it has been failing too, and its breaker's one trial call (half-open) is under way"
-            error = _not_failed_over(error, adapter.id, why)
+            error = _not_failed_over(error, adapter.id, why + unchecked)
         return error
 
     def _could_take(self, adapter: ProviderAdapter) -> bool:
@@ -834,6 +838,8 @@ class ChatCall:
         self._settle(CircuitBreaker.succeeded)
         if answered:
             self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
+        else:
+            self._first_token_due = True
         request = self.request
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", _EVENT_STREAM)
@@ -886,6 +892,9 @@ class ChatCall:
                 else:
                     events, self._held = self._held + events, b""
                     self._open_stream()
+            elif self._first_token_due and translation.answer_begun:
+                self._first_token_due = False
+                self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
             if events:
                 self.request.write(events)
         if translation.ended:

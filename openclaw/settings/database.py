@@ -40,8 +40,8 @@ def _masked(text: str, secrets: Iterable[str], quoted: Iterable[str] = ()) -> st
 
 #: A C{password} in libpq's keyword/value form
 #: (U{https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-CONNSTRING-KEYWORD-VALUE}):
-#: the keyword and its value, bare or single-quoted.
-_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+#: the keyword (C{sslpassword} too) and its value, bare or single-quoted.
+_KEYWORD_PASSWORD = re.compile(r"(\b\w*password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def _database_url(text: str) -> str:
