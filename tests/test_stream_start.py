@@ -274,6 +274,25 @@ class EmptyStreamTests(ResilienceTestCase):
         self.assertEqual(response.code, 502, text)
         self.assertIn("without a single event", text)
 
+    @inlineCallbacks
+    def test_role_alone_then_done(self) -> Any:
+        """
+        Moonshot's first chunk (a role, empty text), then C{[DONE]} with no
+        finish reason: nothing of an answer, not a complete empty one
+        (re-check s33): failed over, or 502 when pinned.
+        """
+        gateway = self.gateway(default_provider="kimi")
+        self.behaviour("kimi").answers.append(OpenAIAnswer(content="", unfinished=True))
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=broken"])
+        self.assertEqual(_content(text), "Hello from the stand-in.")
+        self.behaviour("kimi").answers.append(OpenAIAnswer(content="", unfinished=True))
+        response, text = yield self.post(gateway, {"model": PINNED["kimi"], "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text, "upstream_stream_broken")["message"]
+        self.assertIn("before its answer began: no text, tool call or finish reason", message)
+
 
 class StandInHelpTests(TestCase):
     def test_every_mode_explained(self) -> None:

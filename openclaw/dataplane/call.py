@@ -1006,7 +1006,13 @@ class ChatCall:
                 # provider's failure like any stream without a first event.
                 why = "the stream ended ([DONE]) without a single event"
                 return self._attempt_failed("broken", upstream_failed(self.route.provider_id, why, STREAM_BROKEN))
-            self._open_stream(answered=translation.answer_begun)
+            if not translation.answer_begun:
+                # [DONE] after events that carried nothing of the answer
+                # (a role, empty text, a usage) and no finish reason: OpenAI
+                # ends every choice with one, an empty answer included.
+                why = "the stream ended ([DONE]) before its answer began: no text, tool call or finish reason"
+                return self._attempt_failed("broken", upstream_failed(self.route.provider_id, why, STREAM_BROKEN))
+            self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=drain)

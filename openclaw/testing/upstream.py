@@ -329,6 +329,10 @@ class OpenAIAnswer:
     #: C{index} that is not an integer); the finish reason is
     #: C{tool_calls} unless C{finish_reason} says otherwise.
     raw_tool_calls: tuple[Any, ...] | None = None
+    #: A stream's last chunk, the one with the C{finish_reason}, is left
+    #: out (a broken provider: C{[DONE]} with no choice finished); a whole
+    #: answer is sent as usual.
+    unfinished: bool = False
 
 
 #: Google's documented placeholder for a call Gemini did not sign.
@@ -776,7 +780,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     last: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
     if behaviour.usage_in_choice:
         last["usage"] = usage
-    events.append({**chunk, "choices": [last]})
+    if not answer.unfinished:
+        events.append({**chunk, "choices": [last]})
     if (body.get("stream_options") or {}).get("include_usage") and not behaviour.usage_in_choice:
         events.append({**chunk, "choices": [], "usage": usage})
     done = (b"[DONE]",) if behaviour.send_done else ()
