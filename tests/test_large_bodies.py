@@ -813,3 +813,33 @@ class BodyWorkersBoundTests(TestCase):
             yield workers.run(lambda: 1 // 0, "a")
         self.assertEqual((workers.given, workers.full("a")), (0, None))
         self.assertIsNone(BodyWorkers.of(Clock()).full("a"))
+
+
+class RetryAfterTests(TestCase):
+    """
+    L{BodyWorkers.retry_after}: a refused body is told to wait the time
+    the threads take to get through the bodies they have, not always 1 s
+    (re-check s33: 16 bodies of 8 MB from one key told 1 s ran out of the
+    openai SDK's two retries); between 1 and MAX_RETRY_AFTER seconds.
+    """
+
+    @inlineCallbacks
+    def test_from_the_work_done(self):
+        workers = BodyWorkers(cast(Any, reactor), size=1, queue=10, per_holder=10)
+        self.addCleanup(workers.stop)
+        self.assertEqual(workers.retry_after(), 1)
+        yield workers.run(lambda: time.sleep(0.3))
+        # Nothing in the pool: a place is free now.
+        self.assertEqual(workers.retry_after(), 1)
+        go_on = threading.Event()
+        self.addCleanup(go_on.set)
+        done = [workers.run(lambda: go_on.wait(30)) for _ in range(8)]
+        # Eight bodies of at least 0.3 s each ahead, one thread.
+        self.assertGreaterEqual(workers.retry_after(), 3)
+        self.assertLessEqual(workers.retry_after(), 60)
+        go_on.set()
+        yield gatherResults(done)
+        # A failed work's count is given back as before.
+        with self.assertRaises(ZeroDivisionError):
+            yield workers.run(lambda: 1 // 0)
+        self.assertEqual((workers.given, workers.retry_after()), (0, 1))

@@ -26,6 +26,7 @@ the whole body.  Measurements: C{bench/README.rst}.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Hashable
 from typing import Literal, TypeVar, cast
 
@@ -67,6 +68,10 @@ QUEUE_BODIES = 16
 #: the whole queue (L{QUEUE_BODIES}) from the others.  An agent sends one
 #: large body per conversation turn; four let a few run at once.
 HOLDER_BODIES = 4
+
+#: The most seconds a refused large body is told to wait
+#: (L{BodyWorkers.retry_after}), whatever the work took.
+MAX_RETRY_AFTER = 60
 
 T = TypeVar("T")
 
@@ -118,6 +123,9 @@ class BodyWorkers:
     #: Of those, the works of each holder given with one (L{run}'s C{whose}).
     _holders: dict[Hashable, int] = attrs.field(factory=dict, init=False, repr=False)
     _pool: ThreadPool | None = attrs.field(default=None, init=False, repr=False)
+    #: Seconds a body's work took in its thread, averaged (the last ones
+    #: weigh most: L{_timed}), for L{retry_after}; 0 until one is done.
+    _work_seconds: float = attrs.field(default=0.0, init=False, repr=False)
     #: The handle of the shutdown trigger that stops the pool
     #: (C{addSystemEventTrigger}'s), while the pool runs.
     _shutdown_trigger: object = attrs.field(default=None, init=False, repr=False)
@@ -155,6 +163,27 @@ class BodyWorkers:
             return "pool"
         return None
 
+    def retry_after(self) -> int:
+        """
+        Seconds a body refused now (L{full}) is told to wait before it is
+        sent again (C{Retry-After}, RFC 9110 section 10.2.3): the time the
+        threads take to work through the bodies given to them (L{given})
+        at the recent time per body, at least 1, at most
+        L{MAX_RETRY_AFTER} (re-check s33: 16 bodies of 8 MB from one key
+        told 1 s ran out of the openai SDK's two retries).  Reactor thread.
+        """
+        waiting = self._work_seconds * self._given / self.size
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(waiting)))
+
+    def _timed(self, result: tuple[T, float]) -> T:
+        """
+        Keep a work's time (L{_work_seconds}: an average in which the last
+        work weighs a quarter) and pass its result on.  Reactor thread.
+        """
+        value, seconds = result
+        self._work_seconds = seconds if not self._work_seconds else 0.75 * self._work_seconds + 0.25 * seconds
+        return value
+
     def run(self, work: Callable[[], T], whose: Hashable | None = None) -> Deferred[T]:
         """
         C{work()} in one of the pool's threads (after the works queued
@@ -190,7 +219,12 @@ class BodyWorkers:
                     self._holders[whose] = left
             return result
 
-        done = deferToThreadPool(reactor, pool, work)
+        def timed() -> tuple[T, float]:
+            # Only this work's own values are touched in the thread.
+            began = time.monotonic()
+            return work(), time.monotonic() - began
+
+        done = deferToThreadPool(reactor, pool, timed).addCallback(self._timed)
         done.addBoth(back)
         return done
 

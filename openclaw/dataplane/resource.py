@@ -1014,27 +1014,30 @@ def bodies_refused(full: Full, bodies: BodyWorkers) -> APIError:
     L{BodyWorkers.full}): 429 when its key holder has
     L{BodyWorkers.per_holder} of them in the pool already (its own
     requests are to end first), else 503 C{gateway_overloaded} (the
-    pool's queue full: every holder's), each with C{Retry-After}.
+    pool's queue full: every holder's), each with C{Retry-After}: the
+    time the workers take to get through the bodies they have
+    (L{BodyWorkers.retry_after}).
     """
     above = f"over {int(bodies.above) // 1024} KiB"
+    wait = bodies.retry_after()
     if full == "holder":
         return APIError(
             429,
             f"this key's holder (its consumer, or this gateway key) has {bodies.per_holder} large requests ({above}) "
             "being worked on or waiting already, the most one holder may at once; wait for their answers before "
-            "sending more, or retry after 1 s",
+            f"sending more, or retry after {wait} s",
             "requests",
             "too_many_large_requests",
-            retry_after=1,
+            retry_after=wait,
         )
     return APIError(
         503,
         f"the gateway is working on as many large requests ({above}) as it takes at once ({bodies.size} being "
-        f"worked on, {bodies.queue} waiting); retry after 1 s, or send smaller requests; tell the operator if it "
-        "lasts (more instances, or --workers)",
+        f"worked on, {bodies.queue} waiting); retry after {wait} s, or send smaller requests; tell the operator "
+        "if it lasts (more instances, or --workers)",
         "server_error",
         "gateway_overloaded",
-        retry_after=1,
+        retry_after=wait,
     )
 
 
