@@ -327,6 +327,20 @@ class LoadTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             self.load(env_file=str(self.cwd / "nope.env"))
         self.assertIn("nope.env", str(caught.exception))
+        self.assertIn("does not exist", str(caught.exception))
+
+    def test_env_file_not_a_regular_file(self) -> None:
+        """
+        A FIFO or a directory given as the env file is said to be one, not
+        said not to exist (re-check s33).
+        """
+        fifo = self.cwd / "gw.env"
+        os.mkfifo(fifo)
+        for given in (fifo, self.cwd):
+            with self.assertRaises(ConfigError) as caught:
+                self.load(env_file=str(given))
+            self.assertIn("is not a regular file", str(caught.exception))
+            self.assertNotIn("does not exist", str(caught.exception))
 
     def test_invalid_port(self) -> None:
         self.assertConfigError("WS_CONTROL_PORT", "'abc'", "1 to 65535", WS_CONTROL_PORT="abc")

@@ -606,8 +606,15 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
     """
     if env_file is not None:
         path = Path(env_file)
+        if not path.exists():
+            raise ConfigError(f"--env-file {env_file!r} does not exist: give the path of the env file")
         if not path.is_file():
-            raise ConfigError(f"--env-file {env_file!r} does not exist or is not a file")
+            # A directory, a FIFO, a device: not read (a FIFO would block
+            # the start until something wrote to it).
+            raise ConfigError(
+                f"--env-file {env_file!r} is not a regular file (a directory, a FIFO or a device): "
+                "give the path of the env file itself"
+            )
         what = f"env file {env_file!r} (--env-file)"
     else:
         path = cwd / ".env"
