@@ -12,6 +12,12 @@ from types import MappingProxyType
 from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
 
+#: The C{Server} field of every answer (RFC 9110 section 10.2.4), the API's
+#: and C{/metrics}' (L{openclaw.dataplane.site}) and the control plane's
+#: handshake (L{openclaw.control.protocol}): the product alone, where
+#: twisted.web's and Autobahn's defaults name their versions.
+SERVER_NAME = "openclaw"
+
 #: Reason phrases by status, as the IANA registry of RFC 9110 section
 #: 16.2.1 names them (L{HTTPStatus}): twisted.web's table lacks some (429
 #: Too Many Requests, RFC 6585) and keeps RFC 2616's older wording for

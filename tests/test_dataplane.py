@@ -436,6 +436,24 @@ class RoutingTests(DataPlaneTestCase):
         response = yield self.http().head(f"http://127.0.0.1:{gateway.api_port}/healthz")
         self.assertEqual(response.code, 200)
 
+    @inlineCallbacks
+    def test_server_field(self):
+        """
+        Every answer's C{Server} names the product alone, as the control
+        plane's handshake does: not twisted.web's default, which names
+        Twisted's version (an attacker's first question).
+        """
+        gateway = self.gateway()
+        base = f"http://127.0.0.1:{gateway.api_port}"
+        client = self.sdk(gateway)
+        raw = yield deferToThread(client.chat.completions.with_raw_response.create, model="m", messages=HELLO)
+        self.assertEqual(raw.headers.get_list("server"), ["openclaw"])
+        http = self.http()
+        for path in ("/healthz", "/nowhere", "/v1/models"):
+            response = yield http.get(base + path)
+            yield response.text()
+            self.assertEqual(response.headers.getRawHeaders("server"), ["openclaw"], path)
+
 
 class StreamFailureTests(DataPlaneTestCase):
     """

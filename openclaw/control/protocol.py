@@ -42,6 +42,7 @@ from openclaw.logs import REFUSED_CONNECTION_FIELD
 from openclaw.metrics import ControlRefusal, GatewayMetrics
 from openclaw.settings import Settings
 from openclaw.tls import describe_tls_error, is_tls_error
+from openclaw.web import SERVER_NAME
 
 #: The opening handshake is a few hundred bytes; Autobahn buffers it with no
 #: limit (and rescans the buffer on every read), so cap it.
@@ -65,9 +66,6 @@ UNHEARD_CLOSE_SECONDS = 1.0
 #: The reason of the 1008 closing a connection that sent more than
 #: L{ControlFactory.unauthenticated_bytes} before authenticating.
 UNAUTHENTICATED_BYTES_REASON = "sent too much before authenticating: authenticate with the first message"
-
-#: The C{Server} field of the control plane's HTTP answers.
-SERVER_NAME = "openclaw"
 
 _Refusal = TypeVar("_Refusal", bound=ConnectionDeny | str | None)
 

@@ -67,7 +67,10 @@ from openclaw.listeners import descriptor_shares
 from openclaw.logs import HTTP2_FLOOD_FIELD, METRICS_NAMESPACE
 from openclaw.metrics import APIRefusal
 from openclaw.settings import Settings
-from openclaw.web import head_or_body, reason_phrase
+from openclaw.web import SERVER_NAME, head_or_body, reason_phrase
+
+#: The C{Server} field of the API's and C{/metrics}' answers.
+_SERVER = SERVER_NAME.encode("ascii")
 
 #: How long API connections get to close politely on a stop, or after an
 #: early refusal (L{APIConnection.close_politely}; a lingering close, too:
@@ -301,6 +304,12 @@ class NextTurnRequest(Request):
     def connectionLost(self, reason: Failure) -> None:
         self._lost = True
         super().connectionLost(reason)
+
+    def render(self, resrc: IResource) -> None:
+        # twisted.web's process() has set a Server field naming Twisted's
+        # version: the product alone, as the control plane's handshake.
+        self.setHeader(b"Server", _SERVER)
+        super().render(resrc)
 
     @property
     def channel_site(self) -> Site:
