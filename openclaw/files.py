@@ -84,18 +84,46 @@ def write_atomically(
     @raise OSError: the directory is missing or not writable, or the disk
         is full; C{path} is then left as it was.
     """
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
+
+    def fill(fd: int, temporary: Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o600)
             if keep_owner:
                 _give_to_owner_of(path, fd)
             f.write(text)
             f.flush()
             fsync(f.fileno())
+
+    replace_atomically(path, fill, fsync=fsync)
+
+
+def replace_atomically(
+    path: Path, fill: Callable[[int, Path], None], *, fsync: Callable[[int], None] = os.fsync
+) -> None:
+    """
+    Make C{path} anew so that a reader or a crash sees the old file or the
+    new, never half of either: C{fill(fd, temporary)} writes the new file
+    into a temporary one in the same directory (L{tempfile.mkstemp}: mode
+    0600, named C{.<name>.<random>}), given open as C{fd}, which C{fill}
+    closes; it is then renamed over C{path}, and the directory flushed to
+    disk (L{_sync_directory}).  L{write_atomically}'s text files and the
+    rescued copy of a lost SQLite database are made this way.
+
+    @param fill: writes the new file and closes C{fd}; what it writes is
+        its to flush to disk.
+    @param fsync: flushes the directory (C{os.fsync}); a test gives one
+        that counts or fails.
+    @raise OSError: the directory is missing or not writable, the disk is
+        full, or C{fill} failed; C{path} is then left as it was, and the
+        temporary file removed.
+    """
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fill(fd, Path(temporary))
         os.replace(temporary, path)
     except BaseException:
-        os.unlink(temporary)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
     _sync_directory(path.parent, fsync)
 

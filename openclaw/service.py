@@ -78,7 +78,7 @@ from openclaw.routing import ActiveRoute, Route
 from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
-from openclaw.timefmt import isoformat
+from openclaw.timefmt import compact, isoformat
 from openclaw.urls import masked_url
 from openclaw.writer import FileWriter
 
@@ -871,7 +871,7 @@ class ConsumersService(Service):
         store = self._store
 
         def rescue() -> Deferred[None]:
-            when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._reactor.seconds()))
+            when = compact(self._reactor.seconds())
             return store.rescue(when).addCallbacks(rescued, not_rescued)
 
         def checked(lost: DatabaseFileLost | None) -> Deferred[None] | None:

@@ -22,10 +22,11 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from openclaw.files import write_atomically
+from openclaw.files import replace_atomically, write_atomically
 from openclaw.routing import Route
 from openclaw.session import SessionAuthority
 from openclaw.state import STATE_FILE, RouteStore
+from openclaw.timefmt import compact
 from openclaw.writer import FileWriter, WriterStopped
 from tests.support import RunningGateway, capture_log_events, get_text, open_client, start_gateway, within
 
@@ -695,3 +696,49 @@ class AtomicWriteTests(SynchronousTestCase):
         self.assertEqual(flushes.calls, [("file", "old\n")])
         path.parent.chmod(0o700)
         self.assertEqual(path.read_text(), "new\n")
+
+
+class ReplaceAtomicallyTests(SynchronousTestCase):
+    """
+    L{replace_atomically}, the one way a file is made anew (review s34:
+    the rescued copy of a lost database had a second, without the
+    directory's flush).
+    """
+
+    def test_any_file(self):
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "copy"
+        flushes = Flushes(path, None)
+
+        def fill(fd: int, temporary: Path) -> None:
+            os.close(fd)
+            temporary.write_bytes(b"made by another library")
+
+        replace_atomically(path, fill, fsync=flushes)
+        self.assertEqual(path.read_bytes(), b"made by another library")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual([what for what, _ in flushes.calls], ["directory"])
+
+    def test_failed_fill_leaves_the_file(self):
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        path = directory / "copy"
+        path.write_text("old\n")
+
+        def fill(fd: int, temporary: Path) -> None:
+            os.close(fd)
+            temporary.write_text("half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.assertRaises(OSError, replace_atomically, path, fill)
+        self.assertEqual(path.read_text(), "old\n")
+        self.assertEqual([p.name for p in directory.iterdir()], ["copy"])
+
+    def test_compact_time(self):
+        """
+        The time in a file's name: ISO 8601's basic format, UTC, and the
+        last second a datetime holds past it.
+        """
+        self.assertEqual(compact(1764683940.75), "20251202T135900Z")
+        self.assertEqual(compact(1e13), "99991231T235959Z")

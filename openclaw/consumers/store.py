@@ -27,7 +27,6 @@ import contextlib
 import os
 import sqlite3
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,9 +56,10 @@ from openclaw.consumers.model import (
     period_key,
     retired_name,
 )
-from openclaw.files import NotARegularFile, displaced, open_regular_file
+from openclaw.files import NotARegularFile, displaced, open_regular_file, replace_atomically
 from openclaw.reactors import IStoreReactor
 from openclaw.threads import DaemonThread
+from openclaw.timefmt import compact
 
 #: Each migration: the statements that take the schema from the version
 #: before to its own.  Only ever append.
@@ -825,7 +825,7 @@ class ConsumerStore:
         path = self.database_path
         if self.lost is None or path is None:
             return
-        when = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        when = compact(time.time())
         for suffix in COMPANION_SUFFIXES:
             name = path.with_name(path.name + suffix)
             held = self._held_files.get(name)
@@ -858,21 +858,19 @@ class ConsumerStore:
 
         def copy(connection: Any) -> Path:
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            os.close(descriptor)
-            try:
+
+            def fill(descriptor: int, temporary: Path) -> None:
+                os.close(descriptor)
                 rescued = sqlite3.connect(temporary)
                 try:
                     # adbapi's Connection hands the DB-API connection's
-                    # methods on (sqlite3's backup among them).
+                    # methods on (sqlite3's backup among them), which
+                    # commits the copy (flushed: SQLite's own fsync).
                     connection.backup(rescued)
                 finally:
                     rescued.close()
-                os.replace(temporary, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
+
+            replace_atomically(target, fill)
             return target
 
         def made(copy: Path) -> Path:
