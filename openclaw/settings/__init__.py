@@ -1297,8 +1297,10 @@ def _load_settings(
             warnings.append(state_warning)
     for adapter in declared:
         reader.known.update(adapter.variables())
+    # Read again for its names: decouple's repository lists none.
+    lines = EnvFileLines.read(env_path) if isinstance(repository, RepositoryEnv) else EnvFileLines({}, [])
     if read_env_file is not None:
-        held = env_file_secrets(_env_file_values(repository), declared)
+        held = env_file_secrets(lines.values(repository), declared)
         if held:
             names = " and ".join(", ".join(held).rsplit(", ", 1))
             readable = check_private_file(
@@ -1307,8 +1309,8 @@ def _load_settings(
             if readable is not None:
                 warnings.append(readable)
     if isinstance(repository, RepositoryEnv):
-        warnings.extend(unread_lines(env_path))
-    warnings.extend(misspelt_settings(_env_file_keys(repository), reader.known, env_path))
+        warnings.extend(lines.warnings(env_path))
+    warnings.extend(misspelt_settings(list(lines.values(repository)), reader.known, env_path))
     # The environment too: systemd's EnvironmentFile= hands an env file's
     # lines over as variables.
     warnings.extend(misspelt_settings(os.environ, reader.known, None))
@@ -1340,60 +1342,86 @@ def _distinct_ports(settings: Settings, given_where: Callable[[str], str]) -> No
     )
 
 
-def _env_file_keys(repository: RepositoryEmpty) -> list[str]:
-    return list(_env_file_values(repository))
-
-
-def _env_file_values(repository: RepositoryEmpty) -> dict[str, str]:
+@attrs.frozen
+class EnvFileLines:
     """
-    The names and values an env file holds, as decouple read them (none
-    for L{RepositoryEmpty}).
+    What an env file's lines hold, read as python-decouple's
+    C{RepositoryEnv} reads them: as UTF-8, a byte-order mark ignored
+    (L{ENV_FILE_ENCODING}), line by line; after stripping whitespace an
+    empty line, one starting with C{#} and one without C{=} are skipped,
+    and any other is C{NAME=VALUE} (the name stripped).  decouple's
+    repository answers only for a name asked of it (its public
+    C{__contains__} and C{__getitem__}): the names it holds, for the
+    misspelt-settings warnings and the secrets check, are read here.
     """
-    data = getattr(repository, "data", None)
-    return {str(name): str(value) for name, value in data.items()} if isinstance(data, dict) else {}
+
+    #: Each name given, in the file's order, with the numbers of the lines
+    #: that give it (decouple keeps the last).
+    names: dict[str, list[int]]
+    #: The numbers of the lines that are neither blank, a comment nor
+    #: C{NAME=VALUE}: no C{=}, or no name before the first.
+    unread: list[int]
+
+    @classmethod
+    def read(cls, path: str) -> EnvFileLines:
+        """
+        The env file at C{path}'s lines; none when it cannot be read again
+        (changed since decouple read it).
+        """
+        unread: list[int] = []
+        names: dict[str, list[int]] = {}
+        try:
+            with open(path, encoding=ENV_FILE_ENCODING) as lines:
+                for number, line in enumerate(lines, 1):
+                    text = line.strip()
+                    if not text or text.startswith("#"):
+                        continue
+                    name = text.partition("=")[0].strip()
+                    if "=" not in text or not name:
+                        unread.append(number)
+                    else:
+                        names.setdefault(name, []).append(number)
+        except (OSError, UnicodeDecodeError):
+            return cls({}, [])
+        return cls(names, unread)
+
+    def values(self, repository: RepositoryEmpty) -> dict[str, str]:
+        """
+        The value of each name given, as decouple read it from the same
+        file (C{repository}): a name it does not hold (the file changed
+        between the two reads) is left out.
+        """
+        return {name: str(repository[name]) for name in self.names if name in repository}
+
+    def warnings(self, path: str) -> list[str]:
+        """
+        A warning for each line decouple skips or reads as nothing although
+        it is neither blank nor a comment (L{unread}), and for each name
+        given on more than one line, naming the lines (decouple keeps the
+        last).  A warning gives the line's number, not its text, which may
+        hold a secret.
+        """
+        warnings = [
+            f"env file {path!r}: line {number} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
+            "or start it with # to keep it as a comment"
+            for number in self.unread
+        ]
+        warnings += [
+            f"env file {path!r}: {name} is set on lines {', '.join(map(str, found))}: only the last counts; keep one"
+            for name, found in self.names.items()
+            if len(found) > 1
+        ]
+        return warnings
 
 
 def unread_lines(path: str) -> list[str]:
     """
-    A warning for each line of the env file at C{path} that python-decouple's
-    C{RepositoryEnv} skips or reads as nothing although it is neither
-    blank nor a comment: a line holding no C{=}, or no name before its
-    first C{=} (decouple reads the file as UTF-8, a byte-order mark
-    ignored (L{ENV_FILE_ENCODING}), line by line;
-    after stripping whitespace it skips an empty line, one starting with
-    C{#} and one without C{=}, and reads any other as C{NAME=VALUE}).  The
-    warning gives the line's number, not its text, which may hold a secret.
-    A file that cannot be read again (changed since decouple read it) gets
-    none.  A name given on more than one line gets a warning too, naming
-    the lines: decouple keeps the last.
+    The warnings for the env file at C{path}'s lines (L{EnvFileLines}):
+    a line python-decouple skips or reads as nothing although it is
+    neither blank nor a comment, a name given on more than one line.  A
+    file that cannot be read again gets none.
     """
-    numbers: list[int] = []
-    #: name -> the lines that give it.
-    given: dict[str, list[int]] = {}
-    try:
-        with open(path, encoding=ENV_FILE_ENCODING) as lines:
-            for number, line in enumerate(lines, 1):
-                text = line.strip()
-                if not text or text.startswith("#"):
-                    continue
-                name = text.partition("=")[0].strip()
-                if "=" not in text or not name:
-                    numbers.append(number)
-                else:
-                    given.setdefault(name, []).append(number)
-    except (OSError, UnicodeDecodeError):
-        return []
-    warnings = [
-        f"env file {path!r}: line {number} is not NAME=VALUE: ignored; write it as NAME=VALUE, "
-        "or start it with # to keep it as a comment"
-        for number in numbers
-    ]
-    warnings += [
-        f"env file {path!r}: {name} is set on lines {', '.join(map(str, found))}: only the last counts; keep one"
-        for name, found in given.items()
-        if len(found) > 1
-    ]
-    return warnings
+    return EnvFileLines.read(path).warnings(path)
 
 
 def misspelt_settings(keys: Iterable[str], known: Iterable[str], where: str | None) -> list[str]:
@@ -1460,6 +1488,7 @@ def default_interface() -> str:
 __all__ = [
     "ConfigError",
     "EnvFile",
+    "EnvFileLines",
     "ProviderSettings",
     "Settings",
     "builtin_providers",
