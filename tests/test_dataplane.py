@@ -1023,6 +1023,39 @@ class ErrorTests(DataPlaneTestCase):
         self.assertEqual(refused[0]["outcome"], "unknown_url")
 
     @inlineCallbacks
+    def test_client_request_id_logged(self):
+        """
+        An id the client gives its request (C{X-Client-Request-Id}, as
+        OpenAI takes it) is logged with the request's line, so that a
+        client that gave up before any answer (a timeout: no
+        C{x-request-id} reached it) finds its call (trial s34).  One that
+        is not printable ASCII of at most 512 characters is not logged,
+        and fails nothing.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        gateway = self.gateway()
+        http = self.http()
+        base = f"http://127.0.0.1:{gateway.api_port}"
+        for given, logged in (
+            ("trace-123", "trace-123"),
+            ("x" * 513, None),
+            ("bad\x1b[31m", None),
+        ):
+            response = yield http.get(base + "/v1/nowhere", headers={"X-Client-Request-Id": [given.encode("latin-1")]})
+            self.assertEqual(response.code, 404)
+            yield response.text()
+            line = [e for e in events if e.get("status") == 404][-1]
+            self.assertEqual(line["client_request_id"], logged, given)
+            said = formatEvent(line)
+            if logged is None:
+                self.assertNotIn("client's id", said)
+            else:
+                self.assertIn("(client's id trace-123)", said)
+                self.assertIn(f"request {response.headers.getRawHeaders('x-request-id')[0]}", said)
+
+    @inlineCallbacks
     def test_paths_read_as_twisted_web_reads_them(self):
         """
         The API's one root resource finds a handler as a tree of resources

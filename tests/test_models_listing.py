@@ -56,6 +56,8 @@ class ModelRetrieveTests(DataPlaneTestCase):
         for missing in ("kimi/gpt-4o", "gpt-4o", "gemini/moonshot-v1-8k"):
             failure = yield self.assertFailure(deferToThread(client.models.retrieve, missing), openai.NotFoundError)
             self.assertEqual(failure.code, "model_not_found")
+            # As a chat call's 404 for the same model, and OpenAI's (trial s34).
+            self.assertEqual(failure.param, "model")
             self.assertIn(missing, failure.message)
         # The key check is the listing's.
         failure = yield self.assertFailure(

@@ -91,6 +91,9 @@ _FAILED = (
 )
 #: The log line of a successful API request.
 _SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms, request {request_id}"
+#: Added to either line when the client gave an id of its own
+#: (L{client_request_id_of}).
+_CLIENT_REQUEST_ID = " (client's id {client_request_id})"
 #: The response header that carries a request's id (L{new_request_id}),
 #: as OpenAI's API does (API reference, "Debugging requests").
 REQUEST_ID_HEADER = b"x-request-id"
@@ -106,6 +109,30 @@ def new_request_id() -> str:
     log line.
     """
     return "req_" + os.urandom(16).hex()
+
+
+#: The request header in which a client gives an id of its own to the
+#: request (OpenAI's API reference, "Debugging requests": ASCII, at most
+#: L{MAX_CLIENT_REQUEST_ID} characters), logged with the request's line:
+#: the one id a client has of a call it gave up on before any answer (a
+#: timeout) to find that call's line.
+CLIENT_REQUEST_ID_HEADER = b"x-client-request-id"
+#: The most characters of a client's own request id (OpenAI's bound).
+MAX_CLIENT_REQUEST_ID = 512
+
+
+def client_request_id_of(request: Request) -> str | None:
+    """
+    The id the client gave the request (L{CLIENT_REQUEST_ID_HEADER}), or
+    None: none given, or not one OpenAI takes (printable ASCII, at most
+    L{MAX_CLIENT_REQUEST_ID} characters), which is not logged (it could
+    hold a terminal's escape codes) and does not fail the call.
+    """
+    given = request.getHeader(CLIENT_REQUEST_ID_HEADER)
+    if given is None or len(given) > MAX_CLIENT_REQUEST_ID:
+        return None
+    text = given.decode("latin-1")
+    return text if text.isascii() and text.isprintable() and text else None
 
 
 def request_id_of(request: Request) -> str:
@@ -436,9 +463,13 @@ class APIContext:
             keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:
             return
+        client_request_id = client_request_id_of(request)
+        if client_request_id is not None:
+            text += _CLIENT_REQUEST_ID
         self.log.emit(
             level,
             text,
+            client_request_id=client_request_id,
             method=clipped(request.method.decode("ascii", "replace")),
             consumer=consumer or "-",
             path=clipped(request.path.decode("ascii", "replace")),

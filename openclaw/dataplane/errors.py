@@ -147,7 +147,8 @@ def not_found(path: str, metrics_apart: bool = False) -> APIError:
 def model_not_found(model: str) -> APIError:
     """
     404 for C{GET /v1/models/{model}} naming a model this key's listing
-    lacks (OpenAI's answer, code C{model_not_found}).
+    lacks (OpenAI's answer, code C{model_not_found}, C{param} C{model}, as
+    a chat call's).
     """
     return APIError(
         404,
@@ -155,6 +156,7 @@ def model_not_found(model: str) -> APIError:
         "GET /v1/models lists the models this key may use",
         "invalid_request_error",
         "model_not_found",
+        "model",
     )
 
 
