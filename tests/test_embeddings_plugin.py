@@ -22,13 +22,14 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import openclaw.dataplane
-from openclaw.providers import BUILTIN_PROVIDERS, GeminiAdapter, KimiAdapter, OpenAICompatibleAdapter
+from openclaw.providers import GeminiAdapter, KimiAdapter, OpenAICompatibleAdapter
 from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.openai_compatible import OpenAIEmbeddings
 from openclaw.providers.wire import MalformedAnswer
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.testing.upstream import OpenAIDialect, ProviderBehaviour
 from tests.support import (
+    KIMI_AND_GEMINI,
     RunningGateway,
     get_text,
     open_client,
@@ -57,7 +58,9 @@ class Acme2Adapter(OpenAICompatibleAdapter):
     embeddings: ClassVar[EmbeddingsWire | None] = OpenAIEmbeddings(default_model="acme2-embed-small")
 
 
-DECLARED = (*BUILTIN_PROVIDERS, Acme2Adapter)
+#: Kimi, Gemini and Acme2, pinned (not read from BUILTIN_PROVIDERS): the
+#: stand-in (L{start_upstream}) serves Kimi and Gemini only.
+DECLARED = (*KIMI_AND_GEMINI, Acme2Adapter)
 
 ACME2_KEY = "sk-acme2-SECRET-0123456789"
 SECOND_ACME2_KEY = "sk-acme2-SECOND-0123456789"
