@@ -244,6 +244,28 @@ class AccountTests(ResilienceTestCase):
             self.assertOpenAIError(text, "rate_limit_exceeded")
 
 
+    @inlineCallbacks
+    def test_payment_required(self):
+        """
+        402 Payment Required is the account's (RFC 9110 section 15.5.3,
+        reserved, used by every API that has it for billing: DeepSeek's
+        "Insufficient Balance"): no retry mends it, another provider may
+        answer (trial s34: a 502 "other", not failed over).
+        """
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status = "error", 402
+        kimi.error_body = {"error": {"message": "Insufficient Balance", "type": "unknown_error"}}
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_account_error")
+        self.assertIn("Insufficient Balance", error["message"])
+        self.assertEqual(set(gateway.service.providers.get("kimi").keys.states().values()), {"ok"})
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=account"])
+
+
 class NoStatusTests(ResilienceTestCase):
     """
     An answer without a status (C{HTTP/1.1 000}) is the provider's failure.

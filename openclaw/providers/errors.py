@@ -393,11 +393,11 @@ class RefusalKind(StrEnum):
     #: and the key is checked with its free models listing
     #: (L{openclaw.providers.base.ProviderAdapter.check_key}).
     FORBIDDEN = "forbidden"
-    #: The provider account behind the gateway cannot serve the call
-    #: (a provider's own rule: Gemini's 400 C{FAILED_PRECONDITION}, an
-    #: unsupported location or billing required, read by its adapter's
-    #: C{refusal}): the operator's to fix, not the client's, not the key's;
-    #: another provider may answer.
+    #: The provider account behind the gateway cannot serve the call: a
+    #: 402 Payment Required, or a provider's own rule (Gemini's 400
+    #: C{FAILED_PRECONDITION}, an unsupported location or billing
+    #: required, read by its adapter's C{refusal}): the operator's to fix,
+    #: not the client's, not the key's; another provider may answer.
     ACCOUNT = "account"
     #: 5xx: the provider is failing.
     SERVER = "server"
@@ -507,6 +507,10 @@ def classify(
         if retry_after is None:
             # The rest the key gets (KeyPool.rest), told to the client too.
             retry_after = DEFAULT_REST_SECONDS
+    elif status == 402:
+        # Payment Required (RFC 9110 section 15.5.3: reserved; every API
+        # that answers it means billing): the operator's account.
+        kind = RefusalKind.ACCOUNT
     elif status in REQUEST_STATUSES:
         kind = RefusalKind.REQUEST
     elif status >= 500 or status < 100:
