@@ -243,7 +243,6 @@ class AccountTests(ResilienceTestCase):
             self.assertEqual(response.code, 429, text)
             self.assertOpenAIError(text, "rate_limit_exceeded")
 
-
     @inlineCallbacks
     def test_payment_required(self):
         """
