@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from openclaw.consumers.estimate import MESSAGE_TOKENS, REPLY_TOKENS, count_or_zero, known_counts, token_count
 from openclaw.consumers.prices import Price
 from openclaw.consumers.table import usage_counts
+from openclaw.providers.kimi import moonshot_usage
 from openclaw.testing.upstream import OpenAIAnswer
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
@@ -56,8 +57,11 @@ class CountsTests(SynchronousTestCase):
     def test_cached_tokens(self) -> None:
         """
         Cached prompt tokens: OpenAI's C{prompt_tokens_details.cached_tokens},
-        else Moonshot's top-level C{cached_tokens} (trial s25: ignored, a
-        Kimi cache hit charged the full prompt price); never the two summed.
+        where Kimi's wire puts Moonshot's top-level C{cached_tokens} before
+        the usage is counted (trial s25: ignored, a Kimi cache hit charged
+        the full prompt price); never the two summed.  The consumers' code
+        reads OpenAI's field only (provider trial s34: Moonshot's was read
+        there too, a provider's rule outside its module).
         """
         base = {"prompt_tokens": 100, "completion_tokens": 20}
         cases = [
@@ -65,14 +69,18 @@ class CountsTests(SynchronousTestCase):
             ({"cached_tokens": 40}, 40),
             ({"cached_tokens": 40, "prompt_tokens_details": {"cached_tokens": 40}}, 40),
             ({"cached_tokens": 30, "prompt_tokens_details": {"cached_tokens": 40}}, 40),
-            ({"cached_tokens": 40, "prompt_tokens_details": {"cached_tokens": "x"}}, 40),
+            # OpenAI's field given but unreadable: no cache counted (the
+            # full price, never less than the provider bills).
+            ({"cached_tokens": 40, "prompt_tokens_details": {"cached_tokens": "x"}}, 0),
             ({"cached_tokens": 40, "prompt_tokens_details": None}, 40),
             ({"cached_tokens": "40"}, 0),
             ({"cached_tokens": -1}, 0),
             ({}, 0),
         ]
         for extra, cached in cases:
-            self.assertEqual(usage_counts({**base, **extra}), (100, 20, 0, cached), extra)
+            self.assertEqual(usage_counts(moonshot_usage({**base, **extra})), (100, 20, 0, cached), extra)
+        # Moonshot's field alone is not OpenAI's.
+        self.assertEqual(usage_counts({**base, "cached_tokens": 40}), (100, 20, 0, 0))
 
 
 class UnreadableUsageTests(GatewayCase):

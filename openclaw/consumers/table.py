@@ -168,13 +168,11 @@ def usage_counts(usage: Any) -> tuple[int, int, int, int]:
     L{known_counts}' to say (see L{openclaw.dataplane.call}).
 
     The cached prompt tokens are OpenAI's
-    C{usage.prompt_tokens_details.cached_tokens}; when that is absent (or
-    no count), Moonshot's C{usage.cached_tokens}, at the top level of the
-    usage: the prompt tokens its context cache served, billed at the
-    cache-hit rate (Moonshot's context caching, platform.moonshot.ai/docs;
-    the answers of moonshot-v1 and Kimi K2.5 quoted in openclaw/openclaw
-    pull request 25436 show the field, K2.5's with OpenAI's too, the same
-    count: so one is read, never the two summed).
+    C{usage.prompt_tokens_details.cached_tokens}: a provider's own field
+    for them is given that place by its wire before the usage is counted
+    (L{OpenAIWire.usage_shape
+    <openclaw.providers.openai_compatible.OpenAIWire.usage_shape>}:
+    Moonshot's top-level C{cached_tokens}).
     """
     if not isinstance(usage, dict):
         return 0, 0, 0, 0
@@ -185,7 +183,7 @@ def usage_counts(usage: Any) -> tuple[int, int, int, int]:
         count_or_zero(usage.get("prompt_tokens")),
         count_or_zero(usage.get("completion_tokens")),
         count_or_zero(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
-        cached if cached is not None else count_or_zero(usage.get("cached_tokens")),
+        cached if cached is not None else 0,
     )
 
 
