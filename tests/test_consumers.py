@@ -55,7 +55,7 @@ from openclaw.consumers.model import (
     retired_name,
 )
 from openclaw.consumers.prices import Price, PricesError, PriceTable, parse_prices, shipped_prices
-from openclaw.consumers.store import ConsumerStore, UsageRow
+from openclaw.consumers.store import ConsumerStore, RowIds, UsageRow
 from openclaw.consumers.table import GATEWAY, ConsumerTable, Holder, LocalCounters, budget_spent, tpm_refused
 from openclaw.control.commands import CommandError
 from openclaw.dataplane.embeddings import estimated_tokens
@@ -823,7 +823,7 @@ class StoreTests:
         self.addCleanup(store.close)  # type: ignore[attr-defined]
         version = yield store.migrate()
         again = yield store.migrate()
-        self.assertEqual((version, again), (2, 2))  # type: ignore[attr-defined]
+        self.assertEqual((version, again), (3, 3))  # type: ignore[attr-defined]
         now = time.time()
         key = NewKey.make()
         team = Consumer("team", budget_usd=2.0, rpm=5, models=("kimi/*",), created_at=now)
@@ -885,6 +885,39 @@ class StoreTests:
         self.assertGreater(kept[0]["requests"], 0)  # type: ignore[index]
         gone = yield store.usage("team", None, None, None)
         self.assertEqual(gone[0]["requests"], 0)  # type: ignore[index]
+
+    @inlineCallbacks
+    def test_batch_written_again(self) -> Any:
+        """
+        A batch of usage rows written again (its first write committed,
+        its answer lost: a connection cut just after the C{COMMIT}) adds
+        neither its rows nor their cost twice (trial s34: 135 rows and
+        their spend for 72 calls); the rows of the batch not yet written,
+        and rows with no key, are written.
+        """
+        store = self.open_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        yield store.migrate()
+        now = time.time()
+        key = NewKey.make()
+        yield store.create(Consumer("team", created_at=now), key.hash, key.prefix)
+        ids = RowIds()
+        first = [UsageRow(now, "team", key.prefix, "kimi", "m", 200, 10, 5, 0, 0.25, row_id=ids()) for _ in range(3)]
+        gateway = UsageRow(now, "-", "-", "kimi", "m", 200, 30, 15, 0, 0.75, requests=3, row_id=ids())
+        yield store.record([*first, gateway])
+        later = UsageRow(now, "team", key.prefix, "kimi", "m", 200, 10, 5, 0, 0.5, row_id=ids())
+        keyless = UsageRow(now, "team", key.prefix, "kimi", "m", 200, 1, 1, 0, 0.125)
+        yield store.record([*first, gateway, later, keyless])
+        yield store.record([*first, gateway, later])
+        snapshot = yield store.load(now)
+        self.assertAlmostEqual(snapshot.spend[("team", "total")], 3 * 0.25 + 0.5 + 0.125)  # type: ignore[attr-defined]
+        by_consumer = yield store.usage(None, None, None, "consumer")
+        self.assertEqual(  # type: ignore[attr-defined]
+            [(row["consumer"], row["requests"], row["prompt_tokens"]) for row in by_consumer],
+            [("-", 3, 30), ("team", 5, 41)],
+        )
+        # Keys from another process's RowIds are other rows.
+        self.assertNotEqual(RowIds().prefix, ids.prefix)  # type: ignore[attr-defined]
 
     @inlineCallbacks
     def test_changes_to_a_consumer_gone(self) -> Any:
@@ -969,9 +1002,13 @@ class SQLiteStoreTests(StoreTests, TestCase):
         store = ConsumerStore.open(None, directory, reactor)
         self.addCleanup(store.close)
         version = yield store.migrate()
-        self.assertEqual(version, 2)
+        self.assertEqual(version, len(MIGRATIONS))
         [total] = yield store.usage(None, None, None, None)
         self.assertEqual((total["requests"], total["prompt_tokens"], total["unpriced_tokens"]), (1, 3, 7))
+        # A row written before row keys has none; later ones are written.
+        yield store.record([UsageRow(time.time(), "-", "-", "kimi", "m", 200, 1, 0, 0, None, row_id=RowIds()())])
+        [total] = yield store.usage(None, None, None, None)
+        self.assertEqual(total["requests"], 2)
 
     @inlineCallbacks
     def test_newer_schema_refused(self) -> Any:
@@ -1264,6 +1301,55 @@ class FlakyStore(RecordingStore):
         if self.tries <= self.failures:
             return fail(OSError("the database refused the write"))
         return super().record(rows)
+
+
+class LostAnswerStore(RecordingStore):
+    """
+    A store whose first write is committed but its answer lost (the
+    connection cut just after C{COMMIT}): the rows are taken, and the
+    write fails all the same.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    def record(self, rows: list[UsageRow]) -> Deferred[None]:
+        self.tries += 1
+        super().record(rows)
+        if self.tries == 1:
+            return fail(OSError("server closed the connection unexpectedly"))
+        return succeed(None)
+
+
+class LostCommitAnswerTests(TestCase):
+    def test_rows_tried_again_keep_their_keys(self) -> None:
+        """
+        Rows put back after a failed write keep their keys
+        (L{UsageRow.row_id}), so the store, finding them written already,
+        writes them once (trial s34); rows counted since have keys of their
+        own, a consumer's and the gateway keys' summed ones alike.
+        """
+        clock = Clock()
+        store = LostAnswerStore()
+        table = ConsumerTable(store, PriceTable.with_overrides({}), clock=clock.seconds)  # type: ignore[arg-type]
+        self.addCleanup(self.flushLoggedErrors, OSError)
+        table.consumers["team"] = Consumer("team")
+        for _ in range(2):
+            table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        table.account(GATEWAY, "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        table.flush()
+        first = [row.row_id for row in store.rows]
+        self.assertEqual(len(first), 3)
+        self.assertNotIn(None, first)
+        self.assertEqual(len(set(first)), 3)
+        self.assertEqual(table.pending_rows(), 3)
+        table.account(Holder("team", "oc_t"), "kimi", "moonshot-v1-8k", 200, {"prompt_tokens": 1}, 0.01)
+        table.flush()
+        again = [row.row_id for row in store.rows[3:]]
+        self.assertEqual(again[:3], first)
+        self.assertEqual(len(set(again)), 4)
+        self.assertEqual(table.pending_rows(), 0)
 
 
 class UsageRowsOutageTests(TestCase):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from openclaw.consumers.model import NO_CONSUMER
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.store import UsageRow
+from openclaw.consumers.store import RowIds, UsageRow
 
 #: C{[requests, prompt, completion, reasoning, cached prompt, duration ms]}.
 Sums = list[float]
@@ -28,10 +28,12 @@ class GatewayUsage:
     not grow with the model names clients send.
 
     @param prices: the model prices (fixed for the gateway's life).
+    @param row_ids: the keys of the rows taken (L{UsageRow.row_id}).
     """
 
-    def __init__(self, prices: PriceTable) -> None:
+    def __init__(self, prices: PriceTable, row_ids: RowIds | None = None) -> None:
         self.prices = prices
+        self.row_ids = row_ids if row_ids is not None else RowIds()
         #: Since the last L{take}, per C{(UTC minute, provider, model, status)}.
         self._pending: dict[tuple[int, str, str, int], Sums] = {}
 
@@ -83,6 +85,7 @@ class GatewayUsage:
                     cost,
                     duration_ms,
                     requests=requests,
+                    row_id=self.row_ids(),
                 )
             )
         return rows

@@ -24,12 +24,13 @@ bounded (L{COMMAND_SECONDS}, L{ConsumerStore._command}).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar, cast
@@ -105,6 +106,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # The calls of GATEWAY_API_KEYS' keys are written summed, one row per
     # UTC minute, provider, model and status: how many calls a row counts.
     ("ALTER TABLE usage_rows ADD COLUMN requests INTEGER NOT NULL DEFAULT 1",),
+    # Each row's key (UsageRow.row_id): a batch written again after its
+    # commit's answer was lost is not written twice.
+    (
+        "ALTER TABLE usage_rows ADD COLUMN row_id TEXT",
+        "CREATE UNIQUE INDEX usage_rows_row_id ON usage_rows (row_id)",
+    ),
 )
 
 GROUPS = ("consumer", "model", "day")
@@ -216,8 +223,28 @@ T = TypeVar("T")
 
 _USAGE_COLUMNS = (
     "ts, day, consumer, key_prefix, provider, model, status, prompt_tokens, completion_tokens, "
-    "reasoning_tokens, cost_usd, duration_ms, limited, requests"
+    "reasoning_tokens, cost_usd, duration_ms, limited, requests, row_id"
 )
+#: The most row keys one query looks up (L{ConsumerStore._not_written}):
+#: under SQLite's oldest bound on a statement's parameters (999).
+_KEYS_PER_QUERY = 500
+
+
+@attrs.define
+class RowIds:
+    """
+    Keys for usage rows (L{UsageRow.row_id}): a prefix of 64 random bits
+    made once per process (C{os.urandom}), and a count: unique to this
+    process's rows, and to any other instance's (or an earlier run's) but
+    by a chance of about one in 2**64 per run.  Called on the reactor's
+    thread.
+    """
+
+    prefix: str = attrs.field(factory=lambda: os.urandom(8).hex() + "-")
+    _count: Iterator[int] = attrs.field(factory=itertools.count, init=False)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self._count)}"
 
 
 @attrs.frozen
@@ -235,6 +262,14 @@ class UsageRow:
     the database still has that consumer, else under its retired name
     (C{NAME@CREATED}) and adds no spend.  None: written as it is (the
     gateway's own keys' C{-}, rows already retired).
+
+    C{row_id} is the row's key (L{RowIds}: unique to this process's rows,
+    and to every other's), stored with it: a write of it tried again after
+    its commit's answer was lost (the connection cut just after the
+    C{COMMIT}: a pooler's or a primary's restart, a firewall) finds it
+    written, and neither the row nor its cost is added twice (trial s34:
+    135 rows and their spend for 72 calls).  None (a test's rows): written
+    at every try.
     """
 
     ts: float
@@ -251,6 +286,7 @@ class UsageRow:
     limited: bool = False
     requests: int = 1
     created_at: float | None = None
+    row_id: str | None = None
 
     def values(self, day: str | None = None) -> tuple[Any, ...]:
         """
@@ -272,6 +308,7 @@ class UsageRow:
             round(self.duration_ms, 3),
             1 if self.limited else 0,
             self.requests,
+            self.row_id,
         )
 
 
@@ -1297,7 +1334,9 @@ class ConsumerStore:
             # The check of the consumers and the writes, atomically (the
             # write lock from the first read on).
             cursor.execute("BEGIN IMMEDIATE")
-        rows = self._identified(cursor, rows)
+        rows = self._not_written(cursor, self._identified(cursor, rows))
+        if not rows:
+            return
         # The UTC day once per day in the batch, not once per row.
         days: dict[int, str] = {}
         values = []
@@ -1308,7 +1347,7 @@ class ConsumerStore:
                 day = days[number] = period_key("day", number * 86400)
             values.append(row.values(day))
         cursor.executemany(
-            self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 14)})"),
+            self._sql(f"INSERT INTO usage_rows ({_USAGE_COLUMNS}) VALUES ({', '.join('?' * 15)})"),
             values,
         )
         spend: dict[tuple[str, str], float] = {}
@@ -1319,6 +1358,27 @@ class ConsumerStore:
                     key = (row.consumer, period_key(period, row.ts))
                     spend[key] = spend.get(key, 0.0) + row.cost_usd
         self._add_spend(cursor, spend)
+
+    def _not_written(self, cursor: Any, rows: Sequence[UsageRow]) -> Sequence[UsageRow]:
+        """
+        C{rows} but those the database holds already (by L{UsageRow.row_id}):
+        a batch tried again whose first write was committed, though its
+        answer never came.  Read in the transaction that writes the rest
+        (an instance writes one batch at a time:
+        L{ConsumerTable.flush <openclaw.consumers.table.ConsumerTable.flush>}).
+        """
+        keys = [row.row_id for row in rows if row.row_id is not None]
+        written: set[str] = set()
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            chunk = keys[start : start + _KEYS_PER_QUERY]
+            cursor.execute(
+                self._sql(f"SELECT row_id FROM usage_rows WHERE row_id IN ({', '.join('?' * len(chunk))})"),
+                tuple(chunk),
+            )
+            written.update(row[0] for row in cursor.fetchall())
+        if not written:
+            return rows
+        return [row for row in rows if row.row_id not in written]
 
     def _identified(self, cursor: Any, rows: Sequence[UsageRow]) -> Sequence[UsageRow]:
         """
@@ -1716,6 +1776,7 @@ __all__ = [
     "NewerSchema",
     "PooledConnection",
     "Retrying",
+    "RowIds",
     "Snapshot",
     "StoreNotStarted",
     "UnusableDatabaseFile",

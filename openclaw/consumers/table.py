@@ -37,6 +37,7 @@ from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import (
     ConsumerExists,
     ConsumerStore,
+    RowIds,
     Snapshot,
     UsageRow,
     database_error,
@@ -708,8 +709,10 @@ class ConsumerTable:
         #: Names whose delete is not yet written to the database: kept
         #: from a create until it is (L{delete}).
         self.deleting: set[str] = set()
+        #: The keys of this table's usage rows (L{UsageRow.row_id}).
+        self.row_ids = RowIds()
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
-        self.gateway_usage = GatewayUsage(prices)
+        self.gateway_usage = GatewayUsage(prices, self.row_ids)
         if metrics is not None:
             metrics.count_pending(self.pending_rows)
         self._flusher: LoopingCall | None = None
@@ -1149,6 +1152,7 @@ class ConsumerTable:
                     refusal.status,
                     limited=True,
                     created_at=holder.created_at,
+                    row_id=self.row_ids(),
                 )
             )
         return refusal
@@ -1209,6 +1213,7 @@ class ConsumerTable:
                 # Which consumer: the database writes the row under its
                 # retired name if it was deleted before the row is written.
                 created_at=holder.created_at if consumer is not None else None,
+                row_id=self.row_ids(),
             )
         )
 
