@@ -85,6 +85,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from openclaw.deferreds import InFlight
 from openclaw.loops import LoggedStep
 from openclaw.providers.fetch import read_body
 from openclaw.reactors import IClientReactor
@@ -623,31 +624,28 @@ class WorkersExposition:
         }
         #: Sibling -> when (reactor seconds) its absence was last logged.
         self._logged: dict[int, float] = {}
-        #: The scrapes waiting for the siblings' read in progress, if one is.
-        self._waiting: list[Deferred[bytes]] | None = None
+        #: The siblings' read in progress, if one is: the scrapes that come
+        #: meanwhile wait for it.
+        self._reading: InFlight[bytes] | None = None
 
     def exposition(self) -> Deferred[bytes]:
         """
         Every worker's series that could be read, in the Prometheus text
         format (C{CONTENT_TYPE_LATEST}); never fails for a sibling's sake.
         """
-        if self._waiting is None:
+        reading = self._reading
+        if reading is None:
             # Scrapes that come while the siblings are being read share
             # that read: one connection per sibling, however many scrape.
-            self._waiting = []
+            reading = self._reading = InFlight()
             reads = [self._read(sibling) for sibling in self.siblings]
-            gatherResults(reads).addCallback(self._merged).addBoth(self._answer_waiting)
-        answer: Deferred[bytes] = Deferred()
-        self._waiting.append(answer)
-        return answer
+            gatherResults(reads).addCallback(self._merged).addBoth(self._answer_waiting, reading)
+        return reading.observe()
 
-    def _answer_waiting(self, result: bytes | Failure) -> None:
-        waiting, self._waiting = self._waiting or [], None
-        for answer in waiting:
-            if isinstance(result, Failure):
-                answer.errback(result)
-            else:
-                answer.callback(result)
+    def _answer_waiting(self, result: bytes | Failure, reading: InFlight[bytes]) -> None:
+        if self._reading is reading:
+            self._reading = None
+        reading.end(result)
 
     def _read(self, sibling: int) -> Deferred[tuple[int, list[Metric] | None]]:
         """

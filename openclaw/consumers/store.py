@@ -57,6 +57,7 @@ from openclaw.consumers.model import (
     period_key,
     retired_name,
 )
+from openclaw.deferreds import InFlight
 from openclaw.files import NotARegularFile, displaced, open_regular_file, replace_atomically
 from openclaw.reactors import IStoreReactor
 from openclaw.threads import DaemonThread
@@ -643,10 +644,9 @@ class ConsumerStore:
         #: Set once L{migrate} found a later openclaw's schema: every use
         #: of the store then fails with it.
         self.newer_schema: NewerSchema | None = None
-        # L{close}'s callers, once it was called: each fires with its
-        # result (L{None}: never called).
-        self._closing: list[Deferred[bool]] | None = None
-        self._closed: bool | Failure | None = None
+        # L{close}'s closing, once it was called (L{None}: never called):
+        # each of its callers waits for it.
+        self._closing: InFlight[bool] | None = None
         #: The SQLite database's path, whose file L{check_file} watches
         #: (L{open}'s; L{None}: none watched, PostgreSQL).
         self.database_path: Path | None = None
@@ -693,7 +693,7 @@ class ConsumerStore:
         """
         if self._pool is not None:
             return
-        if self._closing is not None or self._closed is not None:
+        if self._closing is not None:
             raise StoreNotStarted("the consumers' database was closed: it is not opened again")
         assert self._make_pool is not None
         self._pool = self._make_pool()
@@ -1032,31 +1032,11 @@ class ConsumerStore:
         closes nothing more and fires with the first's result (its
         C{timeout} is the first's).
         """
-        waiting: Deferred[bool] = Deferred()
-        if self._closed is not None:
-            self._fire(waiting, self._closed)
-        elif self._closing is not None:
-            self._closing.append(waiting)
-        else:
-            self._closing = [waiting]
-            self._close(timeout).addBoth(self._done_closing)
-        return waiting
-
-    def _done_closing(self, result: bool | Failure) -> None:
-        self._closed = result
-        waiting, self._closing = self._closing or [], []
-        for each in waiting:
-            self._fire(each, result)
-
-    @staticmethod
-    def _fire(waiting: Deferred[bool], result: bool | Failure) -> None:
-        if waiting.called:
-            # Cancelled by its caller.
-            return
-        if isinstance(result, Failure):
-            waiting.errback(result)
-        else:
-            waiting.callback(result)
+        closing = self._closing
+        if closing is None:
+            closing = self._closing = InFlight()
+            self._close(timeout).addBoth(closing.end)
+        return closing.observe()
 
     def _close(self, timeout: float) -> Deferred[bool]:
         pool = self._pool

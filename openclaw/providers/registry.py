@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 
+from openclaw.deferreds import InFlight
 from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
@@ -60,8 +61,8 @@ class ProviderRegistry:
     #: (L{Settings.fallback_order <openclaw.settings.Settings.fallback_order>});
     #: None: every provider, in their order.
     fallback_order: tuple[str, ...] | None = None
-    #: Per provider id, the callers waiting on the probe in flight.
-    _waiting: dict[str, list[Deferred[ProbeResult]]] = attrs.field(factory=dict, init=False, repr=False)
+    #: Per provider id, the probe in flight, which its callers wait for.
+    _probing: dict[str, InFlight[ProbeResult]] = attrs.field(factory=dict, init=False, repr=False)
     #: Probes under way, cancelled by L{close} so none outlives the service.
     _running: set[Deferred[ProbeResult]] = attrs.field(factory=set, init=False, repr=False)
     #: The adapters' ids, read on every model call.
@@ -152,15 +153,12 @@ class ProviderRegistry:
         cancellation) cannot touch what the others receive.
         """
         adapter = self.get(provider_id)
-        mine: Deferred[ProbeResult] = Deferred()
-        waiting = self._waiting.get(provider_id)
-        if waiting is not None:
-            waiting.append(mine)
-            return mine
-        # Registered before probing: a probe may fire at once (no key).
-        self._waiting[provider_id] = [mine]
-        self._start(adapter).addBoth(self._settle, provider_id)
-        return mine
+        probing = self._probing.get(provider_id)
+        if probing is None:
+            # Registered before probing: a probe may fire at once (no key).
+            probing = self._probing[provider_id] = InFlight()
+            self._start(adapter).addBoth(self._settle, provider_id, probing)
+        return probing.observe()
 
     def _start(self, adapter: ProviderAdapter) -> Deferred[ProbeResult]:
         probe = adapter.probe()
@@ -173,12 +171,9 @@ class ProviderRegistry:
         self._running.discard(probe)
         return result
 
-    def _settle(self, result: ProbeResult | Failure, provider_id: str) -> None:
-        for waiter in self._waiting.pop(provider_id):
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+    def _settle(self, result: ProbeResult | Failure, provider_id: str, probing: InFlight[ProbeResult]) -> None:
+        del self._probing[provider_id]
+        probing.end(result)
 
     def health_check(self, active_id: str, active_model: str) -> Deferred[dict[str, Any]]:
         """
