@@ -67,6 +67,7 @@ from openclaw.control.plane import ControlPlane
 from openclaw.control.protocol import ControlFactory
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.site import APISite, MetricsRoot, build_site, metrics_listener
+from openclaw.deferreds import InFlight
 from openclaw.files import LockHeld, PidLock, write_atomically
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
 from openclaw.logs import offer_log_observer
@@ -406,10 +407,9 @@ class ListeningService(Service):
         self.factory = factory
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
-        #: While the port stopped last is closing: the Deferreds a later
-        #: L{stopService} returned, fired (as the closing did) once it is
-        #: closed.
-        self._closing: list[Deferred[None]] | None = None
+        #: While the port stopped last is closing: its closing, which a
+        #: later L{stopService} waits for too.
+        self._closing: InFlight[None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -459,26 +459,19 @@ class ListeningService(Service):
             stopped = port.stopListening()
             if stopped is None:
                 return succeed(None)
-            waiters: list[Deferred[None]] = []
-            self._closing = waiters
+            closing = self._closing = InFlight[None]()
 
-            def closed(result: object) -> object:
-                if self._closing is waiters:
+            def closed(result: object) -> None:
+                if self._closing is closing:
                     self._closing = None
-                for waiter in waiters:
-                    if isinstance(result, Failure):
-                        waiter.errback(result)
-                    else:
-                        waiter.callback(None)
-                return result
+                closing.end(result if isinstance(result, Failure) else None)
 
-            return stopped.addBoth(closed)
+            stopped.addBoth(closed)
+            return closing.observe()
         if listening is not None and not listening.called:
             listening.cancel()
         if self._closing is not None:
-            waiter: Deferred[None] = Deferred()
-            self._closing.append(waiter)
-            return waiter
+            return self._closing.observe()
         return succeed(None)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
@@ -116,6 +116,23 @@ class ListeningStoppedTwiceTests(SynchronousTestCase):
         port.stops[0].errback(OSError(9, "Bad file descriptor"))
         self.failureResultOf(first, OSError)
         self.failureResultOf(second, OSError)
+
+    def test_one_stop_given_up(self) -> None:
+        """
+        A stop whose caller gives up (cancels its Deferred) ends its own
+        wait only: the other stop still waits for the port, and fires once
+        it is closed (review s34: each waiter has a Deferred of its own).
+        """
+        port = SlowClosingPort()
+        service = ListeningService(PortEndpoint(port), Factory())
+        service.startService()
+        first = service.stopService()
+        second = service.stopService()
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertNoResult(second)
+        port.stops[0].callback(None)
+        self.assertIsNone(self.successResultOf(second))
 
     def test_started_again_while_closing(self) -> None:
         """
