@@ -348,6 +348,7 @@ class ControlPlane:
         been answered.
         """
         self._draining = True
+        # Not Outstanding: cancelling this wait (grace over) must cancel the commands, answered cut short.
         return DeferredList(list(self._in_flight), consumeErrors=True)
 
     def too_many_failures(self, connection: Connection) -> bool:
