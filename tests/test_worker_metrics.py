@@ -287,6 +287,19 @@ class ExpositionTests(TestCase):
         text = yield exposition.exposition()
         self.assertEqual(value(text.decode(), "demo_calls_total", status="200", worker="1"), 2.0)
 
+    def test_read_ended_at_once(self):
+        """
+        A read of the siblings that ends at once (none to read) answers
+        the scrape with the worker's own series, and the next one too
+        (review s34: the scrape was added to a list already cleared).
+        """
+        sockets = socket_directory(self, 1)
+        exposition = WorkersExposition(reactor, self.registry(1), sockets, 0)
+        for _ in range(2):
+            text = self.successResultOf(exposition.exposition()).decode()
+            self.assertEqual(value(text, "demo_calls_total", status="200", worker="0"), 1.0)
+            self.assertEqual(value(text, "openclaw_workers_scraped"), 1.0)
+
     @inlineCallbacks
     def test_private_socket_serves_its_own_series(self):
         """
