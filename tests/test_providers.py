@@ -307,13 +307,13 @@ class FailureTests(ProviderTestCase):
         """
         self.assertEqual(
             upstream_message(b'{"error": {"message": "Invalid Authentication", "type": "x"}}'),
-            "Invalid Authentication [x]",
+            "Invalid Authentication [type=x]",
         )
         self.assertEqual(
             upstream_message(
                 b'{"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT"}}'
             ),
-            "API key not valid. [INVALID_ARGUMENT]",
+            "API key not valid. [status=INVALID_ARGUMENT, code=400]",
         )
         self.assertEqual(upstream_message(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>")
         self.assertEqual(upstream_message(b""), "(empty body)")

@@ -33,7 +33,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from openclaw.providers.errors import BodyTooLarge, MalformedResponse
-from openclaw.providers.wire import json_or_none, reported_error
+from openclaw.providers.wire import json_or_none, reported_error, with_kind
 
 #: A models listing is tens of kilobytes; anything near this is not one.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -229,19 +229,17 @@ def post(agent: IAgent, url: bytes, headers: Headers, body: bytes) -> Deferred[I
 
 def upstream_message(body: bytes) -> str:
     """
-    The provider's own explanation in an error body: OpenAI/Moonshot's
-    C{{"error": {"message", "type"}}}, Google's C{{"error": {"code",
-    "message", "status"}}}, else the raw text.
+    The provider's own explanation in an error body, whole (its callers
+    scrub and clip it): OpenAI/Moonshot's C{{"error": {"message", "type",
+    "code"}}} and Google's C{{"error": {"code", "message", "status"}}} as
+    a stream's error event is told (L{with_kind}: "API key not valid.
+    [status=INVALID_ARGUMENT, code=400]"), else the body's C{message},
+    else the raw text.
     """
     document = json_or_none(body)
     error = reported_error(document)
-    if error is not None:
-        message = error.stated
-        if message is not None:
-            kind = error.fields.get("status") or error.fields.get("type")
-            return f"{message} [{kind}]" if isinstance(kind, str) and kind else message
-        if isinstance(error.value, str):
-            return error.value
+    if error is not None and (error.stated is not None or isinstance(error.value, str)):
+        return with_kind(error, limit=None)
     if isinstance(document, dict) and isinstance(document.get("message"), str):
         return str(document["message"])
     text = body.decode("utf-8", "replace").strip()

@@ -34,7 +34,7 @@ from openclaw.dataplane.request import (
     UrlScheme,
 )
 from openclaw.dataplane.sse import Event
-from openclaw.providers.errors import clip
+from openclaw.providers.errors import MAX_MESSAGE_CHARS, clip
 
 
 class MalformedAnswer(ValueError):
@@ -582,18 +582,25 @@ class ReportedError(NamedTuple):
         return str(self.value) if stated is None else stated
 
 
-def with_kind(error: ReportedError) -> str:
+def with_kind(error: ReportedError, limit: int | None = MAX_MESSAGE_CHARS) -> str:
     """
-    The error's message clipped, followed by what kind it is when it says:
-    OpenAI's and Moonshot's C{type} and C{code}, Google's C{status} and
-    C{code} ("Your account is suspended [type=permission_denied_error]",
-    "Internal error [status=INTERNAL, code=500]").
+    The one rendering of a provider's error, in an error body or a
+    stream's error event alike: its message, followed by what kind it is
+    when it says: OpenAI's and Moonshot's C{type} and C{code}, Google's
+    C{status} and C{code} ("Your account is suspended
+    [type=permission_denied_error]", "Internal error [status=INTERNAL,
+    code=500]").
+
+    @param limit: the message is clipped to this many characters (the
+        kind is kept whole); L{None}: whole, for a caller that scrubs the
+        key from the text before clipping it.
     """
     fields = error.fields
     kinds = [
         f"{name}={fields[name]}" for name in ("type", "status", "code") if isinstance(fields.get(name), (str, int))
     ]
-    return clip(error.message) + (f" [{', '.join(kinds)}]" if kinds else "")
+    message = error.message if limit is None else clip(error.message, limit)
+    return message + (f" [{', '.join(kinds)}]" if kinds else "")
 
 
 def reported_error(document: Any) -> ReportedError | None:
