@@ -72,6 +72,7 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.dataplane.request import JSON_TOO_DEEP, MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
+from openclaw.dataplane.streamstart import MAX_HELD_BYTES, MAX_HELD_SECONDS, StreamStart
 from openclaw.logs import DESCRIPTORS_FIELD
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
@@ -107,20 +108,8 @@ _DONE_EVENT = encode(DONE)
 _HEADERS = "the response headers"
 _ERROR_BODY = "the error body"
 _BODY = "the response body"
-_FIRST_EVENT = "the stream's first event"
-_NEXT_EVENT = "the stream's next event"
-#: After events that carried nothing of the answer (L{ChatCall._held}).
-_ANSWER_START = "the stream's first event of the answer (those before it carried none of it)"
-#: The most bytes of events held back before the answer begins
-#: (L{ChatCall._held}): past it the stream is opened all the same, as a
-#: provider that sends nothing but roles and empty text is answering.
-MAX_HELD_BYTES = 64 * 1024
-#: The longest a stream's events are held back before its answer begins
-#: (seconds, L{ChatCall._held}): past it the stream is opened at the next
-#: event all the same, so that a client's read timeout (the openai SDK
-#: times each read) is not run out by a provider that keeps sending empty
-#: events (a thinking model's empty deltas) while the call is alive.
-MAX_HELD_SECONDS = 5.0
+# MAX_HELD_BYTES and MAX_HELD_SECONDS (L{openclaw.dataplane.streamstart})
+# are read here when a stream starts (a test may patch them in this module).
 
 #: Seconds a stream's body may go on once its answer is complete (every
 #: choice finished: Gemini's last C{finishReason}, which has no end marker
@@ -204,8 +193,9 @@ class ChatCall:
     request_bytes: int = 0
     #: A whole answer's C{usage}, for the consumer's accounting.
     _usage: Any = None
-    #: What the call waits for now, for the timeout message.
-    _waiting_for: str = _HEADERS
+    #: What the call waits for now, for the timeout message; None once its
+    #: stream has started: its start says (L{StreamStart.waiting_for}).
+    _waiting_for: str | None = _HEADERS
     #: The upstream step in flight (headers or a whole body), cancellable.
     _pending: Deferred[Any] | BodyReader | None = None
     _timer: IDelayedCall | None = None
@@ -237,18 +227,10 @@ class ChatCall:
     )
     #: A stream's translation, once the stream has started.
     _translation: StreamTranslation | None = None
-    #: A stream's first chunk (and with it the status line and headers) has
-    #: gone to the client.
-    _first_chunk_sent: bool = False
-    #: A stream's chunks held back until one begins the answer
-    #: (L{StreamTranslation.answer_begun}): a role alone, empty text, a usage.
-    #: Kept as the bytes they are, sent ahead of it.
-    _held: bytes = b""
-    #: When the first of L{_held} came (C{reactor.seconds()}).
-    _held_since: float = 0.0
-    #: The stream was opened before its answer began (held too long): its
-    #: time to the first token is counted when it does.
-    _first_token_due: bool = False
+    #: Once a stream has started (L{_start_stream}): whether anything of it
+    #: has reached the client, and what it holds back until its answer
+    #: begins.  None for a call that does not stream.
+    _start: StreamStart | None = None
     #: Completion text seen (a consumer's call), in UTF-8 bytes, for an
     #: estimate when no usage ever comes (L{openclaw.consumers.estimate}).
     _completion_bytes: int = 0
@@ -816,7 +798,10 @@ class ChatCall:
         L{_open_stream}), so that a stream that fails before it is
         answered, and failed over, like any failed attempt.
         """
-        self._waiting_for = _FIRST_EVENT
+        self._waiting_for = None
+        if self._start is None:
+            # One per call: an attempt dropped leaves it as new (_drop_attempt).
+            self._start = StreamStart(MAX_HELD_BYTES, MAX_HELD_SECONDS)
         created = int(self.context.reactor.seconds())
         translation = self._translation = self.wire.stream(self.chat, self.route.model, created)
         self._relay = _StreamRelay(self, translation)
@@ -826,20 +811,17 @@ class ChatCall:
     def _open_stream(self, answered: bool = True) -> None:
         """
         The stream's first event that begins the answer (L{stream_data}),
-        or its end, has come: the provider has answered (the breaker's
-        verdict), and the client's status line and headers go out with it.
+        or its end, has come (L{StreamStart.sent}): the provider has
+        answered (the breaker's verdict), and the client's status line and
+        headers go out with it.
 
         @param answered: the answer has begun (its time is the time to the
-            first token); not for a stream that ended, or held too much,
-            before it did.
+            first token); not for a stream held too much or too long before
+            it did (L{StreamStart.first_token_due}).
         """
-        self._first_chunk_sent = True
-        self._waiting_for = _NEXT_EVENT
         self._settle(CircuitBreaker.succeeded)
         if answered:
             self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
-        else:
-            self._first_token_due = True
         request = self.request
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", _EVENT_STREAM)
@@ -855,10 +837,11 @@ class ChatCall:
         The relay has events for the client.  Written at once, once the
         stream has begun its answer (L{StreamTranslation.answer_begun}: text,
         reasoning, a tool call, a finish reason).  Until then they are held
-        back (L{_held}: Moonshot's first chunk, a role and C{""}; Gemini's
-        C{{"text": ""}}), with the status line and headers, and sent ahead
-        of the first chunk that has, or at the stream's end
-        (L{_close_stream}): an error, a cut or a stall after them is a
+        back (L{StreamStart}: Moonshot's first chunk, a role and C{""};
+        Gemini's C{{"text": ""}}), with the status line and headers, and
+        sent ahead of the first chunk that has, or at the stream's end
+        (L{_close_stream}), or once held past L{MAX_HELD_BYTES} or
+        L{MAX_HELD_SECONDS}: an error, a cut or a stall after them is a
         stream that failed before its answer started (L{stream_broken},
         L{stream_ended}, L{_timed_out}), answered, failed over and
         counted by the breaker like any failed attempt.
@@ -866,6 +849,10 @@ class ChatCall:
         @param decoded: at least one whole upstream event was decoded: only
             then does the wait for the next one start again (a trickle of
             comments or partial lines does not hold a stream open).
+        @param begun: whether the answer had begun with these events, as
+            the relay saw it (an event that failed its checks after them
+            does not count); None: the translation's
+            L{StreamTranslation.answer_begun}.
         """
         if events and self.holder is not GATEWAY:
             self._completion_bytes += chunk_bytes(events)
@@ -876,24 +863,18 @@ class ChatCall:
             self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)
-            if not self._first_chunk_sent:
-                if not (translation.answer_begun if begun is None else begun):
-                    now = self.context.reactor.seconds()
-                    if not self._held:
-                        self._held_since = now
-                    self._held += events
-                    self._waiting_for = _ANSWER_START
-                    events = b""
-                    if len(self._held) > MAX_HELD_BYTES or now - self._held_since > MAX_HELD_SECONDS:
-                        # Nothing but roles and empty text, more or longer
-                        # than a stream's start: a provider answering.
-                        events, self._held = self._held, b""
-                        self._open_stream(answered=False)
-                else:
-                    events, self._held = self._held + events, b""
+            start = self._start
+            assert start is not None
+            if not start.sent:
+                if translation.answer_begun if begun is None else begun:
+                    events = start.begin(events)
                     self._open_stream()
-            elif self._first_token_due and translation.answer_begun:
-                self._first_token_due = False
+                else:
+                    events = start.hold(events, self.context.reactor.seconds())
+                    if start.sent:
+                        self._open_stream(answered=False)
+            elif start.first_token_due and translation.answer_begun:
+                start.first_token_due = False
                 self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
             if events:
                 self.request.write(events)
@@ -923,12 +904,12 @@ class ChatCall:
                 # No event at all, and a JSON document said it was one.
                 why = "the provider answered a stream request with a JSON document, not an event stream"
                 code = "upstream_malformed"
-        elif self._first_chunk_sent:
+        elif self._stream_sent():
             why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
         else:
             why = f"the stream broke before its answer began: {self.adapter.describe(reason)}"
         error = upstream_failed(self.route.provider_id, why, code)
-        if not self._first_chunk_sent:
+        if not self._stream_sent():
             return self._attempt_failed("broken", error)
         self._fail(error)
 
@@ -946,7 +927,7 @@ class ChatCall:
         if self._over:
             return
         error = upstream_failed(self.route.provider_id, why, code)
-        if self._first_chunk_sent:
+        if self._stream_sent():
             return self._fail(error)
         status = None if event is None else error_event_status(event, self.adapter.error_statuses)
         if status is not None:
@@ -972,7 +953,8 @@ class ChatCall:
             relay.stop()
         self._translation = None
         # What it held back is not the next attempt's answer.
-        self._held = b""
+        if self._start is not None:
+            self._start.drop()
         # The next attempt's stream starts unpaused.
         self._client_paused = False
 
@@ -1000,7 +982,10 @@ class ChatCall:
             if not too_deep(e):
                 raise
             return self.stream_broken(ANSWER_TOO_DEEP, "upstream_malformed", provider_fault=False)
-        if not self._first_chunk_sent:
+        start = self._start
+        assert start is not None
+        opened = start.sent
+        if not opened:
             if not closing and (self._relay is None or not self._relay.events):
                 # [DONE] and nothing before it: no answer at all, the
                 # provider's failure like any stream without a first event.
@@ -1012,12 +997,13 @@ class ChatCall:
                 # ends every choice with one, an empty answer included.
                 why = "the stream ended ([DONE]) before its answer began: no text, tool call or finish reason"
                 return self._attempt_failed("broken", upstream_failed(self.route.provider_id, why, STREAM_BROKEN))
+        # What was held back (a role alone: an answer with no text) goes first.
+        held = start.end()
+        if not opened:
             self._open_stream()
         # After [DONE] the upstream body is about over: let it end by itself,
         # so its connection goes back to the pool rather than being dropped.
         self._finish_call(drain=drain)
-        # What was held back (a role alone: an answer with no text) goes first.
-        held, self._held = self._held, b""
         try:
             self.request.write(held + closing + _DONE_EVENT)
             self.request.finish()
@@ -1097,10 +1083,14 @@ class ChatCall:
             # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole,
             # and the provider's connection is let go at once.
             return self._close_stream(translation, drain=False)
-        error = upstream_timeout(self.route.provider_id, self.context.timeout, self._waiting_for)
-        if self._waiting_for == _ERROR_BODY:
+        waiting_for = self._waiting_for
+        if waiting_for is None:
+            assert self._start is not None
+            waiting_for = self._start.waiting_for
+        error = upstream_timeout(self.route.provider_id, self.context.timeout, waiting_for)
+        if waiting_for == _ERROR_BODY:
             return self._error_body_lost(error)
-        if self._first_chunk_sent:
+        if self._stream_sent():
             # A stream stalled mid-answer: told in the stream (the breaker
             # had its verdict at the first event).
             return self._fail(error)
@@ -1121,9 +1111,17 @@ class ChatCall:
         if self._over:
             return
         translation = self._translation
-        if translation is not None and self._first_chunk_sent and translation.finished:
+        if translation is not None and self._stream_sent() and translation.finished:
             return self._close_stream(translation, drain=False)
         self._fail(shutting_down())
+
+    def _stream_sent(self) -> bool:
+        """
+        Something of the call's stream (its status line and headers with
+        it) has reached the client (L{StreamStart.sent}): a failure now
+        can only be told in the stream.
+        """
+        return self._start is not None and self._start.sent
 
     def _client_gone(self, reason: Failure) -> None:
         if self._over:
