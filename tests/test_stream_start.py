@@ -679,3 +679,37 @@ class HeldTooLongTests(AgentTestCase):
         text = yield response.text("utf-8")
         self.assertEqual(_content(text), "Hi.")
         self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
+
+
+class EventsOfNothingTests(ResilienceTestCase):
+    """
+    Events that bring the client nothing (Gemini's empty text parts after
+    the first, its repeated usage) do not put off the wait for the
+    answer: a provider sending only those is timed out at
+    C{UPSTREAM_TIMEOUT} and failed over (hostile trial s34: such an event
+    every 2 s held a client, with no byte at all, for as long as the
+    client waited; no failover, the breaker never charged).
+    """
+
+    def nothing_for(self, seconds: float) -> None:
+        gemini = self.behaviour("gemini")
+        gemini.chunk_interval = 0.2
+        # The role chunk (held), then empty events only, the last one
+        # finishing: an empty answer, but too late.
+        gemini.answers.append(GeminiAnswer(events=(({"text": ""},),) * int(seconds / 0.2)))
+
+    @inlineCallbacks
+    def test_timed_out_and_failed_over(self) -> Any:
+        gateway = self.gateway(default_provider="gemini", upstream_timeout=1.0)
+        self.nothing_for(4)
+        started = time.monotonic()
+        response, text = yield self.post(gateway, {"messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=timeout"])
+        self.assertEqual(_content(text), "Hello from the stand-in.")
+        self.assertLess(time.monotonic() - started, 3.5)
+        self.nothing_for(4)
+        response, text = yield self.post(gateway, {"model": PINNED["gemini"], "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 504, text)
+        message = self.assertOpenAIError(text, "upstream_timeout")["message"]
+        self.assertIn("the stream's first event of the answer", message)

@@ -847,8 +847,10 @@ class ChatCall:
         counted by the breaker like any failed attempt.
 
         @param decoded: at least one whole upstream event was decoded: only
-            then does the wait for the next one start again (a trickle of
-            comments or partial lines does not hold a stream open).
+            then, and if they bring C{events} for the client, does the wait
+            for the next one start again (a trickle of comments, partial
+            lines or events that translate to nothing does not hold a
+            stream open).
         @param begun: whether the answer had begun with these events, as
             the relay saw it (an event that failed its checks after them
             does not count); None: the translation's
@@ -859,7 +861,12 @@ class ChatCall:
         if self._over:
             return
         assert self._timer is not None
-        if decoded and not self._client_paused:
+        if decoded and events and not self._client_paused:
+            # An event that brings the client nothing (Gemini's repeated
+            # usage, an empty text part after the first) is no sign of an
+            # answer coming, as a comment is not: it does not put the wait
+            # off (hostile trial s34: such events every 2 s held a client
+            # with no byte, not even a status line, past UPSTREAM_TIMEOUT).
             self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)
