@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
+from service_identity import CertificateError
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -44,7 +45,7 @@ from twisted.web.server import Site
 from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
 from openclaw.providers.endpoints import CachedEndpoints
-from openclaw.providers.errors import BodyTooLarge, describe_failure
+from openclaw.providers.errors import BodyTooLarge, HeadTooLarge, describe_failure
 from openclaw.providers.fetch import Exchange, get_json, post, read_body
 from openclaw.settings import Settings
 from tests.support import free_port, make_ca, start_gateway
@@ -466,6 +467,13 @@ class AnswerTests(AgentTestCase):
         failure = yield self.assertFailure(call, ResponseFailed, ResponseNeverReceived)
         self.assertLess(time.monotonic() - started, 2)
         self.assertFalse(any(reason.check(CancelledError) for reason in failure.reasons), failure.reasons)
+        # Said as the gateway's own abort, not as the provider's close.
+        port = int(self.url.split(b":")[2].split(b"/")[0])
+        self.assertEqual(
+            describe_failure(Failure(failure), "127.0.0.1", port, "KIMI_BASE_URL"),
+            f"the response's head from 127.0.0.1:{port} passed 64 KiB (MAX_RESPONSE_HEAD_BYTES): the gateway "
+            "closed the connection; the provider, or a proxy on the way, sends headers without end",
+        )
         yield tick(0.05)
         self.assertEqual(server.open_connections(), 0)
 
@@ -494,6 +502,7 @@ class AnswerTests(AgentTestCase):
             failure = yield self.assertFailure(call, ResponseFailed, ResponseNeverReceived)
             self.assertLess(time.monotonic() - started, 2, answer[:40])
             self.assertFalse(any(reason.check(CancelledError) for reason in failure.reasons), failure.reasons)
+            self.assertTrue(failure.reasons[0].check(HeadTooLarge), failure.reasons)
             yield tick(0.05)
             self.assertEqual(server.open_connections(), 0)
 
@@ -735,24 +744,68 @@ class TLSTests(AgentTestCase):
     def test_untrusted_ca(self):
         """
         With the default trust (the system's), the test's CA is unknown:
-        the call fails with a certificate error, and the adapter's reason
-        says it was TLS.
+        the call fails with a certificate error as its connecting (not as
+        an answer never received: the chat call's 502 is then
+        C{upstream_unreachable}, failed over), and the adapter's reason
+        says it was TLS, why, and what to set.
         """
         yield self.serve_tls("127.0.0.1")
-        failure = yield self.assertFailure(self.post(self.registry()), ResponseNeverReceived)
-        self.assertTrue(failure.reasons[0].check(TLSError), failure.reasons[0])
-        self.assertIn("certificate verify failed", str(failure.reasons[0].value))
+        failure = yield self.assertFailure(self.post(self.registry()), TLSError)
+        self.assertIn("certificate verify failed", str(failure))
         reason = describe_failure(Failure(failure), "127.0.0.1", self.port, "KIMI_BASE_URL")
         self.assertIn("TLS handshake with 127.0.0.1:%d failed" % self.port, reason)
+        self.assertEqual(
+            reason,
+            f"TLS handshake with 127.0.0.1:{self.port} failed (certificate verify failed); the certificate is not "
+            "signed by an authority the gateway trusts (or is expired): for a provider behind a private CA or a "
+            "TLS-inspecting proxy, set UPSTREAM_CA_FILE to that CA's PEM file; else check KIMI_BASE_URL",
+        )
 
     @inlineCallbacks
     def test_wrong_host_name(self):
         """
-        A certificate from a trusted CA, but for another host: refused.
+        A certificate from a trusted CA, but for another host: refused, as
+        the connecting's failure, said in words (the names the certificate
+        holds), not as service_identity's repr.
         """
-        yield self.serve_tls("api.example.test")
-        failure = yield self.assertFailure(self.post(self.trusting()), ResponseNeverReceived)
-        self.assertTrue(failure.reasons[0].check(VerificationError, TLSError), failure.reasons[0])
+        yield self.serve_tls("api.example.test", "10.9.8.7")
+        failure = yield self.assertFailure(self.post(self.trusting()), VerificationError, TLSError)
+        self.assertIsInstance(failure, VerificationError)
+        reason = describe_failure(Failure(failure), "127.0.0.1", self.port, "KIMI_BASE_URL")
+        self.assertEqual(
+            reason,
+            f"TLS handshake with 127.0.0.1:{self.port} failed (the certificate is not valid for 127.0.0.1 (it "
+            "names api.example.test, 10.9.8.7)); set KIMI_BASE_URL to a host name the certificate holds, or give "
+            "the provider (or the proxy on the way) a certificate for this one",
+        )
+        self.assertNotIn("Mismatch", reason)
+
+    @inlineCallbacks
+    def test_plain_port(self):
+        """
+        An https URL to a plain port whose server answers in HTTP: said to
+        be no TLS, with the URL to check.
+        """
+
+        self.server = ScriptedFactory([])
+        self.server.protocol = _Blurt
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.server)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.drop_server_connections, self.server)
+        self.url = b"https://127.0.0.1:%d/v1/chat" % port.getHost().port
+        failure = yield self.assertFailure(self.post(self.registry()).addTimeout(5, reactor), TLSError)
+        reason = describe_failure(Failure(failure), "127.0.0.1", port.getHost().port, "KIMI_BASE_URL")
+        self.assertIn("the server did not answer in TLS: is KIMI_BASE_URL right (http:// for a plain port)?", reason)
+
+
+class _Blurt(ScriptedServer):
+    """
+    A plain HTTP server's answer to whatever it is sent first.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.transport.loseConnection()
 
 
 class CountingModels(Models):
@@ -786,12 +839,13 @@ class HostNameCheckTests(AgentTestCase):
         port = yield endpoint.listen(site)
         self.addCleanup(port.stopListening)
         self.url = b"https://127.0.0.1:%d/v1/chat" % port.getHost().port
-        failure = yield self.assertFailure(self.post(self.trusting()), ResponseNeverReceived)
+        failure = yield self.assertFailure(self.post(self.trusting()), CertificateError)
         self.flushLoggedErrors()
         self.assertEqual(CountingModels.requests, 0)
         reason = describe_failure(Failure(failure), "127.0.0.1", port.getHost().port, "KIMI_BASE_URL")
         self.assertIn("TLS handshake with 127.0.0.1:%d failed" % port.getHost().port, reason)
         self.assertIn("too few host components for wildcard usage", reason)
+        self.assertIn("the certificate's names cannot be checked", reason)
 
 
 async def _gather(deferreds: list[Deferred[Any]]) -> list[Any]:

@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
@@ -33,6 +34,8 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseNeverReceived,
 )
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openclaw.logs import KEYLESS_FIELD, KEYLESS_REFUSAL_INTERVAL_SECONDS, KEYLESS_REFUSAL_LINES, make_observer
 from openclaw.routing import Route
@@ -43,6 +46,7 @@ from tests.support import (
     changed_providers,
     exchange,
     free_port,
+    make_ca,
     open_client,
     start_gateway,
     start_upstream,
@@ -1123,6 +1127,85 @@ class ErrorTests(DataPlaneTestCase):
         error = self.assertOpenAIError(text, "upstream_unreachable")
         self.assertIn(f"connection refused by 127.0.0.1:{port}", error["message"])
         self.assertIn("KIMI_BASE_URL", error["message"])
+
+    @inlineCallbacks
+    def _tls_provider(self, *names: str) -> Any:
+        """
+        An https stand-in on 127.0.0.1 (a certificate for C{names} from a
+        CA of the test's own) that answers any request 200; its port and CA.
+        """
+        ca = make_ca()
+        endpoint = SSL4ServerEndpoint(reactor, 0, ca.server_options(*names), interface="127.0.0.1")
+        resource = Resource()
+        resource.isLeaf = True  # type: ignore[misc]
+        resource.render = lambda request: b"{}"  # type: ignore[method-assign]
+        site = Site(resource)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = yield endpoint.listen(site)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, ca
+
+    @inlineCallbacks
+    def test_upstream_certificate_refused(self):
+        """
+        A provider whose certificate is not trusted, or not for its host
+        (trial s34): 502 upstream_unreachable (it could not be reached
+        safely), not upstream_answer_broken; said in words, with what to
+        set, never service_identity's repr.
+        """
+        port, ca = yield self._tls_provider("api.example.test")
+        url = f"https://127.0.0.1:{port}/v1"
+        for extra, said, hint in (
+            ({}, "certificate verify failed", "set UPSTREAM_CA_FILE"),
+            (
+                {"upstream_ca_pem": ca.pem},
+                "the certificate is not valid for 127.0.0.1 (it names api.example.test)",
+                "set KIMI_BASE_URL to a host name the certificate holds",
+            ),
+        ):
+            gateway = self.gateway(
+                providers=changed_providers(self.upstream.provider_settings(), kimi={"base_url": url}),
+                default_provider="kimi",
+                fallback="off",
+                **extra,
+            )
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 502, text)
+            error = self.assertOpenAIError(text, "upstream_unreachable")
+            self.assertIn(f"TLS handshake with 127.0.0.1:{port} failed ({said}", error["message"])
+            self.assertIn(hint, error["message"])
+            self.assertNotIn("Mismatch", error["message"])
+
+    @inlineCallbacks
+    def test_upstream_redirect(self):
+        """
+        A provider's redirect is not followed: 502 upstream_http_error,
+        whose message names the setting to change.
+        """
+        resource = Resource()
+        resource.isLeaf = True  # type: ignore[misc]
+
+        def moved(request: Any) -> bytes:
+            request.setResponseCode(301)
+            request.setHeader(b"Location", b"https://elsewhere.example/v1/chat/completions")
+            return b""
+
+        resource.render = moved  # type: ignore[method-assign]
+        site = Site(resource)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/v1"
+        gateway = self.gateway(
+            providers=changed_providers(self.upstream.provider_settings(), kimi={"base_url": url}),
+            default_provider="kimi",
+            fallback="off",
+        )
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_http_error")
+        self.assertIn("HTTP 301 Moved Permanently", error["message"])
+        self.assertIn("ask the operator to set KIMI_BASE_URL to the final URL", error["message"])
 
     @inlineCallbacks
     def test_whole_answer_cut(self):

@@ -283,7 +283,12 @@ class FailureTests(ProviderTestCase):
         self.assertEqual(dns, "DNS lookup failed for api.example; check KIMI_BASE_URL and this host's resolver")
         tls = Failure(SSL.Error([("SSL routines", "", "certificate verify failed")]))
         text = describe_failure(Failure(ResponseNeverReceived([tls])), "api.example", 443, "GEMINI_BASE_URL")
-        self.assertEqual(text, "TLS handshake with api.example:443 failed (certificate verify failed)")
+        self.assertEqual(
+            text,
+            "TLS handshake with api.example:443 failed (certificate verify failed); the certificate is not signed by "
+            "an authority the gateway trusts (or is expired): for a provider behind a private CA or a "
+            "TLS-inspecting proxy, set UPSTREAM_CA_FILE to that CA's PEM file; else check GEMINI_BASE_URL",
+        )
         # An IPv6 base URL's host in brackets, as in the URL: "::1:8000" read as an address.
         refused = describe_failure(Failure(neterror.ConnectionRefusedError()), "::1", 8000, "KIMI_BASE_URL")
         self.assertEqual(refused, "connection refused by [::1]:8000; is KIMI_BASE_URL right and the service up?")

@@ -73,10 +73,8 @@ from openclaw.ctl.client import (
 )
 from openclaw.ctl.diagnose import (
     LOCATION_SHOWN,
-    NAMES_SHOWN,
     AnswerHead,
     answer_head,
-    certificate_names,
     explain_failure,
 )
 from openclaw.ctl.log import AUTOBAHN_CLIENT_NAMESPACE, OneLineLog
@@ -119,6 +117,7 @@ from openclaw.ctl.show import (
     render,
 )
 from openclaw.reactors import IClientReactor
+from openclaw.tls import NAMES_SHOWN, certificate_names
 
 __all__ = [
     "AUTOBAHN_CLIENT_NAMESPACE",

@@ -41,7 +41,7 @@ from openclaw.ctl.client import MAX_HEAD_BYTES, AnswerHeadTooLarge, ConnectionCl
 from openclaw.ctl.request import Request, unix_socket_path, websocket_url
 from openclaw.ctl.show import QUOTED_MAX, printable
 from openclaw.files import kind_of
-from openclaw.tls import describe_tls_error, is_tls_error, read_ca_file
+from openclaw.tls import NAMES_SHOWN, certificate_names, describe_tls_error, is_tls_error, read_ca_file
 
 #: Autobahn's reason for a WebSocket handshake the server answered with
 #: another HTTP status than 101 (C{connection was closed uncleanly
@@ -273,25 +273,8 @@ def _policy_violation(reason: str | None, url: str) -> str:
 #: record whose version is C{TP}).
 _NOT_TLS_REASONS = ("wrong version number", "packet length too long")
 
-#: The most host names of a certificate named in one line.
-NAMES_SHOWN = 5
-
 #: A host name that can be put in a suggested C{--url} as it is.
 _PLAIN_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
-
-
-def certificate_names(certificate: x509.Certificate) -> list[str]:
-    """
-    The host names and IP addresses a certificate is valid for: its
-    subjectAltName's DNS and IP entries, in its order (its CN is not one:
-    service_identity, which checks the name, goes by subjectAltName
-    only, RFC 6125 section 6.4.4).
-    """
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
-        return []
-    return [str(name.value) for name in names if isinstance(name, (x509.DNSName, x509.IPAddress))]
 
 
 def _plain_host(name: str) -> bool:

@@ -344,6 +344,9 @@ def upstream_refused(
       - the provider account cannot serve (Google's C{FAILED_PRECONDITION},
         an OpenAI-compatible API's 429 for a quota or balance spent):
         502 C{upstream_account_error}, with a hint for the operator;
+      - a redirect (3xx): 502 C{upstream_http_error}, telling the operator
+        to set C{base_url_setting} to the final URL (redirects are not
+        followed);
       - anything else (5xx): 502 C{upstream_http_error}, with the
         provider's C{Retry-After} when it gave one (RFC 9110 section
         10.2.3: a 503 may say when to come back).
@@ -406,6 +409,10 @@ def upstream_refused(
             headers=upstream,
         )
     hint = "; the provider is failing, try again later" if refusal.status >= 500 else ""
+    if 300 <= refusal.status < 400 and base_url_setting is not None:
+        # Redirects are not followed (one could carry the key to another
+        # host): the URL the gateway uses is the operator's to set.
+        hint = f"; the gateway does not follow redirects: ask the operator to set {base_url_setting} to the final URL"
     headers: tuple[tuple[bytes, bytes], ...] = upstream
     if refusal.status < 500 and refusal.status not in (408, 409):
         # A refusal of another kind (402, 405, a redirect...): the same call

@@ -13,17 +13,22 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IProtocol,
     IProtocolFactory,
     IPushProducer,
     IStreamClientEndpoint,
     ITCPTransport,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from openclaw.providers.errors import HeadTooLarge
 from openclaw.reactors import IClientReactor
 from openclaw.tls import HostnameChecked, trust_root_from_pem
 
@@ -73,7 +78,7 @@ class CachedEndpoints:
             endpoint = self._tcp(uri.host.decode("ascii"), uri.port)
             if uri.scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(HostnameChecked(creator, uri.host.decode("ascii")), endpoint)
+                endpoint = wrapClientTLS(HostnameChecked(creator, uri.host.decode("ascii"), tell_names=True), endpoint)
             self._endpoints[key] = endpoint
         return endpoint
 
@@ -138,16 +143,33 @@ def _interim(head: bytes) -> bool:
     return 100 <= code < 200
 
 
+@implementer(IHandshakeListener)
 class _HeadLimitedProtocol(ProtocolWrapper):
     """
     Between Twisted's HTTP client protocol and its transport: counts the
     bytes of the heads of each response (any interim 1xx heads and the
     final one together) and aborts the connection once they pass
-    L{MAX_RESPONSE_HEAD_BYTES} (the client then fails the request with
-    C{ResponseFailed}, or C{ResponseNeverReceived}).  Heads are expected
-    from each request written on: Twisted's client writes a request whole,
-    before its response is read, and one at a time on a connection.
+    L{MAX_RESPONSE_HEAD_BYTES}, the client's protocol then told the
+    connection ended with L{HeadTooLarge} (and so failing the request
+    with it wrapped: C{ResponseFailed}, or C{ResponseNeverReceived}), not
+    with the abort's C{ConnectionLost}, which reads as the provider's
+    close.  Heads are expected from each request written on: Twisted's
+    client writes a request whole, before its response is read, and one
+    at a time on a connection.
+
+    Over TLS it is told when the handshake is done (C{IHandshakeListener}):
+    L{_HeadLimitedEndpoint} hands the connection over only then.
     """
+
+    #: Fires once the TLS handshake is done (C{None}), or fails with the
+    #: connection's end before; set by L{_HeadLimitedEndpoint} while it
+    #: waits for the handshake.
+    handshake: Deferred[None] | None = None
+    #: The TLS handshake is done.
+    secured = False
+    #: Why the gateway itself aborted the connection, told to the client's
+    #: protocol as its end (L{connectionLost}); None: it did not.
+    aborted_for: HeadTooLarge | None = None
 
     #: Bytes of the response's heads read so far; None while none is read.
     _seen: int | None = None
@@ -181,6 +203,26 @@ class _HeadLimitedProtocol(ProtocolWrapper):
     def stopProducing(self) -> None:
         cast(IPushProducer, self.transport).stopProducing()
 
+    def handshakeCompleted(self) -> None:
+        # A check of the certificate's host name done in the handshake's
+        # last step (openclaw.tls.HostnameChecked) fails the connection
+        # there and disconnects it; the handshake is still said to be done
+        # right after: the connection's end, coming, is its outcome.
+        self.secured = True
+        waiting, self.handshake = self.handshake, None
+        if waiting is not None and not _tls(self).disconnecting:
+            waiting.callback(None)
+        elif waiting is not None:
+            self.handshake = waiting
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.aborted_for is not None:
+            reason = Failure(self.aborted_for)
+        waiting, self.handshake = self.handshake, None
+        if waiting is not None:
+            waiting.errback(reason)
+        super().connectionLost(reason)
+
     def dataReceived(self, data: bytes) -> None:
         if self._seen is None or self._within_limit(data):
             super().dataReceived(data)
@@ -199,6 +241,7 @@ class _HeadLimitedProtocol(ProtocolWrapper):
             self._seen += (len(data) if end < 0 else end) - at
             if self._seen > MAX_RESPONSE_HEAD_BYTES:
                 self._seen = None
+                self.aborted_for = HeadTooLarge(MAX_RESPONSE_HEAD_BYTES)
                 cast(ITCPTransport, self.transport).abortConnection()
                 return False
             if end < 0:
@@ -231,12 +274,49 @@ class _HeadLimitedFactory(WrappingFactory):
 
 @implementer(IStreamClientEndpoint)
 class _HeadLimitedEndpoint:
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+    """
+    C{endpoint}'s connections, each response head bounded
+    (L{_HeadLimitedProtocol}); with C{secure} (an https URL: C{endpoint}
+    wraps TLS), a connection is handed over once its TLS handshake is
+    done, certificate checks passed: a handshake that fails then fails
+    the connecting, with its reason (OpenSSL's C{SSL.Error},
+    L{CertificateNotForHost <openclaw.tls.CertificateNotForHost>}), as a
+    refused connection does, and not the request written on it (which
+    Twisted's client would fail as an answer never received,
+    C{ResponseNeverReceived}).  Cancelling while the handshake is under
+    way aborts the connection.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, secure: bool = False) -> None:
         self._endpoint = endpoint
+        self._secure = secure
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         connecting = self._endpoint.connect(_HeadLimitedFactory(protocolFactory))
+        if self._secure:
+            connecting.addCallback(_secured)
         return connecting.addCallback(_wrapped)
+
+
+def _tls(wrapper: _HeadLimitedProtocol) -> TLSMemoryBIOProtocol:
+    """
+    The TLS connection C{wrapper} is over (wrapClientTLS's, an https
+    URL's): its C{disconnecting} is set once it is failed or closed.
+    """
+    return cast(TLSMemoryBIOProtocol, wrapper.transport)
+
+
+def _secured(wrapper: IProtocol) -> IProtocol | Deferred[IProtocol]:
+    """
+    C{wrapper} (a L{_HeadLimitedProtocol}) once its TLS handshake is done,
+    or its connection's end before that (a Deferred when it is not done yet).
+    """
+    assert isinstance(wrapper, _HeadLimitedProtocol)
+    if wrapper.secured and not _tls(wrapper).disconnecting:
+        return wrapper
+    done: Deferred[None] = Deferred(lambda _: _tls(wrapper).abortConnection())
+    wrapper.handshake = done
+    return done.addCallback(lambda _: wrapper)
 
 
 @implementer(IAgentEndpointFactory)
@@ -250,4 +330,4 @@ class HeadLimitedEndpoints:
         self._endpoints = endpoints
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        return _HeadLimitedEndpoint(self._endpoints.endpointForURI(uri))
+        return _HeadLimitedEndpoint(self._endpoints.endpointForURI(uri), secure=uri.scheme == b"https")

@@ -15,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import attrs
+from service_identity import VerificationError
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -70,6 +71,33 @@ class BodyTooLarge(ProviderError):
     """
     A response body exceeded the reader's limit.
     """
+
+
+class HeadTooLarge(ProviderError):
+    """
+    The gateway itself closed a provider's connection: the heads of its
+    response (status lines and header fields, interim 1xx heads
+    included) passed C{limit} bytes
+    (L{MAX_RESPONSE_HEAD_BYTES <openclaw.providers.endpoints.MAX_RESPONSE_HEAD_BYTES>}).
+    Delivered as the connection's reason for closing, so Twisted's client
+    fails the request with it wrapped (C{ResponseFailed}).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(self.said(limit))
+        #: The bound passed, in bytes.
+        self.limit = limit
+
+    @staticmethod
+    def said(limit: int, where: str | None = None) -> str:
+        """
+        The reason, the head's source C{where} (C{host:port}) named when given.
+        """
+        source = "" if where is None else f" from {where}"
+        return (
+            f"the response's head{source} passed {limit // 1024} KiB (MAX_RESPONSE_HEAD_BYTES): the gateway closed "
+            "the connection; the provider, or a proxy on the way, sends headers without end"
+        )
 
 
 class ProbeTimedOut(ProviderError):
@@ -167,6 +195,8 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
             when = "before answering" if isinstance(value, ResponseNeverReceived) else "mid-response"
             return f"connection closed by {where} {when}"
         return describe_failure(inner, host, port, base_url_variable)
+    if isinstance(value, HeadTooLarge):
+        return HeadTooLarge.said(value.limit, where)
     if isinstance(value, ProviderError):
         return str(value)
     if cancelled(reason):
@@ -180,12 +210,43 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
     if isinstance(value, neterror.NoRouteError):
         return f"no route to {where}; check the network"
     if is_tls_error(value):
-        return f"TLS handshake with {where} failed ({clip(describe_tls_error(value), 120)})"
+        return f"TLS handshake with {where} failed ({clip(describe_tls_error(value), 200)}); {_tls_hint(value, base_url_variable)}"
     if isinstance(value, neterror.ConnectError):
         return f"could not connect to {where}: {clip(str(value), 120)}"
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
         return f"connection to {where} lost"
     return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
+
+
+#: OpenSSL's reasons for a server that did not answer in TLS (a plain HTTP
+#: port reached with https).
+_NOT_TLS_REASONS = ("wrong version number", "packet length too long", "http request")
+
+
+def _tls_hint(error: BaseException, base_url_variable: str) -> str:
+    """
+    What to do after a failed TLS handshake with a provider (C{error}, as
+    L{is_tls_error} tells it): a certificate for another host, to call it
+    by a name the certificate holds; a server that did not answer in TLS,
+    to check the URL's scheme; a certificate not verified, to trust its CA
+    with C{UPSTREAM_CA_FILE} (a private CA, a TLS-inspecting proxy) or to
+    check C{base_url_variable} (the README's "UPSTREAM_CA_FILE").
+    """
+    if isinstance(error, VerificationError):
+        return (
+            f"set {base_url_variable} to a host name the certificate holds, or give the provider (or the proxy on "
+            "the way) a certificate for this one"
+        )
+    reason = describe_tls_error(error)
+    if any(text in reason for text in _NOT_TLS_REASONS):
+        return f"the server did not answer in TLS: is {base_url_variable} right (http:// for a plain port)?"
+    if "certificate verify failed" in reason:
+        return (
+            "the certificate is not signed by an authority the gateway trusts (or is expired): for a provider "
+            "behind a private CA or a TLS-inspecting proxy, set UPSTREAM_CA_FILE to that CA's PEM file; "
+            f"else check {base_url_variable}"
+        )
+    return f"check {base_url_variable} and the provider's TLS set-up (UPSTREAM_CA_FILE for a private CA)"
 
 
 def cancelled(reason: Failure) -> bool:
