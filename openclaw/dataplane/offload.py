@@ -34,7 +34,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
 from openclaw.threads import DaemonThread
 
@@ -78,6 +80,32 @@ T = TypeVar("T")
 #: Why a body is not taken now (L{BodyWorkers.full}): the pool's queue is
 #: full, or the holder has L{BodyWorkers.per_holder} bodies in it already.
 Full = Literal["pool", "holder"]
+
+
+@implementer(ILogObserver)
+@attrs.define(eq=False)
+class HeldLog:
+    """
+    The log events of one work done in a L{BodyWorkers} thread, held
+    there (in the order they came) for the reactor's thread to publish
+    (L{publish}) once the work's result is back: the work logs nothing
+    from its thread (the log's observers, its file, are the process's).
+    Filled by that work alone, read only once its result has come back.
+    """
+
+    events: list[LogEvent] = attrs.field(factory=list)
+
+    def __call__(self, event: LogEvent) -> None:
+        self.events.append(event)
+
+    def publish(self) -> None:
+        """
+        Hand the events held to the global log publisher, and forget them.
+        Reactor thread.
+        """
+        events, self.events = self.events, []
+        for event in events:
+            globalLogPublisher(event)
 
 
 class IBodyWorkersReactor(IReactorCore, IReactorFromThreads):

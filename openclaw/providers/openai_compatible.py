@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import attrs
 import orjson
+from twisted.logger import ILogObserver
 
 from openclaw.dataplane.request import ChatRequest, PartType, ToolType, UrlScheme, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
@@ -107,7 +108,10 @@ class OpenAIWire:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(body)
 
-    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
+    def completion(
+        self, body: bytes, model: str, created: int, chat: ChatRequest | None = None, log: ILogObserver | None = None
+    ) -> Completion:
+        # Nothing logged: no warning to hand to log.
         document = json_object(body)
         choices = document.get("choices")
         if not isinstance(choices, list):

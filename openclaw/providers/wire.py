@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Protocol
 
 import attrs
 import orjson
+from twisted.logger import ILogObserver
 
 from openclaw.dataplane.errors import APIError, bad_request
 from openclaw.dataplane.request import (
@@ -194,7 +195,9 @@ class Wire(Protocol):
         The upstream request body for C{chat}, asking for C{model}.
         """
 
-    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
+    def completion(
+        self, body: bytes, model: str, created: int, chat: ChatRequest | None = None, log: ILogObserver | None = None
+    ) -> Completion:
         """
         The C{chat.completion} JSON for a 2xx upstream body, with its usage.
 
@@ -202,6 +205,13 @@ class Wire(Protocol):
             answer carries none of its own.
         @param chat: the request answered, when the translation of the
             answer depends on it (Gemini's C{parallel_tool_calls: false}).
+        @param log: where the warnings of the translation go (Twisted log
+            events: an unknown finish reason, parts left out); None, the
+            global log publisher, as they come.  A translation done in
+            another thread than the reactor's gives one that holds them
+            (L{HeldLog <openclaw.dataplane.offload.HeldLog>}), to be
+            published from the reactor's thread: nothing else of the
+            process is touched from there.
         @raise MalformedAnswer: the body is not a JSON object.
         """
 

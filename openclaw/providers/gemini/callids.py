@@ -19,7 +19,7 @@ import base64
 import binascii
 
 import orjson
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from openclaw.dataplane import callids
 
@@ -33,10 +33,19 @@ _log = Logger(namespace="openclaw.providers.gemini")
 MAX_PAYLOAD = 16384
 
 
-def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> str:
+def logger(log: ILogObserver | None) -> Logger:
+    """
+    The logger of Gemini's translation whose events go to C{log}; with
+    None, to the global log publisher (L{_log}).
+    """
+    return _log if log is None else Logger(namespace=_log.namespace, observer=log)
+
+
+def new_call_id(gemini_id: str | None = None, signature: str | None = None, log: ILogObserver | None = None) -> str:
     """
     A fresh tool call id, carrying C{gemini_id} and C{signature} when given
-    (an empty string is not given: see L{carried}).
+    (an empty string is not given: see L{carried}); a signature too long
+    to carry is warned of to C{log} (L{logger}).
     """
     gemini_id, signature = gemini_id or None, signature or None
     if gemini_id is None and signature is None:
@@ -46,7 +55,7 @@ def new_call_id(gemini_id: str | None = None, signature: str | None = None) -> s
         # Without the signature, when it was what made it too long; with
         # nothing, when the id alone is.
         if signature is not None and (gemini_id is None or _fits(gemini_id)):
-            _log.warn(
+            logger(log).warn(
                 "a Gemini thought signature of {length} characters is too long to carry in the tool call id (at "
                 "most {limit} characters of payload): the call goes back to Gemini with Google's placeholder, "
                 "which Gemini accepts with less context",
@@ -90,4 +99,4 @@ def carried(call_id: str) -> tuple[str | None, str | None]:
     )
 
 
-__all__ = ["MAX_PAYLOAD", "carried", "new_call_id"]
+__all__ = ["MAX_PAYLOAD", "carried", "logger", "new_call_id"]

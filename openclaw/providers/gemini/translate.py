@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 
 import attrs
 import orjson
-from twisted.logger import Logger
+from twisted.logger import ILogObserver
 
 from openclaw.consumers.estimate import token_count
 from openclaw.dataplane.errors import APIError, bad_request
@@ -57,7 +57,7 @@ from openclaw.dataplane.request import (
 )
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
-from openclaw.providers.gemini.callids import carried, new_call_id
+from openclaw.providers.gemini.callids import carried, logger, new_call_id
 from openclaw.providers.wire import (
     Completion,
     MalformedAnswer,
@@ -68,8 +68,6 @@ from openclaw.providers.wire import (
     reported_error,
     with_kind,
 )
-
-_log = Logger(namespace="openclaw.providers.gemini")
 
 #: Google's documented placeholder for a function call Gemini did not sign
 #: (history written by another model,
@@ -1080,11 +1078,12 @@ def unknown_reason(candidate: dict[str, Any]) -> str | None:
     return reason
 
 
-def warn_unknown(reason: str) -> None:
+def warn_unknown(reason: str, log: ILogObserver | None = None) -> None:
     """
-    Log, as a warning, that C{reason} was answered as a stop.
+    Log, as a warning, that C{reason} was answered as a stop (to C{log}:
+    L{logger}).
     """
-    _log.warn(
+    logger(log).warn(
         "Gemini gave a finishReason this gateway does not know ({reason}): answered as a stop, content kept",
         reason=clip(reason),
     )
@@ -1288,7 +1287,7 @@ class _Reading:
         return bool(self.text or self.tool_calls)
 
 
-def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
+def _read(candidate: dict[str, Any], first_index: int = 0, log: ILogObserver | None = None) -> _Reading:
     """
     Read a candidate's parts (its C{Content},
     U{https://ai.google.dev/api/caching#Content}): C{text} parts, thought
@@ -1307,6 +1306,7 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
     error, never an empty C{stop} (litellm #21744).
 
     @param first_index: the OpenAI C{index} of the first tool call read.
+    @param log: where a warning of a tool call's id goes (L{_tool_call}).
     @raise MalformedAnswer: a shape Gemini's API does not return:
         C{content} not an object, C{parts} not a list, a part not an
         object, C{text} not a string, a C{functionCall} not an object or
@@ -1334,7 +1334,7 @@ def _read(candidate: dict[str, Any], first_index: int = 0) -> _Reading:
             raise MalformedAnswer("a part of Gemini's answer is not a JSON object; retry")
         call = part.get("functionCall")
         if call is not None:
-            reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls)))
+            reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls), log))
             continue
         said = part.get("text")
         signature = part.get("thoughtSignature")
@@ -1401,14 +1401,14 @@ def _kinds(kinds: Collection[str]) -> str:
     return named if len(kinds) <= MAX_KINDS_NAMED else f"{named}, ..."
 
 
-def warn_skipped(kinds: Collection[str]) -> None:
+def warn_skipped(kinds: Collection[str], log: ILogObserver | None = None) -> None:
     """
     Log, as a warning, that parts of C{kinds} were left out of an answer
     (the first L{MAX_KINDS_NAMED} named): once per answer, whole or
     streamed, as unknown finish reasons are (L{warn_unknown}), however
-    many kinds the upstream sends.
+    many kinds the upstream sends.  To C{log} (L{logger}).
     """
-    _log.warn(
+    logger(log).warn(
         "Gemini answered with parts this gateway does not translate ({kinds}): left out, the rest of the answer kept",
         kinds=_kinds(kinds),
     )
@@ -1428,10 +1428,12 @@ def untranslated(kinds: Collection[str]) -> ModelFailed:
     )
 
 
-def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
+def _tool_call(call: Any, part: dict[str, Any], index: int, log: ILogObserver | None = None) -> dict[str, Any]:
     """
     OpenAI's tool call (with its stream C{index}) for a C{functionCall}
-    part (C{{name, args?, id?}}, U{https://ai.google.dev/api/caching#FunctionCall}).
+    part (C{{name, args?, id?}}, U{https://ai.google.dev/api/caching#FunctionCall});
+    a signature too long to carry in its id is warned of to C{log}
+    (L{new_call_id}).
 
     @raise MalformedAnswer: not an object, no name, C{args} not an object;
         L{ModelFailed} for a name no tool can be declared as
@@ -1454,6 +1456,7 @@ def _tool_call(call: Any, part: dict[str, Any], index: int) -> dict[str, Any]:
         "id": new_call_id(
             gemini_id if isinstance(gemini_id, str) else None,
             signature if isinstance(signature, str) else None,
+            log,
         ),
         "type": "function",
         "function": {"name": name, "arguments": orjson.dumps(args or {}).decode()},
@@ -1529,6 +1532,7 @@ def from_gemini(
     parallel_tool_calls: bool = True,
     asked: int | None = None,
     legacy_functions: bool = False,
+    log: ILogObserver | None = None,
 ) -> dict[str, Any]:
     """
     The C{chat.completion} for a C{GenerateContentResponse}.
@@ -1548,6 +1552,9 @@ def from_gemini(
         its C{message.function_call} (C{{name, arguments}}, no id), its
         finish reason C{function_call}; the legacy shape carries one call,
         so only the first is kept, as with C{parallel_tool_calls} false.
+    @param log: where its warnings go (L{warn_unknown}, L{warn_skipped},
+        a signature too long to carry: L{new_call_id}); None, the global
+        log publisher.
     @raise ModelFailed: a candidate's C{finishReason} says the model
         failed; a candidate has a part the chat shape cannot carry (an
         image, L{_read}), or parts but none the gateway translates
@@ -1573,7 +1580,7 @@ def from_gemini(
                 "Gemini's candidate has no finishReason: the model had not stopped, so its answer may be cut "
                 "short; retry"
             )
-        reading = _read(candidate)
+        reading = _read(candidate, log=log)
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
         _note(skipped, reading.skipped)
@@ -1604,9 +1611,9 @@ def from_gemini(
             }
         )
     if unknown is not None:
-        warn_unknown(unknown)
+        warn_unknown(unknown, log)
     if skipped:
-        warn_skipped(skipped)
+        warn_skipped(skipped, log)
     check_indexes([choice["index"] for choice in choices], asked)
     choices.sort(key=lambda choice: choice["index"])
     if not choices:
@@ -1884,11 +1891,13 @@ class GeminiWire:
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         return orjson.dumps(to_gemini(chat.body, model, chat.references))
 
-    def completion(self, body: bytes, model: str, created: int, chat: ChatRequest | None = None) -> Completion:
+    def completion(
+        self, body: bytes, model: str, created: int, chat: ChatRequest | None = None, log: ILogObserver | None = None
+    ) -> Completion:
         parallel = chat is None or not chat.one_call
         asked = None if chat is None else choice_count(chat.body)
         legacy = chat is not None and chat.legacy_functions
-        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy)
+        completion = from_gemini(json_object(body), model, completion_id(), created, parallel, asked, legacy, log)
         return Completion(orjson.dumps(completion), completion.get("usage"))
 
     def stream(self, chat: ChatRequest, model: str, created: int) -> GeminiStreamTranslation:
