@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import socket
 import sys
@@ -26,13 +27,16 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from openclaw.dataplane import call, resource
-from openclaw.dataplane.offload import OFFLOAD_BYTES, BodyWorkers
+from openclaw.dataplane.offload import OFFLOAD_BYTES, BodyWorkers, HeldLog
+from openclaw.dataplane.request import parse_chat_request
+from openclaw.providers.gemini import GeminiAdapter
+from openclaw.testing.upstream import GeminiAnswer
 from tests.support import free_port, spawn_gateway, within
 from tests.test_dataplane import GATEWAY_KEY, OTHER_GATEWAY_KEY, DataPlaneTestCase
 from tests.test_twistd import base_env
@@ -620,6 +624,230 @@ class SameAnswerTests(DataPlaneTestCase):
         errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
         self.assertEqual([e["log_format"] for e in errors], ["chat call failed unexpectedly"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+def calls_answer(calls: int, finish_reason: str = "STOP", *extra: dict[str, Any]) -> dict[str, Any]:
+    """
+    A Gemini C{generateContent} answer of one candidate of C{calls}
+    C{functionCall} parts (and the C{extra} parts after them), finished
+    with C{finish_reason} (hostile trial s34's: 100,000 calls, 4 MB).
+    """
+    parts = [{"functionCall": {"name": "f", "args": {"i": i}}} for i in range(calls)]
+    return {
+        "candidates": [{"content": {"role": "model", "parts": [*parts, *extra]}, "finishReason": finish_reason}],
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": calls, "totalTokenCount": 10 + calls},
+    }
+
+
+#: A small request to Gemini (its answer is what is large).
+ASK = json.dumps({"model": GEMINI_MODEL, "messages": [{"role": "user", "content": "call f"}]}).encode()
+
+
+class LargeAnswerTests(DataPlaneTestCase):
+    """
+    A whole answer past L{OFFLOAD_BYTES} is translated for the client in a
+    thread of L{BodyWorkers} (hostile trial s34: 4 MB of 100,000 Gemini
+    C{functionCall} parts held every other client up for 1.25-2 s): the
+    client gets the bytes the wire makes of it, its warnings are logged
+    from the reactor's thread, and a call over meanwhile is counted once.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        super().setUp()
+        # The ids (the answer's, its calls') the same each time: answers
+        # compared byte for byte.
+        self.patch(random, "getrandbits", lambda bits: 0x5EED)
+
+    def counted(self, **settings: Any) -> tuple[Any, CountedWorkers]:
+        gateway = self.gateway(log_level="debug", **settings)
+        context = gateway.service.api_site.context
+        context.bodies = workers = CountedWorkers.of(reactor)
+        self.addCleanup(workers.stop)
+        return gateway, workers
+
+    def translated(self, document: dict[str, Any], created: int) -> bytes:
+        """
+        The answer the wire makes of C{document} (called here directly) to
+        L{ASK}, as at C{created}; its warnings held (not logged).
+        """
+        chat = parse_chat_request(ASK)
+        body = json.dumps(document).encode()
+        return GeminiAdapter.wire.completion(body, GEMINI_MODEL.partition("/")[2], created, chat, HeldLog()).body
+
+    @inlineCallbacks
+    def test_answer_translated_apart(self):
+        """
+        The answer is the wire's, byte for byte, translated in a thread
+        (one work in the pool) or, short enough, in the reactor's thread;
+        an unknown finish reason is warned of once, from the reactor's
+        thread, either way.
+        """
+        gateway, workers = self.counted()
+        document = calls_answer(20_000, "SOMETHING_NEW")
+        self.assertGreater(len(json.dumps(document)), OFFLOAD_BYTES)
+        threads: list[threading.Thread] = []
+
+        def warned(event: dict[str, Any]) -> None:
+            if "finishReason this gateway does not know" in event.get("log_format", ""):
+                threads.append(threading.current_thread())
+
+        globalLogPublisher.addObserver(warned)
+        self.addCleanup(globalLogPublisher.removeObserver, warned)
+        answers = []
+        for above, runs in ((OFFLOAD_BYTES, 1), (math.inf, 1)):
+            workers.above = above
+            self.upstream.gemini.answers[:] = [GeminiAnswer((), document=document)]
+            status, rest, _ = yield deferToThread(http_post, gateway.api_port, ASK)
+            self.assertEqual(status, b"HTTP/1.1 200 OK")
+            self.assertEqual(workers.runs, runs)
+            answer = rest.partition(b"\r\n\r\n")[2]
+            self.assertEqual(answer, self.translated(document, json.loads(answer)["created"]))
+            answers.append(json.loads(answer))
+        apart, inline = answers
+        self.assertEqual(len(apart["choices"][0]["message"]["tool_calls"]), 20_000)
+        self.assertEqual(apart["choices"][0]["finish_reason"], "tool_calls")
+        self.assertEqual(_same(apart), _same(inline))
+        self.assertEqual(threads, [threading.main_thread()] * 2)
+
+    @inlineCallbacks
+    def test_refusals_as_inline(self):
+        """
+        An answer the wire refuses, translated in a thread, gets the
+        answer, the status and log line it gets in the reactor's thread:
+        an image part (502 C{unsupported_output}, the model's failure),
+        a call without a name (C{upstream_malformed}: the provider's,
+        here with failover off), JSON nested too deep to write
+        (C{upstream_malformed}).
+        """
+        gateway, workers = self.counted(fallback="off")
+        deep: Any = "x"
+        for _ in range(300):
+            deep = {"a": deep}
+        cases = [
+            (
+                calls_answer(20_000, "STOP", {"inlineData": {"mimeType": "image/png", "data": "AA=="}}),
+                "unsupported_output",
+            ),
+            (calls_answer(20_000, "STOP", {"functionCall": {"args": {}}}), "upstream_malformed"),
+            (
+                calls_answer(20_000, "STOP", {"functionCall": {"name": "g", "args": {"deep": deep}}}),
+                "upstream_malformed",
+            ),
+        ]
+        for runs, (document, code) in enumerate(cases, 1):
+            found = []
+            for above in (OFFLOAD_BYTES, math.inf):
+                workers.above = above
+                self.upstream.gemini.answers[:] = [GeminiAnswer((), document=document)]
+                before = len(self.events)
+                status, rest, _ = yield deferToThread(http_post, gateway.api_port, ASK)
+                self.assertEqual(status, b"HTTP/1.1 502 Bad Gateway", code)
+                self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"], code)
+                lines = [e for e in self.events[before:] if e.get("path") == "/v1/chat/completions"]
+                self.assertEqual(len(lines), 1)
+                found.append((rest.partition(b"\r\n\r\n")[2], {k: lines[0][k] for k in ("status", "outcome")}))
+            self.assertEqual(workers.runs, runs)
+            self.assertEqual(found[0], found[1])
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
+    def test_no_timeout_while_translated(self):
+        """
+        The provider's answer is whole once read: its translation, however
+        long, is not the provider's delay (no 504, no failover, no
+        breaker charged).
+        """
+        gateway = self.gateway(upstream_timeout=0.5, log_level="debug")
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000))]
+        answer = deferToThread(http_post, gateway.api_port, ASK)
+        yield self.until(lambda: workers.runs == 1)
+        yield deferLater(reactor, 1, lambda: None)
+        workers.release()
+        status, _, _ = yield answer
+        self.assertEqual(status, b"HTTP/1.1 200 OK")
+        self.assertEqual((self.upstream.gemini.requests, self.upstream.kimi.requests), (1, 0))
+        lines = [e for e in self.events if e.get("path") == "/v1/chat/completions"]
+        self.assertEqual([(e["status"], e["provider"]) for e in lines], [(200, "gemini")])
+
+    @inlineCallbacks
+    def until(self, done: Callable[[], bool]) -> Any:
+        """
+        Fire once C{done()} holds (asked every 50 ms), or fail after 20 s.
+        """
+        for _ in range(400):
+            if done():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail("never happened")
+
+    @inlineCallbacks
+    def test_client_gone_during_translation(self):
+        """
+        A client that leaves while its large answer is translated: counted
+        once, 499 C{client gone}; the translation that comes back then
+        is dropped (nothing written, nothing counted again, no error).
+        """
+        gateway = self.gateway()
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000, "SOMETHING_NEW"))]
+        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
+        self.addCleanup(sock.close)
+        yield deferToThread(
+            sock.sendall,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            + GATEWAY_KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ASK)
+            + ASK,
+        )
+        yield self.until(lambda: workers.runs == 1)
+        sock.close()
+        yield self.until(lambda: any(e.get("path") == "/v1/chat/completions" for e in self.events))
+        workers.release()
+        yield self.until(lambda: any("does not know" in e.get("log_format", "") for e in self.events))
+        yield deferLater(reactor, 0.1, lambda: None)
+        lines = [e for e in self.events if e.get("path") == "/v1/chat/completions"]
+        self.assertEqual([(e["status"], e["outcome"], e["provider"]) for e in lines], [(499, "client gone", "gemini")])
+        self.assertEqual((context.in_flight, context.chat_calls), (0, set()))
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
+
+    @inlineCallbacks
+    def test_grace_over_during_translation(self):
+        """
+        A stop whose grace runs out while a large answer is translated
+        answers it 503 C{shutting_down}, counted once; the translation
+        that comes back then is dropped.
+        """
+        gateway = self.gateway(shutdown_grace_seconds=0.5)
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000))]
+        answer = deferToThread(http_post, gateway.api_port, ASK)
+        yield self.until(lambda: workers.runs == 1)
+        stopped = gateway.service.stopService()
+        status, rest, _ = yield answer
+        workers.release()
+        yield stopped
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertIn(b" 503 ", status)
+        self.assertEqual(json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"], "shutting_down")
+        lines = [e for e in self.events if e.get("path") == "/v1/chat/completions"]
+        self.assertEqual([(e["status"], e["outcome"]) for e in lines], [(503, "shutting_down")])
+        self.assertEqual((context.in_flight, context.chat_calls), (0, set()))
+        errors = [e for e in self.events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+        self.assertEqual(errors, [])
 
 
 @implementer(IReactorCore, IReactorFromThreads)

@@ -70,6 +70,7 @@ from openclaw.dataplane.errors import (
     upstream_refused,
     upstream_timeout,
 )
+from openclaw.dataplane.offload import HeldLog
 from openclaw.dataplane.request import JSON_TOO_DEEP, MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
 from openclaw.dataplane.streamstart import MAX_HELD_BYTES, MAX_HELD_SECONDS, StreamStart
@@ -80,6 +81,7 @@ from openclaw.providers.errors import RefusalKind
 from openclaw.providers.event_errors import error_event_status
 from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
+    Completion,
     MalformedAnswer,
     ModelFailed,
     OfferedTools,
@@ -380,12 +382,82 @@ class ChatCall:
         response.deliverBody(self._pending)
 
     def _got_body(self, body: bytes, generation: int) -> None:
+        """
+        A 2xx answer read whole: translated for the client (L{Wire.completion
+        <openclaw.providers.wire.Wire.completion>}) in the reactor's thread,
+        or, past L{BodyWorkers.above <openclaw.dataplane.offload.BodyWorkers.above>},
+        in a thread of L{BodyWorkers <openclaw.dataplane.offload.BodyWorkers>}
+        (L{_translate_apart}), then answered (L{_translated}) or refused
+        (L{_untranslated}).
+        """
         self.provider_wait.end()
         if not self._current(generation):
             return
+        created = int(self.context.reactor.seconds())
+        if len(body) > self.context.bodies.above:
+            return self._translate_apart(body, created)
         try:
-            answer, usage = self.wire.completion(body, self.route.model, int(self.context.reactor.seconds()), self.chat)
-        except MalformedAnswer as e:
+            completion = self.wire.completion(body, self.route.model, created, self.chat)
+        except (MalformedAnswer, orjson.JSONEncodeError) as e:
+            return self._untranslated(e)
+        return self._translated(completion)
+
+    def _translate_apart(self, body: bytes, created: int) -> None:
+        """
+        Translate a large answer C{body} in a thread of L{BodyWorkers
+        <openclaw.dataplane.offload.BodyWorkers>}, given with no key holder,
+        as a failover's encoding is (never refused: the provider has
+        answered): Gemini's translation of many tool calls is long (hostile
+        trial s34: 1.25 s for 4 MB of 100,000 C{functionCall} parts, every
+        other client of the process held up as long).  The work reads only
+        the body, the request and the wire, and holds its log events
+        (L{HeldLog}) for the reactor's thread; its ids come from Python's
+        own generator, as in the reactor's thread.
+
+        No timer runs meanwhile (the provider's answer is whole: the
+        gateway's work is not the provider's delay); a client gone or a
+        stop meanwhile has ended the call (L{_over}), and the translation
+        that comes back then is dropped (L{_translated_apart}).
+        """
+        self._cancel_timer()
+        wire, model, chat, generation = self.wire, self.route.model, self.chat, self._generation
+        held = HeldLog()
+        translated = self.context.bodies.run(lambda: wire.completion(body, model, created, chat, held))
+        translated.addBoth(self._translated_apart, generation, held).addErrback(self._bug)
+
+    def _translated_apart(self, outcome: Completion | Failure, generation: int, held: HeldLog) -> Failure | None:
+        """
+        The translation done in a thread (L{_translate_apart}) is back:
+        its log events published, then the answer sent (L{_translated}) or
+        refused (L{_untranslated}) as one translated in the reactor's
+        thread is.  Dropped when the call is over meanwhile; a bug of the
+        translation (any other exception) is returned for L{_bug}, over or
+        not (logged, and answered 500 if not over).
+        """
+        held.publish()
+        over = self._over or generation != self._generation
+        if isinstance(outcome, Failure):
+            refused = outcome.check(MalformedAnswer) or (
+                outcome.check(orjson.JSONEncodeError) and too_deep(cast(orjson.JSONEncodeError, outcome.value))
+            )
+            if not refused:
+                return outcome
+            if not over:
+                self._untranslated(cast("MalformedAnswer | orjson.JSONEncodeError", outcome.value))
+            return None
+        if not over:
+            self._translated(outcome)
+        return None
+
+    def _untranslated(self, e: MalformedAnswer | orjson.JSONEncodeError) -> None:
+        """
+        A 2xx answer the wire could not translate (C{e}): a model's
+        failure (L{ModelFailed}) or an answer nested too deep
+        (L{too_deep}) is answered 502; any other L{MalformedAnswer} is the
+        provider's failure, failed over when the call may be.  Another
+        C{JSONEncodeError} is raised again (a bug).
+        """
+        if isinstance(e, MalformedAnswer):
             error = upstream_failed(self.route.provider_id, f"{e} (HTTP {self._answer_status})", e.code)
             if isinstance(e, ModelFailed):
                 # The provider answered; its model failed.
@@ -394,11 +466,17 @@ class ChatCall:
             # Not what the provider's API returns: the provider's failure.
             self._settle(CircuitBreaker.failed)
             return self._upstream_failed("broken", error)
-        except orjson.JSONEncodeError as e:
-            if not too_deep(e):
-                raise
-            self._settle(CircuitBreaker.succeeded)
-            return self._fail(upstream_failed(self.route.provider_id, ANSWER_TOO_DEEP, "upstream_malformed"))
+        if not too_deep(e):
+            raise e
+        self._settle(CircuitBreaker.succeeded)
+        return self._fail(upstream_failed(self.route.provider_id, ANSWER_TOO_DEEP, "upstream_malformed"))
+
+    def _translated(self, completion: Completion) -> None:
+        """
+        Send the translated answer C{completion} (L{send_whole}), scrubbed
+        of the provider's keys, its usage kept for the accounting.
+        """
+        answer, usage = completion
         self._settle(CircuitBreaker.succeeded)
         self._usage = usage
         if self.holder is not GATEWAY and None in known_counts(usage):
