@@ -21,6 +21,13 @@ interpreter's lock as it works (the parse and the encoding are Python and
 orjson, which keeps the lock), so the reactor's thread gets it back every
 C{sys.getswitchinterval()}: the other clients wait a few of those, not
 the whole body.  Measurements: C{bench/README.rst}.
+
+A provider's whole answer longer than L{OFFLOAD_BYTES} is translated for
+the client in the same threads (L{ChatCall
+<openclaw.dataplane.call.ChatCall>}: Gemini's translation of many tool
+calls), given with no key holder, as a failover's encoding is: never
+refused.  Its log events are held there (L{HeldLog}) and published from
+the reactor's thread.
 """
 
 from __future__ import annotations
