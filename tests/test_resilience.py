@@ -20,13 +20,18 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openclaw.ctl import format_status
+from openclaw.dataplane import sse
 from openclaw.dataplane.errors import upstream_refused
 from openclaw.providers.breaker import CircuitBreaker
 from openclaw.providers.errors import RefusalKind, classify
+from openclaw.providers.gemini import GeminiAdapter
 from openclaw.providers.keys import KeyPool, fingerprint, merge_keys
-from openclaw.settings import ConfigError, load_settings
+from openclaw.providers.kimi import KimiAdapter
+from openclaw.settings import ConfigError, ProviderSettings, load_settings, provider_table
 from tests.support import changed_providers, free_port, open_client
 from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY, DataPlaneTestCase
 
@@ -1266,6 +1271,93 @@ class DocumentForStreamTests(ResilienceTestCase):
         response, text = yield self.post(gateway, {"messages": HI, "stream": True})
         self.assertEqual(response.code, 200, text)
         self.assertTrue(text.rstrip().endswith("data: [DONE]"), text)
+
+
+class _EventStream(Resource):
+    """
+    A provider of one's own (twisted.web) whose every chat call is
+    answered 200 with the server-sent events given, each as it is (a
+    Gemini stream call with C{gemini}'s, any other with C{openai}'s),
+    then the end of the body; a GET (a models listing) with an empty
+    OpenAI list.
+    """
+
+    isLeaf = True
+
+    def __init__(self, openai: list[bytes], gemini: list[bytes]) -> None:
+        super().__init__()
+        self.openai, self.gemini = openai, gemini
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"object": "list", "data": []}'
+
+    def render_POST(self, request: Any) -> bytes:
+        request.content.read()
+        request.setHeader(b"content-type", b"text/event-stream")
+        events = self.gemini if b"streamGenerateContent" in request.path else self.openai
+        return b"".join(b"data: " + event + b"\n\n" for event in events)
+
+
+def _openai_chunk(delta: dict[str, Any]) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    return json.dumps(
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    ).encode()
+
+
+def _gemini_chunk(text: str) -> bytes:
+    return json.dumps({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}}]}).encode()
+
+
+class UnreadableEventTests(ResilienceTestCase):
+    """
+    An event of a stream that cannot be read (not JSON, not an object,
+    longer than the decoder takes) is a broken stream,
+    C{upstream_stream_broken}, as README says; C{upstream_stream_error}
+    is kept for an error the provider put in its stream (hostile trial
+    s34: such events were coded C{upstream_stream_error}).
+    """
+
+    def gateway_before(self, openai: list[bytes], gemini: list[bytes]) -> Any:
+        """
+        A gateway whose Kimi and Gemini are one L{_EventStream}, no
+        failover.
+        """
+        port = reactor.listenTCP(0, Site(_EventStream(openai, gemini)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}"
+        providers = provider_table(
+            ProviderSettings(adapter=adapter, base_url=base, model=adapter.default_model_id, api_key=key)
+            for adapter, key in ((KimiAdapter, KIMI_KEY), (GeminiAdapter, GEMINI_KEY))
+        )
+        return self.gateway(providers=providers, fallback="off")
+
+    @inlineCallbacks
+    def test_mid_answer(self):
+        self.patch(sse, "MAX_EVENT_BYTES", 4096)
+        hello_openai = _openai_chunk({"role": "assistant", "content": "Hello"})
+        for unreadable in (b"{not json", b"[1, 2]", b"x" * 5000):
+            gateway = self.gateway_before([hello_openai, unreadable], [_gemini_chunk("Hello"), unreadable])
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+                response, text = yield self.post(gateway, {"model": model, "messages": HELLO, "stream": True})
+                self.assertEqual(response.code, 200, text)
+                events = [e for e in text.split("\n\n") if e]
+                self.assertEqual(json.loads(events[0][len("data: ") :])["choices"][0]["delta"]["content"], "Hello")
+                self.assertNotIn("[DONE]", text)
+                self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_broken")
+
+    @inlineCallbacks
+    def test_before_the_answer(self):
+        """
+        Before anything reached the client: a 502 of the same code.
+        """
+        gateway = self.gateway_before([b"{not json"], [b"{not json"])
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            response, text = yield self.post(gateway, {"model": model, "messages": HELLO, "stream": True})
+            self.assertEqual(response.code, 502, text)
+            error = self.assertOpenAIError(text, "upstream_stream_broken")
+            self.assertIn("an event of the stream is not JSON", error["message"])
 
 
 class EveryBreakerOpenTests(SynchronousTestCase):

@@ -53,6 +53,7 @@ from openclaw.dataplane.errors import (
     FALLBACK_HEADER,
     PROVIDER_HEADER,
     STREAM_BROKEN,
+    STREAM_ERROR,
     APIError,
     bad_request,
     breaker_open,
@@ -999,10 +1000,11 @@ class ChatCall:
         self._fail(error)
 
     def stream_broken(
-        self, why: str, code: str = "upstream_stream_error", event: bytes | None = None, provider_fault: bool = True
+        self, why: str, code: str = STREAM_BROKEN, event: bytes | None = None, provider_fault: bool = True
     ) -> None:
         """
-        An upstream event was an error or unreadable: end the stream here.
+        An upstream event was an error (C{code} L{STREAM_ERROR}) or
+        unreadable (L{STREAM_BROKEN}, the default): end the stream here.
         Before its first event reached the client, the attempt failed as a
         non-2xx answer would have: an error C{event} is read as the status
         it stands for (L{error_event_status}) and refused as such
@@ -1506,7 +1508,7 @@ class _StreamRelay(Protocol):
                 self._call.stream_data(b"".join(out), translation, begun=begun)
             # An unreadable stream is the provider's failure; any other
             # code is its model's (Gemini's MALFORMED_FUNCTION_CALL).
-            fault = e.code in ("upstream_stream_error", "upstream_malformed")
+            fault = e.code in (STREAM_BROKEN, STREAM_ERROR, "upstream_malformed")
             self._call.stream_broken(str(e), e.code, current, fault)
             return
         except Exception as e:

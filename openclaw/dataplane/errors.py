@@ -230,8 +230,13 @@ def upstream_http_error(provider_id: str, status: int, reason: str) -> APIError:
 #: but did not finish: its connection cut, or its body over the limit.
 ANSWER_BROKEN = "upstream_answer_broken"
 #: The code of the error that ends a stream the provider broke or ended
-#: before the answer was whole (a 502 when nothing of it was sent yet).
+#: before the answer was whole, or sent an event of that cannot be read
+#: (not JSON, not an object, longer than the decoder takes): a 502 when
+#: nothing of it was sent yet.
 STREAM_BROKEN = "upstream_stream_broken"
+#: The code of the error that ends a stream in which the provider put an
+#: error of its own (an error event: its message and kind kept).
+STREAM_ERROR = "upstream_stream_error"
 
 
 def upstream_failed(provider_id: str, reason: str, code: str = "upstream_unreachable") -> APIError:

@@ -21,6 +21,7 @@ import attrs
 import orjson
 from twisted.logger import ILogObserver
 
+from openclaw.dataplane.errors import STREAM_ERROR
 from openclaw.dataplane.request import ChatRequest, PartType, ToolType, UrlScheme, choice_count, no_arguments
 from openclaw.dataplane.sse import DONE, Event
 from openclaw.providers.base import ProviderAdapter
@@ -502,7 +503,7 @@ class OpenAIStream:
             raise StreamBroken("an event of the stream is not a JSON object")
         error = reported_error(document)
         if error is not None:
-            raise StreamBroken(with_kind(error))
+            raise StreamBroken(with_kind(error), STREAM_ERROR)
         choices = document.get("choices")
         usage = document.get("usage")
         rewritten = b"\n" in data  # a multi-line event, sent on one line

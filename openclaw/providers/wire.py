@@ -23,7 +23,7 @@ import attrs
 import orjson
 from twisted.logger import ILogObserver
 
-from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.errors import STREAM_BROKEN, APIError, bad_request
 from openclaw.dataplane.request import (
     DATA_URL,
     NO_MEDIA_KINDS,
@@ -62,10 +62,14 @@ class StreamBroken(Exception):
     """
     The upstream stream reported an error, or sent something unreadable,
     mid-answer.  C{str()} says what; C{code} is the error code the
-    client's last event carries.
+    client's last event carries: L{STREAM_BROKEN} for an event that
+    cannot be read (the default), L{STREAM_ERROR
+    <openclaw.dataplane.errors.STREAM_ERROR>} for the provider's error
+    event, another for an event of the wrong shape
+    (C{upstream_malformed}) or a model's failure.
     """
 
-    def __init__(self, message: str, code: str = "upstream_stream_error") -> None:
+    def __init__(self, message: str, code: str = STREAM_BROKEN) -> None:
         super().__init__(message)
         self.code = code
 

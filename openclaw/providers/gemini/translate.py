@@ -43,7 +43,7 @@ import orjson
 from twisted.logger import ILogObserver
 
 from openclaw.consumers.estimate import token_count
-from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.errors import STREAM_BROKEN, STREAM_ERROR, APIError, bad_request
 from openclaw.dataplane.request import (
     DATA_URL,
     FUNCTION_NAME,
@@ -260,10 +260,12 @@ MAX_KINDS_NAMED = 5
 
 class GeminiStreamError(Exception):
     """
-    An event in a Gemini stream that is an error rather than an answer.
+    An event in a Gemini stream that is an error rather than an answer;
+    C{code} as L{StreamBroken}'s: L{STREAM_BROKEN} for one that cannot be
+    read (the default), L{STREAM_ERROR} for Gemini's error event.
     """
 
-    def __init__(self, message: str, code: str = "upstream_stream_error") -> None:
+    def __init__(self, message: str, code: str = STREAM_BROKEN) -> None:
         super().__init__(message)
         self.code = code
 
@@ -1747,7 +1749,7 @@ class GeminiStream:
             raise GeminiStreamError("an event of the stream is not a JSON object")
         error = reported_error(document)
         if error is not None:
-            raise GeminiStreamError(with_kind(error))
+            raise GeminiStreamError(with_kind(error), STREAM_ERROR)
         reported = usage(document.get("usageMetadata"))
         if reported is not None:
             self._usage = reported
