@@ -1444,7 +1444,9 @@ class GatewayService(SequentialMultiService):
         settings = self.settings
         assert settings.redis_url is not None and self._redis is not None
         assert isinstance(self.consumers.counters, SharedCounters)
-        self.shared_consumers = SharedConsumers(self.consumers, self.consumers.counters, self._redis, self.instance)
+        self.shared_consumers = SharedConsumers(
+            self.consumers, self.consumers.counters, self._redis, self.instance, monotonic=boot_clock
+        )
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,

@@ -234,6 +234,34 @@ class ConsumersOnTwoInstances(TestCase):
         yield self.refused_within(on_b_sdk, 1.0, "the revoked key still works on the other instance", 0.05)
 
     @inlineCallbacks
+    def test_key_revoked_while_an_instance_stood_still_refused_when_it_resumes(self) -> Any:
+        """
+        The second instance stopped (SIGSTOP) while a key is revoked on
+        the first, and resumed 2.5 s later: a call sent to it meanwhile,
+        answered once it runs again, is not served (trial s34: 200, the
+        Redis message and the reload coming after the waiting requests),
+        but answered 503 C{consumers_catching_up} (or 401, if the reload
+        was quicker); the key is refused within 1 s, and the stall said.
+        """
+        (_, token, on_a, _), (b, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team"})
+        yield self.reaches(on_b, token, "team")
+        on_b_sdk = self.sdk(api_b, created["key"])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (200, None))
+        os.kill(b.transport.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, b.transport.pid, signal.SIGCONT)
+        yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
+        # Sent after the revoke's answer, waiting in B's socket.
+        calling = self.status(on_b_sdk)
+        yield sleep(2.5)
+        os.kill(b.transport.pid, signal.SIGCONT)
+        status = yield calling
+        self.assertIn(status, [(503, "consumers_catching_up"), (401, "invalid_api_key")])
+        yield self.refused_within(on_b_sdk, 1.0, "the revoked key still works on the resumed instance", 0.05)
+        self.assertIn(b"the event loop stood still for", b.stdout)
+
+    @inlineCallbacks
     def test_silent_subscription_misses_no_consumer_change(self) -> Any:
         """
         The second instance reaches Redis through a proxy that silences its

@@ -51,6 +51,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.consumers.freshness import StallWatch
 from openclaw.consumers.limits import WINDOW_SECONDS, RateLimits, reset_after
 from openclaw.consumers.model import Consumer, ctl_arguments, period_key
 from openclaw.consumers.store import Snapshot, database_error
@@ -1329,11 +1330,30 @@ class SharedConsumers:
 
     _log = Logger()
 
-    def __init__(self, table: ConsumerTable, counters: SharedCounters, redis: ScriptRunner, instance: str) -> None:
+    def __init__(
+        self,
+        table: ConsumerTable,
+        counters: SharedCounters,
+        redis: ScriptRunner,
+        instance: str,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
+        """
+        @param monotonic: the clock of the table's L{StallWatch}, in
+            seconds, which never steps and goes on while the process is
+            stopped (the gateway's C{CLOCK_BOOTTIME}); by default the
+            counters' reactor's.
+        """
         self.table = table
         self.counters = counters
         self.redis = redis
         self.instance = instance
+        #: Holds consumer keys after the event loop stood still, until the
+        #: table is reloaded (the others' changes may have been missed
+        #: meanwhile): started at the table's first load (L{loaded}).
+        self.watch = table.stall_watch = StallWatch(
+            table, counters.reactor, monotonic if monotonic is not None else counters.reactor.seconds
+        )
         self._seeding: Deferred[Any] | None = None
         #: The reconciliation to come (L{reconcile}), if any.
         self._reconciling: IDelayedCall | None = None
@@ -1515,8 +1535,11 @@ class SharedConsumers:
 
     def loaded(self) -> None:
         """
-        The table's first load is done: seed Redis if it is reachable.
+        The table's first load is done: seed Redis if it is reachable, and
+        watch for stalls of the event loop (L{StallWatch}).
         """
+        if not self._stopped:
+            self.watch.start()
         if self.counters.up:
             self.seed()
 
@@ -1654,6 +1677,7 @@ class SharedConsumers:
         (a seed or a reconnection finishing while the service stops).
         """
         self._stopped = True
+        self.watch.stop()
         if self._reconciling is not None and self._reconciling.active():
             self._reconciling.cancel()
         self._reconciling = None

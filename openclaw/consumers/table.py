@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -47,6 +47,9 @@ from openclaw.dataplane.errors import APIError
 from openclaw.deferreds import InFlight
 from openclaw.loops import LoggedStep
 from openclaw.timefmt import isoformat
+
+if TYPE_CHECKING:
+    from openclaw.consumers.freshness import StallWatch
 
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
@@ -699,6 +702,13 @@ class ConsumerTable:
         self.loaded = False
         self._reloading: Deferred[None] | None = None
         self._reload_again = False
+        #: What the callers of L{refresh} wait on: fired when the next
+        #: reload to begin has ended.
+        self._refresh_waiters: list[Deferred[bool]] = []
+        #: In a cluster, what tells whether the table may have missed
+        #: changes because the event loop stood still
+        #: (L{openclaw.consumers.freshness.StallWatch}); None elsewhere.
+        self.stall_watch: StallWatch | None = None
         #: How many snapshots L{adopt} has taken (L{update} reads the
         #: table again after one taken while it ran).
         self._adopted = 0
@@ -767,21 +777,37 @@ class ConsumerTable:
     def reload(self) -> Deferred[None]:
         return self.store.load(self.clock()).addCallback(self.adopt)
 
-    def refresh(self) -> None:
+    def refresh(self) -> Deferred[bool]:
         """
         Reload from the database, because another instance changed a
         consumer (cluster mode).  Reloads in a row are coalesced: one under
         way, at most one more after it.
+
+        @return: fires once a reload that began after this call has ended
+            (not one under way already, which may have read the database
+            before the change): with True when the table took the
+            database's consumers, False when the reload failed (logged
+            here).  Never fails.
         """
+        ended: Deferred[bool] = Deferred()
+        self._refresh_waiters.append(ended)
         if self._reloading is not None:
             self._reload_again = True
-            return
+            return ended
+        waiters, self._refresh_waiters = self._refresh_waiters, []
+        succeeded = False
+
+        def adopted(_: None) -> None:
+            nonlocal succeeded
+            succeeded = True
 
         def failed(reason: Failure) -> None:
             log_database_failure(self._log, "could not reload the consumers after a change elsewhere ({error})", reason)
 
         def done(result: object) -> None:
             self._reloading = None
+            for waiter in waiters:
+                waiter.callback(succeeded)
             if isinstance(result, Failure):
                 # A fault of ours in failed (the reload's own are failed's).
                 self._log.failure(
@@ -792,10 +818,12 @@ class ConsumerTable:
                 )
             if self._reload_again:
                 self._reload_again = False
+                # Its waiters are those that came meanwhile.
                 self.refresh()
 
         reloading = self._reloading = self.reload()
-        reloading.addErrback(failed).addBoth(done)
+        reloading.addCallbacks(adopted, failed).addBoth(done)
+        return ended
 
     def start(self, reactor: IReactorTime) -> None:
         self._reactor = reactor

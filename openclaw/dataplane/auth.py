@@ -54,6 +54,29 @@ def consumers_unusable() -> APIError:
     )
 
 
+#: Seconds a client is asked to wait (C{Retry-After}) while an instance
+#: catches up with the cluster (L{openclaw.consumers.freshness}).
+CATCHING_UP_RETRY_SECONDS = 1
+
+
+def consumers_catching_up() -> APIError:
+    """
+    The answer to a consumer key while this instance reloads its consumers
+    after its event loop stood still (L{openclaw.consumers.freshness}): 503
+    with C{Retry-After: 1} (retryable, as L{consumers_loading}); a reload
+    takes milliseconds, 5 s at most.
+    """
+    return APIError(
+        503,
+        "this gateway instance is catching up with the cluster (it stood still for a while and is reloading its "
+        f"consumers, which may have changed meanwhile), so this consumer key cannot be checked yet; retry in "
+        f"{CATCHING_UP_RETRY_SECONDS} s",
+        "server_error",
+        "consumers_catching_up",
+        retry_after=CATCHING_UP_RETRY_SECONDS,
+    )
+
+
 @attrs.frozen
 class GatewayKeys:
     """
@@ -113,6 +136,12 @@ class GatewayKeys:
             return unauthorized("the Authorization header must be 'Bearer <key>'")
         presented = authorization[7:].strip()
         if consumers is not None and presented.startswith(b"ock-"):
+            watch = consumers.stall_watch
+            # In a cluster, one clock read: a table that may have missed
+            # changes while the loop stood still answers no consumer key
+            # until reloaded (a GATEWAY_API_KEYS key is served meanwhile).
+            if watch is not None and watch.behind() and not self._gateway_key(presented):
+                return consumers_catching_up()
             holder = consumers.identify(presented)
             if holder is not None:
                 return holder

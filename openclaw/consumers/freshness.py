@@ -1,0 +1,199 @@
+"""
+Whether a cluster instance's consumer table may have missed changes
+because its event loop stood still (the process stopped with SIGSTOP, its
+host or VM paused, swapping).
+
+Another instance's change reaches this one as a message on Redis
+(L{openclaw.consumers.shared.SharedConsumers.received}), which reloads the
+table from the database.  A loop that stood still handles, once it runs
+again, the requests that came meanwhile before that message, and the
+reload takes a few milliseconds more: a key revoked meanwhile was served
+for the whole stall (consumers trial s34: 2 s and 5 s after the revoke's
+answer).  L{StallWatch} marks the loop alive every L{TICK_SECONDS}; a
+consumer key presented longer than L{STALL_SECONDS} after the last mark
+(or a mark that late) means the table may be stale: consumer keys are
+answered 503 (L{openclaw.dataplane.auth.consumers_catching_up}) until a
+reload begun then has ended (L{CATCH_UP_SECONDS} at most).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from openclaw.loops import LoggedStep
+
+if TYPE_CHECKING:
+    from openclaw.consumers.table import ConsumerTable
+
+#: How often the loop marks itself alive, in seconds.
+TICK_SECONDS = 0.25
+#: A gap between two marks (or a mark and a consumer key) longer than this,
+#: in seconds, is a stall: a healthy loop, even a busy one, has none that
+#: long.  A shorter stall is not seen: a change made during it holds here
+#: up to its length late.
+STALL_SECONDS = 2.0
+#: How long consumer keys are answered 503 after a stall at most, in
+#: seconds: a reload that has not ended by then (a database that does not
+#: answer) is waited for no longer, and the table serves as it is, as it
+#: does whenever the database is unreachable.
+CATCH_UP_SECONDS = 5.0
+
+
+class StallWatch:
+    """
+    Tells whether consumer keys must wait for the table to catch up after
+    the event loop stood still (L{behind}), and starts that catching up.
+
+    @param table: the cluster's consumer table, reloaded after a stall
+        (L{ConsumerTable.refresh}).
+    @param reactor: runs the marks and the end of the wait.
+    @param clock: seconds on a clock that never steps and goes on while
+        the process is stopped (C{CLOCK_BOOTTIME} or C{CLOCK_MONOTONIC}
+        in the gateway; a VM whose guest clock does not count its pause is
+        not seen to have paused).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        table: ConsumerTable,
+        reactor: IReactorTime,
+        clock: Callable[[], float] = time.monotonic,
+        stall_seconds: float = STALL_SECONDS,
+        tick_seconds: float = TICK_SECONDS,
+        catch_up_seconds: float = CATCH_UP_SECONDS,
+    ) -> None:
+        self.table = table
+        self.reactor = reactor
+        self.clock = clock
+        self.stall_seconds = stall_seconds
+        self.tick_seconds = tick_seconds
+        self.catch_up_seconds = catch_up_seconds
+        #: The last mark, in C{clock}'s seconds (None: not started, or
+        #: stopped: nothing is watched).
+        self._last: float | None = None
+        #: The end of the wait for the reload under way after a stall
+        #: (None: not catching up).
+        self._catching_up: IDelayedCall | None = None
+        #: When that stall was found, in C{clock}'s seconds.
+        self._found_at = 0.0
+        self._ticker: LoopingCall | None = None
+        #: How many stalls were found (for tests and the log).
+        self.stalls = 0
+
+    def start(self) -> None:
+        """
+        Start marking the loop alive (at the table's first load: until
+        then consumer keys are answered 503 anyway).  Again: nothing.
+        """
+        if self._ticker is not None:
+            return
+        self._last = self.clock()
+        ticker = self._ticker = LoopingCall(LoggedStep(self.tick, self._log, "the mark of the event loop's liveness"))
+        ticker.clock = self.reactor
+        ticker.start(self.tick_seconds, now=False).addErrback(
+            lambda f: self._log.failure("the mark of the event loop's liveness stopped", f)
+        )
+
+    def stop(self) -> None:
+        """
+        Stop the marks and any wait: consumer keys are no longer held.
+        """
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._ticker = None
+        self._last = None
+        if self._catching_up is not None and self._catching_up.active():
+            self._catching_up.cancel()
+        self._catching_up = None
+
+    def tick(self) -> None:
+        """
+        Mark the loop alive; a mark late by more than C{stall_seconds}
+        finds a stall (no consumer key need come for the reload to start).
+        """
+        last = self._last
+        if last is None:
+            return
+        now = self.clock()
+        if self._catching_up is None and now - last > self.stall_seconds:
+            self._stalled(now, now - last)
+        self._last = now
+
+    def behind(self) -> bool:
+        """
+        Whether the table may have missed changes, on a consumer key's
+        path: one read of C{clock} and a comparison, unless a stall is
+        being caught up with (then none).  A stall found here starts the
+        reload.
+        """
+        if self._catching_up is not None:
+            return True
+        last = self._last
+        if last is None:
+            return False
+        now = self.clock()
+        if now - last <= self.stall_seconds:
+            return False
+        return self._stalled(now, now - last)
+
+    def _stalled(self, now: float, gap: float) -> bool:
+        """
+        The loop stood still for C{gap} seconds: reload the table (a
+        reload begun now reads every change committed before), and hold
+        consumer keys until it has ended.  Said once per stall.
+
+        @return: whether consumer keys are held (not before the first load).
+        """
+        self._last = now
+        if not self.table.loaded:
+            return False
+        self.stalls += 1
+        self._found_at = now
+        self._log.warn(
+            "the event loop stood still for {seconds:.1f} s (the process stopped, its host or VM paused, or "
+            "swapping): consumer changes made elsewhere meanwhile may have been missed, so consumer keys are "
+            "answered 503 (retry in 1 s) until the consumers are reloaded from the database",
+            seconds=gap,
+        )
+        late = self._catching_up = self.reactor.callLater(self.catch_up_seconds, self._late)
+        self.table.refresh().addCallback(self._reloaded, late)
+        return self._catching_up is not None
+
+    def _reloaded(self, succeeded: bool, late: IDelayedCall) -> None:
+        """
+        The reload begun after the stall has ended: consumer keys are
+        served again (from the table as it was, if it failed: logged by
+        the table, and said here).
+        """
+        if self._catching_up is not late:
+            # Given up waiting already (L{_late}), or stopped.
+            return
+        late.cancel()
+        self._catching_up = None
+        if not succeeded:
+            self._log.warn(
+                "the consumers could not be reloaded after the event loop stood still: consumer keys are served "
+                "from the table as it was, which may lack changes made elsewhere meanwhile (a revoked key may "
+                "still work here) until the next reload; restart this instance to apply them at once"
+            )
+
+    def _late(self) -> None:
+        """
+        The reload after a stall has not ended in C{catch_up_seconds}:
+        consumer keys are served from the table as it is.
+        """
+        self._catching_up = None
+        self._log.warn(
+            "the consumers' reload after the event loop stood still has not ended in {seconds:g} s (the database "
+            "does not answer): consumer keys are served from the table as it was, which may lack changes made "
+            "elsewhere meanwhile (a revoked key may still work here) until the reload ends",
+            seconds=self.catch_up_seconds,
+        )

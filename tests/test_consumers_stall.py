@@ -1,0 +1,279 @@
+"""
+A cluster instance whose event loop stood still answers no consumer key
+from its table until it has reloaded it (L{openclaw.consumers.freshness}).
+The stall is simulated: the watch's clock is moved on while the reactor's
+calls do not run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers.freshness import CATCH_UP_SECONDS, STALL_SECONDS, TICK_SECONDS, StallWatch
+from openclaw.consumers.model import Consumer, NewKey
+from openclaw.consumers.prices import PriceTable
+from openclaw.consumers.store import ConsumerStore, Snapshot
+from openclaw.consumers.table import ConsumerTable, Holder
+from openclaw.dataplane.auth import GatewayKeys
+from openclaw.dataplane.errors import APIError
+from tests.support import capture_log_events
+
+GATEWAY_KEY = "ock-gateway-key-0123456789"
+
+
+class Monotonic:
+    """
+    A monotonic clock moved by hand, counting its reads.
+    """
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+class HeldStore:
+    """
+    A store whose loads each wait on a Deferred of their own (C{loads}).
+    """
+
+    def __init__(self) -> None:
+        self.loads: list[Deferred[Snapshot]] = []
+
+    def load(self, now: float) -> Deferred[Snapshot]:
+        loading: Deferred[Snapshot] = Deferred()
+        self.loads.append(loading)
+        return loading
+
+
+def snapshot() -> Snapshot:
+    return Snapshot({}, {}, {})
+
+
+class StallWatchTests(TestCase):
+    def setUp(self) -> None:
+        self.reactor = Clock()
+        self.monotonic = Monotonic()
+        self.store = HeldStore()
+        self.table = ConsumerTable(self.store, PriceTable.with_overrides({}), clock=self.reactor.seconds)  # type: ignore[arg-type]
+        self.table.loaded = True
+        self.watch = StallWatch(self.table, self.reactor, self.monotonic)
+        self.table.stall_watch = self.watch
+        self.watch.start()
+        self.addCleanup(self.watch.stop)
+        self.events = capture_log_events(self)
+
+    def run_loop(self, seconds: float) -> None:
+        """
+        A healthy loop: both clocks go on, the marks run.
+        """
+        step = TICK_SECONDS / 2
+        for _ in range(round(seconds / step)):
+            self.monotonic.now += step
+            self.reactor.advance(step)
+
+    def stalls_said(self) -> list[str]:
+        return [e["log_format"] for e in self.events if "stood still" in e.get("log_format", "")]
+
+    def test_healthy_loop_no_reload_one_clock_read(self) -> None:
+        """
+        A busy loop (marks TICK_SECONDS apart, a key presented just before
+        STALL_SECONDS since the last): no stall, no reload, one clock read
+        per check.
+        """
+        self.run_loop(10)
+        self.monotonic.now += STALL_SECONDS - 0.01
+        reads = self.monotonic.reads
+        self.assertFalse(self.watch.behind())
+        self.assertEqual(self.monotonic.reads, reads + 1)
+        self.assertEqual(self.store.loads, [])
+        self.assertEqual(self.stalls_said(), [])
+
+    def test_stall_found_by_a_key_held_until_reloaded(self) -> None:
+        """
+        A key presented more than STALL_SECONDS after the last mark: held
+        (and no clock read while the reload is under way) until a reload
+        begun then has ended; said once.
+        """
+        self.run_loop(1)
+        self.monotonic.now += 2.5
+        self.assertTrue(self.watch.behind())
+        [loading] = self.store.loads
+        reads = self.monotonic.reads
+        self.assertTrue(self.watch.behind())
+        self.assertTrue(self.watch.behind())
+        self.assertEqual(self.monotonic.reads, reads)
+        # The marks come again: still held.
+        self.run_loop(1)
+        self.assertTrue(self.watch.behind())
+        self.assertEqual(len(self.store.loads), 1)
+        loading.callback(snapshot())
+        self.assertFalse(self.watch.behind())
+        [said] = self.stalls_said()
+        self.assertEqual(self.events[-1]["seconds"], 2.5)
+        self.assertEqual(self.watch.stalls, 1)
+
+    def test_stall_found_by_the_mark(self) -> None:
+        """
+        No key needs to come: the late mark starts the reload.
+        """
+        self.monotonic.now += 3
+        self.reactor.advance(TICK_SECONDS)
+        self.assertEqual(len(self.store.loads), 1)
+        self.assertTrue(self.watch.behind())
+        self.store.loads[0].callback(snapshot())
+        self.assertFalse(self.watch.behind())
+
+    def test_reload_under_way_before_the_stall_does_not_end_it(self) -> None:
+        """
+        A reload begun before the stall may have read the database before
+        the change: the wait ends with the one begun after.
+        """
+        self.table.refresh()
+        [before] = self.store.loads
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        before.callback(snapshot())
+        self.assertTrue(self.watch.behind())
+        [_, after] = self.store.loads
+        after.callback(snapshot())
+        self.assertFalse(self.watch.behind())
+
+    def test_failed_reload_serves_the_table_as_it_was(self) -> None:
+        """
+        A reload that fails: keys are served again, and that is said.
+        """
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.store.loads[0].errback(OSError("connection refused"))
+        self.flushLoggedErrors(OSError)
+        self.assertFalse(self.watch.behind())
+        self.assertTrue(
+            any("could not be reloaded after the event loop" in e.get("log_format", "") for e in self.events)
+        )
+
+    def test_reload_that_does_not_end_waited_for_catch_up_seconds(self) -> None:
+        """
+        A database that does not answer holds keys CATCH_UP_SECONDS at
+        most; its late answer changes nothing.
+        """
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.run_loop(CATCH_UP_SECONDS - 0.25)
+        self.assertTrue(self.watch.behind())
+        self.run_loop(0.5)
+        self.assertFalse(self.watch.behind())
+        self.assertTrue(any("has not ended in" in e.get("log_format", "") for e in self.events))
+        self.store.loads[0].callback(snapshot())
+        self.assertFalse(self.watch.behind())
+
+    def test_nothing_before_the_first_load_nor_after_stop(self) -> None:
+        """
+        Before the first load (keys answered 503 consumers_loading anyway)
+        and after stop: nothing is held, nothing reloaded.
+        """
+        self.table.loaded = False
+        self.monotonic.now += 3
+        self.assertFalse(self.watch.behind())
+        self.table.loaded = True
+        self.watch.stop()
+        self.monotonic.now += 3
+        self.assertFalse(self.watch.behind())
+        self.assertEqual(self.store.loads, [])
+
+
+class RevokedWhileFrozenTests(TestCase):
+    """
+    Two tables on one database: A revokes a key while B's loop stands still.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        self.stores = []
+        for _ in range(2):
+            store = ConsumerStore.open(None, directory, reactor)
+            self.addCleanup(store.close)
+            self.stores.append(store)
+        yield self.stores[0].migrate()
+        self.a, self.b = (ConsumerTable(store, PriceTable.with_overrides({})) for store in self.stores)
+        yield self.a.reload()
+        self.key = yield self.a.create(Consumer("team"))
+        yield self.b.reload()
+        self.monotonic = Monotonic()
+        self.watch = StallWatch(self.b, reactor, self.monotonic)
+        self.b.stall_watch = self.watch
+        self.watch.start()
+        self.addCleanup(self.watch.stop)
+        self.keys = GatewayKeys.of([GATEWAY_KEY], self.b)
+        self.loads = 0
+        load = self.stores[1].load
+
+        def counted(now: float) -> Deferred[Snapshot]:
+            self.loads += 1
+            return load(now)
+
+        self.stores[1].load = counted  # type: ignore[method-assign]
+
+    def identify(self, key: str) -> Holder | APIError:
+        return self.keys.identify(f"Bearer {key}".encode())
+
+    @inlineCallbacks
+    def caught_up(self) -> Any:
+        for _ in range(100):
+            if not self.watch.behind():
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail("not caught up in 2 s")
+
+    @inlineCallbacks
+    def test_key_revoked_while_frozen_refused_right_after_resume(self) -> Any:
+        key: NewKey = self.key
+        self.assertIsInstance(self.identify(key.key), Holder)
+        # Frozen: B's loop runs nothing while A revokes.
+        yield self.a.revoke_key("team", key.prefix)
+        self.monotonic.now += 2.5
+        # Resumed: its first request, before any Redis message.
+        refused = self.identify(key.key)
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.status, refused.code, refused.retry_after), (503, "consumers_catching_up", 1))
+        self.assertIn("catching up with the cluster", str(refused))
+        # A key of GATEWAY_API_KEYS (even one that looks like a consumer's) is served meanwhile.
+        self.assertEqual(self.identify(GATEWAY_KEY).consumer, "-")  # type: ignore[union-attr]
+        yield self.caught_up()
+        refused = self.identify(key.key)
+        assert isinstance(refused, APIError)
+        self.assertEqual((refused.status, refused.code), (401, "invalid_api_key"))
+        self.assertEqual(self.loads, 1)
+
+    @inlineCallbacks
+    def test_no_stall_no_reload_no_wait(self) -> Any:
+        """
+        Without a stall a key is answered at once from the table (a change
+        made elsewhere reaches it by Redis's message), and nothing reloads.
+        """
+        key: NewKey = self.key
+        yield self.a.revoke_key("team", key.prefix)
+        self.monotonic.now += STALL_SECONDS - 0.5
+        self.assertIsInstance(self.identify(key.key), Holder)
+        self.assertEqual(self.loads, 0)
+        self.assertEqual(self.watch.stalls, 0)
+
+    def test_no_watch_outside_a_cluster(self) -> None:
+        """
+        A table without a watch (one instance): nothing read, nothing held.
+        """
+        self.b.stall_watch = None
+        self.monotonic.now += 100
+        self.assertIsInstance(self.identify(self.key.key), Holder)
+        self.assertEqual(self.monotonic.reads, 1)
