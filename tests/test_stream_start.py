@@ -681,6 +681,61 @@ class HeldTooLongTests(AgentTestCase):
         self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
 
 
+class EmptyDeltasForeverTests(AgentTestCase):
+    """
+    A Kimi stream of a role chunk then empty deltas, released to the client
+    after L{call.MAX_HELD_SECONDS} as a live call's, is still timed out at
+    C{UPSTREAM_TIMEOUT} when no answer comes: empty deltas do not put the
+    wait off (re-check s34: one every 2 s held a client with a 200 and no
+    answer for as long as the provider went on).
+    """
+
+    @inlineCallbacks
+    def test_timed_out_in_the_stream(self) -> Any:
+        self.patch(call, "MAX_HELD_SECONDS", 0.2)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1764000000,
+                "model": "moonshot-v1-8k",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        events: list[tuple[float, dict[str, Any] | None]] = [(0, chunk({"role": "assistant", "content": ""}))]
+        events += [(0.3 * n, chunk({"content": ""})) for n in range(1, 12)]
+        events += [(3.8, chunk({"content": "Hi."})), (3.9, chunk({}, "stop")), (4.0, None)]
+        yield self.serve(lambda server: _kimi_events(server, events))
+        gateway = start_gateway(
+            self,
+            api=True,
+            default_provider="kimi",
+            upstream_timeout=1.5,
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
+            gateway_api_keys=("gateway-key-0123456789",),
+        )
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        asked = time.monotonic()
+        response = yield client.post(
+            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
+            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
+            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
+        )
+        self.assertEqual(response.code, 200)
+        text = yield response.text("utf-8")
+        self.assertLess(time.monotonic() - asked, 3.5)
+        self.assertEqual(_content(text), "")
+        self.assertNotIn("[DONE]", text)
+        error = json.loads(text.strip().split("\n\n")[-1][6:])["error"]
+        self.assertEqual(error["code"], "upstream_timeout", error)
+        self.assertIn("the stream's first event of the answer", error["message"])
+        # The stand-in's last events, sent into a closed connection.
+        yield deferLater(reactor, max(0.0, 4.3 - (time.monotonic() - asked)), lambda: None)
+
+
 class EventsOfNothingTests(ResilienceTestCase):
     """
     Events that bring the client nothing (Gemini's empty text parts after

@@ -87,7 +87,8 @@ class ReleasedTests(SynchronousTestCase):
         self.assertTrue(start.sent)
         self.assertTrue(start.first_token_due)
         self.assertEqual(start.held, b"")
-        self.assertEqual(start.waiting_for, NEXT_EVENT)
+        # Opened, but the answer is still waited for (a timeout says so).
+        self.assertEqual(start.waiting_for, ANSWER_START)
 
     def test_past_5_seconds(self) -> None:
         """

@@ -74,7 +74,7 @@ from openclaw.dataplane.errors import (
 from openclaw.dataplane.offload import HeldLog
 from openclaw.dataplane.request import JSON_TOO_DEEP, MAX_JSON_DEPTH, ChatRequest, too_deep
 from openclaw.dataplane.sse import DONE, SSEDecoder, SSEError, encode
-from openclaw.dataplane.streamstart import MAX_HELD_BYTES, MAX_HELD_SECONDS, StreamStart
+from openclaw.dataplane.streamstart import MAX_HELD_BYTES, MAX_HELD_SECONDS, NEXT_EVENT, StreamStart
 from openclaw.logs import DESCRIPTORS_FIELD
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
@@ -940,12 +940,15 @@ class ChatCall:
         if self._over:
             return
         assert self._timer is not None
-        if decoded and events and not self._client_paused:
-            # An event that brings the client nothing (Gemini's repeated
-            # usage, an empty text part after the first) is no sign of an
-            # answer coming, as a comment is not: it does not put the wait
-            # off (hostile trial s34: such events every 2 s held a client
-            # with no byte, not even a status line, past UPSTREAM_TIMEOUT).
+        if decoded and events and translation.answer_begun and not self._client_paused:
+            # Only the answer puts the wait off: before it begins, events
+            # that carry nothing of it (a role, empty deltas: Moonshot's,
+            # Gemini's empty text, a usage) are no sign of one coming, as
+            # a comment is not, whether held or sent; after it, an event
+            # that brings the client nothing (Gemini's repeated usage)
+            # neither (hostile trial s34 and its re-check: such events
+            # every 2 s held a client, with no byte or with a 200 and
+            # empty deltas, for as long as the provider went on).
             self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)
@@ -961,6 +964,7 @@ class ChatCall:
                         self._open_stream(answered=False)
             elif start.first_token_due and translation.answer_begun:
                 start.first_token_due = False
+                start.waiting_for = NEXT_EVENT
                 self.context.costs.first_token(self.route.provider_id, self.context.reactor.seconds() - self.started)
             if events:
                 self.request.write(events)

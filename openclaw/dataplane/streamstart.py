@@ -107,7 +107,10 @@ class StreamStart:
             # Nothing but roles and empty text, more or longer than a
             # stream's start: a provider answering.
             self.first_token_due = True
-            return self.end()
+            held = self.end()
+            # Still waited for (the caller sets L{NEXT_EVENT} once it begins).
+            self.waiting_for = ANSWER_START
+            return held
         return b""
 
     def begin(self, events: bytes) -> bytes:
