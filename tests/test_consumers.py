@@ -1381,6 +1381,8 @@ class UsageRowsOutageTests(TestCase):
         self.assertEqual(len(said), 3, said)  # at 0 s, 60 s and 120 s
         self.assertIn("could not write 1 usage rows (the database refused the write)", said[0])
         self.assertIn("still cannot write usage rows after 60 s", said[1])
+        levels = [e["log_level"] for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
+        self.assertEqual(levels, [LogLevel.error, LogLevel.critical, LogLevel.critical])
         self.assertIn("still cannot write usage rows after 120 s", said[2])
         self.assertIn("121 waiting", said[2])
         # The first with its traceback (a fault of ours would show), the rest without.
@@ -1460,7 +1462,9 @@ class DatabaseUnreachableTests(TestCase):
         table.flush()
         [said] = [e for e in events if e.get("log_namespace", "").startswith("openclaw.consumers")]
         self.assertNotIn("log_failure", said)
-        self.assertEqual(said["log_level"], LogLevel.critical)
+        # An error at first (nothing is lost yet; a write tried again is
+        # usually taken), critical once it has failed for a minute.
+        self.assertEqual(said["log_level"], LogLevel.error)
         line = formatEvent(said)
         self.assertNotIn("\n", line)
         self.assertIn("Connection refused; Is the server running", line)

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.consumers.estimate import MAX_TOKEN_COUNT, count_or_zero, token_count
@@ -1317,19 +1317,25 @@ class ConsumerTable:
             error = database_error(reason)
             if self._failing_since is None:
                 # Once; with its traceback only for a fault of ours, not
-                # for a database away (L{unreachable}).
+                # for a database away (L{unreachable}).  An error, not yet
+                # critical: nothing is lost, and a write that failed once
+                # (a connection cut at its commit, a pooler's restart) is
+                # usually written at the next try (re-check s34: a critical
+                # line a second through a flaky link, nothing lost).
                 self._failing_since = self._failure_logged_at = now
                 log_database_failure(
                     self._log,
                     "could not write {count} usage rows ({error}); kept, and tried again every {every:g} s: "
                     "check DATABASE_URL / STATE_DIR (openclaw_consumer_usage_rows_pending counts them)",
                     reason,
+                    LogLevel.error,
                     count=len(rows),
                     every=self.flush_seconds,
                 )
             elif now - self._failure_logged_at >= FAILURE_LOG_SECONDS:
+                # Failing for a minute and more: critical, each minute.
                 self._failure_logged_at = now
-                self._log.error(
+                self._log.critical(
                     "still cannot write usage rows after {seconds:.0f} s ({error}): {pending} waiting",
                     seconds=now - self._failing_since,
                     error=error,
