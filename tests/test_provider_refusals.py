@@ -20,12 +20,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.dataplane.errors import provider_not_configured, upstream_refused
 from openclaw.providers.errors import Refusal, RefusalKind, classify
 from openclaw.providers.keys import fingerprint
-from tests.support import changed_providers, open_client
+from tests.support import capture_log_events, changed_providers, open_client
 from tests.test_dataplane import GEMINI_KEY, HELLO, KIMI_KEY
 from tests.test_resilience import OTHER, ResilienceTestCase
 
@@ -251,6 +252,7 @@ class AccountTests(ResilienceTestCase):
         "Insufficient Balance"): no retry mends it, another provider may
         answer (trial s34: a 502 "other", not failed over).
         """
+        events = capture_log_events(self)
         gateway = self.gateway(default_provider="kimi", fallback="auto")
         kimi = self.behaviour("kimi")
         kimi.mode, kimi.error_status = "error", 402
@@ -259,6 +261,11 @@ class AccountTests(ResilienceTestCase):
         self.assertEqual(response.code, 502, text)
         error = self.assertOpenAIError(text, "upstream_account_error")
         self.assertIn("Insufficient Balance", error["message"])
+        # The request's log line says what the provider said (re-check s34:
+        # its code alone, the provider's words only in the client's body).
+        [line] = [formatEvent(e) for e in events if e.get("status") == 502]
+        self.assertIn("502 upstream_account_error via kimi/moonshot-v1-8k", line)
+        self.assertIn(": " + error["message"], line)
         self.assertEqual(set(gateway.service.providers.get("kimi").keys.states().values()), {"ok"})
         response, text = yield self.post(gateway, {"messages": HELLO})
         self.assertEqual(response.code, 200)

@@ -879,13 +879,14 @@ class ReadyzTests(ResilienceTestCase):
         close it, and a balancer that held calls back until it closed would
         hold them back for ever.
         """
-        gateway = self.gateway(default_provider="gemini", fallback="off", breaker_cooldown_seconds=0.2)
+        # A cooldown the first /readyz comes well within on a loaded host.
+        gateway = self.gateway(default_provider="gemini", fallback="off", breaker_cooldown_seconds=1.5)
         yield consumers_loaded(gateway)
         for _ in range(5):
             gateway.service.providers.get("gemini").breaker.failed()
         response, _ = yield self.get(gateway, "/readyz")
         self.assertEqual(response.code, 503)
-        yield deferLater(reactor, 0.3, lambda: None)
+        yield deferLater(reactor, 1.6, lambda: None)
         response, text = yield self.get(gateway, "/readyz")
         self.assertEqual(response.code, 200, text)
         self.assertEqual(json.loads(text)["breaker"], "half_open")

@@ -1340,7 +1340,10 @@ class ChatCall:
                 request.write(body)
             request.finish()
         finally:
-            self._ended(error.status, error.code)
+            # Its message for the log line (a 5xx's), as scrubbed as its body.
+            self._ended(
+                error.status, error.code, attrs.evolve(error, message=self.adapter.scrubber.text(error.message))
+            )
 
     def _finish_call(self, drain: bool = False) -> None:
         """
@@ -1372,11 +1375,11 @@ class ChatCall:
             self._timer.cancel()
         self._timer = None
 
-    def _ended(self, status: int, outcome: str | None = None) -> None:
+    def _ended(self, status: int, outcome: str | None = None, error: APIError | None = None) -> None:
         """
         The client has all it will get: count the call out (last, so that a
         stop waiting on it closes the connection only after the answer) and
-        log it.
+        log it (with C{error}, the error answered, if any).
         """
         now = self.context.reactor.seconds()
         seconds = now - self.started
@@ -1395,6 +1398,7 @@ class ChatCall:
             self.holder.consumer,
             seconds,
             called,
+            error,
         )
 
     def _count_costs(self, status: int, now: float) -> None:

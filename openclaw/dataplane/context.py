@@ -91,6 +91,8 @@ _FAILED = (
 )
 #: The log line of a successful API request.
 _SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms, request {request_id}"
+#: Added to the line of a request answered 5xx: the error's message.
+_ERROR_MESSAGE = ": {error_message}"
 #: Added to either line when the client gave an id of its own
 #: (L{client_request_id_of}).
 _CLIENT_REQUEST_ID = " (client's id {client_request_id})"
@@ -437,7 +439,8 @@ class APIContext:
             route.
         @param error: the error answered, if any: the log's C{outcome} is
             its C{code} (its C{type} when it has no code, as OpenAI's shape
-            allows) and its C{param} is logged too.
+            allows) and its C{param} is logged too; for a 5xx its message
+            too (C{error_message}, after the line's text).
         """
         if seconds is None:
             seconds = self.reactor.seconds() - started
@@ -448,7 +451,7 @@ class APIContext:
             # A key checked with the request's head (APIRequest.holder).
             holder = getattr(request, "holder", None)
             consumer = getattr(holder, "consumer", None)
-        param = None
+        param = error_message = None
         if status < 400:
             if not self.log_successes:
                 return
@@ -459,6 +462,11 @@ class APIContext:
             if error is not None:
                 outcome = outcome or error.code or error.type
                 param = error.param
+                if status >= 500:
+                    # A failure for the operator to look into, the
+                    # provider's own words in it (scrubbed of keys): its
+                    # code alone said not what (re-check s34).
+                    error_message = error.message
             outcome = outcome or "-"
             keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:
@@ -466,10 +474,13 @@ class APIContext:
         client_request_id = client_request_id_of(request)
         if client_request_id is not None:
             text += _CLIENT_REQUEST_ID
+        if error_message is not None:
+            text += _ERROR_MESSAGE
         self.log.emit(
             level,
             text,
             client_request_id=client_request_id,
+            error_message=error_message,
             method=clipped(request.method.decode("ascii", "replace")),
             consumer=consumer or "-",
             path=clipped(request.path.decode("ascii", "replace")),
