@@ -24,13 +24,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import VerificationError
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -44,7 +45,7 @@ from twisted.web.server import Site
 
 from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
-from openclaw.providers.endpoints import CachedEndpoints
+from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints
 from openclaw.providers.errors import BodyTooLarge, HeadTooLarge, describe_failure
 from openclaw.providers.fetch import Exchange, get_json, post, read_body
 from openclaw.settings import Settings
@@ -796,6 +797,37 @@ class TLSTests(AgentTestCase):
         failure = yield self.assertFailure(self.post(self.registry()).addTimeout(5, reactor), TLSError)
         reason = describe_failure(Failure(failure), "127.0.0.1", port.getHost().port, "KIMI_BASE_URL")
         self.assertIn("the server did not answer in TLS: is KIMI_BASE_URL right (http:// for a plain port)?", reason)
+
+    @inlineCallbacks
+    def test_cancelled_during_the_handshake(self):
+        """
+        A connecting cancelled while its TLS handshake is under way (a
+        call's timeout, its client gone) fails with C{CancelledError} and
+        nothing else: the abort's end of the connection, a turn later, did
+        not fail the handshake's Deferred again (review s34: an
+        C{AlreadyCalledError} logged critical, and the client's protocol
+        never told the connection ended).
+        """
+        silent = Factory.forProtocol(Protocol)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(silent)
+        self.addCleanup(port.stopListening)
+        endpoint = HeadLimitedEndpoints(CachedEndpoints(reactor)).endpointForURI(
+            URI.fromBytes(b"https://127.0.0.1:%d/" % port.getHost().port)
+        )
+        lost: list[Failure] = []
+
+        class Client(Protocol):
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                lost.append(reason)
+
+        connecting = endpoint.connect(Factory.forProtocol(Client))
+        yield deferLater(reactor, 0.2, lambda: None)
+        connecting.cancel()
+        yield self.assertFailure(connecting, CancelledError)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # The client's protocol was told its connection ended, once.
+        self.assertEqual(len(lost), 1)
 
 
 class _Blurt(ScriptedServer):

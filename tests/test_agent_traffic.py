@@ -29,7 +29,7 @@ from openclaw.providers.gemini.embeddings import unit_length
 from openclaw.providers.gemini.translate import SKIP_SIGNATURE
 from openclaw.providers.openai_compatible import REASONING_PLACEHOLDER
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer, schema_instance
-from tests.support import open_client
+from tests.support import capture_log_events, open_client
 from tests.test_dataplane import DataPlaneTestCase
 
 WEATHER_SCHEMA = {
@@ -806,6 +806,7 @@ class ModelFailureTests(DataPlaneTestCase):
 
     @inlineCallbacks
     def test_whole(self):
+        events = capture_log_events(self)
         self.upstream.gemini.answers[:] = [self.MALFORMED]
         client = self.sdk(self.gateway())
         failure = yield self.assertFailure(
@@ -815,6 +816,10 @@ class ModelFailureTests(DataPlaneTestCase):
         self.assertEqual(failure.status_code, 502)
         self.assertEqual(failure.body["code"], "malformed_function_call")
         self.assertIn("MALFORMED_FUNCTION_CALL", failure.message)
+        # The log line has the code, not the message: a model's failure may
+        # quote the model's output (Gemini's finishMessage; review s34).
+        [line] = [e for e in events if e.get("status") == 502]
+        self.assertIsNone(line["error_message"])
 
     @inlineCallbacks
     def test_streamed(self):

@@ -322,6 +322,11 @@ class FailureTests(ProviderTestCase):
         )
         self.assertEqual(upstream_message(b"<html>Bad Gateway</html>"), "<html>Bad Gateway</html>")
         self.assertEqual(upstream_message(b""), "(empty body)")
+        # A kind field of any length is clipped (review s34: 100,000
+        # characters of "type" went whole into the message and the log).
+        long = upstream_message(json.dumps({"error": {"message": "m", "type": "t" * 100_000}}).encode())
+        self.assertLess(len(long), 80)
+        self.assertTrue(long.startswith("m [type=ttt"), long)
 
     def test_chat_urls(self) -> None:
         registry = self.registry()

@@ -329,6 +329,25 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("nope.env", str(caught.exception))
         self.assertIn("does not exist", str(caught.exception))
 
+    def test_env_file_changed_between_reads(self) -> None:
+        """
+        A name the env file held when its lines were read, gone from it
+        when decouple read it (the file changed between the two reads), is
+        left out, even when the environment sets it (decouple's
+        C{__contains__} asks the environment too: its C{__getitem__}
+        raised C{KeyError}).
+        """
+        from decouple import RepositoryEnv
+
+        from openclaw.settings import EnvFileLines
+
+        path = self.cwd / "gw.env"
+        path.write_text("KIMI_MODEL=a\nSESSION_TTL_HOURS=2\n")
+        lines = EnvFileLines.read(str(path))
+        path.write_text("SESSION_TTL_HOURS=3\n")
+        self.patch(os, "environ", {**os.environ, "KIMI_MODEL": "from-the-environment"})
+        self.assertEqual(lines.values(RepositoryEnv(str(path))), {"SESSION_TTL_HOURS": "3"})
+
     def test_env_file_not_a_regular_file(self) -> None:
         """
         A FIFO or a directory given as the env file is said to be one, not

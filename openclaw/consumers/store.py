@@ -111,7 +111,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # commit's answer was lost is not written twice.
     (
         "ALTER TABLE usage_rows ADD COLUMN row_id TEXT",
-        "CREATE UNIQUE INDEX usage_rows_row_id ON usage_rows (row_id)",
+        # Partial: the rows written before have none (an index of nothing
+        # to build on a large table, which a build would lock).
+        "CREATE UNIQUE INDEX usage_rows_row_id ON usage_rows (row_id) WHERE row_id IS NOT NULL",
     ),
 )
 
@@ -1352,7 +1354,10 @@ class ConsumerStore:
         for start in range(0, len(keys), _KEYS_PER_QUERY):
             chunk = keys[start : start + _KEYS_PER_QUERY]
             cursor.execute(
-                self._sql(f"SELECT row_id FROM usage_rows WHERE row_id IN ({', '.join('?' * len(chunk))})"),
+                # "IS NOT NULL" lets both databases use the partial index.
+                self._sql(
+                    f"SELECT row_id FROM usage_rows WHERE row_id IS NOT NULL AND row_id IN ({', '.join('?' * len(chunk))})"
+                ),
                 tuple(chunk),
             )
             written.update(row[0] for row in cursor.fetchall())

@@ -91,8 +91,12 @@ _FAILED = (
 )
 #: The log line of a successful API request.
 _SUCCEEDED = "{method} {path} {status} via {route} for {consumer} from {peer} in {duration_ms} ms, request {request_id}"
-#: Added to the line of a request answered 5xx: the error's message.
+#: Added to the line of a request answered 5xx for a provider's failure
+#: (its code one of L{_PROVIDERS_FAILURES}'s): the error's message.
 _ERROR_MESSAGE = ": {error_message}"
+#: The codes of a provider's failures (C{upstream_*}) and of a provider
+#: that cannot be called (C{provider_*}).
+_PROVIDERS_FAILURES = ("upstream_", "provider_")
 #: Added to either line when the client gave an id of its own
 #: (L{client_request_id_of}).
 _CLIENT_REQUEST_ID = " (client's id {client_request_id})"
@@ -439,8 +443,9 @@ class APIContext:
             route.
         @param error: the error answered, if any: the log's C{outcome} is
             its C{code} (its C{type} when it has no code, as OpenAI's shape
-            allows) and its C{param} is logged too; for a 5xx its message
-            too (C{error_message}, after the line's text).
+            allows) and its C{param} is logged too; for a provider's 5xx
+            its message too, clipped (C{error_message}, after the line's
+            text).
         """
         if seconds is None:
             seconds = self.reactor.seconds() - started
@@ -462,11 +467,13 @@ class APIContext:
             if error is not None:
                 outcome = outcome or error.code or error.type
                 param = error.param
-                if status >= 500:
-                    # A failure for the operator to look into, the
-                    # provider's own words in it (scrubbed of keys): its
-                    # code alone said not what (re-check s34).
-                    error_message = error.message
+                if status >= 500 and (error.code or "").startswith(_PROVIDERS_FAILURES):
+                    # A provider's failure for the operator to look into,
+                    # the provider's own words in it (scrubbed of keys):
+                    # its code alone said not what (re-check s34).  Not a
+                    # model's failure, whose message may quote the model's
+                    # output (Gemini's finishMessage); clipped.
+                    error_message = clipped(error.message)
             outcome = outcome or "-"
             keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:

@@ -314,7 +314,14 @@ def _secured(wrapper: IProtocol) -> IProtocol | Deferred[IProtocol]:
     assert isinstance(wrapper, _HeadLimitedProtocol)
     if wrapper.secured and not _tls(wrapper).disconnecting:
         return wrapper
-    done: Deferred[None] = Deferred(lambda _: _tls(wrapper).abortConnection())
+
+    def cancel(done: Deferred[None]) -> None:
+        # Failed by the cancellation (CancelledError): the abort's
+        # connectionLost, a turn later, finds no handshake left to fail.
+        wrapper.handshake = None
+        _tls(wrapper).abortConnection()
+
+    done: Deferred[None] = Deferred(cancel)
     wrapper.handshake = done
     return done.addCallback(lambda _: wrapper)
 

@@ -596,6 +596,10 @@ class ReportedError(NamedTuple):
         return str(self.value) if stated is None else stated
 
 
+#: The most characters of each kind field L{with_kind} shows.
+_KIND_CHARS = 64
+
+
 def with_kind(error: ReportedError, limit: int | None = MAX_MESSAGE_CHARS) -> str:
     """
     The one rendering of a provider's error, in an error body or a
@@ -611,7 +615,10 @@ def with_kind(error: ReportedError, limit: int | None = MAX_MESSAGE_CHARS) -> st
     """
     fields = error.fields
     kinds = [
-        f"{name}={fields[name]}" for name in ("type", "status", "code") if isinstance(fields.get(name), (str, int))
+        # Each clipped: a provider's own fields, of any length.
+        f"{name}={clip(str(fields[name]), _KIND_CHARS)}"
+        for name in ("type", "status", "code")
+        if isinstance(fields.get(name), (str, int))
     ]
     message = error.message if limit is None else clip(error.message, limit)
     return message + (f" [{', '.join(kinds)}]" if kinds else "")

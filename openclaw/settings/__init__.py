@@ -47,6 +47,7 @@ C{UPSTREAM_CA_FILE}, the env file) are read before it does.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -1391,7 +1392,13 @@ class EnvFileLines:
         file (C{repository}): a name it does not hold (the file changed
         between the two reads) is left out.
         """
-        return {name: str(repository[name]) for name in self.names if name in repository}
+        values = {}
+        for name in self.names:
+            # decouple's __contains__ also asks the environment: a name the
+            # file no longer holds (changed between the reads) raises.
+            with contextlib.suppress(KeyError):
+                values[name] = str(repository[name])
+        return values
 
     def warnings(self, path: str) -> list[str]:
         """
