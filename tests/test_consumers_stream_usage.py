@@ -7,6 +7,7 @@ a gateway in this process, the stand-in upstream on 127.0.0.1.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -142,3 +143,46 @@ class StreamLeftEarlyTests(GatewayCase):
         prompt = HELLO[0]["content"]
         self.assertEqual(total["prompt_tokens"], -(-len(prompt) // 4) + MESSAGE_TOKENS + REPLY_TOKENS)
         self.assertEqual(total["completion_tokens"], -(-len(text) // 4))
+
+
+class LeftDuringTranslationTests(GatewayCase):
+    timeout = 60
+    usage_of = StreamLeftEarlyTests.usage_of
+
+    @inlineCallbacks
+    def test_counted_with_its_usage(self) -> Any:
+        """
+        A consumer's client that leaves while its large whole answer is
+        translated in a thread (past OFFLOAD_BYTES) is counted the answer's
+        usage once translated, as the provider billed it (review s34:
+        counted its prompt's estimate only, 0 completion tokens).
+        """
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from openclaw.testing.upstream import GeminiAnswer
+        from tests.test_large_bodies import ASK, HeldWorkers, calls_answer
+
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 10_000_000})
+        context = gateway.service.api_site.context
+        context.bodies = workers = HeldWorkers.of(reactor)
+        workers.held = 1
+        self.addCleanup(workers.stop)
+        self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000))]
+        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
+        self.addCleanup(sock.close)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + created["key"].encode()
+        yield deferToThread(
+            sock.sendall,
+            head + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ASK) + ASK,
+        )
+        for _ in range(200):
+            if workers.runs == 1:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        sock.close()
+        yield deferLater(reactor, 0.3, lambda: None)
+        workers.release()
+        total = yield self.usage_of(gateway, client, "leaver")
+        self.assertEqual((total["prompt_tokens"], total["completion_tokens"]), (10, 20_000))

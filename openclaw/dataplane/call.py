@@ -240,6 +240,8 @@ class ChatCall:
     #: The client left a consumer's stream before its usage: the rest of
     #: the stream is read for it, and the call counted once it ends.
     _reading_out: bool = False
+    #: A whole answer is being translated in a thread (L{_translate_apart}).
+    _translating_apart: bool = False
     #: The breaker whose permission the attempt under way took
     #: (L{CircuitBreaker.allow}) and that has had no verdict on it yet;
     #: L{_settle} gives it exactly one, however the attempt ends.
@@ -421,6 +423,7 @@ class ChatCall:
         that comes back then is dropped (L{_translated_apart}).
         """
         self._cancel_timer()
+        self._translating_apart = True
         wire, model, chat, generation = self.wire, self.route.model, self.chat, self._generation
         held = HeldLog()
         translated = self.context.bodies.run(lambda: wire.completion(body, model, created, chat, held))
@@ -436,7 +439,12 @@ class ChatCall:
         not (logged, and answered 500 if not over).
         """
         held.publish()
+        self._translating_apart = False
         over = self._over or generation != self._generation
+        if over and self._reading_out:
+            # Its client left meanwhile: the whole answer the provider
+            # billed is counted with its own usage (L{_client_gone}).
+            self._read_out(outcome.usage if isinstance(outcome, Completion) else None)
         if isinstance(outcome, Failure):
             refused = outcome.check(MalformedAnswer) or (
                 outcome.check(orjson.JSONEncodeError) and too_deep(cast(orjson.JSONEncodeError, outcome.value))
@@ -1227,6 +1235,11 @@ class ChatCall:
             self._ended(CLIENT_GONE_STATUS, CLIENT_GONE)
             relay.read_out(self.context.reactor, self._upstream_wait(), self._read_out)
             return
+        if self._translating_apart and self.holder is not GATEWAY and self.context.consumers is not None:
+            # A consumer's whole answer in translation (review s34: counted
+            # as its prompt's estimate only): counted with its usage once
+            # translated (L{_translated_apart}).
+            self._reading_out = True
         self._finish_call()
         self._ended(CLIENT_GONE_STATUS, CLIENT_GONE)
 
@@ -1246,12 +1259,14 @@ class ChatCall:
             and not self._over
         )
 
-    def _read_out(self) -> None:
+    def _read_out(self, usage: Any = None) -> None:
         """
-        The stream read after its client left is over (or timed out):
-        count the call with its usage, or the estimate.
+        The stream read after its client left is over (or timed out), or
+        the whole answer translated after it left: count the call with its
+        usage (the stream's, else C{usage}), or the estimate.
         """
-        usage = self._translation.usage if self._translation is not None else None
+        if self._translation is not None:
+            usage = self._translation.usage
         self.context.costs.tokens(self.route.provider_id, self.route.model, usage)
         consumers = self.context.consumers
         if consumers is not None:
