@@ -736,6 +736,58 @@ class EmptyDeltasForeverTests(AgentTestCase):
         yield deferLater(reactor, max(0.0, 4.3 - (time.monotonic() - asked)), lambda: None)
 
 
+class NothingAfterTheAnswerBeganTests(AgentTestCase):
+    """
+    Once a stream's answer has begun, events that carry nothing of it (an
+    empty delta, an empty chunk, no choice) do not put off the wait for
+    the next event either: the stream is timed out at C{UPSTREAM_TIMEOUT}
+    (review s34: an OpenAI-compatible provider sending C{{}} every 2 s
+    after its first token held its client for as long as it went on).
+    """
+
+    @inlineCallbacks
+    def test_timed_out_in_the_stream(self) -> Any:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 1764000000,
+                "model": "moonshot-v1-8k",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+
+        events: list[tuple[float, Any]] = [(0, chunk({"role": "assistant", "content": "Hi"}))]
+        nothing = [chunk({"content": ""}), {"id": "chatcmpl-1", "choices": []}, {}]
+        events += [(0.3 * n, nothing[n % 3]) for n in range(1, 12)]
+        events += [(3.8, chunk({"content": " there."})), (3.9, chunk({}, "stop")), (4.0, None)]
+        yield self.serve(lambda server: _kimi_events(server, events))
+        gateway = start_gateway(
+            self,
+            api=True,
+            default_provider="kimi",
+            upstream_timeout=1.5,
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
+            gateway_api_keys=("gateway-key-0123456789",),
+        )
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        asked = time.monotonic()
+        response = yield client.post(
+            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
+            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
+            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
+        )
+        self.assertEqual(response.code, 200)
+        text = yield response.text("utf-8")
+        self.assertLess(time.monotonic() - asked, 3.5)
+        self.assertEqual(_content(text), "Hi")
+        self.assertNotIn("[DONE]", text)
+        error = json.loads(text.strip().split("\n\n")[-1][6:])["error"]
+        self.assertEqual(error["code"], "upstream_timeout", error)
+        yield deferLater(reactor, max(0.0, 4.3 - (time.monotonic() - asked)), lambda: None)
+
+
 class EventsOfNothingTests(ResilienceTestCase):
     """
     Events that bring the client nothing (Gemini's empty text parts after

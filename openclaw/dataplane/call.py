@@ -242,6 +242,9 @@ class ChatCall:
     _reading_out: bool = False
     #: A whole answer is being translated in a thread (L{_translate_apart}).
     _translating_apart: bool = False
+    #: The stream's L{StreamTranslation.progress} when the wait for its
+    #: next event was last put off.
+    _progress: int = 0
     #: The breaker whose permission the attempt under way took
     #: (L{CircuitBreaker.allow}) and that has had no verdict on it yet;
     #: L{_settle} gives it exactly one, however the attempt ends.
@@ -891,6 +894,7 @@ class ChatCall:
             self._start = StreamStart(MAX_HELD_BYTES, MAX_HELD_SECONDS)
         created = int(self.context.reactor.seconds())
         translation = self._translation = self.wire.stream(self.chat, self.route.model, created)
+        self._progress = 0
         self._relay = _StreamRelay(self, translation)
         self.provider_wait.begin()
         response.deliverBody(self._relay)
@@ -948,15 +952,16 @@ class ChatCall:
         if self._over:
             return
         assert self._timer is not None
-        if decoded and events and translation.answer_begun and not self._client_paused:
-            # Only the answer puts the wait off: before it begins, events
-            # that carry nothing of it (a role, empty deltas: Moonshot's,
-            # Gemini's empty text, a usage) are no sign of one coming, as
-            # a comment is not, whether held or sent; after it, an event
-            # that brings the client nothing (Gemini's repeated usage)
-            # neither (hostile trial s34 and its re-check: such events
-            # every 2 s held a client, with no byte or with a 200 and
-            # empty deltas, for as long as the provider went on).
+        progress = translation.progress
+        if decoded and progress != self._progress and not self._client_paused:
+            self._progress = progress
+            # Only the answer puts the wait off: events that carry nothing
+            # of it (a role, empty deltas: Moonshot's; Gemini's empty text,
+            # a usage; an empty chunk) are no sign of more coming, as a
+            # comment is not, held or sent, before the answer began or
+            # after (hostile trial s34, its re-check and review: such
+            # events every 2 s held a client, with no byte or with a 200
+            # and empty deltas, for as long as the provider went on).
             self._timer.reset(self.context.timeout)
         if events:
             events = self.adapter.scrubber.data(events)

@@ -456,6 +456,9 @@ class OpenAIStream:
     #: A choice has carried something of the answer (L{_begins_answer};
     #: L{StreamTranslation.answer_begun <openclaw.providers.wire.StreamTranslation.answer_begun>}).
     answer_begun: bool = False
+    #: Events that carried something of the answer (L{_begins_answer};
+    #: L{StreamTranslation.progress <openclaw.providers.wire.StreamTranslation.progress>}).
+    progress: int = 0
     #: The usage chunk has gone to the client.
     _usage_sent: bool = False
     #: C{id}, C{created}, C{model} of the chunk that carried the usage in
@@ -512,6 +515,7 @@ class OpenAIStream:
             if shaped is not usage:
                 usage, document, rewritten = shaped, {**document, "usage": shaped}, True
         if type(choices) is list:
+            carried = False
             for choice in choices:
                 if type(choice) is not dict or type(choice.get("delta", {})) is not dict:
                     # Nothing of it could reach the client: not dropped unsaid.
@@ -527,8 +531,10 @@ class OpenAIStream:
                     )
                 if choice.get("finish_reason") is not None:
                     self._finished.add(index)
-                if not self.answer_begun and _begins_answer(choice):
-                    self.answer_begun = True
+                if _begins_answer(choice):
+                    self.answer_begun = carried = True
+            if carried:
+                self.progress += 1
         elif choices is not None:
             raise StreamBroken('the stream\'s "choices" is not a list', "upstream_malformed")
         if isinstance(usage, dict):

@@ -121,6 +121,15 @@ class StreamTranslation(Protocol):
         <openclaw.dataplane.call.ChatCall.stream_data>}).
         """
 
+    @property
+    def progress(self) -> int:
+        """
+        How many events so far carried something of the answer (as
+        L{answer_begun} reads one): the call's wait for the next event is
+        put off only when this grows, not by events that carry nothing
+        (Moonshot's empty deltas, Gemini's repeated usage).
+        """
+
     def payloads(self, event: Event) -> list[bytes]:
         """
         The C{chat.completion.chunk} JSON payloads for one upstream event.

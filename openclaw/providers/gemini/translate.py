@@ -1711,6 +1711,9 @@ class GeminiStream:
     #: <openclaw.providers.wire.StreamTranslation.answer_begun>}); not a
     #: C{{"text": ""}} part alone, nor C{usageMetadata}.
     answer_begun: bool = False
+    #: Events that carried something of the answer
+    #: (L{StreamTranslation.progress <openclaw.providers.wire.StreamTranslation.progress>}).
+    progress: int = 0
 
     @property
     def complete(self) -> bool:
@@ -1763,6 +1766,7 @@ class GeminiStream:
         except MalformedAnswer as e:
             raise GeminiStreamError(str(e), e.code) from None
         choices = []
+        answered = False
         for index, candidate in sorted(zip(indexes, candidates, strict=True), key=lambda pair: pair[0]):
             try:
                 reason = _failed(candidate)
@@ -1812,18 +1816,18 @@ class GeminiStream:
             if reason is not None:
                 self._finished[index] = reason
             tokens = logprobs(candidate)
-            if not self.answer_begun and (
-                reason is not None or len(delta) > ("role" in delta) or (tokens is not None and tokens["content"])
-            ):
-                self.answer_begun = True
+            if reason is not None or len(delta) > ("role" in delta) or (tokens is not None and tokens["content"]):
+                self.answer_begun = answered = True
             if delta or (tokens is not None and tokens["content"]):
                 choices.append({"index": index, "delta": delta, "finish_reason": None, "logprobs": tokens})
         if not choices and _blocked(document) and not self._started:
             self._started.add(0)
             self._finished[0] = "content_filter"
-            self.answer_begun = True
+            self.answer_begun = answered = True
             delta = {"role": "assistant", "refusal": blocked_refusal(document)}
             choices = [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]
+        if answered:
+            self.progress += 1
         if not choices:
             return None
         return self._chunk(choices)
@@ -1942,6 +1946,10 @@ class GeminiStreamTranslation:
     @property
     def answer_begun(self) -> bool:
         return self.translation.answer_begun
+
+    @property
+    def progress(self) -> int:
+        return self.translation.progress
 
     def payloads(self, event: Event) -> list[bytes]:
         try:
