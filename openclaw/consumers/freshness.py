@@ -57,6 +57,12 @@ class StallWatch:
         the process is stopped (C{CLOCK_BOOTTIME} or C{CLOCK_MONOTONIC}
         in the gateway; a VM whose guest clock does not count its pause is
         not seen to have paused).
+    @param wall: the reactor's clock (C{reactor.seconds} unless given),
+        which its timers, the marks among them, go by: a stall is a gap on
+        both clocks.  Set back (NTP, a VM's clock), the wall clock holds
+        the marks until it reads again what it read (a gap on C{clock}
+        alone), which is no stall (review s34: five false stalls, each a
+        reload and 503s, in ten seconds of a clock set back).
     """
 
     _log = Logger()
@@ -66,6 +72,7 @@ class StallWatch:
         table: ConsumerTable,
         reactor: IReactorTime,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] | None = None,
         stall_seconds: float = STALL_SECONDS,
         tick_seconds: float = TICK_SECONDS,
         catch_up_seconds: float = CATCH_UP_SECONDS,
@@ -73,12 +80,15 @@ class StallWatch:
         self.table = table
         self.reactor = reactor
         self.clock = clock
+        self.wall = wall if wall is not None else reactor.seconds
         self.stall_seconds = stall_seconds
         self.tick_seconds = tick_seconds
         self.catch_up_seconds = catch_up_seconds
         #: The last mark, in C{clock}'s seconds (None: not started, or
         #: stopped: nothing is watched).
         self._last: float | None = None
+        #: The last mark, in C{wall}'s seconds.
+        self._last_wall = 0.0
         #: The end of the wait for the reload under way after a stall
         #: (None: not catching up).
         self._catching_up: IDelayedCall | None = None
@@ -95,7 +105,7 @@ class StallWatch:
         """
         if self._ticker is not None:
             return
-        self._last = self.clock()
+        self._last, self._last_wall = self.clock(), self.wall()
         ticker = self._ticker = LoopingCall(LoggedStep(self.tick, self._log, "the mark of the event loop's liveness"))
         ticker.clock = self.reactor
         ticker.start(self.tick_seconds, now=False).addErrback(
@@ -123,9 +133,9 @@ class StallWatch:
         if last is None:
             return
         now = self.clock()
-        if self._catching_up is None and now - last > self.stall_seconds:
+        if self._catching_up is None and now - last > self.stall_seconds and self._wall_gap():
             self._stalled(now, now - last)
-        self._last = now
+        self._last, self._last_wall = now, self.wall()
 
     def behind(self) -> bool:
         """
@@ -140,9 +150,16 @@ class StallWatch:
         if last is None:
             return False
         now = self.clock()
-        if now - last <= self.stall_seconds:
+        if now - last <= self.stall_seconds or not self._wall_gap():
             return False
         return self._stalled(now, now - last)
+
+    def _wall_gap(self) -> bool:
+        """
+        The wall clock too went on by more than C{stall_seconds} since the
+        last mark: not a wall clock set back, which holds the marks too.
+        """
+        return self.wall() - self._last_wall > self.stall_seconds
 
     def _stalled(self, now: float, gap: float) -> bool:
         """
@@ -152,7 +169,7 @@ class StallWatch:
 
         @return: whether consumer keys are held (not before the first load).
         """
-        self._last = now
+        self._last, self._last_wall = now, self.wall()
         if not self.table.loaded:
             return False
         self.stalls += 1
