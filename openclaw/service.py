@@ -464,7 +464,11 @@ class ListeningService(Service):
             def closed(result: object) -> None:
                 if self._closing is closing:
                     self._closing = None
-                closing.end(result if isinstance(result, Failure) else None)
+                if not closing.end(result if isinstance(result, Failure) else None) and isinstance(result, Failure):
+                    # Every stop waiting for it gave up: said here (review s34).
+                    self._log.failure(
+                        "closing a listening port failed ({error})", result, error=result.getErrorMessage()
+                    )
 
             stopped.addBoth(closed)
             return closing.observe()

@@ -134,6 +134,20 @@ class ListeningStoppedTwiceTests(SynchronousTestCase):
         port.stops[0].callback(None)
         self.assertIsNone(self.successResultOf(second))
 
+    def test_close_failure_no_stop_waits_for_is_logged(self) -> None:
+        """
+        A port that fails to close when every stop waiting for it gave up
+        (cancelled): its failure is logged, not dropped (review s34).
+        """
+        port = SlowClosingPort()
+        service = ListeningService(PortEndpoint(port), Factory())
+        service.startService()
+        stop = service.stopService()
+        stop.cancel()
+        self.failureResultOf(stop, CancelledError)
+        port.stops[0].errback(OSError(9, "Bad file descriptor"))
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
     def test_started_again_while_closing(self) -> None:
         """
         Started again (a watch listening anew) and stopped while the first
