@@ -627,7 +627,56 @@ def _kimi_events(server: Any, events: list[tuple[float, dict[str, Any] | None]])
         reactor.callLater(delay, send, document)
 
 
-class HeldTooLongTests(AgentTestCase):
+def _kimi_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    """
+    A Moonshot stream chunk of one choice: C{delta}, C{finish}.
+    """
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1764000000,
+        "model": "moonshot-v1-8k",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+class KimiScriptedTestCase(AgentTestCase):
+    """
+    A gateway in front of a scripted Moonshot stream (L{_kimi_events}).
+    """
+
+    @inlineCallbacks
+    def stream(self, events: list[tuple[float, Any]], **settings: Any) -> Any:
+        """
+        Serve C{events}, ask the gateway for a Kimi stream (its answer's
+        status must be 200): its text, and when it was asked
+        (C{time.monotonic}).
+        """
+        yield self.serve(lambda server: _kimi_events(server, events))
+        gateway = start_gateway(
+            self,
+            api=True,
+            default_provider="kimi",
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
+            gateway_api_keys=("gateway-key-0123456789",),
+            **settings,
+        )
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        asked = time.monotonic()
+        response = yield client.post(
+            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
+            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
+            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
+        )
+        self.assertEqual(response.code, 200)
+        self.status_after = time.monotonic() - asked
+        text = yield response.text("utf-8")
+        return text, asked
+
+
+class HeldTooLongTests(KimiScriptedTestCase):
     """
     A stream whose first events carry nothing of the answer for longer
     than L{call.MAX_HELD_SECONDS} is opened at the next one all the same
@@ -639,153 +688,63 @@ class HeldTooLongTests(AgentTestCase):
     @inlineCallbacks
     def test_opened_after_a_while(self) -> Any:
         self.patch(call, "MAX_HELD_SECONDS", 0.2)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {
-                "id": "chatcmpl-1",
-                "object": "chat.completion.chunk",
-                "created": 1764000000,
-                "model": "moonshot-v1-8k",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
-        events: list[tuple[float, dict[str, Any] | None]] = [
-            (0, chunk({"role": "assistant", "content": ""})),
-            (0.4, chunk({"content": ""})),
-            (3.0, chunk({"content": "Hi."})),
-            (3.1, chunk({}, "stop")),
+        events: list[tuple[float, Any]] = [
+            (0, _kimi_chunk({"role": "assistant", "content": ""})),
+            (0.4, _kimi_chunk({"content": ""})),
+            (3.0, _kimi_chunk({"content": "Hi."})),
+            (3.1, _kimi_chunk({}, "stop")),
             (3.2, None),
         ]
-        yield self.serve(lambda server: _kimi_events(server, events))
-        gateway = start_gateway(
-            self,
-            api=True,
-            default_provider="kimi",
-            providers=Settings()
-            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
-            .providers,
-            gateway_api_keys=("gateway-key-0123456789",),
-        )
-        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        asked = time.monotonic()
-        response = yield client.post(
-            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
-            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
-            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
-        )
+        text, _ = yield self.stream(events)
         # Its status line with the empty event at 0.4 s, not with the text.
-        self.assertLess(time.monotonic() - asked, 2.5)
-        self.assertEqual(response.code, 200)
-        text = yield response.text("utf-8")
+        self.assertLess(self.status_after, 2.5)
         self.assertEqual(_content(text), "Hi.")
         self.assertTrue(text.endswith("data: [DONE]\n\n"), text)
 
 
-class EmptyDeltasForeverTests(AgentTestCase):
+class NothingOfTheAnswerTests(KimiScriptedTestCase):
     """
-    A Kimi stream of a role chunk then empty deltas, released to the client
-    after L{call.MAX_HELD_SECONDS} as a live call's, is still timed out at
-    C{UPSTREAM_TIMEOUT} when no answer comes: empty deltas do not put the
-    wait off (re-check s34: one every 2 s held a client with a 200 and no
-    answer for as long as the provider went on).
+    Events that carry nothing of the answer do not put off the wait for the
+    next event, before the answer began (a role chunk then empty deltas,
+    released to the client after L{call.MAX_HELD_SECONDS} as a live
+    call's: re-check s34) or after (an empty delta, an empty chunk, no
+    choice: review s34): the stream is timed out at C{UPSTREAM_TIMEOUT},
+    not held for as long as the provider goes on.
     """
 
     @inlineCallbacks
-    def test_timed_out_in_the_stream(self) -> Any:
-        self.patch(call, "MAX_HELD_SECONDS", 0.2)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {
-                "id": "chatcmpl-1",
-                "object": "chat.completion.chunk",
-                "created": 1764000000,
-                "model": "moonshot-v1-8k",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-
-        events: list[tuple[float, dict[str, Any] | None]] = [(0, chunk({"role": "assistant", "content": ""}))]
-        events += [(0.3 * n, chunk({"content": ""})) for n in range(1, 12)]
-        events += [(3.8, chunk({"content": "Hi."})), (3.9, chunk({}, "stop")), (4.0, None)]
-        yield self.serve(lambda server: _kimi_events(server, events))
-        gateway = start_gateway(
-            self,
-            api=True,
-            default_provider="kimi",
-            upstream_timeout=1.5,
-            providers=Settings()
-            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
-            .providers,
-            gateway_api_keys=("gateway-key-0123456789",),
-        )
-        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        asked = time.monotonic()
-        response = yield client.post(
-            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
-            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
-            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
-        )
-        self.assertEqual(response.code, 200)
-        text = yield response.text("utf-8")
+    def timed_out(self, first: dict[str, Any], nothing: list[Any]) -> Any:
+        """
+        C{first}, then C{nothing} in turn every 0.3 s until 3.5 s, then an
+        answer; with C{UPSTREAM_TIMEOUT} 1.5 s: the stream's text, ended
+        with its timeout's error event (its message).
+        """
+        events: list[tuple[float, Any]] = [(0, first)]
+        events += [(0.3 * n, nothing[n % len(nothing)]) for n in range(1, 12)]
+        events += [(3.8, _kimi_chunk({"content": " there."})), (3.9, _kimi_chunk({}, "stop")), (4.0, None)]
+        text, asked = yield self.stream(events, upstream_timeout=1.5)
         self.assertLess(time.monotonic() - asked, 3.5)
-        self.assertEqual(_content(text), "")
         self.assertNotIn("[DONE]", text)
         error = json.loads(text.strip().split("\n\n")[-1][6:])["error"]
         self.assertEqual(error["code"], "upstream_timeout", error)
-        self.assertIn("the stream's first event of the answer", error["message"])
         # The stand-in's last events, sent into a closed connection.
         yield deferLater(reactor, max(0.0, 4.3 - (time.monotonic() - asked)), lambda: None)
-
-
-class NothingAfterTheAnswerBeganTests(AgentTestCase):
-    """
-    Once a stream's answer has begun, events that carry nothing of it (an
-    empty delta, an empty chunk, no choice) do not put off the wait for
-    the next event either: the stream is timed out at C{UPSTREAM_TIMEOUT}
-    (review s34: an OpenAI-compatible provider sending C{{}} every 2 s
-    after its first token held its client for as long as it went on).
-    """
+        return text, error["message"]
 
     @inlineCallbacks
-    def test_timed_out_in_the_stream(self) -> Any:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            return {
-                "id": "chatcmpl-1",
-                "object": "chat.completion.chunk",
-                "created": 1764000000,
-                "model": "moonshot-v1-8k",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
+    def test_before_the_answer(self) -> Any:
+        self.patch(call, "MAX_HELD_SECONDS", 0.2)
+        text, message = yield self.timed_out(
+            _kimi_chunk({"role": "assistant", "content": ""}), [_kimi_chunk({"content": ""})]
+        )
+        self.assertEqual(_content(text), "")
+        self.assertIn("the stream's first event of the answer", message)
 
-        events: list[tuple[float, Any]] = [(0, chunk({"role": "assistant", "content": "Hi"}))]
-        nothing = [chunk({"content": ""}), {"id": "chatcmpl-1", "choices": []}, {}]
-        events += [(0.3 * n, nothing[n % 3]) for n in range(1, 12)]
-        events += [(3.8, chunk({"content": " there."})), (3.9, chunk({}, "stop")), (4.0, None)]
-        yield self.serve(lambda server: _kimi_events(server, events))
-        gateway = start_gateway(
-            self,
-            api=True,
-            default_provider="kimi",
-            upstream_timeout=1.5,
-            providers=Settings()
-            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
-            .providers,
-            gateway_api_keys=("gateway-key-0123456789",),
-        )
-        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        asked = time.monotonic()
-        response = yield client.post(
-            f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",
-            json={"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True},
-            headers={"Authorization": ["Bearer gateway-key-0123456789"]},
-        )
-        self.assertEqual(response.code, 200)
-        text = yield response.text("utf-8")
-        self.assertLess(time.monotonic() - asked, 3.5)
+    @inlineCallbacks
+    def test_after_the_answer_began(self) -> Any:
+        nothing = [_kimi_chunk({"content": ""}), {"id": "chatcmpl-1", "choices": []}, {}]
+        text, _ = yield self.timed_out(_kimi_chunk({"role": "assistant", "content": "Hi"}), nothing)
         self.assertEqual(_content(text), "Hi")
-        self.assertNotIn("[DONE]", text)
-        error = json.loads(text.strip().split("\n\n")[-1][6:])["error"]
-        self.assertEqual(error["code"], "upstream_timeout", error)
-        yield deferLater(reactor, max(0.0, 4.3 - (time.monotonic() - asked)), lambda: None)
 
 
 class EventsOfNothingTests(ResilienceTestCase):
