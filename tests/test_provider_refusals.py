@@ -272,6 +272,29 @@ class AccountTests(ResilienceTestCase):
         self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["kimi->gemini; reason=account"])
 
 
+class FailureLineTests(ResilienceTestCase):
+    @inlineCallbacks
+    def test_both_providers_failures_in_the_line(self):
+        """
+        A call both providers failed: its log line holds the whole message,
+        the first provider's failure and the fallback's (re-check s34: cut
+        at 256 characters, the fallback's failure and the hints lost).
+        """
+        events = capture_log_events(self)
+        gateway = self.gateway(default_provider="kimi", fallback="auto")
+        for provider in ("kimi", "gemini"):
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status = "error", 503
+            behaviour.error_message = f"{provider} is overloaded " + "very " * 30
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        message = self.assertOpenAIError(text)["message"]
+        self.assertGreater(len(message), 256)
+        [line] = [e for e in events if e.get("status") == 502]
+        self.assertEqual(line["error_message"], message)
+        self.assertIn("gemini is overloaded", formatEvent(line))
+
+
 class NoStatusTests(ResilienceTestCase):
     """
     An answer without a status (C{HTTP/1.1 000}) is the provider's failure.

@@ -46,6 +46,10 @@ _REFUSAL_LIMITS: Mapping[APIRefusal, str] = MappingProxyType(
 #: send up to twisted.web's 16 KB line: one such line per request would
 #: fill the log).
 LOGGED_CHARS = 256
+#: The most of a provider's failure's message a request's log line holds
+#: (L{APIContext.completed}): the gateway's words with what to do, and
+#: after a failover the second provider's failure too.
+LOGGED_MESSAGE_CHARS = 1024
 
 
 #: How many times a path is unescaped to find a key hidden in it (a key
@@ -58,11 +62,11 @@ _UNESCAPES = 4
 _SHOWN_AS_IS = "/:@!$&'()*+,;=-._~?#[]"
 
 
-def clipped(text: str) -> str:
+def clipped(text: str, limit: int = LOGGED_CHARS) -> str:
     """
     C{text} as a log line holds it: any consumer key in it cut to what
-    lists show of one (L{without_keys}), then at most L{LOGGED_CHARS}
-    characters, then how many there were.
+    lists show of one (L{without_keys}), then at most C{limit}
+    (L{LOGGED_CHARS}) characters, then how many there were.
     """
     if KEY_PREFIX in text:
         # A consumer key sent as the path: logged as lists show keys.
@@ -78,9 +82,9 @@ def clipped(text: str) -> str:
         masked = without_keys(decoded)
         if masked != decoded:
             text = quote(masked, safe=_SHOWN_AS_IS)
-    if len(text) <= LOGGED_CHARS:
+    if len(text) <= limit:
         return text
-    return f"{text[:LOGGED_CHARS]}...({len(text)} characters)"
+    return f"{text[:limit]}...({len(text)} characters)"
 
 
 #: The log line of a refused or failed API request: a success's, with the
@@ -473,7 +477,7 @@ class APIContext:
                     # its code alone said not what (re-check s34).  Not a
                     # model's failure, whose message may quote the model's
                     # output (Gemini's finishMessage); clipped.
-                    error_message = clipped(error.message)
+                    error_message = clipped(error.message, LOGGED_MESSAGE_CHARS)
             outcome = outcome or "-"
             keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:
