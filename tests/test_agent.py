@@ -136,6 +136,23 @@ class AgentTestCase(TestCase):
                 connection.transport.abortConnection()
         return tick(0)
 
+    def kimi_gateway(self, **settings: Any) -> Any:
+        """
+        A gateway whose Kimi is the scripted server (L{serve}, its
+        C{self.url}), Kimi its default provider, C{gateway-key-0123456789}
+        its key; C{settings} on top.
+        """
+        return start_gateway(
+            self,
+            api=True,
+            default_provider="kimi",
+            providers=Settings()
+            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
+            .providers,
+            gateway_api_keys=("gateway-key-0123456789",),
+            **settings,
+        )
+
     def registry(self, **settings: Any) -> ProviderRegistry:
         """
         The providers' registry the gateway would build from C{settings}:
@@ -338,15 +355,7 @@ class GatewayStopTests(AgentTestCase):
             }
         ).encode()
         server = yield self.serve(ok(answer, b"Content-Type: application/json\r\n"))
-        gateway = start_gateway(
-            self,
-            api=True,
-            default_provider="kimi",
-            providers=Settings()
-            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
-            .providers,
-            gateway_api_keys=("gateway-key-0123456789",),
-        )
+        gateway = self.kimi_gateway()
         client_pool = HTTPConnectionPool(reactor, persistent=False)
         response = yield HTTPClient(Agent(reactor, pool=client_pool)).post(
             f"http://127.0.0.1:{gateway.api_port}/v1/chat/completions",

@@ -7,7 +7,6 @@ a gateway in this process, the stand-in upstream on 127.0.0.1.
 
 from __future__ import annotations
 
-import socket
 import time
 from typing import Any
 
@@ -161,7 +160,7 @@ class LeftDuringTranslationTests(GatewayCase):
         from twisted.internet.task import deferLater
 
         from openclaw.testing.upstream import GeminiAnswer
-        from tests.test_large_bodies import ASK, HeldWorkers, calls_answer
+        from tests.test_large_bodies import ASK, HeldWorkers, calls_answer, open_chat
 
         gateway, client = yield self.gateway()
         created = yield self.command(gateway, client, "consumer_create", {"name": "leaver", "tpm": 10_000_000})
@@ -170,13 +169,7 @@ class LeftDuringTranslationTests(GatewayCase):
         workers.held = 1
         self.addCleanup(workers.stop)
         self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000))]
-        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
-        self.addCleanup(sock.close)
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + created["key"].encode()
-        yield deferToThread(
-            sock.sendall,
-            head + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ASK) + ASK,
-        )
+        sock = yield open_chat(self, gateway.api_port, ASK, created["key"])
         for _ in range(200):
             if workers.runs == 1:
                 break

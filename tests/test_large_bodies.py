@@ -68,6 +68,19 @@ def tool_loop(calls: int, model: str = GEMINI_MODEL, **fields: Any) -> dict[str,
     }
 
 
+def open_chat(test: TestCase, port: int, body: bytes, key: str = GATEWAY_KEY) -> Deferred[socket.socket]:
+    """
+    A connection to the API on C{port} that has sent a chat request of
+    C{body} with C{key}, its answer unread: a test closes it to leave
+    mid-call (closed at the test's end anyway).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    test.addCleanup(sock.close)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + key.encode()
+    head += b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return deferToThread(sock.sendall, head + body).addCallback(lambda _: sock)
+
+
 def http_post(port: int, body: bytes, headers: bytes = b"", key: str = GATEWAY_KEY) -> tuple[bytes, bytes, float]:
     """
     POST C{body} to the chat completions of the API on C{port} with a
@@ -570,15 +583,7 @@ class SameAnswerTests(DataPlaneTestCase):
         context.bodies = workers = HeldWorkers.of(reactor)
         self.addCleanup(workers.stop)
         body = json.dumps(tool_loop(3000, model="moonshot-v1-8k")).encode()
-        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
-        self.addCleanup(sock.close)
-        yield deferToThread(
-            sock.sendall,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
-            + GATEWAY_KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-            + body,
-        )
+        sock = yield open_chat(self, gateway.api_port, body)
         for _ in range(400):
             if workers.runs == 2:
                 break
@@ -800,15 +805,7 @@ class LargeAnswerTests(DataPlaneTestCase):
         workers.held = 1
         self.addCleanup(workers.stop)
         self.upstream.gemini.answers[:] = [GeminiAnswer((), document=calls_answer(20_000, "SOMETHING_NEW"))]
-        sock = socket.create_connection(("127.0.0.1", gateway.api_port), timeout=30)
-        self.addCleanup(sock.close)
-        yield deferToThread(
-            sock.sendall,
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
-            + GATEWAY_KEY.encode()
-            + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(ASK)
-            + ASK,
-        )
+        sock = yield open_chat(self, gateway.api_port, ASK)
         yield self.until(lambda: workers.runs == 1)
         sock.close()
         yield self.until(lambda: any(e.get("path") == "/v1/chat/completions" for e in self.events))

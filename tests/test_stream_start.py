@@ -30,9 +30,7 @@ from openclaw.dataplane.call import _StreamRelay
 from openclaw.dataplane.sse import Event
 from openclaw.providers.gemini.translate import GeminiStream, GeminiStreamTranslation
 from openclaw.providers.openai_compatible import OpenAIStream
-from openclaw.settings import Settings
 from openclaw.testing.upstream import GeminiAnswer, OpenAIAnswer
-from tests.support import start_gateway
 from tests.test_agent import AgentTestCase
 from tests.test_dataplane import HELLO
 from tests.test_resilience import OTHER, ResilienceTestCase
@@ -653,16 +651,7 @@ class KimiScriptedTestCase(AgentTestCase):
         (C{time.monotonic}).
         """
         yield self.serve(lambda server: _kimi_events(server, events))
-        gateway = start_gateway(
-            self,
-            api=True,
-            default_provider="kimi",
-            providers=Settings()
-            .with_provider("kimi", base_url=self.url.decode().removesuffix("/chat"), api_key="sk-kimi-test")
-            .providers,
-            gateway_api_keys=("gateway-key-0123456789",),
-            **settings,
-        )
+        gateway = self.kimi_gateway(**settings)
         client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         asked = time.monotonic()
         response = yield client.post(
