@@ -11,6 +11,7 @@ front of the stand-in upstream, on 127.0.0.1.
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from typing import Any
 
@@ -685,3 +686,123 @@ class ShouldRetryRuleTests(SynchronousTestCase):
             refusal = Refusal(status, RefusalKind.OTHER, "refused")
             error = upstream_refused("kimi", refusal, "KIMI_API_KEY", names_model=True)
             self.assertEqual(should_retry(error.headers), expected, status)
+
+
+#: Moonshot's answer to a prompt over the model's context window (as its
+#: users quote it: MoonshotAI/kimi-cli#2011), and its v1 models' words.
+MOONSHOT_TOO_LONG = {
+    "error": {
+        "message": "Invalid request: Your request exceeded model token limit: 262144 (requested: 269030)",
+        "type": "invalid_request_error",
+    }
+}
+MOONSHOT_V1_TOO_LONG = {
+    "error": {"message": "model max length exceeded, max length:8192", "type": "invalid_request_error"}
+}
+#: Google's (google-gemini/gemini-cli#4231).
+GOOGLE_TOO_LONG = {
+    "error": {
+        "code": 400,
+        "message": "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576).",
+        "status": "INVALID_ARGUMENT",
+    }
+}
+#: OpenAI's own (and an OpenAI-compatible API's that copies it).
+OPENAI_TOO_LONG = {
+    "error": {
+        "message": "This model's maximum context length is 128000 tokens. However, your messages resulted in "
+        "130000 tokens. Please reduce the length of the messages.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
+
+
+class ContextLengthTests(ResilienceTestCase):
+    """
+    A prompt over the model's context window is OpenAI's 400
+    C{context_length_exceeded} with C{param} C{messages}, however the
+    provider says it: the code agent frameworks read to trim their history
+    (before, Moonshot's and Google's words came as
+    C{upstream_invalid_request}, which no framework knows).  The official
+    openai SDK against a gateway on 127.0.0.1.
+    """
+
+    @inlineCallbacks
+    def too_long(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        failure = yield self.assertFailure(deferToThread(call, *args, **kwargs), openai.BadRequestError)
+        self.assertEqual((failure.status_code, failure.code), (400, "context_length_exceeded"))
+        return failure
+
+    @inlineCallbacks
+    def test_each_provider_in_its_own_words(self):
+        cases = (
+            ("kimi", MOONSHOT_TOO_LONG, "exceeded model token limit: 262144"),
+            ("kimi", MOONSHOT_V1_TOO_LONG, "model max length exceeded"),
+            ("kimi", OPENAI_TOO_LONG, "maximum context length is 128000"),
+            ("gemini", GOOGLE_TOO_LONG, "The input token count (1200293) exceeds"),
+        )
+        for provider, body, words in cases:
+            # Unpinned, failover on: a request at fault is not failed over
+            # (the other provider would be another model).
+            gateway = self.gateway(default_provider=provider, fallback="auto")
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status, behaviour.error_body = "error", 400, body
+            client = self.sdk(gateway)
+            for stream in (False, True):
+                failure = yield self.too_long(chat, client, stream=stream)
+                self.assertEqual(failure.param, "messages")
+                self.assertIn(words, failure.message)
+                self.assertIn("shorten the messages", failure.message)
+                self.assertEqual(failure.response.headers["x-openclaw-upstream-status"], "400")
+                self.assertIsNone(failure.response.headers.get("x-openclaw-fallback"))
+            behaviour.mode, behaviour.error_body = "ok", None
+
+    @inlineCallbacks
+    def test_other_refusals_keep_their_code(self):
+        """
+        Only those words: another 400 of either provider is still
+        C{upstream_invalid_request}, and a 413 or a 5xx saying them is no
+        request over the context window.
+        """
+        cases = (
+            ("kimi", 400, {"error": {"message": "Invalid request: temperature", "type": "invalid_request_error"}}),
+            ("gemini", 400, {"error": {"code": 400, "message": "Invalid JSON payload", "status": "INVALID_ARGUMENT"}}),
+            # Google's words with another status: not Google's answer for it.
+            ("gemini", 400, {"error": {**GOOGLE_TOO_LONG["error"], "status": "FAILED_PRECONDITION"}}),
+        )
+        for provider, status, body in cases:
+            gateway = self.gateway(default_provider=provider, fallback="off")
+            behaviour = self.behaviour(provider)
+            behaviour.mode, behaviour.error_status, behaviour.error_body = "error", status, body
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertNotIn("context_length_exceeded", text)
+            behaviour.mode, behaviour.error_body = "ok", None
+        gateway = self.gateway(default_provider="kimi", fallback="off")
+        kimi = self.behaviour("kimi")
+        kimi.mode, kimi.error_status, kimi.error_body = "error", 503, MOONSHOT_TOO_LONG
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        self.assertNotIn("context_length_exceeded", text)
+
+
+class ContextLengthReadingTests(SynchronousTestCase):
+    """
+    The client's error for a refusal read as over the context window.
+    """
+
+    def test_param(self):
+        refusal = Refusal(400, RefusalKind.REQUEST, "too long", code="context_length_exceeded")
+        chat_error = upstream_refused("kimi", refusal, "KIMI_API_KEY", names_model=True)
+        self.assertEqual(
+            (chat_error.status, chat_error.code, chat_error.param), (400, "context_length_exceeded", "messages")
+        )
+        embeddings_error = upstream_refused("gemini", refusal, "GEMINI_API_KEY", names_model=True, prompt_param="input")
+        self.assertEqual(embeddings_error.param, "input")
+        self.assertIn("shorten the input", embeddings_error.message)
+
+    def test_openai_code_read_by_every_provider(self):
+        self.assertEqual(classify(400, json.dumps(OPENAI_TOO_LONG).encode()).code, "context_length_exceeded")
+        self.assertIsNone(classify(500, json.dumps(OPENAI_TOO_LONG).encode()).code)
+        self.assertIsNone(classify(400, json.dumps(MOONSHOT_TOO_LONG).encode()).code)

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     # Not at run time: the providers import this package.
     from openclaw.providers.errors import Refusal
 
+#: OpenAI's code for a prompt longer than the model's context window (a
+#: 400 with C{param} C{messages}): the one error an agent can mend by
+#: itself, by trimming or summarising its history, and agent frameworks
+#: look for this code to do so.  A provider's own words for it are read
+#: by its adapter (L{openclaw.providers.errors.Refusal.code}).
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 #: The header that names the provider that answered (or was to answer).
 PROVIDER_HEADER = b"X-OpenClaw-Provider"
 #: The header that carries an upstream's own status on a 502.
@@ -317,7 +323,13 @@ def retry_after_seconds(seconds: float) -> int:
 
 
 def upstream_refused(
-    provider_id: str, refusal: Refusal, key_setting: str, *, names_model: bool, base_url_setting: str | None = None
+    provider_id: str,
+    refusal: Refusal,
+    key_setting: str,
+    *,
+    names_model: bool,
+    base_url_setting: str | None = None,
+    prompt_param: str = "messages",
 ) -> APIError:
     """
     The client's answer when a provider refused a chat call; the status
@@ -336,6 +348,11 @@ def upstream_refused(
         error document (L{Refusal.stated}: a web server's page, no API at
         that path) also tells the operator to check C{base_url_setting}
         (C{KIMI_BASE_URL}), the likelier cause when every call gets it;
+        a prompt over the model's context window (L{Refusal.code}
+        C{context_length_exceeded}, however the provider said it) is
+        OpenAI's own answer, code C{context_length_exceeded} with C{param}
+        C{prompt_param} (C{messages}; an embeddings call's C{input}),
+        which agent frameworks read to trim their history;
       - 429: 429 C{rate_limit_exceeded}, with C{Retry-After} when the
         provider said how long;
       - the gateway's own key refused (401, Google's C{API_KEY_INVALID}):
@@ -362,6 +379,16 @@ def upstream_refused(
     kind = refusal.kind
     if kind == "request":
         refused = f"{provider_id} refused the request: {said}"
+        if refusal.code == CONTEXT_LENGTH_EXCEEDED:
+            return APIError(
+                refusal.status,
+                f"{refused}; the prompt is longer than the model's context window: shorten the {prompt_param} "
+                "(drop or summarise earlier turns) or use a model with a longer context",
+                "invalid_request_error",
+                CONTEXT_LENGTH_EXCEEDED,
+                prompt_param,
+                headers=upstream,
+            )
         if refusal.status != 404:
             return APIError(
                 refusal.status, refused, "invalid_request_error", "upstream_invalid_request", headers=upstream

@@ -86,6 +86,7 @@ def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None, *, 
             adapter.keys_setting,
             names_model=names_model,
             base_url_setting=adapter.base_url_variable,
+            prompt_param="input",
         )
     if isinstance(value, NoUsableKey):
         return no_usable_key(provider_id, adapter.keys_setting, value.back_in)

@@ -23,6 +23,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import stringToDatetime
 
 from openclaw.addresses import host_port
+from openclaw.dataplane.errors import CONTEXT_LENGTH_EXCEEDED
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.tls import describe_tls_error, is_tls_error
 from openclaw.web import status_line
@@ -490,6 +491,10 @@ class Refusal:
     #: Google's C{{"error": ...}}); not so for a web server's page for a
     #: path with no API behind it (a base URL set wrong).
     stated: bool = True
+    #: OpenAI's error code for what the provider said, when it is one that
+    #: OpenAI's clients act on; each provider reads its own words for it
+    #: (its adapter's C{refusal}).  Only L{CONTEXT_LENGTH_EXCEEDED} so far.
+    code: str | None = None
 
 
 #: A provider's wait (C{Retry-After}, or one its error body states) is followed for
@@ -541,6 +546,8 @@ def classify(
     rules of its own adds them in its adapter's
     L{refusal <openclaw.providers.base.ProviderAdapter.refusal>} (Gemini's
     400 C{API_KEY_INVALID}: L{openclaw.providers.gemini.GeminiAdapter}).
+    A request refused with OpenAI's C{error.code}
+    L{CONTEXT_LENGTH_EXCEEDED} keeps that code (L{Refusal.code}).
 
     @param retry_after_header: the answer's C{Retry-After}, if any.
     @param now: POSIX time, to read a C{Retry-After} given as a date.
@@ -581,5 +588,10 @@ def classify(
         kind = RefusalKind.SERVER
     else:
         kind = RefusalKind.OTHER
-    stated = status != 404 or reported_error(json_or_none(body)) is not None
-    return Refusal(status, kind, message, retry_after, stated)
+    error = reported_error(json_or_none(body))
+    stated = status != 404 or error is not None
+    code = None
+    if kind == RefusalKind.REQUEST and error is not None and error.fields.get("code") == CONTEXT_LENGTH_EXCEEDED:
+        # OpenAI's own words (and those of APIs that copy its errors).
+        code = CONTEXT_LENGTH_EXCEEDED
+    return Refusal(status, kind, message, retry_after, stated, code)

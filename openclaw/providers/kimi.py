@@ -17,8 +17,9 @@ import attrs
 
 from openclaw.consumers.estimate import token_count
 from openclaw.consumers.prices import Price
-from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.errors import CONTEXT_LENGTH_EXCEEDED, APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, checked_data_url, not_data_url
+from openclaw.providers.errors import Refusal, RefusalKind
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
 from openclaw.providers.wire import ImageTypes, Wire
 
@@ -302,6 +303,14 @@ def thinks(model: str) -> bool:
     return model[:5].lower() == "kimi-"
 
 
+#: How Moonshot says a prompt is longer than the model's context window:
+#: a 400 C{invalid_request_error} "Invalid request: Your request exceeded
+#: model token limit: 262144 (requested: 269030)", and, from its v1
+#: models, "model max length exceeded, max length:8192" (as its users
+#: quote them: MoonshotAI/kimi-cli#2011, MoonshotAI-Cookbook#18).
+MOONSHOT_CONTEXT_EXCEEDED = re.compile(r"exceeded model token limit|model max length exceeded", re.IGNORECASE)
+
+
 @attrs.define(kw_only=True)
 class KimiAdapter(OpenAICompatibleAdapter):
     """
@@ -346,9 +355,21 @@ class KimiAdapter(OpenAICompatibleAdapter):
         }
     )
 
+    def refusal(self, status: int, body: bytes, retry_after: str | None = None) -> Refusal:
+        """
+        As an OpenAI-compatible API's, and Moonshot's words for a prompt
+        over the model's context window (L{MOONSHOT_CONTEXT_EXCEEDED}) are
+        OpenAI's C{context_length_exceeded}, which agents act on.
+        """
+        refusal = super().refusal(status, body, retry_after)
+        if status == 400 and refusal.kind == RefusalKind.REQUEST and MOONSHOT_CONTEXT_EXCEEDED.search(refusal.message):
+            return attrs.evolve(refusal, code=CONTEXT_LENGTH_EXCEEDED)
+        return refusal
+
 
 __all__ = [
     "BUILTIN_FUNCTION",
+    "MOONSHOT_CONTEXT_EXCEEDED",
     "MOONSHOT_FILE_URL",
     "MOONSHOT_IMAGE_TYPES",
     "KimiAdapter",

@@ -14,13 +14,16 @@ from urllib.parse import quote
 import attrs
 
 from openclaw.consumers.prices import Price
+from openclaw.dataplane.errors import CONTEXT_LENGTH_EXCEEDED
 from openclaw.providers.base import ProviderAdapter
 from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.errors import MalformedResponse, Refusal, RefusalKind
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.gemini.embeddings import MODEL_PREFIX, GeminiEmbeddings
 from openclaw.providers.gemini.errors import (
+    GOOGLE_CONTEXT_EXCEEDED,
     GOOGLE_FAILED_PRECONDITION,
+    GOOGLE_INVALID_ARGUMENT,
     GOOGLE_KEY_INVALID,
     GOOGLE_STATUSES,
     google_error_reasons,
@@ -87,13 +90,23 @@ class GeminiAdapter(ProviderAdapter):
         location is not supported for the API use", or a free tier not
         available in the country and billing required: the same page) is
         the operator's Google project that cannot serve, not the client's
-        request nor the key: L{RefusalKind.ACCOUNT}.
+        request nor the key: L{RefusalKind.ACCOUNT}.  A C{400
+        INVALID_ARGUMENT} for a prompt over the model's context window
+        (L{GOOGLE_CONTEXT_EXCEEDED}) is OpenAI's C{context_length_exceeded},
+        which agents act on.
         """
         refusal = super().refusal(status, body, retry_after)
         if status == 400 and GOOGLE_KEY_INVALID in google_error_reasons(body):
             return attrs.evolve(refusal, kind=RefusalKind.AUTH)
         if status == 400 and google_error_status(body) == GOOGLE_FAILED_PRECONDITION:
             return attrs.evolve(refusal, kind=RefusalKind.ACCOUNT)
+        if (
+            status == 400
+            and refusal.kind == RefusalKind.REQUEST
+            and GOOGLE_CONTEXT_EXCEEDED.search(refusal.message)
+            and google_error_status(body) == GOOGLE_INVALID_ARGUMENT
+        ):
+            return attrs.evolve(refusal, code=CONTEXT_LENGTH_EXCEEDED)
         return refusal
 
     def retry_delay(self, body: bytes) -> float | None:

@@ -27,6 +27,13 @@ GOOGLE_KEY_INVALID = "API_KEY_INVALID"
 #: make: an unsupported location, billing required
 #: (U{https://ai.google.dev/gemini-api/docs/troubleshooting}).
 GOOGLE_FAILED_PRECONDITION = "FAILED_PRECONDITION"
+#: Google's canonical code for a request at fault.
+GOOGLE_INVALID_ARGUMENT = "INVALID_ARGUMENT"
+#: How Google says a prompt is longer than the model's context window: a
+#: 400 C{INVALID_ARGUMENT} "The input token count (1200293) exceeds the
+#: maximum number of tokens allowed (1048576)." (as its users quote it:
+#: google-gemini/gemini-cli#4231, #6678).
+GOOGLE_CONTEXT_EXCEEDED = re.compile(r"input token count\b.{0,40}\bexceeds the maximum number of tokens", re.IGNORECASE)
 
 #: Google's canonical codes (C{google.rpc.Code}, googleapis
 #: C{google/rpc/code.proto}) to the HTTP status each maps to.
@@ -34,7 +41,7 @@ GOOGLE_STATUSES: Mapping[str, int] = MappingProxyType(
     {
         "CANCELLED": 499,
         "UNKNOWN": 500,
-        "INVALID_ARGUMENT": 400,
+        GOOGLE_INVALID_ARGUMENT: 400,
         "DEADLINE_EXCEEDED": 504,
         "NOT_FOUND": 404,
         "ALREADY_EXISTS": 409,
@@ -106,7 +113,9 @@ def _error_details(body: bytes) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "GOOGLE_CONTEXT_EXCEEDED",
     "GOOGLE_FAILED_PRECONDITION",
+    "GOOGLE_INVALID_ARGUMENT",
     "GOOGLE_KEY_INVALID",
     "GOOGLE_STATUSES",
     "google_error_reasons",
