@@ -621,3 +621,45 @@ class ModalitiesAndVerbosityTests(DataPlaneTestCase):
             modalities=["text"],
             verbosity="medium",
         )
+
+
+class OpenAICodeTests(DataPlaneTestCase):
+    """
+    The gateway's own 400s carry OpenAI's code where one fits, as OpenAI's
+    API answers the same mistakes (C{invalid_type}, C{invalid_value},
+    C{decimal_above_max_value}, ...), so that a client reading
+    C{error.code} reads the gateway as it reads OpenAI; before, every one
+    of them had C{code: null}.  The official openai SDK.
+    """
+
+    @inlineCallbacks
+    def test_codes(self):
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        cases = (
+            ({"temperature": 3}, "temperature", "decimal_above_max_value"),
+            ({"temperature": -1}, "temperature", "decimal_below_min_value"),
+            ({"temperature": "hot"}, "temperature", "invalid_type"),
+            ({"n": 0}, "n", "integer_below_min_value"),
+            ({"n": 2.0}, "n", "invalid_type"),
+            ({"logprobs": "yes"}, "logprobs", "invalid_type"),
+            ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),
+            ({"verbosity": "loud"}, "verbosity", "invalid_value"),
+            ({"stream": "yes"}, "stream", "invalid_type"),
+            ({"user": 7}, "user", "invalid_type"),
+            ({"messages": []}, "messages", "empty_array"),
+            ({"messages": "hi"}, "messages", "invalid_type"),
+            ({"messages": None}, "messages", "missing_required_parameter"),
+        )
+        for fields, param, code in cases:
+            body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, **fields}
+
+            def create(body: dict[str, Any] = body) -> Any:
+                return client.chat.completions.create(**body)
+
+            try:
+                yield deferToThread(create)
+            except openai.BadRequestError as error:
+                self.assertEqual((error.param, error.code), (param, code), fields)
+            else:
+                self.fail(f"{fields} was not refused")

@@ -118,9 +118,22 @@ class APIError(Exception):
         return orjson.dumps(self.document())
 
 
+#: OpenAI's codes for a request field at fault (its API's 400s, C{param}
+#: naming the field): of the wrong JSON type, not one of the values
+#: allowed, missing, an empty list.  A number out of range is
+#: C{integer_below_min_value}, C{decimal_above_max_value} and so on
+#: (L{openclaw.dataplane.request.out_of_range}).
+INVALID_TYPE = "invalid_type"
+INVALID_VALUE = "invalid_value"
+MISSING_REQUIRED_PARAMETER = "missing_required_parameter"
+EMPTY_ARRAY = "empty_array"
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     """
-    The request itself is wrong; C{param} names the offending field.
+    The request itself is wrong; C{param} names the offending field, and
+    C{code} says how, in OpenAI's words where one fits (L{INVALID_TYPE},
+    ...), else None, as OpenAI's own answers have for many.
     """
     return APIError(400, message, "invalid_request_error", code, param)
 

@@ -29,7 +29,14 @@ import orjson
 from twisted.web.http_headers import Headers
 
 from openclaw.dataplane.callids import payload, plain_message
-from openclaw.dataplane.errors import APIError, bad_request
+from openclaw.dataplane.errors import (
+    EMPTY_ARRAY,
+    INVALID_TYPE,
+    INVALID_VALUE,
+    MISSING_REQUIRED_PARAMETER,
+    APIError,
+    bad_request,
+)
 from openclaw.routing import Route, model_refusal
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
@@ -568,7 +575,7 @@ def requested_model(body: dict[str, Any]) -> str | None:
     """
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string", param="model")
+        raise bad_request("model must be a string", param="model", code=INVALID_TYPE)
     refusal = model_refusal(model) if model is not None and model.strip() else None
     if refusal is not None:
         raise bad_request(refusal, param="model")
@@ -710,7 +717,7 @@ def parse_chat_request(
     requested_model(body)
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise bad_request("stream must be true or false", param="stream")
+        raise bad_request("stream must be true or false", param="stream", code=INVALID_TYPE)
     include_usage = False
     options = body.get("stream_options")
     if options is not None:
@@ -756,12 +763,28 @@ def parse_chat_request(
     )
 
 
+def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
+    """
+    OpenAI's code for a field's value that is not a C{kind} (C{integer},
+    C{decimal}) from C{low} to C{high}: C{invalid_type} when it is not a
+    number at all, else C{<kind>_below_min_value} or
+    C{<kind>_above_max_value} (as OpenAI's API answers C{"temperature": 3}).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return INVALID_TYPE
+    return f"{kind}_below_min_value" if value < low else f"{kind}_above_max_value"
+
+
 def _number(low: float, high: float) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high
         ):
-            raise bad_request(f"{name} must be a number from {low:g} to {high:g}", param=name)
+            raise bad_request(
+                f"{name} must be a number from {low:g} to {high:g}",
+                param=name,
+                code=out_of_range(value, low, high, "decimal"),
+            )
 
     return check
 
@@ -776,23 +799,27 @@ def integer_field(low: int, high: int, why: str = "") -> Callable[[str, Any], No
         if value is None or (type(value) is int and low <= value <= high):
             return
         message = f"{name} must be a whole number from {low} to {high}{why}"
+        code = out_of_range(value, low, high, "integer")
         if isinstance(value, float) and value.is_integer() and abs(value) < FLOAT_INTEGERS and low <= value <= high:
             # A whole number in range written as 5.0 or 5e0: orjson reads a
             # number with a fraction or exponent as a float.
             message += f", written without a decimal point or exponent ({int(value)}, not {value!r})"
-        raise bad_request(message, param=name)
+            code = INVALID_TYPE
+        raise bad_request(message, param=name, code=code)
 
     return check
 
 
 def _bool(name: str, value: Any) -> None:
     if value is not None and not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false", param=name)
+        raise bad_request(f"{name} must be true or false", param=name, code=INVALID_TYPE)
 
 
 def _reasoning_effort(name: str, value: Any) -> None:
     if value is not None and value not in REASONING_EFFORTS:
-        raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param=name)
+        raise bad_request(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", param=name, code=INVALID_VALUE
+        )
 
 
 def _one_of(values: tuple[str, ...]) -> Callable[[str, Any], None]:
@@ -802,7 +829,7 @@ def _one_of(values: tuple[str, ...]) -> Callable[[str, Any], None]:
 
     def check(name: str, value: Any) -> None:
         if value is not None and (not isinstance(value, str) or value not in values):
-            raise bad_request(f"{name} must be one of {', '.join(values)}", param=name)
+            raise bad_request(f"{name} must be one of {', '.join(values)}", param=name, code=INVALID_VALUE)
 
     return check
 
@@ -828,7 +855,7 @@ def _string(name: str, value: Any) -> None:
     A string field (C{user}, C{service_tier}).
     """
     if value is not None and not isinstance(value, str):
-        raise bad_request(f"{name} must be a string", param=name)
+        raise bad_request(f"{name} must be a string", param=name, code=INVALID_TYPE)
 
 
 def _object(shape: str) -> Callable[[str, Any], None]:
@@ -1230,9 +1257,17 @@ def _check_messages(
     """
     messages = body.get("messages")
     if messages is None:
-        raise bad_request("messages is required: a non-empty list of {role, content}", param="messages")
+        raise bad_request(
+            "messages is required: a non-empty list of {role, content}",
+            param="messages",
+            code=MISSING_REQUIRED_PARAMETER,
+        )
     if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list of {role, content}", param="messages")
+        raise bad_request(
+            "messages must be a non-empty list of {role, content}",
+            param="messages",
+            code=EMPTY_ARRAY if isinstance(messages, list) else INVALID_TYPE,
+        )
     history: _History | None = None
     anything = False
     for i, message in enumerate(messages):
