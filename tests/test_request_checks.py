@@ -650,6 +650,11 @@ class OpenAICodeTests(DataPlaneTestCase):
             ({"messages": []}, "messages", "empty_array"),
             ({"messages": "hi"}, "messages", "invalid_type"),
             ({"messages": None}, "messages", "missing_required_parameter"),
+            ({"stop": 7}, "stop", "invalid_type"),
+            ({"stream": True, "stream_options": "usage"}, "stream_options", "invalid_type"),
+            ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_type"),
+            ({"messages": [{"role": "user", "content": "hi", "name": 7}]}, "messages[0].name", "invalid_type"),
+            ({"messages": ["hi"]}, "messages[0]", "invalid_type"),
         )
         for fields, param, code in cases:
             body = {"model": "kimi/moonshot-v1-8k", "messages": HELLO, **fields}

@@ -727,7 +727,7 @@ def parse_chat_request(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
             )
         if not isinstance(options, dict):
-            raise bad_request("stream_options must be an object", param="stream_options")
+            raise bad_request("stream_options must be an object", param="stream_options", code=INVALID_TYPE)
         # Null is "not set", as for every field.
         asked = options.get("include_usage")
         include_usage = asked is True
@@ -867,7 +867,7 @@ def _object(shape: str) -> Callable[[str, Any], None]:
 
     def check(name: str, value: Any) -> None:
         if value is not None and not isinstance(value, dict):
-            raise bad_request(f"{name} must be an object: {shape}", param=name)
+            raise bad_request(f"{name} must be an object: {shape}", param=name, code=INVALID_TYPE)
 
     return check
 
@@ -927,7 +927,7 @@ def _moderation(name: str, value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, dict):
-        raise bad_request(f"{name} must be an object: {MODERATION_SHAPE}, or null", param=name)
+        raise bad_request(f"{name} must be an object: {MODERATION_SHAPE}, or null", param=name, code=INVALID_TYPE)
     if not isinstance(value.get("model"), str):
         raise bad_request(
             f"{name}.model must be the moderation model's name, a string (such as omni-moderation-latest): "
@@ -938,7 +938,9 @@ def _moderation(name: str, value: Any) -> None:
     if policy is None:
         return
     if not isinstance(policy, dict):
-        raise bad_request(f"{name}.policy must be an object: {MODERATION_SHAPE}", param=f"{name}.policy")
+        raise bad_request(
+            f"{name}.policy must be an object: {MODERATION_SHAPE}", param=f"{name}.policy", code=INVALID_TYPE
+        )
     modes = " or ".join(f'"{mode}"' for mode in MODERATION_MODES)
     for side in ("input", "output"):
         at = f"{name}.policy.{side}"
@@ -1034,7 +1036,9 @@ def _legacy_functions(body: dict[str, Any]) -> bool:
         if "tools" in body:
             raise bad_request("send tools or the legacy functions, not both", param="functions")
         if not isinstance(functions, list):
-            raise bad_request("functions must be a list of {name, description, parameters}", param="functions")
+            raise bad_request(
+                "functions must be a list of {name, description, parameters}", param="functions", code=INVALID_TYPE
+            )
         body["tools"] = [{"type": "function", "function": f} for f in functions]
     function_call = body.pop("function_call", None)
     if function_call is not None:
@@ -1109,7 +1113,7 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
         at = f"functions[{i}]" if legacy else f"{where}.function"
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise bad_request(f"{at} must be an object with a name", param=at)
+            raise bad_request(f"{at} must be an object with a name", param=at, code=INVALID_TYPE)
         name = function.get("name")
         if isinstance(name, str) and not legacy:
             claimed = _claimed(tool_types, name, at, called=False)
@@ -1125,13 +1129,13 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
             raise bad_request(f"{at}.name: {name!r} is declared twice", param=f"{at}.name")
         names.add(name)
         if "description" in function and not isinstance(function["description"], str):
-            raise bad_request(f"{at}.description must be a string", param=f"{at}.description")
+            raise bad_request(f"{at}.description must be a string", param=f"{at}.description", code=INVALID_TYPE)
         if "parameters" in function and not isinstance(function["parameters"], dict):
             raise bad_request(f"{at}.parameters must be a JSON Schema object", param=f"{at}.parameters")
         if nests_too_deep(function.get("parameters")):
             raise value_too_deep(f"{at}.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
-            raise bad_request(f"{at}.strict must be true or false", param=f"{at}.strict")
+            raise bad_request(f"{at}.strict must be true or false", param=f"{at}.strict", code=INVALID_TYPE)
     return frozenset(names)
 
 
@@ -1325,7 +1329,7 @@ def _rewritten_message(messages: list[Any], i: int, where: str, history: _Histor
     """
     sent = messages[i]
     if not isinstance(sent, dict):
-        raise bad_request(f"{where} must be an object with role and content", param=where)
+        raise bad_request(f"{where} must be an object with role and content", param=where, code=INVALID_TYPE)
     message: dict[str, Any] = sent
     role = message.get("role")
     # A str first: a list or object is unhashable (no set lookup).
@@ -1337,7 +1341,7 @@ def _rewritten_message(messages: list[Any], i: int, where: str, history: _Histor
     name = message.get("name")
     if name is not None and not isinstance(name, str):
         # OpenAI's participant name: a string (its API refuses another).
-        raise bad_request(f"{where}.name must be a string", param=f"{where}.name")
+        raise bad_request(f"{where}.name must be a string", param=f"{where}.name", code=INVALID_TYPE)
     if not message.keys().isdisjoint(NOT_CARRIED[role]):
         message = messages[i] = _role_fields(message, role, where)
     if role == "developer":
@@ -1377,11 +1381,13 @@ def _check_assistant_message(message: dict[str, Any], where: str, history: _Hist
         anything = True
     refusal = message.get("refusal")
     if refusal is not None and not isinstance(refusal, str):
-        raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal")
+        raise bad_request(f"{where}.refusal must be a string", param=f"{where}.refusal", code=INVALID_TYPE)
     reasoning = message.get("reasoning_content")
     if reasoning is not None and not isinstance(reasoning, str):
         # Moonshot's field, as its answers give it back (text).
-        raise bad_request(f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content")
+        raise bad_request(
+            f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content", code=INVALID_TYPE
+        )
     anything = anything or bool(refusal)
     content = message.get("content", ...)
     # OpenAI's assistant message: content may be null (or left out) when it
@@ -1667,7 +1673,7 @@ def _check_content(content: Any, where: str, allowed: frozenset[str], media_kind
     if content is ... or content is None:
         raise bad_request(f"{where} is required", param=where)
     if not isinstance(content, list):
-        raise bad_request(f"{where} must be a string or a list of content parts", param=where)
+        raise bad_request(f"{where} must be a string or a list of content parts", param=where, code=INVALID_TYPE)
     if not content:
         raise bad_request(f"{where} is an empty list: give a string or at least one content part", param=where)
     anything = False
@@ -1690,7 +1696,7 @@ def _check_content(content: Any, where: str, allowed: frozenset[str], media_kind
         if kind in ("text", "refusal"):
             text = part.get(kind)
             if not isinstance(text, str):
-                raise bad_request(f"{at}.{kind} must be a string", param=f"{at}.{kind}")
+                raise bad_request(f"{at}.{kind} must be a string", param=f"{at}.{kind}", code=INVALID_TYPE)
             anything = anything or bool(text)
             continue
         anything = True
@@ -1785,7 +1791,7 @@ def _check_media(part: dict[str, Any], kind: str, at: str, media_kinds: MediaKin
     """
     value = part.get(kind)
     if not isinstance(value, dict):
-        raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}")
+        raise bad_request(f"{at}.{kind} must be an object", param=f"{at}.{kind}", code=INVALID_TYPE)
     declared = media_kinds.part_types.get(kind)
     if declared is not None:
         declared.check(value, f"{at}.{kind}")
@@ -1833,7 +1839,7 @@ def _check_media(part: dict[str, Any], kind: str, at: str, media_kinds: MediaKin
                 "uploaded file ids are not supported by this gateway",
             )
         if value.get("filename") is not None and not isinstance(value["filename"], str):
-            raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename")
+            raise bad_request(f"{at}.file.filename must be a string", param=f"{at}.file.filename", code=INVALID_TYPE)
 
 
 def _check_image_url(url: str, where: str) -> None:
@@ -1917,7 +1923,7 @@ def _check_stop(stop: Any) -> None:
     if stop is None or isinstance(stop, str):
         return
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad_request("stop must be a string or a list of strings", param="stop")
+        raise bad_request("stop must be a string or a list of strings", param="stop", code=INVALID_TYPE)
 
 
 def choose_route(model: Any, active: Route, provider_ids: tuple[str, ...]) -> Route:
