@@ -7,15 +7,24 @@ calls do not run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.consumers.freshness import CATCH_UP_SECONDS, STALL_SECONDS, TICK_SECONDS, StallWatch
+from openclaw.consumers.freshness import (
+    CATCH_UP_SECONDS,
+    RETRY_MAX_SECONDS,
+    RETRY_SECONDS,
+    STALL_SECONDS,
+    TICK_SECONDS,
+    StallWatch,
+)
 from openclaw.consumers.model import Consumer, NewKey
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import ConsumerStore, Snapshot
@@ -23,6 +32,7 @@ from openclaw.consumers.table import ConsumerTable, Holder
 from openclaw.dataplane.auth import GatewayKeys
 from openclaw.dataplane.errors import APIError
 from tests.support import capture_log_events
+from tests.test_consumers import GatewayCase, http_get
 
 GATEWAY_KEY = "ock-gateway-key-0123456789"
 
@@ -59,7 +69,11 @@ def snapshot() -> Snapshot:
     return Snapshot({}, {}, {})
 
 
-class StallWatchTests(TestCase):
+class WatchCase(TestCase):
+    """
+    A watch on a table whose loads wait on the test, the loop driven by hand.
+    """
+
     def setUp(self) -> None:
         self.reactor = Clock()
         self.monotonic = Monotonic()
@@ -85,6 +99,8 @@ class StallWatchTests(TestCase):
     def stalls_said(self) -> list[str]:
         return [e["log_format"] for e in self.events if "stood still" in e.get("log_format", "")]
 
+
+class StallWatchTests(WatchCase):
     def test_healthy_loop_no_reload_one_clock_read(self) -> None:
         """
         A busy loop (marks TICK_SECONDS apart, a key presented just before
@@ -190,6 +206,90 @@ class StallWatchTests(TestCase):
         self.monotonic.now += 3
         self.assertFalse(self.watch.behind())
         self.assertEqual(self.store.loads, [])
+
+
+class RetryTests(WatchCase):
+    """
+    A reload after a stall that fails is tried again until one succeeds,
+    and the instance reports itself not ready meanwhile (before, the
+    table stayed as it was until the next change elsewhere: a revoked key
+    went on working here for as long).
+    """
+
+    def fail_load(self, index: int) -> None:
+        self.store.loads[index].errback(OSError("connection refused"))
+        self.flushLoggedErrors(OSError)
+
+    def said(self, words: str) -> int:
+        return sum(words in e.get("log_format", "") for e in self.events)
+
+    def test_tried_again_until_it_succeeds(self) -> None:
+        self.assertIsNone(self.watch.unready())
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.assertIn("being reloaded", self.watch.unready() or "")
+        self.fail_load(0)
+        # Keys served from the table as it was; not ready for a balancer.
+        self.assertFalse(self.watch.behind())
+        self.assertIn("could not be reloaded", self.watch.unready() or "")
+        # Tried again after RETRY_SECONDS, then twice as long, up to RETRY_MAX_SECONDS.
+        waits = []
+        for index in range(1, 8):
+            before = self.reactor.seconds()
+            while len(self.store.loads) == index:
+                self.run_loop(0.25)
+            waits.append(round(self.reactor.seconds() - before))
+            self.fail_load(index)
+        self.assertEqual(waits, [1, 2, 4, 8, 16, 30, 30][: len(waits)])
+        self.assertEqual(waits[0], RETRY_SECONDS)
+        self.assertEqual(max(waits), RETRY_MAX_SECONDS)
+        # Said once, not per try.
+        self.assertEqual(self.said("could not be reloaded after the event loop"), 1)
+        while len(self.store.loads) == 8:
+            self.run_loop(0.25)
+        self.store.loads[8].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+        self.assertFalse(self.watch.behind())
+        self.assertEqual(self.said("in step again"), 1)
+        # No more tries.
+        self.run_loop(60)
+        self.assertEqual(len(self.store.loads), 9)
+
+    def test_late_reload_not_ready_until_it_ends(self) -> None:
+        """
+        A reload that has not ended in CATCH_UP_SECONDS lets keys through,
+        but the instance is not ready until it has succeeded.
+        """
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.run_loop(CATCH_UP_SECONDS + 0.5)
+        self.assertFalse(self.watch.behind())
+        self.assertIsNotNone(self.watch.unready())
+        self.store.loads[0].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+        self.assertEqual(self.said("in step again"), 1)
+
+    def test_a_new_stall_replaces_the_try(self) -> None:
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.fail_load(0)
+        # Another stall before the next try: reloaded at once, the try dropped.
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.assertEqual(len(self.store.loads), 2)
+        self.store.loads[1].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+        self.run_loop(5)
+        self.assertEqual(len(self.store.loads), 2)
+
+    def test_stop_ends_the_tries(self) -> None:
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.fail_load(0)
+        self.watch.stop()
+        self.assertIsNone(self.watch.unready())
+        self.reactor.advance(60)
+        self.assertEqual(len(self.store.loads), 1)
 
 
 class WallClockSetBackTests(TestCase):
@@ -312,3 +412,61 @@ class RevokedWhileFrozenTests(TestCase):
         self.assertIsInstance(self.identify(self.key.key), Holder)
         # Only the watch's start read it (both its clocks, the same here).
         self.assertEqual(self.monotonic.reads, 2)
+
+
+class ReadyAfterStallTests(GatewayCase):
+    """
+    C{GET /readyz} of a gateway whose loop stood still: 503 with the
+    reason while its consumers are reloaded and while a failed reload is
+    tried again, 200 once one succeeds (before, ready throughout: a
+    balancer kept sending calls to an instance whose table might still
+    hold a key revoked elsewhere).
+    """
+
+    @inlineCallbacks
+    def test_not_ready_until_reloaded(self) -> Any:
+        gateway, _ = yield self.gateway()
+        table = gateway.service.consumers
+        monotonic = Monotonic()
+        watch = StallWatch(table, reactor, monotonic, wall=monotonic)
+        table.stall_watch = watch
+        watch.start()
+        self.addCleanup(watch.stop)
+        url = f"http://127.0.0.1:{gateway.api_port}/readyz"
+
+        @inlineCallbacks
+        def readyz() -> Any:
+            status, body = yield deferToThread(http_get, url)
+            return status, json.loads(body)
+
+        status, _ = yield readyz()
+        self.assertEqual(status, 200)
+        held: list[Deferred[Snapshot]] = []
+        load = table.store.load
+
+        def held_load(now: float) -> Deferred[Snapshot]:
+            loading: Deferred[Snapshot] = Deferred()
+            held.append(loading)
+            return loading
+
+        table.store.load = held_load
+        # The loop stood still: the next mark finds it.
+        monotonic.now += 3
+        watch.tick()
+        status, document = yield readyz()
+        self.assertEqual((status, document["ready"]), (503, False))
+        self.assertIn("being reloaded", document["reason"])
+        # The reload fails: still not ready, tried again.
+        held[0].errback(OSError("database unreachable"))
+        self.flushLoggedErrors(OSError)
+        status, document = yield readyz()
+        self.assertEqual(status, 503)
+        self.assertIn("could not be reloaded", document["reason"])
+        # The database back: the next try succeeds, ready again.
+        table.store.load = load
+        for _ in range(100):
+            status, document = yield readyz()
+            if status == 200:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((status, document["ready"]), (200, True))

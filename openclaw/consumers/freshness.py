@@ -13,7 +13,11 @@ answer).  L{StallWatch} marks the loop alive every L{TICK_SECONDS}; a
 consumer key presented longer than L{STALL_SECONDS} after the last mark
 (or a mark that late) means the table may be stale: consumer keys are
 answered 503 (L{openclaw.dataplane.auth.consumers_catching_up}) until a
-reload begun then has ended (L{CATCH_UP_SECONDS} at most).
+reload begun then has ended (L{CATCH_UP_SECONDS} at most).  A reload that
+fails is tried again (L{RETRY_SECONDS}, doubled up to
+L{RETRY_MAX_SECONDS}) until one succeeds, and the instance reports itself
+not ready (C{GET /readyz}: L{StallWatch.unready}) meanwhile, so that a
+balancer sends its calls to the others.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ STALL_SECONDS = 2.0
 #: answer) is waited for no longer, and the table serves as it is, as it
 #: does whenever the database is unreachable.
 CATCH_UP_SECONDS = 5.0
+#: After a reload begun for a stall fails, it is tried again in this many
+#: seconds, then twice as long each time, up to L{RETRY_MAX_SECONDS}: the
+#: table may lack a change made elsewhere (a revoked key) until one
+#: succeeds, and no other change may come to start one.
+RETRY_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
 
 
 class StallWatch:
@@ -76,6 +86,8 @@ class StallWatch:
         stall_seconds: float = STALL_SECONDS,
         tick_seconds: float = TICK_SECONDS,
         catch_up_seconds: float = CATCH_UP_SECONDS,
+        retry_seconds: float = RETRY_SECONDS,
+        retry_max_seconds: float = RETRY_MAX_SECONDS,
     ) -> None:
         self.table = table
         self.reactor = reactor
@@ -84,6 +96,8 @@ class StallWatch:
         self.stall_seconds = stall_seconds
         self.tick_seconds = tick_seconds
         self.catch_up_seconds = catch_up_seconds
+        self.retry_seconds = retry_seconds
+        self.retry_max_seconds = retry_max_seconds
         #: The last mark, in C{clock}'s seconds (None: not started, or
         #: stopped: nothing is watched).
         self._last: float | None = None
@@ -95,6 +109,20 @@ class StallWatch:
         #: When that stall was found, in C{clock}'s seconds.
         self._found_at = 0.0
         self._ticker: LoopingCall | None = None
+        #: Counts the reloads begun for stalls: only the newest one's end
+        #: counts (one begun before a later stall may have read the
+        #: database before a change made during it).
+        self._reloads = 0
+        #: The next try of a reload after a stall that failed (None: none
+        #: pending), and the wait before it, in seconds (None: the reload
+        #: after the last stall has not failed).
+        self._retry: IDelayedCall | None = None
+        self._retry_wait: float | None = None
+        #: From a stall until a reload begun for it succeeds: the table
+        #: may lack changes made elsewhere (L{unready}).
+        self._stale = False
+        #: A failure or a late reload was said since the last stall.
+        self._warned = False
         #: How many stalls were found (for tests and the log).
         self.stalls = 0
 
@@ -123,6 +151,9 @@ class StallWatch:
         if self._catching_up is not None and self._catching_up.active():
             self._catching_up.cancel()
         self._catching_up = None
+        self._cancel_retry()
+        self._retry_wait = None
+        self._stale = self._warned = False
 
     def tick(self) -> None:
         """
@@ -154,6 +185,26 @@ class StallWatch:
             return False
         return self._stalled(now, now - last)
 
+    def unready(self) -> str | None:
+        """
+        Why this instance should take no calls now (C{GET /readyz}'s 503),
+        or None: after a stall, while the reload under way has not ended
+        (consumer keys are answered 503 meanwhile), and while a failed one
+        is tried again (consumer keys are served from the table as it was,
+        which may lack changes made elsewhere).
+        """
+        if self._catching_up is not None:
+            return (
+                "the event loop stood still; the consumers are being reloaded from the database (consumer keys "
+                "are answered 503 meanwhile)"
+            )
+        if self._stale:
+            return (
+                "the consumers could not be reloaded from the database after the event loop stood still (they "
+                "may lack changes made elsewhere); trying again, see the log"
+            )
+        return None
+
     def _wall_gap(self) -> bool:
         """
         The wall clock too went on by more than C{stall_seconds} since the
@@ -180,27 +231,66 @@ class StallWatch:
             "answered 503 (retry in 1 s) until the consumers are reloaded from the database",
             seconds=gap,
         )
-        late = self._catching_up = self.reactor.callLater(self.catch_up_seconds, self._late)
-        self.table.refresh().addCallback(self._reloaded, late)
+        self._catching_up = self.reactor.callLater(self.catch_up_seconds, self._late)
+        self._stale = True
+        # A try pending for an earlier stall is this reload now.
+        self._cancel_retry()
+        self._retry_wait = None
+        self._reload()
         return self._catching_up is not None
 
-    def _reloaded(self, succeeded: bool, late: IDelayedCall) -> None:
+    def _reload(self) -> None:
         """
-        The reload begun after the stall has ended: consumer keys are
-        served again (from the table as it was, if it failed: logged by
-        the table, and said here).
+        Begin a reload for the last stall (L{ConsumerTable.refresh}).
         """
-        if self._catching_up is not late:
-            # Given up waiting already (L{_late}), or stopped.
+        self._reloads += 1
+        self.table.refresh().addCallback(self._reloaded, self._reloads)
+
+    def _reloaded(self, succeeded: bool, reload: int) -> None:
+        """
+        A reload begun for a stall has ended: consumer keys are served
+        again (from the table as it was, if it failed: logged by the
+        table, and said here once until one succeeds), and a failed one is
+        tried again (L{RETRY_SECONDS}, doubled up to L{RETRY_MAX_SECONDS}).
+        Nothing for one a later stall's reload has replaced, or after
+        L{stop}.
+        """
+        if reload != self._reloads or self._last is None:
             return
-        late.cancel()
-        self._catching_up = None
-        if not succeeded:
+        late, self._catching_up = self._catching_up, None
+        if late is not None and late.active():
+            late.cancel()
+        if succeeded:
+            self._retry_wait = None
+            self._stale = False
+            if self._warned:
+                self._warned = False
+                self._log.info("the consumers were reloaded after the event loop stood still: in step again")
+            return
+        if self._retry_wait is None:
+            wait = self.retry_seconds
+            self._warned = True
             self._log.warn(
                 "the consumers could not be reloaded after the event loop stood still: consumer keys are served "
                 "from the table as it was, which may lack changes made elsewhere meanwhile (a revoked key may "
-                "still work here) until the next reload; restart this instance to apply them at once"
+                "still work here), and /readyz answers 503, until a reload succeeds: tried again in {seconds:g} s, "
+                "then at most every {most:g} s",
+                seconds=wait,
+                most=self.retry_max_seconds,
             )
+        else:
+            wait = min(self._retry_wait * 2, self.retry_max_seconds)
+        self._retry_wait = wait
+        self._retry = self.reactor.callLater(wait, self._try_again)
+
+    def _try_again(self) -> None:
+        self._retry = None
+        self._reload()
+
+    def _cancel_retry(self) -> None:
+        retry, self._retry = self._retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
 
     def _late(self) -> None:
         """
@@ -208,9 +298,11 @@ class StallWatch:
         consumer keys are served from the table as it is.
         """
         self._catching_up = None
+        self._warned = True
         self._log.warn(
             "the consumers' reload after the event loop stood still has not ended in {seconds:g} s (the database "
             "does not answer): consumer keys are served from the table as it was, which may lack changes made "
-            "elsewhere meanwhile (a revoked key may still work here) until the reload ends",
+            "elsewhere meanwhile (a revoked key may still work here), and /readyz answers 503, until a reload "
+            "succeeds",
             seconds=self.catch_up_seconds,
         )

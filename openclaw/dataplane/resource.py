@@ -423,7 +423,11 @@ class Readyz(APIResource):
 
     Not ready either (503) before the consumers have loaded from their
     database (at start, or while it is unreachable from the start): every
-    consumer key would be answered 503 C{consumers_loading}.
+    consumer key would be answered 503 C{consumers_loading}; nor, in a
+    cluster, after the event loop stood still, until the consumers have
+    been reloaded (L{StallWatch.unready
+    <openclaw.consumers.freshness.StallWatch.unready>}): they may lack a
+    change made elsewhere meanwhile, a revoked key among them.
     """
 
     def render_draining(self, request: Request) -> bytes:
@@ -446,6 +450,10 @@ class Readyz(APIResource):
                 else f"the consumers' database cannot be used: {newer}; see the log"
             )
             return json_response(request, {"ready": False, "reason": reason})
+        stale = consumers.stall_watch.unready() if consumers is not None and consumers.stall_watch is not None else None
+        if stale is not None:
+            request.setResponseCode(503)
+            return json_response(request, {"ready": False, "reason": stale})
         provider_id = context.route.current.provider_id
         adapter = context.providers.get(provider_id)
         breaker = adapter.breaker.state
