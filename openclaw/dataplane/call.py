@@ -48,6 +48,7 @@ from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS, CUT_STATUS, SEND_TIMEOUT, abort, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
+from openclaw.dataplane.deadlines import overdue
 from openclaw.dataplane.errors import (
     ANSWER_BROKEN,
     FALLBACK_HEADER,
@@ -1178,6 +1179,14 @@ class ChatCall:
             self._ended(CUT_STATUS[SEND_TIMEOUT], SEND_TIMEOUT)
 
     def _timed_out(self) -> None:
+        reactor = self.context.reactor
+        if overdue(self._timer, reactor):
+            # The loop stood still: the provider's answer may be waiting,
+            # unread, in its socket; judged after it is read
+            # (L{openclaw.dataplane.deadlines.overdue}), not charged to the
+            # provider's breaker for the gateway's own stall.
+            self._timer = reactor.callLater(0, self._timed_out)
+            return
         self._timer = None
         if self._client_paused:
             return self._send_timed_out()

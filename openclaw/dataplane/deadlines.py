@@ -15,6 +15,13 @@ The timers, each at most one per connection:
   - the keyless deadline (C{API_KEYLESS_TIMEOUT_SECONDS}), after its grace;
   - a lingering close's quiet timer;
   - the close deadline, the abort at the end of a close.
+
+A deadline found due more than L{LATE_SECONDS} after its time (the event
+loop stood still: the process stopped, its host or VM paused, swapping) is
+judged one turn of the loop later (L{overdue}): the reactor runs the timers
+that are due before it reads its sockets, so at once it would time out a
+request (or a provider's answer: L{openclaw.dataplane.call.ChatCall}) that
+arrived while the loop stood still and waits, unread, in its socket.
 """
 
 from __future__ import annotations
@@ -28,6 +35,24 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 #: deadline of this setting is the send deadline (L{ConnectionDeadlines}'s
 #: C{stalled}), any other a request's (its C{late}).
 SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
+
+#: How late, in seconds, a timer must fire for the loop to have stood
+#: still (L{overdue}): far more than a busy loop delays one.
+LATE_SECONDS = 1.0
+
+
+def overdue(timer: IDelayedCall | None, clock: IReactorTime) -> bool:
+    """
+    Whether C{timer}, firing now, fires more than L{LATE_SECONDS} after
+    its time, so that its verdict is put off by one turn of the event loop
+    (a C{callLater(0)}): in each turn Twisted's reactors run the timers
+    that are due, then read the sockets that are ready
+    (C{ReactorBase.mainLoop}: C{runUntilCurrent}, then C{doIteration}), so
+    what arrived while the loop stood still is read before the deadline
+    is judged, and moves or ends it as it would have in time.
+    """
+    return timer is not None and clock.seconds() - timer.getTime() > LATE_SECONDS
+
 
 #: A deadline: C{(seconds, setting, part)}, where C{seconds} is how long
 #: it gave, C{setting} the setting that says so (such as
@@ -215,6 +240,10 @@ class ConnectionDeadlines:
                 self.arm(*suspended)
 
     def _due(self) -> None:
+        if overdue(self._timer, self._clock):
+            # Judged after what the stall left in the socket is read.
+            self._timer = self._clock.callLater(0, self._due)
+            return
         self._timer = None
         armed, self._armed = self._armed, None
         if armed is None:

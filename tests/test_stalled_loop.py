@@ -1,0 +1,184 @@
+"""
+Deadlines after the event loop stood still (the process stopped, its host
+or VM paused, swapping): Twisted's reactors run the timers that are due
+before they read their sockets, so a deadline that passed while the loop
+stood still fired before what had arrived meanwhile was read: a
+provider's answer waiting in its socket was a 504 charged to the
+provider's breaker, a client's request waiting in its socket a 408.  Such
+a deadline is now judged one turn of the loop later
+(L{openclaw.dataplane.deadlines.overdue}).
+
+The stall is real: the reactor's thread sleeps (C{time.sleep}, scheduled
+with C{callFromThread}) while a provider on a thread of its own answers,
+or a client on a thread of its own sends its request.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from openclaw.dataplane.deadlines import LATE_SECONDS, ConnectionDeadlines, overdue
+from openclaw.providers.kimi import KimiAdapter
+from openclaw.settings import ProviderSettings, provider_table
+from tests.support import start_gateway
+from tests.test_dataplane import GATEWAY_KEY, HELLO, KIMI_KEY
+
+#: How long the reactor's thread stands still, in seconds: the deadlines
+#: below pass during it, and fire more than LATE_SECONDS late.
+STALL = 2.5
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1764000000,
+    "model": "moonshot-v1-8k",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+}
+
+
+def stand_still(seconds: float) -> None:
+    """
+    Make the reactor's thread stand still for C{seconds} (from another
+    thread): returns once it has begun.
+    """
+    begun = threading.Event()
+
+    def freeze() -> None:
+        begun.set()
+        time.sleep(seconds)
+
+    reactor.callFromThread(freeze)
+    if not begun.wait(10):
+        raise AssertionError("the reactor did not run the stall")
+
+
+class _Kimi(http.server.BaseHTTPRequestHandler):
+    """
+    Moonshot's chat API on a thread of its own: it answers each call
+    while the gateway's loop stands still.
+    """
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        stand_still(STALL)
+        body = json.dumps(ANSWER).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ProviderAnswerTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_answer_that_came_during_the_stall_is_taken(self) -> Any:
+        """
+        The provider answered while the loop stood still, past
+        UPSTREAM_TIMEOUT: the answer is taken, and the breaker not charged
+        (before: 504 upstream_timeout, one failure of the provider's).
+        """
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Kimi)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        providers = provider_table(
+            [ProviderSettings(adapter=KimiAdapter, base_url=base, model="moonshot-v1-8k", api_key=KIMI_KEY)]
+        )
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=providers,
+            default_provider="kimi",
+            gateway_api_keys=(GATEWAY_KEY,),
+            fallback="off",
+            upstream_timeout=0.5,
+            breaker_failures=1,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
+        )
+        self.addCleanup(client.close)
+        answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        self.assertEqual(answer.choices[0].message.content, "Paris.")
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+
+class ClientRequestTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_request_that_came_during_the_stall_is_answered(self) -> Any:
+        """
+        A client connected, then sent its request while the loop stood
+        still, past API_HEADER_TIMEOUT_SECONDS: answered, not 408.
+        """
+        gateway = start_gateway(self, api=True, gateway_api_keys=(GATEWAY_KEY,), api_header_timeout_seconds=0.5)
+        self.addCleanup(gateway.service.api_site.close_connections)
+
+        def ask() -> bytes:
+            with socket.create_connection(("127.0.0.1", gateway.api_port), timeout=20) as connection:
+                # Accepted (its head's deadline armed) before the stall.
+                time.sleep(0.2)
+                stand_still(STALL)
+                connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                return answer
+
+        answer = yield deferToThread(ask)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+
+
+class OverdueTests(SynchronousTestCase):
+    """
+    The rule itself, over a clock moved by hand.
+    """
+
+    def test_only_a_late_timer(self) -> None:
+        clock = Clock()
+        fired: list[bool] = []
+        timer = clock.callLater(5, lambda: fired.append(overdue(timer, clock)))
+        clock.advance(5)
+        timer = clock.callLater(5, lambda: fired.append(overdue(timer, clock)))
+        clock.advance(5 + LATE_SECONDS + 0.5)
+        self.assertEqual(fired, [False, True])
+
+    def test_late_deadline_still_fires(self) -> None:
+        """
+        A request deadline that fires late is judged a turn later, and
+        then fires as it would have (C{Clock} runs that turn in the same
+        C{advance}: nothing is read in between).
+        """
+        clock = Clock()
+        late: list[tuple[float, str, str]] = []
+        deadlines = ConnectionDeadlines(
+            clock,
+            late=lambda *a: late.append(a),
+            stalled=lambda *a: None,
+            grace_over=lambda: False,
+            keyless=lambda: None,
+        )
+        deadlines.arm(1.0, "API_HEADER_TIMEOUT_SECONDS", "its head")
+        clock.advance(1.0 + LATE_SECONDS + 2.0)
+        self.assertEqual(late, [(1.0, "API_HEADER_TIMEOUT_SECONDS", "its head")])
+        self.assertEqual(clock.getDelayedCalls(), [])
