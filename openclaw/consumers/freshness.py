@@ -73,6 +73,9 @@ class StallWatch:
         the marks until it reads again what it read (a gap on C{clock}
         alone), which is no stall (review s34: five false stalls, each a
         reload and 503s, in ten seconds of a clock set back).
+    @param retry_seconds: the wait before a failed reload after a stall is
+        tried again, doubled at each failure up to C{retry_max_seconds}
+        (L{RETRY_SECONDS}, L{RETRY_MAX_SECONDS}).
     """
 
     _log = Logger()
