@@ -272,6 +272,10 @@ class ConnectionDeadlines:
             timer.cancel()
 
     def _keyless_due(self) -> None:
+        if overdue(self._keyless_timer, self._clock):
+            # As the request's deadline (L{_due}): a key may be waiting.
+            self._keyless_timer = self._clock.callLater(0, self._keyless_due)
+            return
         self._keyless_timer = None
         if self._in_grace:
             self._in_grace = False
