@@ -282,6 +282,43 @@ class RetryTests(WatchCase):
         self.run_loop(5)
         self.assertEqual(len(self.store.loads), 2)
 
+    def until_load(self, count: int) -> None:
+        """
+        Run the loop until the store has been asked for C{count} loads.
+        """
+        while len(self.store.loads) < count:
+            self.run_loop(0.25)
+
+    def test_tries_again_logged_once(self) -> None:
+        """
+        The table logs the failure of the reload begun for the stall, not
+        that of each try again (before: a critical line per try, every
+        30 s for as long as the database is unreachable); a reload for a
+        change elsewhere that fails meanwhile is logged as ever.
+        """
+        table_line = "could not reload the consumers after a change elsewhere"
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.fail_load(0)
+        for index in range(1, 6):
+            self.until_load(index + 1)
+            self.fail_load(index)
+        self.assertEqual(self.said(table_line), 1)
+        self.assertEqual(self.said("could not be reloaded after the event loop"), 1)
+        # A change elsewhere while a try is waited for: its reload's failure is said.
+        self.table.refresh()
+        self.fail_load(6)
+        self.assertEqual(self.said(table_line), 2)
+        self.assertIsNotNone(self.watch.unready())
+        # A change's reload waiting behind a try: the try's failure is not
+        # said, the change's is.
+        self.until_load(8)
+        self.table.refresh()
+        self.fail_load(7)
+        self.assertEqual(self.said(table_line), 2)
+        self.fail_load(8)
+        self.assertEqual(self.said(table_line), 3)
+
     def test_stop_ends_the_tries(self) -> None:
         self.monotonic.now += 3
         self.assertTrue(self.watch.behind())

@@ -242,12 +242,14 @@ class StallWatch:
         self._reload()
         return self._catching_up is not None
 
-    def _reload(self) -> None:
+    def _reload(self, quiet: bool = False) -> None:
         """
-        Begin a reload for the last stall (L{ConsumerTable.refresh}).
+        Begin a reload for the last stall (L{ConsumerTable.refresh}; a try
+        again is C{quiet}: its failure is not logged by the table, the
+        first one was).
         """
         self._reloads += 1
-        self.table.refresh().addCallback(self._reloaded, self._reloads)
+        self.table.refresh(quiet=quiet).addCallback(self._reloaded, self._reloads)
 
     def _reloaded(self, succeeded: bool, reload: int) -> None:
         """
@@ -288,7 +290,7 @@ class StallWatch:
 
     def _try_again(self) -> None:
         self._retry = None
-        self._reload()
+        self._reload(quiet=True)
 
     def _cancel_retry(self) -> None:
         retry, self._retry = self._retry, None

@@ -705,6 +705,9 @@ class ConsumerTable:
         #: What the callers of L{refresh} wait on: fired when the next
         #: reload to begin has ended.
         self._refresh_waiters: list[Deferred[bool]] = []
+        #: One of them wants that reload's failure logged (not all are
+        #: C{quiet}).
+        self._refresh_said = False
         #: In a cluster, what tells whether the table may have missed
         #: changes because the event loop stood still
         #: (L{openclaw.consumers.freshness.StallWatch}); None elsewhere.
@@ -777,24 +780,30 @@ class ConsumerTable:
     def reload(self) -> Deferred[None]:
         return self.store.load(self.clock()).addCallback(self.adopt)
 
-    def refresh(self) -> Deferred[bool]:
+    def refresh(self, quiet: bool = False) -> Deferred[bool]:
         """
         Reload from the database, because another instance changed a
         consumer (cluster mode).  Reloads in a row are coalesced: one under
         way, at most one more after it.
 
+        @param quiet: log no failure of the reload unless another caller
+            waiting on it wants it logged (L{StallWatch}'s tries again,
+            said once by the watch; before, a critical line per try).
         @return: fires once a reload that began after this call has ended
             (not one under way already, which may have read the database
             before the change): with True when the table took the
             database's consumers, False when the reload failed (logged
-            here).  Never fails.
+            here, unless C{quiet}).  Never fails.
         """
         ended: Deferred[bool] = Deferred()
         self._refresh_waiters.append(ended)
+        if not quiet:
+            self._refresh_said = True
         if self._reloading is not None:
             self._reload_again = True
             return ended
         waiters, self._refresh_waiters = self._refresh_waiters, []
+        said, self._refresh_said = self._refresh_said, False
         succeeded = False
 
         def adopted(_: None) -> None:
@@ -802,7 +811,10 @@ class ConsumerTable:
             succeeded = True
 
         def failed(reason: Failure) -> None:
-            log_database_failure(self._log, "could not reload the consumers after a change elsewhere ({error})", reason)
+            if said:
+                log_database_failure(
+                    self._log, "could not reload the consumers after a change elsewhere ({error})", reason
+                )
 
         def done(result: object) -> None:
             self._reloading = None
@@ -818,8 +830,9 @@ class ConsumerTable:
                 )
             if self._reload_again:
                 self._reload_again = False
-                # Its waiters are those that came meanwhile.
-                self.refresh()
+                # Its waiters are those that came meanwhile (and whether
+                # one of them wants its failure logged).
+                self.refresh(quiet=True)
 
         reloading = self._reloading = self.reload()
         reloading.addCallbacks(adopted, failed).addBoth(done)
