@@ -319,6 +319,73 @@ class RetryTests(WatchCase):
         self.fail_load(8)
         self.assertEqual(self.said(table_line), 3)
 
+    def test_a_reload_for_a_change_ends_the_tries(self) -> None:
+        """
+        After the reload for the stall failed, a reload begun for a change
+        elsewhere (L{SharedConsumers.received}) that succeeds brings the
+        table in step: ready at once, no more tries (before, not ready
+        until the next try, up to RETRY_MAX_SECONDS later).  One that
+        fails ends nothing.
+        """
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.fail_load(0)
+        for index in range(1, 5):
+            self.until_load(index + 1)
+            self.fail_load(index)
+        # Tries 8 s apart now: a change comes meanwhile, its reload fails.
+        self.table.refresh()
+        self.fail_load(5)
+        self.assertIsNotNone(self.watch.unready())
+        self.table.refresh()
+        self.store.loads[6].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+        self.assertEqual(self.said("in step again"), 1)
+        self.run_loop(60)
+        self.assertEqual(len(self.store.loads), 7)
+        # A stall after that is caught up with as ever.
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.store.loads[7].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+
+    def test_a_try_under_way_when_a_change_reload_ends_the_tries(self) -> None:
+        """
+        A try waiting behind a change's reload that succeeds: its own end,
+        success or not, no longer counts.
+        """
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.fail_load(0)
+        self.table.refresh()
+        # The try comes while the change's reload (load 1) runs: it waits for the next.
+        self.run_loop(1.25)
+        self.store.loads[1].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+        self.fail_load(2)
+        self.assertIsNone(self.watch.unready())
+        self.run_loop(60)
+        self.assertEqual(len(self.store.loads), 3)
+        self.assertEqual(self.said("could not be reloaded after the event loop"), 1)
+
+    def test_a_reload_begun_before_the_stall_does_not_end_it(self) -> None:
+        """
+        A reload under way when the stall was found, and ending after the
+        wait for keys (CATCH_UP_SECONDS): not ready still, until the one
+        begun after it has succeeded.
+        """
+        self.table.refresh()
+        self.monotonic.now += 3
+        self.assertTrue(self.watch.behind())
+        self.run_loop(CATCH_UP_SECONDS + 0.5)
+        self.store.loads[0].callback(snapshot())
+        self.assertIsNotNone(self.watch.unready())
+        self.fail_load(1)
+        self.assertIsNotNone(self.watch.unready())
+        self.until_load(3)
+        self.store.loads[2].callback(snapshot())
+        self.assertIsNone(self.watch.unready())
+
     def test_stop_ends_the_tries(self) -> None:
         self.monotonic.now += 3
         self.assertTrue(self.watch.behind())

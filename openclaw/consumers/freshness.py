@@ -292,6 +292,24 @@ class StallWatch:
         self._retry = None
         self._reload(quiet=True)
 
+    def in_step(self) -> None:
+        """
+        A reload of the table has succeeded (L{ConsumerTable.refresh}, one
+        begun for a change elsewhere as well as one of ours): once the
+        reload begun for the last stall has failed, any later one began
+        after the stall (reloads run one at a time), so the table is in
+        step again and the tries again end (before, /readyz answered 503
+        until the next try, up to L{RETRY_MAX_SECONDS} later).  Nothing
+        before that failure: a reload under way then may have read the
+        database before a change made during the stall.
+        """
+        if self._retry_wait is None or self._last is None:
+            return
+        # The tries under way or to come are not needed any more.
+        self._reloads += 1
+        self._cancel_retry()
+        self._reloaded(True, self._reloads)
+
     def _cancel_retry(self) -> None:
         retry, self._retry = self._retry, None
         if retry is not None and retry.active():

@@ -784,7 +784,8 @@ class ConsumerTable:
         """
         Reload from the database, because another instance changed a
         consumer (cluster mode).  Reloads in a row are coalesced: one under
-        way, at most one more after it.
+        way, at most one more after it.  A reload that succeeds tells the
+        L{stall_watch} (L{StallWatch.in_step}).
 
         @param quiet: log no failure of the reload unless another caller
             waiting on it wants it logged (L{StallWatch}'s tries again,
@@ -820,6 +821,10 @@ class ConsumerTable:
             self._reloading = None
             for waiter in waiters:
                 waiter.callback(succeeded)
+            if succeeded and self.stall_watch is not None:
+                # A reload begun for a change may bring the table in step
+                # before the watch's next try.
+                self.stall_watch.in_step()
             if isinstance(result, Failure):
                 # A fault of ours in failed (the reload's own are failed's).
                 self._log.failure(
