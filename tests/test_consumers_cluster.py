@@ -6,6 +6,7 @@ the openai SDK, all on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,10 +16,12 @@ from typing import Any
 import attrs
 import openai
 import txredisapi
+from psycopg.conninfo import conninfo_to_dict
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols.portforward import ProxyFactory, ProxyServer
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
@@ -30,7 +33,7 @@ from openclaw.dataplane.errors import APIError
 from tests.postgres_server import postgres_database
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
-from tests.test_consumers import burst_call
+from tests.test_consumers import burst_call, http_get
 from tests.test_twistd import SECRET, base_env
 
 GATEWAY_KEY = "gw-key-0123456789abcdef"
@@ -96,6 +99,45 @@ def window_total(port: int, name: str, what: str) -> int:
     [key] = keys
     lines = redis_command(port, "HVALS", key).split(b"\r\n")
     return sum(int(line) for line in lines[1:] if line and not line.startswith((b"$", b"*")))
+
+
+class _CutProxyServer(ProxyServer):
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)  # type: ignore[attr-defined]
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.open.discard(self)  # type: ignore[attr-defined]
+        super().connectionLost(reason)
+
+
+class DatabaseLink:
+    """
+    A TCP relay on 127.0.0.1 to a PostgreSQL, which the test can cut (its
+    connections dropped, new ones refused) and mend, on the same port.
+    """
+
+    def __init__(self, database_url: str) -> None:
+        parameters = conninfo_to_dict(database_url)
+        self.factory = ProxyFactory("127.0.0.1", int(parameters["port"]))
+        self.factory.protocol = _CutProxyServer
+        self.factory.open = set()  # type: ignore[attr-defined]
+        self.port = free_port()
+        self.url = database_url.replace(f":{parameters['port']}/", f":{self.port}/")
+        self.listening: Any = None
+        self.mend()
+
+    def mend(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+    def cut(self) -> Any:
+        for server in list(self.factory.open):  # type: ignore[attr-defined]
+            server.transport.abortConnection()
+        stopped, self.listening = self.listening.stopListening(), None
+        return stopped
+
+    def close(self) -> Any:
+        return self.cut() if self.listening is not None else None
 
 
 class ConsumersOnTwoInstances(TestCase):
@@ -260,6 +302,70 @@ class ConsumersOnTwoInstances(TestCase):
         self.assertIn(status, [(503, "consumers_catching_up"), (401, "invalid_api_key")])
         yield self.refused_within(on_b_sdk, 1.0, "the revoked key still works on the resumed instance", 0.05)
         self.assertIn(b"the event loop stood still for", b.stdout)
+
+    @inlineCallbacks
+    def test_stood_still_with_its_database_away_not_ready_until_reloaded(self) -> Any:
+        """
+        The second instance stopped (SIGSTOP) while a key is revoked on the
+        first, and its database unreachable when it resumes: its reload
+        after the stall fails, so /readyz answers 503 with the reason
+        (while /healthz, liveness, answers 200), and the reload is tried
+        again, quietly, until the database is back: then ready again, the
+        key refused (before, the reload was not tried again until the next
+        change, the revoked key served there meanwhile, the instance ready
+        throughout).
+        """
+        link = DatabaseLink(self.database)
+        self.addCleanup(link.close)
+        (_, token, on_a, _), (b, _, on_b, api_b) = yield self.two({}, {"DATABASE_URL": link.url})
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team"})
+        yield self.reaches(on_b, token, "team")
+        on_b_sdk = self.sdk(api_b, created["key"])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (200, None))
+
+        @inlineCallbacks
+        def probe(path: str) -> Any:
+            code, body = yield deferToThread(http_get, f"http://127.0.0.1:{api_b}{path}")
+            return code, json.loads(body)
+
+        ready = yield probe("/readyz")
+        self.assertEqual(ready[0], 200, ready)
+        os.kill(b.transport.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, b.transport.pid, signal.SIGCONT)
+        yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
+        yield link.cut()
+        yield sleep(2.5)
+        os.kill(b.transport.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while True:
+            ready = yield probe("/readyz")
+            if "could not be reloaded" in ready[1].get("reason", ""):
+                break
+            self.assertLess(time.monotonic(), deadline, f"not reported not ready with the reason in 10 s: {ready}")
+            yield sleep(0.1)
+        self.assertEqual((ready[0], ready[1]["ready"]), (503, False))
+        alive = yield probe("/healthz")
+        self.assertEqual(alive[0], 200, alive)
+        # Some tries fail (after 1, 2 and 4 s) while the database is away.
+        yield sleep(7.5)
+        ready = yield probe("/readyz")
+        self.assertEqual(ready[0], 503, ready)
+        link.mend()
+        # The next try (8 s after the last) finds it.
+        deadline = time.monotonic() + 12
+        while True:
+            ready = yield probe("/readyz")
+            if ready[0] == 200:
+                break
+            self.assertLess(time.monotonic(), deadline, f"not ready again in 12 s: {ready}")
+            yield sleep(0.2)
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (401, "invalid_api_key"))
+        # One warning of the failed reload, and one line once in step again,
+        # not one per try.
+        self.assertEqual(b.stdout.count(b"could not be reloaded after the event loop stood still"), 1)
+        self.assertEqual(b.stdout.count(b"reloaded after the event loop stood still: in step again"), 1)
 
     @inlineCallbacks
     def test_silent_subscription_misses_no_consumer_change(self) -> Any:
