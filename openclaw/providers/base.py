@@ -70,6 +70,7 @@ from openclaw.providers.keys import KeyPool, fingerprint
 from openclaw.providers.wire import Wire
 from openclaw.routing import model_refusal
 from openclaw.settings import Settings
+from openclaw.stalls import add_deadline, boot_clock
 
 
 def _without_trailing_slash(url: str) -> str:
@@ -167,6 +168,10 @@ class ProbeResult:
     models: tuple[str, ...] | None = None
     #: Why the probe failed; None when it succeeded.
     error: str | None = None
+    #: Seconds (at least) the gateway's event loop stood still while the
+    #: probe was under way, its time limit begun anew after (the longest
+    #: such stall); None when it did not.
+    stalled: float | None = None
 
     def report(self, active_model_available: bool | None) -> dict[str, Any]:
         """
@@ -181,6 +186,8 @@ class ProbeResult:
         }
         if not self.ok:
             entry["error"] = self.error
+        if self.stalled is not None:
+            entry["stalled_s"] = round(self.stalled, 1)
         return entry
 
 
@@ -238,8 +245,12 @@ class ProviderAdapter(abc.ABC):
     api_key: str | None = attrs.field(default=None, repr=False)
     #: The model served when an operator switches here without naming one.
     default_model: str
-    #: Seconds one listing may take, connect to last body byte (all pages).
+    #: Seconds one listing may take, connect to last body byte (all pages),
+    #: of time the event loop ran (L{openclaw.stalls.add_deadline}).
     timeout: float
+    #: The clock that never steps, that time is read on too
+    #: (L{openclaw.stalls.boot_clock}).
+    monotonic: Callable[[], float] = attrs.field(default=boot_clock, repr=False)
     #: The agent chat calls go through: the one under C{http}, sharing its
     #: connection pool (see L{openclaw.providers.fetch.post}).
     agent: IAgent = attrs.field(repr=False)
@@ -726,7 +737,7 @@ class ProviderAdapter(abc.ABC):
                 call.unanswered(client_left=cancelled(reason))
             return reason
 
-        d = self._bounded_listing(exchange).addCallbacks(listed, failed)
+        d = self._bounded_listing(exchange, "models listing").addCallbacks(listed, failed)
         return d.addErrback(self._as_provider_error)
 
     def probe(self) -> Deferred[ProbeResult]:
@@ -749,12 +760,13 @@ class ProviderAdapter(abc.ABC):
 
     def _probe_key(self, key: str) -> Deferred[ProbeResult]:
         exchange = Exchange(started=self.reactor.seconds(), key=key)
-        d = self._bounded_listing(exchange)
+        stalls: list[float] = []
+        d = self._bounded_listing(exchange, "health probe", stalls.append)
         return d.addCallbacks(
             self._probe_succeeded,
             self._probe_failed,
-            callbackArgs=(exchange,),
-            errbackArgs=(exchange,),
+            callbackArgs=(exchange, stalls),
+            errbackArgs=(exchange, stalls),
         )
 
     async def get_json(
@@ -786,13 +798,36 @@ class ProviderAdapter(abc.ABC):
             raise self.upstream_error(status, document, exchange.retry_after)
         return document
 
-    def _bounded_listing(self, exchange: Exchange) -> Deferred[list[str]]:
-        # addTimeout cancels the whole chain: the coroutine passes the
+    def _bounded_listing(
+        self, exchange: Exchange, what: str, stalled: Callable[[float], object] = lambda seconds: None
+    ) -> Deferred[list[str]]:
+        # The deadline cancels the whole chain: the coroutine passes the
         # cancellation to whatever it awaits (connect, headers or body), and
-        # each of those closes the connection.
+        # each of those closes the connection.  Found due after the event
+        # loop stood still, it begins anew instead (add_deadline): the
+        # provider had no time to answer, so it is not judged (neither a
+        # failed probe nor a failure charged to the breaker).
         d = Deferred.fromCoroutine(self.fetch_model_ids(exchange)).addCallback(self._listed)
-        return d.addTimeout(
-            self.timeout, self.reactor, onTimeoutCancel=lambda _, timeout: self._timed_out(exchange, timeout)
+
+        def stood_still(seconds: float) -> None:
+            self._log.warn(
+                "{provider} {what}: the gateway's event loop stood still for {seconds:.1f} s or more (the "
+                "process stopped, its host or VM paused, or swapping) when its {timeout:g} s time limit passed: "
+                "not judged a timeout, given {timeout:g} s more",
+                provider=self.id,
+                what=what,
+                seconds=seconds,
+                timeout=self.timeout,
+            )
+            stalled(seconds)
+
+        return add_deadline(
+            d,
+            self.timeout,
+            self.reactor,
+            lambda _, timeout: self._timed_out(exchange, timeout),
+            monotonic=self.monotonic,
+            on_stall=stood_still,
         )
 
     def _listed(self, models: list[str]) -> list[str]:
@@ -815,7 +850,7 @@ class ProviderAdapter(abc.ABC):
             )
         )
 
-    def _probe_succeeded(self, models: list[str], exchange: Exchange) -> ProbeResult:
+    def _probe_succeeded(self, models: list[str], exchange: Exchange, stalls: list[float]) -> ProbeResult:
         if exchange.key is not None:
             self.keys.restore(exchange.key)
         latency_ms = self._elapsed_ms(exchange)
@@ -825,9 +860,15 @@ class ProviderAdapter(abc.ABC):
             count=len(models),
             latency_ms=latency_ms,
         )
-        return ProbeResult(ok=True, latency_ms=latency_ms, status=exchange.status, models=tuple(models))
+        return ProbeResult(
+            ok=True,
+            latency_ms=latency_ms,
+            status=exchange.status,
+            models=tuple(models),
+            stalled=max(stalls, default=None),
+        )
 
-    def _probe_failed(self, reason: Failure, exchange: Exchange) -> ProbeResult:
+    def _probe_failed(self, reason: Failure, exchange: Exchange, stalls: list[float]) -> ProbeResult:
         error = self._reason(reason)
         value = reason.value
         if (
@@ -850,7 +891,9 @@ class ProviderAdapter(abc.ABC):
                 key=None if exchange.key is None else fingerprint(exchange.key),
             )
         latency_ms = None if exchange.status is None else self._elapsed_ms(exchange)
-        return ProbeResult(ok=False, latency_ms=latency_ms, status=exchange.status, error=error)
+        return ProbeResult(
+            ok=False, latency_ms=latency_ms, status=exchange.status, error=error, stalled=max(stalls, default=None)
+        )
 
     def _as_provider_error(self, reason: Failure) -> Failure:
         if reason.check(ProviderError):

@@ -1,0 +1,144 @@
+"""
+Time limits that the gateway's own standstill does not use up.
+
+When the gateway's event loop stands still (the process stopped with
+SIGSTOP, its host or VM paused, swapping), its timers go by the reactor's
+clock (the wall clock), which moves on meanwhile: on resume every time
+limit that passed fires at once, before the reactor has read what arrived
+meanwhile, and an exchange the other side had no chance to finish (its
+answer waiting unread in the socket, or, in a paused VM, not even
+received; a request not yet sent) would be judged timed out.  A wall clock
+stepped forward fires them early in the same way.
+
+L{add_deadline} is C{Deferred.addTimeout} that tells those apart, on a
+clock that never steps (L{boot_clock}) as well as the reactor's, as
+L{StallWatch <openclaw.consumers.freshness.StallWatch>} tells a stall
+from a clock step:
+
+  - the limit found due with less than its seconds gone on the monotonic
+    clock (the wall clock stepped forward, or a pause that clock does not
+    count): it waits for the rest;
+  - found due more than L{LATE_SECONDS} late on both clocks (the loop stood
+    still): the stall is reported and the limit begins anew, whole, from
+    now (what came meanwhile is read first, and a request not yet sent is
+    sent), so the other side is judged on time the gateway ran;
+  - found due late on the monotonic clock alone (the wall clock set back,
+    which holds the reactor's timers): the other side had more than its
+    time, and it is judged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+_T = TypeVar("_T")
+
+#: How late, in seconds, a limit must be found due, on both clocks, for the
+#: loop to have stood still: far more than a busy loop delays a timer (as
+#: L{openclaw.dataplane.deadlines.LATE_SECONDS}).
+LATE_SECONDS = 1.0
+
+#: The clock of L{boot_clock}: C{CLOCK_BOOTTIME} where there is one.
+BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def boot_clock() -> float:
+    """
+    Seconds on a clock that never steps and goes on while the process is
+    stopped or the host suspended (Linux's C{CLOCK_BOOTTIME}), else
+    C{CLOCK_MONOTONIC} (as L{openclaw.service.boot_clock}).
+    """
+    return time.clock_gettime(BOOT_CLOCK)
+
+
+class _Deadline:
+    """
+    The timer of one L{add_deadline}.
+    """
+
+    def __init__(
+        self,
+        deferred: Deferred[Any],
+        seconds: float,
+        reactor: IReactorTime,
+        monotonic: Callable[[], float],
+        on_stall: Callable[[float], object],
+    ) -> None:
+        self.deferred = deferred
+        self.seconds = seconds
+        self.reactor = reactor
+        self.monotonic = monotonic
+        self.on_stall = on_stall
+        self.timed_out = False
+        #: When the limit's present run began, on the monotonic clock.
+        self.began = monotonic()
+        self.timer: IDelayedCall | None = reactor.callLater(seconds, self.due)
+
+    def due(self) -> None:
+        timer, self.timer = self.timer, None
+        assert timer is not None
+        now = self.monotonic()
+        ran = now - self.began
+        if ran < self.seconds:
+            # The wall clock ran ahead of the monotonic clock: the rest.
+            self.timer = self.reactor.callLater(self.seconds - ran, self.due)
+            return
+        late = min(ran - self.seconds, self.reactor.seconds() - timer.getTime())
+        if late > LATE_SECONDS:
+            # The loop stood still: the limit begins anew.  The new timer
+            # fires after the reactor has read its sockets.
+            self.began = now
+            self.timer = self.reactor.callLater(self.seconds, self.due)
+            self.on_stall(late)
+            return
+        self.timed_out = True
+        self.deferred.cancel()
+
+    def ended(self, result: object) -> object:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        return result
+
+
+def add_deadline(
+    deferred: Deferred[_T],
+    seconds: float,
+    reactor: IReactorTime,
+    on_timeout: Callable[[Failure, float], Failure],
+    *,
+    monotonic: Callable[[], float] = boot_clock,
+    on_stall: Callable[[float], object] = lambda late: None,
+) -> Deferred[_T]:
+    """
+    Cancel C{deferred} unless it has fired within C{seconds} of time the
+    event loop ran (see the module's docstring), as
+    C{deferred.addTimeout(seconds, reactor, onTimeoutCancel=on_timeout)}
+    does by the reactor's clock alone.
+
+    @param on_timeout: called with the cancellation's failure and
+        C{seconds} when the limit passed; gives the failure C{deferred}
+        fails with.
+    @param monotonic: the clock that never steps (L{boot_clock}).
+    @param on_stall: called with how late the limit was found due, in
+        seconds (the loop stood still at least that long), each time it
+        begins anew after a stall.
+    @return: C{deferred}.
+    """
+    deadline = _Deadline(deferred, seconds, reactor, monotonic, on_stall)
+
+    def converted(result: Any) -> Any:
+        if deadline.timed_out and isinstance(result, Failure):
+            return on_timeout(result, seconds)
+        return result
+
+    return deferred.addBoth(converted).addBoth(deadline.ended)
+
+
+__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "boot_clock"]
