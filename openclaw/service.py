@@ -78,6 +78,7 @@ from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.settings import Settings
+from openclaw.stalls import boot_clock
 from openclaw.state import RouteStore
 from openclaw.timefmt import compact, isoformat
 from openclaw.urls import masked_url
@@ -163,19 +164,6 @@ def warn_rescued_copies(database: Path, consumers: int, log: Logger) -> None:
         consumers=consumers,
     )
 
-
-def boot_clock() -> float:
-    """
-    Seconds on a clock that never steps and goes on while the host is
-    suspended (Linux's C{CLOCK_BOOTTIME}, clock_gettime(2)), else
-    L{time.monotonic}: a suspended host's wall clock, right when it
-    resumes, is then not taken for one stepped forward (L{UsagePurge}).
-    """
-    return time.clock_gettime(BOOT_CLOCK)
-
-
-#: The clock of L{boot_clock}: C{CLOCK_BOOTTIME} where there is one.
-BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 #: How far the wall clock may run ahead of the monotonic clock between two
 #: purges of the usage rows (or the start and the first) before the purge

@@ -1,6 +1,18 @@
 """
 Time limits that the gateway's own standstill does not use up.
 
+Two rules, one for each kind of waiter:
+
+  - a data-plane deadline (a call's C{UPSTREAM_TIMEOUT}, a request's
+    C{API_HEADER_TIMEOUT_SECONDS}...) found due late (L{overdue}) is
+    judged one turn of the loop later, after the reactor has read what
+    came meanwhile: a client is waiting on it, and gets the answer that
+    came or the timeout it would have had, not one more timeout's wait;
+  - a health probe's or a models listing's limit (L{add_deadline}), on
+    which no client's answer hangs, begins anew, whole: the provider is
+    judged on time the gateway ran (a paused VM's provider resends its
+    answer only seconds after the resume).
+
 When the gateway's event loop stands still (the process stopped with
 SIGSTOP, its host or VM paused, swapping), its timers go by the reactor's
 clock (the wall clock), which moves on meanwhile: on resume every time
@@ -39,9 +51,9 @@ from twisted.python.failure import Failure
 
 _T = TypeVar("_T")
 
-#: How late, in seconds, a limit must be found due, on both clocks, for the
-#: loop to have stood still: far more than a busy loop delays a timer (as
-#: L{openclaw.dataplane.deadlines.LATE_SECONDS}).
+#: How late, in seconds, a limit must be found due for the loop to have
+#: stood still (on both clocks, for L{add_deadline}): far more than a busy
+#: loop delays a timer.
 LATE_SECONDS = 1.0
 
 #: The clock of L{boot_clock}: C{CLOCK_BOOTTIME} where there is one.
@@ -51,10 +63,26 @@ BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 def boot_clock() -> float:
     """
     Seconds on a clock that never steps and goes on while the process is
-    stopped or the host suspended (Linux's C{CLOCK_BOOTTIME}), else
-    C{CLOCK_MONOTONIC} (as L{openclaw.service.boot_clock}).
+    stopped or the host suspended (Linux's C{CLOCK_BOOTTIME},
+    clock_gettime(2)), else C{CLOCK_MONOTONIC}: a suspended host's wall
+    clock, right when it resumes, is then not taken for one stepped
+    forward (L{openclaw.service.UsagePurge}, L{add_deadline}).
     """
     return time.clock_gettime(BOOT_CLOCK)
+
+
+def overdue(timer: IDelayedCall | None, clock: IReactorTime) -> bool:
+    """
+    Whether C{timer}, firing now, fires more than L{LATE_SECONDS} after
+    its time (the loop stood still), so that its verdict is put off by
+    one turn of the event loop (a C{callLater(0)}): in each turn Twisted's
+    reactors run the timers that are due, then read the sockets that are
+    ready (C{ReactorBase.mainLoop}: C{runUntilCurrent}, then
+    C{doIteration}), so what arrived while the loop stood still is read
+    before the deadline is judged, and moves or ends it as it would have
+    in time.
+    """
+    return timer is not None and clock.seconds() - timer.getTime() > LATE_SECONDS
 
 
 class _Deadline:
@@ -141,4 +169,4 @@ def add_deadline(
     return deferred.addBoth(converted).addBoth(deadline.ended)
 
 
-__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "boot_clock"]
+__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "boot_clock", "overdue"]

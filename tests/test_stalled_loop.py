@@ -6,7 +6,7 @@ stood still fired before what had arrived meanwhile was read: a
 provider's answer waiting in its socket was a 504 charged to the
 provider's breaker, a client's request waiting in its socket a 408.  Such
 a deadline is now judged one turn of the loop later
-(L{openclaw.dataplane.deadlines.overdue}).
+(L{openclaw.stalls.overdue}).
 
 The stall is real: the reactor's thread sleeps (C{time.sleep}, scheduled
 with C{callFromThread}) while a provider on a thread of its own answers,
@@ -29,9 +29,10 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from openclaw.dataplane.deadlines import LATE_SECONDS, ConnectionDeadlines, overdue
+from openclaw.dataplane.deadlines import ConnectionDeadlines
 from openclaw.providers.kimi import KimiAdapter
 from openclaw.settings import ProviderSettings, provider_table
+from openclaw.stalls import LATE_SECONDS, overdue
 from tests.support import start_gateway
 from tests.test_dataplane import GATEWAY_KEY, HELLO, KIMI_KEY
 

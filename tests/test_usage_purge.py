@@ -23,14 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from openclaw.consumers.model import NO_CONSUMER
 from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.service import (
-    BOOT_CLOCK,
     CLOCK_STEP_SECONDS,
     USAGE_PURGE_SECONDS,
     UsagePurge,
-    boot_clock,
     check_usage_dates,
     usage_purger,
 )
+from openclaw.stalls import BOOT_CLOCK, boot_clock
 from tests.support import capture_log_events
 
 DAY = 86400.0

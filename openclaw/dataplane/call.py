@@ -48,7 +48,6 @@ from openclaw.consumers.table import GATEWAY, Holder, usage_counts
 from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS, CUT_STATUS, SEND_TIMEOUT, abort, send_whole
 from openclaw.dataplane.context import APIContext, request_id_of
 from openclaw.dataplane.cost import ProviderWait
-from openclaw.dataplane.deadlines import overdue
 from openclaw.dataplane.errors import (
     ANSWER_BROKEN,
     FALLBACK_HEADER,
@@ -94,6 +93,7 @@ from openclaw.providers.wire import (
     refuse_tool_types,
 )
 from openclaw.routing import FallbackReason, Route
+from openclaw.stalls import overdue
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
@@ -1183,7 +1183,7 @@ class ChatCall:
         if overdue(self._timer, reactor):
             # The loop stood still: the provider's answer may be waiting,
             # unread, in its socket; judged after it is read
-            # (L{openclaw.dataplane.deadlines.overdue}), not charged to the
+            # (L{openclaw.stalls.overdue}), not charged to the
             # provider's breaker for the gateway's own stall.
             self._timer = reactor.callLater(0, self._timed_out)
             return

@@ -16,12 +16,10 @@ The timers, each at most one per connection:
   - a lingering close's quiet timer;
   - the close deadline, the abort at the end of a close.
 
-A deadline found due more than L{LATE_SECONDS} after its time (the event
-loop stood still: the process stopped, its host or VM paused, swapping) is
-judged one turn of the loop later (L{overdue}): the reactor runs the timers
-that are due before it reads its sockets, so at once it would time out a
-request (or a provider's answer: L{openclaw.dataplane.call.ChatCall}) that
-arrived while the loop stood still and waits, unread, in its socket.
+The request's and the keyless deadline, found due more than
+L{LATE_SECONDS <openclaw.stalls.LATE_SECONDS>} after their time (the event
+loop stood still), are judged one turn of the loop later
+(L{openclaw.stalls.overdue}).
 """
 
 from __future__ import annotations
@@ -30,29 +28,13 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from openclaw.stalls import overdue
+
 #: The setting a large answer's parts, and what was written while the
 #: transport has the connection paused, are each to be taken within: a
 #: deadline of this setting is the send deadline (L{ConnectionDeadlines}'s
 #: C{stalled}), any other a request's (its C{late}).
 SEND_TIMEOUT = "API_SEND_TIMEOUT_SECONDS"
-
-#: How late, in seconds, a timer must fire for the loop to have stood
-#: still (L{overdue}): far more than a busy loop delays one.
-LATE_SECONDS = 1.0
-
-
-def overdue(timer: IDelayedCall | None, clock: IReactorTime) -> bool:
-    """
-    Whether C{timer}, firing now, fires more than L{LATE_SECONDS} after
-    its time, so that its verdict is put off by one turn of the event loop
-    (a C{callLater(0)}): in each turn Twisted's reactors run the timers
-    that are due, then read the sockets that are ready
-    (C{ReactorBase.mainLoop}: C{runUntilCurrent}, then C{doIteration}), so
-    what arrived while the loop stood still is read before the deadline
-    is judged, and moves or ends it as it would have in time.
-    """
-    return timer is not None and clock.seconds() - timer.getTime() > LATE_SECONDS
-
 
 #: A deadline: C{(seconds, setting, part)}, where C{seconds} is how long
 #: it gave, C{setting} the setting that says so (such as
