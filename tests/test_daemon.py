@@ -6,8 +6,11 @@ logs; and no secret in any log line.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import stat
@@ -19,7 +22,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw.state import STATE_LOCK
 from tests.support import connect, free_port, spawn_gateway, start_upstream, twistd_path
@@ -263,6 +266,46 @@ class DaemonTests(TestCase):
         self.assertTrue(any(e.get("cmd") == "health_check" for e in before))
         self.assertFalse(any(e.get("cmd") == "rotate_token" for e in before))
         self.assertTrue(any(e.get("cmd") == "rotate_token" and e["level"] == "info" for e in after))
+        client.sendClose()
+        yield client.closed
+
+    @inlineCallbacks
+    def test_contrib_logrotate(self):
+        """
+        contrib/openclaw.logrotate, its paths and user made this test's,
+        run by logrotate itself (forced): the log moved to C{.1}, a new one
+        made, and the daemon's next lines in the new one.
+        """
+        logrotate = shutil.which("logrotate") or (
+            "/usr/sbin/logrotate" if Path("/usr/sbin/logrotate").exists() else None
+        )
+        if logrotate is None:
+            raise SkipTest("logrotate is not installed")
+        logfile = self.dir / "gw.log"
+        port, pidfile, tokenfile = yield self.daemon(logfile)
+        token = tokenfile.read_text().strip()
+        user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+        contrib = Path(__file__).resolve().parent.parent / "contrib" / "openclaw.logrotate"
+        config = self.dir / "logrotate.conf"
+        config.write_text(
+            contrib.read_text()
+            .replace("/var/log/openclaw/openclaw.log", str(logfile))
+            .replace("/run/openclaw/twistd.pid", str(pidfile))
+            .replace("create 0600 openclaw openclaw", f"create 0600 {user} {group}")
+        )
+        client = yield connect(port)
+        yield client.command(token, "health_check")
+        yield wait_for(lambda: "health_check" in logfile.read_text())
+        _out, err, code = yield getProcessOutputAndValue(
+            logrotate, ["--force", "--state", str(self.dir / "logrotate.state"), str(config)], env=env()
+        )
+        self.assertEqual(code, 0, err)
+        rotated = self.dir / "gw.log.1"
+        self.assertIn("health_check", rotated.read_text())
+        yield client.command(token, "rotate_token")
+        yield wait_for(lambda: logfile.exists() and "rotate_token" in logfile.read_text())
+        self.assertNotIn("rotate_token", rotated.read_text())
+        self.assertEqual(stat.S_IMODE(logfile.stat().st_mode), 0o600)
         client.sendClose()
         yield client.closed
 
