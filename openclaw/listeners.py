@@ -179,8 +179,9 @@ def lock_port(listener: Listener, port: int) -> socket.socket | None:
         if e.errno == errno.EADDRINUSE:
             raise CannotListen(
                 f"openclaw: cannot listen on {listener.where} ({listener.named}): another openclaw gateway holds "
-                f"port {port} on this host (starting, or listening at another of its addresses); stop it, or "
-                f"choose another port with {listener.option}"
+                f"port {port} on this host (starting, listening at another of its addresses, or stopping: one "
+                "holds its ports until its calls have drained, SHUTDOWN_GRACE_SECONDS at most); stop it or wait "
+                f"for it to end, or choose another port with {listener.option}"
             ) from None
         raise CannotListen(listener.failure_line(e)) from None
     return lock

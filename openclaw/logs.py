@@ -189,9 +189,14 @@ def log_destination(
     try:
         _create_log_file(path, mode)
     except OSError as error:
+        directory = os.path.dirname(path)
+        if os.path.isdir(directory):
+            todo = f"make {directory} writable by the gateway's user"
+        else:
+            todo = f"create {directory} (writable by the gateway's user)"
         raise ConfigError(
-            f"cannot create the log file {path} (--logfile): {error.strerror}; create {os.path.dirname(path)} "
-            "(writable by the gateway's user), or name a log file in a directory it may write"
+            f"cannot create the log file {path} (--logfile): {error.strerror}; {todo}, or name a log file in a "
+            "directory it may write"
         ) from None
     try:
         log_file = ReopenedLogFile(path, mode)

@@ -1081,6 +1081,10 @@ class ConsoleScriptTests(TestCase):
         out, err, code = yield self.ctl("--json", "health-check", token=self.gateway.token)
         providers = json.loads(out)["result"]["providers"]
         self.assertEqual({entry["ok"] for entry in providers.values()}, {False})
+        # The protocol's name too (ops trial s36: "invalid choice").
+        out, err, code = yield self.ctl("health_check", token=self.gateway.token)
+        self.assertEqual((err, code), ("", 0))
+        self.assertRegex(out, r"(?m)^kimi +not configured +- +- +KIMI_API_KEY is not set$")
 
     @inlineCallbacks
     def test_rotate_token_writes_back(self):

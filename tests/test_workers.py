@@ -98,8 +98,9 @@ class ReserveTests(SynchronousTestCase):
             self.assertEqual(
                 str(raised.exception),
                 f"openclaw: cannot listen on 127.0.0.1:{self.port} (WS_CONTROL_PORT, from the command line): "
-                f"another openclaw gateway holds port {self.port} on this host (starting, or listening at another "
-                "of its addresses); stop it, or choose another port with --port",
+                f"another openclaw gateway holds port {self.port} on this host (starting, listening at another "
+                "of its addresses, or stopping: one holds its ports until its calls have drained, "
+                "SHUTDOWN_GRACE_SECONDS at most); stop it or wait for it to end, or choose another port with --port",
             )
         # Another port is another lock.
         port = free_port()

@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
+        # The protocol's own name too (health_check, as README's tables and
+        # the gateway's answers spell it), listed beside it.
+        aliases = [name.replace("-", "_")] if "-" in name else []
+        sub = commands.add_parser(name, help=help, description=help, aliases=aliases)
         _connection_options(sub, defaults=False)
         return sub
 
