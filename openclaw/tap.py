@@ -10,10 +10,11 @@ import errno
 import gc
 import ipaddress
 import os
+import re
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar, NoReturn, TypeVar
 
@@ -62,6 +63,7 @@ from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file,
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.settings.directories import remove_made_directories
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
+from openclaw.spelling import meant
 from openclaw.state import STATE_LOCK, lock_state_dir
 
 _log = Logger(namespace="openclaw")
@@ -122,6 +124,20 @@ class Options(usage.Options):
             "(set by --workers: the directory of the workers' private metrics sockets; not for operators)",
         ],
     ]
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        As L{usage.Options.parseOptions}, but an option mistyped or missing
+        its value is one line on standard error naming it (and the option
+        it most likely meant) with exit status 2, as every other
+        configuration error: twistd would print its whole usage and exit
+        with status 1, which a unit manager restarts on
+        (C{contrib/openclaw.service}'s C{RestartPreventExitStatus=2}).
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            _fail(f"{e}{_option_meant(str(e), self.optParameters)}; see twistd openclaw --help")
 
     def postOptions(self) -> None:
         """
@@ -999,6 +1015,24 @@ def speaks_tls(description: str | None) -> bool:
     endpoint (C{ssl:...}), on which HTTP/2 can be negotiated (ALPN).
     """
     return description is not None and description.partition(":")[0].strip().lower() == "ssl"
+
+
+#: getopt's words for an option it does not know ("option --prot not
+#: recognized").
+_UNKNOWN_OPTION = re.compile(r"option (--[\w-]+) not recognized")
+
+
+def _option_meant(error: str, parameters: Sequence[Sequence[str | None]]) -> str:
+    """
+    " (did you mean --port?)" for a getopt C{error} about an unknown long
+    option close to one of C{parameters}' (L{meant}), else "".
+    """
+    unknown = _UNKNOWN_OPTION.search(error)
+    if unknown is None:
+        return ""
+    names = [f"--{parameter[0]}" for parameter in parameters if parameter[0]]
+    guess = meant(unknown.group(1), names)
+    return f" (did you mean {guess}?)" if guess else ""
 
 
 def _fail(message: str, status: int = 2) -> NoReturn:

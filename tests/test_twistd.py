@@ -96,12 +96,17 @@ class TwistdTests(TestCase):
             ([], {"DEFAULT_PROVIDER": "openai"}, "DEFAULT_PROVIDER='openai'"),
             ([], {"JWT_SECRET": "short"}, "JWT_SECRET is 5 bytes long"),
             (["--port", str(same), "--api-port", str(same)], {}, f"WS_CONTROL_PORT and API_PORT are both {same}"),
+            # Mistyped options: one line and status 2 too, not twistd's usage
+            # text and status 1 (ops trial s36).
+            (["--prot", "9000"], {}, "option --prot not recognized (did you mean --port?)"),
+            (["--state_dir", "x"], {}, "(did you mean --state-dir?)"),
+            (["--port"], {}, "option --port requires argument"),
         ]
         for args, env, expected in cases:
             out, err, code = yield getProcessOutputAndValue(
                 twistd_path(), ["-n", "--pidfile=", "openclaw", *args], env=base_env(**env), path=self.mktemp_dir()
             )
-            self.assertNotEqual(code, 0, expected)
+            self.assertEqual(code, 2, (expected, err))
             lines = err.decode().strip().splitlines()
             self.assertEqual(len(lines), 1, err)
             self.assertIn(expected, lines[0])
