@@ -14,10 +14,7 @@ thread while a stand-in provider on a thread of its own answers.
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
@@ -28,10 +25,9 @@ from openclaw.providers.breaker import CircuitBreaker
 from openclaw.providers.errors import ProbeTimedOut
 from openclaw.providers.fetch import Exchange
 from openclaw.providers.kimi import KimiAdapter
-from openclaw.settings import ProviderSettings, provider_table
 from openclaw.stalls import LATE_SECONDS, add_deadline
 from tests.support import capture_log_events, open_client, start_gateway
-from tests.test_stalled_loop import STALL, stand_still
+from tests.test_stalled_loop import StillAnswering, still_answering_kimi
 
 KIMI_KEY = "sk-kimi-secret-0123456789"
 TIMEOUT = 5.0
@@ -222,23 +218,13 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
-class _Kimi(http.server.BaseHTTPRequestHandler):
+class _Kimi(StillAnswering):
     """
-    Moonshot's models listing on a thread of its own: it answers while
-    the gateway's loop stands still (longer than the probe's limit).
+    Moonshot's models listing, answered while the gateway's loop stands
+    still (longer than the probe's limit).
     """
 
-    def do_GET(self) -> None:
-        stand_still(STALL)
-        body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    document: ClassVar[Any] = {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
 
 
 class StoppedLoopTests(TestCase):
@@ -254,14 +240,7 @@ class StoppedLoopTests(TestCase):
         after 0.5 s").
         """
         events = capture_log_events(self)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Kimi)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        base = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        providers = provider_table(
-            [ProviderSettings(adapter=KimiAdapter, base_url=base, model="moonshot-v1-8k", api_key=KIMI_KEY)]
-        )
+        providers = still_answering_kimi(self, _Kimi)
         gateway = start_gateway(
             self, providers=providers, default_provider="kimi", health_check_timeout=0.5, breaker_failures=1
         )

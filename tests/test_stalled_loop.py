@@ -20,7 +20,7 @@ import json
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import openai
 from twisted.internet import reactor
@@ -65,24 +65,51 @@ def stand_still(seconds: float) -> None:
         raise AssertionError("the reactor did not run the stall")
 
 
-class _Kimi(http.server.BaseHTTPRequestHandler):
+class StillAnswering(http.server.BaseHTTPRequestHandler):
     """
-    Moonshot's chat API on a thread of its own: it answers each call
-    while the gateway's loop stands still.
+    A provider on a thread of its own that answers while the gateway's
+    loop stands still (L{STALL} seconds, from when a request arrives):
+    C{document} (JSON, 200) to each request of C{method}.
     """
 
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+    method = "POST"
+    document: ClassVar[Any] = ANSWER
+
+    def answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
         stand_still(STALL)
-        body = json.dumps(ANSWER).encode()
+        body = json.dumps(self.document).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:
+        self.answer()
+
+    def do_GET(self) -> None:
+        self.answer()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def still_answering_kimi(testcase: TestCase, handler: type[StillAnswering] = StillAnswering) -> Any:
+    """
+    C{Settings.providers} with Kimi at a L{StillAnswering} server of
+    C{handler}'s, stopped when C{testcase} ends.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    testcase.addCleanup(server.server_close)
+    testcase.addCleanup(server.shutdown)
+    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    return provider_table(
+        [ProviderSettings(adapter=KimiAdapter, base_url=base, model="moonshot-v1-8k", api_key=KIMI_KEY)]
+    )
 
 
 class ProviderAnswerTests(TestCase):
@@ -95,14 +122,7 @@ class ProviderAnswerTests(TestCase):
         UPSTREAM_TIMEOUT: the answer is taken, and the breaker not charged
         (before: 504 upstream_timeout, one failure of the provider's).
         """
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Kimi)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        base = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        providers = provider_table(
-            [ProviderSettings(adapter=KimiAdapter, base_url=base, model="moonshot-v1-8k", api_key=KIMI_KEY)]
-        )
+        providers = still_answering_kimi(self)
         gateway = start_gateway(
             self,
             api=True,
