@@ -42,6 +42,14 @@ _TOKEN_FILE_CONTENT = re.compile(rb"(?:[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-
 MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 
+def holds_a_token(content: bytes) -> bool:
+    """
+    Whether C{content}, a token file's, is one session token (a JWT: three
+    base64url segments) and at most a newline, as the gateway writes it.
+    """
+    return bool(content) and _TOKEN_FILE_CONTENT.fullmatch(content) is not None
+
+
 class TokenRejected(Exception):
     """
     A presented token does not open the control plane.  The message is what

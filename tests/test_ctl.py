@@ -268,16 +268,29 @@ class ParseRequestTests(TestCase):
 
     def test_token_precedence(self):
         token_file = Path(self.mktemp())
-        token_file.write_text("from-file\n")
+        token_file.write_text("from.the.file\n")
         environ = {"OPENCLAW_TOKEN": "from-env"}
         self.assertEqual(ctl.choose_token("flag", token_file, environ), "flag")
-        self.assertEqual(ctl.choose_token(None, token_file, environ), "from-file")
+        self.assertEqual(ctl.choose_token(None, token_file, environ), "from.the.file")
         self.assertEqual(ctl.choose_token(None, None, environ), "from-env")
 
     def test_no_token(self):
         error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, None, {"OPENCLAW_TOKEN": " "})
         for way in ("--token", "--token-file", "OPENCLAW_TOKEN"):
             self.assertIn(way, str(error))
+
+    def test_token_file_holding_no_token(self):
+        """
+        A file that is no token file (an env file named by mistake) is
+        refused before anything is sent: its secrets would go to whatever
+        --url names (ops trial s36).
+        """
+        env_file = Path(self.mktemp())
+        env_file.write_text("KIMI_API_KEY=sk-secret-0123456789\nGATEWAY_API_KEYS=client-key\n")
+        error = self.assertRaises(ctl.UsageError, ctl.choose_token, None, env_file, {})
+        self.assertIn("does not hold a session token", str(error))
+        self.assertIn("nothing was sent", str(error))
+        self.assertNotIn("sk-secret", str(error))
 
     def test_unreadable_or_empty_token_file(self):
         """

@@ -30,7 +30,7 @@ from openclaw.ctl.request import (
     unix_socket_path,
 )
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
-from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file
+from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, holds_a_token
 from openclaw.settings.permissions import open_to_others
 
 
@@ -362,19 +362,28 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
         return token.strip()
     if token_file is not None:
         try:
-            content = read_regular_file(token_file, MAX_TOKEN_FILE_BYTES, follow_links=True).decode("ascii").strip()
-        except (OSError, UnicodeDecodeError) as e:
+            raw = read_regular_file(token_file, MAX_TOKEN_FILE_BYTES, follow_links=True)
+        except OSError as e:
             raise UsageError(
                 f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}; "
                 "the gateway writes it when started with TOKEN_FILE / --token-file"
             ) from None
+        content = raw.strip()
         if not content:
             raise UsageError(
                 f"the token file {token_file} is empty; name the file the gateway was started with "
                 "(TOKEN_FILE / --token-file: it writes the token there at start and at each rotate_token), "
                 "or pass --token TOKEN"
             )
-        return content
+        if not holds_a_token(content):
+            # Not sent: a wrong path (an env file) would send its secrets to
+            # whatever --url names (ops trial s36).
+            raise UsageError(
+                f"the token file {token_file} does not hold a session token (one line of three base64url "
+                "segments, as the gateway writes it), so nothing was sent; name the file the gateway was "
+                "started with (TOKEN_FILE / --token-file), or pass --token TOKEN"
+            )
+        return content.decode("ascii")
     from_environment = environ.get(TOKEN_VARIABLE, "").strip()
     if from_environment:
         return from_environment
