@@ -139,6 +139,14 @@ class Options(usage.Options):
         except usage.UsageError as e:
             _fail(f"{e}{_option_meant(str(e), self.optParameters)}; see twistd openclaw --help")
 
+    def parseArgs(self, *args: str) -> None:
+        """
+        No arguments but options: one given is named (usage.Options'
+        own error says only "Wrong number of arguments.").
+        """
+        if args:
+            raise usage.UsageError(f"unexpected argument {args[0]!r}: twistd openclaw takes options only")
+
     def postOptions(self) -> None:
         """
         Refuse twistd's options the gateway cannot run with

@@ -101,6 +101,7 @@ class TwistdTests(TestCase):
             (["--prot", "9000"], {}, "option --prot not recognized (did you mean --port?)"),
             (["--state_dir", "x"], {}, "(did you mean --state-dir?)"),
             (["--port"], {}, "option --port requires argument"),
+            (["extra-arg"], {}, "unexpected argument 'extra-arg': twistd openclaw takes options only"),
         ]
         for args, env, expected in cases:
             out, err, code = yield getProcessOutputAndValue(
