@@ -642,6 +642,8 @@ class OpenAICodeTests(DataPlaneTestCase):
             ({"temperature": "hot"}, "temperature", "invalid_type"),
             ({"n": 0}, "n", "integer_below_min_value"),
             ({"n": 2.0}, "n", "invalid_type"),
+            ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
             ({"logprobs": "yes"}, "logprobs", "invalid_type"),
             ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),
             ({"verbosity": "loud"}, "verbosity", "invalid_value"),

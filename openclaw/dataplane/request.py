@@ -767,10 +767,12 @@ def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
     """
     OpenAI's code for a field's value that is not a C{kind} (C{integer},
     C{decimal}) from C{low} to C{high}: C{invalid_type} when it is not a
-    number at all, else C{<kind>_below_min_value} or
+    number at all (or, for an integer, a decimal), else C{<kind>_below_min_value} or
     C{<kind>_above_max_value} (as OpenAI's API answers C{"temperature": 3}).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and type(value) is not int):
+        # A decimal number for an integer field is of the wrong type, in
+        # range or not (OpenAI: "expected an integer, but got a decimal").
         return INVALID_TYPE
     return f"{kind}_below_min_value" if value < low else f"{kind}_above_max_value"
 
