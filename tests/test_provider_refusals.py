@@ -800,7 +800,7 @@ class ContextLengthReadingTests(SynchronousTestCase):
         )
         embeddings_error = upstream_refused("gemini", refusal, "GEMINI_API_KEY", names_model=True, prompt_param="input")
         self.assertEqual(embeddings_error.param, "input")
-        self.assertIn("shorten the input", embeddings_error.message)
+        self.assertIn("shorten the input (or split it into parts)", embeddings_error.message)
 
     def test_openai_code_read_by_every_provider(self):
         self.assertEqual(classify(400, json.dumps(OPENAI_TOO_LONG).encode()).code, "context_length_exceeded")

@@ -32,6 +32,7 @@ from openclaw.consumers.table import GATEWAY, Holder
 from openclaw.dataplane.answer import CLIENT_GONE, CLIENT_GONE_STATUS, CUT_STATUS, send_whole
 from openclaw.dataplane.context import APIContext
 from openclaw.dataplane.errors import (
+    INVALID_VALUE,
     APIError,
     bad_request,
     internal_error,
@@ -174,7 +175,7 @@ def parse_embedding_request(
     if encoding is None:
         encoding = "float"
     if encoding not in ENCODINGS:
-        raise bad_request("encoding_format must be float or base64", param="encoding_format")
+        raise bad_request("encoding_format must be float or base64", param="encoding_format", code=INVALID_VALUE)
     return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding, configured)
 
 

@@ -396,7 +396,8 @@ def upstream_refused(
             return APIError(
                 refusal.status,
                 f"{refused}; the prompt is longer than the model's context window: shorten the {prompt_param} "
-                "(drop or summarise earlier turns) or use a model with a longer context",
+                + ("(drop or summarise earlier turns)" if prompt_param == "messages" else "(or split it into parts)")
+                + " or use a model with a longer context",
                 "invalid_request_error",
                 CONTEXT_LENGTH_EXCEEDED,
                 prompt_param,

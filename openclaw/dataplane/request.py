@@ -1159,7 +1159,7 @@ def _check_tool_choice(choice: Any, names: frozenset[str]) -> None:
         return
     if isinstance(choice, str):
         if choice not in TOOL_CHOICES:
-            raise bad_request(TOOL_CHOICE_SHAPES, param="tool_choice")
+            raise bad_request(TOOL_CHOICE_SHAPES, param="tool_choice", code=INVALID_VALUE)
         if choice == "required" and not names:
             raise bad_request('tool_choice "required" needs tools to choose from', param="tool_choice")
         return
@@ -1339,6 +1339,7 @@ def _rewritten_message(messages: list[Any], i: int, where: str, history: _Histor
         raise bad_request(
             f"{where}.role must be one of system, user, assistant, tool, developer (got {role!r})",
             param=f"{where}.role",
+            code=MISSING_REQUIRED_PARAMETER if role is None else INVALID_VALUE,
         )
     name = message.get("name")
     if name is not None and not isinstance(name, str):
@@ -1903,7 +1904,11 @@ def _check_response_format(response_format: Any) -> None:
         return
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if not isinstance(kind, str) or kind not in RESPONSE_FORMATS:
-        raise bad_request("response_format.type must be text, json_object or json_schema", param="response_format.type")
+        raise bad_request(
+            "response_format.type must be text, json_object or json_schema",
+            param="response_format.type",
+            code=INVALID_VALUE,
+        )
     if kind != "json_schema":
         return
     assert isinstance(response_format, dict)
