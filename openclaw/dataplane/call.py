@@ -55,11 +55,13 @@ from openclaw.dataplane.errors import (
     STREAM_BROKEN,
     STREAM_ERROR,
     APIError,
+    amended,
     bad_request,
     breaker_open,
     descriptors_exhausted,
     every_breaker_open,
     every_key_resting,
+    for_operator,
     internal_error,
     no_usable_key,
     out_of_descriptors,
@@ -78,7 +80,7 @@ from openclaw.dataplane.streamstart import MAX_HELD_BYTES, MAX_HELD_SECONDS, NEX
 from openclaw.logs import DESCRIPTORS_FIELD
 from openclaw.providers import ProviderAdapter
 from openclaw.providers.breaker import BreakerState, CircuitBreaker
-from openclaw.providers.errors import RefusalKind
+from openclaw.providers.errors import Explained, RefusalKind
 from openclaw.providers.event_errors import error_event_status
 from openclaw.providers.fetch import BodyReader
 from openclaw.providers.wire import (
@@ -214,9 +216,10 @@ class ChatCall:
     _tried: list[str] = attrs.field(factory=list)
     #: C{(from, to, reason)} once failed over.
     _fallback: tuple[str, str, FallbackReason] | None = None
-    #: Once failed over, the first provider's failure (its error's message,
-    #: scrubbed of its keys), told with the fallback's if that fails too.
-    _origin_failure: str | None = None
+    #: Once failed over, the first provider's failure (its error, message
+    #: and detail scrubbed of its keys), told with the fallback's if that
+    #: fails too.
+    _origin_failure: APIError | None = None
     #: And the error it was (its status, code and headers), its provider
     #: and route: the answer's, should the fallback refuse the request.
     _origin_error: APIError | None = None
@@ -742,7 +745,7 @@ class ChatCall:
         self._fallback = (origin, target.id, reason)
         # Scrubbed of this provider's keys now: _fail scrubs with the
         # fallback's.
-        self._origin_failure = self.adapter.scrubber.text(error.message)
+        self._origin_failure = amended(error, self.adapter.scrubber.text)
         self._origin_error = error
         self._origin = (self.adapter, self.route)
         context.failed_over(origin, target.id, reason, error.code, self.holder.consumer, request_id_of(self.request))
@@ -1000,6 +1003,7 @@ class ChatCall:
         if translation.finished:
             return self._close_stream(translation, drain=False)
         code = STREAM_BROKEN
+        why: str | Explained
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             if translation.complete:
                 return self._close_stream(translation)
@@ -1008,10 +1012,12 @@ class ChatCall:
                 # No event at all, and a JSON document said it was one.
                 why = "the provider answered a stream request with a JSON document, not an event stream"
                 code = "upstream_malformed"
-        elif self._stream_sent():
-            why = f"the stream broke mid-answer: {self.adapter.describe(reason)}"
         else:
-            why = f"the stream broke before its answer began: {self.adapter.describe(reason)}"
+            broke = "mid-answer" if self._stream_sent() else "before its answer began"
+            explained = self.adapter.describe(reason)
+            why = Explained(
+                f"the stream broke {broke}: {explained.client}", f"the stream broke {broke}: {explained.operator}"
+            )
         error = upstream_failed(self.route.provider_id, why, code)
         if not self._stream_sent():
             return self._attempt_failed("broken", error)
@@ -1339,19 +1345,23 @@ class ChatCall:
         """
         self._finish_call()
         request = self.request
-        if self._origin_failure is not None and self._fallback is not None and not request.startedWriting:
-            message = f"{self._origin_failure}; failed over to {self._fallback[1]}: {error.message}"
+        failed = self._origin_failure
+        if failed is not None and self._fallback is not None and not request.startedWriting:
+            told, how = error, ""
             origin, first = self._origin_error, self._origin
             if origin is not None and first is not None and 400 <= error.status < 500 and error.status != 429:
                 # The first provider's failure is the answer: its route in
                 # the headers, the log and the accounting; the fallback's
                 # words scrubbed of its own keys before they go.
-                said = self.adapter.scrubber.text(error.message)
-                message = f"{self._origin_failure}; failed over to {self._fallback[1]}, which refused it: {said}"
+                told, how = amended(error, self.adapter.scrubber.text), ", which refused it"
                 error = origin
                 self.adapter, self.route = first
                 self.wire = self.adapter.wire
-            error = attrs.evolve(error, message=message)
+            both = f"; failed over to {self._fallback[1]}{how}: "
+            detail = None
+            if failed.detail is not None or told.detail is not None:
+                detail = for_operator(failed) + both + for_operator(told)
+            error = attrs.evolve(error, message=failed.message + both + told.message, detail=detail)
         # Every error of a call may quote the provider (its message, a
         # stream's error event): scrubbed here, where none can be missed.
         scrub = self.adapter.scrubber.data
@@ -1370,9 +1380,7 @@ class ChatCall:
             request.finish()
         finally:
             # Its message for the log line (a 5xx's), as scrubbed as its body.
-            self._ended(
-                error.status, error.code, attrs.evolve(error, message=self.adapter.scrubber.text(error.message))
-            )
+            self._ended(error.status, error.code, amended(error, self.adapter.scrubber.text))
 
     def _finish_call(self, drain: bool = False) -> None:
         """
@@ -1662,4 +1670,4 @@ def _not_failed_over(error: APIError, target: str, why: str) -> APIError:
     C{error}, saying why the call was not failed over to C{target}: the
     client sees the failover that did not happen, not only the log.
     """
-    return attrs.evolve(error, message=f"{error.message} (not failed over to {target}: {why})")
+    return amended(error, lambda text: f"{text} (not failed over to {target}: {why})")

@@ -21,7 +21,7 @@ from openclaw.addresses import host_of
 from openclaw.connections import Outstanding
 from openclaw.consumers.audit import without_keys
 from openclaw.dataplane.auth import GatewayKeys
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import APIError, for_operator
 from openclaw.dataplane.offload import BodyWorkers
 from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
 from openclaw.metrics import APIRefusal, CallCosts, RequestTally
@@ -477,7 +477,9 @@ class APIContext:
                     # its code alone said not what (re-check s34).  Not a
                     # model's failure, whose message may quote the model's
                     # output (Gemini's finishMessage); clipped.
-                    error_message = clipped(error.message, LOGGED_MESSAGE_CHARS)
+                    # The operator's words (L{APIError.detail}): where and
+                    # what to check.
+                    error_message = clipped(for_operator(error), LOGGED_MESSAGE_CHARS)
             outcome = outcome or "-"
             keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
         else:

@@ -420,6 +420,7 @@ class EmbeddingsCall:
             self.count(CLIENT_GONE_STATUS, CLIENT_GONE, answered)
             return None
         request, parsed = self.request, self.parsed
+        error = None
         if isinstance(result, Failure):
             error = self._error(result)
             if parsed.configured and error.code == "model_not_found":
@@ -435,7 +436,7 @@ class EmbeddingsCall:
         request.setHeader(b"X-OpenClaw-Model", parsed.model.encode())
         going_out = send_whole(request, body)
         if going_out is None:
-            self.count(status, outcome, answered)
+            self.count(status, outcome, answered, error)
             return None
         # A large answer goes out part by part: counted (and, by _call_over,
         # counted out of the calls a stop waits for) once it was all handed
@@ -453,12 +454,16 @@ class EmbeddingsCall:
         else:
             self.count(CUT_STATUS[cut], cut, answered)
 
-    def count(self, status: int, outcome: str | None, answered: EmbeddingsAnswer | None) -> None:
+    def count(
+        self, status: int, outcome: str | None, answered: EmbeddingsAnswer | None, error: APIError | None = None
+    ) -> None:
         """
         Count the call (its metrics and log line) and, for a consumer, its
         usage (L{billed}), which also releases what its admission reserved.
 
         @param answered: the provider's answer, if all its batches were.
+        @param error: the error answered, if any: a provider's failure's
+            words go to the log line (L{APIContext.completed}).
         """
         context = self.context
         # No provider was called when its keys or its breaker let no call through.
@@ -471,6 +476,7 @@ class EmbeddingsCall:
             outcome=outcome,
             consumer=self.holder.consumer,
             provider=called,
+            error=error,
         )
         if context.consumers is not None:
             context.consumers.account(

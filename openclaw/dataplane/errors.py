@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -25,7 +25,7 @@ from openclaw.web import status_line
 
 if TYPE_CHECKING:
     # Not at run time: the providers import this package.
-    from openclaw.providers.errors import Refusal
+    from openclaw.providers.errors import Explained, Refusal
 
 #: OpenAI's code for a prompt longer than the model's context window (a
 #: 400 with C{param} C{messages}): the one error an agent can mend by
@@ -70,6 +70,14 @@ class APIError(Exception):
         last but for an C{x-should-retry}.  A C{Retry-After} given in C{headers} alone (by a provider
         plugin) is read into it when it is delay-seconds (RFC 9110 section
         10.2.3), else left as it is, and this None.
+    @ivar detail: the message as the operator reads it in the request's
+        log line (L{APIContext.completed
+        <openclaw.dataplane.context.APIContext.completed>}), never in the
+        answer, when it differs from C{message}: it names the provider's
+        address (C{host:port}, often an internal proxy's) and the setting
+        to check, which no client holding a key is to learn
+        (L{openclaw.providers.errors.Explained}); None when the message
+        says all.
     """
 
     status: int
@@ -79,6 +87,7 @@ class APIError(Exception):
     param: str | None = None
     headers: tuple[tuple[bytes, bytes], ...] = ()
     retry_after: int | None = None
+    detail: str | None = None
 
     def __attrs_post_init__(self) -> None:
         """
@@ -258,11 +267,33 @@ STREAM_BROKEN = "upstream_stream_broken"
 STREAM_ERROR = "upstream_stream_error"
 
 
-def upstream_failed(provider_id: str, reason: str, code: str = "upstream_unreachable") -> APIError:
+def upstream_failed(provider_id: str, reason: str | Explained, code: str = "upstream_unreachable") -> APIError:
     """
-    502 for an upstream that could not be reached or answered nonsense.
+    502 for an upstream that could not be reached or answered nonsense:
+    C{reason} in one line, or in the client's and the operator's words
+    (L{Explained}: the operator's are the error's C{detail}).
     """
-    return APIError(502, f"{provider_id}: {reason}", "upstream_error", code)
+    if isinstance(reason, str):
+        return APIError(502, f"{provider_id}: {reason}", "upstream_error", code)
+    detail = None if reason.operator == reason.client else f"{provider_id}: {reason.operator}"
+    return APIError(502, f"{provider_id}: {reason.client}", "upstream_error", code, detail=detail)
+
+
+def for_operator(error: APIError) -> str:
+    """
+    C{error}'s message as the operator reads it: its C{detail}, else its
+    message.
+    """
+    return error.message if error.detail is None else error.detail
+
+
+def amended(error: APIError, amend: Callable[[str], str]) -> APIError:
+    """
+    C{error} with C{amend} applied to its message, and to its C{detail}
+    when it has one (a failover's note, a key scrubbed).
+    """
+    detail = None if error.detail is None else amend(error.detail)
+    return attrs.evolve(error, message=amend(error.message), detail=detail)
 
 
 def out_of_descriptors(reason: Failure) -> bool:
@@ -565,12 +596,8 @@ def sooner_elsewhere(error: APIError, provider_id: str, seconds: float) -> APIEr
     # Its x-should-retry: false for a wait too long to sleep, if any, is
     # decided again.
     kept = tuple((name, value) for name, value in error.headers if name.lower() != SHOULD_RETRY_HEADER)
-    return attrs.evolve(
-        error,
-        message=f"{error.message}; {provider_id} may take the call in {wait} s (failover)",
-        headers=kept,
-        retry_after=wait,
-    )
+    told = amended(error, lambda text: f"{text}; {provider_id} may take the call in {wait} s (failover)")
+    return attrs.evolve(told, headers=kept, retry_after=wait)
 
 
 def breaker_open(provider_id: str, remaining: float, pinned: bool = False) -> APIError:

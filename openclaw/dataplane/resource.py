@@ -58,7 +58,7 @@ from openclaw.providers import (
     ProviderRegistry,
     UpstreamHTTPError,
 )
-from openclaw.providers.errors import BreakerOpen, MalformedResponse, NoUsableKey
+from openclaw.providers.errors import BreakerOpen, MalformedResponse, NoUsableKey, Unreachable
 from openclaw.providers.wire import Wire
 from openclaw.routing import Route, model_refusal
 from openclaw.web import head_or_body
@@ -847,6 +847,8 @@ class Models(AuthenticatedResource):
             elif isinstance(value, MalformedResponse):
                 # As a chat call's malformed answer: the provider was reached.
                 error = upstream_failed(provider_id, str(value), "upstream_malformed")
+            elif isinstance(value, Unreachable):
+                error = upstream_failed(provider_id, value.explained)
             elif isinstance(value, ProviderError):
                 error = upstream_failed(provider_id, str(value))
             else:

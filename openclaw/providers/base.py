@@ -50,6 +50,7 @@ from openclaw.providers.breaker import BreakerState, CircuitBreaker
 from openclaw.providers.embeddings import EmbeddingsWire
 from openclaw.providers.errors import (
     BreakerOpen,
+    Explained,
     MissingKey,
     NoUsableKey,
     ProbeTimedOut,
@@ -57,11 +58,13 @@ from openclaw.providers.errors import (
     Refusal,
     RefusalKind,
     Scrubber,
+    Unreachable,
     UpstreamHTTPError,
     cancelled,
     classify,
     clip,
     describe_failure,
+    explain_failure,
     http_hint,
 )
 from openclaw.providers.event_errors import NO_STATUSES
@@ -697,18 +700,24 @@ class ProviderAdapter(abc.ABC):
         hint = http_hint(status, refusal.kind is RefusalKind.AUTH, self.key_variable, self.base_url_variable)
         return UpstreamHTTPError(status, message, hint, refusal)
 
-    def describe(self, reason: Failure) -> str:
+    def describe(self, reason: Failure) -> Explained:
         """
-        Why an exchange with this provider failed, in one line without the
-        key ("connection refused by host:port; is KIMI_BASE_URL right ...").
+        Why an exchange with this provider failed, without the key, in a
+        client's words ("the provider could not be reached (connection
+        refused); try again later ...") and the operator's, which name its
+        address and the setting to check ("connection refused by
+        host:port; is KIMI_BASE_URL right ..."): L{Explained}.
         """
-        return self._reason(reason)
+        host, port = self._address()
+        explained = explain_failure(reason, host, port, self.base_url_variable)
+        return Explained(self.scrub(explained.client), self.scrub(explained.operator))
 
     def list_models(self) -> Deferred[list[str]]:
         """
         The model ids the provider offers, within L{timeout}.
 
-        Fails with L{MissingKey} (no request made) or a
+        Fails with L{MissingKey} (no request made), L{Unreachable} (no
+        answer: refused, cut, a failed TLS handshake) or another
         L{ProviderError} whose message is an operator-facing reason.
         """
         warning = self.missing_key_warning()
@@ -898,7 +907,7 @@ class ProviderAdapter(abc.ABC):
     def _as_provider_error(self, reason: Failure) -> Failure:
         if reason.check(ProviderError):
             return reason
-        return Failure(ProviderError(self._reason(reason)))
+        return Failure(Unreachable(self.describe(reason)))
 
     def _reason(self, reason: Failure) -> str:
         host, port = self._address()

@@ -50,6 +50,18 @@ class ProviderError(Exception):
     """
 
 
+class Unreachable(ProviderError):
+    """
+    No answer came from the provider (the connection refused, cut, its
+    TLS handshake failed): C{str()} is the operator's reason, which names
+    the provider's address; C{explained} has the client's words too.
+    """
+
+    def __init__(self, explained: Explained) -> None:
+        super().__init__(explained.operator)
+        self.explained = explained
+
+
 class MissingKey(ProviderError):
     """
     No API key is configured, so no request was made.
@@ -183,7 +195,36 @@ def http_hint(status: int, key_refused: bool, key_variable: str, base_url_variab
 def describe_failure(reason: Failure, host: str, port: int, base_url_variable: str) -> str:
     """
     One line saying why an exchange with C{host:port} failed
-    (L{host_port}: an IPv6 address in brackets).
+    (L{host_port}: an IPv6 address in brackets), for the operator: a
+    health report, a log line (L{explain_failure}'s C{operator}).
+    """
+    return explain_failure(reason, host, port, base_url_variable).operator
+
+
+@attrs.frozen
+class Explained:
+    """
+    Why an exchange with a provider failed, in two sets of words.
+    """
+
+    #: For a client of the data plane: what failed, in the provider's
+    #: terms, and what it can do; never the provider's address, its base
+    #: URL or a setting, which are the operator's configuration (an
+    #: internal proxy's address among them).
+    client: str
+    #: For the operator (a health report, the request's log line): where
+    #: (C{host:port}) and what to check (C{base_url_variable}).
+    operator: str
+
+
+#: What a client can do when the provider could not be reached.
+_RETRY_LATER = "try again later, and tell the gateway's operator if it lasts"
+
+
+def explain_failure(reason: Failure, host: str, port: int, base_url_variable: str) -> Explained:
+    """
+    Why an exchange with C{host:port} failed, for a client and for the
+    operator (L{Explained}).
 
     Twisted's web client wraps transport errors (L{ResponseNeverReceived},
     L{ResponseFailed}); the first wrapped reason is the telling one.
@@ -194,29 +235,57 @@ def describe_failure(reason: Failure, host: str, port: int, base_url_variable: s
         inner = value.reasons[0]
         if inner.check(neterror.ConnectionDone, neterror.ConnectionLost):
             when = "before answering" if isinstance(value, ResponseNeverReceived) else "mid-response"
-            return f"connection closed by {where} {when}"
-        return describe_failure(inner, host, port, base_url_variable)
+            return Explained(f"the provider closed the connection {when}", f"connection closed by {where} {when}")
+        return explain_failure(inner, host, port, base_url_variable)
     if isinstance(value, HeadTooLarge):
-        return HeadTooLarge.said(value.limit, where)
+        return Explained(HeadTooLarge.said(value.limit), HeadTooLarge.said(value.limit, where))
+    if isinstance(value, ProbeTimedOut):
+        return Explained("the provider did not answer in time", str(value))
     if isinstance(value, ProviderError):
-        return str(value)
+        return Explained(str(value), str(value))
     if cancelled(reason):
-        return f"request to {where} cancelled (the gateway is stopping)"
+        return Explained(
+            "the request to the provider was cancelled (the gateway is stopping)",
+            f"request to {where} cancelled (the gateway is stopping)",
+        )
     if isinstance(value, neterror.ConnectionRefusedError):
-        return f"connection refused by {where}; is {base_url_variable} right and the service up?"
+        return Explained(
+            f"the provider could not be reached (connection refused); {_RETRY_LATER}",
+            f"connection refused by {where}; is {base_url_variable} right and the service up?",
+        )
     if isinstance(value, neterror.DNSLookupError):
-        return f"DNS lookup failed for {host}; check {base_url_variable} and this host's resolver"
+        return Explained(
+            f"the provider could not be reached (its host name did not resolve); {_RETRY_LATER}",
+            f"DNS lookup failed for {host}; check {base_url_variable} and this host's resolver",
+        )
     if isinstance(value, (neterror.TimeoutError, neterror.TCPTimedOutError)):
-        return f"connecting to {where} timed out"
+        return Explained(
+            f"the provider could not be reached (connecting timed out); {_RETRY_LATER}",
+            f"connecting to {where} timed out",
+        )
     if isinstance(value, neterror.NoRouteError):
-        return f"no route to {where}; check the network"
+        return Explained(
+            f"the provider could not be reached (no route to it); {_RETRY_LATER}",
+            f"no route to {where}; check the network",
+        )
     if is_tls_error(value):
-        return f"TLS handshake with {where} failed ({clip(describe_tls_error(value), 200)}); {_tls_hint(value, base_url_variable)}"
+        return Explained(
+            "the provider could not be reached securely (the TLS handshake with it failed); tell the gateway's "
+            "operator",
+            f"TLS handshake with {where} failed ({clip(describe_tls_error(value), 200)}); "
+            f"{_tls_hint(value, base_url_variable)}",
+        )
     if isinstance(value, neterror.ConnectError):
-        return f"could not connect to {where}: {clip(str(value), 120)}"
+        return Explained(
+            f"the provider could not be reached (the connection failed); {_RETRY_LATER}",
+            f"could not connect to {where}: {clip(str(value), 120)}",
+        )
     if isinstance(value, (neterror.ConnectionDone, neterror.ConnectionLost)):
-        return f"connection to {where} lost"
-    return f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}"
+        return Explained("the connection to the provider was lost", f"connection to {where} lost")
+    return Explained(
+        f"the request to the provider failed ({type(value).__name__})",
+        f"request to {where} failed: {type(value).__name__}: {clip(str(value), 120)}",
+    )
 
 
 #: OpenSSL's reasons for a server that did not answer in TLS (a plain HTTP

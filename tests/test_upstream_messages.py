@@ -1,0 +1,252 @@
+"""
+What a client of the data plane is told when a provider cannot be
+reached, and what the operator's log line and health check keep: the
+provider's address (its base URL's C{host:port}, often an internal
+proxy's) and the setting to fix are the operator's, never in a client's
+error (trial s36).  Real sockets on loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from openclaw.dataplane.errors import amended, for_operator, upstream_failed
+from openclaw.providers.errors import Explained
+from tests.support import capture_log_events, changed_providers, free_port, make_ca
+from tests.test_dataplane import HELLO, DataPlaneTestCase
+
+
+class DetailTests(TestCase):
+    """
+    L{APIError.detail}, the operator's words: in the log line, never in
+    the client's document, kept through a message's amendments.
+    """
+
+    def test_left_out_of_the_document(self):
+        error = upstream_failed("kimi", Explained("could not be reached", "refused by 10.0.0.7:8443"))
+        self.assertEqual(error.message, "kimi: could not be reached")
+        self.assertEqual(for_operator(error), "kimi: refused by 10.0.0.7:8443")
+        self.assertEqual(error.document()["error"]["message"], "kimi: could not be reached")  # type: ignore[index]
+        self.assertNotIn(b"10.0.0.7", error.body())
+
+    def test_same_words(self):
+        """
+        Words that are the same for both leave no detail.
+        """
+        error = upstream_failed("kimi", Explained("the stream ended", "the stream ended"))
+        self.assertIsNone(error.detail)
+        self.assertEqual(for_operator(error), "kimi: the stream ended")
+        self.assertIsNone(upstream_failed("kimi", "odd").detail)
+
+    def test_amended(self):
+        """
+        An amendment (a failover's note) goes to the message and the
+        detail alike; an error without detail gets none.
+        """
+        error = upstream_failed("kimi", Explained("unreachable", "refused by 10.0.0.7:1"))
+        told = amended(error, lambda text: f"{text} (not failed over to acme: it is failing)")
+        self.assertEqual(told.message, "kimi: unreachable (not failed over to acme: it is failing)")
+        self.assertEqual(told.detail, "kimi: refused by 10.0.0.7:1 (not failed over to acme: it is failing)")
+        self.assertIsNone(amended(upstream_failed("kimi", "odd"), str.upper).detail)
+
+
+class _Gateways(DataPlaneTestCase):
+    """
+    Gateways in front of providers at addresses of the test's, and the
+    request lines they log.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.lines = capture_log_events(self)
+
+    def kimi_at(self, url: str, **settings: Any) -> Any:
+        """
+        A gateway whose kimi is at C{url}, failover off, kimi the default.
+        """
+        settings.setdefault("fallback", "off")
+        return self.gateway(
+            providers=changed_providers(self.upstream.provider_settings(), kimi={"base_url": url}),
+            default_provider="kimi",
+            **settings,
+        )
+
+    def logged(self, status: int) -> str:
+        """
+        The error message of the one request line logged with C{status}.
+        """
+        [line] = [e for e in self.lines if e.get("status") == status and "error_message" in e]
+        message: str = line["error_message"]
+        return message
+
+    def assertNoAddress(self, message: str, *addresses: str) -> None:
+        for address in addresses:
+            self.assertNotIn(address, message)
+        self.assertNotIn("BASE_URL", message)
+
+
+class ClientMessageTests(_Gateways):
+    @inlineCallbacks
+    def test_connection_refused(self):
+        """
+        A provider that refuses the connection: the client is told kimi
+        could not be reached and why, and to try again later, not the
+        provider's address nor the setting; the request's log line keeps
+        both.  Streamed or not; the type and code as before.
+        """
+        port = free_port()
+        gateway = self.kimi_at(f"http://127.0.0.1:{port}/v1")
+        for stream in (False, True):
+            del self.lines[:]
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.assertEqual(response.code, 502, text)
+            error = self.assertOpenAIError(text, "upstream_unreachable")
+            self.assertEqual(error["type"], "upstream_error")
+            self.assertEqual(
+                error["message"],
+                "kimi: the provider could not be reached (connection refused); try again later, and tell the "
+                "gateway's operator if it lasts",
+            )
+            self.assertNoAddress(text, f":{port}", "127.0.0.1")
+            logged = self.logged(502)
+            self.assertIn(f"connection refused by 127.0.0.1:{port}; is KIMI_BASE_URL right and the service up?", logged)
+        # The health check, the operator's, keeps them too.
+        result = yield gateway.service.providers.get("kimi").probe()
+        self.assertIn(f"connection refused by 127.0.0.1:{port}; is KIMI_BASE_URL right", result.error)
+
+    @inlineCallbacks
+    def test_failover_both_unreachable(self):
+        """
+        Both providers unreachable: the client's message tells both
+        failures, neither address; the log line has both.
+        """
+        kimi, gemini = free_port(), free_port()
+        providers = changed_providers(
+            self.upstream.provider_settings(),
+            kimi={"base_url": f"http://127.0.0.1:{kimi}/v1"},
+            gemini={"base_url": f"http://127.0.0.1:{gemini}/v1beta"},
+        )
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertIn("kimi: the provider could not be reached (connection refused)", error["message"])
+        self.assertIn("failed over to gemini: gemini: the provider could not be reached", error["message"])
+        self.assertNoAddress(text, f":{kimi}", f":{gemini}", "127.0.0.1")
+        logged = self.logged(502)
+        self.assertIn(f"connection refused by 127.0.0.1:{kimi}; is KIMI_BASE_URL right", logged)
+        self.assertIn(f"connection refused by 127.0.0.1:{gemini}; is GEMINI_BASE_URL right", logged)
+
+    @inlineCallbacks
+    def test_models_listing_unreachable(self):
+        """
+        A models listing no provider answered: the same words, no address.
+        """
+        kimi, gemini = free_port(), free_port()
+        providers = changed_providers(
+            self.upstream.provider_settings(),
+            kimi={"base_url": f"http://127.0.0.1:{kimi}/v1"},
+            gemini={"base_url": f"http://127.0.0.1:{gemini}/v1beta"},
+        )
+        gateway = self.gateway(providers=providers, default_provider="kimi")
+        response = yield self.http().get(
+            f"http://127.0.0.1:{gateway.api_port}/v1/models",
+            headers={"Authorization": ["Bearer gw-key-0123456789abcdef"]},
+        )
+        text = yield response.text("utf-8")
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertIn("the provider could not be reached (connection refused)", error["message"])
+        self.assertNoAddress(text, f":{kimi}", f":{gemini}", "127.0.0.1")
+
+    @inlineCallbacks
+    def test_certificate_refused(self):
+        """
+        A provider whose certificate is for another host: the client is
+        told the TLS handshake failed, not the address, nor the names in
+        the certificate; the log line has them and what to set.
+        """
+        ca = make_ca()
+        endpoint = SSL4ServerEndpoint(reactor, 0, ca.server_options("api.internal.test"), interface="127.0.0.1")
+        resource = Resource()
+        resource.isLeaf = True  # type: ignore[misc]
+        resource.render = lambda request: b"{}"  # type: ignore[method-assign]
+        site = Site(resource)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        listening = yield endpoint.listen(site)
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        gateway = self.kimi_at(f"https://127.0.0.1:{port}/v1", upstream_ca_pem=ca.pem)
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertIn("kimi: the provider could not be reached securely (the TLS handshake with it failed)", text)
+        self.assertNoAddress(error["message"], f":{port}", "127.0.0.1", "api.internal.test")
+        logged = self.logged(502)
+        self.assertIn(f"TLS handshake with 127.0.0.1:{port} failed (the certificate is not valid for 127.0.0.1", logged)
+        self.assertIn("api.internal.test", logged)
+        self.assertIn("set KIMI_BASE_URL to a host name the certificate holds", logged)
+
+    @inlineCallbacks
+    def test_cut_before_answering(self):
+        """
+        A provider that closes the connection without answering: said so,
+        without its address.
+        """
+
+        class Hangup(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.loseConnection()
+
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Hangup))
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        gateway = self.kimi_at(f"http://127.0.0.1:{port}/v1")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text)
+        self.assertIn("the provider closed the connection before answering", error["message"])
+        self.assertNoAddress(text, f":{port}", "127.0.0.1")
+        self.assertIn(f"connection closed by 127.0.0.1:{port} before answering", self.logged(502))
+
+    @inlineCallbacks
+    def test_stream_cut_mid_answer(self):
+        """
+        A stream cut mid-answer: its error event names no address.
+        """
+        self.upstream.kimi.mode, self.upstream.kimi.cut_after = "cut", 2
+        gateway = self.gateway(default_provider="kimi")
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": HELLO, "stream": True})
+        self.assertEqual(response.code, 200)
+        events = [e for e in text.split("\n\n") if e]
+        error = self.assertOpenAIError(events[-1][len("data: ") :], "upstream_stream_broken")
+        self.assertIn("the stream broke mid-answer: the provider closed the connection mid-response", error["message"])
+        self.assertNoAddress(text, "127.0.0.1")
+
+    @inlineCallbacks
+    def test_embeddings_unreachable(self):
+        """
+        An embeddings call to a provider that refuses the connection: the
+        client's words, no address; the log line has it.
+        """
+        port = free_port()
+        providers = changed_providers(
+            self.upstream.provider_settings(), gemini={"base_url": f"http://127.0.0.1:{port}/v1beta"}
+        )
+        gateway = self.gateway(providers=providers, fallback="off")
+        response, text = yield self.post(
+            gateway, {"model": "gemini/gemini-embedding-001", "input": "hi"}, path="/v1/embeddings"
+        )
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertIn("gemini: the provider could not be reached (connection refused)", error["message"])
+        self.assertNoAddress(text, f":{port}", "127.0.0.1")
+        self.assertIn(f"connection refused by 127.0.0.1:{port}; is GEMINI_BASE_URL right", self.logged(502))
