@@ -7,7 +7,8 @@ Two rules, one for each kind of waiter:
     C{API_HEADER_TIMEOUT_SECONDS}...) found due late (L{overdue}) is
     judged one turn of the loop later, after the reactor has read what
     came meanwhile: a client is waiting on it, and gets the answer that
-    came or the timeout it would have had, not one more timeout's wait;
+    came or the timeout it would have had, not one more timeout's wait
+    (L{add_timeout} is C{Deferred.addTimeout} so judged);
   - a health probe's or a models listing's limit (L{add_deadline}), on
     which no client's answer hangs, begins anew, whole: the provider is
     judged on time the gateway ran (a paused VM's provider resends its
@@ -83,6 +84,53 @@ def overdue(timer: IDelayedCall | None, clock: IReactorTime) -> bool:
     in time.
     """
     return timer is not None and clock.seconds() - timer.getTime() > LATE_SECONDS
+
+
+def add_timeout(
+    deferred: Deferred[_T],
+    seconds: float,
+    reactor: IReactorTime,
+    on_timeout: Callable[[Any, float], Any],
+) -> Deferred[_T]:
+    """
+    C{deferred.addTimeout(seconds, reactor, onTimeoutCancel=on_timeout)},
+    but the deadline, found due more than L{LATE_SECONDS} late (the loop
+    stood still: L{overdue}), is judged one turn of the loop later, after
+    the reactor has read what came meanwhile: an answer that came in time
+    for that turn ends C{deferred} before it, and the deadline does
+    nothing; else C{deferred} is cancelled then, as it would have been in
+    time.
+
+    @param on_timeout: called with what the cancelled C{deferred} fired
+        with and C{seconds} when the deadline passed; gives its result
+        from then on (as C{addTimeout}'s C{onTimeoutCancel}).
+    @return: C{deferred}.
+    """
+    # The deadline's timer (the next turn's, once found due late).
+    timer: IDelayedCall | None = None
+    timed_out = False
+
+    def due() -> None:
+        nonlocal timer, timed_out
+        if overdue(timer, reactor):
+            timer = reactor.callLater(0, due)
+            return
+        timer = None
+        timed_out = True
+        deferred.cancel()
+
+    def converted(result: Any) -> Any:
+        return on_timeout(result, seconds) if timed_out else result
+
+    def ended(result: Any) -> Any:
+        nonlocal timer
+        running, timer = timer, None
+        if running is not None and running.active():
+            running.cancel()
+        return result
+
+    timer = reactor.callLater(seconds, due)
+    return deferred.addBoth(converted).addBoth(ended)
 
 
 class _Deadline:
@@ -169,4 +217,4 @@ def add_deadline(
     return deferred.addBoth(converted).addBoth(deadline.ended)
 
 
-__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "boot_clock", "overdue"]
+__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "add_timeout", "boot_clock", "overdue"]

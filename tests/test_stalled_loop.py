@@ -4,9 +4,10 @@ or VM paused, swapping): Twisted's reactors run the timers that are due
 before they read their sockets, so a deadline that passed while the loop
 stood still fired before what had arrived meanwhile was read: a
 provider's answer waiting in its socket was a 504 charged to the
-provider's breaker, a client's request waiting in its socket a 408.  Such
-a deadline is now judged one turn of the loop later
-(L{openclaw.stalls.overdue}).
+provider's breaker (a chat call's, an embeddings call's), a client's
+request waiting in its socket a 408.  Such a deadline is now judged one
+turn of the loop later (L{openclaw.stalls.overdue},
+L{openclaw.stalls.add_timeout}).
 
 The stall is real: the reactor's thread sleeps (C{time.sleep}, scheduled
 with C{callFromThread}) while a provider on a thread of its own answers,
@@ -24,17 +25,19 @@ from typing import Any, ClassVar
 
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.dataplane.deadlines import ConnectionDeadlines
+from openclaw.providers import GeminiAdapter
 from openclaw.providers.kimi import KimiAdapter
 from openclaw.settings import ProviderSettings, provider_table
-from openclaw.stalls import LATE_SECONDS, overdue
+from openclaw.stalls import LATE_SECONDS, add_timeout, overdue
 from tests.support import start_gateway
-from tests.test_dataplane import GATEWAY_KEY, HELLO, KIMI_KEY
+from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY
 
 #: How long the reactor's thread stands still, in seconds: the deadlines
 #: below pass during it, and fire more than LATE_SECONDS late.
@@ -143,6 +146,58 @@ class ProviderAnswerTests(TestCase):
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
 
 
+class EmbeddingAnswer(StillAnswering):
+    """
+    Gemini's C{batchEmbedContents} answer, for one input, while the loop
+    stands still.
+    """
+
+    document: ClassVar[Any] = {"embeddings": [{"values": [0.6, 0.8]}]}
+
+
+class EmbeddingsAnswerTests(TestCase):
+    timeout = 30
+
+    @inlineCallbacks
+    def test_answer_that_came_during_the_stall_is_taken(self) -> Any:
+        """
+        The provider answered an embeddings call while the loop stood
+        still, past UPSTREAM_TIMEOUT: the answer is taken, and the breaker
+        not charged (before: 504 upstream_timeout, one failure of the
+        provider's, as a chat call's was).
+        """
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EmbeddingAnswer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        base = f"http://127.0.0.1:{server.server_address[1]}/v1beta"
+        providers = provider_table(
+            [ProviderSettings(adapter=GeminiAdapter, base_url=base, model="gemini-2.5-flash", api_key=GEMINI_KEY)]
+        )
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=providers,
+            default_provider="gemini",
+            embedding_provider="gemini",
+            embedding_model="gemini-embedding-001",
+            gateway_api_keys=(GATEWAY_KEY,),
+            fallback="off",
+            upstream_timeout=0.5,
+            breaker_failures=1,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
+        )
+        self.addCleanup(client.close)
+        answer = yield deferToThread(
+            client.embeddings.create, model="gemini/gemini-embedding-001", input="hello", encoding_format="float"
+        )
+        self.assertEqual(answer.data[0].embedding, [0.6, 0.8])
+        self.assertEqual(gateway.service.providers.get("gemini").breaker.state, "closed")
+
+
 class ClientRequestTests(TestCase):
     timeout = 30
 
@@ -202,4 +257,67 @@ class OverdueTests(SynchronousTestCase):
         deadlines.arm(1.0, "API_HEADER_TIMEOUT_SECONDS", "its head")
         clock.advance(1.0 + LATE_SECONDS + 2.0)
         self.assertEqual(late, [(1.0, "API_HEADER_TIMEOUT_SECONDS", "its head")])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class AddTimeoutTests(SynchronousTestCase):
+    """
+    L{add_timeout} over a clock moved by hand: C{Deferred.addTimeout}, but
+    a deadline found due late is judged a turn later.
+    """
+
+    def timed(self, clock: Clock) -> tuple[Deferred[str], list[object]]:
+        """
+        A Deferred under a 5 s L{add_timeout} over C{clock}, and what it
+        fires with, once it has.
+        """
+        waited: Deferred[str] = Deferred()
+        fired: list[object] = []
+        add_timeout(waited, 5.0, clock, lambda result, seconds: ("timed out", seconds, type(result.value)))
+        waited.addBoth(fired.append)
+        return waited, fired
+
+    def test_in_time(self) -> None:
+        """
+        Due on time: cancelled at once, as C{addTimeout} does, and its
+        result what C{on_timeout} makes of the cancellation.
+        """
+        clock = Clock()
+        _, fired = self.timed(clock)
+        clock.advance(5.0)
+        self.assertEqual(fired, [("timed out", 5.0, CancelledError)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_late_deadline_still_fires(self) -> None:
+        """
+        Found due late, it is judged a turn later, and then cancels as it
+        would have (C{Clock} runs that turn in the same C{advance}:
+        nothing is read in between).
+        """
+        clock = Clock()
+        _, fired = self.timed(clock)
+        clock.advance(5.0 + LATE_SECONDS + 2.0)
+        self.assertEqual(fired, [("timed out", 5.0, CancelledError)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_answer_before_the_deadline(self) -> None:
+        """
+        What fires in time is left as it is, and the timer cancelled.
+        """
+        clock = Clock()
+        waited, fired = self.timed(clock)
+        clock.advance(4.0)
+        waited.callback("answer")
+        self.assertEqual(fired, ["answer"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_failure_before_the_deadline(self) -> None:
+        """
+        A failure before the deadline is no timeout: C{on_timeout} is not
+        called.
+        """
+        clock = Clock()
+        waited, fired = self.timed(clock)
+        waited.errback(Failure(ValueError("refused")))
+        self.assertEqual([type(f.value) for f in fired if isinstance(f, Failure)], [ValueError])
         self.assertEqual(clock.getDelayedCalls(), [])

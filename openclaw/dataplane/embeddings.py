@@ -62,6 +62,7 @@ from openclaw.providers.errors import RefusalKind
 from openclaw.providers.fetch import read_body
 from openclaw.providers.wire import MalformedAnswer
 from openclaw.routing import Route
+from openclaw.stalls import add_timeout
 
 #: Inputs one request may hold (OpenAI's own limit).
 MAX_INPUTS = 2048
@@ -293,8 +294,8 @@ class Embeddings(AuthenticatedResource):
 
 def _timeout_failure(result: object, timeout: float) -> object:
     """
-    An embeddings call cancelled for its deadline (C{addTimeout}'s
-    C{onTimeoutCancel}): a timeout, whatever the cancel became on its way
+    An embeddings call cancelled for its deadline (L{add_timeout}'s
+    C{on_timeout}): a timeout, whatever the cancel became on its way
     out (Agent's C{ResponseNeverReceived} around a C{CancelledError} would
     read as the gateway stopping).
     """
@@ -348,7 +349,10 @@ class EmbeddingsCall:
         """
         context = self.context
         embedding = self._embedding = Deferred.fromCoroutine(self.embed())
-        embedding.addTimeout(context.timeout, context.reactor, onTimeoutCancel=_timeout_failure)
+        # A deadline the loop's own standstill made late is judged after
+        # the provider's answer that came meanwhile is read
+        # (L{openclaw.stalls.add_timeout}), as a chat call's is.
+        add_timeout(embedding, context.timeout, context.reactor, _timeout_failure)
         context.call_started()
         context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self.left)
