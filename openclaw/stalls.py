@@ -8,7 +8,9 @@ Two rules, one for each kind of waiter:
     judged one turn of the loop later, after the reactor has read what
     came meanwhile: a client is waiting on it, and gets the answer that
     came or the timeout it would have had, not one more timeout's wait
-    (L{add_timeout} is C{Deferred.addTimeout} so judged);
+    (L{add_timeout} is C{Deferred.addTimeout} so judged), and again while
+    its answer goes on arriving (L{CatchingUp}: a large one takes several
+    turns to read);
   - a health probe's or a models listing's limit (L{add_deadline}), on
     which no client's answer hangs, begins anew, whole: the provider is
     judged on time the gateway ran (a paused VM's provider resends its
@@ -86,33 +88,74 @@ def overdue(timer: IDelayedCall | None, clock: IReactorTime) -> bool:
     return timer is not None and clock.seconds() - timer.getTime() > LATE_SECONDS
 
 
+class CatchingUp:
+    """
+    Whether a data-plane deadline firing now is put off by one turn of the
+    loop (L{put_off}): when found more than L{LATE_SECONDS} late
+    (L{overdue}), and then turn after turn for as long as the answer it
+    waits for goes on arriving.  Twisted's TCP transport reads at most
+    64 KiB from a socket in a turn
+    (C{twisted.internet.tcp.Connection.bufferSize}): an answer larger than
+    that, come whole while the loop stood still, takes several turns to
+    read, and is not cut by a deadline its own reading outlasts.
+    """
+
+    def __init__(self, arrived: Callable[[], int]) -> None:
+        """
+        @param arrived: the bytes of the answer received so far.
+        """
+        self._arrived = arrived
+        #: The bytes received when the deadline was last put off; None
+        #: unless it was, at the turn before.
+        self._seen: int | None = None
+
+    def put_off(self, timer: IDelayedCall | None, clock: IReactorTime) -> bool:
+        """
+        Whether C{timer}'s deadline, firing now, is judged one turn later
+        (a C{callLater(0)}) rather than now.
+        """
+        arrived = self._arrived()
+        if overdue(timer, clock) or (self._seen is not None and arrived > self._seen):
+            self._seen = arrived
+            return True
+        self._seen = None
+        return False
+
+
+def _nothing() -> int:
+    return 0
+
+
 def add_timeout(
     deferred: Deferred[_T],
     seconds: float,
     reactor: IReactorTime,
     on_timeout: Callable[[Any, float], Any],
+    arrived: Callable[[], int] = _nothing,
 ) -> Deferred[_T]:
     """
     C{deferred.addTimeout(seconds, reactor, onTimeoutCancel=on_timeout)},
     but the deadline, found due more than L{LATE_SECONDS} late (the loop
     stood still: L{overdue}), is judged one turn of the loop later, after
-    the reactor has read what came meanwhile: an answer that came in time
-    for that turn ends C{deferred} before it, and the deadline does
-    nothing; else C{deferred} is cancelled then, as it would have been in
-    time.
+    the reactor has read what came meanwhile, and again while the answer
+    goes on arriving (L{CatchingUp}): an answer that came in time for those
+    turns ends C{deferred} before them, and the deadline does nothing;
+    else C{deferred} is cancelled then, as it would have been in time.
 
     @param on_timeout: called with what the cancelled C{deferred} fired
         with and C{seconds} when the deadline passed; gives its result
         from then on (as C{addTimeout}'s C{onTimeoutCancel}).
+    @param arrived: the bytes of the answer received so far.
     @return: C{deferred}.
     """
     # The deadline's timer (the next turn's, once found due late).
     timer: IDelayedCall | None = None
     timed_out = False
+    catching_up = CatchingUp(arrived)
 
     def due() -> None:
         nonlocal timer, timed_out
-        if overdue(timer, reactor):
+        if catching_up.put_off(timer, reactor):
             timer = reactor.callLater(0, due)
             return
         timer = None
@@ -217,4 +260,4 @@ def add_deadline(
     return deferred.addBoth(converted).addBoth(deadline.ended)
 
 
-__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "add_deadline", "add_timeout", "boot_clock", "overdue"]
+__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "CatchingUp", "add_deadline", "add_timeout", "boot_clock", "overdue"]

@@ -35,7 +35,7 @@ from openclaw.dataplane.deadlines import ConnectionDeadlines
 from openclaw.providers import GeminiAdapter
 from openclaw.providers.kimi import KimiAdapter
 from openclaw.settings import ProviderSettings, provider_table
-from openclaw.stalls import LATE_SECONDS, add_timeout, overdue
+from openclaw.stalls import LATE_SECONDS, CatchingUp, add_timeout, overdue
 from tests.support import start_gateway
 from tests.test_dataplane import GATEWAY_KEY, GEMINI_KEY, HELLO, KIMI_KEY
 
@@ -155,6 +155,128 @@ class EmbeddingAnswer(StillAnswering):
     document: ClassVar[Any] = {"embeddings": [{"values": [0.6, 0.8]}]}
 
 
+#: An answer's size (bytes) well past what Twisted's TCP transport reads
+#: from a socket in one turn of the loop (64 KiB).
+LARGE_BYTES = 400_000
+#: Values of an embedding (Gemini's gemini-embedding-001 has 3072).
+LARGE_VALUES = [0.0123456789012345] * 3072
+#: Inputs whose Gemini answer passes LARGE_BYTES.
+LARGE_INPUTS = 8
+
+
+class LargeAnswer(StillAnswering):
+    """
+    A chat answer of over L{LARGE_BYTES}, while the loop stands still.
+    """
+
+    document: ClassVar[Any] = {
+        **ANSWER,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Paris. " * (LARGE_BYTES // 7)},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+
+
+class LargeEmbeddingAnswer(StillAnswering):
+    """
+    Gemini's C{batchEmbedContents} answer for L{LARGE_INPUTS} inputs of
+    3072 values, over L{LARGE_BYTES}, while the loop stands still.
+    """
+
+    document: ClassVar[Any] = {"embeddings": [{"values": LARGE_VALUES} for _ in range(LARGE_INPUTS)]}
+
+
+class LargeAnswerTests(TestCase):
+    """
+    An answer larger than a turn's read (64 KiB), come while the loop
+    stood still past its deadline: read whole over the turns it takes,
+    not cut by the deadline after the first (before: 504, the breaker
+    charged).
+    """
+
+    timeout = 30
+
+    def test_sizes(self) -> None:
+        self.assertGreater(len(json.dumps(LargeAnswer.document)), LARGE_BYTES)
+        self.assertGreater(len(json.dumps(LargeEmbeddingAnswer.document)), LARGE_BYTES)
+
+    @inlineCallbacks
+    def test_chat(self) -> Any:
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=still_answering_kimi(self, LargeAnswer),
+            default_provider="kimi",
+            gateway_api_keys=(GATEWAY_KEY,),
+            fallback="off",
+            upstream_timeout=0.5,
+            breaker_failures=1,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
+        )
+        self.addCleanup(client.close)
+        answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
+        self.assertEqual(answer.choices[0].message.content, LargeAnswer.document["choices"][0]["message"]["content"])
+        self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+    @inlineCallbacks
+    def test_embeddings(self) -> Any:
+        gateway, client = embeddings_gateway(self, LargeEmbeddingAnswer)
+        answer = yield deferToThread(
+            client.embeddings.create,
+            model="gemini/gemini-embedding-001",
+            input=["hello"] * LARGE_INPUTS,
+            encoding_format="float",
+        )
+        # Whole: every input's vector, every value (as floats go through
+        # JSON), not compared as lists (a failure's diff would take minutes).
+        self.assertEqual(len(answer.data), LARGE_INPUTS)
+        for item in answer.data:
+            self.assertTrue(len(item.embedding) == len(LARGE_VALUES) and set(item.embedding) == {item.embedding[0]})
+            # Normalised to unit length, as the gateway gives Gemini's.
+            self.assertAlmostEqual(item.embedding[0], len(LARGE_VALUES) ** -0.5, places=6)
+        self.assertEqual(gateway.service.providers.get("gemini").breaker.state, "closed")
+
+
+def embeddings_gateway(testcase: TestCase, handler: type[StillAnswering]) -> tuple[Any, openai.OpenAI]:
+    """
+    A gateway whose Gemini (the embeddings provider) is a server of
+    C{handler}'s, and an SDK client of it; stopped when C{testcase} ends.
+    """
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    testcase.addCleanup(server.server_close)
+    testcase.addCleanup(server.shutdown)
+    base = f"http://127.0.0.1:{server.server_address[1]}/v1beta"
+    providers = provider_table(
+        [ProviderSettings(adapter=GeminiAdapter, base_url=base, model="gemini-2.5-flash", api_key=GEMINI_KEY)]
+    )
+    gateway = start_gateway(
+        testcase,
+        api=True,
+        providers=providers,
+        default_provider="gemini",
+        embedding_provider="gemini",
+        embedding_model="gemini-embedding-001",
+        gateway_api_keys=(GATEWAY_KEY,),
+        fallback="off",
+        upstream_timeout=0.5,
+        breaker_failures=1,
+    )
+    testcase.addCleanup(gateway.service.api_site.close_connections)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
+    )
+    testcase.addCleanup(client.close)
+    return gateway, client
+
+
 class EmbeddingsAnswerTests(TestCase):
     timeout = 30
 
@@ -166,31 +288,7 @@ class EmbeddingsAnswerTests(TestCase):
         not charged (before: 504 upstream_timeout, one failure of the
         provider's, as a chat call's was).
         """
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EmbeddingAnswer)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        base = f"http://127.0.0.1:{server.server_address[1]}/v1beta"
-        providers = provider_table(
-            [ProviderSettings(adapter=GeminiAdapter, base_url=base, model="gemini-2.5-flash", api_key=GEMINI_KEY)]
-        )
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=providers,
-            default_provider="gemini",
-            embedding_provider="gemini",
-            embedding_model="gemini-embedding-001",
-            gateway_api_keys=(GATEWAY_KEY,),
-            fallback="off",
-            upstream_timeout=0.5,
-            breaker_failures=1,
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
-        )
-        self.addCleanup(client.close)
+        gateway, client = embeddings_gateway(self, EmbeddingAnswer)
         answer = yield deferToThread(
             client.embeddings.create, model="gemini/gemini-embedding-001", input="hello", encoding_format="float"
         )
@@ -223,6 +321,35 @@ class ClientRequestTests(TestCase):
 
         answer = yield deferToThread(ask)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+
+
+class CatchingUpTests(SynchronousTestCase):
+    """
+    L{CatchingUp} over a clock moved by hand: put off when found late,
+    then for as long as the answer grows, turn after turn.
+    """
+
+    def test_rule(self) -> None:
+        clock = Clock()
+        arrived = [0]
+        catching_up = CatchingUp(lambda: arrived[0])
+        timer = clock.callLater(5, lambda: None)
+        clock.advance(5)
+        # On time, however much arrives: judged now.
+        arrived[0] = 10
+        self.assertFalse(catching_up.put_off(timer, clock))
+        timer = clock.callLater(5, lambda: None)
+        clock.advance(5 + LATE_SECONDS + 0.5)
+        self.assertTrue(catching_up.put_off(timer, clock))
+        # The turns after it: put off while the answer grows.
+        turn = clock.callLater(0, lambda: None)
+        for more in (65536, 65536, 1):
+            arrived[0] += more
+            self.assertTrue(catching_up.put_off(turn, clock))
+        self.assertFalse(catching_up.put_off(turn, clock))
+        # Done with: growth alone no longer puts off a deadline on time.
+        arrived[0] += 1
+        self.assertFalse(catching_up.put_off(turn, clock))
 
 
 class OverdueTests(SynchronousTestCase):

@@ -95,7 +95,7 @@ from openclaw.providers.wire import (
     refuse_tool_types,
 )
 from openclaw.routing import FallbackReason, Route
-from openclaw.stalls import overdue
+from openclaw.stalls import CatchingUp
 
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream"
@@ -204,6 +204,10 @@ class ChatCall:
     _waiting_for: str | None = _HEADERS
     #: The upstream step in flight (headers or a whole body), cancellable.
     _pending: Deferred[Any] | BodyReader | None = None
+    #: Whether a deadline found due is put off by a turn of the loop
+    #: (L{_timed_out}: the loop stood still, and the answer's body goes
+    #: on arriving); made at the first deadline.
+    _catching_up: CatchingUp | None = None
     _timer: IDelayedCall | None = None
     _relay: _StreamRelay | None = None
     #: The client has its answer, or has gone: nothing more is written.
@@ -1167,6 +1171,13 @@ class ChatCall:
         site = getattr(self.request, "api_site", None)
         return self.context.timeout if site is None else float(site.limits.send_timeout)
 
+    def _body_received(self) -> int:
+        """
+        The bytes of the body being read (L{BodyReader.received}), else 0.
+        """
+        pending = self._pending
+        return pending.received if isinstance(pending, BodyReader) else 0
+
     def _send_timed_out(self) -> None:
         """
         The client had not taken all that was written of the stream within
@@ -1186,10 +1197,12 @@ class ChatCall:
 
     def _timed_out(self) -> None:
         reactor = self.context.reactor
-        if overdue(self._timer, reactor):
+        if self._catching_up is None:
+            self._catching_up = CatchingUp(self._body_received)
+        if self._catching_up.put_off(self._timer, reactor):
             # The loop stood still: the provider's answer may be waiting,
             # unread, in its socket; judged after it is read
-            # (L{openclaw.stalls.overdue}), not charged to the
+            # (L{openclaw.stalls.CatchingUp}), not charged to the
             # provider's breaker for the gateway's own stall.
             self._timer = reactor.callLater(0, self._timed_out)
             return

@@ -59,7 +59,7 @@ from openclaw.dataplane.resource import (
 from openclaw.providers import ProviderAdapter, ProviderRegistry, UpstreamHTTPError
 from openclaw.providers.base import PooledCall
 from openclaw.providers.errors import RefusalKind
-from openclaw.providers.fetch import read_body
+from openclaw.providers.fetch import BodyReader, read_body
 from openclaw.providers.wire import MalformedAnswer
 from openclaw.routing import Route
 from openclaw.stalls import add_timeout
@@ -341,6 +341,8 @@ class EmbeddingsCall:
     stopped: bool = attrs.field(init=False, default=False)
     #: The batches under way (L{embed}), cancelled when the client leaves.
     _embedding: Deferred[EmbeddingsAnswer] | None = attrs.field(init=False, default=None)
+    #: The reader of the answer's body being read, if any.
+    _reader: BodyReader | None = attrs.field(init=False, default=None)
 
     def start(self) -> None:
         """
@@ -352,7 +354,7 @@ class EmbeddingsCall:
         # A deadline the loop's own standstill made late is judged after
         # the provider's answer that came meanwhile is read
         # (L{openclaw.stalls.add_timeout}), as a chat call's is.
-        add_timeout(embedding, context.timeout, context.reactor, _timeout_failure)
+        add_timeout(embedding, context.timeout, context.reactor, _timeout_failure, self._body_received)
         context.call_started()
         context.chat_calls.add(self)
         self.request.notifyFinish().addErrback(self.left)
@@ -512,6 +514,16 @@ class EmbeddingsCall:
     def _bug(self, reason: Failure) -> None:
         answer_bug(self.context.log, self.request, "embeddings call failed unexpectedly", reason, self.client_gone)
 
+    def _reading(self, reader: BodyReader) -> None:
+        self._reader = reader
+
+    def _body_received(self) -> int:
+        """
+        The bytes of the answer's body being read, for its deadline
+        (L{add_timeout}'s C{arrived}).
+        """
+        return 0 if self._reader is None else self._reader.received
+
     def _call_over(self, result: object) -> None:
         self.context.chat_calls.discard(self)
         self.context.call_ended()
@@ -569,7 +581,7 @@ class EmbeddingsCall:
             tried.append(call.key)
             response = await adapter.post_embeddings(self.parsed.model, body, call.key)
             call.answered(response.code)
-            answer = await read_body(response)
+            answer = await read_body(response, reading=self._reading)
             if 200 <= response.code < 300:
                 return response.code, answer
             retry_after = response.headers.getRawHeaders(b"retry-after")

@@ -104,14 +104,15 @@ class BodyReader(Protocol):
         self._failed = failed
         self._limit = limit
         self._chunks: list[bytes] = []
-        self._size = 0
+        #: The body's bytes received so far.
+        self.received = 0
         self._over = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._over:
             return
-        self._size += len(data)
-        if self._size > self._limit:
+        self.received += len(data)
+        if self.received > self._limit:
             self._over = True
             self._stop()
             self._failed(Failure(BodyTooLarge(f"response body larger than {self._limit} bytes")))
@@ -144,11 +145,16 @@ class BodyReader(Protocol):
             cast(IPushProducer, self.transport).stopProducing()
 
 
-def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[bytes]:
+def read_body(
+    response: IResponse, limit: int = MAX_BODY_BYTES, reading: Callable[[BodyReader], object] | None = None
+) -> Deferred[bytes]:
     """
     The whole body of C{response}, once it has ended (a body delimited only
     by the connection closing included).  Cancelling the result closes the
     connection.
+
+    @param reading: given the body's reader at once (its
+        L{BodyReader.received} tells how much has come).
 
     @raise BodyTooLarge: (in the Deferred) the body ran past C{limit}
         bytes; its connection is dropped.
@@ -157,6 +163,8 @@ def read_body(response: IResponse, limit: int = MAX_BODY_BYTES) -> Deferred[byte
     """
     finished: Deferred[bytes] = Deferred(lambda _: reader.cancel())
     reader = BodyReader(finished.callback, finished.errback, limit)
+    if reading is not None:
+        reading(reader)
     response.deliverBody(reader)
     return finished
 
