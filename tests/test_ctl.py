@@ -519,6 +519,46 @@ class ParseRequestTests(TestCase):
         self.assertNotIn("secret-token", repr(request(token="secret-token")))
 
 
+class MistypedCommandTests(TestCase):
+    """
+    The installed script, given a command (or a command's action) that is
+    not one but close to one: one line naming the one it likely meant,
+    exit status 2.
+    """
+
+    @inlineCallbacks
+    def test_names_the_likely_command(self):
+        for argv, line in (
+            (["helth-check"], "openclawctl: error: unknown command 'helth-check'; did you mean 'health-check'?\n"),
+            (["stauts"], "openclawctl: error: unknown command 'stauts'; did you mean 'status'?\n"),
+            (["helth_check"], "openclawctl: error: unknown command 'helth_check'; did you mean 'health_check'?\n"),
+            (
+                ["--url", "ws://127.0.0.1:9", "rotate-tokn"],
+                "openclawctl: error: unknown command 'rotate-tokn'; did you mean 'rotate-token'?\n",
+            ),
+            (["consumer", "lst"], "openclawctl consumer: error: unknown action 'lst'; did you mean 'list'?\n"),
+        ):
+            out, err, code = yield run_ctl("--token", "T", *argv)
+            self.assertEqual((out, err, code), ("", line, 2), argv)
+
+    @inlineCallbacks
+    def test_other_usage_errors_unchanged(self):
+        """
+        No command close to the word, or another error: argparse's usage
+        and message, as before.
+        """
+        for argv, said in (
+            (["xyzzy"], "openclawctl: error: argument COMMAND: invalid choice: 'xyzzy' (choose from 'ping', "),
+            ([], "openclawctl: error: the following arguments are required: COMMAND\n"),
+            (["--token-file", "statu"], "openclawctl: error: the following arguments are required: COMMAND\n"),
+            (["ping", "extra"], "openclawctl: error: unrecognized arguments: extra\n"),
+        ):
+            out, err, code = yield run_ctl("--token", "T", *argv)
+            self.assertEqual((out, code), ("", 2), argv)
+            self.assertTrue(err.startswith("usage: openclawctl"), err)
+            self.assertIn(said, err)
+
+
 HEALTH = {
     "active": "gemini",
     "checked_at": "2026-11-25T03:00:00Z",

@@ -9,6 +9,7 @@ L{UsageError} that says what to change.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import stat
@@ -113,6 +114,14 @@ class CommandLineParser(argparse.ArgumentParser):
     knows the whole command line and adds what to do (L{dash_hint}).
     """
 
+    #: The subcommands this parser chooses among (its C{add_subparsers}'
+    #: action: the commands, or a command's actions), or None.
+    commands: argparse.Action | None = None
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
     def error(self, message: str) -> NoReturn:
         raise _Malformed(self, message)
 
@@ -142,6 +151,31 @@ def dash_hint(message: str, argv: Sequence[str], prog: str) -> str:
     )
 
 
+def did_you_mean(parser: argparse.ArgumentParser, message: str, argv: Sequence[str]) -> str | None:
+    """
+    The one line that replaces argparse's C{invalid choice} error
+    C{message} when a word of C{argv} is not one of C{parser}'s commands
+    (or a command's actions) but close to one (C{helth-check}, C{stauts}):
+    the command it most likely meant, among the names and their aliases.
+
+    @return: the line (with C{prog: error:}, without the newline), or None:
+        C{message} is another error, or no command is close.
+    """
+    commands = getattr(parser, "commands", None)
+    if commands is None or not commands.choices:
+        return None
+    names = list(commands.choices)
+    for word in argv:
+        if word in commands.choices or f"invalid choice: {word!r}" not in message:
+            continue
+        close = difflib.get_close_matches(word, names, n=1)
+        if not close:
+            return None
+        noun = (commands.metavar or "command").lower()
+        return f"{parser.prog}: error: unknown {noun} {word!r}; did you mean {close[0]!r}?"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog=PROG,
@@ -159,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         # The protocol's own name too (health_check, as README's tables and
         # the gateway's answers spell it), listed beside it.
         aliases = [name.replace("-", "_")] if "-" in name else []
-        sub = commands.add_parser(name, help=help, description=help, aliases=aliases)
+        sub: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help, aliases=aliases)
         _connection_options(sub, defaults=False)
         return sub
 
@@ -518,6 +552,9 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
     try:
         args = build_parser().parse_args(argv)
     except _Malformed as malformed:
+        suggestion = did_you_mean(malformed.parser, malformed.message, argv)
+        if suggestion is not None:
+            malformed.parser.exit(2, suggestion + "\n")
         malformed.parser.fail(malformed.message + dash_hint(malformed.message, argv, malformed.parser.prog))
     _check_url(args.url)
     if args.cafile is not None and not args.url.startswith("wss:"):
