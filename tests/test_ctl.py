@@ -631,6 +631,30 @@ class FormattingTests(TestCase):
         entry = {**HEALTH["providers"]["gemini"], "keys": {"9f8e7d6c": "ok"}}
         self.assertNotIn("keys", ctl.format_health({"active": "gemini", "providers": {"gemini": entry}}))
 
+    def test_health_stalled_probe(self):
+        """
+        A probe the gateway's stall held up (its C{stalled_s}): a note on
+        that provider's row only; the other rows as they were.
+        """
+        entry = {**HEALTH["providers"]["gemini"], "latency_ms": 63210.4, "stalled_s": 58.2}
+        self.assertEqual(
+            ctl.format_health({**HEALTH, "providers": {**HEALTH["providers"], "gemini": entry}}).splitlines(),
+            [
+                "kimi             FAILED  -         -          KIMI_API_KEY is not set",
+                "gemini (active)  ok      63210 ms  51 models  active model available; the gateway stood still 58.2 s "
+                "or more during the probe, counted in its latency",
+            ],
+        )
+        failed = {**HEALTH["providers"]["kimi"], "stalled_s": 61}
+        text = ctl.format_health({"active": "gemini", "providers": {"kimi": failed}})
+        self.assertTrue(
+            text.endswith(
+                "KIMI_API_KEY is not set; the gateway stood still 61.0 s or more during the "
+                "probe, counted in its latency"
+            ),
+            text,
+        )
+
     def test_rotation(self):
         result = {"token": "NEW", "jti": "J", "expires": "E"}
         self.assertIn("new token: NEW", ctl.format_rotation(result, None))

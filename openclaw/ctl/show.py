@@ -312,7 +312,8 @@ def format_health(result: Mapping[str, Any]) -> str:
     FAILED or not configured (no key: not probed), latency, model count,
     then whether the model in use exists upstream or, for a failure, the
     error, and the pool's keys out of use, if any (C{keys 1/2 usable
-    (ab12cd34 set_aside)}).
+    (ab12cd34 set_aside)}), and the seconds the gateway stood still during
+    the probe, if it did (its C{stalled_s}, counted in the latency).
     """
     active = result.get("active")
     rows = []
@@ -332,6 +333,11 @@ def format_health(result: Mapping[str, Any]) -> str:
             usable = sum(1 for state in keys.values() if state == "ok")
             out = ", ".join(f"{printable(str(k), 16)} {printable(str(v), 16)}" for k, v in keys.items() if v != "ok")
             detail = f"{detail}; keys {usable}/{len(keys)} usable ({out})".lstrip("; ")
+        stalled = entry.get("stalled_s")
+        if isinstance(stalled, (int, float)) and not isinstance(stalled, bool):
+            # The probe's latency counts the seconds the gateway's loop stood still.
+            note = f"the gateway stood still {stalled:.1f} s or more during the probe, counted in its latency"
+            detail = f"{detail}; {note}".lstrip("; ")
         rows.append(
             [
                 name,
