@@ -9,6 +9,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import pwd
 import re
 import stat
 import tempfile
@@ -23,6 +24,19 @@ import attrs
 MAX_UNIX_PATH_BYTES = 107
 
 
+def named_uid(uid: int) -> str:
+    """
+    A user as the gateway's messages name one: C{uid 1001 (alice)}, the
+    name from the user database (C{pwd.getpwuid}), or C{uid 1001} for a
+    uid without an entry (a container's, a deleted user's).
+    """
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return f"uid {uid}"
+    return f"uid {uid} ({name})"
+
+
 class OwnerNotKept(PermissionError):
     """
     L{write_atomically} was asked to keep the owner of the file it
@@ -35,7 +49,7 @@ class OwnerNotKept(PermissionError):
 
     def __init__(self, path: Path, uid: int, gid: int) -> None:
         super().__init__(
-            errno.EPERM, f"this user may not give the new file to the owner of {path} (uid {uid}, gid {gid})"
+            errno.EPERM, f"this user may not give the new file to the owner of {path}, {named_uid(uid)}, gid {gid}"
         )
         self.path = path
         self.uid = uid

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from openclaw.deferreds import shielded
-from openclaw.files import NotARegularFile, PidLock, kind_of, read_regular_file, write_atomically
+from openclaw.files import NotARegularFile, PidLock, kind_of, named_uid, read_regular_file, write_atomically
 from openclaw.timefmt import isoformat
 from openclaw.writer import FileWriter, WriterStopped
 
@@ -579,7 +579,7 @@ class SessionAuthority:
         except PermissionError as e:
             user = os.geteuid()
             return (
-                f"this gateway's user (uid {user}) may not read it ({e.strerror}), so it may hold anything: "
+                f"this gateway's user, {named_uid(user)}, may not read it ({e.strerror}), so it may hold anything: "
                 f"give it back to that user (chown {user}) or remove it"
             )
         except OSError as e:

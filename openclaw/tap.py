@@ -42,7 +42,7 @@ from openclaw.cluster.workers import (
     worker_argv,
 )
 from openclaw.consumers.store import UnusableDatabaseFile, remove_new_database, sqlite_file, sqlite_path
-from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory
+from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory, named_uid
 from openclaw.listeners import (
     MAX_TLS_FILE_BYTES,
     CannotListen,
@@ -639,7 +639,8 @@ def _check_sticky_held(settings: Settings, named: str) -> None:
         held = held_by_sticky_directory(path, euid)
         if held is not None:
             raise ConfigError(
-                f"{named} is refused: {what} belongs to uid {held.owner}, not the gateway's user (uid {euid}), "
+                f"{named} is refused: {what} belongs to {named_uid(held.owner)}, not the gateway's user, "
+                f"{named_uid(euid)}, "
                 f"in the sticky directory {str(held.directory)!r} (mode {held.mode:04o}), where only its owner, "
                 f"the directory's or root may replace or remove it; have that user or root remove {str(path)!r} "
                 f"(or chown {euid} it), or point TOKEN_FILE at a new path in a directory of the gateway's own "

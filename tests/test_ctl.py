@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
 from openclaw import ctl
+from openclaw.files import named_uid
 from openclaw.providers import BUILTIN_PROVIDERS
 from openclaw.session import MAX_TOKEN_FILE_BYTES, write_token_file
 from tests.support import GatewayProcess, free_port, make_unwritable, start_gateway, twistd_path, within
@@ -1732,7 +1733,7 @@ class AnotherUsersGatewayTests(TestCase):
         self.assertEqual((err, code), ("", 0))
         log = self.gateway.stdout.decode()
         self.assertIn(
-            f"TOKEN_FILE {self.token_file} was left as it is (this gateway's user (uid {NOBODY}) may not read it "
+            f"TOKEN_FILE {self.token_file} was left as it is (this gateway's user, {named_uid(NOBODY)}, may not read it "
             f"(Permission denied), so it may hold anything: give it back to that user (chown {NOBODY}) or remove "
             "it); session token",
             log,
@@ -1743,7 +1744,8 @@ class AnotherUsersGatewayTests(TestCase):
         self.assertIn(status, (0, -15), self.gateway.stdout[-2000:])
         self.assertEqual(self.token_file.read_text(), old + "\n")
         self.assertIn(
-            f"TOKEN_FILE {self.token_file} was left in place: this gateway's user (uid {NOBODY}) may not read it",
+            f"TOKEN_FILE {self.token_file} was left in place: this gateway's user, {named_uid(NOBODY)}, may not read "
+            "it",
             self.gateway.stdout.decode(),
         )
 

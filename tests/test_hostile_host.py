@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from openclaw.files import NotARegularFile, StickyHeld, held_by_sticky_directory, write_atomically
+from openclaw.files import NotARegularFile, StickyHeld, held_by_sticky_directory, named_uid, write_atomically
 from openclaw.listeners import tls_file_problem
 from openclaw.metrics import OUTCOMES
 from openclaw.routing import MAX_MODEL_CHARS
@@ -398,7 +399,8 @@ class TokenFilePlantedTests(TestCase):
         self.assertEqual(
             line,
             f"openclaw: configuration error: TOKEN_FILE (--token-file)={str(token_file)!r} (from the command line) "
-            f"is refused: it belongs to uid 4242, not the gateway's user (uid {NOBODY}), in the sticky directory "
+            f"is refused: it belongs to {named_uid(4242)}, not the gateway's user, {named_uid(NOBODY)}, in the "
+            "sticky directory "
             f"{str(sticky)!r} (mode 1777), where only its owner, the directory's or root may replace or remove it; "
             f"have that user or root remove {str(token_file)!r} (or chown {NOBODY} it), or point TOKEN_FILE at a "
             "new path in a directory of the gateway's own (such as /run/openclaw/token)",
@@ -675,7 +677,8 @@ class TokenFileLaterTests(SynchronousTestCase):
         self.assertEqual(self.path.read_bytes(), before)
         user = NOBODY if os.geteuid() == 0 else os.geteuid()
         self.assertIn(
-            f"TOKEN_FILE {self.path} was left as it is (this gateway's user (uid {user}) may not read it "
+            f"TOKEN_FILE {self.path} was left as it is (this gateway's user, uid {user} ({pwd.getpwuid(user).pw_name}), "
+            "may not read it "
             f"(Permission denied), so it may hold anything: give it back to that user (chown {user}) or remove "
             f"it); session token {rotated.jti} is not in it",
             self.logged(),
@@ -686,7 +689,7 @@ class TokenFileLaterTests(SynchronousTestCase):
         with self.unreadable():
             self.authority.discard_token_file()
         self.assertEqual(self.path.read_bytes(), before)
-        self.assertIn(f"TOKEN_FILE {self.path} was left in place: this gateway's user (uid ", self.logged())
+        self.assertIn(f"TOKEN_FILE {self.path} was left in place: this gateway's user, uid ", self.logged())
         self.assertIn("may not read it (Permission denied)", self.logged())
 
     def test_rotation_replaces_its_own(self) -> None:

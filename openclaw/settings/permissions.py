@@ -13,6 +13,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from openclaw.files import named_uid
 from openclaw.settings.errors import ConfigError
 
 
@@ -29,9 +30,9 @@ def _trusted_links(path: Path, what: str, euid: int, fix: str) -> list[tuple[Pat
     for link, held_link in links:
         if held_link.st_uid not in (euid, 0):
             raise ConfigError(
-                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to uid "
-                f"{held_link.st_uid}, neither the gateway's user (uid {euid}) nor root, so that user chose "
-                f"where it points; {fix}"
+                f"{what} is reached through the symbolic link {str(link)!r}, which belongs to "
+                f"{named_uid(held_link.st_uid)}, neither the gateway's user, {named_uid(euid)}, nor root, so that "
+                f"user chose where it points; {fix}"
             )
     return links
 
@@ -61,8 +62,8 @@ def untrusted_log_file(path: Path, euid: int | None = None) -> str | None:
         return None  # opening it says why
     if info.st_uid not in (euid, 0):
         return (
-            f"the log file belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, so that "
-            f"user could read or change what is logged; {fix}, or chown {euid} it"
+            f"the log file belongs to {named_uid(info.st_uid)}, neither the gateway's user, {named_uid(euid)}, nor "
+            f"root, so that user could read or change what is logged; {fix}, or chown {euid} it"
         )
     return None
 
