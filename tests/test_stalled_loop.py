@@ -7,7 +7,9 @@ provider's answer waiting in its socket was a 504 charged to the
 provider's breaker (a chat call's, an embeddings call's), a client's
 request waiting in its socket a 408.  Such a deadline is now judged one
 turn of the loop later (L{openclaw.stalls.overdue},
-L{openclaw.stalls.add_timeout}).
+L{openclaw.stalls.add_timeout}), and again while the answer or the
+request goes on arriving: one larger than a turn's read (64 KiB) takes
+several (L{openclaw.stalls.CatchingUp}).
 
 The stall is real: the reactor's thread sleeps (C{time.sleep}, scheduled
 with C{callFromThread}) while a provider on a thread of its own answers,
@@ -144,6 +146,15 @@ class ProviderAnswerTests(TestCase):
         answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         self.assertEqual(answer.choices[0].message.content, "Paris.")
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
+
+
+class Unreachable(StillAnswering):
+    """
+    A provider that closes every connection unanswered (at once).
+    """
+
+    def answer(self) -> None:
+        self.close_connection = True
 
 
 class EmbeddingAnswer(StillAnswering):
@@ -321,6 +332,47 @@ class ClientRequestTests(TestCase):
 
         answer = yield deferToThread(ask)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:200])
+
+    @inlineCallbacks
+    def test_large_body_that_came_during_the_stall_is_read(self) -> Any:
+        """
+        A request body larger than a turn's read (64 KiB), sent while the
+        loop stood still past API_BODY_TIMEOUT_SECONDS: read whole over
+        the turns it takes, and the request answered (here 502: no
+        provider listens), not 408 after its first 64 KiB.
+        """
+        gateway = start_gateway(
+            self,
+            api=True,
+            providers=still_answering_kimi(self, Unreachable),
+            default_provider="kimi",
+            gateway_api_keys=(GATEWAY_KEY,),
+            fallback="off",
+            api_body_timeout_seconds=0.5,
+        )
+        self.addCleanup(gateway.service.api_site.close_connections)
+        body = json.dumps(
+            {"model": "kimi/moonshot-v1-8k", "messages": [{"role": "user", "content": "x" * LARGE_BYTES}]}
+        )
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {GATEWAY_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+
+        def ask() -> bytes:
+            with socket.create_connection(("127.0.0.1", gateway.api_port), timeout=20) as connection:
+                connection.sendall(head.encode())
+                # The head read (its body's deadline armed) before the stall.
+                time.sleep(0.2)
+                stand_still(STALL)
+                connection.sendall(body.encode())
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                return answer
+
+        answer = yield deferToThread(ask)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 502 "), answer[:300])
 
 
 class CatchingUpTests(SynchronousTestCase):

@@ -19,7 +19,9 @@ The timers, each at most one per connection:
 The request's and the keyless deadline, found due more than
 L{LATE_SECONDS <openclaw.stalls.LATE_SECONDS>} after their time (the event
 loop stood still), are judged one turn of the loop later
-(L{openclaw.stalls.overdue}).
+(L{openclaw.stalls.overdue}); the request's, then again while the
+request goes on arriving (L{openclaw.stalls.CatchingUp}: a large body
+takes several turns to read).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from openclaw.stalls import overdue
+from openclaw.stalls import CatchingUp, overdue
 
 #: The setting a large answer's parts, and what was written while the
 #: transport has the connection paused, are each to be taken within: a
@@ -74,6 +76,7 @@ class ConnectionDeadlines:
 
     __slots__ = (
         "_armed",
+        "_catching_up",
         "_clock",
         "_close_timer",
         "_closed",
@@ -102,8 +105,13 @@ class ConnectionDeadlines:
         stalled: Callable[[float, str, str], object],
         grace_over: Callable[[], bool],
         keyless: Callable[[], object],
+        arrived: Callable[[], int] = lambda: 0,
     ) -> None:
+        """
+        @param arrived: the bytes the connection has received so far.
+        """
         self._clock = clock
+        self._catching_up = CatchingUp(arrived)
         self._late = late
         self._stalled = stalled
         self._grace_over = grace_over
@@ -222,7 +230,7 @@ class ConnectionDeadlines:
                 self.arm(*suspended)
 
     def _due(self) -> None:
-        if overdue(self._timer, self._clock):
+        if self._catching_up.put_off(self._timer, self._clock):
             # Judged after what the stall left in the socket is read.
             self._timer = self._clock.callLater(0, self._due)
             return

@@ -1086,6 +1086,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         """
         return self._ended_by_http2
 
+    def _arrived(self) -> int:
+        return self._received
+
     @property
     def tcp(self) -> ITCPTransport:
         """
@@ -1099,6 +1102,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         super().__init__(protocol)
         self._site = site
         self.address = address
+        #: The bytes received so far (its request deadline's
+        #: L{CatchingUp <openclaw.stalls.CatchingUp>}).
+        self._received = 0
         #: Its timers (L{ConnectionDeadlines}): this connection passes its
         #: events on, and acts at their callbacks.
         self._deadlines = ConnectionDeadlines(
@@ -1107,6 +1113,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             stalled=self._stalled,
             grace_over=self._grace_over,
             keyless=self._keyless_due,
+            arrived=self._arrived,
         )
 
     def makeConnection(self, transport: ITransport) -> None:
@@ -1120,6 +1127,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
+        self._received += len(data)
         if self._lingered is not None:
             self._linger_read(data)
             return
